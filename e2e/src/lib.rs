@@ -1,0 +1,1 @@
+//! Mock provider and e2e harness.

@@ -1,0 +1,37 @@
+//! Compiles `sluice/v1/*.proto` with protox (pure Rust, no system `protoc`) and
+//! generates prost messages, tonic clients and servers, and pbjson serde impls
+//! (proto3 JSON mapping, used by the dashboard's JSON API).
+
+use std::{env, fs, path::PathBuf};
+
+use prost::Message;
+
+const PROTOS: &[&str] = &[
+    "sluice/v1/resources.proto",
+    "sluice/v1/admin.proto",
+    "sluice/v1/stats.proto",
+    "sluice/v1/data_plane.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    let descriptors = protox::compile(PROTOS, ["."])?;
+    let descriptor_path = out_dir.join("sluice_descriptor.bin");
+    fs::write(&descriptor_path, descriptors.encode_to_vec())?;
+
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(&descriptor_path)
+        .skip_protoc_run()
+        .compile_well_known_types(true)
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .compile_fds(descriptors)?;
+
+    let descriptor_bytes = fs::read(&descriptor_path)?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptor_bytes)?
+        .build(&[".sluice.v1"])?;
+    Ok(())
+}
