@@ -1,1 +1,215 @@
-fn main() {}
+//! `sluice-control`: parse configuration, start, run until SIGTERM/SIGINT.
+
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice_control::crypto::MasterKey;
+use sluice_control::secrets::{self, SecretSources};
+use sluice_control::server::{self, Config, DB_FILE, TlsFiles};
+use sluice_control::store::Store;
+
+/// The Sluice control plane: stores backends, provider keys (encrypted), client keys,
+/// cooldowns and usage in SQLite, serves the admin API over gRPC and streams routing
+/// snapshots to data planes.
+///
+/// Secrets: SLUICE_ADMIN_TOKEN, SLUICE_DATAPLANE_TOKEN and SLUICE_MASTER_KEY (base64 of 32
+/// bytes) or --master-key-file. Any not given is read from, or on first start generated
+/// into, the data directory (files admin-token, dataplane-token, master-key; mode 0600).
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Directory holding the SQLite database (sluice.db) and generated secrets.
+    #[arg(
+        long,
+        env = "SLUICE_DATA_DIR",
+        default_value = "./sluice-data",
+        global = true
+    )]
+    data_dir: PathBuf,
+    /// Address of the gRPC listener (admin, stats and data-plane services).
+    #[arg(long, env = "SLUICE_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    grpc_listen: SocketAddr,
+    /// Address of the HTTP listener (/healthz, /readyz, /metrics).
+    #[arg(long, env = "SLUICE_HTTP_LISTEN", default_value = "127.0.0.1:8081")]
+    http_listen: SocketAddr,
+    /// File holding the base64 master key (instead of SLUICE_MASTER_KEY).
+    #[arg(long, env = "SLUICE_MASTER_KEY_FILE", global = true)]
+    master_key_file: Option<PathBuf>,
+    /// PEM certificate chain for TLS on the gRPC listener (with --tls-key).
+    #[arg(long, env = "SLUICE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the gRPC listener (with --tls-cert).
+    #[arg(long, env = "SLUICE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Re-encrypt every stored provider key under a new master key, in one transaction.
+    /// Stop the control plane first. With the generated data-dir key, the new key
+    /// replaces the master-key file; otherwise pass the new key to the next start.
+    RotateMasterKey {
+        /// File holding the new base64 master key; without it a new key is generated
+        /// into the data directory (only when the current key is the data-dir file).
+        #[arg(long)]
+        new_master_key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn secret_sources(args: &Args) -> SecretSources {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    SecretSources {
+        admin_token: env("SLUICE_ADMIN_TOKEN"),
+        dataplane_token: env("SLUICE_DATAPLANE_TOKEN"),
+        master_key: env("SLUICE_MASTER_KEY"),
+        master_key_file: args.master_key_file.clone(),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let result = match &args.command {
+        None => run(&args).await,
+        Some(Command::RotateMasterKey {
+            new_master_key_file,
+        }) => rotate(&args, new_master_key_file.as_deref()),
+    };
+    if let Err(err) = result {
+        // One readable line: the chain of causes, no backtrace.
+        eprintln!("sluice-control: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: &Args) -> anyhow::Result<()> {
+    let running = server::start(Config {
+        data_dir: args.data_dir.clone(),
+        grpc_listen: args.grpc_listen,
+        http_listen: args.http_listen,
+        secrets: secret_sources(args),
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        },
+    })
+    .await?;
+    let stop = running.stop_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    running.wait().await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn rotate(args: &Args, new_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let db = args.data_dir.join(DB_FILE);
+    anyhow::ensure!(db.exists(), "no database at {}", db.display());
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(args.data_dir.join("lock"))
+        .with_context(|| format!("opening {}", args.data_dir.display()))?;
+    anyhow::ensure!(
+        lock.try_lock().is_ok(),
+        "the control plane is running on {}; stop it before rotating the master key",
+        args.data_dir.display()
+    );
+    let sources = secret_sources(args);
+    let data_dir_key = args.data_dir.join(secrets::MASTER_KEY_FILE);
+    let old = match (&sources.master_key, &sources.master_key_file) {
+        (Some(text), _) => MasterKey::from_base64(text).context("SLUICE_MASTER_KEY")?,
+        (None, Some(path)) => MasterKey::from_base64(&secrets::read_secret_file(path)?)
+            .with_context(|| path.display().to_string())?,
+        (None, None) => MasterKey::from_base64(&secrets::read_secret_file(&data_dir_key)?)
+            .with_context(|| data_dir_key.display().to_string())?,
+    };
+    let uses_data_dir_key = sources.master_key.is_none() && sources.master_key_file.is_none();
+    let new = match new_file {
+        Some(path) => MasterKey::from_base64(&secrets::read_secret_file(path)?)
+            .with_context(|| path.display().to_string())?,
+        None => {
+            anyhow::ensure!(
+                uses_data_dir_key,
+                "give --new-master-key-file: the current key does not come from the data directory"
+            );
+            MasterKey::generate()
+        }
+    };
+    // With the data-dir key, the new key is written beside the old one first, so a
+    // crash between the commit and the rename leaves both keys on disk.
+    let staged = args
+        .data_dir
+        .join(format!("{}.new", secrets::MASTER_KEY_FILE));
+    if uses_data_dir_key {
+        let _ = std::fs::remove_file(&staged);
+        secrets::write_secret_file(&staged, &new.to_base64())?;
+    }
+    let count = Store::rotate_master_key(&db, &old, &new)?;
+    if uses_data_dir_key {
+        std::fs::rename(&staged, &data_dir_key).context("replacing the master-key file")?;
+        tracing::info!(keys = count, file = %data_dir_key.display(), "master key rotated");
+    } else {
+        tracing::info!(
+            keys = count,
+            "master key rotated; start the control plane with the new key"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! `AdminService`: backends, client keys, cooldowns, replicas and settings.
+//! Every successful change publishes a new snapshot.
+
+use std::sync::Arc;
+
+use sluice_proto::v1 as pb;
+use sluice_proto::v1::admin_service_server::AdminService;
+use tonic::{Request, Response, Status};
+
+use crate::backend::BackendSpec;
+use crate::client_key::NewClientKey;
+use crate::dataplane::Registry;
+use crate::snapshot::Publisher;
+use crate::store::Store;
+use crate::validation::ValidationError;
+
+/// The admin API over the store.
+#[derive(Clone)]
+pub struct Admin {
+    store: Store,
+    publisher: Arc<Publisher>,
+    registry: Arc<Registry>,
+}
+
+impl Admin {
+    pub fn new(store: Store, publisher: Arc<Publisher>, registry: Arc<Registry>) -> Self {
+        Self {
+            store,
+            publisher,
+            registry,
+        }
+    }
+}
+
+fn invalid(err: ValidationError) -> Status {
+    Status::invalid_argument(err.to_string())
+}
+
+fn required_id(field: &str, id: &str) -> Result<String, Status> {
+    let id = id.trim();
+    if id.is_empty() {
+        return Err(invalid(ValidationError::new(field, "must not be empty")));
+    }
+    Ok(id.to_owned())
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn create_backend(
+        &self,
+        request: Request<pb::CreateBackendRequest>,
+    ) -> Result<Response<pb::CreateBackendResponse>, Status> {
+        let request = request.into_inner();
+        let backend = request
+            .backend
+            .ok_or_else(|| invalid(ValidationError::new("backend", "is required")))?;
+        let spec = BackendSpec::from_proto(&backend).map_err(invalid)?;
+        let (backend, _) = self.store.create_backend(spec, request.api_key).await?;
+        self.publisher.changed();
+        tracing::info!(backend = %backend.id, name = %backend.spec.name, "backend created");
+        Ok(Response::new(pb::CreateBackendResponse {
+            backend: Some(backend.to_proto()),
+        }))
+    }
+
+    async fn get_backend(
+        &self,
+        request: Request<pb::GetBackendRequest>,
+    ) -> Result<Response<pb::GetBackendResponse>, Status> {
+        let id = required_id("id", &request.into_inner().id)?;
+        let backend = self.store.get_backend(id).await?;
+        Ok(Response::new(pb::GetBackendResponse {
+            backend: Some(backend.to_proto()),
+        }))
+    }
+
+    async fn list_backends(
+        &self,
+        _request: Request<pb::ListBackendsRequest>,
+    ) -> Result<Response<pb::ListBackendsResponse>, Status> {
+        let backends = self.store.list_backends().await?;
+        Ok(Response::new(pb::ListBackendsResponse {
+            backends: backends.iter().map(|b| b.to_proto()).collect(),
+        }))
+    }
+
+    async fn update_backend(
+        &self,
+        request: Request<pb::UpdateBackendRequest>,
+    ) -> Result<Response<pb::UpdateBackendResponse>, Status> {
+        let request = request.into_inner();
+        let update = request
+            .backend
+            .ok_or_else(|| invalid(ValidationError::new("backend", "is required")))?;
+        let id = required_id("backend.id", &update.id)?;
+        let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        let api_key = (!request.api_key.is_empty()).then_some(request.api_key);
+        if paths.is_empty() && api_key.is_none() {
+            return Err(invalid(ValidationError::new(
+                "update_mask",
+                "names no field and no api_key was given: nothing to change",
+            )));
+        }
+        let (backend, _) = self
+            .store
+            .update_backend(id, move |spec| spec.apply_mask(&update, &paths), api_key)
+            .await?;
+        self.publisher.changed();
+        tracing::info!(backend = %backend.id, "backend updated");
+        Ok(Response::new(pb::UpdateBackendResponse {
+            backend: Some(backend.to_proto()),
+        }))
+    }
+
+    async fn delete_backend(
+        &self,
+        request: Request<pb::DeleteBackendRequest>,
+    ) -> Result<Response<pb::DeleteBackendResponse>, Status> {
+        let id = required_id("id", &request.into_inner().id)?;
+        self.store.delete_backend(id.clone()).await?;
+        self.publisher.changed();
+        tracing::info!(backend = %id, "backend deleted");
+        Ok(Response::new(pb::DeleteBackendResponse {}))
+    }
+
+    async fn create_client_key(
+        &self,
+        request: Request<pb::CreateClientKeyRequest>,
+    ) -> Result<Response<pb::CreateClientKeyResponse>, Status> {
+        let request = request.into_inner();
+        let (key, plaintext, _) = self
+            .store
+            .create_client_key(NewClientKey {
+                name: request.name,
+                allowed_models: request.allowed_models,
+                rpm_limit: request.rpm_limit,
+            })
+            .await?;
+        self.publisher.changed();
+        tracing::info!(client_key = %key.id, name = %key.name, "client key created");
+        Ok(Response::new(pb::CreateClientKeyResponse {
+            client_key: Some(key.to_proto()),
+            key: plaintext,
+        }))
+    }
+
+    async fn list_client_keys(
+        &self,
+        _request: Request<pb::ListClientKeysRequest>,
+    ) -> Result<Response<pb::ListClientKeysResponse>, Status> {
+        let keys = self.store.list_client_keys().await?;
+        Ok(Response::new(pb::ListClientKeysResponse {
+            client_keys: keys.iter().map(|k| k.to_proto()).collect(),
+        }))
+    }
+
+    async fn revoke_client_key(
+        &self,
+        request: Request<pb::RevokeClientKeyRequest>,
+    ) -> Result<Response<pb::RevokeClientKeyResponse>, Status> {
+        let id = required_id("id", &request.into_inner().id)?;
+        self.store.revoke_client_key(id.clone()).await?;
+        self.publisher.changed();
+        tracing::info!(client_key = %id, "client key revoked");
+        Ok(Response::new(pb::RevokeClientKeyResponse {}))
+    }
+
+    async fn list_cooldowns(
+        &self,
+        _request: Request<pb::ListCooldownsRequest>,
+    ) -> Result<Response<pb::ListCooldownsResponse>, Status> {
+        let rows = self.store.list_cooldowns().await?;
+        Ok(Response::new(pb::ListCooldownsResponse {
+            cooldowns: rows.iter().map(|c| c.to_proto()).collect(),
+        }))
+    }
+
+    async fn reset_cooldown(
+        &self,
+        request: Request<pb::ResetCooldownRequest>,
+    ) -> Result<Response<pb::ResetCooldownResponse>, Status> {
+        let id = required_id("backend_id", &request.into_inner().backend_id)?;
+        self.store.reset_cooldown(id.clone()).await?;
+        self.publisher.changed();
+        tracing::info!(backend = %id, "cooldown reset");
+        Ok(Response::new(pb::ResetCooldownResponse {}))
+    }
+
+    async fn list_data_planes(
+        &self,
+        _request: Request<pb::ListDataPlanesRequest>,
+    ) -> Result<Response<pb::ListDataPlanesResponse>, Status> {
+        let data_planes = self.registry.list(&self.store, &self.publisher).await?;
+        Ok(Response::new(pb::ListDataPlanesResponse { data_planes }))
+    }
+
+    async fn get_settings(
+        &self,
+        _request: Request<pb::GetSettingsRequest>,
+    ) -> Result<Response<pb::GetSettingsResponse>, Status> {
+        let settings = self.store.get_settings().await?;
+        Ok(Response::new(pb::GetSettingsResponse {
+            settings: Some(settings),
+        }))
+    }
+
+    async fn update_settings(
+        &self,
+        request: Request<pb::UpdateSettingsRequest>,
+    ) -> Result<Response<pb::UpdateSettingsResponse>, Status> {
+        let request = request.into_inner();
+        let update = request
+            .settings
+            .ok_or_else(|| invalid(ValidationError::new("settings", "is required")))?;
+        let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        if paths.is_empty() {
+            return Err(invalid(ValidationError::new(
+                "update_mask",
+                "names no field: nothing to change",
+            )));
+        }
+        // Read-modify-write: the store serialises writers, and settings change rarely.
+        let current = self.store.get_settings().await?;
+        let next = crate::settings::apply_mask(&current, &update, &paths).map_err(invalid)?;
+        self.store.put_settings(next).await?;
+        self.publisher.changed();
+        tracing::info!(fields = ?paths, "settings updated");
+        Ok(Response::new(pb::UpdateSettingsResponse {
+            settings: Some(next),
+        }))
+    }
+}

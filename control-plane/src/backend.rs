@@ -1,0 +1,420 @@
+//! Backends: upstream providers speaking the OpenAI API. The domain type
+//! [`BackendSpec`] is what an operator configures, validated once at the edge.
+
+use sluice_proto::v1 as pb;
+
+use crate::validation::{ValidationError, check_name};
+
+/// Routing pool. Every usable primary backend is tried before any fallback one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    Primary,
+    Fallback,
+}
+
+impl Pool {
+    pub fn to_db(self) -> i64 {
+        match self {
+            Pool::Primary => 1,
+            Pool::Fallback => 2,
+        }
+    }
+
+    pub fn from_db(value: i64) -> Self {
+        if value == 2 {
+            Pool::Fallback
+        } else {
+            Pool::Primary
+        }
+    }
+
+    pub fn to_proto(self) -> pb::Pool {
+        match self {
+            Pool::Primary => pb::Pool::Primary,
+            Pool::Fallback => pb::Pool::Fallback,
+        }
+    }
+
+    /// Unspecified means primary, the pool a new backend belongs in unless said otherwise.
+    pub fn from_proto(value: i32) -> Result<Self, ValidationError> {
+        match pb::Pool::try_from(value) {
+            Ok(pb::Pool::Primary | pb::Pool::Unspecified) => Ok(Pool::Primary),
+            Ok(pb::Pool::Fallback) => Ok(Pool::Fallback),
+            Err(_) => Err(ValidationError::new(
+                "backend.pool",
+                format!("unknown pool {value}; use POOL_PRIMARY or POOL_FALLBACK"),
+            )),
+        }
+    }
+}
+
+/// A model served by a backend: public name, upstream name, prices per million tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRoute {
+    pub name: String,
+    pub upstream_name: String,
+    pub input_price_per_mtok: f64,
+    pub output_price_per_mtok: f64,
+}
+
+/// Everything an operator sets on a backend except its API key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendSpec {
+    pub name: String,
+    pub base_url: String,
+    pub pool: Pool,
+    pub priority: i32,
+    pub weight: u32,
+    pub models: Vec<ModelRoute>,
+    pub rpm_limit: u32,
+    pub enabled: bool,
+}
+
+/// A stored backend as the admin API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    pub id: String,
+    pub spec: BackendSpec,
+    pub api_key_hint: String,
+    pub create_time_ms: i64,
+    pub update_time_ms: i64,
+}
+
+const MAX_WEIGHT: u32 = 1_000_000;
+const MAX_MODELS: usize = 1_000;
+
+/// Fields of `Backend` that `UpdateBackend` may name in its mask.
+pub const UPDATABLE_FIELDS: &[&str] = &[
+    "name",
+    "base_url",
+    "pool",
+    "priority",
+    "weight",
+    "models",
+    "rpm_limit",
+    "enabled",
+];
+
+impl BackendSpec {
+    /// Applies the rules every stored backend obeys, normalising where the
+    /// intent is plain (weight 0 → 1, empty upstream name → public name).
+    pub fn validated(mut self) -> Result<Self, ValidationError> {
+        self.name = self.name.trim().to_owned();
+        check_name("backend.name", &self.name)?;
+        self.base_url = normalize_base_url(&self.base_url)?;
+        if self.weight == 0 {
+            self.weight = 1;
+        }
+        if self.weight > MAX_WEIGHT {
+            return Err(ValidationError::new(
+                "backend.weight",
+                format!("must be at most {MAX_WEIGHT}"),
+            ));
+        }
+        if self.models.is_empty() {
+            return Err(ValidationError::new(
+                "backend.models",
+                "at least one model is required",
+            ));
+        }
+        if self.models.len() > MAX_MODELS {
+            return Err(ValidationError::new(
+                "backend.models",
+                format!("at most {MAX_MODELS} models"),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, model) in self.models.iter_mut().enumerate() {
+            let field = format!("backend.models[{i}]");
+            model.name = model.name.trim().to_owned();
+            model.upstream_name = model.upstream_name.trim().to_owned();
+            if model.name.is_empty() {
+                return Err(ValidationError::new(
+                    format!("{field}.name"),
+                    "must not be empty",
+                ));
+            }
+            if model.name.len() > 256 || model.upstream_name.len() > 256 {
+                return Err(ValidationError::new(
+                    format!("{field}.name"),
+                    "model names must be at most 256 bytes",
+                ));
+            }
+            if model
+                .name
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+            {
+                return Err(ValidationError::new(
+                    format!("{field}.name"),
+                    "must not contain spaces or control characters",
+                ));
+            }
+            if model.upstream_name.is_empty() {
+                model.upstream_name = model.name.clone();
+            }
+            if model.upstream_name.chars().any(char::is_control) {
+                return Err(ValidationError::new(
+                    format!("{field}.upstream_name"),
+                    "must not contain control characters",
+                ));
+            }
+            for (price, what) in [
+                (model.input_price_per_mtok, "input_price_per_mtok"),
+                (model.output_price_per_mtok, "output_price_per_mtok"),
+            ] {
+                if !price.is_finite() || price < 0.0 {
+                    return Err(ValidationError::new(
+                        format!("{field}.{what}"),
+                        "must be a number ≥ 0",
+                    ));
+                }
+            }
+            if !seen.insert(model.name.clone()) {
+                return Err(ValidationError::new(
+                    format!("{field}.name"),
+                    format!("model {:?} is listed twice", model.name),
+                ));
+            }
+        }
+        Ok(self)
+    }
+
+    /// Reads the operator-set fields of a proto `Backend` (id, hint and times are ignored).
+    pub fn from_proto(backend: &pb::Backend) -> Result<Self, ValidationError> {
+        Ok(Self {
+            name: backend.name.clone(),
+            base_url: backend.base_url.clone(),
+            pool: Pool::from_proto(backend.pool)?,
+            priority: backend.priority,
+            weight: backend.weight,
+            models: backend.models.iter().map(ModelRoute::from_proto).collect(),
+            rpm_limit: backend.rpm_limit,
+            enabled: backend.enabled,
+        })
+    }
+
+    /// Copies the fields named in `paths` from `update` onto `self`.
+    pub fn apply_mask(
+        &mut self,
+        update: &pb::Backend,
+        paths: &[String],
+    ) -> Result<(), ValidationError> {
+        for path in paths {
+            match path.as_str() {
+                "name" => self.name = update.name.clone(),
+                "base_url" => self.base_url = update.base_url.clone(),
+                "pool" => self.pool = Pool::from_proto(update.pool)?,
+                "priority" => self.priority = update.priority,
+                "weight" => self.weight = update.weight,
+                "models" => {
+                    self.models = update.models.iter().map(ModelRoute::from_proto).collect()
+                }
+                "rpm_limit" => self.rpm_limit = update.rpm_limit,
+                "enabled" => self.enabled = update.enabled,
+                other => {
+                    return Err(ValidationError::new(
+                        "update_mask",
+                        format!(
+                            "unknown or read-only field {other:?}; updatable: {}",
+                            UPDATABLE_FIELDS.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ModelRoute {
+    pub fn from_proto(model: &pb::ModelRoute) -> Self {
+        Self {
+            name: model.name.clone(),
+            upstream_name: model.upstream_name.clone(),
+            input_price_per_mtok: model.input_price_per_mtok,
+            output_price_per_mtok: model.output_price_per_mtok,
+        }
+    }
+
+    pub fn to_proto(&self) -> pb::ModelRoute {
+        pb::ModelRoute {
+            name: self.name.clone(),
+            upstream_name: self.upstream_name.clone(),
+            input_price_per_mtok: self.input_price_per_mtok,
+            output_price_per_mtok: self.output_price_per_mtok,
+        }
+    }
+}
+
+impl Backend {
+    pub fn to_proto(&self) -> pb::Backend {
+        let spec = &self.spec;
+        pb::Backend {
+            id: self.id.clone(),
+            name: spec.name.clone(),
+            base_url: spec.base_url.clone(),
+            pool: spec.pool.to_proto() as i32,
+            priority: spec.priority,
+            weight: spec.weight,
+            models: spec.models.iter().map(ModelRoute::to_proto).collect(),
+            rpm_limit: spec.rpm_limit,
+            enabled: spec.enabled,
+            api_key_hint: self.api_key_hint.clone(),
+            create_time: Some(crate::time::timestamp(self.create_time_ms)),
+            update_time: Some(crate::time::timestamp(self.update_time_ms)),
+        }
+    }
+}
+
+/// An http(s) URL with a host, no query, fragment or credentials; a trailing `/` is dropped.
+fn normalize_base_url(raw: &str) -> Result<String, ValidationError> {
+    let field = "backend.base_url";
+    let bad = |why: &str| ValidationError::new(field, why.to_owned());
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Err(bad("must not be empty"));
+    }
+    let url = url::Url::parse(raw).map_err(|e| {
+        bad(&format!(
+            "not a valid URL ({e}); expected e.g. https://api.openai.com/v1"
+        ))
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("must use http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("must have a host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad(
+            "must not contain credentials; give the API key separately",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("must not have a query or fragment"));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn spec() -> BackendSpec {
+        BackendSpec {
+            name: "openai-main".into(),
+            base_url: "https://api.openai.com/v1/".into(),
+            pool: Pool::Primary,
+            priority: 10,
+            weight: 0,
+            models: vec![ModelRoute {
+                name: "gpt-4o-mini".into(),
+                upstream_name: String::new(),
+                input_price_per_mtok: 0.15,
+                output_price_per_mtok: 0.6,
+            }],
+            rpm_limit: 500,
+            enabled: true,
+        }
+    }
+
+    #[test]
+    fn normalises_what_is_plain() {
+        let s = spec().validated().unwrap();
+        assert_eq!(s.base_url, "https://api.openai.com/v1");
+        assert_eq!(s.weight, 1);
+        assert_eq!(s.models[0].upstream_name, "gpt-4o-mini");
+    }
+
+    #[test]
+    fn refuses_bad_urls_with_the_field_named() {
+        for url in [
+            "",
+            "ftp://x",
+            "not a url",
+            "https://user:pw@host/v1",
+            "http://h/v1?x=1",
+            "unix:/tmp/s",
+        ] {
+            let err = BackendSpec {
+                base_url: url.into(),
+                ..spec()
+            }
+            .validated()
+            .unwrap_err();
+            assert_eq!(err.field, "backend.base_url", "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_models() {
+        let err = BackendSpec {
+            models: vec![],
+            ..spec()
+        }
+        .validated()
+        .unwrap_err();
+        assert_eq!(err.field, "backend.models");
+        let mut dup = spec();
+        dup.models.push(dup.models[0].clone());
+        assert!(dup.validated().unwrap_err().message.contains("twice"));
+        let mut negative = spec();
+        negative.models[0].output_price_per_mtok = -1.0;
+        assert_eq!(
+            negative.validated().unwrap_err().field,
+            "backend.models[0].output_price_per_mtok"
+        );
+        let mut nan = spec();
+        nan.models[0].input_price_per_mtok = f64::NAN;
+        assert!(nan.validated().is_err());
+    }
+
+    #[test]
+    fn names_allow_any_printable_text_but_not_control_characters() {
+        let s = BackendSpec {
+            name: "<img src=x onerror=alert(1)>".into(),
+            ..spec()
+        };
+        assert!(s.validated().is_ok());
+        assert!(
+            BackendSpec {
+                name: "a\nb".into(),
+                ..spec()
+            }
+            .validated()
+            .is_err()
+        );
+        assert!(
+            BackendSpec {
+                name: "  ".into(),
+                ..spec()
+            }
+            .validated()
+            .is_err()
+        );
+        assert!(
+            BackendSpec {
+                name: "x".repeat(65),
+                ..spec()
+            }
+            .validated()
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn mask_changes_only_named_fields() {
+        let mut s = spec();
+        let update = pb::Backend {
+            priority: 99,
+            rpm_limit: 7,
+            ..Default::default()
+        };
+        s.apply_mask(&update, &["priority".into()]).unwrap();
+        assert_eq!(s.priority, 99);
+        assert_eq!(s.rpm_limit, 500);
+        assert!(s.apply_mask(&update, &["api_key_hint".into()]).is_err());
+    }
+}

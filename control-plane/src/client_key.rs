@@ -1,0 +1,125 @@
+//! Client keys: what applications present to the data plane. Only a SHA-256 of
+//! the key is stored; the plaintext exists once, in the `CreateClientKey` answer.
+
+use rand::RngCore as _;
+use sha2::{Digest as _, Sha256};
+use sluice_proto::v1 as pb;
+
+use crate::validation::{ValidationError, check_name};
+
+const PREFIX: &str = "sk-sluice-";
+/// Characters of the key kept (beside the hash) to tell keys apart in listings.
+const SHOWN_PREFIX_LEN: usize = PREFIX.len() + 6;
+
+/// A stored client key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientKey {
+    pub id: String,
+    pub name: String,
+    pub key_prefix: String,
+    pub key_sha256: Vec<u8>,
+    pub allowed_models: Vec<String>,
+    pub rpm_limit: u32,
+    pub revoked: bool,
+    pub create_time_ms: i64,
+    pub revoke_time_ms: Option<i64>,
+}
+
+/// What an operator asks for when creating a key.
+#[derive(Debug, Clone)]
+pub struct NewClientKey {
+    pub name: String,
+    pub allowed_models: Vec<String>,
+    pub rpm_limit: u32,
+}
+
+impl NewClientKey {
+    pub fn validated(mut self) -> Result<Self, ValidationError> {
+        self.name = self.name.trim().to_owned();
+        check_name("name", &self.name)?;
+        let mut models = Vec::with_capacity(self.allowed_models.len());
+        for (i, model) in self.allowed_models.iter().enumerate() {
+            let model = model.trim();
+            if model.is_empty() || model.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(ValidationError::new(
+                    format!("allowed_models[{i}]"),
+                    "must be a model name without spaces",
+                ));
+            }
+            if !models.iter().any(|m: &String| m == model) {
+                models.push(model.to_owned());
+            }
+        }
+        self.allowed_models = models;
+        Ok(self)
+    }
+}
+
+/// A fresh key: `sk-sluice-` and 32 random bytes (256 bits) as lowercase hex.
+pub fn generate() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("{PREFIX}{}", hex::encode(bytes))
+}
+
+pub fn hash(key: &str) -> Vec<u8> {
+    Sha256::digest(key.as_bytes()).to_vec()
+}
+
+pub fn shown_prefix(key: &str) -> String {
+    key.chars().take(SHOWN_PREFIX_LEN).collect()
+}
+
+impl ClientKey {
+    pub fn to_proto(&self) -> pb::ClientKey {
+        pb::ClientKey {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            key_prefix: self.key_prefix.clone(),
+            allowed_models: self.allowed_models.clone(),
+            rpm_limit: self.rpm_limit,
+            revoked: self.revoked,
+            create_time: Some(crate::time::timestamp(self.create_time_ms)),
+            revoke_time: self.revoke_time_ms.map(crate::time::timestamp),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn keys_are_long_random_and_prefixed() {
+        let a = generate();
+        let b = generate();
+        assert!(a.starts_with("sk-sluice-"));
+        assert_eq!(a.len(), PREFIX.len() + 64);
+        assert_ne!(a, b);
+        assert_eq!(hash(&a).len(), 32);
+        assert_eq!(shown_prefix(&a).len(), 16);
+    }
+
+    #[test]
+    fn models_are_trimmed_and_deduplicated() {
+        let k = NewClientKey {
+            name: " team-a ".into(),
+            allowed_models: vec!["gpt-4o".into(), " gpt-4o ".into()],
+            rpm_limit: 0,
+        }
+        .validated()
+        .unwrap();
+        assert_eq!(k.name, "team-a");
+        assert_eq!(k.allowed_models, vec!["gpt-4o".to_owned()]);
+        assert!(
+            NewClientKey {
+                name: "x".into(),
+                allowed_models: vec!["a b".into()],
+                rpm_limit: 0
+            }
+            .validated()
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,340 @@
+//! `DataPlaneService`: streams snapshots to replicas and takes their usage and
+//! cooldown reports. Also keeps the registry of connected replicas, whose count
+//! divides every RPM limit.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use futures::Stream;
+use sluice_proto::v1 as pb;
+use sluice_proto::v1::data_plane_service_server::DataPlaneService;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::snapshot::Publisher;
+use crate::store::{CooldownEvent, NodeHello, Store, StoreError, UsageRow};
+use crate::time::{now_ms, timestamp, timestamp_ms};
+
+/// Replicas with an open snapshot stream.
+#[derive(Default)]
+pub struct Registry {
+    connected: Mutex<HashMap<String, Connected>>,
+}
+
+struct Connected {
+    streams: u32,
+    hostname: String,
+    peer_address: String,
+    build_version: String,
+    connect_time_ms: i64,
+    acked_version: u64,
+    last_error: String,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Connected>> {
+        self.connected.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Returns the number of distinct connected replicas after the change.
+    fn connect(&self, hello: &NodeHello) -> u32 {
+        let mut map = self.lock();
+        let entry = map
+            .entry(hello.node_id.clone())
+            .or_insert_with(|| Connected {
+                streams: 0,
+                hostname: hello.hostname.clone(),
+                peer_address: hello.peer_address.clone(),
+                build_version: hello.build_version.clone(),
+                connect_time_ms: now_ms(),
+                acked_version: 0,
+                last_error: String::new(),
+            });
+        entry.streams += 1;
+        map.len() as u32
+    }
+
+    fn disconnect(&self, node_id: &str) -> u32 {
+        let mut map = self.lock();
+        if let Some(entry) = map.get_mut(node_id) {
+            entry.streams = entry.streams.saturating_sub(1);
+            if entry.streams == 0 {
+                map.remove(node_id);
+            }
+        }
+        map.len() as u32
+    }
+
+    fn record(&self, node_id: &str, version: u64, error: &str) {
+        if let Some(entry) = self.lock().get_mut(node_id) {
+            if error.is_empty() {
+                entry.acked_version = entry.acked_version.max(version);
+                entry.last_error.clear();
+            } else {
+                entry.last_error = error.to_owned();
+            }
+        }
+    }
+
+    pub fn connected_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Connected replicas, then those seen in the last 24 hours.
+    pub async fn list(
+        &self,
+        store: &Store,
+        publisher: &Publisher,
+    ) -> Result<Vec<pb::DataPlane>, StoreError> {
+        let latest = publisher.latest().version;
+        let rows = store.list_data_planes(now_ms() - 24 * 3_600_000).await?;
+        let now = now_ms();
+        let mut out: Vec<pb::DataPlane> = {
+            let map = self.lock();
+            map.iter()
+                .map(|(node_id, c)| pb::DataPlane {
+                    node_id: node_id.clone(),
+                    hostname: c.hostname.clone(),
+                    peer_address: c.peer_address.clone(),
+                    acked_version: c.acked_version,
+                    latest_version: latest,
+                    last_error: c.last_error.clone(),
+                    connect_time: Some(timestamp(c.connect_time_ms)),
+                    // An open stream is a live replica: it is seen now.
+                    last_seen_time: Some(timestamp(now)),
+                    connected: true,
+                    build_version: c.build_version.clone(),
+                })
+                .collect()
+        };
+        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        for row in rows {
+            if out.iter().any(|d| d.node_id == row.node_id) {
+                continue;
+            }
+            out.push(pb::DataPlane {
+                node_id: row.node_id,
+                hostname: row.hostname,
+                peer_address: row.peer_address,
+                acked_version: row.acked_version,
+                latest_version: latest,
+                last_error: row.last_error,
+                connect_time: Some(timestamp(row.connect_time_ms)),
+                last_seen_time: Some(timestamp(row.last_seen_time_ms)),
+                connected: false,
+                build_version: row.build_version,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The service data planes call.
+#[derive(Clone)]
+pub struct DataPlaneApi {
+    store: Store,
+    publisher: Arc<Publisher>,
+    registry: Arc<Registry>,
+    /// Cancelled at shutdown: open streams end so the server can stop.
+    stop: CancellationToken,
+}
+
+impl DataPlaneApi {
+    pub fn new(
+        store: Store,
+        publisher: Arc<Publisher>,
+        registry: Arc<Registry>,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            publisher,
+            registry,
+            stop,
+        }
+    }
+
+    /// A replica joined or left: every share of every RPM limit changes.
+    async fn replicas_changed(&self, count: u32) {
+        self.publisher.set_replica_count(count);
+        match self.store.bump_version().await {
+            Ok(_) => self.publisher.changed(),
+            Err(err) => tracing::error!(error = %err, "recording a replica change failed"),
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+const MAX_ID_LEN: usize = 256;
+
+fn check_id(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() || value.len() > MAX_ID_LEN || value.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: must be 1 to {MAX_ID_LEN} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl DataPlaneService for DataPlaneApi {
+    type StreamSnapshotsStream = BoxStream<pb::StreamSnapshotsResponse>;
+    type ReportUsageStream = BoxStream<pb::ReportUsageResponse>;
+
+    async fn stream_snapshots(
+        &self,
+        request: Request<Streaming<pb::StreamSnapshotsRequest>>,
+    ) -> Result<Response<Self::StreamSnapshotsStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a: SocketAddr| a.to_string())
+            .unwrap_or_default();
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("the stream must start with a hello carrying node_id")
+        })?;
+        check_id("node_id", &first.node_id)?;
+        let hello = NodeHello {
+            node_id: first.node_id.clone(),
+            hostname: first.hostname.chars().take(MAX_ID_LEN).collect(),
+            peer_address: peer,
+            build_version: first.build_version.chars().take(64).collect(),
+        };
+        self.store.record_connect(hello.clone()).await?;
+        let count = self.registry.connect(&hello);
+        tracing::info!(node = %hello.node_id, peer = %hello.peer_address, replicas = count, "data plane connected");
+        self.replicas_changed(count).await;
+
+        let (tx, rx) = mpsc::channel(2);
+        let api = self.clone();
+        let mut snapshots = self.publisher.subscribe();
+        let node_id = hello.node_id;
+        tokio::spawn(async move {
+            // The newest snapshot at once, then each newer one.
+            let mut pending = Some(snapshots.borrow_and_update().clone());
+            loop {
+                if let Some(snapshot) = pending.take() {
+                    let message = pb::StreamSnapshotsResponse {
+                        snapshot: Some((*snapshot).clone()),
+                    };
+                    if tx.send(Ok(message)).await.is_err() {
+                        break;
+                    }
+                }
+                tokio::select! {
+                    changed = snapshots.changed() => {
+                        if changed.is_err() { break; }
+                        pending = Some(snapshots.borrow_and_update().clone());
+                    }
+                    message = inbound.message() => match message {
+                        Ok(Some(m)) => {
+                            if !m.error_detail.is_empty() {
+                                tracing::warn!(node = %node_id, version = m.version, error = %m.error_detail, "data plane refused a snapshot");
+                            }
+                            api.registry.record(&node_id, m.version, &m.error_detail);
+                            if let Err(err) = api.store.record_ack(node_id.clone(), m.version, m.error_detail).await {
+                                tracing::error!(error = %err, "recording an ack failed");
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!(node = %node_id, %status, "snapshot stream ended");
+                            break;
+                        }
+                    },
+                    () = tx.closed() => break,
+                    () = api.stop.cancelled() => break,
+                }
+            }
+            let _ = api.store.record_seen(node_id.clone()).await;
+            let count = api.registry.disconnect(&node_id);
+            tracing::info!(node = %node_id, replicas = count, "data plane disconnected");
+            api.replicas_changed(count).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn report_usage(
+        &self,
+        request: Request<Streaming<pb::ReportUsageRequest>>,
+    ) -> Result<Response<Self::ReportUsageStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let api = self.clone();
+        tokio::spawn(async move {
+            loop {
+                // A batch being applied is finished before stopping; only waiting stops.
+                let message = tokio::select! {
+                    message = inbound.message() => message,
+                    () = api.stop.cancelled() => break,
+                };
+                let batch = match message {
+                    Ok(Some(batch)) => batch,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "usage stream ended");
+                        break;
+                    }
+                };
+                match api.apply(batch).await {
+                    Ok(Some(acked_sequence)) => {
+                        if tx
+                            .send(Ok(pb::ReportUsageResponse { acked_sequence }))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl DataPlaneApi {
+    /// Cooldown events first, so other replicas learn of a 429 without waiting
+    /// for the usage write; then the records and the high-water mark together.
+    async fn apply(&self, batch: pb::ReportUsageRequest) -> Result<Option<u64>, Status> {
+        check_id("node_id", &batch.node_id)?;
+        if !batch.events.is_empty() {
+            let events = batch
+                .events
+                .iter()
+                .filter_map(|e| {
+                    Some(CooldownEvent {
+                        backend_id: e.backend_id.clone(),
+                        until_ms: timestamp_ms(e.cooldown_until.as_ref()?),
+                        consecutive_failures: e.consecutive_failures,
+                        reason: e.reason.chars().take(200).collect(),
+                        reported_by: batch.node_id.clone(),
+                    })
+                })
+                .collect();
+            if self.store.record_cooldowns(events).await?.is_some() {
+                self.publisher.changed();
+            }
+        }
+        if batch.records.is_empty() {
+            return Ok(None);
+        }
+        check_id("incarnation", &batch.incarnation)?;
+        let rows: Vec<UsageRow> = batch.records.iter().map(UsageRow::from).collect();
+        let acked = self
+            .store
+            .ingest_usage(batch.node_id, batch.incarnation, rows)
+            .await?;
+        Ok(Some(acked))
+    }
+}

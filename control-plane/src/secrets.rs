@@ -1,0 +1,243 @@
+//! Where the admin token, the data-plane token and the master key come from:
+//! the environment or a file when given, else files in the data directory,
+//! generated on first start so the embedded default just works.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use rand::RngCore as _;
+
+use crate::crypto::MasterKey;
+
+/// Explicit sources; `None` means "use or generate the data-dir file".
+#[derive(Clone, Default)]
+pub struct SecretSources {
+    pub admin_token: Option<String>,
+    pub dataplane_token: Option<String>,
+    /// Base64 of 32 bytes.
+    pub master_key: Option<String>,
+    pub master_key_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for SecretSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretSources")
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .field(
+                "dataplane_token",
+                &self.dataplane_token.as_ref().map(|_| "<set>"),
+            )
+            .field("master_key", &self.master_key.as_ref().map(|_| "<set>"))
+            .field("master_key_file", &self.master_key_file)
+            .finish()
+    }
+}
+
+/// The resolved secrets. Not `Debug`, so they cannot end up in a log by accident.
+pub struct Secrets {
+    pub admin_token: String,
+    pub dataplane_token: String,
+    pub master_key: MasterKey,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} is empty")]
+    Empty { what: String },
+    #[error("{what}: the master key must be base64 of exactly 32 bytes")]
+    BadMasterKey { what: String },
+    #[error(
+        "no master key: the database {db} exists but neither SLUICE_MASTER_KEY nor --master-key-file is set \
+         and {file} is missing"
+    )]
+    MissingMasterKey { db: PathBuf, file: PathBuf },
+}
+
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+pub const DATAPLANE_TOKEN_FILE: &str = "dataplane-token";
+pub const MASTER_KEY_FILE: &str = "master-key";
+
+/// Resolves every secret; `db_exists` says whether the database predates this start.
+pub fn resolve(
+    data_dir: &Path,
+    sources: &SecretSources,
+    db_exists: bool,
+) -> Result<Secrets, SecretsError> {
+    let admin_token = token(
+        data_dir,
+        sources.admin_token.as_deref(),
+        ADMIN_TOKEN_FILE,
+        "SLUICE_ADMIN_TOKEN",
+    )?;
+    let dataplane_token = token(
+        data_dir,
+        sources.dataplane_token.as_deref(),
+        DATAPLANE_TOKEN_FILE,
+        "SLUICE_DATAPLANE_TOKEN",
+    )?;
+    let master_key = master_key(data_dir, sources, db_exists)?;
+    Ok(Secrets {
+        admin_token,
+        dataplane_token,
+        master_key,
+    })
+}
+
+fn token(
+    data_dir: &Path,
+    given: Option<&str>,
+    file: &str,
+    env: &str,
+) -> Result<String, SecretsError> {
+    if let Some(given) = given {
+        let given = given.trim();
+        if given.is_empty() {
+            return Err(SecretsError::Empty {
+                what: env.to_owned(),
+            });
+        }
+        return Ok(given.to_owned());
+    }
+    let path = data_dir.join(file);
+    if path.exists() {
+        return read_secret_file(&path);
+    }
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = hex::encode(bytes);
+    write_secret_file(&path, &token)?;
+    tracing::warn!(
+        file = %path.display(),
+        "generated a new {env} into the data directory (mode 0600); read it from there or set {env}"
+    );
+    Ok(token)
+}
+
+fn master_key(
+    data_dir: &Path,
+    sources: &SecretSources,
+    db_exists: bool,
+) -> Result<MasterKey, SecretsError> {
+    if let Some(text) = &sources.master_key {
+        return MasterKey::from_base64(text).map_err(|_| SecretsError::BadMasterKey {
+            what: "SLUICE_MASTER_KEY".into(),
+        });
+    }
+    if let Some(path) = &sources.master_key_file {
+        let text = read_secret_file(path)?;
+        return MasterKey::from_base64(&text).map_err(|_| SecretsError::BadMasterKey {
+            what: path.display().to_string(),
+        });
+    }
+    let path = data_dir.join(MASTER_KEY_FILE);
+    if path.exists() {
+        let text = read_secret_file(&path)?;
+        return MasterKey::from_base64(&text).map_err(|_| SecretsError::BadMasterKey {
+            what: path.display().to_string(),
+        });
+    }
+    if db_exists {
+        return Err(SecretsError::MissingMasterKey {
+            db: data_dir.join(crate::server::DB_FILE),
+            file: path,
+        });
+    }
+    let key = MasterKey::generate();
+    write_secret_file(&path, &key.to_base64())?;
+    tracing::warn!(
+        file = %path.display(),
+        "generated a new master key into the data directory (mode 0600); back it up with the database, \
+         or keep it elsewhere and pass SLUICE_MASTER_KEY / --master-key-file"
+    );
+    Ok(key)
+}
+
+pub fn read_secret_file(path: &Path) -> Result<String, SecretsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SecretsError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let text = text.trim().to_owned();
+    if text.is_empty() {
+        return Err(SecretsError::Empty {
+            what: path.display().to_string(),
+        });
+    }
+    Ok(text)
+}
+
+/// Writes `contents` to a new file readable by its owner only, durably.
+pub fn write_secret_file(path: &Path, contents: &str) -> Result<(), SecretsError> {
+    let io = |source| SecretsError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(io)?;
+    file.write_all(contents.as_bytes()).map_err(io)?;
+    file.write_all(b"\n").map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn generates_once_then_reuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = resolve(dir.path(), &SecretSources::default(), false).unwrap();
+        let again = resolve(dir.path(), &SecretSources::default(), true).unwrap();
+        assert_eq!(first.admin_token, again.admin_token);
+        assert_eq!(first.dataplane_token, again.dataplane_token);
+        assert_ne!(first.admin_token, first.dataplane_token);
+        assert_eq!(first.master_key.to_base64(), again.master_key.to_base64());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            for f in [ADMIN_TOKEN_FILE, DATAPLANE_TOKEN_FILE, MASTER_KEY_FILE] {
+                let mode = std::fs::metadata(dir.path().join(f))
+                    .unwrap()
+                    .permissions()
+                    .mode();
+                assert_eq!(mode & 0o777, 0o600, "{f}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_existing_database_without_its_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sources = SecretSources {
+            admin_token: Some("a".into()),
+            dataplane_token: Some("d".into()),
+            ..Default::default()
+        };
+        let err = resolve(dir.path(), &sources, true).err().unwrap();
+        assert!(
+            matches!(err, SecretsError::MissingMasterKey { .. }),
+            "{err}"
+        );
+        let bad = SecretSources {
+            master_key: Some("c2hvcnQ=".into()),
+            ..sources
+        };
+        assert!(matches!(
+            resolve(dir.path(), &bad, true).err().unwrap(),
+            SecretsError::BadMasterKey { .. }
+        ));
+    }
+}

@@ -1,0 +1,250 @@
+//! Wires the store, the snapshot publisher and the services, and serves gRPC
+//! and HTTP until told to stop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_proto::v1::admin_service_server::AdminServiceServer;
+use sluice_proto::v1::data_plane_service_server::DataPlaneServiceServer;
+use sluice_proto::v1::stats_service_server::StatsServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Identity, ServerTlsConfig};
+
+use crate::admin::Admin;
+use crate::auth::TokenCheck;
+use crate::dataplane::{DataPlaneApi, Registry};
+use crate::secrets::{SecretSources, SecretsError};
+use crate::snapshot::Publisher;
+use crate::stats::Stats;
+use crate::store::{Opened, Store, StoreError};
+
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "sluice.db";
+const LOCK_FILE: &str = "lock";
+
+/// How the control plane runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub secrets: SecretSources,
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for the gRPC listener's TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Why the control plane could not start or failed while running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("data directory {0} is in use by another sluice-control process")]
+    Locked(PathBuf),
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// A started control plane. Dropping it does not stop it; call [`Running::shutdown`].
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub admin_token: String,
+    pub dataplane_token: String,
+    pub store: Store,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+    _lock: std::fs::File,
+}
+
+impl Running {
+    /// Stops accepting, ends replica streams, and waits for the servers to finish.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        self.stop.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the servers stop (after a shutdown, or on a fatal error).
+    pub async fn wait(self) -> Result<(), ServeError> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(_) => Ok(()),
+        }
+    }
+
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+}
+
+/// Opens the data directory and database, binds both listeners and starts serving.
+pub async fn start(config: Config) -> Result<Running, ServeError> {
+    let dir_err = |source| ServeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&config.data_dir).map_err(dir_err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(dir_err)?;
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(config.data_dir.join(LOCK_FILE))
+        .map_err(dir_err)?;
+    if lock.try_lock().is_err() {
+        return Err(ServeError::Locked(config.data_dir.clone()));
+    }
+
+    let db_path = config.data_dir.join(DB_FILE);
+    let db_exists = db_path.exists();
+    let secrets = crate::secrets::resolve(&config.data_dir, &config.secrets, db_exists)?;
+    let (store, opened) = Store::open(&db_path, secrets.master_key)?;
+    if opened == Opened::Created {
+        tracing::info!(path = %db_path.display(), "created a new database");
+    }
+
+    let tls = match &config.tls {
+        Some(files) => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|e| ServeError::Tls(format!("{}: {e}", p.display())))
+            };
+            Some(
+                ServerTlsConfig::new()
+                    .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?)),
+            )
+        }
+        None => None,
+    };
+
+    let grpc_listener = TcpListener::bind(config.grpc_listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.grpc_listen,
+            source,
+        })?;
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.http_listen,
+            source,
+        })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            addr: config.grpc_listen,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            addr: config.http_listen,
+            source,
+        })?;
+
+    let publisher = Publisher::start(store.clone()).await?;
+    let registry = Arc::new(Registry::default());
+    let stop = CancellationToken::new();
+
+    let admin_check = TokenCheck::new(&secrets.admin_token, "admin");
+    let dataplane_check = TokenCheck::new(&secrets.dataplane_token, "data-plane");
+    let admin = Admin::new(store.clone(), publisher.clone(), registry.clone());
+    let stats = Stats::new(store.clone());
+    let dataplane = DataPlaneApi::new(
+        store.clone(),
+        publisher.clone(),
+        registry.clone(),
+        stop.clone(),
+    );
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AdminServiceServer<Admin>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Tls(format!("reflection: {e}")))?;
+
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
+    let grpc = builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(AdminServiceServer::with_interceptor(
+            admin,
+            admin_check.clone(),
+        ))
+        .add_service(StatsServiceServer::with_interceptor(stats, admin_check))
+        .add_service(DataPlaneServiceServer::with_interceptor(
+            dataplane,
+            dataplane_check,
+        ))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc_listener),
+            stop.clone().cancelled_owned(),
+        );
+
+    let http = crate::http::router(publisher.clone(), registry.clone());
+    let http_stop = stop.clone();
+    let http = async move {
+        axum::serve(http_listener, http)
+            .with_graceful_shutdown(http_stop.cancelled_owned())
+            .await
+    };
+
+    tracing::info!("grpc listening on {grpc_addr}");
+    tracing::info!("http listening on {http_addr}");
+    let task = tokio::spawn(async move {
+        let (grpc, http) = tokio::join!(grpc, http);
+        if let Err(err) = http {
+            tracing::error!(error = %err, "http server failed");
+        }
+        grpc?;
+        Ok(())
+    });
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        admin_token: secrets.admin_token,
+        dataplane_token: secrets.dataplane_token,
+        store,
+        stop,
+        task,
+        _lock: lock,
+    })
+}

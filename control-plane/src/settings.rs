@@ -1,0 +1,190 @@
+//! The routing policy every data plane follows: attempts, timeouts, cooldown
+//! backoff, and usage retention. Stored as one row; defaults fill unset fields.
+
+use sluice_proto::v1 as pb;
+
+use crate::time::{duration, duration_ms};
+use crate::validation::ValidationError;
+
+/// Fields of `Settings` that `UpdateSettings` may name in its mask.
+pub const FIELDS: &[&str] = &[
+    "max_attempts",
+    "connect_timeout",
+    "first_byte_timeout",
+    "idle_stream_timeout",
+    "request_timeout",
+    "cooldown_base",
+    "cooldown_cap",
+    "failure_threshold",
+    "retry_on_rate_limit",
+    "retry_on_server_error",
+    "retry_on_connect_error",
+    "retry_on_timeout",
+    "usage_retention_days",
+];
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// The policy of a new installation.
+pub fn defaults() -> pb::Settings {
+    pb::Settings {
+        max_attempts: 3,
+        connect_timeout: Some(duration(5_000)),
+        first_byte_timeout: Some(duration(60_000)),
+        idle_stream_timeout: Some(duration(60_000)),
+        request_timeout: Some(duration(600_000)),
+        cooldown_base: Some(duration(1_000)),
+        cooldown_cap: Some(duration(300_000)),
+        failure_threshold: 5,
+        retry_on_rate_limit: true,
+        retry_on_server_error: true,
+        retry_on_connect_error: true,
+        retry_on_timeout: true,
+        usage_retention_days: 90,
+    }
+}
+
+/// Copies the masked fields of `update` onto `current`, then checks the result.
+pub fn apply_mask(
+    current: &pb::Settings,
+    update: &pb::Settings,
+    paths: &[String],
+) -> Result<pb::Settings, ValidationError> {
+    let mut next = *current;
+    for path in paths {
+        match path.as_str() {
+            "max_attempts" => next.max_attempts = update.max_attempts,
+            "connect_timeout" => next.connect_timeout = update.connect_timeout,
+            "first_byte_timeout" => next.first_byte_timeout = update.first_byte_timeout,
+            "idle_stream_timeout" => next.idle_stream_timeout = update.idle_stream_timeout,
+            "request_timeout" => next.request_timeout = update.request_timeout,
+            "cooldown_base" => next.cooldown_base = update.cooldown_base,
+            "cooldown_cap" => next.cooldown_cap = update.cooldown_cap,
+            "failure_threshold" => next.failure_threshold = update.failure_threshold,
+            "retry_on_rate_limit" => next.retry_on_rate_limit = update.retry_on_rate_limit,
+            "retry_on_server_error" => next.retry_on_server_error = update.retry_on_server_error,
+            "retry_on_connect_error" => next.retry_on_connect_error = update.retry_on_connect_error,
+            "retry_on_timeout" => next.retry_on_timeout = update.retry_on_timeout,
+            "usage_retention_days" => next.usage_retention_days = update.usage_retention_days,
+            other => {
+                return Err(ValidationError::new(
+                    "update_mask",
+                    format!("unknown field {other:?}; known: {}", FIELDS.join(", ")),
+                ));
+            }
+        }
+    }
+    validate(&next)?;
+    Ok(next)
+}
+
+/// Fills fields a stored row lacks (written by an older version) from the defaults.
+pub fn with_defaults(mut stored: pb::Settings) -> pb::Settings {
+    let d = defaults();
+    for (field, default) in [
+        (&mut stored.connect_timeout, d.connect_timeout),
+        (&mut stored.first_byte_timeout, d.first_byte_timeout),
+        (&mut stored.idle_stream_timeout, d.idle_stream_timeout),
+        (&mut stored.request_timeout, d.request_timeout),
+        (&mut stored.cooldown_base, d.cooldown_base),
+        (&mut stored.cooldown_cap, d.cooldown_cap),
+    ] {
+        if field.is_none() {
+            *field = default;
+        }
+    }
+    if stored.max_attempts == 0 {
+        stored.max_attempts = d.max_attempts;
+    }
+    stored
+}
+
+pub fn validate(s: &pb::Settings) -> Result<(), ValidationError> {
+    if !(1..=10).contains(&s.max_attempts) {
+        return Err(ValidationError::new(
+            "settings.max_attempts",
+            "must be between 1 and 10",
+        ));
+    }
+    let durations = [
+        ("connect_timeout", &s.connect_timeout, HOUR_MS),
+        ("first_byte_timeout", &s.first_byte_timeout, HOUR_MS),
+        ("idle_stream_timeout", &s.idle_stream_timeout, HOUR_MS),
+        ("request_timeout", &s.request_timeout, 24 * HOUR_MS),
+        ("cooldown_base", &s.cooldown_base, HOUR_MS),
+        ("cooldown_cap", &s.cooldown_cap, 24 * HOUR_MS),
+    ];
+    for (name, value, max) in durations {
+        let field = format!("settings.{name}");
+        let Some(value) = value else {
+            return Err(ValidationError::new(field, "must be set"));
+        };
+        let ms = duration_ms(value);
+        if value.nanos < 0 || value.seconds < 0 || ms < 1 {
+            return Err(ValidationError::new(field, "must be at least 1ms"));
+        }
+        if ms > max {
+            return Err(ValidationError::new(
+                field,
+                format!("must be at most {}s", max / 1000),
+            ));
+        }
+    }
+    if let (Some(base), Some(cap)) = (&s.cooldown_base, &s.cooldown_cap)
+        && duration_ms(base) > duration_ms(cap)
+    {
+        return Err(ValidationError::new(
+            "settings.cooldown_cap",
+            "must not be shorter than cooldown_base",
+        ));
+    }
+    if s.failure_threshold > 1000 {
+        return Err(ValidationError::new(
+            "settings.failure_threshold",
+            "must be at most 1000 (0 disables)",
+        ));
+    }
+    if s.usage_retention_days > 36_500 {
+        return Err(ValidationError::new(
+            "settings.usage_retention_days",
+            "must be at most 36500 (0 keeps everything)",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        validate(&defaults()).unwrap();
+    }
+
+    #[test]
+    fn masked_update_changes_only_named_fields() {
+        let update = pb::Settings {
+            max_attempts: 5,
+            failure_threshold: 1,
+            ..Default::default()
+        };
+        let next = apply_mask(&defaults(), &update, &["max_attempts".into()]).unwrap();
+        assert_eq!(next.max_attempts, 5);
+        assert_eq!(next.failure_threshold, defaults().failure_threshold);
+        let err = apply_mask(&defaults(), &update, &["connect_timeout".into()]).unwrap_err();
+        assert_eq!(err.field, "settings.connect_timeout");
+        assert!(apply_mask(&defaults(), &update, &["nope".into()]).is_err());
+    }
+
+    #[test]
+    fn cap_below_base_is_refused() {
+        let update = pb::Settings {
+            cooldown_cap: Some(duration(10)),
+            ..Default::default()
+        };
+        let err = apply_mask(&defaults(), &update, &["cooldown_cap".into()]).unwrap_err();
+        assert_eq!(err.field, "settings.cooldown_cap");
+    }
+}

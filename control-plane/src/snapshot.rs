@@ -1,0 +1,138 @@
+//! Routing snapshots: built from the database after every committed change and
+//! published through a `watch`, so a subscriber always sees the newest version,
+//! may skip some, and never goes backwards.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use sluice_proto::v1 as pb;
+use tokio::sync::{Notify, watch};
+
+use crate::store::{Store, StoreError};
+use crate::time::{now_ms, timestamp};
+
+/// Builds and publishes snapshots. Cheap to share behind an `Arc`.
+pub struct Publisher {
+    store: Store,
+    tx: watch::Sender<Arc<pb::Snapshot>>,
+    wake: Notify,
+    replica_count: AtomicU32,
+}
+
+impl Publisher {
+    /// Builds the first snapshot and starts the task that rebuilds on [`Publisher::changed`].
+    pub async fn start(store: Store) -> Result<Arc<Self>, StoreError> {
+        let first = build(&store, 0).await?;
+        let (tx, _) = watch::channel(Arc::new(first));
+        let publisher = Arc::new(Self {
+            store,
+            tx,
+            wake: Notify::new(),
+            replica_count: AtomicU32::new(0),
+        });
+        let weak = Arc::downgrade(&publisher);
+        tokio::spawn(async move {
+            loop {
+                let Some(publisher) = weak.upgrade() else {
+                    return;
+                };
+                publisher.wake.notified().await;
+                if let Err(err) = publisher.rebuild().await {
+                    tracing::error!(error = %err, "building a snapshot failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    publisher.wake.notify_one();
+                }
+            }
+        });
+        Ok(publisher)
+    }
+
+    /// Say that something a snapshot carries has changed. Bursts coalesce into one rebuild.
+    pub fn changed(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<pb::Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    pub fn latest(&self) -> Arc<pb::Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// Records how many replicas share the RPM limits; the caller bumps the version.
+    pub fn set_replica_count(&self, n: u32) {
+        self.replica_count.store(n, Ordering::SeqCst);
+    }
+
+    async fn rebuild(&self) -> Result<(), StoreError> {
+        let snapshot = build(&self.store, self.replica_count.load(Ordering::SeqCst)).await?;
+        let version = snapshot.version;
+        let published = self.tx.send_if_modified(|current| {
+            if snapshot.version > current.version {
+                *current = Arc::new(snapshot);
+                true
+            } else {
+                false
+            }
+        });
+        if published {
+            tracing::debug!(version, "published snapshot");
+        }
+        Ok(())
+    }
+}
+
+async fn build(store: &Store, replica_count: u32) -> Result<pb::Snapshot, StoreError> {
+    store
+        .call(move |conn, key| {
+            // One read transaction, so the version matches the contents.
+            let tx = conn.transaction()?;
+            let version = crate::store::read_version_in(&tx)?;
+            let now = now_ms();
+            let cooldowns = crate::store::load_active_cooldowns_in(&tx, now)?;
+            let backends = crate::store::load_enabled_with_keys_in(&tx, key)?
+                .into_iter()
+                .map(|b| {
+                    let cooldown = cooldowns.iter().find(|c| c.backend_id == b.backend.id);
+                    let spec = b.backend.spec;
+                    pb::SnapshotBackend {
+                        id: b.backend.id,
+                        name: spec.name,
+                        base_url: spec.base_url,
+                        pool: spec.pool.to_proto() as i32,
+                        priority: spec.priority,
+                        weight: spec.weight,
+                        models: spec.models.iter().map(|m| m.to_proto()).collect(),
+                        api_key: b.api_key,
+                        rpm_limit: spec.rpm_limit,
+                        cooldown_until: cooldown.map(|c| timestamp(c.until_ms)),
+                        consecutive_failures: cooldown.map_or(0, |c| c.consecutive_failures),
+                    }
+                })
+                .collect();
+            let client_keys = crate::store::load_keys_in(&tx, true)?
+                .into_iter()
+                .map(|k| pb::SnapshotClientKey {
+                    id: k.id,
+                    name: k.name,
+                    key_sha256: k.key_sha256,
+                    allowed_models: k.allowed_models,
+                    rpm_limit: k.rpm_limit,
+                })
+                .collect();
+            let settings = crate::store::load_settings_in(&tx)?;
+            tx.commit()?;
+            Ok(pb::Snapshot {
+                version,
+                nonce: uuid::Uuid::new_v4().simple().to_string(),
+                create_time: Some(timestamp(now)),
+                backends,
+                client_keys,
+                settings: Some(settings),
+                replica_count: replica_count.max(1),
+            })
+        })
+        .await
+}

@@ -1,0 +1,298 @@
+//! Backends and their models; provider keys encrypted with the backend id as
+//! associated data.
+
+use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
+
+use super::{Store, StoreError, bump_version, new_id, unique_violation};
+use crate::backend::{Backend, BackendSpec, ModelRoute, Pool};
+use crate::crypto::{MasterKey, key_hint};
+use crate::time::now_ms;
+
+/// A backend with its decrypted provider key, for snapshots only.
+#[derive(Debug, Clone)]
+pub struct BackendWithKey {
+    pub backend: Backend,
+    pub api_key: String,
+}
+
+impl Store {
+    pub async fn create_backend(
+        &self,
+        spec: BackendSpec,
+        api_key: String,
+    ) -> Result<(Backend, u64), StoreError> {
+        let spec = spec.validated()?;
+        self.call(move |conn, key| {
+            let tx = conn.transaction()?;
+            let id = new_id();
+            let now = now_ms();
+            let (sealed, hint) = seal(key, &id, &api_key)?;
+            tx.execute(
+                "INSERT INTO backends (id, name, base_url, pool, priority, weight, rpm_limit, enabled,
+                                       api_key_ciphertext, api_key_hint, create_time, update_time)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
+                params![
+                    id,
+                    spec.name,
+                    spec.base_url,
+                    spec.pool.to_db(),
+                    spec.priority,
+                    spec.weight,
+                    spec.rpm_limit,
+                    spec.enabled,
+                    sealed,
+                    hint,
+                    now
+                ],
+            )
+            .map_err(|e| unique_violation(e, || format!("a backend named {:?} already exists", spec.name)))?;
+            insert_models(&tx, &id, &spec.models)?;
+            let version = bump_version(&tx)?;
+            let backend = load_backend(&tx, &id)?;
+            tx.commit()?;
+            Ok((backend, version))
+        })
+        .await
+    }
+
+    /// Looks a backend up by id, or else by its unique name.
+    pub async fn get_backend(&self, id_or_name: String) -> Result<Backend, StoreError> {
+        self.call(move |conn, _| {
+            let id = resolve_backend_id(conn, &id_or_name)?;
+            load_backend(conn, &id)
+        })
+        .await
+    }
+
+    pub async fn list_backends(&self) -> Result<Vec<Backend>, StoreError> {
+        self.call(|conn, _| load_all(conn)).await
+    }
+
+    /// Applies `change` to the stored spec (validated again afterwards) and, when
+    /// given, replaces the provider key.
+    pub async fn update_backend<F>(
+        &self,
+        id_or_name: String,
+        change: F,
+        api_key: Option<String>,
+    ) -> Result<(Backend, u64), StoreError>
+    where
+        F: FnOnce(&mut BackendSpec) -> Result<(), crate::validation::ValidationError>
+            + Send
+            + 'static,
+    {
+        self.call(move |conn, key| {
+            let tx = conn.transaction()?;
+            let id = resolve_backend_id(&tx, &id_or_name)?;
+            let current = load_backend(&tx, &id)?;
+            let mut spec = current.spec.clone();
+            change(&mut spec)?;
+            let spec = spec.validated()?;
+            let now = now_ms();
+            tx.execute(
+                "UPDATE backends SET name = ?2, base_url = ?3, pool = ?4, priority = ?5, weight = ?6,
+                        rpm_limit = ?7, enabled = ?8, update_time = ?9 WHERE id = ?1",
+                params![
+                    id,
+                    spec.name,
+                    spec.base_url,
+                    spec.pool.to_db(),
+                    spec.priority,
+                    spec.weight,
+                    spec.rpm_limit,
+                    spec.enabled,
+                    now
+                ],
+            )
+            .map_err(|e| unique_violation(e, || format!("a backend named {:?} already exists", spec.name)))?;
+            if spec.models != current.spec.models {
+                tx.execute("DELETE FROM backend_models WHERE backend_id = ?1", params![id])?;
+                insert_models(&tx, &id, &spec.models)?;
+            }
+            if let Some(api_key) = api_key {
+                let (sealed, hint) = seal(key, &id, &api_key)?;
+                tx.execute(
+                    "UPDATE backends SET api_key_ciphertext = ?2, api_key_hint = ?3 WHERE id = ?1",
+                    params![id, sealed, hint],
+                )?;
+            }
+            let version = bump_version(&tx)?;
+            let backend = load_backend(&tx, &id)?;
+            tx.commit()?;
+            Ok((backend, version))
+        })
+        .await
+    }
+
+    pub async fn delete_backend(&self, id_or_name: String) -> Result<u64, StoreError> {
+        self.call(move |conn, _| {
+            let tx = conn.transaction()?;
+            let id = resolve_backend_id(&tx, &id_or_name)?;
+            tx.execute("DELETE FROM backends WHERE id = ?1", params![id])?;
+            let version = bump_version(&tx)?;
+            tx.commit()?;
+            Ok(version)
+        })
+        .await
+    }
+}
+
+/// Every enabled backend with its decrypted key (for snapshots).
+pub(crate) fn load_enabled_with_keys(
+    conn: &Connection,
+    key: &MasterKey,
+) -> Result<Vec<BackendWithKey>, StoreError> {
+    let mut out = Vec::new();
+    for backend in load_all(conn)? {
+        if !backend.spec.enabled {
+            continue;
+        }
+        let sealed: Option<Vec<u8>> = conn.query_row(
+            "SELECT api_key_ciphertext FROM backends WHERE id = ?1",
+            params![backend.id],
+            |r| r.get(0),
+        )?;
+        let api_key = match sealed {
+            Some(sealed) => {
+                let plain = key
+                    .decrypt(&sealed, backend.id.as_bytes())
+                    .map_err(|_| StoreError::Undecryptable(backend.id.clone()))?;
+                String::from_utf8(plain)
+                    .map_err(|_| StoreError::Undecryptable(backend.id.clone()))?
+            }
+            None => String::new(),
+        };
+        out.push(BackendWithKey { backend, api_key });
+    }
+    Ok(out)
+}
+
+fn seal(key: &MasterKey, id: &str, api_key: &str) -> Result<(Option<Vec<u8>>, String), StoreError> {
+    if api_key.is_empty() {
+        return Ok((None, String::new()));
+    }
+    Ok((
+        Some(key.encrypt(api_key.as_bytes(), id.as_bytes())?),
+        key_hint(api_key),
+    ))
+}
+
+fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare(
+        "INSERT INTO backend_models (backend_id, position, name, upstream_name,
+                                     input_price_per_mtok, output_price_per_mtok)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for (position, m) in models.iter().enumerate() {
+        stmt.execute(params![
+            id,
+            position as i64,
+            m.name,
+            m.upstream_name,
+            m.input_price_per_mtok,
+            m.output_price_per_mtok
+        ])?;
+    }
+    Ok(())
+}
+
+pub(crate) fn resolve_backend_id(
+    conn: &Connection,
+    id_or_name: &str,
+) -> Result<String, StoreError> {
+    conn.query_row(
+        "SELECT id FROM backends WHERE id = ?1 UNION ALL SELECT id FROM backends WHERE name = ?1 LIMIT 1",
+        params![id_or_name],
+        |r| r.get(0),
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::NotFound {
+        kind: "backend",
+        id: id_or_name.to_owned(),
+    })
+}
+
+const BACKEND_COLUMNS: &str = "id, name, base_url, pool, priority, weight, rpm_limit, enabled, api_key_hint, create_time, update_time";
+
+fn row_to_backend(r: &rusqlite::Row<'_>) -> rusqlite::Result<Backend> {
+    Ok(Backend {
+        id: r.get(0)?,
+        spec: BackendSpec {
+            name: r.get(1)?,
+            base_url: r.get(2)?,
+            pool: Pool::from_db(r.get(3)?),
+            priority: r.get(4)?,
+            weight: r.get(5)?,
+            models: Vec::new(),
+            rpm_limit: r.get(6)?,
+            enabled: r.get(7)?,
+        },
+        api_key_hint: r.get(8)?,
+        create_time_ms: r.get(9)?,
+        update_time_ms: r.get(10)?,
+    })
+}
+
+fn load_backend(conn: &Connection, id: &str) -> Result<Backend, StoreError> {
+    let mut backend = conn
+        .query_row(
+            &format!("SELECT {BACKEND_COLUMNS} FROM backends WHERE id = ?1"),
+            params![id],
+            row_to_backend,
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound {
+            kind: "backend",
+            id: id.to_owned(),
+        })?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, upstream_name, input_price_per_mtok, output_price_per_mtok
+         FROM backend_models WHERE backend_id = ?1 ORDER BY position",
+    )?;
+    backend.spec.models = stmt
+        .query_map(params![id], |r| {
+            Ok(ModelRoute {
+                name: r.get(0)?,
+                upstream_name: r.get(1)?,
+                input_price_per_mtok: r.get(2)?,
+                output_price_per_mtok: r.get(3)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(backend)
+}
+
+fn load_all(conn: &Connection) -> Result<Vec<Backend>, StoreError> {
+    let mut backends: Vec<Backend> = {
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {BACKEND_COLUMNS} FROM backends ORDER BY pool, priority, name"
+        ))?;
+        stmt.query_map([], row_to_backend)?
+            .collect::<Result<_, _>>()?
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT backend_id, name, upstream_name, input_price_per_mtok, output_price_per_mtok
+         FROM backend_models ORDER BY backend_id, position",
+    )?;
+    let mut by_backend: std::collections::HashMap<String, Vec<ModelRoute>> =
+        std::collections::HashMap::new();
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            ModelRoute {
+                name: r.get(1)?,
+                upstream_name: r.get(2)?,
+                input_price_per_mtok: r.get(3)?,
+                output_price_per_mtok: r.get(4)?,
+            },
+        ))
+    })?;
+    for row in rows {
+        let (id, model) = row?;
+        by_backend.entry(id).or_default().push(model);
+    }
+    for backend in &mut backends {
+        backend.spec.models = by_backend.remove(&backend.id).unwrap_or_default();
+    }
+    Ok(backends)
+}

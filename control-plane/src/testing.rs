@@ -1,0 +1,61 @@
+//! A control plane for other crates' tests: real gRPC on 127.0.0.1 with an
+//! ephemeral port, a database in the directory the test gives, fixed tokens.
+
+use std::path::Path;
+
+use crate::secrets::SecretSources;
+use crate::server::{Config, Running, start};
+
+/// A running control plane; shuts down when dropped.
+pub struct TestControlPlane {
+    /// e.g. `http://127.0.0.1:41234`
+    pub grpc_url: String,
+    pub http_url: String,
+    pub admin_token: String,
+    pub dataplane_token: String,
+    running: Option<Running>,
+}
+
+impl TestControlPlane {
+    pub async fn start(data_dir: &Path) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let localhost = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let running = start(Config {
+            data_dir: data_dir.to_owned(),
+            grpc_listen: localhost,
+            http_listen: localhost,
+            secrets: SecretSources {
+                admin_token: Some("test-admin-token".into()),
+                dataplane_token: Some("test-dataplane-token".into()),
+                ..Default::default()
+            },
+            tls: None,
+        })
+        .await?;
+        Ok(Self {
+            grpc_url: format!("http://{}", running.grpc_addr),
+            http_url: format!("http://{}", running.http_addr),
+            admin_token: running.admin_token.clone(),
+            dataplane_token: running.dataplane_token.clone(),
+            running: Some(running),
+        })
+    }
+
+    /// Stops it and waits until it has stopped.
+    pub async fn shutdown(mut self) {
+        if let Some(running) = self.running.take() {
+            let _ = running.shutdown().await;
+        }
+    }
+
+    pub fn store(&self) -> Option<&crate::store::Store> {
+        self.running.as_ref().map(|r| &r.store)
+    }
+}
+
+impl Drop for TestControlPlane {
+    fn drop(&mut self) {
+        if let Some(running) = &self.running {
+            running.stop_token().cancel();
+        }
+    }
+}
