@@ -1,0 +1,587 @@
+//! The control plane driven over real gRPC on 127.0.0.1, as operators and data
+//! planes drive it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use sluice_control::testing::TestControlPlane;
+use sluice_proto::v1 as pb;
+use sluice_proto::v1::admin_service_client::AdminServiceClient;
+use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
+use sluice_proto::v1::stats_service_client::StatsServiceClient;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+#[derive(Clone)]
+struct Bearer(String);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let value: MetadataValue<_> = format!("Bearer {}", self.0).parse().unwrap();
+        req.metadata_mut().insert("authorization", value);
+        Ok(req)
+    }
+}
+
+type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+
+async fn channel(cp: &TestControlPlane) -> Channel {
+    Channel::from_shared(cp.grpc_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn admin(cp: &TestControlPlane) -> Admin {
+    AdminServiceClient::with_interceptor(channel(cp).await, Bearer(cp.admin_token.clone()))
+}
+
+fn backend(name: &str) -> pb::Backend {
+    pb::Backend {
+        name: name.into(),
+        base_url: "https://api.example.com/v1".into(),
+        pool: pb::Pool::Primary as i32,
+        priority: 10,
+        weight: 1,
+        rpm_limit: 500,
+        enabled: true,
+        models: vec![pb::ModelRoute {
+            name: "gpt-4o-mini".into(),
+            upstream_name: "gpt-4o-mini-2024".into(),
+            input_price_per_mtok: 0.15,
+            output_price_per_mtok: 0.60,
+        }],
+        ..Default::default()
+    }
+}
+
+async fn create(admin: &mut Admin, name: &str, key: &str) -> pb::Backend {
+    admin
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(backend(name)),
+            api_key: key.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap()
+}
+
+#[tokio::test]
+async fn backend_lifecycle_and_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+
+    let created = create(&mut admin, "openai-main", "sk-provider-secret-1234").await;
+    assert_eq!(created.api_key_hint, "1234");
+    assert!(!created.id.is_empty());
+    assert!(created.create_time.is_some());
+
+    let got = admin
+        .get_backend(pb::GetBackendRequest {
+            id: "openai-main".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_eq!(got, created);
+
+    // Only masked fields change.
+    let updated = admin
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: created.id.clone(),
+                priority: 1,
+                rpm_limit: 1,
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["priority"])),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_eq!(updated.priority, 1);
+    assert_eq!(updated.rpm_limit, 500);
+    assert_eq!(updated.models, created.models);
+
+    // A new key replaces the old one.
+    let rekeyed = admin
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: created.id.clone(),
+                ..Default::default()
+            }),
+            update_mask: None,
+            api_key: "sk-provider-secret-9999".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_eq!(rekeyed.api_key_hint, "9999");
+
+    let dup = admin
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(backend("openai-main")),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+
+    let mut bad = backend("bad");
+    bad.base_url = "ftp://nowhere".into();
+    let err = admin
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(bad),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("backend.base_url:"),
+        "{}",
+        err.message()
+    );
+
+    let mut no_models = backend("no-models");
+    no_models.models.clear();
+    let err = admin
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(no_models),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("at least one model"));
+
+    let err = admin
+        .get_backend(pb::GetBackendRequest { id: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    admin
+        .delete_backend(pb::DeleteBackendRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap();
+    let list = admin
+        .list_backends(pb::ListBackendsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.backends.is_empty());
+    let err = admin
+        .delete_backend(pb::DeleteBackendRequest { id: created.id })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn every_admin_and_stats_call_needs_the_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let ch = channel(&cp).await;
+
+    let mut anonymous = AdminServiceClient::new(ch.clone());
+    let err = anonymous
+        .list_backends(pb::ListBackendsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let mut wrong = AdminServiceClient::with_interceptor(ch.clone(), Bearer("wrong".into()));
+    let err = wrong
+        .list_backends(pb::ListBackendsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // The data-plane token is not an admin token, and the other way round.
+    let mut dp_as_admin =
+        AdminServiceClient::with_interceptor(ch.clone(), Bearer(cp.dataplane_token.clone()));
+    assert_eq!(
+        dp_as_admin
+            .list_backends(pb::ListBackendsRequest {})
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    let mut stats = StatsServiceClient::with_interceptor(ch.clone(), Bearer("wrong".into()));
+    assert_eq!(
+        stats
+            .get_totals(pb::GetTotalsRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    let mut dp =
+        DataPlaneServiceClient::with_interceptor(ch.clone(), Bearer(cp.admin_token.clone()));
+    let hello = pb::StreamSnapshotsRequest {
+        node_id: "n1".into(),
+        ..Default::default()
+    };
+    let err = dp
+        .stream_snapshots(tokio_stream::iter(vec![hello]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // Health needs no token.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+#[tokio::test]
+async fn client_keys_are_shown_once_and_revocable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let created = admin
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "team-a".into(),
+            allowed_models: vec!["gpt-4o-mini".into()],
+            rpm_limit: 60,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.key.starts_with("sk-sluice-"));
+    assert!(
+        created.key.len() >= 10 + 32,
+        "at least 128 bits of randomness"
+    );
+    let listed = admin
+        .list_client_keys(pb::ListClientKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.client_keys.len(), 1);
+    let listed_text = format!("{listed:?}");
+    assert!(!listed_text.contains(&created.key));
+    assert!(created.key.starts_with(&listed.client_keys[0].key_prefix));
+
+    let err = admin
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    admin
+        .revoke_client_key(pb::RevokeClientKeyRequest {
+            id: "team-a".into(),
+        })
+        .await
+        .unwrap();
+    let listed = admin
+        .list_client_keys(pb::ListClientKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.client_keys[0].revoked);
+    assert!(listed.client_keys[0].revoke_time.is_some());
+}
+
+#[tokio::test]
+async fn settings_round_trip_with_a_mask() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let before = admin
+        .get_settings(pb::GetSettingsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .settings
+        .unwrap();
+    assert_eq!(before.max_attempts, 3);
+    let after = admin
+        .update_settings(pb::UpdateSettingsRequest {
+            settings: Some(pb::Settings {
+                max_attempts: 5,
+                failure_threshold: 99,
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["max_attempts"])),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .settings
+        .unwrap();
+    assert_eq!(after.max_attempts, 5);
+    assert_eq!(after.failure_threshold, before.failure_threshold);
+    let err = admin
+        .update_settings(pb::UpdateSettingsRequest {
+            settings: Some(pb::Settings {
+                max_attempts: 0,
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["max_attempts"])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("settings.max_attempts"));
+}
+
+#[tokio::test]
+async fn snapshots_reach_a_replica_on_every_change_and_acks_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let mut dp = DataPlaneServiceClient::with_interceptor(
+        channel(&cp).await,
+        Bearer(cp.dataplane_token.clone()),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::StreamSnapshotsRequest {
+        node_id: "replica-1".into(),
+        hostname: "host-1".into(),
+        build_version: "test".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = dp
+        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await;
+    assert!(first.backends.is_empty());
+    // Snapshots only go forward; wait until one carries the new backend.
+    create(&mut admin, "b1", "sk-provider-secret-1234").await;
+    let mut snapshot = next(&mut stream).await;
+    while snapshot.backends.is_empty() {
+        assert!(snapshot.version > first.version);
+        snapshot = next(&mut stream).await;
+    }
+    assert!(snapshot.version > first.version);
+    assert_eq!(snapshot.backends[0].api_key, "sk-provider-secret-1234");
+    assert_eq!(
+        snapshot.backends[0].models[0].upstream_name,
+        "gpt-4o-mini-2024"
+    );
+    assert_eq!(snapshot.replica_count, 1);
+    tx.send(pb::StreamSnapshotsRequest {
+        node_id: "replica-1".into(),
+        version: snapshot.version,
+        response_nonce: snapshot.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let planes = admin
+            .list_data_planes(pb::ListDataPlanesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let plane = planes
+            .data_planes
+            .iter()
+            .find(|d| d.node_id == "replica-1")
+            .unwrap();
+        assert!(plane.connected);
+        assert_eq!(plane.hostname, "host-1");
+        if plane.acked_version == snapshot.version {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "ack never recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A disabled backend leaves the snapshot; a revoked key too.
+    admin
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: "b1".into(),
+                enabled: false,
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["enabled"])),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut snapshot = next(&mut stream).await;
+    while !snapshot.backends.is_empty() {
+        snapshot = next(&mut stream).await;
+    }
+}
+
+fn record(
+    seq: u64,
+    backend_id: &str,
+    prompt: u64,
+    completion: u64,
+    latency_ms: i64,
+) -> pb::UsageRecord {
+    pb::UsageRecord {
+        sequence: seq,
+        request_id: format!("req-{seq}"),
+        backend_id: backend_id.into(),
+        model: "gpt-4o-mini".into(),
+        client_key_id: "key-1".into(),
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        latency: Some(sluice_proto::wkt::Duration {
+            seconds: latency_ms / 1000,
+            nanos: ((latency_ms % 1000) * 1_000_000) as i32,
+        }),
+        status_code: 200,
+        time: Some(sluice_proto::wkt::Timestamp {
+            seconds: 1_764_000_000,
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn usage_is_counted_once_even_when_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let b = create(&mut admin, "b1", "").await;
+    let mut dp = DataPlaneServiceClient::with_interceptor(
+        channel(&cp).await,
+        Bearer(cp.dataplane_token.clone()),
+    );
+    let batch = |records: Vec<pb::UsageRecord>| pb::ReportUsageRequest {
+        node_id: "replica-1".into(),
+        incarnation: "inc-1".into(),
+        records,
+        events: vec![],
+    };
+    let first = batch(
+        (1..=3)
+            .map(|i| record(i, &b.id, 1_000_000, 1_000_000, 10))
+            .collect(),
+    );
+    // The same records again (a resend after a lost ack), then one new one.
+    let resend = batch(
+        (2..=4)
+            .map(|i| record(i, &b.id, 1_000_000, 1_000_000, 10))
+            .collect(),
+    );
+    let mut acks = dp
+        .report_usage(tokio_stream::iter(vec![first, resend]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 3);
+    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 4);
+
+    let mut stats =
+        StatsServiceClient::with_interceptor(channel(&cp).await, Bearer(cp.admin_token.clone()));
+    let totals = stats
+        .get_totals(pb::GetTotalsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(totals.request_count, 4);
+    assert_eq!(totals.prompt_tokens, 4_000_000);
+    assert_eq!(totals.completion_tokens, 4_000_000);
+    // 4 × (1M × 0.15 + 1M × 0.60) / 1M
+    assert!((totals.cost - 3.0).abs() < 1e-9, "{}", totals.cost);
+    assert!(
+        totals.p50_latency_ms >= 10.0 && totals.p50_latency_ms < 12.0,
+        "{}",
+        totals.p50_latency_ms
+    );
+
+    let filtered = stats
+        .get_totals(pb::GetTotalsRequest {
+            backend_id: "other".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(filtered.request_count, 0);
+}
+
+#[tokio::test]
+async fn no_plaintext_provider_key_is_stored_in_the_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let secret = "sk-PLAINTEXT-provider-key-0123456789";
+    create(&mut admin, "b1", secret).await;
+    admin
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: "b1".into(),
+                ..Default::default()
+            }),
+            update_mask: None,
+            api_key: format!("{secret}-rotated"),
+        })
+        .await
+        .unwrap();
+    cp.shutdown().await;
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{} holds the plaintext key",
+            path.display()
+        );
+        checked += 1;
+    }
+    assert!(checked >= 2, "the database and its files were checked");
+}
+
+fn mask(paths: &[&str]) -> sluice_proto::wkt::FieldMask {
+    sluice_proto::wkt::FieldMask {
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+async fn next(stream: &mut tonic::Streaming<pb::StreamSnapshotsResponse>) -> pb::Snapshot {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a snapshot within 5 s")
+        .unwrap()
+        .unwrap()
+        .snapshot
+        .unwrap()
+}
