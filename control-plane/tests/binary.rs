@@ -1,0 +1,201 @@
+//! The `sluice-control` binary as an operator runs it: first start on an empty
+//! data directory, restarts, a wrong master key, and key rotation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice-control");
+
+fn command(data_dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--data-dir")
+        .arg(data_dir)
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("SLUICE_ADMIN_TOKEN")
+        .env_remove("SLUICE_DATAPLANE_TOKEN")
+        .env_remove("SLUICE_MASTER_KEY")
+        .env_remove("SLUICE_MASTER_KEY_FILE")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Starts the binary and waits for its gRPC "listening on" line; returns the child,
+/// the address and everything it logged until then.
+fn start(data_dir: &std::path::Path) -> (Child, String, String) {
+    let mut child = command(data_dir).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut log = String::new();
+    while Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) else {
+            continue;
+        };
+        log.push_str(&line);
+        log.push('\n');
+        if let Some(rest) = line.split("grpc listening on ").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap().to_owned();
+            std::thread::spawn(move || while rx.recv().is_ok() {});
+            return (child, addr, log);
+        }
+    }
+    let _ = child.kill();
+    panic!("no listening line; log:\n{log}");
+}
+
+fn stop(mut child: Child) {
+    // SIGTERM, as an init system would.
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn first_start_generates_secrets_and_later_starts_reuse_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _addr, log) = start(dir.path());
+    for file in ["admin-token", "dataplane-token", "master-key", "sluice.db"] {
+        assert!(
+            dir.path().join(file).exists(),
+            "{file} missing; log:\n{log}"
+        );
+    }
+    assert!(log.contains("generated a new master key"), "{log}");
+    let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+    assert!(
+        !log.contains(token.trim()),
+        "the log must not show the token"
+    );
+    stop(child);
+
+    let (child, _addr, log) = start(dir.path());
+    assert!(
+        !log.contains("generated"),
+        "second start must reuse the secrets:\n{log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("admin-token")).unwrap(),
+        token
+    );
+    stop(child);
+}
+
+#[test]
+fn a_wrong_master_key_refuses_to_start_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _, _) = start(dir.path());
+    stop(child);
+    let output = command(dir.path())
+        .env(
+            "SLUICE_MASTER_KEY",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last = stderr.lines().last().unwrap();
+    assert!(
+        last.contains("master key does not match this database"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_second_control_plane_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _, _) = start(dir.path());
+    let output = command(dir.path()).output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("in use by another sluice-control"));
+    stop(child);
+}
+
+#[test]
+fn rotating_the_master_key_keeps_provider_keys_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Put a provider key in through the library, then rotate with the binary.
+    rt.block_on(async {
+        let cp = sluice_control::testing::TestControlPlane::start(dir.path())
+            .await
+            .unwrap();
+        let store = cp.store().unwrap().clone();
+        let spec = sluice_control::backend::BackendSpec {
+            name: "b1".into(),
+            base_url: "http://127.0.0.1:1/v1".into(),
+            pool: sluice_control::backend::Pool::Primary,
+            priority: 0,
+            weight: 1,
+            models: vec![sluice_control::backend::ModelRoute {
+                name: "m".into(),
+                upstream_name: "m".into(),
+                input_price_per_mtok: 0.0,
+                output_price_per_mtok: 0.0,
+            }],
+            rpm_limit: 0,
+            enabled: true,
+        };
+        store
+            .create_backend(spec, "sk-rotate-me-12345678".into())
+            .await
+            .unwrap();
+        cp.shutdown().await;
+    });
+    let old_key = std::fs::read_to_string(dir.path().join("master-key")).unwrap();
+    let status = command(dir.path())
+        .arg("rotate-master-key")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let new_key = std::fs::read_to_string(dir.path().join("master-key")).unwrap();
+    assert_ne!(old_key, new_key);
+    assert!(!dir.path().join("master-key.new").exists());
+
+    // The old key is now refused; the new one decrypts the provider key.
+    let output = command(dir.path())
+        .env("SLUICE_MASTER_KEY", old_key.trim())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let key = sluice_control::crypto::MasterKey::from_base64(&new_key).unwrap();
+    let (store, _) =
+        sluice_control::store::Store::open(&dir.path().join("sluice.db"), key).unwrap();
+    rt.block_on(async {
+        // The snapshot carries the decrypted key: decryption under the new key works.
+        let publisher = sluice_control::snapshot::Publisher::start(store)
+            .await
+            .unwrap();
+        assert_eq!(
+            publisher.latest().backends[0].api_key,
+            "sk-rotate-me-12345678"
+        );
+    });
+}
