@@ -30,6 +30,7 @@ fn command(data_dir: &std::path::Path) -> Command {
 
 /// Starts the binary and waits for its gRPC "listening on" line; returns the child,
 /// the address and everything it logged until then.
+#[allow(clippy::zombie_processes)] // the caller owns the child and stops it
 fn start(data_dir: &std::path::Path) -> (Child, String, String) {
     let mut child = command(data_dir).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
@@ -57,6 +58,7 @@ fn start(data_dir: &std::path::Path) -> (Child, String, String) {
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("no listening line; log:\n{log}");
 }
 
