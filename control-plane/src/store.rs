@@ -22,7 +22,7 @@ pub use crate::usage::UsageRow;
 pub use backends::BackendWithKey;
 pub use cooldowns::{CooldownEvent, CooldownRow};
 pub use data_planes::{DataPlaneRow, NodeHello};
-pub use usage::{Totals, TotalsFilter};
+pub use usage::{Granularity, GroupBy, SeriesPoint, Totals, TotalsFilter};
 
 /// Everything that can go wrong in the store, each mapped once to a gRPC status.
 #[derive(Debug, thiserror::Error)]

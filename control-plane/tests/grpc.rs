@@ -585,3 +585,108 @@ async fn next(stream: &mut tonic::Streaming<pb::StreamSnapshotsResponse>) -> pb:
         .snapshot
         .unwrap()
 }
+
+#[tokio::test]
+async fn usage_series_splits_at_utc_hour_and_day_boundaries_and_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let b1 = create(&mut admin, "b1", "").await;
+    let b2 = create(&mut admin, "b2", "").await;
+    let mut dp = DataPlaneServiceClient::with_interceptor(
+        channel(&cp).await,
+        Bearer(cp.dataplane_token.clone()),
+    );
+    // 2025-11-24T23:59:59Z, 2025-11-25T00:00:00Z and 00:59:59Z, 01:00:00Z.
+    let day = 1_764_028_800; // 2025-11-25T00:00:00Z
+    let at = |seq: u64, backend: &str, secs: i64| {
+        let mut r = record(seq, backend, 10, 5, 100);
+        r.time = Some(sluice_proto::wkt::Timestamp {
+            seconds: secs,
+            nanos: 0,
+        });
+        r
+    };
+    let records = vec![
+        at(1, &b1.id, day - 1),
+        at(2, &b1.id, day),
+        at(3, &b2.id, day + 3599),
+        at(4, &b2.id, day + 3600),
+    ];
+    let mut acks = dp
+        .report_usage(tokio_stream::iter(vec![pb::ReportUsageRequest {
+            node_id: "n".into(),
+            incarnation: "i".into(),
+            records,
+            events: vec![],
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 4);
+
+    let mut stats =
+        StatsServiceClient::with_interceptor(channel(&cp).await, Bearer(cp.admin_token.clone()));
+    let hourly = stats
+        .get_usage(pb::GetUsageRequest {
+            granularity: pb::Granularity::Hour as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .buckets;
+    let starts: Vec<(i64, u64)> = hourly
+        .iter()
+        .map(|b| (b.start_time.unwrap().seconds, b.request_count))
+        .collect();
+    assert_eq!(starts, vec![(day - 3600, 1), (day, 2), (day + 3600, 1)]);
+
+    let daily = stats
+        .get_usage(pb::GetUsageRequest {
+            granularity: pb::Granularity::Day as i32,
+            group_by: pb::GroupBy::Backend as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .buckets;
+    let rows: Vec<(i64, String, u64, u64)> = daily
+        .iter()
+        .map(|b| {
+            (
+                b.start_time.unwrap().seconds,
+                b.group_label.clone(),
+                b.request_count,
+                b.total_tokens,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (day - 86_400, "b1".to_owned(), 1, 15),
+            (day, "b1".to_owned(), 1, 15),
+            (day, "b2".to_owned(), 2, 30),
+        ]
+    );
+    // Sums over buckets equal the totals.
+    let totals = stats
+        .get_totals(pb::GetTotalsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        daily.iter().map(|b| b.request_count).sum::<u64>(),
+        totals.request_count
+    );
+    let cost: f64 = daily.iter().map(|b| b.cost).sum();
+    assert!((cost - totals.cost).abs() < 1e-12);
+    // (10 × 0.15 + 5 × 0.60) / 1M per request
+    assert!(
+        (totals.cost - 4.0 * 4.5e-6).abs() < 1e-15,
+        "{}",
+        totals.cost
+    );
+}

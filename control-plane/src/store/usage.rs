@@ -219,3 +219,137 @@ fn totals(conn: &Connection, filter: &TotalsFilter) -> Result<Totals, StoreError
     t.p99_ms = quantile(&histogram, 0.99);
     Ok(t)
 }
+
+/// Time bucket width of [`Store::usage_series`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    Hour,
+    Day,
+}
+
+/// What [`Store::usage_series`] splits each time bucket by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Nothing,
+    Backend,
+    Model,
+    ClientKey,
+}
+
+/// One (time bucket, group) of a usage series.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeriesPoint {
+    pub start_ms: i64,
+    pub group_key: String,
+    pub group_label: String,
+    pub totals: Totals,
+}
+
+impl Store {
+    /// Usage per time bucket (and per group), oldest first.
+    pub async fn usage_series(
+        &self,
+        filter: TotalsFilter,
+        granularity: Granularity,
+        group_by: GroupBy,
+    ) -> Result<Vec<SeriesPoint>, StoreError> {
+        self.call(move |conn, _| series(conn, &filter, granularity, group_by))
+            .await
+    }
+}
+
+fn series(
+    conn: &Connection,
+    filter: &TotalsFilter,
+    granularity: Granularity,
+    group_by: GroupBy,
+) -> Result<Vec<SeriesPoint>, StoreError> {
+    let bucket = match granularity {
+        Granularity::Hour => "hour_start",
+        Granularity::Day => "(hour_start / 86400000) * 86400000",
+    };
+    let group = match group_by {
+        GroupBy::Nothing => "''",
+        GroupBy::Backend => "backend_id",
+        GroupBy::Model => "model",
+        GroupBy::ClientKey => "client_key_id",
+    };
+    let (clause, values) = filter_clause(filter);
+    let mut points: Vec<SeriesPoint> = {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {bucket} AS b, {group} AS g, total(request_count), total(error_count), total(stream_count),
+                    total(prompt_tokens), total(completion_tokens), total(cost), total(latency_ms_sum),
+                    total(ttft_ms_sum), total(ttft_count)
+             FROM usage_hourly {clause} GROUP BY b, g ORDER BY b, g"
+        ))?;
+        stmt.query_map(params_from_iter(values.iter()), |r| {
+            let n = |i: usize| r.get::<_, f64>(i).map(|v| v.max(0.0) as u64);
+            Ok(SeriesPoint {
+                start_ms: r.get(0)?,
+                group_key: r.get(1)?,
+                group_label: String::new(),
+                totals: Totals {
+                    request_count: n(2)?,
+                    error_count: n(3)?,
+                    stream_count: n(4)?,
+                    prompt_tokens: n(5)?,
+                    completion_tokens: n(6)?,
+                    cost: r.get(7)?,
+                    latency_ms_sum: r.get(8)?,
+                    ttft_ms_sum: r.get(9)?,
+                    ttft_count: n(10)?,
+                    ..Totals::default()
+                },
+            })
+        })?
+        .collect::<Result<_, _>>()?
+    };
+    let mut histograms: std::collections::HashMap<(i64, String), Vec<(u32, u64)>> =
+        std::collections::HashMap::new();
+    {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {bucket} AS b, {group} AS g, bucket, sum(count)
+             FROM usage_hourly_latency {clause} GROUP BY b, g, bucket ORDER BY b, g, bucket"
+        ))?;
+        let rows = stmt.query_map(params_from_iter(values.iter()), |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, i64>(3)?.max(0) as u64,
+            ))
+        })?;
+        for row in rows {
+            let (b, g, bucket, count) = row?;
+            histograms.entry((b, g)).or_default().push((bucket, count));
+        }
+    }
+    let labels = group_labels(conn, group_by)?;
+    for point in &mut points {
+        if let Some(h) = histograms.get(&(point.start_ms, point.group_key.clone())) {
+            point.totals.p50_ms = quantile(h, 0.50);
+            point.totals.p95_ms = quantile(h, 0.95);
+            point.totals.p99_ms = quantile(h, 0.99);
+        }
+        point.group_label = labels
+            .get(&point.group_key)
+            .cloned()
+            .unwrap_or_else(|| point.group_key.clone());
+    }
+    Ok(points)
+}
+
+/// Readable names of grouped ids: backend and client key names (models are their own label).
+fn group_labels(
+    conn: &Connection,
+    group_by: GroupBy,
+) -> Result<std::collections::HashMap<String, String>, StoreError> {
+    let sql = match group_by {
+        GroupBy::Backend => "SELECT id, name FROM backends",
+        GroupBy::ClientKey => "SELECT id, name FROM client_keys",
+        GroupBy::Nothing | GroupBy::Model => return Ok(Default::default()),
+    };
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
