@@ -1,0 +1,113 @@
+//! The gRPC connection to the control plane: one lazily connected channel, every call
+//! carrying the data-plane token, and who this replica is.
+
+use std::time::Duration;
+
+use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// The client for `DataPlaneService`, authenticated.
+pub type DataPlaneClient = DataPlaneServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// Errors that make the control-plane connection impossible to even configure.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("invalid control plane URL: {0}")]
+    InvalidUrl(String),
+    #[error("the data-plane token contains characters not allowed in a header")]
+    InvalidToken,
+}
+
+/// Adds `authorization: Bearer <token>` to every call. Its `Debug` never shows the token.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(..)")
+    }
+}
+
+impl BearerToken {
+    pub fn new(token: Option<&str>) -> Result<Self, ControlError> {
+        let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
+            return Ok(Self(None));
+        };
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ControlError::InvalidToken)?;
+        value.set_sensitive(true);
+        Ok(Self(Some(value)))
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client to the control plane at `url`. The channel connects lazily and reconnects by
+/// itself; HTTP/2 keep-alives notice a vanished control plane within about 30 s.
+pub fn connect(url: &str, token: Option<&str>) -> Result<DataPlaneClient, ControlError> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| ControlError::InvalidUrl(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    let channel = endpoint.connect_lazy();
+    Ok(DataPlaneServiceClient::with_interceptor(
+        channel,
+        BearerToken::new(token)?,
+    ))
+}
+
+/// Who this replica is, as told to the control plane.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    /// Stable for the life of the process.
+    pub node_id: String,
+    pub hostname: String,
+    pub build_version: String,
+    /// Random per process start: a restarted replica starts a new usage sequence.
+    pub incarnation: String,
+}
+
+impl NodeIdentity {
+    /// `node_id` as given, or `<hostname>-<8 random hex digits>`.
+    pub fn new(node_id: Option<String>) -> Self {
+        let hostname = hostname();
+        let incarnation = uuid::Uuid::new_v4().to_string();
+        let node_id = node_id
+            .filter(|id| !id.trim().is_empty())
+            .unwrap_or_else(|| format!("{hostname}-{}", &incarnation[..8]));
+        Self {
+            node_id,
+            hostname,
+            build_version: env!("CARGO_PKG_VERSION").to_owned(),
+            incarnation,
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}

@@ -1,0 +1,677 @@
+//! The data plane's view of the world: one immutable [`Snapshot`] built and validated from the
+//! control plane's message (fallible prepare), then published through [`SnapshotStore`]
+//! (infallible swap). A request loads the current snapshot once and uses only that value.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use http::HeaderValue;
+use sluice_proto::v1 as proto;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::clock::{Now, std_duration, system_time};
+use crate::cooldown::{CooldownPolicy, CooldownTracker, SnapshotCooldown};
+use crate::ratelimit::RateLimiter;
+
+/// Why a snapshot was refused (sent back to the control plane as the nack's detail).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot version {got} is older than the current version {have}")]
+    Stale { got: u64, have: u64 },
+    #[error("backend {backend}: invalid base_url: {reason}")]
+    InvalidBaseUrl { backend: String, reason: String },
+    #[error("backend id {0} appears twice")]
+    DuplicateBackend(String),
+    #[error("backend {0}: unknown pool")]
+    InvalidPool(String),
+    #[error("backend {backend}: model route with an empty name")]
+    EmptyModelName { backend: String },
+    #[error("backend {0}: api key is not a valid header value")]
+    InvalidApiKey(String),
+    #[error("client key {0}: key_sha256 must be 32 bytes")]
+    InvalidKeyHash(String),
+    #[error("client key {0}: the same key hash appears twice")]
+    DuplicateKeyHash(String),
+    #[error("settings: {0} is negative or malformed")]
+    InvalidDuration(&'static str),
+    #[error("building the upstream HTTP client failed: {0}")]
+    UpstreamClient(String),
+}
+
+/// The OpenAI endpoints the proxy serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    /// The path after the base URL (`/v1`).
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "/chat/completions",
+            Self::Completions => "/completions",
+            Self::Embeddings => "/embeddings",
+        }
+    }
+
+    /// Whether the endpoint can stream (embeddings cannot).
+    pub fn can_stream(self) -> bool {
+        !matches!(self, Self::Embeddings)
+    }
+
+    pub fn to_proto(self) -> proto::Endpoint {
+        match self {
+            Self::ChatCompletions => proto::Endpoint::ChatCompletions,
+            Self::Completions => proto::Endpoint::Completions,
+            Self::Embeddings => proto::Endpoint::Embeddings,
+        }
+    }
+}
+
+/// Which pool a backend is in; primary is tried before fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Pool {
+    Primary,
+    Fallback,
+}
+
+/// Retry, timeout and cooldown policy, with the defaults used for unset fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub max_attempts: u32,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_stream_timeout: Duration,
+    pub request_timeout: Duration,
+    pub cooldown: CooldownPolicy,
+    pub retry_on_rate_limit: bool,
+    pub retry_on_server_error: bool,
+    pub retry_on_connect_error: bool,
+    pub retry_on_timeout: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(120),
+            idle_stream_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(600),
+            cooldown: CooldownPolicy {
+                base: Duration::from_secs(1),
+                cap: Duration::from_secs(300),
+                failure_threshold: 5,
+            },
+            retry_on_rate_limit: true,
+            retry_on_server_error: true,
+            retry_on_connect_error: true,
+            retry_on_timeout: true,
+        }
+    }
+}
+
+impl TryFrom<&proto::Settings> for Policy {
+    type Error = SnapshotError;
+
+    /// Zero or unset durations and a zero `max_attempts` take the defaults; the retry flags
+    /// are taken as sent.
+    fn try_from(s: &proto::Settings) -> Result<Self, SnapshotError> {
+        let d = Policy::default();
+        let duration =
+            |field: &Option<pbjson_types::Duration>, name: &'static str, default: Duration| {
+                match field {
+                    None => Ok(default),
+                    Some(value) => match std_duration(value) {
+                        None => Err(SnapshotError::InvalidDuration(name)),
+                        Some(Duration::ZERO) => Ok(default),
+                        Some(value) => Ok(value),
+                    },
+                }
+            };
+        Ok(Self {
+            max_attempts: if s.max_attempts == 0 {
+                d.max_attempts
+            } else {
+                s.max_attempts
+            },
+            connect_timeout: duration(&s.connect_timeout, "connect_timeout", d.connect_timeout)?,
+            first_byte_timeout: duration(
+                &s.first_byte_timeout,
+                "first_byte_timeout",
+                d.first_byte_timeout,
+            )?,
+            idle_stream_timeout: duration(
+                &s.idle_stream_timeout,
+                "idle_stream_timeout",
+                d.idle_stream_timeout,
+            )?,
+            request_timeout: duration(&s.request_timeout, "request_timeout", d.request_timeout)?,
+            cooldown: CooldownPolicy {
+                base: duration(&s.cooldown_base, "cooldown_base", d.cooldown.base)?,
+                cap: duration(&s.cooldown_cap, "cooldown_cap", d.cooldown.cap)?,
+                failure_threshold: s.failure_threshold,
+            },
+            retry_on_rate_limit: s.retry_on_rate_limit,
+            retry_on_server_error: s.retry_on_server_error,
+            retry_on_connect_error: s.retry_on_connect_error,
+            retry_on_timeout: s.retry_on_timeout,
+        })
+    }
+}
+
+/// An upstream provider as routing sees it.
+#[derive(Debug)]
+pub struct Backend {
+    pub id: String,
+    pub name: String,
+    pub pool: Pool,
+    pub priority: i32,
+    /// Relative share among equals, at least 1.
+    pub weight: u32,
+    chat_url: reqwest::Url,
+    completions_url: reqwest::Url,
+    embeddings_url: reqwest::Url,
+    /// `Bearer <api key>`, marked sensitive; `None` when the backend has no key.
+    authorization: Option<HeaderValue>,
+    /// This replica's share of the backend's RPM limit.
+    pub limiter: Option<RateLimiter>,
+    /// The cooldown the control plane knows of (from any replica).
+    pub cooldown: SnapshotCooldown,
+    /// `cooldown.until` on the monotonic clock, taken when the snapshot was prepared.
+    pub cooldown_until: Option<Instant>,
+}
+
+impl Backend {
+    /// The full upstream URL of an endpoint.
+    pub fn url(&self, endpoint: Endpoint) -> &reqwest::Url {
+        match endpoint {
+            Endpoint::ChatCompletions => &self.chat_url,
+            Endpoint::Completions => &self.completions_url,
+            Endpoint::Embeddings => &self.embeddings_url,
+        }
+    }
+
+    /// The `Authorization` header to send upstream, if the backend has a key.
+    pub fn authorization(&self) -> Option<&HeaderValue> {
+        self.authorization.as_ref()
+    }
+}
+
+/// One way to serve a public model: a backend and the name that backend knows the model by.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Index into [`Snapshot::backends`].
+    pub backend: usize,
+    pub upstream_model: String,
+}
+
+/// A client key's identity and permissions.
+#[derive(Debug)]
+pub struct ClientKey {
+    pub id: String,
+    pub name: String,
+    /// `None` allows every model.
+    pub allowed_models: Option<HashSet<String>>,
+    pub limiter: Option<RateLimiter>,
+}
+
+impl ClientKey {
+    pub fn may_use(&self, model: &str) -> bool {
+        self.allowed_models
+            .as_ref()
+            .is_none_or(|allowed| allowed.contains(model))
+    }
+}
+
+/// Everything one request needs, immutable once built.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: u64,
+    pub nonce: String,
+    pub created: Option<SystemTime>,
+    pub replica_count: u32,
+    pub policy: Policy,
+    backends: Vec<Backend>,
+    /// Public model name → routes, sorted primary before fallback, then by priority.
+    routes: HashMap<String, Vec<Route>>,
+    keys: HashMap<[u8; 32], ClientKey>,
+    upstream: reqwest::Client,
+}
+
+impl Snapshot {
+    /// Validates `message` and builds the routing tables, the key map and the rate limiters.
+    /// Limiters and the upstream client are carried over from `previous` where they still fit.
+    pub fn prepare(
+        message: proto::Snapshot,
+        previous: Option<&Snapshot>,
+        now: Now,
+    ) -> Result<Self, SnapshotError> {
+        let policy = match &message.settings {
+            Some(settings) => Policy::try_from(settings)?,
+            None => Policy::default(),
+        };
+        let replica_count = message.replica_count.max(1);
+
+        let previous_limiters: HashMap<&str, &RateLimiter> = previous
+            .map(|p| {
+                p.backends
+                    .iter()
+                    .filter_map(|b| Some((b.id.as_str(), b.limiter.as_ref()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut backends = Vec::with_capacity(message.backends.len());
+        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+        let mut ids = HashSet::new();
+        for b in message.backends {
+            if !ids.insert(b.id.clone()) {
+                return Err(SnapshotError::DuplicateBackend(b.id));
+            }
+            let pool = match proto::Pool::try_from(b.pool) {
+                Ok(proto::Pool::Primary | proto::Pool::Unspecified) => Pool::Primary,
+                Ok(proto::Pool::Fallback) => Pool::Fallback,
+                Err(_) => return Err(SnapshotError::InvalidPool(b.id)),
+            };
+            let base = parse_base_url(&b.id, &b.base_url)?;
+            let authorization = if b.api_key.is_empty() {
+                None
+            } else {
+                let mut value = HeaderValue::try_from(format!("Bearer {}", b.api_key))
+                    .map_err(|_| SnapshotError::InvalidApiKey(b.id.clone()))?;
+                value.set_sensitive(true);
+                Some(value)
+            };
+            let index = backends.len();
+            for model in &b.models {
+                if model.name.is_empty() {
+                    return Err(SnapshotError::EmptyModelName { backend: b.id });
+                }
+                let upstream_model = if model.upstream_name.is_empty() {
+                    model.name.clone()
+                } else {
+                    model.upstream_name.clone()
+                };
+                routes.entry(model.name.clone()).or_default().push(Route {
+                    backend: index,
+                    upstream_model,
+                });
+            }
+            let until = b.cooldown_until.as_ref().and_then(system_time);
+            let limiter = RateLimiter::carry_over(
+                previous_limiters.get(b.id.as_str()).copied(),
+                b.rpm_limit,
+                replica_count,
+                now.instant,
+            );
+            backends.push(Backend {
+                chat_url: endpoint_url(&b.id, &base, Endpoint::ChatCompletions)?,
+                completions_url: endpoint_url(&b.id, &base, Endpoint::Completions)?,
+                embeddings_url: endpoint_url(&b.id, &base, Endpoint::Embeddings)?,
+                id: b.id,
+                name: b.name,
+                pool,
+                priority: b.priority,
+                weight: b.weight.max(1),
+                authorization,
+                limiter,
+                cooldown: SnapshotCooldown {
+                    until,
+                    consecutive_failures: b.consecutive_failures,
+                },
+                cooldown_until: until.map(|u| now.instant_at(u)),
+            });
+        }
+        for list in routes.values_mut() {
+            list.sort_by_key(|r| (backends[r.backend].pool, backends[r.backend].priority));
+        }
+
+        let previous_keys: HashMap<&str, &RateLimiter> = previous
+            .map(|p| {
+                p.keys
+                    .values()
+                    .filter_map(|k| Some((k.id.as_str(), k.limiter.as_ref()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut keys = HashMap::with_capacity(message.client_keys.len());
+        for k in message.client_keys {
+            let hash: [u8; 32] = k
+                .key_sha256
+                .as_slice()
+                .try_into()
+                .map_err(|_| SnapshotError::InvalidKeyHash(k.id.clone()))?;
+            let limiter = RateLimiter::carry_over(
+                previous_keys.get(k.id.as_str()).copied(),
+                k.rpm_limit,
+                replica_count,
+                now.instant,
+            );
+            let key = ClientKey {
+                allowed_models: if k.allowed_models.is_empty() {
+                    None
+                } else {
+                    Some(k.allowed_models.into_iter().collect())
+                },
+                id: k.id,
+                name: k.name,
+                limiter,
+            };
+            if let Some(dup) = keys.insert(hash, key) {
+                return Err(SnapshotError::DuplicateKeyHash(dup.id));
+            }
+        }
+
+        let upstream = match previous {
+            Some(p) if p.policy.connect_timeout == policy.connect_timeout => p.upstream.clone(),
+            _ => upstream_client(policy.connect_timeout)?,
+        };
+
+        Ok(Self {
+            version: message.version,
+            nonce: message.nonce,
+            created: message.create_time.as_ref().and_then(system_time),
+            replica_count,
+            policy,
+            backends,
+            routes,
+            keys,
+            upstream,
+        })
+    }
+
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// Routes for a public model, primary before fallback and by priority; `None` if no
+    /// backend serves it.
+    pub fn routes(&self, model: &str) -> Option<&[Route]> {
+        self.routes.get(model).map(Vec::as_slice)
+    }
+
+    /// Public model names, sorted.
+    pub fn models(&self) -> Vec<&str> {
+        let mut models: Vec<&str> = self.routes.keys().map(String::as_str).collect();
+        models.sort_unstable();
+        models
+    }
+
+    /// The client key with this SHA-256, if active.
+    pub fn client_key(&self, sha256: &[u8; 32]) -> Option<&ClientKey> {
+        self.keys.get(sha256)
+    }
+
+    /// The shared, pooled upstream HTTP client.
+    pub fn upstream(&self) -> &reqwest::Client {
+        &self.upstream
+    }
+}
+
+fn parse_base_url(backend: &str, raw: &str) -> Result<reqwest::Url, SnapshotError> {
+    let invalid = |reason: String| SnapshotError::InvalidBaseUrl {
+        backend: backend.to_owned(),
+        reason,
+    };
+    let url = reqwest::Url::parse(raw).map_err(|e| invalid(e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(format!(
+            "scheme {} is not http or https",
+            url.scheme()
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("no host".to_owned()));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid("query or fragment not allowed".to_owned()));
+    }
+    Ok(url)
+}
+
+fn endpoint_url(
+    backend: &str,
+    base: &reqwest::Url,
+    endpoint: Endpoint,
+) -> Result<reqwest::Url, SnapshotError> {
+    let joined = format!("{}{}", base.as_str().trim_end_matches('/'), endpoint.path());
+    reqwest::Url::parse(&joined).map_err(|e| SnapshotError::InvalidBaseUrl {
+        backend: backend.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// The upstream HTTP client: pooled keep-alive connections, HTTP/2 when the server offers it
+/// through ALPN, no redirects (a provider redirect would leak the key to another host).
+fn upstream_client(connect_timeout: Duration) -> Result<reqwest::Client, SnapshotError> {
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .pool_max_idle_per_host(1024)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .tcp_keepalive(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| SnapshotError::UpstreamClient(e.to_string()))
+}
+
+/// What [`SnapshotStore::apply`] did with an accepted snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// It is now the current snapshot.
+    Swapped,
+    /// Its version is the current one; nothing changed.
+    Unchanged,
+}
+
+/// Holds the current snapshot. Requests `load` it; the snapshot subscriber `apply`s new ones.
+#[derive(Debug)]
+pub struct SnapshotStore {
+    current: ArcSwapOption<Snapshot>,
+    version: watch::Sender<u64>,
+    cooldowns: Arc<CooldownTracker>,
+}
+
+impl Default for SnapshotStore {
+    fn default() -> Self {
+        Self::new(Arc::new(CooldownTracker::new()))
+    }
+}
+
+impl SnapshotStore {
+    pub fn new(cooldowns: Arc<CooldownTracker>) -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            version: watch::Sender::new(0),
+            cooldowns,
+        }
+    }
+
+    /// The current snapshot; `None` until the first one arrived.
+    pub fn load(&self) -> Option<Arc<Snapshot>> {
+        self.current.load_full()
+    }
+
+    /// The current version (0 before the first snapshot); changes on every swap.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    pub fn cooldowns(&self) -> &Arc<CooldownTracker> {
+        &self.cooldowns
+    }
+
+    /// Validates and swaps in a snapshot from the control plane. On error the current snapshot
+    /// stays. Versions never go backwards; the current version again is `Unchanged`.
+    pub fn apply(&self, message: proto::Snapshot) -> Result<Applied, SnapshotError> {
+        let current = self.current.load_full();
+        if let Some(current) = &current {
+            if message.version < current.version {
+                return Err(SnapshotError::Stale {
+                    got: message.version,
+                    have: current.version,
+                });
+            }
+            if message.version == current.version {
+                return Ok(Applied::Unchanged);
+            }
+        }
+        let now = Now::read();
+        let next = Arc::new(Snapshot::prepare(message, current.as_deref(), now)?);
+        self.cooldowns.observe_snapshot(
+            next.backends.iter().map(|b| (b.id.as_str(), b.cooldown)),
+            now,
+        );
+        let version = next.version;
+        self.current.store(Some(next));
+        self.version.send_replace(version);
+        Ok(Applied::Swapped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    pub(crate) fn backend(id: &str, pool: proto::Pool, priority: i32) -> proto::SnapshotBackend {
+        proto::SnapshotBackend {
+            id: id.into(),
+            name: format!("name-{id}"),
+            base_url: "http://127.0.0.1:9/v1".into(),
+            pool: pool as i32,
+            priority,
+            weight: 1,
+            models: vec![proto::ModelRoute {
+                name: "gpt-4o-mini".into(),
+                upstream_name: format!("up-{id}"),
+                ..Default::default()
+            }],
+            api_key: "sk-upstream".into(),
+            rpm_limit: 60,
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(version: u64) -> proto::Snapshot {
+        proto::Snapshot {
+            version,
+            nonce: format!("n{version}"),
+            backends: vec![
+                backend("fb", proto::Pool::Fallback, 0),
+                backend("p2", proto::Pool::Primary, 2),
+                backend("p1", proto::Pool::Primary, 1),
+            ],
+            client_keys: vec![proto::SnapshotClientKey {
+                id: "k1".into(),
+                name: "app".into(),
+                key_sha256: Sha256::digest(b"sk-client").to_vec(),
+                allowed_models: vec![],
+                rpm_limit: 0,
+            }],
+            settings: None,
+            replica_count: 2,
+            create_time: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn prepares_routes_in_pool_and_priority_order() {
+        let snap = Snapshot::prepare(snapshot(1), None, Now::read()).unwrap();
+        let routes = snap.routes("gpt-4o-mini").unwrap();
+        let ids: Vec<&str> = routes
+            .iter()
+            .map(|r| snap.backends()[r.backend].id.as_str())
+            .collect();
+        assert_eq!(ids, ["p1", "p2", "fb"]);
+        assert_eq!(routes[0].upstream_model, "up-p1");
+        let b = &snap.backends()[routes[0].backend];
+        assert_eq!(
+            b.url(Endpoint::ChatCompletions).as_str(),
+            "http://127.0.0.1:9/v1/chat/completions"
+        );
+        assert!(b.authorization().unwrap().is_sensitive());
+        let hash: [u8; 32] = Sha256::digest(b"sk-client").into();
+        assert_eq!(snap.client_key(&hash).unwrap().id, "k1");
+        assert!(snap.client_key(&[0; 32]).is_none());
+    }
+
+    #[tokio::test]
+    async fn rejects_bad_input() {
+        let mut bad = snapshot(1);
+        bad.backends[0].base_url = "ftp://x/v1".into();
+        assert!(matches!(
+            Snapshot::prepare(bad, None, Now::read()),
+            Err(SnapshotError::InvalidBaseUrl { .. })
+        ));
+        let mut bad = snapshot(1);
+        bad.backends[1].id = "fb".into();
+        assert!(matches!(
+            Snapshot::prepare(bad, None, Now::read()),
+            Err(SnapshotError::DuplicateBackend(_))
+        ));
+        let mut bad = snapshot(1);
+        bad.client_keys[0].key_sha256 = vec![1, 2, 3];
+        assert!(matches!(
+            Snapshot::prepare(bad, None, Now::read()),
+            Err(SnapshotError::InvalidKeyHash(_))
+        ));
+        let mut bad = snapshot(1);
+        bad.settings = Some(proto::Settings {
+            connect_timeout: Some(pbjson_types::Duration {
+                seconds: -1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        });
+        assert!(matches!(
+            Snapshot::prepare(bad, None, Now::read()),
+            Err(SnapshotError::InvalidDuration("connect_timeout"))
+        ));
+    }
+
+    #[tokio::test]
+    async fn store_never_goes_backwards_and_keeps_the_old_one_on_error() {
+        let store = SnapshotStore::default();
+        assert!(store.load().is_none());
+        assert_eq!(store.apply(snapshot(2)).unwrap(), Applied::Swapped);
+        assert_eq!(store.apply(snapshot(2)).unwrap(), Applied::Unchanged);
+        assert!(matches!(
+            store.apply(snapshot(1)),
+            Err(SnapshotError::Stale { got: 1, have: 2 })
+        ));
+        let mut bad = snapshot(3);
+        bad.backends[0].base_url = "not a url".into();
+        assert!(store.apply(bad).is_err());
+        assert_eq!(store.load().unwrap().version, 2);
+        assert_eq!(*store.watch().borrow(), 2);
+    }
+
+    #[tokio::test]
+    async fn limiters_keep_their_tokens_across_swaps() {
+        let store = SnapshotStore::default();
+        store.apply(snapshot(1)).unwrap();
+        let first = store.load().unwrap();
+        // 60 rpm over 2 replicas: 30/min, burst 3.
+        let limiter = first.backends()[0].limiter.clone().unwrap();
+        for _ in 0..3 {
+            limiter.try_acquire(Instant::now()).unwrap();
+        }
+        store.apply(snapshot(2)).unwrap();
+        let second = store.load().unwrap();
+        assert!(
+            second.backends()[0]
+                .limiter
+                .as_ref()
+                .unwrap()
+                .try_acquire(Instant::now())
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! The snapshot stream against an in-process control plane: acks, nacks, reconnects, and
+//! serving the last snapshot while the control plane is away.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_proto::v1 as proto;
+use sluice_proxy::backoff::Backoff;
+use sluice_proxy::control::{self, NodeIdentity};
+use sluice_proxy::snapshot::SnapshotStore;
+use sluice_proxy::subscribe;
+use support::control_plane::{FakeControlPlane, TOKEN};
+use tokio_util::sync::CancellationToken;
+
+fn snapshot(version: u64, base_url: &str) -> proto::Snapshot {
+    proto::Snapshot {
+        version,
+        nonce: format!("nonce-{version}"),
+        backends: vec![proto::SnapshotBackend {
+            id: "b1".into(),
+            name: "one".into(),
+            base_url: base_url.into(),
+            pool: proto::Pool::Primary as i32,
+            models: vec![proto::ModelRoute {
+                name: "m".into(),
+                upstream_name: "m-up".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        replica_count: 1,
+        ..Default::default()
+    }
+}
+
+fn start_subscriber(url: &str, token: &str, store: Arc<SnapshotStore>) -> CancellationToken {
+    let client = control::connect(url, Some(token)).unwrap();
+    let shutdown = CancellationToken::new();
+    let backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
+    tokio::spawn(subscribe::run(
+        client,
+        NodeIdentity::new(Some("node-a".into())),
+        backoff,
+        move |s| store.apply(s).map(|_| ()).map_err(|e| e.to_string()),
+        shutdown.clone(),
+    ));
+    shutdown
+}
+
+async fn wait_version(store: &SnapshotStore, version: u64) {
+    let mut watch = store.watch();
+    tokio::time::timeout(Duration::from_secs(10), watch.wait_for(|v| *v == version))
+        .await
+        .unwrap_or_else(|_| panic!("version {version} never applied"))
+        .unwrap();
+}
+
+#[tokio::test]
+async fn acks_nacks_and_reconnects_keeping_the_last_snapshot() {
+    let cp = FakeControlPlane::start().await;
+    cp.publish(snapshot(1, "http://127.0.0.1:1/v1"));
+    let store = Arc::new(SnapshotStore::default());
+    let shutdown = start_subscriber(&cp.url(), TOKEN, Arc::clone(&store));
+
+    wait_version(&store, 1).await;
+    cp.wait_for("ack of v1", |r| r.acked(1)).await;
+    cp.with(|r| {
+        let hello = &r.snapshot_requests[0];
+        assert_eq!((hello.version, hello.node_id.as_str()), (0, "node-a"));
+        let ack = r.snapshot_requests.iter().find(|x| x.version == 1).unwrap();
+        assert_eq!(ack.response_nonce, "nonce-1");
+    });
+
+    // An invalid snapshot is nacked and the old one stays.
+    cp.publish(snapshot(2, "not a url"));
+    cp.wait_for("nack of v2", |r| r.nack(2).is_some()).await;
+    assert!(cp.with(|r| r.nack(2).unwrap().contains("base_url")));
+    assert_eq!(store.load().unwrap().version, 1);
+
+    cp.publish(snapshot(3, "http://127.0.0.1:2/v1"));
+    wait_version(&store, 3).await;
+
+    // The stream breaks: the replica says hello again and gets the newest snapshot.
+    cp.kill_streams();
+    cp.wait_for("second hello", |r| r.hellos() >= 2).await;
+    cp.publish(snapshot(4, "http://127.0.0.1:2/v1"));
+    wait_version(&store, 4).await;
+
+    // The control plane goes away: the last snapshot keeps serving.
+    let addr = cp.addr;
+    cp.stop().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.load().unwrap().version, 4);
+
+    // It comes back on the same address with a newer snapshot.
+    let cp = FakeControlPlane::start_at(addr).await;
+    cp.publish(snapshot(5, "http://127.0.0.1:2/v1"));
+    wait_version(&store, 5).await;
+    cp.wait_for("ack of v5", |r| r.acked(5)).await;
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn an_older_version_is_refused() {
+    let cp = FakeControlPlane::start().await;
+    cp.publish(snapshot(7, "http://127.0.0.1:1/v1"));
+    let store = Arc::new(SnapshotStore::default());
+    let shutdown = start_subscriber(&cp.url(), TOKEN, Arc::clone(&store));
+    wait_version(&store, 7).await;
+    cp.publish(snapshot(6, "http://127.0.0.1:1/v1"));
+    cp.wait_for("nack of v6", |r| r.nack(6).is_some()).await;
+    assert_eq!(store.load().unwrap().version, 7);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_wrong_token_gets_nothing_and_keeps_retrying() {
+    let cp = FakeControlPlane::start().await;
+    cp.publish(snapshot(1, "http://127.0.0.1:1/v1"));
+    let store = Arc::new(SnapshotStore::default());
+    let shutdown = start_subscriber(&cp.url(), "wrong", Arc::clone(&store));
+    cp.wait_for("three refused attempts", |r| r.rejected_auth >= 3)
+        .await;
+    assert!(store.load().is_none());
+    shutdown.cancel();
+}

@@ -1,0 +1,279 @@
+//! An in-process fake of the control plane's `DataPlaneService`: it publishes the snapshots a
+//! test sets, records acks and nacks, applies usage with a high-water mark per
+//! (node, incarnation) like the real one, and can cut every open stream on demand.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice_proto::v1::data_plane_service_server::{DataPlaneService, DataPlaneServiceServer};
+use sluice_proto::v1::{
+    BackendEvent, ReportUsageRequest, ReportUsageResponse, Snapshot, StreamSnapshotsRequest,
+    StreamSnapshotsResponse, UsageRecord,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+pub const TOKEN: &str = "dp-test-token";
+
+#[derive(Default)]
+pub struct Recorded {
+    /// Every StreamSnapshotsRequest received (hellos have version 0).
+    pub snapshot_requests: Vec<StreamSnapshotsRequest>,
+    /// Every record sequence received, duplicates included, in arrival order.
+    pub received_sequences: Vec<u64>,
+    /// Applied records by (node, incarnation) and sequence.
+    pub applied: BTreeMap<(String, String), BTreeMap<u64, UsageRecord>>,
+    pub events: Vec<BackendEvent>,
+    pub rejected_auth: u64,
+    pub usage_streams: u64,
+}
+
+impl Recorded {
+    pub fn hellos(&self) -> usize {
+        self.snapshot_requests
+            .iter()
+            .filter(|r| r.version == 0)
+            .count()
+    }
+
+    pub fn acked(&self, version: u64) -> bool {
+        self.snapshot_requests
+            .iter()
+            .any(|r| r.version == version && r.error_detail.is_empty())
+    }
+
+    pub fn nack(&self, version: u64) -> Option<&str> {
+        self.snapshot_requests
+            .iter()
+            .find(|r| r.version == version && !r.error_detail.is_empty())
+            .map(|r| r.error_detail.as_str())
+    }
+
+    /// All applied records, of every node and incarnation.
+    pub fn records(&self) -> Vec<&UsageRecord> {
+        self.applied.values().flat_map(|m| m.values()).collect()
+    }
+}
+
+struct Shared {
+    snapshot: watch::Sender<Option<Snapshot>>,
+    recorded: Mutex<Recorded>,
+    changed: watch::Sender<u64>,
+    kill: watch::Sender<u64>,
+    ack_usage: AtomicBool,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut Recorded)) {
+        f(&mut self.recorded.lock().unwrap());
+        self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+#[derive(Clone)]
+struct Service(Arc<Shared>);
+
+fn check_auth<T>(shared: &Shared, request: &Request<T>) -> Result<(), Status> {
+    let ok = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {TOKEN}"));
+    if ok {
+        Ok(())
+    } else {
+        shared.update(|r| r.rejected_auth += 1);
+        Err(Status::unauthenticated("bad data-plane token"))
+    }
+}
+
+#[tonic::async_trait]
+impl DataPlaneService for Service {
+    type StreamSnapshotsStream = ReceiverStream<Result<StreamSnapshotsResponse, Status>>;
+    type ReportUsageStream = ReceiverStream<Result<ReportUsageResponse, Status>>;
+
+    async fn stream_snapshots(
+        &self,
+        request: Request<Streaming<StreamSnapshotsRequest>>,
+    ) -> Result<Response<Self::StreamSnapshotsStream>, Status> {
+        check_auth(&self.0, &request)?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let shared = Arc::clone(&self.0);
+        tokio::spawn(async move {
+            let mut snapshots = shared.snapshot.subscribe();
+            let mut kill = shared.kill.subscribe();
+            snapshots.mark_changed();
+            loop {
+                tokio::select! {
+                    message = inbound.message() => match message {
+                        Ok(Some(m)) => shared.update(|r| r.snapshot_requests.push(m)),
+                        _ => return,
+                    },
+                    changed = snapshots.changed() => {
+                        if changed.is_err() { return; }
+                        let current = snapshots.borrow_and_update().clone();
+                        if let Some(snapshot) = current {
+                            let reply = StreamSnapshotsResponse { snapshot: Some(snapshot) };
+                            if tx.send(Ok(reply)).await.is_err() { return; }
+                        }
+                    }
+                    _ = kill.changed() => {
+                        let _ = tx.send(Err(Status::unavailable("killed by the test"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn report_usage(
+        &self,
+        request: Request<Streaming<ReportUsageRequest>>,
+    ) -> Result<Response<Self::ReportUsageStream>, Status> {
+        check_auth(&self.0, &request)?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let shared = Arc::clone(&self.0);
+        shared.update(|r| r.usage_streams += 1);
+        tokio::spawn(async move {
+            let mut kill = shared.kill.subscribe();
+            loop {
+                tokio::select! {
+                    message = inbound.message() => {
+                        let Ok(Some(batch)) = message else { return };
+                        let ack = shared.ack_usage.load(Ordering::SeqCst);
+                        let mut high_water = 0;
+                        shared.update(|r| {
+                            r.events.extend(batch.events.iter().cloned());
+                            r.received_sequences.extend(batch.records.iter().map(|x| x.sequence));
+                            if !ack { return; }
+                            let applied = r
+                                .applied
+                                .entry((batch.node_id.clone(), batch.incarnation.clone()))
+                                .or_default();
+                            let hw = applied.keys().next_back().copied().unwrap_or(0);
+                            for record in &batch.records {
+                                if record.sequence > hw {
+                                    applied.insert(record.sequence, record.clone());
+                                }
+                            }
+                            high_water = applied.keys().next_back().copied().unwrap_or(0);
+                        });
+                        if ack
+                            && tx
+                                .send(Ok(ReportUsageResponse { acked_sequence: high_water }))
+                                .await
+                                .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    _ = kill.changed() => {
+                        let _ = tx.send(Err(Status::unavailable("killed by the test"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+pub struct FakeControlPlane {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl FakeControlPlane {
+    pub async fn start() -> Self {
+        Self::start_at("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_at(addr: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            snapshot: watch::Sender::new(None),
+            recorded: Mutex::new(Recorded::default()),
+            changed: watch::Sender::new(0),
+            kill: watch::Sender::new(0),
+            ack_usage: AtomicBool::new(true),
+        });
+        let stop = CancellationToken::new();
+        let server = tokio::spawn({
+            let service = DataPlaneServiceServer::new(Service(Arc::clone(&shared)));
+            let stop = stop.clone();
+            async move {
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(
+                        TcpListenerStream::new(listener),
+                        stop.cancelled(),
+                    )
+                    .await
+                    .unwrap();
+            }
+        });
+        Self {
+            addr,
+            shared,
+            stop,
+            server,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Publishes a snapshot to every connected replica (and to later ones).
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.shared.snapshot.send_replace(Some(snapshot));
+    }
+
+    /// Ends every open stream with an error.
+    pub fn kill_streams(&self) {
+        self.shared.kill.send_modify(|n| *n += 1);
+    }
+
+    /// Whether usage batches are applied and acked (`false`: received and forgotten).
+    pub fn set_ack_usage(&self, ack: bool) {
+        self.shared.ack_usage.store(ack, Ordering::SeqCst);
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&Recorded) -> R) -> R {
+        f(&self.shared.recorded.lock().unwrap())
+    }
+
+    /// Waits (at most 10 s, then panics) until `condition` holds.
+    pub async fn wait_for(&self, what: &str, condition: impl Fn(&Recorded) -> bool) {
+        let mut changed = self.shared.changed.subscribe();
+        let wait = async {
+            loop {
+                if self.with(&condition) {
+                    return;
+                }
+                changed.changed().await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
+    /// Stops the server and cuts its streams.
+    pub async fn stop(self) {
+        self.kill_streams();
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
+    }
+}

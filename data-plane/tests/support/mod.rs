@@ -1,0 +1,3 @@
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod control_plane;

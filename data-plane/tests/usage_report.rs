@@ -1,0 +1,131 @@
+//! The usage reporter against an in-process control plane: batching, acks, resending after a
+//! broken stream without loss or duplicates, immediate backend events, and the final flush.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use sluice_proto::v1::{BackendEvent, UsageRecord};
+use sluice_proxy::clock::timestamp;
+use sluice_proxy::control::{self, NodeIdentity};
+use sluice_proxy::usage::{UsageReporter, UsageSink};
+use support::control_plane::{FakeControlPlane, TOKEN};
+use tokio_util::sync::CancellationToken;
+
+fn record(i: u64) -> UsageRecord {
+    UsageRecord {
+        request_id: format!("req-{i}"),
+        model: "m".into(),
+        prompt_tokens: i,
+        ..Default::default()
+    }
+}
+
+fn start(
+    cp: &FakeControlPlane,
+    sink: &UsageSink,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let client = control::connect(&cp.url(), Some(TOKEN)).unwrap();
+    let reporter = UsageReporter::new(sink.clone(), client, NodeIdentity::new(Some("n1".into())));
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(reporter.run(stop.clone()));
+    (stop, handle)
+}
+
+fn applied_sequences(cp: &FakeControlPlane) -> Vec<u64> {
+    cp.with(|r| r.records().iter().map(|x| x.sequence).collect())
+}
+
+#[tokio::test]
+async fn records_arrive_once_even_when_the_stream_breaks() {
+    let cp = FakeControlPlane::start().await;
+    let sink = UsageSink::new(100_000);
+    let (stop, handle) = start(&cp, &sink);
+
+    for i in 1..=2500 {
+        sink.record(record(i));
+    }
+    cp.wait_for("2500 applied", |r| r.records().len() == 2500)
+        .await;
+    assert_eq!(applied_sequences(&cp), (1..=2500).collect::<Vec<_>>());
+
+    // The control plane receives but never acks, then the stream breaks.
+    cp.set_ack_usage(false);
+    for i in 2501..=3000 {
+        sink.record(record(i));
+    }
+    cp.wait_for("unacked batch received", |r| {
+        r.received_sequences.contains(&3000)
+    })
+    .await;
+    assert_eq!(sink.pending(), 500);
+    cp.set_ack_usage(true);
+    cp.kill_streams();
+
+    cp.wait_for("3000 applied", |r| r.records().len() == 3000)
+        .await;
+    assert_eq!(applied_sequences(&cp), (1..=3000).collect::<Vec<_>>());
+    cp.with(|r| {
+        let resent = r.received_sequences.iter().filter(|s| **s == 3000).count();
+        assert_eq!(resent, 2, "the unacked records were sent twice");
+        let record = r.records()[41];
+        assert_eq!(
+            (record.request_id.as_str(), record.prompt_tokens),
+            ("req-42", 42)
+        );
+        assert_eq!(r.applied.keys().next().unwrap().0, "n1");
+    });
+    stop.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test]
+async fn backend_events_go_out_at_once_and_shutdown_flushes() {
+    let cp = FakeControlPlane::start().await;
+    let sink = UsageSink::new(100);
+    let (stop, handle) = start(&cp, &sink);
+    cp.wait_for("usage stream", |r| r.usage_streams == 1).await;
+
+    sink.event(BackendEvent {
+        backend_id: "b1".into(),
+        cooldown_until: Some(timestamp(SystemTime::now() + Duration::from_secs(60))),
+        ..Default::default()
+    });
+    cp.wait_for("event", |r| r.events.len() == 1).await;
+
+    // An active cooldown event is told again to a reconnected control plane.
+    cp.kill_streams();
+    cp.wait_for("event again", |r| r.events.len() == 2).await;
+
+    for i in 1..=7 {
+        sink.record(record(i));
+    }
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(applied_sequences(&cp), (1..=7).collect::<Vec<_>>());
+    assert_eq!(sink.pending(), 0);
+}
+
+#[tokio::test]
+async fn a_full_queue_drops_the_oldest_while_the_control_plane_is_away() {
+    let cp = FakeControlPlane::start().await;
+    let addr = cp.addr;
+    cp.stop().await;
+    let sink = UsageSink::new(10);
+    for i in 1..=15 {
+        sink.record(record(i));
+    }
+    assert_eq!(sink.dropped(), 5);
+
+    let cp = FakeControlPlane::start_at(addr).await;
+    let (stop, handle) = start(&cp, &sink);
+    cp.wait_for("the 10 kept records", |r| r.records().len() == 10)
+        .await;
+    assert_eq!(applied_sequences(&cp), (6..=15).collect::<Vec<_>>());
+    stop.cancel();
+    handle.await.unwrap();
+}
