@@ -1,1 +1,84 @@
-fn main() {}
+//! `sluice-mock`: the mock OpenAI provider as a process, steered through `/_mock/...`.
+
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use sluice_e2e::mock::{MockConfig, MockServer};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A mock upstream OpenAI provider (chat, completions, embeddings, models, SSE, fault injection).
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    listen: SocketAddr,
+    /// Name shown in `x-mock-name` and in completion texts.
+    #[arg(long, default_value = "mock")]
+    name: String,
+    /// Models served (repeat or comma-separate); none = any model.
+    #[arg(long = "model", value_delimiter = ',')]
+    models: Vec<String>,
+    /// Require `Authorization: Bearer <key>`.
+    #[arg(long, env = "SLUICE_MOCK_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Wait before each answer, e.g. `50ms`.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    latency: Duration,
+    /// Content chunks per stream (= completion tokens).
+    #[arg(long, default_value_t = 5)]
+    chunk_count: usize,
+    /// Wait between SSE events, e.g. `20ms`.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    chunk_interval: Duration,
+    /// Embedding size.
+    #[arg(long, default_value_t = 8)]
+    embedding_dims: usize,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
+
+    let config = MockConfig {
+        name: args.name,
+        models: args.models,
+        api_key: args.api_key,
+        latency: args.latency,
+        chunk_count: args.chunk_count,
+        chunk_interval: args.chunk_interval,
+        embedding_dims: args.embedding_dims,
+    };
+    let server = MockServer::start(config, args.listen)
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!("http listening on {}", server.addr());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        r = tokio::signal::ctrl_c() => r?,
+    }
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! A mock upstream OpenAI provider for tests, end-to-end runs, benchmarks and the quick start.
+//!
+//! It speaks the OpenAI HTTP API (HTTP/1.1) on one listener:
+//! - `POST /v1/chat/completions`: `chat.completion` JSON, or with `"stream":true` SSE
+//!   `chat.completion.chunk` events: a `delta.role` chunk, [`MockConfig::chunk_count`] `delta.content`
+//!   chunks, a chunk with `finish_reason` (`"stop"`, or `"length"` when `max_tokens` /
+//!   `max_completion_tokens` cut the answer short), with `stream_options.include_usage` a chunk with
+//!   `choices: []` and `usage`, then `data: [DONE]`. `n` choices are supported.
+//! - `POST /v1/completions`: the legacy `text_completion`, JSON and SSE likewise (no role chunk).
+//! - `POST /v1/embeddings`: `input` as a string, strings, token ids or lists of token ids;
+//!   `encoding_format` `float` or `base64` (little-endian f32); `dimensions` overrides the size.
+//!   Vectors are deterministic unit vectors of the input ([`embedding_vector`]).
+//! - `GET /v1/models` (the configured models) and `GET /v1/models/{id}`.
+//!
+//! Responses echo the requested `model`. Usage is deterministic: `prompt_tokens` = whitespace
+//! separated words over all message contents / prompts / inputs (token ids count one each; at least
+//! 1), `completion_tokens` = `chunk_count` (or `max_tokens` when smaller and > 0) per choice.
+//! The completion text is `"[<name>] tok1 tok2 …"`, one word per completion token.
+//! Every `/v1` response carries `x-mock-name: <name>` and an `x-request-id`.
+//!
+//! Errors are OpenAI's `{"error":{"message","type","param","code"}}`: 401 `invalid_api_key`, 400
+//! `invalid_request_error` (bad JSON, missing `model`/`messages`/`prompt`/`input`, `stream_options`
+//! without `stream`, bad `n`), 404 `model_not_found`, 404 for unknown URLs, 405 for wrong methods.
+//!
+//! Faults ([`Fault`]) apply to the routed `/v1` endpoints (all five, models included), in the order
+//! set, before authentication. Latency applies to every answer except resets and stalls.
+//!
+//! # Control API (same listener, no auth)
+//! - `GET /_mock/stats` → [`MockStats`] JSON.
+//! - `POST /_mock/reset` → 204; all counters to zero.
+//! - `GET /_mock/faults` → `[{"fault": <Fault>, "remaining": 2 | null}]`.
+//! - `POST /_mock/faults` with a [`FaultSpec`] `{"fault": <Fault>, "count": 3}` (count absent or null =
+//!   until cleared) or a JSON list of them (applied in order) → 200 and the plan as for `GET`;
+//!   replaces the previous plan. 400 with an error body if the JSON is not a fault spec.
+//! - `DELETE /_mock/faults` → 204; healthy again.
+
+mod fault;
+mod openai;
+mod server;
+mod stats;
+mod stream;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+pub use fault::{Fault, FaultSpec, FaultStatus, GarbageKind, RetryAfter, STALL_LIMIT};
+pub use openai::embedding_vector;
+pub use stats::{EndpointCounts, MockStats, OTHER_MODELS};
+
+use server::Shared;
+
+/// How a mock server behaves. `Default` is a healthy, instant provider named `mock` that accepts
+/// any model and any (or no) API key.
+#[derive(Clone)]
+pub struct MockConfig {
+    /// Sent as `x-mock-name` and at the start of every completion text, so tests see who answered.
+    pub name: String,
+    /// Models served (`GET /v1/models` lists them); others get 404 `model_not_found`. Empty = any.
+    pub models: Vec<String>,
+    /// When set, requests need `Authorization: Bearer <api_key>`, else 401 `invalid_api_key`.
+    pub api_key: Option<String>,
+    /// Wait before answering (before the response head, hence before the first byte).
+    pub latency: Duration,
+    /// Content chunks per streamed choice, and completion tokens per choice.
+    pub chunk_count: usize,
+    /// Wait between consecutive SSE events.
+    pub chunk_interval: Duration,
+    /// Embedding size unless the request sets `dimensions`.
+    pub embedding_dims: usize,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        Self {
+            name: "mock".to_owned(),
+            models: Vec::new(),
+            api_key: None,
+            latency: Duration::ZERO,
+            chunk_count: 5,
+            chunk_interval: Duration::ZERO,
+            embedding_dims: 8,
+        }
+    }
+}
+
+impl fmt::Debug for MockConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MockConfig")
+            .field("name", &self.name)
+            .field("models", &self.models)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("latency", &self.latency)
+            .field("chunk_count", &self.chunk_count)
+            .field("chunk_interval", &self.chunk_interval)
+            .field("embedding_dims", &self.embedding_dims)
+            .finish()
+    }
+}
+
+impl MockConfig {
+    /// The default config with this name.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ..Self::default()
+        }
+    }
+
+    pub fn with_models<I, S>(mut self, models: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.models = models.into_iter().map(Into::into).collect();
+        self
+    }
+
+    pub fn with_api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    pub fn with_latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    pub fn with_chunk_count(mut self, count: usize) -> Self {
+        self.chunk_count = count;
+        self
+    }
+
+    pub fn with_chunk_interval(mut self, interval: Duration) -> Self {
+        self.chunk_interval = interval;
+        self
+    }
+
+    pub fn with_embedding_dims(mut self, dims: usize) -> Self {
+        self.embedding_dims = dims;
+        self
+    }
+}
+
+/// A running mock provider. Stops on [`MockServer::shutdown`] or when dropped.
+pub struct MockServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl MockServer {
+    /// Binds `addr` (`127.0.0.1:0` picks a free port) and serves in the background on the current
+    /// tokio runtime. Fails if the address cannot be bound or there is no runtime.
+    pub fn start(config: MockConfig, addr: SocketAddr) -> io::Result<MockServer> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        let listener = {
+            let _entered = runtime.enter();
+            server::bind(addr)?
+        };
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::new(config));
+        let accept = runtime.spawn(server::accept_loop(listener, Arc::clone(&shared)));
+        Ok(MockServer {
+            addr,
+            shared,
+            accept: Mutex::new(Some(accept)),
+        })
+    }
+
+    /// [`MockServer::start`] on `127.0.0.1:0`.
+    pub fn start_local(config: MockConfig) -> io::Result<MockServer> {
+        Self::start(config, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://<addr>/v1`, what an OpenAI client takes as its base URL.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn config(&self) -> &MockConfig {
+        &self.shared.config
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> MockStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Sets every counter to zero.
+    pub fn reset_stats(&self) {
+        self.shared.counters.reset();
+    }
+
+    /// Replaces the fault plan with this one fault (`Fault::times(n)`, `Fault::always()`, or a bare
+    /// `Fault`, which applies until cleared).
+    pub fn set_fault(&self, spec: impl Into<FaultSpec>) {
+        self.shared.faults.set(vec![spec.into()]);
+    }
+
+    /// Replaces the fault plan with these faults, applied in order as their counts run out.
+    pub fn set_faults(&self, specs: Vec<FaultSpec>) {
+        self.shared.faults.set(specs);
+    }
+
+    /// The fault plan with what remains of each count.
+    pub fn faults(&self) -> Vec<FaultStatus> {
+        self.shared.faults.status()
+    }
+
+    /// Back to healthy.
+    pub fn clear_faults(&self) {
+        self.shared.faults.clear();
+    }
+
+    /// Stops accepting, closes every open connection (in-flight responses are cut off) and returns
+    /// once the port is closed.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+        let accept = self.accept.lock().ok().and_then(|mut a| a.take());
+        if let Some(accept) = accept {
+            let _ = accept.await;
+        }
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+impl fmt::Debug for MockServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MockServer")
+            .field("addr", &self.addr)
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}

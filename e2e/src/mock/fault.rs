@@ -1,0 +1,272 @@
+//! Fault injection: what the mock does instead of answering normally, and for how many requests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+
+/// Something the mock does to a `/v1/...` request instead of answering it normally.
+///
+/// JSON (serde's external tagging, snake_case):
+/// `{"status":{"code":429,"retry_after":{"seconds":2}}}`, `{"status":{"code":503}}`, `"reset"`,
+/// `"stall"`, `{"cut_after_chunks":3}`, `{"garbage":"not_json"}` (or `"invalid_sse"`, `"giant_line"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// Answer with this status and an OpenAI-style error body (`rate_limit_exceeded` for 429,
+    /// `server_error` for 5xx), plus the `Retry-After` / `retry-after-ms` headers if given.
+    Status {
+        code: u16,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after: Option<RetryAfter>,
+    },
+    /// Read the request, then close the TCP connection with a RST and no response at all.
+    Reset,
+    /// Read the request and never answer, until the client gives up, the mock shuts down, or
+    /// [`STALL_LIMIT`] passes (then the connection is closed without a response).
+    Stall,
+    /// Send the response head and the first `k` SSE events (the role chunk counts as the first),
+    /// then close the connection: no `[DONE]`, and the chunked body is left unterminated. A
+    /// non-streaming request gets its `Content-Length` and only the first half of the JSON body.
+    CutAfterChunks(usize),
+    /// Answer 200 with a body the client cannot use.
+    Garbage(GarbageKind),
+}
+
+/// How long a [`Fault::Stall`] holds a request at most.
+pub const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The kinds of unusable 200 bodies [`Fault::Garbage`] sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GarbageKind {
+    /// `content-type: application/json` with an HTML error page as the body.
+    NotJson,
+    /// `content-type: text/event-stream` with broken events (truncated JSON, a line that is not
+    /// SSE, a chunk with wrong field types) and no `[DONE]`.
+    InvalidSse,
+    /// `content-type: text/event-stream` and one line `data: xxxx…` of 8 MiB with no newline.
+    GiantLine,
+}
+
+/// The retry hints sent with a [`Fault::Status`].
+///
+/// JSON: `{"seconds":2}` (`Retry-After: 2`), `{"seconds":2,"as_http_date":true}`
+/// (`Retry-After: <HTTP date now + 2 s>`), `{"millis":1500}` (`retry-after-ms: 1500`), or both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RetryAfter {
+    /// Sends `Retry-After` with this many seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<u64>,
+    /// Sends `Retry-After` as an HTTP date (now + `seconds`) instead of a number.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub as_http_date: bool,
+    /// Sends `retry-after-ms` with this many milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub millis: Option<u64>,
+}
+
+impl RetryAfter {
+    /// `Retry-After: <secs>`.
+    pub fn seconds(secs: u64) -> Self {
+        Self {
+            seconds: Some(secs),
+            ..Self::default()
+        }
+    }
+
+    /// `Retry-After: <HTTP date secs from now>`.
+    pub fn http_date(secs: u64) -> Self {
+        Self {
+            seconds: Some(secs),
+            as_http_date: true,
+            millis: None,
+        }
+    }
+
+    /// `retry-after-ms: <ms>` only.
+    pub fn millis(ms: u64) -> Self {
+        Self {
+            millis: Some(ms),
+            ..Self::default()
+        }
+    }
+
+    /// Also send `retry-after-ms: <ms>`.
+    pub fn with_millis(mut self, ms: u64) -> Self {
+        self.millis = Some(ms);
+        self
+    }
+}
+
+/// A fault and how many requests it applies to.
+///
+/// JSON: `{"fault": <Fault>, "count": 3}`; `count` absent or `null` = every request until cleared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultSpec {
+    pub fault: Fault,
+    #[serde(default)]
+    pub count: Option<u64>,
+}
+
+impl Fault {
+    /// This fault for the next `n` requests.
+    pub fn times(self, n: u64) -> FaultSpec {
+        FaultSpec {
+            fault: self,
+            count: Some(n),
+        }
+    }
+
+    /// This fault for every request until the faults are cleared.
+    pub fn always(self) -> FaultSpec {
+        FaultSpec {
+            fault: self,
+            count: None,
+        }
+    }
+
+    /// A 429 `rate_limit_exceeded` with `Retry-After: <secs>`.
+    pub fn rate_limited(secs: u64) -> Self {
+        Fault::Status {
+            code: 429,
+            retry_after: Some(RetryAfter::seconds(secs)),
+        }
+    }
+
+    /// A bare status with its OpenAI-style error body.
+    pub fn status(code: u16) -> Self {
+        Fault::Status {
+            code,
+            retry_after: None,
+        }
+    }
+}
+
+impl From<Fault> for FaultSpec {
+    /// A bare fault applies until cleared.
+    fn from(fault: Fault) -> Self {
+        fault.always()
+    }
+}
+
+/// What `GET /_mock/faults` shows: the plan in order, with what is left of each count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultStatus {
+    pub fault: Fault,
+    /// Requests this fault still applies to; `None` = until cleared.
+    pub remaining: Option<u64>,
+}
+
+struct ActiveFault {
+    fault: Fault,
+    remaining: Option<AtomicU64>,
+}
+
+/// The fault plan: faults tried in order, each consumed by a count. Lock-free for requests.
+pub(crate) struct FaultPlan {
+    plan: ArcSwap<Vec<ActiveFault>>,
+}
+
+impl FaultPlan {
+    pub(crate) fn new() -> Self {
+        Self {
+            plan: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+
+    pub(crate) fn set(&self, specs: Vec<FaultSpec>) {
+        let plan = specs
+            .into_iter()
+            .map(|s| ActiveFault {
+                fault: s.fault,
+                remaining: s.count.map(AtomicU64::new),
+            })
+            .collect();
+        self.plan.store(Arc::new(plan));
+    }
+
+    pub(crate) fn clear(&self) {
+        self.set(Vec::new());
+    }
+
+    /// The fault for the request being served, consuming one unit of its count.
+    pub(crate) fn take(&self) -> Option<Fault> {
+        let plan = self.plan.load();
+        for f in plan.iter() {
+            match &f.remaining {
+                None => return Some(f.fault.clone()),
+                Some(r) => {
+                    if r.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                        .is_ok()
+                    {
+                        return Some(f.fault.clone());
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    pub(crate) fn status(&self) -> Vec<FaultStatus> {
+        self.plan
+            .load()
+            .iter()
+            .map(|f| FaultStatus {
+                fault: f.fault.clone(),
+                remaining: f.remaining.as_ref().map(|r| r.load(Ordering::Acquire)),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn counts_are_consumed_in_order_then_healthy() {
+        let plan = FaultPlan::new();
+        plan.set(vec![Fault::status(500).times(1), Fault::Reset.times(2)]);
+        assert_eq!(plan.take(), Some(Fault::status(500)));
+        assert_eq!(plan.take(), Some(Fault::Reset));
+        assert_eq!(plan.take(), Some(Fault::Reset));
+        assert_eq!(plan.take(), None);
+        plan.set(vec![Fault::Stall.always()]);
+        assert_eq!(plan.take(), Some(Fault::Stall));
+        assert_eq!(plan.take(), Some(Fault::Stall));
+        plan.clear();
+        assert_eq!(plan.take(), None);
+    }
+
+    #[test]
+    fn json_shapes() {
+        let spec: FaultSpec = serde_json::from_str(
+            r#"{"fault":{"status":{"code":429,"retry_after":{"seconds":2,"millis":1500}}},"count":3}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            spec,
+            Fault::Status {
+                code: 429,
+                retry_after: Some(RetryAfter::seconds(2).with_millis(1500))
+            }
+            .times(3)
+        );
+        let spec: FaultSpec = serde_json::from_str(r#"{"fault":"reset"}"#).unwrap();
+        assert_eq!(spec, Fault::Reset.always());
+        let spec: FaultSpec =
+            serde_json::from_str(r#"{"fault":{"cut_after_chunks":2},"count":1}"#).unwrap();
+        assert_eq!(spec, Fault::CutAfterChunks(2).times(1));
+        let spec: FaultSpec =
+            serde_json::from_str(r#"{"fault":{"garbage":"giant_line"}}"#).unwrap();
+        assert_eq!(spec, Fault::Garbage(GarbageKind::GiantLine).always());
+        assert_eq!(
+            serde_json::to_string(&Fault::rate_limited(1)).unwrap(),
+            r#"{"status":{"code":429,"retry_after":{"seconds":1}}}"#
+        );
+    }
+}

@@ -1,0 +1,989 @@
+//! The OpenAI wire format: the requests the mock reads and the bodies it writes.
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+/// Largest `n` OpenAI accepts.
+const MAX_N: u32 = 128;
+/// Largest embedding size the mock will produce.
+const MAX_DIMENSIONS: usize = 65_536;
+
+/// An OpenAI-style error: `{"error":{"message","type","param","code"}}` with its status.
+#[derive(Debug, Clone)]
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub(crate) fn invalid_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param,
+            code: None,
+        }
+    }
+
+    fn missing(param: &'static str) -> Self {
+        Self {
+            code: Some("missing_required_parameter"),
+            ..Self::invalid_request(
+                format!("Missing required parameter: '{param}'."),
+                Some(param),
+            )
+        }
+    }
+
+    pub(crate) fn invalid_json(err: &serde_json::Error) -> Self {
+        Self::invalid_request(
+            format!(
+                "We could not parse the JSON body of your request. (HINT: This likely means you aren't \
+                 using your HTTP library correctly. The OpenAI API expects a JSON payload.) ({err})"
+            ),
+            None,
+        )
+    }
+
+    pub(crate) fn invalid_api_key(provided: bool) -> Self {
+        let message = if provided {
+            "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys."
+        } else {
+            "You didn't provide an API key. You need to provide your API key in an Authorization header using \
+             Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        };
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.to_owned(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+        }
+    }
+
+    pub(crate) fn model_not_found(model: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model `{model}` does not exist or you do not have access to it."),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("model_not_found"),
+        }
+    }
+
+    pub(crate) fn unknown_url(method: &http::Method, path: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("Invalid URL ({method} {path})"),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
+    }
+
+    pub(crate) fn method_not_allowed(method: &http::Method, path: &str) -> Self {
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message: format!("Method {method} is not allowed for {path}"),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
+    }
+
+    pub(crate) fn too_large(limit: usize) -> Self {
+        Self {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("Request body is larger than {limit} bytes."),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
+    }
+
+    /// The body OpenAI sends with an injected status.
+    pub(crate) fn for_status(status: StatusCode) -> Self {
+        let (message, kind, code) = match status.as_u16() {
+            429 => (
+                "Rate limit reached for requests. Please try again later.",
+                "requests",
+                Some("rate_limit_exceeded"),
+            ),
+            500 => (
+                "The server had an error while processing your request. Sorry about that!",
+                "server_error",
+                None,
+            ),
+            502 => ("Bad gateway.", "server_error", None),
+            503 => (
+                "The server is overloaded or not ready yet.",
+                "server_error",
+                None,
+            ),
+            400..=499 => ("The request was rejected.", "invalid_request_error", None),
+            _ => (
+                "The server could not answer the request.",
+                "server_error",
+                None,
+            ),
+        };
+        Self {
+            status,
+            message: message.to_owned(),
+            kind,
+            param: None,
+            code,
+        }
+    }
+
+    pub(crate) fn body(&self) -> Bytes {
+        #[derive(Serialize)]
+        struct Outer<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            message: &'a str,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            param: Option<&'a str>,
+            code: Option<&'a str>,
+        }
+        to_bytes(&Outer {
+            error: Inner {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param,
+                code: self.code,
+            },
+        })
+    }
+}
+
+fn to_bytes<T: Serialize>(value: &T) -> Bytes {
+    // Serializing these plain structs cannot fail; an empty body would show up in any test.
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+/// Whitespace-separated words: the mock's deterministic token count.
+fn words(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct ContentPart {
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    #[allow(dead_code)] // required on the wire, not used
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+struct RawChatRequest {
+    model: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<i64>),
+    TokenLists(Vec<Vec<i64>>),
+}
+
+impl Prompt {
+    /// Token count per input (strings count words, token arrays count ids).
+    fn counts(&self) -> Vec<u64> {
+        match self {
+            Prompt::Text(t) => vec![words(t)],
+            Prompt::Texts(ts) => ts.iter().map(|t| words(t)).collect(),
+            Prompt::Tokens(ids) => vec![ids.len() as u64],
+            Prompt::TokenLists(lists) => lists.iter().map(|l| l.len() as u64).collect(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Prompt::Text(t) => t.is_empty(),
+            Prompt::Texts(ts) => ts.is_empty() || ts.iter().any(String::is_empty),
+            Prompt::Tokens(ids) => ids.is_empty(),
+            Prompt::TokenLists(lists) => lists.is_empty() || lists.iter().any(Vec::is_empty),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawCompletionRequest {
+    model: Option<String>,
+    prompt: Option<Prompt>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawEmbeddingsRequest {
+    model: Option<String>,
+    input: Option<Prompt>,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<usize>,
+}
+
+/// A generation request (chat or legacy completion), validated.
+#[derive(Debug, Clone)]
+pub(crate) struct Generation {
+    pub(crate) model: String,
+    pub(crate) stream: bool,
+    pub(crate) include_usage: bool,
+    pub(crate) max_tokens: Option<u64>,
+    pub(crate) n: u32,
+    pub(crate) prompt_tokens: u64,
+}
+
+/// An embeddings request, validated.
+#[derive(Debug, Clone)]
+pub(crate) struct Embeddings {
+    pub(crate) model: String,
+    pub(crate) base64: bool,
+    pub(crate) dimensions: Option<usize>,
+    /// One entry per input: its fingerprint (for the vector) and token count.
+    inputs: Vec<(u64, u64)>,
+}
+
+/// A parsed request body: `model` comes out even when the rest is invalid, so it can be counted.
+pub(crate) struct Parsed<T> {
+    pub(crate) model: Option<String>,
+    pub(crate) request: Result<T, ApiError>,
+}
+
+fn stream_flags(
+    stream: Option<bool>,
+    options: Option<StreamOptions>,
+) -> Result<(bool, bool), ApiError> {
+    let stream = stream.unwrap_or(false);
+    match options {
+        Some(_) if !stream => Err(ApiError::invalid_request(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            Some("stream_options"),
+        )),
+        Some(o) => Ok((true, o.include_usage.unwrap_or(false))),
+        None => Ok((stream, false)),
+    }
+}
+
+fn check_n(n: Option<u32>) -> Result<u32, ApiError> {
+    match n.unwrap_or(1) {
+        0 => Err(ApiError::invalid_request(
+            "0 is less than the minimum of 1 - 'n'",
+            Some("n"),
+        )),
+        n if n > MAX_N => Err(ApiError::invalid_request(
+            format!("{n} is greater than the maximum of {MAX_N} - 'n'"),
+            Some("n"),
+        )),
+        n => Ok(n),
+    }
+}
+
+fn require_model(model: Option<String>) -> Result<String, ApiError> {
+    match model {
+        Some(m) if !m.is_empty() => Ok(m),
+        _ => Err(ApiError::invalid_request(
+            "You must provide a model parameter.",
+            Some("model"),
+        )),
+    }
+}
+
+/// Reads the `model` of a body whose full parse failed, so that the request can still be counted.
+fn model_only(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct ModelOnly {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<ModelOnly>(body)
+        .ok()
+        .and_then(|m| m.model)
+}
+
+pub(crate) fn parse_chat(body: &[u8]) -> Parsed<Generation> {
+    let raw: RawChatRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return Parsed {
+                model: model_only(body),
+                request: Err(ApiError::invalid_json(&e)),
+            };
+        }
+    };
+    let model = raw.model.clone();
+    let request = (|| {
+        let model = require_model(raw.model)?;
+        let messages = raw.messages.ok_or_else(|| ApiError::missing("messages"))?;
+        if messages.is_empty() {
+            return Err(ApiError::invalid_request(
+                "[] is too short - 'messages'",
+                Some("messages"),
+            ));
+        }
+        let (stream, include_usage) = stream_flags(raw.stream, raw.stream_options)?;
+        let prompt_tokens = messages
+            .iter()
+            .map(|m| match &m.content {
+                None => 0,
+                Some(Content::Text(t)) => words(t),
+                Some(Content::Parts(parts)) => parts
+                    .iter()
+                    .filter_map(|p| p.text.as_deref())
+                    .map(words)
+                    .sum(),
+            })
+            .sum::<u64>()
+            .max(1);
+        Ok(Generation {
+            model,
+            stream,
+            include_usage,
+            max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
+            n: check_n(raw.n)?,
+            prompt_tokens,
+        })
+    })();
+    Parsed { model, request }
+}
+
+pub(crate) fn parse_completion(body: &[u8]) -> Parsed<Generation> {
+    let raw: RawCompletionRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return Parsed {
+                model: model_only(body),
+                request: Err(ApiError::invalid_json(&e)),
+            };
+        }
+    };
+    let model = raw.model.clone();
+    let request = (|| {
+        let model = require_model(raw.model)?;
+        let prompt = raw.prompt.ok_or_else(|| ApiError::missing("prompt"))?;
+        let (stream, include_usage) = stream_flags(raw.stream, raw.stream_options)?;
+        Ok(Generation {
+            model,
+            stream,
+            include_usage,
+            max_tokens: raw.max_tokens,
+            n: check_n(raw.n)?,
+            prompt_tokens: prompt.counts().iter().sum::<u64>().max(1),
+        })
+    })();
+    Parsed { model, request }
+}
+
+pub(crate) fn parse_embeddings(body: &[u8]) -> Parsed<Embeddings> {
+    let raw: RawEmbeddingsRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return Parsed {
+                model: model_only(body),
+                request: Err(ApiError::invalid_json(&e)),
+            };
+        }
+    };
+    let model = raw.model.clone();
+    let request = (|| {
+        let model = require_model(raw.model)?;
+        let input = raw.input.ok_or_else(|| ApiError::missing("input"))?;
+        if input.is_empty() {
+            return Err(ApiError::invalid_request(
+                "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference.",
+                Some("input"),
+            ));
+        }
+        let base64 = match raw.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ApiError::invalid_request(
+                    format!("'{other}' is not one of ['float', 'base64'] - 'encoding_format'"),
+                    Some("encoding_format"),
+                ));
+            }
+        };
+        if let Some(d) = raw.dimensions
+            && (d == 0 || d > MAX_DIMENSIONS)
+        {
+            return Err(ApiError::invalid_request(
+                format!("{d} is not a valid number of dimensions"),
+                Some("dimensions"),
+            ));
+        }
+        let counts = input.counts();
+        let fingerprints: Vec<u64> = match &input {
+            Prompt::Text(t) => vec![fnv1a(t.as_bytes())],
+            Prompt::Texts(ts) => ts.iter().map(|t| fnv1a(t.as_bytes())).collect(),
+            Prompt::Tokens(ids) => vec![fnv1a_ids(ids)],
+            Prompt::TokenLists(lists) => lists.iter().map(|l| fnv1a_ids(l)).collect(),
+        };
+        Ok(Embeddings {
+            model,
+            base64,
+            dimensions: raw.dimensions,
+            inputs: fingerprints.into_iter().zip(counts).collect(),
+        })
+    })();
+    Parsed { model, request }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn fnv1a_ids(ids: &[i64]) -> u64 {
+    ids.iter().fold(0x6c62_272e_07bb_0142, |h, id| {
+        id.to_le_bytes()
+            .iter()
+            .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    })
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The deterministic unit vector the mock returns for an input with this fingerprint.
+pub fn embedding_vector(fingerprint: u64, dims: usize) -> Vec<f32> {
+    let mut v: Vec<f32> = (0..dims as u64)
+        .map(|j| {
+            let x = splitmix64(fingerprint ^ j.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+/// What a request's answer looks like, fixed before anything is sent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Meta<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) created: u64,
+    pub(crate) model: &'a str,
+}
+
+/// The `usage` object.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Usage {
+    pub(crate) prompt_tokens: u64,
+    pub(crate) completion_tokens: u64,
+    pub(crate) total_tokens: u64,
+}
+
+impl Usage {
+    pub(crate) fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ChatUsage {
+    #[serde(flatten)]
+    usage: Usage,
+    prompt_tokens_details: PromptDetails,
+    completion_tokens_details: CompletionDetails,
+}
+
+#[derive(Serialize)]
+struct PromptDetails {
+    cached_tokens: u64,
+    audio_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct CompletionDetails {
+    reasoning_tokens: u64,
+    audio_tokens: u64,
+    accepted_prediction_tokens: u64,
+    rejected_prediction_tokens: u64,
+}
+
+impl From<Usage> for ChatUsage {
+    fn from(usage: Usage) -> Self {
+        Self {
+            usage,
+            prompt_tokens_details: PromptDetails {
+                cached_tokens: 0,
+                audio_tokens: 0,
+            },
+            completion_tokens_details: CompletionDetails {
+                reasoning_tokens: 0,
+                audio_tokens: 0,
+                accepted_prediction_tokens: 0,
+                rejected_prediction_tokens: 0,
+            },
+        }
+    }
+}
+
+const FINGERPRINT: &str = "fp_sluice_mock";
+
+/// The text of completion token `i`: the first names the mock, so tests see which backend answered.
+pub(crate) fn piece(name: &str, i: u64) -> String {
+    if i == 0 {
+        format!("[{name}]")
+    } else {
+        format!(" tok{i}")
+    }
+}
+
+pub(crate) fn full_text(name: &str, tokens: u64) -> String {
+    (0..tokens).map(|i| piece(name, i)).collect()
+}
+
+pub(crate) fn chat_json(
+    meta: Meta<'_>,
+    n: u32,
+    text: &str,
+    finish_reason: &str,
+    usage: Usage,
+) -> Bytes {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        id: &'a str,
+        object: &'static str,
+        created: u64,
+        model: &'a str,
+        choices: Vec<Choice<'a>>,
+        usage: ChatUsage,
+        service_tier: &'static str,
+        system_fingerprint: &'static str,
+    }
+    #[derive(Serialize)]
+    struct Choice<'a> {
+        index: u32,
+        message: Message<'a>,
+        logprobs: Option<()>,
+        finish_reason: &'a str,
+    }
+    #[derive(Serialize)]
+    struct Message<'a> {
+        role: &'static str,
+        content: &'a str,
+        refusal: Option<()>,
+        annotations: [(); 0],
+    }
+    to_bytes(&Body {
+        id: meta.id,
+        object: "chat.completion",
+        created: meta.created,
+        model: meta.model,
+        choices: (0..n)
+            .map(|index| Choice {
+                index,
+                message: Message {
+                    role: "assistant",
+                    content: text,
+                    refusal: None,
+                    annotations: [],
+                },
+                logprobs: None,
+                finish_reason,
+            })
+            .collect(),
+        usage: usage.into(),
+        service_tier: "default",
+        system_fingerprint: FINGERPRINT,
+    })
+}
+
+pub(crate) fn completion_json(
+    meta: Meta<'_>,
+    n: u32,
+    text: &str,
+    finish_reason: &str,
+    usage: Usage,
+) -> Bytes {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        id: &'a str,
+        object: &'static str,
+        created: u64,
+        model: &'a str,
+        system_fingerprint: &'static str,
+        choices: Vec<Choice<'a>>,
+        usage: Usage,
+    }
+    #[derive(Serialize)]
+    struct Choice<'a> {
+        text: &'a str,
+        index: u32,
+        logprobs: Option<()>,
+        finish_reason: &'a str,
+    }
+    to_bytes(&Body {
+        id: meta.id,
+        object: "text_completion",
+        created: meta.created,
+        model: meta.model,
+        system_fingerprint: FINGERPRINT,
+        choices: (0..n)
+            .map(|index| Choice {
+                text,
+                index,
+                logprobs: None,
+                finish_reason,
+            })
+            .collect(),
+        usage,
+    })
+}
+
+/// One choice's part of a streamed chunk.
+pub(crate) enum Delta<'a> {
+    Role,
+    Content(&'a str),
+    Finish(&'a str),
+}
+
+/// A `chat.completion.chunk` (`usage` present only when the client asked for it: `null` on these,
+/// the totals on the last chunk, which has no choices).
+pub(crate) fn chat_chunk(
+    meta: Meta<'_>,
+    index: u32,
+    delta: Option<Delta<'_>>,
+    usage: Option<Option<Usage>>,
+) -> Bytes {
+    #[derive(Serialize)]
+    struct Chunk<'a> {
+        id: &'a str,
+        object: &'static str,
+        created: u64,
+        model: &'a str,
+        service_tier: &'static str,
+        system_fingerprint: &'static str,
+        choices: Vec<Choice<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        usage: Option<Option<ChatUsage>>,
+    }
+    #[derive(Serialize)]
+    struct Choice<'a> {
+        index: u32,
+        delta: DeltaBody<'a>,
+        logprobs: Option<()>,
+        finish_reason: Option<&'a str>,
+    }
+    #[derive(Serialize)]
+    struct DeltaBody<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        role: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        content: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        refusal: Option<Option<()>>,
+    }
+    let choices = match delta {
+        None => Vec::new(),
+        Some(d) => {
+            let (delta, finish_reason) = match d {
+                Delta::Role => (
+                    DeltaBody {
+                        role: Some("assistant"),
+                        content: Some(""),
+                        refusal: Some(None),
+                    },
+                    None,
+                ),
+                Delta::Content(t) => (
+                    DeltaBody {
+                        role: None,
+                        content: Some(t),
+                        refusal: None,
+                    },
+                    None,
+                ),
+                Delta::Finish(r) => (
+                    DeltaBody {
+                        role: None,
+                        content: None,
+                        refusal: None,
+                    },
+                    Some(r),
+                ),
+            };
+            vec![Choice {
+                index,
+                delta,
+                logprobs: None,
+                finish_reason,
+            }]
+        }
+    };
+    sse_event(&Chunk {
+        id: meta.id,
+        object: "chat.completion.chunk",
+        created: meta.created,
+        model: meta.model,
+        service_tier: "default",
+        system_fingerprint: FINGERPRINT,
+        choices,
+        usage: usage.map(|u| u.map(ChatUsage::from)),
+    })
+}
+
+/// A streamed `text_completion` chunk; `delta` None = the usage chunk.
+pub(crate) fn completion_chunk(
+    meta: Meta<'_>,
+    index: u32,
+    delta: Option<Delta<'_>>,
+    usage: Option<Option<Usage>>,
+) -> Bytes {
+    #[derive(Serialize)]
+    struct Chunk<'a> {
+        id: &'a str,
+        object: &'static str,
+        created: u64,
+        choices: Vec<Choice<'a>>,
+        model: &'a str,
+        system_fingerprint: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        usage: Option<Option<Usage>>,
+    }
+    #[derive(Serialize)]
+    struct Choice<'a> {
+        text: &'a str,
+        index: u32,
+        logprobs: Option<()>,
+        finish_reason: Option<&'a str>,
+    }
+    let choices = match delta {
+        None => Vec::new(),
+        Some(Delta::Role) => Vec::new(),
+        Some(Delta::Content(text)) => vec![Choice {
+            text,
+            index,
+            logprobs: None,
+            finish_reason: None,
+        }],
+        Some(Delta::Finish(r)) => vec![Choice {
+            text: "",
+            index,
+            logprobs: None,
+            finish_reason: Some(r),
+        }],
+    };
+    sse_event(&Chunk {
+        id: meta.id,
+        object: "text_completion",
+        created: meta.created,
+        choices,
+        model: meta.model,
+        system_fingerprint: FINGERPRINT,
+        usage,
+    })
+}
+
+/// `data: <json>\n\n`.
+fn sse_event<T: Serialize>(value: &T) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"data: ");
+    // As in `to_bytes`: these structs always serialize.
+    let _ = serde_json::to_writer(&mut out, value);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+pub(crate) const DONE: &[u8] = b"data: [DONE]\n\n";
+
+/// The embeddings answer and its prompt token count.
+pub(crate) fn embeddings_json(req: &Embeddings, default_dims: usize) -> (Bytes, u64) {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        object: &'static str,
+        data: Vec<Item>,
+        model: &'a str,
+        usage: EmbeddingUsage,
+    }
+    #[derive(Serialize)]
+    struct EmbeddingUsage {
+        prompt_tokens: u64,
+        total_tokens: u64,
+    }
+    #[derive(Serialize)]
+    struct Item {
+        object: &'static str,
+        index: usize,
+        embedding: Vector,
+    }
+    #[derive(Serialize)]
+    #[serde(untagged)]
+    enum Vector {
+        Float(Vec<f32>),
+        Base64(String),
+    }
+    let dims = req.dimensions.unwrap_or(default_dims);
+    let data = req
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(index, (fingerprint, _))| {
+            let v = embedding_vector(*fingerprint, dims);
+            let embedding = if req.base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Vector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                Vector::Float(v)
+            };
+            Item {
+                object: "embedding",
+                index,
+                embedding,
+            }
+        })
+        .collect();
+    let tokens = req.inputs.iter().map(|(_, t)| t).sum::<u64>().max(1);
+    let body = to_bytes(&Body {
+        object: "list",
+        data,
+        model: &req.model,
+        usage: EmbeddingUsage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+    });
+    (body, tokens)
+}
+
+/// `{"id","object":"model","created","owned_by"}`.
+pub(crate) fn model_json(id: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "sluice-mock"})
+}
+
+pub(crate) fn models_json(ids: &[String]) -> Bytes {
+    to_bytes(&serde_json::json!({
+        "object": "list",
+        "data": ids.iter().map(|id| model_json(id)).collect::<Vec<_>>(),
+    }))
+}
+
+pub(crate) fn json_bytes(value: &serde_json::Value) -> Bytes {
+    to_bytes(value)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn chat_prompt_tokens_count_words_in_text_and_parts() {
+        let p = parse_chat(
+            br#"{"model":"m","messages":[{"role":"system","content":"be brief"},
+                {"role":"user","content":[{"type":"text","text":"one two three"},{"type":"image_url","image_url":{"url":"x"}}]},
+                {"role":"assistant","content":null}]}"#,
+        );
+        let g = p.request.unwrap();
+        assert_eq!(g.prompt_tokens, 5);
+        assert!(!g.stream);
+        assert_eq!(p.model.as_deref(), Some("m"));
+    }
+
+    #[test]
+    fn invalid_bodies_still_yield_the_model_for_counting() {
+        let p = parse_chat(br#"{"model":"m","messages":"nope"}"#);
+        assert_eq!(p.model.as_deref(), Some("m"));
+        assert_eq!(p.request.unwrap_err().status, StatusCode::BAD_REQUEST);
+        let p = parse_chat(br#"{"messages":[]}"#);
+        assert!(p.model.is_none());
+        assert!(p.request.is_err());
+    }
+
+    #[test]
+    fn stream_options_without_stream_is_rejected() {
+        let p = parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#);
+        assert_eq!(p.request.unwrap_err().param, Some("stream_options"));
+    }
+
+    #[test]
+    fn prompt_shapes() {
+        for (body, tokens) in [
+            (r#"{"model":"m","prompt":"a b c"}"#, 3),
+            (r#"{"model":"m","prompt":["a b","c"]}"#, 3),
+            (r#"{"model":"m","prompt":[1,2,3,4]}"#, 4),
+            (r#"{"model":"m","prompt":[[1,2],[3]]}"#, 3),
+            (r#"{"model":"m","prompt":"   "}"#, 1),
+        ] {
+            assert_eq!(
+                parse_completion(body.as_bytes())
+                    .request
+                    .unwrap()
+                    .prompt_tokens,
+                tokens,
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn vectors_are_unit_length_and_deterministic() {
+        let a = embedding_vector(fnv1a(b"hello"), 8);
+        assert_eq!(a, embedding_vector(fnv1a(b"hello"), 8));
+        assert_ne!(a, embedding_vector(fnv1a(b"world"), 8));
+        let norm: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+    }
+}

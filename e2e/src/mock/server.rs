@@ -1,0 +1,622 @@
+//! Serving: the accept loop, connections we can reset, routing, and the `/_mock/` control API.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited, StreamBody};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::MockConfig;
+use super::fault::{Fault, FaultPlan, FaultSpec, STALL_LIMIT};
+use super::openai::{self, ApiError, Meta, Usage};
+use super::stats::{Counters, Endpoint, bump};
+use super::stream::{self, BoxError, Flavor, StreamPlan};
+
+/// Largest request body the mock reads.
+const MAX_BODY: usize = 64 * 1024 * 1024;
+/// Largest control API body.
+const MAX_CONTROL_BODY: usize = 1024 * 1024;
+
+pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// State shared by every connection of one mock server.
+pub(crate) struct Shared {
+    pub(crate) config: MockConfig,
+    pub(crate) counters: Counters,
+    pub(crate) faults: FaultPlan,
+    pub(crate) shutdown: CancellationToken,
+    expected_auth: Option<String>,
+    name_header: Option<HeaderValue>,
+    ids: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(config: MockConfig) -> Self {
+        Self {
+            expected_auth: config.api_key.as_ref().map(|k| format!("Bearer {k}")),
+            name_header: HeaderValue::from_str(&config.name).ok(),
+            config,
+            counters: Counters::new(),
+            faults: FaultPlan::new(),
+            shutdown: CancellationToken::new(),
+            ids: AtomicU64::new(rand::random::<u32>().into()),
+        }
+    }
+
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Why a connection is closed without a (complete) response.
+#[derive(Debug, thiserror::Error)]
+enum Abort {
+    #[error("connection reset by fault injection")]
+    Reset,
+    #[error("stalled request released")]
+    Stall,
+    #[error("request body could not be read")]
+    Body,
+}
+
+/// A TCP stream that, when asked to, closes with a RST instead of a FIN.
+struct ResettableStream {
+    stream: TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+impl Drop for ResettableStream {
+    fn drop(&mut self) {
+        if self.reset.load(Ordering::Acquire) {
+            // SO_LINGER 0: close() sends a RST, as a crashed or hostile upstream does.
+            let _ = self.stream.set_zero_linger();
+        }
+    }
+}
+
+impl AsyncRead for ResettableStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ResettableStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Binds `addr` with a backlog fit for benchmarks.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                bump(&shared.counters.connections);
+                tokio::spawn(serve_connection(stream, Arc::clone(&shared)));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::debug!(error = %e, "mock accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let reset = Arc::new(AtomicBool::new(false));
+    let io = TokioIo::new(ResettableStream {
+        stream,
+        reset: Arc::clone(&reset),
+    });
+    let shutdown = shared.shutdown.clone();
+    let service = service_fn(move |req| handle(Arc::clone(&shared), Arc::clone(&reset), req));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .serve_connection(io, service);
+    tokio::select! {
+        result = conn => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "mock connection closed with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    reset: Arc<AtomicBool>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Abort> {
+    if req.uri().path().starts_with("/_mock/") {
+        return Ok(control(&shared, req).await);
+    }
+    let response = api(&shared, &reset, req).await?;
+    shared.counters.response(response.status().as_u16());
+    Ok(response)
+}
+
+/// The OpenAI endpoints the mock serves.
+enum Route {
+    Chat,
+    Completion,
+    Embeddings,
+    ListModels,
+    GetModel(String),
+}
+
+fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
+    let path_only = path.trim_end_matches('/');
+    let (route, allowed) = match path_only {
+        "/v1/chat/completions" => (Route::Chat, Method::POST),
+        "/v1/completions" => (Route::Completion, Method::POST),
+        "/v1/embeddings" => (Route::Embeddings, Method::POST),
+        "/v1/models" => (Route::ListModels, Method::GET),
+        p => match p.strip_prefix("/v1/models/") {
+            Some(id) if !id.is_empty() => (Route::GetModel(id.to_owned()), Method::GET),
+            _ => return Err(ApiError::unknown_url(method, path)),
+        },
+    };
+    if *method != allowed {
+        return Err(ApiError::method_not_allowed(method, path));
+    }
+    Ok(route)
+}
+
+fn endpoint(route: &Result<Route, ApiError>) -> Endpoint {
+    match route {
+        Ok(Route::Chat) => Endpoint::ChatCompletions,
+        Ok(Route::Completion) => Endpoint::Completions,
+        Ok(Route::Embeddings) => Endpoint::Embeddings,
+        Ok(Route::ListModels | Route::GetModel(_)) => Endpoint::Models,
+        Err(_) => Endpoint::Other,
+    }
+}
+
+/// A request, parsed as far as it goes.
+enum Call {
+    Generation(Flavor, Result<openai::Generation, ApiError>),
+    Embeddings(Result<openai::Embeddings, ApiError>),
+    ListModels,
+    GetModel(String),
+}
+
+/// What the mock will answer, before faults decide how it is sent.
+enum Answer {
+    Json {
+        status: StatusCode,
+        body: Bytes,
+        usage: Option<Usage>,
+    },
+    Stream(StreamPlan),
+}
+
+impl From<ApiError> for Answer {
+    fn from(e: ApiError) -> Self {
+        Answer::Json {
+            status: e.status,
+            body: e.body(),
+            usage: None,
+        }
+    }
+}
+
+async fn api(
+    shared: &Arc<Shared>,
+    reset: &AtomicBool,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Abort> {
+    let route = route(req.method(), req.uri().path());
+    shared.counters.request(endpoint(&route));
+    let route = match route {
+        Ok(r) => r,
+        Err(e) => return Ok(json_response(shared, e.status, e.body())),
+    };
+    let authorized = match &shared.expected_auth {
+        None => Ok(()),
+        Some(expected) => match req.headers().get(header::AUTHORIZATION) {
+            Some(got) if got.as_bytes() == expected.as_bytes() => Ok(()),
+            got => Err(ApiError::invalid_api_key(got.is_some())),
+        },
+    };
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => {
+            let e = ApiError::too_large(MAX_BODY);
+            return Ok(json_response(shared, e.status, e.body()));
+        }
+        Err(_) => return Err(Abort::Body),
+    };
+    let call = match route {
+        Route::Chat | Route::Completion => {
+            let (flavor, parsed) = match route {
+                Route::Chat => (Flavor::Chat, openai::parse_chat(&body)),
+                _ => (Flavor::Completion, openai::parse_completion(&body)),
+            };
+            if let Some(m) = &parsed.model {
+                shared.counters.model(m);
+            }
+            Call::Generation(flavor, parsed.request)
+        }
+        Route::Embeddings => {
+            let parsed = openai::parse_embeddings(&body);
+            if let Some(m) = &parsed.model {
+                shared.counters.model(m);
+            }
+            Call::Embeddings(parsed.request)
+        }
+        Route::ListModels => Call::ListModels,
+        Route::GetModel(id) => Call::GetModel(id),
+    };
+
+    let fault = shared.faults.take();
+    if fault.is_some() {
+        bump(&shared.counters.faults_applied);
+    }
+    match fault {
+        Some(Fault::Reset) => {
+            bump(&shared.counters.resets);
+            reset.store(true, Ordering::Release);
+            return Err(Abort::Reset);
+        }
+        Some(Fault::Stall) => {
+            bump(&shared.counters.stalls);
+            // Ends early when the client hangs up: hyper then drops this future.
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => {}
+                _ = tokio::time::sleep(STALL_LIMIT) => {}
+            }
+            return Err(Abort::Stall);
+        }
+        _ => {}
+    }
+    if !shared.config.latency.is_zero() {
+        tokio::time::sleep(shared.config.latency).await;
+    }
+    match fault {
+        Some(Fault::Status { code, retry_after }) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = json_response(shared, status, ApiError::for_status(status).body());
+            if let Some(ra) = retry_after {
+                let headers = response.headers_mut();
+                if let Some(secs) = ra.seconds {
+                    let value = if ra.as_http_date {
+                        httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(secs))
+                    } else {
+                        secs.to_string()
+                    };
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        headers.insert(header::RETRY_AFTER, v);
+                    }
+                }
+                if let Some(ms) = ra.millis {
+                    headers.insert("retry-after-ms", HeaderValue::from(ms));
+                }
+            }
+            return Ok(response);
+        }
+        Some(Fault::Garbage(kind)) => {
+            let (content_type, body) = stream::garbage(kind);
+            let body = BodyExt::boxed_unsync(StreamBody::new(body));
+            return Ok(with_headers(shared, StatusCode::OK, content_type, body));
+        }
+        _ => {}
+    }
+
+    let answer = match authorized {
+        Err(e) => e.into(),
+        Ok(()) => answer(shared, call),
+    };
+    let cut = match fault {
+        Some(Fault::CutAfterChunks(k)) => Some(k),
+        _ => None,
+    };
+    Ok(match answer {
+        Answer::Json {
+            status,
+            body,
+            usage,
+        } => match cut {
+            None => {
+                if let Some(u) = usage {
+                    shared.counters.usage(u.prompt_tokens, u.completion_tokens);
+                }
+                json_response(shared, status, body)
+            }
+            Some(_) => {
+                let len = body.len();
+                let body = BodyExt::boxed_unsync(StreamBody::new(stream::cut_in_half(body)));
+                let mut response = with_headers(shared, status, "application/json", body);
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                response
+            }
+        },
+        Answer::Stream(mut plan) => {
+            plan.cut_after = cut;
+            bump(&shared.counters.streams_started);
+            let body =
+                BodyExt::boxed_unsync(StreamBody::new(stream::sse(plan, Arc::clone(shared))));
+            let mut response = with_headers(
+                shared,
+                StatusCode::OK,
+                "text/event-stream; charset=utf-8",
+                body,
+            );
+            response
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            response
+        }
+    })
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn check_model(config: &MockConfig, model: &str) -> Result<(), ApiError> {
+    if config.models.is_empty() || config.models.iter().any(|m| m == model) {
+        Ok(())
+    } else {
+        Err(ApiError::model_not_found(model))
+    }
+}
+
+fn answer(shared: &Arc<Shared>, call: Call) -> Answer {
+    let config = &shared.config;
+    let result = match call {
+        Call::Generation(flavor, request) => request.and_then(|g| {
+            check_model(config, &g.model)?;
+            Ok(generation(shared, flavor, g))
+        }),
+        Call::Embeddings(request) => request.and_then(|e| {
+            check_model(config, &e.model)?;
+            let (body, tokens) = openai::embeddings_json(&e, config.embedding_dims);
+            Ok(Answer::Json {
+                status: StatusCode::OK,
+                body,
+                usage: Some(Usage::new(tokens, 0)),
+            })
+        }),
+        Call::ListModels => Ok(Answer::Json {
+            status: StatusCode::OK,
+            body: openai::models_json(&config.models),
+            usage: None,
+        }),
+        Call::GetModel(id) => check_model(config, &id).map(|()| Answer::Json {
+            status: StatusCode::OK,
+            body: openai::json_bytes(&openai::model_json(&id)),
+            usage: None,
+        }),
+    };
+    result.unwrap_or_else(Answer::from)
+}
+
+fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer {
+    let config = &shared.config;
+    let mut tokens = config.chunk_count as u64;
+    let mut finish_reason = "stop";
+    if let Some(max) = g.max_tokens
+        && max > 0
+        && max < tokens
+    {
+        tokens = max;
+        finish_reason = "length";
+    }
+    let usage = Usage::new(g.prompt_tokens, tokens * u64::from(g.n));
+    let prefix = match flavor {
+        Flavor::Chat => "chatcmpl",
+        Flavor::Completion => "cmpl",
+    };
+    let id = format!("{prefix}-mock{:016x}", shared.next_id());
+    let created = now_secs();
+    if g.stream {
+        return Answer::Stream(StreamPlan {
+            flavor,
+            id,
+            created,
+            model: g.model,
+            n: g.n,
+            tokens: usize::try_from(tokens).unwrap_or(0),
+            finish_reason,
+            usage: g.include_usage.then_some(usage),
+            interval: config.chunk_interval,
+            cut_after: None,
+        });
+    }
+    let meta = Meta {
+        id: &id,
+        created,
+        model: &g.model,
+    };
+    let text = openai::full_text(&config.name, tokens);
+    let body = match flavor {
+        Flavor::Chat => openai::chat_json(meta, g.n, &text, finish_reason, usage),
+        Flavor::Completion => openai::completion_json(meta, g.n, &text, finish_reason, usage),
+    };
+    Answer::Json {
+        status: StatusCode::OK,
+        body,
+        usage: Some(usage),
+    }
+}
+
+fn full(body: Bytes) -> Body {
+    Full::new(body)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn with_headers(
+    shared: &Shared,
+    status: StatusCode,
+    content_type: &'static str,
+    body: Body,
+) -> Response<Body> {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(name) = &shared.name_header {
+        headers.insert("x-mock-name", name.clone());
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("req_mock{:016x}", shared.next_id())) {
+        headers.insert("x-request-id", v);
+    }
+    response
+}
+
+fn json_response(shared: &Shared, status: StatusCode, body: Bytes) -> Response<Body> {
+    with_headers(shared, status, "application/json", full(body))
+}
+
+/// `POST /_mock/faults` accepts one spec or a list (tried in order).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FaultsBody {
+    One(FaultSpec),
+    Many(Vec<FaultSpec>),
+}
+
+fn control_json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(full(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn control_error(status: StatusCode, message: String) -> Response<Body> {
+    control_json(
+        status,
+        &serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}}),
+    )
+}
+
+fn no_content() -> Response<Body> {
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
+async fn control(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    match (&method, path.as_str()) {
+        (&Method::GET, "/_mock/stats") => control_json(StatusCode::OK, &shared.counters.snapshot()),
+        (&Method::POST, "/_mock/reset") => {
+            shared.counters.reset();
+            no_content()
+        }
+        (&Method::GET, "/_mock/faults") => control_json(StatusCode::OK, &shared.faults.status()),
+        (&Method::DELETE, "/_mock/faults") => {
+            shared.faults.clear();
+            no_content()
+        }
+        (&Method::POST, "/_mock/faults") => {
+            let body = match Limited::new(req.into_body(), MAX_CONTROL_BODY)
+                .collect()
+                .await
+            {
+                Ok(c) => c.to_bytes(),
+                Err(e) => {
+                    return control_error(StatusCode::BAD_REQUEST, format!("unreadable body: {e}"));
+                }
+            };
+            let specs = match serde_json::from_slice::<FaultsBody>(&body) {
+                Ok(FaultsBody::One(spec)) => vec![spec],
+                Ok(FaultsBody::Many(specs)) => specs,
+                Err(e) => {
+                    return control_error(
+                        StatusCode::BAD_REQUEST,
+                        format!("not a fault spec: {e}"),
+                    );
+                }
+            };
+            if let Some(code) = specs.iter().find_map(|s| match s.fault {
+                Fault::Status { code, .. } if !(200..=599).contains(&code) => Some(code),
+                _ => None,
+            }) {
+                return control_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("status {code} is not between 200 and 599"),
+                );
+            }
+            shared.faults.set(specs);
+            control_json(StatusCode::OK, &shared.faults.status())
+        }
+        _ => control_error(
+            StatusCode::NOT_FOUND,
+            format!("no control endpoint {method} {path}"),
+        ),
+    }
+}

@@ -1,0 +1,216 @@
+//! Response bodies produced over time: SSE streams, cut bodies and garbage.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use hyper::body::Frame;
+
+use super::fault::GarbageKind;
+use super::openai::{self, Delta, Meta, Usage};
+use super::server::Shared;
+use super::stats::bump;
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type FrameResult = Result<Frame<Bytes>, BoxError>;
+
+/// The error a body yields to make hyper drop the connection mid-response.
+#[derive(Debug, thiserror::Error)]
+#[error("connection cut by fault injection")]
+pub(crate) struct Cut;
+
+/// How long a cut body waits after its last bytes so that they reach the socket before the close.
+const CUT_FLUSH: Duration = Duration::from_millis(10);
+
+/// Which OpenAI stream format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flavor {
+    Chat,
+    Completion,
+}
+
+/// Everything a streamed answer will contain, fixed before the first byte.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamPlan {
+    pub(crate) flavor: Flavor,
+    pub(crate) id: String,
+    pub(crate) created: u64,
+    pub(crate) model: String,
+    pub(crate) n: u32,
+    /// Content chunks per choice (= completion tokens per choice).
+    pub(crate) tokens: usize,
+    pub(crate) finish_reason: &'static str,
+    /// `Some` when the client asked for `stream_options.include_usage`.
+    pub(crate) usage: Option<Usage>,
+    pub(crate) interval: Duration,
+    /// Close the connection after this many events (no `[DONE]`).
+    pub(crate) cut_after: Option<usize>,
+}
+
+impl StreamPlan {
+    fn n(&self) -> usize {
+        self.n as usize
+    }
+
+    fn role_events(&self) -> usize {
+        match self.flavor {
+            Flavor::Chat => self.n(),
+            Flavor::Completion => 0,
+        }
+    }
+
+    /// Events before `[DONE]`: role chunks (chat), content chunks, finish chunks, the usage chunk.
+    fn total_events(&self) -> usize {
+        self.role_events() + self.tokens * self.n() + self.n() + usize::from(self.usage.is_some())
+    }
+
+    /// The bytes of event `e` and the usage it carries, if it is the usage chunk.
+    fn event(&self, e: usize, name: &str) -> (Bytes, Option<Usage>) {
+        let meta = Meta {
+            id: &self.id,
+            created: self.created,
+            model: &self.model,
+        };
+        let n = self.n().max(1);
+        let roles = self.role_events();
+        let contents = roles + self.tokens * n;
+        let finishes = contents + n;
+        let usage_field = self.usage.map(|_| None);
+        let chunk = |index: usize, delta: Option<Delta<'_>>, usage: Option<Option<Usage>>| {
+            let index = u32::try_from(index).unwrap_or(0);
+            match self.flavor {
+                Flavor::Chat => openai::chat_chunk(meta, index, delta, usage),
+                Flavor::Completion => openai::completion_chunk(meta, index, delta, usage),
+            }
+        };
+        if e < roles {
+            (chunk(e, Some(Delta::Role), usage_field), None)
+        } else if e < contents {
+            let k = e - roles;
+            let text = openai::piece(name, (k / n) as u64);
+            (chunk(k % n, Some(Delta::Content(&text)), usage_field), None)
+        } else if e < finishes {
+            (
+                chunk(
+                    e - contents,
+                    Some(Delta::Finish(self.finish_reason)),
+                    usage_field,
+                ),
+                None,
+            )
+        } else {
+            (chunk(0, None, Some(self.usage)), self.usage)
+        }
+    }
+}
+
+struct SseState {
+    plan: StreamPlan,
+    shared: Arc<Shared>,
+    next: usize,
+    finished: bool,
+}
+
+impl Drop for SseState {
+    fn drop(&mut self) {
+        if !self.finished {
+            bump(&self.shared.counters.streams_aborted);
+        }
+    }
+}
+
+/// The SSE body for `plan`: `data: <chunk>\n\n` events, then `data: [DONE]\n\n`, or a cut.
+pub(crate) fn sse(plan: StreamPlan, shared: Arc<Shared>) -> impl Stream<Item = FrameResult> + Send {
+    let state = SseState {
+        plan,
+        shared,
+        next: 0,
+        finished: false,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        let total = st.plan.total_events();
+        if st.next > 0 && st.next < total && !st.plan.interval.is_zero() {
+            tokio::time::sleep(st.plan.interval).await;
+        }
+        if st.plan.cut_after.map(|k| k.min(total)) == Some(st.next) {
+            tokio::time::sleep(CUT_FLUSH).await;
+            st.finished = true;
+            bump(&st.shared.counters.streams_cut);
+            return Some((Err(Box::new(Cut) as BoxError), st));
+        }
+        if st.next >= total {
+            st.finished = true;
+            bump(&st.shared.counters.streams_completed);
+            return Some((Ok(Frame::data(Bytes::from_static(openai::DONE))), st));
+        }
+        let (bytes, usage) = st.plan.event(st.next, &st.shared.config.name);
+        if let Some(u) = usage {
+            st.shared
+                .counters
+                .usage(u.prompt_tokens, u.completion_tokens);
+        }
+        st.next += 1;
+        Some((Ok(Frame::data(bytes)), st))
+    })
+}
+
+/// The first half of `body`, then a dropped connection.
+pub(crate) fn cut_in_half(body: Bytes) -> impl Stream<Item = FrameResult> + Send {
+    let half = body.slice(..body.len() / 2);
+    futures::stream::unfold(Some(half), |state| async move {
+        match state {
+            Some(half) => Some((Ok(Frame::data(half)), None)),
+            None => {
+                tokio::time::sleep(CUT_FLUSH).await;
+                Some((Err(Box::new(Cut) as BoxError), None))
+            }
+        }
+    })
+}
+
+static GIANT: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+/// Size of the [`GarbageKind::GiantLine`] line.
+pub(crate) const GIANT_LINE_BYTES: usize = 8 * 1024 * 1024;
+
+const INVALID_SSE: &[u8] = b"data: {\"id\":\"chatcmpl-broken\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"delta\":\n\n\
+this line is not server-sent events\n\n\
+data: {\"choices\":[{\"index\":\"zero\",\"delta\":{\"content\":42}}]}\n\n\
+event: ping\n\
+data\n\n\
+data: {]\n\n";
+
+const NOT_JSON: &[u8] =
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n";
+
+/// The content type and body of a garbage answer.
+pub(crate) fn garbage(
+    kind: GarbageKind,
+) -> (
+    &'static str,
+    Box<dyn Stream<Item = FrameResult> + Send + Unpin>,
+) {
+    let data = |b: &'static [u8]| Ok(Frame::data(Bytes::from_static(b)));
+    match kind {
+        GarbageKind::NotJson => (
+            "application/json",
+            Box::new(futures::stream::iter([data(NOT_JSON)])),
+        ),
+        GarbageKind::InvalidSse => (
+            "text/event-stream; charset=utf-8",
+            Box::new(futures::stream::iter([data(INVALID_SSE)])),
+        ),
+        GarbageKind::GiantLine => {
+            let pieces = GIANT_LINE_BYTES / GIANT.len();
+            let line =
+                std::iter::once(data(b"data: ")).chain((0..pieces).map(move |_| data(&GIANT)));
+            (
+                "text/event-stream; charset=utf-8",
+                Box::new(futures::stream::iter(line)),
+            )
+        }
+    }
+}
