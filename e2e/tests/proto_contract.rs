@@ -10,11 +10,16 @@ use std::time::Duration;
 use sluice_e2e::process::{spawn, workspace_bin};
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 fn run(cmd: &mut Command) -> String {
-    let output = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (run e2e/test-all.sh to install the tools)"));
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run e2e/test-all.sh to install the tools)"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -27,8 +32,14 @@ fn run(cmd: &mut Command) -> String {
 #[test]
 fn buf_lint_standard_passes() {
     let buf = repo_root().join("e2e/.tools/node_modules/.bin/buf");
-    assert!(buf.exists(), "{} missing: run e2e/test-all.sh", buf.display());
-    run(Command::new(buf).arg("lint").current_dir(repo_root().join("proto")));
+    assert!(
+        buf.exists(),
+        "{} missing: run e2e/test-all.sh",
+        buf.display()
+    );
+    run(Command::new(buf)
+        .arg("lint")
+        .current_dir(repo_root().join("proto")));
 }
 
 #[tokio::test]
@@ -51,11 +62,24 @@ async fn a_python_client_generated_with_stock_protoc_manages_backends() {
     let data = tempfile::tempdir().unwrap();
     let control = spawn(
         workspace_bin("sluice-control"),
-        ["--data-dir", data.path().to_str().unwrap(), "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"],
-        [("SLUICE_ADMIN_TOKEN", "py-admin-token"), ("RUST_LOG", "info")],
+        [
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+        [
+            ("SLUICE_ADMIN_TOKEN", "py-admin-token"),
+            ("RUST_LOG", "info"),
+        ],
     )
     .unwrap();
-    let addr = control.wait_for_listening("grpc", Duration::from_secs(20)).await.unwrap();
+    let addr = control
+        .wait_for_listening("grpc", Duration::from_secs(20))
+        .await
+        .unwrap();
 
     let script = r#"
 import sys, grpc
@@ -85,6 +109,9 @@ print("key:", key.key.startswith("sk-sluice-"), key.client_key.name)
         .arg(addr.to_string())
         .env("PYTHONPATH", out.path()));
     assert!(output.contains("auth: UNAUTHENTICATED"), "{output}");
-    assert!(output.contains("backends: [('py-backend', 'POOL_FALLBACK', 1, 'abcd')]"), "{output}");
+    assert!(
+        output.contains("backends: [('py-backend', 'POOL_FALLBACK', 1, 'abcd')]"),
+        "{output}"
+    );
     assert!(output.contains("key: True py-team"), "{output}");
 }

@@ -1,0 +1,383 @@
+//! A whole Sluice on loopback for end-to-end tests: the real `sluice-control`,
+//! `sluice-proxy` and `sluice-mock` binaries as child processes, an admin gRPC
+//! client, and helpers to speak OpenAI HTTP to the proxy.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sluice_e2e::mock::{FaultSpec, MockStats};
+use sluice_e2e::process::{Child, spawn, workspace_bin};
+use sluice_proto::v1 as pb;
+use sluice_proto::v1::admin_service_client::AdminServiceClient;
+use sluice_proto::v1::stats_service_client::StatsServiceClient;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub const ADMIN_TOKEN: &str = "e2e-admin-token";
+pub const DATAPLANE_TOKEN: &str = "e2e-dataplane-token";
+const START: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct Bearer(pub String);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.0).parse().unwrap(),
+        );
+        Ok(req)
+    }
+}
+
+pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Stats = StatsServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// A free loopback port (bound, then released: a restarted control plane must come back on it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub grpc_port: u16,
+    control: Option<Child>,
+}
+
+impl Cluster {
+    pub async fn start() -> Self {
+        let mut cluster = Self {
+            dir: tempfile::tempdir().unwrap(),
+            grpc_port: free_port(),
+            control: None,
+        };
+        cluster.start_control().await;
+        cluster
+    }
+
+    pub fn control_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    pub async fn start_control(&mut self) {
+        assert!(self.control.is_none(), "control plane already running");
+        let child = spawn(
+            workspace_bin("sluice-control"),
+            [
+                "--data-dir".to_owned(),
+                self.dir.path().join("data").display().to_string(),
+                "--grpc-listen".to_owned(),
+                format!("127.0.0.1:{}", self.grpc_port),
+                "--http-listen".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ],
+            [
+                ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
+                ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
+                ("RUST_LOG", "info"),
+            ],
+        )
+        .unwrap();
+        child.wait_for_listening("grpc", START).await.unwrap();
+        self.control = Some(child);
+    }
+
+    /// SIGTERM, and waits for a clean exit.
+    pub async fn stop_control(&mut self) {
+        let mut child = self.control.take().expect("control plane running");
+        child.terminate().await.unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .expect("control plane stops within 15 s of SIGTERM")
+            .unwrap();
+        assert!(status.success(), "control plane exit status {status}");
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub async fn kill_control(&mut self) {
+        let mut child = self.control.take().expect("control plane running");
+        child.kill().await.unwrap();
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.control_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn admin(&self) -> Admin {
+        AdminServiceClient::with_interceptor(self.channel().await, Bearer(ADMIN_TOKEN.into()))
+    }
+
+    pub async fn stats(&self) -> Stats {
+        StatsServiceClient::with_interceptor(self.channel().await, Bearer(ADMIN_TOKEN.into()))
+    }
+
+    /// Starts a data plane and waits until it is ready (holds a snapshot).
+    pub async fn proxy(&self) -> Proxy {
+        self.proxy_with(&[]).await
+    }
+
+    pub async fn proxy_with(&self, extra: &[&str]) -> Proxy {
+        let mut args = vec![
+            "--control-plane".to_owned(),
+            self.control_url(),
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = spawn(
+            workspace_bin("sluice-proxy"),
+            args,
+            [
+                ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
+                ("RUST_LOG", "info"),
+            ],
+        )
+        .unwrap();
+        let addr = child.wait_for_listening("http", START).await.unwrap();
+        let proxy = Proxy {
+            child,
+            addr,
+            http: http_client(),
+        };
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    pub async fn add_backend(
+        &self,
+        name: &str,
+        mock: &Mock,
+        pool: pb::Pool,
+        priority: i32,
+        models: &[(&str, &str)],
+    ) -> pb::Backend {
+        self.admin()
+            .await
+            .create_backend(pb::CreateBackendRequest {
+                backend: Some(pb::Backend {
+                    name: name.into(),
+                    base_url: mock.base_url(),
+                    pool: pool as i32,
+                    priority,
+                    weight: 1,
+                    enabled: true,
+                    models: models
+                        .iter()
+                        .map(|(name, upstream)| pb::ModelRoute {
+                            name: (*name).into(),
+                            upstream_name: (*upstream).into(),
+                            input_price_per_mtok: 1.0,
+                            output_price_per_mtok: 2.0,
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+                api_key: mock.api_key.clone().unwrap_or_default(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .backend
+            .unwrap()
+    }
+
+    pub async fn create_key(&self, name: &str, models: &[&str]) -> (pb::ClientKey, String) {
+        let r = self
+            .admin()
+            .await
+            .create_client_key(pb::CreateClientKeyRequest {
+                name: name.into(),
+                allowed_models: models.iter().map(|m| m.to_string()).collect(),
+                rpm_limit: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (r.client_key.unwrap(), r.key)
+    }
+
+    pub async fn totals(&self) -> pb::GetTotalsResponse {
+        self.stats()
+            .await
+            .get_totals(pb::GetTotalsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+pub struct Proxy {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+}
+
+impl Proxy {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + START;
+        loop {
+            if let Ok(r) = self.http.get(self.url("/readyz")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "proxy never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn chat(&self, key: &str, model: &str) -> reqwest::Response {
+        self.post(
+            "/v1/chat/completions",
+            key,
+            serde_json::json!({"model": model, "messages": [{"role": "user", "content": "say hello to me"}]}),
+        )
+        .await
+    }
+}
+
+/// Splits an SSE body into its `data:` payloads.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| {
+            let data: Vec<&str> = event
+                .lines()
+                .filter_map(|l| {
+                    l.strip_prefix("data:")
+                        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                })
+                .collect();
+            (!data.is_empty()).then(|| data.join("\n"))
+        })
+        .collect()
+}
+
+/// A `sluice-mock` process.
+pub struct Mock {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub api_key: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Mock {
+    pub async fn start(name: &str, models: &[&str]) -> Self {
+        Self::start_with(name, models, &[]).await
+    }
+
+    pub async fn start_with(name: &str, models: &[&str], extra: &[&str]) -> Self {
+        let api_key = format!("sk-upstream-{name}-0000");
+        let mut args = vec![
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--name".to_owned(),
+            name.to_owned(),
+            "--model".to_owned(),
+            models.join(","),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = spawn(
+            workspace_bin("sluice-mock"),
+            args,
+            [
+                ("SLUICE_MOCK_API_KEY", api_key.as_str()),
+                ("RUST_LOG", "warn,sluice_mock=info"),
+            ],
+        )
+        .unwrap();
+        let addr = child.wait_for_listening("http", START).await.unwrap();
+        Self {
+            child,
+            addr,
+            api_key: Some(api_key),
+            http: http_client(),
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub async fn stats(&self) -> MockStats {
+        self.http
+            .get(format!("http://{}/_mock/stats", self.addr))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn set_faults(&self, faults: Vec<FaultSpec>) {
+        let r = self
+            .http
+            .post(format!("http://{}/_mock/faults", self.addr))
+            .json(&faults)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    }
+
+    pub async fn clear_faults(&self) {
+        self.http
+            .delete(format!("http://{}/_mock/faults", self.addr))
+            .send()
+            .await
+            .unwrap();
+    }
+}
+
+/// Polls `check` every 20 ms until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,410 @@
+//! End to end: the real control plane, data plane and mock provider processes,
+//! driven as an application and an operator would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Cluster, Mock, eventually, sse_data};
+use serde_json::{Value, json};
+use sluice_e2e::mock::Fault;
+use sluice_proto::v1 as pb;
+
+#[tokio::test]
+async fn chat_json_and_stream_carry_content_usage_and_gateway_headers() {
+    let cluster = Cluster::start().await;
+    let mock = Mock::start("mock-a", &["gpt-4o-mini-2024"]).await;
+    cluster
+        .add_backend(
+            "primary-a",
+            &mock,
+            pb::Pool::Primary,
+            10,
+            &[("gpt-4o-mini", "gpt-4o-mini-2024")],
+        )
+        .await;
+    let (_, key) = cluster.create_key("team-a", &[]).await;
+    let proxy = cluster.proxy().await;
+
+    let r = proxy.chat(&key, "gpt-4o-mini").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-sluice-backend"], "primary-a");
+    assert!(!r.headers()["x-request-id"].is_empty());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    // The client sees its own model name? OpenAI returns the served model; the mock echoes
+    // the upstream name the gateway rewrote to.
+    assert_eq!(body["model"], "gpt-4o-mini-2024");
+    assert!(
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("[mock-a]")
+    );
+    assert_eq!(body["usage"]["prompt_tokens"], 3);
+    assert_eq!(body["usage"]["completion_tokens"], 5);
+
+    // Streamed, without include_usage: the usage chunk the gateway asked for is not forwarded.
+    let r = proxy
+        .post(
+            "/v1/chat/completions",
+            &key,
+            json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let events = sse_data(&r.text().await.unwrap());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c.get("usage").is_none_or(Value::is_null)),
+        "{chunks:?}"
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(text.starts_with("[mock-a]"), "{text}");
+
+    // With include_usage the client gets it.
+    let r = proxy
+        .post(
+            "/v1/chat/completions",
+            &key,
+            json!({"model": "gpt-4o-mini", "stream": true, "stream_options": {"include_usage": true},
+                   "messages": [{"role": "user", "content": "hi there"}]}),
+        )
+        .await;
+    let events = sse_data(&r.text().await.unwrap());
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["prompt_tokens"], 2);
+    assert_eq!(usage["usage"]["completion_tokens"], 5);
+
+    // Every token the mock served is accounted, streams included.
+    let served = mock.stats().await;
+    assert_eq!(served.requests.chat_completions, 3);
+    eventually(
+        Duration::from_secs(10),
+        "usage totals reach the control plane",
+        || async {
+            let t = cluster.totals().await;
+            t.request_count == 3
+                && t.prompt_tokens == served.prompt_tokens
+                && t.completion_tokens == served.completion_tokens
+        },
+    )
+    .await;
+    let t = cluster.totals().await;
+    assert_eq!(t.stream_count, 2);
+    assert!(
+        (t.cost - (6.0 * 1.0 + 15.0 * 2.0) / 1e6).abs() < 1e-12,
+        "{}",
+        t.cost
+    );
+}
+
+#[tokio::test]
+async fn embeddings_completions_and_model_listing() {
+    let cluster = Cluster::start().await;
+    let mock = Mock::start(
+        "mock-a",
+        &["text-embedding-3-small", "gpt-3.5-turbo-instruct", "gpt-4o"],
+    )
+    .await;
+    cluster
+        .add_backend(
+            "a",
+            &mock,
+            pb::Pool::Primary,
+            0,
+            &[
+                ("text-embedding-3-small", "text-embedding-3-small"),
+                ("gpt-3.5-turbo-instruct", "gpt-3.5-turbo-instruct"),
+                ("gpt-4o", "gpt-4o"),
+            ],
+        )
+        .await;
+    let (_, limited) = cluster
+        .create_key(
+            "limited",
+            &["text-embedding-3-small", "gpt-3.5-turbo-instruct"],
+        )
+        .await;
+    let proxy = cluster.proxy().await;
+
+    let r = proxy
+        .post(
+            "/v1/embeddings",
+            &limited,
+            json!({"model": "text-embedding-3-small", "input": ["one two", "three"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    assert_eq!(body["usage"]["prompt_tokens"], 3);
+
+    let r = proxy
+        .post(
+            "/v1/completions",
+            &limited,
+            json!({"model": "gpt-3.5-turbo-instruct", "prompt": "once upon"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["object"], "text_completion");
+
+    let r = proxy
+        .http
+        .get(proxy.url("/v1/models"))
+        .bearer_auth(&limited)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["object"], "list");
+    let mut ids: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["gpt-3.5-turbo-instruct", "text-embedding-3-small"],
+        "only the models the key may use"
+    );
+}
+
+fn assert_openai_error(body: &Value) {
+    let error = &body["error"];
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(error["type"].is_string(), "{body}");
+    assert!(
+        error.get("param").is_some() && error.get("code").is_some(),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn auth_and_model_errors_are_openai_shaped() {
+    let cluster = Cluster::start().await;
+    let mock = Mock::start("mock-a", &["gpt-4o-mini", "gpt-4o"]).await;
+    cluster
+        .add_backend(
+            "a",
+            &mock,
+            pb::Pool::Primary,
+            0,
+            &[("gpt-4o-mini", "gpt-4o-mini"), ("gpt-4o", "gpt-4o")],
+        )
+        .await;
+    let (_, key) = cluster.create_key("mini-only", &["gpt-4o-mini"]).await;
+    let (_, revoked) = cluster.create_key("revoked", &[]).await;
+    cluster
+        .admin()
+        .await
+        .revoke_client_key(pb::RevokeClientKeyRequest {
+            id: "revoked".into(),
+        })
+        .await
+        .unwrap();
+    let proxy = cluster.proxy().await;
+    // The revocation has reached the proxy once a request with the key is refused.
+    eventually(Duration::from_secs(5), "revocation applied", || async {
+        proxy.chat(&revoked, "gpt-4o-mini").await.status() == 401
+    })
+    .await;
+
+    let cases = [
+        (proxy.chat("sk-sluice-unknown", "gpt-4o-mini").await, 401),
+        (
+            proxy
+                .http
+                .post(proxy.url("/v1/chat/completions"))
+                .json(&json!({"model": "gpt-4o-mini", "messages": []}))
+                .send()
+                .await
+                .unwrap(),
+            401,
+        ),
+        (proxy.chat(&key, "gpt-4o").await, 403),
+        (proxy.chat(&key, "no-such-model").await, 404),
+        (
+            proxy
+                .http
+                .post(proxy.url("/v1/chat/completions"))
+                .bearer_auth(&key)
+                .header("content-type", "application/json")
+                .body("{not json")
+                .send()
+                .await
+                .unwrap(),
+            400,
+        ),
+        (
+            proxy
+                .post("/v1/chat/completions", &key, json!({"messages": []}))
+                .await,
+            400,
+        ),
+    ];
+    for (response, status) in cases {
+        assert_eq!(response.status(), status);
+        let text = response.text().await.unwrap();
+        assert!(
+            !text.contains("sk-sluice-unknown"),
+            "errors never echo keys: {text}"
+        );
+        assert_openai_error(&serde_json::from_str(&text).unwrap());
+    }
+    assert_eq!(
+        mock.stats().await.requests.chat_completions,
+        0,
+        "nothing bad reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_primary_fails_over_to_the_fallback_pool() {
+    let cluster = Cluster::start().await;
+    let primary = Mock::start("primary", &["m"]).await;
+    let fallback = Mock::start("fallback", &["m"]).await;
+    cluster
+        .add_backend("primary", &primary, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    cluster
+        .add_backend("fallback", &fallback, pb::Pool::Fallback, 0, &[("m", "m")])
+        .await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster.proxy().await;
+
+    let r = proxy.chat(&key, "m").await;
+    assert_eq!(r.headers()["x-sluice-backend"], "primary");
+
+    for fault in [Fault::status(500), Fault::rate_limited(1)] {
+        primary.set_faults(vec![fault.clone().always()]).await;
+        let r = proxy.chat(&key, "m").await;
+        assert_eq!(r.status(), 200, "{fault:?}");
+        assert_eq!(r.headers()["x-sluice-backend"], "fallback", "{fault:?}");
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .starts_with("[fallback]")
+        );
+    }
+    // A primary that refuses connections: stop it.
+    drop(primary);
+    let r = proxy.chat(&key, "m").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-sluice-backend"], "fallback");
+}
+
+#[tokio::test]
+async fn a_new_backend_serves_within_a_second_without_restart() {
+    let cluster = Cluster::start().await;
+    let mock = Mock::start("mock-a", &["old", "new"]).await;
+    cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("old", "old")])
+        .await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster.proxy().await;
+    assert_eq!(proxy.chat(&key, "new").await.status(), 404);
+
+    let mock_b = Mock::start("mock-b", &["new"]).await;
+    cluster
+        .add_backend("b", &mock_b, pb::Pool::Primary, 0, &[("new", "new")])
+        .await;
+    let added = tokio::time::Instant::now();
+    eventually(
+        Duration::from_secs(1),
+        "the new backend serves within a second",
+        || async { proxy.chat(&key, "new").await.status() == 200 },
+    )
+    .await;
+    eprintln!(
+        "new backend served {:?} after the admin call returned",
+        added.elapsed()
+    );
+    let r = proxy.chat(&key, "new").await;
+    assert_eq!(r.headers()["x-sluice-backend"], "b");
+}
+
+#[tokio::test]
+async fn usage_totals_match_the_mock_across_a_control_plane_restart() {
+    let mut cluster = Cluster::start().await;
+    let mock = Mock::start("mock-a", &["m"]).await;
+    cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster.proxy().await;
+
+    let send = |n: usize| {
+        let proxy = &proxy;
+        let key = key.clone();
+        async move {
+            for i in 0..n {
+                let stream = i % 2 == 0;
+                let r = proxy
+                    .post(
+                        "/v1/chat/completions",
+                        &key,
+                        json!({"model": "m", "stream": stream, "messages": [{"role": "user", "content": "a b c d"}]}),
+                    )
+                    .await;
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap();
+            }
+        }
+    };
+    send(20).await;
+    // Stop the control plane; the data plane keeps serving on its snapshot and queues usage.
+    cluster.stop_control().await;
+    send(20).await;
+    cluster.start_control().await;
+    send(10).await;
+
+    let served = mock.stats().await;
+    assert_eq!(served.requests.chat_completions, 50);
+    eventually(
+        Duration::from_secs(15),
+        "usage totals equal what the mock served",
+        || async {
+            let t = cluster.totals().await;
+            t.request_count == 50
+                && t.prompt_tokens == served.prompt_tokens
+                && t.completion_tokens == served.completion_tokens
+        },
+    )
+    .await;
+    // And stay there: nothing is counted twice after the resend.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = cluster.totals().await;
+    assert_eq!(
+        (t.request_count, t.prompt_tokens, t.completion_tokens),
+        (50, served.prompt_tokens, served.completion_tokens)
+    );
+}

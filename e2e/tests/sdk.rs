@@ -1,0 +1,234 @@
+//! The official OpenAI SDKs (Python and Node), unchanged, against a real data plane:
+//! base URL + client key is all they need. The SDKs come from `e2e/test-all.sh`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{Cluster, Mock};
+use sluice_e2e::mock::Fault;
+use sluice_proto::v1 as pb;
+
+const PYTHON: &str = r#"
+import json, sys, openai
+from openai import OpenAI
+base, key, limited_key = sys.argv[1], sys.argv[2], sys.argv[3]
+c = OpenAI(base_url=base, api_key=key, max_retries=0)
+out = {}
+r = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello there"}])
+out["chat"] = [r.choices[0].message.content, r.usage.prompt_tokens, r.usage.completion_tokens]
+parts, usage = [], None
+for chunk in c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                       stream=True, stream_options={"include_usage": True}):
+    if chunk.choices and chunk.choices[0].delta.content:
+        parts.append(chunk.choices[0].delta.content)
+    if chunk.usage:
+        usage = [chunk.usage.prompt_tokens, chunk.usage.completion_tokens]
+out["stream"] = ["".join(parts), usage]
+plain = list(c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True))
+out["stream_no_usage"] = [any(ch.usage for ch in plain), len(plain)]
+e = c.embeddings.create(model="text-embedding-3-small", input=["a b", "c"])
+out["embeddings"] = [len(e.data), len(e.data[0].embedding), e.usage.prompt_tokens]
+t = c.completions.create(model="gpt-3.5-turbo-instruct", prompt="once upon a time")
+out["completions"] = [t.object, t.usage.prompt_tokens]
+out["models"] = sorted(m.id for m in c.models.list())
+def error_class(f):
+    try:
+        f()
+        return "no error"
+    except openai.APIStatusError as err:
+        return [type(err).__name__, err.status_code]
+out["401"] = error_class(lambda: OpenAI(base_url=base, api_key="sk-wrong", max_retries=0).models.list())
+out["404"] = error_class(lambda: c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}]))
+out["403"] = error_class(lambda: OpenAI(base_url=base, api_key=limited_key, max_retries=0).chat.completions.create(
+    model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]))
+out["429"] = error_class(lambda: c.chat.completions.create(model="limited-model", messages=[{"role": "user", "content": "x"}]))
+print(json.dumps(out))
+"#;
+
+const NODE: &str = r#"
+const OpenAI = require(process.env.OPENAI_MODULE);
+const [base, key, limitedKey] = process.argv.slice(1);
+(async () => {
+  const c = new OpenAI({ baseURL: base, apiKey: key, maxRetries: 0 });
+  const out = {};
+  const r = await c.chat.completions.create({ model: "gpt-4o-mini", messages: [{ role: "user", content: "hello there" }] });
+  out.chat = [r.choices[0].message.content, r.usage.prompt_tokens, r.usage.completion_tokens];
+  let parts = [], usage = null;
+  const stream = await c.chat.completions.create({ model: "gpt-4o-mini", messages: [{ role: "user", content: "hi" }],
+    stream: true, stream_options: { include_usage: true } });
+  for await (const chunk of stream) {
+    if (chunk.choices.length && chunk.choices[0].delta.content) parts.push(chunk.choices[0].delta.content);
+    if (chunk.usage) usage = [chunk.usage.prompt_tokens, chunk.usage.completion_tokens];
+  }
+  out.stream = [parts.join(""), usage];
+  const e = await c.embeddings.create({ model: "text-embedding-3-small", input: ["a b", "c"] });
+  out.embeddings = [e.data.length, e.data[0].embedding.length, e.usage.prompt_tokens];
+  const t = await c.completions.create({ model: "gpt-3.5-turbo-instruct", prompt: "once upon a time" });
+  out.completions = [t.object, t.usage.prompt_tokens];
+  const models = [];
+  for await (const m of c.models.list()) models.push(m.id);
+  out.models = models.sort();
+  const errorClass = async (f) => {
+    try { await f(); return "no error"; } catch (err) { return [err.constructor.name, err.status]; }
+  };
+  out["401"] = await errorClass(() => new OpenAI({ baseURL: base, apiKey: "sk-wrong", maxRetries: 0 }).models.list());
+  out["404"] = await errorClass(() => c.chat.completions.create({ model: "nope", messages: [{ role: "user", content: "x" }] }));
+  out["403"] = await errorClass(() => new OpenAI({ baseURL: base, apiKey: limitedKey, maxRetries: 0 }).chat.completions.create(
+    { model: "gpt-4o-mini", messages: [{ role: "user", content: "x" }] }));
+  out["429"] = await errorClass(() => c.chat.completions.create({ model: "limited-model", messages: [{ role: "user", content: "x" }] }));
+  console.log(JSON.stringify(out));
+})().catch((err) => { console.error(err); process.exit(1); });
+"#;
+
+struct Setup {
+    _cluster: Cluster,
+    _mock: Mock,
+    _limited: Mock,
+    proxy: common::Proxy,
+    key: String,
+    limited_key: String,
+}
+
+async fn setup() -> Setup {
+    let cluster = Cluster::start().await;
+    let mock = Mock::start(
+        "sdk-mock",
+        &[
+            "gpt-4o-mini",
+            "text-embedding-3-small",
+            "gpt-3.5-turbo-instruct",
+        ],
+    )
+    .await;
+    cluster
+        .add_backend(
+            "sdk",
+            &mock,
+            pb::Pool::Primary,
+            0,
+            &[
+                ("gpt-4o-mini", "gpt-4o-mini"),
+                ("text-embedding-3-small", "text-embedding-3-small"),
+                ("gpt-3.5-turbo-instruct", "gpt-3.5-turbo-instruct"),
+            ],
+        )
+        .await;
+    // A backend that always answers 429: with nothing else to try, the client gets a 429.
+    let limited = Mock::start("limited", &["limited-model"]).await;
+    limited
+        .set_faults(vec![Fault::rate_limited(30).always()])
+        .await;
+    cluster
+        .add_backend(
+            "limited",
+            &limited,
+            pb::Pool::Primary,
+            0,
+            &[("limited-model", "limited-model")],
+        )
+        .await;
+    let (_, key) = cluster.create_key("sdk", &[]).await;
+    let (_, limited_key) = cluster
+        .create_key("sdk-embeddings-only", &["text-embedding-3-small"])
+        .await;
+    let proxy = cluster.proxy().await;
+    Setup {
+        _cluster: cluster,
+        _mock: mock,
+        _limited: limited,
+        proxy,
+        key,
+        limited_key,
+    }
+}
+
+fn check(output: std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "SDK script failed:\n{stdout}\n{stderr}"
+    );
+    let out: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let chat = &out["chat"];
+    assert!(chat[0].as_str().unwrap().starts_with("[sdk-mock]"), "{out}");
+    assert_eq!(
+        (chat[1].as_u64(), chat[2].as_u64()),
+        (Some(2), Some(5)),
+        "{out}"
+    );
+    assert!(
+        out["stream"][0].as_str().unwrap().starts_with("[sdk-mock]"),
+        "{out}"
+    );
+    assert_eq!(out["stream"][1], serde_json::json!([1, 5]), "{out}");
+    assert_eq!(out["embeddings"], serde_json::json!([2, 8, 3]), "{out}");
+    assert_eq!(
+        out["completions"],
+        serde_json::json!(["text_completion", 4]),
+        "{out}"
+    );
+    assert_eq!(
+        out["models"],
+        serde_json::json!([
+            "gpt-3.5-turbo-instruct",
+            "gpt-4o-mini",
+            "limited-model",
+            "text-embedding-3-small"
+        ]),
+        "{out}"
+    );
+    out
+}
+
+#[tokio::test]
+async fn the_python_sdk_works_unchanged() {
+    let s = setup().await;
+    let base = s.proxy.url("/v1");
+    let output = tokio::process::Command::new("python3")
+        .args(["-c", PYTHON, &base, &s.key, &s.limited_key])
+        .output()
+        .await
+        .expect("python3 with the openai package (run e2e/test-all.sh)");
+    let out = check(output);
+    assert_eq!(
+        out["stream_no_usage"][0], false,
+        "no usage chunk unless asked: {out}"
+    );
+    assert_eq!(out["401"], serde_json::json!(["AuthenticationError", 401]));
+    assert_eq!(out["404"], serde_json::json!(["NotFoundError", 404]));
+    assert_eq!(
+        out["403"],
+        serde_json::json!(["PermissionDeniedError", 403])
+    );
+    assert_eq!(out["429"], serde_json::json!(["RateLimitError", 429]));
+}
+
+#[tokio::test]
+async fn the_node_sdk_works_unchanged() {
+    let module = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/node_modules/openai");
+    assert!(
+        module.exists(),
+        "{} missing: run e2e/test-all.sh",
+        module.display()
+    );
+    let s = setup().await;
+    let base = s.proxy.url("/v1");
+    let output = Command::new("node")
+        .args(["-e", NODE, "--", &base, &s.key, &s.limited_key])
+        .env("OPENAI_MODULE", &module)
+        .output()
+        .expect("node");
+    let out = check(output);
+    assert_eq!(out["401"], serde_json::json!(["AuthenticationError", 401]));
+    assert_eq!(out["404"], serde_json::json!(["NotFoundError", 404]));
+    assert_eq!(
+        out["403"],
+        serde_json::json!(["PermissionDeniedError", 403])
+    );
+    assert_eq!(out["429"], serde_json::json!(["RateLimitError", 429]));
+}
