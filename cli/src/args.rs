@@ -1,0 +1,577 @@
+//! Every noun, verb and flag of `sluicectl`, and the parsers for values that
+//! need more than `FromStr` (model routes, endpoints, times).
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sluice_proto::v1 as pb;
+
+/// `sluicectl`: manage a Sluice control plane over gRPC.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluicectl",
+    version,
+    about = "Manage a Sluice control plane: backends, client keys, cooldowns, settings and usage."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags that every command accepts, before or after the verb.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
+pub struct GlobalArgs {
+    /// Control plane gRPC address; https:// connects with TLS.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_ENDPOINT",
+        default_value = "http://127.0.0.1:50051",
+        value_parser = parse_endpoint
+    )]
+    pub endpoint: String,
+
+    /// PEM file of the CA that signed the control plane's certificate
+    /// (default for https://: the system's roots and the webpki roots).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Admin token, sent as `authorization: Bearer <token>`.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+
+    /// Read the admin token from FILE (takes precedence over --token).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Output format: readable tables, or the proto3 JSON of the response.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+
+    /// Give up on the control plane after this long (e.g. 10s, 1m).
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// How responses are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Upstream providers and the models they serve.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Client keys that applications present to the data planes.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Backends that routing skips after 429s or failures.
+    #[command(subcommand)]
+    Cooldown(CooldownCommand),
+    /// Data plane replicas connected to the control plane.
+    #[command(subcommand)]
+    Dataplane(DataplaneCommand),
+    /// The retry, timeout and cooldown policy of every data plane.
+    #[command(subcommand)]
+    Settings(SettingsCommand),
+    /// Requests, tokens, cost and latency.
+    #[command(subcommand)]
+    Stats(StatsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendCommand {
+    /// Add a backend.
+    #[command(
+        after_help = "Example:\n  OPENAI_API_KEY=sk-... sluicectl backend add --name openai-main \\\n    --base-url https://api.openai.com/v1 --priority 10 --rpm 500 \\\n    --model gpt-4o-mini:gpt-4o-mini:0.15:0.60 --api-key-env OPENAI_API_KEY"
+    )]
+    Add(BackendAddArgs),
+    /// List every backend.
+    #[command(alias = "ls")]
+    List,
+    /// Show one backend and its models.
+    Get {
+        /// Backend id or name.
+        backend: String,
+    },
+    /// Change the given fields of a backend; fields not given stay as they are.
+    Update(BackendUpdateArgs),
+    /// Delete a backend.
+    #[command(alias = "rm", alias = "delete")]
+    Remove {
+        /// Backend id or name.
+        backend: String,
+    },
+    /// Let routing use a backend again.
+    Enable {
+        /// Backend id or name.
+        backend: String,
+    },
+    /// Keep routing away from a backend without deleting it.
+    Disable {
+        /// Backend id or name.
+        backend: String,
+    },
+}
+
+/// Flags of `backend add`.
+#[derive(Debug, Args)]
+pub struct BackendAddArgs {
+    /// Unique name, 1 to 64 characters.
+    #[arg(long)]
+    pub name: String,
+    /// OpenAI-compatible base URL, e.g. https://api.openai.com/v1.
+    #[arg(long, value_name = "URL")]
+    pub base_url: String,
+    #[arg(long, value_enum, default_value_t = PoolArg::Primary)]
+    pub pool: PoolArg,
+    /// Lower is tried first within a pool.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// Share of traffic among backends of equal pool and priority.
+    #[arg(long, default_value_t = 1)]
+    pub weight: u32,
+    /// Requests per minute across all data planes; 0 means no limit.
+    #[arg(long, value_name = "RPM", default_value_t = 0)]
+    pub rpm: u32,
+    /// Add the backend disabled.
+    #[arg(long)]
+    pub disabled: bool,
+    /// A model it serves: NAME[:UPSTREAM[:IN_PRICE:OUT_PRICE]], prices in $ per
+    /// million tokens; repeat for each model.
+    #[arg(long = "model", value_name = "SPEC", value_parser = parse_model_route)]
+    pub models: Vec<pb::ModelRoute>,
+    #[command(flatten)]
+    pub api_key: ApiKeyArgs,
+}
+
+/// Flags of `backend update`: each one given is changed, nothing else.
+#[derive(Debug, Args)]
+pub struct BackendUpdateArgs {
+    /// Backend id or name.
+    pub backend: String,
+    /// New unique name.
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
+    #[arg(long, value_enum)]
+    pub pool: Option<PoolArg>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub priority: Option<i32>,
+    #[arg(long)]
+    pub weight: Option<u32>,
+    #[arg(long, value_name = "RPM")]
+    pub rpm: Option<u32>,
+    /// Disable the backend.
+    #[arg(long, conflicts_with = "enabled")]
+    pub disabled: bool,
+    /// Enable the backend.
+    #[arg(long)]
+    pub enabled: bool,
+    /// Replaces the whole model list: NAME[:UPSTREAM[:IN_PRICE:OUT_PRICE]], repeatable.
+    #[arg(long = "model", value_name = "SPEC", value_parser = parse_model_route)]
+    pub models: Vec<pb::ModelRoute>,
+    #[command(flatten)]
+    pub api_key: ApiKeyArgs,
+}
+
+/// Where the provider's API key comes from. Never argv: it would show in `ps`
+/// and in shell history.
+#[derive(Debug, Args)]
+pub struct ApiKeyArgs {
+    /// Read the provider's API key from this environment variable.
+    #[arg(long, value_name = "VAR", conflicts_with = "api_key_stdin")]
+    pub api_key_env: Option<String>,
+    /// Read the provider's API key from the first line of standard input.
+    #[arg(long)]
+    pub api_key_stdin: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PoolArg {
+    Primary,
+    Fallback,
+}
+
+impl From<PoolArg> for pb::Pool {
+    fn from(pool: PoolArg) -> Self {
+        match pool {
+            PoolArg::Primary => pb::Pool::Primary,
+            PoolArg::Fallback => pb::Pool::Fallback,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create a client key and print it (the only time it is shown).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// A model the key may use; repeat for more; none given allows every model.
+        #[arg(long = "allow-model", value_name = "MODEL")]
+        allowed_models: Vec<String>,
+        /// Requests per minute across all data planes; 0 means no limit.
+        #[arg(long, value_name = "RPM", default_value_t = 0)]
+        rpm: u32,
+    },
+    /// List client keys (their prefixes, never the keys).
+    #[command(alias = "ls")]
+    List,
+    /// Revoke a client key: data planes reject it from their next snapshot on.
+    Revoke {
+        /// Client key id or name.
+        key: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CooldownCommand {
+    /// List backends cooling down now.
+    #[command(alias = "ls")]
+    List,
+    /// End a backend's cooldown on every data plane.
+    Reset {
+        /// Backend id or name.
+        backend: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataplaneCommand {
+    /// List data plane replicas and the snapshot version each runs.
+    #[command(alias = "ls")]
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SettingsCommand {
+    /// Show the routing policy.
+    Get,
+    /// Change the given fields of the routing policy.
+    Set(SettingsSetArgs),
+}
+
+/// Flags of `settings set`; durations like `2s`, `500ms`, `5m`.
+#[derive(Debug, Args)]
+pub struct SettingsSetArgs {
+    /// Backends tried for one request, at least 1.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub connect_timeout: Option<Duration>,
+    /// Time from sending a request to the first response byte.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub first_byte_timeout: Option<Duration>,
+    /// Longest silence between two chunks of a stream.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub idle_stream_timeout: Option<Duration>,
+    /// Overall deadline of a client request, all attempts included.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub request_timeout: Option<Duration>,
+    /// Cooldown after the first failure; doubles with each consecutive one.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub cooldown_base: Option<Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub cooldown_cap: Option<Duration>,
+    /// Consecutive 5xx or connection failures that cool a backend down; 0 disables.
+    #[arg(long)]
+    pub failure_threshold: Option<u32>,
+    #[arg(long, value_name = "BOOL")]
+    pub retry_on_rate_limit: Option<bool>,
+    #[arg(long, value_name = "BOOL")]
+    pub retry_on_server_error: Option<bool>,
+    #[arg(long, value_name = "BOOL")]
+    pub retry_on_connect_error: Option<bool>,
+    #[arg(long, value_name = "BOOL")]
+    pub retry_on_timeout: Option<bool>,
+    /// Days of hourly usage kept; 0 keeps all.
+    #[arg(long)]
+    pub usage_retention_days: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StatsCommand {
+    /// Totals over a time range.
+    Totals {
+        #[command(flatten)]
+        range: RangeArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Usage per hour or day, optionally per backend, model or key.
+    Usage {
+        /// One series per backend, model or client key.
+        #[arg(long, value_enum)]
+        by: Option<GroupByArg>,
+        #[arg(long, value_enum, default_value_t = GranularityArg::Hour)]
+        granularity: GranularityArg,
+        #[command(flatten)]
+        range: RangeArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+}
+
+/// A time range; nothing given means all time.
+#[derive(Debug, Args)]
+pub struct RangeArgs {
+    /// Only the last DURATION, e.g. 24h or 7d.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with_all = ["start", "end"])]
+    pub since: Option<Duration>,
+    /// Start of the range, RFC 3339 (2025-01-31T00:00:00Z) or a date (2025-01-31, UTC).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub start: Option<SystemTime>,
+    /// End of the range (exclusive), same forms as --start.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub end: Option<SystemTime>,
+}
+
+/// Filters on usage; none given matches everything.
+#[derive(Debug, Args)]
+pub struct FilterArgs {
+    /// Only this backend (id).
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Only this public model name.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Only this client key (id).
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GroupByArg {
+    Backend,
+    Model,
+    Key,
+}
+
+impl From<GroupByArg> for pb::GroupBy {
+    fn from(by: GroupByArg) -> Self {
+        match by {
+            GroupByArg::Backend => pb::GroupBy::Backend,
+            GroupByArg::Model => pb::GroupBy::Model,
+            GroupByArg::Key => pb::GroupBy::ClientKey,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GranularityArg {
+    Hour,
+    Day,
+}
+
+impl From<GranularityArg> for pb::Granularity {
+    fn from(granularity: GranularityArg) -> Self {
+        match granularity {
+            GranularityArg::Hour => pb::Granularity::Hour,
+            GranularityArg::Day => pb::Granularity::Day,
+        }
+    }
+}
+
+const MODEL_FORMAT: &str = "expected NAME[:UPSTREAM[:IN_PRICE:OUT_PRICE]]";
+
+/// Parses `NAME[:UPSTREAM[:IN_PRICE:OUT_PRICE]]`. An upstream name may contain
+/// `:` (`llama3:8b`) only when both prices follow, so that a mistyped price is
+/// an error rather than part of a model name.
+pub fn parse_model_route(spec: &str) -> Result<pb::ModelRoute, String> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (name, upstream, prices) = match parts.as_slice() {
+        [name] => (*name, String::new(), None),
+        [name, upstream] => (*name, (*upstream).to_owned(), None),
+        [name, upstream @ .., input, output] if !upstream.is_empty() => {
+            (*name, upstream.join(":"), Some((*input, *output)))
+        }
+        _ => {
+            return Err(format!(
+                "{MODEL_FORMAT} (an upstream name with ':' needs both prices, e.g. llama:llama3:8b:0:0)"
+            ));
+        }
+    };
+    let mut route = pb::ModelRoute {
+        name: name.trim().to_owned(),
+        upstream_name: upstream.trim().to_owned(),
+        input_price_per_mtok: 0.0,
+        output_price_per_mtok: 0.0,
+    };
+    if let Some((input, output)) = prices {
+        route.input_price_per_mtok = parse_price(input)?;
+        route.output_price_per_mtok = parse_price(output)?;
+    }
+    if route.name.is_empty() {
+        return Err(format!("model name is empty; {MODEL_FORMAT}"));
+    }
+    if route.upstream_name.is_empty() {
+        route.upstream_name = route.name.clone();
+    }
+    Ok(route)
+}
+
+fn parse_price(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(price) if price.is_finite() && price >= 0.0 => Ok(price),
+        _ => Err(format!(
+            "price {text:?} is not a number ≥ 0 ($ per million tokens); {MODEL_FORMAT}"
+        )),
+    }
+}
+
+/// Accepts an `http://` or `https://` URL that tonic can connect to.
+pub fn parse_endpoint(url: &str) -> Result<String, String> {
+    let url = url.trim().trim_end_matches('/');
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err("must start with http:// or https://".to_owned());
+    }
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|_| "not a valid URL".to_owned())?;
+    Ok(url.to_owned())
+}
+
+/// Parses RFC 3339 (`2025-01-31T12:00:00Z`, `…+02:00`, fractional seconds)
+/// or a bare date (`2025-01-31`, midnight UTC).
+pub fn parse_time(text: &str) -> Result<SystemTime, String> {
+    const INVALID: &str =
+        "expected an RFC 3339 time such as 2025-01-31T00:00:00Z, or a date 2025-01-31";
+    let text = text.trim();
+    if text.len() == "2025-01-31".len() {
+        return humantime::parse_rfc3339(&format!("{text}T00:00:00Z"))
+            .map_err(|_| INVALID.to_owned());
+    }
+    if let Some(utc) = text.strip_suffix(['Z', 'z']) {
+        return humantime::parse_rfc3339_weak(utc).map_err(|_| INVALID.to_owned());
+    }
+    // A numeric offset: local time = UTC + offset.
+    let split = text.len().checked_sub("+00:00".len()).ok_or(INVALID)?;
+    let (local, offset) = match (text.get(..split), text.get(split..)) {
+        (Some(local), Some(offset)) => (local, offset),
+        _ => return Err(INVALID.to_owned()),
+    };
+    let offset = parse_offset(offset).ok_or(INVALID)?;
+    let local = humantime::parse_rfc3339_weak(local).map_err(|_| INVALID.to_owned())?;
+    let utc = if offset >= 0 {
+        local.checked_sub(Duration::from_secs(offset.unsigned_abs()))
+    } else {
+        local.checked_add(Duration::from_secs(offset.unsigned_abs()))
+    };
+    utc.ok_or_else(|| INVALID.to_owned())
+}
+
+/// `+HH:MM` or `-HH:MM` as seconds east of UTC.
+fn parse_offset(offset: &str) -> Option<i64> {
+    let (sign, rest) = match offset.split_at_checked(1)? {
+        ("+", rest) => (1, rest),
+        ("-", rest) => (-1, rest),
+        _ => return None,
+    };
+    let (hours, minutes) = rest.split_once(':')?;
+    if hours.len() != 2 || minutes.len() != 2 {
+        return None;
+    }
+    let hours: i64 = hours.parse().ok()?;
+    let minutes: i64 = minutes.parse().ok()?;
+    if hours > 23 || minutes > 59 {
+        return None;
+    }
+    Some(sign * (hours * 3600 + minutes * 60))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn route(name: &str, upstream: &str, input: f64, output: f64) -> pb::ModelRoute {
+        pb::ModelRoute {
+            name: name.into(),
+            upstream_name: upstream.into(),
+            input_price_per_mtok: input,
+            output_price_per_mtok: output,
+        }
+    }
+
+    #[test]
+    fn model_route_forms() {
+        assert_eq!(
+            parse_model_route("gpt-4o-mini").unwrap(),
+            route("gpt-4o-mini", "gpt-4o-mini", 0.0, 0.0)
+        );
+        assert_eq!(
+            parse_model_route("fast:gpt-4o-mini").unwrap(),
+            route("fast", "gpt-4o-mini", 0.0, 0.0)
+        );
+        assert_eq!(
+            parse_model_route("gpt-4o-mini:gpt-4o-mini:0.15:0.60").unwrap(),
+            route("gpt-4o-mini", "gpt-4o-mini", 0.15, 0.6)
+        );
+        assert_eq!(
+            parse_model_route("gpt-4o-mini::0.15:0.6").unwrap(),
+            route("gpt-4o-mini", "gpt-4o-mini", 0.15, 0.6)
+        );
+        assert_eq!(
+            parse_model_route("llama:llama3:8b:0:0").unwrap(),
+            route("llama", "llama3:8b", 0.0, 0.0)
+        );
+    }
+
+    #[test]
+    fn model_route_rejects_ambiguous_or_bad_prices() {
+        // Three parts: a price without its partner, or an upstream with ':' and no prices.
+        assert!(parse_model_route("gpt:gpt:0.15").is_err());
+        assert!(parse_model_route("gpt:gpt:abc:1").is_err());
+        assert!(parse_model_route("gpt:gpt:-1:1").is_err());
+        assert!(parse_model_route("gpt:gpt:1:NaN").is_err());
+        assert!(parse_model_route("").is_err());
+        assert!(parse_model_route(":up").is_err());
+    }
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            parse_endpoint("http://127.0.0.1:50051/").unwrap(),
+            "http://127.0.0.1:50051"
+        );
+        assert!(parse_endpoint("https://sluice.example:443").is_ok());
+        assert!(parse_endpoint("127.0.0.1:50051").is_err());
+        assert!(parse_endpoint("ftp://x").is_err());
+    }
+
+    #[test]
+    fn times() {
+        let base = humantime::parse_rfc3339("2025-01-31T00:00:00Z").unwrap();
+        assert_eq!(parse_time("2025-01-31").unwrap(), base);
+        assert_eq!(parse_time("2025-01-31T00:00:00Z").unwrap(), base);
+        assert_eq!(parse_time("2025-01-31T02:00:00+02:00").unwrap(), base);
+        assert_eq!(parse_time("2025-01-30T22:30:00-01:30").unwrap(), base);
+        assert_eq!(
+            parse_time("2025-01-31T00:00:00.5Z").unwrap(),
+            base + Duration::from_millis(500)
+        );
+        for bad in [
+            "yesterday",
+            "2025-13-01",
+            "2025-01-31T00:00:00+2",
+            "2025-01-31T00:00:00+24:00",
+            "é",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! `backend add|list|get|update|remove|enable|disable`.
+
+use std::io::BufRead;
+
+use sluice_proto::v1 as pb;
+use sluice_proto::wkt::FieldMask;
+
+use crate::args::{ApiKeyArgs, BackendAddArgs, BackendCommand, BackendUpdateArgs};
+use crate::connection::Connection;
+use crate::error::Error;
+use crate::render::{self, Output};
+
+pub async fn run(
+    command: BackendCommand,
+    connection: &Connection,
+    out: &Output,
+) -> Result<(), Error> {
+    // Requests are built before connecting so that input errors (a missing
+    // key variable, nothing to update) come first.
+    match command {
+        BackendCommand::Add(args) => {
+            let request = create_request(args)?;
+            let mut admin = connection.admin().await?;
+            let response = connection.call(admin.create_backend(request)).await?;
+            out.print(&response, |r| render::backend(r.backend.as_ref()))
+        }
+        BackendCommand::List => {
+            let mut admin = connection.admin().await?;
+            let response = connection
+                .call(admin.list_backends(pb::ListBackendsRequest {}))
+                .await?;
+            out.print(&response, render::backends)
+        }
+        BackendCommand::Get { backend } => {
+            let mut admin = connection.admin().await?;
+            let response = connection
+                .call(admin.get_backend(pb::GetBackendRequest { id: backend }))
+                .await?;
+            out.print(&response, |r| render::backend(r.backend.as_ref()))
+        }
+        BackendCommand::Update(args) => {
+            let request = update_request(args)?;
+            update(request, connection, out).await
+        }
+        BackendCommand::Enable { backend } => {
+            update(set_enabled(backend, true), connection, out).await
+        }
+        BackendCommand::Disable { backend } => {
+            update(set_enabled(backend, false), connection, out).await
+        }
+        BackendCommand::Remove { backend } => {
+            let mut admin = connection.admin().await?;
+            let request = pb::DeleteBackendRequest {
+                id: backend.clone(),
+            };
+            let response = connection.call(admin.delete_backend(request)).await?;
+            out.print(&response, |_| format!("Removed backend {backend:?}."))
+        }
+    }
+}
+
+async fn update(
+    request: pb::UpdateBackendRequest,
+    connection: &Connection,
+    out: &Output,
+) -> Result<(), Error> {
+    let mut admin = connection.admin().await?;
+    let response = connection.call(admin.update_backend(request)).await?;
+    out.print(&response, |r| render::backend(r.backend.as_ref()))
+}
+
+fn create_request(args: BackendAddArgs) -> Result<pb::CreateBackendRequest, Error> {
+    let api_key = read_api_key(&args.api_key)?.unwrap_or_default();
+    let backend = pb::Backend {
+        name: args.name,
+        base_url: args.base_url,
+        pool: pb::Pool::from(args.pool).into(),
+        priority: args.priority,
+        weight: args.weight,
+        models: args.models,
+        rpm_limit: args.rpm,
+        enabled: !args.disabled,
+        ..Default::default()
+    };
+    Ok(pb::CreateBackendRequest {
+        backend: Some(backend),
+        api_key,
+    })
+}
+
+/// A request whose mask names exactly the flags given.
+fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, Error> {
+    let mut backend = pb::Backend {
+        id: args.backend,
+        ..Default::default()
+    };
+    let mut paths = Vec::new();
+    let mut set = |path: &str| paths.push(path.to_owned());
+    if let Some(name) = args.name {
+        backend.name = name;
+        set("name");
+    }
+    if let Some(base_url) = args.base_url {
+        backend.base_url = base_url;
+        set("base_url");
+    }
+    if let Some(pool) = args.pool {
+        backend.pool = pb::Pool::from(pool).into();
+        set("pool");
+    }
+    if let Some(priority) = args.priority {
+        backend.priority = priority;
+        set("priority");
+    }
+    if let Some(weight) = args.weight {
+        backend.weight = weight;
+        set("weight");
+    }
+    if let Some(rpm) = args.rpm {
+        backend.rpm_limit = rpm;
+        set("rpm_limit");
+    }
+    if args.enabled || args.disabled {
+        backend.enabled = args.enabled;
+        set("enabled");
+    }
+    if !args.models.is_empty() {
+        backend.models = args.models;
+        set("models");
+    }
+    let api_key = read_api_key(&args.api_key)?;
+    if paths.is_empty() && api_key.is_none() {
+        return Err(Error::Usage(
+            "nothing to update: give at least one of --name, --base-url, --pool, --priority, \
+             --weight, --rpm, --enabled, --disabled, --model, --api-key-env, --api-key-stdin"
+                .to_owned(),
+        ));
+    }
+    Ok(pb::UpdateBackendRequest {
+        backend: Some(backend),
+        update_mask: Some(FieldMask { paths }),
+        api_key: api_key.unwrap_or_default(),
+    })
+}
+
+fn set_enabled(backend: String, enabled: bool) -> pb::UpdateBackendRequest {
+    pb::UpdateBackendRequest {
+        backend: Some(pb::Backend {
+            id: backend,
+            enabled,
+            ..Default::default()
+        }),
+        update_mask: Some(FieldMask {
+            paths: vec!["enabled".to_owned()],
+        }),
+        api_key: String::new(),
+    }
+}
+
+/// The provider key from `--api-key-env` or `--api-key-stdin`; `None` when
+/// neither was given. An empty key is an error: it is always a mistake.
+fn read_api_key(args: &ApiKeyArgs) -> Result<Option<String>, Error> {
+    let key = if let Some(var) = &args.api_key_env {
+        match std::env::var(var) {
+            Ok(value) => value,
+            Err(std::env::VarError::NotPresent) => {
+                return Err(Error::Input(format!(
+                    "environment variable {var} (from --api-key-env) is not set"
+                )));
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(Error::Input(format!(
+                    "environment variable {var} (from --api-key-env) is not valid UTF-8"
+                )));
+            }
+        }
+    } else if args.api_key_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|err| Error::Input(format!("cannot read the API key from stdin: {err}")))?;
+        line
+    } else {
+        return Ok(None);
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        let source = match &args.api_key_env {
+            Some(var) => format!("environment variable {var}"),
+            None => "standard input".to_owned(),
+        };
+        return Err(Error::Input(format!("the API key from {source} is empty")));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::args::Cli;
+
+    fn update_args(argv: &[&str]) -> BackendUpdateArgs {
+        let cli =
+            Cli::try_parse_from(["sluicectl", "backend", "update"].iter().chain(argv)).unwrap();
+        match cli.command {
+            crate::args::Command::Backend(BackendCommand::Update(args)) => args,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn update_masks_exactly_the_flags_given() {
+        let request =
+            update_request(update_args(&["b1", "--priority", "-3", "--rpm", "0"])).unwrap();
+        assert_eq!(
+            request.update_mask.unwrap().paths,
+            vec!["priority".to_owned(), "rpm_limit".to_owned()]
+        );
+        let backend = request.backend.unwrap();
+        assert_eq!(backend.id, "b1");
+        assert_eq!(backend.priority, -3);
+        assert!(request.api_key.is_empty());
+    }
+
+    #[test]
+    fn update_with_models_replaces_the_list() {
+        let request = update_request(update_args(&[
+            "b1",
+            "--model",
+            "a",
+            "--model",
+            "b:c:1:2",
+            "--disabled",
+        ]))
+        .unwrap();
+        assert_eq!(
+            request.update_mask.unwrap().paths,
+            vec!["enabled".to_owned(), "models".to_owned()]
+        );
+        let backend = request.backend.unwrap();
+        assert!(!backend.enabled);
+        assert_eq!(backend.models.len(), 2);
+        assert_eq!(backend.models[1].upstream_name, "c");
+    }
+
+    #[test]
+    fn update_without_flags_is_a_usage_error() {
+        let err = update_request(update_args(&["b1"])).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn missing_key_variable_is_an_input_error() {
+        let args = ApiKeyArgs {
+            api_key_env: Some("SLUICECTL_TEST_SURELY_UNSET_VARIABLE".into()),
+            api_key_stdin: false,
+        };
+        let err = read_api_key(&args).unwrap_err();
+        assert!(err.to_string().contains("is not set"), "{err}");
+        assert_eq!(err.exit_code(), 1);
+    }
+}

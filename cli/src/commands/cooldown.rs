@@ -1,0 +1,33 @@
+//! `cooldown list|reset`.
+
+use sluice_proto::v1 as pb;
+
+use crate::args::CooldownCommand;
+use crate::connection::Connection;
+use crate::error::Error;
+use crate::render::{self, Output};
+
+pub async fn run(
+    command: CooldownCommand,
+    connection: &Connection,
+    out: &Output,
+) -> Result<(), Error> {
+    let mut admin = connection.admin().await?;
+    match command {
+        CooldownCommand::List => {
+            let response = connection
+                .call(admin.list_cooldowns(pb::ListCooldownsRequest {}))
+                .await?;
+            out.print(&response, render::cooldowns)
+        }
+        CooldownCommand::Reset { backend } => {
+            let request = pb::ResetCooldownRequest {
+                backend_id: backend.clone(),
+            };
+            let response = connection.call(admin.reset_cooldown(request)).await?;
+            out.print(&response, |_| {
+                format!("Cleared the cooldown of backend {backend:?} on every data plane.")
+            })
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! `settings get|set`.
+
+use sluice_proto::v1 as pb;
+use sluice_proto::wkt::FieldMask;
+
+use crate::args::{SettingsCommand, SettingsSetArgs};
+use crate::connection::Connection;
+use crate::error::Error;
+use crate::render::{self, Output};
+
+pub async fn run(
+    command: SettingsCommand,
+    connection: &Connection,
+    out: &Output,
+) -> Result<(), Error> {
+    match command {
+        SettingsCommand::Get => {
+            let mut admin = connection.admin().await?;
+            let response = connection
+                .call(admin.get_settings(pb::GetSettingsRequest {}))
+                .await?;
+            out.print(&response, |r| render::settings(r.settings.as_ref()))
+        }
+        SettingsCommand::Set(args) => {
+            let request = update_request(args)?;
+            let mut admin = connection.admin().await?;
+            let response = connection.call(admin.update_settings(request)).await?;
+            out.print(&response, |r| render::settings(r.settings.as_ref()))
+        }
+    }
+}
+
+/// A request whose mask names exactly the flags given.
+fn update_request(args: SettingsSetArgs) -> Result<pb::UpdateSettingsRequest, Error> {
+    let mut settings = pb::Settings::default();
+    let mut paths: Vec<String> = Vec::new();
+    macro_rules! field {
+        ($flag:ident, $convert:expr) => {
+            if let Some(value) = args.$flag {
+                settings.$flag = $convert(value);
+                paths.push(stringify!($flag).to_owned());
+            }
+        };
+    }
+    let plain = |value| value;
+    let duration = |value: std::time::Duration| Some(value.into());
+    field!(max_attempts, plain);
+    field!(connect_timeout, duration);
+    field!(first_byte_timeout, duration);
+    field!(idle_stream_timeout, duration);
+    field!(request_timeout, duration);
+    field!(cooldown_base, duration);
+    field!(cooldown_cap, duration);
+    field!(failure_threshold, plain);
+    field!(retry_on_rate_limit, std::convert::identity);
+    field!(retry_on_server_error, std::convert::identity);
+    field!(retry_on_connect_error, std::convert::identity);
+    field!(retry_on_timeout, std::convert::identity);
+    field!(usage_retention_days, plain);
+    if paths.is_empty() {
+        return Err(Error::Usage(
+            "nothing to set: give at least one flag (see `sluicectl settings set --help`)"
+                .to_owned(),
+        ));
+    }
+    Ok(pb::UpdateSettingsRequest {
+        settings: Some(settings),
+        update_mask: Some(FieldMask { paths }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::args::Cli;
+
+    fn set_args(argv: &[&str]) -> SettingsSetArgs {
+        let cli = Cli::try_parse_from(["sluicectl", "settings", "set"].iter().chain(argv)).unwrap();
+        match cli.command {
+            crate::args::Command::Settings(SettingsCommand::Set(args)) => args,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mask_names_the_flags_given() {
+        let request = update_request(set_args(&[
+            "--max-attempts",
+            "5",
+            "--cooldown-cap",
+            "2m",
+            "--retry-on-rate-limit",
+            "false",
+        ]))
+        .unwrap();
+        assert_eq!(
+            request.update_mask.unwrap().paths,
+            ["max_attempts", "cooldown_cap", "retry_on_rate_limit"]
+        );
+        let settings = request.settings.unwrap();
+        assert_eq!(settings.max_attempts, 5);
+        assert_eq!(settings.cooldown_cap, Some(Duration::from_secs(120).into()));
+        assert!(!settings.retry_on_rate_limit);
+    }
+
+    #[test]
+    fn nothing_to_set_is_a_usage_error() {
+        assert_eq!(update_request(set_args(&[])).unwrap_err().exit_code(), 2);
+    }
+}

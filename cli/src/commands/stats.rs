@@ -1,0 +1,125 @@
+//! `stats totals|usage`.
+
+use std::time::SystemTime;
+
+use sluice_proto::v1 as pb;
+use sluice_proto::wkt::Timestamp;
+
+use crate::args::{FilterArgs, RangeArgs, StatsCommand};
+use crate::connection::Connection;
+use crate::error::Error;
+use crate::render::{self, Output};
+use crate::time::to_timestamp;
+
+pub async fn run(
+    command: StatsCommand,
+    connection: &Connection,
+    out: &Output,
+) -> Result<(), Error> {
+    let mut stats = connection.stats().await?;
+    match command {
+        StatsCommand::Totals { range, filter } => {
+            let (start_time, end_time) = time_range(&range, SystemTime::now());
+            let request = pb::GetTotalsRequest {
+                start_time,
+                end_time,
+                backend_id: filter.backend.unwrap_or_default(),
+                model: filter.model.unwrap_or_default(),
+                client_key_id: filter.key.unwrap_or_default(),
+            };
+            let response = connection.call(stats.get_totals(request)).await?;
+            out.print(&response, render::totals)
+        }
+        StatsCommand::Usage {
+            by,
+            granularity,
+            range,
+            filter,
+        } => {
+            let request = usage_request(by, granularity, &range, filter, SystemTime::now());
+            let response = connection.call(stats.get_usage(request)).await?;
+            out.print(&response, render::usage)
+        }
+    }
+}
+
+fn usage_request(
+    by: Option<crate::args::GroupByArg>,
+    granularity: crate::args::GranularityArg,
+    range: &RangeArgs,
+    filter: FilterArgs,
+    now: SystemTime,
+) -> pb::GetUsageRequest {
+    let (start_time, end_time) = time_range(range, now);
+    pb::GetUsageRequest {
+        granularity: pb::Granularity::from(granularity).into(),
+        start_time,
+        end_time,
+        backend_id: filter.backend.unwrap_or_default(),
+        model: filter.model.unwrap_or_default(),
+        client_key_id: filter.key.unwrap_or_default(),
+        group_by: by
+            .map_or(pb::GroupBy::Unspecified, pb::GroupBy::from)
+            .into(),
+    }
+}
+
+/// `--since D` is `[now - D, now)`; `--start`/`--end` as given; nothing is all time.
+fn time_range(range: &RangeArgs, now: SystemTime) -> (Option<Timestamp>, Option<Timestamp>) {
+    match range.since {
+        Some(since) => (
+            Some(to_timestamp(
+                now.checked_sub(since).unwrap_or(SystemTime::UNIX_EPOCH),
+            )),
+            Some(to_timestamp(now)),
+        ),
+        None => (range.start.map(to_timestamp), range.end.map(to_timestamp)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::args::{GranularityArg, GroupByArg};
+
+    #[test]
+    fn since_ends_now() {
+        let now = UNIX_EPOCH + Duration::from_secs(200_000);
+        let range = RangeArgs {
+            since: Some(Duration::from_secs(86_400)),
+            start: None,
+            end: None,
+        };
+        let filter = FilterArgs {
+            backend: Some("b".into()),
+            model: None,
+            key: None,
+        };
+        let request = usage_request(
+            Some(GroupByArg::Key),
+            GranularityArg::Day,
+            &range,
+            filter,
+            now,
+        );
+        assert_eq!(request.start_time.unwrap().seconds, 200_000 - 86_400);
+        assert_eq!(request.end_time.unwrap().seconds, 200_000);
+        assert_eq!(request.group_by, pb::GroupBy::ClientKey as i32);
+        assert_eq!(request.granularity, pb::Granularity::Day as i32);
+        assert_eq!(request.backend_id, "b");
+    }
+
+    #[test]
+    fn no_range_is_all_time() {
+        let range = RangeArgs {
+            since: None,
+            start: None,
+            end: None,
+        };
+        assert_eq!(time_range(&range, SystemTime::now()), (None, None));
+    }
+}

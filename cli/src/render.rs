@@ -1,0 +1,542 @@
+//! How responses are printed: tables for people, the proto3 JSON mapping of
+//! the whole response for scripts (`-o json`).
+
+use std::io::Write;
+use std::time::SystemTime;
+
+use comfy_table::{CellAlignment, Table, presets};
+use serde::Serialize;
+use sluice_proto::v1 as pb;
+
+use crate::args::OutputFormat;
+use crate::error::Error;
+use crate::time;
+
+/// Prints responses in the format the user chose.
+pub struct Output {
+    format: OutputFormat,
+}
+
+impl Output {
+    pub fn new(format: OutputFormat) -> Self {
+        Self { format }
+    }
+
+    /// Prints `response` as JSON, or what `table` makes of it.
+    pub fn print<T: Serialize>(
+        &self,
+        response: &T,
+        table: impl FnOnce(&T) -> String,
+    ) -> Result<(), Error> {
+        let text = match self.format {
+            OutputFormat::Json => serde_json::to_string_pretty(response)
+                .map_err(|err| Error::Output(err.to_string()))?,
+            OutputFormat::Table => table(response),
+        };
+        write_stdout(&text)
+    }
+}
+
+fn write_stdout(text: &str) -> Result<(), Error> {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{}", text.trim_end()).and_then(|()| stdout.flush()) {
+        // `sluicectl backend list | head -1` is not an error.
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Error::Output(err.to_string()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Columns separated by spaces under upper-case headers, like `kubectl get`.
+fn grid(header: &[&str], rows: Vec<Vec<String>>, right_aligned: &[usize]) -> String {
+    let mut table = Table::new();
+    table
+        .load_preset(presets::NOTHING)
+        .set_header(header.to_vec());
+    table.add_rows(rows);
+    for (index, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, 2));
+        if right_aligned.contains(&index) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table.trim_fmt()
+}
+
+/// One `label  value` line per field.
+fn fields(rows: Vec<(&str, String)>) -> String {
+    let mut table = Table::new();
+    table.load_preset(presets::NOTHING);
+    table.add_rows(
+        rows.into_iter()
+            .map(|(label, value)| vec![label.to_owned(), value]),
+    );
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    table.trim_fmt()
+}
+
+fn pool(pool: i32) -> String {
+    match pb::Pool::try_from(pool) {
+        Ok(pb::Pool::Primary) => "primary".to_owned(),
+        Ok(pb::Pool::Fallback) => "fallback".to_owned(),
+        Ok(pb::Pool::Unspecified) => "-".to_owned(),
+        Err(_) => pool.to_string(),
+    }
+}
+
+fn yes_no(value: bool) -> String {
+    if value { "yes" } else { "no" }.to_owned()
+}
+
+/// An RPM limit, where 0 means none.
+fn limit(rpm: u32) -> String {
+    if rpm == 0 {
+        "-".to_owned()
+    } else {
+        rpm.to_string()
+    }
+}
+
+fn key_hint(hint: &str) -> String {
+    if hint.is_empty() {
+        "-".to_owned()
+    } else {
+        format!("…{hint}")
+    }
+}
+
+/// `2025-01-31T12:00:00Z (3m ago)`.
+fn when(timestamp: Option<&sluice_proto::wkt::Timestamp>, now: SystemTime) -> String {
+    match timestamp {
+        Some(_) => format!(
+            "{} ({})",
+            time::absolute(timestamp),
+            time::relative(timestamp, now)
+        ),
+        None => "-".to_owned(),
+    }
+}
+
+fn cost(value: f64) -> String {
+    format!("{value:.4}")
+}
+
+fn millis(value: f64) -> String {
+    if value > 0.0 {
+        format!("{value:.0}ms")
+    } else {
+        "-".to_owned()
+    }
+}
+
+fn percent(value: f64) -> String {
+    format!("{:.1}%", value * 100.0)
+}
+
+/// `backend list`.
+pub fn backends(response: &pb::ListBackendsResponse) -> String {
+    if response.backends.is_empty() {
+        return "No backends.".to_owned();
+    }
+    let rows = response
+        .backends
+        .iter()
+        .map(|backend| {
+            vec![
+                backend.name.clone(),
+                backend.id.clone(),
+                pool(backend.pool),
+                backend.priority.to_string(),
+                backend.weight.to_string(),
+                backend
+                    .models
+                    .iter()
+                    .map(|model| model.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                limit(backend.rpm_limit),
+                yes_no(backend.enabled),
+                key_hint(&backend.api_key_hint),
+            ]
+        })
+        .collect();
+    grid(
+        &[
+            "NAME", "ID", "POOL", "PRIORITY", "WEIGHT", "MODELS", "RPM", "ENABLED", "KEY",
+        ],
+        rows,
+        &[3, 4, 6],
+    )
+}
+
+/// `backend get`, `add`, `update`, `enable`, `disable`: the fields, then the models.
+pub fn backend(backend: Option<&pb::Backend>) -> String {
+    let Some(backend) = backend else {
+        return "The control plane returned no backend.".to_owned();
+    };
+    let now = SystemTime::now();
+    let summary = fields(vec![
+        ("name", backend.name.clone()),
+        ("id", backend.id.clone()),
+        ("base url", backend.base_url.clone()),
+        ("pool", pool(backend.pool)),
+        ("priority", backend.priority.to_string()),
+        ("weight", backend.weight.to_string()),
+        ("rpm limit", limit(backend.rpm_limit)),
+        ("enabled", yes_no(backend.enabled)),
+        ("api key", key_hint(&backend.api_key_hint)),
+        ("created", when(backend.create_time.as_ref(), now)),
+        ("updated", when(backend.update_time.as_ref(), now)),
+    ]);
+    let models = grid(
+        &["MODEL", "UPSTREAM", "INPUT $/MTOK", "OUTPUT $/MTOK"],
+        backend
+            .models
+            .iter()
+            .map(|model| {
+                vec![
+                    model.name.clone(),
+                    model.upstream_name.clone(),
+                    model.input_price_per_mtok.to_string(),
+                    model.output_price_per_mtok.to_string(),
+                ]
+            })
+            .collect(),
+        &[2, 3],
+    );
+    format!("{summary}\n\n{models}")
+}
+
+/// `key list`.
+pub fn client_keys(response: &pb::ListClientKeysResponse) -> String {
+    if response.client_keys.is_empty() {
+        return "No client keys.".to_owned();
+    }
+    let now = SystemTime::now();
+    let rows = response
+        .client_keys
+        .iter()
+        .map(|key| {
+            vec![
+                key.name.clone(),
+                key.id.clone(),
+                format!("{}…", key.key_prefix),
+                allowed_models(&key.allowed_models),
+                limit(key.rpm_limit),
+                if key.revoked {
+                    format!("revoked {}", time::relative(key.revoke_time.as_ref(), now))
+                } else {
+                    "active".to_owned()
+                },
+                time::relative(key.create_time.as_ref(), now),
+            ]
+        })
+        .collect();
+    grid(
+        &["NAME", "ID", "PREFIX", "MODELS", "RPM", "STATUS", "CREATED"],
+        rows,
+        &[4],
+    )
+}
+
+fn allowed_models(models: &[String]) -> String {
+    if models.is_empty() {
+        "all".to_owned()
+    } else {
+        models.join(",")
+    }
+}
+
+/// `key create`: the key on a line of its own, and that it will not be shown again.
+pub fn created_client_key(response: &pb::CreateClientKeyResponse) -> String {
+    let (name, id, models, rpm) = match &response.client_key {
+        Some(key) => (
+            key.name.as_str(),
+            key.id.as_str(),
+            allowed_models(&key.allowed_models),
+            limit(key.rpm_limit),
+        ),
+        None => ("", "", "-".to_owned(), "-".to_owned()),
+    };
+    format!(
+        "Created client key {name:?} (id {id}, models {models}, rpm {rpm}).\n\n\
+         {key}\n\n\
+         This is the only time the key is shown: store it now. It cannot be shown again.",
+        key = response.key,
+    )
+}
+
+/// `cooldown list`.
+pub fn cooldowns(response: &pb::ListCooldownsResponse) -> String {
+    if response.cooldowns.is_empty() {
+        return "No backend is cooling down.".to_owned();
+    }
+    let now = SystemTime::now();
+    let rows = response
+        .cooldowns
+        .iter()
+        .map(|cooldown| {
+            vec![
+                cooldown.backend_name.clone(),
+                cooldown.backend_id.clone(),
+                when(cooldown.until.as_ref(), now),
+                cooldown.consecutive_failures.to_string(),
+                cooldown.reason.clone(),
+                cooldown.reported_by.clone(),
+            ]
+        })
+        .collect();
+    grid(
+        &[
+            "BACKEND",
+            "ID",
+            "UNTIL",
+            "FAILURES",
+            "REASON",
+            "REPORTED BY",
+        ],
+        rows,
+        &[3],
+    )
+}
+
+/// `dataplane list`.
+pub fn data_planes(response: &pb::ListDataPlanesResponse) -> String {
+    if response.data_planes.is_empty() {
+        return "No data plane has connected.".to_owned();
+    }
+    let now = SystemTime::now();
+    let rows = response
+        .data_planes
+        .iter()
+        .map(|node| {
+            vec![
+                node.node_id.clone(),
+                node.hostname.clone(),
+                node.peer_address.clone(),
+                format!("{}/{}", node.acked_version, node.latest_version),
+                if node.connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
+                .to_owned(),
+                time::relative(node.last_seen_time.as_ref(), now),
+                node.build_version.clone(),
+                if node.last_error.is_empty() {
+                    "-".to_owned()
+                } else {
+                    node.last_error.clone()
+                },
+            ]
+        })
+        .collect();
+    grid(
+        &[
+            "NODE",
+            "HOSTNAME",
+            "PEER",
+            "ACKED/LATEST",
+            "STATUS",
+            "LAST SEEN",
+            "BUILD",
+            "LAST ERROR",
+        ],
+        rows,
+        &[3],
+    )
+}
+
+/// `settings get` and `set`, labelled with the flag names of `settings set`.
+pub fn settings(settings: Option<&pb::Settings>) -> String {
+    let Some(s) = settings else {
+        return "The control plane returned no settings.".to_owned();
+    };
+    fields(vec![
+        ("max-attempts", s.max_attempts.to_string()),
+        (
+            "connect-timeout",
+            time::duration(s.connect_timeout.as_ref()),
+        ),
+        (
+            "first-byte-timeout",
+            time::duration(s.first_byte_timeout.as_ref()),
+        ),
+        (
+            "idle-stream-timeout",
+            time::duration(s.idle_stream_timeout.as_ref()),
+        ),
+        (
+            "request-timeout",
+            time::duration(s.request_timeout.as_ref()),
+        ),
+        ("cooldown-base", time::duration(s.cooldown_base.as_ref())),
+        ("cooldown-cap", time::duration(s.cooldown_cap.as_ref())),
+        ("failure-threshold", s.failure_threshold.to_string()),
+        ("retry-on-rate-limit", s.retry_on_rate_limit.to_string()),
+        ("retry-on-server-error", s.retry_on_server_error.to_string()),
+        (
+            "retry-on-connect-error",
+            s.retry_on_connect_error.to_string(),
+        ),
+        ("retry-on-timeout", s.retry_on_timeout.to_string()),
+        ("usage-retention-days", s.usage_retention_days.to_string()),
+    ])
+}
+
+/// `stats totals`.
+pub fn totals(t: &pb::GetTotalsResponse) -> String {
+    fields(vec![
+        ("requests", t.request_count.to_string()),
+        ("errors", t.error_count.to_string()),
+        ("error rate", percent(t.error_rate)),
+        ("streamed", t.stream_count.to_string()),
+        ("prompt tokens", t.prompt_tokens.to_string()),
+        ("completion tokens", t.completion_tokens.to_string()),
+        ("total tokens", t.total_tokens.to_string()),
+        ("cost", cost(t.cost)),
+        ("avg latency", millis(t.avg_latency_ms)),
+        ("p50 latency", millis(t.p50_latency_ms)),
+        ("p95 latency", millis(t.p95_latency_ms)),
+        ("p99 latency", millis(t.p99_latency_ms)),
+        ("avg ttft", millis(t.avg_ttft_ms)),
+    ])
+}
+
+/// `stats usage`: one row per bucket (and group).
+pub fn usage(response: &pb::GetUsageResponse) -> String {
+    if response.buckets.is_empty() {
+        return "No usage in this range.".to_owned();
+    }
+    let grouped = response
+        .buckets
+        .iter()
+        .any(|bucket| !bucket.group_key.is_empty());
+    let rows = response
+        .buckets
+        .iter()
+        .map(|bucket| {
+            let mut row = vec![time::absolute(bucket.start_time.as_ref())];
+            if grouped {
+                row.push(if bucket.group_label.is_empty() {
+                    bucket.group_key.clone()
+                } else {
+                    bucket.group_label.clone()
+                });
+            }
+            row.extend([
+                bucket.request_count.to_string(),
+                bucket.error_count.to_string(),
+                bucket.prompt_tokens.to_string(),
+                bucket.completion_tokens.to_string(),
+                cost(bucket.cost),
+                millis(bucket.p50_latency_ms),
+                millis(bucket.p95_latency_ms),
+                millis(bucket.avg_ttft_ms),
+            ]);
+            row
+        })
+        .collect();
+    let mut header = vec!["START"];
+    if grouped {
+        header.push("GROUP");
+    }
+    header.extend([
+        "REQUESTS",
+        "ERRORS",
+        "PROMPT",
+        "COMPLETION",
+        "COST",
+        "P50",
+        "P95",
+        "AVG TTFT",
+    ]);
+    let first_number = header.len() - 8;
+    let right: Vec<usize> = (first_number..header.len()).collect();
+    grid(&header, rows, &right)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn sample_backend() -> pb::Backend {
+        pb::Backend {
+            id: "b-1".into(),
+            name: "openai-main".into(),
+            base_url: "https://api.openai.com/v1".into(),
+            pool: pb::Pool::Primary as i32,
+            priority: 10,
+            weight: 1,
+            models: vec![pb::ModelRoute {
+                name: "gpt-4o-mini".into(),
+                upstream_name: "gpt-4o-mini-2024".into(),
+                input_price_per_mtok: 0.15,
+                output_price_per_mtok: 0.6,
+            }],
+            rpm_limit: 500,
+            enabled: true,
+            api_key_hint: "abcd".into(),
+            create_time: None,
+            update_time: None,
+        }
+    }
+
+    #[test]
+    fn backend_list_has_a_row_per_backend() {
+        let text = backends(&pb::ListBackendsResponse {
+            backends: vec![sample_backend()],
+        });
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with("NAME"), "{text}");
+        for cell in [
+            "openai-main",
+            "b-1",
+            "primary",
+            "10",
+            "gpt-4o-mini",
+            "500",
+            "yes",
+            "…abcd",
+        ] {
+            assert!(lines[1].contains(cell), "{cell} missing in {text}");
+        }
+        assert_eq!(text.lines().filter(|l| l.ends_with(' ')).count(), 0);
+    }
+
+    #[test]
+    fn backend_detail_shows_upstream_names_and_prices() {
+        let text = backend(Some(&sample_backend()));
+        assert!(text.contains("https://api.openai.com/v1"), "{text}");
+        assert!(text.contains("gpt-4o-mini-2024"), "{text}");
+        assert!(text.contains("0.15") && text.contains("0.6"), "{text}");
+    }
+
+    #[test]
+    fn created_key_says_it_is_shown_once() {
+        let text = created_client_key(&pb::CreateClientKeyResponse {
+            client_key: None,
+            key: "sk-sluice-abc".into(),
+        });
+        assert!(text.lines().any(|line| line == "sk-sluice-abc"), "{text}");
+        assert!(text.contains("cannot be shown again"), "{text}");
+    }
+
+    #[test]
+    fn empty_lists_say_so() {
+        assert_eq!(
+            backends(&pb::ListBackendsResponse::default()),
+            "No backends."
+        );
+        assert_eq!(
+            usage(&pb::GetUsageResponse::default()),
+            "No usage in this range."
+        );
+    }
+}

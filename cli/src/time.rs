@@ -1,0 +1,141 @@
+//! Conversions between protobuf times and `std::time`, and how times read in a
+//! table: RFC 3339 in UTC, or relative to now ("in 12s", "3m ago").
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sluice_proto::wkt;
+
+/// A protobuf `Timestamp` for `time`.
+pub fn to_timestamp(time: SystemTime) -> wkt::Timestamp {
+    let (seconds, nanos) = match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => (
+            i64::try_from(after.as_secs()).unwrap_or(i64::MAX),
+            after.subsec_nanos(),
+        ),
+        Err(before) => {
+            let before = before.duration();
+            let seconds = -i64::try_from(before.as_secs()).unwrap_or(i64::MAX);
+            // Protobuf keeps nanos non-negative: -1.5 s is seconds -2, nanos 0.5e9.
+            match before.subsec_nanos() {
+                0 => (seconds, 0),
+                nanos => (seconds - 1, 1_000_000_000 - nanos),
+            }
+        }
+    };
+    wkt::Timestamp {
+        seconds,
+        nanos: i32::try_from(nanos).unwrap_or(0),
+    }
+}
+
+/// The `SystemTime` of a protobuf `Timestamp`; `None` when out of range.
+pub fn from_timestamp(timestamp: &wkt::Timestamp) -> Option<SystemTime> {
+    let nanos = u32::try_from(timestamp.nanos).ok()?;
+    let seconds = if timestamp.seconds >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(timestamp.seconds.unsigned_abs()))?
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(timestamp.seconds.unsigned_abs()))?
+    };
+    seconds.checked_add(Duration::from_nanos(u64::from(nanos)))
+}
+
+/// `2025-01-31T12:00:00Z`, or `-` when unset.
+pub fn absolute(timestamp: Option<&wkt::Timestamp>) -> String {
+    match timestamp.and_then(from_timestamp) {
+        Some(time) => humantime::format_rfc3339_seconds(time).to_string(),
+        None => "-".to_owned(),
+    }
+}
+
+/// `in 12s`, `3m ago`, `just now`, or `-` when unset.
+pub fn relative(timestamp: Option<&wkt::Timestamp>, now: SystemTime) -> String {
+    let Some(time) = timestamp.and_then(from_timestamp) else {
+        return "-".to_owned();
+    };
+    match time.duration_since(now) {
+        Ok(ahead) if ahead.as_secs() >= 1 => format!("in {}", coarse(ahead)),
+        Ok(_) => "just now".to_owned(),
+        Err(behind) if behind.duration().as_secs() >= 1 => {
+            format!("{} ago", coarse(behind.duration()))
+        }
+        Err(_) => "just now".to_owned(),
+    }
+}
+
+/// One unit, rounded down: 59s, 3m, 5h, 12d.
+fn coarse(span: Duration) -> String {
+    let seconds = span.as_secs();
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m", seconds / 60),
+        3600..172_800 => format!("{}h", seconds / 3600),
+        _ => format!("{}d", seconds / 86_400),
+    }
+}
+
+/// A protobuf `Duration` as `1m 30s`, or `-` when unset or negative.
+pub fn duration(value: Option<&wkt::Duration>) -> String {
+    match value.and_then(|value| Duration::try_from(*value).ok()) {
+        Some(duration) => humantime::format_duration(duration).to_string(),
+        None => "-".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip() {
+        for time in [
+            UNIX_EPOCH,
+            UNIX_EPOCH + Duration::new(1_738_281_600, 5),
+            UNIX_EPOCH - Duration::from_millis(1500),
+        ] {
+            let timestamp = to_timestamp(time);
+            assert!((0..1_000_000_000).contains(&timestamp.nanos));
+            assert_eq!(from_timestamp(&timestamp), Some(time));
+        }
+        assert_eq!(
+            to_timestamp(UNIX_EPOCH - Duration::from_millis(1500)),
+            wkt::Timestamp {
+                seconds: -2,
+                nanos: 500_000_000
+            }
+        );
+    }
+
+    #[test]
+    fn relative_times_read_naturally() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let at = |offset: i64| {
+            Some(wkt::Timestamp {
+                seconds: 1_000_000 + offset,
+                nanos: 0,
+            })
+        };
+        assert_eq!(relative(at(12).as_ref(), now), "in 12s");
+        assert_eq!(relative(at(-180).as_ref(), now), "3m ago");
+        assert_eq!(relative(at(-7200).as_ref(), now), "2h ago");
+        assert_eq!(relative(at(3 * 86_400).as_ref(), now), "in 3d");
+        assert_eq!(relative(at(0).as_ref(), now), "just now");
+        assert_eq!(relative(None, now), "-");
+    }
+
+    #[test]
+    fn absolute_and_duration() {
+        let timestamp = wkt::Timestamp {
+            seconds: 1_738_281_600,
+            nanos: 0,
+        };
+        assert_eq!(absolute(Some(&timestamp)), "2025-01-31T00:00:00Z");
+        assert_eq!(absolute(None), "-");
+        let value = wkt::Duration {
+            seconds: 90,
+            nanos: 0,
+        };
+        assert_eq!(duration(Some(&value)), "1m 30s");
+    }
+}
