@@ -343,13 +343,13 @@ pub struct RangeArgs {
 /// Filters on usage; none given matches everything.
 #[derive(Debug, Args)]
 pub struct FilterArgs {
-    /// Only this backend (id).
+    /// Only this backend (id or name).
     #[arg(long)]
     pub backend: Option<String>,
     /// Only this public model name.
     #[arg(long)]
     pub model: Option<String>,
-    /// Only this client key (id).
+    /// Only this client key (id or name).
     #[arg(long)]
     pub key: Option<String>,
 }

@@ -10,7 +10,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::args::GlobalArgs;
 use crate::error::Error;
@@ -109,6 +109,20 @@ impl Connection {
                 timeout: humantime::format_duration(self.timeout).to_string(),
             }),
         }
+    }
+
+    /// Like [`Connection::call`], but `NOT_FOUND` is `Ok(None)`.
+    pub async fn find<T>(
+        &self,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<Option<T>, Error> {
+        self.call(async {
+            match call.await {
+                Err(status) if status.code() == Code::NotFound => Ok(Response::new(None)),
+                other => other.map(|response| response.map(Some)),
+            }
+        })
+        .await
     }
 
     async fn channel(&self) -> Result<Channel, Error> {

@@ -807,6 +807,12 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
         .json();
     let backend_id = added["backend"]["id"].as_str().unwrap().to_owned();
 
+    let key = h
+        .ctl(&["-o", "json", "key", "create", "--name", "team-a"])
+        .await
+        .json();
+    let key_id = key["clientKey"]["id"].as_str().unwrap().to_owned();
+
     let mut client = replica::client(&h.control.grpc_url, &h.control.dataplane_token).await;
     let (_keep_open, _snapshots, version) = replica::connect(&mut client, "replica-7").await;
 
@@ -816,6 +822,7 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
         request_id: format!("req-{sequence}"),
         backend_id: backend_id.clone(),
         model: "gpt-4o-mini".into(),
+        client_key_id: key_id.clone(),
         prompt_tokens: 1_000,
         completion_tokens: 500,
         latency: Some(Duration::from_millis(120).into()),
@@ -884,6 +891,38 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
     // 2 × (1000 × 0.15 + 500 × 0.60) / 1M
     let cost = totals["cost"].as_f64().unwrap();
     assert!((cost - 0.0009).abs() < 1e-12, "{cost}");
+    // Filters take names too.
+    let by_name = h
+        .ctl(&["-o", "json", "stats", "totals", "--backend", "busy"])
+        .await
+        .json();
+    assert_eq!(by_name["requestCount"], "2");
+    let by_key = h
+        .ctl(&[
+            "-o",
+            "json",
+            "stats",
+            "totals",
+            "--key",
+            "team-a",
+            "--model",
+            "gpt-4o-mini",
+        ])
+        .await
+        .json();
+    assert_eq!(by_key["requestCount"], "2");
+    let other = h
+        .ctl(&[
+            "-o",
+            "json",
+            "stats",
+            "totals",
+            "--backend",
+            "no-such-backend",
+        ])
+        .await
+        .json();
+    assert!(other.get("requestCount").is_none(), "{other}");
     let table = h.ctl(&["stats", "totals", "--since", "24h"]).await;
     assert!(
         table

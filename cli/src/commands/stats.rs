@@ -16,9 +16,9 @@ pub async fn run(
     connection: &Connection,
     out: &Output,
 ) -> Result<(), Error> {
-    let mut stats = connection.stats().await?;
     match command {
         StatsCommand::Totals { range, filter } => {
+            let filter = resolve(filter, connection).await?;
             let (start_time, end_time) = time_range(&range, SystemTime::now());
             let request = pb::GetTotalsRequest {
                 start_time,
@@ -27,6 +27,7 @@ pub async fn run(
                 model: filter.model.unwrap_or_default(),
                 client_key_id: filter.key.unwrap_or_default(),
             };
+            let mut stats = connection.stats().await?;
             let response = connection.call(stats.get_totals(request)).await?;
             out.print(&response, render::totals)
         }
@@ -36,11 +37,50 @@ pub async fn run(
             range,
             filter,
         } => {
+            let filter = resolve(filter, connection).await?;
             let request = usage_request(by, granularity, &range, filter, SystemTime::now());
+            let mut stats = connection.stats().await?;
             let response = connection.call(stats.get_usage(request)).await?;
             out.print(&response, render::usage)
         }
     }
+}
+
+/// Usage is keyed by ids, while operators think in names: a backend or client
+/// key filter that names one is replaced by its id. Anything else is passed on
+/// as an id, since usage outlives deleted backends.
+async fn resolve(mut filter: FilterArgs, connection: &Connection) -> Result<FilterArgs, Error> {
+    if filter.backend.is_none() && filter.key.is_none() {
+        return Ok(filter);
+    }
+    let mut admin = connection.admin().await?;
+    if let Some(backend) = &mut filter.backend {
+        let request = pb::GetBackendRequest {
+            id: backend.clone(),
+        };
+        if let Some(pb::GetBackendResponse {
+            backend: Some(found),
+        }) = connection.find(admin.get_backend(request)).await?
+        {
+            *backend = found.id;
+        }
+    }
+    if let Some(key) = &mut filter.key {
+        let keys = connection
+            .call(admin.list_client_keys(pb::ListClientKeysRequest {}))
+            .await?
+            .client_keys;
+        let by_name = keys
+            .iter()
+            .filter(|candidate| candidate.name == *key)
+            .min_by_key(|candidate| candidate.revoked);
+        if let Some(found) = by_name
+            && !keys.iter().any(|candidate| candidate.id == *key)
+        {
+            *key = found.id.clone();
+        }
+    }
+    Ok(filter)
 }
 
 fn usage_request(
