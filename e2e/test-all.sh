@@ -16,9 +16,9 @@ if [ ${#missing_apt[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing_apt[@]}" >/dev/null
 fi
-if ! python3 -c 'import grpc_tools, openai' >/dev/null 2>&1; then
-  log "installing grpcio-tools and openai (pip)"
-  python3 -m pip install --quiet grpcio-tools openai
+if ! python3 -c 'import grpc_tools, openai, kubernetes_validate' >/dev/null 2>&1; then
+  log "installing grpcio-tools, openai and kubernetes-validate (pip)"
+  python3 -m pip install --quiet grpcio-tools openai kubernetes-validate
 fi
 if [ ! -x e2e/.tools/node_modules/.bin/buf ] || [ ! -d e2e/.tools/node_modules/openai ]; then
   log "installing buf and openai (npm, into e2e/.tools)"
