@@ -1,0 +1,98 @@
+//! Command-line and environment configuration of `sluice-proxy`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A secret string whose `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `sluice-proxy`: the Sluice data plane.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "sluice-proxy", version, about)]
+pub struct Config {
+    /// The control plane's gRPC address.
+    #[arg(
+        long,
+        env = "SLUICE_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub control_plane: String,
+    /// Address of the OpenAI-compatible HTTP listener (port 0 picks a free one).
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Names this replica to the control plane; default `<hostname>-<random>`.
+    #[arg(long, env = "SLUICE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// The data-plane token (prefer the environment variable or the file).
+    #[arg(long, env = "SLUICE_DATAPLANE_TOKEN", hide_env_values = true)]
+    pub dataplane_token: Option<Secret>,
+    /// A file holding the data-plane token; wins over the variable.
+    #[arg(long, env = "SLUICE_DATAPLANE_TOKEN_FILE")]
+    pub dataplane_token_file: Option<PathBuf>,
+    /// Largest accepted request body; larger ones get 413.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest non-streamed upstream response body read.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub max_response_bytes: usize,
+    /// Usage records held while the control plane has not acked them; beyond, the oldest go.
+    #[arg(long, default_value_t = crate::usage::DEFAULT_CAPACITY)]
+    pub usage_queue: usize,
+    /// On SIGTERM/SIGINT, how long in-flight requests and streams may take to finish.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// After draining, how long to wait for the control plane to ack the last usage.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub usage_flush_timeout: Duration,
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Defaults for everything, listening on `listen`, talking to `control_plane`.
+    pub fn new(control_plane: impl Into<String>, listen: SocketAddr) -> Self {
+        Self {
+            control_plane: control_plane.into(),
+            listen,
+            node_id: None,
+            dataplane_token: None,
+            dataplane_token_file: None,
+            max_body_bytes: 16 * 1024 * 1024,
+            max_response_bytes: 64 * 1024 * 1024,
+            usage_queue: crate::usage::DEFAULT_CAPACITY,
+            drain_timeout: Duration::from_secs(30),
+            usage_flush_timeout: Duration::from_secs(10),
+            log_format: LogFormat::Text,
+        }
+    }
+
+    /// The token from the file if one is named, else from the flag or variable.
+    pub fn token(&self) -> std::io::Result<Option<String>> {
+        if let Some(path) = &self.dataplane_token_file {
+            let token = std::fs::read_to_string(path)?;
+            return Ok(Some(token.trim().to_owned()));
+        }
+        Ok(self.dataplane_token.as_ref().map(|s| s.0.clone()))
+    }
+}

@@ -1,0 +1,218 @@
+//! Every error the proxy itself answers with, and the one mapping to an HTTP status and an
+//! OpenAI-style body `{"error":{"message","type","param","code"}}`. Messages never echo a key.
+
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+use sluice_proto::v1::ErrorKind;
+
+use crate::request::RequestError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("This Sluice data plane has not received its configuration yet; try again shortly.")]
+    NotReady,
+    #[error(
+        "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+    )]
+    MissingApiKey,
+    #[error("Incorrect API key provided.")]
+    InvalidApiKey,
+    #[error("The request body is larger than the limit of {limit} bytes.")]
+    BodyTooLarge { limit: usize },
+    #[error("The request body could not be read.")]
+    BodyUnreadable,
+    #[error(transparent)]
+    InvalidRequest(#[from] RequestError),
+    #[error("This API key is not allowed to use the model `{0}`.")]
+    ModelNotAllowed(String),
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    #[error("Rate limit reached for this API key. Please try again in {}s.", retry_after_secs(*.retry_after))]
+    KeyRateLimited { retry_after: Duration },
+    #[error(
+        "Every backend serving `{model}` is cooling down or at its rate limit. Please try again in {}s.",
+        retry_after_secs(*.retry_after)
+    )]
+    BackendsBusy {
+        model: String,
+        retry_after: Duration,
+    },
+    #[error("The upstream provider could not be reached.")]
+    UpstreamConnect,
+    #[error("The upstream provider did not answer in time.")]
+    UpstreamTimeout,
+    #[error("The upstream provider sent an invalid or oversized response.")]
+    UpstreamInvalid,
+    #[error("Invalid URL ({method} {path})")]
+    UnknownPath { method: String, path: String },
+    #[error("Method {method} is not allowed for {path}.")]
+    MethodNotAllowed { method: String, path: String },
+}
+
+/// `Retry-After` in whole seconds, rounded up, at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyUnreadable | Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::ModelNotFound(_) | Self::UnknownPath { .. } => StatusCode::NOT_FOUND,
+            Self::KeyRateLimited { .. } | Self::BackendsBusy { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::UpstreamConnect | Self::UpstreamInvalid => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    /// OpenAI's `type` and `code` for this error.
+    fn type_and_code(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::NotReady => ("server_error", "not_ready"),
+            Self::MissingApiKey | Self::InvalidApiKey => {
+                ("invalid_request_error", "invalid_api_key")
+            }
+            Self::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
+            Self::BodyUnreadable => ("invalid_request_error", "invalid_request_body"),
+            Self::InvalidRequest(e) => ("invalid_request_error", e.code()),
+            Self::ModelNotAllowed(_) => ("invalid_request_error", "model_not_allowed"),
+            Self::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
+            Self::KeyRateLimited { .. } | Self::BackendsBusy { .. } => {
+                ("requests", "rate_limit_exceeded")
+            }
+            Self::UpstreamConnect => ("server_error", "upstream_unreachable"),
+            Self::UpstreamTimeout => ("server_error", "upstream_timeout"),
+            Self::UpstreamInvalid => ("server_error", "upstream_invalid_response"),
+            Self::UnknownPath { .. } => ("invalid_request_error", "unknown_url"),
+            Self::MethodNotAllowed { .. } => ("invalid_request_error", "method_not_allowed"),
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::InvalidRequest(e) => e.param(),
+            Self::ModelNotAllowed(_) | Self::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// How long the client should wait, for the `Retry-After` header.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::KeyRateLimited { retry_after } | Self::BackendsBusy { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
+    }
+
+    /// What the usage record says about a request that ended with this error.
+    pub fn error_kind(&self) -> ErrorKind {
+        match self {
+            Self::KeyRateLimited { .. } | Self::BackendsBusy { .. } => ErrorKind::RateLimited,
+            Self::ModelNotFound(_) => ErrorKind::NoBackend,
+            Self::UpstreamConnect | Self::UpstreamInvalid => ErrorKind::UpstreamConnect,
+            Self::UpstreamTimeout => ErrorKind::UpstreamTimeout,
+            Self::NotReady => ErrorKind::Internal,
+            // Client errors: the status code tells them apart; there is no kind for them.
+            _ => ErrorKind::Unspecified,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Bytes {
+        let (kind, code) = self.type_and_code();
+        error_body(&self.to_string(), kind, self.param(), Some(code))
+    }
+}
+
+/// An OpenAI-style error body.
+pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> Bytes {
+    #[derive(Serialize)]
+    struct Inner<'a> {
+        message: &'a str,
+        #[serde(rename = "type")]
+        kind: &'a str,
+        param: Option<&'a str>,
+        code: Option<&'a str>,
+    }
+    #[derive(Serialize)]
+    struct Outer<'a> {
+        error: Inner<'a>,
+    }
+    let body = Outer {
+        error: Inner {
+            message,
+            kind,
+            param,
+            code,
+        },
+    };
+    // Serialising plain strings cannot fail; an empty body would still be a valid response.
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), self.body()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(wait) = self.retry_after() {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(wait)),
+            );
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn rounds_retry_after_up() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+    }
+
+    #[test]
+    fn bodies_are_openai_shaped() {
+        let e = ProxyError::ModelNotFound("gpt-9".into());
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {
+                "message": "The model `gpt-9` does not exist or you do not have access to it.",
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found"
+            }})
+        );
+        let r = ProxyError::BackendsBusy {
+            model: "m".into(),
+            retry_after: Duration::from_millis(2500),
+        }
+        .into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "3");
+    }
+}

@@ -1,0 +1,298 @@
+//! The OpenAI-compatible HTTP surface: routes, client authentication, body limits, and the
+//! hand-off to routing (`forward`) and stream relaying (`relay`).
+
+mod accounting;
+mod forward;
+mod relay;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+pub use accounting::{CLIENT_CLOSED_REQUEST, Tokens, usage_of};
+
+use crate::error::ProxyError;
+use crate::request;
+use crate::snapshot::{ClientKey, Endpoint, Snapshot, SnapshotStore};
+use crate::usage::UsageSink;
+use accounting::Accounting;
+
+/// Size limits for request and response bodies.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+    /// Larger non-streamed upstream bodies count as a failed attempt (502).
+    pub max_response_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 * 1024 * 1024,
+            max_response_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub store: Arc<SnapshotStore>,
+    pub usage: UsageSink,
+    pub limits: Limits,
+    /// Stream relays still running; shutdown waits for them so their usage is recorded.
+    pub tasks: TaskTracker,
+}
+
+/// The HTTP routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*model}", get(get_model))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn chat_completions(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    serve(app, Endpoint::ChatCompletions, request).await
+}
+
+async fn completions(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    serve(app, Endpoint::Completions, request).await
+}
+
+async fn embeddings(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    serve(app, Endpoint::Embeddings, request).await
+}
+
+/// One proxied request, from arrival to the response head.
+async fn serve(app: Arc<AppState>, endpoint: Endpoint, request: Request) -> Response {
+    let started = Instant::now();
+    let arrived = SystemTime::now();
+    let request_id = request_id(request.headers());
+    let response = match app.store.load() {
+        None => ProxyError::NotReady.into_response(),
+        Some(snapshot) => match authenticate(&snapshot, request.headers()) {
+            Err(e) => e.into_response(),
+            Ok(key) => {
+                let acct = Accounting::new(
+                    app.usage.clone(),
+                    &request_id,
+                    &key.id,
+                    endpoint,
+                    started,
+                    arrived,
+                );
+                authorized(&app, &snapshot, key, endpoint, request, acct).await
+            }
+        },
+    };
+    with_request_id(response, &request_id)
+}
+
+async fn authorized(
+    app: &Arc<AppState>,
+    snapshot: &Snapshot,
+    key: &ClientKey,
+    endpoint: Endpoint,
+    request: Request,
+    mut acct: Accounting,
+) -> Response {
+    let body = match read_body(request, app.limits.max_body_bytes).await {
+        Ok(body) => body,
+        Err(e) => return forward::error(acct, e),
+    };
+    let parsed = match request::parse(&body) {
+        Ok(parsed) => parsed,
+        Err(e) => return forward::error(acct, e.into()),
+    };
+    acct.set_request(&parsed.model, parsed.stream && endpoint.can_stream());
+    if !key.may_use(&parsed.model) {
+        return forward::error(acct, ProxyError::ModelNotAllowed(parsed.model.to_string()));
+    }
+    let Some(routes) = snapshot.routes(&parsed.model) else {
+        return forward::error(acct, ProxyError::ModelNotFound(parsed.model.to_string()));
+    };
+    if let Some(limiter) = &key.limiter
+        && let Err(retry_after) = limiter.try_acquire(Instant::now())
+    {
+        return forward::error(acct, ProxyError::KeyRateLimited { retry_after });
+    }
+    forward::forward(app, snapshot, routes, endpoint, &parsed, acct).await
+}
+
+/// The client key named by `Authorization: Bearer <key>`, looked up by its SHA-256.
+fn authenticate<'s>(
+    snapshot: &'s Snapshot,
+    headers: &HeaderMap,
+) -> Result<&'s ClientKey, ProxyError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(ProxyError::MissingApiKey)?;
+    let value = value
+        .to_str()
+        .map_err(|_| ProxyError::InvalidApiKey)?
+        .trim();
+    let (scheme, key) = value.split_once(' ').ok_or(ProxyError::InvalidApiKey)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(ProxyError::InvalidApiKey);
+    }
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(ProxyError::MissingApiKey);
+    }
+    let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+    snapshot.client_key(&hash).ok_or(ProxyError::InvalidApiKey)
+}
+
+async fn read_body(request: Request, limit: usize) -> Result<Bytes, ProxyError> {
+    let too_large = ProxyError::BodyTooLarge { limit };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large);
+    }
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large),
+        Err(_) => Err(ProxyError::BodyUnreadable),
+    }
+}
+
+/// A sane incoming `x-request-id` (1–128 of `[A-Za-z0-9._:-]`), or a new UUIDv7.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| {
+            (1..=128).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        })
+        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
+}
+
+fn with_request_id(mut response: Response, request_id: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+#[derive(Serialize)]
+struct Model<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+}
+
+fn model_object(snapshot: &Snapshot, id: &str) -> serde_json::Value {
+    let created = snapshot
+        .created
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    serde_json::json!(Model {
+        id,
+        object: "model",
+        created,
+        owned_by: "sluice",
+    })
+}
+
+/// `GET /v1/models`: the models this key may use, in OpenAI's list shape.
+async fn list_models(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let request_id = request_id(&headers);
+    let response = match app.store.load() {
+        None => ProxyError::NotReady.into_response(),
+        Some(snapshot) => match authenticate(&snapshot, &headers) {
+            Err(e) => e.into_response(),
+            Ok(key) => {
+                let data: Vec<serde_json::Value> = snapshot
+                    .models()
+                    .into_iter()
+                    .filter(|m| key.may_use(m))
+                    .map(|m| model_object(&snapshot, m))
+                    .collect();
+                axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+            }
+        },
+    };
+    with_request_id(response, &request_id)
+}
+
+/// `GET /v1/models/{model}`.
+async fn get_model(
+    State(app): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let request_id = request_id(&headers);
+    let response = match app.store.load() {
+        None => ProxyError::NotReady.into_response(),
+        Some(snapshot) => match authenticate(&snapshot, &headers) {
+            Err(e) => e.into_response(),
+            Ok(key) if key.may_use(&model) && snapshot.routes(&model).is_some() => {
+                axum::Json(model_object(&snapshot, &model)).into_response()
+            }
+            Ok(_) => ProxyError::ModelNotFound(model).into_response(),
+        },
+    };
+    with_request_id(response, &request_id)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(app): State<Arc<AppState>>) -> Response {
+    match app.store.load() {
+        Some(snapshot) => (
+            StatusCode::OK,
+            format!("ready: snapshot version {}\n", snapshot.version),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no snapshot yet\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn unknown_path(method: Method, uri: Uri) -> Response {
+    ProxyError::UnknownPath {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+    .into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ProxyError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+    .into_response()
+}

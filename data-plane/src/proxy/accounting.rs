@@ -1,0 +1,236 @@
+//! One request's usage record and log line, built up as the request proceeds and emitted
+//! exactly once: by `finish`, or by `Drop` when the client went away first (the handler
+//! future or the stream relay was dropped), as `CLIENT_CANCELLED`.
+
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderValue, StatusCode};
+use sluice_proto::v1::{ErrorKind, UsageRecord};
+use tokio::time::Instant;
+
+use crate::clock::{proto_duration, timestamp};
+use crate::snapshot::{Backend, Endpoint};
+use crate::usage::UsageSink;
+
+/// The status recorded for a request whose client left before any response was sent
+/// (nginx's "client closed request").
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// Token counts from an upstream `usage` object.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+pub struct Accounting {
+    sink: UsageSink,
+    record: UsageRecord,
+    started: Instant,
+    first_byte: Option<Duration>,
+    backend_name: Option<String>,
+    /// The status already sent to the client (a streamed response's), if any.
+    status_sent: Option<StatusCode>,
+    done: bool,
+}
+
+impl Accounting {
+    pub fn new(
+        sink: UsageSink,
+        request_id: &str,
+        client_key_id: &str,
+        endpoint: Endpoint,
+        started: Instant,
+        arrived: SystemTime,
+    ) -> Self {
+        Self {
+            sink,
+            record: UsageRecord {
+                request_id: request_id.to_owned(),
+                client_key_id: client_key_id.to_owned(),
+                endpoint: endpoint.to_proto() as i32,
+                time: Some(timestamp(arrived)),
+                ..Default::default()
+            },
+            started,
+            first_byte: None,
+            backend_name: None,
+            status_sent: None,
+            done: false,
+        }
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.record.attempts
+    }
+
+    pub fn set_request(&mut self, model: &str, stream: bool) {
+        self.record.model = model.to_owned();
+        self.record.stream = stream;
+    }
+
+    /// Counts an attempt at `backend`, which becomes the backend the record names.
+    pub fn attempt(&mut self, backend: &Backend) {
+        self.record.attempts += 1;
+        self.record.backend_id.clone_from(&backend.id);
+        self.backend_name = Some(backend.name.clone());
+    }
+
+    pub fn tokens(&mut self, tokens: Tokens) {
+        self.record.prompt_tokens = tokens.prompt;
+        self.record.completion_tokens = tokens.completion;
+    }
+
+    /// Marks the first byte or event sent to the client (only the first call counts).
+    pub fn first_byte(&mut self) {
+        if self.first_byte.is_none() {
+            self.first_byte = Some(self.started.elapsed());
+        }
+    }
+
+    /// The response status has gone out (a stream's head); a later cancel keeps it.
+    pub fn status_sent(&mut self, status: StatusCode) {
+        self.status_sent = Some(status);
+    }
+
+    /// `x-sluice-backend` and `x-sluice-attempts` for the response.
+    pub fn decorate(&self, headers: &mut HeaderMap) {
+        if let Some(name) = &self.backend_name
+            && let Ok(value) = HeaderValue::from_str(name)
+        {
+            headers.insert("x-sluice-backend", value);
+        }
+        headers.insert("x-sluice-attempts", HeaderValue::from(self.record.attempts));
+    }
+
+    pub fn finish(mut self, status: StatusCode, kind: ErrorKind) {
+        self.emit(status.as_u16(), kind);
+    }
+
+    /// The client went away.
+    pub fn cancelled(mut self) {
+        let status = self
+            .status_sent
+            .map_or(CLIENT_CLOSED_REQUEST, |s| s.as_u16());
+        self.emit(status, ErrorKind::ClientCancelled);
+    }
+
+    fn emit(&mut self, status: u16, kind: ErrorKind) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let latency = self.started.elapsed();
+        let mut record = std::mem::take(&mut self.record);
+        record.status_code = u32::from(status);
+        record.error_kind = kind as i32;
+        record.latency = Some(proto_duration(latency));
+        record.time_to_first_token = self.first_byte.map(proto_duration);
+        tracing::info!(
+            request_id = %record.request_id,
+            client_key = %record.client_key_id,
+            model = %record.model,
+            backend = self.backend_name.as_deref().unwrap_or(""),
+            status,
+            attempts = record.attempts,
+            stream = record.stream,
+            latency_ms = latency.as_millis() as u64,
+            ttft_ms = self.first_byte.map(|d| d.as_millis() as u64),
+            prompt_tokens = record.prompt_tokens,
+            completion_tokens = record.completion_tokens,
+            error_kind = kind.as_str_name(),
+            "request finished"
+        );
+        self.sink.record(record);
+    }
+}
+
+impl Drop for Accounting {
+    fn drop(&mut self) {
+        if !self.done {
+            let status = self
+                .status_sent
+                .map_or(CLIENT_CLOSED_REQUEST, |s| s.as_u16());
+            self.emit(status, ErrorKind::ClientCancelled);
+        }
+    }
+}
+
+/// `usage` of an OpenAI response body or stream chunk, and whether the chunk is the
+/// usage-only one (`choices: []`) that streams end with when `include_usage` is set.
+pub fn usage_of(json: &str) -> Option<(Tokens, bool)> {
+    #[derive(serde::Deserialize)]
+    struct Usage {
+        #[serde(default)]
+        prompt_tokens: Option<u64>,
+        #[serde(default)]
+        completion_tokens: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct WithUsage {
+        #[serde(default)]
+        usage: Option<Usage>,
+        #[serde(default)]
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+    }
+    if !json.contains("\"usage\"") {
+        return None;
+    }
+    let parsed: WithUsage = serde_json::from_str(json).ok()?;
+    let usage = parsed.usage?;
+    let tokens = Tokens {
+        prompt: usage.prompt_tokens.unwrap_or(0),
+        completion: usage.completion_tokens.unwrap_or(0),
+    };
+    let usage_only = parsed.choices.is_some_and(|c| c.is_empty());
+    Some((tokens, usage_only))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn finds_usage_in_bodies_and_chunks() {
+        let body = r#"{"id":"x","choices":[{"index":0}],"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}"#;
+        assert_eq!(
+            usage_of(body),
+            Some((
+                Tokens {
+                    prompt: 9,
+                    completion: 12
+                },
+                false
+            ))
+        );
+        let chunk = r#"{"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#;
+        assert_eq!(
+            usage_of(chunk),
+            Some((
+                Tokens {
+                    prompt: 3,
+                    completion: 5
+                },
+                true
+            ))
+        );
+        let embeddings = r#"{"data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}"#;
+        assert_eq!(
+            usage_of(embeddings),
+            Some((
+                Tokens {
+                    prompt: 4,
+                    completion: 0
+                },
+                false
+            ))
+        );
+        assert_eq!(usage_of(r#"{"choices":[{}],"usage":null}"#), None);
+        assert_eq!(usage_of(r#"{"choices":[{}]}"#), None);
+        assert_eq!(usage_of("not json \"usage\""), None);
+    }
+}

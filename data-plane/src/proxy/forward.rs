@@ -1,0 +1,412 @@
+//! Trying the candidates in order: skip backends that are cooling down or out of rate tokens,
+//! send to the next, move on after a connect error, a timeout before the first byte, a 429 or
+//! a 5xx (as the policy allows), and never after a byte reached the client.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, StatusCode, header};
+use sluice_proto::v1::ErrorKind;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout_at};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::AppState;
+use super::accounting::{Accounting, usage_of};
+use super::relay;
+use crate::clock::Now;
+use crate::cooldown::{self, Outcome};
+use crate::error::ProxyError;
+use crate::request::ParsedRequest;
+use crate::router;
+use crate::snapshot::{Backend, Endpoint, Policy, Route, Snapshot};
+
+/// Largest error body read from an upstream 429/5xx (to pass it on if it is the last one).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// What a successful attempt produced: a whole body, or a stream whose first chunk arrived.
+enum Answer {
+    Full {
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    },
+    Stream {
+        status: StatusCode,
+        upstream: reqwest::Response,
+        first: Bytes,
+    },
+}
+
+/// Why an attempt failed before anything reached the client.
+#[derive(Debug)]
+enum Failure {
+    /// 429 or 5xx, with what is needed to pass it on.
+    Status {
+        status: StatusCode,
+        retry_after: Option<Duration>,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    },
+    Connect(String),
+    Timeout,
+    /// A broken or oversized body.
+    Invalid(String),
+}
+
+impl Failure {
+    fn health(&self) -> Outcome {
+        match self {
+            Self::Status {
+                status,
+                retry_after,
+                ..
+            } if *status == StatusCode::TOO_MANY_REQUESTS => Outcome::RateLimited {
+                retry_after: *retry_after,
+            },
+            _ => Outcome::Failure,
+        }
+    }
+
+    fn retryable(&self, policy: &Policy) -> bool {
+        match self {
+            Self::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
+                policy.retry_on_rate_limit
+            }
+            Self::Status { .. } => policy.retry_on_server_error,
+            Self::Connect(_) | Self::Invalid(_) => policy.retry_on_connect_error,
+            Self::Timeout => policy.retry_on_timeout,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Status { status, .. } => format!("status {}", status.as_u16()),
+            Self::Connect(e) => format!("connect: {e}"),
+            Self::Timeout => "timeout before the first byte".to_owned(),
+            Self::Invalid(e) => format!("invalid response: {e}"),
+        }
+    }
+}
+
+/// Routes the request and answers it; `acct` is finished here or handed to the stream relay.
+pub(super) async fn forward(
+    app: &Arc<AppState>,
+    snapshot: &Snapshot,
+    routes: &[Route],
+    endpoint: Endpoint,
+    parsed: &ParsedRequest<'_>,
+    mut acct: Accounting,
+) -> Response {
+    let policy = snapshot.policy;
+    let stream = parsed.stream && endpoint.can_stream();
+    let deadline = acct.started() + policy.request_timeout;
+    let cooldowns = app.store.cooldowns();
+    let order = router::order(routes, snapshot.backends(), &mut rand::rng());
+    let mut soonest: Option<Instant> = None;
+    let mut last: Option<Failure> = None;
+    for route in order {
+        if acct.attempts() >= policy.max_attempts {
+            break;
+        }
+        let Some(backend) = snapshot.backends().get(route.backend) else {
+            continue;
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            last.get_or_insert(Failure::Timeout);
+            break;
+        }
+        let blocked = cooldowns
+            .local_until(&backend.id, now)
+            .max(backend.cooldown_until.filter(|until| *until > now));
+        if let Some(until) = blocked {
+            soonest = Some(soonest.map_or(until, |s| s.min(until)));
+            continue;
+        }
+        if let Some(limiter) = &backend.limiter
+            && let Err(wait) = limiter.try_acquire(now)
+        {
+            let until = now + wait;
+            soonest = Some(soonest.map_or(until, |s| s.min(until)));
+            continue;
+        }
+        acct.attempt(backend);
+        let body = parsed.rewrite(&route.upstream_model, stream);
+        let outcome = attempt(
+            snapshot.upstream(),
+            backend,
+            endpoint,
+            body,
+            stream,
+            &policy,
+            deadline,
+            app.limits.max_response_bytes,
+        )
+        .await;
+        let health = match &outcome {
+            Ok(_) => Outcome::Success,
+            Err(failure) => failure.health(),
+        };
+        if let Some(event) =
+            cooldowns.record(&backend.id, &policy.cooldown, health, now, Now::read())
+        {
+            tracing::warn!(
+                backend = %backend.name,
+                reason = %event.reason,
+                failures = event.consecutive_failures,
+                "backend cooling down"
+            );
+            app.usage.event(event);
+        }
+        match outcome {
+            Ok(answer) => {
+                return deliver(app, answer, acct, parsed.include_usage, &policy, deadline);
+            }
+            Err(failure) => {
+                let retry = failure.retryable(&policy);
+                tracing::info!(
+                    backend = %backend.name,
+                    failure = %failure.describe(),
+                    retry,
+                    "upstream attempt failed"
+                );
+                last = Some(failure);
+                if !retry {
+                    break;
+                }
+            }
+        }
+    }
+    match last {
+        Some(failure) => fail(acct, failure),
+        None => match soonest {
+            Some(until) => error(
+                acct,
+                ProxyError::BackendsBusy {
+                    model: parsed.model.to_string(),
+                    retry_after: until.saturating_duration_since(Instant::now()),
+                },
+            ),
+            None => error(acct, ProxyError::UpstreamTimeout),
+        },
+    }
+}
+
+/// Answers with a proxy error and records it.
+pub(super) fn error(acct: Accounting, err: ProxyError) -> Response {
+    let status = err.status();
+    let kind = err.error_kind();
+    let mut response = err.into_response();
+    acct.decorate(response.headers_mut());
+    acct.finish(status, kind);
+    response
+}
+
+/// Answers with the last failure: the upstream's own 429/5xx, or 502/504.
+fn fail(acct: Accounting, failure: Failure) -> Response {
+    match failure {
+        Failure::Status {
+            status,
+            retry_after,
+            content_type,
+            body,
+        } => {
+            let mut response = Response::new(Body::from(body));
+            *response.status_mut() = status;
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                content_type.unwrap_or(HeaderValue::from_static("application/json")),
+            );
+            if let Some(wait) = retry_after {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(crate::error::retry_after_secs(wait)),
+                );
+            }
+            acct.decorate(headers);
+            acct.finish(status, ErrorKind::UpstreamStatus);
+            response
+        }
+        Failure::Connect(_) => error(acct, ProxyError::UpstreamConnect),
+        Failure::Invalid(_) => error(acct, ProxyError::UpstreamInvalid),
+        Failure::Timeout => error(acct, ProxyError::UpstreamTimeout),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    client: &reqwest::Client,
+    backend: &Backend,
+    endpoint: Endpoint,
+    body: Bytes,
+    stream: bool,
+    policy: &Policy,
+    deadline: Instant,
+    max_response: usize,
+) -> Result<Answer, Failure> {
+    let mut request = client
+        .post(backend.url(endpoint).clone())
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body);
+    if let Some(authorization) = backend.authorization() {
+        request = request.header(header::AUTHORIZATION, authorization.clone());
+    }
+    let first_byte = deadline.min(Instant::now() + policy.first_byte_timeout);
+    let upstream = match timeout_at(first_byte, request.send()).await {
+        Err(_) => return Err(Failure::Timeout),
+        Ok(Err(e)) if e.is_timeout() && !e.is_connect() => return Err(Failure::Timeout),
+        Ok(Err(e)) => return Err(Failure::Connect(error_chain(&e))),
+        Ok(Ok(response)) => response,
+    };
+    let status = upstream.status();
+    let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        let retry_after = cooldown::retry_after(upstream.headers(), SystemTime::now());
+        let body = read_body(
+            upstream,
+            MAX_ERROR_BODY,
+            policy.idle_stream_timeout,
+            deadline,
+        )
+        .await
+        .unwrap_or_default();
+        return Err(Failure::Status {
+            status,
+            retry_after,
+            content_type,
+            body,
+        });
+    }
+    let is_sse = content_type
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if stream && status.is_success() && is_sse {
+        let mut upstream = upstream;
+        // Wait for the first chunk before committing: until then another backend can still
+        // take over.
+        let first = match timeout_at(first_byte, upstream.chunk()).await {
+            Err(_) => return Err(Failure::Timeout),
+            Ok(Err(e)) => return Err(Failure::Connect(error_chain(&e))),
+            Ok(Ok(chunk)) => chunk.unwrap_or_default(),
+        };
+        return Ok(Answer::Stream {
+            status,
+            upstream,
+            first,
+        });
+    }
+    let body = read_body(upstream, max_response, policy.idle_stream_timeout, deadline).await?;
+    Ok(Answer::Full {
+        status,
+        content_type,
+        body,
+    })
+}
+
+/// Reads a whole body of at most `max` bytes, with `idle` as the longest pause.
+async fn read_body(
+    mut upstream: reqwest::Response,
+    max: usize,
+    idle: Duration,
+    deadline: Instant,
+) -> Result<Bytes, Failure> {
+    let mut body = BytesMut::new();
+    loop {
+        let until = deadline.min(Instant::now() + idle);
+        match timeout_at(until, upstream.chunk()).await {
+            Err(_) => return Err(Failure::Timeout),
+            Ok(Err(e)) => return Err(Failure::Invalid(error_chain(&e))),
+            Ok(Ok(None)) => return Ok(body.freeze()),
+            Ok(Ok(Some(chunk))) => {
+                if body.len() + chunk.len() > max {
+                    return Err(Failure::Invalid(format!("body larger than {max} bytes")));
+                }
+                body.extend_from_slice(&chunk);
+            }
+        }
+    }
+}
+
+/// The error and its causes, for logs (reqwest's top-level message alone is vague).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn deliver(
+    app: &Arc<AppState>,
+    answer: Answer,
+    mut acct: Accounting,
+    client_wants_usage: bool,
+    policy: &Policy,
+    deadline: Instant,
+) -> Response {
+    match answer {
+        Answer::Full {
+            status,
+            content_type,
+            body,
+        } => {
+            if status.is_success()
+                && let Some((tokens, _)) = std::str::from_utf8(&body).ok().and_then(usage_of)
+            {
+                acct.tokens(tokens);
+            }
+            let mut response = Response::new(Body::from(body));
+            *response.status_mut() = status;
+            if let Some(content_type) = content_type {
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, content_type);
+            }
+            acct.decorate(response.headers_mut());
+            acct.first_byte();
+            let kind = if status.is_success() {
+                ErrorKind::Unspecified
+            } else {
+                ErrorKind::UpstreamStatus
+            };
+            acct.finish(status, kind);
+            response
+        }
+        Answer::Stream {
+            status,
+            upstream,
+            first,
+        } => {
+            let (tx, rx) = mpsc::channel(16);
+            let mut response = Response::new(Body::from_stream(ReceiverStream::new(rx)));
+            *response.status_mut() = status;
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            acct.decorate(headers);
+            acct.status_sent(status);
+            app.tasks.spawn(relay::relay(relay::Relay {
+                upstream,
+                first,
+                tx,
+                acct,
+                forward_usage: client_wants_usage,
+                idle_timeout: policy.idle_stream_timeout,
+                deadline,
+            }));
+            response
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! The client's request body: only what routing needs is read (`model`, `stream`,
+//! `stream_options`), and only `model` and `stream_options.include_usage` are rewritten.
+//! Every other top-level field is forwarded as the exact bytes the client sent (tools,
+//! images, fields this proxy has never heard of); only the whitespace between top-level
+//! fields is normalised.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// Why a request body was refused (all 400s).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("We could not parse the JSON body of your request. ({0})")]
+    InvalidJson(String),
+    #[error("The request body must be a JSON object.")]
+    NotAnObject,
+    #[error("You must provide a model parameter.")]
+    MissingModel,
+    #[error("Invalid type for '{param}': expected {expected}.")]
+    InvalidType {
+        param: &'static str,
+        expected: &'static str,
+    },
+    #[error("Duplicate key '{0}' in the request body.")]
+    DuplicateKey(&'static str),
+}
+
+impl RequestError {
+    /// The request parameter at fault, for the error body's `param`.
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::MissingModel => Some("model"),
+            Self::InvalidType { param, .. } | Self::DuplicateKey(param) => Some(param),
+            Self::InvalidJson(_) | Self::NotAnObject => None,
+        }
+    }
+
+    /// A short machine-readable code for the error body's `code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidJson(_) => "invalid_json",
+            Self::NotAnObject => "invalid_request_body",
+            Self::MissingModel => "missing_required_parameter",
+            Self::InvalidType { .. } => "invalid_type",
+            Self::DuplicateKey(_) => "duplicate_key",
+        }
+    }
+}
+
+/// A parsed request body, borrowing from the bytes it was parsed from.
+#[derive(Debug)]
+pub struct ParsedRequest<'a> {
+    fields: Vec<(Key<'a>, &'a RawValue)>,
+    /// The public model name the client asked for.
+    pub model: Cow<'a, str>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// `stream_options.include_usage: true`: the client wants the usage chunk.
+    pub include_usage: bool,
+}
+
+/// Parses the fields routing needs and checks their types.
+pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
+    let Fields(fields) = serde_json::from_slice(bytes).map_err(|e| {
+        if e.is_data() {
+            RequestError::NotAnObject
+        } else {
+            RequestError::InvalidJson(e.to_string())
+        }
+    })?;
+    let mut model = None;
+    let mut stream = None;
+    let mut options = None;
+    for (key, value) in &fields {
+        let slot = match key.0.as_ref() {
+            "model" => &mut model,
+            "stream" => &mut stream,
+            "stream_options" => &mut options,
+            _ => continue,
+        };
+        if slot.replace(*value).is_some() {
+            return Err(RequestError::DuplicateKey(match key.0.as_ref() {
+                "model" => "model",
+                "stream" => "stream",
+                _ => "stream_options",
+            }));
+        }
+    }
+    let model = match model {
+        None => return Err(RequestError::MissingModel),
+        Some(raw) => {
+            let Key(model) = serde_json::from_str::<Key<'_>>(raw.get()).map_err(|_| {
+                RequestError::InvalidType {
+                    param: "model",
+                    expected: "a string",
+                }
+            })?;
+            if model.is_empty() {
+                return Err(RequestError::MissingModel);
+            }
+            model
+        }
+    };
+    let stream = match stream {
+        None => false,
+        Some(raw) => serde_json::from_str::<Option<bool>>(raw.get())
+            .map_err(|_| RequestError::InvalidType {
+                param: "stream",
+                expected: "a boolean",
+            })?
+            .unwrap_or(false),
+    };
+    let include_usage = match options {
+        None => false,
+        Some(raw) => {
+            #[derive(Deserialize)]
+            struct StreamOptions {
+                include_usage: Option<bool>,
+            }
+            serde_json::from_str::<Option<StreamOptions>>(raw.get())
+                .map_err(|_| RequestError::InvalidType {
+                    param: "stream_options",
+                    expected: "an object with a boolean include_usage",
+                })?
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false)
+        }
+    };
+    Ok(ParsedRequest {
+        fields,
+        model,
+        stream,
+        include_usage,
+    })
+}
+
+impl ParsedRequest<'_> {
+    /// The body to send upstream: `model` replaced by `upstream_model` and, when
+    /// `force_include_usage`, `stream_options.include_usage` set to true (other
+    /// `stream_options` fields kept). Everything else is copied byte for byte.
+    pub fn rewrite(&self, upstream_model: &str, force_include_usage: bool) -> Bytes {
+        let size: usize = self
+            .fields
+            .iter()
+            .map(|(k, v)| k.0.len() + v.get().len() + 4)
+            .sum();
+        let mut out = BytesMut::with_capacity(size + upstream_model.len() + 48).writer();
+        let mut first = true;
+        let mut saw_options = false;
+        let mut put_key = |out: &mut bytes::buf::Writer<BytesMut>, key: &str| {
+            if !first {
+                out.get_mut().put_u8(b',');
+            }
+            first = false;
+            write_json_string(out, key);
+            out.get_mut().put_u8(b':');
+        };
+        out.get_mut().put_u8(b'{');
+        for (key, value) in &self.fields {
+            let name = key.0.as_ref();
+            put_key(&mut out, name);
+            match name {
+                "model" => write_json_string(&mut out, upstream_model),
+                "stream_options" if force_include_usage => {
+                    saw_options = true;
+                    write_options_with_usage(&mut out, value);
+                }
+                _ => out.get_mut().put_slice(value.get().as_bytes()),
+            }
+        }
+        if force_include_usage && !saw_options {
+            put_key(&mut out, "stream_options");
+            out.get_mut().put_slice(br#"{"include_usage":true}"#);
+        }
+        out.get_mut().put_u8(b'}');
+        out.into_inner().freeze()
+    }
+}
+
+/// [`parse`] then [`ParsedRequest::rewrite`]: the pure function the fuzz and property tests
+/// drive.
+pub fn rewrite_body(
+    bytes: &[u8],
+    upstream_model: &str,
+    force_include_usage: bool,
+) -> Result<Bytes, RequestError> {
+    Ok(parse(bytes)?.rewrite(upstream_model, force_include_usage))
+}
+
+fn write_options_with_usage(out: &mut bytes::buf::Writer<BytesMut>, value: &RawValue) {
+    let Ok(Fields(fields)) = serde_json::from_str::<Fields<'_>>(value.get()) else {
+        // null (or anything else `parse` let through): just the flag.
+        out.get_mut().put_slice(br#"{"include_usage":true}"#);
+        return;
+    };
+    out.get_mut().put_u8(b'{');
+    let mut first = true;
+    let mut saw = false;
+    for (key, value) in &fields {
+        if !first {
+            out.get_mut().put_u8(b',');
+        }
+        first = false;
+        write_json_string(out, &key.0);
+        out.get_mut().put_u8(b':');
+        if key.0 == "include_usage" {
+            saw = true;
+            out.get_mut().put_slice(b"true");
+        } else {
+            out.get_mut().put_slice(value.get().as_bytes());
+        }
+    }
+    if !saw {
+        if !first {
+            out.get_mut().put_u8(b',');
+        }
+        out.get_mut().put_slice(br#""include_usage":true"#);
+    }
+    out.get_mut().put_u8(b'}');
+}
+
+fn write_json_string(out: &mut bytes::buf::Writer<BytesMut>, s: &str) {
+    // Serialising a &str into a Vec-backed writer cannot fail.
+    let _ = serde_json::to_writer(out, s);
+}
+
+/// A JSON string that borrows from the input unless it contains escapes.
+#[derive(Debug)]
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// A JSON object's members in their original order, values unparsed.
+struct Fields<'a>(Vec<(Key<'a>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(entry) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                    fields.push(entry);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    fn rewritten(body: &str, model: &str, force: bool) -> Value {
+        serde_json::from_slice(&rewrite_body(body.as_bytes(), model, force).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn rewrites_model_and_keeps_everything_else_verbatim() {
+        let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],"x_unknown":{"n":1.50e3,"s":"\u00e9"},"temperature":0.70}"#;
+        let out = rewrite_body(body.as_bytes(), "gpt-4o-mini-2024-07-18", false).unwrap();
+        let expected = body.replace(
+            r#""model":"gpt-4o-mini""#,
+            r#""model":"gpt-4o-mini-2024-07-18""#,
+        );
+        assert_eq!(std::str::from_utf8(&out).unwrap(), expected);
+    }
+
+    #[test]
+    fn forces_include_usage_for_streams() {
+        assert_eq!(
+            rewritten(r#"{"model":"m","stream":true}"#, "u", true),
+            json!({"model":"u","stream":true,"stream_options":{"include_usage":true}})
+        );
+        assert_eq!(
+            rewritten(
+                r#"{"stream_options":{"x":1,"include_usage":false},"model":"m","stream":true}"#,
+                "u",
+                true
+            ),
+            json!({"model":"u","stream":true,"stream_options":{"x":1,"include_usage":true}})
+        );
+        assert_eq!(
+            rewritten(r#"{"model":"m","stream_options":null}"#, "u", true),
+            json!({"model":"u","stream_options":{"include_usage":true}})
+        );
+        assert_eq!(
+            rewritten(r#"{"model":"m","stream_options":{}}"#, "u", true),
+            json!({"model":"u","stream_options":{"include_usage":true}})
+        );
+    }
+
+    #[test]
+    fn reads_stream_and_include_usage() {
+        let p = parse(br#"{"model":"a\"b","stream":true,"stream_options":{"include_usage":true}}"#)
+            .unwrap();
+        assert_eq!(
+            (p.model.as_ref(), p.stream, p.include_usage),
+            ("a\"b", true, true)
+        );
+        let p = parse(br#"{"model":"m","stream":null}"#).unwrap();
+        assert!(!p.stream && !p.include_usage);
+    }
+
+    #[test]
+    fn refuses_what_routing_cannot_read() {
+        let cases: &[(&[u8], RequestError)] = &[
+            (b"{", RequestError::InvalidJson(String::new())),
+            (b"[1,2]", RequestError::NotAnObject),
+            (b"\"model\"", RequestError::NotAnObject),
+            (b"{}", RequestError::MissingModel),
+            (br#"{"model":""}"#, RequestError::MissingModel),
+            (
+                br#"{"model":42}"#,
+                RequestError::InvalidType {
+                    param: "model",
+                    expected: "a string",
+                },
+            ),
+            (
+                br#"{"model":"m","stream":"yes"}"#,
+                RequestError::InvalidType {
+                    param: "stream",
+                    expected: "a boolean",
+                },
+            ),
+            (
+                br#"{"model":"m","stream_options":{"include_usage":1}}"#,
+                RequestError::InvalidType {
+                    param: "stream_options",
+                    expected: "an object with a boolean include_usage",
+                },
+            ),
+            (
+                br#"{"model":"a","model":"b"}"#,
+                RequestError::DuplicateKey("model"),
+            ),
+            (
+                b"{\"model\":\"\xff\"}",
+                RequestError::InvalidJson(String::new()),
+            ),
+        ];
+        for (body, expected) in cases {
+            let err = parse(body).unwrap_err();
+            match (expected, &err) {
+                (RequestError::InvalidJson(_), RequestError::InvalidJson(_)) => {}
+                _ => assert_eq!(&err, expected, "{}", String::from_utf8_lossy(body)),
+            }
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_forwarded_not_a_crash() {
+        let mut body = String::from(r#"{"model":"m","x":"#);
+        body.push_str(&"[".repeat(100_000));
+        body.push_str(&"]".repeat(100_000));
+        body.push('}');
+        // Values are skipped, not parsed, so nesting cannot overflow the stack.
+        let out = rewrite_body(body.as_bytes(), "u", false).unwrap();
+        assert_eq!(out.len(), body.len());
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            ".*".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(".{0,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn only_model_and_usage_change(
+            extra in proptest::collection::btree_map("[a-z_]{1,8}", json_value(), 0..6),
+            model in ".{1,20}",
+            upstream in ".{1,20}",
+            stream in any::<bool>(),
+            force in any::<bool>(),
+        ) {
+            let mut body = serde_json::Map::new();
+            for (k, v) in &extra {
+                if !matches!(k.as_str(), "model" | "stream" | "stream_options") {
+                    body.insert(k.clone(), v.clone());
+                }
+            }
+            body.insert("model".into(), Value::String(model.clone()));
+            body.insert("stream".into(), Value::Bool(stream));
+            let bytes = serde_json::to_vec(&Value::Object(body.clone())).unwrap();
+            let parsed = parse(&bytes).unwrap();
+            prop_assert_eq!(parsed.model.as_ref(), model.as_str());
+            prop_assert_eq!(parsed.stream, stream);
+
+            let out: Value = serde_json::from_slice(&rewrite_body(&bytes, &upstream, force).unwrap()).unwrap();
+            let mut expected = body;
+            expected.insert("model".into(), Value::String(upstream));
+            if force {
+                expected.insert("stream_options".into(), json!({"include_usage": true}));
+            }
+            prop_assert_eq!(out, Value::Object(expected));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = rewrite_body(&bytes, "m", true);
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! An incremental parser for server-sent events from upstreams, fed chunk by chunk as they
+//! arrive. It follows the WHATWG event-stream rules (`\n`, `\r\n` or `\r` line ends, `:`
+//! comments, multi-line `data`, one optional space after the colon) and bounds every line and
+//! event so upstream garbage cannot exhaust memory.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Default bound on one line and on one event's data, in bytes.
+pub const DEFAULT_MAX_BYTES: usize = 1024 * 1024;
+
+/// One dispatched event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Event {
+    /// The `event:` field, if any.
+    pub event: Option<String>,
+    /// The `data:` lines joined with `\n`.
+    pub data: String,
+    /// The `id:` field, if any.
+    pub id: Option<String>,
+}
+
+impl Event {
+    /// The event in wire form, ending with the blank line that dispatches it.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.data.len() + 16);
+        if let Some(event) = &self.event {
+            out.put_slice(b"event: ");
+            out.put_slice(event.as_bytes());
+            out.put_u8(b'\n');
+        }
+        if let Some(id) = &self.id {
+            out.put_slice(b"id: ");
+            out.put_slice(id.as_bytes());
+            out.put_u8(b'\n');
+        }
+        for line in self.data.split('\n') {
+            out.put_slice(b"data: ");
+            out.put_slice(line.as_bytes());
+            out.put_u8(b'\n');
+        }
+        out.put_u8(b'\n');
+        out.freeze()
+    }
+}
+
+/// What the parser yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    Event(Event),
+    /// A `:` comment line (often a keep-alive), without the colon.
+    Comment(String),
+}
+
+/// Why a stream could not be parsed further.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SseError {
+    #[error("an event-stream line is longer than {0} bytes")]
+    LineTooLong(usize),
+    #[error("an event is larger than {0} bytes")]
+    EventTooLarge(usize),
+}
+
+/// The parser state between chunks.
+#[derive(Debug)]
+pub struct SseParser {
+    max_bytes: usize,
+    line: Vec<u8>,
+    /// The last chunk ended in `\r`: a `\n` starting the next one belongs to it.
+    after_cr: bool,
+    data: String,
+    has_data: bool,
+    event: Option<String>,
+    id: Option<String>,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_BYTES)
+    }
+}
+
+impl SseParser {
+    /// A parser refusing lines or events larger than `max_bytes`.
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            max_bytes,
+            line: Vec::new(),
+            after_cr: false,
+            data: String::new(),
+            has_data: false,
+            event: None,
+            id: None,
+        }
+    }
+
+    /// Parses `chunk`, appending every completed item to `out`. After an error the parser
+    /// must not be fed again.
+    pub fn push(&mut self, mut chunk: &[u8], out: &mut Vec<Item>) -> Result<(), SseError> {
+        if self.after_cr {
+            self.after_cr = false;
+            if let Some(rest) = chunk.strip_prefix(b"\n") {
+                chunk = rest;
+            }
+        }
+        while let Some(end) = chunk.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            if self.line.len() + end > self.max_bytes {
+                return Err(SseError::LineTooLong(self.max_bytes));
+            }
+            self.line.extend_from_slice(&chunk[..end]);
+            let line = std::mem::take(&mut self.line);
+            self.process_line(&line, out)?;
+            self.line = line;
+            self.line.clear();
+            let terminator_cr = chunk[end] == b'\r';
+            chunk = &chunk[end + 1..];
+            if terminator_cr {
+                match chunk.first() {
+                    Some(b'\n') => chunk = &chunk[1..],
+                    Some(_) => {}
+                    None => self.after_cr = true,
+                }
+            }
+        }
+        if self.line.len() + chunk.len() > self.max_bytes {
+            return Err(SseError::LineTooLong(self.max_bytes));
+        }
+        self.line.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    /// Whether bytes of an unfinished event are buffered (the stream ended mid-event if this
+    /// is true at its end).
+    pub fn has_partial(&self) -> bool {
+        !self.line.is_empty() || self.has_data || self.event.is_some() || self.id.is_some()
+    }
+
+    fn process_line(&mut self, line: &[u8], out: &mut Vec<Item>) -> Result<(), SseError> {
+        if line.is_empty() {
+            self.dispatch(out);
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(line);
+        if let Some(comment) = text.strip_prefix(':') {
+            out.push(Item::Comment(comment.to_owned()));
+            return Ok(());
+        }
+        let (field, value) = match text.split_once(':') {
+            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+            None => (text.as_ref(), ""),
+        };
+        match field {
+            "data" => {
+                if self.data.len() + value.len() + 1 > self.max_bytes {
+                    return Err(SseError::EventTooLarge(self.max_bytes));
+                }
+                if self.has_data {
+                    self.data.push('\n');
+                }
+                self.data.push_str(value);
+                self.has_data = true;
+            }
+            "event" => self.event = Some(value.to_owned()),
+            // An id with NUL is ignored, as the spec says.
+            "id" if !value.contains('\0') => self.id = Some(value.to_owned()),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, out: &mut Vec<Item>) {
+        let event = self.event.take();
+        let id = self.id.take();
+        if !self.has_data {
+            return;
+        }
+        self.has_data = false;
+        out.push(Item::Event(Event {
+            event,
+            data: std::mem::take(&mut self.data),
+            id,
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse_all(chunks: &[&[u8]]) -> Result<Vec<Item>, SseError> {
+        let mut parser = SseParser::default();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            parser.push(chunk, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn data(s: &str) -> Item {
+        Item::Event(Event {
+            data: s.to_owned(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn parses_openai_style_stream() {
+        let items = parse_all(&[b"data: {\"a\":1}\n\ndata: [DONE]\n\n"]).unwrap();
+        assert_eq!(items, [data("{\"a\":1}"), data("[DONE]")]);
+    }
+
+    #[test]
+    fn handles_crlf_cr_comments_and_multiline_data() {
+        let items = parse_all(&[
+            b": keep-alive\r\n",
+            b"event: delta\r\ndata: one\r\ndata:two\r\rdata: x",
+            b"\r",
+            b"\n\n",
+        ])
+        .unwrap();
+        assert_eq!(
+            items,
+            [
+                Item::Comment(" keep-alive".into()),
+                Item::Event(Event {
+                    event: Some("delta".into()),
+                    data: "one\ntwo".into(),
+                    id: None
+                }),
+                data("x"),
+            ]
+        );
+    }
+
+    #[test]
+    fn events_without_data_are_not_dispatched() {
+        assert_eq!(parse_all(&[b"event: ping\n\nid: 3\n\n"]).unwrap(), []);
+    }
+
+    #[test]
+    fn an_unfinished_event_is_partial() {
+        let mut parser = SseParser::default();
+        let mut out = Vec::new();
+        parser.push(b"data: {\"cut\":", &mut out).unwrap();
+        assert!(out.is_empty());
+        assert!(parser.has_partial());
+        parser.push(b"1}\n\n", &mut out).unwrap();
+        assert!(!parser.has_partial());
+    }
+
+    #[test]
+    fn bounds_lines_and_events() {
+        let mut parser = SseParser::new(16);
+        let mut out = Vec::new();
+        assert_eq!(
+            parser.push(&[b'a'; 17], &mut out),
+            Err(SseError::LineTooLong(16))
+        );
+        let mut parser = SseParser::new(16);
+        let mut out = Vec::new();
+        assert_eq!(
+            parser.push(b"data: 0123456789\ndata: 0123456789\n", &mut out),
+            Err(SseError::EventTooLarge(16))
+        );
+        // A long line fed byte by byte is caught too.
+        let mut parser = SseParser::new(16);
+        let result = (0..100).try_for_each(|_| parser.push(b"x", &mut out));
+        assert_eq!(result, Err(SseError::LineTooLong(16)));
+    }
+
+    #[test]
+    fn round_trips_through_to_bytes() {
+        let event = Event {
+            event: Some("e".into()),
+            data: "a\nb".into(),
+            id: Some("7".into()),
+        };
+        let items = parse_all(&[&event.to_bytes()]).unwrap();
+        assert_eq!(items, [Item::Event(event)]);
+    }
+
+    fn stream_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let line = prop_oneof![
+            "data: [a-z{}\":, ]{0,20}".prop_map(|s| s.into_bytes()),
+            "event: [a-z]{1,5}".prop_map(|s| s.into_bytes()),
+            ": [a-z ]{0,8}".prop_map(|s| s.into_bytes()),
+            "id: [0-9]{1,3}".prop_map(|s| s.into_bytes()),
+            Just(Vec::new()),
+            proptest::collection::vec(any::<u8>(), 0..12),
+        ];
+        let ending = prop_oneof![Just(&b"\n"[..]), Just(&b"\r\n"[..]), Just(&b"\r"[..])];
+        proptest::collection::vec((line, ending), 0..40).prop_map(|lines| {
+            let mut out = Vec::new();
+            for (line, end) in lines {
+                out.extend_from_slice(&line);
+                out.extend_from_slice(end);
+            }
+            out
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_yields_the_same_items(
+            bytes in stream_bytes(),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..10),
+        ) {
+            let whole = parse_all(&[&bytes]);
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+            points.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut start = 0;
+            for p in points {
+                chunks.push(&bytes[start..p]);
+                start = p;
+            }
+            chunks.push(&bytes[start..]);
+            prop_assert_eq!(parse_all(&chunks), whole);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let mut parser = SseParser::new(64);
+            let mut out = Vec::new();
+            let _ = parser.push(&bytes, &mut out);
+        }
+    }
+}
