@@ -17,6 +17,7 @@
 #   --data-dir DIR    control plane data (SLUICE_DATA_DIR, ./sluice-data)
 #   --profile P       cargo profile to build and run: release or debug (SLUICE_BUILD_PROFILE, release)
 #   --no-demo         no mock backend and no client key
+#   --no-build        run existing binaries (with --bin-dir DIR, default target/PROFILE)
 # While it runs, DATA_DIR/run/cluster.env lists the ports and process ids (tests read it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,6 +30,8 @@ MOCK_PORT=${SLUICE_MOCK_PORT:-9090}
 DATA_DIR=${SLUICE_DATA_DIR:-./sluice-data}
 PROFILE=${SLUICE_BUILD_PROFILE:-release}
 DEMO=1
+BUILD=1
+BIN=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --replicas) REPLICAS=$2; shift 2 ;;
@@ -39,14 +42,18 @@ while [ $# -gt 0 ]; do
     --data-dir) DATA_DIR=$2; shift 2 ;;
     --profile) PROFILE=$2; shift 2 ;;
     --no-demo) DEMO=0; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --no-build) BUILD=0; shift ;;
+    --bin-dir) BIN=$2; shift 2 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
-echo "building ($PROFILE) ..."
-if [ "$PROFILE" = release ]; then cargo build --release --quiet --bins; else cargo build --quiet --bins; fi
-BIN=target/$PROFILE
+if [ "$BUILD" = 1 ]; then
+  echo "building ($PROFILE) ..."
+  if [ "$PROFILE" = release ]; then cargo build --release --quiet --bins; else cargo build --quiet --bins; fi
+fi
+BIN=${BIN:-target/$PROFILE}
 RUN_DIR="$DATA_DIR/run"
 mkdir -p "$DATA_DIR" "$RUN_DIR"
 chmod 755 "$RUN_DIR"

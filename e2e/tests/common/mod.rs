@@ -44,25 +44,42 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The control plane's admin and stats APIs at a gRPC URL.
+pub struct ControlApi {
+    pub url: String,
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub grpc_port: u16,
     control: Option<Child>,
+    api: ControlApi,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = ControlApi;
+    fn deref(&self) -> &ControlApi {
+        &self.api
+    }
 }
 
 impl Cluster {
     pub async fn start() -> Self {
+        let grpc_port = free_port();
         let mut cluster = Self {
             dir: tempfile::tempdir().unwrap(),
-            grpc_port: free_port(),
+            grpc_port,
             control: None,
+            api: ControlApi {
+                url: format!("http://127.0.0.1:{grpc_port}"),
+            },
         };
         cluster.start_control().await;
         cluster
     }
 
     pub fn control_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.grpc_port)
+        self.api.url.clone()
     }
 
     pub async fn start_control(&mut self) {
@@ -105,22 +122,6 @@ impl Cluster {
         child.kill().await.unwrap();
     }
 
-    pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.control_url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    pub async fn admin(&self) -> Admin {
-        AdminServiceClient::with_interceptor(self.channel().await, Bearer(ADMIN_TOKEN.into()))
-    }
-
-    pub async fn stats(&self) -> Stats {
-        StatsServiceClient::with_interceptor(self.channel().await, Bearer(ADMIN_TOKEN.into()))
-    }
-
     /// Starts a data plane and waits until it is ready (holds a snapshot).
     pub async fn proxy(&self) -> Proxy {
         self.proxy_with(&[]).await
@@ -146,11 +147,28 @@ impl Cluster {
         let addr = child.wait_for_listening("http", START).await.unwrap();
         let proxy = Proxy {
             child,
-            addr,
-            http: http_client(),
+            gateway: Gateway::at(addr.port()),
         };
         proxy.wait_ready().await;
         proxy
+    }
+}
+
+impl ControlApi {
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn admin(&self) -> Admin {
+        AdminServiceClient::with_interceptor(self.channel().await, Bearer(ADMIN_TOKEN.into()))
+    }
+
+    pub async fn stats(&self) -> Stats {
+        StatsServiceClient::with_interceptor(self.channel().await, Bearer(ADMIN_TOKEN.into()))
     }
 
     pub async fn add_backend(
@@ -223,50 +241,16 @@ pub fn http_client() -> reqwest::Client {
         .unwrap()
 }
 
+/// A `sluice-proxy` process; derefs to its [`Gateway`].
 pub struct Proxy {
     pub child: Child,
-    pub addr: SocketAddr,
-    pub http: reqwest::Client,
+    gateway: Gateway,
 }
 
-impl Proxy {
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    pub async fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + START;
-        loop {
-            if let Ok(r) = self.http.get(self.url("/readyz")).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "proxy never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub async fn post(&self, path: &str, key: &str, body: serde_json::Value) -> reqwest::Response {
-        self.http
-            .post(self.url(path))
-            .bearer_auth(key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    pub async fn chat(&self, key: &str, model: &str) -> reqwest::Response {
-        self.post(
-            "/v1/chat/completions",
-            key,
-            serde_json::json!({"model": model, "messages": [{"role": "user", "content": "say hello to me"}]}),
-        )
-        .await
+impl std::ops::Deref for Proxy {
+    type Target = Gateway;
+    fn deref(&self) -> &Gateway {
+        &self.gateway
     }
 }
 
@@ -379,5 +363,181 @@ where
             "timed out after {timeout:?}: {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `deploy/local/run.sh` as an operator runs it: a control plane, N data planes and, for
+/// N > 1, nginx in front. Stopped (SIGTERM to the script) when dropped.
+pub struct LocalRun {
+    pub dir: tempfile::TempDir,
+    pub script: Child,
+    /// The port clients use (nginx's when N > 1).
+    pub port: u16,
+    pub proxy_ports: Vec<u16>,
+    pub proxy_pids: Vec<u32>,
+    api: ControlApi,
+}
+
+impl std::ops::Deref for LocalRun {
+    type Target = ControlApi;
+    fn deref(&self) -> &ControlApi {
+        &self.api
+    }
+}
+
+impl LocalRun {
+    pub async fn start(replicas: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_owned();
+        let bin_dir = workspace_bin("sluice-control").parent().unwrap().to_owned();
+        let (port, grpc, http, mock) = (free_port(), free_port(), free_port(), free_port());
+        let data_dir = dir.path().join("data");
+        let args: Vec<String> = vec![
+            root.join("deploy/local/run.sh").display().to_string(),
+            "--replicas".into(),
+            replicas.to_string(),
+            "--port".into(),
+            port.to_string(),
+            "--grpc-port".into(),
+            grpc.to_string(),
+            "--http-port".into(),
+            http.to_string(),
+            "--mock-port".into(),
+            mock.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--no-demo".into(),
+            "--no-build".into(),
+            "--bin-dir".into(),
+            bin_dir.display().to_string(),
+        ];
+        let script = spawn(
+            "bash",
+            args,
+            [
+                ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
+                ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
+                ("RUST_LOG", "info"),
+            ],
+        )
+        .unwrap();
+        script
+            .wait_for_line("Sluice is running", Duration::from_secs(60), |l| {
+                l.contains("Sluice is running").then_some(())
+            })
+            .await
+            .unwrap();
+        let env = std::fs::read_to_string(data_dir.join("run/cluster.env")).unwrap();
+        let value = |name: &str| -> String {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .unwrap()
+                .trim_matches('"')
+                .to_owned()
+        };
+        let numbers = |name: &str| -> Vec<u32> {
+            value(name)
+                .split_whitespace()
+                .map(|p| p.parse().unwrap())
+                .collect()
+        };
+        Self {
+            port,
+            proxy_ports: numbers("PROXY_PORTS")
+                .into_iter()
+                .map(|p| p as u16)
+                .collect(),
+            proxy_pids: numbers("PROXY_PIDS"),
+            api: ControlApi {
+                url: format!("http://127.0.0.1:{grpc}"),
+            },
+            dir,
+            script,
+        }
+    }
+
+    /// The gateway (nginx) as a proxy handle.
+    pub fn front(&self) -> Gateway {
+        Gateway::at(self.port)
+    }
+
+    /// One replica directly, bypassing nginx.
+    pub fn replica(&self, i: usize) -> Gateway {
+        Gateway::at(self.proxy_ports[i])
+    }
+
+    pub fn kill_replica(&self, i: usize) {
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", &self.proxy_pids[i].to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for LocalRun {
+    fn drop(&mut self) {
+        if let Some(pid) = self.script.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// An HTTP endpoint speaking the OpenAI API (a data plane or nginx in front of some).
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+}
+
+impl Gateway {
+    pub fn at(port: u16) -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            http: http_client(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + START;
+        loop {
+            if let Ok(r) = self.http.get(self.url("/readyz")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "proxy never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn chat(&self, key: &str, model: &str) -> reqwest::Response {
+        self.post(
+            "/v1/chat/completions",
+            key,
+            serde_json::json!({"model": model, "messages": [{"role": "user", "content": "say hello to me"}]}),
+        )
+        .await
     }
 }
