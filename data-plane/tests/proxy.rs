@@ -1,0 +1,473 @@
+//! The proxy over real HTTP against the mock provider and an in-process control plane:
+//! content, usage, rewriting, and every error a client can cause.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use serde_json::{Value, json};
+use sluice_e2e::mock::{MockConfig, MockServer};
+use sluice_proto::v1::{self as proto, ErrorKind};
+use support::harness::*;
+
+fn mock(name: &str) -> MockServer {
+    MockServer::start_local(MockConfig::named(name).with_api_key(format!("sk-upstream-{name}")))
+        .unwrap()
+}
+
+/// Splits an SSE body into its `data:` payloads.
+fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            e.lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .collect()
+}
+
+async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status().as_u16(), status);
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        "application/json"
+    );
+    let body: Value = response.json().await.unwrap();
+    let error = &body["error"];
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(error["type"].is_string(), "{body}");
+    assert!(error.get("param").is_some(), "{body}");
+    assert_eq!(error["code"], code, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn non_streamed_chat_is_served_rewritten_and_counted() {
+    let primary = mock("primary");
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    ))
+    .await;
+
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    assert_eq!(headers["x-sluice-backend"], "primary-name");
+    assert_eq!(headers["x-sluice-attempts"], "1");
+    let request_id = headers["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(
+        uuid::Uuid::parse_str(&request_id)
+            .unwrap()
+            .get_version_num(),
+        7
+    );
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("[primary]")
+    );
+    assert_eq!(body["model"], "gpt-4o-mini-at-primary");
+
+    let stats = primary.stats();
+    assert_eq!(stats.model_requests("gpt-4o-mini-at-primary"), 1);
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.request_id, request_id);
+    assert_eq!(record.client_key_id, KEY_ID);
+    assert_eq!(record.backend_id, "primary");
+    assert_eq!(record.model, MODEL);
+    assert_eq!(record.status_code, 200);
+    assert_eq!(record.error_kind, ErrorKind::Unspecified as i32);
+    assert_eq!(record.endpoint, proto::Endpoint::ChatCompletions as i32);
+    assert_eq!(record.attempts, 1);
+    assert!(!record.stream);
+    assert_eq!(
+        (record.prompt_tokens, record.completion_tokens),
+        (stats.prompt_tokens, stats.completion_tokens)
+    );
+    assert!(record.prompt_tokens > 0 && record.completion_tokens > 0);
+    assert_eq!(record.sequence, 1);
+}
+
+#[tokio::test]
+async fn an_incoming_request_id_is_echoed() {
+    let primary = mock("primary");
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    ))
+    .await;
+    let response = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("x-request-id", "client-req-42")
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "client-req-42");
+    let response = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("x-request-id", "bad id with spaces")
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(response.headers()["x-request-id"], "bad id with spaces");
+}
+
+#[tokio::test]
+async fn streamed_chat_hides_the_usage_chunk_unless_asked_and_counts_it() {
+    let primary = mock("primary");
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    ))
+    .await;
+
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let events = sse_data(&response.text().await.unwrap());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty()))
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(text.contains("[primary]"), "{text}");
+
+    let record = h.records(1).await.remove(0);
+    let stats = primary.stats();
+    assert!(record.stream);
+    assert_eq!(
+        (record.prompt_tokens, record.completion_tokens),
+        (stats.prompt_tokens, stats.completion_tokens)
+    );
+    assert!(record.completion_tokens > 0);
+    assert!(record.time_to_first_token.is_some());
+
+    // Asked for: the usage chunk is forwarded.
+    let mut body = chat_body(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let events = sse_data(&h.chat(body).await.text().await.unwrap());
+    let usage_chunk: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert!(usage_chunk["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn the_body_passes_through_except_model_and_the_backend_key_replaces_the_clients() {
+    let echo = EchoUpstream::start().await;
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend("echo", &echo.base_url(), proto::Pool::Primary, 0)],
+    ))
+    .await;
+    let raw = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0KGgo="}}]}],"tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"}}}}}],"x_vendor_field":{"deep":[1,2.50,"\u00e9"]},"temperature":0.7}"#;
+    let response = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = echo.seen().remove(0);
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(
+        seen.authorization.as_deref(),
+        Some("Bearer sk-upstream-echo")
+    );
+    assert_eq!(seen.content_type.as_deref(), Some("application/json"));
+    let expected = raw.replace(
+        r#""model":"gpt-4o-mini""#,
+        r#""model":"gpt-4o-mini-at-echo""#,
+    );
+    assert_eq!(std::str::from_utf8(&seen.body).unwrap(), expected);
+    let record = h.records(1).await.remove(0);
+    assert_eq!((record.prompt_tokens, record.completion_tokens), (11, 22));
+
+    // A backend without a key gets no Authorization header at all.
+    let mut keyless = backend("echo", &echo.base_url(), proto::Pool::Primary, 0);
+    keyless.api_key.clear();
+    h.publish(snapshot(2, vec![keyless])).await;
+    h.chat(chat_body(false)).await;
+    assert_eq!(echo.seen()[1].authorization, None);
+}
+
+#[tokio::test]
+async fn embeddings_and_completions_are_served() {
+    let primary = mock("primary");
+    let mut b = backend("primary", &primary.base_url(), proto::Pool::Primary, 0);
+    b.models.push(proto::ModelRoute {
+        name: "text-embedding-3-small".into(),
+        upstream_name: "emb-up".into(),
+        ..Default::default()
+    });
+    let h = Harness::start(snapshot(1, vec![b])).await;
+    let response = h
+        .post(
+            "/v1/embeddings",
+            KEY,
+            &json!({"model": "text-embedding-3-small", "input": ["a", "b"]}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    let response = h
+        .post(
+            "/v1/completions",
+            KEY,
+            &json!({"model": MODEL, "prompt": "Say hi"}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let records = h.records(2).await;
+    assert_eq!(records[0].endpoint, proto::Endpoint::Embeddings as i32);
+    assert!(records[0].prompt_tokens > 0);
+    assert_eq!(records[1].endpoint, proto::Endpoint::Completions as i32);
+    let stats = primary.stats();
+    assert_eq!(
+        (stats.requests.embeddings, stats.requests.completions),
+        (1, 1)
+    );
+    assert_eq!(stats.model_requests("emb-up"), 1);
+}
+
+#[tokio::test]
+async fn client_errors_get_openai_style_bodies() {
+    let primary = mock("primary");
+    let mut snap = snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    );
+    snap.client_keys
+        .push(client_key("key-2", "sk-sluice-narrow", &["other-model"], 0));
+    let h = Harness::start_with(snap, |c| c.max_body_bytes = 4096).await;
+
+    let missing = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_error(missing, 401, "invalid_api_key").await;
+    let wrong = h
+        .post(
+            "/v1/chat/completions",
+            "sk-sluice-WRONG-secret",
+            &chat_body(false),
+        )
+        .await;
+    let body = assert_error(wrong, 401, "invalid_api_key").await;
+    assert!(!body.to_string().contains("WRONG"));
+    let basic = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .basic_auth("user", Some(KEY))
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_error(basic, 401, "invalid_api_key").await;
+
+    let forbidden = h
+        .post(
+            "/v1/chat/completions",
+            "sk-sluice-narrow",
+            &chat_body(false),
+        )
+        .await;
+    let body = assert_error(forbidden, 403, "model_not_allowed").await;
+    assert_eq!(body["error"]["param"], "model");
+    let unknown = h.chat(json!({"model": "gpt-9", "messages": []})).await;
+    assert_error(unknown, 404, "model_not_found").await;
+
+    let raw = |body: &'static [u8]| {
+        h.http
+            .post(h.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    assert_error(raw(b"{\"model\":").await.unwrap(), 400, "invalid_json").await;
+    assert_error(raw(b"[]").await.unwrap(), 400, "invalid_request_body").await;
+    assert_error(
+        raw(b"{\"messages\":[]}").await.unwrap(),
+        400,
+        "missing_required_parameter",
+    )
+    .await;
+    assert_error(raw(b"{\"model\":7}").await.unwrap(), 400, "invalid_type").await;
+    assert_error(
+        raw(b"{\"model\":\"gpt-4o-mini\",\"stream\":\"yes\"}")
+            .await
+            .unwrap(),
+        400,
+        "invalid_type",
+    )
+    .await;
+    assert_error(
+        raw(b"{\"model\":\"\xff\xfe\"}").await.unwrap(),
+        400,
+        "invalid_json",
+    )
+    .await;
+    let huge = json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(5000)}]});
+    assert_error(h.chat(huge).await, 413, "request_too_large").await;
+
+    let nowhere = h.post("/v1/nowhere", KEY, &json!({})).await;
+    assert_error(nowhere, 404, "unknown_url").await;
+    let get = h
+        .http
+        .get(h.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_error(get, 405, "method_not_allowed").await;
+
+    // Nothing reached the upstream, and the proxy still serves.
+    assert_eq!(primary.stats().requests.total(), 0);
+    assert_eq!(h.chat(chat_body(false)).await.status(), 200);
+
+    // Authenticated failures are accounted (missing/unknown keys cannot be).
+    let records = h.records(10).await;
+    let statuses: Vec<u32> = records.iter().map(|r| r.status_code).collect();
+    assert_eq!(statuses, [403, 404, 400, 400, 400, 400, 400, 400, 413, 200]);
+    assert_eq!(records[1].error_kind, ErrorKind::NoBackend as i32);
+}
+
+#[tokio::test]
+async fn models_are_listed_per_key() {
+    let primary = mock("primary");
+    let mut b = backend("primary", &primary.base_url(), proto::Pool::Primary, 0);
+    b.models.push(proto::ModelRoute {
+        name: "org/other-model".into(),
+        ..Default::default()
+    });
+    let mut snap = snapshot(1, vec![b]);
+    snap.client_keys.push(client_key(
+        "key-2",
+        "sk-sluice-narrow",
+        &["org/other-model"],
+        0,
+    ));
+    let h = Harness::start(snap).await;
+
+    let list = |key: &'static str| h.http.get(h.url("/v1/models")).bearer_auth(key).send();
+    let all: Value = list(KEY).await.unwrap().json().await.unwrap();
+    assert_eq!(all["object"], "list");
+    let ids: Vec<&str> = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [MODEL, "org/other-model"]);
+    assert_eq!(all["data"][0]["object"], "model");
+    let narrow: Value = list("sk-sluice-narrow")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(narrow["data"].as_array().unwrap().len(), 1);
+
+    let one = h
+        .http
+        .get(h.url("/v1/models/org/other-model"))
+        .bearer_auth("sk-sluice-narrow")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(one.status(), 200);
+    assert_eq!(one.json::<Value>().await.unwrap()["id"], "org/other-model");
+    let hidden = h
+        .http
+        .get(h.url(&format!("/v1/models/{MODEL}")))
+        .bearer_auth("sk-sluice-narrow")
+        .send()
+        .await
+        .unwrap();
+    assert_error(hidden, 404, "model_not_found").await;
+    let anonymous = h.http.get(h.url("/v1/models")).send().await.unwrap();
+    assert_error(anonymous, 401, "invalid_api_key").await;
+}
+
+#[tokio::test]
+async fn ready_only_with_a_snapshot() {
+    use support::control_plane::{FakeControlPlane, TOKEN};
+    let cp = FakeControlPlane::start().await;
+    let mut config = sluice_proxy::Config::new(cp.url(), "127.0.0.1:0".parse().unwrap());
+    config.dataplane_token = Some(sluice_proxy::config::Secret(TOKEN.into()));
+    let proxy = sluice_proxy::Proxy::bind(config).await.unwrap();
+    let addr = proxy.local_addr();
+    let store = proxy.store();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(proxy.serve(async move {
+        let _ = rx.await;
+    }));
+    let http = reqwest::Client::new();
+    let get = |path: &'static str| http.get(format!("http://{addr}{path}")).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 503);
+    let not_ready = http
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_error(not_ready, 503, "not_ready").await;
+
+    cp.publish(snapshot(1, vec![]));
+    let mut watch = store.watch();
+    watch.wait_for(|v| *v == 1).await.unwrap();
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}

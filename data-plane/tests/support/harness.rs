@@ -1,0 +1,282 @@
+//! A data plane running in-process against the fake control plane, with snapshot builders
+//! and an echo upstream that shows what the proxy sent.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::IntoResponse;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use sluice_proto::v1 as proto;
+use sluice_proxy::config::Secret;
+use sluice_proxy::snapshot::SnapshotStore;
+use sluice_proxy::usage::UsageSink;
+use sluice_proxy::{Config, Proxy, RunError};
+use tokio::sync::oneshot;
+
+use super::control_plane::{FakeControlPlane, TOKEN};
+
+pub const KEY: &str = "sk-sluice-test-key";
+pub const KEY_ID: &str = "key-1";
+pub const MODEL: &str = "gpt-4o-mini";
+
+pub fn backend(
+    id: &str,
+    base_url: &str,
+    pool: proto::Pool,
+    priority: i32,
+) -> proto::SnapshotBackend {
+    proto::SnapshotBackend {
+        id: id.into(),
+        name: format!("{id}-name"),
+        base_url: base_url.into(),
+        pool: pool as i32,
+        priority,
+        weight: 1,
+        models: vec![proto::ModelRoute {
+            name: MODEL.into(),
+            upstream_name: format!("{MODEL}-at-{id}"),
+            ..Default::default()
+        }],
+        api_key: format!("sk-upstream-{id}"),
+        ..Default::default()
+    }
+}
+
+pub fn client_key(
+    id: &str,
+    plaintext: &str,
+    allowed: &[&str],
+    rpm: u32,
+) -> proto::SnapshotClientKey {
+    proto::SnapshotClientKey {
+        id: id.into(),
+        name: format!("{id}-name"),
+        key_sha256: Sha256::digest(plaintext.as_bytes()).to_vec(),
+        allowed_models: allowed.iter().map(|s| (*s).to_owned()).collect(),
+        rpm_limit: rpm,
+    }
+}
+
+/// Fast, deterministic retry policy for tests.
+pub fn settings() -> proto::Settings {
+    let d = |ms: u64| {
+        Some(sluice_proxy::clock::proto_duration(Duration::from_millis(
+            ms,
+        )))
+    };
+    proto::Settings {
+        max_attempts: 3,
+        connect_timeout: d(1000),
+        first_byte_timeout: d(5000),
+        idle_stream_timeout: d(5000),
+        request_timeout: d(20_000),
+        cooldown_base: d(1000),
+        cooldown_cap: d(60_000),
+        failure_threshold: 3,
+        retry_on_rate_limit: true,
+        retry_on_server_error: true,
+        retry_on_connect_error: true,
+        retry_on_timeout: true,
+        usage_retention_days: 0,
+    }
+}
+
+pub fn snapshot(version: u64, backends: Vec<proto::SnapshotBackend>) -> proto::Snapshot {
+    proto::Snapshot {
+        version,
+        nonce: format!("nonce-{version}"),
+        create_time: None,
+        backends,
+        client_keys: vec![client_key(KEY_ID, KEY, &[], 0)],
+        settings: Some(settings()),
+        replica_count: 1,
+    }
+}
+
+pub struct Harness {
+    pub cp: FakeControlPlane,
+    pub addr: SocketAddr,
+    pub store: Arc<SnapshotStore>,
+    pub usage: UsageSink,
+    pub http: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<(), RunError>>,
+}
+
+impl Harness {
+    /// A data plane that holds `snapshot` (waited for).
+    pub async fn start(snapshot: proto::Snapshot) -> Self {
+        Self::start_with(snapshot, |_| {}).await
+    }
+
+    pub async fn start_with(snapshot: proto::Snapshot, tweak: impl FnOnce(&mut Config)) -> Self {
+        let cp = FakeControlPlane::start().await;
+        let version = snapshot.version;
+        cp.publish(snapshot);
+        let mut config = Config::new(cp.url(), "127.0.0.1:0".parse().unwrap());
+        config.dataplane_token = Some(Secret(TOKEN.into()));
+        config.node_id = Some("test-node".into());
+        tweak(&mut config);
+        let proxy = Proxy::bind(config).await.unwrap();
+        let addr = proxy.local_addr();
+        let store = proxy.store();
+        let usage = proxy.usage();
+        let (tx, rx) = oneshot::channel();
+        let server = tokio::spawn(proxy.serve(async move {
+            let _ = rx.await;
+        }));
+        let harness = Self {
+            cp,
+            addr,
+            store,
+            usage,
+            http: reqwest::Client::new(),
+            shutdown: Some(tx),
+            server,
+        };
+        harness.wait_version(version).await;
+        harness
+    }
+
+    pub async fn wait_version(&self, version: u64) {
+        let mut watch = self.store.watch();
+        tokio::time::timeout(Duration::from_secs(10), watch.wait_for(|v| *v >= version))
+            .await
+            .unwrap_or_else(|_| panic!("snapshot {version} never applied"))
+            .unwrap();
+    }
+
+    pub async fn publish(&self, snapshot: proto::Snapshot) {
+        let version = snapshot.version;
+        self.cp.publish(snapshot);
+        self.wait_version(version).await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn chat(&self, body: serde_json::Value) -> reqwest::Response {
+        self.post("/v1/chat/completions", KEY, &body).await
+    }
+
+    /// Waits until the control plane has `n` usage records and returns them by sequence.
+    pub async fn records(&self, n: usize) -> Vec<proto::UsageRecord> {
+        self.cp
+            .wait_for(&format!("{n} usage records"), |r| r.records().len() >= n)
+            .await;
+        self.cp.with(|r| r.records().into_iter().cloned().collect())
+    }
+
+    /// Signals shutdown and waits for `serve` to return.
+    pub async fn shutdown(mut self) -> Result<(), RunError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), &mut self.server)
+            .await
+            .expect("shutdown took too long")
+            .unwrap()
+    }
+
+    /// Starts shutting down without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn join(self) -> Result<(), RunError> {
+        tokio::time::timeout(Duration::from_secs(30), self.server)
+            .await
+            .expect("shutdown took too long")
+            .unwrap()
+    }
+}
+
+pub fn chat_body(stream: bool) -> serde_json::Value {
+    serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": stream,
+    })
+}
+
+/// What the echo upstream received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path: String,
+    pub authorization: Option<String>,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+/// An upstream that records each request and answers with a fixed chat completion.
+pub struct EchoUpstream {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl EchoUpstream {
+    pub async fn start() -> Self {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let app = axum::Router::new()
+            .fallback(echo)
+            .with_state(Arc::clone(&seen));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self { addr, seen }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn echo(
+    State(seen): State<Arc<Mutex<Vec<Seen>>>>,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    seen.lock().unwrap().push(Seen {
+        path: uri.path().to_owned(),
+        authorization: header("authorization"),
+        content_type: header("content-type"),
+        body,
+    });
+    axum::Json(serde_json::json!({
+        "id": "chatcmpl-echo",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "echo",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "echo"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 22, "total_tokens": 33}
+    }))
+}
