@@ -42,7 +42,7 @@ async fn chat_json_and_stream_carry_content_usage_and_gateway_headers() {
             .unwrap()
             .starts_with("[mock-a]")
     );
-    assert_eq!(body["usage"]["prompt_tokens"], 3);
+    assert_eq!(body["usage"]["prompt_tokens"], 4);
     assert_eq!(body["usage"]["completion_tokens"], 5);
 
     // Streamed, without include_usage: the usage chunk the gateway asked for is not forwarded.
@@ -111,7 +111,7 @@ async fn chat_json_and_stream_carry_content_usage_and_gateway_headers() {
     let t = cluster.totals().await;
     assert_eq!(t.stream_count, 2);
     assert!(
-        (t.cost - (6.0 * 1.0 + 15.0 * 2.0) / 1e6).abs() < 1e-12,
+        (t.cost - (7.0 * 1.0 + 15.0 * 2.0) / 1e6).abs() < 1e-12,
         "{}",
         t.cost
     );
@@ -220,6 +220,7 @@ async fn auth_and_model_errors_are_openai_shaped() {
         )
         .await;
     let (_, key) = cluster.create_key("mini-only", &["gpt-4o-mini"]).await;
+    let (_, any_model) = cluster.create_key("any-model", &[]).await;
     let (_, revoked) = cluster.create_key("revoked", &[]).await;
     cluster
         .admin()
@@ -249,7 +250,10 @@ async fn auth_and_model_errors_are_openai_shaped() {
             401,
         ),
         (proxy.chat(&key, "gpt-4o").await, 403),
-        (proxy.chat(&key, "no-such-model").await, 404),
+        // A key limited to some models gets 403 for any other name, existing or not, so the
+        // allow-list does not reveal which models exist; an unrestricted key gets 404.
+        (proxy.chat(&key, "no-such-model").await, 403),
+        (proxy.chat(&any_model, "no-such-model").await, 404),
         (
             proxy
                 .http
