@@ -1,0 +1,486 @@
+//! Failover, cooldowns, rate limits, broken streams, cancelled clients, hot swaps and
+//! graceful shutdown, over real HTTP against the mock provider.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use serde_json::Value;
+use sluice_e2e::mock::{Fault, MockConfig, MockServer, RetryAfter};
+use sluice_proto::v1::{self as proto, BackendEventKind, ErrorKind};
+use sluice_proxy::clock::system_time;
+use support::harness::*;
+
+fn mock(name: &str) -> MockServer {
+    MockServer::start_local(MockConfig::named(name)).unwrap()
+}
+
+fn slow_mock(name: &str, chunks: usize, interval_ms: u64) -> MockServer {
+    MockServer::start_local(
+        MockConfig::named(name)
+            .with_chunk_count(chunks)
+            .with_chunk_interval(Duration::from_millis(interval_ms)),
+    )
+    .unwrap()
+}
+
+fn pair(primary: &MockServer, fallback: &MockServer) -> Vec<proto::SnapshotBackend> {
+    vec![
+        backend("primary", &primary.base_url(), proto::Pool::Primary, 0),
+        backend("fallback", &fallback.base_url(), proto::Pool::Fallback, 0),
+    ]
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response.headers()[name].to_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_429_fails_over_and_cools_the_backend_for_its_retry_after() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::rate_limited(30).times(1));
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+
+    // The event reached the control plane with the upstream's Retry-After as the floor.
+    h.cp.wait_for("cooldown event", |r| !r.events.is_empty())
+        .await;
+    let event = h.cp.with(|r| r.events[0].clone());
+    assert_eq!(event.backend_id, "primary");
+    assert_eq!(event.kind, BackendEventKind::RateLimited as i32);
+    assert_eq!(event.consecutive_failures, 1);
+    let until = system_time(event.cooldown_until.as_ref().unwrap()).unwrap();
+    let left = until.duration_since(SystemTime::now()).unwrap();
+    assert!(
+        left > Duration::from_secs(25) && left <= Duration::from_secs(30),
+        "{left:?}"
+    );
+
+    // The next requests skip the primary without asking it.
+    for _ in 0..3 {
+        let response = h.chat(chat_body(false)).await;
+        assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+        assert_eq!(header(&response, "x-sluice-attempts"), "1");
+    }
+    assert_eq!(primary.stats().requests.chat_completions, 1);
+    let records = h.records(4).await;
+    assert_eq!(records[0].attempts, 2);
+    assert_eq!(records[0].backend_id, "fallback");
+}
+
+#[tokio::test]
+async fn server_errors_and_refused_connections_fail_over() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::status(500).times(1));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}/v1", closed.local_addr().unwrap());
+    drop(closed);
+    let mut backends = pair(&primary, &fallback);
+    backends.insert(0, backend("dead", &dead_url, proto::Pool::Primary, -1));
+    let h = Harness::start(snapshot(1, backends)).await;
+
+    // dead (refused) → primary (500) → fallback.
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "3");
+    assert!(response.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    assert_eq!(primary.stats().responses_with(500), 1);
+}
+
+#[tokio::test]
+async fn client_errors_from_upstream_pass_through_without_failover() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::status(400).times(1));
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"]["message"].is_string());
+    assert_eq!(fallback.stats().requests.total(), 0);
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::UpstreamStatus as i32);
+}
+
+#[tokio::test]
+async fn when_everything_cools_the_client_gets_429_with_the_soonest_retry_after() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::rate_limited(20).always());
+    fallback.set_fault(
+        Fault::Status {
+            code: 429,
+            retry_after: Some(RetryAfter::millis(7000)),
+        }
+        .always(),
+    );
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+
+    // Both tried: the last upstream 429 is passed on as it came.
+    let first = h.chat(chat_body(false)).await;
+    assert_eq!(first.status(), 429);
+    assert_eq!(header(&first, "x-sluice-attempts"), "2");
+
+    // Both cooling: Sluice answers itself, with the soonest availability.
+    let second = h.chat(chat_body(false)).await;
+    assert_eq!(second.status(), 429);
+    assert_eq!(header(&second, "x-sluice-attempts"), "0");
+    let retry_after: u64 = header(&second, "retry-after").parse().unwrap();
+    assert!((6..=7).contains(&retry_after), "{retry_after}");
+    let body: Value = second.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(primary.stats().requests.chat_completions, 1);
+    assert_eq!(fallback.stats().requests.chat_completions, 1);
+    let records = h.records(2).await;
+    assert_eq!(records[1].error_kind, ErrorKind::RateLimited as i32);
+}
+
+#[tokio::test]
+async fn a_cooldown_from_the_snapshot_is_skipped_and_a_reset_clears_it() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let mut backends = pair(&primary, &fallback);
+    backends[0].cooldown_until = Some(sluice_proxy::clock::timestamp(
+        SystemTime::now() + Duration::from_secs(60),
+    ));
+    backends[0].consecutive_failures = 2;
+    let h = Harness::start(snapshot(1, backends)).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+
+    // Another replica's cooldown cleared by the admin: the next snapshot lacks it.
+    h.publish(snapshot(2, pair(&primary, &fallback))).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+}
+
+#[tokio::test]
+async fn a_local_cooldown_survives_an_older_snapshot_and_yields_to_a_reset() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::rate_limited(60).times(1));
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    h.chat(chat_body(false)).await;
+    h.cp.wait_for("cooldown event", |r| !r.events.is_empty())
+        .await;
+    let event = h.cp.with(|r| r.events[0].clone());
+
+    // A snapshot built before the control plane saw the event does not clear it.
+    h.publish(snapshot(2, pair(&primary, &fallback))).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+
+    // The control plane publishes it (acknowledged), then the admin resets it.
+    let mut backends = pair(&primary, &fallback);
+    backends[0].cooldown_until = event.cooldown_until;
+    backends[0].consecutive_failures = 1;
+    h.publish(snapshot(3, backends)).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    h.publish(snapshot(4, pair(&primary, &fallback))).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+}
+
+#[tokio::test]
+async fn consecutive_failures_cool_a_backend_down() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::status(503).always());
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    // failure_threshold is 3 in the test settings.
+    for _ in 0..3 {
+        assert_eq!(h.chat(chat_body(false)).await.status(), 200);
+    }
+    h.cp.wait_for("failing event", |r| !r.events.is_empty())
+        .await;
+    let event = h.cp.with(|r| r.events[0].clone());
+    assert_eq!(event.kind, BackendEventKind::Failing as i32);
+    assert_eq!(event.reason, "3 consecutive failures");
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-attempts"), "1");
+    assert_eq!(primary.stats().requests.chat_completions, 3);
+}
+
+#[tokio::test]
+async fn a_cut_stream_ends_with_an_error_event() {
+    let primary = mock("primary");
+    primary.set_fault(Fault::CutAfterChunks(3).times(1));
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    ))
+    .await;
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.len(), 4, "{body}");
+    let last: Value = serde_json::from_str(events[3].strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "stream_interrupted");
+    assert!(!body.contains("[DONE]"));
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::StreamInterrupted as i32);
+    assert_eq!(record.status_code, 200);
+}
+
+#[tokio::test]
+async fn upstream_garbage_never_hangs_or_crashes_the_proxy() {
+    use sluice_e2e::mock::GarbageKind;
+    let primary = mock("primary");
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    ))
+    .await;
+    primary.set_fault(Fault::Garbage(GarbageKind::GiantLine).times(1));
+    let body = h.chat(chat_body(true)).await.text().await.unwrap();
+    assert!(
+        body.contains("stream_interrupted"),
+        "{}",
+        &body[..body.len().min(300)]
+    );
+    assert!(body.len() < 4096);
+
+    primary.set_fault(Fault::Garbage(GarbageKind::InvalidSse).times(1));
+    let body = h.chat(chat_body(true)).await.text().await.unwrap();
+    assert!(body.trim_end().ends_with("}"), "{body}");
+    assert!(body.contains("stream_interrupted"));
+
+    primary.set_fault(Fault::Garbage(GarbageKind::NotJson).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 200);
+
+    assert_eq!(h.chat(chat_body(true)).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_cancels_the_upstream_and_is_recorded() {
+    let primary = slow_mock("primary", 200, 50);
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    ))
+    .await;
+    let response = h.chat(chat_body(true)).await;
+    let mut body = response.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    drop(body);
+
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::ClientCancelled as i32);
+    assert_eq!(record.status_code, 200);
+    // The upstream request was dropped too, long before its 10 s of chunks.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while primary.stats().streams_aborted == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "upstream never cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(primary.stats().streams_completed, 0);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_is_recorded() {
+    let primary =
+        MockServer::start_local(MockConfig::named("primary").with_latency(Duration::from_secs(5)))
+            .unwrap();
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    ))
+    .await;
+    let request = h.chat(chat_body(false));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), request)
+            .await
+            .is_err()
+    );
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::ClientCancelled as i32);
+    assert_eq!(record.status_code, 499);
+}
+
+#[tokio::test]
+async fn a_snapshot_swap_does_not_disturb_running_requests() {
+    let old = slow_mock("old", 20, 25);
+    let new = mock("new");
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend("old", &old.base_url(), proto::Pool::Primary, 0)],
+    ))
+    .await;
+    let running = h.chat(chat_body(true)).await;
+    assert_eq!(header(&running, "x-sluice-backend"), "old-name");
+    let mut stream = running.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+
+    h.publish(snapshot(
+        2,
+        vec![backend("new", &new.base_url(), proto::Pool::Primary, 0)],
+    ))
+    .await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "new-name");
+
+    let mut rest = first.to_vec();
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    let text = String::from_utf8(rest).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert_eq!(old.stats().streams_completed, 1);
+    h.cp.wait_for("ack of v2", |r| r.acked(2)).await;
+}
+
+#[tokio::test]
+async fn client_key_limits_answer_429_with_retry_after() {
+    let primary = mock("primary");
+    let mut snap = snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    );
+    // 60 rpm on one replica: a burst of 6, then one per second.
+    snap.client_keys[0].rpm_limit = 60;
+    let h = Harness::start(snap).await;
+    for _ in 0..6 {
+        assert_eq!(h.chat(chat_body(false)).await.status(), 200);
+    }
+    let limited = h.chat(chat_body(false)).await;
+    assert_eq!(limited.status(), 429);
+    assert_eq!(header(&limited, "retry-after"), "1");
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(primary.stats().requests.chat_completions, 6);
+}
+
+#[tokio::test]
+async fn backend_limits_move_traffic_to_the_next_backend_and_then_answer_429() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let mut backends = pair(&primary, &fallback);
+    // 120 rpm over 2 replicas: 60 each, a burst of 6.
+    backends[0].rpm_limit = 120;
+    let mut snap = snapshot(1, backends.clone());
+    snap.replica_count = 2;
+    let h = Harness::start(snap).await;
+    for _ in 0..6 {
+        let r = h.chat(chat_body(false)).await;
+        assert_eq!(header(&r, "x-sluice-backend"), "primary-name");
+    }
+    let r = h.chat(chat_body(false)).await;
+    assert_eq!(header(&r, "x-sluice-backend"), "fallback-name");
+    assert_eq!(primary.stats().requests.chat_completions, 6);
+
+    // Without a fallback the limit is the client's 429; the bucket kept its state over the swap.
+    let mut only = snapshot(2, vec![backends.remove(0)]);
+    only.replica_count = 2;
+    h.publish(only).await;
+    let r = h.chat(chat_body(false)).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "retry-after"), "1");
+}
+
+#[tokio::test]
+async fn shutdown_drains_streams_and_flushes_usage() {
+    let primary = slow_mock("primary", 10, 50);
+    let mut h = Harness::start(snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    ))
+    .await;
+    let response = h.chat(chat_body(true)).await;
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    h.begin_shutdown();
+    let mut text = first.to_vec();
+    while let Some(chunk) = stream.next().await {
+        text.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(
+        String::from_utf8(text)
+            .unwrap()
+            .ends_with("data: [DONE]\n\n")
+    );
+    let cp_records = {
+        let cp = &h.cp;
+        cp.wait_for("the stream's record", |r| r.records().len() == 1)
+            .await;
+        cp.with(|r| r.records()[0].error_kind)
+    };
+    assert_eq!(cp_records, ErrorKind::Unspecified as i32);
+    let usage = h.usage.clone();
+    h.join().await.unwrap();
+    assert_eq!(usage.pending(), 0);
+}
+
+#[tokio::test]
+async fn usage_queued_while_the_control_plane_drops_the_stream_arrives_once() {
+    let primary = mock("primary");
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    ))
+    .await;
+    h.cp.set_ack_usage(false);
+    for _ in 0..20 {
+        assert_eq!(h.chat(chat_body(false)).await.status(), 200);
+    }
+    h.cp.wait_for("unacked records received", |r| {
+        r.received_sequences.len() >= 20
+    })
+    .await;
+    h.cp.set_ack_usage(true);
+    h.cp.kill_streams();
+    let records = h.records(20).await;
+    let sequences: Vec<u64> = records.iter().map(|r| r.sequence).collect();
+    assert_eq!(sequences, (1..=20).collect::<Vec<_>>());
+    // The ack follows the stored records.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while h.usage.pending() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never acked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The proxy kept serving on its snapshot meanwhile.
+    assert_eq!(h.chat(chat_body(false)).await.status(), 200);
+}
