@@ -54,8 +54,10 @@ if [ "$BUILD" = 1 ]; then
   if [ "$PROFILE" = release ]; then cargo build --release --quiet --bins; else cargo build --quiet --bins; fi
 fi
 BIN=${BIN:-target/$PROFILE}
+mkdir -p "$DATA_DIR"
+DATA_DIR=$(cd "$DATA_DIR" && pwd)
 RUN_DIR="$DATA_DIR/run"
-mkdir -p "$DATA_DIR" "$RUN_DIR"
+mkdir -p "$RUN_DIR"
 chmod 755 "$RUN_DIR"
 
 pids=()
@@ -133,16 +135,16 @@ if [ "$REPLICAS" -gt 1 ]; then
   # The settings of deploy/nginx.conf, with local ports and paths.
   cat >"$NGINX_DIR/nginx.conf" <<CONF
 worker_processes 1;
-pid $PWD/$NGINX_DIR/nginx.pid;
-error_log $PWD/$NGINX_DIR/logs/error.log warn;
+pid $NGINX_DIR/nginx.pid;
+error_log $NGINX_DIR/logs/error.log warn;
 events { worker_connections 4096; }
 http {
     access_log off;
-    client_body_temp_path $PWD/$NGINX_DIR/tmp/body;
-    proxy_temp_path $PWD/$NGINX_DIR/tmp/proxy;
-    fastcgi_temp_path $PWD/$NGINX_DIR/tmp/fastcgi;
-    uwsgi_temp_path $PWD/$NGINX_DIR/tmp/uwsgi;
-    scgi_temp_path $PWD/$NGINX_DIR/tmp/scgi;
+    client_body_temp_path $NGINX_DIR/tmp/body;
+    proxy_temp_path $NGINX_DIR/tmp/proxy;
+    fastcgi_temp_path $NGINX_DIR/tmp/fastcgi;
+    uwsgi_temp_path $NGINX_DIR/tmp/uwsgi;
+    scgi_temp_path $NGINX_DIR/tmp/scgi;
     upstream sluice_data_planes {
         least_conn;
 $servers        keepalive 256;
@@ -167,7 +169,7 @@ $servers        keepalive 256;
     }
 }
 CONF
-  "$NGINX" -p "$PWD/$NGINX_DIR" -c "$PWD/$NGINX_DIR/nginx.conf" -g 'daemon off;' 2>"$NGINX_DIR/logs/stderr.log" &
+  "$NGINX" -p "$NGINX_DIR" -c "$NGINX_DIR/nginx.conf" -g 'daemon off;' 2>"$NGINX_DIR/logs/stderr.log" &
   pids+=($!)
   NGINX_PID=$!
   wait_http "http://127.0.0.1:$PORT/readyz"
