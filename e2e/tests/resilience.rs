@@ -270,7 +270,7 @@ async fn data_planes_keep_serving_without_the_control_plane_and_usage_arrives_la
         tasks.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::SeqCst) && i < 2000 {
-                let stream = (i + w) % 3 == 0;
+                let stream = (i + w).is_multiple_of(3);
                 let r = proxy
                     .post(
                         "/v1/chat/completions",
@@ -519,7 +519,7 @@ async fn upstream_garbage_never_crashes_or_hangs_the_proxy() {
         GarbageKind::InvalidSse,
         GarbageKind::GiantLine,
     ] {
-        bad.set_faults(vec![Fault::Garbage(kind.clone()).always()])
+        bad.set_faults(vec![Fault::Garbage(kind).always()])
             .await;
         for stream in [false, true] {
             let r = tokio::time::timeout(
