@@ -38,6 +38,9 @@ pub struct Config {
         default_value = "http://127.0.0.1:50051"
     )]
     pub control_plane: String,
+    /// PEM file of the CA that signed an `https://` control plane's certificate.
+    #[arg(long, env = "SLUICE_CONTROL_PLANE_CA")]
+    pub control_plane_ca: Option<PathBuf>,
     /// Address of the OpenAI-compatible HTTP listener (port 0 picks a free one).
     #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -74,6 +77,7 @@ impl Config {
     pub fn new(control_plane: impl Into<String>, listen: SocketAddr) -> Self {
         Self {
             control_plane: control_plane.into(),
+            control_plane_ca: None,
             listen,
             node_id: None,
             dataplane_token: None,

@@ -7,7 +7,7 @@ use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// The client for `DataPlaneService`, authenticated.
 pub type DataPlaneClient = DataPlaneServiceClient<InterceptedService<Channel, BearerToken>>;
@@ -19,6 +19,8 @@ pub enum ControlError {
     InvalidUrl(String),
     #[error("the data-plane token contains characters not allowed in a header")]
     InvalidToken,
+    #[error("TLS setup for the control plane failed: {0}")]
+    Tls(String),
 }
 
 /// Adds `authorization: Bearer <token>` to every call. Its `Debug` never shows the token.
@@ -61,13 +63,31 @@ impl Interceptor for BearerToken {
 /// A client to the control plane at `url`. The channel connects lazily and reconnects by
 /// itself; HTTP/2 keep-alives notice a vanished control plane within about 30 s.
 pub fn connect(url: &str, token: Option<&str>) -> Result<DataPlaneClient, ControlError> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
+    connect_with_ca(url, token, None)
+}
+
+/// [`connect`], trusting `ca_pem` (PEM certificates) for an `https://` control plane.
+pub fn connect_with_ca(
+    url: &str,
+    token: Option<&str>,
+    ca_pem: Option<&[u8]>,
+) -> Result<DataPlaneClient, ControlError> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| ControlError::InvalidUrl(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
+    if url.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(pem) = ca_pem {
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| ControlError::Tls(e.to_string()))?;
+    }
     let channel = endpoint.connect_lazy();
     Ok(DataPlaneServiceClient::with_interceptor(
         channel,

@@ -30,6 +30,8 @@ pub enum RunError {
     },
     #[error("cannot read the data-plane token file: {0}")]
     TokenFile(std::io::Error),
+    #[error("cannot read the control plane CA file: {0}")]
+    CaFile(std::io::Error),
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error("http server failed: {0}")]
@@ -42,6 +44,7 @@ pub struct Proxy {
     local_addr: SocketAddr,
     config: Config,
     token: Option<String>,
+    ca_pem: Option<Vec<u8>>,
     store: Arc<SnapshotStore>,
     usage: UsageSink,
     identity: NodeIdentity,
@@ -51,8 +54,12 @@ impl Proxy {
     /// Binds the HTTP listener and logs `http listening on <addr>`.
     pub async fn bind(config: Config) -> Result<Self, RunError> {
         let token = config.token().map_err(RunError::TokenFile)?;
-        // Fail on a bad URL or token now rather than in a retry loop.
-        control::connect(&config.control_plane, token.as_deref())?;
+        let ca_pem = match &config.control_plane_ca {
+            Some(path) => Some(std::fs::read(path).map_err(RunError::CaFile)?),
+            None => None,
+        };
+        // Fail on a bad URL, token or CA now rather than in a retry loop.
+        control::connect_with_ca(&config.control_plane, token.as_deref(), ca_pem.as_deref())?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| RunError::Bind {
@@ -72,6 +79,7 @@ impl Proxy {
             usage: UsageSink::new(config.usage_queue),
             store: Arc::new(SnapshotStore::default()),
             token,
+            ca_pem,
             identity,
             config,
         })
@@ -102,12 +110,14 @@ impl Proxy {
             listener,
             config,
             token,
+            ca_pem,
             store,
             usage,
             identity,
             ..
         } = self;
-        let client = control::connect(&config.control_plane, token.as_deref())?;
+        let client =
+            control::connect_with_ca(&config.control_plane, token.as_deref(), ca_pem.as_deref())?;
 
         let stop_snapshots = CancellationToken::new();
         let subscriber = tokio::spawn(subscribe::run(

@@ -471,3 +471,146 @@ async fn ready_only_with_a_snapshot() {
     tx.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_corpus_of_hostile_requests_gets_4xx_and_the_proxy_keeps_serving() {
+    let primary = mock("primary");
+    let h = Harness::start_with(
+        snapshot(
+            1,
+            vec![backend(
+                "primary",
+                &primary.base_url(),
+                proto::Pool::Primary,
+                0,
+            )],
+        ),
+        |c| c.max_body_bytes = 64 * 1024,
+    )
+    .await;
+    let url = h.url("/v1/chat/completions");
+    let ok_body = serde_json::to_vec(&chat_body(false)).unwrap();
+
+    // Authorization headers.
+    let long_key = format!("Bearer sk-{}", "a".repeat(10_000));
+    for value in [
+        "Bearer",
+        "Bearer ",
+        "Token abc",
+        "Basic Zm9vOmJhcg==",
+        long_key.as_str(),
+    ] {
+        let r = h
+            .http
+            .post(&url)
+            .header("authorization", value)
+            .body(ok_body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_error(r, 401, "invalid_api_key").await;
+    }
+    let opaque = h
+        .http
+        .post(&url)
+        .header(
+            "authorization",
+            reqwest::header::HeaderValue::from_bytes(b"Bearer \xff\xfe").unwrap(),
+        )
+        .body(ok_body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_error(opaque, 401, "invalid_api_key").await;
+    let lowercase = h
+        .http
+        .post(&url)
+        .header("authorization", format!("bearer {KEY}"))
+        .body(ok_body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lowercase.status(), 200);
+
+    // Bodies.
+    let bodies: &[(&[u8], &str)] = &[
+        (b"", "invalid_json"),
+        (b"null", "invalid_request_body"),
+        (b"{}", "missing_required_parameter"),
+        (b"{\"model\":null}", "invalid_type"),
+        (b"{\"model\":[\"gpt-4o-mini\"]}", "invalid_type"),
+        (
+            b"{\"model\":\"gpt-4o-mini\",\"stream_options\":[]}",
+            "invalid_type",
+        ),
+        (b"{\"model\":\"gpt-4o-mini\"} trailing", "invalid_json"),
+        (b"\xef\xbb\xbf{\"model\":\"gpt-4o-mini\"}", "invalid_json"),
+    ];
+    for (body, code) in bodies {
+        let r = h
+            .http
+            .post(&url)
+            .bearer_auth(KEY)
+            .body(*body)
+            .send()
+            .await
+            .unwrap();
+        assert_error(r, 400, code).await;
+    }
+    // A huge body without Content-Length is cut off at the limit.
+    let chunks = futures::stream::iter(
+        (0..100).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 4096]))),
+    );
+    let r = h
+        .http
+        .post(&url)
+        .bearer_auth(KEY)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 413, "request_too_large").await;
+    // Absurd parameters are the upstream's to judge: its 400 comes back as is.
+    let absurd = h
+        .chat(json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 1_000_000, "max_tokens": -5}))
+        .await;
+    assert_eq!(absurd.status(), 400);
+    assert!(absurd.json::<Value>().await.unwrap()["error"]["message"].is_string());
+
+    // Paths and methods.
+    for path in [
+        "/",
+        "/v1",
+        "/v1/images/generations",
+        "/v2/chat/completions",
+        "/v1/chat/completions/x",
+    ] {
+        let r = h
+            .http
+            .post(h.url(path))
+            .bearer_auth(KEY)
+            .body(ok_body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_error(r, 404, "unknown_url").await;
+    }
+    let r = h
+        .http
+        .delete(h.url("/v1/models"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 405, "method_not_allowed").await;
+    let r = h
+        .http
+        .put(h.url("/v1/embeddings"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 405, "method_not_allowed").await;
+
+    assert_eq!(h.chat(chat_body(true)).await.status(), 200);
+}

@@ -66,6 +66,7 @@ struct Shared {
     changed: watch::Sender<u64>,
     kill: watch::Sender<u64>,
     ack_usage: AtomicBool,
+    stop: CancellationToken,
 }
 
 impl Shared {
@@ -127,6 +128,7 @@ impl DataPlaneService for Service {
                         let _ = tx.send(Err(Status::unavailable("killed by the test"))).await;
                         return;
                     }
+                    () = shared.stop.cancelled() => return,
                 }
             }
         });
@@ -179,6 +181,7 @@ impl DataPlaneService for Service {
                         let _ = tx.send(Err(Status::unavailable("killed by the test"))).await;
                         return;
                     }
+                    () = shared.stop.cancelled() => return,
                 }
             }
         });
@@ -207,8 +210,9 @@ impl FakeControlPlane {
             changed: watch::Sender::new(0),
             kill: watch::Sender::new(0),
             ack_usage: AtomicBool::new(true),
+            stop: CancellationToken::new(),
         });
-        let stop = CancellationToken::new();
+        let stop = shared.stop.clone();
         let server = tokio::spawn({
             let service = DataPlaneServiceServer::new(Service(Arc::clone(&shared)));
             let stop = stop.clone();
@@ -270,10 +274,16 @@ impl FakeControlPlane {
             .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
     }
 
-    /// Stops the server and cuts its streams.
-    pub async fn stop(self) {
+    /// Stops the server and cuts its streams and connections.
+    pub async fn stop(mut self) {
         self.kill_streams();
         self.stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.server)
+            .await
+            .is_err()
+        {
+            self.server.abort();
+            let _ = (&mut self.server).await;
+        }
     }
 }
