@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod cooldown;
 pub mod error;
+pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod request;

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 pub use accounting::{CLIENT_CLOSED_REQUEST, Tokens, usage_of};
 
 use crate::error::ProxyError;
+use crate::metrics::Metrics;
 use crate::request;
 use crate::snapshot::{ClientKey, Endpoint, Snapshot, SnapshotStore};
 use crate::usage::UsageSink;
@@ -53,6 +54,7 @@ pub struct AppState {
     pub limits: Limits,
     /// Stream relays still running; shutdown waits for them so their usage is recorded.
     pub tasks: TaskTracker,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The HTTP routes.
@@ -65,6 +67,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{*model}", get(get_model))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(unknown_path)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -94,6 +97,7 @@ async fn serve(app: Arc<AppState>, endpoint: Endpoint, request: Request) -> Resp
             Ok(key) => {
                 let acct = Accounting::new(
                     app.usage.clone(),
+                    Arc::clone(&app.metrics),
                     &request_id,
                     &key.id,
                     endpoint,
@@ -279,6 +283,11 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response {
         )
             .into_response(),
     }
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    let text = app.metrics.render(&app.store, &app.usage);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn unknown_path(method: Method, uri: Uri) -> Response {

@@ -153,6 +153,7 @@ impl Proxy {
                 max_response_bytes: config.max_response_bytes,
             },
             tasks: tasks.clone(),
+            metrics: Arc::default(),
         });
         let draining = CancellationToken::new();
         let server = axum::serve(listener, proxy::router(app)).with_graceful_shutdown({

@@ -288,9 +288,14 @@ impl Snapshot {
                 Some(value)
             };
             let index = backends.len();
+            let mut served = HashSet::new();
             for model in &b.models {
                 if model.name.is_empty() {
                     return Err(SnapshotError::EmptyModelName { backend: b.id });
+                }
+                // A model listed twice on one backend is one route, not two attempts.
+                if !served.insert(model.name.as_str()) {
+                    continue;
                 }
                 let upstream_model = if model.upstream_name.is_empty() {
                     model.name.clone()

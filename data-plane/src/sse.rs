@@ -96,6 +96,9 @@ impl SseParser {
     /// Parses `chunk`, appending every completed item to `out`. After an error the parser
     /// must not be fed again.
     pub fn push(&mut self, mut chunk: &[u8], out: &mut Vec<Item>) -> Result<(), SseError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
         if self.after_cr {
             self.after_cr = false;
             if let Some(rest) = chunk.strip_prefix(b"\n") {
@@ -231,6 +234,12 @@ mod tests {
                 data("x"),
             ]
         );
+    }
+
+    #[test]
+    fn an_empty_chunk_between_cr_and_lf_changes_nothing() {
+        let split = parse_all(&[b"data: a\r", b"", b"\ndata: b\n\n"]).unwrap();
+        assert_eq!(split, parse_all(&[b"data: a\r\ndata: b\n\n"]).unwrap());
     }
 
     #[test]

@@ -98,6 +98,21 @@ async fn non_streamed_chat_is_served_rewritten_and_counted() {
     );
     assert!(record.prompt_tokens > 0 && record.completion_tokens > 0);
     assert_eq!(record.sequence, 1);
+
+    let metrics = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sluice_requests_total{status_class=\"2xx\",outcome=\"unspecified\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sluice_snapshot_version 1\n"));
 }
 
 #[tokio::test]

@@ -8,7 +8,10 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use sluice_proto::v1::{ErrorKind, UsageRecord};
 use tokio::time::Instant;
 
+use std::sync::Arc;
+
 use crate::clock::{proto_duration, timestamp};
+use crate::metrics::Metrics;
 use crate::snapshot::{Backend, Endpoint};
 use crate::usage::UsageSink;
 
@@ -25,6 +28,7 @@ pub struct Tokens {
 
 pub struct Accounting {
     sink: UsageSink,
+    metrics: Arc<Metrics>,
     record: UsageRecord,
     started: Instant,
     first_byte: Option<Duration>,
@@ -37,6 +41,7 @@ pub struct Accounting {
 impl Accounting {
     pub fn new(
         sink: UsageSink,
+        metrics: Arc<Metrics>,
         request_id: &str,
         client_key_id: &str,
         endpoint: Endpoint,
@@ -45,6 +50,7 @@ impl Accounting {
     ) -> Self {
         Self {
             sink,
+            metrics,
             record: UsageRecord {
                 request_id: request_id.to_owned(),
                 client_key_id: client_key_id.to_owned(),
@@ -144,6 +150,7 @@ impl Accounting {
             error_kind = kind.as_str_name(),
             "request finished"
         );
+        self.metrics.request(status, kind);
         self.sink.record(record);
     }
 }

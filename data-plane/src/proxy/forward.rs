@@ -151,6 +151,7 @@ pub(super) async fn forward(
             Ok(_) => Outcome::Success,
             Err(failure) => failure.health(),
         };
+        app.metrics.attempt(outcome.is_err());
         if let Some(event) =
             cooldowns.record(&backend.id, &policy.cooldown, health, now, Now::read())
         {
@@ -160,6 +161,7 @@ pub(super) async fn forward(
                 failures = event.consecutive_failures,
                 "backend cooling down"
             );
+            app.metrics.cooldown();
             app.usage.event(event);
         }
         match outcome {
