@@ -100,3 +100,47 @@ impl Config {
         Ok(self.dataplane_token.as_ref().map(|s| s.0.clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn parses_flags_and_never_shows_the_token() {
+        let config = Config::try_parse_from([
+            "sluice-proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--node-id",
+            "dp-1",
+            "--dataplane-token",
+            "tok-very-secret",
+            "--drain-timeout",
+            "5s",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(config.node_id.as_deref(), Some("dp-1"));
+        assert_eq!(config.drain_timeout, Duration::from_secs(5));
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.max_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(config.token().unwrap().as_deref(), Some("tok-very-secret"));
+        assert!(!format!("{config:?}").contains("tok-very-secret"));
+        let bearer = crate::control::BearerToken::new(Some("tok-very-secret")).unwrap();
+        assert!(!format!("{bearer:?}").contains("tok-very-secret"));
+    }
+
+    #[test]
+    fn the_token_file_wins() {
+        let dir = std::env::temp_dir().join(format!("sluice-token-{}", std::process::id()));
+        std::fs::write(&dir, "from-file\n").unwrap();
+        let mut config = Config::new("http://127.0.0.1:1", "127.0.0.1:0".parse().unwrap());
+        config.dataplane_token = Some(Secret("from-flag".into()));
+        config.dataplane_token_file = Some(dir.clone());
+        assert_eq!(config.token().unwrap().as_deref(), Some("from-file"));
+        std::fs::remove_file(dir).unwrap();
+    }
+}

@@ -1,5 +1,15 @@
 //! Sluice data plane: a stateless OpenAI-compatible HTTP proxy that routes by the control
 //! plane's snapshot, cools down and rate-limits backends, and reports usage exactly once.
+//!
+//! Entry points: [`run`] (bind and serve until a shutdown future completes), or
+//! [`Proxy::bind`] then [`Proxy::serve`] when the caller needs the bound address, the
+//! [`snapshot::SnapshotStore`] or the [`usage::UsageSink`] first (tests do).
+//!
+//! How a request flows: [`proxy`] authenticates the client key against the current
+//! [`snapshot::Snapshot`], [`request`] reads `model`/`stream` and rewrites the body,
+//! [`router`] orders the candidates, [`cooldown`] and [`ratelimit`] skip backends that must
+//! rest, [`sse`] parses streamed answers, and [`usage`] ships one record per request to the
+//! control plane. [`subscribe`] keeps the snapshot current.
 
 pub mod backoff;
 pub mod clock;
