@@ -87,6 +87,8 @@ struct Entry {
     cooled_at: Option<Instant>,
     /// A snapshot has shown this cooldown, so a snapshot without it is a reset.
     acknowledged: bool,
+    /// The event reported for the current cooldown, kept until a snapshot acknowledges it.
+    event: Option<BackendEvent>,
 }
 
 /// This replica's cooldown state by backend id. It outlives snapshots.
@@ -148,14 +150,16 @@ impl CooldownTracker {
                 entry.acknowledged = false;
                 let until = now.wall_at(entry.until.unwrap_or(now.instant));
                 entry.until_wall = Some(until);
-                Some(event(
+                let ev = event(
                     backend_id,
                     BackendEventKind::RateLimited,
                     until,
                     entry.failures,
                     "429 from upstream".to_owned(),
                     now.wall,
-                ))
+                );
+                entry.event = Some(ev.clone());
+                Some(ev)
             }
             Outcome::Failure => {
                 if counted_already {
@@ -173,16 +177,30 @@ impl CooldownTracker {
                 entry.acknowledged = false;
                 let until_wall = now.wall_at(until);
                 entry.until_wall = Some(until_wall);
-                Some(event(
+                let ev = event(
                     backend_id,
                     BackendEventKind::Failing,
                     until_wall,
                     entry.failures,
                     format!("{} consecutive failures", entry.failures),
                     now.wall,
-                ))
+                );
+                entry.event = Some(ev.clone());
+                Some(ev)
             }
         }
+    }
+
+    /// Events of running cooldowns that no snapshot has acknowledged yet: after a reconnect
+    /// the control plane is told them again (an admin's reset is never undone this way,
+    /// because a reset follows an acknowledgement).
+    pub fn unacknowledged_events(&self, now: SystemTime) -> Vec<BackendEvent> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .values()
+            .filter(|e| !e.acknowledged && e.until_wall.is_some_and(|until| until > now))
+            .filter_map(|e| e.event.clone())
+            .collect()
     }
 
     /// Merges a newly swapped-in snapshot (see the module docs for the rule). Backends that
@@ -209,6 +227,7 @@ impl CooldownTracker {
                 .is_some_and(|until| until + ACK_TOLERANCE >= local_until);
             if covers {
                 entry.acknowledged = true;
+                entry.event = None;
             } else if entry.acknowledged {
                 // The control plane had our cooldown and no longer has it: a reset.
                 *entry = Entry::default();
@@ -461,9 +480,11 @@ mod tests {
             now,
         );
         assert!(tracker.local_until("b", now.instant).is_some());
+        assert!(tracker.unacknowledged_events(now.wall).is_empty());
         // An admin reset: the next snapshot lacks it, so it is gone here too.
         tracker.observe_snapshot([("b", none)], now);
         assert_eq!(tracker.local_until("b", now.instant), None);
+        assert!(tracker.unacknowledged_events(now.wall).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

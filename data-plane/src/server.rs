@@ -140,8 +140,13 @@ impl Proxy {
             stop_snapshots.clone(),
         ));
         let stop_usage = CancellationToken::new();
+        let cooldowns = Arc::clone(store.cooldowns());
         let reporter = tokio::spawn(
-            UsageReporter::new(usage.clone(), client, identity).run(stop_usage.clone()),
+            UsageReporter::new(usage.clone(), client, identity)
+                .resend_events_with(Box::new(move || {
+                    cooldowns.unacknowledged_events(std::time::SystemTime::now())
+                }))
+                .run(stop_usage.clone()),
         );
 
         let tasks = TaskTracker::new();

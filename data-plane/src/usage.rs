@@ -7,10 +7,10 @@
 //! applied. When the queue is full the oldest record is dropped and counted. Backend events
 //! (cooldowns) skip the batching delay: other replicas learn of a 429 from the next snapshot.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use sluice_proto::v1::{BackendEvent, ReportUsageRequest, UsageRecord};
 use tokio::sync::{Notify, mpsc};
@@ -18,7 +18,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::clock::system_time;
 use crate::control::{DataPlaneClient, NodeIdentity};
 
 /// Default queue capacity in records.
@@ -180,9 +179,12 @@ pub struct UsageReporter {
     client: DataPlaneClient,
     identity: NodeIdentity,
     backoff: Backoff,
-    /// The latest event per backend, resent after a reconnect while its cooldown runs.
-    active_events: HashMap<String, BackendEvent>,
+    /// Events to tell a newly connected control plane again (those it may have missed).
+    resend: Option<ResendEvents>,
 }
+
+/// Produces the backend events to send again after a reconnect.
+pub type ResendEvents = Box<dyn Fn() -> Vec<BackendEvent> + Send + Sync>;
 
 impl UsageReporter {
     pub fn new(sink: UsageSink, client: DataPlaneClient, identity: NodeIdentity) -> Self {
@@ -191,8 +193,15 @@ impl UsageReporter {
             client,
             identity,
             backoff: Backoff::default(),
-            active_events: HashMap::new(),
+            resend: None,
         }
+    }
+
+    /// After every reconnect, also send the events `resend` returns (e.g. cooldowns no
+    /// snapshot has acknowledged yet, which the old stream may have lost).
+    pub fn resend_events_with(mut self, resend: ResendEvents) -> Self {
+        self.resend = Some(resend);
+        self
     }
 
     /// Runs until `stop` fires and everything queued has been acked. Bound the flush by
@@ -239,14 +248,7 @@ impl UsageReporter {
             .into_inner();
         // Everything not acked goes again, in order.
         let mut sent_upto = self.sink.acked();
-        let now = SystemTime::now();
-        self.active_events.retain(|_, e| {
-            e.cooldown_until
-                .as_ref()
-                .and_then(system_time)
-                .is_some_and(|until| until > now)
-        });
-        let resend: Vec<BackendEvent> = self.active_events.values().cloned().collect();
+        let resend = self.resend.as_ref().map(|f| f()).unwrap_or_default();
         if !resend.is_empty() {
             self.send(&tx, Vec::new(), resend).await?;
         }
@@ -307,15 +309,11 @@ impl UsageReporter {
     }
 
     async fn send(
-        &mut self,
+        &self,
         tx: &mpsc::Sender<ReportUsageRequest>,
         records: Vec<UsageRecord>,
         events: Vec<BackendEvent>,
     ) -> Result<(), tonic::Status> {
-        for event in &events {
-            self.active_events
-                .insert(event.backend_id.clone(), event.clone());
-        }
         let request = ReportUsageRequest {
             node_id: self.identity.node_id.clone(),
             incarnation: self.identity.incarnation.clone(),

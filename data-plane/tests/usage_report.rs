@@ -27,7 +27,13 @@ fn start(
     sink: &UsageSink,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let client = control::connect(&cp.url(), Some(TOKEN)).unwrap();
-    let reporter = UsageReporter::new(sink.clone(), client, NodeIdentity::new(Some("n1".into())));
+    let unacknowledged = BackendEvent {
+        backend_id: "b1".into(),
+        cooldown_until: Some(timestamp(SystemTime::now() + Duration::from_secs(60))),
+        ..Default::default()
+    };
+    let reporter = UsageReporter::new(sink.clone(), client, NodeIdentity::new(Some("n1".into())))
+        .resend_events_with(Box::new(move || vec![unacknowledged.clone()]));
     let stop = CancellationToken::new();
     let handle = tokio::spawn(reporter.run(stop.clone()));
     (stop, handle)
@@ -87,16 +93,29 @@ async fn backend_events_go_out_at_once_and_shutdown_flushes() {
     let (stop, handle) = start(&cp, &sink);
     cp.wait_for("usage stream", |r| r.usage_streams == 1).await;
 
+    // The unacknowledged cooldown is told on connect, and a new event at once.
+    cp.wait_for("resent event", |r| {
+        r.events.iter().any(|e| e.backend_id == "b1")
+    })
+    .await;
     sink.event(BackendEvent {
-        backend_id: "b1".into(),
+        backend_id: "b2".into(),
         cooldown_until: Some(timestamp(SystemTime::now() + Duration::from_secs(60))),
         ..Default::default()
     });
-    cp.wait_for("event", |r| r.events.len() == 1).await;
+    cp.wait_for("event", |r| r.events.iter().any(|e| e.backend_id == "b2"))
+        .await;
 
-    // An active cooldown event is told again to a reconnected control plane.
+    // And again to a reconnected control plane; the one sent on the old stream is not.
     cp.kill_streams();
-    cp.wait_for("event again", |r| r.events.len() == 2).await;
+    cp.wait_for("event again", |r| {
+        r.events.iter().filter(|e| e.backend_id == "b1").count() == 2
+    })
+    .await;
+    assert_eq!(
+        cp.with(|r| r.events.iter().filter(|e| e.backend_id == "b2").count()),
+        1
+    );
 
     for i in 1..=7 {
         sink.record(record(i));
