@@ -22,9 +22,11 @@
 //! admin's `ResetCooldown`, or the control plane deciding otherwise) then clears it and resets
 //! `n`. An unacknowledged cooldown simply runs out: when the event is lost the failure mode is
 //! "this replica skips the backend until the cooldown ends", never "it hammers a backend that
-//! answered 429". While the snapshot shows an active cooldown with a larger failure count
-//! (other replicas' failures), the local count catches up to it, so the next backoff doubles
-//! from the fleet's count.
+//! answered 429" (and the reporter tells a reconnected control plane every unacknowledged
+//! event again, see [`CooldownTracker::unacknowledged_events`]; an acknowledged one is never
+//! resent, so a reset cannot be undone by a reconnect). While the snapshot shows an active
+//! cooldown with a larger failure count (other replicas' failures), the local count catches
+//! up to it, so the next backoff doubles from the fleet's count.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
