@@ -1,5 +1,6 @@
-//! Not published: the mock OpenAI provider ([`mock`]) and the harness that runs the real
-//! binaries in end-to-end tests ([`process`]).
+//! Not published: the mock OpenAI provider ([`mock`]), the harness that runs the real
+//! binaries in end-to-end tests ([`process`]), and the benchmark driver ([`bench`]).
 
+pub mod bench;
 pub mod mock;
 pub mod process;

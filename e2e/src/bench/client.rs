@@ -1,0 +1,261 @@
+//! A lean HTTP/1.1 client for load generation: hyper connections with `TCP_NODELAY`, a
+//! keep-alive pool that opens a new connection whenever none is idle (so the generator never
+//! waits for a connection), and OpenAI chat-completion requests prepared once.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::BenchError;
+
+/// An OpenAI-compatible endpoint: where to connect, the base path, the key and the model.
+#[derive(Debug)]
+pub struct Target {
+    url: String,
+    addr: SocketAddr,
+    host: HeaderValue,
+    chat_path: String,
+    auth: Option<HeaderValue>,
+    model: String,
+}
+
+impl Target {
+    /// `url` is the base URL an OpenAI SDK takes (`http://127.0.0.1:8080/v1`); only plain
+    /// `http://` is supported. Hosts other than loopback are refused unless `allow_remote`.
+    pub fn new(
+        url: &str,
+        key: Option<&str>,
+        model: &str,
+        allow_remote: bool,
+    ) -> Result<Self, BenchError> {
+        let bad = |why: &str| BenchError::Url {
+            url: url.to_owned(),
+            why: why.to_owned(),
+        };
+        let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(bad("only http:// URLs are supported"));
+        }
+        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let addr = if host == "localhost" {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+        } else if let Ok(ip) = host.parse::<IpAddr>() {
+            SocketAddr::new(ip, port)
+        } else {
+            (host, port)
+                .to_socket_addrs()
+                .map_err(|e| bad(&format!("cannot resolve the host: {e}")))?
+                .next()
+                .ok_or_else(|| bad("the host resolves to no address"))?
+        };
+        if !addr.ip().is_loopback() && !allow_remote {
+            return Err(bad(
+                "not a loopback address; pass --allow-remote to load a gateway on another host",
+            ));
+        }
+        let auth = key
+            .map(|k| HeaderValue::from_str(&format!("Bearer {k}")))
+            .transpose()
+            .map_err(|_| bad("the key is not a valid header value"))?;
+        Ok(Self {
+            url: url.to_owned(),
+            addr,
+            host: HeaderValue::from_str(authority.as_str()).map_err(|_| bad("bad host"))?,
+            chat_path: format!("{}/chat/completions", uri.path().trim_end_matches('/')),
+            auth,
+            model: model.to_owned(),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// A `POST …/chat/completions` with this (already serialised) body.
+    pub fn chat_request(&self, body: Bytes) -> Result<Request<Full<Bytes>>, BenchError> {
+        let mut request = Request::post(self.chat_path.as_str())
+            .header(HOST, self.host.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(auth) = &self.auth {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        Ok(request.body(Full::new(body))?)
+    }
+}
+
+/// The body of a short chat completion for `model`; streamed ones ask for the usage chunk so a
+/// gateway that strips or adds it is compared on equal terms.
+pub fn chat_body(model: &str, stream: bool) -> Bytes {
+    let mut body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
+    });
+    if stream {
+        body["stream"] = true.into();
+        body["stream_options"] = serde_json::json!({"include_usage": true});
+    }
+    Bytes::from(body.to_string())
+}
+
+/// One HTTP/1.1 connection.
+pub struct Conn {
+    sender: http1::SendRequest<Full<Bytes>>,
+}
+
+impl Conn {
+    pub async fn open(addr: SocketAddr) -> Result<Self, BenchError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| BenchError::Connect { addr, source })?;
+        stream
+            .set_nodelay(true)
+            .map_err(|source| BenchError::Connect { addr, source })?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            // Ends when the peer closes or the sender is dropped; errors show up on the sender.
+            let _ = connection.await;
+        });
+        Ok(Self { sender })
+    }
+
+    /// Sends `request` once the previous answer on this connection is done.
+    pub async fn send(
+        &mut self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, BenchError> {
+        self.sender.ready().await?;
+        Ok(self.sender.send_request(request).await?)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+}
+
+/// A complete non-streamed answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body_bytes: usize,
+}
+
+/// Reads a response to its end, counting the body bytes.
+pub async fn read_answer(response: Response<Incoming>) -> Result<Answer, BenchError> {
+    let (parts, mut body) = response.into_parts();
+    let mut body_bytes = 0;
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame?.data_ref() {
+            body_bytes += data.len();
+        }
+    }
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body_bytes,
+    })
+}
+
+/// Keep-alive connections to one target. A call takes an idle connection or opens a new one,
+/// so concurrency is never capped by the pool.
+pub struct Pool {
+    target: Arc<Target>,
+    idle: Mutex<Vec<Conn>>,
+}
+
+impl Pool {
+    pub fn new(target: Arc<Target>) -> Self {
+        Self {
+            target,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn target(&self) -> &Arc<Target> {
+        &self.target
+    }
+
+    /// Opens `n` connections ahead of time.
+    pub async fn warm(&self, n: usize) -> Result<(), BenchError> {
+        for _ in 0..n {
+            let conn = Conn::open(self.target.addr).await?;
+            self.checkin(conn);
+        }
+        Ok(())
+    }
+
+    /// Sends a chat completion with `body` and reads the whole answer.
+    pub async fn call(&self, body: Bytes) -> Result<Answer, BenchError> {
+        let request = self.target.chat_request(body)?;
+        let mut conn = self.checkout().await?;
+        let answer = read_answer(conn.send(request).await?).await?;
+        self.checkin(conn);
+        Ok(answer)
+    }
+
+    async fn checkout(&self) -> Result<Conn, BenchError> {
+        while let Some(conn) = self.idle.lock().ok().and_then(|mut idle| idle.pop()) {
+            if !conn.is_closed() {
+                return Ok(conn);
+            }
+        }
+        Conn::open(self.target.addr).await
+    }
+
+    fn checkin(&self, conn: Conn) {
+        if conn.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(conn);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn parses_base_urls_and_refuses_other_hosts() {
+        let t = Target::new("http://127.0.0.1:8080/v1/", Some("sk-x"), "m", false).unwrap();
+        assert_eq!(t.addr(), "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(t.chat_path, "/v1/chat/completions");
+        let t = Target::new("http://localhost:9/openai/v1", None, "m", false).unwrap();
+        assert_eq!(t.chat_path, "/openai/v1/chat/completions");
+        assert!(Target::new("https://127.0.0.1/v1", None, "m", false).is_err());
+        assert!(Target::new("http://10.1.2.3/v1", None, "m", false).is_err());
+        assert!(Target::new("http://10.1.2.3/v1", None, "m", true).is_ok());
+    }
+
+    #[test]
+    fn streamed_bodies_ask_for_usage() {
+        let body: serde_json::Value = serde_json::from_slice(&chat_body("m", true)).unwrap();
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        let body: serde_json::Value = serde_json::from_slice(&chat_body("m", false)).unwrap();
+        assert!(body.get("stream").is_none());
+    }
+}
