@@ -51,6 +51,15 @@ pub struct OpenLoopResult {
     pub lag: Latencies,
     /// Time the schedule covered.
     pub scheduled: Duration,
+    /// Latency percentiles of each slice of the schedule, in order.
+    pub slices: Vec<SliceSummary>,
+}
+
+/// Latency percentiles of one slice of an open-loop run.
+#[derive(Clone, Copy, Debug)]
+pub struct SliceSummary {
+    pub p50: Duration,
+    pub p99: Duration,
 }
 
 impl OpenLoopResult {
@@ -64,6 +73,7 @@ impl OpenLoopResult {
             service: Latencies::new()?,
             lag: Latencies::new()?,
             scheduled: Duration::ZERO,
+            slices: Vec::new(),
         })
     }
 
@@ -78,6 +88,7 @@ impl OpenLoopResult {
         self.service.merge(&other.service);
         self.lag.merge(&other.lag);
         self.scheduled += other.scheduled;
+        self.slices.extend_from_slice(&other.slices);
     }
 
     /// Successful answers per second of schedule.
@@ -138,6 +149,10 @@ pub async fn open_loop(
         .clone();
     result.sent = count;
     result.scheduled = duration;
+    result.slices = vec![SliceSummary {
+        p50: result.latency.p50(),
+        p99: result.latency.p99(),
+    }];
     Ok(result)
 }
 
@@ -176,8 +191,8 @@ pub struct Schedule {
     pub rate: f64,
     /// Measured time per side.
     pub duration: Duration,
-    /// Slices per side; the sides alternate A B B A … so slow drifts of the machine's load hit
-    /// them alike.
+    /// Slices per side; the sides alternate A B B A … so changes in the machine's load hit
+    /// them alike (short slices pair them closely).
     pub segments: usize,
     /// Unmeasured run at the same rate per side first (fills connection pools, warms caches).
     pub warmup: Duration,

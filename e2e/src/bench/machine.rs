@@ -110,6 +110,18 @@ fn status_field(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// CPU time (user + system) process `pid` has used, from `/proc/PID/stat`.
+pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it are plain numbers.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, i.e. the 12th and 13th after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux architecture that matters here.
+    Some(std::time::Duration::from_millis(ticks * 10))
+}
+
 /// KiB as MiB.
 pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
@@ -127,6 +139,12 @@ mod tests {
         assert!(rss > 0);
         assert!(peak_rss_kib(pid).unwrap() >= rss);
         assert_eq!(loadavg().split_whitespace().count(), 3);
+        let before = cpu_time(pid).unwrap();
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(50) {
+            std::hint::black_box(0u64);
+        }
+        assert!(cpu_time(pid).unwrap() >= before + std::time::Duration::from_millis(20));
         let m = describe(Path::new("."));
         assert!(m.cores >= 1);
         assert_ne!(m.cpu_model, "");

@@ -164,9 +164,53 @@ pub fn latency_table(runs: &[(f64, Vec<(String, OpenLoopResult)>)]) -> Table {
                 String::new(),
                 String::new(),
             ]);
+            if let Some(paired) = paired_added(b, v) {
+                t.row(vec![
+                    format!("{rate:.0}"),
+                    format!("added, median of {} paired slices", paired.pairs),
+                    String::new(),
+                    String::new(),
+                    fmt_added(paired.p50),
+                    fmt_added(paired.p99),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ]);
+            }
         }
     }
     t
+}
+
+/// Added latency estimated slice by slice: the median over adjacent slice pairs of
+/// `via − base` (per percentile), which cancels load changes that hit one slice only.
+#[derive(Clone, Copy, Debug)]
+pub struct PairedAdded {
+    pub pairs: usize,
+    pub p50: f64,
+    pub p99: f64,
+}
+
+/// [`PairedAdded`] of two open-loop results with the same slices; `None` with fewer than 3.
+pub fn paired_added(base: &OpenLoopResult, via: &OpenLoopResult) -> Option<PairedAdded> {
+    let pairs: Vec<_> = base.slices.iter().zip(&via.slices).collect();
+    if pairs.len() < 3 || base.slices.len() != via.slices.len() {
+        return None;
+    }
+    let median = |mut xs: Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        let n = xs.len();
+        if n % 2 == 1 {
+            xs[n / 2]
+        } else {
+            (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+        }
+    };
+    Some(PairedAdded {
+        pairs: pairs.len(),
+        p50: median(pairs.iter().map(|(b, v)| added_ms(v.p50, b.p50)).collect()),
+        p99: median(pairs.iter().map(|(b, v)| added_ms(v.p99, b.p99)).collect()),
+    })
 }
 
 /// Closed-loop throughput per side and, with two sides, the ratio second / first.
@@ -360,6 +404,37 @@ mod tests {
                 .iter()
                 .all(|l| l.chars().count() == lines[0].chars().count())
         );
+    }
+
+    fn with_slices(p50s_us: &[u64]) -> OpenLoopResult {
+        OpenLoopResult {
+            sent: 0,
+            ok: 0,
+            errors: 0,
+            first_error: None,
+            latency: Latencies::new().unwrap(),
+            service: Latencies::new().unwrap(),
+            lag: Latencies::new().unwrap(),
+            scheduled: Duration::ZERO,
+            slices: p50s_us
+                .iter()
+                .map(|us| crate::bench::load::SliceSummary {
+                    p50: Duration::from_micros(*us),
+                    p99: Duration::from_micros(*us * 10),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn paired_slices_ignore_a_burst_that_hit_one_side() {
+        let base = with_slices(&[100, 100, 900, 100, 100]);
+        let via = with_slices(&[300, 300, 300, 300, 300]);
+        let p = paired_added(&base, &via).unwrap();
+        assert_eq!(p.pairs, 5);
+        assert!((p.p50 - 0.2).abs() < 1e-9, "{p:?}");
+        assert!((p.p99 - 2.0).abs() < 1e-9, "{p:?}");
+        assert!(paired_added(&with_slices(&[1, 2]), &with_slices(&[1, 2])).is_none());
     }
 
     #[test]

@@ -68,8 +68,8 @@ struct AllArgs {
     /// Measured time per rate and path.
     #[arg(long, default_value = "15s", value_parser = duration)]
     duration: Duration,
-    /// Interleaved slices per path.
-    #[arg(long, default_value_t = 4)]
+    /// Interleaved slices per path (A B B A …).
+    #[arg(long, default_value_t = 15)]
     segments: usize,
     /// Unmeasured warm-up per rate and path.
     #[arg(long, default_value = "1s", value_parser = duration)]
@@ -96,7 +96,7 @@ struct AllArgs {
     #[arg(long, default_value_t = 2)]
     stream_rounds: usize,
     /// Rounds of each propagation measurement.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 100)]
     propagation_rounds: usize,
     /// How often replicas are polled during propagation rounds.
     #[arg(long, default_value = "1ms", value_parser = duration)]
@@ -147,8 +147,8 @@ struct LoadArgs {
     /// Measured time per rate and URL (saturation: per URL).
     #[arg(long, default_value = "15s", value_parser = duration)]
     duration: Duration,
-    /// Interleaved slices per URL.
-    #[arg(long, default_value_t = 4)]
+    /// Interleaved slices per URL (A B B A …).
+    #[arg(long, default_value_t = 15)]
     segments: usize,
     #[arg(long, default_value = "1s", value_parser = duration)]
     warmup: Duration,
@@ -241,7 +241,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
     if args.quick {
         config.rates = vec![250.0, 1000.0];
         config.duration = Duration::from_secs(2);
-        config.segments = 2;
+        config.segments = 4;
         config.warmup = Duration::from_millis(300);
         config.saturation = Duration::from_secs(2);
         config.streams = config.streams.min(200);
