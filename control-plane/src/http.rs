@@ -1,14 +1,17 @@
-//! The control plane's HTTP listener: health, readiness and Prometheus metrics.
+//! The control plane's HTTP listener: health, readiness, Prometheus metrics, and the
+//! web dashboard with its JSON API. Every answer carries the security headers.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use crate::dashboard::JsonApi;
 use crate::dataplane::Registry;
 use crate::snapshot::Publisher;
 
@@ -18,7 +21,14 @@ struct AppState {
     registry: Arc<Registry>,
 }
 
-pub fn router(publisher: Arc<Publisher>, registry: Arc<Registry>) -> Router {
+/// The dashboard's Content-Security-Policy: only this origin's files, no inline
+/// script or style, no framing.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; img-src 'self' data:; \
+     style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'; \
+     base-uri 'none'; form-action 'self'";
+
+/// Everything the HTTP listener serves; `api` is the dashboard's JSON API.
+pub fn router(publisher: Arc<Publisher>, registry: Arc<Registry>, api: JsonApi) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
@@ -27,6 +37,28 @@ pub fn router(publisher: Arc<Publisher>, registry: Arc<Registry>) -> Router {
             publisher,
             registry,
         })
+        .merge(crate::dashboard::router(api))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .layer(axum::middleware::from_fn(security_headers))
+}
+
+/// Adds the security headers to every answer, and `no-store` to the API's.
+async fn security_headers(request: Request, next: Next) -> Response {
+    let api = request.uri().path().starts_with("/api/");
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    if api {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod backend;
 pub mod client_key;
 pub mod crypto;
+pub mod dashboard;
 pub mod dataplane;
 pub mod http;
 pub mod secrets;

@@ -177,6 +177,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let dataplane_check = TokenCheck::new(&secrets.dataplane_token, "data-plane");
     let admin = Admin::new(store.clone(), publisher.clone(), registry.clone());
     let stats = Stats::new(store.clone());
+    let json_api =
+        crate::dashboard::JsonApi::new(admin.clone(), stats.clone(), admin_check.clone());
     let dataplane = DataPlaneApi::new(
         store.clone(),
         publisher.clone(),
@@ -219,7 +221,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             stop.clone().cancelled_owned(),
         );
 
-    let http = crate::http::router(publisher.clone(), registry.clone());
+    let http = crate::http::router(publisher.clone(), registry.clone(), json_api);
     let http_stop = stop.clone();
     let http = async move {
         axum::serve(http_listener, http)

@@ -1,0 +1,53 @@
+//! The web dashboard the control plane serves on its HTTP listener: plain HTML,
+//! CSS and JavaScript embedded in the binary (`/` and `/ui/...`), and the JSON API
+//! it speaks (`/api/...`, see [`api`]).
+
+pub mod api;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+
+pub use api::JsonApi;
+
+const INDEX_HTML: &str = include_str!("dashboard/index.html");
+const APP_JS: &str = include_str!("dashboard/app.js");
+const APP_CSS: &str = include_str!("dashboard/app.css");
+
+/// The dashboard's pages and its JSON API.
+pub fn router(api: JsonApi) -> Router {
+    let json = Router::new()
+        .route("/api/sluice.v1.AdminService/{method}", any(api::admin))
+        .route("/api/sluice.v1.StatsService/{method}", any(api::stats))
+        .route("/api/{*path}", any(api::unknown_service))
+        .layer(DefaultBodyLimit::max(api::BODY_LIMIT))
+        .with_state(api);
+    Router::new()
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
+        .route(
+            "/ui/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/ui/app.css",
+            get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
+        )
+        .merge(json)
+}
+
+/// An embedded file. `no-cache` so that a new binary's dashboard is picked up at once.
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        body,
+    )
+        .into_response()
+}
