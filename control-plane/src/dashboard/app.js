@@ -1,0 +1,988 @@
+// Sluice dashboard: speaks the control plane's JSON API (the AdminService and
+// StatsService calls as proto3 JSON). Every text that comes from the API is put
+// into the page with textContent or text nodes, never parsed as HTML.
+'use strict';
+
+(() => {
+  const TOKEN_KEY = 'sluice.adminToken';
+  const REFRESH_MS = 5000;
+  const HOUR = 3600e3;
+  const DAY = 24 * HOUR;
+  const RANGES = { '24h': DAY, '7d': 7 * DAY, '30d': 30 * DAY };
+  const MAX_SERIES = 7;
+
+  // ---------------------------------------------------------------- DOM helpers
+
+  const $ = (selector, root = document) => root.querySelector(selector);
+
+  /** Builds an element; strings and numbers among `children` become text nodes. */
+  function h(tag, attrs, ...children) {
+    return build(document.createElement(tag), attrs, children);
+  }
+
+  /** The same for SVG elements. */
+  function svg(tag, attrs, ...children) {
+    return build(document.createElementNS('http://www.w3.org/2000/svg', tag), attrs, children);
+  }
+
+  function build(el, attrs, children) {
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (value === undefined || value === null || value === false) continue;
+      if (name.startsWith('on')) el.addEventListener(name.slice(2), value);
+      else if (name === 'text') el.textContent = String(value);
+      else el.setAttribute(name, value === true ? '' : String(value));
+    }
+    for (const child of children.flat()) {
+      if (child === undefined || child === null || child === false) continue;
+      el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return el;
+  }
+
+  function table(el, headers, rows, emptyText) {
+    const head = h('thead', null, h('tr', null, headers.map((c) =>
+      h('th', { class: c.num ? 'num' : null }, c.label))));
+    const body = h('tbody');
+    if (rows.length === 0) {
+      body.append(h('tr', null, h('td', { class: 'empty', colspan: headers.length }, emptyText)));
+    } else {
+      for (const row of rows) body.append(row);
+    }
+    el.replaceChildren(head, body);
+  }
+
+  // ---------------------------------------------------------------- formatting
+
+  const intFormat = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+  const compactFormat = new Intl.NumberFormat(undefined, { notation: 'compact', maximumFractionDigits: 1 });
+  const relFormat = new Intl.RelativeTimeFormat(undefined, { numeric: 'auto' });
+
+  /** proto3 JSON writes 64-bit integers as strings and omits zero values. */
+  const num = (v) => (v === undefined || v === null || v === '' ? 0 : Number(v));
+
+  const fmtInt = (n) => intFormat.format(Math.round(num(n)));
+  const fmtCount = (n, unit) => `${fmtInt(n)} ${unit}`;
+  function fmtCost(x) {
+    x = num(x);
+    const digits = x === 0 ? 2 : x < 0.01 ? 4 : x < 1 ? 3 : 2;
+    return new Intl.NumberFormat(undefined, { minimumFractionDigits: digits, maximumFractionDigits: digits }).format(x);
+  }
+  function fmtMs(ms) {
+    ms = num(ms);
+    if (ms >= 10000) return `${new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 }).format(ms / 1000)} s`;
+    if (ms >= 1000) return `${new Intl.NumberFormat(undefined, { maximumFractionDigits: 2 }).format(ms / 1000)} s`;
+    return `${new Intl.NumberFormat(undefined, { maximumFractionDigits: ms < 10 ? 1 : 0 }).format(ms)} ms`;
+  }
+  function fmtPct(ratio) {
+    const p = num(ratio) * 100;
+    return `${new Intl.NumberFormat(undefined, { maximumFractionDigits: p > 0 && p < 10 ? 1 : 0 }).format(p)} %`;
+  }
+  function fmtAxis(v, kind) {
+    if (kind === 'ms') return v >= 1000 ? `${compactFormat.format(v / 1000)} s` : `${compactFormat.format(v)} ms`;
+    if (kind === 'cost') return v < 1 && v > 0 ? new Intl.NumberFormat(undefined, { maximumSignificantDigits: 2 }).format(v) : compactFormat.format(v);
+    return compactFormat.format(v);
+  }
+  function fmtValue(v, kind) {
+    if (kind === 'ms') return fmtMs(v);
+    if (kind === 'cost') return fmtCost(v);
+    return fmtInt(v);
+  }
+  function parseTime(s) {
+    if (!s) return null;
+    const t = Date.parse(s);
+    return Number.isNaN(t) ? null : t;
+  }
+  /** "3 minutes ago", "in 2 hours". */
+  function relTime(t) {
+    if (t === null) return '–';
+    const secs = Math.round((t - Date.now()) / 1000);
+    const abs = Math.abs(secs);
+    if (abs < 5) return 'just now';
+    if (abs < 60) return relFormat.format(secs, 'second');
+    if (abs < 3600) return relFormat.format(Math.round(secs / 60), 'minute');
+    if (abs < 86400) return relFormat.format(Math.round(secs / 3600), 'hour');
+    return relFormat.format(Math.round(secs / 86400), 'day');
+  }
+  function fmtDateTime(t) {
+    if (t === null) return '–';
+    const sameDay = new Date(t).toDateString() === new Date().toDateString();
+    return new Date(t).toLocaleString(undefined, sameDay
+      ? { hour: '2-digit', minute: '2-digit', second: '2-digit' }
+      : { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit' });
+  }
+  function fmtBucket(t, step) {
+    return new Date(t).toLocaleString(undefined, step >= DAY
+      ? { month: 'short', day: 'numeric' }
+      : { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit' });
+  }
+  const poolName = (p) => (p === 'POOL_FALLBACK' ? 'fallback' : p === 'POOL_PRIMARY' ? 'primary' : '–');
+
+  // ---------------------------------------------------------------- API
+
+  class ApiError extends Error {
+    constructor(status, code, message) {
+      super(message);
+      this.status = status;
+      this.code = code;
+    }
+  }
+
+  /** POST /api/sluice.v1.<service>/<method> with the token as a bearer header. */
+  async function call(path, body, token = state.token) {
+    let response;
+    try {
+      response = await fetch(`/api/sluice.v1.${path}`, {
+        method: 'POST',
+        headers: { 'authorization': `Bearer ${token}`, 'content-type': 'application/json' },
+        body: JSON.stringify(body || {}),
+        cache: 'no-store',
+        credentials: 'omit',
+      });
+    } catch (err) {
+      throw new ApiError(0, 'UNAVAILABLE', `cannot reach the control plane (${err.message})`);
+    }
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (_) {
+      data = null;
+    }
+    if (!response.ok) {
+      const error = new ApiError(response.status, (data && data.code) || 'UNKNOWN',
+        (data && data.message) || `HTTP ${response.status}`);
+      if (response.status === 401 && token === state.token && state.token) {
+        signOut('The admin token is no longer accepted. Sign in again.');
+      }
+      throw error;
+    }
+    return data || {};
+  }
+
+  // ---------------------------------------------------------------- state
+
+  const state = {
+    token: null,
+    page: 'overview',
+    range: '24h',
+    granularity: 'auto',
+    split: '',
+    backends: [],
+    cooldowns: [],
+    editing: null, // the backend being edited, or null when adding
+    confirming: null, // e.g. "backend:<id>" while its delete asks for confirmation
+    timer: null,
+    refreshing: false,
+    lastRefresh: null,
+    charts: {}, // last drawn chart data, redrawn on resize
+  };
+
+  const PAGES = {
+    overview: loadOverview,
+    backends: loadBackends,
+    keys: loadKeys,
+    replicas: loadReplicas,
+    cooldowns: loadCooldowns,
+  };
+
+  // ---------------------------------------------------------------- sign-in
+
+  function showSignIn(message) {
+    $('#app').hidden = true;
+    $('#signin').hidden = false;
+    $('#signin-error').textContent = message || '';
+    $('#signin-token').focus();
+  }
+
+  async function signIn(event) {
+    event.preventDefault();
+    const input = $('#signin-token');
+    const token = input.value.trim();
+    const error = $('#signin-error');
+    if (!token) {
+      error.textContent = 'Enter the admin token.';
+      return;
+    }
+    const button = $('#signin-submit');
+    button.disabled = true;
+    error.textContent = '';
+    try {
+      await call('AdminService/GetSettings', {}, token);
+      state.token = token;
+      sessionStorage.setItem(TOKEN_KEY, token);
+      input.value = '';
+      showApp();
+    } catch (err) {
+      error.textContent = err.status === 401
+        ? 'Wrong admin token: the control plane did not accept it.'
+        : `Could not sign in: ${err.message}`;
+      input.select();
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function signOut(message) {
+    state.token = null;
+    sessionStorage.removeItem(TOKEN_KEY);
+    clearTimeout(state.timer);
+    state.timer = null;
+    $('#key-once-value').value = '';
+    $('#key-once').hidden = true;
+    closeBackendForm();
+    showSignIn(message);
+  }
+
+  function showApp() {
+    $('#signin').hidden = true;
+    $('#app').hidden = false;
+    route();
+  }
+
+  // ---------------------------------------------------------------- navigation and refresh
+
+  function route() {
+    const page = (location.hash || '#overview').slice(1);
+    state.page = PAGES[page] ? page : 'overview';
+    state.confirming = null;
+    for (const section of document.querySelectorAll('.page')) {
+      section.hidden = section.id !== `page-${state.page}`;
+    }
+    for (const link of document.querySelectorAll('#nav a')) {
+      if (link.dataset.page === state.page) link.setAttribute('aria-current', 'page');
+      else link.removeAttribute('aria-current');
+    }
+    refresh();
+  }
+
+  /** Loads the current page now, then again every few seconds. */
+  async function refresh() {
+    clearTimeout(state.timer);
+    if (!state.token) return;
+    if (state.refreshing) {
+      state.timer = setTimeout(refresh, 200);
+      return;
+    }
+    state.refreshing = true;
+    const page = state.page;
+    try {
+      await PAGES[page]();
+      state.lastRefresh = Date.now();
+      setBanner('');
+    } catch (err) {
+      if (err.status !== 401) setBanner(`Could not load ${page}: ${err.message}`);
+    } finally {
+      state.refreshing = false;
+      updateRefreshStatus();
+      if (state.token) state.timer = setTimeout(refresh, document.hidden ? REFRESH_MS * 4 : REFRESH_MS);
+    }
+  }
+
+  function updateRefreshStatus() {
+    $('#refresh-status').textContent = state.lastRefresh ? `Updated ${relTime(state.lastRefresh)}` : '';
+  }
+
+  function setBanner(text) {
+    const banner = $('#banner');
+    banner.textContent = text;
+    banner.hidden = !text;
+  }
+
+  let noticeTimer = null;
+  function notify(text) {
+    const notice = $('#notice');
+    notice.textContent = text;
+    notice.hidden = false;
+    clearTimeout(noticeTimer);
+    noticeTimer = setTimeout(() => { notice.hidden = true; }, 4000);
+  }
+
+  /** Runs an action from a button; a failure shows in the banner. */
+  async function act(button, action) {
+    if (button) button.disabled = true;
+    try {
+      await action();
+    } catch (err) {
+      if (err.status !== 401) setBanner(err.message);
+    } finally {
+      if (button) button.disabled = false;
+    }
+    await refresh();
+  }
+
+  // ---------------------------------------------------------------- overview
+
+  function rangeStart() {
+    return Date.now() - RANGES[state.range];
+  }
+
+  function step() {
+    const g = state.granularity === 'auto' ? (state.range === '30d' ? 'day' : 'hour') : state.granularity;
+    return g === 'day' ? DAY : HOUR;
+  }
+
+  async function loadOverview() {
+    const start = rangeStart();
+    const startTime = new Date(start).toISOString();
+    const bucket = step();
+    const usageRequest = {
+      startTime,
+      granularity: bucket === DAY ? 'GRANULARITY_DAY' : 'GRANULARITY_HOUR',
+    };
+    if (state.split) usageRequest.groupBy = state.split === 'model' ? 'GROUP_BY_MODEL' : 'GROUP_BY_BACKEND';
+    const [totals, usage, backends, cooldowns] = await Promise.all([
+      call('StatsService/GetTotals', { startTime }),
+      call('StatsService/GetUsage', usageRequest),
+      call('AdminService/ListBackends'),
+      call('AdminService/ListCooldowns'),
+    ]);
+    state.backends = backends.backends || [];
+    state.cooldowns = cooldowns.cooldowns || [];
+    // Exact per-backend error rate and p95 over the whole range.
+    const perBackend = await Promise.all(state.backends.map((b) =>
+      call('StatsService/GetTotals', { startTime, backendId: b.id })));
+    if (state.page !== 'overview') return;
+    renderTotals(totals);
+    renderCharts(usage.buckets || [], start, bucket);
+    renderOverviewBackends(perBackend);
+  }
+
+  function renderTotals(t) {
+    const card = (label, value, sub) => h('div', { class: 'card stat' },
+      h('div', { class: 'label' }, label),
+      h('div', { class: 'value' }, value),
+      h('div', { class: 'sub' }, sub || '\u00a0'));
+    $('#totals').replaceChildren(
+      card('Requests', fmtInt(t.requestCount), `${fmtInt(t.streamCount)} streamed`),
+      card('Error rate', fmtPct(t.errorRate), fmtCount(t.errorCount, num(t.errorCount) === 1 ? 'error' : 'errors')),
+      card('Tokens', fmtInt(t.totalTokens), `${fmtInt(t.promptTokens)} prompt · ${fmtInt(t.completionTokens)} completion`),
+      card('Cost', fmtCost(t.cost), 'from the models\u2019 prices'),
+      card('Latency p50', fmtMs(t.p50LatencyMs), `avg ${fmtMs(t.avgLatencyMs)}`),
+      card('Latency p95', fmtMs(t.p95LatencyMs), `p99 ${fmtMs(t.p99LatencyMs)}`),
+      card('Time to first token', fmtMs(t.avgTtftMs), 'average'),
+    );
+  }
+
+  const METRICS = [
+    { id: 'requests', value: (b) => num(b.requestCount), kind: 'count', additive: true },
+    { id: 'tokens', value: (b) => num(b.totalTokens), kind: 'count', additive: true },
+    { id: 'cost', value: (b) => num(b.cost), kind: 'cost', additive: true },
+    { id: 'latency', value: (b) => (num(b.requestCount) > 0 ? num(b.p95LatencyMs) : null), kind: 'ms', additive: false },
+  ];
+
+  function renderCharts(buckets, start, bucketStep) {
+    const first = Math.floor(start / bucketStep) * bucketStep;
+    const last = Math.floor(Date.now() / bucketStep) * bucketStep;
+    const times = [];
+    for (let t = first; t <= last; t += bucketStep) times.push(t);
+    const index = new Map(times.map((t, i) => [t, i]));
+
+    // Group buckets into series; the busiest few are drawn, the rest summed as "other".
+    const groups = new Map();
+    for (const b of buckets) {
+      const key = b.groupKey || '';
+      if (!groups.has(key)) groups.set(key, { label: b.groupLabel || b.groupKey || 'All requests', buckets: [], requests: 0 });
+      const g = groups.get(key);
+      g.buckets.push(b);
+      g.requests += num(b.requestCount);
+    }
+    const ordered = [...groups.values()].sort((a, b) => b.requests - a.requests);
+    const shown = ordered.slice(0, MAX_SERIES);
+    const rest = ordered.slice(MAX_SERIES);
+
+    for (const metric of METRICS) {
+      const series = shown.map((g, i) => ({ label: g.label, cls: `s${i}`, values: values(g.buckets, metric) }));
+      if (rest.length > 0 && metric.additive) {
+        series.push({ label: `${rest.length} others`, cls: `s${MAX_SERIES}`, values: values(rest.flatMap((g) => g.buckets), metric) });
+      }
+      const data = { times, step: bucketStep, series, kind: metric.kind };
+      state.charts[metric.id] = data;
+      drawChart($(`#chart-${metric.id}`), data);
+    }
+
+    function values(list, metric) {
+      const out = times.map(() => (metric.additive ? 0 : null));
+      for (const b of list) {
+        const i = index.get(parseTime(b.startTime));
+        if (i === undefined) continue;
+        const v = metric.value(b);
+        if (v === null) continue;
+        out[i] = metric.additive ? out[i] + v : v;
+      }
+      return out;
+    }
+  }
+
+  /** A round step for `ticks` gridlines that together reach at least `max`. */
+  function niceStep(max, ticks, whole) {
+    if (!(max > 0)) return 1;
+    const raw = max / ticks;
+    const magnitude = 10 ** Math.floor(Math.log10(raw));
+    for (const m of [1, 2, 2.5, 5, 10]) {
+      const step = m * magnitude;
+      if (step >= raw && (!whole || Number.isInteger(step))) return step;
+    }
+    return whole ? Math.max(1, Math.ceil(raw)) : 10 * magnitude;
+  }
+
+  /** A line chart as SVG: one path per series, axes, a tooltip per bucket. */
+  function drawChart(container, data) {
+    const { times, series, kind } = data;
+    const all = series.flatMap((s) => s.values).filter((v) => v !== null);
+    if (series.length === 0 || all.every((v) => v === 0)) {
+      container.replaceChildren(h('div', { class: 'empty' }, 'No requests in this range yet.'));
+      return;
+    }
+    const width = Math.max(container.clientWidth || 0, 280);
+    const height = 200;
+    const m = { left: 58, right: 12, top: 10, bottom: 24 };
+    const plotW = width - m.left - m.right;
+    const plotH = height - m.top - m.bottom;
+    const TICKS = 4;
+    const tick = niceStep(Math.max(...all), TICKS, kind === 'count');
+    const top = tick * TICKS;
+    const x = (i) => m.left + (times.length === 1 ? plotW / 2 : (i * plotW) / (times.length - 1));
+    const y = (v) => m.top + plotH - (v / top) * plotH;
+
+    const root = svg('svg', {
+      viewBox: `0 0 ${width} ${height}`,
+      role: 'img',
+      'aria-label': `chart of ${series.map((s) => s.label).join(', ')}`,
+      class: 'chart-svg',
+    });
+    const axis = svg('g', { class: 'axis' });
+    for (let k = 0; k <= TICKS; k += 1) {
+      const v = tick * k;
+      axis.append(
+        svg('line', { class: k === 0 ? 'base' : 'grid', x1: m.left, x2: width - m.right, y1: y(v), y2: y(v) }),
+        svg('text', { x: m.left - 6, y: y(v) + 4, 'text-anchor': 'end' }, fmtAxis(v, kind)),
+      );
+    }
+    // Room for about one label per 180 px; the first and last align to the plot's edges.
+    const labels = Math.min(times.length, Math.max(2, Math.floor(plotW / 180)));
+    for (let k = 0; k < labels; k += 1) {
+      const i = labels === 1 ? 0 : Math.round((k * (times.length - 1)) / (labels - 1));
+      const anchor = times.length === 1 ? 'middle' : k === 0 ? 'start' : k === labels - 1 ? 'end' : 'middle';
+      axis.append(svg('text', { x: x(i), y: height - 6, 'text-anchor': anchor }, fmtBucket(times[i], data.step)));
+    }
+    root.append(axis);
+
+    const showPoints = times.length <= 60;
+    series.forEach((s) => {
+      let d = '';
+      let pen = false;
+      s.values.forEach((v, i) => {
+        if (v === null) {
+          pen = false;
+          return;
+        }
+        d += `${pen ? 'L' : 'M'}${x(i).toFixed(1)},${y(v).toFixed(1)}`;
+        pen = true;
+      });
+      if (d) root.append(svg('path', { class: `series ${s.cls}`, d }));
+      if (showPoints) {
+        s.values.forEach((v, i) => {
+          if (v !== null && (v > 0 || times.length === 1)) {
+            root.append(svg('circle', { class: `point ${s.cls}`, cx: x(i).toFixed(1), cy: y(v).toFixed(1), r: 2.5 }));
+          }
+        });
+      }
+    });
+
+    // One transparent band per bucket whose <title> lists every series' value.
+    const band = times.length === 1 ? plotW : plotW / (times.length - 1);
+    times.forEach((t, i) => {
+      const lines = [fmtBucket(t, data.step)];
+      for (const s of series) {
+        const v = s.values[i];
+        lines.push(`${s.label}: ${v === null ? '–' : fmtValue(v, kind)}`);
+      }
+      root.append(svg('rect', {
+        class: 'hover',
+        x: Math.max(m.left, x(i) - band / 2),
+        y: m.top,
+        width: Math.max(1, Math.min(band, width - m.right - Math.max(m.left, x(i) - band / 2))),
+        height: plotH,
+      }, svg('title', null, lines.join('\n'))));
+    });
+
+    const legend = h('div', { class: 'legend' }, series.map((s) =>
+      h('span', null, h('span', { class: `swatch ${s.cls}` }), s.label)));
+    container.replaceChildren(root, legend);
+  }
+
+  function cooldownFor(backendId) {
+    const now = Date.now();
+    return state.cooldowns.find((c) => c.backendId === backendId && (parseTime(c.until) || 0) > now);
+  }
+
+  function stateCell(backend) {
+    const cooldown = cooldownFor(backend.id);
+    if (cooldown) {
+      const until = parseTime(cooldown.until);
+      const rateLimited = /429|rate/i.test(cooldown.reason || '');
+      return h('td', null,
+        h('span', { class: 'pill warn' }, rateLimited ? 'rate-limited' : 'cooling down'),
+        h('span', { class: 'sub-line' }, `until ${fmtDateTime(until)} (${relTime(until)})`),
+        cooldown.reason ? h('span', { class: 'sub-line' }, cooldown.reason) : null);
+    }
+    return h('td', null, backend.enabled
+      ? h('span', { class: 'pill ok' }, 'enabled')
+      : h('span', { class: 'pill off' }, 'disabled'));
+  }
+
+  function renderOverviewBackends(perBackend) {
+    const rows = state.backends.map((b, i) => {
+      const t = perBackend[i] || {};
+      return h('tr', null,
+        h('td', { class: 'name' }, b.name),
+        h('td', null, poolName(b.pool), h('span', { class: 'sub-line' }, `priority ${b.priority || 0}`)),
+        stateCell(b),
+        h('td', { class: 'num' }, fmtInt(t.requestCount)),
+        h('td', { class: 'num' }, num(t.requestCount) ? fmtPct(t.errorRate) : '–'),
+        h('td', { class: 'num' }, num(t.requestCount) ? fmtMs(t.p95LatencyMs) : '–'),
+        h('td', { class: 'num' }, fmtCost(t.cost)));
+    });
+    table($('#overview-backends'), [
+      { label: 'Backend' }, { label: 'Pool' }, { label: 'State' },
+      { label: 'Requests', num: true }, { label: 'Error rate', num: true },
+      { label: 'p95', num: true }, { label: 'Cost', num: true },
+    ], rows, 'No backends yet: add one on the Backends page.');
+  }
+
+  // ---------------------------------------------------------------- backends
+
+  async function loadBackends() {
+    const [backends, cooldowns] = await Promise.all([
+      call('AdminService/ListBackends'),
+      call('AdminService/ListCooldowns'),
+    ]);
+    state.backends = backends.backends || [];
+    state.cooldowns = cooldowns.cooldowns || [];
+    if (state.page !== 'backends') return;
+    renderBackends();
+  }
+
+  function confirmButtons(key, label, onConfirm) {
+    if (state.confirming !== key) {
+      return [h('button', {
+        type: 'button',
+        class: 'secondary small',
+        'data-action': label.toLowerCase(),
+        onclick: () => { state.confirming = key; rerender(); },
+      }, label)];
+    }
+    return [
+      h('span', { class: 'muted' }, `${label}? `),
+      h('button', {
+        type: 'button',
+        class: 'danger small',
+        'data-action': `confirm-${label.toLowerCase()}`,
+        onclick: (e) => { state.confirming = null; act(e.currentTarget, onConfirm); },
+      }, `Yes, ${label.toLowerCase()}`),
+      h('button', {
+        type: 'button',
+        class: 'secondary small',
+        onclick: () => { state.confirming = null; rerender(); },
+      }, 'Cancel'),
+    ];
+  }
+
+  function rerender() {
+    if (state.page === 'backends') renderBackends();
+    else if (state.page === 'keys') renderKeys();
+  }
+
+  function renderBackends() {
+    const rows = state.backends.map((b) => {
+      const models = b.models || [];
+      return h('tr', { 'data-backend-id': b.id },
+        h('td', { class: 'name' }, b.name),
+        h('td', { class: 'url' }, h('code', null, b.baseUrl)),
+        h('td', null, poolName(b.pool)),
+        h('td', { class: 'num' }, fmtInt(b.priority)),
+        h('td', { class: 'num' }, fmtInt(b.weight || 1)),
+        h('td', null, models.map((mr) => h('span', { class: 'sub-line mono' },
+          mr.upstreamName && mr.upstreamName !== mr.name ? `${mr.name} → ${mr.upstreamName}` : mr.name))),
+        h('td', { class: 'num' }, num(b.rpmLimit) ? fmtCount(b.rpmLimit, '/min') : 'none'),
+        h('td', { class: 'mono' }, b.apiKeyHint ? `••••${b.apiKeyHint}` : 'none'),
+        stateCell(b),
+        h('td', { class: 'actions' },
+          state.confirming === `backend:${b.id}` ? null : [
+            h('button', { type: 'button', class: 'secondary small', 'data-action': 'edit', onclick: () => openBackendForm(b) }, 'Edit'),
+            h('button', {
+              type: 'button',
+              class: 'secondary small',
+              'data-action': b.enabled ? 'disable' : 'enable',
+              onclick: (e) => act(e.currentTarget, async () => {
+                await call('AdminService/UpdateBackend', { backend: { id: b.id, enabled: !b.enabled }, updateMask: 'enabled' });
+                notify(`${b.enabled ? 'Disabled' : 'Enabled'} ${b.name}.`);
+              }),
+            }, b.enabled ? 'Disable' : 'Enable'),
+          ],
+          confirmButtons(`backend:${b.id}`, 'Delete', async () => {
+            await call('AdminService/DeleteBackend', { id: b.id });
+            notify(`Deleted ${b.name}.`);
+          })));
+    });
+    table($('#backends-table'), [
+      { label: 'Name' }, { label: 'Base URL' }, { label: 'Pool' }, { label: 'Priority', num: true },
+      { label: 'Weight', num: true }, { label: 'Models' }, { label: 'RPM', num: true },
+      { label: 'API key' }, { label: 'State' }, { label: '' },
+    ], rows, 'No backends yet. Add one to start routing.');
+  }
+
+  function modelRow(model) {
+    const cell = (field, attrs) => h('td', null, h('div', { class: 'field', 'data-field': field },
+      h('input', attrs), h('p', { class: 'field-error' })));
+    const row = h('tr', { class: 'model-row' },
+      cell('name', { name: 'model_name', 'aria-label': 'Public model name', placeholder: 'gpt-4o-mini', spellcheck: 'false' }),
+      cell('upstream_name', { name: 'upstream_name', 'aria-label': 'Upstream model name', placeholder: 'same as public', spellcheck: 'false' }),
+      cell('input_price_per_mtok', { name: 'input_price', 'aria-label': 'Input price per million tokens', type: 'number', min: '0', step: 'any' }),
+      cell('output_price_per_mtok', { name: 'output_price', 'aria-label': 'Output price per million tokens', type: 'number', min: '0', step: 'any' }),
+      h('td', null, h('button', {
+        type: 'button',
+        class: 'secondary small',
+        'aria-label': 'Remove this model',
+        onclick: () => row.remove(),
+      }, '×')));
+    const inputs = row.querySelectorAll('input');
+    inputs[0].value = (model && model.name) || '';
+    inputs[1].value = (model && model.upstreamName) || '';
+    inputs[2].value = String(num(model && model.inputPricePerMtok));
+    inputs[3].value = String(num(model && model.outputPricePerMtok));
+    $('#bf-models').append(row);
+  }
+
+  function openBackendForm(backend) {
+    const form = $('#backend-form');
+    clearErrors(form);
+    state.editing = backend || null;
+    $('#backend-form-title').textContent = backend ? `Edit ${backend.name}` : 'Add backend';
+    $('#bf-name').value = backend ? backend.name : '';
+    $('#bf-base-url').value = backend ? backend.baseUrl || '' : '';
+    $('#bf-pool').value = backend && backend.pool === 'POOL_FALLBACK' ? 'POOL_FALLBACK' : 'POOL_PRIMARY';
+    $('#bf-priority').value = String(backend ? num(backend.priority) : 0);
+    $('#bf-weight').value = String(backend ? num(backend.weight) || 1 : 1);
+    $('#bf-rpm').value = String(backend ? num(backend.rpmLimit) : 0);
+    $('#bf-enabled').checked = backend ? Boolean(backend.enabled) : true;
+    $('#bf-api-key').value = '';
+    $('#bf-api-key').placeholder = backend
+      ? (backend.apiKeyHint ? `unchanged (••••${backend.apiKeyHint})` : 'unchanged (none)')
+      : 'the provider\u2019s API key';
+    $('#bf-models').replaceChildren();
+    const models = backend ? backend.models || [] : [];
+    if (models.length === 0) modelRow(null);
+    else models.forEach(modelRow);
+    form.hidden = false;
+    $('#bf-name').focus();
+  }
+
+  function closeBackendForm() {
+    $('#backend-form').hidden = true;
+    $('#bf-api-key').value = '';
+    state.editing = null;
+  }
+
+  function clearErrors(form) {
+    for (const p of form.querySelectorAll('.field-error, .form-error')) p.textContent = '';
+    for (const input of form.querySelectorAll('[aria-invalid]')) input.removeAttribute('aria-invalid');
+  }
+
+  /** Puts `message` beside the field it names, or at the bottom of the form. */
+  function showFieldError(form, field, message, row) {
+    let container = null;
+    if (row !== undefined) {
+      const rowEl = form.querySelectorAll('.model-row')[row];
+      if (rowEl) container = rowEl.querySelector(`[data-field="${field}"]`);
+    } else if (field) {
+      container = form.querySelector(`[data-field="${field}"]`);
+    }
+    if (!container) {
+      form.querySelector('.form-error').textContent = field ? `${field}: ${message}` : message;
+      return;
+    }
+    container.querySelector('.field-error').textContent = message;
+    const input = container.querySelector('input, select');
+    if (input) {
+      input.setAttribute('aria-invalid', 'true');
+      input.focus();
+    }
+  }
+
+  /** Server messages read "<field>: <problem>", e.g. "backend.models[1].name: must not be empty". */
+  function showApiError(form, err, prefix) {
+    const match = /^([A-Za-z_][\w.\[\]]*): (.*)$/s.exec(err.message || '');
+    if (err.code === 'INVALID_ARGUMENT' && match) {
+      let field = match[1];
+      if (prefix && field.startsWith(prefix)) field = field.slice(prefix.length);
+      const row = /^(\w+)\[(\d+)\](?:\.(\w+))?$/.exec(field);
+      if (row && row[3]) showFieldError(form, row[3], match[2], Number(row[2]));
+      else if (row) showFieldError(form, row[1], match[2]);
+      else showFieldError(form, field, match[2]);
+    } else if (err.code === 'ALREADY_EXISTS') {
+      showFieldError(form, 'name', err.message);
+    } else {
+      showFieldError(form, null, err.message);
+    }
+  }
+
+  /** Reads a whole number from an input, or shows why it cannot. */
+  function wholeNumber(form, input, field, min) {
+    const text = input.value.trim();
+    const value = text === '' ? 0 : Number(text);
+    if (!Number.isInteger(value) || value < min) {
+      showFieldError(form, field, min === 0 ? 'must be a whole number ≥ 0' : 'must be a whole number');
+      return null;
+    }
+    return value;
+  }
+
+  async function saveBackend(event) {
+    event.preventDefault();
+    const form = $('#backend-form');
+    clearErrors(form);
+    const priority = wholeNumber(form, $('#bf-priority'), 'priority', -2147483648);
+    const weight = wholeNumber(form, $('#bf-weight'), 'weight', 0);
+    const rpmLimit = wholeNumber(form, $('#bf-rpm'), 'rpm_limit', 0);
+    if (priority === null || weight === null || rpmLimit === null) return;
+    const models = [];
+    let bad = false;
+    form.querySelectorAll('.model-row').forEach((row, i) => {
+      const inputs = row.querySelectorAll('input');
+      const prices = [inputs[2], inputs[3]].map((input) => (input.value.trim() === '' ? 0 : Number(input.value)));
+      prices.forEach((p, k) => {
+        if (!Number.isFinite(p)) {
+          showFieldError(form, k === 0 ? 'input_price_per_mtok' : 'output_price_per_mtok', 'must be a number ≥ 0', i);
+          bad = true;
+        }
+      });
+      models.push({
+        name: inputs[0].value.trim(),
+        upstreamName: inputs[1].value.trim(),
+        inputPricePerMtok: prices[0],
+        outputPricePerMtok: prices[1],
+      });
+    });
+    if (bad) return;
+    const backend = {
+      name: $('#bf-name').value,
+      baseUrl: $('#bf-base-url').value.trim(),
+      pool: $('#bf-pool').value,
+      priority,
+      weight,
+      rpmLimit,
+      enabled: $('#bf-enabled').checked,
+      models,
+    };
+    const apiKey = $('#bf-api-key').value;
+    const editing = state.editing;
+    const button = $('#bf-save');
+    button.disabled = true;
+    try {
+      if (editing) {
+        backend.id = editing.id;
+        const request = { backend, updateMask: 'name,baseUrl,pool,priority,weight,models,rpmLimit,enabled' };
+        if (apiKey) request.apiKey = apiKey;
+        await call('AdminService/UpdateBackend', request);
+        notify(`Saved ${backend.name.trim()}.`);
+      } else {
+        await call('AdminService/CreateBackend', { backend, apiKey });
+        notify(`Added ${backend.name.trim()}.`);
+      }
+      closeBackendForm();
+      await refresh();
+    } catch (err) {
+      if (err.status !== 401) showApiError(form, err, 'backend.');
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  // ---------------------------------------------------------------- client keys
+
+  let keys = [];
+
+  async function loadKeys() {
+    const answer = await call('AdminService/ListClientKeys');
+    keys = answer.clientKeys || [];
+    if (state.page !== 'keys') return;
+    renderKeys();
+  }
+
+  function renderKeys() {
+    const sorted = [...keys].sort((a, b) => Number(Boolean(a.revoked)) - Number(Boolean(b.revoked)));
+    const rows = sorted.map((k) => {
+      const created = parseTime(k.createTime);
+      const revoked = parseTime(k.revokeTime);
+      const models = k.allowedModels || [];
+      return h('tr', { 'data-key-id': k.id },
+        h('td', { class: 'name' }, k.name),
+        h('td', { class: 'mono' }, k.keyPrefix ? `${k.keyPrefix}…` : '–'),
+        h('td', null, models.length ? models.map((m) => h('span', { class: 'sub-line mono' }, m)) : 'all models'),
+        h('td', { class: 'num' }, num(k.rpmLimit) ? fmtCount(k.rpmLimit, '/min') : 'none'),
+        h('td', { title: fmtDateTime(created) }, relTime(created)),
+        h('td', null, k.revoked
+          ? [h('span', { class: 'pill bad' }, 'revoked'), h('span', { class: 'sub-line' }, relTime(revoked))]
+          : h('span', { class: 'pill ok' }, 'active')),
+        h('td', { class: 'actions' }, k.revoked ? null : confirmButtons(`key:${k.id}`, 'Revoke', async () => {
+          await call('AdminService/RevokeClientKey', { id: k.id });
+          notify(`Revoked ${k.name}.`);
+        })));
+    });
+    table($('#keys-table'), [
+      { label: 'Name' }, { label: 'Key' }, { label: 'Models' }, { label: 'RPM', num: true },
+      { label: 'Created' }, { label: 'State' }, { label: '' },
+    ], rows, 'No client keys yet.');
+  }
+
+  async function createKey(event) {
+    event.preventDefault();
+    const form = $('#key-form');
+    clearErrors(form);
+    const rpmLimit = wholeNumber(form, $('#kf-rpm'), 'rpm_limit', 0);
+    if (rpmLimit === null) return;
+    const allowedModels = $('#kf-models').value.split(/[\s,]+/).filter(Boolean);
+    const button = $('#kf-create');
+    button.disabled = true;
+    try {
+      const answer = await call('AdminService/CreateClientKey', { name: $('#kf-name').value, allowedModels, rpmLimit });
+      $('#key-once-value').value = answer.key || '';
+      $('#key-once-status').textContent = `Key for ${answer.clientKey ? answer.clientKey.name : ''}`;
+      $('#key-once').hidden = false;
+      form.reset();
+      $('#key-once-value').select();
+      await refresh();
+    } catch (err) {
+      if (err.status !== 401) showApiError(form, err, '');
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  async function copyKey() {
+    const input = $('#key-once-value');
+    const status = $('#key-once-status');
+    try {
+      await navigator.clipboard.writeText(input.value);
+      status.textContent = 'Copied to the clipboard.';
+    } catch (_) {
+      input.select();
+      status.textContent = 'Press Ctrl+C (⌘C) to copy the selected key.';
+    }
+  }
+
+  function forgetKey() {
+    $('#key-once-value').value = '';
+    $('#key-once-status').textContent = '';
+    $('#key-once').hidden = true;
+  }
+
+  // ---------------------------------------------------------------- replicas
+
+  async function loadReplicas() {
+    const answer = await call('AdminService/ListDataPlanes');
+    if (state.page !== 'replicas') return;
+    const rows = (answer.dataPlanes || []).map((d) => {
+      const acked = num(d.ackedVersion);
+      const latest = num(d.latestVersion);
+      const current = acked >= latest;
+      const seen = parseTime(d.lastSeenTime);
+      const since = parseTime(d.connectTime);
+      return h('tr', null,
+        h('td', { class: 'name' }, d.nodeId, d.buildVersion ? h('span', { class: 'sub-line' }, `build ${d.buildVersion}`) : null),
+        h('td', null, d.hostname || '–', d.peerAddress ? h('span', { class: 'sub-line mono' }, d.peerAddress) : null),
+        h('td', null, d.connected
+          ? h('span', { class: 'pill ok' }, 'connected')
+          : h('span', { class: 'pill off' }, 'disconnected')),
+        h('td', null,
+          h('span', { class: current ? 'pill ok' : 'pill warn' }, current ? 'current' : `behind by ${fmtInt(latest - acked)}`),
+          h('span', { class: 'sub-line' }, `v${fmtInt(acked)} of v${fmtInt(latest)}`),
+          d.lastError ? h('span', { class: 'sub-line' }, `rejected: ${d.lastError}`) : null),
+        h('td', { title: fmtDateTime(since) }, relTime(since)),
+        h('td', { title: fmtDateTime(seen) }, relTime(seen)));
+    });
+    table($('#replicas-table'), [
+      { label: 'Node' }, { label: 'Host' }, { label: 'Stream' }, { label: 'Snapshot' },
+      { label: 'Connected' }, { label: 'Last seen' },
+    ], rows, 'No data plane has connected yet.');
+  }
+
+  // ---------------------------------------------------------------- cooldowns
+
+  async function loadCooldowns() {
+    const answer = await call('AdminService/ListCooldowns');
+    if (state.page !== 'cooldowns') return;
+    const rows = (answer.cooldowns || []).map((c) => {
+      const until = parseTime(c.until);
+      const since = parseTime(c.createTime);
+      return h('tr', null,
+        h('td', { class: 'name' }, c.backendName || c.backendId),
+        h('td', null, fmtDateTime(until), h('span', { class: 'sub-line' }, relTime(until))),
+        h('td', null, c.reason || '–'),
+        h('td', { class: 'num' }, fmtInt(c.consecutiveFailures)),
+        h('td', null, c.reportedBy || '–'),
+        h('td', { title: fmtDateTime(since) }, relTime(since)),
+        h('td', { class: 'actions' }, h('button', {
+          type: 'button',
+          class: 'secondary small',
+          'data-action': 'reset',
+          onclick: (e) => act(e.currentTarget, async () => {
+            await call('AdminService/ResetCooldown', { backendId: c.backendId });
+            notify(`Reset the cooldown of ${c.backendName || c.backendId}.`);
+          }),
+        }, 'Reset')));
+    });
+    table($('#cooldowns-table'), [
+      { label: 'Backend' }, { label: 'Until' }, { label: 'Why' }, { label: 'Failures', num: true },
+      { label: 'Reported by' }, { label: 'Since' }, { label: '' },
+    ], rows, 'No backend is cooling down.');
+  }
+
+  // ---------------------------------------------------------------- wiring
+
+  function setRange(range) {
+    state.range = range;
+    for (const b of document.querySelectorAll('#range button')) {
+      b.setAttribute('aria-pressed', String(b.dataset.range === range));
+    }
+  }
+
+  function init() {
+    $('#signin-form').addEventListener('submit', signIn);
+    $('#signout').addEventListener('click', () => signOut(''));
+    window.addEventListener('hashchange', () => { if (state.token) route(); });
+
+    setRange(state.range);
+    for (const b of document.querySelectorAll('#range button')) {
+      b.addEventListener('click', () => { setRange(b.dataset.range); refresh(); });
+    }
+    $('#granularity').addEventListener('change', (e) => { state.granularity = e.target.value; refresh(); });
+    $('#split').addEventListener('change', (e) => { state.split = e.target.value; refresh(); });
+
+    $('#backend-add').addEventListener('click', () => openBackendForm(null));
+    $('#bf-cancel').addEventListener('click', closeBackendForm);
+    $('#bf-add-model').addEventListener('click', () => modelRow(null));
+    $('#backend-form').addEventListener('submit', saveBackend);
+
+    $('#key-form').addEventListener('submit', createKey);
+    $('#key-once-copy').addEventListener('click', copyKey);
+    $('#key-once-done').addEventListener('click', forgetKey);
+
+    let resizeTimer = null;
+    window.addEventListener('resize', () => {
+      clearTimeout(resizeTimer);
+      resizeTimer = setTimeout(() => {
+        if (state.page !== 'overview') return;
+        for (const [id, data] of Object.entries(state.charts)) drawChart($(`#chart-${id}`), data);
+      }, 150);
+    });
+    document.addEventListener('visibilitychange', () => { if (!document.hidden && state.token) refresh(); });
+    setInterval(updateRefreshStatus, 1000);
+
+    state.token = sessionStorage.getItem(TOKEN_KEY);
+    if (state.token) showApp();
+    else showSignIn('');
+  }
+
+  init();
+})();
