@@ -11,6 +11,7 @@ log() { printf '\n== %s\n' "$*"; }
 log "checking test tools"
 missing_apt=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing_apt+=(nginx)
+[ -x /usr/bin/chromium ] || missing_apt+=(chromium)
 if [ ${#missing_apt[@]} -gt 0 ]; then
   log "installing ${missing_apt[*]} (apt)"
   apt-get update -qq

@@ -1,0 +1,608 @@
+//! The web dashboard in headless Chromium against the real `sluice-control`, with real
+//! usage from a `sluice-proxy` in front of the mock provider: sign in, see the charts
+//! drawn, manage backends and client keys through the forms, look at replicas and
+//! cooldowns; no console errors, no dialog, API text stays text. Saves a screenshot of
+//! each page to `e2e/artifacts/`; with `SLUICE_UPDATE_SCREENSHOTS=1` also refreshes the
+//! committed `e2e/screenshots/dashboard-overview.png`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "dashboard/cdp.rs"]
+mod cdp;
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cdp::Browser;
+use common::{ADMIN_TOKEN, Bearer, ControlApi, DATAPLANE_TOKEN, Gateway, Mock, eventually};
+use serde_json::json;
+use sluice_e2e::process::{Child, spawn, workspace_bin};
+use sluice_proto::v1 as pb;
+use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
+
+const XSS: &str = "<img src=x onerror=alert(1)>";
+const START: Duration = Duration::from_secs(30);
+
+fn artifacts() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("artifacts")
+}
+
+/// `sluice-control` with both listeners on ephemeral ports.
+async fn control_plane(dir: &tempfile::TempDir) -> (Child, ControlApi, String) {
+    let child = spawn(
+        workspace_bin("sluice-control"),
+        [
+            "--data-dir".to_owned(),
+            dir.path().join("data").display().to_string(),
+            "--grpc-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--http-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ],
+        [
+            ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .unwrap();
+    let grpc = child.wait_for_listening("grpc", START).await.unwrap();
+    let http = child.wait_for_listening("http", START).await.unwrap();
+    (
+        child,
+        ControlApi {
+            url: format!("http://{grpc}"),
+        },
+        format!("http://{http}"),
+    )
+}
+
+async fn data_plane(api: &ControlApi) -> (Child, Gateway) {
+    let child = spawn(
+        workspace_bin("sluice-proxy"),
+        [
+            "--control-plane".to_owned(),
+            api.url.clone(),
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--node-id".to_owned(),
+            "replica-e2e".to_owned(),
+        ],
+        [
+            ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .unwrap();
+    let addr = child.wait_for_listening("http", START).await.unwrap();
+    let gateway = Gateway::at(addr.port());
+    gateway.wait_ready().await;
+    (child, gateway)
+}
+
+/// A replica's report that `backend` answered 429: the control plane cools it down.
+async fn report_rate_limited(api: &ControlApi, backend_id: &str) {
+    let mut client = DataPlaneServiceClient::with_interceptor(
+        api.channel().await,
+        Bearer(DATAPLANE_TOKEN.into()),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let batch = pb::ReportUsageRequest {
+        node_id: "replica-events".into(),
+        incarnation: "inc-1".into(),
+        records: vec![],
+        events: vec![pb::BackendEvent {
+            backend_id: backend_id.into(),
+            kind: pb::BackendEventKind::RateLimited as i32,
+            cooldown_until: Some(sluice_proto::wkt::Timestamp {
+                seconds: now + 600,
+                nanos: 0,
+            }),
+            consecutive_failures: 2,
+            reason: "429 from upstream".into(),
+            time: Some(sluice_proto::wkt::Timestamp {
+                seconds: now,
+                nanos: 0,
+            }),
+        }],
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(batch).await.unwrap();
+    let _acks = client
+        .report_usage(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    // A batch of events alone is not acked; keep the stream open until it is applied.
+    eventually(Duration::from_secs(10), "the cooldown stored", || async {
+        api.admin()
+            .await
+            .list_cooldowns(pb::ListCooldownsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .cooldowns
+            .iter()
+            .any(|c| c.backend_id == backend_id)
+    })
+    .await;
+    drop(tx);
+}
+
+async fn backend_names(api: &ControlApi) -> Vec<pb::Backend> {
+    api.admin()
+        .await
+        .list_backends(pb::ListBackendsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .backends
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_in_a_browser() {
+    // A control plane, a mock provider behind two backends, a data plane, real traffic.
+    let dir = tempfile::tempdir().unwrap();
+    let (_control, api, base) = control_plane(&dir).await;
+    let mock = Mock::start("dash", &["gpt-4o-mini", "gpt-4o"]).await;
+    let alpha = api
+        .add_backend(
+            "alpha",
+            &mock,
+            pb::Pool::Primary,
+            1,
+            &[("gpt-4o-mini", "gpt-4o-mini")],
+        )
+        .await;
+    api.add_backend(
+        "beta",
+        &mock,
+        pb::Pool::Fallback,
+        1,
+        &[("gpt-4o", "gpt-4o")],
+    )
+    .await;
+    let (_load_key, load_secret) = api.create_key("load", &[]).await;
+    let (_proxy, gateway) = data_plane(&api).await;
+    for i in 0..10 {
+        let model = if i % 3 == 0 { "gpt-4o" } else { "gpt-4o-mini" };
+        let r = gateway.chat(&load_secret, model).await;
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    eventually(
+        Duration::from_secs(20),
+        "usage of 10 requests reported",
+        || async { api.totals().await.request_count == 10 },
+    )
+    .await;
+
+    let browser = Browser::launch(&format!("{base}/api/"), 1366, 900).await;
+    browser.self_check().await;
+    browser.goto(&format!("{base}/")).await;
+
+    // Sign in: a wrong token says so and is not kept.
+    browser
+        .wait_for(
+            "!document.querySelector('#signin').hidden",
+            "the sign-in form",
+        )
+        .await;
+    browser.type_into("#signin-token", "not-the-token").await;
+    browser.click("#signin-submit").await;
+    browser
+        .wait_for(
+            "document.querySelector('#signin-error').textContent !== ''",
+            "a sign-in error",
+        )
+        .await;
+    assert!(
+        browser
+            .text("#signin-error")
+            .await
+            .contains("Wrong admin token")
+    );
+    assert_eq!(browser.eval("sessionStorage.length").await, json!(0));
+    browser.type_into("#signin-token", ADMIN_TOKEN).await;
+    browser.click("#signin-submit").await;
+    browser
+        .wait_for("!document.querySelector('#app').hidden", "the dashboard")
+        .await;
+    // The token lives in this tab's sessionStorage only: not in the URL, a cookie or localStorage.
+    assert_eq!(
+        browser
+            .eval("sessionStorage.getItem('sluice.adminToken')")
+            .await,
+        json!(ADMIN_TOKEN)
+    );
+    assert_eq!(browser.eval("localStorage.length").await, json!(0));
+    assert_eq!(browser.eval("document.cookie").await, json!(""));
+    assert!(
+        !browser
+            .eval("location.href")
+            .await
+            .to_string()
+            .contains(ADMIN_TOKEN)
+    );
+
+    // Overview: totals and charts from the real usage, split by backend.
+    browser
+        .wait_for(
+            "document.querySelectorAll('#chart-requests path.series').length === 1",
+            "the requests chart",
+        )
+        .await;
+    let totals = browser.text("#totals").await;
+    assert!(totals.contains("Requests10"), "{totals}");
+    browser
+        .eval(
+            "(() => { const s = document.querySelector('#split'); s.value = 'backend'; \
+             s.dispatchEvent(new Event('change')); })()",
+        )
+        .await;
+    for chart in ["requests", "tokens", "cost", "latency"] {
+        browser
+            .wait_for(
+                &format!(
+                    "[...document.querySelectorAll('#chart-{chart} path.series')] \
+                     .filter(p => /^M[\\d.]+,[\\d.]+/.test(p.getAttribute('d'))).length === 2"
+                ),
+                &format!("two series in the {chart} chart"),
+            )
+            .await;
+    }
+    let legend = browser.text("#chart-requests .legend").await;
+    assert!(
+        legend.contains("alpha") && legend.contains("beta"),
+        "{legend}"
+    );
+    let table = browser.text("#overview-backends").await;
+    assert!(
+        table.contains("alpha") && table.contains("fallback"),
+        "{table}"
+    );
+    browser
+        .screenshot(&artifacts().join("dashboard-overview.png"))
+        .await;
+
+    // Backends: a bad URL is refused beside the field; a good one is added and listed.
+    browser.click("#nav a[data-page=backends]").await;
+    browser
+        .wait_for(
+            "document.querySelector('#backends-table').textContent.includes('alpha')",
+            "the backends list",
+        )
+        .await;
+    browser.click("#backend-add").await;
+    browser.type_into("#bf-name", "gamma").await;
+    browser
+        .type_into("#bf-base-url", "ftp://example.com/v1")
+        .await;
+    browser
+        .type_into(
+            "#bf-models .model-row input[name=model_name]",
+            "gpt-4o-mini",
+        )
+        .await;
+    browser
+        .type_into("#bf-models .model-row input[name=input_price]", "0.15")
+        .await;
+    browser
+        .type_into("#bf-api-key", "sk-gamma-secret-4321")
+        .await;
+    browser.click("#bf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('[data-field=base_url] .field-error').textContent !== ''",
+            "the base URL error",
+        )
+        .await;
+    assert_eq!(
+        browser.text("[data-field=base_url] .field-error").await,
+        "must use http or https"
+    );
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#bf-base-url').getAttribute('aria-invalid')")
+            .await,
+        json!("true")
+    );
+    browser
+        .screenshot(&artifacts().join("dashboard-backends-error.png"))
+        .await;
+    browser.type_into("#bf-base-url", &mock.base_url()).await;
+    browser.click("#bf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('#backend-form').hidden && \
+             document.querySelector('#backends-table').textContent.includes('gamma')",
+            "gamma in the list",
+        )
+        .await;
+    let gamma = backend_names(&api)
+        .await
+        .into_iter()
+        .find(|b| b.name == "gamma")
+        .expect("gamma stored");
+    assert_eq!(gamma.base_url, mock.base_url());
+    assert_eq!(gamma.models[0].name, "gpt-4o-mini");
+    assert_eq!(gamma.models[0].input_price_per_mtok, 0.15);
+    assert_eq!(gamma.api_key_hint, "4321");
+    assert!(gamma.enabled);
+    assert!(
+        !browser
+            .eval("document.body.innerText")
+            .await
+            .to_string()
+            .contains("sk-gamma-secret"),
+        "the API key is write-only"
+    );
+
+    // Edit gamma: the form starts from its values; an empty API key field keeps the key.
+    let row = format!("#backends-table tr[data-backend-id='{}']", gamma.id);
+    browser
+        .click(&format!("{row} button[data-action=edit]"))
+        .await;
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#bf-base-url').value")
+            .await,
+        json!(mock.base_url())
+    );
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#bf-api-key').value")
+            .await,
+        json!("")
+    );
+    browser.type_into("#bf-priority", "7").await;
+    browser
+        .type_into(
+            "#bf-models .model-row input[name=upstream_name]",
+            "gpt-4o-mini-2024",
+        )
+        .await;
+    browser.click("#bf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('#backend-form').hidden",
+            "the edit saved",
+        )
+        .await;
+    let edited = api
+        .admin()
+        .await
+        .get_backend(pb::GetBackendRequest {
+            id: gamma.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_eq!(edited.priority, 7);
+    assert_eq!(edited.models[0].upstream_name, "gpt-4o-mini-2024");
+    assert_eq!(edited.api_key_hint, "4321", "the key is kept");
+
+    // Disable gamma, then delete it after confirming.
+    browser
+        .click(&format!("{row} button[data-action=disable]"))
+        .await;
+    browser
+        .wait_for(
+            &format!("document.querySelector(\"{row}\").textContent.includes('disabled')"),
+            "gamma disabled",
+        )
+        .await;
+    assert!(
+        !backend_names(&api)
+            .await
+            .iter()
+            .any(|b| b.name == "gamma" && b.enabled)
+    );
+    browser
+        .click(&format!("{row} button[data-action=delete]"))
+        .await;
+    browser
+        .click(&format!("{row} button[data-action=confirm-delete]"))
+        .await;
+    browser
+        .wait_for(&format!("!document.querySelector(\"{row}\")"), "gamma gone")
+        .await;
+    assert!(!backend_names(&api).await.iter().any(|b| b.name == "gamma"));
+
+    // A backend named like HTML stays text.
+    browser.click("#backend-add").await;
+    browser.type_into("#bf-name", XSS).await;
+    browser.type_into("#bf-base-url", &mock.base_url()).await;
+    browser
+        .type_into("#bf-models .model-row input[name=model_name]", "gpt-4o")
+        .await;
+    browser.click("#bf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('#backend-form').hidden",
+            "the XSS-named backend saved",
+        )
+        .await;
+    let names = browser
+        .eval("[...document.querySelectorAll('#backends-table td.name')].map(td => td.textContent)")
+        .await;
+    assert!(names.as_array().unwrap().contains(&json!(XSS)), "{names}");
+    assert_eq!(
+        browser
+            .eval("document.querySelectorAll('img').length")
+            .await,
+        json!(0)
+    );
+    browser
+        .screenshot(&artifacts().join("dashboard-backends.png"))
+        .await;
+
+    // Client keys: created (shown once, with a copy button), listed, revoked.
+    browser.click("#nav a[data-page=keys]").await;
+    browser.type_into("#kf-name", "team-x").await;
+    browser.type_into("#kf-models", "gpt-4o-mini, gpt-4o").await;
+    browser.click("#kf-create").await;
+    browser
+        .wait_for("!document.querySelector('#key-once').hidden", "the new key")
+        .await;
+    let key = browser
+        .eval("document.querySelector('#key-once-value').value")
+        .await;
+    let key = key.as_str().unwrap().to_owned();
+    assert!(key.starts_with("sk-sluice-"), "{key}");
+    browser
+        .wait_for(
+            "document.querySelector('#keys-table').textContent.includes('team-x')",
+            "team-x listed",
+        )
+        .await;
+    // The key works at the gateway once the snapshot reaches it.
+    eventually(Duration::from_secs(10), "the new key accepted", || async {
+        gateway.chat(&key, "gpt-4o-mini").await.status() == 200
+    })
+    .await;
+    browser.click("#key-once-copy").await;
+    browser
+        .wait_for(
+            "document.querySelector('#key-once-status').textContent.length > 0",
+            "copy feedback",
+        )
+        .await;
+    browser
+        .screenshot(&artifacts().join("dashboard-keys-created.png"))
+        .await;
+    browser.click("#key-once-done").await;
+    assert!(
+        !browser
+            .eval("document.body.innerText")
+            .await
+            .as_str()
+            .unwrap()
+            .contains(&key),
+        "the key is shown only once"
+    );
+    let keys = api
+        .admin()
+        .await
+        .list_client_keys(pb::ListClientKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .client_keys;
+    let team = keys.iter().find(|k| k.name == "team-x").unwrap();
+    assert_eq!(team.allowed_models, ["gpt-4o-mini", "gpt-4o"]);
+    let row = format!("#keys-table tr[data-key-id='{}']", team.id);
+    browser
+        .click(&format!("{row} button[data-action=revoke]"))
+        .await;
+    browser
+        .click(&format!("{row} button[data-action=confirm-revoke]"))
+        .await;
+    browser
+        .wait_for(
+            &format!("document.querySelector(\"{row}\").textContent.includes('revoked')"),
+            "team-x revoked",
+        )
+        .await;
+    eventually(
+        Duration::from_secs(10),
+        "the revoked key refused",
+        || async { gateway.chat(&key, "gpt-4o-mini").await.status() == 401 },
+    )
+    .await;
+    browser
+        .screenshot(&artifacts().join("dashboard-keys.png"))
+        .await;
+
+    // Replicas: the data plane, on the newest snapshot.
+    browser.click("#nav a[data-page=replicas]").await;
+    browser
+        .wait_for(
+            "document.querySelector('#replicas-table').textContent.includes('replica-e2e') && \
+             document.querySelector('#replicas-table').textContent.includes('current')",
+            "the replica, current",
+        )
+        .await;
+    browser
+        .screenshot(&artifacts().join("dashboard-replicas.png"))
+        .await;
+
+    // Cooldowns: a rate-limited backend shows with its reason and can be reset.
+    report_rate_limited(&api, &alpha.id).await;
+    browser.click("#nav a[data-page=cooldowns]").await;
+    browser
+        .wait_for(
+            "document.querySelector('#cooldowns-table').textContent.includes('429 from upstream')",
+            "alpha's cooldown",
+        )
+        .await;
+    assert!(browser.text("#cooldowns-table").await.contains("alpha"));
+    browser
+        .screenshot(&artifacts().join("dashboard-cooldowns.png"))
+        .await;
+    browser
+        .click("#cooldowns-table button[data-action=reset]")
+        .await;
+    browser
+        .wait_for(
+            "document.querySelector('#cooldowns-table').textContent.includes('No backend is cooling down')",
+            "the cooldown reset",
+        )
+        .await;
+
+    // A small laptop screen: the page does not scroll sideways (wide tables scroll in place).
+    browser.resize(1024, 700).await;
+    browser.click("#nav a[data-page=overview]").await;
+    browser
+        .wait_for(
+            "document.querySelectorAll('#chart-requests path.series').length === 2",
+            "the overview at 1024 px",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval("document.documentElement.scrollWidth <= window.innerWidth")
+            .await,
+        json!(true),
+        "no horizontal scrolling at 1024 px"
+    );
+    browser
+        .screenshot(&artifacts().join("dashboard-overview-1024.png"))
+        .await;
+
+    // Sign out forgets the token.
+    browser.click("#signout").await;
+    browser
+        .wait_for(
+            "!document.querySelector('#signin').hidden",
+            "the sign-in form again",
+        )
+        .await;
+    assert_eq!(browser.eval("sessionStorage.length").await, json!(0));
+
+    let problems = browser.problems();
+    assert!(
+        problems.dialogs.is_empty(),
+        "dialogs opened: {:?}",
+        problems.dialogs
+    );
+    assert!(
+        problems.errors.is_empty(),
+        "browser errors: {:#?}",
+        problems.errors
+    );
+    browser.close().await;
+
+    if std::env::var_os("SLUICE_UPDATE_SCREENSHOTS").is_some() {
+        let committed = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("screenshots");
+        std::fs::create_dir_all(&committed).unwrap();
+        std::fs::copy(
+            artifacts().join("dashboard-overview.png"),
+            committed.join("dashboard-overview.png"),
+        )
+        .unwrap();
+    }
+}
