@@ -562,6 +562,13 @@ async fn the_dashboard_in_a_browser() {
             "the overview at 1024 px",
         )
         .await;
+    browser
+        .wait_for(
+            "[...document.querySelectorAll('.chart svg')].every(svg => \
+             svg.viewBox.baseVal.width === svg.parentElement.clientWidth)",
+            "the charts redrawn to fit their boxes",
+        )
+        .await;
     assert_eq!(
         browser
             .eval("document.documentElement.scrollWidth <= window.innerWidth")

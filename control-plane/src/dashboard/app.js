@@ -251,7 +251,13 @@
       if (link.dataset.page === state.page) link.setAttribute('aria-current', 'page');
       else link.removeAttribute('aria-current');
     }
+    // Charts drawn while the page was hidden or at another width are redrawn at once.
+    if (state.page === 'overview') redrawCharts();
     refresh();
+  }
+
+  function redrawCharts() {
+    for (const [id, data] of Object.entries(state.charts)) drawChart($(`#chart-${id}`), data);
   }
 
   /** Loads the current page now, then again every few seconds. */
@@ -971,10 +977,7 @@
     let resizeTimer = null;
     window.addEventListener('resize', () => {
       clearTimeout(resizeTimer);
-      resizeTimer = setTimeout(() => {
-        if (state.page !== 'overview') return;
-        for (const [id, data] of Object.entries(state.charts)) drawChart($(`#chart-${id}`), data);
-      }, 150);
+      resizeTimer = setTimeout(() => { if (state.page === 'overview') redrawCharts(); }, 150);
     });
     document.addEventListener('visibilitychange', () => { if (!document.hidden && state.token) refresh(); });
     setInterval(updateRefreshStatus, 1000);
