@@ -519,8 +519,7 @@ async fn upstream_garbage_never_crashes_or_hangs_the_proxy() {
         GarbageKind::InvalidSse,
         GarbageKind::GiantLine,
     ] {
-        bad.set_faults(vec![Fault::Garbage(kind).always()])
-            .await;
+        bad.set_faults(vec![Fault::Garbage(kind).always()]).await;
         for stream in [false, true] {
             let r = tokio::time::timeout(
                 Duration::from_secs(20),
