@@ -111,6 +111,9 @@ async fn main() {
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
+    // Register the handlers before anything listens: a SIGTERM that arrives right after the
+    // "listening on" line must stop us cleanly, not kill us.
+    let signal = shutdown_signal()?;
     let running = server::start(Config {
         data_dir: args.data_dir.clone(),
         grpc_listen: args.grpc_listen,
@@ -127,7 +130,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     .await?;
     let stop = running.stop_token();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signal.await;
         tracing::info!("shutting down");
         stop.cancel();
     });
@@ -135,25 +138,25 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// A future that completes on SIGTERM or SIGINT; the handlers are registered when this is called.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
 
