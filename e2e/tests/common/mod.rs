@@ -35,13 +35,16 @@ impl Interceptor for Bearer {
 pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Stats = StatsServiceClient<InterceptedService<Channel, Bearer>>;
 
-/// A free loopback port (bound, then released: a restarted control plane must come back on it).
+/// A free loopback port for a process that must be restartable on the same port. Drawn
+/// below the kernel's ephemeral range (32768+), where outgoing connections of parallel tests
+/// would otherwise take it between this check and the child's bind.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let port = rand::random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The control plane's admin and stats APIs at a gRPC URL.
