@@ -172,6 +172,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let publisher = Publisher::start(store.clone()).await?;
     let registry = Arc::new(Registry::default());
     let stop = CancellationToken::new();
+    tokio::spawn(store.clone().run_usage_retention(stop.clone()));
 
     let admin_check = TokenCheck::new(&secrets.admin_token, "admin");
     let dataplane_check = TokenCheck::new(&secrets.dataplane_token, "data-plane");

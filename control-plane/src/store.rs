@@ -22,7 +22,7 @@ pub use crate::usage::UsageRow;
 pub use backends::BackendWithKey;
 pub use cooldowns::{CooldownEvent, CooldownRow};
 pub use data_planes::{DataPlaneRow, NodeHello};
-pub use usage::{Granularity, GroupBy, SeriesPoint, Totals, TotalsFilter};
+pub use usage::{Granularity, GroupBy, SeriesPoint, Totals, TotalsFilter, UsageBatch};
 
 /// Everything that can go wrong in the store, each mapped once to a gRPC status.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,10 @@ impl From<StoreError> for tonic::Status {
     }
 }
 
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_initial.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/0001_initial.sql"),
+    include_str!("../../migrations/0002_usage_daily.sql"),
+];
 
 /// A handle to the database; cheap to clone.
 #[derive(Clone)]
@@ -93,6 +96,7 @@ impl Store {
     pub fn open(path: &Path, key: MasterKey) -> Result<(Self, Opened), StoreError> {
         let mut conn = Connection::open(path)?;
         configure(&conn)?;
+        crate::usage::register_sql_functions(&conn)?;
         Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect()).to_latest(&mut conn)?;
         let opened = verify_or_write_check(&mut conn, &key)?;
         Ok((

@@ -43,6 +43,198 @@ pub fn quantile(histogram: &[(u32, u64)], q: f64) -> f64 {
     histogram.last().map_or(0.0, |&(b, _)| bucket_upper_ms(b))
 }
 
+/// Latency histograms are stored as BLOBs: one 9-byte entry per non-empty bucket,
+/// the bucket number (`u8`) then its count (`u64`, big-endian), in ascending bucket
+/// order. Fixed-width entries let plain SQL build one
+/// (`unhex(group_concat(printf('%02X%016X', bucket, count), '' ORDER BY bucket))`).
+const ENTRY_LEN: usize = 9;
+
+/// A stored histogram that is not in the format above.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("corrupt latency histogram: {0}")]
+pub struct HistogramError(&'static str);
+
+/// Bucket counts, dense; index = bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Histogram {
+    counts: [u64; HISTOGRAM_BUCKETS as usize],
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            counts: [0; HISTOGRAM_BUCKETS as usize],
+        }
+    }
+}
+
+impl Histogram {
+    /// Counts `n` more requests in bucket `b` (clamped to the last bucket).
+    pub fn add(&mut self, b: u32, n: u64) {
+        let i = b.min(HISTOGRAM_BUCKETS - 1) as usize;
+        if let Some(c) = self.counts.get_mut(i) {
+            *c = c.saturating_add(n);
+        }
+    }
+
+    /// Adds every count of a stored histogram.
+    pub fn merge_encoded(&mut self, bytes: &[u8]) -> Result<(), HistogramError> {
+        for (bucket, count) in entries(bytes)? {
+            self.add(u32::from(bucket), count);
+        }
+        Ok(())
+    }
+
+    /// The stored form: non-empty buckets only, ascending.
+    pub fn encode(&self) -> Vec<u8> {
+        encode_buckets(
+            (0..HISTOGRAM_BUCKETS)
+                .zip(self.counts)
+                .filter(|&(_, n)| n > 0),
+        )
+    }
+
+    /// (bucket, count) of the non-empty buckets, ascending, as [`quantile`] takes them.
+    pub fn buckets(&self) -> Vec<(u32, u64)> {
+        (0..HISTOGRAM_BUCKETS)
+            .zip(self.counts)
+            .filter(|&(_, n)| n > 0)
+            .collect()
+    }
+
+    pub fn quantile(&self, q: f64) -> f64 {
+        quantile(&self.buckets(), q)
+    }
+}
+
+/// The stored form of (bucket, count) pairs given in ascending bucket order
+/// (buckets past the last are clamped to it).
+pub fn encode_buckets(buckets: impl IntoIterator<Item = (u32, u64)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (b, n) in buckets {
+        out.push(b.min(HISTOGRAM_BUCKETS - 1) as u8);
+        out.extend_from_slice(&n.to_be_bytes());
+    }
+    out
+}
+
+/// The (bucket, count) entries of a stored histogram, checked.
+fn entries(bytes: &[u8]) -> Result<Vec<(u8, u64)>, HistogramError> {
+    if !bytes.len().is_multiple_of(ENTRY_LEN) {
+        return Err(HistogramError("length is not a multiple of 9"));
+    }
+    let mut out = Vec::with_capacity(bytes.len() / ENTRY_LEN);
+    for entry in bytes.chunks_exact(ENTRY_LEN) {
+        let (&bucket, count) = entry.split_first().ok_or(HistogramError("empty entry"))?;
+        if u32::from(bucket) >= HISTOGRAM_BUCKETS {
+            return Err(HistogramError("bucket out of range"));
+        }
+        if out.last().is_some_and(|&(last, _)| last >= bucket) {
+            return Err(HistogramError("buckets out of order"));
+        }
+        let count: [u8; 8] = count
+            .try_into()
+            .map_err(|_| HistogramError("short entry"))?;
+        out.push((bucket, u64::from_be_bytes(count)));
+    }
+    Ok(out)
+}
+
+/// The sum of two stored histograms, merged without unpacking them.
+pub fn merge_encoded(a: &[u8], b: &[u8]) -> Result<Vec<u8>, HistogramError> {
+    let (a, b) = (entries(a)?, entries(b)?);
+    let mut out = Vec::with_capacity((a.len() + b.len()) * ENTRY_LEN);
+    let (mut i, mut j) = (0, 0);
+    loop {
+        let next = match (a.get(i), b.get(j)) {
+            (Some(&(x, n)), Some(&(y, m))) if x == y => {
+                i += 1;
+                j += 1;
+                (x, n.saturating_add(m))
+            }
+            (Some(&x), Some(&y)) if x.0 < y.0 => {
+                i += 1;
+                x
+            }
+            (_, Some(&y)) => {
+                j += 1;
+                y
+            }
+            (Some(&x), None) => {
+                i += 1;
+                x
+            }
+            (None, None) => return Ok(out),
+        };
+        out.push(next.0);
+        out.extend_from_slice(&next.1.to_be_bytes());
+    }
+}
+
+/// Registers the SQL functions that build and merge stored histograms:
+/// - aggregate `usage_histogram(x)`: an INTEGER `x` counts one request in bucket `x`,
+///   a BLOB `x` adds a stored histogram, NULL is skipped; yields a stored histogram;
+/// - scalar `usage_histogram_add(a, b)`: the sum of two stored histograms.
+pub fn register_sql_functions(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    let flags = FunctionFlags::SQLITE_UTF8
+        | FunctionFlags::SQLITE_DETERMINISTIC
+        | FunctionFlags::SQLITE_INNOCUOUS;
+    conn.create_aggregate_function("usage_histogram", 1, flags, HistogramAggregate)?;
+    conn.create_scalar_function("usage_histogram_add", 2, flags, |ctx| {
+        let blob = |i| match ctx.get_raw(i) {
+            rusqlite::types::ValueRef::Blob(b) => Ok(b),
+            rusqlite::types::ValueRef::Null => Ok(&[][..]),
+            _ => Err(rusqlite::Error::UserFunctionError(Box::new(
+                HistogramError("not a histogram"),
+            ))),
+        };
+        merge_encoded(blob(0)?, blob(1)?)
+            .map_err(|e| rusqlite::Error::UserFunctionError(Box::new(e)))
+    })
+}
+
+fn add_sql_value(h: &mut Histogram, value: rusqlite::types::ValueRef<'_>) -> rusqlite::Result<()> {
+    use rusqlite::types::ValueRef;
+    match value {
+        ValueRef::Integer(b) => h.add(u32::try_from(b.max(0)).unwrap_or(u32::MAX), 1),
+        ValueRef::Blob(bytes) => h
+            .merge_encoded(bytes)
+            .map_err(|e| rusqlite::Error::UserFunctionError(Box::new(e)))?,
+        ValueRef::Null => {}
+        ValueRef::Real(_) | ValueRef::Text(_) => {
+            return Err(rusqlite::Error::UserFunctionError(Box::new(
+                HistogramError("not a bucket number or a histogram"),
+            )));
+        }
+    }
+    Ok(())
+}
+
+struct HistogramAggregate;
+
+impl rusqlite::functions::Aggregate<Histogram, Vec<u8>> for HistogramAggregate {
+    fn init(&self, _: &mut rusqlite::functions::Context<'_>) -> rusqlite::Result<Histogram> {
+        Ok(Histogram::default())
+    }
+
+    fn step(
+        &self,
+        ctx: &mut rusqlite::functions::Context<'_>,
+        h: &mut Histogram,
+    ) -> rusqlite::Result<()> {
+        add_sql_value(h, ctx.get_raw(0))
+    }
+
+    fn finalize(
+        &self,
+        _: &mut rusqlite::functions::Context<'_>,
+        h: Option<Histogram>,
+    ) -> rusqlite::Result<Vec<u8>> {
+        Ok(h.unwrap_or_default().encode())
+    }
+}
+
 /// One finished request as the store aggregates it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageRow {

@@ -1,16 +1,49 @@
-//! Usage ingestion and totals. A batch and the sender's high-water sequence are
-//! applied in one transaction; aggregation into hourly rows happens in SQL.
+//! Usage ingestion, retention and statistics.
+//!
+//! A batch of records and the sender's high-water sequence are applied in one
+//! transaction, adding to hourly rows per (backend, model, client key) and daily
+//! rows per (pool, backend, model, client key). Retention deletes old hourly
+//! rows only, one day per transaction. Queries read whole UTC days from the daily rows
+//! and the hours at either end of a range from the hourly rows, so an answer is
+//! the same whichever table gives it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use rusqlite::{Connection, params, params_from_iter};
+use tokio_util::sync::CancellationToken;
 
 use super::{Store, StoreError};
 use crate::time::now_ms;
-use crate::usage::{UsageRow, latency_bucket, quantile};
+use crate::usage::{Histogram, UsageRow, encode_buckets, latency_bucket};
 
 const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+/// Tokens counted for one record at most; keeps every sum far from overflowing.
+const MAX_TOKENS_PER_RECORD: u64 = 1 << 40;
+/// How often [`Store::run_usage_retention`] deletes expired hourly rows.
+pub const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Which usage [`Store::totals`] adds up. Ranges are matched at hour granularity:
-/// an hourly row counts when its hour starts in `[start, end)`.
+fn floor_to(ms: i64, unit: i64) -> i64 {
+    ms.div_euclid(unit) * unit
+}
+
+fn ceil_to(ms: i64, unit: i64) -> i64 {
+    floor_to(ms, unit).saturating_add(if ms.rem_euclid(unit) == 0 { 0 } else { unit })
+}
+
+/// The records of one `ReportUsage` message and their sender.
+#[derive(Debug, Clone, Default)]
+pub struct UsageBatch {
+    pub node_id: String,
+    pub incarnation: String,
+    pub rows: Vec<UsageRow>,
+}
+
+/// Which usage a query adds up. Ranges are matched at hour granularity: an hour
+/// counts when it starts in `[start, end)`, i.e. the range is widened to whole
+/// hours. Hours that retention has deleted count as empty; whole UTC days are
+/// still answered from the daily rollup.
 #[derive(Debug, Clone, Default)]
 pub struct TotalsFilter {
     pub start_ms: Option<i64>,
@@ -35,189 +68,6 @@ pub struct Totals {
     pub p50_ms: f64,
     pub p95_ms: f64,
     pub p99_ms: f64,
-}
-
-impl Store {
-    /// Applies the records above the high-water mark of `(node_id, incarnation)`
-    /// and advances it, atomically. Returns the new high-water mark (what may be acked).
-    pub async fn ingest_usage(
-        &self,
-        node_id: String,
-        incarnation: String,
-        rows: Vec<UsageRow>,
-    ) -> Result<u64, StoreError> {
-        self.call(move |conn, _| ingest(conn, &node_id, &incarnation, &rows))
-            .await
-    }
-
-    pub async fn totals(&self, filter: TotalsFilter) -> Result<Totals, StoreError> {
-        self.call(move |conn, _| totals(conn, &filter)).await
-    }
-}
-
-fn ingest(
-    conn: &mut Connection,
-    node_id: &str,
-    incarnation: &str,
-    rows: &[UsageRow],
-) -> Result<u64, StoreError> {
-    let tx = conn.transaction()?;
-    let high_water: u64 = tx
-        .query_row(
-            "SELECT sequence FROM usage_high_water WHERE node_id = ?1 AND incarnation = ?2",
-            params![node_id, incarnation],
-            |r| r.get::<_, i64>(0),
-        )
-        .map(|v| v.max(0) as u64)
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(0),
-            e => Err(e),
-        })?;
-    let fresh: Vec<&UsageRow> = rows.iter().filter(|r| r.sequence > high_water).collect();
-    let Some(new_high_water) = fresh.iter().map(|r| r.sequence).max() else {
-        return Ok(high_water);
-    };
-    tx.execute_batch(
-        "CREATE TEMP TABLE IF NOT EXISTS usage_batch (
-             hour_start INTEGER, backend_id TEXT, model TEXT, client_key_id TEXT,
-             prompt_tokens INTEGER, completion_tokens INTEGER, latency_ms REAL, ttft_ms REAL,
-             is_error INTEGER, stream INTEGER, bucket INTEGER);
-         DELETE FROM temp.usage_batch;",
-    )?;
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO temp.usage_batch VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-        )?;
-        for r in &fresh {
-            insert.execute(params![
-                r.time_ms.div_euclid(HOUR_MS) * HOUR_MS,
-                r.backend_id,
-                r.model,
-                r.client_key_id,
-                r.prompt_tokens.min(i64::MAX as u64) as i64,
-                r.completion_tokens.min(i64::MAX as u64) as i64,
-                r.latency_ms,
-                r.ttft_ms,
-                r.is_error,
-                r.stream,
-                latency_bucket(r.latency_ms),
-            ])?;
-        }
-    }
-    // Cost uses the model route's prices as they are now; later price changes do
-    // not rewrite history.
-    tx.execute(
-        "INSERT INTO usage_hourly (hour_start, backend_id, model, client_key_id, request_count, error_count,
-                                   stream_count, prompt_tokens, completion_tokens, cost, latency_ms_sum,
-                                   ttft_ms_sum, ttft_count)
-         SELECT b.hour_start, b.backend_id, b.model, b.client_key_id, count(*), sum(b.is_error), sum(b.stream),
-                sum(b.prompt_tokens), sum(b.completion_tokens),
-                sum(b.prompt_tokens * coalesce(m.input_price_per_mtok, 0.0)
-                    + b.completion_tokens * coalesce(m.output_price_per_mtok, 0.0)) / 1000000.0,
-                sum(b.latency_ms), total(b.ttft_ms), count(b.ttft_ms)
-         FROM temp.usage_batch b
-         LEFT JOIN backend_models m ON m.backend_id = b.backend_id AND m.name = b.model
-         GROUP BY b.hour_start, b.backend_id, b.model, b.client_key_id
-         ON CONFLICT (hour_start, backend_id, model, client_key_id) DO UPDATE SET
-             request_count = request_count + excluded.request_count,
-             error_count = error_count + excluded.error_count,
-             stream_count = stream_count + excluded.stream_count,
-             prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-             completion_tokens = completion_tokens + excluded.completion_tokens,
-             cost = cost + excluded.cost,
-             latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum,
-             ttft_ms_sum = ttft_ms_sum + excluded.ttft_ms_sum,
-             ttft_count = ttft_count + excluded.ttft_count",
-        [],
-    )?;
-    tx.execute(
-        "INSERT INTO usage_hourly_latency (hour_start, backend_id, model, client_key_id, bucket, count)
-         SELECT hour_start, backend_id, model, client_key_id, bucket, count(*)
-         FROM temp.usage_batch GROUP BY hour_start, backend_id, model, client_key_id, bucket
-         ON CONFLICT (hour_start, backend_id, model, client_key_id, bucket) DO UPDATE SET
-             count = count + excluded.count",
-        [],
-    )?;
-    tx.execute("DELETE FROM temp.usage_batch", [])?;
-    tx.execute(
-        "INSERT INTO usage_high_water (node_id, incarnation, sequence, update_time) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (node_id, incarnation) DO UPDATE SET sequence = excluded.sequence,
-             update_time = excluded.update_time",
-        params![node_id, incarnation, new_high_water as i64, now_ms()],
-    )?;
-    tx.commit()?;
-    Ok(new_high_water)
-}
-
-/// The WHERE clause and its parameters for a filter over usage tables.
-pub(crate) fn filter_clause(filter: &TotalsFilter) -> (String, Vec<rusqlite::types::Value>) {
-    use rusqlite::types::Value;
-    let mut clauses = Vec::new();
-    let mut values = Vec::new();
-    if let Some(start) = filter.start_ms {
-        clauses.push("hour_start >= ?");
-        values.push(Value::Integer(start.div_euclid(HOUR_MS) * HOUR_MS));
-    }
-    if let Some(end) = filter.end_ms {
-        clauses.push("hour_start < ?");
-        values.push(Value::Integer(end));
-    }
-    for (column, value) in [
-        ("backend_id = ?", &filter.backend_id),
-        ("model = ?", &filter.model),
-        ("client_key_id = ?", &filter.client_key_id),
-    ] {
-        if let Some(v) = value {
-            clauses.push(column);
-            values.push(Value::Text(v.clone()));
-        }
-    }
-    let sql = if clauses.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", clauses.join(" AND "))
-    };
-    (sql, values)
-}
-
-fn totals(conn: &Connection, filter: &TotalsFilter) -> Result<Totals, StoreError> {
-    let (clause, values) = filter_clause(filter);
-    let mut t = conn.query_row(
-        &format!(
-            "SELECT total(request_count), total(error_count), total(stream_count), total(prompt_tokens),
-                    total(completion_tokens), total(cost), total(latency_ms_sum), total(ttft_ms_sum),
-                    total(ttft_count)
-             FROM usage_hourly {clause}"
-        ),
-        params_from_iter(values.iter()),
-        |r| {
-            let n = |i: usize| r.get::<_, f64>(i).map(|v| v.max(0.0) as u64);
-            Ok(Totals {
-                request_count: n(0)?,
-                error_count: n(1)?,
-                stream_count: n(2)?,
-                prompt_tokens: n(3)?,
-                completion_tokens: n(4)?,
-                cost: r.get(5)?,
-                latency_ms_sum: r.get(6)?,
-                ttft_ms_sum: r.get(7)?,
-                ttft_count: n(8)?,
-                ..Totals::default()
-            })
-        },
-    )?;
-    let mut stmt = conn.prepare(&format!(
-        "SELECT bucket, sum(count) FROM usage_hourly_latency {clause} GROUP BY bucket ORDER BY bucket"
-    ))?;
-    let histogram: Vec<(u32, u64)> = stmt
-        .query_map(params_from_iter(values.iter()), |r| {
-            Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
-        })?
-        .collect::<Result<_, _>>()?;
-    t.p50_ms = quantile(&histogram, 0.50);
-    t.p95_ms = quantile(&histogram, 0.95);
-    t.p99_ms = quantile(&histogram, 0.99);
-    Ok(t)
 }
 
 /// Time bucket width of [`Store::usage_series`].
@@ -246,48 +96,538 @@ pub struct SeriesPoint {
 }
 
 impl Store {
-    /// Usage per time bucket (and per group), oldest first.
+    /// Applies the records above the high-water mark of `(node_id, incarnation)`
+    /// and advances it, atomically. Returns the new high-water mark (what may be acked).
+    pub async fn ingest_usage(
+        &self,
+        node_id: String,
+        incarnation: String,
+        rows: Vec<UsageRow>,
+    ) -> Result<u64, StoreError> {
+        let acked = self
+            .ingest_usage_batches(vec![UsageBatch {
+                node_id,
+                incarnation,
+                rows,
+            }])
+            .await?;
+        Ok(acked.first().copied().unwrap_or_default())
+    }
+
+    /// Applies several batches in one transaction (one commit, one fsync), in
+    /// order, each as [`Store::ingest_usage`] would. Returns each batch's new
+    /// high-water mark. A caller holding several received batches saves a
+    /// commit per batch and a row update per repeated (hour, backend, model, key).
+    pub async fn ingest_usage_batches(
+        &self,
+        batches: Vec<UsageBatch>,
+    ) -> Result<Vec<u64>, StoreError> {
+        self.call(move |conn, _| ingest(conn, &batches)).await
+    }
+
+    /// Sums and percentiles over everything `filter` matches.
+    pub async fn totals(&self, filter: TotalsFilter) -> Result<Totals, StoreError> {
+        self.call(move |conn, _| totals(conn, &filter, Sources::HourlyAndDaily))
+            .await
+    }
+
+    /// Usage per time bucket (and per group), oldest first, then by group key.
     pub async fn usage_series(
         &self,
         filter: TotalsFilter,
         granularity: Granularity,
         group_by: GroupBy,
     ) -> Result<Vec<SeriesPoint>, StoreError> {
-        self.call(move |conn, _| series(conn, &filter, granularity, group_by))
-            .await
+        self.call(move |conn, _| {
+            series(
+                conn,
+                &filter,
+                granularity,
+                group_by,
+                Sources::HourlyAndDaily,
+            )
+        })
+        .await
+    }
+
+    /// Deletes the hourly usage rows of UTC days that ended more than
+    /// `Settings.usage_retention_days` before `now_ms` (0 keeps everything);
+    /// daily rows stay. Returns how many hourly rows were deleted.
+    pub async fn apply_usage_retention(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let n = self
+                .call(move |conn, _| delete_expired_hours(conn, now_ms))
+                .await?;
+            if n == 0 {
+                return Ok(deleted);
+            }
+            deleted += n;
+        }
+    }
+
+    /// Applies retention at once and then every [`RETENTION_INTERVAL`] until `stop`.
+    pub async fn run_usage_retention(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(RETENTION_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            match self.apply_usage_retention(now_ms()).await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::info!(deleted, "expired hourly usage rows deleted"),
+                Err(err) => tracing::warn!(error = %err, "usage retention failed; will retry"),
+            }
+        }
     }
 }
 
-fn series(
-    conn: &Connection,
-    filter: &TotalsFilter,
-    granularity: Granularity,
-    group_by: GroupBy,
-) -> Result<Vec<SeriesPoint>, StoreError> {
-    let bucket = match granularity {
-        Granularity::Hour => "hour_start",
-        Granularity::Day => "(hour_start / 86400000) * 86400000",
+/// What one batch adds to one hourly or daily row.
+#[derive(Debug, Default)]
+struct Delta {
+    request_count: i64,
+    error_count: i64,
+    stream_count: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    cost: f64,
+    latency_ms_sum: f64,
+    ttft_ms_sum: f64,
+    ttft_count: i64,
+    /// (bucket, count), unordered; a batch puts few buckets in one row.
+    latency: Vec<(u32, u64)>,
+}
+
+impl Delta {
+    fn add_record(&mut self, r: &UsageRow) {
+        self.request_count += 1;
+        self.error_count += i64::from(r.is_error);
+        self.stream_count += i64::from(r.stream);
+        self.prompt_tokens += r.prompt_tokens.min(MAX_TOKENS_PER_RECORD) as i64;
+        self.completion_tokens += r.completion_tokens.min(MAX_TOKENS_PER_RECORD) as i64;
+        self.latency_ms_sum += r.latency_ms;
+        if let Some(ttft) = r.ttft_ms {
+            self.ttft_ms_sum += ttft;
+            self.ttft_count += 1;
+        }
+        self.add_latency(latency_bucket(r.latency_ms), 1);
+    }
+
+    fn add_latency(&mut self, bucket: u32, n: u64) {
+        match self.latency.iter_mut().find(|(b, _)| *b == bucket) {
+            Some((_, count)) => *count += n,
+            None => self.latency.push((bucket, n)),
+        }
+    }
+
+    fn encoded_latency(&self) -> Vec<u8> {
+        let mut buckets = self.latency.clone();
+        buckets.sort_unstable();
+        encode_buckets(buckets)
+    }
+
+    fn add(&mut self, other: &Delta) {
+        self.request_count += other.request_count;
+        self.error_count += other.error_count;
+        self.stream_count += other.stream_count;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.cost += other.cost;
+        self.latency_ms_sum += other.latency_ms_sum;
+        self.ttft_ms_sum += other.ttft_ms_sum;
+        self.ttft_count += other.ttft_count;
+        for &(b, n) in &other.latency {
+            self.add_latency(b, n);
+        }
+    }
+}
+
+/// The stored-row columns both upserts add to, after the key columns.
+const ADD_ON_CONFLICT: &str = "
+    request_count = request_count + excluded.request_count,
+    error_count = error_count + excluded.error_count,
+    stream_count = stream_count + excluded.stream_count,
+    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = completion_tokens + excluded.completion_tokens,
+    cost = cost + excluded.cost,
+    latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum,
+    ttft_ms_sum = ttft_ms_sum + excluded.ttft_ms_sum,
+    ttft_count = ttft_count + excluded.ttft_count,
+    latency_histogram = usage_histogram_add(latency_histogram, excluded.latency_histogram)";
+
+/// Applies a batch: the records above the high-water mark are folded into one
+/// delta per (hour, backend, model, key) and per (day, pool, backend, model,
+/// key), each added to its stored row by an upsert; then the high-water mark
+/// moves, all in one transaction. Folding before SQL keeps the statements per
+/// touched row rather than per record (see the ingestion benchmark).
+fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<Vec<u64>, StoreError> {
+    let tx = conn.transaction()?;
+    // (node, incarnation) → (stored high-water mark, high-water mark so far).
+    let mut marks: std::collections::HashMap<(&str, &str), (u64, u64)> = Default::default();
+    let mut acked = Vec::with_capacity(batches.len());
+    let mut hourly: BTreeMap<(i64, &str, &str, &str), Delta> = BTreeMap::new();
+    for batch in batches {
+        let sender = (batch.node_id.as_str(), batch.incarnation.as_str());
+        let mark = match marks.get_mut(&sender) {
+            Some(mark) => mark,
+            None => {
+                let stored: u64 = tx
+                    .prepare_cached(
+                        "SELECT sequence FROM usage_high_water WHERE node_id = ?1 AND incarnation = ?2",
+                    )?
+                    .query_row(params![sender.0, sender.1], |r| r.get::<_, i64>(0))
+                    .map(|v| v.max(0) as u64)
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(0),
+                        e => Err(e),
+                    })?;
+                marks.entry(sender).or_insert((stored, stored))
+            }
+        };
+        let high_water = mark.1;
+        for r in batch.rows.iter().filter(|r| r.sequence > high_water) {
+            mark.1 = mark.1.max(r.sequence);
+            let hour = floor_to(r.time_ms, HOUR_MS);
+            hourly
+                .entry((hour, &r.backend_id, &r.model, &r.client_key_id))
+                .or_default()
+                .add_record(r);
+        }
+        acked.push(mark.1);
+    }
+    if hourly.is_empty() {
+        return Ok(acked);
+    }
+
+    // Cost uses the model route's prices as they are now, and the daily rows the
+    // backend's pool as it is now; later changes do not rewrite history.
+    let mut prices: std::collections::HashMap<(&str, &str), (f64, f64)> = Default::default();
+    let mut pools: std::collections::HashMap<&str, i64> = Default::default();
+    let mut daily: BTreeMap<(i64, &str, &str, &str, i64), Delta> = BTreeMap::new();
+    {
+        let mut price_of = tx.prepare_cached(
+            "SELECT input_price_per_mtok, output_price_per_mtok FROM backend_models
+             WHERE backend_id = ?1 AND name = ?2",
+        )?;
+        let mut pool_of = tx.prepare_cached("SELECT pool FROM backends WHERE id = ?1")?;
+        let mut upsert = tx.prepare_cached(&format!(
+            "INSERT INTO usage_hourly (hour_start, backend_id, model, client_key_id, request_count,
+                 error_count, stream_count, prompt_tokens, completion_tokens, cost, latency_ms_sum,
+                 ttft_ms_sum, ttft_count, latency_histogram)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+             ON CONFLICT (hour_start, backend_id, model, client_key_id) DO UPDATE SET {ADD_ON_CONFLICT}"
+        ))?;
+        for (&(hour, backend_id, model, client_key_id), delta) in &mut hourly {
+            let (input, output) = match prices.get(&(backend_id, model)) {
+                Some(&p) => p,
+                None => {
+                    let p = price_of
+                        .query_row(params![backend_id, model], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .or_else(|e| match e {
+                            rusqlite::Error::QueryReturnedNoRows => Ok((0.0, 0.0)),
+                            e => Err(e),
+                        })?;
+                    *prices.entry((backend_id, model)).or_insert(p)
+                }
+            };
+            delta.cost = (delta.prompt_tokens as f64 * input
+                + delta.completion_tokens as f64 * output)
+                / 1_000_000.0;
+            upsert.execute(params![
+                hour,
+                backend_id,
+                model,
+                client_key_id,
+                delta.request_count,
+                delta.error_count,
+                delta.stream_count,
+                delta.prompt_tokens,
+                delta.completion_tokens,
+                delta.cost,
+                delta.latency_ms_sum,
+                delta.ttft_ms_sum,
+                delta.ttft_count,
+                delta.encoded_latency(),
+            ])?;
+            let pool = match pools.get(backend_id) {
+                Some(&p) => p,
+                None => {
+                    let p = pool_of
+                        .query_row(params![backend_id], |r| r.get(0))
+                        .or_else(|e| match e {
+                            rusqlite::Error::QueryReturnedNoRows => Ok(0),
+                            e => Err(e),
+                        })?;
+                    *pools.entry(backend_id).or_insert(p)
+                }
+            };
+            daily
+                .entry((
+                    floor_to(hour, DAY_MS),
+                    backend_id,
+                    model,
+                    client_key_id,
+                    pool,
+                ))
+                .or_default()
+                .add(delta);
+        }
+    }
+    {
+        let mut upsert = tx.prepare_cached(&format!(
+            "INSERT INTO usage_daily (day_start, backend_id, model, client_key_id, pool, request_count,
+                 error_count, stream_count, prompt_tokens, completion_tokens, cost, latency_ms_sum,
+                 ttft_ms_sum, ttft_count, latency_histogram)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+             ON CONFLICT (day_start, backend_id, model, client_key_id, pool) DO UPDATE SET {ADD_ON_CONFLICT}"
+        ))?;
+        for ((day, backend_id, model, client_key_id, pool), delta) in &daily {
+            upsert.execute(params![
+                day,
+                backend_id,
+                model,
+                client_key_id,
+                pool,
+                delta.request_count,
+                delta.error_count,
+                delta.stream_count,
+                delta.prompt_tokens,
+                delta.completion_tokens,
+                delta.cost,
+                delta.latency_ms_sum,
+                delta.ttft_ms_sum,
+                delta.ttft_count,
+                delta.encoded_latency(),
+            ])?;
+        }
+    }
+    {
+        let mut advance = tx.prepare_cached(
+            "INSERT INTO usage_high_water (node_id, incarnation, sequence, update_time) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (node_id, incarnation) DO UPDATE SET sequence = excluded.sequence,
+                 update_time = excluded.update_time",
+        )?;
+        let now = now_ms();
+        for ((node_id, incarnation), (stored, mark)) in &marks {
+            if mark > stored {
+                advance.execute(params![node_id, incarnation, *mark as i64, now])?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(acked)
+}
+
+/// Deletes expired hourly rows of at most one day (the oldest); returns how many.
+fn delete_expired_hours(conn: &Connection, now_ms: i64) -> Result<u64, StoreError> {
+    let days = super::load_settings_in(conn)?.usage_retention_days;
+    if days == 0 {
+        return Ok(0);
+    }
+    let cutoff = floor_to(now_ms, DAY_MS).saturating_sub(i64::from(days) * DAY_MS);
+    let deleted = conn.execute(
+        "DELETE FROM usage_hourly
+         WHERE hour_start < min(?1, (SELECT min(hour_start) FROM usage_hourly) + ?2)",
+        params![cutoff, DAY_MS],
+    )?;
+    Ok(deleted as u64)
+}
+
+/// Which tables a query may read; only tests compare the two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sources {
+    HourlyAndDaily,
+    #[cfg_attr(not(test), allow(dead_code))]
+    HourlyOnly,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Table {
+    Hourly,
+    Daily,
+}
+
+impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Table::Hourly => "usage_hourly",
+            Table::Daily => "usage_daily",
+        }
+    }
+
+    fn time_column(self) -> &'static str {
+        match self {
+            Table::Hourly => "hour_start",
+            Table::Daily => "day_start",
+        }
+    }
+}
+
+/// A time range `[start, end)` (unbounded where `None`) answered by one table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Part {
+    table: Table,
+    start: Option<i64>,
+    end: Option<i64>,
+}
+
+/// Splits a filter's range (widened to whole hours) into parts: whole UTC days
+/// from the daily table when `whole_days` allows, the hours before the first
+/// and after the last whole day from the hourly table.
+fn plan(filter: &TotalsFilter, whole_days: bool) -> Vec<Part> {
+    let start = filter.start_ms.map(|s| floor_to(s, HOUR_MS));
+    let end = filter.end_ms.map(|e| ceil_to(e, HOUR_MS));
+    if let (Some(s), Some(e)) = (start, end)
+        && s >= e
+    {
+        return Vec::new();
+    }
+    let hourly = |start, end| Part {
+        table: Table::Hourly,
+        start,
+        end,
+    };
+    if !whole_days {
+        return vec![hourly(start, end)];
+    }
+    let first_day = start.map(|s| ceil_to(s, DAY_MS));
+    let last_day = end.map(|e| floor_to(e, DAY_MS));
+    if let (Some(first), Some(last)) = (first_day, last_day)
+        && first >= last
+    {
+        return vec![hourly(start, end)];
+    }
+    let mut parts = Vec::new();
+    if start != first_day {
+        parts.push(hourly(start, first_day));
+    }
+    parts.push(Part {
+        table: Table::Daily,
+        start: first_day,
+        end: last_day,
+    });
+    if end != last_day {
+        parts.push(hourly(last_day, end));
+    }
+    parts
+}
+
+/// The WHERE clause and its parameters of one part.
+fn where_clause(part: &Part, filter: &TotalsFilter) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let time = part.table.time_column();
+    let mut clauses = Vec::new();
+    let mut values = Vec::new();
+    if let Some(start) = part.start {
+        clauses.push(format!("{time} >= ?"));
+        values.push(Value::Integer(start));
+    }
+    if let Some(end) = part.end {
+        clauses.push(format!("{time} < ?"));
+        values.push(Value::Integer(end));
+    }
+    for (column, value) in [
+        ("backend_id", &filter.backend_id),
+        ("model", &filter.model),
+        ("client_key_id", &filter.client_key_id),
+    ] {
+        if let Some(v) = value {
+            clauses.push(format!("{column} = ?"));
+            values.push(Value::Text(v.clone()));
+        }
+    }
+    let sql = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    (sql, values)
+}
+
+/// Sums of one (time bucket, group) before percentiles are taken.
+#[derive(Debug, Clone, Default)]
+struct Sums {
+    totals: Totals,
+    histogram: Histogram,
+}
+
+impl Sums {
+    fn add(&mut self, other: &Sums) {
+        let (t, o) = (&mut self.totals, &other.totals);
+        t.request_count += o.request_count;
+        t.error_count += o.error_count;
+        t.stream_count += o.stream_count;
+        t.prompt_tokens += o.prompt_tokens;
+        t.completion_tokens += o.completion_tokens;
+        t.cost += o.cost;
+        t.latency_ms_sum += o.latency_ms_sum;
+        t.ttft_ms_sum += o.ttft_ms_sum;
+        t.ttft_count += o.ttft_count;
+        for (b, n) in other.histogram.buckets() {
+            self.histogram.add(b, n);
+        }
+    }
+
+    fn finish(mut self) -> Totals {
+        self.totals.p50_ms = self.histogram.quantile(0.50);
+        self.totals.p95_ms = self.histogram.quantile(0.95);
+        self.totals.p99_ms = self.histogram.quantile(0.99);
+        self.totals
+    }
+}
+
+/// The SQL of one part: sums per (time bucket `b`, group `g`).
+fn part_sql(part: &Part, clause: &str, bucket: Option<Granularity>, group_by: GroupBy) -> String {
+    // The unary `+` (a no-op) keeps SQLite from walking a whole index to get the
+    // GROUP BY order for free instead of searching the filter's range.
+    let time = part.table.time_column();
+    let bucket = match bucket {
+        None => "0".to_owned(),
+        Some(Granularity::Hour) => format!("+{time}"),
+        Some(Granularity::Day) => {
+            format!("{time} - (({time} % {DAY_MS}) + {DAY_MS}) % {DAY_MS}")
+        }
     };
     let group = match group_by {
         GroupBy::Nothing => "''",
-        GroupBy::Backend => "backend_id",
-        GroupBy::Model => "model",
-        GroupBy::ClientKey => "client_key_id",
+        GroupBy::Backend => "+backend_id",
+        GroupBy::Model => "+model",
+        GroupBy::ClientKey => "+client_key_id",
     };
-    let (clause, values) = filter_clause(filter);
-    let mut points: Vec<SeriesPoint> = {
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {bucket} AS b, {group} AS g, total(request_count), total(error_count), total(stream_count),
-                    total(prompt_tokens), total(completion_tokens), total(cost), total(latency_ms_sum),
-                    total(ttft_ms_sum), total(ttft_count)
-             FROM usage_hourly {clause} GROUP BY b, g ORDER BY b, g"
-        ))?;
-        stmt.query_map(params_from_iter(values.iter()), |r| {
+    format!(
+        "SELECT {bucket} AS b, {group} AS g, total(request_count), total(error_count),
+                total(stream_count), total(prompt_tokens), total(completion_tokens), total(cost),
+                total(latency_ms_sum), total(ttft_ms_sum), total(ttft_count),
+                usage_histogram(latency_histogram)
+         FROM {table} {clause} GROUP BY b, g",
+        table = part.table.name(),
+    )
+}
+
+/// Sums per (time bucket, group) over every part of the filter's range.
+fn aggregate(
+    conn: &Connection,
+    filter: &TotalsFilter,
+    bucket: Option<Granularity>,
+    group_by: GroupBy,
+    sources: Sources,
+) -> Result<BTreeMap<(i64, String), Sums>, StoreError> {
+    // Hour buckets need hourly rows; everything else may read whole days.
+    let whole_days = sources == Sources::HourlyAndDaily && bucket != Some(Granularity::Hour);
+    let mut out: BTreeMap<(i64, String), Sums> = BTreeMap::new();
+    for part in plan(filter, whole_days) {
+        let (clause, values) = where_clause(&part, filter);
+        let mut stmt = conn.prepare_cached(&part_sql(&part, &clause, bucket, group_by))?;
+        let mut rows = stmt.query(params_from_iter(values.iter()))?;
+        while let Some(r) = rows.next()? {
             let n = |i: usize| r.get::<_, f64>(i).map(|v| v.max(0.0) as u64);
-            Ok(SeriesPoint {
-                start_ms: r.get(0)?,
-                group_key: r.get(1)?,
-                group_label: String::new(),
+            let mut histogram = Histogram::default();
+            histogram
+                .merge_encoded(&r.get::<_, Vec<u8>>(11)?)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let sums = Sums {
                 totals: Totals {
                     request_count: n(2)?,
                     error_count: n(3)?,
@@ -300,43 +640,47 @@ fn series(
                     ttft_count: n(10)?,
                     ..Totals::default()
                 },
-            })
-        })?
-        .collect::<Result<_, _>>()?
-    };
-    let mut histograms: std::collections::HashMap<(i64, String), Vec<(u32, u64)>> =
-        std::collections::HashMap::new();
-    {
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {bucket} AS b, {group} AS g, bucket, sum(count)
-             FROM usage_hourly_latency {clause} GROUP BY b, g, bucket ORDER BY b, g, bucket"
-        ))?;
-        let rows = stmt.query_map(params_from_iter(values.iter()), |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, u32>(2)?,
-                r.get::<_, i64>(3)?.max(0) as u64,
-            ))
-        })?;
-        for row in rows {
-            let (b, g, bucket, count) = row?;
-            histograms.entry((b, g)).or_default().push((bucket, count));
+                histogram,
+            };
+            out.entry((r.get(0)?, r.get(1)?)).or_default().add(&sums);
         }
     }
+    Ok(out)
+}
+
+fn totals(
+    conn: &Connection,
+    filter: &TotalsFilter,
+    sources: Sources,
+) -> Result<Totals, StoreError> {
+    let mut all = Sums::default();
+    for sums in aggregate(conn, filter, None, GroupBy::Nothing, sources)?.values() {
+        all.add(sums);
+    }
+    Ok(all.finish())
+}
+
+fn series(
+    conn: &Connection,
+    filter: &TotalsFilter,
+    granularity: Granularity,
+    group_by: GroupBy,
+    sources: Sources,
+) -> Result<Vec<SeriesPoint>, StoreError> {
+    let sums = aggregate(conn, filter, Some(granularity), group_by, sources)?;
     let labels = group_labels(conn, group_by)?;
-    for point in &mut points {
-        if let Some(h) = histograms.get(&(point.start_ms, point.group_key.clone())) {
-            point.totals.p50_ms = quantile(h, 0.50);
-            point.totals.p95_ms = quantile(h, 0.95);
-            point.totals.p99_ms = quantile(h, 0.99);
-        }
-        point.group_label = labels
-            .get(&point.group_key)
-            .cloned()
-            .unwrap_or_else(|| point.group_key.clone());
-    }
-    Ok(points)
+    Ok(sums
+        .into_iter()
+        .map(|((start_ms, group_key), sums)| SeriesPoint {
+            start_ms,
+            group_label: labels
+                .get(&group_key)
+                .cloned()
+                .unwrap_or_else(|| group_key.clone()),
+            group_key,
+            totals: sums.finish(),
+        })
+        .collect())
 }
 
 /// Readable names of grouped ids: backend and client key names (models are their own label).
@@ -349,7 +693,475 @@ fn group_labels(
         GroupBy::ClientKey => "SELECT id, name FROM client_keys",
         GroupBy::Nothing | GroupBy::Model => return Ok(Default::default()),
     };
-    let mut stmt = conn.prepare(sql)?;
+    let mut stmt = conn.prepare_cached(sql)?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(
+            &dir.path().join("t.db"),
+            crate::crypto::MasterKey::generate(),
+        )
+        .unwrap();
+        (dir, store)
+    }
+
+    fn row(
+        sequence: u64,
+        backend: &str,
+        model: &str,
+        key: &str,
+        time_ms: i64,
+        latency_ms: f64,
+    ) -> UsageRow {
+        UsageRow {
+            sequence,
+            backend_id: backend.into(),
+            model: model.into(),
+            client_key_id: key.into(),
+            prompt_tokens: 1000 + sequence % 7,
+            completion_tokens: 10 * (sequence % 5),
+            latency_ms,
+            ttft_ms: sequence.is_multiple_of(3).then_some(latency_ms / 3.0),
+            is_error: sequence.is_multiple_of(11),
+            stream: sequence.is_multiple_of(3),
+            time_ms,
+        }
+    }
+
+    const DAY0: i64 = 1_764_028_800_000; // 2025-11-25T00:00:00Z
+    const HOUR: i64 = HOUR_MS;
+    const DAY: i64 = DAY_MS;
+
+    #[test]
+    fn plans_read_whole_days_from_daily_rows_and_the_edges_from_hourly_rows() {
+        let part = |table, start, end| Part { table, start, end };
+        let filter = |start, end| TotalsFilter {
+            start_ms: start,
+            end_ms: end,
+            ..Default::default()
+        };
+        use Table::{Daily, Hourly};
+        assert_eq!(
+            plan(&filter(None, None), true),
+            vec![part(Daily, None, None)]
+        );
+        assert_eq!(
+            plan(&filter(None, None), false),
+            vec![part(Hourly, None, None)]
+        );
+        // Mid-hour edges widen to whole hours.
+        assert_eq!(
+            plan(
+                &filter(Some(DAY0 + 90 * 60_000), Some(DAY0 + 2 * DAY + 1)),
+                true
+            ),
+            vec![
+                part(Hourly, Some(DAY0 + HOUR), Some(DAY0 + DAY)),
+                part(Daily, Some(DAY0 + DAY), Some(DAY0 + 2 * DAY)),
+                part(Hourly, Some(DAY0 + 2 * DAY), Some(DAY0 + 2 * DAY + HOUR)),
+            ]
+        );
+        assert_eq!(
+            plan(&filter(Some(DAY0), Some(DAY0 + DAY)), true),
+            vec![part(Daily, Some(DAY0), Some(DAY0 + DAY))]
+        );
+        // No whole day inside: hourly rows only.
+        assert_eq!(
+            plan(&filter(Some(DAY0 + HOUR), Some(DAY0 + DAY + HOUR)), true),
+            vec![part(Hourly, Some(DAY0 + HOUR), Some(DAY0 + DAY + HOUR))]
+        );
+        assert_eq!(
+            plan(&filter(None, Some(DAY0 + HOUR)), true),
+            vec![
+                part(Daily, None, Some(DAY0)),
+                part(Hourly, Some(DAY0), Some(DAY0 + HOUR))
+            ]
+        );
+        // An empty range reads nothing, but inside an hour it widens to that hour.
+        assert!(plan(&filter(Some(DAY0), Some(DAY0)), true).is_empty());
+        assert_eq!(
+            plan(&filter(Some(DAY0 + 5), Some(DAY0 + 5)), true),
+            vec![part(Hourly, Some(DAY0), Some(DAY0 + HOUR))]
+        );
+    }
+
+    /// Integers and percentiles exactly, float sums up to rounding.
+    fn assert_same_totals(a: &Totals, b: &Totals, context: &str) {
+        let ints = |t: &Totals| {
+            (
+                t.request_count,
+                t.error_count,
+                t.stream_count,
+                t.prompt_tokens,
+                t.completion_tokens,
+                t.ttft_count,
+                t.p50_ms.to_bits(),
+                t.p95_ms.to_bits(),
+                t.p99_ms.to_bits(),
+            )
+        };
+        assert_eq!(ints(a), ints(b), "{context}");
+        for (x, y) in [
+            (a.cost, b.cost),
+            (a.latency_ms_sum, b.latency_ms_sum),
+            (a.ttft_ms_sum, b.ttft_ms_sum),
+        ] {
+            assert!(
+                (x - y).abs() <= 1e-9 * x.abs().max(y.abs()),
+                "{context}: {x} != {y}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn every_query_answers_alike_from_daily_rows_and_from_hourly_rows() {
+        use rand::{Rng as _, SeedableRng as _};
+        let (_dir, store) = open();
+        let mut backends = Vec::new();
+        for i in 0..3 {
+            let spec = crate::backend::BackendSpec {
+                name: format!("b{i}"),
+                base_url: "https://api.example.com/v1".into(),
+                pool: if i == 2 {
+                    crate::backend::Pool::Fallback
+                } else {
+                    crate::backend::Pool::Primary
+                },
+                priority: 1,
+                weight: 1,
+                models: vec![crate::backend::ModelRoute {
+                    name: "m1".into(),
+                    upstream_name: "m1".into(),
+                    input_price_per_mtok: 0.1 + f64::from(i),
+                    output_price_per_mtok: 0.3,
+                }],
+                rpm_limit: 0,
+                enabled: true,
+            };
+            backends.push(
+                store
+                    .create_backend(spec, String::new())
+                    .await
+                    .unwrap()
+                    .0
+                    .id,
+            );
+        }
+        backends.push(String::new());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let rows: Vec<UsageRow> = (1..=4000)
+            .map(|seq| {
+                row(
+                    seq,
+                    &backends[rng.random_range(0..backends.len())],
+                    ["m1", "m2"][rng.random_range(0..2)],
+                    ["k1", "k2", "k3"][rng.random_range(0..3)],
+                    DAY0 - 2 * DAY + rng.random_range(0..5 * DAY),
+                    rng.random_range(0.05..30_000.0),
+                )
+            })
+            .collect();
+        for chunk in rows.chunks(333) {
+            store
+                .ingest_usage("n".into(), "i".into(), chunk.to_vec())
+                .await
+                .unwrap();
+        }
+        let mut filters = vec![TotalsFilter::default()];
+        for _ in 0..60 {
+            let mut at = || match rng.random_range(0..4) {
+                0 => None,
+                1 => Some(DAY0 + rng.random_range(-3..4) * DAY),
+                2 => Some(DAY0 + rng.random_range(-60..90) * HOUR),
+                _ => Some(DAY0 + rng.random_range(-3 * DAY..4 * DAY)),
+            };
+            let (mut start, mut end) = (at(), at());
+            if let (Some(s), Some(e)) = (start, end)
+                && e < s
+            {
+                (start, end) = (end, start);
+            }
+            filters.push(TotalsFilter {
+                start_ms: start,
+                end_ms: end,
+                backend_id: rng.random_bool(0.2).then(|| backends[0].clone()),
+                model: rng.random_bool(0.2).then(|| "m2".to_owned()),
+                client_key_id: rng.random_bool(0.2).then(|| "k3".to_owned()),
+            });
+        }
+        let mut compared = 0;
+        for filter in filters {
+            let f = filter.clone();
+            let (a, b) = store
+                .call(move |conn, _| {
+                    Ok((
+                        totals(conn, &f, Sources::HourlyAndDaily)?,
+                        totals(conn, &f, Sources::HourlyOnly)?,
+                    ))
+                })
+                .await
+                .unwrap();
+            assert_same_totals(&a, &b, &format!("{filter:?}"));
+            compared += a.request_count;
+            for group_by in [
+                GroupBy::Nothing,
+                GroupBy::Backend,
+                GroupBy::Model,
+                GroupBy::ClientKey,
+            ] {
+                let f = filter.clone();
+                let (a, b) = store
+                    .call(move |conn, _| {
+                        Ok((
+                            series(
+                                conn,
+                                &f,
+                                Granularity::Day,
+                                group_by,
+                                Sources::HourlyAndDaily,
+                            )?,
+                            series(conn, &f, Granularity::Day, group_by, Sources::HourlyOnly)?,
+                        ))
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(a.len(), b.len(), "{filter:?} {group_by:?}");
+                for (x, y) in a.iter().zip(&b) {
+                    assert_eq!(
+                        (x.start_ms, &x.group_key, &x.group_label),
+                        (y.start_ms, &y.group_key, &y.group_label)
+                    );
+                    assert_same_totals(&x.totals, &y.totals, &format!("{filter:?} {group_by:?}"));
+                }
+            }
+        }
+        assert!(compared > 4000, "the filters matched records");
+    }
+
+    #[tokio::test]
+    async fn filtered_queries_search_an_index() {
+        let (_dir, store) = open();
+        let plans = store
+            .call(|conn, _| {
+                let mut plans = Vec::new();
+                let some = |s: &str| Some(s.to_owned());
+                let filters = [
+                    TotalsFilter {
+                        start_ms: Some(DAY0),
+                        end_ms: Some(DAY0 + DAY),
+                        ..Default::default()
+                    },
+                    TotalsFilter {
+                        start_ms: Some(DAY0),
+                        ..Default::default()
+                    },
+                    TotalsFilter {
+                        backend_id: some("b"),
+                        ..Default::default()
+                    },
+                    TotalsFilter {
+                        model: some("m"),
+                        ..Default::default()
+                    },
+                    TotalsFilter {
+                        client_key_id: some("k"),
+                        ..Default::default()
+                    },
+                    TotalsFilter {
+                        start_ms: Some(DAY0),
+                        backend_id: some("b"),
+                        model: some("m"),
+                        client_key_id: some("k"),
+                        ..Default::default()
+                    },
+                ];
+                for filter in &filters {
+                    for table in [Table::Hourly, Table::Daily] {
+                        let part = Part {
+                            table,
+                            start: filter.start_ms,
+                            end: filter.end_ms,
+                        };
+                        let (clause, values) = where_clause(&part, filter);
+                        for bucket in [None, Some(Granularity::Hour), Some(Granularity::Day)] {
+                            for group_by in [
+                                GroupBy::Nothing,
+                                GroupBy::Backend,
+                                GroupBy::Model,
+                                GroupBy::ClientKey,
+                            ] {
+                                if table == Table::Daily && bucket == Some(Granularity::Hour) {
+                                    continue;
+                                }
+                                let sql = format!(
+                                    "EXPLAIN QUERY PLAN {}",
+                                    part_sql(&part, &clause, bucket, group_by)
+                                );
+                                let mut stmt = conn.prepare(&sql)?;
+                                let detail: Vec<String> = stmt
+                                    .query_map(params_from_iter(values.iter()), |r| r.get(3))?
+                                    .collect::<Result<_, _>>()?;
+                                plans.push((sql, detail.join("; ")));
+                            }
+                        }
+                    }
+                }
+                Ok(plans)
+            })
+            .await
+            .unwrap();
+        assert_eq!(plans.len(), 6 * 4 * 5);
+        for (sql, plan) in plans {
+            assert!(
+                plan.contains("SEARCH usage_") && !plan.contains("SCAN usage_"),
+                "{plan}\n{sql}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_in_one_transaction_count_each_record_once() {
+        let (_dir, store) = open();
+        let batch = |node: &str, inc: &str, seqs: std::ops::RangeInclusive<u64>| UsageBatch {
+            node_id: node.into(),
+            incarnation: inc.into(),
+            rows: seqs
+                .map(|s| row(s, "b", "m", "k", DAY0 + s as i64, 10.0))
+                .collect(),
+        };
+        let acked = store
+            .ingest_usage_batches(vec![
+                batch("a", "1", 1..=10),
+                batch("a", "1", 5..=12),
+                batch("b", "1", 1..=3),
+                batch("a", "2", 1..=4),
+                batch("a", "1", 1..=2),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(acked, vec![10, 12, 3, 4, 12]);
+        assert_eq!(
+            store
+                .ingest_usage_batches(vec![batch("a", "1", 1..=13), batch("b", "1", 1..=3)])
+                .await
+                .unwrap(),
+            vec![13, 3]
+        );
+        let t = store.totals(TotalsFilter::default()).await.unwrap();
+        assert_eq!(t.request_count, 13 + 3 + 4);
+        let want: u64 = (1..=13)
+            .chain(1..=3)
+            .chain(1..=4)
+            .map(|s| 1000 + s % 7)
+            .sum();
+        assert_eq!(t.prompt_tokens, want);
+    }
+
+    #[test]
+    fn migration_2_moves_histograms_into_rows_and_rolls_up_days() {
+        use rusqlite_migration::{M, Migrations};
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("m.db")).unwrap();
+        crate::usage::register_sql_functions(&conn).unwrap();
+        let migrations = Migrations::new(
+            super::super::MIGRATIONS
+                .iter()
+                .map(|sql| M::up(sql))
+                .collect(),
+        );
+        migrations.to_version(&mut conn, 1).unwrap();
+        conn.execute_batch(&format!(
+            "INSERT INTO backends VALUES ('b1', 'one', 'u', 2, 1, 1, 0, 1, NULL, '', 0, 0);
+             INSERT INTO usage_hourly VALUES
+                 ({h0}, 'b1', 'm', 'k', 3, 1, 0, 30, 20, 0.5, 60.0, 0.0, 0),
+                 ({h1}, 'b1', 'm', 'k', 2, 0, 1, 10, 10, 0.25, 40.0, 5.0, 1),
+                 ({h1}, '', 'm', 'k', 1, 1, 0, 0, 0, 0.0, 1.0, 0.0, 0);
+             INSERT INTO usage_hourly_latency VALUES
+                 ({h0}, 'b1', 'm', 'k', 40, 2), ({h0}, 'b1', 'm', 'k', 7, 1),
+                 ({h1}, 'b1', 'm', 'k', 40, 2),
+                 ({h1}, '', 'm', 'k', 3, 1);",
+            h0 = DAY0,
+            h1 = DAY0 + 5 * HOUR,
+        ))
+        .unwrap();
+        migrations.to_latest(&mut conn).unwrap();
+        let histogram = |sql: &str| -> Vec<(u32, u64)> {
+            let blob: Vec<u8> = conn.query_row(sql, [], |r| r.get(0)).unwrap();
+            let mut h = Histogram::default();
+            h.merge_encoded(&blob).unwrap();
+            h.buckets()
+        };
+        assert_eq!(
+            histogram(&format!(
+                "SELECT latency_histogram FROM usage_hourly WHERE hour_start = {DAY0} AND backend_id = 'b1'"
+            )),
+            vec![(7, 1), (40, 2)]
+        );
+        assert_eq!(
+            histogram("SELECT latency_histogram FROM usage_daily WHERE backend_id = 'b1'"),
+            vec![(7, 1), (40, 4)]
+        );
+        let daily: Vec<(i64, String, i64, i64, f64)> = conn
+            .prepare("SELECT day_start, backend_id, pool, request_count, cost FROM usage_daily ORDER BY backend_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            daily,
+            vec![
+                (DAY0, String::new(), 0, 1, 0.0),
+                (DAY0, "b1".into(), 2, 5, 0.75)
+            ]
+        );
+        let tables: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'usage_hourly_latency'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 0);
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_whole_days_of_hourly_rows_only() {
+        let (_dir, store) = open();
+        let rows: Vec<UsageRow> = (0..10)
+            .map(|d| row(d + 1, "b", "m", "k", DAY0 - d as i64 * DAY + 3 * HOUR, 5.0))
+            .collect();
+        store
+            .ingest_usage("n".into(), "i".into(), rows)
+            .await
+            .unwrap();
+        let mut settings = store.get_settings().await.unwrap();
+        assert_eq!(settings.usage_retention_days, 90);
+        settings.usage_retention_days = 3;
+        store.put_settings(settings).await.unwrap();
+        // At DAY0 + 12 h the hours of DAY0 and the 3 days before stay.
+        assert_eq!(
+            store.apply_usage_retention(DAY0 + 12 * HOUR).await.unwrap(),
+            6
+        );
+        let hours = store
+            .usage_series(TotalsFilter::default(), Granularity::Hour, GroupBy::Nothing)
+            .await
+            .unwrap();
+        assert_eq!(
+            hours.first().map(|p| p.start_ms),
+            Some(DAY0 - 3 * DAY + 3 * HOUR)
+        );
+        assert_eq!(hours.len(), 4);
+        let t = store.totals(TotalsFilter::default()).await.unwrap();
+        assert_eq!(t.request_count, 10);
+    }
 }

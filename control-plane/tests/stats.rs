@@ -1,0 +1,1144 @@
+//! Usage statistics end to end over real gRPC: records go in through
+//! `DataPlaneService.ReportUsage` with the data-plane token, numbers come out of
+//! `StatsService` with the admin token, and every number is checked against what
+//! was sent.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use sluice_control::testing::TestControlPlane;
+use sluice_control::usage::{bucket_upper_ms, latency_bucket};
+use sluice_proto::v1 as pb;
+use sluice_proto::v1::admin_service_client::AdminServiceClient;
+use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
+use sluice_proto::v1::stats_service_client::StatsServiceClient;
+use sluice_proto::wkt;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+/// 2025-11-25T00:00:00Z.
+const DAY0: i64 = 1_764_028_800_000;
+
+#[derive(Clone)]
+struct Bearer(String);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let value: MetadataValue<_> = format!("Bearer {}", self.0).parse().unwrap();
+        req.metadata_mut().insert("authorization", value);
+        Ok(req)
+    }
+}
+
+type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+type Stats = StatsServiceClient<InterceptedService<Channel, Bearer>>;
+type DataPlane = DataPlaneServiceClient<InterceptedService<Channel, Bearer>>;
+
+struct Harness {
+    cp: TestControlPlane,
+    admin: Admin,
+    stats: Stats,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = TestControlPlane::start(dir.path()).await.unwrap();
+        let channel = channel(&cp).await;
+        Self {
+            admin: AdminServiceClient::with_interceptor(
+                channel.clone(),
+                Bearer(cp.admin_token.clone()),
+            ),
+            stats: StatsServiceClient::with_interceptor(channel, Bearer(cp.admin_token.clone())),
+            cp,
+            _dir: dir,
+        }
+    }
+
+    async fn data_plane(&self) -> DataPlane {
+        DataPlaneServiceClient::with_interceptor(
+            channel(&self.cp).await,
+            Bearer(self.cp.dataplane_token.clone()),
+        )
+    }
+
+    /// A backend serving each `(model, input price, output price)`.
+    async fn backend(&mut self, name: &str, pool: pb::Pool, models: &[(&str, f64, f64)]) -> String {
+        self.admin
+            .create_backend(pb::CreateBackendRequest {
+                backend: Some(pb::Backend {
+                    name: name.into(),
+                    base_url: "https://api.example.com/v1".into(),
+                    pool: pool as i32,
+                    priority: 10,
+                    weight: 1,
+                    enabled: true,
+                    models: models
+                        .iter()
+                        .map(|&(model, input, output)| pb::ModelRoute {
+                            name: model.into(),
+                            upstream_name: model.into(),
+                            input_price_per_mtok: input,
+                            output_price_per_mtok: output,
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+                api_key: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .backend
+            .unwrap()
+            .id
+    }
+
+    /// Reports `records` in one batch as (`node`, `incarnation`) and returns the ack.
+    async fn report(&self, node: &str, incarnation: &str, records: Vec<pb::UsageRecord>) -> u64 {
+        let mut dp = self.data_plane().await;
+        let mut acks = dp
+            .report_usage(tokio_stream::iter(vec![batch(node, incarnation, records)]))
+            .await
+            .unwrap()
+            .into_inner();
+        acks.message().await.unwrap().unwrap().acked_sequence
+    }
+
+    async fn totals(&mut self, request: pb::GetTotalsRequest) -> pb::GetTotalsResponse {
+        self.stats.get_totals(request).await.unwrap().into_inner()
+    }
+
+    async fn usage(&mut self, request: pb::GetUsageRequest) -> Vec<pb::UsageBucket> {
+        self.stats
+            .get_usage(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .buckets
+    }
+
+    async fn set_retention_days(&mut self, days: u32) {
+        self.admin
+            .update_settings(pb::UpdateSettingsRequest {
+                settings: Some(pb::Settings {
+                    usage_retention_days: days,
+                    ..Default::default()
+                }),
+                update_mask: Some(wkt::FieldMask {
+                    paths: vec!["usage_retention_days".into()],
+                }),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+async fn channel(cp: &TestControlPlane) -> Channel {
+    Channel::from_shared(cp.grpc_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn batch(node: &str, incarnation: &str, records: Vec<pb::UsageRecord>) -> pb::ReportUsageRequest {
+    pb::ReportUsageRequest {
+        node_id: node.into(),
+        incarnation: incarnation.into(),
+        records,
+        events: vec![],
+    }
+}
+
+fn ts(ms: i64) -> Option<wkt::Timestamp> {
+    Some(wkt::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    })
+}
+
+fn ms_of(t: &Option<wkt::Timestamp>) -> i64 {
+    let t = t.unwrap();
+    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+}
+
+fn dur(ms: f64) -> Option<wkt::Duration> {
+    let ns = (ms * 1e6).round() as i64;
+    Some(wkt::Duration {
+        seconds: ns / 1_000_000_000,
+        nanos: (ns % 1_000_000_000) as i32,
+    })
+}
+
+/// One record as a data plane sends it.
+#[derive(Clone, Debug)]
+struct Rec {
+    backend: String,
+    model: &'static str,
+    key: &'static str,
+    prompt: u64,
+    completion: u64,
+    latency_ms: f64,
+    ttft_ms: Option<f64>,
+    error: bool,
+    time_ms: i64,
+}
+
+impl Rec {
+    fn new(backend: &str, time_ms: i64) -> Self {
+        Self {
+            backend: backend.into(),
+            model: "m1",
+            key: "key-a",
+            prompt: 100,
+            completion: 50,
+            latency_ms: 100.0,
+            ttft_ms: None,
+            error: false,
+            time_ms,
+        }
+    }
+
+    fn to_proto(&self, sequence: u64) -> pb::UsageRecord {
+        pb::UsageRecord {
+            sequence,
+            request_id: format!("req-{sequence}"),
+            backend_id: self.backend.clone(),
+            model: self.model.into(),
+            client_key_id: self.key.into(),
+            prompt_tokens: self.prompt,
+            completion_tokens: self.completion,
+            latency: dur(self.latency_ms),
+            time_to_first_token: self.ttft_ms.and_then(dur),
+            status_code: if self.error { 502 } else { 200 },
+            error_kind: if self.error {
+                pb::ErrorKind::UpstreamStatus as i32
+            } else {
+                0
+            },
+            stream: self.ttft_ms.is_some(),
+            time: ts(self.time_ms),
+            attempts: 1,
+            endpoint: 0,
+        }
+    }
+}
+
+/// Records numbered 1.. in order.
+fn numbered(recs: &[Rec]) -> Vec<pb::UsageRecord> {
+    recs.iter()
+        .enumerate()
+        .map(|(i, r)| r.to_proto(i as u64 + 1))
+        .collect()
+}
+
+/// What GetTotals must say about `recs`, prices per (backend, model) per million tokens.
+#[derive(Debug, Default, PartialEq)]
+struct Expected {
+    requests: u64,
+    errors: u64,
+    streams: u64,
+    prompt: u64,
+    completion: u64,
+    cost: f64,
+    latency_sum: f64,
+    ttft_sum: f64,
+    ttft_count: u64,
+}
+
+fn expected<'a>(
+    recs: impl IntoIterator<Item = &'a Rec>,
+    price: &dyn Fn(&str, &str) -> (f64, f64),
+) -> Expected {
+    let mut e = Expected::default();
+    for r in recs {
+        let (input, output) = price(&r.backend, r.model);
+        e.requests += 1;
+        e.errors += u64::from(r.error);
+        e.streams += u64::from(r.ttft_ms.is_some());
+        e.prompt += r.prompt;
+        e.completion += r.completion;
+        e.cost += (r.prompt as f64 * input + r.completion as f64 * output) / 1e6;
+        e.latency_sum += r.latency_ms;
+        if let Some(t) = r.ttft_ms {
+            e.ttft_sum += t;
+            e.ttft_count += 1;
+        }
+    }
+    e
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1e-12)
+}
+
+#[track_caller]
+fn assert_totals(t: &pb::GetTotalsResponse, e: &Expected) {
+    assert_eq!(t.request_count, e.requests, "requests");
+    assert_eq!(t.error_count, e.errors, "errors");
+    assert_eq!(t.stream_count, e.streams, "streams");
+    assert_eq!(t.prompt_tokens, e.prompt, "prompt tokens");
+    assert_eq!(t.completion_tokens, e.completion, "completion tokens");
+    assert_eq!(t.total_tokens, e.prompt + e.completion, "total tokens");
+    assert!(close(t.cost, e.cost), "cost {} != {}", t.cost, e.cost);
+    if e.requests > 0 {
+        let avg = e.latency_sum / e.requests as f64;
+        assert!(
+            close(t.avg_latency_ms, avg),
+            "avg latency {} != {avg}",
+            t.avg_latency_ms
+        );
+        let rate = e.errors as f64 / e.requests as f64;
+        assert!(
+            close(t.error_rate, rate),
+            "error rate {} != {rate}",
+            t.error_rate
+        );
+    }
+    if e.ttft_count > 0 {
+        let avg = e.ttft_sum / e.ttft_count as f64;
+        assert!(
+            close(t.avg_ttft_ms, avg),
+            "avg ttft {} != {avg}",
+            t.avg_ttft_ms
+        );
+    }
+}
+
+/// A bucket's numbers in the shape of GetTotals, to compare and to add up.
+fn as_totals(b: &pb::UsageBucket) -> pb::GetTotalsResponse {
+    pb::GetTotalsResponse {
+        request_count: b.request_count,
+        error_count: b.error_count,
+        prompt_tokens: b.prompt_tokens,
+        completion_tokens: b.completion_tokens,
+        cost: b.cost,
+        total_tokens: b.total_tokens,
+        error_rate: b.error_rate,
+        avg_latency_ms: b.avg_latency_ms,
+        p50_latency_ms: b.p50_latency_ms,
+        p95_latency_ms: b.p95_latency_ms,
+        p99_latency_ms: b.p99_latency_ms,
+        avg_ttft_ms: b.avg_ttft_ms,
+        stream_count: b.stream_count,
+    }
+}
+
+/// Equal counts and percentiles; sums of money and milliseconds equal up to rounding.
+#[track_caller]
+fn assert_same(a: &pb::GetTotalsResponse, b: &pb::GetTotalsResponse) {
+    assert_eq!(
+        (
+            a.request_count,
+            a.error_count,
+            a.stream_count,
+            a.prompt_tokens,
+            a.completion_tokens,
+            a.total_tokens
+        ),
+        (
+            b.request_count,
+            b.error_count,
+            b.stream_count,
+            b.prompt_tokens,
+            b.completion_tokens,
+            b.total_tokens
+        )
+    );
+    assert_eq!(
+        (a.p50_latency_ms, a.p95_latency_ms, a.p99_latency_ms),
+        (b.p50_latency_ms, b.p95_latency_ms, b.p99_latency_ms)
+    );
+    for (x, y) in [
+        (a.cost, b.cost),
+        (a.avg_latency_ms, b.avg_latency_ms),
+        (a.avg_ttft_ms, b.avg_ttft_ms),
+        (a.error_rate, b.error_rate),
+    ] {
+        assert!(close(x, y), "{x} != {y}\n{a:?}\n{b:?}");
+    }
+}
+
+const GROUPINGS: [pb::GroupBy; 4] = [
+    pb::GroupBy::Unspecified,
+    pb::GroupBy::Backend,
+    pb::GroupBy::Model,
+    pb::GroupBy::ClientKey,
+];
+const GRANULARITIES: [pb::Granularity; 2] = [pb::Granularity::Hour, pb::Granularity::Day];
+
+fn group_of(r: &Rec, by: pb::GroupBy) -> String {
+    match by {
+        pb::GroupBy::Backend => r.backend.clone(),
+        pb::GroupBy::Model => r.model.into(),
+        pb::GroupBy::ClientKey => r.key.into(),
+        pb::GroupBy::Unspecified => String::new(),
+    }
+}
+
+/// Three days of varied traffic over three backends, two models, three keys.
+fn varied_traffic(backends: &[String], n: usize, seed: u64) -> Vec<Rec> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let streamed = rng.random_bool(0.4);
+            let latency_ms = f64::from(rng.random_range(1..40_000u32)) / 8.0;
+            Rec {
+                backend: backends[rng.random_range(0..backends.len())].clone(),
+                model: ["m1", "m2"][rng.random_range(0..2)],
+                key: ["key-a", "key-b", "key-c"][rng.random_range(0..3)],
+                prompt: rng.random_range(0..5000),
+                completion: rng.random_range(0..2000),
+                latency_ms,
+                ttft_ms: streamed.then(|| latency_ms / 4.0),
+                error: rng.random_bool(0.1),
+                time_ms: DAY0 - DAY + rng.random_range(0..3 * DAY),
+            }
+        })
+        .collect()
+}
+
+fn prices(backends: &[String]) -> impl Fn(&str, &str) -> (f64, f64) + '_ {
+    move |backend, model| {
+        let i = backends.iter().position(|b| b == backend).unwrap() as f64;
+        match model {
+            "m1" => (0.15 + i, 0.60 + i),
+            _ => (2.50 + i, 10.0 + i),
+        }
+    }
+}
+
+async fn three_backends(h: &mut Harness) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let f = i as f64;
+        let pool = if i == 2 {
+            pb::Pool::Fallback
+        } else {
+            pb::Pool::Primary
+        };
+        ids.push(
+            h.backend(
+                &format!("b{i}"),
+                pool,
+                &[("m1", 0.15 + f, 0.60 + f), ("m2", 2.50 + f, 10.0 + f)],
+            )
+            .await,
+        );
+    }
+    ids
+}
+
+#[tokio::test]
+async fn sums_over_buckets_equal_totals_for_every_grouping_and_granularity() {
+    let mut h = Harness::start().await;
+    let backends = three_backends(&mut h).await;
+    let recs = varied_traffic(&backends, 3000, 1);
+    let records = numbered(&recs);
+    for (i, chunk) in records.chunks(500).enumerate() {
+        let acked = h.report("r1", "i1", chunk.to_vec()).await;
+        assert_eq!(acked, (i as u64 + 1) * 500);
+    }
+    let price = prices(&backends);
+    let all = expected(&recs, &price);
+    let totals = h.totals(Default::default()).await;
+    assert_totals(&totals, &all);
+
+    for granularity in GRANULARITIES {
+        let width = if granularity == pb::Granularity::Hour {
+            HOUR
+        } else {
+            DAY
+        };
+        for by in GROUPINGS {
+            let buckets = h
+                .usage(pb::GetUsageRequest {
+                    granularity: granularity as i32,
+                    group_by: by as i32,
+                    ..Default::default()
+                })
+                .await;
+            // Every bucket matches the records of its (time, group), and nothing else is there.
+            let mut want: BTreeMap<(i64, String), Vec<&Rec>> = BTreeMap::new();
+            for r in &recs {
+                want.entry((r.time_ms.div_euclid(width) * width, group_of(r, by)))
+                    .or_default()
+                    .push(r);
+            }
+            let got: Vec<(i64, String)> = buckets
+                .iter()
+                .map(|b| (ms_of(&b.start_time), b.group_key.clone()))
+                .collect();
+            assert_eq!(
+                got,
+                want.keys().cloned().collect::<Vec<_>>(),
+                "{granularity:?} {by:?}"
+            );
+            for (b, recs) in buckets.iter().zip(want.values()) {
+                assert_totals(&as_totals(b), &expected(recs.iter().copied(), &price));
+            }
+            // Sums over the buckets are the totals.
+            let sum = |f: fn(&pb::UsageBucket) -> u64| buckets.iter().map(f).sum::<u64>();
+            assert_eq!(sum(|b| b.request_count), totals.request_count);
+            assert_eq!(sum(|b| b.error_count), totals.error_count);
+            assert_eq!(sum(|b| b.stream_count), totals.stream_count);
+            assert_eq!(sum(|b| b.prompt_tokens), totals.prompt_tokens);
+            assert_eq!(sum(|b| b.completion_tokens), totals.completion_tokens);
+            assert_eq!(sum(|b| b.total_tokens), totals.total_tokens);
+            let cost: f64 = buckets.iter().map(|b| b.cost).sum();
+            assert!(close(cost, totals.cost), "{cost} != {}", totals.cost);
+        }
+    }
+}
+
+#[tokio::test]
+async fn cost_is_prompt_times_input_plus_completion_times_output_at_ingestion() {
+    let mut h = Harness::start().await;
+    let b = h
+        .backend("priced", pb::Pool::Primary, &[("m1", 2.0, 8.0)])
+        .await;
+    let mut recs = Vec::new();
+    for _ in 0..3 {
+        recs.push(Rec {
+            prompt: 1000,
+            completion: 500,
+            ..Rec::new(&b, DAY0 + 10)
+        });
+    }
+    recs.push(Rec {
+        prompt: 250_000,
+        completion: 0,
+        ..Rec::new(&b, DAY0 + 20)
+    });
+    // A model the backend does not price costs nothing.
+    recs.push(Rec {
+        model: "m2",
+        prompt: 1_000_000,
+        completion: 1_000_000,
+        ..Rec::new(&b, DAY0 + 30)
+    });
+    assert_eq!(h.report("r", "i", numbered(&recs)).await, 5);
+    // 3 × (1000 × 2 + 500 × 8) / 1M + 250,000 × 2 / 1M
+    let first = 3.0 * 0.006 + 0.5;
+    let cost = h.totals(Default::default()).await.cost;
+    assert!(close(cost, first), "{cost}");
+
+    // New prices apply to what is ingested from now on only.
+    h.admin
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: b.clone(),
+                models: vec![pb::ModelRoute {
+                    name: "m1".into(),
+                    upstream_name: "m1".into(),
+                    input_price_per_mtok: 100.0,
+                    output_price_per_mtok: 200.0,
+                }],
+                ..Default::default()
+            }),
+            update_mask: Some(wkt::FieldMask {
+                paths: vec!["models".into()],
+            }),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap();
+    let cost = h.totals(Default::default()).await.cost;
+    assert!(close(cost, first), "a price change rewrote history: {cost}");
+    let later = Rec {
+        prompt: 1000,
+        completion: 1000,
+        ..Rec::new(&b, DAY0 + 40)
+    };
+    assert_eq!(h.report("r", "i", vec![later.to_proto(6)]).await, 6);
+    // + (1000 × 100 + 1000 × 200) / 1M
+    let want = first + 0.3;
+    let t = h.totals(Default::default()).await;
+    assert!(close(t.cost, want), "{}", t.cost);
+    for granularity in GRANULARITIES {
+        let buckets = h
+            .usage(pb::GetUsageRequest {
+                granularity: granularity as i32,
+                group_by: pb::GroupBy::Model as i32,
+                ..Default::default()
+            })
+            .await;
+        let by_model: Vec<(String, f64)> = buckets
+            .iter()
+            .map(|b| (b.group_key.clone(), b.cost))
+            .collect();
+        assert_eq!(by_model.len(), 2);
+        assert_eq!(by_model[0].0, "m1");
+        assert!(close(by_model[0].1, want), "{by_model:?}");
+        assert_eq!(by_model[1], ("m2".to_owned(), 0.0));
+    }
+}
+
+#[tokio::test]
+async fn percentiles_land_in_the_bucket_of_the_known_distribution() {
+    let mut h = Harness::start().await;
+    let b = h.backend("b", pb::Pool::Primary, &[("m1", 1.0, 1.0)]).await;
+    // 50 at 20 ms, 45 at 200 ms, 4 at 2 s, 1 at 20 s, spread over two hours.
+    let mut recs = Vec::new();
+    for (ms, n) in [(20.0, 50), (200.0, 45), (2000.0, 4), (20_000.0, 1)] {
+        for i in 0..n {
+            recs.push(Rec {
+                latency_ms: ms,
+                ..Rec::new(&b, DAY0 + (i % 2) * HOUR + i)
+            });
+        }
+    }
+    assert_eq!(h.report("r", "i", numbered(&recs)).await, 100);
+    let upper = |ms: f64| bucket_upper_ms(latency_bucket(ms));
+    let t = h.totals(Default::default()).await;
+    assert_eq!(t.p50_latency_ms, upper(20.0));
+    assert_eq!(t.p95_latency_ms, upper(200.0));
+    assert_eq!(t.p99_latency_ms, upper(2000.0));
+    // The bucket's upper bound is within one bucket (~19 %) above the true value.
+    for (p, ms) in [
+        (t.p50_latency_ms, 20.0),
+        (t.p95_latency_ms, 200.0),
+        (t.p99_latency_ms, 2000.0),
+    ] {
+        assert!(p >= ms && p < ms * 1.19, "{p} for {ms}");
+    }
+    let days = h
+        .usage(pb::GetUsageRequest {
+            granularity: pb::Granularity::Day as i32,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(days.len(), 1);
+    assert_same(&as_totals(&days[0]), &t);
+    // Hour 0: 25 × 20 ms, 23 × 200 ms, 2 × 2 s, 1 × 20 s (51); hour 1: 25, 22, 2, 0 (49).
+    let hours = h
+        .usage(pb::GetUsageRequest {
+            granularity: pb::Granularity::Hour as i32,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(hours.len(), 2);
+    let pcts = |b: &pb::UsageBucket| {
+        (
+            b.request_count,
+            b.p50_latency_ms,
+            b.p95_latency_ms,
+            b.p99_latency_ms,
+        )
+    };
+    // Ranks 26, 49, 51 of 51; ranks 25, 47, 49 of 49.
+    assert_eq!(
+        pcts(&hours[0]),
+        (51, upper(200.0), upper(2000.0), upper(20_000.0))
+    );
+    assert_eq!(
+        pcts(&hours[1]),
+        (49, upper(20.0), upper(200.0), upper(2000.0))
+    );
+}
+
+#[tokio::test]
+async fn buckets_split_at_utc_hour_and_day_boundaries() {
+    let mut h = Harness::start().await;
+    let b = h.backend("b", pb::Pool::Primary, &[("m1", 1.0, 1.0)]).await;
+    let times = [
+        DAY0 - 1,        // 23:59:59.999 the day before
+        DAY0,            // 00:00:00.000
+        DAY0 + HOUR - 1, // 00:59:59.999
+        DAY0 + HOUR,     // 01:00:00.000
+        DAY0 + DAY - 1,  // 23:59:59.999
+        DAY0 + DAY,      // next day 00:00
+    ];
+    let recs: Vec<Rec> = times.iter().map(|&t| Rec::new(&b, t)).collect();
+    assert_eq!(h.report("r", "i", numbered(&recs)).await, 6);
+    let starts = |buckets: Vec<pb::UsageBucket>| -> Vec<(i64, u64)> {
+        buckets
+            .iter()
+            .map(|b| (ms_of(&b.start_time), b.request_count))
+            .collect()
+    };
+    let hours = starts(
+        h.usage(pb::GetUsageRequest {
+            granularity: pb::Granularity::Hour as i32,
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(
+        hours,
+        vec![
+            (DAY0 - HOUR, 1),
+            (DAY0, 2),
+            (DAY0 + HOUR, 1),
+            (DAY0 + DAY - HOUR, 1),
+            (DAY0 + DAY, 1)
+        ]
+    );
+    let days = starts(
+        h.usage(pb::GetUsageRequest {
+            granularity: pb::Granularity::Day as i32,
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(days, vec![(DAY0 - DAY, 1), (DAY0, 4), (DAY0 + DAY, 1)]);
+    // A day-aligned range takes whole days; one ending a millisecond into an hour takes that hour.
+    let in_range = |h: &mut Harness, start: i64, end: i64| {
+        let request = pb::GetTotalsRequest {
+            start_time: ts(start),
+            end_time: ts(end),
+            ..Default::default()
+        };
+        let stats = h.stats.clone();
+        async move {
+            let mut stats = stats;
+            stats
+                .get_totals(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .request_count
+        }
+    };
+    assert_eq!(in_range(&mut h, DAY0, DAY0 + DAY).await, 4);
+    assert_eq!(in_range(&mut h, DAY0 - DAY, DAY0).await, 1);
+    assert_eq!(in_range(&mut h, DAY0, DAY0 + HOUR).await, 2);
+    assert_eq!(in_range(&mut h, DAY0, DAY0 + HOUR + 1).await, 3);
+    assert_eq!(in_range(&mut h, DAY0 + HOUR - 1, DAY0 + DAY + 1).await, 5);
+}
+
+#[tokio::test]
+async fn each_filter_excludes_what_it_should() {
+    let mut h = Harness::start().await;
+    let backends = three_backends(&mut h).await;
+    let recs = varied_traffic(&backends, 1500, 2);
+    assert_eq!(h.report("r", "i", numbered(&recs)).await, 1500);
+    let price = prices(&backends);
+    let start = DAY0 - DAY + 5 * HOUR + 30 * 60_000; // mid-hour: the whole hour counts
+    let end = DAY0 + DAY + 7 * HOUR; // on the hour: that hour does not count
+    let in_range = move |r: &Rec| r.time_ms >= start - 30 * 60_000 && r.time_ms < end;
+    type Case = (pb::GetTotalsRequest, Box<dyn Fn(&Rec) -> bool>);
+    let b1 = backends[1].clone();
+    let b1_ = b1.clone();
+    let cases: Vec<Case> = vec![
+        (
+            pb::GetTotalsRequest {
+                backend_id: b1.clone(),
+                ..Default::default()
+            },
+            Box::new(move |r| r.backend == b1_),
+        ),
+        (
+            pb::GetTotalsRequest {
+                model: "m2".into(),
+                ..Default::default()
+            },
+            Box::new(|r| r.model == "m2"),
+        ),
+        (
+            pb::GetTotalsRequest {
+                client_key_id: "key-c".into(),
+                ..Default::default()
+            },
+            Box::new(|r| r.key == "key-c"),
+        ),
+        (
+            pb::GetTotalsRequest {
+                start_time: ts(start),
+                end_time: ts(end),
+                ..Default::default()
+            },
+            Box::new(in_range),
+        ),
+        (
+            pb::GetTotalsRequest {
+                start_time: ts(start),
+                end_time: ts(end),
+                backend_id: b1.clone(),
+                model: "m1".into(),
+                client_key_id: "key-a".into(),
+            },
+            Box::new(move |r| {
+                r.backend == b1 && r.model == "m1" && r.key == "key-a" && in_range(r)
+            }),
+        ),
+        (
+            pb::GetTotalsRequest {
+                backend_id: "no-such-backend".into(),
+                ..Default::default()
+            },
+            Box::new(|_| false),
+        ),
+    ];
+    for (request, keep) in cases {
+        let want = expected(recs.iter().filter(|r| keep(r)), &price);
+        assert!(
+            want.requests < recs.len() as u64,
+            "the filter excludes something"
+        );
+        let t = h.totals(request.clone()).await;
+        assert_totals(&t, &want);
+        // GetUsage applies the same filter.
+        for granularity in GRANULARITIES {
+            let buckets = h
+                .usage(pb::GetUsageRequest {
+                    granularity: granularity as i32,
+                    start_time: request.start_time,
+                    end_time: request.end_time,
+                    backend_id: request.backend_id.clone(),
+                    model: request.model.clone(),
+                    client_key_id: request.client_key_id.clone(),
+                    group_by: pb::GroupBy::ClientKey as i32,
+                })
+                .await;
+            let n: u64 = buckets.iter().map(|b| b.request_count).sum();
+            assert_eq!(n, want.requests, "{granularity:?} {request:?}");
+        }
+    }
+    // An end before the start is refused.
+    let err = h
+        .stats
+        .get_totals(pb::GetTotalsRequest {
+            start_time: ts(end),
+            end_time: ts(start),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn whole_days_from_the_daily_rollup_equal_the_same_hours_from_hourly_rows() {
+    let mut h = Harness::start().await;
+    let backends = three_backends(&mut h).await;
+    // Traffic only between 02:00 and 22:00 of each day, so [day, day + 24 h) (whole days,
+    // daily rows) and [day + 1 h, day + 23 h) (hourly rows) hold the same records.
+    let recs: Vec<Rec> = varied_traffic(&backends, 4000, 3)
+        .into_iter()
+        .filter(|r| (2 * HOUR..22 * HOUR).contains(&r.time_ms.rem_euclid(DAY)))
+        .collect();
+    assert_eq!(h.report("r", "i", numbered(&recs)).await, recs.len() as u64);
+    for (whole, hours) in [
+        ((DAY0, DAY0 + DAY), (DAY0 + HOUR, DAY0 + 23 * HOUR)),
+        (
+            (DAY0 - DAY, DAY0 + 2 * DAY),
+            (DAY0 - DAY + HOUR, DAY0 + DAY + 23 * HOUR),
+        ),
+    ] {
+        for (backend, model, key) in [
+            ("", "", ""),
+            (backends[0].as_str(), "", ""),
+            ("", "m2", ""),
+            ("", "", "key-b"),
+        ] {
+            let totals = |(start, end): (i64, i64)| pb::GetTotalsRequest {
+                start_time: ts(start),
+                end_time: ts(end),
+                backend_id: backend.into(),
+                model: model.into(),
+                client_key_id: key.into(),
+            };
+            let a = h.totals(totals(whole)).await;
+            let b = h.totals(totals(hours)).await;
+            assert!(a.request_count > 0);
+            assert_same(&a, &b);
+            for by in GROUPINGS {
+                let usage = |(start, end): (i64, i64)| pb::GetUsageRequest {
+                    granularity: pb::Granularity::Day as i32,
+                    start_time: ts(start),
+                    end_time: ts(end),
+                    backend_id: backend.into(),
+                    model: model.into(),
+                    client_key_id: key.into(),
+                    group_by: by as i32,
+                };
+                let a = h.usage(usage(whole)).await;
+                let b = h.usage(usage(hours)).await;
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(&b) {
+                    assert_eq!(
+                        (&x.start_time, &x.group_key, &x.group_label),
+                        (&y.start_time, &y.group_key, &y.group_label)
+                    );
+                    assert_same(&as_totals(x), &as_totals(y));
+                }
+            }
+        }
+    }
+}
+
+/// One replica's reporter: sends `records` in batches of `batch` over streams that are cut
+/// after `per_stream` batches, without reading every ack, and on each reconnect resends
+/// everything after the last ack it read (as the data plane does).
+async fn replica(
+    dp: DataPlane,
+    node: String,
+    incarnation: String,
+    records: Vec<pb::UsageRecord>,
+    batch_len: usize,
+    per_stream: usize,
+) -> u64 {
+    let mut acked = 0u64;
+    let last = records.last().map_or(0, |r| r.sequence);
+    let mut streams = 0;
+    while acked < last {
+        streams += 1;
+        let pending: Vec<pb::UsageRecord> = records
+            .iter()
+            .filter(|r| r.sequence > acked)
+            .cloned()
+            .collect();
+        let batches: Vec<pb::ReportUsageRequest> = pending
+            .chunks(batch_len)
+            .take(per_stream)
+            .map(|c| batch(&node, &incarnation, c.to_vec()))
+            .collect();
+        let sent = batches.len();
+        let (tx, rx) = tokio::sync::mpsc::channel(sent.max(1));
+        for b in batches {
+            tx.send(b).await.unwrap();
+        }
+        let mut dp = dp.clone();
+        let mut acks = dp
+            .report_usage(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        // Read only the first ack, then cut the stream: the later batches may or may not
+        // have been applied, and are resent.
+        let ack = tokio::time::timeout(Duration::from_secs(10), acks.message())
+            .await
+            .expect("an ack within 10 s")
+            .unwrap()
+            .unwrap();
+        assert!(ack.acked_sequence >= acked, "acks never go backwards");
+        acked = ack.acked_sequence;
+        if sent == 1 {
+            // Let the last stream close cleanly.
+            drop(tx);
+        }
+    }
+    assert!(streams > 1, "the replica reconnected");
+    acked
+}
+
+#[tokio::test]
+async fn two_replicas_reporting_concurrently_with_reconnects_count_every_record_once() {
+    let mut h = Harness::start().await;
+    let backends = three_backends(&mut h).await;
+    let recs = varied_traffic(&backends, 6000, 4);
+    let (first, second) = recs.split_at(2000);
+    let (second, third) = second.split_at(2000);
+    // Replica 1 runs throughout; replica 2 restarts (a new incarnation numbering from 1 again).
+    let r1 = tokio::spawn(replica(
+        h.data_plane().await,
+        "replica-1".into(),
+        "inc-1".into(),
+        numbered(first),
+        70,
+        4,
+    ));
+    let r2 = {
+        let dp = h.data_plane().await;
+        let (second, third) = (numbered(second), numbered(third));
+        tokio::spawn(async move {
+            let a = replica(
+                dp.clone(),
+                "replica-2".into(),
+                "inc-a".into(),
+                second,
+                50,
+                3,
+            )
+            .await;
+            let b = replica(dp, "replica-2".into(), "inc-b".into(), third, 120, 2).await;
+            (a, b)
+        })
+    };
+    assert_eq!(r1.await.unwrap(), 2000);
+    assert_eq!(r2.await.unwrap(), (2000, 2000));
+    let price = prices(&backends);
+    assert_totals(
+        &h.totals(Default::default()).await,
+        &expected(&recs, &price),
+    );
+    // Resending everything once more changes nothing.
+    assert_eq!(h.report("replica-1", "inc-1", numbered(first)).await, 2000);
+    assert_eq!(h.report("replica-2", "inc-b", numbered(third)).await, 2000);
+    assert_totals(
+        &h.totals(Default::default()).await,
+        &expected(&recs, &price),
+    );
+}
+
+#[tokio::test]
+async fn retention_deletes_old_hourly_rows_and_keeps_day_totals() {
+    let mut h = Harness::start().await;
+    // Nothing is deleted until this test runs the pass itself (the pass at start may
+    // still be on its way).
+    h.set_retention_days(0).await;
+    let b = h.backend("b", pb::Pool::Primary, &[("m1", 1.0, 2.0)]).await;
+    let now = chrono_now_ms();
+    let today = now.div_euclid(DAY) * DAY;
+    let old_day = today - 100 * DAY;
+    let recent_day = today - 3 * DAY;
+    let recs: Vec<Rec> = [
+        old_day + 5 * HOUR,
+        old_day + 9 * HOUR,
+        recent_day + 5 * HOUR,
+    ]
+    .iter()
+    .flat_map(|&t| (0..3).map(move |i| (t, i)))
+    .map(|(t, i)| Rec {
+        latency_ms: 10.0 * f64::from(i + 1),
+        ..Rec::new(&b, t)
+    })
+    .collect();
+    assert_eq!(h.report("r", "i", numbered(&recs)).await, 9);
+    let days_request = pb::GetUsageRequest {
+        granularity: pb::Granularity::Day as i32,
+        ..Default::default()
+    };
+    let hours_request = pb::GetUsageRequest {
+        granularity: pb::Granularity::Hour as i32,
+        ..Default::default()
+    };
+    let days_before = h.usage(days_request.clone()).await;
+    let totals_before = h.totals(Default::default()).await;
+    assert_eq!(h.usage(hours_request.clone()).await.len(), 3);
+
+    let store = h.cp.store().unwrap().clone();
+    assert_eq!(store.apply_usage_retention(now).await.unwrap(), 0);
+    h.set_retention_days(90).await;
+    assert_eq!(store.apply_usage_retention(now).await.unwrap(), 2);
+    let hours: Vec<i64> = h
+        .usage(hours_request.clone())
+        .await
+        .iter()
+        .map(|b| ms_of(&b.start_time))
+        .collect();
+    assert_eq!(hours, vec![recent_day + 5 * HOUR]);
+    let days_after = h.usage(days_request.clone()).await;
+    assert_eq!(days_after.len(), 2);
+    for (x, y) in days_before.iter().zip(&days_after) {
+        assert_eq!(x.start_time, y.start_time);
+        assert_same(&as_totals(x), &as_totals(y));
+    }
+    assert_same(&h.totals(Default::default()).await, &totals_before);
+    // A whole old day still answers; its hours are gone.
+    let old = h
+        .totals(pb::GetTotalsRequest {
+            start_time: ts(old_day),
+            end_time: ts(old_day + DAY),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(old.request_count, 6);
+    let old_hours = h
+        .totals(pb::GetTotalsRequest {
+            start_time: ts(old_day),
+            end_time: ts(old_day + 12 * HOUR),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(old_hours.request_count, 0);
+    assert_eq!(store.apply_usage_retention(now).await.unwrap(), 0);
+
+    // 0 keeps everything; 2 days drops the recent day's hours too.
+    h.set_retention_days(0).await;
+    let recent = Rec::new(&b, recent_day + 6 * HOUR);
+    assert_eq!(h.report("r", "i", vec![recent.to_proto(10)]).await, 10);
+    assert_eq!(store.apply_usage_retention(now).await.unwrap(), 0);
+    h.set_retention_days(2).await;
+    assert_eq!(store.apply_usage_retention(now).await.unwrap(), 2);
+    assert!(h.usage(hours_request).await.is_empty());
+    assert_eq!(h.totals(Default::default()).await.request_count, 10);
+}
+
+#[tokio::test]
+async fn the_control_plane_applies_retention_when_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin =
+        AdminServiceClient::with_interceptor(channel(&cp).await, Bearer(cp.admin_token.clone()));
+    admin
+        .update_settings(pb::UpdateSettingsRequest {
+            settings: Some(pb::Settings {
+                usage_retention_days: 30,
+                ..Default::default()
+            }),
+            update_mask: Some(wkt::FieldMask {
+                paths: vec!["usage_retention_days".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    let old = Rec::new("b", chrono_now_ms() - 40 * DAY);
+    let mut dp = DataPlaneServiceClient::with_interceptor(
+        channel(&cp).await,
+        Bearer(cp.dataplane_token.clone()),
+    );
+    let mut acks = dp
+        .report_usage(tokio_stream::iter(vec![batch(
+            "r",
+            "i",
+            vec![old.to_proto(1)],
+        )]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 1);
+    drop(acks);
+    cp.shutdown().await;
+
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut stats =
+        StatsServiceClient::with_interceptor(channel(&cp).await, Bearer(cp.admin_token.clone()));
+    let hourly = || {
+        let mut stats = stats.clone();
+        async move {
+            stats
+                .get_usage(pb::GetUsageRequest {
+                    granularity: pb::Granularity::Hour as i32,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .buckets
+                .len()
+        }
+    };
+    // The pass at start runs beside the server; wait for it.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while hourly().await > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the hourly row is deleted at start");
+    let totals = stats
+        .get_totals(pb::GetTotalsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(totals.request_count, 1);
+}
+
+fn chrono_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
