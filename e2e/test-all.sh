@@ -2,7 +2,7 @@
 # Runs every check Sluice has: formatting, clippy, and all tests of the workspace
 # (unit, integration, end to end with the real binaries, SDK and proto-contract tests).
 # Installs what the tests need when it is missing: nginx (Debian), the Python
-# OpenAI SDK and grpcio-tools (PyPI), the Node OpenAI SDK and buf (npm, into e2e/.tools).
+# OpenAI SDK and grpcio-tools (PyPI), the Node OpenAI SDK and buf (npm, into e2e/tools/node_modules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,11 +21,9 @@ if ! python3 -c 'import grpc_tools, openai, kubernetes_validate' >/dev/null 2>&1
   log "installing grpcio-tools, openai and kubernetes-validate (pip)"
   python3 -m pip install --quiet grpcio-tools openai kubernetes-validate
 fi
-if [ ! -x e2e/.tools/node_modules/.bin/buf ] || [ ! -d e2e/.tools/node_modules/openai ]; then
-  log "installing buf and openai (npm, into e2e/.tools)"
-  mkdir -p e2e/.tools
-  [ -f e2e/.tools/package.json ] || (cd e2e/.tools && npm init -y >/dev/null)
-  (cd e2e/.tools && npm install --silent --no-audit --no-fund @bufbuild/buf openai)
+if [ ! -x e2e/tools/node_modules/.bin/buf ] || [ ! -d e2e/tools/node_modules/openai ]; then
+  log "installing buf and openai (npm ci, into e2e/tools/node_modules)"
+  (cd e2e/tools && npm ci --silent --no-audit --no-fund)
 fi
 
 log "cargo fmt --check"

@@ -31,7 +31,7 @@ fn run(cmd: &mut Command) -> String {
 
 #[test]
 fn buf_lint_standard_passes() {
-    let buf = repo_root().join("e2e/.tools/node_modules/.bin/buf");
+    let buf = repo_root().join("e2e/tools/node_modules/.bin/buf");
     assert!(
         buf.exists(),
         "{} missing: run e2e/test-all.sh",

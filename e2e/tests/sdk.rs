@@ -210,7 +210,7 @@ async fn the_python_sdk_works_unchanged() {
 
 #[tokio::test]
 async fn the_node_sdk_works_unchanged() {
-    let module = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/node_modules/openai");
+    let module = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/node_modules/openai");
     assert!(
         module.exists(),
         "{} missing: run e2e/test-all.sh",
