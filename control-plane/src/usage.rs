@@ -79,10 +79,11 @@ impl Histogram {
 
     /// Adds every count of a stored histogram.
     pub fn merge_encoded(&mut self, bytes: &[u8]) -> Result<(), HistogramError> {
-        for (bucket, count) in entries(bytes)? {
-            self.add(u32::from(bucket), count);
-        }
-        Ok(())
+        for_each_entry(bytes, |bucket, count| {
+            if let Some(c) = self.counts.get_mut(usize::from(bucket)) {
+                *c = c.saturating_add(count);
+            }
+        })
     }
 
     /// The stored form: non-empty buckets only, ascending.
@@ -118,62 +119,40 @@ pub fn encode_buckets(buckets: impl IntoIterator<Item = (u32, u64)>) -> Vec<u8> 
     out
 }
 
-/// The (bucket, count) entries of a stored histogram, checked.
-fn entries(bytes: &[u8]) -> Result<Vec<(u8, u64)>, HistogramError> {
+/// Calls `f` with each (bucket, count) of a stored histogram, checking the format.
+fn for_each_entry(bytes: &[u8], mut f: impl FnMut(u8, u64)) -> Result<(), HistogramError> {
     if !bytes.len().is_multiple_of(ENTRY_LEN) {
         return Err(HistogramError("length is not a multiple of 9"));
     }
-    let mut out = Vec::with_capacity(bytes.len() / ENTRY_LEN);
+    let mut last = None;
     for entry in bytes.chunks_exact(ENTRY_LEN) {
         let (&bucket, count) = entry.split_first().ok_or(HistogramError("empty entry"))?;
         if u32::from(bucket) >= HISTOGRAM_BUCKETS {
             return Err(HistogramError("bucket out of range"));
         }
-        if out.last().is_some_and(|&(last, _)| last >= bucket) {
+        if last.is_some_and(|last| last >= bucket) {
             return Err(HistogramError("buckets out of order"));
         }
+        last = Some(bucket);
         let count: [u8; 8] = count
             .try_into()
             .map_err(|_| HistogramError("short entry"))?;
-        out.push((bucket, u64::from_be_bytes(count)));
+        f(bucket, u64::from_be_bytes(count));
     }
-    Ok(out)
+    Ok(())
 }
 
-/// The sum of two stored histograms, merged without unpacking them.
+/// The sum of two stored histograms, in the stored form.
 pub fn merge_encoded(a: &[u8], b: &[u8]) -> Result<Vec<u8>, HistogramError> {
-    let (a, b) = (entries(a)?, entries(b)?);
-    let mut out = Vec::with_capacity((a.len() + b.len()) * ENTRY_LEN);
-    let (mut i, mut j) = (0, 0);
-    loop {
-        let next = match (a.get(i), b.get(j)) {
-            (Some(&(x, n)), Some(&(y, m))) if x == y => {
-                i += 1;
-                j += 1;
-                (x, n.saturating_add(m))
-            }
-            (Some(&x), Some(&y)) if x.0 < y.0 => {
-                i += 1;
-                x
-            }
-            (_, Some(&y)) => {
-                j += 1;
-                y
-            }
-            (Some(&x), None) => {
-                i += 1;
-                x
-            }
-            (None, None) => return Ok(out),
-        };
-        out.push(next.0);
-        out.extend_from_slice(&next.1.to_be_bytes());
-    }
+    let mut h = Histogram::default();
+    h.merge_encoded(a)?;
+    h.merge_encoded(b)?;
+    Ok(h.encode())
 }
 
 /// Registers the SQL functions that build and merge stored histograms:
-/// - aggregate `usage_histogram(x)`: an INTEGER `x` counts one request in bucket `x`,
-///   a BLOB `x` adds a stored histogram, NULL is skipped; yields a stored histogram;
+/// - aggregate `usage_histogram(h)`: the sum of the stored histograms `h` (NULL is
+///   skipped);
 /// - scalar `usage_histogram_add(a, b)`: the sum of two stored histograms.
 pub fn register_sql_functions(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     use rusqlite::functions::FunctionFlags;
@@ -197,14 +176,13 @@ pub fn register_sql_functions(conn: &rusqlite::Connection) -> rusqlite::Result<(
 fn add_sql_value(h: &mut Histogram, value: rusqlite::types::ValueRef<'_>) -> rusqlite::Result<()> {
     use rusqlite::types::ValueRef;
     match value {
-        ValueRef::Integer(b) => h.add(u32::try_from(b.max(0)).unwrap_or(u32::MAX), 1),
         ValueRef::Blob(bytes) => h
             .merge_encoded(bytes)
             .map_err(|e| rusqlite::Error::UserFunctionError(Box::new(e)))?,
         ValueRef::Null => {}
-        ValueRef::Real(_) | ValueRef::Text(_) => {
+        ValueRef::Integer(_) | ValueRef::Real(_) | ValueRef::Text(_) => {
             return Err(rusqlite::Error::UserFunctionError(Box::new(
-                HistogramError("not a bucket number or a histogram"),
+                HistogramError("not a histogram"),
             )));
         }
     }
@@ -293,6 +271,81 @@ mod tests {
         }
         assert_eq!(latency_bucket(f64::NAN), 0);
         assert_eq!(latency_bucket(1e12), HISTOGRAM_BUCKETS - 1);
+    }
+
+    #[test]
+    fn stored_histograms_round_trip_merge_and_refuse_corruption() {
+        let mut a = Histogram::default();
+        a.add(3, 2);
+        a.add(100, 1);
+        a.add(500, 1); // clamped to the last bucket
+        let encoded = a.encode();
+        assert_eq!(encoded.len(), 2 * ENTRY_LEN);
+        let mut back = Histogram::default();
+        back.merge_encoded(&encoded).unwrap();
+        assert_eq!(back.buckets(), vec![(3, 2), (100, 2)]);
+
+        let mut b = Histogram::default();
+        b.add(3, u64::MAX);
+        b.add(7, 5);
+        let sum = merge_encoded(&encoded, &b.encode()).unwrap();
+        let mut merged = Histogram::default();
+        merged.merge_encoded(&sum).unwrap();
+        assert_eq!(merged.buckets(), vec![(3, u64::MAX), (7, 5), (100, 2)]);
+        assert_eq!(merge_encoded(&[], &[]).unwrap(), Vec::<u8>::new());
+
+        // The format SQL builds in migration 0002: bucket byte, big-endian count.
+        assert_eq!(
+            encode_buckets([(5, 0x1234)]),
+            vec![5, 0, 0, 0, 0, 0, 0, 0x12, 0x34]
+        );
+        for bad in [
+            vec![1u8; 8],                     // short
+            encode_buckets([(7, 1), (3, 1)]), // out of order
+            encode_buckets([(3, 1), (3, 1)]), // repeated
+            [&[101u8][..], &[0; 8]].concat(), // no such bucket
+        ] {
+            assert!(Histogram::default().merge_encoded(&bad).is_err(), "{bad:?}");
+            assert!(merge_encoded(&encoded, &bad).is_err());
+        }
+    }
+
+    #[test]
+    fn sql_functions_build_and_merge_histograms() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        register_sql_functions(&conn).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE t (g INTEGER, h BLOB);
+             INSERT INTO t VALUES (1, unhex('03' || '0000000000000002')), (1, NULL), (1, x''),
+                                  (1, unhex('03' || '0000000000000001' || '09' || '0000000000000004')),
+                                  (2, unhex('00' || '0000000000000001'));",
+        )
+        .unwrap();
+        let sum: Vec<u8> = conn
+            .query_row("SELECT usage_histogram(h) FROM t WHERE g = 1", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(sum, encode_buckets([(3, 3), (9, 4)]));
+        let added: Vec<u8> = conn
+            .query_row(
+                "SELECT usage_histogram_add((SELECT h FROM t WHERE g = 2), ?1)",
+                [&sum],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(added, encode_buckets([(0, 1), (3, 3), (9, 4)]));
+        // Corrupt input is an SQL error, not a panic.
+        assert!(
+            conn.query_row("SELECT usage_histogram(x'0102')", [], |r| r
+                .get::<_, Vec<u8>>(0))
+                .is_err()
+        );
+        assert!(
+            conn.query_row("SELECT usage_histogram_add('text', x'')", [], |r| r
+                .get::<_, Vec<u8>>(0))
+                .is_err()
+        );
     }
 
     #[test]

@@ -79,6 +79,9 @@ struct Cli {
     /// Directory holding sluice-control (default: this binary's directory).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Keep the data directories here (default: a temporary directory, removed at the end).
+    #[arg(long)]
+    keep_dir: Option<PathBuf>,
     /// Format of the progress log on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -170,10 +173,11 @@ impl Control {
     ) -> anyhow::Result<
         StatsServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>,
     > {
-        Ok(StatsServiceClient::with_interceptor(
-            self.channel.clone(),
-            Bearer::new(ADMIN_TOKEN)?,
-        ))
+        // A year of days by backend is more than the default 4 MiB.
+        Ok(
+            StatsServiceClient::with_interceptor(self.channel.clone(), Bearer::new(ADMIN_TOKEN)?)
+                .max_decoding_message_size(256 << 20),
+        )
     }
 
     /// SIGTERM, then waits for a clean exit.
@@ -417,7 +421,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or_else(|| "unknown".into());
     let master_key = MasterKey::generate().to_base64();
     let temp = tempfile::tempdir()?;
-    let data_dir = temp.path().join("grpc");
+    let root = match &cli.keep_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            ensure!(
+                std::fs::read_dir(dir)?.next().is_none(),
+                "--keep-dir {} is not empty",
+                dir.display()
+            );
+            dir.clone()
+        }
+        None => temp.path().to_path_buf(),
+    };
+    let data_dir = root.join("grpc");
     let now_ms = chrono::Utc::now().timestamp_millis();
 
     tracing::info!("starting sluice-control and creating {BACKENDS} backends");
@@ -479,7 +495,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         records = per_record_sample.len(),
         "writing one transaction per record"
     );
-    let per_record_dir = temp.path().join("per-record");
+    let per_record_dir = root.join("per-record");
     std::fs::create_dir_all(&per_record_dir)?;
     let per_record_seconds = per_record(&per_record_dir, &backend_ids, &per_record_sample).await?;
 
