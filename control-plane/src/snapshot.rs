@@ -9,7 +9,7 @@ use std::time::Duration;
 use sluice_proto::v1 as pb;
 use tokio::sync::{Notify, watch};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Reader, Store, StoreError};
 use crate::time::{now_ms, timestamp};
 
 /// Builds and publishes snapshots. Cheap to share behind an `Arc`.
@@ -86,7 +86,7 @@ impl Publisher {
 
 async fn build(store: &Store, replica_count: u32) -> Result<pb::Snapshot, StoreError> {
     store
-        .call(move |conn, key| {
+        .read(Reader::Snapshot, move |conn, key| {
             // One read transaction, so the version matches the contents.
             let tx = conn.transaction()?;
             let version = crate::store::read_version_in(&tx)?;

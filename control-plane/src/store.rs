@@ -78,8 +78,20 @@ pub struct Store {
 }
 
 struct Inner {
+    /// The one writer. Every change goes through it, one transaction at a time.
     conn: Mutex<Connection>,
+    /// Read-only connections, so reads never queue behind a write's fsync (WAL lets
+    /// readers and the writer run at once).
+    readers: [Mutex<Connection>; 2],
     key: MasterKey,
+}
+
+/// Which read-only connection a read uses. Snapshot builds get their own, so a
+/// cooldown reaches the data planes without waiting for a long stats query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reader {
+    Snapshot = 0,
+    Queries = 1,
 }
 
 /// What [`Store::open`] found about the database.
@@ -99,10 +111,12 @@ impl Store {
         crate::usage::register_sql_functions(&conn)?;
         Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect()).to_latest(&mut conn)?;
         let opened = verify_or_write_check(&mut conn, &key)?;
+        let readers = [open_reader(path)?, open_reader(path)?];
         Ok((
             Self {
                 inner: Arc::new(Inner {
                     conn: Mutex::new(conn),
+                    readers: readers.map(Mutex::new),
                     key,
                 }),
             },
@@ -121,6 +135,24 @@ impl Store {
             // A panic while holding the lock leaves no half-written state behind:
             // an open transaction rolls back when dropped.
             let mut conn = inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut conn, &inner.key)
+        })
+        .await
+        .map_err(|_| StoreError::Join)?
+    }
+
+    /// Runs `f` on one of the read-only connections in a blocking task. It sees the
+    /// last committed state and cannot write.
+    pub(crate) async fn read<T, F>(&self, reader: Reader, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &MasterKey) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.readers[reader as usize]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             f(&mut conn, &inner.key)
         })
         .await
@@ -189,6 +221,19 @@ fn configure(conn: &Connection) -> Result<(), rusqlite::Error> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(())
+}
+
+/// A read-only connection to the database the writer has already opened (and so
+/// migrated and switched to WAL).
+fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
+    use rusqlite::OpenFlags;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    crate::usage::register_sql_functions(&conn)?;
+    Ok(conn)
 }
 
 fn verify_or_write_check(conn: &mut Connection, key: &MasterKey) -> Result<Opened, StoreError> {

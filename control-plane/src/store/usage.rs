@@ -13,7 +13,7 @@ use std::time::Duration;
 use rusqlite::{Connection, params, params_from_iter};
 use tokio_util::sync::CancellationToken;
 
-use super::{Store, StoreError};
+use super::{Reader, Store, StoreError};
 use crate::time::now_ms;
 use crate::usage::{Histogram, UsageRow, encode_buckets, latency_bucket};
 
@@ -127,8 +127,12 @@ impl Store {
 
     /// Sums and percentiles over everything `filter` matches.
     pub async fn totals(&self, filter: TotalsFilter) -> Result<Totals, StoreError> {
-        self.call(move |conn, _| totals(conn, &filter, Sources::HourlyAndDaily))
-            .await
+        self.read(Reader::Queries, move |conn, _| {
+            // One read transaction: hourly and daily rows from the same commit.
+            let tx = conn.transaction()?;
+            totals(&tx, &filter, Sources::HourlyAndDaily)
+        })
+        .await
     }
 
     /// Usage per time bucket (and per group), oldest first, then by group key.
@@ -138,14 +142,9 @@ impl Store {
         granularity: Granularity,
         group_by: GroupBy,
     ) -> Result<Vec<SeriesPoint>, StoreError> {
-        self.call(move |conn, _| {
-            series(
-                conn,
-                &filter,
-                granularity,
-                group_by,
-                Sources::HourlyAndDaily,
-            )
+        self.read(Reader::Queries, move |conn, _| {
+            let tx = conn.transaction()?;
+            series(&tx, &filter, granularity, group_by, Sources::HourlyAndDaily)
         })
         .await
     }
