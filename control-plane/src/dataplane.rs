@@ -10,13 +10,14 @@ use std::sync::{Arc, Mutex};
 use futures::Stream;
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::data_plane_service_server::DataPlaneService;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::ingest::{Applied, UsageWriter};
 use crate::snapshot::Publisher;
-use crate::store::{CooldownEvent, NodeHello, Store, StoreError, UsageRow};
+use crate::store::{CooldownEvent, NodeHello, Store, StoreError, UsageBatch, UsageRow};
 use crate::time::{now_ms, timestamp, timestamp_ms};
 
 /// Replicas with an open snapshot stream.
@@ -139,6 +140,8 @@ pub struct DataPlaneApi {
     store: Store,
     publisher: Arc<Publisher>,
     registry: Arc<Registry>,
+    /// Usage batches from every stream, committed together.
+    usage: UsageWriter,
     /// Cancelled at shutdown: open streams end so the server can stop.
     stop: CancellationToken,
 }
@@ -151,6 +154,7 @@ impl DataPlaneApi {
         stop: CancellationToken,
     ) -> Self {
         Self {
+            usage: UsageWriter::start(store.clone()),
             store,
             publisher,
             registry,
@@ -166,6 +170,12 @@ impl DataPlaneApi {
             Err(err) => tracing::error!(error = %err, "recording a replica change failed"),
         }
     }
+}
+
+/// What a usage stream owes its replica, in the order the batches came.
+enum Owed {
+    Ack(oneshot::Receiver<Applied>),
+    Error(Status),
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -265,10 +275,30 @@ impl DataPlaneService for DataPlaneApi {
     ) -> Result<Response<Self::ReportUsageStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
+        // Batches go to the writer as they arrive, without waiting for the previous
+        // commit; their acks go back in order from a second task.
+        let (pending_tx, mut pending) = mpsc::channel::<Owed>(64);
+        tokio::spawn(async move {
+            while let Some(owed) = pending.recv().await {
+                let reply = match owed {
+                    Owed::Ack(applied) => match applied.await {
+                        Ok(Ok(acked_sequence)) => Ok(pb::ReportUsageResponse { acked_sequence }),
+                        Ok(Err(err)) => Err(Status::from(err)),
+                        Err(_) => Err(Status::unavailable("the control plane is shutting down")),
+                    },
+                    Owed::Error(status) => Err(status),
+                };
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
         let api = self.clone();
         tokio::spawn(async move {
             loop {
-                // A batch being applied is finished before stopping; only waiting stops.
+                // A batch already handed to the writer is committed before stopping;
+                // only waiting for the next one stops.
                 let message = tokio::select! {
                     message = inbound.message() => message,
                     () = api.stop.cancelled() => break,
@@ -282,18 +312,15 @@ impl DataPlaneService for DataPlaneApi {
                     }
                 };
                 match api.apply(batch).await {
-                    Ok(Some(acked_sequence)) => {
-                        if tx
-                            .send(Ok(pb::ReportUsageResponse { acked_sequence }))
-                            .await
-                            .is_err()
-                        {
+                    Ok(Some(applied)) => {
+                        if pending_tx.send(Owed::Ack(applied)).await.is_err() {
                             break;
                         }
                     }
                     Ok(None) => {}
                     Err(status) => {
-                        let _ = tx.send(Err(status)).await;
+                        // After the acks already owed, so none is lost.
+                        let _ = pending_tx.send(Owed::Error(status)).await;
                         break;
                     }
                 }
@@ -305,8 +332,12 @@ impl DataPlaneService for DataPlaneApi {
 
 impl DataPlaneApi {
     /// Cooldown events first, so other replicas learn of a 429 without waiting
-    /// for the usage write; then the records and the high-water mark together.
-    async fn apply(&self, batch: pb::ReportUsageRequest) -> Result<Option<u64>, Status> {
+    /// for the usage write; then hands the records to the writer, which stores them
+    /// and the high-water mark together. Returns where their ack will come from.
+    async fn apply(
+        &self,
+        batch: pb::ReportUsageRequest,
+    ) -> Result<Option<oneshot::Receiver<Applied>>, Status> {
         check_id("node_id", &batch.node_id)?;
         if !batch.events.is_empty() {
             let events = batch
@@ -331,10 +362,14 @@ impl DataPlaneApi {
         }
         check_id("incarnation", &batch.incarnation)?;
         let rows: Vec<UsageRow> = batch.records.iter().map(UsageRow::from).collect();
-        let acked = self
-            .store
-            .ingest_usage(batch.node_id, batch.incarnation, rows)
-            .await?;
-        Ok(Some(acked))
+        let applied = self
+            .usage
+            .submit(UsageBatch {
+                node_id: batch.node_id,
+                incarnation: batch.incarnation,
+                rows,
+            })
+            .await;
+        Ok(Some(applied))
     }
 }

@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod dashboard;
 pub mod dataplane;
 pub mod http;
+pub mod ingest;
 pub mod secrets;
 pub mod server;
 pub mod settings;

@@ -982,6 +982,42 @@ async fn two_replicas_reporting_concurrently_with_reconnects_count_every_record_
     );
 }
 
+/// Batches sent without waiting are committed together (group commit), yet every batch
+/// gets its own ack, in order; a bad batch ends the stream only after the acks owed for
+/// the batches before it.
+#[tokio::test]
+async fn pipelined_batches_are_acked_in_order_and_an_error_comes_after_the_owed_acks() {
+    let mut h = Harness::start().await;
+    let backends = three_backends(&mut h).await;
+    let recs = numbered(&varied_traffic(&backends, 3000, 9));
+    let mut batches: Vec<pb::ReportUsageRequest> = recs
+        .chunks(100)
+        .map(|c| batch("replica-1", "inc-1", c.to_vec()))
+        .collect();
+    let bad = batch("replica-1", "", recs[..1].to_vec());
+    batches.push(bad);
+    let mut dp = h.data_plane().await;
+    let mut acks = dp
+        .report_usage(tokio_stream::iter(batches))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    let status = loop {
+        match acks.message().await {
+            Ok(Some(ack)) => seen.push(ack.acked_sequence),
+            Ok(None) => panic!("the stream ended without the error"),
+            Err(status) => break status,
+        }
+    };
+    let want: Vec<u64> = (1..=30).map(|i| i * 100).collect();
+    assert_eq!(seen, want, "one ack per batch, in order");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let price = prices(&backends);
+    let all: Vec<Rec> = varied_traffic(&backends, 3000, 9);
+    assert_totals(&h.totals(Default::default()).await, &expected(&all, &price));
+}
+
 #[tokio::test]
 async fn retention_deletes_old_hourly_rows_and_keeps_day_totals() {
     let mut h = Harness::start().await;

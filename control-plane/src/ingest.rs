@@ -1,0 +1,105 @@
+//! Group commit for usage reports: every `ReportUsage` stream hands its batches to one
+//! writer task, which applies all the batches waiting at that moment, from any replica,
+//! in one transaction (one fsync) and then answers each. Under load the batches pile up
+//! while a commit is in flight, so the number of commits per second stays flat while
+//! the records per commit grow; when idle a batch is committed alone, at once.
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{Store, StoreError, UsageBatch};
+
+/// Most records applied in one transaction; more wait for the next one.
+const MAX_RECORDS_PER_COMMIT: usize = 50_000;
+/// Batches waiting for the writer; a full queue slows the streams down (backpressure).
+const QUEUE: usize = 256;
+
+/// What a submitted batch gets back: its sender's new high-water mark, or why not.
+pub type Applied = Result<u64, IngestError>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IngestError {
+    /// The transaction failed; nothing of it was stored, so the sender resends.
+    #[error("storing usage failed")]
+    Store,
+    #[error("the control plane is shutting down")]
+    Closed,
+}
+
+impl From<IngestError> for tonic::Status {
+    fn from(err: IngestError) -> Self {
+        match err {
+            IngestError::Store => {
+                tonic::Status::internal("storing usage failed; see the control plane's log")
+            }
+            IngestError::Closed => tonic::Status::unavailable(err.to_string()),
+        }
+    }
+}
+
+struct Job {
+    batch: UsageBatch,
+    done: oneshot::Sender<Applied>,
+}
+
+/// The handle streams submit to; cheap to clone. The writer task ends when the last
+/// handle is dropped, after applying what was queued.
+#[derive(Clone)]
+pub struct UsageWriter {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl UsageWriter {
+    /// Starts the writer task on the current runtime.
+    pub fn start(store: Store) -> Self {
+        let (jobs, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(store, rx));
+        Self { jobs }
+    }
+
+    /// Queues `batch`; the receiver resolves once it is committed (or failed). Waits
+    /// while the queue is full.
+    pub async fn submit(&self, batch: UsageBatch) -> oneshot::Receiver<Applied> {
+        let (done, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(job)) = self.jobs.send(Job { batch, done }).await {
+            let _ = job.done.send(Err(IngestError::Closed));
+        }
+        rx
+    }
+}
+
+async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut records = first.batch.rows.len();
+        let mut jobs = vec![first];
+        while records < MAX_RECORDS_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(job) => {
+                    records += job.batch.rows.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let (batches, waiting): (Vec<_>, Vec<_>) =
+            jobs.into_iter().map(|j| (j.batch, j.done)).unzip();
+        let count = batches.len();
+        match store.ingest_usage_batches(batches).await {
+            Ok(marks) => {
+                tracing::trace!(batches = count, records, "usage committed");
+                for (done, mark) in waiting.into_iter().zip(marks) {
+                    let _ = done.send(Ok(mark));
+                }
+            }
+            Err(err) => {
+                log_failure(&err, count, records);
+                for done in waiting {
+                    let _ = done.send(Err(IngestError::Store));
+                }
+            }
+        }
+    }
+}
+
+fn log_failure(err: &StoreError, batches: usize, records: usize) {
+    tracing::error!(error = %err, batches, records, "storing usage failed; the replicas will resend");
+}
