@@ -10,7 +10,6 @@ use sluice_proto::v1::admin_service_server::AdminServiceServer;
 use sluice_proto::v1::data_plane_service_server::DataPlaneServiceServer;
 use sluice_proto::v1::stats_service_server::StatsServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity, ServerTlsConfig};
 
@@ -218,7 +217,9 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             dataplane_check,
         ))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc_listener),
+            // No Nagle: a snapshot or an ack written in several pieces would otherwise
+            // wait for the peer's delayed ACK (40 ms on Linux) before its last piece.
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             stop.clone().cancelled_owned(),
         );
 
