@@ -69,6 +69,7 @@ impl From<StoreError> for tonic::Status {
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_initial.sql"),
     include_str!("../../migrations/0002_usage_daily.sql"),
+    include_str!("../../migrations/0003_usage_daily_by_backend.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

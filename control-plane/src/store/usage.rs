@@ -374,6 +374,39 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<Vec<u64>, Sto
                 .add(delta);
         }
     }
+    let mut by_backend: BTreeMap<(i64, &str, i64), Delta> = BTreeMap::new();
+    for (&(day, backend_id, _, _, pool), delta) in &daily {
+        by_backend
+            .entry((day, backend_id, pool))
+            .or_default()
+            .add(delta);
+    }
+    {
+        let mut upsert = tx.prepare_cached(&format!(
+            "INSERT INTO usage_daily_by_backend (day_start, backend_id, pool, request_count,
+                 error_count, stream_count, prompt_tokens, completion_tokens, cost, latency_ms_sum,
+                 ttft_ms_sum, ttft_count, latency_histogram)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             ON CONFLICT (day_start, backend_id, pool) DO UPDATE SET {ADD_ON_CONFLICT}"
+        ))?;
+        for ((day, backend_id, pool), delta) in &by_backend {
+            upsert.execute(params![
+                day,
+                backend_id,
+                pool,
+                delta.request_count,
+                delta.error_count,
+                delta.stream_count,
+                delta.prompt_tokens,
+                delta.completion_tokens,
+                delta.cost,
+                delta.latency_ms_sum,
+                delta.ttft_ms_sum,
+                delta.ttft_count,
+                delta.encoded_latency(),
+            ])?;
+        }
+    }
     {
         let mut upsert = tx.prepare_cached(&format!(
             "INSERT INTO usage_daily (day_start, backend_id, model, client_key_id, pool, request_count,
@@ -445,7 +478,11 @@ enum Sources {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Table {
     Hourly,
+    /// Per (day, pool, backend, model, client key).
     Daily,
+    /// Per (day, pool, backend): for queries that neither filter nor group by
+    /// model or client key.
+    DailyByBackend,
 }
 
 impl Table {
@@ -453,13 +490,14 @@ impl Table {
         match self {
             Table::Hourly => "usage_hourly",
             Table::Daily => "usage_daily",
+            Table::DailyByBackend => "usage_daily_by_backend",
         }
     }
 
     fn time_column(self) -> &'static str {
         match self {
             Table::Hourly => "hour_start",
-            Table::Daily => "day_start",
+            Table::Daily | Table::DailyByBackend => "day_start",
         }
     }
 }
@@ -616,7 +654,15 @@ fn aggregate(
     // Hour buckets need hourly rows; everything else may read whole days.
     let whole_days = sources == Sources::HourlyAndDaily && bucket != Some(Granularity::Hour);
     let mut out: BTreeMap<(i64, String), Sums> = BTreeMap::new();
-    for part in plan(filter, whole_days) {
+    // Whole days that need neither model nor client key come from the per-backend
+    // rollup: the same sums, from models × client keys times fewer rows.
+    let by_backend = filter.model.is_none()
+        && filter.client_key_id.is_none()
+        && matches!(group_by, GroupBy::Nothing | GroupBy::Backend);
+    for mut part in plan(filter, whole_days) {
+        if part.table == Table::Daily && by_backend {
+            part.table = Table::DailyByBackend;
+        }
         let (clause, values) = where_clause(&part, filter);
         let mut stmt = conn.prepare_cached(&part_sql(&part, &clause, bucket, group_by))?;
         let mut rows = stmt.query(params_from_iter(values.iter()))?;
@@ -983,7 +1029,12 @@ mod tests {
                     },
                 ];
                 for filter in &filters {
-                    for table in [Table::Hourly, Table::Daily] {
+                    for table in [Table::Hourly, Table::Daily, Table::DailyByBackend] {
+                        let by_backend_only =
+                            filter.model.is_some() || filter.client_key_id.is_some();
+                        if table == Table::DailyByBackend && needs_model_or_key {
+                            continue;
+                        }
                         let part = Part {
                             table,
                             start: filter.start_ms,
@@ -997,7 +1048,12 @@ mod tests {
                                 GroupBy::Model,
                                 GroupBy::ClientKey,
                             ] {
-                                if table == Table::Daily && bucket == Some(Granularity::Hour) {
+                                if table != Table::Hourly && bucket == Some(Granularity::Hour) {
+                                    continue;
+                                }
+                                if table == Table::DailyByBackend
+                                    && !matches!(group_by, GroupBy::Nothing | GroupBy::Backend)
+                                {
                                     continue;
                                 }
                                 let sql = format!(
@@ -1017,7 +1073,9 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(plans.len(), 6 * 4 * 5);
+        // Hourly: 6 filters × 3 buckets × 4 groupings; daily: 6 × 2 × 4; by backend:
+        // the 3 filters without model or key × 2 × 2.
+        assert_eq!(plans.len(), 6 * 3 * 4 + 6 * 2 * 4 + 3 * 2 * 2);
         for (sql, plan) in plans {
             assert!(
                 plan.contains("SEARCH usage_") && !plan.contains("SCAN usage_"),
@@ -1121,6 +1179,21 @@ mod tests {
                 (DAY0, String::new(), 0, 1, 0.0),
                 (DAY0, "b1".into(), 2, 5, 0.75)
             ]
+        );
+        // Migration 3 rolls the daily rows up per (day, backend, pool).
+        let by_backend: Vec<(i64, String, i64, i64, f64)> = conn
+            .prepare("SELECT day_start, backend_id, pool, request_count, cost FROM usage_daily_by_backend ORDER BY backend_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(by_backend, daily);
+        assert_eq!(
+            histogram(
+                "SELECT latency_histogram FROM usage_daily_by_backend WHERE backend_id = 'b1'"
+            ),
+            vec![(7, 1), (40, 4)]
         );
         let tables: i64 = conn
             .query_row(

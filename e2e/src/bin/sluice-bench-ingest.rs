@@ -586,6 +586,7 @@ fn generate_history(
     let mut conn = rusqlite::Connection::open(db)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
+    sluice_control::usage::register_sql_functions(&conn)?;
     let mut rng = SmallRng::seed_from_u64(7);
     let mut history = History {
         hourly_rows: 0,
@@ -704,6 +705,18 @@ fn generate_history(
                 history.daily_rows += 1;
             }
         }
+        // The per-backend rollup, as ingestion keeps it beside the daily rows.
+        tx.execute(
+            "INSERT INTO usage_daily_by_backend (day_start, backend_id, pool, request_count,
+                 error_count, stream_count, prompt_tokens, completion_tokens, cost, latency_ms_sum,
+                 ttft_ms_sum, ttft_count, latency_histogram)
+             SELECT day_start, backend_id, pool, sum(request_count), sum(error_count),
+                 sum(stream_count), sum(prompt_tokens), sum(completion_tokens), total(cost),
+                 total(latency_ms_sum), total(ttft_ms_sum), sum(ttft_count),
+                 usage_histogram(latency_histogram)
+             FROM usage_daily WHERE day_start = ?1 GROUP BY day_start, backend_id, pool",
+            [day_start],
+        )?;
         tx.commit()?;
     }
     history.seconds = started.elapsed().as_secs_f64();
