@@ -1030,7 +1030,7 @@ mod tests {
                 ];
                 for filter in &filters {
                     for table in [Table::Hourly, Table::Daily, Table::DailyByBackend] {
-                        let by_backend_only =
+                        let needs_model_or_key =
                             filter.model.is_some() || filter.client_key_id.is_some();
                         if table == Table::DailyByBackend && needs_model_or_key {
                             continue;
