@@ -37,3 +37,26 @@ cargo build --workspace --bins
 
 log "cargo test"
 cargo test --workspace
+
+# The cargo-fuzz targets (request parsing, SSE parsing) for a short bounded time from the
+# committed seeds plus whatever corpus earlier runs left; a crash fails the run. Longer runs
+# by hand: see "Fuzzing" in the README. SLUICE_FUZZ_SECONDS=0 skips this step.
+fuzz_seconds="${SLUICE_FUZZ_SECONDS:-30}"
+if [ "$fuzz_seconds" -gt 0 ]; then
+  log "cargo fuzz (${fuzz_seconds}s per target)"
+  command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
+  for target in request sse; do
+    mkdir -p "data-plane/fuzz/corpus/$target"
+    fuzz_log="target/fuzz-$target.log"
+    # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
+    if (cd data-plane && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" \
+          "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
+          -max_total_time="$fuzz_seconds" -print_final_stats=1) >"$fuzz_log" 2>&1; then
+      grep -E '^Done [0-9]+ runs' "$fuzz_log" | sed "s/^/$target: /"
+    else
+      tail -n 60 "$fuzz_log"
+      echo "fuzz target $target failed; the input is in data-plane/fuzz/artifacts/$target/" >&2
+      exit 1
+    fi
+  done
+fi

@@ -297,6 +297,20 @@ mod tests {
         assert_eq!(std::str::from_utf8(&out).unwrap(), expected);
     }
 
+    /// Found by the `request` fuzz target: a lone UTF-16 surrogate escape is not strict JSON,
+    /// but Python's `json` (and so many upstreams) takes it, so it is forwarded as it came.
+    #[test]
+    fn forwards_a_lone_surrogate_escape_as_it_came() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"a\ude00b"}]}"#;
+        assert!(serde_json::from_str::<serde_json::Value>(body).is_err());
+        let out = rewrite_body(body.as_bytes(), "u", false).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"u","messages":[{"role":"user","content":"a\ude00b"}]}"#
+        );
+        assert_eq!(parse(&out).unwrap().model, "u");
+    }
+
     #[test]
     fn forces_include_usage_for_streams() {
         assert_eq!(

@@ -1,5 +1,11 @@
-//! Request bodies from clients: parsing never panics, and a rewrite changes only
-//! `model` (and `stream_options.include_usage`), keeping every other field.
+//! Request bodies from clients: parsing never panics; a rewrite parses again with the
+//! new model and the same streaming choice; and when the body is strict JSON, the
+//! rewrite is strict JSON that changes only `model` (and `stream_options.include_usage`
+//! for streams), keeping every other field.
+//!
+//! Bodies that are not strict JSON but that the parser takes (a lone UTF-16 surrogate
+//! escape such as `"\ud800"`, which Python's `json` and so many upstreams accept) are
+//! forwarded as they came, apart from the rewritten fields.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -10,14 +16,18 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let rewritten = parsed.rewrite("upstream-model", parsed.stream);
-    let out: Value = serde_json::from_slice(&rewritten).expect("a rewrite is valid JSON");
-    assert_eq!(out["model"], "upstream-model");
+    let again = sluice_proxy::request::parse(&rewritten).expect("a rewrite parses again");
+    assert_eq!(again.model, "upstream-model");
+    assert_eq!(again.stream, parsed.stream);
+
     let Ok(Value::Object(mut original)) = serde_json::from_slice::<Value>(data) else {
         return;
     };
+    let out: Value = serde_json::from_slice(&rewritten).expect("a strict body's rewrite is strict JSON");
     let Value::Object(mut out) = out else {
         panic!("a rewrite is an object");
     };
+    assert_eq!(out["model"], "upstream-model");
     original.remove("model");
     out.remove("model");
     if parsed.stream {
