@@ -1,153 +1,428 @@
-//! Prometheus metrics of the data plane, in the text exposition format at `GET /metrics`.
-//! Labels come from small fixed sets (status class, outcome); never request ids or keys.
+//! Prometheus metrics of the data plane, served at `GET /metrics` in the OpenMetrics text
+//! format. Every label comes from a bounded set: backend names and public model names from
+//! the snapshot (configuration, not client input; a model no route serves is `other`), status
+//! classes, and small fixed enums. Never request ids, keys or prompt text.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use sluice_proto::v1::ErrorKind;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
 
 use crate::snapshot::SnapshotStore;
 use crate::usage::UsageSink;
 
-/// `ErrorKind` values 0..=8.
-const KINDS: usize = 9;
-/// Status classes 1xx..5xx, and 0 for anything else.
-const CLASSES: usize = 6;
+/// The label value for "no backend was tried" and "no model was read".
+pub const NONE: &str = "none";
+/// The model label of a request for a model no route serves.
+pub const OTHER_MODEL: &str = "other";
 
-/// Counters the request path bumps; cheap atomics.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    backend: String,
+    model: String,
+    status_class: &'static str,
+}
+
+/// `2xx` … `5xx`, or `other`.
+fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "other",
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+}
+
+/// How one upstream attempt ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum AttemptOutcome {
+    ok,
+    rate_limited,
+    server_error,
+    connect_error,
+    timeout,
+    invalid_response,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    backend: String,
+    outcome: AttemptOutcome,
+}
+
+/// Why a backend was cooled down.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CooldownReason {
+    /// The upstream answered 429.
+    rate_limited,
+    /// Consecutive 5xx, connect errors or timeouts.
+    failures,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CooldownLabels {
+    backend: String,
+    reason: CooldownReason,
+}
+
+/// Why a candidate backend was passed over without an attempt.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SkipReason {
+    cooling_down,
+    rate_limited,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SkipLabels {
+    backend: String,
+    reason: SkipReason,
+}
+
+/// What refused a request with 429 before any upstream answered.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum LimitScope {
+    /// The client key's own RPM limit.
+    client_key,
+    /// Every candidate backend was cooling down or out of rate tokens.
+    backends,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabels {
+    scope: LimitScope,
+}
+
+/// Upstream latency buckets: 1 ms to about 2 min.
+#[derive(Clone, Copy)]
+struct UpstreamBuckets;
+
+impl MetricConstructor<Histogram> for UpstreamBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(exponential_buckets(0.001, 2.0, 18))
+    }
+}
+
+/// Every metric of one data plane.
 pub struct Metrics {
-    requests: [[AtomicU64; KINDS]; CLASSES],
-    attempts: AtomicU64,
-    failed_attempts: AtomicU64,
-    cooldowns: AtomicU64,
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    upstream_latency: Family<BackendLabels, Histogram, UpstreamBuckets>,
+    upstream_ttft: Family<BackendLabels, Histogram, UpstreamBuckets>,
+    overhead: Histogram,
+    in_flight: Gauge,
+    attempts: Family<AttemptLabels, Counter>,
+    failovers: Counter,
+    cooldowns: Family<CooldownLabels, Counter>,
+    skips: Family<SkipLabels, Counter>,
+    rate_limited: Family<ScopeLabels, Counter>,
+    snapshot_version: Gauge,
+    snapshot_age: Gauge<f64, AtomicU64>,
+    usage_queue: Gauge,
+    usage_dropped: Counter,
+    /// Drops already added to `usage_dropped` (the sink counts them itself).
+    usage_dropped_seen: AtomicU64,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Metrics {
-    /// One finished (accounted) request.
-    pub fn request(&self, status: u16, kind: ErrorKind) {
-        let class = usize::from(status / 100).min(CLASSES - 1);
-        let kind = usize::try_from(kind as i32).unwrap_or(0).min(KINDS - 1);
-        self.requests[class][kind].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn attempt(&self, failed: bool) {
-        self.attempts.fetch_add(1, Ordering::Relaxed);
-        if failed {
-            self.failed_attempts.fetch_add(1, Ordering::Relaxed);
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sluice");
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "Requests answered, by backend (the last one tried; none if no backend was tried), \
+             public model (other if no route serves it, none if unread) and status class",
+            requests.clone(),
+        );
+        let upstream_latency = Family::new_with_constructor(UpstreamBuckets);
+        registry.register_with_unit(
+            "upstream_latency",
+            "Per upstream attempt: request sent to the whole answer (streams: to the end of the \
+             stream; failed attempts: to the failure)",
+            Unit::Seconds,
+            upstream_latency.clone(),
+        );
+        let upstream_ttft = Family::new_with_constructor(UpstreamBuckets);
+        registry.register_with_unit(
+            "upstream_ttft",
+            "Per streamed attempt that answered: request sent to the first event from the upstream",
+            Unit::Seconds,
+            upstream_ttft.clone(),
+        );
+        // 25 µs to about 0.8 s.
+        let overhead = Histogram::new(exponential_buckets(0.000_025, 2.0, 16));
+        registry.register_with_unit(
+            "gateway_overhead",
+            "Per request that reached a backend: time spent in Sluice before the response head \
+             went to the client, not counting the time waiting on upstream attempts",
+            Unit::Seconds,
+            overhead.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests accepted and not yet finished (streams until their last event)",
+            in_flight.clone(),
+        );
+        let attempts = Family::default();
+        registry.register(
+            "upstream_attempts",
+            "Upstream attempts by backend and outcome",
+            attempts.clone(),
+        );
+        let failovers = Counter::default();
+        registry.register(
+            "failovers",
+            "Attempts made after an earlier attempt of the same request failed",
+            failovers.clone(),
+        );
+        let cooldowns = Family::default();
+        registry.register(
+            "cooldown_events",
+            "Backend cooldowns this replica started, by backend and reason",
+            cooldowns.clone(),
+        );
+        let skips = Family::default();
+        registry.register(
+            "backend_skips",
+            "Candidate backends passed over without an attempt, by backend and reason",
+            skips.clone(),
+        );
+        let rate_limited = Family::default();
+        registry.register(
+            "rate_limited_requests",
+            "Requests answered 429 by Sluice itself: the client key's limit, or every candidate \
+             backend cooling down or out of rate tokens",
+            rate_limited.clone(),
+        );
+        let snapshot_version = Gauge::default();
+        registry.register(
+            "snapshot_version",
+            "Version of the routing snapshot in force (0: none yet)",
+            snapshot_version.clone(),
+        );
+        let snapshot_age = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "snapshot_age",
+            "Time since the snapshot in force was applied",
+            Unit::Seconds,
+            snapshot_age.clone(),
+        );
+        let usage_queue = Gauge::default();
+        registry.register(
+            "usage_queue_depth",
+            "Usage records held until the control plane acks them",
+            usage_queue.clone(),
+        );
+        let usage_dropped = Counter::default();
+        registry.register(
+            "usage_dropped_records",
+            "Usage records dropped because the queue was full (the control plane was away too long)",
+            usage_dropped.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            upstream_latency,
+            upstream_ttft,
+            overhead,
+            in_flight,
+            attempts,
+            failovers,
+            cooldowns,
+            skips,
+            rate_limited,
+            snapshot_version,
+            snapshot_age,
+            usage_queue,
+            usage_dropped,
+            usage_dropped_seen: AtomicU64::new(0),
         }
     }
 
-    pub fn cooldown(&self) {
-        self.cooldowns.fetch_add(1, Ordering::Relaxed);
+    /// One answered request. `backend` is the last backend tried, `model` the public model
+    /// name if a route serves it; see [`NONE`] and [`OTHER_MODEL`].
+    pub fn request(&self, backend: &str, model: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                backend: backend.to_owned(),
+                model: model.to_owned(),
+                status_class: status_class(status),
+            })
+            .inc();
     }
 
-    /// The exposition text.
+    /// One upstream attempt; `latency` unless it is a stream still running (its latency is
+    /// recorded when it ends).
+    pub fn attempt(&self, backend: &str, outcome: AttemptOutcome, latency: Option<Duration>) {
+        self.attempts
+            .get_or_create(&AttemptLabels {
+                backend: backend.to_owned(),
+                outcome,
+            })
+            .inc();
+        if let Some(took) = latency {
+            self.upstream_latency(backend, took);
+        }
+    }
+
+    pub fn upstream_latency(&self, backend: &str, took: Duration) {
+        self.upstream_latency
+            .get_or_create(&BackendLabels {
+                backend: backend.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn upstream_ttft(&self, backend: &str, took: Duration) {
+        self.upstream_ttft
+            .get_or_create(&BackendLabels {
+                backend: backend.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn overhead(&self, took: Duration) {
+        self.overhead.observe(took.as_secs_f64());
+    }
+
+    pub fn failover(&self) {
+        self.failovers.inc();
+    }
+
+    pub fn cooldown(&self, backend: &str, reason: CooldownReason) {
+        self.cooldowns
+            .get_or_create(&CooldownLabels {
+                backend: backend.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn skip(&self, backend: &str, reason: SkipReason) {
+        self.skips
+            .get_or_create(&SkipLabels {
+                backend: backend.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn rate_limited(&self, scope: LimitScope) {
+        self.rate_limited
+            .get_or_create(&ScopeLabels { scope })
+            .inc();
+    }
+
+    /// Counts a request in flight until the guard drops.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
+    }
+
+    /// The exposition text, with the gauges read now.
     pub fn render(&self, store: &SnapshotStore, usage: &UsageSink) -> String {
-        let mut out = String::with_capacity(2048);
-        out.push_str(
-            "# HELP sluice_requests_total Proxied requests by status class and outcome.\n\
-             # TYPE sluice_requests_total counter\n",
-        );
-        for (class, kinds) in self.requests.iter().enumerate() {
-            for (kind, count) in kinds.iter().enumerate() {
-                let count = count.load(Ordering::Relaxed);
-                if count == 0 {
-                    continue;
-                }
-                let class = if class == 0 {
-                    "other".to_owned()
-                } else {
-                    format!("{class}xx")
-                };
-                let outcome = ErrorKind::try_from(kind as i32)
-                    .map(|k| {
-                        k.as_str_name()
-                            .trim_start_matches("ERROR_KIND_")
-                            .to_lowercase()
-                    })
-                    .unwrap_or_default();
-                let _ = writeln!(
-                    out,
-                    "sluice_requests_total{{status_class=\"{class}\",outcome=\"{outcome}\"}} {count}"
-                );
+        match store.load() {
+            Some(snapshot) => {
+                self.snapshot_version
+                    .set(i64::try_from(snapshot.version).unwrap_or(i64::MAX));
+                self.snapshot_age
+                    .set(snapshot.applied_at.elapsed().as_secs_f64());
+            }
+            None => {
+                self.snapshot_version.set(0);
+                self.snapshot_age.set(0.0);
             }
         }
-        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        };
-        let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        };
-        counter(
-            &mut out,
-            "sluice_upstream_attempts_total",
-            "Requests sent to upstream backends.",
-            self.attempts.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "sluice_upstream_failed_attempts_total",
-            "Upstream attempts that failed (429, 5xx, connect error, timeout).",
-            self.failed_attempts.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "sluice_cooldowns_total",
-            "Backend cooldowns this replica started.",
-            self.cooldowns.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "sluice_usage_dropped_records_total",
-            "Usage records dropped because the queue was full.",
-            usage.dropped(),
-        );
-        gauge(
-            &mut out,
-            "sluice_usage_pending_records",
-            "Usage records not yet acked by the control plane.",
-            usage.pending() as u64,
-        );
-        gauge(
-            &mut out,
-            "sluice_snapshot_version",
-            "Version of the snapshot in force (0: none yet).",
-            store.load().map_or(0, |s| s.version),
-        );
+        self.usage_queue
+            .set(i64::try_from(usage.pending()).unwrap_or(i64::MAX));
+        let dropped = usage.dropped();
+        let seen = self.usage_dropped_seen.swap(dropped, Ordering::Relaxed);
+        self.usage_dropped.inc_by(dropped.saturating_sub(seen));
+        let mut out = String::with_capacity(8192);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Decrements the in-flight gauge when dropped.
+#[derive(Debug)]
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     #[test]
-    fn renders_counters_by_class_and_outcome() {
+    fn renders_every_family_with_bounded_labels() {
         let metrics = Metrics::default();
-        metrics.request(200, ErrorKind::Unspecified);
-        metrics.request(200, ErrorKind::Unspecified);
-        metrics.request(429, ErrorKind::RateLimited);
-        metrics.attempt(true);
-        let text = metrics.render(&SnapshotStore::default(), &UsageSink::new(10));
-        assert!(
-            text.contains(
-                "sluice_requests_total{status_class=\"2xx\",outcome=\"unspecified\"} 2\n"
-            )
+        metrics.request("b1", "gpt-4o-mini", 200);
+        metrics.request("b1", "gpt-4o-mini", 200);
+        metrics.request(NONE, NONE, 401);
+        metrics.attempt(
+            "b1",
+            AttemptOutcome::rate_limited,
+            Some(Duration::from_millis(3)),
         );
-        assert!(
-            text.contains(
-                "sluice_requests_total{status_class=\"4xx\",outcome=\"rate_limited\"} 1\n"
-            )
-        );
-        assert!(text.contains("sluice_upstream_failed_attempts_total 1\n"));
-        assert!(text.contains("sluice_snapshot_version 0\n"));
+        metrics.upstream_ttft("b1", Duration::from_millis(2));
+        metrics.cooldown("b1", CooldownReason::rate_limited);
+        metrics.rate_limited(LimitScope::client_key);
+        metrics.overhead(Duration::from_micros(80));
+        let guard = metrics.in_flight();
+        let usage = UsageSink::new(10);
+        let text = metrics.render(&SnapshotStore::default(), &usage);
+        for line in [
+            r#"sluice_requests_total{backend="b1",model="gpt-4o-mini",status_class="2xx"} 2"#,
+            r#"sluice_requests_total{backend="none",model="none",status_class="4xx"} 1"#,
+            r#"sluice_upstream_attempts_total{backend="b1",outcome="rate_limited"} 1"#,
+            r#"sluice_upstream_latency_seconds_count{backend="b1"} 1"#,
+            r#"sluice_upstream_ttft_seconds_count{backend="b1"} 1"#,
+            r#"sluice_cooldown_events_total{backend="b1",reason="rate_limited"} 1"#,
+            r#"sluice_rate_limited_requests_total{scope="client_key"} 1"#,
+            "sluice_gateway_overhead_seconds_count 1",
+            "sluice_requests_in_flight 1",
+            "sluice_snapshot_version 0",
+            "sluice_usage_queue_depth 0",
+            "sluice_usage_dropped_records_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        drop(guard);
+        let text = metrics.render(&SnapshotStore::default(), &usage);
+        assert!(text.lines().any(|l| l == "sluice_requests_in_flight 0"));
     }
 }

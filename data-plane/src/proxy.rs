@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 pub use accounting::{CLIENT_CLOSED_REQUEST, Tokens, usage_of};
 
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
+use crate::metrics::{self, LimitScope, Metrics};
 use crate::request;
 use crate::snapshot::{ClientKey, Endpoint, Snapshot, SnapshotStore};
 use crate::usage::UsageSink;
@@ -91,9 +91,9 @@ async fn serve(app: Arc<AppState>, endpoint: Endpoint, request: Request) -> Resp
     let arrived = SystemTime::now();
     let request_id = request_id(request.headers());
     let response = match app.store.load() {
-        None => ProxyError::NotReady.into_response(),
+        None => unaccounted(&app, &request_id, started, ProxyError::NotReady),
         Some(snapshot) => match authenticate(&snapshot, request.headers()) {
-            Err(e) => e.into_response(),
+            Err(e) => unaccounted(&app, &request_id, started, e),
             Ok(key) => {
                 let acct = Accounting::new(
                     app.usage.clone(),
@@ -109,6 +109,21 @@ async fn serve(app: Arc<AppState>, endpoint: Endpoint, request: Request) -> Resp
         },
     };
     with_request_id(response, &request_id)
+}
+
+/// Answers a request refused before it belongs to a client key (no usage record): the
+/// metrics count it and it gets its one log line.
+fn unaccounted(app: &AppState, request_id: &str, started: Instant, err: ProxyError) -> Response {
+    let status = err.status().as_u16();
+    app.metrics.request(metrics::NONE, metrics::NONE, status);
+    tracing::info!(
+        request_id,
+        status,
+        latency_ms = started.elapsed().as_millis() as u64,
+        error_kind = err.error_kind().as_str_name(),
+        "request finished"
+    );
+    err.into_response()
 }
 
 async fn authorized(
@@ -128,15 +143,20 @@ async fn authorized(
         Err(e) => return forward::error(acct, e.into()),
     };
     acct.set_request(&parsed.model, parsed.stream && endpoint.can_stream());
+    let routes = snapshot.routes(&parsed.model);
+    if routes.is_some() {
+        acct.model_known();
+    }
     if !key.may_use(&parsed.model) {
         return forward::error(acct, ProxyError::ModelNotAllowed(parsed.model.to_string()));
     }
-    let Some(routes) = snapshot.routes(&parsed.model) else {
+    let Some(routes) = routes else {
         return forward::error(acct, ProxyError::ModelNotFound(parsed.model.to_string()));
     };
     if let Some(limiter) = &key.limiter
         && let Err(retry_after) = limiter.try_acquire(Instant::now())
     {
+        app.metrics.rate_limited(LimitScope::client_key);
         return forward::error(acct, ProxyError::KeyRateLimited { retry_after });
     }
     forward::forward(app, snapshot, routes, endpoint, &parsed, acct).await
@@ -287,7 +307,14 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     let text = app.metrics.render(&app.store, &app.usage);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn unknown_path(method: Method, uri: Uri) -> Response {

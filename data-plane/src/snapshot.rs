@@ -237,6 +237,8 @@ pub struct Snapshot {
     pub created: Option<SystemTime>,
     pub replica_count: u32,
     pub policy: Policy,
+    /// When this replica built it (for `sluice_snapshot_age_seconds`).
+    pub applied_at: std::time::Instant,
     backends: Vec<Backend>,
     /// Public model name → routes, sorted primary before fallback, then by priority.
     routes: HashMap<String, Vec<Route>>,
@@ -383,6 +385,7 @@ impl Snapshot {
             created: message.create_time.as_ref().and_then(system_time),
             replica_count,
             policy,
+            applied_at: std::time::Instant::now(),
             backends,
             routes,
             keys,

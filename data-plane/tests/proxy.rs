@@ -109,7 +109,9 @@ async fn non_streamed_chat_is_served_rewritten_and_counted() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("sluice_requests_total{status_class=\"2xx\",outcome=\"unspecified\"} 1\n"),
+        metrics.contains(&format!(
+            "sluice_requests_total{{backend=\"primary-name\",model=\"{MODEL}\",status_class=\"2xx\"}} 1\n"
+        )),
         "{metrics}"
     );
     assert!(metrics.contains("sluice_snapshot_version 1\n"));

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use std::sync::Arc;
 
 use crate::clock::{proto_duration, timestamp};
-use crate::metrics::Metrics;
+use crate::metrics::{self, InFlight, Metrics};
 use crate::snapshot::{Backend, Endpoint};
 use crate::usage::UsageSink;
 
@@ -33,9 +33,16 @@ pub struct Accounting {
     started: Instant,
     first_byte: Option<Duration>,
     backend_name: Option<String>,
+    /// A route serves the requested model, so it may be a metric label.
+    model_known: bool,
+    /// Time spent waiting on upstream attempts so far.
+    upstream_wait: Duration,
+    /// When the attempt whose stream is being relayed was sent.
+    stream_sent: Option<Instant>,
     /// The status already sent to the client (a streamed response's), if any.
     status_sent: Option<StatusCode>,
     done: bool,
+    _in_flight: InFlight,
 }
 
 impl Accounting {
@@ -49,6 +56,7 @@ impl Accounting {
         arrived: SystemTime,
     ) -> Self {
         Self {
+            _in_flight: metrics.in_flight(),
             sink,
             metrics,
             record: UsageRecord {
@@ -61,9 +69,35 @@ impl Accounting {
             started,
             first_byte: None,
             backend_name: None,
+            model_known: false,
+            upstream_wait: Duration::ZERO,
+            stream_sent: None,
             status_sent: None,
             done: false,
         }
+    }
+
+    /// A route serves the requested model.
+    pub fn model_known(&mut self) {
+        self.model_known = true;
+    }
+
+    /// An upstream attempt took `took` (until its answer, or its first event for a stream).
+    pub fn waited_upstream(&mut self, took: Duration) {
+        self.upstream_wait += took;
+    }
+
+    /// The response head goes to the client now: records the gateway overhead, the time
+    /// so far not spent waiting on upstreams.
+    pub fn head_ready(&self) {
+        self.metrics
+            .overhead(self.started.elapsed().saturating_sub(self.upstream_wait));
+    }
+
+    /// The answer is the stream of the attempt sent at `sent`; its upstream latency is
+    /// recorded when the stream ends.
+    pub fn relaying_stream_sent_at(&mut self, sent: Instant) {
+        self.stream_sent = Some(sent);
     }
 
     pub fn started(&self) -> Instant {
@@ -150,7 +184,18 @@ impl Accounting {
             error_kind = kind.as_str_name(),
             "request finished"
         );
-        self.metrics.request(status, kind);
+        let backend = self.backend_name.as_deref().unwrap_or(metrics::NONE);
+        let model = if self.model_known {
+            record.model.as_str()
+        } else if record.model.is_empty() {
+            metrics::NONE
+        } else {
+            metrics::OTHER_MODEL
+        };
+        self.metrics.request(backend, model, status);
+        if let Some(sent) = self.stream_sent {
+            self.metrics.upstream_latency(backend, sent.elapsed());
+        }
         self.sink.record(record);
     }
 }

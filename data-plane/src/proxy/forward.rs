@@ -20,6 +20,7 @@ use super::relay;
 use crate::clock::Now;
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
+use crate::metrics::{AttemptOutcome, CooldownReason, LimitScope, SkipReason};
 use crate::request::ParsedRequest;
 use crate::router;
 use crate::snapshot::{Backend, Endpoint, Policy, Route, Snapshot};
@@ -82,6 +83,18 @@ impl Failure {
         }
     }
 
+    fn metric_outcome(&self) -> AttemptOutcome {
+        match self {
+            Self::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
+                AttemptOutcome::rate_limited
+            }
+            Self::Status { .. } => AttemptOutcome::server_error,
+            Self::Connect(_) => AttemptOutcome::connect_error,
+            Self::Timeout => AttemptOutcome::timeout,
+            Self::Invalid(_) => AttemptOutcome::invalid_response,
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Self::Status { status, .. } => format!("status {}", status.as_u16()),
@@ -124,18 +137,24 @@ pub(super) async fn forward(
             .local_until(&backend.id, now)
             .max(backend.cooldown_until.filter(|until| *until > now));
         if let Some(until) = blocked {
+            app.metrics.skip(&backend.name, SkipReason::cooling_down);
             soonest = Some(soonest.map_or(until, |s| s.min(until)));
             continue;
         }
         if let Some(limiter) = &backend.limiter
             && let Err(wait) = limiter.try_acquire(now)
         {
+            app.metrics.skip(&backend.name, SkipReason::rate_limited);
             let until = now + wait;
             soonest = Some(soonest.map_or(until, |s| s.min(until)));
             continue;
         }
+        if acct.attempts() > 0 {
+            app.metrics.failover();
+        }
         acct.attempt(backend);
         let body = parsed.rewrite(&route.upstream_model, stream);
+        let sent = Instant::now();
         let outcome = attempt(
             snapshot.upstream(),
             backend,
@@ -147,11 +166,27 @@ pub(super) async fn forward(
             app.limits.max_response_bytes,
         )
         .await;
+        let took = sent.elapsed();
+        acct.waited_upstream(took);
         let health = match &outcome {
             Ok(_) => Outcome::Success,
             Err(failure) => failure.health(),
         };
-        app.metrics.attempt(outcome.is_err());
+        match &outcome {
+            Ok(Answer::Full { .. }) => {
+                app.metrics
+                    .attempt(&backend.name, AttemptOutcome::ok, Some(took));
+            }
+            Ok(Answer::Stream { .. }) => {
+                app.metrics.attempt(&backend.name, AttemptOutcome::ok, None);
+                app.metrics.upstream_ttft(&backend.name, took);
+                acct.relaying_stream_sent_at(sent);
+            }
+            Err(failure) => {
+                app.metrics
+                    .attempt(&backend.name, failure.metric_outcome(), Some(took));
+            }
+        }
         if let Some(event) =
             cooldowns.record(&backend.id, &policy.cooldown, health, now, Now::read())
         {
@@ -161,7 +196,11 @@ pub(super) async fn forward(
                 failures = event.consecutive_failures,
                 "backend cooling down"
             );
-            app.metrics.cooldown();
+            let reason = match health {
+                Outcome::RateLimited { .. } => CooldownReason::rate_limited,
+                _ => CooldownReason::failures,
+            };
+            app.metrics.cooldown(&backend.name, reason);
             app.usage.event(event);
         }
         match outcome {
@@ -186,13 +225,16 @@ pub(super) async fn forward(
     match last {
         Some(failure) => fail(acct, failure),
         None => match soonest {
-            Some(until) => error(
-                acct,
-                ProxyError::BackendsBusy {
-                    model: parsed.model.to_string(),
-                    retry_after: until.saturating_duration_since(Instant::now()),
-                },
-            ),
+            Some(until) => {
+                app.metrics.rate_limited(LimitScope::backends);
+                error(
+                    acct,
+                    ProxyError::BackendsBusy {
+                        model: parsed.model.to_string(),
+                        retry_after: until.saturating_duration_since(Instant::now()),
+                    },
+                )
+            }
             None => error(acct, ProxyError::UpstreamTimeout),
         },
     }
@@ -375,6 +417,7 @@ fn deliver(
             }
             acct.decorate(response.headers_mut());
             acct.first_byte();
+            acct.head_ready();
             let kind = if status.is_success() {
                 ErrorKind::Unspecified
             } else {
@@ -399,6 +442,7 @@ fn deliver(
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             acct.decorate(headers);
             acct.status_sent(status);
+            acct.head_ready();
             app.tasks.spawn(relay::relay(relay::Relay {
                 upstream,
                 first,
