@@ -1,7 +1,6 @@
 //! The control plane's HTTP listener: health, readiness, Prometheus metrics, and the
 //! web dashboard with its JSON API. Every answer carries the security headers.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::Router;
@@ -13,12 +12,14 @@ use axum::routing::get;
 
 use crate::dashboard::JsonApi;
 use crate::dataplane::Registry;
+use crate::metrics::Metrics;
 use crate::snapshot::Publisher;
 
 #[derive(Clone)]
 struct AppState {
     publisher: Arc<Publisher>,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
 }
 
 /// The dashboard's Content-Security-Policy: only this origin's files, no inline
@@ -28,14 +29,20 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; img-src 'self' da
      base-uri 'none'; form-action 'self'";
 
 /// Everything the HTTP listener serves; `api` is the dashboard's JSON API.
-pub fn router(publisher: Arc<Publisher>, registry: Arc<Registry>, api: JsonApi) -> Router {
+pub fn router(
+    publisher: Arc<Publisher>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    api: JsonApi,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(serve_metrics))
         .with_state(AppState {
             publisher,
             registry,
+            metrics,
         })
         .merge(crate::dashboard::router(api))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
@@ -61,27 +68,16 @@ async fn security_headers(request: Request, next: Next) -> Response {
     response
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP sluice_snapshot_version The newest published snapshot version."
+async fn serve_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let text = state.metrics.render(
+        state.publisher.latest().version,
+        state.registry.connected_count(),
     );
-    let _ = writeln!(out, "# TYPE sluice_snapshot_version gauge");
-    let _ = writeln!(
-        out,
-        "sluice_snapshot_version {}",
-        state.publisher.latest().version
-    );
-    let _ = writeln!(
-        out,
-        "# HELP sluice_connected_replicas Data planes with an open snapshot stream."
-    );
-    let _ = writeln!(out, "# TYPE sluice_connected_replicas gauge");
-    let _ = writeln!(
-        out,
-        "sluice_connected_replicas {}",
-        state.registry.connected_count()
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
 }

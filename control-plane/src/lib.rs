@@ -11,6 +11,7 @@ pub mod dashboard;
 pub mod dataplane;
 pub mod http;
 pub mod ingest;
+pub mod metrics;
 pub mod secrets;
 pub mod server;
 pub mod settings;

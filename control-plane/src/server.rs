@@ -205,6 +205,9 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             .map_err(|e| ServeError::Tls(e.to_string()))?;
     }
     let grpc = builder
+        .layer(crate::metrics::GrpcMetricsLayer::new(Arc::clone(
+            store.metrics(),
+        )))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(AdminServiceServer::with_interceptor(
@@ -223,7 +226,12 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             stop.clone().cancelled_owned(),
         );
 
-    let http = crate::http::router(publisher.clone(), registry.clone(), json_api);
+    let http = crate::http::router(
+        publisher.clone(),
+        registry.clone(),
+        Arc::clone(store.metrics()),
+        json_api,
+    );
     let http_stop = stop.clone();
     let http = async move {
         axum::serve(http_listener, http)

@@ -16,6 +16,7 @@ use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
 use rusqlite_migration::{M, Migrations};
 
 use crate::crypto::{CryptoError, MasterKey};
+use crate::metrics::{Metrics, WriteOp};
 use crate::validation::ValidationError;
 
 pub use crate::usage::UsageRow;
@@ -85,6 +86,7 @@ struct Inner {
     /// readers and the writer run at once).
     readers: [Mutex<Connection>; 2],
     key: MasterKey,
+    metrics: Arc<Metrics>,
 }
 
 /// Which read-only connection a read uses. Snapshot builds get their own, so a
@@ -119,6 +121,7 @@ impl Store {
                     conn: Mutex::new(conn),
                     readers: readers.map(Mutex::new),
                     key,
+                    metrics: Arc::new(Metrics::new()),
                 }),
             },
             opened,
@@ -140,6 +143,30 @@ impl Store {
         })
         .await
         .map_err(|_| StoreError::Join)?
+    }
+
+    /// Runs the write transaction `f` on the writer like [`Store::call`], and records how
+    /// long it held the connection in `sluice_sqlite_write_seconds{op}`.
+    pub(crate) async fn write<T, F>(&self, op: WriteOp, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &MasterKey) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+            let started = std::time::Instant::now();
+            let result = f(&mut conn, &inner.key);
+            inner.metrics.write(op, started.elapsed());
+            result
+        })
+        .await
+        .map_err(|_| StoreError::Join)?
+    }
+
+    /// The control plane's metrics (the store records its writes there).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// Runs `f` on one of the read-only connections in a blocking task. It sees the
@@ -168,7 +195,7 @@ impl Store {
     /// Bumps the snapshot version without another change (e.g. a replica joined,
     /// which changes every replica's RPM share).
     pub async fn bump_version(&self) -> Result<u64, StoreError> {
-        self.call(|conn, _| {
+        self.write(WriteOp::data_plane, |conn, _| {
             let tx = conn.transaction()?;
             let v = bump_version(&tx)?;
             tx.commit()?;

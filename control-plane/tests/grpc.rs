@@ -690,3 +690,153 @@ async fn usage_series_splits_at_utc_hour_and_day_boundaries_and_groups() {
         totals.cost
     );
 }
+
+/// `name{labels} value` samples of an exposition.
+fn samples(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_count_calls_by_method_and_code_usage_writes_and_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let b = create(&mut admin, "b1", "sk-provider-secret-9876").await;
+    let mut bad = backend("b2");
+    bad.base_url = "not a url".into();
+    let err = admin
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(bad),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let mut anonymous = AdminServiceClient::new(channel(&cp).await);
+    let err = anonymous
+        .list_backends(pb::ListBackendsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // One replica connected, 250 usage records in 3 batches, one batch resent.
+    let mut dp = DataPlaneServiceClient::with_interceptor(
+        channel(&cp).await,
+        Bearer(cp.dataplane_token.clone()),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::StreamSnapshotsRequest {
+        node_id: "replica-1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = dp
+        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let version = next(&mut stream).await.version;
+    let records: Vec<pb::UsageRecord> = (1..=250).map(|s| record(s, &b.id, 10, 5, 40)).collect();
+    let mut batches: Vec<pb::ReportUsageRequest> = records
+        .chunks(100)
+        .map(|c| pb::ReportUsageRequest {
+            node_id: "replica-1".into(),
+            incarnation: "i1".into(),
+            records: c.to_vec(),
+            ..Default::default()
+        })
+        .collect();
+    batches.push(batches[0].clone());
+    let mut acks = dp
+        .report_usage(tokio_stream::iter(batches))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = 0;
+    while let Some(ack) = acks.message().await.unwrap() {
+        last = ack.acked_sequence;
+    }
+    assert_eq!(last, 250);
+
+    let text = reqwest::get(format!("{}/metrics", cp.http_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let m = samples(&text);
+    let get = |name: &str| -> f64 {
+        *m.get(name)
+            .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+    };
+    let calls = |method: &str, code: &str| {
+        get(&format!(
+            r#"sluice_grpc_requests_total{{method="sluice.v1.AdminService/{method}",code="{code}"}}"#
+        ))
+    };
+    assert_eq!(calls("CreateBackend", "OK"), 1.0);
+    assert_eq!(calls("CreateBackend", "INVALID_ARGUMENT"), 1.0);
+    assert_eq!(calls("ListBackends", "UNAUTHENTICATED"), 1.0);
+    assert_eq!(
+        get(
+            r#"sluice_grpc_request_duration_seconds_count{method="sluice.v1.AdminService/CreateBackend"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        get(
+            r#"sluice_grpc_requests_total{method="sluice.v1.DataPlaneService/ReportUsage",code="OK"}"#
+        ),
+        1.0,
+        "a stream counts when it ends"
+    );
+    assert_eq!(
+        get("sluice_usage_records_ingested_total"),
+        250.0,
+        "the resent batch counted once"
+    );
+    assert!(get("sluice_usage_commits_total") >= 1.0);
+    assert!(get(r#"sluice_sqlite_write_seconds_count{op="usage_ingest"}"#) >= 1.0);
+    assert!(get(r#"sluice_sqlite_write_seconds_count{op="admin"}"#) >= 1.0);
+    assert!(get(r#"sluice_sqlite_write_seconds_count{op="data_plane"}"#) >= 1.0);
+    assert_eq!(get("sluice_data_planes_connected"), 1.0);
+    assert!(get("sluice_snapshot_version") >= version as f64);
+    assert!(!text.contains("sk-provider-secret-9876"));
+    assert!(!text.contains(&cp.admin_token));
+    assert!(!text.contains(&cp.dataplane_token));
+
+    // Unknown paths never become labels.
+    let mut raw = tonic::client::Grpc::new(channel(&cp).await);
+    raw.ready().await.unwrap();
+    let mut request = tonic::Request::new(());
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", cp.admin_token).parse().unwrap(),
+    );
+    let err = raw
+        .unary::<(), (), _>(
+            request,
+            "/sluice.v1.AdminService/NoSuchMethod".parse().unwrap(),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    let text = reqwest::get(format!("{}/metrics", cp.http_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("NoSuchMethod"));
+    assert!(
+        text.contains(r#"sluice_grpc_requests_total{method="unknown",code="UNIMPLEMENTED"} 1"#)
+    );
+}

@@ -1,6 +1,7 @@
 //! Backends and their models; provider keys encrypted with the backend id as
 //! associated data.
 
+use crate::metrics::WriteOp;
 use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
 
 use super::{Store, StoreError, bump_version, new_id, unique_violation};
@@ -22,7 +23,7 @@ impl Store {
         api_key: String,
     ) -> Result<(Backend, u64), StoreError> {
         let spec = spec.validated()?;
-        self.call(move |conn, key| {
+        self.write(WriteOp::admin, move |conn, key| {
             let tx = conn.transaction()?;
             let id = new_id();
             let now = now_ms();
@@ -81,7 +82,7 @@ impl Store {
             + Send
             + 'static,
     {
-        self.call(move |conn, key| {
+        self.write(WriteOp::admin, move |conn, key| {
             let tx = conn.transaction()?;
             let id = resolve_backend_id(&tx, &id_or_name)?;
             let current = load_backend(&tx, &id)?;
@@ -125,7 +126,7 @@ impl Store {
     }
 
     pub async fn delete_backend(&self, id_or_name: String) -> Result<u64, StoreError> {
-        self.call(move |conn, _| {
+        self.write(WriteOp::admin, move |conn, _| {
             let tx = conn.transaction()?;
             let id = resolve_backend_id(&tx, &id_or_name)?;
             tx.execute("DELETE FROM backends WHERE id = ?1", params![id])?;

@@ -1,6 +1,7 @@
 //! Client keys: stored as SHA-256 hashes, revoked rather than deleted so usage
 //! history keeps its names.
 
+use crate::metrics::WriteOp;
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::{Store, StoreError, bump_version, new_id, unique_violation};
@@ -14,7 +15,7 @@ impl Store {
         new: NewClientKey,
     ) -> Result<(ClientKey, String, u64), StoreError> {
         let new = new.validated()?;
-        self.call(move |conn, _| {
+        self.write(WriteOp::admin, move |conn, _| {
             let tx = conn.transaction()?;
             let plaintext = client_key::generate();
             let key = ClientKey {
@@ -49,7 +50,7 @@ impl Store {
 
     /// Revokes a key by id, or else by the name of an active key. Revoking twice is not an error.
     pub async fn revoke_client_key(&self, id_or_name: String) -> Result<u64, StoreError> {
-        self.call(move |conn, _| {
+        self.write(WriteOp::admin, move |conn, _| {
             let tx = conn.transaction()?;
             let id: String = tx
                 .query_row(

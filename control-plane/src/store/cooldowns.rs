@@ -1,5 +1,6 @@
 //! Cooldowns reported by data planes, and the routing settings row.
 
+use crate::metrics::WriteOp;
 use rusqlite::{Connection, OptionalExtension as _, params};
 use sluice_proto::v1 as pb;
 
@@ -38,7 +39,7 @@ impl Store {
 
     /// Clears a backend's cooldown. Returns the new snapshot version.
     pub async fn reset_cooldown(&self, backend: String) -> Result<u64, StoreError> {
-        self.call(move |conn, _| {
+        self.write(WriteOp::cooldown, move |conn, _| {
             let tx = conn.transaction()?;
             let id = resolve_backend_id(&tx, &backend)?;
             tx.execute("DELETE FROM cooldowns WHERE backend_id = ?1", params![id])?;
@@ -55,7 +56,7 @@ impl Store {
         &self,
         events: Vec<CooldownEvent>,
     ) -> Result<Option<u64>, StoreError> {
-        self.call(move |conn, _| {
+        self.write(WriteOp::cooldown, move |conn, _| {
             let tx = conn.transaction()?;
             let now = now_ms();
             let mut changed = 0;
@@ -94,7 +95,7 @@ impl Store {
 
     pub async fn put_settings(&self, settings: pb::Settings) -> Result<u64, StoreError> {
         crate::settings::validate(&settings)?;
-        self.call(move |conn, _| {
+        self.write(WriteOp::admin, move |conn, _| {
             let body = serde_json::to_string(&settings).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let tx = conn.transaction()?;
             tx.execute(

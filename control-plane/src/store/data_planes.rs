@@ -1,5 +1,6 @@
 //! What each data plane replica runs: recorded on connect and on every ack or nack.
 
+use crate::metrics::WriteOp;
 use rusqlite::params;
 
 use super::{Store, StoreError};
@@ -29,7 +30,7 @@ pub struct DataPlaneRow {
 
 impl Store {
     pub async fn record_connect(&self, hello: NodeHello) -> Result<(), StoreError> {
-        self.call(move |conn, _| {
+        self.write(WriteOp::data_plane, move |conn, _| {
             let now = now_ms();
             conn.execute(
                 "INSERT INTO data_planes (node_id, hostname, peer_address, build_version, connect_time, last_seen_time)
@@ -51,7 +52,7 @@ impl Store {
         version: u64,
         error: String,
     ) -> Result<(), StoreError> {
-        self.call(move |conn, _| {
+        self.write(WriteOp::data_plane, move |conn, _| {
             let now = now_ms();
             if error.is_empty() {
                 conn.execute(
@@ -71,7 +72,7 @@ impl Store {
     }
 
     pub async fn record_seen(&self, node_id: String) -> Result<(), StoreError> {
-        self.call(move |conn, _| {
+        self.write(WriteOp::data_plane, move |conn, _| {
             conn.execute(
                 "UPDATE data_planes SET last_seen_time = ?2 WHERE node_id = ?1",
                 params![node_id, now_ms()],

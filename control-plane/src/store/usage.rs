@@ -7,6 +7,7 @@
 //! and the hours at either end of a range from the hourly rows, so an answer is
 //! the same whichever table gives it.
 
+use crate::metrics::WriteOp;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -122,7 +123,11 @@ impl Store {
         &self,
         batches: Vec<UsageBatch>,
     ) -> Result<Vec<u64>, StoreError> {
-        self.call(move |conn, _| ingest(conn, &batches)).await
+        let (acked, fresh) = self
+            .write(WriteOp::usage_ingest, move |conn, _| ingest(conn, &batches))
+            .await?;
+        self.metrics().usage_committed(fresh);
+        Ok(acked)
     }
 
     /// Sums and percentiles over everything `filter` matches.
@@ -156,7 +161,9 @@ impl Store {
         let mut deleted = 0;
         loop {
             let n = self
-                .call(move |conn, _| delete_expired_hours(conn, now_ms))
+                .write(WriteOp::retention, move |conn, _| {
+                    delete_expired_hours(conn, now_ms)
+                })
                 .await?;
             if n == 0 {
                 return Ok(deleted);
@@ -261,11 +268,13 @@ const ADD_ON_CONFLICT: &str = "
 /// key), each added to its stored row by an upsert; then the high-water mark
 /// moves, all in one transaction. Folding before SQL keeps the statements per
 /// touched row rather than per record (see the ingestion benchmark).
-fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<Vec<u64>, StoreError> {
+/// Returns each batch's high-water mark and how many records were new.
+fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Vec<u64>, u64), StoreError> {
     let tx = conn.transaction()?;
     // (node, incarnation) → (stored high-water mark, high-water mark so far).
     let mut marks: std::collections::HashMap<(&str, &str), (u64, u64)> = Default::default();
     let mut acked = Vec::with_capacity(batches.len());
+    let mut fresh = 0u64;
     let mut hourly: BTreeMap<(i64, &str, &str, &str), Delta> = BTreeMap::new();
     for batch in batches {
         let sender = (batch.node_id.as_str(), batch.incarnation.as_str());
@@ -287,6 +296,7 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<Vec<u64>, Sto
         };
         let high_water = mark.1;
         for r in batch.rows.iter().filter(|r| r.sequence > high_water) {
+            fresh += 1;
             mark.1 = mark.1.max(r.sequence);
             let hour = floor_to(r.time_ms, HOUR_MS);
             hourly
@@ -297,7 +307,7 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<Vec<u64>, Sto
         acked.push(mark.1);
     }
     if hourly.is_empty() {
-        return Ok(acked);
+        return Ok((acked, 0));
     }
 
     // Cost uses the model route's prices as they are now, and the daily rows the
@@ -449,7 +459,7 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<Vec<u64>, Sto
         }
     }
     tx.commit()?;
-    Ok(acked)
+    Ok((acked, fresh))
 }
 
 /// Deletes expired hourly rows of at most one day (the oldest); returns how many.

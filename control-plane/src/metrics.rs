@@ -1,0 +1,419 @@
+//! Prometheus metrics of the control plane, served at `GET /metrics` on the HTTP listener in
+//! the OpenMetrics text format. Labels come from fixed sets: gRPC methods the server
+//! implements (from the proto descriptors; anything else is `unknown`), gRPC status codes, and
+//! the kinds of SQLite write.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body::{Body, Frame, SizeHint};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use prost::Message as _;
+
+/// What a timed SQLite write did.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum WriteOp {
+    /// A group commit of usage batches.
+    usage_ingest,
+    /// Cooldowns reported by data planes, or reset.
+    cooldown,
+    /// Backends, client keys, settings.
+    admin,
+    /// Data-plane connects, acks, last-seen times, snapshot versions.
+    data_plane,
+    /// Deleting expired hourly usage.
+    retention,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: WriteOp,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    method: String,
+    code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: String,
+}
+
+/// 50 µs to about 1.6 s.
+#[derive(Clone, Copy)]
+struct WriteBuckets;
+
+impl MetricConstructor<Histogram> for WriteBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+    }
+}
+
+/// 100 µs to about 3 s (streaming calls count when they end and are not timed).
+#[derive(Clone, Copy)]
+struct CallBuckets;
+
+impl MetricConstructor<Histogram> for CallBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
+    }
+}
+
+/// Every metric of the control plane. Cheap to share behind an `Arc`.
+pub struct Metrics {
+    registry: Registry,
+    snapshot_version: Gauge,
+    data_planes: Gauge,
+    records_ingested: Counter,
+    usage_commits: Counter,
+    writes: Family<OpLabels, Histogram, WriteBuckets>,
+    grpc_calls: Family<CallLabels, Counter>,
+    grpc_seconds: Family<MethodLabels, Histogram, CallBuckets>,
+    /// `/package.Service/Method` of every RPC the server implements.
+    methods: HashSet<String>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sluice");
+        let snapshot_version = Gauge::default();
+        registry.register(
+            "snapshot_version",
+            "The newest published routing snapshot version",
+            snapshot_version.clone(),
+        );
+        let data_planes = Gauge::default();
+        registry.register(
+            "data_planes_connected",
+            "Data planes with an open snapshot stream",
+            data_planes.clone(),
+        );
+        let records_ingested = Counter::default();
+        registry.register(
+            "usage_records_ingested",
+            "Usage records committed (resent duplicates not counted)",
+            records_ingested.clone(),
+        );
+        let usage_commits = Counter::default();
+        registry.register(
+            "usage_commits",
+            "Transactions that committed usage batches (each holds every batch waiting at the time)",
+            usage_commits.clone(),
+        );
+        let writes = Family::new_with_constructor(WriteBuckets);
+        registry.register_with_unit(
+            "sqlite_write",
+            "SQLite write transactions, from taking the connection to the commit (fsync included)",
+            Unit::Seconds,
+            writes.clone(),
+        );
+        let grpc_calls = Family::default();
+        registry.register(
+            "grpc_requests",
+            "gRPC calls by method and status code (streams count when they end)",
+            grpc_calls.clone(),
+        );
+        let grpc_seconds = Family::new_with_constructor(CallBuckets);
+        registry.register_with_unit(
+            "grpc_request_duration",
+            "gRPC unary calls: request received to response sent",
+            Unit::Seconds,
+            grpc_seconds.clone(),
+        );
+        let mut methods = HashSet::new();
+        for set in [
+            sluice_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            add_methods(set, &mut methods);
+        }
+        methods.insert("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_owned());
+        Self {
+            registry,
+            snapshot_version,
+            data_planes,
+            records_ingested,
+            usage_commits,
+            writes,
+            grpc_calls,
+            grpc_seconds,
+            methods,
+        }
+    }
+
+    /// One write transaction of `op` that took `took`.
+    pub fn write(&self, op: WriteOp, took: Duration) {
+        self.writes
+            .get_or_create(&OpLabels { op })
+            .observe(took.as_secs_f64());
+    }
+
+    /// A group commit of `records` new usage records.
+    pub fn usage_committed(&self, records: u64) {
+        self.usage_commits.inc();
+        self.records_ingested.inc_by(records);
+    }
+
+    /// The method label of a request path: itself if the server implements it.
+    fn method_label(&self, path: &str) -> String {
+        if self.methods.contains(path) {
+            path.trim_start_matches('/').to_owned()
+        } else {
+            "unknown".to_owned()
+        }
+    }
+
+    fn call(&self, method: &str, code: &str, took: Option<Duration>) {
+        self.grpc_calls
+            .get_or_create(&CallLabels {
+                method: method.to_owned(),
+                code: code_name(code),
+            })
+            .inc();
+        if let Some(took) = took {
+            self.grpc_seconds
+                .get_or_create(&MethodLabels {
+                    method: method.to_owned(),
+                })
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// The exposition text, with the gauges read now.
+    pub fn render(&self, snapshot_version: u64, data_planes: usize) -> String {
+        self.snapshot_version
+            .set(i64::try_from(snapshot_version).unwrap_or(i64::MAX));
+        self.data_planes
+            .set(i64::try_from(data_planes).unwrap_or(i64::MAX));
+        let mut out = String::with_capacity(8192);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn add_methods(encoded: &[u8], methods: &mut HashSet<String>) {
+    let Ok(set) = prost_types::FileDescriptorSet::decode(encoded) else {
+        return;
+    };
+    for file in set.file {
+        let package = file.package.unwrap_or_default();
+        for service in file.service {
+            let service_name = service.name.unwrap_or_default();
+            for method in service.method {
+                methods.insert(format!(
+                    "/{package}.{service_name}/{}",
+                    method.name.unwrap_or_default()
+                ));
+            }
+        }
+    }
+}
+
+/// The gRPC status code name of a `grpc-status` value.
+fn code_name(value: &str) -> &'static str {
+    match value.parse::<i32>().map(tonic::Code::from) {
+        Ok(tonic::Code::Ok) => "OK",
+        Ok(tonic::Code::Cancelled) => "CANCELLED",
+        Ok(tonic::Code::Unknown) | Err(_) => "UNKNOWN",
+        Ok(tonic::Code::InvalidArgument) => "INVALID_ARGUMENT",
+        Ok(tonic::Code::DeadlineExceeded) => "DEADLINE_EXCEEDED",
+        Ok(tonic::Code::NotFound) => "NOT_FOUND",
+        Ok(tonic::Code::AlreadyExists) => "ALREADY_EXISTS",
+        Ok(tonic::Code::PermissionDenied) => "PERMISSION_DENIED",
+        Ok(tonic::Code::ResourceExhausted) => "RESOURCE_EXHAUSTED",
+        Ok(tonic::Code::FailedPrecondition) => "FAILED_PRECONDITION",
+        Ok(tonic::Code::Aborted) => "ABORTED",
+        Ok(tonic::Code::OutOfRange) => "OUT_OF_RANGE",
+        Ok(tonic::Code::Unimplemented) => "UNIMPLEMENTED",
+        Ok(tonic::Code::Internal) => "INTERNAL",
+        Ok(tonic::Code::Unavailable) => "UNAVAILABLE",
+        Ok(tonic::Code::DataLoss) => "DATA_LOSS",
+        Ok(tonic::Code::Unauthenticated) => "UNAUTHENTICATED",
+    }
+}
+
+/// A tower layer for the gRPC server that counts every call by method and status code.
+#[derive(Clone)]
+pub struct GrpcMetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl GrpcMetricsLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetricsService {
+            inner,
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GrpcMetricsService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for GrpcMetricsService<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<CountedBody<ResBody>>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let method = self.metrics.method_label(request.uri().path());
+        let metrics = Arc::clone(&self.metrics);
+        let started = Instant::now();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            let (parts, body) = response.into_parts();
+            let mut call = Some(Call {
+                metrics,
+                method,
+                started,
+            });
+            // A trailers-only answer (errors, mostly) carries the status in its headers.
+            if let Some(status) = parts.headers.get("grpc-status")
+                && let Some(call) = call.take()
+            {
+                call.finish(status.to_str().unwrap_or(""));
+            }
+            Ok(http::Response::from_parts(
+                parts,
+                CountedBody { inner: body, call },
+            ))
+        })
+    }
+}
+
+/// A call waiting for its status in the response trailers.
+struct Call {
+    metrics: Arc<Metrics>,
+    method: String,
+    started: Instant,
+}
+
+impl Call {
+    fn finish(self, code: &str) {
+        self.metrics
+            .call(&self.method, code, Some(self.started.elapsed()));
+    }
+}
+
+/// A response body that records its call when the trailers pass, or as `CANCELLED` when it
+/// is dropped first (the client went away mid-stream).
+pub struct CountedBody<B> {
+    inner: B,
+    call: Option<Call>,
+}
+
+impl<B> Drop for CountedBody<B> {
+    fn drop(&mut self) {
+        if let Some(call) = self.call.take() {
+            call.metrics.call(&call.method, "1", None);
+        }
+    }
+}
+
+impl<B> Body for CountedBody<B>
+where
+    B: Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(trailers) = frame.trailers_ref()
+            && let Some(call) = self.call.take()
+        {
+            let code = trailers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            call.finish(code);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn methods_come_from_the_descriptors_and_anything_else_is_unknown() {
+        let m = Metrics::new();
+        assert_eq!(
+            m.method_label("/sluice.v1.AdminService/CreateBackend"),
+            "sluice.v1.AdminService/CreateBackend"
+        );
+        assert_eq!(
+            m.method_label("/sluice.v1.DataPlaneService/ReportUsage"),
+            "sluice.v1.DataPlaneService/ReportUsage"
+        );
+        assert_eq!(
+            m.method_label("/grpc.health.v1.Health/Check"),
+            "grpc.health.v1.Health/Check"
+        );
+        assert_eq!(m.method_label("/sluice.v1.AdminService/Nope"), "unknown");
+        assert_eq!(m.method_label("/x"), "unknown");
+        assert_eq!(code_name("0"), "OK");
+        assert_eq!(code_name("16"), "UNAUTHENTICATED");
+        assert_eq!(code_name("garbage"), "UNKNOWN");
+    }
+}
