@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use sluice_control::crypto::MasterKey;
 use sluice_control::secrets::{self, SecretSources};
 use sluice_control::server::{self, Config, DB_FILE, TlsFiles};
@@ -18,9 +18,17 @@ use sluice_control::store::Store;
 /// Secrets: SLUICE_ADMIN_TOKEN, SLUICE_DATAPLANE_TOKEN and SLUICE_MASTER_KEY (base64 of 32
 /// bytes) or --master-key-file. Any not given is read from, or on first start generated
 /// into, the data directory (files admin-token, dataplane-token, master-key; mode 0600).
+///
+/// Every option can also come from its environment variable or from a TOML file given with
+/// --config (keys are the long option names, e.g. `grpc_listen = "0.0.0.0:50051"`; secrets
+/// stay out of it: use the variables or the files). Precedence: command line, then
+/// environment, then the file, then the default shown.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Args {
+    /// TOML file with any of the options below.
+    #[arg(long, env = "SLUICE_CONFIG", global = true)]
+    config: Option<PathBuf>,
     /// Directory holding the SQLite database (sluice.db) and generated secrets.
     #[arg(
         long,
@@ -29,10 +37,12 @@ struct Args {
         global = true
     )]
     data_dir: PathBuf,
-    /// Address of the gRPC listener (admin, stats and data-plane services).
+    /// Address of the gRPC listener: AdminService, StatsService, DataPlaneService, gRPC health
+    /// and reflection (port 0 picks a free one).
     #[arg(long, env = "SLUICE_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     grpc_listen: SocketAddr,
-    /// Address of the HTTP listener (/healthz, /readyz, /metrics).
+    /// Address of the HTTP listener: the dashboard (/), its JSON API (/api/…), /healthz,
+    /// /readyz and /metrics.
     #[arg(long, env = "SLUICE_HTTP_LISTEN", default_value = "127.0.0.1:8081")]
     http_listen: SocketAddr,
     /// File holding the base64 master key (instead of SLUICE_MASTER_KEY).
@@ -44,7 +54,7 @@ struct Args {
     /// PEM private key for TLS on the gRPC listener (with --tls-cert).
     #[arg(long, env = "SLUICE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Log format.
+    /// Log format on stderr; RUST_LOG filters (default info).
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -95,7 +105,9 @@ fn secret_sources(args: &Args) -> SecretSources {
 
 #[tokio::main]
 async fn main() {
-    let args = Args::parse();
+    let args: Args =
+        sluice_proto::config::parse_from(Args::command(), "config", std::env::args_os())
+            .unwrap_or_else(|e| e.exit());
     init_logging(args.log_format);
     let result = match &args.command {
         None => run(&args).await,

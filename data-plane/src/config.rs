@@ -27,48 +27,64 @@ pub enum LogFormat {
     Json,
 }
 
-/// `sluice-proxy`: the Sluice data plane.
+/// `sluice-proxy`: the Sluice data plane, an OpenAI-compatible HTTP proxy that routes by the
+/// snapshots the control plane streams to it and reports usage back.
+///
+/// Every option can also come from its environment variable or from a TOML file given with
+/// --config (keys are the long option names, e.g. `listen = "0.0.0.0:8080"`). Precedence:
+/// command line, then environment, then the file, then the default shown.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "sluice-proxy", version, about)]
+#[command(name = "sluice-proxy", version, about, long_about)]
 pub struct Config {
-    /// The control plane's gRPC address.
+    /// TOML file with any of the options below.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The control plane's gRPC address; `https://` uses TLS.
     #[arg(
         long,
         env = "SLUICE_CONTROL_PLANE",
         default_value = "http://127.0.0.1:50051"
     )]
     pub control_plane: String,
-    /// PEM file of the CA that signed an `https://` control plane's certificate.
+    /// PEM file of the CA that signed an `https://` control plane's certificate (default: the
+    /// system's roots).
     #[arg(long, env = "SLUICE_CONTROL_PLANE_CA")]
     pub control_plane_ca: Option<PathBuf>,
-    /// Address of the OpenAI-compatible HTTP listener (port 0 picks a free one).
+    /// Address of the OpenAI-compatible HTTP listener, which also serves /healthz, /readyz and
+    /// /metrics (port 0 picks a free one).
     #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Names this replica to the control plane; default `<hostname>-<random>`.
+    /// Names this replica to the control plane (`sluicectl dataplane list`); default
+    /// `<hostname>-<random>`.
     #[arg(long, env = "SLUICE_NODE_ID")]
     pub node_id: Option<String>,
-    /// The data-plane token (prefer the environment variable or the file).
+    /// The data-plane token the control plane expects (prefer the variable or
+    /// --dataplane-token-file: a flag shows in `ps`).
     #[arg(long, env = "SLUICE_DATAPLANE_TOKEN", hide_env_values = true)]
     pub dataplane_token: Option<Secret>,
-    /// A file holding the data-plane token; wins over the variable.
+    /// A file holding the data-plane token; wins over --dataplane-token.
     #[arg(long, env = "SLUICE_DATAPLANE_TOKEN_FILE")]
     pub dataplane_token_file: Option<PathBuf>,
-    /// Largest accepted request body; larger ones get 413.
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    /// Largest accepted request body, in bytes; larger ones get 413.
+    #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Largest non-streamed upstream response body read.
-    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    /// Largest non-streamed upstream response body read, in bytes; a larger one fails the
+    /// attempt (502 if nothing else answers).
+    #[arg(long, env = "SLUICE_MAX_RESPONSE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_response_bytes: usize,
-    /// Usage records held while the control plane has not acked them; beyond, the oldest go.
-    #[arg(long, default_value_t = crate::usage::DEFAULT_CAPACITY)]
+    /// Usage records held while the control plane has not acked them; beyond, the oldest are
+    /// dropped and counted in sluice_usage_dropped_records_total.
+    #[arg(long, env = "SLUICE_USAGE_QUEUE", default_value_t = crate::usage::DEFAULT_CAPACITY)]
     pub usage_queue: usize,
-    /// On SIGTERM/SIGINT, how long in-flight requests and streams may take to finish.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    /// On SIGTERM/SIGINT, how long in-flight requests and streams may take to finish (e.g.
+    /// 30s, 2m). Give the orchestrator's grace period a little more.
+    #[arg(long, env = "SLUICE_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
     /// After draining, how long to wait for the control plane to ack the last usage.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SLUICE_USAGE_FLUSH_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub usage_flush_timeout: Duration,
-    #[arg(long, value_enum, default_value = "text")]
+    /// Log format on stderr: one line per event; RUST_LOG filters (default info).
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
 
@@ -76,6 +92,7 @@ impl Config {
     /// Defaults for everything, listening on `listen`, talking to `control_plane`.
     pub fn new(control_plane: impl Into<String>, listen: SocketAddr) -> Self {
         Self {
+            config: None,
             control_plane: control_plane.into(),
             control_plane_ca: None,
             listen,
@@ -89,6 +106,14 @@ impl Config {
             usage_flush_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,
         }
+    }
+
+    /// Parses the command line, the environment and the --config file, or prints why not
+    /// (or the help) and exits.
+    pub fn load() -> Self {
+        use clap::CommandFactory;
+        sluice_proto::config::parse_from(Self::command(), "config", std::env::args_os())
+            .unwrap_or_else(|e| e.exit())
     }
 
     /// The token from the file if one is named, else from the flag or variable.

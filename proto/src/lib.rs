@@ -1,5 +1,6 @@
-//! Generated code for the Sluice public API, package `sluice.v1`, and nothing else:
-//! conversions to domain types live in the crates that own them.
+//! Generated code for the Sluice public API, package `sluice.v1`: conversions to domain
+//! types live in the crates that own them. With the feature `config`, also the
+//! configuration-file loader the Sluice servers share (the one crate both depend on).
 
 /// Package `sluice.v1`: messages, `*_client` and `*_server` modules, and serde impls
 /// following the proto3 JSON mapping.
@@ -13,3 +14,6 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sluice_descriptor");
 
 pub use pbjson_types as wkt;
+
+#[cfg(feature = "config")]
+pub mod config;

@@ -1,0 +1,179 @@
+//! End to end: the servers take their options from a TOML file, environment variables and
+//! flags, in that rising order of precedence, and refuse a bad file with one readable line.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::free_port;
+use sluice_e2e::process::{spawn, workspace_bin};
+
+const START: Duration = Duration::from_secs(30);
+
+/// Starts `bin` and returns the port its `listener` reports, then stops it.
+async fn listening_port(
+    bin: &str,
+    listener: &str,
+    args: &[String],
+    envs: &[(&str, String)],
+) -> u16 {
+    let mut child = spawn(
+        workspace_bin(bin),
+        args,
+        envs.iter().map(|(k, v)| (*k, v.as_str())),
+    )
+    .unwrap();
+    let addr = child.wait_for_listening(listener, START).await.unwrap();
+    child.terminate().await.unwrap();
+    child.wait().await.unwrap();
+    addr.port()
+}
+
+#[tokio::test]
+async fn the_data_plane_takes_flags_over_environment_over_file_over_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file_port, env_port, flag_port) = (free_port(), free_port(), free_port());
+    let file = dir.path().join("sluice-proxy.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "# a data plane\ncontrol_plane = \"http://127.0.0.1:{}\"\nlisten = \"127.0.0.1:{file_port}\"\n\
+             drain-timeout = \"2s\"\nnode_id = \"from-file\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let token = ("SLUICE_DATAPLANE_TOKEN", "t".to_owned());
+    let config = ("SLUICE_CONFIG", file.display().to_string());
+    let env_listen = ("SLUICE_LISTEN", format!("127.0.0.1:{env_port}"));
+    let proxy = |args: Vec<String>, envs: Vec<(&'static str, String)>| async move {
+        listening_port("sluice-proxy", "http", &args, &envs).await
+    };
+    assert_eq!(
+        proxy(vec![], vec![token.clone(), config.clone()]).await,
+        file_port,
+        "the file (named by SLUICE_CONFIG) beats the default"
+    );
+    assert_eq!(
+        proxy(vec![], vec![token.clone(), config, env_listen.clone()]).await,
+        env_port,
+        "the environment beats the file"
+    );
+    let args = vec![
+        "--config".to_owned(),
+        file.display().to_string(),
+        "--listen".to_owned(),
+        format!("127.0.0.1:{flag_port}"),
+    ];
+    assert_eq!(
+        proxy(args, vec![token, env_listen]).await,
+        flag_port,
+        "the command line beats the environment"
+    );
+}
+
+#[tokio::test]
+async fn the_control_plane_reads_its_file_and_refuses_unknown_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = (free_port(), free_port());
+    let file = dir.path().join("sluice-control.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "data_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:{grpc}\"\nhttp-listen = \"127.0.0.1:{http}\"\nlog_format = \"json\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut child = spawn(
+        workspace_bin("sluice-control"),
+        ["--config", file.to_str().unwrap()],
+        [("SLUICE_ADMIN_TOKEN", "a"), ("SLUICE_DATAPLANE_TOKEN", "d")],
+    )
+    .unwrap();
+    assert_eq!(
+        child
+            .wait_for_listening("grpc", START)
+            .await
+            .unwrap()
+            .port(),
+        grpc
+    );
+    assert_eq!(
+        child
+            .wait_for_listening("http", START)
+            .await
+            .unwrap()
+            .port(),
+        http
+    );
+    assert!(
+        child.output().iter().any(|l| l.starts_with('{')),
+        "log_format from the file"
+    );
+    assert!(dir.path().join("data/sluice.db").exists());
+    child.terminate().await.unwrap();
+    assert!(child.wait().await.unwrap().success());
+
+    // A misspelt key: exit 2 and one line naming the key and the file.
+    std::fs::write(&file, "grpc_listn = \"127.0.0.1:1\"\n").unwrap();
+    for bin in ["sluice-control", "sluice-proxy"] {
+        let mut child = spawn(
+            workspace_bin(bin),
+            ["--config", file.to_str().unwrap()],
+            [("SLUICE_DATAPLANE_TOKEN", "d")],
+        )
+        .unwrap();
+        let status = child.wait().await.unwrap();
+        assert_eq!(status.code(), Some(2), "{bin}");
+        let output = child.output();
+        assert_eq!(output.len(), 1, "{bin}: {output:?}");
+        assert!(output[0].contains("unknown key `grpc_listn`"), "{output:?}");
+        assert!(output[0].contains("sluice-control.toml"), "{output:?}");
+    }
+}
+
+/// The example files in `deploy/` are complete and valid: each binary starts from its file,
+/// with only the paths and addresses that differ on a test machine overridden.
+#[tokio::test]
+async fn the_example_files_in_deploy_start_the_servers() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let control = root.join("deploy/sluice-control.toml");
+    let grpc = listening_port(
+        "sluice-control",
+        "grpc",
+        &[
+            "--config".to_owned(),
+            control.display().to_string(),
+            "--data-dir".to_owned(),
+            dir.path().join("data").display().to_string(),
+            "--grpc-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--http-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ],
+        &[],
+    )
+    .await;
+    assert_ne!(grpc, 0);
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t\n").unwrap();
+    let proxy = root.join("deploy/sluice-proxy.toml");
+    let http = listening_port(
+        "sluice-proxy",
+        "http",
+        &[
+            "--config".to_owned(),
+            proxy.display().to_string(),
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--dataplane-token-file".to_owned(),
+            token.display().to_string(),
+        ],
+        &[],
+    )
+    .await;
+    assert_ne!(http, 0);
+}
