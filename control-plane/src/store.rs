@@ -134,15 +134,7 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut Connection, &MasterKey) -> Result<T, StoreError> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock leaves no half-written state behind:
-            // an open transaction rolls back when dropped.
-            let mut conn = inner.conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut conn, &inner.key)
-        })
-        .await
-        .map_err(|_| StoreError::Join)?
+        self.on_writer(None, f).await
     }
 
     /// Runs the write transaction `f` on the writer like [`Store::call`], and records how
@@ -152,12 +144,24 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut Connection, &MasterKey) -> Result<T, StoreError> + Send + 'static,
     {
+        self.on_writer(Some(op), f).await
+    }
+
+    async fn on_writer<T, F>(&self, op: Option<WriteOp>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &MasterKey) -> Result<T, StoreError> + Send + 'static,
+    {
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock leaves no half-written state behind:
+            // an open transaction rolls back when dropped.
             let mut conn = inner.conn.lock().unwrap_or_else(|p| p.into_inner());
             let started = std::time::Instant::now();
             let result = f(&mut conn, &inner.key);
-            inner.metrics.write(op, started.elapsed());
+            if let Some(op) = op {
+                inner.metrics.write(op, started.elapsed());
+            }
             result
         })
         .await

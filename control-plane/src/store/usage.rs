@@ -228,6 +228,23 @@ impl Delta {
         }
     }
 
+    /// The values of [`SUM_COLUMNS`].
+    fn sums(&self) -> [rusqlite::types::Value; 10] {
+        use rusqlite::types::Value;
+        [
+            Value::Integer(self.request_count),
+            Value::Integer(self.error_count),
+            Value::Integer(self.stream_count),
+            Value::Integer(self.prompt_tokens),
+            Value::Integer(self.completion_tokens),
+            Value::Real(self.cost),
+            Value::Real(self.latency_ms_sum),
+            Value::Real(self.ttft_ms_sum),
+            Value::Integer(self.ttft_count),
+            Value::Blob(self.encoded_latency()),
+        ]
+    }
+
     fn encoded_latency(&self) -> Vec<u8> {
         let mut buckets = self.latency.clone();
         buckets.sort_unstable();
@@ -262,6 +279,35 @@ const ADD_ON_CONFLICT: &str = "
     ttft_ms_sum = ttft_ms_sum + excluded.ttft_ms_sum,
     ttft_count = ttft_count + excluded.ttft_count,
     latency_histogram = usage_histogram_add(latency_histogram, excluded.latency_histogram)";
+
+/// The summed columns of every usage table, in the order [`Delta::sums`] gives them.
+const SUM_COLUMNS: &str = "request_count, error_count, stream_count, prompt_tokens, \
+    completion_tokens, cost, latency_ms_sum, ttft_ms_sum, ttft_count, latency_histogram";
+
+/// Adds `delta` to the row of `keys` with a statement from [`upsert_sql`].
+fn upsert_row(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    keys: &[&dyn rusqlite::ToSql],
+    delta: &Delta,
+) -> rusqlite::Result<usize> {
+    let sums = delta.sums();
+    stmt.execute(params_from_iter(
+        keys.iter()
+            .copied()
+            .chain(sums.iter().map(|v| v as &dyn rusqlite::ToSql)),
+    ))
+}
+
+/// An upsert into a usage table keyed by `keys`: the key values, then [`Delta::sums`].
+fn upsert_sql(table: &str, keys: &str) -> String {
+    let n = keys.split(',').count() + SUM_COLUMNS.split(',').count();
+    let values: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+    format!(
+        "INSERT INTO {table} ({keys}, {SUM_COLUMNS}) VALUES ({})
+         ON CONFLICT ({keys}) DO UPDATE SET {ADD_ON_CONFLICT}",
+        values.join(", ")
+    )
+}
 
 /// Applies a batch: the records above the high-water mark are folded into one
 /// delta per (hour, backend, model, key) and per (day, pool, backend, model,
@@ -321,12 +367,9 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Vec<u64>, u6
              WHERE backend_id = ?1 AND name = ?2",
         )?;
         let mut pool_of = tx.prepare_cached("SELECT pool FROM backends WHERE id = ?1")?;
-        let mut upsert = tx.prepare_cached(&format!(
-            "INSERT INTO usage_hourly (hour_start, backend_id, model, client_key_id, request_count,
-                 error_count, stream_count, prompt_tokens, completion_tokens, cost, latency_ms_sum,
-                 ttft_ms_sum, ttft_count, latency_histogram)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-             ON CONFLICT (hour_start, backend_id, model, client_key_id) DO UPDATE SET {ADD_ON_CONFLICT}"
+        let mut upsert = tx.prepare_cached(&upsert_sql(
+            "usage_hourly",
+            "hour_start, backend_id, model, client_key_id",
         ))?;
         for (&(hour, backend_id, model, client_key_id), delta) in &mut hourly {
             let (input, output) = match prices.get(&(backend_id, model)) {
@@ -344,22 +387,11 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Vec<u64>, u6
             delta.cost = (delta.prompt_tokens as f64 * input
                 + delta.completion_tokens as f64 * output)
                 / 1_000_000.0;
-            upsert.execute(params![
-                hour,
-                backend_id,
-                model,
-                client_key_id,
-                delta.request_count,
-                delta.error_count,
-                delta.stream_count,
-                delta.prompt_tokens,
-                delta.completion_tokens,
-                delta.cost,
-                delta.latency_ms_sum,
-                delta.ttft_ms_sum,
-                delta.ttft_count,
-                delta.encoded_latency(),
-            ])?;
+            upsert_row(
+                &mut upsert,
+                params![hour, backend_id, model, client_key_id],
+                delta,
+            )?;
             let pool = match pools.get(backend_id) {
                 Some(&p) => p,
                 None => {
@@ -392,57 +424,25 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Vec<u64>, u6
             .add(delta);
     }
     {
-        let mut upsert = tx.prepare_cached(&format!(
-            "INSERT INTO usage_daily_by_backend (day_start, backend_id, pool, request_count,
-                 error_count, stream_count, prompt_tokens, completion_tokens, cost, latency_ms_sum,
-                 ttft_ms_sum, ttft_count, latency_histogram)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
-             ON CONFLICT (day_start, backend_id, pool) DO UPDATE SET {ADD_ON_CONFLICT}"
+        let mut upsert = tx.prepare_cached(&upsert_sql(
+            "usage_daily_by_backend",
+            "day_start, backend_id, pool",
         ))?;
         for ((day, backend_id, pool), delta) in &by_backend {
-            upsert.execute(params![
-                day,
-                backend_id,
-                pool,
-                delta.request_count,
-                delta.error_count,
-                delta.stream_count,
-                delta.prompt_tokens,
-                delta.completion_tokens,
-                delta.cost,
-                delta.latency_ms_sum,
-                delta.ttft_ms_sum,
-                delta.ttft_count,
-                delta.encoded_latency(),
-            ])?;
+            upsert_row(&mut upsert, params![day, backend_id, pool], delta)?;
         }
     }
     {
-        let mut upsert = tx.prepare_cached(&format!(
-            "INSERT INTO usage_daily (day_start, backend_id, model, client_key_id, pool, request_count,
-                 error_count, stream_count, prompt_tokens, completion_tokens, cost, latency_ms_sum,
-                 ttft_ms_sum, ttft_count, latency_histogram)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
-             ON CONFLICT (day_start, backend_id, model, client_key_id, pool) DO UPDATE SET {ADD_ON_CONFLICT}"
+        let mut upsert = tx.prepare_cached(&upsert_sql(
+            "usage_daily",
+            "day_start, backend_id, model, client_key_id, pool",
         ))?;
         for ((day, backend_id, model, client_key_id, pool), delta) in &daily {
-            upsert.execute(params![
-                day,
-                backend_id,
-                model,
-                client_key_id,
-                pool,
-                delta.request_count,
-                delta.error_count,
-                delta.stream_count,
-                delta.prompt_tokens,
-                delta.completion_tokens,
-                delta.cost,
-                delta.latency_ms_sum,
-                delta.ttft_ms_sum,
-                delta.ttft_count,
-                delta.encoded_latency(),
-            ])?;
+            upsert_row(
+                &mut upsert,
+                params![day, backend_id, model, client_key_id, pool],
+                delta,
+            )?;
         }
     }
     {
