@@ -47,7 +47,8 @@ if [ "$fuzz_seconds" -gt 0 ]; then
   command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
   for target in request sse; do
     mkdir -p "data-plane/fuzz/corpus/$target"
-    fuzz_log="target/fuzz-$target.log"
+    fuzz_log="${CARGO_TARGET_DIR:-target}/fuzz-$target.log"
+    mkdir -p "$(dirname "$fuzz_log")"
     # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
     if (cd data-plane && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" \
           "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
