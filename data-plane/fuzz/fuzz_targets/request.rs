@@ -1,7 +1,9 @@
-//! Request bodies from clients: parsing never panics; a rewrite parses again with the
-//! new model and the same streaming choice; and when the body is strict JSON, the
-//! rewrite is strict JSON that changes only `model` (and `stream_options.include_usage`
-//! for streams), keeping every other field.
+//! Request bodies from clients, parsed and rewritten as the proxy does (`parse`, then
+//! `rewrite` to the upstream model, forcing `include_usage` for streams): parsing never
+//! panics; a rewrite parses again with the new model, the same streaming choice and the usage
+//! chunk asked for when streaming; and when the body is strict JSON, the rewrite is strict JSON
+//! that changes only `model` and, for streams, `stream_options.include_usage`, keeping every
+//! other field (other `stream_options` fields included).
 //!
 //! Bodies that are not strict JSON but that the parser takes (a lone UTF-16 surrogate
 //! escape such as `"\ud800"`, which Python's `json` and so many upstreams accept) are
@@ -9,31 +11,41 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use serde_json::Value;
+use serde_json::{Map, Value};
+
+/// An upstream model name that needs escaping: a quote, a backslash, a control character,
+/// non-ASCII.
+const UPSTREAM: &str = "up\"stream\\model\u{7}-é";
 
 fuzz_target!(|data: &[u8]| {
     let Ok(parsed) = sluice_proxy::request::parse(data) else {
         return;
     };
-    let rewritten = parsed.rewrite("upstream-model", parsed.stream);
+    let rewritten = parsed.rewrite(UPSTREAM, parsed.stream);
     let again = sluice_proxy::request::parse(&rewritten).expect("a rewrite parses again");
-    assert_eq!(again.model, "upstream-model");
+    assert_eq!(again.model, UPSTREAM);
     assert_eq!(again.stream, parsed.stream);
+    assert_eq!(again.include_usage, parsed.stream || parsed.include_usage);
 
     let Ok(Value::Object(mut original)) = serde_json::from_slice::<Value>(data) else {
         return;
     };
-    let out: Value = serde_json::from_slice(&rewritten).expect("a strict body's rewrite is strict JSON");
-    let Value::Object(mut out) = out else {
+    let out: Value =
+        serde_json::from_slice(&rewritten).expect("a strict body's rewrite is strict JSON");
+    let Value::Object(out) = out else {
         panic!("a rewrite is an object");
     };
-    assert_eq!(out["model"], "upstream-model");
-    original.remove("model");
-    out.remove("model");
+    original.insert("model".into(), UPSTREAM.into());
     if parsed.stream {
-        assert_eq!(out["stream_options"]["include_usage"], true);
-        original.remove("stream_options");
-        out.remove("stream_options");
+        let mut options = match original.remove("stream_options") {
+            Some(Value::Object(options)) => options,
+            _ => Map::new(),
+        };
+        options.insert("include_usage".into(), true.into());
+        original.insert("stream_options".into(), Value::Object(options));
     }
-    assert_eq!(original, out, "fields other than model and stream_options are kept");
+    assert_eq!(
+        out, original,
+        "only model and stream_options.include_usage change"
+    );
 });
