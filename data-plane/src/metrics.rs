@@ -3,10 +3,12 @@
 //! the snapshot (configuration, not client input; a model no route serves is `other`), status
 //! classes, and small fixed enums. Never request ids, keys or prompt text.
 
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
@@ -16,15 +18,59 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::snapshot::SnapshotStore;
 use crate::usage::UsageSink;
 
-/// The label value for "no backend was tried" and "no model was read".
-pub const NONE: &str = "none";
-/// The model label of a request for a model no route serves.
-pub const OTHER_MODEL: &str = "other";
+/// A label value: a fixed word, or a name shared with the snapshot (a backend or public
+/// model name), so that counting a request clones a pointer instead of copying a string.
+/// Equal and hashed by its text.
+#[derive(Debug, Clone)]
+pub enum Label {
+    Fixed(&'static str),
+    Shared(Arc<str>),
+}
+
+impl Label {
+    /// "No backend was tried", "no model was read".
+    pub const NONE: Self = Self::Fixed("none");
+    /// The model label of a request for a model no route serves.
+    pub const OTHER_MODEL: Self = Self::Fixed("other");
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Fixed(s) => s,
+            Self::Shared(s) => s,
+        }
+    }
+}
+
+impl From<&Arc<str>> for Label {
+    fn from(name: &Arc<str>) -> Self {
+        Self::Shared(Arc::clone(name))
+    }
+}
+
+impl PartialEq for Label {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Label {}
+
+impl Hash for Label {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    backend: String,
-    model: String,
+    backend: Label,
+    model: Label,
     status_class: &'static str,
 }
 
@@ -41,7 +87,7 @@ fn status_class(status: u16) -> &'static str {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
-    backend: String,
+    backend: Label,
 }
 
 /// How one upstream attempt ended.
@@ -58,7 +104,7 @@ pub enum AttemptOutcome {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
-    backend: String,
+    backend: Label,
     outcome: AttemptOutcome,
 }
 
@@ -74,7 +120,7 @@ pub enum CooldownReason {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CooldownLabels {
-    backend: String,
+    backend: Label,
     reason: CooldownReason,
 }
 
@@ -88,7 +134,7 @@ pub enum SkipReason {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SkipLabels {
-    backend: String,
+    backend: Label,
     reason: SkipReason,
 }
 
@@ -179,8 +225,9 @@ impl Metrics {
         let overhead = Histogram::new(exponential_buckets(0.000_025, 2.0, 16));
         registry.register_with_unit(
             "gateway_overhead",
-            "Per request that reached a backend: time spent in Sluice before the response head \
-             went to the client, not counting the time waiting on upstream attempts",
+            "Per request that reached a backend: arrival to the response head going to the \
+             client, minus the time waiting on upstream attempts (each from sending the request \
+             to the whole answer, or for a stream to its first event)",
             Unit::Seconds,
             overhead.clone(),
         );
@@ -267,12 +314,12 @@ impl Metrics {
     }
 
     /// One answered request. `backend` is the last backend tried, `model` the public model
-    /// name if a route serves it; see [`NONE`] and [`OTHER_MODEL`].
-    pub fn request(&self, backend: &str, model: &str, status: u16) {
+    /// name if a route serves it; see [`Label::NONE`] and [`Label::OTHER_MODEL`].
+    pub fn request(&self, backend: &Label, model: &Label, status: u16) {
         self.requests
             .get_or_create(&RequestLabels {
-                backend: backend.to_owned(),
-                model: model.to_owned(),
+                backend: backend.clone(),
+                model: model.clone(),
                 status_class: status_class(status),
             })
             .inc();
@@ -280,10 +327,10 @@ impl Metrics {
 
     /// One upstream attempt; `latency` unless it is a stream still running (its latency is
     /// recorded when it ends).
-    pub fn attempt(&self, backend: &str, outcome: AttemptOutcome, latency: Option<Duration>) {
+    pub fn attempt(&self, backend: &Label, outcome: AttemptOutcome, latency: Option<Duration>) {
         self.attempts
             .get_or_create(&AttemptLabels {
-                backend: backend.to_owned(),
+                backend: backend.clone(),
                 outcome,
             })
             .inc();
@@ -292,18 +339,18 @@ impl Metrics {
         }
     }
 
-    pub fn upstream_latency(&self, backend: &str, took: Duration) {
+    pub fn upstream_latency(&self, backend: &Label, took: Duration) {
         self.upstream_latency
             .get_or_create(&BackendLabels {
-                backend: backend.to_owned(),
+                backend: backend.clone(),
             })
             .observe(took.as_secs_f64());
     }
 
-    pub fn upstream_ttft(&self, backend: &str, took: Duration) {
+    pub fn upstream_ttft(&self, backend: &Label, took: Duration) {
         self.upstream_ttft
             .get_or_create(&BackendLabels {
-                backend: backend.to_owned(),
+                backend: backend.clone(),
             })
             .observe(took.as_secs_f64());
     }
@@ -316,19 +363,19 @@ impl Metrics {
         self.failovers.inc();
     }
 
-    pub fn cooldown(&self, backend: &str, reason: CooldownReason) {
+    pub fn cooldown(&self, backend: &Label, reason: CooldownReason) {
         self.cooldowns
             .get_or_create(&CooldownLabels {
-                backend: backend.to_owned(),
+                backend: backend.clone(),
                 reason,
             })
             .inc();
     }
 
-    pub fn skip(&self, backend: &str, reason: SkipReason) {
+    pub fn skip(&self, backend: &Label, reason: SkipReason) {
         self.skips
             .get_or_create(&SkipLabels {
-                backend: backend.to_owned(),
+                backend: backend.clone(),
                 reason,
             })
             .inc();
@@ -390,16 +437,19 @@ mod tests {
     #[test]
     fn renders_every_family_with_bounded_labels() {
         let metrics = Metrics::default();
-        metrics.request("b1", "gpt-4o-mini", 200);
-        metrics.request("b1", "gpt-4o-mini", 200);
-        metrics.request(NONE, NONE, 401);
+        let b1 = Label::from(&Arc::<str>::from("b1"));
+        let model = Label::from(&Arc::<str>::from("gpt-4o-mini"));
+        metrics.request(&b1, &model, 200);
+        // The same text from another snapshot's `Arc` is the same series.
+        metrics.request(&Label::Shared("b1".into()), &model, 201);
+        metrics.request(&Label::NONE, &Label::NONE, 401);
         metrics.attempt(
-            "b1",
+            &b1,
             AttemptOutcome::rate_limited,
             Some(Duration::from_millis(3)),
         );
-        metrics.upstream_ttft("b1", Duration::from_millis(2));
-        metrics.cooldown("b1", CooldownReason::rate_limited);
+        metrics.upstream_ttft(&b1, Duration::from_millis(2));
+        metrics.cooldown(&b1, CooldownReason::rate_limited);
         metrics.rate_limited(LimitScope::client_key);
         metrics.overhead(Duration::from_micros(80));
         let guard = metrics.in_flight();

@@ -23,11 +23,15 @@ use tokio_util::task::TaskTracker;
 pub use accounting::{CLIENT_CLOSED_REQUEST, Tokens, usage_of};
 
 use crate::error::ProxyError;
-use crate::metrics::{self, LimitScope, Metrics};
+use crate::metrics::{Label, LimitScope, Metrics};
 use crate::request;
 use crate::snapshot::{ClientKey, Endpoint, Snapshot, SnapshotStore};
 use crate::usage::UsageSink;
 use accounting::Accounting;
+
+/// The `tracing` target of the one `request finished` line each proxied request gets
+/// (`RUST_LOG=info,sluice::request=off` silences them).
+pub const REQUEST_LOG_TARGET: &str = "sluice::request";
 
 /// Size limits for request and response bodies.
 #[derive(Debug, Clone, Copy)]
@@ -115,10 +119,13 @@ async fn serve(app: Arc<AppState>, endpoint: Endpoint, request: Request) -> Resp
 /// metrics count it and it gets its one log line.
 fn unaccounted(app: &AppState, request_id: &str, started: Instant, err: ProxyError) -> Response {
     let status = err.status().as_u16();
-    app.metrics.request(metrics::NONE, metrics::NONE, status);
+    app.metrics.request(&Label::NONE, &Label::NONE, status);
     tracing::info!(
+        target: REQUEST_LOG_TARGET,
         request_id,
         status,
+        attempts = 0,
+        stream = false,
         latency_ms = started.elapsed().as_millis() as u64,
         error_kind = err.error_kind().as_str_name(),
         "request finished"
@@ -143,10 +150,10 @@ async fn authorized(
         Err(e) => return forward::error(acct, e.into()),
     };
     acct.set_request(&parsed.model, parsed.stream && endpoint.can_stream());
-    let routes = snapshot.routes(&parsed.model);
-    if routes.is_some() {
-        acct.model_known();
-    }
+    let routes = snapshot.model(&parsed.model).map(|(name, routes)| {
+        acct.model_routed(name);
+        routes
+    });
     if !key.may_use(&parsed.model) {
         return forward::error(acct, ProxyError::ModelNotAllowed(parsed.model.to_string()));
     }

@@ -169,7 +169,8 @@ impl TryFrom<&proto::Settings> for Policy {
 #[derive(Debug)]
 pub struct Backend {
     pub id: String,
-    pub name: String,
+    /// Shared with metric labels and the accounting of each request.
+    pub name: Arc<str>,
     pub pool: Pool,
     pub priority: i32,
     /// Relative share among equals, at least 1.
@@ -240,8 +241,9 @@ pub struct Snapshot {
     /// When this replica built it (for `sluice_snapshot_age_seconds`).
     pub applied_at: std::time::Instant,
     backends: Vec<Backend>,
-    /// Public model name → routes, sorted primary before fallback, then by priority.
-    routes: HashMap<String, Vec<Route>>,
+    /// Public model name → routes, sorted primary before fallback, then by priority. The
+    /// names are shared with metric labels.
+    routes: HashMap<Arc<str>, Vec<Route>>,
     keys: HashMap<[u8; 32], ClientKey>,
     upstream: reqwest::Client,
 }
@@ -269,7 +271,7 @@ impl Snapshot {
             })
             .unwrap_or_default();
         let mut backends = Vec::with_capacity(message.backends.len());
-        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+        let mut routes: HashMap<Arc<str>, Vec<Route>> = HashMap::new();
         let mut ids = HashSet::new();
         for b in message.backends {
             if !ids.insert(b.id.clone()) {
@@ -304,10 +306,13 @@ impl Snapshot {
                 } else {
                     model.upstream_name.clone()
                 };
-                routes.entry(model.name.clone()).or_default().push(Route {
-                    backend: index,
-                    upstream_model,
-                });
+                routes
+                    .entry(model.name.as_str().into())
+                    .or_default()
+                    .push(Route {
+                        backend: index,
+                        upstream_model,
+                    });
             }
             let until = b.cooldown_until.as_ref().and_then(system_time);
             let limiter = RateLimiter::carry_over(
@@ -321,7 +326,7 @@ impl Snapshot {
                 completions_url: endpoint_url(&b.id, &base, Endpoint::Completions)?,
                 embeddings_url: endpoint_url(&b.id, &base, Endpoint::Embeddings)?,
                 id: b.id,
-                name: b.name,
+                name: b.name.into(),
                 pool,
                 priority: b.priority,
                 weight: b.weight.max(1),
@@ -403,9 +408,16 @@ impl Snapshot {
         self.routes.get(model).map(Vec::as_slice)
     }
 
+    /// [`Snapshot::routes`] together with the snapshot's own copy of the name.
+    pub fn model(&self, model: &str) -> Option<(&Arc<str>, &[Route])> {
+        self.routes
+            .get_key_value(model)
+            .map(|(name, routes)| (name, routes.as_slice()))
+    }
+
     /// Public model names, sorted.
     pub fn models(&self) -> Vec<&str> {
-        let mut models: Vec<&str> = self.routes.keys().map(String::as_str).collect();
+        let mut models: Vec<&str> = self.routes.keys().map(|m| &**m).collect();
         models.sort_unstable();
         models
     }

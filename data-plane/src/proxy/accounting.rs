@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use std::sync::Arc;
 
 use crate::clock::{proto_duration, timestamp};
-use crate::metrics::{self, InFlight, Metrics};
+use crate::metrics::{InFlight, Label, Metrics};
 use crate::snapshot::{Backend, Endpoint};
 use crate::usage::UsageSink;
 
@@ -32,9 +32,10 @@ pub struct Accounting {
     record: UsageRecord,
     started: Instant,
     first_byte: Option<Duration>,
-    backend_name: Option<String>,
-    /// A route serves the requested model, so it may be a metric label.
-    model_known: bool,
+    backend_name: Option<Arc<str>>,
+    /// The requested model's name as the snapshot holds it, if a route serves it (only then
+    /// may it be a metric label).
+    model_label: Option<Arc<str>>,
     /// Time spent waiting on upstream attempts so far.
     upstream_wait: Duration,
     /// When the attempt whose stream is being relayed was sent.
@@ -69,7 +70,7 @@ impl Accounting {
             started,
             first_byte: None,
             backend_name: None,
-            model_known: false,
+            model_label: None,
             upstream_wait: Duration::ZERO,
             stream_sent: None,
             status_sent: None,
@@ -77,9 +78,9 @@ impl Accounting {
         }
     }
 
-    /// A route serves the requested model.
-    pub fn model_known(&mut self) {
-        self.model_known = true;
+    /// A route serves the requested model; `name` is the snapshot's copy of its name.
+    pub fn model_routed(&mut self, name: &Arc<str>) {
+        self.model_label = Some(Arc::clone(name));
     }
 
     /// An upstream attempt took `took` (until its answer, or its first event for a stream).
@@ -87,11 +88,13 @@ impl Accounting {
         self.upstream_wait += took;
     }
 
-    /// The response head goes to the client now: records the gateway overhead, the time
-    /// so far not spent waiting on upstreams.
+    /// The response head goes to the client now: if the request reached a backend, records
+    /// the gateway overhead, the time so far not spent waiting on upstream attempts.
     pub fn head_ready(&self) {
-        self.metrics
-            .overhead(self.started.elapsed().saturating_sub(self.upstream_wait));
+        if self.record.attempts > 0 {
+            self.metrics
+                .overhead(self.started.elapsed().saturating_sub(self.upstream_wait));
+        }
     }
 
     /// The answer is the stream of the attempt sent at `sent`; its upstream latency is
@@ -117,7 +120,7 @@ impl Accounting {
     pub fn attempt(&mut self, backend: &Backend) {
         self.record.attempts += 1;
         self.record.backend_id.clone_from(&backend.id);
-        self.backend_name = Some(backend.name.clone());
+        self.backend_name = Some(Arc::clone(&backend.name));
     }
 
     pub fn tokens(&mut self, tokens: Tokens) {
@@ -170,6 +173,7 @@ impl Accounting {
         record.latency = Some(proto_duration(latency));
         record.time_to_first_token = self.first_byte.map(proto_duration);
         tracing::info!(
+            target: super::REQUEST_LOG_TARGET,
             request_id = %record.request_id,
             client_key = %record.client_key_id,
             model = %record.model,
@@ -184,17 +188,15 @@ impl Accounting {
             error_kind = kind.as_str_name(),
             "request finished"
         );
-        let backend = self.backend_name.as_deref().unwrap_or(metrics::NONE);
-        let model = if self.model_known {
-            record.model.as_str()
-        } else if record.model.is_empty() {
-            metrics::NONE
-        } else {
-            metrics::OTHER_MODEL
+        let backend = self.backend_name.as_ref().map_or(Label::NONE, Label::from);
+        let model = match &self.model_label {
+            Some(name) => Label::from(name),
+            None if record.model.is_empty() => Label::NONE,
+            None => Label::OTHER_MODEL,
         };
-        self.metrics.request(backend, model, status);
+        self.metrics.request(&backend, &model, status);
         if let Some(sent) = self.stream_sent {
-            self.metrics.upstream_latency(backend, sent.elapsed());
+            self.metrics.upstream_latency(&backend, sent.elapsed());
         }
         self.sink.record(record);
     }

@@ -20,7 +20,7 @@ use super::relay;
 use crate::clock::Now;
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
-use crate::metrics::{AttemptOutcome, CooldownReason, LimitScope, SkipReason};
+use crate::metrics::{AttemptOutcome, CooldownReason, Label, LimitScope, SkipReason};
 use crate::request::ParsedRequest;
 use crate::router;
 use crate::snapshot::{Backend, Endpoint, Policy, Route, Snapshot};
@@ -128,6 +128,7 @@ pub(super) async fn forward(
         let Some(backend) = snapshot.backends().get(route.backend) else {
             continue;
         };
+        let label = Label::from(&backend.name);
         let now = Instant::now();
         if now >= deadline {
             last.get_or_insert(Failure::Timeout);
@@ -137,14 +138,14 @@ pub(super) async fn forward(
             .local_until(&backend.id, now)
             .max(backend.cooldown_until.filter(|until| *until > now));
         if let Some(until) = blocked {
-            app.metrics.skip(&backend.name, SkipReason::cooling_down);
+            app.metrics.skip(&label, SkipReason::cooling_down);
             soonest = Some(soonest.map_or(until, |s| s.min(until)));
             continue;
         }
         if let Some(limiter) = &backend.limiter
             && let Err(wait) = limiter.try_acquire(now)
         {
-            app.metrics.skip(&backend.name, SkipReason::rate_limited);
+            app.metrics.skip(&label, SkipReason::rate_limited);
             let until = now + wait;
             soonest = Some(soonest.map_or(until, |s| s.min(until)));
             continue;
@@ -174,17 +175,16 @@ pub(super) async fn forward(
         };
         match &outcome {
             Ok(Answer::Full { .. }) => {
-                app.metrics
-                    .attempt(&backend.name, AttemptOutcome::ok, Some(took));
+                app.metrics.attempt(&label, AttemptOutcome::ok, Some(took));
             }
             Ok(Answer::Stream { .. }) => {
-                app.metrics.attempt(&backend.name, AttemptOutcome::ok, None);
-                app.metrics.upstream_ttft(&backend.name, took);
+                app.metrics.attempt(&label, AttemptOutcome::ok, None);
+                app.metrics.upstream_ttft(&label, took);
                 acct.relaying_stream_sent_at(sent);
             }
             Err(failure) => {
                 app.metrics
-                    .attempt(&backend.name, failure.metric_outcome(), Some(took));
+                    .attempt(&label, failure.metric_outcome(), Some(took));
             }
         }
         if let Some(event) =
@@ -200,7 +200,7 @@ pub(super) async fn forward(
                 Outcome::RateLimited { .. } => CooldownReason::rate_limited,
                 _ => CooldownReason::failures,
             };
-            app.metrics.cooldown(&backend.name, reason);
+            app.metrics.cooldown(&label, reason);
             app.usage.event(event);
         }
         match outcome {
@@ -246,6 +246,7 @@ pub(super) fn error(acct: Accounting, err: ProxyError) -> Response {
     let kind = err.error_kind();
     let mut response = err.into_response();
     acct.decorate(response.headers_mut());
+    acct.head_ready();
     acct.finish(status, kind);
     response
 }
@@ -273,6 +274,7 @@ fn fail(acct: Accounting, failure: Failure) -> Response {
                 );
             }
             acct.decorate(headers);
+            acct.head_ready();
             acct.finish(status, ErrorKind::UpstreamStatus);
             response
         }
