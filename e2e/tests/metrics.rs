@@ -1,11 +1,12 @@
 //! End to end: a data plane's `/metrics` and per-request log lines after real traffic
 //! through the real processes (successes, a stream, a 429 that cools a backend down and
-//! fails over, a skipped cooling backend, refused requests).
+//! fails over, an upstream 429 passed on, Sluice's own 429s, refused requests).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use common::{Cluster, Mock, http_client};
 use serde_json::{Value, json};
@@ -22,6 +23,9 @@ fn samples(text: &str) -> HashMap<String, f64> {
         })
         .collect()
 }
+
+const CHAT_PROMPT: &str = "say hello to me";
+const STREAM_PROMPT: &str = "tell me a secret story";
 
 #[tokio::test]
 async fn metrics_and_request_logs_follow_the_traffic() {
@@ -41,108 +45,180 @@ async fn metrics_and_request_logs_follow_the_traffic() {
         )
         .await;
     let (key_row, key) = cluster.create_key("k", &[]).await;
+    // One request a minute: the second one is refused by Sluice.
+    let limited = cluster
+        .admin()
+        .await
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "limited".into(),
+            allowed_models: vec![],
+            rpm_limit: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let limited_key = limited.key;
     let proxy = cluster.proxy_with(&["--log-format", "json"]).await;
 
+    // Every response's x-request-id, to match against the log lines.
+    let mut request_ids = Vec::new();
+    let mut sent = async |response: reqwest::Response, status: u16| -> reqwest::Response {
+        assert_eq!(response.status(), status);
+        let id = response.headers()["x-request-id"].to_str().unwrap();
+        request_ids.push(id.to_owned());
+        response
+    };
+
     for _ in 0..3 {
-        assert_eq!(proxy.chat(&key, "m").await.status(), 200);
+        sent(proxy.chat(&key, "m").await, 200).await;
     }
     let stream = proxy
         .post(
             "/v1/chat/completions",
             &key,
-            json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+            json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": STREAM_PROMPT}]}),
         )
         .await;
-    assert_eq!(stream.status(), 200);
+    let stream = sent(stream, 200).await;
     assert!(stream.text().await.unwrap().contains("[DONE]"));
 
     // One 429 from the primary: cooled down, the request fails over; the next one skips it.
     primary
-        .set_faults(vec![Fault::rate_limited(30).times(1)])
+        .set_faults(vec![Fault::rate_limited(60).times(1)])
         .await;
     for _ in 0..2 {
-        let r = proxy.chat(&key, "m").await;
-        assert_eq!(r.status(), 200);
+        let r = sent(proxy.chat(&key, "m").await, 200).await;
         assert_eq!(r.headers()["x-sluice-backend"], "fallback");
     }
     // Refused before routing: a wrong key, a model no route serves.
-    assert_eq!(proxy.chat("sk-wrong", "m").await.status(), 401);
-    assert_eq!(proxy.chat(&key, "no-such-model").await.status(), 404);
+    sent(proxy.chat("sk-wrong", "m").await, 401).await;
+    sent(proxy.chat(&key, "no-such-model").await, 404).await;
+    // The fallback answers 429 too: with the primary cooling, the client gets it.
+    fallback
+        .set_faults(vec![Fault::rate_limited(60).times(1)])
+        .await;
+    let r = sent(proxy.chat(&key, "m").await, 429).await;
+    assert_eq!(r.headers()["x-sluice-backend"], "fallback");
+    // Both cooling: Sluice's own 429; then the limited key's second request: its own limit.
+    sent(proxy.chat(&limited_key, "m").await, 429).await;
+    sent(proxy.chat(&limited_key, "m").await, 429).await;
 
+    // Scrape once the replica holds the control plane's newest snapshot (the cooldowns
+    // make new ones) and the stream's relay has finished.
     let http = http_client();
-    let response = http.get(proxy.url("/metrics")).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (text, latest) = loop {
+        let planes = cluster
+            .admin()
+            .await
+            .list_data_planes(pb::ListDataPlanesRequest::default())
+            .await
             .unwrap()
-            .starts_with("application/openmetrics-text")
-    );
-    let text = response.text().await.unwrap();
+            .into_inner()
+            .data_planes;
+        let [plane] = planes.as_slice() else {
+            panic!("one data plane expected: {planes:?}");
+        };
+        let response = http.get(proxy.url("/metrics")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text")
+        );
+        let text = response.text().await.unwrap();
+        let m = samples(&text);
+        if plane.acked_version == plane.latest_version
+            && m.get("sluice_snapshot_version") == Some(&(plane.latest_version as f64))
+            && m.get("sluice_requests_in_flight") == Some(&0.0)
+        {
+            break (text, plane.latest_version);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never settled: {plane:?}\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(latest > 0);
+    assert!(text.ends_with("# EOF\n"), "{text}");
     let m = samples(&text);
     let get = |name: &str| -> f64 {
         *m.get(name)
             .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
     };
-    assert_eq!(
-        get(r#"sluice_requests_total{backend="primary",model="m",status_class="2xx"}"#),
-        4.0
-    );
-    assert_eq!(
-        get(r#"sluice_requests_total{backend="fallback",model="m",status_class="2xx"}"#),
-        2.0
-    );
-    assert_eq!(
-        get(r#"sluice_requests_total{backend="none",model="none",status_class="4xx"}"#),
-        1.0
-    );
-    assert_eq!(
-        get(r#"sluice_requests_total{backend="none",model="other",status_class="4xx"}"#),
-        1.0
-    );
-    assert_eq!(
-        get(r#"sluice_upstream_attempts_total{backend="primary",outcome="ok"}"#),
-        4.0
-    );
-    assert_eq!(
-        get(r#"sluice_upstream_attempts_total{backend="primary",outcome="rate_limited"}"#),
-        1.0
-    );
-    assert_eq!(
-        get(r#"sluice_upstream_attempts_total{backend="fallback",outcome="ok"}"#),
-        2.0
-    );
+    let requests = |backend: &str, model: &str, class: &str| {
+        get(&format!(
+            r#"sluice_requests_total{{backend="{backend}",model="{model}",status_class="{class}"}}"#
+        ))
+    };
+    assert_eq!(requests("primary", "m", "2xx"), 4.0);
+    assert_eq!(requests("fallback", "m", "2xx"), 2.0);
+    assert_eq!(requests("fallback", "m", "4xx"), 1.0);
+    assert_eq!(requests("none", "none", "4xx"), 1.0, "the wrong key");
+    assert_eq!(requests("none", "other", "4xx"), 1.0, "the unknown model");
+    assert_eq!(requests("none", "m", "4xx"), 2.0, "Sluice's own 429s");
+    let series = |prefix: &str| text.lines().filter(|l| l.starts_with(prefix)).count();
+    assert_eq!(series("sluice_requests_total{"), 6, "{text}");
+
+    let attempts = |backend: &str, outcome: &str| {
+        get(&format!(
+            r#"sluice_upstream_attempts_total{{backend="{backend}",outcome="{outcome}"}}"#
+        ))
+    };
+    assert_eq!(attempts("primary", "ok"), 4.0);
+    assert_eq!(attempts("primary", "rate_limited"), 1.0);
+    assert_eq!(attempts("fallback", "ok"), 2.0);
+    assert_eq!(attempts("fallback", "rate_limited"), 1.0);
     // Every attempt has a latency (the stream's recorded at its end); only the stream a TTFT.
     assert_eq!(
         get(r#"sluice_upstream_latency_seconds_count{backend="primary"}"#),
         5.0
     );
     assert_eq!(
+        get(r#"sluice_upstream_latency_seconds_count{backend="fallback"}"#),
+        3.0
+    );
+    assert_eq!(
         get(r#"sluice_upstream_ttft_seconds_count{backend="primary"}"#),
         1.0
     );
+    assert_eq!(series(r#"sluice_upstream_ttft_seconds_count{"#), 1);
     assert_eq!(get("sluice_failovers_total"), 1.0);
-    assert_eq!(
-        get(r#"sluice_cooldown_events_total{backend="primary",reason="rate_limited"}"#),
-        1.0
-    );
+    for backend in ["primary", "fallback"] {
+        assert_eq!(
+            get(&format!(
+                r#"sluice_cooldown_events_total{{backend="{backend}",reason="rate_limited"}}"#
+            )),
+            1.0
+        );
+    }
+    // The primary was passed over by the second failed-over request, the fallback's 429 and
+    // the busy one; the fallback by the busy one.
     assert_eq!(
         get(r#"sluice_backend_skips_total{backend="primary",reason="cooling_down"}"#),
+        3.0
+    );
+    assert_eq!(
+        get(r#"sluice_backend_skips_total{backend="fallback",reason="cooling_down"}"#),
         1.0
     );
-    // Six requests were answered by an upstream.
-    assert_eq!(get("sluice_gateway_overhead_seconds_count"), 6.0);
-    assert_eq!(get("sluice_requests_in_flight"), 0.0);
-    let ready = http
-        .get(proxy.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let version: f64 = ready.trim().rsplit(' ').next().unwrap().parse().unwrap();
-    assert_eq!(get("sluice_snapshot_version"), version);
+    assert_eq!(
+        get(r#"sluice_rate_limited_requests_total{scope="backends"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"sluice_rate_limited_requests_total{scope="client_key"}"#),
+        1.0
+    );
+    // Seven requests reached a backend (the six answered, the one with the fallback's 429).
+    assert_eq!(get("sluice_gateway_overhead_seconds_count"), 7.0);
+    let overhead = get("sluice_gateway_overhead_seconds_sum");
+    assert!(
+        overhead > 0.0 && overhead < 7.0,
+        "overhead sum {overhead} s"
+    );
     assert!(get("sluice_snapshot_age_seconds") >= 0.0);
     assert!(get("sluice_usage_queue_depth") >= 0.0);
     assert_eq!(get("sluice_usage_dropped_records_total"), 0.0);
@@ -152,37 +228,72 @@ async fn metrics_and_request_logs_follow_the_traffic() {
     let finished: Vec<Value> = lines
         .iter()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == "request finished")
+        .filter(|v| v["target"] == "sluice::request")
         .collect();
-    assert_eq!(finished.len(), 8, "{lines:#?}");
-    let routed: Vec<&Value> = finished
+    assert!(
+        finished
+            .iter()
+            .all(|v| v["fields"]["message"] == "request finished" && v["level"] == "INFO")
+    );
+    let mut logged: Vec<String> = finished
         .iter()
-        .filter(|v| v["fields"]["status"] == 200)
+        .map(|v| v["fields"]["request_id"].as_str().unwrap().to_owned())
         .collect();
+    logged.sort();
+    request_ids.sort();
+    assert_eq!(logged, request_ids, "{lines:#?}");
+
+    let by_status = |status: u64| -> Vec<&Value> {
+        finished
+            .iter()
+            .map(|v| &v["fields"])
+            .filter(|f| f["status"] == status)
+            .collect()
+    };
+    let routed = by_status(200);
     assert_eq!(routed.len(), 6);
-    for line in &routed {
-        let f = &line["fields"];
+    for f in &routed {
         assert_eq!(f["client_key"], key_row.id.as_str());
         assert_eq!(f["model"], "m");
-        assert!(f["request_id"].as_str().is_some_and(|id| !id.is_empty()));
         assert!(f["backend"] == "primary" || f["backend"] == "fallback");
         assert!(f["attempts"].as_u64().unwrap() >= 1);
         assert!(f["latency_ms"].is_u64());
         assert!(f["ttft_ms"].is_u64());
     }
     assert_eq!(
-        routed
-            .iter()
-            .filter(|v| v["fields"]["attempts"] == 2)
-            .count(),
+        routed.iter().filter(|f| f["attempts"] == 2).count(),
         1,
         "the failed-over request took two attempts"
     );
-    let secrets = [key.as_str(), primary.api_key.as_deref().unwrap_or(&key)];
+    assert_eq!(routed.iter().filter(|f| f["stream"] == true).count(), 1);
+    let [unauthorized] = by_status(401)[..] else {
+        panic!("one 401 line expected: {lines:#?}");
+    };
+    assert_eq!(unauthorized["attempts"], 0);
+    assert!(unauthorized.get("client_key").is_none());
+    let refused = by_status(429);
+    assert_eq!(refused.len(), 3);
+    assert_eq!(
+        refused
+            .iter()
+            .filter(|f| f["client_key"] == limited.client_key.as_ref().unwrap().id.as_str())
+            .count(),
+        2
+    );
+
+    let secrets = [
+        key.as_str(),
+        limited_key.as_str(),
+        "sk-wrong",
+        primary.api_key.as_deref().unwrap(),
+        fallback.api_key.as_deref().unwrap(),
+    ];
     for line in &lines {
         for secret in secrets {
             assert!(!line.contains(secret), "a secret in the log: {line}");
         }
-        assert!(!line.contains("\"hi\""), "prompt text in the log: {line}");
+        for prompt in [CHAT_PROMPT, STREAM_PROMPT] {
+            assert!(!line.contains(prompt), "prompt text in the log: {line}");
+        }
     }
 }
