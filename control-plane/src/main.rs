@@ -15,13 +15,15 @@ use sluice_control::store::Store;
 /// cooldowns and usage in SQLite, serves the admin API over gRPC and streams routing
 /// snapshots to data planes.
 ///
-/// Secrets: SLUICE_ADMIN_TOKEN, SLUICE_DATAPLANE_TOKEN and SLUICE_MASTER_KEY (base64 of 32
-/// bytes) or --master-key-file. Any not given is read from, or on first start generated
-/// into, the data directory (files admin-token, dataplane-token, master-key; mode 0600).
+/// Secrets: SLUICE_ADMIN_TOKEN or --admin-token-file, SLUICE_DATAPLANE_TOKEN or
+/// --dataplane-token-file, SLUICE_MASTER_KEY (base64 of 32 bytes) or --master-key-file; a
+/// variable wins over the file option for the same secret. Any not given is read from, or on
+/// first start generated into, the data directory (files admin-token, dataplane-token,
+/// master-key; mode 0600).
 ///
 /// Every option can also come from its environment variable or from a TOML file given with
 /// --config (keys are the long option names, e.g. `grpc_listen = "0.0.0.0:50051"`; secrets
-/// stay out of it: use the variables or the files). Precedence: command line, then
+/// stay out of it: name the files that hold them). Precedence: command line, then
 /// environment, then the file, then the default shown.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
@@ -45,9 +47,19 @@ struct Args {
     /// /readyz and /metrics.
     #[arg(long, env = "SLUICE_HTTP_LISTEN", default_value = "127.0.0.1:8081")]
     http_listen: SocketAddr,
-    /// File holding the base64 master key (instead of SLUICE_MASTER_KEY).
+    /// File holding the base64 master key that encrypts provider keys (SLUICE_MASTER_KEY
+    /// wins if set). Default: <data-dir>/master-key, generated on first start.
     #[arg(long, env = "SLUICE_MASTER_KEY_FILE", global = true)]
     master_key_file: Option<PathBuf>,
+    /// File holding the admin token that AdminService, StatsService and the JSON API require
+    /// (SLUICE_ADMIN_TOKEN wins if set). Default: <data-dir>/admin-token, generated on first
+    /// start.
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// File holding the token data planes must present (SLUICE_DATAPLANE_TOKEN wins if set).
+    /// Default: <data-dir>/dataplane-token, generated on first start.
+    #[arg(long, env = "SLUICE_DATAPLANE_TOKEN_FILE")]
+    dataplane_token_file: Option<PathBuf>,
     /// PEM certificate chain for TLS on the gRPC listener (with --tls-key).
     #[arg(long, env = "SLUICE_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -97,7 +109,9 @@ fn secret_sources(args: &Args) -> SecretSources {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
     SecretSources {
         admin_token: env("SLUICE_ADMIN_TOKEN"),
+        admin_token_file: args.admin_token_file.clone(),
         dataplane_token: env("SLUICE_DATAPLANE_TOKEN"),
+        dataplane_token_file: args.dataplane_token_file.clone(),
         master_key: env("SLUICE_MASTER_KEY"),
         master_key_file: args.master_key_file.clone(),
     }

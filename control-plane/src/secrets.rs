@@ -9,11 +9,14 @@ use rand::RngCore as _;
 
 use crate::crypto::MasterKey;
 
-/// Explicit sources; `None` means "use or generate the data-dir file".
+/// Explicit sources; `None` means "use or generate the data-dir file". A value wins over
+/// the file holding it when both are given.
 #[derive(Clone, Default)]
 pub struct SecretSources {
     pub admin_token: Option<String>,
+    pub admin_token_file: Option<PathBuf>,
     pub dataplane_token: Option<String>,
+    pub dataplane_token_file: Option<PathBuf>,
     /// Base64 of 32 bytes.
     pub master_key: Option<String>,
     pub master_key_file: Option<PathBuf>,
@@ -23,10 +26,12 @@ impl std::fmt::Debug for SecretSources {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SecretSources")
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .field("admin_token_file", &self.admin_token_file)
             .field(
                 "dataplane_token",
                 &self.dataplane_token.as_ref().map(|_| "<set>"),
             )
+            .field("dataplane_token_file", &self.dataplane_token_file)
             .field("master_key", &self.master_key.as_ref().map(|_| "<set>"))
             .field("master_key_file", &self.master_key_file)
             .finish()
@@ -71,12 +76,14 @@ pub fn resolve(
     let admin_token = token(
         data_dir,
         sources.admin_token.as_deref(),
+        sources.admin_token_file.as_deref(),
         ADMIN_TOKEN_FILE,
         "SLUICE_ADMIN_TOKEN",
     )?;
     let dataplane_token = token(
         data_dir,
         sources.dataplane_token.as_deref(),
+        sources.dataplane_token_file.as_deref(),
         DATAPLANE_TOKEN_FILE,
         "SLUICE_DATAPLANE_TOKEN",
     )?;
@@ -91,6 +98,7 @@ pub fn resolve(
 fn token(
     data_dir: &Path,
     given: Option<&str>,
+    given_file: Option<&Path>,
     file: &str,
     env: &str,
 ) -> Result<String, SecretsError> {
@@ -102,6 +110,9 @@ fn token(
             });
         }
         return Ok(given.to_owned());
+    }
+    if let Some(path) = given_file {
+        return read_secret_file(path);
     }
     let path = data_dir.join(file);
     if path.exists() {
@@ -216,6 +227,34 @@ mod tests {
                 assert_eq!(mode & 0o777, 0o600, "{f}");
             }
         }
+    }
+
+    #[test]
+    fn token_files_are_read_and_a_given_value_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let admin_file = dir.path().join("admin.secret");
+        let dataplane_file = dir.path().join("dataplane.secret");
+        std::fs::write(&admin_file, "admin-from-file\n").unwrap();
+        std::fs::write(&dataplane_file, "dataplane-from-file\n").unwrap();
+        let sources = SecretSources {
+            admin_token_file: Some(admin_file),
+            dataplane_token: Some("dataplane-from-env".into()),
+            dataplane_token_file: Some(dataplane_file),
+            ..Default::default()
+        };
+        let secrets = resolve(dir.path(), &sources, false).unwrap();
+        assert_eq!(secrets.admin_token, "admin-from-file");
+        assert_eq!(secrets.dataplane_token, "dataplane-from-env");
+        assert!(
+            !dir.path().join(ADMIN_TOKEN_FILE).exists(),
+            "nothing generated for a token given as a file"
+        );
+        let missing = SecretSources {
+            admin_token_file: Some(dir.path().join("nope")),
+            ..Default::default()
+        };
+        let err = resolve(dir.path(), &missing, false).err().unwrap();
+        assert!(matches!(err, SecretsError::Io { .. }), "{err}");
     }
 
     #[test]

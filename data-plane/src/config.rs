@@ -58,11 +58,12 @@ pub struct Config {
     /// `<hostname>-<random>`.
     #[arg(long, env = "SLUICE_NODE_ID")]
     pub node_id: Option<String>,
-    /// The data-plane token the control plane expects (prefer the variable or
-    /// --dataplane-token-file: a flag shows in `ps`).
+    /// The data-plane token the control plane expects; wins over --dataplane-token-file
+    /// (prefer the variable or the file: a flag shows in `ps`).
     #[arg(long, env = "SLUICE_DATAPLANE_TOKEN", hide_env_values = true)]
     pub dataplane_token: Option<Secret>,
-    /// A file holding the data-plane token; wins over --dataplane-token.
+    /// A file holding the data-plane token (surrounding whitespace ignored), read when
+    /// --dataplane-token / SLUICE_DATAPLANE_TOKEN is not given.
     #[arg(long, env = "SLUICE_DATAPLANE_TOKEN_FILE")]
     pub dataplane_token_file: Option<PathBuf>,
     /// Largest accepted request body, in bytes; larger ones get 413.
@@ -116,13 +117,17 @@ impl Config {
             .unwrap_or_else(|e| e.exit())
     }
 
-    /// The token from the file if one is named, else from the flag or variable.
+    /// The token from the flag or variable if given, else from the named file. A value wins,
+    /// as for every secret of both servers, so that the environment overrides a file path
+    /// in the --config file.
     pub fn token(&self) -> std::io::Result<Option<String>> {
-        if let Some(path) = &self.dataplane_token_file {
-            let token = std::fs::read_to_string(path)?;
-            return Ok(Some(token.trim().to_owned()));
+        if let Some(token) = &self.dataplane_token {
+            return Ok(Some(token.0.clone()));
         }
-        Ok(self.dataplane_token.as_ref().map(|s| s.0.clone()))
+        match &self.dataplane_token_file {
+            Some(path) => Ok(Some(std::fs::read_to_string(path)?.trim().to_owned())),
+            None => Ok(None),
+        }
     }
 }
 
@@ -159,13 +164,14 @@ mod tests {
     }
 
     #[test]
-    fn the_token_file_wins() {
+    fn the_token_file_is_read_unless_a_value_is_given() {
         let dir = std::env::temp_dir().join(format!("sluice-token-{}", std::process::id()));
         std::fs::write(&dir, "from-file\n").unwrap();
         let mut config = Config::new("http://127.0.0.1:1", "127.0.0.1:0".parse().unwrap());
-        config.dataplane_token = Some(Secret("from-flag".into()));
         config.dataplane_token_file = Some(dir.clone());
         assert_eq!(config.token().unwrap().as_deref(), Some("from-file"));
+        config.dataplane_token = Some(Secret("from-env".into()));
+        assert_eq!(config.token().unwrap().as_deref(), Some("from-env"));
         std::fs::remove_file(dir).unwrap();
     }
 }

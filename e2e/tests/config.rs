@@ -30,6 +30,16 @@ async fn listening_port(
     addr.port()
 }
 
+/// Every line the process wrote, once both its pipes have closed (`wait` can return before
+/// the harness has read the last lines).
+async fn output_to_the_end(child: &sluice_e2e::process::Child) -> Vec<String> {
+    // Nothing matches, so this returns when the output ends (or at the timeout).
+    let _ = child
+        .wait_for_line("the end of the output", START, |_| None::<()>)
+        .await;
+    child.output()
+}
+
 #[tokio::test]
 async fn the_data_plane_takes_flags_over_environment_over_file_over_defaults() {
     let dir = tempfile::tempdir().unwrap();
@@ -127,11 +137,66 @@ async fn the_control_plane_reads_its_file_and_refuses_unknown_keys() {
         .unwrap();
         let status = child.wait().await.unwrap();
         assert_eq!(status.code(), Some(2), "{bin}");
-        let output = child.output();
+        let output = output_to_the_end(&child).await;
         assert_eq!(output.len(), 1, "{bin}: {output:?}");
         assert!(output[0].contains("unknown key `grpc_listn`"), "{output:?}");
         assert!(output[0].contains("sluice-control.toml"), "{output:?}");
     }
+}
+
+/// Secrets stay out of the file: it names the files that hold them, and the control plane
+/// answers with exactly the token read from there.
+#[tokio::test]
+async fn the_control_plane_reads_its_tokens_from_files_the_config_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (admin_file, dataplane_file) = (dir.path().join("admin"), dir.path().join("dataplane"));
+    std::fs::write(&admin_file, "admin-token-from-a-file\n").unwrap();
+    std::fs::write(&dataplane_file, "dataplane-token-from-a-file\n").unwrap();
+    let file = dir.path().join("sluice-control.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "data_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
+             admin_token_file = \"{}\"\ndataplane-token-file = \"{}\"\n",
+            dir.path().join("data").display(),
+            admin_file.display(),
+            dataplane_file.display()
+        ),
+    )
+    .unwrap();
+    let no_env: [(&str, &str); 0] = [];
+    let mut child = spawn(
+        workspace_bin("sluice-control"),
+        ["--config", file.to_str().unwrap()],
+        no_env,
+    )
+    .unwrap();
+    let http = child.wait_for_listening("http", START).await.unwrap();
+    let list = |token: &'static str| {
+        common::http_client()
+            .post(format!(
+                "http://{http}/api/sluice.v1.AdminService/ListBackends"
+            ))
+            .bearer_auth(token)
+            .body("{}")
+            .send()
+    };
+    assert_eq!(list("admin-token-from-a-file").await.unwrap().status(), 200);
+    assert_eq!(list("some-other-token").await.unwrap().status(), 401);
+    assert!(
+        !dir.path().join("data/admin-token").exists(),
+        "no token generated when a file is named"
+    );
+    assert!(!dir.path().join("data/dataplane-token").exists());
+    child.terminate().await.unwrap();
+    assert!(child.wait().await.unwrap().success());
+    assert!(
+        !output_to_the_end(&child)
+            .await
+            .iter()
+            .any(|l| l.contains("token-from-a-file")),
+        "tokens never logged"
+    );
 }
 
 /// The example files in `deploy/` are complete and valid: each binary starts from its file,
