@@ -4,11 +4,15 @@
 
 pub mod api;
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
+
+use crate::metrics::Metrics;
 
 pub use api::JsonApi;
 
@@ -16,13 +20,17 @@ const INDEX_HTML: &str = include_str!("dashboard/index.html");
 const APP_JS: &str = include_str!("dashboard/app.js");
 const APP_CSS: &str = include_str!("dashboard/app.css");
 
-/// The dashboard's pages and its JSON API.
-pub fn router(api: JsonApi) -> Router {
+/// The dashboard's pages and its JSON API, whose calls count in `metrics`.
+pub fn router(api: JsonApi, metrics: Arc<Metrics>) -> Router {
     let json = Router::new()
         .route("/api/sluice.v1.AdminService/{method}", any(api::admin))
         .route("/api/sluice.v1.StatsService/{method}", any(api::stats))
         .route("/api/{*path}", any(api::unknown_service))
         .layer(DefaultBodyLimit::max(api::BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            crate::metrics::count_json_api,
+        ))
         .with_state(api);
     Router::new()
         .route(

@@ -42,9 +42,9 @@ pub fn router(
         .with_state(AppState {
             publisher,
             registry,
-            metrics,
+            metrics: Arc::clone(&metrics),
         })
-        .merge(crate::dashboard::router(api))
+        .merge(crate::dashboard::router(api, metrics))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
         .layer(axum::middleware::from_fn(security_headers))
 }

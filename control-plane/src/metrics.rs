@@ -2,6 +2,10 @@
 //! the OpenMetrics text format. Labels come from fixed sets: gRPC methods the server
 //! implements (from the proto descriptors; anything else is `unknown`), gRPC status codes, and
 //! the kinds of SQLite write.
+//!
+//! gRPC calls are counted by [`GrpcMetricsLayer`]; a streaming call counts once, when it ends
+//! (with its final status), and only unary calls are timed. The dashboard's JSON API counts in
+//! its own family ([`count_json_api`]) with the same method and code labels.
 
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -9,6 +13,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -17,6 +24,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use prost::Message as _;
+
+use crate::dashboard::api;
 
 /// What a timed SQLite write did.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -80,6 +89,8 @@ pub struct Metrics {
     writes: Family<OpLabels, Histogram, WriteBuckets>,
     grpc_calls: Family<CallLabels, Counter>,
     grpc_seconds: Family<MethodLabels, Histogram, CallBuckets>,
+    json_api_calls: Family<CallLabels, Counter>,
+    json_api_seconds: Family<MethodLabels, Histogram, CallBuckets>,
     /// `/package.Service/Method` of every RPC the server implements.
     methods: HashSet<String>,
 }
@@ -143,6 +154,19 @@ impl Metrics {
             Unit::Seconds,
             grpc_seconds.clone(),
         );
+        let json_api_calls = Family::default();
+        registry.register(
+            "json_api_requests",
+            "Dashboard JSON API calls (/api/…) by method and the gRPC status code of the answer",
+            json_api_calls.clone(),
+        );
+        let json_api_seconds = Family::new_with_constructor(CallBuckets);
+        registry.register_with_unit(
+            "json_api_request_duration",
+            "Dashboard JSON API calls: request received to response ready",
+            Unit::Seconds,
+            json_api_seconds.clone(),
+        );
         let mut methods = HashSet::new();
         for set in [
             sluice_proto::FILE_DESCRIPTOR_SET,
@@ -160,6 +184,8 @@ impl Metrics {
             writes,
             grpc_calls,
             grpc_seconds,
+            json_api_calls,
+            json_api_seconds,
             methods,
         }
     }
@@ -183,6 +209,20 @@ impl Metrics {
             path.trim_start_matches('/').to_owned()
         } else {
             "unknown".to_owned()
+        }
+    }
+
+    /// The method label of a JSON API path (`/api/sluice.v1.AdminService/CreateBackend`):
+    /// only the services the JSON API serves, anything else is `unknown`.
+    fn json_api_method_label(&self, path: &str) -> String {
+        match path.strip_prefix("/api") {
+            Some(rpc)
+                if rpc.starts_with("/sluice.v1.AdminService/")
+                    || rpc.starts_with("/sluice.v1.StatsService/") =>
+            {
+                self.method_label(rpc)
+            }
+            _ => "unknown".to_owned(),
         }
     }
 
@@ -233,27 +273,37 @@ fn add_methods(encoded: &[u8], methods: &mut HashSet<String>) {
     }
 }
 
-/// The gRPC status code name of a `grpc-status` value.
+/// The gRPC status code name of a `grpc-status` value (`UNKNOWN` for anything unreadable).
 fn code_name(value: &str) -> &'static str {
-    match value.parse::<i32>().map(tonic::Code::from) {
-        Ok(tonic::Code::Ok) => "OK",
-        Ok(tonic::Code::Cancelled) => "CANCELLED",
-        Ok(tonic::Code::Unknown) | Err(_) => "UNKNOWN",
-        Ok(tonic::Code::InvalidArgument) => "INVALID_ARGUMENT",
-        Ok(tonic::Code::DeadlineExceeded) => "DEADLINE_EXCEEDED",
-        Ok(tonic::Code::NotFound) => "NOT_FOUND",
-        Ok(tonic::Code::AlreadyExists) => "ALREADY_EXISTS",
-        Ok(tonic::Code::PermissionDenied) => "PERMISSION_DENIED",
-        Ok(tonic::Code::ResourceExhausted) => "RESOURCE_EXHAUSTED",
-        Ok(tonic::Code::FailedPrecondition) => "FAILED_PRECONDITION",
-        Ok(tonic::Code::Aborted) => "ABORTED",
-        Ok(tonic::Code::OutOfRange) => "OUT_OF_RANGE",
-        Ok(tonic::Code::Unimplemented) => "UNIMPLEMENTED",
-        Ok(tonic::Code::Internal) => "INTERNAL",
-        Ok(tonic::Code::Unavailable) => "UNAVAILABLE",
-        Ok(tonic::Code::DataLoss) => "DATA_LOSS",
-        Ok(tonic::Code::Unauthenticated) => "UNAUTHENTICATED",
-    }
+    value
+        .parse::<i32>()
+        .map_or("UNKNOWN", |code| api::code_name(tonic::Code::from(code)))
+}
+
+/// Axum middleware for the JSON API router: counts and times each call by method and the
+/// gRPC code its answer carries (an answer without one counts as `UNKNOWN`).
+pub async fn count_json_api(
+    State(metrics): State<Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let method = metrics.json_api_method_label(request.uri().path());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let code = response
+        .extensions()
+        .get::<tonic::Code>()
+        .map_or("UNKNOWN", |code| api::code_name(*code));
+    let labels = CallLabels {
+        method: method.clone(),
+        code,
+    };
+    metrics.json_api_calls.get_or_create(&labels).inc();
+    metrics
+        .json_api_seconds
+        .get_or_create(&MethodLabels { method })
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 /// A tower layer for the gRPC server that counts every call by method and status code.
@@ -412,6 +462,22 @@ mod tests {
         );
         assert_eq!(m.method_label("/sluice.v1.AdminService/Nope"), "unknown");
         assert_eq!(m.method_label("/x"), "unknown");
+        assert_eq!(
+            m.json_api_method_label("/api/sluice.v1.StatsService/GetTotals"),
+            "sluice.v1.StatsService/GetTotals"
+        );
+        for not_served in [
+            "/api/sluice.v1.DataPlaneService/ReportUsage",
+            "/api/grpc.health.v1.Health/Check",
+            "/api/sluice.v1.AdminService/Nope",
+            "/healthz",
+        ] {
+            assert_eq!(
+                m.json_api_method_label(not_served),
+                "unknown",
+                "{not_served}"
+            );
+        }
         assert_eq!(code_name("0"), "OK");
         assert_eq!(code_name("16"), "UNAUTHENTICATED");
         assert_eq!(code_name("garbage"), "UNKNOWN");

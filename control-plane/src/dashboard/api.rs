@@ -84,6 +84,8 @@ impl IntoResponse for ApiError {
             message: &self.message,
         };
         let mut response = (self.status, Json(body)).into_response();
+        // For the metrics: the code this answer stands for.
+        response.extensions_mut().insert(self.code);
         if self.status == StatusCode::METHOD_NOT_ALLOWED {
             response
                 .headers_mut()
@@ -144,7 +146,9 @@ struct JsonAnswer(Vec<u8>);
 
 impl IntoResponse for JsonAnswer {
     fn into_response(self) -> Response {
-        ([(header::CONTENT_TYPE, "application/json")], self.0).into_response()
+        let mut response = ([(header::CONTENT_TYPE, "application/json")], self.0).into_response();
+        response.extensions_mut().insert(Code::Ok);
+        response
     }
 }
 
