@@ -59,3 +59,15 @@ impl Drop for TestControlPlane {
         }
     }
 }
+
+/// The samples of a Prometheus text exposition, keyed by everything before the value
+/// (`name{labels}`), for tests that read `/metrics`.
+pub fn metric_samples(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use sluice_control::testing::TestControlPlane;
+use sluice_control::testing::{TestControlPlane, metric_samples};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_client::AdminServiceClient;
 use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
@@ -691,17 +691,6 @@ async fn usage_series_splits_at_utc_hour_and_day_boundaries_and_groups() {
     );
 }
 
-/// `name{labels} value` samples of an exposition.
-fn samples(text: &str) -> std::collections::HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn metrics_count_calls_by_method_and_code_usage_writes_and_replicas() {
     let dir = tempfile::tempdir().unwrap();
@@ -771,7 +760,7 @@ async fn metrics_count_calls_by_method_and_code_usage_writes_and_replicas() {
         .text()
         .await
         .unwrap();
-    let m = samples(&text);
+    let m = metric_samples(&text);
     let get = |name: &str| -> f64 {
         *m.get(name)
             .unwrap_or_else(|| panic!("{name} missing in\n{text}"))

@@ -2,21 +2,8 @@
 //! (method from a fixed set, the gRPC code of the answer), driven over real HTTP.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-
 use serde_json::json;
-use sluice_control::testing::TestControlPlane;
-
-/// `name{labels} value` samples of an exposition.
-fn samples(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
+use sluice_control::testing::{TestControlPlane, metric_samples};
 
 #[tokio::test]
 async fn json_api_calls_count_by_method_and_code() {
@@ -73,7 +60,7 @@ async fn json_api_calls_count_by_method_and_code() {
         .text()
         .await
         .unwrap();
-    let m = samples(&text);
+    let m = metric_samples(&text);
     let calls = |method: &str, code: &str| {
         let name = format!(r#"sluice_json_api_requests_total{{method="{method}",code="{code}"}}"#);
         *m.get(&name)

@@ -5,24 +5,13 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{Cluster, Mock, http_client};
 use serde_json::{Value, json};
+use sluice_control::testing::metric_samples;
 use sluice_e2e::mock::Fault;
 use sluice_proto::v1 as pb;
-
-/// `name{labels} value` lines of an exposition, by everything before the value.
-fn samples(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
 
 const CHAT_PROMPT: &str = "say hello to me";
 const STREAM_PROMPT: &str = "tell me a secret story";
@@ -128,7 +117,7 @@ async fn metrics_and_request_logs_follow_the_traffic() {
                 .starts_with("application/openmetrics-text")
         );
         let text = response.text().await.unwrap();
-        let m = samples(&text);
+        let m = metric_samples(&text);
         if plane.acked_version == plane.latest_version
             && m.get("sluice_snapshot_version") == Some(&(plane.latest_version as f64))
             && m.get("sluice_requests_in_flight") == Some(&0.0)
@@ -143,7 +132,7 @@ async fn metrics_and_request_logs_follow_the_traffic() {
     };
     assert!(latest > 0);
     assert!(text.ends_with("# EOF\n"), "{text}");
-    let m = samples(&text);
+    let m = metric_samples(&text);
     let get = |name: &str| -> f64 {
         *m.get(name)
             .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
