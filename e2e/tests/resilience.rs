@@ -157,8 +157,8 @@ async fn the_rpm_limit_holds_across_three_replicas_behind_nginx() {
         .unwrap();
     let (_, key) = run.create_key("k", &[]).await;
     let front = run.front();
-    // Wait until every replica runs the limit: share 20/min each, burst 2 each.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every replica runs the limit at a third of it: share 20/min each, burst 2 each.
+    run.wait_replicas_current(3).await;
 
     let start = Instant::now();
     let (mut ok, mut limited) = (0u64, 0u64);
@@ -360,12 +360,17 @@ async fn sigterm_drains_in_flight_streams_flushes_usage_and_exits_0() {
     .await;
     proxy.child.terminate().await.unwrap();
     // New connections are refused while draining.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let refused = proxy.http.get(proxy.url("/healthz")).send().await;
-    assert!(
-        refused.is_err() || refused.unwrap().status() == 503,
-        "a draining proxy takes no new requests"
-    );
+    eventually(
+        Duration::from_secs(5),
+        "a draining proxy takes no new requests",
+        || async {
+            match proxy.http.get(proxy.url("/healthz")).send().await {
+                Err(_) => true,
+                Ok(r) => r.status() == 503,
+            }
+        },
+    )
+    .await;
 
     for s in streams {
         let body = s.await.unwrap();

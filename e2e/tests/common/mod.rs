@@ -227,6 +227,31 @@ impl ControlApi {
         (r.client_key.unwrap(), r.key)
     }
 
+    /// Waits until `n` data planes are connected and each has acked the newest snapshot,
+    /// so everything written before the call (routes, limits, replica shares) is in force.
+    pub async fn wait_replicas_current(&self, n: usize) {
+        eventually(
+            Duration::from_secs(10),
+            "every replica acked the newest snapshot",
+            || async {
+                let planes = self
+                    .admin()
+                    .await
+                    .list_data_planes(pb::ListDataPlanesRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .data_planes;
+                let current = planes
+                    .iter()
+                    .filter(|p| p.connected && p.acked_version == p.latest_version)
+                    .count();
+                planes.iter().filter(|p| p.connected).count() == n && current == n
+            },
+        )
+        .await;
+    }
+
     pub async fn totals(&self) -> pb::GetTotalsResponse {
         self.stats()
             .await
