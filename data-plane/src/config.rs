@@ -87,6 +87,11 @@ pub struct Config {
     /// Log format on stderr: one line per event; RUST_LOG filters (default info).
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Log lines held while stderr is slower than the proxy (a stalled log shipper); a thread
+    /// of its own writes them, so requests never wait on stderr. Beyond this many, lines are
+    /// dropped and counted in sluice_log_dropped_lines_total.
+    #[arg(long, env = "SLUICE_LOG_BUFFER_LINES", default_value_t = crate::logging::DEFAULT_BUFFER_LINES, value_parser = clap::value_parser!(usize))]
+    pub log_buffer_lines: usize,
 }
 
 impl Config {
@@ -106,6 +111,7 @@ impl Config {
             drain_timeout: Duration::from_secs(30),
             usage_flush_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,
+            log_buffer_lines: crate::logging::DEFAULT_BUFFER_LINES,
         }
     }
 

@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod cooldown;
 pub mod error;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

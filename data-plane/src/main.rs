@@ -1,23 +1,11 @@
 //! `sluice-proxy`: parse the configuration, set up logging, run until SIGTERM or SIGINT.
 
-use std::io::IsTerminal;
-
 use sluice_proxy::Config;
-use sluice_proxy::config::LogFormat;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match config.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let _log = sluice_proxy::logging::init(config.log_format, config.log_buffer_lines);
     sluice_proxy::run(config, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

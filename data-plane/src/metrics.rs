@@ -182,6 +182,9 @@ pub struct Metrics {
     usage_dropped: Counter,
     /// Drops already added to `usage_dropped` (the sink counts them itself).
     usage_dropped_seen: AtomicU64,
+    log_dropped: Counter,
+    /// Drops already added to `log_dropped`.
+    log_dropped_seen: AtomicU64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -293,6 +296,12 @@ impl Metrics {
             "Usage records dropped because the queue was full (the control plane was away too long)",
             usage_dropped.clone(),
         );
+        let log_dropped = Counter::default();
+        registry.register(
+            "log_dropped_lines",
+            "Log lines dropped because stderr was slower than the proxy and the queue to it was full",
+            log_dropped.clone(),
+        );
         Self {
             registry,
             requests,
@@ -310,6 +319,8 @@ impl Metrics {
             usage_queue,
             usage_dropped,
             usage_dropped_seen: AtomicU64::new(0),
+            log_dropped,
+            log_dropped_seen: AtomicU64::new(0),
         }
     }
 
@@ -412,6 +423,9 @@ impl Metrics {
         let dropped = usage.dropped();
         let seen = self.usage_dropped_seen.swap(dropped, Ordering::Relaxed);
         self.usage_dropped.inc_by(dropped.saturating_sub(seen));
+        let dropped = crate::logging::dropped_lines();
+        let seen = self.log_dropped_seen.swap(dropped, Ordering::Relaxed);
+        self.log_dropped.inc_by(dropped.saturating_sub(seen));
         let mut out = String::with_capacity(8192);
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -286,3 +286,85 @@ async fn metrics_and_request_logs_follow_the_traffic() {
         }
     }
 }
+
+/// A data plane whose stderr nobody reads (a stalled log shipper) keeps serving: log lines
+/// queue up to `--log-buffer-lines`, then are dropped and counted, never waited for. With a
+/// blocking writer the pipe (64 KiB) fills after a few hundred request lines and every
+/// request after that hangs.
+#[tokio::test]
+async fn a_stalled_stderr_drops_log_lines_instead_of_stalling_requests() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let cluster = Cluster::start().await;
+    let upstream = Mock::start("upstream", &["m"]).await;
+    cluster
+        .add_backend("upstream", &upstream, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+
+    let mut child =
+        tokio::process::Command::new(sluice_e2e::process::workspace_bin("sluice-proxy"))
+            .args(["--control-plane", &cluster.control_url()])
+            .args(["--listen", "127.0.0.1:0", "--log-buffer-lines", "100"])
+            .env("SLUICE_DATAPLANE_TOKEN", common::DATAPLANE_TOKEN)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+    // Read stderr only up to the listening line, then leave the pipe open and unread.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let port = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                stderr.read_line(&mut line).await.unwrap() > 0,
+                "stderr closed"
+            );
+            let line = sluice_e2e::process::strip_ansi(&line);
+            if let Some(addr) = line.split("http listening on ").nth(1) {
+                return addr
+                    .trim()
+                    .rsplit(':')
+                    .next()
+                    .unwrap()
+                    .parse::<u16>()
+                    .unwrap();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let proxy = common::Gateway::at(port);
+    proxy.wait_ready().await;
+
+    // Each request logs a line of about 250 bytes: 2,000 lines are far more than the pipe
+    // and the queue hold together.
+    let requests = 2_000;
+    for i in 0..requests {
+        let response = tokio::time::timeout(Duration::from_secs(5), proxy.chat(&key, "m"))
+            .await
+            .unwrap_or_else(|_| panic!("request {i} hung: the proxy waits on its stderr"));
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(upstream.stats().await.requests.chat_completions, requests);
+
+    let text = proxy
+        .http
+        .get(proxy.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped = metric_samples(&text)["sluice_log_dropped_lines_total"];
+    assert!(
+        dropped > 0.0 && dropped < f64::from(requests as u32),
+        "dropped {dropped} of about {requests} lines"
+    );
+    drop(stderr);
+    child.kill().await.unwrap();
+}
