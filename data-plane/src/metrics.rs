@@ -420,12 +420,16 @@ impl Metrics {
         }
         self.usage_queue
             .set(i64::try_from(usage.pending()).unwrap_or(i64::MAX));
-        let dropped = usage.dropped();
-        let seen = self.usage_dropped_seen.swap(dropped, Ordering::Relaxed);
-        self.usage_dropped.inc_by(dropped.saturating_sub(seen));
-        let dropped = crate::logging::dropped_lines();
-        let seen = self.log_dropped_seen.swap(dropped, Ordering::Relaxed);
-        self.log_dropped.inc_by(dropped.saturating_sub(seen));
+        catch_up(
+            &self.usage_dropped,
+            &self.usage_dropped_seen,
+            usage.dropped(),
+        );
+        catch_up(
+            &self.log_dropped,
+            &self.log_dropped_seen,
+            crate::logging::dropped_lines(),
+        );
         let mut out = String::with_capacity(8192);
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -441,6 +445,12 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// Brings `counter` up to `total`, a count kept elsewhere; `seen` is what it already holds.
+fn catch_up(counter: &Counter, seen: &AtomicU64, total: u64) {
+    let before = seen.swap(total, Ordering::Relaxed);
+    counter.inc_by(total.saturating_sub(before));
 }
 
 #[cfg(test)]

@@ -169,11 +169,9 @@ impl Child {
         listener: &str,
         timeout: Duration,
     ) -> Result<SocketAddr, ProcessError> {
-        let needle = format!("{listener} listening on ");
-        self.wait_for_line(needle.trim_end(), timeout, |line| {
-            parse_listening(line, &needle)
-        })
-        .await
+        let what = format!("{listener} listening on");
+        self.wait_for_line(&what, timeout, |line| listening_addr(line, listener))
+            .await
     }
 
     /// Sends SIGTERM (through `kill(1)`, as this crate has no unsafe code).
@@ -218,9 +216,10 @@ pub async fn wait_for_listening(
     child.wait_for_listening(listener, timeout).await
 }
 
-/// The address after `needle` in `line`, in text or JSON log lines.
-fn parse_listening(line: &str, needle: &str) -> Option<SocketAddr> {
-    let start = line.find(needle)? + needle.len();
+/// The address in a `"<listener> listening on <addr>"` log line, text or JSON.
+pub fn listening_addr(line: &str, listener: &str) -> Option<SocketAddr> {
+    let needle = format!("{listener} listening on ");
+    let start = line.find(&needle)? + needle.len();
     let addr: String = line[start..]
         .chars()
         .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
@@ -281,14 +280,14 @@ mod tests {
             "\u{1b}[2m2025-01-01T00:00:00Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m sluice_mock: http listening on 127.0.0.1:43121",
         );
         assert_eq!(
-            parse_listening(&text, "http listening on "),
+            listening_addr(&text, "http"),
             Some("127.0.0.1:43121".parse().unwrap())
         );
         let json = r#"{"level":"INFO","fields":{"message":"grpc listening on [::1]:50051"}}"#;
         assert_eq!(
-            parse_listening(json, "grpc listening on "),
+            listening_addr(json, "grpc"),
             Some("[::1]:50051".parse().unwrap())
         );
-        assert_eq!(parse_listening(json, "http listening on "), None);
+        assert_eq!(listening_addr(json, "http"), None);
     }
 }

@@ -324,14 +324,8 @@ async fn a_stalled_stderr_drops_log_lines_instead_of_stalling_requests() {
                 "stderr closed"
             );
             let line = sluice_e2e::process::strip_ansi(&line);
-            if let Some(addr) = line.split("http listening on ").nth(1) {
-                return addr
-                    .trim()
-                    .rsplit(':')
-                    .next()
-                    .unwrap()
-                    .parse::<u16>()
-                    .unwrap();
+            if let Some(addr) = sluice_e2e::process::listening_addr(&line, "http") {
+                return addr.port();
             }
         }
     })
