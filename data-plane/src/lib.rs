@@ -8,7 +8,7 @@
 //! How a request flows: [`proxy`] authenticates the client key against the current
 //! [`snapshot::Snapshot`], [`request`] reads `model`/`stream` and rewrites the body,
 //! [`router`] orders the candidates, [`cooldown`] and [`ratelimit`] skip backends that must
-//! rest, [`sse`] parses streamed answers, and [`usage`] ships one record per request to the
+//! rest, [`upstream`] sends to the backend, [`sse`] parses streamed answers, and [`usage`] ships one record per request to the
 //! control plane. [`subscribe`] keeps the snapshot current.
 
 pub mod backoff;
@@ -27,6 +27,7 @@ pub mod server;
 pub mod snapshot;
 pub mod sse;
 pub mod subscribe;
+pub mod upstream;
 pub mod usage;
 
 pub use config::Config;

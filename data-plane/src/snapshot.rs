@@ -7,14 +7,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use http::HeaderValue;
+use http::{HeaderValue, Uri};
 use sluice_proto::v1 as proto;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use url::Url;
 
 use crate::clock::{Now, std_duration, system_time};
 use crate::cooldown::{CooldownPolicy, CooldownTracker, SnapshotCooldown};
 use crate::ratelimit::RateLimiter;
+use crate::upstream::{self, UpstreamClient};
 
 /// Why a snapshot was refused (sent back to the control plane as the nack's detail).
 #[derive(Debug, thiserror::Error)]
@@ -175,9 +177,9 @@ pub struct Backend {
     pub priority: i32,
     /// Relative share among equals, at least 1.
     pub weight: u32,
-    chat_url: reqwest::Url,
-    completions_url: reqwest::Url,
-    embeddings_url: reqwest::Url,
+    chat_uri: Uri,
+    completions_uri: Uri,
+    embeddings_uri: Uri,
     /// `Bearer <api key>`, marked sensitive; `None` when the backend has no key.
     authorization: Option<HeaderValue>,
     /// This replica's share of the backend's RPM limit.
@@ -189,12 +191,12 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// The full upstream URL of an endpoint.
-    pub fn url(&self, endpoint: Endpoint) -> &reqwest::Url {
+    /// The full upstream URI of an endpoint.
+    pub fn uri(&self, endpoint: Endpoint) -> &Uri {
         match endpoint {
-            Endpoint::ChatCompletions => &self.chat_url,
-            Endpoint::Completions => &self.completions_url,
-            Endpoint::Embeddings => &self.embeddings_url,
+            Endpoint::ChatCompletions => &self.chat_uri,
+            Endpoint::Completions => &self.completions_uri,
+            Endpoint::Embeddings => &self.embeddings_uri,
         }
     }
 
@@ -245,7 +247,7 @@ pub struct Snapshot {
     /// names are shared with metric labels.
     routes: HashMap<Arc<str>, Vec<Route>>,
     keys: HashMap<[u8; 32], ClientKey>,
-    upstream: reqwest::Client,
+    upstream: UpstreamClient,
 }
 
 impl Snapshot {
@@ -322,9 +324,9 @@ impl Snapshot {
                 now.instant,
             );
             backends.push(Backend {
-                chat_url: endpoint_url(&b.id, &base, Endpoint::ChatCompletions)?,
-                completions_url: endpoint_url(&b.id, &base, Endpoint::Completions)?,
-                embeddings_url: endpoint_url(&b.id, &base, Endpoint::Embeddings)?,
+                chat_uri: endpoint_uri(&b.id, &base, Endpoint::ChatCompletions)?,
+                completions_uri: endpoint_uri(&b.id, &base, Endpoint::Completions)?,
+                embeddings_uri: endpoint_uri(&b.id, &base, Endpoint::Embeddings)?,
                 id: b.id,
                 name: b.name.into(),
                 pool,
@@ -428,17 +430,17 @@ impl Snapshot {
     }
 
     /// The shared, pooled upstream HTTP client.
-    pub fn upstream(&self) -> &reqwest::Client {
+    pub fn upstream(&self) -> &UpstreamClient {
         &self.upstream
     }
 }
 
-fn parse_base_url(backend: &str, raw: &str) -> Result<reqwest::Url, SnapshotError> {
+fn parse_base_url(backend: &str, raw: &str) -> Result<Url, SnapshotError> {
     let invalid = |reason: String| SnapshotError::InvalidBaseUrl {
         backend: backend.to_owned(),
         reason,
     };
-    let url = reqwest::Url::parse(raw).map_err(|e| invalid(e.to_string()))?;
+    let url = Url::parse(raw).map_err(|e| invalid(e.to_string()))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(invalid(format!(
             "scheme {} is not http or https",
@@ -448,36 +450,32 @@ fn parse_base_url(backend: &str, raw: &str) -> Result<reqwest::Url, SnapshotErro
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid("no host".to_owned()));
     }
+    // Credentials in the URL would go out in the `Host` header; the API key has its own field.
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(
+            "user or password in the URL; use the API key".to_owned(),
+        ));
+    }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(invalid("query or fragment not allowed".to_owned()));
     }
     Ok(url)
 }
 
-fn endpoint_url(
-    backend: &str,
-    base: &reqwest::Url,
-    endpoint: Endpoint,
-) -> Result<reqwest::Url, SnapshotError> {
-    let joined = format!("{}{}", base.as_str().trim_end_matches('/'), endpoint.path());
-    reqwest::Url::parse(&joined).map_err(|e| SnapshotError::InvalidBaseUrl {
+fn endpoint_uri(backend: &str, base: &Url, endpoint: Endpoint) -> Result<Uri, SnapshotError> {
+    let invalid = |reason: String| SnapshotError::InvalidBaseUrl {
         backend: backend.to_owned(),
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    let joined = format!("{}{}", base.as_str().trim_end_matches('/'), endpoint.path());
+    // Parsed by `url` first: it normalizes (percent-encoding, IDNA hosts) what `Uri` would
+    // refuse or take literally.
+    let normalized = Url::parse(&joined).map_err(|e| invalid(e.to_string()))?;
+    Uri::try_from(normalized.as_str()).map_err(|e| invalid(e.to_string()))
 }
 
-/// The upstream HTTP client: pooled keep-alive connections, HTTP/2 when the server offers it
-/// through ALPN, no redirects (a provider redirect would leak the key to another host).
-fn upstream_client(connect_timeout: Duration) -> Result<reqwest::Client, SnapshotError> {
-    reqwest::Client::builder()
-        .connect_timeout(connect_timeout)
-        .pool_max_idle_per_host(1024)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .tcp_keepalive(Duration::from_secs(30))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| SnapshotError::UpstreamClient(e.to_string()))
+fn upstream_client(connect_timeout: Duration) -> Result<UpstreamClient, SnapshotError> {
+    upstream::client(connect_timeout).map_err(|e| SnapshotError::UpstreamClient(e.to_string()))
 }
 
 /// What [`SnapshotStore::apply`] did with an accepted snapshot.
@@ -613,7 +611,7 @@ mod tests {
         assert_eq!(routes[0].upstream_model, "up-p1");
         let b = &snap.backends()[routes[0].backend];
         assert_eq!(
-            b.url(Endpoint::ChatCompletions).as_str(),
+            b.uri(Endpoint::ChatCompletions),
             "http://127.0.0.1:9/v1/chat/completions"
         );
         assert!(b.authorization().unwrap().is_sensitive());
@@ -623,13 +621,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn normalizes_upstream_uris_once() {
+        let mut message = snapshot(1);
+        for b in &mut message.backends {
+            if b.id == "p1" {
+                b.base_url = "https://Bücher.example:8443/my v1/".into();
+            }
+        }
+        let snap = Snapshot::prepare(message, None, Now::read()).unwrap();
+        let b = snap.backends().iter().find(|b| b.id == "p1").unwrap();
+        assert_eq!(
+            b.uri(Endpoint::Embeddings),
+            "https://xn--bcher-kva.example:8443/my%20v1/embeddings"
+        );
+    }
+
+    #[tokio::test]
     async fn rejects_bad_input() {
-        let mut bad = snapshot(1);
-        bad.backends[0].base_url = "ftp://x/v1".into();
-        assert!(matches!(
-            Snapshot::prepare(bad, None, Now::read()),
-            Err(SnapshotError::InvalidBaseUrl { .. })
-        ));
+        for url in ["ftp://x/v1", "http://user:secret@x/v1", "http://x/v1?q=1"] {
+            let mut bad = snapshot(1);
+            bad.backends[0].base_url = url.into();
+            let err = Snapshot::prepare(bad, None, Now::read()).unwrap_err();
+            assert!(
+                matches!(err, SnapshotError::InvalidBaseUrl { .. }),
+                "{url}: {err}"
+            );
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
         let mut bad = snapshot(1);
         bad.backends[1].id = "fb".into();
         assert!(matches!(

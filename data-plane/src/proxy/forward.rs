@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime};
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
 use sluice_proto::v1::ErrorKind;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
@@ -24,6 +26,7 @@ use crate::metrics::{AttemptOutcome, CooldownReason, Label, LimitScope, SkipReas
 use crate::request::ParsedRequest;
 use crate::router;
 use crate::snapshot::{Backend, Endpoint, Policy, Route, Snapshot};
+use crate::upstream::{self, UpstreamClient};
 
 /// Largest error body read from an upstream 429/5xx (to pass it on if it is the last one).
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -37,7 +40,7 @@ enum Answer {
     },
     Stream {
         status: StatusCode,
-        upstream: reqwest::Response,
+        upstream: Incoming,
         first: Bytes,
     },
 }
@@ -286,7 +289,7 @@ fn fail(acct: Accounting, failure: Failure) -> Response {
 
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
-    client: &reqwest::Client,
+    client: &UpstreamClient,
     backend: &Backend,
     endpoint: Endpoint,
     body: Bytes,
@@ -295,24 +298,30 @@ async fn attempt(
     deadline: Instant,
     max_response: usize,
 ) -> Result<Answer, Failure> {
-    let mut request = client
-        .post(backend.url(endpoint).clone())
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(body);
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = backend.uri(endpoint).clone();
+    let headers = request.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Some(authorization) = backend.authorization() {
-        request = request.header(header::AUTHORIZATION, authorization.clone());
+        headers.insert(header::AUTHORIZATION, authorization.clone());
     }
     let first_byte = deadline.min(Instant::now() + policy.first_byte_timeout);
-    let upstream = match timeout_at(first_byte, request.send()).await {
+    // A connect timeout is a connect error (the connector's own limit); only our deadlines
+    // make a timeout.
+    let upstream = match timeout_at(first_byte, client.request(request)).await {
         Err(_) => return Err(Failure::Timeout),
-        Ok(Err(e)) if e.is_timeout() && !e.is_connect() => return Err(Failure::Timeout),
         Ok(Err(e)) => return Err(Failure::Connect(error_chain(&e))),
         Ok(Ok(response)) => response,
     };
-    let status = upstream.status();
-    let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+    let (head, mut upstream) = upstream.into_parts();
+    let status = head.status;
+    let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-        let retry_after = cooldown::retry_after(upstream.headers(), SystemTime::now());
+        let retry_after = cooldown::retry_after(&head.headers, SystemTime::now());
         let body = read_body(
             upstream,
             MAX_ERROR_BODY,
@@ -333,10 +342,9 @@ async fn attempt(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     if stream && status.is_success() && is_sse {
-        let mut upstream = upstream;
         // Wait for the first chunk before committing: until then another backend can still
         // take over.
-        let first = match timeout_at(first_byte, upstream.chunk()).await {
+        let first = match timeout_at(first_byte, upstream::next_chunk(&mut upstream)).await {
             Err(_) => return Err(Failure::Timeout),
             Ok(Err(e)) => return Err(Failure::Connect(error_chain(&e))),
             Ok(Ok(chunk)) => chunk.unwrap_or_default(),
@@ -357,29 +365,41 @@ async fn attempt(
 
 /// Reads a whole body of at most `max` bytes, with `idle` as the longest pause.
 async fn read_body(
-    mut upstream: reqwest::Response,
+    mut upstream: Incoming,
     max: usize,
     idle: Duration,
     deadline: Instant,
 ) -> Result<Bytes, Failure> {
-    let mut body = BytesMut::new();
+    // Most answers arrive in one chunk: that one is returned as it came, without a copy.
+    let mut only: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
+    let mut len = 0;
     loop {
         let until = deadline.min(Instant::now() + idle);
-        match timeout_at(until, upstream.chunk()).await {
+        match timeout_at(until, upstream::next_chunk(&mut upstream)).await {
             Err(_) => return Err(Failure::Timeout),
             Ok(Err(e)) => return Err(Failure::Invalid(error_chain(&e))),
-            Ok(Ok(None)) => return Ok(body.freeze()),
+            Ok(Ok(None)) => return Ok(only.unwrap_or_else(|| joined.freeze())),
             Ok(Ok(Some(chunk))) => {
-                if body.len() + chunk.len() > max {
+                len += chunk.len();
+                if len > max {
                     return Err(Failure::Invalid(format!("body larger than {max} bytes")));
                 }
-                body.extend_from_slice(&chunk);
+                match only.take() {
+                    None if joined.is_empty() => only = Some(chunk),
+                    None => joined.extend_from_slice(&chunk),
+                    Some(first) => {
+                        joined.reserve(len);
+                        joined.extend_from_slice(&first);
+                        joined.extend_from_slice(&chunk);
+                    }
+                }
             }
         }
     }
 }
 
-/// The error and its causes, for logs (reqwest's top-level message alone is vague).
+/// The error and its causes, for logs (hyper's top-level message alone is vague).
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
+use hyper::body::Incoming;
 use sluice_proto::v1::ErrorKind;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
@@ -14,12 +15,13 @@ use tokio::time::{Instant, timeout_at};
 use super::accounting::{Accounting, usage_of};
 use crate::error::error_body;
 use crate::sse::{Item, SseParser};
+use crate::upstream;
 
 /// How long to keep reading an upstream after `[DONE]` so its connection can be reused.
 const DRAIN_AFTER_DONE: Duration = Duration::from_secs(2);
 
 pub(super) struct Relay {
-    pub upstream: reqwest::Response,
+    pub upstream: Incoming,
     pub first: Bytes,
     pub tx: mpsc::Sender<Result<Bytes, Infallible>>,
     pub acct: Accounting,
@@ -71,7 +73,7 @@ pub(super) async fn relay(relay: Relay) {
                     drop(tx);
                     // Finish reading so the pooled connection can serve the next request.
                     let _ = timeout_at(Instant::now() + DRAIN_AFTER_DONE, async {
-                        while let Ok(Some(_)) = upstream.chunk().await {}
+                        while let Ok(Some(_)) = upstream::next_chunk(&mut upstream).await {}
                     })
                     .await;
                     return;
@@ -88,7 +90,7 @@ pub(super) async fn relay(relay: Relay) {
                 acct.cancelled();
                 return;
             }
-            next = timeout_at(until, upstream.chunk()) => match next {
+            next = timeout_at(until, upstream::next_chunk(&mut upstream)) => match next {
                 Err(_) if Instant::now() >= deadline => {
                     return interrupt(tx, acct, "the request deadline passed").await;
                 }
