@@ -88,8 +88,8 @@ pub struct Config {
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// Log lines held while stderr is slower than the proxy (a stalled log shipper); a thread
-    /// of its own writes them, so requests never wait on stderr. Beyond this many, lines are
-    /// dropped and counted in sluice_log_dropped_lines_total.
+    /// of its own writes them in batches every 20 ms, so requests never wait on stderr. Beyond
+    /// this many, lines are dropped and counted in sluice_log_dropped_lines_total.
     #[arg(long, env = "SLUICE_LOG_BUFFER_LINES", default_value_t = crate::logging::DEFAULT_BUFFER_LINES, value_parser = clap::value_parser!(usize))]
     pub log_buffer_lines: usize,
 }

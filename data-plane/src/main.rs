@@ -5,7 +5,7 @@ use sluice_proxy::Config;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load();
-    let _log = sluice_proxy::logging::init(config.log_format, config.log_buffer_lines);
+    let _log = sluice_proxy::logging::init(config.log_format, config.log_buffer_lines)?;
     sluice_proxy::run(config, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
