@@ -212,7 +212,17 @@ async fn metrics_and_request_logs_follow_the_traffic() {
     assert!(get("sluice_usage_queue_depth") >= 0.0);
     assert_eq!(get("sluice_usage_dropped_records_total"), 0.0);
 
-    // One JSON log line per request, with the fields an operator needs and no secret.
+    // One JSON log line per request, with the fields an operator needs and no secret. Lines
+    // reach stderr in batches (every 20 ms): wait until as many have arrived as requests ran.
+    let mut request_lines = 0;
+    proxy
+        .child
+        .wait_for_line("a log line per request", Duration::from_secs(10), |l| {
+            request_lines += usize::from(l.contains("\"sluice::request\""));
+            (request_lines >= request_ids.len()).then_some(())
+        })
+        .await
+        .unwrap();
     let lines = proxy.child.output();
     let finished: Vec<Value> = lines
         .iter()
