@@ -233,6 +233,48 @@ async fn a_cut_stream_ends_with_an_error_event() {
 }
 
 #[tokio::test]
+async fn a_stream_that_goes_silent_ends_with_an_error_event_at_the_idle_timeout() {
+    // The first event comes at once, the next 3 s later; the idle timeout is 300 ms.
+    let primary = slow_mock("primary", 3, 3000);
+    let mut message = snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    );
+    message.settings.as_mut().unwrap().idle_stream_timeout = Some(
+        sluice_proxy::clock::proto_duration(Duration::from_millis(300)),
+    );
+    let h = Harness::start(message).await;
+    let started = std::time::Instant::now();
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "the stream ended after {:?}",
+        started.elapsed()
+    );
+    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.len(), 2, "{body}");
+    let last: Value = serde_json::from_str(events[1].strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "stream_interrupted");
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("went silent"),
+        "{last}"
+    );
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::StreamInterrupted as i32);
+    assert_eq!(record.status_code, 200);
+}
+
+#[tokio::test]
 async fn upstream_garbage_never_hangs_or_crashes_the_proxy() {
     use sluice_e2e::mock::GarbageKind;
     let primary = mock("primary");

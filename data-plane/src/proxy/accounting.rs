@@ -1,6 +1,6 @@
 //! One request's usage record and log line, built up as the request proceeds and emitted
 //! exactly once: by `finish`, or by `Drop` when the client went away first (the handler
-//! future or the stream relay was dropped), as `CLIENT_CANCELLED`.
+//! future or the streamed response body was dropped), as `CLIENT_CANCELLED`.
 
 use std::time::{Duration, SystemTime};
 
@@ -152,14 +152,6 @@ impl Accounting {
 
     pub fn finish(mut self, status: StatusCode, kind: ErrorKind) {
         self.emit(status.as_u16(), kind);
-    }
-
-    /// The client went away.
-    pub fn cancelled(mut self) {
-        let status = self
-            .status_sent
-            .map_or(CLIENT_CLOSED_REQUEST, |s| s.as_u16());
-        self.emit(status, ErrorKind::ClientCancelled);
     }
 
     fn emit(&mut self, status: u16, kind: ErrorKind) {

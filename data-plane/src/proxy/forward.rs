@@ -12,13 +12,11 @@ use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use sluice_proto::v1::ErrorKind;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::AppState;
 use super::accounting::{Accounting, usage_of};
-use super::relay;
+use super::relay::Relay;
 use crate::clock::Now;
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
@@ -453,8 +451,7 @@ fn deliver(
             upstream,
             first,
         } => {
-            let (tx, rx) = mpsc::channel(16);
-            let mut response = Response::new(Body::from_stream(ReceiverStream::new(rx)));
+            let mut response = Response::new(Body::empty());
             *response.status_mut() = status;
             let headers = response.headers_mut();
             headers.insert(
@@ -465,15 +462,15 @@ fn deliver(
             acct.decorate(headers);
             acct.status_sent(status);
             acct.head_ready();
-            app.tasks.spawn(relay::relay(relay::Relay {
+            *response.body_mut() = Body::new(Relay::new(
                 upstream,
                 first,
-                tx,
                 acct,
-                forward_usage: client_wants_usage,
-                idle_timeout: policy.idle_stream_timeout,
+                client_wants_usage,
+                policy.idle_stream_timeout,
                 deadline,
-            }));
+                app.tasks.token(),
+            ));
             response
         }
     }
