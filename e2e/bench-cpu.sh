@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# CPU time and context switches per proxied request, per thread of the data plane and the mock,
+# at a fixed request rate: the figure to compare two builds by (run it for each, alternating),
+# since latency percentiles on a shared machine move more between runs than a change moves them.
+#
+#   ./e2e/bench-cpu.sh                         # target/release, 3,000 req/s for 10 s
+#   ./e2e/bench-cpu.sh --bin-dir DIR --rate 2000 --seconds 20
+#
+# DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl and sluice-bench. Uses the ports
+# of deploy/local/run.sh plus 10,000 (18080, 15051, 18081, 19090) and a temporary data dir.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bin="$root/target/release"
+rate=3000
+seconds=10
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bin-dir) bin=$2; shift 2 ;;
+    --rate) rate=$2; shift 2 ;;
+    --seconds) seconds=$2; shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "bench-cpu: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+bin="$(cd "$bin" && pwd)"
+
+data="$(mktemp -d)"
+log="$data/run.log"
+RUST_LOG=${RUST_LOG:-info} "$root/deploy/local/run.sh" --no-build --bin-dir "$bin" --data-dir "$data" \
+  --port 18080 --grpc-port 15051 --http-port 18081 --mock-port 19090 > "$log" 2>&1 &
+run=$!
+cleanup() {
+  kill "$run" 2>/dev/null || true
+  wait "$run" 2>/dev/null || true
+  rm -rf "$data"
+}
+trap cleanup EXIT
+for _ in $(seq 1 300); do
+  grep -q 'PROXY_PIDS' "$data/run/cluster.env" 2>/dev/null && grep -q 'sk-sluice-' "$log" && break
+  sleep 0.1
+done
+# shellcheck disable=SC1091
+. "$data/run/cluster.env"
+key=$(grep -o 'sk-sluice-[0-9a-f]*' "$log" | head -1)
+[ -n "$key" ] || { echo "bench-cpu: the local gateway did not start; see $log" >&2; exit 1; }
+
+# One line per thread: name, tid, context switches, CPU ticks (user + system).
+threads() {
+  for t in /proc/"$1"/task/*; do
+    printf '%s %s %s %s\n' "$(cat "$t/comm")" "${t##*/}" \
+      "$(awk '/^voluntary_ctxt/{v=$2} /^nonvoluntary_ctxt/{n=$2} END{print v+n}' "$t/status")" \
+      "$(awk '{print $14+$15}' "$t/stat")"
+  done | sort -k2
+}
+load() {
+  "$bin/sluice-bench" load --url http://127.0.0.1:18080/v1 --key "$key" --model gpt-4o-mini \
+    --rate "$rate" --duration "$1"
+}
+
+load 2s > /dev/null 2>&1 # warm-up: pools, caches
+threads "$PROXY_PIDS" > "$data/proxy.before"
+threads "$MOCK_PID" > "$data/mock.before"
+load "${seconds}s" > "$data/load.out" 2>&1
+threads "$PROXY_PIDS" > "$data/proxy.after"
+threads "$MOCK_PID" > "$data/mock.after"
+
+ticks=$(getconf CLK_TCK)
+requests=$((rate * seconds))
+report() { # name before after
+  echo "$1 (per request)"
+  printf '  %-18s %14s %12s\n' thread "switches" "CPU µs"
+  join -1 2 -2 2 "$2" "$3" | awk -v r="$requests" -v hz="$ticks" '
+    { cs = ($6 - $3) / r; us = ($7 - $4) * 1e6 / hz / r; tcs += cs; tus += us
+      printf "  %-18s %14.3f %12.1f\n", $2, cs, us }
+    END { printf "  %-18s %14.3f %12.1f\n", "total", tcs, tus }'
+}
+report "sluice-proxy" "$data/proxy.before" "$data/proxy.after"
+report "sluice-mock" "$data/mock.before" "$data/mock.after"
+grep -E '^\| *[0-9]' "$data/load.out" || { cat "$data/load.out" >&2; exit 1; }
