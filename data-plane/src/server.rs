@@ -73,6 +73,12 @@ impl Proxy {
         tracing::info!("http listening on {local_addr}");
         let identity = NodeIdentity::new(config.node_id.clone());
         tracing::info!(node_id = %identity.node_id, incarnation = %identity.incarnation, control_plane = %config.control_plane, "data plane starting");
+        if crate::upstream::egress_proxy_from_env() {
+            // The proxy's address is not logged: it may carry credentials.
+            tracing::info!(
+                "upstream calls go through the egress proxy named by HTTPS_PROXY / HTTP_PROXY / ALL_PROXY (NO_PROXY applies)"
+            );
+        }
         Ok(Self {
             listener,
             local_addr,

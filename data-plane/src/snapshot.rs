@@ -16,7 +16,7 @@ use url::Url;
 use crate::clock::{Now, std_duration, system_time};
 use crate::cooldown::{CooldownPolicy, CooldownTracker, SnapshotCooldown};
 use crate::ratelimit::RateLimiter;
-use crate::upstream::{self, UpstreamClient};
+use crate::upstream::UpstreamClient;
 
 /// Why a snapshot was refused (sent back to the control plane as the nack's detail).
 #[derive(Debug, thiserror::Error)]
@@ -475,7 +475,7 @@ fn endpoint_uri(backend: &str, base: &Url, endpoint: Endpoint) -> Result<Uri, Sn
 }
 
 fn upstream_client(connect_timeout: Duration) -> Result<UpstreamClient, SnapshotError> {
-    upstream::client(connect_timeout).map_err(|e| SnapshotError::UpstreamClient(e.to_string()))
+    UpstreamClient::new(connect_timeout).map_err(SnapshotError::UpstreamClient)
 }
 
 /// What [`SnapshotStore::apply`] did with an accepted snapshot.

@@ -412,3 +412,52 @@ async fn usage_totals_match_the_mock_across_a_control_plane_restart() {
         (50, served.prompt_tokens, served.completion_tokens)
     );
 }
+
+#[tokio::test]
+async fn upstream_calls_go_through_the_egress_proxy_the_environment_names() {
+    let cluster = Cluster::start().await;
+    // The mock plays the egress proxy: it answers the absolute-form request
+    // (`POST http://provider.invalid/v1/chat/completions`) a client sends to an HTTP proxy.
+    let egress = Mock::start("egress", &["m-up"]).await;
+    // The provider's host does not exist: only the proxy can reach it.
+    cluster
+        .admin()
+        .await
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(pb::Backend {
+                name: "behind-proxy".into(),
+                base_url: "http://provider.invalid/v1".into(),
+                pool: pb::Pool::Primary as i32,
+                weight: 1,
+                enabled: true,
+                models: vec![pb::ModelRoute {
+                    name: "m".into(),
+                    upstream_name: "m-up".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            api_key: egress.api_key.clone().unwrap(),
+        })
+        .await
+        .unwrap();
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy_url = format!("http://{}", egress.addr);
+    let proxy = cluster
+        .proxy_with_env(&[], &[("HTTP_PROXY", &proxy_url)])
+        .await;
+
+    let r = proxy.chat(&key, "m").await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(egress.stats().await.requests.chat_completions, 1);
+    // The start says so, without the proxy's address (it may carry credentials).
+    let output = proxy.child.output();
+    assert!(
+        output.iter().any(|l| l.contains("egress proxy")),
+        "{output:#?}"
+    );
+    assert!(
+        !output.iter().any(|l| l.contains(&egress.addr.to_string())),
+        "{output:#?}"
+    );
+}

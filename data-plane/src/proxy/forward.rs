@@ -9,8 +9,6 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Request, StatusCode, header};
-use http_body_util::Full;
-use hyper::body::Incoming;
 use sluice_proto::v1::ErrorKind;
 use tokio::time::{Instant, timeout_at};
 
@@ -24,7 +22,7 @@ use crate::metrics::{AttemptOutcome, CooldownReason, Label, LimitScope, SkipReas
 use crate::request::ParsedRequest;
 use crate::router;
 use crate::snapshot::{Backend, Endpoint, Policy, Route, Snapshot};
-use crate::upstream::{self, UpstreamClient};
+use crate::upstream::{self, UpstreamBody, UpstreamClient};
 
 /// Largest error body read from an upstream 429/5xx (to pass it on if it is the last one).
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -38,7 +36,7 @@ enum Answer {
     },
     Stream {
         status: StatusCode,
-        upstream: Incoming,
+        upstream: UpstreamBody,
         first: Bytes,
     },
 }
@@ -296,7 +294,7 @@ async fn attempt(
     deadline: Instant,
     max_response: usize,
 ) -> Result<Answer, Failure> {
-    let mut request = Request::new(Full::new(body));
+    let mut request = Request::new(body);
     *request.method_mut() = Method::POST;
     *request.uri_mut() = backend.uri(endpoint).clone();
     let headers = request.headers_mut();
@@ -310,9 +308,9 @@ async fn attempt(
     let first_byte = deadline.min(Instant::now() + policy.first_byte_timeout);
     // A connect timeout is a connect error (the connector's own limit); only our deadlines
     // make a timeout.
-    let upstream = match timeout_at(first_byte, client.request(request)).await {
+    let upstream = match timeout_at(first_byte, client.send(request)).await {
         Err(_) => return Err(Failure::Timeout),
-        Ok(Err(e)) => return Err(Failure::Connect(error_chain(&e))),
+        Ok(Err(e)) => return Err(Failure::Connect(error_chain(&*e))),
         Ok(Ok(response)) => response,
     };
     let (head, mut upstream) = upstream.into_parts();
@@ -344,7 +342,7 @@ async fn attempt(
         // take over.
         let first = match timeout_at(first_byte, upstream::next_chunk(&mut upstream)).await {
             Err(_) => return Err(Failure::Timeout),
-            Ok(Err(e)) => return Err(Failure::Connect(error_chain(&e))),
+            Ok(Err(e)) => return Err(Failure::Connect(error_chain(&*e))),
             Ok(Ok(chunk)) => chunk.unwrap_or_default(),
         };
         return Ok(Answer::Stream {
@@ -363,7 +361,7 @@ async fn attempt(
 
 /// Reads a whole body of at most `max` bytes, with `idle` as the longest pause.
 async fn read_body(
-    mut upstream: Incoming,
+    mut upstream: UpstreamBody,
     max: usize,
     idle: Duration,
     deadline: Instant,
@@ -376,7 +374,7 @@ async fn read_body(
         let until = deadline.min(Instant::now() + idle);
         match timeout_at(until, upstream::next_chunk(&mut upstream)).await {
             Err(_) => return Err(Failure::Timeout),
-            Ok(Err(e)) => return Err(Failure::Invalid(error_chain(&e))),
+            Ok(Err(e)) => return Err(Failure::Invalid(error_chain(&*e))),
             Ok(Ok(None)) => return Ok(only.unwrap_or_else(|| joined.freeze())),
             Ok(Ok(Some(chunk))) => {
                 len += chunk.len();

@@ -18,7 +18,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body::{Body, Frame};
-use hyper::body::Incoming;
 use sluice_proto::v1::ErrorKind;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -26,7 +25,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use super::accounting::{Accounting, usage_of};
 use crate::error::error_body;
 use crate::sse::{Item, SseParser};
-use crate::upstream;
+use crate::upstream::{self, UpstreamBody};
 
 /// How long to keep reading an upstream after `[DONE]` so its connection can be reused.
 const DRAIN_AFTER_DONE: Duration = Duration::from_secs(2);
@@ -41,7 +40,7 @@ enum Then {
 
 pub(super) struct Relay {
     /// `None` once the stream has ended (the connection is drained or dropped).
-    upstream: Option<Incoming>,
+    upstream: Option<UpstreamBody>,
     parser: SseParser,
     items: Vec<Item>,
     ready: VecDeque<(Bytes, Then)>,
@@ -63,7 +62,7 @@ pub(super) struct Relay {
 impl Relay {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
-        upstream: Incoming,
+        upstream: UpstreamBody,
         first: Bytes,
         acct: Accounting,
         forward_usage: bool,

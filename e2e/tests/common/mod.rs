@@ -131,6 +131,11 @@ impl Cluster {
     }
 
     pub async fn proxy_with(&self, extra: &[&str]) -> Proxy {
+        self.proxy_with_env(extra, &[]).await
+    }
+
+    /// A data plane with extra flags and environment variables.
+    pub async fn proxy_with_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Proxy {
         let mut args = vec![
             "--control-plane".to_owned(),
             self.control_url(),
@@ -138,15 +143,12 @@ impl Cluster {
             "127.0.0.1:0".to_owned(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = spawn(
-            workspace_bin("sluice-proxy"),
-            args,
-            [
-                ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
-                ("RUST_LOG", "info"),
-            ],
-        )
-        .unwrap();
+        let mut envs = vec![
+            ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
+            ("RUST_LOG", "info"),
+        ];
+        envs.extend_from_slice(env);
+        let child = spawn(workspace_bin("sluice-proxy"), args, envs).unwrap();
         let addr = child.wait_for_listening("http", START).await.unwrap();
         let proxy = Proxy {
             child,
