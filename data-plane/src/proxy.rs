@@ -12,9 +12,9 @@ use axum::Router;
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -200,15 +200,60 @@ async fn read_body(request: Request, limit: usize) -> Result<Bytes, ProxyError> 
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut body = request.into_body();
     if declared.is_some_and(|n| n > limit as u64) {
+        discard_rest(body);
         return Err(too_large);
     }
-    match Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large),
-        Err(_) => Err(ProxyError::BodyUnreadable),
+    // Most bodies arrive in one chunk: that one is kept as it came, without a copy.
+    let mut only: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
+    let mut len = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| ProxyError::BodyUnreadable)?.into_data() else {
+            continue; // trailers
+        };
+        len += data.len();
+        if len > limit {
+            discard_rest(body);
+            return Err(too_large);
+        }
+        match only.take() {
+            None if joined.is_empty() => only = Some(data),
+            None => joined.extend_from_slice(&data),
+            Some(first) => {
+                joined.reserve(len);
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&data);
+            }
+        }
     }
+    Ok(only.unwrap_or_else(|| joined.freeze()))
 }
+
+/// Reads and throws away what is left of a refused body (up to [`LINGER_BYTES`] within
+/// [`LINGER_TIME`]) while the 413 goes out. Closing the connection with the upload still
+/// arriving would reset it, and a client busy writing its body would then see a broken pipe
+/// instead of the answer; nginx lingers on close for the same reason.
+fn discard_rest(mut body: axum::body::Body) {
+    tokio::spawn(async move {
+        let drain = async {
+            let mut read = 0;
+            while let Some(Ok(frame)) = body.frame().await {
+                read += frame.data_ref().map_or(0, Bytes::len);
+                if read > LINGER_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    });
+}
+
+/// How much of a refused request body is still read, and for how long, before the
+/// connection closes (see [`discard_rest`]).
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A sane incoming `x-request-id` (1–128 of `[A-Za-z0-9._:-]`), or a new UUIDv7.
 fn request_id(headers: &HeaderMap) -> String {
