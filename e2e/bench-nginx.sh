@@ -3,8 +3,12 @@
 # of the same mock provider, measured with the same load driver and the mock as the baseline.
 # It shows what two more loopback hops and a proxy that does no per-request work of its own
 # cost on this machine. Needs nginx and release binaries (`cargo build --release --bins`).
+# With --hyper it measures data-plane/examples/bare_proxy.rs instead: the cheapest proxy on
+# Sluice's own stack (axum, hyper-util's client, tokio), which shows the stack's share of
+# Sluice's cost (`cargo build --release -p sluice-proxy --example bare_proxy` first).
 #
 #   ./e2e/bench-nginx.sh            # 1,000 req/s open loop, then saturation with 64 connections
+#   ./e2e/bench-nginx.sh --hyper [shared]   # the same against bare_proxy (per-core or shared)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,7 +16,13 @@ bin="$root/target/release"
 for exe in sluice-mock sluice-bench; do
   [ -x "$bin/$exe" ] || { echo "bench-nginx: $bin/$exe missing; run cargo build --release --bins" >&2; exit 1; }
 done
-command -v nginx >/dev/null || { echo "bench-nginx: nginx not found (apt-get install -y nginx)" >&2; exit 1; }
+hyper=""
+if [ "${1:-}" = "--hyper" ]; then
+  hyper="${2:-per-core}"
+  [ -x "$bin/examples/bare_proxy" ] || { echo "bench-nginx: $bin/examples/bare_proxy missing; run cargo build --release -p sluice-proxy --example bare_proxy" >&2; exit 1; }
+else
+  command -v nginx >/dev/null || { echo "bench-nginx: nginx not found (apt-get install -y nginx)" >&2; exit 1; }
+fi
 
 mock_port=${MOCK_PORT:-19190}
 nginx_port=${NGINX_PORT:-18190}
@@ -40,9 +50,16 @@ EOF
 
 "$bin/sluice-mock" --listen "127.0.0.1:$mock_port" > "$dir/mock.log" 2>&1 &
 mock=$!
-nginx -c "$dir/nginx.conf" -p "$dir" -e "$dir/logs/error.log"
+proxy=""
+if [ -n "$hyper" ]; then
+  "$bin/examples/bare_proxy" "127.0.0.1:$nginx_port" "http://127.0.0.1:$mock_port" "$hyper" > "$dir/bare.log" 2>&1 &
+  proxy=$!
+else
+  nginx -c "$dir/nginx.conf" -p "$dir" -e "$dir/logs/error.log"
+fi
 cleanup() {
-  nginx -c "$dir/nginx.conf" -p "$dir" -e "$dir/logs/error.log" -s stop 2>/dev/null || true
+  [ -n "$hyper" ] || nginx -c "$dir/nginx.conf" -p "$dir" -e "$dir/logs/error.log" -s stop 2>/dev/null || true
+  [ -z "$proxy" ] || kill "$proxy" 2>/dev/null || true
   kill "$mock" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$dir"

@@ -92,6 +92,11 @@ pub struct Config {
     /// this many, lines are dropped and counted in sluice_log_dropped_lines_total.
     #[arg(long, env = "SLUICE_LOG_BUFFER_LINES", default_value_t = crate::logging::DEFAULT_BUFFER_LINES, value_parser = clap::value_parser!(usize))]
     pub log_buffer_lines: usize,
+    /// Threads that serve HTTP; 0 means one per CPU core the process may use. Each runs its
+    /// own single-threaded runtime and upstream connection pool, so a request never changes
+    /// threads; accepted connections are dealt to them in turn and stay where they land.
+    #[arg(long, env = "SLUICE_SERVING_THREADS", default_value_t = 0)]
+    pub serving_threads: usize,
 }
 
 impl Config {
@@ -112,6 +117,15 @@ impl Config {
             usage_flush_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,
             log_buffer_lines: crate::logging::DEFAULT_BUFFER_LINES,
+            serving_threads: 0,
+        }
+    }
+
+    /// How many serving threads to run: the option, or one per usable CPU core.
+    pub fn serving_threads(&self) -> usize {
+        match self.serving_threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
         }
     }
 
@@ -167,6 +181,17 @@ mod tests {
         assert!(!format!("{config:?}").contains("tok-very-secret"));
         let bearer = crate::control::BearerToken::new(Some("tok-very-secret")).unwrap();
         assert!(!format!("{bearer:?}").contains("tok-very-secret"));
+    }
+
+    #[test]
+    fn serving_threads_default_to_one_per_core() {
+        let mut config = Config::try_parse_from(["sluice-proxy"]).unwrap();
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(config.serving_threads(), cores);
+        config.serving_threads = 3;
+        assert_eq!(config.serving_threads(), 3);
+        let config = Config::try_parse_from(["sluice-proxy", "--serving-threads", "1"]).unwrap();
+        assert_eq!(config.serving_threads(), 1);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use sluice_proxy::Config;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load();
     let _log = sluice_proxy::logging::init(config.log_format, config.log_buffer_lines)?;

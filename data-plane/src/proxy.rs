@@ -59,6 +59,8 @@ pub struct AppState {
     /// Stream relays still running; shutdown waits for them so their usage is recorded.
     pub tasks: TaskTracker,
     pub metrics: Arc<Metrics>,
+    /// Which serving thread this state belongs to: it picks that thread's upstream pool.
+    pub pool: usize,
 }
 
 /// The HTTP routes.
@@ -205,30 +207,50 @@ async fn read_body(request: Request, limit: usize) -> Result<Bytes, ProxyError> 
         discard_rest(body);
         return Err(too_large);
     }
-    // Most bodies arrive in one chunk: that one is kept as it came, without a copy.
-    let mut only: Option<Bytes> = None;
-    let mut joined = BytesMut::new();
-    let mut len = 0;
+    let mut collected = Collected::default();
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame.map_err(|_| ProxyError::BodyUnreadable)?.into_data() else {
             continue; // trailers
         };
-        len += data.len();
-        if len > limit {
+        if collected.len() + data.len() > limit {
             discard_rest(body);
             return Err(too_large);
         }
-        match only.take() {
-            None if joined.is_empty() => only = Some(data),
-            None => joined.extend_from_slice(&data),
+        collected.push(data);
+    }
+    Ok(collected.into_bytes())
+}
+
+/// A body's chunks joined into one buffer. Most bodies arrive in one chunk: that one is kept
+/// as it came, without a copy.
+#[derive(Default)]
+pub(crate) struct Collected {
+    only: Option<Bytes>,
+    joined: BytesMut,
+    len: usize,
+}
+
+impl Collected {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn push(&mut self, chunk: Bytes) {
+        self.len += chunk.len();
+        match self.only.take() {
+            None if self.joined.is_empty() => self.only = Some(chunk),
+            None => self.joined.extend_from_slice(&chunk),
             Some(first) => {
-                joined.reserve(len);
-                joined.extend_from_slice(&first);
-                joined.extend_from_slice(&data);
+                self.joined.reserve(self.len);
+                self.joined.extend_from_slice(&first);
+                self.joined.extend_from_slice(&chunk);
             }
         }
     }
-    Ok(only.unwrap_or_else(|| joined.freeze()))
+
+    pub(crate) fn into_bytes(self) -> Bytes {
+        self.only.unwrap_or_else(|| self.joined.freeze())
+    }
 }
 
 /// Reads and throws away what is left of a refused body (up to [`LINGER_BYTES`] within

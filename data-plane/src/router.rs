@@ -61,7 +61,7 @@ mod tests {
             backends,
             ..Default::default()
         };
-        Snapshot::prepare(message, None, Now::read()).unwrap()
+        Snapshot::prepare(message, None, Now::read(), 1).unwrap()
     }
 
     fn ids(snap: &Snapshot, rng: &mut impl Rng) -> Vec<String> {

@@ -247,16 +247,20 @@ pub struct Snapshot {
     /// names are shared with metric labels.
     routes: HashMap<Arc<str>, Vec<Route>>,
     keys: HashMap<[u8; 32], ClientKey>,
-    upstream: UpstreamClient,
+    /// One pooled client per serving thread, so that a thread only ever uses connections
+    /// whose I/O its own runtime drives.
+    upstream: Arc<[UpstreamClient]>,
 }
 
 impl Snapshot {
     /// Validates `message` and builds the routing tables, the key map and the rate limiters.
-    /// Limiters and the upstream client are carried over from `previous` where they still fit.
+    /// Limiters and the upstream clients (`pools` of them) are carried over from `previous`
+    /// where they still fit.
     pub fn prepare(
         message: proto::Snapshot,
         previous: Option<&Snapshot>,
         now: Now,
+        pools: usize,
     ) -> Result<Self, SnapshotError> {
         let policy = match &message.settings {
             Some(settings) => Policy::try_from(settings)?,
@@ -382,8 +386,15 @@ impl Snapshot {
         }
 
         let upstream = match previous {
-            Some(p) if p.policy.connect_timeout == policy.connect_timeout => p.upstream.clone(),
-            _ => upstream_client(policy.connect_timeout)?,
+            Some(p)
+                if p.policy.connect_timeout == policy.connect_timeout
+                    && p.upstream.len() == pools.max(1) =>
+            {
+                Arc::clone(&p.upstream)
+            }
+            _ => (0..pools.max(1))
+                .map(|_| upstream_client(policy.connect_timeout))
+                .collect::<Result<_, _>>()?,
         };
 
         Ok(Self {
@@ -429,9 +440,9 @@ impl Snapshot {
         self.keys.get(sha256)
     }
 
-    /// The shared, pooled upstream HTTP client.
-    pub fn upstream(&self) -> &UpstreamClient {
-        &self.upstream
+    /// The pooled upstream HTTP client of serving thread `pool`.
+    pub fn upstream(&self, pool: usize) -> &UpstreamClient {
+        &self.upstream[pool % self.upstream.len()]
     }
 }
 
@@ -493,6 +504,8 @@ pub struct SnapshotStore {
     current: ArcSwapOption<Snapshot>,
     version: watch::Sender<u64>,
     cooldowns: Arc<CooldownTracker>,
+    /// Upstream clients per snapshot: one per serving thread.
+    pools: usize,
 }
 
 impl Default for SnapshotStore {
@@ -507,7 +520,14 @@ impl SnapshotStore {
             current: ArcSwapOption::empty(),
             version: watch::Sender::new(0),
             cooldowns,
+            pools: 1,
         }
+    }
+
+    /// Builds `pools` upstream clients per snapshot (one per serving thread) instead of one.
+    pub fn with_upstream_pools(mut self, pools: usize) -> Self {
+        self.pools = pools.max(1);
+        self
     }
 
     /// The current snapshot; `None` until the first one arrived.
@@ -540,7 +560,12 @@ impl SnapshotStore {
             }
         }
         let now = Now::read();
-        let next = Arc::new(Snapshot::prepare(message, current.as_deref(), now)?);
+        let next = Arc::new(Snapshot::prepare(
+            message,
+            current.as_deref(),
+            now,
+            self.pools,
+        )?);
         self.cooldowns.observe_snapshot(
             next.backends.iter().map(|b| (b.id.as_str(), b.cooldown)),
             now,
@@ -601,7 +626,7 @@ mod tests {
 
     #[tokio::test]
     async fn prepares_routes_in_pool_and_priority_order() {
-        let snap = Snapshot::prepare(snapshot(1), None, Now::read()).unwrap();
+        let snap = Snapshot::prepare(snapshot(1), None, Now::read(), 1).unwrap();
         let routes = snap.routes("gpt-4o-mini").unwrap();
         let ids: Vec<&str> = routes
             .iter()
@@ -628,7 +653,7 @@ mod tests {
                 b.base_url = "https://Bücher.example:8443/my v1/".into();
             }
         }
-        let snap = Snapshot::prepare(message, None, Now::read()).unwrap();
+        let snap = Snapshot::prepare(message, None, Now::read(), 1).unwrap();
         let b = snap.backends().iter().find(|b| b.id == "p1").unwrap();
         assert_eq!(
             b.uri(Endpoint::Embeddings),
@@ -641,7 +666,7 @@ mod tests {
         for url in ["ftp://x/v1", "http://user:secret@x/v1", "http://x/v1?q=1"] {
             let mut bad = snapshot(1);
             bad.backends[0].base_url = url.into();
-            let err = Snapshot::prepare(bad, None, Now::read()).unwrap_err();
+            let err = Snapshot::prepare(bad, None, Now::read(), 1).unwrap_err();
             assert!(
                 matches!(err, SnapshotError::InvalidBaseUrl { .. }),
                 "{url}: {err}"
@@ -651,13 +676,13 @@ mod tests {
         let mut bad = snapshot(1);
         bad.backends[1].id = "fb".into();
         assert!(matches!(
-            Snapshot::prepare(bad, None, Now::read()),
+            Snapshot::prepare(bad, None, Now::read(), 1),
             Err(SnapshotError::DuplicateBackend(_))
         ));
         let mut bad = snapshot(1);
         bad.client_keys[0].key_sha256 = vec![1, 2, 3];
         assert!(matches!(
-            Snapshot::prepare(bad, None, Now::read()),
+            Snapshot::prepare(bad, None, Now::read(), 1),
             Err(SnapshotError::InvalidKeyHash(_))
         ));
         let mut bad = snapshot(1);
@@ -669,7 +694,7 @@ mod tests {
             ..Default::default()
         });
         assert!(matches!(
-            Snapshot::prepare(bad, None, Now::read()),
+            Snapshot::prepare(bad, None, Now::read(), 1),
             Err(SnapshotError::InvalidDuration("connect_timeout"))
         ));
     }

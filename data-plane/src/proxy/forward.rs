@@ -7,14 +7,14 @@ use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use sluice_proto::v1::ErrorKind;
 use tokio::time::{Instant, timeout_at};
 
-use super::AppState;
 use super::accounting::{Accounting, usage_of};
 use super::relay::Relay;
+use super::{AppState, Collected};
 use crate::clock::Now;
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
@@ -156,7 +156,7 @@ pub(super) async fn forward(
         let body = parsed.rewrite(&route.upstream_model, stream);
         let sent = Instant::now();
         let outcome = attempt(
-            snapshot.upstream(),
+            snapshot.upstream(app.pool),
             backend,
             endpoint,
             body,
@@ -366,30 +366,18 @@ async fn read_body(
     idle: Duration,
     deadline: Instant,
 ) -> Result<Bytes, Failure> {
-    // Most answers arrive in one chunk: that one is returned as it came, without a copy.
-    let mut only: Option<Bytes> = None;
-    let mut joined = BytesMut::new();
-    let mut len = 0;
+    let mut collected = Collected::default();
     loop {
         let until = deadline.min(Instant::now() + idle);
         match timeout_at(until, upstream::next_chunk(&mut upstream)).await {
             Err(_) => return Err(Failure::Timeout),
             Ok(Err(e)) => return Err(Failure::Invalid(error_chain(&*e))),
-            Ok(Ok(None)) => return Ok(only.unwrap_or_else(|| joined.freeze())),
+            Ok(Ok(None)) => return Ok(collected.into_bytes()),
             Ok(Ok(Some(chunk))) => {
-                len += chunk.len();
-                if len > max {
+                if collected.len() + chunk.len() > max {
                     return Err(Failure::Invalid(format!("body larger than {max} bytes")));
                 }
-                match only.take() {
-                    None if joined.is_empty() => only = Some(chunk),
-                    None => joined.extend_from_slice(&chunk),
-                    Some(first) => {
-                        joined.reserve(len);
-                        joined.extend_from_slice(&first);
-                        joined.extend_from_slice(&chunk);
-                    }
-                }
+                collected.push(chunk);
             }
         }
     }
