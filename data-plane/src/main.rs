@@ -2,11 +2,8 @@
 
 use sluice_proxy::Config;
 
-/// mimalloc instead of glibc's malloc: the proxy allocates and frees many small buffers per
-/// request on every thread, the pattern mimalloc's per-thread free lists are built for.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
+/// One thread is enough here: it accepts connections and talks to the control plane; requests
+/// are served on threads of their own (`server.rs`).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load();
