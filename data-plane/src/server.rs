@@ -6,9 +6,10 @@
 //! threads, each with a single-threaded runtime and its own upstream connection pool. A
 //! request, its upstream call and its response then stay on one thread: no work stealing and
 //! no cross-thread wake-ups on the hot path. Against one multi-threaded runtime that took
-//! context switches per proxied request from 4.0 to 2.1–2.3 and CPU per request down by
-//! 10–15 % (`./e2e/bench-cpu.sh`). The price: a connection stays on the thread it was dealt
-//! to, so a few very busy connections can load one thread more than another.
+//! context switches per proxied request from 3.0–4.0 to 1.8–2.3 (`./e2e/bench-cpu.sh`) and the
+//! saturation throughput ratio from 0.26–0.32 to 0.30–0.37. The price: a connection stays on
+//! the thread it was dealt to, so a few very busy connections can load one thread more than
+//! another.
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
