@@ -94,7 +94,7 @@ pub struct Config {
     pub log_buffer_lines: usize,
     /// Threads that serve HTTP; 0 means one per CPU core the process may use. Each runs its
     /// own single-threaded runtime and upstream connection pool, so a request never changes
-    /// threads; accepted connections are dealt to them in turn and stay where they land.
+    /// threads; each accepted connection goes to the one holding the fewest and stays there.
     #[arg(long, env = "SLUICE_SERVING_THREADS", default_value_t = 0)]
     pub serving_threads: usize,
 }

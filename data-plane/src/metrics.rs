@@ -86,6 +86,11 @@ fn status_class(status: u16) -> &'static str {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ThreadLabels {
+    thread: usize,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     backend: Label,
 }
@@ -171,6 +176,7 @@ pub struct Metrics {
     upstream_ttft: Family<BackendLabels, Histogram, UpstreamBuckets>,
     overhead: Histogram,
     in_flight: Gauge,
+    client_connections: Family<ThreadLabels, Gauge>,
     attempts: Family<AttemptLabels, Counter>,
     failovers: Counter,
     cooldowns: Family<CooldownLabels, Counter>,
@@ -239,6 +245,12 @@ impl Metrics {
             "requests_in_flight",
             "Requests accepted and not yet finished (streams until their last event)",
             in_flight.clone(),
+        );
+        let client_connections = Family::default();
+        registry.register(
+            "client_connections",
+            "Client connections open, by the serving thread that holds them",
+            client_connections.clone(),
         );
         let attempts = Family::default();
         registry.register(
@@ -309,6 +321,7 @@ impl Metrics {
             upstream_ttft,
             overhead,
             in_flight,
+            client_connections,
             attempts,
             failovers,
             cooldowns,
@@ -402,6 +415,13 @@ impl Metrics {
     pub fn in_flight(&self) -> InFlight {
         self.in_flight.inc();
         InFlight(self.in_flight.clone())
+    }
+
+    /// The gauge of client connections open on serving thread `thread`.
+    pub fn client_connections(&self, thread: usize) -> Gauge {
+        self.client_connections
+            .get_or_create(&ThreadLabels { thread })
+            .clone()
     }
 
     /// The exposition text, with the gauges read now.

@@ -2,8 +2,8 @@
 //! reporter, and the graceful shutdown that drains requests and flushes usage in that order.
 //!
 //! Requests are served thread-per-core: the caller's runtime accepts connections (and runs
-//! the snapshot subscriber and the usage reporter) and deals them in turn to N serving
-//! threads, each with a single-threaded runtime and its own upstream connection pool. A
+//! the snapshot subscriber and the usage reporter) and deals each to the one of N serving
+//! threads holding the fewest connections, each with a single-threaded runtime and its own upstream connection pool. A
 //! request, its upstream call and its response then stay on one thread: no work stealing and
 //! no cross-thread wake-ups on the hot path. Against one multi-threaded runtime that took
 //! context switches per proxied request from 3.0–4.0 to 1.8–2.3 (`./e2e/bench-cpu.sh`) and the
@@ -16,7 +16,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use axum::serve::{Listener, ListenerExt};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::control::{self, ControlError, NodeIdentity};
+use crate::metrics::Metrics;
 use crate::proxy::{self, AppState, Limits};
 use crate::snapshot::SnapshotStore;
 use crate::subscribe;
@@ -171,7 +177,7 @@ impl Proxy {
         );
 
         let tasks = TaskTracker::new();
-        let metrics = Arc::<crate::metrics::Metrics>::default();
+        let metrics = Arc::<Metrics>::default();
         let draining = CancellationToken::new();
         let threads = config.serving_threads();
         let local_addr = listener.local_addr().map_err(RunError::Serve)?;
@@ -200,7 +206,10 @@ impl Proxy {
                 draining.cancel();
                 return Err(RunError::Serve(e));
             }
-            shards.push(deal);
+            shards.push(ShardInbox {
+                deal,
+                open: metrics.client_connections(pool),
+            });
         }
         drop(done);
         // Without TCP_NODELAY the first SSE event waits behind the response head for the
@@ -252,13 +261,10 @@ impl Proxy {
 /// Connections accepted but not yet taken by their serving thread, per thread.
 const DEALT_QUEUE: usize = 1024;
 
-/// Accepts connections and deals them to the serving threads in turn until `draining`;
-/// then the listener closes.
-async fn deal_connections<L>(
-    mut listener: L,
-    shards: Vec<mpsc::Sender<(std::net::TcpStream, SocketAddr)>>,
-    draining: CancellationToken,
-) where
+/// Accepts connections and deals each to the serving thread holding the fewest (the next one
+/// in turn among equals) until `draining`; then the listener closes.
+async fn deal_connections<L>(mut listener: L, shards: Vec<ShardInbox>, draining: CancellationToken)
+where
     L: Listener<Io = TcpStream, Addr = SocketAddr>,
 {
     let mut next = 0;
@@ -276,35 +282,116 @@ async fn deal_connections<L>(
                 continue;
             }
         };
-        let Some(shard) = shards.get(next % shards.len()) else {
+        let Some(shard) = least_loaded(&shards, next) else {
             return;
         };
         next = next.wrapping_add(1);
-        if shard.send((tcp, peer)).await.is_err() {
+        let open = OpenConnection::new(shard.open.clone());
+        if shard.deal.send((tcp, peer, open)).await.is_err() {
             // That thread stopped (it failed); `serve` is shutting down.
             return;
         }
     }
 }
 
+/// The shard with the fewest open connections, looking from `start` (mod the count) on.
+fn least_loaded(shards: &[ShardInbox], start: usize) -> Option<&ShardInbox> {
+    let n = shards.len();
+    (0..n)
+        .filter_map(|i| shards.get((start + i) % n))
+        .min_by_key(|shard| shard.open.get())
+}
+
+/// What the acceptor hands a serving thread.
+type DealtConnection = (std::net::TcpStream, SocketAddr, OpenConnection);
+
+/// The acceptor's side of one serving thread.
+struct ShardInbox {
+    deal: mpsc::Sender<DealtConnection>,
+    /// `sluice_client_connections{thread}`: also what dealing balances.
+    open: Gauge,
+}
+
+/// Counts a client connection as open on its thread until it closes (drops).
+struct OpenConnection(Gauge);
+
+impl OpenConnection {
+    fn new(open: Gauge) -> Self {
+        open.inc();
+        Self(open)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A client connection that counts itself open while it lives.
+struct Counted {
+    tcp: TcpStream,
+    _open: OpenConnection,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
 /// The connections dealt to one serving thread, as axum's listener.
 struct Dealt {
-    dealt: mpsc::Receiver<(std::net::TcpStream, SocketAddr)>,
+    dealt: mpsc::Receiver<DealtConnection>,
     local_addr: SocketAddr,
 }
 
 impl Listener for Dealt {
-    type Io = TcpStream;
+    type Io = Counted;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+    async fn accept(&mut self) -> (Counted, SocketAddr) {
         loop {
-            let Some((tcp, peer)) = self.dealt.recv().await else {
+            let Some((tcp, peer, open)) = self.dealt.recv().await else {
                 // The acceptor stopped: nothing more comes; graceful shutdown ends the server.
                 return std::future::pending().await;
             };
             match TcpStream::from_std(tcp) {
-                Ok(tcp) => return (tcp, peer),
+                Ok(tcp) => return (Counted { tcp, _open: open }, peer),
                 Err(e) => tracing::debug!(error = %e, "dropped an accepted connection"),
             }
         }

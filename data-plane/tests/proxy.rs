@@ -99,15 +99,7 @@ async fn non_streamed_chat_is_served_rewritten_and_counted() {
     assert!(record.prompt_tokens > 0 && record.completion_tokens > 0);
     assert_eq!(record.sequence, 1);
 
-    let metrics = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains(&format!(
             "sluice_requests_total{{backend=\"primary-name\",model=\"{MODEL}\",status_class=\"2xx\"}} 1\n"
@@ -630,4 +622,93 @@ async fn a_corpus_of_hostile_requests_gets_4xx_and_the_proxy_keeps_serving() {
     assert_error(r, 405, "method_not_allowed").await;
 
     assert_eq!(h.chat(chat_body(true)).await.status(), 200);
+}
+
+/// `sluice_client_connections{thread}` per serving thread, read from `/metrics`.
+async fn connections_per_thread(h: &Harness) -> Vec<u64> {
+    let text = h.metrics().await;
+    let mut open = vec![0; 2];
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("sluice_client_connections{thread=\"") {
+            let (thread, value) = rest.split_once("\"} ").unwrap();
+            open[thread.parse::<usize>().unwrap()] = value.parse().unwrap();
+        }
+    }
+    open
+}
+
+/// Polls the per-thread connection counts until `done` holds for them (10 s at most).
+async fn connections_until(h: &Harness, done: impl Fn(&[u64]) -> bool) -> Vec<u64> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let open = connections_per_thread(h).await;
+        if done(&open) {
+            return open;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections stayed at {open:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn connections_go_to_the_serving_thread_holding_the_fewest() {
+    let upstream = mock("primary");
+    let snap = snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &upstream.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    );
+    let h = Harness::start_with(snap, |c| c.serving_threads = 2).await;
+    // The harness's own keep-alive connection (for /metrics) counts on one of the threads.
+    let base = connections_until(&h, |o| o.iter().sum::<u64>() == 1).await;
+
+    // Open connections one at a time and see which thread each lands on.
+    let mut clients = Vec::new();
+    let mut thread_of = Vec::new();
+    let mut before = base.clone();
+    for _ in 0..4 {
+        clients.push(tokio::net::TcpStream::connect(h.addr).await.unwrap());
+        let total = before.iter().sum::<u64>() + 1;
+        let now = connections_until(&h, |o| o.iter().sum::<u64>() == total).await;
+        thread_of.push(usize::from(now[1] > before[1]));
+        before = now;
+    }
+    assert!(
+        before[0].abs_diff(before[1]) <= 1,
+        "5 connections dealt unevenly: {before:?}"
+    );
+
+    // Close every connection thread 0 got from us: the next ones go there until it is even.
+    let mut kept = Vec::new();
+    for (client, thread) in clients.into_iter().zip(&thread_of) {
+        if *thread == 1 {
+            kept.push(client);
+        }
+    }
+    let closed = thread_of.iter().filter(|&&t| t == 0).count() as u64;
+    let target = before[0] - closed;
+    let after_close = connections_until(&h, |o| o[0] == target).await;
+    let gap = after_close[1] - after_close[0];
+    for _ in 0..gap {
+        kept.push(tokio::net::TcpStream::connect(h.addr).await.unwrap());
+    }
+    let evened = connections_until(&h, |o| {
+        o.iter().sum::<u64>() == after_close.iter().sum::<u64>() + gap
+    })
+    .await;
+    assert_eq!(
+        evened[0], evened[1],
+        "new connections should fill thread 0 first: {after_close:?} then {evened:?}"
+    );
+    // Requests are served on both threads alike.
+    assert_eq!(h.chat(chat_body(false)).await.status(), 200);
+    drop(kept);
+    h.shutdown().await.unwrap();
 }

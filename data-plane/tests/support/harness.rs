@@ -159,6 +159,13 @@ impl Harness {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The `/metrics` text.
+    #[allow(dead_code)] // not every test binary scrapes
+    pub async fn metrics(&self) -> String {
+        let response = self.http.get(self.url("/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
     pub async fn post(&self, path: &str, key: &str, body: &serde_json::Value) -> reqwest::Response {
         self.http
             .post(self.url(path))
