@@ -222,7 +222,7 @@ pub fn usage_of(json: &str) -> Option<(Tokens, bool)> {
         #[serde(default)]
         choices: Option<Vec<serde::de::IgnoredAny>>,
     }
-    if !json.contains("\"usage\"") {
+    if no_usage_figures(json) {
         return None;
     }
     let parsed: WithUsage = serde_json::from_str(json).ok()?;
@@ -235,10 +235,45 @@ pub fn usage_of(json: &str) -> Option<(Tokens, bool)> {
     Some((tokens, usage_only))
 }
 
+/// True when `json` has no `"usage"` key or every one it has is `null`, so there are no
+/// figures to parse. With `include_usage`, which Sluice always asks for, every chunk of a
+/// stream but the last says `"usage":null`; this spares each of them a full JSON parse.
+fn no_usage_figures(json: &str) -> bool {
+    json.match_indices("\"usage\"").all(|(at, key)| {
+        json[at + key.len()..]
+            .trim_start()
+            .strip_prefix(':')
+            .is_some_and(|value| value.trim_start().starts_with("null"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn null_usage_is_skipped_but_figures_anywhere_are_parsed() {
+        assert!(no_usage_figures(r#"{"choices":[{}]}"#));
+        assert!(no_usage_figures(r#"{"choices":[{}],"usage" : null}"#));
+        assert!(no_usage_figures(
+            r#"{"choices":[{"delta":{"content":"\"usage\""}}]}"#
+        ));
+        assert!(!no_usage_figures(r#"{"usage":{"prompt_tokens":1}}"#));
+        // A null somewhere else does not hide the real figures.
+        let both = r#"{"choices":[{"delta":{"usage":null}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+        assert!(!no_usage_figures(both));
+        assert_eq!(
+            usage_of(both),
+            Some((
+                Tokens {
+                    prompt: 1,
+                    completion: 2
+                },
+                false
+            ))
+        );
+    }
 
     #[test]
     fn finds_usage_in_bodies_and_chunks() {
