@@ -427,7 +427,13 @@ impl Shard {
                     tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
-                        .and_then(|runtime| runtime.block_on(self.serve()))
+                        .and_then(|runtime| {
+                            let served = runtime.block_on(self.serve());
+                            // Drops the connections left; does not wait long for a DNS
+                            // lookup still running on the blocking pool.
+                            runtime.shutdown_timeout(Duration::from_secs(1));
+                            served
+                        })
                 }))
                 .unwrap_or_else(|_| Err(std::io::Error::other("a serving thread panicked")));
                 let _ = done.send(result);
