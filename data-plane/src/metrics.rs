@@ -412,9 +412,8 @@ impl Metrics {
     }
 
     /// Counts a request in flight until the guard drops.
-    pub fn in_flight(&self) -> InFlight {
-        self.in_flight.inc();
-        InFlight(self.in_flight.clone())
+    pub fn in_flight(&self) -> Held {
+        Held::new(self.in_flight.clone())
     }
 
     /// The gauge of client connections open on serving thread `thread`.
@@ -457,11 +456,18 @@ impl Metrics {
     }
 }
 
-/// Decrements the in-flight gauge when dropped.
+/// One unit of a gauge (a request in flight, an open connection), given back when dropped.
 #[derive(Debug)]
-pub struct InFlight(Gauge);
+pub struct Held(Gauge);
 
-impl Drop for InFlight {
+impl Held {
+    pub fn new(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Held {
     fn drop(&mut self) {
         self.0.dec();
     }

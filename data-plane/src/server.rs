@@ -3,9 +3,9 @@
 //!
 //! Requests are served thread-per-core: the caller's runtime accepts connections (and runs
 //! the snapshot subscriber and the usage reporter) and deals each to the one of N serving
-//! threads holding the fewest connections, each with a single-threaded runtime and its own upstream connection pool. A
-//! request, its upstream call and its response then stay on one thread: no work stealing and
-//! no cross-thread wake-ups on the hot path. Against one multi-threaded runtime that took
+//! threads holding the fewest connections, each with a single-threaded runtime and its own
+//! upstream connection pool. A request, its upstream call and its response then stay on one
+//! thread: no work stealing and no cross-thread wake-ups on the hot path. Against one multi-threaded runtime that took
 //! context switches per proxied request from 3.0–4.0 to 1.8–2.3 (`./e2e/bench-cpu.sh`) and the
 //! saturation throughput ratio from 0.26–0.32 to 0.30–0.37. The price: a connection stays on
 //! the thread it was dealt to, so a few very busy connections can load one thread more than
@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::control::{self, ControlError, NodeIdentity};
-use crate::metrics::Metrics;
+use crate::metrics::{Held, Metrics};
 use crate::proxy::{self, AppState, Limits};
 use crate::snapshot::SnapshotStore;
 use crate::subscribe;
@@ -66,6 +66,9 @@ pub struct Proxy {
     store: Arc<SnapshotStore>,
     usage: UsageSink,
     identity: NodeIdentity,
+    /// Resolved once (the default reads the CPU quota): the snapshot store builds as many
+    /// upstream pools.
+    serving_threads: usize,
 }
 
 impl Proxy {
@@ -88,10 +91,8 @@ impl Proxy {
             addr: config.listen,
             source,
         })?;
-        tracing::info!(
-            serving_threads = config.serving_threads(),
-            "http listening on {local_addr}"
-        );
+        let serving_threads = config.serving_threads();
+        tracing::info!(serving_threads, "http listening on {local_addr}");
         let identity = NodeIdentity::new(config.node_id.clone());
         tracing::info!(node_id = %identity.node_id, incarnation = %identity.incarnation, control_plane = %config.control_plane, "data plane starting");
         if crate::upstream::egress_proxy_from_env() {
@@ -104,11 +105,12 @@ impl Proxy {
             listener,
             local_addr,
             usage: UsageSink::new(config.usage_queue),
-            store: Arc::new(SnapshotStore::default().with_upstream_pools(config.serving_threads())),
+            store: Arc::new(SnapshotStore::default().with_upstream_pools(serving_threads)),
             token,
             ca_pem,
             identity,
             config,
+            serving_threads,
         })
     }
 
@@ -141,6 +143,7 @@ impl Proxy {
             store,
             usage,
             identity,
+            serving_threads: threads,
             ..
         } = self;
         let client =
@@ -179,7 +182,6 @@ impl Proxy {
         let tasks = TaskTracker::new();
         let metrics = Arc::<Metrics>::default();
         let draining = CancellationToken::new();
-        let threads = config.serving_threads();
         let local_addr = listener.local_addr().map_err(RunError::Serve)?;
         let (done, mut finished) = mpsc::unbounded_channel();
         let mut shards = Vec::with_capacity(threads);
@@ -286,7 +288,7 @@ where
             return;
         };
         next = next.wrapping_add(1);
-        let open = OpenConnection::new(shard.open.clone());
+        let open = Held::new(shard.open.clone());
         if shard.deal.send((tcp, peer, open)).await.is_err() {
             // That thread stopped (it failed); `serve` is shutting down.
             return;
@@ -303,7 +305,7 @@ fn least_loaded(shards: &[ShardInbox], start: usize) -> Option<&ShardInbox> {
 }
 
 /// What the acceptor hands a serving thread.
-type DealtConnection = (std::net::TcpStream, SocketAddr, OpenConnection);
+type DealtConnection = (std::net::TcpStream, SocketAddr, Held);
 
 /// The acceptor's side of one serving thread.
 struct ShardInbox {
@@ -312,26 +314,11 @@ struct ShardInbox {
     open: Gauge,
 }
 
-/// Counts a client connection as open on its thread until it closes (drops).
-struct OpenConnection(Gauge);
-
-impl OpenConnection {
-    fn new(open: Gauge) -> Self {
-        open.inc();
-        Self(open)
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// A client connection that counts itself open while it lives.
 struct Counted {
     tcp: TcpStream,
-    _open: OpenConnection,
+    /// Counts it in `sluice_client_connections{thread}` until it closes.
+    _open: Held,
 }
 
 impl AsyncRead for Counted {

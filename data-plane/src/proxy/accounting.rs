@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use std::sync::Arc;
 
 use crate::clock::{proto_duration, timestamp};
-use crate::metrics::{InFlight, Label, Metrics};
+use crate::metrics::{Held, Label, Metrics};
 use crate::snapshot::{Backend, Endpoint};
 use crate::usage::UsageSink;
 
@@ -43,7 +43,7 @@ pub struct Accounting {
     /// The status already sent to the client (a streamed response's), if any.
     status_sent: Option<StatusCode>,
     done: bool,
-    _in_flight: InFlight,
+    _in_flight: Held,
 }
 
 impl Accounting {
