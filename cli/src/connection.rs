@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use sluice_proto::limits;
 use sluice_proto::v1::admin_service_client::AdminServiceClient;
 use sluice_proto::v1::stats_service_client::StatsServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -81,19 +82,21 @@ impl Connection {
     /// Connects and returns an `AdminService` client.
     pub async fn admin(&self) -> Result<AdminClient, Error> {
         let channel = self.channel().await?;
-        Ok(AdminServiceClient::with_interceptor(
-            channel,
-            self.auth.clone(),
-        ))
+        Ok(
+            AdminServiceClient::with_interceptor(channel, self.auth.clone())
+                .max_decoding_message_size(limits::MAX_ADMIN_RESPONSE_BYTES)
+                .max_encoding_message_size(limits::MAX_ADMIN_REQUEST_BYTES),
+        )
     }
 
     /// Connects and returns a `StatsService` client.
     pub async fn stats(&self) -> Result<StatsClient, Error> {
         let channel = self.channel().await?;
-        Ok(StatsServiceClient::with_interceptor(
-            channel,
-            self.auth.clone(),
-        ))
+        Ok(
+            StatsServiceClient::with_interceptor(channel, self.auth.clone())
+                .max_decoding_message_size(limits::MAX_ADMIN_RESPONSE_BYTES)
+                .max_encoding_message_size(limits::MAX_ADMIN_REQUEST_BYTES),
+        )
     }
 
     /// Awaits one call within the deadline and turns a failure into an `Error`.

@@ -1,6 +1,7 @@
 //! Backends: upstream providers speaking the OpenAI API. The domain type
 //! [`BackendSpec`] is what an operator configures, validated once at the edge.
 
+use sluice_proto::limits::MAX_MODEL_NAME_BYTES;
 use sluice_proto::v1 as pb;
 
 use crate::validation::{ValidationError, check_name};
@@ -134,10 +135,12 @@ impl BackendSpec {
                     "must not be empty",
                 ));
             }
-            if model.name.len() > 256 || model.upstream_name.len() > 256 {
+            if model.name.len() > MAX_MODEL_NAME_BYTES
+                || model.upstream_name.len() > MAX_MODEL_NAME_BYTES
+            {
                 return Err(ValidationError::new(
                     format!("{field}.name"),
-                    "model names must be at most 256 bytes",
+                    format!("model names must be at most {MAX_MODEL_NAME_BYTES} bytes"),
                 ));
             }
             if model

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use futures::Stream;
+use sluice_proto::limits::MAX_ID_BYTES;
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::data_plane_service_server::DataPlaneService;
 use tokio::sync::{mpsc, oneshot};
@@ -180,12 +181,10 @@ enum Owed {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-const MAX_ID_LEN: usize = 256;
-
 fn check_id(field: &str, value: &str) -> Result<(), Status> {
-    if value.is_empty() || value.len() > MAX_ID_LEN || value.chars().any(char::is_control) {
+    if value.is_empty() || value.len() > MAX_ID_BYTES || value.chars().any(char::is_control) {
         return Err(Status::invalid_argument(format!(
-            "{field}: must be 1 to {MAX_ID_LEN} bytes without control characters"
+            "{field}: must be 1 to {MAX_ID_BYTES} bytes without control characters"
         )));
     }
     Ok(())
@@ -211,7 +210,7 @@ impl DataPlaneService for DataPlaneApi {
         check_id("node_id", &first.node_id)?;
         let hello = NodeHello {
             node_id: first.node_id.clone(),
-            hostname: first.hostname.chars().take(MAX_ID_LEN).collect(),
+            hostname: first.hostname.chars().take(MAX_ID_BYTES).collect(),
             peer_address: peer,
             build_version: first.build_version.chars().take(64).collect(),
         };

@@ -6,11 +6,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_proto::limits;
 use sluice_proto::v1::admin_service_server::AdminServiceServer;
 use sluice_proto::v1::data_plane_service_server::DataPlaneServiceServer;
 use sluice_proto::v1::stats_service_server::StatsServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, ServerTlsConfig};
 
 use crate::admin::Admin;
@@ -210,13 +212,26 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         )))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AdminServiceServer::with_interceptor(
-            admin,
+        .add_service(InterceptedService::new(
+            AdminServiceServer::new(admin)
+                .max_decoding_message_size(limits::MAX_ADMIN_REQUEST_BYTES)
+                .max_encoding_message_size(limits::MAX_ADMIN_RESPONSE_BYTES),
             admin_check.clone(),
         ))
-        .add_service(StatsServiceServer::with_interceptor(stats, admin_check))
-        .add_service(DataPlaneServiceServer::with_interceptor(
-            dataplane,
+        .add_service(InterceptedService::new(
+            StatsServiceServer::new(stats)
+                .max_decoding_message_size(limits::MAX_ADMIN_REQUEST_BYTES)
+                .max_encoding_message_size(limits::MAX_ADMIN_RESPONSE_BYTES),
+            admin_check,
+        ))
+        .add_service(InterceptedService::new(
+            // Usage reports are the largest messages a data plane sends, snapshots the
+            // largest it receives.
+            DataPlaneServiceServer::new(dataplane)
+                .max_decoding_message_size(
+                    limits::MAX_USAGE_REPORT_BYTES.max(limits::MAX_SNAPSHOT_ACK_BYTES),
+                )
+                .max_encoding_message_size(limits::MAX_SNAPSHOT_BYTES),
             dataplane_check,
         ))
         .serve_with_incoming_shutdown(

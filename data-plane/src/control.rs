@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use sluice_proto::limits;
 use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -61,7 +62,9 @@ impl Interceptor for BearerToken {
 }
 
 /// A client to the control plane at `url`. The channel connects lazily and reconnects by
-/// itself; HTTP/2 keep-alives notice a vanished control plane within about 30 s.
+/// itself; HTTP/2 keep-alives notice a vanished control plane within about 30 s. Snapshots
+/// up to [`limits::MAX_SNAPSHOT_BYTES`] are accepted, usage reports up to
+/// [`limits::MAX_USAGE_REPORT_BYTES`] sent.
 pub fn connect(url: &str, token: Option<&str>) -> Result<DataPlaneClient, ControlError> {
     connect_with_ca(url, token, None)
 }
@@ -89,10 +92,11 @@ pub fn connect_with_ca(
             .map_err(|e| ControlError::Tls(e.to_string()))?;
     }
     let channel = endpoint.connect_lazy();
-    Ok(DataPlaneServiceClient::with_interceptor(
-        channel,
-        BearerToken::new(token)?,
-    ))
+    Ok(
+        DataPlaneServiceClient::with_interceptor(channel, BearerToken::new(token)?)
+            .max_decoding_message_size(limits::MAX_SNAPSHOT_BYTES)
+            .max_encoding_message_size(limits::MAX_USAGE_REPORT_BYTES),
+    )
 }
 
 /// Who this replica is, as told to the control plane.

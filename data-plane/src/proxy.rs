@@ -17,6 +17,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use sluice_proto::limits::MAX_REQUEST_ID_BYTES;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
@@ -283,7 +284,7 @@ fn request_id(headers: &HeaderMap) -> String {
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|id| {
-            (1..=128).contains(&id.len())
+            (1..=MAX_REQUEST_ID_BYTES).contains(&id.len())
                 && id
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))

@@ -15,5 +15,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("slui
 
 pub use pbjson_types as wkt;
 
+pub mod limits;
+
 #[cfg(feature = "config")]
 pub mod config;

@@ -1,0 +1,45 @@
+//! Bounds both ends of the Sluice API agree on: the largest gRPC message each RPC carries, and
+//! the longest client-supplied value that may reach a usage record, a metric label, a log
+//! line or a snapshot. Each is defined here once; the control plane, the data plane and
+//! `sluicectl` all set their limits from these constants (see `docs/guarantees.md`).
+//!
+//! The supported configuration these are sized for: 100,000 client keys and 1,000 backends
+//! with 10 model routes each. With every name at its 64-character limit its snapshot encodes
+//! to 23.2 MiB and `ListClientKeys` to 20.5 MiB (`proto/tests/limits.rs`), so both limits
+//! leave more than twice that room.
+
+/// Largest `StreamSnapshotsResponse` the control plane sends and a data plane decodes. An
+/// admin write that would make the snapshot larger is refused.
+pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
+
+/// Largest `ReportUsageRequest` a data plane sends and the control plane decodes. Data
+/// planes split their batches to stay under it.
+pub const MAX_USAGE_REPORT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Largest `StreamSnapshotsRequest` (a hello, an ack or a nack) the control plane decodes.
+pub const MAX_SNAPSHOT_ACK_BYTES: usize = 64 * 1024;
+
+/// Largest request of `AdminService` and `StatsService` the control plane decodes (and
+/// `sluicectl` sends).
+pub const MAX_ADMIN_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Largest response of `AdminService` and `StatsService` the control plane sends (and
+/// `sluicectl` decodes).
+pub const MAX_ADMIN_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Longest public or upstream model name, in bytes. A route's names are refused beyond it;
+/// a usage record never carries a longer one (a request for a model no route serves is
+/// recorded as [`OTHER_MODEL`]).
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
+
+/// Longest `x-request-id` a data plane keeps from a client (1 to 128 of
+/// `[A-Za-z0-9._:-]`); any other gets a fresh UUIDv7.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// Longest id in a `DataPlaneService` message: node id, incarnation, backend id, client key
+/// id.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// What usage records and metric labels say for a requested model that no route serves:
+/// the name a client sent is not kept, so clients cannot invent unbounded values.
+pub const OTHER_MODEL: &str = "other";

@@ -1,0 +1,142 @@
+//! The supported configuration fits the message limits, with room to spare: a snapshot of
+//! 100,000 client keys and 1,000 backends (names, URLs, keys and allow-lists at realistic
+//! lengths) and the `ListClientKeys` answer for the same keys.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use prost::Message as _;
+use sluice_proto::limits::{MAX_ADMIN_RESPONSE_BYTES, MAX_SNAPSHOT_BYTES, MAX_USAGE_REPORT_BYTES};
+use sluice_proto::v1 as pb;
+
+const KEYS: usize = 100_000;
+const BACKENDS: usize = 1_000;
+const MODELS_PER_BACKEND: usize = 10;
+
+fn id(i: usize) -> String {
+    format!("0197a5c2-7f3e-7000-8000-{i:012}")
+}
+
+/// A 64-character name (the longest allowed) ending in `i`.
+fn name(prefix: &str, i: usize) -> String {
+    format!("{prefix}-{i:0>width$}", width = 63 - prefix.len())
+}
+
+fn snapshot() -> pb::Snapshot {
+    let backends = (0..BACKENDS)
+        .map(|b| pb::SnapshotBackend {
+            id: id(b),
+            name: name("backend", b),
+            base_url: format!("https://api-{b}.provider.example.com/v1"),
+            pool: pb::Pool::Primary as i32,
+            priority: 10,
+            weight: 100,
+            models: (0..MODELS_PER_BACKEND)
+                .map(|m| pb::ModelRoute {
+                    name: format!("provider-model-{m}-2025-01-01"),
+                    upstream_name: format!("provider/model-{m}-2025-01-01-preview"),
+                    input_price_per_mtok: 2.5,
+                    output_price_per_mtok: 10.0,
+                })
+                .collect(),
+            api_key: format!("sk-proj-{}", "x".repeat(156)),
+            rpm_limit: 10_000,
+            cooldown_until: None,
+            consecutive_failures: 0,
+        })
+        .collect();
+    let client_keys = (0..KEYS)
+        .map(|k| pb::SnapshotClientKey {
+            id: id(k),
+            name: name("key", k),
+            key_sha256: vec![0xab; 32],
+            allowed_models: (0..3)
+                .map(|m| format!("provider-model-{m}-2025-01-01"))
+                .collect(),
+            rpm_limit: 6_000,
+        })
+        .collect();
+    pb::Snapshot {
+        version: u64::MAX,
+        nonce: "0".repeat(32),
+        create_time: Some(pbjson_types::Timestamp::default()),
+        backends,
+        client_keys,
+        settings: Some(pb::Settings::default()),
+        replica_count: 1_000,
+    }
+}
+
+#[test]
+fn the_supported_configuration_fits_every_message_limit() {
+    let snapshot = snapshot();
+    let bytes = pb::StreamSnapshotsResponse {
+        snapshot: Some(snapshot.clone()),
+    }
+    .encoded_len();
+    eprintln!(
+        "snapshot of {KEYS} keys and {BACKENDS} backends: {bytes} bytes ({:.1} MiB), limit {} MiB",
+        bytes as f64 / 1048576.0,
+        MAX_SNAPSHOT_BYTES >> 20
+    );
+    // At least twice the room, so the allow-lists and names can grow.
+    assert!(bytes * 2 < MAX_SNAPSHOT_BYTES, "{bytes}");
+
+    let keys = pb::ListClientKeysResponse {
+        client_keys: snapshot
+            .client_keys
+            .iter()
+            .map(|k| pb::ClientKey {
+                id: k.id.clone(),
+                name: k.name.clone(),
+                key_prefix: "sk-sluice-0123".into(),
+                allowed_models: k.allowed_models.clone(),
+                rpm_limit: k.rpm_limit,
+                revoked: false,
+                create_time: Some(pbjson_types::Timestamp::default()),
+                revoke_time: None,
+            })
+            .collect(),
+    };
+    let bytes = keys.encoded_len();
+    eprintln!(
+        "ListClientKeys of {KEYS} keys: {bytes} bytes ({:.1} MiB), limit {} MiB",
+        bytes as f64 / 1048576.0,
+        MAX_ADMIN_RESPONSE_BYTES >> 20
+    );
+    assert!(bytes * 2 < MAX_ADMIN_RESPONSE_BYTES, "{bytes}");
+}
+
+#[test]
+fn a_full_usage_batch_of_bounded_records_fits_the_report_limit() {
+    use sluice_proto::limits::{MAX_ID_BYTES, MAX_MODEL_NAME_BYTES, MAX_REQUEST_ID_BYTES};
+    // The largest record the bounds allow.
+    let record = pb::UsageRecord {
+        sequence: u64::MAX,
+        request_id: "r".repeat(MAX_REQUEST_ID_BYTES),
+        backend_id: "b".repeat(MAX_ID_BYTES),
+        model: "m".repeat(MAX_MODEL_NAME_BYTES),
+        client_key_id: "k".repeat(MAX_ID_BYTES),
+        prompt_tokens: u64::MAX,
+        completion_tokens: u64::MAX,
+        latency: Some(pbjson_types::Duration {
+            seconds: i64::MAX,
+            nanos: 999_999_999,
+        }),
+        time_to_first_token: Some(pbjson_types::Duration {
+            seconds: i64::MAX,
+            nanos: 999_999_999,
+        }),
+        status_code: 599,
+        error_kind: pb::ErrorKind::Internal as i32,
+        stream: true,
+        time: Some(pbjson_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: 999_999_999,
+        }),
+        attempts: u32::MAX,
+        endpoint: pb::Endpoint::Embeddings as i32,
+    };
+    let one = record.encoded_len();
+    eprintln!("largest usage record: {one} bytes");
+    // Thousands of the largest records fit one report.
+    assert!(MAX_USAGE_REPORT_BYTES / one > 3_000, "{one}");
+}
