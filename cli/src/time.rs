@@ -1,43 +1,10 @@
-//! Conversions between protobuf times and `std::time`, and how times read in a
-//! table: RFC 3339 in UTC, or relative to now ("in 12s", "3m ago").
+//! How times read in a table: RFC 3339 in UTC, or relative to now ("in 12s", "3m ago").
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use sluice_proto::wkt;
 
-/// A protobuf `Timestamp` for `time`.
-pub fn to_timestamp(time: SystemTime) -> wkt::Timestamp {
-    let (seconds, nanos) = match time.duration_since(UNIX_EPOCH) {
-        Ok(after) => (
-            i64::try_from(after.as_secs()).unwrap_or(i64::MAX),
-            after.subsec_nanos(),
-        ),
-        Err(before) => {
-            let before = before.duration();
-            let seconds = -i64::try_from(before.as_secs()).unwrap_or(i64::MAX);
-            // Protobuf keeps nanos non-negative: -1.5 s is seconds -2, nanos 0.5e9.
-            match before.subsec_nanos() {
-                0 => (seconds, 0),
-                nanos => (seconds - 1, 1_000_000_000 - nanos),
-            }
-        }
-    };
-    wkt::Timestamp {
-        seconds,
-        nanos: i32::try_from(nanos).unwrap_or(0),
-    }
-}
-
-/// The `SystemTime` of a protobuf `Timestamp`; `None` when out of range.
-pub fn from_timestamp(timestamp: &wkt::Timestamp) -> Option<SystemTime> {
-    let nanos = u32::try_from(timestamp.nanos).ok()?;
-    let seconds = if timestamp.seconds >= 0 {
-        UNIX_EPOCH.checked_add(Duration::from_secs(timestamp.seconds.unsigned_abs()))?
-    } else {
-        UNIX_EPOCH.checked_sub(Duration::from_secs(timestamp.seconds.unsigned_abs()))?
-    };
-    seconds.checked_add(Duration::from_nanos(u64::from(nanos)))
-}
+pub use sluice_domain::time::{system_time as from_timestamp, timestamp as to_timestamp};
 
 /// `2025-01-31T12:00:00Z`, or `-` when unset.
 pub fn absolute(timestamp: Option<&wkt::Timestamp>) -> String {
@@ -86,26 +53,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-
-    #[test]
-    fn timestamps_round_trip() {
-        for time in [
-            UNIX_EPOCH,
-            UNIX_EPOCH + Duration::new(1_738_281_600, 5),
-            UNIX_EPOCH - Duration::from_millis(1500),
-        ] {
-            let timestamp = to_timestamp(time);
-            assert!((0..1_000_000_000).contains(&timestamp.nanos));
-            assert_eq!(from_timestamp(&timestamp), Some(time));
-        }
-        assert_eq!(
-            to_timestamp(UNIX_EPOCH - Duration::from_millis(1500)),
-            wkt::Timestamp {
-                seconds: -2,
-                nanos: 500_000_000
-            }
-        );
-    }
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn relative_times_read_naturally() {

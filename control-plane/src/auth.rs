@@ -45,12 +45,7 @@ impl TokenCheck {
                 self.realm
             )));
         };
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .map(str::trim)
-            .unwrap_or("");
-        if token.is_empty() || !self.matches(token) {
+        if !sluice_domain::auth::bearer_token(value).is_some_and(|token| self.matches(token)) {
             return Err(Status::unauthenticated(format!(
                 "invalid {} token",
                 self.realm
@@ -75,6 +70,19 @@ impl tonic::service::Interceptor for TokenCheck {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn the_scheme_is_case_insensitive_as_on_the_data_plane() {
+        let check = TokenCheck::new("s3cret-token", "admin");
+        for ok in [
+            "Bearer s3cret-token",
+            "bearer s3cret-token",
+            "BEARER s3cret-token",
+            "Bearer   s3cret-token ",
+        ] {
+            assert!(check.check_header(Some(ok)).is_ok(), "{ok:?}");
+        }
+    }
 
     #[test]
     fn accepts_only_the_bearer_token() {

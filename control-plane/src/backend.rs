@@ -6,47 +6,10 @@ use sluice_proto::v1 as pb;
 
 use crate::validation::{ValidationError, check_name};
 
-/// Routing pool. Every usable primary backend is tried before any fallback one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pool {
-    Primary,
-    Fallback,
-}
+pub use sluice_domain::pool::Pool;
 
-impl Pool {
-    pub fn to_db(self) -> i64 {
-        match self {
-            Pool::Primary => 1,
-            Pool::Fallback => 2,
-        }
-    }
-
-    pub fn from_db(value: i64) -> Self {
-        if value == 2 {
-            Pool::Fallback
-        } else {
-            Pool::Primary
-        }
-    }
-
-    pub fn to_proto(self) -> pb::Pool {
-        match self {
-            Pool::Primary => pb::Pool::Primary,
-            Pool::Fallback => pb::Pool::Fallback,
-        }
-    }
-
-    /// Unspecified means primary, the pool a new backend belongs in unless said otherwise.
-    pub fn from_proto(value: i32) -> Result<Self, ValidationError> {
-        match pb::Pool::try_from(value) {
-            Ok(pb::Pool::Primary | pb::Pool::Unspecified) => Ok(Pool::Primary),
-            Ok(pb::Pool::Fallback) => Ok(Pool::Fallback),
-            Err(_) => Err(ValidationError::new(
-                "backend.pool",
-                format!("unknown pool {value}; use POOL_PRIMARY or POOL_FALLBACK"),
-            )),
-        }
-    }
+fn pool(value: i32) -> Result<Pool, ValidationError> {
+    Pool::try_from(value).map_err(|e| ValidationError::new("backend.pool", e.to_string()))
 }
 
 /// A model served by a backend: public name, upstream name, prices per million tokens.
@@ -188,7 +151,7 @@ impl BackendSpec {
         Ok(Self {
             name: backend.name.clone(),
             base_url: backend.base_url.clone(),
-            pool: Pool::from_proto(backend.pool)?,
+            pool: pool(backend.pool)?,
             priority: backend.priority,
             weight: backend.weight,
             models: backend.models.iter().map(ModelRoute::from_proto).collect(),
@@ -207,7 +170,7 @@ impl BackendSpec {
             match path.as_str() {
                 "name" => self.name = update.name.clone(),
                 "base_url" => self.base_url = update.base_url.clone(),
-                "pool" => self.pool = Pool::from_proto(update.pool)?,
+                "pool" => self.pool = pool(update.pool)?,
                 "priority" => self.priority = update.priority,
                 "weight" => self.weight = update.weight,
                 "models" => {
@@ -257,7 +220,7 @@ impl Backend {
             id: self.id.clone(),
             name: spec.name.clone(),
             base_url: spec.base_url.clone(),
-            pool: spec.pool.to_proto() as i32,
+            pool: pb::Pool::from(spec.pool) as i32,
             priority: spec.priority,
             weight: spec.weight,
             models: spec.models.iter().map(ModelRoute::to_proto).collect(),

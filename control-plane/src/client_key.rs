@@ -2,7 +2,6 @@
 //! the key is stored; the plaintext exists once, in the `CreateClientKey` answer.
 
 use rand::RngCore as _;
-use sha2::{Digest as _, Sha256};
 use sluice_proto::v1 as pb;
 
 use crate::validation::{ValidationError, check_name};
@@ -63,7 +62,7 @@ pub fn generate() -> String {
 }
 
 pub fn hash(key: &str) -> Vec<u8> {
-    Sha256::digest(key.as_bytes()).to_vec()
+    sluice_domain::auth::client_key_hash(key).to_vec()
 }
 
 pub fn shown_prefix(key: &str) -> String {

@@ -1,9 +1,11 @@
 //! The routing policy every data plane follows: attempts, timeouts, cooldown
-//! backoff, and usage retention. Stored as one row; defaults fill unset fields.
+//! backoff, and usage retention. Stored as one row; the defaults that fill unset
+//! fields are `sluice_domain`'s, the data plane's too. Here: what an admin may
+//! change and the bounds it must stay within.
 
 use sluice_proto::v1 as pb;
 
-use crate::time::{duration, duration_ms};
+use crate::time::duration_ms;
 use crate::validation::ValidationError;
 
 /// Fields of `Settings` that `UpdateSettings` may name in its mask.
@@ -25,24 +27,7 @@ pub const FIELDS: &[&str] = &[
 
 const HOUR_MS: i64 = 3_600_000;
 
-/// The policy of a new installation.
-pub fn defaults() -> pb::Settings {
-    pb::Settings {
-        max_attempts: 3,
-        connect_timeout: Some(duration(5_000)),
-        first_byte_timeout: Some(duration(60_000)),
-        idle_stream_timeout: Some(duration(60_000)),
-        request_timeout: Some(duration(600_000)),
-        cooldown_base: Some(duration(1_000)),
-        cooldown_cap: Some(duration(300_000)),
-        failure_threshold: 5,
-        retry_on_rate_limit: true,
-        retry_on_server_error: true,
-        retry_on_connect_error: true,
-        retry_on_timeout: true,
-        usage_retention_days: 90,
-    }
-}
+pub use sluice_domain::settings::{defaults, with_defaults};
 
 /// Copies the masked fields of `update` onto `current`, then checks the result.
 pub fn apply_mask(
@@ -76,27 +61,6 @@ pub fn apply_mask(
     }
     validate(&next)?;
     Ok(next)
-}
-
-/// Fills fields a stored row lacks (written by an older version) from the defaults.
-pub fn with_defaults(mut stored: pb::Settings) -> pb::Settings {
-    let d = defaults();
-    for (field, default) in [
-        (&mut stored.connect_timeout, d.connect_timeout),
-        (&mut stored.first_byte_timeout, d.first_byte_timeout),
-        (&mut stored.idle_stream_timeout, d.idle_stream_timeout),
-        (&mut stored.request_timeout, d.request_timeout),
-        (&mut stored.cooldown_base, d.cooldown_base),
-        (&mut stored.cooldown_cap, d.cooldown_cap),
-    ] {
-        if field.is_none() {
-            *field = default;
-        }
-    }
-    if stored.max_attempts == 0 {
-        stored.max_attempts = d.max_attempts;
-    }
-    stored
 }
 
 pub fn validate(s: &pb::Settings) -> Result<(), ValidationError> {
@@ -157,6 +121,7 @@ pub fn validate(s: &pb::Settings) -> Result<(), ValidationError> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::time::duration;
 
     #[test]
     fn defaults_are_valid() {

@@ -101,7 +101,7 @@ async fn build(store: &Store, replica_count: u32) -> Result<pb::Snapshot, StoreE
                         id: b.backend.id,
                         name: spec.name,
                         base_url: spec.base_url,
-                        pool: spec.pool.to_proto() as i32,
+                        pool: pb::Pool::from(spec.pool) as i32,
                         priority: spec.priority,
                         weight: spec.weight,
                         models: spec.models.iter().map(|m| m.to_proto()).collect(),

@@ -37,30 +37,11 @@ use tokio::time::Instant;
 
 use crate::clock::{Now, timestamp};
 
-/// Longest `Retry-After` honoured; a longer one is read as this.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+pub use sluice_domain::cooldown::{CooldownPolicy, MAX_RETRY_AFTER};
 
 /// How much earlier than our `until` the snapshot's `cooldown_until` may be and still count as
 /// having seen our event.
 pub const ACK_TOLERANCE: Duration = Duration::from_secs(1);
-
-/// The cooldown policy from the snapshot's settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CooldownPolicy {
-    pub base: Duration,
-    pub cap: Duration,
-    /// Consecutive non-429 failures that cool a backend; 0 disables.
-    pub failure_threshold: u32,
-}
-
-/// `min(cap, base · 2^(n−1))` for `n ≥ 1`; zero for `n = 0`.
-pub fn backoff(base: Duration, cap: Duration, n: u32) -> Duration {
-    if n == 0 {
-        return Duration::ZERO;
-    }
-    let factor = 1u32.checked_shl(n - 1).unwrap_or(u32::MAX);
-    base.checked_mul(factor).unwrap_or(cap).min(cap)
-}
 
 /// What one attempt at a backend showed about its health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,7 +125,8 @@ impl CooldownTracker {
                     entry.until = Some(wanted);
                 } else {
                     entry.failures = entry.failures.saturating_add(1);
-                    let delay = backoff(policy.base, policy.cap, entry.failures)
+                    let delay = policy
+                        .backoff(entry.failures)
                         .max(retry_after.unwrap_or_default());
                     entry.until = Some(now.instant + delay);
                     entry.cooled_at = Some(now.instant);
@@ -172,7 +154,7 @@ impl CooldownTracker {
                 if threshold == 0 || entry.failures < threshold {
                     return None;
                 }
-                let delay = backoff(policy.base, policy.cap, entry.failures - threshold + 1);
+                let delay = policy.backoff(entry.failures - threshold + 1);
                 let until = now.instant + delay;
                 entry.until = Some(until);
                 entry.cooled_at = Some(now.instant);
@@ -311,17 +293,6 @@ mod tests {
             instant: now.instant + d,
             wall: now.wall + d,
         }
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let (base, cap) = (Duration::from_secs(1), Duration::from_secs(300));
-        assert_eq!(backoff(base, cap, 0), Duration::ZERO);
-        assert_eq!(backoff(base, cap, 1), Duration::from_secs(1));
-        assert_eq!(backoff(base, cap, 2), Duration::from_secs(2));
-        assert_eq!(backoff(base, cap, 9), Duration::from_secs(256));
-        assert_eq!(backoff(base, cap, 10), cap);
-        assert_eq!(backoff(base, cap, 200), cap);
     }
 
     #[tokio::test(start_paused = true)]

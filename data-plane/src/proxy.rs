@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
+use sluice_domain::auth::{bearer_token, client_key_hash};
 use sluice_proto::limits::MAX_REQUEST_ID_BYTES;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -179,20 +179,11 @@ fn authenticate<'s>(
 ) -> Result<&'s ClientKey, ProxyError> {
     let value = headers
         .get(header::AUTHORIZATION)
-        .ok_or(ProxyError::MissingApiKey)?;
-    let value = value
+        .ok_or(ProxyError::MissingApiKey)?
         .to_str()
-        .map_err(|_| ProxyError::InvalidApiKey)?
-        .trim();
-    let (scheme, key) = value.split_once(' ').ok_or(ProxyError::InvalidApiKey)?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(ProxyError::InvalidApiKey);
-    }
-    let key = key.trim();
-    if key.is_empty() {
-        return Err(ProxyError::MissingApiKey);
-    }
-    let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        .map_err(|_| ProxyError::InvalidApiKey)?;
+    let key = bearer_token(value).ok_or(ProxyError::InvalidApiKey)?;
+    let hash = client_key_hash(key);
     snapshot.client_key(&hash).ok_or(ProxyError::InvalidApiKey)
 }
 

@@ -13,8 +13,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use url::Url;
 
-use crate::clock::{Now, std_duration, system_time};
-use crate::cooldown::{CooldownPolicy, CooldownTracker, SnapshotCooldown};
+pub use sluice_domain::pool::Pool;
+use sluice_domain::settings::InvalidDuration;
+pub use sluice_domain::settings::Policy;
+
+use crate::clock::{Now, system_time};
+use crate::cooldown::{CooldownTracker, SnapshotCooldown};
 use crate::ratelimit::RateLimiter;
 use crate::upstream::UpstreamClient;
 
@@ -37,8 +41,8 @@ pub enum SnapshotError {
     InvalidKeyHash(String),
     #[error("client key {0}: the same key hash appears twice")]
     DuplicateKeyHash(String),
-    #[error("settings: {0} is negative or malformed")]
-    InvalidDuration(&'static str),
+    #[error(transparent)]
+    InvalidDuration(#[from] InvalidDuration),
     #[error("building the upstream HTTP client failed: {0}")]
     UpstreamClient(String),
 }
@@ -72,98 +76,6 @@ impl Endpoint {
             Self::Completions => proto::Endpoint::Completions,
             Self::Embeddings => proto::Endpoint::Embeddings,
         }
-    }
-}
-
-/// Which pool a backend is in; primary is tried before fallback.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Pool {
-    Primary,
-    Fallback,
-}
-
-/// Retry, timeout and cooldown policy, with the defaults used for unset fields.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
-    pub max_attempts: u32,
-    pub connect_timeout: Duration,
-    pub first_byte_timeout: Duration,
-    pub idle_stream_timeout: Duration,
-    pub request_timeout: Duration,
-    pub cooldown: CooldownPolicy,
-    pub retry_on_rate_limit: bool,
-    pub retry_on_server_error: bool,
-    pub retry_on_connect_error: bool,
-    pub retry_on_timeout: bool,
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Self {
-            max_attempts: 3,
-            connect_timeout: Duration::from_secs(5),
-            first_byte_timeout: Duration::from_secs(120),
-            idle_stream_timeout: Duration::from_secs(60),
-            request_timeout: Duration::from_secs(600),
-            cooldown: CooldownPolicy {
-                base: Duration::from_secs(1),
-                cap: Duration::from_secs(300),
-                failure_threshold: 5,
-            },
-            retry_on_rate_limit: true,
-            retry_on_server_error: true,
-            retry_on_connect_error: true,
-            retry_on_timeout: true,
-        }
-    }
-}
-
-impl TryFrom<&proto::Settings> for Policy {
-    type Error = SnapshotError;
-
-    /// Zero or unset durations and a zero `max_attempts` take the defaults; the retry flags
-    /// are taken as sent.
-    fn try_from(s: &proto::Settings) -> Result<Self, SnapshotError> {
-        let d = Policy::default();
-        let duration =
-            |field: &Option<pbjson_types::Duration>, name: &'static str, default: Duration| {
-                match field {
-                    None => Ok(default),
-                    Some(value) => match std_duration(value) {
-                        None => Err(SnapshotError::InvalidDuration(name)),
-                        Some(Duration::ZERO) => Ok(default),
-                        Some(value) => Ok(value),
-                    },
-                }
-            };
-        Ok(Self {
-            max_attempts: if s.max_attempts == 0 {
-                d.max_attempts
-            } else {
-                s.max_attempts
-            },
-            connect_timeout: duration(&s.connect_timeout, "connect_timeout", d.connect_timeout)?,
-            first_byte_timeout: duration(
-                &s.first_byte_timeout,
-                "first_byte_timeout",
-                d.first_byte_timeout,
-            )?,
-            idle_stream_timeout: duration(
-                &s.idle_stream_timeout,
-                "idle_stream_timeout",
-                d.idle_stream_timeout,
-            )?,
-            request_timeout: duration(&s.request_timeout, "request_timeout", d.request_timeout)?,
-            cooldown: CooldownPolicy {
-                base: duration(&s.cooldown_base, "cooldown_base", d.cooldown.base)?,
-                cap: duration(&s.cooldown_cap, "cooldown_cap", d.cooldown.cap)?,
-                failure_threshold: s.failure_threshold,
-            },
-            retry_on_rate_limit: s.retry_on_rate_limit,
-            retry_on_server_error: s.retry_on_server_error,
-            retry_on_connect_error: s.retry_on_connect_error,
-            retry_on_timeout: s.retry_on_timeout,
-        })
     }
 }
 
@@ -283,11 +195,8 @@ impl Snapshot {
             if !ids.insert(b.id.clone()) {
                 return Err(SnapshotError::DuplicateBackend(b.id));
             }
-            let pool = match proto::Pool::try_from(b.pool) {
-                Ok(proto::Pool::Primary | proto::Pool::Unspecified) => Pool::Primary,
-                Ok(proto::Pool::Fallback) => Pool::Fallback,
-                Err(_) => return Err(SnapshotError::InvalidPool(b.id)),
-            };
+            let pool =
+                Pool::try_from(b.pool).map_err(|_| SnapshotError::InvalidPool(b.id.clone()))?;
             let base = parse_base_url(&b.id, &b.base_url)?;
             let authorization = if b.api_key.is_empty() {
                 None
@@ -646,6 +555,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn settings_left_unset_take_the_control_planes_defaults() {
+        // What `sluicectl settings get` shows on a new installation.
+        for settings in [None, Some(proto::Settings::default())] {
+            let mut message = snapshot(1);
+            message.settings = settings;
+            let policy = Snapshot::prepare(message, None, Now::read(), 1)
+                .unwrap()
+                .policy;
+            assert_eq!(policy.first_byte_timeout, Duration::from_secs(60));
+            assert_eq!(policy.connect_timeout, Duration::from_secs(5));
+            assert_eq!(policy.request_timeout, Duration::from_secs(600));
+            assert_eq!(policy.cooldown.cap, Duration::from_secs(300));
+            assert_eq!(policy.max_attempts, 3);
+        }
+    }
+
+    #[tokio::test]
     async fn normalizes_upstream_uris_once() {
         let mut message = snapshot(1);
         for b in &mut message.backends {
@@ -695,7 +621,9 @@ mod tests {
         });
         assert!(matches!(
             Snapshot::prepare(bad, None, Now::read(), 1),
-            Err(SnapshotError::InvalidDuration("connect_timeout"))
+            Err(SnapshotError::InvalidDuration(InvalidDuration(
+                "connect_timeout"
+            )))
         ));
     }
 

@@ -36,7 +36,7 @@ impl Store {
                     id,
                     spec.name,
                     spec.base_url,
-                    spec.pool.to_db(),
+                    pool_to_db(spec.pool),
                     spec.priority,
                     spec.weight,
                     spec.rpm_limit,
@@ -97,7 +97,7 @@ impl Store {
                     id,
                     spec.name,
                     spec.base_url,
-                    spec.pool.to_db(),
+                    pool_to_db(spec.pool),
                     spec.priority,
                     spec.weight,
                     spec.rpm_limit,
@@ -213,6 +213,22 @@ pub(crate) fn resolve_backend_id(
     })
 }
 
+/// The `backends.pool` column: 1 primary, 2 fallback.
+fn pool_to_db(pool: Pool) -> i64 {
+    match pool {
+        Pool::Primary => 1,
+        Pool::Fallback => 2,
+    }
+}
+
+fn pool_from_db(value: i64) -> Pool {
+    if value == 2 {
+        Pool::Fallback
+    } else {
+        Pool::Primary
+    }
+}
+
 const BACKEND_COLUMNS: &str = "id, name, base_url, pool, priority, weight, rpm_limit, enabled, api_key_hint, create_time, update_time";
 
 fn row_to_backend(r: &rusqlite::Row<'_>) -> rusqlite::Result<Backend> {
@@ -221,7 +237,7 @@ fn row_to_backend(r: &rusqlite::Row<'_>) -> rusqlite::Result<Backend> {
         spec: BackendSpec {
             name: r.get(1)?,
             base_url: r.get(2)?,
-            pool: Pool::from_db(r.get(3)?),
+            pool: pool_from_db(r.get(3)?),
             priority: r.get(4)?,
             weight: r.get(5)?,
             models: Vec::new(),

@@ -138,11 +138,11 @@ pub(crate) fn load_settings(conn: &Connection) -> Result<pb::Settings, StoreErro
         .query_row("SELECT body FROM settings WHERE id = 1", [], |r| r.get(0))
         .optional()?;
     match body {
-        None => Ok(crate::settings::defaults()),
+        None => Ok(sluice_domain::settings::defaults()),
         Some(body) => {
             let stored: pb::Settings = serde_json::from_str(&body)
                 .map_err(|e| StoreError::Corrupt(format!("settings: {e}")))?;
-            Ok(crate::settings::with_defaults(stored))
+            Ok(sluice_domain::settings::with_defaults(stored))
         }
     }
 }

@@ -1,0 +1,54 @@
+//! How a caller presents a secret (`Authorization: Bearer <secret>`) and how a client key is
+//! recognised without storing it (its SHA-256).
+
+use sha2::{Digest as _, Sha256};
+
+/// The credentials of an `Authorization` header value of the `Bearer` scheme: the scheme is
+/// matched without regard to case (RFC 9110 §11.1) and the credentials are trimmed. `None`
+/// when the scheme is another or the credentials are empty.
+pub fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once([' ', '\t'])?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    Some(token.trim()).filter(|t| !t.is_empty())
+}
+
+/// What the control plane stores and the data plane looks a client key up by: the SHA-256 of
+/// its plaintext.
+pub fn client_key_hash(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_any_case_credentials_trimmed() {
+        for (header, token) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("BEARER abc", Some("abc")),
+            ("  Bearer \t abc  ", Some("abc")),
+            ("Bearer\tabc", Some("abc")),
+            ("Bearer ", None),
+            ("Bearer", None),
+            ("", None),
+            ("abc", None),
+            ("Basic abc", None),
+            ("Bearerabc", None),
+        ] {
+            assert_eq!(bearer_token(header), token, "{header:?}");
+        }
+    }
+
+    #[test]
+    fn client_key_hash_is_sha256_of_the_plaintext() {
+        assert_eq!(
+            client_key_hash("abc")[..4],
+            [0xba, 0x78, 0x16, 0xbf],
+            "SHA-256(\"abc\") begins ba7816bf"
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! The rules the control plane and the data plane must agree on, defined once: the routing
+//! policy and its defaults ([`settings`]), backend pools ([`pool`]), how a client presents and
+//! how Sluice recognises a key ([`auth`]).
+//!
+//! Both servers depend on this crate and nothing here depends on either, so a rule changed
+//! here changes for both (the proto crate stays generated code only; the conversions between
+//! its messages and these types live here, beside the types).
+
+pub mod auth;
+pub mod cooldown;
+pub mod pool;
+pub mod settings;
+pub mod time;
