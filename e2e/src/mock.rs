@@ -37,6 +37,7 @@
 mod fault;
 mod openai;
 mod server;
+mod state;
 mod stats;
 mod stream;
 
@@ -52,7 +53,7 @@ pub use fault::{Fault, FaultSpec, FaultStatus, GarbageKind, RetryAfter, STALL_LI
 pub use openai::embedding_vector;
 pub use stats::{EndpointCounts, MockStats, OTHER_MODELS};
 
-use server::Shared;
+use state::Shared;
 
 /// How a mock server behaves. `Default` is a healthy, instant provider named `mock` that accepts
 /// any model and any (or no) API key.

@@ -4,7 +4,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,12 +20,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 use super::MockConfig;
-use super::fault::{Fault, FaultPlan, FaultSpec, STALL_LIMIT};
+use super::fault::{Fault, FaultSpec, STALL_LIMIT};
 use super::openai::{self, ApiError, Meta, Usage};
-use super::stats::{Counters, Endpoint, bump};
+use super::state::Shared;
+use super::stats::{Endpoint, bump};
 use super::stream::{self, BoxError, Flavor, StreamPlan};
 
 /// Largest request body the mock reads.
@@ -34,35 +34,6 @@ const MAX_BODY: usize = 64 * 1024 * 1024;
 const MAX_CONTROL_BODY: usize = 1024 * 1024;
 
 pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
-
-/// State shared by every connection of one mock server.
-pub(crate) struct Shared {
-    pub(crate) config: MockConfig,
-    pub(crate) counters: Counters,
-    pub(crate) faults: FaultPlan,
-    pub(crate) shutdown: CancellationToken,
-    expected_auth: Option<String>,
-    name_header: Option<HeaderValue>,
-    ids: AtomicU64,
-}
-
-impl Shared {
-    pub(crate) fn new(config: MockConfig) -> Self {
-        Self {
-            expected_auth: config.api_key.as_ref().map(|k| format!("Bearer {k}")),
-            name_header: HeaderValue::from_str(&config.name).ok(),
-            config,
-            counters: Counters::new(),
-            faults: FaultPlan::new(),
-            shutdown: CancellationToken::new(),
-            ids: AtomicU64::new(rand::random::<u32>().into()),
-        }
-    }
-
-    fn next_id(&self) -> u64 {
-        self.ids.fetch_add(1, Ordering::Relaxed)
-    }
-}
 
 /// Why a connection is closed without a (complete) response.
 #[derive(Debug, thiserror::Error)]

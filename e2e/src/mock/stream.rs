@@ -9,7 +9,7 @@ use hyper::body::Frame;
 
 use super::fault::GarbageKind;
 use super::openai::{self, Delta, Meta, Usage};
-use super::server::Shared;
+use super::state::Shared;
 use super::stats::bump;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
