@@ -1,8 +1,8 @@
 //! The web dashboard the control plane serves on its HTTP listener: plain HTML,
 //! CSS and JavaScript embedded in the binary (`/` and `/ui/...`), and the JSON API
-//! it speaks (`/api/...`, see [`api`]).
+//! it speaks (`/api/...`, see [`json_api`]).
 
-pub mod api;
+pub mod json_api;
 
 use std::sync::Arc;
 
@@ -14,7 +14,7 @@ use axum::routing::{any, get};
 
 use crate::metrics::Metrics;
 
-pub use api::JsonApi;
+pub use json_api::JsonApi;
 
 const INDEX_HTML: &str = include_str!("dashboard/index.html");
 const APP_JS: &str = include_str!("dashboard/app.js");
@@ -23,10 +23,10 @@ const APP_CSS: &str = include_str!("dashboard/app.css");
 /// The dashboard's pages and its JSON API, whose calls count in `metrics`.
 pub fn router(api: JsonApi, metrics: Arc<Metrics>) -> Router {
     let json = Router::new()
-        .route("/api/sluice.v1.AdminService/{method}", any(api::admin))
-        .route("/api/sluice.v1.StatsService/{method}", any(api::stats))
-        .route("/api/{*path}", any(api::unknown_service))
-        .layer(DefaultBodyLimit::max(api::BODY_LIMIT))
+        .route("/api/sluice.v1.AdminService/{method}", any(json_api::admin))
+        .route("/api/sluice.v1.StatsService/{method}", any(json_api::stats))
+        .route("/api/{*path}", any(json_api::unknown_service))
+        .layer(DefaultBodyLimit::max(json_api::BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(
             metrics,
             crate::metrics::count_json_api,

@@ -25,17 +25,6 @@ pub enum IngestError {
     Closed,
 }
 
-impl From<IngestError> for tonic::Status {
-    fn from(err: IngestError) -> Self {
-        match err {
-            IngestError::Store => {
-                tonic::Status::internal("storing usage failed; see the control plane's log")
-            }
-            IngestError::Closed => tonic::Status::unavailable(err.to_string()),
-        }
-    }
-}
-
 struct Job {
     batch: UsageBatch,
     done: oneshot::Sender<Applied>,

@@ -1,14 +1,27 @@
 //! Sluice control plane: stores backends, encrypted provider keys, client keys,
 //! cooldowns, settings and usage in SQLite; serves the admin and stats APIs over
 //! gRPC; streams routing snapshots to data planes and takes their usage reports.
+//!
+//! The modules form layers, each using only the ones below it (a test keeps it so):
+//!
+//! - [`server`] wires the parts and runs the listeners; `main.rs` parses options and starts it.
+//! - [`http`] (health, readiness, `/metrics`) and [`dashboard`] (the web UI and its JSON API,
+//!   which calls the gRPC services in-process).
+//! - [`api`]: the gRPC services, the token check in front of them, and the one mapping of
+//!   inner errors to gRPC statuses.
+//! - [`snapshot`] rebuilds and publishes the routing snapshot after every commit the store
+//!   announces; [`ingest`] group-commits usage reports; [`metrics`] counts calls and store
+//!   writes (it observes the store; the store does not know it).
+//! - [`store`]: SQLite only, returning domain types and [`store::StoreError`].
+//! - Domain types and rules: [`backend`], [`client_key`], [`settings`], [`usage`],
+//!   [`validation`], [`time`], [`grpc_code`]; secrets: [`crypto`], [`secrets`].
 
-pub mod admin;
-pub mod auth;
+pub mod api;
 pub mod backend;
 pub mod client_key;
 pub mod crypto;
 pub mod dashboard;
-pub mod dataplane;
+pub mod grpc_code;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
@@ -16,8 +29,8 @@ pub mod secrets;
 pub mod server;
 pub mod settings;
 pub mod snapshot;
-pub mod stats;
 pub mod store;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod time;
 pub mod usage;

@@ -8,8 +8,8 @@ use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use sluice_control::crypto::MasterKey;
 use sluice_control::secrets::{self, SecretSources};
-use sluice_control::server::{self, Config, DB_FILE, TlsFiles};
-use sluice_control::store::Store;
+use sluice_control::server::{self, Config, TlsFiles};
+use sluice_control::store::{DB_FILE, Store};
 
 /// The Sluice control plane: stores backends, provider keys (encrypted), client keys,
 /// cooldowns and usage in SQLite, serves the admin API over gRPC and streams routing
@@ -119,9 +119,8 @@ fn secret_sources(args: &Args) -> SecretSources {
 
 #[tokio::main]
 async fn main() {
-    let args: Args =
-        sluice_proto::config::parse_from(Args::command(), "config", std::env::args_os())
-            .unwrap_or_else(|e| e.exit());
+    let args: Args = sluice_config::parse_from(Args::command(), "config", std::env::args_os())
+        .unwrap_or_else(|e| e.exit());
     init_logging(args.log_format);
     let result = match &args.command {
         None => run(&args).await,

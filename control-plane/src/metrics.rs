@@ -17,7 +17,7 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use http_body::{Body, Frame, SizeHint};
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
@@ -25,27 +25,12 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use prost::Message as _;
 
-use crate::dashboard::api;
-
-/// What a timed SQLite write did.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum WriteOp {
-    /// A group commit of usage batches.
-    usage_ingest,
-    /// Cooldowns reported by data planes, or reset.
-    cooldown,
-    /// Backends, client keys, settings.
-    admin,
-    /// Data-plane connects, acks, last-seen times, snapshot versions.
-    data_plane,
-    /// Deleting expired hourly usage.
-    retention,
-}
+use crate::grpc_code;
+use crate::store::{StoreObserver, WriteOp};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
-    op: WriteOp,
+    op: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -190,19 +175,6 @@ impl Metrics {
         }
     }
 
-    /// One write transaction of `op` that took `took`.
-    pub fn write(&self, op: WriteOp, took: Duration) {
-        self.writes
-            .get_or_create(&OpLabels { op })
-            .observe(took.as_secs_f64());
-    }
-
-    /// A group commit of `records` new usage records.
-    pub fn usage_committed(&self, records: u64) {
-        self.usage_commits.inc();
-        self.records_ingested.inc_by(records);
-    }
-
     /// The method label of a request path: itself if the server implements it.
     fn method_label(&self, path: &str) -> String {
         if self.methods.contains(path) {
@@ -255,6 +227,21 @@ impl Metrics {
     }
 }
 
+/// The store's writes in `sluice_sqlite_write_seconds{op}`, its usage commits in
+/// `sluice_usage_commits_total` and `sluice_usage_records_ingested_total`.
+impl StoreObserver for Metrics {
+    fn write(&self, op: WriteOp, took: Duration) {
+        self.writes
+            .get_or_create(&OpLabels { op: op.as_str() })
+            .observe(took.as_secs_f64());
+    }
+
+    fn usage_committed(&self, records: u64) {
+        self.usage_commits.inc();
+        self.records_ingested.inc_by(records);
+    }
+}
+
 fn add_methods(encoded: &[u8], methods: &mut HashSet<String>) {
     let Ok(set) = prost_types::FileDescriptorSet::decode(encoded) else {
         return;
@@ -277,7 +264,7 @@ fn add_methods(encoded: &[u8], methods: &mut HashSet<String>) {
 fn code_name(value: &str) -> &'static str {
     value
         .parse::<i32>()
-        .map_or("UNKNOWN", |code| api::code_name(tonic::Code::from(code)))
+        .map_or("UNKNOWN", |code| grpc_code::name(tonic::Code::from(code)))
 }
 
 /// Axum middleware for the JSON API router: counts and times each call by method and the
@@ -293,7 +280,7 @@ pub async fn count_json_api(
     let code = response
         .extensions()
         .get::<tonic::Code>()
-        .map_or("UNKNOWN", |code| api::code_name(*code));
+        .map_or("UNKNOWN", |code| grpc_code::name(*code));
     let labels = CallLabels {
         method: method.clone(),
         code,

@@ -67,11 +67,12 @@ pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 pub const DATAPLANE_TOKEN_FILE: &str = "dataplane-token";
 pub const MASTER_KEY_FILE: &str = "master-key";
 
-/// Resolves every secret; `db_exists` says whether the database predates this start.
+/// Resolves every secret; `existing_db` is the database file when it predates this start
+/// (its provider keys then need the master key they were encrypted with).
 pub fn resolve(
     data_dir: &Path,
     sources: &SecretSources,
-    db_exists: bool,
+    existing_db: Option<&Path>,
 ) -> Result<Secrets, SecretsError> {
     let admin_token = token(
         data_dir,
@@ -87,7 +88,7 @@ pub fn resolve(
         DATAPLANE_TOKEN_FILE,
         "SLUICE_DATAPLANE_TOKEN",
     )?;
-    let master_key = master_key(data_dir, sources, db_exists)?;
+    let master_key = master_key(data_dir, sources, existing_db)?;
     Ok(Secrets {
         admin_token,
         dataplane_token,
@@ -132,7 +133,7 @@ fn token(
 fn master_key(
     data_dir: &Path,
     sources: &SecretSources,
-    db_exists: bool,
+    existing_db: Option<&Path>,
 ) -> Result<MasterKey, SecretsError> {
     if let Some(text) = &sources.master_key {
         return MasterKey::from_base64(text).map_err(|_| SecretsError::BadMasterKey {
@@ -152,9 +153,9 @@ fn master_key(
             what: path.display().to_string(),
         });
     }
-    if db_exists {
+    if let Some(db) = existing_db {
         return Err(SecretsError::MissingMasterKey {
-            db: data_dir.join(crate::server::DB_FILE),
+            db: db.to_owned(),
             file: path,
         });
     }
@@ -210,8 +211,9 @@ mod tests {
     #[test]
     fn generates_once_then_reuses() {
         let dir = tempfile::tempdir().unwrap();
-        let first = resolve(dir.path(), &SecretSources::default(), false).unwrap();
-        let again = resolve(dir.path(), &SecretSources::default(), true).unwrap();
+        let db = dir.path().join("sluice.db");
+        let first = resolve(dir.path(), &SecretSources::default(), None).unwrap();
+        let again = resolve(dir.path(), &SecretSources::default(), Some(&db)).unwrap();
         assert_eq!(first.admin_token, again.admin_token);
         assert_eq!(first.dataplane_token, again.dataplane_token);
         assert_ne!(first.admin_token, first.dataplane_token);
@@ -242,7 +244,7 @@ mod tests {
             dataplane_token_file: Some(dataplane_file),
             ..Default::default()
         };
-        let secrets = resolve(dir.path(), &sources, false).unwrap();
+        let secrets = resolve(dir.path(), &sources, None).unwrap();
         assert_eq!(secrets.admin_token, "admin-from-file");
         assert_eq!(secrets.dataplane_token, "dataplane-from-env");
         assert!(
@@ -253,19 +255,20 @@ mod tests {
             admin_token_file: Some(dir.path().join("nope")),
             ..Default::default()
         };
-        let err = resolve(dir.path(), &missing, false).err().unwrap();
+        let err = resolve(dir.path(), &missing, None).err().unwrap();
         assert!(matches!(err, SecretsError::Io { .. }), "{err}");
     }
 
     #[test]
     fn an_existing_database_without_its_key_is_refused() {
         let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("sluice.db");
         let sources = SecretSources {
             admin_token: Some("a".into()),
             dataplane_token: Some("d".into()),
             ..Default::default()
         };
-        let err = resolve(dir.path(), &sources, true).err().unwrap();
+        let err = resolve(dir.path(), &sources, Some(&db)).err().unwrap();
         assert!(
             matches!(err, SecretsError::MissingMasterKey { .. }),
             "{err}"
@@ -275,7 +278,7 @@ mod tests {
             ..sources
         };
         assert!(matches!(
-            resolve(dir.path(), &bad, true).err().unwrap(),
+            resolve(dir.path(), &bad, Some(&db)).err().unwrap(),
             SecretsError::BadMasterKey { .. }
         ));
     }

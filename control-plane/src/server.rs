@@ -1,5 +1,5 @@
-//! Wires the store, the snapshot publisher and the services, and serves gRPC
-//! and HTTP until told to stop.
+//! Wires the store, the metrics, the snapshot publisher and the services, and serves
+//! gRPC and HTTP until told to stop. Wiring only: each part lives in its own module.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,16 +15,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, ServerTlsConfig};
 
-use crate::admin::Admin;
-use crate::auth::TokenCheck;
-use crate::dataplane::{DataPlaneApi, Registry};
+use crate::api::admin::Admin;
+use crate::api::auth::TokenCheck;
+use crate::api::dataplane::{DataPlaneApi, Registry};
+use crate::api::stats::Stats;
+use crate::metrics::{GrpcMetricsLayer, Metrics};
 use crate::secrets::{SecretSources, SecretsError};
 use crate::snapshot::Publisher;
-use crate::stats::Stats;
-use crate::store::{Opened, Store, StoreError};
+use crate::store::{DB_FILE, Opened, Store, StoreError};
 
-/// The database file inside the data directory.
-pub const DB_FILE: &str = "sluice.db";
 const LOCK_FILE: &str = "lock";
 
 /// How the control plane runs.
@@ -65,6 +64,8 @@ pub enum ServeError {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
 }
@@ -125,9 +126,11 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     }
 
     let db_path = config.data_dir.join(DB_FILE);
-    let db_exists = db_path.exists();
-    let secrets = crate::secrets::resolve(&config.data_dir, &config.secrets, db_exists)?;
-    let (store, opened) = Store::open(&db_path, secrets.master_key)?;
+    let existing_db = db_path.exists().then_some(db_path.as_path());
+    let secrets = crate::secrets::resolve(&config.data_dir, &config.secrets, existing_db)?;
+    let metrics = Arc::new(Metrics::new());
+    let (store, opened) =
+        Store::open_observed(&db_path, secrets.master_key, Arc::clone(&metrics) as _)?;
     if opened == Opened::Created {
         tracing::info!(path = %db_path.display(), "created a new database");
     }
@@ -196,7 +199,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| ServeError::Tls(format!("reflection: {e}")))?;
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
@@ -207,9 +210,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             .map_err(|e| ServeError::Tls(e.to_string()))?;
     }
     let grpc = builder
-        .layer(crate::metrics::GrpcMetricsLayer::new(Arc::clone(
-            store.metrics(),
-        )))
+        .layer(GrpcMetricsLayer::new(Arc::clone(&metrics)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(InterceptedService::new(
@@ -241,12 +242,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             stop.clone().cancelled_owned(),
         );
 
-    let http = crate::http::router(
-        publisher.clone(),
-        registry.clone(),
-        Arc::clone(store.metrics()),
-        json_api,
-    );
+    let http = crate::http::router(publisher.clone(), registry.clone(), metrics, json_api);
     let http_stop = stop.clone();
     let http = async move {
         axum::serve(http_listener, http)

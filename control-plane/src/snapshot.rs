@@ -1,13 +1,13 @@
-//! Routing snapshots: built from the database after every committed change and
-//! published through a `watch`, so a subscriber always sees the newest version,
-//! may skip some, and never goes backwards.
+//! Routing snapshots: built from the database after every committed change (the store
+//! announces each new version) and published through a `watch`, so a subscriber always
+//! sees the newest version, may skip some, and never goes backwards.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use sluice_proto::v1 as pb;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::store::{Reader, Store, StoreError};
 use crate::time::{now_ms, timestamp};
@@ -16,41 +16,35 @@ use crate::time::{now_ms, timestamp};
 pub struct Publisher {
     store: Store,
     tx: watch::Sender<Arc<pb::Snapshot>>,
-    wake: Notify,
     replica_count: AtomicU32,
 }
 
 impl Publisher {
-    /// Builds the first snapshot and starts the task that rebuilds on [`Publisher::changed`].
+    /// Builds the first snapshot and starts the task that rebuilds after every commit the
+    /// store announces. Bursts of commits coalesce into one rebuild.
     pub async fn start(store: Store) -> Result<Arc<Self>, StoreError> {
+        // Subscribed before the first build, so no commit falls between the two.
+        let mut commits = store.commits();
         let first = build(&store, 0).await?;
         let (tx, _) = watch::channel(Arc::new(first));
         let publisher = Arc::new(Self {
             store,
             tx,
-            wake: Notify::new(),
             replica_count: AtomicU32::new(0),
         });
         let weak = Arc::downgrade(&publisher);
         tokio::spawn(async move {
-            loop {
+            while commits.changed().await.is_ok() {
                 let Some(publisher) = weak.upgrade() else {
                     return;
                 };
-                publisher.wake.notified().await;
-                if let Err(err) = publisher.rebuild().await {
+                while let Err(err) = publisher.rebuild().await {
                     tracing::error!(error = %err, "building a snapshot failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    publisher.wake.notify_one();
                 }
             }
         });
         Ok(publisher)
-    }
-
-    /// Say that something a snapshot carries has changed. Bursts coalesce into one rebuild.
-    pub fn changed(&self) {
-        self.wake.notify_one();
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<pb::Snapshot>> {

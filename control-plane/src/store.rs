@@ -1,11 +1,18 @@
 //! The control plane's SQLite database: one file in WAL mode, one writer
 //! connection. Every change that alters what data planes route by bumps the
-//! snapshot version in the same transaction.
+//! snapshot version in the same transaction, and the store announces each committed
+//! version on a `watch` channel ([`Store::commits`]), so no caller has to.
+//!
+//! The store knows nothing of gRPC, metrics or snapshots: it returns domain types and
+//! [`StoreError`], and reports the time its writes take to the [`StoreObserver`] it was
+//! opened with.
 
 mod backends;
 mod client_keys;
 mod cooldowns;
 mod data_planes;
+mod settings;
+pub mod sql_functions;
 mod usage;
 
 use std::path::Path;
@@ -14,9 +21,9 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
 use rusqlite_migration::{M, Migrations};
+use tokio::sync::watch;
 
 use crate::crypto::{CryptoError, MasterKey};
-use crate::metrics::{Metrics, WriteOp};
 use crate::validation::ValidationError;
 
 pub use crate::usage::UsageRow;
@@ -25,7 +32,7 @@ pub use cooldowns::{CooldownEvent, CooldownRow};
 pub use data_planes::{DataPlaneRow, NodeHello};
 pub use usage::{Granularity, GroupBy, SeriesPoint, Totals, TotalsFilter, UsageBatch};
 
-/// Everything that can go wrong in the store, each mapped once to a gRPC status.
+/// Everything that can go wrong in the store (mapped to a gRPC status once, in `api::status`).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{kind} {id:?} not found")]
@@ -53,18 +60,64 @@ pub enum StoreError {
     Join,
 }
 
-impl From<StoreError> for tonic::Status {
-    fn from(err: StoreError) -> Self {
-        match &err {
-            StoreError::NotFound { .. } => tonic::Status::not_found(err.to_string()),
-            StoreError::AlreadyExists(_) => tonic::Status::already_exists(err.to_string()),
-            StoreError::Invalid(_) => tonic::Status::invalid_argument(err.to_string()),
-            _ => {
-                tracing::error!(error = %err, "store failure");
-                tonic::Status::internal("internal storage error; see the control plane's log")
-            }
+impl StoreError {
+    /// Whether the fault is the caller's (a missing or duplicate name, invalid input)
+    /// rather than the store's own.
+    pub fn is_caller_error(&self) -> bool {
+        matches!(
+            self,
+            StoreError::NotFound { .. } | StoreError::AlreadyExists(_) | StoreError::Invalid(_)
+        )
+    }
+}
+
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "sluice.db";
+
+/// What a timed write transaction did.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum WriteOp {
+    /// A group commit of usage batches.
+    usage_ingest,
+    /// Cooldowns reported by data planes, or reset.
+    cooldown,
+    /// Backends, client keys, settings.
+    admin,
+    /// Data-plane connects, acks, last-seen times, snapshot versions.
+    data_plane,
+    /// Deleting expired hourly usage.
+    retention,
+}
+
+impl WriteOp {
+    /// The name of the kind of write, as logs and metrics show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteOp::usage_ingest => "usage_ingest",
+            WriteOp::cooldown => "cooldown",
+            WriteOp::admin => "admin",
+            WriteOp::data_plane => "data_plane",
+            WriteOp::retention => "retention",
         }
     }
+}
+
+/// Told what the store did, for whoever measures it (the metrics). Called on the blocking
+/// thread that ran the write, so it must be quick.
+pub trait StoreObserver: Send + Sync + 'static {
+    /// A write transaction of kind `op` held the writer for `took` (commit and fsync included).
+    fn write(&self, op: WriteOp, took: Duration);
+    /// A transaction committed `records` new usage records (resent duplicates not counted).
+    fn usage_committed(&self, records: u64);
+}
+
+/// The observer of a store nobody measures.
+struct Unobserved;
+
+impl StoreObserver for Unobserved {
+    fn write(&self, _: WriteOp, _: Duration) {}
+    fn usage_committed(&self, _: u64) {}
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -86,7 +139,9 @@ struct Inner {
     /// readers and the writer run at once).
     readers: [Mutex<Connection>; 2],
     key: MasterKey,
-    metrics: Arc<Metrics>,
+    observer: Arc<dyn StoreObserver>,
+    /// The newest committed snapshot version.
+    commits: watch::Sender<u64>,
 }
 
 /// Which read-only connection a read uses. Snapshot builds get their own, so a
@@ -109,11 +164,21 @@ impl Store {
     /// Opens (creating if needed) the database at `path`, applies migrations and
     /// checks that `key` is the master key the database was written with.
     pub fn open(path: &Path, key: MasterKey) -> Result<(Self, Opened), StoreError> {
+        Self::open_observed(path, key, Arc::new(Unobserved))
+    }
+
+    /// [`Store::open`], reporting every write to `observer`.
+    pub fn open_observed(
+        path: &Path,
+        key: MasterKey,
+        observer: Arc<dyn StoreObserver>,
+    ) -> Result<(Self, Opened), StoreError> {
         let mut conn = Connection::open(path)?;
         configure(&conn)?;
-        crate::usage::register_sql_functions(&conn)?;
+        sql_functions::register(&conn)?;
         Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect()).to_latest(&mut conn)?;
         let opened = verify_or_write_check(&mut conn, &key)?;
+        let version = read_version(&conn)?;
         let readers = [open_reader(path)?, open_reader(path)?];
         Ok((
             Self {
@@ -121,11 +186,18 @@ impl Store {
                     conn: Mutex::new(conn),
                     readers: readers.map(Mutex::new),
                     key,
-                    metrics: Arc::new(Metrics::new()),
+                    observer,
+                    commits: watch::Sender::new(version),
                 }),
             },
             opened,
         ))
+    }
+
+    /// The newest committed snapshot version, announced after every write transaction
+    /// that bumped it (bursts may coalesce: a receiver sees the newest, never an older one).
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.inner.commits.subscribe()
     }
 
     /// Runs `f` on the connection in a blocking task.
@@ -137,8 +209,9 @@ impl Store {
         self.on_writer(None, f).await
     }
 
-    /// Runs the write transaction `f` on the writer like [`Store::call`], and records how
-    /// long it held the connection in `sluice_sqlite_write_seconds{op}`.
+    /// Runs the write transaction `f` on the writer like [`Store::call`], tells the observer
+    /// how long it held the connection, and announces a new snapshot version if `f`
+    /// committed one.
     pub(crate) async fn write<T, F>(&self, op: WriteOp, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -159,8 +232,15 @@ impl Store {
             let mut conn = inner.conn.lock().unwrap_or_else(|p| p.into_inner());
             let started = std::time::Instant::now();
             let result = f(&mut conn, &inner.key);
+            log_failure(&result);
             if let Some(op) = op {
-                inner.metrics.write(op, started.elapsed());
+                inner.observer.write(op, started.elapsed());
+                if result.is_ok()
+                    && let Err(err) = announce_version(&conn, &inner.commits)
+                {
+                    // The change is committed; data planes get it with the next one.
+                    tracing::error!(error = %err, "cannot read the committed snapshot version");
+                }
             }
             result
         })
@@ -168,9 +248,9 @@ impl Store {
         .map_err(|_| StoreError::Join)?
     }
 
-    /// The control plane's metrics (the store records its writes there).
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.inner.metrics
+    /// Tells the observer that a transaction committed `records` new usage records.
+    fn usage_committed(&self, records: u64) {
+        self.inner.observer.usage_committed(records);
     }
 
     /// Runs `f` on one of the read-only connections in a blocking task. It sees the
@@ -185,7 +265,9 @@ impl Store {
             let mut conn = inner.readers[reader as usize]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            f(&mut conn, &inner.key)
+            let result = f(&mut conn, &inner.key);
+            log_failure(&result);
+            result
         })
         .await
         .map_err(|_| StoreError::Join)?
@@ -246,6 +328,15 @@ impl Store {
     }
 }
 
+/// Logs a failure of the store itself (with its cause, which callers are not told).
+fn log_failure<T>(result: &Result<T, StoreError>) {
+    if let Err(err) = result
+        && !err.is_caller_error()
+    {
+        tracing::error!(error = %err, "store failure");
+    }
+}
+
 fn configure(conn: &Connection) -> Result<(), rusqlite::Error> {
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -264,7 +355,7 @@ fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(Duration::from_secs(5))?;
-    crate::usage::register_sql_functions(&conn)?;
+    sql_functions::register(&conn)?;
     Ok(conn)
 }
 
@@ -295,17 +386,29 @@ pub(crate) fn read_version_in(conn: &Connection) -> Result<u64, StoreError> {
 }
 pub(crate) use backends::load_enabled_with_keys as load_enabled_with_keys_in;
 pub(crate) use client_keys::load_keys as load_keys_in;
-pub(crate) use cooldowns::{
-    load_active_cooldowns as load_active_cooldowns_in, load_settings as load_settings_in,
-};
+pub(crate) use cooldowns::load_active_cooldowns as load_active_cooldowns_in;
+pub(crate) use settings::load_settings as load_settings_in;
+
+/// Sends the committed version to the subscribers of [`Store::commits`] if it is newer.
+fn announce_version(
+    conn: &Connection,
+    commits: &watch::Sender<u64>,
+) -> Result<(), rusqlite::Error> {
+    let version = read_version(conn)?;
+    commits.send_if_modified(|announced| {
+        let newer = version > *announced;
+        if newer {
+            *announced = version;
+        }
+        newer
+    });
+    Ok(())
+}
 
 fn read_version(conn: &Connection) -> Result<u64, rusqlite::Error> {
-    conn.query_row(
-        "SELECT value FROM meta WHERE key = 'snapshot_version'",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|v| v.max(0) as u64)
+    conn.prepare_cached("SELECT value FROM meta WHERE key = 'snapshot_version'")?
+        .query_row([], |r| r.get::<_, i64>(0))
+        .map(|v| v.max(0) as u64)
 }
 
 /// Increments and returns the snapshot version inside `tx`.

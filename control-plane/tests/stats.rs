@@ -10,7 +10,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use sluice_control::testing::TestControlPlane;
-use sluice_control::usage::{bucket_upper_ms, latency_bucket};
+use sluice_control::usage::histogram::{bucket_upper_ms, latency_bucket};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_client::AdminServiceClient;
 use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::logging::LogFormat;
+
 /// A secret string whose `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub String);
@@ -19,12 +21,6 @@ impl std::str::FromStr for Secret {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(Self(s.to_owned()))
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// `sluice-proxy`: the Sluice data plane, an OpenAI-compatible HTTP proxy that routes by the
@@ -133,7 +129,7 @@ impl Config {
     /// (or the help) and exits.
     pub fn load() -> Self {
         use clap::CommandFactory;
-        sluice_proto::config::parse_from(Self::command(), "config", std::env::args_os())
+        sluice_config::parse_from(Self::command(), "config", std::env::args_os())
             .unwrap_or_else(|e| e.exit())
     }
 

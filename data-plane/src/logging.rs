@@ -20,7 +20,12 @@ use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
-use crate::config::LogFormat;
+/// How each line is written: plain text or one JSON object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// Lines held for a slow stderr by default: about 15 MiB of typical request lines.
 pub const DEFAULT_BUFFER_LINES: usize = 65_536;

@@ -1,6 +1,5 @@
 //! Generated code for the Sluice public API, package `sluice.v1`: conversions to domain
-//! types live in the crates that own them. With the feature `config`, also the
-//! configuration-file loader the Sluice servers share (the one crate both depend on).
+//! types live in the crates that own them.
 
 /// Package `sluice.v1`: messages, `*_client` and `*_server` modules, and serde impls
 /// following the proto3 JSON mapping.
@@ -16,6 +15,3 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("slui
 pub use pbjson_types as wkt;
 
 pub mod limits;
-
-#[cfg(feature = "config")]
-pub mod config;

@@ -1,10 +1,9 @@
 //! Backends and their models; provider keys encrypted with the backend id as
 //! associated data.
 
-use crate::metrics::WriteOp;
 use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
 
-use super::{Store, StoreError, bump_version, new_id, unique_violation};
+use super::{Store, StoreError, WriteOp, bump_version, new_id, unique_violation};
 use crate::backend::{Backend, BackendSpec, ModelRoute, Pool};
 use crate::crypto::{MasterKey, key_hint};
 use crate::time::now_ms;

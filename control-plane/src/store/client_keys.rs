@@ -1,10 +1,9 @@
 //! Client keys: stored as SHA-256 hashes, revoked rather than deleted so usage
 //! history keeps its names.
 
-use crate::metrics::WriteOp;
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::{Store, StoreError, bump_version, new_id, unique_violation};
+use super::{Store, StoreError, WriteOp, bump_version, new_id, unique_violation};
 use crate::client_key::{self, ClientKey, NewClientKey};
 use crate::time::now_ms;
 

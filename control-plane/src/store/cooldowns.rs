@@ -1,11 +1,10 @@
-//! Cooldowns reported by data planes, and the routing settings row.
+//! Cooldowns reported by data planes (or reset by an operator), stored per backend.
 
-use crate::metrics::WriteOp;
-use rusqlite::{Connection, OptionalExtension as _, params};
+use rusqlite::{Connection, params};
 use sluice_proto::v1 as pb;
 
 use super::backends::resolve_backend_id;
-use super::{Store, StoreError, bump_version};
+use super::{Store, StoreError, WriteOp, bump_version};
 use crate::time::now_ms;
 
 /// A backend cooling down.
@@ -88,26 +87,6 @@ impl Store {
         })
         .await
     }
-
-    pub async fn get_settings(&self) -> Result<pb::Settings, StoreError> {
-        self.call(|conn, _| load_settings(conn)).await
-    }
-
-    pub async fn put_settings(&self, settings: pb::Settings) -> Result<u64, StoreError> {
-        crate::settings::validate(&settings)?;
-        self.write(WriteOp::admin, move |conn, _| {
-            let body = serde_json::to_string(&settings).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let tx = conn.transaction()?;
-            tx.execute(
-                "INSERT INTO settings (id, body) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-                params![body],
-            )?;
-            let version = bump_version(&tx)?;
-            tx.commit()?;
-            Ok(version)
-        })
-        .await
-    }
 }
 
 pub(crate) fn load_active_cooldowns(
@@ -131,20 +110,6 @@ pub(crate) fn load_active_cooldowns(
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
-}
-
-pub(crate) fn load_settings(conn: &Connection) -> Result<pb::Settings, StoreError> {
-    let body: Option<String> = conn
-        .query_row("SELECT body FROM settings WHERE id = 1", [], |r| r.get(0))
-        .optional()?;
-    match body {
-        None => Ok(sluice_domain::settings::defaults()),
-        Some(body) => {
-            let stored: pb::Settings = serde_json::from_str(&body)
-                .map_err(|e| StoreError::Corrupt(format!("settings: {e}")))?;
-            Ok(sluice_domain::settings::with_defaults(stored))
-        }
-    }
 }
 
 impl CooldownRow {

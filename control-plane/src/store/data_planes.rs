@@ -1,9 +1,8 @@
 //! What each data plane replica runs: recorded on connect and on every ack or nack.
 
-use crate::metrics::WriteOp;
 use rusqlite::params;
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, WriteOp};
 use crate::time::now_ms;
 
 /// Who a connecting replica says it is.

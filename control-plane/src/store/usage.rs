@@ -7,16 +7,16 @@
 //! and the hours at either end of a range from the hourly rows, so an answer is
 //! the same whichever table gives it.
 
-use crate::metrics::WriteOp;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rusqlite::{Connection, params, params_from_iter};
 use tokio_util::sync::CancellationToken;
 
-use super::{Reader, Store, StoreError};
+use super::{Reader, Store, StoreError, WriteOp};
 use crate::time::now_ms;
-use crate::usage::{Histogram, UsageRow, encode_buckets, latency_bucket};
+use crate::usage::UsageRow;
+use crate::usage::histogram::{Histogram, encode_buckets, latency_bucket};
 
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
@@ -126,7 +126,7 @@ impl Store {
         let (acked, fresh) = self
             .write(WriteOp::usage_ingest, move |conn, _| ingest(conn, &batches))
             .await?;
-        self.metrics().usage_committed(fresh);
+        self.usage_committed(fresh);
         Ok(acked)
     }
 
@@ -1137,7 +1137,7 @@ mod tests {
         use rusqlite_migration::{M, Migrations};
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("m.db")).unwrap();
-        crate::usage::register_sql_functions(&conn).unwrap();
+        crate::store::sql_functions::register(&conn).unwrap();
         let migrations = Migrations::new(
             super::super::MIGRATIONS
                 .iter()

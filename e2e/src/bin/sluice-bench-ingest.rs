@@ -25,7 +25,7 @@ use rand::{Rng as _, SeedableRng as _};
 use sluice_control::backend::BackendSpec;
 use sluice_control::crypto::MasterKey;
 use sluice_control::store::{Store, TotalsFilter, UsageRow};
-use sluice_control::usage::{Histogram, latency_bucket};
+use sluice_control::usage::histogram::{Histogram, latency_bucket};
 use sluice_e2e::process::{self, Child};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_client::AdminServiceClient;
@@ -586,7 +586,7 @@ fn generate_history(
     let mut conn = rusqlite::Connection::open(db)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    sluice_control::usage::register_sql_functions(&conn)?;
+    sluice_control::store::sql_functions::register(&conn)?;
     let mut rng = SmallRng::seed_from_u64(7);
     let mut history = History {
         hourly_rows: 0,

@@ -1,5 +1,6 @@
 //! `AdminService`: backends, client keys, cooldowns, replicas and settings.
-//! Every successful change publishes a new snapshot.
+//! Every successful change commits a new snapshot version, which the store announces
+//! to the snapshot publisher.
 
 use std::sync::Arc;
 
@@ -7,9 +8,9 @@ use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
+use crate::api::dataplane::Registry;
 use crate::backend::BackendSpec;
 use crate::client_key::NewClientKey;
-use crate::dataplane::Registry;
 use crate::snapshot::Publisher;
 use crate::store::Store;
 use crate::validation::ValidationError;
@@ -32,14 +33,10 @@ impl Admin {
     }
 }
 
-fn invalid(err: ValidationError) -> Status {
-    Status::invalid_argument(err.to_string())
-}
-
 fn required_id(field: &str, id: &str) -> Result<String, Status> {
     let id = id.trim();
     if id.is_empty() {
-        return Err(invalid(ValidationError::new(field, "must not be empty")));
+        return Err(ValidationError::new(field, "must not be empty").into());
     }
     Ok(id.to_owned())
 }
@@ -53,10 +50,9 @@ impl AdminService for Admin {
         let request = request.into_inner();
         let backend = request
             .backend
-            .ok_or_else(|| invalid(ValidationError::new("backend", "is required")))?;
-        let spec = BackendSpec::from_proto(&backend).map_err(invalid)?;
+            .ok_or_else(|| ValidationError::new("backend", "is required"))?;
+        let spec = BackendSpec::from_proto(&backend)?;
         let (backend, _) = self.store.create_backend(spec, request.api_key).await?;
-        self.publisher.changed();
         tracing::info!(backend = %backend.id, name = %backend.spec.name, "backend created");
         Ok(Response::new(pb::CreateBackendResponse {
             backend: Some(backend.to_proto()),
@@ -91,21 +87,21 @@ impl AdminService for Admin {
         let request = request.into_inner();
         let update = request
             .backend
-            .ok_or_else(|| invalid(ValidationError::new("backend", "is required")))?;
+            .ok_or_else(|| ValidationError::new("backend", "is required"))?;
         let id = required_id("backend.id", &update.id)?;
         let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
         let api_key = (!request.api_key.is_empty()).then_some(request.api_key);
         if paths.is_empty() && api_key.is_none() {
-            return Err(invalid(ValidationError::new(
+            return Err(ValidationError::new(
                 "update_mask",
                 "names no field and no api_key was given: nothing to change",
-            )));
+            )
+            .into());
         }
         let (backend, _) = self
             .store
             .update_backend(id, move |spec| spec.apply_mask(&update, &paths), api_key)
             .await?;
-        self.publisher.changed();
         tracing::info!(backend = %backend.id, "backend updated");
         Ok(Response::new(pb::UpdateBackendResponse {
             backend: Some(backend.to_proto()),
@@ -118,7 +114,6 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::DeleteBackendResponse>, Status> {
         let id = required_id("id", &request.into_inner().id)?;
         self.store.delete_backend(id.clone()).await?;
-        self.publisher.changed();
         tracing::info!(backend = %id, "backend deleted");
         Ok(Response::new(pb::DeleteBackendResponse {}))
     }
@@ -136,7 +131,6 @@ impl AdminService for Admin {
                 rpm_limit: request.rpm_limit,
             })
             .await?;
-        self.publisher.changed();
         tracing::info!(client_key = %key.id, name = %key.name, "client key created");
         Ok(Response::new(pb::CreateClientKeyResponse {
             client_key: Some(key.to_proto()),
@@ -160,7 +154,6 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::RevokeClientKeyResponse>, Status> {
         let id = required_id("id", &request.into_inner().id)?;
         self.store.revoke_client_key(id.clone()).await?;
-        self.publisher.changed();
         tracing::info!(client_key = %id, "client key revoked");
         Ok(Response::new(pb::RevokeClientKeyResponse {}))
     }
@@ -181,7 +174,6 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::ResetCooldownResponse>, Status> {
         let id = required_id("backend_id", &request.into_inner().backend_id)?;
         self.store.reset_cooldown(id.clone()).await?;
-        self.publisher.changed();
         tracing::info!(backend = %id, "cooldown reset");
         Ok(Response::new(pb::ResetCooldownResponse {}))
     }
@@ -211,19 +203,17 @@ impl AdminService for Admin {
         let request = request.into_inner();
         let update = request
             .settings
-            .ok_or_else(|| invalid(ValidationError::new("settings", "is required")))?;
+            .ok_or_else(|| ValidationError::new("settings", "is required"))?;
         let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
         if paths.is_empty() {
-            return Err(invalid(ValidationError::new(
-                "update_mask",
-                "names no field: nothing to change",
-            )));
+            return Err(
+                ValidationError::new("update_mask", "names no field: nothing to change").into(),
+            );
         }
         // Read-modify-write: the store serialises writers, and settings change rarely.
         let current = self.store.get_settings().await?;
-        let next = crate::settings::apply_mask(&current, &update, &paths).map_err(invalid)?;
+        let next = crate::settings::apply_mask(&current, &update, &paths)?;
         self.store.put_settings(next).await?;
-        self.publisher.changed();
         tracing::info!(fields = ?paths, "settings updated");
         Ok(Response::new(pb::UpdateSettingsResponse {
             settings: Some(next),

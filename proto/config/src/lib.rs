@@ -1,4 +1,5 @@
-//! The configuration-file loader the Sluice servers share (feature `config`).
+//! The configuration-file loader both Sluice servers share: a crate of its own so that
+//! neither server depends on the other, and the proto crate holds generated code only.
 //!
 //! A server's options come from, in order of precedence: the command line, environment
 //! variables, a TOML file named by `--config` (or `SLUICE_CONFIG`), then built-in defaults.

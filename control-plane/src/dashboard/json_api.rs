@@ -17,9 +17,10 @@ use sluice_proto::v1::admin_service_server::AdminService as _;
 use sluice_proto::v1::stats_service_server::StatsService as _;
 use tonic::{Code, Status};
 
-use crate::admin::Admin;
-use crate::auth::TokenCheck;
-use crate::stats::Stats;
+use crate::api::admin::Admin;
+use crate::api::auth::TokenCheck;
+use crate::api::stats::Stats;
+use crate::grpc_code;
 
 /// The largest request body the JSON API reads.
 pub const BODY_LIMIT: usize = 1024 * 1024;
@@ -70,7 +71,7 @@ impl ApiError {
 impl From<Status> for ApiError {
     fn from(status: Status) -> Self {
         Self {
-            status: http_status(status.code()),
+            status: grpc_code::http_status(status.code()),
             code: status.code(),
             message: status.message().to_owned(),
         }
@@ -80,7 +81,7 @@ impl From<Status> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
-            code: code_name(self.code),
+            code: grpc_code::name(self.code),
             message: &self.message,
         };
         let mut response = (self.status, Json(body)).into_response();
@@ -92,52 +93,6 @@ impl IntoResponse for ApiError {
                 .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
         }
         response
-    }
-}
-
-/// The one mapping from gRPC status codes to HTTP statuses.
-pub fn http_status(code: Code) -> StatusCode {
-    match code {
-        Code::InvalidArgument => StatusCode::BAD_REQUEST,
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::AlreadyExists => StatusCode::CONFLICT,
-        Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
-        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::Ok
-        | Code::Cancelled
-        | Code::Unknown
-        | Code::DeadlineExceeded
-        | Code::Aborted
-        | Code::OutOfRange
-        | Code::DataLoss
-        | Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-/// The canonical name of a gRPC code, as in the proto3 JSON of `google.rpc.Code`.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -313,26 +268,6 @@ pub async fn unknown_service(Path(path): Path<String>) -> ApiError {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-
-    #[test]
-    fn maps_the_codes_the_ui_acts_on() {
-        for (code, status) in [
-            (Code::InvalidArgument, 400),
-            (Code::Unauthenticated, 401),
-            (Code::PermissionDenied, 403),
-            (Code::NotFound, 404),
-            (Code::AlreadyExists, 409),
-            (Code::FailedPrecondition, 412),
-            (Code::ResourceExhausted, 429),
-            (Code::Unimplemented, 501),
-            (Code::Unavailable, 503),
-            (Code::Internal, 500),
-            (Code::Unknown, 500),
-        ] {
-            assert_eq!(http_status(code).as_u16(), status, "{code:?}");
-        }
-        assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
-    }
 
     #[test]
     fn reads_the_standard_field_mask_form() {

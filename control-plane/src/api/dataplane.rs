@@ -166,9 +166,8 @@ impl DataPlaneApi {
     /// A replica joined or left: every share of every RPM limit changes.
     async fn replicas_changed(&self, count: u32) {
         self.publisher.set_replica_count(count);
-        match self.store.bump_version().await {
-            Ok(_) => self.publisher.changed(),
-            Err(err) => tracing::error!(error = %err, "recording a replica change failed"),
+        if let Err(err) = self.store.bump_version().await {
+            tracing::error!(error = %err, "recording a replica change failed");
         }
     }
 }
@@ -352,9 +351,7 @@ impl DataPlaneApi {
                     })
                 })
                 .collect();
-            if self.store.record_cooldowns(events).await?.is_some() {
-                self.publisher.changed();
-            }
+            self.store.record_cooldowns(events).await?;
         }
         if batch.records.is_empty() {
             return Ok(None);
