@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 const CRATES: &[&str] = &[
     "proto/src",
     "proto/config/src",
-    "domain/src",
+    "proto/domain/src",
     "control-plane/src",
     "data-plane/src",
     "cli/src",
