@@ -70,6 +70,7 @@ pub struct Metrics {
     snapshot_version: Gauge,
     data_planes: Gauge,
     records_ingested: Counter,
+    records_clamped: Counter,
     usage_commits: Counter,
     writes: Family<OpLabels, Histogram, WriteBuckets>,
     grpc_calls: Family<CallLabels, Counter>,
@@ -112,6 +113,12 @@ impl Metrics {
             "usage_records_ingested",
             "Usage records committed (resent duplicates not counted)",
             records_ingested.clone(),
+        );
+        let records_clamped = Counter::default();
+        registry.register(
+            "usage_records_clamped",
+            "Usage records received with a value past its bound, stored with a placeholder instead (a model name as `other`, an id as empty)",
+            records_clamped.clone(),
         );
         let usage_commits = Counter::default();
         registry.register(
@@ -165,6 +172,7 @@ impl Metrics {
             snapshot_version,
             data_planes,
             records_ingested,
+            records_clamped,
             usage_commits,
             writes,
             grpc_calls,
@@ -239,6 +247,10 @@ impl StoreObserver for Metrics {
     fn usage_committed(&self, records: u64) {
         self.usage_commits.inc();
         self.records_ingested.inc_by(records);
+    }
+
+    fn usage_clamped(&self, records: u64) {
+        self.records_clamped.inc_by(records);
     }
 }
 

@@ -110,6 +110,9 @@ pub trait StoreObserver: Send + Sync + 'static {
     fn write(&self, op: WriteOp, took: Duration);
     /// A transaction committed `records` new usage records (resent duplicates not counted).
     fn usage_committed(&self, records: u64);
+    /// `records` usage records arrived with a value past its bound and are stored with a
+    /// placeholder instead (see `UsageRow::clamp_to_bounds`).
+    fn usage_clamped(&self, records: u64);
 }
 
 /// The observer of a store nobody measures.
@@ -118,6 +121,7 @@ struct Unobserved;
 impl StoreObserver for Unobserved {
     fn write(&self, _: WriteOp, _: Duration) {}
     fn usage_committed(&self, _: u64) {}
+    fn usage_clamped(&self, _: u64) {}
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -251,6 +255,11 @@ impl Store {
     /// Tells the observer that a transaction committed `records` new usage records.
     fn usage_committed(&self, records: u64) {
         self.inner.observer.usage_committed(records);
+    }
+
+    /// Tells the observer that `records` usage records had a value clamped to its bound.
+    fn usage_clamped(&self, records: u64) {
+        self.inner.observer.usage_clamped(records);
     }
 
     /// Runs `f` on one of the read-only connections in a blocking task. It sees the

@@ -3,6 +3,7 @@
 
 pub mod histogram;
 
+use sluice_proto::limits::{MAX_ID_BYTES, MAX_MODEL_NAME_BYTES, OTHER_MODEL};
 use sluice_proto::v1 as pb;
 
 /// One finished request as the store aggregates it.
@@ -19,6 +20,38 @@ pub struct UsageRow {
     pub is_error: bool,
     pub stream: bool,
     pub time_ms: i64,
+}
+
+/// A model name a usage row may carry: what a route could be named (at most
+/// [`MAX_MODEL_NAME_BYTES`], no control characters).
+fn model_within_bounds(model: &str) -> bool {
+    model.len() <= MAX_MODEL_NAME_BYTES && !model.chars().any(char::is_control)
+}
+
+/// An id a usage row may carry (at most [`MAX_ID_BYTES`], no control characters).
+fn id_within_bounds(id: &str) -> bool {
+    id.len() <= MAX_ID_BYTES && !id.chars().any(char::is_control)
+}
+
+impl UsageRow {
+    /// Replaces every value past its documented bound: a model name by [`OTHER_MODEL`], an
+    /// id by the empty string. Returns whether anything was replaced. Data planes never
+    /// send such a value (they record a model no route serves as `other`); an older or
+    /// broken one is still counted, under the placeholder, rather than refused.
+    pub fn clamp_to_bounds(&mut self) -> bool {
+        let mut clamped = false;
+        if !model_within_bounds(&self.model) {
+            self.model = OTHER_MODEL.to_owned();
+            clamped = true;
+        }
+        for id in [&mut self.backend_id, &mut self.client_key_id] {
+            if !id_within_bounds(id) {
+                id.clear();
+                clamped = true;
+            }
+        }
+        clamped
+    }
 }
 
 impl From<&pb::UsageRecord> for UsageRow {
@@ -40,5 +73,42 @@ impl From<&pb::UsageRecord> for UsageRow {
                 .as_ref()
                 .map_or_else(crate::time::now_ms, crate::time::timestamp_ms),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn values_past_their_bound_are_replaced_not_stored() {
+        let fine = pb::UsageRecord {
+            model: "m".repeat(MAX_MODEL_NAME_BYTES),
+            backend_id: "b".repeat(MAX_ID_BYTES),
+            client_key_id: "k".into(),
+            ..Default::default()
+        };
+        let mut row = UsageRow::from(&fine);
+        assert!(!row.clamp_to_bounds());
+        assert_eq!(row.model, fine.model);
+        assert_eq!(row.backend_id, fine.backend_id);
+
+        let mut huge = UsageRow::from(&pb::UsageRecord {
+            model: "m".repeat(5 << 20),
+            ..fine.clone()
+        });
+        assert!(huge.clamp_to_bounds());
+        assert_eq!(huge.model, "other");
+        let mut forged = UsageRow::from(&pb::UsageRecord {
+            model: "m\nforged line".into(),
+            client_key_id: "k".repeat(MAX_ID_BYTES + 1),
+            ..fine
+        });
+        assert!(forged.clamp_to_bounds());
+        assert_eq!(
+            (forged.model.as_str(), forged.client_key_id.as_str()),
+            ("other", "")
+        );
     }
 }

@@ -829,3 +829,75 @@ async fn metrics_count_calls_by_method_and_code_usage_writes_and_replicas() {
         text.contains(r#"sluice_grpc_requests_total{method="unknown",code="UNIMPLEMENTED"} 1"#)
     );
 }
+
+/// A record whose model or ids are past their bounds (an old or broken replica) is counted
+/// under the placeholder, never stored as sent and never refused; a report larger than the
+/// limit is refused with `OUT_OF_RANGE` after the acks already owed.
+#[tokio::test]
+async fn usage_values_past_their_bounds_are_clamped_and_oversized_reports_refused() {
+    use sluice_proto::limits::{MAX_MODEL_NAME_BYTES, MAX_USAGE_REPORT_BYTES};
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let b = create(&mut admin, "b1", "").await;
+    let mut dp = DataPlaneServiceClient::with_interceptor(
+        channel(&cp).await,
+        Bearer(cp.dataplane_token.clone()),
+    )
+    .max_encoding_message_size(usize::MAX);
+    let batch = |records: Vec<pb::UsageRecord>| pb::ReportUsageRequest {
+        node_id: "replica-1".into(),
+        incarnation: "inc-1".into(),
+        records,
+        events: vec![],
+    };
+    let mut long = record(1, &b.id, 10, 5, 10);
+    long.model = "m".repeat(MAX_MODEL_NAME_BYTES + 1);
+    let mut forged = record(2, &b.id, 10, 5, 10);
+    forged.model = "gpt\nforged".into();
+    let fine = record(3, &b.id, 10, 5, 10);
+    let mut huge = record(4, &b.id, 10, 5, 10);
+    huge.model = "m".repeat(MAX_USAGE_REPORT_BYTES);
+    let mut acks = dp
+        .report_usage(tokio_stream::iter(vec![
+            batch(vec![long, forged, fine]),
+            batch(vec![huge]),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 3);
+    let refused = acks.message().await.unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+
+    let mut stats =
+        StatsServiceClient::with_interceptor(channel(&cp).await, Bearer(cp.admin_token.clone()));
+    let by_model = stats
+        .get_usage(pb::GetUsageRequest {
+            group_by: pb::GroupBy::Model as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut models: Vec<(String, u64)> = by_model
+        .buckets
+        .iter()
+        .map(|p| (p.group_key.clone(), p.request_count))
+        .collect();
+    models.sort();
+    assert_eq!(
+        models,
+        [("gpt-4o-mini".to_owned(), 1), ("other".to_owned(), 2)]
+    );
+    let text = reqwest::get(format!("{}/metrics", cp.http_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric_samples(&text).get("sluice_usage_records_clamped_total"),
+        Some(&2.0)
+    );
+}

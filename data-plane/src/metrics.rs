@@ -31,7 +31,7 @@ impl Label {
     /// "No backend was tried", "no model was read".
     pub const NONE: Self = Self::Fixed("none");
     /// The model label of a request for a model no route serves.
-    pub const OTHER_MODEL: Self = Self::Fixed("other");
+    pub const OTHER_MODEL: Self = Self::Fixed(sluice_proto::limits::OTHER_MODEL);
 
     pub fn as_str(&self) -> &str {
         match self {
@@ -188,6 +188,8 @@ pub struct Metrics {
     usage_dropped: Counter,
     /// Drops already added to `usage_dropped` (the sink counts them itself).
     usage_dropped_seen: AtomicU64,
+    usage_unsendable: Counter,
+    usage_unsendable_seen: AtomicU64,
     log_dropped: Counter,
     /// Drops already added to `log_dropped`.
     log_dropped_seen: AtomicU64,
@@ -308,6 +310,13 @@ impl Metrics {
             "Usage records dropped because the queue was full (the control plane was away too long)",
             usage_dropped.clone(),
         );
+        let usage_unsendable = Counter::default();
+        registry.register(
+            "usage_unsendable_records",
+            "Usage records dropped because they can never be delivered: larger than a usage \
+             report may be, or refused by the control plane when sent on their own",
+            usage_unsendable.clone(),
+        );
         let log_dropped = Counter::default();
         registry.register(
             "log_dropped_lines",
@@ -332,6 +341,8 @@ impl Metrics {
             usage_queue,
             usage_dropped,
             usage_dropped_seen: AtomicU64::new(0),
+            usage_unsendable,
+            usage_unsendable_seen: AtomicU64::new(0),
             log_dropped,
             log_dropped_seen: AtomicU64::new(0),
         }
@@ -445,6 +456,11 @@ impl Metrics {
             usage.dropped(),
         );
         catch_up(
+            &self.usage_unsendable,
+            &self.usage_unsendable_seen,
+            usage.unsendable(),
+        );
+        catch_up(
             &self.log_dropped,
             &self.log_dropped_seen,
             crate::logging::dropped_lines(),
@@ -518,6 +534,7 @@ mod tests {
             "sluice_snapshot_version 0",
             "sluice_usage_queue_depth 0",
             "sluice_usage_dropped_records_total 0",
+            "sluice_usage_unsendable_records_total 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

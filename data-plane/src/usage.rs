@@ -6,12 +6,23 @@
 //! everything unacked is sent again, in order, and the control plane skips what it already
 //! applied. When the queue is full the oldest record is dropped and counted. Backend events
 //! (cooldowns) skip the batching delay: other replicas learn of a 429 from the next snapshot.
+//!
+//! A report holds at most [`BATCH_SIZE`] records and stays under
+//! [`limits::MAX_USAGE_REPORT_BYTES`] encoded. A record that can never be delivered must not
+//! hold back every record after it: one too large for any report is dropped when a batch is
+//! made, and when the control plane refuses a report as too large (`OUT_OF_RANGE`,
+//! `RESOURCE_EXHAUSTED`; it never refuses a record for its content), the next session sends the
+//! oldest unacked record alone; refused again, that record is dropped. Both are logged and
+//! counted ([`UsageSink::unsendable`]). Any other failure (the control plane away, its disk
+//! failing) drops nothing: the records are sent again.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use prost::Message as _;
+use sluice_proto::limits;
 use sluice_proto::v1::{BackendEvent, ReportUsageRequest, UsageRecord};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,6 +43,7 @@ struct Queue {
     wake: Notify,
     capacity: usize,
     dropped: AtomicU64,
+    unsendable: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -67,6 +79,7 @@ impl UsageSink {
                 wake: Notify::new(),
                 capacity: capacity.max(1),
                 dropped: AtomicU64::new(0),
+                unsendable: AtomicU64::new(0),
             }),
         }
     }
@@ -116,6 +129,12 @@ impl UsageSink {
         self.queue.dropped.load(Ordering::Relaxed)
     }
 
+    /// Records dropped since start because they could not be delivered: too large for a
+    /// report, or refused by the control plane when sent alone.
+    pub fn unsendable(&self) -> u64 {
+        self.queue.unsendable.load(Ordering::Relaxed)
+    }
+
     /// Records not yet acked by the control plane.
     pub fn pending(&self) -> usize {
         self.lock().pending.len()
@@ -145,11 +164,67 @@ impl UsageSink {
         }
     }
 
-    /// Up to `max` records after `sequence`, in order.
-    fn batch_after(&self, sequence: u64, max: usize) -> Vec<UsageRecord> {
-        let state = self.lock();
+    /// Up to `max` records after `sequence`, in order, whose encoding as the `records` of a
+    /// report takes at most `max_bytes`. A record too large for `max_bytes` on its own is
+    /// dropped from the queue and counted as unsendable.
+    fn batch_after(&self, sequence: u64, max: usize, max_bytes: usize) -> Vec<UsageRecord> {
+        let mut state = self.lock();
         let start = state.pending.partition_point(|r| r.sequence <= sequence);
-        state.pending.range(start..).take(max).cloned().collect()
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut i = start;
+        while batch.len() < max {
+            let Some(record) = state.pending.get(i) else {
+                break;
+            };
+            let size = field_len(record.encoded_len());
+            if size > max_bytes {
+                let sequence = record.sequence;
+                state.pending.remove(i);
+                self.drop_unsendable(sequence, "larger than a usage report may be");
+                continue;
+            }
+            if bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            batch.push(record.clone());
+            i += 1;
+        }
+        batch
+    }
+
+    /// Drops the record `sequence` for good (if still held), logs it and counts it.
+    fn drop_unsendable(&self, sequence: u64, why: &str) {
+        self.queue.unsendable.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            sequence,
+            why,
+            unsendable_total = self.unsendable(),
+            "usage record dropped: it can never be delivered"
+        );
+    }
+
+    /// Drops the oldest unacked record if it is `sequence`.
+    fn drop_if_oldest(&self, sequence: u64, why: &str) -> bool {
+        let mut state = self.lock();
+        if state
+            .pending
+            .front()
+            .is_some_and(|r| r.sequence == sequence)
+        {
+            state.pending.pop_front();
+            drop(state);
+            self.drop_unsendable(sequence, why);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The oldest unacked record's sequence.
+    fn oldest(&self) -> Option<u64> {
+        self.lock().pending.front().map(|r| r.sequence)
     }
 
     fn unsent_after(&self, sequence: u64) -> usize {
@@ -170,6 +245,24 @@ impl UsageSink {
 /// Records per `ReportUsage` message at most.
 pub const BATCH_SIZE: usize = 1000;
 
+/// Bytes of records per report at most: the report limit less room for the rest of the
+/// message (ids and backend events).
+const MAX_RECORD_BYTES: usize = limits::MAX_USAGE_REPORT_BYTES - 256 * 1024;
+
+/// The encoded size of a length-delimited field holding `len` bytes (tag of one byte).
+fn field_len(len: usize) -> usize {
+    1 + prost::length_delimiter_len(len) + len
+}
+
+/// Whether a failed report means the control plane will never take it as it was (too
+/// large), rather than the control plane being away or failing.
+fn refused_as_too_large(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+    )
+}
+
 /// Longest a record waits in the queue before it is sent.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -181,6 +274,11 @@ pub struct UsageReporter {
     backoff: Backoff,
     /// Events to tell a newly connected control plane again (those it may have missed).
     resend: Option<ResendEvents>,
+    /// What the current session has sent: every record up to this sequence.
+    sent_upto: u64,
+    /// After a report was refused as too large: the last record that report could have
+    /// held. Records up to it go one per report, so the next refusal names its record.
+    suspect_through: Option<u64>,
 }
 
 /// Produces the backend events to send again after a reconnect.
@@ -194,6 +292,8 @@ impl UsageReporter {
             identity,
             backoff: Backoff::default(),
             resend: None,
+            sent_upto: 0,
+            suspect_through: None,
         }
     }
 
@@ -215,12 +315,17 @@ impl UsageReporter {
             }
             match self.session(&stop, &mut flushing).await {
                 Ok(()) => return,
-                Err(status) => tracing::warn!(
-                    code = ?status.code(),
-                    message = status.message(),
-                    pending = self.sink.pending(),
-                    "usage stream failed; reconnecting"
-                ),
+                Err(status) => {
+                    tracing::warn!(
+                        code = ?status.code(),
+                        message = status.message(),
+                        pending = self.sink.pending(),
+                        "usage stream failed; reconnecting"
+                    );
+                    if refused_as_too_large(&status) {
+                        self.refused();
+                    }
+                }
             }
             let delay = self.backoff.next_delay();
             if flushing {
@@ -231,6 +336,36 @@ impl UsageReporter {
                     () = stop.cancelled() => flushing = true,
                 }
             }
+        }
+    }
+
+    /// The control plane refused a report as too large; it acks in order, so the refused
+    /// report starts at the oldest unacked record. Outside suspect mode, every record the
+    /// session sent becomes suspect and goes alone from now on; in suspect mode the refused
+    /// report held that one record alone, which is dropped so the records after it can go.
+    fn refused(&mut self) {
+        let oldest = self.sink.oldest();
+        match self.suspect_through {
+            Some(through) if oldest.is_some_and(|oldest| oldest <= through) => {
+                if let Some(oldest) = oldest {
+                    self.sink
+                        .drop_if_oldest(oldest, "the control plane refused it on its own");
+                }
+            }
+            _ if oldest.is_some() => self.suspect_through = Some(self.sent_upto),
+            _ => self.suspect_through = None,
+        }
+    }
+
+    /// Records in the next report at most: one while the next one is a suspect.
+    fn batch_limit(&mut self) -> usize {
+        match self.suspect_through {
+            Some(through) if self.sink.acked() >= through => {
+                self.suspect_through = None;
+                BATCH_SIZE
+            }
+            Some(through) if self.sent_upto < through => 1,
+            _ => BATCH_SIZE,
         }
     }
 
@@ -247,7 +382,7 @@ impl UsageReporter {
             .await?
             .into_inner();
         // Everything not acked goes again, in order.
-        let mut sent_upto = self.sink.acked();
+        self.sent_upto = self.sink.acked();
         let resend = self.resend.as_ref().map(|f| f()).unwrap_or_default();
         if !resend.is_empty() {
             self.send(&tx, Vec::new(), resend).await?;
@@ -259,7 +394,7 @@ impl UsageReporter {
                 if self.sink.is_drained() {
                     return Ok(());
                 }
-                self.send_unsent(&tx, &mut sent_upto, true).await?;
+                self.send_unsent(&tx, true).await?;
             }
             tokio::select! {
                 biased;
@@ -272,10 +407,10 @@ impl UsageReporter {
                 },
                 () = stop.cancelled(), if !*flushing => *flushing = true,
                 () = self.sink.queue.wake.notified() => {
-                    self.send_unsent(&tx, &mut sent_upto, false).await?;
+                    self.send_unsent(&tx, false).await?;
                 }
                 _ = ticker.tick() => {
-                    self.send_unsent(&tx, &mut sent_upto, true).await?;
+                    self.send_unsent(&tx, true).await?;
                 }
             }
         }
@@ -286,23 +421,24 @@ impl UsageReporter {
     async fn send_unsent(
         &mut self,
         tx: &mpsc::Sender<ReportUsageRequest>,
-        sent_upto: &mut u64,
         all: bool,
     ) -> Result<(), tonic::Status> {
         let mut events = self.sink.take_events();
         loop {
-            let unsent = self.sink.unsent_after(*sent_upto);
-            let send_records = unsent >= BATCH_SIZE || (all && unsent > 0);
+            let limit = self.batch_limit();
+            let unsent = self.sink.unsent_after(self.sent_upto);
+            let send_records = unsent >= limit || (all && unsent > 0);
             if !send_records && events.is_empty() {
                 return Ok(());
             }
             let records = if send_records {
-                self.sink.batch_after(*sent_upto, BATCH_SIZE)
+                self.sink
+                    .batch_after(self.sent_upto, limit, MAX_RECORD_BYTES)
             } else {
                 Vec::new()
             };
             if let Some(last) = records.last() {
-                *sent_upto = last.sequence;
+                self.sent_upto = last.sequence;
             }
             self.send(tx, records, std::mem::take(&mut events)).await?;
         }
@@ -338,15 +474,44 @@ mod tests {
             assert_eq!(sink.record(UsageRecord::default()), i);
         }
         assert_eq!(sink.dropped(), 2);
-        let batch = sink.batch_after(0, 10);
+        let batch = sink.batch_after(0, 10, usize::MAX);
         let sequences: Vec<u64> = batch.iter().map(|r| r.sequence).collect();
         assert_eq!(sequences, [3, 4, 5]);
-        assert_eq!(sink.batch_after(3, 1)[0].sequence, 4);
+        assert_eq!(sink.batch_after(3, 1, usize::MAX)[0].sequence, 4);
         sink.ack(4);
         assert_eq!(sink.pending(), 1);
         assert_eq!(sink.unsent_after(4), 1);
         assert_eq!(sink.acked(), 4);
         sink.ack(2);
         assert_eq!(sink.acked(), 4);
+    }
+
+    #[test]
+    fn batches_stay_under_the_byte_limit_and_a_record_too_large_for_any_is_dropped() {
+        let sink = UsageSink::new(100);
+        let sized = |model_bytes: usize| UsageRecord {
+            model: "m".repeat(model_bytes),
+            ..Default::default()
+        };
+        for _ in 0..10 {
+            sink.record(sized(100));
+        }
+        sink.record(sized(5000));
+        sink.record(sized(100));
+        let one = field_len(sink.batch_after(0, 1, usize::MAX)[0].encoded_len());
+        // Three records' worth of bytes: three per batch.
+        let batch = sink.batch_after(0, 100, 3 * one + 1);
+        assert_eq!(batch.len(), 3);
+        let report = ReportUsageRequest {
+            records: batch,
+            ..Default::default()
+        };
+        assert!(report.encoded_len() <= 3 * one + 1);
+        // The 5 kB record cannot go in any batch of 1 kB: it is dropped, the rest flows.
+        let rest = sink.batch_after(3, 100, 1000);
+        let sequences: Vec<u64> = rest.iter().map(|r| r.sequence).collect();
+        assert_eq!(sequences, [4, 5, 6, 7, 8, 9, 10, 12]);
+        assert_eq!(sink.unsendable(), 1);
+        assert_eq!(sink.pending(), 11);
     }
 }

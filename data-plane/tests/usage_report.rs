@@ -148,3 +148,40 @@ async fn a_full_queue_drops_the_oldest_while_the_control_plane_is_away() {
     stop.cancel();
     handle.await.unwrap();
 }
+
+/// A record the control plane refuses (here: too large for its decode limit, as tonic refuses
+/// it) must not hold back the records after it: it is sent alone, refused again, dropped and
+/// counted, and everything else arrives exactly once.
+#[tokio::test]
+async fn a_record_the_control_plane_refuses_is_dropped_and_the_rest_delivered() {
+    let cp = FakeControlPlane::start_with_report_limit(16 * 1024).await;
+    let sink = UsageSink::new(100_000);
+    for i in 1..=30 {
+        let mut r = record(i);
+        if i == 12 {
+            r.model = "x".repeat(64 * 1024);
+        }
+        sink.record(r);
+    }
+    let (stop, handle) = start(&cp, &sink);
+    cp.wait_for("29 records applied", |r| r.records().len() == 29)
+        .await;
+    let expected: Vec<u64> = (1..=30).filter(|&i| i != 12).collect();
+    assert_eq!(applied_sequences(&cp), expected);
+    assert_eq!(sink.unsendable(), 1);
+    // Batching resumes after the refused record: later records go in one report again.
+    let streams = cp.with(|r| r.usage_streams);
+    for i in 31..=40 {
+        sink.record(record(i));
+    }
+    cp.wait_for("39 records applied", |r| r.records().len() == 39)
+        .await;
+    assert_eq!(
+        cp.with(|r| r.usage_streams),
+        streams,
+        "no refusal, no reconnect"
+    );
+    stop.cancel();
+    handle.await.unwrap();
+    assert_eq!(sink.pending(), 0);
+}

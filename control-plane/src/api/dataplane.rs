@@ -306,6 +306,9 @@ impl DataPlaneService for DataPlaneApi {
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(%status, "usage stream ended");
+                        // After the acks owed: a report refused as too large tells the
+                        // replica which one it was (the first it holds unacked).
+                        let _ = pending_tx.send(Owed::Error(status)).await;
                         break;
                     }
                 };

@@ -121,8 +121,25 @@ impl Store {
     /// commit per batch and a row update per repeated (hour, backend, model, key).
     pub async fn ingest_usage_batches(
         &self,
-        batches: Vec<UsageBatch>,
+        mut batches: Vec<UsageBatch>,
     ) -> Result<Vec<u64>, StoreError> {
+        // No value past its bound is stored (see `UsageRow::clamp_to_bounds`).
+        for batch in &mut batches {
+            let clamped = batch
+                .rows
+                .iter_mut()
+                .map(UsageRow::clamp_to_bounds)
+                .filter(|&c| c)
+                .count();
+            if clamped > 0 {
+                tracing::warn!(
+                    node = %batch.node_id,
+                    records = clamped,
+                    "usage records with a value past its bound: stored with a placeholder"
+                );
+                self.usage_clamped(clamped as u64);
+            }
+        }
         let (acked, fresh) = self
             .write(WriteOp::usage_ingest, move |conn, _| ingest(conn, &batches))
             .await?;

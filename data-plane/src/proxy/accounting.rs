@@ -5,6 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderValue, StatusCode};
+use sluice_proto::limits::OTHER_MODEL;
 use sluice_proto::v1::{ErrorKind, UsageRecord};
 use tokio::time::Instant;
 
@@ -78,8 +79,10 @@ impl Accounting {
         }
     }
 
-    /// A route serves the requested model; `name` is the snapshot's copy of its name.
+    /// A route serves the requested model; `name` is the snapshot's copy of its name, which
+    /// the record and the metrics then carry.
     pub fn model_routed(&mut self, name: &Arc<str>) {
+        self.record.model = name.to_string();
         self.model_label = Some(Arc::clone(name));
     }
 
@@ -111,8 +114,15 @@ impl Accounting {
         self.record.attempts
     }
 
+    /// The request asked for `model`. Until [`Accounting::model_routed`] names the route's
+    /// copy, the record says [`OTHER_MODEL`]: a name no route serves is the client's
+    /// invention, of any length, and must not reach usage records, metrics or logs.
     pub fn set_request(&mut self, model: &str, stream: bool) {
-        self.record.model = model.to_owned();
+        self.record.model = if model.is_empty() {
+            String::new()
+        } else {
+            OTHER_MODEL.to_owned()
+        };
         self.record.stream = stream;
     }
 

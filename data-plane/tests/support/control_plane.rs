@@ -149,7 +149,14 @@ impl DataPlaneService for Service {
             loop {
                 tokio::select! {
                     message = inbound.message() => {
-                        let Ok(Some(batch)) = message else { return };
+                        let batch = match message {
+                            Ok(Some(batch)) => batch,
+                            Ok(None) => return,
+                            Err(status) => {
+                                let _ = tx.send(Err(status)).await;
+                                return;
+                            }
+                        };
                         let ack = shared.ack_usage.load(Ordering::SeqCst);
                         let mut high_water = 0;
                         shared.update(|r| {
@@ -202,6 +209,16 @@ impl FakeControlPlane {
     }
 
     pub async fn start_at(addr: SocketAddr) -> Self {
+        Self::start_with(addr, sluice_proto::limits::MAX_USAGE_REPORT_BYTES).await
+    }
+
+    /// A fake that refuses usage reports larger than `report_limit` bytes, as tonic refuses
+    /// them (`OUT_OF_RANGE`), like a control plane with a smaller limit than the replica's.
+    pub async fn start_with_report_limit(report_limit: usize) -> Self {
+        Self::start_with("127.0.0.1:0".parse().unwrap(), report_limit).await
+    }
+
+    async fn start_with(addr: SocketAddr, report_limit: usize) -> Self {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
@@ -214,7 +231,8 @@ impl FakeControlPlane {
         });
         let stop = shared.stop.clone();
         let server = tokio::spawn({
-            let service = DataPlaneServiceServer::new(Service(Arc::clone(&shared)));
+            let service = DataPlaneServiceServer::new(Service(Arc::clone(&shared)))
+                .max_decoding_message_size(report_limit);
             let stop = stop.clone();
             async move {
                 tonic::transport::Server::builder()
