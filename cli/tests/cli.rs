@@ -844,6 +844,7 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
             incarnation: "inc-1".into(),
             records: vec![record(1), record(2)],
             events: vec![event],
+            ..Default::default()
         }]))
         .await
         .unwrap()

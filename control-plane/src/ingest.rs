@@ -6,7 +6,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{Store, StoreError, UsageBatch};
+use crate::store::{OutOfOrder, Store, StoreError, UsageBatch};
 
 /// Most records applied in one transaction; more wait for the next one.
 const MAX_RECORDS_PER_COMMIT: usize = 50_000;
@@ -21,6 +21,9 @@ pub enum IngestError {
     /// The transaction failed; nothing of it was stored, so the sender resends.
     #[error("storing usage failed")]
     Store,
+    /// The batch follows records not stored; the sender resends from its last ack.
+    #[error(transparent)]
+    OutOfOrder(#[from] OutOfOrder),
     #[error("the control plane is shutting down")]
     Closed,
 }
@@ -73,10 +76,10 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
             jobs.into_iter().map(|j| (j.batch, j.done)).unzip();
         let count = batches.len();
         match store.ingest_usage_batches(batches).await {
-            Ok(marks) => {
+            Ok(outcomes) => {
                 tracing::trace!(batches = count, records, "usage committed");
-                for (done, mark) in waiting.into_iter().zip(marks) {
-                    let _ = done.send(Ok(mark));
+                for (done, outcome) in waiting.into_iter().zip(outcomes) {
+                    let _ = done.send(outcome.map_err(IngestError::from));
                 }
             }
             Err(err) => {

@@ -30,7 +30,7 @@ pub use crate::usage::UsageRow;
 pub use backends::BackendWithKey;
 pub use cooldowns::{CooldownEvent, CooldownRow};
 pub use data_planes::{DataPlaneRow, NodeHello};
-pub use usage::{Granularity, GroupBy, SeriesPoint, Totals, TotalsFilter, UsageBatch};
+pub use usage::{Granularity, GroupBy, OutOfOrder, SeriesPoint, Totals, TotalsFilter, UsageBatch};
 
 /// Everything that can go wrong in the store (mapped to a gRPC status once, in `api::status`).
 #[derive(Debug, thiserror::Error)]

@@ -488,6 +488,7 @@ async fn usage_is_counted_once_even_when_resent() {
         incarnation: "inc-1".into(),
         records,
         events: vec![],
+        ..Default::default()
     };
     let first = batch(
         (1..=3)
@@ -619,6 +620,7 @@ async fn usage_series_splits_at_utc_hour_and_day_boundaries_and_groups() {
             incarnation: "i".into(),
             records,
             events: vec![],
+            ..Default::default()
         }]))
         .await
         .unwrap()
@@ -850,6 +852,7 @@ async fn usage_values_past_their_bounds_are_clamped_and_oversized_reports_refuse
         incarnation: "inc-1".into(),
         records,
         events: vec![],
+        ..Default::default()
     };
     let mut long = record(1, &b.id, 10, 5, 10);
     long.model = "m".repeat(MAX_MODEL_NAME_BYTES + 1);

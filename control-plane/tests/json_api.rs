@@ -378,6 +378,7 @@ async fn report_usage(api: &Api, backend_id: &str, records: u64) {
             })
             .collect(),
         events: vec![],
+        ..Default::default()
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(batch).await.unwrap();

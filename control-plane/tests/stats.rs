@@ -157,6 +157,7 @@ fn batch(node: &str, incarnation: &str, records: Vec<pb::UsageRecord>) -> pb::Re
         incarnation: incarnation.into(),
         records,
         events: vec![],
+        ..Default::default()
     }
 }
 

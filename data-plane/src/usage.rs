@@ -4,7 +4,10 @@
 //! Records are numbered 1, 2, 3… per process (with the process's random incarnation) and stay
 //! in the queue until the control plane acks a sequence at or above theirs; after a reconnect
 //! everything unacked is sent again, in order, and the control plane skips what it already
-//! applied. When the queue is full the oldest record is dropped and counted. Backend events
+//! applied. Each report names the record held just before its first one
+//! (`previous_sequence`): the control plane applies it only once it has stored that one, so
+//! a report sent after one whose commit failed is not applied past the gap, and the resend
+//! of both counts each record once. When the queue is full the oldest record is dropped and counted. Backend events
 //! (cooldowns) skip the batching delay: other replicas learn of a 429 from the next snapshot.
 //!
 //! A report holds at most [`BATCH_SIZE`] records and stays under
@@ -220,6 +223,16 @@ impl UsageSink {
         } else {
             false
         }
+    }
+
+    /// The sequence of the record held just before `sequence` (0 if none): what the control
+    /// plane must have stored before it applies a report starting at `sequence`.
+    fn held_before(&self, sequence: u64) -> u64 {
+        let state = self.lock();
+        let at = state.pending.partition_point(|r| r.sequence < sequence);
+        at.checked_sub(1)
+            .and_then(|i| state.pending.get(i))
+            .map_or(0, |r| r.sequence)
     }
 
     /// The oldest unacked record's sequence.
@@ -450,11 +463,15 @@ impl UsageReporter {
         records: Vec<UsageRecord>,
         events: Vec<BackendEvent>,
     ) -> Result<(), tonic::Status> {
+        let previous_sequence = records
+            .first()
+            .map_or(0, |first| self.sink.held_before(first.sequence));
         let request = ReportUsageRequest {
             node_id: self.identity.node_id.clone(),
             incarnation: self.identity.incarnation.clone(),
             records,
             events,
+            previous_sequence,
         };
         tx.send(request)
             .await
@@ -484,6 +501,20 @@ mod tests {
         assert_eq!(sink.acked(), 4);
         sink.ack(2);
         assert_eq!(sink.acked(), 4);
+    }
+
+    #[test]
+    fn a_report_names_the_record_held_before_it() {
+        let sink = UsageSink::new(3);
+        for _ in 1..=5 {
+            sink.record(UsageRecord::default());
+        }
+        // 1 and 2 were dropped (queue full): nothing is held before 3.
+        assert_eq!(sink.held_before(3), 0);
+        assert_eq!(sink.held_before(4), 3);
+        assert_eq!(sink.held_before(5), 4);
+        sink.ack(4);
+        assert_eq!(sink.held_before(5), 0);
     }
 
     #[test]

@@ -108,6 +108,7 @@ async fn report_rate_limited(api: &ControlApi, backend_id: &str) {
                 nanos: 0,
             }),
         }],
+        ..Default::default()
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(batch).await.unwrap();

@@ -63,6 +63,7 @@ async fn report(url: String, from: u64, acked_so_far: &std::sync::atomic::Atomic
                 incarnation: "inc-1".into(),
                 records: (next..=end).map(record).collect(),
                 events: vec![],
+                ..Default::default()
             };
             if tx.send(batch).await.is_err() {
                 return;

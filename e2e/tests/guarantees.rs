@@ -8,8 +8,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, Mock, eventually};
+use common::{Bearer, Cluster, DATAPLANE_TOKEN, Mock, eventually};
 use sluice_proto::v1 as pb;
+use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 /// A few requests whose `model` is megabytes long (the body under `--max-body-bytes`) are
 /// refused with 404; their usage records must not carry that name, so the next report
@@ -71,4 +74,107 @@ async fn a_huge_model_name_cannot_switch_off_usage_accounting() {
     models.sort();
     models.dedup();
     assert_eq!(models, ["m", "other"]);
+}
+
+fn usage_record(sequence: u64) -> pb::UsageRecord {
+    pb::UsageRecord {
+        sequence,
+        request_id: format!("r{sequence}"),
+        backend_id: "b".into(),
+        model: "m".into(),
+        client_key_id: "k".into(),
+        prompt_tokens: 3,
+        completion_tokens: 5,
+        status_code: 200,
+        time: Some(sluice_proto::wkt::Timestamp {
+            seconds: 1_764_000_000,
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// A report of records `from..=to` as a replica sends it: `previous_sequence` is the record
+/// it holds just before `from` (0 if none).
+fn report(from: u64, to: u64, previous_sequence: u64) -> pb::ReportUsageRequest {
+    pb::ReportUsageRequest {
+        node_id: "replica-1".into(),
+        incarnation: "inc-1".into(),
+        records: (from..=to).map(usage_record).collect(),
+        events: vec![],
+        previous_sequence,
+    }
+}
+
+async fn usage_client(
+    cluster: &Cluster,
+) -> DataPlaneServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+> {
+    DataPlaneServiceClient::with_interceptor(
+        cluster.channel().await,
+        Bearer(DATAPLANE_TOKEN.into()),
+    )
+}
+
+/// Two reports of one replica land in different group commits; the first commit fails (a
+/// real SQLite failure: another connection holds the write lock, "database is locked") and
+/// the second commits. When the replica resends both, the first must still be counted: the
+/// high-water mark may not have skipped it.
+#[tokio::test]
+async fn a_failed_commit_before_a_later_one_loses_nothing() {
+    let cluster = Cluster::start().await;
+    let db = cluster.dir.path().join("data/sluice.db");
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    // Holds the write lock: the control plane's next usage commit fails.
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+    let (tx, rx) = mpsc::channel(4);
+    let mut acks = usage_client(&cluster)
+        .await
+        .report_usage(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(report(1, 10, 0)).await.unwrap();
+    let failed = acks.message().await.unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::Internal, "{failed:?}");
+    lock.execute_batch("ROLLBACK").unwrap();
+    // The replica had sent its next report before it read that answer: the control plane
+    // still takes it, in a commit of its own.
+    tx.send(report(11, 20, 10)).await.unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the second report was handled",
+        || async {
+            cluster
+                .control_metrics()
+                .await
+                .get("sluice_sqlite_write_seconds_count{op=\"usage_ingest\"}")
+                .copied()
+                .unwrap_or_default()
+                >= 2.0
+        },
+    )
+    .await;
+    drop(tx);
+
+    // The replica reconnects and resends everything it holds unacked.
+    let mut acks = usage_client(&cluster)
+        .await
+        .report_usage(tokio_stream::iter(vec![
+            report(1, 10, 0),
+            report(11, 20, 10),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acked = 0;
+    while let Some(ack) = acks.message().await.unwrap() {
+        acked = ack.acked_sequence;
+    }
+    assert_eq!(acked, 20);
+    let totals = cluster.totals().await;
+    assert_eq!(totals.request_count, 20, "every record counted once");
+    assert_eq!(totals.prompt_tokens, 60);
 }

@@ -367,6 +367,7 @@ impl DataPlaneApi {
                 node_id: batch.node_id,
                 incarnation: batch.incarnation,
                 rows,
+                previous_sequence: batch.previous_sequence,
             })
             .await;
         Ok(Some(applied))

@@ -33,6 +33,7 @@ impl From<IngestError> for Status {
             IngestError::Store => {
                 Status::internal("storing usage failed; see the control plane's log")
             }
+            IngestError::OutOfOrder(_) => Status::aborted(err.to_string()),
             IngestError::Closed => Status::unavailable(err.to_string()),
         }
     }
@@ -58,5 +59,11 @@ mod tests {
         assert_eq!(internal.code(), Code::Internal);
         assert!(!internal.message().contains("/var/lib"));
         assert_eq!(Status::from(IngestError::Closed).code(), Code::Unavailable);
+        let gap = Status::from(IngestError::OutOfOrder(crate::store::OutOfOrder {
+            previous: 10,
+            held: 4,
+        }));
+        assert_eq!(gap.code(), Code::Aborted);
+        assert!(gap.message().contains("up to 4"), "{}", gap.message());
     }
 }

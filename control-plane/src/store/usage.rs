@@ -39,6 +39,22 @@ pub struct UsageBatch {
     pub node_id: String,
     pub incarnation: String,
     pub rows: Vec<UsageRow>,
+    /// The record the sender holds just before `rows` (0: none). The batch is applied only
+    /// once the high-water mark has reached it, so records are never applied past an
+    /// earlier batch whose commit failed.
+    pub previous_sequence: u64,
+}
+
+/// A batch not applied because it follows records the store does not hold (an earlier
+/// batch of its sender failed to commit, or has not arrived). Its sender resends from its
+/// last ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "usage report out of order: it follows record {previous}, but only records up to {held} are stored"
+)]
+pub struct OutOfOrder {
+    pub previous: u64,
+    pub held: u64,
 }
 
 /// Which usage a query adds up. Ranges are matched at hour granularity: an hour
@@ -110,19 +126,26 @@ impl Store {
                 node_id,
                 incarnation,
                 rows,
+                previous_sequence: 0,
             }])
             .await?;
-        Ok(acked.first().copied().unwrap_or_default())
+        // Without a previous sequence a batch is never out of order.
+        Ok(acked
+            .first()
+            .copied()
+            .map_or(0, |outcome| outcome.unwrap_or_else(|gap| gap.held)))
     }
 
     /// Applies several batches in one transaction (one commit, one fsync), in
     /// order, each as [`Store::ingest_usage`] would. Returns each batch's new
-    /// high-water mark. A caller holding several received batches saves a
-    /// commit per batch and a row update per repeated (hour, backend, model, key).
+    /// high-water mark, or [`OutOfOrder`] for a batch whose `previous_sequence` is above
+    /// the mark (not applied; the other batches are). A caller holding several received
+    /// batches saves a commit per batch and a row update per repeated (hour, backend,
+    /// model, key).
     pub async fn ingest_usage_batches(
         &self,
         mut batches: Vec<UsageBatch>,
-    ) -> Result<Vec<u64>, StoreError> {
+    ) -> Result<Vec<Result<u64, OutOfOrder>>, StoreError> {
         // No value past its bound is stored (see `UsageRow::clamp_to_bounds`).
         for batch in &mut batches {
             let clamped = batch
@@ -332,7 +355,9 @@ fn upsert_sql(table: &str, keys: &str) -> String {
 /// moves, all in one transaction. Folding before SQL keeps the statements per
 /// touched row rather than per record (see the ingestion benchmark).
 /// Returns each batch's high-water mark and how many records were new.
-fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Vec<u64>, u64), StoreError> {
+type Outcomes = Vec<Result<u64, OutOfOrder>>;
+
+fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u64), StoreError> {
     let tx = conn.transaction()?;
     // (node, incarnation) → (stored high-water mark, high-water mark so far).
     let mut marks: std::collections::HashMap<(&str, &str), (u64, u64)> = Default::default();
@@ -358,6 +383,13 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Vec<u64>, u6
             }
         };
         let high_water = mark.1;
+        if batch.previous_sequence > high_water {
+            acked.push(Err(OutOfOrder {
+                previous: batch.previous_sequence,
+                held: high_water,
+            }));
+            continue;
+        }
         for r in batch.rows.iter().filter(|r| r.sequence > high_water) {
             fresh += 1;
             mark.1 = mark.1.max(r.sequence);
@@ -367,7 +399,7 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Vec<u64>, u6
                 .or_default()
                 .add_record(r);
         }
-        acked.push(mark.1);
+        acked.push(Ok(mark.1));
     }
     if hourly.is_empty() {
         return Ok((acked, 0));
@@ -1120,6 +1152,7 @@ mod tests {
             rows: seqs
                 .map(|s| row(s, "b", "m", "k", DAY0 + s as i64, 10.0))
                 .collect(),
+            previous_sequence: 0,
         };
         let acked = store
             .ingest_usage_batches(vec![
@@ -1131,13 +1164,13 @@ mod tests {
             ])
             .await
             .unwrap();
-        assert_eq!(acked, vec![10, 12, 3, 4, 12]);
+        assert_eq!(acked, vec![Ok(10), Ok(12), Ok(3), Ok(4), Ok(12)]);
         assert_eq!(
             store
                 .ingest_usage_batches(vec![batch("a", "1", 1..=13), batch("b", "1", 1..=3)])
                 .await
                 .unwrap(),
-            vec![13, 3]
+            vec![Ok(13), Ok(3)]
         );
         let t = store.totals(TotalsFilter::default()).await.unwrap();
         assert_eq!(t.request_count, 13 + 3 + 4);
@@ -1147,6 +1180,46 @@ mod tests {
             .map(|s| 1000 + s % 7)
             .sum();
         assert_eq!(t.prompt_tokens, want);
+    }
+
+    #[tokio::test]
+    async fn a_batch_past_one_not_stored_waits_for_it() {
+        let (_dir, store) = open();
+        let batch = |seqs: std::ops::RangeInclusive<u64>, previous_sequence| UsageBatch {
+            node_id: "a".into(),
+            incarnation: "1".into(),
+            rows: seqs
+                .map(|s| row(s, "b", "m", "k", DAY0 + s as i64, 10.0))
+                .collect(),
+            previous_sequence,
+        };
+        // 11..=20 follows 10, which is not stored: refused, while 1..=5 in the same commit
+        // (and the batches after it, once 10 is in) go through.
+        let outcomes = store
+            .ingest_usage_batches(vec![batch(11..=20, 10), batch(1..=5, 0)])
+            .await
+            .unwrap();
+        assert_eq!(
+            outcomes,
+            vec![
+                Err(OutOfOrder {
+                    previous: 10,
+                    held: 0
+                }),
+                Ok(5)
+            ]
+        );
+        let outcomes = store
+            .ingest_usage_batches(vec![
+                batch(6..=10, 5),
+                batch(11..=20, 10),
+                batch(11..=20, 10),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(outcomes, vec![Ok(10), Ok(20), Ok(20)]);
+        let t = store.totals(TotalsFilter::default()).await.unwrap();
+        assert_eq!(t.request_count, 20);
     }
 
     #[test]

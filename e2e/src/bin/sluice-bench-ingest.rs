@@ -317,6 +317,7 @@ async fn stream_records(
             incarnation: incarnation.into(),
             records: chunk.to_vec(),
             events: vec![],
+            ..Default::default()
         })
         .collect();
     drop(records);

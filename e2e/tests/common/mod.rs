@@ -56,6 +56,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub grpc_port: u16,
     control: Option<Child>,
+    /// The control plane's HTTP listener (`/metrics`, the dashboard), once started.
+    pub http_addr: Option<SocketAddr>,
     api: ControlApi,
 }
 
@@ -73,6 +75,7 @@ impl Cluster {
             dir: tempfile::tempdir().unwrap(),
             grpc_port,
             control: None,
+            http_addr: None,
             api: ControlApi {
                 url: format!("http://127.0.0.1:{grpc_port}"),
             },
@@ -105,12 +108,34 @@ impl Cluster {
         )
         .unwrap();
         child.wait_for_listening("grpc", START).await.unwrap();
+        self.http_addr = Some(child.wait_for_listening("http", START).await.unwrap());
         self.control = Some(child);
+    }
+
+    /// The control plane's `/metrics`, as samples keyed by `name{labels}`.
+    pub async fn control_metrics(&self) -> std::collections::HashMap<String, f64> {
+        let addr = self.http_addr.expect("control plane running");
+        let text = http_client()
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                Some((name.to_owned(), value.parse().ok()?))
+            })
+            .collect()
     }
 
     /// SIGTERM, and waits for a clean exit.
     pub async fn stop_control(&mut self) {
         let mut child = self.control.take().expect("control plane running");
+        self.http_addr = None;
         child.terminate().await.unwrap();
         let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
             .await
@@ -122,6 +147,7 @@ impl Cluster {
     /// SIGKILL: no chance to clean up.
     pub async fn kill_control(&mut self) {
         let mut child = self.control.take().expect("control plane running");
+        self.http_addr = None;
         child.kill().await.unwrap();
     }
 
