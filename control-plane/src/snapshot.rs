@@ -1,6 +1,12 @@
 //! Routing snapshots: built from the database after every committed change (the store
 //! announces each new version) and published through a `watch`, so a subscriber always
 //! sees the newest version, may skip some, and never goes backwards.
+//!
+//! Every snapshot carries the publisher's epoch, random per start. The version is
+//! persisted and only grows while the database lives, but a database restored from a
+//! backup starts again from the backup's lower version; data planes compare versions only
+//! within an epoch, so they follow a restored control plane instead of refusing its
+//! snapshots as stale.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -15,6 +21,8 @@ use crate::time::{now_ms, timestamp};
 /// Builds and publishes snapshots. Cheap to share behind an `Arc`.
 pub struct Publisher {
     store: Store,
+    /// Random per start; see the module docs.
+    epoch: String,
     tx: watch::Sender<Arc<pb::Snapshot>>,
     replica_count: AtomicU32,
 }
@@ -25,10 +33,13 @@ impl Publisher {
     pub async fn start(store: Store) -> Result<Arc<Self>, StoreError> {
         // Subscribed before the first build, so no commit falls between the two.
         let mut commits = store.commits();
-        let first = build(&store, 0).await?;
+        let epoch = uuid::Uuid::new_v4().simple().to_string();
+        let first = build(&store, &epoch, 0).await?;
+        tracing::info!(%epoch, version = first.version, "snapshot epoch started");
         let (tx, _) = watch::channel(Arc::new(first));
         let publisher = Arc::new(Self {
             store,
+            epoch,
             tx,
             replica_count: AtomicU32::new(0),
         });
@@ -61,7 +72,12 @@ impl Publisher {
     }
 
     async fn rebuild(&self) -> Result<(), StoreError> {
-        let snapshot = build(&self.store, self.replica_count.load(Ordering::SeqCst)).await?;
+        let snapshot = build(
+            &self.store,
+            &self.epoch,
+            self.replica_count.load(Ordering::SeqCst),
+        )
+        .await?;
         let version = snapshot.version;
         let published = self.tx.send_if_modified(|current| {
             if snapshot.version > current.version {
@@ -78,7 +94,8 @@ impl Publisher {
     }
 }
 
-async fn build(store: &Store, replica_count: u32) -> Result<pb::Snapshot, StoreError> {
+async fn build(store: &Store, epoch: &str, replica_count: u32) -> Result<pb::Snapshot, StoreError> {
+    let epoch = epoch.to_owned();
     store
         .read(Reader::Snapshot, move |conn, key| {
             // One read transaction, so the version matches the contents.
@@ -126,6 +143,7 @@ async fn build(store: &Store, replica_count: u32) -> Result<pb::Snapshot, StoreE
                 client_keys,
                 settings: Some(settings),
                 replica_count: replica_count.max(1),
+                epoch,
             })
         })
         .await

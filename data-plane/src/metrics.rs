@@ -86,6 +86,11 @@ fn status_class(status: u16) -> &'static str {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ThreadLabels {
     thread: usize,
 }
@@ -183,6 +188,9 @@ pub struct Metrics {
     skips: Family<SkipLabels, Counter>,
     rate_limited: Family<ScopeLabels, Counter>,
     snapshot_version: Gauge,
+    snapshot_refusals: Family<RefusalLabels, Counter>,
+    /// Refusals already added to `snapshot_refusals` (the store counts them itself).
+    snapshot_refusals_seen: [AtomicU64; 3],
     snapshot_age: Gauge<f64, AtomicU64>,
     usage_queue: Gauge,
     usage_dropped: Counter,
@@ -291,6 +299,14 @@ impl Metrics {
             "Version of the routing snapshot in force (0: none yet)",
             snapshot_version.clone(),
         );
+        let snapshot_refusals = Family::default();
+        registry.register(
+            "snapshot_refusals",
+            "Snapshots this replica refused, by reason: `stale` (older than the current one of \
+             the same control-plane epoch), `invalid`, `too_large` (past the snapshot size limit); \
+             the current snapshot stays in force",
+            snapshot_refusals.clone(),
+        );
         let snapshot_age = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit(
             "snapshot_age",
@@ -337,6 +353,8 @@ impl Metrics {
             skips,
             rate_limited,
             snapshot_version,
+            snapshot_refusals,
+            snapshot_refusals_seen: Default::default(),
             snapshot_age,
             usage_queue,
             usage_dropped,
@@ -448,6 +466,12 @@ impl Metrics {
                 self.snapshot_age.set(0.0);
             }
         }
+        for ((why, total), seen) in store.refusals().zip(&self.snapshot_refusals_seen) {
+            let counter = self.snapshot_refusals.get_or_create(&RefusalLabels {
+                reason: why.as_str(),
+            });
+            catch_up(&counter, seen, total);
+        }
         self.usage_queue
             .set(i64::try_from(usage.pending()).unwrap_or(i64::MAX));
         catch_up(
@@ -535,6 +559,7 @@ mod tests {
             "sluice_usage_queue_depth 0",
             "sluice_usage_dropped_records_total 0",
             "sluice_usage_unsendable_records_total 0",
+            "sluice_snapshot_refusals_total{reason=\"too_large\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -32,7 +32,7 @@ use crate::config::Config;
 use crate::control::{self, ControlError, NodeIdentity};
 use crate::metrics::{Held, Metrics};
 use crate::proxy::{self, AppState, Limits};
-use crate::snapshot::SnapshotStore;
+use crate::snapshot::{Refusal, SnapshotStore};
 use crate::subscribe;
 use crate::usage::{UsageReporter, UsageSink};
 
@@ -54,6 +54,26 @@ pub enum RunError {
     Control(#[from] ControlError),
     #[error("http server failed: {0}")]
     Serve(std::io::Error),
+}
+
+/// Hands the snapshot stream's snapshots to the store, which counts what it refuses.
+struct Applier(Arc<SnapshotStore>);
+
+impl subscribe::Receiver for Applier {
+    fn apply(&mut self, snapshot: sluice_proto::v1::Snapshot) -> Result<(), String> {
+        let (version, epoch) = (snapshot.version, snapshot.epoch.clone());
+        match self.0.apply(snapshot) {
+            Ok(applied) => {
+                tracing::info!(version, %epoch, ?applied, "snapshot applied");
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn too_large(&mut self, _detail: &str) {
+        self.0.refused(Refusal::TooLarge);
+    }
 }
 
 /// A bound, not yet serving data plane.
@@ -154,19 +174,7 @@ impl Proxy {
             client.clone(),
             identity.clone(),
             Backoff::default(),
-            {
-                let store = Arc::clone(&store);
-                move |snapshot| {
-                    let version = snapshot.version;
-                    match store.apply(snapshot) {
-                        Ok(applied) => {
-                            tracing::info!(version, ?applied, "snapshot applied");
-                            Ok(())
-                        }
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
-            },
+            Applier(Arc::clone(&store)),
             stop_snapshots.clone(),
         ));
         let stop_usage = CancellationToken::new();

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -25,7 +26,9 @@ use crate::upstream::UpstreamClient;
 /// Why a snapshot was refused (sent back to the control plane as the nack's detail).
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("snapshot version {got} is older than the current version {have}")]
+    #[error(
+        "snapshot version {got} is older than the current version {have} of the same control-plane epoch"
+    )]
     Stale { got: u64, have: u64 },
     #[error("backend {backend}: invalid base_url: {reason}")]
     InvalidBaseUrl { backend: String, reason: String },
@@ -147,6 +150,8 @@ impl ClientKey {
 /// Everything one request needs, immutable once built.
 #[derive(Debug)]
 pub struct Snapshot {
+    /// The control plane's start this snapshot came from (versions compare only within one).
+    pub epoch: String,
     pub version: u64,
     pub nonce: String,
     pub created: Option<SystemTime>,
@@ -307,6 +312,7 @@ impl Snapshot {
         };
 
         Ok(Self {
+            epoch: message.epoch,
             version: message.version,
             nonce: message.nonce,
             created: message.create_time.as_ref().and_then(system_time),
@@ -407,6 +413,29 @@ pub enum Applied {
     Unchanged,
 }
 
+/// Why this replica refused a snapshot (the `reason` of `sluice_snapshot_refusals_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Older than the current one of the same control-plane epoch.
+    Stale,
+    /// It did not validate (see [`SnapshotError`]).
+    Invalid,
+    /// Larger than [`sluice_proto::limits::MAX_SNAPSHOT_BYTES`]: it was not even decoded.
+    TooLarge,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 3] = [Refusal::Stale, Refusal::Invalid, Refusal::TooLarge];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Stale => "stale",
+            Refusal::Invalid => "invalid",
+            Refusal::TooLarge => "too_large",
+        }
+    }
+}
+
 /// Holds the current snapshot. Requests `load` it; the snapshot subscriber `apply`s new ones.
 #[derive(Debug)]
 pub struct SnapshotStore {
@@ -415,6 +444,8 @@ pub struct SnapshotStore {
     cooldowns: Arc<CooldownTracker>,
     /// Upstream clients per snapshot: one per serving thread.
     pools: usize,
+    /// Snapshots refused since start, by [`Refusal`] (in the order of [`Refusal::ALL`]).
+    refusals: [AtomicU64; 3],
 }
 
 impl Default for SnapshotStore {
@@ -430,6 +461,7 @@ impl SnapshotStore {
             version: watch::Sender::new(0),
             cooldowns,
             pools: 1,
+            refusals: Default::default(),
         }
     }
 
@@ -453,11 +485,37 @@ impl SnapshotStore {
         &self.cooldowns
     }
 
+    /// Counts a refused snapshot.
+    pub fn refused(&self, why: Refusal) {
+        self.refusals[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Snapshots refused since start, for each reason.
+    pub fn refusals(&self) -> impl Iterator<Item = (Refusal, u64)> + '_ {
+        Refusal::ALL
+            .into_iter()
+            .map(|why| (why, self.refusals[why as usize].load(Ordering::Relaxed)))
+    }
+
     /// Validates and swaps in a snapshot from the control plane. On error the current snapshot
-    /// stays. Versions never go backwards; the current version again is `Unchanged`.
+    /// stays (and the refusal is counted). Within one control-plane epoch versions never go
+    /// backwards and the current version again is `Unchanged`; a snapshot of another epoch
+    /// (the control plane restarted, perhaps on a restored backup with lower versions) is
+    /// taken whatever its version.
     pub fn apply(&self, message: proto::Snapshot) -> Result<Applied, SnapshotError> {
+        let result = self.try_apply(message);
+        if let Err(err) = &result {
+            self.refused(match err {
+                SnapshotError::Stale { .. } => Refusal::Stale,
+                _ => Refusal::Invalid,
+            });
+        }
+        result
+    }
+
+    fn try_apply(&self, message: proto::Snapshot) -> Result<Applied, SnapshotError> {
         let current = self.current.load_full();
-        if let Some(current) = &current {
+        if let Some(current) = current.as_ref().filter(|c| c.epoch == message.epoch) {
             if message.version < current.version {
                 return Err(SnapshotError::Stale {
                     got: message.version,
@@ -530,6 +588,7 @@ mod tests {
             settings: None,
             replica_count: 2,
             create_time: None,
+            epoch: "e1".into(),
         }
     }
 
@@ -642,6 +701,34 @@ mod tests {
         assert!(store.apply(bad).is_err());
         assert_eq!(store.load().unwrap().version, 2);
         assert_eq!(*store.watch().borrow(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_new_epoch_is_followed_whatever_its_version() {
+        let store = SnapshotStore::default();
+        store.apply(snapshot(8)).unwrap();
+        // The control plane restarted on a restored backup: lower versions, new epoch.
+        let restored = |version| proto::Snapshot {
+            epoch: "e2".into(),
+            ..snapshot(version)
+        };
+        assert_eq!(store.apply(restored(3)).unwrap(), Applied::Swapped);
+        assert_eq!(store.load().unwrap().version, 3);
+        assert_eq!(store.apply(restored(3)).unwrap(), Applied::Unchanged);
+        assert!(matches!(
+            store.apply(restored(2)),
+            Err(SnapshotError::Stale { got: 2, have: 3 })
+        ));
+        assert_eq!(store.apply(restored(4)).unwrap(), Applied::Swapped);
+        let counts: Vec<(Refusal, u64)> = store.refusals().collect();
+        assert_eq!(
+            counts,
+            [
+                (Refusal::Stale, 1),
+                (Refusal::Invalid, 0),
+                (Refusal::TooLarge, 0)
+            ]
+        );
     }
 
     #[tokio::test]

@@ -127,3 +127,64 @@ async fn a_wrong_token_gets_nothing_and_keeps_retrying() {
     assert!(store.load().is_none());
     shutdown.cancel();
 }
+
+/// A snapshot past the size limit cannot be decoded: the replica keeps its current one and
+/// says so every time it is sent (the refusal counted, a nack the control plane records).
+#[tokio::test]
+async fn a_snapshot_past_the_size_limit_is_refused_loudly() {
+    use sluice_proto::limits::MAX_SNAPSHOT_BYTES;
+    use sluice_proxy::snapshot::Refusal;
+    let cp = FakeControlPlane::start().await;
+    cp.publish(snapshot(1, "http://127.0.0.1:1/v1"));
+    let store = Arc::new(SnapshotStore::default());
+    let client = control::connect(&cp.url(), Some(TOKEN)).unwrap();
+    let shutdown = CancellationToken::new();
+    struct Counting(Arc<SnapshotStore>);
+    impl subscribe::Receiver for Counting {
+        fn apply(&mut self, s: proto::Snapshot) -> Result<(), String> {
+            self.0.apply(s).map(|_| ()).map_err(|e| e.to_string())
+        }
+        fn too_large(&mut self, _: &str) {
+            self.0.refused(Refusal::TooLarge);
+        }
+    }
+    tokio::spawn(subscribe::run(
+        client,
+        NodeIdentity::new(Some("node-a".into())),
+        Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
+        Counting(Arc::clone(&store)),
+        shutdown.clone(),
+    ));
+    wait_version(&store, 1).await;
+
+    let mut huge = snapshot(2, "http://127.0.0.1:1/v1");
+    huge.client_keys = (0..=MAX_SNAPSHOT_BYTES / (1 << 20))
+        .map(|i| proto::SnapshotClientKey {
+            id: format!("k{i}"),
+            key_sha256: vec![i as u8; 32],
+            allowed_models: vec!["m".repeat(1 << 20)],
+            ..Default::default()
+        })
+        .collect();
+    cp.publish(huge);
+    let too_large = |store: &SnapshotStore| {
+        store
+            .refusals()
+            .find(|(why, _)| *why == Refusal::TooLarge)
+            .map_or(0, |(_, n)| n)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while too_large(&store) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never refused twice"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        store.load().unwrap().version,
+        1,
+        "the current snapshot stays"
+    );
+    shutdown.cancel();
+}

@@ -178,3 +178,52 @@ async fn a_failed_commit_before_a_later_one_loses_nothing() {
     assert_eq!(totals.request_count, 20, "every record counted once");
     assert_eq!(totals.prompt_tokens, 60);
 }
+
+/// Restore an older `sluice.db` as the README recommends (`sqlite3 … ".backup …"`), restart
+/// the control plane, add a backend: a running replica must follow the restored control
+/// plane (its versions are lower than the replica's) instead of refusing every snapshot.
+#[tokio::test]
+async fn replicas_follow_a_control_plane_restored_from_an_older_backup() {
+    let mut cluster = Cluster::start().await;
+    let mock = Mock::start("a", &["m", "m2"]).await;
+    cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster.proxy().await;
+    assert_eq!(proxy.chat(&key, "m").await.status(), 200);
+
+    let data = cluster.dir.path().join("data");
+    let backup = cluster.dir.path().join("backup.db");
+    let status = std::process::Command::new("sqlite3")
+        .arg(data.join("sluice.db"))
+        .arg(format!(".backup {}", backup.display()))
+        .status()
+        .expect("sqlite3 is installed (./e2e/test-all.sh installs it)");
+    assert!(status.success());
+    // Changes after the backup take the replica's version well past the backup's.
+    for i in 0..5 {
+        cluster.create_key(&format!("later-{i}"), &[]).await;
+    }
+    cluster.wait_replicas_current(1).await;
+
+    cluster.stop_control().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(data.join(format!("sluice.db{suffix}")));
+    }
+    std::fs::copy(&backup, data.join("sluice.db")).unwrap();
+    cluster.start_control().await;
+
+    cluster
+        .add_backend("b", &mock, pb::Pool::Primary, 0, &[("m2", "m2")])
+        .await;
+    eventually(
+        Duration::from_secs(15),
+        "the replica serves the backend added after the restore",
+        || async { proxy.chat(&key, "m2").await.status() == 200 },
+    )
+    .await;
+    cluster.wait_replicas_current(1).await;
+    // A key created after the backup is gone with the backup.
+    assert_eq!(proxy.chat(&key, "m").await.status(), 200);
+}

@@ -62,6 +62,7 @@ fn snapshot() -> pb::Snapshot {
         client_keys,
         settings: Some(pb::Settings::default()),
         replica_count: 1_000,
+        epoch: "0".repeat(32),
     }
 }
 

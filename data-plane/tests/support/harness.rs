@@ -93,6 +93,7 @@ pub fn snapshot(version: u64, backends: Vec<proto::SnapshotBackend>) -> proto::S
         client_keys: vec![client_key(KEY_ID, KEY, &[], 0)],
         settings: Some(settings()),
         replica_count: 1,
+        epoch: "epoch-1".into(),
     }
 }
 
