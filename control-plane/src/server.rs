@@ -17,7 +17,7 @@ use tonic::transport::{Identity, ServerTlsConfig};
 
 use crate::api::admin::Admin;
 use crate::api::auth::TokenCheck;
-use crate::api::dataplane::{DataPlaneApi, Registry};
+use crate::api::dataplane::{DataPlaneApi, Registry, SHARE_LEASE, expire_shares};
 use crate::api::stats::Stats;
 use crate::metrics::{GrpcMetricsLayer, Metrics};
 use crate::secrets::{SecretSources, SecretsError};
@@ -173,10 +173,15 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             source,
         })?;
 
+    // Replicas connected when the control plane stopped are still serving on their shares.
+    store
+        .resume_shares(crate::time::now_ms() + SHARE_LEASE.as_millis() as i64)
+        .await?;
     let publisher = Publisher::start(store.clone()).await?;
     let registry = Arc::new(Registry::default());
     let stop = CancellationToken::new();
     tokio::spawn(store.clone().run_usage_retention(stop.clone()));
+    tokio::spawn(expire_shares(store.clone(), stop.clone()));
 
     let admin_check = TokenCheck::new(&secrets.admin_token, "admin");
     let dataplane_check = TokenCheck::new(&secrets.dataplane_token, "data-plane");

@@ -9,7 +9,6 @@
 //! snapshots as stale.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use sluice_proto::v1 as pb;
@@ -24,7 +23,6 @@ pub struct Publisher {
     /// Random per start; see the module docs.
     epoch: String,
     tx: watch::Sender<Arc<pb::Snapshot>>,
-    replica_count: AtomicU32,
 }
 
 impl Publisher {
@@ -34,15 +32,10 @@ impl Publisher {
         // Subscribed before the first build, so no commit falls between the two.
         let mut commits = store.commits();
         let epoch = uuid::Uuid::new_v4().simple().to_string();
-        let first = build(&store, &epoch, 0).await?;
+        let first = build(&store, &epoch).await?;
         tracing::info!(%epoch, version = first.version, "snapshot epoch started");
         let (tx, _) = watch::channel(Arc::new(first));
-        let publisher = Arc::new(Self {
-            store,
-            epoch,
-            tx,
-            replica_count: AtomicU32::new(0),
-        });
+        let publisher = Arc::new(Self { store, epoch, tx });
         let weak = Arc::downgrade(&publisher);
         tokio::spawn(async move {
             while commits.changed().await.is_ok() {
@@ -66,18 +59,13 @@ impl Publisher {
         self.tx.borrow().clone()
     }
 
-    /// Records how many replicas share the RPM limits; the caller bumps the version.
-    pub fn set_replica_count(&self, n: u32) {
-        self.replica_count.store(n, Ordering::SeqCst);
+    /// This start's epoch (see the module docs).
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     async fn rebuild(&self) -> Result<(), StoreError> {
-        let snapshot = build(
-            &self.store,
-            &self.epoch,
-            self.replica_count.load(Ordering::SeqCst),
-        )
-        .await?;
+        let snapshot = build(&self.store, &self.epoch).await?;
         let version = snapshot.version;
         let published = self.tx.send_if_modified(|current| {
             if snapshot.version > current.version {
@@ -94,7 +82,8 @@ impl Publisher {
     }
 }
 
-async fn build(store: &Store, epoch: &str, replica_count: u32) -> Result<pb::Snapshot, StoreError> {
+/// Builds the snapshot of the committed state, stamped with `epoch`.
+pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreError> {
     let epoch = epoch.to_owned();
     store
         .read(Reader::Snapshot, move |conn, key| {
@@ -134,6 +123,8 @@ async fn build(store: &Store, epoch: &str, replica_count: u32) -> Result<pb::Sna
                 })
                 .collect();
             let settings = crate::store::load_settings_in(&tx)?;
+            // In the same transaction as the version: a change of it bumps the version.
+            let replica_count = crate::store::count_share_holders_in(&tx)?;
             tx.commit()?;
             Ok(pb::Snapshot {
                 version,
@@ -142,7 +133,7 @@ async fn build(store: &Store, epoch: &str, replica_count: u32) -> Result<pb::Sna
                 backends,
                 client_keys,
                 settings: Some(settings),
-                replica_count: replica_count.max(1),
+                replica_count,
                 epoch,
             })
         })

@@ -128,6 +128,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_initial.sql"),
     include_str!("../../migrations/0002_usage_daily.sql"),
     include_str!("../../migrations/0003_usage_daily_by_backend.sql"),
+    include_str!("../../migrations/0004_replica_shares.sql"),
 ];
 
 /// A handle to the database; cheap to clone.
@@ -287,18 +288,6 @@ impl Store {
         self.call(|conn, _| Ok(read_version(conn)?)).await
     }
 
-    /// Bumps the snapshot version without another change (e.g. a replica joined,
-    /// which changes every replica's RPM share).
-    pub async fn bump_version(&self) -> Result<u64, StoreError> {
-        self.write(WriteOp::data_plane, |conn, _| {
-            let tx = conn.transaction()?;
-            let v = bump_version(&tx)?;
-            tx.commit()?;
-            Ok(v)
-        })
-        .await
-    }
-
     /// Re-encrypts every provider key under `new_key` in one transaction and
     /// replaces the check value. Returns how many keys were re-encrypted.
     pub fn rotate_master_key(
@@ -396,6 +385,7 @@ pub(crate) fn read_version_in(conn: &Connection) -> Result<u64, StoreError> {
 pub(crate) use backends::load_enabled_with_keys as load_enabled_with_keys_in;
 pub(crate) use client_keys::load_keys as load_keys_in;
 pub(crate) use cooldowns::load_active_cooldowns as load_active_cooldowns_in;
+pub(crate) use data_planes::count_share_holders as count_share_holders_in;
 pub(crate) use settings::load_settings as load_settings_in;
 
 /// Sends the committed version to the subscribers of [`Store::commits`] if it is newer.

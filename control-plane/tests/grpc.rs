@@ -904,3 +904,52 @@ async fn usage_values_past_their_bounds_are_clamped_and_oversized_reports_refuse
         Some(&2.0)
     );
 }
+
+/// Many replicas join at once: the snapshot they all end up with divides every RPM limit by
+/// the number that joined, never by a count some earlier build read while others were still
+/// joining.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_joins_publish_the_final_replica_count() {
+    const REPLICAS: usize = 24;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let channel = channel(&cp).await;
+    let mut streams = Vec::new();
+    let mut senders = Vec::new();
+    let joins: Vec<_> = (0..REPLICAS)
+        .map(|i| {
+            let mut dp = DataPlaneServiceClient::with_interceptor(
+                channel.clone(),
+                Bearer(cp.dataplane_token.clone()),
+            );
+            tokio::spawn(async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(8);
+                tx.send(pb::StreamSnapshotsRequest {
+                    node_id: format!("replica-{i}"),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+                let stream = dp
+                    .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                (tx, stream)
+            })
+        })
+        .collect();
+    for join in joins {
+        let (tx, stream) = join.await.unwrap();
+        senders.push(tx);
+        streams.push(stream);
+    }
+    // Every replica ends up with a snapshot dividing by all of them.
+    for stream in &mut streams {
+        let mut last = next(stream).await;
+        while last.replica_count as usize != REPLICAS {
+            last = next(stream).await;
+        }
+    }
+    drop(senders);
+}

@@ -176,6 +176,64 @@ mod tests {
         assert!(admitted.len() >= 5 * 20, "{}", admitted.len());
     }
 
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The division: `replicas` replicas each running `RateLimiter::new(limit, replicas)`
+        /// from a full bucket, whatever the clients send them in one minute (any replica, any
+        /// moment, any number), and whether the count changes for a replica mid-minute (a
+        /// snapshot with another count, tokens carried over): together they admit at most
+        /// the limit plus each replica's largest burst, as the module docs and
+        /// `docs/guarantees.md` state.
+        #[test]
+        fn all_replicas_together_admit_at_most_the_limit_plus_their_bursts(
+            limit in 1u32..20_000,
+            replicas in 1u32..24,
+            arrivals in proptest::collection::vec((0u32..24, 0u64..60_000), 0..3_000),
+            change in proptest::option::of((0u32..24, 0u64..60_000, 1u32..24)),
+        ) {
+            let start = Instant::now();
+            let mut limiters: Vec<RateLimiter> = (0..replicas)
+                .map(|_| RateLimiter::new(limit, replicas, start).unwrap())
+                .collect();
+            let share = |n: u32| f64::from(limit) / f64::from(n);
+            // Each replica's largest share and burst over the minute.
+            let mut most: Vec<(f64, f64)> =
+                vec![(share(replicas), burst(share(replicas))); replicas as usize];
+            let mut arrivals = arrivals;
+            arrivals.sort_by_key(|&(_, at)| at);
+            let mut changed = false;
+            let mut admitted = 0u64;
+            for (replica, at) in arrivals {
+                let now = start + Duration::from_millis(at);
+                if let Some((who, when, count)) = change
+                    && !changed && at >= when
+                {
+                    let who = (who % replicas) as usize;
+                    limiters[who] = RateLimiter::carry_over(Some(&limiters[who]), limit, count, now).unwrap();
+                    let (s, b) = &mut most[who];
+                    *s = s.max(share(count));
+                    *b = b.max(burst(share(count)));
+                    changed = true;
+                }
+                let limiter = &limiters[(replica % replicas) as usize];
+                admitted += u64::from(limiter.try_acquire(now).is_ok());
+            }
+            // Over 60 s a bucket refills at most its share; it starts with at most its burst.
+            let bound: f64 = most.iter().map(|(s, b)| s + b).sum();
+            prop_assert!(
+                admitted as f64 <= bound + 1e-6,
+                "{admitted} admitted, bound {bound}"
+            );
+            if change.is_none() {
+                let plain = f64::from(limit) + f64::from(replicas) * burst(share(replicas));
+                prop_assert!(admitted as f64 <= plain + 1e-6, "{admitted} > {plain}");
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn carry_over_keeps_tokens_and_applies_the_new_rate() {
         let now = Instant::now();

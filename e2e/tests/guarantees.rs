@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Bearer, Cluster, DATAPLANE_TOKEN, Mock, eventually};
+use common::{Bearer, Cluster, DATAPLANE_TOKEN, Mock, Relay, eventually};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
 use tokio::sync::mpsc;
@@ -226,4 +226,81 @@ async fn replicas_follow_a_control_plane_restored_from_an_older_backup() {
     cluster.wait_replicas_current(1).await;
     // A key created after the backup is gone with the backup.
     assert_eq!(proxy.chat(&key, "m").await.status(), 200);
+}
+
+/// Requests from `proxy` answered 200 out of `n` sent back to back.
+async fn admitted(proxy: &common::Proxy, key: &str, n: usize) -> usize {
+    let mut ok = 0;
+    for _ in 0..n {
+        let status = proxy.chat(key, "m").await.status();
+        assert!(status == 200 || status == 429, "{status}");
+        ok += usize::from(status == 200);
+    }
+    ok
+}
+
+/// Three replicas share a backend's 600 rpm (200 each, burst 20). The control plane restarts
+/// while two of them cannot reach it (they keep serving on their share): the first replica
+/// back must not take the whole limit (600, burst 60) while the other two still hold theirs.
+#[tokio::test]
+async fn after_a_control_plane_restart_the_first_replica_back_does_not_take_the_whole_limit() {
+    let mut cluster = Cluster::start().await;
+    let mock = Mock::start("a", &["m"]).await;
+    let backend = cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    cluster
+        .admin()
+        .await
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: backend.id,
+                rpm_limit: 600,
+                ..Default::default()
+            }),
+            update_mask: Some(sluice_proto::wkt::FieldMask {
+                paths: vec!["rpm_limit".into()],
+            }),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap();
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let control: std::net::SocketAddr = format!("127.0.0.1:{}", cluster.grpc_port).parse().unwrap();
+    let relay = Relay::start(control).await;
+    let first = cluster.proxy().await;
+    let _second = cluster.proxy_via(&relay.url(), &[], &[]).await;
+    let _third = cluster.proxy_via(&relay.url(), &[], &[]).await;
+    cluster.wait_replicas_current(3).await;
+
+    relay.cut();
+    cluster.stop_control().await;
+    cluster.start_control().await;
+    eventually(
+        Duration::from_secs(15),
+        "the first replica is back and current",
+        || async {
+            let planes = cluster
+                .admin()
+                .await
+                .list_data_planes(pb::ListDataPlanesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .data_planes;
+            planes
+                .iter()
+                .any(|p| p.connected && p.acked_version == p.latest_version)
+        },
+    )
+    .await;
+    // Long enough for either bucket to fill: 20 tokens at 200/min, 60 at 600/min.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let ok = admitted(&first, &key, 45).await;
+    // Its third of the limit: the 20 of its bucket and what trickles in meanwhile.
+    assert!(
+        ok <= 30,
+        "{ok} of 45 admitted: the first replica back took more than its share"
+    );
+    assert!(ok >= 20, "{ok} of 45 admitted");
 }

@@ -1,6 +1,7 @@
 //! `DataPlaneService`: streams snapshots to replicas and takes their usage and
-//! cooldown reports. Also keeps the registry of connected replicas, whose count
-//! divides every RPM limit.
+//! cooldown reports. Also keeps the registry of connected replicas and which of them hold
+//! a share of every RPM limit: a replica holds one from its connect until
+//! [`SHARE_LEASE`] after its last stream closed (see `docs/guarantees.md`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +21,16 @@ use crate::ingest::{Applied, UsageWriter};
 use crate::snapshot::Publisher;
 use crate::store::{CooldownEvent, NodeHello, Store, StoreError, UsageBatch, UsageRow};
 use crate::time::{now_ms, timestamp, timestamp_ms};
+
+/// How long a replica keeps its share of every RPM limit after its last snapshot stream
+/// closed (and, after a control-plane restart, after the start): it may still be serving
+/// on its last snapshot, cut off or reconnecting, so the others are not given its share
+/// before then.
+pub const SHARE_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn lease_ms() -> i64 {
+    SHARE_LEASE.as_millis() as i64
+}
 
 /// Replicas with an open snapshot stream.
 #[derive(Default)]
@@ -60,15 +71,19 @@ impl Registry {
         map.len() as u32
     }
 
-    fn disconnect(&self, node_id: &str) -> u32 {
+    /// Returns whether that was the replica's last stream, and the number of distinct
+    /// connected replicas after the change.
+    fn disconnect(&self, node_id: &str) -> (bool, u32) {
         let mut map = self.lock();
+        let mut last = false;
         if let Some(entry) = map.get_mut(node_id) {
             entry.streams = entry.streams.saturating_sub(1);
             if entry.streams == 0 {
                 map.remove(node_id);
+                last = true;
             }
         }
-        map.len() as u32
+        (last, map.len() as u32)
     }
 
     fn record(&self, node_id: &str, version: u64, error: &str) {
@@ -143,6 +158,9 @@ pub struct DataPlaneApi {
     registry: Arc<Registry>,
     /// Usage batches from every stream, committed together.
     usage: UsageWriter,
+    /// Held while a replica joins or leaves: the registry and the stored shares change
+    /// together, one replica at a time.
+    membership: Arc<tokio::sync::Mutex<()>>,
     /// Cancelled at shutdown: open streams end so the server can stop.
     stop: CancellationToken,
 }
@@ -159,15 +177,58 @@ impl DataPlaneApi {
             store,
             publisher,
             registry,
+            membership: Arc::default(),
             stop,
         }
     }
 
-    /// A replica joined or left: every share of every RPM limit changes.
-    async fn replicas_changed(&self, count: u32) {
-        self.publisher.set_replica_count(count);
-        if let Err(err) = self.store.bump_version().await {
-            tracing::error!(error = %err, "recording a replica change failed");
+    /// A replica's stream ended. Its last one: the replica keeps its share for the lease,
+    /// unless the control plane is stopping (then it keeps it until the next start, which
+    /// gives it a lease of its own).
+    async fn left(&self, node_id: &str) {
+        let _membership = self.membership.lock().await;
+        let (last, count) = self.registry.disconnect(node_id);
+        tracing::info!(node = %node_id, replicas = count, "data plane disconnected");
+        if !last {
+            return;
+        }
+        let now = now_ms();
+        let result = if self.stop.is_cancelled() {
+            self.store.record_seen(node_id.to_owned()).await
+        } else {
+            self.store
+                .release_share(node_id.to_owned(), now, now + lease_ms())
+                .await
+        };
+        if let Err(err) = result {
+            tracing::error!(error = %err, "recording a replica's departure failed");
+        }
+    }
+}
+
+/// Ends the shares whose lease ran out, as they run out, until `stop`. Each that ends
+/// re-divides every RPM limit among the replicas left (a new snapshot).
+pub async fn expire_shares(store: Store, stop: CancellationToken) {
+    loop {
+        let wait = match store.next_share_expiry().await {
+            Ok(Some(at)) => {
+                std::time::Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64)
+            }
+            Ok(None) => SHARE_LEASE,
+            Err(err) => {
+                tracing::warn!(error = %err, "reading replica leases failed; will retry");
+                std::time::Duration::from_secs(1)
+            }
+        };
+        // Also wakes for leases that start meanwhile: they run a full lease from now.
+        tokio::select! {
+            () = tokio::time::sleep(wait.min(SHARE_LEASE)) => {}
+            () = stop.cancelled() => return,
+        }
+        match store.expire_shares(now_ms()).await {
+            Ok(0) => {}
+            Ok(ended) => tracing::info!(ended, "replica shares lapsed; RPM limits re-divided"),
+            Err(err) => tracing::warn!(error = %err, "ending replica leases failed; will retry"),
         }
     }
 }
@@ -213,18 +274,37 @@ impl DataPlaneService for DataPlaneApi {
             peer_address: peer,
             build_version: first.build_version.chars().take(64).collect(),
         };
-        self.store.record_connect(hello.clone()).await?;
-        let count = self.registry.connect(&hello);
-        tracing::info!(node = %hello.node_id, peer = %hello.peer_address, replicas = count, "data plane connected");
-        self.replicas_changed(count).await;
+        let first_version = {
+            let _membership = self.membership.lock().await;
+            let version = self.store.record_connect(hello.clone(), now_ms()).await?;
+            let count = self.registry.connect(&hello);
+            tracing::info!(node = %hello.node_id, peer = %hello.peer_address, replicas = count, "data plane connected");
+            version
+        };
 
         let (tx, rx) = mpsc::channel(2);
         let api = self.clone();
         let mut snapshots = self.publisher.subscribe();
         let node_id = hello.node_id;
         tokio::spawn(async move {
-            // The newest snapshot at once, then each newer one.
-            let mut pending = Some(snapshots.borrow_and_update().clone());
+            // The first snapshot counts this replica among those sharing the RPM limits:
+            // it may not be published yet.
+            let published = async {
+                snapshots
+                    .wait_for(|s| s.version >= first_version)
+                    .await
+                    .map(|s| Arc::clone(&s))
+                    .ok()
+            };
+            let first = tokio::select! {
+                first = published => first,
+                () = api.stop.cancelled() => None,
+            };
+            let Some(first) = first else {
+                return api.left(&node_id).await;
+            };
+            // That one at once, then each newer one.
+            let mut pending = Some(first);
             loop {
                 if let Some(snapshot) = pending.take() {
                     let message = pb::StreamSnapshotsResponse {
@@ -259,10 +339,7 @@ impl DataPlaneService for DataPlaneApi {
                     () = api.stop.cancelled() => break,
                 }
             }
-            let _ = api.store.record_seen(node_id.clone()).await;
-            let count = api.registry.disconnect(&node_id);
-            tracing::info!(node = %node_id, replicas = count, "data plane disconnected");
-            api.replicas_changed(count).await;
+            api.left(&node_id).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

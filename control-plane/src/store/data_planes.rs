@@ -1,9 +1,17 @@
-//! What each data plane replica runs: recorded on connect and on every ack or nack.
+//! What each data plane replica runs: recorded on connect and on every ack or nack. Also
+//! which replicas hold a share of every RPM limit: a replica holds one from its connect
+//! until a lease after its last stream closed. The count of holders is read in the same
+//! read transaction as the rest of a snapshot, and every change of it bumps the snapshot
+//! version in the transaction that makes it, so a snapshot's share always matches its
+//! version.
 
-use rusqlite::params;
+use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::{Store, StoreError, WriteOp};
+use super::{Store, StoreError, WriteOp, bump_version};
 use crate::time::now_ms;
+
+/// `share_until` of a replica with an open stream: its share lasts until it leaves.
+const WHILE_CONNECTED: i64 = i64::MAX;
 
 /// Who a connecting replica says it is.
 #[derive(Debug, Clone)]
@@ -28,18 +36,100 @@ pub struct DataPlaneRow {
 }
 
 impl Store {
-    pub async fn record_connect(&self, hello: NodeHello) -> Result<(), StoreError> {
+    /// A replica connected: it holds a share while connected. When it held none, the
+    /// count of holders grows and the snapshot version is bumped in the same transaction.
+    /// Returns the snapshot version its first snapshot must have at least.
+    pub async fn record_connect(&self, hello: NodeHello, now: i64) -> Result<u64, StoreError> {
         self.write(WriteOp::data_plane, move |conn, _| {
-            let now = now_ms();
-            conn.execute(
-                "INSERT INTO data_planes (node_id, hostname, peer_address, build_version, connect_time, last_seen_time)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+            let tx = conn.transaction()?;
+            let held: bool = tx
+                .query_row(
+                    "SELECT share_until IS NOT NULL FROM data_planes WHERE node_id = ?1",
+                    params![hello.node_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(false);
+            tx.execute(
+                "INSERT INTO data_planes (node_id, hostname, peer_address, build_version, connect_time, last_seen_time, share_until)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)
                  ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname,
                      peer_address = excluded.peer_address, build_version = excluded.build_version,
-                     connect_time = excluded.connect_time, last_seen_time = excluded.last_seen_time",
-                params![hello.node_id, hello.hostname, hello.peer_address, hello.build_version, now],
+                     connect_time = excluded.connect_time, last_seen_time = excluded.last_seen_time,
+                     share_until = excluded.share_until",
+                params![hello.node_id, hello.hostname, hello.peer_address, hello.build_version, now, WHILE_CONNECTED],
+            )?;
+            let version = if held {
+                super::read_version(&tx)?
+            } else {
+                bump_version(&tx)?
+            };
+            tx.commit()?;
+            Ok(version)
+        })
+        .await
+    }
+
+    /// A replica's last stream closed at `now`: it keeps its share until `until` (it may
+    /// still be serving on its last snapshot). The count does not change.
+    pub async fn release_share(
+        &self,
+        node_id: String,
+        now: i64,
+        until: i64,
+    ) -> Result<(), StoreError> {
+        self.write(WriteOp::data_plane, move |conn, _| {
+            conn.execute(
+                "UPDATE data_planes SET last_seen_time = ?2, share_until = ?3
+                 WHERE node_id = ?1 AND share_until IS NOT NULL",
+                params![node_id, now, until],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Ends the shares whose lease ran out by `now`; if any did, the count of holders
+    /// shrinks and the snapshot version is bumped in the same transaction. Returns how many
+    /// ended.
+    pub async fn expire_shares(&self, now: i64) -> Result<usize, StoreError> {
+        self.write(WriteOp::data_plane, move |conn, _| {
+            let tx = conn.transaction()?;
+            let ended = tx.execute(
+                "UPDATE data_planes SET share_until = NULL WHERE share_until <= ?1",
+                params![now],
+            )?;
+            if ended > 0 {
+                bump_version(&tx)?;
+            }
+            tx.commit()?;
+            Ok(ended)
+        })
+        .await
+    }
+
+    /// At start, no replica is connected yet, but those that were when the control plane
+    /// stopped are still serving on their shares: each keeps its share until `until` (or
+    /// its earlier lease), unless it reconnects first.
+    pub async fn resume_shares(&self, until: i64) -> Result<(), StoreError> {
+        self.write(WriteOp::data_plane, move |conn, _| {
+            conn.execute(
+                "UPDATE data_planes SET share_until = ?1 WHERE share_until > ?1",
+                params![until],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// When the next lease runs out (`None`: no replica is on a lease).
+    pub async fn next_share_expiry(&self) -> Result<Option<i64>, StoreError> {
+        self.call(|conn, _| {
+            Ok(conn.query_row(
+                "SELECT min(share_until) FROM data_planes WHERE share_until < ?1",
+                params![WHILE_CONNECTED],
+                |r| r.get(0),
+            )?)
         })
         .await
     }
@@ -104,5 +194,81 @@ impl Store {
             Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
+    }
+}
+
+/// How many replicas hold a share (at least 1), read inside the snapshot's transaction.
+pub(crate) fn count_share_holders(conn: &Connection) -> Result<u32, StoreError> {
+    let n: i64 = conn.query_row(
+        "SELECT count(*) FROM data_planes WHERE share_until IS NOT NULL",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn hello(node: &str) -> NodeHello {
+        NodeHello {
+            node_id: node.into(),
+            hostname: "h".into(),
+            peer_address: "p".into(),
+            build_version: "v".into(),
+        }
+    }
+
+    async fn holders(store: &Store) -> (u32, u64) {
+        store
+            .read(super::super::Reader::Snapshot, |conn, _| {
+                let tx = conn.transaction()?;
+                Ok((count_share_holders(&tx)?, super::super::read_version(&tx)?))
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_share_lasts_from_connect_until_a_lease_after_leaving_and_each_change_bumps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(
+            &dir.path().join("t.db"),
+            crate::crypto::MasterKey::generate(),
+        )
+        .unwrap();
+        let (_, v0) = holders(&store).await;
+        // A join is a new holder: the version moves with the count.
+        let v1 = store.record_connect(hello("a"), 1_000).await.unwrap();
+        assert_eq!(holders(&store).await, (1, v1));
+        assert!(v1 > v0);
+        let v2 = store.record_connect(hello("b"), 1_000).await.unwrap();
+        assert_eq!(holders(&store).await, (2, v2));
+        // A reconnect of a holder changes nothing.
+        assert_eq!(store.record_connect(hello("b"), 1_500).await.unwrap(), v2);
+        // b leaves at 2 s with a lease to 32 s: still counted until then.
+        store
+            .release_share("b".into(), 2_000, 32_000)
+            .await
+            .unwrap();
+        assert_eq!(store.next_share_expiry().await.unwrap(), Some(32_000));
+        assert_eq!(store.expire_shares(31_999).await.unwrap(), 0);
+        assert_eq!(holders(&store).await, (2, v2));
+        assert_eq!(store.expire_shares(32_000).await.unwrap(), 1);
+        let (count, v3) = holders(&store).await;
+        assert_eq!(count, 1);
+        assert!(v3 > v2);
+        assert_eq!(store.next_share_expiry().await.unwrap(), None);
+
+        // The control plane restarts with a still connected: a keeps its share for a lease
+        // from the start, and loses it if it does not come back.
+        store.resume_shares(100_000).await.unwrap();
+        assert_eq!(store.next_share_expiry().await.unwrap(), Some(100_000));
+        assert_eq!(holders(&store).await.0, 1);
+        assert_eq!(store.expire_shares(100_000).await.unwrap(), 1);
+        // None left: the one who comes next is told it is alone.
+        assert_eq!(holders(&store).await.0, 1);
     }
 }

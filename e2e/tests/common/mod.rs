@@ -162,9 +162,19 @@ impl Cluster {
 
     /// A data plane with extra flags and environment variables.
     pub async fn proxy_with_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Proxy {
+        self.proxy_via(&self.control_url(), extra, env).await
+    }
+
+    /// A data plane that reaches the control plane at `control_url` (e.g. a [`Relay`]).
+    pub async fn proxy_via(
+        &self,
+        control_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proxy {
         let mut args = vec![
             "--control-plane".to_owned(),
-            self.control_url(),
+            control_url.to_owned(),
             "--listen".to_owned(),
             "127.0.0.1:0".to_owned(),
         ];
@@ -595,5 +605,56 @@ impl Gateway {
             serde_json::json!({"model": model, "messages": [{"role": "user", "content": "say hello to me"}]}),
         )
         .await
+    }
+}
+
+/// A TCP relay on loopback in front of another address, which a test can cut (every open
+/// connection dropped, new ones refused) and heal: a network partition between two real
+/// processes.
+pub struct Relay {
+    pub addr: SocketAddr,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (accept_open, accept_cut) = (open.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !accept_open.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the peer sees its connection reset
+                }
+                let mut cuts = accept_cut.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, open, cut }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Drops every relayed connection and refuses new ones until [`Relay::heal`].
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    pub fn heal(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
