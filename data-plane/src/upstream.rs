@@ -1,35 +1,46 @@
-//! The HTTP client for upstream providers.
+//! The HTTP client for upstream providers: one hyper-util pooled client for every call,
+//! direct or through the egress proxy the environment names.
 //!
-//! Direct connections use hyper-util's pooled client with a rustls connector rather than
-//! reqwest, because this is the hot path and needs none of reqwest's extras: every request
-//! reqwest sends is parsed from a `Url` into a `Uri` again (IDNA host processing included),
-//! wrapped in redirect and retry layers and given default headers. Here the upstream URIs are
-//! built once per snapshot and cloning one only bumps reference counts; at 3,000 req/s that
-//! took the data plane's worker CPU per request from about 250 to 177 µs.
+//! It is hyper-util's client with a rustls connector rather than reqwest, because this is the
+//! hot path and needs none of reqwest's extras: every request reqwest sends is parsed from a
+//! `Url` into a `Uri` again (IDNA host processing included), wrapped in redirect and retry
+//! layers and given default headers. Here the upstream URIs are built once per snapshot and
+//! cloning one only bumps reference counts; at 3,000 req/s that took the data plane's worker
+//! CPU per request from about 250 to 177 µs.
 //!
-//! When the environment names an egress proxy (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, in
-//! either case, with `NO_PROXY` for exceptions), upstream calls go through reqwest instead,
-//! which implements those variables (CONNECT tunnels, absolute-form requests, proxy
-//! credentials) the way other tools on the host read them.
+//! Egress proxies follow the variables other tools on the host read (`HTTPS_PROXY`,
+//! `HTTP_PROXY`, `ALL_PROXY`, in either case, with `NO_PROXY` for exceptions), as
+//! hyper-util's proxy matcher reads them. An `https://` upstream is reached through a
+//! `CONNECT` tunnel, then TLS to the upstream inside it; an `http://` upstream gets its
+//! request in absolute form on a connection to the proxy. Credentials in the proxy's URL
+//! (`http://user:password@proxy:3128`) go in `Proxy-Authorization`, on the `CONNECT` or on
+//! each forwarded request.
 
+use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
+use http::uri::Scheme;
+use http::{Request, Response, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_rustls::{ConfigBuilderExt as _, HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use tokio::net::TcpStream;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The environment variables that name an egress proxy (reqwest reads the same ones).
+/// The environment variables that name an egress proxy (the proxy matcher reads the same).
 const PROXY_VARIABLES: [&str; 6] = [
     "HTTPS_PROXY",
     "https_proxy",
@@ -42,54 +53,77 @@ const PROXY_VARIABLES: [&str; 6] = [
 /// Pooled keep-alive connections to every backend; HTTP/2 when a TLS server offers it through
 /// ALPN. It never follows redirects (a provider redirect would leak the key to another host).
 #[derive(Debug, Clone)]
-pub enum UpstreamClient {
-    Direct(Box<Client<HttpsConnector<HttpConnector>, Full<Bytes>>>),
-    /// Through the egress proxy the environment names.
-    Proxied(reqwest::Client),
+pub struct UpstreamClient {
+    client: Client<UpstreamConnector, Full<Bytes>>,
+    /// Set when the environment names an egress proxy.
+    egress: Option<Arc<Egress>>,
 }
 
 /// The body of an upstream answer.
-#[derive(Debug)]
-pub enum UpstreamBody {
-    Direct(Incoming),
-    Proxied(reqwest::Body),
-}
+pub type UpstreamBody = Incoming;
 
 impl UpstreamClient {
     /// A new client whose connection attempts give up after `connect_timeout`; through an
     /// egress proxy when the environment names one.
     pub fn new(connect_timeout: Duration) -> Result<Self, String> {
-        if egress_proxy_from_env() {
-            reqwest::Client::builder()
-                .connect_timeout(connect_timeout)
-                .pool_max_idle_per_host(1024)
-                .pool_idle_timeout(Duration::from_secs(90))
-                .tcp_nodelay(true)
-                .tcp_keepalive(Duration::from_secs(30))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .map(Self::Proxied)
-                .map_err(|e| e.to_string())
-        } else {
-            direct(connect_timeout)
-                .map(|client| Self::Direct(Box::new(client)))
-                .map_err(|e| e.to_string())
-        }
+        let proxies = egress_proxy_from_env().then(Matcher::from_env);
+        Self::with_proxies(connect_timeout, proxies)
+    }
+
+    /// A new client that sends what `proxies` intercepts through the proxy it names, and the
+    /// rest directly.
+    pub fn with_proxies(
+        connect_timeout: Duration,
+        proxies: Option<Matcher>,
+    ) -> Result<Self, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls_config = |alpn: &[&[u8]]| -> Result<Arc<ClientConfig>, String> {
+            let mut config = ClientConfig::builder_with_provider(Arc::clone(&provider))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_webpki_roots()
+                .with_no_client_auth();
+            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            Ok(Arc::new(config))
+        };
+        let mut http = HttpConnector::new();
+        // The connector also serves `https://` URIs: TLS is layered on top of it.
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(30)));
+        http.set_connect_timeout(Some(connect_timeout));
+        let upstream_tls = tls_config(&[b"h2", b"http/1.1"])?;
+        let egress = match proxies {
+            Some(matcher) => Some(Arc::new(Egress {
+                matcher,
+                http: http.clone(),
+                // HTTP/1.1 to the proxy itself: requests to it are in absolute form.
+                proxy_tls: tls_config(&[b"http/1.1"])?,
+                upstream_tls: Arc::clone(&upstream_tls),
+            })),
+            None => None,
+        };
+        let connector = UpstreamConnector {
+            direct: HttpsConnector::from((http, upstream_tls)),
+            egress: egress.clone(),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Ok(Self { client, egress })
     }
 
     /// Sends `request` and returns the answer once its head has arrived.
-    pub async fn send(&self, request: Request<Bytes>) -> Result<Response<UpstreamBody>, BoxError> {
-        match self {
-            Self::Direct(client) => {
-                let response = client.request(request.map(Full::new)).await?;
-                Ok(response.map(UpstreamBody::Direct))
-            }
-            Self::Proxied(client) => {
-                let request = reqwest::Request::try_from(request)?;
-                let response = http::Response::from(client.execute(request).await?);
-                Ok(response.map(UpstreamBody::Proxied))
-            }
+    pub async fn send(
+        &self,
+        mut request: Request<Bytes>,
+    ) -> Result<Response<UpstreamBody>, BoxError> {
+        if let Some(egress) = &self.egress {
+            egress.authorize_forwarded(&mut request);
         }
+        Ok(self.client.request(request.map(Full::new)).await?)
     }
 }
 
@@ -104,53 +138,165 @@ fn egress_proxy_configured(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> 
         .any(|name| var(name).is_some_and(|value| !value.is_empty()))
 }
 
-fn direct(
-    connect_timeout: Duration,
-) -> Result<Client<HttpsConnector<HttpConnector>, Full<Bytes>>, rustls::Error> {
-    let mut http = HttpConnector::new();
-    // The connector also serves `https://` URIs: TLS is layered on top of it.
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_keepalive(Some(Duration::from_secs(30)));
-    http.set_connect_timeout(Some(connect_timeout));
-    let https = HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))?
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .pool_timer(TokioTimer::new())
-        .build(https))
+/// Which destinations go through which proxy, and how to reach a proxy.
+struct Egress {
+    matcher: Matcher,
+    http: HttpConnector,
+    proxy_tls: Arc<ClientConfig>,
+    upstream_tls: Arc<ClientConfig>,
 }
 
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The matcher's proxies may carry credentials.
+        f.debug_struct("Egress").finish_non_exhaustive()
+    }
+}
 
-    fn poll_frame(
+impl Egress {
+    /// A request to an `http://` upstream goes to the proxy in absolute form, carrying the
+    /// proxy's credentials itself (an `https://` one carries them on its tunnel's `CONNECT`).
+    fn authorize_forwarded(&self, request: &mut Request<Bytes>) {
+        if request.uri().scheme() != Some(&Scheme::HTTP) {
+            return;
+        }
+        if let Some(auth) = self
+            .matcher
+            .intercept(request.uri())
+            .and_then(|proxy| proxy.basic_auth().cloned())
+        {
+            request
+                .headers_mut()
+                .insert(header::PROXY_AUTHORIZATION, auth);
+        }
+    }
+
+    /// A connection to the proxy itself (TLS when its URL is `https://`).
+    fn to_proxy(&self) -> HttpsConnector<HttpConnector> {
+        HttpsConnector::from((self.http.clone(), Arc::clone(&self.proxy_tls)))
+    }
+}
+
+/// Connects to an upstream directly, through a `CONNECT` tunnel, or to the proxy that
+/// forwards its requests, as the egress matcher says.
+#[derive(Clone)]
+struct UpstreamConnector {
+    direct: HttpsConnector<HttpConnector>,
+    egress: Option<Arc<Egress>>,
+}
+
+type Tcp = TokioIo<TcpStream>;
+
+/// A connection the client pools.
+enum UpstreamStream {
+    /// To the upstream (TLS for `https://`).
+    Direct(MaybeHttpsStream<Tcp>),
+    /// To a proxy that forwards absolute-form requests to an `http://` upstream.
+    Forwarded(MaybeHttpsStream<Tcp>),
+    /// TLS to an `https://` upstream inside a `CONNECT` tunnel through a proxy (boxed: the
+    /// two TLS layers would make every direct connection as large).
+    Tunneled(Box<MaybeHttpsStream<MaybeHttpsStream<Tcp>>>),
+}
+
+impl tower_service::Service<Uri> for UpstreamConnector {
+    type Response = UpstreamStream;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamStream, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Every connector below is always ready (HttpConnector is).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let proxy = self
+            .egress
+            .as_ref()
+            .and_then(|egress| Some((egress, egress.matcher.intercept(&dst)?)));
+        let Some((egress, proxy)) = proxy else {
+            let connecting = self.direct.call(dst);
+            return Box::pin(async move { Ok(UpstreamStream::Direct(connecting.await?)) });
+        };
+        if dst.scheme() == Some(&Scheme::HTTPS) {
+            let mut tunnel = Tunnel::new(proxy.uri().clone(), egress.to_proxy());
+            if let Some(auth) = proxy.basic_auth() {
+                tunnel = tunnel.with_auth(auth.clone());
+            }
+            let mut tls = HttpsConnector::from((tunnel, Arc::clone(&egress.upstream_tls)));
+            let connecting = tls.call(dst);
+            Box::pin(async move { Ok(UpstreamStream::Tunneled(Box::new(connecting.await?))) })
+        } else {
+            let connecting = egress.to_proxy().call(proxy.uri().clone());
+            Box::pin(async move { Ok(UpstreamStream::Forwarded(connecting.await?)) })
+        }
+    }
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        match self {
+            Self::Direct(stream) => stream.connected(),
+            // Makes the client send absolute-form requests.
+            Self::Forwarded(stream) => stream.connected().proxy(true),
+            Self::Tunneled(stream) => stream.connected(),
+        }
+    }
+}
+
+impl Read for UpstreamStream {
+    fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Direct(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Self::Proxied(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Self::Direct(s) | Self::Forwarded(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tunneled(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl Write for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Direct(s) | Self::Forwarded(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tunneled(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Direct(body) => body.is_end_stream(),
-            Self::Proxied(body) => body.is_end_stream(),
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Direct(s) | Self::Forwarded(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tunneled(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
         }
     }
 
-    fn size_hint(&self) -> SizeHint {
+    fn is_write_vectored(&self) -> bool {
         match self {
-            Self::Direct(body) => body.size_hint(),
-            Self::Proxied(body) => body.size_hint(),
+            Self::Direct(s) | Self::Forwarded(s) => s.is_write_vectored(),
+            Self::Tunneled(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Direct(s) | Self::Forwarded(s) => Pin::new(s).poll_flush(cx),
+            Self::Tunneled(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Direct(s) | Self::Forwarded(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tunneled(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }
@@ -167,7 +313,10 @@ pub async fn next_chunk(body: &mut UpstreamBody) -> Result<Option<Bytes>, BoxErr
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
 
     #[test]
     fn a_proxy_variable_with_a_value_selects_the_proxied_client() {
@@ -179,5 +328,116 @@ mod tests {
         assert!(egress_proxy_configured(https));
         let no_proxy_only = |name: &str| (name == "NO_PROXY").then(|| "*".into());
         assert!(!egress_proxy_configured(no_proxy_only));
+    }
+
+    /// A server that reads one request head, sends it back on the channel and answers
+    /// `answer`, then closes.
+    async fn one_shot_server(
+        answer: &'static str,
+    ) -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+            socket.write_all(answer.as_bytes()).await.unwrap();
+            let _ = socket.shutdown().await;
+        });
+        (addr, rx)
+    }
+
+    const OK: &str = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+
+    /// Sends a POST to `uri` with a client whose egress proxies are `matcher`'s.
+    async fn send(matcher: Matcher, uri: &str) -> Result<Response<UpstreamBody>, BoxError> {
+        let client = UpstreamClient::with_proxies(Duration::from_secs(5), Some(matcher)).unwrap();
+        client
+            .send(Request::post(uri).body(Bytes::from_static(b"{}")).unwrap())
+            .await
+    }
+
+    /// The request head a server received, lower-cased, checked for each of `lines`.
+    async fn received(head: tokio::sync::oneshot::Receiver<String>, lines: &[&str]) -> String {
+        let head = head.await.unwrap().to_ascii_lowercase();
+        for line in lines {
+            assert!(head.contains(&format!("{line}\r\n")), "{line:?} in {head}");
+        }
+        head
+    }
+
+    #[tokio::test]
+    async fn an_http_upstream_is_reached_through_the_proxy_with_its_credentials() {
+        let (proxy, head) = one_shot_server(OK).await;
+        let matcher = Matcher::builder()
+            .http(format!("http://user:pa%20ss@{proxy}"))
+            .build();
+        let response = send(matcher, "http://provider.invalid/v1/chat/completions").await;
+        assert_eq!(response.unwrap().status(), 200);
+        let head = received(
+            head,
+            &[
+                "host: provider.invalid",
+                // base64("user:pa ss")
+                "proxy-authorization: basic dxnlcjpwysbzcw==",
+            ],
+        )
+        .await;
+        assert!(
+            head.starts_with("post http://provider.invalid/v1/chat/completions http/1.1\r\n"),
+            "{head}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_https_upstream_is_tunneled_with_connect_and_the_credentials() {
+        // The proxy refuses the tunnel: what matters is what it was asked.
+        let (proxy, head) =
+            one_shot_server("HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n").await;
+        let matcher = Matcher::builder()
+            .https(format!("http://user:secret@{proxy}"))
+            .build();
+        let err = send(matcher, "https://provider.invalid/v1/chat/completions")
+            .await
+            .unwrap_err();
+        // base64("user:secret")
+        let head = received(head, &["proxy-authorization: basic dxnlcjpzzwnyzxq="]).await;
+        assert!(
+            head.starts_with("connect provider.invalid:443 http/1.1\r\n"),
+            "{head}"
+        );
+        // The error names no credentials.
+        let chain = format!("{err:?}");
+        assert!(!chain.contains("secret"), "{chain}");
+    }
+
+    #[tokio::test]
+    async fn hosts_in_no_proxy_and_other_schemes_go_direct() {
+        // Nothing listens at the proxy's address: a request sent there would fail.
+        let unreachable = "http://127.0.0.2:9";
+        for matcher in [
+            Matcher::builder().all(unreachable).no("127.0.0.1").build(),
+            // Only an HTTPS proxy: an http:// upstream goes direct.
+            Matcher::builder().https(unreachable).build(),
+        ] {
+            let (upstream, head) = one_shot_server(OK).await;
+            let response = send(matcher, &format!("http://{upstream}/v1/embeddings")).await;
+            assert_eq!(response.unwrap().status(), 200);
+            let head = received(head, &[]).await;
+            assert!(
+                head.starts_with("post /v1/embeddings http/1.1\r\n"),
+                "{head}"
+            );
+            assert!(!head.contains("proxy-authorization"), "{head}");
+        }
     }
 }
