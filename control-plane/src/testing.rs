@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use tonic::service::Interceptor;
+
 use crate::secrets::SecretSources;
 use crate::server::{Config, Running, start};
 
@@ -57,6 +59,20 @@ impl Drop for TestControlPlane {
         if let Some(running) = &self.running {
             running.stop_token().cancel();
         }
+    }
+}
+
+/// A gRPC client interceptor that sends `authorization: Bearer <token>` with every call.
+#[derive(Clone)]
+pub struct Bearer(pub String);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let value = format!("Bearer {}", self.0)
+            .parse()
+            .map_err(|_| tonic::Status::invalid_argument("the token is not ASCII"))?;
+        req.metadata_mut().insert("authorization", value);
+        Ok(req)
     }
 }
 

@@ -4,27 +4,14 @@
 
 use std::time::Duration;
 
-use sluice_control::testing::{TestControlPlane, metric_samples};
+use sluice_control::testing::{Bearer, TestControlPlane, metric_samples};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_client::AdminServiceClient;
 use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
 use sluice_proto::v1::stats_service_client::StatsServiceClient;
 use tonic::Code;
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-
-#[derive(Clone)]
-struct Bearer(String);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let value: MetadataValue<_> = format!("Bearer {}", self.0).parse().unwrap();
-        req.metadata_mut().insert("authorization", value);
-        Ok(req)
-    }
-}
 
 type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 

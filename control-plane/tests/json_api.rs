@@ -7,26 +7,13 @@ use std::time::Duration;
 
 use prost::Message as _;
 use serde_json::{Value, json};
-use sluice_control::testing::TestControlPlane;
+use sluice_control::testing::{Bearer, TestControlPlane};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_client::AdminServiceClient;
 use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
 const XSS: &str = "<img src=x onerror=alert(1)>";
-
-#[derive(Clone)]
-struct Bearer(String);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let value: MetadataValue<_> = format!("Bearer {}", self.0).parse().unwrap();
-        req.metadata_mut().insert("authorization", value);
-        Ok(req)
-    }
-}
 
 struct Api {
     cp: TestControlPlane,

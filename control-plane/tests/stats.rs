@@ -9,15 +9,13 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
-use sluice_control::testing::TestControlPlane;
+use sluice_control::testing::{Bearer, TestControlPlane};
 use sluice_control::usage::histogram::{bucket_upper_ms, latency_bucket};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_client::AdminServiceClient;
 use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
 use sluice_proto::v1::stats_service_client::StatsServiceClient;
 use sluice_proto::wkt;
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -25,17 +23,6 @@ const HOUR: i64 = 3_600_000;
 const DAY: i64 = 24 * HOUR;
 /// 2025-11-25T00:00:00Z.
 const DAY0: i64 = 1_764_028_800_000;
-
-#[derive(Clone)]
-struct Bearer(String);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let value: MetadataValue<_> = format!("Bearer {}", self.0).parse().unwrap();
-        req.metadata_mut().insert("authorization", value);
-        Ok(req)
-    }
-}
 
 type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 type Stats = StatsServiceClient<InterceptedService<Channel, Bearer>>;

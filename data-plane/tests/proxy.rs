@@ -48,16 +48,7 @@ async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> V
 #[tokio::test]
 async fn non_streamed_chat_is_served_rewritten_and_counted() {
     let primary = mock("primary");
-    let h = Harness::start(snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    ))
-    .await;
+    let h = Harness::one_primary(&primary.base_url()).await;
 
     let response = h.chat(chat_body(false)).await;
     assert_eq!(response.status(), 200);
@@ -112,16 +103,7 @@ async fn non_streamed_chat_is_served_rewritten_and_counted() {
 #[tokio::test]
 async fn an_incoming_request_id_is_echoed() {
     let primary = mock("primary");
-    let h = Harness::start(snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    ))
-    .await;
+    let h = Harness::one_primary(&primary.base_url()).await;
     let response = h
         .http
         .post(h.url("/v1/chat/completions"))
@@ -147,16 +129,7 @@ async fn an_incoming_request_id_is_echoed() {
 #[tokio::test]
 async fn streamed_chat_hides_the_usage_chunk_unless_asked_and_counts_it() {
     let primary = mock("primary");
-    let h = Harness::start(snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    ))
-    .await;
+    let h = Harness::one_primary(&primary.base_url()).await;
 
     let response = h.chat(chat_body(true)).await;
     assert_eq!(response.status(), 200);

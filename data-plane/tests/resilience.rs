@@ -209,16 +209,7 @@ async fn consecutive_failures_cool_a_backend_down() {
 async fn a_cut_stream_ends_with_an_error_event() {
     let primary = mock("primary");
     primary.set_fault(Fault::CutAfterChunks(3).times(1));
-    let h = Harness::start(snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    ))
-    .await;
+    let h = Harness::one_primary(&primary.base_url()).await;
     let response = h.chat(chat_body(true)).await;
     assert_eq!(response.status(), 200);
     let body = response.text().await.unwrap();
@@ -278,16 +269,7 @@ async fn a_stream_that_goes_silent_ends_with_an_error_event_at_the_idle_timeout(
 async fn upstream_garbage_never_hangs_or_crashes_the_proxy() {
     use sluice_e2e::mock::GarbageKind;
     let primary = mock("primary");
-    let h = Harness::start(snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    ))
-    .await;
+    let h = Harness::one_primary(&primary.base_url()).await;
     primary.set_fault(Fault::Garbage(GarbageKind::GiantLine).times(1));
     let body = h.chat(chat_body(true)).await.text().await.unwrap();
     assert!(
@@ -312,16 +294,7 @@ async fn upstream_garbage_never_hangs_or_crashes_the_proxy() {
 #[tokio::test]
 async fn a_client_that_leaves_cancels_the_upstream_and_is_recorded() {
     let primary = slow_mock("primary", 200, 50);
-    let h = Harness::start(snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    ))
-    .await;
+    let h = Harness::one_primary(&primary.base_url()).await;
     let response = h.chat(chat_body(true)).await;
     let mut body = response.bytes_stream();
     let first = body.next().await.unwrap().unwrap();
@@ -348,16 +321,7 @@ async fn a_client_that_leaves_before_the_answer_is_recorded() {
     let primary =
         MockServer::start_local(MockConfig::named("primary").with_latency(Duration::from_secs(5)))
             .unwrap();
-    let h = Harness::start(snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    ))
-    .await;
+    let h = Harness::one_primary(&primary.base_url()).await;
     let request = h.chat(chat_body(false));
     assert!(
         tokio::time::timeout(Duration::from_millis(300), request)
@@ -456,16 +420,7 @@ async fn backend_limits_move_traffic_to_the_next_backend_and_then_answer_429() {
 #[tokio::test]
 async fn shutdown_drains_streams_and_flushes_usage() {
     let primary = slow_mock("primary", 10, 50);
-    let mut h = Harness::start(snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    ))
-    .await;
+    let mut h = Harness::one_primary(&primary.base_url()).await;
     let response = h.chat(chat_body(true)).await;
     let mut stream = response.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();
@@ -494,16 +449,7 @@ async fn shutdown_drains_streams_and_flushes_usage() {
 #[tokio::test]
 async fn usage_queued_while_the_control_plane_drops_the_stream_arrives_once() {
     let primary = mock("primary");
-    let h = Harness::start(snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    ))
-    .await;
+    let h = Harness::one_primary(&primary.base_url()).await;
     h.cp.set_ack_usage(false);
     for _ in 0..20 {
         assert_eq!(h.chat(chat_body(false)).await.status(), 200);

@@ -1,6 +1,8 @@
 //! Not published: the mock OpenAI provider ([`mock`]), the harness that runs the real
-//! binaries in end-to-end tests ([`process`]), and the benchmark driver ([`bench`]).
+//! binaries in end-to-end tests ([`process`]), the benchmark driver ([`bench`]), and the
+//! log output of the binaries ([`logs`]).
 
 pub mod bench;
+pub mod logs;
 pub mod mock;
 pub mod process;

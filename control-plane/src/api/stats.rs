@@ -47,8 +47,45 @@ fn filter(
     Ok(filter)
 }
 
+/// The [`filter`] of a usage request (`GetUsage` and `GetTotals` carry the same fields).
+macro_rules! filter_of {
+    ($request:expr) => {
+        filter(
+            $request.start_time,
+            $request.end_time,
+            $request.backend_id,
+            $request.model,
+            $request.client_key_id,
+        )
+    };
+}
+
 fn ratio(part: f64, whole: u64) -> f64 {
     if whole == 0 { 0.0 } else { part / whole as f64 }
+}
+
+/// A `$message` (a usage bucket or the totals: both carry the same figures) from
+/// [`Totals`], with the `$extra` fields given.
+macro_rules! usage_figures {
+    ($message:path, $totals:expr, { $($extra:tt)* }) => {{
+        let t: &Totals = $totals;
+        $message {
+            $($extra)*
+            request_count: t.request_count,
+            error_count: t.error_count,
+            prompt_tokens: t.prompt_tokens,
+            completion_tokens: t.completion_tokens,
+            total_tokens: t.prompt_tokens + t.completion_tokens,
+            cost: t.cost,
+            error_rate: ratio(t.error_count as f64, t.request_count),
+            avg_latency_ms: ratio(t.latency_ms_sum, t.request_count),
+            p50_latency_ms: t.p50_ms,
+            p95_latency_ms: t.p95_ms,
+            p99_latency_ms: t.p99_ms,
+            avg_ttft_ms: ratio(t.ttft_ms_sum, t.ttft_count),
+            stream_count: t.stream_count,
+        }
+    }};
 }
 
 #[tonic::async_trait]
@@ -58,13 +95,7 @@ impl StatsService for Stats {
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let r = request.into_inner();
-        let filter = filter(
-            r.start_time,
-            r.end_time,
-            r.backend_id,
-            r.model,
-            r.client_key_id,
-        )?;
+        let filter = filter_of!(r)?;
         let granularity = match pb::Granularity::try_from(r.granularity) {
             Ok(pb::Granularity::Unspecified | pb::Granularity::Hour) => Granularity::Hour,
             Ok(pb::Granularity::Day) => Granularity::Day,
@@ -84,25 +115,11 @@ impl StatsService for Stats {
         let buckets = points
             .into_iter()
             .map(|p| {
-                let t = &p.totals;
-                pb::UsageBucket {
+                usage_figures!(pb::UsageBucket, &p.totals, {
                     start_time: Some(crate::time::timestamp(p.start_ms)),
                     group_key: p.group_key,
                     group_label: p.group_label,
-                    request_count: t.request_count,
-                    error_count: t.error_count,
-                    prompt_tokens: t.prompt_tokens,
-                    completion_tokens: t.completion_tokens,
-                    total_tokens: t.prompt_tokens + t.completion_tokens,
-                    cost: t.cost,
-                    error_rate: ratio(t.error_count as f64, t.request_count),
-                    avg_latency_ms: ratio(t.latency_ms_sum, t.request_count),
-                    p50_latency_ms: t.p50_ms,
-                    p95_latency_ms: t.p95_ms,
-                    p99_latency_ms: t.p99_ms,
-                    avg_ttft_ms: ratio(t.ttft_ms_sum, t.ttft_count),
-                    stream_count: t.stream_count,
-                }
+                })
             })
             .collect();
         Ok(Response::new(pb::GetUsageResponse { buckets }))
@@ -113,35 +130,12 @@ impl StatsService for Stats {
         request: Request<pb::GetTotalsRequest>,
     ) -> Result<Response<pb::GetTotalsResponse>, Status> {
         let r = request.into_inner();
-        let filter = TotalsFilter {
-            start_ms: r.start_time.as_ref().map(timestamp_ms),
-            end_ms: r.end_time.as_ref().map(timestamp_ms),
-            backend_id: non_empty(r.backend_id),
-            model: non_empty(r.model),
-            client_key_id: non_empty(r.client_key_id),
-        };
-        if let (Some(start), Some(end)) = (filter.start_ms, filter.end_ms)
-            && end < start
-        {
-            return Err(Status::invalid_argument(
-                "end_time: must not be before start_time",
-            ));
-        }
-        let t: Totals = self.store.totals(filter).await?;
-        Ok(Response::new(pb::GetTotalsResponse {
-            request_count: t.request_count,
-            error_count: t.error_count,
-            prompt_tokens: t.prompt_tokens,
-            completion_tokens: t.completion_tokens,
-            cost: t.cost,
-            total_tokens: t.prompt_tokens + t.completion_tokens,
-            error_rate: ratio(t.error_count as f64, t.request_count),
-            avg_latency_ms: ratio(t.latency_ms_sum, t.request_count),
-            p50_latency_ms: t.p50_ms,
-            p95_latency_ms: t.p95_ms,
-            p99_latency_ms: t.p99_ms,
-            avg_ttft_ms: ratio(t.ttft_ms_sum, t.ttft_count),
-            stream_count: t.stream_count,
-        }))
+        let filter = filter_of!(r)?;
+        let totals: Totals = self.store.totals(filter).await?;
+        Ok(Response::new(usage_figures!(
+            pb::GetTotalsResponse,
+            &totals,
+            {}
+        )))
     }
 }

@@ -108,6 +108,16 @@ pub struct Harness {
 }
 
 impl Harness {
+    /// A data plane whose snapshot (version 1) routes to one primary backend, `primary`, at
+    /// `base_url`.
+    pub async fn one_primary(base_url: &str) -> Self {
+        Self::start(snapshot(
+            1,
+            vec![backend("primary", base_url, proto::Pool::Primary, 0)],
+        ))
+        .await
+    }
+
     /// A data plane that holds `snapshot` (waited for).
     pub async fn start(snapshot: proto::Snapshot) -> Self {
         Self::start_with(snapshot, |_| {}).await

@@ -17,7 +17,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use super::BenchError;
-use crate::process::strip_ansi;
+use crate::process::{listening_addr, strip_ansi};
 
 /// Admin token the benchmark's control plane is started with.
 pub const ADMIN_TOKEN: &str = "bench-admin-token";
@@ -79,19 +79,12 @@ impl Service {
 
     /// Waits for the `"<listener> listening on <addr>"` log line and returns the address.
     pub async fn wait_for_listening(&mut self, listener: &str) -> Result<SocketAddr, BenchError> {
-        let needle = format!("{listener} listening on ");
         let deadline = Instant::now() + START;
         loop {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let found = log.lines().find_map(|line| {
-                let line = strip_ansi(line);
-                let start = line.find(&needle)? + needle.len();
-                let addr: String = line[start..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
-                    .collect();
-                addr.parse().ok()
-            });
+            let found = log
+                .lines()
+                .find_map(|line| listening_addr(&strip_ansi(line), listener));
             if let Some(addr) = found {
                 return Ok(addr);
             }
@@ -99,7 +92,9 @@ impl Service {
                 return Err(self.failure(&format!("exited ({status}) before listening")));
             }
             if Instant::now() > deadline {
-                return Err(self.failure(&format!("no `{}` line within {START:?}", needle.trim())));
+                return Err(self.failure(&format!(
+                    "no `{listener} listening on` line within {START:?}"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

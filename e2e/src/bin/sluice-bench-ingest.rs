@@ -14,18 +14,18 @@
 //! Prints Markdown tables on stdout (progress goes to stderr). Build with
 //! `cargo build --release --bins && target/release/sluice-bench-ingest`.
 
-use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context as _, bail, ensure};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use rand::rngs::SmallRng;
 use rand::{Rng as _, SeedableRng as _};
 use sluice_control::backend::BackendSpec;
 use sluice_control::crypto::MasterKey;
 use sluice_control::store::{Store, TotalsFilter, UsageRow};
 use sluice_control::usage::histogram::{Histogram, latency_bucket};
+use sluice_e2e::logs::{self, LogFormat};
 use sluice_e2e::process::{self, Child};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_client::AdminServiceClient;
@@ -36,7 +36,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
-use tracing_subscriber::EnvFilter;
 
 const ADMIN_TOKEN: &str = "bench-admin-token";
 const DATAPLANE_TOKEN: &str = "bench-dataplane-token";
@@ -50,12 +49,6 @@ const KEYS: usize = 5;
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
 const START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 /// Usage ingestion and statistics query benchmark for the Sluice control plane.
 #[derive(Parser)]
@@ -89,14 +82,7 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => logs.json().init(),
-    }
+    logs::init(cli.log_format);
     ensure!(cli.batch > 0, "--batch must be at least 1");
     ensure!(
         (0.0..=1.0).contains(&cli.history_density),

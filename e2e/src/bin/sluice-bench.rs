@@ -2,25 +2,18 @@
 //! everything against the mock called directly and writes `BENCHMARKS.md`; `load` drives any
 //! OpenAI-compatible URL with the same load generator.
 
-use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use sluice_e2e::bench::client::Target;
 use sluice_e2e::bench::cluster::ClusterConfig;
 use sluice_e2e::bench::report::{Report, checks_table};
 use sluice_e2e::bench::suite::{self, ExternalConfig, ExternalMode, SuiteConfig};
 use sluice_e2e::bench::{machine, spinners};
-use tracing_subscriber::EnvFilter;
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
+use sluice_e2e::logs::{self, LogFormat};
 
 /// Benchmarks for Sluice: latency, throughput, streaming, memory and propagation, each measured
 /// against the mock provider called directly in the same run.
@@ -186,14 +179,7 @@ fn main() -> anyhow::Result<()> {
         spinners::spin(max);
         return Ok(());
     }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => logs.json().init(),
-    }
+    logs::init(cli.log_format);
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     match cli.command {
         Command::All(args) => runtime.block_on(all(args)),

@@ -1,19 +1,12 @@
 //! `sluice-mock`: the mock OpenAI provider as a process, steered through `/_mock/...`.
 
-use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use sluice_e2e::logs::{self, LogFormat};
 use sluice_e2e::mock::{MockConfig, MockServer};
-use tracing_subscriber::EnvFilter;
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 /// A mock upstream OpenAI provider (chat, completions, embeddings, models, SSE, fault injection).
 #[derive(Parser)]
@@ -51,14 +44,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => logs.json().init(),
-    }
+    logs::init(args.log_format);
 
     let config = MockConfig {
         name: args.name,

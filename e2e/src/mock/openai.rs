@@ -339,6 +339,47 @@ fn require_model(model: Option<String>) -> Result<String, ApiError> {
     }
 }
 
+/// Parses `body` as `R` and builds the request from it; the `model` is read even from a body
+/// that is refused, so that the request can still be counted.
+fn parse<R: HasModel + serde::de::DeserializeOwned, T>(
+    body: &[u8],
+    build: impl FnOnce(R) -> Result<T, ApiError>,
+) -> Parsed<T> {
+    match serde_json::from_slice::<R>(body) {
+        Ok(raw) => Parsed {
+            model: raw.model().clone(),
+            request: build(raw),
+        },
+        Err(e) => Parsed {
+            model: model_only(body),
+            request: Err(ApiError::invalid_json(&e)),
+        },
+    }
+}
+
+/// A request body with a `model` field.
+trait HasModel {
+    fn model(&self) -> &Option<String>;
+}
+
+impl HasModel for RawChatRequest {
+    fn model(&self) -> &Option<String> {
+        &self.model
+    }
+}
+
+impl HasModel for RawCompletionRequest {
+    fn model(&self) -> &Option<String> {
+        &self.model
+    }
+}
+
+impl HasModel for RawEmbeddingsRequest {
+    fn model(&self) -> &Option<String> {
+        &self.model
+    }
+}
+
 /// Reads the `model` of a body whose full parse failed, so that the request can still be counted.
 fn model_only(body: &[u8]) -> Option<String> {
     #[derive(Deserialize)]
@@ -351,17 +392,7 @@ fn model_only(body: &[u8]) -> Option<String> {
 }
 
 pub(crate) fn parse_chat(body: &[u8]) -> Parsed<Generation> {
-    let raw: RawChatRequest = match serde_json::from_slice(body) {
-        Ok(r) => r,
-        Err(e) => {
-            return Parsed {
-                model: model_only(body),
-                request: Err(ApiError::invalid_json(&e)),
-            };
-        }
-    };
-    let model = raw.model.clone();
-    let request = (|| {
+    parse(body, |raw: RawChatRequest| {
         let model = require_model(raw.model)?;
         let messages = raw.messages.ok_or_else(|| ApiError::missing("messages"))?;
         if messages.is_empty() {
@@ -392,22 +423,11 @@ pub(crate) fn parse_chat(body: &[u8]) -> Parsed<Generation> {
             n: check_n(raw.n)?,
             prompt_tokens,
         })
-    })();
-    Parsed { model, request }
+    })
 }
 
 pub(crate) fn parse_completion(body: &[u8]) -> Parsed<Generation> {
-    let raw: RawCompletionRequest = match serde_json::from_slice(body) {
-        Ok(r) => r,
-        Err(e) => {
-            return Parsed {
-                model: model_only(body),
-                request: Err(ApiError::invalid_json(&e)),
-            };
-        }
-    };
-    let model = raw.model.clone();
-    let request = (|| {
+    parse(body, |raw: RawCompletionRequest| {
         let model = require_model(raw.model)?;
         let prompt = raw.prompt.ok_or_else(|| ApiError::missing("prompt"))?;
         let (stream, include_usage) = stream_flags(raw.stream, raw.stream_options)?;
@@ -419,22 +439,11 @@ pub(crate) fn parse_completion(body: &[u8]) -> Parsed<Generation> {
             n: check_n(raw.n)?,
             prompt_tokens: prompt.counts().iter().sum::<u64>().max(1),
         })
-    })();
-    Parsed { model, request }
+    })
 }
 
 pub(crate) fn parse_embeddings(body: &[u8]) -> Parsed<Embeddings> {
-    let raw: RawEmbeddingsRequest = match serde_json::from_slice(body) {
-        Ok(r) => r,
-        Err(e) => {
-            return Parsed {
-                model: model_only(body),
-                request: Err(ApiError::invalid_json(&e)),
-            };
-        }
-    };
-    let model = raw.model.clone();
-    let request = (|| {
+    parse(body, |raw: RawEmbeddingsRequest| {
         let model = require_model(raw.model)?;
         let input = raw.input.ok_or_else(|| ApiError::missing("input"))?;
         if input.is_empty() {
@@ -474,8 +483,7 @@ pub(crate) fn parse_embeddings(body: &[u8]) -> Parsed<Embeddings> {
             dimensions: raw.dimensions,
             inputs: fingerprints.into_iter().zip(counts).collect(),
         })
-    })();
-    Parsed { model, request }
+    })
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {

@@ -6,31 +6,18 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use sluice_control::testing::Bearer;
 use sluice_e2e::mock::{FaultSpec, MockStats};
 use sluice_e2e::process::{Child, spawn, workspace_bin};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_client::AdminServiceClient;
 use sluice_proto::v1::stats_service_client::StatsServiceClient;
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 pub const ADMIN_TOKEN: &str = "e2e-admin-token";
 pub const DATAPLANE_TOKEN: &str = "e2e-dataplane-token";
 const START: Duration = Duration::from_secs(30);
-
-#[derive(Clone)]
-pub struct Bearer(pub String);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {}", self.0).parse().unwrap(),
-        );
-        Ok(req)
-    }
-}
 
 pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Stats = StatsServiceClient<InterceptedService<Channel, Bearer>>;
