@@ -110,13 +110,7 @@ impl Cluster {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .filter_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
-                Some((name.to_owned(), value.parse().ok()?))
-            })
-            .collect()
+        sluice_control::testing::metric_samples(&text)
     }
 
     /// SIGTERM, and waits for a clean exit.
