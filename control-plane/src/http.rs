@@ -10,8 +10,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::api::dataplane::Registry;
 use crate::dashboard::JsonApi;
+use crate::membership::Registry;
 use crate::metrics::Metrics;
 use crate::snapshot::Publisher;
 

@@ -6,7 +6,9 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{OutOfOrder, Store, StoreError, UsageBatch};
+use sluice_proto::v1 as pb;
+
+use crate::store::{OutOfOrder, Store, StoreError, UsageBatch, UsageRow};
 
 /// Most records applied in one transaction; more wait for the next one.
 const MAX_RECORDS_PER_COMMIT: usize = 50_000;
@@ -26,6 +28,16 @@ pub enum IngestError {
     OutOfOrder(#[from] OutOfOrder),
     #[error("the control plane is shutting down")]
     Closed,
+}
+
+/// The batch a `ReportUsage` message carries, as the store applies it.
+pub fn batch_of(report: pb::ReportUsageRequest) -> UsageBatch {
+    UsageBatch {
+        rows: report.records.iter().map(UsageRow::from).collect(),
+        node_id: report.node_id,
+        incarnation: report.incarnation,
+        previous_sequence: report.previous_sequence,
+    }
 }
 
 struct Job {

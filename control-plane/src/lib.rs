@@ -10,7 +10,8 @@
 //! - [`api`]: the gRPC services, the token check in front of them, and the one mapping of
 //!   inner errors to gRPC statuses.
 //! - [`snapshot`] rebuilds and publishes the routing snapshot after every commit the store
-//!   announces; [`ingest`] group-commits usage reports; [`metrics`] counts calls and store
+//!   announces; [`ingest`] group-commits usage reports; [`membership`] keeps who is
+//!   connected and who holds a share of the RPM limits; [`metrics`] counts calls and store
 //!   writes (it observes the store; the store does not know it).
 //! - [`store`]: SQLite only, returning domain types and [`store::StoreError`].
 //! - Domain types and rules: [`backend`], [`client_key`], [`settings`], [`usage`],
@@ -24,6 +25,7 @@ pub mod dashboard;
 pub mod grpc_code;
 pub mod http;
 pub mod ingest;
+pub mod membership;
 pub mod metrics;
 pub mod secrets;
 pub mod server;

@@ -17,8 +17,9 @@ use tonic::transport::{Identity, ServerTlsConfig};
 
 use crate::api::admin::Admin;
 use crate::api::auth::TokenCheck;
-use crate::api::dataplane::{DataPlaneApi, Registry, SHARE_LEASE, expire_shares};
+use crate::api::dataplane::DataPlaneApi;
 use crate::api::stats::Stats;
+use crate::membership::{self, Registry};
 use crate::metrics::{GrpcMetricsLayer, Metrics};
 use crate::secrets::{SecretSources, SecretsError};
 use crate::snapshot::Publisher;
@@ -174,14 +175,12 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         })?;
 
     // Replicas connected when the control plane stopped are still serving on their shares.
-    store
-        .resume_shares(crate::time::now_ms() + SHARE_LEASE.as_millis() as i64)
-        .await?;
+    membership::resume(&store, crate::time::now_ms()).await?;
     let publisher = Publisher::start(store.clone()).await?;
     let registry = Arc::new(Registry::default());
     let stop = CancellationToken::new();
     tokio::spawn(store.clone().run_usage_retention(stop.clone()));
-    tokio::spawn(expire_shares(store.clone(), stop.clone()));
+    tokio::spawn(membership::expire_shares(store.clone(), stop.clone()));
 
     let admin_check = TokenCheck::new(&secrets.admin_token, "admin");
     let dataplane_check = TokenCheck::new(&secrets.dataplane_token, "data-plane");

@@ -31,11 +31,7 @@ impl Publisher {
     pub async fn start(store: Store) -> Result<Arc<Self>, StoreError> {
         // Subscribed before the first build, so no commit falls between the two.
         let mut commits = store.commits();
-        let epoch = uuid::Uuid::new_v4().simple().to_string();
-        let first = build(&store, &epoch).await?;
-        tracing::info!(%epoch, version = first.version, "snapshot epoch started");
-        let (tx, _) = watch::channel(Arc::new(first));
-        let publisher = Arc::new(Self { store, epoch, tx });
+        let publisher = Arc::new(Self::unstarted(store).await?);
         let weak = Arc::downgrade(&publisher);
         tokio::spawn(async move {
             while commits.changed().await.is_ok() {
@@ -51,6 +47,17 @@ impl Publisher {
         Ok(publisher)
     }
 
+    /// A publisher with its first snapshot built (and a new epoch drawn) that rebuilds only
+    /// when [`Publisher::rebuild`] is called: for a caller that decides when, such as the
+    /// protocol simulation.
+    pub async fn unstarted(store: Store) -> Result<Self, StoreError> {
+        let epoch = uuid::Uuid::new_v4().simple().to_string();
+        let first = build(&store, &epoch).await?;
+        tracing::info!(%epoch, version = first.version, "snapshot epoch started");
+        let (tx, _) = watch::channel(Arc::new(first));
+        Ok(Self { store, epoch, tx })
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<Arc<pb::Snapshot>> {
         self.tx.subscribe()
     }
@@ -64,7 +71,9 @@ impl Publisher {
         &self.epoch
     }
 
-    async fn rebuild(&self) -> Result<(), StoreError> {
+    /// Builds a snapshot of the committed state and publishes it if its version is newer
+    /// than the one published.
+    pub async fn rebuild(&self) -> Result<(), StoreError> {
         let snapshot = build(&self.store, &self.epoch).await?;
         let version = snapshot.version;
         let published = self.tx.send_if_modified(|current| {

@@ -105,6 +105,11 @@ impl RateLimiter {
         self.capacity
     }
 
+    /// This replica's share: the requests per minute its bucket refills by.
+    pub fn share_per_minute(&self) -> f64 {
+        self.per_second * 60.0
+    }
+
     fn refill(&self, bucket: &mut Bucket, now: Instant) {
         let elapsed = now.saturating_duration_since(bucket.refilled_at);
         bucket.tokens =

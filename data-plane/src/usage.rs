@@ -279,84 +279,92 @@ fn refused_as_too_large(status: &tonic::Status) -> bool {
 /// Longest a record waits in the queue before it is sent.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Ships the queue to the control plane; see the module docs.
-pub struct UsageReporter {
+/// The reporter's bookkeeping for one node and incarnation, without I/O: which report to
+/// send next on the current stream, and what an ack or a failed stream means.
+/// [`UsageReporter`] drives it over gRPC; the protocol simulation
+/// (`e2e/tests/simulation.rs`) drives it directly.
+#[derive(Debug)]
+pub struct Outbox {
     sink: UsageSink,
-    client: DataPlaneClient,
-    identity: NodeIdentity,
-    backoff: Backoff,
-    /// Events to tell a newly connected control plane again (those it may have missed).
-    resend: Option<ResendEvents>,
-    /// What the current session has sent: every record up to this sequence.
+    node_id: String,
+    incarnation: String,
+    /// What the current stream has sent: every record up to this sequence.
     sent_upto: u64,
     /// After a report was refused as too large: the last record that report could have
     /// held. Records up to it go one per report, so the next refusal names its record.
     suspect_through: Option<u64>,
 }
 
-/// Produces the backend events to send again after a reconnect.
-pub type ResendEvents = Box<dyn Fn() -> Vec<BackendEvent> + Send + Sync>;
-
-impl UsageReporter {
-    pub fn new(sink: UsageSink, client: DataPlaneClient, identity: NodeIdentity) -> Self {
+impl Outbox {
+    pub fn new(sink: UsageSink, node_id: String, incarnation: String) -> Self {
         Self {
             sink,
-            client,
-            identity,
-            backoff: Backoff::default(),
-            resend: None,
+            node_id,
+            incarnation,
             sent_upto: 0,
             suspect_through: None,
         }
     }
 
-    /// After every reconnect, also send the events `resend` returns (e.g. cooldowns no
-    /// snapshot has acknowledged yet, which the old stream may have lost).
-    pub fn resend_events_with(mut self, resend: ResendEvents) -> Self {
-        self.resend = Some(resend);
-        self
+    pub fn sink(&self) -> &UsageSink {
+        &self.sink
     }
 
-    /// Runs until `stop` fires and everything queued has been acked. Bound the flush by
-    /// dropping this future (e.g. with `tokio::time::timeout`); unacked records are then lost
-    /// and [`UsageSink::pending`] tells how many.
-    pub async fn run(mut self, stop: CancellationToken) {
-        let mut flushing = false;
-        loop {
-            if stop.is_cancelled() && self.sink.is_drained() {
-                return;
-            }
-            match self.session(&stop, &mut flushing).await {
-                Ok(()) => return,
-                Err(status) => {
-                    tracing::warn!(
-                        code = ?status.code(),
-                        message = status.message(),
-                        pending = self.sink.pending(),
-                        "usage stream failed; reconnecting"
-                    );
-                    if refused_as_too_large(&status) {
-                        self.refused();
-                    }
-                }
-            }
-            let delay = self.backoff.next_delay();
-            if flushing {
-                tokio::time::sleep(delay).await;
-            } else {
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = stop.cancelled() => flushing = true,
-                }
-            }
+    /// A new stream starts: everything not acked goes again, in order.
+    pub fn restart(&mut self) {
+        self.sent_upto = self.sink.acked();
+    }
+
+    /// The next report for the current stream: `events` and the records after what it has
+    /// sent, all of them when `all`, else only a full batch. `None` when there is nothing
+    /// to send.
+    pub fn next_report(
+        &mut self,
+        all: bool,
+        events: Vec<BackendEvent>,
+    ) -> Option<ReportUsageRequest> {
+        let limit = self.batch_limit();
+        let unsent = self.sink.unsent_after(self.sent_upto);
+        let send_records = unsent >= limit || (all && unsent > 0);
+        if !send_records && events.is_empty() {
+            return None;
         }
+        let records = if send_records {
+            self.sink
+                .batch_after(self.sent_upto, limit, MAX_RECORD_BYTES)
+        } else {
+            Vec::new()
+        };
+        if let Some(last) = records.last() {
+            self.sent_upto = last.sequence;
+        }
+        let previous_sequence = records
+            .first()
+            .map_or(0, |first| self.sink.held_before(first.sequence));
+        Some(ReportUsageRequest {
+            node_id: self.node_id.clone(),
+            incarnation: self.incarnation.clone(),
+            records,
+            events,
+            previous_sequence,
+        })
     }
 
-    /// The control plane refused a report as too large; it acks in order, so the refused
-    /// report starts at the oldest unacked record. Outside suspect mode, every record the
-    /// session sent becomes suspect and goes alone from now on; in suspect mode the refused
-    /// report held that one record alone, which is dropped so the records after it can go.
-    fn refused(&mut self) {
+    /// The control plane holds every record up to `sequence`.
+    pub fn acked(&mut self, sequence: u64) {
+        self.sink.ack(sequence);
+    }
+
+    /// The stream failed with `status`. A refusal as too large: the control plane acks in
+    /// order, so the refused report starts at the oldest unacked record. Outside suspect
+    /// mode, every record the stream sent becomes suspect and goes alone from now on; in
+    /// suspect mode the refused report held that one record alone, which is dropped so the
+    /// records after it can go. Any other failure changes nothing: the next stream sends
+    /// everything unacked again.
+    pub fn failed(&mut self, status: &tonic::Status) {
+        if !refused_as_too_large(status) {
+            return;
+        }
         let oldest = self.sink.oldest();
         match self.suspect_through {
             Some(through) if oldest.is_some_and(|oldest| oldest <= through) => {
@@ -381,6 +389,69 @@ impl UsageReporter {
             _ => BATCH_SIZE,
         }
     }
+}
+
+/// Ships the queue to the control plane; see the module docs.
+pub struct UsageReporter {
+    outbox: Outbox,
+    client: DataPlaneClient,
+    backoff: Backoff,
+    /// Events to tell a newly connected control plane again (those it may have missed).
+    resend: Option<ResendEvents>,
+}
+
+/// Produces the backend events to send again after a reconnect.
+pub type ResendEvents = Box<dyn Fn() -> Vec<BackendEvent> + Send + Sync>;
+
+impl UsageReporter {
+    pub fn new(sink: UsageSink, client: DataPlaneClient, identity: NodeIdentity) -> Self {
+        Self {
+            outbox: Outbox::new(sink, identity.node_id, identity.incarnation),
+            client,
+            backoff: Backoff::default(),
+            resend: None,
+        }
+    }
+
+    /// After every reconnect, also send the events `resend` returns (e.g. cooldowns no
+    /// snapshot has acknowledged yet, which the old stream may have lost).
+    pub fn resend_events_with(mut self, resend: ResendEvents) -> Self {
+        self.resend = Some(resend);
+        self
+    }
+
+    /// Runs until `stop` fires and everything queued has been acked. Bound the flush by
+    /// dropping this future (e.g. with `tokio::time::timeout`); unacked records are then lost
+    /// and [`UsageSink::pending`] tells how many.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let mut flushing = false;
+        loop {
+            if stop.is_cancelled() && self.outbox.sink.is_drained() {
+                return;
+            }
+            match self.session(&stop, &mut flushing).await {
+                Ok(()) => return,
+                Err(status) => {
+                    tracing::warn!(
+                        code = ?status.code(),
+                        message = status.message(),
+                        pending = self.outbox.sink.pending(),
+                        "usage stream failed; reconnecting"
+                    );
+                    self.outbox.failed(&status);
+                }
+            }
+            let delay = self.backoff.next_delay();
+            if flushing {
+                tokio::time::sleep(delay).await;
+            } else {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stop.cancelled() => flushing = true,
+                }
+            }
+        }
+    }
 
     /// One `ReportUsage` call; `Ok` once stopped and drained.
     async fn session(
@@ -394,17 +465,20 @@ impl UsageReporter {
             .report_usage(ReceiverStream::new(rx))
             .await?
             .into_inner();
-        // Everything not acked goes again, in order.
-        self.sent_upto = self.sink.acked();
+        self.outbox.restart();
         let resend = self.resend.as_ref().map(|f| f()).unwrap_or_default();
-        if !resend.is_empty() {
-            self.send(&tx, Vec::new(), resend).await?;
+        if let Some(report) = (!resend.is_empty())
+            .then(|| self.outbox.next_report(false, resend))
+            .flatten()
+        {
+            send(&tx, report).await?;
         }
         let mut ticker = tokio::time::interval(FLUSH_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let wake = Arc::clone(&self.outbox.sink.queue);
         loop {
             if *flushing {
-                if self.sink.is_drained() {
+                if self.outbox.sink.is_drained() {
                     return Ok(());
                 }
                 self.send_unsent(&tx, true).await?;
@@ -413,13 +487,13 @@ impl UsageReporter {
                 biased;
                 message = inbound.message() => match message? {
                     Some(ack) => {
-                        self.sink.ack(ack.acked_sequence);
+                        self.outbox.acked(ack.acked_sequence);
                         self.backoff.reset();
                     }
                     None => return Err(tonic::Status::unavailable("usage stream closed by the control plane")),
                 },
                 () = stop.cancelled(), if !*flushing => *flushing = true,
-                () = self.sink.queue.wake.notified() => {
+                () = wake.wake.notified() => {
                     self.send_unsent(&tx, false).await?;
                 }
                 _ = ticker.tick() => {
@@ -429,54 +503,28 @@ impl UsageReporter {
         }
     }
 
-    /// Sends queued events and records after `sent_upto`: all of them when `all`, else only
-    /// full batches (events always).
+    /// Sends queued events and the records not yet sent on this stream: all of them when
+    /// `all`, else only full batches (events always).
     async fn send_unsent(
         &mut self,
         tx: &mpsc::Sender<ReportUsageRequest>,
         all: bool,
     ) -> Result<(), tonic::Status> {
-        let mut events = self.sink.take_events();
-        loop {
-            let limit = self.batch_limit();
-            let unsent = self.sink.unsent_after(self.sent_upto);
-            let send_records = unsent >= limit || (all && unsent > 0);
-            if !send_records && events.is_empty() {
-                return Ok(());
-            }
-            let records = if send_records {
-                self.sink
-                    .batch_after(self.sent_upto, limit, MAX_RECORD_BYTES)
-            } else {
-                Vec::new()
-            };
-            if let Some(last) = records.last() {
-                self.sent_upto = last.sequence;
-            }
-            self.send(tx, records, std::mem::take(&mut events)).await?;
+        let mut events = self.outbox.sink.take_events();
+        while let Some(report) = self.outbox.next_report(all, std::mem::take(&mut events)) {
+            send(tx, report).await?;
         }
+        Ok(())
     }
+}
 
-    async fn send(
-        &self,
-        tx: &mpsc::Sender<ReportUsageRequest>,
-        records: Vec<UsageRecord>,
-        events: Vec<BackendEvent>,
-    ) -> Result<(), tonic::Status> {
-        let previous_sequence = records
-            .first()
-            .map_or(0, |first| self.sink.held_before(first.sequence));
-        let request = ReportUsageRequest {
-            node_id: self.identity.node_id.clone(),
-            incarnation: self.identity.incarnation.clone(),
-            records,
-            events,
-            previous_sequence,
-        };
-        tx.send(request)
-            .await
-            .map_err(|_| tonic::Status::unavailable("usage stream closed"))
-    }
+async fn send(
+    tx: &mpsc::Sender<ReportUsageRequest>,
+    report: ReportUsageRequest,
+) -> Result<(), tonic::Status> {
+    tx.send(report)
+        .await
+        .map_err(|_| tonic::Status::unavailable("usage stream closed"))
 }
 
 #[cfg(test)]

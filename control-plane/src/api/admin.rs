@@ -8,9 +8,9 @@ use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
-use crate::api::dataplane::Registry;
 use crate::backend::BackendSpec;
 use crate::client_key::NewClientKey;
+use crate::membership::Registry;
 use crate::snapshot::Publisher;
 use crate::store::Store;
 use crate::validation::ValidationError;
@@ -182,7 +182,8 @@ impl AdminService for Admin {
         &self,
         _request: Request<pb::ListDataPlanesRequest>,
     ) -> Result<Response<pb::ListDataPlanesResponse>, Status> {
-        let data_planes = self.registry.list(&self.store, &self.publisher).await?;
+        let latest = self.publisher.latest().version;
+        let data_planes = self.registry.list(&self.store, latest).await?;
         Ok(Response::new(pb::ListDataPlanesResponse { data_planes }))
     }
 

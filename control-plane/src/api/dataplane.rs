@@ -1,12 +1,10 @@
 //! `DataPlaneService`: streams snapshots to replicas and takes their usage and
-//! cooldown reports. Also keeps the registry of connected replicas and which of them hold
-//! a share of every RPM limit: a replica holds one from its connect until
-//! [`SHARE_LEASE`] after its last stream closed (see `docs/guarantees.md`).
+//! cooldown reports. Who is connected and who holds a share of the RPM limits is
+//! [`crate::membership`]'s.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures::Stream;
 use sluice_proto::limits::MAX_ID_BYTES;
@@ -17,150 +15,20 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::ingest::{Applied, UsageWriter};
+use crate::ingest::{Applied, UsageWriter, batch_of};
+use crate::membership::{Membership, Registry};
 use crate::snapshot::Publisher;
-use crate::store::{CooldownEvent, NodeHello, Store, StoreError, UsageBatch, UsageRow};
-use crate::time::{now_ms, timestamp, timestamp_ms};
-
-/// How long a replica keeps its share of every RPM limit after its last snapshot stream
-/// closed (and, after a control-plane restart, after the start): it may still be serving
-/// on its last snapshot, cut off or reconnecting, so the others are not given its share
-/// before then.
-pub const SHARE_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
-
-fn lease_ms() -> i64 {
-    SHARE_LEASE.as_millis() as i64
-}
-
-/// Replicas with an open snapshot stream.
-#[derive(Default)]
-pub struct Registry {
-    connected: Mutex<HashMap<String, Connected>>,
-}
-
-struct Connected {
-    streams: u32,
-    hostname: String,
-    peer_address: String,
-    build_version: String,
-    connect_time_ms: i64,
-    acked_version: u64,
-    last_error: String,
-}
-
-impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Connected>> {
-        self.connected.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Returns the number of distinct connected replicas after the change.
-    fn connect(&self, hello: &NodeHello) -> u32 {
-        let mut map = self.lock();
-        let entry = map
-            .entry(hello.node_id.clone())
-            .or_insert_with(|| Connected {
-                streams: 0,
-                hostname: hello.hostname.clone(),
-                peer_address: hello.peer_address.clone(),
-                build_version: hello.build_version.clone(),
-                connect_time_ms: now_ms(),
-                acked_version: 0,
-                last_error: String::new(),
-            });
-        entry.streams += 1;
-        map.len() as u32
-    }
-
-    /// Returns whether that was the replica's last stream, and the number of distinct
-    /// connected replicas after the change.
-    fn disconnect(&self, node_id: &str) -> (bool, u32) {
-        let mut map = self.lock();
-        let mut last = false;
-        if let Some(entry) = map.get_mut(node_id) {
-            entry.streams = entry.streams.saturating_sub(1);
-            if entry.streams == 0 {
-                map.remove(node_id);
-                last = true;
-            }
-        }
-        (last, map.len() as u32)
-    }
-
-    fn record(&self, node_id: &str, version: u64, error: &str) {
-        if let Some(entry) = self.lock().get_mut(node_id) {
-            if error.is_empty() {
-                entry.acked_version = entry.acked_version.max(version);
-                entry.last_error.clear();
-            } else {
-                entry.last_error = error.to_owned();
-            }
-        }
-    }
-
-    pub fn connected_count(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Connected replicas, then those seen in the last 24 hours.
-    pub async fn list(
-        &self,
-        store: &Store,
-        publisher: &Publisher,
-    ) -> Result<Vec<pb::DataPlane>, StoreError> {
-        let latest = publisher.latest().version;
-        let rows = store.list_data_planes(now_ms() - 24 * 3_600_000).await?;
-        let now = now_ms();
-        let mut out: Vec<pb::DataPlane> = {
-            let map = self.lock();
-            map.iter()
-                .map(|(node_id, c)| pb::DataPlane {
-                    node_id: node_id.clone(),
-                    hostname: c.hostname.clone(),
-                    peer_address: c.peer_address.clone(),
-                    acked_version: c.acked_version,
-                    latest_version: latest,
-                    last_error: c.last_error.clone(),
-                    connect_time: Some(timestamp(c.connect_time_ms)),
-                    // An open stream is a live replica: it is seen now.
-                    last_seen_time: Some(timestamp(now)),
-                    connected: true,
-                    build_version: c.build_version.clone(),
-                })
-                .collect()
-        };
-        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-        for row in rows {
-            if out.iter().any(|d| d.node_id == row.node_id) {
-                continue;
-            }
-            out.push(pb::DataPlane {
-                node_id: row.node_id,
-                hostname: row.hostname,
-                peer_address: row.peer_address,
-                acked_version: row.acked_version,
-                latest_version: latest,
-                last_error: row.last_error,
-                connect_time: Some(timestamp(row.connect_time_ms)),
-                last_seen_time: Some(timestamp(row.last_seen_time_ms)),
-                connected: false,
-                build_version: row.build_version,
-            });
-        }
-        Ok(out)
-    }
-}
+use crate::store::{CooldownEvent, NodeHello, Store};
+use crate::time::{now_ms, timestamp_ms};
 
 /// The service data planes call.
 #[derive(Clone)]
 pub struct DataPlaneApi {
     store: Store,
     publisher: Arc<Publisher>,
-    registry: Arc<Registry>,
+    membership: Membership,
     /// Usage batches from every stream, committed together.
     usage: UsageWriter,
-    /// Held while a replica joins or leaves: the registry and the stored shares change
-    /// together, one replica at a time.
-    membership: Arc<tokio::sync::Mutex<()>>,
     /// Cancelled at shutdown: open streams end so the server can stop.
     stop: CancellationToken,
 }
@@ -174,62 +42,17 @@ impl DataPlaneApi {
     ) -> Self {
         Self {
             usage: UsageWriter::start(store.clone()),
+            membership: Membership::new(store.clone(), registry),
             store,
             publisher,
-            registry,
-            membership: Arc::default(),
             stop,
         }
     }
 
-    /// A replica's stream ended. Its last one: the replica keeps its share for the lease,
-    /// unless the control plane is stopping (then it keeps it until the next start, which
-    /// gives it a lease of its own).
     async fn left(&self, node_id: &str) {
-        let _membership = self.membership.lock().await;
-        let (last, count) = self.registry.disconnect(node_id);
-        tracing::info!(node = %node_id, replicas = count, "data plane disconnected");
-        if !last {
-            return;
-        }
-        let now = now_ms();
-        let result = if self.stop.is_cancelled() {
-            self.store.record_seen(node_id.to_owned()).await
-        } else {
-            self.store
-                .release_share(node_id.to_owned(), now, now + lease_ms())
-                .await
-        };
-        if let Err(err) = result {
-            tracing::error!(error = %err, "recording a replica's departure failed");
-        }
-    }
-}
-
-/// Ends the shares whose lease ran out, as they run out, until `stop`. Each that ends
-/// re-divides every RPM limit among the replicas left (a new snapshot).
-pub async fn expire_shares(store: Store, stop: CancellationToken) {
-    loop {
-        let wait = match store.next_share_expiry().await {
-            Ok(Some(at)) => {
-                std::time::Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64)
-            }
-            Ok(None) => SHARE_LEASE,
-            Err(err) => {
-                tracing::warn!(error = %err, "reading replica leases failed; will retry");
-                std::time::Duration::from_secs(1)
-            }
-        };
-        // Also wakes for leases that start meanwhile: they run a full lease from now.
-        tokio::select! {
-            () = tokio::time::sleep(wait.min(SHARE_LEASE)) => {}
-            () = stop.cancelled() => return,
-        }
-        match store.expire_shares(now_ms()).await {
-            Ok(0) => {}
-            Ok(ended) => tracing::info!(ended, "replica shares lapsed; RPM limits re-divided"),
-            Err(err) => tracing::warn!(error = %err, "ending replica leases failed; will retry"),
-        }
+        self.membership
+            .left(node_id, now_ms(), self.stop.is_cancelled())
+            .await;
     }
 }
 
@@ -274,13 +97,7 @@ impl DataPlaneService for DataPlaneApi {
             peer_address: peer,
             build_version: first.build_version.chars().take(64).collect(),
         };
-        let first_version = {
-            let _membership = self.membership.lock().await;
-            let version = self.store.record_connect(hello.clone(), now_ms()).await?;
-            let count = self.registry.connect(&hello);
-            tracing::info!(node = %hello.node_id, peer = %hello.peer_address, replicas = count, "data plane connected");
-            version
-        };
+        let first_version = self.membership.joined(&hello, now_ms()).await?;
 
         let (tx, rx) = mpsc::channel(2);
         let api = self.clone();
@@ -324,7 +141,7 @@ impl DataPlaneService for DataPlaneApi {
                             if !m.error_detail.is_empty() {
                                 tracing::warn!(node = %node_id, version = m.version, error = %m.error_detail, "data plane refused a snapshot");
                             }
-                            api.registry.record(&node_id, m.version, &m.error_detail);
+                            api.membership.registry().record(&node_id, m.version, &m.error_detail);
                             if let Err(err) = api.store.record_ack(node_id.clone(), m.version, m.error_detail).await {
                                 tracing::error!(error = %err, "recording an ack failed");
                             }
@@ -437,16 +254,7 @@ impl DataPlaneApi {
             return Ok(None);
         }
         check_id("incarnation", &batch.incarnation)?;
-        let rows: Vec<UsageRow> = batch.records.iter().map(UsageRow::from).collect();
-        let applied = self
-            .usage
-            .submit(UsageBatch {
-                node_id: batch.node_id,
-                incarnation: batch.incarnation,
-                rows,
-                previous_sequence: batch.previous_sequence,
-            })
-            .await;
+        let applied = self.usage.submit(batch_of(batch)).await;
         Ok(Some(applied))
     }
 }

@@ -1,0 +1,230 @@
+//! Which replicas are connected, and which hold a share of every RPM limit.
+//!
+//! A replica holds a share from the moment its snapshot stream opens until [`SHARE_LEASE`]
+//! after its last stream closed: it may still be serving on its last snapshot (cut off,
+//! reconnecting), so the others are not given its share before then. A control plane that
+//! starts gives every replica that held a share when it stopped such a lease from the start.
+//! The holders are stored with the replicas; every change of their number bumps the snapshot
+//! version in the transaction that makes it, and a snapshot reads the number in its own read
+//! transaction, so a snapshot's count always matches its version. Joins and leaves are
+//! applied one at a time ([`Membership`]), so the connected registry and the stored shares
+//! never disagree. The bound this gives on the sum of the shares is in `docs/guarantees.md`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{NodeHello, Store, StoreError};
+use crate::time::{now_ms, timestamp};
+
+/// How long a replica keeps its share after its last snapshot stream closed (or after a
+/// control-plane start, for the replicas that held one when it stopped).
+pub const SHARE_LEASE: Duration = Duration::from_secs(30);
+
+fn lease_ms() -> i64 {
+    SHARE_LEASE.as_millis() as i64
+}
+
+/// Replicas with an open snapshot stream.
+#[derive(Default)]
+pub struct Registry {
+    connected: Mutex<HashMap<String, Connected>>,
+}
+
+struct Connected {
+    streams: u32,
+    hostname: String,
+    peer_address: String,
+    build_version: String,
+    connect_time_ms: i64,
+    acked_version: u64,
+    last_error: String,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Connected>> {
+        self.connected.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Returns the number of distinct connected replicas after the change.
+    fn connect(&self, hello: &NodeHello) -> u32 {
+        let mut map = self.lock();
+        let entry = map
+            .entry(hello.node_id.clone())
+            .or_insert_with(|| Connected {
+                streams: 0,
+                hostname: hello.hostname.clone(),
+                peer_address: hello.peer_address.clone(),
+                build_version: hello.build_version.clone(),
+                connect_time_ms: now_ms(),
+                acked_version: 0,
+                last_error: String::new(),
+            });
+        entry.streams += 1;
+        map.len() as u32
+    }
+
+    /// Returns whether that was the replica's last stream, and the number of distinct
+    /// connected replicas after the change.
+    fn disconnect(&self, node_id: &str) -> (bool, u32) {
+        let mut map = self.lock();
+        let mut last = false;
+        if let Some(entry) = map.get_mut(node_id) {
+            entry.streams = entry.streams.saturating_sub(1);
+            if entry.streams == 0 {
+                map.remove(node_id);
+                last = true;
+            }
+        }
+        (last, map.len() as u32)
+    }
+
+    /// Records an ack (`error` empty) or a nack of `version` by a connected replica.
+    pub fn record(&self, node_id: &str, version: u64, error: &str) {
+        if let Some(entry) = self.lock().get_mut(node_id) {
+            if error.is_empty() {
+                entry.acked_version = entry.acked_version.max(version);
+                entry.last_error.clear();
+            } else {
+                entry.last_error = error.to_owned();
+            }
+        }
+    }
+
+    pub fn connected_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Connected replicas, then those seen in the last 24 hours; `latest` is the newest
+    /// published snapshot version.
+    pub async fn list(&self, store: &Store, latest: u64) -> Result<Vec<pb::DataPlane>, StoreError> {
+        let rows = store.list_data_planes(now_ms() - 24 * 3_600_000).await?;
+        let now = now_ms();
+        let mut out: Vec<pb::DataPlane> = {
+            let map = self.lock();
+            map.iter()
+                .map(|(node_id, c)| pb::DataPlane {
+                    node_id: node_id.clone(),
+                    hostname: c.hostname.clone(),
+                    peer_address: c.peer_address.clone(),
+                    acked_version: c.acked_version,
+                    latest_version: latest,
+                    last_error: c.last_error.clone(),
+                    connect_time: Some(timestamp(c.connect_time_ms)),
+                    // An open stream is a live replica: it is seen now.
+                    last_seen_time: Some(timestamp(now)),
+                    connected: true,
+                    build_version: c.build_version.clone(),
+                })
+                .collect()
+        };
+        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        for row in rows {
+            if out.iter().any(|d| d.node_id == row.node_id) {
+                continue;
+            }
+            out.push(pb::DataPlane {
+                node_id: row.node_id,
+                hostname: row.hostname,
+                peer_address: row.peer_address,
+                acked_version: row.acked_version,
+                latest_version: latest,
+                last_error: row.last_error,
+                connect_time: Some(timestamp(row.connect_time_ms)),
+                last_seen_time: Some(timestamp(row.last_seen_time_ms)),
+                connected: false,
+                build_version: row.build_version,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Joins and leaves, one at a time: the registry and the stored shares change together.
+#[derive(Clone)]
+pub struct Membership {
+    store: Store,
+    registry: Arc<Registry>,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Membership {
+    pub fn new(store: Store, registry: Arc<Registry>) -> Self {
+        Self {
+            store,
+            registry,
+            lock: Arc::default(),
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// A replica's snapshot stream opened at `now`. Returns the snapshot version its first
+    /// snapshot must have at least: one that counts it among the share holders.
+    pub async fn joined(&self, hello: &NodeHello, now: i64) -> Result<u64, StoreError> {
+        let _one_at_a_time = self.lock.lock().await;
+        let version = self.store.record_connect(hello.clone(), now).await?;
+        let count = self.registry.connect(hello);
+        tracing::info!(node = %hello.node_id, peer = %hello.peer_address, replicas = count, "data plane connected");
+        Ok(version)
+    }
+
+    /// A replica's snapshot stream closed at `now`. After its last one the replica keeps its
+    /// share for [`SHARE_LEASE`], unless the control plane is `stopping`: then it keeps it
+    /// until the next start, which gives it a lease of its own.
+    pub async fn left(&self, node_id: &str, now: i64, stopping: bool) {
+        let _one_at_a_time = self.lock.lock().await;
+        let (last, count) = self.registry.disconnect(node_id);
+        tracing::info!(node = %node_id, replicas = count, "data plane disconnected");
+        if !last {
+            return;
+        }
+        let result = if stopping {
+            self.store.record_seen(node_id.to_owned()).await
+        } else {
+            self.store
+                .release_share(node_id.to_owned(), now, now + lease_ms())
+                .await
+        };
+        if let Err(err) = result {
+            tracing::error!(error = %err, "recording a replica's departure failed");
+        }
+    }
+}
+
+/// At a control-plane start at `now`: the replicas that held a share when it stopped are
+/// still serving on it, so each keeps it for a lease from now unless it reconnects first.
+pub async fn resume(store: &Store, now: i64) -> Result<(), StoreError> {
+    store.resume_shares(now + lease_ms()).await
+}
+
+/// Ends the shares whose lease ran out, as they run out, until `stop`. Each that ends
+/// re-divides every RPM limit among the replicas left (a new snapshot).
+pub async fn expire_shares(store: Store, stop: CancellationToken) {
+    loop {
+        let wait = match store.next_share_expiry().await {
+            Ok(Some(at)) => Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64),
+            Ok(None) => SHARE_LEASE,
+            Err(err) => {
+                tracing::warn!(error = %err, "reading replica leases failed; will retry");
+                Duration::from_secs(1)
+            }
+        };
+        // A lease that starts meanwhile runs a full lease from now: waking at least once a
+        // lease catches it.
+        tokio::select! {
+            () = tokio::time::sleep(wait.min(SHARE_LEASE)) => {}
+            () = stop.cancelled() => return,
+        }
+        match store.expire_shares(now_ms()).await {
+            Ok(0) => {}
+            Ok(ended) => tracing::info!(ended, "replica shares lapsed; RPM limits re-divided"),
+            Err(err) => tracing::warn!(error = %err, "ending replica leases failed; will retry"),
+        }
+    }
+}
