@@ -4,7 +4,7 @@
 use sluice_proto::limits::MAX_MODEL_NAME_BYTES;
 use sluice_proto::v1 as pb;
 
-use crate::validation::{ValidationError, check_name};
+use crate::validation::{ValidationError, check_model_name, check_name, check_visible};
 
 pub use sluice_domain::pool::Pool;
 
@@ -92,39 +92,19 @@ impl BackendSpec {
             let field = format!("backend.models[{i}]");
             model.name = model.name.trim().to_owned();
             model.upstream_name = model.upstream_name.trim().to_owned();
-            if model.name.is_empty() {
-                return Err(ValidationError::new(
-                    format!("{field}.name"),
-                    "must not be empty",
-                ));
-            }
-            if model.name.len() > MAX_MODEL_NAME_BYTES
-                || model.upstream_name.len() > MAX_MODEL_NAME_BYTES
-            {
-                return Err(ValidationError::new(
-                    format!("{field}.name"),
-                    format!("model names must be at most {MAX_MODEL_NAME_BYTES} bytes"),
-                ));
-            }
-            if model
-                .name
-                .chars()
-                .any(|c| c.is_control() || c.is_whitespace())
-            {
-                return Err(ValidationError::new(
-                    format!("{field}.name"),
-                    "must not contain spaces or control characters",
-                ));
-            }
+            check_model_name(&format!("{field}.name"), &model.name)?;
             if model.upstream_name.is_empty() {
                 model.upstream_name = model.name.clone();
             }
-            if model.upstream_name.chars().any(char::is_control) {
+            // Sent upstream as given: spaces are allowed (some providers name deployments
+            // so), invisible characters are not.
+            if model.upstream_name.len() > MAX_MODEL_NAME_BYTES {
                 return Err(ValidationError::new(
                     format!("{field}.upstream_name"),
-                    "must not contain control characters",
+                    format!("model names must be at most {MAX_MODEL_NAME_BYTES} bytes"),
                 ));
             }
+            check_visible(&format!("{field}.upstream_name"), &model.upstream_name)?;
             for (price, what) in [
                 (model.input_price_per_mtok, "input_price_per_mtok"),
                 (model.output_price_per_mtok, "output_price_per_mtok"),

@@ -4,7 +4,7 @@
 use rand::RngCore as _;
 use sluice_proto::v1 as pb;
 
-use crate::validation::{ValidationError, check_name};
+use crate::validation::{ValidationError, check_model_name, check_name};
 
 const PREFIX: &str = "sk-sluice-";
 /// Characters of the key kept (beside the hash) to tell keys apart in listings.
@@ -39,12 +39,7 @@ impl NewClientKey {
         let mut models = Vec::with_capacity(self.allowed_models.len());
         for (i, model) in self.allowed_models.iter().enumerate() {
             let model = model.trim();
-            if model.is_empty() || model.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                return Err(ValidationError::new(
-                    format!("allowed_models[{i}]"),
-                    "must be a model name without spaces",
-                ));
-            }
+            check_model_name(&format!("allowed_models[{i}]"), model)?;
             if !models.iter().any(|m: &String| m == model) {
                 models.push(model.to_owned());
             }

@@ -1,8 +1,11 @@
 //! Hostile input: a corpus of malformed requests, each answered with the right
-//! 4xx status and an OpenAI-style JSON error, while the proxy keeps serving.
+//! 4xx status and an OpenAI-style JSON error, while the proxy keeps serving; and the
+//! attacks at every other edge (`docs/security.md`), one module each.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "hostile/names.rs"]
+mod names;
 
 use common::{Cluster, Mock};
 use sluice_proto::v1 as pb;
