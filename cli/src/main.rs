@@ -11,7 +11,9 @@ async fn main() -> ExitCode {
     match sluicectl::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err}");
+            // The server's message may quote what a client sent.
+            let line = err.to_string();
+            eprintln!("error: {}", sluice_domain::text::escape_control(&line));
             ExitCode::from(err.exit_code())
         }
     }

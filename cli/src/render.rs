@@ -48,13 +48,26 @@ fn write_stdout(text: &str) -> Result<(), Error> {
     }
 }
 
+/// Text from the server as it may be shown: a name, model or error a client or replica
+/// sent can hold control characters (a newline, an ANSI escape that repaints the
+/// terminal); they are shown escaped.
+fn shown(text: String) -> String {
+    match sluice_domain::text::escape_control(&text) {
+        std::borrow::Cow::Borrowed(_) => text,
+        std::borrow::Cow::Owned(escaped) => escaped,
+    }
+}
+
 /// Columns separated by spaces under upper-case headers, like `kubectl get`.
 fn grid(header: &[&str], rows: Vec<Vec<String>>, right_aligned: &[usize]) -> String {
     let mut table = Table::new();
     table
         .load_preset(presets::NOTHING)
         .set_header(header.to_vec());
-    table.add_rows(rows);
+    table.add_rows(
+        rows.into_iter()
+            .map(|row| row.into_iter().map(shown).collect::<Vec<_>>()),
+    );
     for (index, column) in table.column_iter_mut().enumerate() {
         column.set_padding((0, 2));
         if right_aligned.contains(&index) {
@@ -70,7 +83,7 @@ fn fields(rows: Vec<(&str, String)>) -> String {
     table.load_preset(presets::NOTHING);
     table.add_rows(
         rows.into_iter()
-            .map(|(label, value)| vec![label.to_owned(), value]),
+            .map(|(label, value)| vec![label.to_owned(), shown(value)]),
     );
     for column in table.column_iter_mut() {
         column.set_padding((0, 2));
@@ -256,7 +269,7 @@ pub fn created_client_key(response: &pb::CreateClientKeyResponse) -> String {
         Some(key) => (
             key.name.as_str(),
             key.id.as_str(),
-            allowed_models(&key.allowed_models),
+            shown(allowed_models(&key.allowed_models)),
             limit(key.rpm_limit),
         ),
         None => ("", "", "-".to_owned(), "-".to_owned()),

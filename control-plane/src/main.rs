@@ -100,7 +100,10 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
-        LogFormat::Text => builder.init(),
+        // Escapes control characters in what clients sent (JSON strings already do).
+        LogFormat::Text => builder
+            .fmt_fields(sluice_domain::logging::EscapedFields)
+            .init(),
         LogFormat::Json => builder.json().init(),
     }
 }

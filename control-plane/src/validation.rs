@@ -3,7 +3,6 @@
 //! every name obeys.
 
 use sluice_proto::limits::MAX_MODEL_NAME_BYTES;
-use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
 
 /// Input that breaks a rule. Maps to `INVALID_ARGUMENT` with the message
 /// `"<field>: <problem>"`.
@@ -71,10 +70,7 @@ pub fn check_visible(field: &str, text: &str) -> Result<(), ValidationError> {
             "must not contain control characters",
         ));
     }
-    if let Some(c) = text
-        .chars()
-        .find(|c| c.general_category() == GeneralCategory::Format)
-    {
+    if let Some(c) = text.chars().find(|&c| sluice_domain::text::is_format(c)) {
         return Err(ValidationError::new(
             field,
             format!(

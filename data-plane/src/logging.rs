@@ -160,7 +160,10 @@ pub fn init(format: LogFormat, buffer_lines: usize) -> std::io::Result<LogGuard>
         .with_writer(BatchWriter(Arc::clone(&shared)))
         .with_ansi(std::io::stderr().is_terminal());
     match format {
-        LogFormat::Text => builder.init(),
+        // Escapes control characters in what clients sent (JSON strings already do).
+        LogFormat::Text => builder
+            .fmt_fields(sluice_domain::logging::EscapedFields)
+            .init(),
         LogFormat::Json => builder.json().init(),
     }
     Ok(LogGuard {

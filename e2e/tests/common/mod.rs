@@ -75,6 +75,11 @@ impl Cluster {
         self.api.url.clone()
     }
 
+    /// The running control plane's process (its output, for tests that read its log).
+    pub fn control(&self) -> &Child {
+        self.control.as_ref().expect("control plane running")
+    }
+
     pub async fn start_control(&mut self) {
         assert!(self.control.is_none(), "control plane already running");
         let child = spawn(

@@ -1,0 +1,114 @@
+//! The field formatter both servers' text logs use (feature `logging`): tracing-subscriber's
+//! own, with every value passed through [`crate::text::EscapeControl`]. tracing-subscriber
+//! writes `%` (Display) values as they are, so a model name holding a newline would start a
+//! forged log line and an ANSI escape would reach the terminal of whoever reads the log.
+//! The JSON format needs nothing of this: JSON strings escape control characters.
+
+use std::fmt;
+
+use tracing_core::field::Field;
+use tracing_subscriber::field::{MakeVisitor, Visit, VisitFmt, VisitOutput};
+use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
+
+use crate::text::Escaped;
+
+/// `FormatFields` for the text format: `.fmt_fields(EscapedFields)` on the subscriber builder.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EscapedFields;
+
+impl<'a> MakeVisitor<Writer<'a>> for EscapedFields {
+    type Visitor = EscapingVisitor<'a>;
+
+    fn make_visitor(&self, target: Writer<'a>) -> Self::Visitor {
+        EscapingVisitor(DefaultVisitor::new(target, true))
+    }
+}
+
+/// tracing-subscriber's default visitor behind the escaping.
+pub struct EscapingVisitor<'a>(DefaultVisitor<'a>);
+
+impl Visit for EscapingVisitor<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0.record_debug(field, &Escaped(value));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else {
+            // Written quoted, with `Debug`'s escapes.
+            self.0.record_str(field, value);
+        }
+    }
+
+    // Numbers and booleans hold nothing to escape.
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.record_i64(field, value);
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.record_u64(field, value);
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.record_f64(field, value);
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.record_bool(field, value);
+    }
+}
+
+impl VisitOutput<fmt::Result> for EscapingVisitor<'_> {
+    fn finish(self) -> fmt::Result {
+        self.0.finish()
+    }
+}
+
+impl VisitFmt for EscapingVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn fmt::Write {
+        self.0.writer()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_client_string_stays_on_its_line_and_paints_nothing() {
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer({
+                let lines = lines.clone();
+                move || lines.clone()
+            })
+            .with_ansi(false)
+            .fmt_fields(EscapedFields)
+            .finish();
+        let model = "m\n2025-01-01T00:00:00Z  INFO request finished status=200\u{1b}[31m";
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(model = %model, debug = ?model, plain = model, n = 3, "got {model}");
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(text.contains("model=m\\n2025"), "{text}");
+        assert!(text.contains("n=3"), "{text}");
+    }
+}

@@ -1,0 +1,93 @@
+//! Text from outside made safe to print: control characters and Unicode format characters
+//! (zero-width, bidirectional overrides…) escaped, so that a string a client invented can
+//! neither start a new log line nor drive the terminal of whoever reads it. Both servers'
+//! logs and `sluicectl`'s tables go through here.
+
+use std::borrow::Cow;
+use std::fmt::{self, Write};
+
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
+
+/// Whether `c` is a Unicode format character (general category Cf: zero-width spaces and
+/// joiners, bidirectional overrides and isolates, the soft hyphen, tag characters…):
+/// invisible, yet it changes how the text around it reads.
+pub fn is_format(c: char) -> bool {
+    !c.is_ascii() && c.general_category() == GeneralCategory::Format
+}
+
+/// Whether `c` must not reach a log line or a terminal as it is.
+fn unsafe_to_print(c: char) -> bool {
+    if c.is_ascii() {
+        return c.is_ascii_control();
+    }
+    c.is_control() || is_format(c)
+}
+
+/// Writes `c` escaped: `\n`, `\r`, `\t`, or `\u{…}`.
+fn write_escaped(out: &mut impl Write, c: char) -> fmt::Result {
+    match c {
+        '\n' => out.write_str("\\n"),
+        '\r' => out.write_str("\\r"),
+        '\t' => out.write_str("\\t"),
+        c => write!(out, "\\u{{{:x}}}", u32::from(c)),
+    }
+}
+
+/// `text` with every control and format character escaped; borrowed when there is none.
+pub fn escape_control(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(unsafe_to_print) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    // Writing to a String cannot fail.
+    let _ = EscapeControl(&mut out).write_str(text);
+    Cow::Owned(out)
+}
+
+/// A writer that passes text on with control and format characters escaped.
+pub struct EscapeControl<W>(pub W);
+
+impl<W: Write> Write for EscapeControl<W> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        let mut rest = text;
+        while let Some((at, c)) = rest.char_indices().find(|&(_, c)| unsafe_to_print(c)) {
+            self.0.write_str(&rest[..at])?;
+            write_escaped(&mut self.0, c)?;
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+/// Formats a `Debug` value through [`EscapeControl`].
+pub struct Escaped<'a>(pub &'a dyn fmt::Debug);
+
+impl fmt::Debug for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(EscapeControl(f), "{:?}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_what_could_forge_a_line_or_paint_a_terminal() {
+        assert!(matches!(
+            escape_control("gpt-4o ünïcode ✓"),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            escape_control("m\nINFO request finished\u{1b}[31mred\u{7}"),
+            "m\\nINFO request finished\\u{1b}[31mred\\u{7}"
+        );
+        assert_eq!(escape_control("a\r\tb\u{85}"), "a\\r\\tb\\u{85}");
+        assert_eq!(
+            escape_control("x\u{202E}y\u{200B}z"),
+            "x\\u{202e}y\\u{200b}z"
+        );
+        let debug = format!("{:?}", Escaped(&format_args!("{}", "a\nb")));
+        assert_eq!(debug, "a\\nb");
+    }
+}
