@@ -21,6 +21,7 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod redact;
 pub mod request;
 pub mod router;
 pub mod server;

@@ -119,6 +119,14 @@ impl Backend {
     pub fn authorization(&self) -> Option<&HeaderValue> {
         self.authorization.as_ref()
     }
+
+    /// The backend's API key (empty when it has none), to remove from what upstreams echo.
+    pub fn api_key(&self) -> &[u8] {
+        self.authorization
+            .as_ref()
+            .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or_default()
+    }
 }
 
 /// One way to serve a public model: a backend and the name that backend knows the model by.

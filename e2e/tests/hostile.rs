@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "hostile/keys.rs"]
+mod keys;
 #[path = "hostile/logs.rs"]
 mod logs;
 #[path = "hostile/names.rs"]

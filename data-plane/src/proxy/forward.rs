@@ -19,6 +19,7 @@ use crate::clock::Now;
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
 use crate::metrics::{AttemptOutcome, CooldownReason, Label, LimitScope, SkipReason};
+use crate::redact::redact;
 use crate::request::ParsedRequest;
 use crate::router;
 use crate::snapshot::{Backend, Endpoint, Policy, Route, Snapshot};
@@ -326,6 +327,7 @@ async fn attempt(
         )
         .await
         .unwrap_or_default();
+        let body = redact(body, backend.api_key());
         return Err(Failure::Status {
             status,
             retry_after,
@@ -351,7 +353,11 @@ async fn attempt(
             first,
         });
     }
-    let body = read_body(upstream, max_response, policy.idle_stream_timeout, deadline).await?;
+    let mut body = read_body(upstream, max_response, policy.idle_stream_timeout, deadline).await?;
+    if !status.is_success() {
+        // A 4xx is passed on as it came, but for the key some providers quote in it.
+        body = redact(body, backend.api_key());
+    }
     Ok(Answer::Full {
         status,
         content_type,

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 ///
 /// JSON (serde's external tagging, snake_case):
 /// `{"status":{"code":429,"retry_after":{"seconds":2}}}`, `{"status":{"code":503}}`, `"reset"`,
-/// `"stall"`, `{"cut_after_chunks":3}`, `{"garbage":"not_json"}` (or `"invalid_sse"`, `"giant_line"`).
+/// `"stall"`, `{"cut_after_chunks":3}`, `{"garbage":"not_json"}` (or `"invalid_sse"`, `"giant_line"`),
+/// `{"echo_key":{"code":401}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
@@ -32,6 +33,9 @@ pub enum Fault {
     CutAfterChunks(usize),
     /// Answer 200 with a body the client cannot use.
     Garbage(GarbageKind),
+    /// Answer with this status and an error whose message quotes the API key the request
+    /// presented, as some providers do ("Incorrect API key provided: sk-…").
+    EchoKey { code: u16 },
 }
 
 /// How long a [`Fault::Stall`] holds a request at most.

@@ -67,6 +67,20 @@ impl ApiError {
         }
     }
 
+    /// An error quoting the key the request presented, as some providers' answers do.
+    pub(crate) fn echoing_key(status: StatusCode, key: &str) -> Self {
+        Self {
+            status,
+            message: format!(
+                "Incorrect API key provided: {key}. You can find your API key at \
+                 https://platform.openai.com/account/api-keys."
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+        }
+    }
+
     pub(crate) fn model_not_found(model: &str) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,

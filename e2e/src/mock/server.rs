@@ -244,6 +244,12 @@ async fn api(
         Ok(r) => r,
         Err(e) => return Ok(json_response(shared, e.status, e.body())),
     };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).to_owned())
+        .unwrap_or_default();
     let authorized = match &shared.expected_auth {
         None => Ok(()),
         Some(expected) => match req.headers().get(header::AUTHORIZATION) {
@@ -326,6 +332,11 @@ async fn api(
                 }
             }
             return Ok(response);
+        }
+        Some(Fault::EchoKey { code }) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::UNAUTHORIZED);
+            let error = ApiError::echoing_key(status, &presented);
+            return Ok(json_response(shared, status, error.body()));
         }
         Some(Fault::Garbage(kind)) => {
             let (content_type, body) = stream::garbage(kind);
@@ -574,7 +585,11 @@ async fn control(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                 }
             };
             if let Some(code) = specs.iter().find_map(|s| match s.fault {
-                Fault::Status { code, .. } if !(200..=599).contains(&code) => Some(code),
+                Fault::Status { code, .. } | Fault::EchoKey { code }
+                    if !(200..=599).contains(&code) =>
+                {
+                    Some(code)
+                }
                 _ => None,
             }) {
                 return control_error(
