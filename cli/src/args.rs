@@ -301,6 +301,10 @@ pub struct SettingsSetArgs {
     /// Days of hourly usage kept; 0 keeps all.
     #[arg(long)]
     pub usage_retention_days: Option<u32>,
+    /// Whether answers carry `x-sluice-backend`, the name of the backend that answered
+    /// (off by default: it tells every client how the gateway routes).
+    #[arg(long, value_name = "BOOL")]
+    pub expose_backend_header: Option<bool>,
 }
 
 #[derive(Debug, Subcommand)]

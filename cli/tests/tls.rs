@@ -108,6 +108,7 @@ async fn https_endpoint_is_verified_against_the_given_ca() {
         data_dir: data_dir.path().to_owned(),
         grpc_listen: localhost,
         http_listen: localhost,
+        http: Default::default(),
         secrets: SecretSources {
             admin_token: Some(TOKEN.into()),
             dataplane_token: Some("tls-test-dataplane-token".into()),

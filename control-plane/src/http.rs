@@ -1,5 +1,8 @@
 //! The control plane's HTTP listener: health, readiness, Prometheus metrics, and the
-//! web dashboard with its JSON API. Every answer carries the security headers.
+//! web dashboard with its JSON API. Every answer carries the security headers; only
+//! requests for a host this server answers to are served ([`host`]).
+
+pub mod host;
 
 use std::sync::Arc;
 
@@ -34,6 +37,7 @@ pub fn router(
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     api: JsonApi,
+    hosts: host::AllowedHosts,
 ) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -46,6 +50,10 @@ pub fn router(
         })
         .merge(crate::dashboard::router(api, metrics))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .layer(axum::middleware::from_fn_with_state(
+            hosts,
+            host::check_host,
+        ))
         .layer(axum::middleware::from_fn(security_headers))
 }
 

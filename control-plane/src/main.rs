@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use sluice_control::crypto::MasterKey;
 use sluice_control::secrets::{self, SecretSources};
-use sluice_control::server::{self, Config, TlsFiles};
+use sluice_control::server::{self, Config, HttpOptions, TlsFiles};
 use sluice_control::store::{DB_FILE, Store};
 
 /// The Sluice control plane: stores backends, provider keys (encrypted), client keys,
@@ -47,6 +47,12 @@ struct Args {
     /// /readyz and /metrics.
     #[arg(long, env = "SLUICE_HTTP_LISTEN", default_value = "127.0.0.1:8081")]
     http_listen: SocketAddr,
+    /// Host names the HTTP listener answers to, besides IP addresses and localhost (comma-
+    /// separated; `*` for any): the names browsers and Prometheus use to reach it, e.g.
+    /// `sluice.example.com`. Other names are refused (403) so that a page on another domain
+    /// cannot read the dashboard or /metrics through DNS rebinding.
+    #[arg(long, env = "SLUICE_ALLOWED_HOSTS", value_delimiter = ',')]
+    allowed_hosts: Vec<String>,
     /// File holding the base64 master key that encrypts provider keys (SLUICE_MASTER_KEY
     /// wins if set). Default: <data-dir>/master-key, generated on first start.
     #[arg(long, env = "SLUICE_MASTER_KEY_FILE", global = true)]
@@ -146,6 +152,9 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         grpc_listen: args.grpc_listen,
         http_listen: args.http_listen,
+        http: HttpOptions {
+            allowed_hosts: args.allowed_hosts.clone(),
+        },
         secrets: secret_sources(args),
         tls: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {

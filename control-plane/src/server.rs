@@ -35,6 +35,15 @@ pub struct Config {
     pub http_listen: SocketAddr,
     pub secrets: SecretSources,
     pub tls: Option<TlsFiles>,
+    pub http: HttpOptions,
+}
+
+/// How the HTTP listener treats its clients.
+#[derive(Debug, Clone, Default)]
+pub struct HttpOptions {
+    /// Host names answered besides IP addresses and `localhost` (`*`: any); see
+    /// [`crate::http::host`].
+    pub allowed_hosts: Vec<String>,
 }
 
 /// PEM files for the gRPC listener's TLS.
@@ -246,7 +255,13 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             stop.clone().cancelled_owned(),
         );
 
-    let http = crate::http::router(publisher.clone(), registry.clone(), metrics, json_api);
+    let http = crate::http::router(
+        publisher.clone(),
+        registry.clone(),
+        metrics,
+        json_api,
+        crate::http::host::AllowedHosts::new(&config.http.allowed_hosts),
+    );
     let http_stop = stop.clone();
     let http = async move {
         axum::serve(http_listener, http)

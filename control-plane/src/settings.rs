@@ -23,6 +23,7 @@ pub const FIELDS: &[&str] = &[
     "retry_on_connect_error",
     "retry_on_timeout",
     "usage_retention_days",
+    "expose_backend_header",
 ];
 
 const HOUR_MS: i64 = 3_600_000;
@@ -51,6 +52,7 @@ pub fn apply_mask(
             "retry_on_connect_error" => next.retry_on_connect_error = update.retry_on_connect_error,
             "retry_on_timeout" => next.retry_on_timeout = update.retry_on_timeout,
             "usage_retention_days" => next.usage_retention_days = update.usage_retention_days,
+            "expose_backend_header" => next.expose_backend_header = update.expose_backend_header,
             other => {
                 return Err(ValidationError::new(
                     "update_mask",

@@ -31,6 +31,7 @@ impl TestControlPlane {
                 ..Default::default()
             },
             tls: None,
+            http: Default::default(),
         })
         .await?;
         Ok(Self {

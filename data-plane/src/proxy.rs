@@ -102,7 +102,7 @@ async fn serve(app: Arc<AppState>, endpoint: Endpoint, request: Request) -> Resp
         Some(snapshot) => match authenticate(&snapshot, request.headers()) {
             Err(e) => unaccounted(&app, &request_id, started, e),
             Ok(key) => {
-                let acct = Accounting::new(
+                let mut acct = Accounting::new(
                     app.usage.clone(),
                     Arc::clone(&app.metrics),
                     &request_id,
@@ -111,6 +111,7 @@ async fn serve(app: Arc<AppState>, endpoint: Endpoint, request: Request) -> Resp
                     started,
                     arrived,
                 );
+                acct.expose_backend(snapshot.policy.expose_backend_header);
                 authorized(&app, &snapshot, key, endpoint, request, acct).await
             }
         },

@@ -14,6 +14,7 @@ use sluice_proto::v1 as pb;
 #[tokio::test]
 async fn chat_json_and_stream_carry_content_usage_and_gateway_headers() {
     let cluster = Cluster::start().await;
+    cluster.expose_backend_header(true).await;
     let mock = Mock::start("mock-a", &["gpt-4o-mini-2024"]).await;
     cluster
         .add_backend(
@@ -292,6 +293,7 @@ async fn auth_and_model_errors_are_openai_shaped() {
 #[tokio::test]
 async fn a_failing_primary_fails_over_to_the_fallback_pool() {
     let cluster = Cluster::start().await;
+    cluster.expose_backend_header(true).await;
     let primary = Mock::start("primary", &["m"]).await;
     let fallback = Mock::start("fallback", &["m"]).await;
     cluster
@@ -329,6 +331,7 @@ async fn a_failing_primary_fails_over_to_the_fallback_pool() {
 #[tokio::test]
 async fn a_new_backend_serves_within_a_second_without_restart() {
     let cluster = Cluster::start().await;
+    cluster.expose_backend_header(true).await;
     let mock = Mock::start("mock-a", &["old", "new"]).await;
     cluster
         .add_backend("a", &mock, pb::Pool::Primary, 0, &[("old", "old")])

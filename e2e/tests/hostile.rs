@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "hostile/exposure.rs"]
+mod exposure;
 #[path = "hostile/keys.rs"]
 mod keys;
 #[path = "hostile/logs.rs"]

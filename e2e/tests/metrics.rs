@@ -19,6 +19,7 @@ const STREAM_PROMPT: &str = "tell me a secret story";
 #[tokio::test]
 async fn metrics_and_request_logs_follow_the_traffic() {
     let cluster = Cluster::start().await;
+    cluster.expose_backend_header(true).await;
     let primary = Mock::start("primary", &["m-up"]).await;
     let fallback = Mock::start("fallback", &["m-up"]).await;
     cluster

@@ -34,6 +34,7 @@ async fn set_settings(api: &ControlApi, settings: pb::Settings, paths: &[&str]) 
 #[tokio::test]
 async fn a_429_at_one_replica_cools_the_backend_at_all_three() {
     let run = LocalRun::start(3).await;
+    run.expose_backend_header(true).await;
     let a = Mock::start("a", &["m"]).await;
     let b = Mock::start("b", &["m"]).await;
     run.add_backend("a", &a, pb::Pool::Primary, 0, &[("m", "m")])
@@ -406,6 +407,7 @@ async fn sigterm_drains_in_flight_streams_flushes_usage_and_exits_0() {
 #[tokio::test]
 async fn with_one_healthy_backend_left_every_servable_request_is_served() {
     let cluster = Cluster::start().await;
+    cluster.expose_backend_header(true).await;
     set_settings(
         &cluster,
         pb::Settings {

@@ -34,6 +34,8 @@ pub struct Accounting {
     started: Instant,
     first_byte: Option<Duration>,
     backend_name: Option<Arc<str>>,
+    /// Whether `decorate` names the backend.
+    expose_backend: bool,
     /// The requested model's name as the snapshot holds it, if a route serves it (only then
     /// may it be a metric label).
     model_label: Option<Arc<str>>,
@@ -71,6 +73,7 @@ impl Accounting {
             started,
             first_byte: None,
             backend_name: None,
+            expose_backend: false,
             model_label: None,
             upstream_wait: Duration::ZERO,
             stream_sent: None,
@@ -150,9 +153,16 @@ impl Accounting {
         self.status_sent = Some(status);
     }
 
-    /// `x-sluice-backend` and `x-sluice-attempts` for the response.
+    /// Whether the answer names its backend in `x-sluice-backend` (the setting
+    /// `expose_backend_header`, off by default).
+    pub fn expose_backend(&mut self, expose: bool) {
+        self.expose_backend = expose;
+    }
+
+    /// `x-sluice-attempts`, and `x-sluice-backend` if exposed, for the response.
     pub fn decorate(&self, headers: &mut HeaderMap) {
-        if let Some(name) = &self.backend_name
+        if self.expose_backend
+            && let Some(name) = &self.backend_name
             && let Ok(value) = HeaderValue::from_str(name)
         {
             headers.insert("x-sluice-backend", value);

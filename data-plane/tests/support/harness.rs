@@ -81,6 +81,8 @@ pub fn settings() -> proto::Settings {
         retry_on_connect_error: true,
         retry_on_timeout: true,
         usage_retention_days: 0,
+        // The tests tell which backend answered by `x-sluice-backend`.
+        expose_backend_header: true,
     }
 }
 

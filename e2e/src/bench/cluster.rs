@@ -220,6 +220,19 @@ impl Cluster {
             .parse()
             .map_err(|_| BenchError::Setup("bad admin token".into()))?;
         let admin = AdminServiceClient::with_interceptor(channel, Bearer(token));
+        // The propagation rounds tell which backend answered by `x-sluice-backend`.
+        admin
+            .clone()
+            .update_settings(pb::UpdateSettingsRequest {
+                settings: Some(pb::Settings {
+                    expose_backend_header: true,
+                    ..Default::default()
+                }),
+                update_mask: Some(sluice_proto::wkt::FieldMask {
+                    paths: vec!["expose_backend_header".into()],
+                }),
+            })
+            .await?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()

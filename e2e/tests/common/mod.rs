@@ -276,6 +276,24 @@ impl ControlApi {
         .await;
     }
 
+    /// Turns `expose_backend_header` on or off: with it on, answers name their backend in
+    /// `x-sluice-backend` (tests of routing tell backends apart by it).
+    pub async fn expose_backend_header(&self, on: bool) {
+        self.admin()
+            .await
+            .update_settings(pb::UpdateSettingsRequest {
+                settings: Some(pb::Settings {
+                    expose_backend_header: on,
+                    ..Default::default()
+                }),
+                update_mask: Some(sluice_proto::wkt::FieldMask {
+                    paths: vec!["expose_backend_header".into()],
+                }),
+            })
+            .await
+            .unwrap();
+    }
+
     pub async fn totals(&self) -> pb::GetTotalsResponse {
         self.stats()
             .await

@@ -1,8 +1,7 @@
 //! The rules the control plane and the data plane must agree on, defined once: the routing
 //! policy and its defaults ([`settings`]), backend pools ([`pool`]), how a client presents and
 //! how Sluice recognises a key ([`auth`]), and how text from outside is shown in logs and
-//! terminals ([`text`]; with the feature `logging`, the text-log field formatter
-//! [`logging`]).
+//! terminals ([`text`], [`logging`]).
 //!
 //! Both servers depend on this crate and nothing here depends on either, so a rule changed
 //! here changes for both (the proto crate stays generated code only; the conversions between
@@ -10,10 +9,8 @@
 
 pub mod auth;
 pub mod cooldown;
+pub mod logging;
 pub mod pool;
 pub mod settings;
 pub mod text;
 pub mod time;
-
-#[cfg(feature = "logging")]
-pub mod logging;

@@ -28,6 +28,7 @@ pub fn defaults() -> pb::Settings {
         retry_on_connect_error: true,
         retry_on_timeout: true,
         usage_retention_days: 90,
+        expose_backend_header: false,
     }
 }
 
@@ -73,6 +74,8 @@ pub struct Policy {
     pub retry_on_server_error: bool,
     pub retry_on_connect_error: bool,
     pub retry_on_timeout: bool,
+    /// Answers carry `x-sluice-backend`.
+    pub expose_backend_header: bool,
 }
 
 impl Default for Policy {
@@ -95,6 +98,7 @@ impl Default for Policy {
             retry_on_server_error: d.retry_on_server_error,
             retry_on_connect_error: d.retry_on_connect_error,
             retry_on_timeout: d.retry_on_timeout,
+            expose_backend_header: d.expose_backend_header,
         }
     }
 }
@@ -126,6 +130,7 @@ impl TryFrom<&pb::Settings> for Policy {
             retry_on_server_error: s.retry_on_server_error,
             retry_on_connect_error: s.retry_on_connect_error,
             retry_on_timeout: s.retry_on_timeout,
+            expose_backend_header: s.expose_backend_header,
         })
     }
 }
