@@ -14,47 +14,19 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cdp::Browser;
-use common::{ADMIN_TOKEN, Bearer, ControlApi, DATAPLANE_TOKEN, Gateway, Mock, eventually};
+use common::{
+    ADMIN_TOKEN, ControlApi, DATAPLANE_TOKEN, Gateway, Mock, control_plane, eventually,
+    report_cooldown,
+};
 use serde_json::json;
 use sluice_e2e::process::{Child, spawn, workspace_bin};
 use sluice_proto::v1 as pb;
-use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
 
 const XSS: &str = "<img src=x onerror=alert(1)>";
 const START: Duration = Duration::from_secs(30);
 
 fn artifacts() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("artifacts")
-}
-
-/// `sluice-control` with both listeners on ephemeral ports.
-async fn control_plane(dir: &tempfile::TempDir) -> (Child, ControlApi, String) {
-    let child = spawn(
-        workspace_bin("sluice-control"),
-        [
-            "--data-dir".to_owned(),
-            dir.path().join("data").display().to_string(),
-            "--grpc-listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
-            "--http-listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
-        ],
-        [
-            ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
-            ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
-            ("RUST_LOG", "info"),
-        ],
-    )
-    .unwrap();
-    let grpc = child.wait_for_listening("grpc", START).await.unwrap();
-    let http = child.wait_for_listening("http", START).await.unwrap();
-    (
-        child,
-        ControlApi {
-            url: format!("http://{grpc}"),
-        },
-        format!("http://{http}"),
-    )
 }
 
 async fn data_plane(api: &ControlApi) -> (Child, Gateway) {
@@ -80,58 +52,6 @@ async fn data_plane(api: &ControlApi) -> (Child, Gateway) {
     (child, gateway)
 }
 
-/// A replica's report that `backend` answered 429: the control plane cools it down.
-async fn report_rate_limited(api: &ControlApi, backend_id: &str) {
-    let mut client = DataPlaneServiceClient::with_interceptor(
-        api.channel().await,
-        Bearer(DATAPLANE_TOKEN.into()),
-    );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let batch = pb::ReportUsageRequest {
-        node_id: "replica-events".into(),
-        incarnation: "inc-1".into(),
-        records: vec![],
-        events: vec![pb::BackendEvent {
-            backend_id: backend_id.into(),
-            kind: pb::BackendEventKind::RateLimited as i32,
-            cooldown_until: Some(sluice_proto::wkt::Timestamp {
-                seconds: now + 600,
-                nanos: 0,
-            }),
-            consecutive_failures: 2,
-            reason: "429 from upstream".into(),
-            time: Some(sluice_proto::wkt::Timestamp {
-                seconds: now,
-                nanos: 0,
-            }),
-        }],
-        ..Default::default()
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(batch).await.unwrap();
-    let _acks = client
-        .report_usage(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap();
-    // A batch of events alone is not acked; keep the stream open until it is applied.
-    eventually(Duration::from_secs(10), "the cooldown stored", || async {
-        api.admin()
-            .await
-            .list_cooldowns(pb::ListCooldownsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .cooldowns
-            .iter()
-            .any(|c| c.backend_id == backend_id)
-    })
-    .await;
-    drop(tx);
-}
-
 async fn backend_names(api: &ControlApi) -> Vec<pb::Backend> {
     api.admin()
         .await
@@ -146,7 +66,7 @@ async fn backend_names(api: &ControlApi) -> Vec<pb::Backend> {
 async fn the_dashboard_in_a_browser() {
     // A control plane, a mock provider behind two backends, a data plane, real traffic.
     let dir = tempfile::tempdir().unwrap();
-    let (_control, api, base) = control_plane(&dir).await;
+    let (_control, api, base) = control_plane(&dir, &[]).await;
     let mock = Mock::start("dash", &["gpt-4o-mini", "gpt-4o"]).await;
     let alpha = api
         .add_backend(
@@ -532,7 +452,7 @@ async fn the_dashboard_in_a_browser() {
         .await;
 
     // Cooldowns: a rate-limited backend shows with its reason and can be reset.
-    report_rate_limited(&api, &alpha.id).await;
+    report_cooldown(&api, &alpha.id, "429 from upstream").await;
     browser.click("#nav a[data-page=cooldowns]").await;
     browser
         .wait_for(

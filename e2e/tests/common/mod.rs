@@ -11,6 +11,7 @@ use sluice_e2e::mock::{FaultSpec, MockStats};
 use sluice_e2e::process::{Child, spawn, workspace_bin};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_client::AdminServiceClient;
+use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
 use sluice_proto::v1::stats_service_client::StatsServiceClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -661,4 +662,85 @@ impl Relay {
     pub fn heal(&self) {
         self.open.store(true, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// `sluice-control` with both listeners on ephemeral ports and `extra` flags: the process, its
+/// admin API, and its HTTP listener's base URL.
+pub async fn control_plane(dir: &tempfile::TempDir, extra: &[&str]) -> (Child, ControlApi, String) {
+    let mut args = vec![
+        "--data-dir".to_owned(),
+        dir.path().join("data").display().to_string(),
+        "--grpc-listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
+        "--http-listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let child = spawn(
+        workspace_bin("sluice-control"),
+        args,
+        [
+            ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .unwrap();
+    let grpc = child.wait_for_listening("grpc", START).await.unwrap();
+    let http = child.wait_for_listening("http", START).await.unwrap();
+    (
+        child,
+        ControlApi {
+            url: format!("http://{grpc}"),
+        },
+        format!("http://{http}"),
+    )
+}
+
+/// A replica's report that `backend_id` answered 429, with `reason`: the control plane cools
+/// it down. Returns once the cooldown is stored.
+pub async fn report_cooldown(api: &ControlApi, backend_id: &str, reason: &str) {
+    let mut client = DataPlaneServiceClient::with_interceptor(
+        api.channel().await,
+        Bearer(DATAPLANE_TOKEN.into()),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let at = |seconds| sluice_proto::wkt::Timestamp { seconds, nanos: 0 };
+    let batch = pb::ReportUsageRequest {
+        node_id: "replica-events".into(),
+        incarnation: "inc-1".into(),
+        records: vec![],
+        events: vec![pb::BackendEvent {
+            backend_id: backend_id.into(),
+            kind: pb::BackendEventKind::RateLimited as i32,
+            cooldown_until: Some(at(now + 600)),
+            consecutive_failures: 2,
+            reason: reason.into(),
+            time: Some(at(now)),
+        }],
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(batch).await.unwrap();
+    let _acks = client
+        .report_usage(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    // A batch of events alone is not acked; keep the stream open until it is applied.
+    eventually(Duration::from_secs(10), "the cooldown stored", || async {
+        api.admin()
+            .await
+            .list_cooldowns(pb::ListCooldownsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .cooldowns
+            .iter()
+            .any(|c| c.backend_id == backend_id)
+    })
+    .await;
+    drop(tx);
 }

@@ -5,36 +5,19 @@
 
 use std::time::Duration;
 
-use sluice_e2e::process::{spawn, workspace_bin};
 use sluice_proto::v1 as pb;
 
-use crate::common::{ADMIN_TOKEN, Cluster, DATAPLANE_TOKEN, Mock};
+use crate::common::{ADMIN_TOKEN, Cluster, Mock, control_plane};
 
 #[tokio::test]
 async fn the_control_planes_http_listener_answers_only_its_own_hosts() {
     let dir = tempfile::tempdir().unwrap();
-    let control = spawn(
-        workspace_bin("sluice-control"),
-        [
-            "--data-dir".to_owned(),
-            dir.path().join("data").display().to_string(),
-            "--grpc-listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
-            "--http-listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
-            "--allowed-hosts".to_owned(),
-            "sluice.example.com,Metrics.Internal".to_owned(),
-        ],
-        [
-            ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
-            ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
-        ],
+    let (control, _, base) = control_plane(
+        &dir,
+        &["--allowed-hosts", "sluice.example.com,Metrics.Internal"],
     )
-    .unwrap();
-    let http = control
-        .wait_for_listening("http", Duration::from_secs(30))
-        .await
-        .unwrap();
+    .await;
+    let http: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
     let client = reqwest::Client::new();
     let get = |path: &str, host: &str| {
         client

@@ -8,7 +8,9 @@ use sluice_e2e::process::workspace_bin;
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
 
-use crate::common::{ADMIN_TOKEN, Bearer, Cluster, DATAPLANE_TOKEN, Mock, eventually};
+use crate::common::{
+    ADMIN_TOKEN, Bearer, Cluster, DATAPLANE_TOKEN, Mock, eventually, report_cooldown,
+};
 
 /// A time stamp no real line of this test run has, starting the forged line.
 const FORGED_AT: &str = "2001-01-01T00:00:00.000000Z";
@@ -167,47 +169,11 @@ async fn sluicectl_tables_show_control_characters_escaped() {
     .await;
 
     // A replica's report is text from outside too: a cooldown reason with an escape.
-    let mut replica = DataPlaneServiceClient::with_interceptor(
-        cluster.channel().await,
-        Bearer(DATAPLANE_TOKEN.into()),
-    );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let at = |seconds| sluice_proto::wkt::Timestamp { seconds, nanos: 0 };
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(pb::ReportUsageRequest {
-        node_id: "replica-events".into(),
-        incarnation: "inc-1".into(),
-        records: vec![],
-        events: vec![pb::BackendEvent {
-            backend_id: backend.id.clone(),
-            kind: pb::BackendEventKind::RateLimited as i32,
-            cooldown_until: Some(at(now + 600)),
-            consecutive_failures: 1,
-            reason: format!("429\n{FORGED_AT} \u{1b}]0;owned\u{7}\u{1b}[2J"),
-            time: Some(at(now)),
-        }],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let _acks = replica
-        .report_usage(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(10), "the cooldown stored", || async {
-        !cluster
-            .admin()
-            .await
-            .list_cooldowns(pb::ListCooldownsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .cooldowns
-            .is_empty()
-    })
+    report_cooldown(
+        &cluster,
+        &backend.id,
+        &format!("429\n{FORGED_AT} \u{1b}]0;owned\u{7}\u{1b}[2J"),
+    )
     .await;
 
     for args in [
@@ -224,5 +190,4 @@ async fn sluicectl_tables_show_control_characters_escaped() {
             "{args:?} printed a forged line: {shown}"
         );
     }
-    drop(tx);
 }
