@@ -201,6 +201,9 @@ async fn killing_a_replica_fails_only_what_it_had_in_flight() {
     run.add_backend("a", &a, pb::Pool::Primary, 0, &[("m", "m")])
         .await;
     let (_, key) = run.create_key("k", &[]).await;
+    // The key must have reached every replica: a failure here is the kill's, not a 401
+    // from a replica that had not applied the key's snapshot yet.
+    run.wait_replicas_current(3).await;
     let front = Arc::new(run.front());
     let failures = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
