@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use prost::Message as _;
 use sluice_proto::v1 as pb;
 use tokio::sync::watch;
 
@@ -52,8 +53,15 @@ impl Publisher {
     /// protocol simulation.
     pub async fn unstarted(store: Store) -> Result<Self, StoreError> {
         let epoch = uuid::Uuid::new_v4().simple().to_string();
+        let started = std::time::Instant::now();
         let first = build(&store, &epoch).await?;
-        tracing::info!(%epoch, version = first.version, "snapshot epoch started");
+        tracing::info!(
+            %epoch,
+            version = first.version,
+            bytes = first.encoded_len(),
+            build_ms = started.elapsed().as_millis() as u64,
+            "snapshot epoch started"
+        );
         let (tx, _) = watch::channel(Arc::new(first));
         Ok(Self { store, epoch, tx })
     }
@@ -74,8 +82,10 @@ impl Publisher {
     /// Builds a snapshot of the committed state and publishes it if its version is newer
     /// than the one published.
     pub async fn rebuild(&self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
         let snapshot = build(&self.store, &self.epoch).await?;
         let version = snapshot.version;
+        let build_ms = started.elapsed().as_millis() as u64;
         let published = self.tx.send_if_modified(|current| {
             if snapshot.version > current.version {
                 *current = Arc::new(snapshot);
@@ -85,7 +95,7 @@ impl Publisher {
             }
         });
         if published {
-            tracing::debug!(version, "published snapshot");
+            tracing::debug!(version, build_ms, "published snapshot");
         }
         Ok(())
     }

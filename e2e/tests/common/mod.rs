@@ -105,6 +105,11 @@ impl Cluster {
         self.control = Some(child);
     }
 
+    /// Every line the running control plane has logged.
+    pub fn control_output(&self) -> Vec<String> {
+        self.control.as_ref().map(Child::output).unwrap_or_default()
+    }
+
     /// The control plane's `/metrics`, as samples keyed by `name{labels}`.
     pub async fn control_metrics(&self) -> std::collections::HashMap<String, f64> {
         let addr = self.http_addr.expect("control plane running");

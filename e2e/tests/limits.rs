@@ -1,0 +1,183 @@
+//! The largest configuration the docs say is supported, with the real binaries: 100,000
+//! client keys and 1,000 backends of 10 model routes each. The control plane builds and sends
+//! the snapshot, a data plane takes it and serves with the last key, and `sluicectl` lists
+//! every key: each within the message limits of `sluice_proto::limits`, set on both sides.
+//! Prints the snapshot's size and how long building, taking and listing took.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Instant;
+
+use common::{ADMIN_TOKEN, Cluster, Mock};
+use sluice_control::backend::{BackendSpec, ModelRoute, Pool};
+use sluice_control::client_key;
+use sluice_control::crypto::MasterKey;
+use sluice_control::store::Store;
+use sluice_e2e::process::workspace_bin;
+use sluice_proto::limits::{MAX_ADMIN_RESPONSE_BYTES, MAX_SNAPSHOT_BYTES};
+
+const KEYS: usize = 100_000;
+const BACKENDS: usize = 1_000;
+const MODELS: usize = 10;
+
+/// A name of the longest allowed length (64 characters) ending in `i`.
+fn long_name(prefix: &str, i: usize) -> String {
+    format!("{prefix}-{i:0>width$}", width = 63 - prefix.len())
+}
+
+#[tokio::test]
+async fn the_largest_supported_configuration_reaches_replicas_and_sluicectl() {
+    let mut cluster = Cluster::start().await;
+    let mock = Mock::start("big", &["model-0"]).await;
+    let data = cluster.dir.path().join("data");
+    cluster.stop_control().await;
+
+    // Backends through the store (their provider keys encrypted as the API would), the
+    // keys in one SQL transaction: a hundred thousand API calls would take minutes.
+    let key = std::fs::read_to_string(data.join("master-key")).unwrap();
+    let (store, _) = Store::open(
+        &data.join("sluice.db"),
+        MasterKey::from_base64(key.trim()).unwrap(),
+    )
+    .unwrap();
+    for b in 0..BACKENDS {
+        store
+            .create_backend(
+                BackendSpec {
+                    name: long_name("backend", b),
+                    base_url: mock.base_url(),
+                    pool: Pool::Primary,
+                    priority: 10,
+                    weight: 100,
+                    models: (0..MODELS)
+                        .map(|m| ModelRoute {
+                            name: format!("model-{m}"),
+                            upstream_name: format!("model-{m}"),
+                            input_price_per_mtok: 2.5,
+                            output_price_per_mtok: 10.0,
+                        })
+                        .collect(),
+                    rpm_limit: 0,
+                    enabled: true,
+                },
+                mock.api_key.clone().unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    drop(store);
+    let last_key = format!("sk-sluice-limits-{}", KEYS - 1);
+    {
+        let mut conn = rusqlite::Connection::open(data.join("sluice.db")).unwrap();
+        let tx = conn.transaction().unwrap();
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO client_keys (id, name, key_prefix, key_sha256, allowed_models, rpm_limit, create_time)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .unwrap();
+            for k in 0..KEYS {
+                let plaintext = format!("sk-sluice-limits-{k}");
+                insert
+                    .execute(rusqlite::params![
+                        format!("0197a5c2-7f3e-7000-8000-{k:012}"),
+                        long_name("key", k),
+                        client_key::shown_prefix(&plaintext),
+                        client_key::hash(&plaintext),
+                        r#"["model-0","model-1","model-2"]"#,
+                        6000,
+                        1_764_000_000_000i64,
+                    ])
+                    .unwrap();
+            }
+        }
+        tx.execute(
+            "UPDATE meta SET value = value + 1 WHERE key = 'snapshot_version'",
+            [],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+
+    let started = Instant::now();
+    cluster.start_control().await;
+    let control = cluster.control_output();
+    let (bytes, build_ms) = control
+        .iter()
+        .find_map(|line| {
+            let line = line.split("snapshot epoch started").nth(1)?;
+            let field = |name: &str| -> Option<u64> {
+                let at = line.find(&format!("{name}="))? + name.len() + 1;
+                line[at..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<String>()
+                    .parse()
+                    .ok()
+            };
+            Some((field("bytes")?, field("build_ms")?))
+        })
+        .expect("the control plane logs its first snapshot's size");
+    eprintln!(
+        "snapshot of {KEYS} keys and {BACKENDS} backends: {bytes} bytes ({:.1} MiB, limit {} MiB), built in {build_ms} ms",
+        bytes as f64 / 1048576.0,
+        MAX_SNAPSHOT_BYTES >> 20
+    );
+    assert!(bytes as usize * 2 < MAX_SNAPSHOT_BYTES, "{bytes}");
+
+    let proxy = cluster.proxy().await;
+    eprintln!(
+        "a data plane took it and was ready {:.1} s after the control plane started",
+        started.elapsed().as_secs_f64()
+    );
+    let r = proxy.chat(&last_key, "model-0").await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    let listed = Instant::now();
+    let out = tokio::process::Command::new(workspace_bin("sluicectl"))
+        .args([
+            "--endpoint",
+            &cluster.control_url(),
+            "--timeout",
+            "120s",
+            "-o",
+            "json",
+            "key",
+            "list",
+        ])
+        .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let keys = json["clientKeys"].as_array().unwrap();
+    assert_eq!(keys.len(), KEYS);
+    let response_bytes = {
+        use prost::Message as _;
+        let mut admin = cluster
+            .admin()
+            .await
+            .max_decoding_message_size(MAX_ADMIN_RESPONSE_BYTES);
+        admin
+            .list_client_keys(sluice_proto::v1::ListClientKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .encoded_len()
+    };
+    eprintln!(
+        "sluicectl listed {} keys in {:.1} s; ListClientKeys is {response_bytes} bytes ({:.1} MiB, limit {} MiB)",
+        keys.len(),
+        listed.elapsed().as_secs_f64(),
+        response_bytes as f64 / 1048576.0,
+        MAX_ADMIN_RESPONSE_BYTES >> 20
+    );
+    assert!(response_bytes * 2 < MAX_ADMIN_RESPONSE_BYTES);
+}
