@@ -10,7 +10,7 @@ use sluice_control::secrets::SecretSources;
 use sluice_control::server::{Config, TlsFiles, start};
 use tokio::process::Command;
 
-const TOKEN: &str = "tls-test-admin-token";
+const TOKEN: &str = "tls-test-admin-token-0123456789abcdef0123456789";
 
 /// A CA and a server certificate for 127.0.0.1 signed by it, made with the
 /// `openssl` command (Debian's `openssl` package).
@@ -111,7 +111,7 @@ async fn https_endpoint_is_verified_against_the_given_ca() {
         http: Default::default(),
         secrets: SecretSources {
             admin_token: Some(TOKEN.into()),
-            dataplane_token: Some("tls-test-dataplane-token".into()),
+            dataplane_token: Some("tls-test-dataplane-token-0123456789abcdef0123".into()),
             ..Default::default()
         },
         tls: Some(TlsFiles {

@@ -61,6 +61,8 @@ pub enum SecretsError {
          and {file} is missing"
     )]
     MissingMasterKey { db: PathBuf, file: PathBuf },
+    #[error("{0}")]
+    WeakToken(String),
 }
 
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
@@ -103,6 +105,11 @@ fn token(
     file: &str,
     env: &str,
 ) -> Result<String, SecretsError> {
+    let strong = |what: &str, token: String| {
+        sluice_domain::auth::check_token_strength(what, &token)
+            .map(|()| token)
+            .map_err(SecretsError::WeakToken)
+    };
     if let Some(given) = given {
         let given = given.trim();
         if given.is_empty() {
@@ -110,14 +117,14 @@ fn token(
                 what: env.to_owned(),
             });
         }
-        return Ok(given.to_owned());
+        return strong(env, given.to_owned());
     }
     if let Some(path) = given_file {
-        return read_secret_file(path);
+        return strong(&path.display().to_string(), read_secret_file(path)?);
     }
     let path = data_dir.join(file);
     if path.exists() {
-        return read_secret_file(&path);
+        return strong(&path.display().to_string(), read_secret_file(&path)?);
     }
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
@@ -236,17 +243,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let admin_file = dir.path().join("admin.secret");
         let dataplane_file = dir.path().join("dataplane.secret");
-        std::fs::write(&admin_file, "admin-from-file\n").unwrap();
-        std::fs::write(&dataplane_file, "dataplane-from-file\n").unwrap();
+        std::fs::write(&admin_file, "admin-from-file-0123456789abcdef0123\n").unwrap();
+        std::fs::write(&dataplane_file, "dataplane-from-file-0123456789abcdef\n").unwrap();
         let sources = SecretSources {
             admin_token_file: Some(admin_file),
-            dataplane_token: Some("dataplane-from-env".into()),
+            dataplane_token: Some("dataplane-from-env-0123456789abcdef0".into()),
             dataplane_token_file: Some(dataplane_file),
             ..Default::default()
         };
         let secrets = resolve(dir.path(), &sources, None).unwrap();
-        assert_eq!(secrets.admin_token, "admin-from-file");
-        assert_eq!(secrets.dataplane_token, "dataplane-from-env");
+        assert_eq!(secrets.admin_token, "admin-from-file-0123456789abcdef0123");
+        assert_eq!(
+            secrets.dataplane_token,
+            "dataplane-from-env-0123456789abcdef0"
+        );
         assert!(
             !dir.path().join(ADMIN_TOKEN_FILE).exists(),
             "nothing generated for a token given as a file"
@@ -264,8 +274,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("sluice.db");
         let sources = SecretSources {
-            admin_token: Some("a".into()),
-            dataplane_token: Some("d".into()),
+            admin_token: Some("a".repeat(32)),
+            dataplane_token: Some("d".repeat(32)),
             ..Default::default()
         };
         let err = resolve(dir.path(), &sources, Some(&db)).err().unwrap();
@@ -281,5 +291,35 @@ mod tests {
             resolve(dir.path(), &bad, Some(&db)).err().unwrap(),
             SecretsError::BadMasterKey { .. }
         ));
+    }
+
+    #[test]
+    fn a_short_token_is_refused_without_showing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin.secret");
+        std::fs::write(&file, "hunter2\n").unwrap();
+        for sources in [
+            SecretSources {
+                admin_token: Some("x".into()),
+                ..Default::default()
+            },
+            SecretSources {
+                admin_token_file: Some(file.clone()),
+                ..Default::default()
+            },
+            SecretSources {
+                dataplane_token: Some("e2e-dataplane-token".into()),
+                ..Default::default()
+            },
+        ] {
+            let err = resolve(dir.path(), &sources, None).err().unwrap();
+            let text = err.to_string();
+            assert!(matches!(err, SecretsError::WeakToken(_)), "{text}");
+            assert!(text.contains("at least 32 characters"), "{text}");
+            assert!(
+                !text.contains("hunter2") && !text.contains("e2e-dataplane"),
+                "{text}"
+            );
+        }
     }
 }

@@ -264,9 +264,13 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     );
     let http_stop = stop.clone();
     let http = async move {
-        axum::serve(http_listener, http)
-            .with_graceful_shutdown(http_stop.cancelled_owned())
-            .await
+        axum::serve(
+            http_listener,
+            // The JSON API throttles failed logins per client address.
+            http.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(http_stop.cancelled_owned())
+        .await
     };
 
     tracing::info!("grpc listening on {grpc_addr}");

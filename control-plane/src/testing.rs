@@ -26,8 +26,8 @@ impl TestControlPlane {
             grpc_listen: localhost,
             http_listen: localhost,
             secrets: SecretSources {
-                admin_token: Some("test-admin-token".into()),
-                dataplane_token: Some("test-dataplane-token".into()),
+                admin_token: Some("test-admin-token-0123456789abcdef0123456789".into()),
+                dataplane_token: Some("test-dataplane-token-0123456789abcdef01234567".into()),
                 ..Default::default()
             },
             tls: None,

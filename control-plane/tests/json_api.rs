@@ -88,7 +88,11 @@ async fn every_call_needs_the_admin_token() {
     let dir = tempfile::tempdir().unwrap();
     let api = Api::start(&dir).await;
     let url = api.url("/api/sluice.v1.AdminService/ListBackends");
-    for auth in [None, Some("Bearer wrong-token"), Some("test-admin-token")] {
+    for auth in [
+        None,
+        Some("Bearer wrong-token"),
+        Some("test-admin-token-0123456789abcdef0123456789"),
+    ] {
         let mut request = api.http.post(&url).body("{}");
         if let Some(auth) = auth {
             request = request.header("authorization", auth);

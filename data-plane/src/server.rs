@@ -48,6 +48,13 @@ pub enum RunError {
     },
     #[error("cannot read the data-plane token file: {0}")]
     TokenFile(std::io::Error),
+    #[error(
+        "no data-plane token: set SLUICE_DATAPLANE_TOKEN or --dataplane-token-file (the control \
+         plane's is in its data directory, file dataplane-token)"
+    )]
+    NoToken,
+    #[error("{0}")]
+    WeakToken(String),
     #[error("cannot read the control plane CA file: {0}")]
     CaFile(std::io::Error),
     #[error(transparent)]
@@ -94,7 +101,14 @@ pub struct Proxy {
 impl Proxy {
     /// Binds the HTTP listener and logs `http listening on <addr>`.
     pub async fn bind(config: Config) -> Result<Self, RunError> {
-        let token = config.token().map_err(RunError::TokenFile)?;
+        let token = config
+            .token()
+            .map_err(RunError::TokenFile)?
+            .filter(|token| !token.is_empty())
+            .ok_or(RunError::NoToken)?;
+        sluice_domain::auth::check_token_strength("the data-plane token", &token)
+            .map_err(RunError::WeakToken)?;
+        let token = Some(token);
         let ca_pem = match &config.control_plane_ca {
             Some(path) => Some(std::fs::read(path).map_err(RunError::CaFile)?),
             None => None,

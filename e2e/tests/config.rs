@@ -54,7 +54,7 @@ async fn the_data_plane_takes_flags_over_environment_over_file_over_defaults() {
         ),
     )
     .unwrap();
-    let token = ("SLUICE_DATAPLANE_TOKEN", "t".to_owned());
+    let token = ("SLUICE_DATAPLANE_TOKEN", "t".repeat(32));
     let config = ("SLUICE_CONFIG", file.display().to_string());
     let env_listen = ("SLUICE_LISTEN", format!("127.0.0.1:{env_port}"));
     let proxy = |args: Vec<String>, envs: Vec<(&'static str, String)>| async move {
@@ -99,7 +99,10 @@ async fn the_control_plane_reads_its_file_and_refuses_unknown_keys() {
     let mut child = spawn(
         workspace_bin("sluice-control"),
         ["--config", file.to_str().unwrap()],
-        [("SLUICE_ADMIN_TOKEN", "a"), ("SLUICE_DATAPLANE_TOKEN", "d")],
+        [
+            ("SLUICE_ADMIN_TOKEN", "a".repeat(32)),
+            ("SLUICE_DATAPLANE_TOKEN", "d".repeat(32)),
+        ],
     )
     .unwrap();
     assert_eq!(
@@ -132,7 +135,7 @@ async fn the_control_plane_reads_its_file_and_refuses_unknown_keys() {
         let mut child = spawn(
             workspace_bin(bin),
             ["--config", file.to_str().unwrap()],
-            [("SLUICE_DATAPLANE_TOKEN", "d")],
+            [("SLUICE_DATAPLANE_TOKEN", "d".repeat(32))],
         )
         .unwrap();
         let status = child.wait().await.unwrap();
@@ -150,8 +153,8 @@ async fn the_control_plane_reads_its_file_and_refuses_unknown_keys() {
 async fn the_control_plane_reads_its_tokens_from_files_the_config_names() {
     let dir = tempfile::tempdir().unwrap();
     let (admin_file, dataplane_file) = (dir.path().join("admin"), dir.path().join("dataplane"));
-    std::fs::write(&admin_file, "admin-token-from-a-file\n").unwrap();
-    std::fs::write(&dataplane_file, "dataplane-token-from-a-file\n").unwrap();
+    std::fs::write(&admin_file, "admin-token-from-a-file-0123456789ab\n").unwrap();
+    std::fs::write(&dataplane_file, "dataplane-token-from-a-file-01234567\n").unwrap();
     let file = dir.path().join("sluice-control.toml");
     std::fs::write(
         &file,
@@ -181,7 +184,13 @@ async fn the_control_plane_reads_its_tokens_from_files_the_config_names() {
             .body("{}")
             .send()
     };
-    assert_eq!(list("admin-token-from-a-file").await.unwrap().status(), 200);
+    assert_eq!(
+        list("admin-token-from-a-file-0123456789ab")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     assert_eq!(list("some-other-token").await.unwrap().status(), 401);
     assert!(
         !dir.path().join("data/admin-token").exists(),
@@ -224,7 +233,7 @@ async fn the_example_files_in_deploy_start_the_servers() {
     .await;
     assert_ne!(grpc, 0);
     let token = dir.path().join("token");
-    std::fs::write(&token, "t\n").unwrap();
+    std::fs::write(&token, format!("{}\n", "t".repeat(32))).unwrap();
     let proxy = root.join("deploy/sluice-proxy.toml");
     let http = listening_port(
         "sluice-proxy",

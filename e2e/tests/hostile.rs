@@ -12,6 +12,8 @@ mod keys;
 mod logs;
 #[path = "hostile/names.rs"]
 mod names;
+#[path = "hostile/tokens.rs"]
+mod tokens;
 
 use common::{Cluster, Mock};
 use sluice_proto::v1 as pb;

@@ -71,7 +71,10 @@ async fn a_python_client_generated_with_stock_protoc_manages_backends() {
             "127.0.0.1:0",
         ],
         [
-            ("SLUICE_ADMIN_TOKEN", "py-admin-token"),
+            (
+                "SLUICE_ADMIN_TOKEN",
+                "py-admin-token-0123456789abcdef0123456789",
+            ),
             ("RUST_LOG", "info"),
         ],
     )
@@ -86,7 +89,7 @@ import sys, grpc
 from sluice.v1 import admin_pb2 as a, admin_pb2_grpc as ag, resources_pb2 as r
 from google.protobuf import field_mask_pb2
 stub = ag.AdminServiceStub(grpc.insecure_channel(sys.argv[1]))
-md = [("authorization", "Bearer py-admin-token")]
+md = [("authorization", "Bearer py-admin-token-0123456789abcdef0123456789")]
 b = r.Backend(name="py-backend", base_url="https://api.example.com/v1", pool=r.POOL_FALLBACK,
               priority=5, enabled=True,
               models=[r.ModelRoute(name="gpt-4o-mini", upstream_name="gpt-4o-mini", input_price_per_mtok=0.15, output_price_per_mtok=0.6)])

@@ -1,16 +1,33 @@
-//! Bearer-token checks for the gRPC services, in constant time. The admin token
-//! guards AdminService and StatsService; a separate data-plane token guards
-//! DataPlaneService, whose snapshots carry decrypted provider keys.
+//! Bearer-token checks for the gRPC services and the JSON API, in constant time. The admin
+//! token guards AdminService and StatsService; a separate data-plane token guards
+//! DataPlaneService, whose snapshots carry decrypted provider keys. A failed check is logged
+//! (at most one line per [`LOG_INTERVAL`] per token, with the count held back), and an
+//! address that keeps failing is refused for a while before its token is looked at
+//! ([`throttle`]).
+
+pub mod throttle;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
+use sluice_domain::logging::LogLimiter;
 use subtle::ConstantTimeEq as _;
 use tonic::{Request, Status};
+
+use throttle::FailureThrottle;
+
+/// At most one "authentication failed" line per token per this interval.
+pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Accepts requests whose `authorization` header is `Bearer <token>`.
 #[derive(Clone)]
 pub struct TokenCheck {
     digest: [u8; 32],
     realm: &'static str,
+    failures: Arc<FailureThrottle>,
+    log: Arc<LogLimiter>,
 }
 
 impl std::fmt::Debug for TokenCheck {
@@ -22,11 +39,13 @@ impl std::fmt::Debug for TokenCheck {
 }
 
 impl TokenCheck {
-    /// `realm` names the token in error messages ("admin", "data-plane").
+    /// `realm` names the token in error messages and log lines ("admin", "data-plane").
     pub fn new(token: &str, realm: &'static str) -> Self {
         Self {
             digest: Sha256::digest(token.as_bytes()).into(),
             realm,
+            failures: Arc::new(FailureThrottle::default()),
+            log: Arc::new(LogLimiter::new(LOG_INTERVAL)),
         }
     }
 
@@ -37,21 +56,65 @@ impl TokenCheck {
         digest.ct_eq(&self.digest).into()
     }
 
-    /// Checks an `Authorization` header value.
-    pub fn check_header(&self, header: Option<&str>) -> Result<(), Status> {
-        let Some(value) = header else {
-            return Err(Status::unauthenticated(format!(
-                "missing authorization: send `authorization: Bearer <{} token>`",
-                self.realm
-            )));
-        };
-        if !sluice_domain::auth::bearer_token(value).is_some_and(|token| self.matches(token)) {
-            return Err(Status::unauthenticated(format!(
-                "invalid {} token",
-                self.realm
+    /// Checks an `Authorization` header value sent from `peer` (`None` when unknown: then
+    /// nothing is throttled).
+    pub fn check(&self, header: Option<&str>, peer: Option<IpAddr>) -> Result<(), Status> {
+        let now = Instant::now();
+        if let Some(peer) = peer
+            && let Err(wait) = self.failures.admit(peer, now)
+        {
+            self.log_failure(Some(peer), "refused: too many failures from this address");
+            return Err(Status::resource_exhausted(format!(
+                "too many failed {} authentications from this address; try again in {} s",
+                self.realm,
+                wait.as_secs() + 1
             )));
         }
-        Ok(())
+        let failure = match header {
+            None => Some((
+                "no token",
+                Status::unauthenticated(format!(
+                    "missing authorization: send `authorization: Bearer <{} token>`",
+                    self.realm
+                )),
+            )),
+            Some(value)
+                if !sluice_domain::auth::bearer_token(value).is_some_and(|t| self.matches(t)) =>
+            {
+                Some((
+                    "wrong token",
+                    Status::unauthenticated(format!("invalid {} token", self.realm)),
+                ))
+            }
+            Some(_) => None,
+        };
+        match failure {
+            None => Ok(()),
+            Some((reason, status)) => {
+                if let Some(peer) = peer {
+                    self.failures.failed(peer, now);
+                }
+                self.log_failure(peer, reason);
+                Err(status)
+            }
+        }
+    }
+
+    /// [`TokenCheck::check`] for a caller of unknown address.
+    pub fn check_header(&self, header: Option<&str>) -> Result<(), Status> {
+        self.check(header, None)
+    }
+
+    fn log_failure(&self, peer: Option<IpAddr>, reason: &'static str) {
+        if let Some(held_back) = self.log.permit() {
+            tracing::warn!(
+                realm = self.realm,
+                peer = %peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+                reason,
+                failures_since_last_line = held_back,
+                "authentication failed"
+            );
+        }
     }
 }
 
@@ -61,7 +124,7 @@ impl tonic::service::Interceptor for TokenCheck {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        self.check_header(header)?;
+        self.check(header, request.remote_addr().map(|a| a.ip()))?;
         Ok(request)
     }
 }
@@ -70,6 +133,29 @@ impl tonic::service::Interceptor for TokenCheck {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn an_address_that_keeps_failing_is_refused_before_its_token_is_looked_at() {
+        let check = TokenCheck::new("s3cret-token", "admin");
+        let attacker: IpAddr = "192.0.2.66".parse().unwrap();
+        let admin: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..throttle::BURST {
+            let err = check
+                .check(Some("Bearer guess"), Some(attacker))
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        }
+        // Now even the right token is refused from there, so refusals tell nothing.
+        for header in ["Bearer guess", "Bearer s3cret-token"] {
+            let err = check.check(Some(header), Some(attacker)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{header}");
+        }
+        assert!(
+            check
+                .check(Some("Bearer s3cret-token"), Some(admin))
+                .is_ok()
+        );
+    }
 
     #[test]
     fn the_scheme_is_case_insensitive_as_on_the_data_plane() {

@@ -3,6 +3,10 @@
 //! Each call goes to the same [`Admin`]/[`Stats`] value the gRPC server uses, behind the
 //! same [`TokenCheck`], so validation and errors are the gRPC ones, mapped once to HTTP.
 
+use std::net::SocketAddr;
+
+use axum::Extension;
+use axum::extract::ConnectInfo;
 use std::future::Future;
 
 use axum::Json;
@@ -185,6 +189,7 @@ fn admit(
     api: &JsonApi,
     method: &Method,
     headers: &HeaderMap,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Bytes, ApiError> {
     if method != Method::POST {
@@ -197,7 +202,8 @@ fn admit(
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    api.check.check_header(authorization)?;
+    let peer = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
+    api.check.check(authorization, peer)?;
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::http(
@@ -220,9 +226,10 @@ pub async fn admin(
     Path(name): Path<String>,
     method: Method,
     headers: HeaderMap,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = admit(&api, &method, &headers, body)?;
+    let body = admit(&api, &method, &headers, peer, body)?;
     let admin = &api.admin;
     dispatch!(admin, name.as_str(), &body, "sluice.v1.AdminService", {
         "CreateBackend" => create_backend,
@@ -247,9 +254,10 @@ pub async fn stats(
     Path(name): Path<String>,
     method: Method,
     headers: HeaderMap,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = admit(&api, &method, &headers, body)?;
+    let body = admit(&api, &method, &headers, peer, body)?;
     let stats = &api.stats;
     dispatch!(stats, name.as_str(), &body, "sluice.v1.StatsService", {
         "GetUsage" => get_usage,

@@ -18,7 +18,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-pub const TOKEN: &str = "dp-test-token";
+pub const TOKEN: &str = "dp-test-token-0123456789abcdef0123456789";
 
 #[derive(Default)]
 pub struct Recorded {

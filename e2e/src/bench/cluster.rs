@@ -20,9 +20,9 @@ use super::BenchError;
 use crate::process::{listening_addr, strip_ansi};
 
 /// Admin token the benchmark's control plane is started with.
-pub const ADMIN_TOKEN: &str = "bench-admin-token";
+pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef0123456789";
 /// Data-plane token the benchmark's control plane and data planes share.
-pub const DATAPLANE_TOKEN: &str = "bench-dataplane-token";
+pub const DATAPLANE_TOKEN: &str = "bench-dataplane-token-0123456789abcdef01234567";
 /// How long a process may take to start listening or to become ready.
 const START: Duration = Duration::from_secs(30);
 

@@ -37,8 +37,8 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
-const ADMIN_TOKEN: &str = "bench-admin-token";
-const DATAPLANE_TOKEN: &str = "bench-dataplane-token";
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef0123456789";
+const DATAPLANE_TOKEN: &str = "bench-dataplane-token-0123456789abcdef01234567";
 const BACKENDS: usize = 100;
 const MODELS: [(&str, f64, f64); 3] = [
     ("gpt-4o-mini", 0.15, 0.60),

@@ -16,8 +16,8 @@ use sluice_proto::v1::stats_service_client::StatsServiceClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-pub const ADMIN_TOKEN: &str = "e2e-admin-token";
-pub const DATAPLANE_TOKEN: &str = "e2e-dataplane-token";
+pub const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789abcdef0123456789";
+pub const DATAPLANE_TOKEN: &str = "e2e-dataplane-token-0123456789abcdef01234567";
 const START: Duration = Duration::from_secs(30);
 
 pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;

@@ -3,6 +3,23 @@
 
 use sha2::{Digest as _, Sha256};
 
+/// The fewest characters an admin or data-plane token may have. Both servers refuse to start
+/// with a shorter one; generated tokens (64 hex digits) and `openssl rand -hex 16` or more
+/// qualify. Even 32 characters of lowercase hex are 128 bits: out of reach of online
+/// guessing, which the control plane also slows down.
+pub const MIN_TOKEN_CHARS: usize = 32;
+
+/// `Err(why)` when `token` is too short to be a token (`what` names where it came from).
+pub fn check_token_strength(what: &str, token: &str) -> Result<(), String> {
+    if token.chars().count() < MIN_TOKEN_CHARS {
+        return Err(format!(
+            "{what} is too short: a token needs at least {MIN_TOKEN_CHARS} characters \
+             (generate one with `openssl rand -hex 32`)"
+        ));
+    }
+    Ok(())
+}
+
 /// The credentials of an `Authorization` header value of the `Bearer` scheme: the scheme is
 /// matched without regard to case (RFC 9110 §11.1) and the credentials are trimmed. `None`
 /// when the scheme is another or the credentials are empty.
