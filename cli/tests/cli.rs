@@ -837,6 +837,8 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
         consecutive_failures: 2,
         reason: "429 from upstream".into(),
         time: Some(replica::timestamp(now)),
+        // A replica that predates cooldown epochs: its own streak and end time are taken.
+        ..Default::default()
     };
     let mut acks = client
         .report_usage(tokio_stream::iter(vec![pb::ReportUsageRequest {

@@ -16,7 +16,7 @@ use sluice_proto::v1 as pb;
 use tokio::sync::watch;
 
 use crate::store::{Reader, Store, StoreError};
-use crate::time::{now_ms, timestamp};
+use crate::time::{UnixMs, duration, now_ms, timestamp, timestamp_ms};
 
 /// Builds and publishes snapshots. Cheap to share behind an `Arc`.
 pub struct Publisher {
@@ -101,6 +101,25 @@ impl Publisher {
     }
 }
 
+/// The snapshot as it goes out at `now_ms`: each cooldown also as the time left of it then,
+/// which replicas add to their own monotonic clocks (so no skew between their wall clocks and
+/// this one matters); one that has ended since the snapshot was built is left out.
+pub fn as_sent(snapshot: &pb::Snapshot, now_ms: i64) -> pb::Snapshot {
+    let mut sent = snapshot.clone();
+    for b in &mut sent.backends {
+        let left = b
+            .cooldown_until
+            .as_ref()
+            .map(|until| timestamp_ms(until).saturating_sub(now_ms))
+            .filter(|left| *left > 0);
+        b.cooldown_remaining = left.map(duration);
+        if left.is_none() {
+            b.cooldown_until = None;
+        }
+    }
+    sent
+}
+
 /// Builds the snapshot of the committed state, stamped with `epoch`.
 pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreError> {
     let epoch = epoch.to_owned();
@@ -110,11 +129,11 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
             let tx = conn.transaction()?;
             let version = crate::store::read_version_in(&tx)?;
             let now = now_ms();
-            let cooldowns = crate::store::load_active_cooldowns_in(&tx, now)?;
+            let cooldowns = crate::store::load_cooldown_states_in(&tx)?;
             let backends = crate::store::load_enabled_with_keys_in(&tx, key)?
                 .into_iter()
                 .map(|b| {
-                    let cooldown = cooldowns.iter().find(|c| c.backend_id == b.backend.id);
+                    let cooldown = cooldowns.get(&b.backend.id).cloned().unwrap_or_default();
                     let spec = b.backend.spec;
                     pb::SnapshotBackend {
                         id: b.backend.id,
@@ -126,8 +145,15 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                         models: spec.models.iter().map(|m| m.to_proto()).collect(),
                         api_key: b.api_key,
                         rpm_limit: spec.rpm_limit,
-                        cooldown_until: cooldown.map(|c| timestamp(c.until_ms)),
-                        consecutive_failures: cooldown.map_or(0, |c| c.consecutive_failures),
+                        cooldown_until: cooldown
+                            .cooling_until(UnixMs(now))
+                            .map(|until| timestamp(until.0)),
+                        consecutive_failures: cooldown.streak,
+                        // Filled in as each copy is sent: see `as_sent`.
+                        cooldown_remaining: None,
+                        cooldown_epoch: cooldown.epoch,
+                        cooldown_run_basis: cooldown.run.as_ref().map_or(0, |(_, basis)| *basis),
+                        cooldown_changed_by: cooldown.run.map(|(by, _)| by).unwrap_or_default(),
                     }
                 })
                 .collect();
@@ -157,4 +183,45 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
             })
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn a_snapshot_sent_later_carries_what_is_left_of_each_cooldown() {
+        let built_at = 1_700_000_000_000;
+        let backend = |id: &str, until_ms: Option<i64>| pb::SnapshotBackend {
+            id: id.into(),
+            cooldown_until: until_ms.map(timestamp),
+            consecutive_failures: 1,
+            cooldown_epoch: 1,
+            ..Default::default()
+        };
+        let snapshot = pb::Snapshot {
+            backends: vec![
+                backend("long", Some(built_at + 10_000)),
+                backend("short", Some(built_at + 1_000)),
+                backend("none", None),
+            ],
+            ..Default::default()
+        };
+        // Sent to a replica that connects 4 s after the snapshot was built.
+        let sent = as_sent(&snapshot, built_at + 4_000);
+        assert_eq!(sent.backends[0].cooldown_remaining, Some(duration(6_000)));
+        assert_eq!(
+            sent.backends[0].cooldown_until,
+            snapshot.backends[0].cooldown_until
+        );
+        for ended in &sent.backends[1..] {
+            assert_eq!(
+                (ended.cooldown_until, ended.cooldown_remaining),
+                (None, None)
+            );
+            // The streak outlives the cooldown.
+            assert_eq!((ended.consecutive_failures, ended.cooldown_epoch), (1, 1));
+        }
+    }
 }

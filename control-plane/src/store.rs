@@ -28,7 +28,7 @@ use crate::validation::ValidationError;
 
 pub use crate::usage::UsageRow;
 pub use backends::BackendWithKey;
-pub use cooldowns::{CooldownEvent, CooldownRow};
+pub use cooldowns::{Cooldown, CooldownEvent, CooldownRow, Reported};
 pub use data_planes::{DataPlaneRow, NodeHello};
 pub use usage::{Granularity, GroupBy, OutOfOrder, SeriesPoint, Totals, TotalsFilter, UsageBatch};
 
@@ -129,6 +129,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0002_usage_daily.sql"),
     include_str!("../../migrations/0003_usage_daily_by_backend.sql"),
     include_str!("../../migrations/0004_replica_shares.sql"),
+    include_str!("../../migrations/0005_cooldown_epoch.sql"),
 ];
 
 /// A handle to the database; cheap to clone.
@@ -384,7 +385,7 @@ pub(crate) fn read_version_in(conn: &Connection) -> Result<u64, StoreError> {
 }
 pub(crate) use backends::load_enabled_with_keys as load_enabled_with_keys_in;
 pub(crate) use client_keys::load_keys as load_keys_in;
-pub(crate) use cooldowns::load_active_cooldowns as load_active_cooldowns_in;
+pub(crate) use cooldowns::load_cooldown_states as load_cooldown_states_in;
 pub(crate) use data_planes::count_share_holders as count_share_holders_in;
 pub(crate) use settings::load_settings as load_settings_in;
 

@@ -3,10 +3,19 @@
 
 use std::path::Path;
 
+use sluice_proto::v1::admin_service_client::AdminServiceClient;
+use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
 use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 use crate::secrets::SecretSources;
 use crate::server::{Config, Running, start};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+pub type DataPlaneClient = DataPlaneServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A running control plane; shuts down when dropped.
 pub struct TestControlPlane {
@@ -41,6 +50,30 @@ impl TestControlPlane {
             dataplane_token: running.dataplane_token.clone(),
             running: Some(running),
         })
+    }
+
+    /// A client of its admin API, with the admin token.
+    pub async fn admin_client(&self) -> Result<AdminClient, BoxError> {
+        let channel = self.channel().await?;
+        Ok(AdminServiceClient::with_interceptor(
+            channel,
+            Bearer(self.admin_token.clone()),
+        ))
+    }
+
+    /// A client of its data-plane API, with the data-plane token.
+    pub async fn data_plane_client(&self) -> Result<DataPlaneClient, BoxError> {
+        let channel = self.channel().await?;
+        Ok(DataPlaneServiceClient::with_interceptor(
+            channel,
+            Bearer(self.dataplane_token.clone()),
+        ))
+    }
+
+    async fn channel(&self) -> Result<Channel, BoxError> {
+        Ok(Channel::from_shared(self.grpc_url.clone())?
+            .connect()
+            .await?)
     }
 
     /// Stops it and waits until it has stopped.

@@ -3,6 +3,21 @@
 
 use pbjson_types::{Duration, Timestamp};
 
+/// A point in time as the store keeps it: Unix milliseconds by the control plane's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UnixMs(pub i64);
+
+impl std::ops::Add<std::time::Duration> for UnixMs {
+    type Output = UnixMs;
+
+    fn add(self, d: std::time::Duration) -> UnixMs {
+        UnixMs(
+            self.0
+                .saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        )
+    }
+}
+
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }

@@ -1,10 +1,66 @@
 //! Time as the data plane needs it: a monotonic instant for deciding, a wall-clock time for
 //! reporting, and the conversions to and from the protobuf well-known types.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 pub use sluice_domain::time::{proto_duration, std_duration, system_time, timestamp};
 use tokio::time::Instant;
+
+/// Where the data plane reads the time. The system's clocks, except that tests can make the
+/// wall clock run ahead or behind (`--wall-clock-offset`), as a host with a skewed clock would.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Clock {
+    /// Added to every wall-clock reading.
+    ahead: Duration,
+    /// Subtracted from every wall-clock reading.
+    behind: Duration,
+}
+
+impl Clock {
+    /// The system's clocks, skewed by `offset` (negative: behind).
+    pub fn with_wall_offset(offset: WallOffset) -> Self {
+        match offset {
+            WallOffset::Ahead(d) => Self {
+                ahead: d,
+                behind: Duration::ZERO,
+            },
+            WallOffset::Behind(d) => Self {
+                ahead: Duration::ZERO,
+                behind: d,
+            },
+        }
+    }
+
+    /// Reads both clocks. Under `tokio::time::pause()` the instant is the paused one.
+    pub fn now(&self) -> Now {
+        let now = Now::read();
+        Now {
+            instant: now.instant,
+            wall: now.wall + self.ahead - self.behind,
+        }
+    }
+}
+
+/// A signed offset of the wall clock: `2s`, `-1500ms` (humantime, with an optional sign).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WallOffset {
+    Ahead(Duration),
+    Behind(Duration),
+}
+
+impl std::str::FromStr for WallOffset {
+    type Err = humantime::DurationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        match s.strip_prefix('-') {
+            Some(rest) => humantime::parse_duration(rest).map(WallOffset::Behind),
+            None => {
+                humantime::parse_duration(s.strip_prefix('+').unwrap_or(s)).map(WallOffset::Ahead)
+            }
+        }
+    }
+}
 
 /// One reading of both clocks, taken together so that a wall-clock time from the control
 /// plane can be turned into a monotonic deadline (and back).
@@ -47,8 +103,37 @@ impl Now {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use std::time::Duration;
+
+    #[test]
+    fn offsets_parse_with_a_sign() {
+        assert_eq!(
+            "2s".parse::<WallOffset>(),
+            Ok(WallOffset::Ahead(Duration::from_secs(2)))
+        );
+        assert_eq!(
+            "+2s".parse::<WallOffset>(),
+            Ok(WallOffset::Ahead(Duration::from_secs(2)))
+        );
+        assert_eq!(
+            "-1500ms".parse::<WallOffset>(),
+            Ok(WallOffset::Behind(Duration::from_millis(1500)))
+        );
+        assert!("-x".parse::<WallOffset>().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_skewed_clock_moves_only_the_wall_reading() {
+        let behind = Clock::with_wall_offset(WallOffset::Behind(Duration::from_secs(2))).now();
+        let ahead = Clock::with_wall_offset(WallOffset::Ahead(Duration::from_secs(2))).now();
+        assert_eq!(behind.instant, ahead.instant);
+        let skew = ahead.wall.duration_since(behind.wall).unwrap();
+        assert!(
+            skew >= Duration::from_secs(4) && skew < Duration::from_secs(5),
+            "{skew:?}"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn instants_map_to_wall_and_back() {

@@ -93,6 +93,10 @@ pub struct Config {
     /// threads; each accepted connection goes to the one holding the fewest and stays there.
     #[arg(long, env = "SLUICE_SERVING_THREADS", default_value_t = 0)]
     pub serving_threads: usize,
+    /// For tests: this replica's wall clock reads this much ahead (`2s`) or behind (`-2s`),
+    /// as on a host whose clock is off. Only the data plane's own readings move.
+    #[arg(long, env = "SLUICE_WALL_CLOCK_OFFSET", hide = true)]
+    pub wall_clock_offset: Option<crate::clock::WallOffset>,
 }
 
 impl Config {
@@ -114,6 +118,7 @@ impl Config {
             log_format: LogFormat::Text,
             log_buffer_lines: crate::logging::DEFAULT_BUFFER_LINES,
             serving_threads: 0,
+            wall_clock_offset: None,
         }
     }
 

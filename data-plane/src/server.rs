@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::control::{self, ControlError, NodeIdentity};
 use crate::metrics::{Held, Metrics};
@@ -139,7 +140,20 @@ impl Proxy {
             listener,
             local_addr,
             usage: UsageSink::new(config.usage_queue),
-            store: Arc::new(SnapshotStore::default().with_upstream_pools(serving_threads)),
+            store: Arc::new(
+                SnapshotStore::default()
+                    .with_upstream_pools(serving_threads)
+                    .with_author(sluice_domain::cooldown::author(
+                        &identity.node_id,
+                        &identity.incarnation,
+                    ))
+                    .with_clock(
+                        config
+                            .wall_clock_offset
+                            .map(Clock::with_wall_offset)
+                            .unwrap_or_default(),
+                    ),
+            ),
             token,
             ca_pem,
             identity,
@@ -193,10 +207,11 @@ impl Proxy {
         ));
         let stop_usage = CancellationToken::new();
         let cooldowns = Arc::clone(store.cooldowns());
+        let clock = store.clock();
         let reporter = tokio::spawn(
             UsageReporter::new(usage.clone(), client, identity)
                 .resend_events_with(Box::new(move || {
-                    cooldowns.unacknowledged_events(std::time::SystemTime::now())
+                    cooldowns.unacknowledged_events(clock.now().instant)
                 }))
                 .run(stop_usage.clone()),
         );

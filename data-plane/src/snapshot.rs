@@ -11,15 +11,14 @@ use arc_swap::ArcSwapOption;
 use http::{HeaderValue, Uri};
 use sluice_proto::v1 as proto;
 use tokio::sync::watch;
-use tokio::time::Instant;
 use url::Url;
 
 pub use sluice_domain::pool::Pool;
 use sluice_domain::settings::InvalidDuration;
 pub use sluice_domain::settings::Policy;
 
-use crate::clock::{Now, system_time};
-use crate::cooldown::{CooldownTracker, SnapshotCooldown};
+use crate::clock::{Clock, Now, std_duration, system_time};
+use crate::cooldown::{CooldownTracker, FleetCooldown, MAX_RETRY_AFTER, Whose};
 use crate::ratelimit::RateLimiter;
 use crate::upstream::UpstreamClient;
 
@@ -99,10 +98,11 @@ pub struct Backend {
     authorization: Option<HeaderValue>,
     /// This replica's share of the backend's RPM limit.
     pub limiter: Option<RateLimiter>,
-    /// The cooldown the control plane knows of (from any replica).
-    pub cooldown: SnapshotCooldown,
-    /// `cooldown.until` on the monotonic clock, taken when the snapshot was prepared.
-    pub cooldown_until: Option<Instant>,
+    /// The control plane's cooldown state of the backend (from every replica's reports), its
+    /// end on this replica's monotonic clock; who made its last changes is in `cooldown_run`.
+    pub cooldown: FleetCooldown,
+    /// The author of the last changes and the epoch they were based on, if any.
+    pub cooldown_run: Option<(String, u64)>,
 }
 
 impl Backend {
@@ -242,7 +242,19 @@ impl Snapshot {
                         upstream_model,
                     });
             }
-            let until = b.cooldown_until.as_ref().and_then(system_time);
+            let until = match b.cooldown_remaining.as_ref().and_then(std_duration) {
+                // No cooldown is longer than the cap or the longest Retry-After.
+                Some(left) => now
+                    .instant
+                    .checked_add(left.min(policy.cooldown.cap.max(MAX_RETRY_AFTER))),
+                // A control plane older than `cooldown_remaining`: its clock against ours.
+                None => b
+                    .cooldown_until
+                    .as_ref()
+                    .and_then(system_time)
+                    .map(|wall| now.instant_at(wall)),
+            }
+            .filter(|until| *until > now.instant);
             let limiter = RateLimiter::carry_over(
                 previous_limiters.get(b.id.as_str()).copied(),
                 b.rpm_limit,
@@ -260,11 +272,15 @@ impl Snapshot {
                 weight: b.weight.max(1),
                 authorization,
                 limiter,
-                cooldown: SnapshotCooldown {
+                cooldown: FleetCooldown {
+                    epoch: b.cooldown_epoch,
+                    streak: b.consecutive_failures,
                     until,
-                    consecutive_failures: b.consecutive_failures,
+                    since: None,
+                    run: None,
                 },
-                cooldown_until: until.map(|u| now.instant_at(u)),
+                cooldown_run: (!b.cooldown_changed_by.is_empty())
+                    .then_some((b.cooldown_changed_by, b.cooldown_run_basis)),
             });
         }
         for list in routes.values_mut() {
@@ -454,6 +470,9 @@ pub struct SnapshotStore {
     pools: usize,
     /// Snapshots refused since start, by [`Refusal`] (in the order of [`Refusal::ALL`]).
     refusals: [AtomicU64; 3],
+    clock: Clock,
+    /// How the control plane names this replica as the author of cooldown changes.
+    author: String,
 }
 
 impl Default for SnapshotStore {
@@ -470,7 +489,27 @@ impl SnapshotStore {
             cooldowns,
             pools: 1,
             refusals: Default::default(),
+            clock: Clock::default(),
+            author: String::new(),
         }
+    }
+
+    /// Tells this replica's own cooldown changes apart in snapshots by `author`
+    /// (`sluice_domain::cooldown::author`).
+    pub fn with_author(mut self, author: String) -> Self {
+        self.author = author;
+        self
+    }
+
+    /// Reads the time from `clock` (a skewed one in tests) instead of the system's.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Where this replica reads the time.
+    pub fn clock(&self) -> Clock {
+        self.clock
     }
 
     /// Builds `pools` upstream clients per snapshot (one per serving thread) instead of one.
@@ -534,16 +573,30 @@ impl SnapshotStore {
                 return Ok(Applied::Unchanged);
             }
         }
-        let now = Now::read();
+        let now = self.clock.now();
         let next = Arc::new(Snapshot::prepare(
             message,
             current.as_deref(),
             now,
             self.pools,
         )?);
+        let whose = |by: &str| {
+            if !self.author.is_empty() && by == self.author {
+                Whose::Mine
+            } else {
+                Whose::Another
+            }
+        };
         self.cooldowns.observe_snapshot(
-            next.backends.iter().map(|b| (b.id.as_str(), b.cooldown)),
-            now,
+            next.backends.iter().map(|b| {
+                let run = b
+                    .cooldown_run
+                    .as_ref()
+                    .map(|(by, basis)| (whose(by), *basis));
+                (b.id.as_str(), FleetCooldown { run, ..b.cooldown })
+            }),
+            &next.policy.cooldown,
+            now.instant,
         );
         let version = next.version;
         self.current.store(Some(next));
@@ -557,6 +610,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use sha2::{Digest, Sha256};
+    use tokio::time::Instant;
 
     pub(crate) fn backend(id: &str, pool: proto::Pool, priority: i32) -> proto::SnapshotBackend {
         proto::SnapshotBackend {

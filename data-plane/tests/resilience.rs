@@ -10,7 +10,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use sluice_e2e::mock::{Fault, MockConfig, MockServer, RetryAfter};
 use sluice_proto::v1::{self as proto, BackendEventKind, ErrorKind};
-use sluice_proxy::clock::system_time;
+use sluice_proxy::clock::{proto_duration, system_time};
 use support::harness::*;
 
 fn mock(name: &str) -> MockServer {
@@ -168,22 +168,54 @@ async fn a_local_cooldown_survives_an_older_snapshot_and_yields_to_a_reset() {
     h.cp.wait_for("cooldown event", |r| !r.events.is_empty())
         .await;
     let event = h.cp.with(|r| r.events[0].clone());
+    assert_eq!(event.cooldown_epoch, Some(0));
 
-    // A snapshot built before the control plane saw the event does not clear it.
+    // A snapshot built before the control plane saw the event (still epoch 0) does not
+    // clear it.
     h.publish(snapshot(2, pair(&primary, &fallback))).await;
     let response = h.chat(chat_body(false)).await;
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
 
-    // The control plane publishes it (acknowledged), then the admin resets it.
+    // The control plane counts it (epoch 1), then an admin resets it (epoch 2).
     let mut backends = pair(&primary, &fallback);
-    backends[0].cooldown_until = event.cooldown_until;
+    backends[0].cooldown_epoch = 1;
     backends[0].consecutive_failures = 1;
+    backends[0].cooldown_remaining = Some(proto_duration(Duration::from_secs(59)));
     h.publish(snapshot(3, backends)).await;
     let response = h.chat(chat_body(false)).await;
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
-    h.publish(snapshot(4, pair(&primary, &fallback))).await;
+    let mut backends = pair(&primary, &fallback);
+    backends[0].cooldown_epoch = 2;
+    h.publish(snapshot(4, backends)).await;
     let response = h.chat(chat_body(false)).await;
     assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+}
+
+#[tokio::test]
+async fn replicas_with_skewed_clocks_cool_for_the_time_left_as_sent() {
+    let primary = mock("primary");
+    // The control plane's clock is right; it says 1 s is left of a cooldown.
+    let cooling = || {
+        let mut b = backend("primary", &primary.base_url(), proto::Pool::Primary, 0);
+        b.cooldown_until = Some(sluice_proxy::clock::timestamp(
+            SystemTime::now() + Duration::from_secs(1),
+        ));
+        b.cooldown_remaining = Some(proto_duration(Duration::from_secs(1)));
+        b.cooldown_epoch = 1;
+        b.consecutive_failures = 1;
+        vec![b]
+    };
+    for offset in ["2s", "-2s"] {
+        let h = Harness::start_with(snapshot(1, cooling()), |c| {
+            c.wall_clock_offset = Some(offset.parse().unwrap());
+        })
+        .await;
+        let response = h.chat(chat_body(false)).await;
+        // Neither ignored (the primary would answer 200) nor lengthened (3 s).
+        assert_eq!(response.status(), 429, "clock {offset}");
+        assert_eq!(header(&response, "retry-after"), "1", "clock {offset}");
+    }
+    assert_eq!(primary.stats().requests.chat_completions, 0);
 }
 
 #[tokio::test]

@@ -98,20 +98,10 @@ async fn a_429_at_one_replica_cools_the_backend_at_all_three() {
             );
         }
     }
-    let cooldowns = run
-        .admin()
-        .await
-        .list_cooldowns(pb::ListCooldownsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(cooldowns.cooldowns.len(), 1);
-    assert_eq!(cooldowns.cooldowns[0].backend_name, "a");
-    assert!(
-        cooldowns.cooldowns[0].reason.contains("429"),
-        "{:?}",
-        cooldowns.cooldowns[0]
-    );
+    let cooldowns = run.cooldowns().await;
+    assert_eq!(cooldowns.len(), 1);
+    assert_eq!(cooldowns[0].backend_name, "a");
+    assert!(cooldowns[0].reason.contains("429"), "{:?}", cooldowns[0]);
     assert!(
         a.stats().await.requests.chat_completions == served_by_a,
         "a was not skipped"

@@ -5,7 +5,7 @@
 //!
 //! The supported configuration these are sized for: 100,000 client keys and 1,000 backends
 //! with 10 model routes each. With every name at its 64-character limit its snapshot encodes
-//! to 23.2 MiB and `ListClientKeys` to 20.5 MiB (`proto/tests/limits.rs`), so both limits
+//! to 23.5 MiB (every backend cooling down) and `ListClientKeys` to 20.5 MiB (`proto/tests/limits.rs`), so both limits
 //! leave more than twice that room.
 
 /// Largest `StreamSnapshotsResponse` the control plane sends and a data plane decodes. An

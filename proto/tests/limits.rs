@@ -39,8 +39,24 @@ fn snapshot() -> pb::Snapshot {
                 .collect(),
             api_key: format!("sk-proj-{}", "x".repeat(156)),
             rpm_limit: 10_000,
-            cooldown_until: None,
-            consecutive_failures: 0,
+            // Every backend cooling down, at the largest values.
+            cooldown_until: Some(pbjson_types::Timestamp {
+                seconds: i64::MAX,
+                nanos: 999_999_999,
+            }),
+            consecutive_failures: u32::MAX,
+            cooldown_remaining: Some(pbjson_types::Duration {
+                seconds: i64::MAX,
+                nanos: 999_999_999,
+            }),
+            cooldown_epoch: u64::MAX,
+            // The longest author: a node id at its bound, `/`, an incarnation of 64.
+            cooldown_changed_by: format!(
+                "{}/{}",
+                "n".repeat(sluice_proto::limits::MAX_ID_BYTES),
+                "i".repeat(64)
+            ),
+            cooldown_run_basis: u64::MAX,
         })
         .collect();
     let client_keys = (0..KEYS)

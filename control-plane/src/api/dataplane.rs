@@ -18,8 +18,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::ingest::{Applied, UsageWriter, batch_of};
 use crate::membership::{Membership, Registry};
 use crate::snapshot::Publisher;
-use crate::store::{CooldownEvent, NodeHello, Store};
+use crate::store::{CooldownEvent, NodeHello, Reported, Store};
 use crate::time::{now_ms, timestamp_ms};
+use sluice_domain::cooldown::{NotAReport, Report, author, event_age};
 
 /// The service data planes call.
 #[derive(Clone)]
@@ -125,7 +126,7 @@ impl DataPlaneService for DataPlaneApi {
             loop {
                 if let Some(snapshot) = pending.take() {
                     let message = pb::StreamSnapshotsResponse {
-                        snapshot: Some((*snapshot).clone()),
+                        snapshot: Some(crate::snapshot::as_sent(&snapshot, now_ms())),
                     };
                     if tx.send(Ok(message)).await.is_err() {
                         break;
@@ -225,6 +226,30 @@ impl DataPlaneService for DataPlaneApi {
     }
 }
 
+/// A replica's event as the store applies it; `None` for a kind this version does not know.
+fn cooldown_event(e: &pb::BackendEvent, batch: &pb::ReportUsageRequest) -> Option<CooldownEvent> {
+    let report = match Report::try_from(e) {
+        Ok(report) => Reported::Report(report),
+        Err(NotAReport::NoEpoch) => Reported::Legacy {
+            streak: e.consecutive_failures,
+            until_ms: timestamp_ms(e.cooldown_until.as_ref()?),
+        },
+        Err(NotAReport::UnknownKind(_)) => return None,
+    };
+    Some(CooldownEvent {
+        backend_id: e.backend_id.clone(),
+        report,
+        reason: e.reason.chars().take(200).collect(),
+        reported_by: batch.node_id.clone(),
+        // The node id is checked; an incarnation only comes checked with records.
+        author: author(
+            &batch.node_id,
+            &batch.incarnation.chars().take(64).collect::<String>(),
+        ),
+        age: event_age(e),
+    })
+}
+
 impl DataPlaneApi {
     /// Cooldown events first, so other replicas learn of a 429 without waiting
     /// for the usage write; then hands the records to the writer, which stores them
@@ -238,15 +263,7 @@ impl DataPlaneApi {
             let events = batch
                 .events
                 .iter()
-                .filter_map(|e| {
-                    Some(CooldownEvent {
-                        backend_id: e.backend_id.clone(),
-                        until_ms: timestamp_ms(e.cooldown_until.as_ref()?),
-                        consecutive_failures: e.consecutive_failures,
-                        reason: e.reason.chars().take(200).collect(),
-                        reported_by: batch.node_id.clone(),
-                    })
-                })
+                .filter_map(|e| cooldown_event(e, &batch))
                 .collect();
             self.store.record_cooldowns(events).await?;
         }

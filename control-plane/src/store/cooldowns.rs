@@ -1,13 +1,21 @@
-//! Cooldowns reported by data planes (or reset by an operator), stored per backend.
+//! Backends' cooldown states, stored per backend, as `sluice_domain::cooldown` defines them
+//! and applies the data planes' reports (and an operator's resets) to them.
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
+use sluice_domain::cooldown::{CooldownState, Report};
+use sluice_domain::settings::Policy;
 use sluice_proto::v1 as pb;
 
 use super::backends::resolve_backend_id;
+use super::settings::load_settings;
 use super::{Store, StoreError, WriteOp, bump_version};
-use crate::time::now_ms;
+use crate::time::{UnixMs, now_ms};
 
-/// A backend cooling down.
+/// A backend's cooldown state by the control plane's clock; replicas named by
+/// `sluice_domain::cooldown::author`.
+pub type Cooldown = CooldownState<UnixMs, String>;
+
+/// A backend cooling down, as `ListCooldowns` shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CooldownRow {
     pub backend_id: String,
@@ -19,29 +27,44 @@ pub struct CooldownRow {
     pub create_time_ms: i64,
 }
 
-/// A data plane's report that it cooled a backend down.
+/// A data plane's report about a backend's health.
 #[derive(Debug, Clone)]
 pub struct CooldownEvent {
     pub backend_id: String,
-    pub until_ms: i64,
-    pub consecutive_failures: u32,
+    pub report: Reported,
     pub reason: String,
+    /// The node id, for display.
     pub reported_by: String,
+    /// The replica as the author of changes (node id and incarnation).
+    pub author: String,
+    /// How long before it arrived the replica saw it.
+    pub age: std::time::Duration,
+}
+
+/// What the report says, by the sender's version.
+#[derive(Debug, Clone, Copy)]
+pub enum Reported {
+    /// From a data plane that names the epoch it knew.
+    Report(Report),
+    /// From a data plane older than epochs: its own streak and end time (its clock).
+    Legacy { streak: u32, until_ms: i64 },
 }
 
 impl Store {
-    /// Cooldowns still in force at `now_ms`.
+    /// Cooldowns still in force.
     pub async fn list_cooldowns(&self) -> Result<Vec<CooldownRow>, StoreError> {
         self.call(|conn, _| load_active_cooldowns(conn, now_ms()))
             .await
     }
 
-    /// Clears a backend's cooldown. Returns the new snapshot version.
+    /// Ends a backend's streak and cooldown. Returns the new snapshot version.
     pub async fn reset_cooldown(&self, backend: String) -> Result<u64, StoreError> {
         self.write(WriteOp::cooldown, move |conn, _| {
             let tx = conn.transaction()?;
             let id = resolve_backend_id(&tx, &backend)?;
-            tx.execute("DELETE FROM cooldowns WHERE backend_id = ?1", params![id])?;
+            let mut state = load_state(&tx, &id)?.unwrap_or_default();
+            state.reset();
+            store_state(&tx, &id, &state, "reset by an admin", "admin")?;
             let version = bump_version(&tx)?;
             tx.commit()?;
             Ok(version)
@@ -49,36 +72,49 @@ impl Store {
         .await
     }
 
-    /// Records cooldown events; a cooldown only ever extends. Returns the new
-    /// snapshot version when anything changed.
+    /// Applies data planes' reports in order, by the rules of `sluice_domain::cooldown`, with
+    /// this control plane's clock. Returns the new snapshot version when anything changed.
     pub async fn record_cooldowns(
         &self,
         events: Vec<CooldownEvent>,
     ) -> Result<Option<u64>, StoreError> {
         self.write(WriteOp::cooldown, move |conn, _| {
             let tx = conn.transaction()?;
-            let now = now_ms();
-            let mut changed = 0;
+            let now = UnixMs(now_ms());
+            let policy = Policy::try_from(&load_settings(&tx)?)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                .cooldown;
+            let mut changed = false;
             for e in &events {
-                if e.until_ms <= now {
-                    continue;
-                }
                 // Unknown (deleted) backends are ignored, not an error: the data plane
                 // may run an older snapshot.
-                changed += tx.execute(
-                    "INSERT INTO cooldowns (backend_id, until_time, consecutive_failures, reason, reported_by, create_time)
-                     SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM backends WHERE id = ?1)
-                     ON CONFLICT (backend_id) DO UPDATE SET
-                         until_time = excluded.until_time,
-                         consecutive_failures = max(consecutive_failures, excluded.consecutive_failures),
-                         reason = excluded.reason,
-                         reported_by = excluded.reported_by,
-                         create_time = CASE WHEN until_time <= ?6 THEN excluded.create_time ELSE create_time END
-                     WHERE excluded.until_time > until_time",
-                    params![e.backend_id, e.until_ms, e.consecutive_failures, e.reason, e.reported_by, now],
-                )?;
+                let exists: bool = tx
+                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM backends WHERE id = ?1)")?
+                    .query_row(params![e.backend_id], |r| r.get(0))?;
+                if !exists {
+                    continue;
+                }
+                let mut state = load_state(&tx, &e.backend_id)?.unwrap_or_default();
+                let before = state.clone();
+                match e.report {
+                    Reported::Report(report) => {
+                        // Timed from when the replica saw it, by this clock.
+                        let at =
+                            UnixMs(now.0.saturating_sub(
+                                i64::try_from(e.age.as_millis()).unwrap_or(i64::MAX),
+                            ));
+                        state.apply(&report, &e.author, &policy, at);
+                    }
+                    Reported::Legacy { streak, until_ms } => {
+                        state.apply_legacy(streak, UnixMs(until_ms), now);
+                    }
+                }
+                if state != before {
+                    store_state(&tx, &e.backend_id, &state, &e.reason, &e.reported_by)?;
+                    changed = true;
+                }
             }
-            if changed == 0 {
+            if !changed {
                 return Ok(None);
             }
             let version = bump_version(&tx)?;
@@ -89,10 +125,7 @@ impl Store {
     }
 }
 
-pub(crate) fn load_active_cooldowns(
-    conn: &Connection,
-    now_ms: i64,
-) -> Result<Vec<CooldownRow>, StoreError> {
+fn load_active_cooldowns(conn: &Connection, now_ms: i64) -> Result<Vec<CooldownRow>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT c.backend_id, b.name, c.until_time, c.consecutive_failures, c.reason, c.reported_by, c.create_time
          FROM cooldowns c JOIN backends b ON b.id = c.backend_id
@@ -110,6 +143,77 @@ pub(crate) fn load_active_cooldowns(
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Every backend's cooldown state that differs from the initial one, by backend id.
+pub(crate) fn load_cooldown_states(
+    conn: &Connection,
+) -> Result<std::collections::HashMap<String, Cooldown>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT backend_id, epoch, consecutive_failures, until_time, create_time, changed_by, run_basis FROM cooldowns",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, state_of(r)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn load_state(tx: &Transaction<'_>, backend_id: &str) -> Result<Option<Cooldown>, StoreError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT backend_id, epoch, consecutive_failures, until_time, create_time, changed_by, run_basis FROM cooldowns WHERE backend_id = ?1",
+        )?
+        .query_row(params![backend_id], state_of)
+        .optional()?)
+}
+
+/// Columns 1 to 6: epoch, streak, until, since (0 for none), changed_by, run_basis ('' for
+/// none).
+fn state_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Cooldown> {
+    let time = |ms: i64| (ms > 0).then_some(UnixMs(ms));
+    let changed_by: String = r.get(5)?;
+    let run_basis = r.get::<_, i64>(6)?.max(0) as u64;
+    Ok(Cooldown {
+        epoch: r.get::<_, i64>(1)?.max(0) as u64,
+        streak: r.get(2)?,
+        until: time(r.get(3)?),
+        since: time(r.get(4)?),
+        run: (!changed_by.is_empty()).then_some((changed_by, run_basis)),
+    })
+}
+
+fn store_state(
+    tx: &Transaction<'_>,
+    backend_id: &str,
+    state: &Cooldown,
+    reason: &str,
+    reported_by: &str,
+) -> Result<(), StoreError> {
+    let time = |t: Option<UnixMs>| t.map_or(0, |t| t.0);
+    let (changed_by, run_basis) = state.run.clone().unwrap_or_default();
+    tx.prepare_cached(
+        "INSERT INTO cooldowns (backend_id, epoch, consecutive_failures, until_time, create_time, reason, reported_by, changed_by, run_basis)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (backend_id) DO UPDATE SET
+             epoch = excluded.epoch,
+             consecutive_failures = excluded.consecutive_failures,
+             until_time = excluded.until_time,
+             create_time = excluded.create_time,
+             reason = excluded.reason,
+             reported_by = excluded.reported_by,
+             changed_by = excluded.changed_by,
+             run_basis = excluded.run_basis",
+    )?
+    .execute(params![
+        backend_id,
+        i64::try_from(state.epoch).unwrap_or(i64::MAX),
+        state.streak,
+        time(state.until),
+        time(state.since),
+        reason,
+        reported_by,
+        changed_by,
+        i64::try_from(run_basis).unwrap_or(i64::MAX),
+    ])?;
+    Ok(())
 }
 
 impl CooldownRow {

@@ -15,7 +15,6 @@ use tokio::time::{Instant, timeout_at};
 use super::accounting::{Accounting, usage_of};
 use super::relay::Relay;
 use super::{AppState, Collected};
-use crate::clock::Now;
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
 use crate::metrics::{AttemptOutcome, CooldownReason, Label, LimitScope, SkipReason};
@@ -134,14 +133,14 @@ pub(super) async fn forward(
             last.get_or_insert(Failure::Timeout);
             break;
         }
-        let blocked = cooldowns
-            .local_until(&backend.id, now)
-            .max(backend.cooldown_until.filter(|until| *until > now));
-        if let Some(until) = blocked {
-            app.metrics.skip(&label, SkipReason::cooling_down);
-            soonest = Some(soonest.map_or(until, |s| s.min(until)));
-            continue;
-        }
+        let basis = match cooldowns.check(&backend.id, now) {
+            Ok(basis) => basis,
+            Err(until) => {
+                app.metrics.skip(&label, SkipReason::cooling_down);
+                soonest = Some(soonest.map_or(until, |s| s.min(until)));
+                continue;
+            }
+        };
         if let Some(limiter) = &backend.limiter
             && let Err(wait) = limiter.try_acquire(now)
         {
@@ -187,20 +186,28 @@ pub(super) async fn forward(
                     .attempt(&label, failure.metric_outcome(), Some(took));
             }
         }
+        let answered = app.store.clock().now();
         if let Some(event) =
-            cooldowns.record(&backend.id, &policy.cooldown, health, now, Now::read())
+            cooldowns.record(&backend.id, basis, &policy.cooldown, health, answered)
         {
-            tracing::warn!(
-                backend = %backend.name,
-                reason = %event.reason,
-                failures = event.consecutive_failures,
-                "backend cooling down"
-            );
-            let reason = match health {
-                Outcome::RateLimited { .. } => CooldownReason::rate_limited,
-                _ => CooldownReason::failures,
-            };
-            app.metrics.cooldown(&label, reason);
+            match health {
+                Outcome::Success => {
+                    tracing::info!(backend = %backend.name, "backend answered again: its streak ends");
+                }
+                Outcome::RateLimited { .. } | Outcome::Failure => {
+                    tracing::warn!(
+                        backend = %backend.name,
+                        reason = %event.reason,
+                        streak = event.consecutive_failures,
+                        "backend cooling down"
+                    );
+                    let reason = match health {
+                        Outcome::RateLimited { .. } => CooldownReason::rate_limited,
+                        _ => CooldownReason::failures,
+                    };
+                    app.metrics.cooldown(&label, reason);
+                }
+            }
             app.usage.event(event);
         }
         match outcome {

@@ -300,6 +300,33 @@ impl ControlApi {
             .unwrap();
     }
 
+    /// The newest snapshot version the control plane has published (0 before any replica
+    /// connected).
+    pub async fn latest_version(&self) -> u64 {
+        self.admin()
+            .await
+            .list_data_planes(pb::ListDataPlanesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .data_planes
+            .iter()
+            .map(|p| p.latest_version)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The cooldowns in force (`ListCooldowns`).
+    pub async fn cooldowns(&self) -> Vec<pb::Cooldown> {
+        self.admin()
+            .await
+            .list_cooldowns(pb::ListCooldownsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .cooldowns
+    }
+
     pub async fn totals(&self) -> pb::GetTotalsResponse {
         self.stats()
             .await
@@ -725,6 +752,8 @@ pub async fn report_cooldown(api: &ControlApi, backend_id: &str, reason: &str) {
             consecutive_failures: 2,
             reason: reason.into(),
             time: Some(at(now)),
+            // A replica that predates cooldown epochs: its own end time is taken.
+            ..Default::default()
         }],
         ..Default::default()
     };
@@ -736,13 +765,8 @@ pub async fn report_cooldown(api: &ControlApi, backend_id: &str, reason: &str) {
         .unwrap();
     // A batch of events alone is not acked; keep the stream open until it is applied.
     eventually(Duration::from_secs(10), "the cooldown stored", || async {
-        api.admin()
+        api.cooldowns()
             .await
-            .list_cooldowns(pb::ListCooldownsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .cooldowns
             .iter()
             .any(|c| c.backend_id == backend_id)
     })
