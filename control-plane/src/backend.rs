@@ -46,6 +46,29 @@ pub struct Backend {
 
 const MAX_WEIGHT: u32 = 1_000_000;
 const MAX_MODELS: usize = 1_000;
+/// Longest `base_url`, once normalised.
+pub const MAX_BASE_URL_BYTES: usize = 2048;
+/// Longest provider API key. Real ones are under 200 bytes.
+pub const MAX_API_KEY_BYTES: usize = 4096;
+
+/// A provider API key as the data plane sends it (`Authorization: Bearer <key>`): at most
+/// [`MAX_API_KEY_BYTES`] of printable ASCII without spaces. A key no header can carry would
+/// make every replica refuse every snapshot. Empty means "no key".
+pub fn check_api_key(field: &str, key: &str) -> Result<(), ValidationError> {
+    if key.len() > MAX_API_KEY_BYTES {
+        return Err(ValidationError::new(
+            field,
+            format!("must be at most {MAX_API_KEY_BYTES} bytes"),
+        ));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ValidationError::new(
+            field,
+            "must be printable ASCII without spaces (it is sent in an HTTP header)",
+        ));
+    }
+    Ok(())
+}
 
 /// Fields of `Backend` that `UpdateBackend` may name in its mask.
 pub const UPDATABLE_FIELDS: &[&str] = &[
@@ -240,7 +263,11 @@ fn normalize_base_url(raw: &str) -> Result<String, ValidationError> {
     if url.query().is_some() || url.fragment().is_some() {
         return Err(bad("must not have a query or fragment"));
     }
-    Ok(url.as_str().trim_end_matches('/').to_owned())
+    let normalized = url.as_str().trim_end_matches('/');
+    if normalized.len() > MAX_BASE_URL_BYTES {
+        return Err(bad(&format!("must be at most {MAX_BASE_URL_BYTES} bytes")));
+    }
+    Ok(normalized.to_owned())
 }
 
 #[cfg(test)]
@@ -272,6 +299,29 @@ mod tests {
         assert_eq!(s.base_url, "https://api.openai.com/v1");
         assert_eq!(s.weight, 1);
         assert_eq!(s.models[0].upstream_name, "gpt-4o-mini");
+    }
+
+    #[test]
+    fn api_keys_must_fit_a_header() {
+        assert!(check_api_key("api_key", "").is_ok());
+        assert!(check_api_key("api_key", "sk-proj-AbC_123.x").is_ok());
+        for bad in [
+            "sk a",
+            "sk\r\nx-evil: 1",
+            "clé",
+            &"k".repeat(MAX_API_KEY_BYTES + 1),
+        ] {
+            let err = check_api_key("api_key", bad).unwrap_err();
+            assert_eq!(err.field, "api_key");
+        }
+        let long = format!("https://h/{}", "p".repeat(MAX_BASE_URL_BYTES));
+        let err = BackendSpec {
+            base_url: long,
+            ..spec()
+        }
+        .validated()
+        .unwrap_err();
+        assert!(err.message.contains("at most"), "{err}");
     }
 
     #[test]

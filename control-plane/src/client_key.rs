@@ -10,6 +10,10 @@ const PREFIX: &str = "sk-sluice-";
 /// Characters of the key kept (beside the hash) to tell keys apart in listings.
 const SHOWN_PREFIX_LEN: usize = PREFIX.len() + 6;
 
+/// Entries a key's `allowed_models` may have, as many as routes a backend may have: every
+/// one goes into the snapshot each replica must accept.
+pub const MAX_ALLOWED_MODELS: usize = 1_000;
+
 /// A stored client key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientKey {
@@ -36,6 +40,12 @@ impl NewClientKey {
     pub fn validated(mut self) -> Result<Self, ValidationError> {
         self.name = self.name.trim().to_owned();
         check_name("name", &self.name)?;
+        if self.allowed_models.len() > MAX_ALLOWED_MODELS {
+            return Err(ValidationError::new(
+                "allowed_models",
+                format!("at most {MAX_ALLOWED_MODELS} models"),
+            ));
+        }
         let mut models = Vec::with_capacity(self.allowed_models.len());
         for (i, model) in self.allowed_models.iter().enumerate() {
             let model = model.trim();

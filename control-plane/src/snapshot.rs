@@ -12,11 +12,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message as _;
+use sluice_proto::limits::{MAX_ID_BYTES, MAX_SNAPSHOT_BYTES};
 use sluice_proto::v1 as pb;
 use tokio::sync::watch;
 
+use crate::backend::BackendSpec;
 use crate::store::{Reader, Store, StoreError};
 use crate::time::{UnixMs, duration, now_ms, timestamp, timestamp_ms};
+
+/// Room kept below [`MAX_SNAPSHOT_BYTES`] for what changes without an admin write: the
+/// settings, the nonce and times, the replica count, the message around the snapshot.
+pub const SNAPSHOT_HEADROOM_BYTES: usize = 64 * 1024;
+
+/// An admin write refused because the snapshot would grow past what replicas accept.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "refused: this change would make the routing snapshot about {projected} bytes, past the \
+     {limit} bytes every data plane accepts ({} MiB, sluice_proto::limits::MAX_SNAPSHOT_BYTES, \
+     less {SNAPSHOT_HEADROOM_BYTES} bytes of headroom); revoke or delete unused keys and \
+     backends, or shorten allowed_models and model lists",
+    MAX_SNAPSHOT_BYTES / (1024 * 1024)
+)]
+pub struct SnapshotTooLarge {
+    pub projected: usize,
+    pub limit: usize,
+}
 
 /// Builds and publishes snapshots. Cheap to share behind an `Arc`.
 pub struct Publisher {
@@ -24,6 +44,72 @@ pub struct Publisher {
     /// Random per start; see the module docs.
     epoch: String,
     tx: watch::Sender<Arc<pb::Snapshot>>,
+    /// The largest snapshot admin writes may lead to (see [`Publisher::reserve`]).
+    limit: usize,
+    /// Growth admitted by [`Publisher::reserve`] and committed at a version (the first) not
+    /// yet published: held against the limit until a published snapshot includes it.
+    pending: tokio::sync::Mutex<Vec<(u64, usize)>>,
+}
+
+/// Room for an admin write's growth of the snapshot, held from [`Publisher::reserve`] until
+/// the write is committed (then counted until published) or dropped (not counted). Admin
+/// writes that grow the snapshot are made one at a time while it is held.
+pub struct Reservation<'a> {
+    pending: tokio::sync::MutexGuard<'a, Vec<(u64, usize)>>,
+    bytes: usize,
+}
+
+impl Reservation<'_> {
+    /// The write committed as snapshot `version`.
+    pub fn committed(mut self, version: u64) {
+        self.pending.push((version, self.bytes));
+    }
+}
+
+/// What one entry of a repeated field adds to an encoded message: its bytes, its length
+/// prefix and its field tag.
+pub fn entry_bytes(entry: &impl prost::Message) -> usize {
+    let len = entry.encoded_len();
+    len + prost::length_delimiter_len(len) + 2
+}
+
+/// The most a backend with `spec` and `api_key` adds to a snapshot (cooling down included).
+pub fn backend_entry_bytes(spec: &BackendSpec, api_key: &str) -> usize {
+    entry_bytes(&pb::SnapshotBackend {
+        id: uuid::Uuid::nil().to_string(),
+        name: spec.name.clone(),
+        base_url: spec.base_url.clone(),
+        pool: pb::Pool::from(spec.pool) as i32,
+        priority: i32::MIN,
+        weight: u32::MAX,
+        models: spec.models.iter().map(|m| m.to_proto()).collect(),
+        api_key: api_key.to_owned(),
+        rpm_limit: u32::MAX,
+        cooldown_until: Some(pbjson_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: i32::MAX,
+        }),
+        consecutive_failures: u32::MAX,
+        cooldown_remaining: Some(pbjson_types::Duration {
+            seconds: i64::MAX,
+            nanos: i32::MAX,
+        }),
+        cooldown_epoch: u64::MAX,
+        cooldown_run_basis: u64::MAX,
+        // A node id and an incarnation, each at most MAX_ID_BYTES.
+        cooldown_changed_by: "x".repeat(2 * MAX_ID_BYTES + 1),
+    })
+}
+
+/// The most a client key with `name` and `allowed_models` adds to a snapshot.
+pub fn client_key_entry_bytes(name: &str, allowed_models: &[String]) -> usize {
+    entry_bytes(&pb::SnapshotClientKey {
+        id: uuid::Uuid::nil().to_string(),
+        name: name.to_owned(),
+        key_sha256: vec![0; 32],
+        allowed_models: allowed_models.to_vec(),
+        rpm_limit: u32::MAX,
+    })
 }
 
 impl Publisher {
@@ -63,7 +149,47 @@ impl Publisher {
             "snapshot epoch started"
         );
         let (tx, _) = watch::channel(Arc::new(first));
-        Ok(Self { store, epoch, tx })
+        Ok(Self {
+            store,
+            epoch,
+            tx,
+            limit: MAX_SNAPSHOT_BYTES - SNAPSHOT_HEADROOM_BYTES,
+            pending: tokio::sync::Mutex::default(),
+        })
+    }
+
+    /// The same publisher with another limit for [`Publisher::reserve`] (tests).
+    pub fn with_size_limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Room for an admin write that adds at most `growth` bytes to the snapshot, or
+    /// [`SnapshotTooLarge`] when the snapshot would then pass the limit replicas accept:
+    /// refused at the write, with a message, rather than by every replica, which would then
+    /// stay on its old snapshot (and keep serving keys revoked after it). Writes that only
+    /// shrink it (revoking, deleting) need none.
+    pub async fn reserve(&self, growth: usize) -> Result<Reservation<'_>, SnapshotTooLarge> {
+        let mut pending = self.pending.lock().await;
+        let latest = self.latest();
+        pending.retain(|&(version, _)| version > latest.version);
+        let held: usize = pending.iter().map(|&(_, bytes)| bytes).sum();
+        let projected = latest.encoded_len() + held + growth;
+        if projected > self.limit {
+            tracing::warn!(
+                projected,
+                limit = self.limit,
+                "refused an admin write: the snapshot would pass the size replicas accept"
+            );
+            return Err(SnapshotTooLarge {
+                projected,
+                limit: self.limit,
+            });
+        }
+        Ok(Reservation {
+            pending,
+            bytes: growth,
+        })
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<pb::Snapshot>> {

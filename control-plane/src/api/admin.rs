@@ -8,10 +8,10 @@ use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
-use crate::backend::BackendSpec;
+use crate::backend::{BackendSpec, check_api_key};
 use crate::client_key::NewClientKey;
 use crate::membership::Registry;
-use crate::snapshot::Publisher;
+use crate::snapshot::{self, Publisher};
 use crate::store::Store;
 use crate::validation::ValidationError;
 
@@ -51,8 +51,15 @@ impl AdminService for Admin {
         let backend = request
             .backend
             .ok_or_else(|| ValidationError::new("backend", "is required"))?;
-        let spec = BackendSpec::from_proto(&backend)?;
-        let (backend, _) = self.store.create_backend(spec, request.api_key).await?;
+        let spec = BackendSpec::from_proto(&backend)?.validated()?;
+        let api_key = request.api_key.trim().to_owned();
+        check_api_key("api_key", &api_key)?;
+        let room = self
+            .publisher
+            .reserve(snapshot::backend_entry_bytes(&spec, &api_key))
+            .await?;
+        let (backend, version) = self.store.create_backend(spec, api_key).await?;
+        room.committed(version);
         tracing::info!(backend = %backend.id, name = %backend.spec.name, "backend created");
         Ok(Response::new(pb::CreateBackendResponse {
             backend: Some(backend.to_proto()),
@@ -90,7 +97,7 @@ impl AdminService for Admin {
             .ok_or_else(|| ValidationError::new("backend", "is required"))?;
         let id = required_id("backend.id", &update.id)?;
         let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
-        let api_key = (!request.api_key.is_empty()).then_some(request.api_key);
+        let api_key = Some(request.api_key.trim().to_owned()).filter(|key| !key.is_empty());
         if paths.is_empty() && api_key.is_none() {
             return Err(ValidationError::new(
                 "update_mask",
@@ -98,10 +105,23 @@ impl AdminService for Admin {
             )
             .into());
         }
-        let (backend, _) = self
+        if let Some(api_key) = &api_key {
+            check_api_key("api_key", api_key)?;
+        }
+        // The updated backend, counted whole as growth (its old self is in the snapshot
+        // still): more than it adds, never less.
+        let mut updated = self.store.get_backend(id.clone()).await?.spec;
+        updated.apply_mask(&update, &paths)?;
+        let growth = snapshot::backend_entry_bytes(
+            &updated.validated()?,
+            api_key.as_deref().unwrap_or_default(),
+        );
+        let room = self.publisher.reserve(growth).await?;
+        let (backend, version) = self
             .store
             .update_backend(id, move |spec| spec.apply_mask(&update, &paths), api_key)
             .await?;
+        room.committed(version);
         tracing::info!(backend = %backend.id, "backend updated");
         Ok(Response::new(pb::UpdateBackendResponse {
             backend: Some(backend.to_proto()),
@@ -123,14 +143,21 @@ impl AdminService for Admin {
         request: Request<pb::CreateClientKeyRequest>,
     ) -> Result<Response<pb::CreateClientKeyResponse>, Status> {
         let request = request.into_inner();
-        let (key, plaintext, _) = self
-            .store
-            .create_client_key(NewClientKey {
-                name: request.name,
-                allowed_models: request.allowed_models,
-                rpm_limit: request.rpm_limit,
-            })
+        let new = NewClientKey {
+            name: request.name,
+            allowed_models: request.allowed_models,
+            rpm_limit: request.rpm_limit,
+        }
+        .validated()?;
+        let room = self
+            .publisher
+            .reserve(snapshot::client_key_entry_bytes(
+                &new.name,
+                &new.allowed_models,
+            ))
             .await?;
+        let (key, plaintext, version) = self.store.create_client_key(new).await?;
+        room.committed(version);
         tracing::info!(client_key = %key.id, name = %key.name, "client key created");
         Ok(Response::new(pb::CreateClientKeyResponse {
             client_key: Some(key.to_proto()),

@@ -6,6 +6,7 @@
 use tonic::Status;
 
 use crate::ingest::IngestError;
+use crate::snapshot::SnapshotTooLarge;
 use crate::store::StoreError;
 use crate::validation::ValidationError;
 
@@ -24,6 +25,13 @@ impl From<StoreError> for Status {
 impl From<ValidationError> for Status {
     fn from(err: ValidationError) -> Self {
         Status::invalid_argument(err.to_string())
+    }
+}
+
+/// `FAILED_PRECONDITION`: nothing to retry until keys or backends are removed.
+impl From<SnapshotTooLarge> for Status {
+    fn from(err: SnapshotTooLarge) -> Self {
+        Status::failed_precondition(err.to_string())
     }
 }
 
