@@ -3,12 +3,16 @@
 //! in one transaction (one fsync) and then answers each. Under load the batches pile up
 //! while a commit is in flight, so the number of commits per second stays flat while
 //! the records per commit grow; when idle a batch is committed alone, at once.
+//! A report's contents reach the store through `batch_of` (its records) and
+//! `cooldown_events` (its backend events).
 
 use tokio::sync::{mpsc, oneshot};
 
 use sluice_proto::v1 as pb;
 
-use crate::store::{OutOfOrder, Store, StoreError, UsageBatch, UsageRow};
+use crate::store::{CooldownEvent, OutOfOrder, Reported, Store, StoreError, UsageBatch, UsageRow};
+use crate::time::timestamp_ms;
+use sluice_domain::cooldown::{NotAReport, Report, author, event_age};
 
 /// Most records applied in one transaction; more wait for the next one.
 const MAX_RECORDS_PER_COMMIT: usize = 50_000;
@@ -38,6 +42,39 @@ pub fn batch_of(report: pb::ReportUsageRequest) -> UsageBatch {
         incarnation: report.incarnation,
         previous_sequence: report.previous_sequence,
     }
+}
+
+/// The backend events a `ReportUsage` message carries, as the store applies them; events of
+/// a kind this version does not know are left out.
+pub fn cooldown_events(report: &pb::ReportUsageRequest) -> Vec<CooldownEvent> {
+    report
+        .events
+        .iter()
+        .filter_map(|e| cooldown_event(e, report))
+        .collect()
+}
+
+fn cooldown_event(e: &pb::BackendEvent, batch: &pb::ReportUsageRequest) -> Option<CooldownEvent> {
+    let report = match Report::try_from(e) {
+        Ok(report) => Reported::Report(report),
+        Err(NotAReport::NoEpoch) => Reported::Legacy {
+            streak: e.consecutive_failures,
+            until_ms: timestamp_ms(e.cooldown_until.as_ref()?),
+        },
+        Err(NotAReport::UnknownKind(_)) => return None,
+    };
+    Some(CooldownEvent {
+        backend_id: e.backend_id.clone(),
+        report,
+        reason: e.reason.chars().take(200).collect(),
+        reported_by: batch.node_id.clone(),
+        // The node id is checked; an incarnation only comes checked with records.
+        author: author(
+            &batch.node_id,
+            &batch.incarnation.chars().take(64).collect::<String>(),
+        ),
+        age: event_age(e),
+    })
 }
 
 struct Job {

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::backend::BackendSpec;
 use crate::store::{Reader, Store, StoreError};
-use crate::time::{UnixMs, duration, now_ms, timestamp, timestamp_ms};
+use crate::time::{duration, now_ms, timestamp, timestamp_ms};
 
 /// Room kept below [`MAX_SNAPSHOT_BYTES`] for what changes without an admin write: the
 /// settings, the nonce and times, the replica count, the message around the snapshot.
@@ -229,7 +229,8 @@ impl Publisher {
 
 /// The snapshot as it goes out at `now_ms`: each cooldown also as the time left of it then,
 /// which replicas add to their own monotonic clocks (so no skew between their wall clocks and
-/// this one matters); one that has ended since the snapshot was built is left out.
+/// this one matters); one that has ended by then is left out. The only place a snapshot's
+/// cooldowns meet a clock: [`build`] keeps every backend's last cooldown end.
 pub fn as_sent(snapshot: &pb::Snapshot, now_ms: i64) -> pb::Snapshot {
     let mut sent = snapshot.clone();
     for b in &mut sent.backends {
@@ -271,9 +272,9 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                         models: spec.models.iter().map(|m| m.to_proto()).collect(),
                         api_key: b.api_key,
                         rpm_limit: spec.rpm_limit,
-                        cooldown_until: cooldown
-                            .cooling_until(UnixMs(now))
-                            .map(|until| timestamp(until.0)),
+                        // Ended or not: `as_sent` decides by the clock when each copy goes
+                        // out, so that a snapshot built earlier is never sent as cooling.
+                        cooldown_until: cooldown.until.map(|until| timestamp(until.0)),
                         consecutive_failures: cooldown.streak,
                         // Filled in as each copy is sent: see `as_sent`.
                         cooldown_remaining: None,

@@ -550,7 +550,13 @@ impl SnapshotStore {
     /// (the control plane restarted, perhaps on a restored backup with lower versions) is
     /// taken whatever its version.
     pub fn apply(&self, message: proto::Snapshot) -> Result<Applied, SnapshotError> {
-        let result = self.try_apply(message);
+        self.apply_at(message, self.clock.now())
+    }
+
+    /// [`SnapshotStore::apply`] at `now`: for a caller that keeps its own time, such as the
+    /// protocol simulation.
+    pub fn apply_at(&self, message: proto::Snapshot, now: Now) -> Result<Applied, SnapshotError> {
+        let result = self.try_apply(message, now);
         if let Err(err) = &result {
             self.refused(match err {
                 SnapshotError::Stale { .. } => Refusal::Stale,
@@ -560,7 +566,7 @@ impl SnapshotStore {
         result
     }
 
-    fn try_apply(&self, message: proto::Snapshot) -> Result<Applied, SnapshotError> {
+    fn try_apply(&self, message: proto::Snapshot, now: Now) -> Result<Applied, SnapshotError> {
         let current = self.current.load_full();
         if let Some(current) = current.as_ref().filter(|c| c.epoch == message.epoch) {
             if message.version < current.version {
@@ -573,7 +579,6 @@ impl SnapshotStore {
                 return Ok(Applied::Unchanged);
             }
         }
-        let now = self.clock.now();
         let next = Arc::new(Snapshot::prepare(
             message,
             current.as_deref(),

@@ -2,10 +2,13 @@
 //!
 //! It drives the real protocol code, without its transport: on the control-plane side the
 //! SQLite store (snapshot versions, usage ingestion with its high-water marks, the replica
-//! shares), [`Membership`] (joins and leaves), the [`Publisher`] (epochs, newest-only
-//! publishing) and the usage batch conversion; on the data-plane side [`SnapshotStore`]
-//! (which snapshots a replica takes) and the usage [`Outbox`] (what a replica sends, and what
-//! acks and refusals mean). What gRPC would do in between is the simulation's: messages in
+//! shares, backends' cooldown states), [`Membership`] (joins and leaves), the [`Publisher`]
+//! (epochs, newest-only publishing), snapshots as sent ([`as_sent`]: what is left of each
+//! cooldown) and the conversion of reports; on the data-plane side [`SnapshotStore`] (which
+//! snapshots a replica takes), its [`CooldownTracker`](sluice_proxy::cooldown::CooldownTracker)
+//! (requests sent at a state, their 429s, failures and successes, the reports they make and
+//! resend after a reconnect) and the usage [`Outbox`] (what a replica sends, and what acks and
+//! refusals mean). What gRPC would do in between is the simulation's: messages in
 //! flight on each replica's link, delivered in order within a stream and in any order across
 //! streams, links cut and healed, reports delivered twice, group commits that fail, replicas
 //! and the control plane killed and restarted, the database restored from a backup, the
@@ -23,12 +26,16 @@
 //!   within the bound of `docs/guarantees.md` (the limit plus the shares of replicas on an
 //!   older snapshot);
 //! - a replica holds its share while connected and for the lease after it left (or after a
-//!   control-plane start), restores aside.
+//!   control-plane start), restores aside;
+//! - a replica told `Retry-After: w` by the backend skips it for at least w.
 //!
 //! And at the end of each run, after the network heals and the faults stop: every replica
 //! runs the newest snapshot, and every record a replica got an ack for is counted exactly
 //! once (except those acked between a backup and its restore, which the restore takes back,
-//! as documented), as is every record still held when the run ends.
+//! as documented), as is every record still held when the run ends; and every replica, its
+//! wall clock skewed or not, holds the control plane's cooldown state (epoch and streak), and
+//! cools the backend down exactly while the control plane does, longer by at most the time
+//! its last snapshot travelled.
 //!
 //! `cargo test --test simulation` runs 256 seeds (`SLUICE_SIM_SEEDS=N` for more,
 //! `SLUICE_SIM_FIRST_SEED=S` to start elsewhere); a failure names its seed, and
@@ -44,13 +51,18 @@ use rand::{Rng, SeedableRng};
 use sluice_control::backend::{BackendSpec, ModelRoute, Pool};
 use sluice_control::client_key::NewClientKey;
 use sluice_control::crypto::MasterKey;
-use sluice_control::ingest::batch_of;
+use sluice_control::ingest::{batch_of, cooldown_events};
 use sluice_control::membership::{self, Membership, Registry, SHARE_LEASE};
-use sluice_control::snapshot::Publisher;
+use sluice_control::snapshot::{Publisher, as_sent};
 use sluice_control::store::{NodeHello, Store};
+use sluice_domain::cooldown::author;
 use sluice_proto::v1 as pb;
-use sluice_proxy::snapshot::SnapshotStore;
+use sluice_proxy::clock::Now;
+use sluice_proxy::cooldown::{Basis, Outcome};
+use sluice_proxy::snapshot::{Applied, SnapshotStore};
 use sluice_proxy::usage::{Outbox, UsageSink};
+use std::time::{Duration, UNIX_EPOCH};
+use tokio::time::Instant;
 
 /// Seeds run by `cargo test` (each takes a few tens of milliseconds).
 const DEFAULT_SEEDS: u64 = 256;
@@ -60,6 +72,8 @@ const STEPS: usize = 400;
 const SETTLE_STEPS: usize = 3_000;
 /// The backend's limit the shares divide.
 const RPM_LIMIT: u32 = 600;
+/// The control plane's simulated wall clock at the start of a run, in Unix ms.
+const START_MS: i64 = 1_764_000_000_000;
 
 fn lease_ms() -> i64 {
     SHARE_LEASE.as_millis() as i64
@@ -133,6 +147,11 @@ struct Totals {
     control_restarts: u64,
     restores: u64,
     snapshots_taken: u64,
+    requests: u64,
+    skipped_cooling: u64,
+    overloads: u64,
+    cooldown_reports: u64,
+    cooldown_resets: u64,
 }
 
 impl Totals {
@@ -148,6 +167,11 @@ impl Totals {
         self.control_restarts += other.control_restarts;
         self.restores += other.restores;
         self.snapshots_taken += other.snapshots_taken;
+        self.requests += other.requests;
+        self.skipped_cooling += other.skipped_cooling;
+        self.overloads += other.overloads;
+        self.cooldown_reports += other.cooldown_reports;
+        self.cooldown_resets += other.cooldown_resets;
     }
 }
 
@@ -157,7 +181,8 @@ impl std::fmt::Display for Totals {
             f,
             "{} records ({} acked), {} group commits ({} failed), {} reports refused out of \
              order, {} reports delivered twice, {} link cuts, {} replica and {} control-plane \
-             restarts, {} restores, {} snapshots taken",
+             restarts, {} restores, {} snapshots taken; {} requests ({} skipped while \
+             cooling, {} overloaded), {} cooldown reports, {} cooldown resets",
             self.records,
             self.acked,
             self.commits,
@@ -168,7 +193,12 @@ impl std::fmt::Display for Totals {
             self.replica_restarts,
             self.control_restarts,
             self.restores,
-            self.snapshots_taken
+            self.snapshots_taken,
+            self.requests,
+            self.skipped_cooling,
+            self.overloads,
+            self.cooldown_reports,
+            self.cooldown_resets
         )
     }
 }
@@ -179,8 +209,8 @@ enum Message {
     /// Data plane → control plane.
     Hello,
     Report(pb::ReportUsageRequest),
-    /// Control plane → data plane.
-    Snapshot(Arc<pb::Snapshot>),
+    /// Control plane → data plane: a snapshot as sent (see `as_sent`) at a time (ms).
+    Snapshot(Arc<pb::Snapshot>, i64),
     Ack(u64),
     Refused(tonic::Code),
 }
@@ -190,18 +220,28 @@ impl Message {
         match self {
             Message::Hello => "hello".into(),
             Message::Report(r) => format!(
-                "report {}/{} {}..={} after {}",
+                "report {}/{} {}..={} after {}, events {:?}",
                 r.node_id,
                 r.incarnation,
                 r.records.first().map_or(0, |x| x.sequence),
                 r.records.last().map_or(0, |x| x.sequence),
-                r.previous_sequence
+                r.previous_sequence,
+                r.events
+                    .iter()
+                    .map(|e| (e.kind, e.cooldown_epoch, e.cooldown_position))
+                    .collect::<Vec<_>>()
             ),
-            Message::Snapshot(s) => format!(
-                "snapshot {} of {} (n={})",
+            Message::Snapshot(s, _) => format!(
+                "snapshot {} of {} (n={}, cooldown epoch {} streak {} left {:?})",
                 s.version,
                 &s.epoch[..6],
-                s.replica_count
+                s.replica_count,
+                s.backends.first().map_or(0, |b| b.cooldown_epoch),
+                s.backends.first().map_or(0, |b| b.consecutive_failures),
+                s.backends
+                    .first()
+                    .and_then(|b| b.cooldown_remaining.as_ref())
+                    .map(|d| d.seconds * 1000 + i64::from(d.nanos) / 1_000_000)
             ),
             Message::Ack(m) => format!("ack {m}"),
             Message::Refused(c) => format!("refused {c:?}"),
@@ -235,25 +275,35 @@ struct Replica {
     made: BTreeMap<u64, String>,
     /// The records it still holds unacked, as the sink does: the oracle's own count.
     held: BTreeSet<u64>,
+    /// Requests sent to the backend and not yet answered, with the state each was sent at.
+    requests: Vec<Basis>,
+    /// Backend events made and not yet handed to a report (the sink's queue of them).
+    events: Vec<pb::BackendEvent>,
+    /// How long (ms) the last snapshot it took travelled.
+    last_transit_ms: i64,
 }
 
 impl Replica {
     fn new(index: usize, incarnation: u32, rng: &mut StdRng) -> Self {
         let node_id = format!("node-{index}");
+        let incarnation_id = format!("inc-{incarnation}");
         // Now and then a small queue, so that records are dropped when it is full.
         let capacity = if rng.random_bool(0.2) { 20 } else { 100_000 };
         let sink = UsageSink::new(capacity);
         Self {
-            outbox: Outbox::new(sink, node_id.clone(), format!("inc-{incarnation}")),
+            store: SnapshotStore::default().with_author(author(&node_id, &incarnation_id)),
+            outbox: Outbox::new(sink, node_id.clone(), incarnation_id),
             node_id,
             incarnation,
-            store: SnapshotStore::default(),
             skew_ms: rng.random_range(-300_000..=300_000),
             snapshot_stream: None,
             usage_stream: None,
             taken: Vec::new(),
             made: BTreeMap::new(),
             held: BTreeSet::new(),
+            requests: Vec::new(),
+            events: Vec::new(),
+            last_transit_ms: 0,
         }
     }
 
@@ -289,6 +339,8 @@ struct World {
     rng: StdRng,
     /// Simulated wall clock of the control plane, in ms.
     now: i64,
+    /// The replicas' monotonic clock at `START_MS`: theirs reads `base + (now - START_MS)`.
+    base: Instant,
     dir: PathBuf,
     key: MasterKey,
     control: Option<Control>,
@@ -320,7 +372,8 @@ impl World {
         let mut world = World {
             seed,
             rng: StdRng::seed_from_u64(seed),
-            now: 1_764_000_000_000,
+            now: START_MS,
+            base: Instant::now(),
             dir: dir.to_owned(),
             key: MasterKey::from_bytes([7; 32]),
             control: None,
@@ -460,6 +513,7 @@ impl World {
         control.publisher.rebuild().await.unwrap();
         let latest = control.publisher.latest();
         let newest = (latest.epoch.clone(), latest.version);
+        let as_sent_now = Arc::new(as_sent(&latest, self.now));
         let mut sends = Vec::new();
         for (&stream, (replica, sent)) in &mut control.snapshot_streams {
             if sent.as_ref() != Some(&newest) {
@@ -468,7 +522,7 @@ impl World {
                     replica: *replica,
                     stream,
                     to_control: false,
-                    message: Message::Snapshot(Arc::clone(&latest)),
+                    message: Message::Snapshot(Arc::clone(&as_sent_now), self.now),
                 });
             }
         }
@@ -636,7 +690,20 @@ impl World {
                     .usage_streams
                     .entry(envelope.stream)
                     .or_insert(replica);
+                // Cooldown events at once, before the records wait for their group commit.
+                let changed = if report.events.is_empty() {
+                    None
+                } else {
+                    control
+                        .store
+                        .record_cooldowns_at(cooldown_events(&report), self.now)
+                        .await
+                        .unwrap()
+                };
                 control.queued.push((envelope.stream, report));
+                if changed.is_some() {
+                    self.publish().await;
+                }
             }
             _ => unreachable!("only data planes send to the control plane"),
         }
@@ -666,9 +733,110 @@ impl World {
         if self.replicas[i].usage_stream.is_none() {
             let stream = self.new_stream();
             self.trace(|| format!("replica {i} opens usage stream {stream}"));
-            self.replicas[i].usage_stream = Some(stream);
-            self.replicas[i].outbox.restart();
+            let now = self.replica_now(i);
+            let replica = &mut self.replicas[i];
+            replica.usage_stream = Some(stream);
+            replica.outbox.restart();
+            // As the reporter does: cooldown reports no snapshot has shown yet go first.
+            let resend = replica.store.cooldowns().unacknowledged_events(now.instant);
+            if let Some(report) = (!resend.is_empty())
+                .then(|| replica.outbox.next_report(false, resend))
+                .flatten()
+            {
+                self.in_flight.push(Envelope {
+                    replica: i,
+                    stream,
+                    to_control: true,
+                    message: Message::Report(report),
+                });
+            }
         }
+    }
+
+    /// Replica `i`'s clocks: its monotonic clock, and its wall clock, skewed.
+    fn replica_now(&self, i: usize) -> Now {
+        let elapsed = Duration::from_millis(u64::try_from(self.now - START_MS).unwrap());
+        let wall_ms = u64::try_from(self.now + self.replicas[i].skew_ms).unwrap();
+        Now {
+            instant: self.base + elapsed,
+            wall: UNIX_EPOCH + Duration::from_millis(wall_ms),
+        }
+    }
+
+    /// Replica `i` sends a request (or a few) to the backend, unless it is cooling down there.
+    fn request(&mut self, i: usize) {
+        let now = self.replica_now(i);
+        let replica = &mut self.replicas[i];
+        let Some(snapshot) = replica.store.load() else {
+            return;
+        };
+        let backend = &snapshot.backends()[0].id;
+        for _ in 0..self.rng.random_range(1..=4) {
+            self.totals.requests += 1;
+            match replica.store.cooldowns().check(backend, now.instant) {
+                Ok(basis) => replica.requests.push(basis),
+                Err(_) => self.totals.skipped_cooling += 1,
+            }
+        }
+    }
+
+    /// A request in flight at replica `i` is answered: a success, a 429 (with or without
+    /// `Retry-After`) or a failure.
+    fn complete(&mut self, i: usize) {
+        if self.replicas[i].requests.is_empty() {
+            return;
+        }
+        let now = self.replica_now(i);
+        let pick = self.rng.random_range(0..self.replicas[i].requests.len());
+        let outcome = match self.rng.random_range(0..10) {
+            0..=4 => Outcome::Success,
+            5..=7 => Outcome::RateLimited {
+                retry_after: self
+                    .rng
+                    .random_bool(0.5)
+                    .then(|| Duration::from_millis(self.rng.random_range(0..5_000))),
+            },
+            _ => Outcome::Failure,
+        };
+        let replica = &mut self.replicas[i];
+        let basis = replica.requests.swap_remove(pick);
+        let snapshot = replica
+            .store
+            .load()
+            .expect("it sent the request by a snapshot");
+        let backend = &snapshot.backends()[0].id;
+        let cooldowns = replica.store.cooldowns();
+        let event = cooldowns.record(backend, basis, &snapshot.policy.cooldown, outcome, now);
+        if outcome != Outcome::Success {
+            self.totals.overloads += 1;
+        }
+        if let Outcome::RateLimited {
+            retry_after: Some(wait),
+        } = outcome
+            && !wait.is_zero()
+        {
+            let until = cooldowns.check(backend, now.instant).err();
+            if until.is_none_or(|until| until < now.instant + wait) {
+                self.fail(format!(
+                    "replica {i} told Retry-After {wait:?} skips the backend for {:?}",
+                    until.map(|until| until - now.instant)
+                ));
+            }
+        }
+        if let Some(event) = event {
+            self.trace(|| format!("replica {i}: {outcome:?} → event {event:?}"));
+            self.totals.cooldown_reports += 1;
+            self.replicas[i].events.push(event);
+        }
+    }
+
+    /// An operator resets the backend's cooldown.
+    async fn reset_cooldown(&mut self) {
+        let Some(control) = &self.control else { return };
+        self.trace(|| "reset cooldown".into());
+        control.store.reset_cooldown("b".into()).await.unwrap();
+        self.totals.cooldown_resets += 1;
+        self.publish().await;
     }
 
     /// Requests finish on replica `i`: usage records.
@@ -715,7 +883,11 @@ impl World {
             return;
         };
         let all = self.rng.random_bool(0.7);
-        while let Some(report) = self.replicas[i].outbox.next_report(all, Vec::new()) {
+        let mut events = std::mem::take(&mut self.replicas[i].events);
+        while let Some(report) = self.replicas[i]
+            .outbox
+            .next_report(all, std::mem::take(&mut events))
+        {
             self.trace(|| {
                 format!(
                     "replica {i} sends on {stream}: {}",
@@ -733,15 +905,20 @@ impl World {
 
     fn deliver_to_replica(&mut self, envelope: Envelope) {
         let i = envelope.replica;
+        let now = self.replica_now(i);
         let replica = &mut self.replicas[i];
         match envelope.message {
-            Message::Snapshot(snapshot) => {
+            Message::Snapshot(snapshot, sent_at) => {
                 if replica.snapshot_stream != Some(envelope.stream) {
                     return;
                 }
                 let taken = (snapshot.epoch.clone(), snapshot.version);
-                match replica.store.apply((*snapshot).clone()) {
-                    Ok(_) => {
+                match replica.store.apply_at((*snapshot).clone(), now) {
+                    Ok(applied) => {
+                        // The cooldown deadlines come from the snapshot it swapped in.
+                        if matches!(applied, Applied::Swapped) {
+                            replica.last_transit_ms = self.now - sent_at;
+                        }
                         if let Some(last) = replica
                             .taken
                             .iter()
@@ -923,7 +1100,11 @@ impl World {
 
     async fn random_step(&mut self) {
         let i = self.rng.random_range(0..REPLICAS);
-        match self.rng.random_range(0..1000) {
+        match self.rng.random_range(0..1250) {
+            1000..=1079 => self.request(i),
+            1080..=1239 => self.complete(i),
+            1240..=1242 => self.reset_cooldown().await,
+            1243..=1249 => self.now += self.rng.random_range(10..3_000),
             0..=349 => self.deliver().await,
             350..=429 => self.record(i),
             430..=479 => {
@@ -1039,6 +1220,7 @@ impl World {
                 r.snapshot_stream.is_some()
                     && r.usage_stream.is_some()
                     && r.sink().pending() == 0
+                    && r.events.is_empty()
                     && r.store
                         .load()
                         .is_some_and(|s| s.epoch == latest.epoch && s.version == latest.version)
@@ -1142,6 +1324,50 @@ impl World {
                 self.fail(format!(
                     "replica {i} still holds {} records unacked",
                     replica.sink().pending()
+                ));
+            }
+        }
+        self.check_cooldowns_agree(&latest);
+    }
+
+    /// Settled: every replica holds the control plane's cooldown state, and skips the
+    /// backend while the control plane says it cools down, longer by at most the time its
+    /// last snapshot travelled (whatever its wall clock says).
+    fn check_cooldowns_agree(&self, latest: &pb::Snapshot) {
+        let backend = &latest.backends[0];
+        let ms =
+            |t: &sluice_proto::wkt::Timestamp| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000;
+        let control_until = backend.cooldown_until.as_ref().map(ms);
+        for (i, replica) in self.replicas.iter().enumerate() {
+            let view = replica.store.cooldowns().view(&backend.id);
+            if (view.epoch, view.streak) != (backend.cooldown_epoch, backend.consecutive_failures) {
+                self.fail(format!(
+                    "replica {i} holds cooldown epoch {} streak {}, the control plane {} and {}",
+                    view.epoch, view.streak, backend.cooldown_epoch, backend.consecutive_failures
+                ));
+            }
+            let now = self.replica_now(i);
+            let replica_until = replica
+                .store
+                .cooldowns()
+                .check(&backend.id, now.instant)
+                .err()
+                .map(|until| START_MS + i64::try_from((until - self.base).as_millis()).unwrap());
+            let transit = replica.last_transit_ms;
+            let agrees = match (
+                control_until.filter(|until| *until > self.now),
+                replica_until,
+            ) {
+                (Some(cp), Some(r)) => cp <= r && r <= cp + transit,
+                (Some(_), None) => false,
+                (None, Some(r)) => control_until.is_some_and(|cp| r <= cp + transit),
+                (None, None) => true,
+            };
+            if !agrees {
+                self.fail(format!(
+                    "at {} replica {i} (clock {} ms off) cools down until {replica_until:?}, the \
+                     control plane until {control_until:?} (its last snapshot travelled {transit} ms)",
+                    self.now, replica.skew_ms
                 ));
             }
         }

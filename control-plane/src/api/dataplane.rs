@@ -15,12 +15,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::ingest::{Applied, UsageWriter, batch_of};
+use crate::ingest::{Applied, UsageWriter, batch_of, cooldown_events};
 use crate::membership::{Membership, Registry};
 use crate::snapshot::Publisher;
-use crate::store::{CooldownEvent, NodeHello, Reported, Store};
-use crate::time::{now_ms, timestamp_ms};
-use sluice_domain::cooldown::{NotAReport, Report, author, event_age};
+use crate::store::{NodeHello, Store};
+use crate::time::now_ms;
 
 /// The service data planes call.
 #[derive(Clone)]
@@ -226,30 +225,6 @@ impl DataPlaneService for DataPlaneApi {
     }
 }
 
-/// A replica's event as the store applies it; `None` for a kind this version does not know.
-fn cooldown_event(e: &pb::BackendEvent, batch: &pb::ReportUsageRequest) -> Option<CooldownEvent> {
-    let report = match Report::try_from(e) {
-        Ok(report) => Reported::Report(report),
-        Err(NotAReport::NoEpoch) => Reported::Legacy {
-            streak: e.consecutive_failures,
-            until_ms: timestamp_ms(e.cooldown_until.as_ref()?),
-        },
-        Err(NotAReport::UnknownKind(_)) => return None,
-    };
-    Some(CooldownEvent {
-        backend_id: e.backend_id.clone(),
-        report,
-        reason: e.reason.chars().take(200).collect(),
-        reported_by: batch.node_id.clone(),
-        // The node id is checked; an incarnation only comes checked with records.
-        author: author(
-            &batch.node_id,
-            &batch.incarnation.chars().take(64).collect::<String>(),
-        ),
-        age: event_age(e),
-    })
-}
-
 impl DataPlaneApi {
     /// Cooldown events first, so other replicas learn of a 429 without waiting
     /// for the usage write; then hands the records to the writer, which stores them
@@ -260,12 +235,7 @@ impl DataPlaneApi {
     ) -> Result<Option<oneshot::Receiver<Applied>>, Status> {
         check_id("node_id", &batch.node_id)?;
         if !batch.events.is_empty() {
-            let events = batch
-                .events
-                .iter()
-                .filter_map(|e| cooldown_event(e, &batch))
-                .collect();
-            self.store.record_cooldowns(events).await?;
+            self.store.record_cooldowns(cooldown_events(&batch)).await?;
         }
         if batch.records.is_empty() {
             return Ok(None);

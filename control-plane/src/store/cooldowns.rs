@@ -78,9 +78,19 @@ impl Store {
         &self,
         events: Vec<CooldownEvent>,
     ) -> Result<Option<u64>, StoreError> {
+        self.record_cooldowns_at(events, now_ms()).await
+    }
+
+    /// [`Store::record_cooldowns`] with the clock reading `now_ms` (Unix ms): for a caller
+    /// that keeps its own time, such as the protocol simulation.
+    pub async fn record_cooldowns_at(
+        &self,
+        events: Vec<CooldownEvent>,
+        now_ms: i64,
+    ) -> Result<Option<u64>, StoreError> {
         self.write(WriteOp::cooldown, move |conn, _| {
             let tx = conn.transaction()?;
-            let now = UnixMs(now_ms());
+            let now = UnixMs(now_ms);
             let policy = Policy::try_from(&load_settings(&tx)?)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?
                 .cooldown;
