@@ -221,6 +221,111 @@ mod tests {
         }
     }
 
+    mod division {
+        use super::*;
+        use proptest::prelude::*;
+
+        const NODES: usize = 4;
+        const CONNECTED: i64 = i64::MAX;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Connect(usize),
+            /// Its last stream closes; it keeps its share for a lease of this many ms.
+            Leave(usize, i64),
+            /// Time passes (ms), then the sweep ends the leases that ran out.
+            Sweep(i64),
+            /// The control plane starts again: every holder keeps its share for a lease of
+            /// this many ms from now, or its earlier one.
+            Restart(i64),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                3 => (0..NODES).prop_map(Op::Connect),
+                2 => (0..NODES, 0i64..60_000).prop_map(|(n, lease)| Op::Leave(n, lease)),
+                3 => (0i64..40_000).prop_map(Op::Sweep),
+                1 => (0i64..60_000).prop_map(Op::Restart),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// The count every RPM limit is divided by, for any sequence of joins, leaves,
+            /// sweeps and control-plane restarts: it is the number of replicas connected or
+            /// on their lease (at least 1), so no replica that may still serve on its share is
+            /// divided away; and it never changes without the version moving on, so no
+            /// snapshot pairs a version with a count another snapshot of it had not.
+            #[test]
+            fn the_count_that_divides_a_limit_is_the_holders_and_moves_the_version(
+                ops in prop::collection::vec(op(), 1..40)
+            ) {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let dir = tempfile::tempdir().unwrap();
+                    let (store, _) = Store::open(
+                        &dir.path().join("t.db"),
+                        crate::crypto::MasterKey::generate(),
+                    )
+                    .unwrap();
+                    // Each node's share: None, connected, or until a time (ms).
+                    let mut model: [Option<i64>; NODES] = [None; NODES];
+                    let mut now = 1_000;
+                    let (mut count, mut version) = holders(&store).await;
+                    for op in ops {
+                        match op {
+                            Op::Connect(n) => {
+                                let first = store
+                                    .record_connect(hello(&format!("n{n}")), now)
+                                    .await
+                                    .unwrap();
+                                prop_assert!(first >= version);
+                                model[n] = Some(CONNECTED);
+                            }
+                            Op::Leave(n, lease) => {
+                                if model[n] == Some(CONNECTED) {
+                                    store
+                                        .release_share(format!("n{n}"), now, now + lease)
+                                        .await
+                                        .unwrap();
+                                    model[n] = Some(now + lease);
+                                }
+                            }
+                            Op::Sweep(elapsed) => {
+                                now += elapsed;
+                                store.expire_shares(now).await.unwrap();
+                                for share in &mut model {
+                                    if share.is_some_and(|until| until <= now) {
+                                        *share = None;
+                                    }
+                                }
+                            }
+                            Op::Restart(lease) => {
+                                store.resume_shares(now + lease).await.unwrap();
+                                for share in model.iter_mut().flatten() {
+                                    *share = (*share).min(now + lease);
+                                }
+                            }
+                        }
+                        let (c, v) = holders(&store).await;
+                        let expected = model.iter().flatten().count().max(1);
+                        prop_assert_eq!(c as usize, expected, "after {:?}", op);
+                        prop_assert!(v >= version);
+                        if c != count {
+                            prop_assert!(v > version, "the count moved {} → {} at version {}", count, c, v);
+                        }
+                        (count, version) = (c, v);
+                    }
+                    Ok(())
+                })?;
+            }
+        }
+    }
+
     async fn holders(store: &Store) -> (u32, u64) {
         store
             .read(super::super::Reader::Snapshot, |conn, _| {
