@@ -65,6 +65,14 @@ pub struct Config {
     /// Largest accepted request body, in bytes; larger ones get 413.
     #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Request-body bytes held in memory at once, over all connections; a request whose body
+    /// would pass it gets 503 with Retry-After (slow uploads cannot pile up memory).
+    #[arg(long, env = "SLUICE_MAX_BUFFERED_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_buffered_body_bytes: usize,
+    /// How long a client may take to send a request's whole body once its headers arrived;
+    /// past it the request gets 408 (e.g. 30s, 2m).
+    #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub body_read_timeout: Duration,
     /// Largest non-streamed upstream response body read, in bytes; a larger one fails the
     /// attempt (502 if nothing else answers).
     #[arg(long, env = "SLUICE_MAX_RESPONSE_BYTES", default_value_t = 64 * 1024 * 1024)]
@@ -112,6 +120,8 @@ impl Config {
             dataplane_token_file: None,
             max_body_bytes: 16 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
+            max_buffered_body_bytes: 256 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
             usage_queue: crate::usage::DEFAULT_CAPACITY,
             drain_timeout: Duration::from_secs(30),
             usage_flush_timeout: Duration::from_secs(10),

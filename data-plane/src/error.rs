@@ -25,6 +25,12 @@ pub enum ProxyError {
     BodyTooLarge { limit: usize },
     #[error("The request body could not be read.")]
     BodyUnreadable,
+    #[error("The request body did not arrive within {} s.", .limit.as_secs())]
+    BodyTimeout { limit: Duration },
+    #[error(
+        "This Sluice data plane is reading too many request bodies at once; try again shortly."
+    )]
+    BodiesBusy,
     #[error(transparent)]
     InvalidRequest(#[from] RequestError),
     #[error("This API key is not allowed to use the model `{0}`.")]
@@ -66,6 +72,8 @@ impl ProxyError {
             Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyUnreadable | Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::BodiesBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::UnknownPath { .. } => StatusCode::NOT_FOUND,
             Self::KeyRateLimited { .. } | Self::BackendsBusy { .. } => {
@@ -86,6 +94,8 @@ impl ProxyError {
             }
             Self::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
             Self::BodyUnreadable => ("invalid_request_error", "invalid_request_body"),
+            Self::BodyTimeout { .. } => ("invalid_request_error", "request_timeout"),
+            Self::BodiesBusy => ("server_error", "server_busy"),
             Self::InvalidRequest(e) => ("invalid_request_error", e.code()),
             Self::ModelNotAllowed(_) => ("invalid_request_error", "model_not_allowed"),
             Self::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
@@ -114,6 +124,7 @@ impl ProxyError {
             Self::KeyRateLimited { retry_after } | Self::BackendsBusy { retry_after, .. } => {
                 Some(*retry_after)
             }
+            Self::BodiesBusy => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

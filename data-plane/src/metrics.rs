@@ -158,6 +158,21 @@ pub enum LimitScope {
     backends,
 }
 
+/// Why a request body was not read to the end.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum BodyRefusal {
+    /// It did not arrive within --body-read-timeout (408).
+    timeout,
+    /// The bodies being read already held --max-buffered-body-bytes (503).
+    memory,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BodyRefusalLabels {
+    reason: BodyRefusal,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ScopeLabels {
     scope: LimitScope,
@@ -182,6 +197,7 @@ pub struct Metrics {
     overhead: Histogram,
     in_flight: Gauge,
     client_connections: Family<ThreadLabels, Gauge>,
+    bodies_refused: Family<BodyRefusalLabels, Counter>,
     attempts: Family<AttemptLabels, Counter>,
     failovers: Counter,
     cooldowns: Family<CooldownLabels, Counter>,
@@ -261,6 +277,12 @@ impl Metrics {
             "client_connections",
             "Client connections open, by the serving thread that holds them",
             client_connections.clone(),
+        );
+        let bodies_refused = Family::default();
+        registry.register(
+            "request_bodies_refused",
+            "Request bodies not read to the end: too slow (timeout) or past the memory for bodies (memory)",
+            bodies_refused.clone(),
         );
         let attempts = Family::default();
         registry.register(
@@ -347,6 +369,7 @@ impl Metrics {
             overhead,
             in_flight,
             client_connections,
+            bodies_refused,
             attempts,
             failovers,
             cooldowns,
@@ -443,6 +466,13 @@ impl Metrics {
     /// Counts a request in flight until the guard drops.
     pub fn in_flight(&self) -> Held {
         Held::new(self.in_flight.clone())
+    }
+
+    /// Counts a request body not read to the end for `reason`.
+    pub fn body_refused(&self, reason: BodyRefusal) {
+        self.bodies_refused
+            .get_or_create(&BodyRefusalLabels { reason })
+            .inc();
     }
 
     /// The gauge of client connections open on serving thread `thread`.

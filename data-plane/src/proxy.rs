@@ -6,7 +6,7 @@ mod forward;
 mod relay;
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::extract::{Path, Request, State};
@@ -18,13 +18,14 @@ use http_body_util::BodyExt;
 use serde::Serialize;
 use sluice_domain::auth::{bearer_token, client_key_hash};
 use sluice_proto::limits::MAX_REQUEST_ID_BYTES;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 pub use accounting::{CLIENT_CLOSED_REQUEST, Tokens, usage_of};
 
 use crate::error::ProxyError;
-use crate::metrics::{Label, LimitScope, Metrics};
+use crate::metrics::{BodyRefusal, Label, LimitScope, Metrics};
 use crate::request;
 use crate::snapshot::{ClientKey, Endpoint, Snapshot, SnapshotStore};
 use crate::usage::UsageSink;
@@ -41,6 +42,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Larger non-streamed upstream bodies count as a failed attempt (502).
     pub max_response_bytes: usize,
+    /// A body not read in full this long after its headers gets 408.
+    pub body_read_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -48,6 +51,7 @@ impl Default for Limits {
         Self {
             max_body_bytes: 16 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -60,6 +64,9 @@ pub struct AppState {
     /// Stream relays still running; shutdown waits for them so their usage is recorded.
     pub tasks: TaskTracker,
     pub metrics: Arc<Metrics>,
+    /// Request-body bytes that may be held at once, over every serving thread: a permit per
+    /// byte, taken as a body arrives and given back when its request is answered.
+    pub body_memory: Arc<Semaphore>,
     /// Which serving thread this state belongs to: it picks that thread's upstream pool.
     pub pool: usize,
 }
@@ -145,7 +152,8 @@ async fn authorized(
     request: Request,
     mut acct: Accounting,
 ) -> Response {
-    let body = match read_body(request, app.limits.max_body_bytes).await {
+    // Held until the response head: the body is in memory until then.
+    let (body, _body_memory) = match read_body(app, request).await {
         Ok(body) => body,
         Err(e) => return forward::error(acct, e),
     };
@@ -188,7 +196,54 @@ fn authenticate<'s>(
     snapshot.client_key(&hash).ok_or(ProxyError::InvalidApiKey)
 }
 
-async fn read_body(request: Request, limit: usize) -> Result<Bytes, ProxyError> {
+/// The request's body, with the permits of [`AppState::body_memory`] it holds. Refused when
+/// larger than `max_body_bytes` (413), slower than `body_read_timeout` (408), or when the
+/// bodies being held would pass the memory for bodies (503).
+async fn read_body(
+    app: &AppState,
+    request: Request,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), ProxyError> {
+    let limits = app.limits;
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    let read = read_body_within(request, limits.max_body_bytes, |len| {
+        let permit = u32::try_from(len)
+            .ok()
+            .and_then(|n| Arc::clone(&app.body_memory).try_acquire_many_owned(n).ok())
+            .ok_or(ProxyError::BodiesBusy)?;
+        match &mut held {
+            Some(held) => held.merge(permit),
+            None => held = Some(permit),
+        }
+        Ok(())
+    });
+    let refused = match tokio::time::timeout(limits.body_read_timeout, read).await {
+        Ok(Ok(body)) => return Ok((body, held)),
+        Ok(Err(ProxyError::BodiesBusy)) => BodyRefusal::memory,
+        Ok(Err(e)) => return Err(e),
+        Err(_) => BodyRefusal::timeout,
+    };
+    app.metrics.body_refused(refused);
+    let busy = app.body_memory.available_permits() == 0;
+    tracing::warn!(
+        reason = ?refused,
+        memory_exhausted = busy,
+        "refused a request body"
+    );
+    Err(match refused {
+        BodyRefusal::memory => ProxyError::BodiesBusy,
+        BodyRefusal::timeout => ProxyError::BodyTimeout {
+            limit: limits.body_read_timeout,
+        },
+    })
+}
+
+/// Reads a body of at most `limit` bytes, calling `hold` with the size of each chunk before
+/// keeping it.
+async fn read_body_within(
+    request: Request,
+    limit: usize,
+    mut hold: impl FnMut(usize) -> Result<(), ProxyError>,
+) -> Result<Bytes, ProxyError> {
     let too_large = ProxyError::BodyTooLarge { limit };
     let declared = request
         .headers()
@@ -209,6 +264,7 @@ async fn read_body(request: Request, limit: usize) -> Result<Bytes, ProxyError> 
             discard_rest(body);
             return Err(too_large);
         }
+        hold(data.len())?;
         collected.push(data);
     }
     Ok(collected.into_bytes())

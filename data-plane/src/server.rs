@@ -23,7 +23,7 @@ use axum::serve::{Listener, ListenerExt};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -221,6 +221,9 @@ impl Proxy {
         let draining = CancellationToken::new();
         let local_addr = listener.local_addr().map_err(RunError::Serve)?;
         let (done, mut finished) = mpsc::unbounded_channel();
+        let body_memory = Arc::new(Semaphore::new(
+            config.max_buffered_body_bytes.min(Semaphore::MAX_PERMITS),
+        ));
         let mut shards = Vec::with_capacity(threads);
         for pool in 0..threads {
             let (deal, dealt) = mpsc::channel(DEALT_QUEUE);
@@ -230,9 +233,11 @@ impl Proxy {
                 limits: Limits {
                     max_body_bytes: config.max_body_bytes,
                     max_response_bytes: config.max_response_bytes,
+                    body_read_timeout: config.body_read_timeout,
                 },
                 tasks: tasks.clone(),
                 metrics: Arc::clone(&metrics),
+                body_memory: Arc::clone(&body_memory),
                 pool,
             });
             let shard = Shard {

@@ -12,6 +12,8 @@ mod keys;
 mod logs;
 #[path = "hostile/names.rs"]
 mod names;
+#[path = "hostile/slow.rs"]
+mod slow;
 #[path = "hostile/snapshot.rs"]
 mod snapshot;
 #[path = "hostile/tokens.rs"]
