@@ -18,8 +18,14 @@
 //! oldest unacked record alone; refused again, that record is dropped. Both are logged and
 //! counted ([`UsageSink::unsendable`]). Any other failure (the control plane away, its disk
 //! failing) drops nothing: the records are sent again.
+//!
+//! With a spool ([`crate::spool`]) a record is written to disk between taking its number and
+//! entering the queue, outside any shared lock, so two serving threads may enter their records
+//! out of order: the queue holds back a record until every lower number has entered, and the
+//! reporter sends only what the spool has flushed to disk ([`UsageSink::mark_durable`]), so
+//! that a record the control plane counted is never lost from the spool by a machine crash.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -45,15 +51,24 @@ struct Queue {
     state: Mutex<State>,
     wake: Notify,
     capacity: usize,
+    /// The next sequence to hand out.
+    next_sequence: AtomicU64,
     dropped: AtomicU64,
     unsendable: AtomicU64,
 }
 
 #[derive(Debug)]
 struct State {
-    next_sequence: u64,
-    /// Unacked records, ascending by sequence.
+    /// Unacked records, ascending by sequence, each with every lower sequence entered.
     pending: VecDeque<UsageRecord>,
+    /// Records entered before a lower sequence was (its thread is still writing it to the
+    /// spool), by sequence. Almost always empty.
+    early: BTreeMap<u64, UsageRecord>,
+    /// Every sequence up to this one has been entered.
+    entered: u64,
+    /// The reporter sends no record above this sequence (the spool's flushed watermark);
+    /// `u64::MAX` without a spool.
+    durable: u64,
     acked: u64,
     events: Vec<BackendEvent>,
     last_drop_warning: Option<std::time::Instant>,
@@ -69,11 +84,26 @@ pub struct UsageSink {
 impl UsageSink {
     /// An empty queue holding at most `capacity` unacked records (at least 1).
     pub fn new(capacity: usize) -> Self {
+        Self::with_state(capacity, 1, VecDeque::new())
+    }
+
+    /// A queue holding `records` of an earlier run, under the sequences they already have
+    /// (ascending), to be sent again: nothing is dropped and nothing new is numbered.
+    pub fn replaying(mut records: Vec<UsageRecord>) -> Self {
+        records.sort_by_key(|r| r.sequence);
+        records.dedup_by_key(|r| r.sequence);
+        let next = records.last().map_or(1, |r| r.sequence + 1);
+        Self::with_state(records.len(), next, records.into())
+    }
+
+    fn with_state(capacity: usize, next_sequence: u64, pending: VecDeque<UsageRecord>) -> Self {
         Self {
             queue: Arc::new(Queue {
                 state: Mutex::new(State {
-                    next_sequence: 1,
-                    pending: VecDeque::new(),
+                    pending,
+                    early: BTreeMap::new(),
+                    entered: next_sequence - 1,
+                    durable: u64::MAX,
                     acked: 0,
                     events: Vec::new(),
                     last_drop_warning: None,
@@ -81,6 +111,7 @@ impl UsageSink {
                 }),
                 wake: Notify::new(),
                 capacity: capacity.max(1),
+                next_sequence: AtomicU64::new(next_sequence),
                 dropped: AtomicU64::new(0),
                 unsendable: AtomicU64::new(0),
             }),
@@ -89,11 +120,50 @@ impl UsageSink {
 
     /// Numbers the record and queues it; returns its sequence. When the queue is full the
     /// oldest record is dropped (counted in [`UsageSink::dropped`], logged at most every 10 s).
-    pub fn record(&self, mut record: UsageRecord) -> u64 {
+    pub fn record(&self, record: UsageRecord) -> u64 {
+        self.record_with(record, |_| {})
+    }
+
+    /// [`UsageSink::record`], calling `spool` with the numbered record before it enters the
+    /// queue (and so before it can be sent). `spool` runs outside the queue's lock; should it
+    /// panic, the record still enters the queue, so no gap ever holds the reporter back.
+    pub fn record_with(&self, record: UsageRecord, spool: impl FnOnce(&mut UsageRecord)) -> u64 {
+        let sequence = self.queue.next_sequence.fetch_add(1, Ordering::Relaxed);
+        let mut entering = Entering {
+            sink: self,
+            record: Some(record),
+        };
+        if let Some(record) = entering.record.as_mut() {
+            record.sequence = sequence;
+            spool(record);
+        }
+        sequence
+    }
+
+    /// Puts a numbered record in the queue, in sequence order.
+    fn enter(&self, record: UsageRecord) {
         let mut state = self.lock();
-        let sequence = state.next_sequence;
-        state.next_sequence += 1;
-        record.sequence = sequence;
+        if record.sequence != state.entered + 1 {
+            state.early.insert(record.sequence, record);
+            return;
+        }
+        self.push(&mut state, record);
+        loop {
+            let next = state.entered + 1;
+            let Some(record) = state.early.remove(&next) else {
+                break;
+            };
+            self.push(&mut state, record);
+        }
+        let full_batch = state.pending.len().is_multiple_of(BATCH_SIZE);
+        drop(state);
+        if full_batch {
+            self.queue.wake.notify_one();
+        }
+    }
+
+    fn push(&self, state: &mut State, record: UsageRecord) {
+        state.entered = record.sequence;
         if state.pending.len() >= self.queue.capacity {
             state.pending.pop_front();
             self.queue.dropped.fetch_add(1, Ordering::Relaxed);
@@ -113,12 +183,6 @@ impl UsageSink {
             }
         }
         state.pending.push_back(record);
-        let full_batch = state.pending.len().is_multiple_of(BATCH_SIZE);
-        drop(state);
-        if full_batch {
-            self.queue.wake.notify_one();
-        }
-        sequence
     }
 
     /// Queues a backend event and wakes the reporter to send it at once.
@@ -140,12 +204,46 @@ impl UsageSink {
 
     /// Records not yet acked by the control plane.
     pub fn pending(&self) -> usize {
-        self.lock().pending.len()
+        let state = self.lock();
+        state.pending.len() + state.early.len()
     }
 
     /// The highest sequence the control plane acked.
     pub fn acked(&self) -> u64 {
         self.lock().acked
+    }
+
+    /// From now on the reporter sends only records up to the sequence last given to
+    /// [`UsageSink::mark_durable`].
+    pub fn send_only_durable(&self) {
+        let mut state = self.lock();
+        state.durable = state.entered;
+    }
+
+    /// Every record up to `sequence` is on disk: the reporter may send it.
+    pub fn mark_durable(&self, sequence: u64) {
+        let mut state = self.lock();
+        if sequence > state.durable {
+            state.durable = sequence;
+            drop(state);
+            self.queue.wake.notify_one();
+        }
+    }
+
+    /// Every sequence up to this one has entered the queue (so has been spooled).
+    pub fn entered(&self) -> u64 {
+        self.lock().entered
+    }
+
+    /// Whether `other` is a handle on the same queue.
+    pub fn same_queue(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.queue, &other.queue)
+    }
+
+    /// No record or event is waiting to be sent or acked.
+    pub fn is_drained(&self) -> bool {
+        let state = self.lock();
+        state.pending.is_empty() && state.early.is_empty() && state.events.is_empty()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -155,7 +253,8 @@ impl UsageSink {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn ack(&self, sequence: u64) {
+    /// Drops the records up to `sequence`: the control plane acked them.
+    pub(crate) fn ack(&self, sequence: u64) {
         let mut state = self.lock();
         state.acked = state.acked.max(sequence);
         while state
@@ -167,17 +266,18 @@ impl UsageSink {
         }
     }
 
-    /// Up to `max` records after `sequence`, in order, whose encoding as the `records` of a
-    /// report takes at most `max_bytes`. A record too large for `max_bytes` on its own is
-    /// dropped from the queue and counted as unsendable.
+    /// Up to `max` sendable records (up to the durable mark) after `sequence`, in order, whose
+    /// encoding as the `records` of a report takes at most `max_bytes`. A record too large
+    /// for `max_bytes` on its own is dropped from the queue and counted as unsendable.
     fn batch_after(&self, sequence: u64, max: usize, max_bytes: usize) -> Vec<UsageRecord> {
         let mut state = self.lock();
         let start = state.pending.partition_point(|r| r.sequence <= sequence);
+        let durable = state.durable;
         let mut batch = Vec::new();
         let mut bytes = 0;
         let mut i = start;
         while batch.len() < max {
-            let Some(record) = state.pending.get(i) else {
+            let Some(record) = state.pending.get(i).filter(|r| r.sequence <= durable) else {
                 break;
             };
             let size = field_len(record.encoded_len());
@@ -240,18 +340,33 @@ impl UsageSink {
         self.lock().pending.front().map(|r| r.sequence)
     }
 
+    /// How many records after `sequence` may be sent now (up to the durable mark).
     fn unsent_after(&self, sequence: u64) -> usize {
         let state = self.lock();
-        state.pending.len() - state.pending.partition_point(|r| r.sequence <= sequence)
+        let start = state.pending.partition_point(|r| r.sequence <= sequence);
+        let end = state
+            .pending
+            .partition_point(|r| r.sequence <= state.durable);
+        end.saturating_sub(start)
     }
 
     fn take_events(&self) -> Vec<BackendEvent> {
         std::mem::take(&mut self.lock().events)
     }
+}
 
-    fn is_drained(&self) -> bool {
-        let state = self.lock();
-        state.pending.is_empty() && state.events.is_empty()
+/// A numbered record on its way into the queue; it enters when this drops, even while
+/// unwinding.
+struct Entering<'a> {
+    sink: &'a UsageSink,
+    record: Option<UsageRecord>,
+}
+
+impl Drop for Entering<'_> {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            self.sink.enter(record);
+        }
     }
 }
 
@@ -592,5 +707,79 @@ mod tests {
         assert_eq!(sequences, [4, 5, 6, 7, 8, 9, 10, 12]);
         assert_eq!(sink.unsendable(), 1);
         assert_eq!(sink.pending(), 11);
+    }
+
+    fn sequences(records: &[UsageRecord]) -> Vec<u64> {
+        records.iter().map(|r| r.sequence).collect()
+    }
+
+    #[test]
+    fn a_record_waits_for_every_lower_sequence_before_it_can_be_sent() {
+        let sink = UsageSink::new(100);
+        // Thread A takes 1 and is still spooling it while thread B takes and enters 2 and 3.
+        let (a_spooling, a_go) = std::sync::mpsc::channel::<()>();
+        let (b_done, b_wait) = std::sync::mpsc::channel::<()>();
+        std::thread::scope(|scope| {
+            let sink = &sink;
+            let a = scope.spawn(move || {
+                sink.record_with(UsageRecord::default(), |_| {
+                    a_spooling.send(()).unwrap();
+                    b_wait.recv().unwrap();
+                })
+            });
+            a_go.recv().unwrap();
+            assert_eq!(sink.record(UsageRecord::default()), 2);
+            assert_eq!(sink.record(UsageRecord::default()), 3);
+            assert_eq!(sink.pending(), 2);
+            assert_eq!(sink.unsent_after(0), 0, "2 and 3 wait for 1");
+            assert_eq!(sink.entered(), 0);
+            b_done.send(()).unwrap();
+            assert_eq!(a.join().unwrap(), 1);
+        });
+        assert_eq!(sequences(&sink.batch_after(0, 10, usize::MAX)), [1, 2, 3]);
+        assert_eq!(sink.entered(), 3);
+    }
+
+    #[test]
+    fn a_panicking_spool_write_still_enters_its_record() {
+        let sink = UsageSink::new(100);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            sink.record_with(UsageRecord::default(), |_| panic!("disk on fire"));
+        }));
+        assert!(result.is_err());
+        sink.record(UsageRecord::default());
+        assert_eq!(sequences(&sink.batch_after(0, 10, usize::MAX)), [1, 2]);
+    }
+
+    #[test]
+    fn only_records_marked_durable_are_sent() {
+        let sink = UsageSink::new(100);
+        sink.send_only_durable();
+        for _ in 0..5 {
+            sink.record(UsageRecord::default());
+        }
+        assert_eq!(sink.unsent_after(0), 0);
+        sink.mark_durable(3);
+        assert_eq!(sequences(&sink.batch_after(0, 10, usize::MAX)), [1, 2, 3]);
+        assert_eq!(sink.unsent_after(3), 0);
+        sink.mark_durable(2);
+        assert_eq!(sink.unsent_after(0), 3, "the mark never goes back");
+        sink.mark_durable(sink.entered());
+        assert_eq!(sequences(&sink.batch_after(3, 10, usize::MAX)), [4, 5]);
+    }
+
+    #[test]
+    fn a_replay_keeps_the_sequences_it_was_given() {
+        let record = |sequence| UsageRecord {
+            sequence,
+            ..Default::default()
+        };
+        let sink = UsageSink::replaying(vec![record(9), record(4), record(7), record(4)]);
+        assert_eq!(sequences(&sink.batch_after(0, 10, usize::MAX)), [4, 7, 9]);
+        assert_eq!(sink.dropped(), 0);
+        sink.ack(7);
+        assert_eq!(sequences(&sink.batch_after(0, 10, usize::MAX)), [9]);
+        sink.ack(9);
+        assert!(sink.is_drained());
     }
 }
