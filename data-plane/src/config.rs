@@ -96,6 +96,33 @@ pub struct Config {
     /// this many, lines are dropped and counted in sluice_log_dropped_lines_total.
     #[arg(long, env = "SLUICE_LOG_BUFFER_LINES", default_value_t = crate::logging::DEFAULT_BUFFER_LINES, value_parser = clap::value_parser!(usize))]
     pub log_buffer_lines: usize,
+    /// This replica's own directory. The usage spool lives there (`usage-spool/`): every
+    /// usage record stays on disk until the control plane acks it, so a crash (SIGKILL, OOM
+    /// kill, panic) loses none and a restart on the same directory sends them again. One
+    /// directory per replica: a lock refuses a second process. Unset: no spool, and a crash
+    /// loses the usage the control plane has not acked yet (normally the last ~0.2 s).
+    #[arg(long, env = "SLUICE_PROXY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Most bytes the usage spool keeps on disk (about 350 bytes per request). It fills only
+    /// while the control plane is unreachable; then --usage-spool-full applies. A restart
+    /// reads the whole spool into memory to resend it (about 400 bytes per record).
+    #[arg(long, env = "SLUICE_USAGE_SPOOL_MAX_BYTES", default_value_t = crate::spool::DEFAULT_MAX_BYTES)]
+    pub usage_spool_max_bytes: u64,
+    /// What a request does when the usage spool is full or its disk fails: `serve` it anyway
+    /// (its usage is still reported, but a crash before the ack loses it), or `refuse` it with
+    /// 503 before any upstream call.
+    #[arg(
+        long,
+        env = "SLUICE_USAGE_SPOOL_FULL",
+        value_enum,
+        default_value = "serve"
+    )]
+    pub usage_spool_full: crate::spool::OnFull,
+    /// How often the usage spool is flushed to disk (fdatasync). A machine crash loses at
+    /// most this much; usage is reported to the control plane once flushed, so this is also
+    /// the most it adds to reporting.
+    #[arg(long, env = "SLUICE_USAGE_SPOOL_SYNC_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub usage_spool_sync_interval: Duration,
     /// Threads that serve HTTP; 0 means one per CPU core the process may use. Each runs its
     /// own single-threaded runtime and upstream connection pool, so a request never changes
     /// threads; each accepted connection goes to the one holding the fewest and stays there.
@@ -129,7 +156,22 @@ impl Config {
             log_buffer_lines: crate::logging::DEFAULT_BUFFER_LINES,
             serving_threads: 0,
             wall_clock_offset: None,
+            data_dir: None,
+            usage_spool_max_bytes: crate::spool::DEFAULT_MAX_BYTES,
+            usage_spool_full: crate::spool::OnFull::Serve,
+            usage_spool_sync_interval: crate::spool::DEFAULT_SYNC_INTERVAL,
         }
+    }
+
+    /// The spool's options, when a data directory is given.
+    pub fn spool(&self) -> Option<crate::spool::SpoolOptions> {
+        let dir = self.data_dir.as_ref()?;
+        Some(crate::spool::SpoolOptions {
+            max_bytes: self.usage_spool_max_bytes,
+            on_full: self.usage_spool_full,
+            sync_interval: self.usage_spool_sync_interval,
+            ..crate::spool::SpoolOptions::new(dir)
+        })
     }
 
     /// How many serving threads to run: the option, or one per usable CPU core.

@@ -57,6 +57,8 @@ pub enum ProxyError {
     UnknownPath { method: String, path: String },
     #[error("Method {method} is not allowed for {path}.")]
     MethodNotAllowed { method: String, path: String },
+    #[error("Sluice cannot record this request's usage right now ({0}); try again shortly.")]
+    UsageUnrecordable(crate::spool::Unwritten),
 }
 
 /// `Retry-After` in whole seconds, rounded up, at least 1.
@@ -68,7 +70,7 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotReady | Self::UsageUnrecordable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyUnreadable | Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
@@ -107,6 +109,7 @@ impl ProxyError {
             Self::UpstreamInvalid => ("server_error", "upstream_invalid_response"),
             Self::UnknownPath { .. } => ("invalid_request_error", "unknown_url"),
             Self::MethodNotAllowed { .. } => ("invalid_request_error", "method_not_allowed"),
+            Self::UsageUnrecordable(_) => ("server_error", "usage_unrecordable"),
         }
     }
 
@@ -136,7 +139,7 @@ impl ProxyError {
             Self::ModelNotFound(_) => ErrorKind::NoBackend,
             Self::UpstreamConnect | Self::UpstreamInvalid => ErrorKind::UpstreamConnect,
             Self::UpstreamTimeout => ErrorKind::UpstreamTimeout,
-            Self::NotReady => ErrorKind::Internal,
+            Self::NotReady | Self::UsageUnrecordable(_) => ErrorKind::Internal,
             // Client errors: the status code tells them apart; there is no kind for them.
             _ => ErrorKind::Unspecified,
         }

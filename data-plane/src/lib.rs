@@ -9,7 +9,7 @@
 //! [`snapshot::Snapshot`], [`request`] reads `model`/`stream` and rewrites the body,
 //! [`router`] orders the candidates, [`cooldown`] and [`ratelimit`] skip backends that must
 //! rest, [`upstream`] sends to the backend, [`sse`] parses streamed answers, and [`usage`] ships one record per request to the
-//! control plane. [`subscribe`] keeps the snapshot current.
+//! control plane, kept on disk by the [`spool`] until acked. [`subscribe`] keeps the snapshot current.
 
 pub mod backoff;
 pub mod clock;
@@ -26,6 +26,7 @@ pub mod request;
 pub mod router;
 pub mod server;
 pub mod snapshot;
+pub mod spool;
 pub mod sse;
 pub mod subscribe;
 pub mod upstream;

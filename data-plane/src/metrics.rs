@@ -4,8 +4,8 @@
 //! classes, and small fixed enums. Never request ids, keys or prompt text.
 
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -16,6 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::snapshot::SnapshotStore;
+use crate::spool::SpoolStats;
 use crate::usage::UsageSink;
 
 /// A label value: a fixed word, or a name shared with the snapshot (a backend or public
@@ -178,6 +179,104 @@ struct ScopeLabels {
     scope: LimitScope,
 }
 
+/// Why a usage record was not written to the spool.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum UnwrittenReason {
+    full,
+    failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UnwrittenLabels {
+    reason: UnwrittenReason,
+}
+
+/// The spool's figures as metrics; counters are brought up to the spool's own counts.
+struct SpoolMetrics {
+    records: Gauge,
+    bytes: Gauge,
+    torn: Counter,
+    resent: Counter,
+    unwritten: Family<UnwrittenLabels, Counter>,
+    /// What the counters already hold.
+    seen: Mutex<SpoolStats>,
+}
+
+impl SpoolMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let records = Gauge::default();
+        registry.register(
+            "usage_spool_records",
+            "Usage records in the spool on disk that the control plane has not acked: requests \
+             in flight, finished requests, and an earlier run's records being sent again \
+             (what a replica lost for good with its volume would lose)",
+            records.clone(),
+        );
+        let bytes = Gauge::default();
+        registry.register_with_unit(
+            "usage_spool",
+            "Size of the usage spool's files on disk (bounded by --usage-spool-max-bytes)",
+            Unit::Bytes,
+            bytes.clone(),
+        );
+        let torn = Counter::default();
+        registry.register(
+            "usage_spool_torn_records",
+            "Spool records an earlier run left torn or damaged (a write cut short by a crash), \
+             dropped at start: usage lost",
+            torn.clone(),
+        );
+        let resent = Counter::default();
+        registry.register(
+            "usage_spool_resent_records",
+            "Usage records of an earlier run of this replica sent again from the spool and acked",
+            resent.clone(),
+        );
+        let unwritten = Family::default();
+        registry.register(
+            "usage_spool_unwritten_records",
+            "Usage records not written to the spool because it was full or its disk failed \
+             (reported all the same, but lost if the process dies before the ack)",
+            unwritten.clone(),
+        );
+        Self {
+            records,
+            bytes,
+            torn,
+            resent,
+            unwritten,
+            seen: Mutex::new(SpoolStats::default()),
+        }
+    }
+
+    fn set(&self, now: &SpoolStats) {
+        self.records
+            .set(i64::try_from(now.records).unwrap_or(i64::MAX));
+        self.bytes.set(i64::try_from(now.bytes).unwrap_or(i64::MAX));
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        self.torn.inc_by(now.torn.saturating_sub(seen.torn));
+        self.resent.inc_by(now.resent.saturating_sub(seen.resent));
+        for (reason, now, seen) in [
+            (
+                UnwrittenReason::full,
+                now.unwritten_full,
+                seen.unwritten_full,
+            ),
+            (
+                UnwrittenReason::failed,
+                now.unwritten_failed,
+                seen.unwritten_failed,
+            ),
+        ] {
+            self.unwritten
+                .get_or_create(&UnwrittenLabels { reason })
+                .inc_by(now.saturating_sub(seen));
+        }
+        *seen = *now;
+    }
+}
+
 /// Upstream latency buckets: 1 ms to about 2 min.
 #[derive(Clone, Copy)]
 struct UpstreamBuckets;
@@ -217,6 +316,7 @@ pub struct Metrics {
     log_dropped: Counter,
     /// Drops already added to `log_dropped`.
     log_dropped_seen: AtomicU64,
+    spool: SpoolMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -361,8 +461,10 @@ impl Metrics {
             "Log lines dropped because stderr was slower than the proxy and the queue to it was full",
             log_dropped.clone(),
         );
+        let spool = SpoolMetrics::register(&mut registry);
         Self {
             registry,
+            spool,
             requests,
             upstream_latency,
             upstream_ttft,
@@ -482,8 +584,13 @@ impl Metrics {
             .clone()
     }
 
-    /// The exposition text, with the gauges read now.
-    pub fn render(&self, store: &SnapshotStore, usage: &UsageSink) -> String {
+    /// The exposition text, with the gauges read now; `spool` when there is one.
+    pub fn render(
+        &self,
+        store: &SnapshotStore,
+        usage: &UsageSink,
+        spool: Option<SpoolStats>,
+    ) -> String {
         match store.load() {
             Some(snapshot) => {
                 self.snapshot_version
@@ -519,6 +626,7 @@ impl Metrics {
             &self.log_dropped_seen,
             crate::logging::dropped_lines(),
         );
+        self.spool.set(&spool.unwrap_or_default());
         let mut out = String::with_capacity(8192);
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -574,7 +682,15 @@ mod tests {
         metrics.overhead(Duration::from_micros(80));
         let guard = metrics.in_flight();
         let usage = UsageSink::new(10);
-        let text = metrics.render(&SnapshotStore::default(), &usage);
+        let spool = SpoolStats {
+            records: 3,
+            bytes: 4096,
+            torn: 1,
+            resent: 7,
+            unwritten_full: 2,
+            unwritten_failed: 0,
+        };
+        let text = metrics.render(&SnapshotStore::default(), &usage, Some(spool));
         for line in [
             r#"sluice_requests_total{backend="b1",model="gpt-4o-mini",status_class="2xx"} 2"#,
             r#"sluice_requests_total{backend="none",model="none",status_class="4xx"} 1"#,
@@ -590,11 +706,30 @@ mod tests {
             "sluice_usage_dropped_records_total 0",
             "sluice_usage_unsendable_records_total 0",
             "sluice_snapshot_refusals_total{reason=\"too_large\"} 0",
+            "sluice_usage_spool_records 3",
+            "sluice_usage_spool_bytes 4096",
+            "sluice_usage_spool_torn_records_total 1",
+            "sluice_usage_spool_resent_records_total 7",
+            r#"sluice_usage_spool_unwritten_records_total{reason="full"} 2"#,
+            r#"sluice_usage_spool_unwritten_records_total{reason="failed"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
         drop(guard);
-        let text = metrics.render(&SnapshotStore::default(), &usage);
+        let later = SpoolStats {
+            torn: 1,
+            unwritten_full: 5,
+            ..spool
+        };
+        let text = metrics.render(&SnapshotStore::default(), &usage, Some(later));
         assert!(text.lines().any(|l| l == "sluice_requests_in_flight 0"));
+        assert!(
+            text.lines()
+                .any(|l| l == "sluice_usage_spool_torn_records_total 1")
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == r#"sluice_usage_spool_unwritten_records_total{reason="full"} 5"#)
+        );
     }
 }

@@ -28,6 +28,7 @@ use crate::error::ProxyError;
 use crate::metrics::{BodyRefusal, Label, LimitScope, Metrics};
 use crate::request;
 use crate::snapshot::{ClientKey, Endpoint, Snapshot, SnapshotStore};
+use crate::spool::{Lane, Spool};
 use crate::usage::UsageSink;
 use accounting::Accounting;
 
@@ -60,6 +61,10 @@ impl Default for Limits {
 pub struct AppState {
     pub store: Arc<SnapshotStore>,
     pub usage: UsageSink,
+    /// The usage spool, if there is a data directory (for `/metrics`).
+    pub spool: Option<Arc<Spool>>,
+    /// This serving thread's writer into it.
+    pub spool_lane: Option<Arc<Lane>>,
     pub limits: Limits,
     /// Stream relays still running; shutdown waits for them so their usage is recorded.
     pub tasks: TaskTracker,
@@ -111,6 +116,7 @@ async fn serve(app: Arc<AppState>, endpoint: Endpoint, request: Request) -> Resp
             Ok(key) => {
                 let mut acct = Accounting::new(
                     app.usage.clone(),
+                    app.spool_lane.clone(),
                     Arc::clone(&app.metrics),
                     &request_id,
                     &key.id,
@@ -155,11 +161,11 @@ async fn authorized(
     // Held until the response head: the body is in memory until then.
     let (body, _body_memory) = match read_body(app, request).await {
         Ok(body) => body,
-        Err(e) => return forward::error(acct, e),
+        Err(e) => return forward::error(acct, e).await,
     };
     let parsed = match request::parse(&body) {
         Ok(parsed) => parsed,
-        Err(e) => return forward::error(acct, e.into()),
+        Err(e) => return forward::error(acct, e.into()).await,
     };
     acct.set_request(&parsed.model, parsed.stream && endpoint.can_stream());
     let routes = snapshot.model(&parsed.model).map(|(name, routes)| {
@@ -167,16 +173,16 @@ async fn authorized(
         routes
     });
     if !key.may_use(&parsed.model) {
-        return forward::error(acct, ProxyError::ModelNotAllowed(parsed.model.to_string()));
+        return forward::error(acct, ProxyError::ModelNotAllowed(parsed.model.to_string())).await;
     }
     let Some(routes) = routes else {
-        return forward::error(acct, ProxyError::ModelNotFound(parsed.model.to_string()));
+        return forward::error(acct, ProxyError::ModelNotFound(parsed.model.to_string())).await;
     };
     if let Some(limiter) = &key.limiter
         && let Err(retry_after) = limiter.try_acquire(Instant::now())
     {
         app.metrics.rate_limited(LimitScope::client_key);
-        return forward::error(acct, ProxyError::KeyRateLimited { retry_after });
+        return forward::error(acct, ProxyError::KeyRateLimited { retry_after }).await;
     }
     forward::forward(app, snapshot, routes, endpoint, &parsed, acct).await
 }
@@ -429,7 +435,8 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {
-    let text = app.metrics.render(&app.store, &app.usage);
+    let spool = app.spool.as_ref().map(|spool| spool.stats(&app.usage));
+    let text = app.metrics.render(&app.store, &app.usage, spool);
     (
         [(
             header::CONTENT_TYPE,

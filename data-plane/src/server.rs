@@ -34,6 +34,7 @@ use crate::control::{self, ControlError, NodeIdentity};
 use crate::metrics::{Held, Metrics};
 use crate::proxy::{self, AppState, Limits};
 use crate::snapshot::{Refusal, SnapshotStore};
+use crate::spool::{Spool, SpoolError};
 use crate::subscribe;
 use crate::usage::{UsageReporter, UsageSink};
 
@@ -60,6 +61,8 @@ pub enum RunError {
     CaFile(std::io::Error),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
     #[error("http server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -93,6 +96,8 @@ pub struct Proxy {
     ca_pem: Option<Vec<u8>>,
     store: Arc<SnapshotStore>,
     usage: UsageSink,
+    /// The usage spool, when there is a data directory.
+    spool: Option<Arc<Spool>>,
     identity: NodeIdentity,
     /// Resolved once (the default reads the CPU quota): the snapshot store builds as many
     /// upstream pools.
@@ -116,6 +121,13 @@ impl Proxy {
         };
         // Fail on a bad URL, token or CA now rather than in a retry loop.
         control::connect_with_ca(&config.control_plane, token.as_deref(), ca_pem.as_deref())?;
+        let serving_threads = config.serving_threads();
+        let identity = NodeIdentity::new(config.node_id.clone());
+        // Before listening: a data directory another process holds stops this one here.
+        let spool = match config.spool() {
+            Some(options) => Some(Arc::new(Spool::open(options, &identity, serving_threads)?)),
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| RunError::Bind {
@@ -126,10 +138,16 @@ impl Proxy {
             addr: config.listen,
             source,
         })?;
-        let serving_threads = config.serving_threads();
         tracing::info!(serving_threads, "http listening on {local_addr}");
-        let identity = NodeIdentity::new(config.node_id.clone());
         tracing::info!(node_id = %identity.node_id, incarnation = %identity.incarnation, control_plane = %config.control_plane, "data plane starting");
+        match &config.data_dir {
+            Some(dir) => {
+                tracing::info!(data_dir = %dir.display(), "usage spool on: usage survives a crash of this process")
+            }
+            None => tracing::warn!(
+                "no --data-dir (SLUICE_PROXY_DATA_DIR): usage spool off, so a crash of this process loses the usage the control plane has not acked yet"
+            ),
+        }
         if crate::upstream::egress_proxy_from_env() {
             // The proxy's address is not logged: it may carry credentials.
             tracing::info!(
@@ -140,6 +158,7 @@ impl Proxy {
             listener,
             local_addr,
             usage: UsageSink::new(config.usage_queue),
+            spool,
             store: Arc::new(
                 SnapshotStore::default()
                     .with_upstream_pools(serving_threads)
@@ -190,6 +209,7 @@ impl Proxy {
             ca_pem,
             store,
             usage,
+            spool,
             identity,
             serving_threads: threads,
             ..
@@ -206,6 +226,20 @@ impl Proxy {
             stop_snapshots.clone(),
         ));
         let stop_usage = CancellationToken::new();
+        let stop_resending = CancellationToken::new();
+        if let Some(spool) = &spool {
+            spool.start_syncing(usage.clone());
+            for replay in spool.take_replays() {
+                let resend = Arc::clone(spool).resend(replay, client.clone(), identity.clone());
+                let stop = stop_resending.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = resend => {}
+                        () = stop.cancelled() => {}
+                    }
+                });
+            }
+        }
         let cooldowns = Arc::clone(store.cooldowns());
         let clock = store.clock();
         let reporter = tokio::spawn(
@@ -230,6 +264,8 @@ impl Proxy {
             let app = Arc::new(AppState {
                 store: Arc::clone(&store),
                 usage: usage.clone(),
+                spool: spool.clone(),
+                spool_lane: spool.as_ref().and_then(|spool| spool.lane(pool)),
                 limits: Limits {
                     max_body_bytes: config.max_body_bytes,
                     max_response_bytes: config.max_response_bytes,
@@ -293,10 +329,18 @@ impl Proxy {
         stop_usage.cancel();
         match tokio::time::timeout(config.usage_flush_timeout, reporter).await {
             Ok(_) => tracing::info!(acked = usage.acked(), "usage flushed"),
+            Err(_) if spool.is_some() => tracing::warn!(
+                unsent = usage.pending(),
+                "usage flush timed out: the unacked records stay in the spool for the next start"
+            ),
             Err(_) => tracing::warn!(
                 unsent = usage.pending(),
                 "usage flush timed out: unacked records are lost"
             ),
+        }
+        stop_resending.cancel();
+        if let Some(spool) = &spool {
+            spool.close(usage.pending() == 0);
         }
         served.map_err(RunError::Serve)
     }

@@ -1,6 +1,8 @@
 //! One request's usage record and log line, built up as the request proceeds and emitted
 //! exactly once: by `finish`, or by `Drop` when the client went away first (the handler
-//! future or the streamed response body was dropped), as `CLIENT_CANCELLED`.
+//! future or the streamed response body was dropped), as `CLIENT_CANCELLED`. With a spool,
+//! the record is written to disk before each upstream attempt (its start) and when emitted
+//! (its finish), so that a crash in between still leaves a record of the attempt.
 
 use std::time::{Duration, SystemTime};
 
@@ -12,8 +14,10 @@ use tokio::time::Instant;
 use std::sync::Arc;
 
 use crate::clock::{proto_duration, timestamp};
+use crate::error::ProxyError;
 use crate::metrics::{Held, Label, Metrics};
 use crate::snapshot::{Backend, Endpoint};
+use crate::spool::{Lane, Refused, Unwritten, Written};
 use crate::usage::UsageSink;
 
 /// The status recorded for a request whose client left before any response was sent
@@ -29,6 +33,10 @@ pub struct Tokens {
 
 pub struct Accounting {
     sink: UsageSink,
+    /// This serving thread's writer into the spool, if there is one.
+    spool: Option<Arc<Lane>>,
+    /// The request's number in the spool once its start is on disk.
+    spooled: Option<u64>,
     metrics: Arc<Metrics>,
     record: UsageRecord,
     started: Instant,
@@ -50,8 +58,10 @@ pub struct Accounting {
 }
 
 impl Accounting {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         sink: UsageSink,
+        spool: Option<Arc<Lane>>,
         metrics: Arc<Metrics>,
         request_id: &str,
         client_key_id: &str,
@@ -62,6 +72,8 @@ impl Accounting {
         Self {
             _in_flight: metrics.in_flight(),
             sink,
+            spool,
+            spooled: None,
             metrics,
             record: UsageRecord {
                 request_id: request_id.to_owned(),
@@ -129,11 +141,33 @@ impl Accounting {
         self.record.stream = stream;
     }
 
-    /// Counts an attempt at `backend`, which becomes the backend the record names.
-    pub fn attempt(&mut self, backend: &Backend) {
+    /// Counts an attempt at `backend`, which becomes the backend the record names, and
+    /// writes the record so far to the spool: the upstream may be called once this returns.
+    /// Fails only when the spool cannot record the request and the policy is to refuse it.
+    pub async fn attempt(&mut self, backend: &Backend) -> Result<(), ProxyError> {
         self.record.attempts += 1;
         self.record.backend_id.clone_from(&backend.id);
         self.backend_name = Some(Arc::clone(&backend.name));
+        let Some(lane) = self.spool.clone() else {
+            return Ok(());
+        };
+        let first = self.spooled.is_none();
+        let written = match lane.start(&mut self.spooled, &mut self.record) {
+            Ok(written) => written.await,
+            Err(Refused(why)) => Err(why),
+        };
+        match written {
+            Err(why) if first && lane.refuses_unrecorded() => Err(self.refused(why)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The request is refused before any upstream call: the record says no backend was tried.
+    fn refused(&mut self, why: Unwritten) -> ProxyError {
+        self.record.attempts = 0;
+        self.record.backend_id.clear();
+        self.backend_name = None;
+        ProxyError::UsageUnrecordable(why)
     }
 
     pub fn tokens(&mut self, tokens: Tokens) {
@@ -170,13 +204,15 @@ impl Accounting {
         headers.insert("x-sluice-attempts", HeaderValue::from(self.record.attempts));
     }
 
-    pub fn finish(mut self, status: StatusCode, kind: ErrorKind) {
-        self.emit(status.as_u16(), kind);
+    /// Emits the record and the log line. The end of the answer may go to the client once
+    /// the returned future resolves (the record is then in the spool, if there is one).
+    pub fn finish(mut self, status: StatusCode, kind: ErrorKind) -> Written {
+        self.emit(status.as_u16(), kind)
     }
 
-    fn emit(&mut self, status: u16, kind: ErrorKind) {
+    fn emit(&mut self, status: u16, kind: ErrorKind) -> Written {
         if std::mem::replace(&mut self.done, true) {
-            return;
+            return Written::ready();
         }
         let latency = self.started.elapsed();
         let mut record = std::mem::take(&mut self.record);
@@ -210,7 +246,14 @@ impl Accounting {
         if let Some(sent) = self.stream_sent {
             self.metrics.upstream_latency(&backend, sent.elapsed());
         }
-        self.sink.record(record);
+        let (spool, spooled) = (&self.spool, self.spooled);
+        let mut written = Written::ready();
+        self.sink.record_with(record, |record| {
+            if let Some(lane) = spool {
+                written = lane.finish(spooled, record);
+            }
+        });
+        written
     }
 }
 
@@ -220,7 +263,8 @@ impl Drop for Accounting {
             let status = self
                 .status_sent
                 .map_or(CLIENT_CLOSED_REQUEST, |s| s.as_u16());
-            self.emit(status, ErrorKind::ClientCancelled);
+            // Nothing more goes to the client: write it now rather than wait for others.
+            let _ = self.emit(status, ErrorKind::ClientCancelled).now();
         }
     }
 }

@@ -152,7 +152,9 @@ pub(super) async fn forward(
         if acct.attempts() > 0 {
             app.metrics.failover();
         }
-        acct.attempt(backend);
+        if let Err(refused) = acct.attempt(backend).await {
+            return error(acct, refused).await;
+        }
         let body = parsed.rewrite(&route.upstream_model, stream);
         let sent = Instant::now();
         let outcome = attempt(
@@ -212,7 +214,7 @@ pub(super) async fn forward(
         }
         match outcome {
             Ok(answer) => {
-                return deliver(app, answer, acct, parsed.include_usage, &policy, deadline);
+                return deliver(app, answer, acct, parsed.include_usage, &policy, deadline).await;
             }
             Err(failure) => {
                 let retry = failure.retryable(&policy);
@@ -230,7 +232,7 @@ pub(super) async fn forward(
         }
     }
     match last {
-        Some(failure) => fail(acct, failure),
+        Some(failure) => fail(acct, failure).await,
         None => match soonest {
             Some(until) => {
                 app.metrics.rate_limited(LimitScope::backends);
@@ -241,25 +243,26 @@ pub(super) async fn forward(
                         retry_after: until.saturating_duration_since(Instant::now()),
                     },
                 )
+                .await
             }
-            None => error(acct, ProxyError::UpstreamTimeout),
+            None => error(acct, ProxyError::UpstreamTimeout).await,
         },
     }
 }
 
-/// Answers with a proxy error and records it.
-pub(super) fn error(acct: Accounting, err: ProxyError) -> Response {
+/// Answers with a proxy error and records it (the answer goes once the record is written).
+pub(super) async fn error(acct: Accounting, err: ProxyError) -> Response {
     let status = err.status();
     let kind = err.error_kind();
     let mut response = err.into_response();
     acct.decorate(response.headers_mut());
     acct.head_ready();
-    acct.finish(status, kind);
+    let _ = acct.finish(status, kind).await;
     response
 }
 
 /// Answers with the last failure: the upstream's own 429/5xx, or 502/504.
-fn fail(acct: Accounting, failure: Failure) -> Response {
+async fn fail(acct: Accounting, failure: Failure) -> Response {
     match failure {
         Failure::Status {
             status,
@@ -282,12 +285,12 @@ fn fail(acct: Accounting, failure: Failure) -> Response {
             }
             acct.decorate(headers);
             acct.head_ready();
-            acct.finish(status, ErrorKind::UpstreamStatus);
+            let _ = acct.finish(status, ErrorKind::UpstreamStatus).await;
             response
         }
-        Failure::Connect(_) => error(acct, ProxyError::UpstreamConnect),
-        Failure::Invalid(_) => error(acct, ProxyError::UpstreamInvalid),
-        Failure::Timeout => error(acct, ProxyError::UpstreamTimeout),
+        Failure::Connect(_) => error(acct, ProxyError::UpstreamConnect).await,
+        Failure::Invalid(_) => error(acct, ProxyError::UpstreamInvalid).await,
+        Failure::Timeout => error(acct, ProxyError::UpstreamTimeout).await,
     }
 }
 
@@ -408,7 +411,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn deliver(
+async fn deliver(
     app: &Arc<AppState>,
     answer: Answer,
     mut acct: Accounting,
@@ -442,7 +445,7 @@ fn deliver(
             } else {
                 ErrorKind::UpstreamStatus
             };
-            acct.finish(status, kind);
+            let _ = acct.finish(status, kind).await;
             response
         }
         Answer::Stream {

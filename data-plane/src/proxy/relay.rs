@@ -24,6 +24,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::accounting::{Accounting, usage_of};
 use crate::error::error_body;
+use crate::spool::Written;
 use crate::sse::{Item, SseParser};
 use crate::upstream::{self, UpstreamBody};
 
@@ -46,6 +47,8 @@ pub(super) struct Relay {
     ready: VecDeque<(Bytes, Then)>,
     /// `None` once finished (usage recorded).
     acct: Option<Accounting>,
+    /// The frame that ends the stream, held until its usage record is written.
+    last: Option<(Written, Bytes)>,
     /// The client asked for `stream_options.include_usage`.
     forward_usage: bool,
     idle_timeout: Duration,
@@ -76,6 +79,7 @@ impl Relay {
             items: Vec::new(),
             ready: VecDeque::new(),
             acct: Some(acct),
+            last: None,
             forward_usage,
             idle_timeout,
             deadline,
@@ -166,16 +170,23 @@ impl Body for Relay {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
         loop {
+            if let Some((written, _)) = &mut this.last {
+                let _ = ready!(Pin::new(written).poll(cx));
+                let bytes = this.last.take().map(|(_, bytes)| bytes).unwrap_or_default();
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
             if let Some((bytes, then)) = this.ready.pop_front() {
                 if let Some(acct) = &mut this.acct {
                     acct.first_byte();
                 }
                 if let Then::Finish(kind) = then {
-                    // Nothing after the frame that ends the stream.
+                    // Nothing after the frame that ends the stream, which goes once the
+                    // record is written.
                     this.ready.clear();
                     this.upstream = None;
                     if let Some(acct) = this.acct.take() {
-                        acct.finish(StatusCode::OK, kind);
+                        this.last = Some((acct.finish(StatusCode::OK, kind), bytes));
+                        continue;
                     }
                 }
                 this.rearm = true;
@@ -216,6 +227,6 @@ impl Body for Relay {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.upstream.is_none() && self.ready.is_empty()
+        self.upstream.is_none() && self.ready.is_empty() && self.last.is_none()
     }
 }

@@ -126,7 +126,15 @@ impl Harness {
     }
 
     pub async fn start_with(snapshot: proto::Snapshot, tweak: impl FnOnce(&mut Config)) -> Self {
-        let cp = FakeControlPlane::start().await;
+        Self::start_on(FakeControlPlane::start().await, snapshot, tweak).await
+    }
+
+    /// [`Harness::start_with`] against a control plane the test started.
+    pub async fn start_on(
+        cp: FakeControlPlane,
+        snapshot: proto::Snapshot,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let version = snapshot.version;
         cp.publish(snapshot);
         let mut config = Config::new(cp.url(), "127.0.0.1:0".parse().unwrap());

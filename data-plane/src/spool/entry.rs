@@ -1,0 +1,146 @@
+//! What one frame of a spool segment holds: a protobuf [`Entry`]. Its field tags are the
+//! on-disk format, which a newer data plane must still read after an upgrade: never renumber
+//! or retype a field; add new ones (and new kinds) under new tags.
+
+use prost::Message;
+use sluice_proto::v1::UsageRecord;
+
+use super::frame;
+
+/// One spool entry.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Entry {
+    #[prost(oneof = "Kind", tags = "1, 2, 3")]
+    pub kind: Option<Kind>,
+}
+
+/// The kinds of [`Entry`].
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Kind {
+    /// The first entry of every segment: whose records follow.
+    #[prost(message, tag = "1")]
+    Header(Header),
+    /// A request is about to call an upstream: its record so far (no sequence, no outcome).
+    /// Written again, under the same request number, before each further attempt.
+    #[prost(message, tag = "2")]
+    Start(Mark),
+    /// A request finished: its whole record, numbered with its sequence.
+    #[prost(message, tag = "3")]
+    Finish(Mark),
+}
+
+/// Names the process and the lane that wrote a segment.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Header {
+    #[prost(string, tag = "1")]
+    pub node_id: String,
+    #[prost(string, tag = "2")]
+    pub incarnation: String,
+    /// The serving thread whose lane this is.
+    #[prost(uint32, tag = "3")]
+    pub lane: u32,
+    /// The segment's number within its lane: 1, 2, …
+    #[prost(uint64, tag = "4")]
+    pub segment: u64,
+}
+
+/// A start or finish of one request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Mark {
+    /// The request within its lane and incarnation: 1, 2, …; 0 on the finish of a request
+    /// that never called an upstream (it has no start).
+    #[prost(uint64, tag = "1")]
+    pub request: u64,
+    #[prost(message, optional, tag = "2")]
+    pub record: Option<UsageRecord>,
+}
+
+/// Whether a [`Mark`] is a start or a finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Start,
+    Finish,
+}
+
+/// Appends the frame of a [`Header`] to `out`.
+pub fn frame_header(header: Header, out: &mut Vec<u8>) {
+    frame::encode_message(
+        &Entry {
+            kind: Some(Kind::Header(header)),
+        },
+        out,
+    );
+}
+
+/// Appends the frame of a start or finish of `record` to `out`. The record moves into the
+/// entry and back rather than being copied: this runs for every request.
+pub fn frame_mark(step: Step, request: u64, record: &mut UsageRecord, out: &mut Vec<u8>) {
+    let mark = Mark {
+        request,
+        record: Some(std::mem::take(record)),
+    };
+    let entry = Entry {
+        kind: Some(match step {
+            Step::Start => Kind::Start(mark),
+            Step::Finish => Kind::Finish(mark),
+        }),
+    };
+    frame::encode_message(&entry, out);
+    if let Some(Kind::Start(mark) | Kind::Finish(mark)) = entry.kind
+        && let Some(taken) = mark.record
+    {
+        *record = taken;
+    }
+}
+
+/// Decodes the payload of one frame.
+pub fn decode(payload: &[u8]) -> Result<Entry, prost::DecodeError> {
+    Entry::decode(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn a_mark_round_trips_and_the_record_comes_back() {
+        let mut record = UsageRecord {
+            sequence: 7,
+            request_id: "req-1".into(),
+            model: "gpt-4o-mini".into(),
+            prompt_tokens: 12,
+            ..Default::default()
+        };
+        let original = record.clone();
+        let mut out = Vec::new();
+        frame_mark(Step::Finish, 3, &mut record, &mut out);
+        assert_eq!(record, original, "the caller keeps its record");
+        frame_header(
+            Header {
+                node_id: "n".into(),
+                incarnation: "i".into(),
+                lane: 1,
+                segment: 2,
+            },
+            &mut out,
+        );
+        let frames = frame::decode(&out);
+        assert_eq!(frames.payloads.len(), 2);
+        assert_eq!(
+            decode(frames.payloads[0]).unwrap().kind,
+            Some(Kind::Finish(Mark {
+                request: 3,
+                record: Some(original),
+            }))
+        );
+        assert!(matches!(
+            decode(frames.payloads[1]).unwrap().kind,
+            Some(Kind::Header(Header {
+                lane: 1,
+                segment: 2,
+                ..
+            }))
+        ));
+    }
+}

@@ -1,0 +1,582 @@
+//! One serving thread's writer into the spool: segment files of its own, so threads never
+//! wait on each other, and a new segment every [`SpoolOptions::segment_bytes`] that carries
+//! over the starts of requests still running, so that old segments can be deleted as acks
+//! arrive.
+//!
+//! Group commit: a request appends its entry to the lane's batch and awaits [`Written`]
+//! before it goes on (calls its upstream, or sends the end of its answer). The first request
+//! to wait yields once, so that the other requests its thread serves in the same pass of the
+//! scheduler append theirs; then it writes the whole batch with one plain `write` and wakes
+//! them. Under load one system call carries many entries; a process crash still loses nothing
+//! a request went on after.
+//!
+//! [`SpoolOptions::segment_bytes`]: super::SpoolOptions::segment_bytes
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::Write;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use sluice_proto::v1::UsageRecord;
+
+use super::entry::{self, Header, Step};
+use super::{OnFull, Shared, Unwritten};
+
+/// The spool could not take a request's start and the policy is to refuse the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the usage spool cannot record the request ({0})")]
+pub struct Refused(pub Unwritten);
+
+/// One segment file of a lane.
+#[derive(Debug)]
+pub(super) struct Segment {
+    pub path: PathBuf,
+    pub file: Arc<File>,
+    pub bytes: u64,
+    /// The highest sequence of a finish in it (0: none).
+    pub max_sequence: u64,
+    /// Every write to it has been handed to an fdatasync.
+    pub synced: bool,
+    /// The starts carried into it at its creation have not been handed to an fdatasync yet:
+    /// until they have, the segment before it must stay.
+    pub carrying: bool,
+}
+
+/// A serving thread's writer; see the module docs. Only its own thread uses it on the
+/// request path, so its lock is not contended there (the spool's sync thread takes it
+/// briefly every sync interval).
+#[derive(Debug)]
+pub struct Lane {
+    index: u32,
+    shared: Arc<Shared>,
+    state: Mutex<LaneState>,
+}
+
+#[derive(Debug)]
+struct LaneState {
+    /// `None` after a failed write until a new segment can be opened.
+    current: Option<Segment>,
+    /// Closed segments, oldest first.
+    closed: VecDeque<Segment>,
+    /// Requests started and not finished: the frame of their latest start, to carry into
+    /// every new segment.
+    open: HashMap<u64, Vec<u8>>,
+    next_request: u64,
+    next_segment: u64,
+    /// Frames appended and not written yet, in order.
+    batch: Vec<u8>,
+    /// Records in `batch`, and the highest finish sequence among them.
+    batch_records: u64,
+    batch_max_sequence: u64,
+    /// Bytes appended since the lane opened: a frame's position is this after appending it.
+    appended: u64,
+    /// Bytes written (or whose write failed): frames up to here are done.
+    done: u64,
+    /// Positions of the latest batches whose write failed, as (after, through).
+    failed: VecDeque<(u64, u64)>,
+    /// The [`Written`] that will write the batch, by ticket.
+    leader: Option<u64>,
+    next_ticket: u64,
+    /// Requests waiting for the batch to be written.
+    waiting: Vec<Waker>,
+}
+
+/// Failed batches remembered, so that a request waiting on one learns it failed.
+const FAILURES_KEPT: usize = 16;
+
+impl Lane {
+    /// A lane with its first segment open (so a directory it cannot write to fails at start).
+    pub(super) fn open(index: u32, shared: Arc<Shared>) -> std::io::Result<Self> {
+        let mut state = LaneState {
+            current: None,
+            closed: VecDeque::new(),
+            open: HashMap::new(),
+            next_request: 1,
+            next_segment: 1,
+            batch: Vec::with_capacity(16 * 1024),
+            batch_records: 0,
+            batch_max_sequence: 0,
+            appended: 0,
+            done: 0,
+            failed: VecDeque::new(),
+            leader: None,
+            next_ticket: 1,
+            waiting: Vec::new(),
+        };
+        state.rotate(index, &shared)?;
+        Ok(Self {
+            index,
+            shared,
+            state: Mutex::new(state),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LaneState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Appends the start of a request about to call an upstream; the request calls it once
+    /// the returned [`Written`] resolves. `request` is its number in this lane, given on its
+    /// first start. When the spool is full the first start is not appended: the request goes
+    /// on without it unless the policy refuses it.
+    pub fn start(
+        self: &Arc<Self>,
+        request: &mut Option<u64>,
+        record: &mut UsageRecord,
+    ) -> Result<Written, Refused> {
+        let mut state = self.lock();
+        let first = request.is_none();
+        let id = request.unwrap_or(state.next_request);
+        let mut frame = Vec::with_capacity(256);
+        entry::frame_mark(Step::Start, id, record, &mut frame);
+        if first && !self.shared.has_room(frame.len()) {
+            self.shared.unwritten(Unwritten::Full, 1);
+            return match self.shared.on_full {
+                OnFull::Refuse => Err(Refused(Unwritten::Full)),
+                OnFull::Serve => Ok(Written::ready()),
+            };
+        }
+        if first {
+            state.next_request += 1;
+            *request = Some(id);
+            self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        let upto = state.append(&frame, 0);
+        state.open.insert(id, frame);
+        Ok(self.written(upto))
+    }
+
+    /// Appends the finish of a request (numbered `record`; `request` if it had a start); the
+    /// request sends the end of its answer once the returned [`Written`] resolves. A finish
+    /// whose start is in the spool is always appended, even past the size bound, or a replay
+    /// would count the request again as interrupted.
+    pub fn finish(self: &Arc<Self>, request: Option<u64>, record: &mut UsageRecord) -> Written {
+        let mut state = self.lock();
+        if let Some(id) = request
+            && state.open.remove(&id).is_some()
+        {
+            self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        let at = state.batch.len();
+        entry::frame_mark(Step::Finish, request.unwrap_or(0), record, &mut state.batch);
+        let len = state.batch.len() - at;
+        if request.is_none() && !self.shared.has_room(len) {
+            state.batch.truncate(at);
+            self.shared.unwritten(Unwritten::Full, 1);
+            return Written::ready();
+        }
+        let upto = state.appended_in_place(len, record.sequence);
+        self.written(upto)
+    }
+
+    fn written(self: &Arc<Self>, upto: u64) -> Written {
+        Written {
+            lane: Some(Arc::clone(self)),
+            upto,
+            ticket: None,
+        }
+    }
+
+    /// Writes the batch now, if there is one, and wakes whoever waits for it.
+    fn write_batch(&self) {
+        let waiting = self.lock().write_batch(self.index, &self.shared);
+        waiting.into_iter().for_each(Waker::wake);
+    }
+
+    /// The files written since the last call (after writing the batch, so that every frame
+    /// appended before the call is in them), for the sync thread to flush; from now on they
+    /// count as synced.
+    pub(super) fn take_unsynced(&self) -> Vec<Arc<File>> {
+        let mut state = self.lock();
+        let waiting = state.write_batch(self.index, &self.shared);
+        let LaneState {
+            current, closed, ..
+        } = &mut *state;
+        let files = closed
+            .iter_mut()
+            .chain(current.iter_mut())
+            .filter(|segment| !segment.synced || segment.carrying)
+            .map(|segment| {
+                segment.synced = true;
+                segment.carrying = false;
+                Arc::clone(&segment.file)
+            })
+            .collect();
+        drop(state);
+        waiting.into_iter().for_each(Waker::wake);
+        files
+    }
+
+    /// Takes off the oldest closed segments that hold nothing the spool still needs: synced,
+    /// every finish in them acked (at or below `acked`), and the starts they held carried
+    /// into a synced successor. The caller deletes the files, oldest first.
+    pub(super) fn take_compactable(&self, acked: u64) -> Vec<Segment> {
+        let mut state = self.lock();
+        let mut done = Vec::new();
+        loop {
+            let successor_carried = match (state.closed.get(1), &state.current) {
+                (Some(next), _) | (None, Some(next)) => !next.carrying,
+                (None, None) => false,
+            };
+            let Some(oldest) = state.closed.front() else {
+                break;
+            };
+            if !(oldest.synced && oldest.max_sequence <= acked && successor_carried) {
+                break;
+            }
+            done.extend(state.closed.pop_front());
+        }
+        done
+    }
+
+    /// Whether a request the spool cannot record is refused.
+    pub fn refuses_unrecorded(&self) -> bool {
+        self.shared.on_full == OnFull::Refuse
+    }
+
+    /// Requests with a start and no finish in this lane.
+    pub fn in_flight(&self) -> usize {
+        self.lock().open.len()
+    }
+}
+
+impl LaneState {
+    /// Appends a whole frame to the batch; returns its position.
+    fn append(&mut self, frame: &[u8], sequence: u64) -> u64 {
+        self.batch.extend_from_slice(frame);
+        self.appended_in_place(frame.len(), sequence)
+    }
+
+    /// Counts a frame of `len` bytes already added to the batch; returns its position.
+    fn appended_in_place(&mut self, len: usize, sequence: u64) -> u64 {
+        self.batch_records += 1;
+        self.batch_max_sequence = self.batch_max_sequence.max(sequence);
+        self.appended += len as u64;
+        self.appended
+    }
+
+    /// Whether the frame at `position` was written, once done.
+    fn outcome(&self, position: u64) -> Result<(), Unwritten> {
+        let failed = self
+            .failed
+            .iter()
+            .any(|&(after, through)| position > after && position <= through);
+        if failed {
+            Err(Unwritten::Failed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Writes the batch with one `write` into the current segment (a new one first when the
+    /// current one is full, or broken by an earlier failed write). Returns the wakers of the
+    /// requests waiting for it, to wake once the lock is released.
+    #[must_use]
+    fn write_batch(&mut self, lane: u32, shared: &Shared) -> Vec<Waker> {
+        self.leader = None;
+        if self.batch.is_empty() {
+            return std::mem::take(&mut self.waiting);
+        }
+        let outcome = self.write_to_segment(lane, shared);
+        if let Err(err) = outcome {
+            shared.write_failed(&err);
+            shared.unwritten(Unwritten::Failed, self.batch_records);
+            if self.failed.len() == FAILURES_KEPT {
+                self.failed.pop_front();
+            }
+            self.failed.push_back((self.done, self.appended));
+        }
+        self.done = self.appended;
+        self.batch.clear();
+        self.batch_records = 0;
+        self.batch_max_sequence = 0;
+        std::mem::take(&mut self.waiting)
+    }
+
+    fn write_to_segment(&mut self, lane: u32, shared: &Shared) -> std::io::Result<()> {
+        let full = self
+            .current
+            .as_ref()
+            .is_none_or(|segment| segment.bytes >= shared.options.segment_bytes);
+        if full {
+            self.rotate(lane, shared)?;
+        }
+        let Some(segment) = self.current.as_mut() else {
+            return Err(std::io::Error::other("no segment open"));
+        };
+        let len = self.batch.len() as u64;
+        match (&*segment.file).write_all(&self.batch) {
+            Ok(()) => {
+                segment.bytes += len;
+                segment.synced = false;
+                segment.max_sequence = segment.max_sequence.max(self.batch_max_sequence);
+                shared.bytes.fetch_add(len, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(err) => {
+                // Cut a partial frame back off, and write nothing more behind it: a reader
+                // stops at the first bad frame.
+                let _ = segment.file.set_len(segment.bytes);
+                self.close_current();
+                Err(err)
+            }
+        }
+    }
+
+    /// Opens the next segment with its header and the starts of the requests still running,
+    /// then closes the current one.
+    fn rotate(&mut self, lane: u32, shared: &Shared) -> std::io::Result<()> {
+        let number = self.next_segment;
+        let path = shared.dir.join(super::segment_name(lane, number));
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(&path)?;
+        let mut head = Vec::with_capacity(128 + self.open.values().map(Vec::len).sum::<usize>());
+        entry::frame_header(
+            Header {
+                node_id: shared.node_id.clone(),
+                incarnation: shared.incarnation.clone(),
+                lane,
+                segment: number,
+            },
+            &mut head,
+        );
+        for frame in self.open.values() {
+            head.extend_from_slice(frame);
+        }
+        if let Err(err) = (&file).write_all(&head) {
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(err);
+        }
+        self.next_segment += 1;
+        shared.bytes.fetch_add(head.len() as u64, Ordering::Relaxed);
+        self.close_current();
+        self.current = Some(Segment {
+            path,
+            file: Arc::new(file),
+            bytes: head.len() as u64,
+            max_sequence: 0,
+            synced: false,
+            carrying: true,
+        });
+        Ok(())
+    }
+
+    fn close_current(&mut self) {
+        if let Some(segment) = self.current.take() {
+            self.closed.push_back(segment);
+        }
+    }
+}
+
+/// Resolves once a frame appended to a lane is written to its segment file (`Err` if the
+/// write failed); see the module docs. Dropping it never strands other requests: a request
+/// that was to write the batch and goes away first writes it on its way out.
+#[must_use = "a request goes on only once its usage is written"]
+#[derive(Debug)]
+pub struct Written {
+    /// `None` when there is nothing to wait for (no spool, nothing appended, or done).
+    lane: Option<Arc<Lane>>,
+    upto: u64,
+    /// Set once this future took the job of writing the batch.
+    ticket: Option<u64>,
+}
+
+impl Written {
+    /// Nothing to wait for.
+    pub fn ready() -> Self {
+        Self {
+            lane: None,
+            upto: 0,
+            ticket: None,
+        }
+    }
+
+    /// Writes the frame now if it is not written yet, without waiting for other requests
+    /// (for a request that has no later moment: its client went away).
+    pub fn now(mut self) -> Result<(), Unwritten> {
+        let Some(lane) = self.lane.take() else {
+            return Ok(());
+        };
+        let mut state = lane.lock();
+        let waiting = if state.done < self.upto {
+            state.write_batch(lane.index, &lane.shared)
+        } else {
+            Vec::new()
+        };
+        let outcome = state.outcome(self.upto);
+        drop(state);
+        waiting.into_iter().for_each(Waker::wake);
+        outcome
+    }
+}
+
+impl Future for Written {
+    type Output = Result<(), Unwritten>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some(lane) = this.lane.clone() else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut state = lane.lock();
+        if state.done >= this.upto {
+            this.lane = None;
+            return Poll::Ready(state.outcome(this.upto));
+        }
+        match (state.leader, this.ticket) {
+            (Some(leader), Some(ticket)) if leader == ticket => {
+                // Second poll of the writer: the requests ready in this pass have appended.
+                let waiting = state.write_batch(lane.index, &lane.shared);
+                let outcome = state.outcome(this.upto);
+                drop(state);
+                waiting.into_iter().for_each(Waker::wake);
+                this.lane = None;
+                Poll::Ready(outcome)
+            }
+            (None, _) => {
+                // Take the job and let the other ready requests run first.
+                let ticket = state.next_ticket;
+                state.next_ticket += 1;
+                state.leader = Some(ticket);
+                this.ticket = Some(ticket);
+                drop(state);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            _ => {
+                state.waiting.push(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        let (Some(lane), Some(ticket)) = (&self.lane, self.ticket) else {
+            return;
+        };
+        let leading = lane.lock().leader == Some(ticket);
+        if leading {
+            lane.write_batch();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::control::NodeIdentity;
+    use crate::spool::{Spool, SpoolOptions};
+
+    fn spool(dir: &std::path::Path) -> Spool {
+        Spool::open(
+            SpoolOptions::new(dir),
+            &NodeIdentity::new(Some("n".into())),
+            1,
+        )
+        .unwrap()
+    }
+
+    fn segment_bytes(lane: &Lane) -> Vec<u8> {
+        let path = lane.lock().current.as_ref().unwrap().path.clone();
+        std::fs::read(path).unwrap()
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn requests_ready_together_share_one_write_and_none_goes_on_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = spool(dir.path());
+        let lane = spool.lane(0).unwrap();
+        let batches_before = lane.lock().next_ticket;
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let lane = Arc::clone(&lane);
+                tokio::spawn(async move {
+                    let mut spooled = None;
+                    let mut record = UsageRecord {
+                        request_id: format!("request-{i}"),
+                        ..Default::default()
+                    };
+                    let written = lane.start(&mut spooled, &mut record).unwrap();
+                    assert!(!contains(&segment_bytes(&lane), &record.request_id));
+                    written.await.unwrap();
+                    // Going on now: the start is in the file.
+                    assert!(contains(&segment_bytes(&lane), &record.request_id));
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(
+            lane.lock().next_ticket - batches_before,
+            1,
+            "eight requests ready in one pass, one write"
+        );
+        assert_eq!(lane.in_flight(), 8);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_writer_that_goes_away_still_writes_the_batch_for_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = spool(dir.path());
+        let lane = spool.lane(0).unwrap();
+        let start = |id: &str| {
+            let mut spooled = None;
+            let mut record = UsageRecord {
+                request_id: id.into(),
+                ..Default::default()
+            };
+            lane.start(&mut spooled, &mut record).unwrap()
+        };
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut writer = start("the-writer");
+        assert!(
+            Pin::new(&mut writer).poll(&mut cx).is_pending(),
+            "it yields first"
+        );
+        let mut other = start("the-other");
+        assert!(
+            Pin::new(&mut other).poll(&mut cx).is_pending(),
+            "it waits for the writer"
+        );
+        drop(writer);
+        let bytes = segment_bytes(&lane);
+        assert!(contains(&bytes, "the-writer") && contains(&bytes, "the-other"));
+        assert_eq!(Pin::new(&mut other).poll(&mut cx), Poll::Ready(Ok(())));
+    }
+
+    #[test]
+    fn now_writes_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = spool(dir.path());
+        let lane = spool.lane(0).unwrap();
+        let mut record = UsageRecord {
+            request_id: "cancelled".into(),
+            sequence: 7,
+            ..Default::default()
+        };
+        let written = lane.finish(None, &mut record);
+        assert!(!contains(&segment_bytes(&lane), "cancelled"));
+        written.now().unwrap();
+        assert!(contains(&segment_bytes(&lane), "cancelled"));
+        assert_eq!(lane.lock().current.as_ref().unwrap().max_sequence, 7);
+    }
+}

@@ -1,0 +1,146 @@
+//! The usage spool through the whole data plane, in process: what one run leaves unacked the
+//! next run on the same data directory sends again, under the first run's identity and
+//! sequences; a full spool refuses requests when told to. (Crashes of real processes are in
+//! `e2e/tests/usage_spool.rs`.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use sluice_proto::v1 as proto;
+use support::control_plane::FakeControlPlane;
+use support::harness::{EchoUpstream, Harness, backend, chat_body, snapshot};
+
+fn echo_snapshot(upstream: &EchoUpstream) -> proto::Snapshot {
+    snapshot(
+        1,
+        vec![backend("b1", &upstream.base_url(), proto::Pool::Primary, 0)],
+    )
+}
+
+/// The value of an unlabelled metric line.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn what_one_run_left_unacked_the_next_run_on_its_directory_sends_again() {
+    let upstream = EchoUpstream::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_owned();
+
+    // The first run serves five requests; its control plane never commits them.
+    let cp = FakeControlPlane::start().await;
+    cp.set_ack_usage(false);
+    let first = Harness::start_on(cp, echo_snapshot(&upstream), |c| {
+        c.data_dir = Some(dir.clone());
+        c.usage_flush_timeout = Duration::from_millis(300);
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(first.chat(chat_body(false)).await.status(), 200);
+    }
+    first
+        .cp
+        .wait_for("5 records received", |r| r.received_sequences.len() >= 5)
+        .await;
+    first.shutdown().await.unwrap();
+    let left: Vec<_> = std::fs::read_dir(dir.join("usage-spool"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left.len(), 1, "the unacked run stays on disk: {left:?}");
+    let incarnation = left[0].clone();
+
+    // The next run, on the same directory, sends them under the first run's incarnation.
+    let second = Harness::start_with(echo_snapshot(&upstream), |c| {
+        c.data_dir = Some(dir.clone());
+    })
+    .await;
+    assert_eq!(second.chat(chat_body(false)).await.status(), 200);
+    second
+        .cp
+        .wait_for("the first run's records", |r| {
+            r.applied
+                .get(&("test-node".to_owned(), incarnation.clone()))
+                .is_some_and(|m| m.len() == 5)
+        })
+        .await;
+    let resent = second.cp.with(|r| {
+        r.applied[&("test-node".to_owned(), incarnation.clone())]
+            .values()
+            .cloned()
+            .collect::<Vec<_>>()
+    });
+    let sequences: Vec<u64> = resent.iter().map(|r| r.sequence).collect();
+    assert_eq!(sequences, [1, 2, 3, 4, 5], "under their own sequences");
+    assert!(
+        resent
+            .iter()
+            .all(|r| (r.prompt_tokens, r.completion_tokens, r.status_code) == (11, 22, 200))
+    );
+    // The second run's own request, under its own incarnation; nothing else.
+    second
+        .cp
+        .wait_for("6 records in all", |r| r.records().len() == 6)
+        .await;
+    let mut resent_metric = None;
+    for _ in 0..200 {
+        resent_metric = metric(
+            &second.metrics().await,
+            "sluice_usage_spool_resent_records_total",
+        );
+        if resent_metric == Some(5.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(resent_metric, Some(5.0));
+    assert!(
+        !dir.join("usage-spool").join(&incarnation).exists(),
+        "an acked run's directory is deleted"
+    );
+    second.shutdown().await.unwrap();
+    assert_eq!(
+        std::fs::read_dir(dir.join("usage-spool")).unwrap().count(),
+        0,
+        "a clean stop with everything acked leaves nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_full_spool_refuses_requests_with_503_when_told_to_and_serves_them_otherwise() {
+    let upstream = EchoUpstream::start().await;
+    for (on_full, expected) in [
+        (sluice_proxy::spool::OnFull::Refuse, 503u16),
+        (sluice_proxy::spool::OnFull::Serve, 200u16),
+    ] {
+        let data = tempfile::tempdir().unwrap();
+        let h = Harness::start_with(echo_snapshot(&upstream), |c| {
+            c.data_dir = Some(data.path().to_owned());
+            // Smaller than the segment headers written at start: full from the first request.
+            c.usage_spool_max_bytes = 1;
+            c.usage_spool_full = on_full;
+        })
+        .await;
+        let seen_before = upstream.seen().len();
+        let response = h.chat(chat_body(false)).await;
+        assert_eq!(response.status(), expected, "{on_full:?}");
+        if expected == 503 {
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "usage_unrecordable");
+            assert_eq!(upstream.seen().len(), seen_before, "no upstream call");
+        }
+        let text = h.metrics().await;
+        assert!(
+            text.contains(r#"sluice_usage_spool_unwritten_records_total{reason="full"} 2"#),
+            "the start and the finish: {text}"
+        );
+        // Either way the control plane still hears of the request.
+        let records = h.records(1).await;
+        assert_eq!(records[0].status_code, u32::from(expected));
+        h.shutdown().await.unwrap();
+    }
+}
