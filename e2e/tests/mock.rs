@@ -624,6 +624,35 @@ async fn stall_holds_until_the_client_gives_up() {
 }
 
 #[tokio::test]
+async fn a_delay_answers_late_and_a_client_gone_meanwhile_is_charged_nothing() {
+    let mock = MockServer::start_local(MockConfig::default()).unwrap();
+    mock.set_fault(Fault::DelayMs(400).times(2));
+    // The first client gives up during the delay.
+    let err = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap()
+        .post(format!("{}/chat/completions", mock.base_url()))
+        .json(&chat("m", "one two three"))
+        .send()
+        .await
+        .expect_err("not answered within the delay");
+    assert!(err.is_timeout(), "{err:?}");
+    // The second waits and gets a normal answer.
+    let start = std::time::Instant::now();
+    let response = post(&mock, "/chat/completions", &chat("m", "one two three")).await;
+    assert_eq!(response.status(), 200);
+    assert!(start.elapsed() >= Duration::from_millis(400));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["usage"]["prompt_tokens"], 3);
+    // The first one's delay, which began earlier, is over too: only the answer was charged.
+    let stats = mock.stats();
+    assert_eq!(stats.requests.chat_completions, 2);
+    assert_eq!(stats.faults_applied, 2);
+    assert_eq!((stats.prompt_tokens, stats.responses_with(200)), (3, 1));
+}
+
+#[tokio::test]
 async fn garbage_bodies() {
     let mock = MockServer::start_local(MockConfig::default()).unwrap();
     mock.set_faults(vec![

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 ///
 /// JSON (serde's external tagging, snake_case):
 /// `{"status":{"code":429,"retry_after":{"seconds":2}}}`, `{"status":{"code":503}}`, `"reset"`,
-/// `"stall"`, `{"cut_after_chunks":3}`, `{"garbage":"not_json"}` (or `"invalid_sse"`, `"giant_line"`),
-/// `{"echo_key":{"code":401}}`.
+/// `"stall"`, `{"delay_ms":2000}`, `{"cut_after_chunks":3}`, `{"garbage":"not_json"}` (or
+/// `"invalid_sse"`, `"giant_line"`), `{"echo_key":{"code":401}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
@@ -27,6 +27,10 @@ pub enum Fault {
     /// Read the request and never answer, until the client gives up, the mock shuts down, or
     /// [`STALL_LIMIT`] passes (then the connection is closed without a response).
     Stall,
+    /// Wait this many milliseconds (on top of the configured latency), then answer normally.
+    /// A client that hangs up meanwhile gets nothing and is charged nothing: the request is
+    /// dropped before its usage is counted.
+    DelayMs(u64),
     /// Send the response head and the first `k` SSE events (the role chunk counts as the first),
     /// then close the connection: no `[DONE]`, and the chunked body is left unterminated. A
     /// non-streaming request gets its `Content-Length` and only the first half of the JSON body.
@@ -268,6 +272,8 @@ mod tests {
         let spec: FaultSpec =
             serde_json::from_str(r#"{"fault":{"garbage":"giant_line"}}"#).unwrap();
         assert_eq!(spec, Fault::Garbage(GarbageKind::GiantLine).always());
+        let spec: FaultSpec = serde_json::from_str(r#"{"fault":{"delay_ms":250}}"#).unwrap();
+        assert_eq!(spec, Fault::DelayMs(250).always());
         assert_eq!(
             serde_json::to_string(&Fault::rate_limited(1)).unwrap(),
             r#"{"status":{"code":429,"retry_after":{"seconds":1}}}"#

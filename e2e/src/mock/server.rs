@@ -306,6 +306,7 @@ async fn api(
             }
             return Err(Abort::Stall);
         }
+        Some(Fault::DelayMs(ms)) => tokio::time::sleep(Duration::from_millis(ms)).await,
         _ => {}
     }
     if !shared.config.latency.is_zero() {
