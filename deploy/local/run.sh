@@ -14,7 +14,8 @@
 #   --grpc-port P     control plane gRPC (SLUICE_GRPC_PORT, 50051)
 #   --http-port P     control plane health/metrics (SLUICE_HTTP_PORT, 8081)
 #   --mock-port P     demo backend (SLUICE_MOCK_PORT, 9090)
-#   --data-dir DIR    control plane data (SLUICE_DATA_DIR, ./sluice-data)
+#   --data-dir DIR    control plane data (SLUICE_DATA_DIR, ./sluice-data); data plane i keeps its
+#                     usage spool in DIR/proxy-i, so a replica restarted there resends its usage
 #   --profile P       cargo profile to build and run: release or debug (SLUICE_BUILD_PROFILE, release)
 #   --no-demo         no mock backend and no client key
 #   --no-build        run existing binaries (with --bin-dir DIR, default target/PROFILE)
@@ -44,7 +45,7 @@ while [ $# -gt 0 ]; do
     --no-demo) DEMO=0; shift ;;
     --no-build) BUILD=0; shift ;;
     --bin-dir) BIN=$2; shift 2 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -116,7 +117,7 @@ for i in $(seq 1 "$REPLICAS"); do
   if [ "$REPLICAS" = 1 ]; then p=$PORT; else p=$((PORT + 10 + i)); fi
   SLUICE_DATAPLANE_TOKEN=$DATAPLANE_TOKEN "$BIN/sluice-proxy" \
     --control-plane "$SLUICE_ENDPOINT" --listen "127.0.0.1:$p" --node-id "local-$i" \
-    2>"$RUN_DIR/proxy-$i.log" &
+    --data-dir "$DATA_DIR/proxy-$i" 2>"$RUN_DIR/proxy-$i.log" &
   pids+=($!)
   proxy_pids+=($!)
   proxy_ports+=("$p")

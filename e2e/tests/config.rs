@@ -245,9 +245,15 @@ async fn the_example_files_in_deploy_start_the_servers() {
             "127.0.0.1:0".to_owned(),
             "--dataplane-token-file".to_owned(),
             token.display().to_string(),
+            "--data-dir".to_owned(),
+            dir.path().join("proxy").display().to_string(),
         ],
         &[],
     )
     .await;
     assert_ne!(http, 0);
+    assert!(
+        dir.path().join("proxy/usage-spool").is_dir(),
+        "the example keeps a usage spool"
+    );
 }

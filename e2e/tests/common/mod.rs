@@ -478,6 +478,7 @@ pub struct LocalRun {
     pub port: u16,
     pub proxy_ports: Vec<u16>,
     pub proxy_pids: Vec<u32>,
+    pub control_pid: u32,
     api: ControlApi,
 }
 
@@ -554,6 +555,7 @@ impl LocalRun {
                 .map(|p| p as u16)
                 .collect(),
             proxy_pids: numbers("PROXY_PIDS"),
+            control_pid: numbers("CONTROL_PID")[0],
             api: ControlApi {
                 url: format!("http://127.0.0.1:{grpc}"),
             },
@@ -573,12 +575,53 @@ impl LocalRun {
     }
 
     pub fn kill_replica(&self, i: usize) {
-        let status = std::process::Command::new("kill")
-            .args(["-KILL", &self.proxy_pids[i].to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        signal(self.proxy_pids[i], "KILL");
     }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to the control plane.
+    pub fn signal_control(&self, signal_name: &str) {
+        signal(self.control_pid, signal_name);
+    }
+
+    /// The data directory run.sh gives replica `i` (its usage spool).
+    pub fn replica_data_dir(&self, i: usize) -> std::path::PathBuf {
+        self.dir.path().join(format!("data/proxy-{}", i + 1))
+    }
+
+    /// Starts replica `i` again as run.sh started it (same port, node id and data directory),
+    /// as a child of the test, and waits until it is ready.
+    pub async fn restart_replica(&self, i: usize) -> Child {
+        let child = spawn(
+            workspace_bin("sluice-proxy"),
+            [
+                "--control-plane".to_owned(),
+                self.api.url.clone(),
+                "--listen".to_owned(),
+                format!("127.0.0.1:{}", self.proxy_ports[i]),
+                "--node-id".to_owned(),
+                format!("local-{}", i + 1),
+                "--data-dir".to_owned(),
+                self.replica_data_dir(i).display().to_string(),
+            ],
+            [
+                ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
+                ("RUST_LOG", "info"),
+            ],
+        )
+        .unwrap();
+        child.wait_for_listening("http", START).await.unwrap();
+        self.replica(i).wait_ready().await;
+        child
+    }
+}
+
+/// `kill -<signal_name> <pid>`.
+pub fn signal(pid: u32, signal_name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal_name}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal_name} {pid}");
 }
 
 impl Drop for LocalRun {
@@ -631,6 +674,18 @@ impl Gateway {
             .bearer_auth(key)
             .json(&body)
             .send()
+            .await
+            .unwrap()
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
             .await
             .unwrap()
     }
