@@ -109,6 +109,7 @@ fn init_logging(format: LogFormat) {
         // Escapes control characters in what clients sent (JSON strings already do).
         LogFormat::Text => builder
             .fmt_fields(sluice_domain::logging::EscapedFields)
+            .event_format(sluice_domain::logging::TextFormat::default())
             .init(),
         LogFormat::Json => builder.json().init(),
     }

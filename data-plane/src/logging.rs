@@ -163,6 +163,7 @@ pub fn init(format: LogFormat, buffer_lines: usize) -> std::io::Result<LogGuard>
         // Escapes control characters in what clients sent (JSON strings already do).
         LogFormat::Text => builder
             .fmt_fields(sluice_domain::logging::EscapedFields)
+            .event_format(sluice_domain::logging::TextFormat::default())
             .init(),
         LogFormat::Json => builder.json().init(),
     }

@@ -51,17 +51,24 @@ impl LogLimiter {
 }
 
 #[cfg(feature = "logging")]
-pub use fields::{EscapedFields, EscapingVisitor};
+pub use fields::{EscapedFields, EscapingVisitor, TextFormat};
 
 #[cfg(feature = "logging")]
 mod fields {
-    use std::fmt;
+    use std::cell::RefCell;
+    use std::fmt::{self, Write as _};
+    use std::time::{SystemTime, UNIX_EPOCH};
 
     use tracing_core::field::Field;
+    use tracing_core::{Event, Level, Subscriber};
     use tracing_subscriber::field::{MakeVisitor, Visit, VisitFmt, VisitOutput};
-    use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
+    use tracing_subscriber::fmt::FmtContext;
+    use tracing_subscriber::fmt::format::{
+        DefaultVisitor, Format, FormatEvent, FormatFields, Writer,
+    };
+    use tracing_subscriber::registry::LookupSpan;
 
-    use crate::text::Escaped;
+    use crate::text::{EscapeControl, Escaped};
 
     /// `FormatFields` for the text format: `.fmt_fields(EscapedFields)` on the subscriber builder.
     #[derive(Debug, Clone, Copy, Default)]
@@ -71,55 +78,272 @@ mod fields {
         type Visitor = EscapingVisitor<'a>;
 
         fn make_visitor(&self, target: Writer<'a>) -> Self::Visitor {
-            EscapingVisitor(DefaultVisitor::new(target, true))
+            if target.has_ansi_escapes() {
+                EscapingVisitor::Styled(DefaultVisitor::new(target, true))
+            } else {
+                EscapingVisitor::Plain(Plain {
+                    writer: target,
+                    is_empty: true,
+                    result: Ok(()),
+                })
+            }
         }
     }
 
-    /// tracing-subscriber's default visitor behind the escaping.
-    pub struct EscapingVisitor<'a>(DefaultVisitor<'a>);
+    /// tracing-subscriber's default visitor behind the escaping. Without ANSI styling (a log
+    /// file, a pipe: every production log) the same text is written directly, without the
+    /// styling and formatting machinery each field otherwise goes through.
+    pub enum EscapingVisitor<'a> {
+        Styled(DefaultVisitor<'a>),
+        Plain(Plain<'a>),
+    }
+
+    /// [`DefaultVisitor`]'s output without styles, written directly.
+    pub struct Plain<'a> {
+        writer: Writer<'a>,
+        is_empty: bool,
+        result: fmt::Result,
+    }
+
+    impl Plain<'_> {
+        /// The separating space and `name=`; false for a field not to be written.
+        fn start(&mut self, field: &Field) -> bool {
+            let name = field.name();
+            // tracing-log's metadata fields, which the default visitor skips as well.
+            if self.result.is_err() || name.starts_with("log.") {
+                return false;
+            }
+            self.pad();
+            if name != "message" {
+                let name = name.strip_prefix("r#").unwrap_or(name);
+                self.result = self
+                    .writer
+                    .write_str(name)
+                    .and_then(|()| self.writer.write_char('='));
+            }
+            self.result.is_ok()
+        }
+
+        fn pad(&mut self) {
+            if self.is_empty {
+                self.is_empty = false;
+            } else {
+                self.result = self.writer.write_char(' ');
+            }
+        }
+
+        fn unsigned(&mut self, value: u64) {
+            self.result = self.writer.write_str(Digits::new(value).as_str());
+        }
+    }
 
     impl Visit for EscapingVisitor<'_> {
         fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-            self.0.record_debug(field, &Escaped(value));
+            match self {
+                Self::Styled(inner) => inner.record_debug(field, &Escaped(value)),
+                Self::Plain(plain) => {
+                    if plain.start(field) {
+                        // What `{:?}` of `Escaped(value)` writes; the message's escape
+                        // guard has nothing left to escape after it.
+                        plain.result = write!(EscapeControl(&mut plain.writer), "{value:?}");
+                    }
+                }
+            }
         }
 
         fn record_str(&mut self, field: &Field, value: &str) {
             if field.name() == "message" {
                 self.record_debug(field, &format_args!("{value}"));
-            } else {
+                return;
+            }
+            match self {
                 // Written quoted, with `Debug`'s escapes.
-                self.0.record_str(field, value);
+                Self::Styled(inner) => inner.record_str(field, value),
+                Self::Plain(plain) => {
+                    if plain.start(field) {
+                        plain.result = if value
+                            .bytes()
+                            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+                        {
+                            // `Debug` of a string with nothing to escape.
+                            plain
+                                .writer
+                                .write_char('"')
+                                .and_then(|()| plain.writer.write_str(value))
+                                .and_then(|()| plain.writer.write_char('"'))
+                        } else {
+                            write!(plain.writer, "{value:?}")
+                        };
+                    }
+                }
             }
         }
 
         // Numbers and booleans hold nothing to escape.
         fn record_i64(&mut self, field: &Field, value: i64) {
-            self.0.record_i64(field, value);
+            match self {
+                Self::Styled(inner) => inner.record_i64(field, value),
+                Self::Plain(plain) => {
+                    if plain.start(field) {
+                        if value < 0 {
+                            plain.result = plain.writer.write_char('-');
+                        }
+                        plain.unsigned(value.unsigned_abs());
+                    }
+                }
+            }
         }
 
         fn record_u64(&mut self, field: &Field, value: u64) {
-            self.0.record_u64(field, value);
+            match self {
+                Self::Styled(inner) => inner.record_u64(field, value),
+                Self::Plain(plain) => {
+                    if plain.start(field) {
+                        plain.unsigned(value);
+                    }
+                }
+            }
         }
 
         fn record_f64(&mut self, field: &Field, value: f64) {
-            self.0.record_f64(field, value);
+            match self {
+                Self::Styled(inner) => inner.record_f64(field, value),
+                Self::Plain(_) => self.record_debug(field, &value),
+            }
         }
 
         fn record_bool(&mut self, field: &Field, value: bool) {
-            self.0.record_bool(field, value);
+            match self {
+                Self::Styled(inner) => inner.record_bool(field, value),
+                Self::Plain(plain) => {
+                    if plain.start(field) {
+                        plain.result = plain.writer.write_str(if value { "true" } else { "false" });
+                    }
+                }
+            }
         }
     }
 
     impl VisitOutput<fmt::Result> for EscapingVisitor<'_> {
         fn finish(self) -> fmt::Result {
-            self.0.finish()
+            match self {
+                Self::Styled(inner) => inner.finish(),
+                Self::Plain(plain) => plain.result,
+            }
         }
     }
 
     impl VisitFmt for EscapingVisitor<'_> {
         fn writer(&mut self) -> &mut dyn fmt::Write {
-            self.0.writer()
+            match self {
+                Self::Styled(inner) => inner.writer(),
+                Self::Plain(plain) => &mut plain.writer,
+            }
         }
+    }
+
+    /// A `u64` in decimal, without the formatting machinery.
+    struct Digits {
+        buf: [u8; 20],
+        start: usize,
+    }
+
+    impl Digits {
+        fn new(mut value: u64) -> Self {
+            let mut buf = [b'0'; 20];
+            let mut start = buf.len();
+            loop {
+                start -= 1;
+                if let Some(digit) = buf.get_mut(start) {
+                    *digit = b'0' + (value % 10) as u8;
+                }
+                value /= 10;
+                if value == 0 || start == 0 {
+                    return Self { buf, start };
+                }
+            }
+        }
+
+        fn as_str(&self) -> &str {
+            // Only ASCII digits were written.
+            std::str::from_utf8(self.buf.get(self.start..).unwrap_or_default()).unwrap_or("0")
+        }
+    }
+
+    /// The event format of both servers' text logs: tracing-subscriber's default (`Full`)
+    /// format, byte for byte. Without ANSI styling and outside spans (every request line) it
+    /// writes the line directly, with the timestamp's date and time of day formatted once a
+    /// second per thread; otherwise it is the default format itself.
+    #[derive(Debug, Default)]
+    pub struct TextFormat {
+        full: Format,
+    }
+
+    impl<S, N> FormatEvent<S, N> for TextFormat
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+    {
+        fn format_event(
+            &self,
+            ctx: &FmtContext<'_, S, N>,
+            mut writer: Writer<'_>,
+            event: &Event<'_>,
+        ) -> fmt::Result {
+            let meta = event.metadata();
+            // tracing-log's events name their real target and level in fields; spans are
+            // written by the default format.
+            if writer.has_ansi_escapes() || meta.target() == "log" || ctx.event_scope().is_some() {
+                return self.full.format_event(ctx, writer, event);
+            }
+            write_timestamp(&mut writer, SystemTime::now())?;
+            writer.write_str(match *meta.level() {
+                Level::TRACE => "TRACE ",
+                Level::DEBUG => "DEBUG ",
+                Level::INFO => " INFO ",
+                Level::WARN => " WARN ",
+                Level::ERROR => "ERROR ",
+            })?;
+            writer.write_str(meta.target())?;
+            writer.write_str(": ")?;
+            ctx.format_fields(writer.by_ref(), event)?;
+            writer.write_char('\n')
+        }
+    }
+
+    thread_local! {
+        /// The Unix second last formatted on this thread, and its `YYYY-MM-DDTHH:MM:SS`.
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+
+    /// `2026-01-02T03:04:05.123456Z ` as tracing-subscriber's default timer writes it.
+    fn write_timestamp(writer: &mut Writer<'_>, now: SystemTime) -> fmt::Result {
+        let Ok(since_epoch) = now.duration_since(UNIX_EPOCH) else {
+            return tracing_subscriber::fmt::time::FormatTime::format_time(
+                &tracing_subscriber::fmt::time::SystemTime,
+                writer,
+            )
+            .and_then(|()| writer.write_char(' '));
+        };
+        let second = since_epoch.as_secs();
+        SECOND.with_borrow_mut(|(cached, text)| {
+            if *cached != second {
+                let full = humantime::format_rfc3339_seconds(
+                    UNIX_EPOCH + std::time::Duration::from_secs(second),
+                )
+                .to_string();
+                // `…:SS` without the `Z`.
+                text.clear();
+                text.push_str(full.trim_end_matches('Z'));
+                *cached = second;
+            }
+            writer.write_str(text)
+        })?;
+        let micros = Digits::new(u64::from(since_epoch.subsec_micros()) + 1_000_000);
+        // `1dddddd`: the leading 1 keeps the zeros, the dot replaces it.
+        writer.write_char('.')?;
+        writer.write_str(micros.as_str().get(1..).unwrap_or("000000"))?;
+        writer.write_str("Z ")
     }
 
     #[cfg(test)]
@@ -161,6 +385,124 @@ mod fields {
             assert!(!text.contains('\u{1b}'), "{text}");
             assert!(text.contains("model=m\\n2025"), "{text}");
             assert!(text.contains("n=3"), "{text}");
+        }
+
+        /// The visitor as it was before the direct path: the default one behind the escaping.
+        struct StyledOnly;
+
+        impl<'a> MakeVisitor<Writer<'a>> for StyledOnly {
+            type Visitor = EscapingVisitor<'a>;
+
+            fn make_visitor(&self, target: Writer<'a>) -> Self::Visitor {
+                EscapingVisitor::Styled(DefaultVisitor::new(target, true))
+            }
+        }
+
+        /// Logs a variety of events through `subscriber` and returns what it wrote.
+        fn log_all<S>(lines: &Lines, subscriber: S) -> String
+        where
+            S: Subscriber + Send + Sync + 'static,
+        {
+            let hostile =
+                "m\n2025 \"quoted\" back\\slash \u{1b}[31m \u{200b} ünï ✓ \t\r\u{7f}\u{9b}";
+            let owned = String::from("req-1");
+            let missing: Option<u64> = None;
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::info!(
+                    target: "sluice::request",
+                    request_id = %owned,
+                    client_key = %"ck_1",
+                    model = %hostile,
+                    backend = "b1",
+                    plain = hostile,
+                    debug = ?hostile,
+                    status = 200u16,
+                    attempts = 1u32,
+                    stream = false,
+                    latency_ms = 12u64,
+                    ttft_ms = missing,
+                    some = Some(7u64),
+                    big = u64::MAX,
+                    negative = i64::MIN,
+                    zero = 0u64,
+                    ratio = 0.25f64,
+                    wide = u128::MAX,
+                    r#type = "t",
+                    error_kind = "ERROR_KIND_UNSPECIFIED",
+                    "request finished"
+                );
+                tracing::warn!(backend = %"b\n1", failures = 3, "backend cooling down: {}", hostile);
+                tracing::error!("plain message with \"quotes\"");
+                tracing::debug!(empty = "", "");
+                tracing::trace!(only = true);
+                let err = std::io::Error::other("disk \"full\"\n");
+                tracing::error!(error = &err as &(dyn std::error::Error + 'static), "failed");
+            });
+            String::from_utf8(lines.0.lock().unwrap().clone()).unwrap()
+        }
+
+        fn subscriber_with<F, E>(
+            lines: &Lines,
+            fields: F,
+            events: E,
+        ) -> impl Subscriber + Send + Sync
+        where
+            F: for<'w> FormatFields<'w> + Send + Sync + 'static,
+            E: FormatEvent<tracing_subscriber::Registry, F> + Send + Sync + 'static,
+        {
+            tracing_subscriber::fmt()
+                .with_writer({
+                    let lines = lines.clone();
+                    move || lines.clone()
+                })
+                .with_ansi(false)
+                .with_max_level(Level::TRACE)
+                .fmt_fields(fields)
+                .event_format(events)
+                .finish()
+        }
+
+        /// The lines without their timestamps (the first word), which differ by the time.
+        fn untimed(text: &str) -> Vec<&str> {
+            text.lines()
+                .map(|line| line.split_once(' ').map_or(line, |(_, rest)| rest))
+                .collect()
+        }
+
+        #[test]
+        fn the_direct_text_format_writes_what_the_default_one_writes() {
+            let reference = Lines::default();
+            let expected = log_all(
+                &reference,
+                subscriber_with(&reference, StyledOnly, Format::default()),
+            );
+            let direct = Lines::default();
+            let got = log_all(
+                &direct,
+                subscriber_with(&direct, EscapedFields, TextFormat::default()),
+            );
+            assert_eq!(untimed(&got), untimed(&expected));
+            assert_eq!(got.lines().count(), 6, "{got}");
+            for line in got.lines() {
+                let (stamp, _) = line.split_once(' ').unwrap();
+                // 2026-01-02T03:04:05.123456Z
+                assert_eq!(stamp.len(), 27, "{line}");
+                assert!(
+                    stamp.ends_with('Z') && stamp.as_bytes()[19] == b'.',
+                    "{line}"
+                );
+            }
+        }
+
+        #[test]
+        fn timestamps_are_rfc3339_with_microseconds() {
+            for micros in [0, 7, 123_456, 999_999, 1_764_646_586_000_001] {
+                let at =
+                    UNIX_EPOCH + std::time::Duration::from_micros(1_764_646_586_000_000 + micros);
+                let mut text = String::new();
+                write_timestamp(&mut Writer::new(&mut text), at).unwrap();
+                assert_eq!(text, format!("{} ", humantime::format_rfc3339_micros(at)));
+            }
         }
     }
 }

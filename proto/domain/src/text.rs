@@ -49,7 +49,13 @@ pub struct EscapeControl<W>(pub W);
 
 impl<W: Write> Write for EscapeControl<W> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
-        let mut rest = text;
+        // Printable ASCII needs no escaping and no look at its characters one by one.
+        let plain = text
+            .bytes()
+            .position(|b| !(0x20..0x7f).contains(&b))
+            .unwrap_or(text.len());
+        let (ascii, mut rest) = text.split_at(plain);
+        self.0.write_str(ascii)?;
         while let Some((at, c)) = rest.char_indices().find(|&(_, c)| unsafe_to_print(c)) {
             self.0.write_str(&rest[..at])?;
             write_escaped(&mut self.0, c)?;
