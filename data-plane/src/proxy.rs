@@ -16,7 +16,6 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use serde::Serialize;
-use sluice_domain::auth::{bearer_token, client_key_hash};
 use sluice_proto::limits::MAX_REQUEST_ID_BYTES;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -24,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 pub use accounting::{CLIENT_CLOSED_REQUEST, Tokens, usage_of};
 
+use crate::auth::authenticate;
 use crate::error::ProxyError;
 use crate::metrics::{BodyRefusal, Label, LimitScope, Metrics};
 use crate::request;
@@ -185,21 +185,6 @@ async fn authorized(
         return forward::error(acct, ProxyError::KeyRateLimited { retry_after }).await;
     }
     forward::forward(app, snapshot, routes, endpoint, &parsed, acct).await
-}
-
-/// The client key named by `Authorization: Bearer <key>`, looked up by its SHA-256.
-fn authenticate<'s>(
-    snapshot: &'s Snapshot,
-    headers: &HeaderMap,
-) -> Result<&'s ClientKey, ProxyError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or(ProxyError::MissingApiKey)?
-        .to_str()
-        .map_err(|_| ProxyError::InvalidApiKey)?;
-    let key = bearer_token(value).ok_or(ProxyError::InvalidApiKey)?;
-    let hash = client_key_hash(key);
-    snapshot.client_key(&hash).ok_or(ProxyError::InvalidApiKey)
 }
 
 /// The request's body, with the permits of [`AppState::body_memory`] it holds. Refused when

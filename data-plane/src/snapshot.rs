@@ -611,11 +611,26 @@ impl SnapshotStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use sha2::{Digest, Sha256};
     use tokio::time::Instant;
+
+    /// A snapshot whose client keys are these `(id, plaintext)` pairs.
+    pub(crate) fn snapshot_with_keys(keys: &[(&str, &str)], now: Now) -> Snapshot {
+        let mut message = snapshot(1);
+        message.client_keys = keys
+            .iter()
+            .map(|(id, key)| proto::SnapshotClientKey {
+                id: (*id).into(),
+                name: format!("name-{id}"),
+                key_sha256: Sha256::digest(key.as_bytes()).to_vec(),
+                ..Default::default()
+            })
+            .collect();
+        Snapshot::prepare(message, None, now, 1).unwrap()
+    }
 
     pub(crate) fn backend(id: &str, pool: proto::Pool, priority: i32) -> proto::SnapshotBackend {
         proto::SnapshotBackend {
