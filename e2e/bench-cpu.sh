@@ -5,6 +5,8 @@
 #
 #   ./e2e/bench-cpu.sh                         # target/release, 3,000 req/s for 10 s
 #   ./e2e/bench-cpu.sh --bin-dir DIR --rate 2000 --seconds 20
+#   ./e2e/bench-cpu.sh --bare                  # also bare_proxy (DIR/examples), same mock and
+#                                              # rate, right after, and the ratio of the totals
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl and sluice-bench. Uses the ports
 # of deploy/local/run.sh plus 10,000 (18080, 15051, 18081, 19090) and a temporary data dir.
@@ -14,12 +16,14 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bin="$root/target/release"
 rate=3000
 seconds=10
+bare=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin-dir) bin=$2; shift 2 ;;
     --rate) rate=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --bare) bare=1; shift ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "bench-cpu: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -30,9 +34,10 @@ log="$data/run.log"
 RUST_LOG=${RUST_LOG:-info} "$root/deploy/local/run.sh" --no-build --bin-dir "$bin" --data-dir "$data" \
   --port 18080 --grpc-port 15051 --http-port 18081 --mock-port 19090 > "$log" 2>&1 &
 run=$!
+bare_pid=""
 cleanup() {
-  kill "$run" 2>/dev/null || true
-  wait "$run" 2>/dev/null || true
+  kill "$run" $bare_pid 2>/dev/null || true
+  wait "$run" $bare_pid 2>/dev/null || true
   rm -rf "$data"
 }
 trap cleanup EXIT
@@ -53,8 +58,8 @@ threads() {
       "$(awk '{print $14+$15}' "$t/stat")"
   done | sort -k2
 }
-load() {
-  "$bin/sluice-bench" load --url http://127.0.0.1:18080/v1 --key "$key" --model gpt-4o-mini \
+load() { # duration [url key]
+  "$bin/sluice-bench" load --url "${2:-http://127.0.0.1:18080/v1}" --key "${3:-$key}" --model gpt-4o-mini \
     --rate "$rate" --duration "$1"
 }
 
@@ -75,6 +80,28 @@ report() { # name before after
       printf "  %-18s %14.3f %12.1f\n", $2, cs, us }
     END { printf "  %-18s %14.3f %12.1f\n", "total", tcs, tus }'
 }
-report "sluice-proxy" "$data/proxy.before" "$data/proxy.after"
+report "sluice-proxy" "$data/proxy.before" "$data/proxy.after" | tee "$data/proxy.report"
 report "sluice-mock" "$data/mock.before" "$data/mock.after"
 grep -E '^\| *[0-9]' "$data/load.out" || { cat "$data/load.out" >&2; exit 1; }
+[ -n "$bare" ] || exit 0
+
+# The floor: the bare proxy in front of the same mock, at the same rate.
+"$bin/examples/bare_proxy" 127.0.0.1:18190 http://127.0.0.1:19090 > "$data/bare.log" 2>&1 &
+bare_pid=$!
+bare_url=http://127.0.0.1:18190/v1
+for _ in $(seq 1 100); do
+  curl -fsS -o /dev/null "$bare_url/models" 2>/dev/null && break
+  sleep 0.1
+done
+load 2s "$bare_url" sk-bench > /dev/null 2>&1
+threads "$bare_pid" > "$data/bare.before"
+threads "$MOCK_PID" > "$data/mock.before"
+load "${seconds}s" "$bare_url" sk-bench > "$data/load.out" 2>&1
+threads "$bare_pid" > "$data/bare.after"
+threads "$MOCK_PID" > "$data/mock.after"
+report "bare_proxy" "$data/bare.before" "$data/bare.after" | tee "$data/bare.report"
+report "sluice-mock" "$data/mock.before" "$data/mock.after"
+grep -E '^\| *[0-9]' "$data/load.out" || { cat "$data/load.out" >&2; exit 1; }
+total() { awk '$1 == "total" {print $3}' "$1"; }
+awk -v s="$(total "$data/proxy.report")" -v b="$(total "$data/bare.report")" \
+  'BEGIN { printf "CPU per request: sluice-proxy %.1f µs, bare_proxy %.1f µs, ratio %.2f\n", s, b, (b > 0 ? s / b : 0) }'

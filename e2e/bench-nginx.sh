@@ -3,12 +3,18 @@
 # of the same mock provider, measured with the same load driver and the mock as the baseline.
 # It shows what two more loopback hops and a proxy that does no per-request work of its own
 # cost on this machine. Needs nginx and release binaries (`cargo build --release --bins`).
-# With --hyper it measures data-plane/examples/bare_proxy.rs instead: the cheapest proxy on
-# Sluice's own stack (axum, hyper-util's client, tokio), which shows the stack's share of
-# Sluice's cost (`cargo build --release -p sluice-proxy --example bare_proxy` first).
+#
+# With --hyper it measures Sluice against data-plane/examples/bare_proxy.rs, the cheapest proxy
+# on Sluice's own stack (axum, hyper-util's client, tokio, a runtime per core) and the floor the
+# data plane is held to: a whole gateway (control plane, mock, one data plane with every feature
+# on: authentication, usage accounting, metrics, a log line per request at info, written to a
+# file) and the bare proxy in front of the same mock, driven alternately in the same run; each
+# table ends with the ratio Sluice / bare proxy. `cargo build --release -p sluice-proxy
+# --example bare_proxy` first. `shared` runs the bare proxy on one multi-threaded runtime.
 #
 #   ./e2e/bench-nginx.sh            # 1,000 req/s open loop, then saturation with 64 connections
-#   ./e2e/bench-nginx.sh --hyper [shared]   # the same against bare_proxy (per-core or shared)
+#   ./e2e/bench-nginx.sh --hyper [shared]   # Sluice vs bare_proxy: 1,000 req/s, then saturation
+#                                           # with 32 connections (CONNECTIONS, DURATION)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,6 +29,33 @@ if [ "${1:-}" = "--hyper" ]; then
 else
   command -v nginx >/dev/null || { echo "bench-nginx: nginx not found (apt-get install -y nginx)" >&2; exit 1; }
 fi
+
+# Sluice (deploy/local/run.sh: control plane, mock, one data plane) and the bare proxy in front
+# of its mock, compared in one run.
+sluice_hyper() {
+  local data log run bare key
+  data="$(mktemp -d)"
+  log="$data/run.log"
+  RUST_LOG=${RUST_LOG:-info} "$root/deploy/local/run.sh" --no-build --bin-dir "$bin" --data-dir "$data" \
+    --port 18080 --grpc-port 15051 --http-port 18081 --mock-port 19090 > "$log" 2>&1 &
+  run=$!
+  "$bin/examples/bare_proxy" "127.0.0.1:18190" "http://127.0.0.1:19090" "$hyper" > "$data/bare.log" 2>&1 &
+  bare=$!
+  trap 'kill $run $bare 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
+  for _ in $(seq 1 300); do
+    grep -q 'PROXY_PIDS' "$data/run/cluster.env" 2>/dev/null && grep -q 'sk-sluice-' "$log" && break
+    sleep 0.1
+  done
+  key=$(grep -o 'sk-sluice-[0-9a-f]*' "$log" | head -1)
+  [ -n "$key" ] || { echo "bench-nginx: the local gateway did not start; see $log" >&2; exit 1; }
+  echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "Sluice: http://127.0.0.1:18080/v1; bare proxy (the baseline): http://127.0.0.1:18190/v1"
+  local common=(--url http://127.0.0.1:18080/v1 --key "$key" --model gpt-4o-mini
+                --baseline-url http://127.0.0.1:18190/v1 --baseline-key sk-bench)
+  "$bin/sluice-bench" load "${common[@]}" --rate 1000 --duration "${DURATION:-10s}"
+  "$bin/sluice-bench" load "${common[@]}" --saturate --connections "${CONNECTIONS:-32}" --duration "${DURATION:-10s}"
+  echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+}
 
 mock_port=${MOCK_PORT:-19190}
 nginx_port=${NGINX_PORT:-18190}
@@ -47,6 +80,11 @@ http {
   }
 }
 EOF
+
+if [ -n "$hyper" ]; then
+  sluice_hyper
+  exit
+fi
 
 "$bin/sluice-mock" --listen "127.0.0.1:$mock_port" > "$dir/mock.log" 2>&1 &
 mock=$!

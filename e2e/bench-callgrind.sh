@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, Sluice's data plane against the bare proxy
+# (data-plane/examples/bare_proxy.rs), counted by valgrind's callgrind: the figure to develop the
+# hot path by on a shared machine, where wall-clock and CPU-time figures move with the
+# neighbours' load and these do not (within about 2 %). Each proxy runs under callgrind in front
+# of the same mock (deploy/local/run.sh: control plane, mock, and Sluice with every feature on,
+# its log line at info written to a file); after a warm-up the counters are zeroed, one
+# connection sends requests back to back for the duration, and the counters are dumped, so
+# start-up and idle time do not count. It prints both figures, their ratio, and each profile's
+# most expensive functions (self cost per request). Kernel time is not counted: compare CPU
+# time with ./e2e/bench-cpu.sh --bare.
+#
+#   ./e2e/bench-callgrind.sh                   # target/release, 10 s each, top 25 functions
+#   ./e2e/bench-callgrind.sh --bin-dir DIR --seconds 20 --top 40 --keep OUT   # keeps OUT.*.cg
+#
+# DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
+# examples/bare_proxy. Uses ports 28080-28091, 25051 and 29090. Needs valgrind and python3.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bin="$root/target/release"
+seconds=10
+top=25
+keep=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bin-dir) bin=$2; shift 2 ;;
+    --seconds) seconds=$2; shift 2 ;;
+    --top) top=$2; shift 2 ;;
+    --keep) keep=$2; shift 2 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "bench-callgrind: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+bin="$(cd "$bin" && pwd)"
+command -v valgrind >/dev/null || { echo "bench-callgrind: valgrind not found (apt-get install -y valgrind)" >&2; exit 1; }
+
+data="$(mktemp -d)"
+out=${keep:-$data/profile}
+log="$data/run.log"
+RUST_LOG=${RUST_LOG:-info} "$root/deploy/local/run.sh" --no-build --bin-dir "$bin" --data-dir "$data" \
+  --port 28080 --grpc-port 25051 --http-port 28081 --mock-port 29090 > "$log" 2>&1 &
+run=$!
+pids=()
+cleanup() {
+  kill "${pids[@]}" "$run" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$data"
+}
+trap cleanup EXIT
+for _ in $(seq 1 300); do
+  grep -q 'PROXY_PIDS' "$data/run/cluster.env" 2>/dev/null && grep -q 'sk-sluice-' "$log" && break
+  sleep 0.1
+done
+key=$(grep -o 'sk-sluice-[0-9a-f]*' "$log" | head -1)
+[ -n "$key" ] || { echo "bench-callgrind: the local gateway did not start; see $log" >&2; exit 1; }
+
+wait_http() { # url
+  for _ in $(seq 1 600); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  echo "bench-callgrind: $1 did not answer" >&2
+  exit 1
+}
+SLUICE_DATAPLANE_TOKEN=$(cat "$data/dataplane-token") RUST_LOG=${RUST_LOG:-info} \
+  valgrind --tool=callgrind --callgrind-out-file="$out.sluice.cg" \
+  "$bin/sluice-proxy" --control-plane http://127.0.0.1:25051 --listen 127.0.0.1:28090 \
+  --node-id callgrind 2> "$data/sluice.log" &
+pids+=($!)
+sluice=$!
+valgrind --tool=callgrind --callgrind-out-file="$out.bare.cg" \
+  "$bin/examples/bare_proxy" 127.0.0.1:28091 http://127.0.0.1:29090 2> "$data/bare.log" &
+pids+=($!)
+bare=$!
+wait_http http://127.0.0.1:28090/readyz
+wait_http http://127.0.0.1:28091/v1/models
+
+drive() { # port duration [saturate]
+  "$bin/sluice-bench" load --url "http://127.0.0.1:$1/v1" --key "$key" --model gpt-4o-mini \
+    --saturate --connections 1 --duration "$2" --warmup 0s --segments 1 --timeout 30s
+}
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+for side in "sluice 28090 $sluice" "bare 28091 $bare"; do
+  read -r name port pid <<< "$side"
+  drive "$port" 3s > /dev/null 2>&1
+  callgrind_control --zero "$pid" > /dev/null 2>&1
+  drive "$port" "${seconds}s" > "$data/$name.load" 2>&1 || { cat "$data/$name.load" >&2; exit 1; }
+  callgrind_control --dump "$pid" > /dev/null 2>&1
+  # The request count: the `requests` column of the saturation table.
+  grep -E '127\.0\.0\.1' "$data/$name.load" | head -1 | awk -F'|' '{gsub(/ /, "", $4); print $4}' > "$data/$name.requests"
+done
+
+python3 - "$out" "$top" "$data/sluice.requests" "$data/bare.requests" <<'PY'
+import collections, re, sys
+out, top = sys.argv[1], int(sys.argv[2])
+requests = {"sluice": int(open(sys.argv[3]).read()), "bare": int(open(sys.argv[4]).read())}
+
+def profile(path):
+    """Self cost per function of a callgrind dump (cost lines after `calls=` are a callee's)."""
+    names, cost, fn, call = {}, collections.Counter(), None, False
+    for line in open(path, errors="replace"):
+        if line.startswith(("fn=", "cfn=")):
+            # Names are numbered where they first appear, as a function or as a callee.
+            text = line.split("=", 1)[1].rstrip("\n")
+            m = re.match(r"\((\d+)\)(?: (.*))?", text)
+            if m and m.group(2) is not None:
+                names[m.group(1)] = m.group(2)
+            if line.startswith("fn="):
+                fn = names.get(m.group(1)) if m else text
+        elif line.startswith("calls="):
+            call = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if not call:
+                cost[fn] += int(line.split()[-1])
+            call = False
+    return cost
+
+per = {}
+for name in ("sluice", "bare"):
+    cost = profile(f"{out}.{name}.cg.1")
+    n = requests[name]
+    per[name] = sum(cost.values()) / n
+    print(f"\n{name}: {n} requests, {per[name]:,.0f} instructions per request; top {top} (self):")
+    for fn, c in cost.most_common(top):
+        print(f"  {c / n:9,.0f}  {(fn or '?')[:150]}")
+print(f"\ninstructions per request: sluice-proxy {per['sluice']:,.0f}, bare_proxy {per['bare']:,.0f}, "
+      f"ratio {per['sluice'] / per['bare']:.2f}")
+PY
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
