@@ -12,6 +12,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper_util::server::graceful::GracefulShutdown;
+use sluice_listener::{Acceptor, Http};
+use tokio_util::sync::CancellationToken;
+use tower_service::Service;
 
 use crate::dashboard::JsonApi;
 use crate::membership::Registry;
@@ -30,6 +34,34 @@ struct AppState {
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; img-src 'self' data:; \
      style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'; \
      base-uri 'none'; form-action 'self'";
+
+/// Serves `router` on the connections `acceptor` takes until `stop`, then lets the requests
+/// in progress finish.
+pub async fn serve(acceptor: Acceptor, router: Router, http: Http, stop: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, peer, slot) = tokio::select! {
+            accepted = acceptor.accept() => accepted,
+            () = stop.cancelled() => break,
+        };
+        let router = router.clone();
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                // The JSON API throttles failed logins per client address.
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                router.clone().call(request)
+            },
+        );
+        let connection = http.serve(tcp, service, &graceful);
+        tokio::spawn(async move {
+            connection.await;
+            drop(slot);
+        });
+    }
+    graceful.shutdown().await;
+}
 
 /// Everything the HTTP listener serves; `api` is the dashboard's JSON API.
 pub fn router(

@@ -53,6 +53,15 @@ struct Args {
     /// cannot read the dashboard or /metrics through DNS rebinding.
     #[arg(long, env = "SLUICE_ALLOWED_HOSTS", value_delimiter = ',')]
     allowed_hosts: Vec<String>,
+    /// How long a client of the HTTP listener may take to send a request's headers (the
+    /// first request's from when it connected, a later one's from the end of the previous
+    /// response); past it the connection is closed (e.g. 30s, 2m).
+    #[arg(long, env = "SLUICE_HTTP_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    http_header_read_timeout: std::time::Duration,
+    /// Connections to the HTTP listener open at once; past it a new one gets 503 and is
+    /// closed (counted in sluice_http_connections_refused_total).
+    #[arg(long, env = "SLUICE_HTTP_MAX_CONNECTIONS", default_value_t = server::DEFAULT_HTTP_MAX_CONNECTIONS)]
+    http_max_connections: usize,
     /// File holding the base64 master key that encrypts provider keys (SLUICE_MASTER_KEY
     /// wins if set). Default: <data-dir>/master-key, generated on first start.
     #[arg(long, env = "SLUICE_MASTER_KEY_FILE", global = true)]
@@ -155,6 +164,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         http_listen: args.http_listen,
         http: HttpOptions {
             allowed_hosts: args.allowed_hosts.clone(),
+            header_read_timeout: args.http_header_read_timeout,
+            max_connections: args.http_max_connections,
         },
         secrets: secret_sources(args),
         tls: match (&args.tls_cert, &args.tls_key) {

@@ -72,6 +72,7 @@ pub struct Metrics {
     records_ingested: Counter,
     records_clamped: Counter,
     usage_commits: Counter,
+    http_connections_refused: Counter,
     writes: Family<OpLabels, Histogram, WriteBuckets>,
     grpc_calls: Family<CallLabels, Counter>,
     grpc_seconds: Family<MethodLabels, Histogram, CallBuckets>,
@@ -126,6 +127,12 @@ impl Metrics {
             "Transactions that committed usage batches (each holds every batch waiting at the time)",
             usage_commits.clone(),
         );
+        let http_connections_refused = Counter::default();
+        registry.register(
+            "http_connections_refused",
+            "Connections to the HTTP listener refused (503, closed) because --http-max-connections were open",
+            http_connections_refused.clone(),
+        );
         let writes = Family::new_with_constructor(WriteBuckets);
         registry.register_with_unit(
             "sqlite_write",
@@ -174,6 +181,7 @@ impl Metrics {
             records_ingested,
             records_clamped,
             usage_commits,
+            http_connections_refused,
             writes,
             grpc_calls,
             grpc_seconds,
@@ -181,6 +189,11 @@ impl Metrics {
             json_api_seconds,
             methods,
         }
+    }
+
+    /// `sluice_http_connections_refused_total`, for the HTTP listener to count its refusals in.
+    pub fn http_connections_refused(&self) -> Counter {
+        self.http_connections_refused.clone()
     }
 
     /// The method label of a request path: itself if the server implements it.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_listener::{Acceptor, Http};
 use sluice_proto::limits;
 use sluice_proto::v1::admin_service_server::AdminServiceServer;
 use sluice_proto::v1::data_plane_service_server::DataPlaneServiceServer;
@@ -39,11 +40,28 @@ pub struct Config {
 }
 
 /// How the HTTP listener treats its clients.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HttpOptions {
     /// Host names answered besides IP addresses and `localhost` (`*`: any); see
     /// [`crate::http::host`].
     pub allowed_hosts: Vec<String>,
+    /// A connection that has not sent a whole request head within this is closed.
+    pub header_read_timeout: Duration,
+    /// Connections open at once; past it a new one gets 503 and is closed.
+    pub max_connections: usize,
+}
+
+/// The default for `--http-max-connections`: the dashboard, its API and scrapers need few.
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 1_000;
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            allowed_hosts: Vec::new(),
+            header_read_timeout: sluice_listener::DEFAULT_HEADER_READ_TIMEOUT,
+            max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
+        }
+    }
 }
 
 /// PEM files for the gRPC listener's TLS.
@@ -255,6 +273,11 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             stop.clone().cancelled_owned(),
         );
 
+    let http_acceptor = Acceptor::new(
+        http_listener,
+        config.http.max_connections,
+        metrics.http_connections_refused(),
+    );
     let http = crate::http::router(
         publisher.clone(),
         registry.clone(),
@@ -262,24 +285,17 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         json_api,
         crate::http::host::AllowedHosts::new(&config.http.allowed_hosts),
     );
-    let http_stop = stop.clone();
-    let http = async move {
-        axum::serve(
-            http_listener,
-            // The JSON API throttles failed logins per client address.
-            http.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(http_stop.cancelled_owned())
-        .await
-    };
+    let http = crate::http::serve(
+        http_acceptor,
+        http,
+        Http::new(config.http.header_read_timeout),
+        stop.clone(),
+    );
 
     tracing::info!("grpc listening on {grpc_addr}");
     tracing::info!("http listening on {http_addr}");
     let task = tokio::spawn(async move {
-        let (grpc, http) = tokio::join!(grpc, http);
-        if let Err(err) = http {
-            tracing::error!(error = %err, "http server failed");
-        }
+        let (grpc, ()) = tokio::join!(grpc, http);
         grpc?;
         Ok(())
     });

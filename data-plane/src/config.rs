@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use crate::logging::LogFormat;
 
+/// The default for `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
 /// A secret string whose `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub String);
@@ -73,6 +76,16 @@ pub struct Config {
     /// past it the request gets 408 (e.g. 30s, 2m).
     #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub body_read_timeout: Duration,
+    /// How long a client may take to send a request's headers (the first request's from when
+    /// it connected, a later one's on a kept-alive connection from the end of the previous
+    /// response); past it the connection is closed (e.g. 30s, 2m).
+    #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Client connections open at once; past it a new one gets 503 and is closed (counted in
+    /// sluice_connections_refused_total). Keep it below half the file-descriptor limit: each
+    /// request in flight also holds an upstream connection.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
     /// Largest non-streamed upstream response body read, in bytes; a larger one fails the
     /// attempt (502 if nothing else answers).
     #[arg(long, env = "SLUICE_MAX_RESPONSE_BYTES", default_value_t = 64 * 1024 * 1024)]
@@ -149,6 +162,8 @@ impl Config {
             max_response_bytes: 64 * 1024 * 1024,
             max_buffered_body_bytes: 256 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(30),
+            header_read_timeout: sluice_listener::DEFAULT_HEADER_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             usage_queue: crate::usage::DEFAULT_CAPACITY,
             drain_timeout: Duration::from_secs(30),
             usage_flush_timeout: Duration::from_secs(10),

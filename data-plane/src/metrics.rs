@@ -296,6 +296,7 @@ pub struct Metrics {
     overhead: Histogram,
     in_flight: Gauge,
     client_connections: Family<ThreadLabels, Gauge>,
+    connections_refused: Counter,
     bodies_refused: Family<BodyRefusalLabels, Counter>,
     attempts: Family<AttemptLabels, Counter>,
     failovers: Counter,
@@ -377,6 +378,12 @@ impl Metrics {
             "client_connections",
             "Client connections open, by the serving thread that holds them",
             client_connections.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Client connections refused (503, closed) because --max-connections were open",
+            connections_refused.clone(),
         );
         let bodies_refused = Family::default();
         registry.register(
@@ -471,6 +478,7 @@ impl Metrics {
             overhead,
             in_flight,
             client_connections,
+            connections_refused,
             bodies_refused,
             attempts,
             failovers,
@@ -575,6 +583,11 @@ impl Metrics {
         self.bodies_refused
             .get_or_create(&BodyRefusalLabels { reason })
             .inc();
+    }
+
+    /// `sluice_connections_refused_total`, for the acceptor to count its refusals in.
+    pub fn connections_refused(&self) -> Counter {
+        self.connections_refused.clone()
     }
 
     /// The gauge of client connections open on serving thread `thread`.

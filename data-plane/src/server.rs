@@ -11,7 +11,7 @@
 //! the thread it was dealt to, so a few very busy connections can load one thread more than
 //! another.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,13 +19,15 @@ use std::time::Duration;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use axum::serve::{Listener, ListenerExt};
+use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::gauge::Gauge;
+use sluice_listener::{Acceptor, Http, Slot};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_service::Service;
 
 use crate::backoff::Backoff;
 use crate::clock::Clock;
@@ -253,7 +255,6 @@ impl Proxy {
         let tasks = TaskTracker::new();
         let metrics = Arc::<Metrics>::default();
         let draining = CancellationToken::new();
-        let local_addr = listener.local_addr().map_err(RunError::Serve)?;
         let (done, mut finished) = mpsc::unbounded_channel();
         let body_memory = Arc::new(Semaphore::new(
             config.max_buffered_body_bytes.min(Semaphore::MAX_PERMITS),
@@ -277,8 +278,9 @@ impl Proxy {
                 pool,
             });
             let shard = Shard {
-                connections: Dealt { dealt, local_addr },
+                connections: Dealt { dealt },
                 app,
+                http: Http::new(config.header_read_timeout),
                 draining: draining.clone(),
                 drain_timeout: config.drain_timeout,
             };
@@ -292,13 +294,11 @@ impl Proxy {
             });
         }
         drop(done);
-        // Without TCP_NODELAY the first SSE event waits behind the response head for the
-        // client's delayed ACK (up to 40 ms on Linux): the TTFT tail the benchmark showed.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(err) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %err, "TCP_NODELAY not set");
-            }
-        });
+        let listener = Acceptor::new(
+            listener,
+            config.max_connections,
+            metrics.connections_refused(),
+        );
         let acceptor = tokio::spawn(deal_connections(listener, shards, draining.clone()));
         let mut served = tokio::select! {
             // A serving thread only stops on its own when it failed.
@@ -349,18 +349,25 @@ impl Proxy {
 /// Connections accepted but not yet taken by their serving thread, per thread.
 const DEALT_QUEUE: usize = 1024;
 
-/// Accepts connections and deals each to the serving thread holding the fewest (the next one
-/// in turn among equals) until `draining`; then the listener closes.
-async fn deal_connections<L>(mut listener: L, shards: Vec<ShardInbox>, draining: CancellationToken)
-where
-    L: Listener<Io = TcpStream, Addr = SocketAddr>,
-{
+/// Accepts connections (up to the connection limit) and deals each to the serving thread
+/// holding the fewest (the next one in turn among equals) until `draining`; then the listener
+/// closes.
+async fn deal_connections(
+    listener: Acceptor,
+    shards: Vec<ShardInbox>,
+    draining: CancellationToken,
+) {
     let mut next = 0;
     loop {
-        let (tcp, peer) = tokio::select! {
+        let (tcp, _peer, slot) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = draining.cancelled() => return,
         };
+        // Without TCP_NODELAY the first SSE event waits behind the response head for the
+        // client's delayed ACK (up to 40 ms on Linux): the TTFT tail the benchmark showed.
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %err, "TCP_NODELAY not set");
+        }
         // A tokio stream belongs to the runtime that registered it: hand the socket over
         // and let the serving thread register it with its own.
         let tcp = match tcp.into_std() {
@@ -375,7 +382,7 @@ where
         };
         next = next.wrapping_add(1);
         let open = Held::new(shard.open.clone());
-        if shard.deal.send((tcp, peer, open)).await.is_err() {
+        if shard.deal.send((tcp, open, slot)).await.is_err() {
             // That thread stopped (it failed); `serve` is shutting down.
             return;
         }
@@ -391,7 +398,7 @@ fn least_loaded(shards: &[ShardInbox], start: usize) -> Option<&ShardInbox> {
 }
 
 /// What the acceptor hands a serving thread.
-type DealtConnection = (std::net::TcpStream, SocketAddr, Held);
+type DealtConnection = (std::net::TcpStream, Held, Slot);
 
 /// The acceptor's side of one serving thread.
 struct ShardInbox {
@@ -405,6 +412,8 @@ struct Counted {
     tcp: TcpStream,
     /// Counts it in `sluice_client_connections{thread}` until it closes.
     _open: Held,
+    /// Counts it against `--max-connections` until it closes.
+    _slot: Slot,
 }
 
 impl AsyncRead for Counted {
@@ -447,31 +456,28 @@ impl AsyncWrite for Counted {
     }
 }
 
-/// The connections dealt to one serving thread, as axum's listener.
+/// The connections dealt to one serving thread.
 struct Dealt {
     dealt: mpsc::Receiver<DealtConnection>,
-    local_addr: SocketAddr,
 }
 
-impl Listener for Dealt {
-    type Io = Counted;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Counted, SocketAddr) {
+impl Dealt {
+    /// The next connection, registered with this thread's runtime; `None` once the acceptor
+    /// stopped.
+    async fn next(&mut self) -> Option<Counted> {
         loop {
-            let Some((tcp, peer, open)) = self.dealt.recv().await else {
-                // The acceptor stopped: nothing more comes; graceful shutdown ends the server.
-                return std::future::pending().await;
-            };
+            let (tcp, open, slot) = self.dealt.recv().await?;
             match TcpStream::from_std(tcp) {
-                Ok(tcp) => return (Counted { tcp, _open: open }, peer),
+                Ok(tcp) => {
+                    return Some(Counted {
+                        tcp,
+                        _open: open,
+                        _slot: slot,
+                    });
+                }
                 Err(e) => tracing::debug!(error = %e, "dropped an accepted connection"),
             }
         }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local_addr)
     }
 }
 
@@ -479,6 +485,7 @@ impl Listener for Dealt {
 struct Shard {
     connections: Dealt,
     app: Arc<AppState>,
+    http: Http,
     draining: CancellationToken,
     drain_timeout: Duration,
 }
@@ -500,12 +507,11 @@ impl Shard {
                     tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
-                        .and_then(|runtime| {
-                            let served = runtime.block_on(self.serve());
+                        .map(|runtime| {
+                            runtime.block_on(self.serve());
                             // Drops the connections left; does not wait long for a DNS
                             // lookup still running on the blocking pool.
                             runtime.shutdown_timeout(Duration::from_secs(1));
-                            served
                         })
                 }))
                 .unwrap_or_else(|_| Err(std::io::Error::other("a serving thread panicked")));
@@ -516,27 +522,35 @@ impl Shard {
 
     /// Serves until draining starts, then lets in-flight requests and streams finish for up
     /// to the drain timeout.
-    async fn serve(self) -> std::io::Result<()> {
+    async fn serve(self) {
         let Self {
-            connections,
+            mut connections,
             app,
+            http,
             draining,
             drain_timeout,
         } = self;
-        let server = axum::serve(connections, proxy::router(app)).with_graceful_shutdown({
-            let draining = draining.clone();
-            async move { draining.cancelled().await }
-        });
-        let mut server = std::pin::pin!(server.into_future());
-        tokio::select! {
-            result = &mut server => result,
-            () = draining.cancelled() => match tokio::time::timeout(drain_timeout, &mut server).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!("drain timeout passed: closing the remaining connections");
-                    Ok(())
-                }
-            },
+        let router = proxy::router(app);
+        let graceful = GracefulShutdown::new();
+        loop {
+            let connection = tokio::select! {
+                connection = connections.next() => connection,
+                () = draining.cancelled() => break,
+            };
+            let Some(connection) = connection else {
+                // The acceptor stopped: draining has started or is about to.
+                draining.cancelled().await;
+                break;
+            };
+            let router = router.clone();
+            let service = hyper::service::service_fn(move |request| router.clone().call(request));
+            tokio::spawn(http.serve(connection, service, &graceful));
+        }
+        if tokio::time::timeout(drain_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain timeout passed: closing the remaining connections");
         }
     }
 }

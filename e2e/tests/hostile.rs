@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "hostile/connections.rs"]
+mod connections;
 #[path = "hostile/exposure.rs"]
 mod exposure;
 #[path = "hostile/keys.rs"]

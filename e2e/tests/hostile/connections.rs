@@ -1,0 +1,152 @@
+//! Connections held open on purpose, on the data plane and on the control plane's HTTP
+//! listener: a client that trickles its headers a line at a time, or sends nothing, is
+//! disconnected at the header read timeout; past the connection limit a new connection is
+//! refused at once (503, counted, logged) and the listener serves again once some close.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+use crate::common::{Cluster, control_plane};
+
+/// Waits up to 30 s for the server to close `tcp` (EOF or reset), reading whatever comes.
+async fn closed_by_server(mut tcp: tokio::net::tcp::OwnedReadHalf) -> bool {
+    let mut sink = [0; 1024];
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match tcp.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// One connection that sends nothing and one that sends a request line and then a header
+/// line every 300 ms without ever ending its headers: both must be closed by the server.
+async fn assert_slow_headers_are_cut_off(addr: SocketAddr) {
+    let (silent, _silent_writer) = TcpStream::connect(addr).await.unwrap().into_split();
+    let (trickling, mut writer) = TcpStream::connect(addr).await.unwrap().into_split();
+    let trickle = tokio::spawn(async move {
+        writer
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n")
+            .await?;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            writer.write_all(b"x-slow: still here\r\n").await?;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), std::io::Error>(())
+    });
+    assert!(
+        closed_by_server(trickling).await,
+        "a client trickling its headers was still connected after 30 s"
+    );
+    assert!(
+        closed_by_server(silent).await,
+        "a client sending nothing was still connected after 30 s"
+    );
+    trickle.abort();
+}
+
+#[tokio::test]
+async fn headers_sent_too_slowly_close_the_connection_on_both_planes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_control, _api, http) = control_plane(&dir, &["--http-header-read-timeout", "2s"]).await;
+    let http: SocketAddr = http.trim_start_matches("http://").parse().unwrap();
+    assert_slow_headers_are_cut_off(http).await;
+
+    let cluster = Cluster::start().await;
+    let proxy = cluster.proxy_with(&["--header-read-timeout", "2s"]).await;
+    assert_slow_headers_are_cut_off(proxy.addr).await;
+    // A request that keeps to the timeout is served as before.
+    let ok = proxy.http.get(proxy.url("/healthz")).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
+/// Opens connections that each made a request (kept alive) until the server refuses one;
+/// returns those it accepted. A refusal is a 503 or the connection closed without an answer.
+async fn fill_up(addr: SocketAddr) -> Vec<TcpStream> {
+    let mut open = Vec::new();
+    for _ in 0..20 {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let mut answer = vec![0; 4096];
+        let sent = tcp
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await;
+        let read = match sent {
+            Ok(()) => tokio::time::timeout(Duration::from_secs(30), tcp.read(&mut answer))
+                .await
+                .expect("no answer within 30 s"),
+            Err(e) => Err(e),
+        };
+        let status = match read {
+            Ok(n) => String::from_utf8_lossy(&answer[..n])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            Err(_) => String::new(),
+        };
+        if status.contains(" 200 ") {
+            open.push(tcp);
+        } else {
+            assert!(status.is_empty() || status.contains(" 503 "), "{status}");
+            return open;
+        }
+    }
+    panic!("20 connections open at once and none refused");
+}
+
+/// Fills `addr` up to its limit of 4 connections; then the refusal must be in `server`'s log
+/// and, once the connections closed, `metric` in `/metrics` (served again) at least 1.
+async fn assert_refused_past_four(
+    server: &sluice_e2e::process::Child,
+    addr: SocketAddr,
+    metric: &str,
+) {
+    let open = fill_up(addr).await;
+    assert!(open.len() <= 4, "{} connections accepted", open.len());
+    server
+        .wait_for_line("the refusal logged", Duration::from_secs(10), |l| {
+            l.contains("refused a connection: too many open connections")
+                .then_some(())
+        })
+        .await
+        .unwrap();
+    drop(open);
+    let client = crate::common::http_client();
+    let metrics = async {
+        loop {
+            if let Ok(r) = client.get(format!("http://{addr}/metrics")).send().await
+                && r.status() == 200
+            {
+                return r.text().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let text = tokio::time::timeout(Duration::from_secs(10), metrics)
+        .await
+        .expect("not served again after the connections closed");
+    let refused = sluice_control::testing::metric_samples(&text)
+        .get(metric)
+        .copied();
+    assert!(refused.is_some_and(|n| n >= 1.0), "{text}");
+}
+
+#[tokio::test]
+async fn past_the_connection_limit_a_connection_is_refused_and_counted_on_both_planes() {
+    let cluster = Cluster::start().await;
+    let proxy = cluster.proxy_with(&["--max-connections", "4"]).await;
+    assert_refused_past_four(&proxy.child, proxy.addr, "sluice_connections_refused_total").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (control, _api, http) = control_plane(&dir, &["--http-max-connections", "4"]).await;
+    let addr: SocketAddr = http.trim_start_matches("http://").parse().unwrap();
+    assert_refused_past_four(&control, addr, "sluice_http_connections_refused_total").await;
+}

@@ -1,0 +1,248 @@
+//! The HTTP listener both servers serve on (the data plane's `/v1/…`, the control plane's
+//! dashboard, JSON API and `/metrics`).
+//!
+//! axum's `serve` has no timer and no limit: a client sending its headers a line every few
+//! seconds (or nothing at all) holds a connection and a file descriptor for as long as it
+//! likes, and once the descriptors are gone new clients time out with nothing logged. Here:
+//!
+//! - [`Acceptor`] takes connections up to a limit; past it a connection gets a `503` and is
+//!   closed, counted, and logged (at most once per 10 s). An accept that fails for the server's
+//!   own reasons (out of file descriptors, `EMFILE`) is logged the same way and retried after a
+//!   short pause, so the loop neither dies nor spins.
+//! - [`Http`] serves a connection with hyper-util's HTTP/1.1 + h2c builder and a header read
+//!   timeout: a request head not complete within it (the first one, or the next one on a
+//!   kept-alive connection) closes the connection, as does a connection that has not sent a
+//!   whole first request head by then in any protocol.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::service::Service;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::counter::Counter;
+use sluice_domain::logging::LogLimiter;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The default for `--header-read-timeout` on both servers.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the acceptor pauses after an accept failed for the server's own reasons.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// At most one line per this interval for each kind of refusal an outsider can cause.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What a connection past the limit receives before it is closed.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\n\
+retry-after: 1\r\n\
+connection: close\r\n\
+content-length: 121\r\n\
+\r\n\
+{\"error\":{\"message\":\"too many open connections: try again shortly\",\"type\":\"server_error\",\"code\":\"too_many_connections\"}}\n";
+
+/// One of the [`Acceptor`]'s connection slots: the connection counts against the limit until
+/// this is dropped.
+#[derive(Debug)]
+#[must_use = "the connection only counts while its slot is held"]
+pub struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
+
+/// Accepts TCP connections, at most `max_connections` open at once.
+#[derive(Debug)]
+pub struct Acceptor {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    /// `sluice_connections_refused_total`.
+    refused: Counter,
+    refusal_log: LogLimiter,
+    error_log: LogLimiter,
+}
+
+impl Acceptor {
+    /// `refused` counts the connections refused past the limit.
+    pub fn new(listener: TcpListener, max_connections: usize, refused: Counter) -> Self {
+        let max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            listener,
+            slots: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            refused,
+            refusal_log: LogLimiter::new(LOG_INTERVAL),
+            error_log: LogLimiter::new(LOG_INTERVAL),
+        }
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The next connection within the limit. Cancel-safe: dropping the future loses nothing
+    /// but a pause after an accept error.
+    pub async fn accept(&self) -> (TcpStream, SocketAddr, Slot) {
+        loop {
+            match self.listener.accept().await {
+                Ok((tcp, peer)) => match Arc::clone(&self.slots).try_acquire_owned() {
+                    Ok(slot) => return (tcp, peer, Slot(slot)),
+                    Err(_) => self.refuse(&tcp, peer),
+                },
+                // The peer's trouble (it left before we took it), not ours.
+                Err(e) if is_peer_error(&e) => {}
+                Err(e) => {
+                    if let Some(held_back) = self.error_log.permit() {
+                        tracing::error!(
+                            error = %e,
+                            errors_since_last_line = held_back,
+                            open_connections = self.open(),
+                            "accepting a connection failed (out of file descriptors?): new clients wait in the listen queue; retrying"
+                        );
+                    }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    }
+
+    fn open(&self) -> usize {
+        self.max_connections - self.slots.available_permits()
+    }
+
+    fn refuse(&self, tcp: &TcpStream, peer: SocketAddr) {
+        self.refused.inc();
+        // Best effort and never waiting: a new socket's send buffer takes this at once.
+        let _ = tcp.try_write(TOO_MANY_CONNECTIONS);
+        if let Some(held_back) = self.refusal_log.permit() {
+            tracing::warn!(
+                %peer,
+                max_connections = self.max_connections,
+                refused_since_last_line = held_back,
+                "refused a connection: too many open connections"
+            );
+        }
+    }
+}
+
+fn is_peer_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset, Interrupted};
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset | Interrupted
+    )
+}
+
+/// Serves connections: HTTP/1.1 and h2c (prior knowledge), with a header read timeout.
+#[derive(Clone, Debug)]
+pub struct Http {
+    builder: auto::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+}
+
+impl Http {
+    pub fn new(header_read_timeout: Duration) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
+        builder.http2().timer(TokioTimer::new());
+        Self {
+            builder,
+            header_read_timeout,
+        }
+    }
+
+    /// Serves one connection until it closes, watched by `graceful` (which ends it between
+    /// requests when shutdown starts). The connection is closed when it has not sent a whole
+    /// request head within the header read timeout, then whenever HTTP/1 waits longer than
+    /// that for the next one.
+    pub fn serve<I, S, B>(
+        &self,
+        io: I,
+        service: S,
+        graceful: &GracefulShutdown,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let started = Arc::new(AtomicBool::new(false));
+        let service = Started {
+            inner: service,
+            started: Arc::clone(&started),
+        };
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        let first_head = self.header_read_timeout;
+        async move {
+            let mut connection = std::pin::pin!(connection);
+            // HTTP/1's own timer starts once the protocol is known; this one covers the
+            // bytes before it (a client that sends nothing, or half an h2 preface).
+            let served = tokio::select! {
+                served = &mut connection => served,
+                () = tokio::time::sleep(first_head) => {
+                    if !started.load(Ordering::Relaxed) {
+                        tracing::debug!("closed a connection that sent no request head in time");
+                        return;
+                    }
+                    connection.await
+                }
+            };
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+    }
+}
+
+/// A service that notes that a request arrived.
+struct Started<S> {
+    inner: S,
+    started: Arc<AtomicBool>,
+}
+
+impl<S, R> Service<R> for Started<S>
+where
+    S: Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, request: R) -> Self::Future {
+        self.started.store(true, Ordering::Relaxed);
+        self.inner.call(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_is_a_whole_http_response() {
+        let text = std::str::from_utf8(TOO_MANY_CONNECTIONS).unwrap_or_default();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
+        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+        assert!(
+            head.ends_with(&format!("\r\ncontent-length: {}", body.len())),
+            "{head}"
+        );
+    }
+}
