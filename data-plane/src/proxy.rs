@@ -404,13 +404,29 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// 200 with a snapshot, even one the control plane has moved past: a snapshot one replica
+/// refuses, every replica refuses, and taking them all out of rotation would be an outage. The
+/// body says so instead (the reason's detail, which may name backends, stays in the log and in
+/// `sluicectl dataplane list`).
 async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     match app.store.load() {
-        Some(snapshot) => (
-            StatusCode::OK,
-            format!("ready: snapshot version {}\n", snapshot.version),
-        )
-            .into_response(),
+        Some(snapshot) => {
+            let mut body = format!("ready: snapshot version {}\n", snapshot.version);
+            if let Some(stale) = app.store.stale() {
+                let refused = match stale.refused_version {
+                    Some(version) => format!("snapshot version {version}"),
+                    None => "a snapshot".to_owned(),
+                };
+                body.push_str(&format!(
+                    "stale: refused {refused} ({}); serving version {} until the control plane \
+                     sends one this replica accepts (details in its log and `sluicectl dataplane \
+                     list`)\n",
+                    stale.why.as_str(),
+                    snapshot.version,
+                ));
+            }
+            (StatusCode::OK, body).into_response()
+        }
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no snapshot yet\n",

@@ -85,7 +85,7 @@ impl subscribe::Receiver for Applier {
     }
 
     fn too_large(&mut self, _detail: &str) {
-        self.0.refused(Refusal::TooLarge);
+        self.0.refused_undecoded(Refusal::TooLarge);
     }
 }
 

@@ -3,8 +3,8 @@
 //! (infallible swap). A request loads the current snapshot once and uses only that value.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -460,6 +460,15 @@ impl Refusal {
     }
 }
 
+/// The last snapshot this replica refused that would have replaced its current one: until
+/// the control plane sends one it accepts, the replica serves an older configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stale {
+    /// The refused snapshot's version; `None` when it was too large to be decoded.
+    pub refused_version: Option<u64>,
+    pub why: Refusal,
+}
+
 /// Holds the current snapshot. Requests `load` it; the snapshot subscriber `apply`s new ones.
 #[derive(Debug)]
 pub struct SnapshotStore {
@@ -470,6 +479,8 @@ pub struct SnapshotStore {
     pools: usize,
     /// Snapshots refused since start, by [`Refusal`] (in the order of [`Refusal::ALL`]).
     refusals: [AtomicU64; 3],
+    /// Set by a refusal that leaves this replica behind, cleared by the next snapshot taken.
+    stale: Mutex<Option<Stale>>,
     clock: Clock,
     /// How the control plane names this replica as the author of cooldown changes.
     author: String,
@@ -489,6 +500,7 @@ impl SnapshotStore {
             cooldowns,
             pools: 1,
             refusals: Default::default(),
+            stale: Mutex::new(None),
             clock: Clock::default(),
             author: String::new(),
         }
@@ -537,6 +549,25 @@ impl SnapshotStore {
         self.refusals[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a snapshot that could not be decoded at all (too large): this replica is now
+    /// behind the control plane.
+    pub fn refused_undecoded(&self, why: Refusal) {
+        self.refused(why);
+        self.set_stale(Some(Stale {
+            refused_version: None,
+            why,
+        }));
+    }
+
+    /// Why this replica is behind the control plane, if it is (`/readyz` says so).
+    pub fn stale(&self) -> Option<Stale> {
+        *self.stale.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_stale(&self, stale: Option<Stale>) {
+        *self.stale.lock().unwrap_or_else(PoisonError::into_inner) = stale;
+    }
+
     /// Snapshots refused since start, for each reason.
     pub fn refusals(&self) -> impl Iterator<Item = (Refusal, u64)> + '_ {
         Refusal::ALL
@@ -556,12 +587,19 @@ impl SnapshotStore {
     /// [`SnapshotStore::apply`] at `now`: for a caller that keeps its own time, such as the
     /// protocol simulation.
     pub fn apply_at(&self, message: proto::Snapshot, now: Now) -> Result<Applied, SnapshotError> {
+        let version = message.version;
         let result = self.try_apply(message, now);
-        if let Err(err) = &result {
-            self.refused(match err {
-                SnapshotError::Stale { .. } => Refusal::Stale,
-                _ => Refusal::Invalid,
-            });
+        match &result {
+            Ok(_) => self.set_stale(None),
+            // An older snapshot than the current one leaves nothing behind.
+            Err(SnapshotError::Stale { .. }) => self.refused(Refusal::Stale),
+            Err(_) => {
+                self.refused(Refusal::Invalid);
+                self.set_stale(Some(Stale {
+                    refused_version: Some(version),
+                    why: Refusal::Invalid,
+                }));
+            }
         }
         result
     }

@@ -454,6 +454,84 @@ async fn ready_only_with_a_snapshot() {
     server.await.unwrap().unwrap();
 }
 
+/// A replica that refuses a snapshot stays ready (every replica would refuse it: all out of
+/// rotation would be an outage) but says on `/readyz` that it is behind, and why, until the
+/// control plane sends one it accepts. The real binary against an in-process control plane.
+#[tokio::test]
+async fn readyz_says_a_replica_that_refused_a_snapshot_is_stale() {
+    use support::control_plane::{FakeControlPlane, TOKEN};
+    let cp = FakeControlPlane::start().await;
+    cp.publish(snapshot(
+        1,
+        vec![backend(
+            "b1",
+            "http://127.0.0.1:1/v1",
+            proto::Pool::Primary,
+            0,
+        )],
+    ));
+    let child = sluice_e2e::process::spawn(
+        env!("CARGO_BIN_EXE_sluice-proxy"),
+        ["--control-plane", &cp.url(), "--listen", "127.0.0.1:0"],
+        [("SLUICE_DATAPLANE_TOKEN", TOKEN), ("RUST_LOG", "info")],
+    )
+    .unwrap();
+    let addr = child
+        .wait_for_listening("http", std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let readyz = || async {
+        let r = http
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    let until = |what: &'static str, want: fn(&(u16, String)) -> bool| async move {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let got = readyz().await;
+            if want(&got) {
+                return got;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{what}: {got:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    let (_, body) = until("version 1 applied", |(s, b)| {
+        *s == 200 && b.contains("version 1")
+    })
+    .await;
+    assert!(!body.contains("stale"), "{body}");
+
+    // Version 2 names one backend id twice: it does not validate.
+    let twice = backend("b1", "http://127.0.0.1:1/v1", proto::Pool::Primary, 0);
+    cp.publish(snapshot(2, vec![twice.clone(), twice]));
+    let (status, body) = until("the refusal shown", |(_, b)| b.contains("stale")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("refused snapshot version 2 (invalid)") && body.contains("serving version 1"),
+        "{body}"
+    );
+    // No backend name or id leaks through the public port.
+    assert!(!body.contains("b1"), "{body}");
+
+    // A snapshot it accepts ends it.
+    cp.publish(snapshot(
+        3,
+        vec![backend(
+            "b1",
+            "http://127.0.0.1:1/v1",
+            proto::Pool::Primary,
+            0,
+        )],
+    ));
+    let (_, body) = until("version 3 applied", |(_, b)| b.contains("version 3")).await;
+    assert!(!body.contains("stale"), "{body}");
+}
+
 #[tokio::test]
 async fn a_corpus_of_hostile_requests_gets_4xx_and_the_proxy_keeps_serving() {
     let primary = mock("primary");
