@@ -33,7 +33,8 @@ fi
 # Sluice (deploy/local/run.sh: control plane, mock, one data plane) and the bare proxy in front
 # of its mock, compared in one run.
 sluice_hyper() {
-  local data log run bare key
+  local log key
+  # Global: the EXIT trap runs after this function returned.
   data="$(mktemp -d)"
   log="$data/run.log"
   RUST_LOG=${RUST_LOG:-info} "$root/deploy/local/run.sh" --no-build --bin-dir "$bin" --data-dir "$data" \
@@ -46,7 +47,7 @@ sluice_hyper() {
     grep -q 'PROXY_PIDS' "$data/run/cluster.env" 2>/dev/null && grep -q 'sk-sluice-' "$log" && break
     sleep 0.1
   done
-  key=$(grep -o 'sk-sluice-[0-9a-f]*' "$log" | head -1)
+  key=$(grep -o 'sk-sluice-[0-9a-f]*' "$log" | head -1 || true)
   [ -n "$key" ] || { echo "bench-nginx: the local gateway did not start; see $log" >&2; exit 1; }
   echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "Sluice: http://127.0.0.1:18080/v1; bare proxy (the baseline): http://127.0.0.1:18190/v1"
