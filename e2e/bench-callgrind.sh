@@ -35,25 +35,19 @@ done
 bin="$(cd "$bin" && pwd)"
 command -v valgrind >/dev/null || { echo "bench-callgrind: valgrind not found (apt-get install -y valgrind)" >&2; exit 1; }
 
-data="$(mktemp -d)"
-out=${keep:-$data/profile}
-log="$data/run.log"
-RUST_LOG=${RUST_LOG:-info} "$root/deploy/local/run.sh" --no-build --bin-dir "$bin" --data-dir "$data" \
-  --port 28080 --grpc-port 25051 --http-port 28081 --mock-port 29090 > "$log" 2>&1 &
-run=$!
+run=""
+data=""
 pids=()
 cleanup() {
-  kill "${pids[@]}" "$run" 2>/dev/null || true
+  kill "${pids[@]}" $run 2>/dev/null || true
   wait 2>/dev/null || true
-  rm -rf "$data"
+  [ -z "$data" ] || rm -rf "$data"
 }
 trap cleanup EXIT
-for _ in $(seq 1 300); do
-  grep -q 'PROXY_PIDS' "$data/run/cluster.env" 2>/dev/null && grep -q 'sk-sluice-' "$log" && break
-  sleep 0.1
-done
-key=$(grep -o 'sk-sluice-[0-9a-f]*' "$log" | head -1)
-[ -n "$key" ] || { echo "bench-callgrind: the local gateway did not start; see $log" >&2; exit 1; }
+# shellcheck source=e2e/bench-gateway.sh
+. "$root/e2e/bench-gateway.sh"
+start_gateway 28080 25051 28081 29090
+out=${keep:-$data/profile}
 
 wait_http() { # url
   for _ in $(seq 1 600); do

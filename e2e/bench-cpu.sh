@@ -29,26 +29,18 @@ while [ $# -gt 0 ]; do
 done
 bin="$(cd "$bin" && pwd)"
 
-data="$(mktemp -d)"
-log="$data/run.log"
-RUST_LOG=${RUST_LOG:-info} "$root/deploy/local/run.sh" --no-build --bin-dir "$bin" --data-dir "$data" \
-  --port 18080 --grpc-port 15051 --http-port 18081 --mock-port 19090 > "$log" 2>&1 &
-run=$!
+run=""
+data=""
 bare_pid=""
 cleanup() {
-  kill "$run" $bare_pid 2>/dev/null || true
-  wait "$run" $bare_pid 2>/dev/null || true
-  rm -rf "$data"
+  kill $run $bare_pid 2>/dev/null || true
+  wait $run $bare_pid 2>/dev/null || true
+  [ -z "$data" ] || rm -rf "$data"
 }
 trap cleanup EXIT
-for _ in $(seq 1 300); do
-  grep -q 'PROXY_PIDS' "$data/run/cluster.env" 2>/dev/null && grep -q 'sk-sluice-' "$log" && break
-  sleep 0.1
-done
-# shellcheck disable=SC1091
-. "$data/run/cluster.env"
-key=$(grep -o 'sk-sluice-[0-9a-f]*' "$log" | head -1)
-[ -n "$key" ] || { echo "bench-cpu: the local gateway did not start; see $log" >&2; exit 1; }
+# shellcheck source=e2e/bench-gateway.sh
+. "$root/e2e/bench-gateway.sh"
+start_gateway 18080 15051 18081 19090
 
 # One line per thread: name, tid, context switches, CPU ticks (user + system).
 threads() {

@@ -33,22 +33,16 @@ fi
 # Sluice (deploy/local/run.sh: control plane, mock, one data plane) and the bare proxy in front
 # of its mock, compared in one run.
 sluice_hyper() {
-  local log key
-  # Global: the EXIT trap runs after this function returned.
-  data="$(mktemp -d)"
-  log="$data/run.log"
-  RUST_LOG=${RUST_LOG:-info} "$root/deploy/local/run.sh" --no-build --bin-dir "$bin" --data-dir "$data" \
-    --port 18080 --grpc-port 15051 --http-port 18081 --mock-port 19090 > "$log" 2>&1 &
-  run=$!
+  # Globals, not locals: the exit trap runs after this function returned.
+  run=""
+  data=""
+  bare=""
+  trap 'kill $run $bare 2>/dev/null || true; wait 2>/dev/null || true; [ -z "$data" ] || rm -rf "$data"' EXIT
+  # shellcheck source=e2e/bench-gateway.sh
+  . "$root/e2e/bench-gateway.sh"
+  start_gateway 18080 15051 18081 19090
   "$bin/examples/bare_proxy" "127.0.0.1:18190" "http://127.0.0.1:19090" "$hyper" > "$data/bare.log" 2>&1 &
   bare=$!
-  trap 'kill $run $bare 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
-  for _ in $(seq 1 300); do
-    grep -q 'PROXY_PIDS' "$data/run/cluster.env" 2>/dev/null && grep -q 'sk-sluice-' "$log" && break
-    sleep 0.1
-  done
-  key=$(grep -o 'sk-sluice-[0-9a-f]*' "$log" | head -1 || true)
-  [ -n "$key" ] || { echo "bench-nginx: the local gateway did not start; see $log" >&2; exit 1; }
   echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "Sluice: http://127.0.0.1:18080/v1; bare proxy (the baseline): http://127.0.0.1:18190/v1"
   local common=(--url http://127.0.0.1:18080/v1 --key "$key" --model gpt-4o-mini
