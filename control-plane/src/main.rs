@@ -1,6 +1,5 @@
 //! `sluice-control`: parse configuration, start, run until SIGTERM/SIGINT.
 
-use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -108,20 +107,7 @@ enum LogFormat {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        // Escapes control characters in what clients sent (JSON strings already do).
-        LogFormat::Text => builder
-            .fmt_fields(sluice_domain::logging::EscapedFields)
-            .event_format(sluice_domain::logging::TextFormat::default())
-            .init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    sluice_domain::logging::install(matches!(format, LogFormat::Json), std::io::stderr);
 }
 
 fn secret_sources(args: &Args) -> SecretSources {

@@ -11,13 +11,12 @@
 //! waited for: serving comes before logging, and `sluice_log_dropped_lines_total` says how
 //! many were lost.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
 /// How each line is written: plain text or one JSON object.
@@ -154,19 +153,7 @@ pub fn init(format: LogFormat, buffer_lines: usize) -> std::io::Result<LogGuard>
             let shared = Arc::clone(&shared);
             move || write_batches(&shared, std::io::stderr())
         })?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(BatchWriter(Arc::clone(&shared)))
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        // Escapes control characters in what clients sent (JSON strings already do).
-        LogFormat::Text => builder
-            .fmt_fields(sluice_domain::logging::EscapedFields)
-            .event_format(sluice_domain::logging::TextFormat::default())
-            .init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    sluice_domain::logging::install(format == LogFormat::Json, BatchWriter(Arc::clone(&shared)));
     Ok(LogGuard {
         shared,
         thread: Some(thread),

@@ -53,6 +53,33 @@ impl LogLimiter {
 #[cfg(feature = "logging")]
 pub use fields::{EscapedFields, EscapingVisitor, TextFormat};
 
+/// Installs the process's global `tracing` subscriber, the same for both servers: the level
+/// from `RUST_LOG` (default `info`), colour only when stderr is a terminal, and either
+/// [`TextFormat`] with [`EscapedFields`] (control characters in what clients sent escaped) or
+/// one JSON object per line (JSON strings escape them already). Lines go to `writer`.
+#[cfg(feature = "logging")]
+pub fn install<W>(json: bool, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(std::io::stderr().is_terminal());
+    if json {
+        builder.json().init();
+    } else {
+        builder
+            .fmt_fields(EscapedFields)
+            .event_format(TextFormat::default())
+            .init();
+    }
+}
+
 #[cfg(feature = "logging")]
 mod fields {
     use std::cell::RefCell;
