@@ -17,6 +17,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod cooldown;
+pub mod deadline;
 pub mod error;
 pub mod logging;
 pub mod metrics;

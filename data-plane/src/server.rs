@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::gauge::Gauge;
@@ -25,6 +25,7 @@ use sluice_listener::{Acceptor, Http, Slot};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
@@ -33,6 +34,7 @@ use crate::backoff::Backoff;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::control::{self, ControlError, NodeIdentity};
+use crate::deadline::{self, ConnectionDeadline};
 use crate::metrics::{Held, Metrics};
 use crate::proxy::{self, AppState, Limits};
 use crate::snapshot::{Refusal, SnapshotStore};
@@ -407,13 +409,29 @@ struct ShardInbox {
     open: Gauge,
 }
 
-/// A client connection that counts itself open while it lives.
+/// A client connection that counts itself open while it lives, and fails once the deadline
+/// of a stream it carries passed (see [`crate::deadline`]).
 struct Counted {
     tcp: TcpStream,
+    deadline: ConnectionDeadline,
+    timer: Option<Pin<Box<Sleep>>>,
     /// Counts it in `sluice_client_connections{thread}` until it closes.
     _open: Held,
     /// Counts it against `--max-connections` until it closes.
     _slot: Slot,
+}
+
+impl Counted {
+    /// `Ready(Err)` once a stream's deadline passed on this connection, else `Ready(Ok)`.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.deadline.poll_expired(&mut self.timer, cx) {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "a stream's request deadline passed",
+            )));
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl AsyncRead for Counted {
@@ -422,6 +440,7 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_deadline(cx))?;
         Pin::new(&mut self.tcp).poll_read(cx, buf)
     }
 }
@@ -432,6 +451,7 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        ready!(self.poll_deadline(cx))?;
         Pin::new(&mut self.tcp).poll_write(cx, buf)
     }
 
@@ -440,6 +460,7 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        ready!(self.poll_deadline(cx))?;
         Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
     }
 
@@ -448,6 +469,7 @@ impl AsyncWrite for Counted {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_deadline(cx))?;
         Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
@@ -471,6 +493,8 @@ impl Dealt {
                 Ok(tcp) => {
                     return Some(Counted {
                         tcp,
+                        deadline: ConnectionDeadline::default(),
+                        timer: None,
                         _open: open,
                         _slot: slot,
                     });
@@ -530,6 +554,7 @@ impl Shard {
             draining,
             drain_timeout,
         } = self;
+        let store = Arc::clone(&app.store);
         let router = proxy::router(app);
         let graceful = GracefulShutdown::new();
         loop {
@@ -543,7 +568,20 @@ impl Shard {
                 break;
             };
             let router = router.clone();
-            let service = hyper::service::service_fn(move |request| router.clone().call(request));
+            let store = Arc::clone(&store);
+            let deadline = connection.deadline.clone();
+            let service = hyper::service::service_fn(move |request| {
+                let arrived = tokio::time::Instant::now();
+                let response = router.clone().call(request);
+                let store = Arc::clone(&store);
+                let deadline = deadline.clone();
+                async move {
+                    let Ok(response) = response.await;
+                    Ok::<_, std::convert::Infallible>(hold_deadline(
+                        response, arrived, &store, &deadline,
+                    ))
+                }
+            });
             tokio::spawn(http.serve(connection, service, &graceful));
         }
         if tokio::time::timeout(drain_timeout, graceful.shutdown())
@@ -553,6 +591,24 @@ impl Shard {
             tracing::warn!("drain timeout passed: closing the remaining connections");
         }
     }
+}
+
+/// A stream's response holds its request deadline on its connection while it is sent.
+fn hold_deadline(
+    response: axum::response::Response,
+    arrived: tokio::time::Instant,
+    store: &SnapshotStore,
+    deadline: &ConnectionDeadline,
+) -> axum::response::Response {
+    let stream = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes() == b"text/event-stream");
+    let Some(snapshot) = store.load().filter(|_| stream) else {
+        return response;
+    };
+    let held = deadline.hold(arrived + snapshot.policy.request_timeout + deadline::GRACE);
+    response.map(|body| axum::body::Body::new(deadline::Holding::new(body, held)))
 }
 
 /// Binds and serves until `shutdown`.

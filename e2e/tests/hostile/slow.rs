@@ -98,3 +98,85 @@ async fn stalled_uploads_are_cut_off_and_cannot_pile_up_memory() {
         "{text}"
     );
 }
+
+/// With `request_timeout` at 3 s, streams whose clients send the request and never read a
+/// byte: once the client's socket is full the relay is no longer polled, so only the
+/// connection's deadline ends them. The upstream (a mock streaming 200,000 chunks as fast as
+/// it can) must see its streams abandoned, and the client connections closed, within the
+/// deadline and a margin; usage records them.
+#[tokio::test]
+async fn streams_whose_clients_stop_reading_end_at_the_request_deadline() {
+    let cluster = Cluster::start().await;
+    let mock = Mock::start_with("a", &["m"], &["--chunk-count", "200000"]).await;
+    cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    cluster
+        .admin()
+        .await
+        .update_settings(pb::UpdateSettingsRequest {
+            settings: Some(pb::Settings {
+                request_timeout: Some(sluice_proto::wkt::Duration {
+                    seconds: 3,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+            update_mask: Some(sluice_proto::wkt::FieldMask {
+                paths: vec!["request_timeout".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster.proxy().await;
+    // The proxy holds the setting once a snapshot after the update arrived.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        clients.push(tcp);
+    }
+    let started = tokio::time::Instant::now();
+    let abandoned = async {
+        while mock.stats().await.streams_aborted < 3 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), abandoned)
+        .await
+        .expect("the upstream streams were still open 20 s after a 3 s deadline");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "cut before the deadline"
+    );
+    // The client connections are closed too: reading now drains what was buffered, then
+    // ends (EOF or reset) instead of waiting.
+    for mut tcp in clients {
+        let mut sink = vec![0; 1 << 16];
+        let drained = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match tcp.read(&mut sink).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(drained.is_ok(), "a client connection stayed open");
+    }
+    crate::common::eventually(
+        Duration::from_secs(20),
+        "the three streams recorded in usage",
+        || async { cluster.totals().await.stream_count >= 3 },
+    )
+    .await;
+}

@@ -1,0 +1,142 @@
+//! The request deadline of a stream, enforced on its client connection.
+//!
+//! A stream's relay checks `request_timeout` only when hyper polls it, and hyper polls it only
+//! when the client's socket can take more: a client that stops reading stops the checks, and
+//! with them the stream — the client connection and the upstream one stay open for as long as
+//! the client likes. So a stream's response also holds its deadline (plus [`GRACE`], so that a
+//! relay that is still polled ends the stream itself with its error event) on the connection,
+//! whose socket fails every read and write once it passed: hyper then closes the connection
+//! and drops the stream, which closes the upstream connection and records the request.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep, sleep_until};
+
+/// Past the stream's own deadline, before the connection is failed.
+pub const GRACE: Duration = Duration::from_secs(1);
+
+/// The latest deadline of the streams a client connection carries (HTTP/2 may carry
+/// several; each is cut when the last one's passes).
+#[derive(Debug, Default, Clone)]
+pub struct ConnectionDeadline(Arc<Shared>);
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// Set on every change, so the socket looks at `state` only then.
+    changed: AtomicBool,
+    /// Streams holding a deadline, and the latest of them.
+    state: Mutex<(usize, Option<Instant>)>,
+}
+
+impl ConnectionDeadline {
+    /// Holds `at` on the connection until the returned guard drops.
+    pub fn hold(&self, at: Instant) -> Held {
+        let mut state = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.0 += 1;
+        state.1 = Some(state.1.map_or(at, |t| t.max(at)));
+        self.0.changed.store(true, Ordering::Release);
+        Held(self.clone())
+    }
+
+    /// The socket's side: `true` once the deadline held passed (registering a wake-up for it
+    /// otherwise).
+    pub fn poll_expired(&self, timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
+        if self.0.changed.swap(false, Ordering::Acquire) {
+            let at = self
+                .0
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .1;
+            match (at, timer.as_mut()) {
+                (None, _) => *timer = None,
+                (Some(at), Some(sleep)) => sleep.as_mut().reset(at),
+                (Some(at), None) => *timer = Some(Box::pin(sleep_until(at))),
+            }
+        }
+        timer
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
+    }
+}
+
+/// A stream's hold on its connection's deadline.
+#[derive(Debug)]
+pub struct Held(ConnectionDeadline);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let shared = &self.0.0;
+        let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.0 = state.0.saturating_sub(1);
+        if state.0 == 0 {
+            state.1 = None;
+        }
+        shared.changed.store(true, Ordering::Release);
+    }
+}
+
+/// A response body holding its deadline on the connection while it is sent.
+pub struct Holding<B> {
+    body: B,
+    _held: Held,
+}
+
+impl<B> Holding<B> {
+    pub fn new(body: B, held: Held) -> Self {
+        Self { body, _held: held }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Holding<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn expires_at_the_latest_deadline_held_and_not_once_released() {
+        let deadline = ConnectionDeadline::default();
+        let mut timer = None;
+        let expired = |timer: &mut Option<Pin<Box<Sleep>>>| {
+            let waker = futures::task::noop_waker();
+            deadline.poll_expired(timer, &mut Context::from_waker(&waker))
+        };
+        assert!(!expired(&mut timer), "nothing held");
+        let now = Instant::now();
+        let first = deadline.hold(now + Duration::from_secs(1));
+        let second = deadline.hold(now + Duration::from_secs(3));
+        assert!(!expired(&mut timer));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!expired(&mut timer), "the later one still runs");
+        drop(first);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(expired(&mut timer));
+        drop(second);
+        assert!(!expired(&mut timer), "released");
+    }
+}
