@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
+use rusqlite::{Connection, OptionalExtension as _, Transaction, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
 use tokio::sync::watch;
 
@@ -183,7 +183,7 @@ impl Store {
         configure(&conn)?;
         sql_functions::register(&conn)?;
         Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect()).to_latest(&mut conn)?;
-        let opened = verify_or_write_check(&mut conn, &key)?;
+        let opened = verify_or_write_check(&conn, &key)?;
         let version = read_version(&conn)?;
         let readers = [open_reader(path)?, open_reader(path)?];
         Ok((
@@ -298,8 +298,11 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let mut conn = Connection::open(path)?;
         configure(&conn)?;
-        verify_or_write_check(&mut conn, old)?;
-        let tx = conn.transaction()?;
+        // Take the write lock before reading: a deferred transaction that reads first
+        // fails at once with SQLITE_BUSY if another connection is writing when it
+        // upgrades, whereas waiting for the lock honours the busy timeout.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        verify_or_write_check(&tx, old)?;
         let rows: Vec<(String, Vec<u8>)> = {
             let mut stmt = tx.prepare(
                 "SELECT id, api_key_ciphertext FROM backends WHERE api_key_ciphertext IS NOT NULL",
@@ -358,7 +361,7 @@ fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
     Ok(conn)
 }
 
-fn verify_or_write_check(conn: &mut Connection, key: &MasterKey) -> Result<Opened, StoreError> {
+fn verify_or_write_check(conn: &Connection, key: &MasterKey) -> Result<Opened, StoreError> {
     let check: Option<Vec<u8>> = conn
         .query_row(
             "SELECT value FROM meta WHERE key = 'master_key_check'",

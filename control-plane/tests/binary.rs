@@ -172,11 +172,18 @@ fn rotating_the_master_key_keeps_provider_keys_readable() {
         cp.shutdown().await;
     });
     let old_key = std::fs::read_to_string(dir.path().join("master-key")).unwrap();
-    let status = command(dir.path())
+    let rotated = command(dir.path())
         .arg("rotate-master-key")
-        .status()
+        .stdout(Stdio::piped())
+        .output()
         .unwrap();
-    assert!(status.success());
+    assert!(
+        rotated.status.success(),
+        "rotate-master-key failed ({}); stderr:\n{}\nstdout:\n{}",
+        rotated.status,
+        String::from_utf8_lossy(&rotated.stderr),
+        String::from_utf8_lossy(&rotated.stdout),
+    );
     let new_key = std::fs::read_to_string(dir.path().join("master-key")).unwrap();
     assert_ne!(old_key, new_key);
     assert!(!dir.path().join("master-key.new").exists());
@@ -200,4 +207,34 @@ fn rotating_the_master_key_keeps_provider_keys_readable() {
             "sk-rotate-me-12345678"
         );
     });
+}
+
+#[test]
+fn rotating_waits_for_another_writer_instead_of_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _, _) = start(dir.path());
+    stop(child);
+    // Another process writing (a backup tool, an operator's sqlite3 shell) holds the
+    // write lock for a moment while the rotation starts.
+    let holder = rusqlite::Connection::open(dir.path().join("sluice.db")).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (exited, rotation_exited) = std::sync::mpsc::channel::<()>();
+    let releaser = std::thread::spawn(move || {
+        // Released well within the rotation's busy timeout, or as soon as it has exited.
+        let _ = rotation_exited.recv_timeout(Duration::from_secs(1));
+        holder.execute_batch("COMMIT").unwrap();
+    });
+    let rotated = command(dir.path())
+        .arg("rotate-master-key")
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    drop(exited);
+    releaser.join().unwrap();
+    assert!(
+        rotated.status.success(),
+        "rotate-master-key failed ({}); stderr:\n{}",
+        rotated.status,
+        String::from_utf8_lossy(&rotated.stderr),
+    );
 }
