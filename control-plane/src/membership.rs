@@ -218,8 +218,9 @@ pub async fn expire_shares(store: Store, stop: CancellationToken) {
         // A lease that starts meanwhile runs a full lease from now: waking at least once a
         // lease catches it.
         tokio::select! {
-            () = tokio::time::sleep(wait.min(SHARE_LEASE)) => {}
+            biased;
             () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait.min(SHARE_LEASE)) => {}
         }
         match store.expire_shares(now_ms()).await {
             Ok(0) => {}

@@ -111,7 +111,8 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting, ends replica streams, and waits for the servers to finish.
+    /// Stops accepting, ends replica streams, and waits for the servers and background
+    /// writers to finish; the data directory is unlocked only then.
     pub async fn shutdown(self) -> Result<(), ServeError> {
         self.stop.cancel();
         self.wait().await
@@ -206,8 +207,12 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let publisher = Publisher::start(store.clone()).await?;
     let registry = Arc::new(Registry::default());
     let stop = CancellationToken::new();
-    tokio::spawn(store.clone().run_usage_retention(stop.clone()));
-    tokio::spawn(membership::expire_shares(store.clone(), stop.clone()));
+    // Background writers: awaited on shutdown, so none writes after the data directory is
+    // unlocked (another process may then open the database, e.g. to rotate the master key).
+    let background = [
+        tokio::spawn(store.clone().run_usage_retention(stop.clone())),
+        tokio::spawn(membership::expire_shares(store.clone(), stop.clone())),
+    ];
 
     let admin_check = TokenCheck::new(&secrets.admin_token, "admin");
     let dataplane_check = TokenCheck::new(&secrets.dataplane_token, "data-plane");
@@ -294,8 +299,14 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
 
     tracing::info!("grpc listening on {grpc_addr}");
     tracing::info!("http listening on {http_addr}");
+    let stop_background = stop.clone();
     let task = tokio::spawn(async move {
         let (grpc, ()) = tokio::join!(grpc, http);
+        // The servers may also end on a fatal error: stop the background writers either way.
+        stop_background.cancel();
+        for writer in background {
+            let _ = writer.await;
+        }
         grpc?;
         Ok(())
     });

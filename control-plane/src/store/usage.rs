@@ -218,8 +218,10 @@ impl Store {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                // A stop wins over a due tick: no write starts after shutdown began.
+                biased;
                 () = stop.cancelled() => return,
+                _ = tick.tick() => {}
             }
             match self.apply_usage_retention(now_ms()).await {
                 Ok(0) => {}
