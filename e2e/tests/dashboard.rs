@@ -341,10 +341,16 @@ async fn the_dashboard_in_a_browser() {
         .type_into("#bf-models .model-row input[name=model_name]", "gpt-4o")
         .await;
     browser.click("#bf-save").await;
+    // The form closes before the list is reloaded: wait for the row itself.
     browser
         .wait_for(
-            "document.querySelector('#backend-form').hidden",
-            "the XSS-named backend saved",
+            &format!(
+                "document.querySelector('#backend-form').hidden && \
+                 [...document.querySelectorAll('#backends-table td.name')] \
+                 .some(td => td.textContent === {})",
+                json!(XSS)
+            ),
+            "the XSS-named backend listed",
         )
         .await;
     let names = browser
