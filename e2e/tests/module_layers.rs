@@ -13,6 +13,7 @@ const CRATES: &[&str] = &[
     "proto/src",
     "proto/config/src",
     "proto/domain/src",
+    "proto/listener/src",
     "control-plane/src",
     "data-plane/src",
     "cli/src",
@@ -40,6 +41,27 @@ fn no_crate_has_a_module_cycle() {
         "modules that reach each other (move what they share to a module below them):\n{}",
         report.join("\n")
     );
+}
+
+/// A crate added to the workspace is checked too: `CRATES` names every member's `src`.
+#[test]
+fn every_workspace_member_is_checked() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let members = manifest
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("members = ["))
+        .expect("the workspace's members on one line");
+    let mut members: Vec<String> = members
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .map(|m| format!("{m}/src"))
+        .collect();
+    members.sort();
+    let mut checked: Vec<String> = CRATES.iter().map(|c| (*c).to_owned()).collect();
+    checked.sort();
+    assert_eq!(checked, members);
 }
 
 #[test]
