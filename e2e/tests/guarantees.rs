@@ -19,12 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 /// stays small and everything the replica serves afterwards still reaches the statistics.
 #[tokio::test]
 async fn a_huge_model_name_cannot_switch_off_usage_accounting() {
-    let cluster = Cluster::start().await;
-    let mock = Mock::start("a", &["m"]).await;
-    cluster
-        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
-        .await;
-    let (_, key) = cluster.create_key("k", &[]).await;
+    let (cluster, mock, key) = Cluster::with_one_backend().await;
     let proxy = cluster.proxy().await;
 
     // 5 MiB of model name: one such record alone is past the control plane's 4 MiB limit

@@ -21,8 +21,7 @@ mod snapshot;
 #[path = "hostile/tokens.rs"]
 mod tokens;
 
-use common::{Cluster, Mock};
-use sluice_proto::v1 as pb;
+use common::Cluster;
 
 struct Case {
     name: &'static str,
@@ -36,12 +35,7 @@ struct Case {
 
 #[tokio::test]
 async fn every_malformed_request_gets_the_right_4xx_and_the_proxy_keeps_serving() {
-    let cluster = Cluster::start().await;
-    let mock = Mock::start("a", &["m"]).await;
-    cluster
-        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
-        .await;
-    let (_, key) = cluster.create_key("k", &[]).await;
+    let (cluster, _mock, key) = Cluster::with_one_backend().await;
     let proxy = cluster.proxy().await;
     let bearer = Some(format!("Bearer {key}"));
     let chat = "/v1/chat/completions";

@@ -57,6 +57,18 @@ impl std::ops::Deref for Cluster {
 }
 
 impl Cluster {
+    /// The set-up most tests start from: a control plane, a mock `a` serving model `m` as
+    /// the one primary backend (`m` → `m`), and a client key `k` for every model.
+    pub async fn with_one_backend() -> (Self, Mock, String) {
+        let cluster = Self::start().await;
+        let mock = Mock::start("a", &["m"]).await;
+        cluster
+            .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+            .await;
+        let (_, key) = cluster.create_key("k", &[]).await;
+        (cluster, mock, key)
+    }
+
     pub async fn start() -> Self {
         let grpc_port = free_port();
         let mut cluster = Self {

@@ -24,12 +24,7 @@ fn forged_model() -> String {
 
 #[tokio::test]
 async fn a_forged_model_stays_on_its_log_line_in_text_and_json() {
-    let cluster = Cluster::start().await;
-    let mock = Mock::start("a", &["m"]).await;
-    cluster
-        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
-        .await;
-    let (_, key) = cluster.create_key("k", &[]).await;
+    let (cluster, _mock, key) = Cluster::with_one_backend().await;
     let text = cluster.proxy().await;
     let json = cluster.proxy_with(&["--log-format", "json"]).await;
     let model = forged_model();

@@ -46,12 +46,7 @@ async fn status_of(tcp: &mut TcpStream) -> String {
 
 #[tokio::test]
 async fn stalled_uploads_are_cut_off_and_cannot_pile_up_memory() {
-    let cluster = Cluster::start().await;
-    let mock = Mock::start("a", &["m"]).await;
-    cluster
-        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
-        .await;
-    let (_, key) = cluster.create_key("k", &[]).await;
+    let (cluster, _mock, key) = Cluster::with_one_backend().await;
     let proxy = cluster
         .proxy_with(&[
             "--body-read-timeout",
