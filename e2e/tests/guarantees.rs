@@ -275,15 +275,9 @@ async fn after_a_control_plane_restart_the_first_replica_back_does_not_take_the_
         Duration::from_secs(15),
         "the first replica is back and current",
         || async {
-            let planes = cluster
-                .admin()
+            cluster
+                .data_planes()
                 .await
-                .list_data_planes(pb::ListDataPlanesRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .data_planes;
-            planes
                 .iter()
                 .any(|p| p.connected && p.acked_version == p.latest_version)
         },

@@ -356,15 +356,7 @@ async fn a_stalled_stderr_drops_log_lines_instead_of_stalling_requests() {
     }
     assert_eq!(upstream.stats().await.requests.chat_completions, requests);
 
-    let text = proxy
-        .http
-        .get(proxy.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.metrics().await;
     let dropped = metric_samples(&text)["sluice_log_dropped_lines_total"];
     assert!(
         dropped > 0.0 && dropped < f64::from(requests as u32),

@@ -269,6 +269,17 @@ impl ControlApi {
         (r.client_key.unwrap(), r.key)
     }
 
+    /// The data planes as `ListDataPlanes` reports them.
+    pub async fn data_planes(&self) -> Vec<pb::DataPlane> {
+        self.admin()
+            .await
+            .list_data_planes(pb::ListDataPlanesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .data_planes
+    }
+
     /// Waits until `n` data planes are connected and each has acked the newest snapshot,
     /// so everything written before the call (routes, limits, replica shares) is in force.
     pub async fn wait_replicas_current(&self, n: usize) {
@@ -276,14 +287,7 @@ impl ControlApi {
             Duration::from_secs(10),
             "every replica acked the newest snapshot",
             || async {
-                let planes = self
-                    .admin()
-                    .await
-                    .list_data_planes(pb::ListDataPlanesRequest {})
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .data_planes;
+                let planes = self.data_planes().await;
                 let current = planes
                     .iter()
                     .filter(|p| p.connected && p.acked_version == p.latest_version)
@@ -315,13 +319,8 @@ impl ControlApi {
     /// The newest snapshot version the control plane has published (0 before any replica
     /// connected).
     pub async fn latest_version(&self) -> u64 {
-        self.admin()
+        self.data_planes()
             .await
-            .list_data_planes(pb::ListDataPlanesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .data_planes
             .iter()
             .map(|p| p.latest_version)
             .max()

@@ -72,15 +72,7 @@ async fn stalled_uploads_are_cut_off_and_cannot_pile_up_memory() {
 
     // Its memory is back: a request is served.
     assert_eq!(proxy.chat(&key, "m").await.status(), 200);
-    let text = proxy
-        .http
-        .get(proxy.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.metrics().await;
     let samples = metric_samples(&text);
     assert_eq!(
         samples.get("sluice_request_bodies_refused_total{reason=\"memory\"}"),
