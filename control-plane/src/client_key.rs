@@ -26,6 +26,8 @@ pub struct ClientKey {
     pub revoked: bool,
     pub create_time_ms: i64,
     pub revoke_time_ms: Option<i64>,
+    /// From this instant (Unix ms, the control plane's clock) the key is refused as expired.
+    pub expire_time_ms: Option<i64>,
 }
 
 /// What an operator asks for when creating a key.
@@ -34,12 +36,20 @@ pub struct NewClientKey {
     pub name: String,
     pub allowed_models: Vec<String>,
     pub rpm_limit: u32,
+    pub expire_time_ms: Option<i64>,
 }
 
 impl NewClientKey {
-    pub fn validated(mut self) -> Result<Self, ValidationError> {
+    /// The request, trimmed and checked; `now_ms` is the control plane's clock, which an
+    /// `expire_time` must be after (a key born expired is a mistake, not a wish).
+    pub fn validated(mut self, now_ms: i64) -> Result<Self, ValidationError> {
         self.name = self.name.trim().to_owned();
         check_name("name", &self.name)?;
+        if let Some(expire) = self.expire_time_ms
+            && expire <= now_ms
+        {
+            return Err(ValidationError::new("expire_time", "must be in the future"));
+        }
         if self.allowed_models.len() > MAX_ALLOWED_MODELS {
             return Err(ValidationError::new(
                 "allowed_models",
@@ -75,7 +85,13 @@ pub fn shown_prefix(key: &str) -> String {
 }
 
 impl ClientKey {
-    pub fn to_proto(&self) -> pb::ClientKey {
+    /// Whether the key has expired at `now_ms` (the control plane's clock).
+    pub fn expired_at(&self, now_ms: i64) -> bool {
+        self.expire_time_ms.is_some_and(|expire| expire <= now_ms)
+    }
+
+    /// The key as the admin API shows it at `now_ms`.
+    pub fn to_proto(&self, now_ms: i64) -> pb::ClientKey {
         pb::ClientKey {
             id: self.id.clone(),
             name: self.name.clone(),
@@ -85,6 +101,8 @@ impl ClientKey {
             revoked: self.revoked,
             create_time: Some(crate::time::timestamp(self.create_time_ms)),
             revoke_time: self.revoke_time_ms.map(crate::time::timestamp),
+            expire_time: self.expire_time_ms.map(crate::time::timestamp),
+            expired: self.expired_at(now_ms),
         }
     }
 }
@@ -111,8 +129,9 @@ mod tests {
             name: " team-a ".into(),
             allowed_models: vec!["gpt-4o".into(), " gpt-4o ".into()],
             rpm_limit: 0,
+            expire_time_ms: None,
         }
-        .validated()
+        .validated(0)
         .unwrap();
         assert_eq!(k.name, "team-a");
         assert_eq!(k.allowed_models, vec!["gpt-4o".to_owned()]);
@@ -120,10 +139,25 @@ mod tests {
             NewClientKey {
                 name: "x".into(),
                 allowed_models: vec!["a b".into()],
-                rpm_limit: 0
+                rpm_limit: 0,
+                expire_time_ms: None,
             }
-            .validated()
+            .validated(0)
             .is_err()
         );
+    }
+
+    #[test]
+    fn an_expiry_must_be_in_the_future() {
+        let new = |expire_time_ms| NewClientKey {
+            name: "team-a".into(),
+            allowed_models: Vec::new(),
+            rpm_limit: 0,
+            expire_time_ms,
+        };
+        let err = new(Some(1_000)).validated(1_000).unwrap_err();
+        assert!(err.to_string().contains("expire_time"), "{err}");
+        assert!(new(Some(1_001)).validated(1_000).is_ok());
+        assert!(new(None).validated(1_000).is_ok());
     }
 }

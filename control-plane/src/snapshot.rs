@@ -109,6 +109,7 @@ pub fn client_key_entry_bytes(name: &str, allowed_models: &[String]) -> usize {
         key_sha256: vec![0; 32],
         allowed_models: allowed_models.to_vec(),
         rpm_limit: u32::MAX,
+        expired: true,
     })
 }
 
@@ -287,6 +288,7 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
             let client_keys = crate::store::load_keys_in(&tx, true)?
                 .into_iter()
                 .map(|k| pb::SnapshotClientKey {
+                    expired: k.expired_at(now),
                     id: k.id,
                     name: k.name,
                     key_sha256: k.key_sha256,

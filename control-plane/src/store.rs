@@ -130,6 +130,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0003_usage_daily_by_backend.sql"),
     include_str!("../../migrations/0004_replica_shares.sql"),
     include_str!("../../migrations/0005_cooldown_epoch.sql"),
+    include_str!("../../migrations/0006_client_key_expiry.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

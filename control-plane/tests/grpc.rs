@@ -258,6 +258,7 @@ async fn client_keys_are_shown_once_and_revocable() {
             name: "team-a".into(),
             allowed_models: vec!["gpt-4o-mini".into()],
             rpm_limit: 60,
+            expire_time: None,
         })
         .await
         .unwrap()
@@ -299,6 +300,52 @@ async fn client_keys_are_shown_once_and_revocable() {
         .into_inner();
     assert!(listed.client_keys[0].revoked);
     assert!(listed.client_keys[0].revoke_time.is_some());
+}
+
+#[tokio::test]
+async fn a_key_may_be_given_an_expiry_in_the_future_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let at = |seconds| Some(sluice_proto::wkt::Timestamp { seconds, nanos: 0 });
+    let err = admin
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "born-expired".into(),
+            expire_time: at(now - 60),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("expire_time"), "{}", err.message());
+
+    let expires = at(now + 3_600);
+    let created = admin
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "team-a".into(),
+            expire_time: expires,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    assert_eq!(created.expire_time, expires);
+    assert!(!created.expired);
+    let listed = admin
+        .list_client_keys(pb::ListClientKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = listed.client_keys.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(names, ["team-a"], "the refused key was not stored");
+    assert_eq!(listed.client_keys[0].expire_time, expires);
+    assert!(!listed.client_keys[0].expired);
 }
 
 #[tokio::test]

@@ -8,6 +8,8 @@
 //! in constant time. The cache only saves the hashing: every request is still checked against
 //! the snapshot it runs under, so a revoked key is refused as soon as the snapshot without it
 //! arrives. Keys that fail are never cached, so made-up keys cannot crowd out real ones.
+//! An expired key is found like any other and then refused as expired: the control plane
+//! decides when it expired (by its clock) and marks it so in the snapshot.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -23,7 +25,8 @@ use crate::snapshot::{ClientKey, Snapshot};
 /// Keys remembered per thread; past this many the cache starts over.
 const CACHED_KEYS: usize = 4096;
 
-/// The client key named by `Authorization: Bearer <key>`, if the snapshot holds it.
+/// The client key named by `Authorization: Bearer <key>`, if the snapshot holds it and it
+/// has not expired.
 pub fn authenticate<'s>(
     snapshot: &'s Snapshot,
     headers: &HeaderMap,
@@ -34,7 +37,11 @@ pub fn authenticate<'s>(
         .to_str()
         .map_err(|_| ProxyError::InvalidApiKey)?;
     let key = bearer_token(value).ok_or(ProxyError::InvalidApiKey)?;
-    KEY_HASHES.with_borrow_mut(|hashes| hashes.find(snapshot, key))
+    let found = KEY_HASHES.with_borrow_mut(|hashes| hashes.find(snapshot, key))?;
+    if found.expired {
+        return Err(ProxyError::KeyExpired);
+    }
+    Ok(found)
 }
 
 thread_local! {
@@ -74,7 +81,7 @@ mod tests {
     use super::*;
 
     use crate::clock::Now;
-    use crate::snapshot::tests::snapshot_with_keys;
+    use crate::snapshot::tests::{proto_with_keys, snapshot_with_keys};
 
     fn bearer(key: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -128,5 +135,32 @@ mod tests {
             assert_eq!(authenticate(&snapshot, &bearer(key)).unwrap().id, *id);
         }
         assert!(KEY_HASHES.with_borrow(|h| h.entries.len()) <= CACHED_KEYS);
+    }
+
+    #[tokio::test]
+    async fn an_expired_key_is_refused_as_expired_even_when_cached() {
+        let live = snapshot_with_keys(&[("k1", "sk-one"), ("k2", "sk-two")], Now::read());
+        assert_eq!(authenticate(&live, &bearer("sk-one")).unwrap().id, "k1");
+        let mut message = proto_with_keys(&[("k1", "sk-one"), ("k2", "sk-two")]);
+        message.client_keys[0].expired = true;
+        let expired = Snapshot::prepare(message, Some(&live), Now::read(), 1).unwrap();
+        let err = authenticate(&expired, &bearer("sk-one")).unwrap_err();
+        assert!(matches!(err, ProxyError::KeyExpired), "{err:?}");
+        assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED);
+        let body: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+        assert_eq!(body["error"]["code"], "api_key_expired");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("expired"),
+            "{body}"
+        );
+        // The other key is untouched, and a wrong key is still just wrong.
+        assert_eq!(authenticate(&expired, &bearer("sk-two")).unwrap().id, "k2");
+        assert!(matches!(
+            authenticate(&expired, &bearer("sk-three")),
+            Err(ProxyError::InvalidApiKey)
+        ));
     }
 }

@@ -21,6 +21,8 @@ pub enum ProxyError {
     MissingApiKey,
     #[error("Incorrect API key provided.")]
     InvalidApiKey,
+    #[error("This API key has expired. Ask the administrator of this gateway for a new key.")]
+    KeyExpired,
     #[error("The request body is larger than the limit of {limit} bytes.")]
     BodyTooLarge { limit: usize },
     #[error("The request body could not be read.")]
@@ -71,7 +73,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NotReady | Self::UsageUnrecordable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            Self::MissingApiKey | Self::InvalidApiKey | Self::KeyExpired => {
+                StatusCode::UNAUTHORIZED
+            }
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyUnreadable | Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -94,6 +98,7 @@ impl ProxyError {
             Self::MissingApiKey | Self::InvalidApiKey => {
                 ("invalid_request_error", "invalid_api_key")
             }
+            Self::KeyExpired => ("invalid_request_error", "api_key_expired"),
             Self::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
             Self::BodyUnreadable => ("invalid_request_error", "invalid_request_body"),
             Self::BodyTimeout { .. } => ("invalid_request_error", "request_timeout"),

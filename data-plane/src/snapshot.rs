@@ -145,6 +145,8 @@ pub struct ClientKey {
     /// `None` allows every model.
     pub allowed_models: Option<HashSet<String>>,
     pub limiter: Option<RateLimiter>,
+    /// The control plane found the key past its expiry: it is refused as expired.
+    pub expired: bool,
 }
 
 impl ClientKey {
@@ -317,6 +319,7 @@ impl Snapshot {
                 id: k.id,
                 name: k.name,
                 limiter,
+                expired: k.expired,
             };
             if let Some(dup) = keys.insert(hash, key) {
                 return Err(SnapshotError::DuplicateKeyHash(dup.id));
@@ -657,6 +660,11 @@ pub(crate) mod tests {
 
     /// A snapshot whose client keys are these `(id, plaintext)` pairs.
     pub(crate) fn snapshot_with_keys(keys: &[(&str, &str)], now: Now) -> Snapshot {
+        Snapshot::prepare(proto_with_keys(keys), None, now, 1).unwrap()
+    }
+
+    /// The message of [`snapshot_with_keys`], to change before preparing it.
+    pub(crate) fn proto_with_keys(keys: &[(&str, &str)]) -> proto::Snapshot {
         let mut message = snapshot(1);
         message.client_keys = keys
             .iter()
@@ -667,7 +675,7 @@ pub(crate) mod tests {
                 ..Default::default()
             })
             .collect();
-        Snapshot::prepare(message, None, now, 1).unwrap()
+        message
     }
 
     pub(crate) fn backend(id: &str, pool: proto::Pool, priority: i32) -> proto::SnapshotBackend {
@@ -704,6 +712,7 @@ pub(crate) mod tests {
                 key_sha256: Sha256::digest(b"sk-client").to_vec(),
                 allowed_models: vec![],
                 rpm_limit: 0,
+                expired: false,
             }],
             settings: None,
             replica_count: 2,

@@ -43,6 +43,7 @@ async fn metrics_and_request_logs_follow_the_traffic() {
             name: "limited".into(),
             allowed_models: vec![],
             rpm_limit: 1,
+            expire_time: None,
         })
         .await
         .unwrap()

@@ -613,6 +613,7 @@ impl World {
                 name: format!("key-{n}"),
                 allowed_models: vec![],
                 rpm_limit: 0,
+                expire_time_ms: None,
             })
             .await
             .unwrap();

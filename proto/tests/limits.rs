@@ -68,6 +68,8 @@ fn snapshot() -> pb::Snapshot {
                 .map(|m| format!("provider-model-{m}-2025-01-01"))
                 .collect(),
             rpm_limit: 6_000,
+            // Expired keys stay in the snapshot, so the largest one counts them too.
+            expired: true,
         })
         .collect();
     pb::Snapshot {
@@ -110,6 +112,8 @@ fn the_supported_configuration_fits_every_message_limit() {
                 revoked: false,
                 create_time: Some(pbjson_types::Timestamp::default()),
                 revoke_time: None,
+                expire_time: Some(pbjson_types::Timestamp::default()),
+                expired: true,
             })
             .collect(),
     };

@@ -19,6 +19,7 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
                 name,
                 allowed_models,
                 rpm_limit: rpm,
+                expire_time: None,
             };
             let response = connection.call(admin.create_client_key(request)).await?;
             out.print(&response, render::created_client_key)

@@ -147,8 +147,9 @@ impl AdminService for Admin {
             name: request.name,
             allowed_models: request.allowed_models,
             rpm_limit: request.rpm_limit,
+            expire_time_ms: request.expire_time.as_ref().map(crate::time::timestamp_ms),
         }
-        .validated()?;
+        .validated(crate::time::now_ms())?;
         let room = self
             .publisher
             .reserve(snapshot::client_key_entry_bytes(
@@ -160,7 +161,7 @@ impl AdminService for Admin {
         room.committed(version);
         tracing::info!(client_key = %key.id, name = %key.name, "client key created");
         Ok(Response::new(pb::CreateClientKeyResponse {
-            client_key: Some(key.to_proto()),
+            client_key: Some(key.to_proto(crate::time::now_ms())),
             key: plaintext,
         }))
     }
@@ -171,7 +172,10 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::ListClientKeysResponse>, Status> {
         let keys = self.store.list_client_keys().await?;
         Ok(Response::new(pb::ListClientKeysResponse {
-            client_keys: keys.iter().map(|k| k.to_proto()).collect(),
+            client_keys: {
+                let now = crate::time::now_ms();
+                keys.iter().map(|k| k.to_proto(now)).collect()
+            },
         }))
     }
 

@@ -13,7 +13,7 @@ impl Store {
         &self,
         new: NewClientKey,
     ) -> Result<(ClientKey, String, u64), StoreError> {
-        let new = new.validated()?;
+        let new = new.validated(now_ms())?;
         self.write(WriteOp::admin, move |conn, _| {
             let tx = conn.transaction()?;
             let plaintext = client_key::generate();
@@ -27,13 +27,14 @@ impl Store {
                 revoked: false,
                 create_time_ms: now_ms(),
                 revoke_time_ms: None,
+                expire_time_ms: new.expire_time_ms,
             };
             let models = serde_json::to_string(&key.allowed_models)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             tx.execute(
-                "INSERT INTO client_keys (id, name, key_prefix, key_sha256, allowed_models, rpm_limit, create_time)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![key.id, key.name, key.key_prefix, key.key_sha256, models, key.rpm_limit, key.create_time_ms],
+                "INSERT INTO client_keys (id, name, key_prefix, key_sha256, allowed_models, rpm_limit, create_time, expire_time)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![key.id, key.name, key.key_prefix, key.key_sha256, models, key.rpm_limit, key.create_time_ms, key.expire_time_ms],
             )
             .map_err(|e| unique_violation(e, || format!("a client key named {:?} already exists", new.name)))?;
             let version = bump_version(&tx)?;
@@ -73,6 +74,39 @@ impl Store {
         })
         .await
     }
+
+    /// When the next active key expires whose expiry no snapshot version has followed yet.
+    pub async fn next_key_expiry(&self) -> Result<Option<i64>, StoreError> {
+        self.call(|conn, _| {
+            Ok(conn.query_row(
+                "SELECT MIN(expire_time) FROM client_keys
+                 WHERE revoked = 0 AND expiry_published = 0 AND expire_time IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+
+    /// Bumps the snapshot version once for the active keys that expired by `now`, so the
+    /// data planes learn of it as of any other change; returns how many expired. A key's
+    /// expiry bumps the version once, however often this runs.
+    pub async fn publish_key_expiries(&self, now: i64) -> Result<usize, StoreError> {
+        self.write(WriteOp::admin, move |conn, _| {
+            let tx = conn.transaction()?;
+            let expired = tx.execute(
+                "UPDATE client_keys SET expiry_published = 1
+                 WHERE revoked = 0 AND expiry_published = 0 AND expire_time <= ?1",
+                params![now],
+            )?;
+            if expired > 0 {
+                bump_version(&tx)?;
+            }
+            tx.commit()?;
+            Ok(expired)
+        })
+        .await
+    }
 }
 
 pub(crate) fn load_keys(
@@ -80,10 +114,10 @@ pub(crate) fn load_keys(
     active_only: bool,
 ) -> Result<Vec<ClientKey>, StoreError> {
     let sql = if active_only {
-        "SELECT id, name, key_prefix, key_sha256, allowed_models, rpm_limit, revoked, create_time, revoke_time
+        "SELECT id, name, key_prefix, key_sha256, allowed_models, rpm_limit, revoked, create_time, revoke_time, expire_time
          FROM client_keys WHERE revoked = 0 ORDER BY create_time, id"
     } else {
-        "SELECT id, name, key_prefix, key_sha256, allowed_models, rpm_limit, revoked, create_time, revoke_time
+        "SELECT id, name, key_prefix, key_sha256, allowed_models, rpm_limit, revoked, create_time, revoke_time, expire_time
          FROM client_keys ORDER BY create_time, id"
     };
     let mut stmt = conn.prepare_cached(sql)?;
@@ -99,6 +133,7 @@ pub(crate) fn load_keys(
                 revoked: r.get(6)?,
                 create_time_ms: r.get(7)?,
                 revoke_time_ms: r.get(8)?,
+                expire_time_ms: r.get(9)?,
             },
             r.get::<_, String>(4)?,
         ))
@@ -111,4 +146,44 @@ pub(crate) fn load_keys(
         keys.push(key);
     }
     Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    use crate::crypto::MasterKey;
+
+    #[tokio::test]
+    async fn an_expiry_bumps_the_version_once_when_it_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("t.db"), MasterKey::generate()).unwrap();
+        let (key, _, created) = store
+            .create_client_key(NewClientKey {
+                name: "team-a".into(),
+                allowed_models: Vec::new(),
+                rpm_limit: 0,
+                expire_time_ms: Some(now_ms() + 60_000),
+            })
+            .await
+            .unwrap();
+        let at = key.expire_time_ms.unwrap();
+        assert_eq!(store.next_key_expiry().await.unwrap(), Some(at));
+        assert_eq!(store.publish_key_expiries(at - 1).await.unwrap(), 0);
+        assert_eq!(
+            *store.commits().borrow(),
+            created,
+            "nothing expired, no new version"
+        );
+        assert_eq!(store.publish_key_expiries(at).await.unwrap(), 1);
+        let bumped = *store.commits().borrow();
+        assert!(bumped > created);
+        assert_eq!(store.publish_key_expiries(at + 10_000).await.unwrap(), 0);
+        assert_eq!(*store.commits().borrow(), bumped, "an expiry bumps once");
+        assert_eq!(store.next_key_expiry().await.unwrap(), None);
+        let listed = store.list_client_keys().await.unwrap();
+        assert!(listed[0].expired_at(at));
+        assert!(!listed[0].expired_at(at - 1));
+    }
 }

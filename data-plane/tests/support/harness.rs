@@ -57,6 +57,7 @@ pub fn client_key(
         key_sha256: Sha256::digest(plaintext.as_bytes()).to_vec(),
         allowed_models: allowed.iter().map(|s| (*s).to_owned()).collect(),
         rpm_limit: rpm,
+        expired: false,
     }
 }
 

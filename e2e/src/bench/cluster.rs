@@ -387,6 +387,7 @@ impl Cluster {
                 name: name.into(),
                 allowed_models: Vec::new(),
                 rpm_limit: 0,
+                expire_time: None,
             })
             .await?;
         Ok(response.into_inner().key)

@@ -262,6 +262,7 @@ impl ControlApi {
                 name: name.into(),
                 allowed_models: models.iter().map(|m| m.to_string()).collect(),
                 rpm_limit: 0,
+                expire_time: None,
             })
             .await
             .unwrap()

@@ -21,6 +21,7 @@ async fn fields_that_go_into_the_snapshot_are_bounded() {
             name: "many".into(),
             allowed_models: too_many,
             rpm_limit: 0,
+            expire_time: None,
         })
         .await
         .unwrap_err();
@@ -86,6 +87,7 @@ async fn a_write_that_would_outgrow_the_snapshot_is_refused_and_replicas_keep_fo
                 name: format!("large-{i}"),
                 allowed_models: models.clone(),
                 rpm_limit: 0,
+                expire_time: None,
             })
             .await;
         if let Err(status) = created {
