@@ -11,7 +11,8 @@
 //!   inner errors to gRPC statuses.
 //! - [`snapshot`] rebuilds and publishes the routing snapshot after every commit the store
 //!   announces; [`ingest`] group-commits usage reports; [`membership`] keeps who is
-//!   connected and who holds a share of the RPM limits; [`metrics`] counts calls and store
+//!   connected and who holds a share of the RPM limits; [`expiry`] publishes client keys'
+//!   expiries as they pass; [`metrics`] counts calls and store
 //!   writes (it observes the store; the store does not know it).
 //! - [`store`]: SQLite only, returning domain types and [`store::StoreError`].
 //! - Domain types and rules: [`backend`], [`client_key`], [`settings`], [`usage`],
@@ -22,6 +23,7 @@ pub mod backend;
 pub mod client_key;
 pub mod crypto;
 pub mod dashboard;
+pub mod expiry;
 pub mod grpc_code;
 pub mod http;
 pub mod ingest;

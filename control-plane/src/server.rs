@@ -212,6 +212,10 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let background = [
         tokio::spawn(store.clone().run_usage_retention(stop.clone())),
         tokio::spawn(membership::expire_shares(store.clone(), stop.clone())),
+        tokio::spawn(crate::expiry::publish_key_expiries(
+            store.clone(),
+            stop.clone(),
+        )),
     ];
 
     let admin_check = TokenCheck::new(&secrets.admin_token, "admin");

@@ -1,0 +1,50 @@
+//! Client keys that expire: when a key's `expire_time` passes (by the control plane's clock),
+//! a new snapshot version marks it expired, so every replica refuses it within the same
+//! propagation time as any other admin change. No replica reads its own clock for this.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+use crate::time::now_ms;
+
+/// How long the sweep sleeps at most with no expiry ahead, or after a failed read.
+const IDLE: Duration = Duration::from_secs(60);
+
+/// Publishes each key's expiry as it passes, until `stop`. Wakes at the next expiry and
+/// after every commit (a key created or changed with an expiry sooner than the one awaited).
+pub async fn publish_key_expiries(store: Store, stop: CancellationToken) {
+    let mut commits = store.commits();
+    // At start, for the keys that expired while the control plane was down.
+    publish_due(&store).await;
+    loop {
+        let wait = match store.next_key_expiry().await {
+            Ok(Some(at)) => Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64),
+            Ok(None) => IDLE,
+            Err(err) => {
+                tracing::warn!(error = %err, "reading key expiries failed; will retry");
+                Duration::from_secs(1)
+            }
+        };
+        // A commit only re-reads the next expiry (a read); the write happens when one is due.
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            changed = commits.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(wait.min(IDLE)) => publish_due(&store).await,
+        }
+    }
+}
+
+async fn publish_due(store: &Store) {
+    match store.publish_key_expiries(now_ms()).await {
+        Ok(0) => {}
+        Ok(expired) => tracing::info!(expired, "client keys expired"),
+        Err(err) => tracing::warn!(error = %err, "publishing key expiries failed; will retry"),
+    }
+}
