@@ -291,6 +291,89 @@ async fn auth_and_model_errors_are_openai_shaped() {
 }
 
 #[tokio::test]
+async fn a_key_is_refused_as_expired_once_its_expiry_passes() {
+    let cluster = Cluster::start().await;
+    let mock = Mock::start("mock-a", &["gpt-4o-mini"]).await;
+    cluster
+        .add_backend(
+            "primary-a",
+            &mock,
+            pb::Pool::Primary,
+            10,
+            &[("gpt-4o-mini", "gpt-4o-mini")],
+        )
+        .await;
+    let proxy = cluster.proxy().await;
+    let (_, lasting) = cluster.create_key("lasting", &[]).await;
+    let lifetime = Duration::from_secs(4);
+    let expires_at = std::time::SystemTime::now() + lifetime;
+    let since_epoch = expires_at.duration_since(std::time::UNIX_EPOCH).unwrap();
+    let created = cluster
+        .admin()
+        .await
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "short-lived".into(),
+            expire_time: Some(sluice_proto::wkt::Timestamp {
+                seconds: since_epoch.as_secs() as i64,
+                nanos: since_epoch.subsec_nanos() as i32,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let expiring = created.key;
+    cluster.wait_replicas_current(1).await;
+    // Before the expiry it works, if this slow machine got here in time to tell.
+    let r = proxy.chat(&expiring, "gpt-4o-mini").await;
+    if std::time::SystemTime::now() + Duration::from_secs(1) < expires_at {
+        assert_eq!(r.status(), 200);
+    }
+
+    // After it: 401 saying so, through the real control plane's sweep and snapshot.
+    eventually(
+        lifetime + Duration::from_secs(20),
+        "the expired key is refused",
+        || async { proxy.chat(&expiring, "gpt-4o-mini").await.status() == 401 },
+    )
+    .await;
+    assert!(
+        std::time::SystemTime::now() >= expires_at,
+        "refused before its expiry"
+    );
+    let r = proxy.chat(&expiring, "gpt-4o-mini").await;
+    assert_eq!(r.status(), 401);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "api_key_expired");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{body}"
+    );
+    // Only that key: the other one is served, and an unknown key is still just unknown.
+    assert_eq!(proxy.chat(&lasting, "gpt-4o-mini").await.status(), 200);
+    let r = proxy.chat("sk-sluice-unknown", "gpt-4o-mini").await;
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    let listed = cluster
+        .admin()
+        .await
+        .list_client_keys(pb::ListClientKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let short = listed
+        .client_keys
+        .iter()
+        .find(|k| k.name == "short-lived")
+        .unwrap();
+    assert!(short.expired && !short.revoked);
+}
+
+#[tokio::test]
 async fn a_failing_primary_fails_over_to_the_fallback_pool() {
     let cluster = Cluster::start().await;
     cluster.expose_backend_header(true).await;
