@@ -227,6 +227,10 @@ pub enum KeyCommand {
         /// Requests per minute across all data planes; 0 means no limit.
         #[arg(long, value_name = "RPM", default_value_t = 0)]
         rpm: u32,
+        /// When the key stops working (RFC 3339, or a date: midnight UTC); data planes then
+        /// answer 401 saying it expired. Must be in the future. Default: never.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        expires: Option<SystemTime>,
     },
     /// List client keys (their prefixes, never the keys).
     #[command(alias = "ls")]

@@ -241,6 +241,10 @@ pub fn client_keys(response: &pb::ListClientKeysResponse) -> String {
                 limit(key.rpm_limit),
                 if key.revoked {
                     format!("revoked {}", time::relative(key.revoke_time.as_ref(), now))
+                } else if key.expired {
+                    format!("expired {}", time::relative(key.expire_time.as_ref(), now))
+                } else if key.expire_time.is_some() {
+                    format!("expires {}", time::relative(key.expire_time.as_ref(), now))
                 } else {
                     "active".to_owned()
                 },

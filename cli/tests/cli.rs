@@ -437,6 +437,47 @@ async fn client_key_is_printed_once_and_never_listed() {
 }
 
 #[tokio::test]
+async fn a_key_is_created_with_an_expiry_and_listed_with_it() {
+    let h = Harness::start().await;
+    let json = h
+        .ctl(&[
+            "-o",
+            "json",
+            "key",
+            "create",
+            "--name",
+            "contractor",
+            "--expires",
+            "2999-01-31T12:00:00Z",
+        ])
+        .await
+        .json();
+    assert_eq!(json["clientKey"]["expireTime"], "2999-01-31T12:00:00+00:00");
+    let table = h.ctl(&["key", "list"]).await;
+    let row = table
+        .ok()
+        .lines()
+        .find(|l| l.starts_with("contractor"))
+        .unwrap()
+        .to_owned();
+    assert!(row.contains("expires in"), "{row}");
+
+    // An expiry in the past is refused by the control plane, in one line, and not created.
+    let past = h
+        .ctl(&["key", "create", "--name", "late", "--expires", "2001-01-01"])
+        .await;
+    assert!(past.one_line_error().contains("expire_time"), "{past:#?}");
+    let malformed = h
+        .ctl(&["key", "create", "--name", "late", "--expires", "soon"])
+        .await;
+    // A usage error from the argument parser (exit 2), naming the accepted forms.
+    assert_eq!(malformed.code, 2, "{malformed:#?}");
+    assert!(malformed.stderr.contains("RFC 3339"), "{malformed:#?}");
+    let list = h.ctl(&["-o", "json", "key", "list"]).await.json();
+    assert_eq!(list["clientKeys"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn validation_errors_are_one_line() {
     let h = Harness::start().await;
     let add = |name: &'static str, url: &'static str, model: Option<&'static str>| {

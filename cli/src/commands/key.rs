@@ -6,6 +6,7 @@ use crate::args::KeyCommand;
 use crate::connection::Connection;
 use crate::error::Error;
 use crate::render::{self, Output};
+use crate::time::to_timestamp;
 
 pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> Result<(), Error> {
     let mut admin = connection.admin().await?;
@@ -14,12 +15,13 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
             name,
             allowed_models,
             rpm,
+            expires,
         } => {
             let request = pb::CreateClientKeyRequest {
                 name,
                 allowed_models,
                 rpm_limit: rpm,
-                expire_time: None,
+                expire_time: expires.map(to_timestamp),
             };
             let response = connection.call(admin.create_client_key(request)).await?;
             out.print(&response, render::created_client_key)
