@@ -9,22 +9,26 @@ use tokio_util::sync::CancellationToken;
 use crate::store::Store;
 use crate::time::now_ms;
 
-/// How long the sweep sleeps at most with no expiry ahead, or after a failed read.
+/// How long the sweep sleeps at most with no expiry ahead.
 const IDLE: Duration = Duration::from_secs(60);
+/// How long after a failed read or write the sweep tries again.
+const RETRY: Duration = Duration::from_secs(1);
 
 /// Publishes each key's expiry as it passes, until `stop`. Wakes at the next expiry and
 /// after every commit (a key created or changed with an expiry sooner than the one awaited).
 pub async fn publish_key_expiries(store: Store, stop: CancellationToken) {
     let mut commits = store.commits();
     // At start, for the keys that expired while the control plane was down.
-    publish_due(&store).await;
+    let mut failed = !publish_due(&store).await;
     loop {
         let wait = match store.next_key_expiry().await {
+            // After a failed write the expiry is still due: retry in a second, not at once.
+            Ok(Some(_)) if failed => RETRY,
             Ok(Some(at)) => Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64),
             Ok(None) => IDLE,
             Err(err) => {
                 tracing::warn!(error = %err, "reading key expiries failed; will retry");
-                Duration::from_secs(1)
+                RETRY
             }
         };
         // A commit only re-reads the next expiry (a read); the write happens when one is due.
@@ -36,15 +40,22 @@ pub async fn publish_key_expiries(store: Store, stop: CancellationToken) {
                     return;
                 }
             }
-            () = tokio::time::sleep(wait.min(IDLE)) => publish_due(&store).await,
+            () = tokio::time::sleep(wait.min(IDLE)) => failed = !publish_due(&store).await,
         }
     }
 }
 
-async fn publish_due(store: &Store) {
+/// Publishes the expiries due now; false when the write failed.
+async fn publish_due(store: &Store) -> bool {
     match store.publish_key_expiries(now_ms()).await {
-        Ok(0) => {}
-        Ok(expired) => tracing::info!(expired, "client keys expired"),
-        Err(err) => tracing::warn!(error = %err, "publishing key expiries failed; will retry"),
+        Ok(0) => true,
+        Ok(expired) => {
+            tracing::info!(expired, "client keys expired");
+            true
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "publishing key expiries failed; will retry");
+            false
+        }
     }
 }
