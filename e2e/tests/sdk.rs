@@ -7,14 +7,16 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Cluster, Mock};
+use std::time::Duration;
+
+use common::{Cluster, Mock, eventually};
 use sluice_e2e::mock::Fault;
 use sluice_proto::v1 as pb;
 
 const PYTHON: &str = r#"
 import json, sys, openai
 from openai import OpenAI
-base, key, limited_key = sys.argv[1], sys.argv[2], sys.argv[3]
+base, key, limited_key, expired_key = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 c = OpenAI(base_url=base, api_key=key, max_retries=0)
 out = {}
 r = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello there"}])
@@ -41,6 +43,14 @@ def error_class(f):
     except openai.APIStatusError as err:
         return [type(err).__name__, err.status_code]
 out["401"] = error_class(lambda: OpenAI(base_url=base, api_key="sk-wrong", max_retries=0).models.list())
+def expired_call():
+    try:
+        OpenAI(base_url=base, api_key=expired_key, max_retries=0).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+        return "no error"
+    except openai.APIStatusError as err:
+        return [type(err).__name__, err.status_code, err.code]
+out["expired"] = expired_call()
 out["404"] = error_class(lambda: c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}]))
 out["403"] = error_class(lambda: OpenAI(base_url=base, api_key=limited_key, max_retries=0).chat.completions.create(
     model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]))
@@ -50,7 +60,7 @@ print(json.dumps(out))
 
 const NODE: &str = r#"
 const OpenAI = require(process.env.OPENAI_MODULE);
-const [base, key, limitedKey] = process.argv.slice(1);
+const [base, key, limitedKey, expiredKey] = process.argv.slice(1);
 (async () => {
   const c = new OpenAI({ baseURL: base, apiKey: key, maxRetries: 0 });
   const out = {};
@@ -75,6 +85,11 @@ const [base, key, limitedKey] = process.argv.slice(1);
     try { await f(); return "no error"; } catch (err) { return [err.constructor.name, err.status]; }
   };
   out["401"] = await errorClass(() => new OpenAI({ baseURL: base, apiKey: "sk-wrong", maxRetries: 0 }).models.list());
+  try {
+    await new OpenAI({ baseURL: base, apiKey: expiredKey, maxRetries: 0 }).chat.completions.create(
+      { model: "gpt-4o-mini", messages: [{ role: "user", content: "x" }] });
+    out.expired = "no error";
+  } catch (err) { out.expired = [err.constructor.name, err.status, err.code]; }
   out["404"] = await errorClass(() => c.chat.completions.create({ model: "nope", messages: [{ role: "user", content: "x" }] }));
   out["403"] = await errorClass(() => new OpenAI({ baseURL: base, apiKey: limitedKey, maxRetries: 0 }).chat.completions.create(
     { model: "gpt-4o-mini", messages: [{ role: "user", content: "x" }] }));
@@ -90,6 +105,8 @@ struct Setup {
     proxy: common::Proxy,
     key: String,
     limited_key: String,
+    /// A key past its expire_time, which the data plane already refuses.
+    expired_key: String,
 }
 
 async fn setup() -> Setup {
@@ -135,6 +152,34 @@ async fn setup() -> Setup {
         .create_key("sdk-embeddings-only", &["text-embedding-3-small"])
         .await;
     let proxy = cluster.proxy().await;
+    let expires = std::time::SystemTime::now() + Duration::from_secs(2);
+    let since_epoch = expires.duration_since(std::time::UNIX_EPOCH).unwrap();
+    let expired_key = cluster
+        .admin()
+        .await
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "sdk-expiring".into(),
+            expire_time: Some(sluice_proto::wkt::Timestamp {
+                seconds: since_epoch.as_secs() as i64,
+                nanos: since_epoch.subsec_nanos() as i32,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key;
+    // Refused as expired, not merely as not yet known to the replica.
+    eventually(Duration::from_secs(30), "the key expired", || async {
+        let body: serde_json::Value = proxy
+            .chat(&expired_key, "gpt-4o-mini")
+            .await
+            .json()
+            .await
+            .unwrap_or_default();
+        body["error"]["code"] == "api_key_expired"
+    })
+    .await;
     Setup {
         _cluster: cluster,
         _mock: mock,
@@ -142,6 +187,7 @@ async fn setup() -> Setup {
         proxy,
         key,
         limited_key,
+        expired_key,
     }
 }
 
@@ -190,7 +236,7 @@ async fn the_python_sdk_works_unchanged() {
     let s = setup().await;
     let base = s.proxy.url("/v1");
     let output = tokio::process::Command::new("python3")
-        .args(["-c", PYTHON, &base, &s.key, &s.limited_key])
+        .args(["-c", PYTHON, &base, &s.key, &s.limited_key, &s.expired_key])
         .output()
         .await
         .expect("python3 with the openai package (run e2e/test-all.sh)");
@@ -200,6 +246,10 @@ async fn the_python_sdk_works_unchanged() {
         "no usage chunk unless asked: {out}"
     );
     assert_eq!(out["401"], serde_json::json!(["AuthenticationError", 401]));
+    assert_eq!(
+        out["expired"],
+        serde_json::json!(["AuthenticationError", 401, "api_key_expired"])
+    );
     assert_eq!(out["404"], serde_json::json!(["NotFoundError", 404]));
     assert_eq!(
         out["403"],
@@ -219,12 +269,24 @@ async fn the_node_sdk_works_unchanged() {
     let s = setup().await;
     let base = s.proxy.url("/v1");
     let output = Command::new("node")
-        .args(["-e", NODE, "--", &base, &s.key, &s.limited_key])
+        .args([
+            "-e",
+            NODE,
+            "--",
+            &base,
+            &s.key,
+            &s.limited_key,
+            &s.expired_key,
+        ])
         .env("OPENAI_MODULE", &module)
         .output()
         .expect("node");
     let out = check(output);
     assert_eq!(out["401"], serde_json::json!(["AuthenticationError", 401]));
+    assert_eq!(
+        out["expired"],
+        serde_json::json!(["AuthenticationError", 401, "api_key_expired"])
+    );
     assert_eq!(out["404"], serde_json::json!(["NotFoundError", 404]));
     assert_eq!(
         out["403"],
