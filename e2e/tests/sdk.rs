@@ -153,22 +153,7 @@ async fn setup() -> Setup {
         .await;
     let proxy = cluster.proxy().await;
     let expires = std::time::SystemTime::now() + Duration::from_secs(2);
-    let since_epoch = expires.duration_since(std::time::UNIX_EPOCH).unwrap();
-    let expired_key = cluster
-        .admin()
-        .await
-        .create_client_key(pb::CreateClientKeyRequest {
-            name: "sdk-expiring".into(),
-            expire_time: Some(sluice_proto::wkt::Timestamp {
-                seconds: since_epoch.as_secs() as i64,
-                nanos: since_epoch.subsec_nanos() as i32,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key;
+    let expired_key = cluster.create_key_expiring("sdk-expiring", expires).await;
     // Refused as expired, not merely as not yet known to the replica.
     eventually(Duration::from_secs(30), "the key expired", || async {
         let body: serde_json::Value = proxy

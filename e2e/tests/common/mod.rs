@@ -270,6 +270,25 @@ impl ControlApi {
         (r.client_key.unwrap(), r.key)
     }
 
+    /// Creates a key that may use every model and expires at `at`; returns its secret.
+    pub async fn create_key_expiring(&self, name: &str, at: std::time::SystemTime) -> String {
+        let since_epoch = at.duration_since(std::time::UNIX_EPOCH).unwrap();
+        self.admin()
+            .await
+            .create_client_key(pb::CreateClientKeyRequest {
+                name: name.into(),
+                expire_time: Some(sluice_proto::wkt::Timestamp {
+                    seconds: since_epoch.as_secs() as i64,
+                    nanos: since_epoch.subsec_nanos() as i32,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .key
+    }
+
     /// The data planes as `ListDataPlanes` reports them.
     pub async fn data_planes(&self) -> Vec<pb::DataPlane> {
         self.admin()
