@@ -11,6 +11,11 @@
 //!   `encoding_format` `float` or `base64` (little-endian f32); `dimensions` overrides the size.
 //!   Vectors are deterministic unit vectors of the input ([`embedding_vector`]).
 //! - `GET /v1/models` (the configured models) and `GET /v1/models/{id}`.
+//! - The Responses API with state kept per instance (`responses.rs`): `POST /v1/responses`
+//!   (JSON, or with `"stream":true` named SSE events `response.created` … `response.completed`
+//!   and no `[DONE]`; `previous_response_id`; `background`), `GET`/`DELETE /v1/responses/{id}`,
+//!   `GET /v1/responses/{id}/input_items`, `POST /v1/responses/{id}/cancel`. An id another
+//!   instance created is a 404 here, as it would be at a real provider.
 //!
 //! Responses echo the requested `model`. Usage is deterministic: `prompt_tokens` = whitespace
 //! separated words over all message contents / prompts / inputs (token ids count one each; at least
@@ -36,6 +41,7 @@
 
 mod fault;
 mod openai;
+mod responses;
 mod server;
 mod state;
 mod stats;

@@ -896,3 +896,207 @@ fn workspace_bin_finds_the_mock() {
         std::path::Path::new(env!("CARGO_BIN_EXE_sluice-mock"))
     );
 }
+
+async fn send(mock: &MockServer, method: reqwest::Method, path: &str) -> (u16, Value) {
+    let resp = client()
+        .request(method, format!("{}{path}", mock.base_url()))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn responses_keep_state_per_instance_like_a_provider() {
+    let alpha = MockServer::start_local(MockConfig::named("alpha").with_chunk_count(3)).unwrap();
+    let beta = MockServer::start_local(MockConfig::named("beta")).unwrap();
+
+    let first = post(
+        &alpha,
+        "/responses",
+        &json!({"model": "m", "input": "tell me a story"}),
+    )
+    .await;
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.unwrap();
+    let id = first["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("resp_"), "{id}");
+    assert_eq!(first["object"], "response");
+    assert_eq!(first["status"], "completed");
+    assert_eq!(first["output"][0]["type"], "message");
+    assert_eq!(
+        first["output"][0]["content"][0]["text"],
+        "[alpha] tok1 tok2"
+    );
+    assert_eq!(first["usage"]["input_tokens"], 4);
+    assert_eq!(first["usage"]["output_tokens"], 3);
+    assert_eq!(first["usage"]["input_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        first["usage"]["output_tokens_details"]["reasoning_tokens"],
+        0
+    );
+
+    // A follow-up is billed the conversation so far, which counts as cached; reasoning
+    // tokens count in the output.
+    let second: Value = post(
+        &alpha,
+        "/responses",
+        &json!({"model": "m", "input": [{"role": "user", "content": "and then?"}],
+                "previous_response_id": id, "reasoning": {"effort": "low"}}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(second["previous_response_id"], id.as_str());
+    assert_eq!(second["output"][0]["type"], "reasoning");
+    assert_eq!(second["usage"]["input_tokens"], 7 + 2);
+    assert_eq!(second["usage"]["input_tokens_details"]["cached_tokens"], 7);
+    assert_eq!(second["usage"]["output_tokens"], 3 + 3);
+    assert_eq!(
+        second["usage"]["output_tokens_details"]["reasoning_tokens"],
+        3
+    );
+    let stats = alpha.stats();
+    assert_eq!(stats.requests.responses, 2);
+    assert_eq!(
+        (stats.prompt_tokens, stats.completion_tokens),
+        (4 + 9, 3 + 6)
+    );
+    assert_eq!((stats.cached_tokens, stats.reasoning_tokens), (7, 3));
+
+    // Only the instance that created a response knows it.
+    let elsewhere = post(
+        &beta,
+        "/responses",
+        &json!({"model": "m", "input": "x", "previous_response_id": id}),
+    )
+    .await;
+    assert_eq!(elsewhere.status(), 404);
+    let error: Value = elsewhere.json().await.unwrap();
+    assert_eq!(error["error"]["param"], "previous_response_id");
+    assert_eq!(error["error"]["code"], "previous_response_not_found");
+    let (status, _) = send(&beta, reqwest::Method::GET, &format!("/responses/{id}")).await;
+    assert_eq!(status, 404);
+
+    let (status, got) = send(&alpha, reqwest::Method::GET, &format!("/responses/{id}")).await;
+    assert_eq!((status, &got), (200, &first));
+    let (status, items) = send(
+        &alpha,
+        reqwest::Method::GET,
+        &format!("/responses/{id}/input_items?order=asc"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(items["object"], "list");
+    assert_eq!(items["data"][0]["role"], "user");
+    assert_eq!(items["data"][0]["content"][0]["text"], "tell me a story");
+    assert_eq!(items["has_more"], false);
+
+    // Cancel applies to background responses only.
+    let (status, _) = send(
+        &alpha,
+        reqwest::Method::POST,
+        &format!("/responses/{id}/cancel"),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let queued: Value = post(
+        &alpha,
+        "/responses",
+        &json!({"model": "m", "input": "later", "background": true}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(queued["status"], "queued");
+    assert_eq!(queued["usage"], Value::Null);
+    let queued_id = queued["id"].as_str().unwrap();
+    let (status, cancelled) = send(
+        &alpha,
+        reqwest::Method::POST,
+        &format!("/responses/{queued_id}/cancel"),
+    )
+    .await;
+    assert_eq!(
+        (status, cancelled["status"].as_str()),
+        (200, Some("cancelled"))
+    );
+
+    let (status, deleted) =
+        send(&alpha, reqwest::Method::DELETE, &format!("/responses/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        deleted,
+        json!({"id": id, "object": "response", "deleted": true})
+    );
+    let (status, error) = send(&alpha, reqwest::Method::GET, &format!("/responses/{id}")).await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        error["error"]["message"],
+        format!("Response with id '{id}' not found.")
+    );
+}
+
+#[tokio::test]
+async fn a_responses_stream_is_named_events_ending_with_the_completed_response() {
+    let mock = MockServer::start_local(MockConfig::named("alpha").with_chunk_count(3)).unwrap();
+    let resp = post(
+        &mock,
+        "/responses",
+        &json!({"model": "m", "input": "hi there", "stream": true, "reasoning": {"effort": "high"}}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let body = resp.text().await.unwrap();
+    assert!(
+        !body.contains("[DONE]"),
+        "the Responses API sends no [DONE]"
+    );
+    let events: Vec<(String, Value)> = body
+        .split_terminator("\n\n")
+        .map(|frame| {
+            let (name, data) = frame.split_once('\n').unwrap();
+            let name = name.strip_prefix("event: ").unwrap().to_owned();
+            let data: Value = serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+            assert_eq!(data["type"], name.as_str());
+            (name, data)
+        })
+        .collect();
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"response.created"));
+    assert_eq!(names.last(), Some(&"response.completed"));
+    for (i, (_, data)) in events.iter().enumerate() {
+        assert_eq!(data["sequence_number"], i);
+    }
+    let text: String = events
+        .iter()
+        .filter(|(n, _)| n == "response.output_text.delta")
+        .map(|(_, d)| d["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "[alpha] tok1 tok2");
+    let created = &events[0].1["response"];
+    let completed = &events.last().unwrap().1["response"];
+    assert_eq!(created["id"], completed["id"]);
+    assert_eq!(created["usage"], Value::Null);
+    assert_eq!(
+        completed["usage"]["output_tokens_details"]["reasoning_tokens"],
+        3
+    );
+    assert_eq!(completed["usage"]["output_tokens"], 6);
+    // The streamed response is stored like any other.
+    let id = completed["id"].as_str().unwrap();
+    let (status, got) = send(&mock, reqwest::Method::GET, &format!("/responses/{id}")).await;
+    assert_eq!((status, &got), (200, completed));
+    let stats = mock.stats();
+    assert_eq!((stats.streams_started, stats.streams_completed), (1, 1));
+    assert_eq!(stats.reasoning_tokens, 3);
+}

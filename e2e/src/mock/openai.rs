@@ -14,10 +14,10 @@ const MAX_DIMENSIONS: usize = 65_536;
 #[derive(Debug, Clone)]
 pub(crate) struct ApiError {
     pub(crate) status: StatusCode,
-    message: String,
-    kind: &'static str,
-    param: Option<&'static str>,
-    code: Option<&'static str>,
+    pub(crate) message: String,
+    pub(crate) kind: &'static str,
+    pub(crate) param: Option<&'static str>,
+    pub(crate) code: Option<&'static str>,
 }
 
 impl ApiError {
@@ -550,6 +550,12 @@ pub(crate) struct Usage {
     pub(crate) prompt_tokens: u64,
     pub(crate) completion_tokens: u64,
     pub(crate) total_tokens: u64,
+    /// Of `prompt_tokens`, read from the cache (only the Responses API reports any).
+    #[serde(skip)]
+    pub(crate) cached_tokens: u64,
+    /// Of `completion_tokens`, spent on reasoning (only the Responses API reports any).
+    #[serde(skip)]
+    pub(crate) reasoning_tokens: u64,
 }
 
 impl Usage {
@@ -558,6 +564,18 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+        }
+    }
+}
+
+impl From<super::responses::ResponseUsage> for Usage {
+    fn from(u: super::responses::ResponseUsage) -> Self {
+        Self {
+            cached_tokens: u.cached,
+            reasoning_tokens: u.reasoning,
+            ..Self::new(u.input, u.output)
         }
     }
 }

@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::MockConfig;
 use super::fault::{Fault, FaultSpec, STALL_LIMIT};
 use super::openai::{self, ApiError, Meta, Usage};
+use super::responses::{self, ResponseUsage};
 use super::state::Shared;
 use super::stats::{Endpoint, bump};
 use super::stream::{self, BoxError, Flavor, StreamPlan};
@@ -175,6 +176,11 @@ enum Route {
     Embeddings,
     ListModels,
     GetModel(String),
+    CreateResponse,
+    GetResponse(String),
+    DeleteResponse(String),
+    ResponseInputItems(String),
+    CancelResponse(String),
 }
 
 fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
@@ -184,8 +190,23 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         "/v1/completions" => (Route::Completion, Method::POST),
         "/v1/embeddings" => (Route::Embeddings, Method::POST),
         "/v1/models" => (Route::ListModels, Method::GET),
-        p => match p.strip_prefix("/v1/models/") {
-            Some(id) if !id.is_empty() => (Route::GetModel(id.to_owned()), Method::GET),
+        "/v1/responses" => (Route::CreateResponse, Method::POST),
+        p => match (
+            p.strip_prefix("/v1/models/"),
+            p.strip_prefix("/v1/responses/"),
+        ) {
+            (Some(id), _) if !id.is_empty() => (Route::GetModel(id.to_owned()), Method::GET),
+            (_, Some(rest)) if !rest.is_empty() => match rest.split_once('/') {
+                None if *method == Method::DELETE => {
+                    (Route::DeleteResponse(rest.to_owned()), Method::DELETE)
+                }
+                None => (Route::GetResponse(rest.to_owned()), Method::GET),
+                Some((id, "input_items")) => {
+                    (Route::ResponseInputItems(id.to_owned()), Method::GET)
+                }
+                Some((id, "cancel")) => (Route::CancelResponse(id.to_owned()), Method::POST),
+                Some(_) => return Err(ApiError::unknown_url(method, path)),
+            },
             _ => return Err(ApiError::unknown_url(method, path)),
         },
     };
@@ -201,6 +222,13 @@ fn endpoint(route: &Result<Route, ApiError>) -> Endpoint {
         Ok(Route::Completion) => Endpoint::Completions,
         Ok(Route::Embeddings) => Endpoint::Embeddings,
         Ok(Route::ListModels | Route::GetModel(_)) => Endpoint::Models,
+        Ok(
+            Route::CreateResponse
+            | Route::GetResponse(_)
+            | Route::DeleteResponse(_)
+            | Route::ResponseInputItems(_)
+            | Route::CancelResponse(_),
+        ) => Endpoint::Responses,
         Err(_) => Endpoint::Other,
     }
 }
@@ -211,6 +239,11 @@ enum Call {
     Embeddings(Result<openai::Embeddings, ApiError>),
     ListModels,
     GetModel(String),
+    CreateResponse(Result<(String, responses::CreateRequest), ApiError>),
+    GetResponse(String),
+    DeleteResponse(String),
+    ResponseInputItems(String, Option<String>),
+    CancelResponse(String),
 }
 
 /// What the mock will answer, before faults decide how it is sent.
@@ -221,6 +254,8 @@ enum Answer {
         usage: Option<Usage>,
     },
     Stream(StreamPlan),
+    /// A Responses API stream: its events, fixed in advance, and the usage of its last one.
+    Events(Vec<Bytes>, Option<ResponseUsage>),
 }
 
 impl From<ApiError> for Answer {
@@ -244,6 +279,7 @@ async fn api(
         Ok(r) => r,
         Err(e) => return Ok(json_response(shared, e.status, e.body())),
     };
+    let query = req.uri().query().map(str::to_owned);
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -285,6 +321,17 @@ async fn api(
         }
         Route::ListModels => Call::ListModels,
         Route::GetModel(id) => Call::GetModel(id),
+        Route::CreateResponse => {
+            let parsed = responses::parse_create(&body);
+            if let Some(m) = &parsed.model {
+                shared.counters.model(m);
+            }
+            Call::CreateResponse(parsed.request)
+        }
+        Route::GetResponse(id) => Call::GetResponse(id),
+        Route::DeleteResponse(id) => Call::DeleteResponse(id),
+        Route::ResponseInputItems(id) => Call::ResponseInputItems(id, query),
+        Route::CancelResponse(id) => Call::CancelResponse(id),
     };
 
     let fault = shared.faults.take();
@@ -364,6 +411,7 @@ async fn api(
             None => {
                 if let Some(u) = usage {
                     shared.counters.usage(u.prompt_tokens, u.completion_tokens);
+                    shared.counters.detail(u.cached_tokens, u.reasoning_tokens);
                 }
                 json_response(shared, status, body)
             }
@@ -382,21 +430,30 @@ async fn api(
             bump(&shared.counters.streams_started);
             let body =
                 BodyExt::boxed_unsync(StreamBody::new(stream::sse(plan, Arc::clone(shared))));
-            let mut response = with_headers(
-                shared,
-                StatusCode::OK,
-                "text/event-stream; charset=utf-8",
-                body,
-            );
-            response
-                .headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            response
+            sse_response(shared, body)
+        }
+        Answer::Events(events, usage) => {
+            bump(&shared.counters.streams_started);
+            let body = stream::events(events, usage, cut, Arc::clone(shared));
+            sse_response(shared, BodyExt::boxed_unsync(StreamBody::new(body)))
         }
     })
 }
 
-fn now_secs() -> u64 {
+fn sse_response(shared: &Shared, body: Body) -> Response<Body> {
+    let mut response = with_headers(
+        shared,
+        StatusCode::OK,
+        "text/event-stream; charset=utf-8",
+        body,
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -437,8 +494,41 @@ fn answer(shared: &Arc<Shared>, call: Call) -> Answer {
             body: openai::json_bytes(&openai::model_json(&id)),
             usage: None,
         }),
+        Call::CreateResponse(request) => request.and_then(|(model, r)| {
+            check_model(config, &model)?;
+            let created =
+                shared
+                    .responses
+                    .create(&config.name, config.chunk_count, &model, &r, || {
+                        shared.next_id()
+                    })?;
+            Ok(if created.stream {
+                Answer::Events(created.events, created.usage)
+            } else {
+                Answer::Json {
+                    status: StatusCode::OK,
+                    body: created.response,
+                    usage: created.usage.map(Usage::from),
+                }
+            })
+        }),
+        Call::GetResponse(id) => shared.responses.retrieve(&id).map(ok_json),
+        Call::DeleteResponse(id) => shared.responses.delete(&id).map(ok_json),
+        Call::ResponseInputItems(id, query) => shared
+            .responses
+            .input_items(&id, query.as_deref())
+            .map(ok_json),
+        Call::CancelResponse(id) => shared.responses.cancel(&id).map(ok_json),
     };
     result.unwrap_or_else(Answer::from)
+}
+
+fn ok_json(body: Bytes) -> Answer {
+    Answer::Json {
+        status: StatusCode::OK,
+        body,
+        usage: None,
+    }
 }
 
 fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer {

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::MockConfig;
 use super::fault::FaultPlan;
+use super::responses::ResponseStore;
 use super::stats::Counters;
 
 /// State shared by every connection of one mock server.
@@ -18,6 +19,8 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     pub(crate) expected_auth: Option<String>,
     pub(crate) name_header: Option<HeaderValue>,
+    /// The Responses API's stored responses.
+    pub(crate) responses: ResponseStore,
     ids: AtomicU64,
 }
 
@@ -29,6 +32,7 @@ impl Shared {
             config,
             counters: Counters::new(),
             faults: FaultPlan::new(),
+            responses: ResponseStore::default(),
             shutdown: CancellationToken::new(),
             ids: AtomicU64::new(rand::random::<u32>().into()),
         }

@@ -36,6 +36,12 @@ pub struct MockStats {
     pub prompt_tokens: u64,
     /// Sum of `usage.completion_tokens` over every usage object sent.
     pub completion_tokens: u64,
+    /// Sum of the cached input tokens of every Responses API usage sent.
+    #[serde(default)]
+    pub cached_tokens: u64,
+    /// Sum of the reasoning tokens of every Responses API usage sent.
+    #[serde(default)]
+    pub reasoning_tokens: u64,
     /// Requests answered by a fault instead of normally.
     pub faults_applied: u64,
     /// Connections closed by [`Fault::Reset`](super::Fault::Reset).
@@ -72,12 +78,20 @@ pub struct EndpointCounts {
     pub models: u64,
     /// Any other `/v1/...` path or method.
     pub other: u64,
+    /// `/v1/responses` and `/v1/responses/{id}[/input_items|/cancel]`
+    #[serde(default)]
+    pub responses: u64,
 }
 
 impl EndpointCounts {
     /// All `/v1/...` requests.
     pub fn total(&self) -> u64 {
-        self.chat_completions + self.completions + self.embeddings + self.models + self.other
+        self.chat_completions
+            + self.completions
+            + self.embeddings
+            + self.models
+            + self.other
+            + self.responses
     }
 }
 
@@ -89,6 +103,7 @@ pub(crate) enum Endpoint {
     Embeddings = 2,
     Models = 3,
     Other = 4,
+    Responses = 5,
 }
 
 /// Distinct model names remembered; more are counted under [`OTHER_MODELS`].
@@ -98,7 +113,7 @@ pub const OTHER_MODELS: &str = "<other>";
 
 #[derive(Default)]
 pub(crate) struct Counters {
-    requests: [AtomicU64; 5],
+    requests: [AtomicU64; 6],
     /// Indexed by status code; codes are 100..=999.
     responses: Vec<AtomicU64>,
     pub(crate) connections: AtomicU64,
@@ -108,6 +123,8 @@ pub(crate) struct Counters {
     pub(crate) streams_aborted: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
+    cached_tokens: AtomicU64,
+    reasoning_tokens: AtomicU64,
     pub(crate) faults_applied: AtomicU64,
     pub(crate) resets: AtomicU64,
     pub(crate) stalls: AtomicU64,
@@ -143,6 +160,15 @@ impl Counters {
             .fetch_add(completion_tokens, Ordering::Relaxed);
     }
 
+    /// Of the tokens just counted by [`Counters::usage`], those read from the cache and those
+    /// spent on reasoning.
+    pub(crate) fn detail(&self, cached_tokens: u64, reasoning_tokens: u64) {
+        self.cached_tokens
+            .fetch_add(cached_tokens, Ordering::Relaxed);
+        self.reasoning_tokens
+            .fetch_add(reasoning_tokens, Ordering::Relaxed);
+    }
+
     pub(crate) fn model(&self, model: &str) {
         if let Some(c) = self.models.load().get(model) {
             bump(c);
@@ -175,6 +201,7 @@ impl Counters {
                 embeddings: r(Endpoint::Embeddings),
                 models: r(Endpoint::Models),
                 other: r(Endpoint::Other),
+                responses: r(Endpoint::Responses),
             },
             responses: self
                 .responses
@@ -192,6 +219,8 @@ impl Counters {
             streams_aborted: get(&self.streams_aborted),
             prompt_tokens: get(&self.prompt_tokens),
             completion_tokens: get(&self.completion_tokens),
+            cached_tokens: get(&self.cached_tokens),
+            reasoning_tokens: get(&self.reasoning_tokens),
             faults_applied: get(&self.faults_applied),
             resets: get(&self.resets),
             stalls: get(&self.stalls),
@@ -217,6 +246,8 @@ impl Counters {
             &self.streams_aborted,
             &self.prompt_tokens,
             &self.completion_tokens,
+            &self.cached_tokens,
+            &self.reasoning_tokens,
             &self.faults_applied,
             &self.resets,
             &self.stalls,

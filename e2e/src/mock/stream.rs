@@ -158,6 +158,68 @@ pub(crate) fn sse(plan: StreamPlan, shared: Arc<Shared>) -> impl Stream<Item = F
     })
 }
 
+/// A Responses API stream: `events` one by one (no `[DONE]`: the stream ends after its
+/// terminal event), `usage` counted when the last one goes out, or a cut after `cut_after`.
+pub(crate) fn events(
+    events: Vec<Bytes>,
+    usage: Option<super::responses::ResponseUsage>,
+    cut_after: Option<usize>,
+    shared: Arc<Shared>,
+) -> impl Stream<Item = FrameResult> + Send {
+    struct State {
+        events: std::vec::IntoIter<Bytes>,
+        sent: usize,
+        total: usize,
+        usage: Option<super::responses::ResponseUsage>,
+        cut_after: Option<usize>,
+        shared: Arc<Shared>,
+        finished: bool,
+    }
+    impl Drop for State {
+        fn drop(&mut self) {
+            if !self.finished {
+                bump(&self.shared.counters.streams_aborted);
+            }
+        }
+    }
+    let total = events.len();
+    let state = State {
+        events: events.into_iter(),
+        sent: 0,
+        total,
+        usage,
+        cut_after,
+        shared,
+        finished: false,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        let interval = st.shared.config.chunk_interval;
+        if st.sent > 0 && !interval.is_zero() {
+            tokio::time::sleep(interval).await;
+        }
+        if st.cut_after.map(|k| k.min(st.total)) == Some(st.sent) {
+            tokio::time::sleep(CUT_FLUSH).await;
+            st.finished = true;
+            bump(&st.shared.counters.streams_cut);
+            return Some((Err(Box::new(Cut) as BoxError), st));
+        }
+        let event = st.events.next()?;
+        st.sent += 1;
+        if st.sent == st.total {
+            st.finished = true;
+            bump(&st.shared.counters.streams_completed);
+            if let Some(u) = st.usage {
+                st.shared.counters.usage(u.input, u.output);
+                st.shared.counters.detail(u.cached, u.reasoning);
+            }
+        }
+        Some((Ok(Frame::data(event)), st))
+    })
+}
+
 /// The first half of `body`, then a dropped connection.
 pub(crate) fn cut_in_half(body: Bytes) -> impl Stream<Item = FrameResult> + Send {
     let half = body.slice(..body.len() / 2);
