@@ -1,0 +1,678 @@
+//! Requests, both ways: a chat completions body for an Anthropic backend
+//! ([`chat_to_messages`]) and a Messages body for an OpenAI-format backend
+//! ([`messages_to_chat`]).
+
+use serde_json::{Map, Value, json};
+
+use super::Untranslatable;
+
+/// A chat completions request → the Messages request for `model`. `default_max_tokens` fills
+/// `max_tokens` when the client gave neither `max_tokens` nor `max_completion_tokens`
+/// (Anthropic requires it). Anything the Messages API cannot express is an [`Untranslatable`].
+pub fn chat_to_messages(
+    chat: &Map<String, Value>,
+    model: &str,
+    default_max_tokens: u32,
+) -> Result<Map<String, Value>, Untranslatable> {
+    let mut out = Map::new();
+    out.insert("model".into(), Value::from(model));
+    let max_tokens = match chat
+        .get("max_completion_tokens")
+        .filter(|v| !v.is_null())
+        .or_else(|| chat.get("max_tokens").filter(|v| !v.is_null()))
+    {
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| Untranslatable::new("max_tokens", "max_tokens must be an integer."))?,
+        None => u64::from(default_max_tokens),
+    };
+    out.insert("max_tokens".into(), Value::from(max_tokens));
+    let messages = chat
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Untranslatable::new("messages", "messages must be an array."))?;
+    let (system, turns) = chat_messages(messages)?;
+    if !system.is_empty() {
+        out.insert("system".into(), Value::Array(system));
+    }
+    out.insert("messages".into(), Value::Array(turns));
+    for (key, value) in chat {
+        match key.as_str() {
+            "model" | "messages" => {}
+            "temperature" | "top_p" | "stream" if !value.is_null() => {
+                out.insert(key.clone(), value.clone());
+            }
+            "stop" => match value {
+                Value::Null => {}
+                Value::String(s) => {
+                    out.insert("stop_sequences".into(), json!([s]));
+                }
+                Value::Array(_) => {
+                    out.insert("stop_sequences".into(), value.clone());
+                }
+                _ => {
+                    return Err(Untranslatable::new(
+                        "stop",
+                        "stop must be a string or an array.",
+                    ));
+                }
+            },
+            "tools" if !value.is_null() => {
+                out.insert("tools".into(), chat_tools(value)?);
+            }
+            "tool_choice" if !value.is_null() => {
+                out.insert("tool_choice".into(), chat_tool_choice(value)?);
+            }
+            "user" => {
+                if let Some(user) = value.as_str() {
+                    out.insert("metadata".into(), json!({ "user_id": user }));
+                }
+            }
+            "n" if value.as_u64().is_some_and(|n| n > 1) => {
+                return Err(Untranslatable::new(
+                    "n",
+                    "An Anthropic backend returns one choice per request; n must be 1.",
+                ));
+            }
+            "logprobs" if value.as_bool() == Some(true) => {
+                return Err(Untranslatable::new(
+                    "logprobs",
+                    "An Anthropic backend does not return log probabilities.",
+                ));
+            }
+            "response_format" => {
+                let kind = value.get("type").and_then(Value::as_str);
+                if !matches!(kind, None | Some("text")) {
+                    return Err(Untranslatable::new(
+                        "response_format",
+                        "response_format other than text cannot be sent to an Anthropic backend.",
+                    ));
+                }
+            }
+            "modalities" | "audio" if !value.is_null() && value != &json!(["text"]) => {
+                return Err(Untranslatable::new(
+                    key.clone(),
+                    "An Anthropic backend answers with text only.",
+                ));
+            }
+            _ => {}
+        }
+    }
+    if chat.get("parallel_tool_calls") == Some(&Value::Bool(false)) {
+        let choice = out
+            .entry("tool_choice")
+            .or_insert_with(|| json!({"type": "auto"}));
+        if let Some(choice) = choice.as_object_mut() {
+            choice.insert("disable_parallel_tool_use".into(), Value::Bool(true));
+        }
+    }
+    Ok(out)
+}
+
+/// The chat `messages` → (top-level `system` blocks, Messages turns with same-role turns merged).
+fn chat_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Untranslatable> {
+    let mut system = Vec::new();
+    let mut turns: Vec<(String, Vec<Value>)> = Vec::new();
+    for (i, message) in messages.iter().enumerate() {
+        let at = |field: &str| format!("messages[{i}]{field}");
+        let role = message
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Untranslatable::new(at(".role"), "Each message needs a role."))?;
+        let content = message.get("content").unwrap_or(&Value::Null);
+        let (role, blocks) = match role {
+            "system" | "developer" => {
+                let blocks = text_blocks(content, &at(".content"))?;
+                if turns.is_empty() {
+                    system.extend(blocks);
+                    continue;
+                }
+                ("system", blocks)
+            }
+            "user" => ("user", user_blocks(content, &at(".content"))?),
+            "assistant" => ("assistant", assistant_blocks(message, &at)?),
+            "tool" => {
+                let id = message
+                    .get("tool_call_id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        Untranslatable::new(
+                            at(".tool_call_id"),
+                            "A tool message needs a tool_call_id.",
+                        )
+                    })?;
+                let mut result = json!({"type": "tool_result", "tool_use_id": id});
+                let text = text_blocks(content, &at(".content"))?;
+                if !text.is_empty() {
+                    result["content"] = Value::Array(text);
+                }
+                ("user", vec![result])
+            }
+            other => {
+                return Err(Untranslatable::new(
+                    at(".role"),
+                    format!("The role `{other}` cannot be sent to an Anthropic backend."),
+                ));
+            }
+        };
+        match turns.last_mut() {
+            Some((last, merged)) if last == role => merged.extend(blocks),
+            _ => turns.push((role.to_owned(), blocks)),
+        }
+    }
+    let turns = turns
+        .into_iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect();
+    Ok((system, turns))
+}
+
+/// String or text parts → text blocks (empty strings dropped: Anthropic refuses them).
+fn text_blocks(content: &Value, at: &str) -> Result<Vec<Value>, Untranslatable> {
+    match content {
+        Value::Null => Ok(Vec::new()),
+        Value::String(s) if s.is_empty() => Ok(Vec::new()),
+        Value::String(s) => Ok(vec![json!({"type": "text", "text": s})]),
+        Value::Array(parts) => {
+            let mut blocks = Vec::new();
+            for (j, part) in parts.iter().enumerate() {
+                match part.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        if let Some(text) = part.get("text").and_then(Value::as_str)
+                            && !text.is_empty()
+                        {
+                            blocks.push(json!({"type": "text", "text": text}));
+                        }
+                    }
+                    _ => {
+                        return Err(Untranslatable::new(
+                            format!("{at}[{j}]"),
+                            "Only text parts are allowed here.",
+                        ));
+                    }
+                }
+            }
+            Ok(blocks)
+        }
+        _ => Err(Untranslatable::new(
+            at,
+            "content must be a string or an array of parts.",
+        )),
+    }
+}
+
+fn user_blocks(content: &Value, at: &str) -> Result<Vec<Value>, Untranslatable> {
+    let Value::Array(parts) = content else {
+        return text_blocks(content, at);
+    };
+    let mut blocks = Vec::new();
+    for (j, part) in parts.iter().enumerate() {
+        let here = format!("{at}[{j}]");
+        match part.get("type").and_then(Value::as_str) {
+            Some("text") => blocks.extend(text_blocks(&json!([part]), &here)?),
+            Some("image_url") => {
+                let url = part
+                    .get("image_url")
+                    .and_then(|u| u.get("url").or(Some(u)))
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| Untranslatable::new(&here, "An image part needs a url."))?;
+                blocks.push(json!({"type": "image", "source": image_source(url, &here)?}));
+            }
+            other => {
+                return Err(Untranslatable::new(
+                    here,
+                    format!(
+                        "Content parts of type `{}` cannot be sent to an Anthropic backend.",
+                        other.unwrap_or("(none)")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(blocks)
+}
+
+/// A `data:` URL → a base64 source with its media type; an http(s) URL → a url source.
+fn image_source(url: &str, at: &str) -> Result<Value, Untranslatable> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (media_type, data) = rest
+            .split_once(";base64,")
+            .ok_or_else(|| Untranslatable::new(at, "An image data URL must be base64 encoded."))?;
+        return Ok(json!({"type": "base64", "media_type": media_type, "data": data}));
+    }
+    if url.starts_with("https://") || url.starts_with("http://") {
+        return Ok(json!({"type": "url", "url": url}));
+    }
+    Err(Untranslatable::new(
+        at,
+        "An image url must be a data: or http(s) URL.",
+    ))
+}
+
+fn assistant_blocks(
+    message: &Value,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Vec<Value>, Untranslatable> {
+    let mut blocks = Vec::new();
+    match message.get("content").unwrap_or(&Value::Null) {
+        Value::Array(parts) => {
+            for (j, part) in parts.iter().enumerate() {
+                let text = match part.get("type").and_then(Value::as_str) {
+                    Some("text") => part.get("text"),
+                    Some("refusal") => part.get("refusal"),
+                    _ => {
+                        return Err(Untranslatable::new(
+                            at(&format!(".content[{j}]")),
+                            "Only text and refusal parts are allowed in an assistant message.",
+                        ));
+                    }
+                };
+                if let Some(text) = text.and_then(Value::as_str)
+                    && !text.is_empty()
+                {
+                    blocks.push(json!({"type": "text", "text": text}));
+                }
+            }
+        }
+        content => blocks.extend(text_blocks(content, &at(".content"))?),
+    }
+    let calls = match message.get("tool_calls") {
+        None | Some(Value::Null) => return Ok(blocks),
+        Some(Value::Array(calls)) => calls,
+        Some(_) => {
+            return Err(Untranslatable::new(
+                at(".tool_calls"),
+                "tool_calls must be an array.",
+            ));
+        }
+    };
+    for (k, call) in calls.iter().enumerate() {
+        let here = |field: &str| at(&format!(".tool_calls[{k}]{field}"));
+        let id = call
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Untranslatable::new(here(".id"), "A tool call needs an id."))?;
+        let function = call.get("function");
+        let name = function
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                Untranslatable::new(here(".function.name"), "A tool call needs a name.")
+            })?;
+        let arguments = function
+            .and_then(|f| f.get("arguments"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let input = if arguments.trim().is_empty() {
+            json!({})
+        } else {
+            match serde_json::from_str::<Value>(arguments) {
+                Ok(input @ Value::Object(_)) => input,
+                Ok(_) => {
+                    return Err(Untranslatable::new(
+                        here(".function.arguments"),
+                        "Tool call arguments must be a JSON object.",
+                    ));
+                }
+                Err(e) => {
+                    return Err(Untranslatable::new(
+                        here(".function.arguments"),
+                        format!("Tool call arguments are not valid JSON ({e})."),
+                    ));
+                }
+            }
+        };
+        blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
+    }
+    Ok(blocks)
+}
+
+fn chat_tools(tools: &Value) -> Result<Value, Untranslatable> {
+    let tools = tools
+        .as_array()
+        .ok_or_else(|| Untranslatable::new("tools", "tools must be an array."))?;
+    let mut out = Vec::with_capacity(tools.len());
+    for (i, tool) in tools.iter().enumerate() {
+        let function = tool
+            .get("function")
+            .filter(|_| tool.get("type").and_then(Value::as_str) == Some("function"))
+            .ok_or_else(|| {
+                Untranslatable::new(
+                    format!("tools[{i}]"),
+                    "Only function tools can be sent to an Anthropic backend.",
+                )
+            })?;
+        let name = function
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                Untranslatable::new(format!("tools[{i}].function.name"), "A tool needs a name.")
+            })?;
+        let mut converted = Map::new();
+        converted.insert("name".into(), Value::from(name));
+        if let Some(description) = function.get("description").filter(|d| !d.is_null()) {
+            converted.insert("description".into(), description.clone());
+        }
+        let schema = function
+            .get("parameters")
+            .filter(|p| !p.is_null())
+            .cloned()
+            .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+        converted.insert("input_schema".into(), schema);
+        out.push(Value::Object(converted));
+    }
+    Ok(Value::Array(out))
+}
+
+fn chat_tool_choice(choice: &Value) -> Result<Value, Untranslatable> {
+    match choice {
+        Value::String(s) => match s.as_str() {
+            "auto" => Ok(json!({"type": "auto"})),
+            "required" => Ok(json!({"type": "any"})),
+            "none" => Ok(json!({"type": "none"})),
+            _ => Err(Untranslatable::new("tool_choice", "Unknown tool_choice.")),
+        },
+        Value::Object(o) => o
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .map(|name| json!({"type": "tool", "name": name}))
+            .ok_or_else(|| Untranslatable::new("tool_choice", "tool_choice must name a function.")),
+        _ => Err(Untranslatable::new("tool_choice", "Unknown tool_choice.")),
+    }
+}
+
+/// A Messages request → the chat completions request for `model`. A stream asks for the
+/// usage chunk (the Anthropic client gets its usage in `message_delta`).
+pub fn messages_to_chat(
+    messages: &Map<String, Value>,
+    model: &str,
+) -> Result<Map<String, Value>, Untranslatable> {
+    let mut out = Map::new();
+    out.insert("model".into(), Value::from(model));
+    let mut chat = Vec::new();
+    match messages.get("system") {
+        None | Some(Value::Null) => {}
+        Some(system) => {
+            chat.push(json!({"role": "system", "content": joined_text(system, "system")?}))
+        }
+    }
+    let turns = messages
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Untranslatable::new("messages", "messages must be an array."))?;
+    for (i, turn) in turns.iter().enumerate() {
+        messages_turn(turn, i, &mut chat)?;
+    }
+    out.insert("messages".into(), Value::Array(chat));
+    for (key, value) in messages {
+        match key.as_str() {
+            "max_tokens" | "temperature" | "top_p" | "stream" if !value.is_null() => {
+                out.insert(key.clone(), value.clone());
+            }
+            "stop_sequences" if !value.is_null() => {
+                out.insert("stop".into(), value.clone());
+            }
+            "tools" if !value.is_null() => {
+                out.insert("tools".into(), messages_tools(value)?);
+            }
+            "tool_choice" if !value.is_null() => {
+                let (choice, serial) = messages_tool_choice(value)?;
+                if let Some(choice) = choice {
+                    out.insert("tool_choice".into(), choice);
+                }
+                if serial {
+                    out.insert("parallel_tool_calls".into(), Value::Bool(false));
+                }
+            }
+            "metadata" => {
+                if let Some(user) = value.get("user_id").and_then(Value::as_str) {
+                    out.insert("user".into(), Value::from(user));
+                }
+            }
+            _ => {}
+        }
+    }
+    if out.get("stream") == Some(&Value::Bool(true)) {
+        out.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    Ok(out)
+}
+
+/// A string or text blocks → one string (blocks joined with a blank line).
+fn joined_text(content: &Value, at: &str) -> Result<String, Untranslatable> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(blocks) => {
+            let mut texts = Vec::with_capacity(blocks.len());
+            for (j, block) in blocks.iter().enumerate() {
+                match block.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        texts.push(block.get("text").and_then(Value::as_str).unwrap_or(""));
+                    }
+                    _ => {
+                        return Err(Untranslatable::new(
+                            format!("{at}[{j}]"),
+                            "Only text blocks are allowed here.",
+                        ));
+                    }
+                }
+            }
+            Ok(texts.join("\n\n"))
+        }
+        _ => Err(Untranslatable::new(
+            at,
+            "content must be a string or an array of blocks.",
+        )),
+    }
+}
+
+fn messages_turn(turn: &Value, i: usize, chat: &mut Vec<Value>) -> Result<(), Untranslatable> {
+    let at = |field: &str| format!("messages[{i}]{field}");
+    let role = turn
+        .get("role")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Untranslatable::new(at(".role"), "Each message needs a role."))?;
+    let content = turn.get("content").unwrap_or(&Value::Null);
+    match role {
+        "system" => {
+            chat.push(json!({"role": "system", "content": joined_text(content, &at(".content"))?}));
+        }
+        "user" => {
+            let Value::Array(blocks) = content else {
+                chat.push(
+                    json!({"role": "user", "content": joined_text(content, &at(".content"))?}),
+                );
+                return Ok(());
+            };
+            // Tool results become `tool` messages, which must follow the assistant's calls
+            // directly; the rest of the turn comes after them.
+            let mut parts = Vec::new();
+            for (j, block) in blocks.iter().enumerate() {
+                let here = at(&format!(".content[{j}]"));
+                match block.get("type").and_then(Value::as_str) {
+                    Some("text") => parts.push(json!({
+                        "type": "text",
+                        "text": block.get("text").and_then(Value::as_str).unwrap_or(""),
+                    })),
+                    Some("image") => parts.push(json!({
+                        "type": "image_url",
+                        "image_url": {"url": image_url(block.get("source"), &here)?},
+                    })),
+                    Some("tool_result") => {
+                        let id = block
+                            .get("tool_use_id")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| {
+                                Untranslatable::new(&here, "A tool_result needs a tool_use_id.")
+                            })?;
+                        let mut text = match block.get("content") {
+                            None | Some(Value::Null) => String::new(),
+                            Some(c) => joined_text(c, &format!("{here}.content"))?,
+                        };
+                        if block.get("is_error") == Some(&Value::Bool(true)) {
+                            text = format!("Error: {text}");
+                        }
+                        chat.push(json!({"role": "tool", "tool_call_id": id, "content": text}));
+                    }
+                    other => {
+                        return Err(Untranslatable::new(
+                            here,
+                            format!(
+                                "Content blocks of type `{}` cannot be sent to an OpenAI-format backend.",
+                                other.unwrap_or("(none)")
+                            ),
+                        ));
+                    }
+                }
+            }
+            if !parts.is_empty() {
+                let content = if parts.iter().all(|p| p["type"] == "text") {
+                    let texts: Vec<&str> =
+                        parts.iter().filter_map(|p| p["text"].as_str()).collect();
+                    Value::from(texts.join("\n\n"))
+                } else {
+                    Value::Array(parts)
+                };
+                chat.push(json!({"role": "user", "content": content}));
+            }
+        }
+        "assistant" => {
+            let blocks = match content {
+                Value::Array(blocks) => blocks.as_slice(),
+                _ => {
+                    chat.push(json!({"role": "assistant", "content": joined_text(content, &at(".content"))?}));
+                    return Ok(());
+                }
+            };
+            let mut text = String::new();
+            let mut calls = Vec::new();
+            for (j, block) in blocks.iter().enumerate() {
+                match block.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        text.push_str(block.get("text").and_then(Value::as_str).unwrap_or(""))
+                    }
+                    // Reasoning of an earlier turn: a chat backend has nowhere to take it.
+                    Some("thinking" | "redacted_thinking") => {}
+                    Some("tool_use") => {
+                        let id = block.get("id").and_then(Value::as_str).unwrap_or_default();
+                        let name = block
+                            .get("name")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default();
+                        let input = block.get("input").cloned().unwrap_or_else(|| json!({}));
+                        calls.push(json!({
+                            "id": id,
+                            "type": "function",
+                            "function": {"name": name, "arguments": input.to_string()},
+                        }));
+                    }
+                    other => {
+                        return Err(Untranslatable::new(
+                            at(&format!(".content[{j}]")),
+                            format!(
+                                "Content blocks of type `{}` cannot be sent to an OpenAI-format backend.",
+                                other.unwrap_or("(none)")
+                            ),
+                        ));
+                    }
+                }
+            }
+            let mut message = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { Value::from(text) }});
+            if !calls.is_empty() {
+                message["tool_calls"] = Value::Array(calls);
+            }
+            chat.push(message);
+        }
+        other => {
+            return Err(Untranslatable::new(
+                at(".role"),
+                format!("Unknown role `{other}`."),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn image_url(source: Option<&Value>, at: &str) -> Result<String, Untranslatable> {
+    let source = source.ok_or_else(|| Untranslatable::new(at, "An image needs a source."))?;
+    match source.get("type").and_then(Value::as_str) {
+        Some("base64") => {
+            let media = source
+                .get("media_type")
+                .and_then(Value::as_str)
+                .unwrap_or("image/png");
+            let data = source.get("data").and_then(Value::as_str).unwrap_or("");
+            Ok(format!("data:{media};base64,{data}"))
+        }
+        Some("url") => source
+            .get("url")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| Untranslatable::new(at, "A url image source needs a url.")),
+        _ => Err(Untranslatable::new(
+            at,
+            "Only base64 and url image sources can be sent to an OpenAI-format backend.",
+        )),
+    }
+}
+
+fn messages_tools(tools: &Value) -> Result<Value, Untranslatable> {
+    let tools = tools
+        .as_array()
+        .ok_or_else(|| Untranslatable::new("tools", "tools must be an array."))?;
+    let mut out = Vec::with_capacity(tools.len());
+    for (i, tool) in tools.iter().enumerate() {
+        // Server tools (web search, code execution, …) carry a versioned `type`.
+        if tool
+            .get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t != "custom")
+        {
+            return Err(Untranslatable::new(
+                format!("tools[{i}]"),
+                "Server tools cannot be sent to an OpenAI-format backend.",
+            ));
+        }
+        let name = tool.get("name").and_then(Value::as_str).ok_or_else(|| {
+            Untranslatable::new(format!("tools[{i}].name"), "A tool needs a name.")
+        })?;
+        let mut function = Map::new();
+        function.insert("name".into(), Value::from(name));
+        if let Some(description) = tool.get("description").filter(|d| !d.is_null()) {
+            function.insert("description".into(), description.clone());
+        }
+        let schema = tool.get("input_schema").cloned().ok_or_else(|| {
+            Untranslatable::new(
+                format!("tools[{i}].input_schema"),
+                "A tool needs an input_schema.",
+            )
+        })?;
+        function.insert("parameters".into(), schema);
+        out.push(json!({"type": "function", "function": function}));
+    }
+    Ok(Value::Array(out))
+}
+
+/// → (the chat `tool_choice`, whether parallel tool calls are off).
+fn messages_tool_choice(choice: &Value) -> Result<(Option<Value>, bool), Untranslatable> {
+    let serial = choice.get("disable_parallel_tool_use") == Some(&Value::Bool(true));
+    let converted = match choice.get("type").and_then(Value::as_str) {
+        Some("auto") => Value::from("auto"),
+        Some("any") => Value::from("required"),
+        Some("none") => Value::from("none"),
+        Some("tool") => {
+            let name = choice.get("name").and_then(Value::as_str).ok_or_else(|| {
+                Untranslatable::new("tool_choice.name", "tool_choice needs a name.")
+            })?;
+            json!({"type": "function", "function": {"name": name}})
+        }
+        _ => {
+            return Err(Untranslatable::new(
+                "tool_choice",
+                "Unknown tool_choice type.",
+            ));
+        }
+    };
+    Ok((Some(converted), serial))
+}

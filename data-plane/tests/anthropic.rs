@@ -1,0 +1,818 @@
+//! The Anthropic translations, both ways, mapping by mapping (docs/anthropic.md lists them),
+//! and a property test that a chat request → Messages → chat response round trip keeps text,
+//! tool names and arguments.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use http::StatusCode;
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+use sluice_proxy::anthropic::request::{chat_to_messages, messages_to_chat};
+use sluice_proxy::anthropic::response::{completion_to_message, message_to_completion};
+use sluice_proxy::anthropic::stream::{ChunksFromEvents, EventUsage, EventsFromChunks, Flow};
+use sluice_proxy::anthropic::{Usage, error};
+use sluice_proxy::sse::{Event, Item, SseParser};
+
+fn obj(v: Value) -> Map<String, Value> {
+    v.as_object().unwrap().clone()
+}
+
+fn to_messages(chat: Value) -> Value {
+    Value::Object(chat_to_messages(&obj(chat), "claude-up", 4096).unwrap())
+}
+
+fn to_chat(messages: Value) -> Value {
+    Value::Object(messages_to_chat(&obj(messages), "gpt-up").unwrap())
+}
+
+// ---- chat request → Messages request -------------------------------------------------
+
+#[test]
+fn leading_system_and_developer_messages_become_the_top_level_system() {
+    let m = to_messages(json!({"model": "m", "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": [{"type": "text", "text": "No emoji."}]},
+        {"role": "user", "content": "Hi"},
+    ]}));
+    assert_eq!(m["model"], "claude-up");
+    assert_eq!(
+        m["system"],
+        json!([{"type": "text", "text": "Be brief."}, {"type": "text", "text": "No emoji."}])
+    );
+    assert_eq!(
+        m["messages"],
+        json!([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    );
+}
+
+#[test]
+fn later_system_messages_stay_in_place_as_system_turns() {
+    let m = to_messages(json!({"model": "m", "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "system", "content": "Now answer in French."},
+        {"role": "user", "content": "Bye"},
+    ]}));
+    assert!(m.get("system").is_none());
+    let roles: Vec<&str> = m["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["user", "assistant", "system", "user"]);
+    assert_eq!(
+        m["messages"][2]["content"][0]["text"],
+        "Now answer in French."
+    );
+}
+
+#[test]
+fn consecutive_same_role_turns_are_merged() {
+    let m = to_messages(json!({"model": "m", "messages": [
+        {"role": "user", "content": "one"},
+        {"role": "user", "content": "two"},
+    ]}));
+    assert_eq!(
+        m["messages"],
+        json!([{"role": "user", "content": [
+            {"type": "text", "text": "one"}, {"type": "text", "text": "two"}
+        ]}])
+    );
+}
+
+#[test]
+fn max_tokens_comes_from_the_client_or_the_route_default() {
+    let hi = json!([{"role": "user", "content": "Hi"}]);
+    assert_eq!(
+        to_messages(json!({"model": "m", "messages": hi}))["max_tokens"],
+        4096
+    );
+    assert_eq!(
+        to_messages(json!({"model": "m", "messages": hi, "max_tokens": 10}))["max_tokens"],
+        10
+    );
+    assert_eq!(
+        to_messages(
+            json!({"model": "m", "messages": hi, "max_tokens": 10, "max_completion_tokens": 20})
+        )["max_tokens"],
+        20
+    );
+}
+
+#[test]
+fn sampling_and_stop_map_across() {
+    let m = to_messages(
+        json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+        "temperature": 0.5, "top_p": 0.9, "stop": "END", "stream": true,
+        "frequency_penalty": 1.0, "seed": 7, "user": "u-1"}),
+    );
+    assert_eq!(m["temperature"], 0.5);
+    assert_eq!(m["top_p"], 0.9);
+    assert_eq!(m["stop_sequences"], json!(["END"]));
+    assert_eq!(m["stream"], true);
+    assert_eq!(m["metadata"], json!({"user_id": "u-1"}));
+    assert!(m.get("frequency_penalty").is_none() && m.get("seed").is_none());
+    let m = to_messages(
+        json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stop": ["a", "b"]}),
+    );
+    assert_eq!(m["stop_sequences"], json!(["a", "b"]));
+}
+
+#[test]
+fn tools_and_tool_choice_map_across() {
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": false});
+    let tools = json!([{"type": "function", "function": {"name": "weather", "description": "Weather now", "parameters": schema}}]);
+    let hi = json!([{"role": "user", "content": "Hi"}]);
+    let m = to_messages(
+        json!({"model": "m", "messages": hi, "tools": tools, "tool_choice": "required"}),
+    );
+    assert_eq!(
+        m["tools"],
+        json!([{"name": "weather", "description": "Weather now", "input_schema": schema}])
+    );
+    assert_eq!(m["tool_choice"], json!({"type": "any"}));
+    for (chat, messages) in [
+        (json!("auto"), json!({"type": "auto"})),
+        (json!("none"), json!({"type": "none"})),
+        (
+            json!({"type": "function", "function": {"name": "weather"}}),
+            json!({"type": "tool", "name": "weather"}),
+        ),
+    ] {
+        let m =
+            to_messages(json!({"model": "m", "messages": hi, "tools": tools, "tool_choice": chat}));
+        assert_eq!(m["tool_choice"], messages);
+    }
+    let m = to_messages(
+        json!({"model": "m", "messages": hi, "tools": tools, "parallel_tool_calls": false}),
+    );
+    assert_eq!(
+        m["tool_choice"],
+        json!({"type": "auto", "disable_parallel_tool_use": true})
+    );
+    let m = to_messages(
+        json!({"model": "m", "messages": hi, "tools": tools, "tool_choice": "required", "parallel_tool_calls": false}),
+    );
+    assert_eq!(
+        m["tool_choice"],
+        json!({"type": "any", "disable_parallel_tool_use": true})
+    );
+    let m = to_messages(
+        json!({"model": "m", "messages": hi, "tools": [{"type": "function", "function": {"name": "now"}}]}),
+    );
+    assert_eq!(
+        m["tools"][0]["input_schema"],
+        json!({"type": "object", "properties": {}})
+    );
+}
+
+#[test]
+fn tool_calls_and_tool_results_become_blocks() {
+    let m = to_messages(json!({"model": "m", "messages": [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}},
+            {"id": "call_2", "type": "function", "function": {"name": "weather", "arguments": ""}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+        {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "Rain"}]},
+        {"role": "user", "content": "Thanks"},
+    ]}));
+    assert_eq!(
+        m["messages"][1],
+        json!({"role": "assistant", "content": [
+            {"type": "tool_use", "id": "call_1", "name": "weather", "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "call_2", "name": "weather", "input": {}},
+        ]})
+    );
+    assert_eq!(
+        m["messages"][2],
+        json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "call_1", "content": [{"type": "text", "text": "Sunny"}]},
+            {"type": "tool_result", "tool_use_id": "call_2", "content": [{"type": "text", "text": "Rain"}]},
+            {"type": "text", "text": "Thanks"},
+        ]})
+    );
+}
+
+#[test]
+fn invalid_tool_arguments_are_a_client_error_naming_the_field() {
+    for arguments in ["{not json", "[1,2]"] {
+        let err = chat_to_messages(
+            &obj(json!({"model": "m", "messages": [
+                {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
+            ]})),
+            "x",
+            1,
+        )
+        .unwrap_err();
+        assert_eq!(err.param, "messages[0].tool_calls[0].function.arguments");
+    }
+}
+
+#[test]
+fn image_parts_become_image_blocks() {
+    let m = to_messages(
+        json!({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg", "detail": "high"}},
+        ]}]}),
+    );
+    assert_eq!(
+        m["messages"][0]["content"],
+        json!([
+            {"type": "text", "text": "What is this?"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
+        ])
+    );
+}
+
+#[test]
+fn what_cannot_be_translated_is_refused_with_its_parameter() {
+    let hi = json!([{"role": "user", "content": "Hi"}]);
+    for (extra, param) in [
+        (json!({"n": 2}), "n"),
+        (json!({"logprobs": true}), "logprobs"),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {}}}),
+            "response_format",
+        ),
+        (
+            json!({"tools": [{"type": "custom", "custom": {"name": "x"}}]}),
+            "tools[0]",
+        ),
+    ] {
+        let mut body = obj(json!({"model": "m", "messages": hi}));
+        body.extend(obj(extra));
+        assert_eq!(chat_to_messages(&body, "x", 1).unwrap_err().param, param);
+    }
+    let audio = json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]});
+    assert_eq!(
+        chat_to_messages(&obj(audio), "x", 1).unwrap_err().param,
+        "messages[0].content[0]"
+    );
+    let function =
+        json!({"model": "m", "messages": [{"role": "function", "name": "f", "content": "x"}]});
+    assert_eq!(
+        chat_to_messages(&obj(function), "x", 1).unwrap_err().param,
+        "messages[0].role"
+    );
+}
+
+// ---- Messages response → chat completion ---------------------------------------------
+
+#[test]
+fn a_message_becomes_a_chat_completion() {
+    let c = message_to_completion(
+        &json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-up",
+            "content": [
+                {"type": "thinking", "thinking": "hmm", "signature": "s"},
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Paris"}},
+            ],
+            "stop_reason": "tool_use", "stop_sequence": null,
+            "usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20},
+        }),
+        1_700_000_000,
+    );
+    assert_eq!(c["object"], "chat.completion");
+    assert_eq!(c["id"], "msg_1");
+    assert_eq!(c["created"], 1_700_000_000);
+    let choice = &c["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], "Let me check.");
+    assert_eq!(
+        choice["message"]["tool_calls"],
+        json!([{"id": "toolu_1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}}])
+    );
+    assert_eq!(
+        c["usage"],
+        json!({"prompt_tokens": 130, "completion_tokens": 5, "total_tokens": 135,
+               "prompt_tokens_details": {"cached_tokens": 100, "cache_creation_tokens": 20}})
+    );
+}
+
+#[test]
+fn stop_reasons_map_to_finish_reasons() {
+    for (stop, finish) in [
+        ("end_turn", "stop"),
+        ("stop_sequence", "stop"),
+        ("max_tokens", "length"),
+        ("tool_use", "tool_calls"),
+        ("refusal", "content_filter"),
+    ] {
+        let c = message_to_completion(
+            &json!({"id": "m", "model": "x", "content": [{"type": "text", "text": "t"}], "stop_reason": stop, "usage": {"input_tokens": 1, "output_tokens": 1}}),
+            0,
+        );
+        assert_eq!(c["choices"][0]["finish_reason"], finish, "{stop}");
+    }
+    let refused = message_to_completion(
+        &json!({"id": "m", "model": "x", "content": [{"type": "text", "text": "I can't."}], "stop_reason": "refusal", "usage": {}}),
+        0,
+    );
+    assert_eq!(refused["choices"][0]["message"]["content"], Value::Null);
+    assert_eq!(refused["choices"][0]["message"]["refusal"], "I can't.");
+}
+
+// ---- Messages request → chat request -------------------------------------------------
+
+#[test]
+fn a_messages_request_becomes_a_chat_request() {
+    let schema = json!({"type": "object", "properties": {"q": {"type": "string"}}});
+    let c = to_chat(json!({
+        "model": "claude", "max_tokens": 100, "temperature": 0.2, "top_p": 0.8, "top_k": 5,
+        "stop_sequences": ["END"], "stream": true, "metadata": {"user_id": "u"},
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        "tools": [{"name": "search", "description": "Search", "input_schema": schema}],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+        "messages": [
+            {"role": "user", "content": "Find cats"},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "Searching."},
+                {"type": "tool_use", "id": "toolu_1", "name": "search", "input": {"q": "cats"}},
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "3 cats"},
+                {"type": "text", "text": "And dogs?"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "AAAA"}},
+            ]},
+            {"role": "system", "content": "Answer in French."},
+        ],
+    }));
+    assert_eq!(c["model"], "gpt-up");
+    assert_eq!(c["max_tokens"], 100);
+    assert_eq!(c["temperature"], 0.2);
+    assert_eq!(c["top_p"], 0.8);
+    assert_eq!(c["stop"], json!(["END"]));
+    assert_eq!(c["stream"], true);
+    assert_eq!(c["stream_options"], json!({"include_usage": true}));
+    assert_eq!(c["user"], "u");
+    assert!(c.get("top_k").is_none() && c.get("thinking").is_none());
+    assert_eq!(c["tool_choice"], "required");
+    assert_eq!(c["parallel_tool_calls"], false);
+    assert_eq!(
+        c["tools"],
+        json!([{"type": "function", "function": {"name": "search", "description": "Search", "parameters": schema}}])
+    );
+    assert_eq!(
+        c["messages"],
+        json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Find cats"},
+            {"role": "assistant", "content": "Searching.", "tool_calls": [
+                {"id": "toolu_1", "type": "function", "function": {"name": "search", "arguments": "{\"q\":\"cats\"}"}},
+            ]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "3 cats"},
+            {"role": "user", "content": [
+                {"type": "text", "text": "And dogs?"},
+                {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}},
+            ]},
+            {"role": "system", "content": "Answer in French."},
+        ])
+    );
+}
+
+#[test]
+fn messages_tool_choices_map_across() {
+    for (anthropic, chat) in [
+        (json!({"type": "auto"}), json!("auto")),
+        (json!({"type": "none"}), json!("none")),
+        (
+            json!({"type": "tool", "name": "f"}),
+            json!({"type": "function", "function": {"name": "f"}}),
+        ),
+    ] {
+        let c = to_chat(
+            json!({"model": "m", "max_tokens": 1, "messages": [], "tool_choice": anthropic}),
+        );
+        assert_eq!(c["tool_choice"], chat);
+        assert!(c.get("parallel_tool_calls").is_none());
+    }
+}
+
+#[test]
+fn what_an_openai_backend_cannot_take_is_refused() {
+    let err = messages_to_chat(
+        &obj(json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]})),
+        "x",
+    )
+    .unwrap_err();
+    assert_eq!(err.param, "messages[0].content[0]");
+    let err = messages_to_chat(
+        &obj(json!({"model": "m", "max_tokens": 1, "messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search"}]})),
+        "x",
+    )
+    .unwrap_err();
+    assert_eq!(err.param, "tools[0]");
+}
+
+// ---- chat completion → Messages response ---------------------------------------------
+
+#[test]
+fn a_chat_completion_becomes_a_message() {
+    let m = completion_to_message(&json!({
+        "id": "chatcmpl-abc", "object": "chat.completion", "model": "gpt-up",
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": "On it.",
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]}}],
+        "usage": {"prompt_tokens": 50, "completion_tokens": 7, "total_tokens": 57, "prompt_tokens_details": {"cached_tokens": 30}},
+    }))
+    .unwrap();
+    assert_eq!(
+        m,
+        json!({
+            "id": "msg_abc", "type": "message", "role": "assistant", "model": "gpt-up",
+            "content": [
+                {"type": "text", "text": "On it."},
+                {"type": "tool_use", "id": "call_1", "name": "f", "input": {"a": 1}},
+            ],
+            "stop_reason": "tool_use", "stop_sequence": null,
+            "usage": {"input_tokens": 20, "output_tokens": 7, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 0},
+        })
+    );
+    for (finish, stop) in [
+        ("stop", "end_turn"),
+        ("length", "max_tokens"),
+        ("content_filter", "refusal"),
+    ] {
+        let m = completion_to_message(&json!({"id": "x", "choices": [{"finish_reason": finish, "message": {"content": "t"}}]})).unwrap();
+        assert_eq!(m["stop_reason"], stop);
+    }
+    let broken = json!({"choices": [{"message": {"tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{oops"}}]}}]});
+    assert!(completion_to_message(&broken).is_err());
+}
+
+// ---- errors ----------------------------------------------------------------------------
+
+#[test]
+fn anthropic_errors_reach_chat_clients_in_openai_shape() {
+    let (status, body) = error::to_openai(
+        StatusCode::from_u16(529).unwrap(),
+        br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+    );
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v,
+        json!({"error": {"message": "Overloaded", "type": "server_error", "param": null, "code": "overloaded_error"}})
+    );
+    let (status, body) = error::to_openai(
+        StatusCode::BAD_REQUEST,
+        br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: Field required"}}"#,
+    );
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(v["error"]["message"], "max_tokens: Field required");
+}
+
+#[test]
+fn openai_errors_reach_messages_clients_in_anthropic_shape() {
+    let body = error::to_anthropic(
+        StatusCode::TOO_MANY_REQUESTS,
+        br#"{"error":{"message":"Slow down","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
+    );
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v,
+        json!({"type": "error", "error": {"type": "rate_limit_error", "message": "Slow down"}})
+    );
+    for (status, kind) in [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (404, "not_found_error"),
+        (413, "request_too_large"),
+        (429, "rate_limit_error"),
+        (500, "api_error"),
+        (502, "api_error"),
+        (529, "overloaded_error"),
+    ] {
+        assert_eq!(error::error_type(status), kind);
+    }
+}
+
+// ---- streams ---------------------------------------------------------------------------
+
+/// Parses a whole SSE text into events.
+fn events(text: &str) -> Vec<Event> {
+    let mut items = Vec::new();
+    SseParser::default()
+        .push(text.as_bytes(), &mut items)
+        .unwrap();
+    items
+        .into_iter()
+        .filter_map(|i| match i {
+            Item::Event(e) => Some(e),
+            Item::Comment(_) => None,
+        })
+        .collect()
+}
+
+fn anthropic_event(kind: &str, data: Value) -> String {
+    format!("event: {kind}\ndata: {data}\n\n")
+}
+
+/// A real Anthropic tool-use stream: message_start, ping, a text block, a tool block whose
+/// first input_json_delta is empty, message_delta, message_stop.
+fn anthropic_tool_stream() -> String {
+    [
+        anthropic_event("message_start", json!({"type": "message_start", "message": {"id": "msg_9", "type": "message", "role": "assistant", "model": "claude-up", "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 25, "output_tokens": 1, "cache_read_input_tokens": 5}}})),
+        anthropic_event("ping", json!({"type": "ping"})),
+        anthropic_event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})),
+        anthropic_event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Checking"}})),
+        anthropic_event("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+        anthropic_event("content_block_start", json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {}}})),
+        anthropic_event("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": ""}})),
+        anthropic_event("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"city\": "}})),
+        anthropic_event("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "\"Paris\"}"}})),
+        anthropic_event("content_block_stop", json!({"type": "content_block_stop", "index": 1})),
+        anthropic_event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 42}})),
+        anthropic_event("message_stop", json!({"type": "message_stop"})),
+    ]
+    .concat()
+}
+
+fn data_of(frames: &[Bytes]) -> Vec<Value> {
+    frames
+        .iter()
+        .flat_map(|f| events(std::str::from_utf8(f).unwrap()))
+        .filter(|e| e.data != "[DONE]")
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect()
+}
+
+#[test]
+fn an_anthropic_stream_becomes_chat_chunks() {
+    let mut translator = ChunksFromEvents::new(7, true);
+    let mut frames = Vec::new();
+    let mut flows = Vec::new();
+    for event in events(&anthropic_tool_stream()) {
+        flows.push(translator.push(&event, &mut frames));
+    }
+    assert_eq!(flows.last(), Some(&Flow::Done));
+    assert!(
+        flows[..flows.len() - 1]
+            .iter()
+            .all(|f| *f == Flow::Continue)
+    );
+    assert_eq!(
+        frames.last().unwrap(),
+        &Bytes::from_static(b"data: [DONE]\n\n")
+    );
+    let chunks = data_of(&frames);
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == "msg_9")
+    );
+    let deltas: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0))
+        .map(|c| &c["delta"])
+        .collect();
+    assert_eq!(deltas[0], &json!({"role": "assistant", "content": ""}));
+    assert_eq!(deltas[1], &json!({"content": "Checking"}));
+    assert_eq!(
+        deltas[2],
+        &json!({"tool_calls": [{"index": 0, "id": "toolu_1", "type": "function", "function": {"name": "weather", "arguments": ""}}]})
+    );
+    let arguments: String = deltas[3..]
+        .iter()
+        .filter_map(|d| d.pointer("/tool_calls/0/function/arguments")?.as_str())
+        .collect();
+    assert_eq!(arguments, "{\"city\": \"Paris\"}");
+    // The empty first input_json_delta made no chunk.
+    assert_eq!(deltas.len(), 6);
+    let finish = chunks
+        .iter()
+        .find_map(|c| c["choices"].get(0)?["finish_reason"].as_str());
+    assert_eq!(finish, Some("tool_calls"));
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["prompt_tokens"], 30);
+    assert_eq!(usage["usage"]["completion_tokens"], 42);
+    assert_eq!(
+        translator.usage(),
+        Some(Usage {
+            input: 30,
+            output: 42,
+            cache_read: 5,
+            cache_creation: 0
+        })
+    );
+}
+
+#[test]
+fn without_include_usage_no_usage_chunk_is_sent() {
+    let mut translator = ChunksFromEvents::new(7, false);
+    let mut frames = Vec::new();
+    for event in events(&anthropic_tool_stream()) {
+        translator.push(&event, &mut frames);
+    }
+    assert!(data_of(&frames).iter().all(|c| c.get("usage").is_none()));
+    assert_eq!(translator.usage().unwrap().output, 42);
+}
+
+#[test]
+fn an_error_event_ends_the_chat_stream_with_an_error() {
+    let mut translator = ChunksFromEvents::new(0, false);
+    let mut frames = Vec::new();
+    let text = anthropic_event(
+        "error",
+        json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    );
+    let flow = translator.push(&events(&text)[0], &mut frames);
+    assert_eq!(flow, Flow::Failed);
+    assert_eq!(data_of(&frames)[0]["error"]["message"], "Overloaded");
+}
+
+#[test]
+fn passed_through_events_give_their_usage_and_end() {
+    let mut usage = EventUsage::default();
+    let flows: Vec<Flow> = events(&anthropic_tool_stream())
+        .iter()
+        .map(|e| usage.observe(e))
+        .collect();
+    assert_eq!(flows.last(), Some(&Flow::Done));
+    assert_eq!(usage.usage().unwrap().input, 30);
+    assert_eq!(usage.usage().unwrap().output, 42);
+}
+
+fn chat_chunk(delta: Value, finish: Option<&str>) -> String {
+    format!(
+        "data: {}\n\n",
+        json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-up",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    )
+}
+
+#[test]
+fn chat_chunks_become_an_anthropic_stream() {
+    let text = [
+        chat_chunk(json!({"role": "assistant", "content": ""}), None),
+        chat_chunk(json!({"content": "Let me "}), None),
+        chat_chunk(json!({"content": "look."}), None),
+        // A tool call whose name comes in a later delta than its id.
+        chat_chunk(json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"arguments": ""}}]}), None),
+        chat_chunk(json!({"tool_calls": [{"index": 0, "function": {"name": "weather"}}]}), None),
+        chat_chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}), None),
+        chat_chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Rome\"}"}}]}), None),
+        chat_chunk(json!({"tool_calls": [{"index": 1, "id": "call_2", "type": "function", "function": {"name": "time", "arguments": "{}"}}]}), None),
+        chat_chunk(json!({}), Some("tool_calls")),
+        format!("data: {}\n\n", json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 9, "total_tokens": 20}})),
+        "data: [DONE]\n\n".to_owned(),
+    ]
+    .concat();
+    let mut translator = EventsFromChunks::default();
+    let mut frames = Vec::new();
+    let mut last = Flow::Continue;
+    for event in events(&text) {
+        last = translator.push(&event, &mut frames);
+    }
+    assert_eq!(last, Flow::Done);
+    let all: Vec<Event> = frames
+        .iter()
+        .flat_map(|f| events(std::str::from_utf8(f).unwrap()))
+        .collect();
+    // Every event is named after its type, as the SDKs dispatch on the name.
+    let names: Vec<&str> = all.iter().map(|e| e.event.as_deref().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        ]
+    );
+    let data: Vec<Value> = all
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect();
+    assert_eq!(data[0]["message"]["id"], "msg_1");
+    assert_eq!(
+        data[1]["content_block"],
+        json!({"type": "text", "text": ""})
+    );
+    assert_eq!(
+        data[5],
+        json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "call_1", "name": "weather", "input": {}}})
+    );
+    assert_eq!(
+        data[6]["delta"],
+        json!({"type": "input_json_delta", "partial_json": "{\"city\":"})
+    );
+    assert_eq!(data[9]["content_block"]["name"], "time");
+    assert_eq!(data[9]["index"], 2);
+    assert_eq!(data[12]["delta"]["stop_reason"], "tool_use");
+    assert_eq!(data[12]["usage"]["input_tokens"], 11);
+    assert_eq!(data[12]["usage"]["output_tokens"], 9);
+}
+
+#[test]
+fn a_chat_stream_without_content_still_frames_a_whole_message() {
+    let mut translator = EventsFromChunks::default();
+    let mut frames = Vec::new();
+    for event in events(
+        &[
+            chat_chunk(json!({"role": "assistant"}), Some("length")),
+            "data: [DONE]\n\n".to_owned(),
+        ]
+        .concat(),
+    ) {
+        translator.push(&event, &mut frames);
+    }
+    let all: Vec<Event> = frames
+        .iter()
+        .flat_map(|f| events(std::str::from_utf8(f).unwrap()))
+        .collect();
+    let names: Vec<&str> = all.iter().map(|e| e.event.as_deref().unwrap()).collect();
+    assert_eq!(names, ["message_start", "message_delta", "message_stop"]);
+    let delta: Value = serde_json::from_str(&all[1].data).unwrap();
+    assert_eq!(delta["delta"]["stop_reason"], "max_tokens");
+}
+
+// ---- the round trip --------------------------------------------------------------------
+
+/// The answer an Anthropic backend would give to a translated request that echoes its last
+/// turn: text and tool calls as blocks.
+fn answer_of(text: &str, calls: &[(String, Value)]) -> Value {
+    let mut content = Vec::new();
+    if !text.is_empty() {
+        content.push(json!({"type": "text", "text": text}));
+    }
+    for (i, (name, input)) in calls.iter().enumerate() {
+        content.push(
+            json!({"type": "tool_use", "id": format!("toolu_{i}"), "name": name, "input": input}),
+        );
+    }
+    json!({"id": "msg", "model": "x", "content": content, "stop_reason": if calls.is_empty() { "end_turn" } else { "tool_use" }, "usage": {"input_tokens": 1, "output_tokens": 1}})
+}
+
+fn arguments() -> impl Strategy<Value = Value> {
+    prop::collection::btree_map(
+        "[a-z_]{1,8}",
+        prop_oneof![
+            any::<i64>().prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+            any::<bool>().prop_map(Value::from),
+        ],
+        0..4,
+    )
+    .prop_map(|m| Value::Object(m.into_iter().collect()))
+}
+
+proptest! {
+    #[test]
+    fn a_round_trip_keeps_text_tool_names_and_arguments(
+        text in ".{0,40}",
+        calls in prop::collection::vec(("[a-zA-Z_][a-zA-Z0-9_-]{0,20}", arguments()), 0..4),
+    ) {
+        // The chat request an agent would send back: the assistant's turn with its calls.
+        let tool_calls: Vec<Value> = calls.iter().enumerate().map(|(i, (name, args))| json!({
+            "id": format!("call_{i}"), "type": "function",
+            "function": {"name": name, "arguments": args.to_string()},
+        })).collect();
+        let mut assistant = json!({"role": "assistant", "content": text});
+        if !tool_calls.is_empty() {
+            assistant["tool_calls"] = Value::Array(tool_calls);
+        }
+        let chat = json!({"model": "m", "messages": [{"role": "user", "content": "go"}, assistant]});
+        let messages = chat_to_messages(&obj(chat), "x", 16).unwrap();
+        // The backend answers with the very blocks it was given.
+        let turn = &messages["messages"][1]["content"];
+        let given_text: String = turn.as_array().unwrap().iter().filter_map(|b| b["text"].as_str()).collect();
+        let given_calls: Vec<(String, Value)> = turn.as_array().unwrap().iter()
+            .filter(|b| b["type"] == "tool_use")
+            .map(|b| (b["name"].as_str().unwrap().to_owned(), b["input"].clone()))
+            .collect();
+        let completion = message_to_completion(&answer_of(&given_text, &given_calls), 0);
+        let reply = &completion["choices"][0]["message"];
+        if text.is_empty() && !calls.is_empty() {
+            prop_assert_eq!(&reply["content"], &Value::Null);
+        } else {
+            prop_assert_eq!(reply["content"].as_str().unwrap(), text.as_str());
+        }
+        let back: Vec<(String, Value)> = reply["tool_calls"].as_array().map(|a| a.iter().map(|c| (
+            c["function"]["name"].as_str().unwrap().to_owned(),
+            serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap(),
+        )).collect()).unwrap_or_default();
+        prop_assert_eq!(back, calls);
+    }
+}
