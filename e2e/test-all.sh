@@ -19,9 +19,9 @@ if [ ${#missing_apt[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing_apt[@]}" >/dev/null
 fi
-if ! python3 -c 'import grpc_tools, openai, kubernetes_validate' >/dev/null 2>&1; then
-  log "installing grpcio-tools, openai and kubernetes-validate (pip)"
-  python3 -m pip install --quiet grpcio-tools openai kubernetes-validate
+if ! python3 -c 'import grpc_tools, openai, anthropic, kubernetes_validate' >/dev/null 2>&1; then
+  log "installing grpcio-tools, openai, anthropic and kubernetes-validate (pip)"
+  python3 -m pip install --quiet grpcio-tools openai anthropic kubernetes-validate
 fi
 if [ ! -x e2e/tools/node_modules/.bin/buf ] || [ ! -d e2e/tools/node_modules/openai ]; then
   log "installing buf and openai (npm ci, into e2e/tools/node_modules)"

@@ -16,6 +16,12 @@
 //!   and no `[DONE]`; `previous_response_id`; `background`), `GET`/`DELETE /v1/responses/{id}`,
 //!   `GET /v1/responses/{id}/input_items`, `POST /v1/responses/{id}/cancel`. An id another
 //!   instance created is a 404 here, as it would be at a real provider.
+//! - Anthropic's Messages API (`anthropic.rs`): `POST /v1/messages` (JSON, or the named SSE
+//!   events of the real API, `ping` and tool use included) and `POST /v1/messages/count_tokens`,
+//!   as strict as the current API, with Anthropic's error shape and `x-api-key` +
+//!   `anthropic-version` required. On these routes a [`Fault::Status`] answers in Anthropic's
+//!   shape (529 `overloaded_error`), and [`Fault::CutAfterChunks`] sends that many events and
+//!   then an `error` event, as the real API ends a stream that fails midway.
 //!
 //! Responses echo the requested `model`. Usage is deterministic: `prompt_tokens` = whitespace
 //! separated words over all message contents / prompts / inputs (token ids count one each; at least
@@ -39,6 +45,7 @@
 //!   replaces the previous plan. 400 with an error body if the JSON is not a fault spec.
 //! - `DELETE /_mock/faults` → 204; healthy again.
 
+mod anthropic;
 mod fault;
 mod openai;
 mod responses;

@@ -8,7 +8,7 @@ use clap::Parser;
 use sluice_e2e::logs::{self, LogFormat};
 use sluice_e2e::mock::{MockConfig, MockServer};
 
-/// A mock upstream OpenAI provider (chat, completions, embeddings, models, responses, SSE, fault injection).
+/// A mock upstream provider: OpenAI (chat, completions, embeddings, models, responses) and Anthropic (messages, count_tokens), SSE, fault injection.
 #[derive(Parser)]
 #[command(version)]
 struct Args {

@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::MockConfig;
+use super::anthropic::{self, AnthropicError};
 use super::fault::{Fault, FaultSpec, STALL_LIMIT};
 use super::openai::{self, ApiError, Meta, Usage};
 use super::responses::{self, ResponseUsage};
@@ -181,6 +182,8 @@ enum Route {
     DeleteResponse(String),
     ResponseInputItems(String),
     CancelResponse(String),
+    Messages,
+    CountTokens,
 }
 
 fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
@@ -191,6 +194,8 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         "/v1/embeddings" => (Route::Embeddings, Method::POST),
         "/v1/models" => (Route::ListModels, Method::GET),
         "/v1/responses" => (Route::CreateResponse, Method::POST),
+        "/v1/messages" => (Route::Messages, Method::POST),
+        "/v1/messages/count_tokens" => (Route::CountTokens, Method::POST),
         p => match (
             p.strip_prefix("/v1/models/"),
             p.strip_prefix("/v1/responses/"),
@@ -229,6 +234,7 @@ fn endpoint(route: &Result<Route, ApiError>) -> Endpoint {
             | Route::ResponseInputItems(_)
             | Route::CancelResponse(_),
         ) => Endpoint::Responses,
+        Ok(Route::Messages | Route::CountTokens) => Endpoint::Messages,
         Err(_) => Endpoint::Other,
     }
 }
@@ -244,6 +250,9 @@ enum Call {
     DeleteResponse(String),
     ResponseInputItems(String, Option<String>),
     CancelResponse(String),
+    /// Anthropic's Messages API: the request (or the error its headers or body earned), and
+    /// whether it only counts tokens.
+    Messages(Result<anthropic::MessagesRequest, AnthropicError>, bool),
 }
 
 /// What the mock will answer, before faults decide how it is sent.
@@ -280,6 +289,8 @@ async fn api(
         Err(e) => return Ok(json_response(shared, e.status, e.body())),
     };
     let query = req.uri().query().map(str::to_owned);
+    let anthropic_headers = matches!(route, Route::Messages | Route::CountTokens)
+        .then(|| anthropic::check_headers(req.headers(), shared.config.api_key.as_deref()));
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -332,7 +343,20 @@ async fn api(
         Route::DeleteResponse(id) => Call::DeleteResponse(id),
         Route::ResponseInputItems(id) => Call::ResponseInputItems(id, query),
         Route::CancelResponse(id) => Call::CancelResponse(id),
+        Route::Messages | Route::CountTokens => {
+            let count_only = matches!(route, Route::CountTokens);
+            let (model, parsed) = anthropic::parse(&body, count_only);
+            if let Some(m) = &model {
+                shared.counters.model(m);
+            }
+            let checked = match anthropic_headers {
+                Some(Err(e)) => Err(e),
+                _ => parsed,
+            };
+            Call::Messages(checked, count_only)
+        }
     };
+    let anthropic_route = matches!(call, Call::Messages(..));
 
     let fault = shared.faults.take();
     if fault.is_some() {
@@ -362,7 +386,12 @@ async fn api(
     match fault {
         Some(Fault::Status { code, retry_after }) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let mut response = json_response(shared, status, ApiError::for_status(status).body());
+            let body = if anthropic_route {
+                AnthropicError::for_status(status).body()
+            } else {
+                ApiError::for_status(status).body()
+            };
+            let mut response = json_response(shared, status, body);
             if let Some(ra) = retry_after {
                 let headers = response.headers_mut();
                 if let Some(secs) = ra.seconds {
@@ -395,8 +424,8 @@ async fn api(
     }
 
     let answer = match authorized {
-        Err(e) => e.into(),
-        Ok(()) => answer(shared, call),
+        Err(e) if !anthropic_route => e.into(),
+        _ => answer(shared, call),
     };
     let cut = match fault {
         Some(Fault::CutAfterChunks(k)) => Some(k),
@@ -431,6 +460,19 @@ async fn api(
             let body =
                 BodyExt::boxed_unsync(StreamBody::new(stream::sse(plan, Arc::clone(shared))));
             sse_response(shared, body)
+        }
+        Answer::Events(mut events, _) if anthropic_route && cut.is_some() => {
+            // Anthropic ends a stream that fails midway with an `error` event.
+            events.truncate(cut.unwrap_or(0));
+            events.push(
+                AnthropicError::for_status(
+                    StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                )
+                .event(),
+            );
+            bump(&shared.counters.streams_started);
+            let body = stream::events(events, None, None, Arc::clone(shared));
+            sse_response(shared, BodyExt::boxed_unsync(StreamBody::new(body)))
         }
         Answer::Events(events, usage) => {
             bump(&shared.counters.streams_started);
@@ -519,6 +561,43 @@ fn answer(shared: &Arc<Shared>, call: Call) -> Answer {
             .input_items(&id, query.as_deref())
             .map(ok_json),
         Call::CancelResponse(id) => shared.responses.cancel(&id).map(ok_json),
+        Call::Messages(request, count_only) => {
+            return match request.and_then(|r| {
+                if config.models.is_empty() || config.models.contains(&r.model) {
+                    Ok(r)
+                } else {
+                    Err(AnthropicError::not_found_model(&r.model))
+                }
+            }) {
+                Err(e) => Answer::Json {
+                    status: e.status,
+                    body: e.body(),
+                    usage: None,
+                },
+                Ok(r) if count_only => ok_json(anthropic::count_tokens_json(&r)),
+                Ok(r) => {
+                    let (body, events, usage) =
+                        anthropic::answer(&config.name, shared.next_id(), config.chunk_count, &r);
+                    if r.stream {
+                        Answer::Events(
+                            events,
+                            Some(ResponseUsage {
+                                input: usage.input,
+                                cached: 0,
+                                output: usage.output,
+                                reasoning: 0,
+                            }),
+                        )
+                    } else {
+                        Answer::Json {
+                            status: StatusCode::OK,
+                            body,
+                            usage: Some(Usage::new(usage.input, usage.output)),
+                        }
+                    }
+                }
+            };
+        }
     };
     result.unwrap_or_else(Answer::from)
 }

@@ -81,6 +81,9 @@ pub struct EndpointCounts {
     /// `/v1/responses` and `/v1/responses/{id}[/input_items|/cancel]`
     #[serde(default)]
     pub responses: u64,
+    /// `POST /v1/messages` and `POST /v1/messages/count_tokens` (Anthropic's API)
+    #[serde(default)]
+    pub messages: u64,
 }
 
 impl EndpointCounts {
@@ -92,6 +95,7 @@ impl EndpointCounts {
             + self.models
             + self.other
             + self.responses
+            + self.messages
     }
 }
 
@@ -104,6 +108,7 @@ pub(crate) enum Endpoint {
     Models = 3,
     Other = 4,
     Responses = 5,
+    Messages = 6,
 }
 
 /// Distinct model names remembered; more are counted under [`OTHER_MODELS`].
@@ -113,7 +118,7 @@ pub const OTHER_MODELS: &str = "<other>";
 
 #[derive(Default)]
 pub(crate) struct Counters {
-    requests: [AtomicU64; 6],
+    requests: [AtomicU64; 7],
     /// Indexed by status code; codes are 100..=999.
     responses: Vec<AtomicU64>,
     pub(crate) connections: AtomicU64,
@@ -202,6 +207,7 @@ impl Counters {
                 models: r(Endpoint::Models),
                 other: r(Endpoint::Other),
                 responses: r(Endpoint::Responses),
+                messages: r(Endpoint::Messages),
             },
             responses: self
                 .responses

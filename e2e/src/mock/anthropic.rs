@@ -1,0 +1,492 @@
+//! Anthropic's Messages API, as strict as the current API (written from the official `anthropic`
+//! SDK's types): `POST /v1/messages` (JSON, or named SSE events `message_start`, `ping`,
+//! `content_block_start`/`delta`/`stop`, `message_delta`, `message_stop`) and
+//! `POST /v1/messages/count_tokens`.
+//!
+//! Refused with Anthropic's error shape `{"type":"error","error":{"type","message"}}`: a request
+//! without an API key (`x-api-key`, or `Authorization: Bearer` as the newest SDKs send) or
+//! without `anthropic-version` (401 / 400), a missing or non-positive `max_tokens`, a role other
+//! than `user`, `assistant` or `system`, a `tool_use` whose `input` is not an object, a
+//! `tool_result` answering no earlier `tool_use`, a tool without `input_schema` (server tools
+//! carry a `type` instead), an unknown `tool_choice`.
+//!
+//! The answer: when the request offers tools (and `tool_choice` is not `none`) and its last
+//! turn holds no `tool_result`, one `tool_use` of the chosen (or first) tool whose input fills
+//! each property of its schema (`"mock"`, `1`, `true`); otherwise the text
+//! `"[<name>] tok1 tok2 …"` of `chunk_count` words (fewer, with `stop_reason: max_tokens`, when
+//! `max_tokens` is smaller). Usage: `input_tokens` = whitespace-separated words of every text.
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, header};
+use serde_json::{Map, Value, json};
+
+/// An Anthropic-shaped error.
+#[derive(Debug, Clone)]
+pub(crate) struct AnthropicError {
+    pub(crate) status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl AnthropicError {
+    fn invalid(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: message.into(),
+        }
+    }
+
+    /// The error a [`Fault::Status`](super::Fault::Status) answers with on these routes.
+    pub(crate) fn for_status(status: StatusCode) -> Self {
+        let kind = match status.as_u16() {
+            400 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            529 => "overloaded_error",
+            _ => "api_error",
+        };
+        let message = match kind {
+            "overloaded_error" => "Overloaded".to_owned(),
+            "rate_limit_error" => {
+                "Number of request tokens has exceeded your per-minute rate limit".to_owned()
+            }
+            _ => format!("mock error {}", status.as_u16()),
+        };
+        Self {
+            status,
+            kind,
+            message,
+        }
+    }
+
+    pub(crate) fn not_found_model(model: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            kind: "not_found_error",
+            message: format!("model: {model}"),
+        }
+    }
+
+    pub(crate) fn body(&self) -> Bytes {
+        Bytes::from(
+            json!({
+                "type": "error",
+                "error": {"type": self.kind, "message": self.message},
+                "request_id": "req_mock",
+            })
+            .to_string(),
+        )
+    }
+
+    /// The same error as a stream's `error` event.
+    pub(crate) fn event(&self) -> Bytes {
+        sse(
+            "error",
+            &json!({"type": "error", "error": {"type": self.kind, "message": self.message}}),
+        )
+    }
+}
+
+/// Checks the headers every Anthropic request needs: a key (the expected one, if configured)
+/// and `anthropic-version`.
+pub(crate) fn check_headers(
+    headers: &HeaderMap,
+    expected: Option<&str>,
+) -> Result<(), AnthropicError> {
+    let key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        });
+    let unauthorized = |message: &str| AnthropicError {
+        status: StatusCode::UNAUTHORIZED,
+        kind: "authentication_error",
+        message: message.to_owned(),
+    };
+    match (key, expected) {
+        (None, _) => return Err(unauthorized("x-api-key header is required")),
+        (Some(got), Some(expected)) if got != expected => {
+            return Err(unauthorized("invalid x-api-key"));
+        }
+        _ => {}
+    }
+    if headers.get("anthropic-version").is_none() {
+        return Err(AnthropicError::invalid(
+            "anthropic-version: header is required",
+        ));
+    }
+    Ok(())
+}
+
+/// A validated Messages request: what the answer needs.
+#[derive(Debug, Clone)]
+pub(crate) struct MessagesRequest {
+    pub(crate) model: String,
+    pub(crate) stream: bool,
+    max_tokens: u64,
+    pub(crate) input_tokens: u64,
+    /// The tool to call, with its input, when the answer is a tool call.
+    tool_call: Option<(String, Value)>,
+}
+
+/// Parses and validates a Messages (or count_tokens) body. `model` comes out even when the
+/// rest is invalid, so it can be counted.
+pub(crate) fn parse(
+    body: &[u8],
+    count_tokens: bool,
+) -> (Option<String>, Result<MessagesRequest, AnthropicError>) {
+    let value: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                None,
+                Err(AnthropicError::invalid(format!("invalid JSON: {e}"))),
+            );
+        }
+    };
+    let model = value
+        .get("model")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    (model.clone(), validate(&value, model, count_tokens))
+}
+
+fn validate(
+    v: &Value,
+    model: Option<String>,
+    count_tokens: bool,
+) -> Result<MessagesRequest, AnthropicError> {
+    let o = v
+        .as_object()
+        .ok_or_else(|| AnthropicError::invalid("body must be an object"))?;
+    let model = model.ok_or_else(|| AnthropicError::invalid("model: Field required"))?;
+    let max_tokens = match o.get("max_tokens") {
+        None if count_tokens => 0,
+        None => return Err(AnthropicError::invalid("max_tokens: Field required")),
+        Some(m) => m.as_u64().filter(|m| *m >= 1).ok_or_else(|| {
+            AnthropicError::invalid("max_tokens: Input should be greater than or equal to 1")
+        })?,
+    };
+    let mut words = 0u64;
+    match o.get("system") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => words += count(s),
+        Some(Value::Array(blocks)) => {
+            for b in blocks {
+                words += count(text_of(b, "system")?);
+            }
+        }
+        Some(_) => {
+            return Err(AnthropicError::invalid(
+                "system: Input should be a valid string or list",
+            ));
+        }
+    }
+    let messages = o
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| AnthropicError::invalid("messages: Field required"))?;
+    let mut tool_uses: Vec<String> = Vec::new();
+    let mut last_has_result = false;
+    for (i, m) in messages.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+        if !matches!(role, "user" | "assistant" | "system") {
+            return Err(AnthropicError::invalid(format!(
+                "messages.{i}.role: Input should be 'user', 'assistant' or 'system'"
+            )));
+        }
+        last_has_result = false;
+        match m.get("content") {
+            Some(Value::String(s)) => words += count(s),
+            Some(Value::Array(blocks)) => {
+                for (j, b) in blocks.iter().enumerate() {
+                    let at = format!("messages.{i}.content.{j}");
+                    match b.get("type").and_then(Value::as_str) {
+                        Some("text") => words += count(text_of(b, &at)?),
+                        Some("image" | "document") if role == "user" => {
+                            if !b.get("source").is_some_and(Value::is_object) {
+                                return Err(AnthropicError::invalid(format!(
+                                    "{at}.source: Field required"
+                                )));
+                            }
+                        }
+                        Some("tool_use") if role == "assistant" => {
+                            let id = b.get("id").and_then(Value::as_str).ok_or_else(|| {
+                                AnthropicError::invalid(format!("{at}.id: Field required"))
+                            })?;
+                            if b.get("name").and_then(Value::as_str).is_none() {
+                                return Err(AnthropicError::invalid(format!(
+                                    "{at}.name: Field required"
+                                )));
+                            }
+                            if !b.get("input").is_some_and(Value::is_object) {
+                                return Err(AnthropicError::invalid(format!(
+                                    "{at}.input: Input should be a valid dictionary"
+                                )));
+                            }
+                            tool_uses.push(id.to_owned());
+                        }
+                        Some("tool_result") if role == "user" => {
+                            let id = b.get("tool_use_id").and_then(Value::as_str).unwrap_or("");
+                            if !tool_uses.iter().any(|t| t == id) {
+                                return Err(AnthropicError::invalid(format!(
+                                    "{at}: unexpected `tool_use_id` found in `tool_result` blocks: {id}. Each `tool_result` block must have a corresponding `tool_use` block in the previous message."
+                                )));
+                            }
+                            last_has_result = true;
+                            match b.get("content") {
+                                Some(Value::String(s)) => words += count(s),
+                                Some(Value::Array(parts)) => {
+                                    for p in parts {
+                                        if p.get("type").and_then(Value::as_str) == Some("text") {
+                                            words += count(text_of(p, &at)?);
+                                        }
+                                    }
+                                }
+                                _ => {}
+                            }
+                        }
+                        Some("thinking" | "redacted_thinking") if role == "assistant" => {}
+                        other => {
+                            return Err(AnthropicError::invalid(format!(
+                                "{at}.type: `{}` is not a valid block type for role `{role}`",
+                                other.unwrap_or("")
+                            )));
+                        }
+                    }
+                }
+            }
+            _ => {
+                return Err(AnthropicError::invalid(format!(
+                    "messages.{i}.content: Field required"
+                )));
+            }
+        }
+    }
+    let tools = match o.get("tools") {
+        None | Some(Value::Null) => &[][..],
+        Some(Value::Array(tools)) => tools.as_slice(),
+        Some(_) => {
+            return Err(AnthropicError::invalid(
+                "tools: Input should be a valid list",
+            ));
+        }
+    };
+    for (i, t) in tools.iter().enumerate() {
+        if t.get("name").and_then(Value::as_str).is_none() {
+            return Err(AnthropicError::invalid(format!(
+                "tools.{i}.name: Field required"
+            )));
+        }
+        let server_tool = t
+            .get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|k| k != "custom");
+        if !server_tool && !t.get("input_schema").is_some_and(Value::is_object) {
+            return Err(AnthropicError::invalid(format!(
+                "tools.{i}.custom.input_schema: Field required"
+            )));
+        }
+    }
+    let choice = o.get("tool_choice");
+    let chosen = match choice.and_then(|c| c.get("type")).and_then(Value::as_str) {
+        None if choice.is_none() => None,
+        Some("auto" | "any") => None,
+        Some("none") => Some(None),
+        Some("tool") => Some(Some(
+            choice
+                .and_then(|c| c.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| AnthropicError::invalid("tool_choice.name: Field required"))?,
+        )),
+        _ => {
+            return Err(AnthropicError::invalid(
+                "tool_choice.type: Input tag is not one of 'auto', 'any', 'tool', 'none'",
+            ));
+        }
+    };
+    if let Some(stops) = o.get("stop_sequences")
+        && !stops
+            .as_array()
+            .is_some_and(|a| a.iter().all(Value::is_string))
+    {
+        return Err(AnthropicError::invalid(
+            "stop_sequences: Input should be a valid list of strings",
+        ));
+    }
+    if let Some(t) = o.get("temperature")
+        && !t.as_f64().is_some_and(|t| (0.0..=1.0).contains(&t))
+    {
+        return Err(AnthropicError::invalid(
+            "temperature: Input should be less than or equal to 1",
+        ));
+    }
+    let tool_call = match chosen {
+        Some(None) => None,
+        _ if last_has_result || tools.is_empty() => None,
+        Some(Some(name)) => tools
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some(name))
+            .map(|t| (name.to_owned(), input_for(t.get("input_schema")))),
+        None => tools.first().map(|t| {
+            (
+                t.get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                input_for(t.get("input_schema")),
+            )
+        }),
+    };
+    Ok(MessagesRequest {
+        model,
+        stream: o.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        max_tokens,
+        input_tokens: words.max(1),
+        tool_call,
+    })
+}
+
+fn text_of<'a>(block: &'a Value, at: &str) -> Result<&'a str, AnthropicError> {
+    block
+        .get("text")
+        .and_then(Value::as_str)
+        .ok_or_else(|| AnthropicError::invalid(format!("{at}.text: Field required")))
+}
+
+fn count(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
+}
+
+/// A tool input that fills each property of the schema.
+fn input_for(schema: Option<&Value>) -> Value {
+    let mut input = Map::new();
+    if let Some(properties) = schema
+        .and_then(|s| s.get("properties"))
+        .and_then(Value::as_object)
+    {
+        for (name, property) in properties {
+            let value = match property.get("type").and_then(Value::as_str) {
+                Some("integer" | "number") => json!(1),
+                Some("boolean") => json!(true),
+                _ => json!("mock"),
+            };
+            input.insert(name.clone(), value);
+        }
+    }
+    Value::Object(input)
+}
+
+/// The counts of an answer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MessageUsage {
+    pub(crate) input: u64,
+    pub(crate) output: u64,
+}
+
+/// The answer to a valid request: a whole `Message` JSON, or its event stream.
+pub(crate) fn answer(
+    name: &str,
+    id: u64,
+    chunk_count: usize,
+    req: &MessagesRequest,
+) -> (Bytes, Vec<Bytes>, MessageUsage) {
+    let id = format!("msg_mock{id:016x}");
+    let (words, stop) = match &req.tool_call {
+        Some(_) => (0, "tool_use"),
+        None if req.max_tokens < chunk_count as u64 => (req.max_tokens as usize, "max_tokens"),
+        None => (chunk_count, "end_turn"),
+    };
+    let tokens: Vec<String> = (1..=words).map(|i| format!("tok{i}")).collect();
+    let text = if words == 0 {
+        String::new()
+    } else {
+        format!("[{name}] {}", tokens.join(" "))
+    };
+    let output = match &req.tool_call {
+        Some(_) => chunk_count.max(1) as u64,
+        None => words as u64,
+    };
+    let usage = MessageUsage {
+        input: req.input_tokens,
+        output,
+    };
+    let mut content = Vec::new();
+    if !text.is_empty() {
+        content.push(json!({"type": "text", "text": text}));
+    }
+    if let Some((tool, input)) = &req.tool_call {
+        content.push(
+            json!({"type": "tool_use", "id": format!("toolu_{id}"), "name": tool, "input": input}),
+        );
+    }
+    let message = json!({
+        "id": id, "type": "message", "role": "assistant", "model": req.model,
+        "content": content, "stop_reason": stop, "stop_sequence": null,
+        "usage": {"input_tokens": usage.input, "output_tokens": usage.output,
+                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+    });
+    let mut events = vec![
+        sse(
+            "message_start",
+            &json!({"type": "message_start", "message": {
+                "id": id, "type": "message", "role": "assistant", "model": req.model,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": usage.input, "output_tokens": 1,
+                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+            }}),
+        ),
+        sse("ping", &json!({"type": "ping"})),
+    ];
+    let mut index = 0;
+    if !text.is_empty() {
+        events.push(sse("content_block_start", &json!({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})));
+        let mut first = true;
+        for piece in std::iter::once(format!("[{name}]")).chain(tokens) {
+            let piece = if first { piece } else { format!(" {piece}") };
+            first = false;
+            events.push(sse("content_block_delta", &json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}})));
+        }
+        events.push(sse(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index}),
+        ));
+        index += 1;
+    }
+    if let Some((tool, input)) = &req.tool_call {
+        events.push(sse("content_block_start", &json!({"type": "content_block_start", "index": index, "content_block": {"type": "tool_use", "id": format!("toolu_{id}"), "name": tool, "input": {}}})));
+        // As the real API does: an empty first delta, then the JSON in pieces.
+        let json = input.to_string();
+        let split = json.len() / 2;
+        let split = (split..json.len())
+            .find(|i| json.is_char_boundary(*i))
+            .unwrap_or(json.len());
+        for part in ["", &json[..split], &json[split..]] {
+            events.push(sse("content_block_delta", &json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": part}})));
+        }
+        events.push(sse(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index}),
+        ));
+    }
+    events.push(sse("message_delta", &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": usage.output}})));
+    events.push(sse("message_stop", &json!({"type": "message_stop"})));
+    (Bytes::from(message.to_string()), events, usage)
+}
+
+/// `count_tokens`' answer.
+pub(crate) fn count_tokens_json(req: &MessagesRequest) -> Bytes {
+    Bytes::from(json!({"input_tokens": req.input_tokens}).to_string())
+}
+
+fn sse(event: &str, data: &Value) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
