@@ -235,11 +235,62 @@ pub enum KeyCommand {
     /// List client keys (their prefixes, never the keys).
     #[command(alias = "ls")]
     List,
+    /// Show one client key.
+    Get {
+        /// Client key id or name.
+        key: String,
+    },
+    /// Change a key's name, models, limits or expiry; applications keep using the same key.
+    #[command(
+        after_help = "Example:\n  sluicectl key update team-a --rpm 1200 --expires 2027-06-30\n  sluicectl key update team-a --all-models --expires never"
+    )]
+    Update(KeyUpdateArgs),
     /// Revoke a client key: data planes reject it from their next snapshot on.
     Revoke {
         /// Client key id or name.
         key: String,
     },
+}
+
+/// Flags of `key update`: each one given is changed, nothing else.
+#[derive(Debug, Args)]
+pub struct KeyUpdateArgs {
+    /// Client key id or name.
+    pub key: String,
+    /// New unique name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Replaces the models the key may use; repeat for more.
+    #[arg(
+        long = "allow-model",
+        value_name = "MODEL",
+        conflicts_with = "all_models"
+    )]
+    pub allowed_models: Vec<String>,
+    /// Allow every model.
+    #[arg(long)]
+    pub all_models: bool,
+    /// Requests per minute across all data planes; 0 means no limit.
+    #[arg(long, value_name = "RPM")]
+    pub rpm: Option<u32>,
+    /// New expiry (RFC 3339, or a date: midnight UTC; must be in the future), or `never`.
+    #[arg(long, value_name = "TIME|never", value_parser = parse_expiry)]
+    pub expires: Option<Expiry>,
+}
+
+/// `--expires` of `key update`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Expiry {
+    Never,
+    At(SystemTime),
+}
+
+fn parse_expiry(text: &str) -> Result<Expiry, String> {
+    if text.trim().eq_ignore_ascii_case("never") {
+        Ok(Expiry::Never)
+    } else {
+        parse_time(text).map(Expiry::At)
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -239,15 +239,7 @@ pub fn client_keys(response: &pb::ListClientKeysResponse) -> String {
                 format!("{}…", key.key_prefix),
                 allowed_models(&key.allowed_models),
                 limit(key.rpm_limit),
-                if key.revoked {
-                    format!("revoked {}", time::relative(key.revoke_time.as_ref(), now))
-                } else if key.expired {
-                    format!("expired {}", time::relative(key.expire_time.as_ref(), now))
-                } else if key.expire_time.is_some() {
-                    format!("expires {}", time::relative(key.expire_time.as_ref(), now))
-                } else {
-                    "active".to_owned()
-                },
+                key_status(key, now),
                 time::relative(key.create_time.as_ref(), now),
             ]
         })
@@ -257,6 +249,37 @@ pub fn client_keys(response: &pb::ListClientKeysResponse) -> String {
         rows,
         &[4],
     )
+}
+
+/// Active, revoked, expired, or when it will expire.
+fn key_status(key: &pb::ClientKey, now: SystemTime) -> String {
+    if key.revoked {
+        format!("revoked {}", time::relative(key.revoke_time.as_ref(), now))
+    } else if key.expired {
+        format!("expired {}", time::relative(key.expire_time.as_ref(), now))
+    } else if key.expire_time.is_some() {
+        format!("expires {}", time::relative(key.expire_time.as_ref(), now))
+    } else {
+        "active".to_owned()
+    }
+}
+
+/// `key get` and `key update`: one field a line.
+pub fn client_key(key: Option<&pb::ClientKey>) -> String {
+    let Some(key) = key else {
+        return "The control plane returned no client key.".to_owned();
+    };
+    let now = SystemTime::now();
+    fields(vec![
+        ("name", key.name.clone()),
+        ("id", key.id.clone()),
+        ("prefix", format!("{}…", key.key_prefix)),
+        ("models", allowed_models(&key.allowed_models)),
+        ("rpm limit", limit(key.rpm_limit)),
+        ("status", key_status(key, now)),
+        ("expires", when(key.expire_time.as_ref(), now)),
+        ("created", when(key.create_time.as_ref(), now)),
+    ])
 }
 
 fn allowed_models(models: &[String]) -> String {

@@ -478,6 +478,83 @@ async fn a_key_is_created_with_an_expiry_and_listed_with_it() {
 }
 
 #[tokio::test]
+async fn a_key_is_shown_and_updated_without_being_reissued() {
+    let h = Harness::start().await;
+    let created = h
+        .ctl(&[
+            "-o", "json", "key", "create", "--name", "team-a", "--rpm", "60",
+        ])
+        .await
+        .json();
+    let id = created["clientKey"]["id"].as_str().unwrap().to_owned();
+    let prefix = created["clientKey"]["keyPrefix"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let updated = h
+        .ctl(&[
+            "key",
+            "update",
+            "team-a",
+            "--rpm",
+            "1200",
+            "--allow-model",
+            "gpt-4o",
+            "--expires",
+            "2999-06-30",
+        ])
+        .await;
+    let text = updated.ok();
+    assert!(text.contains("1200"), "{text}");
+    assert!(text.contains("gpt-4o"), "{text}");
+    assert!(text.contains("2999-06-30T00:00:00Z"), "{text}");
+
+    let got = h.ctl(&["-o", "json", "key", "get", &id]).await.json();
+    assert_eq!(got["clientKey"]["rpmLimit"], 1200);
+    assert_eq!(
+        got["clientKey"]["allowedModels"],
+        serde_json::json!(["gpt-4o"])
+    );
+    assert_eq!(
+        got["clientKey"]["keyPrefix"],
+        prefix.as_str(),
+        "the same key"
+    );
+    assert_eq!(got["clientKey"]["expireTime"], "2999-06-30T00:00:00+00:00");
+
+    // Back to every model and no expiry; the limit stays as it was.
+    h.ctl(&[
+        "key",
+        "update",
+        "team-a",
+        "--all-models",
+        "--expires",
+        "never",
+    ])
+    .await
+    .ok();
+    let got = h.ctl(&["-o", "json", "key", "get", "team-a"]).await.json();
+    assert!(got["clientKey"].get("expireTime").is_none(), "{got}");
+    assert!(got["clientKey"].get("allowedModels").is_none(), "{got}");
+    assert_eq!(got["clientKey"]["rpmLimit"], 1200);
+    let shown = h.ctl(&["key", "get", "team-a"]).await;
+    assert!(shown.ok().contains("active"), "{shown:#?}");
+
+    // Nothing to change is a usage error before any call; an unknown key is named.
+    let nothing = h.ctl(&["key", "update", "team-a"]).await;
+    assert_eq!(nothing.code, 2, "{nothing:#?}");
+    assert!(nothing.stderr.contains("nothing to update"), "{nothing:#?}");
+    let unknown = h.ctl(&["key", "update", "nobody", "--rpm", "1"]).await;
+    assert!(unknown.one_line_error().contains("nobody"), "{unknown:#?}");
+    let unknown = h.ctl(&["key", "get", "nobody"]).await;
+    assert!(
+        unknown.one_line_error().contains("not found"),
+        "{unknown:#?}"
+    );
+}
+
+#[tokio::test]
 async fn validation_errors_are_one_line() {
     let h = Harness::start().await;
     let add = |name: &'static str, url: &'static str, model: Option<&'static str>| {

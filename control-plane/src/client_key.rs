@@ -30,8 +30,9 @@ pub struct ClientKey {
     pub expire_time_ms: Option<i64>,
 }
 
-/// What an operator asks for when creating a key.
-#[derive(Debug, Clone)]
+/// The fields of a key an operator sets: what a create asks for, and what an update
+/// changes (`apply_mask`) on a stored key's current values (`of`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct NewClientKey {
     pub name: String,
     pub allowed_models: Vec<String>,
@@ -39,17 +40,22 @@ pub struct NewClientKey {
     pub expire_time_ms: Option<i64>,
 }
 
+/// The fields `UpdateClientKey` may change, as named in its `update_mask`.
+pub const UPDATABLE_FIELDS: &[&str] = &["name", "allowed_models", "rpm_limit", "expire_time"];
+
 impl NewClientKey {
     /// The request, trimmed and checked; `now_ms` is the control plane's clock, which an
     /// `expire_time` must be after (a key born expired is a mistake, not a wish).
-    pub fn validated(mut self, now_ms: i64) -> Result<Self, ValidationError> {
+    pub fn validated(self, now_ms: i64) -> Result<Self, ValidationError> {
+        check_expiry(self.expire_time_ms, now_ms)?;
+        self.checked()
+    }
+
+    /// The name and models trimmed and checked (not the expiry: a stored key's expiry may
+    /// have passed, and changing its name must not fail for that).
+    pub fn checked(mut self) -> Result<Self, ValidationError> {
         self.name = self.name.trim().to_owned();
         check_name("name", &self.name)?;
-        if let Some(expire) = self.expire_time_ms
-            && expire <= now_ms
-        {
-            return Err(ValidationError::new("expire_time", "must be in the future"));
-        }
         if self.allowed_models.len() > MAX_ALLOWED_MODELS {
             return Err(ValidationError::new(
                 "allowed_models",
@@ -66,6 +72,57 @@ impl NewClientKey {
         }
         self.allowed_models = models;
         Ok(self)
+    }
+
+    /// The settable fields of a stored key, as they are.
+    pub fn of(key: &ClientKey) -> Self {
+        Self {
+            name: key.name.clone(),
+            allowed_models: key.allowed_models.clone(),
+            rpm_limit: key.rpm_limit,
+            expire_time_ms: key.expire_time_ms,
+        }
+    }
+
+    /// Copies the fields named in `paths` from `update`. An expiry set here must be in the
+    /// future by `now_ms`, as at creation; an unset one clears it (the key never expires).
+    pub fn apply_mask(
+        &mut self,
+        update: &pb::ClientKey,
+        paths: &[String],
+        now_ms: i64,
+    ) -> Result<(), ValidationError> {
+        for path in paths {
+            match path.as_str() {
+                "name" => self.name = update.name.clone(),
+                "allowed_models" => self.allowed_models = update.allowed_models.clone(),
+                "rpm_limit" => self.rpm_limit = update.rpm_limit,
+                "expire_time" => {
+                    self.expire_time_ms =
+                        update.expire_time.as_ref().map(crate::time::timestamp_ms);
+                    check_expiry(self.expire_time_ms, now_ms)?;
+                }
+                other => {
+                    return Err(ValidationError::new(
+                        "update_mask",
+                        format!(
+                            "unknown or read-only field {other:?}; updatable: {}",
+                            UPDATABLE_FIELDS.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_expiry(expire_time_ms: Option<i64>, now_ms: i64) -> Result<(), ValidationError> {
+    match expire_time_ms {
+        Some(expire) if expire <= now_ms => {
+            Err(ValidationError::new("expire_time", "must be in the future"))
+        }
+        _ => Ok(()),
     }
 }
 

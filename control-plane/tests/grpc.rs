@@ -349,6 +349,167 @@ async fn a_key_may_be_given_an_expiry_in_the_future_only() {
 }
 
 #[tokio::test]
+async fn a_key_is_read_and_changed_in_place_without_being_reissued() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let at = |seconds| Some(sluice_proto::wkt::Timestamp { seconds, nanos: 0 });
+    let created = admin
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "team-a".into(),
+            allowed_models: vec!["gpt-4o".into()],
+            rpm_limit: 60,
+            expire_time: at(now + 3_600),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    let get = |id: &str| pb::GetClientKeyRequest { id: id.into() };
+    let by_name = admin
+        .get_client_key(get("team-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_name.client_key.as_ref(), Some(&created));
+    let by_id = admin
+        .get_client_key(get(&created.id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_id.client_key.as_ref(), Some(&created));
+
+    let update = |key: pb::ClientKey, paths: &[&str]| pb::UpdateClientKeyRequest {
+        client_key: Some(key),
+        update_mask: Some(sluice_proto::wkt::FieldMask {
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+        }),
+    };
+    // Models, limit and expiry change; the name, the key and its creation stay.
+    let changed = admin
+        .update_client_key(update(
+            pb::ClientKey {
+                id: "team-a".into(),
+                name: "ignored: not in the mask".into(),
+                allowed_models: vec!["gpt-4o-mini".into(), " gpt-4o-mini ".into()],
+                rpm_limit: 600,
+                expire_time: None,
+                ..Default::default()
+            },
+            &["allowed_models", "rpm_limit", "expire_time"],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    assert_eq!(changed.allowed_models, ["gpt-4o-mini"]);
+    assert_eq!(changed.rpm_limit, 600);
+    assert_eq!(
+        changed.expire_time, None,
+        "an unset expire_time in the mask clears it"
+    );
+    assert_eq!(changed.name, "team-a");
+    assert_eq!(
+        (&changed.id, &changed.key_prefix, &changed.create_time),
+        (&created.id, &created.key_prefix, &created.create_time)
+    );
+    let read = admin
+        .get_client_key(get(&created.id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        read.client_key.as_ref(),
+        Some(&changed),
+        "the change was stored"
+    );
+
+    // Mistakes are named and change nothing.
+    let key = |id: &str| pb::ClientKey {
+        id: id.into(),
+        expire_time: at(now - 1),
+        ..Default::default()
+    };
+    for (request, code, says) in [
+        (
+            update(key("team-a"), &[]),
+            Code::InvalidArgument,
+            "update_mask",
+        ),
+        (
+            update(key("team-a"), &["key_prefix"]),
+            Code::InvalidArgument,
+            "key_prefix",
+        ),
+        (
+            update(key("team-a"), &["expire_time"]),
+            Code::InvalidArgument,
+            "expire_time",
+        ),
+        (
+            update(key("team-a"), &["name"]),
+            Code::InvalidArgument,
+            "name",
+        ),
+        (
+            update(key("nobody"), &["rpm_limit"]),
+            Code::NotFound,
+            "nobody",
+        ),
+        (
+            update(key(""), &["rpm_limit"]),
+            Code::InvalidArgument,
+            "client_key.id",
+        ),
+    ] {
+        let err = admin.update_client_key(request).await.unwrap_err();
+        assert_eq!(err.code(), code, "{}", err.message());
+        assert!(err.message().contains(says), "{}", err.message());
+    }
+    let read = admin
+        .get_client_key(get("team-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.client_key.as_ref(), Some(&changed));
+    let err = admin.get_client_key(get("nobody")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // A revoked key stays revoked: it can be read by id, not changed.
+    admin
+        .revoke_client_key(pb::RevokeClientKeyRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap();
+    let read = admin
+        .get_client_key(get(&created.id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(read.client_key.unwrap().revoked);
+    let err = admin
+        .update_client_key(update(
+            pb::ClientKey {
+                id: created.id.clone(),
+                rpm_limit: 1,
+                ..Default::default()
+            },
+            &["rpm_limit"],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("revoked"), "{}", err.message());
+}
+
+#[tokio::test]
 async fn settings_round_trip_with_a_mask() {
     let dir = tempfile::tempdir().unwrap();
     let cp = TestControlPlane::start(dir.path()).await.unwrap();

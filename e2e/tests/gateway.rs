@@ -294,15 +294,16 @@ async fn auth_and_model_errors_are_openai_shaped() {
 async fn a_key_is_refused_as_expired_once_its_expiry_passes() {
     let (cluster, _mock, lasting) = Cluster::with_one_backend().await;
     let proxy = cluster.proxy().await;
-    let lifetime = Duration::from_secs(4);
+    let lifetime = Duration::from_secs(6);
     let expires_at = std::time::SystemTime::now() + lifetime;
     let expiring = cluster.create_key_expiring("short-lived", expires_at).await;
-    cluster.wait_replicas_current(1).await;
-    // Before the expiry it works, if this slow machine got here in time to tell.
-    let r = proxy.chat(&expiring, "m").await;
-    if std::time::SystemTime::now() + Duration::from_secs(1) < expires_at {
-        assert_eq!(r.status(), 200);
+    // Before the expiry it is served, once the replica has the snapshot with the key.
+    let mut served = false;
+    while !served && std::time::SystemTime::now() + Duration::from_secs(1) < expires_at {
+        served = proxy.chat(&expiring, "m").await.status() == 200;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(served, "not served in the {lifetime:?} before its expiry");
 
     // After it: 401 saying so, through the real control plane's sweep and snapshot.
     eventually(
@@ -345,6 +346,34 @@ async fn a_key_is_refused_as_expired_once_its_expiry_passes() {
         .find(|k| k.name == "short-lived")
         .unwrap();
     assert!(short.expired && !short.revoked);
+
+    // Extended in place, the same key is served again: no new key to hand out.
+    let later = std::time::SystemTime::now() + Duration::from_secs(3_600);
+    let since_epoch = later.duration_since(std::time::UNIX_EPOCH).unwrap();
+    cluster
+        .admin()
+        .await
+        .update_client_key(pb::UpdateClientKeyRequest {
+            client_key: Some(pb::ClientKey {
+                id: "short-lived".into(),
+                expire_time: Some(sluice_proto::wkt::Timestamp {
+                    seconds: since_epoch.as_secs() as i64,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+            update_mask: Some(sluice_proto::wkt::FieldMask {
+                paths: vec!["expire_time".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the extended key is served again",
+        || async { proxy.chat(&expiring, "m").await.status() == 200 },
+    )
+    .await;
 }
 
 #[tokio::test]

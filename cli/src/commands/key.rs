@@ -1,15 +1,15 @@
-//! `key create|list|revoke`.
+//! `key create|list|get|update|revoke`.
 
 use sluice_proto::v1 as pb;
+use sluice_proto::wkt::FieldMask;
 
-use crate::args::KeyCommand;
+use crate::args::{Expiry, KeyCommand, KeyUpdateArgs};
 use crate::connection::Connection;
 use crate::error::Error;
 use crate::render::{self, Output};
 use crate::time::to_timestamp;
 
 pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> Result<(), Error> {
-    let mut admin = connection.admin().await?;
     match command {
         KeyCommand::Create {
             name,
@@ -23,19 +23,76 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
                 rpm_limit: rpm,
                 expire_time: expires.map(to_timestamp),
             };
+            let mut admin = connection.admin().await?;
             let response = connection.call(admin.create_client_key(request)).await?;
             out.print(&response, render::created_client_key)
         }
         KeyCommand::List => {
+            let mut admin = connection.admin().await?;
             let response = connection
                 .call(admin.list_client_keys(pb::ListClientKeysRequest {}))
                 .await?;
             out.print(&response, render::client_keys)
         }
+        KeyCommand::Get { key } => {
+            let request = pb::GetClientKeyRequest { id: key };
+            let mut admin = connection.admin().await?;
+            let response = connection.call(admin.get_client_key(request)).await?;
+            out.print(&response, |r| render::client_key(r.client_key.as_ref()))
+        }
+        KeyCommand::Update(args) => {
+            // Built before connecting, so that "nothing to update" comes first.
+            let request = update_request(&args)?;
+            let mut admin = connection.admin().await?;
+            let response = connection.call(admin.update_client_key(request)).await?;
+            out.print(&response, |r| render::client_key(r.client_key.as_ref()))
+        }
         KeyCommand::Revoke { key } => {
             let request = pb::RevokeClientKeyRequest { id: key.clone() };
+            let mut admin = connection.admin().await?;
             let response = connection.call(admin.revoke_client_key(request)).await?;
             out.print(&response, |_| format!("Revoked client key {key:?}."))
         }
     }
+}
+
+/// A request whose mask names exactly the flags given.
+fn update_request(args: &KeyUpdateArgs) -> Result<pb::UpdateClientKeyRequest, Error> {
+    let mut key = pb::ClientKey {
+        id: args.key.clone(),
+        ..Default::default()
+    };
+    let mut paths = Vec::new();
+    if let Some(name) = &args.name {
+        key.name = name.clone();
+        paths.push("name");
+    }
+    if args.all_models || !args.allowed_models.is_empty() {
+        key.allowed_models = args.allowed_models.clone();
+        paths.push("allowed_models");
+    }
+    if let Some(rpm) = args.rpm {
+        key.rpm_limit = rpm;
+        paths.push("rpm_limit");
+    }
+    if let Some(expires) = args.expires {
+        key.expire_time = match expires {
+            Expiry::Never => None,
+            Expiry::At(at) => Some(to_timestamp(at)),
+        };
+        paths.push("expire_time");
+    }
+    if paths.is_empty() {
+        return Err(Error::Usage(
+            "nothing to update: give at least one of --name, --allow-model, --all-models, \
+             --rpm, --expires"
+                .to_owned(),
+        ));
+    }
+    Ok(pb::UpdateClientKeyRequest {
+        client_key: Some(key),
+        update_mask: Some(FieldMask {
+            paths: paths.into_iter().map(str::to_owned).collect(),
+        }),
+    })
 }

@@ -179,6 +179,56 @@ impl AdminService for Admin {
         }))
     }
 
+    async fn get_client_key(
+        &self,
+        request: Request<pb::GetClientKeyRequest>,
+    ) -> Result<Response<pb::GetClientKeyResponse>, Status> {
+        let id = required_id("id", &request.into_inner().id)?;
+        let key = self.store.get_client_key(id).await?;
+        Ok(Response::new(pb::GetClientKeyResponse {
+            client_key: Some(key.to_proto(crate::time::now_ms())),
+        }))
+    }
+
+    async fn update_client_key(
+        &self,
+        request: Request<pb::UpdateClientKeyRequest>,
+    ) -> Result<Response<pb::UpdateClientKeyResponse>, Status> {
+        let request = request.into_inner();
+        let update = request
+            .client_key
+            .ok_or_else(|| ValidationError::new("client_key", "is required"))?;
+        let id = required_id("client_key.id", &update.id)?;
+        let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        if paths.is_empty() {
+            return Err(
+                ValidationError::new("update_mask", "names no field: nothing to change").into(),
+            );
+        }
+        let now = crate::time::now_ms();
+        // The updated key, counted whole as growth (its old self is in the snapshot still):
+        // more than it adds, never less.
+        let mut updated = NewClientKey::of(&self.store.get_client_key(id.clone()).await?);
+        updated.apply_mask(&update, &paths, now)?;
+        let updated = updated.checked()?;
+        let room = self
+            .publisher
+            .reserve(snapshot::client_key_entry_bytes(
+                &updated.name,
+                &updated.allowed_models,
+            ))
+            .await?;
+        let (key, version) = self
+            .store
+            .update_client_key(id, move |fields| fields.apply_mask(&update, &paths, now))
+            .await?;
+        room.committed(version);
+        tracing::info!(client_key = %key.id, "client key updated");
+        Ok(Response::new(pb::UpdateClientKeyResponse {
+            client_key: Some(key.to_proto(crate::time::now_ms())),
+        }))
+    }
+
     async fn revoke_client_key(
         &self,
         request: Request<pb::RevokeClientKeyRequest>,

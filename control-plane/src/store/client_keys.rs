@@ -6,6 +6,7 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use super::{Store, StoreError, WriteOp, bump_version, new_id, unique_violation};
 use crate::client_key::{self, ClientKey, NewClientKey};
 use crate::time::now_ms;
+use crate::validation::ValidationError;
 
 impl Store {
     /// Creates a key and returns it with its plaintext, which is not stored.
@@ -48,22 +49,66 @@ impl Store {
         self.call(|conn, _| load_keys(conn, false)).await
     }
 
+    /// A key by id, or else by the name of an active key.
+    pub async fn get_client_key(&self, id_or_name: String) -> Result<ClientKey, StoreError> {
+        self.call(move |conn, _| {
+            let id = resolve_key_id(conn, &id_or_name)?;
+            load_key(conn, &id)
+        })
+        .await
+    }
+
+    /// Applies `change` to the operator-set fields of an active key (checked again
+    /// afterwards); the key itself stays the same. A changed expiry is published afresh
+    /// when it passes, and one moved later un-expires the key from this version on.
+    pub async fn update_client_key<F>(
+        &self,
+        id_or_name: String,
+        change: F,
+    ) -> Result<(ClientKey, u64), StoreError>
+    where
+        F: FnOnce(&mut NewClientKey) -> Result<(), crate::validation::ValidationError>
+            + Send
+            + 'static,
+    {
+        self.write(WriteOp::admin, move |conn, _| {
+            let tx = conn.transaction()?;
+            let id = resolve_key_id(&tx, &id_or_name)?;
+            let current = load_key(&tx, &id)?;
+            if current.revoked {
+                return Err(ValidationError::new(
+                    "client_key.id",
+                    format!("client key {id_or_name:?} is revoked; a revoked key cannot be changed"),
+                )
+                .into());
+            }
+            let mut fields = NewClientKey::of(&current);
+            change(&mut fields)?;
+            let fields = fields.checked()?;
+            let models = serde_json::to_string(&fields.allowed_models)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            // SET expressions read the row as it was: the sweep's mark is kept only for an
+            // expiry that did not change.
+            tx.execute(
+                "UPDATE client_keys SET name = ?2, allowed_models = ?3, rpm_limit = ?4, expire_time = ?5,
+                        expiry_published = CASE WHEN expire_time IS ?5 THEN expiry_published ELSE 0 END
+                 WHERE id = ?1",
+                params![id, fields.name, models, fields.rpm_limit, fields.expire_time_ms],
+            )
+            .map_err(|e| unique_violation(e, || format!("a client key named {:?} already exists", fields.name)))?;
+            let version = bump_version(&tx)?;
+            let key = load_key(&tx, &id)?;
+            tx.commit()?;
+            Ok((key, version))
+        })
+        .await
+    }
+
     /// Revokes a key by id, or else by the name of an active key. Revoking twice is not an error.
     pub async fn revoke_client_key(&self, id_or_name: String) -> Result<u64, StoreError> {
         self.write(WriteOp::admin, move |conn, _| {
             let tx = conn.transaction()?;
-            let id: String = tx
-                .query_row(
-                    "SELECT id FROM client_keys WHERE id = ?1
-                     UNION ALL SELECT id FROM client_keys WHERE name = ?1 AND revoked = 0 LIMIT 1",
-                    params![id_or_name],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .ok_or_else(|| StoreError::NotFound {
-                    kind: "client key",
-                    id: id_or_name.clone(),
-                })?;
+            let id = resolve_key_id(&tx, &id_or_name)?;
             tx.execute(
                 "UPDATE client_keys SET revoked = 1, revoke_time = ?2 WHERE id = ?1 AND revoked = 0",
                 params![id, now_ms()],
@@ -109,43 +154,70 @@ impl Store {
     }
 }
 
+/// An id, or the id of the active key of that name.
+fn resolve_key_id(conn: &Connection, id_or_name: &str) -> Result<String, StoreError> {
+    conn.query_row(
+        "SELECT id FROM client_keys WHERE id = ?1
+         UNION ALL SELECT id FROM client_keys WHERE name = ?1 AND revoked = 0 LIMIT 1",
+        params![id_or_name],
+        |r| r.get(0),
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::NotFound {
+        kind: "client key",
+        id: id_or_name.to_owned(),
+    })
+}
+
+const SELECT_KEYS: &str = "SELECT id, name, key_prefix, key_sha256, allowed_models, rpm_limit, revoked, create_time, revoke_time, expire_time
+     FROM client_keys";
+
 pub(crate) fn load_keys(
     conn: &Connection,
     active_only: bool,
 ) -> Result<Vec<ClientKey>, StoreError> {
-    let sql = if active_only {
-        "SELECT id, name, key_prefix, key_sha256, allowed_models, rpm_limit, revoked, create_time, revoke_time, expire_time
-         FROM client_keys WHERE revoked = 0 ORDER BY create_time, id"
+    let filter = if active_only {
+        " WHERE revoked = 0"
     } else {
-        "SELECT id, name, key_prefix, key_sha256, allowed_models, rpm_limit, revoked, create_time, revoke_time, expire_time
-         FROM client_keys ORDER BY create_time, id"
+        ""
     };
-    let mut stmt = conn.prepare_cached(sql)?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            ClientKey {
-                id: r.get(0)?,
-                name: r.get(1)?,
-                key_prefix: r.get(2)?,
-                key_sha256: r.get(3)?,
-                allowed_models: Vec::new(),
-                rpm_limit: r.get(5)?,
-                revoked: r.get(6)?,
-                create_time_ms: r.get(7)?,
-                revoke_time_ms: r.get(8)?,
-                expire_time_ms: r.get(9)?,
-            },
-            r.get::<_, String>(4)?,
-        ))
-    })?;
-    let mut keys = Vec::new();
-    for row in rows {
-        let (mut key, models) = row?;
-        key.allowed_models = serde_json::from_str(&models)
-            .map_err(|e| StoreError::Corrupt(format!("client key {}: {e}", key.id)))?;
-        keys.push(key);
-    }
-    Ok(keys)
+    let mut stmt =
+        conn.prepare_cached(&format!("{SELECT_KEYS}{filter} ORDER BY create_time, id"))?;
+    let rows = stmt.query_map([], key_row)?;
+    rows.map(|row| row.map_err(StoreError::from).and_then(with_models))
+        .collect()
+}
+
+fn load_key(conn: &Connection, id: &str) -> Result<ClientKey, StoreError> {
+    let row = conn
+        .prepare_cached(&format!("{SELECT_KEYS} WHERE id = ?1"))?
+        .query_row(params![id], key_row)?;
+    with_models(row)
+}
+
+/// A row of `SELECT_KEYS`, with the allowed models still as stored (JSON).
+fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ClientKey, String)> {
+    Ok((
+        ClientKey {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            key_prefix: r.get(2)?,
+            key_sha256: r.get(3)?,
+            allowed_models: Vec::new(),
+            rpm_limit: r.get(5)?,
+            revoked: r.get(6)?,
+            create_time_ms: r.get(7)?,
+            revoke_time_ms: r.get(8)?,
+            expire_time_ms: r.get(9)?,
+        },
+        r.get(4)?,
+    ))
+}
+
+fn with_models((mut key, models): (ClientKey, String)) -> Result<ClientKey, StoreError> {
+    key.allowed_models = serde_json::from_str(&models)
+        .map_err(|e| StoreError::Corrupt(format!("client key {}: {e}", key.id)))?;
+    Ok(key)
 }
 
 #[cfg(test)]
@@ -185,5 +257,54 @@ mod tests {
         let listed = store.list_client_keys().await.unwrap();
         assert!(listed[0].expired_at(at));
         assert!(!listed[0].expired_at(at - 1));
+    }
+
+    #[tokio::test]
+    async fn an_expiry_moved_later_unexpires_the_key_and_is_published_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("t.db"), MasterKey::generate()).unwrap();
+        let (key, _, _) = store
+            .create_client_key(NewClientKey {
+                name: "team-a".into(),
+                allowed_models: Vec::new(),
+                rpm_limit: 0,
+                expire_time_ms: Some(now_ms() + 60_000),
+            })
+            .await
+            .unwrap();
+        let first = key.expire_time_ms.unwrap();
+        assert_eq!(store.publish_key_expiries(first).await.unwrap(), 1);
+
+        // A change that leaves the expiry alone does not publish it again.
+        store
+            .update_client_key(key.id.clone(), |k| {
+                k.rpm_limit = 5;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.next_key_expiry().await.unwrap(), None);
+
+        let later = first + 60_000;
+        let (updated, version) = store
+            .update_client_key("team-a".into(), move |k| {
+                k.expire_time_ms = Some(later);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(*store.commits().borrow(), version);
+        assert!(
+            !updated.expired_at(first + 1),
+            "it works again until the new expiry"
+        );
+        assert_eq!(store.next_key_expiry().await.unwrap(), Some(later));
+        assert_eq!(store.publish_key_expiries(later - 1).await.unwrap(), 0);
+        assert_eq!(store.publish_key_expiries(later).await.unwrap(), 1);
+        assert_eq!(
+            updated.key_sha256, key.key_sha256,
+            "the key is not re-issued"
+        );
+        assert_eq!(updated.rpm_limit, 5);
     }
 }
