@@ -539,7 +539,7 @@ async fn every_admin_and_stats_rpc_is_reachable_as_json() {
             seen += 1;
         }
     }
-    assert_eq!(seen, 15, "13 admin and 2 stats methods");
+    assert_eq!(seen, 17, "15 admin and 2 stats methods");
 }
 
 #[tokio::test]
