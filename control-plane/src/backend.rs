@@ -4,7 +4,9 @@
 use sluice_proto::limits::MAX_MODEL_NAME_BYTES;
 use sluice_proto::v1 as pb;
 
-use crate::validation::{ValidationError, check_model_name, check_name, check_visible};
+use crate::validation::{
+    ValidationError, check_model_name, check_name, check_visible, not_updatable,
+};
 
 pub use sluice_domain::pool::Pool;
 
@@ -181,15 +183,7 @@ impl BackendSpec {
                 }
                 "rpm_limit" => self.rpm_limit = update.rpm_limit,
                 "enabled" => self.enabled = update.enabled,
-                other => {
-                    return Err(ValidationError::new(
-                        "update_mask",
-                        format!(
-                            "unknown or read-only field {other:?}; updatable: {}",
-                            UPDATABLE_FIELDS.join(", ")
-                        ),
-                    ));
-                }
+                other => return Err(not_updatable(other, UPDATABLE_FIELDS)),
             }
         }
         Ok(())

@@ -4,7 +4,7 @@
 use rand::RngCore as _;
 use sluice_proto::v1 as pb;
 
-use crate::validation::{ValidationError, check_model_name, check_name};
+use crate::validation::{ValidationError, check_model_name, check_name, not_updatable};
 
 const PREFIX: &str = "sk-sluice-";
 /// Characters of the key kept (beside the hash) to tell keys apart in listings.
@@ -102,15 +102,7 @@ impl NewClientKey {
                         update.expire_time.as_ref().map(crate::time::timestamp_ms);
                     check_expiry(self.expire_time_ms, now_ms)?;
                 }
-                other => {
-                    return Err(ValidationError::new(
-                        "update_mask",
-                        format!(
-                            "unknown or read-only field {other:?}; updatable: {}",
-                            UPDATABLE_FIELDS.join(", ")
-                        ),
-                    ));
-                }
+                other => return Err(not_updatable(other, UPDATABLE_FIELDS)),
             }
         }
         Ok(())

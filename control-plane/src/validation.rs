@@ -25,6 +25,17 @@ impl ValidationError {
 /// A name shown to operators: 1 to 64 characters, not blank, no control or invisible
 /// formatting characters, and not something that reads as an id (the admin API takes
 /// an id or a name wherever it names a backend or key, so a name must never be both).
+/// An `update_mask` path that names no field the update may change.
+pub fn not_updatable(path: &str, updatable: &[&str]) -> ValidationError {
+    ValidationError::new(
+        "update_mask",
+        format!(
+            "unknown or read-only field {path:?}; updatable: {}",
+            updatable.join(", ")
+        ),
+    )
+}
+
 pub fn check_name(field: &str, name: &str) -> Result<(), ValidationError> {
     if name.trim().is_empty() {
         return Err(ValidationError::new(field, "must not be empty"));
