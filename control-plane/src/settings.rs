@@ -24,6 +24,7 @@ pub const FIELDS: &[&str] = &[
     "retry_on_timeout",
     "usage_retention_days",
     "expose_backend_header",
+    "currency",
 ];
 
 const HOUR_MS: i64 = 3_600_000;
@@ -36,7 +37,7 @@ pub fn apply_mask(
     update: &pb::Settings,
     paths: &[String],
 ) -> Result<pb::Settings, ValidationError> {
-    let mut next = *current;
+    let mut next = current.clone();
     for path in paths {
         match path.as_str() {
             "max_attempts" => next.max_attempts = update.max_attempts,
@@ -53,6 +54,7 @@ pub fn apply_mask(
             "retry_on_timeout" => next.retry_on_timeout = update.retry_on_timeout,
             "usage_retention_days" => next.usage_retention_days = update.usage_retention_days,
             "expose_backend_header" => next.expose_backend_header = update.expose_backend_header,
+            "currency" => next.currency = update.currency.trim().to_owned(),
             other => {
                 return Err(ValidationError::new(
                     "update_mask",
@@ -110,6 +112,12 @@ pub fn validate(s: &pb::Settings) -> Result<(), ValidationError> {
             "must be at most 1000 (0 disables)",
         ));
     }
+    if !is_currency_code(&s.currency) {
+        return Err(ValidationError::new(
+            "settings.currency",
+            "must be an ISO 4217 code of three capital letters, such as USD or EUR",
+        ));
+    }
     if s.usage_retention_days > 36_500 {
         return Err(ValidationError::new(
             "settings.usage_retention_days",
@@ -117,6 +125,12 @@ pub fn validate(s: &pb::Settings) -> Result<(), ValidationError> {
         ));
     }
     Ok(())
+}
+
+/// Three capital ASCII letters: the shape of an ISO 4217 code. The list of codes is not
+/// checked, so a new or private code (`XAU`, an internal unit) is taken as given.
+fn is_currency_code(code: &str) -> bool {
+    code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase())
 }
 
 #[cfg(test)]
@@ -143,6 +157,20 @@ mod tests {
         let err = apply_mask(&defaults(), &update, &["connect_timeout".into()]).unwrap_err();
         assert_eq!(err.field, "settings.connect_timeout");
         assert!(apply_mask(&defaults(), &update, &["nope".into()]).is_err());
+    }
+
+    #[test]
+    fn a_currency_is_three_capital_letters() {
+        let update = |code: &str| pb::Settings {
+            currency: code.into(),
+            ..Default::default()
+        };
+        let next = apply_mask(&defaults(), &update(" EUR "), &["currency".into()]).unwrap();
+        assert_eq!(next.currency, "EUR");
+        for bad in ["", "eur", "EURO", "€", "US"] {
+            let err = apply_mask(&defaults(), &update(bad), &["currency".into()]).unwrap_err();
+            assert_eq!(err.field, "settings.currency", "{bad:?}");
+        }
     }
 
     #[test]

@@ -30,7 +30,10 @@ pub use crate::usage::UsageRow;
 pub use backends::BackendWithKey;
 pub use cooldowns::{Cooldown, CooldownEvent, CooldownRow, Reported};
 pub use data_planes::{DataPlaneRow, NodeHello};
-pub use usage::{Granularity, GroupBy, OutOfOrder, SeriesPoint, Totals, TotalsFilter, UsageBatch};
+pub use usage::{
+    Cursor, Granularity, GroupBy, Order, OutOfOrder, Page, SeriesPoint, Totals, TotalsFilter,
+    UsageBatch,
+};
 
 /// Everything that can go wrong in the store (mapped to a gRPC status once, in `api::status`).
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +134,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0004_replica_shares.sql"),
     include_str!("../../migrations/0005_cooldown_epoch.sql"),
     include_str!("../../migrations/0006_client_key_expiry.sql"),
+    include_str!("../../migrations/0007_usage_hourly_pool.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

@@ -386,7 +386,11 @@ async fn report_usage(api: &Api, backend_id: &str, records: u64) {
 async fn totals_and_usage_have_the_proto3_json_shape() {
     let dir = tempfile::tempdir().unwrap();
     let api = Api::start(&dir).await;
-    assert_eq!(api.ok("StatsService/GetTotals", json!({})).await, json!({}));
+    // Zero figures are omitted; the currency of the (empty) cost is not.
+    assert_eq!(
+        api.ok("StatsService/GetTotals", json!({})).await,
+        json!({"currency": "USD"})
+    );
 
     let created = api
         .ok(
@@ -425,6 +429,8 @@ async fn totals_and_usage_have_the_proto3_json_shape() {
     assert_eq!(bucket["groupKey"], id.as_str());
     assert_eq!(bucket["groupLabel"], "alpha");
     assert_eq!(bucket["requestCount"], "4");
+    assert_eq!(bucket["backendCount"], "1");
+    assert_eq!(bucket["currency"], "USD");
     let start = bucket["startTime"].as_str().unwrap();
     chrono_like(start);
     assert_eq!(&start[13..19], ":00:00", "an hour's start: {start}");

@@ -319,6 +319,9 @@ fn as_totals(b: &pb::UsageBucket) -> pb::GetTotalsResponse {
         p99_latency_ms: b.p99_latency_ms,
         avg_ttft_ms: b.avg_ttft_ms,
         stream_count: b.stream_count,
+        backend_count: b.backend_count,
+        currency: b.currency.clone(),
+        groups: Vec::new(),
     }
 }
 
@@ -371,6 +374,7 @@ fn group_of(r: &Rec, by: pb::GroupBy) -> String {
         pb::GroupBy::Model => r.model.into(),
         pb::GroupBy::ClientKey => r.key.into(),
         pb::GroupBy::Unspecified => String::new(),
+        pb::GroupBy::Pool => panic!("pools are checked against hand-computed values"),
     }
 }
 
@@ -755,6 +759,7 @@ async fn each_filter_excludes_what_it_should() {
                 backend_id: b1.clone(),
                 model: "m1".into(),
                 client_key_id: "key-a".into(),
+                ..Default::default()
             },
             Box::new(move |r| {
                 r.backend == b1 && r.model == "m1" && r.key == "key-a" && in_range(r)
@@ -787,6 +792,7 @@ async fn each_filter_excludes_what_it_should() {
                     model: request.model.clone(),
                     client_key_id: request.client_key_id.clone(),
                     group_by: pb::GroupBy::ClientKey as i32,
+                    ..Default::default()
                 })
                 .await;
             let n: u64 = buckets.iter().map(|b| b.request_count).sum();
@@ -836,6 +842,7 @@ async fn whole_days_from_the_daily_rollup_equal_the_same_hours_from_hourly_rows(
                 backend_id: backend.into(),
                 model: model.into(),
                 client_key_id: key.into(),
+                ..Default::default()
             };
             let a = h.totals(totals(whole)).await;
             let b = h.totals(totals(hours)).await;
@@ -850,6 +857,7 @@ async fn whole_days_from_the_daily_rollup_equal_the_same_hours_from_hourly_rows(
                     model: model.into(),
                     client_key_id: key.into(),
                     group_by: by as i32,
+                    ..Default::default()
                 };
                 let a = h.usage(usage(whole)).await;
                 let b = h.usage(usage(hours)).await;
@@ -1165,4 +1173,398 @@ fn chrono_now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+/// (group key, requests, distinct backends) of each bucket, in the order given.
+fn pool_rows(buckets: &[pb::UsageBucket]) -> Vec<(i64, String, u64, u64)> {
+    buckets
+        .iter()
+        .map(|b| {
+            (
+                b.start_time.map_or(-1, |_| ms_of(&b.start_time)),
+                b.group_key.clone(),
+                b.request_count,
+                b.backend_count,
+            )
+        })
+        .collect()
+}
+
+/// Traffic over three days and both pools, with a backend moved from one pool to the other
+/// on the last day; every figure below is counted by hand from this list.
+async fn traffic_over_three_days_and_two_pools(h: &mut Harness) {
+    let a = h.backend("a", pb::Pool::Primary, &[("m1", 1.0, 2.0)]).await;
+    let b = h.backend("b", pb::Pool::Primary, &[("m1", 1.0, 2.0)]).await;
+    let c = h
+        .backend("c", pb::Pool::Fallback, &[("m2", 1.0, 2.0)])
+        .await;
+    let at = |backend: &str, model: &'static str, ms: i64, n: usize| {
+        let one = Rec {
+            model,
+            ..Rec::new(backend, ms)
+        };
+        vec![one; n].into_iter()
+    };
+    let before_move: Vec<Rec> = at(&a, "m1", DAY0 + 10 * HOUR, 2)
+        .chain(at(&b, "m1", DAY0 + 10 * HOUR, 1))
+        .chain(at(&c, "m2", DAY0 + 10 * HOUR, 1))
+        .chain(at(&a, "m1", DAY0 + DAY + 10 * HOUR, 1))
+        .chain(at(&c, "m2", DAY0 + DAY + 10 * HOUR, 2))
+        .chain(at("", "m1", DAY0 + DAY + 10 * HOUR, 1))
+        .chain(at(&c, "m2", DAY0 + 2 * DAY + 5 * HOUR, 1))
+        .chain(at(&b, "m1", DAY0 + 2 * DAY + 10 * HOUR, 3))
+        .collect();
+    assert_eq!(h.report("r", "i", numbered(&before_move)).await, 12);
+    h.admin
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: b.clone(),
+                pool: pb::Pool::Fallback as i32,
+                ..Default::default()
+            }),
+            update_mask: Some(wkt::FieldMask {
+                paths: vec!["pool".into()],
+            }),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap();
+    let after_move = Rec::new(&b, DAY0 + 2 * DAY + 20 * HOUR).to_proto(13);
+    assert_eq!(h.report("r", "i", vec![after_move]).await, 13);
+}
+
+#[tokio::test]
+async fn usage_by_pool_counts_the_distinct_backends_of_each_bucket() {
+    let mut h = Harness::start().await;
+    traffic_over_three_days_and_two_pools(&mut h).await;
+    let (d0, d1, d2) = (DAY0, DAY0 + DAY, DAY0 + 2 * DAY);
+    let row = |t: i64, g: &str, n: u64, b: u64| (t, g.to_owned(), n, b);
+
+    // Daily, by pool: the pool is the one a backend had when its records arrived (b is
+    // primary at 10:00 on the third day and fallback at 20:00); requests that reached no
+    // backend form the empty group and count no backend.
+    let days_by_pool = h
+        .usage(pb::GetUsageRequest {
+            granularity: pb::Granularity::Day as i32,
+            group_by: pb::GroupBy::Pool as i32,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        pool_rows(&days_by_pool),
+        vec![
+            row(d0, "fallback", 1, 1),
+            row(d0, "primary", 3, 2),
+            row(d1, "", 1, 0),
+            row(d1, "fallback", 2, 1),
+            row(d1, "primary", 1, 1),
+            row(d2, "fallback", 2, 2),
+            row(d2, "primary", 3, 1),
+        ]
+    );
+    assert!(days_by_pool.iter().all(|b| b.group_label == b.group_key));
+
+    // Daily, not grouped: every backend of the day, each once.
+    let days = h
+        .usage(pb::GetUsageRequest {
+            granularity: pb::Granularity::Day as i32,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        pool_rows(&days),
+        vec![row(d0, "", 4, 3), row(d1, "", 4, 2), row(d2, "", 5, 2)]
+    );
+
+    // Hourly, by pool, on the third day.
+    let hours = h
+        .usage(pb::GetUsageRequest {
+            granularity: pb::Granularity::Hour as i32,
+            group_by: pb::GroupBy::Pool as i32,
+            start_time: ts(d2),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        pool_rows(&hours),
+        vec![
+            row(d2 + 5 * HOUR, "fallback", 1, 1),
+            row(d2 + 10 * HOUR, "primary", 3, 1),
+            row(d2 + 20 * HOUR, "fallback", 1, 1),
+        ]
+    );
+
+    // Totals, all time and per pool, in one call.
+    let all = h
+        .totals(pb::GetTotalsRequest {
+            group_by: pb::GroupBy::Pool as i32,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!((all.request_count, all.backend_count), (13, 3));
+    assert_eq!(
+        pool_rows(&all.groups),
+        vec![
+            row(-1, "", 1, 0),
+            row(-1, "fallback", 5, 2),
+            row(-1, "primary", 7, 2)
+        ]
+    );
+
+    // A range with hourly edges around a whole day: c served in the whole day (daily rows)
+    // and on the last morning (hourly rows) and counts once.
+    let range = h
+        .totals(pb::GetTotalsRequest {
+            start_time: ts(d0 + 11 * HOUR),
+            end_time: ts(d2 + 21 * HOUR),
+            group_by: pb::GroupBy::Pool as i32,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!((range.request_count, range.backend_count), (9, 3));
+    assert_eq!(
+        pool_rows(&range.groups),
+        vec![
+            row(-1, "", 1, 0),
+            row(-1, "fallback", 4, 2),
+            row(-1, "primary", 4, 2)
+        ]
+    );
+    // The groups add up to the totals.
+    let sum: u64 = range.groups.iter().map(|g| g.request_count).sum();
+    assert_eq!(sum, range.request_count);
+
+    // Grouped by backend, each group is one backend.
+    let by_backend = h
+        .totals(pb::GetTotalsRequest {
+            group_by: pb::GroupBy::Backend as i32,
+            ..Default::default()
+        })
+        .await;
+    let labels: Vec<(&str, u64, u64)> = by_backend
+        .groups
+        .iter()
+        .map(|g| (g.group_label.as_str(), g.request_count, g.backend_count))
+        .collect();
+    let mut sorted = labels.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        vec![("", 1, 0), ("a", 3, 1), ("b", 5, 1), ("c", 4, 1)]
+    );
+}
+
+#[tokio::test]
+async fn cost_comes_with_the_currency_of_the_settings() {
+    let mut h = Harness::start().await;
+    traffic_over_three_days_and_two_pools(&mut h).await;
+    let totals = h.totals(Default::default()).await;
+    assert_eq!(totals.currency, "USD");
+    // 12 records served by a backend, of 100 prompt and 50 completion tokens at 1 and 2
+    // per million (the one that reached no backend costs nothing).
+    assert!(
+        close(totals.cost, 12.0 * (100.0 + 100.0) / 1e6),
+        "{}",
+        totals.cost
+    );
+    h.admin
+        .update_settings(pb::UpdateSettingsRequest {
+            settings: Some(pb::Settings {
+                currency: "EUR".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(wkt::FieldMask {
+                paths: vec!["currency".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    let totals = h
+        .totals(pb::GetTotalsRequest {
+            group_by: pb::GroupBy::Model as i32,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(totals.currency, "EUR");
+    assert!(totals.groups.iter().all(|g| g.currency == "EUR"));
+    let buckets = h.usage(Default::default()).await;
+    assert!(!buckets.is_empty() && buckets.iter().all(|b| b.currency == "EUR"));
+    let refused = h
+        .admin
+        .update_settings(pb::UpdateSettingsRequest {
+            settings: Some(pb::Settings {
+                currency: "euro".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(wkt::FieldMask {
+                paths: vec!["currency".into()],
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("settings.currency"),
+        "{}",
+        refused.message()
+    );
+}
+
+#[tokio::test]
+async fn pages_follow_each_other_newest_first_across_a_day_boundary() {
+    let mut h = Harness::start().await;
+    traffic_over_three_days_and_two_pools(&mut h).await;
+    let (d0, d1, d2) = (DAY0, DAY0 + DAY, DAY0 + 2 * DAY);
+    let row = |t: i64, g: &str, n: u64, b: u64| (t, g.to_owned(), n, b);
+    let request = |token: String| pb::GetUsageRequest {
+        granularity: pb::Granularity::Day as i32,
+        group_by: pb::GroupBy::Pool as i32,
+        order: pb::UsageOrder::NewestFirst as i32,
+        page_size: 2,
+        page_token: token,
+        ..Default::default()
+    };
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = h
+            .stats
+            .get_usage(request(token))
+            .await
+            .unwrap()
+            .into_inner();
+        pages.push(pool_rows(&page.buckets));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+        assert!(pages.len() < 10, "the pages never end");
+    }
+    // Newest day first, the groups of a day in key order; the second and third pages
+    // split the middle day.
+    assert_eq!(
+        pages,
+        vec![
+            vec![row(d2, "fallback", 2, 2), row(d2, "primary", 3, 1)],
+            vec![row(d1, "", 1, 0), row(d1, "fallback", 2, 1)],
+            vec![row(d1, "primary", 1, 1), row(d0, "fallback", 1, 1)],
+            vec![row(d0, "primary", 3, 2)],
+        ]
+    );
+
+    // A token belongs to its query: another grouping or filter refuses it.
+    let first = h.stats.get_usage(request(String::new())).await.unwrap();
+    let token = first.into_inner().next_page_token;
+    let other = pb::GetUsageRequest {
+        group_by: pb::GroupBy::Backend as i32,
+        ..request(token.clone())
+    };
+    let refused = h.stats.get_usage(other).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("page_token"),
+        "{}",
+        refused.message()
+    );
+    let garbage = h.stats.get_usage(request("x!".into())).await.unwrap_err();
+    assert_eq!(garbage.code(), tonic::Code::InvalidArgument);
+    let negative = pb::GetUsageRequest {
+        page_size: -1,
+        ..request(String::new())
+    };
+    let refused = h.stats.get_usage(negative).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+    // An old client sends neither page_size nor order: every bucket, oldest first, no token.
+    let old = h
+        .stats
+        .get_usage(pb::GetUsageRequest {
+            granularity: pb::Granularity::Day as i32,
+            group_by: pb::GroupBy::Pool as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(old.next_page_token.is_empty());
+    let mut newest_first: Vec<_> = pages.concat();
+    newest_first.sort_by_key(|(t, g, _, _)| (*t, g.clone()));
+    assert_eq!(pool_rows(&old.buckets), newest_first);
+}
+
+/// A year of hourly rows for many models would answer in more than the 4 MiB a default
+/// gRPC client accepts. Paged, a default client reads all of it, and the pages joined are
+/// the one large answer.
+#[tokio::test]
+async fn an_answer_past_four_mib_is_read_in_pages_by_a_default_client() {
+    use sluice_proto::limits::{DEFAULT_CLIENT_DECODE_BYTES, MAX_ADMIN_RESPONSE_BYTES};
+    let h = Harness::start().await;
+    // 30 models with names at the 256-byte limit, each used in 250 hours: 7,500 buckets.
+    let models: Vec<String> = (0..30)
+        .map(|m| format!("{m:03}{}", "x".repeat(253)))
+        .collect();
+    let mut records = Vec::new();
+    for hour in 0..250 {
+        for model in &models {
+            let mut r = Rec::new("", DAY0 + hour * HOUR).to_proto(records.len() as u64 + 1);
+            r.model = model.clone();
+            records.push(r);
+        }
+    }
+    let total = records.len();
+    for chunk in records.chunks(2500) {
+        h.report("r", "i", chunk.to_vec()).await;
+    }
+    let request = |token: String, page_size: i32| pb::GetUsageRequest {
+        granularity: pb::Granularity::Hour as i32,
+        group_by: pb::GroupBy::Model as i32,
+        page_size,
+        page_token: token,
+        ..Default::default()
+    };
+    let large = StatsServiceClient::with_interceptor(
+        channel(&h.cp).await,
+        Bearer(h.cp.admin_token.clone()),
+    )
+    .max_decoding_message_size(MAX_ADMIN_RESPONSE_BYTES);
+    let whole = large
+        .clone()
+        .get_usage(request(String::new(), 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(whole.buckets.len(), total);
+    let size = prost::Message::encoded_len(&whole);
+    assert!(size > DEFAULT_CLIENT_DECODE_BYTES, "{size} bytes");
+
+    // A client with tonic's default limit cannot take it whole...
+    let mut default = StatsServiceClient::with_interceptor(
+        channel(&h.cp).await,
+        Bearer(h.cp.admin_token.clone()),
+    );
+    let refused = default
+        .get_usage(request(String::new(), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    // ...but reads it in pages of the largest size (a larger page_size is capped).
+    let mut joined = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = default
+            .get_usage(request(token, i32::MAX))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.buckets.len() <= sluice_proto::limits::MAX_USAGE_PAGE_SIZE);
+        pages += 1;
+        joined.extend(page.buckets);
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(pages, 2);
+    assert_eq!(joined, whole.buckets);
 }

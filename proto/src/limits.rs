@@ -27,6 +27,16 @@ pub const MAX_ADMIN_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// `sluicectl` decodes).
 pub const MAX_ADMIN_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Most buckets one `GetUsage` page holds (a larger `page_size` is taken as this). With
+/// every group key and label at its longest such a page encodes to under
+/// [`DEFAULT_CLIENT_DECODE_BYTES`] (`proto/tests/limits.rs`), so any gRPC client reads it
+/// with its default limit.
+pub const MAX_USAGE_PAGE_SIZE: usize = 5000;
+
+/// The largest message gRPC clients (tonic, grpc-go, grpcio, grpc-js) decode unless told
+/// otherwise: what a client that sets no limit of its own can read.
+pub const DEFAULT_CLIENT_DECODE_BYTES: usize = 4 * 1024 * 1024;
+
 /// Longest public or upstream model name, in bytes. A route's names are refused beyond it;
 /// a usage record never carries a longer one (a request for a model no route serves is
 /// recorded as [`OTHER_MODEL`]).

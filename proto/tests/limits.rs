@@ -4,7 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use prost::Message as _;
-use sluice_proto::limits::{MAX_ADMIN_RESPONSE_BYTES, MAX_SNAPSHOT_BYTES, MAX_USAGE_REPORT_BYTES};
+use sluice_proto::limits::{
+    MAX_ADMIN_RESPONSE_BYTES, MAX_MODEL_NAME_BYTES, MAX_SNAPSHOT_BYTES, MAX_USAGE_REPORT_BYTES,
+};
 use sluice_proto::v1 as pb;
 
 const KEYS: usize = 100_000;
@@ -160,4 +162,42 @@ fn a_full_usage_batch_of_bounded_records_fits_the_report_limit() {
     eprintln!("largest usage record: {one} bytes");
     // Thousands of the largest records fit one report.
     assert!(MAX_USAGE_REPORT_BYTES / one > 3_000, "{one}");
+}
+
+/// A full `GetUsage` page of the largest buckets (group keys and labels at their longest:
+/// a model name of 256 bytes, a 64-character name of 4-byte characters) fits what every gRPC
+/// client decodes by default.
+#[test]
+fn a_full_usage_page_fits_a_default_client() {
+    use sluice_proto::limits::{DEFAULT_CLIENT_DECODE_BYTES, MAX_USAGE_PAGE_SIZE};
+    let bucket = pb::UsageBucket {
+        start_time: Some(pbjson_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: 999_999_999,
+        }),
+        group_key: "m".repeat(MAX_MODEL_NAME_BYTES),
+        group_label: "\u{1F600}".repeat(64),
+        request_count: u64::MAX,
+        error_count: u64::MAX,
+        prompt_tokens: u64::MAX,
+        completion_tokens: u64::MAX,
+        total_tokens: u64::MAX,
+        cost: f64::MAX,
+        error_rate: 1.0,
+        avg_latency_ms: f64::MAX,
+        p50_latency_ms: f64::MAX,
+        p95_latency_ms: f64::MAX,
+        p99_latency_ms: f64::MAX,
+        avg_ttft_ms: f64::MAX,
+        stream_count: u64::MAX,
+        backend_count: u64::MAX,
+        currency: "XXX".into(),
+    };
+    let page = pb::GetUsageResponse {
+        buckets: vec![bucket; MAX_USAGE_PAGE_SIZE],
+        next_page_token: "t".repeat(1024),
+    };
+    let len = page.encoded_len();
+    eprintln!("largest usage page: {len} bytes");
+    assert!(len < DEFAULT_CLIENT_DECODE_BYTES, "{len}");
 }

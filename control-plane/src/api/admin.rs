@@ -295,7 +295,7 @@ impl AdminService for Admin {
         // Read-modify-write: the store serialises writers, and settings change rarely.
         let current = self.store.get_settings().await?;
         let next = crate::settings::apply_mask(&current, &update, &paths)?;
-        self.store.put_settings(next).await?;
+        self.store.put_settings(next.clone()).await?;
         tracing::info!(fields = ?paths, "settings updated");
         Ok(Response::new(pb::UpdateSettingsResponse {
             settings: Some(next),

@@ -1,10 +1,14 @@
 //! `StatsService`: usage totals and time series from the hourly aggregates.
 
+use base64::Engine as _;
+use prost::Message as _;
+use sha2::Digest as _;
+use sluice_proto::limits::{MAX_ADMIN_RESPONSE_BYTES, MAX_USAGE_PAGE_SIZE};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::stats_service_server::StatsService;
 use tonic::{Request, Response, Status};
 
-use crate::store::{Granularity, GroupBy, Store, Totals, TotalsFilter};
+use crate::store::{Cursor, Granularity, GroupBy, Order, SeriesPoint, Store, Totals, TotalsFilter};
 use crate::time::timestamp_ms;
 
 #[derive(Clone)]
@@ -84,8 +88,81 @@ macro_rules! usage_figures {
             p99_latency_ms: t.p99_ms,
             avg_ttft_ms: ratio(t.ttft_ms_sum, t.ttft_count),
             stream_count: t.stream_count,
+            backend_count: t.backend_count,
         }
     }};
+}
+
+fn group_by(value: i32) -> Result<GroupBy, Status> {
+    match pb::GroupBy::try_from(value) {
+        Ok(pb::GroupBy::Unspecified) => Ok(GroupBy::Nothing),
+        Ok(pb::GroupBy::Backend) => Ok(GroupBy::Backend),
+        Ok(pb::GroupBy::Model) => Ok(GroupBy::Model),
+        Ok(pb::GroupBy::ClientKey) => Ok(GroupBy::ClientKey),
+        Ok(pb::GroupBy::Pool) => Ok(GroupBy::Pool),
+        Err(_) => Err(Status::invalid_argument("group_by: unknown value")),
+    }
+}
+
+/// A bucket of a series (or of grouped totals, without a start time).
+fn bucket(p: SeriesPoint, start: bool, currency: &str) -> pb::UsageBucket {
+    usage_figures!(pb::UsageBucket, &p.totals, {
+        start_time: start.then(|| crate::time::timestamp(p.start_ms)),
+        group_key: p.group_key,
+        group_label: p.group_label,
+        currency: currency.to_owned(),
+    })
+}
+
+/// What a `page_token` holds: which query it belongs to (a hash of every field but the
+/// token and the page size) and the last (time bucket, group) of the page before.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PageToken {
+    query: String,
+    start_ms: i64,
+    group_key: String,
+}
+
+fn query_hash(r: &pb::GetUsageRequest) -> String {
+    let query = pb::GetUsageRequest {
+        page_size: 0,
+        page_token: String::new(),
+        ..r.clone()
+    };
+    hex::encode(&sha2::Sha256::digest(query.encode_to_vec())[..12])
+}
+
+fn encode_token(r: &pb::GetUsageRequest, cursor: Cursor) -> String {
+    let token = PageToken {
+        query: query_hash(r),
+        start_ms: cursor.start_ms,
+        group_key: cursor.group_key,
+    };
+    // Serialising a struct of strings and an integer cannot fail.
+    let json = serde_json::to_vec(&token).unwrap_or_default();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+}
+
+fn decode_token(r: &pb::GetUsageRequest) -> Result<Option<Cursor>, Status> {
+    if r.page_token.is_empty() {
+        return Ok(None);
+    }
+    let refused = || {
+        Status::invalid_argument(
+            "page_token: not a token of this query (pass next_page_token with the same fields)",
+        )
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(&r.page_token)
+        .map_err(|_| refused())?;
+    let token: PageToken = serde_json::from_slice(&bytes).map_err(|_| refused())?;
+    if token.query != query_hash(r) {
+        return Err(refused());
+    }
+    Ok(Some(Cursor {
+        start_ms: token.start_ms,
+        group_key: token.group_key,
+    }))
 }
 
 #[tonic::async_trait]
@@ -95,34 +172,60 @@ impl StatsService for Stats {
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let r = request.into_inner();
-        let filter = filter_of!(r)?;
+        let after = decode_token(&r)?;
+        let page_size = usize::try_from(r.page_size)
+            .map_err(|_| Status::invalid_argument("page_size: must not be negative"))?
+            .min(MAX_USAGE_PAGE_SIZE);
+        let order = match pb::UsageOrder::try_from(r.order) {
+            Ok(pb::UsageOrder::Unspecified | pb::UsageOrder::OldestFirst) => Order::OldestFirst,
+            Ok(pb::UsageOrder::NewestFirst) => Order::NewestFirst,
+            Err(_) => return Err(Status::invalid_argument("order: unknown value")),
+        };
         let granularity = match pb::Granularity::try_from(r.granularity) {
             Ok(pb::Granularity::Unspecified | pb::Granularity::Hour) => Granularity::Hour,
             Ok(pb::Granularity::Day) => Granularity::Day,
             Err(_) => return Err(Status::invalid_argument("granularity: unknown value")),
         };
-        let group_by = match pb::GroupBy::try_from(r.group_by) {
-            Ok(pb::GroupBy::Unspecified) => GroupBy::Nothing,
-            Ok(pb::GroupBy::Backend) => GroupBy::Backend,
-            Ok(pb::GroupBy::Model) => GroupBy::Model,
-            Ok(pb::GroupBy::ClientKey) => GroupBy::ClientKey,
-            Err(_) => return Err(Status::invalid_argument("group_by: unknown value")),
+        let group_by = group_by(r.group_by)?;
+        let filter = filter_of!(r.clone())?;
+        let currency = self.store.get_settings().await?.currency;
+        let (points, next) = if page_size == 0 && after.is_none() {
+            let points = self
+                .store
+                .usage_series(filter, granularity, group_by, order)
+                .await?;
+            (points, None)
+        } else {
+            // A token with page_size 0 continues at the largest page.
+            let limit = if page_size == 0 {
+                MAX_USAGE_PAGE_SIZE
+            } else {
+                page_size
+            };
+            let page = self
+                .store
+                .usage_page(filter, granularity, group_by, order, after, limit)
+                .await?;
+            (page.points, page.next)
         };
-        let points = self
-            .store
-            .usage_series(filter, granularity, group_by)
-            .await?;
-        let buckets = points
-            .into_iter()
-            .map(|p| {
-                usage_figures!(pb::UsageBucket, &p.totals, {
-                    start_time: Some(crate::time::timestamp(p.start_ms)),
-                    group_key: p.group_key,
-                    group_label: p.group_label,
-                })
-            })
-            .collect();
-        Ok(Response::new(pb::GetUsageResponse { buckets }))
+        let response = pb::GetUsageResponse {
+            buckets: points
+                .into_iter()
+                .map(|p| bucket(p, true, &currency))
+                .collect(),
+            next_page_token: next.map(|c| encode_token(&r, c)).unwrap_or_default(),
+        };
+        let len = response.encoded_len();
+        if len > MAX_ADMIN_RESPONSE_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "the answer holds {} buckets ({} MiB), over the {} MiB response limit; \
+                 ask for pages with page_size",
+                response.buckets.len(),
+                len / (1024 * 1024),
+                MAX_ADMIN_RESPONSE_BYTES / (1024 * 1024)
+            )));
+        }
+        Ok(Response::new(response))
     }
 
     async fn get_totals(
@@ -130,12 +233,22 @@ impl StatsService for Stats {
         request: Request<pb::GetTotalsRequest>,
     ) -> Result<Response<pb::GetTotalsResponse>, Status> {
         let r = request.into_inner();
+        let group_by = group_by(r.group_by)?;
         let filter = filter_of!(r)?;
-        let totals: Totals = self.store.totals(filter).await?;
-        Ok(Response::new(usage_figures!(
-            pb::GetTotalsResponse,
-            &totals,
-            {}
-        )))
+        let currency = self.store.get_settings().await?.currency;
+        let (totals, groups) = if group_by == GroupBy::Nothing {
+            (self.store.totals(filter).await?, Vec::new())
+        } else {
+            self.store.grouped_totals(filter, group_by).await?
+        };
+        Ok(Response::new(
+            usage_figures!(pb::GetTotalsResponse, &totals, {
+                groups: groups
+                    .into_iter()
+                    .map(|p| bucket(p, false, &currency))
+                    .collect(),
+                currency,
+            }),
+        ))
     }
 }

@@ -1,8 +1,8 @@
 //! Usage ingestion, retention and statistics.
 //!
 //! A batch of records and the sender's high-water sequence are applied in one
-//! transaction, adding to hourly rows per (backend, model, client key) and daily
-//! rows per (pool, backend, model, client key). Retention deletes old hourly
+//! transaction, adding to hourly and daily rows per (pool, backend, model, client
+//! key). Retention deletes old hourly
 //! rows only, one day per transaction. Queries read whole UTC days from the daily rows
 //! and the hours at either end of a range from the hourly rows, so an answer is
 //! the same whichever table gives it.
@@ -85,6 +85,9 @@ pub struct Totals {
     pub p50_ms: f64,
     pub p95_ms: f64,
     pub p99_ms: f64,
+    /// Distinct backends among the matched rows (the empty id of requests that reached
+    /// no backend not counted).
+    pub backend_count: u64,
 }
 
 /// Time bucket width of [`Store::usage_series`].
@@ -101,6 +104,33 @@ pub enum GroupBy {
     Backend,
     Model,
     ClientKey,
+    /// The backend's pool when the records were ingested: `primary`, `fallback`, or
+    /// empty for requests that reached no backend.
+    Pool,
+}
+
+/// The order of a usage series' time buckets; groups within a bucket ascend by key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Order {
+    #[default]
+    OldestFirst,
+    NewestFirst,
+}
+
+/// Where a page of a usage series ends: its last (time bucket, group). The next page
+/// starts just after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub start_ms: i64,
+    pub group_key: String,
+}
+
+/// One page of a usage series.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Page {
+    pub points: Vec<SeriesPoint>,
+    /// Set when more points follow.
+    pub next: Option<Cursor>,
 }
 
 /// One (time bucket, group) of a usage series.
@@ -180,16 +210,65 @@ impl Store {
         .await
     }
 
-    /// Usage per time bucket (and per group), oldest first, then by group key.
+    /// Sums and percentiles over everything `filter` matches, and the same per group of
+    /// `group_by` (in ascending order of group key), from one read transaction.
+    pub async fn grouped_totals(
+        &self,
+        filter: TotalsFilter,
+        group_by: GroupBy,
+    ) -> Result<(Totals, Vec<SeriesPoint>), StoreError> {
+        self.read(Reader::Queries, move |conn, _| {
+            let tx = conn.transaction()?;
+            let all = totals(&tx, &filter, Sources::HourlyAndDaily)?;
+            let groups = grouped(&tx, &filter, None, group_by, Sources::HourlyAndDaily)?;
+            Ok((all, groups))
+        })
+        .await
+    }
+
+    /// Usage per time bucket (and per group), buckets in `order`, then by group key.
     pub async fn usage_series(
         &self,
         filter: TotalsFilter,
         granularity: Granularity,
         group_by: GroupBy,
+        order: Order,
     ) -> Result<Vec<SeriesPoint>, StoreError> {
         self.read(Reader::Queries, move |conn, _| {
             let tx = conn.transaction()?;
-            series(&tx, &filter, granularity, group_by, Sources::HourlyAndDaily)
+            let mut points = series(&tx, &filter, granularity, group_by, Sources::HourlyAndDaily)?;
+            if order == Order::NewestFirst {
+                sort_newest_first(&mut points);
+            }
+            Ok(points)
+        })
+        .await
+    }
+
+    /// At most `limit` (at least 1) points of [`Store::usage_series`], starting just after
+    /// `after`. Reads only as many time buckets as the page needs (a window that doubles
+    /// until it holds more than `limit` points), so each page of a long series costs about
+    /// the same.
+    pub async fn usage_page(
+        &self,
+        filter: TotalsFilter,
+        granularity: Granularity,
+        group_by: GroupBy,
+        order: Order,
+        after: Option<Cursor>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        self.read(Reader::Queries, move |conn, _| {
+            let tx = conn.transaction()?;
+            page(
+                &tx,
+                &filter,
+                granularity,
+                group_by,
+                order,
+                after.as_ref(),
+                limit.max(1),
+            )
         })
         .await
     }
@@ -352,7 +431,7 @@ fn upsert_sql(table: &str, keys: &str) -> String {
 }
 
 /// Applies a batch: the records above the high-water mark are folded into one
-/// delta per (hour, backend, model, key) and per (day, pool, backend, model,
+/// delta per (hour, pool, backend, model, key) and per (day, pool, backend, model,
 /// key), each added to its stored row by an upsert; then the high-water mark
 /// moves, all in one transaction. Folding before SQL keeps the statements per
 /// touched row rather than per record (see the ingestion benchmark).
@@ -420,7 +499,7 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
         let mut pool_of = tx.prepare_cached("SELECT pool FROM backends WHERE id = ?1")?;
         let mut upsert = tx.prepare_cached(&upsert_sql(
             "usage_hourly",
-            "hour_start, backend_id, model, client_key_id",
+            "hour_start, backend_id, model, client_key_id, pool",
         ))?;
         for (&(hour, backend_id, model, client_key_id), delta) in &mut hourly {
             let (input, output) = match prices.get(&(backend_id, model)) {
@@ -438,11 +517,6 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
             delta.cost = (delta.prompt_tokens as f64 * input
                 + delta.completion_tokens as f64 * output)
                 / 1_000_000.0;
-            upsert_row(
-                &mut upsert,
-                params![hour, backend_id, model, client_key_id],
-                delta,
-            )?;
             let pool = match pools.get(backend_id) {
                 Some(&p) => p,
                 None => {
@@ -455,6 +529,11 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
                     *pools.entry(backend_id).or_insert(p)
                 }
             };
+            upsert_row(
+                &mut upsert,
+                params![hour, backend_id, model, client_key_id, pool],
+                delta,
+            )?;
             daily
                 .entry((
                     floor_to(hour, DAY_MS),
@@ -663,6 +742,9 @@ impl Sums {
         t.latency_ms_sum += o.latency_ms_sum;
         t.ttft_ms_sum += o.ttft_ms_sum;
         t.ttft_count += o.ttft_count;
+        // A (time bucket, group) lies within one part of a plan, so this only ever meets
+        // a zero; totals over several parts count their backends in one query instead.
+        t.backend_count = t.backend_count.max(o.backend_count);
         for (b, n) in other.histogram.buckets() {
             self.histogram.add(b, n);
         }
@@ -676,32 +758,68 @@ impl Sums {
     }
 }
 
-/// The SQL of one part: sums per (time bucket `b`, group `g`).
-fn part_sql(part: &Part, clause: &str, bucket: Option<Granularity>, group_by: GroupBy) -> String {
-    // The unary `+` (a no-op) keeps SQLite from walking a whole index to get the
-    // GROUP BY order for free instead of searching the filter's range.
-    let time = part.table.time_column();
-    let bucket = match bucket {
-        None => "0".to_owned(),
-        Some(Granularity::Hour) => format!("+{time}"),
-        Some(Granularity::Day) => {
-            format!("{time} - (({time} % {DAY_MS}) + {DAY_MS}) % {DAY_MS}")
-        }
-    };
-    let group = match group_by {
+/// The SQL expression a part groups by.
+fn group_expr(group_by: GroupBy) -> &'static str {
+    match group_by {
         GroupBy::Nothing => "''",
         GroupBy::Backend => "+backend_id",
         GroupBy::Model => "+model",
         GroupBy::ClientKey => "+client_key_id",
+        GroupBy::Pool => "CASE pool WHEN 1 THEN 'primary' WHEN 2 THEN 'fallback' ELSE '' END",
+    }
+}
+
+/// The SQL of one part: sums per (time bucket `b`, group `g`). A time bucket never spans
+/// two parts (they split at day boundaries), so its distinct backends are counted here;
+/// without time buckets (`None`) the count is left to [`count_backends`].
+fn part_sql(part: &Part, clause: &str, bucket: Option<Granularity>, group_by: GroupBy) -> String {
+    // The unary `+` (a no-op) keeps SQLite from walking a whole index to get the
+    // GROUP BY order for free instead of searching the filter's range.
+    let time = part.table.time_column();
+    let (bucket, backends) = match bucket {
+        None => ("0".to_owned(), "0"),
+        Some(Granularity::Hour) => (format!("+{time}"), "count(DISTINCT nullif(backend_id, ''))"),
+        Some(Granularity::Day) => (
+            format!("{time} - (({time} % {DAY_MS}) + {DAY_MS}) % {DAY_MS}"),
+            "count(DISTINCT nullif(backend_id, ''))",
+        ),
     };
     format!(
         "SELECT {bucket} AS b, {group} AS g, total(request_count), total(error_count),
                 total(stream_count), total(prompt_tokens), total(completion_tokens), total(cost),
                 total(latency_ms_sum), total(ttft_ms_sum), total(ttft_count),
-                usage_histogram(latency_histogram)
+                usage_histogram(latency_histogram), {backends}
          FROM {table} {clause} GROUP BY b, g",
+        group = group_expr(group_by),
         table = part.table.name(),
     )
+}
+
+/// The tables a filter's range is read from: [`plan`], with whole days from the
+/// per-backend rollup when the query needs neither model nor client key.
+fn parts(
+    filter: &TotalsFilter,
+    bucket: Option<Granularity>,
+    group_by: GroupBy,
+    sources: Sources,
+) -> Vec<Part> {
+    // Hour buckets need hourly rows; everything else may read whole days.
+    let whole_days = sources == Sources::HourlyAndDaily && bucket != Some(Granularity::Hour);
+    // Whole days that need neither model nor client key come from the per-backend
+    // rollup: the same sums, from models × client keys times fewer rows.
+    let by_backend = filter.model.is_none()
+        && filter.client_key_id.is_none()
+        && matches!(
+            group_by,
+            GroupBy::Nothing | GroupBy::Backend | GroupBy::Pool
+        );
+    let mut parts = plan(filter, whole_days);
+    for part in &mut parts {
+        if part.table == Table::Daily && by_backend {
+            part.table = Table::DailyByBackend;
+        }
+    }
+    parts
 }
 
 /// Sums per (time bucket, group) over every part of the filter's range.
@@ -712,20 +830,11 @@ fn aggregate(
     group_by: GroupBy,
     sources: Sources,
 ) -> Result<BTreeMap<(i64, String), Sums>, StoreError> {
-    // Hour buckets need hourly rows; everything else may read whole days.
-    let whole_days = sources == Sources::HourlyAndDaily && bucket != Some(Granularity::Hour);
     let mut out: BTreeMap<(i64, String), Sums> = BTreeMap::new();
-    // Whole days that need neither model nor client key come from the per-backend
-    // rollup: the same sums, from models × client keys times fewer rows.
-    let by_backend = filter.model.is_none()
-        && filter.client_key_id.is_none()
-        && matches!(group_by, GroupBy::Nothing | GroupBy::Backend);
-    for mut part in plan(filter, whole_days) {
-        if part.table == Table::Daily && by_backend {
-            part.table = Table::DailyByBackend;
-        }
-        let (clause, values) = where_clause(&part, filter);
-        let mut stmt = conn.prepare_cached(&part_sql(&part, &clause, bucket, group_by))?;
+    let parts = parts(filter, bucket, group_by, sources);
+    for part in &parts {
+        let (clause, values) = where_clause(part, filter);
+        let mut stmt = conn.prepare_cached(&part_sql(part, &clause, bucket, group_by))?;
         let mut rows = stmt.query(params_from_iter(values.iter()))?;
         while let Some(r) = rows.next()? {
             let n = |i: usize| r.get::<_, f64>(i).map(|v| v.max(0.0) as u64);
@@ -744,6 +853,7 @@ fn aggregate(
                     latency_ms_sum: r.get(8)?,
                     ttft_ms_sum: r.get(9)?,
                     ttft_count: n(10)?,
+                    backend_count: r.get::<_, i64>(12)?.max(0) as u64,
                     ..Totals::default()
                 },
                 histogram,
@@ -751,7 +861,47 @@ fn aggregate(
             out.entry((r.get(0)?, r.get(1)?)).or_default().add(&sums);
         }
     }
+    if bucket.is_none() {
+        for (group, count) in count_backends(conn, filter, &parts, group_by)? {
+            if let Some(sums) = out.get_mut(&(0, group)) {
+                sums.totals.backend_count = count;
+            }
+        }
+    }
     Ok(out)
+}
+
+/// Distinct backends per group over all `parts` together: a backend seen in the hourly
+/// edges and in the whole days counts once.
+fn count_backends(
+    conn: &Connection,
+    filter: &TotalsFilter,
+    parts: &[Part],
+    group_by: GroupBy,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    if parts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut selects = Vec::new();
+    let mut values = Vec::new();
+    for part in parts {
+        let (clause, v) = where_clause(part, filter);
+        selects.push(format!(
+            "SELECT {} AS g, backend_id FROM {} {clause}",
+            group_expr(group_by),
+            part.table.name()
+        ));
+        values.extend(v);
+    }
+    let sql = format!(
+        "SELECT g, count(DISTINCT nullif(backend_id, '')) FROM ({}) GROUP BY g",
+        selects.join(" UNION ALL ")
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params_from_iter(values.iter()), |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 fn totals(
@@ -773,7 +923,19 @@ fn series(
     group_by: GroupBy,
     sources: Sources,
 ) -> Result<Vec<SeriesPoint>, StoreError> {
-    let sums = aggregate(conn, filter, Some(granularity), group_by, sources)?;
+    grouped(conn, filter, Some(granularity), group_by, sources)
+}
+
+/// Points per (time bucket, group), oldest first, then by group key; one time bucket
+/// (start 0) when `bucket` is `None`.
+fn grouped(
+    conn: &Connection,
+    filter: &TotalsFilter,
+    bucket: Option<Granularity>,
+    group_by: GroupBy,
+    sources: Sources,
+) -> Result<Vec<SeriesPoint>, StoreError> {
+    let sums = aggregate(conn, filter, bucket, group_by, sources)?;
     let labels = group_labels(conn, group_by)?;
     Ok(sums
         .into_iter()
@@ -789,6 +951,110 @@ fn series(
         .collect())
 }
 
+/// Newest time bucket first, groups within a bucket still ascending.
+fn sort_newest_first(points: &mut [SeriesPoint]) {
+    points.sort_by(|a, b| {
+        b.start_ms
+            .cmp(&a.start_ms)
+            .then_with(|| a.group_key.cmp(&b.group_key))
+    });
+}
+
+/// Whether `point` comes after `cursor` in `order`.
+fn is_after(point: &SeriesPoint, cursor: &Cursor, order: Order) -> bool {
+    let later = match order {
+        Order::OldestFirst => point.start_ms > cursor.start_ms,
+        Order::NewestFirst => point.start_ms < cursor.start_ms,
+    };
+    later || (point.start_ms == cursor.start_ms && point.group_key > cursor.group_key)
+}
+
+/// The first and the last day any usage was stored (daily rows are never deleted), as
+/// `[first day, day after the last)`; `None` when nothing is stored.
+fn stored_days(conn: &Connection) -> Result<Option<(i64, i64)>, StoreError> {
+    let (first, last): (Option<i64>, Option<i64>) = conn.query_row(
+        "SELECT min(day_start), max(day_start) FROM usage_daily_by_backend",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(first.zip(last).map(|(f, l)| (f, l.saturating_add(DAY_MS))))
+}
+
+/// One page of a series: windows of whole time buckets are read one after another in
+/// `order`, each twice as long as the one before, until more than `limit` points are
+/// in hand or the range is exhausted. Every window is a range of whole buckets (only
+/// the range's own ends may cut one), so no bucket is split between two windows.
+fn page(
+    conn: &Connection,
+    filter: &TotalsFilter,
+    granularity: Granularity,
+    group_by: GroupBy,
+    order: Order,
+    after: Option<&Cursor>,
+    limit: usize,
+) -> Result<Page, StoreError> {
+    let width = match granularity {
+        Granularity::Hour => HOUR_MS,
+        Granularity::Day => DAY_MS,
+    };
+    let Some((first, last)) = stored_days(conn)? else {
+        return Ok(Page::default());
+    };
+    // The range to read: the filter's, bounded by what is stored, and past the cursor.
+    let mut lo = filter.start_ms.map_or(first, |s| s.max(first));
+    let mut hi = filter.end_ms.map_or(last, |e| e.min(last));
+    if let Some(cursor) = after {
+        match order {
+            Order::OldestFirst => lo = lo.max(cursor.start_ms),
+            Order::NewestFirst => hi = hi.min(cursor.start_ms.saturating_add(width)),
+        }
+    }
+    let mut points: Vec<SeriesPoint> = Vec::new();
+    let mut span = width.saturating_mul(limit as i64 + 1);
+    while lo < hi && points.len() <= limit {
+        let (start, end) = match order {
+            Order::OldestFirst => (lo, hi.min(ceil_to(lo, width).saturating_add(span))),
+            Order::NewestFirst => (lo.max(floor_to(hi, width).saturating_sub(span)), hi),
+        };
+        let window = TotalsFilter {
+            start_ms: Some(start),
+            end_ms: Some(end),
+            ..filter.clone()
+        };
+        let mut found = series(
+            conn,
+            &window,
+            granularity,
+            group_by,
+            Sources::HourlyAndDaily,
+        )?;
+        if order == Order::NewestFirst {
+            sort_newest_first(&mut found);
+        }
+        points.extend(
+            found
+                .into_iter()
+                .filter(|p| after.is_none_or(|c| is_after(p, c, order))),
+        );
+        match order {
+            Order::OldestFirst => lo = end,
+            Order::NewestFirst => hi = start,
+        }
+        span = span.saturating_mul(2);
+    }
+    let next = (points.len() > limit).then(|| {
+        points.truncate(limit);
+        points.last().map(|p| Cursor {
+            start_ms: p.start_ms,
+            group_key: p.group_key.clone(),
+        })
+    });
+    Ok(Page {
+        points,
+        next: next.flatten(),
+    })
+}
+
 /// Readable names of grouped ids: backend and client key names (models are their own label).
 fn group_labels(
     conn: &Connection,
@@ -797,7 +1063,7 @@ fn group_labels(
     let sql = match group_by {
         GroupBy::Backend => "SELECT id, name FROM backends",
         GroupBy::ClientKey => "SELECT id, name FROM client_keys",
-        GroupBy::Nothing | GroupBy::Model => return Ok(Default::default()),
+        GroupBy::Nothing | GroupBy::Model | GroupBy::Pool => return Ok(Default::default()),
     };
     let mut stmt = conn.prepare_cached(sql)?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
@@ -912,6 +1178,7 @@ mod tests {
                 t.p50_ms.to_bits(),
                 t.p95_ms.to_bits(),
                 t.p99_ms.to_bits(),
+                t.backend_count,
             )
         };
         assert_eq!(ints(a), ints(b), "{context}");
@@ -1022,6 +1289,7 @@ mod tests {
                 GroupBy::Backend,
                 GroupBy::Model,
                 GroupBy::ClientKey,
+                GroupBy::Pool,
             ] {
                 let f = filter.clone();
                 let (a, b) = store
@@ -1050,6 +1318,95 @@ mod tests {
             }
         }
         assert!(compared > 4000, "the filters matched records");
+    }
+
+    #[tokio::test]
+    async fn pages_joined_are_the_whole_series_in_either_order() {
+        use rand::{Rng as _, SeedableRng as _};
+        let (_dir, store) = open();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        // Sparse traffic over ten days with an empty day in the middle, so windows must
+        // grow past gaps.
+        let rows: Vec<UsageRow> = (1..=600)
+            .map(|seq| {
+                let mut day = rng.random_range(0..10);
+                if day == 4 {
+                    day = 5;
+                }
+                row(
+                    seq,
+                    ["b1", "b2", ""][rng.random_range(0..3)],
+                    ["m1", "m2", "m3"][rng.random_range(0..3)],
+                    "k",
+                    DAY0 + day * DAY + rng.random_range(0..DAY),
+                    5.0,
+                )
+            })
+            .collect();
+        store
+            .ingest_usage("n".into(), "i".into(), rows)
+            .await
+            .unwrap();
+        let filters = [
+            TotalsFilter::default(),
+            TotalsFilter {
+                start_ms: Some(DAY0 + 30 * HOUR + 600_000),
+                end_ms: Some(DAY0 + 8 * DAY + 5 * HOUR + 1),
+                ..Default::default()
+            },
+            TotalsFilter {
+                model: Some("m2".into()),
+                ..Default::default()
+            },
+        ];
+        for filter in filters {
+            for granularity in [Granularity::Hour, Granularity::Day] {
+                for group_by in [GroupBy::Nothing, GroupBy::Model, GroupBy::Backend] {
+                    for order in [Order::OldestFirst, Order::NewestFirst] {
+                        let whole = store
+                            .usage_series(filter.clone(), granularity, group_by, order)
+                            .await
+                            .unwrap();
+                        assert!(!whole.is_empty());
+                        for limit in [1, 7, 100, whole.len(), whole.len() + 1] {
+                            let mut joined = Vec::new();
+                            let mut after = None;
+                            loop {
+                                let page = store
+                                    .usage_page(
+                                        filter.clone(),
+                                        granularity,
+                                        group_by,
+                                        order,
+                                        after,
+                                        limit,
+                                    )
+                                    .await
+                                    .unwrap();
+                                assert!(page.points.len() <= limit);
+                                joined.extend(page.points);
+                                match page.next {
+                                    Some(cursor) => after = Some(cursor),
+                                    None => break,
+                                }
+                            }
+                            let context = format!(
+                                "{filter:?} {granularity:?} {group_by:?} {order:?} {limit}"
+                            );
+                            assert_eq!(joined.len(), whole.len(), "{context}");
+                            for (a, b) in joined.iter().zip(&whole) {
+                                assert_eq!(
+                                    (a.start_ms, &a.group_key),
+                                    (b.start_ms, &b.group_key),
+                                    "{context}"
+                                );
+                                assert_same_totals(&a.totals, &b.totals, &context);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[tokio::test]
@@ -1305,6 +1662,18 @@ mod tests {
             )
             .unwrap();
         assert_eq!(tables, 0);
+        // Migration 7 files each hour under the pool of its day's row.
+        let hourly_pools: Vec<(String, i64)> = conn
+            .prepare("SELECT backend_id, pool FROM usage_hourly ORDER BY backend_id, hour_start")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            hourly_pools,
+            vec![(String::new(), 0), ("b1".into(), 2), ("b1".into(), 2)]
+        );
     }
 
     #[tokio::test]
@@ -1327,7 +1696,12 @@ mod tests {
             6
         );
         let hours = store
-            .usage_series(TotalsFilter::default(), Granularity::Hour, GroupBy::Nothing)
+            .usage_series(
+                TotalsFilter::default(),
+                Granularity::Hour,
+                GroupBy::Nothing,
+                Order::OldestFirst,
+            )
             .await
             .unwrap();
         assert_eq!(

@@ -84,6 +84,7 @@ pub fn settings() -> proto::Settings {
         usage_retention_days: 0,
         // The tests tell which backend answered by `x-sluice-backend`.
         expose_backend_header: true,
+        ..Default::default()
     }
 }
 

@@ -587,10 +587,10 @@ fn generate_history(
         let tx = conn.transaction()?;
         {
             let mut hourly = tx.prepare(
-                "INSERT INTO usage_hourly (hour_start, backend_id, model, client_key_id, request_count,
-                     error_count, stream_count, prompt_tokens, completion_tokens, cost, latency_ms_sum,
-                     ttft_ms_sum, ttft_count, latency_histogram)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                "INSERT INTO usage_hourly (hour_start, backend_id, model, client_key_id, pool,
+                     request_count, error_count, stream_count, prompt_tokens, completion_tokens, cost,
+                     latency_ms_sum, ttft_ms_sum, ttft_count, latency_histogram)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )?;
             let mut daily = tx.prepare(
                 "INSERT INTO usage_daily (day_start, backend_id, model, client_key_id, pool, request_count,
@@ -636,6 +636,7 @@ fn generate_history(
                         backend_ids[b],
                         MODELS[m].0,
                         key,
+                        pools[b],
                         requests,
                         errors,
                         streams,
@@ -868,6 +869,26 @@ async fn queries(
                 ..usage(G::Day, By::Unspecified, None)
             }),
         },
+        Query {
+            name: "GetTotals, last 7 days, by backend (the dashboard's overview)",
+            call: Call::Totals(pb::GetTotalsRequest {
+                start_time: ts(day(7)),
+                group_by: By::Backend as i32,
+                ..Default::default()
+            }),
+        },
+        Query {
+            name: "GetUsage day, all time, by pool",
+            call: Call::Usage(usage(G::Day, By::Pool, None)),
+        },
+        Query {
+            name: "GetUsage hour, all time, by client key, newest page of 1,000",
+            call: Call::Usage(pb::GetUsageRequest {
+                page_size: 1000,
+                order: pb::UsageOrder::NewestFirst as i32,
+                ..usage(G::Hour, By::ClientKey, None)
+            }),
+        },
     ];
     println!("| query | buckets | first ms | median ms |");
     println!("|---|---:|---:|---:|");
@@ -900,6 +921,33 @@ async fn queries(
         );
     }
     println!();
+
+    // Every page of the longest series: all hourly rows by client key.
+    let started = Instant::now();
+    let (mut pages, mut buckets, mut largest) = (0, 0, 0);
+    let mut request = pb::GetUsageRequest {
+        page_size: sluice_proto::limits::MAX_USAGE_PAGE_SIZE as i32,
+        ..usage(G::Hour, By::ClientKey, None)
+    };
+    loop {
+        let page = stats.get_usage(request.clone()).await?.into_inner();
+        pages += 1;
+        buckets += page.buckets.len();
+        largest = largest.max(prost::Message::encoded_len(&page));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        request.page_token = page.next_page_token;
+    }
+    println!(
+        "All {} hourly buckets by client key, in {} pages of at most {}: {:.1} s in all, the \
+         largest page {:.1} MiB.\n",
+        thousands(buckets as f64),
+        pages,
+        sluice_proto::limits::MAX_USAGE_PAGE_SIZE,
+        started.elapsed().as_secs_f64(),
+        largest as f64 / (1 << 20) as f64,
+    );
     control.stop().await?;
 
     // Retention: delete the hourly rows older than 90 days; whole-day totals stay.

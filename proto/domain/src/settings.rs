@@ -29,13 +29,17 @@ pub fn defaults() -> pb::Settings {
         retry_on_timeout: true,
         usage_retention_days: 90,
         expose_backend_header: false,
+        currency: DEFAULT_CURRENCY.to_owned(),
     }
 }
 
+/// The currency of prices when the operator has not named one.
+pub const DEFAULT_CURRENCY: &str = "USD";
+
 /// Fills what `settings` leaves unset (a row written by an older version, a message from an
 /// older control plane) from [`defaults`]: unset or zero durations and a zero `max_attempts`.
-/// The flags, `failure_threshold` and `usage_retention_days` are taken as they are: their
-/// zero values mean something.
+/// An empty `currency` means [`DEFAULT_CURRENCY`]. The flags, `failure_threshold` and
+/// `usage_retention_days` are taken as they are: their zero values mean something.
 pub fn with_defaults(mut settings: pb::Settings) -> pb::Settings {
     let d = defaults();
     for (field, default) in [
@@ -52,6 +56,9 @@ pub fn with_defaults(mut settings: pb::Settings) -> pb::Settings {
     }
     if settings.max_attempts == 0 {
         settings.max_attempts = d.max_attempts;
+    }
+    if settings.currency.is_empty() {
+        settings.currency = d.currency;
     }
     settings
 }
@@ -108,7 +115,7 @@ impl TryFrom<&pb::Settings> for Policy {
 
     /// [`with_defaults`] first; a negative or malformed duration is refused.
     fn try_from(settings: &pb::Settings) -> Result<Self, InvalidDuration> {
-        let s = with_defaults(*settings);
+        let s = with_defaults(settings.clone());
         let duration = |value: Option<ProtoDuration>, name: &'static str| {
             value
                 .as_ref()
