@@ -360,24 +360,44 @@ pub struct SettingsSetArgs {
     /// (off by default: it tells every client how the gateway routes).
     #[arg(long, value_name = "BOOL")]
     pub expose_backend_header: Option<bool>,
+    /// The ISO 4217 code of the currency model prices are in (USD, EUR, ...), shown beside
+    /// every cost.
+    #[arg(long, value_name = "CODE")]
+    pub currency: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum StatsCommand {
     /// Totals over a time range.
     Totals {
+        /// Also the totals of each backend, model, client key or pool (one query).
+        #[arg(long, value_enum)]
+        by: Option<GroupByArg>,
         #[command(flatten)]
         range: RangeArgs,
         #[command(flatten)]
         filter: FilterArgs,
     },
-    /// Usage per hour or day, optionally per backend, model or key.
+    /// Usage per hour or day, optionally per backend, model, key or pool.
+    ///
+    /// sluicectl asks the control plane for pages of at most 5,000 buckets (each under
+    /// 4 MiB) and follows them to the end of the series or to --limit, so a series of
+    /// any length is read; it does not rely on a larger message limit (it accepts
+    /// answers up to 64 MiB all the same).
+    #[command(verbatim_doc_comment)]
     Usage {
-        /// One series per backend, model or client key.
+        /// One series per backend, model, client key or pool.
         #[arg(long, value_enum)]
         by: Option<GroupByArg>,
         #[arg(long, value_enum, default_value_t = GranularityArg::Hour)]
         granularity: GranularityArg,
+        /// Newest time bucket first (the default is oldest first).
+        #[arg(long)]
+        newest_first: bool,
+        /// Print at most N buckets (a bucket is one time and group): with --newest-first,
+        /// the latest N.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
         #[command(flatten)]
         range: RangeArgs,
         #[command(flatten)]
@@ -418,6 +438,7 @@ pub enum GroupByArg {
     Backend,
     Model,
     Key,
+    Pool,
 }
 
 impl From<GroupByArg> for pb::GroupBy {
@@ -426,6 +447,7 @@ impl From<GroupByArg> for pb::GroupBy {
             GroupByArg::Backend => pb::GroupBy::Backend,
             GroupByArg::Model => pb::GroupBy::Model,
             GroupByArg::Key => pb::GroupBy::ClientKey,
+            GroupByArg::Pool => pb::GroupBy::Pool,
         }
     }
 }

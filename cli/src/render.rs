@@ -133,8 +133,13 @@ fn when(timestamp: Option<&sluice_proto::wkt::Timestamp>, now: SystemTime) -> St
     }
 }
 
-fn cost(value: f64) -> String {
-    format!("{value:.4}")
+/// A cost with its currency: `1.2345 USD`.
+fn cost(value: f64, currency: &str) -> String {
+    if currency.is_empty() {
+        format!("{value:.4}")
+    } else {
+        format!("{value:.4} {currency}")
+    }
 }
 
 fn millis(value: f64) -> String {
@@ -425,12 +430,13 @@ pub fn settings(settings: Option<&pb::Settings>) -> String {
         ("retry-on-timeout", s.retry_on_timeout.to_string()),
         ("usage-retention-days", s.usage_retention_days.to_string()),
         ("expose-backend-header", s.expose_backend_header.to_string()),
+        ("currency", s.currency.clone()),
     ])
 }
 
-/// `stats totals`.
+/// `stats totals`, and with `--by` a table of the groups below.
 pub fn totals(t: &pb::GetTotalsResponse) -> String {
-    fields(vec![
+    let summary = fields(vec![
         ("requests", t.request_count.to_string()),
         ("errors", t.error_count.to_string()),
         ("error rate", percent(t.error_rate)),
@@ -438,13 +444,18 @@ pub fn totals(t: &pb::GetTotalsResponse) -> String {
         ("prompt tokens", t.prompt_tokens.to_string()),
         ("completion tokens", t.completion_tokens.to_string()),
         ("total tokens", t.total_tokens.to_string()),
-        ("cost", cost(t.cost)),
+        ("cost", cost(t.cost, &t.currency)),
+        ("backends", t.backend_count.to_string()),
         ("avg latency", millis(t.avg_latency_ms)),
         ("p50 latency", millis(t.p50_latency_ms)),
         ("p95 latency", millis(t.p95_latency_ms)),
         ("p99 latency", millis(t.p99_latency_ms)),
         ("avg ttft", millis(t.avg_ttft_ms)),
-    ])
+    ]);
+    if t.groups.is_empty() {
+        return summary;
+    }
+    format!("{summary}\n\n{}", buckets(&t.groups, false))
 }
 
 /// `stats usage`: one row per bucket (and group).
@@ -452,15 +463,24 @@ pub fn usage(response: &pb::GetUsageResponse) -> String {
     if response.buckets.is_empty() {
         return "No usage in this range.".to_owned();
     }
-    let grouped = response
-        .buckets
-        .iter()
-        .any(|bucket| !bucket.group_key.is_empty());
-    let rows = response
-        .buckets
+    let table = buckets(&response.buckets, true);
+    if response.next_page_token.is_empty() {
+        table
+    } else {
+        format!("{table}\n(more buckets follow: raise --limit to see them)")
+    }
+}
+
+/// A row per bucket: its start (when `timed`), its group, its figures.
+fn buckets(buckets: &[pb::UsageBucket], timed: bool) -> String {
+    let grouped = !timed || buckets.iter().any(|bucket| !bucket.group_key.is_empty());
+    let rows = buckets
         .iter()
         .map(|bucket| {
-            let mut row = vec![time::absolute(bucket.start_time.as_ref())];
+            let mut row = Vec::new();
+            if timed {
+                row.push(time::absolute(bucket.start_time.as_ref()));
+            }
             if grouped {
                 row.push(if bucket.group_label.is_empty() {
                     bucket.group_key.clone()
@@ -473,7 +493,8 @@ pub fn usage(response: &pb::GetUsageResponse) -> String {
                 bucket.error_count.to_string(),
                 bucket.prompt_tokens.to_string(),
                 bucket.completion_tokens.to_string(),
-                cost(bucket.cost),
+                cost(bucket.cost, &bucket.currency),
+                bucket.backend_count.to_string(),
                 millis(bucket.p50_latency_ms),
                 millis(bucket.p95_latency_ms),
                 millis(bucket.avg_ttft_ms),
@@ -481,7 +502,10 @@ pub fn usage(response: &pb::GetUsageResponse) -> String {
             row
         })
         .collect();
-    let mut header = vec!["START"];
+    let mut header = Vec::new();
+    if timed {
+        header.push("START");
+    }
     if grouped {
         header.push("GROUP");
     }
@@ -491,11 +515,12 @@ pub fn usage(response: &pb::GetUsageResponse) -> String {
         "PROMPT",
         "COMPLETION",
         "COST",
+        "BACKENDS",
         "P50",
         "P95",
         "AVG TTFT",
     ]);
-    let first_number = header.len() - 8;
+    let first_number = header.len() - 9;
     let right: Vec<usize> = (first_number..header.len()).collect();
     grid(&header, rows, &right)
 }

@@ -1106,3 +1106,174 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
         assert!(row.contains(cell), "{cell} missing: {row}");
     }
 }
+
+/// `stats usage` reads a series whose single answer would pass 4 MiB (it pages), `--limit`
+/// and `--newest-first` take the latest buckets, `--by pool` splits by pool with the
+/// number of backends, and every cost carries the currency of the settings.
+#[tokio::test]
+async fn usage_by_pool_in_pages_with_its_currency() {
+    use std::time::{Duration, SystemTime};
+
+    use sluice_proto::v1 as pb;
+
+    let h = Harness::start().await;
+    // 30 models named at the 256-byte limit in each of 250 hours: 7,500 buckets by model,
+    // over 4 MiB as one answer. p1 prices the first.
+    let models: Vec<String> = (0..30)
+        .map(|m| format!("{m:03}{}", "x".repeat(253)))
+        .collect();
+    let priced = format!("{0}:{0}:1:2", models[0]);
+    let mut ids = Vec::new();
+    for (name, pool) in [("p1", "primary"), ("p2", "primary"), ("f1", "fallback")] {
+        let added = h
+            .ctl(&[
+                "-o",
+                "json",
+                "backend",
+                "add",
+                "--name",
+                name,
+                "--base-url",
+                "http://127.0.0.1:9/v1",
+                "--pool",
+                pool,
+                "--model",
+                if name == "p1" { &priced } else { "m" },
+            ])
+            .await
+            .json();
+        ids.push(added["backend"]["id"].as_str().unwrap().to_owned());
+    }
+    let mut client = replica::client(&h.control.grpc_url, &h.control.dataplane_token).await;
+    let start = SystemTime::now() - Duration::from_secs(300 * 3600);
+    let mut records = Vec::new();
+    for hour in 0..250u64 {
+        for (m, model) in models.iter().enumerate() {
+            let sequence = records.len() as u64 + 1;
+            records.push(pb::UsageRecord {
+                sequence,
+                request_id: format!("req-{sequence}"),
+                backend_id: ids[m % 3].clone(),
+                model: model.clone(),
+                prompt_tokens: 1_000,
+                completion_tokens: 500,
+                latency: Some(Duration::from_millis(100).into()),
+                status_code: 200,
+                time: Some(replica::timestamp(start + Duration::from_secs(hour * 3600))),
+                ..Default::default()
+            });
+        }
+    }
+    let total = records.len();
+    let batches: Vec<pb::ReportUsageRequest> = records
+        .chunks(2500)
+        .map(|chunk| pb::ReportUsageRequest {
+            node_id: "replica-1".into(),
+            incarnation: "inc-1".into(),
+            records: chunk.to_vec(),
+            ..Default::default()
+        })
+        .collect();
+    let mut acks = client
+        .report_usage(tokio_stream::iter(batches))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acked = 0;
+    while acked < total as u64 {
+        acked = acks.message().await.unwrap().unwrap().acked_sequence;
+    }
+
+    let all = h
+        .ctl(&["-o", "json", "stats", "usage", "--by", "model"])
+        .await
+        .json();
+    let buckets = all["buckets"].as_array().unwrap();
+    assert_eq!(buckets.len(), total);
+    assert!(serde_json::to_string(&all).unwrap().len() > 4 * 1024 * 1024);
+
+    // The latest ten buckets, newest first, and a note that more follow.
+    let latest = h
+        .ctl(&[
+            "stats",
+            "usage",
+            "--by",
+            "model",
+            "--newest-first",
+            "--limit",
+            "10",
+        ])
+        .await;
+    let lines: Vec<&str> = latest.ok().lines().collect();
+    assert_eq!(lines.len(), 12, "{latest:?}");
+    assert!(lines[11].contains("raise --limit"), "{latest:?}");
+    // The newest hour, `2026-11-30T03`.
+    let newest = &buckets.last().unwrap()["startTime"].as_str().unwrap()[..13];
+    assert!(lines[1].starts_with(newest), "{} vs {newest}", lines[1]);
+
+    // Per pool: two primary backends and one fallback each hour.
+    let pools = h
+        .ctl(&[
+            "-o",
+            "json",
+            "stats",
+            "usage",
+            "--by",
+            "pool",
+            "--granularity",
+            "day",
+        ])
+        .await
+        .json();
+    let mut per_pool: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for bucket in pools["buckets"].as_array().unwrap() {
+        let entry = per_pool
+            .entry(bucket["groupKey"].as_str().unwrap().to_owned())
+            .or_default();
+        entry.0 += bucket["requestCount"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
+        entry.1 = entry
+            .1
+            .max(bucket["backendCount"].as_str().unwrap().parse().unwrap());
+    }
+    assert_eq!(
+        per_pool,
+        [
+            ("fallback".to_owned(), (2500, 1)),
+            ("primary".to_owned(), (5000, 2))
+        ]
+        .into()
+    );
+    let table = h.ctl(&["stats", "totals", "--by", "pool"]).await;
+    let text = table.ok();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("backends") && l.ends_with(" 3")),
+        "{text}"
+    );
+    let primary = text
+        .lines()
+        .find(|l| l.starts_with("primary"))
+        .unwrap_or_else(|| panic!("no primary row: {text}"));
+    let cells: Vec<&str> = primary.split_whitespace().collect();
+    // GROUP REQUESTS ERRORS PROMPT COMPLETION COST CURRENCY BACKENDS ...
+    assert_eq!(cells[1], "5000", "{primary}");
+    assert_eq!(cells[6..8], ["USD", "2"], "{primary}");
+
+    // The currency is a setting; every cost shows it.
+    h.ctl(&["settings", "set", "--currency", "EUR"]).await.ok();
+    let totals = h.ctl(&["stats", "totals"]).await;
+    // 250 priced records × (1000 × 1 + 500 × 2) / 1M = 0.5
+    assert!(
+        totals
+            .ok()
+            .lines()
+            .any(|l| l.starts_with("cost") && l.ends_with("0.5000 EUR")),
+        "{totals:?}"
+    );
+    let refused = h.ctl(&["settings", "set", "--currency", "euros"]).await;
+    assert!(refused.one_line_error().contains("currency"), "{refused:?}");
+}

@@ -58,6 +58,7 @@ fn update_request(args: SettingsSetArgs) -> Result<pb::UpdateSettingsRequest, Er
     field!(retry_on_timeout, std::convert::identity);
     field!(usage_retention_days, plain);
     field!(expose_backend_header, std::convert::identity);
+    field!(currency, std::convert::identity);
     if paths.is_empty() {
         return Err(Error::Usage(
             "nothing to set: give at least one flag (see `sluicectl settings set --help`)"

@@ -2,6 +2,7 @@
 
 use std::time::SystemTime;
 
+use sluice_proto::limits::MAX_USAGE_PAGE_SIZE;
 use sluice_proto::v1 as pb;
 use sluice_proto::wkt::Timestamp;
 
@@ -17,7 +18,7 @@ pub async fn run(
     out: &Output,
 ) -> Result<(), Error> {
     match command {
-        StatsCommand::Totals { range, filter } => {
+        StatsCommand::Totals { by, range, filter } => {
             let filter = resolve(filter, connection).await?;
             let (start_time, end_time) = time_range(&range, SystemTime::now());
             let request = pb::GetTotalsRequest {
@@ -26,6 +27,9 @@ pub async fn run(
                 backend_id: filter.backend.unwrap_or_default(),
                 model: filter.model.unwrap_or_default(),
                 client_key_id: filter.key.unwrap_or_default(),
+                group_by: by
+                    .map_or(pb::GroupBy::Unspecified, pb::GroupBy::from)
+                    .into(),
             };
             let mut stats = connection.stats().await?;
             let response = connection.call(stats.get_totals(request)).await?;
@@ -34,15 +38,49 @@ pub async fn run(
         StatsCommand::Usage {
             by,
             granularity,
+            newest_first,
+            limit,
             range,
             filter,
         } => {
             let filter = resolve(filter, connection).await?;
-            let request = usage_request(by, granularity, &range, filter, SystemTime::now());
-            let mut stats = connection.stats().await?;
-            let response = connection.call(stats.get_usage(request)).await?;
+            let mut request = usage_request(by, granularity, &range, filter, SystemTime::now());
+            if newest_first {
+                request.order = pb::UsageOrder::NewestFirst.into();
+            }
+            let stats = connection.stats().await?;
+            let response = read_pages(request, limit, |request| {
+                let mut stats = stats.clone();
+                async move { connection.call(stats.get_usage(request)).await }
+            })
+            .await?;
             out.print(&response, render::usage)
         }
+    }
+}
+
+/// Every bucket of `request` (or the first `limit`), read page by page; the answer's
+/// `next_page_token` is set when `limit` left buckets unread.
+async fn read_pages<F, Fut>(
+    mut request: pb::GetUsageRequest,
+    limit: Option<u64>,
+    mut call: F,
+) -> Result<pb::GetUsageResponse, Error>
+where
+    F: FnMut(pb::GetUsageRequest) -> Fut,
+    Fut: std::future::Future<Output = Result<pb::GetUsageResponse, Error>>,
+{
+    let mut all = pb::GetUsageResponse::default();
+    loop {
+        let wanted = limit.map_or(u64::MAX, |l| l - all.buckets.len() as u64);
+        request.page_size = wanted.min(MAX_USAGE_PAGE_SIZE as u64) as i32;
+        let page = call(request.clone()).await?;
+        all.buckets.extend(page.buckets);
+        all.next_page_token = page.next_page_token;
+        if all.next_page_token.is_empty() || limit.is_some_and(|l| all.buckets.len() as u64 >= l) {
+            return Ok(all);
+        }
+        request.page_token = all.next_page_token.clone();
     }
 }
 
@@ -101,6 +139,7 @@ fn usage_request(
         group_by: by
             .map_or(pb::GroupBy::Unspecified, pb::GroupBy::from)
             .into(),
+        ..Default::default()
     }
 }
 
