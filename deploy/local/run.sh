@@ -12,7 +12,7 @@
 #   --replicas N      data planes (SLUICE_REPLICAS, 1)
 #   --port P          the port clients use: nginx's, or the single data plane's (SLUICE_PORT, 8080)
 #   --grpc-port P     control plane gRPC (SLUICE_GRPC_PORT, 50051)
-#   --http-port P     control plane health/metrics (SLUICE_HTTP_PORT, 8081)
+#   --http-port P     control plane dashboard, health, metrics (SLUICE_HTTP_PORT, 8081)
 #   --mock-port P     demo backend (SLUICE_MOCK_PORT, 9090)
 #   --data-dir DIR    control plane data (SLUICE_DATA_DIR, ./sluice-data); data plane i keeps its
 #                     usage spool in DIR/proxy-i, so a replica restarted there resends its usage
@@ -188,12 +188,14 @@ PROXY_PORTS="${proxy_ports[*]}"
 PROXY_PIDS="${proxy_pids[*]}"
 ENV
 
+if [ -f "$DATA_DIR/admin-token" ]; then token_hint="cat $DATA_DIR/admin-token"; else token_hint="the SLUICE_ADMIN_TOKEN you set"; fi
 if [ "$REPLICAS" -gt 1 ]; then front="nginx → $REPLICAS data planes (ports ${proxy_ports[*]})"; else front="data plane"; fi
 cat <<TXT
 
 Sluice is running (logs in $RUN_DIR):
   gateway        http://127.0.0.1:$PORT/v1   ($front, OpenAI-compatible)
   control plane  $SLUICE_ENDPOINT (gRPC), http://127.0.0.1:$HTTP_PORT (health, metrics)
+  dashboard      http://127.0.0.1:$HTTP_PORT/   (sign in with the admin token: $token_hint)
 TXT
 if [ "$DEMO" = 1 ]; then
 cat <<TXT

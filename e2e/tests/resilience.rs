@@ -34,6 +34,10 @@ async fn set_settings(api: &ControlApi, settings: pb::Settings, paths: &[&str]) 
 #[tokio::test]
 async fn a_429_at_one_replica_cools_the_backend_at_all_three() {
     let run = LocalRun::start(3).await;
+    // run.sh names the dashboard, and it is there.
+    let page = reqwest::get(&run.dashboard_url).await.unwrap();
+    assert_eq!(page.status(), 200, "{}", run.dashboard_url);
+    assert!(page.text().await.unwrap().contains("<title>Sluice</title>"));
     run.expose_backend_header(true).await;
     let a = Mock::start("a", &["m"]).await;
     let b = Mock::start("b", &["m"]).await;

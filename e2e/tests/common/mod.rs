@@ -510,6 +510,8 @@ pub struct LocalRun {
     pub proxy_ports: Vec<u16>,
     pub proxy_pids: Vec<u32>,
     pub control_pid: u32,
+    /// The dashboard's address as run.sh prints it.
+    pub dashboard_url: String,
     api: ControlApi,
 }
 
@@ -565,6 +567,13 @@ impl LocalRun {
             })
             .await
             .unwrap();
+        let dashboard_url = script
+            .wait_for_line("the dashboard's address", Duration::from_secs(10), |l| {
+                let rest = l.trim_start().strip_prefix("dashboard")?;
+                rest.split_whitespace().next().map(str::to_owned)
+            })
+            .await
+            .unwrap();
         let env = std::fs::read_to_string(data_dir.join("run/cluster.env")).unwrap();
         let value = |name: &str| -> String {
             env.lines()
@@ -587,6 +596,7 @@ impl LocalRun {
                 .collect(),
             proxy_pids: numbers("PROXY_PIDS"),
             control_pid: numbers("CONTROL_PID")[0],
+            dashboard_url,
             api: ControlApi {
                 url: format!("http://127.0.0.1:{grpc}"),
             },
