@@ -1,9 +1,10 @@
 //! The web dashboard in headless Chromium against the real `sluice-control`, with real
 //! usage from a `sluice-proxy` in front of the mock provider: sign in, see the charts
-//! drawn, manage backends and client keys through the forms, look at replicas and
-//! cooldowns; no console errors, no dialog, API text stays text. Saves a screenshot of
-//! each page to `e2e/artifacts/`; with `SLUICE_UPDATE_SCREENSHOTS=1` also refreshes the
-//! committed `e2e/screenshots/dashboard-overview.png`.
+//! drawn (split by backend and by pool), manage backends and client keys through the
+//! forms, look at replicas and cooldowns, change the settings and see a data plane follow;
+//! no console errors, no dialog, API text stays text. Saves a screenshot of each page to
+//! `e2e/artifacts/`; with `SLUICE_UPDATE_SCREENSHOTS=1` also refreshes the
+//! committed `e2e/screenshots/dashboard-overview.png` and `dashboard-settings.png`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "dashboard/cdp.rs"]
@@ -183,8 +184,52 @@ async fn the_dashboard_in_a_browser() {
         table.contains("alpha") && table.contains("fallback"),
         "{table}"
     );
+    let totals = browser.text("#totals").await;
+    assert!(
+        totals.contains("USD") && totals.contains("2 backends"),
+        "{totals}"
+    );
     browser
         .screenshot(&artifacts().join("dashboard-overview.png"))
+        .await;
+
+    // Split by pool: alpha is primary, beta fallback; the pools table counts each pool's
+    // backends (6 requests went to alpha, 4 to beta).
+    browser
+        .eval(
+            "(() => { const s = document.querySelector('#split'); s.value = 'pool'; \
+             s.dispatchEvent(new Event('change')); })()",
+        )
+        .await;
+    browser
+        .wait_for(
+            "(() => { const l = document.querySelector('#chart-requests .legend'); \
+             return l && l.textContent.includes('primary') && l.textContent.includes('fallback') \
+             && !l.textContent.includes('alpha'); })()",
+            "the requests chart split by pool",
+        )
+        .await;
+    let cells = |pool: &str| {
+        format!(
+            "[...document.querySelectorAll('#overview-pools tr[data-pool={pool}] td')] \
+             .map(td => td.textContent)"
+        )
+    };
+    let row = |value: serde_json::Value| -> Vec<String> {
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|cell| cell.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let primary = row(browser.eval(&cells("primary")).await);
+    assert_eq!(primary[..3], ["primary", "1", "6"], "{primary:?}");
+    let fallback = row(browser.eval(&cells("fallback")).await);
+    assert_eq!(fallback[..3], ["fallback", "1", "4"], "{fallback:?}");
+    assert!(fallback[6].ends_with("USD"), "{fallback:?}");
+    browser
+        .screenshot(&artifacts().join("dashboard-overview-pools.png"))
         .await;
 
     // Backends: a bad URL is refused beside the field; a good one is added and listed.
@@ -480,6 +525,101 @@ async fn the_dashboard_in_a_browser() {
         )
         .await;
 
+    // Settings: the stored policy; a refused value is shown beside its field and changes
+    // nothing; a saved change reaches the data plane.
+    browser.click("#nav a[data-page=settings]").await;
+    browser
+        .wait_for(
+            "document.querySelector('#sf-max-attempts').value === '3' && \
+             document.querySelector('#sf-cooldown-cap').value === '300' && \
+             document.querySelector('#sf-currency').value === 'USD'",
+            "the settings form filled in",
+        )
+        .await;
+    browser.type_into("#sf-max-attempts", "11").await;
+    browser.click("#sf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('[data-field=max_attempts] .field-error').textContent !== ''",
+            "the max attempts error",
+        )
+        .await;
+    assert_eq!(
+        browser.text("[data-field=max_attempts] .field-error").await,
+        "must be between 1 and 10"
+    );
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#sf-max-attempts').getAttribute('aria-invalid')")
+            .await,
+        json!("true")
+    );
+    let settings = || async {
+        api.admin()
+            .await
+            .get_settings(pb::GetSettingsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .settings
+            .unwrap()
+    };
+    assert_eq!(
+        settings().await.max_attempts,
+        3,
+        "a refused value is not stored"
+    );
+    browser
+        .screenshot(&artifacts().join("dashboard-settings-error.png"))
+        .await;
+    assert!(
+        gateway
+            .chat(&load_secret, "gpt-4o-mini")
+            .await
+            .headers()
+            .get("x-sluice-backend")
+            .is_none(),
+        "the backend header is off by default"
+    );
+    browser.type_into("#sf-max-attempts", "4").await;
+    browser.type_into("#sf-cooldown-cap", "120").await;
+    browser.type_into("#sf-currency", "EUR").await;
+    browser.click("#sf-expose-backend-header").await;
+    browser.click("#sf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('#notice').textContent.startsWith('Saved the settings')",
+            "the settings saved",
+        )
+        .await;
+    let saved = settings().await;
+    assert_eq!(saved.max_attempts, 4);
+    assert_eq!(saved.cooldown_cap.unwrap().seconds, 120);
+    assert_eq!(saved.currency, "EUR");
+    assert!(saved.expose_backend_header);
+    assert_eq!(
+        saved.cooldown_base.unwrap().seconds,
+        1,
+        "unchanged fields kept"
+    );
+    // The data plane applies the change with its next snapshot: answers now name the backend.
+    eventually(
+        Duration::from_secs(10),
+        "x-sluice-backend on the data plane's answers",
+        || async {
+            let answer = gateway.chat(&load_secret, "gpt-4o-mini").await;
+            answer.status() == 200
+                && answer
+                    .headers()
+                    .get("x-sluice-backend")
+                    .is_some_and(|v| v == "alpha")
+        },
+    )
+    .await;
+    browser
+        .screenshot(&artifacts().join("dashboard-settings.png"))
+        .await;
+
     // A small laptop screen: the page does not scroll sideways (wide tables scroll in place).
     browser.resize(1024, 700).await;
     browser.click("#nav a[data-page=overview]").await;
@@ -503,6 +643,14 @@ async fn the_dashboard_in_a_browser() {
         json!(true),
         "no horizontal scrolling at 1024 px"
     );
+    // Costs carry the currency the settings now name.
+    browser
+        .wait_for(
+            "document.querySelector('#totals').textContent.includes('EUR') && \
+             document.querySelector('#chart-cost').parentElement.textContent.includes('(EUR)')",
+            "costs in EUR",
+        )
+        .await;
     browser
         .screenshot(&artifacts().join("dashboard-overview-1024.png"))
         .await;
@@ -533,10 +681,8 @@ async fn the_dashboard_in_a_browser() {
     if std::env::var_os("SLUICE_UPDATE_SCREENSHOTS").is_some() {
         let committed = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("screenshots");
         std::fs::create_dir_all(&committed).unwrap();
-        std::fs::copy(
-            artifacts().join("dashboard-overview.png"),
-            committed.join("dashboard-overview.png"),
-        )
-        .unwrap();
+        for name in ["dashboard-overview.png", "dashboard-settings.png"] {
+            std::fs::copy(artifacts().join(name), committed.join(name)).unwrap();
+        }
     }
 }

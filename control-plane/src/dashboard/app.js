@@ -67,6 +67,8 @@
     const digits = x === 0 ? 2 : x < 0.01 ? 4 : x < 1 ? 3 : 2;
     return new Intl.NumberFormat(undefined, { minimumFractionDigits: digits, maximumFractionDigits: digits }).format(x);
   }
+  /** A cost with the currency of the settings: "0.0123 USD". */
+  const fmtMoney = (x) => `${fmtCost(x)} ${state.currency}`;
   function fmtMs(ms) {
     ms = num(ms);
     if (ms >= 10000) return `${new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 }).format(ms / 1000)} s`;
@@ -84,7 +86,7 @@
   }
   function fmtValue(v, kind) {
     if (kind === 'ms') return fmtMs(v);
-    if (kind === 'cost') return fmtCost(v);
+    if (kind === 'cost') return fmtMoney(v);
     return fmtInt(v);
   }
   function parseTime(s) {
@@ -174,6 +176,9 @@
     refreshing: false,
     lastRefresh: null,
     charts: {}, // last drawn chart data, redrawn on resize
+    currency: 'USD', // of every cost and price; from the settings
+    settings: null, // the settings as last loaded or saved
+    settingsDirty: false, // the settings form holds edits not yet saved
   };
 
   const PAGES = {
@@ -182,6 +187,7 @@
     keys: loadKeys,
     replicas: loadReplicas,
     cooldowns: loadCooldowns,
+    settings: loadSettings,
   };
 
   // ---------------------------------------------------------------- sign-in
@@ -206,7 +212,8 @@
     button.disabled = true;
     error.textContent = '';
     try {
-      await call('AdminService/GetSettings', {}, token);
+      const answer = await call('AdminService/GetSettings', {}, token);
+      setCurrency(answer.settings);
       state.token = token;
       sessionStorage.setItem(TOKEN_KEY, token);
       input.value = '';
@@ -244,6 +251,8 @@
     const page = (location.hash || '#overview').slice(1);
     state.page = PAGES[page] ? page : 'overview';
     state.confirming = null;
+    // Coming to the settings page shows the stored settings, not edits left behind.
+    if (state.page === 'settings') state.settingsDirty = false;
     for (const section of document.querySelectorAll('.page')) {
       section.hidden = section.id !== `page-${state.page}`;
     }
@@ -326,6 +335,8 @@
     return g === 'day' ? DAY : HOUR;
   }
 
+  const GROUP_BY = { backend: 'GROUP_BY_BACKEND', model: 'GROUP_BY_MODEL', pool: 'GROUP_BY_POOL' };
+
   async function loadOverview() {
     const start = rangeStart();
     const startTime = new Date(start).toISOString();
@@ -334,22 +345,23 @@
       startTime,
       granularity: bucket === DAY ? 'GRANULARITY_DAY' : 'GRANULARITY_HOUR',
     };
-    if (state.split) usageRequest.groupBy = state.split === 'model' ? 'GROUP_BY_MODEL' : 'GROUP_BY_BACKEND';
-    const [totals, usage, backends, cooldowns] = await Promise.all([
-      call('StatsService/GetTotals', { startTime }),
+    if (state.split) usageRequest.groupBy = GROUP_BY[state.split];
+    // One grouped query each for the backends' and the pools' tables, whatever their number.
+    const [totals, pools, usage, backends, cooldowns] = await Promise.all([
+      call('StatsService/GetTotals', { startTime, groupBy: 'GROUP_BY_BACKEND' }),
+      call('StatsService/GetTotals', { startTime, groupBy: 'GROUP_BY_POOL' }),
       call('StatsService/GetUsage', usageRequest),
       call('AdminService/ListBackends'),
       call('AdminService/ListCooldowns'),
     ]);
     state.backends = backends.backends || [];
     state.cooldowns = cooldowns.cooldowns || [];
-    // Exact per-backend error rate and p95 over the whole range.
-    const perBackend = await Promise.all(state.backends.map((b) =>
-      call('StatsService/GetTotals', { startTime, backendId: b.id })));
     if (state.page !== 'overview') return;
+    if (totals.currency) setCurrency({ currency: totals.currency });
     renderTotals(totals);
     renderCharts(usage.buckets || [], start, bucket);
-    renderOverviewBackends(perBackend);
+    renderOverviewBackends(totals.groups || []);
+    renderOverviewPools(pools.groups || []);
   }
 
   function renderTotals(t) {
@@ -358,10 +370,11 @@
       h('div', { class: 'value' }, value),
       h('div', { class: 'sub' }, sub || '\u00a0'));
     $('#totals').replaceChildren(
-      card('Requests', fmtInt(t.requestCount), `${fmtInt(t.streamCount)} streamed`),
+      card('Requests', fmtInt(t.requestCount),
+        `${fmtInt(t.streamCount)} streamed · ${fmtCount(t.backendCount, num(t.backendCount) === 1 ? 'backend' : 'backends')}`),
       card('Error rate', fmtPct(t.errorRate), fmtCount(t.errorCount, num(t.errorCount) === 1 ? 'error' : 'errors')),
       card('Tokens', fmtInt(t.totalTokens), `${fmtInt(t.promptTokens)} prompt · ${fmtInt(t.completionTokens)} completion`),
-      card('Cost', fmtCost(t.cost), 'from the models\u2019 prices'),
+      card('Cost', fmtMoney(t.cost), 'from the models\u2019 prices'),
       card('Latency p50', fmtMs(t.p50LatencyMs), `avg ${fmtMs(t.avgLatencyMs)}`),
       card('Latency p95', fmtMs(t.p95LatencyMs), `p99 ${fmtMs(t.p99LatencyMs)}`),
       card('Time to first token', fmtMs(t.avgTtftMs), 'average'),
@@ -386,7 +399,8 @@
     const groups = new Map();
     for (const b of buckets) {
       const key = b.groupKey || '';
-      if (!groups.has(key)) groups.set(key, { label: b.groupLabel || b.groupKey || 'All requests', buckets: [], requests: 0 });
+      const label = b.groupLabel || b.groupKey || (state.split ? 'no backend' : 'All requests');
+      if (!groups.has(key)) groups.set(key, { label, buckets: [], requests: 0 });
       const g = groups.get(key);
       g.buckets.push(b);
       g.requests += num(b.requestCount);
@@ -536,17 +550,18 @@
       : h('span', { class: 'pill off' }, 'disabled'));
   }
 
-  function renderOverviewBackends(perBackend) {
-    const rows = state.backends.map((b, i) => {
-      const t = perBackend[i] || {};
-      return h('tr', null,
+  function renderOverviewBackends(groups) {
+    const byId = new Map(groups.map((g) => [g.groupKey || '', g]));
+    const rows = state.backends.map((b) => {
+      const t = byId.get(b.id) || {};
+      return h('tr', { 'data-backend-id': b.id },
         h('td', { class: 'name' }, b.name),
         h('td', null, poolName(b.pool), h('span', { class: 'sub-line' }, `priority ${b.priority || 0}`)),
         stateCell(b),
         h('td', { class: 'num' }, fmtInt(t.requestCount)),
         h('td', { class: 'num' }, num(t.requestCount) ? fmtPct(t.errorRate) : '–'),
         h('td', { class: 'num' }, num(t.requestCount) ? fmtMs(t.p95LatencyMs) : '–'),
-        h('td', { class: 'num' }, fmtCost(t.cost)));
+        h('td', { class: 'num' }, fmtMoney(t.cost)));
     });
     table($('#overview-backends'), [
       { label: 'Backend' }, { label: 'Pool' }, { label: 'State' },
@@ -555,13 +570,39 @@
     ], rows, 'No backends yet: add one on the Backends page.');
   }
 
+  /** Each pool's totals, with how many backends served it (a pool is the one a backend
+   *  had when its requests were counted). */
+  function renderOverviewPools(groups) {
+    const rows = groups.map((g) => h('tr', { 'data-pool': g.groupKey || 'none' },
+      h('td', { class: 'name' }, g.groupKey || 'no backend'),
+      h('td', { class: 'num' }, fmtInt(g.backendCount)),
+      h('td', { class: 'num' }, fmtInt(g.requestCount)),
+      h('td', { class: 'num' }, num(g.requestCount) ? fmtPct(g.errorRate) : '–'),
+      h('td', { class: 'num' }, num(g.requestCount) ? fmtMs(g.p95LatencyMs) : '–'),
+      h('td', { class: 'num' }, fmtInt(g.totalTokens)),
+      h('td', { class: 'num' }, fmtMoney(g.cost))));
+    table($('#overview-pools'), [
+      { label: 'Pool' }, { label: 'Backends', num: true }, { label: 'Requests', num: true },
+      { label: 'Error rate', num: true }, { label: 'p95', num: true },
+      { label: 'Tokens', num: true }, { label: 'Cost', num: true },
+    ], rows, 'No requests in this range yet.');
+  }
+
+  /** Takes the currency from settings (or an answer carrying one) and labels prices with it. */
+  function setCurrency(settings) {
+    if (settings && settings.currency) state.currency = settings.currency;
+    for (const el of document.querySelectorAll('.currency')) el.textContent = `(${state.currency})`;
+  }
+
   // ---------------------------------------------------------------- backends
 
   async function loadBackends() {
-    const [backends, cooldowns] = await Promise.all([
+    const [backends, cooldowns, settings] = await Promise.all([
       call('AdminService/ListBackends'),
       call('AdminService/ListCooldowns'),
+      call('AdminService/GetSettings'),
     ]);
+    setCurrency(settings.settings);
     state.backends = backends.backends || [];
     state.cooldowns = cooldowns.cooldowns || [];
     if (state.page !== 'backends') return;
@@ -944,6 +985,114 @@
     ], rows, 'No backend is cooling down.');
   }
 
+
+  // ---------------------------------------------------------------- settings
+
+  // The form's fields: proto field name, input id, kind. Server errors name the proto field
+  // ("settings.cooldown_cap: …"), which is each field's data-field.
+  const SETTINGS_FIELDS = [
+    ['max_attempts', 'maxAttempts', 'int'],
+    ['retry_on_rate_limit', 'retryOnRateLimit', 'bool'],
+    ['retry_on_server_error', 'retryOnServerError', 'bool'],
+    ['retry_on_connect_error', 'retryOnConnectError', 'bool'],
+    ['retry_on_timeout', 'retryOnTimeout', 'bool'],
+    ['connect_timeout', 'connectTimeout', 'seconds'],
+    ['first_byte_timeout', 'firstByteTimeout', 'seconds'],
+    ['idle_stream_timeout', 'idleStreamTimeout', 'seconds'],
+    ['request_timeout', 'requestTimeout', 'seconds'],
+    ['cooldown_base', 'cooldownBase', 'seconds'],
+    ['cooldown_cap', 'cooldownCap', 'seconds'],
+    ['failure_threshold', 'failureThreshold', 'int'],
+    ['usage_retention_days', 'usageRetentionDays', 'int'],
+    ['currency', 'currency', 'text'],
+    ['expose_backend_header', 'exposeBackendHeader', 'bool'],
+  ];
+
+  const settingsInput = (field) => $(`#sf-${field.replace(/_/g, '-')}`);
+
+  /** proto3 JSON durations are strings of seconds: "5s", "0.500s". */
+  const durationSeconds = (d) => (d ? Number(String(d).replace(/s$/, '')) : 0);
+
+  async function loadSettings() {
+    const answer = await call('AdminService/GetSettings');
+    if (state.page !== 'settings') return;
+    setCurrency(answer.settings);
+    // A refresh never overwrites what the operator is typing.
+    if (!state.settingsDirty) fillSettings(answer.settings || {});
+  }
+
+  function fillSettings(settings) {
+    state.settings = settings;
+    state.settingsDirty = false;
+    clearErrors($('#settings-form'));
+    for (const [field, json, kind] of SETTINGS_FIELDS) {
+      const input = settingsInput(field);
+      if (kind === 'bool') input.checked = Boolean(settings[json]);
+      else if (kind === 'seconds') input.value = String(durationSeconds(settings[json]));
+      else if (kind === 'int') input.value = String(num(settings[json]));
+      else input.value = settings[json] || '';
+    }
+  }
+
+  /** The form's values as proto3 JSON, or null after showing why one cannot be read. */
+  function readSettings(form) {
+    const out = {};
+    for (const [field, json, kind] of SETTINGS_FIELDS) {
+      const input = settingsInput(field);
+      if (kind === 'bool') {
+        out[json] = input.checked;
+      } else if (kind === 'int') {
+        const value = wholeNumber(form, input, field, 0);
+        if (value === null) return null;
+        out[json] = value;
+      } else if (kind === 'seconds') {
+        const text = input.value.trim();
+        const value = Number(text);
+        if (text === '' || !Number.isFinite(value) || value < 0) {
+          showFieldError(form, field, 'must be a number of seconds');
+          return null;
+        }
+        // Whole milliseconds, as proto3 JSON writes them.
+        out[json] = `${Number(value.toFixed(3))}s`;
+      } else {
+        out[json] = input.value.trim();
+      }
+    }
+    return out;
+  }
+
+  async function saveSettings(event) {
+    event.preventDefault();
+    const form = $('#settings-form');
+    clearErrors(form);
+    const next = readSettings(form);
+    if (next === null) return;
+    const before = state.settings || {};
+    // Only what changed is sent, so a save never undoes another admin's change elsewhere.
+    const changed = SETTINGS_FIELDS.filter(([, json, kind]) => {
+      if (kind === 'seconds') return durationSeconds(next[json]) !== durationSeconds(before[json]);
+      if (kind === 'int') return next[json] !== num(before[json]);
+      if (kind === 'bool') return next[json] !== Boolean(before[json]);
+      return next[json] !== (before[json] || '');
+    }).map(([, json]) => json);
+    if (changed.length === 0) {
+      notify('Nothing to save: no setting changed.');
+      return;
+    }
+    const button = $('#sf-save');
+    button.disabled = true;
+    try {
+      const answer = await call('AdminService/UpdateSettings', { settings: next, updateMask: changed.join(',') });
+      fillSettings(answer.settings || {});
+      setCurrency(answer.settings);
+      notify('Saved the settings; data planes apply them with their next snapshot.');
+    } catch (err) {
+      if (err.status !== 401) showApiError(form, err, 'settings.');
+    } finally {
+      button.disabled = false;
+    }
+  }
+
   // ---------------------------------------------------------------- wiring
 
   function setRange(range) {
@@ -971,6 +1120,12 @@
     $('#backend-form').addEventListener('submit', saveBackend);
 
     $('#key-form').addEventListener('submit', createKey);
+    $('#settings-form').addEventListener('submit', saveSettings);
+    // Once the operator is in the form, refreshes leave it alone.
+    for (const type of ['input', 'focusin']) {
+      $('#settings-form').addEventListener(type, () => { state.settingsDirty = true; });
+    }
+    $('#sf-revert').addEventListener('click', () => { if (state.settings) fillSettings(state.settings); });
     $('#key-once-copy').addEventListener('click', copyKey);
     $('#key-once-done').addEventListener('click', forgetKey);
 
