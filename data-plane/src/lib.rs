@@ -11,6 +11,7 @@
 //! rest, [`upstream`] sends to the backend, [`sse`] parses streamed answers, and [`usage`] ships one record per request to the
 //! control plane, kept on disk by the [`spool`] until acked. [`subscribe`] keeps the snapshot current.
 
+pub mod affinity;
 pub mod anthropic;
 pub mod auth;
 pub mod backoff;

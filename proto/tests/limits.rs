@@ -156,7 +156,9 @@ fn a_full_usage_batch_of_bounded_records_fits_the_report_limit() {
             nanos: 999_999_999,
         }),
         attempts: u32::MAX,
-        endpoint: pb::Endpoint::Embeddings as i32,
+        endpoint: pb::Endpoint::Responses as i32,
+        cached_prompt_tokens: u64::MAX,
+        reasoning_tokens: u64::MAX,
     };
     let one = record.encoded_len();
     eprintln!("largest usage record: {one} bytes");

@@ -570,14 +570,12 @@ impl Usage {
     }
 }
 
-impl From<super::responses::ResponseUsage> for Usage {
-    fn from(u: super::responses::ResponseUsage) -> Self {
-        Self {
-            cached_tokens: u.cached,
-            reasoning_tokens: u.reasoning,
-            ..Self::new(u.input, u.output)
-        }
-    }
+/// Seconds since the Unix epoch, for `created` fields.
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[derive(Serialize)]

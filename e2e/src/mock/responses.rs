@@ -28,6 +28,16 @@ pub(crate) struct ResponseUsage {
     pub(crate) reasoning: u64,
 }
 
+impl From<ResponseUsage> for openai::Usage {
+    fn from(u: ResponseUsage) -> Self {
+        Self {
+            cached_tokens: u.cached,
+            reasoning_tokens: u.reasoning,
+            ..Self::new(u.input, u.output)
+        }
+    }
+}
+
 impl ResponseUsage {
     fn to_json(self) -> Value {
         json!({
@@ -298,7 +308,7 @@ impl ResponseStore {
         let id = format!("resp_{:032x}{:016x}", rand::random::<u128>(), next_id());
         let message_id = format!("msg_{:032x}", next_id());
         let reasoning_id = format!("rs_{:032x}", next_id());
-        let created_at = super::server::now_secs();
+        let created_at = openai::now_secs();
         let text = openai::full_text(name, text_tokens);
         let message = |text: &str, done: bool| {
             json!({

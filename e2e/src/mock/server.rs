@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -495,13 +495,6 @@ fn sse_response(shared: &Shared, body: Body) -> Response<Body> {
     response
 }
 
-pub(crate) fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn check_model(config: &MockConfig, model: &str) -> Result<(), ApiError> {
     if config.models.is_empty() || config.models.iter().any(|m| m == model) {
         Ok(())
@@ -627,7 +620,7 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
         Flavor::Completion => "cmpl",
     };
     let id = format!("{prefix}-mock{:016x}", shared.next_id());
-    let created = now_secs();
+    let created = openai::now_secs();
     if g.stream {
         return Answer::Stream(StreamPlan {
             flavor,
