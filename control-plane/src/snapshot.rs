@@ -297,6 +297,7 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                 })
                 .collect();
             let settings = crate::store::load_settings_in(&tx)?;
+            let affinity_keys = crate::store::load_affinity_keys_in(&tx, key)?;
             // In the same transaction as the version: a change of it bumps the version.
             let replica_count = crate::store::count_share_holders_in(&tx)?;
             tx.commit()?;
@@ -309,6 +310,7 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                 settings: Some(settings),
                 replica_count,
                 epoch,
+                affinity_keys,
             })
         })
         .await

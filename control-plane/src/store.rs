@@ -7,6 +7,7 @@
 //! [`StoreError`], and reports the time its writes take to the [`StoreObserver`] it was
 //! opened with.
 
+mod affinity_keys;
 mod backends;
 mod client_keys;
 mod cooldowns;
@@ -135,6 +136,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0005_cooldown_epoch.sql"),
     include_str!("../../migrations/0006_client_key_expiry.sql"),
     include_str!("../../migrations/0007_usage_hourly_pool.sql"),
+    include_str!("../../migrations/0008_affinity_keys.sql"),
 ];
 
 /// A handle to the database; cheap to clone.
@@ -189,6 +191,11 @@ impl Store {
         sql_functions::register(&conn)?;
         Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect()).to_latest(&mut conn)?;
         let opened = verify_or_write_check(&conn, &key)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if affinity_keys::ensure_active(&tx, &key)? {
+            tracing::info!("created the first affinity key (it signs Responses API ids)");
+        }
+        tx.commit()?;
         let version = read_version(&conn)?;
         let readers = [open_reader(path)?, open_reader(path)?];
         Ok((
@@ -325,6 +332,7 @@ impl Store {
                 params![resealed, id],
             )?;
         }
+        affinity_keys::reencrypt(&tx, old, new)?;
         tx.execute(
             "UPDATE meta SET value = ?1 WHERE key = 'master_key_check'",
             params![new.make_check()?],
@@ -391,6 +399,7 @@ fn verify_or_write_check(conn: &Connection, key: &MasterKey) -> Result<Opened, S
 pub(crate) fn read_version_in(conn: &Connection) -> Result<u64, StoreError> {
     Ok(read_version(conn)?)
 }
+pub(crate) use affinity_keys::load_active as load_affinity_keys_in;
 pub(crate) use backends::load_enabled_with_keys as load_enabled_with_keys_in;
 pub(crate) use client_keys::load_keys as load_keys_in;
 pub(crate) use cooldowns::load_cooldown_states as load_cooldown_states_in;

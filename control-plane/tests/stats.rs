@@ -218,6 +218,7 @@ impl Rec {
             time: ts(self.time_ms),
             attempts: 1,
             endpoint: 0,
+            ..Default::default()
         }
     }
 }

@@ -61,6 +61,31 @@ pub enum ProxyError {
     MethodNotAllowed { method: String, path: String },
     #[error("Sluice cannot record this request's usage right now ({0}); try again shortly.")]
     UsageUnrecordable(crate::spool::Unwritten),
+    #[error(
+        "Invalid '{param}': '{id}' is not a response id this gateway issued to this API key (it may have been altered, or signed with a key since retired)."
+    )]
+    InvalidResponseId { param: &'static str, id: String },
+    #[error(
+        "The response '{id}' is held by a backend that is disabled or was deleted; its state cannot be reached until that backend is enabled again."
+    )]
+    ResponseBackendGone { id: String },
+    #[error(
+        "The response '{id}' is held by a backend that is cooling down; its state lives only there. Please try again in {}s.",
+        retry_after_secs(*.retry_after)
+    )]
+    ResponseBackendCoolingDown { id: String, retry_after: Duration },
+    #[error(
+        "The backend holding previous response '{id}' does not serve the model `{model}`; continue with a model it serves."
+    )]
+    ResponseBackendLacksModel { id: String, model: String },
+    #[error(
+        "The model `{0}` is not served by any backend that supports the Responses API; use /v1/chat/completions for it."
+    )]
+    ResponsesUnsupported(String),
+    #[error(
+        "This Sluice data plane cannot issue response ids yet (its configuration has no affinity key); try again shortly."
+    )]
+    NoAffinityKey,
 }
 
 /// `Retry-After` in whole seconds, rounded up, at least 1.
@@ -88,6 +113,13 @@ impl ProxyError {
             Self::UpstreamConnect | Self::UpstreamInvalid => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::InvalidResponseId { .. }
+            | Self::ResponseBackendLacksModel { .. }
+            | Self::ResponsesUnsupported(_) => StatusCode::BAD_REQUEST,
+            Self::ResponseBackendGone { .. } => StatusCode::NOT_FOUND,
+            Self::ResponseBackendCoolingDown { .. } | Self::NoAffinityKey => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -115,13 +147,29 @@ impl ProxyError {
             Self::UnknownPath { .. } => ("invalid_request_error", "unknown_url"),
             Self::MethodNotAllowed { .. } => ("invalid_request_error", "method_not_allowed"),
             Self::UsageUnrecordable(_) => ("server_error", "usage_unrecordable"),
+            Self::InvalidResponseId { .. } => ("invalid_request_error", "invalid_response_id"),
+            Self::ResponseBackendGone { .. } => {
+                ("invalid_request_error", "response_backend_unavailable")
+            }
+            Self::ResponseBackendCoolingDown { .. } => {
+                ("server_error", "response_backend_cooling_down")
+            }
+            Self::ResponseBackendLacksModel { .. } => {
+                ("invalid_request_error", "response_backend_lacks_model")
+            }
+            Self::ResponsesUnsupported(_) => ("invalid_request_error", "responses_not_supported"),
+            Self::NoAffinityKey => ("server_error", "not_ready"),
         }
     }
 
     fn param(&self) -> Option<&'static str> {
         match self {
             Self::InvalidRequest(e) => e.param(),
-            Self::ModelNotAllowed(_) | Self::ModelNotFound(_) => Some("model"),
+            Self::ModelNotAllowed(_)
+            | Self::ModelNotFound(_)
+            | Self::ResponseBackendLacksModel { .. }
+            | Self::ResponsesUnsupported(_) => Some("model"),
+            Self::InvalidResponseId { param, .. } => Some(param),
             _ => None,
         }
     }
@@ -132,7 +180,8 @@ impl ProxyError {
             Self::KeyRateLimited { retry_after } | Self::BackendsBusy { retry_after, .. } => {
                 Some(*retry_after)
             }
-            Self::BodiesBusy => Some(Duration::from_secs(1)),
+            Self::BodiesBusy | Self::NoAffinityKey => Some(Duration::from_secs(1)),
+            Self::ResponseBackendCoolingDown { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -144,7 +193,13 @@ impl ProxyError {
             Self::ModelNotFound(_) => ErrorKind::NoBackend,
             Self::UpstreamConnect | Self::UpstreamInvalid => ErrorKind::UpstreamConnect,
             Self::UpstreamTimeout => ErrorKind::UpstreamTimeout,
-            Self::NotReady | Self::UsageUnrecordable(_) => ErrorKind::Internal,
+            Self::NotReady | Self::UsageUnrecordable(_) | Self::NoAffinityKey => {
+                ErrorKind::Internal
+            }
+            Self::ResponseBackendGone { .. } | Self::ResponsesUnsupported(_) => {
+                ErrorKind::NoBackend
+            }
+            Self::ResponseBackendCoolingDown { .. } => ErrorKind::RateLimited,
             // Client errors: the status code tells them apart; there is no kind for them.
             _ => ErrorKind::Unspecified,
         }

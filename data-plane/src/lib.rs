@@ -27,6 +27,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod redact;
 pub mod request;
+pub mod responses;
 pub mod router;
 pub mod server;
 pub mod snapshot;

@@ -4,6 +4,7 @@
 mod accounting;
 mod forward;
 mod relay;
+mod stored;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -82,6 +83,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(create_response))
+        .route(
+            "/v1/responses/{id}",
+            get(retrieve_response).delete(delete_response),
+        )
+        .route("/v1/responses/{id}/input_items", get(response_input_items))
+        .route("/v1/responses/{id}/cancel", post(cancel_response))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*model}", get(get_model))
         .route("/healthz", get(healthz))
@@ -104,8 +112,70 @@ async fn embeddings(State(app): State<Arc<AppState>>, request: Request) -> Respo
     serve(app, Endpoint::Embeddings, request).await
 }
 
+async fn create_response(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    serve(app, Endpoint::Responses, request).await
+}
+
+async fn retrieve_response(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    on_stored(app, Method::GET, id, None, request).await
+}
+
+async fn delete_response(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    on_stored(app, Method::DELETE, id, None, request).await
+}
+
+async fn response_input_items(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    on_stored(app, Method::GET, id, Some("input_items"), request).await
+}
+
+async fn cancel_response(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    on_stored(app, Method::POST, id, Some("cancel"), request).await
+}
+
+async fn on_stored(
+    app: Arc<AppState>,
+    method: Method,
+    id: String,
+    action: Option<&'static str>,
+    request: Request,
+) -> Response {
+    let target = stored::Target {
+        method,
+        id,
+        action,
+        query: request.uri().query().map(str::to_owned),
+    };
+    serve_as(app, Endpoint::Responses, request, Some(target)).await
+}
+
 /// One proxied request, from arrival to the response head.
 async fn serve(app: Arc<AppState>, endpoint: Endpoint, request: Request) -> Response {
+    serve_as(app, endpoint, request, None).await
+}
+
+/// [`serve`], or with a `target` a call on a stored response (its body is not read).
+async fn serve_as(
+    app: Arc<AppState>,
+    endpoint: Endpoint,
+    request: Request,
+    target: Option<stored::Target>,
+) -> Response {
     let started = Instant::now();
     let arrived = SystemTime::now();
     let request_id = request_id(request.headers());
@@ -125,7 +195,10 @@ async fn serve(app: Arc<AppState>, endpoint: Endpoint, request: Request) -> Resp
                     arrived,
                 );
                 acct.expose_backend(snapshot.policy.expose_backend_header);
-                authorized(&app, &snapshot, key, endpoint, request, acct).await
+                match target {
+                    None => authorized(&app, &snapshot, key, endpoint, request, acct).await,
+                    Some(target) => stored::call(&app, &snapshot, key, target, acct).await,
+                }
             }
         },
     };
@@ -183,6 +256,9 @@ async fn authorized(
     {
         app.metrics.rate_limited(LimitScope::client_key);
         return forward::error(acct, ProxyError::KeyRateLimited { retry_after }).await;
+    }
+    if endpoint == Endpoint::Responses {
+        return stored::create(app, snapshot, key, routes, &parsed, acct).await;
     }
     forward::forward(app, snapshot, routes, endpoint, &parsed, acct).await
 }

@@ -62,6 +62,8 @@ pub struct ParsedRequest<'a> {
     pub stream: bool,
     /// `stream_options.include_usage: true`: the client wants the usage chunk.
     pub include_usage: bool,
+    /// The Responses API's `previous_response_id`, when a string (`null` counts as absent).
+    pub previous_response_id: Option<Cow<'a, str>>,
 }
 
 /// Parses the fields routing needs and checks their types.
@@ -76,21 +78,33 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
     let mut model = None;
     let mut stream = None;
     let mut options = None;
+    let mut previous = None;
     for (key, value) in &fields {
         let slot = match key.0.as_ref() {
             "model" => &mut model,
             "stream" => &mut stream,
             "stream_options" => &mut options,
+            "previous_response_id" => &mut previous,
             _ => continue,
         };
         if slot.replace(*value).is_some() {
             return Err(RequestError::DuplicateKey(match key.0.as_ref() {
                 "model" => "model",
                 "stream" => "stream",
+                "previous_response_id" => "previous_response_id",
                 _ => "stream_options",
             }));
         }
     }
+    let previous_response_id = match previous {
+        None => None,
+        Some(raw) => serde_json::from_str::<Option<Key<'_>>>(raw.get())
+            .map_err(|_| RequestError::InvalidType {
+                param: "previous_response_id",
+                expected: "a string",
+            })?
+            .map(|Key(id)| id),
+    };
     let model = match model {
         None => return Err(RequestError::MissingModel),
         Some(raw) => {
@@ -136,6 +150,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
         model,
         stream,
         include_usage,
+        previous_response_id,
     })
 }
 
@@ -144,6 +159,17 @@ impl ParsedRequest<'_> {
     /// `force_include_usage`, `stream_options.include_usage` set to true (other
     /// `stream_options` fields kept). Everything else is copied byte for byte.
     pub fn rewrite(&self, upstream_model: &str, force_include_usage: bool) -> Bytes {
+        self.rewrite_with(upstream_model, force_include_usage, None)
+    }
+
+    /// [`ParsedRequest::rewrite`], with `previous_response_id` replaced by
+    /// `previous_response_id` when given (the upstream's own id for Sluice's).
+    pub fn rewrite_with(
+        &self,
+        upstream_model: &str,
+        force_include_usage: bool,
+        previous_response_id: Option<&str>,
+    ) -> Bytes {
         let size: usize = self
             .fields
             .iter()
@@ -166,6 +192,10 @@ impl ParsedRequest<'_> {
             put_key(&mut out, name);
             match name {
                 "model" => write_json_string(&mut out, upstream_model),
+                "previous_response_id" => match previous_response_id {
+                    Some(id) => write_json_string(&mut out, id),
+                    None => out.get_mut().put_slice(value.get().as_bytes()),
+                },
                 "stream_options" if force_include_usage => {
                     saw_options = true;
                     write_options_with_usage(&mut out, value);
@@ -224,14 +254,14 @@ fn write_options_with_usage(out: &mut bytes::buf::Writer<BytesMut>, value: &RawV
     out.get_mut().put_u8(b'}');
 }
 
-fn write_json_string(out: &mut bytes::buf::Writer<BytesMut>, s: &str) {
+pub(crate) fn write_json_string(out: &mut bytes::buf::Writer<BytesMut>, s: &str) {
     // Serialising a &str into a Vec-backed writer cannot fail.
     let _ = serde_json::to_writer(out, s);
 }
 
 /// A JSON string that borrows from the input unless it contains escapes.
 #[derive(Debug)]
-struct Key<'a>(Cow<'a, str>);
+pub(crate) struct Key<'a>(pub(crate) Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Key<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -253,7 +283,7 @@ impl<'de> Deserialize<'de> for Key<'de> {
 }
 
 /// A JSON object's members in their original order, values unparsed.
-struct Fields<'a>(Vec<(Key<'a>, &'a RawValue)>);
+pub(crate) struct Fields<'a>(pub(crate) Vec<(Key<'a>, &'a RawValue)>);
 
 impl<'de> Deserialize<'de> for Fields<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

@@ -17,6 +17,7 @@ pub use sluice_domain::pool::Pool;
 use sluice_domain::settings::InvalidDuration;
 pub use sluice_domain::settings::Policy;
 
+use crate::affinity::AffinityKeys;
 use crate::clock::{Clock, Now, std_duration, system_time};
 use crate::cooldown::{CooldownTracker, FleetCooldown, MAX_RETRY_AFTER, Whose};
 use crate::ratelimit::RateLimiter;
@@ -47,6 +48,8 @@ pub enum SnapshotError {
     InvalidDuration(#[from] InvalidDuration),
     #[error("building the upstream HTTP client failed: {0}")]
     UpstreamClient(String),
+    #[error("affinity key {0}: the secret must be 32 bytes")]
+    InvalidAffinityKey(u32),
 }
 
 /// The OpenAI endpoints the proxy serves.
@@ -55,6 +58,8 @@ pub enum Endpoint {
     ChatCompletions,
     Completions,
     Embeddings,
+    /// `POST /v1/responses`, and the calls on a stored response.
+    Responses,
 }
 
 impl Endpoint {
@@ -64,6 +69,7 @@ impl Endpoint {
             Self::ChatCompletions => "/chat/completions",
             Self::Completions => "/completions",
             Self::Embeddings => "/embeddings",
+            Self::Responses => "/responses",
         }
     }
 
@@ -77,6 +83,7 @@ impl Endpoint {
             Self::ChatCompletions => proto::Endpoint::ChatCompletions,
             Self::Completions => proto::Endpoint::Completions,
             Self::Embeddings => proto::Endpoint::Embeddings,
+            Self::Responses => proto::Endpoint::Responses,
         }
     }
 }
@@ -94,6 +101,9 @@ pub struct Backend {
     chat_uri: Uri,
     completions_uri: Uri,
     embeddings_uri: Uri,
+    responses_uri: Uri,
+    /// The base URL, for the paths that name a stored response.
+    base: Url,
     /// `Bearer <api key>`, marked sensitive; `None` when the backend has no key.
     authorization: Option<HeaderValue>,
     /// This replica's share of the backend's RPM limit.
@@ -112,7 +122,28 @@ impl Backend {
             Endpoint::ChatCompletions => &self.chat_uri,
             Endpoint::Completions => &self.completions_uri,
             Endpoint::Embeddings => &self.embeddings_uri,
+            Endpoint::Responses => &self.responses_uri,
         }
+    }
+
+    /// `<base>/responses/<id>[/<action>][?<query>]`: a call on the stored response `id`
+    /// (percent-encoded as one path segment). `None` if that is not a valid URI.
+    pub fn stored_response_uri(
+        &self,
+        id: &str,
+        action: Option<&str>,
+        query: Option<&str>,
+    ) -> Option<Uri> {
+        let mut url = self.base.clone();
+        {
+            let mut path = url.path_segments_mut().ok()?;
+            path.pop_if_empty().push("responses").push(id);
+            if let Some(action) = action {
+                path.push(action);
+            }
+        }
+        url.set_query(query);
+        Uri::try_from(url.as_str()).ok()
     }
 
     /// The `Authorization` header to send upstream, if the backend has a key.
@@ -169,6 +200,8 @@ pub struct Snapshot {
     pub policy: Policy,
     /// When this replica built it (for `sluice_snapshot_age_seconds`).
     pub applied_at: std::time::Instant,
+    /// The keys that sign and check Responses API ids.
+    pub affinity: Arc<AffinityKeys>,
     backends: Vec<Backend>,
     /// Public model name → routes, sorted primary before fallback, then by priority. The
     /// names are shared with metric labels.
@@ -267,6 +300,8 @@ impl Snapshot {
                 chat_uri: endpoint_uri(&b.id, &base, Endpoint::ChatCompletions)?,
                 completions_uri: endpoint_uri(&b.id, &base, Endpoint::Completions)?,
                 embeddings_uri: endpoint_uri(&b.id, &base, Endpoint::Embeddings)?,
+                responses_uri: endpoint_uri(&b.id, &base, Endpoint::Responses)?,
+                base,
                 id: b.id,
                 name: b.name.into(),
                 pool,
@@ -338,7 +373,10 @@ impl Snapshot {
                 .collect::<Result<_, _>>()?,
         };
 
+        let affinity = AffinityKeys::from_proto(&message.affinity_keys)
+            .map_err(SnapshotError::InvalidAffinityKey)?;
         Ok(Self {
+            affinity: Arc::new(affinity),
             epoch: message.epoch,
             version: message.version,
             nonce: message.nonce,
@@ -355,6 +393,11 @@ impl Snapshot {
 
     pub fn backends(&self) -> &[Backend] {
         &self.backends
+    }
+
+    /// The backend with this id and its index, if it is in the snapshot (enabled).
+    pub fn backend_by_id(&self, id: &str) -> Option<(usize, &Backend)> {
+        self.backends.iter().enumerate().find(|(_, b)| b.id == id)
     }
 
     /// Routes for a public model, primary before fallback and by priority; `None` if no
@@ -718,6 +761,7 @@ pub(crate) mod tests {
             replica_count: 2,
             create_time: None,
             epoch: "e1".into(),
+            affinity_keys: vec![],
         }
     }
 

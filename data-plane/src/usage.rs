@@ -642,6 +642,17 @@ async fn send(
         .map_err(|_| tonic::Status::unavailable("usage stream closed"))
 }
 
+/// Token counts from an upstream `usage` object (chat's or the Responses API's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub prompt: u64,
+    pub completion: u64,
+    /// Of `prompt`, read from the provider's prompt cache.
+    pub cached_prompt: u64,
+    /// Of `completion`, spent on reasoning.
+    pub reasoning: u64,
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

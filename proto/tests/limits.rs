@@ -83,6 +83,13 @@ fn snapshot() -> pb::Snapshot {
         settings: Some(pb::Settings::default()),
         replica_count: 1_000,
         epoch: "0".repeat(32),
+        // More affinity keys than rotation ever keeps active.
+        affinity_keys: (0..16)
+            .map(|id| pb::AffinityKey {
+                id,
+                secret: vec![0xcd; 32],
+            })
+            .collect(),
     }
 }
 

@@ -24,12 +24,7 @@ use crate::usage::UsageSink;
 /// (nginx's "client closed request").
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 
-/// Token counts from an upstream `usage` object.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Tokens {
-    pub prompt: u64,
-    pub completion: u64,
-}
+pub use crate::usage::Tokens;
 
 pub struct Accounting {
     sink: UsageSink,
@@ -173,6 +168,8 @@ impl Accounting {
     pub fn tokens(&mut self, tokens: Tokens) {
         self.record.prompt_tokens = tokens.prompt;
         self.record.completion_tokens = tokens.completion;
+        self.record.cached_prompt_tokens = tokens.cached_prompt;
+        self.record.reasoning_tokens = tokens.reasoning;
     }
 
     /// Marks the first byte or event sent to the client (only the first call counts).
@@ -273,11 +270,25 @@ impl Drop for Accounting {
 /// usage-only one (`choices: []`) that streams end with when `include_usage` is set.
 pub fn usage_of(json: &str) -> Option<(Tokens, bool)> {
     #[derive(serde::Deserialize)]
+    struct PromptDetails {
+        #[serde(default)]
+        cached_tokens: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct CompletionDetails {
+        #[serde(default)]
+        reasoning_tokens: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
     struct Usage {
         #[serde(default)]
         prompt_tokens: Option<u64>,
         #[serde(default)]
         completion_tokens: Option<u64>,
+        #[serde(default)]
+        prompt_tokens_details: Option<PromptDetails>,
+        #[serde(default)]
+        completion_tokens_details: Option<CompletionDetails>,
     }
     #[derive(serde::Deserialize)]
     struct WithUsage {
@@ -294,6 +305,14 @@ pub fn usage_of(json: &str) -> Option<(Tokens, bool)> {
     let tokens = Tokens {
         prompt: usage.prompt_tokens.unwrap_or(0),
         completion: usage.completion_tokens.unwrap_or(0),
+        cached_prompt: usage
+            .prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0),
+        reasoning: usage
+            .completion_tokens_details
+            .and_then(|d| d.reasoning_tokens)
+            .unwrap_or(0),
     };
     let usage_only = parsed.choices.is_some_and(|c| c.is_empty());
     Some((tokens, usage_only))
@@ -332,7 +351,8 @@ mod tests {
             Some((
                 Tokens {
                     prompt: 1,
-                    completion: 2
+                    completion: 2,
+                    ..Tokens::default()
                 },
                 false
             ))
@@ -347,7 +367,8 @@ mod tests {
             Some((
                 Tokens {
                     prompt: 9,
-                    completion: 12
+                    completion: 12,
+                    ..Tokens::default()
                 },
                 false
             ))
@@ -358,7 +379,8 @@ mod tests {
             Some((
                 Tokens {
                     prompt: 3,
-                    completion: 5
+                    completion: 5,
+                    ..Tokens::default()
                 },
                 true
             ))
@@ -369,7 +391,8 @@ mod tests {
             Some((
                 Tokens {
                     prompt: 4,
-                    completion: 0
+                    completion: 0,
+                    ..Tokens::default()
                 },
                 false
             ))

@@ -13,13 +13,14 @@ use sluice_proto::v1::ErrorKind;
 use tokio::time::{Instant, timeout_at};
 
 use super::accounting::{Accounting, usage_of};
-use super::relay::Relay;
+use super::relay::{Mode, Relay};
 use super::{AppState, Collected};
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
 use crate::metrics::{AttemptOutcome, CooldownReason, Label, LimitScope, SkipReason};
 use crate::redact::redact;
 use crate::request::ParsedRequest;
+use crate::responses::{self, IdRewrite};
 use crate::router;
 use crate::snapshot::{Backend, Endpoint, Policy, Route, Snapshot};
 use crate::upstream::{self, UpstreamBody, UpstreamClient};
@@ -104,6 +105,37 @@ impl Failure {
     }
 }
 
+/// What each candidate is sent, and what its answer holds.
+pub(super) struct Call<'a> {
+    pub endpoint: Endpoint,
+    /// The public model, for errors.
+    pub model: &'a str,
+    pub stream: bool,
+    pub send: Outbound<'a>,
+    /// For the Responses API: how the response ids in the answer become Sluice's
+    /// (`backend_id` is filled in with the backend that answers).
+    pub ids: Option<IdRewrite>,
+    /// Whether the answer's usage is the request's (a create's; a retrieve's is not).
+    pub count_usage: bool,
+}
+
+/// The upstream request.
+pub(super) enum Outbound<'a> {
+    /// `POST` the client's body to the endpoint with the route's model, and
+    /// `previous_response_id` replaced by the upstream's own id when given.
+    Body {
+        parsed: &'a ParsedRequest<'a>,
+        previous_response_id: Option<&'a str>,
+    },
+    /// A call on the stored response `upstream_id` (retrieve, delete, input items, cancel).
+    Stored {
+        method: Method,
+        upstream_id: &'a str,
+        action: Option<&'static str>,
+        query: Option<&'a str>,
+    },
+}
+
 /// Routes the request and answers it; `acct` is finished here or handed to the stream relay.
 pub(super) async fn forward(
     app: &Arc<AppState>,
@@ -111,10 +143,32 @@ pub(super) async fn forward(
     routes: &[Route],
     endpoint: Endpoint,
     parsed: &ParsedRequest<'_>,
+    acct: Accounting,
+) -> Response {
+    let call = Call {
+        endpoint,
+        model: &parsed.model,
+        stream: parsed.stream && endpoint.can_stream(),
+        send: Outbound::Body {
+            parsed,
+            previous_response_id: None,
+        },
+        ids: None,
+        count_usage: true,
+    };
+    forward_call(app, snapshot, routes, &call, acct).await
+}
+
+/// [`forward`] for any [`Call`].
+pub(super) async fn forward_call(
+    app: &Arc<AppState>,
+    snapshot: &Snapshot,
+    routes: &[Route],
+    call: &Call<'_>,
     mut acct: Accounting,
 ) -> Response {
     let policy = snapshot.policy;
-    let stream = parsed.stream && endpoint.can_stream();
+    let stream = call.stream;
     let deadline = acct.started() + policy.request_timeout;
     let cooldowns = app.store.cooldowns();
     let order = router::order(routes, snapshot.backends(), &mut rand::rng());
@@ -155,12 +209,36 @@ pub(super) async fn forward(
         if let Err(refused) = acct.attempt(backend).await {
             return error(acct, refused).await;
         }
-        let body = parsed.rewrite(&route.upstream_model, stream);
+        let (method, uri, body) = match &call.send {
+            Outbound::Body {
+                parsed,
+                previous_response_id,
+            } => (
+                Method::POST,
+                backend.uri(call.endpoint).clone(),
+                // The Responses API always reports usage; it has no `include_usage`.
+                parsed.rewrite_with(
+                    &route.upstream_model,
+                    stream && call.endpoint != Endpoint::Responses,
+                    *previous_response_id,
+                ),
+            ),
+            Outbound::Stored {
+                method,
+                upstream_id,
+                action,
+                query,
+            } => match backend.stored_response_uri(upstream_id, *action, *query) {
+                Some(uri) => (method.clone(), uri, Bytes::new()),
+                None => return error(acct, ProxyError::UpstreamInvalid).await,
+            },
+        };
         let sent = Instant::now();
         let outcome = attempt(
             snapshot.upstream(app.pool),
             backend,
-            endpoint,
+            method,
+            uri,
             body,
             stream,
             &policy,
@@ -214,7 +292,22 @@ pub(super) async fn forward(
         }
         match outcome {
             Ok(answer) => {
-                return deliver(app, answer, acct, parsed.include_usage, &policy, deadline).await;
+                let mode = match &call.ids {
+                    None => Mode::Chat {
+                        forward_usage: match &call.send {
+                            Outbound::Body { parsed, .. } => parsed.include_usage,
+                            Outbound::Stored { .. } => false,
+                        },
+                    },
+                    Some(ids) => Mode::Responses {
+                        ids: Box::new(IdRewrite {
+                            backend_id: backend.id.clone(),
+                            ..ids.clone()
+                        }),
+                        count_usage: call.count_usage,
+                    },
+                };
+                return deliver(app, answer, acct, mode, &policy, deadline).await;
             }
             Err(failure) => {
                 let retry = failure.retryable(&policy);
@@ -239,7 +332,7 @@ pub(super) async fn forward(
                 error(
                     acct,
                     ProxyError::BackendsBusy {
-                        model: parsed.model.to_string(),
+                        model: call.model.to_owned(),
                         retry_after: until.saturating_duration_since(Instant::now()),
                     },
                 )
@@ -298,21 +391,25 @@ async fn fail(acct: Accounting, failure: Failure) -> Response {
 async fn attempt(
     client: &UpstreamClient,
     backend: &Backend,
-    endpoint: Endpoint,
+    method: Method,
+    uri: http::Uri,
     body: Bytes,
     stream: bool,
     policy: &Policy,
     deadline: Instant,
     max_response: usize,
 ) -> Result<Answer, Failure> {
+    let has_body = method == Method::POST;
     let mut request = Request::new(body);
-    *request.method_mut() = Method::POST;
-    *request.uri_mut() = backend.uri(endpoint).clone();
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
     let headers = request.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    if has_body {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
     if let Some(authorization) = backend.authorization() {
         headers.insert(header::AUTHORIZATION, authorization.clone());
     }
@@ -415,7 +512,7 @@ async fn deliver(
     app: &Arc<AppState>,
     answer: Answer,
     mut acct: Accounting,
-    client_wants_usage: bool,
+    mode: Mode,
     policy: &Policy,
     deadline: Instant,
 ) -> Response {
@@ -423,12 +520,38 @@ async fn deliver(
         Answer::Full {
             status,
             content_type,
-            body,
+            mut body,
         } => {
-            if status.is_success()
-                && let Some((tokens, _)) = std::str::from_utf8(&body).ok().and_then(usage_of)
-            {
-                acct.tokens(tokens);
+            match &mode {
+                Mode::Chat { .. } => {
+                    if status.is_success()
+                        && let Some((tokens, _)) =
+                            std::str::from_utf8(&body).ok().and_then(usage_of)
+                    {
+                        acct.tokens(tokens);
+                    }
+                }
+                Mode::Responses { ids, count_usage } if status.is_success() => {
+                    match responses::rewrite_response(&body, ids) {
+                        Ok(rewritten) => {
+                            if *count_usage && let Some(tokens) = rewritten.tokens {
+                                acct.tokens(tokens);
+                            }
+                            body = rewritten.bytes;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the upstream's response object");
+                            return error(acct, ProxyError::UpstreamInvalid).await;
+                        }
+                    }
+                }
+                // An error about a stored response quotes the upstream's id: show the client
+                // the one it sent.
+                Mode::Responses { ids, .. } => {
+                    if let Some((theirs, ours)) = &ids.known {
+                        body = replace_all(&body, theirs.as_bytes(), ours.as_bytes());
+                    }
+                }
             }
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = status;
@@ -468,7 +591,7 @@ async fn deliver(
                 upstream,
                 first,
                 acct,
-                client_wants_usage,
+                mode,
                 policy.idle_stream_timeout,
                 deadline,
                 app.tasks.token(),
@@ -476,4 +599,20 @@ async fn deliver(
             response
         }
     }
+}
+
+/// `body` with every `from` replaced by `to`.
+fn replace_all(body: &[u8], from: &[u8], to: &[u8]) -> Bytes {
+    if from.is_empty() {
+        return Bytes::copy_from_slice(body);
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = body;
+    while let Some(at) = rest.windows(from.len()).position(|w| w == from) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(to);
+        rest = &rest[at + from.len()..];
+    }
+    out.extend_from_slice(rest);
+    Bytes::from(out)
 }

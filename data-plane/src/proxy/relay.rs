@@ -24,6 +24,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::accounting::{Accounting, usage_of};
 use crate::error::error_body;
+use crate::responses::{self, IdRewrite};
 use crate::spool::Written;
 use crate::sse::{Item, SseParser};
 use crate::upstream::{self, UpstreamBody};
@@ -39,6 +40,20 @@ enum Then {
     Finish(ErrorKind),
 }
 
+/// Which API's stream is relayed.
+pub(super) enum Mode {
+    /// Chat or legacy completions: ends with `[DONE]`; `forward_usage` when the client asked
+    /// for `stream_options.include_usage` (else the usage chunk Sluice added is hidden).
+    Chat { forward_usage: bool },
+    /// The Responses API: named events, response ids rewritten, ends with its terminal event
+    /// (`response.completed`, `.failed`, `.incomplete`, `error`); usage from the final
+    /// response object, counted when `count_usage` (a create, not a retrieve).
+    Responses {
+        ids: Box<IdRewrite>,
+        count_usage: bool,
+    },
+}
+
 pub(super) struct Relay {
     /// `None` once the stream has ended (the connection is drained or dropped).
     upstream: Option<UpstreamBody>,
@@ -49,8 +64,10 @@ pub(super) struct Relay {
     acct: Option<Accounting>,
     /// The frame that ends the stream, held until its usage record is written.
     last: Option<(Written, Bytes)>,
-    /// The client asked for `stream_options.include_usage`.
-    forward_usage: bool,
+    mode: Mode,
+    /// Events relayed so far (the Responses API numbers its events; an error event Sluice
+    /// adds takes the next number).
+    events: u64,
     idle_timeout: Duration,
     deadline: Instant,
     /// Fires at the idle timeout or the deadline, whichever comes first.
@@ -68,7 +85,7 @@ impl Relay {
         upstream: UpstreamBody,
         first: Bytes,
         acct: Accounting,
-        forward_usage: bool,
+        mode: Mode,
         idle_timeout: Duration,
         deadline: Instant,
         in_flight: TaskTrackerToken,
@@ -80,7 +97,8 @@ impl Relay {
             ready: VecDeque::new(),
             acct: Some(acct),
             last: None,
-            forward_usage,
+            mode,
+            events: 0,
             idle_timeout,
             deadline,
             timer: Box::pin(sleep_until(deadline.min(Instant::now() + idle_timeout))),
@@ -107,11 +125,21 @@ impl Relay {
                         self.drain_upstream();
                         break;
                     }
+                    self.events += 1;
+                    let forward_usage = match &self.mode {
+                        Mode::Chat { forward_usage } => *forward_usage,
+                        Mode::Responses { .. } => {
+                            if self.take_responses_event(event) {
+                                break;
+                            }
+                            continue;
+                        }
+                    };
                     if let Some((tokens, usage_only)) = usage_of(&event.data) {
                         if let Some(acct) = &mut self.acct {
                             acct.tokens(tokens);
                         }
-                        if usage_only && !self.forward_usage {
+                        if usage_only && !forward_usage {
                             continue;
                         }
                     }
@@ -127,16 +155,72 @@ impl Relay {
         }
     }
 
+    /// A Responses API event: queued with its response ids rewritten, its usage counted.
+    /// Returns true when it ends the stream.
+    fn take_responses_event(&mut self, mut event: crate::sse::Event) -> bool {
+        let Mode::Responses { ids, count_usage } = &self.mode else {
+            return false;
+        };
+        let rewritten = match responses::rewrite_event(&event.data, ids) {
+            Ok(rewritten) => rewritten,
+            Err(e) => {
+                self.interrupt(&format!(
+                    "the upstream sent an event Sluice cannot read ({e})"
+                ));
+                return true;
+            }
+        };
+        if *count_usage
+            && let Some(tokens) = rewritten.tokens
+            && let Some(acct) = &mut self.acct
+        {
+            acct.tokens(tokens);
+        }
+        event.data = String::from_utf8_lossy(&rewritten.bytes).into_owned();
+        let kind = match rewritten.event_type.as_deref() {
+            Some("response.completed" | "response.incomplete") => Some(ErrorKind::Unspecified),
+            Some(t) if responses::is_terminal(t) => Some(ErrorKind::UpstreamStatus),
+            _ => None,
+        };
+        match kind {
+            Some(kind) => {
+                self.ready.push_back((event.to_bytes(), Then::Finish(kind)));
+                self.drain_upstream();
+                true
+            }
+            None => {
+                self.ready.push_back((event.to_bytes(), Then::Continue));
+                false
+            }
+        }
+    }
+
     /// Ends the stream with an error event after what is already queued.
     fn interrupt(&mut self, why: &str) {
         tracing::warn!(reason = why, "upstream stream interrupted");
         self.upstream = None;
         let message = format!("The upstream stream was interrupted: {why}.");
-        let body = error_body(&message, "server_error", None, Some("stream_interrupted"));
-        let mut event = Vec::with_capacity(body.len() + 8);
-        event.extend_from_slice(b"data: ");
-        event.extend_from_slice(&body);
-        event.extend_from_slice(b"\n\n");
+        let event = match &self.mode {
+            Mode::Chat { .. } => {
+                let body = error_body(&message, "server_error", None, Some("stream_interrupted"));
+                let mut event = Vec::with_capacity(body.len() + 8);
+                event.extend_from_slice(b"data: ");
+                event.extend_from_slice(&body);
+                event.extend_from_slice(b"\n\n");
+                event
+            }
+            // The Responses API's own error event (`ResponseErrorEvent`).
+            Mode::Responses { .. } => {
+                let data = serde_json::json!({
+                    "type": "error",
+                    "code": "stream_interrupted",
+                    "message": message,
+                    "param": null,
+                    "sequence_number": self.events,
+                });
+                format!("event: error\ndata: {data}\n\n").into_bytes()
+            }
+        };
         self.ready.push_back((
             Bytes::from(event),
             Then::Finish(ErrorKind::StreamInterrupted),
@@ -212,7 +296,13 @@ impl Body for Relay {
                     continue;
                 }
                 Poll::Ready(None) => {
-                    this.interrupt("the upstream stream ended before [DONE]");
+                    let why = match this.mode {
+                        Mode::Chat { .. } => "the upstream stream ended before [DONE]",
+                        Mode::Responses { .. } => {
+                            "the upstream stream ended before its final event"
+                        }
+                    };
+                    this.interrupt(why);
                     continue;
                 }
                 Poll::Pending => {}

@@ -98,6 +98,10 @@ pub fn snapshot(version: u64, backends: Vec<proto::SnapshotBackend>) -> proto::S
         settings: Some(settings()),
         replica_count: 1,
         epoch: "epoch-1".into(),
+        affinity_keys: vec![proto::AffinityKey {
+            id: 1,
+            secret: vec![42; 32],
+        }],
     }
 }
 

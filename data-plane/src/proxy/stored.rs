@@ -1,0 +1,188 @@
+//! The Responses API's calls that depend on state a backend holds: a create that continues
+//! an earlier response (`previous_response_id`) and the calls on a stored response (retrieve,
+//! delete, input items, cancel). Each goes to the backend named in the response id, which
+//! [`crate::affinity`] authenticates; never to another one, which would not hold the state.
+
+use std::sync::Arc;
+
+use axum::response::Response;
+use http::Method;
+use tokio::time::Instant;
+
+use super::AppState;
+use super::accounting::Accounting;
+use super::forward::{self, Call, Outbound};
+use crate::affinity::{Affinity, IdError};
+use crate::error::ProxyError;
+use crate::metrics::LimitScope;
+use crate::request::ParsedRequest;
+use crate::responses::IdRewrite;
+use crate::snapshot::{ClientKey, Endpoint, Route, Snapshot};
+
+/// The longest client id quoted back in an error.
+const MAX_QUOTED_ID: usize = 200;
+
+/// A call on a stored response, from the path.
+pub(super) struct Target {
+    pub method: Method,
+    pub id: String,
+    /// `input_items` or `cancel`; `None` for the response itself.
+    pub action: Option<&'static str>,
+    pub query: Option<String>,
+}
+
+/// `POST /v1/responses`: routed like any request, unless it continues an earlier response,
+/// which pins it to that response's backend.
+pub(super) async fn create(
+    app: &Arc<AppState>,
+    snapshot: &Snapshot,
+    key: &ClientKey,
+    routes: &[Route],
+    parsed: &ParsedRequest<'_>,
+    acct: Accounting,
+) -> Response {
+    if snapshot.affinity.is_empty() {
+        return forward::error(acct, ProxyError::NoAffinityKey).await;
+    }
+    let mut ids = IdRewrite {
+        keys: Arc::clone(&snapshot.affinity),
+        client_key_id: key.id.clone(),
+        backend_id: String::new(),
+        model: parsed.model.to_string(),
+        known: None,
+    };
+    let pinned = match &parsed.previous_response_id {
+        None => None,
+        Some(previous) => {
+            let (index, affinity) = match pin(app, snapshot, key, previous, "previous_response_id")
+            {
+                Ok(pinned) => pinned,
+                Err(e) => return forward::error(acct, e).await,
+            };
+            let Some(route) = routes.iter().find(|r| r.backend == index) else {
+                return forward::error(
+                    acct,
+                    ProxyError::ResponseBackendLacksModel {
+                        id: quoted(previous),
+                        model: parsed.model.to_string(),
+                    },
+                )
+                .await;
+            };
+            ids.known = Some((affinity.upstream_id.clone(), previous.to_string()));
+            Some((route, affinity.upstream_id))
+        }
+    };
+    let call = Call {
+        endpoint: Endpoint::Responses,
+        model: &parsed.model,
+        stream: parsed.stream,
+        send: Outbound::Body {
+            parsed,
+            previous_response_id: pinned.as_ref().map(|(_, id)| id.as_str()),
+        },
+        ids: Some(ids),
+        count_usage: true,
+    };
+    let routes = match &pinned {
+        Some((route, _)) => std::slice::from_ref(*route),
+        None => routes,
+    };
+    forward::forward_call(app, snapshot, routes, &call, acct).await
+}
+
+/// `GET`/`DELETE /v1/responses/{id}`, `GET …/input_items`, `POST …/cancel`.
+pub(super) async fn call(
+    app: &Arc<AppState>,
+    snapshot: &Snapshot,
+    key: &ClientKey,
+    target: Target,
+    mut acct: Accounting,
+) -> Response {
+    let stream = target.method == Method::GET
+        && target.action.is_none()
+        && target.query.as_deref().is_some_and(|q| {
+            url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "stream" && v == "true")
+        });
+    let (index, affinity) = match pin(app, snapshot, key, &target.id, "response_id") {
+        Ok(pinned) => pinned,
+        Err(e) => {
+            acct.set_request("", stream);
+            return forward::error(acct, e).await;
+        }
+    };
+    acct.set_request(&affinity.model, stream);
+    if let Some((name, _)) = snapshot.model(&affinity.model) {
+        acct.model_routed(name);
+    }
+    if !affinity.model.is_empty() && !key.may_use(&affinity.model) {
+        return forward::error(acct, ProxyError::ModelNotAllowed(affinity.model)).await;
+    }
+    if let Some(limiter) = &key.limiter
+        && let Err(retry_after) = limiter.try_acquire(Instant::now())
+    {
+        app.metrics.rate_limited(LimitScope::client_key);
+        return forward::error(acct, ProxyError::KeyRateLimited { retry_after }).await;
+    }
+    let route = Route {
+        backend: index,
+        upstream_model: String::new(),
+    };
+    let call = Call {
+        endpoint: Endpoint::Responses,
+        model: &affinity.model,
+        stream,
+        send: Outbound::Stored {
+            method: target.method,
+            upstream_id: &affinity.upstream_id,
+            action: target.action,
+            query: target.query.as_deref(),
+        },
+        ids: Some(IdRewrite {
+            keys: Arc::clone(&snapshot.affinity),
+            client_key_id: key.id.clone(),
+            backend_id: String::new(),
+            model: affinity.model.clone(),
+            known: Some((affinity.upstream_id.clone(), target.id.clone())),
+        }),
+        count_usage: false,
+    };
+    forward::forward_call(app, snapshot, std::slice::from_ref(&route), &call, acct).await
+}
+
+/// The backend (its index) that holds the response `id`, with what the id says; refused
+/// when the id is not one this gateway issued to this key, or its backend cannot be reached
+/// now (no failover: no other backend holds the state).
+fn pin(
+    app: &AppState,
+    snapshot: &Snapshot,
+    key: &ClientKey,
+    id: &str,
+    param: &'static str,
+) -> Result<(usize, Affinity), ProxyError> {
+    let affinity = snapshot.affinity.unwrap(&key.id, id).map_err(|e| match e {
+        IdError::NoKey => ProxyError::NoAffinityKey,
+        IdError::Invalid => ProxyError::InvalidResponseId {
+            param,
+            id: quoted(id),
+        },
+    })?;
+    let Some((index, backend)) = snapshot.backend_by_id(&affinity.backend_id) else {
+        return Err(ProxyError::ResponseBackendGone { id: quoted(id) });
+    };
+    if let Err(until) = app.store.cooldowns().check(&backend.id, Instant::now()) {
+        return Err(ProxyError::ResponseBackendCoolingDown {
+            id: quoted(id),
+            retry_after: until.saturating_duration_since(Instant::now()),
+        });
+    }
+    Ok((index, affinity))
+}
+
+/// A client's id as an error may quote it: bounded.
+fn quoted(id: &str) -> String {
+    match id.char_indices().nth(MAX_QUOTED_ID) {
+        Some((at, _)) => format!("{}…", &id[..at]),
+        None => id.to_owned(),
+    }
+}

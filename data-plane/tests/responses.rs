@@ -1,0 +1,421 @@
+//! The Responses API through the proxy, against mock providers that keep response state:
+//! ids that carry their backend, continuations and calls on a stored response pinned to it,
+//! usage with cached and reasoning tokens, and the errors for ids and backends that cannot
+//! be used.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use serde_json::{Value, json};
+use sluice_e2e::mock::{Fault, MockConfig, MockServer};
+use sluice_proto::v1::{self as proto, ErrorKind};
+use support::harness::*;
+
+fn mock(name: &str) -> MockServer {
+    MockServer::start_local(
+        MockConfig::named(name)
+            .with_api_key(format!("sk-upstream-{name}"))
+            .with_chunk_count(3),
+    )
+    .unwrap()
+}
+
+async fn create(h: &Harness, body: Value) -> reqwest::Response {
+    h.post("/v1/responses", KEY, &body).await
+}
+
+async fn on_stored(
+    h: &Harness,
+    method: reqwest::Method,
+    path: &str,
+    key: &str,
+) -> reqwest::Response {
+    h.http
+        .request(method, h.url(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn error_code(response: reqwest::Response, status: u16) -> (String, Value) {
+    assert_eq!(response.status().as_u16(), status);
+    let body: Value = response.json().await.unwrap();
+    (
+        body["error"]["code"].as_str().unwrap_or("").to_owned(),
+        body,
+    )
+}
+
+/// Two primaries of equal priority: requests spread over both.
+async fn two_backends(a: &MockServer, b: &MockServer) -> Harness {
+    Harness::start(snapshot(
+        1,
+        vec![
+            backend("alpha", &a.base_url(), proto::Pool::Primary, 0),
+            backend("beta", &b.base_url(), proto::Pool::Primary, 0),
+        ],
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn a_created_response_carries_sluice_id_and_its_usage_is_recorded() {
+    let alpha = mock("primary");
+    let h = Harness::one_primary(&alpha.base_url()).await;
+    let response = create(
+        &h,
+        json!({"model": MODEL, "input": "one two three", "reasoning": {"effort": "low"}}),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let id = body["id"].as_str().unwrap();
+    assert!(id.starts_with("resp_"));
+    assert_eq!(body["model"], format!("{MODEL}-at-primary"));
+    assert_eq!(
+        body["output"][1]["content"][0]["text"],
+        "[primary] tok1 tok2"
+    );
+
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.endpoint, proto::Endpoint::Responses as i32);
+    assert_eq!(record.backend_id, "primary");
+    assert_eq!(record.model, MODEL);
+    assert_eq!(record.status_code, 200);
+    assert_eq!((record.prompt_tokens, record.completion_tokens), (3, 6));
+    assert_eq!(
+        (record.cached_prompt_tokens, record.reasoning_tokens),
+        (0, 3)
+    );
+
+    // Retrieved through Sluice: the same object, the same id; no usage counted again.
+    let got = on_stored(
+        &h,
+        reqwest::Method::GET,
+        &format!("/v1/responses/{id}"),
+        KEY,
+    )
+    .await;
+    assert_eq!(got.status(), 200);
+    let got: Value = got.json().await.unwrap();
+    assert_eq!(got, body);
+    let records = h.records(2).await;
+    assert_eq!(records[1].endpoint, proto::Endpoint::Responses as i32);
+    assert_eq!(records[1].model, MODEL);
+    assert_eq!(
+        (records[1].prompt_tokens, records[1].completion_tokens),
+        (0, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_stream_is_relayed_event_by_event_with_sluice_ids() {
+    let alpha = mock("primary");
+    let h = Harness::one_primary(&alpha.base_url()).await;
+    let response = create(
+        &h,
+        json!({"model": MODEL, "input": "hi there", "stream": true}),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    let events: Vec<(String, Value)> = text
+        .split_terminator("\n\n")
+        .map(|frame| {
+            let mut name = String::new();
+            let mut data = String::new();
+            for line in frame.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_owned();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data.push_str(d);
+                }
+            }
+            (name, serde_json::from_str(&data).unwrap())
+        })
+        .collect();
+    assert_eq!(events.first().unwrap().0, "response.created");
+    assert_eq!(events.last().unwrap().0, "response.completed");
+    let deltas: String = events
+        .iter()
+        .filter(|(n, _)| n == "response.output_text.delta")
+        .map(|(_, d)| d["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, "[primary] tok1 tok2");
+    let created = events[0].1["response"]["id"].as_str().unwrap();
+    let completed = events.last().unwrap().1["response"]["id"].as_str().unwrap();
+    assert_eq!(created, completed);
+    // The id works for a later call.
+    let got = on_stored(
+        &h,
+        reqwest::Method::GET,
+        &format!("/v1/responses/{completed}"),
+        KEY,
+    )
+    .await;
+    assert_eq!(got.status(), 200);
+    let record = h.records(1).await.remove(0);
+    assert!(record.stream);
+    assert_eq!(record.error_kind, ErrorKind::Unspecified as i32);
+    assert_eq!((record.prompt_tokens, record.completion_tokens), (2, 3));
+}
+
+#[tokio::test]
+async fn continuations_and_stored_calls_go_to_the_backend_holding_the_response() {
+    let alpha = mock("alpha");
+    let beta = mock("beta");
+    let h = two_backends(&alpha, &beta).await;
+    // Enough creations that both backends hold some (weighted random over two equals).
+    let mut ids = Vec::new();
+    for _ in 0..16 {
+        let body: Value = create(&h, json!({"model": MODEL, "input": "start"}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let text = body["output"][0]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        ids.push((body["id"].as_str().unwrap().to_owned(), text));
+    }
+    assert!(ids.iter().any(|(_, t)| t.starts_with("[alpha]")));
+    assert!(ids.iter().any(|(_, t)| t.starts_with("[beta]")));
+    for (id, text) in &ids {
+        let holder = if text.starts_with("[alpha]") {
+            "[alpha]"
+        } else {
+            "[beta]"
+        };
+        let next = create(
+            &h,
+            json!({"model": MODEL, "input": "go on", "previous_response_id": id}),
+        )
+        .await;
+        assert_eq!(next.status(), 200);
+        let next: Value = next.json().await.unwrap();
+        assert!(
+            next["output"][0]["content"][0]["text"]
+                .as_str()
+                .unwrap()
+                .starts_with(holder)
+        );
+        // The client sees back exactly the id it sent; the earlier turn is cached input.
+        assert_eq!(next["previous_response_id"], id.as_str());
+        assert_eq!(next["usage"]["input_tokens_details"]["cached_tokens"], 4);
+    }
+    // Neither mock ever saw an id it did not create (no 404 from either).
+    assert_eq!(alpha.stats().responses_with(404), 0);
+    assert_eq!(beta.stats().responses_with(404), 0);
+
+    let (id, _) = &ids[0];
+    let items = on_stored(
+        &h,
+        reqwest::Method::GET,
+        &format!("/v1/responses/{id}/input_items?order=asc&limit=5"),
+        KEY,
+    )
+    .await;
+    assert_eq!(items.status(), 200);
+    let items: Value = items.json().await.unwrap();
+    assert_eq!(items["data"][0]["content"][0]["text"], "start");
+    let deleted = on_stored(
+        &h,
+        reqwest::Method::DELETE,
+        &format!("/v1/responses/{id}"),
+        KEY,
+    )
+    .await;
+    assert_eq!(deleted.status(), 200);
+    let deleted: Value = deleted.json().await.unwrap();
+    assert_eq!(deleted["id"], id.as_str());
+    assert_eq!(deleted["deleted"], true);
+    // Gone at its backend: the upstream's 404, quoting the id the client knows.
+    let (_, body) = error_code(
+        on_stored(
+            &h,
+            reqwest::Method::GET,
+            &format!("/v1/responses/{id}"),
+            KEY,
+        )
+        .await,
+        404,
+    )
+    .await;
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(id.as_str()), "{message}");
+
+    // Cancel: a background response.
+    let queued: Value = create(
+        &h,
+        json!({"model": MODEL, "input": "later", "background": true}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let queued_id = queued["id"].as_str().unwrap();
+    let cancelled = on_stored(
+        &h,
+        reqwest::Method::POST,
+        &format!("/v1/responses/{queued_id}/cancel"),
+        KEY,
+    )
+    .await;
+    assert_eq!(cancelled.status(), 200);
+    let cancelled: Value = cancelled.json().await.unwrap();
+    assert_eq!(cancelled["status"], "cancelled");
+    assert_eq!(cancelled["id"], queued_id);
+}
+
+#[tokio::test]
+async fn altered_ids_other_keys_and_unreachable_backends_are_refused_clearly() {
+    let alpha = mock("alpha");
+    let mut snap = snapshot(
+        1,
+        vec![backend("alpha", &alpha.base_url(), proto::Pool::Primary, 0)],
+    );
+    snap.client_keys
+        .push(client_key("key-2", "sk-sluice-other-key", &[], 0));
+    let h = Harness::start(snap.clone()).await;
+    let body: Value = create(&h, json!({"model": MODEL, "input": "x"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = body["id"].as_str().unwrap().to_owned();
+
+    // One character changed: refused before any upstream call.
+    let mut altered = id.clone().into_bytes();
+    let last = altered.len() - 3;
+    altered[last] = if altered[last] == b'A' { b'B' } else { b'A' };
+    let altered = String::from_utf8(altered).unwrap();
+    let before = alpha.stats().requests.responses;
+    for (method, path) in [
+        (reqwest::Method::GET, format!("/v1/responses/{altered}")),
+        (reqwest::Method::DELETE, format!("/v1/responses/{altered}")),
+        (
+            reqwest::Method::GET,
+            format!("/v1/responses/{altered}/input_items"),
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/v1/responses/{altered}/cancel"),
+        ),
+    ] {
+        let (code, body) = error_code(on_stored(&h, method, &path, KEY).await, 400).await;
+        assert_eq!(code, "invalid_response_id", "{body}");
+        assert_eq!(body["error"]["param"], "response_id");
+    }
+    let (code, body) = error_code(
+        create(
+            &h,
+            json!({"model": MODEL, "input": "x", "previous_response_id": altered}),
+        )
+        .await,
+        400,
+    )
+    .await;
+    assert_eq!(code, "invalid_response_id");
+    assert_eq!(body["error"]["param"], "previous_response_id");
+    // The upstream's own id is not one of Sluice's either.
+    let (code, _) = error_code(
+        on_stored(&h, reqwest::Method::GET, "/v1/responses/resp_0123abcd", KEY).await,
+        400,
+    )
+    .await;
+    assert_eq!(code, "invalid_response_id");
+    // Another client key cannot use this key's response.
+    let (code, _) = error_code(
+        on_stored(
+            &h,
+            reqwest::Method::GET,
+            &format!("/v1/responses/{id}"),
+            "sk-sluice-other-key",
+        )
+        .await,
+        400,
+    )
+    .await;
+    assert_eq!(code, "invalid_response_id");
+    assert_eq!(alpha.stats().requests.responses, before);
+
+    // Its backend cooling down: a clear 503 with Retry-After, and no other backend tried.
+    let beta = mock("beta");
+    let mut two = snapshot(
+        2,
+        vec![
+            backend("alpha", &alpha.base_url(), proto::Pool::Primary, 0),
+            backend("beta", &beta.base_url(), proto::Pool::Fallback, 0),
+        ],
+    );
+    two.client_keys = snap.client_keys.clone();
+    two.backends[0].cooldown_remaining = Some(sluice_proxy::clock::proto_duration(
+        std::time::Duration::from_secs(30),
+    ));
+    h.publish(two.clone()).await;
+    let response = create(
+        &h,
+        json!({"model": MODEL, "input": "x", "previous_response_id": id}),
+    )
+    .await;
+    assert!(response.headers().contains_key("retry-after"));
+    let (code, _) = error_code(response, 503).await;
+    assert_eq!(code, "response_backend_cooling_down");
+    assert_eq!(beta.stats().requests.total(), 0);
+
+    // Its backend disabled or deleted (not in the snapshot): 404 that says so.
+    let mut gone = two;
+    gone.version = 3;
+    gone.backends.remove(0);
+    h.publish(gone).await;
+    let (code, body) = error_code(
+        on_stored(
+            &h,
+            reqwest::Method::GET,
+            &format!("/v1/responses/{id}"),
+            KEY,
+        )
+        .await,
+        404,
+    )
+    .await;
+    assert_eq!(code, "response_backend_unavailable");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("disabled or was deleted")
+    );
+    assert_eq!(beta.stats().requests.total(), 0);
+}
+
+#[tokio::test]
+async fn a_new_response_fails_over_before_the_first_byte() {
+    let primary = mock("primary");
+    let fallback = mock("fallback");
+    primary.set_fault(Fault::times(
+        Fault::Status {
+            code: 500,
+            retry_after: None,
+        },
+        1,
+    ));
+    let h = Harness::start(snapshot(
+        1,
+        vec![
+            backend("primary", &primary.base_url(), proto::Pool::Primary, 0),
+            backend("fallback", &fallback.base_url(), proto::Pool::Fallback, 0),
+        ],
+    ))
+    .await;
+    let response = create(&h, json!({"model": MODEL, "input": "x", "stream": true})).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-backend"], "fallback-name");
+    let text = response.text().await.unwrap();
+    assert!(text.contains("[fallback]"));
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.attempts, 2);
+    assert_eq!(record.backend_id, "fallback");
+}
