@@ -38,6 +38,10 @@ async fn on_stored(
         .unwrap()
 }
 
+async fn retrieve(h: &Harness, id: &str) -> reqwest::Response {
+    on_stored(h, reqwest::Method::GET, &format!("/v1/responses/{id}"), KEY).await
+}
+
 async fn error_code(response: reqwest::Response, status: u16) -> (String, Value) {
     assert_eq!(response.status().as_u16(), status);
     let body: Value = response.json().await.unwrap();
@@ -90,13 +94,7 @@ async fn a_created_response_carries_sluice_id_and_its_usage_is_recorded() {
     );
 
     // Retrieved through Sluice: the same object, the same id; no usage counted again.
-    let got = on_stored(
-        &h,
-        reqwest::Method::GET,
-        &format!("/v1/responses/{id}"),
-        KEY,
-    )
-    .await;
+    let got = retrieve(&h, id).await;
     assert_eq!(got.status(), 200);
     let got: Value = got.json().await.unwrap();
     assert_eq!(got, body);
@@ -147,13 +145,7 @@ async fn a_stream_is_relayed_event_by_event_with_sluice_ids() {
     let completed = events.last().unwrap().1["response"]["id"].as_str().unwrap();
     assert_eq!(created, completed);
     // The id works for a later call.
-    let got = on_stored(
-        &h,
-        reqwest::Method::GET,
-        &format!("/v1/responses/{completed}"),
-        KEY,
-    )
-    .await;
+    let got = retrieve(&h, completed).await;
     assert_eq!(got.status(), 200);
     let record = h.records(1).await.remove(0);
     assert!(record.stream);
@@ -232,17 +224,7 @@ async fn continuations_and_stored_calls_go_to_the_backend_holding_the_response()
     assert_eq!(deleted["id"], id.as_str());
     assert_eq!(deleted["deleted"], true);
     // Gone at its backend: the upstream's 404, quoting the id the client knows.
-    let (_, body) = error_code(
-        on_stored(
-            &h,
-            reqwest::Method::GET,
-            &format!("/v1/responses/{id}"),
-            KEY,
-        )
-        .await,
-        404,
-    )
-    .await;
+    let (_, body) = error_code(retrieve(&h, id).await, 404).await;
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains(id.as_str()), "{message}");
 
@@ -370,17 +352,7 @@ async fn altered_ids_other_keys_and_unreachable_backends_are_refused_clearly() {
     gone.version = 3;
     gone.backends.remove(0);
     h.publish(gone).await;
-    let (code, body) = error_code(
-        on_stored(
-            &h,
-            reqwest::Method::GET,
-            &format!("/v1/responses/{id}"),
-            KEY,
-        )
-        .await,
-        404,
-    )
-    .await;
+    let (code, body) = error_code(retrieve(&h, &id).await, 404).await;
     assert_eq!(code, "response_backend_unavailable");
     assert!(
         body["error"]["message"]
