@@ -137,6 +137,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0006_client_key_expiry.sql"),
     include_str!("../../migrations/0007_usage_hourly_pool.sql"),
     include_str!("../../migrations/0008_affinity_keys.sql"),
+    include_str!("../../migrations/0009_usage_token_details.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

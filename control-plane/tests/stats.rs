@@ -218,7 +218,8 @@ impl Rec {
             time: ts(self.time_ms),
             attempts: 1,
             endpoint: 0,
-            ..Default::default()
+            cached_prompt_tokens: self.prompt / 4,
+            reasoning_tokens: self.completion / 5,
         }
     }
 }
@@ -323,6 +324,8 @@ fn as_totals(b: &pb::UsageBucket) -> pb::GetTotalsResponse {
         backend_count: b.backend_count,
         currency: b.currency.clone(),
         groups: Vec::new(),
+        cached_prompt_tokens: b.cached_prompt_tokens,
+        reasoning_tokens: b.reasoning_tokens,
     }
 }
 
@@ -336,7 +339,9 @@ fn assert_same(a: &pb::GetTotalsResponse, b: &pb::GetTotalsResponse) {
             a.stream_count,
             a.prompt_tokens,
             a.completion_tokens,
-            a.total_tokens
+            a.total_tokens,
+            a.cached_prompt_tokens,
+            a.reasoning_tokens
         ),
         (
             b.request_count,
@@ -344,7 +349,9 @@ fn assert_same(a: &pb::GetTotalsResponse, b: &pb::GetTotalsResponse) {
             b.stream_count,
             b.prompt_tokens,
             b.completion_tokens,
-            b.total_tokens
+            b.total_tokens,
+            b.cached_prompt_tokens,
+            b.reasoning_tokens
         )
     );
     assert_eq!(

@@ -202,6 +202,15 @@ async fn the_python_sdk_converses_across_two_replicas_and_two_backends() {
     assert_eq!(chat_prompt % 4, 0, "only whole chats besides: {t:?}");
     let key_chats = chat_prompt / 4;
     assert_eq!(t.completion_tokens, completion + 5 * key_chats, "{t:?}");
+    // Chat answers of the mock report no cached or reasoning tokens: these are the SDK's.
+    let cached: u64 = usage.iter().map(|u| u[2]).sum();
+    let reasoning: u64 = usage.iter().map(|u| u[3]).sum();
+    assert!(cached > 0 && reasoning > 0);
+    assert_eq!(
+        (t.cached_prompt_tokens, t.reasoning_tokens),
+        (cached, reasoning),
+        "{t:?}"
+    );
     let cost = (t.prompt_tokens as f64 * 1.0 + t.completion_tokens as f64 * 2.0) / 1e6;
     assert!((t.cost - cost).abs() < 1e-9, "{} vs {cost}", t.cost);
 }

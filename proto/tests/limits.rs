@@ -201,6 +201,8 @@ fn a_full_usage_page_fits_a_default_client() {
         stream_count: u64::MAX,
         backend_count: u64::MAX,
         currency: "XXX".into(),
+        cached_prompt_tokens: u64::MAX,
+        reasoning_tokens: u64::MAX,
     };
     let page = pb::GetUsageResponse {
         buckets: vec![bucket; MAX_USAGE_PAGE_SIZE],

@@ -89,6 +89,8 @@ macro_rules! usage_figures {
             avg_ttft_ms: ratio(t.ttft_ms_sum, t.ttft_count),
             stream_count: t.stream_count,
             backend_count: t.backend_count,
+            cached_prompt_tokens: t.cached_prompt_tokens,
+            reasoning_tokens: t.reasoning_tokens,
         }
     }};
 }

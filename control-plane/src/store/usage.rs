@@ -78,6 +78,10 @@ pub struct Totals {
     pub stream_count: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Of `prompt_tokens`, read from the provider's prompt cache.
+    pub cached_prompt_tokens: u64,
+    /// Of `completion_tokens`, spent on reasoning.
+    pub reasoning_tokens: u64,
     pub cost: f64,
     pub latency_ms_sum: f64,
     pub ttft_ms_sum: f64,
@@ -323,6 +327,8 @@ struct Delta {
     latency_ms_sum: f64,
     ttft_ms_sum: f64,
     ttft_count: i64,
+    cached_prompt_tokens: i64,
+    reasoning_tokens: i64,
     /// (bucket, count), unordered; a batch puts few buckets in one row.
     latency: Vec<(u32, u64)>,
 }
@@ -334,6 +340,8 @@ impl Delta {
         self.stream_count += i64::from(r.stream);
         self.prompt_tokens += r.prompt_tokens.min(MAX_TOKENS_PER_RECORD) as i64;
         self.completion_tokens += r.completion_tokens.min(MAX_TOKENS_PER_RECORD) as i64;
+        self.cached_prompt_tokens += r.cached_prompt_tokens.min(MAX_TOKENS_PER_RECORD) as i64;
+        self.reasoning_tokens += r.reasoning_tokens.min(MAX_TOKENS_PER_RECORD) as i64;
         self.latency_ms_sum += r.latency_ms;
         if let Some(ttft) = r.ttft_ms {
             self.ttft_ms_sum += ttft;
@@ -350,7 +358,7 @@ impl Delta {
     }
 
     /// The values of [`SUM_COLUMNS`].
-    fn sums(&self) -> [rusqlite::types::Value; 10] {
+    fn sums(&self) -> [rusqlite::types::Value; 12] {
         use rusqlite::types::Value;
         [
             Value::Integer(self.request_count),
@@ -363,6 +371,8 @@ impl Delta {
             Value::Real(self.ttft_ms_sum),
             Value::Integer(self.ttft_count),
             Value::Blob(self.encoded_latency()),
+            Value::Integer(self.cached_prompt_tokens),
+            Value::Integer(self.reasoning_tokens),
         ]
     }
 
@@ -382,6 +392,8 @@ impl Delta {
         self.latency_ms_sum += other.latency_ms_sum;
         self.ttft_ms_sum += other.ttft_ms_sum;
         self.ttft_count += other.ttft_count;
+        self.cached_prompt_tokens += other.cached_prompt_tokens;
+        self.reasoning_tokens += other.reasoning_tokens;
         for &(b, n) in &other.latency {
             self.add_latency(b, n);
         }
@@ -399,11 +411,14 @@ const ADD_ON_CONFLICT: &str = "
     latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum,
     ttft_ms_sum = ttft_ms_sum + excluded.ttft_ms_sum,
     ttft_count = ttft_count + excluded.ttft_count,
-    latency_histogram = usage_histogram_add(latency_histogram, excluded.latency_histogram)";
+    latency_histogram = usage_histogram_add(latency_histogram, excluded.latency_histogram),
+    cached_prompt_tokens = cached_prompt_tokens + excluded.cached_prompt_tokens,
+    reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens";
 
 /// The summed columns of every usage table, in the order [`Delta::sums`] gives them.
 const SUM_COLUMNS: &str = "request_count, error_count, stream_count, prompt_tokens, \
-    completion_tokens, cost, latency_ms_sum, ttft_ms_sum, ttft_count, latency_histogram";
+    completion_tokens, cost, latency_ms_sum, ttft_ms_sum, ttft_count, latency_histogram, \
+    cached_prompt_tokens, reasoning_tokens";
 
 /// Adds `delta` to the row of `keys` with a statement from [`upsert_sql`].
 fn upsert_row(
@@ -738,6 +753,8 @@ impl Sums {
         t.stream_count += o.stream_count;
         t.prompt_tokens += o.prompt_tokens;
         t.completion_tokens += o.completion_tokens;
+        t.cached_prompt_tokens += o.cached_prompt_tokens;
+        t.reasoning_tokens += o.reasoning_tokens;
         t.cost += o.cost;
         t.latency_ms_sum += o.latency_ms_sum;
         t.ttft_ms_sum += o.ttft_ms_sum;
@@ -788,7 +805,8 @@ fn part_sql(part: &Part, clause: &str, bucket: Option<Granularity>, group_by: Gr
         "SELECT {bucket} AS b, {group} AS g, total(request_count), total(error_count),
                 total(stream_count), total(prompt_tokens), total(completion_tokens), total(cost),
                 total(latency_ms_sum), total(ttft_ms_sum), total(ttft_count),
-                usage_histogram(latency_histogram), {backends}
+                usage_histogram(latency_histogram), {backends}, total(cached_prompt_tokens),
+                total(reasoning_tokens)
          FROM {table} {clause} GROUP BY b, g",
         group = group_expr(group_by),
         table = part.table.name(),
@@ -854,6 +872,8 @@ fn aggregate(
                     ttft_ms_sum: r.get(9)?,
                     ttft_count: n(10)?,
                     backend_count: r.get::<_, i64>(12)?.max(0) as u64,
+                    cached_prompt_tokens: n(13)?,
+                    reasoning_tokens: n(14)?,
                     ..Totals::default()
                 },
                 histogram,
@@ -1100,6 +1120,8 @@ mod tests {
             client_key_id: key.into(),
             prompt_tokens: 1000 + sequence % 7,
             completion_tokens: 10 * (sequence % 5),
+            cached_prompt_tokens: 100 * (sequence % 2),
+            reasoning_tokens: 3 * (sequence % 5),
             latency_ms,
             ttft_ms: sequence.is_multiple_of(3).then_some(latency_ms / 3.0),
             is_error: sequence.is_multiple_of(11),
@@ -1174,6 +1196,8 @@ mod tests {
                 t.stream_count,
                 t.prompt_tokens,
                 t.completion_tokens,
+                t.cached_prompt_tokens,
+                t.reasoning_tokens,
                 t.ttft_count,
                 t.p50_ms.to_bits(),
                 t.p95_ms.to_bits(),
@@ -1539,6 +1563,13 @@ mod tests {
             .map(|s| 1000 + s % 7)
             .sum();
         assert_eq!(t.prompt_tokens, want);
+        // The cached and reasoning parts are counted once too.
+        let seqs = || (1..=13u64).chain(1..=3).chain(1..=4);
+        assert_eq!(
+            t.cached_prompt_tokens,
+            seqs().map(|s| 100 * (s % 2)).sum::<u64>()
+        );
+        assert_eq!(t.reasoning_tokens, seqs().map(|s| 3 * (s % 5)).sum::<u64>());
     }
 
     #[tokio::test]
