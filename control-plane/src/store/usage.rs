@@ -956,6 +956,16 @@ fn grouped(
     sources: Sources,
 ) -> Result<Vec<SeriesPoint>, StoreError> {
     let sums = aggregate(conn, filter, bucket, group_by, sources)?;
+    labelled(conn, group_by, sums)
+}
+
+/// Points from sums per (time bucket, group), in the order given, each with its group's
+/// readable name.
+fn labelled(
+    conn: &Connection,
+    group_by: GroupBy,
+    sums: impl IntoIterator<Item = ((i64, String), Sums)>,
+) -> Result<Vec<SeriesPoint>, StoreError> {
     let labels = group_labels(conn, group_by)?;
     Ok(sums
         .into_iter()
@@ -980,13 +990,14 @@ fn sort_newest_first(points: &mut [SeriesPoint]) {
     });
 }
 
-/// Whether `point` comes after `cursor` in `order`.
-fn is_after(point: &SeriesPoint, cursor: &Cursor, order: Order) -> bool {
+/// Whether the point of time bucket `start_ms` and group `group_key` comes after `cursor`
+/// in `order`.
+fn is_after(start_ms: i64, group_key: &str, cursor: &Cursor, order: Order) -> bool {
     let later = match order {
-        Order::OldestFirst => point.start_ms > cursor.start_ms,
-        Order::NewestFirst => point.start_ms < cursor.start_ms,
+        Order::OldestFirst => start_ms > cursor.start_ms,
+        Order::NewestFirst => start_ms < cursor.start_ms,
     };
-    later || (point.start_ms == cursor.start_ms && point.group_key > cursor.group_key)
+    later || (start_ms == cursor.start_ms && group_key > cursor.group_key.as_str())
 }
 
 /// The first and the last day any usage was stored (daily rows are never deleted), as
@@ -1000,10 +1011,17 @@ fn stored_days(conn: &Connection) -> Result<Option<(i64, i64)>, StoreError> {
     Ok(first.zip(last).map(|(f, l)| (f, l.saturating_add(DAY_MS))))
 }
 
+/// Time buckets the first window of a page reads; later windows are sized from the
+/// density seen so far.
+const FIRST_WINDOW_BUCKETS: i64 = 64;
+
 /// One page of a series: windows of whole time buckets are read one after another in
-/// `order`, each twice as long as the one before, until more than `limit` points are
-/// in hand or the range is exhausted. Every window is a range of whole buckets (only
-/// the range's own ends may cut one), so no bucket is split between two windows.
+/// `order` until more than `limit` points are in hand or the range is exhausted. The first
+/// window is small; each next one is sized from the points per bucket seen so far, and at
+/// least doubles after a window that found less than half of what was still needed, so a
+/// page reads about the buckets it returns, and a sparse series costs a few windows more.
+/// Every window is a range of whole buckets (only the range's own ends may cut one), so no
+/// bucket is split between two windows.
 fn page(
     conn: &Connection,
     filter: &TotalsFilter,
@@ -1029,9 +1047,12 @@ fn page(
             Order::NewestFirst => hi = hi.min(cursor.start_ms.saturating_add(width)),
         }
     }
-    let mut points: Vec<SeriesPoint> = Vec::new();
-    let mut span = width.saturating_mul(limit as i64 + 1);
-    while lo < hi && points.len() <= limit {
+    let wanted = limit.saturating_add(1);
+    let mut found: Vec<((i64, String), Sums)> = Vec::new();
+    let mut buckets = FIRST_WINDOW_BUCKETS.min(wanted as i64);
+    let (mut scanned, mut seen) = (0i64, 0usize);
+    while lo < hi && found.len() < wanted {
+        let span = width.saturating_mul(buckets);
         let (start, end) = match order {
             Order::OldestFirst => (lo, hi.min(ceil_to(lo, width).saturating_add(span))),
             Order::NewestFirst => (lo.max(floor_to(hi, width).saturating_sub(span)), hi),
@@ -1041,37 +1062,53 @@ fn page(
             end_ms: Some(end),
             ..filter.clone()
         };
-        let mut found = series(
+        let mut sums: Vec<_> = aggregate(
             conn,
             &window,
-            granularity,
+            Some(granularity),
             group_by,
             Sources::HourlyAndDaily,
-        )?;
+        )?
+        .into_iter()
+        .filter(|((b, g), _)| after.is_none_or(|c| is_after(*b, g, c, order)))
+        .collect();
         if order == Order::NewestFirst {
-            sort_newest_first(&mut found);
+            sums.sort_by(|((a, g), _), ((b, h), _)| b.cmp(a).then_with(|| g.cmp(h)));
         }
-        points.extend(
-            found
-                .into_iter()
-                .filter(|p| after.is_none_or(|c| is_after(p, c, order))),
-        );
+        let needed = wanted - found.len();
+        let here = sums.len();
+        found.extend(sums);
+        scanned += (end - start).div_euclid(width).max(1);
+        seen += here;
+        let estimate = if seen == 0 {
+            buckets.saturating_mul(2)
+        } else {
+            // The buckets the rest needs at the density seen so far, and a quarter more.
+            let per_bucket = seen as f64 / scanned as f64;
+            ((wanted - found.len().min(wanted)) as f64 / per_bucket * 1.25).ceil() as i64 + 1
+        };
+        buckets = if here * 2 < needed {
+            estimate.max(buckets.saturating_mul(2))
+        } else {
+            estimate
+        };
         match order {
             Order::OldestFirst => lo = end,
             Order::NewestFirst => hi = start,
         }
-        span = span.saturating_mul(2);
     }
-    let next = (points.len() > limit).then(|| {
-        points.truncate(limit);
-        points.last().map(|p| Cursor {
-            start_ms: p.start_ms,
-            group_key: p.group_key.clone(),
-        })
-    });
+    let more = found.len() > limit;
+    found.truncate(limit);
+    let next = more
+        .then(|| found.last())
+        .flatten()
+        .map(|((start_ms, group_key), _)| Cursor {
+            start_ms: *start_ms,
+            group_key: group_key.clone(),
+        });
     Ok(Page {
-        points,
-        next: next.flatten(),
+        points: labelled(conn, group_by, found)?,
+        next,
     })
 }
 
