@@ -5,13 +5,16 @@
 # neighbours' load and these do not (within about 2 %). Each proxy runs under callgrind in front
 # of the same mock (deploy/local/run.sh: control plane, mock, and Sluice with every feature on,
 # its log line at info written to a file); after a warm-up the counters are zeroed, one
-# connection sends requests back to back for the duration, and the counters are dumped, so
-# start-up and idle time do not count. It prints both figures, their ratio, and each profile's
-# most expensive functions (self cost per request). Kernel time is not counted: compare CPU
-# time with ./e2e/bench-cpu.sh --bare.
+# connection (or --connections N) sends requests back to back for the duration, and the
+# counters are dumped, so start-up and idle time do not count. Sluice runs with its usage spool (a data dir), as
+# deploy/local/run.sh and ./e2e/bench-cpu.sh run it; --no-spool leaves it out. It prints both
+# figures, their ratio, and each profile's most expensive functions (self cost per request).
+# Kernel time is not counted: compare CPU time with ./e2e/bench-cpu.sh --bare.
 #
 #   ./e2e/bench-callgrind.sh                   # target/release, 10 s each, top 25 functions
 #   ./e2e/bench-callgrind.sh --bin-dir DIR --seconds 20 --top 40 --keep OUT   # keeps OUT.*.cg
+#   ./e2e/bench-callgrind.sh --no-spool        # Sluice without its usage spool
+#   ./e2e/bench-callgrind.sh --connections 32  # at saturation: requests share wake-ups and writes
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
 # examples/bare_proxy. Uses ports 28080-28091, 25051 and 29090. Needs valgrind and python3.
@@ -22,13 +25,17 @@ bin="$root/target/release"
 seconds=10
 top=25
 keep=""
+spool=1
+connections=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin-dir) bin=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     --top) top=$2; shift 2 ;;
     --keep) keep=$2; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --no-spool) spool=""; shift ;;
+    --connections) connections=$2; shift 2 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "bench-callgrind: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -60,7 +67,7 @@ wait_http() { # url
 SLUICE_DATAPLANE_TOKEN=$(cat "$data/dataplane-token") RUST_LOG=${RUST_LOG:-info} \
   valgrind --tool=callgrind --callgrind-out-file="$out.sluice.cg" \
   "$bin/sluice-proxy" --control-plane http://127.0.0.1:25051 --listen 127.0.0.1:28090 \
-  --node-id callgrind 2> "$data/sluice.log" &
+  --node-id callgrind ${spool:+--data-dir "$data/callgrind-proxy"} 2> "$data/sluice.log" &
 pids+=($!)
 sluice=$!
 valgrind --tool=callgrind --callgrind-out-file="$out.bare.cg" \
@@ -72,7 +79,7 @@ wait_http http://127.0.0.1:28091/v1/models
 
 drive() { # port duration [saturate]
   "$bin/sluice-bench" load --url "http://127.0.0.1:$1/v1" --key "$key" --model gpt-4o-mini \
-    --saturate --connections 1 --duration "$2" --warmup 0s --segments 1 --timeout 30s
+    --saturate --connections "$connections" --duration "$2" --warmup 0s --segments 1 --timeout 30s
 }
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 for side in "sluice 28090 $sluice" "bare 28091 $bare"; do

@@ -8,11 +8,12 @@
 //! to wait yields once, so that the other requests its thread serves in the same pass of the
 //! scheduler append theirs; then it writes the whole batch with one plain `write` and wakes
 //! them. Under load one system call carries many entries; a process crash still loses nothing
-//! a request went on after.
+//! a request went on after. When no other request of the thread is in flight, nothing could
+//! join the batch, and the first request writes at once without yielding.
 //!
 //! [`SpoolOptions::segment_bytes`]: super::SpoolOptions::segment_bytes
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io::Write;
@@ -64,8 +65,8 @@ struct LaneState {
     /// Closed segments, oldest first.
     closed: VecDeque<Segment>,
     /// Requests started and not finished: the frame of their latest start, to carry into
-    /// every new segment.
-    open: HashMap<u64, Vec<u8>>,
+    /// every new segment. Request numbers only grow: a B-tree keeps them without hashing.
+    open: BTreeMap<u64, Vec<u8>>,
     next_request: u64,
     next_segment: u64,
     /// Frames appended and not written yet, in order.
@@ -95,7 +96,7 @@ impl Lane {
         let mut state = LaneState {
             current: None,
             closed: VecDeque::new(),
-            open: HashMap::new(),
+            open: BTreeMap::new(),
             next_request: 1,
             next_segment: 1,
             batch: Vec::with_capacity(16 * 1024),
@@ -180,6 +181,20 @@ impl Lane {
             upto,
             ticket: None,
         }
+    }
+
+    /// Writes the batch under `state`, wakes whoever waits for it once the lock is released,
+    /// and says whether the frame at `upto` was written.
+    fn write_and_wake(
+        &self,
+        mut state: std::sync::MutexGuard<'_, LaneState>,
+        upto: u64,
+    ) -> Result<(), Unwritten> {
+        let waiting = state.write_batch(self.index, &self.shared);
+        let outcome = state.outcome(upto);
+        drop(state);
+        waiting.into_iter().for_each(Waker::wake);
+        outcome
     }
 
     /// Writes the batch now, if there is one, and wakes whoever waits for it.
@@ -405,16 +420,11 @@ impl Written {
         let Some(lane) = self.lane.take() else {
             return Ok(());
         };
-        let mut state = lane.lock();
-        let waiting = if state.done < self.upto {
-            state.write_batch(lane.index, &lane.shared)
-        } else {
-            Vec::new()
-        };
-        let outcome = state.outcome(self.upto);
-        drop(state);
-        waiting.into_iter().for_each(Waker::wake);
-        outcome
+        let state = lane.lock();
+        if state.done >= self.upto {
+            return state.outcome(self.upto);
+        }
+        lane.write_and_wake(state, self.upto)
     }
 }
 
@@ -432,14 +442,16 @@ impl Future for Written {
             return Poll::Ready(state.outcome(this.upto));
         }
         match (state.leader, this.ticket) {
+            // Second poll of the writer: the requests ready in this pass have appended. Or no
+            // other request of this thread is in flight to add to the batch, and waiting for
+            // them would only cost another pass of the scheduler.
             (Some(leader), Some(ticket)) if leader == ticket => {
-                // Second poll of the writer: the requests ready in this pass have appended.
-                let waiting = state.write_batch(lane.index, &lane.shared);
-                let outcome = state.outcome(this.upto);
-                drop(state);
-                waiting.into_iter().for_each(Waker::wake);
                 this.lane = None;
-                Poll::Ready(outcome)
+                Poll::Ready(lane.write_and_wake(state, this.upto))
+            }
+            (None, _) if state.open.len() <= 1 => {
+                this.lane = None;
+                Poll::Ready(lane.write_and_wake(state, this.upto))
             }
             (None, _) => {
                 // Take the job and let the other ready requests run first.
@@ -503,6 +515,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = spool(dir.path());
         let lane = spool.lane(0).unwrap();
+        // A request of the thread in flight already: the others may join a batch.
+        let mut running = None;
+        lane.start(&mut running, &mut UsageRecord::default())
+            .unwrap()
+            .now()
+            .unwrap();
         let batches_before = lane.lock().next_ticket;
         let tasks: Vec<_> = (0..8)
             .map(|i| {
@@ -529,7 +547,28 @@ mod tests {
             1,
             "eight requests ready in one pass, one write"
         );
-        assert_eq!(lane.in_flight(), 8);
+        assert_eq!(lane.in_flight(), 9);
+    }
+
+    #[test]
+    fn a_request_alone_on_its_thread_writes_without_yielding() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = spool(dir.path());
+        let lane = spool.lane(0).unwrap();
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut spooled = None;
+        let mut record = UsageRecord {
+            request_id: "alone".into(),
+            ..Default::default()
+        };
+        let mut written = lane.start(&mut spooled, &mut record).unwrap();
+        assert_eq!(Pin::new(&mut written).poll(&mut cx), Poll::Ready(Ok(())));
+        assert!(contains(&segment_bytes(&lane), "alone"));
+        // Its finish: no other request in flight either.
+        let mut written = lane.finish(spooled, &mut record);
+        assert_eq!(Pin::new(&mut written).poll(&mut cx), Poll::Ready(Ok(())));
+        assert_eq!(lane.in_flight(), 0);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -548,11 +587,11 @@ mod tests {
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         let mut writer = start("the-writer");
+        let mut other = start("the-other");
         assert!(
             Pin::new(&mut writer).poll(&mut cx).is_pending(),
             "it yields first"
         );
-        let mut other = start("the-other");
         assert!(
             Pin::new(&mut other).poll(&mut cx).is_pending(),
             "it waits for the writer"
