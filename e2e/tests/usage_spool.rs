@@ -377,13 +377,16 @@ async fn two_replicas_on_one_data_directory_are_refused_with_a_clear_error() {
         .unwrap();
     assert!(!status.success());
     let pid = first.child.id().unwrap();
-    let output = second.output().join("\n");
-    assert!(
-        output.contains(&format!(
-            "is in use by another sluice-proxy (pid {pid}): every replica needs a data directory of its own"
-        )),
-        "{output}"
+    // The process has exited; its last lines may still be on their way from the pipe.
+    let expected = format!(
+        "is in use by another sluice-proxy (pid {pid}): every replica needs a data directory of its own"
     );
+    second
+        .wait_for_line(&expected, Duration::from_secs(10), |line| {
+            line.contains(&expected).then_some(())
+        })
+        .await
+        .unwrap();
     // The first one is unharmed.
     assert_eq!(
         first
