@@ -149,8 +149,9 @@ pub struct BackendAddArgs {
     /// Add the backend disabled.
     #[arg(long)]
     pub disabled: bool,
-    /// A model it serves: NAME[:UPSTREAM[:IN_PRICE:OUT_PRICE]], prices in $ per
-    /// million tokens; repeat for each model.
+    /// A model it serves: NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE]:OUT_PRICE]], prices in $
+    /// per million tokens (CACHED_PRICE for prompt tokens read from the provider's cache,
+    /// default IN_PRICE); repeat for each model.
     #[arg(long = "model", value_name = "SPEC", value_parser = parse_model_route)]
     pub models: Vec<pb::ModelRoute>,
     #[command(flatten)]
@@ -181,7 +182,8 @@ pub struct BackendUpdateArgs {
     /// Enable the backend.
     #[arg(long)]
     pub enabled: bool,
-    /// Replaces the whole model list: NAME[:UPSTREAM[:IN_PRICE:OUT_PRICE]], repeatable.
+    /// Replaces the whole model list: NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE]:OUT_PRICE]],
+    /// repeatable.
     #[arg(long = "model", value_name = "SPEC", value_parser = parse_model_route)]
     pub models: Vec<pb::ModelRoute>,
     #[command(flatten)]
@@ -231,6 +233,8 @@ pub enum KeyCommand {
         /// answer 401 saying it expired. Must be in the future. Default: never.
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
         expires: Option<SystemTime>,
+        #[command(flatten)]
+        budget: BudgetArgs,
     },
     /// List client keys (their prefixes, never the keys).
     #[command(alias = "ls")]
@@ -276,6 +280,39 @@ pub struct KeyUpdateArgs {
     /// New expiry (RFC 3339, or a date: midnight UTC; must be in the future), or `never`.
     #[arg(long, value_name = "TIME|never", value_parser = parse_expiry)]
     pub expires: Option<Expiry>,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
+}
+
+/// A key's budget: `--max-budget` and `--budget-period`.
+#[derive(Debug, Args)]
+pub struct BudgetArgs {
+    /// Spend allowed per budget period, in the currency of the route prices; 0 removes the budget.
+    #[arg(long, value_name = "AMOUNT")]
+    pub max_budget: Option<f64>,
+    /// When spend starts again from zero, at 00:00 UTC (weekly: Mondays, monthly: the 1st);
+    /// none: never (default at creation).
+    #[arg(long, value_enum, value_name = "PERIOD")]
+    pub budget_period: Option<BudgetPeriodArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BudgetPeriodArg {
+    None,
+    Daily,
+    Weekly,
+    Monthly,
+}
+
+impl From<BudgetPeriodArg> for pb::BudgetPeriod {
+    fn from(period: BudgetPeriodArg) -> Self {
+        match period {
+            BudgetPeriodArg::None => pb::BudgetPeriod::Unspecified,
+            BudgetPeriodArg::Daily => pb::BudgetPeriod::Daily,
+            BudgetPeriodArg::Weekly => pb::BudgetPeriod::Weekly,
+            BudgetPeriodArg::Monthly => pb::BudgetPeriod::Monthly,
+        }
+    }
 }
 
 /// `--expires` of `key update`.
@@ -467,7 +504,7 @@ impl From<GranularityArg> for pb::Granularity {
     }
 }
 
-const MODEL_FORMAT: &str = "expected NAME[:UPSTREAM[:IN_PRICE:OUT_PRICE]]";
+const MODEL_FORMAT: &str = "expected NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE]:OUT_PRICE]]";
 
 /// Parses `NAME[:UPSTREAM[:IN_PRICE:OUT_PRICE]]`. An upstream name may contain
 /// `:` (`llama3:8b`) only when both prices follow, so that a mistyped price is
@@ -489,11 +526,16 @@ pub fn parse_model_route(spec: &str) -> Result<pb::ModelRoute, String> {
     let mut route = pb::ModelRoute {
         name: name.trim().to_owned(),
         upstream_name: upstream.trim().to_owned(),
-        input_price_per_mtok: 0.0,
-        output_price_per_mtok: 0.0,
+        ..Default::default()
     };
     if let Some((input, output)) = prices {
+        // IN_PRICE may be `IN/CACHED`: the price of prompt tokens read from the cache.
+        let (input, cached) = match input.split_once('/') {
+            Some((input, cached)) => (input, Some(parse_price(cached)?)),
+            None => (input, None),
+        };
         route.input_price_per_mtok = parse_price(input)?;
+        route.cached_input_price_per_mtok = cached;
         route.output_price_per_mtok = parse_price(output)?;
     }
     if route.name.is_empty() {
@@ -585,6 +627,7 @@ mod tests {
             upstream_name: upstream.into(),
             input_price_per_mtok: input,
             output_price_per_mtok: output,
+            ..Default::default()
         }
     }
 
@@ -610,6 +653,26 @@ mod tests {
             parse_model_route("llama:llama3:8b:0:0").unwrap(),
             route("llama", "llama3:8b", 0.0, 0.0)
         );
+    }
+
+    #[test]
+    fn a_cached_input_price_follows_the_input_price() {
+        let route = parse_model_route("gpt-4o:gpt-4o:2.5/1.25:10").unwrap();
+        assert_eq!(
+            (
+                route.input_price_per_mtok,
+                route.cached_input_price_per_mtok,
+                route.output_price_per_mtok
+            ),
+            (2.5, Some(1.25), 10.0)
+        );
+        assert_eq!(
+            parse_model_route("gpt-4o:gpt-4o:2.5:10")
+                .unwrap()
+                .cached_input_price_per_mtok,
+            None
+        );
+        assert!(parse_model_route("gpt-4o:gpt-4o:2.5/x:10").is_err());
     }
 
     #[test]

@@ -210,7 +210,13 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
         ("updated", when(backend.update_time.as_ref(), now)),
     ]);
     let models = grid(
-        &["MODEL", "UPSTREAM", "INPUT $/MTOK", "OUTPUT $/MTOK"],
+        &[
+            "MODEL",
+            "UPSTREAM",
+            "INPUT $/MTOK",
+            "CACHED $/MTOK",
+            "OUTPUT $/MTOK",
+        ],
         backend
             .models
             .iter()
@@ -219,11 +225,15 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
                     model.name.clone(),
                     model.upstream_name.clone(),
                     model.input_price_per_mtok.to_string(),
+                    model
+                        .cached_input_price_per_mtok
+                        .unwrap_or(model.input_price_per_mtok)
+                        .to_string(),
                     model.output_price_per_mtok.to_string(),
                 ]
             })
             .collect(),
-        &[2, 3],
+        &[2, 3, 4],
     );
     format!("{summary}\n\n{models}")
 }
@@ -244,15 +254,18 @@ pub fn client_keys(response: &pb::ListClientKeysResponse) -> String {
                 format!("{}…", key.key_prefix),
                 allowed_models(&key.allowed_models),
                 limit(key.rpm_limit),
+                spend_of(key),
                 key_status(key, now),
                 time::relative(key.create_time.as_ref(), now),
             ]
         })
         .collect();
     grid(
-        &["NAME", "ID", "PREFIX", "MODELS", "RPM", "STATUS", "CREATED"],
+        &[
+            "NAME", "ID", "PREFIX", "MODELS", "RPM", "SPEND", "STATUS", "CREATED",
+        ],
         rows,
-        &[4],
+        &[4, 5],
     )
 }
 
@@ -266,6 +279,30 @@ fn key_status(key: &pb::ClientKey, now: SystemTime) -> String {
         format!("expires {}", time::relative(key.expire_time.as_ref(), now))
     } else {
         "active".to_owned()
+    }
+}
+
+/// A key's budget period as a word.
+fn budget_period(period: i32) -> &'static str {
+    match pb::BudgetPeriod::try_from(period) {
+        Ok(pb::BudgetPeriod::Daily) => "daily",
+        Ok(pb::BudgetPeriod::Weekly) => "weekly",
+        Ok(pb::BudgetPeriod::Monthly) => "monthly",
+        _ => "lifetime",
+    }
+}
+
+/// `0.1234 / 50 monthly`, or the spend alone when the key has no budget.
+fn spend_of(key: &pb::ClientKey) -> String {
+    if key.max_budget > 0.0 {
+        format!(
+            "{} / {} {}",
+            cost(key.spend, ""),
+            key.max_budget,
+            budget_period(key.budget_period)
+        )
+    } else {
+        cost(key.spend, "")
     }
 }
 
@@ -283,6 +320,31 @@ pub fn client_key(key: Option<&pb::ClientKey>) -> String {
         ("rpm limit", limit(key.rpm_limit)),
         ("status", key_status(key, now)),
         ("expires", when(key.expire_time.as_ref(), now)),
+        (
+            "budget",
+            if key.max_budget > 0.0 {
+                format!("{} {}", key.max_budget, budget_period(key.budget_period))
+            } else {
+                "-".to_owned()
+            },
+        ),
+        (
+            "spend",
+            format!(
+                "{} ({} period)",
+                cost(key.spend, ""),
+                budget_period(key.budget_period)
+            ),
+        ),
+        (
+            "remaining",
+            if key.max_budget > 0.0 {
+                cost(key.remaining_budget, "")
+            } else {
+                "-".to_owned()
+            },
+        ),
+        ("resets", when(key.budget_reset_time.as_ref(), now)),
         ("created", when(key.create_time.as_ref(), now)),
     ])
 }
@@ -546,6 +608,7 @@ mod tests {
                 upstream_name: "gpt-4o-mini-2024".into(),
                 input_price_per_mtok: 0.15,
                 output_price_per_mtok: 0.6,
+                ..Default::default()
             }],
             rpm_limit: 500,
             enabled: true,

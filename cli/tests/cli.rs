@@ -541,6 +541,38 @@ async fn a_key_is_shown_and_updated_without_being_reissued() {
     let shown = h.ctl(&["key", "get", "team-a"]).await;
     assert!(shown.ok().contains("active"), "{shown:#?}");
 
+    // A monthly budget: the listing shows spend against it, `get` what remains and when
+    // the period resets.
+    h.ctl(&[
+        "key",
+        "update",
+        "team-a",
+        "--max-budget",
+        "50",
+        "--budget-period",
+        "monthly",
+    ])
+    .await
+    .ok();
+    let list = h.ctl(&["key", "list"]).await;
+    let row = list
+        .ok()
+        .lines()
+        .find(|l| l.starts_with("team-a"))
+        .unwrap()
+        .to_owned();
+    assert!(row.contains("0.0000 / 50 monthly"), "{row}");
+    let shown = h.ctl(&["key", "get", "team-a"]).await;
+    let text = shown.ok();
+    assert!(text.contains("remaining"), "{text}");
+    let resets = text.lines().find(|l| l.starts_with("resets")).unwrap();
+    assert!(
+        resets.contains("-01T00:00:00Z"),
+        "the 1st of next month: {resets}"
+    );
+    let bad = h.ctl(&["key", "update", "team-a", "--max-budget=-5"]).await;
+    assert!(bad.one_line_error().contains("max_budget"), "{bad:#?}");
+
     // Nothing to change is a usage error before any call; an unknown key is named.
     let nothing = h.ctl(&["key", "update", "team-a"]).await;
     assert_eq!(nothing.code, 2, "{nothing:#?}");

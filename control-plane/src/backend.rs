@@ -15,12 +15,14 @@ fn pool(value: i32) -> Result<Pool, ValidationError> {
 }
 
 /// A model served by a backend: public name, upstream name, prices per million tokens.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ModelRoute {
     pub name: String,
     pub upstream_name: String,
     pub input_price_per_mtok: f64,
     pub output_price_per_mtok: f64,
+    /// Prompt tokens read from the provider's cache; `None` charges the input price.
+    pub cached_input_price_per_mtok: Option<f64>,
 }
 
 /// Everything an operator sets on a backend except its API key.
@@ -133,6 +135,10 @@ impl BackendSpec {
             for (price, what) in [
                 (model.input_price_per_mtok, "input_price_per_mtok"),
                 (model.output_price_per_mtok, "output_price_per_mtok"),
+                (
+                    model.cached_input_price_per_mtok.unwrap_or(0.0),
+                    "cached_input_price_per_mtok",
+                ),
             ] {
                 if !price.is_finite() || price < 0.0 {
                     return Err(ValidationError::new(
@@ -197,6 +203,7 @@ impl ModelRoute {
             upstream_name: model.upstream_name.clone(),
             input_price_per_mtok: model.input_price_per_mtok,
             output_price_per_mtok: model.output_price_per_mtok,
+            cached_input_price_per_mtok: model.cached_input_price_per_mtok,
         }
     }
 
@@ -206,6 +213,7 @@ impl ModelRoute {
             upstream_name: self.upstream_name.clone(),
             input_price_per_mtok: self.input_price_per_mtok,
             output_price_per_mtok: self.output_price_per_mtok,
+            cached_input_price_per_mtok: self.cached_input_price_per_mtok,
         }
     }
 }
@@ -281,6 +289,7 @@ mod tests {
                 upstream_name: String::new(),
                 input_price_per_mtok: 0.15,
                 output_price_per_mtok: 0.6,
+                ..Default::default()
             }],
             rpm_limit: 500,
             enabled: true,
@@ -359,6 +368,14 @@ mod tests {
         let mut nan = spec();
         nan.models[0].input_price_per_mtok = f64::NAN;
         assert!(nan.validated().is_err());
+        let mut cached = spec();
+        cached.models[0].cached_input_price_per_mtok = Some(-0.5);
+        assert_eq!(
+            cached.clone().validated().unwrap_err().field,
+            "backend.models[0].cached_input_price_per_mtok"
+        );
+        cached.models[0].cached_input_price_per_mtok = Some(0.075);
+        assert!(cached.validated().is_ok());
     }
 
     #[test]

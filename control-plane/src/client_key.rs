@@ -4,6 +4,7 @@
 use rand::RngCore as _;
 use sluice_proto::v1 as pb;
 
+use crate::budget::BudgetPeriod;
 use crate::validation::{ValidationError, check_model_name, check_name, not_updatable};
 
 const PREFIX: &str = "sk-sluice-";
@@ -28,20 +29,35 @@ pub struct ClientKey {
     pub revoke_time_ms: Option<i64>,
     /// From this instant (Unix ms, the control plane's clock) the key is refused as expired.
     pub expire_time_ms: Option<i64>,
+    /// Spend allowed per period in nano-units; 0 means no budget.
+    pub max_budget_nanos: u64,
+    pub budget_period: BudgetPeriod,
 }
 
 /// The fields of a key an operator sets: what a create asks for, and what an update
 /// changes (`apply_mask`) on a stored key's current values (`of`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct NewClientKey {
     pub name: String,
     pub allowed_models: Vec<String>,
     pub rpm_limit: u32,
     pub expire_time_ms: Option<i64>,
+    pub max_budget_nanos: u64,
+    pub budget_period: BudgetPeriod,
 }
 
+/// The largest budget, in the currency: far below where nano-units would overflow.
+pub const MAX_BUDGET: f64 = 1e9;
+
 /// The fields `UpdateClientKey` may change, as named in its `update_mask`.
-pub const UPDATABLE_FIELDS: &[&str] = &["name", "allowed_models", "rpm_limit", "expire_time"];
+pub const UPDATABLE_FIELDS: &[&str] = &[
+    "name",
+    "allowed_models",
+    "rpm_limit",
+    "expire_time",
+    "max_budget",
+    "budget_period",
+];
 
 impl NewClientKey {
     /// The request, trimmed and checked; `now_ms` is the control plane's clock, which an
@@ -81,6 +97,8 @@ impl NewClientKey {
             allowed_models: key.allowed_models.clone(),
             rpm_limit: key.rpm_limit,
             expire_time_ms: key.expire_time_ms,
+            max_budget_nanos: key.max_budget_nanos,
+            budget_period: key.budget_period,
         }
     }
 
@@ -102,11 +120,26 @@ impl NewClientKey {
                         update.expire_time.as_ref().map(crate::time::timestamp_ms);
                     check_expiry(self.expire_time_ms, now_ms)?;
                 }
+                "max_budget" => self.max_budget_nanos = budget_nanos(update.max_budget)?,
+                "budget_period" => {
+                    self.budget_period = BudgetPeriod::from_proto(update.budget_period)?
+                }
                 other => return Err(not_updatable(other, UPDATABLE_FIELDS)),
             }
         }
         Ok(())
     }
+}
+
+/// A budget as the API gives it (currency), in nano-units.
+pub fn budget_nanos(max_budget: f64) -> Result<u64, ValidationError> {
+    if !max_budget.is_finite() || !(0.0..=MAX_BUDGET).contains(&max_budget) {
+        return Err(ValidationError::new(
+            "max_budget",
+            format!("must be a number from 0 (no budget) to {MAX_BUDGET}"),
+        ));
+    }
+    Ok(sluice_domain::price::to_nanos(max_budget))
 }
 
 fn check_expiry(expire_time_ms: Option<i64>, now_ms: i64) -> Result<(), ValidationError> {
@@ -139,8 +172,10 @@ impl ClientKey {
         self.expire_time_ms.is_some_and(|expire| expire <= now_ms)
     }
 
-    /// The key as the admin API shows it at `now_ms`.
-    pub fn to_proto(&self, now_ms: i64) -> pb::ClientKey {
+    /// The key as the admin API shows it at `now_ms`, having spent `spend_nanos` in the
+    /// period holding `now_ms`.
+    pub fn to_proto(&self, now_ms: i64, spend_nanos: u64) -> pb::ClientKey {
+        use sluice_domain::price::from_nanos;
         pb::ClientKey {
             id: self.id.clone(),
             name: self.name.clone(),
@@ -152,6 +187,14 @@ impl ClientKey {
             revoke_time: self.revoke_time_ms.map(crate::time::timestamp),
             expire_time: self.expire_time_ms.map(crate::time::timestamp),
             expired: self.expired_at(now_ms),
+            max_budget: from_nanos(self.max_budget_nanos),
+            budget_period: self.budget_period.to_proto() as i32,
+            spend: from_nanos(spend_nanos),
+            remaining_budget: from_nanos(self.max_budget_nanos.saturating_sub(spend_nanos)),
+            budget_reset_time: self
+                .budget_period
+                .period_of(now_ms)
+                .map(|(_, end)| crate::time::timestamp(end)),
         }
     }
 }
@@ -179,6 +222,7 @@ mod tests {
             allowed_models: vec!["gpt-4o".into(), " gpt-4o ".into()],
             rpm_limit: 0,
             expire_time_ms: None,
+            ..NewClientKey::default()
         }
         .validated(0)
         .unwrap();
@@ -190,6 +234,7 @@ mod tests {
                 allowed_models: vec!["a b".into()],
                 rpm_limit: 0,
                 expire_time_ms: None,
+                ..Default::default()
             }
             .validated(0)
             .is_err()
@@ -203,6 +248,7 @@ mod tests {
             allowed_models: Vec::new(),
             rpm_limit: 0,
             expire_time_ms,
+            ..NewClientKey::default()
         };
         let err = new(Some(1_000)).validated(1_000).unwrap_err();
         assert!(err.to_string().contains("expire_time"), "{err}");

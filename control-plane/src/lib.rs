@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod budget;
 pub mod client_key;
 pub mod crypto;
 pub mod dashboard;

@@ -12,6 +12,7 @@ mod backends;
 mod client_keys;
 mod cooldowns;
 mod data_planes;
+mod key_spend;
 mod settings;
 pub mod sql_functions;
 mod usage;
@@ -138,6 +139,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0007_usage_hourly_pool.sql"),
     include_str!("../../migrations/0008_affinity_keys.sql"),
     include_str!("../../migrations/0009_usage_token_details.sql"),
+    include_str!("../../migrations/0010_key_budgets.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

@@ -7,7 +7,7 @@ use sluice_proto::limits::{MAX_ID_BYTES, MAX_MODEL_NAME_BYTES, OTHER_MODEL};
 use sluice_proto::v1 as pb;
 
 /// One finished request as the store aggregates it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct UsageRow {
     pub sequence: u64,
     pub backend_id: String,
@@ -24,7 +24,13 @@ pub struct UsageRow {
     pub is_error: bool,
     pub stream: bool,
     pub time_ms: i64,
+    /// What the replica computed the request cost, in nano-units (added to the key's spend).
+    pub cost_nanos: u64,
 }
+
+/// The most one record may add to a key's spend, in nano-units (a million in the currency):
+/// a record past it is counted at it, which keeps every sum far from overflowing.
+pub const MAX_COST_NANOS_PER_RECORD: u64 = 1_000_000 * 1_000_000_000;
 
 /// A model name a usage row may carry: what a route could be named (at most
 /// [`MAX_MODEL_NAME_BYTES`], no control characters).
@@ -79,6 +85,7 @@ impl From<&pb::UsageRecord> for UsageRow {
                 .time
                 .as_ref()
                 .map_or_else(crate::time::now_ms, crate::time::timestamp_ms),
+            cost_nanos: r.cost_nanos.min(MAX_COST_NANOS_PER_RECORD),
         }
     }
 }

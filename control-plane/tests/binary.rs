@@ -161,6 +161,7 @@ fn rotating_the_master_key_keeps_provider_keys_readable() {
                 upstream_name: "m".into(),
                 input_price_per_mtok: 0.0,
                 output_price_per_mtok: 0.0,
+                ..Default::default()
             }],
             rpm_limit: 0,
             enabled: true,

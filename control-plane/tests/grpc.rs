@@ -41,6 +41,7 @@ fn backend(name: &str) -> pb::Backend {
             upstream_name: "gpt-4o-mini-2024".into(),
             input_price_per_mtok: 0.15,
             output_price_per_mtok: 0.60,
+            ..Default::default()
         }],
         ..Default::default()
     }
@@ -259,6 +260,7 @@ async fn client_keys_are_shown_once_and_revocable() {
             allowed_models: vec!["gpt-4o-mini".into()],
             rpm_limit: 60,
             expire_time: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -364,6 +366,7 @@ async fn a_key_is_read_and_changed_in_place_without_being_reissued() {
             allowed_models: vec!["gpt-4o".into()],
             rpm_limit: 60,
             expire_time: at(now + 3_600),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -76,6 +76,7 @@ impl Harness {
                             upstream_name: model.into(),
                             input_price_per_mtok: input,
                             output_price_per_mtok: output,
+                            ..Default::default()
                         })
                         .collect(),
                     ..Default::default()
@@ -220,6 +221,7 @@ impl Rec {
             endpoint: 0,
             cached_prompt_tokens: self.prompt / 4,
             reasoning_tokens: self.completion / 5,
+            cost_nanos: 0,
         }
     }
 }
@@ -543,6 +545,7 @@ async fn cost_is_prompt_times_input_plus_completion_times_output_at_ingestion() 
                     upstream_name: "m1".into(),
                     input_price_per_mtok: 100.0,
                     output_price_per_mtok: 200.0,
+                    ..Default::default()
                 }],
                 ..Default::default()
             }),

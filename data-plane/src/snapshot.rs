@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use url::Url;
 
 pub use sluice_domain::pool::Pool;
+use sluice_domain::price::Prices;
 use sluice_domain::settings::InvalidDuration;
 pub use sluice_domain::settings::Policy;
 
@@ -166,6 +167,8 @@ pub struct Route {
     /// Index into [`Snapshot::backends`].
     pub backend: usize,
     pub upstream_model: String,
+    /// What a request served by this route costs.
+    pub prices: Prices,
 }
 
 /// A client key's identity and permissions.
@@ -275,6 +278,11 @@ impl Snapshot {
                     .push(Route {
                         backend: index,
                         upstream_model,
+                        prices: Prices::per_mtok(
+                            model.input_price_per_mtok,
+                            model.cached_input_price_per_mtok,
+                            model.output_price_per_mtok,
+                        ),
                     });
             }
             let until = match b.cooldown_remaining.as_ref().and_then(std_duration) {

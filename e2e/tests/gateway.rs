@@ -500,6 +500,20 @@ async fn usage_totals_match_the_mock_across_a_control_plane_restart() {
         (t.request_count, t.prompt_tokens, t.completion_tokens),
         (50, served.prompt_tokens, served.completion_tokens)
     );
+    // The key's spend is exactly those tokens at the route's prices ($1 in, $2 out per
+    // million: 1 000 and 2 000 nano-units a token), each request's cost computed by the
+    // replica and counted once across the restart and the resend.
+    let key = cluster
+        .admin()
+        .await
+        .get_client_key(pb::GetClientKeyRequest { id: "k".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    let nanos = served.prompt_tokens * 1_000 + served.completion_tokens * 2_000;
+    assert_eq!((key.spend * 1e9).round() as u64, nanos, "{key:?}");
 }
 
 #[tokio::test]

@@ -44,6 +44,7 @@ async fn metrics_and_request_logs_follow_the_traffic() {
             allowed_models: vec![],
             rpm_limit: 1,
             expire_time: None,
+            ..Default::default()
         })
         .await
         .unwrap()

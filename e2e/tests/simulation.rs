@@ -478,6 +478,7 @@ impl World {
                         upstream_name: "m".into(),
                         input_price_per_mtok: 1.0,
                         output_price_per_mtok: 2.0,
+                        ..Default::default()
                     }],
                     rpm_limit: RPM_LIMIT,
                     enabled: true,
@@ -614,6 +615,7 @@ impl World {
                 allowed_models: vec![],
                 rpm_limit: 0,
                 expire_time_ms: None,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -37,6 +37,7 @@ fn snapshot() -> pb::Snapshot {
                     upstream_name: format!("provider/model-{m}-2025-01-01-preview"),
                     input_price_per_mtok: 2.5,
                     output_price_per_mtok: 10.0,
+                    cached_input_price_per_mtok: Some(1.25),
                 })
                 .collect(),
             api_key: format!("sk-proj-{}", "x".repeat(156)),
@@ -123,6 +124,11 @@ fn the_supported_configuration_fits_every_message_limit() {
                 revoke_time: None,
                 expire_time: Some(pbjson_types::Timestamp::default()),
                 expired: true,
+                max_budget: 1e9,
+                budget_period: pb::BudgetPeriod::Monthly as i32,
+                spend: 1e9,
+                remaining_budget: 1e9,
+                budget_reset_time: Some(pbjson_types::Timestamp::default()),
             })
             .collect(),
     };
@@ -166,6 +172,7 @@ fn a_full_usage_batch_of_bounded_records_fits_the_report_limit() {
         endpoint: pb::Endpoint::Responses as i32,
         cached_prompt_tokens: u64::MAX,
         reasoning_tokens: u64::MAX,
+        cost_nanos: u64::MAX,
     };
     let one = record.encoded_len();
     eprintln!("largest usage record: {one} bytes");

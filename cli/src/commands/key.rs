@@ -16,12 +16,18 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
             allowed_models,
             rpm,
             expires,
+            budget,
         } => {
             let request = pb::CreateClientKeyRequest {
                 name,
                 allowed_models,
                 rpm_limit: rpm,
                 expire_time: expires.map(to_timestamp),
+                max_budget: budget.max_budget.unwrap_or(0.0),
+                budget_period: budget
+                    .budget_period
+                    .map_or(pb::BudgetPeriod::Unspecified, pb::BudgetPeriod::from)
+                    .into(),
             };
             let mut admin = connection.admin().await?;
             let response = connection.call(admin.create_client_key(request)).await?;
@@ -82,10 +88,18 @@ fn update_request(args: &KeyUpdateArgs) -> Result<pb::UpdateClientKeyRequest, Er
         };
         paths.push("expire_time");
     }
+    if let Some(max_budget) = args.budget.max_budget {
+        key.max_budget = max_budget;
+        paths.push("max_budget");
+    }
+    if let Some(period) = args.budget.budget_period {
+        key.budget_period = pb::BudgetPeriod::from(period).into();
+        paths.push("budget_period");
+    }
     if paths.is_empty() {
         return Err(Error::Usage(
             "nothing to update: give at least one of --name, --allow-model, --all-models, \
-             --rpm, --expires"
+             --rpm, --expires, --max-budget, --budget-period"
                 .to_owned(),
         ));
     }

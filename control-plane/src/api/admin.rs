@@ -9,7 +9,8 @@ use sluice_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
 use crate::backend::{BackendSpec, check_api_key};
-use crate::client_key::NewClientKey;
+use crate::budget::BudgetPeriod;
+use crate::client_key::{ClientKey, NewClientKey, budget_nanos};
 use crate::membership::Registry;
 use crate::snapshot::{self, Publisher};
 use crate::store::Store;
@@ -30,6 +31,19 @@ impl Admin {
             publisher,
             registry,
         }
+    }
+}
+
+impl Admin {
+    /// Keys as the API shows them: with what each spent in its current period.
+    async fn with_spend(&self, keys: Vec<ClientKey>) -> Result<Vec<pb::ClientKey>, Status> {
+        let now = crate::time::now_ms();
+        let spends = self.store.key_spends(keys.clone(), now).await?;
+        Ok(keys
+            .iter()
+            .zip(spends)
+            .map(|(key, spent)| key.to_proto(now, spent))
+            .collect())
     }
 }
 
@@ -148,6 +162,8 @@ impl AdminService for Admin {
             allowed_models: request.allowed_models,
             rpm_limit: request.rpm_limit,
             expire_time_ms: request.expire_time.as_ref().map(crate::time::timestamp_ms),
+            max_budget_nanos: budget_nanos(request.max_budget)?,
+            budget_period: BudgetPeriod::from_proto(request.budget_period)?,
         }
         .validated(crate::time::now_ms())?;
         let room = self
@@ -161,7 +177,7 @@ impl AdminService for Admin {
         room.committed(version);
         tracing::info!(client_key = %key.id, name = %key.name, "client key created");
         Ok(Response::new(pb::CreateClientKeyResponse {
-            client_key: Some(key.to_proto(crate::time::now_ms())),
+            client_key: Some(key.to_proto(crate::time::now_ms(), 0)),
             key: plaintext,
         }))
     }
@@ -172,10 +188,7 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::ListClientKeysResponse>, Status> {
         let keys = self.store.list_client_keys().await?;
         Ok(Response::new(pb::ListClientKeysResponse {
-            client_keys: {
-                let now = crate::time::now_ms();
-                keys.iter().map(|k| k.to_proto(now)).collect()
-            },
+            client_keys: self.with_spend(keys).await?,
         }))
     }
 
@@ -186,7 +199,7 @@ impl AdminService for Admin {
         let id = required_id("id", &request.into_inner().id)?;
         let key = self.store.get_client_key(id).await?;
         Ok(Response::new(pb::GetClientKeyResponse {
-            client_key: Some(key.to_proto(crate::time::now_ms())),
+            client_key: self.with_spend(vec![key]).await?.pop(),
         }))
     }
 
@@ -225,7 +238,7 @@ impl AdminService for Admin {
         room.committed(version);
         tracing::info!(client_key = %key.id, "client key updated");
         Ok(Response::new(pb::UpdateClientKeyResponse {
-            client_key: Some(key.to_proto(crate::time::now_ms())),
+            client_key: self.with_spend(vec![key]).await?.pop(),
         }))
     }
 

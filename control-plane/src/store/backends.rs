@@ -180,8 +180,9 @@ fn seal(key: &MasterKey, id: &str, api_key: &str) -> Result<(Option<Vec<u8>>, St
 fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Result<(), StoreError> {
     let mut stmt = tx.prepare(
         "INSERT INTO backend_models (backend_id, position, name, upstream_name,
-                                     input_price_per_mtok, output_price_per_mtok)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                                     input_price_per_mtok, output_price_per_mtok,
+                                     cached_input_price_per_mtok)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
     for (position, m) in models.iter().enumerate() {
         stmt.execute(params![
@@ -190,7 +191,8 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
             m.name,
             m.upstream_name,
             m.input_price_per_mtok,
-            m.output_price_per_mtok
+            m.output_price_per_mtok,
+            m.cached_input_price_per_mtok
         ])?;
     }
     Ok(())
@@ -262,7 +264,8 @@ fn load_backend(conn: &Connection, id: &str) -> Result<Backend, StoreError> {
             id: id.to_owned(),
         })?;
     let mut stmt = conn.prepare_cached(
-        "SELECT name, upstream_name, input_price_per_mtok, output_price_per_mtok
+        "SELECT name, upstream_name, input_price_per_mtok, output_price_per_mtok,
+                cached_input_price_per_mtok
          FROM backend_models WHERE backend_id = ?1 ORDER BY position",
     )?;
     backend.spec.models = stmt
@@ -272,6 +275,7 @@ fn load_backend(conn: &Connection, id: &str) -> Result<Backend, StoreError> {
                 upstream_name: r.get(1)?,
                 input_price_per_mtok: r.get(2)?,
                 output_price_per_mtok: r.get(3)?,
+                cached_input_price_per_mtok: r.get(4)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -287,7 +291,8 @@ fn load_all(conn: &Connection) -> Result<Vec<Backend>, StoreError> {
             .collect::<Result<_, _>>()?
     };
     let mut stmt = conn.prepare_cached(
-        "SELECT backend_id, name, upstream_name, input_price_per_mtok, output_price_per_mtok
+        "SELECT backend_id, name, upstream_name, input_price_per_mtok, output_price_per_mtok,
+                cached_input_price_per_mtok
          FROM backend_models ORDER BY backend_id, position",
     )?;
     let mut by_backend: std::collections::HashMap<String, Vec<ModelRoute>> =
@@ -300,6 +305,7 @@ fn load_all(conn: &Connection) -> Result<Vec<Backend>, StoreError> {
                 upstream_name: r.get(2)?,
                 input_price_per_mtok: r.get(3)?,
                 output_price_per_mtok: r.get(4)?,
+                cached_input_price_per_mtok: r.get(5)?,
             },
         ))
     })?;

@@ -3,7 +3,9 @@
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 
+use super::key_spend::nanos_to_db;
 use super::{Store, StoreError, WriteOp, bump_version, new_id, unique_violation};
+use crate::budget::BudgetPeriod;
 use crate::client_key::{self, ClientKey, NewClientKey};
 use crate::time::now_ms;
 use crate::validation::ValidationError;
@@ -29,13 +31,17 @@ impl Store {
                 create_time_ms: now_ms(),
                 revoke_time_ms: None,
                 expire_time_ms: new.expire_time_ms,
+                max_budget_nanos: new.max_budget_nanos,
+                budget_period: new.budget_period,
             };
             let models = serde_json::to_string(&key.allowed_models)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             tx.execute(
-                "INSERT INTO client_keys (id, name, key_prefix, key_sha256, allowed_models, rpm_limit, create_time, expire_time)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![key.id, key.name, key.key_prefix, key.key_sha256, models, key.rpm_limit, key.create_time_ms, key.expire_time_ms],
+                "INSERT INTO client_keys (id, name, key_prefix, key_sha256, allowed_models, rpm_limit, create_time, expire_time,
+                                          max_budget_nanos, budget_period)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![key.id, key.name, key.key_prefix, key.key_sha256, models, key.rpm_limit, key.create_time_ms, key.expire_time_ms,
+                        nanos_to_db(key.max_budget_nanos), key.budget_period.to_db()],
             )
             .map_err(|e| unique_violation(e, || format!("a client key named {:?} already exists", new.name)))?;
             let version = bump_version(&tx)?;
@@ -91,9 +97,11 @@ impl Store {
             // expiry that did not change.
             tx.execute(
                 "UPDATE client_keys SET name = ?2, allowed_models = ?3, rpm_limit = ?4, expire_time = ?5,
-                        expiry_published = CASE WHEN expire_time IS ?5 THEN expiry_published ELSE 0 END
+                        expiry_published = CASE WHEN expire_time IS ?5 THEN expiry_published ELSE 0 END,
+                        max_budget_nanos = ?6, budget_period = ?7
                  WHERE id = ?1",
-                params![id, fields.name, models, fields.rpm_limit, fields.expire_time_ms],
+                params![id, fields.name, models, fields.rpm_limit, fields.expire_time_ms,
+                        nanos_to_db(fields.max_budget_nanos), fields.budget_period.to_db()],
             )
             .map_err(|e| unique_violation(e, || format!("a client key named {:?} already exists", fields.name)))?;
             let version = bump_version(&tx)?;
@@ -169,7 +177,8 @@ fn resolve_key_id(conn: &Connection, id_or_name: &str) -> Result<String, StoreEr
     })
 }
 
-const SELECT_KEYS: &str = "SELECT id, name, key_prefix, key_sha256, allowed_models, rpm_limit, revoked, create_time, revoke_time, expire_time
+const SELECT_KEYS: &str = "SELECT id, name, key_prefix, key_sha256, allowed_models, rpm_limit, revoked, create_time, revoke_time, expire_time,
+            max_budget_nanos, budget_period
      FROM client_keys";
 
 pub(crate) fn load_keys(
@@ -209,6 +218,8 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ClientKey, String)> {
             create_time_ms: r.get(7)?,
             revoke_time_ms: r.get(8)?,
             expire_time_ms: r.get(9)?,
+            max_budget_nanos: r.get::<_, i64>(10)?.max(0) as u64,
+            budget_period: BudgetPeriod::from_db(r.get(11)?),
         },
         r.get(4)?,
     ))
@@ -237,6 +248,7 @@ mod tests {
                 allowed_models: Vec::new(),
                 rpm_limit: 0,
                 expire_time_ms: Some(now_ms() + 60_000),
+                ..NewClientKey::default()
             })
             .await
             .unwrap();
@@ -269,6 +281,7 @@ mod tests {
                 allowed_models: Vec::new(),
                 rpm_limit: 0,
                 expire_time_ms: Some(now_ms() + 60_000),
+                ..NewClientKey::default()
             })
             .await
             .unwrap();

@@ -460,6 +460,7 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
     let mut acked = Vec::with_capacity(batches.len());
     let mut fresh = 0u64;
     let mut hourly: BTreeMap<(i64, &str, &str, &str), Delta> = BTreeMap::new();
+    let mut spent: BTreeMap<(&str, i64), u64> = BTreeMap::new();
     for batch in batches {
         let sender = (batch.node_id.as_str(), batch.incarnation.as_str());
         let mark = match marks.get_mut(&sender) {
@@ -494,6 +495,12 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
                 .entry((hour, &r.backend_id, &r.model, &r.client_key_id))
                 .or_default()
                 .add_record(r);
+            if !r.client_key_id.is_empty() && r.cost_nanos > 0 {
+                let day = spent
+                    .entry((&r.client_key_id, crate::budget::day_start(r.time_ms)))
+                    .or_default();
+                *day = day.saturating_add(r.cost_nanos);
+            }
         }
         acked.push(Ok(mark.1));
     }
@@ -561,6 +568,7 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
                 .add(delta);
         }
     }
+    super::key_spend::add(&tx, &spent)?;
     let mut by_backend: BTreeMap<(i64, &str, i64), Delta> = BTreeMap::new();
     for (&(day, backend_id, _, _, pool), delta) in &daily {
         by_backend
@@ -1164,6 +1172,7 @@ mod tests {
             is_error: sequence.is_multiple_of(11),
             stream: sequence.is_multiple_of(3),
             time_ms,
+            ..Default::default()
         }
     }
 
@@ -1276,6 +1285,7 @@ mod tests {
                     upstream_name: "m1".into(),
                     input_price_per_mtok: 0.1 + f64::from(i),
                     output_price_per_mtok: 0.3,
+                    ..Default::default()
                 }],
                 rpm_limit: 0,
                 enabled: true,

@@ -19,6 +19,7 @@ use crate::metrics::{Held, Label, Metrics};
 use crate::snapshot::{Backend, Endpoint};
 use crate::spool::{Lane, Refused, Unwritten, Written};
 use crate::usage::UsageSink;
+use sluice_domain::price::Prices;
 
 /// The status recorded for a request whose client left before any response was sent
 /// (nginx's "client closed request").
@@ -37,6 +38,8 @@ pub struct Accounting {
     started: Instant,
     first_byte: Option<Duration>,
     backend_name: Option<Arc<str>>,
+    /// The prices of the route last attempted, which the record's cost is computed by.
+    prices: Prices,
     /// Whether `decorate` names the backend.
     expose_backend: bool,
     /// The requested model's name as the snapshot holds it, if a route serves it (only then
@@ -80,6 +83,7 @@ impl Accounting {
             started,
             first_byte: None,
             backend_name: None,
+            prices: Prices::default(),
             expose_backend: false,
             model_label: None,
             upstream_wait: Duration::ZERO,
@@ -136,11 +140,13 @@ impl Accounting {
         self.record.stream = stream;
     }
 
-    /// Counts an attempt at `backend`, which becomes the backend the record names, and
+    /// Counts an attempt at `backend` (by a route with `prices`), which becomes the backend
+    /// the record names and the prices its cost is computed by, and
     /// writes the record so far to the spool: the upstream may be called once this returns.
     /// Fails only when the spool cannot record the request and the policy is to refuse it.
-    pub async fn attempt(&mut self, backend: &Backend) -> Result<(), ProxyError> {
+    pub async fn attempt(&mut self, backend: &Backend, prices: Prices) -> Result<(), ProxyError> {
         self.record.attempts += 1;
+        self.prices = prices;
         self.record.backend_id.clone_from(&backend.id);
         self.backend_name = Some(Arc::clone(&backend.name));
         let Some(lane) = self.spool.clone() else {
@@ -217,6 +223,11 @@ impl Accounting {
         record.error_kind = kind as i32;
         record.latency = Some(proto_duration(latency));
         record.time_to_first_token = self.first_byte.map(proto_duration);
+        record.cost_nanos = self.prices.cost_nanos(
+            record.prompt_tokens,
+            record.cached_prompt_tokens,
+            record.completion_tokens,
+        );
         tracing::info!(
             target: super::REQUEST_LOG_TARGET,
             request_id = %record.request_id,
@@ -230,6 +241,8 @@ impl Accounting {
             ttft_ms = self.first_byte.map(|d| d.as_millis() as u64),
             prompt_tokens = record.prompt_tokens,
             completion_tokens = record.completion_tokens,
+            cached_prompt_tokens = record.cached_prompt_tokens,
+            cost_nanos = record.cost_nanos,
             error_kind = kind.as_str_name(),
             "request finished"
         );
@@ -357,6 +370,22 @@ mod tests {
                 false
             ))
         );
+    }
+
+    #[test]
+    fn cached_prompt_tokens_are_read_from_the_prompt_details() {
+        let body = r#"{"choices":[],"usage":{"prompt_tokens":2006,"completion_tokens":300,
+            "prompt_tokens_details":{"cached_tokens":1920,"audio_tokens":0}}}"#;
+        let expected = Tokens {
+            prompt: 2006,
+            completion: 300,
+            cached_prompt: 1920,
+            ..Tokens::default()
+        };
+        assert_eq!(usage_of(body), Some((expected, true)));
+        let details_null =
+            r#"{"usage":{"prompt_tokens":3,"completion_tokens":1,"prompt_tokens_details":null}}"#;
+        assert_eq!(usage_of(details_null).unwrap().0.cached_prompt, 0);
     }
 
     #[test]

@@ -206,7 +206,7 @@ pub(super) async fn forward_call(
         if acct.attempts() > 0 {
             app.metrics.failover();
         }
-        if let Err(refused) = acct.attempt(backend).await {
+        if let Err(refused) = acct.attempt(backend, route.prices).await {
             return error(acct, refused).await;
         }
         let (method, uri, body) = match &call.send {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use axum::response::Response;
 use http::Method;
+use sluice_domain::price::Prices;
 use tokio::time::Instant;
 
 use super::AppState;
@@ -127,6 +128,9 @@ pub(super) async fn call(
     let route = Route {
         backend: index,
         upstream_model: String::new(),
+        // The response was charged when it was created; reading, listing or deleting it
+        // adds nothing to the key's spend.
+        prices: Prices::default(),
     };
     let call = Call {
         endpoint: Endpoint::Responses,

@@ -388,6 +388,7 @@ impl Cluster {
                 allowed_models: Vec::new(),
                 rpm_limit: 0,
                 expire_time: None,
+                ..Default::default()
             })
             .await?;
         Ok(response.into_inner().key)
@@ -402,6 +403,7 @@ fn model_routes(models: &[&str]) -> Vec<pb::ModelRoute> {
             upstream_name: (*m).into(),
             input_price_per_mtok: 1.0,
             output_price_per_mtok: 2.0,
+            ..Default::default()
         })
         .collect()
 }

@@ -197,6 +197,7 @@ fn backend_proto(i: usize) -> pb::Backend {
                 upstream_name: name.into(),
                 input_price_per_mtok: input,
                 output_price_per_mtok: output,
+                ..Default::default()
             })
             .collect(),
         ..Default::default()

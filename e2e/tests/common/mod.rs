@@ -241,6 +241,7 @@ impl ControlApi {
                             upstream_name: (*upstream).into(),
                             input_price_per_mtok: 1.0,
                             output_price_per_mtok: 2.0,
+                            ..Default::default()
                         })
                         .collect(),
                     ..Default::default()
@@ -263,6 +264,7 @@ impl ControlApi {
                 allowed_models: models.iter().map(|m| m.to_string()).collect(),
                 rpm_limit: 0,
                 expire_time: None,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -22,6 +22,7 @@ async fn fields_that_go_into_the_snapshot_are_bounded() {
             allowed_models: too_many,
             rpm_limit: 0,
             expire_time: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -88,6 +89,7 @@ async fn a_write_that_would_outgrow_the_snapshot_is_refused_and_replicas_keep_fo
                 allowed_models: models.clone(),
                 rpm_limit: 0,
                 expire_time: None,
+                ..Default::default()
             })
             .await;
         if let Err(status) = created {

@@ -1,5 +1,5 @@
 //! The rules the control plane and the data plane must agree on, defined once: the routing
-//! policy and its defaults ([`settings`]), backend pools ([`pool`]), how a client presents and
+//! policy and its defaults ([`settings`]), backend pools ([`pool`]), what a request costs ([`price`]), how a client presents and
 //! how Sluice recognises a key ([`auth`]), and how text from outside is shown in logs and
 //! terminals ([`text`], [`logging`]).
 //!
@@ -11,6 +11,7 @@ pub mod auth;
 pub mod cooldown;
 pub mod logging;
 pub mod pool;
+pub mod price;
 pub mod settings;
 pub mod text;
 pub mod time;

@@ -1,0 +1,191 @@
+//! Key budgets and spend over real gRPC: what replicas report as each request's cost is
+//! added to the key's spend exactly once, per budget period, and shown with what remains
+//! and when it resets.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use sluice_control::testing::{Bearer, TestControlPlane};
+use sluice_proto::v1 as pb;
+use sluice_proto::v1::admin_service_client::AdminServiceClient;
+use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
+use sluice_proto::wkt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const DAY: i64 = 86_400_000;
+
+async fn channel(cp: &TestControlPlane) -> Channel {
+    Channel::from_shared(cp.grpc_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn ts(ms: i64) -> Option<wkt::Timestamp> {
+    Some(wkt::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn record(sequence: u64, key: &str, time_ms: i64, cost_nanos: u64) -> pb::UsageRecord {
+    pb::UsageRecord {
+        sequence,
+        request_id: format!("req-{sequence}"),
+        model: "m".into(),
+        client_key_id: key.into(),
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        status_code: 200,
+        time: ts(time_ms),
+        cost_nanos,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn spend_is_the_reported_cost_counted_once_per_period_with_what_remains() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let channel = channel(&cp).await;
+    let mut admin =
+        AdminServiceClient::with_interceptor(channel.clone(), Bearer(cp.admin_token.clone()));
+    let mut dp =
+        DataPlaneServiceClient::with_interceptor(channel, Bearer(cp.dataplane_token.clone()));
+    let create =
+        |name: &str, max_budget: f64, period: pb::BudgetPeriod| pb::CreateClientKeyRequest {
+            name: name.into(),
+            max_budget,
+            budget_period: period as i32,
+            ..Default::default()
+        };
+    let team = admin
+        .create_client_key(create("team-a", 1.0, pb::BudgetPeriod::Daily))
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    assert_eq!(
+        (team.max_budget, team.spend, team.remaining_budget),
+        (1.0, 0.0, 1.0)
+    );
+    let free = admin
+        .create_client_key(create("free", 0.0, pb::BudgetPeriod::Unspecified))
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+
+    // Today 0.3 + 0.2 of the currency, yesterday 0.4; the free key 5 nano-units. Sent twice
+    // (a replica resending after a lost ack): counted once.
+    let now = now_ms();
+    let records = vec![
+        record(1, &team.id, now, 300_000_000),
+        record(2, &team.id, now, 200_000_000),
+        record(3, &team.id, now - DAY, 400_000_000),
+        record(4, &free.id, now, 5),
+    ];
+    for _ in 0..2 {
+        let request = pb::ReportUsageRequest {
+            node_id: "n1".into(),
+            incarnation: "i1".into(),
+            records: records.clone(),
+            ..Default::default()
+        };
+        let mut acks = dp
+            .report_usage(tokio_stream::iter(vec![request]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 4);
+    }
+
+    let get = |id: &str| pb::GetClientKeyRequest { id: id.into() };
+    let team_now = admin
+        .get_client_key(get("team-a"))
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    assert_eq!(team_now.spend, 0.5, "today's spend only, and once");
+    assert_eq!(team_now.remaining_budget, 0.5);
+    assert_eq!(team_now.budget_period, pb::BudgetPeriod::Daily as i32);
+    let tomorrow = (now.div_euclid(DAY) + 1) * DAY;
+    assert_eq!(
+        team_now.budget_reset_time,
+        ts(tomorrow),
+        "the next UTC midnight"
+    );
+    let listed = admin
+        .list_client_keys(pb::ListClientKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let free_now = listed
+        .client_keys
+        .iter()
+        .find(|k| k.name == "free")
+        .unwrap();
+    assert_eq!(
+        free_now.spend, 5e-9,
+        "spend is counted for keys without a budget too"
+    );
+    assert_eq!(
+        (free_now.remaining_budget, free_now.budget_reset_time),
+        (0.0, None)
+    );
+
+    // The key's lifetime holds yesterday too; a budget below the spend leaves nothing.
+    let changed = admin
+        .update_client_key(pb::UpdateClientKeyRequest {
+            client_key: Some(pb::ClientKey {
+                id: "team-a".into(),
+                max_budget: 0.75,
+                budget_period: pb::BudgetPeriod::Unspecified as i32,
+                ..Default::default()
+            }),
+            update_mask: Some(wkt::FieldMask {
+                paths: vec!["max_budget".into(), "budget_period".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    assert_eq!((changed.spend, changed.max_budget), (0.9, 0.75));
+    assert_eq!(
+        (changed.remaining_budget, changed.budget_reset_time),
+        (0.0, None)
+    );
+
+    // Budgets that are not amounts, and periods that do not exist, are refused by name.
+    for (max_budget, period, says) in [
+        (-1.0, 0, "max_budget"),
+        (f64::NAN, 0, "max_budget"),
+        (2e9, 0, "max_budget"),
+        (1.0, 9, "budget_period"),
+    ] {
+        let err = admin
+            .create_client_key(pb::CreateClientKeyRequest {
+                name: "bad".into(),
+                max_budget,
+                budget_period: period,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(says), "{}", err.message());
+    }
+}
