@@ -167,6 +167,23 @@ fn decode_token(r: &pb::GetUsageRequest) -> Result<Option<Cursor>, Status> {
     }))
 }
 
+/// `response`, or RESOURCE_EXHAUSTED naming the way out when it encodes to more than
+/// `limit` bytes (an unpaged series too long to send).
+fn within(response: pb::GetUsageResponse, limit: usize) -> Result<pb::GetUsageResponse, Status> {
+    let len = response.encoded_len();
+    if len <= limit {
+        return Ok(response);
+    }
+    const MIB: f64 = 1024.0 * 1024.0;
+    Err(Status::resource_exhausted(format!(
+        "the answer holds {} buckets ({:.1} MiB), over the {:.0} MiB response limit; \
+         ask for pages with page_size",
+        response.buckets.len(),
+        len as f64 / MIB,
+        limit as f64 / MIB
+    )))
+}
+
 #[tonic::async_trait]
 impl StatsService for Stats {
     async fn get_usage(
@@ -217,17 +234,7 @@ impl StatsService for Stats {
                 .collect(),
             next_page_token: next.map(|c| encode_token(&r, c)).unwrap_or_default(),
         };
-        let len = response.encoded_len();
-        if len > MAX_ADMIN_RESPONSE_BYTES {
-            return Err(Status::resource_exhausted(format!(
-                "the answer holds {} buckets ({} MiB), over the {} MiB response limit; \
-                 ask for pages with page_size",
-                response.buckets.len(),
-                len / (1024 * 1024),
-                MAX_ADMIN_RESPONSE_BYTES / (1024 * 1024)
-            )));
-        }
-        Ok(Response::new(response))
+        within(response, MAX_ADMIN_RESPONSE_BYTES).map(Response::new)
     }
 
     async fn get_totals(
@@ -252,5 +259,67 @@ impl StatsService for Stats {
                 currency,
             }),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn an_answer_past_the_limit_is_refused_with_the_way_out() {
+        let response = pb::GetUsageResponse {
+            buckets: vec![
+                pb::UsageBucket {
+                    group_key: "m".repeat(1000),
+                    ..Default::default()
+                };
+                3
+            ],
+            next_page_token: String::new(),
+        };
+        let len = response.encoded_len();
+        assert_eq!(within(response.clone(), len).unwrap(), response);
+        let refused = within(response, len - 1).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("3 buckets"),
+            "{}",
+            refused.message()
+        );
+        assert!(
+            refused.message().contains("page_size"),
+            "{}",
+            refused.message()
+        );
+    }
+
+    #[test]
+    fn a_token_belongs_to_its_query() {
+        let request = pb::GetUsageRequest {
+            group_by: pb::GroupBy::Pool as i32,
+            page_size: 10,
+            ..Default::default()
+        };
+        let cursor = Cursor {
+            start_ms: 1_764_028_800_000,
+            group_key: "a:b/c".into(),
+        };
+        let next = pb::GetUsageRequest {
+            page_token: encode_token(&request, cursor.clone()),
+            // The page size may change between pages.
+            page_size: 500,
+            ..request.clone()
+        };
+        assert_eq!(decode_token(&next).unwrap(), Some(cursor));
+        let other = pb::GetUsageRequest {
+            model: "m".into(),
+            ..next.clone()
+        };
+        assert_eq!(
+            decode_token(&other).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 }
