@@ -1149,6 +1149,13 @@ async fn usage_by_pool_in_pages_with_its_currency() {
     use sluice_proto::v1 as pb;
 
     let h = Harness::start().await;
+    // --help says how a long series is read.
+    let help = h.ctl(&["stats", "usage", "--help"]).await;
+    let help = help.ok();
+    assert!(
+        help.contains("pages of at most 5,000 buckets") && help.contains("--limit"),
+        "{help}"
+    );
     // 30 models named at the 256-byte limit in each of 250 hours: 7,500 buckets by model,
     // over 4 MiB as one answer. p1 prices the first.
     let models: Vec<String> = (0..30)
