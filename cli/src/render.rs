@@ -135,11 +135,7 @@ fn when(timestamp: Option<&sluice_proto::wkt::Timestamp>, now: SystemTime) -> St
 
 /// A cost with its currency: `1.2345 USD`.
 fn cost(value: f64, currency: &str) -> String {
-    if currency.is_empty() {
-        format!("{value:.4}")
-    } else {
-        format!("{value:.4} {currency}")
-    }
+    with_currency(format!("{value:.4}"), currency)
 }
 
 fn millis(value: f64) -> String {
@@ -238,8 +234,8 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
     format!("{summary}\n\n{models}")
 }
 
-/// `key list`.
-pub fn client_keys(response: &pb::ListClientKeysResponse) -> String {
+/// `key list`; spend in `currency`, the settings' currency of every cost.
+pub fn client_keys(response: &pb::ListClientKeysResponse, currency: &str) -> String {
     if response.client_keys.is_empty() {
         return "No client keys.".to_owned();
     }
@@ -254,7 +250,7 @@ pub fn client_keys(response: &pb::ListClientKeysResponse) -> String {
                 format!("{}…", key.key_prefix),
                 allowed_models(&key.allowed_models),
                 limit(key.rpm_limit),
-                spend_of(key),
+                spend_of(key, currency),
                 key_status(key, now),
                 time::relative(key.create_time.as_ref(), now),
             ]
@@ -292,22 +288,31 @@ fn budget_period(period: i32) -> &'static str {
     }
 }
 
-/// `0.1234 / 50 monthly`, or the spend alone when the key has no budget.
-fn spend_of(key: &pb::ClientKey) -> String {
+/// `0.1234 / 50 USD monthly`, or the spend alone when the key has no budget.
+fn spend_of(key: &pb::ClientKey, currency: &str) -> String {
     if key.max_budget > 0.0 {
         format!(
             "{} / {} {}",
             cost(key.spend, ""),
-            key.max_budget,
+            with_currency(key.max_budget.to_string(), currency),
             budget_period(key.budget_period)
         )
     } else {
-        cost(key.spend, "")
+        cost(key.spend, currency)
     }
 }
 
-/// `key get` and `key update`: one field a line.
-pub fn client_key(key: Option<&pb::ClientKey>) -> String {
+/// `value` followed by `currency`, if there is one.
+fn with_currency(value: String, currency: &str) -> String {
+    if currency.is_empty() {
+        value
+    } else {
+        format!("{value} {currency}")
+    }
+}
+
+/// `key get` and `key update`: one field a line; money in `currency`.
+pub fn client_key(key: Option<&pb::ClientKey>, currency: &str) -> String {
     let Some(key) = key else {
         return "The control plane returned no client key.".to_owned();
     };
@@ -323,7 +328,11 @@ pub fn client_key(key: Option<&pb::ClientKey>) -> String {
         (
             "budget",
             if key.max_budget > 0.0 {
-                format!("{} {}", key.max_budget, budget_period(key.budget_period))
+                format!(
+                    "{} {}",
+                    with_currency(key.max_budget.to_string(), currency),
+                    budget_period(key.budget_period)
+                )
             } else {
                 "-".to_owned()
             },
@@ -332,14 +341,14 @@ pub fn client_key(key: Option<&pb::ClientKey>) -> String {
             "spend",
             format!(
                 "{} ({} period)",
-                cost(key.spend, ""),
+                cost(key.spend, currency),
                 budget_period(key.budget_period)
             ),
         ),
         (
             "remaining",
             if key.max_budget > 0.0 {
-                cost(key.remaining_budget, "")
+                cost(key.remaining_budget, currency)
             } else {
                 "-".to_owned()
             },

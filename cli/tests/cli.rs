@@ -561,10 +561,11 @@ async fn a_key_is_shown_and_updated_without_being_reissued() {
         .find(|l| l.starts_with("team-a"))
         .unwrap()
         .to_owned();
-    assert!(row.contains("0.0000 / 50 monthly"), "{row}");
+    assert!(row.contains("0.0000 / 50 USD monthly"), "{row}");
     let shown = h.ctl(&["key", "get", "team-a"]).await;
     let text = shown.ok();
-    assert!(text.contains("remaining"), "{text}");
+    let remaining = text.lines().find(|l| l.starts_with("remaining")).unwrap();
+    assert!(remaining.ends_with("50.0000 USD"), "{text}");
     let resets = text.lines().find(|l| l.starts_with("resets")).unwrap();
     assert!(
         resets.contains("-01T00:00:00Z"),

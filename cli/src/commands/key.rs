@@ -38,20 +38,27 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
             let response = connection
                 .call(admin.list_client_keys(pb::ListClientKeysRequest {}))
                 .await?;
-            out.print(&response, render::client_keys)
+            let currency = currency(connection).await?;
+            out.print(&response, |r| render::client_keys(r, &currency))
         }
         KeyCommand::Get { key } => {
             let request = pb::GetClientKeyRequest { id: key };
             let mut admin = connection.admin().await?;
             let response = connection.call(admin.get_client_key(request)).await?;
-            out.print(&response, |r| render::client_key(r.client_key.as_ref()))
+            let currency = currency(connection).await?;
+            out.print(&response, |r| {
+                render::client_key(r.client_key.as_ref(), &currency)
+            })
         }
         KeyCommand::Update(args) => {
             // Built before connecting, so that "nothing to update" comes first.
             let request = update_request(&args)?;
             let mut admin = connection.admin().await?;
             let response = connection.call(admin.update_client_key(request)).await?;
-            out.print(&response, |r| render::client_key(r.client_key.as_ref()))
+            let currency = currency(connection).await?;
+            out.print(&response, |r| {
+                render::client_key(r.client_key.as_ref(), &currency)
+            })
         }
         KeyCommand::Revoke { key } => {
             let request = pb::RevokeClientKeyRequest { id: key.clone() };
@@ -60,6 +67,15 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
             out.print(&response, |_| format!("Revoked client key {key:?}."))
         }
     }
+}
+
+/// The currency of every cost and budget: a setting (`settings set --currency`).
+async fn currency(connection: &Connection) -> Result<String, Error> {
+    let mut admin = connection.admin().await?;
+    let settings = connection
+        .call(admin.get_settings(pb::GetSettingsRequest {}))
+        .await?;
+    Ok(settings.settings.map(|s| s.currency).unwrap_or_default())
 }
 
 /// A request whose mask names exactly the flags given.
