@@ -149,6 +149,9 @@ pub struct BackendAddArgs {
     /// Add the backend disabled.
     #[arg(long)]
     pub disabled: bool,
+    /// Whether it serves the Responses API (/v1/responses); default: yes.
+    #[arg(long, value_name = "BOOL")]
+    pub responses_api: Option<bool>,
     /// A model it serves: NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE]:OUT_PRICE]], prices in $
     /// per million tokens (CACHED_PRICE for prompt tokens read from the provider's cache,
     /// default IN_PRICE); repeat for each model.
@@ -182,6 +185,9 @@ pub struct BackendUpdateArgs {
     /// Enable the backend.
     #[arg(long)]
     pub enabled: bool,
+    /// Whether it serves the Responses API (/v1/responses).
+    #[arg(long, value_name = "BOOL")]
+    pub responses_api: Option<bool>,
     /// Replaces the whole model list: NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE]:OUT_PRICE]],
     /// repeatable.
     #[arg(long = "model", value_name = "SPEC", value_parser = parse_model_route)]

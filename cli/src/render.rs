@@ -201,6 +201,13 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
         ("weight", backend.weight.to_string()),
         ("rpm limit", limit(backend.rpm_limit)),
         ("enabled", yes_no(backend.enabled)),
+        (
+            "responses api",
+            match backend.responses_api {
+                Some(on) => yes_no(on),
+                None => format!("{} (default)", yes_no(true)),
+            },
+        ),
         ("api key", key_hint(&backend.api_key_hint)),
         ("created", when(backend.create_time.as_ref(), now)),
         ("updated", when(backend.update_time.as_ref(), now)),
@@ -624,6 +631,7 @@ mod tests {
             api_key_hint: "abcd".into(),
             create_time: None,
             update_time: None,
+            responses_api: None,
         }
     }
 

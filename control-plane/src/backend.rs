@@ -36,6 +36,8 @@ pub struct BackendSpec {
     pub models: Vec<ModelRoute>,
     pub rpm_limit: u32,
     pub enabled: bool,
+    /// Whether it serves the Responses API; `None` is the default ([`BackendSpec::serves_responses`]).
+    pub responses_api: Option<bool>,
 }
 
 /// A stored backend as the admin API shows it.
@@ -84,9 +86,16 @@ pub const UPDATABLE_FIELDS: &[&str] = &[
     "models",
     "rpm_limit",
     "enabled",
+    "responses_api",
 ];
 
 impl BackendSpec {
+    /// Whether the backend serves the Responses API: as set, else yes (every backend speaks
+    /// the OpenAI API).
+    pub fn serves_responses(&self) -> bool {
+        self.responses_api.unwrap_or(true)
+    }
+
     /// Applies the rules every stored backend obeys, normalising where the
     /// intent is plain (weight 0 → 1, empty upstream name → public name).
     pub fn validated(mut self) -> Result<Self, ValidationError> {
@@ -168,6 +177,7 @@ impl BackendSpec {
             models: backend.models.iter().map(ModelRoute::from_proto).collect(),
             rpm_limit: backend.rpm_limit,
             enabled: backend.enabled,
+            responses_api: backend.responses_api,
         })
     }
 
@@ -189,6 +199,7 @@ impl BackendSpec {
                 }
                 "rpm_limit" => self.rpm_limit = update.rpm_limit,
                 "enabled" => self.enabled = update.enabled,
+                "responses_api" => self.responses_api = update.responses_api,
                 other => return Err(not_updatable(other, UPDATABLE_FIELDS)),
             }
         }
@@ -234,6 +245,7 @@ impl Backend {
             api_key_hint: self.api_key_hint.clone(),
             create_time: Some(crate::time::timestamp(self.create_time_ms)),
             update_time: Some(crate::time::timestamp(self.update_time_ms)),
+            responses_api: spec.responses_api,
         }
     }
 }
@@ -293,6 +305,7 @@ mod tests {
             }],
             rpm_limit: 500,
             enabled: true,
+            responses_api: None,
         }
     }
 

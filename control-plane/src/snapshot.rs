@@ -98,6 +98,7 @@ pub fn backend_entry_bytes(spec: &BackendSpec, api_key: &str) -> usize {
         cooldown_run_basis: u64::MAX,
         // A node id and an incarnation, each at most MAX_ID_BYTES.
         cooldown_changed_by: "x".repeat(2 * MAX_ID_BYTES + 1),
+        responses_api: Some(true),
     })
 }
 
@@ -263,7 +264,9 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                 .map(|b| {
                     let cooldown = cooldowns.get(&b.backend.id).cloned().unwrap_or_default();
                     let spec = b.backend.spec;
+                    let responses_api = Some(spec.serves_responses());
                     pb::SnapshotBackend {
+                        responses_api,
                         id: b.backend.id,
                         name: spec.name,
                         base_url: spec.base_url,

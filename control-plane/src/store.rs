@@ -140,6 +140,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0008_affinity_keys.sql"),
     include_str!("../../migrations/0009_usage_token_details.sql"),
     include_str!("../../migrations/0010_key_budgets.sql"),
+    include_str!("../../migrations/0011_backend_responses_api.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

@@ -165,6 +165,7 @@ fn rotating_the_master_key_keeps_provider_keys_readable() {
             }],
             rpm_limit: 0,
             enabled: true,
+            responses_api: None,
         };
         store
             .create_backend(spec, "sk-rotate-me-12345678".into())

@@ -1151,3 +1151,79 @@ async fn concurrent_joins_publish_the_final_replica_count() {
     }
     drop(senders);
 }
+
+#[tokio::test]
+async fn the_responses_api_flag_and_the_affinity_key_reach_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let mut off = backend("no-responses");
+    off.responses_api = Some(false);
+    let created = admin
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(off),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_eq!(created.responses_api, Some(false));
+    let default = create(&mut admin, "default", "").await;
+    assert_eq!(default.responses_api, None, "unset: the default");
+
+    let mut dp = DataPlaneServiceClient::with_interceptor(
+        channel(&cp).await,
+        Bearer(cp.dataplane_token.clone()),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::StreamSnapshotsRequest {
+        node_id: "replica-1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = dp
+        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshot = next(&mut stream).await;
+    let flag = |s: &pb::Snapshot, name: &str| {
+        s.backends
+            .iter()
+            .find(|b| b.name == name)
+            .and_then(|b| b.responses_api)
+    };
+    // The default is resolved for replicas.
+    assert_eq!(flag(&snapshot, "no-responses"), Some(false));
+    assert_eq!(flag(&snapshot, "default"), Some(true));
+    assert_eq!(snapshot.affinity_keys.len(), 1);
+    assert_eq!(snapshot.affinity_keys[0].secret.len(), 32);
+    let key = snapshot.affinity_keys[0].clone();
+
+    let mut update = pb::Backend {
+        id: created.id.clone(),
+        ..Default::default()
+    };
+    update.responses_api = Some(true);
+    let updated = admin
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(update),
+            update_mask: Some(mask(&["responses_api"])),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_eq!(updated.responses_api, Some(true));
+    let mut later = next(&mut stream).await;
+    while flag(&later, "no-responses") != Some(true) {
+        later = next(&mut stream).await;
+    }
+    // The same affinity key: ids issued before the change still verify.
+    assert_eq!(later.affinity_keys, vec![key]);
+}

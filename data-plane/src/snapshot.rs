@@ -114,6 +114,8 @@ pub struct Backend {
     pub cooldown: FleetCooldown,
     /// The author of the last changes and the epoch they were based on, if any.
     pub cooldown_run: Option<(String, u64)>,
+    /// Whether it serves the Responses API.
+    pub responses_api: bool,
 }
 
 impl Backend {
@@ -326,6 +328,7 @@ impl Snapshot {
                 },
                 cooldown_run: (!b.cooldown_changed_by.is_empty())
                     .then_some((b.cooldown_changed_by, b.cooldown_run_basis)),
+                responses_api: b.responses_api.unwrap_or(true),
             });
         }
         for list in routes.values_mut() {

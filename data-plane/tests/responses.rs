@@ -391,3 +391,37 @@ async fn a_new_response_fails_over_before_the_first_byte() {
     assert_eq!(record.attempts, 2);
     assert_eq!(record.backend_id, "fallback");
 }
+
+#[tokio::test]
+async fn only_backends_serving_the_responses_api_get_it_and_a_model_without_one_is_a_400() {
+    let alpha = mock("alpha");
+    let beta = mock("beta");
+    let mut snap = snapshot(
+        1,
+        vec![
+            backend("alpha", &alpha.base_url(), proto::Pool::Primary, 0),
+            backend("beta", &beta.base_url(), proto::Pool::Primary, 1),
+        ],
+    );
+    snap.backends[0].responses_api = Some(false);
+    let h = Harness::start(snap.clone()).await;
+    // alpha comes first for chat, but does not serve the Responses API.
+    for _ in 0..3 {
+        let response = create(&h, json!({"model": MODEL, "input": "x"})).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-sluice-backend"], "beta-name");
+    }
+    assert_eq!(alpha.stats().requests.responses, 0);
+    let chat = h.chat(chat_body(false)).await;
+    assert_eq!(chat.headers()["x-sluice-backend"], "alpha-name");
+
+    let mut only_alpha = snap;
+    only_alpha.version = 2;
+    only_alpha.backends.truncate(1);
+    h.publish(only_alpha).await;
+    let (code, body) =
+        error_code(create(&h, json!({"model": MODEL, "input": "x"})).await, 400).await;
+    assert_eq!(code, "responses_not_supported", "{body}");
+    assert_eq!(body["error"]["param"], "model");
+    assert_eq!(alpha.stats().requests.responses, 0);
+}

@@ -482,6 +482,7 @@ impl World {
                     }],
                     rpm_limit: RPM_LIMIT,
                     enabled: true,
+                    responses_api: None,
                 },
                 "sk-sim".into(),
             )

@@ -60,6 +60,7 @@ fn snapshot() -> pb::Snapshot {
                 "i".repeat(64)
             ),
             cooldown_run_basis: u64::MAX,
+            responses_api: Some(true),
         })
         .collect();
     let client_keys = (0..KEYS)

@@ -80,6 +80,7 @@ fn create_request(args: BackendAddArgs) -> Result<pb::CreateBackendRequest, Erro
         models: args.models,
         rpm_limit: args.rpm,
         enabled: !args.disabled,
+        responses_api: args.responses_api,
         ..Default::default()
     };
     Ok(pb::CreateBackendRequest {
@@ -127,6 +128,10 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
     if !args.models.is_empty() {
         backend.models = args.models;
         set("models");
+    }
+    if let Some(on) = args.responses_api {
+        backend.responses_api = Some(on);
+        set("responses_api");
     }
     let api_key = read_api_key(&args.api_key)?;
     if paths.is_empty() && api_key.is_none() {

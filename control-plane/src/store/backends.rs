@@ -29,8 +29,9 @@ impl Store {
             let (sealed, hint) = seal(key, &id, &api_key)?;
             tx.execute(
                 "INSERT INTO backends (id, name, base_url, pool, priority, weight, rpm_limit, enabled,
-                                       api_key_ciphertext, api_key_hint, create_time, update_time)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
+                                       api_key_ciphertext, api_key_hint, create_time, update_time,
+                                       responses_api)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12)",
                 params![
                     id,
                     spec.name,
@@ -42,7 +43,8 @@ impl Store {
                     spec.enabled,
                     sealed,
                     hint,
-                    now
+                    now,
+                    spec.responses_api
                 ],
             )
             .map_err(|e| unique_violation(e, || format!("a backend named {:?} already exists", spec.name)))?;
@@ -91,7 +93,8 @@ impl Store {
             let now = now_ms();
             tx.execute(
                 "UPDATE backends SET name = ?2, base_url = ?3, pool = ?4, priority = ?5, weight = ?6,
-                        rpm_limit = ?7, enabled = ?8, update_time = ?9 WHERE id = ?1",
+                        rpm_limit = ?7, enabled = ?8, update_time = ?9, responses_api = ?10
+                 WHERE id = ?1",
                 params![
                     id,
                     spec.name,
@@ -101,7 +104,8 @@ impl Store {
                     spec.weight,
                     spec.rpm_limit,
                     spec.enabled,
-                    now
+                    now,
+                    spec.responses_api
                 ],
             )
             .map_err(|e| unique_violation(e, || format!("a backend named {:?} already exists", spec.name)))?;
@@ -230,7 +234,7 @@ fn pool_from_db(value: i64) -> Pool {
     }
 }
 
-const BACKEND_COLUMNS: &str = "id, name, base_url, pool, priority, weight, rpm_limit, enabled, api_key_hint, create_time, update_time";
+const BACKEND_COLUMNS: &str = "id, name, base_url, pool, priority, weight, rpm_limit, enabled, api_key_hint, create_time, update_time, responses_api";
 
 fn row_to_backend(r: &rusqlite::Row<'_>) -> rusqlite::Result<Backend> {
     Ok(Backend {
@@ -244,6 +248,7 @@ fn row_to_backend(r: &rusqlite::Row<'_>) -> rusqlite::Result<Backend> {
             models: Vec::new(),
             rpm_limit: r.get(6)?,
             enabled: r.get(7)?,
+            responses_api: r.get(11)?,
         },
         api_key_hint: r.get(8)?,
         create_time_ms: r.get(9)?,

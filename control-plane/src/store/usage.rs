@@ -1289,6 +1289,7 @@ mod tests {
                 }],
                 rpm_limit: 0,
                 enabled: true,
+                responses_api: None,
             };
             backends.push(
                 store

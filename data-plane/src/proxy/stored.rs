@@ -45,6 +45,25 @@ pub(super) async fn create(
     if snapshot.affinity.is_empty() {
         return forward::error(acct, ProxyError::NoAffinityKey).await;
     }
+    // Only backends that serve the Responses API; the others would answer 404.
+    let serving: Vec<Route> = routes
+        .iter()
+        .filter(|r| {
+            snapshot
+                .backends()
+                .get(r.backend)
+                .is_some_and(|b| b.responses_api)
+        })
+        .cloned()
+        .collect();
+    if serving.is_empty() {
+        return forward::error(
+            acct,
+            ProxyError::ResponsesUnsupported(parsed.model.to_string()),
+        )
+        .await;
+    }
+    let routes = serving.as_slice();
     let mut ids = IdRewrite {
         keys: Arc::clone(&snapshot.affinity),
         client_key_id: key.id.clone(),
