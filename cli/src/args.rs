@@ -157,6 +157,16 @@ pub struct BackendAddArgs {
     /// default IN_PRICE); repeat for each model.
     #[arg(long = "model", value_name = "SPEC", value_parser = parse_model_route)]
     pub models: Vec<pb::ModelRoute>,
+    /// The API the backend speaks.
+    #[arg(long, value_enum, default_value_t = ApiFormatArg::Openai)]
+    pub api_format: ApiFormatArg,
+    /// `anthropic-version` sent to an Anthropic backend (default: the current official SDK's).
+    #[arg(long, value_name = "VERSION")]
+    pub anthropic_version: Option<String>,
+    /// max_tokens sent to an Anthropic backend for each --model when the client gives none
+    /// (default 4096).
+    #[arg(long, value_name = "N")]
+    pub default_max_tokens: Option<u32>,
     #[command(flatten)]
     pub api_key: ApiKeyArgs,
 }
@@ -192,6 +202,15 @@ pub struct BackendUpdateArgs {
     /// repeatable.
     #[arg(long = "model", value_name = "SPEC", value_parser = parse_model_route)]
     pub models: Vec<pb::ModelRoute>,
+    /// The API the backend speaks.
+    #[arg(long, value_enum)]
+    pub api_format: Option<ApiFormatArg>,
+    /// `anthropic-version` sent to an Anthropic backend ("" for the default).
+    #[arg(long, value_name = "VERSION")]
+    pub anthropic_version: Option<String>,
+    /// max_tokens for each --model given when the client gives none (needs --model).
+    #[arg(long, value_name = "N", requires = "models")]
+    pub default_max_tokens: Option<u32>,
     #[command(flatten)]
     pub api_key: ApiKeyArgs,
 }
@@ -206,6 +225,23 @@ pub struct ApiKeyArgs {
     /// Read the provider's API key from the first line of standard input.
     #[arg(long)]
     pub api_key_stdin: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ApiFormatArg {
+    /// The OpenAI API and OpenAI-compatible providers.
+    Openai,
+    /// Anthropic's Messages API.
+    Anthropic,
+}
+
+impl From<ApiFormatArg> for pb::ApiFormat {
+    fn from(format: ApiFormatArg) -> Self {
+        match format {
+            ApiFormatArg::Openai => pb::ApiFormat::Openai,
+            ApiFormatArg::Anthropic => pb::ApiFormat::Anthropic,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -532,6 +568,7 @@ pub fn parse_model_route(spec: &str) -> Result<pb::ModelRoute, String> {
     let mut route = pb::ModelRoute {
         name: name.trim().to_owned(),
         upstream_name: upstream.trim().to_owned(),
+        default_max_tokens: 0,
         ..Default::default()
     };
     if let Some((input, output)) = prices {
@@ -629,6 +666,7 @@ mod tests {
 
     fn route(name: &str, upstream: &str, input: f64, output: f64) -> pb::ModelRoute {
         pb::ModelRoute {
+            default_max_tokens: 0,
             name: name.into(),
             upstream_name: upstream.into(),
             input_price_per_mtok: input,

@@ -613,6 +613,8 @@ mod tests {
 
     fn sample_backend() -> pb::Backend {
         pb::Backend {
+            anthropic_version: Default::default(),
+            api_format: Default::default(),
             id: "b-1".into(),
             name: "openai-main".into(),
             base_url: "https://api.openai.com/v1".into(),
@@ -620,6 +622,7 @@ mod tests {
             priority: 10,
             weight: 1,
             models: vec![pb::ModelRoute {
+                default_max_tokens: Default::default(),
                 name: "gpt-4o-mini".into(),
                 upstream_name: "gpt-4o-mini-2024".into(),
                 input_price_per_mtok: 0.15,

@@ -1,4 +1,4 @@
-//! Backends: upstream providers speaking the OpenAI API. The domain type
+//! Backends: upstream providers speaking the OpenAI API or Anthropic's. The domain type
 //! [`BackendSpec`] is what an operator configures, validated once at the edge.
 
 use sluice_proto::limits::MAX_MODEL_NAME_BYTES;
@@ -23,7 +23,58 @@ pub struct ModelRoute {
     pub output_price_per_mtok: f64,
     /// Prompt tokens read from the provider's cache; `None` charges the input price.
     pub cached_input_price_per_mtok: Option<f64>,
+    /// `max_tokens` for an Anthropic backend when the client gave none; 0: Sluice's default.
+    pub default_max_tokens: u32,
 }
+
+/// The API a backend speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApiFormat {
+    #[default]
+    OpenAi,
+    Anthropic,
+}
+
+impl ApiFormat {
+    fn from_proto(value: i32) -> Result<Self, ValidationError> {
+        match pb::ApiFormat::try_from(value) {
+            Ok(pb::ApiFormat::Unspecified | pb::ApiFormat::Openai) => Ok(Self::OpenAi),
+            Ok(pb::ApiFormat::Anthropic) => Ok(Self::Anthropic),
+            Err(_) => Err(ValidationError::new(
+                "backend.api_format",
+                format!("unknown API format {value}"),
+            )),
+        }
+    }
+
+    pub fn to_proto(self) -> pb::ApiFormat {
+        match self {
+            Self::OpenAi => pb::ApiFormat::Openai,
+            Self::Anthropic => pb::ApiFormat::Anthropic,
+        }
+    }
+
+    /// The `backends.api_format` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::Anthropic => "anthropic",
+        }
+    }
+
+    pub fn from_db(value: &str) -> Self {
+        if value == "anthropic" {
+            Self::Anthropic
+        } else {
+            Self::OpenAi
+        }
+    }
+}
+
+/// Largest per-route `default_max_tokens`.
+const MAX_DEFAULT_MAX_TOKENS: u32 = 10_000_000;
+/// Longest `anthropic_version` (real ones are dates, `2023-06-01`).
+const MAX_ANTHROPIC_VERSION_BYTES: usize = 64;
 
 /// Everything an operator sets on a backend except its API key.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +89,9 @@ pub struct BackendSpec {
     pub enabled: bool,
     /// Whether it serves the Responses API; `None` is the default ([`BackendSpec::serves_responses`]).
     pub responses_api: Option<bool>,
+    pub api_format: ApiFormat,
+    /// Sent as `anthropic-version` to an Anthropic backend; empty: the data plane's default.
+    pub anthropic_version: String,
 }
 
 /// A stored backend as the admin API shows it.
@@ -87,13 +141,17 @@ pub const UPDATABLE_FIELDS: &[&str] = &[
     "rpm_limit",
     "enabled",
     "responses_api",
+    "api_format",
+    "anthropic_version",
 ];
 
 impl BackendSpec {
     /// Whether the backend serves the Responses API: as set, else yes (every backend speaks
     /// the OpenAI API).
     pub fn serves_responses(&self) -> bool {
-        self.responses_api.unwrap_or(true)
+        // An Anthropic backend has no Responses API.
+        self.responses_api
+            .unwrap_or(self.api_format == ApiFormat::OpenAi)
     }
 
     /// Applies the rules every stored backend obeys, normalising where the
@@ -123,8 +181,25 @@ impl BackendSpec {
                 format!("at most {MAX_MODELS} models"),
             ));
         }
+        self.anthropic_version = self.anthropic_version.trim().to_owned();
+        if self.anthropic_version.len() > MAX_ANTHROPIC_VERSION_BYTES
+            || !self.anthropic_version.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(ValidationError::new(
+                "backend.anthropic_version",
+                format!(
+                    "must be at most {MAX_ANTHROPIC_VERSION_BYTES} bytes of printable ASCII without spaces (it is sent in an HTTP header)"
+                ),
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, model) in self.models.iter_mut().enumerate() {
+            if model.default_max_tokens > MAX_DEFAULT_MAX_TOKENS {
+                return Err(ValidationError::new(
+                    format!("backend.models[{i}].default_max_tokens"),
+                    format!("must be at most {MAX_DEFAULT_MAX_TOKENS}"),
+                ));
+            }
             let field = format!("backend.models[{i}]");
             model.name = model.name.trim().to_owned();
             model.upstream_name = model.upstream_name.trim().to_owned();
@@ -178,6 +253,8 @@ impl BackendSpec {
             rpm_limit: backend.rpm_limit,
             enabled: backend.enabled,
             responses_api: backend.responses_api,
+            api_format: ApiFormat::from_proto(backend.api_format)?,
+            anthropic_version: backend.anthropic_version.clone(),
         })
     }
 
@@ -200,6 +277,8 @@ impl BackendSpec {
                 "rpm_limit" => self.rpm_limit = update.rpm_limit,
                 "enabled" => self.enabled = update.enabled,
                 "responses_api" => self.responses_api = update.responses_api,
+                "api_format" => self.api_format = ApiFormat::from_proto(update.api_format)?,
+                "anthropic_version" => self.anthropic_version = update.anthropic_version.clone(),
                 other => return Err(not_updatable(other, UPDATABLE_FIELDS)),
             }
         }
@@ -215,6 +294,7 @@ impl ModelRoute {
             input_price_per_mtok: model.input_price_per_mtok,
             output_price_per_mtok: model.output_price_per_mtok,
             cached_input_price_per_mtok: model.cached_input_price_per_mtok,
+            default_max_tokens: model.default_max_tokens,
         }
     }
 
@@ -225,6 +305,7 @@ impl ModelRoute {
             input_price_per_mtok: self.input_price_per_mtok,
             output_price_per_mtok: self.output_price_per_mtok,
             cached_input_price_per_mtok: self.cached_input_price_per_mtok,
+            default_max_tokens: self.default_max_tokens,
         }
     }
 }
@@ -246,6 +327,8 @@ impl Backend {
             create_time: Some(crate::time::timestamp(self.create_time_ms)),
             update_time: Some(crate::time::timestamp(self.update_time_ms)),
             responses_api: spec.responses_api,
+            api_format: spec.api_format.to_proto() as i32,
+            anthropic_version: spec.anthropic_version.clone(),
         }
     }
 }
@@ -291,12 +374,15 @@ mod tests {
 
     fn spec() -> BackendSpec {
         BackendSpec {
+            anthropic_version: Default::default(),
+            api_format: Default::default(),
             name: "openai-main".into(),
             base_url: "https://api.openai.com/v1/".into(),
             pool: Pool::Primary,
             priority: 10,
             weight: 0,
             models: vec![ModelRoute {
+                default_max_tokens: Default::default(),
                 name: "gpt-4o-mini".into(),
                 upstream_name: String::new(),
                 input_price_per_mtok: 0.15,

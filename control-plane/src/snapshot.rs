@@ -99,6 +99,8 @@ pub fn backend_entry_bytes(spec: &BackendSpec, api_key: &str) -> usize {
         // A node id and an incarnation, each at most MAX_ID_BYTES.
         cooldown_changed_by: "x".repeat(2 * MAX_ID_BYTES + 1),
         responses_api: Some(true),
+        api_format: spec.api_format.to_proto() as i32,
+        anthropic_version: spec.anthropic_version.clone(),
     })
 }
 
@@ -285,6 +287,8 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                         cooldown_epoch: cooldown.epoch,
                         cooldown_run_basis: cooldown.run.as_ref().map_or(0, |(_, basis)| *basis),
                         cooldown_changed_by: cooldown.run.map(|(by, _)| by).unwrap_or_default(),
+                        api_format: spec.api_format.to_proto() as i32,
+                        anthropic_version: spec.anthropic_version,
                     }
                 })
                 .collect();

@@ -141,6 +141,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0009_usage_token_details.sql"),
     include_str!("../../migrations/0010_key_budgets.sql"),
     include_str!("../../migrations/0011_backend_responses_api.sql"),
+    include_str!("../../migrations/0012_backend_api_format.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

@@ -151,12 +151,15 @@ fn rotating_the_master_key_keeps_provider_keys_readable() {
             .unwrap();
         let store = cp.store().unwrap().clone();
         let spec = sluice_control::backend::BackendSpec {
+            anthropic_version: Default::default(),
+            api_format: Default::default(),
             name: "b1".into(),
             base_url: "http://127.0.0.1:1/v1".into(),
             pool: sluice_control::backend::Pool::Primary,
             priority: 0,
             weight: 1,
             models: vec![sluice_control::backend::ModelRoute {
+                default_max_tokens: Default::default(),
                 name: "m".into(),
                 upstream_name: "m".into(),
                 input_price_per_mtok: 0.0,

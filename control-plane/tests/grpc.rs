@@ -37,6 +37,7 @@ fn backend(name: &str) -> pb::Backend {
         rpm_limit: 500,
         enabled: true,
         models: vec![pb::ModelRoute {
+            default_max_tokens: Default::default(),
             name: "gpt-4o-mini".into(),
             upstream_name: "gpt-4o-mini-2024".into(),
             input_price_per_mtok: 0.15,
@@ -180,6 +181,82 @@ async fn backend_lifecycle_and_validation() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn an_anthropic_backend_keeps_its_format_version_and_max_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let mut spec = backend("claude");
+    spec.api_format = pb::ApiFormat::Anthropic as i32;
+    spec.anthropic_version = "2023-06-01".into();
+    spec.models[0].default_max_tokens = 1024;
+    let created = admin
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(spec),
+            api_key: "sk-ant-secret".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_eq!(created.api_format, pb::ApiFormat::Anthropic as i32);
+    assert_eq!(created.anthropic_version, "2023-06-01");
+    assert_eq!(created.models[0].default_max_tokens, 1024);
+    // Backends stored before formats existed, and those that name none, speak OpenAI.
+    let plain = create(&mut admin, "plain", "").await;
+    assert_eq!(plain.api_format, pb::ApiFormat::Openai as i32);
+
+    let updated = admin
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: "claude".into(),
+                api_format: pb::ApiFormat::Openai as i32,
+                anthropic_version: String::new(),
+                ..Default::default()
+            }),
+            update_mask: Some(sluice_proto::wkt::FieldMask {
+                paths: vec!["api_format".into(), "anthropic_version".into()],
+            }),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_eq!(updated.api_format, pb::ApiFormat::Openai as i32);
+    assert_eq!(updated.anthropic_version, "");
+    assert_eq!(updated.models[0].default_max_tokens, 1024);
+
+    let mut bad = backend("bad-version");
+    bad.anthropic_version = "2023 06 01".into();
+    let err = admin
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(bad),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("anthropic_version"),
+        "{}",
+        err.message()
+    );
+    let mut bad = backend("bad-format");
+    bad.api_format = 7;
+    let err = admin
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(bad),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("api_format"), "{}", err.message());
 }
 
 #[tokio::test]

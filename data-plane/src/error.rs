@@ -35,6 +35,12 @@ pub enum ProxyError {
     BodiesBusy,
     #[error(transparent)]
     InvalidRequest(#[from] RequestError),
+    /// The request cannot be expressed in the API of the backend serving its model.
+    #[error("{0} (The backend serving this model speaks another API; see docs/anthropic.md.)")]
+    Untranslatable(#[from] crate::anthropic::Untranslatable),
+    /// No backend of the model speaks an API with this endpoint.
+    #[error("The model `{model}` is served only by backends whose API has no {path} endpoint.")]
+    EndpointUnsupported { model: String, path: &'static str },
     #[error("This API key is not allowed to use the model `{0}`.")]
     ModelNotAllowed(String),
     #[error("The model `{0}` does not exist or you do not have access to it.")]
@@ -102,7 +108,10 @@ impl ProxyError {
                 StatusCode::UNAUTHORIZED
             }
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BodyUnreadable | Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BodyUnreadable
+            | Self::InvalidRequest(_)
+            | Self::Untranslatable(_)
+            | Self::EndpointUnsupported { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::BodiesBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
@@ -136,6 +145,8 @@ impl ProxyError {
             Self::BodyTimeout { .. } => ("invalid_request_error", "request_timeout"),
             Self::BodiesBusy => ("server_error", "server_busy"),
             Self::InvalidRequest(e) => ("invalid_request_error", e.code()),
+            Self::Untranslatable(_) => ("invalid_request_error", "untranslatable"),
+            Self::EndpointUnsupported { .. } => ("invalid_request_error", "unsupported_endpoint"),
             Self::ModelNotAllowed(_) => ("invalid_request_error", "model_not_allowed"),
             Self::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
             Self::KeyRateLimited { .. } | Self::BackendsBusy { .. } => {
@@ -162,13 +173,15 @@ impl ProxyError {
         }
     }
 
-    fn param(&self) -> Option<&'static str> {
+    fn param(&self) -> Option<&str> {
         match self {
             Self::InvalidRequest(e) => e.param(),
+            Self::Untranslatable(e) => Some(&e.param),
             Self::ModelNotAllowed(_)
             | Self::ModelNotFound(_)
             | Self::ResponseBackendLacksModel { .. }
-            | Self::ResponsesUnsupported(_) => Some("model"),
+            | Self::ResponsesUnsupported(_)
+            | Self::EndpointUnsupported { .. } => Some("model"),
             Self::InvalidResponseId { param, .. } => Some(param),
             _ => None,
         }

@@ -212,6 +212,20 @@ impl ParsedRequest<'_> {
     }
 }
 
+impl ParsedRequest<'_> {
+    /// The whole body as a JSON object, for a backend that needs it translated (never on
+    /// the OpenAI-to-OpenAI path, which copies the client's bytes).
+    pub fn object(&self) -> Result<serde_json::Map<String, serde_json::Value>, RequestError> {
+        let mut object = serde_json::Map::with_capacity(self.fields.len());
+        for (key, value) in &self.fields {
+            let value = serde_json::from_str(value.get())
+                .map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+            object.insert(key.0.to_string(), value);
+        }
+        Ok(object)
+    }
+}
+
 /// [`parse`] then [`ParsedRequest::rewrite`]: the pure function the fuzz and property tests
 /// drive.
 pub fn rewrite_body(

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use http::{HeaderValue, Uri};
+use http::{HeaderName, HeaderValue, Uri, header};
 use sluice_proto::v1 as proto;
 use tokio::sync::watch;
 use url::Url;
@@ -41,6 +41,10 @@ pub enum SnapshotError {
     EmptyModelName { backend: String },
     #[error("backend {0}: api key is not a valid header value")]
     InvalidApiKey(String),
+    #[error("backend {0}: unknown api_format")]
+    InvalidApiFormat(String),
+    #[error("backend {0}: anthropic_version is not a valid header value")]
+    InvalidAnthropicVersion(String),
     #[error("client key {0}: key_sha256 must be 32 bytes")]
     InvalidKeyHash(String),
     #[error("client key {0}: the same key hash appears twice")]
@@ -89,6 +93,17 @@ impl Endpoint {
     }
 }
 
+/// The API a backend speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiFormat {
+    OpenAi,
+    /// Anthropic's Messages API: chat completions are translated to it and back.
+    Anthropic,
+}
+
+/// The `max_tokens` an Anthropic backend gets when neither the client nor the route sets one.
+pub const DEFAULT_MAX_TOKENS: u32 = 4096;
+
 /// An upstream provider as routing sees it.
 #[derive(Debug)]
 pub struct Backend {
@@ -99,14 +114,20 @@ pub struct Backend {
     pub priority: i32,
     /// Relative share among equals, at least 1.
     pub weight: u32,
+    pub format: ApiFormat,
     chat_uri: Uri,
     completions_uri: Uri,
     embeddings_uri: Uri,
     responses_uri: Uri,
     /// The base URL, for the paths that name a stored response.
     base: Url,
-    /// `Bearer <api key>`, marked sensitive; `None` when the backend has no key.
+    /// `<base>/messages`: where an Anthropic backend takes chat requests.
+    messages_uri: Uri,
+    /// `Bearer <api key>` (OpenAI format) or the bare key for `x-api-key` (Anthropic format),
+    /// marked sensitive; `None` when the backend has no key.
     authorization: Option<HeaderValue>,
+    /// `anthropic-version`, for an Anthropic backend.
+    anthropic_version: Option<HeaderValue>,
     /// This replica's share of the backend's RPM limit.
     pub limiter: Option<RateLimiter>,
     /// The control plane's cooldown state of the backend (from every replica's reports), its
@@ -119,13 +140,16 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// The full upstream URI of an endpoint.
-    pub fn uri(&self, endpoint: Endpoint) -> &Uri {
-        match endpoint {
-            Endpoint::ChatCompletions => &self.chat_uri,
-            Endpoint::Completions => &self.completions_uri,
-            Endpoint::Embeddings => &self.embeddings_uri,
-            Endpoint::Responses => &self.responses_uri,
+    /// The full upstream URI of an endpoint, `None` when the backend's API has no such
+    /// endpoint (an Anthropic backend serves chat only).
+    pub fn uri(&self, endpoint: Endpoint) -> Option<&Uri> {
+        match (self.format, endpoint) {
+            (ApiFormat::OpenAi, Endpoint::ChatCompletions) => Some(&self.chat_uri),
+            (ApiFormat::OpenAi, Endpoint::Completions) => Some(&self.completions_uri),
+            (ApiFormat::OpenAi, Endpoint::Embeddings) => Some(&self.embeddings_uri),
+            (ApiFormat::OpenAi, Endpoint::Responses) => Some(&self.responses_uri),
+            (ApiFormat::Anthropic, Endpoint::ChatCompletions) => Some(&self.messages_uri),
+            (ApiFormat::Anthropic, _) => None,
         }
     }
 
@@ -149,17 +173,37 @@ impl Backend {
         Uri::try_from(url.as_str()).ok()
     }
 
-    /// The `Authorization` header to send upstream, if the backend has a key.
+    /// The headers that authenticate a request upstream: `Authorization` for an OpenAI-format
+    /// backend with a key; `x-api-key` (if it has one) and `anthropic-version` for an
+    /// Anthropic backend.
+    pub fn auth_headers(&self) -> impl Iterator<Item = (HeaderName, &HeaderValue)> {
+        let key = self.authorization.as_ref().map(|value| match self.format {
+            ApiFormat::OpenAi => (header::AUTHORIZATION, value),
+            ApiFormat::Anthropic => (HeaderName::from_static("x-api-key"), value),
+        });
+        let version = self
+            .anthropic_version
+            .as_ref()
+            .map(|value| (HeaderName::from_static("anthropic-version"), value));
+        key.into_iter().chain(version)
+    }
+
+    /// The `Authorization` header to send upstream, if the backend is OpenAI-format and has
+    /// a key.
     pub fn authorization(&self) -> Option<&HeaderValue> {
-        self.authorization.as_ref()
+        self.authorization
+            .as_ref()
+            .filter(|_| self.format == ApiFormat::OpenAi)
     }
 
     /// The backend's API key (empty when it has none), to remove from what upstreams echo.
     pub fn api_key(&self) -> &[u8] {
-        self.authorization
-            .as_ref()
-            .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
-            .unwrap_or_default()
+        let value = self.authorization.as_ref().map(HeaderValue::as_bytes);
+        match self.format {
+            ApiFormat::OpenAi => value.and_then(|v| v.strip_prefix(b"Bearer ")),
+            ApiFormat::Anthropic => value,
+        }
+        .unwrap_or_default()
     }
 }
 
@@ -171,6 +215,8 @@ pub struct Route {
     pub upstream_model: String,
     /// What a request served by this route costs.
     pub prices: Prices,
+    /// `max_tokens` for an Anthropic backend when the client gave none.
+    pub default_max_tokens: u32,
 }
 
 /// A client key's identity and permissions.
@@ -251,13 +297,32 @@ impl Snapshot {
             let pool =
                 Pool::try_from(b.pool).map_err(|_| SnapshotError::InvalidPool(b.id.clone()))?;
             let base = parse_base_url(&b.id, &b.base_url)?;
+            let format = match proto::ApiFormat::try_from(b.api_format) {
+                Ok(proto::ApiFormat::Anthropic) => ApiFormat::Anthropic,
+                Ok(proto::ApiFormat::Unspecified | proto::ApiFormat::Openai) => ApiFormat::OpenAi,
+                Err(_) => return Err(SnapshotError::InvalidApiFormat(b.id.clone())),
+            };
             let authorization = if b.api_key.is_empty() {
                 None
             } else {
-                let mut value = HeaderValue::try_from(format!("Bearer {}", b.api_key))
+                let value = match format {
+                    ApiFormat::OpenAi => format!("Bearer {}", b.api_key),
+                    ApiFormat::Anthropic => b.api_key.clone(),
+                };
+                let mut value = HeaderValue::try_from(value)
                     .map_err(|_| SnapshotError::InvalidApiKey(b.id.clone()))?;
                 value.set_sensitive(true);
                 Some(value)
+            };
+            let anthropic_version = match format {
+                ApiFormat::OpenAi => None,
+                ApiFormat::Anthropic if b.anthropic_version.is_empty() => {
+                    Some(HeaderValue::from_static(crate::anthropic::DEFAULT_VERSION))
+                }
+                ApiFormat::Anthropic => Some(
+                    HeaderValue::try_from(b.anthropic_version.as_str())
+                        .map_err(|_| SnapshotError::InvalidAnthropicVersion(b.id.clone()))?,
+                ),
             };
             let index = backends.len();
             let mut served = HashSet::new();
@@ -285,6 +350,10 @@ impl Snapshot {
                             model.cached_input_price_per_mtok,
                             model.output_price_per_mtok,
                         ),
+                        default_max_tokens: match model.default_max_tokens {
+                            0 => DEFAULT_MAX_TOKENS,
+                            n => n,
+                        },
                     });
             }
             let until = match b.cooldown_remaining.as_ref().and_then(std_duration) {
@@ -311,7 +380,10 @@ impl Snapshot {
                 completions_uri: endpoint_uri(&b.id, &base, Endpoint::Completions)?,
                 embeddings_uri: endpoint_uri(&b.id, &base, Endpoint::Embeddings)?,
                 responses_uri: endpoint_uri(&b.id, &base, Endpoint::Responses)?,
+                messages_uri: joined_uri(&b.id, &base, "/messages")?,
                 base,
+                format,
+                anthropic_version,
                 id: b.id,
                 name: b.name.into(),
                 pool,
@@ -470,11 +542,15 @@ fn parse_base_url(backend: &str, raw: &str) -> Result<Url, SnapshotError> {
 }
 
 fn endpoint_uri(backend: &str, base: &Url, endpoint: Endpoint) -> Result<Uri, SnapshotError> {
+    joined_uri(backend, base, endpoint.path())
+}
+
+fn joined_uri(backend: &str, base: &Url, path: &str) -> Result<Uri, SnapshotError> {
     let invalid = |reason: String| SnapshotError::InvalidBaseUrl {
         backend: backend.to_owned(),
         reason,
     };
-    let joined = format!("{}{}", base.as_str().trim_end_matches('/'), endpoint.path());
+    let joined = format!("{}{path}", base.as_str().trim_end_matches('/'));
     // Parsed by `url` first: it normalizes (percent-encoding, IDNA hosts) what `Uri` would
     // refuse or take literally.
     let normalized = Url::parse(&joined).map_err(|e| invalid(e.to_string()))?;
@@ -788,7 +864,7 @@ pub(crate) mod tests {
         assert_eq!(routes[0].upstream_model, "up-p1");
         let b = &snap.backends()[routes[0].backend];
         assert_eq!(
-            b.uri(Endpoint::ChatCompletions),
+            b.uri(Endpoint::ChatCompletions).unwrap(),
             "http://127.0.0.1:9/v1/chat/completions"
         );
         assert!(b.authorization().unwrap().is_sensitive());
@@ -825,7 +901,7 @@ pub(crate) mod tests {
         let snap = Snapshot::prepare(message, None, Now::read(), 1).unwrap();
         let b = snap.backends().iter().find(|b| b.id == "p1").unwrap();
         assert_eq!(
-            b.uri(Endpoint::Embeddings),
+            b.uri(Endpoint::Embeddings).unwrap(),
             "https://xn--bcher-kva.example:8443/my%20v1/embeddings"
         );
     }

@@ -45,6 +45,8 @@ async fn the_largest_supported_configuration_reaches_replicas_and_sluicectl() {
         store
             .create_backend(
                 BackendSpec {
+                    anthropic_version: Default::default(),
+                    api_format: Default::default(),
                     name: long_name("backend", b),
                     base_url: mock.base_url(),
                     pool: Pool::Primary,
@@ -52,6 +54,7 @@ async fn the_largest_supported_configuration_reaches_replicas_and_sluicectl() {
                     weight: 100,
                     models: (0..MODELS)
                         .map(|m| ModelRoute {
+                            default_max_tokens: Default::default(),
                             name: format!("model-{m}"),
                             upstream_name: format!("model-{m}"),
                             input_price_per_mtok: 2.5,

@@ -468,12 +468,15 @@ impl World {
         store
             .create_backend(
                 BackendSpec {
+                    anthropic_version: Default::default(),
+                    api_format: Default::default(),
                     name: "b".into(),
                     base_url: "http://127.0.0.1:9/v1".into(),
                     pool: Pool::Primary,
                     priority: 0,
                     weight: 1,
                     models: vec![ModelRoute {
+                        default_max_tokens: Default::default(),
                         name: "m".into(),
                         upstream_name: "m".into(),
                         input_price_per_mtok: 1.0,

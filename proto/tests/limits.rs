@@ -25,6 +25,8 @@ fn name(prefix: &str, i: usize) -> String {
 fn snapshot() -> pb::Snapshot {
     let backends = (0..BACKENDS)
         .map(|b| pb::SnapshotBackend {
+            anthropic_version: Default::default(),
+            api_format: Default::default(),
             id: id(b),
             name: name("backend", b),
             base_url: format!("https://api-{b}.provider.example.com/v1"),
@@ -33,6 +35,7 @@ fn snapshot() -> pb::Snapshot {
             weight: 100,
             models: (0..MODELS_PER_BACKEND)
                 .map(|m| pb::ModelRoute {
+                    default_max_tokens: Default::default(),
                     name: format!("provider-model-{m}-2025-01-01"),
                     upstream_name: format!("provider/model-{m}-2025-01-01-preview"),
                     input_price_per_mtok: 2.5,

@@ -77,16 +77,31 @@ fn create_request(args: BackendAddArgs) -> Result<pb::CreateBackendRequest, Erro
         pool: pb::Pool::from(args.pool).into(),
         priority: args.priority,
         weight: args.weight,
-        models: args.models,
+        models: with_max_tokens(args.models, args.default_max_tokens),
         rpm_limit: args.rpm,
         enabled: !args.disabled,
         responses_api: args.responses_api,
+        api_format: pb::ApiFormat::from(args.api_format).into(),
+        anthropic_version: args.anthropic_version.unwrap_or_default(),
         ..Default::default()
     };
     Ok(pb::CreateBackendRequest {
         backend: Some(backend),
         api_key,
     })
+}
+
+/// The routes with `default_max_tokens` set, when given.
+fn with_max_tokens(
+    mut models: Vec<pb::ModelRoute>,
+    max_tokens: Option<u32>,
+) -> Vec<pb::ModelRoute> {
+    if let Some(n) = max_tokens {
+        for model in &mut models {
+            model.default_max_tokens = n;
+        }
+    }
+    models
 }
 
 /// A request whose mask names exactly the flags given.
@@ -126,18 +141,27 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
         set("enabled");
     }
     if !args.models.is_empty() {
-        backend.models = args.models;
+        backend.models = with_max_tokens(args.models, args.default_max_tokens);
         set("models");
     }
     if let Some(on) = args.responses_api {
         backend.responses_api = Some(on);
         set("responses_api");
     }
+    if let Some(format) = args.api_format {
+        backend.api_format = pb::ApiFormat::from(format).into();
+        set("api_format");
+    }
+    if let Some(version) = args.anthropic_version {
+        backend.anthropic_version = version;
+        set("anthropic_version");
+    }
     let api_key = read_api_key(&args.api_key)?;
     if paths.is_empty() && api_key.is_none() {
         return Err(Error::Usage(
             "nothing to update: give at least one of --name, --base-url, --pool, --priority, \
-             --weight, --rpm, --enabled, --disabled, --model, --api-key-env, --api-key-stdin"
+             --weight, --rpm, --enabled, --disabled, --model, --api-format, \
+             --anthropic-version, --api-key-env, --api-key-stdin"
                 .to_owned(),
         ));
     }
@@ -251,6 +275,45 @@ mod tests {
         assert!(!backend.enabled);
         assert_eq!(backend.models.len(), 2);
         assert_eq!(backend.models[1].upstream_name, "c");
+    }
+
+    #[test]
+    fn an_anthropic_backend_is_added_and_switched_by_flags() {
+        let cli = Cli::try_parse_from([
+            "sluicectl",
+            "backend",
+            "add",
+            "--name",
+            "claude",
+            "--base-url",
+            "https://api.anthropic.com/v1",
+            "--api-format",
+            "anthropic",
+            "--anthropic-version",
+            "2023-06-01",
+            "--default-max-tokens",
+            "2048",
+            "--model",
+            "sonnet:claude-sonnet-4-5",
+        ])
+        .unwrap();
+        let crate::args::Command::Backend(BackendCommand::Add(args)) = cli.command else {
+            panic!("not backend add");
+        };
+        let backend = create_request(args).unwrap().backend.unwrap();
+        assert_eq!(backend.api_format, pb::ApiFormat::Anthropic as i32);
+        assert_eq!(backend.anthropic_version, "2023-06-01");
+        assert_eq!(backend.models[0].default_max_tokens, 2048);
+
+        let request = update_request(update_args(&["claude", "--api-format", "openai"])).unwrap();
+        assert_eq!(
+            request.update_mask.unwrap().paths,
+            vec!["api_format".to_owned()]
+        );
+        assert_eq!(
+            request.backend.unwrap().api_format,
+            pb::ApiFormat::Openai as i32
+        );
     }
 
     #[test]

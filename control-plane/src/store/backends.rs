@@ -4,7 +4,7 @@
 use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
 
 use super::{Store, StoreError, WriteOp, bump_version, new_id, unique_violation};
-use crate::backend::{Backend, BackendSpec, ModelRoute, Pool};
+use crate::backend::{ApiFormat, Backend, BackendSpec, ModelRoute, Pool};
 use crate::crypto::{MasterKey, key_hint};
 use crate::time::now_ms;
 
@@ -30,8 +30,8 @@ impl Store {
             tx.execute(
                 "INSERT INTO backends (id, name, base_url, pool, priority, weight, rpm_limit, enabled,
                                        api_key_ciphertext, api_key_hint, create_time, update_time,
-                                       responses_api)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12)",
+                                       responses_api, api_format, anthropic_version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12, ?13, ?14)",
                 params![
                     id,
                     spec.name,
@@ -44,7 +44,9 @@ impl Store {
                     sealed,
                     hint,
                     now,
-                    spec.responses_api
+                    spec.responses_api,
+                    spec.api_format.as_str(),
+                    spec.anthropic_version
                 ],
             )
             .map_err(|e| unique_violation(e, || format!("a backend named {:?} already exists", spec.name)))?;
@@ -93,8 +95,8 @@ impl Store {
             let now = now_ms();
             tx.execute(
                 "UPDATE backends SET name = ?2, base_url = ?3, pool = ?4, priority = ?5, weight = ?6,
-                        rpm_limit = ?7, enabled = ?8, update_time = ?9, responses_api = ?10
-                 WHERE id = ?1",
+                        rpm_limit = ?7, enabled = ?8, update_time = ?9, responses_api = ?10,
+                        api_format = ?11, anthropic_version = ?12 WHERE id = ?1",
                 params![
                     id,
                     spec.name,
@@ -105,7 +107,9 @@ impl Store {
                     spec.rpm_limit,
                     spec.enabled,
                     now,
-                    spec.responses_api
+                    spec.responses_api,
+                    spec.api_format.as_str(),
+                    spec.anthropic_version
                 ],
             )
             .map_err(|e| unique_violation(e, || format!("a backend named {:?} already exists", spec.name)))?;
@@ -185,8 +189,8 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
     let mut stmt = tx.prepare(
         "INSERT INTO backend_models (backend_id, position, name, upstream_name,
                                      input_price_per_mtok, output_price_per_mtok,
-                                     cached_input_price_per_mtok)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                                     cached_input_price_per_mtok, default_max_tokens)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
     for (position, m) in models.iter().enumerate() {
         stmt.execute(params![
@@ -196,7 +200,8 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
             m.upstream_name,
             m.input_price_per_mtok,
             m.output_price_per_mtok,
-            m.cached_input_price_per_mtok
+            m.cached_input_price_per_mtok,
+            m.default_max_tokens
         ])?;
     }
     Ok(())
@@ -234,7 +239,7 @@ fn pool_from_db(value: i64) -> Pool {
     }
 }
 
-const BACKEND_COLUMNS: &str = "id, name, base_url, pool, priority, weight, rpm_limit, enabled, api_key_hint, create_time, update_time, responses_api";
+const BACKEND_COLUMNS: &str = "id, name, base_url, pool, priority, weight, rpm_limit, enabled, api_key_hint, create_time, update_time, responses_api, api_format, anthropic_version";
 
 fn row_to_backend(r: &rusqlite::Row<'_>) -> rusqlite::Result<Backend> {
     Ok(Backend {
@@ -249,6 +254,8 @@ fn row_to_backend(r: &rusqlite::Row<'_>) -> rusqlite::Result<Backend> {
             rpm_limit: r.get(6)?,
             enabled: r.get(7)?,
             responses_api: r.get(11)?,
+            api_format: ApiFormat::from_db(&r.get::<_, String>(12)?),
+            anthropic_version: r.get(13)?,
         },
         api_key_hint: r.get(8)?,
         create_time_ms: r.get(9)?,
@@ -270,7 +277,7 @@ fn load_backend(conn: &Connection, id: &str) -> Result<Backend, StoreError> {
         })?;
     let mut stmt = conn.prepare_cached(
         "SELECT name, upstream_name, input_price_per_mtok, output_price_per_mtok,
-                cached_input_price_per_mtok
+                cached_input_price_per_mtok, default_max_tokens
          FROM backend_models WHERE backend_id = ?1 ORDER BY position",
     )?;
     backend.spec.models = stmt
@@ -281,6 +288,7 @@ fn load_backend(conn: &Connection, id: &str) -> Result<Backend, StoreError> {
                 input_price_per_mtok: r.get(2)?,
                 output_price_per_mtok: r.get(3)?,
                 cached_input_price_per_mtok: r.get(4)?,
+                default_max_tokens: r.get(5)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -297,7 +305,7 @@ fn load_all(conn: &Connection) -> Result<Vec<Backend>, StoreError> {
     };
     let mut stmt = conn.prepare_cached(
         "SELECT backend_id, name, upstream_name, input_price_per_mtok, output_price_per_mtok,
-                cached_input_price_per_mtok
+                cached_input_price_per_mtok, default_max_tokens
          FROM backend_models ORDER BY backend_id, position",
     )?;
     let mut by_backend: std::collections::HashMap<String, Vec<ModelRoute>> =
@@ -311,6 +319,7 @@ fn load_all(conn: &Connection) -> Result<Vec<Backend>, StoreError> {
                 input_price_per_mtok: r.get(3)?,
                 output_price_per_mtok: r.get(4)?,
                 cached_input_price_per_mtok: r.get(5)?,
+                default_max_tokens: r.get(6)?,
             },
         ))
     })?;

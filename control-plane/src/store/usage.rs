@@ -1271,6 +1271,8 @@ mod tests {
         let mut backends = Vec::new();
         for i in 0..3 {
             let spec = crate::backend::BackendSpec {
+                anthropic_version: Default::default(),
+                api_format: Default::default(),
                 name: format!("b{i}"),
                 base_url: "https://api.example.com/v1".into(),
                 pool: if i == 2 {
@@ -1281,6 +1283,7 @@ mod tests {
                 priority: 1,
                 weight: 1,
                 models: vec![crate::backend::ModelRoute {
+                    default_max_tokens: Default::default(),
                     name: "m1".into(),
                     upstream_name: "m1".into(),
                     input_price_per_mtok: 0.1 + f64::from(i),

@@ -13,8 +13,9 @@ use sluice_proto::v1::ErrorKind;
 use tokio::time::{Instant, timeout_at};
 
 use super::accounting::{Accounting, usage_of};
-use super::relay::{Mode, Relay};
+use super::relay::{Mode, Relay, Translation};
 use super::{AppState, Collected};
+use crate::anthropic;
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
 use crate::metrics::{AttemptOutcome, CooldownReason, Label, LimitScope, SkipReason};
@@ -22,7 +23,7 @@ use crate::redact::redact;
 use crate::request::ParsedRequest;
 use crate::responses::{self, IdRewrite};
 use crate::router;
-use crate::snapshot::{Backend, Endpoint, Policy, Route, Snapshot};
+use crate::snapshot::{ApiFormat, Backend, Endpoint, Policy, Route, Snapshot};
 use crate::upstream::{self, UpstreamBody, UpstreamClient};
 
 /// Largest error body read from an upstream 429/5xx (to pass it on if it is the last one).
@@ -173,7 +174,8 @@ pub(super) async fn forward_call(
     let cooldowns = app.store.cooldowns();
     let order = router::order(routes, snapshot.backends(), &mut rand::rng());
     let mut soonest: Option<Instant> = None;
-    let mut last: Option<Failure> = None;
+    let mut last: Option<(Failure, ApiFormat)> = None;
+    let mut unsupported = false;
     for route in order {
         if acct.attempts() >= policy.max_attempts {
             break;
@@ -181,10 +183,24 @@ pub(super) async fn forward_call(
         let Some(backend) = snapshot.backends().get(route.backend) else {
             continue;
         };
+        let Some(uri) = backend.uri(call.endpoint) else {
+            unsupported = true;
+            continue;
+        };
+        // The OpenAI path copies the client's bytes; only another API needs a translation.
+        let translated = match (backend.format, &call.send) {
+            (ApiFormat::Anthropic, Outbound::Body { parsed, .. }) => {
+                match messages_body(parsed, route, stream) {
+                    Ok(body) => Some(body),
+                    Err(e) => return error(acct, e).await,
+                }
+            }
+            _ => None,
+        };
         let label = Label::from(&backend.name);
         let now = Instant::now();
         if now >= deadline {
-            last.get_or_insert(Failure::Timeout);
+            last.get_or_insert((Failure::Timeout, backend.format));
             break;
         }
         let basis = match cooldowns.check(&backend.id, now) {
@@ -215,13 +231,16 @@ pub(super) async fn forward_call(
                 previous_response_id,
             } => (
                 Method::POST,
-                backend.uri(call.endpoint).clone(),
-                // The Responses API always reports usage; it has no `include_usage`.
-                parsed.rewrite_with(
-                    &route.upstream_model,
-                    stream && call.endpoint != Endpoint::Responses,
-                    *previous_response_id,
-                ),
+                uri.clone(),
+                match translated {
+                    Some(body) => body,
+                    // The Responses API always reports usage; it has no `include_usage`.
+                    None => parsed.rewrite_with(
+                        &route.upstream_model,
+                        stream && call.endpoint != Endpoint::Responses,
+                        *previous_response_id,
+                    ),
+                },
             ),
             Outbound::Stored {
                 method,
@@ -293,6 +312,15 @@ pub(super) async fn forward_call(
         match outcome {
             Ok(answer) => {
                 let mode = match &call.ids {
+                    None if backend.format == ApiFormat::Anthropic => Mode::Translated(Box::new(
+                        Translation::ChatFromEvents(anthropic::stream::ChunksFromEvents::new(
+                            unix_now(),
+                            match &call.send {
+                                Outbound::Body { parsed, .. } => parsed.include_usage,
+                                Outbound::Stored { .. } => false,
+                            },
+                        )),
+                    )),
                     None => Mode::Chat {
                         forward_usage: match &call.send {
                             Outbound::Body { parsed, .. } => parsed.include_usage,
@@ -317,7 +345,7 @@ pub(super) async fn forward_call(
                     retry,
                     "upstream attempt failed"
                 );
-                last = Some(failure);
+                last = Some((failure, backend.format));
                 if !retry {
                     break;
                 }
@@ -325,7 +353,17 @@ pub(super) async fn forward_call(
         }
     }
     match last {
-        Some(failure) => fail(acct, failure).await,
+        Some((failure, format)) => fail(acct, failure, format).await,
+        None if unsupported && soonest.is_none() => {
+            error(
+                acct,
+                ProxyError::EndpointUnsupported {
+                    model: call.model.to_owned(),
+                    path: call.endpoint.path(),
+                },
+            )
+            .await
+        }
         None => match soonest {
             Some(until) => {
                 app.metrics.rate_limited(LimitScope::backends);
@@ -355,7 +393,7 @@ pub(super) async fn error(acct: Accounting, err: ProxyError) -> Response {
 }
 
 /// Answers with the last failure: the upstream's own 429/5xx, or 502/504.
-async fn fail(acct: Accounting, failure: Failure) -> Response {
+async fn fail(acct: Accounting, failure: Failure, format: ApiFormat) -> Response {
     match failure {
         Failure::Status {
             status,
@@ -363,6 +401,13 @@ async fn fail(acct: Accounting, failure: Failure) -> Response {
             content_type,
             body,
         } => {
+            let (status, content_type, body) = match format {
+                ApiFormat::OpenAi => (status, content_type, body),
+                ApiFormat::Anthropic => {
+                    let (status, body) = anthropic::error::to_openai(status, &body);
+                    (status, None, body)
+                }
+            };
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = status;
             let headers = response.headers_mut();
@@ -522,7 +567,25 @@ async fn deliver(
             content_type,
             mut body,
         } => {
+            let (status, content_type) = match &mode {
+                Mode::Translated(t) => match t.whole(status, &body, unix_now()) {
+                    Some((status, translated)) => {
+                        body = translated;
+                        (status, Some(HeaderValue::from_static("application/json")))
+                    }
+                    None => return error(acct, ProxyError::UpstreamInvalid).await,
+                },
+                _ => (status, content_type),
+            };
             match &mode {
+                Mode::Translated(_) => {
+                    if status.is_success()
+                        && let Some((tokens, _)) =
+                            std::str::from_utf8(&body).ok().and_then(usage_of)
+                    {
+                        acct.tokens(tokens);
+                    }
+                }
                 Mode::Chat { .. } => {
                     if status.is_success()
                         && let Some((tokens, _)) =
@@ -599,6 +662,28 @@ async fn deliver(
             response
         }
     }
+}
+
+/// The chat request as a Messages request for an Anthropic backend.
+fn messages_body(
+    parsed: &ParsedRequest<'_>,
+    route: &Route,
+    stream: bool,
+) -> Result<Bytes, ProxyError> {
+    let chat = parsed.object()?;
+    let mut messages = anthropic::request::chat_to_messages(
+        &chat,
+        &route.upstream_model,
+        route.default_max_tokens,
+    )?;
+    messages.insert("stream".into(), serde_json::Value::Bool(stream));
+    Ok(Bytes::from(serde_json::Value::Object(messages).to_string()))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// `body` with every `from` replaced by `to`.

@@ -22,11 +22,13 @@ use sluice_proto::v1::ErrorKind;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use super::accounting::{Accounting, usage_of};
+use super::accounting::{Accounting, Tokens, usage_of};
+use crate::anthropic::Usage;
+use crate::anthropic::stream::{ChunksFromEvents, Flow};
 use crate::error::error_body;
 use crate::responses::{self, IdRewrite};
 use crate::spool::Written;
-use crate::sse::{Item, SseParser};
+use crate::sse::{Event, Item, SseParser};
 use crate::upstream::{self, UpstreamBody};
 
 /// How long to keep reading an upstream after `[DONE]` so its connection can be reused.
@@ -52,6 +54,53 @@ pub(super) enum Mode {
         ids: Box<IdRewrite>,
         count_usage: bool,
     },
+    /// Translated between the two APIs event by event (see [`Translation`]).
+    Translated(Box<Translation>),
+}
+
+/// A stream translated between OpenAI's and Anthropic's APIs.
+pub(super) enum Translation {
+    /// An Anthropic backend's events as chat completion chunks.
+    ChatFromEvents(ChunksFromEvents),
+}
+
+impl Translation {
+    /// Translates one event into `frames`; the tokens reported so far.
+    fn push(&mut self, event: &Event, frames: &mut Vec<Bytes>) -> (Flow, Option<Usage>) {
+        match self {
+            Self::ChatFromEvents(t) => (t.push(event, frames), t.usage()),
+        }
+    }
+
+    /// A whole (non-streamed) answer in the client's API: the status and body it gets, or
+    /// `None` when a 2xx body is not what the backend's API answers. `created`: now, in Unix
+    /// seconds.
+    pub(super) fn whole(
+        &self,
+        status: StatusCode,
+        body: &[u8],
+        created: u64,
+    ) -> Option<(StatusCode, Bytes)> {
+        match self {
+            Self::ChatFromEvents(_) => {
+                if !status.is_success() {
+                    return Some(crate::anthropic::error::to_openai(status, body));
+                }
+                let message: serde_json::Value = serde_json::from_slice(body).ok()?;
+                message.get("type").filter(|t| *t == "message")?;
+                let completion =
+                    crate::anthropic::response::message_to_completion(&message, created);
+                Some((status, Bytes::from(completion.to_string())))
+            }
+        }
+    }
+
+    /// Whether the client reads Anthropic's event stream (else OpenAI's chunks).
+    fn client_is_anthropic(&self) -> bool {
+        match self {
+            Self::ChatFromEvents(_) => false,
+        }
+    }
 }
 
 pub(super) struct Relay {
@@ -65,6 +114,8 @@ pub(super) struct Relay {
     /// The frame that ends the stream, held until its usage record is written.
     last: Option<(Written, Bytes)>,
     mode: Mode,
+    /// A translation's output for one event.
+    frames: Vec<Bytes>,
     /// Events relayed so far (the Responses API numbers its events; an error event Sluice
     /// adds takes the next number).
     events: u64,
@@ -98,6 +149,7 @@ impl Relay {
             acct: Some(acct),
             last: None,
             mode,
+            frames: Vec::new(),
             events: 0,
             idle_timeout,
             deadline,
@@ -118,6 +170,11 @@ impl Relay {
                 Item::Comment(text) => self
                     .ready
                     .push_back((Bytes::from(format!(":{text}\n\n")), Then::Continue)),
+                Item::Event(event) if matches!(self.mode, Mode::Translated(_)) => {
+                    if self.translate(&event) {
+                        break;
+                    }
+                }
                 Item::Event(event) => {
                     if event.data == "[DONE]" {
                         self.ready
@@ -128,6 +185,7 @@ impl Relay {
                     self.events += 1;
                     let forward_usage = match &self.mode {
                         Mode::Chat { forward_usage } => *forward_usage,
+                        Mode::Translated(_) => false,
                         Mode::Responses { .. } => {
                             if self.take_responses_event(event) {
                                 break;
@@ -195,13 +253,51 @@ impl Relay {
         }
     }
 
+    /// Queues the client's frames for one translated event; true once the stream is over.
+    fn translate(&mut self, event: &Event) -> bool {
+        let Mode::Translated(translation) = &mut self.mode else {
+            return false;
+        };
+        let mut frames = std::mem::take(&mut self.frames);
+        let (flow, usage) = translation.push(event, &mut frames);
+        if let (Some(usage), Some(acct)) = (usage, &mut self.acct) {
+            acct.tokens(Tokens {
+                prompt: usage.input,
+                completion: usage.output,
+                cached_prompt: usage.cache_read,
+                ..Tokens::default()
+            });
+        }
+        let end = match flow {
+            Flow::Continue => None,
+            Flow::Done => Some(ErrorKind::Unspecified),
+            Flow::Failed => Some(ErrorKind::StreamInterrupted),
+        };
+        let count = frames.len();
+        for (i, frame) in frames.drain(..).enumerate() {
+            let then = match end {
+                Some(kind) if i + 1 == count => Then::Finish(kind),
+                _ => Then::Continue,
+            };
+            self.ready.push_back((frame, then));
+        }
+        self.frames = frames;
+        if end.is_some() {
+            self.drain_upstream();
+        }
+        end.is_some()
+    }
+
     /// Ends the stream with an error event after what is already queued.
     fn interrupt(&mut self, why: &str) {
         tracing::warn!(reason = why, "upstream stream interrupted");
         self.upstream = None;
         let message = format!("The upstream stream was interrupted: {why}.");
         let event = match &self.mode {
-            Mode::Chat { .. } => {
+            Mode::Translated(t) if t.client_is_anthropic() => {
+                crate::anthropic::error::event(502, &message).to_vec()
+            }
+            Mode::Chat { .. } | Mode::Translated(_) => {
                 let body = error_body(&message, "server_error", None, Some("stream_interrupted"));
                 let mut event = Vec::with_capacity(body.len() + 8);
                 event.extend_from_slice(b"data: ");
@@ -298,6 +394,7 @@ impl Body for Relay {
                 Poll::Ready(None) => {
                     let why = match this.mode {
                         Mode::Chat { .. } => "the upstream stream ended before [DONE]",
+                        Mode::Translated(_) => "the upstream stream ended before its last event",
                         Mode::Responses { .. } => {
                             "the upstream stream ended before its final event"
                         }

@@ -150,6 +150,7 @@ pub(super) async fn call(
         // The response was charged when it was created; reading, listing or deleting it
         // adds nothing to the key's spend.
         prices: Prices::default(),
+        default_max_tokens: crate::snapshot::DEFAULT_MAX_TOKENS,
     };
     let call = Call {
         endpoint: Endpoint::Responses,

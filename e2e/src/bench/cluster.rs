@@ -403,6 +403,7 @@ fn model_routes(models: &[&str]) -> Vec<pb::ModelRoute> {
             upstream_name: (*m).into(),
             input_price_per_mtok: 1.0,
             output_price_per_mtok: 2.0,
+            default_max_tokens: 0,
             ..Default::default()
         })
         .collect()

@@ -224,6 +224,20 @@ impl ControlApi {
         priority: i32,
         models: &[(&str, &str)],
     ) -> pb::Backend {
+        self.add_backend_speaking(pb::ApiFormat::Openai, name, mock, pool, priority, models)
+            .await
+    }
+
+    /// [`Cluster::add_backend`] for a backend speaking `format` (the mock serves both).
+    pub async fn add_backend_speaking(
+        &self,
+        format: pb::ApiFormat,
+        name: &str,
+        mock: &Mock,
+        pool: pb::Pool,
+        priority: i32,
+        models: &[(&str, &str)],
+    ) -> pb::Backend {
         self.admin()
             .await
             .create_backend(pb::CreateBackendRequest {
@@ -237,6 +251,7 @@ impl ControlApi {
                     models: models
                         .iter()
                         .map(|(name, upstream)| pb::ModelRoute {
+                            default_max_tokens: Default::default(),
                             name: (*name).into(),
                             upstream_name: (*upstream).into(),
                             input_price_per_mtok: 1.0,
@@ -244,6 +259,7 @@ impl ControlApi {
                             ..Default::default()
                         })
                         .collect(),
+                    api_format: format as i32,
                     ..Default::default()
                 }),
                 api_key: mock.api_key.clone().unwrap_or_default(),
