@@ -455,8 +455,8 @@ async fn attempt(
             HeaderValue::from_static("application/json"),
         );
     }
-    if let Some(authorization) = backend.authorization() {
-        headers.insert(header::AUTHORIZATION, authorization.clone());
+    for (name, value) in backend.auth_headers() {
+        headers.insert(name, value.clone());
     }
     let first_byte = deadline.min(Instant::now() + policy.first_byte_timeout);
     // A connect timeout is a connect error (the connector's own limit); only our deadlines
