@@ -21,6 +21,7 @@
 pub mod api;
 pub mod backend;
 pub mod budget;
+pub mod budget_resets;
 pub mod client_key;
 pub mod crypto;
 pub mod dashboard;

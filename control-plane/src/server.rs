@@ -216,6 +216,10 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             store.clone(),
             stop.clone(),
         )),
+        tokio::spawn(crate::budget_resets::publish_budget_resets(
+            store.clone(),
+            stop.clone(),
+        )),
     ];
 
     let admin_check = TokenCheck::new(&secrets.admin_token, "admin");

@@ -113,6 +113,12 @@ pub fn client_key_entry_bytes(name: &str, allowed_models: &[String]) -> usize {
         allowed_models: allowed_models.to_vec(),
         rpm_limit: u32::MAX,
         expired: true,
+        budget_spent: true,
+        max_budget: f64::MAX,
+        budget_reset_time: Some(pbjson_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: i32::MAX,
+        }),
     })
 }
 
@@ -292,17 +298,26 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                     }
                 })
                 .collect();
-            let client_keys = crate::store::load_keys_in(&tx, true)?
-                .into_iter()
-                .map(|k| pb::SnapshotClientKey {
+            let mut client_keys = Vec::new();
+            for k in crate::store::load_keys_in(&tx, true)? {
+                // Only keys with a budget cost a read of their spend.
+                let budget_spent = k.max_budget_nanos > 0
+                    && crate::store::spent_in_period_in(&tx, &k, now)? >= k.max_budget_nanos;
+                client_keys.push(pb::SnapshotClientKey {
                     expired: k.expired_at(now),
+                    budget_spent,
+                    max_budget: sluice_domain::price::from_nanos(k.max_budget_nanos),
+                    budget_reset_time: k
+                        .budget_period
+                        .period_of(now)
+                        .map(|(_, end)| crate::time::timestamp(end)),
                     id: k.id,
                     name: k.name,
                     key_sha256: k.key_sha256,
                     allowed_models: k.allowed_models,
                     rpm_limit: k.rpm_limit,
-                })
-                .collect();
+                });
+            }
             let settings = crate::store::load_settings_in(&tx)?;
             let affinity_keys = crate::store::load_affinity_keys_in(&tx, key)?;
             // In the same transaction as the version: a change of it bumps the version.

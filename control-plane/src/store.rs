@@ -409,6 +409,7 @@ pub(crate) use backends::load_enabled_with_keys as load_enabled_with_keys_in;
 pub(crate) use client_keys::load_keys as load_keys_in;
 pub(crate) use cooldowns::load_cooldown_states as load_cooldown_states_in;
 pub(crate) use data_planes::count_share_holders as count_share_holders_in;
+pub(crate) use key_spend::spent_in_period as spent_in_period_in;
 pub(crate) use settings::load_settings as load_settings_in;
 
 /// Sends the committed version to the subscribers of [`Store::commits`] if it is newer.
@@ -431,6 +432,11 @@ fn read_version(conn: &Connection) -> Result<u64, rusqlite::Error> {
     conn.prepare_cached("SELECT value FROM meta WHERE key = 'snapshot_version'")?
         .query_row([], |r| r.get::<_, i64>(0))
         .map(|v| v.max(0) as u64)
+}
+
+/// Nano-units as SQLite stores them, saturating at `i64::MAX`.
+pub(crate) fn nanos_to_db(nanos: u64) -> i64 {
+    i64::try_from(nanos).unwrap_or(i64::MAX)
 }
 
 /// Increments and returns the snapshot version inside `tx`.

@@ -47,6 +47,12 @@ pub enum ProxyError {
     ModelNotFound(String),
     #[error("Rate limit reached for this API key. Please try again in {}s.", retry_after_secs(*.retry_after))]
     KeyRateLimited { retry_after: Duration },
+    #[error("{}", budget_spent_message(.key_name, *.max_budget, *.resets))]
+    BudgetSpent {
+        key_name: String,
+        max_budget: f64,
+        resets: Option<std::time::SystemTime>,
+    },
     #[error(
         "Every backend serving `{model}` is cooling down or at its rate limit. Please try again in {}s.",
         retry_after_secs(*.retry_after)
@@ -94,6 +100,25 @@ pub enum ProxyError {
     NoAffinityKey,
 }
 
+/// Names the budget and when it resets, so the client knows what happened and until when.
+fn budget_spent_message(
+    key_name: &str,
+    max_budget: f64,
+    resets: Option<std::time::SystemTime>,
+) -> String {
+    let key_name = sluice_domain::text::escape_control(key_name);
+    match resets {
+        Some(at) => format!(
+            "The budget of {max_budget:.2} for API key \"{key_name}\" is spent; it resets at {}.",
+            humantime::format_rfc3339_seconds(at)
+        ),
+        None => format!(
+            "The budget of {max_budget:.2} for API key \"{key_name}\" is spent; it does not \
+             reset: ask the administrator of this gateway to raise it."
+        ),
+    }
+}
+
 /// `Retry-After` in whole seconds, rounded up, at least 1.
 pub fn retry_after_secs(wait: Duration) -> u64 {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -116,7 +141,7 @@ impl ProxyError {
             Self::BodiesBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::UnknownPath { .. } => StatusCode::NOT_FOUND,
-            Self::KeyRateLimited { .. } | Self::BackendsBusy { .. } => {
+            Self::KeyRateLimited { .. } | Self::BackendsBusy { .. } | Self::BudgetSpent { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Self::UpstreamConnect | Self::UpstreamInvalid => StatusCode::BAD_GATEWAY,
@@ -152,6 +177,9 @@ impl ProxyError {
             Self::KeyRateLimited { .. } | Self::BackendsBusy { .. } => {
                 ("requests", "rate_limit_exceeded")
             }
+            // OpenAI's answer when an account's quota is spent; its SDKs raise RateLimitError
+            // (and, told `x-should-retry: false`, do not retry it).
+            Self::BudgetSpent { .. } => ("insufficient_quota", "insufficient_quota"),
             Self::UpstreamConnect => ("server_error", "upstream_unreachable"),
             Self::UpstreamTimeout => ("server_error", "upstream_timeout"),
             Self::UpstreamInvalid => ("server_error", "upstream_invalid_response"),
@@ -265,6 +293,11 @@ impl IntoResponse for ProxyError {
                 HeaderValue::from(retry_after_secs(wait)),
             );
         }
+        if matches!(self, Self::BudgetSpent { .. }) {
+            // The OpenAI SDKs retry every 429 unless told not to; a spent budget does not
+            // come back in seconds.
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         response
     }
 }
@@ -279,6 +312,43 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::ZERO), 1);
         assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
         assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+    }
+
+    #[test]
+    fn a_spent_budget_is_insufficient_quota_naming_the_budget_and_its_reset() {
+        let resets = std::time::UNIX_EPOCH + Duration::from_secs(1_798_761_600);
+        let r = ProxyError::BudgetSpent {
+            key_name: "team-a".into(),
+            max_budget: 50.0,
+            resets: Some(resets),
+        }
+        .into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            r.headers().get("retry-after").is_none(),
+            "nothing to wait for"
+        );
+        let e = ProxyError::BudgetSpent {
+            key_name: "team-a".into(),
+            max_budget: 50.0,
+            resets: Some(resets),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["type"], "insufficient_quota");
+        assert_eq!(v["error"]["code"], "insufficient_quota");
+        assert_eq!(
+            v["error"]["message"],
+            "The budget of 50.00 for API key \"team-a\" is spent; it resets at 2027-01-01T00:00:00Z."
+        );
+        let lifetime = ProxyError::BudgetSpent {
+            key_name: "k".into(),
+            max_budget: 1.0,
+            resets: None,
+        };
+        assert!(
+            lifetime.to_string().contains("does not reset"),
+            "{lifetime}"
+        );
     }
 
     #[test]

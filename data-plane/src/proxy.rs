@@ -251,6 +251,15 @@ async fn authorized(
     let Some(routes) = routes else {
         return forward::error(acct, ProxyError::ModelNotFound(parsed.model.to_string())).await;
     };
+    // Before the rate limit: a refused request takes no rate token.
+    if let Some(spent) = key.budget_spent {
+        let refused = ProxyError::BudgetSpent {
+            key_name: key.name.clone(),
+            max_budget: spent.max_budget,
+            resets: spent.resets,
+        };
+        return forward::error(acct, refused).await;
+    }
     if let Some(limiter) = &key.limiter
         && let Err(retry_after) = limiter.try_acquire(Instant::now())
     {

@@ -229,6 +229,17 @@ pub struct ClientKey {
     pub limiter: Option<RateLimiter>,
     /// The control plane found the key past its expiry: it is refused as expired.
     pub expired: bool,
+    /// The control plane found the key's budget spent for the current period: it is refused
+    /// with 429 `insufficient_quota` until a snapshot says otherwise.
+    pub budget_spent: Option<SpentBudget>,
+}
+
+/// A spent budget, as the refusal names it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpentBudget {
+    pub max_budget: f64,
+    /// When its period resets; `None`: never (a lifetime budget).
+    pub resets: Option<SystemTime>,
 }
 
 impl ClientKey {
@@ -438,6 +449,10 @@ impl Snapshot {
                 name: k.name,
                 limiter,
                 expired: k.expired,
+                budget_spent: k.budget_spent.then(|| SpentBudget {
+                    max_budget: k.max_budget,
+                    resets: k.budget_reset_time.as_ref().and_then(system_time),
+                }),
             };
             if let Some(dup) = keys.insert(hash, key) {
                 return Err(SnapshotError::DuplicateKeyHash(dup.id));
@@ -843,6 +858,7 @@ pub(crate) mod tests {
                 allowed_models: vec![],
                 rpm_limit: 0,
                 expired: false,
+                ..Default::default()
             }],
             settings: None,
             replica_count: 2,

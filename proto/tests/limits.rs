@@ -77,6 +77,12 @@ fn snapshot() -> pb::Snapshot {
             rpm_limit: 6_000,
             // Expired keys stay in the snapshot, so the largest one counts them too.
             expired: true,
+            budget_spent: true,
+            max_budget: 1e9,
+            budget_reset_time: Some(pbjson_types::Timestamp {
+                seconds: 4_102_444_800,
+                nanos: 0,
+            }),
         })
         .collect();
     pb::Snapshot {

@@ -3,8 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::key_spend::nanos_to_db;
-use super::{Store, StoreError, WriteOp, bump_version, new_id, unique_violation};
+use super::{Store, StoreError, WriteOp, bump_version, nanos_to_db, new_id, unique_violation};
 use crate::budget::BudgetPeriod;
 use crate::client_key::{self, ClientKey, NewClientKey};
 use crate::time::now_ms;
@@ -197,7 +196,7 @@ pub(crate) fn load_keys(
         .collect()
 }
 
-fn load_key(conn: &Connection, id: &str) -> Result<ClientKey, StoreError> {
+pub(super) fn load_key(conn: &Connection, id: &str) -> Result<ClientKey, StoreError> {
     let row = conn
         .prepare_cached(&format!("{SELECT_KEYS} WHERE id = ?1"))?
         .query_row(params![id], key_row)?;

@@ -6,19 +6,17 @@ use std::collections::BTreeMap;
 
 use rusqlite::{Connection, Transaction, params};
 
-use super::{Reader, Store, StoreError};
+use super::{Reader, Store, StoreError, WriteOp, nanos_to_db};
 use crate::client_key::ClientKey;
 
-/// Nano-units as SQLite stores them, saturating at `i64::MAX`.
-pub(crate) fn nanos_to_db(nanos: u64) -> i64 {
-    i64::try_from(nanos).unwrap_or(i64::MAX)
-}
-
-/// Adds each (key id, UTC day) → nano-units to `key_spend`, saturating.
+/// Adds each (key id, UTC day) → nano-units to `key_spend`, saturating. Returns whether a
+/// key's spend in its period holding `now_ms` reached its budget with these additions: the
+/// snapshot then changes (the key is refused from it on), so the caller bumps the version.
 pub(super) fn add(
     tx: &Transaction<'_>,
     spent: &BTreeMap<(&str, i64), u64>,
-) -> Result<(), StoreError> {
+    now_ms: i64,
+) -> Result<bool, StoreError> {
     let mut upsert = tx.prepare_cached(
         "INSERT INTO key_spend (client_key_id, day_start, spent_nanos) VALUES (?1, ?2, ?3)
          ON CONFLICT (client_key_id, day_start) DO UPDATE SET spent_nanos =
@@ -30,11 +28,48 @@ pub(super) fn add(
             upsert.execute(params![key, day, nanos_to_db(nanos)])?;
         }
     }
-    Ok(())
+    let mut keys: Vec<&str> = spent.keys().map(|&(key, _)| key).collect();
+    keys.dedup();
+    let mut crossed = false;
+    for key_id in keys {
+        let Some(key) = budgeted_key(tx, key_id)? else {
+            continue;
+        };
+        let since = key
+            .budget_period
+            .period_of(now_ms)
+            .map_or(i64::MIN, |(start, _)| start);
+        let in_period: u64 = spent
+            .range((key_id, since)..=(key_id, i64::MAX))
+            .fold(0u64, |sum, (_, &nanos)| sum.saturating_add(nanos));
+        if in_period == 0 {
+            continue;
+        }
+        let after = spent_in_period(tx, &key, now_ms)?;
+        let before = after.saturating_sub(in_period);
+        if before < key.max_budget_nanos && after >= key.max_budget_nanos {
+            tracing::info!(client_key = %key.id, "client key spent its budget");
+            crossed = true;
+        }
+    }
+    Ok(crossed)
+}
+
+/// The active key `id` if it has a budget.
+fn budgeted_key(conn: &Connection, id: &str) -> Result<Option<ClientKey>, StoreError> {
+    match super::client_keys::load_key(conn, id) {
+        Ok(key) => Ok(Some(key).filter(|k| !k.revoked && k.max_budget_nanos > 0)),
+        Err(StoreError::Sqlite(rusqlite::Error::QueryReturnedNoRows)) => Ok(None),
+        Err(err) => Err(err),
+    }
 }
 
 /// What `key` spent in its budget period holding `now_ms` (its lifetime for no period).
-fn spent_in_period(conn: &Connection, key: &ClientKey, now_ms: i64) -> Result<u64, StoreError> {
+pub(crate) fn spent_in_period(
+    conn: &Connection,
+    key: &ClientKey,
+    now_ms: i64,
+) -> Result<u64, StoreError> {
     let since = key
         .budget_period
         .period_of(now_ms)
@@ -65,5 +100,65 @@ impl Store {
                 .collect()
         })
         .await
+    }
+
+    /// A new snapshot version if any active key has a budget that resets by period (called
+    /// at UTC midnight, when some period starts); returns whether it bumped.
+    pub async fn publish_budget_resets(&self) -> Result<bool, StoreError> {
+        self.write(WriteOp::admin, |conn, _| {
+            let tx = conn.transaction()?;
+            let periodic: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM client_keys
+                 WHERE revoked = 0 AND max_budget_nanos > 0 AND budget_period != 0)",
+                [],
+                |r| r.get(0),
+            )?;
+            if periodic {
+                super::bump_version(&tx)?;
+            }
+            tx.commit()?;
+            Ok(periodic)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    use crate::budget::BudgetPeriod;
+    use crate::client_key::NewClientKey;
+    use crate::crypto::MasterKey;
+
+    #[tokio::test]
+    async fn a_reset_publishes_a_snapshot_only_when_a_periodic_budget_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("t.db"), MasterKey::generate()).unwrap();
+        let new = |name: &str, max_budget_nanos, budget_period| NewClientKey {
+            name: name.into(),
+            max_budget_nanos,
+            budget_period,
+            ..NewClientKey::default()
+        };
+        store
+            .create_client_key(new("lifetime", 5, BudgetPeriod::Lifetime))
+            .await
+            .unwrap();
+        store
+            .create_client_key(new("no-budget", 0, BudgetPeriod::Daily))
+            .await
+            .unwrap();
+        let before = *store.commits().borrow();
+        assert!(!store.publish_budget_resets().await.unwrap());
+        assert_eq!(*store.commits().borrow(), before, "nothing resets");
+        store
+            .create_client_key(new("monthly", 5, BudgetPeriod::Monthly))
+            .await
+            .unwrap();
+        let before = *store.commits().borrow();
+        assert!(store.publish_budget_resets().await.unwrap());
+        assert!(*store.commits().borrow() > before, "a new snapshot version");
     }
 }

@@ -568,7 +568,9 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
                 .add(delta);
         }
     }
-    super::key_spend::add(&tx, &spent)?;
+    if super::key_spend::add(&tx, &spent, now_ms())? {
+        super::bump_version(&tx)?;
+    }
     let mut by_backend: BTreeMap<(i64, &str, i64), Delta> = BTreeMap::new();
     for (&(day, backend_id, _, _, pool), delta) in &daily {
         by_backend

@@ -58,6 +58,7 @@ pub fn client_key(
         allowed_models: allowed.iter().map(|s| (*s).to_owned()).collect(),
         rpm_limit: rpm,
         expired: false,
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,40 @@
+//! Budget periods reset at 00:00 UTC: at each UTC midnight (by the control plane's clock) a
+//! new snapshot version is published if any active key has a periodic budget, so a key
+//! refused for its spent budget is served again from the new period on, within the same
+//! propagation time as any other change. No replica reads its own clock for this.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+use crate::time::now_ms;
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Publishes a snapshot at each UTC midnight when a periodic budget resets, until `stop`.
+pub async fn publish_budget_resets(store: Store, stop: CancellationToken) {
+    loop {
+        let now = now_ms();
+        let midnight = (now.div_euclid(DAY_MS) + 1) * DAY_MS;
+        let wait = Duration::from_millis((midnight - now).max(0) as u64);
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        // Until the clock says so (a timer may fire a little early).
+        while now_ms() < midnight {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+        match store.publish_budget_resets().await {
+            Ok(false) => {}
+            Ok(true) => tracing::info!("budget periods reset; new snapshot published"),
+            Err(err) => tracing::warn!(error = %err, "publishing budget resets failed"),
+        }
+    }
+}
