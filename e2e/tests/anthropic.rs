@@ -150,3 +150,49 @@ async fn the_openai_sdk_talks_to_an_anthropic_backend() {
     assert_eq!(stats.requests.chat_completions, 0);
     assert_eq!(stats.responses_with(200), 6, "{stats:?}");
 }
+
+#[tokio::test]
+async fn an_overloaded_anthropic_backend_fails_over_to_an_openai_fallback_in_one_request() {
+    let cluster = Cluster::start().await;
+    let claude = Mock::start("claude", &["claude-up"]).await;
+    claude.set_faults(vec![Fault::status(529).always()]).await;
+    cluster
+        .add_backend_speaking(
+            pb::ApiFormat::Anthropic,
+            "anthropic",
+            &claude,
+            pb::Pool::Primary,
+            0,
+            &[("smart", "claude-up")],
+        )
+        .await;
+    let gpt = Mock::start("gpt", &["gpt-up"]).await;
+    cluster
+        .add_backend(
+            "openai",
+            &gpt,
+            pb::Pool::Fallback,
+            0,
+            &[("smart", "gpt-up")],
+        )
+        .await;
+    let (_, key) = cluster.create_key("client", &[]).await;
+    let proxy = cluster.proxy().await;
+    for stream in [false, true] {
+        let response = proxy
+            .post(
+                "/v1/chat/completions",
+                &key,
+                json!({"model": "smart", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .await;
+        assert_eq!(response.status(), 200, "stream {stream}");
+        let body = response.text().await.unwrap();
+        assert!(body.contains("[gpt]"), "stream {stream}: {body}");
+        assert_eq!(body.contains("[DONE]"), stream, "{body}");
+    }
+    // The first request tried the Anthropic backend first, which answered 529 (the second
+    // may find it cooling down already).
+    assert!(claude.stats().await.responses_with(529) >= 1);
+    assert_eq!(gpt.stats().await.requests.chat_completions, 2);
+}
