@@ -187,6 +187,22 @@ pub fn backends(response: &pb::ListBackendsResponse) -> String {
 }
 
 /// `backend get`, `add`, `update`, `enable`, `disable`: the fields, then the models.
+/// The API a backend speaks, with its `anthropic-version` when it is Anthropic's.
+fn api_format(backend: &pb::Backend) -> String {
+    match pb::ApiFormat::try_from(backend.api_format) {
+        Ok(pb::ApiFormat::Anthropic) if backend.anthropic_version.is_empty() => {
+            "anthropic (default anthropic-version)".to_owned()
+        }
+        Ok(pb::ApiFormat::Anthropic) => {
+            format!(
+                "anthropic (anthropic-version {})",
+                backend.anthropic_version
+            )
+        }
+        _ => "openai".to_owned(),
+    }
+}
+
 pub fn backend(backend: Option<&pb::Backend>) -> String {
     let Some(backend) = backend else {
         return "The control plane returned no backend.".to_owned();
@@ -201,11 +217,16 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
         ("weight", backend.weight.to_string()),
         ("rpm limit", limit(backend.rpm_limit)),
         ("enabled", yes_no(backend.enabled)),
+        ("api format", api_format(backend)),
         (
             "responses api",
             match backend.responses_api {
                 Some(on) => yes_no(on),
-                None => format!("{} (default)", yes_no(true)),
+                // An Anthropic backend has no Responses API.
+                None => format!(
+                    "{} (default)",
+                    yes_no(backend.api_format != pb::ApiFormat::Anthropic as i32)
+                ),
             },
         ),
         ("api key", key_hint(&backend.api_key_hint)),
@@ -667,6 +688,21 @@ mod tests {
         assert!(text.contains("https://api.openai.com/v1"), "{text}");
         assert!(text.contains("gpt-4o-mini-2024"), "{text}");
         assert!(text.contains("0.15") && text.contains("0.6"), "{text}");
+        assert!(text.contains("openai"), "{text}");
+    }
+
+    #[test]
+    fn an_anthropic_backend_shows_its_format_and_no_responses_api() {
+        let mut b = sample_backend();
+        b.api_format = pb::ApiFormat::Anthropic as i32;
+        b.anthropic_version = "2023-06-01".into();
+        b.responses_api = None;
+        let text = backend(Some(&b));
+        assert!(
+            text.contains("anthropic (anthropic-version 2023-06-01)"),
+            "{text}"
+        );
+        assert!(text.contains("no (default)"), "{text}");
     }
 
     #[test]
