@@ -397,6 +397,9 @@ pub enum SettingsCommand {
     Get,
     /// Change the given fields of the routing policy.
     Set(SettingsSetArgs),
+    /// Sign Responses API ids with a new key; ids the previous key signed keep working,
+    /// older ones stop (docs/responses.md).
+    RotateAffinityKey,
 }
 
 /// Flags of `settings set`; durations like `2s`, `500ms`, `5m`.

@@ -146,10 +146,9 @@ pub const UPDATABLE_FIELDS: &[&str] = &[
 ];
 
 impl BackendSpec {
-    /// Whether the backend serves the Responses API: as set, else yes (every backend speaks
-    /// the OpenAI API).
+    /// Whether the backend serves the Responses API: as set, else yes for an OpenAI-format
+    /// backend and no for an Anthropic one (which has no Responses API).
     pub fn serves_responses(&self) -> bool {
-        // An Anthropic backend has no Responses API.
         self.responses_api
             .unwrap_or(self.api_format == ApiFormat::OpenAi)
     }

@@ -545,7 +545,7 @@ async fn every_admin_and_stats_rpc_is_reachable_as_json() {
             seen += 1;
         }
     }
-    assert_eq!(seen, 17, "15 admin and 2 stats methods");
+    assert_eq!(seen, 18, "16 admin and 2 stats methods");
 }
 
 #[tokio::test]

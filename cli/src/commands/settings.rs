@@ -27,6 +27,19 @@ pub async fn run(
             let response = connection.call(admin.update_settings(request)).await?;
             out.print(&response, |r| render::settings(r.settings.as_ref()))
         }
+        SettingsCommand::RotateAffinityKey => {
+            let mut admin = connection.admin().await?;
+            let response = connection
+                .call(admin.rotate_affinity_key(pb::RotateAffinityKeyRequest {}))
+                .await?;
+            out.print(&response, |r| {
+                format!(
+                    "Affinity key {} signs new response ids from the next snapshot on; \
+                     {} older key(s) retired.",
+                    r.key_id, r.retired_keys
+                )
+            })
+        }
     }
 }
 

@@ -272,6 +272,18 @@ impl AdminService for Admin {
         Ok(Response::new(pb::ResetCooldownResponse {}))
     }
 
+    async fn rotate_affinity_key(
+        &self,
+        _request: Request<pb::RotateAffinityKeyRequest>,
+    ) -> Result<Response<pb::RotateAffinityKeyResponse>, Status> {
+        let (key_id, retired_keys) = self.store.rotate_affinity_key().await?;
+        tracing::info!(key_id, retired_keys, "affinity key rotated");
+        Ok(Response::new(pb::RotateAffinityKeyResponse {
+            key_id,
+            retired_keys,
+        }))
+    }
+
     async fn list_data_planes(
         &self,
         _request: Request<pb::ListDataPlanesRequest>,

@@ -247,6 +247,7 @@ pub async fn admin(
         "ListDataPlanes" => list_data_planes,
         "GetSettings" => get_settings,
         "UpdateSettings" => update_settings,
+        "RotateAffinityKey" => rotate_affinity_key,
     })
 }
 

@@ -47,6 +47,23 @@ pub(crate) fn insert_new(tx: &Transaction<'_>, key: &MasterKey) -> Result<i64, S
     Ok(id)
 }
 
+/// A new signing key; of the active ones before it only the newest keeps verifying, the
+/// others are retired. Returns the new key's id and how many were retired; the caller bumps
+/// the version.
+pub(crate) fn rotate(tx: &Transaction<'_>, key: &MasterKey) -> Result<(i64, usize), StoreError> {
+    let previous: Option<i64> = tx.query_row(
+        "SELECT max(id) FROM affinity_keys WHERE retire_time IS NULL",
+        [],
+        |r| r.get(0),
+    )?;
+    let retired = tx.execute(
+        "UPDATE affinity_keys SET retire_time = ?1 WHERE retire_time IS NULL AND id < ?2",
+        params![now_ms(), previous.unwrap_or(0)],
+    )?;
+    let id = insert_new(tx, key)?;
+    Ok((id, retired))
+}
+
 /// The active keys, decrypted, newest first (the first signs).
 pub(crate) fn load_active(
     conn: &Connection,
@@ -102,6 +119,23 @@ pub(crate) fn reencrypt(
     Ok(rows.len())
 }
 
+impl super::Store {
+    /// [`rotate`] in one write transaction that bumps the snapshot version.
+    pub async fn rotate_affinity_key(&self) -> Result<(u32, u32), StoreError> {
+        self.write(super::WriteOp::admin, |conn, key| {
+            let tx = conn.transaction()?;
+            let (id, retired) = rotate(&tx, key)?;
+            super::bump_version(&tx)?;
+            tx.commit()?;
+            Ok((
+                u32::try_from(id).unwrap_or(u32::MAX),
+                u32::try_from(retired).unwrap_or(u32::MAX),
+            ))
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -142,5 +176,26 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         assert_eq!(load_active(&conn, &new).unwrap(), first);
         assert!(load_active(&conn, &master).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_rotation_keeps_the_previous_key_verifying_and_retires_the_older_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.db");
+        let master = MasterKey::generate();
+        let (store, _) = Store::open(&path, master.clone()).unwrap();
+        let ids = |conn: &Connection| -> Vec<u32> {
+            load_active(conn, &master)
+                .unwrap()
+                .into_iter()
+                .map(|k| k.id)
+                .collect()
+        };
+        let version = store.snapshot_version().await.unwrap();
+        assert_eq!(store.rotate_affinity_key().await.unwrap(), (2, 0));
+        assert!(store.snapshot_version().await.unwrap() > version);
+        assert_eq!(ids(&Connection::open(&path).unwrap()), vec![2, 1]);
+        assert_eq!(store.rotate_affinity_key().await.unwrap(), (3, 1));
+        assert_eq!(ids(&Connection::open(&path).unwrap()), vec![3, 2]);
     }
 }
