@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{Cluster, Mock};
+use std::time::Duration;
+
+use common::{Cluster, Mock, eventually};
 use serde_json::{Value, json};
 use sluice_e2e::mock::Fault;
 use sluice_proto::v1 as pb;
@@ -149,6 +151,16 @@ async fn the_openai_sdk_talks_to_an_anthropic_backend() {
     assert_eq!(stats.requests.messages, 6, "{stats:?}");
     assert_eq!(stats.requests.chat_completions, 0);
     assert_eq!(stats.responses_with(200), 6, "{stats:?}");
+    // The usage records carry the tokens the Anthropic backend reported, streams included.
+    eventually(
+        Duration::from_secs(30),
+        "the usage records hold the backend's tokens",
+        || async {
+            let t = cluster.totals().await;
+            t.prompt_tokens == stats.prompt_tokens && t.completion_tokens == stats.completion_tokens
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
