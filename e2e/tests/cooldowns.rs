@@ -98,19 +98,6 @@ async fn until_a_has_seen(gateway: &Gateway, key: &str, a: &Mock, n: u64) {
     assert_eq!(a.stats().await.requests.chat_completions, n);
 }
 
-/// Waits until `n` replicas run a snapshot published after version `before`. The control
-/// plane shows a change (a cooldown in `ListCooldowns`) as soon as it is stored, a moment
-/// before it publishes the snapshot that carries it.
-async fn wait_replicas_past(cluster: &Cluster, n: usize, before: u64) {
-    eventually(
-        Duration::from_secs(10),
-        "the control plane publishes the change",
-        || async { cluster.latest_version().await > before },
-    )
-    .await;
-    cluster.wait_replicas_current(n).await;
-}
-
 #[tokio::test]
 async fn a_success_at_one_replica_ends_the_streak_at_every_replica() {
     let base = Duration::from_millis(300);
@@ -134,7 +121,7 @@ async fn a_success_at_one_replica_ends_the_streak_at_every_replica() {
     )
     .await;
     // The end of the streak reaches every replica.
-    wait_replicas_past(&cluster, 2, before).await;
+    cluster.wait_replicas_past(2, before).await;
 
     // One 429 at q is the first of a new streak: the base cooldown, not 2^3 times it.
     a.set_faults(vec![Fault::status(429).times(1)]).await;
@@ -159,7 +146,7 @@ async fn a_streak_outlives_its_cooldown_until_a_success() {
     // Any change after the cooldown ended: p gets a snapshot without a running cooldown.
     let before = cluster.latest_version().await;
     cluster.create_key("other", &[]).await;
-    wait_replicas_past(&cluster, 1, before).await;
+    cluster.wait_replicas_past(1, before).await;
 
     // No success in between: the next 429 doubles.
     until_a_has_seen(&p, &key, &a, 2).await;
@@ -226,7 +213,7 @@ async fn replicas_with_skewed_clocks_neither_ignore_nor_lengthen_a_cooldown() {
     let start = Instant::now();
     assert_eq!(p.chat(&key, "m").await.status(), 429);
     wait_cooldown(&cluster).await;
-    wait_replicas_past(&cluster, 3, before).await;
+    cluster.wait_replicas_past(3, before).await;
     cools_for_what_is_left(&ahead, &key, start, length).await;
     cools_for_what_is_left(&behind, &key, start, length).await;
 
@@ -249,7 +236,7 @@ async fn replicas_with_skewed_clocks_neither_ignore_nor_lengthen_a_cooldown() {
     let start = Instant::now();
     assert_eq!(ahead.chat(&key, "m").await.status(), 429);
     wait_cooldown(&cluster).await;
-    wait_replicas_past(&cluster, 3, before).await;
+    cluster.wait_replicas_past(3, before).await;
     cools_for_what_is_left(&p, &key, start, length).await;
     cools_for_what_is_left(&behind, &key, start, length).await;
 }

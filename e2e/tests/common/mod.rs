@@ -336,6 +336,20 @@ impl ControlApi {
         .await;
     }
 
+    /// Waits until `n` replicas run a snapshot published after version `before` (read with
+    /// [`Cluster::latest_version`] before a change). An admin call returns once the change is
+    /// stored, a moment before the snapshot that carries it is published: waiting only for
+    /// the replicas to be current could see them current with the version before it.
+    pub async fn wait_replicas_past(&self, n: usize, before: u64) {
+        eventually(
+            Duration::from_secs(10),
+            "the control plane publishes the change",
+            || async { self.latest_version().await > before },
+        )
+        .await;
+        self.wait_replicas_current(n).await;
+    }
+
     /// Turns `expose_backend_header` on or off: with it on, answers name their backend in
     /// `x-sluice-backend` (tests of routing tell backends apart by it).
     pub async fn expose_backend_header(&self, on: bool) {
