@@ -11,6 +11,8 @@ use crate::store::Store;
 use crate::time::now_ms;
 
 const DAY_MS: i64 = 86_400_000;
+/// How long after a failed write the reset is tried again.
+const RETRY: Duration = Duration::from_secs(1);
 
 /// Publishes a snapshot at each UTC midnight when a periodic budget resets, until `stop`.
 pub async fn publish_budget_resets(store: Store, stop: CancellationToken) {
@@ -31,10 +33,24 @@ pub async fn publish_budget_resets(store: Store, stop: CancellationToken) {
                 () = tokio::time::sleep(Duration::from_millis(10)) => {}
             }
         }
-        match store.publish_budget_resets().await {
-            Ok(false) => {}
-            Ok(true) => tracing::info!("budget periods reset; new snapshot published"),
-            Err(err) => tracing::warn!(error = %err, "publishing budget resets failed"),
+        // A failed write is tried again every second: left until the next midnight, keys
+        // refused for a spent budget would stay refused a whole period too long.
+        loop {
+            match store.publish_budget_resets().await {
+                Ok(false) => break,
+                Ok(true) => {
+                    tracing::info!("budget periods reset; new snapshot published");
+                    break;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "publishing budget resets failed; will retry")
+                }
+            }
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(RETRY) => {}
+            }
         }
     }
 }
