@@ -146,6 +146,10 @@ pub struct BackendAddArgs {
     /// Requests per minute across all data planes; 0 means no limit.
     #[arg(long, value_name = "RPM", default_value_t = 0)]
     pub rpm: u32,
+    /// Prompt + completion tokens per minute across all data planes (the provider's token
+    /// quota); 0 means no limit.
+    #[arg(long, value_name = "TPM", default_value_t = 0, visible_alias = "tpm")]
+    pub tpm_limit: u32,
     /// Add the backend disabled.
     #[arg(long)]
     pub disabled: bool,
@@ -189,6 +193,9 @@ pub struct BackendUpdateArgs {
     pub weight: Option<u32>,
     #[arg(long, value_name = "RPM")]
     pub rpm: Option<u32>,
+    /// Tokens per minute across all data planes; 0 means no limit.
+    #[arg(long, value_name = "TPM", visible_alias = "tpm")]
+    pub tpm_limit: Option<u32>,
     /// Disable the backend.
     #[arg(long, conflicts_with = "enabled")]
     pub disabled: bool,
@@ -271,6 +278,8 @@ pub enum KeyCommand {
         /// Requests per minute across all data planes; 0 means no limit.
         #[arg(long, value_name = "RPM", default_value_t = 0)]
         rpm: u32,
+        #[command(flatten)]
+        limits: KeyLimitArgs,
         /// When the key stops working (RFC 3339, or a date: midnight UTC); data planes then
         /// answer 401 saying it expired. Must be in the future. Default: never.
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
@@ -288,7 +297,7 @@ pub enum KeyCommand {
     },
     /// Change a key's name, models, limits or expiry; applications keep using the same key.
     #[command(
-        after_help = "Example:\n  sluicectl key update team-a --rpm 1200 --expires 2027-06-30\n  sluicectl key update team-a --all-models --expires never"
+        after_help = "Example:\n  sluicectl key update team-a --rpm 1200 --tpm-limit 200000 --max-parallel 8 --expires 2027-06-30\n  sluicectl key update team-a --all-models --expires never"
     )]
     Update(KeyUpdateArgs),
     /// Revoke a client key: data planes reject it from their next snapshot on.
@@ -319,11 +328,24 @@ pub struct KeyUpdateArgs {
     /// Requests per minute across all data planes; 0 means no limit.
     #[arg(long, value_name = "RPM")]
     pub rpm: Option<u32>,
+    #[command(flatten)]
+    pub limits: KeyLimitArgs,
     /// New expiry (RFC 3339, or a date: midnight UTC; must be in the future), or `never`.
     #[arg(long, value_name = "TIME|never", value_parser = parse_expiry)]
     pub expires: Option<Expiry>,
     #[command(flatten)]
     pub budget: BudgetArgs,
+}
+
+/// A key's token and concurrency limits: `--tpm-limit` and `--max-parallel`.
+#[derive(Debug, Args)]
+pub struct KeyLimitArgs {
+    /// Prompt + completion tokens per minute across all data planes; 0 means no limit.
+    #[arg(long, value_name = "TPM", visible_alias = "tpm")]
+    pub tpm_limit: Option<u32>,
+    /// Requests in flight at once across all data planes; 0 means no limit.
+    #[arg(long, value_name = "N", visible_alias = "max-parallel-requests")]
+    pub max_parallel: Option<u32>,
 }
 
 /// A key's budget: `--max-budget` and `--budget-period`.

@@ -105,11 +105,12 @@ fn yes_no(value: bool) -> String {
 }
 
 /// An RPM limit, where 0 means none.
-fn limit(rpm: u32) -> String {
-    if rpm == 0 {
+/// A limit, `-` for none (0).
+fn limit(value: u32) -> String {
+    if value == 0 {
         "-".to_owned()
     } else {
-        rpm.to_string()
+        value.to_string()
     }
 }
 
@@ -172,6 +173,7 @@ pub fn backends(response: &pb::ListBackendsResponse) -> String {
                     .collect::<Vec<_>>()
                     .join(","),
                 limit(backend.rpm_limit),
+                limit(backend.tpm_limit),
                 yes_no(backend.enabled),
                 key_hint(&backend.api_key_hint),
             ]
@@ -179,10 +181,10 @@ pub fn backends(response: &pb::ListBackendsResponse) -> String {
         .collect();
     grid(
         &[
-            "NAME", "ID", "POOL", "PRIORITY", "WEIGHT", "MODELS", "RPM", "ENABLED", "KEY",
+            "NAME", "ID", "POOL", "PRIORITY", "WEIGHT", "MODELS", "RPM", "TPM", "ENABLED", "KEY",
         ],
         rows,
-        &[3, 4, 6],
+        &[3, 4, 6, 7],
     )
 }
 
@@ -216,6 +218,7 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
         ("priority", backend.priority.to_string()),
         ("weight", backend.weight.to_string()),
         ("rpm limit", limit(backend.rpm_limit)),
+        ("tpm limit", limit(backend.tpm_limit)),
         ("enabled", yes_no(backend.enabled)),
         ("api format", api_format(backend)),
         (
@@ -278,6 +281,8 @@ pub fn client_keys(response: &pb::ListClientKeysResponse, currency: &str) -> Str
                 format!("{}…", key.key_prefix),
                 allowed_models(&key.allowed_models),
                 limit(key.rpm_limit),
+                limit(key.tpm_limit),
+                limit(key.max_parallel_requests),
                 spend_of(key, currency),
                 key_status(key, now),
                 time::relative(key.create_time.as_ref(), now),
@@ -286,10 +291,11 @@ pub fn client_keys(response: &pb::ListClientKeysResponse, currency: &str) -> Str
         .collect();
     grid(
         &[
-            "NAME", "ID", "PREFIX", "MODELS", "RPM", "SPEND", "STATUS", "CREATED",
+            "NAME", "ID", "PREFIX", "MODELS", "RPM", "TPM", "PARALLEL", "SPEND", "STATUS",
+            "CREATED",
         ],
         rows,
-        &[4, 5],
+        &[4, 5, 6, 7],
     )
 }
 
@@ -351,6 +357,8 @@ pub fn client_key(key: Option<&pb::ClientKey>, currency: &str) -> String {
         ("prefix", format!("{}…", key.key_prefix)),
         ("models", allowed_models(&key.allowed_models)),
         ("rpm limit", limit(key.rpm_limit)),
+        ("tpm limit", limit(key.tpm_limit)),
+        ("max parallel", limit(key.max_parallel_requests)),
         ("status", key_status(key, now)),
         ("expires", when(key.expire_time.as_ref(), now)),
         (
@@ -651,6 +659,7 @@ mod tests {
                 ..Default::default()
             }],
             rpm_limit: 500,
+            tpm_limit: 0,
             enabled: true,
             api_key_hint: "abcd".into(),
             create_time: None,

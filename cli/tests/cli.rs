@@ -588,6 +588,94 @@ async fn a_key_is_shown_and_updated_without_being_reissued() {
 }
 
 #[tokio::test]
+async fn token_and_parallel_limits_are_set_shown_and_changed() {
+    let h = Harness::start().await;
+    let created = h
+        .ctl(&[
+            "-o",
+            "json",
+            "key",
+            "create",
+            "--name",
+            "team-a",
+            "--tpm-limit",
+            "100000",
+            "--max-parallel",
+            "8",
+        ])
+        .await
+        .json();
+    assert_eq!(created["clientKey"]["tpmLimit"], 100000);
+    assert_eq!(created["clientKey"]["maxParallelRequests"], 8);
+    let list = h.ctl(&["key", "list"]).await;
+    let text = list.ok();
+    assert!(text.lines().next().unwrap().contains("TPM"), "{text}");
+    let row = text.lines().find(|l| l.starts_with("team-a")).unwrap();
+    assert!(row.contains("100000") && row.contains(" 8 "), "{row}");
+
+    // One flag changes one limit; 0 removes it.
+    let shown = h
+        .ctl(&["key", "update", "team-a", "--tpm-limit", "0"])
+        .await;
+    let text = shown.ok();
+    let line = |label: &str| {
+        text.lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(line("tpm limit").ends_with('-'), "{text}");
+    assert!(line("max parallel").ends_with(" 8"), "{text}");
+    let got = h.ctl(&["-o", "json", "key", "get", "team-a"]).await.json();
+    assert!(got["clientKey"].get("tpmLimit").is_none(), "{got}");
+    assert_eq!(got["clientKey"]["maxParallelRequests"], 8);
+    let bad = h
+        .ctl(&["key", "update", "team-a", "--max-parallel", "5000000"])
+        .await;
+    assert!(
+        bad.one_line_error().contains("max_parallel_requests"),
+        "{bad:#?}"
+    );
+
+    // A backend's token quota beside its request quota.
+    h.ctl(&[
+        "backend",
+        "add",
+        "--name",
+        "b1",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--model",
+        "m",
+        "--rpm",
+        "500",
+        "--tpm-limit",
+        "90000",
+    ])
+    .await
+    .ok();
+    let list = h.ctl(&["backend", "list"]).await;
+    let text = list.ok();
+    let row = text.lines().find(|l| l.starts_with("b1")).unwrap();
+    assert!(row.contains("500") && row.contains("90000"), "{row}");
+    h.ctl(&["backend", "update", "b1", "--tpm-limit", "30000"])
+        .await
+        .ok();
+    let got = h.ctl(&["-o", "json", "backend", "get", "b1"]).await.json();
+    assert_eq!(got["backend"]["tpmLimit"], 30000);
+    assert_eq!(got["backend"]["rpmLimit"], 500);
+    let shown = h.ctl(&["backend", "get", "b1"]).await;
+    assert!(shown.ok().contains("tpm limit"), "{shown:#?}");
+    let bad = h
+        .ctl(&["backend", "update", "b1", "--tpm-limit", "4000000000"])
+        .await;
+    assert!(
+        bad.one_line_error().contains("backend.tpm_limit"),
+        "{bad:#?}"
+    );
+}
+
+#[tokio::test]
 async fn validation_errors_are_one_line() {
     let h = Harness::start().await;
     let add = |name: &'static str, url: &'static str, model: Option<&'static str>| {

@@ -5,7 +5,7 @@ use sluice_proto::limits::MAX_MODEL_NAME_BYTES;
 use sluice_proto::v1 as pb;
 
 use crate::validation::{
-    ValidationError, check_model_name, check_name, check_visible, not_updatable,
+    ValidationError, check_model_name, check_name, check_tpm_limit, check_visible, not_updatable,
 };
 
 pub use sluice_domain::pool::Pool;
@@ -86,6 +86,8 @@ pub struct BackendSpec {
     pub weight: u32,
     pub models: Vec<ModelRoute>,
     pub rpm_limit: u32,
+    /// Prompt + completion tokens per minute across all replicas; 0 means no limit.
+    pub tpm_limit: u32,
     pub enabled: bool,
     /// Whether it serves the Responses API; `None` is the default ([`BackendSpec::serves_responses`]).
     pub responses_api: Option<bool>,
@@ -139,6 +141,7 @@ pub const UPDATABLE_FIELDS: &[&str] = &[
     "weight",
     "models",
     "rpm_limit",
+    "tpm_limit",
     "enabled",
     "responses_api",
     "api_format",
@@ -158,6 +161,7 @@ impl BackendSpec {
     pub fn validated(mut self) -> Result<Self, ValidationError> {
         self.name = self.name.trim().to_owned();
         check_name("backend.name", &self.name)?;
+        check_tpm_limit("backend.tpm_limit", self.tpm_limit)?;
         self.base_url = normalize_base_url(&self.base_url)?;
         if self.weight == 0 {
             self.weight = 1;
@@ -250,6 +254,7 @@ impl BackendSpec {
             weight: backend.weight,
             models: backend.models.iter().map(ModelRoute::from_proto).collect(),
             rpm_limit: backend.rpm_limit,
+            tpm_limit: backend.tpm_limit,
             enabled: backend.enabled,
             responses_api: backend.responses_api,
             api_format: ApiFormat::from_proto(backend.api_format)?,
@@ -274,6 +279,7 @@ impl BackendSpec {
                     self.models = update.models.iter().map(ModelRoute::from_proto).collect()
                 }
                 "rpm_limit" => self.rpm_limit = update.rpm_limit,
+                "tpm_limit" => self.tpm_limit = update.tpm_limit,
                 "enabled" => self.enabled = update.enabled,
                 "responses_api" => self.responses_api = update.responses_api,
                 "api_format" => self.api_format = ApiFormat::from_proto(update.api_format)?,
@@ -321,6 +327,7 @@ impl Backend {
             weight: spec.weight,
             models: spec.models.iter().map(ModelRoute::to_proto).collect(),
             rpm_limit: spec.rpm_limit,
+            tpm_limit: spec.tpm_limit,
             enabled: spec.enabled,
             api_key_hint: self.api_key_hint.clone(),
             create_time: Some(crate::time::timestamp(self.create_time_ms)),
@@ -389,6 +396,7 @@ mod tests {
                 ..Default::default()
             }],
             rpm_limit: 500,
+            tpm_limit: 0,
             enabled: true,
             responses_api: None,
         }

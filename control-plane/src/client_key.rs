@@ -5,7 +5,9 @@ use rand::RngCore as _;
 use sluice_proto::v1 as pb;
 
 use crate::budget::BudgetPeriod;
-use crate::validation::{ValidationError, check_model_name, check_name, not_updatable};
+use crate::validation::{
+    ValidationError, check_model_name, check_name, check_tpm_limit, not_updatable,
+};
 
 const PREFIX: &str = "sk-sluice-";
 /// Characters of the key kept (beside the hash) to tell keys apart in listings.
@@ -32,6 +34,10 @@ pub struct ClientKey {
     /// Spend allowed per period in nano-units; 0 means no budget.
     pub max_budget_nanos: u64,
     pub budget_period: BudgetPeriod,
+    /// Prompt + completion tokens per minute across all replicas; 0 means no limit.
+    pub tpm_limit: u32,
+    /// Requests in flight at once across all replicas; 0 means no limit.
+    pub max_parallel_requests: u32,
 }
 
 /// The fields of a key an operator sets: what a create asks for, and what an update
@@ -44,6 +50,8 @@ pub struct NewClientKey {
     pub expire_time_ms: Option<i64>,
     pub max_budget_nanos: u64,
     pub budget_period: BudgetPeriod,
+    pub tpm_limit: u32,
+    pub max_parallel_requests: u32,
 }
 
 /// The largest budget, in the currency: far below where nano-units would overflow.
@@ -57,7 +65,12 @@ pub const UPDATABLE_FIELDS: &[&str] = &[
     "expire_time",
     "max_budget",
     "budget_period",
+    "tpm_limit",
+    "max_parallel_requests",
 ];
+
+/// The largest `max_parallel_requests`: more than any replica holds connections for.
+pub const MAX_PARALLEL_REQUESTS: u32 = 1_000_000;
 
 impl NewClientKey {
     /// The request, trimmed and checked; `now_ms` is the control plane's clock, which an
@@ -72,6 +85,13 @@ impl NewClientKey {
     pub fn checked(mut self) -> Result<Self, ValidationError> {
         self.name = self.name.trim().to_owned();
         check_name("name", &self.name)?;
+        check_tpm_limit("tpm_limit", self.tpm_limit)?;
+        if self.max_parallel_requests > MAX_PARALLEL_REQUESTS {
+            return Err(ValidationError::new(
+                "max_parallel_requests",
+                format!("must be at most {MAX_PARALLEL_REQUESTS} (0 means no limit)"),
+            ));
+        }
         if self.allowed_models.len() > MAX_ALLOWED_MODELS {
             return Err(ValidationError::new(
                 "allowed_models",
@@ -99,6 +119,8 @@ impl NewClientKey {
             expire_time_ms: key.expire_time_ms,
             max_budget_nanos: key.max_budget_nanos,
             budget_period: key.budget_period,
+            tpm_limit: key.tpm_limit,
+            max_parallel_requests: key.max_parallel_requests,
         }
     }
 
@@ -123,6 +145,10 @@ impl NewClientKey {
                 "max_budget" => self.max_budget_nanos = budget_nanos(update.max_budget)?,
                 "budget_period" => {
                     self.budget_period = BudgetPeriod::from_proto(update.budget_period)?
+                }
+                "tpm_limit" => self.tpm_limit = update.tpm_limit,
+                "max_parallel_requests" => {
+                    self.max_parallel_requests = update.max_parallel_requests
                 }
                 other => return Err(not_updatable(other, UPDATABLE_FIELDS)),
             }
@@ -195,6 +221,8 @@ impl ClientKey {
                 .budget_period
                 .period_of(now_ms)
                 .map(|(_, end)| crate::time::timestamp(end)),
+            tpm_limit: self.tpm_limit,
+            max_parallel_requests: self.max_parallel_requests,
         }
     }
 }
@@ -203,6 +231,7 @@ impl ClientKey {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::validation::MAX_TPM_LIMIT;
 
     #[test]
     fn keys_are_long_random_and_prefixed() {
@@ -254,5 +283,24 @@ mod tests {
         assert!(err.to_string().contains("expire_time"), "{err}");
         assert!(new(Some(1_001)).validated(1_000).is_ok());
         assert!(new(None).validated(1_000).is_ok());
+    }
+
+    #[test]
+    fn token_and_parallel_limits_are_bounded_with_the_field_named() {
+        let new = |tpm_limit, max_parallel_requests| NewClientKey {
+            name: "team-a".into(),
+            tpm_limit,
+            max_parallel_requests,
+            ..NewClientKey::default()
+        };
+        assert!(
+            new(MAX_TPM_LIMIT, MAX_PARALLEL_REQUESTS)
+                .validated(0)
+                .is_ok()
+        );
+        let err = new(MAX_TPM_LIMIT + 1, 0).validated(0).unwrap_err();
+        assert!(err.to_string().contains("tpm_limit"), "{err}");
+        let err = new(0, MAX_PARALLEL_REQUESTS + 1).validated(0).unwrap_err();
+        assert!(err.to_string().contains("max_parallel_requests"), "{err}");
     }
 }

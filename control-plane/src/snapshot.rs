@@ -101,6 +101,7 @@ pub fn backend_entry_bytes(spec: &BackendSpec, api_key: &str) -> usize {
         responses_api: Some(true),
         api_format: spec.api_format.to_proto() as i32,
         anthropic_version: spec.anthropic_version.clone(),
+        tpm_limit: u32::MAX,
     })
 }
 
@@ -119,6 +120,8 @@ pub fn client_key_entry_bytes(name: &str, allowed_models: &[String]) -> usize {
             seconds: i64::MAX,
             nanos: i32::MAX,
         }),
+        tpm_limit: u32::MAX,
+        max_parallel_requests: u32::MAX,
     })
 }
 
@@ -284,6 +287,7 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                         models: spec.models.iter().map(|m| m.to_proto()).collect(),
                         api_key: b.api_key,
                         rpm_limit: spec.rpm_limit,
+                        tpm_limit: spec.tpm_limit,
                         // Ended or not: `as_sent` decides by the clock when each copy goes
                         // out, so that a snapshot built earlier is never sent as cooling.
                         cooldown_until: cooldown.until.map(|until| timestamp(until.0)),
@@ -316,6 +320,8 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                     key_sha256: k.key_sha256,
                     allowed_models: k.allowed_models,
                     rpm_limit: k.rpm_limit,
+                    tpm_limit: k.tpm_limit,
+                    max_parallel_requests: k.max_parallel_requests,
                 });
             }
             let settings = crate::store::load_settings_in(&tx)?;

@@ -25,6 +25,22 @@ impl ValidationError {
 /// A name shown to operators: 1 to 64 characters, not blank, no control or invisible
 /// formatting characters, and not something that reads as an id (the admin API takes
 /// an id or a name wherever it names a backend or key, so a name must never be both).
+/// The largest `tpm_limit` of a key or a backend: a billion tokens a minute, far above any
+/// provider's quota, and small enough that one token's share of a minute stays above a
+/// nanosecond at any replica count.
+pub const MAX_TPM_LIMIT: u32 = 1_000_000_000;
+
+/// A tokens-per-minute limit as given at `field`, checked against [`MAX_TPM_LIMIT`].
+pub fn check_tpm_limit(field: &str, tpm_limit: u32) -> Result<(), ValidationError> {
+    if tpm_limit > MAX_TPM_LIMIT {
+        return Err(ValidationError::new(
+            field,
+            format!("must be at most {MAX_TPM_LIMIT} tokens per minute (0 means no limit)"),
+        ));
+    }
+    Ok(())
+}
+
 /// An `update_mask` path that names no field the update may change.
 pub fn not_updatable(path: &str, updatable: &[&str]) -> ValidationError {
     ValidationError::new(

@@ -167,6 +167,7 @@ fn rotating_the_master_key_keeps_provider_keys_readable() {
                 ..Default::default()
             }],
             rpm_limit: 0,
+            tpm_limit: 0,
             enabled: true,
             responses_api: None,
         };

@@ -590,6 +590,163 @@ async fn a_key_is_read_and_changed_in_place_without_being_reissued() {
 }
 
 #[tokio::test]
+async fn token_and_parallel_limits_are_set_changed_checked_and_reach_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let created = admin
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "team-a".into(),
+            tpm_limit: 100_000,
+            max_parallel_requests: 8,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    assert_eq!(
+        (created.tpm_limit, created.max_parallel_requests),
+        (100_000, 8)
+    );
+    let backend = admin
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(pb::Backend {
+                tpm_limit: 90_000,
+                ..backend("b1")
+            }),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_eq!(backend.tpm_limit, 90_000);
+
+    // Each changes alone through its mask path; 0 removes a limit.
+    let changed = admin
+        .update_client_key(pb::UpdateClientKeyRequest {
+            client_key: Some(pb::ClientKey {
+                id: "team-a".into(),
+                tpm_limit: 0,
+                max_parallel_requests: 4,
+                rpm_limit: 1,
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["tpm_limit", "max_parallel_requests"])),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    assert_eq!(
+        (
+            changed.tpm_limit,
+            changed.max_parallel_requests,
+            changed.rpm_limit
+        ),
+        (0, 4, 0)
+    );
+    let changed = admin
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: "b1".into(),
+                tpm_limit: 30_000,
+                rpm_limit: 1,
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["tpm_limit"])),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_eq!((changed.tpm_limit, changed.rpm_limit), (30_000, 500));
+    let read = admin
+        .get_client_key(pb::GetClientKeyRequest {
+            id: "team-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    assert_eq!((read.tpm_limit, read.max_parallel_requests), (0, 4));
+
+    // Past their bounds: INVALID_ARGUMENT naming the field, nothing stored.
+    let err = admin
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "team-b".into(),
+            tpm_limit: 2_000_000_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("tpm_limit"), "{}", err.message());
+    let err = admin
+        .update_client_key(pb::UpdateClientKeyRequest {
+            client_key: Some(pb::ClientKey {
+                id: "team-a".into(),
+                max_parallel_requests: 2_000_000,
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["max_parallel_requests"])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("max_parallel_requests"),
+        "{}",
+        err.message()
+    );
+    let err = admin
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: "b1".into(),
+                tpm_limit: 1_000_000_001,
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["tpm_limit"])),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("backend.tpm_limit"),
+        "{}",
+        err.message()
+    );
+    let keys = admin
+        .list_client_keys(pb::ListClientKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .client_keys;
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].max_parallel_requests, 4);
+
+    // A replica gets the totals; it divides them itself.
+    let (_hello, mut stream) = replica(&cp, "replica-1").await;
+    let snapshot = next(&mut stream).await;
+    assert_eq!(snapshot.backends[0].tpm_limit, 30_000);
+    assert_eq!(
+        (
+            snapshot.client_keys[0].tpm_limit,
+            snapshot.client_keys[0].max_parallel_requests
+        ),
+        (0, 4)
+    );
+}
+
+#[tokio::test]
 async fn settings_round_trip_with_a_mask() {
     let dir = tempfile::tempdir().unwrap();
     let cp = TestControlPlane::start(dir.path()).await.unwrap();
@@ -850,6 +1007,34 @@ fn mask(paths: &[&str]) -> sluice_proto::wkt::FieldMask {
     sluice_proto::wkt::FieldMask {
         paths: paths.iter().map(|p| p.to_string()).collect(),
     }
+}
+
+/// A replica's snapshot stream, opened with its hello; the stream lasts while the sender
+/// is held.
+async fn replica(
+    cp: &TestControlPlane,
+    node_id: &str,
+) -> (
+    tokio::sync::mpsc::Sender<pb::StreamSnapshotsRequest>,
+    tonic::Streaming<pb::StreamSnapshotsResponse>,
+) {
+    let mut dp = DataPlaneServiceClient::with_interceptor(
+        channel(cp).await,
+        Bearer(cp.dataplane_token.clone()),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::StreamSnapshotsRequest {
+        node_id: node_id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let stream = dp
+        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
 }
 
 async fn next(stream: &mut tonic::Streaming<pb::StreamSnapshotsResponse>) -> pb::Snapshot {
@@ -1251,22 +1436,7 @@ async fn the_responses_api_flag_and_the_affinity_key_reach_replicas() {
     let default = create(&mut admin, "default", "").await;
     assert_eq!(default.responses_api, None, "unset: the default");
 
-    let mut dp = DataPlaneServiceClient::with_interceptor(
-        channel(&cp).await,
-        Bearer(cp.dataplane_token.clone()),
-    );
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(pb::StreamSnapshotsRequest {
-        node_id: "replica-1".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = dp
-        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (_hello, mut stream) = replica(&cp, "replica-1").await;
     let snapshot = next(&mut stream).await;
     let flag = |s: &pb::Snapshot, name: &str| {
         s.backends

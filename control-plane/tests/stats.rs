@@ -223,6 +223,7 @@ impl Rec {
             cached_prompt_tokens: self.prompt / 4,
             reasoning_tokens: self.completion / 5,
             cost_nanos: 0,
+            tokens_estimated: false,
         }
     }
 }

@@ -63,6 +63,7 @@ async fn the_largest_supported_configuration_reaches_replicas_and_sluicectl() {
                         })
                         .collect(),
                     rpm_limit: 0,
+                    tpm_limit: 0,
                     enabled: true,
                     responses_api: None,
                 },

@@ -484,6 +484,7 @@ impl World {
                         ..Default::default()
                     }],
                     rpm_limit: RPM_LIMIT,
+                    tpm_limit: 0,
                     enabled: true,
                     responses_api: None,
                 },

@@ -64,6 +64,7 @@ fn snapshot() -> pb::Snapshot {
             ),
             cooldown_run_basis: u64::MAX,
             responses_api: Some(true),
+            tpm_limit: 1_000_000_000,
         })
         .collect();
     let client_keys = (0..KEYS)
@@ -83,6 +84,8 @@ fn snapshot() -> pb::Snapshot {
                 seconds: 4_102_444_800,
                 nanos: 0,
             }),
+            tpm_limit: 1_000_000_000,
+            max_parallel_requests: 1_000_000,
         })
         .collect();
     pb::Snapshot {
@@ -139,6 +142,8 @@ fn the_supported_configuration_fits_every_message_limit() {
                 spend: 1e9,
                 remaining_budget: 1e9,
                 budget_reset_time: Some(pbjson_types::Timestamp::default()),
+                tpm_limit: 1_000_000_000,
+                max_parallel_requests: 1_000_000,
             })
             .collect(),
     };
@@ -183,6 +188,7 @@ fn a_full_usage_batch_of_bounded_records_fits_the_report_limit() {
         cached_prompt_tokens: u64::MAX,
         reasoning_tokens: u64::MAX,
         cost_nanos: u64::MAX,
+        tokens_estimated: true,
     };
     let one = record.encoded_len();
     eprintln!("largest usage record: {one} bytes");

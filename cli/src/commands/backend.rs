@@ -79,6 +79,7 @@ fn create_request(args: BackendAddArgs) -> Result<pb::CreateBackendRequest, Erro
         weight: args.weight,
         models: with_max_tokens(args.models, args.default_max_tokens),
         rpm_limit: args.rpm,
+        tpm_limit: args.tpm_limit,
         enabled: !args.disabled,
         responses_api: args.responses_api,
         api_format: pb::ApiFormat::from(args.api_format).into(),
@@ -136,6 +137,10 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
         backend.rpm_limit = rpm;
         set("rpm_limit");
     }
+    if let Some(tpm) = args.tpm_limit {
+        backend.tpm_limit = tpm;
+        set("tpm_limit");
+    }
     if args.enabled || args.disabled {
         backend.enabled = args.enabled;
         set("enabled");
@@ -160,7 +165,7 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
     if paths.is_empty() && api_key.is_none() {
         return Err(Error::Usage(
             "nothing to update: give at least one of --name, --base-url, --pool, --priority, \
-             --weight, --rpm, --enabled, --disabled, --model, --api-format, \
+             --weight, --rpm, --tpm-limit, --enabled, --disabled, --model, --api-format, \
              --anthropic-version, --api-key-env, --api-key-stdin"
                 .to_owned(),
         ));

@@ -15,6 +15,7 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
             name,
             allowed_models,
             rpm,
+            limits,
             expires,
             budget,
         } => {
@@ -28,6 +29,8 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
                     .budget_period
                     .map_or(pb::BudgetPeriod::Unspecified, pb::BudgetPeriod::from)
                     .into(),
+                tpm_limit: limits.tpm_limit.unwrap_or(0),
+                max_parallel_requests: limits.max_parallel.unwrap_or(0),
             };
             let mut admin = connection.admin().await?;
             let response = connection.call(admin.create_client_key(request)).await?;
@@ -97,6 +100,14 @@ fn update_request(args: &KeyUpdateArgs) -> Result<pb::UpdateClientKeyRequest, Er
         key.rpm_limit = rpm;
         paths.push("rpm_limit");
     }
+    if let Some(tpm) = args.limits.tpm_limit {
+        key.tpm_limit = tpm;
+        paths.push("tpm_limit");
+    }
+    if let Some(parallel) = args.limits.max_parallel {
+        key.max_parallel_requests = parallel;
+        paths.push("max_parallel_requests");
+    }
     if let Some(expires) = args.expires {
         key.expire_time = match expires {
             Expiry::Never => None,
@@ -115,7 +126,7 @@ fn update_request(args: &KeyUpdateArgs) -> Result<pb::UpdateClientKeyRequest, Er
     if paths.is_empty() {
         return Err(Error::Usage(
             "nothing to update: give at least one of --name, --allow-model, --all-models, \
-             --rpm, --expires, --max-budget, --budget-period"
+             --rpm, --tpm-limit, --max-parallel, --expires, --max-budget, --budget-period"
                 .to_owned(),
         ));
     }

@@ -164,6 +164,8 @@ impl AdminService for Admin {
             expire_time_ms: request.expire_time.as_ref().map(crate::time::timestamp_ms),
             max_budget_nanos: budget_nanos(request.max_budget)?,
             budget_period: BudgetPeriod::from_proto(request.budget_period)?,
+            tpm_limit: request.tpm_limit,
+            max_parallel_requests: request.max_parallel_requests,
         }
         .validated(crate::time::now_ms())?;
         let room = self

@@ -30,8 +30,8 @@ impl Store {
             tx.execute(
                 "INSERT INTO backends (id, name, base_url, pool, priority, weight, rpm_limit, enabled,
                                        api_key_ciphertext, api_key_hint, create_time, update_time,
-                                       responses_api, api_format, anthropic_version)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12, ?13, ?14)",
+                                       responses_api, api_format, anthropic_version, tpm_limit)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12, ?13, ?14, ?15)",
                 params![
                     id,
                     spec.name,
@@ -46,7 +46,8 @@ impl Store {
                     now,
                     spec.responses_api,
                     spec.api_format.as_str(),
-                    spec.anthropic_version
+                    spec.anthropic_version,
+                    spec.tpm_limit
                 ],
             )
             .map_err(|e| unique_violation(e, || format!("a backend named {:?} already exists", spec.name)))?;
@@ -96,7 +97,7 @@ impl Store {
             tx.execute(
                 "UPDATE backends SET name = ?2, base_url = ?3, pool = ?4, priority = ?5, weight = ?6,
                         rpm_limit = ?7, enabled = ?8, update_time = ?9, responses_api = ?10,
-                        api_format = ?11, anthropic_version = ?12 WHERE id = ?1",
+                        api_format = ?11, anthropic_version = ?12, tpm_limit = ?13 WHERE id = ?1",
                 params![
                     id,
                     spec.name,
@@ -109,7 +110,8 @@ impl Store {
                     now,
                     spec.responses_api,
                     spec.api_format.as_str(),
-                    spec.anthropic_version
+                    spec.anthropic_version,
+                    spec.tpm_limit
                 ],
             )
             .map_err(|e| unique_violation(e, || format!("a backend named {:?} already exists", spec.name)))?;
@@ -239,7 +241,7 @@ fn pool_from_db(value: i64) -> Pool {
     }
 }
 
-const BACKEND_COLUMNS: &str = "id, name, base_url, pool, priority, weight, rpm_limit, enabled, api_key_hint, create_time, update_time, responses_api, api_format, anthropic_version";
+const BACKEND_COLUMNS: &str = "id, name, base_url, pool, priority, weight, rpm_limit, enabled, api_key_hint, create_time, update_time, responses_api, api_format, anthropic_version, tpm_limit";
 
 fn row_to_backend(r: &rusqlite::Row<'_>) -> rusqlite::Result<Backend> {
     Ok(Backend {
@@ -252,6 +254,7 @@ fn row_to_backend(r: &rusqlite::Row<'_>) -> rusqlite::Result<Backend> {
             weight: r.get(5)?,
             models: Vec::new(),
             rpm_limit: r.get(6)?,
+            tpm_limit: r.get(14)?,
             enabled: r.get(7)?,
             responses_api: r.get(11)?,
             api_format: ApiFormat::from_db(&r.get::<_, String>(12)?),

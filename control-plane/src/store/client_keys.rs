@@ -32,15 +32,17 @@ impl Store {
                 expire_time_ms: new.expire_time_ms,
                 max_budget_nanos: new.max_budget_nanos,
                 budget_period: new.budget_period,
+                tpm_limit: new.tpm_limit,
+                max_parallel_requests: new.max_parallel_requests,
             };
             let models = serde_json::to_string(&key.allowed_models)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             tx.execute(
                 "INSERT INTO client_keys (id, name, key_prefix, key_sha256, allowed_models, rpm_limit, create_time, expire_time,
-                                          max_budget_nanos, budget_period)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                          max_budget_nanos, budget_period, tpm_limit, max_parallel_requests)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![key.id, key.name, key.key_prefix, key.key_sha256, models, key.rpm_limit, key.create_time_ms, key.expire_time_ms,
-                        nanos_to_db(key.max_budget_nanos), key.budget_period.to_db()],
+                        nanos_to_db(key.max_budget_nanos), key.budget_period.to_db(), key.tpm_limit, key.max_parallel_requests],
             )
             .map_err(|e| unique_violation(e, || format!("a client key named {:?} already exists", new.name)))?;
             let version = bump_version(&tx)?;
@@ -97,10 +99,11 @@ impl Store {
             tx.execute(
                 "UPDATE client_keys SET name = ?2, allowed_models = ?3, rpm_limit = ?4, expire_time = ?5,
                         expiry_published = CASE WHEN expire_time IS ?5 THEN expiry_published ELSE 0 END,
-                        max_budget_nanos = ?6, budget_period = ?7
+                        max_budget_nanos = ?6, budget_period = ?7, tpm_limit = ?8, max_parallel_requests = ?9
                  WHERE id = ?1",
                 params![id, fields.name, models, fields.rpm_limit, fields.expire_time_ms,
-                        nanos_to_db(fields.max_budget_nanos), fields.budget_period.to_db()],
+                        nanos_to_db(fields.max_budget_nanos), fields.budget_period.to_db(),
+                        fields.tpm_limit, fields.max_parallel_requests],
             )
             .map_err(|e| unique_violation(e, || format!("a client key named {:?} already exists", fields.name)))?;
             let version = bump_version(&tx)?;
@@ -177,7 +180,7 @@ fn resolve_key_id(conn: &Connection, id_or_name: &str) -> Result<String, StoreEr
 }
 
 const SELECT_KEYS: &str = "SELECT id, name, key_prefix, key_sha256, allowed_models, rpm_limit, revoked, create_time, revoke_time, expire_time,
-            max_budget_nanos, budget_period
+            max_budget_nanos, budget_period, tpm_limit, max_parallel_requests
      FROM client_keys";
 
 pub(crate) fn load_keys(
@@ -219,6 +222,8 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ClientKey, String)> {
             expire_time_ms: r.get(9)?,
             max_budget_nanos: r.get::<_, i64>(10)?.max(0) as u64,
             budget_period: BudgetPeriod::from_db(r.get(11)?),
+            tpm_limit: r.get(12)?,
+            max_parallel_requests: r.get(13)?,
         },
         r.get(4)?,
     ))

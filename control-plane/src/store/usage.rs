@@ -1293,6 +1293,7 @@ mod tests {
                     ..Default::default()
                 }],
                 rpm_limit: 0,
+                tpm_limit: 0,
                 enabled: true,
                 responses_api: None,
             };
