@@ -83,6 +83,16 @@ struct Args {
     /// Log format on stderr; RUST_LOG filters (default info).
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// Tests only: run the control plane's wall clock this far ahead (or behind, `-2s`) of
+    /// the host's, as a skewed host clock would; every expiry, budget period and UTC-midnight
+    /// reset follows it. Hidden: a production control plane has no use for it.
+    #[arg(
+        long,
+        env = "SLUICE_WALL_CLOCK_OFFSET",
+        hide = true,
+        allow_hyphen_values = true
+    )]
+    wall_clock_offset: Option<sluice_domain::time::WallOffset>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -144,6 +154,14 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     // Register the handlers before anything listens: a SIGTERM that arrives right after the
     // "listening on" line must stop us cleanly, not kill us.
     let signal = shutdown_signal()?;
+    if let Some(offset) = args.wall_clock_offset {
+        sluice_control::time::skew_wall_clock(offset.as_millis());
+        tracing::warn!(
+            offset_ms = offset.as_millis(),
+            "the wall clock is offset (--wall-clock-offset): for tests only; expiries and \
+             budget resets follow the offset clock"
+        );
+    }
     let running = server::start(Config {
         data_dir: args.data_dir.clone(),
         grpc_listen: args.grpc_listen,

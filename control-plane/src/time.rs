@@ -1,7 +1,17 @@
 //! Wall-clock helpers: the store keeps Unix milliseconds, the API speaks
 //! `google.protobuf.Timestamp` and `Duration`.
+//!
+//! Every wall-clock reading of the control plane is [`now_ms`]: key expiries, budget periods
+//! and their resets at UTC midnight, cooldown ends, shares' leases. Tests move that clock
+//! with the hidden `--wall-clock-offset` (see [`skew_wall_clock`]), so that a real process
+//! crosses a UTC midnight or an expiry when the test wants it to.
+
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use pbjson_types::{Duration, Timestamp};
+
+/// Added to every reading of the system clock: 0 unless `--wall-clock-offset` is given.
+static WALL_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
 
 /// A point in time as the store keeps it: Unix milliseconds by the control plane's clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -18,8 +28,20 @@ impl std::ops::Add<std::time::Duration> for UnixMs {
     }
 }
 
+/// The control plane's wall clock, in Unix milliseconds.
 pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    chrono::Utc::now()
+        .timestamp_millis()
+        .saturating_add(WALL_OFFSET_MS.load(Ordering::Relaxed))
+}
+
+/// Makes [`now_ms`] read `offset_ms` ahead of the system clock (behind when negative) for
+/// the rest of the process, as a host with a skewed clock would. For tests only (the hidden
+/// `--wall-clock-offset` of `sluice-control`, set once at start): it moves every decision
+/// made by the clock, so a production control plane started with it would expire keys and
+/// reset budgets that much early or late; it logs a warning at start for that reason.
+pub fn skew_wall_clock(offset_ms: i64) {
+    WALL_OFFSET_MS.store(offset_ms, Ordering::Relaxed);
 }
 
 pub fn timestamp(ms: i64) -> Timestamp {

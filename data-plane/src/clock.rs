@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-pub use sluice_domain::time::{proto_duration, std_duration, system_time, timestamp};
+pub use sluice_domain::time::{WallOffset, proto_duration, std_duration, system_time, timestamp};
 use tokio::time::Instant;
 
 /// Where the data plane reads the time. The system's clocks, except that tests can make the
@@ -31,33 +31,17 @@ impl Clock {
         }
     }
 
+    /// The wall clock alone, as usage records are dated by it.
+    pub fn wall(&self) -> SystemTime {
+        SystemTime::now() + self.ahead - self.behind
+    }
+
     /// Reads both clocks. Under `tokio::time::pause()` the instant is the paused one.
     pub fn now(&self) -> Now {
         let now = Now::read();
         Now {
             instant: now.instant,
             wall: now.wall + self.ahead - self.behind,
-        }
-    }
-}
-
-/// A signed offset of the wall clock: `2s`, `-1500ms` (humantime, with an optional sign).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WallOffset {
-    Ahead(Duration),
-    Behind(Duration),
-}
-
-impl std::str::FromStr for WallOffset {
-    type Err = humantime::DurationError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        match s.strip_prefix('-') {
-            Some(rest) => humantime::parse_duration(rest).map(WallOffset::Behind),
-            None => {
-                humantime::parse_duration(s.strip_prefix('+').unwrap_or(s)).map(WallOffset::Ahead)
-            }
         }
     }
 }
@@ -105,23 +89,6 @@ impl Now {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-
-    #[test]
-    fn offsets_parse_with_a_sign() {
-        assert_eq!(
-            "2s".parse::<WallOffset>(),
-            Ok(WallOffset::Ahead(Duration::from_secs(2)))
-        );
-        assert_eq!(
-            "+2s".parse::<WallOffset>(),
-            Ok(WallOffset::Ahead(Duration::from_secs(2)))
-        );
-        assert_eq!(
-            "-1500ms".parse::<WallOffset>(),
-            Ok(WallOffset::Behind(Duration::from_millis(1500)))
-        );
-        assert!("-x".parse::<WallOffset>().is_err());
-    }
 
     #[tokio::test(start_paused = true)]
     async fn a_skewed_clock_moves_only_the_wall_reading() {

@@ -177,7 +177,8 @@ async fn serve_as(
     target: Option<stored::Target>,
 ) -> Response {
     let started = Instant::now();
-    let arrived = SystemTime::now();
+    // By the replica's clock (skewed in tests by `--wall-clock-offset`, as a host's could be).
+    let arrived = app.store.clock().wall();
     let request_id = request_id(request.headers());
     let response = match app.store.load() {
         None => unaccounted(&app, &request_id, started, ProxyError::NotReady),

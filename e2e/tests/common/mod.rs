@@ -46,6 +46,8 @@ pub struct Cluster {
     control: Option<Child>,
     /// The control plane's HTTP listener (`/metrics`, the dashboard), once started.
     pub http_addr: Option<SocketAddr>,
+    /// Flags every start of the control plane gets besides the usual ones.
+    control_args: Vec<String>,
     api: ControlApi,
 }
 
@@ -70,12 +72,18 @@ impl Cluster {
     }
 
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// A control plane started (and restarted) with `extra` flags.
+    pub async fn start_with(extra: &[&str]) -> Self {
         let grpc_port = free_port();
         let mut cluster = Self {
             dir: tempfile::tempdir().unwrap(),
             grpc_port,
             control: None,
             http_addr: None,
+            control_args: extra.iter().map(|s| s.to_string()).collect(),
             api: ControlApi {
                 url: format!("http://127.0.0.1:{grpc_port}"),
             },
@@ -95,16 +103,18 @@ impl Cluster {
 
     pub async fn start_control(&mut self) {
         assert!(self.control.is_none(), "control plane already running");
+        let mut args = vec![
+            "--data-dir".to_owned(),
+            self.dir.path().join("data").display().to_string(),
+            "--grpc-listen".to_owned(),
+            format!("127.0.0.1:{}", self.grpc_port),
+            "--http-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ];
+        args.extend(self.control_args.iter().cloned());
         let child = spawn(
             workspace_bin("sluice-control"),
-            [
-                "--data-dir".to_owned(),
-                self.dir.path().join("data").display().to_string(),
-                "--grpc-listen".to_owned(),
-                format!("127.0.0.1:{}", self.grpc_port),
-                "--http-listen".to_owned(),
-                "127.0.0.1:0".to_owned(),
-            ],
+            args,
             [
                 ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
                 ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
@@ -305,6 +315,20 @@ impl ControlApi {
             .unwrap()
             .into_inner()
             .key
+    }
+
+    /// The client key `id_or_name` as `GetClientKey` shows it (spend, budget, expiry).
+    pub async fn client_key(&self, id_or_name: &str) -> pb::ClientKey {
+        self.admin()
+            .await
+            .get_client_key(pb::GetClientKeyRequest {
+                id: id_or_name.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .client_key
+            .unwrap()
     }
 
     /// The data planes as `ListDataPlanes` reports them.

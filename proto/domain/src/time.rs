@@ -1,6 +1,7 @@
 //! Conversions between `std::time` and the protobuf well-known `Timestamp` and `Duration`,
 //! for every Rust side of the API (the control plane's store keeps Unix milliseconds and has
-//! its own helpers for that representation).
+//! its own helpers for that representation); and the wall-clock offset both servers take in
+//! tests (`--wall-clock-offset`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -52,6 +53,39 @@ pub fn proto_duration(d: Duration) -> ProtoDuration {
     }
 }
 
+/// A signed offset of a server's wall clock: `2s`, `-1500ms` (humantime, with an optional
+/// sign). Tests give it to a server (`--wall-clock-offset`, a hidden option) so that its clock
+/// reads as a host's skewed clock would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WallOffset {
+    Ahead(Duration),
+    Behind(Duration),
+}
+
+impl WallOffset {
+    /// The offset in milliseconds, negative when behind (saturating).
+    pub fn as_millis(self) -> i64 {
+        match self {
+            Self::Ahead(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+            Self::Behind(d) => -i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+}
+
+impl std::str::FromStr for WallOffset {
+    type Err = humantime::DurationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        match s.strip_prefix('-') {
+            Some(rest) => humantime::parse_duration(rest).map(WallOffset::Behind),
+            None => {
+                humantime::parse_duration(s.strip_prefix('+').unwrap_or(s)).map(WallOffset::Ahead)
+            }
+        }
+    }
+}
+
 /// The std duration of a protobuf `Duration`; `None` when negative or malformed.
 pub fn std_duration(d: &ProtoDuration) -> Option<Duration> {
     let seconds = u64::try_from(d.seconds).ok()?;
@@ -62,6 +96,27 @@ pub fn std_duration(d: &ProtoDuration) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offsets_parse_with_a_sign() {
+        assert_eq!(
+            "2s".parse::<WallOffset>(),
+            Ok(WallOffset::Ahead(Duration::from_secs(2)))
+        );
+        assert_eq!(
+            "+2s".parse::<WallOffset>(),
+            Ok(WallOffset::Ahead(Duration::from_secs(2)))
+        );
+        assert_eq!(
+            "-1500ms".parse::<WallOffset>(),
+            Ok(WallOffset::Behind(Duration::from_millis(1500)))
+        );
+        assert!("-x".parse::<WallOffset>().is_err());
+        assert_eq!(
+            "-1500ms".parse::<WallOffset>().map(WallOffset::as_millis),
+            Ok(-1500)
+        );
+    }
 
     #[test]
     fn timestamps_round_trip_before_and_after_1970() {

@@ -1,0 +1,174 @@
+//! End to end: a daily budget starts again at UTC midnight by the control plane's clock, at
+//! every replica. The real control plane and three real replicas run with their wall clocks
+//! moved (`--wall-clock-offset`, hidden, tests only) so that a UTC midnight comes a few
+//! seconds into the test; nothing else is stood in for.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{Cluster, Mock, Proxy};
+use serde_json::Value;
+use sluice_proto::v1 as pb;
+
+const DAY_MS: i64 = 86_400_000;
+/// From the test's start to the control plane's midnight: enough to start four processes and
+/// spend a budget on a busy machine. The test fails, saying so, if it was not.
+const UNTIL_MIDNIGHT: Duration = Duration::from_secs(10);
+/// Route prices: $1 in, $2 out per million tokens (the harness's `add_backend`).
+const INPUT_NANOS_PER_TOKEN: u64 = 1_000;
+const OUTPUT_NANOS_PER_TOKEN: u64 = 2_000;
+
+/// What the mock has served, in nano-units at the route's prices.
+async fn mock_nanos(mock: &Mock) -> u64 {
+    let served = mock.stats().await;
+    served.prompt_tokens * INPUT_NANOS_PER_TOKEN + served.completion_tokens * OUTPUT_NANOS_PER_TOKEN
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Asks `replica` with `key` until it answers `status`; when it did.
+async fn until_status(replica: &Proxy, key: &str, status: u16, what: &str) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = replica.chat(key, "m").await;
+        if r.status() == status {
+            r.bytes().await.unwrap();
+            return Instant::now();
+        }
+        let other = r.status();
+        let body = r.text().await.unwrap();
+        assert!(
+            other == 429 || other == 200,
+            "{what}: answered {other}: {body}"
+        );
+        assert!(Instant::now() < deadline, "{what}: still {other}: {body}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_daily_budget_is_served_again_at_every_replica_when_the_control_planes_clock_passes_midnight()
+ {
+    // Every clock of the test runs `offset` ahead, so that UTC midnight comes UNTIL_MIDNIGHT
+    // from now: `midnight` by those clocks, `midnight_here` by this test's monotonic clock.
+    let real_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let midnight_here = Instant::now() + UNTIL_MIDNIGHT;
+    let at_midnight = real_ms + UNTIL_MIDNIGHT.as_millis() as i64;
+    let midnight = (at_midnight.div_euclid(DAY_MS) + 1) * DAY_MS;
+    let offset = format!("--wall-clock-offset={}ms", midnight - at_midnight);
+    let cluster = Cluster::start_with(&[&offset]).await;
+    let mock = Mock::start("a", &["m"]).await;
+    cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(cluster.proxy_with(&[&offset]).await);
+    }
+    // A daily budget of a handful of requests (a mock answer costs about 0.000014).
+    let max_budget = 0.000_1;
+    let key = cluster
+        .admin()
+        .await
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "daily".into(),
+            max_budget,
+            budget_period: pb::BudgetPeriod::Daily as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key;
+    cluster.wait_replicas_current(3).await;
+
+    // The key spends its day's budget and every replica refuses it, naming the reset.
+    let first = &replicas[0];
+    let mut served = 0;
+    let refused = loop {
+        let r = first.chat(&key, "m").await;
+        if r.status() == 429 {
+            break r;
+        }
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        r.bytes().await.unwrap();
+        served += 1;
+        assert!(served < 200, "never refused");
+    };
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("it resets at {}.", rfc3339(midnight))),
+        "{message}"
+    );
+    for (i, replica) in replicas.iter().enumerate() {
+        until_status(replica, &key, 429, &format!("replica {i} before midnight")).await;
+    }
+    let before = cluster.client_key("daily").await;
+    assert!(before.spend >= max_budget, "{before:?}");
+    assert_eq!(before.remaining_budget, 0.0);
+    assert_eq!(
+        before.budget_reset_time.map(|t| t.seconds * 1000),
+        Some(midnight)
+    );
+    let old_period = mock_nanos(&mock).await;
+    assert!(
+        Instant::now() < midnight_here,
+        "setting up took longer than {UNTIL_MIDNIGHT:?}: the budget was spent after midnight; \
+         raise UNTIL_MIDNIGHT"
+    );
+
+    // Midnight passes by the control plane's clock: every replica serves the key again, none
+    // before midnight. Each serves one request, which the new day's budget covers.
+    let mut last = midnight_here;
+    for (i, replica) in replicas.iter().enumerate() {
+        let at = until_status(replica, &key, 200, &format!("replica {i} after midnight")).await;
+        assert!(
+            at + Duration::from_millis(20) >= midnight_here,
+            "replica {i} served the key {:?} before midnight",
+            midnight_here - at
+        );
+        last = last.max(at);
+    }
+    eprintln!(
+        "midnight → the key served at all 3 replicas: {:?} (polled every 2 ms)",
+        last - midnight_here
+    );
+
+    // Spend is the new day's: the three requests served since midnight, nothing of before.
+    let new_period = mock_nanos(&mock).await - old_period;
+    assert!(new_period > 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let state = cluster.client_key("daily").await;
+        if (state.spend * 1e9).round() as u64 == new_period {
+            break state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new day's spend is {} nano-units, not the {new_period} served since midnight: \
+             {state:?}",
+            (state.spend * 1e9).round()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(after.spend < max_budget, "{after:?}");
+    assert!(
+        (after.remaining_budget - (max_budget - after.spend)).abs() < 1e-12,
+        "{after:?}"
+    );
+    assert_eq!(
+        after.budget_reset_time.map(|t| t.seconds * 1000),
+        Some(midnight + DAY_MS)
+    );
+}
