@@ -686,3 +686,244 @@ async fn the_dashboard_in_a_browser() {
         }
     }
 }
+
+/// Sets an input or select by script (a date-time picker takes no typed text) and tells the
+/// page, as a user's edit would.
+async fn set_value(browser: &Browser, selector: &str, value: &str) {
+    browser
+        .eval(&format!(
+            "(() => {{ const e = document.querySelector({}); e.value = {}; \
+             e.dispatchEvent(new Event('input', {{bubbles: true}})); \
+             e.dispatchEvent(new Event('change', {{bubbles: true}})); }})()",
+            json!(selector),
+            json!(value)
+        ))
+        .await;
+}
+
+/// Saves the key's edit form and waits until it closes (the control plane took the change).
+async fn save_key_form(browser: &Browser, what: &str) {
+    browser.click("#ke-save").await;
+    browser
+        .wait_for("document.querySelector('#key-edit-form').hidden", what)
+        .await;
+}
+
+/// `now + seconds` as the page's datetime-local inputs show it (the browser's local time).
+const LOCAL_IN: &str = "((s) => { const d = new Date(Date.now() + s * 1000); \
+     const p = (n) => String(n).padStart(2, '0'); \
+     return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`; })";
+
+/// What a key's answer at the gateway says: status and the error's `code`, if any.
+async fn answer_of(gateway: &Gateway, key: &str) -> (u16, String) {
+    let r = gateway.chat(key, "gpt-4o-mini").await;
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (status, code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_limits_and_expiry_are_set_in_the_dashboard_and_applied_by_the_data_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_control, api, base) = control_plane(&dir, &[]).await;
+    let mock = Mock::start("dash-budget", &["gpt-4o-mini"]).await;
+    api.add_backend(
+        "alpha",
+        &mock,
+        pb::Pool::Primary,
+        1,
+        &[("gpt-4o-mini", "gpt-4o-mini")],
+    )
+    .await;
+    let (_proxy, gateway) = data_plane(&api).await;
+
+    let browser = Browser::launch(&format!("{base}/api/"), 1366, 900).await;
+    browser.goto(&format!("{base}/#keys")).await;
+    browser.type_into("#signin-token", ADMIN_TOKEN).await;
+    browser.click("#signin-submit").await;
+    browser
+        .wait_for(
+            "!document.querySelector('#page-keys').hidden",
+            "the keys page",
+        )
+        .await;
+
+    // Created with a monthly budget from the form.
+    browser.type_into("#kf-name", "team-b").await;
+    browser.type_into("#kf-budget", "0.5").await;
+    set_value(&browser, "#kf-period", "BUDGET_PERIOD_MONTHLY").await;
+    browser.click("#kf-create").await;
+    browser
+        .wait_for("!document.querySelector('#key-once').hidden", "the new key")
+        .await;
+    let secret = browser
+        .eval("document.querySelector('#key-once-value').value")
+        .await
+        .as_str()
+        .unwrap()
+        .to_owned();
+    browser.click("#key-once-done").await;
+    let stored = api.client_key("team-b").await;
+    assert_eq!(stored.max_budget, 0.5);
+    assert_eq!(stored.budget_period, pb::BudgetPeriod::Monthly as i32);
+    assert_eq!(stored.expire_time, None);
+    let row = format!("#keys-table tr[data-key-id='{}']", stored.id);
+
+    // Real traffic through the data plane: the row's bar shows the spend against the budget.
+    eventually(Duration::from_secs(10), "the new key served", || async {
+        gateway.chat(&secret, "gpt-4o-mini").await.status() == 200
+    })
+    .await;
+    for _ in 0..4 {
+        assert_eq!(answer_of(&gateway, &secret).await, (200, String::new()));
+    }
+    let mock_served = mock.stats().await;
+    let spent =
+        (mock_served.prompt_tokens as f64 + 2.0 * mock_served.completion_tokens as f64) / 1e6;
+    eventually(Duration::from_secs(20), "the spend counted", || async {
+        (api.client_key("team-b").await.spend - spent).abs() < 1e-12
+    })
+    .await;
+    // The page reloads the keys every 5 s; going to the page loads them at once.
+    browser.click("#nav a[data-page=overview]").await;
+    browser.click("#nav a[data-page=keys]").await;
+    let meter = format!("{row} meter.spend");
+    browser
+        .wait_for(
+            &format!(
+                "(() => {{ const m = document.querySelector(\"{meter}\"); \
+                 return m && Math.abs(m.value - {spent}) < 1e-12 && m.max === 0.5; }})()"
+            ),
+            "the spend bar at the key's spend",
+        )
+        .await;
+    let cell = browser.text(&format!("{row} td.budget")).await;
+    assert!(cell.contains("/ 0.5 USD"), "{cell}");
+    assert!(cell.contains("left") && cell.contains("resets"), "{cell}");
+    browser
+        .screenshot(&artifacts().join("dashboard-keys-budget.png"))
+        .await;
+
+    // A refused value is shown beside its field and stores nothing.
+    browser
+        .click(&format!("{row} button[data-action=edit]"))
+        .await;
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#ke-budget').value")
+            .await,
+        json!("0.5")
+    );
+    set_value(&browser, "#ke-expire", "2020-01-01T00:00:00").await;
+    browser.type_into("#ke-rpm", "5").await;
+    browser.click("#ke-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('#key-edit-form [data-field=expire_time] .field-error').textContent !== ''",
+            "the expiry error",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .text("#key-edit-form [data-field=expire_time] .field-error")
+            .await,
+        "must be in the future"
+    );
+    let unchanged = api.client_key("team-b").await;
+    assert_eq!(
+        (unchanged.rpm_limit, unchanged.expire_time),
+        (0, None),
+        "a refused update stores nothing"
+    );
+
+    // A budget below the spend: the data plane refuses the key as out of quota.
+    set_value(&browser, "#ke-expire", "").await;
+    browser.type_into("#ke-rpm", "0").await;
+    browser.type_into("#ke-budget", "0.00001").await;
+    save_key_form(&browser, "the budget saved").await;
+    assert!((api.client_key("team-b").await.max_budget - 0.000_01).abs() < 1e-15);
+    eventually(
+        Duration::from_secs(10),
+        "the key refused for its budget",
+        || async { answer_of(&gateway, &secret).await == (429, "insufficient_quota".into()) },
+    )
+    .await;
+    browser
+        .wait_for(
+            &format!("document.querySelector(\"{row}\").textContent.includes('budget spent')"),
+            "the key shown as spent",
+        )
+        .await;
+
+    // Budget raised and an RPM limit of 1: served once, then rate-limited.
+    browser
+        .click(&format!("{row} button[data-action=edit]"))
+        .await;
+    browser.type_into("#ke-budget", "1").await;
+    browser.type_into("#ke-rpm", "1").await;
+    save_key_form(&browser, "the limits saved").await;
+    let limited = api.client_key("team-b").await;
+    assert_eq!((limited.max_budget, limited.rpm_limit), (1.0, 1));
+    eventually(
+        Duration::from_secs(10),
+        "the key rate-limited at 1/min",
+        || async { answer_of(&gateway, &secret).await == (429, "rate_limit_exceeded".into()) },
+    )
+    .await;
+
+    // An expiry a few seconds ahead: the data plane refuses the key as expired once it passes.
+    browser
+        .click(&format!("{row} button[data-action=edit]"))
+        .await;
+    browser.type_into("#ke-rpm", "0").await;
+    let soon = browser.eval(&format!("{LOCAL_IN}(4)")).await;
+    set_value(&browser, "#ke-expire", soon.as_str().unwrap()).await;
+    save_key_form(&browser, "the expiry saved").await;
+    let expiring = api.client_key("team-b").await;
+    assert!(expiring.expire_time.is_some());
+    assert_eq!(expiring.rpm_limit, 0);
+    eventually(
+        Duration::from_secs(20),
+        "the key refused as expired",
+        || async { answer_of(&gateway, &secret).await == (401, "api_key_expired".into()) },
+    )
+    .await;
+    browser
+        .wait_for(
+            &format!("document.querySelector(\"{row}\").textContent.includes('expired')"),
+            "the key shown as expired",
+        )
+        .await;
+    browser
+        .screenshot(&artifacts().join("dashboard-keys-expired.png"))
+        .await;
+
+    // Cleared: the key never expires and is served again.
+    browser
+        .click(&format!("{row} button[data-action=edit]"))
+        .await;
+    set_value(&browser, "#ke-expire", "").await;
+    save_key_form(&browser, "the expiry cleared").await;
+    assert_eq!(api.client_key("team-b").await.expire_time, None);
+    eventually(Duration::from_secs(10), "the key served again", || async {
+        answer_of(&gateway, &secret).await == (200, String::new())
+    })
+    .await;
+    browser
+        .wait_for(
+            &format!(
+                "[...document.querySelectorAll(\"{row} td\")].some(td => td.textContent === 'never')"
+            ),
+            "the key shown as never expiring",
+        )
+        .await;
+
+    let problems = browser.problems();
+    assert!(problems.dialogs.is_empty(), "{:?}", problems.dialogs);
+    assert!(problems.errors.is_empty(), "{:#?}", problems.errors);
+    browser.close().await;
+}

@@ -236,6 +236,7 @@
     $('#key-once-value').value = '';
     $('#key-once').hidden = true;
     closeBackendForm();
+    closeKeyForm();
     showSignIn(message);
   }
 
@@ -848,51 +849,232 @@
   // ---------------------------------------------------------------- client keys
 
   let keys = [];
+  // The key whose edit form is open, as it was when the form opened: a save sends only
+  // what the operator changed from it, so it never undoes another admin's change.
+  let editingKey = null;
+
+  const NO_PERIOD = 'BUDGET_PERIOD_UNSPECIFIED';
 
   async function loadKeys() {
-    const answer = await call('AdminService/ListClientKeys');
+    const [answer, settings] = await Promise.all([
+      call('AdminService/ListClientKeys'),
+      call('AdminService/GetSettings'),
+    ]);
+    setCurrency(settings.settings);
     keys = answer.clientKeys || [];
     if (state.page !== 'keys') return;
     renderKeys();
+  }
+
+  /** Spend and budgets, small ones included: "0.000014", "12.50". */
+  function fmtSpend(x) {
+    x = num(x);
+    if (x > 0 && x < 1) return new Intl.NumberFormat(undefined, { maximumSignificantDigits: 3 }).format(x);
+    return fmtCost(x);
+  }
+
+  const budgetSpent = (k) => num(k.maxBudget) > 0 && num(k.spend) >= num(k.maxBudget);
+
+  /** The key's spend in its period against its budget, as a bar, with what is left and when it resets. */
+  function budgetCell(k) {
+    const spend = num(k.spend);
+    const budget = num(k.maxBudget);
+    if (budget === 0) {
+      return h('td', { class: 'budget' },
+        h('span', { class: 'spend-text' }, `${fmtSpend(spend)} ${state.currency} spent`),
+        h('span', { class: 'sub-line' }, 'no budget'));
+    }
+    const reset = parseTime(k.budgetResetTime);
+    const resets = reset === null ? 'lifetime budget, no reset' : `resets ${relTime(reset)}`;
+    return h('td', { class: 'budget' },
+      h('meter', {
+        class: 'spend',
+        min: 0,
+        max: budget,
+        value: Math.min(spend, budget),
+        low: budget * 0.8,
+        high: budget * 0.95,
+        optimum: 0,
+        'aria-label': `Spent ${fmtSpend(spend)} of ${fmtSpend(budget)} ${state.currency}`,
+        'data-spend': spend,
+        'data-budget': budget,
+      }),
+      h('span', { class: 'spend-text' }, `${fmtSpend(spend)} / ${fmtSpend(budget)} ${state.currency}`),
+      h('span', { class: 'sub-line', title: reset === null ? null : fmtDateTime(reset) },
+        budgetSpent(k) ? `spent: refused until it resets · ${resets}` : `${fmtSpend(k.remainingBudget)} left · ${resets}`));
+  }
+
+  function limitsCell(k) {
+    const limits = [];
+    if (num(k.rpmLimit)) limits.push(fmtCount(k.rpmLimit, 'req/min'));
+    return h('td', { class: 'num' }, limits.length ? limits.map((l) => h('span', { class: 'line' }, l)) : 'none');
+  }
+
+  function expiryCell(k) {
+    const at = parseTime(k.expireTime);
+    if (at === null) return h('td', null, 'never');
+    return h('td', { title: fmtDateTime(at) }, fmtDateTime(at), h('span', { class: 'sub-line' }, relTime(at)));
+  }
+
+  function keyState(k) {
+    if (k.revoked) {
+      return [h('span', { class: 'pill bad' }, 'revoked'), h('span', { class: 'sub-line' }, relTime(parseTime(k.revokeTime)))];
+    }
+    if (k.expired) return h('span', { class: 'pill bad' }, 'expired');
+    if (budgetSpent(k)) return h('span', { class: 'pill warn' }, 'budget spent');
+    return h('span', { class: 'pill ok' }, 'active');
   }
 
   function renderKeys() {
     const sorted = [...keys].sort((a, b) => Number(Boolean(a.revoked)) - Number(Boolean(b.revoked)));
     const rows = sorted.map((k) => {
       const created = parseTime(k.createTime);
-      const revoked = parseTime(k.revokeTime);
       const models = k.allowedModels || [];
+      const confirming = state.confirming === `key:${k.id}`;
       return h('tr', { 'data-key-id': k.id },
         h('td', { class: 'name' }, k.name),
         h('td', { class: 'mono' }, k.keyPrefix ? `${k.keyPrefix}…` : '–'),
         h('td', null, models.length ? models.map((m) => h('span', { class: 'sub-line mono' }, m)) : 'all models'),
-        h('td', { class: 'num' }, num(k.rpmLimit) ? fmtCount(k.rpmLimit, '/min') : 'none'),
+        limitsCell(k),
+        budgetCell(k),
+        expiryCell(k),
         h('td', { title: fmtDateTime(created) }, relTime(created)),
-        h('td', null, k.revoked
-          ? [h('span', { class: 'pill bad' }, 'revoked'), h('span', { class: 'sub-line' }, relTime(revoked))]
-          : h('span', { class: 'pill ok' }, 'active')),
-        h('td', { class: 'actions' }, k.revoked ? null : confirmButtons(`key:${k.id}`, 'Revoke', async () => {
-          await call('AdminService/RevokeClientKey', { id: k.id });
-          notify(`Revoked ${k.name}.`);
-        })));
+        h('td', null, keyState(k)),
+        h('td', { class: 'actions' }, k.revoked ? null : [
+          confirming ? null : h('button', {
+            type: 'button', class: 'secondary small', 'data-action': 'edit', onclick: () => openKeyForm(k),
+          }, 'Edit'),
+          ...confirmButtons(`key:${k.id}`, 'Revoke', async () => {
+            await call('AdminService/RevokeClientKey', { id: k.id });
+            notify(`Revoked ${k.name}.`);
+          }),
+        ]));
     });
     table($('#keys-table'), [
-      { label: 'Name' }, { label: 'Key' }, { label: 'Models' }, { label: 'RPM', num: true },
-      { label: 'Created' }, { label: 'State' }, { label: '' },
+      { label: 'Name' }, { label: 'Key' }, { label: 'Models' }, { label: 'Limits', num: true },
+      { label: 'Spend this period' }, { label: 'Expires' }, { label: 'Created' }, { label: 'State' },
+      { label: '' },
     ], rows, 'No client keys yet.');
+  }
+
+  /** A time as a datetime-local input shows it (local time, to the second); '' for none. */
+  function localInput(t) {
+    if (t === null) return '';
+    const d = new Date(t);
+    const p = (n) => String(n).padStart(2, '0');
+    return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+  }
+
+  /** Reads a datetime-local input as an RFC 3339 time; null when empty (never); undefined after showing why it cannot. */
+  function readDateTime(form, input, field) {
+    const text = input.value.trim();
+    if (text === '') return null;
+    const t = new Date(text).getTime();
+    if (Number.isNaN(t)) {
+      showFieldError(form, field, 'must be a date and time');
+      return undefined;
+    }
+    return new Date(t).toISOString();
+  }
+
+  /** Reads an amount of money ≥ 0 (empty is 0), or shows why it cannot. */
+  function readMoney(form, input, field) {
+    const text = input.value.trim();
+    const value = text === '' ? 0 : Number(text);
+    if (!Number.isFinite(value) || value < 0) {
+      showFieldError(form, field, 'must be a number ≥ 0');
+      return null;
+    }
+    return value;
+  }
+
+  /** The settable fields of a key form (create or edit), or null after showing why one cannot be read. */
+  function readKeyFields(form, prefix) {
+    const maxBudget = readMoney(form, $(`#${prefix}-budget`), 'max_budget');
+    if (maxBudget === null) return null;
+    const rpmLimit = wholeNumber(form, $(`#${prefix}-rpm`), 'rpm_limit', 0);
+    if (rpmLimit === null) return null;
+    const expireTime = readDateTime(form, $(`#${prefix}-expire`), 'expire_time');
+    if (expireTime === undefined) return null;
+    return { maxBudget, budgetPeriod: $(`#${prefix}-period`).value, rpmLimit, expireTime };
+  }
+
+  function openKeyForm(k) {
+    const form = $('#key-edit-form');
+    clearErrors(form);
+    editingKey = k;
+    $('#key-edit-title').textContent = `Edit ${k.name}`;
+    $('#ke-budget').value = String(num(k.maxBudget));
+    $('#ke-period').value = k.budgetPeriod || NO_PERIOD;
+    $('#ke-rpm').value = String(num(k.rpmLimit));
+    $('#ke-expire').value = localInput(parseTime(k.expireTime));
+    form.hidden = false;
+    $('#ke-budget').focus();
+  }
+
+  function closeKeyForm() {
+    $('#key-edit-form').hidden = true;
+    editingKey = null;
+  }
+
+  async function saveKey(event) {
+    event.preventDefault();
+    const form = $('#key-edit-form');
+    clearErrors(form);
+    const k = editingKey;
+    if (!k) return;
+    const next = readKeyFields(form, 'ke');
+    if (next === null) return;
+    const second = (t) => (t === null ? null : Math.floor(t / 1000));
+    const before = {
+      maxBudget: num(k.maxBudget),
+      budgetPeriod: k.budgetPeriod || NO_PERIOD,
+      rpmLimit: num(k.rpmLimit),
+    };
+    const clientKey = { id: k.id };
+    const mask = [];
+    for (const field of ['maxBudget', 'budgetPeriod', 'rpmLimit']) {
+      if (next[field] !== before[field]) {
+        clientKey[field] = next[field];
+        mask.push(field);
+      }
+    }
+    // An emptied field clears the expiry: named in the mask, absent from the key.
+    if (second(parseTime(next.expireTime)) !== second(parseTime(k.expireTime))) {
+      if (next.expireTime) clientKey.expireTime = next.expireTime;
+      mask.push('expireTime');
+    }
+    if (mask.length === 0) {
+      notify('Nothing to save: no field changed.');
+      return;
+    }
+    const button = $('#ke-save');
+    button.disabled = true;
+    try {
+      await call('AdminService/UpdateClientKey', { clientKey, updateMask: mask.join(',') });
+      notify(`Saved ${k.name}; data planes apply it with their next snapshot.`);
+      closeKeyForm();
+      await refresh();
+    } catch (err) {
+      if (err.status !== 401) showApiError(form, err, 'client_key.');
+    } finally {
+      button.disabled = false;
+    }
   }
 
   async function createKey(event) {
     event.preventDefault();
     const form = $('#key-form');
     clearErrors(form);
-    const rpmLimit = wholeNumber(form, $('#kf-rpm'), 'rpm_limit', 0);
-    if (rpmLimit === null) return;
+    const fields = readKeyFields(form, 'kf');
+    if (fields === null) return;
     const allowedModels = $('#kf-models').value.split(/[\s,]+/).filter(Boolean);
+    const request = { name: $('#kf-name').value, allowedModels, ...fields };
+    if (request.expireTime === null) delete request.expireTime;
     const button = $('#kf-create');
     button.disabled = true;
     try {
-      const answer = await call('AdminService/CreateClientKey', { name: $('#kf-name').value, allowedModels, rpmLimit });
+      const answer = await call('AdminService/CreateClientKey', request);
       $('#key-once-value').value = answer.key || '';
       $('#key-once-status').textContent = `Key for ${answer.clientKey ? answer.clientKey.name : ''}`;
       $('#key-once').hidden = false;
@@ -1120,6 +1302,8 @@
     $('#backend-form').addEventListener('submit', saveBackend);
 
     $('#key-form').addEventListener('submit', createKey);
+    $('#key-edit-form').addEventListener('submit', saveKey);
+    $('#ke-cancel').addEventListener('click', closeKeyForm);
     $('#settings-form').addEventListener('submit', saveSettings);
     // Once the operator is in the form, refreshes leave it alone.
     for (const type of ['input', 'focusin']) {
