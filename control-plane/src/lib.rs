@@ -18,6 +18,7 @@
 //! - Domain types and rules: [`backend`], [`client_key`], [`settings`], [`usage`],
 //!   [`validation`], [`time`], [`grpc_code`]; secrets: [`crypto`], [`secrets`].
 
+pub mod allowance;
 pub mod api;
 pub mod backend;
 pub mod budget;

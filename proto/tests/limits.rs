@@ -112,6 +112,7 @@ fn the_supported_configuration_fits_every_message_limit() {
     let snapshot = snapshot();
     let bytes = pb::StreamSnapshotsResponse {
         snapshot: Some(snapshot.clone()),
+        allowances: None,
     }
     .encoded_len();
     eprintln!(

@@ -1,6 +1,7 @@
 //! `DataPlaneService`: streams snapshots to replicas and takes their usage and
 //! cooldown reports. Who is connected and who holds a share of the RPM limits is
-//! [`crate::membership`]'s.
+//! [`crate::membership`]'s; budget allowances, which ride the snapshot stream, are
+//! [`crate::allowance`]'s.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -15,11 +16,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::allowance::{Allowances, Budget, Held, Replica};
 use crate::ingest::{Applied, UsageWriter, batch_of, cooldown_events};
 use crate::membership::{Membership, Registry};
 use crate::snapshot::Publisher;
 use crate::store::{NodeHello, Store};
-use crate::time::now_ms;
+use crate::time::{duration_ms, now_ms};
+
+/// A replica's allowance lease when its hello names none, and the bounds of one it names.
+const DEFAULT_ALLOWANCE_LEASE_MS: i64 = 60_000;
+const ALLOWANCE_LEASE_MS: std::ops::RangeInclusive<i64> = 1_000..=3_600_000;
 
 /// The service data planes call.
 #[derive(Clone)]
@@ -29,6 +35,9 @@ pub struct DataPlaneApi {
     membership: Membership,
     /// Usage batches from every stream, committed together.
     usage: UsageWriter,
+    /// Budget granted to replicas. Asks read the key's spend and decide under this lock, and
+    /// ingested records are charged under it, so no charge falls between the two.
+    allowances: Arc<tokio::sync::Mutex<Allowances>>,
     /// Cancelled at shutdown: open streams end so the server can stop.
     stop: CancellationToken,
 }
@@ -43,24 +52,103 @@ impl DataPlaneApi {
         Self {
             usage: UsageWriter::start(store.clone()),
             membership: Membership::new(store.clone(), registry),
+            allowances: Arc::default(),
             store,
             publisher,
             stop,
         }
     }
 
-    async fn left(&self, node_id: &str) {
+    async fn left(&self, node_id: &str, replica: Option<&Replica>) {
+        if let Some(replica) = replica {
+            self.allowances.lock().await.left(replica, now_ms());
+        }
         self.membership
             .left(node_id, now_ms(), self.stop.is_cancelled())
             .await;
+    }
+
+    /// Answers a replica's asks for allowances, one grant each.
+    async fn grant(
+        &self,
+        replica: &Replica,
+        asks: Vec<pb::AllowanceRequest>,
+    ) -> pb::AllowanceUpdate {
+        let mut allowances = Vec::with_capacity(asks.len());
+        let mut engine = self.allowances.lock().await;
+        for ask in asks {
+            let now = now_ms();
+            let budget = match self.store.key_budget(ask.client_key_id.clone(), now).await {
+                Ok(budget) => budget,
+                Err(err) => {
+                    // No answer: the replica's request waits out its wait and goes by the
+                    // setting for a control plane away.
+                    tracing::error!(error = %err, "reading a key's budget for an allowance failed");
+                    continue;
+                }
+            };
+            let grant = match budget {
+                Some(b) => engine.ask(
+                    replica,
+                    &ask.client_key_id,
+                    ask.want_nanos,
+                    Budget {
+                        max_nanos: b.max_nanos,
+                        period_start_ms: b.period_start_ms,
+                        spent_nanos: b.spent_nanos,
+                    },
+                    now,
+                ),
+                // Revoked, or its budget removed: the next snapshot tells the replica.
+                None => crate::allowance::Grant {
+                    nanos: 0,
+                    period_start_ms: 0,
+                    exhausted: true,
+                },
+            };
+            allowances.push(pb::Allowance {
+                client_key_id: ask.client_key_id,
+                granted_nanos: grant.nanos,
+                period_start_ms: grant.period_start_ms,
+                exhausted: grant.exhausted,
+            });
+        }
+        pb::AllowanceUpdate { allowances }
+    }
+}
+
+/// The records of a report that may be charged to allowances, and who sent them.
+struct Charges {
+    replica: Replica,
+    records: Vec<(u64, String, u64)>,
+}
+
+impl Charges {
+    fn of(report: &pb::ReportUsageRequest) -> Option<Self> {
+        let records: Vec<(u64, String, u64)> = report
+            .records
+            .iter()
+            .filter(|r| r.cost_nanos > 0 && !r.client_key_id.is_empty())
+            .map(|r| (r.sequence, r.client_key_id.clone(), r.cost_nanos))
+            .collect();
+        (!records.is_empty()).then(|| Self {
+            replica: Replica {
+                node_id: report.node_id.clone(),
+                incarnation: report.incarnation.clone(),
+            },
+            records,
+        })
     }
 }
 
 /// What a usage stream owes its replica, in the order the batches came.
 enum Owed {
-    Ack(oneshot::Receiver<Applied>),
+    Ack(oneshot::Receiver<Applied>, Option<Charges>),
     Error(Status),
 }
+
+/// Most held allowances a hello may name (one per budgeted key the replica used).
+const MAX_HELD: usize = 100_000;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -97,7 +185,49 @@ impl DataPlaneService for DataPlaneApi {
             peer_address: peer,
             build_version: first.build_version.chars().take(64).collect(),
         };
-        let first_version = self.membership.joined(&hello, now_ms()).await?;
+        // A replica that spends budgets from allowances: what it holds is adopted.
+        let replica = if first.accepts_allowances {
+            check_id("incarnation", &first.incarnation)?;
+            let replica = Replica {
+                node_id: first.node_id.clone(),
+                incarnation: first.incarnation.clone(),
+            };
+            let lease_ms = first
+                .allowance_lease
+                .as_ref()
+                .map_or(DEFAULT_ALLOWANCE_LEASE_MS, duration_ms)
+                .clamp(*ALLOWANCE_LEASE_MS.start(), *ALLOWANCE_LEASE_MS.end());
+            let held: Vec<Held> = first
+                .held_allowances
+                .iter()
+                .take(MAX_HELD)
+                .filter(|h| check_id("client_key_id", &h.client_key_id).is_ok())
+                .map(|h| Held {
+                    client_key_id: h.client_key_id.clone(),
+                    period_start_ms: h.period_start_ms,
+                    nanos: h.held_nanos,
+                })
+                .collect();
+            self.allowances.lock().await.hello(
+                &replica,
+                lease_ms,
+                first.usage_acked_sequence,
+                &held,
+                now_ms(),
+            );
+            Some((replica, lease_ms))
+        } else {
+            None
+        };
+        let first_version = match self.membership.joined(&hello, now_ms()).await {
+            Ok(version) => version,
+            Err(err) => {
+                if let Some((replica, _)) = &replica {
+                    self.allowances.lock().await.left(replica, now_ms());
+                }
+                return Err(err.into());
+            }
+        };
 
         let (tx, rx) = mpsc::channel(2);
         let api = self.clone();
@@ -117,15 +247,36 @@ impl DataPlaneService for DataPlaneApi {
                 first = published => first,
                 () = api.stop.cancelled() => None,
             };
-            let Some(first) = first else {
-                return api.left(&node_id).await;
+            let (replica, lease_ms) = match replica {
+                Some((replica, lease_ms)) => (Some(replica), lease_ms),
+                None => (None, DEFAULT_ALLOWANCE_LEASE_MS),
             };
+            // Before the first snapshot, so the replica knows this control plane grants
+            // allowances before it serves anything (an older one sends a snapshot first).
+            if replica.is_some() {
+                let on = pb::StreamSnapshotsResponse {
+                    snapshot: None,
+                    allowances: Some(pb::AllowanceUpdate::default()),
+                };
+                if tx.send(Ok(on)).await.is_err() {
+                    return api.left(&node_id, replica.as_ref()).await;
+                }
+            }
+            let Some(first) = first else {
+                return api.left(&node_id, replica.as_ref()).await;
+            };
+            // Renews the replica's lease on its allowances while connected.
+            let mut renew = tokio::time::interval(std::time::Duration::from_millis(
+                (lease_ms / 3).max(1) as u64,
+            ));
+            renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // That one at once, then each newer one.
             let mut pending = Some(first);
             loop {
                 if let Some(snapshot) = pending.take() {
                     let message = pb::StreamSnapshotsResponse {
                         snapshot: Some(crate::snapshot::as_sent(&snapshot, now_ms())),
+                        allowances: None,
                     };
                     if tx.send(Ok(message)).await.is_err() {
                         break;
@@ -136,8 +287,33 @@ impl DataPlaneService for DataPlaneApi {
                         if changed.is_err() { break; }
                         pending = Some(snapshots.borrow_and_update().clone());
                     }
+                    _ = renew.tick(), if replica.is_some() => {
+                        let message = pb::StreamSnapshotsResponse {
+                            snapshot: None,
+                            allowances: Some(pb::AllowanceUpdate::default()),
+                        };
+                        if tx.send(Ok(message)).await.is_err() {
+                            break;
+                        }
+                    }
                     message = inbound.message() => match message {
-                        Ok(Some(m)) => {
+                        Ok(Some(mut m)) => {
+                            let asks = std::mem::take(&mut m.allowance_requests);
+                            if !asks.is_empty() {
+                                if let Some(replica) = &replica {
+                                    let update = api.grant(replica, asks).await;
+                                    let message = pb::StreamSnapshotsResponse {
+                                        snapshot: None,
+                                        allowances: Some(update),
+                                    };
+                                    if tx.send(Ok(message)).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                if m.version == 0 && m.response_nonce.is_empty() {
+                                    continue; // asks only, no ack
+                                }
+                            }
                             if !m.error_detail.is_empty() {
                                 tracing::warn!(node = %node_id, version = m.version, error = %m.error_detail, "data plane refused a snapshot");
                             }
@@ -156,7 +332,7 @@ impl DataPlaneService for DataPlaneApi {
                     () = api.stop.cancelled() => break,
                 }
             }
-            api.left(&node_id).await;
+            api.left(&node_id, replica.as_ref()).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -170,11 +346,22 @@ impl DataPlaneService for DataPlaneApi {
         // Batches go to the writer as they arrive, without waiting for the previous
         // commit; their acks go back in order from a second task.
         let (pending_tx, mut pending) = mpsc::channel::<Owed>(64);
+        let allowances = Arc::clone(&self.allowances);
         tokio::spawn(async move {
             while let Some(owed) = pending.recv().await {
                 let reply = match owed {
-                    Owed::Ack(applied) => match applied.await {
-                        Ok(Ok(acked_sequence)) => Ok(pb::ReportUsageResponse { acked_sequence }),
+                    Owed::Ack(applied, charges) => match applied.await {
+                        Ok(Ok(acked_sequence)) => {
+                            // Before the ack: a record the replica sees acked is charged.
+                            if let Some(c) = charges {
+                                allowances.lock().await.ingested(
+                                    &c.replica,
+                                    c.records.iter().map(|(q, k, n)| (*q, k.as_str(), *n)),
+                                    acked_sequence,
+                                );
+                            }
+                            Ok(pb::ReportUsageResponse { acked_sequence })
+                        }
                         Ok(Err(err)) => Err(Status::from(err)),
                         Err(_) => Err(Status::unavailable("the control plane is shutting down")),
                     },
@@ -207,8 +394,8 @@ impl DataPlaneService for DataPlaneApi {
                     }
                 };
                 match api.apply(batch).await {
-                    Ok(Some(applied)) => {
-                        if pending_tx.send(Owed::Ack(applied)).await.is_err() {
+                    Ok(Some((applied, charges))) => {
+                        if pending_tx.send(Owed::Ack(applied, charges)).await.is_err() {
                             break;
                         }
                     }
@@ -232,7 +419,7 @@ impl DataPlaneApi {
     async fn apply(
         &self,
         batch: pb::ReportUsageRequest,
-    ) -> Result<Option<oneshot::Receiver<Applied>>, Status> {
+    ) -> Result<Option<(oneshot::Receiver<Applied>, Option<Charges>)>, Status> {
         check_id("node_id", &batch.node_id)?;
         if !batch.events.is_empty() {
             self.store.record_cooldowns(cooldown_events(&batch)).await?;
@@ -241,7 +428,8 @@ impl DataPlaneApi {
             return Ok(None);
         }
         check_id("incarnation", &batch.incarnation)?;
+        let charges = Charges::of(&batch);
         let applied = self.usage.submit(batch_of(batch)).await;
-        Ok(Some(applied))
+        Ok(Some((applied, charges)))
     }
 }

@@ -86,7 +86,40 @@ pub(crate) fn spent_in_period(
     Ok(spent)
 }
 
+/// A key's budget and what it spent in its current period, as allowances are granted from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyBudget {
+    pub max_nanos: u64,
+    /// The start of the period (Unix ms); 0 for a lifetime budget.
+    pub period_start_ms: i64,
+    pub spent_nanos: u64,
+}
+
 impl Store {
+    /// The budget of the active key `id` and what it spent in the period holding `now_ms`;
+    /// `None` when the key is unknown, revoked or has no budget.
+    pub async fn key_budget(
+        &self,
+        id: String,
+        now_ms: i64,
+    ) -> Result<Option<KeyBudget>, StoreError> {
+        self.read(Reader::Queries, move |conn, _| {
+            let tx = conn.transaction()?;
+            let Some(key) = budgeted_key(&tx, &id)? else {
+                return Ok(None);
+            };
+            Ok(Some(KeyBudget {
+                max_nanos: key.max_budget_nanos,
+                period_start_ms: key
+                    .budget_period
+                    .period_of(now_ms)
+                    .map_or(0, |(start, _)| start),
+                spent_nanos: spent_in_period(&tx, &key, now_ms)?,
+            }))
+        })
+        .await
+    }
+
     /// What each of `keys` spent in its current budget period at `now_ms`, in order.
     pub async fn key_spends(
         &self,

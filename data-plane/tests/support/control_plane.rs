@@ -120,7 +120,7 @@ impl DataPlaneService for Service {
                         if changed.is_err() { return; }
                         let current = snapshots.borrow_and_update().clone();
                         if let Some(snapshot) = current {
-                            let reply = StreamSnapshotsResponse { snapshot: Some(snapshot) };
+                            let reply = StreamSnapshotsResponse { snapshot: Some(snapshot), allowances: None };
                             if tx.send(Ok(reply)).await.is_err() { return; }
                         }
                     }
