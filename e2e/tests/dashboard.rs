@@ -756,6 +756,8 @@ async fn budgets_limits_and_expiry_are_set_in_the_dashboard_and_applied_by_the_d
     browser.type_into("#kf-name", "team-b").await;
     browser.type_into("#kf-budget", "0.5").await;
     set_value(&browser, "#kf-period", "BUDGET_PERIOD_MONTHLY").await;
+    browser.type_into("#kf-tpm", "100000").await;
+    browser.type_into("#kf-parallel", "8").await;
     browser.click("#kf-create").await;
     browser
         .wait_for("!document.querySelector('#key-once').hidden", "the new key")
@@ -771,6 +773,10 @@ async fn budgets_limits_and_expiry_are_set_in_the_dashboard_and_applied_by_the_d
     assert_eq!(stored.max_budget, 0.5);
     assert_eq!(stored.budget_period, pb::BudgetPeriod::Monthly as i32);
     assert_eq!(stored.expire_time, None);
+    assert_eq!(
+        (stored.tpm_limit, stored.max_parallel_requests),
+        (100_000, 8)
+    );
     let row = format!("#keys-table tr[data-key-id='{}']", stored.id);
 
     // Real traffic through the data plane: the row's bar shows the spend against the budget.
@@ -833,16 +839,34 @@ async fn budgets_limits_and_expiry_are_set_in_the_dashboard_and_applied_by_the_d
             .await,
         "must be in the future"
     );
+    // So is a TPM limit past its bound.
+    set_value(&browser, "#ke-expire", "").await;
+    browser.type_into("#ke-tpm", "2000000000").await;
+    browser.click("#ke-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('#key-edit-form [data-field=tpm_limit] .field-error').textContent !== ''",
+            "the TPM error",
+        )
+        .await;
+    let tpm_error = browser
+        .text("#key-edit-form [data-field=tpm_limit] .field-error")
+        .await;
+    assert!(tpm_error.starts_with("must be at most"), "{tpm_error}");
     let unchanged = api.client_key("team-b").await;
     assert_eq!(
-        (unchanged.rpm_limit, unchanged.expire_time),
-        (0, None),
+        (
+            unchanged.rpm_limit,
+            unchanged.expire_time,
+            unchanged.tpm_limit
+        ),
+        (0, None, 100_000),
         "a refused update stores nothing"
     );
 
     // A budget below the spend: the data plane refuses the key as out of quota.
-    set_value(&browser, "#ke-expire", "").await;
     browser.type_into("#ke-rpm", "0").await;
+    browser.type_into("#ke-tpm", "100000").await;
     browser.type_into("#ke-budget", "0.00001").await;
     save_key_form(&browser, "the budget saved").await;
     assert!((api.client_key("team-b").await.max_budget - 0.000_01).abs() < 1e-15);
@@ -865,9 +889,26 @@ async fn budgets_limits_and_expiry_are_set_in_the_dashboard_and_applied_by_the_d
         .await;
     browser.type_into("#ke-budget", "1").await;
     browser.type_into("#ke-rpm", "1").await;
+    browser.type_into("#ke-tpm", "5000").await;
+    browser.type_into("#ke-parallel", "2").await;
     save_key_form(&browser, "the limits saved").await;
     let limited = api.client_key("team-b").await;
-    assert_eq!((limited.max_budget, limited.rpm_limit), (1.0, 1));
+    assert_eq!(
+        (
+            limited.max_budget,
+            limited.rpm_limit,
+            limited.tpm_limit,
+            limited.max_parallel_requests
+        ),
+        (1.0, 1, 5000, 2)
+    );
+    let limits = browser.text(&format!("{row} td:nth-child(4)")).await;
+    assert!(
+        limits.contains("1 req/min")
+            && limits.contains("5,000 tok/min")
+            && limits.contains("2 at once"),
+        "{limits}"
+    );
     eventually(
         Duration::from_secs(10),
         "the key rate-limited at 1/min",
@@ -921,6 +962,22 @@ async fn budgets_limits_and_expiry_are_set_in_the_dashboard_and_applied_by_the_d
             "the key shown as never expiring",
         )
         .await;
+
+    // A backend's TPM limit, beside its RPM limit.
+    browser.click("#nav a[data-page=backends]").await;
+    browser
+        .click("#backends-table tr[data-backend-id] button[data-action=edit]")
+        .await;
+    browser.type_into("#bf-tpm", "50000").await;
+    browser.click("#bf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('#backend-form').hidden && \
+             document.querySelector('#backends-table').textContent.includes('50,000 tok/min')",
+            "the backend's TPM limit saved",
+        )
+        .await;
+    assert_eq!(backend_names(&api).await[0].tpm_limit, 50_000);
 
     let problems = browser.problems();
     assert!(problems.dialogs.is_empty(), "{:?}", problems.dialogs);

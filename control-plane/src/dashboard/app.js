@@ -651,7 +651,8 @@
         h('td', { class: 'num' }, fmtInt(b.weight || 1)),
         h('td', null, models.map((mr) => h('span', { class: 'sub-line mono' },
           mr.upstreamName && mr.upstreamName !== mr.name ? `${mr.name} → ${mr.upstreamName}` : mr.name))),
-        h('td', { class: 'num' }, num(b.rpmLimit) ? fmtCount(b.rpmLimit, '/min') : 'none'),
+        h('td', { class: 'num' }, num(b.rpmLimit) ? fmtCount(b.rpmLimit, '/min') : 'none',
+          num(b.tpmLimit) ? h('span', { class: 'sub-line' }, fmtCount(b.tpmLimit, 'tok/min')) : null),
         h('td', { class: 'mono' }, b.apiKeyHint ? `••••${b.apiKeyHint}` : 'none'),
         stateCell(b),
         h('td', { class: 'actions' },
@@ -674,7 +675,7 @@
     });
     table($('#backends-table'), [
       { label: 'Name' }, { label: 'Base URL' }, { label: 'Pool' }, { label: 'Priority', num: true },
-      { label: 'Weight', num: true }, { label: 'Models' }, { label: 'RPM', num: true },
+      { label: 'Weight', num: true }, { label: 'Models' }, { label: 'Limits', num: true },
       { label: 'API key' }, { label: 'State' }, { label: '' },
     ], rows, 'No backends yet. Add one to start routing.');
   }
@@ -712,6 +713,7 @@
     $('#bf-priority').value = String(backend ? num(backend.priority) : 0);
     $('#bf-weight').value = String(backend ? num(backend.weight) || 1 : 1);
     $('#bf-rpm').value = String(backend ? num(backend.rpmLimit) : 0);
+    $('#bf-tpm').value = String(backend ? num(backend.tpmLimit) : 0);
     $('#bf-enabled').checked = backend ? Boolean(backend.enabled) : true;
     $('#bf-api-key').value = '';
     $('#bf-api-key').placeholder = backend
@@ -792,7 +794,8 @@
     const priority = wholeNumber(form, $('#bf-priority'), 'priority', -2147483648);
     const weight = wholeNumber(form, $('#bf-weight'), 'weight', 0);
     const rpmLimit = wholeNumber(form, $('#bf-rpm'), 'rpm_limit', 0);
-    if (priority === null || weight === null || rpmLimit === null) return;
+    const tpmLimit = wholeNumber(form, $('#bf-tpm'), 'tpm_limit', 0);
+    if (priority === null || weight === null || rpmLimit === null || tpmLimit === null) return;
     const models = [];
     let bad = false;
     form.querySelectorAll('.model-row').forEach((row, i) => {
@@ -819,6 +822,7 @@
       priority,
       weight,
       rpmLimit,
+      tpmLimit,
       enabled: $('#bf-enabled').checked,
       models,
     };
@@ -829,7 +833,7 @@
     try {
       if (editing) {
         backend.id = editing.id;
-        const request = { backend, updateMask: 'name,baseUrl,pool,priority,weight,models,rpmLimit,enabled' };
+        const request = { backend, updateMask: 'name,baseUrl,pool,priority,weight,models,rpmLimit,tpmLimit,enabled' };
         if (apiKey) request.apiKey = apiKey;
         await call('AdminService/UpdateBackend', request);
         notify(`Saved ${backend.name.trim()}.`);
@@ -907,6 +911,8 @@
   function limitsCell(k) {
     const limits = [];
     if (num(k.rpmLimit)) limits.push(fmtCount(k.rpmLimit, 'req/min'));
+    if (num(k.tpmLimit)) limits.push(fmtCount(k.tpmLimit, 'tok/min'));
+    if (num(k.maxParallelRequests)) limits.push(fmtCount(k.maxParallelRequests, 'at once'));
     return h('td', { class: 'num' }, limits.length ? limits.map((l) => h('span', { class: 'line' }, l)) : 'none');
   }
 
@@ -994,9 +1000,13 @@
     if (maxBudget === null) return null;
     const rpmLimit = wholeNumber(form, $(`#${prefix}-rpm`), 'rpm_limit', 0);
     if (rpmLimit === null) return null;
+    const tpmLimit = wholeNumber(form, $(`#${prefix}-tpm`), 'tpm_limit', 0);
+    if (tpmLimit === null) return null;
+    const maxParallelRequests = wholeNumber(form, $(`#${prefix}-parallel`), 'max_parallel_requests', 0);
+    if (maxParallelRequests === null) return null;
     const expireTime = readDateTime(form, $(`#${prefix}-expire`), 'expire_time');
     if (expireTime === undefined) return null;
-    return { maxBudget, budgetPeriod: $(`#${prefix}-period`).value, rpmLimit, expireTime };
+    return { maxBudget, budgetPeriod: $(`#${prefix}-period`).value, rpmLimit, tpmLimit, maxParallelRequests, expireTime };
   }
 
   function openKeyForm(k) {
@@ -1007,6 +1017,8 @@
     $('#ke-budget').value = String(num(k.maxBudget));
     $('#ke-period').value = k.budgetPeriod || NO_PERIOD;
     $('#ke-rpm').value = String(num(k.rpmLimit));
+    $('#ke-tpm').value = String(num(k.tpmLimit));
+    $('#ke-parallel').value = String(num(k.maxParallelRequests));
     $('#ke-expire').value = localInput(parseTime(k.expireTime));
     form.hidden = false;
     $('#ke-budget').focus();
@@ -1030,10 +1042,12 @@
       maxBudget: num(k.maxBudget),
       budgetPeriod: k.budgetPeriod || NO_PERIOD,
       rpmLimit: num(k.rpmLimit),
+      tpmLimit: num(k.tpmLimit),
+      maxParallelRequests: num(k.maxParallelRequests),
     };
     const clientKey = { id: k.id };
     const mask = [];
-    for (const field of ['maxBudget', 'budgetPeriod', 'rpmLimit']) {
+    for (const field of Object.keys(before)) {
       if (next[field] !== before[field]) {
         clientKey[field] = next[field];
         mask.push(field);
@@ -1284,7 +1298,19 @@
     }
   }
 
+  /** Puts a copy of the key fields' template in each form that holds a place for it. */
+  function instantiateKeyLimits() {
+    const template = $('#key-limits');
+    for (const place of document.querySelectorAll('.key-limits[data-prefix]')) {
+      const copy = template.content.cloneNode(true);
+      for (const el of copy.querySelectorAll('[id^="P-"]')) el.id = `${place.dataset.prefix}-${el.id.slice(2)}`;
+      for (const el of copy.querySelectorAll('label[for^="P-"]')) el.htmlFor = `${place.dataset.prefix}-${el.htmlFor.slice(2)}`;
+      place.append(copy);
+    }
+  }
+
   function init() {
+    instantiateKeyLimits();
     $('#signin-form').addEventListener('submit', signIn);
     $('#signout').addEventListener('click', () => signOut(''));
     window.addEventListener('hashchange', () => { if (state.token) route(); });
