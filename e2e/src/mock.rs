@@ -5,7 +5,11 @@
 //!   `chat.completion.chunk` events: a `delta.role` chunk, [`MockConfig::chunk_count`] `delta.content`
 //!   chunks, a chunk with `finish_reason` (`"stop"`, or `"length"` when `max_tokens` /
 //!   `max_completion_tokens` cut the answer short), with `stream_options.include_usage` a chunk with
-//!   `choices: []` and `usage`, then `data: [DONE]`. `n` choices are supported.
+//!   `choices: []` and `usage`, then `data: [DONE]`. `n` choices are supported. A request that
+//!   offers `tools` (`tool_choice` not `none`) and does not end with a `tool` message is answered
+//!   with one call of the chosen (or first) function, its arguments filling each property of its
+//!   schema (`"mock"`, `1`, `true`), `finish_reason: "tool_calls"`; streamed as OpenAI streams it
+//!   (the call's id and name, then its arguments in two pieces).
 //! - `POST /v1/completions`: the legacy `text_completion`, JSON and SSE likewise (no role chunk).
 //! - `POST /v1/embeddings`: `input` as a string, strings, token ids or lists of token ids;
 //!   `encoding_format` `float` or `base64` (little-endian f32); `dimensions` overrides the size.
@@ -44,6 +48,8 @@
 //!   until cleared) or a JSON list of them (applied in order) → 200 and the plan as for `GET`;
 //!   replaces the previous plan. 400 with an error body if the JSON is not a fault spec.
 //! - `DELETE /_mock/faults` → 204; healthy again.
+//! - `GET /_mock/last_messages` → the last [`MessagesExchange`] on a Messages route (its
+//!   headers, body and the answer's bytes), or `null`.
 
 mod anthropic;
 mod fault;
@@ -62,6 +68,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
+pub use anthropic::MessagesExchange;
 pub use fault::{Fault, FaultSpec, FaultStatus, GarbageKind, RetryAfter, STALL_LIMIT};
 pub use openai::embedding_vector;
 pub use stats::{EndpointCounts, MockStats, OTHER_MODELS};
@@ -234,6 +241,15 @@ impl MockServer {
     /// Back to healthy.
     pub fn clear_faults(&self) {
         self.shared.faults.clear();
+    }
+
+    /// The last request to a Messages route and the bytes it was answered with.
+    pub fn last_messages(&self) -> Option<MessagesExchange> {
+        self.shared
+            .last_messages
+            .lock()
+            .ok()
+            .and_then(|last| last.clone())
     }
 
     /// Stops accepting, closes every open connection (in-flight responses are cut off) and returns

@@ -20,6 +20,31 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
 use serde_json::{Map, Value, json};
 
+/// The last request to a Messages route (`/v1/messages` or its `count_tokens`) and what the
+/// mock answered, for tests that check what passed through a gateway unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MessagesExchange {
+    /// The request path.
+    pub path: String,
+    /// The request's headers, names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+    /// The request body as received.
+    pub body: String,
+    /// The answer's body as sent: the whole JSON, or every event of the stream; empty when a
+    /// fault answered instead.
+    pub answer: String,
+}
+
+impl MessagesExchange {
+    /// The value of a request header (the first, if sent more than once).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// An Anthropic-shaped error.
 #[derive(Debug, Clone)]
 pub(crate) struct AnthropicError {
@@ -367,7 +392,7 @@ fn count(text: &str) -> u64 {
 }
 
 /// A tool input that fills each property of the schema.
-fn input_for(schema: Option<&Value>) -> Value {
+pub(crate) fn input_for(schema: Option<&Value>) -> Value {
     let mut input = Map::new();
     if let Some(properties) = schema
         .and_then(|s| s.get("properties"))

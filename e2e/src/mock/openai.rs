@@ -211,7 +211,6 @@ struct ContentPart {
 
 #[derive(Deserialize)]
 struct ChatMessage {
-    #[allow(dead_code)] // required on the wire, not used
     role: String,
     #[serde(default)]
     content: Option<Content>,
@@ -231,6 +230,10 @@ struct RawChatRequest {
     max_completion_tokens: Option<u64>,
     #[serde(default)]
     n: Option<u32>,
+    #[serde(default)]
+    tools: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    tool_choice: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +299,9 @@ pub(crate) struct Generation {
     pub(crate) max_tokens: Option<u64>,
     pub(crate) n: u32,
     pub(crate) prompt_tokens: u64,
+    /// The function to call, with its arguments, when the answer is a tool call: the request
+    /// offers tools (`tool_choice` not `none`) and its last message is not a tool result.
+    pub(crate) tool_call: Option<(String, serde_json::Value)>,
 }
 
 /// An embeddings request, validated.
@@ -429,6 +435,33 @@ pub(crate) fn parse_chat(body: &[u8]) -> Parsed<Generation> {
             })
             .sum::<u64>()
             .max(1);
+        let answered = messages.last().is_some_and(|m| m.role == "tool");
+        let tool_call = raw
+            .tools
+            .as_deref()
+            .filter(|tools| !tools.is_empty() && !answered)
+            .and_then(|tools| {
+                let chosen = match &raw.tool_choice {
+                    Some(serde_json::Value::String(s)) if s == "none" => return None,
+                    Some(choice) => choice
+                        .pointer("/function/name")
+                        .and_then(serde_json::Value::as_str),
+                    None => None,
+                };
+                let name = |f: &serde_json::Value| {
+                    f.get("name")
+                        .and_then(serde_json::Value::as_str)
+                        .map(str::to_owned)
+                };
+                tools
+                    .iter()
+                    .filter_map(|t| t.get("function"))
+                    .find(|f| chosen.is_none_or(|c| name(f).as_deref() == Some(c)))
+                    .map(|f| {
+                        let input = super::anthropic::input_for(f.get("parameters"));
+                        (name(f).unwrap_or_default(), input)
+                    })
+            });
         Ok(Generation {
             model,
             stream,
@@ -436,6 +469,7 @@ pub(crate) fn parse_chat(body: &[u8]) -> Parsed<Generation> {
             max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
             n: check_n(raw.n)?,
             prompt_tokens,
+            tool_call,
         })
     })
 }
@@ -452,6 +486,7 @@ pub(crate) fn parse_completion(body: &[u8]) -> Parsed<Generation> {
             max_tokens: raw.max_tokens,
             n: check_n(raw.n)?,
             prompt_tokens: prompt.counts().iter().sum::<u64>().max(1),
+            tool_call: None,
         })
     })
 }
@@ -687,6 +722,70 @@ pub(crate) fn chat_json(
         service_tier: "default",
         system_fingerprint: FINGERPRINT,
     })
+}
+
+/// A chat answer that calls `name` with `arguments`: the whole completion, and its stream
+/// (role, the call's id and name, its arguments in two pieces, the finish, the usage chunk
+/// when `include_usage`, `[DONE]`), as OpenAI streams a tool call.
+pub(crate) fn tool_call_answer(
+    meta: Meta<'_>,
+    name: &str,
+    arguments: &serde_json::Value,
+    usage: Usage,
+    include_usage: bool,
+) -> (Bytes, Vec<Bytes>) {
+    use serde_json::json;
+    let call_id = format!("call_{}", meta.id.trim_start_matches("chatcmpl-"));
+    let arguments = arguments.to_string();
+    let usage_json = json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    });
+    let whole = json!({
+        "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "refusal": null,
+            "tool_calls": [{"id": call_id, "type": "function",
+                            "function": {"name": name, "arguments": arguments}}]},
+            "logprobs": null, "finish_reason": "tool_calls"}],
+        "usage": usage_json,
+        "system_fingerprint": FINGERPRINT,
+    });
+    let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+        let data = json!({
+            "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+            "model": meta.model, "system_fingerprint": FINGERPRINT,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        Bytes::from(format!("data: {data}\n\n"))
+    };
+    let split = (arguments.len() / 2..arguments.len())
+        .find(|i| arguments.is_char_boundary(*i))
+        .unwrap_or(arguments.len());
+    let mut events = vec![
+        chunk(json!({"role": "assistant", "content": null}), None),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                                    "function": {"name": name, "arguments": ""}}]}),
+            None,
+        ),
+    ];
+    for piece in [&arguments[..split], &arguments[split..]] {
+        events.push(chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+            None,
+        ));
+    }
+    events.push(chunk(json!({}), Some("tool_calls")));
+    if include_usage {
+        let data = json!({
+            "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+            "model": meta.model, "choices": [], "usage": usage_json,
+        });
+        events.push(Bytes::from(format!("data: {data}\n\n")));
+    }
+    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    (Bytes::from(whole.to_string()), events)
 }
 
 pub(crate) fn completion_json(

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::MockConfig;
-use super::anthropic::{self, AnthropicError};
+use super::anthropic::{self, AnthropicError, MessagesExchange};
 use super::fault::{Fault, FaultSpec, STALL_LIMIT};
 use super::openai::{self, ApiError, Meta, Usage};
 use super::responses::{self, ResponseUsage};
@@ -289,6 +289,21 @@ async fn api(
         Err(e) => return Ok(json_response(shared, e.status, e.body())),
     };
     let query = req.uri().query().map(str::to_owned);
+    let exchange =
+        matches!(route, Route::Messages | Route::CountTokens).then(|| MessagesExchange {
+            path: req.uri().path().to_owned(),
+            headers: req
+                .headers()
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            ..MessagesExchange::default()
+        });
     let anthropic_headers = matches!(route, Route::Messages | Route::CountTokens)
         .then(|| anthropic::check_headers(req.headers(), shared.config.api_key.as_deref()));
     let presented = req
@@ -344,6 +359,10 @@ async fn api(
         Route::ResponseInputItems(id) => Call::ResponseInputItems(id, query),
         Route::CancelResponse(id) => Call::CancelResponse(id),
         Route::Messages | Route::CountTokens => {
+            if let Some(mut exchange) = exchange {
+                exchange.body = String::from_utf8_lossy(&body).into_owned();
+                shared.messages_request(exchange);
+            }
             let count_only = matches!(route, Route::CountTokens);
             let (model, parsed) = anthropic::parse(&body, count_only);
             if let Some(m) = &model {
@@ -562,15 +581,28 @@ fn answer(shared: &Arc<Shared>, call: Call) -> Answer {
                     Err(AnthropicError::not_found_model(&r.model))
                 }
             }) {
-                Err(e) => Answer::Json {
-                    status: e.status,
-                    body: e.body(),
-                    usage: None,
-                },
-                Ok(r) if count_only => ok_json(anthropic::count_tokens_json(&r)),
+                Err(e) => {
+                    let body = e.body();
+                    shared.messages_answer(std::slice::from_ref(&body));
+                    Answer::Json {
+                        status: e.status,
+                        body,
+                        usage: None,
+                    }
+                }
+                Ok(r) if count_only => {
+                    let body = anthropic::count_tokens_json(&r);
+                    shared.messages_answer(std::slice::from_ref(&body));
+                    ok_json(body)
+                }
                 Ok(r) => {
                     let (body, events, usage) =
                         anthropic::answer(&config.name, shared.next_id(), config.chunk_count, &r);
+                    if r.stream {
+                        shared.messages_answer(&events);
+                    } else {
+                        shared.messages_answer(std::slice::from_ref(&body));
+                    }
                     if r.stream {
                         Answer::Events(
                             events,
@@ -621,6 +653,31 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
     };
     let id = format!("{prefix}-mock{:016x}", shared.next_id());
     let created = openai::now_secs();
+    if let Some((name, arguments)) = &g.tool_call {
+        let meta = Meta {
+            id: &id,
+            created,
+            model: &g.model,
+        };
+        let usage = Usage::new(g.prompt_tokens, config.chunk_count.max(1) as u64);
+        let (whole, events) =
+            openai::tool_call_answer(meta, name, arguments, usage, g.include_usage);
+        return if g.stream {
+            let counted = g.include_usage.then_some(ResponseUsage {
+                input: usage.prompt_tokens,
+                cached: 0,
+                output: usage.completion_tokens,
+                reasoning: 0,
+            });
+            Answer::Events(events, counted)
+        } else {
+            Answer::Json {
+                status: StatusCode::OK,
+                body: whole,
+                usage: Some(usage),
+            }
+        };
+    }
     if g.stream {
         return Answer::Stream(StreamPlan {
             flavor,
@@ -723,6 +780,10 @@ async fn control(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             no_content()
         }
         (&Method::GET, "/_mock/faults") => control_json(StatusCode::OK, &shared.faults.status()),
+        (&Method::GET, "/_mock/last_messages") => {
+            let last = shared.last_messages.lock().ok().and_then(|l| l.clone());
+            control_json(StatusCode::OK, &last)
+        }
         (&Method::DELETE, "/_mock/faults") => {
             shared.faults.clear();
             no_content()

@@ -1,12 +1,14 @@
 //! The state every connection of one mock server shares: its configuration, counters,
 //! injected faults and shutdown signal.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::header::HeaderValue;
 use tokio_util::sync::CancellationToken;
 
 use super::MockConfig;
+use super::anthropic::MessagesExchange;
 use super::fault::FaultPlan;
 use super::responses::ResponseStore;
 use super::stats::Counters;
@@ -21,6 +23,8 @@ pub(crate) struct Shared {
     pub(crate) name_header: Option<HeaderValue>,
     /// The Responses API's stored responses.
     pub(crate) responses: ResponseStore,
+    /// The last exchange on a Messages route.
+    pub(crate) last_messages: Mutex<Option<MessagesExchange>>,
     ids: AtomicU64,
 }
 
@@ -33,8 +37,25 @@ impl Shared {
             counters: Counters::new(),
             faults: FaultPlan::new(),
             responses: ResponseStore::default(),
+            last_messages: Mutex::new(None),
             shutdown: CancellationToken::new(),
             ids: AtomicU64::new(rand::random::<u32>().into()),
+        }
+    }
+
+    /// Records a request to a Messages route (its answer follows in [`Shared::messages_answer`]).
+    pub(crate) fn messages_request(&self, exchange: MessagesExchange) {
+        if let Ok(mut last) = self.last_messages.lock() {
+            *last = Some(exchange);
+        }
+    }
+
+    /// Records what the last request to a Messages route was answered with.
+    pub(crate) fn messages_answer(&self, parts: &[bytes::Bytes]) {
+        if let Ok(mut last) = self.last_messages.lock()
+            && let Some(exchange) = last.as_mut()
+        {
+            exchange.answer = parts.iter().map(|p| String::from_utf8_lossy(p)).collect();
         }
     }
 
