@@ -1,5 +1,6 @@
-//! Client authentication: the key named by `Authorization: Bearer <key>`, looked up in the
-//! snapshot by its SHA-256.
+//! Client authentication: the key named by `Authorization: Bearer <key>` (on Anthropic's
+//! routes also by `x-api-key`, which Anthropic clients send), looked up in the snapshot by its
+//! SHA-256.
 //!
 //! Hashing a key costs more than the rest of a request's authentication, routing and
 //! accounting together (about 7,000 instructions of about 60,000), and clients send the same
@@ -20,23 +21,42 @@ use sluice_domain::auth::{bearer_token, client_key_hash};
 use subtle::ConstantTimeEq as _;
 
 use crate::error::ProxyError;
-use crate::snapshot::{ClientKey, Snapshot};
+use crate::snapshot::{ApiFormat, ClientKey, Snapshot};
+
+/// The header Anthropic's API takes its key in.
+const X_API_KEY: &str = "x-api-key";
 
 /// Keys remembered per thread; past this many the cache starts over.
 const CACHED_KEYS: usize = 4096;
 
 /// The client key named by `Authorization: Bearer <key>`, if the snapshot holds it and it
-/// has not expired.
+/// has not expired. A client of an Anthropic route (`format`) may name it in `x-api-key`
+/// instead, which wins when both are sent: Anthropic's SDKs send `x-api-key`, their newest
+/// versions `Authorization: Bearer`.
 pub fn authenticate<'s>(
     snapshot: &'s Snapshot,
     headers: &HeaderMap,
+    format: ApiFormat,
 ) -> Result<&'s ClientKey, ProxyError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or(ProxyError::MissingApiKey)?
-        .to_str()
-        .map_err(|_| ProxyError::InvalidApiKey)?;
-    let key = bearer_token(value).ok_or(ProxyError::InvalidApiKey)?;
+    let key = match headers
+        .get(X_API_KEY)
+        .filter(|_| format == ApiFormat::Anthropic)
+    {
+        Some(value) => value
+            .to_str()
+            .ok()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or(ProxyError::InvalidApiKey)?,
+        None => {
+            let value = headers
+                .get(header::AUTHORIZATION)
+                .ok_or(ProxyError::MissingApiKey)?
+                .to_str()
+                .map_err(|_| ProxyError::InvalidApiKey)?;
+            bearer_token(value).ok_or(ProxyError::InvalidApiKey)?
+        }
+    };
     let found = KEY_HASHES.with_borrow_mut(|hashes| hashes.find(snapshot, key))?;
     if found.expired {
         return Err(ProxyError::KeyExpired);
@@ -97,30 +117,97 @@ mod tests {
         let both = snapshot_with_keys(&[("k1", "sk-one"), ("k2", "sk-two")], Now::read());
         let only_two = snapshot_with_keys(&[("k2", "sk-two")], Now::read());
         for _ in 0..2 {
-            assert_eq!(authenticate(&both, &bearer("sk-one")).unwrap().id, "k1");
-            assert_eq!(authenticate(&both, &bearer("sk-two")).unwrap().id, "k2");
+            assert_eq!(
+                authenticate(&both, &bearer("sk-one"), ApiFormat::OpenAi)
+                    .unwrap()
+                    .id,
+                "k1"
+            );
+            assert_eq!(
+                authenticate(&both, &bearer("sk-two"), ApiFormat::OpenAi)
+                    .unwrap()
+                    .id,
+                "k2"
+            );
         }
         // Revoked in the newer snapshot: refused although this thread has it cached.
         assert!(matches!(
-            authenticate(&only_two, &bearer("sk-one")),
+            authenticate(&only_two, &bearer("sk-one"), ApiFormat::OpenAi),
             Err(ProxyError::InvalidApiKey)
         ));
-        assert_eq!(authenticate(&only_two, &bearer("sk-two")).unwrap().id, "k2");
+        assert_eq!(
+            authenticate(&only_two, &bearer("sk-two"), ApiFormat::OpenAi)
+                .unwrap()
+                .id,
+            "k2"
+        );
         // A key that only shares a prefix with a cached one, or is longer.
         for wrong in ["sk-on", "sk-one2", "sk-onf", ""] {
-            assert!(authenticate(&both, &bearer(wrong)).is_err(), "{wrong}");
+            assert!(
+                authenticate(&both, &bearer(wrong), ApiFormat::OpenAi).is_err(),
+                "{wrong}"
+            );
         }
         assert!(matches!(
-            authenticate(&both, &HeaderMap::new()),
+            authenticate(&both, &HeaderMap::new(), ApiFormat::OpenAi),
             Err(ProxyError::MissingApiKey)
         ));
+    }
+
+    #[tokio::test]
+    async fn anthropic_routes_also_take_the_key_in_x_api_key() {
+        let snapshot = snapshot_with_keys(&[("k1", "sk-one"), ("k2", "sk-two")], Now::read());
+        let mut headers = HeaderMap::new();
+        headers.insert(X_API_KEY, "sk-one".parse().unwrap());
+        assert_eq!(
+            authenticate(&snapshot, &headers, ApiFormat::Anthropic)
+                .unwrap()
+                .id,
+            "k1"
+        );
+        // Not on OpenAI's routes, whose clients never send it.
+        assert!(matches!(
+            authenticate(&snapshot, &headers, ApiFormat::OpenAi),
+            Err(ProxyError::MissingApiKey)
+        ));
+        // x-api-key wins over a bearer token; a bearer alone works on either route.
+        headers.insert(header::AUTHORIZATION, "Bearer sk-two".parse().unwrap());
+        let id = |format| {
+            authenticate(&snapshot, &headers, format)
+                .unwrap()
+                .id
+                .clone()
+        };
+        assert_eq!(id(ApiFormat::Anthropic), "k1");
+        assert_eq!(id(ApiFormat::OpenAi), "k2");
+        assert_eq!(
+            authenticate(&snapshot, &bearer("sk-two"), ApiFormat::Anthropic)
+                .unwrap()
+                .id,
+            "k2"
+        );
+        for wrong in ["sk-on", "", "  "] {
+            let mut headers = HeaderMap::new();
+            headers.insert(X_API_KEY, wrong.parse().unwrap());
+            assert!(matches!(
+                authenticate(&snapshot, &headers, ApiFormat::Anthropic),
+                Err(ProxyError::InvalidApiKey)
+            ));
+        }
     }
 
     #[tokio::test]
     async fn failed_keys_are_not_kept_and_the_cache_stays_bounded() {
         let snapshot = snapshot_with_keys(&[("k1", "sk-one")], Now::read());
         for i in 0..100 {
-            assert!(authenticate(&snapshot, &bearer(&format!("sk-made-up-{i}"))).is_err());
+            assert!(
+                authenticate(
+                    &snapshot,
+                    &bearer(&format!("sk-made-up-{i}")),
+                    ApiFormat::OpenAi
+                )
+                .is_err()
+            );
         }
         assert_eq!(KEY_HASHES.with_borrow(|h| h.entries.len()), 0);
         let many: Vec<(String, String)> = (0..CACHED_KEYS + 10)
@@ -132,7 +219,12 @@ mod tests {
             .collect();
         let snapshot = snapshot_with_keys(&pairs, Now::read());
         for (id, key) in &pairs {
-            assert_eq!(authenticate(&snapshot, &bearer(key)).unwrap().id, *id);
+            assert_eq!(
+                authenticate(&snapshot, &bearer(key), ApiFormat::OpenAi)
+                    .unwrap()
+                    .id,
+                *id
+            );
         }
         assert!(KEY_HASHES.with_borrow(|h| h.entries.len()) <= CACHED_KEYS);
     }
@@ -140,11 +232,16 @@ mod tests {
     #[tokio::test]
     async fn an_expired_key_is_refused_as_expired_even_when_cached() {
         let live = snapshot_with_keys(&[("k1", "sk-one"), ("k2", "sk-two")], Now::read());
-        assert_eq!(authenticate(&live, &bearer("sk-one")).unwrap().id, "k1");
+        assert_eq!(
+            authenticate(&live, &bearer("sk-one"), ApiFormat::OpenAi)
+                .unwrap()
+                .id,
+            "k1"
+        );
         let mut message = proto_with_keys(&[("k1", "sk-one"), ("k2", "sk-two")]);
         message.client_keys[0].expired = true;
         let expired = Snapshot::prepare(message, Some(&live), Now::read(), 1).unwrap();
-        let err = authenticate(&expired, &bearer("sk-one")).unwrap_err();
+        let err = authenticate(&expired, &bearer("sk-one"), ApiFormat::OpenAi).unwrap_err();
         assert!(matches!(err, ProxyError::KeyExpired), "{err:?}");
         assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED);
         let body: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
@@ -157,9 +254,14 @@ mod tests {
             "{body}"
         );
         // The other key is untouched, and a wrong key is still just wrong.
-        assert_eq!(authenticate(&expired, &bearer("sk-two")).unwrap().id, "k2");
+        assert_eq!(
+            authenticate(&expired, &bearer("sk-two"), ApiFormat::OpenAi)
+                .unwrap()
+                .id,
+            "k2"
+        );
         assert!(matches!(
-            authenticate(&expired, &bearer("sk-three")),
+            authenticate(&expired, &bearer("sk-three"), ApiFormat::OpenAi),
             Err(ProxyError::InvalidApiKey)
         ));
     }

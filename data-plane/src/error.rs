@@ -1,5 +1,6 @@
 //! Every error the proxy itself answers with, and the one mapping to an HTTP status and an
-//! OpenAI-style body `{"error":{"message","type","param","code"}}`. Messages never echo a key.
+//! OpenAI-style body `{"error":{"message","type","param","code"}}`, or on Anthropic's routes
+//! Anthropic's `{"type":"error","error":{"type","message"}}`. Messages never echo a key.
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use serde::Serialize;
 use sluice_proto::v1::ErrorKind;
 
 use crate::request::RequestError;
+use crate::snapshot::ApiFormat;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -41,6 +43,11 @@ pub enum ProxyError {
     /// No backend of the model speaks an API with this endpoint.
     #[error("The model `{model}` is served only by backends whose API has no {path} endpoint.")]
     EndpointUnsupported { model: String, path: &'static str },
+    /// `count_tokens` for a model only OpenAI-format backends serve (see docs/anthropic.md).
+    #[error(
+        "The model `{0}` is served only by OpenAI-format backends, which have no count_tokens endpoint, and Sluice does not guess a count without the model's tokenizer. Count with a model an Anthropic backend serves, or read usage.input_tokens from a message."
+    )]
+    TokenCountUnsupported(String),
     #[error("This API key is not allowed to use the model `{0}`.")]
     ModelNotAllowed(String),
     #[error("The model `{0}` does not exist or you do not have access to it.")]
@@ -136,7 +143,8 @@ impl ProxyError {
             Self::BodyUnreadable
             | Self::InvalidRequest(_)
             | Self::Untranslatable(_)
-            | Self::EndpointUnsupported { .. } => StatusCode::BAD_REQUEST,
+            | Self::EndpointUnsupported { .. }
+            | Self::TokenCountUnsupported(_) => StatusCode::BAD_REQUEST,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::BodiesBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
@@ -171,7 +179,9 @@ impl ProxyError {
             Self::BodiesBusy => ("server_error", "server_busy"),
             Self::InvalidRequest(e) => ("invalid_request_error", e.code()),
             Self::Untranslatable(_) => ("invalid_request_error", "untranslatable"),
-            Self::EndpointUnsupported { .. } => ("invalid_request_error", "unsupported_endpoint"),
+            Self::EndpointUnsupported { .. } | Self::TokenCountUnsupported(_) => {
+                ("invalid_request_error", "unsupported_endpoint")
+            }
             Self::ModelNotAllowed(_) => ("invalid_request_error", "model_not_allowed"),
             Self::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
             Self::KeyRateLimited { .. } | Self::BackendsBusy { .. } => {
@@ -209,7 +219,8 @@ impl ProxyError {
             | Self::ModelNotFound(_)
             | Self::ResponseBackendLacksModel { .. }
             | Self::ResponsesUnsupported(_)
-            | Self::EndpointUnsupported { .. } => Some("model"),
+            | Self::EndpointUnsupported { .. }
+            | Self::TokenCountUnsupported(_) => Some("model"),
             Self::InvalidResponseId { param, .. } => Some(param),
             _ => None,
         }
@@ -279,9 +290,24 @@ pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: Option<&
     Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
 }
 
-impl IntoResponse for ProxyError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status(), self.body()).into_response();
+impl ProxyError {
+    /// The answer in the shape of the client's API (`format`): OpenAI's, or Anthropic's, whose
+    /// error `type` follows the status as Anthropic's SDKs expect (401
+    /// `authentication_error`, 404 `not_found_error`, 429 `rate_limit_error`, …).
+    pub fn into_response_as(self, format: ApiFormat) -> Response {
+        let body = match format {
+            ApiFormat::OpenAi => self.body(),
+            // Anthropic's messages name the field first (`messages.1.content: …`): the
+            // body has no `param`.
+            ApiFormat::Anthropic => {
+                let message = match self.param() {
+                    Some(param) => format!("{param}: {self}"),
+                    None => self.to_string(),
+                };
+                crate::anthropic::error::body(self.status().as_u16(), &message)
+            }
+        };
+        let mut response = (self.status(), body).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -299,6 +325,12 @@ impl IntoResponse for ProxyError {
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         response
+    }
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        self.into_response_as(ApiFormat::OpenAi)
     }
 }
 
@@ -349,6 +381,82 @@ mod tests {
             lifetime.to_string().contains("does not reset"),
             "{lifetime}"
         );
+    }
+
+    #[tokio::test]
+    async fn on_anthropic_routes_errors_are_anthropic_shaped_with_the_same_status_and_headers() {
+        let body = |r: Response| async move {
+            let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()
+        };
+        let cases = [
+            (ProxyError::InvalidApiKey, 401, "authentication_error"),
+            (
+                ProxyError::ModelNotFound("m".into()),
+                404,
+                "not_found_error",
+            ),
+            (
+                ProxyError::ModelNotAllowed("m".into()),
+                403,
+                "permission_error",
+            ),
+            (
+                ProxyError::InvalidRequest(RequestError::InvalidJson("eof".into())),
+                400,
+                "invalid_request_error",
+            ),
+            (
+                ProxyError::BodyTooLarge { limit: 1 },
+                413,
+                "request_too_large",
+            ),
+            (ProxyError::UpstreamTimeout, 504, "timeout_error"),
+            (ProxyError::UpstreamConnect, 502, "api_error"),
+            (ProxyError::NotReady, 503, "overloaded_error"),
+        ];
+        for (err, status, kind) in cases {
+            let message = match err.param() {
+                Some(param) => format!("{param}: {err}"),
+                None => err.to_string(),
+            };
+            let r = err.into_response_as(ApiFormat::Anthropic);
+            assert_eq!(r.status().as_u16(), status, "{message}");
+            assert_eq!(
+                body(r).await,
+                serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
+            );
+        }
+        // The field at fault leads the message, as in Anthropic's own.
+        let r = ProxyError::Untranslatable(crate::anthropic::Untranslatable::new(
+            "messages[1].content[0]",
+            "Content blocks of type `document` cannot be sent to an OpenAI-format backend.",
+        ))
+        .into_response_as(ApiFormat::Anthropic);
+        let message = body(r).await["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            message.starts_with("messages[1].content[0]: Content blocks of type `document`"),
+            "{message}"
+        );
+        let r = ProxyError::KeyRateLimited {
+            retry_after: Duration::from_millis(1500),
+        }
+        .into_response_as(ApiFormat::Anthropic);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(body(r).await["error"]["type"], "rate_limit_error");
+        let r = ProxyError::BudgetSpent {
+            key_name: "k".into(),
+            max_budget: 1.0,
+            resets: None,
+        }
+        .into_response_as(ApiFormat::Anthropic);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()["x-should-retry"], "false");
+        assert_eq!(body(r).await["error"]["type"], "rate_limit_error");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The OpenAI-compatible HTTP surface: routes, client authentication, body limits, and the
-//! hand-off to routing (`forward`) and stream relaying (`relay`).
+//! The HTTP surface, OpenAI's API and Anthropic's Messages API: routes, client
+//! authentication, body limits, and the hand-off to routing (`forward`) and stream relaying
+//! (`relay`).
 
 mod accounting;
 mod forward;
@@ -14,7 +15,7 @@ use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use serde::Serialize;
 use sluice_proto::limits::MAX_REQUEST_ID_BYTES;
@@ -28,7 +29,7 @@ use crate::auth::authenticate;
 use crate::error::ProxyError;
 use crate::metrics::{BodyRefusal, Label, LimitScope, Metrics};
 use crate::request;
-use crate::snapshot::{ClientKey, Endpoint, Snapshot, SnapshotStore};
+use crate::snapshot::{ApiFormat, ClientKey, Endpoint, Snapshot, SnapshotStore};
 use crate::spool::{Lane, Spool};
 use crate::usage::UsageSink;
 use accounting::Accounting;
@@ -90,6 +91,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/responses/{id}/input_items", get(response_input_items))
         .route("/v1/responses/{id}/cancel", post(cancel_response))
+        .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*model}", get(get_model))
         .route("/healthz", get(healthz))
@@ -114,6 +117,14 @@ async fn embeddings(State(app): State<Arc<AppState>>, request: Request) -> Respo
 
 async fn create_response(State(app): State<Arc<AppState>>, request: Request) -> Response {
     serve(app, Endpoint::Responses, request).await
+}
+
+async fn messages(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    serve(app, Endpoint::Messages, request).await
+}
+
+async fn count_tokens(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    serve(app, Endpoint::CountTokens, request).await
 }
 
 async fn retrieve_response(
@@ -181,9 +192,9 @@ async fn serve_as(
     let arrived = app.store.clock().wall();
     let request_id = request_id(request.headers());
     let response = match app.store.load() {
-        None => unaccounted(&app, &request_id, started, ProxyError::NotReady),
-        Some(snapshot) => match authenticate(&snapshot, request.headers()) {
-            Err(e) => unaccounted(&app, &request_id, started, e),
+        None => unaccounted(&app, &request_id, started, endpoint, ProxyError::NotReady),
+        Some(snapshot) => match authenticate(&snapshot, request.headers(), endpoint.format()) {
+            Err(e) => unaccounted(&app, &request_id, started, endpoint, e),
             Ok(key) => {
                 let mut acct = Accounting::new(
                     app.usage.clone(),
@@ -208,7 +219,13 @@ async fn serve_as(
 
 /// Answers a request refused before it belongs to a client key (no usage record): the
 /// metrics count it and it gets its one log line.
-fn unaccounted(app: &AppState, request_id: &str, started: Instant, err: ProxyError) -> Response {
+fn unaccounted(
+    app: &AppState,
+    request_id: &str,
+    started: Instant,
+    endpoint: Endpoint,
+    err: ProxyError,
+) -> Response {
     let status = err.status().as_u16();
     app.metrics.request(&Label::NONE, &Label::NONE, status);
     tracing::info!(
@@ -221,7 +238,7 @@ fn unaccounted(app: &AppState, request_id: &str, started: Instant, err: ProxyErr
         error_kind = err.error_kind().as_str_name(),
         "request finished"
     );
-    err.into_response()
+    err.into_response_as(endpoint.format())
 }
 
 async fn authorized(
@@ -232,6 +249,7 @@ async fn authorized(
     request: Request,
     mut acct: Accounting,
 ) -> Response {
+    let passed = passed_headers(endpoint, request.headers());
     // Held until the response head: the body is in memory until then.
     let (body, _body_memory) = match read_body(app, request).await {
         Ok(body) => body,
@@ -270,7 +288,22 @@ async fn authorized(
     if endpoint == Endpoint::Responses {
         return stored::create(app, snapshot, key, routes, &parsed, acct).await;
     }
-    forward::forward(app, snapshot, routes, endpoint, &parsed, acct).await
+    forward::forward(app, snapshot, routes, endpoint, &parsed, &passed, acct).await
+}
+
+/// The client's headers an Anthropic backend gets as they came, on Anthropic's routes:
+/// `anthropic-version` (it defines what the body means; the backend's configured version is
+/// sent only when the client names none) and `anthropic-beta` and every other
+/// `anthropic-*` header (features Sluice need not know). Never the client's key.
+fn passed_headers(endpoint: Endpoint, headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    if endpoint.format() != ApiFormat::Anthropic {
+        return Vec::new();
+    }
+    headers
+        .iter()
+        .filter(|(name, _)| name.as_str().starts_with("anthropic-"))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
 }
 
 /// The request's body, with the permits of [`AppState::body_memory`] it holds. Refused when
@@ -450,7 +483,7 @@ async fn list_models(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Re
     let request_id = request_id(&headers);
     let response = match app.store.load() {
         None => ProxyError::NotReady.into_response(),
-        Some(snapshot) => match authenticate(&snapshot, &headers) {
+        Some(snapshot) => match authenticate(&snapshot, &headers, ApiFormat::OpenAi) {
             Err(e) => e.into_response(),
             Ok(key) => {
                 let data: Vec<serde_json::Value> = snapshot
@@ -475,7 +508,7 @@ async fn get_model(
     let request_id = request_id(&headers);
     let response = match app.store.load() {
         None => ProxyError::NotReady.into_response(),
-        Some(snapshot) => match authenticate(&snapshot, &headers) {
+        Some(snapshot) => match authenticate(&snapshot, &headers, ApiFormat::OpenAi) {
             Err(e) => e.into_response(),
             Ok(key) if key.may_use(&model) && snapshot.routes(&model).is_some() => {
                 axum::Json(model_object(&snapshot, &model)).into_response()

@@ -57,7 +57,7 @@ pub enum SnapshotError {
     InvalidAffinityKey(u32),
 }
 
-/// The OpenAI endpoints the proxy serves.
+/// The endpoints the proxy serves: OpenAI's, and Anthropic's Messages API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     ChatCompletions,
@@ -65,6 +65,10 @@ pub enum Endpoint {
     Embeddings,
     /// `POST /v1/responses`, and the calls on a stored response.
     Responses,
+    /// Anthropic's `POST /v1/messages`.
+    Messages,
+    /// Anthropic's `POST /v1/messages/count_tokens`.
+    CountTokens,
 }
 
 impl Endpoint {
@@ -75,12 +79,22 @@ impl Endpoint {
             Self::Completions => "/completions",
             Self::Embeddings => "/embeddings",
             Self::Responses => "/responses",
+            Self::Messages => "/messages",
+            Self::CountTokens => "/messages/count_tokens",
         }
     }
 
-    /// Whether the endpoint can stream (embeddings cannot).
+    /// Whether the endpoint can stream (embeddings and token counts cannot).
     pub fn can_stream(self) -> bool {
-        !matches!(self, Self::Embeddings)
+        !matches!(self, Self::Embeddings | Self::CountTokens)
+    }
+
+    /// The API the client speaks here: the shape of its answers and errors.
+    pub fn format(self) -> ApiFormat {
+        match self {
+            Self::Messages | Self::CountTokens => ApiFormat::Anthropic,
+            _ => ApiFormat::OpenAi,
+        }
     }
 
     pub fn to_proto(self) -> proto::Endpoint {
@@ -89,6 +103,8 @@ impl Endpoint {
             Self::Completions => proto::Endpoint::Completions,
             Self::Embeddings => proto::Endpoint::Embeddings,
             Self::Responses => proto::Endpoint::Responses,
+            Self::Messages => proto::Endpoint::Messages,
+            Self::CountTokens => proto::Endpoint::MessagesCountTokens,
         }
     }
 }
@@ -121,8 +137,10 @@ pub struct Backend {
     responses_uri: Uri,
     /// The base URL, for the paths that name a stored response.
     base: Url,
-    /// `<base>/messages`: where an Anthropic backend takes chat requests.
+    /// `<base>/messages`: where an Anthropic backend takes chat and Messages requests.
     messages_uri: Uri,
+    /// `<base>/messages/count_tokens`, for an Anthropic backend.
+    count_tokens_uri: Uri,
     /// `Bearer <api key>` (OpenAI format) or the bare key for `x-api-key` (Anthropic format),
     /// marked sensitive; `None` when the backend has no key.
     authorization: Option<HeaderValue>,
@@ -141,14 +159,21 @@ pub struct Backend {
 
 impl Backend {
     /// The full upstream URI of an endpoint, `None` when the backend's API has no such
-    /// endpoint (an Anthropic backend serves chat only).
+    /// endpoint: an Anthropic backend serves chat and Messages only (translated or not), an
+    /// OpenAI-format backend cannot count tokens.
     pub fn uri(&self, endpoint: Endpoint) -> Option<&Uri> {
         match (self.format, endpoint) {
-            (ApiFormat::OpenAi, Endpoint::ChatCompletions) => Some(&self.chat_uri),
+            (ApiFormat::OpenAi, Endpoint::ChatCompletions | Endpoint::Messages) => {
+                Some(&self.chat_uri)
+            }
             (ApiFormat::OpenAi, Endpoint::Completions) => Some(&self.completions_uri),
             (ApiFormat::OpenAi, Endpoint::Embeddings) => Some(&self.embeddings_uri),
             (ApiFormat::OpenAi, Endpoint::Responses) => Some(&self.responses_uri),
-            (ApiFormat::Anthropic, Endpoint::ChatCompletions) => Some(&self.messages_uri),
+            (ApiFormat::OpenAi, Endpoint::CountTokens) => None,
+            (ApiFormat::Anthropic, Endpoint::ChatCompletions | Endpoint::Messages) => {
+                Some(&self.messages_uri)
+            }
+            (ApiFormat::Anthropic, Endpoint::CountTokens) => Some(&self.count_tokens_uri),
             (ApiFormat::Anthropic, _) => None,
         }
     }
@@ -391,7 +416,8 @@ impl Snapshot {
                 completions_uri: endpoint_uri(&b.id, &base, Endpoint::Completions)?,
                 embeddings_uri: endpoint_uri(&b.id, &base, Endpoint::Embeddings)?,
                 responses_uri: endpoint_uri(&b.id, &base, Endpoint::Responses)?,
-                messages_uri: joined_uri(&b.id, &base, "/messages")?,
+                messages_uri: endpoint_uri(&b.id, &base, Endpoint::Messages)?,
+                count_tokens_uri: endpoint_uri(&b.id, &base, Endpoint::CountTokens)?,
                 base,
                 format,
                 anthropic_version,

@@ -1,5 +1,7 @@
 //! Anthropic both ways with real processes and the official SDKs, unchanged: the `openai`
-//! SDK against an Anthropic backend (chat, streaming with usage, tools, images, errors).
+//! SDK against an Anthropic backend (chat, streaming with usage, tools, images, errors), and
+//! the `anthropic` SDK against `/v1/messages` routed to an Anthropic backend and to an
+//! OpenAI-format one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -63,6 +65,62 @@ bad = [{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "fu
 out["bad_arguments"] = error_of(lambda: c.chat.completions.create(model="claude", messages=bad))
 out["embeddings"] = error_of(lambda: c.embeddings.create(model="claude", input="x"))
 out["overloaded"] = error_of(lambda: c.chat.completions.create(model="claude-overloaded", messages=ask))
+print(json.dumps(out))
+"#;
+
+/// The official `anthropic` SDK against `/v1/messages`, for one model (`argv[4]`) routed to an
+/// Anthropic backend or an OpenAI-format one: both auth headers, create, stream, a tool round
+/// trip (whole and streamed), count_tokens, and the SDK's error classes.
+const ANTHROPIC_SDK: &str = r#"
+import json, sys, anthropic
+base, key, limited, model, busy = sys.argv[1:6]
+bearer = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+x_api_key = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0,
+                                default_headers={"x-api-key": key, "Authorization": anthropic.Omit()})
+out = {}
+hello = [{"role": "user", "content": "hello there"}]
+def text_of(m):
+    return "".join(b.text for b in m.content if b.type == "text")
+for name, c in [("bearer", bearer), ("x_api_key", x_api_key)]:
+    m = c.messages.create(model=model, max_tokens=64, system="Be brief.", messages=hello)
+    out[name] = [text_of(m), m.stop_reason, m.usage.input_tokens, m.usage.output_tokens]
+with bearer.messages.stream(model=model, max_tokens=64, system="Be brief.", messages=hello) as s:
+    m = s.get_final_message()
+out["stream"] = [text_of(m), m.stop_reason, m.usage.input_tokens, m.usage.output_tokens]
+tools = [{"name": "weather", "description": "Weather now",
+          "input_schema": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}]
+ask = [{"role": "user", "content": "weather in Paris?"}]
+m = bearer.messages.create(model=model, max_tokens=64, messages=ask, tools=tools, tool_choice={"type": "any"})
+calls = [b for b in m.content if b.type == "tool_use"]
+out["tools"] = [m.stop_reason, [[b.name, b.input] for b in calls], [b.type for b in m.content]]
+with bearer.messages.stream(model=model, max_tokens=64, messages=ask, tools=tools) as s:
+    streamed = s.get_final_message()
+out["stream_tools"] = [streamed.stop_reason, [[b.type, getattr(b, "name", None), getattr(b, "input", None)] for b in streamed.content]]
+turn = [*ask, {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": calls[0].id, "content": "sunny"}]}]
+r = bearer.messages.create(model=model, max_tokens=64, messages=turn, tools=tools)
+out["after_tool"] = [r.stop_reason, text_of(r)]
+def error_of(f):
+    try:
+        f()
+        return "no error"
+    except anthropic.APIStatusError as e:
+        kind = e.body.get("error", {}).get("type") if isinstance(e.body, dict) else None
+        return [type(e).__name__, e.status_code, kind, isinstance(e, anthropic.InternalServerError)]
+try:
+    out["count_tokens"] = bearer.messages.count_tokens(model=model, messages=hello, system="Be brief.").input_tokens
+except anthropic.APIStatusError as e:
+    out["count_tokens"] = error_of(lambda: (_ for _ in ()).throw(e))
+bad = anthropic.Anthropic(base_url=base, api_key="sk-wrong", max_retries=0)
+bad_x = anthropic.Anthropic(base_url=base, api_key="sk-wrong", max_retries=0,
+                            default_headers={"x-api-key": "sk-wrong", "Authorization": anthropic.Omit()})
+create = lambda c, m=model: c.messages.create(model=m, max_tokens=8, messages=hello)
+out["bad_key"] = [error_of(lambda: create(bad)), error_of(lambda: create(bad_x))]
+out["unknown_model"] = error_of(lambda: create(bearer, "no-such-model"))
+limited = anthropic.Anthropic(base_url=base, api_key=limited, max_retries=0)
+create(limited)
+out["rate_limited"] = error_of(lambda: create(limited))
+out["overloaded"] = error_of(lambda: create(bearer, busy))
 print(json.dumps(out))
 "#;
 
@@ -203,8 +261,214 @@ async fn an_overloaded_anthropic_backend_fails_over_to_an_openai_fallback_in_one
         assert!(body.contains("[gpt]"), "stream {stream}: {body}");
         assert_eq!(body.contains("[DONE]"), stream, "{body}");
     }
-    // The first request tried the Anthropic backend first, which answered 529 (the second
+    // A Messages client likewise: the OpenAI backend answers it in Anthropic's shape.
+    for stream in [false, true] {
+        let response = proxy
+            .http
+            .post(proxy.url("/v1/messages"))
+            .header("x-api-key", &key)
+            .header("anthropic-version", "2023-06-01")
+            .json(
+                &json!({"model": "smart", "max_tokens": 32, "stream": stream,
+                          "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "stream {stream}");
+        let body = response.text().await.unwrap();
+        assert!(body.contains("gpt-up"), "stream {stream}: {body}");
+        assert_eq!(body.contains("event: message_stop"), stream, "{body}");
+    }
+    // The first request tried the Anthropic backend first, which answered 529 (later ones
     // may find it cooling down already).
     assert!(claude.stats().await.responses_with(529) >= 1);
-    assert_eq!(gpt.stats().await.requests.chat_completions, 2);
+    assert_eq!(gpt.stats().await.requests.chat_completions, 4);
+}
+
+/// One model on an Anthropic backend, one on an OpenAI-format backend, and for each an
+/// always-overloaded twin (529 from Anthropic, 503 from OpenAI).
+async fn both_kinds(cluster: &Cluster) -> [Mock; 4] {
+    let claude = Mock::start("claude", &["claude-up"]).await;
+    let gpt = Mock::start("gpt", &["gpt-up"]).await;
+    let claude_busy = Mock::start("claude-busy", &["claude-busy"]).await;
+    claude_busy
+        .set_faults(vec![Fault::status(529).always()])
+        .await;
+    let gpt_busy = Mock::start("gpt-busy", &["gpt-busy"]).await;
+    gpt_busy.set_faults(vec![Fault::status(503).always()]).await;
+    for (format, name, mock, model, upstream) in [
+        (
+            pb::ApiFormat::Anthropic,
+            "anthropic",
+            &claude,
+            "claude",
+            "claude-up",
+        ),
+        (pb::ApiFormat::Openai, "openai", &gpt, "gpt", "gpt-up"),
+        (
+            pb::ApiFormat::Anthropic,
+            "anthropic-busy",
+            &claude_busy,
+            "claude-overloaded",
+            "claude-busy",
+        ),
+        (
+            pb::ApiFormat::Openai,
+            "openai-busy",
+            &gpt_busy,
+            "gpt-overloaded",
+            "gpt-busy",
+        ),
+    ] {
+        cluster
+            .add_backend_speaking(
+                format,
+                name,
+                mock,
+                pb::Pool::Primary,
+                0,
+                &[(model, upstream)],
+            )
+            .await;
+    }
+    [claude, gpt, claude_busy, gpt_busy]
+}
+
+async fn limited_key(cluster: &Cluster, name: &str) -> String {
+    cluster
+        .admin()
+        .await
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: name.into(),
+            rpm_limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+}
+
+#[tokio::test]
+async fn the_anthropic_sdk_talks_to_both_kinds_of_backend_through_v1_messages() {
+    let cluster = Cluster::start().await;
+    let [claude, gpt, _claude_busy, _gpt_busy] = both_kinds(&cluster).await;
+    let (_, key) = cluster.create_key("sdk", &[]).await;
+    let limited_claude = limited_key(&cluster, "limited-claude").await;
+    let limited_gpt = limited_key(&cluster, "limited-gpt").await;
+    let proxy = cluster.proxy().await;
+    let base = proxy.url("");
+    let to_claude = python(
+        ANTHROPIC_SDK,
+        &[&base, &key, &limited_claude, "claude", "claude-overloaded"],
+    )
+    .await;
+    let to_gpt = python(
+        ANTHROPIC_SDK,
+        &[&base, &key, &limited_gpt, "gpt", "gpt-overloaded"],
+    )
+    .await;
+
+    // An Anthropic backend: the mock's own answers, passed through. "Be brief." and "hello
+    // there": four words of input.
+    let text = "[claude] tok1 tok2 tok3 tok4 tok5";
+    for auth in ["bearer", "x_api_key"] {
+        assert_eq!(
+            to_claude[auth],
+            json!([text, "end_turn", 4, 5]),
+            "{to_claude}"
+        );
+    }
+    assert_eq!(
+        to_claude["stream"],
+        json!([text, "end_turn", 4, 5]),
+        "{to_claude}"
+    );
+    assert_eq!(to_claude["count_tokens"], 4, "{to_claude}");
+    // An OpenAI-format backend, translated both ways.
+    let text = "[gpt] tok1 tok2 tok3 tok4";
+    for auth in ["bearer", "x_api_key"] {
+        assert_eq!(to_gpt[auth], json!([text, "end_turn", 4, 5]), "{to_gpt}");
+    }
+    assert_eq!(
+        to_gpt["stream"],
+        json!([text, "end_turn", 4, 5]),
+        "{to_gpt}"
+    );
+    assert_eq!(
+        to_gpt["count_tokens"],
+        json!(["BadRequestError", 400, "invalid_request_error", false]),
+        "{to_gpt}"
+    );
+    for out in [&to_claude, &to_gpt] {
+        let input = json!({"city": "mock", "days": 1});
+        assert_eq!(
+            out["tools"],
+            json!(["tool_use", [["weather", input]], ["tool_use"]]),
+            "{out}"
+        );
+        // The streamed call: one tool block, never an empty one.
+        assert_eq!(
+            out["stream_tools"],
+            json!(["tool_use", [["tool_use", "weather", input]]]),
+            "{out}"
+        );
+        assert_eq!(out["after_tool"][0], "end_turn", "{out}");
+        assert_eq!(
+            out["bad_key"],
+            json!([
+                ["AuthenticationError", 401, "authentication_error", false],
+                ["AuthenticationError", 401, "authentication_error", false]
+            ]),
+            "{out}"
+        );
+        assert_eq!(
+            out["unknown_model"],
+            json!(["NotFoundError", 404, "not_found_error", false]),
+            "{out}"
+        );
+        assert_eq!(
+            out["rate_limited"],
+            json!(["RateLimitError", 429, "rate_limit_error", false]),
+            "{out}"
+        );
+    }
+    assert_eq!(
+        to_claude["overloaded"],
+        json!(["OverloadedError", 529, "overloaded_error", true]),
+        "{to_claude}"
+    );
+    assert_eq!(
+        to_gpt["overloaded"],
+        json!(["ServiceUnavailableError", 503, "overloaded_error", true]),
+        "{to_gpt}"
+    );
+
+    // The Anthropic backend got Messages calls only, the OpenAI one chat completions only,
+    // and neither refused anything.
+    let (claude, gpt) = (claude.stats().await, gpt.stats().await);
+    assert_eq!(claude.requests.chat_completions, 0, "{claude:?}");
+    assert_eq!(
+        claude.responses_with(200),
+        claude.requests.messages,
+        "{claude:?}"
+    );
+    assert_eq!(gpt.requests.messages, 0, "{gpt:?}");
+    assert_eq!(
+        gpt.responses_with(200),
+        gpt.requests.chat_completions,
+        "{gpt:?}"
+    );
+    // Usage totals are what the backends served (a token count records none).
+    eventually(
+        Duration::from_secs(30),
+        "the usage records hold the backends' tokens",
+        || async {
+            let t = cluster.totals().await;
+            t.prompt_tokens == claude.prompt_tokens + gpt.prompt_tokens
+                && t.completion_tokens == claude.completion_tokens + gpt.completion_tokens
+        },
+    )
+    .await;
 }

@@ -35,6 +35,8 @@ pub struct Accounting {
     spooled: Option<u64>,
     metrics: Arc<Metrics>,
     record: UsageRecord,
+    /// The endpoint the client called: its API shapes the errors it gets.
+    endpoint: Endpoint,
     started: Instant,
     first_byte: Option<Duration>,
     backend_name: Option<Arc<str>>,
@@ -80,6 +82,7 @@ impl Accounting {
                 time: Some(timestamp(arrived)),
                 ..Default::default()
             },
+            endpoint,
             started,
             first_byte: None,
             backend_name: None,
@@ -118,6 +121,10 @@ impl Accounting {
     /// recorded when the stream ends.
     pub fn relaying_stream_sent_at(&mut self, sent: Instant) {
         self.stream_sent = Some(sent);
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        self.endpoint
     }
 
     pub fn started(&self) -> Instant {

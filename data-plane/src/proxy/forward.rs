@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, StatusCode, header};
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use sluice_proto::v1::ErrorKind;
 use tokio::time::{Instant, timeout_at};
 
 use super::accounting::{Accounting, usage_of};
-use super::relay::{Mode, Relay, Translation};
+use super::relay::{Mode, Relay, Translation, tokens_of};
 use super::{AppState, Collected};
 use crate::anthropic;
 use crate::cooldown::{self, Outcome};
@@ -118,6 +118,9 @@ pub(super) struct Call<'a> {
     pub ids: Option<IdRewrite>,
     /// Whether the answer's usage is the request's (a create's; a retrieve's is not).
     pub count_usage: bool,
+    /// The client's headers an Anthropic backend gets as they came (see
+    /// `proxy::passed_headers`).
+    pub headers: &'a [(HeaderName, HeaderValue)],
 }
 
 /// The upstream request.
@@ -144,6 +147,7 @@ pub(super) async fn forward(
     routes: &[Route],
     endpoint: Endpoint,
     parsed: &ParsedRequest<'_>,
+    headers: &[(HeaderName, HeaderValue)],
     acct: Accounting,
 ) -> Response {
     let call = Call {
@@ -156,6 +160,7 @@ pub(super) async fn forward(
         },
         ids: None,
         count_usage: true,
+        headers,
     };
     forward_call(app, snapshot, routes, &call, acct).await
 }
@@ -187,10 +192,18 @@ pub(super) async fn forward_call(
             unsupported = true;
             continue;
         };
-        // The OpenAI path copies the client's bytes; only another API needs a translation.
-        let translated = match (backend.format, &call.send) {
-            (ApiFormat::Anthropic, Outbound::Body { parsed, .. }) => {
+        // A backend speaking the client's API gets the client's bytes; only the other API
+        // needs a translation.
+        let client = call.endpoint.format();
+        let translated = match (backend.format, client, &call.send) {
+            (ApiFormat::Anthropic, ApiFormat::OpenAi, Outbound::Body { parsed, .. }) => {
                 match messages_body(parsed, route, stream) {
+                    Ok(body) => Some(body),
+                    Err(e) => return error(acct, e).await,
+                }
+            }
+            (ApiFormat::OpenAi, ApiFormat::Anthropic, Outbound::Body { parsed, .. }) => {
+                match chat_body(parsed, route) {
                     Ok(body) => Some(body),
                     Err(e) => return error(acct, e).await,
                 }
@@ -234,10 +247,13 @@ pub(super) async fn forward_call(
                 uri.clone(),
                 match translated {
                     Some(body) => body,
-                    // The Responses API always reports usage; it has no `include_usage`.
+                    // The Responses API and Anthropic's always report usage; they have no
+                    // `include_usage`.
                     None => parsed.rewrite_with(
                         &route.upstream_model,
-                        stream && call.endpoint != Endpoint::Responses,
+                        stream
+                            && call.endpoint != Endpoint::Responses
+                            && client == ApiFormat::OpenAi,
                         *previous_response_id,
                     ),
                 },
@@ -256,6 +272,7 @@ pub(super) async fn forward_call(
         let outcome = attempt(
             snapshot.upstream(app.pool),
             backend,
+            call.headers,
             method,
             uri,
             body,
@@ -311,8 +328,8 @@ pub(super) async fn forward_call(
         }
         match outcome {
             Ok(answer) => {
-                let mode = match &call.ids {
-                    None if backend.format == ApiFormat::Anthropic => Mode::Translated(Box::new(
+                let mode = match (&call.ids, backend.format, client) {
+                    (None, ApiFormat::Anthropic, ApiFormat::OpenAi) => Mode::Translated(Box::new(
                         Translation::ChatFromEvents(anthropic::stream::ChunksFromEvents::new(
                             unix_now(),
                             match &call.send {
@@ -321,13 +338,20 @@ pub(super) async fn forward_call(
                             },
                         )),
                     )),
-                    None => Mode::Chat {
+                    (None, ApiFormat::OpenAi, ApiFormat::Anthropic) => Mode::Translated(Box::new(
+                        Translation::EventsFromChunks(Default::default()),
+                    )),
+                    (None, ApiFormat::Anthropic, ApiFormat::Anthropic) => Mode::Messages {
+                        usage: anthropic::stream::EventUsage::default(),
+                        count_usage: call.endpoint == Endpoint::Messages,
+                    },
+                    (None, ApiFormat::OpenAi, ApiFormat::OpenAi) => Mode::Chat {
                         forward_usage: match &call.send {
                             Outbound::Body { parsed, .. } => parsed.include_usage,
                             Outbound::Stored { .. } => false,
                         },
                     },
-                    Some(ids) => Mode::Responses {
+                    (Some(ids), ..) => Mode::Responses {
                         ids: Box::new(IdRewrite {
                             backend_id: backend.id.clone(),
                             ..ids.clone()
@@ -353,16 +377,16 @@ pub(super) async fn forward_call(
         }
     }
     match last {
-        Some((failure, format)) => fail(acct, failure, format).await,
+        Some((failure, format)) => fail(acct, failure, format, call.endpoint.format()).await,
         None if unsupported && soonest.is_none() => {
-            error(
-                acct,
-                ProxyError::EndpointUnsupported {
+            let refused = match call.endpoint {
+                Endpoint::CountTokens => ProxyError::TokenCountUnsupported(call.model.to_owned()),
+                endpoint => ProxyError::EndpointUnsupported {
                     model: call.model.to_owned(),
-                    path: call.endpoint.path(),
+                    path: endpoint.path(),
                 },
-            )
-            .await
+            };
+            error(acct, refused).await
         }
         None => match soonest {
             Some(until) => {
@@ -381,19 +405,26 @@ pub(super) async fn forward_call(
     }
 }
 
-/// Answers with a proxy error and records it (the answer goes once the record is written).
+/// Answers with a proxy error, in the shape of the client's API, and records it (the answer
+/// goes once the record is written).
 pub(super) async fn error(acct: Accounting, err: ProxyError) -> Response {
     let status = err.status();
     let kind = err.error_kind();
-    let mut response = err.into_response();
+    let mut response = err.into_response_as(acct.endpoint().format());
     acct.decorate(response.headers_mut());
     acct.head_ready();
     let _ = acct.finish(status, kind).await;
     response
 }
 
-/// Answers with the last failure: the upstream's own 429/5xx, or 502/504.
-async fn fail(acct: Accounting, failure: Failure, format: ApiFormat) -> Response {
+/// Answers with the last failure: the upstream's own 429/5xx (in the client's API, `client`:
+/// as it came when the backend speaks it, else translated), or 502/504.
+async fn fail(
+    acct: Accounting,
+    failure: Failure,
+    backend: ApiFormat,
+    client: ApiFormat,
+) -> Response {
     match failure {
         Failure::Status {
             status,
@@ -401,12 +432,15 @@ async fn fail(acct: Accounting, failure: Failure, format: ApiFormat) -> Response
             content_type,
             body,
         } => {
-            let (status, content_type, body) = match format {
-                ApiFormat::OpenAi => (status, content_type, body),
-                ApiFormat::Anthropic => {
+            let (status, content_type, body) = match (backend, client) {
+                (ApiFormat::Anthropic, ApiFormat::OpenAi) => {
                     let (status, body) = anthropic::error::to_openai(status, &body);
                     (status, None, body)
                 }
+                (ApiFormat::OpenAi, ApiFormat::Anthropic) => {
+                    (status, None, anthropic::error::to_anthropic(status, &body))
+                }
+                _ => (status, content_type, body),
             };
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = status;
@@ -436,6 +470,7 @@ async fn fail(acct: Accounting, failure: Failure, format: ApiFormat) -> Response
 async fn attempt(
     client: &UpstreamClient,
     backend: &Backend,
+    passed: &[(HeaderName, HeaderValue)],
     method: Method,
     uri: http::Uri,
     body: Bytes,
@@ -457,6 +492,12 @@ async fn attempt(
     }
     for (name, value) in backend.auth_headers() {
         headers.insert(name, value.clone());
+    }
+    if backend.format == ApiFormat::Anthropic {
+        // After the backend's own: the client's anthropic-version wins.
+        for (name, value) in passed {
+            headers.insert(name.clone(), value.clone());
+        }
     }
     let first_byte = deadline.min(Instant::now() + policy.first_byte_timeout);
     // A connect timeout is a connect error (the connector's own limit); only our deadlines
@@ -569,8 +610,11 @@ async fn deliver(
         } => {
             let (status, content_type) = match &mode {
                 Mode::Translated(t) => match t.whole(status, &body, unix_now()) {
-                    Some((status, translated)) => {
+                    Some((status, translated, tokens)) => {
                         body = translated;
+                        if let Some(tokens) = tokens {
+                            acct.tokens(tokens);
+                        }
                         (status, Some(HeaderValue::from_static("application/json")))
                     }
                     None => return error(acct, ProxyError::UpstreamInvalid).await,
@@ -578,12 +622,14 @@ async fn deliver(
                 _ => (status, content_type),
             };
             match &mode {
-                Mode::Translated(_) => {
-                    if status.is_success()
-                        && let Some((tokens, _)) =
-                            std::str::from_utf8(&body).ok().and_then(usage_of)
+                Mode::Translated(_) => {}
+                Mode::Messages { count_usage, .. } => {
+                    if *count_usage
+                        && status.is_success()
+                        && let Ok(message) = serde_json::from_slice::<serde_json::Value>(&body)
+                        && let Some(usage) = message.get("usage")
                     {
-                        acct.tokens(tokens);
+                        acct.tokens(tokens_of(anthropic::response::anthropic_usage(usage)));
                     }
                 }
                 Mode::Chat { .. } => {
@@ -662,6 +708,13 @@ async fn deliver(
             response
         }
     }
+}
+
+/// The Messages request as a chat request for an OpenAI-format backend.
+fn chat_body(parsed: &ParsedRequest<'_>, route: &Route) -> Result<Bytes, ProxyError> {
+    let messages = parsed.object()?;
+    let chat = anthropic::request::messages_to_chat(&messages, &route.upstream_model)?;
+    Ok(Bytes::from(serde_json::Value::Object(chat).to_string()))
 }
 
 /// The chat request as a Messages request for an Anthropic backend.

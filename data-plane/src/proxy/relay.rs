@@ -24,7 +24,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::accounting::{Accounting, Tokens, usage_of};
 use crate::anthropic::Usage;
-use crate::anthropic::stream::{ChunksFromEvents, Flow};
+use crate::anthropic::stream::{ChunksFromEvents, EventUsage, EventsFromChunks, Flow};
 use crate::error::error_body;
 use crate::responses::{self, IdRewrite};
 use crate::spool::Written;
@@ -56,12 +56,21 @@ pub(super) enum Mode {
     },
     /// Translated between the two APIs event by event (see [`Translation`]).
     Translated(Box<Translation>),
+    /// Anthropic's Messages API from an Anthropic backend: every event passed on as it came,
+    /// its usage read on the way (when `count_usage`: a message, not a token count); ends with
+    /// `message_stop` or an `error` event.
+    Messages {
+        usage: EventUsage,
+        count_usage: bool,
+    },
 }
 
 /// A stream translated between OpenAI's and Anthropic's APIs.
 pub(super) enum Translation {
     /// An Anthropic backend's events as chat completion chunks.
     ChatFromEvents(ChunksFromEvents),
+    /// An OpenAI-format backend's chat chunks as Anthropic events.
+    EventsFromChunks(EventsFromChunks),
 }
 
 impl Translation {
@@ -69,28 +78,47 @@ impl Translation {
     fn push(&mut self, event: &Event, frames: &mut Vec<Bytes>) -> (Flow, Option<Usage>) {
         match self {
             Self::ChatFromEvents(t) => (t.push(event, frames), t.usage()),
+            Self::EventsFromChunks(t) => (t.push(event, frames), t.usage()),
         }
     }
 
-    /// A whole (non-streamed) answer in the client's API: the status and body it gets, or
-    /// `None` when a 2xx body is not what the backend's API answers. `created`: now, in Unix
-    /// seconds.
+    /// A whole (non-streamed) answer in the client's API: the status and body it gets, with
+    /// the tokens of a success, or `None` when a 2xx body is not what the backend's API
+    /// answers (or, from an OpenAI-format backend, holds tool arguments that are not a JSON
+    /// object). `created`: now, in Unix seconds.
     pub(super) fn whole(
         &self,
         status: StatusCode,
         body: &[u8],
         created: u64,
-    ) -> Option<(StatusCode, Bytes)> {
+    ) -> Option<(StatusCode, Bytes, Option<Tokens>)> {
+        use crate::anthropic::{error, response};
         match self {
             Self::ChatFromEvents(_) => {
                 if !status.is_success() {
-                    return Some(crate::anthropic::error::to_openai(status, body));
+                    let (status, body) = error::to_openai(status, body);
+                    return Some((status, body, None));
                 }
                 let message: serde_json::Value = serde_json::from_slice(body).ok()?;
                 message.get("type").filter(|t| *t == "message")?;
-                let completion =
-                    crate::anthropic::response::message_to_completion(&message, created);
-                Some((status, Bytes::from(completion.to_string())))
+                let tokens = message.get("usage").map(response::anthropic_usage);
+                let completion = response::message_to_completion(&message, created);
+                Some((
+                    status,
+                    Bytes::from(completion.to_string()),
+                    tokens.map(tokens_of),
+                ))
+            }
+            Self::EventsFromChunks(_) => {
+                if !status.is_success() {
+                    return Some((status, error::to_anthropic(status, body), None));
+                }
+                let text = std::str::from_utf8(body).ok()?;
+                let completion: serde_json::Value = serde_json::from_str(text).ok()?;
+                completion.get("choices").filter(|c| c.is_array())?;
+                let tokens = usage_of(text).map(|(tokens, _)| tokens);
+                let message = response::completion_to_message(&completion).ok()?;
+                Some((status, Bytes::from(message.to_string()), tokens))
             }
         }
     }
@@ -99,7 +127,18 @@ impl Translation {
     fn client_is_anthropic(&self) -> bool {
         match self {
             Self::ChatFromEvents(_) => false,
+            Self::EventsFromChunks(_) => true,
         }
+    }
+}
+
+/// Tokens as translated from either API, as the usage record takes them.
+pub(super) fn tokens_of(usage: Usage) -> Tokens {
+    Tokens {
+        prompt: usage.input,
+        completion: usage.output,
+        cached_prompt: usage.cache_read,
+        ..Tokens::default()
     }
 }
 
@@ -175,6 +214,11 @@ impl Relay {
                         break;
                     }
                 }
+                Item::Event(event) if matches!(self.mode, Mode::Messages { .. }) => {
+                    if self.take_messages_event(&event) {
+                        break;
+                    }
+                }
                 Item::Event(event) => {
                     if event.data == "[DONE]" {
                         self.ready
@@ -185,7 +229,7 @@ impl Relay {
                     self.events += 1;
                     let forward_usage = match &self.mode {
                         Mode::Chat { forward_usage } => *forward_usage,
-                        Mode::Translated(_) => false,
+                        Mode::Translated(_) | Mode::Messages { .. } => false,
                         Mode::Responses { .. } => {
                             if self.take_responses_event(event) {
                                 break;
@@ -261,12 +305,7 @@ impl Relay {
         let mut frames = std::mem::take(&mut self.frames);
         let (flow, usage) = translation.push(event, &mut frames);
         if let (Some(usage), Some(acct)) = (usage, &mut self.acct) {
-            acct.tokens(Tokens {
-                prompt: usage.input,
-                completion: usage.output,
-                cached_prompt: usage.cache_read,
-                ..Tokens::default()
-            });
+            acct.tokens(tokens_of(usage));
         }
         let end = match flow {
             Flow::Continue => None,
@@ -288,6 +327,29 @@ impl Relay {
         end.is_some()
     }
 
+    /// Queues an event of an Anthropic stream passed through, as it came; true once the stream
+    /// is over.
+    fn take_messages_event(&mut self, event: &Event) -> bool {
+        let Mode::Messages { usage, count_usage } = &mut self.mode else {
+            return false;
+        };
+        let flow = usage.observe(event);
+        if *count_usage && let (Some(usage), Some(acct)) = (usage.usage(), &mut self.acct) {
+            acct.tokens(tokens_of(usage));
+        }
+        let then = match flow {
+            Flow::Continue => Then::Continue,
+            Flow::Done => Then::Finish(ErrorKind::Unspecified),
+            Flow::Failed => Then::Finish(ErrorKind::StreamInterrupted),
+        };
+        self.ready.push_back((event.to_bytes(), then));
+        if then == Then::Continue {
+            return false;
+        }
+        self.drain_upstream();
+        true
+    }
+
     /// Ends the stream with an error event after what is already queued.
     fn interrupt(&mut self, why: &str) {
         tracing::warn!(reason = why, "upstream stream interrupted");
@@ -297,6 +359,7 @@ impl Relay {
             Mode::Translated(t) if t.client_is_anthropic() => {
                 crate::anthropic::error::event(502, &message).to_vec()
             }
+            Mode::Messages { .. } => crate::anthropic::error::event(502, &message).to_vec(),
             Mode::Chat { .. } | Mode::Translated(_) => {
                 let body = error_body(&message, "server_error", None, Some("stream_interrupted"));
                 let mut event = Vec::with_capacity(body.len() + 8);
@@ -394,7 +457,9 @@ impl Body for Relay {
                 Poll::Ready(None) => {
                     let why = match this.mode {
                         Mode::Chat { .. } => "the upstream stream ended before [DONE]",
-                        Mode::Translated(_) => "the upstream stream ended before its last event",
+                        Mode::Translated(_) | Mode::Messages { .. } => {
+                            "the upstream stream ended before its last event"
+                        }
                         Mode::Responses { .. } => {
                             "the upstream stream ended before its final event"
                         }

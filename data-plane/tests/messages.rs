@@ -1,0 +1,437 @@
+//! Anthropic's Messages API in front (`/v1/messages`, `/v1/messages/count_tokens`), against the
+//! strict Anthropic mock and the OpenAI mock: passed through byte for byte to an Anthropic
+//! backend, translated for an OpenAI-format one, errors in Anthropic's shape, failover between
+//! the two within one request, and usage records that say which API the client used.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use serde_json::{Value, json};
+use sluice_e2e::mock::{Fault, MockConfig, MockServer};
+use sluice_proto::v1::{self as proto, ErrorKind};
+use support::harness::*;
+
+const VERSION: &str = "2023-06-01";
+const BETA: &str = "context-management-2025-06-27,fine-grained-tool-streaming-2025-05-14";
+
+fn mock(name: &str) -> MockServer {
+    MockServer::start_local(
+        MockConfig::named(name)
+            .with_api_key(format!("sk-upstream-{name}"))
+            .with_chunk_count(3),
+    )
+    .unwrap()
+}
+
+fn anthropic(id: &str, base_url: &str, pool: proto::Pool) -> proto::SnapshotBackend {
+    proto::SnapshotBackend {
+        api_format: proto::ApiFormat::Anthropic as i32,
+        ..backend(id, base_url, pool, 0)
+    }
+}
+
+/// `MODEL` on an Anthropic backend (`claude`), `gpt-only` on an OpenAI-format one (`gpt`).
+fn claude_and_gpt_only(claude: &MockServer, gpt: &MockServer) -> proto::Snapshot {
+    let mut snap = snapshot(
+        1,
+        vec![
+            anthropic("claude", &claude.base_url(), proto::Pool::Primary),
+            backend("gpt", &gpt.base_url(), proto::Pool::Primary, 0),
+        ],
+    );
+    snap.backends[1].models[0].name = "gpt-only".into();
+    snap
+}
+
+/// A Messages request as an Anthropic client sends it: `x-api-key`, its version and betas.
+async fn send(h: &Harness, path: &str, body: &str) -> reqwest::Response {
+    h.http
+        .post(h.url(path))
+        .header("x-api-key", KEY)
+        .header("anthropic-version", VERSION)
+        .header("anthropic-beta", BETA)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+}
+
+fn hello(stream: bool) -> String {
+    json!({"model": MODEL, "max_tokens": 64, "stream": stream,
+           "messages": [{"role": "user", "content": "hello there"}]})
+    .to_string()
+}
+
+/// The Anthropic error a response carries, with its status.
+async fn anthropic_error(response: reqwest::Response) -> (u16, String, Value) {
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["type"], "error", "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+    (
+        status,
+        body["error"]["type"].as_str().unwrap().to_owned(),
+        body,
+    )
+}
+
+/// The `event:` names of an Anthropic stream, in order.
+fn event_names(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn event_data(body: &str) -> Vec<Value> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn an_anthropic_backend_gets_the_request_and_the_client_the_stream_as_they_came() {
+    let claude = mock("claude");
+    let h = Harness::start(snapshot(
+        1,
+        vec![anthropic(
+            "claude",
+            &claude.base_url(),
+            proto::Pool::Primary,
+        )],
+    ))
+    .await;
+    // Fields Sluice has no reason to know, in an order of the client's choosing, compact.
+    let body = |stream: bool| {
+        format!(
+            r#"{{"max_tokens":64,"model":"{MODEL}","messages":[{{"role":"user","content":[{{"type":"text","text":"hello there","cache_control":{{"type":"ephemeral"}}}}]}}],"thinking":{{"type":"enabled","budget_tokens":1024}},"context_management":{{"edits":[{{"type":"clear_tool_uses_20250919"}}]}},"output_config":{{"effort":"high"}},"metadata":{{"user_id":"u-1"}},"stream":{stream}}}"#
+        )
+    };
+    for (n, stream) in [false, true].into_iter().enumerate() {
+        let sent = body(stream);
+        let response = send(&h, "/v1/messages", &sent).await;
+        assert_eq!(response.status(), 200, "stream {stream}");
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(content_type.starts_with("text/event-stream"), stream);
+        let received = response.text().await.unwrap();
+
+        let upstream = claude.last_messages().unwrap();
+        assert_eq!(upstream.path, "/v1/messages");
+        // The body byte for byte, but for the model the route names.
+        assert_eq!(
+            upstream.body,
+            sent.replace(
+                &format!(r#""model":"{MODEL}""#),
+                &format!(r#""model":"{MODEL}-at-claude""#)
+            )
+        );
+        assert_eq!(upstream.header("anthropic-beta"), Some(BETA));
+        assert_eq!(upstream.header("anthropic-version"), Some(VERSION));
+        // The backend's key, never the client's.
+        assert_eq!(upstream.header("x-api-key"), Some("sk-upstream-claude"));
+        assert_eq!(upstream.header("authorization"), None);
+        // The answer byte for byte.
+        assert_eq!(received, upstream.answer, "stream {stream}");
+
+        let record = h.records(n + 1).await.remove(n);
+        assert_eq!(record.endpoint, proto::Endpoint::Messages as i32);
+        assert_eq!(record.model, MODEL);
+        assert_eq!(record.backend_id, "claude");
+        assert_eq!(record.stream, stream);
+        assert_eq!(record.status_code, 200);
+        assert_eq!(record.error_kind, ErrorKind::Unspecified as i32);
+        // The words of "hello there", and one token per word of the mock's three.
+        assert_eq!((record.prompt_tokens, record.completion_tokens), (2, 3));
+    }
+    let stats = claude.stats();
+    assert_eq!(stats.prompt_tokens, 4);
+    assert_eq!(stats.completion_tokens, 6);
+}
+
+#[tokio::test]
+async fn without_an_anthropic_version_the_backend_gets_its_configured_one() {
+    let claude = mock("claude");
+    let h = Harness::start(snapshot(
+        1,
+        vec![proto::SnapshotBackend {
+            anthropic_version: "2099-01-01".into(),
+            ..anthropic("claude", &claude.base_url(), proto::Pool::Primary)
+        }],
+    ))
+    .await;
+    // A client of the newest SDKs: the key as a bearer token, no version header.
+    let response = h
+        .post(
+            "/v1/messages",
+            KEY,
+            &serde_json::from_str(&hello(false)).unwrap(),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let upstream = claude.last_messages().unwrap();
+    assert_eq!(upstream.header("anthropic-version"), Some("2099-01-01"));
+    assert_eq!(upstream.header("anthropic-beta"), None);
+}
+
+#[tokio::test]
+async fn an_openai_backend_answers_a_messages_client_in_anthropic_shape() {
+    let gpt = mock("gpt");
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend("gpt", &gpt.base_url(), proto::Pool::Primary, 0)],
+    ))
+    .await;
+
+    let response = send(&h, "/v1/messages", &hello(false)).await;
+    assert_eq!(response.status(), 200);
+    let message: Value = response.json().await.unwrap();
+    assert_eq!(message["type"], "message");
+    assert_eq!(message["role"], "assistant");
+    assert!(
+        message["id"].as_str().unwrap().starts_with("msg_"),
+        "{message}"
+    );
+    assert_eq!(
+        message["content"],
+        json!([{"type": "text", "text": "[gpt] tok1 tok2"}])
+    );
+    assert_eq!(message["stop_reason"], "end_turn");
+    assert_eq!(message["usage"]["input_tokens"], 2);
+    assert_eq!(message["usage"]["output_tokens"], 3);
+    // It went to the chat completions endpoint, translated.
+    assert_eq!(gpt.stats().requests.chat_completions, 1);
+
+    let response = send(&h, "/v1/messages", &hello(true)).await;
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    let mut names = event_names(&body);
+    names.dedup();
+    assert_eq!(
+        names,
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ],
+        "{body}"
+    );
+    let data = event_data(&body);
+    let text: String = data
+        .iter()
+        .filter_map(|d| d.pointer("/delta/text").and_then(Value::as_str))
+        .collect();
+    assert_eq!(text, "[gpt] tok1 tok2");
+    let delta = &data[data.len() - 2];
+    assert_eq!(delta["delta"]["stop_reason"], "end_turn");
+    assert_eq!(delta["usage"]["output_tokens"], 3);
+    assert_eq!(delta["usage"]["input_tokens"], 2);
+
+    let records = h.records(2).await;
+    for (record, stream) in records.iter().zip([false, true]) {
+        assert_eq!(record.endpoint, proto::Endpoint::Messages as i32);
+        assert_eq!(record.stream, stream);
+        assert_eq!((record.prompt_tokens, record.completion_tokens), (2, 3));
+    }
+    let stats = gpt.stats();
+    assert_eq!((stats.prompt_tokens, stats.completion_tokens), (4, 6));
+}
+
+#[tokio::test]
+async fn sluice_own_errors_reach_messages_clients_in_anthropic_shape() {
+    let claude = mock("claude");
+    let mut snap = snapshot(
+        1,
+        vec![anthropic(
+            "claude",
+            &claude.base_url(),
+            proto::Pool::Primary,
+        )],
+    );
+    snap.client_keys
+        .push(client_key("limited", "sk-limited", &[], 1));
+    let h = Harness::start(snap).await;
+
+    // A bad key, by either header.
+    let response = h
+        .http
+        .post(h.url("/v1/messages"))
+        .header("x-api-key", "sk-wrong")
+        .body(hello(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anthropic_error(response).await.1, "authentication_error");
+    let response = h
+        .post(
+            "/v1/messages",
+            "sk-wrong",
+            &serde_json::from_str(&hello(false)).unwrap(),
+        )
+        .await;
+    let (status, kind, _) = anthropic_error(response).await;
+    assert_eq!((status, kind.as_str()), (401, "authentication_error"));
+
+    let cases = [
+        ("{not json", 400, "invalid_request_error"),
+        (r#"{"max_tokens": 5}"#, 400, "invalid_request_error"),
+        (
+            r#"{"model": "nope", "max_tokens": 5, "messages": []}"#,
+            404,
+            "not_found_error",
+        ),
+    ];
+    for (body, status, kind) in cases {
+        let (got, got_kind, error) = anthropic_error(send(&h, "/v1/messages", body).await).await;
+        assert_eq!((got, got_kind.as_str()), (status, kind), "{body}: {error}");
+    }
+
+    // The key's own rate limit: 429 rate_limit_error with retry-after.
+    let limited = |h: &Harness| {
+        h.http
+            .post(h.url("/v1/messages"))
+            .header("x-api-key", "sk-limited")
+            .body(hello(false))
+            .send()
+    };
+    assert_eq!(limited(&h).await.unwrap().status(), 200);
+    let response = limited(&h).await.unwrap();
+    assert!(response.headers().contains_key("retry-after"));
+    let (status, kind, _) = anthropic_error(response).await;
+    assert_eq!((status, kind.as_str()), (429, "rate_limit_error"));
+}
+
+#[tokio::test]
+async fn upstream_errors_reach_messages_clients_in_anthropic_shape() {
+    let claude = mock("claude");
+    let gpt = mock("gpt");
+    let mut snap = claude_and_gpt_only(&claude, &gpt);
+    snap.settings.as_mut().unwrap().max_attempts = 1;
+    let h = Harness::start(snap).await;
+
+    // Anthropic's 529 reaches the client as it came: its SDK raises OverloadedError.
+    claude.set_fault(Fault::status(529).times(1));
+    let (status, kind, _) = anthropic_error(send(&h, "/v1/messages", &hello(false)).await).await;
+    assert_eq!((status, kind.as_str()), (529, "overloaded_error"));
+
+    // An OpenAI backend's 503 and 400 in Anthropic's shape.
+    let to_gpt = |stream: bool| {
+        json!({"model": "gpt-only", "max_tokens": 64, "stream": stream,
+               "messages": [{"role": "user", "content": "hello there"}]})
+        .to_string()
+    };
+    gpt.set_fault(Fault::status(503).times(1));
+    let (status, kind, _) = anthropic_error(send(&h, "/v1/messages", &to_gpt(false)).await).await;
+    assert_eq!((status, kind.as_str()), (503, "overloaded_error"));
+
+    // A stream the Anthropic backend breaks: its error event is passed on and ends it.
+    claude.set_fault(Fault::CutAfterChunks(3).times(1));
+    let response = send(&h, "/v1/messages", &hello(true)).await;
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    assert_eq!(event_names(&body).last().unwrap(), "error", "{body}");
+    assert_eq!(
+        event_data(&body).last().unwrap()["error"]["type"],
+        "overloaded_error"
+    );
+
+    // A chat stream the OpenAI backend breaks: an Anthropic error event.
+    gpt.set_fault(Fault::CutAfterChunks(2).times(1));
+    let response = send(&h, "/v1/messages", &to_gpt(true)).await;
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    assert_eq!(event_names(&body).last().unwrap(), "error", "{body}");
+    let last = event_data(&body).pop().unwrap();
+    assert_eq!(last["type"], "error", "{body}");
+
+    let records = h.records(4).await;
+    assert!(
+        records
+            .iter()
+            .all(|r| r.endpoint == proto::Endpoint::Messages as i32)
+    );
+    assert_eq!(records[2].error_kind, ErrorKind::StreamInterrupted as i32);
+    assert_eq!(records[3].error_kind, ErrorKind::StreamInterrupted as i32);
+}
+
+#[tokio::test]
+async fn an_overloaded_anthropic_backend_fails_over_to_an_openai_fallback_within_one_request() {
+    let claude = mock("claude");
+    claude.set_fault(Fault::status(529).always());
+    let gpt = mock("gpt");
+    let h = Harness::start(snapshot(
+        1,
+        vec![
+            anthropic("claude", &claude.base_url(), proto::Pool::Primary),
+            backend("gpt", &gpt.base_url(), proto::Pool::Fallback, 0),
+        ],
+    ))
+    .await;
+    for stream in [false, true] {
+        let response = send(&h, "/v1/messages", &hello(stream)).await;
+        assert_eq!(response.status(), 200, "stream {stream}");
+        assert_eq!(response.headers()["x-sluice-backend"], "gpt-name");
+        let body = response.text().await.unwrap();
+        assert!(body.contains(&format!("{MODEL}-at-gpt")), "{body}");
+        assert_eq!(body.contains("message_stop"), stream, "{body}");
+    }
+    assert!(claude.stats().responses_with(529) >= 1);
+    assert_eq!(gpt.stats().requests.chat_completions, 2);
+    let records = h.records(2).await;
+    for record in &records {
+        assert_eq!(record.endpoint, proto::Endpoint::Messages as i32);
+        assert_eq!(record.backend_id, "gpt");
+        assert_eq!((record.prompt_tokens, record.completion_tokens), (2, 3));
+    }
+    assert!(records[0].attempts >= 2, "{:?}", records[0]);
+}
+
+#[tokio::test]
+async fn count_tokens_is_forwarded_to_anthropic_and_refused_for_openai_backends() {
+    let claude = mock("claude");
+    let gpt = mock("gpt");
+    let h = Harness::start(claude_and_gpt_only(&claude, &gpt)).await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "one two three"}],
+                      "thinking": {"type": "enabled", "budget_tokens": 1024}})
+    .to_string();
+    let response = send(&h, "/v1/messages/count_tokens", &body).await;
+    assert_eq!(response.status(), 200);
+    let received = response.text().await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&received).unwrap(),
+        json!({"input_tokens": 3})
+    );
+    let upstream = claude.last_messages().unwrap();
+    assert_eq!(upstream.path, "/v1/messages/count_tokens");
+    assert_eq!(upstream.header("anthropic-beta"), Some(BETA));
+    assert_eq!(upstream.answer, received);
+
+    let body = json!({"model": "gpt-only", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, kind, error) =
+        anthropic_error(send(&h, "/v1/messages/count_tokens", &body.to_string()).await).await;
+    assert_eq!((status, kind.as_str()), (400, "invalid_request_error"));
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("count_tokens"),
+        "{error}"
+    );
+    assert_eq!(gpt.stats().requests.chat_completions, 0);
+
+    let records = h.records(2).await;
+    for record in &records {
+        assert_eq!(record.endpoint, proto::Endpoint::MessagesCountTokens as i32);
+        assert_eq!((record.prompt_tokens, record.completion_tokens), (0, 0));
+        assert_eq!(record.cost_nanos, 0);
+    }
+    assert_eq!(records[0].status_code, 200);
+    assert_eq!(records[1].status_code, 400);
+}
