@@ -984,3 +984,141 @@ async fn budgets_limits_and_expiry_are_set_in_the_dashboard_and_applied_by_the_d
     assert!(problems.errors.is_empty(), "{:#?}", problems.errors);
     browser.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anthropic_backend_is_added_and_edited_in_the_dashboard_and_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_control, api, base) = control_plane(&dir, &[]).await;
+    let claude = Mock::start("dash-claude", &["claude-up"]).await;
+    let (_proxy, gateway) = data_plane(&api).await;
+    let (_, secret) = api.create_key("client", &[]).await;
+
+    let browser = Browser::launch(&format!("{base}/api/"), 1366, 900).await;
+    browser.goto(&format!("{base}/#backends")).await;
+    browser.type_into("#signin-token", ADMIN_TOKEN).await;
+    browser.click("#signin-submit").await;
+    browser
+        .wait_for(
+            "!document.querySelector('#page-backends').hidden",
+            "the backends page",
+        )
+        .await;
+
+    // Added as an Anthropic backend, with its version and a model's default max_tokens.
+    browser.click("#backend-add").await;
+    browser.type_into("#bf-name", "claude").await;
+    browser.type_into("#bf-base-url", &claude.base_url()).await;
+    set_value(&browser, "#bf-api-format", "API_FORMAT_ANTHROPIC").await;
+    browser
+        .type_into("#bf-anthropic-version", "2023-06-01")
+        .await;
+    browser
+        .type_into("#bf-models .model-row input[name=model_name]", "claude")
+        .await;
+    browser
+        .type_into(
+            "#bf-models .model-row input[name=upstream_name]",
+            "claude-up",
+        )
+        .await;
+    browser
+        .type_into("#bf-models .model-row input[name=default_max_tokens]", "-3")
+        .await;
+    browser
+        .type_into("#bf-api-key", claude.api_key.as_deref().unwrap())
+        .await;
+    // A bad number is shown beside its field, and nothing is saved.
+    browser.click("#bf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('#bf-models [data-field=default_max_tokens] .field-error').textContent !== ''",
+            "the max_tokens error",
+        )
+        .await;
+    assert!(backend_names(&api).await.is_empty());
+    browser
+        .type_into(
+            "#bf-models .model-row input[name=default_max_tokens]",
+            "2048",
+        )
+        .await;
+    browser.click("#bf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('#backend-form').hidden && \
+             document.querySelector('#backends-table').textContent.includes('claude')",
+            "the new backend listed",
+        )
+        .await;
+    let stored = backend_names(&api).await.remove(0);
+    assert_eq!(stored.api_format, pb::ApiFormat::Anthropic as i32);
+    assert_eq!(stored.anthropic_version, "2023-06-01");
+    assert_eq!(stored.models[0].default_max_tokens, 2048);
+    assert_eq!(stored.responses_api, None, "left to its API's default");
+    let row = format!("#backends-table tr[data-backend-id='{}']", stored.id);
+    let api_cell = browser.text(&format!("{row} td.api")).await;
+    assert!(api_cell.starts_with("Anthropic"), "{api_cell}");
+    assert!(api_cell.contains("2023-06-01"), "{api_cell}");
+    assert!(
+        browser.text(&row).await.contains("max_tokens 2,048"),
+        "{}",
+        browser.text(&row).await
+    );
+
+    // Served as configured: a chat client without max_tokens gets the route's default, a
+    // Messages client's own version wins over the backend's.
+    eventually(Duration::from_secs(10), "the backend served", || async {
+        gateway.chat(&secret, "claude").await.status() == 200
+    })
+    .await;
+    let upstream = claude.last_messages().await.unwrap();
+    let sent: serde_json::Value = serde_json::from_str(&upstream.body).unwrap();
+    assert_eq!(sent["max_tokens"], 2048, "{sent}");
+    assert_eq!(upstream.header("anthropic-version"), Some("2023-06-01"));
+
+    // Edited: the form shows what is stored; the Responses API is switched off explicitly
+    // and the version cleared (back to the SDK's).
+    browser
+        .click(&format!("{row} button[data-action=edit]"))
+        .await;
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#bf-api-format').value")
+            .await,
+        json!("API_FORMAT_ANTHROPIC")
+    );
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#bf-anthropic-version').value")
+            .await,
+        json!("2023-06-01")
+    );
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#bf-models input[name=default_max_tokens]').value")
+            .await,
+        json!("2048")
+    );
+    set_value(&browser, "#bf-responses-api", "false").await;
+    set_value(&browser, "#bf-anthropic-version", "").await;
+    browser.click("#bf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('#backend-form').hidden",
+            "the edit saved",
+        )
+        .await;
+    let stored = backend_names(&api).await.remove(0);
+    assert_eq!(stored.responses_api, Some(false));
+    assert_eq!(stored.anthropic_version, "");
+    assert_eq!(stored.api_format, pb::ApiFormat::Anthropic as i32);
+    assert_eq!(stored.models[0].default_max_tokens, 2048);
+    browser
+        .screenshot(&artifacts().join("dashboard-backends-anthropic.png"))
+        .await;
+
+    let problems = browser.problems();
+    assert!(problems.dialogs.is_empty(), "{:?}", problems.dialogs);
+    assert!(problems.errors.is_empty(), "{:#?}", problems.errors);
+    browser.close().await;
+}

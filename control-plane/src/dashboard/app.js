@@ -646,11 +646,17 @@
       return h('tr', { 'data-backend-id': b.id },
         h('td', { class: 'name' }, b.name),
         h('td', { class: 'url' }, h('code', null, b.baseUrl)),
+        h('td', { class: 'api' }, apiName(b),
+          b.apiFormat === 'API_FORMAT_ANTHROPIC'
+            ? h('span', { class: 'sub-line mono' }, b.anthropicVersion || 'SDK\u2019s version')
+            : null,
+          respondsName(b)),
         h('td', null, poolName(b.pool)),
         h('td', { class: 'num' }, fmtInt(b.priority)),
         h('td', { class: 'num' }, fmtInt(b.weight || 1)),
         h('td', null, models.map((mr) => h('span', { class: 'sub-line mono' },
-          mr.upstreamName && mr.upstreamName !== mr.name ? `${mr.name} → ${mr.upstreamName}` : mr.name))),
+          mr.upstreamName && mr.upstreamName !== mr.name ? `${mr.name} → ${mr.upstreamName}` : mr.name,
+          num(mr.defaultMaxTokens) ? ` (max_tokens ${fmtInt(mr.defaultMaxTokens)})` : ''))),
         h('td', { class: 'num' }, num(b.rpmLimit) ? fmtCount(b.rpmLimit, '/min') : 'none',
           num(b.tpmLimit) ? h('span', { class: 'sub-line' }, fmtCount(b.tpmLimit, 'tok/min')) : null),
         h('td', { class: 'mono' }, b.apiKeyHint ? `••••${b.apiKeyHint}` : 'none'),
@@ -674,11 +680,26 @@
           })));
     });
     table($('#backends-table'), [
-      { label: 'Name' }, { label: 'Base URL' }, { label: 'Pool' }, { label: 'Priority', num: true },
+      { label: 'Name' }, { label: 'Base URL' }, { label: 'API' }, { label: 'Pool' }, { label: 'Priority', num: true },
       { label: 'Weight', num: true }, { label: 'Models' }, { label: 'Limits', num: true },
       { label: 'API key' }, { label: 'State' }, { label: '' },
     ], rows, 'No backends yet. Add one to start routing.');
   }
+
+  /** The API a backend speaks, as the list shows it. */
+  function apiName(b) {
+    return b.apiFormat === 'API_FORMAT_ANTHROPIC' ? 'Anthropic' : 'OpenAI';
+  }
+
+  /** Whether it serves the Responses API, when that is not what its API implies. */
+  function respondsName(b) {
+    const implied = b.apiFormat !== 'API_FORMAT_ANTHROPIC';
+    if (b.responsesApi === undefined || b.responsesApi === null || b.responsesApi === implied) return null;
+    return h('span', { class: 'sub-line' }, b.responsesApi ? 'Responses API' : 'no Responses API');
+  }
+
+  /** Each model row's route as loaded, for the fields the form does not show. */
+  const rowModels = new WeakMap();
 
   function modelRow(model) {
     const cell = (field, attrs) => h('td', null, h('div', { class: 'field', 'data-field': field },
@@ -688,6 +709,7 @@
       cell('upstream_name', { name: 'upstream_name', 'aria-label': 'Upstream model name', placeholder: 'same as public', spellcheck: 'false' }),
       cell('input_price_per_mtok', { name: 'input_price', 'aria-label': 'Input price per million tokens', type: 'number', min: '0', step: 'any' }),
       cell('output_price_per_mtok', { name: 'output_price', 'aria-label': 'Output price per million tokens', type: 'number', min: '0', step: 'any' }),
+      cell('default_max_tokens', { name: 'default_max_tokens', 'aria-label': 'Default max_tokens for an Anthropic backend', type: 'number', min: '0', step: '1' }),
       h('td', null, h('button', {
         type: 'button',
         class: 'secondary small',
@@ -699,6 +721,8 @@
     inputs[1].value = (model && model.upstreamName) || '';
     inputs[2].value = String(num(model && model.inputPricePerMtok));
     inputs[3].value = String(num(model && model.outputPricePerMtok));
+    inputs[4].value = String(num(model && model.defaultMaxTokens));
+    if (model) rowModels.set(row, model);
     $('#bf-models').append(row);
   }
 
@@ -710,6 +734,9 @@
     $('#bf-name').value = backend ? backend.name : '';
     $('#bf-base-url').value = backend ? backend.baseUrl || '' : '';
     $('#bf-pool').value = backend && backend.pool === 'POOL_FALLBACK' ? 'POOL_FALLBACK' : 'POOL_PRIMARY';
+    $('#bf-api-format').value = backend && backend.apiFormat === 'API_FORMAT_ANTHROPIC' ? 'API_FORMAT_ANTHROPIC' : 'API_FORMAT_OPENAI';
+    $('#bf-anthropic-version').value = backend ? backend.anthropicVersion || '' : '';
+    $('#bf-responses-api').value = backend && typeof backend.responsesApi === 'boolean' ? String(backend.responsesApi) : '';
     $('#bf-priority').value = String(backend ? num(backend.priority) : 0);
     $('#bf-weight').value = String(backend ? num(backend.weight) || 1 : 1);
     $('#bf-rpm').value = String(backend ? num(backend.rpmLimit) : 0);
@@ -807,11 +834,20 @@
           bad = true;
         }
       });
+      const maxTokensText = inputs[4].value.trim();
+      const defaultMaxTokens = maxTokensText === '' ? 0 : Number(maxTokensText);
+      if (!Number.isInteger(defaultMaxTokens) || defaultMaxTokens < 0) {
+        showFieldError(form, 'default_max_tokens', 'must be a whole number ≥ 0', i);
+        bad = true;
+      }
       models.push({
+        // What the form does not show (a cached-input price) is kept as it was.
+        ...(rowModels.get(row) || {}),
         name: inputs[0].value.trim(),
         upstreamName: inputs[1].value.trim(),
         inputPricePerMtok: prices[0],
         outputPricePerMtok: prices[1],
+        defaultMaxTokens,
       });
     });
     if (bad) return;
@@ -825,7 +861,12 @@
       tpmLimit,
       enabled: $('#bf-enabled').checked,
       models,
+      apiFormat: $('#bf-api-format').value,
+      anthropicVersion: $('#bf-anthropic-version').value.trim(),
     };
+    // Unset (the default for its API) unless chosen.
+    const responsesApi = $('#bf-responses-api').value;
+    if (responsesApi !== '') backend.responsesApi = responsesApi === 'true';
     const apiKey = $('#bf-api-key').value;
     const editing = state.editing;
     const button = $('#bf-save');
@@ -833,7 +874,7 @@
     try {
       if (editing) {
         backend.id = editing.id;
-        const request = { backend, updateMask: 'name,baseUrl,pool,priority,weight,models,rpmLimit,tpmLimit,enabled' };
+        const request = { backend, updateMask: 'name,baseUrl,pool,priority,weight,models,rpmLimit,tpmLimit,enabled,apiFormat,anthropicVersion,responsesApi' };
         if (apiKey) request.apiKey = apiKey;
         await call('AdminService/UpdateBackend', request);
         notify(`Saved ${backend.name.trim()}.`);

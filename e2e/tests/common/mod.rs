@@ -535,6 +535,19 @@ impl Mock {
             .await
             .unwrap();
     }
+
+    /// The last request to the mock's Messages API and what it answered.
+    #[allow(dead_code)] // not every test binary looks
+    pub async fn last_messages(&self) -> Option<sluice_e2e::mock::MessagesExchange> {
+        self.http
+            .get(format!("http://{}/_mock/last_messages", self.addr))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
 }
 
 /// Polls `check` every 20 ms until it returns true or `timeout` passes.
