@@ -306,6 +306,45 @@ async fn sluice_own_errors_reach_messages_clients_in_anthropic_shape() {
     assert!(response.headers().contains_key("retry-after"));
     let (status, kind, _) = anthropic_error(response).await;
     assert_eq!((status, kind.as_str()), (429, "rate_limit_error"));
+
+    // A spent budget: 429 rate_limit_error that the SDKs are told not to retry.
+    let mut spent = client_key("spent", "sk-spent", &[], 0);
+    spent.budget_spent = true;
+    spent.max_budget = 5.0;
+    let mut snap = snapshot(
+        2,
+        vec![proto::SnapshotBackend {
+            rpm_limit: 1,
+            ..anthropic("claude", &claude.base_url(), proto::Pool::Primary)
+        }],
+    );
+    snap.client_keys.push(spent);
+    h.publish(snap).await;
+    let response = h
+        .post(
+            "/v1/messages",
+            "sk-spent",
+            &serde_json::from_str(&hello(false)).unwrap(),
+        )
+        .await;
+    assert_eq!(response.headers()["x-should-retry"], "false");
+    let (status, kind, error) = anthropic_error(response).await;
+    assert_eq!(
+        (status, kind.as_str()),
+        (429, "rate_limit_error"),
+        "{error}"
+    );
+
+    // Every backend out of rate tokens: 429 rate_limit_error with retry-after.
+    let responses = [
+        send(&h, "/v1/messages", &hello(false)).await,
+        send(&h, "/v1/messages", &hello(false)).await,
+    ];
+    let [first, second] = responses;
+    assert_eq!(first.status(), 200);
+    assert!(second.headers().contains_key("retry-after"));
+    let (status, kind, _) = anthropic_error(second).await;
+    assert_eq!((status, kind.as_str()), (429, "rate_limit_error"));
 }
 
 #[tokio::test]

@@ -1100,3 +1100,96 @@ async fn a_responses_stream_is_named_events_ending_with_the_completed_response()
     assert_eq!((stats.streams_started, stats.streams_completed), (1, 1));
     assert_eq!(stats.reasoning_tokens, 3);
 }
+
+#[tokio::test]
+async fn chat_with_tools_is_answered_with_a_call_whole_and_streamed() {
+    let mock = MockServer::start_local(MockConfig::named("tools").with_chunk_count(2)).unwrap();
+    let tools = json!([
+        {"type": "function", "function": {"name": "first", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "hot": {"type": "boolean"}}}}}
+    ]);
+    let ask = |extra: Value| {
+        let mut body = chat("m", "weather in Paris?");
+        body["tools"] = tools.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let chosen = json!({"type": "function", "function": {"name": "weather"}});
+    let r: Value = post(
+        &mock,
+        "/chat/completions",
+        &ask(json!({"tool_choice": chosen})),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let choice = &r["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], Value::Null);
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "weather");
+    let arguments: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(arguments, json!({"city": "mock", "days": 1, "hot": true}));
+    assert_eq!(r["usage"]["completion_tokens"], 2);
+
+    // Streamed: the id and name first, the arguments in pieces that join to the same JSON.
+    let body = post(
+        &mock,
+        "/chat/completions",
+        &ask(json!({"tool_choice": chosen, "stream": true, "stream_options": {"include_usage": true}})),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    let events = sse_events(&body);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let deltas: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c.pointer("/choices/0/delta/tool_calls/0"))
+        .collect();
+    assert_eq!(deltas[0]["function"]["name"], "weather");
+    assert!(deltas[0]["id"].is_string());
+    let joined: String = deltas
+        .iter()
+        .filter_map(|d| d.pointer("/function/arguments").and_then(Value::as_str))
+        .collect();
+    assert_eq!(serde_json::from_str::<Value>(&joined).unwrap(), arguments);
+    let finish = chunks.iter().find_map(|c| {
+        c.pointer("/choices/0/finish_reason")
+            .and_then(Value::as_str)
+    });
+    assert_eq!(finish, Some("tool_calls"));
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 2);
+
+    // No call: after a tool result, with tool_choice none, or without tools.
+    let mut answered = ask(json!({}));
+    answered["messages"] = json!([
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}
+    ]);
+    for body in [
+        answered,
+        ask(json!({"tool_choice": "none"})),
+        chat("m", "hi"),
+    ] {
+        let r: Value = post(&mock, "/chat/completions", &body)
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["choices"][0]["finish_reason"], "stop", "{body}");
+        assert!(r["choices"][0]["message"]["tool_calls"].is_null(), "{r}");
+    }
+}
