@@ -816,3 +816,159 @@ proptest! {
         prop_assert_eq!(back, calls);
     }
 }
+
+/// JSON built from the words both APIs use, in shapes right and wrong: what a client may send.
+fn request_like() -> impl Strategy<Value = Value> {
+    const WORDS: &[&str] = &[
+        "user",
+        "assistant",
+        "system",
+        "developer",
+        "tool",
+        "function",
+        "text",
+        "image",
+        "image_url",
+        "tool_use",
+        "tool_result",
+        "thinking",
+        "document",
+        "base64",
+        "url",
+        "auto",
+        "any",
+        "none",
+        "required",
+        "custom",
+        "data:image/png;base64,AA",
+        "https://x/y.png",
+        "{}",
+        "{\"a\":1}",
+        "[1]",
+        "",
+    ];
+    const KEYS: &[&str] = &[
+        "type",
+        "role",
+        "content",
+        "text",
+        "source",
+        "id",
+        "name",
+        "input",
+        "tool_use_id",
+        "is_error",
+        "media_type",
+        "data",
+        "url",
+        "image_url",
+        "system",
+        "messages",
+        "tools",
+        "tool_choice",
+        "input_schema",
+        "function",
+        "arguments",
+        "parameters",
+        "tool_calls",
+        "tool_call_id",
+        "stream",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "stop_sequences",
+        "metadata",
+        "user_id",
+        "user",
+        "n",
+        "logprobs",
+        "response_format",
+        "parallel_tool_calls",
+        "disable_parallel_tool_use",
+        "refusal",
+    ];
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        prop::sample::select(WORDS).prop_map(Value::from),
+    ];
+    let value = leaf.prop_recursive(5, 96, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            prop::collection::btree_map(prop::sample::select(KEYS), inner, 0..6).prop_map(|m| {
+                Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+            }),
+        ]
+    });
+    let roles = prop::sample::select(&["user", "assistant", "system", "developer", "tool"][..]);
+    let word = prop::sample::select(WORDS).prop_map(str::to_owned);
+    // Blocks and parts of both APIs, well formed, beside anything at all.
+    let block = prop_oneof![
+        word.clone().prop_map(|t| json!({"type": "text", "text": t})),
+        word.clone().prop_map(|u| json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": u}})),
+        word.clone().prop_map(|u| json!({"type": "image_url", "image_url": {"url": u}})),
+        (word.clone(), arguments()).prop_map(|(n, i)| json!({"type": "tool_use", "id": "c", "name": n, "input": i})),
+        word.clone().prop_map(|t| json!({"type": "tool_result", "tool_use_id": "c", "content": t})),
+        word.clone().prop_map(|t| json!({"type": "thinking", "thinking": t, "signature": "s"})),
+        value.clone(),
+    ];
+    let content = prop_oneof![
+        word.clone().prop_map(Value::from),
+        prop::collection::vec(block, 0..4).prop_map(Value::Array),
+        value.clone(),
+    ];
+    let call = (word, arguments()).prop_map(
+        |(n, a)| json!({"id": "c", "type": "function", "function": {"name": n, "arguments": a.to_string()}}),
+    );
+    let calls = prop_oneof![
+        Just(Value::Null),
+        prop::collection::vec(call, 0..3).prop_map(Value::Array),
+        value.clone(),
+    ];
+    let turns = prop::collection::vec((roles, content, calls), 0..5);
+    (
+        prop::collection::btree_map(prop::sample::select(KEYS), value, 0..8),
+        turns,
+    )
+        .prop_map(|(fields, turns)| {
+            let mut request: Map<String, Value> =
+                fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            // Most requests carry turns, so that most reach the translation of their blocks.
+            let turns = turns
+                .into_iter()
+                .map(|(role, content, calls)| {
+                    json!({"role": role, "content": content, "tool_calls": calls, "tool_call_id": "c"})
+                })
+                .collect();
+            request.insert("messages".into(), Value::Array(turns));
+            Value::Object(request)
+        })
+}
+
+proptest! {
+    /// Whatever a client sends, translating it either way never panics, and what is
+    /// translated names the route's model and only roles the other API knows.
+    #[test]
+    fn any_request_translates_or_is_refused_without_panicking(request in request_like()) {
+        let request = obj(request);
+        if let Ok(chat) = messages_to_chat(&request, "up") {
+            prop_assert_eq!(&chat["model"], "up");
+            for message in chat["messages"].as_array().unwrap() {
+                let role = message["role"].as_str().unwrap();
+                prop_assert!(["system", "user", "assistant", "tool"].contains(&role), "{}", role);
+            }
+            if chat.get("stream") == Some(&Value::Bool(true)) {
+                prop_assert_eq!(&chat["stream_options"], &json!({"include_usage": true}));
+            }
+        }
+        if let Ok(messages) = chat_to_messages(&request, "up", 16) {
+            prop_assert_eq!(&messages["model"], "up");
+            prop_assert!(messages["max_tokens"].is_u64());
+            for turn in messages["messages"].as_array().unwrap() {
+                let role = turn["role"].as_str().unwrap();
+                prop_assert!(["system", "user", "assistant"].contains(&role), "{}", role);
+            }
+        }
+    }
+}
