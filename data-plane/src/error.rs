@@ -54,6 +54,15 @@ pub enum ProxyError {
     ModelNotFound(String),
     #[error("Rate limit reached for this API key. Please try again in {}s.", retry_after_secs(*.retry_after))]
     KeyRateLimited { retry_after: Duration },
+    #[error(
+        "Rate limit reached for this API key on tokens per min (TPM): Limit {limit}. Please try again in {}s.",
+        retry_after_secs(*.retry_after)
+    )]
+    KeyTokensLimited { limit: u32, retry_after: Duration },
+    #[error(
+        "Too many requests in flight for this API key: at most {limit} at once (max_parallel_requests). Please try again in 1s."
+    )]
+    KeyParallelLimited { limit: u32 },
     #[error("{}", budget_spent_message(.key_name, *.max_budget, *.resets))]
     BudgetSpent {
         key_name: String,
@@ -149,9 +158,11 @@ impl ProxyError {
             Self::BodiesBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::UnknownPath { .. } => StatusCode::NOT_FOUND,
-            Self::KeyRateLimited { .. } | Self::BackendsBusy { .. } | Self::BudgetSpent { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            Self::KeyRateLimited { .. }
+            | Self::KeyTokensLimited { .. }
+            | Self::KeyParallelLimited { .. }
+            | Self::BackendsBusy { .. }
+            | Self::BudgetSpent { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamConnect | Self::UpstreamInvalid => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -184,9 +195,11 @@ impl ProxyError {
             }
             Self::ModelNotAllowed(_) => ("invalid_request_error", "model_not_allowed"),
             Self::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
-            Self::KeyRateLimited { .. } | Self::BackendsBusy { .. } => {
-                ("requests", "rate_limit_exceeded")
-            }
+            Self::KeyRateLimited { .. }
+            | Self::KeyParallelLimited { .. }
+            | Self::BackendsBusy { .. } => ("requests", "rate_limit_exceeded"),
+            // As OpenAI answers a TPM limit.
+            Self::KeyTokensLimited { .. } => ("tokens", "rate_limit_exceeded"),
             // OpenAI's answer when an account's quota is spent; its SDKs raise RateLimitError
             // (and, told `x-should-retry: false`, do not retry it).
             Self::BudgetSpent { .. } => ("insufficient_quota", "insufficient_quota"),
@@ -229,10 +242,12 @@ impl ProxyError {
     /// How long the client should wait, for the `Retry-After` header.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::KeyRateLimited { retry_after } | Self::BackendsBusy { retry_after, .. } => {
-                Some(*retry_after)
+            Self::KeyRateLimited { retry_after }
+            | Self::KeyTokensLimited { retry_after, .. }
+            | Self::BackendsBusy { retry_after, .. } => Some(*retry_after),
+            Self::BodiesBusy | Self::NoAffinityKey | Self::KeyParallelLimited { .. } => {
+                Some(Duration::from_secs(1))
             }
-            Self::BodiesBusy | Self::NoAffinityKey => Some(Duration::from_secs(1)),
             Self::ResponseBackendCoolingDown { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
@@ -241,7 +256,10 @@ impl ProxyError {
     /// What the usage record says about a request that ended with this error.
     pub fn error_kind(&self) -> ErrorKind {
         match self {
-            Self::KeyRateLimited { .. } | Self::BackendsBusy { .. } => ErrorKind::RateLimited,
+            Self::KeyRateLimited { .. }
+            | Self::KeyTokensLimited { .. }
+            | Self::KeyParallelLimited { .. }
+            | Self::BackendsBusy { .. } => ErrorKind::RateLimited,
             Self::ModelNotFound(_) => ErrorKind::NoBackend,
             Self::UpstreamConnect | Self::UpstreamInvalid => ErrorKind::UpstreamConnect,
             Self::UpstreamTimeout => ErrorKind::UpstreamTimeout,

@@ -141,6 +141,8 @@ struct CooldownLabels {
 pub enum SkipReason {
     cooling_down,
     rate_limited,
+    /// Out of tokens under its TPM limit.
+    token_limited,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -155,6 +157,10 @@ struct SkipLabels {
 pub enum LimitScope {
     /// The client key's own RPM limit.
     client_key,
+    /// The client key's TPM limit.
+    client_key_tokens,
+    /// The client key's `max_parallel_requests`.
+    client_key_parallel,
     /// Every candidate backend was cooling down or out of rate tokens.
     backends,
 }

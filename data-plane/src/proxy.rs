@@ -279,12 +279,47 @@ async fn authorized(
         };
         return forward::error(acct, refused).await;
     }
+    // The limits that can give back what they took come first: a request refused by a
+    // later one has used nothing of them.
+    let parallel = match &key.parallel {
+        Some(limit) => match limit.try_enter() {
+            Some(place) => Some(place),
+            None => {
+                app.metrics.rate_limited(LimitScope::client_key_parallel);
+                let refused = ProxyError::KeyParallelLimited {
+                    limit: limit.total(),
+                };
+                return forward::error(acct, refused).await;
+            }
+        },
+        None => None,
+    };
+    acct.estimate_prompt(body.len());
+    let now = Instant::now();
+    let tokens = match &key.tokens {
+        Some(bucket) => match bucket.try_admit(acct.prompt_estimate(), now) {
+            Ok(reserved) => Some(reserved),
+            Err(retry_after) => {
+                app.metrics.rate_limited(LimitScope::client_key_tokens);
+                let refused = ProxyError::KeyTokensLimited {
+                    limit: bucket.limit(),
+                    retry_after,
+                };
+                return forward::error(acct, refused).await;
+            }
+        },
+        None => None,
+    };
     if let Some(limiter) = &key.limiter
-        && let Err(retry_after) = limiter.try_acquire(Instant::now())
+        && let Err(retry_after) = limiter.try_acquire(now)
     {
+        if let Some(tokens) = tokens {
+            tokens.cancel();
+        }
         app.metrics.rate_limited(LimitScope::client_key);
         return forward::error(acct, ProxyError::KeyRateLimited { retry_after }).await;
     }
+    acct.admitted_under(tokens, parallel);
     if endpoint == Endpoint::Responses {
         return stored::create(app, snapshot, key, routes, &parsed, acct).await;
     }

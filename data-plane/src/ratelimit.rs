@@ -10,6 +10,15 @@
 //! A limiter belongs to a snapshot (its rate comes from that snapshot) but its token state is
 //! shared with the limiter of the same backend or key in the previous snapshot, so a snapshot
 //! swap neither refills nor empties a bucket.
+//!
+//! Tokens per minute ([`TokenBucket`]) and requests in flight ([`ParallelLimit`]) are shared
+//! the same way, without a lock.
+
+mod parallel;
+mod tokens;
+
+pub use parallel::{InFlight, ParallelLimit};
+pub use tokens::{Reservation, TokenBucket};
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;

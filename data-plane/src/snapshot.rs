@@ -21,7 +21,7 @@ pub use sluice_domain::settings::Policy;
 use crate::affinity::AffinityKeys;
 use crate::clock::{Clock, Now, std_duration, system_time};
 use crate::cooldown::{CooldownTracker, FleetCooldown, MAX_RETRY_AFTER, Whose};
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::{ParallelLimit, RateLimiter, TokenBucket};
 use crate::upstream::UpstreamClient;
 
 /// Why a snapshot was refused (sent back to the control plane as the nack's detail).
@@ -148,6 +148,8 @@ pub struct Backend {
     anthropic_version: Option<HeaderValue>,
     /// This replica's share of the backend's RPM limit.
     pub limiter: Option<RateLimiter>,
+    /// This replica's share of the backend's TPM limit.
+    pub tokens: Option<TokenBucket>,
     /// The control plane's cooldown state of the backend (from every replica's reports), its
     /// end on this replica's monotonic clock; who made its last changes is in `cooldown_run`.
     pub cooldown: FleetCooldown,
@@ -252,6 +254,10 @@ pub struct ClientKey {
     /// `None` allows every model.
     pub allowed_models: Option<HashSet<String>>,
     pub limiter: Option<RateLimiter>,
+    /// This replica's share of the key's TPM limit.
+    pub tokens: Option<TokenBucket>,
+    /// This replica's share of the key's `max_parallel_requests`.
+    pub parallel: Option<ParallelLimit>,
     /// The control plane found the key past its expiry: it is refused as expired.
     pub expired: bool,
     /// The control plane found the key's budget spent for the current period: it is refused
@@ -315,13 +321,8 @@ impl Snapshot {
         };
         let replica_count = message.replica_count.max(1);
 
-        let previous_limiters: HashMap<&str, &RateLimiter> = previous
-            .map(|p| {
-                p.backends
-                    .iter()
-                    .filter_map(|b| Some((b.id.as_str(), b.limiter.as_ref()?)))
-                    .collect()
-            })
+        let previous_backends: HashMap<&str, &Backend> = previous
+            .map(|p| p.backends.iter().map(|b| (b.id.as_str(), b)).collect())
             .unwrap_or_default();
         let mut backends = Vec::with_capacity(message.backends.len());
         let mut routes: HashMap<Arc<str>, Vec<Route>> = HashMap::new();
@@ -405,9 +406,16 @@ impl Snapshot {
                     .map(|wall| now.instant_at(wall)),
             }
             .filter(|until| *until > now.instant);
+            let before = previous_backends.get(b.id.as_str());
             let limiter = RateLimiter::carry_over(
-                previous_limiters.get(b.id.as_str()).copied(),
+                before.and_then(|p| p.limiter.as_ref()),
                 b.rpm_limit,
+                replica_count,
+                now.instant,
+            );
+            let tokens = TokenBucket::carry_over(
+                before.and_then(|p| p.tokens.as_ref()),
+                b.tpm_limit,
                 replica_count,
                 now.instant,
             );
@@ -428,6 +436,7 @@ impl Snapshot {
                 weight: b.weight.max(1),
                 authorization,
                 limiter,
+                tokens,
                 cooldown: FleetCooldown {
                     epoch: b.cooldown_epoch,
                     streak: b.consecutive_failures,
@@ -444,13 +453,8 @@ impl Snapshot {
             list.sort_by_key(|r| (backends[r.backend].pool, backends[r.backend].priority));
         }
 
-        let previous_keys: HashMap<&str, &RateLimiter> = previous
-            .map(|p| {
-                p.keys
-                    .values()
-                    .filter_map(|k| Some((k.id.as_str(), k.limiter.as_ref()?)))
-                    .collect()
-            })
+        let previous_keys: HashMap<&str, &ClientKey> = previous
+            .map(|p| p.keys.values().map(|k| (k.id.as_str(), k)).collect())
             .unwrap_or_default();
         let mut keys = HashMap::with_capacity(message.client_keys.len());
         for k in message.client_keys {
@@ -459,11 +463,23 @@ impl Snapshot {
                 .as_slice()
                 .try_into()
                 .map_err(|_| SnapshotError::InvalidKeyHash(k.id.clone()))?;
+            let before = previous_keys.get(k.id.as_str());
             let limiter = RateLimiter::carry_over(
-                previous_keys.get(k.id.as_str()).copied(),
+                before.and_then(|p| p.limiter.as_ref()),
                 k.rpm_limit,
                 replica_count,
                 now.instant,
+            );
+            let tokens = TokenBucket::carry_over(
+                before.and_then(|p| p.tokens.as_ref()),
+                k.tpm_limit,
+                replica_count,
+                now.instant,
+            );
+            let parallel = ParallelLimit::carry_over(
+                before.and_then(|p| p.parallel.as_ref()),
+                k.max_parallel_requests,
+                replica_count,
             );
             let key = ClientKey {
                 allowed_models: if k.allowed_models.is_empty() {
@@ -474,6 +490,8 @@ impl Snapshot {
                 id: k.id,
                 name: k.name,
                 limiter,
+                tokens,
+                parallel,
                 expired: k.expired,
                 budget_spent: k.budget_spent.then(|| SpentBudget {
                     max_budget: k.max_budget,
@@ -1053,5 +1071,50 @@ pub(crate) mod tests {
                 .try_acquire(Instant::now())
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn token_buckets_and_requests_in_flight_survive_a_swap() {
+        let with_limits = |version| {
+            let mut message = snapshot(version);
+            message.backends[0].tpm_limit = 6_000;
+            message.client_keys[0].tpm_limit = 6_000;
+            message.client_keys[0].max_parallel_requests = 1;
+            message
+        };
+        let store = SnapshotStore::default();
+        store.apply(with_limits(1)).unwrap();
+        let first = store.load().unwrap();
+        let key = first
+            .client_key(&Sha256::digest(b"sk-client").into())
+            .unwrap();
+        let now = Instant::now();
+        // Each bucket is emptied (burst 600) and the one request allowed is in flight.
+        key.tokens
+            .as_ref()
+            .unwrap()
+            .try_admit(600, now)
+            .unwrap()
+            .settle(600);
+        let backend = first.backends()[0].tokens.as_ref().unwrap();
+        backend.try_admit(600, now).unwrap().settle(600);
+        let held = key.parallel.as_ref().unwrap().try_enter().unwrap();
+        store.apply(with_limits(2)).unwrap();
+        let second = store.load().unwrap();
+        let key = second
+            .client_key(&Sha256::digest(b"sk-client").into())
+            .unwrap();
+        assert!(key.tokens.as_ref().unwrap().try_admit(1, now).is_err());
+        assert!(
+            second.backends()[0]
+                .tokens
+                .as_ref()
+                .unwrap()
+                .try_admit(1, now)
+                .is_err()
+        );
+        assert!(key.parallel.as_ref().unwrap().try_enter().is_none());
+        drop(held);
+        assert!(key.parallel.as_ref().unwrap().try_enter().is_some());
     }
 }

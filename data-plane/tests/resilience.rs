@@ -424,6 +424,118 @@ async fn client_key_limits_answer_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn a_key_over_its_tokens_per_minute_gets_429_tokens_with_retry_after() {
+    // 51 tokens a request (1 prompt word, 50 completion tokens).
+    let primary =
+        MockServer::start_local(MockConfig::named("primary").with_chunk_count(50)).unwrap();
+    let mut snap = snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    );
+    // 600 TPM on one replica: 10 a second, a burst of 60.
+    snap.client_keys[0].tpm_limit = 600;
+    let h = Harness::start(snap).await;
+    // The first takes 51 of 60; the second is admitted on the 9 left and leaves a debt of
+    // 42 (4.2 s at 10 a second); the third waits it out.
+    for _ in 0..2 {
+        assert_eq!(h.chat(chat_body(false)).await.status(), 200);
+    }
+    let limited = h.chat(chat_body(false)).await;
+    assert_eq!(limited.status(), 429);
+    let wait: u64 = header(&limited, "retry-after").parse().unwrap();
+    assert!((4..=5).contains(&wait), "Retry-After: {wait}");
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "tokens");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokens per min (TPM): Limit 600"),
+        "{body}"
+    );
+    let served = primary.stats();
+    assert_eq!(served.requests.chat_completions, 2);
+    assert_eq!(served.prompt_tokens + served.completion_tokens, 102);
+    let records = h.records(3).await;
+    assert_eq!(records[2].error_kind, ErrorKind::RateLimited as i32);
+    assert_eq!(records[2].status_code, 429);
+}
+
+#[tokio::test]
+async fn a_key_at_its_max_parallel_requests_gets_429_until_one_ends() {
+    let primary = slow_mock("primary", 10, 100);
+    let mut snap = snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    );
+    snap.client_keys[0].max_parallel_requests = 1;
+    let h = Harness::start(snap).await;
+    let streaming = h.chat(chat_body(true)).await;
+    assert_eq!(streaming.status(), 200);
+    let refused = h.chat(chat_body(false)).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(header(&refused, "retry-after"), "1");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "requests");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 1 at once"),
+        "{body}"
+    );
+    // The stream's end frees its place.
+    let text = streaming.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(h.chat(chat_body(false)).await.status(), 200);
+    assert_eq!(primary.stats().requests.chat_completions, 2);
+}
+
+#[tokio::test]
+async fn a_backend_out_of_tokens_is_skipped_like_one_out_of_requests() {
+    let primary =
+        MockServer::start_local(MockConfig::named("primary").with_chunk_count(50)).unwrap();
+    let fallback = mock("fallback");
+    let mut backends = pair(&primary, &fallback);
+    // 1,200 TPM over 2 replicas: 600 each, a burst of 60: one request of 51, then one more
+    // on the 9 left.
+    backends[0].tpm_limit = 1_200;
+    let mut snap = snapshot(1, backends.clone());
+    snap.replica_count = 2;
+    let h = Harness::start(snap).await;
+    for _ in 0..2 {
+        let r = h.chat(chat_body(false)).await;
+        assert_eq!(header(&r, "x-sluice-backend"), "primary-name");
+    }
+    let r = h.chat(chat_body(false)).await;
+    assert_eq!(header(&r, "x-sluice-backend"), "fallback-name");
+    assert_eq!(primary.stats().requests.chat_completions, 2);
+
+    // Without a fallback it is the client's 429, with the wait for the debt of 42 tokens.
+    let mut only = snapshot(2, vec![backends.remove(0)]);
+    only.replica_count = 2;
+    h.publish(only).await;
+    let r = h.chat(chat_body(false)).await;
+    assert_eq!(r.status(), 429);
+    let wait: u64 = header(&r, "retry-after").parse().unwrap();
+    assert!((4..=5).contains(&wait), "Retry-After: {wait}");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+}
+
+#[tokio::test]
 async fn backend_limits_move_traffic_to_the_next_backend_and_then_answer_429() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));
     let mut backends = pair(&primary, &fallback);

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use crate::clock::{proto_duration, timestamp};
 use crate::error::ProxyError;
 use crate::metrics::{Held, Label, Metrics};
+use crate::ratelimit::{InFlight, Reservation};
 use crate::snapshot::{Backend, Endpoint};
 use crate::spool::{Lane, Refused, Unwritten, Written};
 use crate::usage::UsageSink;
@@ -53,6 +54,14 @@ pub struct Accounting {
     stream_sent: Option<Instant>,
     /// The status already sent to the client (a streamed response's), if any.
     status_sent: Option<StatusCode>,
+    /// The prompt's tokens as estimated from the request body, before any answer.
+    prompt_estimate: u64,
+    /// What the request took from its key's TPM bucket and from the bucket of the backend
+    /// it is at; settled with its real tokens when the record is emitted.
+    key_tokens: Option<Reservation>,
+    backend_tokens: Option<Reservation>,
+    /// Its place under its key's `max_parallel_requests`, freed when this is dropped.
+    _parallel: Option<InFlight>,
     done: bool,
     _in_flight: Held,
 }
@@ -92,7 +101,37 @@ impl Accounting {
             upstream_wait: Duration::ZERO,
             stream_sent: None,
             status_sent: None,
+            prompt_estimate: 0,
+            key_tokens: None,
+            backend_tokens: None,
+            _parallel: None,
             done: false,
+        }
+    }
+
+    /// The prompt's tokens estimated from the request body (`⌈bytes / 4⌉`): what the token
+    /// limits are charged at admission, before the answer says how many there were.
+    pub fn estimate_prompt(&mut self, body_bytes: usize) {
+        self.prompt_estimate = (body_bytes as u64).div_ceil(4);
+    }
+
+    pub fn prompt_estimate(&self) -> u64 {
+        self.prompt_estimate
+    }
+
+    /// The key's limits this request was admitted under: its TPM reservation and its place
+    /// among the key's requests in flight, both held until the record is emitted.
+    pub fn admitted_under(&mut self, tokens: Option<Reservation>, parallel: Option<InFlight>) {
+        self.key_tokens = tokens;
+        self._parallel = parallel;
+    }
+
+    /// The request goes to a backend that reserved `tokens` for it. A reservation at an
+    /// earlier backend is handed back: that attempt failed before any answer reached the
+    /// client, and a provider counts no tokens for a refusal or an error.
+    pub fn backend_tokens(&mut self, tokens: Option<Reservation>) {
+        if let Some(earlier) = std::mem::replace(&mut self.backend_tokens, tokens) {
+            earlier.cancel();
         }
     }
 
@@ -230,6 +269,15 @@ impl Accounting {
         record.error_kind = kind as i32;
         record.latency = Some(proto_duration(latency));
         record.time_to_first_token = self.first_byte.map(proto_duration);
+        let used = record
+            .prompt_tokens
+            .saturating_add(record.completion_tokens);
+        for reservation in [self.key_tokens.take(), self.backend_tokens.take()]
+            .into_iter()
+            .flatten()
+        {
+            reservation.settle(used);
+        }
         record.cost_nanos = self.prices.cost_nanos(
             record.prompt_tokens,
             record.cached_prompt_tokens,

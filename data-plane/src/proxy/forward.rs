@@ -224,14 +224,34 @@ pub(super) async fn forward_call(
                 continue;
             }
         };
+        // Tokens first: a backend then skipped for its RPM limit gets them back. Calls on a
+        // stored response count no tokens.
+        let tokens = match &backend.tokens {
+            Some(bucket) if call.count_usage => {
+                match bucket.try_admit(acct.prompt_estimate(), now) {
+                    Ok(reserved) => Some(reserved),
+                    Err(wait) => {
+                        app.metrics.skip(&label, SkipReason::token_limited);
+                        let until = now + wait;
+                        soonest = Some(soonest.map_or(until, |s| s.min(until)));
+                        continue;
+                    }
+                }
+            }
+            _ => None,
+        };
         if let Some(limiter) = &backend.limiter
             && let Err(wait) = limiter.try_acquire(now)
         {
+            if let Some(tokens) = tokens {
+                tokens.cancel();
+            }
             app.metrics.skip(&label, SkipReason::rate_limited);
             let until = now + wait;
             soonest = Some(soonest.map_or(until, |s| s.min(until)));
             continue;
         }
+        acct.backend_tokens(tokens);
         if acct.attempts() > 0 {
             app.metrics.failover();
         }

@@ -1,0 +1,357 @@
+//! Tokens-per-minute limits: a GCRA (generic cell rate algorithm) bucket on one `AtomicU64`,
+//! shared by every serving thread without a lock.
+//!
+//! The state is the *theoretical arrival time* (TAT): the instant, in nanoseconds of the
+//! replica's monotonic clock, by which everything charged so far is paid for at this
+//! replica's share `L / n` of the limit. What remains at `now` is `now + τ − TAT` (as time,
+//! at the share's rate), `τ` being the burst: a tenth of a minute's share, as for the RPM
+//! buckets. A request is admitted while anything remains, and its prompt estimate is charged
+//! at once (one compare-and-swap); when it ends, the difference to its real tokens is
+//! charged or handed back (one more). A charge may take the bucket into debt: a request
+//! larger than what remains is admitted, and the key's (or backend's) next requests wait
+//! until the debt is paid at the share's rate. So in any window of `T` seconds a replica
+//! admits at most `share · T / 60 + burst` tokens, plus the tokens of the requests in flight
+//! when the bucket ran out, whose real size was not known when they were admitted.
+//!
+//! Like [`super::RateLimiter`], a bucket belongs to a snapshot (its rate) while its state is
+//! shared with the bucket of the same key or backend in the previous snapshot.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+const NANOS_PER_MINUTE: u128 = 60_000_000_000;
+
+/// This replica's share of a tokens-per-minute limit. Cloning shares the bucket.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    /// The limit across all replicas, and how many replicas share it.
+    limit: u64,
+    replicas: u64,
+    /// The burst, as time at this share's rate.
+    tolerance: u64,
+    state: Arc<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Nanoseconds after `origin`; 0 (the origin itself) is a full bucket.
+    tat: AtomicU64,
+    origin: Instant,
+}
+
+/// Tokens charged to a bucket for one request at admission (its prompt estimate); the rest
+/// is settled when the request ends.
+#[derive(Debug)]
+#[must_use = "a reservation is settled with the request's real tokens"]
+pub struct Reservation {
+    bucket: TokenBucket,
+    tokens: u64,
+}
+
+impl TokenBucket {
+    /// A full bucket for this replica's share of `tpm_limit`; `None` when the limit is 0
+    /// (none).
+    pub fn new(tpm_limit: u32, replica_count: u32, now: Instant) -> Option<Self> {
+        Self::carry_over(None, tpm_limit, replica_count, now)
+    }
+
+    /// A bucket at the new share that keeps `previous`'s state (debt included); a new full
+    /// bucket when there was none.
+    pub fn carry_over(
+        previous: Option<&TokenBucket>,
+        tpm_limit: u32,
+        replica_count: u32,
+        now: Instant,
+    ) -> Option<Self> {
+        if tpm_limit == 0 {
+            return None;
+        }
+        let limit = u64::from(tpm_limit);
+        let replicas = u64::from(replica_count.max(1));
+        let state = match previous {
+            Some(previous) => Arc::clone(&previous.state),
+            None => Arc::new(State {
+                tat: AtomicU64::new(0),
+                origin: now,
+            }),
+        };
+        let mut bucket = Self {
+            limit,
+            replicas,
+            tolerance: 0,
+            state,
+        };
+        bucket.tolerance = bucket.nanos_for(bucket.burst());
+        Some(bucket)
+    }
+
+    /// The limit across all replicas, in tokens per minute.
+    pub fn limit(&self) -> u32 {
+        u32::try_from(self.limit).unwrap_or(u32::MAX)
+    }
+
+    /// This replica's share: the tokens per minute its bucket refills by.
+    pub fn share_per_minute(&self) -> f64 {
+        self.limit as f64 / self.replicas as f64
+    }
+
+    /// The tokens a bucket holds when full: a tenth of a minute's share, at least one.
+    pub fn burst(&self) -> u64 {
+        (self.limit / (10 * self.replicas)).max(1)
+    }
+
+    /// Admits a request while the bucket holds anything, charging `estimate` tokens (what is
+    /// known before the answer); otherwise says how long until it holds something again.
+    pub fn try_admit(&self, estimate: u64, now: Instant) -> Result<Reservation, Duration> {
+        let now = self.at(now);
+        let cost = self.nanos_for(estimate);
+        let mut tat = self.state.tat.load(Ordering::Acquire);
+        loop {
+            if let Some(wait) = self.wait(tat, now) {
+                return Err(wait);
+            }
+            // A bucket idle for long is full, no more: time before `now` is not credit.
+            let next = tat.max(now).saturating_add(cost);
+            match self.state.tat.compare_exchange_weak(
+                tat,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Ok(Reservation {
+                        bucket: self.clone(),
+                        tokens: estimate,
+                    });
+                }
+                Err(current) => tat = current,
+            }
+        }
+    }
+
+    /// How long until the bucket holds something (zero when it does), without charging.
+    pub fn available_in(&self, now: Instant) -> Duration {
+        let tat = self.state.tat.load(Ordering::Acquire);
+        self.wait(tat, self.at(now)).unwrap_or(Duration::ZERO)
+    }
+
+    /// How long from `now` until a bucket at `tat` holds something; `None` if it does. It
+    /// holds `now + τ − tat`: something once `now + τ` is past `tat`.
+    fn wait(&self, tat: u64, now: u64) -> Option<Duration> {
+        let full_at = now.saturating_add(self.tolerance);
+        (tat >= full_at).then(|| Duration::from_nanos(tat - full_at + 1))
+    }
+
+    /// Charges `more` tokens than were reserved, or hands `fewer` back.
+    fn adjust(&self, reserved: u64, actual: u64) {
+        let (reserved, actual) = (self.nanos_for(reserved), self.nanos_for(actual));
+        if reserved == actual {
+            return;
+        }
+        // Never fails: the closure always returns a value.
+        let _ = self
+            .state
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(if actual > reserved {
+                    tat.saturating_add(actual - reserved)
+                } else {
+                    tat.saturating_sub(reserved - actual)
+                })
+            });
+    }
+
+    /// Nanoseconds of this share that `tokens` take, rounded up (so the share is never
+    /// exceeded by rounding).
+    fn nanos_for(&self, tokens: u64) -> u64 {
+        let nanos = (u128::from(tokens) * NANOS_PER_MINUTE * u128::from(self.replicas))
+            .div_ceil(u128::from(self.limit));
+        u64::try_from(nanos).unwrap_or(u64::MAX)
+    }
+
+    fn at(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.state.origin).as_nanos();
+        u64::try_from(since).unwrap_or(u64::MAX)
+    }
+}
+
+impl Reservation {
+    /// The request ended having used `tokens` (prompt and completion): the difference to
+    /// what was reserved is charged, or handed back.
+    pub fn settle(self, tokens: u64) {
+        self.bucket.adjust(self.tokens, tokens);
+    }
+
+    /// The request was refused after all: everything reserved goes back.
+    pub fn cancel(self) {
+        self.settle(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_limit_means_no_bucket() {
+        assert!(TokenBucket::new(0, 1, Instant::now()).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admits_while_anything_remains_then_waits_out_the_debt() {
+        let start = Instant::now();
+        // 60,000 TPM over 2 replicas: 30,000 a minute (500/s) each, burst 3,000.
+        let bucket = TokenBucket::new(60_000, 2, start).unwrap();
+        assert_eq!(bucket.burst(), 3_000);
+        // A request larger than what remains is admitted: the bucket goes 1,000 into debt.
+        bucket.try_admit(4_000, start).unwrap().settle(4_000);
+        let wait = bucket.try_admit(1, start).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(2) + Duration::from_nanos(1));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(bucket.try_admit(1, Instant::now()).is_err());
+        tokio::time::advance(Duration::from_nanos(1)).await;
+        bucket.try_admit(1, Instant::now()).unwrap().settle(1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_real_tokens_replace_the_estimate_when_the_request_ends() {
+        let start = Instant::now();
+        // 600 TPM on one replica: 10 a second, burst 60.
+        let bucket = TokenBucket::new(600, 1, start).unwrap();
+        // Estimated at 50, used 10: 40 go back, 50 remain.
+        bucket.try_admit(50, start).unwrap().settle(10);
+        let held = bucket.try_admit(49, start).unwrap();
+        assert!(bucket.try_admit(1, start).is_ok(), "one token remained");
+        // A cancelled request hands back everything it reserved.
+        held.cancel();
+        assert_eq!(bucket.available_in(start), Duration::ZERO);
+        // Estimated at 1, used 600: a minute of debt, charged when it ended.
+        let long = bucket.try_admit(1, start).unwrap();
+        long.settle(600);
+        let wait = bucket.available_in(start);
+        assert!(wait > Duration::from_secs(55), "{wait:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_bucket_fills_to_its_burst_and_no_more() {
+        let start = Instant::now();
+        let bucket = TokenBucket::new(600, 1, start).unwrap();
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        let now = Instant::now();
+        // An hour idle is worth the burst (60), not an hour of tokens.
+        bucket.try_admit(60, now).unwrap().settle(60);
+        assert!(bucket.try_admit(1, now).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn carry_over_keeps_the_debt_and_applies_the_new_share() {
+        let now = Instant::now();
+        let old = TokenBucket::new(1_200, 1, now).unwrap(); // 20/s, burst 120
+        old.try_admit(120, now).unwrap().settle(120);
+        // A replica joined: the share halves, the empty bucket stays empty.
+        let new = TokenBucket::carry_over(Some(&old), 1_200, 2, now).unwrap();
+        assert!(new.try_admit(1, now).is_err());
+        assert_eq!(new.burst(), 60);
+        assert_eq!(new.share_per_minute(), 600.0);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let later = Instant::now();
+        new.try_admit(60, later).unwrap().settle(60);
+        assert!(
+            new.try_admit(1, later).is_err(),
+            "full only to the new burst"
+        );
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The bound of `docs/guarantees.md`: replicas, each with its share of `limit`,
+        /// admit requests of any size at any moment of three minutes, each estimated at
+        /// admission (under or over its real size) and settled with its real tokens at any
+        /// later moment. In every 60 s window a replica admits at most its share and its
+        /// burst, plus the real tokens of the requests in flight when it admitted its last
+        /// one in the window (that one included), plus the estimates of those in flight when
+        /// the window began (a refund of one of them gives back what it took before).
+        #[test]
+        fn every_minute_stays_within_the_share_the_burst_and_what_was_in_flight(
+            limit in 100u32..2_000_000,
+            replicas in 1u32..4,
+            requests in proptest::collection::vec(
+                (0u32..4, 0u64..180_000, 0u64..5_000, 0u64..20_000, 0u64..10_000),
+                0..300,
+            ),
+        ) {
+            let start = Instant::now();
+            let buckets: Vec<TokenBucket> = (0..replicas)
+                .map(|_| TokenBucket::new(limit, replicas, start).unwrap())
+                .collect();
+            let mut order: Vec<usize> = (0..requests.len()).collect();
+            order.sort_by_key(|&i| requests[i].1);
+            // Admitted: (replica, at, estimate, tokens, settled at).
+            let mut admitted: Vec<(usize, u64, u64, u64, u64)> = Vec::new();
+            let mut held: Vec<(u64, Reservation, u64)> = Vec::new();
+            for i in order {
+                let (replica, at, estimate, tokens, lasts) = requests[i];
+                // What is due settles first.
+                held.sort_by_key(|(due, _, _)| *due);
+                while held.first().is_some_and(|(due, _, _)| *due <= at) {
+                    let (_, reservation, tokens) = held.remove(0);
+                    reservation.settle(tokens);
+                }
+                let r = (replica % replicas) as usize;
+                if let Ok(reservation) =
+                    buckets[r].try_admit(estimate, start + Duration::from_millis(at))
+                {
+                    held.push((at + lasts, reservation, tokens));
+                    admitted.push((r, at, estimate, tokens, at + lasts));
+                }
+            }
+            for (r, bucket) in buckets.iter().enumerate() {
+                let mine: Vec<_> = admitted.iter().filter(|a| a.0 == r).collect();
+                for first in &mine {
+                    let from = first.1;
+                    let window: Vec<_> =
+                        mine.iter().filter(|a| a.1 >= from && a.1 < from + 60_000).collect();
+                    let total: u64 = window.iter().map(|a| a.3).sum();
+                    let last = window.iter().map(|a| a.1).max().unwrap_or(from);
+                    let flying_at_last: u64 = mine
+                        .iter()
+                        .filter(|a| a.1 <= last && a.4 > last)
+                        .map(|a| a.3)
+                        .sum();
+                    let flying_at_start: u64 = mine
+                        .iter()
+                        .filter(|a| a.1 < from && a.4 > from)
+                        .map(|a| a.2)
+                        .sum();
+                    let bound = bucket.share_per_minute() + bucket.burst() as f64 + 1.0
+                        + flying_at_last as f64 + flying_at_start as f64;
+                    prop_assert!(
+                        total as f64 <= bound,
+                        "replica {r}, window from {from} ms: {total} admitted, bound {bound}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_client_well_under_the_limit_is_never_refused() {
+        // 100,000 TPM over 3 replicas; one replica's client sends a 500-token request
+        // (estimated at 600) every second: 30,000 a minute, 90 % of the share.
+        let bucket = TokenBucket::new(100_000, 3, Instant::now()).unwrap();
+        for _ in 0..600 {
+            bucket
+                .try_admit(600, Instant::now())
+                .expect("admitted")
+                .settle(500);
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+    }
+}
