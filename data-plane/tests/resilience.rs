@@ -253,6 +253,67 @@ async fn a_cut_stream_ends_with_an_error_event() {
     let record = h.records(1).await.remove(0);
     assert_eq!(record.error_kind, ErrorKind::StreamInterrupted as i32);
     assert_eq!(record.status_code, 200);
+    // The usage chunk never came: charged what was streamed, and marked so.
+    assert!(record.tokens_estimated);
+    assert!(record.prompt_tokens > 0);
+    assert!(
+        record.completion_tokens >= content_deltas(&body),
+        "{record:?}"
+    );
+}
+
+/// The chat chunks in a streamed body whose delta carries text.
+fn content_deltas(body: &str) -> u64 {
+    body.split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .filter(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|text| !text.is_empty())
+        })
+        .count() as u64
+}
+
+#[tokio::test]
+async fn a_stream_cut_short_by_its_client_is_charged_what_was_streamed() {
+    let primary = slow_mock("primary", 200, 20);
+    let mut backends = vec![backend(
+        "primary",
+        &primary.base_url(),
+        proto::Pool::Primary,
+        0,
+    )];
+    // $1 per million prompt tokens, $2 per million completion tokens.
+    backends[0].models[0].input_price_per_mtok = 1.0;
+    backends[0].models[0].output_price_per_mtok = 2.0;
+    let h = Harness::start(snapshot(1, backends)).await;
+    let body = chat_body(true);
+    let estimate = serde_json::to_vec(&body).unwrap().len().div_ceil(4) as u64;
+
+    let response = h.chat(body).await;
+    let mut stream = response.bytes_stream();
+    let mut received = String::new();
+    while content_deltas(&received) < 10 {
+        received.push_str(std::str::from_utf8(&stream.next().await.unwrap().unwrap()).unwrap());
+    }
+    drop(stream);
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::ClientCancelled as i32);
+    assert!(record.tokens_estimated);
+    assert_eq!(record.prompt_tokens, estimate);
+    let relayed = content_deltas(&received);
+    assert!(
+        record.completion_tokens >= relayed,
+        "{} completion tokens for {relayed} deltas relayed",
+        record.completion_tokens
+    );
+    // Less than the whole answer: the cancel came well before its 200 chunks.
+    assert!(record.completion_tokens < 200, "{record:?}");
+    assert_eq!(
+        record.cost_nanos,
+        record.prompt_tokens * 1_000 + record.completion_tokens * 2_000
+    );
 }
 
 #[tokio::test]
@@ -363,6 +424,10 @@ async fn a_client_that_leaves_before_the_answer_is_recorded() {
     let record = h.records(1).await.remove(0);
     assert_eq!(record.error_kind, ErrorKind::ClientCancelled as i32);
     assert_eq!(record.status_code, 499);
+    // The provider had the prompt: its estimate is charged.
+    assert!(record.tokens_estimated);
+    assert!(record.prompt_tokens > 0);
+    assert_eq!(record.completion_tokens, 0);
 }
 
 #[tokio::test]

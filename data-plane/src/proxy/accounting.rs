@@ -56,6 +56,8 @@ pub struct Accounting {
     status_sent: Option<StatusCode>,
     /// The prompt's tokens as estimated from the request body, before any answer.
     prompt_estimate: u64,
+    /// Content deltas the upstream streamed: at least one completion token each.
+    output_deltas: u64,
     /// What the request took from its key's TPM bucket and from the bucket of the backend
     /// it is at; settled with its real tokens when the record is emitted.
     key_tokens: Option<Reservation>,
@@ -102,6 +104,7 @@ impl Accounting {
             stream_sent: None,
             status_sent: None,
             prompt_estimate: 0,
+            output_deltas: 0,
             key_tokens: None,
             backend_tokens: None,
             _parallel: None,
@@ -117,6 +120,12 @@ impl Accounting {
 
     pub fn prompt_estimate(&self) -> u64 {
         self.prompt_estimate
+    }
+
+    /// The upstream streamed one more delta of output (text, tool-call arguments, …): the
+    /// completion has at least one token more, should its usage never arrive.
+    pub fn output_delta(&mut self) {
+        self.output_deltas += 1;
     }
 
     /// The key's limits this request was admitted under: its TPM reservation and its place
@@ -269,6 +278,7 @@ impl Accounting {
         record.error_kind = kind as i32;
         record.latency = Some(proto_duration(latency));
         record.time_to_first_token = self.first_byte.map(proto_duration);
+        self.estimate_unreported(&mut record, kind);
         let used = record
             .prompt_tokens
             .saturating_add(record.completion_tokens);
@@ -298,6 +308,7 @@ impl Accounting {
             completion_tokens = record.completion_tokens,
             cached_prompt_tokens = record.cached_prompt_tokens,
             cost_nanos = record.cost_nanos,
+            tokens_estimated = record.tokens_estimated,
             error_kind = kind.as_str_name(),
             "request finished"
         );
@@ -319,6 +330,34 @@ impl Accounting {
             }
         });
         written
+    }
+}
+
+impl Accounting {
+    /// A request that reached an upstream and was cut off before the provider's usage arrived
+    /// (its client went away, or the stream broke) is charged what is known: the prompt
+    /// estimate, unless the provider reported the prompt, and a completion token per output
+    /// delta streamed, unless it reported more. It undercounts by what the provider generated
+    /// after the cut; the record says the figures are estimates.
+    fn estimate_unreported(&self, record: &mut UsageRecord, kind: ErrorKind) {
+        if record.attempts == 0
+            || !matches!(
+                kind,
+                ErrorKind::ClientCancelled | ErrorKind::StreamInterrupted
+            )
+        {
+            return;
+        }
+        let prompt = match record.prompt_tokens {
+            0 => self.prompt_estimate,
+            reported => reported,
+        };
+        let completion = record.completion_tokens.max(self.output_deltas);
+        if (prompt, completion) != (record.prompt_tokens, record.completion_tokens) {
+            record.prompt_tokens = prompt;
+            record.completion_tokens = completion;
+            record.tokens_estimated = true;
+        }
     }
 }
 

@@ -205,6 +205,11 @@ impl Relay {
         let parsed = self.parser.push(bytes, &mut self.items);
         let mut items = std::mem::take(&mut self.items);
         for item in items.drain(..) {
+            if let (Item::Event(event), Some(acct)) = (&item, &mut self.acct)
+                && is_output_delta(event)
+            {
+                acct.output_delta();
+            }
             match item {
                 Item::Comment(text) => self
                     .ready
@@ -403,6 +408,32 @@ impl Relay {
     }
 }
 
+/// Whether an upstream event carries output, at least one completion token: Anthropic's
+/// `content_block_delta`, a Responses API `*.delta`, or an OpenAI chunk with non-empty text,
+/// tool-call arguments or refusal. A cheap look at the bytes, not a parse: it only counts
+/// what a stream cut short is charged.
+fn is_output_delta(event: &Event) -> bool {
+    match event.event.as_deref() {
+        Some("content_block_delta") => true,
+        Some(name) if name.starts_with("response.") => name.ends_with(".delta"),
+        Some(_) => false,
+        None => ["\"content\"", "\"text\"", "\"arguments\"", "\"refusal\""]
+            .iter()
+            .any(|key| non_empty_string_after(&event.data, key)),
+    }
+}
+
+/// Whether some `key` in `json` is followed by `:` and a string that is not empty.
+fn non_empty_string_after(json: &str, key: &str) -> bool {
+    json.match_indices(key).any(|(at, key)| {
+        json[at + key.len()..]
+            .trim_start()
+            .strip_prefix(':')
+            .and_then(|value| value.trim_start().strip_prefix('"'))
+            .is_some_and(|string| !string.starts_with('"'))
+    })
+}
+
 impl Body for Relay {
     type Data = Bytes;
     type Error = Infallible;
@@ -480,5 +511,57 @@ impl Body for Relay {
 
     fn is_end_stream(&self) -> bool {
         self.upstream.is_none() && self.ready.is_empty() && self.last.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(name: Option<&str>, data: &str) -> Event {
+        Event {
+            event: name.map(str::to_owned),
+            data: data.to_owned(),
+            id: None,
+        }
+    }
+
+    #[test]
+    fn output_deltas_are_told_from_other_events_of_each_api() {
+        for (name, data, output) in [
+            (None, r#"{"choices":[{"delta":{"content":"Hel"}}]}"#, true),
+            (
+                None,
+                r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#,
+                false,
+            ),
+            (
+                None,
+                r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#,
+                false,
+            ),
+            (None, r#"{"choices":[],"usage":{"prompt_tokens":1}}"#, false),
+            (None, r#"{"choices":[{"text":" world","index":0}]}"#, true),
+            (
+                None,
+                r#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments": "{\"a"}}]}}]}"#,
+                true,
+            ),
+            (None, r#"{"choices":[{"delta":{"content":null}}]}"#, false),
+            (Some("content_block_delta"), "{}", true),
+            (
+                Some("message_delta"),
+                r#"{"usage":{"output_tokens":3}}"#,
+                false,
+            ),
+            (Some("response.output_text.delta"), "{}", true),
+            (Some("response.created"), r#"{"text":"x"}"#, false),
+        ] {
+            assert_eq!(
+                is_output_delta(&event(name, data)),
+                output,
+                "{name:?} {data}"
+            );
+        }
     }
 }
