@@ -2,6 +2,11 @@
 //! by the control plane's clock (a day, a week from Monday, a month from the 1st), or never
 //! (the key's lifetime). Spend is stored per UTC day, so a period's spend is the sum over
 //! its days whichever period the key has now.
+//!
+//! Tests and benchmarks can make periods short ([`shorten_periods`], the hidden
+//! `--budget-period-length` of `sluice-control`), so that a budget resets many times a run.
+
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use chrono::{DateTime, Datelike as _, Days, Months, NaiveDate};
 use sluice_proto::v1 as pb;
@@ -9,6 +14,39 @@ use sluice_proto::v1 as pb;
 use crate::validation::ValidationError;
 
 const DAY_MS: i64 = 86_400_000;
+
+/// The length of every periodic budget's period and of a spend row, when shortened; 0 (the
+/// default) keeps UTC days, weeks and months.
+static SHORT_PERIOD_MS: AtomicI64 = AtomicI64::new(0);
+
+/// Makes every daily, weekly and monthly period `length_ms` long instead (aligned on the Unix
+/// epoch), for the rest of the process: spend is then kept per such period and the reset
+/// comes at the end of each. For tests and benchmarks only (the hidden
+/// `--budget-period-length`, set once at start): a production control plane started with it
+/// would reset every budget that often, so it warns at every start.
+pub fn shorten_periods(length_ms: i64) {
+    SHORT_PERIOD_MS.store(length_ms.max(0), Ordering::Relaxed);
+}
+
+fn short_period() -> Option<i64> {
+    Some(SHORT_PERIOD_MS.load(Ordering::Relaxed)).filter(|&len| len > 0)
+}
+
+/// The `length`-long slot holding `at_ms`: its start and end.
+fn slot_of(at_ms: i64, length: i64) -> (i64, i64) {
+    let start = at_ms.div_euclid(length) * length;
+    (start, start.saturating_add(length))
+}
+
+/// When the next period of any periodic budget starts after `now_ms`: the next UTC midnight
+/// (the end of a shortened period when periods are short).
+pub fn next_reset(now_ms: i64) -> i64 {
+    next_reset_with(now_ms, short_period())
+}
+
+fn next_reset_with(now_ms: i64, short: Option<i64>) -> i64 {
+    slot_of(now_ms, short.unwrap_or(DAY_MS)).1
+}
 
 /// When a key's spend starts again from zero.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -59,6 +97,14 @@ impl BudgetPeriod {
     /// The period holding `at_ms` (Unix ms): its start and its end (the next reset), both
     /// at 00:00 UTC; `None` for the key's lifetime, which has neither.
     pub fn period_of(self, at_ms: i64) -> Option<(i64, i64)> {
+        self.period_with(at_ms, short_period())
+    }
+
+    /// [`Self::period_of`] with periods `short` long when given.
+    fn period_with(self, at_ms: i64, short: Option<i64>) -> Option<(i64, i64)> {
+        if let Some(length) = short {
+            return (self != Self::Lifetime).then(|| slot_of(at_ms, length));
+        }
         let day = DateTime::from_timestamp_millis(at_ms)?.date_naive();
         let (start, end) = match self {
             Self::Lifetime => return None,
@@ -83,9 +129,10 @@ fn midnight_ms(day: NaiveDate) -> i64 {
         .timestamp_millis()
 }
 
-/// The UTC day (its 00:00, Unix ms) holding `at_ms`: the row of `key_spend` a cost goes to.
+/// The UTC day (its 00:00, Unix ms) holding `at_ms`: the row of `key_spend` a cost goes to
+/// (the shortened period holding it, when periods are short).
 pub fn day_start(at_ms: i64) -> i64 {
-    at_ms.div_euclid(DAY_MS) * DAY_MS
+    slot_of(at_ms, short_period().unwrap_or(DAY_MS)).0
 }
 
 #[cfg(test)]
@@ -130,6 +177,30 @@ mod tests {
         assert_eq!(BudgetPeriod::Weekly.period_of(monday).unwrap().0, monday);
         assert_eq!(BudgetPeriod::Lifetime.period_of(at), None);
         assert_eq!(day_start(at), ms("2027-03-31T00:00:00Z"));
+    }
+
+    #[test]
+    fn short_periods_are_slots_of_their_length_and_reset_at_their_end() {
+        let at = ms("2027-03-31T23:59:59.500Z");
+        let short = Some(2_000);
+        for period in [
+            BudgetPeriod::Daily,
+            BudgetPeriod::Weekly,
+            BudgetPeriod::Monthly,
+        ] {
+            assert_eq!(
+                period.period_with(at, short),
+                Some((at - 1_500, at + 500)),
+                "{period:?}"
+            );
+        }
+        assert_eq!(BudgetPeriod::Lifetime.period_with(at, short), None);
+        assert_eq!(next_reset_with(at, short), ms("2027-04-01T00:00:00Z"));
+        assert_eq!(next_reset_with(at - 1_500, short), at + 500);
+        // Not shortened: the next UTC midnight; a midnight itself starts a new day.
+        assert_eq!(next_reset_with(at, None), ms("2027-04-01T00:00:00Z"));
+        let midnight = ms("2027-04-01T00:00:00Z");
+        assert_eq!(next_reset_with(midnight, None), midnight + DAY_MS);
     }
 
     #[test]

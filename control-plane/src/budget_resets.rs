@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 use crate::store::Store;
 use crate::time::now_ms;
 
-const DAY_MS: i64 = 86_400_000;
 /// How long after a failed write the reset is tried again.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -18,19 +17,21 @@ const RETRY: Duration = Duration::from_secs(1);
 pub async fn publish_budget_resets(store: Store, stop: CancellationToken) {
     loop {
         let now = now_ms();
-        let midnight = (now.div_euclid(DAY_MS) + 1) * DAY_MS;
+        let midnight = crate::budget::next_reset(now);
         let wait = Duration::from_millis((midnight - now).max(0) as u64);
         tokio::select! {
             biased;
             () = stop.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
-        // Until the clock says so (a timer may fire a little early).
+        // Until the clock says so (a timer may fire a little early), in steps of what is left:
+        // the reset's delay adds to its propagation time.
         while now_ms() < midnight {
+            let left = Duration::from_millis((midnight - now_ms()).clamp(1, 10) as u64);
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                () = tokio::time::sleep(left) => {}
             }
         }
         // A failed write is tried again every second: left until the next midnight, keys

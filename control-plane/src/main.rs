@@ -93,6 +93,11 @@ struct Args {
         allow_hyphen_values = true
     )]
     wall_clock_offset: Option<sluice_domain::time::WallOffset>,
+    /// Tests and benchmarks only: every daily, weekly and monthly budget period lasts this
+    /// long (e.g. 1s) instead of a UTC day, week or month, so budgets reset many times a run.
+    /// Hidden: a production control plane started with it resets every budget that often.
+    #[arg(long, env = "SLUICE_BUDGET_PERIOD_LENGTH", hide = true, value_parser = humantime::parse_duration)]
+    budget_period_length: Option<std::time::Duration>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -160,6 +165,15 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             offset_ms = offset.as_millis(),
             "the wall clock is offset (--wall-clock-offset): for tests only; expiries and \
              budget resets follow the offset clock"
+        );
+    }
+    if let Some(length) = args.budget_period_length {
+        let length_ms = i64::try_from(length.as_millis()).unwrap_or(i64::MAX).max(1);
+        sluice_control::budget::shorten_periods(length_ms);
+        tracing::warn!(
+            length_ms,
+            "budget periods are shortened (--budget-period-length): for tests only; every \
+             periodic budget resets this often"
         );
     }
     let running = server::start(Config {

@@ -23,6 +23,10 @@ use crate::process::{listening_addr, strip_ansi};
 pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef0123456789";
 /// Data-plane token the benchmark's control plane and data planes share.
 pub const DATAPLANE_TOKEN: &str = "bench-dataplane-token-0123456789abcdef01234567";
+/// How long a daily budget's period lasts in the benchmark's control plane (its hidden
+/// `--budget-period-length`), so that the propagation rounds see a reset every second. Only
+/// keys with a periodic budget notice: the benchmark's own key has none.
+pub const BUDGET_PERIOD: Duration = Duration::from_secs(1);
 /// How long a process may take to start listening or to become ready.
 const START: Duration = Duration::from_secs(30);
 
@@ -201,6 +205,8 @@ impl Cluster {
                 "127.0.0.1:0".into(),
                 "--http-listen".into(),
                 "127.0.0.1:0".into(),
+                "--budget-period-length".into(),
+                humantime::format_duration(BUDGET_PERIOD).to_string(),
             ],
             &[
                 ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),

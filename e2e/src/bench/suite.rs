@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use super::BenchError;
 use super::client::{Pool, Target, chat_body};
-use super::cluster::{Cluster, ClusterConfig, ProxyProcess};
+use super::cluster::{BUDGET_PERIOD, Cluster, ClusterConfig, ProxyProcess};
 use super::hist::{Latencies, added_ms, ms};
 use super::load::{Schedule, Side, closed_loop, compare_closed_loop, compare_open_loop};
 use super::machine::{self, mib};
-use super::propagation::{self, CooldownPair, Polling, PropagationResult};
+use super::propagation::{self, CooldownPair, KeyRounds, Polling, PropagationResult};
 use super::report::{
     Check, PairedAdded, Section, Table, fmt_added, fmt_mib, fmt_ms, latency_table, paired_added,
     percentile_cells, stream_table, throughput_ratio, throughput_table,
@@ -46,6 +46,8 @@ pub struct SuiteConfig {
     pub stream_rounds: usize,
     pub propagation_rounds: usize,
     pub poll_interval: Duration,
+    /// Run only the propagation rounds (no load, streams, ingestion or spinners).
+    pub only_propagation: bool,
     /// The usage-ingestion benchmark binary, when there is one.
     pub ingest: Option<PathBuf>,
     /// The `sluice-bench` executable to run as idle-priority CPU spinners; `None` runs without
@@ -103,6 +105,9 @@ pub async fn run_all(
             ("Propagation across three data planes", Part::Propagation),
         ];
         for (title, part) in parts {
+            if config.only_propagation && !matches!(part, Part::Propagation) {
+                continue;
+            }
             let load = format!("{}{spinning}", machine::loadavg());
             let mut body = String::new();
             let result = match part {
@@ -137,11 +142,13 @@ pub async fn run_all(
             add(section(title, &load, body), &mut sections);
         }
     }
-    let load = machine::loadavg();
-    add(
-        section("Usage ingestion", &load, ingest(config).await),
-        &mut sections,
-    );
+    if !config.only_propagation {
+        let load = machine::loadavg();
+        add(
+            section("Usage ingestion", &load, ingest(config).await),
+            &mut sections,
+        );
+    }
     Ok(SuiteOutcome { checks, sections })
 }
 
@@ -531,9 +538,13 @@ impl Bench {
         let writes = cluster
             .add_backend("writes", &b, 0, &["propagation-start"])
             .await?;
-        let replicas: Vec<Arc<Pool>> = [&self.proxy, &replica2, &replica3]
+        let urls: Vec<String> = [&self.proxy, &replica2, &replica3]
             .iter()
-            .map(|p| Target::new(&p.base_url(), Some(&self.key), MODEL, false))
+            .map(|p| p.base_url())
+            .collect();
+        let replicas: Vec<Arc<Pool>> = urls
+            .iter()
+            .map(|url| Target::new(url, Some(&self.key), MODEL, false))
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .map(|t| Arc::new(Pool::new(Arc::new(t))))
@@ -552,7 +563,20 @@ impl Bench {
              - **429 cooldown:** the preferred backend's mock answers one request with 429 \
              (`Retry-After: 30`) through replica 1, which fails over; done when replicas 2 and 3 \
              both route to the second backend (`x-sluice-backend`). `ResetCooldown` between rounds, \
-             and every replica is seen on the preferred backend again before the next round.\n",
+             and every replica is seen on the preferred backend again before the next round.\n\
+             - **Budget raised:** a key refused for its spent budget gets a budget far above its \
+             spend (`UpdateClientKey`); done when all three serve it. Between rounds the budget \
+             is lowered below the spend and all three are seen refusing it.\n\
+             - **Key revoked:** a new key, served by all three, is revoked; done when all three \
+             answer 401.\n\
+             - **Key expired:** a new key expiring {EXPIRY_LEAD:?} after its creation, served by \
+             all three first; timed from its `expire_time` until all three answer 401 (the \
+             control plane's expiry sweep, then a snapshot).\n\
+             - **Budget period reset:** a key with a daily budget smaller than one request, refused \
+             by all three; timed from the end of its period until all three serve it again (the \
+             control plane's reset timer, then a snapshot). The benchmark's control plane runs \
+             with periods of {BUDGET_PERIOD:?} (`--budget-period-length`, hidden, tests only) \
+             so that it resets once a second.\n",
             config.poll_interval, config.propagation_rounds
         );
         let write = propagation::admin_write(
@@ -578,6 +602,17 @@ impl Bench {
             polling,
         )
         .await?;
+        let keys = KeyRounds {
+            cluster,
+            urls: &urls,
+            model: MODEL,
+            rounds: config.propagation_rounds,
+            polling,
+        };
+        let raise = propagation::budget_raise(&keys).await?;
+        let revoke = propagation::revocation(&keys).await?;
+        let expire = propagation::expiry(&keys, EXPIRY_LEAD).await?;
+        let reset = propagation::period_reset(&keys, BUDGET_PERIOD).await?;
         let mut t = Table::new(&[
             "change",
             "measured from",
@@ -621,8 +656,51 @@ impl Bench {
             &cool,
             &cool.from_return,
         );
+        row(
+            "budget raised → all 3 serve the key",
+            "call returned",
+            &raise,
+            &raise.from_return,
+        );
+        row(
+            "budget raised → all 3 serve the key",
+            "call sent",
+            &raise,
+            &raise.from_send,
+        );
+        row(
+            "key revoked → all 3 answer 401",
+            "call returned",
+            &revoke,
+            &revoke.from_return,
+        );
+        row(
+            "key revoked → all 3 answer 401",
+            "call sent",
+            &revoke,
+            &revoke.from_send,
+        );
+        row(
+            "key expired → all 3 answer 401",
+            "its expire_time",
+            &expire,
+            &expire.from_send,
+        );
+        row(
+            "budget period reset → all 3 serve the key",
+            "the period's end",
+            &reset,
+            &reset.from_send,
+        );
         body.push_str(&t.markdown());
-        for (what, r) in [("admin write", &write), ("429 cooldown", &cool)] {
+        for (what, r) in [
+            ("admin write", &write),
+            ("429 cooldown", &cool),
+            ("budget raised", &raise),
+            ("key revoked", &revoke),
+            ("key expired", &expire),
+            ("budget period reset", &reset),
+        ] {
             if let Some(e) = &r.first_error {
                 let _ = writeln!(
                     body,
@@ -646,9 +724,43 @@ impl Bench {
                 Some(ms(hist.p99()) <= 50.0 && r.failures == 0 && hist.count() > 0),
             ));
         }
+        // Issue 14: as fast as any admin change, "p99 well under 100 ms on one machine".
+        for (what, r, hist) in [
+            (
+                "budget raised → all replicas serving, p99",
+                &raise,
+                &raise.from_return,
+            ),
+            (
+                "key revoked → all replicas refusing, p99",
+                &revoke,
+                &revoke.from_return,
+            ),
+            (
+                "key expired → all replicas refusing, p99",
+                &expire,
+                &expire.from_send,
+            ),
+            (
+                "budget period reset → all replicas serving, p99",
+                &reset,
+                &reset.from_send,
+            ),
+        ] {
+            checks.push(Check::new(
+                what,
+                "≤ 100 ms",
+                format!("{} ms", fmt_ms(hist.p99())),
+                Some(ms(hist.p99()) <= 100.0 && r.failures == 0 && hist.count() > 0),
+            ));
+        }
         Ok(())
     }
 }
+
+/// How long after its creation a key of the expiry rounds expires: time for every replica to
+/// serve it first.
+const EXPIRY_LEAD: Duration = Duration::from_millis(500);
 
 /// Polls until a chat completion for `model` succeeds (the data plane has the backend).
 async fn wait_serving(pool: &Pool, model: &str) -> Result<(), BenchError> {

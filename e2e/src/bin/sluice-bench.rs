@@ -112,6 +112,11 @@ struct AllArgs {
     /// Do not run idle-priority CPU spinners during the measurements (see BENCHMARKS.md).
     #[arg(long)]
     no_spinners: bool,
+    /// Run only the propagation rounds (three data planes: admin write, 429 cooldown, budget
+    /// raised, key revoked, key expired, budget period reset) and print them; writes no report
+    /// unless --out is given.
+    #[arg(long)]
+    only_propagation: bool,
 }
 
 #[derive(Args)]
@@ -196,7 +201,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         .unwrap_or_default();
     let bin_dir = args.bin_dir.clone().unwrap_or_else(|| exe_dir.clone());
     let ingest = (!args.no_ingest).then(|| bin_dir.join("sluice-bench-ingest"));
-    let spinner_exe = if args.no_spinners {
+    let spinner_exe = if args.no_spinners || args.only_propagation {
         None
     } else {
         Some(std::env::current_exe().context("finding this executable for the spinners")?)
@@ -220,6 +225,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         stream_rounds: args.stream_rounds,
         propagation_rounds: args.propagation_rounds,
         poll_interval: args.poll_interval,
+        only_propagation: args.only_propagation,
         ingest,
         spinner_exe,
         timeout: args.timeout,
@@ -234,7 +240,7 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
         config.stream_rounds = 1;
         config.propagation_rounds = 10;
     }
-    let out = match (&args.out, args.quick) {
+    let out = match (&args.out, args.quick || args.only_propagation) {
         (Some(out), _) => Some(out.clone()),
         (None, false) => Some(PathBuf::from("BENCHMARKS.md")),
         (None, true) => None,
