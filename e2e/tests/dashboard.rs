@@ -902,13 +902,17 @@ async fn budgets_limits_and_expiry_are_set_in_the_dashboard_and_applied_by_the_d
         ),
         (1.0, 1, 5000, 2)
     );
-    let limits = browser.text(&format!("{row} td:nth-child(4)")).await;
-    assert!(
-        limits.contains("1 req/min")
-            && limits.contains("5,000 tok/min")
-            && limits.contains("2 at once"),
-        "{limits}"
-    );
+    // The form closes before the list is reloaded: wait for the row itself.
+    browser
+        .wait_for(
+            &format!(
+                "(() => {{ const t = document.querySelector(\"{row} td:nth-child(4)\").textContent; \
+                 return t.includes('1 req/min') && t.includes('5,000 tok/min') && \
+                 t.includes('2 at once'); }})()"
+            ),
+            "the key's new limits listed",
+        )
+        .await;
     eventually(
         Duration::from_secs(10),
         "the key rate-limited at 1/min",
