@@ -136,6 +136,26 @@ pub struct Config {
     /// the most it adds to reporting.
     #[arg(long, env = "SLUICE_USAGE_SPOOL_SYNC_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub usage_spool_sync_interval: Duration,
+    /// What a request of a key with a budget does when its allowance (the share of the
+    /// budget the control plane granted this replica) has run out and the control plane
+    /// cannot be asked for more (unreachable, or its lease ran out): `refuse` it with 503
+    /// `budget_unavailable`, or `serve` it and let the control plane count it when it is back
+    /// (the key's spend may then pass its budget by what was served meanwhile).
+    #[arg(
+        long,
+        env = "SLUICE_BUDGET_WHEN_AWAY",
+        value_enum,
+        default_value = "refuse"
+    )]
+    pub budget_when_away: crate::allowance::WhenAway,
+    /// How long this replica keeps spending the allowances it holds after the last message
+    /// from the control plane (which renews it every third of it while connected).
+    #[arg(long, env = "SLUICE_ALLOWANCE_LEASE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub allowance_lease: Duration,
+    /// How long a request whose key's allowance ran out waits for the control plane to
+    /// grant more before --budget-when-away applies.
+    #[arg(long, env = "SLUICE_ALLOWANCE_WAIT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub allowance_wait: Duration,
     /// Threads that serve HTTP; 0 means one per CPU core the process may use. Each runs its
     /// own single-threaded runtime and upstream connection pool, so a request never changes
     /// threads; each accepted connection goes to the one holding the fewest and stays there.
@@ -175,6 +195,18 @@ impl Config {
             usage_spool_max_bytes: crate::spool::DEFAULT_MAX_BYTES,
             usage_spool_full: crate::spool::OnFull::Serve,
             usage_spool_sync_interval: crate::spool::DEFAULT_SYNC_INTERVAL,
+            budget_when_away: crate::allowance::WhenAway::Refuse,
+            allowance_lease: Duration::from_secs(60),
+            allowance_wait: Duration::from_millis(100),
+        }
+    }
+
+    /// The allowance options.
+    pub fn allowances(&self) -> crate::allowance::AllowanceOptions {
+        crate::allowance::AllowanceOptions {
+            lease: self.allowance_lease.max(Duration::from_secs(1)),
+            wait: self.allowance_wait,
+            when_away: self.budget_when_away,
         }
     }
 

@@ -63,6 +63,11 @@ pub enum ProxyError {
         "Too many requests in flight for this API key: at most {limit} at once (max_parallel_requests). Please try again in 1s."
     )]
     KeyParallelLimited { limit: u32 },
+    #[error(
+        "The budget of this API key cannot be checked right now (the gateway's control plane \
+         is unreachable); try again shortly."
+    )]
+    BudgetUnavailable { retry_after: Duration },
     #[error("{}", budget_spent_message(.key_name, *.max_budget, *.resets))]
     BudgetSpent {
         key_name: String,
@@ -144,7 +149,9 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NotReady | Self::UsageUnrecordable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotReady | Self::UsageUnrecordable(_) | Self::BudgetUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::MissingApiKey | Self::InvalidApiKey | Self::KeyExpired => {
                 StatusCode::UNAUTHORIZED
             }
@@ -203,6 +210,7 @@ impl ProxyError {
             // OpenAI's answer when an account's quota is spent; its SDKs raise RateLimitError
             // (and, told `x-should-retry: false`, do not retry it).
             Self::BudgetSpent { .. } => ("insufficient_quota", "insufficient_quota"),
+            Self::BudgetUnavailable { .. } => ("server_error", "budget_unavailable"),
             Self::UpstreamConnect => ("server_error", "upstream_unreachable"),
             Self::UpstreamTimeout => ("server_error", "upstream_timeout"),
             Self::UpstreamInvalid => ("server_error", "upstream_invalid_response"),
@@ -244,7 +252,8 @@ impl ProxyError {
         match self {
             Self::KeyRateLimited { retry_after }
             | Self::KeyTokensLimited { retry_after, .. }
-            | Self::BackendsBusy { retry_after, .. } => Some(*retry_after),
+            | Self::BackendsBusy { retry_after, .. }
+            | Self::BudgetUnavailable { retry_after } => Some(*retry_after),
             Self::BodiesBusy | Self::NoAffinityKey | Self::KeyParallelLimited { .. } => {
                 Some(Duration::from_secs(1))
             }
@@ -263,9 +272,10 @@ impl ProxyError {
             Self::ModelNotFound(_) => ErrorKind::NoBackend,
             Self::UpstreamConnect | Self::UpstreamInvalid => ErrorKind::UpstreamConnect,
             Self::UpstreamTimeout => ErrorKind::UpstreamTimeout,
-            Self::NotReady | Self::UsageUnrecordable(_) | Self::NoAffinityKey => {
-                ErrorKind::Internal
-            }
+            Self::NotReady
+            | Self::UsageUnrecordable(_)
+            | Self::NoAffinityKey
+            | Self::BudgetUnavailable { .. } => ErrorKind::Internal,
             Self::ResponseBackendGone { .. } | Self::ResponsesUnsupported(_) => {
                 ErrorKind::NoBackend
             }

@@ -9,9 +9,11 @@
 //! [`snapshot::Snapshot`], [`request`] reads `model`/`stream` and rewrites the body,
 //! [`router`] orders the candidates, [`cooldown`] and [`ratelimit`] skip backends that must
 //! rest, [`upstream`] sends to the backend, [`sse`] parses streamed answers, and [`usage`] ships one record per request to the
-//! control plane, kept on disk by the [`spool`] until acked. [`subscribe`] keeps the snapshot current.
+//! control plane, kept on disk by the [`spool`] until acked. [`subscribe`] keeps the snapshot current
+//! and carries the [`allowance`]s of budget each key's requests spend.
 
 pub mod affinity;
+pub mod allowance;
 pub mod anthropic;
 pub mod auth;
 pub mod backoff;

@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 pub use accounting::{CLIENT_CLOSED_REQUEST, Tokens, usage_of};
 
+use crate::allowance::{Allowances, Refusal};
 use crate::auth::authenticate;
 use crate::error::ProxyError;
 use crate::metrics::{BodyRefusal, Label, LimitScope, Metrics};
@@ -76,6 +77,8 @@ pub struct AppState {
     pub body_memory: Arc<Semaphore>,
     /// Which serving thread this state belongs to: it picks that thread's upstream pool.
     pub pool: usize,
+    /// The budget allowances budgeted keys spend (shared by every serving thread).
+    pub allowances: Arc<Allowances>,
 }
 
 /// The HTTP routes.
@@ -279,6 +282,26 @@ async fn authorized(
         };
         return forward::error(acct, refused).await;
     }
+    // Its reserve from the key's allowance; settled with the real cost when it ends.
+    match app
+        .allowances
+        .admit(&key.id, prompt_estimate(body.len(), routes))
+        .await
+    {
+        Ok(Some(reservation)) => acct.reserved(reservation),
+        Ok(None) => {}
+        Err(Refusal::Exhausted { max_budget, resets }) => {
+            let refused = ProxyError::BudgetSpent {
+                key_name: key.name.clone(),
+                max_budget,
+                resets,
+            };
+            return forward::error(acct, refused).await;
+        }
+        Err(Refusal::Unavailable { retry_after }) => {
+            return forward::error(acct, ProxyError::BudgetUnavailable { retry_after }).await;
+        }
+    }
     // The limits that can give back what they took come first: a request refused by a
     // later one has used nothing of them.
     let parallel = match &key.parallel {
@@ -339,6 +362,18 @@ fn passed_headers(endpoint: Endpoint, headers: &HeaderMap) -> Vec<(HeaderName, H
         .filter(|(name, _)| name.as_str().starts_with("anthropic-"))
         .map(|(name, value)| (name.clone(), value.clone()))
         .collect()
+}
+
+/// What a request's prompt is estimated to cost before it is sent: a token per 4 bytes of
+/// its body, at the highest input price among the model's routes. A tokenizer is not worth
+/// its weight on the hot path; the real cost is settled when the response ends.
+fn prompt_estimate(body_bytes: usize, routes: &[crate::snapshot::Route]) -> u64 {
+    let tokens = body_bytes.div_ceil(4) as u64;
+    routes
+        .iter()
+        .map(|r| r.prices.cost_nanos(tokens, 0, 0))
+        .max()
+        .unwrap_or(0)
 }
 
 /// The request's body, with the permits of [`AppState::body_memory`] it holds. Refused when

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
+use crate::allowance::Allowances;
 use crate::backoff::Backoff;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -71,14 +72,28 @@ pub enum RunError {
     Serve(std::io::Error),
 }
 
-/// Hands the snapshot stream's snapshots to the store, which counts what it refuses.
-struct Applier(Arc<SnapshotStore>);
+/// Hands the snapshot stream's snapshots to the store, which counts what it refuses, and
+/// its keys with a budget to the allowances.
+struct Applier(Arc<SnapshotStore>, Arc<Allowances>);
 
 impl subscribe::Receiver for Applier {
     fn apply(&mut self, snapshot: sluice_proto::v1::Snapshot) -> Result<(), String> {
         let (version, epoch) = (snapshot.version, snapshot.epoch.clone());
+        let budgeted = snapshot
+            .client_keys
+            .iter()
+            .filter(|k| k.max_budget > 0.0)
+            .map(|k| {
+                let resets = k
+                    .budget_reset_time
+                    .as_ref()
+                    .and_then(crate::clock::system_time);
+                (k.id.clone(), k.max_budget, resets)
+            })
+            .collect();
         match self.0.apply(snapshot) {
             Ok(applied) => {
+                self.1.budgeted(budgeted);
                 tracing::info!(version, %epoch, ?applied, "snapshot applied");
                 Ok(())
             }
@@ -88,6 +103,10 @@ impl subscribe::Receiver for Applier {
 
     fn too_large(&mut self, _detail: &str) {
         self.0.refused_undecoded(Refusal::TooLarge);
+    }
+
+    fn allowances(&self) -> Option<Arc<Allowances>> {
+        Some(Arc::clone(&self.1))
     }
 }
 
@@ -221,12 +240,17 @@ impl Proxy {
         let client =
             control::connect_with_ca(&config.control_plane, token.as_deref(), ca_pem.as_deref())?;
 
+        let allowances = Allowances::new(
+            config.allowances(),
+            usage.clone(),
+            identity.incarnation.clone(),
+        );
         let stop_snapshots = CancellationToken::new();
         let subscriber = tokio::spawn(subscribe::run(
             client.clone(),
             identity.clone(),
             Backoff::default(),
-            Applier(Arc::clone(&store)),
+            Applier(Arc::clone(&store), Arc::clone(&allowances)),
             stop_snapshots.clone(),
         ));
         let stop_usage = CancellationToken::new();
@@ -278,6 +302,7 @@ impl Proxy {
                 metrics: Arc::clone(&metrics),
                 body_memory: Arc::clone(&body_memory),
                 pool,
+                allowances: Arc::clone(&allowances),
             });
             let shard = Shard {
                 connections: Dealt { dealt },

@@ -9,12 +9,15 @@
 //! opened again after the backoff, and refused again until the control plane sends one that
 //! fits.
 
+use std::sync::Arc;
+
 use sluice_proto::limits;
-use sluice_proto::v1::{Snapshot, StreamSnapshotsRequest};
+use sluice_proto::v1::{AllowanceRequest, Snapshot, StreamSnapshotsRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::allowance::{Allowances, Ask};
 use crate::backoff::Backoff;
 use crate::control::{DataPlaneClient, NodeIdentity};
 
@@ -25,6 +28,37 @@ pub trait Receiver {
 
     /// A snapshot larger than this replica accepts arrived and was dropped undecoded.
     fn too_large(&mut self, _detail: &str) {}
+
+    /// The budget allowances this replica spends, if any: the stream then carries their
+    /// asks and grants.
+    fn allowances(&self) -> Option<Arc<Allowances>> {
+        None
+    }
+}
+
+/// Most asks one message carries.
+const ASKS_PER_MESSAGE: usize = 512;
+
+/// Marks the stream closed for the allowances however the session ends.
+struct Open(Option<Arc<Allowances>>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(budgets) = &self.0 {
+            budgets.connected(false);
+        }
+    }
+}
+
+/// The next queued ask, or never without allowances.
+async fn next_ask(queued: &mut Option<tokio::sync::MutexGuard<'_, mpsc::Receiver<Ask>>>) -> Ask {
+    match queued {
+        Some(queued) => match queued.recv().await {
+            Some(ask) => ask,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 impl<F: FnMut(Snapshot) -> Result<(), String>> Receiver for F {
@@ -70,21 +104,65 @@ async fn session<R: Receiver>(
     backoff: &mut Backoff,
     receiver: &mut R,
 ) -> Result<(), tonic::Status> {
-    let hello = StreamSnapshotsRequest {
+    let base = StreamSnapshotsRequest {
         node_id: identity.node_id.clone(),
         hostname: identity.hostname.clone(),
         build_version: identity.build_version.clone(),
         ..Default::default()
     };
+    let budgets = receiver.allowances();
+    let mut queued = match &budgets {
+        Some(budgets) => Some(budgets.queued().await),
+        None => None,
+    };
+    let mut hello = base.clone();
+    if let Some(budgets) = &budgets {
+        budgets.hello(&mut hello);
+    }
+    let hello_only = hello;
+    let hello = base;
     let (tx, rx) = mpsc::channel(4);
     // Cannot fail: the receiver is alive and the buffer empty.
-    let _ = tx.send(hello.clone()).await;
+    let _ = tx.send(hello_only).await;
     let mut inbound = client
         .stream_snapshots(ReceiverStream::new(rx))
         .await?
         .into_inner();
+    let _open = Open(budgets.clone());
+    if let Some(budgets) = &budgets {
+        budgets.connected(true);
+    }
+    let mut first_on_stream = true;
     loop {
-        let message = match inbound.message().await {
+        let message = tokio::select! {
+            message = inbound.message() => message,
+            ask = next_ask(&mut queued) => {
+                let mut asks = vec![ask];
+                if let Some(queued) = &mut queued {
+                    while asks.len() < ASKS_PER_MESSAGE {
+                        match queued.try_recv() {
+                            Ok(ask) => asks.push(ask),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                let message = StreamSnapshotsRequest {
+                    allowance_requests: asks
+                        .into_iter()
+                        .map(|a| AllowanceRequest {
+                            client_key_id: a.client_key_id,
+                            want_nanos: a.want_nanos,
+                        })
+                        .collect(),
+                    ..hello.clone()
+                };
+                if tx.send(message).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        let message = match message {
             Ok(Some(message)) => message,
             Ok(None) => return Ok(()),
             Err(status) if status.code() == tonic::Code::OutOfRange => {
@@ -105,6 +183,10 @@ async fn session<R: Receiver>(
             Err(status) => return Err(status),
         };
         backoff.reset();
+        if let Some(budgets) = &budgets {
+            budgets.heard(message.allowances.as_ref(), first_on_stream);
+        }
+        first_on_stream = false;
         let Some(snapshot) = message.snapshot else {
             continue;
         };

@@ -25,7 +25,7 @@
 //! reporter sends only what the spool has flushed to disk ([`UsageSink::mark_durable`]), so
 //! that a record the control plane counted is never lost from the spool by a machine crash.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -211,6 +211,20 @@ impl UsageSink {
     /// The highest sequence the control plane acked.
     pub fn acked(&self) -> u64 {
         self.lock().acked
+    }
+
+    /// The highest sequence acked, and the cost of the records after it by client key id:
+    /// what the control plane has not counted yet (see `allowance`).
+    pub fn unacked_cost_by_key(&self) -> (u64, HashMap<String, u64>) {
+        let state = self.lock();
+        let mut costs: HashMap<String, u64> = HashMap::new();
+        for r in state.pending.iter().chain(state.early.values()) {
+            if r.sequence > state.acked && r.cost_nanos > 0 {
+                let cost = costs.entry(r.client_key_id.clone()).or_default();
+                *cost = cost.saturating_add(r.cost_nanos);
+            }
+        }
+        (state.acked, costs)
     }
 
     /// From now on the reporter sends only records up to the sequence last given to

@@ -6,11 +6,71 @@
 
 mod common;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use common::{Cluster, eventually};
-use serde_json::Value;
+use common::{Cluster, Gateway, LocalRun, Mock, eventually, sse_data};
+use serde_json::{Value, json};
 use sluice_proto::v1 as pb;
+
+/// Route prices of the harness's `add_backend`: $1 in, $2 out per million tokens.
+const INPUT_NANOS_PER_TOKEN: u64 = 1_000;
+const OUTPUT_NANOS_PER_TOKEN: u64 = 2_000;
+
+fn cost_of(usage: &Value) -> u64 {
+    usage["prompt_tokens"].as_u64().unwrap() * INPUT_NANOS_PER_TOKEN
+        + usage["completion_tokens"].as_u64().unwrap() * OUTPUT_NANOS_PER_TOKEN
+}
+
+/// What the mock provider has served, in nano-units at the route's prices.
+async fn mock_nanos(mock: &Mock) -> u64 {
+    let served = mock.stats().await;
+    served.prompt_tokens * INPUT_NANOS_PER_TOKEN + served.completion_tokens * OUTPUT_NANOS_PER_TOKEN
+}
+
+async fn create_budgeted_key(run: &LocalRun, name: &str, max_budget: f64) -> String {
+    run.admin()
+        .await
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: name.into(),
+            max_budget,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+}
+
+/// One chat completion through `gateway`, streamed (with the usage chunk asked for) or not:
+/// its status, and its cost from the usage the answer carried when it was a 200.
+async fn chat_costing(gateway: &Gateway, key: &str, stream: bool) -> (u16, u64, Value) {
+    let mut body = json!({"model": "m", "stream": stream,
+        "messages": [{"role": "user", "content": "count these five words"}]});
+    if stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    let r = gateway.post("/v1/chat/completions", key, body).await;
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    if status != 200 {
+        let error: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        return (status, 0, error);
+    }
+    let usage = if stream {
+        sse_data(&text)
+            .iter()
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str::<Value>(d).unwrap())
+            .find(|chunk| chunk["usage"].is_object())
+            .map(|chunk| chunk["usage"].clone())
+            .expect("a usage chunk")
+    } else {
+        serde_json::from_str::<Value>(&text).unwrap()["usage"].clone()
+    };
+    (200, cost_of(&usage), Value::Null)
+}
 
 const PYTHON_SPENT: &str = r#"
 import json, sys, openai
@@ -18,7 +78,7 @@ from openai import OpenAI
 base, key = sys.argv[1], sys.argv[2]
 try:
     OpenAI(base_url=base, api_key=key, max_retries=2).chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "x"}])
+        model="m", messages=[{"role": "user", "content": "x" * 4000}])
     print(json.dumps("no error"))
 except openai.APIStatusError as err:
     print(json.dumps([type(err).__name__, err.status_code, err.code]))
@@ -88,16 +148,8 @@ async fn a_key_is_refused_once_its_budget_is_spent_and_served_again_when_raised(
         "{message}"
     );
 
-    // Refused only once the control plane counted the budget spent: no false rejection.
-    let state = key_state(&cluster, "capped").await;
-    assert!(
-        state.spend >= max_budget,
-        "refused at {} of {max_budget}",
-        state.spend
-    );
-    assert_eq!(state.remaining_budget, 0.0);
-    // What the mock served, at the route's prices, is what the key spent (all served
-    // requests are ingested by now: the refusal came from a snapshot built after them).
+    // What the mock served, at the route's prices, is what the key spent, once every
+    // served request is counted.
     let mock_served = mock.stats().await;
     let mock_nanos = mock_served.prompt_tokens * 1_000 + mock_served.completion_tokens * 2_000;
     eventually(
@@ -106,15 +158,30 @@ async fn a_key_is_refused_once_its_budget_is_spent_and_served_again_when_raised(
         || async { (key_state(&cluster, "capped").await.spend * 1e9).round() as u64 == mock_nanos },
     )
     .await;
-    let per_request = mock_nanos as f64 / 1e9 / served as f64;
+    let budget_nanos = (max_budget * 1e9).round() as u64;
+    let per_request = mock_nanos / served;
     eprintln!(
-        "budget {max_budget}, served {served} requests, spend {} (overshoot {:.1} requests)",
+        "budget {max_budget}, served {served} requests, spend {} ({:.1} % of the budget)",
         mock_nanos as f64 / 1e9,
-        (mock_nanos as f64 / 1e9 - max_budget) / per_request
+        mock_nanos as f64 * 100.0 / budget_nanos as f64
     );
+    // Refused only when what remains, less what this replica still holds, no longer covers
+    // the next request's reserve (its prompt's estimated cost, about one request here): no
+    // false rejection, and no overshoot past the completion of the last request admitted.
+    assert!(
+        budget_nanos.saturating_sub(mock_nanos) < 3 * per_request,
+        "refused with {mock_nanos} of {budget_nanos} spent"
+    );
+    assert!(
+        mock_nanos <= budget_nanos + per_request,
+        "spent {mock_nanos} of {budget_nanos}"
+    );
+    let state = key_state(&cluster, "capped").await;
+    assert!(state.remaining_budget < 3.0 * per_request as f64 / 1e9);
 
     // The official Python SDK raises its usual class for a spent quota (and, with retries
-    // allowed, does not retry it: `x-should-retry: false`).
+    // allowed, does not retry it: `x-should-retry: false`). Its prompt alone is estimated
+    // to cost more than what remains: refused without being sent.
     let output = tokio::process::Command::new("python3")
         .args(["-c", PYTHON_SPENT, &proxy.url("/v1"), &key])
         .output()
@@ -151,5 +218,209 @@ async fn a_key_is_refused_once_its_budget_is_spent_and_served_again_when_raised(
     eventually(Duration::from_secs(10), "served again", || async {
         proxy.chat(&key, "m").await.status() == 200
     })
+    .await;
+}
+
+/// The issue's two bounds, with real processes: a key with a budget driven as hard as a dozen
+/// closed-loop clients can through nginx and three replicas (every third request streamed).
+/// Overshoot: what the mock provider served, at the route's prices, is at most the budget
+/// plus the requests in flight when it ran out (F·C: the clients, times the largest single
+/// request's cost). No false rejection: when the first `insufficient_quota` arrives the
+/// provider has served at least 95 % of the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_spend_a_budget_to_within_the_requests_in_flight_and_refuse_none_before_95_percent()
+ {
+    const CLIENTS: u64 = 12;
+    let run = LocalRun::start(3).await;
+    let mock = Mock::start("a", &["m"]).await;
+    run.add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    // About 700 requests' worth.
+    let max_budget = 0.01;
+    let budget_nanos = 10_000_000u64;
+    let key = create_budgeted_key(&run, "driven", max_budget).await;
+    run.wait_replicas_current(3).await;
+
+    let first_refusal = Arc::new(AtomicBool::new(false));
+    let served_at_first_refusal = Arc::new(AtomicU64::new(0));
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let in_flight_at_first_refusal = Arc::new(AtomicU64::new(0));
+    let largest = Arc::new(AtomicU64::new(0));
+    let served = Arc::new(AtomicU64::new(0));
+    let mock = Arc::new(mock);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|w| {
+            let (gateway, key, mock) = (run.front(), key.clone(), Arc::clone(&mock));
+            let (first_refusal, served_at_first_refusal, in_flight, in_flight_at_first_refusal) = (
+                Arc::clone(&first_refusal),
+                Arc::clone(&served_at_first_refusal),
+                Arc::clone(&in_flight),
+                Arc::clone(&in_flight_at_first_refusal),
+            );
+            let (largest, served) = (Arc::clone(&largest), Arc::clone(&served));
+            tokio::spawn(async move {
+                let mut refused_in_a_row = 0;
+                let mut i = w;
+                // Until this client is refused ten times in a row: every replica is then
+                // refusing the key.
+                while refused_in_a_row < 10 {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(120),
+                        "never refused"
+                    );
+                    i += 1;
+                    in_flight.fetch_add(1, Ordering::SeqCst);
+                    let (status, cost, error) = chat_costing(&gateway, &key, i % 3 == 0).await;
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    match status {
+                        200 => {
+                            refused_in_a_row = 0;
+                            largest.fetch_max(cost, Ordering::SeqCst);
+                            served.fetch_add(1, Ordering::SeqCst);
+                        }
+                        429 => {
+                            assert_eq!(error["error"]["code"], "insufficient_quota", "{error}");
+                            refused_in_a_row += 1;
+                            if !first_refusal.swap(true, Ordering::SeqCst) {
+                                in_flight_at_first_refusal
+                                    .store(in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
+                                served_at_first_refusal
+                                    .store(mock_nanos(&mock).await, Ordering::SeqCst);
+                            }
+                        }
+                        other => panic!("answered {other}: {error}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let total = mock_nanos(&mock).await;
+    eventually(
+        Duration::from_secs(30),
+        "the control plane counted every served request",
+        || async { (run.client_key("driven").await.spend * 1e9).round() as u64 == total },
+    )
+    .await;
+    let largest = largest.load(Ordering::SeqCst);
+    let at_first_refusal = served_at_first_refusal.load(Ordering::SeqCst);
+    let overshoot = total as i64 - budget_nanos as i64;
+    eprintln!(
+        "budget {budget_nanos} nano-units, {} requests served in {elapsed:?} by {CLIENTS} clients; \
+         first refusal with {at_first_refusal} served ({:.2} % of the budget, {} requests in \
+         flight); in the end {total} served ({:+.2} % of the budget, {:+.1} requests of the \
+         largest, {largest})",
+        served.load(Ordering::SeqCst),
+        at_first_refusal as f64 * 100.0 / budget_nanos as f64,
+        in_flight_at_first_refusal.load(Ordering::SeqCst),
+        overshoot as f64 * 100.0 / budget_nanos as f64,
+        overshoot as f64 / largest as f64,
+    );
+    assert!(
+        total <= budget_nanos + CLIENTS * largest,
+        "overshoot {overshoot} past the bound F·C = {CLIENTS} × {largest}"
+    );
+    assert!(
+        at_first_refusal * 100 >= budget_nanos * 95,
+        "first refusal with only {at_first_refusal} of {budget_nanos} served"
+    );
+}
+
+/// Budgets with the control plane killed mid-run, three replicas behind nginx and a lease of
+/// 3 s: each replica keeps serving a budgeted key from the allowance it holds; once its
+/// lease has passed, `when_away` decides. Returns the run, the mock and the keys.
+async fn control_plane_killed(when_away: Option<&str>) -> (LocalRun, Mock, String, String) {
+    let mut env = vec![("SLUICE_ALLOWANCE_LEASE", "3s")];
+    if let Some(mode) = when_away {
+        env.push(("SLUICE_BUDGET_WHEN_AWAY", mode));
+    }
+    let run = LocalRun::start_with_env(3, &env).await;
+    let mock = Mock::start("a", &["m"]).await;
+    run.add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let budgeted = create_budgeted_key(&run, "budgeted", 1.0).await;
+    let (_, free) = run.create_key("free", &[]).await;
+    run.wait_replicas_current(3).await;
+    // Every replica asks for, and holds, an allowance of the key.
+    for i in 0..3 {
+        let replica = run.replica(i);
+        for _ in 0..5 {
+            assert_eq!(chat_costing(&replica, &budgeted, false).await.0, 200);
+        }
+    }
+    run.signal_control("KILL");
+    // Within the lease: served from what each replica holds.
+    for i in 0..3 {
+        assert_eq!(
+            chat_costing(&run.replica(i), &budgeted, i == 1).await.0,
+            200
+        );
+    }
+    (run, mock, budgeted, free)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_control_plane_killed_budgeted_keys_are_refused_once_the_lease_runs_out_by_default()
+ {
+    let (run, _mock, budgeted, free) = control_plane_killed(None).await;
+    for i in 0..3 {
+        let replica = run.replica(i);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let error = loop {
+            let r = replica.chat(&budgeted, "m").await;
+            if r.status() == 503 {
+                assert_eq!(r.headers()["retry-after"], "1");
+                break r.json::<Value>().await.unwrap();
+            }
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+            assert!(Instant::now() < deadline, "still served past the lease");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(error["error"]["code"], "budget_unavailable", "{error}");
+        assert_eq!(error["error"]["type"], "server_error", "{error}");
+        // A key without a budget is served as always.
+        assert_eq!(replica.chat(&free, "m").await.status(), 200);
+    }
+    // Back, the control plane grants again.
+    let _control = run.restart_control().await;
+    for i in 0..3 {
+        let replica = run.replica(i);
+        eventually(Duration::from_secs(30), "served again", || async {
+            replica.chat(&budgeted, "m").await.status() == 200
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_control_plane_killed_and_budget_when_away_serve_requests_are_served_and_counted_later()
+ {
+    let (run, mock, budgeted, free) = control_plane_killed(Some("serve")).await;
+    // Past the lease (3 s from the last message, which came before the kill): what the
+    // replicas held is void, and they serve anyway.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for i in 0..3 {
+        let replica = run.replica(i);
+        for stream in [false, true, false] {
+            assert_eq!(chat_costing(&replica, &budgeted, stream).await.0, 200);
+        }
+        assert_eq!(replica.chat(&free, "m").await.status(), 200);
+    }
+    // Back, the control plane counts everything that was served, exactly once.
+    let _control = run.restart_control().await;
+    let served = mock_nanos(&mock).await;
+    eventually(
+        Duration::from_secs(30),
+        "the spend served while away is counted",
+        || async {
+            let budgeted = (run.client_key("budgeted").await.spend * 1e9).round() as u64;
+            let free = (run.client_key("free").await.spend * 1e9).round() as u64;
+            budgeted + free == served
+        },
+    )
     .await;
 }

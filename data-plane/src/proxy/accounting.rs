@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use std::sync::Arc;
 
+use crate::allowance::Reservation as BudgetReservation;
 use crate::clock::{proto_duration, timestamp};
 use crate::error::ProxyError;
 use crate::metrics::{Held, Label, Metrics};
@@ -64,6 +65,8 @@ pub struct Accounting {
     backend_tokens: Option<Reservation>,
     /// Its place under its key's `max_parallel_requests`, freed when this is dropped.
     _parallel: Option<InFlight>,
+    /// The request's hold on its key's budget allowance, settled when it ends.
+    budget: Option<BudgetReservation>,
     done: bool,
     _in_flight: Held,
 }
@@ -108,6 +111,7 @@ impl Accounting {
             key_tokens: None,
             backend_tokens: None,
             _parallel: None,
+            budget: None,
             done: false,
         }
     }
@@ -142,6 +146,12 @@ impl Accounting {
         if let Some(earlier) = std::mem::replace(&mut self.backend_tokens, tokens) {
             earlier.cancel();
         }
+    }
+
+    /// The request was admitted on `reservation` of its key's budget allowance: the record's
+    /// cost is settled into it when the request ends.
+    pub fn reserved(&mut self, reservation: BudgetReservation) {
+        self.budget = Some(reservation);
     }
 
     /// A route serves the requested model; `name` is the snapshot's copy of its name, which
@@ -323,12 +333,25 @@ impl Accounting {
             self.metrics.upstream_latency(&backend, sent.elapsed());
         }
         let (spool, spooled) = (&self.spool, self.spooled);
+        // A request that reached a backend and learnt no tokens (cut off before the usage
+        // came) keeps its reserve spent: the provider may well have charged for it.
+        let tokens_known = record.prompt_tokens > 0 || record.completion_tokens > 0;
+        let spent = match &self.budget {
+            Some(r) if record.attempts > 0 && !tokens_known => {
+                record.cost_nanos.max(r.reserve().max(0) as u64)
+            }
+            _ => record.cost_nanos,
+        };
         let mut written = Written::ready();
         self.sink.record_with(record, |record| {
             if let Some(lane) = spool {
                 written = lane.finish(spooled, record);
             }
         });
+        // After the record is queued: see `allowance::Allowances::hello`.
+        if let Some(reservation) = self.budget.take() {
+            reservation.settle(spent);
+        }
         written
     }
 }

@@ -593,6 +593,12 @@ impl std::ops::Deref for LocalRun {
 
 impl LocalRun {
     pub async fn start(replicas: usize) -> Self {
+        Self::start_with_env(replicas, &[]).await
+    }
+
+    /// [`LocalRun::start`] with environment variables every process it starts inherits
+    /// (e.g. a data plane's `SLUICE_BUDGET_WHEN_AWAY`).
+    pub async fn start_with_env(replicas: usize, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
@@ -620,16 +626,13 @@ impl LocalRun {
             "--bin-dir".into(),
             bin_dir.display().to_string(),
         ];
-        let script = spawn(
-            "bash",
-            args,
-            [
-                ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
-                ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
-                ("RUST_LOG", "info"),
-            ],
-        )
-        .unwrap();
+        let mut envs = vec![
+            ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
+            ("RUST_LOG", "info"),
+        ];
+        envs.extend_from_slice(env);
+        let script = spawn("bash", args, envs).unwrap();
         script
             .wait_for_line("Sluice is running", Duration::from_secs(60), |l| {
                 l.contains("Sluice is running").then_some(())
@@ -691,6 +694,30 @@ impl LocalRun {
     /// Sends `signal` (`STOP`, `CONT`, …) to the control plane.
     pub fn signal_control(&self, signal_name: &str) {
         signal(self.control_pid, signal_name);
+    }
+
+    /// Starts the control plane again as run.sh started it (same data directory and gRPC
+    /// port), as a child of the test, after it was killed; waits until it answers.
+    pub async fn restart_control(&self) -> Child {
+        let child = spawn(
+            workspace_bin("sluice-control"),
+            [
+                "--data-dir".to_owned(),
+                self.dir.path().join("data").display().to_string(),
+                "--grpc-listen".to_owned(),
+                self.api.url.trim_start_matches("http://").to_owned(),
+                "--http-listen".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ],
+            [
+                ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
+                ("SLUICE_DATAPLANE_TOKEN", DATAPLANE_TOKEN),
+                ("RUST_LOG", "info"),
+            ],
+        )
+        .unwrap();
+        child.wait_for_listening("grpc", START).await.unwrap();
+        child
     }
 
     /// The data directory run.sh gives replica `i` (its usage spool).

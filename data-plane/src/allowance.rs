@@ -1,0 +1,618 @@
+//! Budget allowances, the replica's side: each client key with a budget has a pool of money
+//! the control plane granted this replica, which requests spend locally. A request is
+//! admitted when the pool covers its reserve (what its prompt is estimated to cost); when
+//! it ends, the difference between its real cost and its reserve is settled into the pool
+//! (which may go below zero: a debt the next grant pays first). When the pool falls below
+//! half of its last grant, the serving thread that notices queues one ask for more on the
+//! snapshot stream (`subscribe`), without waiting; a request that finds the pool empty waits
+//! up to `--allowance-wait` for the answer.
+//!
+//! Hot path: one `ArcSwap` load and a hash lookup to find the key's pool, one
+//! compare-and-swap on the pool and one `fetch_add` on what is in flight to admit, two
+//! `fetch_add`s to settle. No lock anywhere on the request path.
+//!
+//! The control plane away: the pool is spent as long as the lease lasts
+//! (`--allowance-lease` after the last message on the stream, renewed by the control plane
+//! every third of it); when the pool runs out with no stream, or the lease has passed,
+//! `--budget-when-away` decides: `refuse` (503 `budget_unavailable`, the default) or `serve`
+//! (the spend is reported as always and counted once the control plane is back).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use sluice_proto::v1 as pb;
+use tokio::sync::{Notify, mpsc};
+
+use crate::usage::UsageSink;
+
+/// What a budgeted request does when its key's allowance has run out and the control
+/// plane cannot be asked for more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WhenAway {
+    /// 503 `budget_unavailable` with `Retry-After`: no spend the control plane did not grant.
+    Refuse,
+    /// Serve it; its usage is reported as always and the control plane counts it when it is
+    /// back, refusing the key from then on if its budget is spent.
+    Serve,
+}
+
+/// The replica's allowance settings.
+#[derive(Debug, Clone, Copy)]
+pub struct AllowanceOptions {
+    pub lease: Duration,
+    pub wait: Duration,
+    pub when_away: WhenAway,
+}
+
+impl Default for AllowanceOptions {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(60),
+            wait: Duration::from_millis(100),
+            when_away: WhenAway::Refuse,
+        }
+    }
+}
+
+/// How long an `exhausted` answer stands before a request asks again.
+const EXHAUSTED_FOR: Duration = Duration::from_secs(1);
+
+/// Asks queued for the stream at most (one per key at a time).
+const ASK_QUEUE: usize = 4_096;
+
+/// Most held allowances a hello names: it must stay under the stream's 64 KiB request limit.
+const MAX_HELD: usize = 800;
+
+/// One key's pool.
+#[derive(Debug)]
+pub struct Pool {
+    /// Money granted and not yet taken by a request (nano-units); negative: a debt.
+    available: AtomicI64,
+    /// Reserves of admitted requests not yet settled.
+    in_flight: AtomicI64,
+    /// The budget period of the grants (Unix ms; 0: lifetime).
+    period_start_ms: AtomicI64,
+    last_grant: AtomicI64,
+    asking: AtomicBool,
+    /// When the control plane last answered that nothing could be granted (ms since the
+    /// registry's start + 1; 0: not exhausted).
+    exhausted_at: AtomicU64,
+    changed: Notify,
+    /// For the refusal's message.
+    max_budget: f64,
+    resets: Option<SystemTime>,
+}
+
+impl Pool {
+    fn new(max_budget: f64, resets: Option<SystemTime>) -> Self {
+        Self {
+            available: AtomicI64::new(0),
+            in_flight: AtomicI64::new(0),
+            period_start_ms: AtomicI64::new(0),
+            last_grant: AtomicI64::new(0),
+            asking: AtomicBool::new(false),
+            exhausted_at: AtomicU64::new(0),
+            changed: Notify::new(),
+            max_budget,
+            resets,
+        }
+    }
+
+    /// Takes `reserve` from the pool if it covers it (at least one nano-unit must be there).
+    fn try_take(&self, reserve: i64) -> bool {
+        let need = reserve.max(1);
+        let mut current = self.available.load(Ordering::Acquire);
+        loop {
+            if current < need {
+                return false;
+            }
+            match self.available.compare_exchange_weak(
+                current,
+                current - reserve,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(now) => current = now,
+            }
+        }
+        self.in_flight.fetch_add(reserve, Ordering::AcqRel);
+        true
+    }
+
+    /// What is left of the pool.
+    pub fn available(&self) -> i64 {
+        self.available.load(Ordering::Acquire)
+    }
+}
+
+/// An admitted request's hold on its key's pool, settled with its real cost when it ends.
+#[derive(Debug)]
+pub struct Reservation {
+    pool: Arc<Pool>,
+    reserve: i64,
+    settled: bool,
+}
+
+impl Reservation {
+    /// The request cost `cost` nano-units: the pool gives back its reserve and takes that.
+    pub fn settle(mut self, cost: u64) {
+        self.settle_with(cost);
+    }
+
+    fn settle_with(&mut self, cost: u64) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let cost = i64::try_from(cost).unwrap_or(i64::MAX);
+        // The request's record is in the usage queue by now, and a hello reads the pools
+        // before the records: a request settling meanwhile is counted twice, never missed.
+        self.pool
+            .available
+            .fetch_sub(cost.saturating_sub(self.reserve), Ordering::AcqRel);
+        self.pool
+            .in_flight
+            .fetch_sub(self.reserve, Ordering::AcqRel);
+    }
+
+    pub fn reserve(&self) -> i64 {
+        self.reserve
+    }
+}
+
+impl Drop for Reservation {
+    /// A request that ends without being settled (it cannot: accounting always settles)
+    /// keeps its reserve spent.
+    fn drop(&mut self) {
+        let reserve = self.reserve.max(0) as u64;
+        self.settle_with(reserve);
+    }
+}
+
+/// Why a budgeted request is refused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Refusal {
+    /// The control plane has nothing left to grant that covers the request.
+    Exhausted {
+        max_budget: f64,
+        resets: Option<SystemTime>,
+    },
+    /// The pool is empty and the control plane cannot be asked (`--budget-when-away
+    /// refuse`).
+    Unavailable { retry_after: Duration },
+}
+
+/// An ask for more of a key's budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ask {
+    pub client_key_id: String,
+    pub want_nanos: u64,
+}
+
+/// Every budgeted key's pool on this replica, and the state of the stream they are granted
+/// on. One per process, shared by the serving threads and the snapshot subscriber.
+pub struct Allowances {
+    pools: ArcSwap<HashMap<String, Arc<Pool>>>,
+    options: AllowanceOptions,
+    asks: mpsc::Sender<Ask>,
+    queued: tokio::sync::Mutex<mpsc::Receiver<Ask>>,
+    /// The control plane on the stream grants allowances (it said so before its first
+    /// snapshot); sticky while it is away, so its pools keep being enforced.
+    granting: AtomicBool,
+    /// A snapshot stream is open.
+    connected: AtomicBool,
+    /// When the last message arrived on it (ms since `started` + 1; 0: never).
+    last_heard: AtomicU64,
+    started: Instant,
+    usage: UsageSink,
+    incarnation: String,
+}
+
+impl Allowances {
+    pub fn new(options: AllowanceOptions, usage: UsageSink, incarnation: String) -> Arc<Self> {
+        let (asks, queued) = mpsc::channel(ASK_QUEUE);
+        Arc::new(Self {
+            pools: ArcSwap::default(),
+            options,
+            asks,
+            queued: tokio::sync::Mutex::new(queued),
+            granting: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            last_heard: AtomicU64::new(0),
+            started: Instant::now(),
+            usage,
+            incarnation,
+        })
+    }
+
+    pub fn options(&self) -> AllowanceOptions {
+        self.options
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    fn lease_valid(&self) -> bool {
+        let heard = self.last_heard.load(Ordering::Acquire);
+        heard != 0 && self.now_ms().saturating_sub(heard) < self.options.lease.as_millis() as u64
+    }
+
+    /// The pool of `key_id`, if it has a budget (by the last snapshot applied).
+    pub fn pool(&self, key_id: &str) -> Option<Arc<Pool>> {
+        self.pools.load().get(key_id).cloned()
+    }
+
+    /// Admits a request of `key_id` reserving `reserve` nano-units: `Ok(None)` when the key
+    /// has no budget or the control plane grants no allowances (an older one: then only its
+    /// `budget_spent` flag is enforced).
+    pub async fn admit(
+        self: &Arc<Self>,
+        key_id: &str,
+        reserve: u64,
+    ) -> Result<Option<Reservation>, Refusal> {
+        if !self.granting.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let Some(pool) = self.pool(key_id) else {
+            return Ok(None);
+        };
+        let reserve = i64::try_from(reserve).unwrap_or(i64::MAX);
+        let deadline = tokio::time::Instant::now() + self.options.wait;
+        loop {
+            let changed = pool.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !self.lease_valid() {
+                // Money of a lease that ran out is the control plane's again.
+                let _ = pool
+                    .available
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                        (a > 0).then_some(0)
+                    });
+            } else if pool.try_take(reserve) {
+                let left = pool.available();
+                if left < pool.last_grant.load(Ordering::Acquire) / 2 {
+                    self.ask(key_id, &pool, reserve);
+                }
+                return Ok(Some(Reservation {
+                    pool: Arc::clone(&pool),
+                    reserve,
+                    settled: false,
+                }));
+            }
+            let exhausted = pool.exhausted_at.load(Ordering::Acquire);
+            if exhausted != 0
+                && self.now_ms().saturating_sub(exhausted) < EXHAUSTED_FOR.as_millis() as u64
+            {
+                return Err(Refusal::Exhausted {
+                    max_budget: pool.max_budget,
+                    resets: pool.resets,
+                });
+            }
+            if !self.connected.load(Ordering::Acquire) {
+                return self.away(Arc::clone(&pool));
+            }
+            self.ask(key_id, &pool, reserve);
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.away(Arc::clone(&pool));
+            }
+        }
+    }
+
+    /// The pool cannot be refilled in time: `--budget-when-away` decides.
+    fn away(&self, pool: Arc<Pool>) -> Result<Option<Reservation>, Refusal> {
+        match self.options.when_away {
+            WhenAway::Refuse => Err(Refusal::Unavailable {
+                retry_after: Duration::from_secs(1),
+            }),
+            // Reserves nothing; the cost is still settled into the pool (a debt).
+            WhenAway::Serve => Ok(Some(Reservation {
+                pool,
+                reserve: 0,
+                settled: false,
+            })),
+        }
+    }
+
+    /// Queues one ask for `key_id` unless one is queued or on its way already.
+    fn ask(&self, key_id: &str, pool: &Pool, want: i64) {
+        if pool.asking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let ask = Ask {
+            client_key_id: key_id.to_owned(),
+            want_nanos: want.max(1) as u64,
+        };
+        if self.asks.try_send(ask).is_err() {
+            pool.asking.store(false, Ordering::Release);
+        }
+    }
+
+    /// A snapshot was applied: `keys` are its keys with a budget (id, budget, reset). Pools
+    /// of keys still budgeted carry over; an `exhausted` answer is forgotten (the budget may
+    /// have been raised).
+    pub fn budgeted(&self, keys: Vec<(String, f64, Option<SystemTime>)>) {
+        let current = self.pools.load();
+        let mut next = HashMap::with_capacity(keys.len());
+        for (id, max_budget, resets) in keys {
+            let pool = match current.get(&id) {
+                Some(pool) if pool.max_budget == max_budget && pool.resets == resets => {
+                    Arc::clone(pool)
+                }
+                Some(pool) => {
+                    // Same money, new words for the refusal.
+                    let fresh = Pool::new(max_budget, resets);
+                    fresh.available.store(pool.available(), Ordering::Release);
+                    fresh
+                        .in_flight
+                        .store(pool.in_flight.load(Ordering::Acquire), Ordering::Release);
+                    fresh.period_start_ms.store(
+                        pool.period_start_ms.load(Ordering::Acquire),
+                        Ordering::Release,
+                    );
+                    fresh
+                        .last_grant
+                        .store(pool.last_grant.load(Ordering::Acquire), Ordering::Release);
+                    Arc::new(fresh)
+                }
+                None => Arc::new(Pool::new(max_budget, resets)),
+            };
+            pool.exhausted_at.store(0, Ordering::Release);
+            next.insert(id, pool);
+        }
+        self.pools.store(Arc::new(next));
+    }
+
+    /// The fields of the hello that concern allowances: what this replica holds of each
+    /// key's budget (its pool, its reserves in flight, its records not yet acked).
+    pub fn hello(&self, hello: &mut pb::StreamSnapshotsRequest) {
+        if !self.lease_valid() {
+            for pool in self.pools.load().values() {
+                let _ = pool
+                    .available
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                        (a > 0).then_some(0)
+                    });
+            }
+        }
+        // Pools and reserves first, records after: a request settling in between is
+        // counted twice (in its reserve and its record), never missed.
+        let pools = self.pools.load();
+        let mut held: HashMap<&str, (i64, i64)> = pools
+            .iter()
+            .map(|(id, pool)| {
+                let available = pool.available().max(0);
+                let in_flight = pool.in_flight.load(Ordering::Acquire).max(0);
+                (
+                    id.as_str(),
+                    (
+                        available.saturating_add(in_flight),
+                        pool.period_start_ms.load(Ordering::Acquire),
+                    ),
+                )
+            })
+            .collect();
+        let (acked, unacked) = self.usage.unacked_cost_by_key();
+        for (key, cost) in &unacked {
+            if let Some((nanos, _)) = held.get_mut(key.as_str()) {
+                *nanos = nanos.saturating_add(i64::try_from(*cost).unwrap_or(i64::MAX));
+            }
+        }
+        let mut held: Vec<pb::HeldAllowance> = held
+            .into_iter()
+            .filter(|(_, (nanos, _))| *nanos > 0)
+            .map(|(id, (nanos, period))| pb::HeldAllowance {
+                client_key_id: id.to_owned(),
+                period_start_ms: period,
+                held_nanos: nanos as u64,
+            })
+            .collect();
+        held.sort_by_key(|h| std::cmp::Reverse(h.held_nanos));
+        held.truncate(MAX_HELD);
+        hello.accepts_allowances = true;
+        hello.incarnation.clone_from(&self.incarnation);
+        hello.allowance_lease = Some(crate::clock::proto_duration(self.options.lease));
+        hello.held_allowances = held;
+        hello.usage_acked_sequence = acked;
+        // What the hello says is held is what the pools hold from now on: a debt served
+        // while away is in the records the control plane will count.
+        for pool in pools.values() {
+            let _ = pool
+                .available
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                    (a < 0).then_some(0)
+                });
+            pool.asking.store(false, Ordering::Release);
+        }
+    }
+
+    /// The asks queued for the stream; held by one stream at a time.
+    pub async fn queued(&self) -> tokio::sync::MutexGuard<'_, mpsc::Receiver<Ask>> {
+        let mut queued = self.queued.lock().await;
+        // Asks of an earlier stream went unanswered; their keys ask again.
+        while queued.try_recv().is_ok() {}
+        queued
+    }
+
+    /// The stream opened (`true`) or ended.
+    pub fn connected(&self, open: bool) {
+        self.connected.store(open, Ordering::Release);
+        if !open {
+            for pool in self.pools.load().values() {
+                pool.asking.store(false, Ordering::Release);
+                pool.changed.notify_waiters();
+            }
+        }
+    }
+
+    /// A message arrived on the stream: the lease runs from now. A snapshot that came
+    /// before any allowance message on this stream is from a control plane that grants
+    /// none.
+    pub fn heard(&self, allowances: Option<&pb::AllowanceUpdate>, first_on_stream: bool) {
+        self.last_heard.store(self.now_ms(), Ordering::Release);
+        match allowances {
+            Some(update) => {
+                self.granting.store(true, Ordering::Release);
+                self.granted(update);
+            }
+            None if first_on_stream => self.granting.store(false, Ordering::Release),
+            None => {}
+        }
+    }
+
+    fn granted(&self, update: &pb::AllowanceUpdate) {
+        let pools = self.pools.load();
+        for grant in &update.allowances {
+            let Some(pool) = pools.get(&grant.client_key_id) else {
+                continue;
+            };
+            let nanos = i64::try_from(grant.granted_nanos).unwrap_or(i64::MAX);
+            if pool
+                .period_start_ms
+                .swap(grant.period_start_ms, Ordering::AcqRel)
+                != grant.period_start_ms
+            {
+                // A new period: the old one's money is void.
+                pool.available.store(nanos, Ordering::Release);
+            } else if nanos > 0 {
+                pool.available.fetch_add(nanos, Ordering::AcqRel);
+            }
+            if nanos > 0 {
+                pool.last_grant.store(nanos, Ordering::Release);
+            }
+            let exhausted = if grant.exhausted { self.now_ms() } else { 0 };
+            pool.exhausted_at.store(exhausted, Ordering::Release);
+            pool.asking.store(false, Ordering::Release);
+            pool.changed.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn grant(key: &str, nanos: u64, exhausted: bool) -> pb::AllowanceUpdate {
+        pb::AllowanceUpdate {
+            allowances: vec![pb::Allowance {
+                client_key_id: key.into(),
+                granted_nanos: nanos,
+                period_start_ms: 0,
+                exhausted,
+            }],
+        }
+    }
+
+    fn allowances(when_away: WhenAway) -> Arc<Allowances> {
+        let a = Allowances::new(
+            AllowanceOptions {
+                lease: Duration::from_secs(60),
+                wait: Duration::from_millis(200),
+                when_away,
+            },
+            UsageSink::new(100),
+            "inc".into(),
+        );
+        a.budgeted(vec![("k".into(), 1.0, None)]);
+        a.connected(true);
+        a.heard(Some(&pb::AllowanceUpdate::default()), true);
+        a
+    }
+
+    #[tokio::test]
+    async fn requests_spend_the_pool_and_settle_their_real_cost() {
+        let a = allowances(WhenAway::Refuse);
+        a.heard(Some(&grant("k", 1_000, false)), false);
+        assert!(a.admit("other", 5).await.unwrap().is_none(), "no budget");
+        let r = a.admit("k", 300).await.unwrap().unwrap();
+        assert_eq!(a.pool("k").unwrap().available(), 700);
+        r.settle(450);
+        assert_eq!(a.pool("k").unwrap().available(), 550);
+        let r = a.admit("k", 500).await.unwrap().unwrap();
+        r.settle(100);
+        assert_eq!(a.pool("k").unwrap().available(), 450);
+        // Below half of the last grant: one ask is queued, not two.
+        let mut queued = a.queued.lock().await;
+        assert_eq!(
+            queued.try_recv().unwrap(),
+            Ask {
+                client_key_id: "k".into(),
+                want_nanos: 500
+            }
+        );
+        assert!(queued.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn an_empty_pool_waits_for_the_answer_and_an_exhausted_budget_refuses() {
+        let a = allowances(WhenAway::Refuse);
+        let waiting = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.admit("k", 10).await.map(|r| r.map(|r| r.reserve())) }
+        });
+        let ask = a.queued.lock().await.recv().await.unwrap();
+        assert_eq!(ask.want_nanos, 10);
+        a.heard(Some(&grant("k", 40, false)), false);
+        assert_eq!(waiting.await.unwrap(), Ok(Some(10)));
+        assert_eq!(a.pool("k").unwrap().available(), 30);
+
+        let waiting = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.admit("k", 31).await.map(|r| r.is_some()) }
+        });
+        a.queued.lock().await.recv().await.unwrap();
+        a.heard(Some(&grant("k", 0, true)), false);
+        assert!(matches!(
+            waiting.await.unwrap(),
+            Err(Refusal::Exhausted { .. })
+        ));
+        // What is left still admits what it covers.
+        assert!(a.admit("k", 30).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn with_the_control_plane_away_the_setting_decides() {
+        for when_away in [WhenAway::Refuse, WhenAway::Serve] {
+            let a = allowances(when_away);
+            a.heard(Some(&grant("k", 100, false)), false);
+            a.connected(false);
+            // The pool is spent while the lease lasts.
+            a.admit("k", 60).await.unwrap().unwrap().settle(60);
+            let outcome = a.admit("k", 60).await;
+            match when_away {
+                WhenAway::Refuse => {
+                    assert!(matches!(outcome, Err(Refusal::Unavailable { .. })))
+                }
+                WhenAway::Serve => {
+                    outcome.unwrap().unwrap().settle(60);
+                    assert_eq!(a.pool("k").unwrap().available(), -20, "a debt");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_hello_tells_what_is_held_and_an_old_control_plane_turns_enforcement_off() {
+        let a = allowances(WhenAway::Refuse);
+        a.heard(Some(&grant("k", 1_000, false)), false);
+        let in_flight = a.admit("k", 300).await.unwrap().unwrap();
+        let mut hello = pb::StreamSnapshotsRequest::default();
+        a.hello(&mut hello);
+        assert!(hello.accepts_allowances);
+        assert_eq!(hello.incarnation, "inc");
+        assert_eq!(hello.held_allowances.len(), 1);
+        assert_eq!(
+            hello.held_allowances[0].held_nanos, 1_000,
+            "pool + in flight"
+        );
+        drop(in_flight);
+        // A snapshot first on a stream: this control plane grants nothing.
+        a.heard(None, true);
+        assert!(a.admit("k", 5_000).await.unwrap().is_none());
+    }
+}
