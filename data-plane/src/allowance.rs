@@ -57,6 +57,9 @@ impl Default for AllowanceOptions {
     }
 }
 
+/// How long an ask may go unanswered before a request asks again.
+const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
+
 /// How long an `exhausted` answer stands before a request asks again.
 const EXHAUSTED_FOR: Duration = Duration::from_secs(1);
 
@@ -76,7 +79,8 @@ pub struct Pool {
     /// The budget period of the grants (Unix ms; 0: lifetime).
     period_start_ms: AtomicI64,
     last_grant: AtomicI64,
-    asking: AtomicBool,
+    /// When the ask on its way was queued (ms since the registry's start + 1; 0: none).
+    asking: AtomicU64,
     /// When the control plane last answered that nothing could be granted (ms since the
     /// registry's start + 1; 0: not exhausted).
     exhausted_at: AtomicU64,
@@ -93,7 +97,7 @@ impl Pool {
             in_flight: AtomicI64::new(0),
             period_start_ms: AtomicI64::new(0),
             last_grant: AtomicI64::new(0),
-            asking: AtomicBool::new(false),
+            asking: AtomicU64::new(0),
             exhausted_at: AtomicU64::new(0),
             changed: Notify::new(),
             max_budget,
@@ -318,17 +322,27 @@ impl Allowances {
         }
     }
 
-    /// Queues one ask for `key_id` unless one is queued or on its way already.
+    /// Queues one ask for `key_id` unless one is queued or on its way already (an ask left
+    /// unanswered for [`ASK_AGAIN_AFTER`] is made again).
     fn ask(&self, key_id: &str, pool: &Pool, want: i64) {
-        if pool.asking.swap(true, Ordering::AcqRel) {
+        let now = self.now_ms();
+        let asked = pool.asking.load(Ordering::Acquire);
+        if asked != 0 && now.saturating_sub(asked) < ASK_AGAIN_AFTER.as_millis() as u64 {
             return;
+        }
+        if pool
+            .asking
+            .compare_exchange(asked, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return; // another thread is asking
         }
         let ask = Ask {
             client_key_id: key_id.to_owned(),
             want_nanos: want.max(1) as u64,
         };
         if self.asks.try_send(ask).is_err() {
-            pool.asking.store(false, Ordering::Release);
+            pool.asking.store(0, Ordering::Release);
         }
     }
 
@@ -426,7 +440,7 @@ impl Allowances {
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
                     (a < 0).then_some(0)
                 });
-            pool.asking.store(false, Ordering::Release);
+            pool.asking.store(0, Ordering::Release);
         }
     }
 
@@ -443,7 +457,7 @@ impl Allowances {
         self.connected.store(open, Ordering::Release);
         if !open {
             for pool in self.pools.load().values() {
-                pool.asking.store(false, Ordering::Release);
+                pool.asking.store(0, Ordering::Release);
                 pool.changed.notify_waiters();
             }
         }
@@ -486,7 +500,7 @@ impl Allowances {
             }
             let exhausted = if grant.exhausted { self.now_ms() } else { 0 };
             pool.exhausted_at.store(exhausted, Ordering::Release);
-            pool.asking.store(false, Ordering::Release);
+            pool.asking.store(0, Ordering::Release);
             pool.changed.notify_waiters();
         }
     }

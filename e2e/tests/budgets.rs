@@ -1,7 +1,11 @@
-//! End to end: budgets enforced by the real control plane and data plane. A key is refused
-//! with 429 `insufficient_quota` once the control plane's accounting of its spend (what each
-//! replica computed from the usage the mock provider reported) reaches its budget, never
-//! before, and is served again when the budget is raised.
+//! End to end: budgets enforced by the real control plane and data planes, which spend
+//! allowances the control plane grants them (docs/guarantees.md, Budgets). A key is refused
+//! with 429 `insufficient_quota` once what remains of its budget (by the control plane's
+//! accounting of what each replica computed from the usage the mock provider reported), less
+//! what other replicas hold, no longer covers a request; never before 95 % of it is spent; it
+//! overshoots by at most the requests in flight; and it is served again when the budget is
+//! raised. With the control plane killed, replicas spend what they hold for their lease, then
+//! refuse (the default) or serve and are counted later.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

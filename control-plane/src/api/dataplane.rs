@@ -81,9 +81,14 @@ impl DataPlaneApi {
             let budget = match self.store.key_budget(ask.client_key_id.clone(), now).await {
                 Ok(budget) => budget,
                 Err(err) => {
-                    // No answer: the replica's request waits out its wait and goes by the
-                    // setting for a control plane away.
+                    // Nothing granted, not exhausted: the replica may ask again, and its
+                    // request goes by its setting for a control plane away once its wait
+                    // is over.
                     tracing::error!(error = %err, "reading a key's budget for an allowance failed");
+                    allowances.push(pb::Allowance {
+                        client_key_id: ask.client_key_id,
+                        ..Default::default()
+                    });
                     continue;
                 }
             };
