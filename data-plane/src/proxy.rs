@@ -15,7 +15,7 @@ use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use serde::Serialize;
 use sluice_proto::limits::MAX_REQUEST_ID_BYTES;
@@ -252,7 +252,7 @@ async fn authorized(
     request: Request,
     mut acct: Accounting,
 ) -> Response {
-    let passed = passed_headers(endpoint, request.headers());
+    let passed = passthrough(endpoint, &request);
     // Held until the response head: the body is in memory until then.
     let (body, _body_memory) = match read_body(app, request).await {
         Ok(body) => body,
@@ -349,19 +349,23 @@ async fn authorized(
     forward::forward(app, snapshot, routes, endpoint, &parsed, &passed, acct).await
 }
 
-/// The client's headers an Anthropic backend gets as they came, on Anthropic's routes:
-/// `anthropic-version` (it defines what the body means; the backend's configured version is
-/// sent only when the client names none) and `anthropic-beta` and every other
+/// What an Anthropic backend gets as it came, on Anthropic's routes: the query string, and
+/// the headers `anthropic-version` (it defines what the body means; the backend's configured
+/// version is sent only when the client names none), `anthropic-beta` and every other
 /// `anthropic-*` header (features Sluice need not know). Never the client's key.
-fn passed_headers(endpoint: Endpoint, headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+fn passthrough(endpoint: Endpoint, request: &Request) -> forward::Passthrough {
     if endpoint.format() != ApiFormat::Anthropic {
-        return Vec::new();
+        return forward::Passthrough::default();
     }
-    headers
-        .iter()
-        .filter(|(name, _)| name.as_str().starts_with("anthropic-"))
-        .map(|(name, value)| (name.clone(), value.clone()))
-        .collect()
+    forward::Passthrough {
+        headers: request
+            .headers()
+            .iter()
+            .filter(|(name, _)| name.as_str().starts_with("anthropic-"))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect(),
+        query: request.uri().query().map(str::to_owned),
+    }
 }
 
 /// What a request's prompt is estimated to cost before it is sent: a token per 4 bytes of

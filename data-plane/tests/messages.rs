@@ -109,9 +109,13 @@ async fn an_anthropic_backend_gets_the_request_and_the_client_the_stream_as_they
             r#"{{"max_tokens":64,"model":"{MODEL}","messages":[{{"role":"user","content":[{{"type":"text","text":"hello there","cache_control":{{"type":"ephemeral"}}}}]}}],"thinking":{{"type":"enabled","budget_tokens":1024}},"context_management":{{"edits":[{{"type":"clear_tool_uses_20250919"}}]}},"output_config":{{"effort":"high"}},"metadata":{{"user_id":"u-1"}},"stream":{stream}}}"#
         )
     };
-    for (n, stream) in [false, true].into_iter().enumerate() {
+    // The SDKs' beta clients post to `?beta=true`: the query goes along.
+    for (n, (stream, path)) in [(false, "/v1/messages"), (true, "/v1/messages?beta=true")]
+        .into_iter()
+        .enumerate()
+    {
         let sent = body(stream);
-        let response = send(&h, "/v1/messages", &sent).await;
+        let response = send(&h, path, &sent).await;
         assert_eq!(response.status(), 200, "stream {stream}");
         let content_type = response.headers()["content-type"]
             .to_str()
@@ -121,7 +125,7 @@ async fn an_anthropic_backend_gets_the_request_and_the_client_the_stream_as_they
         let received = response.text().await.unwrap();
 
         let upstream = claude.last_messages().unwrap();
-        assert_eq!(upstream.path, "/v1/messages");
+        assert_eq!(upstream.path, path);
         // The body byte for byte, but for the model the route names.
         assert_eq!(
             upstream.body,

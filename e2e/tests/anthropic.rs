@@ -87,6 +87,9 @@ for name, c in [("bearer", bearer), ("x_api_key", x_api_key)]:
 with bearer.messages.stream(model=model, max_tokens=64, system="Be brief.", messages=hello) as s:
     m = s.get_final_message()
 out["stream"] = [text_of(m), m.stop_reason, m.usage.input_tokens, m.usage.output_tokens]
+m = bearer.beta.messages.create(model=model, max_tokens=64, system="Be brief.", messages=hello,
+                                betas=["context-management-2025-06-27"])
+out["beta"] = [text_of(m), m.stop_reason]
 tools = [{"name": "weather", "description": "Weather now",
           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}]
 ask = [{"role": "user", "content": "weather in Paris?"}]
@@ -386,6 +389,7 @@ async fn the_anthropic_sdk_talks_to_both_kinds_of_backend_through_v1_messages() 
         "{to_claude}"
     );
     assert_eq!(to_claude["count_tokens"], 4, "{to_claude}");
+    assert_eq!(to_claude["beta"], json!([text, "end_turn"]), "{to_claude}");
     // An OpenAI-format backend, translated both ways.
     let text = "[gpt] tok1 tok2 tok3 tok4";
     for auth in ["bearer", "x_api_key"] {
@@ -396,6 +400,7 @@ async fn the_anthropic_sdk_talks_to_both_kinds_of_backend_through_v1_messages() 
         json!([text, "end_turn", 4, 5]),
         "{to_gpt}"
     );
+    assert_eq!(to_gpt["beta"], json!([text, "end_turn"]), "{to_gpt}");
     assert_eq!(
         to_gpt["count_tokens"],
         json!(["BadRequestError", 400, "invalid_request_error", false]),

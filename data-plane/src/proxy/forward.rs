@@ -118,9 +118,17 @@ pub(super) struct Call<'a> {
     pub ids: Option<IdRewrite>,
     /// Whether the answer's usage is the request's (a create's; a retrieve's is not).
     pub count_usage: bool,
-    /// The client's headers an Anthropic backend gets as they came (see
-    /// `proxy::passed_headers`).
-    pub headers: &'a [(HeaderName, HeaderValue)],
+    /// What an Anthropic backend gets from a Messages client as it came.
+    pub passed: Option<&'a Passthrough>,
+}
+
+/// What an Anthropic backend gets from a Messages client as it came (see
+/// `proxy::passthrough`): its `anthropic-*` headers, and its query string (the SDKs' beta
+/// clients post to `/v1/messages?beta=true`).
+#[derive(Debug, Default)]
+pub(super) struct Passthrough {
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub query: Option<String>,
 }
 
 /// The upstream request.
@@ -147,7 +155,7 @@ pub(super) async fn forward(
     routes: &[Route],
     endpoint: Endpoint,
     parsed: &ParsedRequest<'_>,
-    headers: &[(HeaderName, HeaderValue)],
+    passed: &Passthrough,
     acct: Accounting,
 ) -> Response {
     let call = Call {
@@ -160,7 +168,7 @@ pub(super) async fn forward(
         },
         ids: None,
         count_usage: true,
-        headers,
+        passed: Some(passed),
     };
     forward_call(app, snapshot, routes, &call, acct).await
 }
@@ -264,7 +272,12 @@ pub(super) async fn forward_call(
                 previous_response_id,
             } => (
                 Method::POST,
-                uri.clone(),
+                match call.passed.and_then(|p| p.query.as_deref()) {
+                    Some(query) if backend.format == client => {
+                        with_query(uri, query).unwrap_or_else(|| uri.clone())
+                    }
+                    _ => uri.clone(),
+                },
                 match translated {
                     Some(body) => body,
                     // The Responses API and Anthropic's always report usage; they have no
@@ -292,7 +305,7 @@ pub(super) async fn forward_call(
         let outcome = attempt(
             snapshot.upstream(app.pool),
             backend,
-            call.headers,
+            call.passed.map_or(&[][..], |p| &p.headers),
             method,
             uri,
             body,
@@ -751,6 +764,14 @@ fn messages_body(
     )?;
     messages.insert("stream".into(), serde_json::Value::Bool(stream));
     Ok(Bytes::from(serde_json::Value::Object(messages).to_string()))
+}
+
+/// `uri` with the client's query string, if that makes a valid URI.
+fn with_query(uri: &http::Uri, query: &str) -> Option<http::Uri> {
+    let mut parts = uri.clone().into_parts();
+    let path = parts.path_and_query.as_ref().map_or("/", |p| p.path());
+    parts.path_and_query = Some(format!("{path}?{query}").parse().ok()?);
+    http::Uri::from_parts(parts).ok()
 }
 
 fn unix_now() -> u64 {

@@ -103,7 +103,7 @@ pub(super) async fn create(
         },
         ids: Some(ids),
         count_usage: true,
-        headers: &[],
+        passed: None,
     };
     let routes = match &pinned {
         Some((route, _)) => std::slice::from_ref(*route),
@@ -171,7 +171,7 @@ pub(super) async fn call(
             known: Some((affinity.upstream_id.clone(), target.id.clone())),
         }),
         count_usage: false,
-        headers: &[],
+        passed: None,
     };
     forward::forward_call(app, snapshot, std::slice::from_ref(&route), &call, acct).await
 }

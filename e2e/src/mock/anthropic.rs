@@ -24,7 +24,7 @@ use serde_json::{Map, Value, json};
 /// mock answered, for tests that check what passed through a gateway unchanged.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MessagesExchange {
-    /// The request path.
+    /// The request path, with its query string if any.
     pub path: String,
     /// The request's headers, names in lower case, in the order received.
     pub headers: Vec<(String, String)>,

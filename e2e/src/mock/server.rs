@@ -291,7 +291,10 @@ async fn api(
     let query = req.uri().query().map(str::to_owned);
     let exchange =
         matches!(route, Route::Messages | Route::CountTokens).then(|| MessagesExchange {
-            path: req.uri().path().to_owned(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned()),
             headers: req
                 .headers()
                 .iter()
