@@ -235,7 +235,9 @@ async fn a_key_is_refused_once_its_budget_is_spent_and_served_again_when_raised(
 async fn three_replicas_spend_a_budget_to_within_the_requests_in_flight_and_refuse_none_before_95_percent()
  {
     const CLIENTS: u64 = 12;
-    let run = LocalRun::start(3).await;
+    // The bounds, not the latency: on a loaded test machine the control plane may take longer
+    // than the default 100 ms to answer an ask, which would be a 503 under `refuse`.
+    let run = LocalRun::start_with_env(3, &[("SLUICE_ALLOWANCE_WAIT", "5s")]).await;
     let mock = Mock::start("a", &["m"]).await;
     run.add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
         .await;
