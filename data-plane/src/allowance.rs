@@ -51,7 +51,7 @@ impl Default for AllowanceOptions {
     fn default() -> Self {
         Self {
             lease: Duration::from_secs(60),
-            wait: Duration::from_millis(100),
+            wait: Duration::from_secs(1),
             when_away: WhenAway::Refuse,
         }
     }

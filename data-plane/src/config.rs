@@ -153,8 +153,9 @@ pub struct Config {
     #[arg(long, env = "SLUICE_ALLOWANCE_LEASE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub allowance_lease: Duration,
     /// How long a request whose key's allowance ran out waits for the control plane to
-    /// grant more before --budget-when-away applies.
-    #[arg(long, env = "SLUICE_ALLOWANCE_WAIT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    /// grant more before --budget-when-away applies. The control plane answers in about a
+    /// millisecond when idle; the wait is long so that a busy one does not turn into 503s.
+    #[arg(long, env = "SLUICE_ALLOWANCE_WAIT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub allowance_wait: Duration,
     /// Threads that serve HTTP; 0 means one per CPU core the process may use. Each runs its
     /// own single-threaded runtime and upstream connection pool, so a request never changes
@@ -197,7 +198,7 @@ impl Config {
             usage_spool_sync_interval: crate::spool::DEFAULT_SYNC_INTERVAL,
             budget_when_away: crate::allowance::WhenAway::Refuse,
             allowance_lease: Duration::from_secs(60),
-            allowance_wait: Duration::from_millis(100),
+            allowance_wait: Duration::from_secs(1),
         }
     }
 

@@ -236,7 +236,7 @@ async fn three_replicas_spend_a_budget_to_within_the_requests_in_flight_and_refu
  {
     const CLIENTS: u64 = 12;
     // The bounds, not the latency: on a loaded test machine the control plane may take longer
-    // than the default 100 ms to answer an ask, which would be a 503 under `refuse`.
+    // than the default wait (1 s) to answer an ask, which would be a 503 under `refuse`.
     let run = LocalRun::start_with_env(3, &[("SLUICE_ALLOWANCE_WAIT", "5s")]).await;
     let mock = Mock::start("a", &["m"]).await;
     run.add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
