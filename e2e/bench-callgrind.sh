@@ -15,6 +15,8 @@
 #   ./e2e/bench-callgrind.sh --bin-dir DIR --seconds 20 --top 40 --keep OUT   # keeps OUT.*.cg
 #   ./e2e/bench-callgrind.sh --no-spool        # Sluice without its usage spool
 #   ./e2e/bench-callgrind.sh --connections 32  # at saturation: requests share wake-ups and writes
+#   ./e2e/bench-callgrind.sh --tpm 1000000000  # the key and the backend with a TPM limit (never
+#                                              # reached here): what the token checks cost
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
 # examples/bare_proxy. Uses ports 28080-28091, 25051 and 29090. Needs valgrind and python3.
@@ -27,6 +29,7 @@ top=25
 keep=""
 spool=1
 connections=1
+tpm=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin-dir) bin=$2; shift 2 ;;
@@ -35,7 +38,8 @@ while [ $# -gt 0 ]; do
     --keep) keep=$2; shift 2 ;;
     --no-spool) spool=""; shift ;;
     --connections) connections=$2; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --tpm) tpm=$2; shift 2 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "bench-callgrind: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -55,6 +59,12 @@ trap cleanup EXIT
 . "$root/e2e/bench-gateway.sh"
 start_gateway 28080 25051 28081 29090
 out=${keep:-$data/profile}
+if [ -n "$tpm" ]; then
+  ctl() { SLUICE_ENDPOINT=http://127.0.0.1:25051 SLUICE_ADMIN_TOKEN=$(cat "$data/admin-token") "$bin/sluicectl" "$@"; }
+  key_id=$(ctl -o json key list | python3 -c 'import json,sys; print(json.load(sys.stdin)["clientKeys"][0]["id"])')
+  ctl key update "$key_id" --tpm-limit "$tpm" > /dev/null
+  ctl backend update demo-mock --tpm-limit "$tpm" > /dev/null
+fi
 
 wait_http() { # url
   for _ in $(seq 1 600); do

@@ -1,0 +1,351 @@
+//! End to end: tokens per minute per client key and per backend, and a key's
+//! `max_parallel_requests`, held across three replicas behind nginx (deploy/local/run.sh);
+//! the official OpenAI Python SDK's class for a TPM refusal; and a stream whose client leaves
+//! midway, charged what was streamed, with the real binaries.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Cluster, Gateway, LocalRun, Mock, eventually};
+use futures::StreamExt;
+use serde_json::Value;
+use sluice_proto::v1 as pb;
+
+/// Prompt tokens of `Gateway::chat`'s message (the mock counts words) plus the completion
+/// tokens of a mock started with `--chunk-count 50`.
+const TOKENS_PER_REQUEST: u64 = 4 + 50;
+
+fn mask(paths: &[&str]) -> sluice_proto::wkt::FieldMask {
+    sluice_proto::wkt::FieldMask {
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+async fn create_key(run: &LocalRun, name: &str, tpm_limit: u32, max_parallel: u32) -> String {
+    run.admin()
+        .await
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: name.into(),
+            tpm_limit,
+            max_parallel_requests: max_parallel,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+}
+
+/// What the mock served so far, in tokens.
+async fn served_tokens(mock: &Mock) -> u64 {
+    let stats = mock.stats().await;
+    stats.prompt_tokens + stats.completion_tokens
+}
+
+/// `workers` clients sending requests back to back through `front` for `run_for`; the
+/// statuses they got, and the first TPM refusal's `Retry-After` and body.
+async fn hammer(
+    front: Arc<Gateway>,
+    key: &str,
+    workers: usize,
+    run_for: Duration,
+) -> (u64, u64, Option<(u64, Value)>) {
+    let until = Instant::now() + run_for;
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (front, key) = (Arc::clone(&front), key.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut limited, mut refusal) = (0u64, 0u64, None);
+            while Instant::now() < until {
+                let r = front.chat(&key, "m").await;
+                match r.status().as_u16() {
+                    200 => {
+                        r.bytes().await.unwrap();
+                        ok += 1;
+                    }
+                    429 => {
+                        limited += 1;
+                        let wait: u64 = r.headers()["retry-after"]
+                            .to_str()
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        let body: Value = r.json().await.unwrap();
+                        refusal.get_or_insert((wait, body));
+                        // A client honouring Retry-After would wait; these keep pressing.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+            (ok, limited, refusal)
+        }));
+    }
+    let (mut ok, mut limited, mut refusal) = (0, 0, None);
+    for task in tasks {
+        let (o, l, r) = task.await.unwrap();
+        ok += o;
+        limited += l;
+        if refusal.is_none() {
+            refusal = r;
+        }
+    }
+    (ok, limited, refusal)
+}
+
+const PYTHON_TPM: &str = r#"
+import json, sys, openai
+from openai import OpenAI
+base, key = sys.argv[1], sys.argv[2]
+try:
+    OpenAI(base_url=base, api_key=key, max_retries=0).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "say hello to me"}])
+    print(json.dumps("no error"))
+except openai.APIStatusError as err:
+    print(json.dumps([type(err).__name__, err.status_code, err.code,
+                      err.response.headers.get("retry-after") is not None]))
+"#;
+
+#[tokio::test]
+async fn token_limits_of_a_key_and_of_a_backend_hold_across_three_replicas_behind_nginx() {
+    let run = LocalRun::start(3).await;
+    let a = Mock::start_with("a", &["m"], &["--chunk-count", "50"]).await;
+    let version = run.latest_version().await;
+    let backend = run
+        .add_backend("a", &a, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    // Far under its limit (600,000 a minute: 20,000 tokens of burst per replica), a steady
+    // client is never refused.
+    let roomy = create_key(&run, "roomy", 600_000, 0).await;
+    // 3,000 a minute: 1,000 per replica, a burst of 100 each.
+    let tight = create_key(&run, "tight", 3_000, 0).await;
+    // 3 a minute: one request on each replica leaves it in debt for most of an hour.
+    let sdk = create_key(&run, "sdk", 3, 0).await;
+    run.wait_replicas_past(3, version).await;
+    let front = Arc::new(run.front());
+
+    for _ in 0..30 {
+        let r = front.chat(&roomy, "m").await;
+        assert_eq!(r.status(), 200, "refused well under the limit");
+        r.bytes().await.unwrap();
+    }
+
+    let workers = 6;
+    let before = served_tokens(&a).await;
+    let start = Instant::now();
+    let (ok, limited, refusal) =
+        hammer(Arc::clone(&front), &tight, workers, Duration::from_secs(4)).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    let served = served_tokens(&a).await - before;
+    assert_eq!(served, ok * TOKENS_PER_REQUEST);
+    // The bound of guarantees.md: the limit over the time, each replica's burst, and what
+    // was in flight (at most one request per client at once).
+    let bound =
+        3_000.0 * elapsed / 60.0 + 3.0 * 100.0 + (workers as u64 * TOKENS_PER_REQUEST) as f64;
+    eprintln!(
+        "key TPM 3000: {ok} served ({served} tokens) and {limited} refused in {elapsed:.1} s; bound {bound:.0}"
+    );
+    assert!(
+        served as f64 <= bound,
+        "{served} tokens served; bound {bound:.0}"
+    );
+    assert!(limited > 0, "the limit was never reached");
+    let (wait, body) = refusal.unwrap();
+    assert!((1..=60).contains(&wait), "Retry-After: {wait}");
+    assert_eq!(body["error"]["type"], "tokens", "{body}");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+
+    // The official Python SDK raises RateLimitError for it (on a key that stays over its
+    // limit while Python starts).
+    for i in 0..3 {
+        assert_eq!(run.replica(i).chat(&sdk, "m").await.status(), 200);
+    }
+    let output = tokio::process::Command::new("python3")
+        .args(["-c", PYTHON_TPM, &front.url("/v1"), &sdk])
+        .output()
+        .await
+        .expect("python3 with the openai package (run e2e/test-all.sh)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        out,
+        serde_json::json!(["RateLimitError", 429, "rate_limit_exceeded", true])
+    );
+
+    // The backend's own TPM: 3,000 a minute as well, for a key without a limit.
+    let version = run.latest_version().await;
+    run.admin()
+        .await
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: backend.id,
+                tpm_limit: 3_000,
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["tpm_limit"])),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap();
+    run.wait_replicas_past(3, version).await;
+    let before = served_tokens(&a).await;
+    let start = Instant::now();
+    let (ok, limited, refusal) =
+        hammer(Arc::clone(&front), &roomy, workers, Duration::from_secs(4)).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    let served = served_tokens(&a).await - before;
+    let bound =
+        3_000.0 * elapsed / 60.0 + 3.0 * 100.0 + (workers as u64 * TOKENS_PER_REQUEST) as f64;
+    eprintln!(
+        "backend TPM 3000: {ok} served ({served} tokens) and {limited} refused in {elapsed:.1} s; bound {bound:.0}"
+    );
+    assert!(
+        served as f64 <= bound,
+        "{served} tokens served; bound {bound:.0}"
+    );
+    assert!(limited > 0, "the backend's limit was never reached");
+    let (wait, body) = refusal.unwrap();
+    assert!((1..=60).contains(&wait), "Retry-After: {wait}");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+}
+
+#[tokio::test]
+async fn max_parallel_requests_holds_across_three_replicas() {
+    let run = LocalRun::start(3).await;
+    // Streams of 20 events 100 ms apart: each is in flight for about 2 s.
+    let a = Mock::start_with(
+        "a",
+        &["m"],
+        &["--chunk-count", "20", "--chunk-interval", "100ms"],
+    )
+    .await;
+    let version = run.latest_version().await;
+    run.add_backend("a", &a, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    // 3 at once over 3 replicas: one each.
+    let key = create_key(&run, "k", 0, 3).await;
+    run.wait_replicas_past(3, version).await;
+    let stream = serde_json::json!({
+        "model": "m", "stream": true,
+        "messages": [{"role": "user", "content": "say hello to me"}],
+    });
+
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let r = run
+            .replica(i)
+            .post("/v1/chat/completions", &key, stream.clone())
+            .await;
+        assert_eq!(r.status(), 200, "replica {i}: its one place is free");
+        open.push(r);
+    }
+    // Every replica's place is taken: a fourth request anywhere is refused.
+    for i in 0..3 {
+        let r = run.replica(i).chat(&key, "m").await;
+        assert_eq!(r.status(), 429, "replica {i}");
+        assert_eq!(r.headers()["retry-after"], "1");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("at most 3 at once"),
+            "{body}"
+        );
+    }
+    // A stream's end frees its place.
+    let text = open.remove(0).text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(run.replica(0).chat(&key, "m").await.status(), 200);
+    drop(open);
+}
+
+#[tokio::test]
+async fn a_stream_its_client_leaves_midway_is_charged_what_was_streamed() {
+    let cluster = Cluster::start().await;
+    let a = Mock::start_with(
+        "a",
+        &["m"],
+        &["--chunk-count", "200", "--chunk-interval", "20ms"],
+    )
+    .await;
+    cluster
+        .add_backend("a", &a, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster.proxy().await;
+    cluster.wait_replicas_current(1).await;
+
+    let r = proxy
+        .post(
+            "/v1/chat/completions",
+            &key,
+            serde_json::json!({
+                "model": "m", "stream": true,
+                "messages": [{"role": "user", "content": "say hello to me"}],
+            }),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut received = String::new();
+    let deltas = |text: &str| {
+        common::sse_data(text)
+            .iter()
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|t| !t.is_empty())
+            })
+            .count() as u64
+    };
+    while deltas(&received) < 20 {
+        received.push_str(std::str::from_utf8(&body.next().await.unwrap().unwrap()).unwrap());
+    }
+    drop(body);
+    let relayed = deltas(&received);
+
+    // The replica's record says the tokens are estimated, and counts at least what reached
+    // the client.
+    let line = proxy
+        .child
+        .wait_for_line(
+            "the cancelled request's line",
+            Duration::from_secs(10),
+            |l| {
+                (l.contains("request finished") && l.contains("CLIENT_CANCELLED"))
+                    .then(|| l.to_owned())
+            },
+        )
+        .await
+        .unwrap();
+    assert!(line.contains("tokens_estimated=true"), "{line}");
+    // The control plane counts it: tokens and spend (at $1 / $2 per million), not zero.
+    eventually(Duration::from_secs(10), "the record is counted", || async {
+        cluster.totals().await.request_count == 1
+    })
+    .await;
+    let totals = cluster.totals().await;
+    assert!(
+        totals.completion_tokens >= relayed && totals.completion_tokens < 200,
+        "{} completion tokens for {relayed} deltas relayed",
+        totals.completion_tokens
+    );
+    assert!(totals.prompt_tokens > 0);
+    let spend = cluster.client_key("k").await.spend;
+    let expected = (totals.prompt_tokens * 1_000 + totals.completion_tokens * 2_000) as f64 / 1e9;
+    assert!(
+        (spend - expected).abs() < 1e-12,
+        "spend {spend}, expected {expected}"
+    );
+}
