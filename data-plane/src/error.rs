@@ -328,9 +328,14 @@ impl ProxyError {
             // Anthropic's messages name the field first (`messages.1.content: …`): the
             // body has no `param`.
             ApiFormat::Anthropic => {
-                let message = match self.param() {
-                    Some(param) => format!("{param}: {self}"),
-                    None => self.to_string(),
+                let message = match (&self, self.param()) {
+                    // OpenAI's wording names only the Authorization header.
+                    (Self::MissingApiKey, _) => {
+                        "x-api-key header is required (or Authorization: Bearer YOUR_KEY)."
+                            .to_owned()
+                    }
+                    (_, Some(param)) => format!("{param}: {self}"),
+                    (_, None) => self.to_string(),
                 };
                 crate::anthropic::error::body(self.status().as_u16(), &message)
             }
@@ -455,6 +460,17 @@ mod tests {
                 serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
             );
         }
+        let r = ProxyError::MissingApiKey.into_response_as(ApiFormat::Anthropic);
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let missing = body(r).await;
+        assert_eq!(missing["error"]["type"], "authentication_error");
+        assert!(
+            missing["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("x-api-key header is required"),
+            "{missing}"
+        );
         // The field at fault leads the message, as in Anthropic's own.
         let r = ProxyError::Untranslatable(crate::anthropic::Untranslatable::new(
             "messages[1].content[0]",
