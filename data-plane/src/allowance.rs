@@ -85,9 +85,8 @@ pub struct Pool {
     /// registry's start + 1; 0: not exhausted).
     exhausted_at: AtomicU64,
     changed: Notify,
-    /// For the refusal's message.
-    max_budget: f64,
-    resets: Option<SystemTime>,
+    /// For the refusal's message: the budget and when it resets (read only on a refusal).
+    words: std::sync::Mutex<(f64, Option<SystemTime>)>,
 }
 
 impl Pool {
@@ -100,8 +99,7 @@ impl Pool {
             asking: AtomicU64::new(0),
             exhausted_at: AtomicU64::new(0),
             changed: Notify::new(),
-            max_budget,
-            resets,
+            words: std::sync::Mutex::new((max_budget, resets)),
         }
     }
 
@@ -292,10 +290,8 @@ impl Allowances {
             if exhausted != 0
                 && self.now_ms().saturating_sub(exhausted) < EXHAUSTED_FOR.as_millis() as u64
             {
-                return Err(Refusal::Exhausted {
-                    max_budget: pool.max_budget,
-                    resets: pool.resets,
-                });
+                let (max_budget, resets) = *pool.words.lock().unwrap_or_else(|p| p.into_inner());
+                return Err(Refusal::Exhausted { max_budget, resets });
             }
             if !self.connected.load(Ordering::Acquire) {
                 return self.away(Arc::clone(&pool));
@@ -354,24 +350,10 @@ impl Allowances {
         let mut next = HashMap::with_capacity(keys.len());
         for (id, max_budget, resets) in keys {
             let pool = match current.get(&id) {
-                Some(pool) if pool.max_budget == max_budget && pool.resets == resets => {
-                    Arc::clone(pool)
-                }
                 Some(pool) => {
-                    // Same money, new words for the refusal.
-                    let fresh = Pool::new(max_budget, resets);
-                    fresh.available.store(pool.available(), Ordering::Release);
-                    fresh
-                        .in_flight
-                        .store(pool.in_flight.load(Ordering::Acquire), Ordering::Release);
-                    fresh.period_start_ms.store(
-                        pool.period_start_ms.load(Ordering::Acquire),
-                        Ordering::Release,
-                    );
-                    fresh
-                        .last_grant
-                        .store(pool.last_grant.load(Ordering::Acquire), Ordering::Release);
-                    Arc::new(fresh)
+                    // Same money (requests in flight settle into it), perhaps new words.
+                    *pool.words.lock().unwrap_or_else(|p| p.into_inner()) = (max_budget, resets);
+                    Arc::clone(pool)
                 }
                 None => Arc::new(Pool::new(max_budget, resets)),
             };
@@ -587,6 +569,24 @@ mod tests {
         ));
         // What is left still admits what it covers.
         assert!(a.admit("k", 30).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_new_budget_keeps_the_pool_and_its_requests_in_flight() {
+        let a = allowances(WhenAway::Refuse);
+        a.heard(Some(&grant("k", 100, false)), false);
+        let in_flight = a.admit("k", 40).await.unwrap().unwrap();
+        a.budgeted(vec![("k".into(), 2.0, None)]);
+        in_flight.settle(70);
+        assert_eq!(a.pool("k").unwrap().available(), 30, "settled into the same pool");
+        a.heard(Some(&grant("k", 0, true)), false);
+        assert_eq!(
+            a.admit("k", 31).await.unwrap_err(),
+            Refusal::Exhausted {
+                max_budget: 2.0,
+                resets: None
+            }
+        );
     }
 
     #[tokio::test]
