@@ -189,3 +189,115 @@ async fn spend_is_the_reported_cost_counted_once_per_period_with_what_remains() 
         assert!(err.message().contains(says), "{}", err.message());
     }
 }
+
+/// The allowance protocol over real gRPC: a replica that accepts allowances hears so before
+/// its first snapshot, gets grants on its snapshot stream from what remains of the budget,
+/// is told `exhausted` when that cannot cover its ask, and has its ingested records charged
+/// to its grants (so what it spent is not counted twice); an older replica sees snapshots
+/// only.
+#[tokio::test]
+async fn allowances_are_granted_on_the_snapshot_stream_from_what_remains() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin =
+        AdminServiceClient::with_interceptor(channel(&cp).await, Bearer(cp.admin_token.clone()));
+    let key = admin
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "capped".into(),
+            max_budget: 0.001, // 1,000,000 nano-units
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    let mut dp = DataPlaneServiceClient::with_interceptor(
+        channel(&cp).await,
+        Bearer(cp.dataplane_token.clone()),
+    );
+
+    // An older replica: snapshots only.
+    let (old_tx, old_rx) = tokio::sync::mpsc::channel(4);
+    old_tx
+        .send(pb::StreamSnapshotsRequest {
+            node_id: "old".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut old = dp
+        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(old_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = old.message().await.unwrap().unwrap();
+    assert!(first.snapshot.is_some() && first.allowances.is_none());
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::StreamSnapshotsRequest {
+        node_id: "r1".into(),
+        incarnation: "i1".into(),
+        accepts_allowances: true,
+        allowance_lease: Some(wkt::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = dp
+        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let on = stream.message().await.unwrap().unwrap();
+    assert!(on.snapshot.is_none() && on.allowances.is_some(), "{on:?}");
+    let snapshot = stream.message().await.unwrap().unwrap();
+    assert!(snapshot.snapshot.is_some());
+    let mut ask = async |want_nanos: u64| -> pb::Allowance {
+        tx.send(pb::StreamSnapshotsRequest {
+            node_id: "r1".into(),
+            allowance_requests: vec![pb::AllowanceRequest {
+                client_key_id: key.id.clone(),
+                want_nanos,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        loop {
+            let m = stream.message().await.unwrap().unwrap();
+            if let Some(update) = m.allowances
+                && let Some(grant) = update.allowances.into_iter().next()
+            {
+                return grant;
+            }
+        }
+    };
+    // 1/32 of the budget for the one replica asking.
+    let grant = ask(10).await;
+    assert_eq!((grant.granted_nanos, grant.exhausted), (31_250, false));
+    // More than remains after it: refused.
+    let grant = ask(968_751).await;
+    assert_eq!((grant.granted_nanos, grant.exhausted), (0, true));
+
+    // The replica spends its grant; once the record is ingested (acked), it no longer
+    // counts as held, and what remains is exactly the budget less the spend.
+    let mut acks = dp
+        .report_usage(tokio_stream::iter(vec![pb::ReportUsageRequest {
+            node_id: "r1".into(),
+            incarnation: "i1".into(),
+            records: vec![record(1, &key.id, now_ms(), 31_250)],
+            ..Default::default()
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 1);
+    let grant = ask(968_750).await;
+    assert_eq!((grant.granted_nanos, grant.exhausted), (968_750, false));
+    assert!(ask(1).await.exhausted, "everything is granted");
+    drop(old_tx);
+}

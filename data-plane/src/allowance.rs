@@ -578,7 +578,11 @@ mod tests {
         let in_flight = a.admit("k", 40).await.unwrap().unwrap();
         a.budgeted(vec![("k".into(), 2.0, None)]);
         in_flight.settle(70);
-        assert_eq!(a.pool("k").unwrap().available(), 30, "settled into the same pool");
+        assert_eq!(
+            a.pool("k").unwrap().available(),
+            30,
+            "settled into the same pool"
+        );
         a.heard(Some(&grant("k", 0, true)), false);
         assert_eq!(
             a.admit("k", 31).await.unwrap_err(),
