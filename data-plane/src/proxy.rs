@@ -552,42 +552,84 @@ fn model_object(snapshot: &Snapshot, id: &str) -> serde_json::Value {
     })
 }
 
-/// `GET /v1/models`: the models this key may use, in OpenAI's list shape.
+/// The API a models call is answered in: Anthropic's when the client names an
+/// `anthropic-version` (Anthropic's SDKs always do, OpenAI's never), which also lets it
+/// present its key in `x-api-key`.
+fn models_format(headers: &HeaderMap) -> ApiFormat {
+    if headers.contains_key("anthropic-version") {
+        ApiFormat::Anthropic
+    } else {
+        ApiFormat::OpenAi
+    }
+}
+
+/// A model in Anthropic's `ModelInfo` shape.
+fn anthropic_model_object(snapshot: &Snapshot, id: &str) -> serde_json::Value {
+    let created = snapshot.created.unwrap_or(SystemTime::UNIX_EPOCH);
+    serde_json::json!({
+        "type": "model",
+        "id": id,
+        "display_name": id,
+        "created_at": humantime::format_rfc3339_seconds(created).to_string(),
+    })
+}
+
+/// `GET /v1/models`: the models this key may use, in OpenAI's list shape or Anthropic's.
 async fn list_models(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let request_id = request_id(&headers);
+    let format = models_format(&headers);
     let response = match app.store.load() {
-        None => ProxyError::NotReady.into_response(),
-        Some(snapshot) => match authenticate(&snapshot, &headers, ApiFormat::OpenAi) {
-            Err(e) => e.into_response(),
+        None => ProxyError::NotReady.into_response_as(format),
+        Some(snapshot) => match authenticate(&snapshot, &headers, format) {
+            Err(e) => e.into_response_as(format),
             Ok(key) => {
-                let data: Vec<serde_json::Value> = snapshot
-                    .models()
-                    .into_iter()
-                    .filter(|m| key.may_use(m))
-                    .map(|m| model_object(&snapshot, m))
-                    .collect();
-                axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+                let models = snapshot.models().into_iter().filter(|m| key.may_use(m));
+                let body = match format {
+                    ApiFormat::OpenAi => {
+                        let data: Vec<_> = models.map(|m| model_object(&snapshot, m)).collect();
+                        serde_json::json!({"object": "list", "data": data})
+                    }
+                    ApiFormat::Anthropic => {
+                        let ids: Vec<&str> = models.collect();
+                        let data: Vec<_> = ids
+                            .iter()
+                            .map(|m| anthropic_model_object(&snapshot, m))
+                            .collect();
+                        serde_json::json!({
+                            "data": data,
+                            "has_more": false,
+                            "first_id": ids.first(),
+                            "last_id": ids.last(),
+                        })
+                    }
+                };
+                axum::Json(body).into_response()
             }
         },
     };
     with_request_id(response, &request_id)
 }
 
-/// `GET /v1/models/{model}`.
+/// `GET /v1/models/{model}`, in OpenAI's shape or Anthropic's.
 async fn get_model(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     let request_id = request_id(&headers);
+    let format = models_format(&headers);
     let response = match app.store.load() {
-        None => ProxyError::NotReady.into_response(),
-        Some(snapshot) => match authenticate(&snapshot, &headers, ApiFormat::OpenAi) {
-            Err(e) => e.into_response(),
+        None => ProxyError::NotReady.into_response_as(format),
+        Some(snapshot) => match authenticate(&snapshot, &headers, format) {
+            Err(e) => e.into_response_as(format),
             Ok(key) if key.may_use(&model) && snapshot.routes(&model).is_some() => {
-                axum::Json(model_object(&snapshot, &model)).into_response()
+                axum::Json(match format {
+                    ApiFormat::OpenAi => model_object(&snapshot, &model),
+                    ApiFormat::Anthropic => anthropic_model_object(&snapshot, &model),
+                })
+                .into_response()
             }
-            Ok(_) => ProxyError::ModelNotFound(model).into_response(),
+            Ok(_) => ProxyError::ModelNotFound(model).into_response_as(format),
         },
     };
     with_request_id(response, &request_id)

@@ -478,3 +478,69 @@ async fn count_tokens_is_forwarded_to_anthropic_and_refused_for_openai_backends(
     assert_eq!(records[0].status_code, 200);
     assert_eq!(records[1].status_code, 400);
 }
+
+#[tokio::test]
+async fn anthropic_clients_list_models_in_anthropic_shape() {
+    let claude = mock("claude");
+    let gpt = mock("gpt");
+    let mut snap = claude_and_gpt_only(&claude, &gpt);
+    snap.client_keys
+        .push(client_key("only-gpt", "sk-only-gpt", &["gpt-only"], 0));
+    let h = Harness::start(snap).await;
+    let get = |path: &str, key: &str| {
+        h.http
+            .get(h.url(path))
+            .header("x-api-key", key)
+            .header("anthropic-version", VERSION)
+            .send()
+    };
+    let list: Value = get("/v1/models", KEY).await.unwrap().json().await.unwrap();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gpt-4o-mini", "gpt-only"], "{list}");
+    assert_eq!(list["data"][0]["type"], "model");
+    assert!(list["data"][0]["created_at"].is_string(), "{list}");
+    assert_eq!(list["has_more"], false);
+    assert_eq!(list["first_id"], "gpt-4o-mini");
+    assert_eq!(list["last_id"], "gpt-only");
+    // Only the models the key may use.
+    let list: Value = get("/v1/models", "sk-only-gpt")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
+
+    let one: Value = get("/v1/models/gpt-only", KEY)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (one["type"].as_str(), one["id"].as_str()),
+        (Some("model"), Some("gpt-only"))
+    );
+    let (status, kind, _) = anthropic_error(get("/v1/models/nope", KEY).await.unwrap()).await;
+    assert_eq!((status, kind.as_str()), (404, "not_found_error"));
+    let (status, kind, _) = anthropic_error(get("/v1/models", "sk-wrong").await.unwrap()).await;
+    assert_eq!((status, kind.as_str()), (401, "authentication_error"));
+
+    // An OpenAI client still gets OpenAI's shape.
+    let list: Value = h
+        .http
+        .get(h.url("/v1/models"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["object"], "list", "{list}");
+}

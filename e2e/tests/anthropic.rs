@@ -90,6 +90,7 @@ out["stream"] = [text_of(m), m.stop_reason, m.usage.input_tokens, m.usage.output
 m = bearer.beta.messages.create(model=model, max_tokens=64, system="Be brief.", messages=hello,
                                 betas=["context-management-2025-06-27"])
 out["beta"] = [text_of(m), m.stop_reason]
+out["models"] = [model in [m.id for m in bearer.models.list()], x_api_key.models.retrieve(model).id]
 tools = [{"name": "weather", "description": "Weather now",
           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}]
 ask = [{"role": "user", "content": "weather in Paris?"}]
@@ -390,6 +391,7 @@ async fn the_anthropic_sdk_talks_to_both_kinds_of_backend_through_v1_messages() 
     );
     assert_eq!(to_claude["count_tokens"], 4, "{to_claude}");
     assert_eq!(to_claude["beta"], json!([text, "end_turn"]), "{to_claude}");
+    assert_eq!(to_claude["models"], json!([true, "claude"]), "{to_claude}");
     // An OpenAI-format backend, translated both ways.
     let text = "[gpt] tok1 tok2 tok3 tok4";
     for auth in ["bearer", "x_api_key"] {
@@ -401,6 +403,7 @@ async fn the_anthropic_sdk_talks_to_both_kinds_of_backend_through_v1_messages() 
         "{to_gpt}"
     );
     assert_eq!(to_gpt["beta"], json!([text, "end_turn"]), "{to_gpt}");
+    assert_eq!(to_gpt["models"], json!([true, "gpt"]), "{to_gpt}");
     assert_eq!(
         to_gpt["count_tokens"],
         json!(["BadRequestError", 400, "invalid_request_error", false]),
