@@ -72,7 +72,8 @@ async fn a_spent_daily_budget_is_served_again_at_every_replica_when_the_control_
         .await;
     let mut replicas = Vec::new();
     for _ in 0..3 {
-        replicas.push(cluster.proxy_with(&[&offset]).await);
+        // A busy test machine must not turn a slow answer to an allowance ask into a 503.
+        replicas.push(cluster.proxy_with(&[&offset, "--allowance-wait=5s"]).await);
     }
     // A daily budget of a handful of requests (a mock answer costs about 0.000014).
     let max_budget = 0.000_1;

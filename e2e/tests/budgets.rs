@@ -103,7 +103,8 @@ async fn key_state(cluster: &Cluster, name: &str) -> pb::ClientKey {
 #[tokio::test]
 async fn a_key_is_refused_once_its_budget_is_spent_and_served_again_when_raised() {
     let (cluster, mock, _) = Cluster::with_one_backend().await;
-    let proxy = cluster.proxy().await;
+    // A busy test machine must not turn a slow answer to an ask into a 503.
+    let proxy = cluster.proxy_with(&["--allowance-wait=5s"]).await;
     // Route prices: $1 in, $2 out per million tokens. A mock answer costs a few hundredths
     // of a thousandth: the budget lasts a handful of requests.
     let max_budget = 0.000_2;
@@ -337,10 +338,13 @@ async fn three_replicas_spend_a_budget_to_within_the_requests_in_flight_and_refu
 }
 
 /// Budgets with the control plane killed mid-run, three replicas behind nginx and a lease of
-/// 3 s: each replica keeps serving a budgeted key from the allowance it holds; once its
+/// 5 s: each replica keeps serving a budgeted key from the allowance it holds; once its
 /// lease has passed, `when_away` decides. Returns the run, the mock and the keys.
 async fn control_plane_killed(when_away: Option<&str>) -> (LocalRun, Mock, String, String) {
-    let mut env = vec![("SLUICE_ALLOWANCE_LEASE", "3s")];
+    let mut env = vec![
+        ("SLUICE_ALLOWANCE_LEASE", "5s"),
+        ("SLUICE_ALLOWANCE_WAIT", "5s"),
+    ];
     if let Some(mode) = when_away {
         env.push(("SLUICE_BUDGET_WHEN_AWAY", mode));
     }
@@ -406,9 +410,9 @@ async fn with_the_control_plane_killed_budgeted_keys_are_refused_once_the_lease_
 async fn with_the_control_plane_killed_and_budget_when_away_serve_requests_are_served_and_counted_later()
  {
     let (run, mock, budgeted, free) = control_plane_killed(Some("serve")).await;
-    // Past the lease (3 s from the last message, which came before the kill): what the
+    // Past the lease (5 s from the last message, which came before the kill): what the
     // replicas held is void, and they serve anyway.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     for i in 0..3 {
         let replica = run.replica(i);
         for stream in [false, true, false] {
