@@ -3,8 +3,12 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures::Stream;
 use sluice_proto::limits;
 use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
+use sluice_proto::v1::{BackendEvent, ReportUsageResponse};
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -12,6 +16,54 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// The client for `DataPlaneService`, authenticated.
 pub type DataPlaneClient = DataPlaneServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// A `ReportUsageRequest` whose records were encoded once, when the request path recorded
+/// them (and wrote the same bytes to the spool): a length-delimited field holding a message's
+/// encoding is, on the wire, exactly that message, so the control plane reads this as the
+/// `ReportUsageRequest` of `proto/sluice/v1/data_plane.proto`, whose field numbers it repeats.
+/// Sending `UsageRecord`s instead would mean cloning and encoding each record again in the
+/// reporter: per request, more work than the rest of the reporter.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Report {
+    #[prost(string, tag = "1")]
+    pub node_id: String,
+    #[prost(string, tag = "2")]
+    pub incarnation: String,
+    /// Each an encoded `UsageRecord`.
+    #[prost(bytes = "bytes", repeated, tag = "3")]
+    pub records: Vec<Bytes>,
+    #[prost(message, repeated, tag = "4")]
+    pub events: Vec<BackendEvent>,
+    #[prost(uint64, tag = "5")]
+    pub previous_sequence: u64,
+}
+
+/// `DataPlaneService.ReportUsage`, sending [`Report`]s; authenticated like
+/// [`DataPlaneClient`], on a connection of its own (so a large snapshot never queues behind
+/// usage, nor usage behind it).
+#[derive(Debug, Clone)]
+pub struct UsageClient(tonic::client::Grpc<InterceptedService<Channel, BearerToken>>);
+
+impl UsageClient {
+    /// Opens a `ReportUsage` stream carrying `reports`; yields the control plane's acks.
+    pub async fn report_usage(
+        &mut self,
+        reports: impl Stream<Item = Report> + Send + 'static,
+    ) -> Result<tonic::Streaming<ReportUsageResponse>, tonic::Status> {
+        self.0
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("control plane unreachable: {e}")))?;
+        let codec = tonic_prost::ProstCodec::<Report, ReportUsageResponse>::default();
+        let path = PathAndQuery::from_static("/sluice.v1.DataPlaneService/ReportUsage");
+        let mut request = tonic::Request::new(reports);
+        request.extensions_mut().insert(tonic::GrpcMethod::new(
+            "sluice.v1.DataPlaneService",
+            "ReportUsage",
+        ));
+        Ok(self.0.streaming(request, path, codec).await?.into_inner())
+    }
+}
 
 /// Errors that make the control-plane connection impossible to even configure.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +127,29 @@ pub fn connect_with_ca(
     token: Option<&str>,
     ca_pem: Option<&[u8]>,
 ) -> Result<DataPlaneClient, ControlError> {
+    Ok(
+        DataPlaneServiceClient::with_interceptor(channel(url, ca_pem)?, BearerToken::new(token)?)
+            .max_decoding_message_size(limits::MAX_SNAPSHOT_BYTES)
+            .max_encoding_message_size(limits::MAX_USAGE_REPORT_BYTES),
+    )
+}
+
+/// The [`UsageClient`] for the control plane at `url`, connecting as [`connect_with_ca`] does.
+pub fn usage_client(
+    url: &str,
+    token: Option<&str>,
+    ca_pem: Option<&[u8]>,
+) -> Result<UsageClient, ControlError> {
+    let service = InterceptedService::new(channel(url, ca_pem)?, BearerToken::new(token)?);
+    Ok(UsageClient(
+        tonic::client::Grpc::new(service)
+            .max_decoding_message_size(limits::MAX_SNAPSHOT_BYTES)
+            .max_encoding_message_size(limits::MAX_USAGE_REPORT_BYTES),
+    ))
+}
+
+/// A lazily connecting channel to `url`; see [`connect`].
+fn channel(url: &str, ca_pem: Option<&[u8]>) -> Result<Channel, ControlError> {
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| ControlError::InvalidUrl(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
@@ -91,12 +166,7 @@ pub fn connect_with_ca(
             .tls_config(tls)
             .map_err(|e| ControlError::Tls(e.to_string()))?;
     }
-    let channel = endpoint.connect_lazy();
-    Ok(
-        DataPlaneServiceClient::with_interceptor(channel, BearerToken::new(token)?)
-            .max_decoding_message_size(limits::MAX_SNAPSHOT_BYTES)
-            .max_encoding_message_size(limits::MAX_USAGE_REPORT_BYTES),
-    )
+    Ok(endpoint.connect_lazy())
 }
 
 /// Who this replica is, as told to the control plane.

@@ -239,6 +239,8 @@ impl Proxy {
         } = self;
         let client =
             control::connect_with_ca(&config.control_plane, token.as_deref(), ca_pem.as_deref())?;
+        let usage_client =
+            control::usage_client(&config.control_plane, token.as_deref(), ca_pem.as_deref())?;
 
         let allowances = Allowances::new(
             config.allowances(),
@@ -258,7 +260,8 @@ impl Proxy {
         if let Some(spool) = &spool {
             spool.start_syncing(usage.clone());
             for replay in spool.take_replays() {
-                let resend = Arc::clone(spool).resend(replay, client.clone(), identity.clone());
+                let resend =
+                    Arc::clone(spool).resend(replay, usage_client.clone(), identity.clone());
                 let stop = stop_resending.clone();
                 tokio::spawn(async move {
                     tokio::select! {
@@ -271,7 +274,7 @@ impl Proxy {
         let cooldowns = Arc::clone(store.cooldowns());
         let clock = store.clock();
         let reporter = tokio::spawn(
-            UsageReporter::new(usage.clone(), client, identity)
+            UsageReporter::new(usage.clone(), usage_client, identity)
                 .resend_events_with(Box::new(move || {
                     cooldowns.unacknowledged_events(clock.now().instant)
                 }))

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::control::{DataPlaneClient, NodeIdentity};
+use crate::control::{NodeIdentity, UsageClient};
 use crate::usage::{UsageReporter, UsageSink};
 
 pub use lane::{Lane, Refused, Written};
@@ -415,7 +415,7 @@ impl Spool {
     pub async fn resend(
         self: Arc<Self>,
         replay: Replay,
-        client: DataPlaneClient,
+        client: UsageClient,
         identity: NodeIdentity,
     ) {
         let total = replay.len() as u64;

@@ -10,6 +10,9 @@
 //! of both counts each record once. When the queue is full the oldest record is dropped and counted. Backend events
 //! (cooldowns) skip the batching delay: other replicas learn of a 429 from the next snapshot.
 //!
+//! A record is encoded once, when it is recorded: the queue holds its bytes, which are also
+//! what the spool writes, and reports carry them as they are ([`Report`]).
+//!
 //! A report holds at most [`BATCH_SIZE`] records and stays under
 //! [`limits::MAX_USAGE_REPORT_BYTES`] encoded. A record that can never be delivered must not
 //! hold back every record after it: one too large for any report is dropped when a batch is
@@ -30,15 +33,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use prost::Message as _;
 use sluice_proto::limits;
-use sluice_proto::v1::{BackendEvent, ReportUsageRequest, UsageRecord};
+use sluice_proto::v1::{BackendEvent, UsageRecord};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::control::{DataPlaneClient, NodeIdentity};
+use crate::control::{NodeIdentity, Report, UsageClient};
 
 /// Default queue capacity in records.
 pub const DEFAULT_CAPACITY: usize = 100_000;
@@ -57,13 +61,32 @@ struct Queue {
     unsendable: AtomicU64,
 }
 
+/// A numbered record in the queue, encoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Queued {
+    pub sequence: u64,
+    /// The encoded `UsageRecord`.
+    pub encoded: Bytes,
+}
+
+impl Queued {
+    /// Numbers `record` with `sequence` and encodes it.
+    pub fn new(mut record: UsageRecord, sequence: u64) -> Self {
+        record.sequence = sequence;
+        Self {
+            sequence,
+            encoded: record.encode_to_vec().into(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct State {
     /// Unacked records, ascending by sequence, each with every lower sequence entered.
-    pending: VecDeque<UsageRecord>,
+    pending: VecDeque<Queued>,
     /// Records entered before a lower sequence was (its thread is still writing it to the
     /// spool), by sequence. Almost always empty.
-    early: BTreeMap<u64, UsageRecord>,
+    early: BTreeMap<u64, Queued>,
     /// Every sequence up to this one has been entered.
     entered: u64,
     /// The reporter sends no record above this sequence (the spool's flushed watermark);
@@ -93,10 +116,18 @@ impl UsageSink {
         records.sort_by_key(|r| r.sequence);
         records.dedup_by_key(|r| r.sequence);
         let next = records.last().map_or(1, |r| r.sequence + 1);
-        Self::with_state(records.len(), next, records.into())
+        let capacity = records.len();
+        let pending = records
+            .into_iter()
+            .map(|record| {
+                let sequence = record.sequence;
+                Queued::new(record, sequence)
+            })
+            .collect();
+        Self::with_state(capacity, next, pending)
     }
 
-    fn with_state(capacity: usize, next_sequence: u64, pending: VecDeque<UsageRecord>) -> Self {
+    fn with_state(capacity: usize, next_sequence: u64, pending: VecDeque<Queued>) -> Self {
         Self {
             queue: Arc::new(Queue {
                 state: Mutex::new(State {
@@ -124,24 +155,24 @@ impl UsageSink {
         self.record_with(record, |_| {})
     }
 
-    /// [`UsageSink::record`], calling `spool` with the numbered record before it enters the
-    /// queue (and so before it can be sent). `spool` runs outside the queue's lock; should it
-    /// panic, the record still enters the queue, so no gap ever holds the reporter back.
-    pub fn record_with(&self, record: UsageRecord, spool: impl FnOnce(&mut UsageRecord)) -> u64 {
+    /// [`UsageSink::record`], calling `spool` with the numbered, encoded record before it
+    /// enters the queue (and so before it can be sent). `spool` runs outside the queue's
+    /// lock; should it panic, the record still enters the queue, so no gap ever holds the
+    /// reporter back.
+    pub fn record_with(&self, record: UsageRecord, spool: impl FnOnce(&Queued)) -> u64 {
         let sequence = self.queue.next_sequence.fetch_add(1, Ordering::Relaxed);
-        let mut entering = Entering {
+        let entering = Entering {
             sink: self,
-            record: Some(record),
+            record: Some(Queued::new(record, sequence)),
         };
-        if let Some(record) = entering.record.as_mut() {
-            record.sequence = sequence;
+        if let Some(record) = &entering.record {
             spool(record);
         }
         sequence
     }
 
     /// Puts a numbered record in the queue, in sequence order.
-    fn enter(&self, record: UsageRecord) {
+    fn enter(&self, record: Queued) {
         let mut state = self.lock();
         if record.sequence != state.entered + 1 {
             state.early.insert(record.sequence, record);
@@ -162,7 +193,7 @@ impl UsageSink {
         }
     }
 
-    fn push(&self, state: &mut State, record: UsageRecord) {
+    fn push(&self, state: &mut State, record: Queued) {
         state.entered = record.sequence;
         if state.pending.len() >= self.queue.capacity {
             state.pending.pop_front();
@@ -283,7 +314,7 @@ impl UsageSink {
     /// Up to `max` sendable records (up to the durable mark) after `sequence`, in order, whose
     /// encoding as the `records` of a report takes at most `max_bytes`. A record too large
     /// for `max_bytes` on its own is dropped from the queue and counted as unsendable.
-    fn batch_after(&self, sequence: u64, max: usize, max_bytes: usize) -> Vec<UsageRecord> {
+    fn batch_after(&self, sequence: u64, max: usize, max_bytes: usize) -> Vec<Queued> {
         let mut state = self.lock();
         let start = state.pending.partition_point(|r| r.sequence <= sequence);
         let durable = state.durable;
@@ -294,7 +325,7 @@ impl UsageSink {
             let Some(record) = state.pending.get(i).filter(|r| r.sequence <= durable) else {
                 break;
             };
-            let size = field_len(record.encoded_len());
+            let size = field_len(record.encoded.len());
             if size > max_bytes {
                 let sequence = record.sequence;
                 state.pending.remove(i);
@@ -373,7 +404,7 @@ impl UsageSink {
 /// unwinding.
 struct Entering<'a> {
     sink: &'a UsageSink,
-    record: Option<UsageRecord>,
+    record: Option<Queued>,
 }
 
 impl Drop for Entering<'_> {
@@ -447,11 +478,7 @@ impl Outbox {
     /// The next report for the current stream: `events` and the records after what it has
     /// sent, all of them when `all`, else only a full batch. `None` when there is nothing
     /// to send.
-    pub fn next_report(
-        &mut self,
-        all: bool,
-        events: Vec<BackendEvent>,
-    ) -> Option<ReportUsageRequest> {
+    pub fn next_report(&mut self, all: bool, events: Vec<BackendEvent>) -> Option<Report> {
         let limit = self.batch_limit();
         let unsent = self.sink.unsent_after(self.sent_upto);
         let send_records = unsent >= limit || (all && unsent > 0);
@@ -470,10 +497,10 @@ impl Outbox {
         let previous_sequence = records
             .first()
             .map_or(0, |first| self.sink.held_before(first.sequence));
-        Some(ReportUsageRequest {
+        Some(Report {
             node_id: self.node_id.clone(),
             incarnation: self.incarnation.clone(),
-            records,
+            records: records.into_iter().map(|r| r.encoded).collect(),
             events,
             previous_sequence,
         })
@@ -523,7 +550,7 @@ impl Outbox {
 /// Ships the queue to the control plane; see the module docs.
 pub struct UsageReporter {
     outbox: Outbox,
-    client: DataPlaneClient,
+    client: UsageClient,
     backoff: Backoff,
     /// Events to tell a newly connected control plane again (those it may have missed).
     resend: Option<ResendEvents>,
@@ -533,7 +560,7 @@ pub struct UsageReporter {
 pub type ResendEvents = Box<dyn Fn() -> Vec<BackendEvent> + Send + Sync>;
 
 impl UsageReporter {
-    pub fn new(sink: UsageSink, client: DataPlaneClient, identity: NodeIdentity) -> Self {
+    pub fn new(sink: UsageSink, client: UsageClient, identity: NodeIdentity) -> Self {
         Self {
             outbox: Outbox::new(sink, identity.node_id, identity.incarnation),
             client,
@@ -589,11 +616,7 @@ impl UsageReporter {
         flushing: &mut bool,
     ) -> Result<(), tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
-        let mut inbound = self
-            .client
-            .report_usage(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let mut inbound = self.client.report_usage(ReceiverStream::new(rx)).await?;
         self.outbox.restart();
         let resend = self.resend.as_ref().map(|f| f()).unwrap_or_default();
         if let Some(report) = (!resend.is_empty())
@@ -636,7 +659,7 @@ impl UsageReporter {
     /// `all`, else only full batches (events always).
     async fn send_unsent(
         &mut self,
-        tx: &mpsc::Sender<ReportUsageRequest>,
+        tx: &mpsc::Sender<Report>,
         all: bool,
     ) -> Result<(), tonic::Status> {
         let mut events = self.outbox.sink.take_events();
@@ -647,10 +670,7 @@ impl UsageReporter {
     }
 }
 
-async fn send(
-    tx: &mpsc::Sender<ReportUsageRequest>,
-    report: ReportUsageRequest,
-) -> Result<(), tonic::Status> {
+async fn send(tx: &mpsc::Sender<Report>, report: Report) -> Result<(), tonic::Status> {
     tx.send(report)
         .await
         .map_err(|_| tonic::Status::unavailable("usage stream closed"))
@@ -717,12 +737,12 @@ mod tests {
         }
         sink.record(sized(5000));
         sink.record(sized(100));
-        let one = field_len(sink.batch_after(0, 1, usize::MAX)[0].encoded_len());
+        let one = field_len(sink.batch_after(0, 1, usize::MAX)[0].encoded.len());
         // Three records' worth of bytes: three per batch.
         let batch = sink.batch_after(0, 100, 3 * one + 1);
         assert_eq!(batch.len(), 3);
-        let report = ReportUsageRequest {
-            records: batch,
+        let report = Report {
+            records: batch.into_iter().map(|r| r.encoded).collect(),
             ..Default::default()
         };
         assert!(report.encoded_len() <= 3 * one + 1);
@@ -734,7 +754,7 @@ mod tests {
         assert_eq!(sink.pending(), 11);
     }
 
-    fn sequences(records: &[UsageRecord]) -> Vec<u64> {
+    fn sequences(records: &[Queued]) -> Vec<u64> {
         records.iter().map(|r| r.sequence).collect()
     }
 
@@ -791,6 +811,61 @@ mod tests {
         assert_eq!(sink.unsent_after(0), 3, "the mark never goes back");
         sink.mark_durable(sink.entered());
         assert_eq!(sequences(&sink.batch_after(3, 10, usize::MAX)), [4, 5]);
+    }
+
+    #[test]
+    fn a_report_is_read_by_the_control_plane_as_the_records_that_were_recorded() {
+        use sluice_proto::v1::ReportUsageRequest;
+        let sink = UsageSink::new(100);
+        let recorded: Vec<UsageRecord> = (0..3)
+            .map(|i| UsageRecord {
+                request_id: format!("req-{i}"),
+                model: "gpt-4o-mini".into(),
+                prompt_tokens: 10 + i,
+                completion_tokens: 20 + i,
+                latency: Some(sluice_proto::wkt::Duration {
+                    seconds: 1,
+                    nanos: 5,
+                }),
+                cost_nanos: 1_000 * i,
+                ..Default::default()
+            })
+            .collect();
+        let mut spooled = Vec::new();
+        for record in &recorded {
+            sink.record_with(record.clone(), |queued| spooled.push(queued.clone()));
+        }
+        sink.ack(1);
+        let mut outbox = Outbox::new(sink, "node-1".into(), "inc-1".into());
+        outbox.restart();
+        let event = BackendEvent {
+            backend_id: "b1".into(),
+            ..Default::default()
+        };
+        let report = outbox.next_report(true, vec![event.clone()]).unwrap();
+        let wire = ReportUsageRequest::decode(report.encode_to_vec().as_slice()).unwrap();
+        let expected: Vec<UsageRecord> = recorded[1..]
+            .iter()
+            .zip(2..)
+            .map(|(record, sequence)| UsageRecord {
+                sequence,
+                ..record.clone()
+            })
+            .collect();
+        assert_eq!(
+            wire,
+            ReportUsageRequest {
+                node_id: "node-1".into(),
+                incarnation: "inc-1".into(),
+                records: expected,
+                events: vec![event],
+                previous_sequence: 0,
+            }
+        );
+        assert_eq!(
+            spooled[1].encoded, report.records[0],
+            "the spool and the report hold the same bytes"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ fn start(
     cp: &FakeControlPlane,
     sink: &UsageSink,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let client = control::connect(&cp.url(), Some(TOKEN)).unwrap();
+    let client = control::usage_client(&cp.url(), Some(TOKEN), None).unwrap();
     let unacknowledged = BackendEvent {
         backend_id: "b1".into(),
         cooldown_until: Some(timestamp(SystemTime::now() + Duration::from_secs(60))),

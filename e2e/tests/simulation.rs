@@ -58,6 +58,7 @@ use sluice_control::store::{NodeHello, Store};
 use sluice_domain::cooldown::author;
 use sluice_proto::v1 as pb;
 use sluice_proxy::clock::Now;
+use sluice_proxy::control::Report;
 use sluice_proxy::cooldown::{Basis, Outcome};
 use sluice_proxy::snapshot::{Applied, SnapshotStore};
 use sluice_proxy::usage::{Outbox, UsageSink};
@@ -751,6 +752,7 @@ impl World {
                 .then(|| replica.outbox.next_report(false, resend))
                 .flatten()
             {
+                let report = on_the_wire(&report);
                 self.in_flight.push(Envelope {
                     replica: i,
                     stream,
@@ -896,6 +898,7 @@ impl World {
             .outbox
             .next_report(all, std::mem::take(&mut events))
         {
+            let report = on_the_wire(&report);
             self.trace(|| {
                 format!(
                     "replica {i} sends on {stream}: {}",
@@ -1421,4 +1424,11 @@ fn inject_failure(conn: &rusqlite::Connection, on: bool) {
         )
         .unwrap();
     }
+}
+
+/// A report as the control plane reads it off the wire: the data plane sends its records
+/// pre-encoded ([`Report`]), the control plane decodes a `ReportUsageRequest`.
+fn on_the_wire(report: &Report) -> pb::ReportUsageRequest {
+    use prost::Message as _;
+    pb::ReportUsageRequest::decode(report.encode_to_vec().as_slice()).unwrap()
 }

@@ -93,6 +93,32 @@ pub fn frame_mark(step: Step, request: u64, record: &mut UsageRecord, out: &mut 
     }
 }
 
+/// Appends the frame of the finish of a request whose record is already encoded (`record`,
+/// an encoded `UsageRecord`): the bytes [`frame_mark`] writes for it, without encoding the
+/// record again. A message field holds its message's encoding as it is, so the entry is
+/// written by hand around it: `Entry.finish` (3) holding `Mark.request` (1, left out when 0,
+/// as proto3 does) and `Mark.record` (2).
+pub fn frame_finish(request: u64, record: &[u8], out: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    let record_len = record.len() as u64;
+    let mut mark_len = key_len(2) + encoded_len_varint(record_len) + record.len();
+    if request != 0 {
+        mark_len += key_len(1) + encoded_len_varint(request);
+    }
+    let at = out.len();
+    out.extend_from_slice(&[0; frame::HEADER_BYTES]);
+    encode_key(3, WireType::LengthDelimited, out);
+    encode_varint(mark_len as u64, out);
+    if request != 0 {
+        encode_key(1, WireType::Varint, out);
+        encode_varint(request, out);
+    }
+    encode_key(2, WireType::LengthDelimited, out);
+    encode_varint(record_len, out);
+    out.extend_from_slice(record);
+    frame::seal(at, out);
+}
+
 /// Decodes the payload of one frame.
 pub fn decode(payload: &[u8]) -> Result<Entry, prost::DecodeError> {
     Entry::decode(payload)
@@ -102,6 +128,30 @@ pub fn decode(payload: &[u8]) -> Result<Entry, prost::DecodeError> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn a_finish_framed_around_its_encoded_record_is_the_finish_prost_writes() {
+        let records = [
+            UsageRecord::default(),
+            UsageRecord {
+                sequence: 300,
+                request_id: "req-1".into(),
+                model: "m".repeat(200),
+                prompt_tokens: 12,
+                completion_tokens: u64::MAX,
+                ..Default::default()
+            },
+        ];
+        for mut record in records {
+            for request in [0, 1, 127, 128, 1 << 40] {
+                let mut by_prost = vec![7];
+                frame_mark(Step::Finish, request, &mut record, &mut by_prost);
+                let mut by_hand = vec![7];
+                frame_finish(request, &record.encode_to_vec(), &mut by_hand);
+                assert_eq!(by_hand, by_prost, "request {request}");
+            }
+        }
+    }
 
     #[test]
     fn a_mark_round_trips_and_the_record_comes_back() {

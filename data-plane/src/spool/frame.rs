@@ -28,6 +28,12 @@ pub fn encode_message(message: &impl prost::Message, out: &mut Vec<u8>) {
     out.extend_from_slice(&[0; HEADER_BYTES]);
     // Encoding into a Vec cannot run out of room.
     let _ = message.encode(out);
+    seal(at, out);
+}
+
+/// Fills in the header of the frame that starts at `at` and runs to the end of `out`, whose
+/// payload was appended after [`HEADER_BYTES`] placeholder bytes.
+pub fn seal(at: usize, out: &mut [u8]) {
     let payload = &out[at + HEADER_BYTES..];
     let len = u32::try_from(payload.len())
         .unwrap_or(u32::MAX)

@@ -27,6 +27,7 @@ use sluice_proto::v1::UsageRecord;
 
 use super::entry::{self, Header, Step};
 use super::{OnFull, Shared, Unwritten};
+use crate::usage::Queued;
 
 /// The spool could not take a request's start and the policy is to refuse the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -152,11 +153,11 @@ impl Lane {
         Ok(self.written(upto))
     }
 
-    /// Appends the finish of a request (numbered `record`; `request` if it had a start); the
-    /// request sends the end of its answer once the returned [`Written`] resolves. A finish
-    /// whose start is in the spool is always appended, even past the size bound, or a replay
-    /// would count the request again as interrupted.
-    pub fn finish(self: &Arc<Self>, request: Option<u64>, record: &mut UsageRecord) -> Written {
+    /// Appends the finish of a request (its numbered, encoded `record`; `request` if it had
+    /// a start); the request sends the end of its answer once the returned [`Written`]
+    /// resolves. A finish whose start is in the spool is always appended, even past the size
+    /// bound, or a replay would count the request again as interrupted.
+    pub fn finish(self: &Arc<Self>, request: Option<u64>, record: &Queued) -> Written {
         let mut state = self.lock();
         if let Some(id) = request
             && state.open.remove(&id).is_some()
@@ -164,7 +165,7 @@ impl Lane {
             self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         let at = state.batch.len();
-        entry::frame_mark(Step::Finish, request.unwrap_or(0), record, &mut state.batch);
+        entry::frame_finish(request.unwrap_or(0), &record.encoded, &mut state.batch);
         let len = state.batch.len() - at;
         if request.is_none() && !self.shared.has_room(len) {
             state.batch.truncate(at);
@@ -566,7 +567,7 @@ mod tests {
         assert_eq!(Pin::new(&mut written).poll(&mut cx), Poll::Ready(Ok(())));
         assert!(contains(&segment_bytes(&lane), "alone"));
         // Its finish: no other request in flight either.
-        let mut written = lane.finish(spooled, &mut record);
+        let mut written = lane.finish(spooled, &Queued::new(record, 1));
         assert_eq!(Pin::new(&mut written).poll(&mut cx), Poll::Ready(Ok(())));
         assert_eq!(lane.in_flight(), 0);
     }
@@ -607,12 +608,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = spool(dir.path());
         let lane = spool.lane(0).unwrap();
-        let mut record = UsageRecord {
+        let record = UsageRecord {
             request_id: "cancelled".into(),
-            sequence: 7,
             ..Default::default()
         };
-        let written = lane.finish(None, &mut record);
+        let written = lane.finish(None, &Queued::new(record, 7));
         assert!(!contains(&segment_bytes(&lane), "cancelled"));
         written.now().unwrap();
         assert!(contains(&segment_bytes(&lane), "cancelled"));
