@@ -246,16 +246,32 @@ impl UsageSink {
 
     /// The highest sequence acked, and the cost of the records after it by client key id:
     /// what the control plane has not counted yet (see `allowance`).
+    /// Runs when a snapshot stream opens, not per request: the records are decoded again,
+    /// outside the queue's lock.
     pub fn unacked_cost_by_key(&self) -> (u64, HashMap<String, u64>) {
-        let state = self.lock();
+        let (acked, unacked): (u64, Vec<Bytes>) = {
+            let state = self.lock();
+            let unacked = state
+                .pending
+                .iter()
+                .chain(state.early.values())
+                .filter(|r| r.sequence > state.acked)
+                .map(|r| r.encoded.clone())
+                .collect();
+            (state.acked, unacked)
+        };
         let mut costs: HashMap<String, u64> = HashMap::new();
-        for r in state.pending.iter().chain(state.early.values()) {
-            if r.sequence > state.acked && r.cost_nanos > 0 {
-                let cost = costs.entry(r.client_key_id.clone()).or_default();
-                *cost = cost.saturating_add(r.cost_nanos);
+        for encoded in unacked {
+            // The queue encoded it: it decodes.
+            let Ok(record) = UsageRecord::decode(encoded) else {
+                continue;
+            };
+            if record.cost_nanos > 0 {
+                let cost = costs.entry(record.client_key_id).or_default();
+                *cost = cost.saturating_add(record.cost_nanos);
             }
         }
-        (state.acked, costs)
+        (acked, costs)
     }
 
     /// From now on the reporter sends only records up to the sequence last given to
@@ -865,6 +881,28 @@ mod tests {
         assert_eq!(
             spooled[1].encoded, report.records[0],
             "the spool and the report hold the same bytes"
+        );
+    }
+
+    #[test]
+    fn what_the_control_plane_has_not_counted_is_summed_by_key() {
+        let sink = UsageSink::new(100);
+        let cost = |key: &str, cost_nanos| UsageRecord {
+            client_key_id: key.into(),
+            cost_nanos,
+            ..Default::default()
+        };
+        sink.record(cost("a", 5));
+        sink.record(cost("a", 7));
+        sink.record(cost("b", 11));
+        sink.record(cost("c", 0));
+        sink.record(cost("b", 13));
+        sink.ack(1);
+        let (acked, costs) = sink.unacked_cost_by_key();
+        assert_eq!(acked, 1);
+        assert_eq!(
+            costs,
+            HashMap::from([("a".to_owned(), 7), ("b".to_owned(), 24)])
         );
     }
 
