@@ -420,10 +420,11 @@ pub async fn expiry(r: &KeyRounds<'_>, lead: Duration) -> Result<PropagationResu
     Ok(result)
 }
 
-/// `rounds` times: a key with a daily budget smaller than one request is spent and refused by
-/// every replica; time from the end of its period (periods last `period`, the control plane's
-/// `--budget-period-length`) until every replica serves it again. The requests that show it
-/// spend the new period's budget, so the next round starts refused; a round whose refusal has
+/// `rounds` times: a key with a daily budget of a few requests is spent and refused by every
+/// replica (a budget below one request's reserve would never be granted again under
+/// allowances); time from the end of its period (periods last `period`, the control plane's
+/// `--budget-period-length`) until every replica serves it again. The next round spends the
+/// new period's budget first; a round whose refusal has
 /// not reached every replica before the next boundary waits for the one after.
 pub async fn period_reset(
     r: &KeyRounds<'_>,
@@ -433,7 +434,8 @@ pub async fn period_reset(
     let (_, key) = r
         .create_key(pb::CreateClientKeyRequest {
             name: "propagation-period".into(),
-            max_budget: 1e-9,
+            // About seven of the benchmark's requests: the three that show a reset fit in it.
+            max_budget: 1e-4,
             budget_period: pb::BudgetPeriod::Daily as i32,
             ..Default::default()
         })

@@ -572,8 +572,8 @@ impl Bench {
              - **Key expired:** a new key expiring {EXPIRY_LEAD:?} after its creation, served by \
              all three first; timed from its `expire_time` until all three answer 401 (the \
              control plane's expiry sweep, then a snapshot).\n\
-             - **Budget period reset:** a key with a daily budget smaller than one request, refused \
-             by all three; timed from the end of its period until all three serve it again (the \
+             - **Budget period reset:** a key with a daily budget of a few requests, spent and \
+             refused by all three; timed from the end of its period until all three serve it again (the \
              control plane's reset timer, then a snapshot). The benchmark's control plane runs \
              with periods of {BUDGET_PERIOD:?} (`--budget-period-length`, hidden, tests only) \
              so that it resets once a second.\n",
