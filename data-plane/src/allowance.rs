@@ -81,6 +81,13 @@ pub struct Pool {
     last_grant: AtomicI64,
     /// When the ask on its way was queued (ms since the registry's start + 1; 0: none).
     asking: AtomicU64,
+    /// Asks queued on this stream and not answered yet. The control plane answers each ask
+    /// once, in order.
+    unanswered: AtomicU64,
+    /// Of the next answers, how many answer asks made before the latest snapshot: their
+    /// `exhausted` may speak of a period since reset or a budget since raised, and is not
+    /// believed (the request asks again instead of being refused for a second).
+    stale: AtomicU64,
     /// When the control plane last answered that nothing could be granted (ms since the
     /// registry's start + 1; 0: not exhausted).
     exhausted_at: AtomicU64,
@@ -97,6 +104,8 @@ impl Pool {
             period_start_ms: AtomicI64::new(0),
             last_grant: AtomicI64::new(0),
             asking: AtomicU64::new(0),
+            unanswered: AtomicU64::new(0),
+            stale: AtomicU64::new(0),
             exhausted_at: AtomicU64::new(0),
             changed: Notify::new(),
             words: std::sync::Mutex::new((max_budget, resets)),
@@ -339,6 +348,8 @@ impl Allowances {
         };
         if self.asks.try_send(ask).is_err() {
             pool.asking.store(0, Ordering::Release);
+        } else {
+            pool.unanswered.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -358,6 +369,8 @@ impl Allowances {
                 None => Arc::new(Pool::new(max_budget, resets)),
             };
             pool.exhausted_at.store(0, Ordering::Release);
+            pool.stale
+                .store(pool.unanswered.load(Ordering::Acquire), Ordering::Release);
             next.insert(id, pool);
         }
         self.pools.store(Arc::new(next));
@@ -439,6 +452,9 @@ impl Allowances {
         self.connected.store(open, Ordering::Release);
         if !open {
             for pool in self.pools.load().values() {
+                // The asks of a closed stream are never answered.
+                pool.unanswered.store(0, Ordering::Release);
+                pool.stale.store(0, Ordering::Release);
                 pool.asking.store(0, Ordering::Release);
                 pool.changed.notify_waiters();
             }
@@ -480,7 +496,18 @@ impl Allowances {
             if nanos > 0 {
                 pool.last_grant.store(nanos, Ordering::Release);
             }
-            let exhausted = if grant.exhausted { self.now_ms() } else { 0 };
+            let _ = pool
+                .unanswered
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            let stale = pool
+                .stale
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok();
+            let exhausted = if grant.exhausted && !stale {
+                self.now_ms()
+            } else {
+                0
+            };
             pool.exhausted_at.store(exhausted, Ordering::Release);
             pool.asking.store(0, Ordering::Release);
             pool.changed.notify_waiters();
@@ -569,6 +596,40 @@ mod tests {
         ));
         // What is left still admits what it covers.
         assert!(a.admit("k", 30).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_answer_to_an_ask_made_before_a_period_reset_does_not_refuse() {
+        let a = allowances(WhenAway::Refuse);
+        let waiting = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.admit("k", 10).await.map(|r| r.map(|r| r.reserve())) }
+        });
+        // Asked in the old period; the reset's snapshot arrives before the answer.
+        let mut queued = a.queued.lock().await;
+        queued.recv().await.unwrap();
+        a.budgeted(vec![("k".into(), 1.0, None)]);
+        a.heard(Some(&grant("k", 0, true)), false);
+        // The waiting request asks again at once, and is served from the new period.
+        let ask = tokio::time::timeout(Duration::from_millis(150), queued.recv())
+            .await
+            .expect("asked again, not refused")
+            .unwrap();
+        assert_eq!(ask.want_nanos, 10);
+        a.heard(Some(&grant("k", 100, false)), false);
+        assert_eq!(waiting.await.unwrap(), Ok(Some(10)));
+        // An exhausted answer to an ask made under the current snapshot is believed.
+        a.pool("k").unwrap().available.store(0, Ordering::Release);
+        let waiting = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.admit("k", 10).await.map(|r| r.is_some()) }
+        });
+        queued.recv().await.unwrap();
+        a.heard(Some(&grant("k", 0, true)), false);
+        assert!(matches!(
+            waiting.await.unwrap(),
+            Err(Refusal::Exhausted { .. })
+        ));
     }
 
     #[tokio::test]
