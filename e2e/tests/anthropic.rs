@@ -8,8 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, Mock, eventually};
-use serde_json::{Value, json};
+use common::{Cluster, Mock, eventually, python};
+use serde_json::json;
 use sluice_e2e::mock::Fault;
 use sluice_proto::v1 as pb;
 
@@ -127,23 +127,6 @@ out["rate_limited"] = error_of(lambda: create(limited))
 out["overloaded"] = error_of(lambda: create(bearer, busy))
 print(json.dumps(out))
 "#;
-
-async fn python(script: &str, args: &[&str]) -> Value {
-    let output = tokio::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .await
-        .expect("python3 with the openai and anthropic packages (run e2e/test-all.sh)");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "SDK script failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
-}
 
 #[tokio::test]
 async fn the_openai_sdk_talks_to_an_anthropic_backend() {

@@ -187,18 +187,7 @@ async fn a_key_is_refused_once_its_budget_is_spent_and_served_again_when_raised(
     // The official Python SDK raises its usual class for a spent quota (and, with retries
     // allowed, does not retry it: `x-should-retry: false`). Its prompt alone is estimated
     // to cost more than what remains: refused without being sent.
-    let output = tokio::process::Command::new("python3")
-        .args(["-c", PYTHON_SPENT, &proxy.url("/v1"), &key])
-        .output()
-        .await
-        .expect("python3 with the openai package (run e2e/test-all.sh)");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let out: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let out = common::python(PYTHON_SPENT, &[&proxy.url("/v1"), &key]).await;
     assert_eq!(
         out,
         serde_json::json!(["RateLimitError", 429, "insufficient_quota"])

@@ -163,18 +163,7 @@ async fn token_limits_of_a_key_and_of_a_backend_hold_across_three_replicas_behin
     for i in 0..3 {
         assert_eq!(run.replica(i).chat(&sdk, "m").await.status(), 200);
     }
-    let output = tokio::process::Command::new("python3")
-        .args(["-c", PYTHON_TPM, &front.url("/v1"), &sdk])
-        .output()
-        .await
-        .expect("python3 with the openai package (run e2e/test-all.sh)");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let out: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let out = common::python(PYTHON_TPM, &[&front.url("/v1"), &sdk]).await;
     assert_eq!(
         out,
         serde_json::json!(["RateLimitError", 429, "rate_limit_exceeded", true])

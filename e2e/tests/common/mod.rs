@@ -965,3 +965,22 @@ pub async fn report_cooldown(api: &ControlApi, backend_id: &str, reason: &str) {
     .await;
     drop(tx);
 }
+
+/// Runs the Python `script` (`python3 -c`) with `args` and returns what it printed as JSON:
+/// how the tests drive the official SDKs, which `e2e/test-all.sh` installs.
+pub async fn python(script: &str, args: &[&str]) -> serde_json::Value {
+    let output = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .await
+        .expect("python3 with the openai and anthropic packages (run e2e/test-all.sh)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
