@@ -276,11 +276,11 @@ async fn allowances_are_granted_on_the_snapshot_stream_from_what_remains() {
             }
         }
     };
-    // 1/32 of the budget for the one replica asking.
+    // 1/64 of the budget for the one replica asking.
     let grant = ask(10).await;
-    assert_eq!((grant.granted_nanos, grant.exhausted), (31_250, false));
+    assert_eq!((grant.granted_nanos, grant.exhausted), (15_625, false));
     // More than remains after it: refused.
-    let grant = ask(968_751).await;
+    let grant = ask(984_376).await;
     assert_eq!((grant.granted_nanos, grant.exhausted), (0, true));
 
     // The replica spends its grant; once the record is ingested (acked), it no longer
@@ -289,15 +289,15 @@ async fn allowances_are_granted_on_the_snapshot_stream_from_what_remains() {
         .report_usage(tokio_stream::iter(vec![pb::ReportUsageRequest {
             node_id: "r1".into(),
             incarnation: "i1".into(),
-            records: vec![record(1, &key.id, now_ms(), 31_250)],
+            records: vec![record(1, &key.id, now_ms(), 15_625)],
             ..Default::default()
         }]))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 1);
-    let grant = ask(968_750).await;
-    assert_eq!((grant.granted_nanos, grant.exhausted), (968_750, false));
+    let grant = ask(984_375).await;
+    assert_eq!((grant.granted_nanos, grant.exhausted), (984_375, false));
     assert!(ask(1).await.exhausted, "everything is granted");
     drop(old_tx);
 }

@@ -78,7 +78,18 @@ impl DataPlaneApi {
         let mut engine = self.allowances.lock().await;
         for ask in asks {
             let now = now_ms();
-            let budget = match self.store.key_budget(ask.client_key_id.clone(), now).await {
+            // Replicas whose records the store may have committed and the engine not yet
+            // charged: their high-water marks are read with the spend.
+            let committing = engine.committing_replicas(&ask.client_key_id);
+            let names = committing
+                .iter()
+                .map(|r| (r.node_id.clone(), r.incarnation.clone()))
+                .collect();
+            let budget = match self
+                .store
+                .key_budget(ask.client_key_id.clone(), now, names)
+                .await
+            {
                 Ok(budget) => budget,
                 Err(err) => {
                     // Nothing granted, not exhausted: the replica may ask again, and its
@@ -93,17 +104,22 @@ impl DataPlaneApi {
                 }
             };
             let grant = match budget {
-                Some(b) => engine.ask(
-                    replica,
-                    &ask.client_key_id,
-                    ask.want_nanos,
-                    Budget {
-                        max_nanos: b.max_nanos,
-                        period_start_ms: b.period_start_ms,
-                        spent_nanos: b.spent_nanos,
-                    },
-                    now,
-                ),
+                Some(b) => {
+                    let committed: Vec<(Replica, u64)> =
+                        committing.into_iter().zip(b.high_water).collect();
+                    engine.ask(
+                        replica,
+                        &ask.client_key_id,
+                        ask.want_nanos,
+                        Budget {
+                            max_nanos: b.max_nanos,
+                            period_start_ms: b.period_start_ms,
+                            spent_nanos: b.spent_nanos,
+                        },
+                        &committed,
+                        now,
+                    )
+                }
                 // Revoked, or its budget removed: the next snapshot tells the replica.
                 None => crate::allowance::Grant {
                     nanos: 0,
@@ -434,6 +450,14 @@ impl DataPlaneApi {
         }
         check_id("incarnation", &batch.incarnation)?;
         let charges = Charges::of(&batch);
+        if let Some(c) = &charges {
+            // Before the store may commit them: an ask that reads a spend including them
+            // must know they are no longer outstanding.
+            self.allowances.lock().await.committing(
+                &c.replica,
+                c.records.iter().map(|(q, k, n)| (*q, k.as_str(), *n)),
+            );
+        }
         let applied = self.usage.submit(batch_of(batch)).await;
         Ok(Some((applied, charges)))
     }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{Connection, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::{Reader, Store, StoreError, WriteOp, nanos_to_db};
 use crate::client_key::ClientKey;
@@ -87,12 +87,14 @@ pub(crate) fn spent_in_period(
 }
 
 /// A key's budget and what it spent in its current period, as allowances are granted from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyBudget {
     pub max_nanos: u64,
     /// The start of the period (Unix ms); 0 for a lifetime budget.
     pub period_start_ms: i64,
     pub spent_nanos: u64,
+    /// The usage high-water mark of each replica asked for, as of that spend (0: none).
+    pub high_water: Vec<u64>,
 }
 
 impl Store {
@@ -102,19 +104,35 @@ impl Store {
         &self,
         id: String,
         now_ms: i64,
+        replicas: Vec<(String, String)>,
     ) -> Result<Option<KeyBudget>, StoreError> {
         self.read(Reader::Queries, move |conn, _| {
             let tx = conn.transaction()?;
             let Some(key) = budgeted_key(&tx, &id)? else {
                 return Ok(None);
             };
+            let spent_nanos = spent_in_period(&tx, &key, now_ms)?;
+            // In the same transaction as the spend: the records it counts are exactly those
+            // at or below these marks.
+            let mut high_water = Vec::with_capacity(replicas.len());
+            let mut query = tx.prepare_cached(
+                "SELECT sequence FROM usage_high_water WHERE node_id = ?1 AND incarnation = ?2",
+            )?;
+            for (node_id, incarnation) in &replicas {
+                let mark: Option<i64> = query
+                    .query_row(params![node_id, incarnation], |row| row.get(0))
+                    .optional()?;
+                high_water.push(mark.map_or(0, |m| m.max(0) as u64));
+            }
+            drop(query);
             Ok(Some(KeyBudget {
                 max_nanos: key.max_budget_nanos,
                 period_start_ms: key
                     .budget_period
                     .period_of(now_ms)
                     .map_or(0, |(start, _)| start),
-                spent_nanos: spent_in_period(&tx, &key, now_ms)?,
+                spent_nanos,
+                high_water,
             }))
         })
         .await
