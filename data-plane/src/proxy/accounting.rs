@@ -29,7 +29,12 @@ pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 pub use crate::usage::Tokens;
 
-pub struct Accounting {
+/// Boxed: the request's futures carry it by value through several layers (serving,
+/// forwarding, relaying, answering an error), and each layer's state held its own copy of
+/// every field; a pointer keeps those futures, and each move of the request, small.
+pub struct Accounting(Box<Ledger>);
+
+struct Ledger {
     sink: UsageSink,
     /// This serving thread's writer into the spool, if there is one.
     spool: Option<Arc<Lane>>,
@@ -83,7 +88,7 @@ impl Accounting {
         started: Instant,
         arrived: SystemTime,
     ) -> Self {
-        Self {
+        Self(Box::new(Ledger {
             _in_flight: metrics.in_flight(),
             sink,
             spool,
@@ -113,37 +118,37 @@ impl Accounting {
             _parallel: None,
             budget: None,
             done: false,
-        }
+        }))
     }
 
     /// The prompt's tokens estimated from the request body (`⌈bytes / 4⌉`): what the token
     /// limits are charged at admission, before the answer says how many there were.
     pub fn estimate_prompt(&mut self, body_bytes: usize) {
-        self.prompt_estimate = (body_bytes as u64).div_ceil(4);
+        self.0.prompt_estimate = (body_bytes as u64).div_ceil(4);
     }
 
     pub fn prompt_estimate(&self) -> u64 {
-        self.prompt_estimate
+        self.0.prompt_estimate
     }
 
     /// The upstream streamed one more delta of output (text, tool-call arguments, …): the
     /// completion has at least one token more, should its usage never arrive.
     pub fn output_delta(&mut self) {
-        self.output_deltas += 1;
+        self.0.output_deltas += 1;
     }
 
     /// The key's limits this request was admitted under: its TPM reservation and its place
     /// among the key's requests in flight, both held until the record is emitted.
     pub fn admitted_under(&mut self, tokens: Option<Reservation>, parallel: Option<InFlight>) {
-        self.key_tokens = tokens;
-        self._parallel = parallel;
+        self.0.key_tokens = tokens;
+        self.0._parallel = parallel;
     }
 
     /// The request goes to a backend that reserved `tokens` for it. A reservation at an
     /// earlier backend is handed back: that attempt failed before any answer reached the
     /// client, and a provider counts no tokens for a refusal or an error.
     pub fn backend_tokens(&mut self, tokens: Option<Reservation>) {
-        if let Some(earlier) = std::mem::replace(&mut self.backend_tokens, tokens) {
+        if let Some(earlier) = std::mem::replace(&mut self.0.backend_tokens, tokens) {
             earlier.cancel();
         }
     }
@@ -151,58 +156,62 @@ impl Accounting {
     /// The request was admitted on `reservation` of its key's budget allowance: the record's
     /// cost is settled into it when the request ends.
     pub fn reserved(&mut self, reservation: BudgetReservation) {
-        self.budget = Some(reservation);
+        self.0.budget = Some(reservation);
     }
 
     /// A route serves the requested model; `name` is the snapshot's copy of its name, which
     /// the record and the metrics then carry.
     pub fn model_routed(&mut self, name: &Arc<str>) {
-        self.record.model = name.to_string();
-        self.model_label = Some(Arc::clone(name));
+        self.0.record.model = name.to_string();
+        self.0.model_label = Some(Arc::clone(name));
     }
 
     /// An upstream attempt took `took` (until its answer, or its first event for a stream).
     pub fn waited_upstream(&mut self, took: Duration) {
-        self.upstream_wait += took;
+        self.0.upstream_wait += took;
     }
 
     /// The response head goes to the client now: if the request reached a backend, records
     /// the gateway overhead, the time so far not spent waiting on upstream attempts.
     pub fn head_ready(&self) {
-        if self.record.attempts > 0 {
-            self.metrics
-                .overhead(self.started.elapsed().saturating_sub(self.upstream_wait));
+        if self.0.record.attempts > 0 {
+            self.0.metrics.overhead(
+                self.0
+                    .started
+                    .elapsed()
+                    .saturating_sub(self.0.upstream_wait),
+            );
         }
     }
 
     /// The answer is the stream of the attempt sent at `sent`; its upstream latency is
     /// recorded when the stream ends.
     pub fn relaying_stream_sent_at(&mut self, sent: Instant) {
-        self.stream_sent = Some(sent);
+        self.0.stream_sent = Some(sent);
     }
 
     pub fn endpoint(&self) -> Endpoint {
-        self.endpoint
+        self.0.endpoint
     }
 
     pub fn started(&self) -> Instant {
-        self.started
+        self.0.started
     }
 
     pub fn attempts(&self) -> u32 {
-        self.record.attempts
+        self.0.record.attempts
     }
 
     /// The request asked for `model`. Until [`Accounting::model_routed`] names the route's
     /// copy, the record says [`OTHER_MODEL`]: a name no route serves is the client's
     /// invention, of any length, and must not reach usage records, metrics or logs.
     pub fn set_request(&mut self, model: &str, stream: bool) {
-        self.record.model = if model.is_empty() {
+        self.0.record.model = if model.is_empty() {
             String::new()
         } else {
             OTHER_MODEL.to_owned()
         };
-        self.record.stream = stream;
+        self.0.record.stream = stream;
     }
 
     /// Counts an attempt at `backend` (by a route with `prices`), which becomes the backend
@@ -210,15 +219,15 @@ impl Accounting {
     /// writes the record so far to the spool: the upstream may be called once this returns.
     /// Fails only when the spool cannot record the request and the policy is to refuse it.
     pub async fn attempt(&mut self, backend: &Backend, prices: Prices) -> Result<(), ProxyError> {
-        self.record.attempts += 1;
-        self.prices = prices;
-        self.record.backend_id.clone_from(&backend.id);
-        self.backend_name = Some(Arc::clone(&backend.name));
-        let Some(lane) = self.spool.clone() else {
+        self.0.record.attempts += 1;
+        self.0.prices = prices;
+        self.0.record.backend_id.clone_from(&backend.id);
+        self.0.backend_name = Some(Arc::clone(&backend.name));
+        let Some(lane) = self.0.spool.clone() else {
             return Ok(());
         };
-        let first = self.spooled.is_none();
-        let written = match lane.start(&mut self.spooled, &mut self.record) {
+        let first = self.0.spooled.is_none();
+        let written = match lane.start(&mut self.0.spooled, &mut self.0.record) {
             Ok(written) => written.await,
             Err(Refused(why)) => Err(why),
         };
@@ -230,46 +239,49 @@ impl Accounting {
 
     /// The request is refused before any upstream call: the record says no backend was tried.
     fn refused(&mut self, why: Unwritten) -> ProxyError {
-        self.record.attempts = 0;
-        self.record.backend_id.clear();
-        self.backend_name = None;
+        self.0.record.attempts = 0;
+        self.0.record.backend_id.clear();
+        self.0.backend_name = None;
         ProxyError::UsageUnrecordable(why)
     }
 
     pub fn tokens(&mut self, tokens: Tokens) {
-        self.record.prompt_tokens = tokens.prompt;
-        self.record.completion_tokens = tokens.completion;
-        self.record.cached_prompt_tokens = tokens.cached_prompt;
-        self.record.reasoning_tokens = tokens.reasoning;
+        self.0.record.prompt_tokens = tokens.prompt;
+        self.0.record.completion_tokens = tokens.completion;
+        self.0.record.cached_prompt_tokens = tokens.cached_prompt;
+        self.0.record.reasoning_tokens = tokens.reasoning;
     }
 
     /// Marks the first byte or event sent to the client (only the first call counts).
     pub fn first_byte(&mut self) {
-        if self.first_byte.is_none() {
-            self.first_byte = Some(self.started.elapsed());
+        if self.0.first_byte.is_none() {
+            self.0.first_byte = Some(self.0.started.elapsed());
         }
     }
 
     /// The response status has gone out (a stream's head); a later cancel keeps it.
     pub fn status_sent(&mut self, status: StatusCode) {
-        self.status_sent = Some(status);
+        self.0.status_sent = Some(status);
     }
 
     /// Whether the answer names its backend in `x-sluice-backend` (the setting
     /// `expose_backend_header`, off by default).
     pub fn expose_backend(&mut self, expose: bool) {
-        self.expose_backend = expose;
+        self.0.expose_backend = expose;
     }
 
     /// `x-sluice-attempts`, and `x-sluice-backend` if exposed, for the response.
     pub fn decorate(&self, headers: &mut HeaderMap) {
-        if self.expose_backend
-            && let Some(name) = &self.backend_name
+        if self.0.expose_backend
+            && let Some(name) = &self.0.backend_name
             && let Ok(value) = HeaderValue::from_str(name)
         {
             headers.insert("x-sluice-backend", value);
         }
-        headers.insert("x-sluice-attempts", HeaderValue::from(self.record.attempts));
+        headers.insert(
+            "x-sluice-attempts",
+            HeaderValue::from(self.0.record.attempts),
+        );
     }
 
     /// Emits the record and the log line. The end of the answer may go to the client once
@@ -279,26 +291,26 @@ impl Accounting {
     }
 
     fn emit(&mut self, status: u16, kind: ErrorKind) -> Written {
-        if std::mem::replace(&mut self.done, true) {
+        if std::mem::replace(&mut self.0.done, true) {
             return Written::ready();
         }
-        let latency = self.started.elapsed();
-        let mut record = std::mem::take(&mut self.record);
+        let latency = self.0.started.elapsed();
+        let mut record = std::mem::take(&mut self.0.record);
         record.status_code = u32::from(status);
         record.error_kind = kind as i32;
         record.latency = Some(proto_duration(latency));
-        record.time_to_first_token = self.first_byte.map(proto_duration);
+        record.time_to_first_token = self.0.first_byte.map(proto_duration);
         self.estimate_unreported(&mut record, kind);
         let used = record
             .prompt_tokens
             .saturating_add(record.completion_tokens);
-        for reservation in [self.key_tokens.take(), self.backend_tokens.take()]
+        for reservation in [self.0.key_tokens.take(), self.0.backend_tokens.take()]
             .into_iter()
             .flatten()
         {
             reservation.settle(used);
         }
-        record.cost_nanos = self.prices.cost_nanos(
+        record.cost_nanos = self.0.prices.cost_nanos(
             record.prompt_tokens,
             record.cached_prompt_tokens,
             record.completion_tokens,
@@ -308,12 +320,12 @@ impl Accounting {
             request_id = %record.request_id,
             client_key = %record.client_key_id,
             model = %record.model,
-            backend = self.backend_name.as_deref().unwrap_or(""),
+            backend = self.0.backend_name.as_deref().unwrap_or(""),
             status,
             attempts = record.attempts,
             stream = record.stream,
             latency_ms = latency.as_millis() as u64,
-            ttft_ms = self.first_byte.map(|d| d.as_millis() as u64),
+            ttft_ms = self.0.first_byte.map(|d| d.as_millis() as u64),
             prompt_tokens = record.prompt_tokens,
             completion_tokens = record.completion_tokens,
             cached_prompt_tokens = record.cached_prompt_tokens,
@@ -322,34 +334,38 @@ impl Accounting {
             error_kind = kind.as_str_name(),
             "request finished"
         );
-        let backend = self.backend_name.as_ref().map_or(Label::NONE, Label::from);
-        let model = match &self.model_label {
+        let backend = self
+            .0
+            .backend_name
+            .as_ref()
+            .map_or(Label::NONE, Label::from);
+        let model = match &self.0.model_label {
             Some(name) => Label::from(name),
             None if record.model.is_empty() => Label::NONE,
             None => Label::OTHER_MODEL,
         };
-        self.metrics.request(&backend, &model, status);
-        if let Some(sent) = self.stream_sent {
-            self.metrics.upstream_latency(&backend, sent.elapsed());
+        self.0.metrics.request(&backend, &model, status);
+        if let Some(sent) = self.0.stream_sent {
+            self.0.metrics.upstream_latency(&backend, sent.elapsed());
         }
-        let (spool, spooled) = (&self.spool, self.spooled);
+        let (spool, spooled) = (&self.0.spool, self.0.spooled);
         // A request that reached a backend and learnt no tokens (cut off before the usage
         // came) keeps its reserve spent: the provider may well have charged for it.
         let tokens_known = record.prompt_tokens > 0 || record.completion_tokens > 0;
-        let spent = match &self.budget {
+        let spent = match &self.0.budget {
             Some(r) if record.attempts > 0 && !tokens_known => {
                 record.cost_nanos.max(r.reserve().max(0) as u64)
             }
             _ => record.cost_nanos,
         };
         let mut written = Written::ready();
-        self.sink.record_with(record, |record| {
+        self.0.sink.record_with(record, |record| {
             if let Some(lane) = spool {
                 written = lane.finish(spooled, record);
             }
         });
         // After the record is queued: see `allowance::Allowances::hello`.
-        if let Some(reservation) = self.budget.take() {
+        if let Some(reservation) = self.0.budget.take() {
             reservation.settle(spent);
         }
         written
@@ -372,10 +388,10 @@ impl Accounting {
             return;
         }
         let prompt = match record.prompt_tokens {
-            0 => self.prompt_estimate,
+            0 => self.0.prompt_estimate,
             reported => reported,
         };
-        let completion = record.completion_tokens.max(self.output_deltas);
+        let completion = record.completion_tokens.max(self.0.output_deltas);
         if (prompt, completion) != (record.prompt_tokens, record.completion_tokens) {
             record.prompt_tokens = prompt;
             record.completion_tokens = completion;
@@ -386,8 +402,9 @@ impl Accounting {
 
 impl Drop for Accounting {
     fn drop(&mut self) {
-        if !self.done {
+        if !self.0.done {
             let status = self
+                .0
                 .status_sent
                 .map_or(CLIENT_CLOSED_REQUEST, |s| s.as_u16());
             // Nothing more goes to the client: write it now rather than wait for others.
