@@ -2,10 +2,12 @@
 //! the control plane granted this replica, which requests spend locally. A request is
 //! admitted when the pool covers its reserve (what its prompt is estimated to cost); when
 //! it ends, the difference between its real cost and its reserve is settled into the pool
-//! (which may go below zero: a debt the next grant pays first). When the pool falls below
-//! half of its last grant, the serving thread that notices queues one ask for more on the
-//! snapshot stream (`subscribe`), without waiting; a request that finds the pool empty waits
-//! up to `--allowance-wait` for the answer.
+//! (which may go below zero: a debt the next grant pays first, so an ask asks for the debt
+//! and the reserve together; a snapshot of a new budget period voids a debt of the old
+//! one). When the pool falls below half of its last grant, the serving thread that notices
+//! queues one ask for more on the snapshot stream (`subscribe`), without waiting, as long as
+//! the control plane has plenty left (its last grant was more than asked); a request that
+//! finds the pool short waits up to `--allowance-wait` for the answer.
 //!
 //! Hot path: one `ArcSwap` load and a hash lookup to find the key's pool, one
 //! compare-and-swap on the pool and one `fetch_add` on what is in flight to admit, two
@@ -79,6 +81,13 @@ pub struct Pool {
     /// The budget period of the grants (Unix ms; 0: lifetime).
     period_start_ms: AtomicI64,
     last_grant: AtomicI64,
+    /// What the latest ask asked for.
+    last_want: AtomicI64,
+    /// The latest grant was more than was asked: the control plane has plenty left, so a
+    /// request asks for more before the pool runs out. Near the end of a budget it grants
+    /// only what is asked, and money asked ahead would sit in this pool while another
+    /// replica is refused: then requests ask only when the pool cannot cover them.
+    roomy: AtomicBool,
     /// When the ask on its way was queued (ms since the registry's start + 1; 0: none).
     asking: AtomicU64,
     /// Asks queued on this stream and not answered yet. The control plane answers each ask
@@ -103,6 +112,8 @@ impl Pool {
             in_flight: AtomicI64::new(0),
             period_start_ms: AtomicI64::new(0),
             last_grant: AtomicI64::new(0),
+            last_want: AtomicI64::new(0),
+            roomy: AtomicBool::new(false),
             asking: AtomicU64::new(0),
             unanswered: AtomicU64::new(0),
             stale: AtomicU64::new(0),
@@ -286,7 +297,9 @@ impl Allowances {
                     });
             } else if pool.try_take(reserve) {
                 let left = pool.available();
-                if left < pool.last_grant.load(Ordering::Acquire) / 2 {
+                if pool.roomy.load(Ordering::Acquire)
+                    && left < pool.last_grant.load(Ordering::Acquire) / 2
+                {
                     self.ask(key_id, &pool, reserve);
                 }
                 return Ok(Some(Reservation {
@@ -328,7 +341,9 @@ impl Allowances {
     }
 
     /// Queues one ask for `key_id` unless one is queued or on its way already (an ask left
-    /// unanswered for [`ASK_AGAIN_AFTER`] is made again).
+    /// unanswered for [`ASK_AGAIN_AFTER`] is made again). It asks for `want` and the pool's
+    /// debt: a grant pays the debt first, so an ask for `want` alone would leave a pool in
+    /// debt short, and its request asking again and again until its wait ran out.
     fn ask(&self, key_id: &str, pool: &Pool, want: i64) {
         let now = self.now_ms();
         let asked = pool.asking.load(Ordering::Acquire);
@@ -342,9 +357,12 @@ impl Allowances {
         {
             return; // another thread is asking
         }
+        let debt = pool.available().min(0);
+        let want = want.saturating_sub(debt).max(1);
+        pool.last_want.store(want, Ordering::Release);
         let ask = Ask {
             client_key_id: key_id.to_owned(),
-            want_nanos: want.max(1) as u64,
+            want_nanos: want as u64,
         };
         if self.asks.try_send(ask).is_err() {
             pool.asking.store(0, Ordering::Release);
@@ -363,7 +381,19 @@ impl Allowances {
             let pool = match current.get(&id) {
                 Some(pool) => {
                     // Same money (requests in flight settle into it), perhaps new words.
-                    *pool.words.lock().unwrap_or_else(|p| p.into_inner()) = (max_budget, resets);
+                    let old = std::mem::replace(
+                        &mut *pool.words.lock().unwrap_or_else(|p| p.into_inner()),
+                        (max_budget, resets),
+                    );
+                    if old.1.is_some() && old.1 != resets {
+                        // A new period: what the old one's requests ran past their grants
+                        // was spent in the old one, and is not asked for in this one.
+                        let _ =
+                            pool.available
+                                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                                    (a < 0).then_some(0)
+                                });
+                    }
                     Arc::clone(pool)
                 }
                 None => Arc::new(Pool::new(max_budget, resets)),
@@ -495,6 +525,10 @@ impl Allowances {
             }
             if nanos > 0 {
                 pool.last_grant.store(nanos, Ordering::Release);
+                pool.roomy.store(
+                    nanos > pool.last_want.load(Ordering::Acquire),
+                    Ordering::Release,
+                );
             }
             let _ = pool
                 .unanswered
@@ -596,6 +630,73 @@ mod tests {
         ));
         // What is left still admits what it covers.
         assert!(a.admit("k", 30).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_pool_in_debt_asks_for_the_debt_and_the_reserve_at_once() {
+        let a = allowances(WhenAway::Refuse);
+        a.heard(Some(&grant("k", 100, false)), false);
+        // A completion costs far more than its reserve: the pool owes 200.
+        a.admit("k", 40).await.unwrap().unwrap().settle(300);
+        assert_eq!(a.pool("k").unwrap().available(), -200);
+        let waiting = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.admit("k", 10).await.map(|r| r.map(|r| r.reserve())) }
+        });
+        let mut queued = a.queued.lock().await;
+        let ask = queued.recv().await.unwrap();
+        assert_eq!(ask.want_nanos, 210, "the debt and the reserve");
+        a.heard(Some(&grant("k", 210, false)), false);
+        assert_eq!(waiting.await.unwrap(), Ok(Some(10)), "one answer admits it");
+    }
+
+    /// Near the end of a budget the control plane grants only what is asked: a replica
+    /// that asked ahead would hold money another replica is refused for.
+    #[tokio::test]
+    async fn near_the_end_of_a_budget_a_pool_asks_only_for_a_request_it_cannot_cover() {
+        let a = allowances(WhenAway::Refuse);
+        let mut queued = a.queued.lock().await;
+        let admit = |reserve| {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move { a.admit("k", reserve).await.map(|r| r.is_some()) })
+        };
+        let waiting = admit(10);
+        assert_eq!(queued.recv().await.unwrap().want_nanos, 10);
+        a.heard(Some(&grant("k", 10, false)), false);
+        assert_eq!(waiting.await.unwrap(), Ok(true));
+        assert!(queued.try_recv().is_err(), "no ask ahead of need");
+        // Plenty left again (more granted than asked): the pool asks ahead once below half.
+        let waiting = admit(10);
+        assert_eq!(queued.recv().await.unwrap().want_nanos, 10);
+        a.heard(Some(&grant("k", 40, false)), false);
+        assert_eq!(waiting.await.unwrap(), Ok(true));
+        assert_eq!(admit(10).await.unwrap(), Ok(true));
+        assert!(queued.try_recv().is_err(), "20 left of 40: not below half");
+        assert_eq!(admit(10).await.unwrap(), Ok(true));
+        assert_eq!(queued.try_recv().unwrap().want_nanos, 10);
+    }
+
+    #[tokio::test]
+    async fn a_new_period_does_not_ask_for_the_old_periods_debt() {
+        let a = allowances(WhenAway::Refuse);
+        let day = |d: u64| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(86_400 * d));
+        a.budgeted(vec![("k".into(), 1.0, day(1))]);
+        a.heard(Some(&grant("k", 100, false)), false);
+        a.admit("k", 40).await.unwrap().unwrap().settle(300);
+        assert_eq!(a.pool("k").unwrap().available(), -200);
+        // The same period's snapshot keeps the debt; the next period's voids it.
+        a.budgeted(vec![("k".into(), 2.0, day(1))]);
+        assert_eq!(a.pool("k").unwrap().available(), -200);
+        a.budgeted(vec![("k".into(), 2.0, day(2))]);
+        assert_eq!(a.pool("k").unwrap().available(), 0);
+        let waiting = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.admit("k", 10).await.map(|r| r.is_some()) }
+        });
+        let ask = a.queued.lock().await.recv().await.unwrap();
+        assert_eq!(ask.want_nanos, 10, "the reserve alone");
+        a.heard(Some(&grant("k", 10, false)), false);
+        assert_eq!(waiting.await.unwrap(), Ok(true));
     }
 
     #[tokio::test]
