@@ -13,7 +13,6 @@
 //! decides when it expired (by its clock) and marks it so in the snapshot.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 
 use http::{HeaderMap, header};
@@ -72,7 +71,9 @@ thread_local! {
 #[derive(Default)]
 struct KeyHashes {
     seed: RandomState,
-    entries: HashMap<u64, (Box<[u8]>, [u8; 32])>,
+    /// By `seed`'s hash: already a keyed hash, so the map hashes it again with foldhash
+    /// rather than with SipHash a second time.
+    entries: foldhash::HashMap<u64, (Box<[u8]>, [u8; 32])>,
 }
 
 impl KeyHashes {

@@ -25,7 +25,7 @@
 //! ([`CooldownTracker::unacknowledged_events`]); one the control plane already applied changes
 //! nothing the second time.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -151,7 +151,9 @@ impl Pending {
 /// This replica's cooldown state by backend id. It outlives snapshots.
 #[derive(Debug, Default)]
 pub struct CooldownTracker {
-    entries: Mutex<HashMap<String, Entry>>,
+    /// Looked up twice per request: hashed with foldhash, not SipHash. The ids are the
+    /// control plane's, never a client's.
+    entries: Mutex<foldhash::HashMap<String, Entry>>,
 }
 
 impl CooldownTracker {
@@ -159,7 +161,7 @@ impl CooldownTracker {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<String, Entry>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 

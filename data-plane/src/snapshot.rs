@@ -3,6 +3,8 @@
 //! (infallible swap). A request loads the current snapshot once and uses only that value.
 
 use std::collections::{HashMap, HashSet};
+
+use foldhash::HashMap as FastMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -298,8 +300,12 @@ pub struct Snapshot {
     backends: Vec<Backend>,
     /// Public model name → routes, sorted primary before fallback, then by priority. The
     /// names are shared with metric labels.
-    routes: HashMap<Arc<str>, Vec<Route>>,
-    keys: HashMap<[u8; 32], ClientKey>,
+    ///
+    /// This map and the next are looked up on every request, so they hash with foldhash
+    /// (randomly seeded, several times cheaper than SipHash); their keys come from the
+    /// control plane, never from a client, so no client can fill them with collisions.
+    routes: FastMap<Arc<str>, Vec<Route>>,
+    keys: FastMap<[u8; 32], ClientKey>,
     /// One pooled client per serving thread, so that a thread only ever uses connections
     /// whose I/O its own runtime drives.
     upstream: Arc<[UpstreamClient]>,
@@ -325,7 +331,7 @@ impl Snapshot {
             .map(|p| p.backends.iter().map(|b| (b.id.as_str(), b)).collect())
             .unwrap_or_default();
         let mut backends = Vec::with_capacity(message.backends.len());
-        let mut routes: HashMap<Arc<str>, Vec<Route>> = HashMap::new();
+        let mut routes: FastMap<Arc<str>, Vec<Route>> = FastMap::default();
         let mut ids = HashSet::new();
         for b in message.backends {
             if !ids.insert(b.id.clone()) {
@@ -456,7 +462,10 @@ impl Snapshot {
         let previous_keys: HashMap<&str, &ClientKey> = previous
             .map(|p| p.keys.values().map(|k| (k.id.as_str(), k)).collect())
             .unwrap_or_default();
-        let mut keys = HashMap::with_capacity(message.client_keys.len());
+        let mut keys = FastMap::with_capacity_and_hasher(
+            message.client_keys.len(),
+            foldhash::fast::RandomState::default(),
+        );
         for k in message.client_keys {
             let hash: [u8; 32] = k
                 .key_sha256
