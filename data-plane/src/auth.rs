@@ -15,7 +15,7 @@
 use std::cell::RefCell;
 use std::hash::{BuildHasher, RandomState};
 
-use http::{HeaderMap, header};
+use http::{HeaderMap, HeaderName, header};
 use sluice_domain::auth::{bearer_token, client_key_hash};
 use subtle::ConstantTimeEq as _;
 
@@ -23,7 +23,7 @@ use crate::error::ProxyError;
 use crate::snapshot::{ApiFormat, ClientKey, Snapshot};
 
 /// The header Anthropic's API takes its key in.
-const X_API_KEY: &str = "x-api-key";
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Keys remembered per thread; past this many the cache starts over.
 const CACHED_KEYS: usize = 4096;
@@ -37,9 +37,10 @@ pub fn authenticate<'s>(
     headers: &HeaderMap,
     format: ApiFormat,
 ) -> Result<&'s ClientKey, ProxyError> {
-    let key = match headers
-        .get(X_API_KEY)
-        .filter(|_| format == ApiFormat::Anthropic)
+    // Looked up only where it may be used: a name given as text is parsed on each lookup.
+    let key = match (format == ApiFormat::Anthropic)
+        .then(|| headers.get(X_API_KEY))
+        .flatten()
     {
         Some(value) => value
             .to_str()

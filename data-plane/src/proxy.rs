@@ -15,7 +15,7 @@ use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use serde::Serialize;
 use sluice_proto::limits::MAX_REQUEST_ID_BYTES;
@@ -511,9 +511,13 @@ const LINGER_BYTES: usize = 4 * 1024 * 1024;
 const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A sane incoming `x-request-id` (1–128 of `[A-Za-z0-9._:-]`), or a new UUIDv7.
+/// The request id's header, in the request and in the answer. A name given as text would
+/// be parsed again at each use.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 fn request_id(headers: &HeaderMap) -> String {
     headers
-        .get("x-request-id")
+        .get(X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|id| {
             (1..=MAX_REQUEST_ID_BYTES).contains(&id.len())
@@ -521,12 +525,22 @@ fn request_id(headers: &HeaderMap) -> String {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
         })
-        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
+        .map_or_else(
+            || {
+                // The hyphenated form `to_string` writes, without the formatting machinery.
+                let mut text = uuid::Uuid::encode_buffer();
+                uuid::Uuid::now_v7()
+                    .hyphenated()
+                    .encode_lower(&mut text)
+                    .to_owned()
+            },
+            str::to_owned,
+        )
 }
 
 fn with_request_id(mut response: Response, request_id: &str) -> Response {
     if let Ok(value) = HeaderValue::from_str(request_id) {
-        response.headers_mut().insert("x-request-id", value);
+        response.headers_mut().insert(X_REQUEST_ID, value);
     }
     response
 }

@@ -56,12 +56,9 @@ async fn non_streamed_chat_is_served_rewritten_and_counted() {
     assert_eq!(headers["x-sluice-backend"], "primary-name");
     assert_eq!(headers["x-sluice-attempts"], "1");
     let request_id = headers["x-request-id"].to_str().unwrap().to_owned();
-    assert_eq!(
-        uuid::Uuid::parse_str(&request_id)
-            .unwrap()
-            .get_version_num(),
-        7
-    );
+    let parsed = uuid::Uuid::parse_str(&request_id).unwrap();
+    assert_eq!(parsed.get_version_num(), 7);
+    assert_eq!(request_id, parsed.to_string(), "hyphenated, lower case");
     let body: Value = response.json().await.unwrap();
     assert!(
         body["choices"][0]["message"]["content"]

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use memchr::memmem;
 
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use sluice_proto::limits::OTHER_MODEL;
 use sluice_proto::v1::{ErrorKind, UsageRecord};
 use tokio::time::Instant;
@@ -31,6 +31,11 @@ use sluice_domain::price::Prices;
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 pub use crate::usage::Tokens;
+
+/// The answer's headers [`Accounting::decorate`] sets, named once rather than parsed from
+/// text at each request.
+const X_SLUICE_BACKEND: HeaderName = HeaderName::from_static("x-sluice-backend");
+const X_SLUICE_ATTEMPTS: HeaderName = HeaderName::from_static("x-sluice-attempts");
 
 /// Boxed: the request's futures carry it by value through several layers (serving,
 /// forwarding, relaying, answering an error), and each layer's state held its own copy of
@@ -279,12 +284,9 @@ impl Accounting {
             && let Some(name) = &self.0.backend_name
             && let Ok(value) = HeaderValue::from_str(name)
         {
-            headers.insert("x-sluice-backend", value);
+            headers.insert(X_SLUICE_BACKEND, value);
         }
-        headers.insert(
-            "x-sluice-attempts",
-            HeaderValue::from(self.0.record.attempts),
-        );
+        headers.insert(X_SLUICE_ATTEMPTS, HeaderValue::from(self.0.record.attempts));
     }
 
     /// Emits the record and the log line. The end of the answer may go to the client once
