@@ -55,7 +55,8 @@ pub struct Mark {
     pub record: Option<UsageRecord>,
 }
 
-/// Whether a [`Mark`] is a start or a finish.
+/// Whether a [`Mark`] is a start or a finish (for [`frame_mark`]).
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Start,
@@ -72,8 +73,10 @@ pub fn frame_header(header: Header, out: &mut Vec<u8>) {
     );
 }
 
-/// Appends the frame of a start or finish of `record` to `out`. The record moves into the
-/// entry and back rather than being copied: this runs for every request.
+/// Appends the frame of a start or finish of `record` to `out`, as prost encodes the entry:
+/// the reference [`frame_start`] and [`frame_finish`] are tested against. The record moves
+/// into the entry and back rather than being copied.
+#[cfg(test)]
 pub fn frame_mark(step: Step, request: u64, record: &mut UsageRecord, out: &mut Vec<u8>) {
     let mark = Mark {
         request,
@@ -93,29 +96,52 @@ pub fn frame_mark(step: Step, request: u64, record: &mut UsageRecord, out: &mut 
     }
 }
 
+/// Appends the frame of the start of request `request` (its record so far): the bytes
+/// prost writes for the entry, with the record's length computed once rather than at each
+/// level of nesting (this runs before every upstream call).
+pub fn frame_start(request: u64, record: &UsageRecord, out: &mut Vec<u8>) {
+    let len = record.encoded_len();
+    frame_mark_around(2, request, len, out, |out| record.encode_raw(out));
+}
+
 /// Appends the frame of the finish of a request whose record is already encoded (`record`,
-/// an encoded `UsageRecord`): the bytes [`frame_mark`] writes for it, without encoding the
-/// record again. A message field holds its message's encoding as it is, so the entry is
-/// written by hand around it: `Entry.finish` (3) holding `Mark.request` (1, left out when 0,
-/// as proto3 does) and `Mark.record` (2).
+/// an encoded `UsageRecord`): the bytes prost writes for the entry, without encoding the
+/// record again.
 pub fn frame_finish(request: u64, record: &[u8], out: &mut Vec<u8>) {
+    frame_mark_around(3, request, record.len(), out, |out| {
+        out.extend_from_slice(record)
+    });
+}
+
+/// A message field holds its message's encoding as it is, so an entry is written by hand
+/// around its record (`record_len` bytes, which `record` appends): `Entry.start` (2) or
+/// `Entry.finish` (3) holding `Mark.request` (1, left out when 0, as proto3 does) and
+/// `Mark.record` (2).
+fn frame_mark_around(
+    kind_tag: u32,
+    request: u64,
+    record_len: usize,
+    out: &mut Vec<u8>,
+    record: impl FnOnce(&mut Vec<u8>),
+) {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
-    let record_len = record.len() as u64;
-    let mut mark_len = key_len(2) + encoded_len_varint(record_len) + record.len();
+    let mut mark_len = key_len(2) + encoded_len_varint(record_len as u64) + record_len;
     if request != 0 {
         mark_len += key_len(1) + encoded_len_varint(request);
     }
     let at = out.len();
     out.extend_from_slice(&[0; frame::HEADER_BYTES]);
-    encode_key(3, WireType::LengthDelimited, out);
+    encode_key(kind_tag, WireType::LengthDelimited, out);
     encode_varint(mark_len as u64, out);
     if request != 0 {
         encode_key(1, WireType::Varint, out);
         encode_varint(request, out);
     }
     encode_key(2, WireType::LengthDelimited, out);
-    encode_varint(record_len, out);
-    out.extend_from_slice(record);
+    encode_varint(record_len as u64, out);
+    let before = out.len();
+    record(out);
+    debug_assert_eq!(out.len() - before, record_len);
     frame::seal(at, out);
 }
 
@@ -130,7 +156,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_finish_framed_around_its_encoded_record_is_the_finish_prost_writes() {
+    fn starts_and_finishes_framed_by_hand_are_the_entries_prost_writes() {
         let records = [
             UsageRecord::default(),
             UsageRecord {
@@ -148,7 +174,12 @@ mod tests {
                 frame_mark(Step::Finish, request, &mut record, &mut by_prost);
                 let mut by_hand = vec![7];
                 frame_finish(request, &record.encode_to_vec(), &mut by_hand);
-                assert_eq!(by_hand, by_prost, "request {request}");
+                assert_eq!(by_hand, by_prost, "finish of request {request}");
+                let mut by_prost = vec![7];
+                frame_mark(Step::Start, request, &mut record, &mut by_prost);
+                let mut by_hand = vec![7];
+                frame_start(request, &record, &mut by_hand);
+                assert_eq!(by_hand, by_prost, "start of request {request}");
             }
         }
     }

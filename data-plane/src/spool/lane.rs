@@ -25,7 +25,7 @@ use std::task::{Context, Poll, Waker};
 
 use sluice_proto::v1::UsageRecord;
 
-use super::entry::{self, Header, Step};
+use super::entry::{self, Header};
 use super::{OnFull, Shared, Unwritten};
 use crate::usage::Queued;
 
@@ -68,6 +68,9 @@ struct LaneState {
     /// Requests started and not finished: the frame of their latest start, to carry into
     /// every new segment. Request numbers only grow: a B-tree keeps them without hashing.
     open: BTreeMap<u64, Vec<u8>>,
+    /// Buffers of finished starts, for the next starts to reuse (an allocation and a free
+    /// less per request).
+    spare: Vec<Vec<u8>>,
     next_request: u64,
     next_segment: u64,
     /// Frames appended and not written yet, in order.
@@ -98,6 +101,7 @@ impl Lane {
             current: None,
             closed: VecDeque::new(),
             open: BTreeMap::new(),
+            spare: Vec::new(),
             next_request: 1,
             next_segment: 1,
             batch: Vec::with_capacity(16 * 1024),
@@ -134,9 +138,11 @@ impl Lane {
         let mut state = self.lock();
         let first = request.is_none();
         let id = request.unwrap_or(state.next_request);
-        let mut frame = Vec::with_capacity(256);
-        entry::frame_mark(Step::Start, id, record, &mut frame);
+        let mut frame = state.spare.pop().unwrap_or_else(|| Vec::with_capacity(256));
+        frame.clear();
+        entry::frame_start(id, record, &mut frame);
         if first && !self.shared.has_room(frame.len()) {
+            state.recycle(frame);
             self.shared.unwritten(Unwritten::Full, 1);
             return match self.shared.on_full {
                 OnFull::Refuse => Err(Refused(Unwritten::Full)),
@@ -149,7 +155,9 @@ impl Lane {
             self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         }
         let upto = state.append(&frame, 0);
-        state.open.insert(id, frame);
+        if let Some(earlier) = state.open.insert(id, frame) {
+            state.recycle(earlier);
+        }
         Ok(self.written(upto))
     }
 
@@ -160,8 +168,9 @@ impl Lane {
     pub fn finish(self: &Arc<Self>, request: Option<u64>, record: &Queued) -> Written {
         let mut state = self.lock();
         if let Some(id) = request
-            && state.open.remove(&id).is_some()
+            && let Some(frame) = state.open.remove(&id)
         {
+            state.recycle(frame);
             self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         let at = state.batch.len();
@@ -261,7 +270,17 @@ impl Lane {
     }
 }
 
+/// Spare start buffers kept at most: about the requests one thread has in flight.
+const SPARES_KEPT: usize = 1_024;
+
 impl LaneState {
+    /// Keeps a start's buffer for a later start, unless enough are kept (or it grew large).
+    fn recycle(&mut self, frame: Vec<u8>) {
+        if self.spare.len() < SPARES_KEPT && frame.capacity() <= 4 * 1024 {
+            self.spare.push(frame);
+        }
+    }
+
     /// Appends a whole frame to the batch; returns its position.
     fn append(&mut self, frame: &[u8], sequence: u64) -> u64 {
         self.batch.extend_from_slice(frame);
