@@ -160,7 +160,8 @@ mod fields {
         }
 
         fn unsigned(&mut self, value: u64) {
-            self.result = self.writer.write_str(Digits::new(value).as_str());
+            // Without the formatting machinery (or a UTF-8 check of its digits).
+            self.result = self.writer.write_str(itoa::Buffer::new().format(value));
         }
     }
 
@@ -269,34 +270,6 @@ mod fields {
         }
     }
 
-    /// A `u64` in decimal, without the formatting machinery.
-    struct Digits {
-        buf: [u8; 20],
-        start: usize,
-    }
-
-    impl Digits {
-        fn new(mut value: u64) -> Self {
-            let mut buf = [b'0'; 20];
-            let mut start = buf.len();
-            loop {
-                start -= 1;
-                if let Some(digit) = buf.get_mut(start) {
-                    *digit = b'0' + (value % 10) as u8;
-                }
-                value /= 10;
-                if value == 0 || start == 0 {
-                    return Self { buf, start };
-                }
-            }
-        }
-
-        fn as_str(&self) -> &str {
-            // Only ASCII digits were written.
-            std::str::from_utf8(self.buf.get(self.start..).unwrap_or_default()).unwrap_or("0")
-        }
-    }
-
     /// The event format of both servers' text logs: tracing-subscriber's default (`Full`)
     /// format, byte for byte. Without ANSI styling and outside spans (every request line) it
     /// writes the line directly, with the timestamp's date and time of day formatted once a
@@ -366,10 +339,11 @@ mod fields {
             }
             writer.write_str(text)
         })?;
-        let micros = Digits::new(u64::from(since_epoch.subsec_micros()) + 1_000_000);
+        let mut digits = itoa::Buffer::new();
+        let micros = digits.format(since_epoch.subsec_micros() + 1_000_000);
         // `1dddddd`: the leading 1 keeps the zeros, the dot replaces it.
         writer.write_char('.')?;
-        writer.write_str(micros.as_str().get(1..).unwrap_or("000000"))?;
+        writer.write_str(micros.get(1..).unwrap_or("000000"))?;
         writer.write_str("Z ")
     }
 
