@@ -231,6 +231,8 @@ pub struct Allowances {
     started: Instant,
     usage: UsageSink,
     incarnation: String,
+    /// Asks queued for the stream so far (for the metrics).
+    asks_sent: AtomicU64,
 }
 
 impl Allowances {
@@ -247,7 +249,13 @@ impl Allowances {
             started: Instant::now(),
             usage,
             incarnation,
+            asks_sent: AtomicU64::new(0),
         })
+    }
+
+    /// Asks for more of a key's budget queued for the control plane so far.
+    pub fn asks_sent(&self) -> u64 {
+        self.asks_sent.load(Ordering::Relaxed)
     }
 
     pub fn options(&self) -> AllowanceOptions {
@@ -368,6 +376,7 @@ impl Allowances {
             pool.asking.store(0, Ordering::Release);
         } else {
             pool.unanswered.fetch_add(1, Ordering::AcqRel);
+            self.asks_sent.fetch_add(1, Ordering::Relaxed);
         }
     }
 

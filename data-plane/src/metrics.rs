@@ -185,6 +185,23 @@ struct ScopeLabels {
     scope: LimitScope,
 }
 
+/// Why a budgeted request was refused.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum BudgetRefusal {
+    /// 429 `insufficient_quota`: the budget is spent, by the control plane's answer or the
+    /// snapshot.
+    spent,
+    /// 503 `budget_unavailable`: the pool ran out and the control plane could not be asked
+    /// (`--budget-when-away refuse`).
+    unavailable,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BudgetRefusalLabels {
+    reason: BudgetRefusal,
+}
+
 /// Why a usage record was not written to the spool.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -309,6 +326,10 @@ pub struct Metrics {
     cooldowns: Family<CooldownLabels, Counter>,
     skips: Family<SkipLabels, Counter>,
     rate_limited: Family<ScopeLabels, Counter>,
+    budget_refusals: Family<BudgetRefusalLabels, Counter>,
+    allowance_asks: Counter,
+    /// Asks already added to `allowance_asks` (the allowances count them themselves).
+    allowance_asks_seen: AtomicU64,
     snapshot_version: Gauge,
     snapshot_refusals: Family<RefusalLabels, Counter>,
     /// Refusals already added to `snapshot_refusals` (the store counts them itself).
@@ -428,6 +449,19 @@ impl Metrics {
              backend cooling down or out of rate tokens",
             rate_limited.clone(),
         );
+        let budget_refusals = Family::default();
+        registry.register(
+            "budget_refusals",
+            "Budgeted requests refused: spent (429 insufficient_quota) or unavailable (503, the \
+             allowance ran out and the control plane could not be asked)",
+            budget_refusals.clone(),
+        );
+        let allowance_asks = Counter::default();
+        registry.register(
+            "allowance_asks",
+            "Asks for more of a key's budget sent to the control plane",
+            allowance_asks.clone(),
+        );
         let snapshot_version = Gauge::default();
         registry.register(
             "snapshot_version",
@@ -494,6 +528,9 @@ impl Metrics {
             snapshot_version,
             snapshot_refusals,
             snapshot_refusals_seen: Default::default(),
+            budget_refusals,
+            allowance_asks,
+            allowance_asks_seen: AtomicU64::new(0),
             snapshot_age,
             usage_queue,
             usage_dropped,
@@ -579,6 +616,12 @@ impl Metrics {
             .inc();
     }
 
+    pub fn budget_refused(&self, reason: BudgetRefusal) {
+        self.budget_refusals
+            .get_or_create(&BudgetRefusalLabels { reason })
+            .inc();
+    }
+
     /// Counts a request in flight until the guard drops.
     pub fn in_flight(&self) -> Held {
         Held::new(self.in_flight.clone())
@@ -603,12 +646,14 @@ impl Metrics {
             .clone()
     }
 
-    /// The exposition text, with the gauges read now; `spool` when there is one.
+    /// The exposition text, with the gauges read now; `spool` when there is one;
+    /// `allowance_asks` the asks sent so far.
     pub fn render(
         &self,
         store: &SnapshotStore,
         usage: &UsageSink,
         spool: Option<SpoolStats>,
+        allowance_asks: u64,
     ) -> String {
         match store.load() {
             Some(snapshot) => {
@@ -639,6 +684,11 @@ impl Metrics {
             &self.usage_unsendable,
             &self.usage_unsendable_seen,
             usage.unsendable(),
+        );
+        catch_up(
+            &self.allowance_asks,
+            &self.allowance_asks_seen,
+            allowance_asks,
         );
         catch_up(
             &self.log_dropped,
@@ -698,6 +748,7 @@ mod tests {
         metrics.upstream_ttft(&b1, Duration::from_millis(2));
         metrics.cooldown(&b1, CooldownReason::rate_limited);
         metrics.rate_limited(LimitScope::client_key);
+        metrics.budget_refused(BudgetRefusal::spent);
         metrics.overhead(Duration::from_micros(80));
         let guard = metrics.in_flight();
         let usage = UsageSink::new(10);
@@ -709,7 +760,7 @@ mod tests {
             unwritten_full: 2,
             unwritten_failed: 0,
         };
-        let text = metrics.render(&SnapshotStore::default(), &usage, Some(spool));
+        let text = metrics.render(&SnapshotStore::default(), &usage, Some(spool), 3);
         for line in [
             r#"sluice_requests_total{backend="b1",model="gpt-4o-mini",status_class="2xx"} 2"#,
             r#"sluice_requests_total{backend="none",model="none",status_class="4xx"} 1"#,
@@ -718,6 +769,8 @@ mod tests {
             r#"sluice_upstream_ttft_seconds_count{backend="b1"} 1"#,
             r#"sluice_cooldown_events_total{backend="b1",reason="rate_limited"} 1"#,
             r#"sluice_rate_limited_requests_total{scope="client_key"} 1"#,
+            r#"sluice_budget_refusals_total{reason="spent"} 1"#,
+            "sluice_allowance_asks_total 3",
             "sluice_gateway_overhead_seconds_count 1",
             "sluice_requests_in_flight 1",
             "sluice_snapshot_version 0",
@@ -740,8 +793,9 @@ mod tests {
             unwritten_full: 5,
             ..spool
         };
-        let text = metrics.render(&SnapshotStore::default(), &usage, Some(later));
+        let text = metrics.render(&SnapshotStore::default(), &usage, Some(later), 5);
         assert!(text.lines().any(|l| l == "sluice_requests_in_flight 0"));
+        assert!(text.lines().any(|l| l == "sluice_allowance_asks_total 5"));
         assert!(
             text.lines()
                 .any(|l| l == "sluice_usage_spool_torn_records_total 1")

@@ -28,7 +28,7 @@ pub use accounting::{CLIENT_CLOSED_REQUEST, Tokens, usage_of};
 use crate::allowance::{Allowances, Refusal};
 use crate::auth::authenticate;
 use crate::error::ProxyError;
-use crate::metrics::{BodyRefusal, Label, LimitScope, Metrics};
+use crate::metrics::{BodyRefusal, BudgetRefusal, Label, LimitScope, Metrics};
 use crate::request;
 use crate::snapshot::{ApiFormat, ClientKey, Endpoint, Snapshot, SnapshotStore};
 use crate::spool::{Lane, Spool};
@@ -275,6 +275,7 @@ async fn authorized(
     };
     // Before the rate limit: a refused request takes no rate token.
     if let Some(spent) = key.budget_spent {
+        app.metrics.budget_refused(BudgetRefusal::spent);
         let refused = ProxyError::BudgetSpent {
             key_name: key.name.clone(),
             max_budget: spent.max_budget,
@@ -291,6 +292,7 @@ async fn authorized(
         Ok(Some(reservation)) => acct.reserved(reservation),
         Ok(None) => {}
         Err(Refusal::Exhausted { max_budget, resets }) => {
+            app.metrics.budget_refused(BudgetRefusal::spent);
             let refused = ProxyError::BudgetSpent {
                 key_name: key.name.clone(),
                 max_budget,
@@ -299,6 +301,7 @@ async fn authorized(
             return forward::error(acct, refused).await;
         }
         Err(Refusal::Unavailable { retry_after }) => {
+            app.metrics.budget_refused(BudgetRefusal::unavailable);
             return forward::error(acct, ProxyError::BudgetUnavailable { retry_after }).await;
         }
     }
@@ -686,7 +689,9 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     let spool = app.spool.as_ref().map(|spool| spool.stats(&app.usage));
-    let text = app.metrics.render(&app.store, &app.usage, spool);
+    let text = app
+        .metrics
+        .render(&app.store, &app.usage, spool, app.allowances.asks_sent());
     (
         [(
             header::CONTENT_TYPE,

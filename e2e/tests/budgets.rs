@@ -140,6 +140,20 @@ async fn a_key_is_refused_once_its_budget_is_spent_and_served_again_when_raised(
     };
     assert!(refused.headers().get("retry-after").is_none());
     assert_eq!(refused.headers()["x-should-retry"], "false");
+    // An operator sees the refusal, and the asks it took, on the replica's metrics.
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"sluice_budget_refusals_total{reason="spent"} 1"#),
+        "{metrics}"
+    );
+    let asks: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_allowance_asks_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(asks >= 1.0, "{metrics}");
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["type"], "insufficient_quota", "{body}");
     assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
