@@ -3,6 +3,7 @@
 //! the snapshot (configuration, not client input; a model no route serves is `other`), status
 //! classes, and small fixed enums. Never request ids, keys or prompt text.
 
+use std::cell::RefCell;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -312,6 +313,8 @@ impl MetricConstructor<Histogram> for UpstreamBuckets {
 
 /// Every metric of one data plane.
 pub struct Metrics {
+    /// Tells this registry's series apart in the threads' [`SeriesCache`]s.
+    id: u64,
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     upstream_latency: Family<BackendLabels, Histogram, UpstreamBuckets>,
@@ -509,7 +512,9 @@ impl Metrics {
             log_dropped.clone(),
         );
         let spool = SpoolMetrics::register(&mut registry);
+        static IDS: AtomicU64 = AtomicU64::new(1);
         Self {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             registry,
             spool,
             requests,
@@ -545,35 +550,68 @@ impl Metrics {
     /// One answered request. `backend` is the last backend tried, `model` the public model
     /// name if a route serves it; see [`Label::NONE`] and [`Label::OTHER_MODEL`].
     pub fn request(&self, backend: &Label, model: &Label, status: u16) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                backend: backend.clone(),
-                model: model.clone(),
-                status_class: status_class(status),
-            })
-            .inc();
+        let status_class = status_class(status);
+        SeriesCache::with(self.id, |cache| {
+            let key = (text_at(backend), text_at(model), status_class);
+            if let Some((_, _, counter)) = cache.requests.get(&key) {
+                counter.inc();
+                return;
+            }
+            let counter = self
+                .requests
+                .get_or_create(&RequestLabels {
+                    backend: backend.clone(),
+                    model: model.clone(),
+                    status_class,
+                })
+                .clone();
+            counter.inc();
+            cache
+                .requests
+                .insert(key, (backend.clone(), model.clone(), counter));
+        });
     }
 
     /// One upstream attempt; `latency` unless it is a stream still running (its latency is
     /// recorded when it ends).
     pub fn attempt(&self, backend: &Label, outcome: AttemptOutcome, latency: Option<Duration>) {
-        self.attempts
-            .get_or_create(&AttemptLabels {
-                backend: backend.clone(),
-                outcome,
-            })
-            .inc();
+        SeriesCache::with(self.id, |cache| {
+            let key = (text_at(backend), outcome);
+            if let Some((_, counter)) = cache.attempts.get(&key) {
+                counter.inc();
+                return;
+            }
+            let counter = self
+                .attempts
+                .get_or_create(&AttemptLabels {
+                    backend: backend.clone(),
+                    outcome,
+                })
+                .clone();
+            counter.inc();
+            cache.attempts.insert(key, (backend.clone(), counter));
+        });
         if let Some(took) = latency {
             self.upstream_latency(backend, took);
         }
     }
 
     pub fn upstream_latency(&self, backend: &Label, took: Duration) {
-        self.upstream_latency
-            .get_or_create(&BackendLabels {
-                backend: backend.clone(),
-            })
-            .observe(took.as_secs_f64());
+        SeriesCache::with(self.id, |cache| {
+            let key = text_at(backend);
+            if let Some((_, histogram)) = cache.latency.get(&key) {
+                histogram.observe(took.as_secs_f64());
+                return;
+            }
+            let histogram = self
+                .upstream_latency
+                .get_or_create(&BackendLabels {
+                    backend: backend.clone(),
+                })
+                .clone();
+            histogram.observe(took.as_secs_f64());
+            cache.latency.insert(key, (backend.clone(), histogram));
+        });
     }
 
     pub fn upstream_ttft(&self, backend: &Label, took: Duration) {
@@ -720,6 +758,52 @@ impl Drop for Held {
     }
 }
 
+/// Where a label's text is: while a [`SeriesCache`] keeps a clone of the label, no other
+/// text can be at that address, so the address stands for the text (hashing one word
+/// instead of the string).
+fn text_at(label: &Label) -> usize {
+    label.as_str().as_ptr() as usize
+}
+
+/// The series of the busiest families one serving thread has counted, by the address of
+/// their labels' text: counting a request hashes a few words with foldhash and takes no
+/// lock, where the family's own lookup takes a read lock every thread shares (its word
+/// bouncing between cores) and hashes the label texts with SipHash. Each entry keeps clones
+/// of its labels (so their addresses are not reused) and of the series (the family's own).
+/// The same text at two addresses (two snapshots' copies of a name) is two entries for one
+/// series.
+#[derive(Default)]
+struct SeriesCache {
+    /// The [`Metrics`] the series are of (tests make several in one thread).
+    owner: u64,
+    requests: foldhash::HashMap<(usize, usize, &'static str), (Label, Label, Counter)>,
+    attempts: foldhash::HashMap<(usize, AttemptOutcome), (Label, Counter)>,
+    latency: foldhash::HashMap<usize, (Label, Histogram)>,
+}
+
+/// Entries a thread keeps at most (each snapshot brings new copies of the names); past it,
+/// the cache starts over.
+const CACHED_SERIES: usize = 4_096;
+
+thread_local! {
+    static SERIES: RefCell<SeriesCache> = RefCell::default();
+}
+
+impl SeriesCache {
+    fn with(owner: u64, f: impl FnOnce(&mut SeriesCache)) {
+        SERIES.with_borrow_mut(|cache| {
+            let entries = cache.requests.len() + cache.attempts.len() + cache.latency.len();
+            if cache.owner != owner || entries >= CACHED_SERIES {
+                *cache = SeriesCache {
+                    owner,
+                    ..SeriesCache::default()
+                };
+            }
+            f(cache);
+        });
+    }
+}
+
 /// Brings `counter` up to `total`, a count kept elsewhere; `seen` is what it already holds.
 fn catch_up(counter: &Counter, seen: &AtomicU64, total: u64) {
     let before = seen.swap(total, Ordering::Relaxed);
@@ -730,6 +814,48 @@ fn catch_up(counter: &Counter, seen: &AtomicU64, total: u64) {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// The per-thread cache of series must count exactly what the families would: per
+    /// registry, by label text (not by which copy of the text), and past its bound.
+    #[test]
+    fn the_threads_series_cache_counts_by_text_and_by_registry() {
+        let (one, two) = (Metrics::default(), Metrics::default());
+        let model = Label::from(&Arc::<str>::from("m"));
+        for i in 0..(CACHED_SERIES + 10) {
+            // A new copy of the same name each time, as each snapshot brings.
+            let backend = Label::from(&Arc::<str>::from("b"));
+            one.request(&backend, &model, 200);
+            one.attempt(&backend, AttemptOutcome::ok, Some(Duration::from_millis(1)));
+            if i % 2 == 0 {
+                two.request(&backend, &model, 200);
+            }
+        }
+        let usage = UsageSink::new(1);
+        let count = |m: &Metrics, line: &str| {
+            let text = m.render(&SnapshotStore::default(), &usage, None, 0);
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        };
+        let n = CACHED_SERIES + 10;
+        count(
+            &one,
+            &format!(r#"sluice_requests_total{{backend="b",model="m",status_class="2xx"}} {n}"#),
+        );
+        count(
+            &one,
+            &format!(r#"sluice_upstream_attempts_total{{backend="b",outcome="ok"}} {n}"#),
+        );
+        count(
+            &one,
+            &format!(r#"sluice_upstream_latency_seconds_count{{backend="b"}} {n}"#),
+        );
+        count(
+            &two,
+            &format!(
+                r#"sluice_requests_total{{backend="b",model="m",status_class="2xx"}} {}"#,
+                n.div_ceil(2)
+            ),
+        );
+    }
 
     #[test]
     fn renders_every_family_with_bounded_labels() {
