@@ -553,22 +553,16 @@ impl Metrics {
         let status_class = status_class(status);
         SeriesCache::with(self.id, |cache| {
             let key = (text_at(backend), text_at(model), status_class);
-            if let Some((_, _, counter)) = cache.requests.get(&key) {
-                counter.inc();
-                return;
-            }
-            let counter = self
-                .requests
-                .get_or_create(&RequestLabels {
+            let (_, _, counter) = cache.requests.entry(key).or_insert_with(|| {
+                let labels = RequestLabels {
                     backend: backend.clone(),
                     model: model.clone(),
                     status_class,
-                })
-                .clone();
+                };
+                let counter = self.requests.get_or_create(&labels).clone();
+                (backend.clone(), model.clone(), counter)
+            });
             counter.inc();
-            cache
-                .requests
-                .insert(key, (backend.clone(), model.clone(), counter));
         });
     }
 
@@ -577,19 +571,17 @@ impl Metrics {
     pub fn attempt(&self, backend: &Label, outcome: AttemptOutcome, latency: Option<Duration>) {
         SeriesCache::with(self.id, |cache| {
             let key = (text_at(backend), outcome);
-            if let Some((_, counter)) = cache.attempts.get(&key) {
-                counter.inc();
-                return;
-            }
-            let counter = self
-                .attempts
-                .get_or_create(&AttemptLabels {
+            let (_, counter) = cache.attempts.entry(key).or_insert_with(|| {
+                let labels = AttemptLabels {
                     backend: backend.clone(),
                     outcome,
-                })
-                .clone();
+                };
+                (
+                    backend.clone(),
+                    self.attempts.get_or_create(&labels).clone(),
+                )
+            });
             counter.inc();
-            cache.attempts.insert(key, (backend.clone(), counter));
         });
         if let Some(took) = latency {
             self.upstream_latency(backend, took);
@@ -598,19 +590,14 @@ impl Metrics {
 
     pub fn upstream_latency(&self, backend: &Label, took: Duration) {
         SeriesCache::with(self.id, |cache| {
-            let key = text_at(backend);
-            if let Some((_, histogram)) = cache.latency.get(&key) {
-                histogram.observe(took.as_secs_f64());
-                return;
-            }
-            let histogram = self
-                .upstream_latency
-                .get_or_create(&BackendLabels {
+            let (_, histogram) = cache.latency.entry(text_at(backend)).or_insert_with(|| {
+                let labels = BackendLabels {
                     backend: backend.clone(),
-                })
-                .clone();
+                };
+                let histogram = self.upstream_latency.get_or_create(&labels).clone();
+                (backend.clone(), histogram)
+            });
             histogram.observe(took.as_secs_f64());
-            cache.latency.insert(key, (backend.clone(), histogram));
         });
     }
 
