@@ -507,8 +507,13 @@ impl Mock {
     }
 
     pub async fn stats(&self) -> MockStats {
+        self.get_json("stats").await
+    }
+
+    /// `GET /_mock/{what}`, its JSON answer.
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, what: &str) -> T {
         self.http
-            .get(format!("http://{}/_mock/stats", self.addr))
+            .get(format!("http://{}/_mock/{what}", self.addr))
             .send()
             .await
             .unwrap()
@@ -539,14 +544,7 @@ impl Mock {
     /// The last request to the mock's Messages API and what it answered.
     #[allow(dead_code)] // not every test binary looks
     pub async fn last_messages(&self) -> Option<sluice_e2e::mock::MessagesExchange> {
-        self.http
-            .get(format!("http://{}/_mock/last_messages", self.addr))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.get_json("last_messages").await
     }
 }
 
