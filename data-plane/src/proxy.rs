@@ -6,6 +6,7 @@ mod accounting;
 mod forward;
 mod relay;
 mod stored;
+mod usage_figures;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -23,7 +24,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-pub use accounting::{CLIENT_CLOSED_REQUEST, Tokens, usage_of};
+pub use accounting::{CLIENT_CLOSED_REQUEST, Tokens};
+pub use usage_figures::usage_of;
 
 use crate::allowance::{Allowances, Refusal};
 use crate::auth::authenticate;

@@ -12,8 +12,9 @@ use http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use sluice_proto::v1::ErrorKind;
 use tokio::time::{Instant, timeout_at};
 
-use super::accounting::{Accounting, usage_of};
+use super::accounting::Accounting;
 use super::relay::{Mode, Relay, Translation, tokens_of};
+use super::usage_figures::usage_of;
 use super::{AppState, Collected};
 use crate::anthropic;
 use crate::cooldown::{self, Outcome};

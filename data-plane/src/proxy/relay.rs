@@ -22,7 +22,8 @@ use sluice_proto::v1::ErrorKind;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use super::accounting::{Accounting, Tokens, usage_of};
+use super::accounting::{Accounting, Tokens};
+use super::usage_figures::usage_of;
 use crate::anthropic::Usage;
 use crate::anthropic::stream::{ChunksFromEvents, EventUsage, EventsFromChunks, Flow};
 use crate::error::error_body;

@@ -1,0 +1,1026 @@
+//! The usage figures of an OpenAI answer (a chat completion, a chunk of its stream, an
+//! embeddings body): its top-level `usage`, read without parsing the rest of the answer.
+//!
+//! Every non-streamed chat answer and every stream chunk with figures is read here, so the
+//! reading is cheap: one pass over the bytes finds where the top-level object's `usage` and
+//! `choices` values start, reading a plainly written `usage` on the way ([`PlainUsage`]);
+//! serde_json reads any other `usage` value, and nothing else. A full serde parse of a
+//! 600-byte answer cost about a tenth of the request's instructions.
+
+use std::sync::LazyLock;
+
+use memchr::{memchr2, memmem};
+use serde::Deserialize;
+
+use crate::usage::Tokens;
+
+/// The key [`no_usage_figures`] looks for, quoted as it stands in JSON.
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
+/// `usage` of an OpenAI response body or stream chunk, and whether the chunk is the
+/// usage-only one (`choices: []`) that streams end with when `include_usage` is set.
+///
+/// For any JSON object it answers as parsing the whole text into `{usage, choices}` with
+/// serde_json did (the test module keeps that parse as the oracle): `None` without a
+/// top-level `usage`, with a null one, with one whose figures are not unsigned integers,
+/// with `choices` neither an array nor null, with a top-level key twice; figures that are
+/// null or missing, and missing details, count 0.
+///
+/// Text that is not JSON counts nothing, as before, when its quotes, brackets or top-level
+/// object are out of order (cut off, unbalanced, mismatched, trailing text, a key without
+/// its colon): the scan checks these. It does not check what lies outside the `usage` value
+/// and between the brackets — literals, numbers, escapes, control characters in strings, the
+/// commas of nested values — so such a text with a well-formed top-level `usage` is read
+/// where the full parse refused it. That is harmless: the figures are those of the
+/// top-level object's own `usage`, read strictly, never a nested `usage` or a string's
+/// content; the upstream charged for them whatever else its answer got wrong. A top-level
+/// array, which serde would have read as the fields in order, counts nothing.
+pub fn usage_of(json: &str) -> Option<(Tokens, bool)> {
+    if no_usage_figures(json) {
+        return None;
+    }
+    let bytes = json.as_bytes();
+    let found = TopLevel::scan(bytes)?;
+    let usage_at = found.usage?;
+    let usage_only = match found.choices {
+        Some(at) => empty_choices(bytes.get(at..)?)?,
+        None => false,
+    };
+    let tokens = match found.plain_usage {
+        Some(tokens) => tokens?,
+        None => {
+            // From a `str`, which serde need not check for UTF-8 again; `usage_at` follows a
+            // colon. What follows the value is the scan's business: it has checked it.
+            let mut value = serde_json::Deserializer::from_str(json.get(usage_at..)?);
+            Option::<Usage>::deserialize(&mut value).ok()??.tokens()
+        }
+    };
+    Some((tokens, usage_only))
+}
+
+#[derive(serde::Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+/// The figures of `usage` that Sluice records; the others are ignored.
+#[derive(serde::Deserialize)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+impl Usage {
+    fn tokens(self) -> Tokens {
+        Tokens {
+            prompt: self.prompt_tokens.unwrap_or(0),
+            completion: self.completion_tokens.unwrap_or(0),
+            cached_prompt: self
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
+            reasoning: self
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// True when `json` has no `"usage"` key or every one it has is `null`, so there are no
+/// figures to read. With `include_usage`, which Sluice always asks for, every chunk of a
+/// stream but the last says `"usage":null`; this spares each of them the scan.
+/// The search is memchr's (SIMD, its searcher built once), which finds the same
+/// non-overlapping occurrences as `str::match_indices` at a fraction of its cost.
+fn no_usage_figures(json: &str) -> bool {
+    static KEY: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(USAGE_KEY));
+    KEY.find_iter(json.as_bytes()).all(|at| {
+        // `at` is the index of an ASCII `"`: a char boundary.
+        json.get(at + USAGE_KEY.len()..)
+            .unwrap_or_default()
+            .trim_start()
+            .strip_prefix(':')
+            .is_some_and(|value| value.trim_start().starts_with("null"))
+    })
+}
+
+/// Where the values of the top-level object's `usage` and `choices` start (just after
+/// their colons), and the figures of a `usage` written plainly (see [`PlainUsage`]):
+/// `Some(None)` when it is null.
+#[derive(Default)]
+struct TopLevel {
+    usage: Option<usize>,
+    choices: Option<usize>,
+    plain_usage: Option<Option<Tokens>>,
+}
+
+/// What may come next in the top-level object.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Just after its `{`: a key or its `}`.
+    FirstKey,
+    /// After a comma: a key.
+    Key,
+    Colon,
+    Value,
+    /// After a value (or within a number or literal): a comma or its `}`.
+    Comma,
+}
+
+/// The top-level keys whose values are read.
+#[derive(Clone, Copy)]
+enum Key {
+    Usage,
+    Choices,
+    Other,
+}
+
+impl TopLevel {
+    /// Walks `json` once: strings are skipped with memchr, brackets are counted (and their
+    /// kinds matched), and in the top-level object keys, colons, values and commas must
+    /// alternate. `None` when the text is not an object whose brackets close at its end
+    /// (whitespace aside), or names `usage` or `choices` twice, as the full parse refused
+    /// both.
+    fn scan(json: &[u8]) -> Option<Self> {
+        let mut found = Self::default();
+        let mut open = Brackets::default();
+        let mut expect = Expect::FirstKey;
+        let mut key = Key::Other;
+        let mut at = skip_whitespace(json, 0);
+        if json.get(at) != Some(&b'{') {
+            return None;
+        }
+        open.push(b'{');
+        at += 1;
+        while let Some(&byte) = json.get(at) {
+            let top = open.depth() == 1;
+            match byte {
+                b' ' | b'\t' | b'\n' | b'\r' => {}
+                b'"' => {
+                    let (end, escaped) = string_end(json, at + 1)?;
+                    if top {
+                        expect = match expect {
+                            Expect::FirstKey | Expect::Key => {
+                                key = Key::named(json.get(at..=end)?, escaped)?;
+                                Expect::Colon
+                            }
+                            Expect::Value => Expect::Comma,
+                            Expect::Colon | Expect::Comma => return None,
+                        };
+                    }
+                    at = end;
+                }
+                b':' if top => {
+                    if expect != Expect::Colon {
+                        return None;
+                    }
+                    expect = Expect::Value;
+                    let twice = match key {
+                        Key::Usage => found.usage.replace(at + 1).is_some(),
+                        Key::Choices => found.choices.replace(at + 1).is_some(),
+                        Key::Other => false,
+                    };
+                    if twice {
+                        return None;
+                    }
+                    if let Key::Usage = key
+                        && let Some((tokens, end)) = PlainUsage::read(json, at + 1)
+                    {
+                        found.plain_usage = Some(tokens);
+                        expect = Expect::Comma;
+                        at = end;
+                        continue;
+                    }
+                }
+                b',' if top => {
+                    if expect != Expect::Comma {
+                        return None;
+                    }
+                    expect = Expect::Key;
+                }
+                b'{' | b'[' => {
+                    if top {
+                        if expect != Expect::Value {
+                            return None;
+                        }
+                        expect = Expect::Comma;
+                    }
+                    open.push(byte);
+                }
+                b'}' | b']' => {
+                    if !open.pop(byte) {
+                        return None;
+                    }
+                    if open.depth() == 0 {
+                        let closes = matches!(expect, Expect::FirstKey | Expect::Comma);
+                        let rest = json.get(at + 1..)?;
+                        return (closes && skip_whitespace(rest, 0) == rest.len()).then_some(found);
+                    }
+                }
+                _ if top => match expect {
+                    Expect::Value => expect = Expect::Comma,
+                    Expect::Comma => {}
+                    Expect::FirstKey | Expect::Key | Expect::Colon => return None,
+                },
+                _ => {}
+            }
+            at += 1;
+        }
+        None
+    }
+}
+
+impl Key {
+    /// The key `quoted` (with its quotes) names; one with escapes is decoded first, as the
+    /// full parse did (`"us\u0061ge"` is `usage`). `None` if its escapes are not JSON.
+    fn named(quoted: &[u8], escaped: bool) -> Option<Self> {
+        let key = |name: &[u8]| match name {
+            b"usage" => Self::Usage,
+            b"choices" => Self::Choices,
+            _ => Self::Other,
+        };
+        if escaped {
+            let name: String = serde_json::from_slice(quoted).ok()?;
+            return Some(key(name.as_bytes()));
+        }
+        Some(key(quoted.get(1..quoted.len().saturating_sub(1))?))
+    }
+}
+
+/// A `usage` value written plainly, as providers write it: null, or an object whose keys
+/// have no escapes or control characters and whose values are counts (digits) or null, but for
+/// `prompt_tokens_details` and `completion_tokens_details`, null or objects of the same
+/// kind. Within these bounds serde's answer is plain, and reading the value by hand costs a
+/// fraction of serde's; any other value (a key twice, a figure that is not a count, a
+/// string, an array, …) is left to serde, which answers as it always has.
+struct PlainUsage<'a> {
+    json: &'a [u8],
+    at: usize,
+}
+
+impl<'a> PlainUsage<'a> {
+    /// The figures of the plain `usage` value starting at `at` (after whitespace), `None` in
+    /// them if it is null, and the index just past it; `None` if it is not plain.
+    fn read(json: &'a [u8], at: usize) -> Option<(Option<Tokens>, usize)> {
+        let mut plain = Self { json, at };
+        plain.whitespace();
+        if plain.literal_null() {
+            return Some((None, plain.at));
+        }
+        let mut tokens = Tokens::default();
+        let mut seen = [false; 4];
+        plain.object(|plain, key| {
+            let (field, figure) = match key {
+                b"prompt_tokens" => (0, &mut tokens.prompt),
+                b"completion_tokens" => (1, &mut tokens.completion),
+                b"prompt_tokens_details" => {
+                    tokens.cached_prompt = plain.details(b"cached_tokens")?;
+                    return once(&mut seen[2]);
+                }
+                b"completion_tokens_details" => {
+                    tokens.reasoning = plain.details(b"reasoning_tokens")?;
+                    return once(&mut seen[3]);
+                }
+                _ => return plain.count().map(drop),
+            };
+            *figure = plain.count()?.unwrap_or(0);
+            once(&mut seen[field])
+        })?;
+        Some((Some(tokens), plain.at))
+    }
+
+    /// A details object's figure named `name` (0 when missing or null, or the whole is null).
+    fn details(&mut self, name: &[u8]) -> Option<u64> {
+        if self.literal_null() {
+            return Some(0);
+        }
+        let (mut figure, mut seen) = (0, false);
+        self.object(|plain, key| {
+            let count = plain.count()?;
+            if key != name {
+                return Some(());
+            }
+            figure = count.unwrap_or(0);
+            once(&mut seen)
+        })?;
+        Some(figure)
+    }
+
+    /// An object: `{`, then for each key (read without escapes) `value` reads its value.
+    fn object(&mut self, mut value: impl FnMut(&mut Self, &[u8]) -> Option<()>) -> Option<()> {
+        self.byte(b'{')?;
+        self.whitespace();
+        if self.byte(b'}').is_some() {
+            return Some(());
+        }
+        loop {
+            self.whitespace();
+            self.byte(b'"')?;
+            let (end, escaped) = string_end(self.json, self.at)?;
+            let key = self.json.get(self.at..end)?;
+            // serde decodes escapes and refuses control characters: its business.
+            if escaped || key.iter().any(|&b| b < b' ') {
+                return None;
+            }
+            self.at = end + 1;
+            self.whitespace();
+            self.byte(b':')?;
+            self.whitespace();
+            value(self, key)?;
+            self.whitespace();
+            if self.byte(b'}').is_some() {
+                return Some(());
+            }
+            self.byte(b',')?;
+        }
+    }
+
+    /// A count or null: digits without a leading zero, fraction or exponent, within `u64`.
+    fn count(&mut self) -> Option<Option<u64>> {
+        if self.literal_null() {
+            return Some(None);
+        }
+        let digits = self.json.get(self.at..)?;
+        let len = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+        let (digits, after) = (digits.get(..len)?, digits.get(len));
+        if len == 0
+            || (len > 1 && digits.first() == Some(&b'0'))
+            || matches!(after, Some(b'.' | b'e' | b'E'))
+        {
+            return None;
+        }
+        let count = digits.iter().try_fold(0u64, |n, d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })?;
+        self.at += len;
+        Some(Some(count))
+    }
+
+    /// `null` (followed by what may follow a value, which the caller checks).
+    fn literal_null(&mut self) -> bool {
+        let null = self
+            .json
+            .get(self.at..)
+            .is_some_and(|rest| rest.starts_with(b"null"));
+        if null {
+            self.at += 4;
+        }
+        null
+    }
+
+    fn byte(&mut self, expected: u8) -> Option<()> {
+        (self.json.get(self.at) == Some(&expected)).then(|| self.at += 1)
+    }
+
+    fn whitespace(&mut self) {
+        self.at = skip_whitespace(self.json, self.at);
+    }
+}
+
+/// Marks a field read: `None` if it was already, as serde refuses a field twice.
+fn once(seen: &mut bool) -> Option<()> {
+    (!std::mem::replace(seen, true)).then_some(())
+}
+
+/// The index of the quote that ends the string whose content starts at `from`, and whether
+/// the string has escapes. `None` if it does not end.
+fn string_end(json: &[u8], mut from: usize) -> Option<(usize, bool)> {
+    let mut escaped = false;
+    loop {
+        let at = from + memchr2(b'"', b'\\', json.get(from..)?)?;
+        if json.get(at) == Some(&b'"') {
+            return Some((at, escaped));
+        }
+        // The escaped byte is skipped, whatever it is: a quote or backslash there is text.
+        escaped = true;
+        from = at + 2;
+    }
+}
+
+/// The index of the first byte at or after `from` that is not JSON whitespace.
+fn skip_whitespace(json: &[u8], from: usize) -> usize {
+    from + json
+        .get(from..)
+        .unwrap_or_default()
+        .iter()
+        .take_while(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .count()
+}
+
+/// Whether the `choices` value at the start of `value` is an empty array: `Some(false)` for
+/// `null` or an array with elements, `None` for anything else (the full parse refused it).
+fn empty_choices(value: &[u8]) -> Option<bool> {
+    let at = skip_whitespace(value, 0);
+    match value.get(at)? {
+        b'[' => Some(value.get(skip_whitespace(value, at + 1)) == Some(&b']')),
+        b'n' => value.get(at..)?.starts_with(b"null").then_some(false),
+        _ => None,
+    }
+}
+
+/// The kinds of the brackets open around the scan, innermost last: a bit each (set for `[`),
+/// the innermost 128 in a word and any outer ones in `spilled` (real answers never need it).
+#[derive(Default)]
+struct Brackets {
+    depth: usize,
+    bits: u128,
+    spilled: Vec<u128>,
+}
+
+impl Brackets {
+    fn depth(&self) -> usize {
+        self.depth
+    }
+
+    fn push(&mut self, open: u8) {
+        if self.depth > 0 && self.depth.is_multiple_of(128) {
+            self.spilled.push(std::mem::take(&mut self.bits));
+        }
+        self.bits = (self.bits << 1) | u128::from(open == b'[');
+        self.depth += 1;
+    }
+
+    /// Closes the innermost bracket with `close`: false if none is open or it is of the
+    /// other kind.
+    fn pop(&mut self, close: u8) -> bool {
+        if self.depth == 0 || (self.bits & 1 == 1) != (close == b']') {
+            return false;
+        }
+        self.bits >>= 1;
+        self.depth -= 1;
+        if self.depth > 0 && self.depth.is_multiple_of(128) {
+            self.bits = self.spilled.pop().unwrap_or_default();
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `usage_of` as it was: the whole text parsed by serde_json into `{usage, choices}`.
+    /// What the scan must answer for every JSON text.
+    fn by_full_parse(json: &str) -> Option<(Tokens, bool)> {
+        #[derive(serde::Deserialize)]
+        struct WithUsage {
+            #[serde(default)]
+            usage: Option<Usage>,
+            #[serde(default)]
+            choices: Option<Vec<serde::de::IgnoredAny>>,
+        }
+        if no_usage_figures(json) {
+            return None;
+        }
+        let parsed: WithUsage = serde_json::from_str(json).ok()?;
+        let usage_only = parsed.choices.is_some_and(|c| c.is_empty());
+        Some((parsed.usage?.tokens(), usage_only))
+    }
+
+    /// A JSON value as the generator builds it: objects keep their keys' order and may
+    /// repeat a key, as a text can.
+    #[derive(Debug, Clone)]
+    enum Json {
+        Null,
+        Bool(bool),
+        Number(&'static str),
+        Text(String),
+        Array(Vec<Json>),
+        Object(Vec<(String, Json)>),
+    }
+
+    /// Writes a [`Json`] as text, with whitespace between its tokens and some characters of
+    /// its strings escaped, both as the given picks say.
+    struct Writer<'a> {
+        out: String,
+        spaces: &'a [u8],
+        escapes: &'a [bool],
+        picked: usize,
+    }
+
+    impl Writer<'_> {
+        fn write(value: &Json, spaces: &[u8], escapes: &[bool]) -> String {
+            let mut writer = Writer {
+                out: String::new(),
+                spaces,
+                escapes,
+                picked: 0,
+            };
+            writer.value(value);
+            writer.out
+        }
+
+        fn pick(&mut self) -> usize {
+            self.picked += 1;
+            self.picked
+        }
+
+        fn space(&mut self) {
+            let at = self.pick() % self.spaces.len().max(1);
+            let space = match self.spaces.get(at).copied().unwrap_or(0) {
+                0..=3 => "",
+                4 => " ",
+                5 => "\n",
+                6 => "\t",
+                _ => "\r\n  ",
+            };
+            self.out.push_str(space);
+        }
+
+        fn escape(&mut self) -> bool {
+            let at = self.pick() % self.escapes.len().max(1);
+            self.escapes.get(at).copied().unwrap_or(false)
+        }
+
+        fn string(&mut self, text: &str) {
+            self.out.push('"');
+            for c in text.chars() {
+                match c {
+                    '"' => self.out.push_str("\\\""),
+                    '\\' => self.out.push_str("\\\\"),
+                    c if c < ' ' => self.out.push_str(&format!("\\u{:04x}", c as u32)),
+                    c if self.escape() => {
+                        let mut units = [0; 2];
+                        for unit in c.encode_utf16(&mut units) {
+                            self.out.push_str(&format!("\\u{unit:04X}"));
+                        }
+                    }
+                    c => self.out.push(c),
+                }
+            }
+            self.out.push('"');
+        }
+
+        fn value(&mut self, value: &Json) {
+            self.space();
+            match value {
+                Json::Null => self.out.push_str("null"),
+                Json::Bool(b) => self.out.push_str(if *b { "true" } else { "false" }),
+                Json::Number(n) => self.out.push_str(n),
+                Json::Text(text) => self.string(text),
+                Json::Array(items) => {
+                    self.out.push('[');
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            self.out.push(',');
+                        }
+                        self.value(item);
+                    }
+                    self.space();
+                    self.out.push(']');
+                }
+                Json::Object(fields) => {
+                    self.out.push('{');
+                    for (i, (key, value)) in fields.iter().enumerate() {
+                        if i > 0 {
+                            self.out.push(',');
+                        }
+                        self.space();
+                        self.string(key);
+                        self.space();
+                        self.out.push(':');
+                        self.value(value);
+                    }
+                    self.space();
+                    self.out.push('}');
+                }
+            }
+            self.space();
+        }
+    }
+
+    /// Keys of answers and of their nested objects, the quoted `usage` among them, and
+    /// `usage` in other keys.
+    fn key() -> impl Strategy<Value = String> {
+        prop::sample::select(vec![
+            "usage",
+            "choices",
+            "id",
+            "index",
+            "message",
+            "delta",
+            "content",
+            "prompt_tokens",
+            "completion_tokens",
+            "prompt_tokens_details",
+            "cached_tokens",
+            "reasoning_tokens",
+            "x\"usage",
+            "usage\\",
+            "\"usage\"",
+            "usagé",
+            "",
+        ])
+        .prop_map(String::from)
+    }
+
+    /// Strings holding what looks like keys, brackets and escapes, and non-ASCII text.
+    fn text() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop::sample::select(vec![
+                "usage",
+                "\"usage\":{\"prompt_tokens\":1}",
+                "\"usage\":null",
+                "\\",
+                "\"",
+                "{",
+                "}",
+                "[",
+                "]",
+                ",",
+                ":",
+                " ",
+                "\u{e9}",
+                "\u{2028}",
+                "\u{1F600}",
+                "\n",
+                "\u{1}",
+                "[mock] tok1",
+            ]),
+            0..6,
+        )
+        .prop_map(|pieces| pieces.concat())
+    }
+
+    fn number() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "0",
+            "2",
+            "7",
+            "2006",
+            "-3",
+            "1.5",
+            "1e3",
+            "18446744073709551615",
+            "18446744073709551616",
+        ])
+    }
+
+    fn any_json() -> impl Strategy<Value = Json> {
+        let leaf = prop_oneof![
+            Just(Json::Null),
+            any::<bool>().prop_map(Json::Bool),
+            number().prop_map(Json::Number),
+            text().prop_map(Json::Text),
+        ];
+        leaf.prop_recursive(4, 32, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Json::Array),
+                prop::collection::vec((key(), inner), 0..5).prop_map(Json::Object),
+            ]
+        })
+    }
+
+    /// A token count: mostly a count, sometimes null or not a count at all.
+    fn figure() -> impl Strategy<Value = Json> {
+        prop_oneof![
+            12 => prop::sample::select(vec!["0", "2", "5", "2006", "18446744073709551615"])
+                .prop_map(Json::Number),
+            1 => Just(Json::Null),
+            1 => number().prop_map(Json::Number),
+        ]
+    }
+
+    fn details(figure_name: &'static str) -> impl Strategy<Value = Json> {
+        prop_oneof![
+            4 => prop::collection::vec(
+                (prop::sample::select(vec![figure_name, "audio_tokens", "usage"]), figure()),
+                0..3,
+            )
+            .prop_map(|fields| {
+                Json::Object(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+            }),
+            1 => Just(Json::Null),
+            1 => any_json(),
+        ]
+    }
+
+    /// A `usage` value: mostly an object of figures in any order, among other fields.
+    fn usage_value() -> impl Strategy<Value = Json> {
+        let field = prop_oneof![
+            figure().prop_map(|v| ("prompt_tokens".to_owned(), v)),
+            figure().prop_map(|v| ("completion_tokens".to_owned(), v)),
+            figure().prop_map(|v| ("total_tokens".to_owned(), v)),
+            details("cached_tokens").prop_map(|v| ("prompt_tokens_details".to_owned(), v)),
+            details("reasoning_tokens").prop_map(|v| ("completion_tokens_details".to_owned(), v)),
+            (key(), any_json()),
+        ];
+        prop_oneof![
+            6 => prop::collection::vec(field, 0..6).prop_map(Json::Object),
+            1 => Just(Json::Null),
+            1 => any_json(),
+        ]
+    }
+
+    /// A choice: an object whose fields may be a `usage` of their own.
+    fn choice() -> impl Strategy<Value = Json> {
+        let value = prop_oneof![any_json(), usage_value()];
+        prop::collection::vec((key(), value), 0..5).prop_map(Json::Object)
+    }
+
+    fn choices_value() -> impl Strategy<Value = Json> {
+        prop_oneof![
+            2 => Just(Json::Array(Vec::new())),
+            4 => prop::collection::vec(choice(), 1..3).prop_map(Json::Array),
+            1 => Just(Json::Null),
+            1 => any_json(),
+        ]
+    }
+
+    /// An answer: mostly a `usage` and `choices` among other fields, in any order (and now
+    /// and then a key twice, as the others' keys may be either).
+    fn answer() -> impl Strategy<Value = Json> {
+        (
+            prop::option::weighted(0.9, usage_value()),
+            prop::option::weighted(0.8, choices_value()),
+            prop::collection::vec((key(), any_json()), 0..5),
+        )
+            .prop_map(|(usage, choices, mut fields)| {
+                fields.extend(usage.map(|v| ("usage".to_owned(), v)));
+                fields.extend(choices.map(|v| ("choices".to_owned(), v)));
+                fields
+            })
+            .prop_shuffle()
+            .prop_map(Json::Object)
+    }
+
+    fn written() -> impl Strategy<Value = String> {
+        (
+            answer(),
+            prop::collection::vec(0u8..8, 1..16),
+            prop::collection::vec(prop::bool::weighted(0.1), 1..16),
+        )
+            .prop_map(|(answer, spaces, escapes)| Writer::write(&answer, &spaces, &escapes))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// For every JSON answer the scan reads what the full parse read.
+        #[test]
+        fn the_scan_answers_as_the_full_parse(json in written()) {
+            prop_assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok(), "{json}");
+            prop_assert_eq!(usage_of(&json), by_full_parse(&json), "{}", json);
+        }
+
+        /// An answer cut off anywhere before its closing brace counts nothing.
+        #[test]
+        fn a_cut_off_answer_counts_nothing(json in written(), cut in any::<prop::sample::Index>()) {
+            let whole = json.trim_end().len();
+            if let Some(part) = json.get(..cut.index(whole)) {
+                prop_assert_eq!(usage_of(part), None);
+            }
+        }
+    }
+
+    /// The check as it was written with `str::match_indices`: what the memchr search must
+    /// agree with on every input.
+    fn no_usage_figures_by_match_indices(json: &str) -> bool {
+        json.match_indices("\"usage\"").all(|(at, key)| {
+            json[at + key.len()..]
+                .trim_start()
+                .strip_prefix(':')
+                .is_some_and(|value| value.trim_start().starts_with("null"))
+        })
+    }
+
+    /// Pieces of chunks and bodies: keys, nulls, figures, overlapping and escaped quotes,
+    /// ASCII and non-ASCII whitespace (which `trim_start` skips too).
+    fn fragment() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "\"usage\"",
+            "\"usage\"usage\"",
+            ":",
+            " ",
+            "\n",
+            "\u{a0}",
+            "\u{2028}",
+            "null",
+            "nul",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            "\"",
+            "\\\"",
+            "\"prompt_tokens\":3",
+            "\"choices\":[]",
+            "\"content\":\"",
+            "usage",
+            "\u{e9}",
+            "0",
+        ])
+    }
+
+    proptest! {
+        /// The memchr search skips the same inputs as `match_indices` did.
+        #[test]
+        fn the_usage_key_search_agrees_with_match_indices(
+            pieces in prop::collection::vec(fragment(), 0..24),
+        ) {
+            let json = pieces.concat();
+            prop_assert_eq!(no_usage_figures(&json), no_usage_figures_by_match_indices(&json));
+        }
+
+        /// Whatever the pieces make, JSON or not, the scan never panics, and where they make
+        /// JSON it answers as the full parse did.
+        #[test]
+        fn any_text_is_read_without_panic(pieces in prop::collection::vec(fragment(), 0..24)) {
+            let json = pieces.concat();
+            let read = usage_of(&json);
+            if serde_json::from_str::<serde_json::Value>(&json).is_ok() {
+                prop_assert_eq!(read, by_full_parse(&json));
+            }
+        }
+    }
+
+    fn tokens(prompt: u64, completion: u64) -> Tokens {
+        Tokens {
+            prompt,
+            completion,
+            ..Tokens::default()
+        }
+    }
+
+    #[test]
+    fn null_usage_is_skipped_but_figures_anywhere_are_parsed() {
+        assert!(no_usage_figures(r#"{"choices":[{}]}"#));
+        assert!(no_usage_figures(r#"{"choices":[{}],"usage" : null}"#));
+        assert!(no_usage_figures(
+            r#"{"choices":[{"delta":{"content":"\"usage\""}}]}"#
+        ));
+        assert!(!no_usage_figures(r#"{"usage":{"prompt_tokens":1}}"#));
+        // A null somewhere else does not hide the real figures.
+        let both = r#"{"choices":[{"delta":{"usage":null}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+        assert!(!no_usage_figures(both));
+        assert_eq!(usage_of(both), Some((tokens(1, 2), false)));
+    }
+
+    #[test]
+    fn cached_prompt_tokens_are_read_from_the_prompt_details() {
+        let body = r#"{"choices":[],"usage":{"prompt_tokens":2006,"completion_tokens":300,
+            "prompt_tokens_details":{"cached_tokens":1920,"audio_tokens":0}}}"#;
+        let expected = Tokens {
+            cached_prompt: 1920,
+            ..tokens(2006, 300)
+        };
+        assert_eq!(usage_of(body), Some((expected, true)));
+        let details_null =
+            r#"{"usage":{"prompt_tokens":3,"completion_tokens":1,"prompt_tokens_details":null}}"#;
+        assert_eq!(usage_of(details_null).unwrap().0.cached_prompt, 0);
+    }
+
+    #[test]
+    fn finds_usage_in_bodies_and_chunks() {
+        let body = r#"{"id":"x","choices":[{"index":0}],"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}"#;
+        assert_eq!(usage_of(body), Some((tokens(9, 12), false)));
+        let chunk = r#"{"id":"x","choices":[ ],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#;
+        assert_eq!(usage_of(chunk), Some((tokens(3, 5), true)));
+        let embeddings = r#"{"data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}"#;
+        assert_eq!(usage_of(embeddings), Some((tokens(4, 0), false)));
+        assert_eq!(usage_of(r#"{"choices":[{}],"usage":null}"#), None);
+        assert_eq!(usage_of(r#"{"choices":[{}]}"#), None);
+        assert_eq!(usage_of("not json \"usage\""), None);
+    }
+
+    #[test]
+    fn the_mock_answer_is_read_whole() {
+        let body = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1764633600,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"[mock] tok1 tok2 tok3 tok4","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":2,"completion_tokens":5,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":1,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":3,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_sluice_mock"}"#;
+        let expected = Tokens {
+            prompt: 2,
+            completion: 5,
+            cached_prompt: 1,
+            reasoning: 3,
+        };
+        assert_eq!(usage_of(body), Some((expected, false)));
+        assert_eq!(usage_of(body), by_full_parse(body));
+    }
+
+    #[test]
+    fn only_the_top_level_usage_counts() {
+        // A `usage` inside a choice, or in a key or a string that holds the word, is not it.
+        for json in [
+            r#"{"choices":[{"usage":{"prompt_tokens":1}}]}"#,
+            r#"{"choices":[{"usage":{"prompt_tokens":1}}],"usage":null}"#,
+            r#"{"x\"usage":{"prompt_tokens":1},"choices":[{"usage":{"prompt_tokens":1}}]}"#,
+            r#"{"content":"\",\"usage\":{\"prompt_tokens\":1}","choices":[{"usage":{}}]}"#,
+        ] {
+            assert_eq!(usage_of(json), None, "{json}");
+            assert_eq!(by_full_parse(json), None, "{json}");
+        }
+        // A key spelled with escapes is the key it decodes to, as for any JSON reader.
+        let escaped =
+            r#"{"us\u0061ge":{"prompt_tokens":4},"choices":[{"usage":{"prompt_tokens":1}}]}"#;
+        assert_eq!(usage_of(escaped), Some((tokens(4, 0), false)));
+        assert_eq!(by_full_parse(escaped), usage_of(escaped));
+    }
+
+    #[test]
+    fn what_the_full_parse_refused_counts_nothing() {
+        for json in [
+            // `usage` or `choices` twice.
+            r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1},"choices":[]}"#,
+            // `choices` neither an array nor null; figures that are not counts.
+            r#"{"choices":{},"usage":{"prompt_tokens":1}}"#,
+            r#"{"choices":"[]","usage":{"prompt_tokens":1}}"#,
+            r#"{"usage":{"prompt_tokens":-1}}"#,
+            r#"{"usage":{"prompt_tokens":1.5}}"#,
+            r#"{"usage":"{\"prompt_tokens\":1}"}"#,
+            // Cut off, trailing text, unbalanced or mismatched brackets, a missing colon.
+            r#"{"usage":{"prompt_tokens":1}"#,
+            r#"{"usage":{"prompt_tokens":1}}}"#,
+            r#"{"usage":{"prompt_tokens":1}} x"#,
+            r#"{"usage":{"prompt_tokens":1}}{}"#,
+            r#"{"a":[1}, "usage":{"prompt_tokens":1}, "b":{]}"#,
+            r#"{"a" "usage":{"prompt_tokens":1}}"#,
+            r#"{"a":1 "usage":{"prompt_tokens":1}}"#,
+            r#"{"usage":{"prompt_tokens":1},}"#,
+            r#"{"content":"unterminated, "usage":{"prompt_tokens":1}}"#,
+            // A key whose escapes are not JSON.
+            r#"{"us\u00":{"prompt_tokens":1},"usage":{"prompt_tokens":1}}"#,
+        ] {
+            assert_eq!(usage_of(json), None, "{json}");
+        }
+        // The one JSON text read differently: serde read an array as the fields in order.
+        let array = r#"[{"prompt_tokens":1,"usage":{"prompt_tokens":1}},[]]"#;
+        assert_eq!(by_full_parse(array), Some((tokens(1, 0), true)));
+        assert_eq!(usage_of(array), None);
+    }
+
+    #[test]
+    fn a_plain_usage_is_read_by_hand_and_any_other_by_serde() {
+        let plain = |usage: &str| PlainUsage::read(usage.as_bytes(), 0).map(|(t, _)| t);
+        let mock = r#"{"prompt_tokens":2,"completion_tokens":5,"total_tokens":7,
+            "prompt_tokens_details":{"cached_tokens":1,"audio_tokens":0},
+            "completion_tokens_details":{"reasoning_tokens":3,"audio_tokens":null}}"#;
+        let expected = Tokens {
+            prompt: 2,
+            completion: 5,
+            cached_prompt: 1,
+            reasoning: 3,
+        };
+        assert_eq!(plain(mock), Some(Some(expected)));
+        assert_eq!(plain(" null"), Some(None));
+        assert_eq!(plain("{}"), Some(Some(Tokens::default())));
+        for usage in [
+            r#"{"prompt_tokens":1.0}"#,
+            r#"{"prompt_tokens":1e2}"#,
+            r#"{"prompt_tokens":-1}"#,
+            r#"{"prompt_tokens":01}"#,
+            r#"{"prompt_tokens":"1"}"#,
+            r#"{"prompt_tokens":18446744073709551616}"#,
+            r#"{"prompt_tokens":1,"prompt_tokens":2}"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":1}}"#,
+            r#"{"pr\u006fmpt_tokens":1}"#,
+            r#"{"total_tokens":[1]}"#,
+            "[1,2]",
+        ] {
+            assert_eq!(plain(usage), None, "{usage}");
+            // serde decides these: some it reads, the others count nothing.
+            let answer = format!(r#"{{"choices":[],"usage":{usage}}}"#);
+            assert_eq!(usage_of(&answer), by_full_parse(&answer), "{answer}");
+        }
+        let escaped = r#"{"choices":[],"usage":{"pr\u006fmpt_tokens":4}}"#;
+        assert_eq!(usage_of(escaped), Some((tokens(4, 0), true)));
+    }
+
+    #[test]
+    fn nesting_deeper_than_a_word_of_brackets_is_followed() {
+        let deep = |depth: usize| {
+            format!(
+                r#"{{"choices":[{}{}],"usage":{{"prompt_tokens":6}}}}"#,
+                "[{\"a\":".repeat(depth) + "0",
+                "}]".repeat(depth)
+            )
+        };
+        for depth in [0, 62, 63, 64, 127, 128, 300] {
+            let json = deep(depth);
+            assert_eq!(
+                usage_of(&json),
+                Some((tokens(6, 0), false)),
+                "depth {depth}"
+            );
+            assert_eq!(usage_of(&json), by_full_parse(&json));
+        }
+        let mismatched = deep(200).replacen("}]}]", "]}]}", 1);
+        assert_eq!(usage_of(&mismatched), None);
+    }
+}
