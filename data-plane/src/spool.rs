@@ -390,6 +390,19 @@ impl Spool {
         let mut removed = false;
         for lane in &self.lanes {
             for segment in lane.take_compactable(acked) {
+                // The lane's first acked segment becomes its spare, for its next segment to
+                // be written over ([`lane`]'s docs); the others are deleted.
+                if !lane.has_spare() {
+                    let spare = self.shared.dir.join(spare_name(lane.index()));
+                    if std::fs::rename(&segment.path, &spare).is_ok() {
+                        self.shared
+                            .bytes
+                            .fetch_sub(segment.bytes, Ordering::Relaxed);
+                        lane.give_spare(spare);
+                        removed = true;
+                        continue;
+                    }
+                }
                 match std::fs::remove_file(&segment.path) {
                     Ok(()) => {
                         self.shared
@@ -556,6 +569,11 @@ fn segment_name(lane: u32, segment: u64) -> String {
     format!("{lane}.{segment:08}.spool")
 }
 
+/// `<lane>.spare`: an acked segment's file kept for the lane's next segment.
+fn spare_name(lane: u32) -> String {
+    format!("{lane}.spare")
+}
+
 /// The (lane, segment) of a segment file's name.
 fn parse_segment_name(name: &str) -> Option<(u32, u64)> {
     let mut parts = name.strip_suffix(".spool")?.split('.');
@@ -607,10 +625,12 @@ mod tests {
         records.iter().map(|r| r.request_id.as_str()).collect()
     }
 
+    /// The segment files in `dir` (not the spare), in order.
     fn segments(dir: &Path) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "spool"))
             .collect();
         files.sort();
         files
@@ -701,7 +721,7 @@ mod tests {
         }
         let file = segments(&dir).remove(0);
         let whole = std::fs::read(&file).unwrap();
-        let frames = frame::decode(&whole);
+        let frames = entry::decode_segment(&whole).frames;
         let last = frames.payloads.last().unwrap().len() + frame::HEADER_BYTES;
         let last_start = whole.len() - last;
         // The last write is r2's finish: cut anywhere inside it, r2 is interrupted (its start
@@ -757,11 +777,21 @@ mod tests {
             spool.sync_and_compact(&sink);
             let after = segments(&dir).len();
             assert!(after <= 2, "{after} of {before} segments left");
+            // The bytes the segments' own frames take (a file written over an acked one
+            // holds more), the spare not counted.
             let bytes: u64 = segments(&dir)
                 .iter()
-                .map(|p| std::fs::metadata(p).unwrap().len())
+                .map(|p| {
+                    entry::decode_segment(&std::fs::read(p).unwrap())
+                        .frames
+                        .valid_len as u64
+                })
                 .sum();
             assert_eq!(spool.stats(&sink).bytes, bytes);
+            assert!(
+                dir.join(spare_name(0)).exists(),
+                "an acked segment kept as the spare"
+            );
             assert_eq!(spool.stats(&sink).records, 1, "the long stream");
         }
         // The long stream's start was carried into the surviving segment; no finished
@@ -814,6 +844,123 @@ mod tests {
                 .iter()
                 .all(|id| !finished.contains(id))
         );
+    }
+
+    #[test]
+    fn a_segment_written_over_an_acked_one_brings_back_none_of_its_records() {
+        let data = tempfile::tempdir().unwrap();
+        let sink = UsageSink::new(10_000);
+        let dir = data.path().join(SPOOL_DIR).join("inc-1");
+        {
+            let options = SpoolOptions {
+                segment_bytes: 1024,
+                ..SpoolOptions::new(data.path())
+            };
+            let spool = Spool::open(options, &identity("inc-1"), 1).unwrap();
+            let lane = spool.lane(0).unwrap();
+            // First: requests running across several segments (their starts in each), then
+            // finished and acked, so that the segments are compacted and one kept as spare.
+            let mut running = Vec::new();
+            for i in 0..10 {
+                let mut spooled = None;
+                let mut rec = record(&format!("old-long-{i}"));
+                lane.start(&mut spooled, &mut rec).unwrap().now().unwrap();
+                running.push((spooled, rec));
+            }
+            for i in 0..30 {
+                request(&lane, &sink, &format!("old-short-{i}"), true);
+            }
+            for (spooled, rec) in running {
+                sink.record_with(rec, |r| lane.finish(spooled, r).now().unwrap());
+            }
+            sink.ack(sink.entered());
+            spool.sync_and_compact(&sink);
+            spool.sync_and_compact(&sink);
+            assert!(dir.join(spare_name(0)).exists());
+            // Then: new requests, unacked, one of them still running at the crash, enough
+            // to start the segment that is written over the spare.
+            request(&lane, &sink, "new-running", false);
+            for i in 0..12 {
+                request(&lane, &sink, &format!("new-{i}"), true);
+            }
+            assert!(!dir.join(spare_name(0)).exists(), "the spare was used");
+        }
+        let reused: Vec<_> = segments(&dir)
+            .into_iter()
+            .filter(|p| entry::decode_segment(&std::fs::read(p).unwrap()).reused_file)
+            .collect();
+        assert_eq!(reused.len(), 1);
+        let bytes = std::fs::read(&reused[0]).unwrap();
+        let frames = entry::decode_segment(&bytes).frames;
+        assert!(
+            frames.valid_len < bytes.len(),
+            "the file still holds frames of its earlier segment past its own"
+        );
+        // What is read of it is its own segment's: only the new requests.
+        let read: Vec<String> = frames
+            .payloads
+            .iter()
+            .filter_map(|p| match entry::decode(p).unwrap().kind {
+                Some(entry::Kind::Start(mark) | entry::Kind::Finish(mark)) => {
+                    mark.record.map(|r| r.request_id)
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(!read.is_empty());
+        assert!(read.iter().all(|id| id.starts_with("new-")), "{read:?}");
+        let spool = Spool::open(SpoolOptions::new(data.path()), &identity("inc-2"), 1).unwrap();
+        let replay = spool.take_replays().remove(0);
+        assert_eq!(ids(&replay.interrupted), ["new-running"]);
+        let finished = ids(&replay.finished);
+        for i in 0..12 {
+            assert!(finished.contains(&format!("new-{i}").as_str()), "new-{i}");
+        }
+        assert_eq!(
+            replay.torn, 0,
+            "the earlier segment's frames are not damage"
+        );
+    }
+
+    #[test]
+    fn every_segment_of_a_lane_checks_its_frames_under_a_seed_of_its_own() {
+        // What keeps a reused file's earlier frames from being read (the property itself:
+        // frame::tests::a_reused_file_reads_as_its_new_segment_only).
+        let data = tempfile::tempdir().unwrap();
+        let sink = UsageSink::new(10_000);
+        let dir = data.path().join(SPOOL_DIR).join("inc-1");
+        let options = SpoolOptions {
+            segment_bytes: 512,
+            ..SpoolOptions::new(data.path())
+        };
+        let spool = Spool::open(options, &identity("inc-1"), 1).unwrap();
+        let lane = spool.lane(0).unwrap();
+        for i in 0..40 {
+            request(&lane, &sink, &format!("r{i}"), true);
+        }
+        let mut seeds = std::collections::HashSet::new();
+        let files = segments(&dir);
+        assert!(files.len() >= 5, "{} segments", files.len());
+        for file in &files {
+            let bytes = std::fs::read(file).unwrap();
+            let frames = entry::decode_segment(&bytes).frames;
+            assert_eq!(
+                frames.valid_len,
+                bytes.len(),
+                "{}: read whole",
+                file.display()
+            );
+            let Some(entry::Kind::Header(header)) = entry::decode(frames.payloads[0]).unwrap().kind
+            else {
+                panic!("{} does not start with its header", file.display());
+            };
+            assert_ne!(header.frame_seed, 0);
+            assert!(
+                seeds.insert(header.frame_seed),
+                "seed {} twice",
+                header.frame_seed
+            );
+        }
     }
 
     #[test]

@@ -254,7 +254,7 @@ fn spool_frames(
     assert_eq!(segments.len(), 1, "one serving thread, one segment");
     let file = segments.into_iter().next().unwrap().unwrap().path();
     let bytes = std::fs::read(&file).unwrap();
-    let decoded = frame::decode(&bytes);
+    let decoded = entry::decode_segment(&bytes).frames;
     assert_eq!(decoded.stop, None);
     let mut at = 0;
     let frames = decoded

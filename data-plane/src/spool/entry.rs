@@ -42,6 +42,41 @@ pub struct Header {
     /// The segment's number within its lane: 1, 2, …
     #[prost(uint64, tag = "4")]
     pub segment: u64,
+    /// The seed of the checks of the frames after this one ([`frame`]'s docs); 0 (unseeded)
+    /// in segments written before seeds existed.
+    #[prost(uint32, tag = "5")]
+    pub frame_seed: u32,
+    /// The file held an earlier segment of the lane: past the last frame of this one it
+    /// holds the rest of that one, which is where reading it ends, not damage.
+    #[prost(bool, tag = "6")]
+    pub reused_file: bool,
+}
+
+/// The frames of one segment file, read under the seed its header names.
+#[derive(Debug)]
+pub struct SegmentFrames<'a> {
+    pub frames: frame::Frames<'a>,
+    /// Its header says the file was used before: reading is expected to stop before the end
+    /// of the file.
+    pub reused_file: bool,
+}
+
+/// Reads the frames of a segment file: the header, then the frames under its seed.
+pub fn decode_segment(bytes: &[u8]) -> SegmentFrames<'_> {
+    let mut reused_file = false;
+    let frames = frame::decode_seeded(bytes, |first| match decode(first) {
+        Ok(Entry {
+            kind: Some(Kind::Header(header)),
+        }) => {
+            reused_file = header.reused_file;
+            header.frame_seed
+        }
+        _ => 0,
+    });
+    SegmentFrames {
+        frames,
+        reused_file,
+    }
 }
 
 /// A start or finish of one request.
@@ -203,6 +238,7 @@ mod tests {
                 incarnation: "i".into(),
                 lane: 1,
                 segment: 2,
+                ..Default::default()
             },
             &mut out,
         );

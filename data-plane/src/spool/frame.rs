@@ -1,8 +1,14 @@
-//! The framing of a spool segment: each entry is `length (u32 LE) | CRC-32 of the payload
-//! (u32 LE) | payload`. A reader takes frames while they are whole and their checksum matches,
-//! and stops at the first one that is not: a crash can only tear the last write of a segment
-//! (the writer starts a new segment after any failed write), so whatever follows a bad frame
-//! was never written whole and is never read as data.
+//! The framing of a spool segment: each entry is `length (u32 LE) | check (u32 LE) | payload`,
+//! where the check is the CRC-32 of the payload, XORed with the segment's *seed* in every frame
+//! but the first (the segment's header, which names the seed). A reader takes frames while they
+//! are whole and their check matches, and stops at the first one that is not: a crash can only
+//! tear the last write of a segment (the writer starts a new segment after any failed write), so
+//! whatever follows a bad frame was never written whole and is never read as data.
+//!
+//! The seed is what lets a segment file be used again: a file reused for a later segment still
+//! holds, past the new frames, the frames of its earlier use, whole and with good CRCs. Each
+//! segment of a lane has a seed of its own, so the checks of those frames, made under another
+//! seed, do not match, and reading ends where the new frames end.
 
 /// Bytes before each payload: its length and its checksum.
 pub const HEADER_BYTES: usize = 8;
@@ -43,6 +49,24 @@ pub fn seal(at: usize, out: &mut [u8]) {
     out[at + 4..at + HEADER_BYTES].copy_from_slice(&crc);
 }
 
+/// XORs the check of every frame in `frames` (whole frames, back to back, none of them a
+/// segment's header) with `seed`: done once, as they are written into the segment they are
+/// for.
+pub fn seed(frames: &mut [u8], seed: u32) {
+    if seed == 0 {
+        return;
+    }
+    let mut at = 0;
+    while let Some(header) = frames.get_mut(at..at + HEADER_BYTES) {
+        let (len, check) = header.split_at_mut(4);
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let seeded = u32::from_le_bytes([check[0], check[1], check[2], check[3]]) ^ seed;
+        check.copy_from_slice(&seeded.to_le_bytes());
+        at += HEADER_BYTES + len;
+    }
+    debug_assert_eq!(at, frames.len(), "whole frames only");
+}
+
 /// Why reading a segment stopped before its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
@@ -62,9 +86,17 @@ pub struct Frames<'a> {
     pub stop: Option<Stop>,
 }
 
-/// Reads the frames of `bytes`; see [`Frames`].
+/// Reads the frames of `bytes`, none of them seeded; see [`Frames`].
 pub fn decode(bytes: &[u8]) -> Frames<'_> {
+    decode_seeded(bytes, |_| 0)
+}
+
+/// Reads the frames of a segment whose first frame is unseeded and names the seed of the
+/// others: `seed_of` reads it from the first frame's payload.
+pub fn decode_seeded(bytes: &[u8], seed_of: impl FnOnce(&[u8]) -> u32) -> Frames<'_> {
     let mut frames = Frames::default();
+    let mut seed = 0;
+    let mut seed_of = Some(seed_of);
     let mut at = 0;
     while at < bytes.len() {
         let Some(header) = bytes.get(at..at + HEADER_BYTES) else {
@@ -83,7 +115,7 @@ pub fn decode(bytes: &[u8]) -> Frames<'_> {
             frames.stop = Some(Stop::Torn);
             break;
         };
-        if crc32fast::hash(payload) != crc {
+        if crc32fast::hash(payload) ^ seed != crc {
             // The last frame with a bad checksum is a write the kernel had only partly made
             // durable; earlier, it is damage. Either way nothing after it is trusted.
             frames.stop = Some(if start + len == bytes.len() {
@@ -92,6 +124,9 @@ pub fn decode(bytes: &[u8]) -> Frames<'_> {
                 Stop::Corrupt
             });
             break;
+        }
+        if let Some(seed_of) = seed_of.take() {
+            seed = seed_of(payload);
         }
         frames.payloads.push(payload);
         at = start + len;
@@ -193,6 +228,58 @@ mod tests {
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());
         bytes.extend_from_slice(&[0; 12]);
         assert_eq!(decode(&bytes).stop, Some(Stop::Corrupt));
+    }
+
+    /// A segment as a lane writes it: an unseeded first frame, then `payloads` seeded.
+    fn seeded_segment(first: &[u8], payloads: &[&[u8]], seed: u32) -> Vec<u8> {
+        let mut out = segment(&[first]);
+        let at = out.len();
+        for p in payloads {
+            encode(p, &mut out);
+        }
+        super::seed(&mut out[at..], seed);
+        out
+    }
+
+    #[test]
+    fn seeded_frames_read_back_only_under_their_seed() {
+        let bytes = seeded_segment(b"header", &[b"one", b"two"], 7);
+        let frames = decode_seeded(&bytes, |first| {
+            assert_eq!(first, b"header");
+            7
+        });
+        assert_eq!(frames.payloads, [&b"header"[..], b"one", b"two"]);
+        assert_eq!(frames.stop, None);
+        let frames = decode_seeded(&bytes, |_| 8);
+        assert_eq!(frames.payloads, [&b"header"[..]]);
+        assert_eq!(frames.stop, Some(Stop::Corrupt));
+    }
+
+    proptest! {
+        /// A file reused for a later segment: the new frames are written over the old ones
+        /// from the start, and what is left of the old ones past them is never read.
+        #[test]
+        fn a_reused_file_reads_as_its_new_segment_only(
+            old in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..60), 0..12),
+            new in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..60), 0..12),
+            old_seed in 1u32..1000,
+            step in 1u32..1000,
+        ) {
+            let new_seed = old_seed + step;
+            let old: Vec<&[u8]> = old.iter().map(Vec::as_slice).collect();
+            let new: Vec<&[u8]> = new.iter().map(Vec::as_slice).collect();
+            let mut file = seeded_segment(b"old header", &old, old_seed);
+            let written = seeded_segment(b"new header", &new, new_seed);
+            if file.len() < written.len() {
+                file.resize(written.len(), 0);
+            }
+            file[..written.len()].copy_from_slice(&written);
+            let frames = decode_seeded(&file, |_| new_seed);
+            let mut expected = vec![&b"new header"[..]];
+            expected.extend_from_slice(&new);
+            prop_assert_eq!(frames.payloads, expected);
+            prop_assert_eq!(frames.valid_len, written.len());
+        }
     }
 
     proptest! {

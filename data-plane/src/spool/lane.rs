@@ -11,13 +11,22 @@
 //! a request went on after. When no other request of the thread is in flight, nothing could
 //! join the batch, and the first request writes at once without yielding.
 //!
+//! Reuse: a segment file deleted once acked would leave every new segment to grow a new file,
+//! and growing a file costs the kernel more than the write itself (a page to allocate, blocks to
+//! reserve and later allocate, pages to free at deletion: measured, 2.6 µs a 1 kB write against
+//! 1.6 µs into a file's existing pages). So the spool's sync thread hands a lane the first
+//! acked segment as its *spare* (`<lane>.spare`) instead of deleting it, and the lane's next
+//! segment is written over it from the start, its pages still in the page cache and its blocks
+//! on disk. The seeded checks of [`super::frame`] keep the earlier segment's frames left past
+//! the new ones from being read.
+//!
 //! [`SpoolOptions::segment_bytes`]: super::SpoolOptions::segment_bytes
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::future::Future;
-use std::io::Write;
-use std::path::PathBuf;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,6 +35,7 @@ use std::task::{Context, Poll, Waker};
 use sluice_proto::v1::UsageRecord;
 
 use super::entry::{self, Header};
+use super::frame;
 use super::{OnFull, Shared, Unwritten};
 use crate::usage::Queued;
 
@@ -47,6 +57,8 @@ pub(super) struct Segment {
     /// The starts carried into it at its creation have not been handed to an fdatasync yet:
     /// until they have, the segment before it must stay.
     pub carrying: bool,
+    /// The seed of its frames' checks.
+    pub seed: u32,
 }
 
 /// A serving thread's writer; see the module docs. Only its own thread uses it on the
@@ -65,6 +77,8 @@ struct LaneState {
     current: Option<Segment>,
     /// Closed segments, oldest first.
     closed: VecDeque<Segment>,
+    /// An acked segment's file, for the next segment to be written over.
+    spare_file: Option<PathBuf>,
     /// Requests started and not finished: the frame of their latest start, to carry into
     /// every new segment. Request numbers only grow: a B-tree keeps them without hashing.
     open: BTreeMap<u64, Vec<u8>>,
@@ -100,6 +114,7 @@ impl Lane {
         let mut state = LaneState {
             current: None,
             closed: VecDeque::new(),
+            spare_file: None,
             open: BTreeMap::new(),
             spare: Vec::new(),
             next_request: 1,
@@ -259,6 +274,22 @@ impl Lane {
         done
     }
 
+    /// The serving thread whose lane this is.
+    pub(super) fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Whether the lane has a spare file (only the spool's sync thread gives it one).
+    pub(super) fn has_spare(&self) -> bool {
+        self.lock().spare_file.is_some()
+    }
+
+    /// Gives the lane `path`, an acked segment's file renamed to its spare name, for its next
+    /// segment.
+    pub(super) fn give_spare(&self, path: PathBuf) {
+        self.lock().spare_file = Some(path);
+    }
+
     /// Whether a request the spool cannot record is refused.
     pub fn refuses_unrecorded(&self) -> bool {
         self.shared.on_full == OnFull::Refuse
@@ -345,7 +376,8 @@ impl LaneState {
             return Err(std::io::Error::other("no segment open"));
         };
         let len = self.batch.len() as u64;
-        match (&*segment.file).write_all(&self.batch) {
+        frame::seed(&mut self.batch, segment.seed);
+        match segment.file.write_all_at(&self.batch, segment.bytes) {
             Ok(()) => {
                 segment.bytes += len;
                 segment.synced = false;
@@ -364,14 +396,23 @@ impl LaneState {
     }
 
     /// Opens the next segment with its header and the starts of the requests still running,
-    /// then closes the current one.
+    /// then closes the current one. The segment is written over the spare file when the lane
+    /// has one, into a new file otherwise.
     fn rotate(&mut self, lane: u32, shared: &Shared) -> std::io::Result<()> {
         let number = self.next_segment;
         let path = shared.dir.join(super::segment_name(lane, number));
-        let file = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&path)?;
+        // Segment numbers never repeat in a lane, so neither do seeds (a lane would need
+        // 2^32 segments, 16 PiB, to come round).
+        let seed = number as u32;
+        let spare = self.spare_file.take().and_then(|spare| {
+            match OpenOptions::new().write(true).open(&spare) {
+                Ok(file) => Some((spare, file)),
+                Err(_) => {
+                    let _ = std::fs::remove_file(&spare);
+                    None
+                }
+            }
+        });
         let mut head = Vec::with_capacity(128 + self.open.values().map(Vec::len).sum::<usize>());
         entry::frame_header(
             Header {
@@ -379,17 +420,22 @@ impl LaneState {
                 incarnation: shared.incarnation.clone(),
                 lane,
                 segment: number,
+                frame_seed: seed,
+                reused_file: spare.is_some(),
             },
             &mut head,
         );
+        let carried = head.len();
         for frame in self.open.values() {
             head.extend_from_slice(frame);
         }
-        if let Err(err) = (&file).write_all(&head) {
-            drop(file);
-            let _ = std::fs::remove_file(&path);
-            return Err(err);
-        }
+        frame::seed(&mut head[carried..], seed);
+        let file = match spare {
+            Some((spare, file)) => {
+                reuse(&spare, file, &head, &path).or_else(|_| create(&path, &head))?
+            }
+            None => create(&path, &head)?,
+        };
         self.next_segment += 1;
         shared.bytes.fetch_add(head.len() as u64, Ordering::Relaxed);
         self.close_current();
@@ -400,6 +446,7 @@ impl LaneState {
             max_sequence: 0,
             synced: false,
             carrying: true,
+            seed,
         });
         Ok(())
     }
@@ -407,6 +454,34 @@ impl LaneState {
     fn close_current(&mut self) {
         if let Some(segment) = self.current.take() {
             self.closed.push_back(segment);
+        }
+    }
+}
+
+/// A new segment file at `path` holding `head`.
+fn create(path: &Path, head: &[u8]) -> std::io::Result<File> {
+    let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+    if let Err(err) = file.write_all_at(head, 0) {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(err);
+    }
+    Ok(file)
+}
+
+/// The spare file `spare` (open as `file`) as the segment at `path`: `head` written over its
+/// start, then renamed, so that a file under a segment's name always begins with that
+/// segment's header (a crash in between leaves a spare, which a replay ignores).
+fn reuse(spare: &Path, file: File, head: &[u8], path: &Path) -> std::io::Result<File> {
+    match file
+        .write_all_at(head, 0)
+        .and_then(|()| std::fs::rename(spare, path))
+    {
+        Ok(()) => Ok(file),
+        Err(err) => {
+            drop(file);
+            let _ = std::fs::remove_file(spare);
+            Err(err)
         }
     }
 }

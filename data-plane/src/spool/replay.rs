@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use sluice_proto::v1::{ErrorKind, UsageRecord};
 
 use super::entry::{self, Kind};
-use super::frame::{self, Stop};
+use super::frame::Stop;
 
 /// What one earlier incarnation left, ready to be sent again.
 #[derive(Debug, Default)]
@@ -63,6 +63,9 @@ pub fn read(dir: &Path) -> io::Result<Replay> {
             .and_then(super::parse_segment_name);
         match parsed {
             Some(key) => segments.push((key, path)),
+            // An acked segment kept for reuse, or one a crash caught being reused: nothing
+            // in it is owed.
+            None if path.extension().is_some_and(|e| e == "spare") => {}
             None => {
                 tracing::warn!(path = %path.display(), "ignoring a file that is not a spool segment")
             }
@@ -84,8 +87,14 @@ pub fn read(dir: &Path) -> io::Result<Replay> {
     let mut ended: BTreeSet<(u32, u64)> = BTreeSet::new();
     for ((lane, _), path) in &segments {
         let bytes = std::fs::read(path)?;
-        let frames = frame::decode(&bytes);
-        if let Some(stop) = frames.stop {
+        let entry::SegmentFrames {
+            frames,
+            reused_file,
+        } = entry::decode_segment(&bytes);
+        if reused_file && frames.stop.is_some() {
+            // Where the frames of the file's earlier segment begin (or a write torn there).
+            tracing::debug!(path = %path.display(), kept_bytes = frames.valid_len, "usage spool segment read up to the end of its own frames");
+        } else if let Some(stop) = frames.stop {
             replay.torn += 1;
             tracing::warn!(
                 path = %path.display(),
