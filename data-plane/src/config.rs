@@ -166,6 +166,10 @@ pub struct Config {
     /// as on a host whose clock is off. Only the data plane's own readings move.
     #[arg(long, env = "SLUICE_WALL_CLOCK_OFFSET", hide = true)]
     pub wall_clock_offset: Option<crate::clock::WallOffset>,
+    /// For tests: the size at which the usage spool starts a new segment (4 MiB), so that a
+    /// short test goes through many segments and the reuse of their files.
+    #[arg(long, env = "SLUICE_USAGE_SPOOL_SEGMENT_BYTES", hide = true, default_value_t = crate::spool::DEFAULT_SEGMENT_BYTES)]
+    pub usage_spool_segment_bytes: u64,
 }
 
 impl Config {
@@ -196,6 +200,7 @@ impl Config {
             usage_spool_max_bytes: crate::spool::DEFAULT_MAX_BYTES,
             usage_spool_full: crate::spool::OnFull::Serve,
             usage_spool_sync_interval: crate::spool::DEFAULT_SYNC_INTERVAL,
+            usage_spool_segment_bytes: crate::spool::DEFAULT_SEGMENT_BYTES,
             budget_when_away: crate::allowance::WhenAway::Refuse,
             allowance_lease: Duration::from_secs(60),
             allowance_wait: Duration::from_secs(1),
@@ -218,6 +223,7 @@ impl Config {
             max_bytes: self.usage_spool_max_bytes,
             on_full: self.usage_spool_full,
             sync_interval: self.usage_spool_sync_interval,
+            segment_bytes: self.usage_spool_segment_bytes.max(1),
             ..crate::spool::SpoolOptions::new(dir)
         })
     }

@@ -120,7 +120,10 @@ async fn gauge(gateway: &Gateway, name: &str) -> f64 {
 #[tokio::test]
 async fn a_replica_killed_under_load_and_restarted_on_its_data_directory_loses_and_doubles_nothing()
 {
-    let run = LocalRun::start(3).await;
+    // Segments of 4 KiB (about a dozen requests): the replicas go through many segments under
+    // load and write most of them over acked ones' files (docs/guarantees.md, "On disk"),
+    // the victim too before it dies.
+    let run = LocalRun::start_with_env(3, &[("SLUICE_USAGE_SPOOL_SEGMENT_BYTES", "4096")]).await;
     let mock = Mock::start_with(
         "a",
         &["m"],
@@ -165,6 +168,14 @@ async fn a_replica_killed_under_load_and_restarted_on_its_data_directory_loses_a
     assert!(interrupted > 0, "{in_flight:?}");
     run.kill_replica(victim);
     eprintln!("killed replica {victim} with {interrupted} requests in flight ({in_flight:?})");
+    let reused = segment_files(&run.replica_data_dir(victim))
+        .iter()
+        .filter(|path| entry::decode_segment(&std::fs::read(path).unwrap()).reused_file)
+        .count();
+    assert!(
+        reused > 0,
+        "the victim wrote a segment over an acked one's file"
+    );
 
     // Acks again, answers again, new requests again; the replica comes back on its directory.
     run.signal_control("CONT");
@@ -239,6 +250,20 @@ async fn a_replica_killed_under_load_and_restarted_on_its_data_directory_loses_a
 
 /// Frames of the only spool segment under `data_dir`: the file, its bytes and each frame's
 /// (offset, length, entry).
+/// The segment files of every run under a data directory.
+fn segment_files(data_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for run in std::fs::read_dir(data_dir.join("usage-spool")).unwrap() {
+        for file in std::fs::read_dir(run.unwrap().path()).unwrap() {
+            let path = file.unwrap().path();
+            if path.extension().is_some_and(|e| e == "spool") {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
 fn spool_frames(
     data_dir: &std::path::Path,
 ) -> (
