@@ -138,6 +138,14 @@ async fn a_replica_killed_under_load_and_restarted_on_its_data_directory_loses_a
 
     // Steady load with the control plane acking as usual.
     load.run_for(150, "load with acks").await;
+    // Every replica keeps an acked segment's file as a spare before the acks stop, so the
+    // victim writes a segment over one while its records go unacked.
+    eventually(
+        Duration::from_secs(30),
+        "a spare on every replica",
+        || async { (0..3).all(|i| has_spare(&run.replica_data_dir(i))) },
+    )
+    .await;
     // The control plane stops answering: every replica piles up unacked usage.
     run.signal_control("STOP");
     load.run_for(300, "load without acks").await;
@@ -250,6 +258,20 @@ async fn a_replica_killed_under_load_and_restarted_on_its_data_directory_loses_a
 
 /// Frames of the only spool segment under `data_dir`: the file, its bytes and each frame's
 /// (offset, length, entry).
+/// Whether a serving thread of the replica on `data_dir` keeps a spare segment file.
+fn has_spare(data_dir: &std::path::Path) -> bool {
+    let Ok(runs) = std::fs::read_dir(data_dir.join("usage-spool")) else {
+        return false;
+    };
+    runs.flatten().any(|run| {
+        std::fs::read_dir(run.path()).is_ok_and(|files| {
+            files
+                .flatten()
+                .any(|f| f.path().extension().is_some_and(|e| e == "spare"))
+        })
+    })
+}
+
 /// The segment files of every run under a data directory.
 fn segment_files(data_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
