@@ -230,7 +230,7 @@ async fn killing_a_replica_fails_only_what_it_had_in_flight() {
         done.load(Ordering::SeqCst) >= 80
     })
     .await;
-    run.kill_replica(1);
+    run.kill_replica(1).await;
     for t in tasks {
         t.await.unwrap();
     }

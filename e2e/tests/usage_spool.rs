@@ -174,7 +174,7 @@ async fn a_replica_killed_under_load_and_restarted_on_its_data_directory_loses_a
     let victim = (0..3).max_by_key(|&i| in_flight[i]).unwrap();
     let interrupted = in_flight[victim];
     assert!(interrupted > 0, "{in_flight:?}");
-    run.kill_replica(victim);
+    run.kill_replica(victim).await;
     eprintln!("killed replica {victim} with {interrupted} requests in flight ({in_flight:?})");
     let reused = segment_files(&run.replica_data_dir(victim))
         .iter()

@@ -685,8 +685,27 @@ impl LocalRun {
         Gateway::at(self.proxy_ports[i])
     }
 
-    pub fn kill_replica(&self, i: usize) {
-        signal(self.proxy_pids[i], "KILL");
+    /// SIGKILLs replica `i` and waits until it is dead: its files closed (its lock on its
+    /// data directory released) and its port free, so that it can be started again at once.
+    pub async fn kill_replica(&self, i: usize) {
+        let pid = self.proxy_pids[i];
+        signal(pid, "KILL");
+        // run.sh started it, so the test cannot reap it: dead is gone or a zombie.
+        let dead = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !dead() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replica {i} (pid {pid}) outlived SIGKILL"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Sends `signal` (`STOP`, `CONT`, …) to the control plane.
