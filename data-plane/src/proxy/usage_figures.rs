@@ -31,10 +31,11 @@ const USAGE_KEY: &[u8] = b"\"usage\"";
 /// its colon): the scan checks these. It does not check what lies outside the `usage` value
 /// and between the brackets — literals, numbers, escapes, control characters in strings, the
 /// commas of nested values — so such a text with a well-formed top-level `usage` is read
-/// where the full parse refused it. That is harmless: the figures are those of the
-/// top-level object's own `usage`, read strictly, never a nested `usage` or a string's
-/// content; the upstream charged for them whatever else its answer got wrong. A top-level
-/// array, which serde would have read as the fields in order, counts nothing.
+/// where the full parse refused it, as is a `usage` with a raw control character in a key.
+/// That is harmless: the figures are those of the top-level object's own `usage`, read
+/// strictly, never a nested `usage` or a string's content; the upstream charged for them
+/// whatever else its answer got wrong. A top-level array, which serde would have read as the
+/// fields in order, counts nothing.
 pub fn usage_of(json: &str) -> Option<(Tokens, bool)> {
     if no_usage_figures(json) {
         return None;
@@ -262,7 +263,7 @@ impl Key {
 }
 
 /// A `usage` value written plainly, as providers write it: null, or an object whose keys
-/// have no escapes or control characters and whose values are counts (digits) or null, but for
+/// have no escapes and whose values are counts (digits) or null, but for
 /// `prompt_tokens_details` and `completion_tokens_details`, null or objects of the same
 /// kind. Within these bounds serde's answer is plain, and reading the value by hand costs a
 /// fraction of serde's; any other value (a key twice, a figure that is not a count, a
@@ -332,8 +333,8 @@ impl<'a> PlainUsage<'a> {
             self.byte(b'"')?;
             let (end, escaped) = string_end(self.json, self.at)?;
             let key = self.json.get(self.at..end)?;
-            // serde decodes escapes and refuses control characters: its business.
-            if escaped || key.iter().any(|&b| b < b' ') {
+            // serde decodes escapes: its business.
+            if escaped {
                 return None;
             }
             self.at = end + 1;
@@ -354,19 +355,19 @@ impl<'a> PlainUsage<'a> {
         if self.literal_null() {
             return Some(None);
         }
-        let digits = self.json.get(self.at..)?;
-        let len = digits.iter().take_while(|b| b.is_ascii_digit()).count();
-        let (digits, after) = (digits.get(..len)?, digits.get(len));
-        if len == 0
-            || (len > 1 && digits.first() == Some(&b'0'))
-            || matches!(after, Some(b'.' | b'e' | b'E'))
-        {
+        let start = self.at;
+        let mut count = 0u64;
+        while let Some(&digit @ b'0'..=b'9') = self.json.get(self.at) {
+            count = count
+                .checked_mul(10)?
+                .checked_add(u64::from(digit - b'0'))?;
+            self.at += 1;
+        }
+        let len = self.at - start;
+        let leading_zero = len > 1 && self.json.get(start) == Some(&b'0');
+        if len == 0 || leading_zero || matches!(self.json.get(self.at), Some(b'.' | b'e' | b'E')) {
             return None;
         }
-        let count = digits.iter().try_fold(0u64, |n, d| {
-            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-        })?;
-        self.at += len;
         Some(Some(count))
     }
 
@@ -412,13 +413,12 @@ fn string_end(json: &[u8], mut from: usize) -> Option<(usize, bool)> {
 }
 
 /// The index of the first byte at or after `from` that is not JSON whitespace.
-fn skip_whitespace(json: &[u8], from: usize) -> usize {
-    from + json
-        .get(from..)
-        .unwrap_or_default()
-        .iter()
-        .take_while(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-        .count()
+fn skip_whitespace(json: &[u8], mut from: usize) -> usize {
+    // Compact answers have none: the first test is usually the last.
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = json.get(from) {
+        from += 1;
+    }
+    from
 }
 
 /// Whether the `choices` value at the start of `value` is an empty array: `Some(false)` for
