@@ -1,6 +1,7 @@
 //! What both servers share about logging: [`LogLimiter`], which keeps a line that an
 //! outsider can trigger at will (a failed login, a refused connection) from flooding the log,
-//! and, with the feature `logging`, [`EscapedFields`], the field formatter of their text logs.
+//! and, with the feature `logging`, [`EscapedFields`], the field formatter of their text logs,
+//! and [`TextFields`], the text it writes, for a hot line that writes its fields itself.
 //!
 //! [`EscapedFields`] is tracing-subscriber's own formatter with every value passed through
 //! [`crate::text::EscapeControl`]. tracing-subscriber writes `%` (Display) values as they
@@ -51,7 +52,18 @@ impl LogLimiter {
 }
 
 #[cfg(feature = "logging")]
-pub use fields::{EscapedFields, EscapingVisitor, TextFormat};
+pub use fields::{EscapedFields, EscapingVisitor, TextFields, TextFormat};
+
+#[cfg(feature = "logging")]
+static PLAIN_TEXT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`install`] has made the global subscriber write unstyled text, where a message
+/// that holds fields written with [`TextFields`] reads exactly as those fields would. False
+/// until then, and for JSON or a terminal's styled text: log fields as fields there.
+#[cfg(feature = "logging")]
+pub fn plain_text() -> bool {
+    PLAIN_TEXT.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Installs the process's global `tracing` subscriber, the same for both servers: the level
 /// from `RUST_LOG` (default `info`), colour only when stderr is a terminal, and either
@@ -66,10 +78,12 @@ where
     use tracing_subscriber::EnvFilter;
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(ansi);
+    PLAIN_TEXT.store(!json && !ansi, std::sync::atomic::Ordering::Relaxed);
     if json {
         builder.json().init();
     } else {
@@ -95,7 +109,7 @@ mod fields {
     };
     use tracing_subscriber::registry::LookupSpan;
 
-    use crate::text::{EscapeControl, Escaped};
+    use crate::text::{EscapeControl, Escaped, prefix_len, printable_ascii};
 
     /// `FormatFields` for the text format: `.fmt_fields(EscapedFields)` on the subscriber builder.
     #[derive(Debug, Clone, Copy, Default)]
@@ -108,11 +122,7 @@ mod fields {
             if target.has_ansi_escapes() {
                 EscapingVisitor::Styled(DefaultVisitor::new(target, true))
             } else {
-                EscapingVisitor::Plain(Plain {
-                    writer: target,
-                    is_empty: true,
-                    result: Ok(()),
-                })
+                EscapingVisitor::Plain(Plain(TextFields::new(target)))
             }
         }
     }
@@ -126,16 +136,108 @@ mod fields {
     }
 
     /// [`DefaultVisitor`]'s output without styles, written directly.
-    pub struct Plain<'a> {
-        writer: Writer<'a>,
+    pub struct Plain<'a>(TextFields<Writer<'a>>);
+
+    /// Fields written as the text format writes them without styles (tracing-subscriber's
+    /// default visitor's text, with [`EscapedFields`]' escaping): separated by spaces, the
+    /// message bare, other fields as `name=value`; a `%` (`Display`) value escaped by
+    /// [`EscapeControl`], a string quoted with `Debug`'s escapes, numbers and booleans as they
+    /// are. [`EscapedFields`] writes every unstyled line with it; a line logged on every
+    /// request can write its fields into its message with it, once, and read the same.
+    pub struct TextFields<W> {
+        writer: W,
         is_empty: bool,
         result: fmt::Result,
     }
 
-    impl Plain<'_> {
+    impl<W: fmt::Write> TextFields<W> {
+        /// Fields to be written to `writer`, the first without a space before it.
+        #[inline]
+        pub fn new(writer: W) -> Self {
+            Self {
+                writer,
+                is_empty: true,
+                result: Ok(()),
+            }
+        }
+
+        /// The writer, to write more or to take the text from (a `String`'s writes cannot
+        /// fail; otherwise see [`Self::finish`]).
+        #[inline]
+        pub fn into_writer(self) -> W {
+            self.writer
+        }
+
+        /// The first error a write met, if any.
+        #[inline]
+        pub fn finish(self) -> fmt::Result {
+            self.result
+        }
+
+        /// A `name = %value` field of a string (the message: `name` "message").
+        #[inline]
+        pub fn display(&mut self, name: &str, value: &str) {
+            if self.start(name) {
+                self.result = EscapeControl(&mut self.writer).write_str(value);
+            }
+        }
+
+        /// A `name = ?value` field, or a `%` one of any type.
+        pub fn debug(&mut self, name: &str, value: &dyn fmt::Debug) {
+            if self.start(name) {
+                // What `{:?}` of `Escaped(value)` writes; the message's escape guard has
+                // nothing left to escape after it.
+                self.result = write!(EscapeControl(&mut self.writer), "{value:?}");
+            }
+        }
+
+        /// A `name = value` field of a string: quoted, with `Debug`'s escapes.
+        #[inline]
+        pub fn str(&mut self, name: &str, value: &str) {
+            if self.start(name) {
+                let plain = |b| printable_ascii(b) && b != b'"' && b != b'\\';
+                self.result = if prefix_len(value.as_bytes(), plain) == value.len() {
+                    // `Debug` of a string with nothing to escape.
+                    self.writer
+                        .write_char('"')
+                        .and_then(|()| self.writer.write_str(value))
+                        .and_then(|()| self.writer.write_char('"'))
+                } else {
+                    write!(self.writer, "{value:?}")
+                };
+            }
+        }
+
+        /// A `name = value` field of an unsigned number (they hold nothing to escape).
+        #[inline]
+        pub fn u64(&mut self, name: &str, value: u64) {
+            if self.start(name) {
+                self.unsigned(value);
+            }
+        }
+
+        /// A `name = value` field of a signed number.
+        pub fn i64(&mut self, name: &str, value: i64) {
+            if self.start(name) {
+                if value < 0 {
+                    self.result = self.writer.write_char('-');
+                }
+                self.unsigned(value.unsigned_abs());
+            }
+        }
+
+        /// A `name = value` field of a boolean.
+        #[inline]
+        pub fn bool(&mut self, name: &str, value: bool) {
+            if self.start(name) {
+                self.result = self.writer.write_str(if value { "true" } else { "false" });
+            }
+        }
+
         /// The separating space and `name=`; false for a field not to be written.
-        fn start(&mut self, field: &Field) -> bool {
-            let name = field.name();
+        // Always inlined: a caller's constant name then costs no comparisons.
+        #[inline(always)]
+        fn start(&mut self, name: &str) -> bool {
             // tracing-log's metadata fields, which the default visitor skips as well.
             if self.result.is_err() || name.starts_with("log.") {
                 return false;
@@ -151,6 +253,7 @@ mod fields {
             self.result.is_ok()
         }
 
+        #[inline]
         fn pad(&mut self) {
             if self.is_empty {
                 self.is_empty = false;
@@ -159,6 +262,7 @@ mod fields {
             }
         }
 
+        #[inline]
         fn unsigned(&mut self, value: u64) {
             // Without the formatting machinery (or a UTF-8 check of its digits).
             self.result = self.writer.write_str(itoa::Buffer::new().format(value));
@@ -169,85 +273,49 @@ mod fields {
         fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
             match self {
                 Self::Styled(inner) => inner.record_debug(field, &Escaped(value)),
-                Self::Plain(plain) => {
-                    if plain.start(field) {
-                        // What `{:?}` of `Escaped(value)` writes; the message's escape
-                        // guard has nothing left to escape after it.
-                        plain.result = write!(EscapeControl(&mut plain.writer), "{value:?}");
-                    }
-                }
+                Self::Plain(Plain(plain)) => plain.debug(field.name(), value),
             }
         }
 
         fn record_str(&mut self, field: &Field, value: &str) {
-            if field.name() == "message" {
-                self.record_debug(field, &format_args!("{value}"));
-                return;
-            }
             match self {
+                Self::Styled(inner) if field.name() == "message" => {
+                    inner.record_debug(field, &Escaped(&format_args!("{value}")));
+                }
                 // Written quoted, with `Debug`'s escapes.
                 Self::Styled(inner) => inner.record_str(field, value),
-                Self::Plain(plain) => {
-                    if plain.start(field) {
-                        plain.result = if value
-                            .bytes()
-                            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-                        {
-                            // `Debug` of a string with nothing to escape.
-                            plain
-                                .writer
-                                .write_char('"')
-                                .and_then(|()| plain.writer.write_str(value))
-                                .and_then(|()| plain.writer.write_char('"'))
-                        } else {
-                            write!(plain.writer, "{value:?}")
-                        };
-                    }
+                Self::Plain(Plain(plain)) if field.name() == "message" => {
+                    plain.display(field.name(), value);
                 }
+                Self::Plain(Plain(plain)) => plain.str(field.name(), value),
             }
         }
 
-        // Numbers and booleans hold nothing to escape.
         fn record_i64(&mut self, field: &Field, value: i64) {
             match self {
                 Self::Styled(inner) => inner.record_i64(field, value),
-                Self::Plain(plain) => {
-                    if plain.start(field) {
-                        if value < 0 {
-                            plain.result = plain.writer.write_char('-');
-                        }
-                        plain.unsigned(value.unsigned_abs());
-                    }
-                }
+                Self::Plain(Plain(plain)) => plain.i64(field.name(), value),
             }
         }
 
         fn record_u64(&mut self, field: &Field, value: u64) {
             match self {
                 Self::Styled(inner) => inner.record_u64(field, value),
-                Self::Plain(plain) => {
-                    if plain.start(field) {
-                        plain.unsigned(value);
-                    }
-                }
+                Self::Plain(Plain(plain)) => plain.u64(field.name(), value),
             }
         }
 
         fn record_f64(&mut self, field: &Field, value: f64) {
             match self {
                 Self::Styled(inner) => inner.record_f64(field, value),
-                Self::Plain(_) => self.record_debug(field, &value),
+                Self::Plain(Plain(plain)) => plain.debug(field.name(), &value),
             }
         }
 
         fn record_bool(&mut self, field: &Field, value: bool) {
             match self {
                 Self::Styled(inner) => inner.record_bool(field, value),
-                Self::Plain(plain) => {
-                    if plain.start(field) {
-                        plain.result = plain.writer.write_str(if value { "true" } else { "false" });
-                    }
-                }
+                Self::Plain(Plain(plain)) => plain.bool(field.name(), value),
             }
         }
     }
@@ -256,7 +324,7 @@ mod fields {
         fn finish(self) -> fmt::Result {
             match self {
                 Self::Styled(inner) => inner.finish(),
-                Self::Plain(plain) => plain.result,
+                Self::Plain(Plain(plain)) => plain.finish(),
             }
         }
     }
@@ -265,7 +333,7 @@ mod fields {
         fn writer(&mut self) -> &mut dyn fmt::Write {
             match self {
                 Self::Styled(inner) => inner.writer(),
-                Self::Plain(plain) => &mut plain.writer,
+                Self::Plain(Plain(plain)) => &mut plain.writer,
             }
         }
     }
