@@ -5,6 +5,7 @@
 mod accounting;
 mod forward;
 mod relay;
+mod request_log;
 mod stored;
 mod usage_figures;
 

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use std::sync::Arc;
 
+use super::request_log::RequestLine;
 use crate::allowance::Reservation as BudgetReservation;
 use crate::clock::{proto_duration, timestamp};
 use crate::error::ProxyError;
@@ -317,25 +318,24 @@ impl Accounting {
             record.cached_prompt_tokens,
             record.completion_tokens,
         );
-        tracing::info!(
-            target: super::REQUEST_LOG_TARGET,
-            request_id = %record.request_id,
-            client_key = %record.client_key_id,
-            model = %record.model,
-            backend = self.0.backend_name.as_deref().unwrap_or(""),
+        RequestLine {
+            request_id: &record.request_id,
+            client_key: &record.client_key_id,
+            model: &record.model,
+            backend: self.0.backend_name.as_deref().unwrap_or(""),
             status,
-            attempts = record.attempts,
-            stream = record.stream,
-            latency_ms = latency.as_millis() as u64,
-            ttft_ms = self.0.first_byte.map(|d| d.as_millis() as u64),
-            prompt_tokens = record.prompt_tokens,
-            completion_tokens = record.completion_tokens,
-            cached_prompt_tokens = record.cached_prompt_tokens,
-            cost_nanos = record.cost_nanos,
-            tokens_estimated = record.tokens_estimated,
-            error_kind = kind.as_str_name(),
-            "request finished"
-        );
+            attempts: record.attempts,
+            stream: record.stream,
+            latency_ms: latency.as_millis() as u64,
+            ttft_ms: self.0.first_byte.map(|d| d.as_millis() as u64),
+            prompt_tokens: record.prompt_tokens,
+            completion_tokens: record.completion_tokens,
+            cached_prompt_tokens: record.cached_prompt_tokens,
+            cost_nanos: record.cost_nanos,
+            tokens_estimated: record.tokens_estimated,
+            error_kind: kind.as_str_name(),
+        }
+        .emit();
         let backend = self
             .0
             .backend_name
