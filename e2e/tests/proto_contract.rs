@@ -34,7 +34,7 @@ fn buf_lint_standard_passes() {
     let buf = repo_root().join("e2e/tools/node_modules/.bin/buf");
     assert!(
         buf.exists(),
-        "{} missing: run e2e/test-all.sh",
+        "{} missing: install it with `(cd e2e/tools && npm ci)` (e2e/test-all.sh does)",
         buf.display()
     );
     run(Command::new(buf)
