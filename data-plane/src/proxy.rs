@@ -198,15 +198,21 @@ async fn serve_as(
     let arrived = app.store.clock().wall();
     let request_id = request_id(request.headers());
     let response = match app.store.load() {
-        None => unaccounted(&app, &request_id, started, endpoint, ProxyError::NotReady),
+        None => unaccounted(
+            &app,
+            id_text(&request_id),
+            started,
+            endpoint,
+            ProxyError::NotReady,
+        ),
         Some(snapshot) => match authenticate(&snapshot, request.headers(), endpoint.format()) {
-            Err(e) => unaccounted(&app, &request_id, started, endpoint, e),
+            Err(e) => unaccounted(&app, id_text(&request_id), started, endpoint, e),
             Ok(key) => {
                 let mut acct = Accounting::new(
                     app.usage.clone(),
                     app.spool_lane.clone(),
                     Arc::clone(&app.metrics),
-                    &request_id,
+                    id_text(&request_id),
                     &key.id,
                     endpoint,
                     started,
@@ -220,7 +226,7 @@ async fn serve_as(
             }
         },
     };
-    with_request_id(response, &request_id)
+    with_request_id(response, request_id)
 }
 
 /// Answers a request refused before it belongs to a client key (no usage record): the
@@ -516,38 +522,38 @@ fn discard_rest(mut body: axum::body::Body) {
 const LINGER_BYTES: usize = 4 * 1024 * 1024;
 const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// A sane incoming `x-request-id` (1–128 of `[A-Za-z0-9._:-]`), or a new UUIDv7.
 /// The request id's header, in the request and in the answer. A name given as text would
 /// be parsed again at each use.
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get(X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|id| {
-            (1..=MAX_REQUEST_ID_BYTES).contains(&id.len())
-                && id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-        })
-        .map_or_else(
-            || {
-                // The hyphenated form `to_string` writes, without the formatting machinery.
-                let mut text = uuid::Uuid::encode_buffer();
-                uuid::Uuid::now_v7()
-                    .hyphenated()
-                    .encode_lower(&mut text)
-                    .to_owned()
-            },
-            str::to_owned,
-        )
+/// A sane incoming `x-request-id` (1–128 of `[A-Za-z0-9._:-]`), or a new UUIDv7; kept as the
+/// header value the answer carries, so that an incoming id is not copied (it shares the
+/// request's buffer) and a new one is copied once, not again for the answer.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    let sane = |id: &&HeaderValue| {
+        (1..=MAX_REQUEST_ID_BYTES).contains(&id.len())
+            && id
+                .as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    };
+    if let Some(id) = headers.get(X_REQUEST_ID).filter(sane) {
+        return id.clone();
+    }
+    // The hyphenated form `to_string` writes, without the formatting machinery.
+    let mut text = uuid::Uuid::encode_buffer();
+    let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut text);
+    // Hex digits and hyphens are always a valid header value; the fallback is never taken.
+    HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("-"))
 }
 
-fn with_request_id(mut response: Response, request_id: &str) -> Response {
-    if let Ok(value) = HeaderValue::from_str(request_id) {
-        response.headers_mut().insert(X_REQUEST_ID, value);
-    }
+/// The request id as text: ASCII by construction (see [`request_id`]).
+fn id_text(id: &HeaderValue) -> &str {
+    id.to_str().unwrap_or_default()
+}
+
+fn with_request_id(mut response: Response, request_id: HeaderValue) -> Response {
+    response.headers_mut().insert(X_REQUEST_ID, request_id);
     response
 }
 
@@ -627,7 +633,7 @@ async fn list_models(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Re
             }
         },
     };
-    with_request_id(response, &request_id)
+    with_request_id(response, request_id)
 }
 
 /// `GET /v1/models/{model}`, in OpenAI's shape or Anthropic's.
@@ -652,7 +658,7 @@ async fn get_model(
             Ok(_) => ProxyError::ModelNotFound(model).into_response_as(format),
         },
     };
-    with_request_id(response, &request_id)
+    with_request_id(response, request_id)
 }
 
 async fn healthz() -> &'static str {

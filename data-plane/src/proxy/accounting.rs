@@ -35,6 +35,15 @@ pub use crate::usage::Tokens;
 const X_SLUICE_BACKEND: HeaderName = HeaderName::from_static("x-sluice-backend");
 const X_SLUICE_ATTEMPTS: HeaderName = HeaderName::from_static("x-sluice-attempts");
 
+/// `x-sluice-attempts` for the counts almost every request ends with, as static text: a
+/// value formatted from the number would be a new allocation at each request.
+const FEW_ATTEMPTS: [HeaderValue; 4] = [
+    HeaderValue::from_static("0"),
+    HeaderValue::from_static("1"),
+    HeaderValue::from_static("2"),
+    HeaderValue::from_static("3"),
+];
+
 /// Boxed: the request's futures carry it by value through several layers (serving,
 /// forwarding, relaying, answering an error), and each layer's state held its own copy of
 /// every field; a pointer keeps those futures, and each move of the request, small.
@@ -284,7 +293,12 @@ impl Accounting {
         {
             headers.insert(X_SLUICE_BACKEND, value);
         }
-        headers.insert(X_SLUICE_ATTEMPTS, HeaderValue::from(self.0.record.attempts));
+        let attempts = self.0.record.attempts;
+        let value = usize::try_from(attempts)
+            .ok()
+            .and_then(|n| FEW_ATTEMPTS.get(n).cloned())
+            .unwrap_or_else(|| HeaderValue::from(attempts));
+        headers.insert(X_SLUICE_ATTEMPTS, value);
     }
 
     /// Emits the record and the log line. The end of the answer may go to the client once
