@@ -271,15 +271,16 @@ async fn authorized(
         Ok(parsed) => parsed,
         Err(e) => return forward::error(acct, e.into()).await,
     };
-    acct.set_request(&parsed.model, parsed.stream && endpoint.can_stream());
-    let routes = snapshot.model(&parsed.model).map(|(name, routes)| {
-        acct.model_routed(name);
-        routes
-    });
+    let routed = snapshot.model(&parsed.model);
+    acct.set_request(
+        &parsed.model,
+        routed.map(|(name, _)| name),
+        parsed.stream && endpoint.can_stream(),
+    );
     if !key.may_use(&parsed.model) {
         return forward::error(acct, ProxyError::ModelNotAllowed(parsed.model.to_string())).await;
     }
-    let Some(routes) = routes else {
+    let Some((_, routes)) = routed else {
         return forward::error(acct, ProxyError::ModelNotFound(parsed.model.to_string())).await;
     };
     // Before the rate limit: a refused request takes no rate token.

@@ -174,13 +174,6 @@ impl Accounting {
         self.0.budget = Some(reservation);
     }
 
-    /// A route serves the requested model; `name` is the snapshot's copy of its name, which
-    /// the record and the metrics then carry.
-    pub fn model_routed(&mut self, name: &Arc<str>) {
-        self.0.record.model = name.to_string();
-        self.0.model_label = Some(Arc::clone(name));
-    }
-
     /// An upstream attempt took `took` (until its answer, or its first event for a stream).
     pub fn waited_upstream(&mut self, took: Duration) {
         self.0.upstream_wait += took;
@@ -217,14 +210,19 @@ impl Accounting {
         self.0.record.attempts
     }
 
-    /// The request asked for `model`. Until [`Accounting::model_routed`] names the route's
-    /// copy, the record says [`OTHER_MODEL`]: a name no route serves is the client's
-    /// invention, of any length, and must not reach usage records, metrics or logs.
-    pub fn set_request(&mut self, model: &str, stream: bool) {
-        self.0.record.model = if model.is_empty() {
-            String::new()
-        } else {
-            OTHER_MODEL.to_owned()
+    /// The request asked for `model`, which `routed`, the snapshot's copy of its name, is
+    /// when a route serves it: the record and the metrics then carry that name. Otherwise the
+    /// record says [`OTHER_MODEL`]: a name no route serves is the client's invention, of any
+    /// length, and must not reach usage records, metrics or logs. (One call for both, so that
+    /// the record's name is built once.)
+    pub fn set_request(&mut self, model: &str, routed: Option<&Arc<str>>, stream: bool) {
+        self.0.record.model = match routed {
+            Some(name) => {
+                self.0.model_label = Some(Arc::clone(name));
+                name.to_string()
+            }
+            None if model.is_empty() => String::new(),
+            None => OTHER_MODEL.to_owned(),
         };
         self.0.record.stream = stream;
     }

@@ -128,14 +128,12 @@ pub(super) async fn call(
     let (index, affinity) = match pin(app, snapshot, key, &target.id, "response_id") {
         Ok(pinned) => pinned,
         Err(e) => {
-            acct.set_request("", stream);
+            acct.set_request("", None, stream);
             return forward::error(acct, e).await;
         }
     };
-    acct.set_request(&affinity.model, stream);
-    if let Some((name, _)) = snapshot.model(&affinity.model) {
-        acct.model_routed(name);
-    }
+    let routed = snapshot.model(&affinity.model).map(|(name, _)| name);
+    acct.set_request(&affinity.model, routed, stream);
     if !affinity.model.is_empty() && !key.may_use(&affinity.model) {
         return forward::error(acct, ProxyError::ModelNotAllowed(affinity.model)).await;
     }
