@@ -3,13 +3,18 @@
 //! spreads by weight and every equal backend gets its turn as first choice).
 
 use rand::Rng;
+use smallvec::SmallVec;
 
 use crate::snapshot::{Backend, Route};
 
+/// A model's routes in the order to try them: up to four (a model rarely has more) kept in
+/// place, so that ordering them takes no allocation at each request.
+pub type Order<'a> = SmallVec<[&'a Route; 4]>;
+
 /// `routes` (already sorted by pool and priority, as the snapshot keeps them) in the order to
 /// try them.
-pub fn order<'a>(routes: &'a [Route], backends: &[Backend], rng: &mut impl Rng) -> Vec<&'a Route> {
-    let mut ordered: Vec<(&Route, f64)> = Vec::with_capacity(routes.len());
+pub fn order<'a>(routes: &'a [Route], backends: &[Backend], rng: &mut impl Rng) -> Order<'a> {
+    let mut ordered: SmallVec<[(&Route, f64); 4]> = SmallVec::with_capacity(routes.len());
     for group in routes.chunk_by(|a, b| rank(a, backends) == rank(b, backends)) {
         let start = ordered.len();
         for route in group {
