@@ -413,28 +413,41 @@ impl LaneState {
                 }
             }
         });
-        let mut head = Vec::with_capacity(128 + self.open.values().map(Vec::len).sum::<usize>());
-        entry::frame_header(
-            Header {
-                node_id: shared.node_id.clone(),
-                incarnation: shared.incarnation.clone(),
-                lane,
-                segment: number,
-                frame_seed: seed,
-                reused_file: spare.is_some(),
-            },
-            &mut head,
-        );
-        let carried = head.len();
-        for frame in self.open.values() {
-            head.extend_from_slice(frame);
-        }
-        frame::seed(&mut head[carried..], seed);
-        let file = match spare {
-            Some((spare, file)) => {
-                reuse(&spare, file, &head, &path).or_else(|_| create(&path, &head))?
+        // The header says whether the file held an earlier segment: a reader then expects
+        // its reading to stop before the end of the file.
+        let head = |reused_file: bool| {
+            let mut head =
+                Vec::with_capacity(128 + self.open.values().map(Vec::len).sum::<usize>());
+            entry::frame_header(
+                Header {
+                    node_id: shared.node_id.clone(),
+                    incarnation: shared.incarnation.clone(),
+                    lane,
+                    segment: number,
+                    frame_seed: seed,
+                    reused_file,
+                },
+                &mut head,
+            );
+            let carried = head.len();
+            for frame in self.open.values() {
+                head.extend_from_slice(frame);
             }
-            None => create(&path, &head)?,
+            frame::seed(&mut head[carried..], seed);
+            head
+        };
+        let reused = spare.and_then(|(spare, file)| {
+            let head = head(true);
+            reuse(&spare, file, &head, &path)
+                .ok()
+                .map(|file| (file, head))
+        });
+        let (file, head) = match reused {
+            Some(reused) => reused,
+            None => {
+                let head = head(false);
+                (create(&path, &head)?, head)
+            }
         };
         self.next_segment += 1;
         shared.bytes.fetch_add(head.len() as u64, Ordering::Relaxed);
