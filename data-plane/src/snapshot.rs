@@ -148,6 +148,9 @@ pub struct Backend {
     authorization: Option<HeaderValue>,
     /// `anthropic-version`, for an Anthropic backend.
     anthropic_version: Option<HeaderValue>,
+    /// The `Host` header of its requests, for a plain `http://` backend (every URI above has
+    /// the base's scheme and authority).
+    host: Option<HeaderValue>,
     /// This replica's share of the backend's RPM limit.
     pub limiter: Option<RateLimiter>,
     /// This replica's share of the backend's TPM limit.
@@ -215,6 +218,12 @@ impl Backend {
             .as_ref()
             .map(|value| (HeaderName::from_static("anthropic-version"), value));
         key.into_iter().chain(version)
+    }
+
+    /// The `Host` header of the backend's requests, when made ahead
+    /// ([`crate::upstream::host_header`]).
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
     }
 
     /// The `Authorization` header to send upstream, if the backend is OpenAI-format and has
@@ -425,8 +434,10 @@ impl Snapshot {
                 replica_count,
                 now.instant,
             );
+            let chat_uri = endpoint_uri(&b.id, &base, Endpoint::ChatCompletions)?;
             backends.push(Backend {
-                chat_uri: endpoint_uri(&b.id, &base, Endpoint::ChatCompletions)?,
+                host: crate::upstream::host_header(&chat_uri),
+                chat_uri,
                 completions_uri: endpoint_uri(&b.id, &base, Endpoint::Completions)?,
                 embeddings_uri: endpoint_uri(&b.id, &base, Endpoint::Embeddings)?,
                 responses_uri: endpoint_uri(&b.id, &base, Endpoint::Responses)?,

@@ -536,7 +536,7 @@ async fn attempt(
     let first_byte = deadline.min(Instant::now() + policy.first_byte_timeout);
     // A connect timeout is a connect error (the connector's own limit); only our deadlines
     // make a timeout.
-    let upstream = match timeout_at(first_byte, client.send(request)).await {
+    let upstream = match timeout_at(first_byte, client.send(request, backend.host())).await {
         Err(_) => return Err(Failure::Timeout),
         Ok(Err(e)) => return Err(Failure::Connect(error_chain(&*e))),
         Ok(Ok(response)) => response,
