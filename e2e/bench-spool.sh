@@ -69,6 +69,9 @@ for port in 38090 38091; do
 done
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Bytes and calls of the write family (files and sockets alike): the spool's share is what
+# the spooled side does more per request than the other.
+io_counts() { awk '/^wchar|^syscw/{printf "%s ", $2}' "/proc/$1/io"; }
 busy_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 drive() { # port seconds -> requests served
   "$bin/sluice-bench" load --url "http://127.0.0.1:$1/v1" --key "$key" --model gpt-4o-mini \
@@ -86,9 +89,11 @@ for r in $(seq 1 "$rounds"); do
   for side in $order; do
     if [ "$side" = spool ]; then port=38090 pid=$spool_pid; else port=38091 pid=$nospool_pid; fi
     p0=$(cpu_ticks "$pid") m0=$(cpu_ticks "$MOCK_PID") b0=$(busy_ticks)
+    read -r w0 c0 <<< "$(io_counts "$pid")"
     n=$(drive "$port" "$seconds")
     p1=$(cpu_ticks "$pid") m1=$(cpu_ticks "$MOCK_PID") b1=$(busy_ticks)
-    echo "$r $side $n $((p1 - p0)) $((m1 - m0)) $((b1 - b0))" >> "$results"
+    read -r w1 c1 <<< "$(io_counts "$pid")"
+    echo "$r $side $n $((p1 - p0)) $((m1 - m0)) $((b1 - b0)) $((w1 - w0)) $((c1 - c0))" >> "$results"
   done
 done
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -101,10 +106,11 @@ rounds = {}
 print("| round | side | req/s | data plane µs/req | mock µs/req | machine µs/req |")
 print("|---|---|---|---|---|---|")
 for line in open(path):
-    r, side, n, proxy, mock, busy = line.split()
+    r, side, n, proxy, mock, busy, wchar, syscw = line.split()
     n = int(n)
     us = lambda ticks: int(ticks) / hz / n * 1e6
-    figures = {"rps": n / seconds, "proxy": us(proxy), "mock": us(mock), "busy": us(busy)}
+    figures = {"rps": n / seconds, "proxy": us(proxy), "mock": us(mock), "busy": us(busy),
+               "wchar": int(wchar) / n, "syscw": int(syscw) / n}
     rounds.setdefault(r, {})[side] = figures
     print(f"| {r} | {side} | {figures['rps']:,.0f} | {figures['proxy']:.1f} | {figures['mock']:.1f} | {figures['busy']:.1f} |")
 
@@ -129,4 +135,10 @@ for name, ratio in ratios.items():
     t = table[max([k for k in table if k <= len(xs)] or [2])]
     half = t * statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
     print(f"| {name} | {mean:.3f} | {mean - half:.3f}–{mean + half:.3f} | {statistics.median(xs):.3f} |")
+
+# What the spooled side writes more per request (the spool's entries and its write calls;
+# its flushes are not writes).
+extra = lambda key: statistics.median(p["spool"][key] - p["nospool"][key] for p in pairs)
+print(f"\nthe spool writes, per request (median over the rounds): {extra('wchar'):.0f} bytes"
+      f" in {extra('syscw'):.2f} write calls")
 PY
