@@ -75,7 +75,7 @@ impl Queued {
         record.sequence = sequence;
         Self {
             sequence,
-            encoded: record.encode_to_vec().into(),
+            encoded: record.encode_to_vec_by_hand().into(),
         }
     }
 }

@@ -15,3 +15,4 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("slui
 pub use pbjson_types as wkt;
 
 pub mod limits;
+mod usage_record;
