@@ -199,6 +199,19 @@ impl CooldownTracker {
         outcome: Outcome,
         now: Now,
     ) -> Option<BackendEvent> {
+        self.record_at(backend_id, basis, policy, outcome, || now)
+    }
+
+    /// [`Self::record`], reading the time from `now` only when the outcome changes something:
+    /// the common case, a success on a healthy backend, needs no clock.
+    pub fn record_at(
+        &self,
+        backend_id: &str,
+        basis: Basis,
+        policy: &CooldownPolicy,
+        outcome: Outcome,
+        now: impl FnOnce() -> Now,
+    ) -> Option<BackendEvent> {
         let mut entries = self.lock();
         // The common case, a success on a healthy backend, neither allocates nor reports.
         if !entries.contains_key(backend_id) {
@@ -237,6 +250,7 @@ impl CooldownTracker {
                 (Kind::Failing, None, reason)
             }
         };
+        let now = now();
         let report = Report {
             kind,
             basis: basis.epoch,

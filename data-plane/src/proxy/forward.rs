@@ -336,9 +336,9 @@ pub(super) async fn forward_call(
                     .attempt(&label, failure.metric_outcome(), Some(took));
             }
         }
-        let answered = app.store.clock().now();
+        let answered = || app.store.clock().now();
         if let Some(event) =
-            cooldowns.record(&backend.id, basis, &policy.cooldown, health, answered)
+            cooldowns.record_at(&backend.id, basis, &policy.cooldown, health, answered)
         {
             match health {
                 Outcome::Success => {
@@ -446,8 +446,7 @@ pub(super) async fn error(acct: Accounting, err: ProxyError) -> Response {
     let kind = err.error_kind();
     let mut response = err.into_response_as(acct.endpoint().format());
     acct.decorate(response.headers_mut());
-    acct.head_ready();
-    let _ = acct.finish(status, kind).await;
+    let _ = acct.finish_whole(status, kind, false).await;
     response
 }
 
@@ -490,8 +489,9 @@ async fn fail(
                 );
             }
             acct.decorate(headers);
-            acct.head_ready();
-            let _ = acct.finish(status, ErrorKind::UpstreamStatus).await;
+            let _ = acct
+                .finish_whole(status, ErrorKind::UpstreamStatus, false)
+                .await;
             response
         }
         Failure::Connect(_) => error(acct, ProxyError::UpstreamConnect).await,
@@ -704,14 +704,12 @@ async fn deliver(
                     .insert(header::CONTENT_TYPE, content_type);
             }
             acct.decorate(response.headers_mut());
-            acct.first_byte();
-            acct.head_ready();
             let kind = if status.is_success() {
                 ErrorKind::Unspecified
             } else {
                 ErrorKind::UpstreamStatus
             };
-            let _ = acct.finish(status, kind).await;
+            let _ = acct.finish_whole(status, kind, true).await;
             response
         }
         Answer::Stream {
