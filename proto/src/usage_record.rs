@@ -24,11 +24,22 @@ const LENGTH_DELIMITED: u8 = 2;
 impl UsageRecord {
     /// What `prost::Message::encode_to_vec` returns, sooner.
     pub fn encode_to_vec_by_hand(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len_by_hand());
+        self.encode_by_hand(&mut out);
+        out
+    }
+
+    /// What `prost::Message::encoded_len` returns, sooner.
+    pub fn encoded_len_by_hand(&self) -> usize {
         let mut len = Count(0);
         self.write_fields(&mut len);
-        let mut out = Vec::with_capacity(len.0);
-        self.write_fields(&mut out);
-        out
+        len.0
+    }
+
+    /// Appends what `prost::Message::encode_raw` writes, sooner (for a record framed inside
+    /// another message, as the data plane's usage spool frames each request's start).
+    pub fn encode_by_hand(&self, out: &mut Vec<u8>) {
+        self.write_fields(out);
     }
 
     #[inline(always)]
@@ -225,9 +236,12 @@ mod tests {
         #[test]
         fn a_record_by_hand_is_the_bytes_prost_writes(record in record()) {
             prop_assert_eq!(record.encode_to_vec_by_hand(), record.encode_to_vec());
-            let mut len = Count(0);
-            record.write_fields(&mut len);
-            prop_assert_eq!(len.0, record.encoded_len());
+            prop_assert_eq!(record.encoded_len_by_hand(), record.encoded_len());
+            let mut appended = vec![7];
+            record.encode_by_hand(&mut appended);
+            let mut by_prost = vec![7];
+            record.encode_raw(&mut by_prost);
+            prop_assert_eq!(appended, by_prost);
         }
     }
 

@@ -133,10 +133,11 @@ pub fn frame_mark(step: Step, request: u64, record: &mut UsageRecord, out: &mut 
 
 /// Appends the frame of the start of request `request` (its record so far): the bytes
 /// prost writes for the entry, with the record's length computed once rather than at each
-/// level of nesting (this runs before every upstream call).
+/// level of nesting, and the record written by sluice-proto's encoder by hand (this runs
+/// before every upstream call).
 pub fn frame_start(request: u64, record: &UsageRecord, out: &mut Vec<u8>) {
-    let len = record.encoded_len();
-    frame_mark_around(2, request, len, out, |out| record.encode_raw(out));
+    let len = record.encoded_len_by_hand();
+    frame_mark_around(2, request, len, out, |out| record.encode_by_hand(out));
 }
 
 /// Appends the frame of the finish of a request whose record is already encoded (`record`,
