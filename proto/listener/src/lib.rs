@@ -273,7 +273,8 @@ mod tests {
         (client, tokio::spawn(served), graceful)
     }
 
-    #[tokio::test]
+    // Paused time: the timers run out as soon as nothing else can run, no sleeping.
+    #[tokio::test(start_paused = true)]
     async fn a_connection_that_sends_nothing_is_closed_at_the_header_read_timeout() {
         let (_client, served, _graceful) = serve(Duration::ZERO);
         tokio::time::timeout(FIRST_HEAD * 4, served)
@@ -282,7 +283,8 @@ mod tests {
             .unwrap();
     }
 
-    #[tokio::test]
+    // Paused time: the timers run out as soon as nothing else can run, no sleeping.
+    #[tokio::test(start_paused = true)]
     async fn an_answer_slower_than_the_header_read_timeout_still_arrives() {
         let (mut client, served, _graceful) = serve(FIRST_HEAD * 3);
         client
