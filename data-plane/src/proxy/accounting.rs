@@ -368,7 +368,7 @@ impl Accounting {
             cached_prompt_tokens: record.cached_prompt_tokens,
             cost_nanos: record.cost_nanos,
             tokens_estimated: record.tokens_estimated,
-            error_kind: kind.as_str_name(),
+            error_kind: kind,
         }
         .emit();
         let backend = self

@@ -1,20 +1,22 @@
 //! The `request finished` line, the one log line each proxied request writes.
 //!
-//! In the text format (without ANSI styling: a log file, a pipe) its fields are written into
-//! the event's message here, in one pass into a reused buffer, with
-//! [`sluice_domain::logging::TextFields`], the same writer the text format's field formatter
-//! uses: the line is the text that formatter writes for the fields one by one, byte for byte
-//! (tests below check it). Fifteen fields recorded one by one, each through `tracing`'s value
-//! set and the formatter's `dyn fmt::Write`, made the line cost about 7,100 instructions a
-//! request, a sixth of all Sluice adds to a bare proxy; written here, about 3,950. The event
-//! keeps its target and level, so `RUST_LOG` filters it as before. The JSON format, and the
-//! styled text of a terminal, get the fields one by one as ever: machines read JSON's fields
-//! by name.
+//! In the text format (without ANSI styling: a log file, a pipe) its fields are written here,
+//! in one pass into a reused buffer, with [`sluice_domain::logging::TextFields`], the same
+//! writer the text format's field formatter uses, and handed to the formatter as one field,
+//! [`WRITTEN_FIELDS`](sluice_domain::logging::WRITTEN_FIELDS), which it passes on as it is:
+//! the line is the text that formatter writes for the fields one by one, byte for byte (tests
+//! below check it). Fifteen fields recorded one by one, each through `tracing`'s value set and
+//! the formatter's `dyn fmt::Write`, made the line cost about 7,100 instructions a request, a
+//! sixth of all Sluice adds to a bare proxy; written in one pass into the event's message,
+//! about 3,950, of which `fmt`'s machinery and the escape guard's second pass over the whole
+//! message were several hundred, which the written field spares. The event keeps its target
+//! and level, so `RUST_LOG` filters it as before. The JSON format, and the styled text of a
+//! terminal, get the fields one by one as ever: machines read JSON's fields by name.
 
-use std::cell::RefCell;
-use std::fmt;
+use std::cell::Cell;
 
 use sluice_domain::logging::{TextFields, plain_text};
+use sluice_proto::v1::ErrorKind;
 
 use super::REQUEST_LOG_TARGET;
 
@@ -36,12 +38,12 @@ pub(super) struct RequestLine<'a> {
     pub cached_prompt_tokens: u64,
     pub cost_nanos: u64,
     pub tokens_estimated: bool,
-    pub error_kind: &'static str,
+    pub error_kind: ErrorKind,
 }
 
 thread_local! {
     /// The last line written on this thread; its capacity is kept for the next.
-    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+    static LINE: Cell<String> = const { Cell::new(String::new()) };
 }
 
 impl RequestLine<'_> {
@@ -72,15 +74,24 @@ impl RequestLine<'_> {
             cached_prompt_tokens = self.cached_prompt_tokens,
             cost_nanos = self.cost_nanos,
             tokens_estimated = self.tokens_estimated,
-            error_kind = self.error_kind,
+            error_kind = self.error_kind.as_str_name(),
             "request finished"
         );
     }
 
-    /// The fields written into the message, for the unstyled text format. The text is
-    /// written only if the event is enabled (the macro formats its message after its checks).
+    /// The fields written by [`Self::text`], for the unstyled text format. The text is
+    /// written only if the event is enabled (the macro evaluates its fields after its checks).
     fn emit_text(&self) {
-        tracing::info!(target: REQUEST_LOG_TARGET, "{}", Text(self));
+        // Gone only while the thread exits.
+        let mut line = LINE.try_with(Cell::take).unwrap_or_default();
+        tracing::info!(
+            target: REQUEST_LOG_TARGET,
+            sluice_written_fields = {
+                line = self.text(std::mem::take(&mut line));
+                line.as_str()
+            }
+        );
+        let _ = LINE.try_with(|kept| kept.set(line));
     }
 
     /// `buffer` holding what the text format writes for [`Self::emit_fields`]'s event after
@@ -88,8 +99,9 @@ impl RequestLine<'_> {
     /// are then inlined.)
     fn text(&self, mut buffer: String) -> String {
         buffer.clear();
-        let mut fields = TextFields::new(buffer);
-        fields.display("message", "request finished");
+        // The message, which has nothing to escape.
+        buffer.push_str("request finished");
+        let mut fields = TextFields::after(buffer);
         fields.display("request_id", self.request_id);
         fields.display("client_key", self.client_key);
         fields.display("model", self.model);
@@ -107,26 +119,13 @@ impl RequestLine<'_> {
         fields.u64("cached_prompt_tokens", self.cached_prompt_tokens);
         fields.u64("cost_nanos", self.cost_nanos);
         fields.bool("tokens_estimated", self.tokens_estimated);
-        fields.str("error_kind", self.error_kind);
-        fields.into_writer()
-    }
-}
-
-/// The line's text as a message: written into this thread's buffer, then passed on whole.
-struct Text<'l, 'a>(&'l RequestLine<'a>);
-
-impl fmt::Display for Text<'_, '_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut write = |line: &mut String| {
-            *line = self.0.text(std::mem::take(line));
-            f.write_str(line)
-        };
-        // Borrowed already only if writing the line logged (it does not); gone only while
-        // the thread exits.
-        match LINE.try_with(|line| line.try_borrow_mut().map(|mut line| write(&mut line))) {
-            Ok(Ok(written)) => written,
-            _ => write(&mut String::new()),
-        }
+        let mut line = fields.into_writer();
+        // An error kind's name has nothing `Debug` escapes (a test below checks every one):
+        // it is written between quotes, as `str` would after looking at each byte.
+        line.push_str(" error_kind=\"");
+        line.push_str(self.error_kind.as_str_name());
+        line.push('"');
+        line
     }
 }
 
@@ -204,7 +203,7 @@ mod tests {
             cached_prompt_tokens: 0,
             cost_nanos: 1_500,
             tokens_estimated: false,
-            error_kind: "ERROR_KIND_UNSPECIFIED",
+            error_kind: ErrorKind::Unspecified,
         }
     }
 
@@ -225,7 +224,7 @@ mod tests {
         cases[1].ttft_ms = None;
         cases[1].stream = false;
         cases[1].tokens_estimated = true;
-        cases[1].error_kind = "ERROR_KIND_CLIENT_CANCELLED";
+        cases[1].error_kind = ErrorKind::ClientCancelled;
         cases[2].status = 499;
         cases[2].attempts = u32::MAX;
         cases[2].latency_ms = u64::MAX;
@@ -247,6 +246,24 @@ mod tests {
         assert!(!forged_line.contains("ttft_ms"), "{forged_line}");
         assert!(forged_line.contains(" backend=\"\" "), "{forged_line}");
         assert!(!forged_line.contains('\u{1b}'), "{forged_line}");
+    }
+
+    #[test]
+    fn every_error_kinds_name_is_written_between_quotes_by_debug() {
+        let mut kinds = 0;
+        for value in 0..1_000 {
+            if let Ok(kind) = ErrorKind::try_from(value) {
+                let name = kind.as_str_name();
+                assert_eq!(format!("{name:?}"), format!("\"{name}\""));
+                let mut case = line("r", "m", "b");
+                case.error_kind = kind;
+                let (fields, text) = both_ways(&case);
+                assert_eq!(text, fields);
+                assert!(text.ends_with(&format!(" error_kind=\"{name}\"")), "{text}");
+                kinds += 1;
+            }
+        }
+        assert!(kinds >= 10, "{kinds}");
     }
 
     proptest! {

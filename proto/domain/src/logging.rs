@@ -52,7 +52,7 @@ impl LogLimiter {
 }
 
 #[cfg(feature = "logging")]
-pub use fields::{EscapedFields, EscapingVisitor, TextFields, TextFormat};
+pub use fields::{EscapedFields, EscapingVisitor, TextFields, TextFormat, WRITTEN_FIELDS};
 
 #[cfg(feature = "logging")]
 static PLAIN_TEXT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -111,6 +111,13 @@ mod fields {
 
     use crate::text::{EscapeControl, Escaped, prefix_len, printable_ascii};
 
+    /// The name of a field whose value is fields already written by [`TextFields`] (escaped
+    /// as the formatter would escape them): the unstyled text format passes the value on as
+    /// it is, like a message, instead of escaping it again. Only text this process wrote with
+    /// [`TextFields`] may go in it; the styled format and JSON treat it as any other string
+    /// field (escaped or quoted), so outside the unstyled text format it must not be used.
+    pub const WRITTEN_FIELDS: &str = "sluice_written_fields";
+
     /// `FormatFields` for the text format: `.fmt_fields(EscapedFields)` on the subscriber builder.
     #[derive(Debug, Clone, Copy, Default)]
     pub struct EscapedFields;
@@ -161,6 +168,17 @@ mod fields {
             }
         }
 
+        /// Fields to be written to `writer` after text already there (a message): the first
+        /// gets its separating space.
+        #[inline]
+        pub fn after(writer: W) -> Self {
+            Self {
+                writer,
+                is_empty: false,
+                result: Ok(()),
+            }
+        }
+
         /// The writer, to write more or to take the text from (a `String`'s writes cannot
         /// fail; otherwise see [`Self::finish`]).
         #[inline]
@@ -179,6 +197,16 @@ mod fields {
         pub fn display(&mut self, name: &str, value: &str) {
             if self.start(name) {
                 self.result = EscapeControl(&mut self.writer).write_str(value);
+            }
+        }
+
+        /// Fields another [`TextFields`] wrote (the value of a [`WRITTEN_FIELDS`] field),
+        /// passed on as they are.
+        #[inline]
+        pub fn written(&mut self, fields: &str) {
+            if self.result.is_ok() {
+                self.pad();
+                self.result = self.result.and_then(|()| self.writer.write_str(fields));
             }
         }
 
@@ -287,6 +315,7 @@ mod fields {
                 Self::Plain(Plain(plain)) if field.name() == "message" => {
                     plain.display(field.name(), value);
                 }
+                Self::Plain(Plain(plain)) if field.name() == WRITTEN_FIELDS => plain.written(value),
                 Self::Plain(Plain(plain)) => plain.str(field.name(), value),
             }
         }
@@ -454,6 +483,37 @@ mod fields {
             assert!(!text.contains('\u{1b}'), "{text}");
             assert!(text.contains("model=m\\n2025"), "{text}");
             assert!(text.contains("n=3"), "{text}");
+        }
+
+        #[test]
+        fn written_fields_pass_as_they_are_in_plain_text_and_escaped_with_styles() {
+            let written = "request finished id=a\\n model=\"m\"";
+            for ansi in [false, true] {
+                let lines = Lines::default();
+                let subscriber = tracing_subscriber::fmt()
+                    .with_writer({
+                        let lines = lines.clone();
+                        move || lines.clone()
+                    })
+                    .with_ansi(ansi)
+                    .fmt_fields(EscapedFields)
+                    .finish();
+                tracing::subscriber::with_default(subscriber, || {
+                    tracing::info!(n = 1, sluice_written_fields = written);
+                    if ansi {
+                        tracing::info!(sluice_written_fields = "a\nb\u{1b}[31m");
+                    }
+                });
+                let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+                if ansi {
+                    // Styled, it is a string field like any other.
+                    assert_eq!(text.lines().count(), 2, "{text}");
+                    assert!(!text.contains(written), "{text}");
+                    assert!(!text.contains("a\nb"), "{text}");
+                } else {
+                    assert!(text.ends_with(&format!(": n=1 {written}\n")), "{text}");
+                }
+            }
         }
 
         /// The visitor as it was before the direct path: the default one behind the escaping.
