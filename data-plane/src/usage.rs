@@ -76,14 +76,49 @@ impl Queued {
         record.sequence = sequence;
         // Borrowed already only if encoding panicked on this thread; gone only while the
         // thread exits.
-        let encoded = ENCODING
-            .try_with(|encoding| Some(encoding.try_borrow_mut().ok()?.cut(&record)))
+        let mut record = Some(record);
+        let cut = ENCODING
+            .try_with(|encoding| {
+                let mut encoding = encoding.try_borrow_mut().ok()?;
+                let record = record.take()?;
+                let encoded = encoding.cut(&record);
+                encoding.keep(record);
+                Some(encoded)
+            })
             .ok()
-            .flatten()
-            .unwrap_or_else(|| record.encode_to_vec_by_hand().into());
+            .flatten();
+        // Not cut: the record is still here.
+        let encoded = cut.unwrap_or_else(|| {
+            record.map_or_else(Bytes::new, |record| record.encode_to_vec_by_hand().into())
+        });
         Self { sequence, encoded }
     }
 }
+
+/// The strings of a record this thread queued earlier, emptied, for a request's record:
+/// filling them in allocates nothing while they are long enough, where four new strings a
+/// request were four allocations and, once the record was encoded, four frees. Empty
+/// strings (no allocation) when there are none.
+pub fn spare_strings() -> RecordStrings {
+    ENCODING
+        .try_with(|encoding| encoding.try_borrow_mut().ok()?.spare.pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// A record's strings (only these: the rest of a record is moved more cheaply as a new one).
+#[derive(Debug, Default)]
+pub struct RecordStrings {
+    pub request_id: String,
+    pub backend_id: String,
+    pub model: String,
+    pub client_key_id: String,
+}
+
+/// How many encoded records' strings a thread keeps for [`spare_strings`]: about as many as
+/// it has requests in flight at once, past which they are freed.
+const SPARE_RECORDS: usize = 64;
 
 /// The size of the blocks that records' bytes are cut from.
 const CHUNK_BYTES: usize = 32 * 1024;
@@ -104,6 +139,8 @@ thread_local! {
 struct Encoding {
     record: Vec<u8>,
     chunk: BytesMut,
+    /// The emptied strings of records encoded here (see [`spare_strings`]).
+    spare: Vec<RecordStrings>,
 }
 
 impl Encoding {
@@ -116,6 +153,34 @@ impl Encoding {
         }
         self.chunk.extend_from_slice(&self.record);
         self.chunk.split().freeze()
+    }
+
+    /// Keeps the strings of `record`, encoded, for [`spare_strings`].
+    fn keep(&mut self, record: UsageRecord) {
+        if self.spare.len() >= SPARE_RECORDS {
+            return;
+        }
+        let UsageRecord {
+            mut request_id,
+            mut backend_id,
+            mut model,
+            mut client_key_id,
+            ..
+        } = record;
+        for text in [
+            &mut request_id,
+            &mut backend_id,
+            &mut model,
+            &mut client_key_id,
+        ] {
+            text.clear();
+        }
+        self.spare.push(RecordStrings {
+            request_id,
+            backend_id,
+            model,
+            client_key_id,
+        });
     }
 }
 
@@ -776,6 +841,44 @@ mod tests {
             assert_eq!(q.encoded, expected.encode_to_vec(), "record {i}");
             assert_eq!(UsageRecord::decode(q.encoded).unwrap(), expected);
         }
+    }
+
+    #[test]
+    fn an_encoded_records_strings_are_kept_emptied_for_the_next() {
+        // On a thread of its own: the spare strings are per thread.
+        std::thread::spawn(|| {
+            let empty = spare_strings();
+            assert_eq!(empty.request_id.capacity() + empty.model.capacity(), 0);
+            let full = UsageRecord {
+                request_id: "req-1".into(),
+                backend_id: "b".into(),
+                model: "gpt-4o".into(),
+                client_key_id: "ck".into(),
+                prompt_tokens: 1,
+                ..Default::default()
+            };
+            let queued = Queued::new(full.clone(), 9);
+            let mut expected = full;
+            expected.sequence = 9;
+            assert_eq!(queued.encoded, expected.encode_to_vec());
+            let RecordStrings {
+                request_id,
+                backend_id,
+                model,
+                client_key_id,
+            } = spare_strings();
+            for (text, len) in [
+                (request_id, 5),
+                (backend_id, 1),
+                (model, 6),
+                (client_key_id, 2),
+            ] {
+                assert!(text.is_empty() && text.capacity() >= len, "{len}");
+            }
+            assert_eq!(spare_strings().model.capacity(), 0);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

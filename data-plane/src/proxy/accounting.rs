@@ -21,7 +21,7 @@ use crate::metrics::{Held, Label, Metrics};
 use crate::ratelimit::{InFlight, Reservation};
 use crate::snapshot::{Backend, Endpoint};
 use crate::spool::{Lane, Refused, Unwritten, Written};
-use crate::usage::UsageSink;
+use crate::usage::{RecordStrings, UsageSink, spare_strings};
 use sluice_domain::price::Prices;
 
 /// The status recorded for a request whose client left before any response was sent
@@ -103,6 +103,14 @@ impl Accounting {
         started: Instant,
         arrived: SystemTime,
     ) -> Self {
+        let RecordStrings {
+            request_id: mut recorded_id,
+            backend_id,
+            model,
+            client_key_id: mut recorded_key,
+        } = spare_strings();
+        recorded_id.push_str(request_id);
+        recorded_key.push_str(client_key_id);
         Self(Box::new(Ledger {
             _in_flight: metrics.in_flight(),
             sink,
@@ -110,8 +118,10 @@ impl Accounting {
             spooled: None,
             metrics,
             record: UsageRecord {
-                request_id: request_id.to_owned(),
-                client_key_id: client_key_id.to_owned(),
+                request_id: recorded_id,
+                backend_id,
+                model,
+                client_key_id: recorded_key,
                 endpoint: endpoint.to_proto() as i32,
                 time: Some(timestamp(arrived)),
                 ..Default::default()
@@ -218,14 +228,16 @@ impl Accounting {
     /// length, and must not reach usage records, metrics or logs. (One call for both, so that
     /// the record's name is built once.)
     pub fn set_request(&mut self, model: &str, routed: Option<&Arc<str>>, stream: bool) {
-        self.0.record.model = match routed {
+        let recorded = &mut self.0.record.model;
+        recorded.clear();
+        match routed {
             Some(name) => {
                 self.0.model_label = Some(Arc::clone(name));
-                name.to_string()
+                recorded.push_str(name);
             }
-            None if model.is_empty() => String::new(),
-            None => OTHER_MODEL.to_owned(),
-        };
+            None if model.is_empty() => {}
+            None => recorded.push_str(OTHER_MODEL),
+        }
         self.0.record.stream = stream;
     }
 
