@@ -690,16 +690,8 @@ impl LocalRun {
     pub async fn kill_replica(&self, i: usize) {
         let pid = self.proxy_pids[i];
         signal(pid, "KILL");
-        // run.sh started it, so the test cannot reap it: dead is gone or a zombie.
-        let dead = || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
-                stat.rsplit(')')
-                    .next()
-                    .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-            })
-        };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !dead() {
+        while !exited(pid) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "replica {i} (pid {pid}) outlived SIGKILL"
@@ -778,12 +770,31 @@ pub fn signal(pid: u32, signal_name: &str) {
     assert!(status.success(), "kill -{signal_name} {pid}");
 }
 
+/// Whether process `pid` has exited: gone, or a zombie (a process the test did not start
+/// itself cannot be reaped by it; one it did is reaped only when its handle is dropped).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    })
+}
+
 impl Drop for LocalRun {
+    /// Stops the script with SIGTERM and waits (up to 20 s) until it has stopped what it
+    /// started: dropping its handle kills it at once, and killed before its trap has run,
+    /// it would leave nginx and the servers running after the test, on ports and files that
+    /// are gone (an orphaned nginx once held a lock the benchmarks wait on).
     fn drop(&mut self) {
-        if let Some(pid) = self.script.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
+        let Some(pid) = self.script.id() else {
+            return;
+        };
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !exited(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
