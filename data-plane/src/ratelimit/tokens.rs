@@ -320,9 +320,12 @@ mod tests {
                         mine.iter().filter(|a| a.1 >= from && a.1 < from + 60_000).collect();
                     let total: u64 = window.iter().map(|a| a.3).sum();
                     let last = window.iter().map(|a| a.1).max().unwrap_or(from);
+                    // In flight at `last`: admitted by then and settled after it, or
+                    // admitted at it (the last one itself, even if it settles in the same
+                    // millisecond).
                     let flying_at_last: u64 = mine
                         .iter()
-                        .filter(|a| a.1 <= last && a.4 > last)
+                        .filter(|a| a.1 <= last && (a.4 > last || a.1 == last))
                         .map(|a| a.3)
                         .sum();
                     let flying_at_start: u64 = mine
