@@ -133,8 +133,9 @@ thread_local! {
 /// a pass to count the exact length); instead a record is encoded into a buffer kept from
 /// the last, and copied into the thread's current chunk, which it shares (counted
 /// references) with the records cut from it before. A chunk is freed with the last of its
-/// records: the queue's records hold at most their own bytes and one chunk's worth per
-/// thread more.
+/// records; records leave the queue in sequence order (acked, or the oldest dropped when it
+/// is full), so the queue's records hold at most their own bytes and two chunks' worth per
+/// thread more (the oldest chunk, part acked, and the current one).
 #[derive(Default)]
 struct Encoding {
     record: Vec<u8>,
