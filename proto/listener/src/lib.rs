@@ -13,13 +13,18 @@
 //!   timeout: a request head not complete within it (the first one, or the next one on a
 //!   kept-alive connection) closes the connection, as does a connection that has not sent a
 //!   whole first request head by then in any protocol.
+//!
+//! HTTP/1's header read timeout runs on a [`HeadTimer`] of the connection's own: one tokio
+//! sleep kept for the connection's life and moved to each new deadline, not a new sleep for
+//! every request head (see its docs for what that saved).
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::Poll;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use hyper::body::{Body, Incoming};
 use hyper::service::Service;
@@ -185,8 +190,9 @@ impl Http {
             inner: service,
             started: Arc::clone(&started),
         };
-        let connection = self
-            .builder
+        let mut builder = self.builder.clone();
+        builder.http1().timer(HeadTimer::default());
+        let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let connection = graceful.watch(connection);
@@ -222,6 +228,70 @@ impl Http {
         }
     }
 }
+
+/// hyper's timer for one HTTP/1 connection, which hyper uses only for the header read
+/// timeout: each wait for a request head gets a [`HeadSleep`] for its deadline, and every one
+/// of them is served by the one tokio sleep the connection keeps, moved to that deadline.
+///
+/// hyper-util's `TokioTimer` gave each wait a new tokio sleep in a box of its own: inserted
+/// into the time driver's wheel when the wait began, removed when the head came. Inserting a
+/// timer due sooner than the driver's next wake-up makes tokio wake the driver (an `eventfd`
+/// write, then a turn of the scheduler loop with nothing to run), and the head's 30 s came
+/// before the first-byte timeout of the call each request had just made, so that happened at
+/// every request. A sleep kept and moved later is not touched in the wheel: tokio only notes
+/// its new deadline, and reinserts it when the old one passes.
+#[derive(Clone, Default)]
+struct HeadTimer {
+    /// Made at the first wait (inside the runtime), dropped with the connection.
+    sleep: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+}
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(self.now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(HeadSleep {
+            deadline: deadline.into(),
+            sleep: Arc::clone(&self.sleep),
+        })
+    }
+
+    fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, new_deadline: Instant) {
+        match sleep.as_mut().downcast_mut_pin::<HeadSleep>() {
+            Some(sleep) => sleep.get_mut().deadline = new_deadline.into(),
+            None => *sleep = self.sleep_until(new_deadline),
+        }
+    }
+
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into()
+    }
+}
+
+/// One wait of a [`HeadTimer`]: ready once its deadline has passed. hyper holds at most one
+/// at a time for a connection (it drops the last before it asks for the next).
+struct HeadSleep {
+    deadline: tokio::time::Instant,
+    sleep: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+}
+
+impl Future for HeadSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = self.deadline;
+        let mut kept = self.sleep.lock().unwrap_or_else(PoisonError::into_inner);
+        let sleep = kept.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        sleep.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for HeadSleep {}
 
 /// A service that notes that a request arrived.
 struct Started<S> {
@@ -301,6 +371,47 @@ mod tests {
         assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
         drop(client);
         served.await.unwrap();
+    }
+
+    /// Sends a request on a kept-alive connection and reads its whole answer.
+    async fn ask(client: &mut tokio::io::DuplexStream) -> String {
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0; 1024];
+        while !answer.ends_with(b"\r\n\r\nok") {
+            let read = client.read(&mut buf).await.unwrap();
+            assert_ne!(read, 0, "closed before the answer");
+            answer.extend_from_slice(&buf[..read]);
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    // Paused time. The connection's one kept sleep is moved to each wait's deadline: waits
+    // shorter than the timeout, one after another for many times its length, close nothing,
+    // and the first longer one closes the connection.
+    #[tokio::test(start_paused = true)]
+    async fn each_wait_for_a_head_has_its_own_deadline_on_the_kept_sleep() {
+        let (mut client, served, _graceful) = serve(Duration::ZERO);
+        for _ in 0..10 {
+            assert!(ask(&mut client).await.starts_with("HTTP/1.1 200 OK\r\n"));
+            tokio::time::sleep(FIRST_HEAD * 2 / 3).await;
+        }
+        assert!(!served.is_finished());
+        let waited = tokio::time::Instant::now();
+        tokio::time::timeout(FIRST_HEAD * 4, served)
+            .await
+            .expect("closed in time")
+            .unwrap();
+        let waited = waited.elapsed() + FIRST_HEAD * 2 / 3;
+        assert!(
+            waited >= FIRST_HEAD && waited < FIRST_HEAD * 2,
+            "closed {waited:?} after the last answer"
+        );
+        let mut rest = Vec::new();
+        assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0);
     }
 
     #[test]
