@@ -12,8 +12,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use hyper_util::server::graceful::GracefulShutdown;
-use sluice_listener::{Acceptor, Http};
+use sluice_listener::{Acceptor, Graceful, Http};
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
@@ -38,7 +37,7 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; img-src 'self' da
 /// Serves `router` on the connections `acceptor` takes until `stop`, then lets the requests
 /// in progress finish.
 pub async fn serve(acceptor: Acceptor, router: Router, http: Http, stop: CancellationToken) {
-    let graceful = GracefulShutdown::new();
+    let graceful = Graceful::new();
     loop {
         let (tcp, peer, slot) = tokio::select! {
             accepted = acceptor.accept() => accepted,

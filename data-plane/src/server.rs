@@ -19,9 +19,8 @@ use std::time::Duration;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::gauge::Gauge;
-use sluice_listener::{Acceptor, Http, Slot};
+use sluice_listener::{Acceptor, Graceful, Http, Slot};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -584,7 +583,7 @@ impl Shard {
         } = self;
         let store = Arc::clone(&app.store);
         let router = proxy::router(app);
-        let graceful = GracefulShutdown::new();
+        let graceful = Graceful::new();
         loop {
             let connection = tokio::select! {
                 connection = connections.next() => connection,
