@@ -4,6 +4,7 @@
 
 mod accounting;
 mod forward;
+mod kept_sleeps;
 mod relay;
 mod request_log;
 mod stored;
@@ -26,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 pub use accounting::{CLIENT_CLOSED_REQUEST, Tokens};
+pub use kept_sleeps::KeptSleeps;
 pub use usage_figures::usage_of;
 
 use crate::allowance::{Allowances, Refusal};
@@ -82,6 +84,8 @@ pub struct AppState {
     pub pool: usize,
     /// The budget allowances budgeted keys spend (shared by every serving thread).
     pub allowances: Arc<Allowances>,
+    /// This serving thread's sleeps for the upstream calls' timeouts.
+    pub sleeps: KeptSleeps,
 }
 
 /// The HTTP routes.

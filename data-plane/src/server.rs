@@ -305,6 +305,7 @@ impl Proxy {
                 body_memory: Arc::clone(&body_memory),
                 pool,
                 allowances: Arc::clone(&allowances),
+                sleeps: proxy::KeptSleeps::default(),
             });
             let shard = Shard {
                 connections: Dealt { dealt },

@@ -10,9 +10,10 @@ use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use sluice_proto::v1::ErrorKind;
-use tokio::time::{Instant, timeout_at};
+use tokio::time::Instant;
 
 use super::accounting::Accounting;
+use super::kept_sleeps::{KeptSleeps, within};
 use super::relay::{Mode, Relay, Translation, tokens_of};
 use super::usage_figures::usage_of;
 use super::{AppState, Collected};
@@ -305,6 +306,7 @@ pub(super) async fn forward_call(
         let sent = Instant::now();
         let outcome = attempt(
             snapshot.upstream(app.pool),
+            &app.sleeps,
             backend,
             call.passed.map_or(&[][..], |p| &p.headers),
             method,
@@ -503,6 +505,7 @@ async fn fail(
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     client: &UpstreamClient,
+    sleeps: &KeptSleeps,
     backend: &Backend,
     passed: &[(HeaderName, HeaderValue)],
     method: Method,
@@ -536,7 +539,8 @@ async fn attempt(
     let first_byte = deadline.min(Instant::now() + policy.first_byte_timeout);
     // A connect timeout is a connect error (the connector's own limit); only our deadlines
     // make a timeout.
-    let upstream = match timeout_at(first_byte, client.send(request, backend.host())).await {
+    let sent = client.send(request, backend.host());
+    let upstream = match within(sleeps, || first_byte, sent).await {
         Err(_) => return Err(Failure::Timeout),
         Ok(Err(e)) => return Err(Failure::Connect(error_chain(&*e))),
         Ok(Ok(response)) => response,
@@ -547,6 +551,7 @@ async fn attempt(
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let retry_after = cooldown::retry_after(&head.headers, SystemTime::now());
         let body = read_body(
+            sleeps,
             upstream,
             MAX_ERROR_BODY,
             policy.idle_stream_timeout,
@@ -569,7 +574,7 @@ async fn attempt(
     if stream && status.is_success() && is_sse {
         // Wait for the first chunk before committing: until then another backend can still
         // take over.
-        let first = match timeout_at(first_byte, upstream::next_chunk(&mut upstream)).await {
+        let first = match within(sleeps, || first_byte, upstream::next_chunk(&mut upstream)).await {
             Err(_) => return Err(Failure::Timeout),
             Ok(Err(e)) => return Err(Failure::Connect(error_chain(&*e))),
             Ok(Ok(chunk)) => chunk.unwrap_or_default(),
@@ -580,7 +585,14 @@ async fn attempt(
             first,
         });
     }
-    let mut body = read_body(upstream, max_response, policy.idle_stream_timeout, deadline).await?;
+    let mut body = read_body(
+        sleeps,
+        upstream,
+        max_response,
+        policy.idle_stream_timeout,
+        deadline,
+    )
+    .await?;
     if !status.is_success() {
         // A 4xx is passed on as it came, but for the key some providers quote in it.
         body = redact(body, backend.api_key());
@@ -594,6 +606,7 @@ async fn attempt(
 
 /// Reads a whole body of at most `max` bytes, with `idle` as the longest pause.
 async fn read_body(
+    sleeps: &KeptSleeps,
     mut upstream: UpstreamBody,
     max: usize,
     idle: Duration,
@@ -601,8 +614,8 @@ async fn read_body(
 ) -> Result<Bytes, Failure> {
     let mut collected = Collected::default();
     loop {
-        let until = deadline.min(Instant::now() + idle);
-        match timeout_at(until, upstream::next_chunk(&mut upstream)).await {
+        let until = || deadline.min(Instant::now() + idle);
+        match within(sleeps, until, upstream::next_chunk(&mut upstream)).await {
             Err(_) => return Err(Failure::Timeout),
             Ok(Err(e)) => return Err(Failure::Invalid(error_chain(&*e))),
             Ok(Ok(None)) => return Ok(collected.into_bytes()),
