@@ -8,7 +8,9 @@
 //! notes the new deadline, and reinserts the timer when the old one passes), and each
 //! request's deadlines are later than the last one's on the same thread. So the sleeps stay
 //! with the thread's [`KeptSleeps`], and [`within`] takes one only when the call has to be
-//! waited for: a body already read needs no timer, and no clock reading for its deadline.
+//! waited for: a body already read needs no timer, and no clock reading for its deadline. A
+//! kept sleep set to an earlier deadline than the wait's is not even moved until it runs out
+//! ([`sluice_listener::poll_until`]).
 //!
 //! A kept sleep still holds the waker of the last task that waited on it, until it is used
 //! again or its deadline passes (then that task gets a wake-up with nothing to do); with
@@ -19,6 +21,7 @@ use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 use std::task::Poll;
 
+use sluice_listener::poll_until;
 use tokio::time::{Instant, Sleep};
 
 /// At most this many sleeps kept by a thread; more waits at once get new ones.
@@ -56,8 +59,7 @@ pub(super) async fn within<F: Future>(
         let Some((until, kept)) = &mut waiting else {
             return Poll::Pending;
         };
-        let sleep = kept.take_until(*until);
-        match sleep.as_mut().poll(cx) {
+        match poll_until(kept.take(*until), *until, cx) {
             Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
             Poll::Pending => Poll::Pending,
         }
@@ -69,7 +71,8 @@ pub(super) async fn within<F: Future>(
 struct Kept<'a>(&'a KeptSleeps, Option<Pin<Box<Sleep>>>);
 
 impl Kept<'_> {
-    fn take_until(&mut self, until: Instant) -> &mut Pin<Box<Sleep>> {
+    /// The sleep, taken from the spares at the first call, set no later than `until`.
+    fn take(&mut self, until: Instant) -> &mut Pin<Box<Sleep>> {
         let sleep = self.1.get_or_insert_with(|| {
             let spare = self
                 .0
@@ -79,7 +82,7 @@ impl Kept<'_> {
                 .pop();
             spare.unwrap_or_else(|| Box::pin(tokio::time::sleep_until(until)))
         });
-        if sleep.deadline() != until {
+        if sleep.deadline() > until {
             sleep.as_mut().reset(until);
         }
         sleep
