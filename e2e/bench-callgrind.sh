@@ -17,9 +17,14 @@
 #   ./e2e/bench-callgrind.sh --connections 32  # at saturation: requests share wake-ups and writes
 #   ./e2e/bench-callgrind.sh --tpm 1000000000  # the key and the backend with a TPM limit (never
 #                                              # reached here): what the token checks cost
+#   ./e2e/bench-callgrind.sh --streams 20       # instructions per relayed SSE event instead: 5
+#                                              # rounds (--rounds) of 20 concurrent streams of a
+#                                              # mock's 40 content chunks, one every 50 ms (44
+#                                              # events a stream, the usage chunk included)
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
-# examples/bare_proxy. Uses ports 28080-28091, 25051 and 29090. Needs valgrind and python3.
+# examples/bare_proxy. Uses ports 28080-28091, 25051 and 29090 (and 29091 for the streams' mock).
+# Needs valgrind and python3.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,6 +35,8 @@ keep=""
 spool=1
 connections=1
 tpm=""
+streams=""
+rounds=5
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin-dir) bin=$2; shift 2 ;;
@@ -39,7 +46,9 @@ while [ $# -gt 0 ]; do
     --no-spool) spool=""; shift ;;
     --connections) connections=$2; shift 2 ;;
     --tpm) tpm=$2; shift 2 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --streams) streams=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "bench-callgrind: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -59,11 +68,25 @@ trap cleanup EXIT
 . "$root/e2e/bench-gateway.sh"
 start_gateway 28080 25051 28081 29090
 out=${keep:-$data/profile}
+ctl() { SLUICE_ENDPOINT=http://127.0.0.1:25051 SLUICE_ADMIN_TOKEN=$(cat "$data/admin-token") "$bin/sluicectl" "$@"; }
 if [ -n "$tpm" ]; then
-  ctl() { SLUICE_ENDPOINT=http://127.0.0.1:25051 SLUICE_ADMIN_TOKEN=$(cat "$data/admin-token") "$bin/sluicectl" "$@"; }
   key_id=$(ctl -o json key list | python3 -c 'import json,sys; print(json.load(sys.stdin)["clientKeys"][0]["id"])')
   ctl key update "$key_id" --tpm-limit "$tpm" > /dev/null
   ctl backend update demo-mock --tpm-limit "$tpm" > /dev/null
+fi
+
+model=gpt-4o-mini
+mock_url=http://127.0.0.1:29090
+unit=request
+if [ -n "$streams" ]; then
+  # A mock of its own for the streams, served to Sluice as one more backend.
+  mock_url=http://127.0.0.1:29091
+  model=bench-stream
+  unit=event
+  "$bin/sluice-mock" --listen 127.0.0.1:29091 --name stream-mock --model bench-stream \
+    --chunk-count 40 --chunk-interval 50ms 2> "$data/stream-mock.log" &
+  pids+=($!)
+  ctl backend add --name stream-mock --base-url "$mock_url/v1" --model bench-stream > /dev/null
 fi
 
 wait_http() { # url
@@ -81,31 +104,48 @@ SLUICE_DATAPLANE_TOKEN=$(cat "$data/dataplane-token") RUST_LOG=${RUST_LOG:-info}
 pids+=($!)
 sluice=$!
 valgrind --tool=callgrind --callgrind-out-file="$out.bare.cg" \
-  "$bin/examples/bare_proxy" 127.0.0.1:28091 http://127.0.0.1:29090 2> "$data/bare.log" &
+  "$bin/examples/bare_proxy" 127.0.0.1:28091 "$mock_url" 2> "$data/bare.log" &
 pids+=($!)
 bare=$!
 wait_http http://127.0.0.1:28090/readyz
 wait_http http://127.0.0.1:28091/v1/models
 
-drive() { # port duration [saturate]
-  "$bin/sluice-bench" load --url "http://127.0.0.1:$1/v1" --key "$key" --model gpt-4o-mini \
-    --saturate --connections "$connections" --duration "$2" --warmup 0s --segments 1 --timeout 30s
+drive() { # port duration|warm-up
+  if [ -n "$streams" ]; then
+    local n=$rounds
+    [ "$2" != warm-up ] || n=1
+    "$bin/sluice-bench" load --url "http://127.0.0.1:$1/v1" --key "$key" --model "$model" \
+      --stream --streams "$streams" --rounds "$n" --expected-events 44 --timeout 120s
+  else
+    local duration=$2
+    [ "$2" != warm-up ] || duration=3s
+    "$bin/sluice-bench" load --url "http://127.0.0.1:$1/v1" --key "$key" --model "$model" \
+      --saturate --connections "$connections" --duration "$duration" --warmup 0s --segments 1 --timeout 30s
+  fi
 }
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 for side in "sluice 28090 $sluice" "bare 28091 $bare"; do
   read -r name port pid <<< "$side"
-  drive "$port" 3s > /dev/null 2>&1
+  drive "$port" warm-up > /dev/null 2>&1
   callgrind_control --zero "$pid" > /dev/null 2>&1
   drive "$port" "${seconds}s" > "$data/$name.load" 2>&1 || { cat "$data/$name.load" >&2; exit 1; }
   callgrind_control --dump "$pid" > /dev/null 2>&1
-  # The request count: the `requests` column of the saturation table.
-  grep -E '127\.0\.0\.1' "$data/$name.load" | head -1 | awk -F'|' '{gsub(/ /, "", $4); print $4}' > "$data/$name.requests"
+  if [ -n "$streams" ]; then
+    # The events: `received / expected` in the streams table, all of them or the run fails.
+    awk -F'|' '/127\.0\.0\.1/ { split($4, e, "/"); got = e[1] + 0; want = e[2] + 0 }
+      END { if (got == 0 || got != want) exit 1; print got }' "$data/$name.load" > "$data/$name.requests" \
+      || { echo "bench-callgrind: $name lost events:" >&2; cat "$data/$name.load" >&2; exit 1; }
+  else
+    # The request count: the `requests` column of the saturation table.
+    grep -E '127\.0\.0\.1' "$data/$name.load" | head -1 | awk -F'|' '{gsub(/ /, "", $4); print $4}' > "$data/$name.requests"
+  fi
 done
 
-python3 - "$out" "$top" "$data/sluice.requests" "$data/bare.requests" <<'PY'
+python3 - "$out" "$top" "$data/sluice.requests" "$data/bare.requests" "$unit" <<'PY'
 import collections, re, sys
 out, top = sys.argv[1], int(sys.argv[2])
 requests = {"sluice": int(open(sys.argv[3]).read()), "bare": int(open(sys.argv[4]).read())}
+unit = sys.argv[5]
 
 def profile(path):
     """Self cost per function of a callgrind dump (cost lines after `calls=` are a callee's)."""
@@ -132,10 +172,10 @@ for name in ("sluice", "bare"):
     cost = profile(f"{out}.{name}.cg.1")
     n = requests[name]
     per[name] = sum(cost.values()) / n
-    print(f"\n{name}: {n} requests, {per[name]:,.0f} instructions per request; top {top} (self):")
+    print(f"\n{name}: {n} {unit}s, {per[name]:,.0f} instructions per {unit}; top {top} (self):")
     for fn, c in cost.most_common(top):
         print(f"  {c / n:9,.0f}  {(fn or '?')[:150]}")
-print(f"\ninstructions per request: sluice-proxy {per['sluice']:,.0f}, bare_proxy {per['bare']:,.0f}, "
+print(f"\ninstructions per {unit}: sluice-proxy {per['sluice']:,.0f}, bare_proxy {per['bare']:,.0f}, "
       f"ratio {per['sluice'] / per['bare']:.2f}")
 PY
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -7,9 +7,14 @@
 #   ./e2e/bench-cpu.sh --bin-dir DIR --rate 2000 --seconds 20
 #   ./e2e/bench-cpu.sh --bare                  # also bare_proxy (DIR/examples), same mock and
 #                                              # rate, right after, and the ratio of the totals
+#   ./e2e/bench-cpu.sh --streams 1000 --bare   # CPU per relayed SSE event instead: rounds of
+#                                              # 1,000 concurrent streams (--rounds 3) of a mock
+#                                              # answering --chunks 40 content chunks, one every
+#                                              # --chunk-interval 50ms (44 events a stream)
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl and sluice-bench. Uses the ports
-# of deploy/local/run.sh plus 10,000 (18080, 15051, 18081, 19090) and a temporary data dir.
+# of deploy/local/run.sh plus 10,000 (18080, 15051, 18081, 19090; 19091 for the streams' mock)
+# and a temporary data dir.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,13 +22,21 @@ bin="$root/target/release"
 rate=3000
 seconds=10
 bare=""
+streams=""
+rounds=3
+chunks=40
+chunk_interval=50ms
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin-dir) bin=$2; shift 2 ;;
     --rate) rate=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     --bare) bare=1; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --streams) streams=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    --chunks) chunks=$2; shift 2 ;;
+    --chunk-interval) chunk_interval=$2; shift 2 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "bench-cpu: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -32,9 +45,10 @@ bin="$(cd "$bin" && pwd)"
 run=""
 data=""
 bare_pid=""
+stream_mock=""
 cleanup() {
-  kill $run $bare_pid 2>/dev/null || true
-  wait $run $bare_pid 2>/dev/null || true
+  kill $run $bare_pid $stream_mock 2>/dev/null || true
+  wait $run $bare_pid $stream_mock 2>/dev/null || true
   [ -z "$data" ] || rm -rf "$data"
 }
 trap cleanup EXIT
@@ -50,50 +64,86 @@ threads() {
       "$(awk '{print $14+$15}' "$t/stat")"
   done | sort -k2
 }
+model=gpt-4o-mini
+mock_pid=$MOCK_PID
+mock_url=http://127.0.0.1:19090
+if [ -n "$streams" ]; then
+  # A mock of its own for the streams, served to Sluice as one more backend.
+  mock_url=http://127.0.0.1:19091
+  "$bin/sluice-mock" --listen 127.0.0.1:19091 --name stream-mock --model bench-stream \
+    --chunk-count "$chunks" --chunk-interval "$chunk_interval" 2> "$data/stream-mock.log" &
+  stream_mock=$!
+  mock_pid=$stream_mock
+  model=bench-stream
+  SLUICE_ENDPOINT=http://127.0.0.1:15051 SLUICE_ADMIN_TOKEN=$(cat "$data/admin-token") \
+    "$bin/sluicectl" backend add --name stream-mock --base-url "$mock_url/v1" \
+    --model bench-stream > /dev/null
+  for _ in $(seq 1 100); do # until the data plane's snapshot routes the model
+    curl -fsS -o /dev/null -H "authorization: Bearer $key" -H 'content-type: application/json' \
+      -d '{"model":"bench-stream","messages":[{"role":"user","content":"hi"}]}' \
+      http://127.0.0.1:18080/v1/chat/completions 2>/dev/null && break
+    sleep 0.1
+  done
+fi
 load() { # duration [url key]
-  "$bin/sluice-bench" load --url "${2:-http://127.0.0.1:18080/v1}" --key "${3:-$key}" --model gpt-4o-mini \
-    --rate "$rate" --duration "$1"
+  if [ -n "$streams" ]; then
+    local n=$rounds
+    [ "$1" != warm-up ] || n=1
+    "$bin/sluice-bench" load --url "${2:-http://127.0.0.1:18080/v1}" --key "${3:-$key}" --model "$model" \
+      --stream --streams "$streams" --rounds "$n" --expected-events $((chunks + 4))
+  else
+    local duration=$1
+    [ "$1" != warm-up ] || duration=2s
+    "$bin/sluice-bench" load --url "${2:-http://127.0.0.1:18080/v1}" --key "${3:-$key}" --model "$model" \
+      --rate "$rate" --duration "$duration"
+  fi
 }
-
-load 2s > /dev/null 2>&1 # warm-up: pools, caches
-threads "$PROXY_PIDS" > "$data/proxy.before"
-threads "$MOCK_PID" > "$data/mock.before"
-load "${seconds}s" > "$data/load.out" 2>&1
-threads "$PROXY_PIDS" > "$data/proxy.after"
-threads "$MOCK_PID" > "$data/mock.after"
+# What one measured load delivered: requests, or SSE events received (checked against what
+# every stream should have sent: a lost event fails the run).
+delivered() { # load output
+  if [ -n "$streams" ]; then
+    awk -F'|' '$2 ~ /127\.0\.0\.1/ { split($4, e, "/"); got = e[1] + 0; want = e[2] + 0 }
+      END { if (got == 0 || got != want) exit 1; print got }' "$1"
+  else
+    grep -qE '^\| *[0-9]' "$1" && echo $((rate * seconds))
+  fi
+}
+unit=request
+[ -z "$streams" ] || unit=event
+measure() { # name pid url key
+  load warm-up "${3:-}" "${4:-}" > /dev/null 2>&1 # pools, caches
+  threads "$2" > "$data/$1.before"
+  threads "$mock_pid" > "$data/mock.before"
+  load "${seconds}s" "${3:-}" "${4:-}" > "$data/load.out" 2>&1
+  threads "$2" > "$data/$1.after"
+  threads "$mock_pid" > "$data/mock.after"
+  grep -E '^\| *[0-9]|^\| *(http|127)' "$data/load.out" || true
+  n=$(delivered "$data/load.out") || { echo "bench-cpu: the load did not deliver everything:" >&2; cat "$data/load.out" >&2; exit 1; }
+  report "$1" "$data/$1.before" "$data/$1.after" "$n" | tee "$data/$1.report"
+  report "sluice-mock" "$data/mock.before" "$data/mock.after" "$n"
+}
 
 ticks=$(getconf CLK_TCK)
-requests=$((rate * seconds))
-report() { # name before after
-  echo "$1 (per request)"
+report() { # name before after delivered
+  echo "$1 (per $unit)"
   printf '  %-18s %14s %12s\n' thread "switches" "CPU µs"
-  join -1 2 -2 2 "$2" "$3" | awk -v r="$requests" -v hz="$ticks" '
+  join -1 2 -2 2 "$2" "$3" | awk -v r="$4" -v hz="$ticks" '
     { cs = ($6 - $3) / r; us = ($7 - $4) * 1e6 / hz / r; tcs += cs; tus += us
-      printf "  %-18s %14.3f %12.1f\n", $2, cs, us }
-    END { printf "  %-18s %14.3f %12.1f\n", "total", tcs, tus }'
+      printf "  %-18s %14.3f %12.2f\n", $2, cs, us }
+    END { printf "  %-18s %14.3f %12.2f\n", "total", tcs, tus }'
 }
-report "sluice-proxy" "$data/proxy.before" "$data/proxy.after" | tee "$data/proxy.report"
-report "sluice-mock" "$data/mock.before" "$data/mock.after"
-grep -E '^\| *[0-9]' "$data/load.out" || { cat "$data/load.out" >&2; exit 1; }
+measure sluice-proxy "$PROXY_PIDS"
 [ -n "$bare" ] || exit 0
 
 # The floor: the bare proxy in front of the same mock, at the same rate.
-"$bin/examples/bare_proxy" 127.0.0.1:18190 http://127.0.0.1:19090 > "$data/bare.log" 2>&1 &
+"$bin/examples/bare_proxy" 127.0.0.1:18190 "$mock_url" > "$data/bare.log" 2>&1 &
 bare_pid=$!
 bare_url=http://127.0.0.1:18190/v1
 for _ in $(seq 1 100); do
   curl -fsS -o /dev/null "$bare_url/models" 2>/dev/null && break
   sleep 0.1
 done
-load 2s "$bare_url" sk-bench > /dev/null 2>&1
-threads "$bare_pid" > "$data/bare.before"
-threads "$MOCK_PID" > "$data/mock.before"
-load "${seconds}s" "$bare_url" sk-bench > "$data/load.out" 2>&1
-threads "$bare_pid" > "$data/bare.after"
-threads "$MOCK_PID" > "$data/mock.after"
-report "bare_proxy" "$data/bare.before" "$data/bare.after" | tee "$data/bare.report"
-report "sluice-mock" "$data/mock.before" "$data/mock.after"
-grep -E '^\| *[0-9]' "$data/load.out" || { cat "$data/load.out" >&2; exit 1; }
+measure bare_proxy "$bare_pid" "$bare_url" sk-bench
 total() { awk '$1 == "total" {print $3}' "$1"; }
-awk -v s="$(total "$data/proxy.report")" -v b="$(total "$data/bare.report")" \
-  'BEGIN { printf "CPU per request: sluice-proxy %.1f µs, bare_proxy %.1f µs, ratio %.2f\n", s, b, (b > 0 ? s / b : 0) }'
+awk -v s="$(total "$data/sluice-proxy.report")" -v b="$(total "$data/bare_proxy.report")" -v u="$unit" \
+  'BEGIN { printf "CPU per %s: sluice-proxy %.2f µs, bare_proxy %.2f µs, ratio %.2f\n", u, s, b, (b > 0 ? s / b : 0) }'
