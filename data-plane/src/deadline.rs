@@ -11,7 +11,7 @@
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -46,8 +46,10 @@ impl ConnectionDeadline {
 
     /// The socket's side: `true` once the deadline held passed (registering a wake-up for it
     /// otherwise).
-    pub fn poll_expired(&self, timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
-        if self.0.changed.swap(false, Ordering::Acquire) {
+    pub fn poll_expired(&self, timer: &mut Option<Alarm>, cx: &mut Context<'_>) -> bool {
+        // A plain load first: the socket asks at every read and write, and a swap would take
+        // the cache line exclusively each time.
+        if self.0.changed.load(Ordering::Relaxed) && self.0.changed.swap(false, Ordering::Acquire) {
             let at = self
                 .0
                 .state
@@ -56,13 +58,56 @@ impl ConnectionDeadline {
                 .1;
             match (at, timer.as_mut()) {
                 (None, _) => *timer = None,
-                (Some(at), Some(sleep)) => sleep.as_mut().reset(at),
-                (Some(at), None) => *timer = Some(Box::pin(sleep_until(at))),
+                (Some(at), Some(alarm)) => alarm.reset(at),
+                (Some(at), None) => *timer = Some(Alarm::at(at)),
             }
         }
         timer
             .as_mut()
-            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
+            .is_some_and(|alarm| alarm.poll(cx).is_ready())
+    }
+}
+
+/// A tokio [`Sleep`] for a future polled far more often than the sleep can fire (a socket at
+/// every read and write, a stream's relay at every event): the sleep itself is polled only
+/// when its answer could have changed — after it was set, when the task's waker is another,
+/// or once tokio's timer has taken it out of its wheel (it fired) — and otherwise asking costs
+/// an atomic load. Polling the sleep each time cost about 200 instructions (the cooperative
+/// budget, the timer entry's waker exchange), several times per relayed event.
+#[derive(Debug)]
+pub struct Alarm {
+    sleep: Pin<Box<Sleep>>,
+    /// The waker tokio holds for the sleep, once it holds one.
+    waker: Option<Waker>,
+}
+
+impl Alarm {
+    /// An alarm for `deadline`.
+    pub fn at(deadline: Instant) -> Self {
+        Self {
+            sleep: Box::pin(sleep_until(deadline)),
+            waker: None,
+        }
+    }
+
+    /// Moves the alarm to `deadline`.
+    pub fn reset(&mut self, deadline: Instant) {
+        self.sleep.as_mut().reset(deadline);
+        self.waker = None;
+    }
+
+    /// `Ready` once the deadline passed; else `Pending`, and the task is woken when it
+    /// passes.
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(waker) = &self.waker
+            && waker.will_wake(cx.waker())
+            && !self.sleep.is_elapsed()
+        {
+            return Poll::Pending;
+        }
+        let poll = self.sleep.as_mut().poll(cx);
+        self.waker = poll.is_pending().then(|| cx.waker().clone());
+        poll
     }
 }
 
@@ -122,7 +167,7 @@ mod tests {
     async fn expires_at_the_latest_deadline_held_and_not_once_released() {
         let deadline = ConnectionDeadline::default();
         let mut timer = None;
-        let expired = |timer: &mut Option<Pin<Box<Sleep>>>| {
+        let expired = |timer: &mut Option<Alarm>| {
             let waker = futures::task::noop_waker();
             deadline.poll_expired(timer, &mut Context::from_waker(&waker))
         };

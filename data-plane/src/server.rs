@@ -24,7 +24,6 @@ use sluice_listener::{Acceptor, Graceful, Http, Slot};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
-use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
@@ -34,7 +33,7 @@ use crate::backoff::Backoff;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::control::{self, ControlError, NodeIdentity};
-use crate::deadline::{self, ConnectionDeadline};
+use crate::deadline::{self, Alarm, ConnectionDeadline};
 use crate::metrics::{Held, Metrics};
 use crate::proxy::{self, AppState, Limits};
 use crate::snapshot::{Refusal, SnapshotStore};
@@ -442,7 +441,7 @@ struct ShardInbox {
 struct Counted {
     tcp: TcpStream,
     deadline: ConnectionDeadline,
-    timer: Option<Pin<Box<Sleep>>>,
+    timer: Option<Alarm>,
     /// Counts it in `sluice_client_connections{thread}` until it closes.
     _open: Held,
     /// Counts it against `--max-connections` until it closes.

@@ -33,10 +33,15 @@ impl Event {
             out.put_slice(id.as_bytes());
             out.put_u8(b'\n');
         }
-        for line in self.data.split('\n') {
+        // Split with memchr: `str::split` looks for the newline a byte at a time, and the data
+        // of a chunk is one long line.
+        let data = self.data.as_bytes();
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', data).chain([data.len()]) {
             out.put_slice(b"data: ");
-            out.put_slice(line.as_bytes());
+            out.put_slice(&data[start..end]);
             out.put_u8(b'\n');
+            start = end + 1;
         }
         out.put_u8(b'\n');
         out.freeze()
@@ -105,15 +110,20 @@ impl SseParser {
                 chunk = rest;
             }
         }
-        while let Some(end) = chunk.iter().position(|b| *b == b'\n' || *b == b'\r') {
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', chunk) {
             if self.line.len() + end > self.max_bytes {
                 return Err(SseError::LineTooLong(self.max_bytes));
             }
-            self.line.extend_from_slice(&chunk[..end]);
-            let line = std::mem::take(&mut self.line);
-            self.process_line(&line, out)?;
-            self.line = line;
-            self.line.clear();
+            if self.line.is_empty() {
+                // The whole line is in this chunk: read it where it is.
+                self.process_line(&chunk[..end], out)?;
+            } else {
+                self.line.extend_from_slice(&chunk[..end]);
+                let line = std::mem::take(&mut self.line);
+                self.process_line(&line, out)?;
+                self.line = line;
+                self.line.clear();
+            }
             let terminator_cr = chunk[end] == b'\r';
             chunk = &chunk[end + 1..];
             if terminator_cr {
@@ -142,7 +152,12 @@ impl SseParser {
             self.dispatch(out);
             return Ok(());
         }
-        let text = String::from_utf8_lossy(line);
+        // `from_utf8` first: it checks ASCII a word at a time, where the lossy conversion looks
+        // at each byte; both give the same text for valid UTF-8.
+        let text = match std::str::from_utf8(line) {
+            Ok(text) => std::borrow::Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(line),
+        };
         if let Some(comment) = text.strip_prefix(':') {
             out.push(Item::Comment(comment.to_owned()));
             return Ok(());
@@ -240,6 +255,12 @@ mod tests {
     fn an_empty_chunk_between_cr_and_lf_changes_nothing() {
         let split = parse_all(&[b"data: a\r", b"", b"\ndata: b\n\n"]).unwrap();
         assert_eq!(split, parse_all(&[b"data: a\r\ndata: b\n\n"]).unwrap());
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced_not_refused() {
+        let items = parse_all(&[b"data: a\xffb\n", b"data: \xe2\x82\n\n"]).unwrap();
+        assert_eq!(items, [data("a\u{FFFD}b\n\u{FFFD}")]);
     }
 
     #[test]

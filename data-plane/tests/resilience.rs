@@ -26,6 +26,23 @@ fn slow_mock(name: &str, chunks: usize, interval_ms: u64) -> MockServer {
     .unwrap()
 }
 
+/// A snapshot of one primary backend, `primary`, with streams cut after `idle_ms` of silence.
+fn one_primary_with_idle_timeout(primary: &MockServer, idle_ms: u64) -> proto::Snapshot {
+    let mut message = snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    );
+    message.settings.as_mut().unwrap().idle_stream_timeout = Some(
+        sluice_proxy::clock::proto_duration(Duration::from_millis(idle_ms)),
+    );
+    message
+}
+
 fn pair(primary: &MockServer, fallback: &MockServer) -> Vec<proto::SnapshotBackend> {
     vec![
         backend("primary", &primary.base_url(), proto::Pool::Primary, 0),
@@ -320,19 +337,7 @@ async fn a_stream_cut_short_by_its_client_is_charged_what_was_streamed() {
 async fn a_stream_that_goes_silent_ends_with_an_error_event_at_the_idle_timeout() {
     // The first event comes at once, the next 3 s later; the idle timeout is 300 ms.
     let primary = slow_mock("primary", 3, 3000);
-    let mut message = snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    );
-    message.settings.as_mut().unwrap().idle_stream_timeout = Some(
-        sluice_proxy::clock::proto_duration(Duration::from_millis(300)),
-    );
-    let h = Harness::start(message).await;
+    let h = Harness::start(one_primary_with_idle_timeout(&primary, 300)).await;
     let started = std::time::Instant::now();
     let response = h.chat(chat_body(true)).await;
     assert_eq!(response.status(), 200);
@@ -356,6 +361,26 @@ async fn a_stream_that_goes_silent_ends_with_an_error_event_at_the_idle_timeout(
     let record = h.records(1).await.remove(0);
     assert_eq!(record.error_kind, ErrorKind::StreamInterrupted as i32);
     assert_eq!(record.status_code, 200);
+}
+
+#[tokio::test]
+async fn a_stream_that_keeps_speaking_outlives_its_idle_timeout() {
+    // Events 120 ms apart for about 1.5 s, under an idle timeout of 300 ms: the timeout counts
+    // silence since the last event, not time since the stream began.
+    let primary = slow_mock("primary", 10, 120);
+    let h = Harness::start(one_primary_with_idle_timeout(&primary, 300)).await;
+    let started = std::time::Instant::now();
+    let body = h.chat(chat_body(true)).await.text().await.unwrap();
+    assert!(
+        started.elapsed() > Duration::from_millis(900),
+        "the stream took {:?}",
+        started.elapsed()
+    );
+    assert!(!body.contains("stream_interrupted"), "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::Unspecified as i32);
+    assert_eq!(record.completion_tokens, 10);
 }
 
 #[tokio::test]

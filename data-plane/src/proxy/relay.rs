@@ -12,20 +12,23 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::LazyLock;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
 use http_body::{Body, Frame};
+use memchr::memmem::Finder;
 use sluice_proto::v1::ErrorKind;
-use tokio::time::{Instant, Sleep, sleep_until};
+use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::accounting::{Accounting, Tokens};
 use super::usage_figures::usage_of;
 use crate::anthropic::Usage;
 use crate::anthropic::stream::{ChunksFromEvents, EventUsage, EventsFromChunks, Flow};
+use crate::deadline::Alarm;
 use crate::error::error_body;
 use crate::responses::{self, IdRewrite};
 use crate::spool::Written;
@@ -161,8 +164,13 @@ pub(super) struct Relay {
     events: u64,
     idle_timeout: Duration,
     deadline: Instant,
-    /// Fires at the idle timeout or the deadline, whichever comes first.
-    timer: Pin<Box<Sleep>>,
+    /// Fires at the idle timeout or the deadline, whichever comes first. It is moved lazily:
+    /// when it fires early because the upstream spoke since it was set, it is set again to
+    /// `silent_since + idle_timeout` (reset at every event, it was moved in tokio's timer wheel
+    /// for each one).
+    timer: Alarm,
+    /// Since when the upstream has been silent, as far as the timer is concerned.
+    silent_since: Instant,
     /// The timer measures upstream silence only: it restarts when the relay is polled again
     /// after handing out a frame (time the client took to accept it does not count).
     rearm: bool,
@@ -181,6 +189,7 @@ impl Relay {
         deadline: Instant,
         in_flight: TaskTrackerToken,
     ) -> Self {
+        let now = Instant::now();
         let mut relay = Self {
             upstream: Some(upstream),
             parser: SseParser::default(),
@@ -193,7 +202,8 @@ impl Relay {
             events: 0,
             idle_timeout,
             deadline,
-            timer: Box::pin(sleep_until(deadline.min(Instant::now() + idle_timeout))),
+            timer: Alarm::at(deadline.min(now + idle_timeout)),
+            silent_since: now,
             rearm: false,
             _in_flight: in_flight,
         };
@@ -418,16 +428,22 @@ fn is_output_delta(event: &Event) -> bool {
         Some("content_block_delta") => true,
         Some(name) if name.starts_with("response.") => name.ends_with(".delta"),
         Some(_) => false,
-        None => ["\"content\"", "\"text\"", "\"arguments\"", "\"refusal\""]
+        None => OUTPUT_KEYS
             .iter()
             .any(|key| non_empty_string_after(&event.data, key)),
     }
 }
 
+/// The keys of an OpenAI chunk whose non-empty string is output, with their quotes; their
+/// searchers are built once (a `str` search builds its own at every call).
+static OUTPUT_KEYS: LazyLock<[Finder<'static>; 4]> =
+    LazyLock::new(|| ["\"content\"", "\"text\"", "\"arguments\"", "\"refusal\""].map(Finder::new));
+
 /// Whether some `key` in `json` is followed by `:` and a string that is not empty.
-fn non_empty_string_after(json: &str, key: &str) -> bool {
-    json.match_indices(key).any(|(at, key)| {
-        json[at + key.len()..]
+fn non_empty_string_after(json: &str, key: &Finder<'_>) -> bool {
+    key.find_iter(json.as_bytes()).any(|at| {
+        // `at` and the end of the key are at a `"`, so on character boundaries.
+        json[at + key.needle().len()..]
             .trim_start()
             .strip_prefix(':')
             .and_then(|value| value.trim_start().strip_prefix('"'))
@@ -471,8 +487,7 @@ impl Body for Relay {
                 return Poll::Ready(None);
             };
             if std::mem::take(&mut this.rearm) {
-                let until = this.deadline.min(Instant::now() + this.idle_timeout);
-                this.timer.as_mut().reset(until);
+                this.silent_since = Instant::now();
             }
             match Pin::new(upstream).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -501,7 +516,12 @@ impl Body for Relay {
                 }
                 Poll::Pending => {}
             }
-            ready!(this.timer.as_mut().poll(cx));
+            ready!(this.timer.poll(cx));
+            let due = this.deadline.min(this.silent_since + this.idle_timeout);
+            if Instant::now() < due {
+                this.timer.reset(due);
+                continue;
+            }
             if Instant::now() >= this.deadline {
                 this.interrupt("the request deadline passed");
             } else {
