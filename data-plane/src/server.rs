@@ -631,7 +631,7 @@ fn hold_deadline(
         .headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|t| t.as_bytes() == b"text/event-stream");
-    let Some(snapshot) = store.load().filter(|_| stream) else {
+    let Some(snapshot) = stream.then(|| store.load()).flatten() else {
         return response;
     };
     let held = deadline.hold(arrived + snapshot.policy.request_timeout + deadline::GRACE);

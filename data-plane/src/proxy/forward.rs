@@ -307,6 +307,7 @@ pub(super) async fn forward_call(
         let outcome = attempt(
             snapshot.upstream(app.pool),
             &app.sleeps,
+            sent,
             backend,
             call.passed.map_or(&[][..], |p| &p.headers),
             method,
@@ -502,10 +503,13 @@ async fn fail(
     }
 }
 
+/// One call to `backend`, `sent` being when it started (its first byte's deadline counts
+/// from then).
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     client: &UpstreamClient,
     sleeps: &KeptSleeps,
+    sent: Instant,
     backend: &Backend,
     passed: &[(HeaderName, HeaderValue)],
     method: Method,
@@ -536,7 +540,7 @@ async fn attempt(
             headers.insert(name.clone(), value.clone());
         }
     }
-    let first_byte = deadline.min(Instant::now() + policy.first_byte_timeout);
+    let first_byte = deadline.min(sent + policy.first_byte_timeout);
     // A connect timeout is a connect error (the connector's own limit); only our deadlines
     // make a timeout.
     let sent = client.send(request, backend.host());
