@@ -22,7 +22,18 @@ pub struct Event {
 impl Event {
     /// The event in wire form, ending with the blank line that dispatches it.
     pub fn to_bytes(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(self.data.len() + 16);
+        let mut out = BytesMut::new();
+        self.write_to(&mut out);
+        out.freeze()
+    }
+
+    /// Appends the event in wire form to `out` (see [`Self::to_bytes`]). A writer that keeps
+    /// `out` and splits each event off it reuses one allocation for event after event, once
+    /// the earlier ones are sent and dropped.
+    pub fn write_to(&self, out: &mut BytesMut) {
+        let name = self.event.as_ref().map_or(0, |event| event.len() + 8);
+        let id = self.id.as_ref().map_or(0, |id| id.len() + 5);
+        out.reserve(name + id + self.data.len() + 16);
         if let Some(event) = &self.event {
             out.put_slice(b"event: ");
             out.put_slice(event.as_bytes());
@@ -44,7 +55,6 @@ impl Event {
             start = end + 1;
         }
         out.put_u8(b'\n');
-        out.freeze()
     }
 }
 
@@ -139,6 +149,15 @@ impl SseParser {
         }
         self.line.extend_from_slice(chunk);
         Ok(())
+    }
+
+    /// Gives back the data of an event this parser dispatched, once read, for the next event
+    /// to fill instead of a new allocation.
+    pub fn recycle(&mut self, mut data: String) {
+        if self.data.capacity() == 0 {
+            data.clear();
+            self.data = data;
+        }
     }
 
     /// Whether bytes of an unfinished event are buffered (the stream ended mid-event if this
@@ -261,6 +280,56 @@ mod tests {
     fn invalid_utf8_is_replaced_not_refused() {
         let items = parse_all(&[b"data: a\xffb\n", b"data: \xe2\x82\n\n"]).unwrap();
         assert_eq!(items, [data("a\u{FFFD}b\n\u{FFFD}")]);
+    }
+
+    #[test]
+    fn recycled_data_never_mixes_into_an_event_under_way() {
+        let mut parser = SseParser::default();
+        let mut out = Vec::new();
+        parser.push(b"data: first\n\ndata: sec", &mut out).unwrap();
+        parser.push(b"ond\n", &mut out).unwrap();
+        let Some(Item::Event(first)) = out.pop() else {
+            panic!("one event")
+        };
+        // The next event's data is under way: what comes back must not replace it.
+        parser.recycle(first.data);
+        parser.push(b"\ndata: third\n\n", &mut out).unwrap();
+        let mut given_back = String::with_capacity(64);
+        given_back.push_str("stale");
+        parser.recycle(given_back);
+        parser.push(b"data: fourth\n\n", &mut out).unwrap();
+        assert_eq!(out, [data("second"), data("third"), data("fourth")]);
+    }
+
+    #[test]
+    fn frames_split_off_one_buffer_keep_their_own_bytes() {
+        let events = [
+            Event {
+                event: Some("delta".into()),
+                data: "{\"a\":1}".into(),
+                id: Some("9".into()),
+            },
+            Event {
+                data: "one\ntwo".into(),
+                ..Event::default()
+            },
+            Event {
+                data: "x".repeat(5000),
+                ..Event::default()
+            },
+        ];
+        let mut wire = BytesMut::new();
+        let frames: Vec<Bytes> = events
+            .iter()
+            .map(|event| {
+                event.write_to(&mut wire);
+                wire.split().freeze()
+            })
+            .collect();
+        for (event, frame) in events.iter().zip(&frames) {
+            assert_eq!(*frame, event.to_bytes());
+            assert_eq!(parse_all(&[frame]).unwrap(), [Item::Event(event.clone())]);
+        }
     }
 
     #[test]

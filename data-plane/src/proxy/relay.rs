@@ -16,7 +16,7 @@ use std::sync::LazyLock;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::StatusCode;
 use http_body::{Body, Frame};
 use memchr::memmem::Finder;
@@ -159,6 +159,9 @@ pub(super) struct Relay {
     mode: Mode,
     /// A translation's output for one event.
     frames: Vec<Bytes>,
+    /// Where events passed on are written in wire form, each split off as its frame: one
+    /// allocation serves event after event once hyper has sent and dropped the earlier ones.
+    wire: BytesMut,
     /// Events relayed so far (the Responses API numbers its events; an error event Sluice
     /// adds takes the next number).
     events: u64,
@@ -199,6 +202,7 @@ impl Relay {
             last: None,
             mode,
             frames: Vec::new(),
+            wire: BytesMut::new(),
             events: 0,
             idle_timeout,
             deadline,
@@ -231,7 +235,9 @@ impl Relay {
                     }
                 }
                 Item::Event(event) if matches!(self.mode, Mode::Messages { .. }) => {
-                    if self.take_messages_event(&event) {
+                    let end = self.take_messages_event(&event);
+                    self.parser.recycle(event.data);
+                    if end {
                         break;
                     }
                 }
@@ -258,10 +264,13 @@ impl Relay {
                             acct.tokens(tokens);
                         }
                         if usage_only && !forward_usage {
+                            self.parser.recycle(event.data);
                             continue;
                         }
                     }
-                    self.ready.push_back((event.to_bytes(), Then::Continue));
+                    let frame = wire_frame(&mut self.wire, &event);
+                    self.ready.push_back((frame, Then::Continue));
+                    self.parser.recycle(event.data);
                 }
             }
         }
@@ -358,7 +367,8 @@ impl Relay {
             Flow::Done => Then::Finish(ErrorKind::Unspecified),
             Flow::Failed => Then::Finish(ErrorKind::StreamInterrupted),
         };
-        self.ready.push_back((event.to_bytes(), then));
+        let frame = wire_frame(&mut self.wire, event);
+        self.ready.push_back((frame, then));
         if then == Then::Continue {
             return false;
         }
@@ -417,6 +427,12 @@ impl Relay {
             });
         }
     }
+}
+
+/// `event` in wire form, as a frame split off `wire`.
+fn wire_frame(wire: &mut BytesMut, event: &Event) -> Bytes {
+    event.write_to(wire);
+    wire.split().freeze()
 }
 
 /// Whether an upstream event carries output, at least one completion token: Anthropic's
