@@ -1,5 +1,8 @@
-//! The HTTP client for upstream providers: one hyper-util pooled client for every call,
-//! direct or through the egress proxy the environment names.
+//! The HTTP client for upstream providers. Plain `http://` upstreams reached directly go over
+//! the serving thread's own keep-alive HTTP/1 connections ([`pool`], which says why); every
+//! other call (`https://`, which may speak HTTP/2, and whatever an egress proxy intercepts)
+//! goes through one hyper-util pooled client, direct or through the egress proxy the
+//! environment names.
 //!
 //! It is hyper-util's client with a rustls connector rather than reqwest, because this is the
 //! hot path and needs none of reqwest's extras: every request reqwest sends is parsed from a
@@ -38,6 +41,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use tokio::net::TcpStream;
 
+mod pool;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The environment variables that name an egress proxy (the proxy matcher reads the same).
@@ -50,11 +55,15 @@ const PROXY_VARIABLES: [&str; 6] = [
     "all_proxy",
 ];
 
-/// Pooled keep-alive connections to every backend; HTTP/2 when a TLS server offers it through
-/// ALPN. It never follows redirects (a provider redirect would leak the key to another host).
+/// Pooled keep-alive connections to every backend: HTTP/1 connections kept per serving thread
+/// for plain `http://` ones reached directly, hyper-util's pool for the others (HTTP/2 when a
+/// TLS server offers it through ALPN). It never follows redirects (a provider redirect would
+/// leak the key to another host).
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
     client: Client<UpstreamConnector, Full<Bytes>>,
+    /// What [`pool`] connects with: plain `http://` upstreams reached directly.
+    http: HttpConnector,
     /// Set when the environment names an egress proxy.
     egress: Option<Arc<Egress>>,
 }
@@ -104,7 +113,7 @@ impl UpstreamClient {
             None => None,
         };
         let connector = UpstreamConnector {
-            direct: HttpsConnector::from((http, upstream_tls)),
+            direct: HttpsConnector::from((http.clone(), upstream_tls)),
             egress: egress.clone(),
         };
         let client = Client::builder(TokioExecutor::new())
@@ -112,7 +121,11 @@ impl UpstreamClient {
             .pool_max_idle_per_host(1024)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Ok(Self { client, egress })
+        Ok(Self {
+            client,
+            http,
+            egress,
+        })
     }
 
     /// Sends `request` and returns the answer once its head has arrived. `host` is the
@@ -122,15 +135,30 @@ impl UpstreamClient {
         mut request: Request<Bytes>,
         host: Option<&HeaderValue>,
     ) -> Result<Response<UpstreamBody>, BoxError> {
-        if let Some(egress) = &self.egress {
-            egress.authorize_forwarded(&mut request);
-        }
+        let forwarded = match &self.egress {
+            Some(egress) => egress.authorize_forwarded(&mut request),
+            None => false,
+        };
+        let pooled_here = !forwarded && request.uri().scheme() == Some(&Scheme::HTTP);
+        let made;
+        let host = match host {
+            Some(host) => Some(host),
+            // This thread's pool sets no `Host` of its own.
+            None if pooled_here => {
+                made = host_header(request.uri()).ok_or("upstream URI without a valid host")?;
+                Some(&made)
+            }
+            None => None,
+        };
         if let Some(host) = host {
             // Where hyper-util would add it: last.
             request
                 .headers_mut()
                 .entry(header::HOST)
                 .or_insert_with(|| host.clone());
+        }
+        if pooled_here {
+            return pool::send(&self.http, request.map(Full::new)).await;
         }
         Ok(self.client.request(request.map(Full::new)).await?)
     }
@@ -182,19 +210,20 @@ impl std::fmt::Debug for Egress {
 impl Egress {
     /// A request to an `http://` upstream goes to the proxy in absolute form, carrying the
     /// proxy's credentials itself (an `https://` one carries them on its tunnel's `CONNECT`).
-    fn authorize_forwarded(&self, request: &mut Request<Bytes>) {
+    /// Whether the request is such a forwarded one.
+    fn authorize_forwarded(&self, request: &mut Request<Bytes>) -> bool {
         if request.uri().scheme() != Some(&Scheme::HTTP) {
-            return;
+            return false;
         }
-        if let Some(auth) = self
-            .matcher
-            .intercept(request.uri())
-            .and_then(|proxy| proxy.basic_auth().cloned())
-        {
+        let Some(proxy) = self.matcher.intercept(request.uri()) else {
+            return false;
+        };
+        if let Some(auth) = proxy.basic_auth() {
             request
                 .headers_mut()
-                .insert(header::PROXY_AUTHORIZATION, auth);
+                .insert(header::PROXY_AUTHORIZATION, auth.clone());
         }
+        true
     }
 
     /// A connection to the proxy itself (TLS when its URL is `https://`).
@@ -457,6 +486,209 @@ mod tests {
             );
             assert!(made.contains("host: 127.0.0.1:"), "{made}");
         }
+    }
+
+    /// The request head the old path wrote: hyper-util's pooled client, connecting directly.
+    async fn head_hyper_util_sent(path: &str) -> String {
+        let (server, head) = one_shot_server(OK).await;
+        let uri: Uri = format!("http://{server}{path}").parse().unwrap();
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let mut request = Request::post(uri)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let headers = request.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-up"),
+        );
+        let response = client.request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        head.await.unwrap()
+    }
+
+    /// `head` with the server's port (in `Host`) replaced by `PORT`.
+    fn without_port(head: &str) -> String {
+        let at = head.find("host: 127.0.0.1:").unwrap() + "host: 127.0.0.1:".len();
+        let port = head[at..].split("\r\n").next().unwrap();
+        head.replace(port, "PORT")
+    }
+
+    #[tokio::test]
+    async fn the_threads_pool_writes_the_head_hyper_util_wrote() {
+        for path in ["/v1/chat/completions", "/v1/messages?beta=true", "/"] {
+            let old = without_port(&head_hyper_util_sent(path).await);
+            let new = without_port(&head_sent(path, true).await);
+            assert_eq!(old, new);
+            assert!(
+                new.starts_with(&format!("POST {path} HTTP/1.1\r\n")),
+                "{new}"
+            );
+        }
+    }
+
+    /// An HTTP/1 server answering every request `{}` after `delay`, keeping connections
+    /// open, with the number of connections it accepted.
+    async fn counting_server(
+        delay: Duration,
+    ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use hyper::service::service_fn;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let service = service_fn(move |request: Request<Incoming>| async move {
+                    request.into_body().collect().await?;
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(socket), service),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// A POST to `http://{server}/v1/chat/completions` through `client`, its answer read to
+    /// the end.
+    async fn call(client: &UpstreamClient, server: std::net::SocketAddr) -> Result<(), BoxError> {
+        let uri: Uri = format!("http://{server}/v1/chat/completions")
+            .parse()
+            .unwrap();
+        let host = host_header(&uri);
+        let mut request = Request::post(uri).body(Bytes::from_static(b"{}")).unwrap();
+        request.headers_mut().insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-secret-key"),
+        );
+        let response = client.send(request, host.as_ref()).await?;
+        assert_eq!(response.status(), 200);
+        assert_eq!(&response.into_body().collect().await?.to_bytes()[..], b"{}");
+        Ok(())
+    }
+
+    fn direct_client() -> UpstreamClient {
+        UpstreamClient::with_proxies(Duration::from_secs(5), None).unwrap()
+    }
+
+    fn accepted(count: &std::sync::atomic::AtomicUsize) -> usize {
+        count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_reuse_one_connection() {
+        let (server, accepts) = counting_server(Duration::ZERO).await;
+        let client = direct_client();
+        for _ in 0..5 {
+            call(&client, server).await.unwrap();
+        }
+        assert_eq!(accepted(&accepts), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_each_get_a_connection_then_reuse_them() {
+        let (server, accepts) = counting_server(Duration::from_millis(100)).await;
+        let client = direct_client();
+        let four = || futures::future::join_all((0..4).map(|_| call(&client, server)));
+        for answered in four().await {
+            answered.unwrap();
+        }
+        assert_eq!(accepted(&accepts), 4);
+        for answered in four().await {
+            answered.unwrap();
+        }
+        call(&client, server).await.unwrap();
+        assert_eq!(accepted(&accepts), 4);
+    }
+
+    /// A server on a thread of its own that answers one request per connection, keep-alive
+    /// (no `connection: close`), then writes a byte to `trigger` and only after that closes
+    /// the connection; with the number of connections it accepted.
+    fn closing_server(
+        trigger: std::net::TcpStream,
+    ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&accepted);
+        std::thread::spawn(move || {
+            let mut trigger = trigger;
+            for socket in listener.incoming() {
+                let mut socket = socket.unwrap();
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // The head, then the two bytes of the body.
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !(request.windows(4).any(|w| w == b"\r\n\r\n") && request.ends_with(b"{}")) {
+                    let n = socket.read(&mut buf).unwrap();
+                    assert!(n > 0, "the client closed first");
+                    request.extend_from_slice(&buf[..n]);
+                }
+                socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+                let _ = trigger.write_all(b"!");
+                std::thread::sleep(Duration::from_millis(50));
+                drop(socket);
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_connection_the_upstream_closed_goes_on_a_new_one() {
+        let triggers = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut trigger = tokio::net::TcpStream::connect(triggers.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, accepts) = closing_server(triggers.accept().unwrap().0);
+        let client = direct_client();
+        call(&client, server).await.unwrap();
+        // This (current-thread) runtime blocked until the trigger came and then the close:
+        // its next look at its sockets finds both, and wakes this task before the kept
+        // connection's, which has not seen the close when the next request is given to it.
+        // hyper gives the request back unsent.
+        std::thread::sleep(Duration::from_millis(400));
+        trigger.read_exact(&mut [0u8; 1]).await.unwrap();
+        call(&client, server).await.unwrap();
+        assert_eq!(accepted(&accepts), 2);
+        // With the runtime running, the close is seen and the connection left out.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        call(&client, server).await.unwrap();
+        assert_eq!(accepted(&accepts), 3);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_readable_error_without_the_request() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap();
+        drop(listener);
+        let e = call(&direct_client(), server).await.unwrap_err();
+        let mut chain = e.to_string();
+        let mut source = e.source();
+        while let Some(cause) = source {
+            chain.push_str(": ");
+            chain.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        assert!(chain.contains("refused"), "{chain}");
+        let debug = format!("{e:?}");
+        assert!(
+            !chain.contains("sk-secret") && !debug.contains("sk-secret"),
+            "{debug}"
+        );
     }
 
     /// The request head a server received, lower-cased, checked for each of `lines`.

@@ -1,0 +1,180 @@
+//! Keep-alive HTTP/1 connections to plain `http://` upstreams reached directly, kept by each
+//! serving thread per backend authority: hyper's own `client::conn::http1::SendRequest`
+//! handles in a thread-local list, in place of hyper-util's legacy pool for those calls.
+//!
+//! Why: hyper-util's pool cost about 5,500 instructions a proxied request (callgrind,
+//! 2026-12-03: `Checkout::poll` 3,490, `Pooled::drop` with `PoolInner::put` 1,630, `Extra::set`
+//! 410), 2,100 of them SipHash over its `(Scheme, Authority)` key (`Authority` hashes a
+//! lowercased byte at a time), and it spawned a task for each HTTP/1 request to put the
+//! connection back once the answer's body had been read. The data plane runs one
+//! current-thread runtime per core, and a connection is only ever used by the thread whose
+//! runtime drives it, so a thread can keep its connections in a plain list without locks,
+//! shared state or background tasks.
+//!
+//! What it does, as hyper-util's pool did for these calls:
+//! - connects with the client's [`HttpConnector`] (the same TCP settings and connect timeout)
+//!   and spawns the connection's task (one per connection, none per request);
+//! - writes the request in origin form (`/path?query`); the caller has set `Host`;
+//! - keeps every connection it made (up to [`KEPT_PER_BACKEND`] per thread and backend) and
+//!   sends a request on one only when hyper says it is ready for the next (the previous
+//!   answer read to its end); a connection closed by either side is dropped from the list,
+//!   and one whose last request was sent more than [`IDLE_TIMEOUT`] ago is not used again;
+//! - when a reused connection turns out closed before any byte of the request was written
+//!   (hyper gives the request back), sends it once more on a new connection. A new
+//!   connection's failure is the caller's.
+//!
+//! What it does not: there is no timer of its own. Lists are looked through when their
+//! backend is called (one entry more at each call, round the list, besides the search for a
+//! ready one), so the idle connections of a backend that is no longer called stay open until
+//! the upstream closes them.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::TrySendError;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower_service::Service as _;
+
+use super::BoxError;
+
+/// A connection whose last request was sent longer ago than this is not used again
+/// (hyper-util's pool idle timeout, as the client was configured).
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Connections a thread keeps per backend; one made past this serves its request and closes.
+pub(super) const KEPT_PER_BACKEND: usize = 1024;
+
+type Sender = SendRequest<Full<Bytes>>;
+
+type Answer = Result<Response<Incoming>, TrySendError<Request<Full<Bytes>>>>;
+
+thread_local! {
+    /// This thread's connections, by the authority (`host:port`) of their backend's URI.
+    static KEPT: RefCell<foldhash::HashMap<Box<str>, Kept>> = RefCell::default();
+}
+
+/// The connections a thread keeps to one backend: those in use and those idle.
+#[derive(Default)]
+struct Kept {
+    connections: Vec<Connection>,
+    /// The entry the next call looks at for closed or expired connections.
+    sweep: usize,
+}
+
+struct Connection {
+    sender: Sender,
+    /// When its last request was sent.
+    used: Instant,
+}
+
+impl Connection {
+    fn expired(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.used) > IDLE_TIMEOUT
+    }
+
+    /// Closed, or idle for too long: never to be used again.
+    fn spent(&self, now: Instant) -> bool {
+        self.sender.is_closed() || (self.sender.is_ready() && self.expired(now))
+    }
+}
+
+impl Kept {
+    /// Sends `request` on a connection that is ready for it, or gives the request back.
+    fn send(
+        &mut self,
+        request: Request<Full<Bytes>>,
+        now: Instant,
+    ) -> Result<impl Future<Output = Answer> + use<>, Request<Full<Bytes>>> {
+        self.sweep_one(now);
+        // The newest first: under a steady load the same few stay in use and the others
+        // expire.
+        let mut at = self.connections.len();
+        while at > 0 {
+            at -= 1;
+            let connection = &mut self.connections[at];
+            if connection.sender.is_ready() && !connection.expired(now) {
+                connection.used = now;
+                return Ok(connection.sender.try_send_request(request));
+            }
+            if connection.spent(now) {
+                self.connections.swap_remove(at);
+            }
+        }
+        Err(request)
+    }
+
+    /// Drops the entry at the sweep position if it is spent, and moves the position on.
+    fn sweep_one(&mut self, now: Instant) {
+        if self.sweep >= self.connections.len() {
+            self.sweep = 0;
+        }
+        if let Some(connection) = self.connections.get(self.sweep) {
+            if connection.spent(now) {
+                self.connections.swap_remove(self.sweep);
+            } else {
+                self.sweep += 1;
+            }
+        }
+    }
+}
+
+/// Sends `request` (absolute URI, `Host` set) to its `http://` upstream over a connection of
+/// this thread's, a new one when none is ready, and returns the answer once its head arrived.
+pub(super) async fn send(
+    connector: &HttpConnector,
+    mut request: Request<Full<Bytes>>,
+) -> Result<Response<Incoming>, BoxError> {
+    let uri = std::mem::take(request.uri_mut());
+    let authority = uri
+        .authority()
+        .ok_or("upstream URI without a host")?
+        .as_str();
+    *request.uri_mut() = origin_form(&uri);
+    let now = Instant::now();
+    let on_kept = KEPT.with_borrow_mut(|kept| match kept.get_mut(authority) {
+        Some(kept) => kept.send(request, now),
+        None => Err(request),
+    });
+    let request = match on_kept {
+        Err(request) => request,
+        Ok(answer) => match answer.await {
+            Ok(response) => return Ok(response),
+            // Closed before the request was written: it can go on a new connection.
+            Err(mut e) => match e.take_message() {
+                Some(request) => request,
+                None => return Err(e.into_error().into()),
+            },
+        },
+    };
+    let io = connector.clone().call(uri.clone()).await?;
+    let (mut sender, connection) = http1::handshake(io).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "upstream connection failed");
+        }
+    });
+    let answer = sender.try_send_request(request);
+    KEPT.with_borrow_mut(|kept| {
+        // A new connection is rare enough to pay for the key's allocation.
+        let kept = kept.entry(authority.into()).or_default();
+        if kept.connections.len() < KEPT_PER_BACKEND {
+            kept.connections.push(Connection { sender, used: now });
+        }
+    });
+    answer.await.map_err(|e| e.into_error().into())
+}
+
+/// `uri`'s path and query alone, as hyper-util's client writes them for HTTP/1 (`/` when
+/// there is no path).
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(path) if path.as_str() != "/" => Uri::from(path.clone()),
+        _ => Uri::default(),
+    }
+}
