@@ -27,6 +27,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::TryFutureExt as _;
+use futures::future::Either;
 use http::uri::Scheme;
 use http::{HeaderValue, Request, Response, Uri, header};
 use http_body_util::{BodyExt, Full};
@@ -130,26 +132,26 @@ impl UpstreamClient {
 
     /// Sends `request` and returns the answer once its head has arrived. `host` is the
     /// request's [`host_header`], if it was made ahead.
-    pub async fn send(
-        &self,
+    ///
+    /// Not an `async fn`: what can be done at once is done before the future is made, so the
+    /// future holds neither the request nor the parts of it sent already (it is part of
+    /// every request's future, moved with it).
+    pub fn send<'a>(
+        &'a self,
         mut request: Request<Bytes>,
         host: Option<&HeaderValue>,
-    ) -> Result<Response<UpstreamBody>, BoxError> {
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, BoxError>> + Send + use<'a> {
         let forwarded = match &self.egress {
             Some(egress) => egress.authorize_forwarded(&mut request),
             None => false,
         };
-        let pooled_here = !forwarded && request.uri().scheme() == Some(&Scheme::HTTP);
-        let made;
-        let host = match host {
-            Some(host) => Some(host),
-            // This thread's pool sets no `Host` of its own.
-            None if pooled_here => {
-                made = host_header(request.uri()).ok_or("upstream URI without a valid host")?;
-                Some(&made)
-            }
-            None => None,
+        let direct_http = !forwarded && request.uri().scheme() == Some(&Scheme::HTTP);
+        // This thread's pool writes no `Host` of its own.
+        let made = match host {
+            None if direct_http => host_header(request.uri()),
+            _ => None,
         };
+        let host = host.or(made.as_ref());
         if let Some(host) = host {
             // Where hyper-util would add it: last.
             request
@@ -157,17 +159,20 @@ impl UpstreamClient {
                 .entry(header::HOST)
                 .or_insert_with(|| host.clone());
         }
-        if pooled_here {
-            return pool::send(&self.http, request.map(Full::new)).await;
+        let request = request.map(Full::new);
+        if direct_http && host.is_some() {
+            Either::Left(pool::send(&self.http, request))
+        } else {
+            Either::Right(self.client.request(request).err_into())
         }
-        Ok(self.client.request(request.map(Full::new)).await?)
     }
 }
 
 /// The `Host` header hyper-util's client writes into an HTTP/1 request to `uri` (`host`, or
 /// `host:port` when the port is not the scheme's default), for a plain `http://` upstream:
 /// made once per backend and passed to [`UpstreamClient::send`], it saves formatting and
-/// allocating it at each request (about 900 instructions). Not for `https://`: such a
+/// allocating it at each request (about 900 instructions); the thread's [`pool`] writes no
+/// `Host` of its own, so `send` makes it when none was made ahead. Not for `https://`: such a
 /// connection may speak HTTP/2, which carries the authority instead, and only the client knows
 /// which connection a request gets.
 pub fn host_header(uri: &Uri) -> Option<HeaderValue> {
