@@ -92,13 +92,23 @@ impl Connection {
     }
 }
 
+/// What became of a request offered to the kept connections.
+// Clippy sees `F` as empty; hyper's answer future holds a request too (about 270 bytes).
+#[allow(clippy::large_enum_variant)]
+enum OnKept<F> {
+    /// Sent on one: the answer to come.
+    Sent(F),
+    /// None was ready: the request, given back.
+    NoneReady(Request<Full<Bytes>>),
+}
+
 impl Kept {
     /// Sends `request` on a connection that is ready for it, or gives the request back.
     fn send(
         &mut self,
         request: Request<Full<Bytes>>,
         now: Instant,
-    ) -> Result<impl Future<Output = Answer> + use<>, Request<Full<Bytes>>> {
+    ) -> OnKept<impl Future<Output = Answer> + use<>> {
         self.sweep_one(now);
         // The newest first: under a steady load the same few stay in use and the others
         // expire.
@@ -108,13 +118,13 @@ impl Kept {
             let connection = &mut self.connections[at];
             if connection.sender.is_ready() && !connection.expired(now) {
                 connection.used = now;
-                return Ok(connection.sender.try_send_request(request));
+                return OnKept::Sent(connection.sender.try_send_request(request));
             }
             if connection.spent(now) {
                 self.connections.swap_remove(at);
             }
         }
-        Err(request)
+        OnKept::NoneReady(request)
     }
 
     /// Drops the entry at the sweep position if it is spent, and moves the position on.
@@ -148,12 +158,12 @@ pub(super) fn send(
     let now = Instant::now();
     let on_kept = KEPT.with_borrow_mut(|kept| match kept.get_mut(authority(&uri)) {
         Some(kept) => kept.send(request, now),
-        None => Err(request),
+        None => OnKept::NoneReady(request),
     });
     // Combinators rather than an `async` block, which would keep a second copy of the kept
     // connection's answer (about 270 bytes) beside the one it awaits.
     match on_kept {
-        Ok(answer) => Either::Left(answer.then(move |answer| match answer {
+        OnKept::Sent(answer) => Either::Left(answer.then(move |answer| match answer {
             Ok(response) => Either::Left(ready(Ok(response))),
             // Closed before the request was written: it can go on a new connection.
             Err(mut e) => match e.take_message() {
@@ -163,7 +173,9 @@ pub(super) fn send(
                 None => Either::Left(ready(Err(e.into_error().into()))),
             },
         })),
-        Err(request) => Either::Right(Box::pin(connect_and_send(connector, uri, request, now))),
+        OnKept::NoneReady(request) => {
+            Either::Right(Box::pin(connect_and_send(connector, uri, request, now)))
+        }
     }
 }
 
