@@ -9,7 +9,7 @@
 //! connection back once the answer's body had been read. The data plane runs one
 //! current-thread runtime per core, and a connection is only ever used by the thread whose
 //! runtime drives it, so a thread can keep its connections in a plain list without locks,
-//! shared state or background tasks. Measured with it: 83,570 → 73,690 instructions a
+//! shared state or background tasks. Measured with it: 83,690 → 73,670 instructions a
 //! request (`./e2e/bench-callgrind.sh`, docs/benchmarks.md), more than the pool's own cost
 //! because the task per request, its wake-ups and allocations went too.
 //!
