@@ -133,9 +133,9 @@ impl UpstreamClient {
     /// Sends `request` and returns the answer once its head has arrived. `host` is the
     /// request's [`host_header`], if it was made ahead.
     ///
-    /// Not an `async fn`: what can be done at once is done before the future is made, so the
-    /// future holds neither the request nor the parts of it sent already (it is part of
-    /// every request's future, moved with it).
+    /// Not an `async fn`: the checks and the pool's look for a kept connection are done
+    /// before the future is made, so the future (part of every request's future, moved with
+    /// it) holds only what is still to come, not the request besides.
     pub fn send<'a>(
         &'a self,
         mut request: Request<Bytes>,
