@@ -546,7 +546,7 @@ async fn attempt(
     let sent = client.send(request, backend.host());
     let upstream = match within(sleeps, || first_byte, sent).await {
         Err(_) => return Err(Failure::Timeout),
-        Ok(Err(e)) => return Err(Failure::Connect(error_chain(&*e))),
+        Ok(Err(e)) => return Err(Failure::Connect(upstream::error_chain(&*e))),
         Ok(Ok(response)) => response,
     };
     let (head, mut upstream) = upstream.into_parts();
@@ -580,7 +580,7 @@ async fn attempt(
         // take over.
         let first = match within(sleeps, || first_byte, upstream::next_chunk(&mut upstream)).await {
             Err(_) => return Err(Failure::Timeout),
-            Ok(Err(e)) => return Err(Failure::Connect(error_chain(&*e))),
+            Ok(Err(e)) => return Err(Failure::Connect(upstream::error_chain(&*e))),
             Ok(Ok(chunk)) => chunk.unwrap_or_default(),
         };
         return Ok(Answer::Stream {
@@ -621,7 +621,7 @@ async fn read_body(
         let until = || deadline.min(Instant::now() + idle);
         match within(sleeps, until, upstream::next_chunk(&mut upstream)).await {
             Err(_) => return Err(Failure::Timeout),
-            Ok(Err(e)) => return Err(Failure::Invalid(error_chain(&*e))),
+            Ok(Err(e)) => return Err(Failure::Invalid(upstream::error_chain(&*e))),
             Ok(Ok(None)) => return Ok(collected.into_bytes()),
             Ok(Ok(Some(chunk))) => {
                 if collected.len() + chunk.len() > max {
@@ -631,18 +631,6 @@ async fn read_body(
             }
         }
     }
-}
-
-/// The error and its causes, for logs (hyper's top-level message alone is vague).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 async fn deliver(
