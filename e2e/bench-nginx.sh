@@ -43,6 +43,11 @@ sluice_hyper() {
   start_gateway 18080 15051 18081 19090
   "$bin/examples/bare_proxy" "127.0.0.1:18190" "http://127.0.0.1:19090" "$hyper" > "$data/bare.log" 2>&1 &
   bare=$!
+  # The load starts by asking both for their models: wait until the bare proxy listens.
+  for _ in $(seq 1 100); do
+    curl -fsS -o /dev/null http://127.0.0.1:18190/v1/models 2>/dev/null && break
+    sleep 0.1
+  done
   echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "Sluice: http://127.0.0.1:18080/v1; bare proxy (the baseline): http://127.0.0.1:18190/v1"
   local common=(--url http://127.0.0.1:18080/v1 --key "$key" --model gpt-4o-mini
