@@ -619,8 +619,8 @@ mod tests {
     }
 
     /// A server on a thread of its own that answers one request per connection, keep-alive
-    /// (no `connection: close`), then writes a byte to `trigger` and only after that closes
-    /// the connection; with the number of connections it accepted.
+    /// (no `connection: close`), waits 100 ms, closes the connection and only then writes a
+    /// byte to `trigger`; with the number of connections it accepted.
     fn closing_server(
         trigger: std::net::TcpStream,
     ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
@@ -658,23 +658,27 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_on_a_connection_the_upstream_closed_goes_on_a_new_one() {
+        use std::io::Read as _;
         let triggers = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut trigger = tokio::net::TcpStream::connect(triggers.local_addr().unwrap())
-            .await
-            .unwrap();
+        let mut trigger = std::net::TcpStream::connect(triggers.local_addr().unwrap()).unwrap();
         let (server, accepts) = closing_server(triggers.accept().unwrap().0);
         let client = direct_client();
         call(&client, server).await.unwrap();
-        // This (current-thread) runtime blocked until the close and then the trigger came:
-        // its next look at its sockets finds both, and polls this task (the one it blocks on)
-        // before the kept connection's, which has not seen the close when the next request
-        // is given to it. hyper gives the request back unsent.
-        std::thread::sleep(Duration::from_millis(400));
-        trigger.read_exact(&mut [0u8; 1]).await.unwrap();
+        // This (current-thread) runtime blocked until the trigger, which the server writes
+        // after closing; then one look at its sockets (the yield) finds the close, and this
+        // task (the one it blocks on) is polled before the kept connection's, which has not
+        // read the close when the next request is given to it. hyper gives the request back
+        // unsent.
+        trigger.read_exact(&mut [0u8; 1]).unwrap();
+        tokio::task::yield_now().await;
         call(&client, server).await.unwrap();
         assert_eq!(accepted(&accepts), 2);
-        // With the runtime running, the close is seen and the connection left out.
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        // With the runtime running while the next close comes, it is seen and the connection
+        // left out (or, should this task run first, the request is given back as above).
+        tokio::task::spawn_blocking(move || trigger.read_exact(&mut [0u8; 1]))
+            .await
+            .unwrap()
+            .unwrap();
         call(&client, server).await.unwrap();
         assert_eq!(accepted(&accepts), 3);
     }
