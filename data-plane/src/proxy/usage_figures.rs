@@ -6,6 +6,10 @@
 //! `choices` values start, reading a plainly written `usage` on the way ([`PlainUsage`]);
 //! serde_json reads any other `usage` value, and nothing else. A full serde parse of a
 //! 600-byte answer cost about a tenth of the request's instructions.
+//!
+//! Most stream chunks have no figures, and say so last: `…,"usage":null}`. Those are told by
+//! their last bytes alone ([`ends_with_null_usage`]); any other text is searched for the key
+//! ([`no_usage_figures`]) before the pass.
 
 use std::sync::LazyLock;
 
@@ -37,6 +41,14 @@ const USAGE_KEY: &[u8] = b"\"usage\"";
 /// whatever else its answer got wrong. A top-level array, which serde would have read as the
 /// fields in order, counts nothing.
 pub fn usage_of(json: &str) -> Option<(Tokens, bool)> {
+    if ends_with_null_usage(json.as_bytes()) {
+        return None;
+    }
+    read_usage(json)
+}
+
+/// [`usage_of`] without the look at the last bytes.
+fn read_usage(json: &str) -> Option<(Tokens, bool)> {
     if no_usage_figures(json) {
         return None;
     }
@@ -99,6 +111,26 @@ impl Usage {
                 .unwrap_or(0),
         }
     }
+}
+
+/// True when `json` ends with `,"usage":null}` or `{"usage":null}` (then JSON whitespace, if
+/// any): the last member of the top-level object is a null `usage`, as OpenAI-format streams
+/// write every chunk with `include_usage` but the last. Such a text has no figures for the
+/// reading: if the scan reads it at all, that final `}` closes the top-level object, so the
+/// `"` before the colon ends a key string, and that string starts at the quote before
+/// `usage` (a quote after `,` or `{` is not escaped; were it the end of a string, the last
+/// quote would open one that never ends). So the top-level `usage` is this null one, or the
+/// object names `usage` twice: `None` either way. It looks at the last 15 bytes or so where
+/// [`no_usage_figures`] searches the whole text.
+fn ends_with_null_usage(json: &[u8]) -> bool {
+    const TAIL: &[u8] = b"\"usage\":null}";
+    let end = json
+        .iter()
+        .rposition(|byte| !matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
+        .map_or(0, |last| last + 1);
+    json.get(..end)
+        .and_then(|text| text.strip_suffix(TAIL))
+        .is_some_and(|head| matches!(head.last(), Some(b',' | b'{')))
 }
 
 /// True when `json` has no `"usage"` key or every one it has is `null`, so there are no
@@ -849,6 +881,78 @@ mod tests {
                 prop_assert_eq!(read, by_full_parse(&json));
             }
         }
+    }
+
+    /// `text` with its top-level object's last member a null `usage`, written compactly as
+    /// streams write it; `None` unless it ends with an object's `}`.
+    fn with_null_usage_last(text: &str) -> Option<String> {
+        let head = text.trim_end().strip_suffix('}')?.trim_end();
+        let comma = if head.ends_with('{') { "" } else { "," };
+        Some(format!(r#"{head}{comma}"usage":null}}"#))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// An answer whose last member is a null `usage` counts nothing, as for the full
+        /// parse: its `usage` is that null one, or it names `usage` twice.
+        #[test]
+        fn a_null_usage_last_is_read_as_the_full_parse(json in written()) {
+            if let Some(json) = with_null_usage_last(&json) {
+                prop_assert!(ends_with_null_usage(json.as_bytes()), "{json}");
+                prop_assert_eq!(usage_of(&json), by_full_parse(&json), "{}", json);
+                prop_assert_eq!(usage_of(&json), None);
+            }
+        }
+
+        /// Any text, JSON or not, that ends in a null `usage` is answered as the search and
+        /// the scan answered it.
+        #[test]
+        fn the_look_at_the_end_agrees_with_the_search_and_scan(
+            pieces in prop::collection::vec(fragment(), 0..24),
+            tail in prop::sample::select(vec![
+                r#","usage":null}"#,
+                r#"{"usage":null}"#,
+                r#"\","usage":null}"#,
+                r#""usage":null}"#,
+                r#"\"usage":null}"#,
+                r#","usage":null} "#,
+                r#","usage":null}}"#,
+                r#","usage": null}"#,
+            ]),
+        ) {
+            let json = pieces.concat() + tail;
+            prop_assert_eq!(usage_of(&json), read_usage(&json), "{}", json);
+        }
+    }
+
+    #[test]
+    fn a_chunk_ending_in_a_null_usage_is_told_by_its_end() {
+        for (json, told) in [
+            (
+                r#"{"choices":[{"delta":{"content":"x"}}],"usage":null}"#,
+                true,
+            ),
+            ("{\"usage\":null}\r\n", true),
+            (r#"{"usage":{"prompt_tokens":1},"usage":null}"#, true),
+            // Not the top-level object's last member, or not a key of its own.
+            (r#"{"choices":[{"usage":null}]}"#, false),
+            (r#"{"a":{"usage":null}}"#, false),
+            (r#"{"a":"x\"usage":null}"#, false),
+            (r#"{"usage": null}"#, false),
+            (r#"{"usage":{"prompt_tokens":1}}"#, false),
+        ] {
+            assert_eq!(ends_with_null_usage(json.as_bytes()), told, "{json}");
+        }
+        // A key that only ends in `usage` hides nothing.
+        let other_key = r#"{"usage":{"prompt_tokens":1},"a\"usage":null}"#;
+        assert_eq!(usage_of(other_key), Some((tokens(1, 0), false)));
+        assert_eq!(usage_of(other_key), by_full_parse(other_key));
+        // A null `usage` last does not hide figures from a reading that finds them: there are
+        // none to find.
+        let twice = r#"{"usage":{"prompt_tokens":1},"usage":null}"#;
+        assert_eq!(read_usage(twice), None);
+        assert_eq!(by_full_parse(twice), None);
     }
 
     fn tokens(prompt: u64, completion: u64) -> Tokens {
