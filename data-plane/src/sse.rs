@@ -56,6 +56,38 @@ impl Event {
         }
         out.put_u8(b'\n');
     }
+
+    /// Whether `bytes` are exactly what [`Self::write_to`] writes for this event, whose data is
+    /// one line (false for data of several): then a relay can pass on the bytes it read
+    /// instead of writing them again. Most upstreams send each
+    /// event as its own chunk in this form (`data: {…}` and a blank line), so the check is a
+    /// length and a comparison where the writing was an allocation's share, a newline search
+    /// and a copy.
+    pub fn is_written_as(&self, bytes: &[u8]) -> bool {
+        let name = self.event.as_ref().map_or(0, |event| event.len() + 8);
+        let id = self.id.as_ref().map_or(0, |id| id.len() + 5);
+        if bytes.len() != name + id + self.data.len() + 8 {
+            return false;
+        }
+        let mut rest = bytes;
+        for (field, value) in [(&b"event: "[..], &self.event), (b"id: ", &self.id)] {
+            if let Some(value) = value {
+                match rest
+                    .strip_prefix(field)
+                    .and_then(|rest| rest.strip_prefix(value.as_bytes()))
+                    .and_then(|rest| rest.strip_prefix(b"\n"))
+                {
+                    Some(after) => rest = after,
+                    None => return false,
+                }
+            }
+        }
+        // Data with a newline is written as several `data:` lines.
+        rest.strip_prefix(b"data: ")
+            .and_then(|rest| rest.strip_prefix(self.data.as_bytes()))
+            .is_some_and(|end| end == b"\n\n")
+            && memchr::memchr(b'\n', self.data.as_bytes()).is_none()
+    }
 }
 
 /// What the parser yields.
@@ -379,6 +411,35 @@ mod tests {
         assert_eq!(items, [Item::Event(event)]);
     }
 
+    #[test]
+    fn an_event_is_not_written_as_another_form_of_it() {
+        let event = Event {
+            data: "{\"a\":1}".into(),
+            ..Event::default()
+        };
+        assert!(event.is_written_as(b"data: {\"a\":1}\n\n"));
+        for bytes in [
+            &b"data:{\"a\":1}\n\n"[..],
+            b"data: {\"a\":1}\r\n\r\n",
+            b"data: {\"a\":1}\n\ndata: {\"a\":1}\n\n",
+            b"data: {\"a\":1}\n",
+            b"data: {\"a\":2}\n\n",
+        ] {
+            assert!(
+                !event.is_written_as(bytes),
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        let lines = Event {
+            data: "a\nb".into(),
+            ..Event::default()
+        };
+        // Data of several lines is written as several `data:` lines: never passed on.
+        assert!(!lines.is_written_as(b"data: a\nb\n\n"));
+        assert!(!lines.is_written_as(b"data: a\ndata: b\n\n"));
+    }
+
     fn stream_bytes() -> impl Strategy<Value = Vec<u8>> {
         let line = prop_oneof![
             "data: [a-z{}\":, ]{0,20}".prop_map(|s| s.into_bytes()),
@@ -416,6 +477,36 @@ mod tests {
             }
             chunks.push(&bytes[start..]);
             prop_assert_eq!(parse_all(&chunks), whole);
+        }
+
+        /// Bytes are taken for an event's wire form only when they are what writing it gives,
+        /// and always then if its data is one line: for the event itself, for one a little
+        /// different, and for any chunk of a stream (the event one of those it holds).
+        #[test]
+        fn an_event_is_written_as_exactly_its_wire_form(
+            name in proptest::option::of("[a-z]{0,3}"),
+            id in proptest::option::of("[0-9]{0,2}"),
+            data in "[a-z\n ]{0,6}",
+            other_data in "[a-z\n ]{0,6}",
+            bytes in stream_bytes(),
+        ) {
+            let agrees = |event: &Event, bytes: &[u8]| {
+                let written = event.to_bytes() == bytes;
+                let one_line = !event.data.contains('\n');
+                event.is_written_as(bytes) == (written && one_line)
+            };
+            let event = Event { event: name, data, id };
+            prop_assert!(agrees(&event, &event.to_bytes()));
+            let other = Event { data: other_data, ..event.clone() };
+            prop_assert!(agrees(&event, &other.to_bytes()));
+            prop_assert!(agrees(&event, &bytes));
+            let mut parsed = Vec::new();
+            SseParser::default().push(&bytes, &mut parsed).unwrap_or_default();
+            for item in parsed {
+                if let Item::Event(event) = item {
+                    prop_assert!(agrees(&event, &bytes));
+                }
+            }
         }
 
         #[test]

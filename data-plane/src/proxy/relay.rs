@@ -159,7 +159,8 @@ pub(super) struct Relay {
     mode: Mode,
     /// A translation's output for one event.
     frames: Vec<Bytes>,
-    /// Where events passed on are written in wire form, each split off as its frame: one
+    /// Where events passed on are written in wire form, each split off as its frame, unless
+    /// the upstream's chunk is the event in that form already (see [`wire_frame`]): one
     /// allocation serves event after event once hyper has sent and dropped the earlier ones.
     wire: BytesMut,
     /// Events relayed so far (the Responses API numbers its events; an error event Sluice
@@ -211,13 +212,15 @@ impl Relay {
             rearm: false,
             _in_flight: in_flight,
         };
-        relay.take(&first);
+        relay.take(first);
         relay
     }
 
     /// Parses a chunk from the upstream into frames for the client.
-    fn take(&mut self, bytes: &[u8]) {
-        let parsed = self.parser.push(bytes, &mut self.items);
+    fn take(&mut self, chunk: Bytes) {
+        let parsed = self.parser.push(&chunk, &mut self.items);
+        // Passed on as the frame of the event it holds, if it holds one in wire form.
+        let mut chunk = Some(chunk);
         let mut items = std::mem::take(&mut self.items);
         for item in items.drain(..) {
             if let (Item::Event(event), Some(acct)) = (&item, &mut self.acct)
@@ -235,7 +238,7 @@ impl Relay {
                     }
                 }
                 Item::Event(event) if matches!(self.mode, Mode::Messages { .. }) => {
-                    let end = self.take_messages_event(&event);
+                    let end = self.take_messages_event(&event, &mut chunk);
                     self.parser.recycle(event.data);
                     if end {
                         break;
@@ -268,7 +271,7 @@ impl Relay {
                             continue;
                         }
                     }
-                    let frame = wire_frame(&mut self.wire, &event);
+                    let frame = wire_frame(&mut self.wire, &event, &mut chunk);
                     self.ready.push_back((frame, Then::Continue));
                     self.parser.recycle(event.data);
                 }
@@ -352,9 +355,9 @@ impl Relay {
         end.is_some()
     }
 
-    /// Queues an event of an Anthropic stream passed through, as it came; true once the stream
-    /// is over.
-    fn take_messages_event(&mut self, event: &Event) -> bool {
+    /// Queues an event of an Anthropic stream passed through, as it came (see [`wire_frame`]
+    /// for `chunk`); true once the stream is over.
+    fn take_messages_event(&mut self, event: &Event, chunk: &mut Option<Bytes>) -> bool {
         let Mode::Messages { usage, count_usage } = &mut self.mode else {
             return false;
         };
@@ -367,7 +370,7 @@ impl Relay {
             Flow::Done => Then::Finish(ErrorKind::Unspecified),
             Flow::Failed => Then::Finish(ErrorKind::StreamInterrupted),
         };
-        let frame = wire_frame(&mut self.wire, event);
+        let frame = wire_frame(&mut self.wire, event, chunk);
         self.ready.push_back((frame, then));
         if then == Then::Continue {
             return false;
@@ -429,8 +432,14 @@ impl Relay {
     }
 }
 
-/// `event` in wire form, as a frame split off `wire`.
-fn wire_frame(wire: &mut BytesMut, event: &Event) -> Bytes {
+/// `event` in wire form: the upstream's `chunk` itself when it is just that (taken, as it
+/// holds no other event), else written to a frame split off `wire`. Most upstreams send an
+/// event a chunk, written as Sluice writes it: passed on, it costs no copy, no newline search
+/// and no share of `wire`.
+fn wire_frame(wire: &mut BytesMut, event: &Event, chunk: &mut Option<Bytes>) -> Bytes {
+    if let Some(chunk) = chunk.take_if(|chunk| event.is_written_as(chunk)) {
+        return chunk;
+    }
     event.write_to(wire);
     wire.split().freeze()
 }
@@ -509,7 +518,7 @@ impl Body for Relay {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         this.rearm = true;
-                        this.take(&data);
+                        this.take(data);
                     }
                     continue;
                 }
@@ -560,6 +569,29 @@ mod tests {
             event: name.map(str::to_owned),
             data: data.to_owned(),
             id: None,
+        }
+    }
+
+    #[test]
+    fn a_chunk_that_is_one_event_in_wire_form_is_passed_on_as_it_came() {
+        let mut wire = BytesMut::new();
+        let chunk = Bytes::from_static(b"data: {\"a\":1}\n\n");
+        let event = event(None, r#"{"a":1}"#);
+        let mut held = Some(chunk.clone());
+        let frame = wire_frame(&mut wire, &event, &mut held);
+        assert_eq!(frame, chunk);
+        assert_eq!(frame.as_ptr(), chunk.as_ptr(), "the same bytes, not a copy");
+        assert!(held.is_none(), "passed on once");
+        // Any other form is written as Sluice writes events.
+        for other in [
+            &b"data:{\"a\":1}\n\n"[..],
+            b"data: {\"a\":1}\r\n\r\n",
+            b"data: {\"a\":1}\n\ndata: {\"a\":2}\n\n",
+        ] {
+            let mut held = Some(Bytes::copy_from_slice(other));
+            let frame = wire_frame(&mut wire, &event, &mut held);
+            assert_eq!(frame, chunk, "{}", String::from_utf8_lossy(other));
+            assert!(held.is_some());
         }
     }
 
