@@ -589,7 +589,7 @@ mod tests {
             let chunk = Bytes::copy_from_slice(chunk);
             let mut items = Vec::new();
             let (parsed, mut whole) = parse(parser, chunk.clone(), &mut items);
-            parsed.unwrap();
+            assert_eq!(parsed, Ok(()));
             let frames: Vec<Bytes> = items
                 .iter()
                 .filter_map(|item| match item {
