@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::accounting::Accounting;
 use super::kept_sleeps::{KeptSleeps, within};
 use super::relay::{Mode, Relay, Translation, tokens_of};
-use super::usage_figures::usage_of;
+use super::usage_figures::usage_of_answer;
 use super::{AppState, Collected};
 use crate::anthropic;
 use crate::cooldown::{self, Outcome};
@@ -673,8 +673,8 @@ async fn deliver(
                 }
                 Mode::Chat { .. } => {
                     if status.is_success()
-                        && let Some((tokens, _)) =
-                            std::str::from_utf8(&body).ok().and_then(usage_of)
+                        && let Some(tokens) =
+                            std::str::from_utf8(&body).ok().and_then(usage_of_answer)
                     {
                         acct.tokens(tokens);
                     }

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::accounting::{Accounting, Tokens};
-use super::usage_figures::usage_of;
+use super::usage_figures::{usage_of, usage_of_answer};
 use crate::anthropic::Usage;
 use crate::anthropic::stream::{ChunksFromEvents, EventUsage, EventsFromChunks, Flow};
 use crate::deadline::Alarm;
@@ -120,7 +120,7 @@ impl Translation {
                 let text = std::str::from_utf8(body).ok()?;
                 let completion: serde_json::Value = serde_json::from_str(text).ok()?;
                 completion.get("choices").filter(|c| c.is_array())?;
-                let tokens = usage_of(text).map(|(tokens, _)| tokens);
+                let tokens = usage_of_answer(text);
                 let message = response::completion_to_message(&completion).ok()?;
                 Some((status, Bytes::from(message.to_string()), tokens))
             }

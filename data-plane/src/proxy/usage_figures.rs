@@ -8,8 +8,9 @@
 //! 600-byte answer cost about a tenth of the request's instructions.
 //!
 //! Most stream chunks have no figures, and say so last: `…,"usage":null}`. Those are told by
-//! their last bytes alone ([`ends_with_null_usage`]); any other text is searched for the key
-//! ([`no_usage_figures`]) before the pass.
+//! their last bytes alone ([`ends_with_null_usage`]); any other chunk is searched for the key
+//! ([`no_usage_figures`]) before the pass. A whole answer, which all but always has figures, goes
+//! straight to the pass ([`usage_of_answer`]).
 
 use std::sync::LazyLock;
 
@@ -47,11 +48,32 @@ pub fn usage_of(json: &str) -> Option<(Tokens, bool)> {
     read_usage(json)
 }
 
+/// The figures of a whole (non-streamed) answer's `usage`, as [`usage_of`] reads them. A whole
+/// answer all but always has figures, so the searches that spare a stream's chunks the scan
+/// ([`ends_with_null_usage`], [`no_usage_figures`]) would only add a pass over the body (about
+/// 300 instructions for the mock's 600 bytes): the scan goes first, and the search for the
+/// key follows only when the scan found `usage` named with escapes (`"us\u0061ge"`), which
+/// the search, looking for the plain name, has always counted as no figures.
+pub fn usage_of_answer(json: &str) -> Option<Tokens> {
+    let (tokens, _, escaped_key) = scan_usage(json)?;
+    if escaped_key && no_usage_figures(json) {
+        return None;
+    }
+    Some(tokens)
+}
+
 /// [`usage_of`] without the look at the last bytes.
 fn read_usage(json: &str) -> Option<(Tokens, bool)> {
     if no_usage_figures(json) {
         return None;
     }
+    scan_usage(json).map(|(tokens, usage_only, _)| (tokens, usage_only))
+}
+
+/// The scan and what it found: [`read_usage`] without the search for a `"usage"` key with
+/// figures, and whether the top-level `usage` was named with escapes. The search answers
+/// `None` where this answers figures only when that name was.
+fn scan_usage(json: &str) -> Option<(Tokens, bool, bool)> {
     let bytes = json.as_bytes();
     let found = TopLevel::scan(bytes)?;
     let usage_at = found.usage?;
@@ -68,7 +90,7 @@ fn read_usage(json: &str) -> Option<(Tokens, bool)> {
             Option::<Usage>::deserialize(&mut value).ok()??.tokens()
         }
     };
-    Some((tokens, usage_only))
+    Some((tokens, usage_only, found.usage_escaped))
 }
 
 #[derive(serde::Deserialize)]
@@ -157,6 +179,8 @@ fn no_usage_figures(json: &str) -> bool {
 #[derive(Default)]
 struct TopLevel {
     usage: Option<usize>,
+    /// Whether the key of `usage` had escapes.
+    usage_escaped: bool,
     choices: Option<usize>,
     plain_usage: Option<Option<Tokens>>,
 }
@@ -193,6 +217,7 @@ impl TopLevel {
         let mut open = Brackets::default();
         let mut expect = Expect::FirstKey;
         let mut key = Key::Other;
+        let mut key_escaped = false;
         let mut at = skip_whitespace(json, 0);
         if json.get(at) != Some(&b'{') {
             return None;
@@ -209,6 +234,7 @@ impl TopLevel {
                         expect = match expect {
                             Expect::FirstKey | Expect::Key => {
                                 key = Key::named(json.get(at..=end)?, escaped)?;
+                                key_escaped = escaped;
                                 Expect::Colon
                             }
                             Expect::Value => Expect::Comma,
@@ -223,7 +249,10 @@ impl TopLevel {
                     }
                     expect = Expect::Value;
                     let twice = match key {
-                        Key::Usage => found.usage.replace(at + 1).is_some(),
+                        Key::Usage => {
+                            found.usage_escaped = key_escaped;
+                            found.usage.replace(at + 1).is_some()
+                        }
                         Key::Choices => found.choices.replace(at + 1).is_some(),
                         Key::Other => false,
                     };
@@ -811,6 +840,23 @@ mod tests {
             prop_assert_eq!(usage_of(&json), by_full_parse(&json), "{}", json);
         }
 
+        /// A whole answer's figures are read without the searches as with them, for JSON
+        /// answers and for texts of any pieces (cut off, escaped, nested, null).
+        #[test]
+        fn a_whole_answer_is_read_as_a_chunk_is(
+            json in written(),
+            pieces in prop::collection::vec(fragment(), 0..24),
+        ) {
+            for text in [json, pieces.concat()] {
+                prop_assert_eq!(
+                    usage_of_answer(&text),
+                    usage_of(&text).map(|(tokens, _)| tokens),
+                    "{}",
+                    text
+                );
+            }
+        }
+
         /// An answer cut off anywhere before its closing brace counts nothing.
         #[test]
         fn a_cut_off_answer_counts_nothing(json in written(), cut in any::<prop::sample::Index>()) {
@@ -953,6 +999,21 @@ mod tests {
         let twice = r#"{"usage":{"prompt_tokens":1},"usage":null}"#;
         assert_eq!(read_usage(twice), None);
         assert_eq!(by_full_parse(twice), None);
+    }
+
+    #[test]
+    fn a_whole_answer_whose_usage_is_named_with_escapes_counts_as_a_chunk_does() {
+        // The search for the plain name finds none with figures: nothing, as it always was.
+        let escaped = r#"{"\u0075sage":{"prompt_tokens":1}}"#;
+        assert_eq!(usage_of(escaped), None);
+        assert_eq!(usage_of_answer(escaped), None);
+        // With a plain `"usage"` elsewhere that has figures, the escaped top-level one is read.
+        let nested_plain = r#"{"\u0075sage":{"prompt_tokens":1},"x":{"usage":{}}}"#;
+        assert_eq!(usage_of(nested_plain), Some((tokens(1, 0), false)));
+        assert_eq!(usage_of_answer(nested_plain), Some(tokens(1, 0)));
+        // The plain name, as providers write it: the scan alone.
+        let plain = r#"{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3}}"#;
+        assert_eq!(usage_of_answer(plain), Some(tokens(2, 3)));
     }
 
     fn tokens(prompt: u64, completion: u64) -> Tokens {
