@@ -445,7 +445,11 @@ fn parse(
 
 /// `event` in wire form: `chunk`, the upstream's chunk that is just that event in that form
 /// when there is one ([`SseParser::push_whole`]), else written to a frame split off `wire`.
-/// Passed on, it costs no copy, no newline search and no share of `wire`.
+/// Passed on, it costs no copy, no newline search and no share of `wire`. `event` must be the
+/// event parsed from `chunk`, unchanged: the chunk is sent for it as it came. A chunk passed on
+/// shares the allocation of the upstream connection's read buffer until hyper has written it,
+/// as a bare proxy's frames do; hyper queues at most 16 frames for a client before it stops
+/// polling the body, so a slow client holds a bounded part of it.
 fn wire_frame(wire: &mut BytesMut, event: &Event, chunk: &mut Option<Bytes>) -> Bytes {
     if let Some(chunk) = chunk.take() {
         return chunk;
