@@ -345,16 +345,17 @@ impl<'a> PlainUsage<'a> {
         }
         let mut tokens = Tokens::default();
         let mut seen = [false; 4];
-        plain.object(|plain, key| {
+        plain.object(USAGE_ORDER, |plain, key| {
             let (field, figure) = match key {
                 b"prompt_tokens" => (0, &mut tokens.prompt),
                 b"completion_tokens" => (1, &mut tokens.completion),
                 b"prompt_tokens_details" => {
-                    tokens.cached_prompt = plain.details(b"cached_tokens")?;
+                    tokens.cached_prompt = plain.details(b"cached_tokens", PROMPT_DETAILS_ORDER)?;
                     return once(&mut seen[2]);
                 }
                 b"completion_tokens_details" => {
-                    tokens.reasoning = plain.details(b"reasoning_tokens")?;
+                    tokens.reasoning =
+                        plain.details(b"reasoning_tokens", COMPLETION_DETAILS_ORDER)?;
                     return once(&mut seen[3]);
                 }
                 _ => return plain.count().map(drop),
@@ -365,13 +366,14 @@ impl<'a> PlainUsage<'a> {
         Some((Some(tokens), plain.at))
     }
 
-    /// A details object's figure named `name` (0 when missing or null, or the whole is null).
-    fn details(&mut self, name: &[u8]) -> Option<u64> {
+    /// A details object's figure named `name` (0 when missing or null, or the whole is null);
+    /// its keys are expected in `order` (see [`Self::object`]).
+    fn details(&mut self, name: &[u8], order: &[&[u8]]) -> Option<u64> {
         if self.literal_null() {
             return Some(0);
         }
         let (mut figure, mut seen) = (0, false);
-        self.object(|plain, key| {
+        self.object(order, |plain, key| {
             let count = plain.count()?;
             if key != name {
                 return Some(());
@@ -382,22 +384,40 @@ impl<'a> PlainUsage<'a> {
         Some(figure)
     }
 
-    /// An object: `{`, then for each key (read without escapes) `value` reads its value.
-    fn object(&mut self, mut value: impl FnMut(&mut Self, &[u8]) -> Option<()>) -> Option<()> {
+    /// An object: `{`, then for each key (read without escapes) `value` reads its value. Keys
+    /// are expected in `order`, the order providers write them in (each name with its closing
+    /// quote): a key that is the one expected next is known by one comparison, without a
+    /// search for its string's end; any other is searched for, and the next expected is still
+    /// looked for after it.
+    fn object(
+        &mut self,
+        order: &[&[u8]],
+        mut value: impl FnMut(&mut Self, &[u8]) -> Option<()>,
+    ) -> Option<()> {
         self.byte(b'{')?;
         self.whitespace();
         if self.byte(b'}').is_some() {
             return Some(());
         }
+        let mut expected = order.iter();
+        let mut next = expected.next();
         loop {
             self.whitespace();
             self.byte(b'"')?;
-            let (end, escaped) = string_end(self.json, self.at)?;
+            let rest = self.json.get(self.at..)?;
+            let end = match next {
+                // No quote or backslash in these names: the quote after one ends the string.
+                Some(quoted) if rest.starts_with(quoted) => {
+                    next = expected.next();
+                    self.at + quoted.len() - 1
+                }
+                _ => match string_end(self.json, self.at)? {
+                    // serde decodes escapes: its business.
+                    (_, true) => return None,
+                    (end, false) => end,
+                },
+            };
             let key = self.json.get(self.at..end)?;
-            // serde decodes escapes: its business.
-            if escaped {
-                return None;
-            }
             self.at = end + 1;
             self.whitespace();
             self.byte(b':')?;
@@ -452,6 +472,23 @@ impl<'a> PlainUsage<'a> {
         self.at = skip_whitespace(self.json, self.at);
     }
 }
+
+/// The keys of `usage` and of its two details objects in the order OpenAI writes them, each
+/// name with its closing quote, for [`PlainUsage::object`] to expect.
+const USAGE_ORDER: &[&[u8]] = &[
+    b"prompt_tokens\"",
+    b"completion_tokens\"",
+    b"total_tokens\"",
+    b"prompt_tokens_details\"",
+    b"completion_tokens_details\"",
+];
+const PROMPT_DETAILS_ORDER: &[&[u8]] = &[b"cached_tokens\"", b"audio_tokens\""];
+const COMPLETION_DETAILS_ORDER: &[&[u8]] = &[
+    b"reasoning_tokens\"",
+    b"audio_tokens\"",
+    b"accepted_prediction_tokens\"",
+    b"rejected_prediction_tokens\"",
+];
 
 /// Marks a field read: `None` if it was already, as serde refuses a field twice.
 fn once(seen: &mut bool) -> Option<()> {
@@ -999,6 +1036,28 @@ mod tests {
         let twice = r#"{"usage":{"prompt_tokens":1},"usage":null}"#;
         assert_eq!(read_usage(twice), None);
         assert_eq!(by_full_parse(twice), None);
+    }
+
+    #[test]
+    fn usage_in_the_order_providers_write_it_and_in_any_other_reads_the_same() {
+        let openai = r#"{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16,"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":2,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}"#;
+        let reordered = r#"{"total_tokens":16,"completion_tokens_details":{"audio_tokens":0,"reasoning_tokens":2},"prompt_tokens":11,"x":"prompt_tokens\"","prompt_tokens_details":{"audio_tokens":0,"cached_tokens":3},"completion_tokens":5}"#;
+        // A name that only begins as the expected one does, or is it with escapes.
+        let near = r#"{"prompt_tokens_x":1,"prompt_tokens":11,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":3},"completion_tokens_details":{"reasoning_tokens":2}}"#;
+        let escaped = r#"{"prompt\u005ftokens":11}"#;
+        let expected = Tokens {
+            prompt: 11,
+            completion: 5,
+            cached_prompt: 3,
+            reasoning: 2,
+        };
+        for usage in [openai, reordered, near] {
+            let answer = format!(r#"{{"choices":[],"usage":{usage}}}"#);
+            assert_eq!(usage_of_answer(&answer), Some(expected), "{usage}");
+            assert_eq!(usage_of(&answer), by_full_parse(&answer), "{usage}");
+        }
+        let answer = format!(r#"{{"usage":{escaped},"x":{{"usage":1}}}}"#);
+        assert_eq!(usage_of(&answer), by_full_parse(&answer));
     }
 
     #[test]
