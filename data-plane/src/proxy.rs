@@ -18,6 +18,8 @@ use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
+use futures::future::Either;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use serde::Serialize;
@@ -25,6 +27,7 @@ use sluice_proto::limits::MAX_REQUEST_ID_BYTES;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
+use tower_service::Service;
 
 pub use accounting::{CLIENT_CLOSED_REQUEST, Tokens};
 pub use kept_sleeps::KeptSleeps;
@@ -88,21 +91,87 @@ pub struct AppState {
     pub sleeps: KeptSleeps,
 }
 
-/// The HTTP routes.
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/completions", post(completions))
-        .route("/v1/embeddings", post(embeddings))
-        .route("/v1/responses", post(create_response))
+/// The endpoints that proxy a request's body, by path: `POST` only.
+const PROXIED: [(&str, Endpoint); 6] = [
+    ("/v1/chat/completions", Endpoint::ChatCompletions),
+    ("/v1/completions", Endpoint::Completions),
+    ("/v1/embeddings", Endpoint::Embeddings),
+    ("/v1/responses", Endpoint::Responses),
+    ("/v1/messages", Endpoint::Messages),
+    ("/v1/messages/count_tokens", Endpoint::CountTokens),
+];
+
+/// The proxied endpoint a request is for, when it is one (`POST` to a path of [`PROXIED`]).
+fn proxied(method: &Method, path: &str) -> Option<Endpoint> {
+    if method != Method::POST {
+        return None;
+    }
+    PROXIED
+        .iter()
+        .find(|(proxied, _)| *proxied == path)
+        .map(|&(_, endpoint)| endpoint)
+}
+
+/// A serving thread's HTTP routes.
+///
+/// A proxied request (`POST` to one of [`PROXIED`]'s paths) goes straight to [`serve`]; every
+/// other request (the stored responses' calls, the models, health, metrics, and the 404 and
+/// 405 answers) goes through axum's router, which has the proxied paths too, for the other
+/// methods' 405 (and answering them as this does, should a request ever reach it). Skipping
+/// the router for the requests that are nearly all of a gateway's traffic spares each of them
+/// about 3,850 instructions (`docs/benchmarks.md`): the router's path match, the request
+/// extensions it inserts (`OriginalUri`, `MatchedPath`, the path parameters), its cloned
+/// boxed service, and the `Content-Length` it sets on the answer, which hyper writes anyway
+/// from the body's exact size (test `whole_answers_carry_their_length_on_the_wire`).
+#[derive(Clone)]
+pub struct Routes {
+    app: Arc<AppState>,
+    router: Router,
+}
+
+impl Routes {
+    pub fn new(app: Arc<AppState>) -> Self {
+        let router = router(Arc::clone(&app));
+        Self { app, router }
+    }
+
+    /// The answer to `request`.
+    pub fn answer<B>(&self, request: http::Request<B>) -> impl Future<Output = Response> + use<B>
+    where
+        B: http_body::Body<Data = Bytes, Error: Into<axum::BoxError>> + Send + 'static,
+    {
+        match proxied(request.method(), request.uri().path()) {
+            // Boxed: the request's future is a few kilobytes, which hyper would otherwise
+            // copy into its slot for the connection's request in flight, and the service
+            // future wrapping it copies again.
+            Some(endpoint) => Either::Left(Box::pin(serve(
+                Arc::clone(&self.app),
+                endpoint,
+                request.map(axum::body::Body::new),
+            ))),
+            None => Either::Right(self.router.clone().call(request).map(|Ok(answer)| answer)),
+        }
+    }
+}
+
+/// The router: every route, the proxied ones included.
+fn router(state: Arc<AppState>) -> Router {
+    let mut router = Router::new();
+    for (path, endpoint) in PROXIED {
+        router = router.route(
+            path,
+            post(move |State(app): State<Arc<AppState>>, request: Request| {
+                serve(app, endpoint, request)
+            }),
+        );
+    }
+    router
         .route(
             "/v1/responses/{id}",
             get(retrieve_response).delete(delete_response),
         )
         .route("/v1/responses/{id}/input_items", get(response_input_items))
         .route("/v1/responses/{id}/cancel", post(cancel_response))
-        .route("/v1/messages", post(messages))
-        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*model}", get(get_model))
         .route("/healthz", get(healthz))
@@ -111,30 +180,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(unknown_path)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-}
-
-async fn chat_completions(State(app): State<Arc<AppState>>, request: Request) -> Response {
-    serve(app, Endpoint::ChatCompletions, request).await
-}
-
-async fn completions(State(app): State<Arc<AppState>>, request: Request) -> Response {
-    serve(app, Endpoint::Completions, request).await
-}
-
-async fn embeddings(State(app): State<Arc<AppState>>, request: Request) -> Response {
-    serve(app, Endpoint::Embeddings, request).await
-}
-
-async fn create_response(State(app): State<Arc<AppState>>, request: Request) -> Response {
-    serve(app, Endpoint::Responses, request).await
-}
-
-async fn messages(State(app): State<Arc<AppState>>, request: Request) -> Response {
-    serve(app, Endpoint::Messages, request).await
-}
-
-async fn count_tokens(State(app): State<Arc<AppState>>, request: Request) -> Response {
-    serve(app, Endpoint::CountTokens, request).await
 }
 
 async fn retrieve_response(
@@ -730,4 +775,32 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
         path: uri.path().to_owned(),
     }
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_post_to_a_proxied_path_skips_the_router() {
+        for (path, endpoint) in PROXIED {
+            assert_eq!(proxied(&Method::POST, path), Some(endpoint), "{path}");
+            assert_eq!(proxied(&Method::GET, path), None, "{path}");
+            assert_eq!(proxied(&Method::PUT, path), None, "{path}");
+            assert_eq!(proxied(&Method::POST, &format!("{path}/")), None, "{path}");
+            assert_eq!(proxied(&Method::POST, &path.to_uppercase()), None, "{path}");
+            // `Endpoint::path` is the same path below the base URL's `/v1`.
+            assert_eq!(format!("/v1{}", endpoint.path()), path);
+        }
+        for path in [
+            "/v1/responses/resp_1",
+            "/v1/models",
+            "/healthz",
+            "/metrics",
+            "/",
+            "",
+        ] {
+            assert_eq!(proxied(&Method::POST, path), None, "{path}");
+        }
+    }
 }

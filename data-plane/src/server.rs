@@ -26,7 +26,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower_service::Service;
 
 use crate::allowance::Allowances;
 use crate::backoff::Backoff;
@@ -582,7 +581,7 @@ impl Shard {
             drain_timeout,
         } = self;
         let store = Arc::clone(&app.store);
-        let router = proxy::router(app);
+        let routes = proxy::Routes::new(app);
         let graceful = Graceful::new();
         loop {
             let connection = tokio::select! {
@@ -594,16 +593,16 @@ impl Shard {
                 draining.cancelled().await;
                 break;
             };
-            let router = router.clone();
+            let routes = routes.clone();
             let store = Arc::clone(&store);
             let deadline = connection.deadline.clone();
             let service = hyper::service::service_fn(move |request| {
                 let arrived = tokio::time::Instant::now();
-                let response = router.clone().call(request);
+                let response = routes.answer(request);
                 let store = Arc::clone(&store);
                 let deadline = deadline.clone();
                 async move {
-                    let Ok(response) = response.await;
+                    let response = response.await;
                     Ok::<_, std::convert::Infallible>(hold_deadline(
                         response, arrived, &store, &deadline,
                     ))

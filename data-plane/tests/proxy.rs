@@ -97,6 +97,68 @@ async fn non_streamed_chat_is_served_rewritten_and_counted() {
     assert!(metrics.contains("sluice_snapshot_version 1\n"));
 }
 
+/// Sends `request` on a connection of its own and reads the whole answer until the proxy
+/// closes it (`Connection: close`): the head as text, and the body's bytes.
+async fn exchange(h: &Harness, request: String) -> (String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut connection = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    connection.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    connection.read_to_end(&mut answer).await.unwrap();
+    let end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8(answer[..end].to_vec()).unwrap();
+    (head.to_ascii_lowercase(), answer[end + 4..].to_vec())
+}
+
+/// A request as a client writes it, closing the connection after the answer.
+fn request_text(method: &str, path: &str, key: &str, body: &str) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nhost: sluice\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test]
+async fn whole_answers_carry_their_length_on_the_wire() {
+    // The proxied endpoints are answered without axum's router, which set `Content-Length`
+    // itself: hyper has to write it from the body's size, for answers and errors alike, and
+    // the router's own answers (405, 404) keep it.
+    let primary = mock("primary");
+    let h = Harness::one_primary(&primary.base_url()).await;
+    let chat = chat_body(false).to_string();
+    for (method, path, key, body, status) in [
+        ("POST", "/v1/chat/completions", KEY, chat.as_str(), "200"),
+        ("POST", "/v1/chat/completions", KEY, "{\"model\":", "400"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            "sk-nobody",
+            chat.as_str(),
+            "401",
+        ),
+        ("GET", "/v1/chat/completions", KEY, "", "405"),
+        ("POST", "/v1/nowhere", KEY, chat.as_str(), "404"),
+    ] {
+        let (head, body) = exchange(&h, request_text(method, path, key, body)).await;
+        let what = format!("{method} {path}: {head}");
+        assert!(head.starts_with(&format!("http/1.1 {status} ")), "{what}");
+        assert!(!head.contains("transfer-encoding"), "{what}");
+        let length = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .unwrap_or_else(|| panic!("no content-length: {what}"));
+        assert_eq!(length.parse::<usize>().unwrap(), body.len(), "{what}");
+        assert_eq!(head.matches("content-length").count(), 1, "{what}");
+        let answer: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            answer.get("error").is_none(),
+            status == "200",
+            "{what}: {answer}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn an_incoming_request_id_is_echoed() {
     let primary = mock("primary");
