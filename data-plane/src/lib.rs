@@ -38,6 +38,7 @@ pub mod sse;
 pub mod subscribe;
 pub mod upstream;
 pub mod usage;
+pub mod utf8;
 
 pub use config::Config;
 pub use server::{Proxy, RunError, run};

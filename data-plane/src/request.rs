@@ -165,9 +165,9 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
 /// request's 2,700). A body that is not UTF-8 is parsed from bytes, for serde's own error.
 /// Both accept the same bodies and read the same members (test `text_and_bytes_parse_alike`).
 fn top_level_fields(bytes: &[u8]) -> serde_json::Result<Fields<'_>> {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => serde_json::from_str(text),
-        Err(_) => serde_json::from_slice(bytes),
+    match crate::utf8::text(bytes) {
+        Some(text) => serde_json::from_str(text),
+        None => serde_json::from_slice(bytes),
     }
 }
 

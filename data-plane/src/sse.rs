@@ -198,9 +198,9 @@ impl SseParser {
         }
         // `from_utf8` first: it checks ASCII a word at a time, where the lossy conversion looks
         // at each byte; both give the same text for valid UTF-8.
-        let text = match std::str::from_utf8(line) {
-            Ok(text) => std::borrow::Cow::Borrowed(text),
-            Err(_) => String::from_utf8_lossy(line),
+        let text = match crate::utf8::text(line) {
+            Some(text) => std::borrow::Cow::Borrowed(text),
+            None => String::from_utf8_lossy(line),
         };
         if let Some(comment) = text.strip_prefix(':') {
             out.push(Item::Comment(comment.to_owned()));

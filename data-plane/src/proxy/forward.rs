@@ -673,8 +673,7 @@ async fn deliver(
                 }
                 Mode::Chat { .. } => {
                     if status.is_success()
-                        && let Some(tokens) =
-                            std::str::from_utf8(&body).ok().and_then(usage_of_answer)
+                        && let Some(tokens) = crate::utf8::text(&body).and_then(usage_of_answer)
                     {
                         acct.tokens(tokens);
                     }

@@ -117,7 +117,7 @@ impl Translation {
                 if !status.is_success() {
                     return Some((status, error::to_anthropic(status, body), None));
                 }
-                let text = std::str::from_utf8(body).ok()?;
+                let text = crate::utf8::text(body)?;
                 let completion: serde_json::Value = serde_json::from_str(text).ok()?;
                 completion.get("choices").filter(|c| c.is_array())?;
                 let tokens = usage_of_answer(text);
