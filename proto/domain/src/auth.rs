@@ -24,6 +24,21 @@ pub fn check_token_strength(what: &str, token: &str) -> Result<(), String> {
 /// matched without regard to case (RFC 9110 §11.1) and the credentials are trimmed. `None`
 /// when the scheme is another or the credentials are empty.
 pub fn bearer_token(header: &str) -> Option<&str> {
+    // The form nearly every client sends, `Bearer` and one space or tab at the very start, is
+    // told by its first seven bytes: searching for the separator a character at a time and
+    // trimming the whole value cost about 230 instructions more a request. The same answer as
+    // the general form below for any text (test `the_usual_form_answers_as_the_general_one`).
+    if let Some((scheme, token)) = header.split_at_checked(6)
+        && scheme.eq_ignore_ascii_case("bearer")
+        && let Some(token) = token.strip_prefix([' ', '\t'])
+    {
+        return Some(token.trim()).filter(|t| !t.is_empty());
+    }
+    bearer_token_in_general(header)
+}
+
+/// [`bearer_token`] for any value: whitespace around it and the scheme, any case.
+fn bearer_token_in_general(header: &str) -> Option<&str> {
     let (scheme, token) = header.trim().split_once([' ', '\t'])?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return None;
@@ -57,6 +72,27 @@ mod tests {
             ("Bearerabc", None),
         ] {
             assert_eq!(bearer_token(header), token, "{header:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_usual_form_answers_as_the_general_one(
+            scheme in "(?i:bearer|basic|bearerx|beare)",
+            separator in "[ \t\u{a0}\u{2003}]{0,3}",
+            token in "[ \t\u{a0}]{0,2}[a-zA-Z0-9_\\-é]{0,12}[ \t\u{2003}]{0,2}",
+            before in "[ \t\u{a0}]{0,2}",
+        ) {
+            for header in [
+                format!("{scheme}{separator}{token}"),
+                format!("{before}{scheme}{separator}{token}"),
+            ] {
+                proptest::prop_assert_eq!(
+                    bearer_token(&header),
+                    bearer_token_in_general(&header),
+                    "{:?}", header
+                );
+            }
         }
     }
 
