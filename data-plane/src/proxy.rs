@@ -91,14 +91,15 @@ pub struct AppState {
     pub sleeps: KeptSleeps,
 }
 
-/// The endpoints that proxy a request's body, by path: `POST` only.
-const PROXIED: [(&str, Endpoint); 6] = [
-    ("/v1/chat/completions", Endpoint::ChatCompletions),
-    ("/v1/completions", Endpoint::Completions),
-    ("/v1/embeddings", Endpoint::Embeddings),
-    ("/v1/responses", Endpoint::Responses),
-    ("/v1/messages", Endpoint::Messages),
-    ("/v1/messages/count_tokens", Endpoint::CountTokens),
+/// The endpoints that proxy a request's body: `POST` to `/v1` and the endpoint's
+/// [`Endpoint::path`], the path it has at the upstream's base URL too.
+const PROXIED: [Endpoint; 6] = [
+    Endpoint::ChatCompletions,
+    Endpoint::Completions,
+    Endpoint::Embeddings,
+    Endpoint::Responses,
+    Endpoint::Messages,
+    Endpoint::CountTokens,
 ];
 
 /// The proxied endpoint a request is for, when it is one (`POST` to a path of [`PROXIED`]).
@@ -106,10 +107,8 @@ fn proxied(method: &Method, path: &str) -> Option<Endpoint> {
     if method != Method::POST {
         return None;
     }
-    PROXIED
-        .iter()
-        .find(|(proxied, _)| *proxied == path)
-        .map(|&(_, endpoint)| endpoint)
+    let path = path.strip_prefix("/v1")?;
+    PROXIED.into_iter().find(|endpoint| endpoint.path() == path)
 }
 
 /// A serving thread's HTTP routes.
@@ -157,9 +156,9 @@ impl Routes {
 /// The router: every route, the proxied ones included.
 fn router(state: Arc<AppState>) -> Router {
     let mut router = Router::new();
-    for (path, endpoint) in PROXIED {
+    for endpoint in PROXIED {
         router = router.route(
-            path,
+            &format!("/v1{}", endpoint.path()),
             post(move |State(app): State<Arc<AppState>>, request: Request| {
                 serve(app, endpoint, request)
             }),
@@ -783,7 +782,14 @@ mod tests {
 
     #[test]
     fn only_a_post_to_a_proxied_path_skips_the_router() {
-        for (path, endpoint) in PROXIED {
+        for (path, endpoint) in [
+            ("/v1/chat/completions", Endpoint::ChatCompletions),
+            ("/v1/completions", Endpoint::Completions),
+            ("/v1/embeddings", Endpoint::Embeddings),
+            ("/v1/responses", Endpoint::Responses),
+            ("/v1/messages", Endpoint::Messages),
+            ("/v1/messages/count_tokens", Endpoint::CountTokens),
+        ] {
             assert_eq!(proxied(&Method::POST, path), Some(endpoint), "{path}");
             assert_eq!(proxied(&Method::GET, path), None, "{path}");
             assert_eq!(proxied(&Method::PUT, path), None, "{path}");

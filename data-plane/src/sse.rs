@@ -196,7 +196,7 @@ impl SseParser {
             self.dispatch(out);
             return Ok(());
         }
-        // `from_utf8` first: it checks ASCII a word at a time, where the lossy conversion looks
+        // The UTF-8 check first: it looks at many bytes a step, where the lossy conversion looks
         // at each byte; both give the same text for valid UTF-8.
         let text = match crate::utf8::text(line) {
             Some(text) => std::borrow::Cow::Borrowed(text),
