@@ -142,11 +142,15 @@ impl Routes {
         match proxied(request.method(), request.uri().path()) {
             // Boxed: the request's future is a few kilobytes, which hyper would otherwise
             // copy into its slot for the connection's request in flight, and the service
-            // future wrapping it copies again.
-            Some(endpoint) => Either::Left(Box::pin(serve(
-                Arc::clone(&self.app),
-                endpoint,
-                request.map(axum::body::Body::new),
+            // future wrapping it copies again. Written into its allocation, which `Box::pin`
+            // would instead build on the stack and copy (a 4.8 KB memcpy a request).
+            Some(endpoint) => Either::Left(Box::into_pin(Box::write(
+                Box::new_uninit(),
+                serve(
+                    Arc::clone(&self.app),
+                    endpoint,
+                    request.map(axum::body::Body::new),
+                ),
             ))),
             None => Either::Right(self.router.clone().call(request).map(|Ok(answer)| answer)),
         }
