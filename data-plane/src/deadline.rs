@@ -46,9 +46,22 @@ impl ConnectionDeadline {
 
     /// The socket's side: `true` once the deadline held passed (registering a wake-up for it
     /// otherwise).
+    ///
+    /// Inlined into the socket's reads and writes, where it is asked about ten times a request:
+    /// its common answer (nothing changed, no stream's deadline held) is two loads, and the rest
+    /// is out of line so that the call does not save and restore registers for it.
+    #[inline]
     pub fn poll_expired(&self, timer: &mut Option<Alarm>, cx: &mut Context<'_>) -> bool {
         // A plain load first: the socket asks at every read and write, and a swap would take
         // the cache line exclusively each time.
+        if !self.0.changed.load(Ordering::Relaxed) && timer.is_none() {
+            return false;
+        }
+        self.poll_expired_slow(timer, cx)
+    }
+
+    #[inline(never)]
+    fn poll_expired_slow(&self, timer: &mut Option<Alarm>, cx: &mut Context<'_>) -> bool {
         if self.0.changed.load(Ordering::Relaxed) && self.0.changed.swap(false, Ordering::Acquire) {
             let at = self
                 .0
