@@ -4,6 +4,9 @@
 //! - however the bytes are cut into chunks (one cut anywhere, byte by byte with an empty
 //!   chunk after each, pseudo-random sizes from 0 to 17), the parser yields the same items
 //!   and stops with the same error as when fed them at once;
+//! - fed through `push_whole`, as the relay feeds its chunks (cut at random, and cut after each
+//!   blank line so that chunks are often one whole event), it yields the same as `push`, and a
+//!   chunk it calls one whole event is that event as the relay would write it;
 //! - no event's data outgrows the bound;
 //! - the items written out as the relay writes them to the client parse back to the same
 //!   items, so the client reads what the proxy read.
@@ -27,6 +30,40 @@ fn parse<'a>(
         }
     }
     (items, Ok(()))
+}
+
+/// [`parse`] through `push_whole`, checking each chunk it calls one whole event.
+fn parse_whole<'a>(
+    limit: usize,
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+) -> (Vec<Item>, Result<(), SseError>) {
+    let mut parser = SseParser::new(limit);
+    let mut items = Vec::new();
+    for chunk in chunks {
+        let before = items.len();
+        match parser.push_whole(chunk, &mut items) {
+            Err(e) => return (items, Err(e)),
+            Ok(true) => match &items[before..] {
+                [Item::Event(event)] => assert_eq!(&event.to_bytes()[..], chunk),
+                other => panic!("a whole event gave {other:?}"),
+            },
+            Ok(false) => {}
+        }
+    }
+    (items, Ok(()))
+}
+
+/// `data` cut after each blank line (`\n\n`), as upstreams send an event a chunk.
+fn event_chunks(data: &[u8]) -> Vec<&[u8]> {
+    let mut chunks = Vec::new();
+    let mut rest = data;
+    while let Some(at) = rest.windows(2).position(|w| w == b"\n\n") {
+        let (chunk, tail) = rest.split_at(at + 2);
+        chunks.push(chunk);
+        rest = tail;
+    }
+    chunks.push(rest);
+    chunks
 }
 
 /// A hash of the input, so the cuts are reproducible from the input alone (FNV-1a).
@@ -77,6 +114,13 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(bytes, whole, "limit {limit}, byte by byte");
         let random = parse(limit, random_chunks(data, seed));
         assert_eq!(random, whole, "limit {limit}, random chunks");
+        let random = parse_whole(limit, random_chunks(data, seed));
+        assert_eq!(random, whole, "limit {limit}, random chunks pushed whole");
+        let events = parse_whole(limit, event_chunks(data));
+        assert_eq!(
+            events, whole,
+            "limit {limit}, an event a chunk pushed whole"
+        );
 
         let (items, _) = whole;
         for item in &items {
