@@ -773,11 +773,17 @@ pub fn signal(pid: u32, signal_name: &str) {
 /// Whether process `pid` has exited: gone, or a zombie (a process the test did not start
 /// itself cannot be reaped by it; one it did is reaped only when its handle is dropped).
 fn exited(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
         stat.rsplit(')')
             .next()
             .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-    })
+    });
+    // The leader turns zombie while its other threads may still be exiting, and the files
+    // they share (a data directory's lock among them) close only when the last of them has:
+    // restarted on its directory at that moment, a replica found the lock still held. A
+    // thread leaves `task/` once it has exited; the zombie leader stays.
+    zombie
+        && std::fs::read_dir(format!("/proc/{pid}/task")).map_or(true, |tasks| tasks.count() <= 1)
 }
 
 impl Drop for LocalRun {
