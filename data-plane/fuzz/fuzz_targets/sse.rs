@@ -17,31 +17,23 @@ use sluice_proxy::sse::{Item, SseError, SseParser};
 
 const LIMITS: [usize; 2] = [64, 64 * 1024];
 
-/// Feeds `chunks` in order, stopping at the first error as the relay does.
+/// Feeds `chunks` in order, stopping at the first error as the relay does; with `whole`,
+/// through `push_whole` as the relay feeds them, checking each chunk it calls one whole event.
 fn parse<'a>(
     limit: usize,
     chunks: impl IntoIterator<Item = &'a [u8]>,
-) -> (Vec<Item>, Result<(), SseError>) {
-    let mut parser = SseParser::new(limit);
-    let mut items = Vec::new();
-    for chunk in chunks {
-        if let Err(e) = parser.push(chunk, &mut items) {
-            return (items, Err(e));
-        }
-    }
-    (items, Ok(()))
-}
-
-/// [`parse`] through `push_whole`, checking each chunk it calls one whole event.
-fn parse_whole<'a>(
-    limit: usize,
-    chunks: impl IntoIterator<Item = &'a [u8]>,
+    whole: bool,
 ) -> (Vec<Item>, Result<(), SseError>) {
     let mut parser = SseParser::new(limit);
     let mut items = Vec::new();
     for chunk in chunks {
         let before = items.len();
-        match parser.push_whole(chunk, &mut items) {
+        let pushed = if whole {
+            parser.push_whole(chunk, &mut items)
+        } else {
+            parser.push(chunk, &mut items).map(|()| false)
+        };
+        match pushed {
             Err(e) => return (items, Err(e)),
             Ok(true) => match &items[before..] {
                 [Item::Event(event)] => assert_eq!(&event.to_bytes()[..], chunk),
@@ -107,16 +99,16 @@ fuzz_target!(|data: &[u8]| {
     let seed = hash(data);
     let at = usize::try_from(seed % (data.len() as u64 + 1)).unwrap_or(0);
     for limit in LIMITS {
-        let whole = parse(limit, [data]);
-        let one_cut = parse(limit, [&data[..at], &data[at..]]);
+        let whole = parse(limit, [data], false);
+        let one_cut = parse(limit, [&data[..at], &data[at..]], false);
         assert_eq!(one_cut, whole, "limit {limit}, cut at {at}");
-        let bytes = parse(limit, data.chunks(1).flat_map(|b| [b, &[][..]]));
+        let bytes = parse(limit, data.chunks(1).flat_map(|b| [b, &[][..]]), false);
         assert_eq!(bytes, whole, "limit {limit}, byte by byte");
-        let random = parse(limit, random_chunks(data, seed));
+        let random = parse(limit, random_chunks(data, seed), false);
         assert_eq!(random, whole, "limit {limit}, random chunks");
-        let random = parse_whole(limit, random_chunks(data, seed));
+        let random = parse(limit, random_chunks(data, seed), true);
         assert_eq!(random, whole, "limit {limit}, random chunks pushed whole");
-        let events = parse_whole(limit, event_chunks(data));
+        let events = parse(limit, event_chunks(data), true);
         assert_eq!(
             events, whole,
             "limit {limit}, an event a chunk pushed whole"
@@ -128,7 +120,7 @@ fuzz_target!(|data: &[u8]| {
                 assert!(event.data.len() <= limit, "event data within {limit}");
             }
         }
-        let (again, result) = parse(usize::MAX, [relayed(&items).as_slice()]);
+        let (again, result) = parse(usize::MAX, [relayed(&items).as_slice()], false);
         assert_eq!(result, Ok(()));
         assert_eq!(again, items, "the relayed stream parses to the same items");
     }
