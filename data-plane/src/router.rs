@@ -16,6 +16,12 @@ pub type Order<'a> = SmallVec<[&'a Route; 4]>;
 pub fn order<'a>(routes: &'a [Route], backends: &[Backend], rng: &mut impl Rng) -> Order<'a> {
     let mut ordered: SmallVec<[(&Route, f64); 4]> = SmallVec::with_capacity(routes.len());
     for group in routes.chunk_by(|a, b| rank(a, backends) == rank(b, backends)) {
+        // A route alone in its rank, as most are, has nothing to be drawn against: no random
+        // number and no logarithm for it.
+        if let [route] = group {
+            ordered.push((route, 0.0));
+            continue;
+        }
         let start = ordered.len();
         for route in group {
             // Efraimidis–Spirakis: sorting by u^(1/w) descending draws a weighted random
