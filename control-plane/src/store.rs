@@ -224,6 +224,11 @@ impl Store {
         self.inner.commits.subscribe()
     }
 
+    /// The newest committed snapshot version (what [`Store::commits`] last announced).
+    pub fn committed_version(&self) -> u64 {
+        *self.inner.commits.borrow()
+    }
+
     /// Runs `f` on the connection in a blocking task.
     pub(crate) async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
     where

@@ -223,6 +223,34 @@ async fn replicas_follow_a_control_plane_restored_from_an_older_backup() {
     assert_eq!(proxy.chat(&key, "m").await.status(), 200);
 }
 
+/// What a script does after an admin change: wait until `ListDataPlanes` shows every replica
+/// current, then rely on the change. A replica listed as current must run every change made
+/// before the list — not be current with the snapshot before it, which the control plane has
+/// not yet rebuilt when the admin call returns (a 401 for the new key, then).
+#[tokio::test]
+async fn a_replica_listed_as_current_runs_every_change_made_before_the_list() {
+    let cluster = Cluster::start().await;
+    let mock = Mock::start("a", &["m"]).await;
+    cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let proxies = [cluster.proxy().await, cluster.proxy().await];
+    cluster.wait_replicas_current(2).await;
+    for i in 0..10 {
+        let (_, key) = cluster.create_key(&format!("k{i}"), &[]).await;
+        cluster.wait_replicas_current(2).await;
+        for proxy in &proxies {
+            let answer = proxy.chat(&key, "m").await;
+            assert_eq!(
+                answer.status(),
+                200,
+                "key {i}: {}",
+                answer.text().await.unwrap()
+            );
+        }
+    }
+}
+
 /// Requests from `proxy` answered 200 out of `n` sent back to back.
 async fn admitted(proxy: &common::Proxy, key: &str, n: usize) -> usize {
     let mut ok = 0;

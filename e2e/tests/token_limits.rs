@@ -113,7 +113,6 @@ except openai.APIStatusError as err:
 async fn token_limits_of_a_key_and_of_a_backend_hold_across_three_replicas_behind_nginx() {
     let run = LocalRun::start(3).await;
     let a = Mock::start_with("a", &["m"], &["--chunk-count", "50"]).await;
-    let version = run.latest_version().await;
     let backend = run
         .add_backend("a", &a, pb::Pool::Primary, 0, &[("m", "m")])
         .await;
@@ -124,7 +123,7 @@ async fn token_limits_of_a_key_and_of_a_backend_hold_across_three_replicas_behin
     let tight = create_key(&run, "tight", 3_000, 0).await;
     // 3 a minute: one request on each replica leaves it in debt for most of an hour.
     let sdk = create_key(&run, "sdk", 3, 0).await;
-    run.wait_replicas_past(3, version).await;
+    run.wait_replicas_current(3).await;
     let front = Arc::new(run.front());
 
     for _ in 0..30 {
@@ -170,7 +169,6 @@ async fn token_limits_of_a_key_and_of_a_backend_hold_across_three_replicas_behin
     );
 
     // The backend's own TPM: 3,000 a minute as well, for a key without a limit.
-    let version = run.latest_version().await;
     run.admin()
         .await
         .update_backend(pb::UpdateBackendRequest {
@@ -184,7 +182,7 @@ async fn token_limits_of_a_key_and_of_a_backend_hold_across_three_replicas_behin
         })
         .await
         .unwrap();
-    run.wait_replicas_past(3, version).await;
+    run.wait_replicas_current(3).await;
     let before = served_tokens(&a).await;
     let start = Instant::now();
     let (ok, limited, refusal) =
@@ -216,12 +214,11 @@ async fn max_parallel_requests_holds_across_three_replicas() {
         &["--chunk-count", "20", "--chunk-interval", "100ms"],
     )
     .await;
-    let version = run.latest_version().await;
     run.add_backend("a", &a, pb::Pool::Primary, 0, &[("m", "m")])
         .await;
     // 3 at once over 3 replicas: one each.
     let key = create_key(&run, "k", 0, 3).await;
-    run.wait_replicas_past(3, version).await;
+    run.wait_replicas_current(3).await;
     let stream = serde_json::json!({
         "model": "m", "stream": true,
         "messages": [{"role": "user", "content": "say hello to me"}],

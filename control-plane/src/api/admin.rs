@@ -290,7 +290,14 @@ impl AdminService for Admin {
         &self,
         _request: Request<pb::ListDataPlanesRequest>,
     ) -> Result<Response<pb::ListDataPlanesResponse>, Status> {
-        let latest = self.publisher.latest().version;
+        // The newest committed version, not only the newest published: an admin call returns
+        // once its change is committed, a moment before the snapshot that carries it is built,
+        // and a replica listed as current must run every change made before the list.
+        let latest = self
+            .publisher
+            .latest()
+            .version
+            .max(self.store.committed_version());
         let data_planes = self.registry.list(&self.store, latest).await?;
         Ok(Response::new(pb::ListDataPlanesResponse { data_planes }))
     }

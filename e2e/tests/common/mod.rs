@@ -361,9 +361,10 @@ impl ControlApi {
     }
 
     /// Waits until `n` replicas run a snapshot published after version `before` (read with
-    /// [`Cluster::latest_version`] before a change). An admin call returns once the change is
-    /// stored, a moment before the snapshot that carries it is published: waiting only for
-    /// the replicas to be current could see them current with the version before it.
+    /// [`Cluster::latest_version`] before a change), for a change no admin call of the test
+    /// made — a cooldown or its end, reported by a replica and committed some time later. After
+    /// an admin call, [`Cluster::wait_replicas_current`] is enough: the listed latest version
+    /// already counts every committed change.
     pub async fn wait_replicas_past(&self, n: usize, before: u64) {
         eventually(
             Duration::from_secs(10),
