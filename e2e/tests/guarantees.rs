@@ -223,10 +223,11 @@ async fn replicas_follow_a_control_plane_restored_from_an_older_backup() {
     assert_eq!(proxy.chat(&key, "m").await.status(), 200);
 }
 
-/// What a script does after an admin change: wait until `ListDataPlanes` shows every replica
-/// current, then rely on the change. A replica listed as current must run every change made
-/// before the list — not be current with the snapshot before it, which the control plane has
-/// not yet rebuilt when the admin call returns (a 401 for the new key, then).
+/// What a script does after an admin change: list the replicas until every one is current,
+/// then rely on the change. A replica listed as current must run every change made before the
+/// list — not be current with the snapshot before it, which the control plane has not yet
+/// built when the admin call returns (the new key's 401, then). The list is asked on the
+/// admin call's own connection right after it returns, as a script's next command would.
 #[tokio::test]
 async fn a_replica_listed_as_current_runs_every_change_made_before_the_list() {
     let cluster = Cluster::start().await;
@@ -236,9 +237,34 @@ async fn a_replica_listed_as_current_runs_every_change_made_before_the_list() {
         .await;
     let proxies = [cluster.proxy().await, cluster.proxy().await];
     cluster.wait_replicas_current(2).await;
-    for i in 0..10 {
-        let (_, key) = cluster.create_key(&format!("k{i}"), &[]).await;
-        cluster.wait_replicas_current(2).await;
+    let mut admin = cluster.admin().await;
+    for i in 0..20 {
+        let key = admin
+            .create_client_key(pb::CreateClientKeyRequest {
+                name: format!("k{i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .key;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let planes = admin
+                .list_data_planes(pb::ListDataPlanesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .data_planes;
+            let current = planes
+                .iter()
+                .filter(|p| p.connected && p.acked_version == p.latest_version)
+                .count();
+            if current == proxies.len() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{planes:?}");
+        }
         for proxy in &proxies {
             let answer = proxy.chat(&key, "m").await;
             assert_eq!(

@@ -336,3 +336,68 @@ impl AdminService for Admin {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    use crate::crypto::MasterKey;
+    use crate::membership::Membership;
+    use crate::store::NodeHello;
+
+    /// An admin call returns once its change is committed, before the snapshot that carries
+    /// it is built: until the replica has acked that snapshot, the list must not show it as
+    /// current (a script waiting for current replicas would use the change too early).
+    #[tokio::test]
+    async fn a_replica_is_listed_as_current_only_once_it_runs_every_committed_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("t.db"), MasterKey::generate()).unwrap();
+        // Rebuilds only when told: the moment between the commit and the snapshot, held open.
+        let publisher = Arc::new(Publisher::unstarted(store.clone()).await.unwrap());
+        let registry = Arc::new(Registry::default());
+        let hello = NodeHello {
+            node_id: "r1".into(),
+            hostname: "h".into(),
+            peer_address: String::new(),
+            build_version: "t".into(),
+        };
+        Membership::new(store.clone(), Arc::clone(&registry))
+            .joined(&hello, crate::time::now_ms())
+            .await
+            .unwrap();
+        let admin = Admin::new(store, Arc::clone(&publisher), Arc::clone(&registry));
+        let current = || async {
+            let planes = admin
+                .list_data_planes(Request::new(pb::ListDataPlanesRequest {}))
+                .await
+                .unwrap()
+                .into_inner()
+                .data_planes;
+            assert_eq!(planes.len(), 1);
+            planes[0].acked_version == planes[0].latest_version
+        };
+        publisher.rebuild().await.unwrap();
+        registry.record("r1", publisher.latest().version, "");
+        assert!(current().await, "the replica runs the newest snapshot");
+
+        admin
+            .create_client_key(Request::new(pb::CreateClientKeyRequest {
+                name: "k".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        assert!(
+            !current().await,
+            "the key is committed, its snapshot not built"
+        );
+        publisher.rebuild().await.unwrap();
+        assert!(!current().await, "the snapshot is built, not acked");
+        registry.record("r1", publisher.latest().version, "");
+        assert!(
+            current().await,
+            "the replica acked the snapshot with the key"
+        );
+    }
+}
