@@ -347,17 +347,17 @@ impl<'a> PlainUsage<'a> {
         let mut seen = [false; 4];
         plain.object(USAGE_ORDER, |plain, key| {
             let (field, figure) = match key {
-                b"prompt_tokens" => (0, &mut tokens.prompt),
-                b"completion_tokens" => (1, &mut tokens.completion),
-                b"prompt_tokens_details" => {
-                    tokens.cached_prompt = plain.details(b"cached_tokens", PROMPT_DETAILS_ORDER)?;
+                Some(PROMPT_TOKENS) => (0, &mut tokens.prompt),
+                Some(COMPLETION_TOKENS) => (1, &mut tokens.completion),
+                Some(PROMPT_DETAILS) => {
+                    tokens.cached_prompt = plain.details(PROMPT_DETAILS_ORDER)?;
                     return once(&mut seen[2]);
                 }
-                b"completion_tokens_details" => {
-                    tokens.reasoning =
-                        plain.details(b"reasoning_tokens", COMPLETION_DETAILS_ORDER)?;
+                Some(COMPLETION_DETAILS) => {
+                    tokens.reasoning = plain.details(COMPLETION_DETAILS_ORDER)?;
                     return once(&mut seen[3]);
                 }
+                // `total_tokens` and any other key: a count or null, not read.
                 _ => return plain.count().map(drop),
             };
             *figure = plain.count()?.unwrap_or(0);
@@ -366,16 +366,16 @@ impl<'a> PlainUsage<'a> {
         Some((Some(tokens), plain.at))
     }
 
-    /// A details object's figure named `name` (0 when missing or null, or the whole is null);
-    /// its keys are expected in `order` (see [`Self::object`]).
-    fn details(&mut self, name: &[u8], order: &[&[u8]]) -> Option<u64> {
+    /// A details object's figure, the first key of `order` (0 when missing or null, or the
+    /// whole is null); its keys are expected in `order` (see [`Self::object`]).
+    fn details(&mut self, order: &[&[u8]]) -> Option<u64> {
         if self.literal_null() {
             return Some(0);
         }
         let (mut figure, mut seen) = (0, false);
         self.object(order, |plain, key| {
             let count = plain.count()?;
-            if key != name {
+            if key != Some(0) {
                 return Some(());
             }
             figure = count.unwrap_or(0);
@@ -384,41 +384,46 @@ impl<'a> PlainUsage<'a> {
         Some(figure)
     }
 
-    /// An object: `{`, then for each key (read without escapes) `value` reads its value. Keys
-    /// are expected in `order`, the order providers write them in (each name with its closing
-    /// quote): a key that is the one expected next is known by one comparison, without a
-    /// search for its string's end; any other is searched for, and the next expected is still
-    /// looked for after it.
+    /// An object: `{`, then for each key (read without escapes) `value` reads its value, told
+    /// the key's index in `order` (`None` for a key not in it). Keys are expected in `order`,
+    /// the order providers write them in (each name with its closing quote): a key that is
+    /// the one expected next is known by one comparison, without a search for its string's
+    /// end; any other is searched for and looked up in `order`, and the next expected is
+    /// still looked for after it.
     fn object(
         &mut self,
         order: &[&[u8]],
-        mut value: impl FnMut(&mut Self, &[u8]) -> Option<()>,
+        mut value: impl FnMut(&mut Self, Option<usize>) -> Option<()>,
     ) -> Option<()> {
         self.byte(b'{')?;
         self.whitespace();
         if self.byte(b'}').is_some() {
             return Some(());
         }
-        let mut expected = order.iter();
-        let mut next = expected.next();
+        let mut next = 0;
         loop {
             self.whitespace();
             self.byte(b'"')?;
             let rest = self.json.get(self.at..)?;
-            let end = match next {
+            let key = match order.get(next) {
                 // No quote or backslash in these names: the quote after one ends the string.
                 Some(quoted) if rest.starts_with(quoted) => {
-                    next = expected.next();
-                    self.at + quoted.len() - 1
+                    self.at += quoted.len();
+                    next += 1;
+                    Some(next - 1)
                 }
                 _ => match string_end(self.json, self.at)? {
                     // serde decodes escapes: its business.
                     (_, true) => return None,
-                    (end, false) => end,
+                    (end, false) => {
+                        let name = self.json.get(self.at..end)?;
+                        self.at = end + 1;
+                        order
+                            .iter()
+                            .position(|quoted| quoted.strip_suffix(b"\"") == Some(name))
+                    }
                 },
             };
-            let key = self.json.get(self.at..end)?;
-            self.at = end + 1;
             self.whitespace();
             self.byte(b':')?;
             self.whitespace();
@@ -474,7 +479,8 @@ impl<'a> PlainUsage<'a> {
 }
 
 /// The keys of `usage` and of its two details objects in the order OpenAI writes them, each
-/// name with its closing quote, for [`PlainUsage::object`] to expect.
+/// name with its closing quote, for [`PlainUsage::object`] to expect; a details object's
+/// figure is its first key.
 const USAGE_ORDER: &[&[u8]] = &[
     b"prompt_tokens\"",
     b"completion_tokens\"",
@@ -482,6 +488,11 @@ const USAGE_ORDER: &[&[u8]] = &[
     b"prompt_tokens_details\"",
     b"completion_tokens_details\"",
 ];
+/// The indices in [`USAGE_ORDER`] of the keys read.
+const PROMPT_TOKENS: usize = 0;
+const COMPLETION_TOKENS: usize = 1;
+const PROMPT_DETAILS: usize = 3;
+const COMPLETION_DETAILS: usize = 4;
 const PROMPT_DETAILS_ORDER: &[&[u8]] = &[b"cached_tokens\"", b"audio_tokens\""];
 const COMPLETION_DETAILS_ORDER: &[&[u8]] = &[
     b"reasoning_tokens\"",
