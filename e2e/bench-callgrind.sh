@@ -23,7 +23,8 @@
 #                                              # events a stream, the usage chunk included)
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
-# examples/bare_proxy. Uses ports 28080-28091, 25051 and 29090 (and 29091 for the streams' mock).
+# examples/bare_proxy, built as shipped in two invocations (`cargo build --release --bins`, then
+# `cargo build --release -p sluice-proxy --example bare_proxy`; see warn_unless_shipped). Uses ports 28080-28091, 25051 and 29090 (and 29091 for the streams' mock).
 # Needs valgrind and python3.
 set -euo pipefail
 
