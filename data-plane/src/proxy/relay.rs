@@ -475,8 +475,32 @@ fn is_output_delta(event: &Event) -> bool {
 
 /// The keys of an OpenAI chunk whose non-empty string is output, with their quotes; their
 /// searchers are built once (a `str` search builds its own at every call).
-static OUTPUT_KEYS: LazyLock<[Finder<'static>; 4]> =
-    LazyLock::new(|| ["\"content\"", "\"text\"", "\"arguments\"", "\"refusal\""].map(Finder::new));
+static OUTPUT_KEYS: LazyLock<[Finder<'static>; 4]> = LazyLock::new(|| {
+    ["\"content\"", "\"text\"", "\"arguments\"", "\"refusal\""]
+        .map(|key| memchr::memmem::FinderBuilder::new().build_forward_with_ranker(JsonRank, key))
+});
+
+/// How common a byte is in JSON text, for memchr's searcher to pick the two bytes of a key
+/// it looks for first: its default ranking, made for prose and code, takes the quote for the
+/// rarest byte of `"content"`, so every `"c` of a chunk (`"chatcmpl-…"`, `"created"`,
+/// `"choices"`, …) was a candidate to check. Here quotes and JSON's other punctuation and
+/// digits are the most common bytes, and letters rank by their frequency in English.
+struct JsonRank;
+
+impl memchr::arch::all::packedpair::HeuristicFrequencyRank for JsonRank {
+    fn rank(&self, byte: u8) -> u8 {
+        const ENGLISH: &[u8; 26] = b"etaoinshrdlcumwfgypbvkjxqz";
+        match byte {
+            b'"' | b':' | b',' | b'{' | b'}' | b'[' | b']' | b' ' | b'0'..=b'9' => 255,
+            b'a'..=b'z' => {
+                let place = ENGLISH.iter().position(|&c| c == byte).unwrap_or(25);
+                // 250 for `e` down to 200 for `z`.
+                250 - 2 * u8::try_from(place).unwrap_or(25)
+            }
+            _ => 100,
+        }
+    }
+}
 
 /// Whether some `key` in `json` is followed by `:` and a string that is not empty.
 fn non_empty_string_after(json: &str, key: &Finder<'_>) -> bool {
@@ -668,6 +692,45 @@ mod tests {
                 is_output_delta(&event(name, data)),
                 output,
                 "{name:?} {data}"
+            );
+        }
+    }
+
+    /// [`is_output_delta`] for an OpenAI chunk as written with `str` searches: what the
+    /// searchers built with [`JsonRank`] must agree with.
+    fn is_output_delta_by_str_search(data: &str) -> bool {
+        ["\"content\"", "\"text\"", "\"arguments\"", "\"refusal\""]
+            .iter()
+            .any(|key| {
+                data.match_indices(key).any(|(at, _)| {
+                    data[at + key.len()..]
+                        .trim_start()
+                        .strip_prefix(':')
+                        .and_then(|value| value.trim_start().strip_prefix('"'))
+                        .is_some_and(|string| !string.starts_with('"'))
+                })
+            })
+    }
+
+    proptest::proptest! {
+        /// The keys' searchers find every occurrence `str` finds, whatever the chunk.
+        #[test]
+        fn the_output_key_searches_agree_with_str_searches(
+            pieces in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "\"content\"", "\"text\"", "\"arguments\"", "\"refusal\"", "\"content",
+                    "content\"", "\"c", ":", " ", "\"", "\"\"", "x", "\\\"", "{", "}", ",",
+                    "\"chatcmpl-1\"", "\"choices\"", "\u{e9}", "null",
+                ]),
+                0..32,
+            ),
+        ) {
+            let data = pieces.concat();
+            proptest::prop_assert_eq!(
+                is_output_delta(&event(None, &data)),
+                is_output_delta_by_str_search(&data),
+                "{}",
+                data
             );
         }
     }
