@@ -36,11 +36,16 @@ struct Harness {
 }
 
 impl Harness {
+    /// A control plane that keeps every hourly row: the tests report records at fixed dates
+    /// (`DAY0`, 2025-11-25) now long past the default retention of 90 days, and the retention
+    /// pass the control plane runs at start may come after a test's first report, which then
+    /// lost its hourly rows (its daily ones stay) whenever that pass was late. Retention is
+    /// tested by the tests that set it.
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cp = TestControlPlane::start(dir.path()).await.unwrap();
         let channel = channel(&cp).await;
-        Self {
+        let mut harness = Self {
             admin: AdminServiceClient::with_interceptor(
                 channel.clone(),
                 Bearer(cp.admin_token.clone()),
@@ -48,7 +53,9 @@ impl Harness {
             stats: StatsServiceClient::with_interceptor(channel, Bearer(cp.admin_token.clone())),
             cp,
             _dir: dir,
-        }
+        };
+        harness.set_retention_days(0).await;
+        harness
     }
 
     async fn data_plane(&self) -> DataPlane {
@@ -1030,10 +1037,9 @@ async fn pipelined_batches_are_acked_in_order_and_an_error_comes_after_the_owed_
 
 #[tokio::test]
 async fn retention_deletes_old_hourly_rows_and_keeps_day_totals() {
+    // The harness keeps everything until this test runs the pass itself (the pass at start
+    // may still be on its way).
     let mut h = Harness::start().await;
-    // Nothing is deleted until this test runs the pass itself (the pass at start may
-    // still be on its way).
-    h.set_retention_days(0).await;
     let b = h.backend("b", pb::Pool::Primary, &[("m1", 1.0, 2.0)]).await;
     let now = chrono_now_ms();
     let today = now.div_euclid(DAY) * DAY;
