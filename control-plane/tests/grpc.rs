@@ -1053,6 +1053,18 @@ async fn usage_series_splits_at_utc_hour_and_day_boundaries_and_groups() {
     let dir = tempfile::tempdir().unwrap();
     let cp = TestControlPlane::start(dir.path()).await.unwrap();
     let mut admin = admin(&cp).await;
+    // Hourly rows kept whatever their age: the records below are of 2025-11-25, past the
+    // default retention, and the pass the control plane runs at start may come after them.
+    admin
+        .update_settings(pb::UpdateSettingsRequest {
+            settings: Some(pb::Settings {
+                usage_retention_days: 0,
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["usage_retention_days"])),
+        })
+        .await
+        .unwrap();
     let b1 = create(&mut admin, "b1", "").await;
     let b2 = create(&mut admin, "b2", "").await;
     let mut dp = DataPlaneServiceClient::with_interceptor(
