@@ -319,7 +319,7 @@ async fn authorized(
         Ok(body) => body,
         Err(e) => return forward::error(acct, e).await,
     };
-    let parsed = match request::parse(&body) {
+    let parsed = match request::parse_received(&body) {
         Ok(parsed) => parsed,
         Err(e) => return forward::error(acct, e.into()).await,
     };

@@ -2,7 +2,9 @@
 //! `stream_options`), and only `model` and `stream_options.include_usage` are rewritten.
 //! Every other top-level field is forwarded as the exact bytes the client sent (tools,
 //! images, fields this proxy has never heard of); only the whitespace between top-level
-//! fields is normalised.
+//! fields and escapes in their names and in `model` are normalised. A body parsed as
+//! received ([`parse_received`]) in which nothing changes (its `model` is the upstream's and a
+//! stream already asks for `include_usage`) is sent as it came, without a copy.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -55,6 +57,8 @@ impl RequestError {
 /// A parsed request body, borrowing from the bytes it was parsed from.
 #[derive(Debug)]
 pub struct ParsedRequest<'a> {
+    /// The body as received, when parsed with [`parse_received`].
+    received: Option<&'a Bytes>,
     fields: Vec<(Key<'a>, &'a RawValue)>,
     /// The public model name the client asked for.
     pub model: Cow<'a, str>,
@@ -64,6 +68,14 @@ pub struct ParsedRequest<'a> {
     pub include_usage: bool,
     /// The Responses API's `previous_response_id`, when a string (`null` counts as absent).
     pub previous_response_id: Option<Cow<'a, str>>,
+}
+
+/// [`parse`] of a body as received, which [`ParsedRequest::rewrite_with`] then sends on as it
+/// came (the same bytes, shared) when it would change nothing in it.
+pub fn parse_received(body: &Bytes) -> Result<ParsedRequest<'_>, RequestError> {
+    let mut parsed = parse(body)?;
+    parsed.received = Some(body);
+    Ok(parsed)
 }
 
 /// Parses the fields routing needs and checks their types.
@@ -151,6 +163,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
         }
     };
     Ok(ParsedRequest {
+        received: None,
         fields,
         model,
         stream,
@@ -187,13 +200,24 @@ impl ParsedRequest<'_> {
     }
 
     /// [`ParsedRequest::rewrite`], with `previous_response_id` replaced by
-    /// `previous_response_id` when given (the upstream's own id for Sluice's).
+    /// `previous_response_id` when given (the upstream's own id for Sluice's). A body parsed
+    /// with [`parse_received`] that this would not change but for whitespace and escapes is
+    /// the received body itself: its `model` already the upstream's, `include_usage` already
+    /// set if it is to be, no id to replace. Any JSON parser reads the two alike (the
+    /// duplicate keys routing reads were refused by [`parse`]).
     pub fn rewrite_with(
         &self,
         upstream_model: &str,
         force_include_usage: bool,
         previous_response_id: Option<&str>,
     ) -> Bytes {
+        if let Some(received) = self.received
+            && previous_response_id.is_none()
+            && (!force_include_usage || self.include_usage)
+            && self.model == upstream_model
+        {
+            return received.clone();
+        }
         let size: usize = self
             .fields
             .iter()
@@ -528,6 +552,61 @@ mod tests {
                 expected.insert("stream_options".into(), json!({"include_usage": true}));
             }
             prop_assert_eq!(out, Value::Object(expected));
+        }
+
+        /// A body parsed as received is sent on as the rewrite would send it, read as JSON:
+        /// the received bytes themselves (shared, not copied) exactly when the rewrite would
+        /// change nothing but whitespace and escapes.
+        #[test]
+        fn a_body_sent_as_it_came_reads_as_the_rewritten_one(
+            extra in proptest::collection::btree_map("[a-z_]{1,8}", json_value(), 0..6),
+            model in prop_oneof!["gpt-4o-mini", ".{1,8}"],
+            same_model in any::<bool>(),
+            options in prop_oneof![
+                Just(None),
+                Just(Some(json!({"include_usage": true}))),
+                Just(Some(json!({"include_usage": false, "x": 1}))),
+                Just(Some(Value::Null)),
+            ],
+            force in any::<bool>(),
+            previous in proptest::option::of("resp_[a-z]{1,4}"),
+            pretty in any::<bool>(),
+        ) {
+            let mut body = serde_json::Map::new();
+            for (k, v) in &extra {
+                if !matches!(k.as_str(), "model" | "stream" | "stream_options" | "previous_response_id") {
+                    body.insert(k.clone(), v.clone());
+                }
+            }
+            body.insert("model".into(), Value::String(model.clone()));
+            if let Some(options) = &options {
+                body.insert("stream_options".into(), options.clone());
+            }
+            if previous.is_some() {
+                body.insert("previous_response_id".into(), json!("resp_sluice"));
+            }
+            let body = Value::Object(body);
+            let text = if pretty {
+                serde_json::to_string_pretty(&body)
+            } else {
+                serde_json::to_string(&body)
+            };
+            let received = Bytes::from(text.unwrap());
+            let upstream = if same_model { model.clone() } else { format!("{model}-up") };
+
+            let sent = parse_received(&received)
+                .unwrap()
+                .rewrite_with(&upstream, force, previous.as_deref());
+            let rewritten = parse(&received)
+                .unwrap()
+                .rewrite_with(&upstream, force, previous.as_deref());
+            prop_assert_eq!(
+                serde_json::from_slice::<Value>(&sent).unwrap(),
+                serde_json::from_slice::<Value>(&rewritten).unwrap()
+            );
+            let asks_usage = options == Some(json!({"include_usage": true}));
+            let unchanged = same_model && (!force || asks_usage) && previous.is_none();
+            prop_assert_eq!(sent.as_ptr() == received.as_ptr(), unchanged);
         }
 
         #[test]
