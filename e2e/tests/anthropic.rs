@@ -463,3 +463,58 @@ async fn the_anthropic_sdk_talks_to_both_kinds_of_backend_through_v1_messages() 
     )
     .await;
 }
+
+/// A Messages body reaches an Anthropic backend as the client's very bytes when its route
+/// keeps the model's name (Sluice then has nothing to change in it), and with `model` alone
+/// replaced when the route renames it.
+#[tokio::test]
+async fn a_messages_body_reaches_the_backend_as_sent_unless_its_model_is_renamed() {
+    let cluster = Cluster::start().await;
+    let claude = Mock::start("claude", &["claude-same", "claude-up"]).await;
+    cluster
+        .add_backend_speaking(
+            pb::ApiFormat::Anthropic,
+            "anthropic",
+            &claude,
+            pb::Pool::Primary,
+            0,
+            &[("claude-same", "claude-same"), ("claude", "claude-up")],
+        )
+        .await;
+    let (_, key) = cluster.create_key("raw", &[]).await;
+    let proxy = cluster.proxy().await;
+    // Whitespace and an escaped key, which a rewrite writes anew.
+    let body = |model: &str| {
+        format!(
+            "{{\n  \"model\" : \"{model}\",\n  \"max_tokens\": 16,\n  \
+             \"mess\\u0061ges\": [ {{\"role\": \"user\", \"content\": \"hi\"}} ]\n}}\n"
+        )
+    };
+    let send = |body: String| {
+        proxy
+            .http
+            .post(proxy.url("/v1/messages"))
+            .header("x-api-key", &key)
+            .header("anthropic-version", "2023-06-01")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+
+    let sent = body("claude-same");
+    let answer = send(sent.clone()).await.unwrap();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    assert_eq!(claude.last_messages().await.unwrap().body, sent);
+
+    let sent = body("claude");
+    let answer = send(sent.clone()).await.unwrap();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    let upstream = claude.last_messages().await.unwrap().body;
+    assert_ne!(upstream, sent, "a renamed model's body is written anew");
+    let mut expected: serde_json::Value = serde_json::from_str(&sent).unwrap();
+    expected["model"] = json!("claude-up");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&upstream).unwrap(),
+        expected
+    );
+}

@@ -5,6 +5,9 @@
 //! that changes only `model` and, for streams, `stream_options.include_usage`, keeping every
 //! other field (other `stream_options` fields included).
 //!
+//! The same body parsed as received (`parse_received`) and sent to its own model, which the
+//! proxy sends on as it came when nothing in it changes, reads as the rewrite reads.
+//!
 //! Bodies that are not strict JSON but that the parser takes (a lone UTF-16 surrogate
 //! escape such as `"\ud800"`, which Python's `json` and so many upstreams accept) are
 //! forwarded as they came, apart from the rewritten fields.
@@ -27,9 +30,26 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(again.stream, parsed.stream);
     assert_eq!(again.include_usage, parsed.stream || parsed.include_usage);
 
+    let received = bytes::Bytes::copy_from_slice(data);
+    let as_received =
+        sluice_proxy::request::parse_received(&received).expect("parses as it did from bytes");
+    let own = as_received.model.to_string();
+    let sent = as_received.rewrite(&own, as_received.stream);
+    let sent_again = sluice_proxy::request::parse(&sent).expect("what is sent parses again");
+    assert_eq!(sent_again.model, own);
+    assert_eq!(sent_again.stream, parsed.stream);
+    assert_eq!(sent_again.include_usage, parsed.stream || parsed.include_usage);
+
     let Ok(Value::Object(mut original)) = serde_json::from_slice::<Value>(data) else {
         return;
     };
+    let written: Value = serde_json::from_slice(&parsed.rewrite(&own, parsed.stream))
+        .expect("a strict body's rewrite is strict JSON");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&sent).expect("what is sent of a strict body is strict"),
+        written,
+        "a body sent as it came reads as its rewrite"
+    );
     let out: Value =
         serde_json::from_slice(&rewritten).expect("a strict body's rewrite is strict JSON");
     let Value::Object(out) = out else {
