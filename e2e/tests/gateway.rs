@@ -194,6 +194,52 @@ async fn embeddings_completions_and_model_listing() {
     );
 }
 
+/// An embeddings answer names its `usage` after its vectors, which the proxy only searches on
+/// the way to it: an answer of eight 1,536-dimension vectors (about 200 KB) is accounted to
+/// the token, as the client and the upstream count it.
+#[tokio::test]
+async fn an_embeddings_answer_is_accounted_past_its_vectors() {
+    let model = "text-embedding-3-small";
+    let cluster = Cluster::start().await;
+    let mock = Mock::start_with("mock-a", &[model], &["--embedding-dims", "1536"]).await;
+    cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[(model, model)])
+        .await;
+    let (_, key) = cluster.create_key("embedder", &[model]).await;
+    let proxy = cluster.proxy().await;
+
+    let inputs: Vec<String> = (0..8)
+        .map(|i| format!("the {i}th input, a few words long"))
+        .collect();
+    let r = proxy
+        .post(
+            "/v1/embeddings",
+            &key,
+            json!({"model": model, "input": inputs}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.unwrap();
+    assert!(body.len() > 100_000, "{} bytes", body.len());
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 8);
+    assert_eq!(body["data"][7]["embedding"].as_array().unwrap().len(), 1536);
+    let answered = body["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(answered >= 8, "{body}");
+    assert_eq!(mock.stats().await.prompt_tokens, answered);
+
+    eventually(
+        Duration::from_secs(10),
+        "the answer's tokens reach the control plane",
+        || async {
+            let t = cluster.totals().await;
+            t.request_count == 1 && t.prompt_tokens == answered
+        },
+    )
+    .await;
+    assert_eq!(cluster.totals().await.completion_tokens, 0);
+}
+
 fn assert_openai_error(body: &Value) {
     let error = &body["error"];
     assert!(

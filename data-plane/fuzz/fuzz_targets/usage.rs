@@ -1,13 +1,20 @@
-//! Upstream answers and stream chunks read for their usage (`usage_of`, a one-pass scan that
-//! hands only the `usage` value to serde, or not even that). Whatever the bytes:
-//! - it never panics;
-//! - for every JSON object it answers as the full serde parse into `{usage, choices}` that it
-//!   replaced (kept here as the oracle, with the `"usage"` search that ran before it);
-//! - a text cut off before its end counts nothing.
+//! Upstream answers and stream chunks read for their usage: a stream's chunk by `usage_of`, a
+//! one-pass scan that hands only the `usage` value to serde, or not even that; a whole answer
+//! by `usage_of_answer`, a walk from its first `"usage"` to its end. Whatever the bytes:
+//! - neither panics;
+//! - for every JSON object `usage_of` answers as the full serde parse into `{usage, choices}`
+//!   that it replaced (kept here as the oracle, with the `"usage"` search that ran before it),
+//!   and `usage_of_answer` as serde reading the object's one member named `usage` plainly;
+//! - a text cut off before its end counts nothing for `usage_of`;
+//! - the figures `usage_of_answer` reads are those of a `"usage":` value in the text.
 #![no_main]
 
+use std::fmt;
+
 use libfuzzer_sys::fuzz_target;
-use sluice_proxy::proxy::{Tokens, usage_of};
+use serde::Deserialize;
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use sluice_proxy::proxy::{Tokens, usage_of, usage_of_answer};
 
 #[derive(serde::Deserialize)]
 struct PromptDetails {
@@ -41,6 +48,97 @@ struct WithUsage {
     choices: Option<Vec<serde::de::IgnoredAny>>,
 }
 
+impl Usage {
+    fn tokens(self) -> Tokens {
+        Tokens {
+            prompt: self.prompt_tokens.unwrap_or(0),
+            completion: self.completion_tokens.unwrap_or(0),
+            cached_prompt: self
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
+            reasoning: self
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// A key, and whether it is written `"usage"` without escapes: serde_json hands such a key
+/// over borrowed from the text, and decodes one with escapes into a buffer.
+struct NamedUsagePlainly(bool);
+
+impl<'de> Deserialize<'de> for NamedUsagePlainly {
+    fn deserialize<D: serde::Deserializer<'de>>(key: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl<'de> Visitor<'de> for Name {
+            type Value = NamedUsagePlainly;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Self::Value, E> {
+                Ok(NamedUsagePlainly(key == "usage"))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(NamedUsagePlainly(false))
+            }
+        }
+        key.deserialize_str(Name)
+    }
+}
+
+/// The values of a JSON object's members named `usage` plainly.
+struct UsageMembers(Vec<Option<Usage>>);
+
+impl<'de> Deserialize<'de> for UsageMembers {
+    fn deserialize<D: serde::Deserializer<'de>>(object: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> Visitor<'de> for Members {
+            type Value = UsageMembers;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut values = Vec::new();
+                while let Some(NamedUsagePlainly(usage)) = map.next_key()? {
+                    if usage {
+                        values.push(map.next_value::<Option<Usage>>()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(UsageMembers(values))
+            }
+        }
+        object.deserialize_map(Members)
+    }
+}
+
+/// What `usage_of_answer` answers for a JSON text: the one member named `usage` plainly.
+fn answer_by_full_parse(json: &str) -> Option<Tokens> {
+    let UsageMembers(values) = serde_json::from_str(json).ok()?;
+    let [value] = <[_; 1]>::try_from(values).ok()?;
+    Some(value?.tokens())
+}
+
+/// The figures serde reads from the value after every `"usage"` and a colon in `text`.
+fn usage_values(text: &str) -> Vec<Tokens> {
+    let bytes = text.as_bytes();
+    (0..bytes.len())
+        .filter(|&at| bytes[at..].starts_with(b"\"usage\""))
+        .filter_map(|at| {
+            let rest = &bytes[at + 7..];
+            let colon = rest
+                .iter()
+                .position(|byte| !matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))?;
+            (rest[colon] == b':').then_some(())?;
+            let mut value = serde_json::Deserializer::from_slice(&rest[colon + 1..]);
+            Some(Option::<Usage>::deserialize(&mut value).ok()??.tokens())
+        })
+        .collect()
+}
+
 /// `usage_of` as it was before the scan.
 fn by_full_parse(json: &str) -> Option<(Tokens, bool)> {
     let no_figures = json.match_indices("\"usage\"").all(|(at, key)| {
@@ -53,19 +151,7 @@ fn by_full_parse(json: &str) -> Option<(Tokens, bool)> {
         return None;
     }
     let parsed: WithUsage = serde_json::from_str(json).ok()?;
-    let usage = parsed.usage?;
-    let tokens = Tokens {
-        prompt: usage.prompt_tokens.unwrap_or(0),
-        completion: usage.completion_tokens.unwrap_or(0),
-        cached_prompt: usage
-            .prompt_tokens_details
-            .and_then(|d| d.cached_tokens)
-            .unwrap_or(0),
-        reasoning: usage
-            .completion_tokens_details
-            .and_then(|d| d.reasoning_tokens)
-            .unwrap_or(0),
-    };
+    let tokens = parsed.usage?.tokens();
     Some((tokens, parsed.choices.is_some_and(|c| c.is_empty())))
 }
 
@@ -74,7 +160,19 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let read = usage_of(json);
+    let answer = usage_of_answer(json);
+    if let Some(tokens) = answer {
+        assert!(
+            usage_values(json).contains(&tokens),
+            "a whole answer's figures are a usage value in it"
+        );
+    }
     if let Ok(serde_json::Value::Object(_)) = serde_json::from_str(json) {
+        assert_eq!(
+            answer,
+            answer_by_full_parse(json),
+            "a whole JSON answer is read for its one member named usage"
+        );
         assert_eq!(
             read,
             by_full_parse(json),

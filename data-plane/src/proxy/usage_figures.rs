@@ -2,25 +2,32 @@
 //! embeddings body): its top-level `usage`, read without parsing the rest of the answer.
 //!
 //! Every non-streamed chat answer and every stream chunk with figures is read here, so the
-//! reading is cheap: one pass over the bytes finds where the top-level object's `usage` and
-//! `choices` values start, reading a plainly written `usage` on the way ([`PlainUsage`]);
-//! serde_json reads any other `usage` value, and nothing else. A full serde parse of a
-//! 600-byte answer cost about a tenth of the request's instructions.
+//! reading is cheap: a plainly written `usage` is read by hand ([`PlainUsage`]), serde_json
+//! reads any other `usage` value, and nothing else. A full serde parse of a 600-byte answer
+//! cost about a tenth of the request's instructions.
 //!
-//! Most stream chunks have no figures, and say so last: `…,"usage":null}`. Those are told by
-//! their last bytes alone ([`ends_with_null_usage`]); any other chunk is searched for the key
-//! ([`no_usage_figures`]) before the pass. A whole answer, which all but always has figures, goes
-//! straight to the pass ([`usage_of_answer`]).
+//! A stream's chunk is read by one pass over its bytes that finds where the top-level
+//! object's `usage` and `choices` values start ([`usage_of`]); most chunks have no figures,
+//! and say so last: `…,"usage":null}`. Those are told by their last bytes alone
+//! ([`ends_with_null_usage`]); any other chunk is searched for the key ([`no_usage_figures`])
+//! before the pass. A whole answer names `usage` after `choices` (or an embeddings' `data`),
+//! which can be nearly all of its bytes: it is read from its first `"usage"` to its end
+//! ([`usage_of_answer`]), its beginning only searched.
 
 use std::sync::LazyLock;
 
 use memchr::{memchr2, memmem};
 use serde::Deserialize;
+use smallvec::SmallVec;
 
 use crate::usage::Tokens;
 
-/// The key [`no_usage_figures`] looks for, quoted as it stands in JSON.
+/// The key [`no_usage_figures`] and [`usage_of_answer`] look for, quoted as it stands in JSON.
 const USAGE_KEY: &[u8] = b"\"usage\"";
+
+/// memchr's searcher for [`USAGE_KEY`] (SIMD), built once.
+static USAGE_KEY_SEARCH: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(USAGE_KEY));
 
 /// `usage` of an OpenAI response body or stream chunk, and whether the chunk is the
 /// usage-only one (`choices: []`) that streams end with when `include_usage` is set.
@@ -36,11 +43,10 @@ const USAGE_KEY: &[u8] = b"\"usage\"";
 /// its colon): the scan checks these. It does not check what lies outside the `usage` value
 /// and between the brackets — literals, numbers, escapes, control characters in strings, the
 /// commas of nested values — so such a text with a well-formed top-level `usage` is read
-/// where the full parse refused it, as is a `usage` with a raw control character in a key.
-/// That is harmless: the figures are those of the top-level object's own `usage`, read
-/// strictly, never a nested `usage` or a string's content; the upstream charged for them
-/// whatever else its answer got wrong. A top-level array, which serde would have read as the
-/// fields in order, counts nothing.
+/// where the full parse refused it. That is harmless: the figures are those of the top-level
+/// object's own `usage`, read strictly, never a nested `usage` or a string's content; the
+/// upstream charged for them whatever else its answer got wrong. A top-level array, which
+/// serde would have read as the fields in order, counts nothing.
 pub fn usage_of(json: &str) -> Option<(Tokens, bool)> {
     if ends_with_null_usage(json.as_bytes()) {
         return None;
@@ -48,18 +54,127 @@ pub fn usage_of(json: &str) -> Option<(Tokens, bool)> {
     read_usage(json)
 }
 
-/// The figures of a whole (non-streamed) answer's `usage`, as [`usage_of`] reads them. A whole
-/// answer all but always has figures, so the searches that spare a stream's chunks the scan
-/// ([`ends_with_null_usage`], [`no_usage_figures`]) would only add a pass over the body (about
-/// 300 instructions for the mock's 600 bytes): the scan goes first, and the search for the
-/// key follows only when the scan found `usage` named with escapes (`"us\u0061ge"`), which
-/// the search, looking for the plain name, has always counted as no figures.
+/// The figures of a whole (non-streamed) answer's top-level `usage`.
+///
+/// Providers write `usage` after `choices` (an embeddings answer after `data`), so walking the
+/// answer from its start spends most of the reading on what comes before the key. Instead,
+/// memchr's search finds the first `"usage"` that opens a string (not one inside a string:
+/// its quote has no odd run of backslashes before it), and [`walk_to_the_end`] goes from
+/// there to the end: strings skipped, brackets counted relative to that key's object. The
+/// answer must end by closing its top-level object, so the lowest depth the walk reaches, at
+/// the last byte, tells which of the `usage` keys it passed belong to that object.
+///
+/// For every JSON object it answers as serde reading the object's members and the one whose
+/// key is written `"usage"` (the test module keeps that parse as the oracle): `None` without
+/// such a member, with two, with a null one or one whose figures are not unsigned integers;
+/// figures null or missing, and details missing, count 0. A key spelled with escapes
+/// (`"us\u0061ge"`) is not `usage` here, as the search for figures in a stream has always
+/// taken it; `choices` is not looked at (only a stream's last chunk is asked whether its
+/// `choices` is empty).
+///
+/// Text that is not JSON counts nothing when what follows its first `"usage"` is out of order
+/// (quotes or brackets unbalanced or mismatched, cut off, text after the closing brace). What
+/// comes before that key is only searched, not checked: an answer whose beginning is not JSON
+/// but whose end is a well-formed top-level `usage` and closing brace is read for those
+/// figures, which the upstream charged whatever else its answer got wrong (the client receives
+/// the answer as it is either way). Figures are only ever read from a `"usage":` value in the
+/// text (test `figures_read_from_any_text_are_a_usage_value_in_it`).
 pub fn usage_of_answer(json: &str) -> Option<Tokens> {
-    let (tokens, _, escaped_key) = scan_usage(json)?;
-    if escaped_key && no_usage_figures(json) {
+    let bytes = json.as_bytes();
+    let first = USAGE_KEY_SEARCH
+        .find_iter(bytes)
+        .find(|&quote| opens_string(bytes, quote))?;
+    walk_to_the_end(bytes, first)
+}
+
+/// Whether the quote at `quote` delimits a string: in JSON one within a string is escaped, so
+/// it follows an odd run of backslashes, and no backslash stands outside strings.
+fn opens_string(json: &[u8], quote: usize) -> bool {
+    let before = json.get(..quote).unwrap_or_default();
+    before
+        .iter()
+        .rev()
+        .take_while(|&&byte| byte == b'\\')
+        .count()
+        % 2
+        == 0
+}
+
+/// A `usage` key the walk passed: its depth relative to the first one's, where its value
+/// starts, and its figures if the value was written plainly (see [`PlainUsage`]).
+struct PassedKey {
+    depth: isize,
+    value: usize,
+    plain: Option<Option<Tokens>>,
+}
+
+/// The figures of the one `usage` key of the top-level object, walking from the string that
+/// opens at `first` to the end of `json`: [`usage_of_answer`]'s walk.
+fn walk_to_the_end(json: &[u8], first: usize) -> Option<Tokens> {
+    let mut keys = SmallVec::<[PassedKey; 2]>::new();
+    // Depths relative to the object around `first`, and the brackets opened since that
+    // are still open: a bracket opened before `first` is of a kind the walk does not know.
+    let (mut depth, mut open) = (0isize, Brackets::default());
+    // The lowest depth reached, and where.
+    let mut lowest = (0isize, first);
+    let mut at = first;
+    while let Some(&byte) = json.get(at) {
+        at += 1;
+        match byte {
+            b'"' => {
+                // A name with escapes is never these bytes.
+                let (end, _) = string_end(json, at)?;
+                let named_usage = json.get(at..end) == Some(b"usage".as_slice());
+                at = end + 1;
+                let colon = skip_whitespace(json, at);
+                if named_usage && json.get(colon) == Some(&b':') {
+                    at = colon + 1;
+                    let plain = PlainUsage::read(json, at).map(|(tokens, after)| {
+                        at = after;
+                        tokens
+                    });
+                    keys.push(PassedKey {
+                        depth,
+                        value: colon + 1,
+                        plain,
+                    });
+                }
+            }
+            b'{' | b'[' => {
+                open.push(byte);
+                depth += 1;
+            }
+            b'}' | b']' => {
+                if open.depth() > 0 && !open.pop(byte) {
+                    return None;
+                }
+                depth -= 1;
+                if depth < lowest.0 {
+                    lowest = (depth, at - 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    // The top-level object closes last, and nothing but whitespace follows it.
+    let (lowest, closing) = lowest;
+    let last = skip_whitespace_back(json);
+    if lowest >= 0 || Some(closing) != last || json.get(closing) != Some(&b'}') {
         return None;
     }
-    Some(tokens)
+    let mut top_level = keys.into_iter().filter(|key| key.depth == lowest + 1);
+    let key = top_level.next()?;
+    if top_level.next().is_some() {
+        return None;
+    }
+    match key.plain {
+        Some(tokens) => tokens,
+        None => {
+            // What follows the value is the walk's business: it has checked it.
+            let mut value = serde_json::Deserializer::from_slice(json.get(key.value..)?);
+            Some(Option::<Usage>::deserialize(&mut value).ok()??.tokens())
+        }
+    }
 }
 
 /// [`usage_of`] without the look at the last bytes.
@@ -67,13 +182,11 @@ fn read_usage(json: &str) -> Option<(Tokens, bool)> {
     if no_usage_figures(json) {
         return None;
     }
-    scan_usage(json).map(|(tokens, usage_only, _)| (tokens, usage_only))
+    scan_usage(json)
 }
 
-/// The scan and what it found: [`read_usage`] without the search for a `"usage"` key with
-/// figures, and whether the top-level `usage` was named with escapes. The search answers
-/// `None` where this answers figures only when that name was.
-fn scan_usage(json: &str) -> Option<(Tokens, bool, bool)> {
+/// The scan: [`read_usage`] without the search for a `"usage"` key with figures.
+fn scan_usage(json: &str) -> Option<(Tokens, bool)> {
     let bytes = json.as_bytes();
     let found = TopLevel::scan(bytes)?;
     let usage_at = found.usage?;
@@ -90,7 +203,7 @@ fn scan_usage(json: &str) -> Option<(Tokens, bool, bool)> {
             Option::<Usage>::deserialize(&mut value).ok()??.tokens()
         }
     };
-    Some((tokens, usage_only, found.usage_escaped))
+    Some((tokens, usage_only))
 }
 
 #[derive(serde::Deserialize)]
@@ -146,10 +259,7 @@ impl Usage {
 /// [`no_usage_figures`] searches the whole text.
 fn ends_with_null_usage(json: &[u8]) -> bool {
     const TAIL: &[u8] = b"\"usage\":null}";
-    let end = json
-        .iter()
-        .rposition(|byte| !matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
-        .map_or(0, |last| last + 1);
+    let end = skip_whitespace_back(json).map_or(0, |last| last + 1);
     json.get(..end)
         .and_then(|text| text.strip_suffix(TAIL))
         .is_some_and(|head| matches!(head.last(), Some(b',' | b'{')))
@@ -161,9 +271,7 @@ fn ends_with_null_usage(json: &[u8]) -> bool {
 /// The search is memchr's (SIMD, its searcher built once), which finds the same
 /// non-overlapping occurrences as `str::match_indices` at a fraction of its cost.
 fn no_usage_figures(json: &str) -> bool {
-    static KEY: LazyLock<memmem::Finder<'static>> =
-        LazyLock::new(|| memmem::Finder::new(USAGE_KEY));
-    KEY.find_iter(json.as_bytes()).all(|at| {
+    USAGE_KEY_SEARCH.find_iter(json.as_bytes()).all(|at| {
         // `at` is the index of an ASCII `"`: a char boundary.
         json.get(at + USAGE_KEY.len()..)
             .unwrap_or_default()
@@ -179,8 +287,6 @@ fn no_usage_figures(json: &str) -> bool {
 #[derive(Default)]
 struct TopLevel {
     usage: Option<usize>,
-    /// Whether the key of `usage` had escapes.
-    usage_escaped: bool,
     choices: Option<usize>,
     plain_usage: Option<Option<Tokens>>,
 }
@@ -217,7 +323,6 @@ impl TopLevel {
         let mut open = Brackets::default();
         let mut expect = Expect::FirstKey;
         let mut key = Key::Other;
-        let mut key_escaped = false;
         let mut at = skip_whitespace(json, 0);
         if json.get(at) != Some(&b'{') {
             return None;
@@ -234,7 +339,6 @@ impl TopLevel {
                         expect = match expect {
                             Expect::FirstKey | Expect::Key => {
                                 key = Key::named(json.get(at..=end)?, escaped)?;
-                                key_escaped = escaped;
                                 Expect::Colon
                             }
                             Expect::Value => Expect::Comma,
@@ -249,10 +353,7 @@ impl TopLevel {
                     }
                     expect = Expect::Value;
                     let twice = match key {
-                        Key::Usage => {
-                            found.usage_escaped = key_escaped;
-                            found.usage.replace(at + 1).is_some()
-                        }
+                        Key::Usage => found.usage.replace(at + 1).is_some(),
                         Key::Choices => found.choices.replace(at + 1).is_some(),
                         Key::Other => false,
                     };
@@ -417,6 +518,10 @@ impl<'a> PlainUsage<'a> {
                     (_, true) => return None,
                     (end, false) => {
                         let name = self.json.get(self.at..end)?;
+                        // serde refuses a raw control character in a string: so does this.
+                        if name.iter().any(|&byte| byte < 0x20) {
+                            return None;
+                        }
                         self.at = end + 1;
                         order
                             .iter()
@@ -582,6 +687,12 @@ fn skip_whitespace(json: &[u8], mut from: usize) -> usize {
     from
 }
 
+/// The index of the last byte of `json` that is not JSON whitespace.
+fn skip_whitespace_back(json: &[u8]) -> Option<usize> {
+    json.iter()
+        .rposition(|byte| !matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
+}
+
 /// Whether the `choices` value at the start of `value` is an empty array: `Some(false)` for
 /// `null` or an array with elements, `None` for anything else (the full parse refused it).
 fn empty_choices(value: &[u8]) -> Option<bool> {
@@ -652,6 +763,80 @@ mod tests {
         let parsed: WithUsage = serde_json::from_str(json).ok()?;
         let usage_only = parsed.choices.is_some_and(|c| c.is_empty());
         Some((parsed.usage?.tokens(), usage_only))
+    }
+
+    /// What [`usage_of_answer`] must answer for every JSON text: serde reads the top-level
+    /// object's members and keeps the values of those whose key is written `"usage"` without
+    /// escapes (serde_json hands such a key over borrowed from the text, and decodes one with
+    /// escapes into a buffer); the one such value is the figures.
+    fn answer_by_full_parse(json: &str) -> Option<Tokens> {
+        use serde::de::{IgnoredAny, MapAccess, Visitor};
+        use std::fmt;
+
+        struct NamedUsagePlainly(bool);
+        impl<'de> Deserialize<'de> for NamedUsagePlainly {
+            fn deserialize<D: serde::Deserializer<'de>>(key: D) -> Result<Self, D::Error> {
+                struct Name;
+                impl<'de> Visitor<'de> for Name {
+                    type Value = NamedUsagePlainly;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str("a key")
+                    }
+                    fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Self::Value, E> {
+                        Ok(NamedUsagePlainly(key == "usage"))
+                    }
+                    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                        Ok(NamedUsagePlainly(false))
+                    }
+                }
+                key.deserialize_str(Name)
+            }
+        }
+        struct UsageMembers(Vec<Option<Usage>>);
+        impl<'de> Deserialize<'de> for UsageMembers {
+            fn deserialize<D: serde::Deserializer<'de>>(object: D) -> Result<Self, D::Error> {
+                struct Members;
+                impl<'de> Visitor<'de> for Members {
+                    type Value = UsageMembers;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str("an object")
+                    }
+                    fn visit_map<A: MapAccess<'de>>(
+                        self,
+                        mut map: A,
+                    ) -> Result<Self::Value, A::Error> {
+                        let mut values = Vec::new();
+                        while let Some(NamedUsagePlainly(usage)) = map.next_key()? {
+                            if usage {
+                                values.push(map.next_value::<Option<Usage>>()?);
+                            } else {
+                                map.next_value::<IgnoredAny>()?;
+                            }
+                        }
+                        Ok(UsageMembers(values))
+                    }
+                }
+                object.deserialize_map(Members)
+            }
+        }
+        let UsageMembers(values) = serde_json::from_str(json).ok()?;
+        let [value] = <[_; 1]>::try_from(values).ok()?;
+        Some(value?.tokens())
+    }
+
+    /// The figures serde reads from the value after every `"usage"` followed by a colon in
+    /// `text`, wherever it stands (overlapping occurrences too).
+    fn usage_values(text: &str) -> Vec<Tokens> {
+        let bytes = text.as_bytes();
+        (0..bytes.len())
+            .filter(|&at| bytes[at..].starts_with(USAGE_KEY))
+            .filter_map(|at| {
+                let colon = skip_whitespace(bytes, at + USAGE_KEY.len());
+                (bytes.get(colon) == Some(&b':')).then_some(())?;
+                let mut value = serde_json::Deserializer::from_slice(&bytes[colon + 1..]);
+                Some(Option::<Usage>::deserialize(&mut value).ok()??.tokens())
+            })
+            .collect()
     }
 
     /// A JSON value as the generator builds it: objects keep their keys' order and may
@@ -940,20 +1125,34 @@ mod tests {
             prop_assert_eq!(usage_of(&json), by_full_parse(&json), "{}", json);
         }
 
-        /// A whole answer's figures are read without the searches as with them, for JSON
-        /// answers and for texts of any pieces (cut off, escaped, nested, null).
+        /// For every JSON answer, a whole answer's walk from its first `"usage"` reads what
+        /// serde reads as the top-level object's member named `usage`.
         #[test]
-        fn a_whole_answer_is_read_as_a_chunk_is(
+        fn a_whole_answer_is_read_as_serde_reads_its_usage_member(json in written()) {
+            prop_assert_eq!(usage_of_answer(&json), answer_by_full_parse(&json), "{}", json);
+        }
+
+        /// Whatever the text (an answer, pieces, an answer's end after pieces that are not
+        /// JSON, an answer cut off), the figures a whole answer is read for are those of a
+        /// `"usage":` value in it: never made up, never a string's content.
+        #[test]
+        fn figures_read_from_any_text_are_a_usage_value_in_it(
             json in written(),
             pieces in prop::collection::vec(fragment(), 0..24),
+            cut in any::<prop::sample::Index>(),
         ) {
-            for text in [json, pieces.concat()] {
-                prop_assert_eq!(
-                    usage_of_answer(&text),
-                    usage_of(&text).map(|(tokens, _)| tokens),
-                    "{}",
-                    text
-                );
+            let at = cut.index(json.len() + 1);
+            let (head, tail) = (json.get(..at), json.get(at..));
+            let texts = [
+                Some(pieces.concat()),
+                tail.map(|tail| pieces.concat() + tail),
+                head.map(str::to_owned),
+                Some(json),
+            ];
+            for text in texts.into_iter().flatten() {
+                if let Some(tokens) = usage_of_answer(&text) {
+                    prop_assert!(usage_values(&text).contains(&tokens), "{}", text);
+                }
             }
         }
 
@@ -1159,18 +1358,86 @@ mod tests {
     }
 
     #[test]
-    fn a_whole_answer_whose_usage_is_named_with_escapes_counts_as_a_chunk_does() {
-        // The search for the plain name finds none with figures: nothing, as it always was.
+    fn a_whole_answer_reads_only_a_usage_key_written_plainly() {
+        // Spelled with escapes, the key is not `usage` to a whole answer (nor to a stream's
+        // search for figures, which finds none here).
         let escaped = r#"{"\u0075sage":{"prompt_tokens":1}}"#;
         assert_eq!(usage_of(escaped), None);
         assert_eq!(usage_of_answer(escaped), None);
-        // With a plain `"usage"` elsewhere that has figures, the escaped top-level one is read.
         let nested_plain = r#"{"\u0075sage":{"prompt_tokens":1},"x":{"usage":{}}}"#;
-        assert_eq!(usage_of(nested_plain), Some((tokens(1, 0), false)));
-        assert_eq!(usage_of_answer(nested_plain), Some(tokens(1, 0)));
-        // The plain name, as providers write it: the scan alone.
+        assert_eq!(usage_of_answer(nested_plain), None);
+        // Beside the plain one, it is not a second `usage`.
+        let both = r#"{"\u0075sage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#;
+        assert_eq!(usage_of_answer(both), Some(tokens(2, 0)));
+        for json in [escaped, nested_plain, both] {
+            assert_eq!(usage_of_answer(json), answer_by_full_parse(json), "{json}");
+        }
+        // The plain name, as providers write it.
         let plain = r#"{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3}}"#;
         assert_eq!(usage_of_answer(plain), Some(tokens(2, 3)));
+    }
+
+    #[test]
+    fn a_whole_answer_is_read_from_its_first_usage_to_its_end() {
+        let mock = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1764633600,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"say \"usage\": {\"prompt_tokens\": 9} [","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":2,"completion_tokens":5,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":1,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":3,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_sluice_mock"}"#;
+        let expected = Tokens {
+            prompt: 2,
+            completion: 5,
+            cached_prompt: 1,
+            reasoning: 3,
+        };
+        assert_eq!(usage_of_answer(mock), Some(expected));
+        // Cut off anywhere, it counts nothing: the top-level object never closes.
+        for cut in 0..mock.len() {
+            assert_eq!(usage_of_answer(&mock[..cut]), None, "cut at {cut}");
+        }
+        // An embeddings answer: its vectors come first, and are only searched.
+        let vector = vec!["-0.0123456789"; 1536].join(",");
+        let embeddings = format!(
+            r#"{{"object":"list","data":[{{"object":"embedding","index":0,"embedding":[{vector}]}}],"model":"text-embedding-3-small","usage":{{"prompt_tokens":8,"total_tokens":8}}}}"#
+        );
+        assert_eq!(usage_of_answer(&embeddings), Some(tokens(8, 0)));
+        // A `usage` nested before the top-level one (a tool's arguments, say) is passed by.
+        let nested_first = r#"{"choices":[{"x":{"usage":{"prompt_tokens":1}}},{"usage":7}],"usage":{"prompt_tokens":4}}"#;
+        assert_eq!(usage_of_answer(nested_first), Some(tokens(4, 0)));
+        let nested_only = r#"{"choices":[{"usage":{"prompt_tokens":1}}],"model":"m"}"#;
+        assert_eq!(usage_of_answer(nested_only), None);
+        // A key that only ends in `usage` (its quote escaped) is not one.
+        let quoted = r#"{"say \"usage":{"prompt_tokens":1}}"#;
+        assert_eq!(usage_of_answer(quoted), None);
+        // `choices` is not looked at; a whole answer never asks whether it is empty.
+        let odd_choices = r#"{"choices":"none","choices":{},"usage":{"prompt_tokens":3}}"#;
+        assert_eq!(usage_of_answer(odd_choices), Some(tokens(3, 0)));
+        for json in [
+            mock,
+            &embeddings,
+            nested_first,
+            nested_only,
+            quoted,
+            odd_choices,
+        ] {
+            assert_eq!(usage_of_answer(json), answer_by_full_parse(json), "{json}");
+        }
+        // What follows the first `"usage"` is checked as the scan checks it.
+        for json in [
+            r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
+            r#"{"usage":{"prompt_tokens":1},"x":{"a":[1,2}],"b":2}"#,
+            r#"{"usage":{"prompt_tokens":1}}}"#,
+            r#"{"usage":{"prompt_tokens":1}} x"#,
+            r#"{"usage":{"prompt_tokens":1}}{}"#,
+            r#"{"usage":{"prompt_tokens":1},"content":"unterminated}"#,
+            r#"{"usage":{"prompt_tokens":1}]"#,
+            r#"[{"usage":{"prompt_tokens":1}}]"#,
+            r#"{"usage":"{\"prompt_tokens\":1}"}"#,
+            r#"{"usage":{"prompt_tokens":-1}}"#,
+            r#"{"usage":null}"#,
+        ] {
+            assert_eq!(usage_of_answer(json), None, "{json}");
+        }
+        // What comes before it is only searched: a beginning that is not JSON, which the
+        // client receives as it is, does not stop the figures its end gives from counting.
+        let garbled = r#"{"id":"x",[[}"choices":[{"#.to_owned() + r#""usage":{"prompt_tokens":5}}"#;
+        assert_eq!(usage_of_answer(&garbled), Some(tokens(5, 0)));
     }
 
     fn tokens(prompt: u64, completion: u64) -> Tokens {
@@ -1313,6 +1580,8 @@ mod tests {
             r#"{"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":1}}"#,
             r#"{"pr\u006fmpt_tokens":1}"#,
             r#"{"total_tokens":[1]}"#,
+            // A raw control character, which serde refuses in a string.
+            "{\"queue\u{1}_time\":1}",
             "[1,2]",
         ] {
             assert_eq!(plain(usage), None, "{usage}");
