@@ -31,7 +31,7 @@ use tower_service::Service;
 
 pub use accounting::{CLIENT_CLOSED_REQUEST, Tokens};
 pub use kept_sleeps::KeptSleeps;
-pub use usage_figures::{usage_of, usage_of_answer};
+pub use usage_figures::{usage_of, usage_of_answer, usage_value_of_answer};
 
 use crate::allowance::{Allowances, Refusal};
 use crate::auth::authenticate;

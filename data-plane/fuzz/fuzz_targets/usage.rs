@@ -6,7 +6,9 @@
 //!   that it replaced (kept here as the oracle, with the `"usage"` search that ran before it),
 //!   and `usage_of_answer` as serde reading the object's one member named `usage` plainly;
 //! - a text cut off before its end counts nothing for `usage_of`;
-//! - the figures `usage_of_answer` reads are those of a `"usage":` value in the text.
+//! - the figures `usage_of_answer` reads are those of a `"usage":` value in the text;
+//! - an Anthropic message's `usage` (`usage_value_of_answer`, then `anthropic_usage_in`) reads
+//!   for every JSON object as the object's one member named `usage` plainly, parsed whole.
 #![no_main]
 
 use std::fmt;
@@ -14,7 +16,9 @@ use std::fmt;
 use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
-use sluice_proxy::proxy::{Tokens, usage_of, usage_of_answer};
+use sluice_proxy::anthropic::Usage as MessageUsage;
+use sluice_proxy::anthropic::response::{anthropic_usage, anthropic_usage_in};
+use sluice_proxy::proxy::{Tokens, usage_of, usage_of_answer, usage_value_of_answer};
 
 #[derive(serde::Deserialize)]
 struct PromptDetails {
@@ -88,14 +92,14 @@ impl<'de> Deserialize<'de> for NamedUsagePlainly {
     }
 }
 
-/// The values of a JSON object's members named `usage` plainly.
-struct UsageMembers(Vec<Option<Usage>>);
+/// The values of a JSON object's members named `usage` plainly, each read as a `T`.
+struct UsageMembers<T>(Vec<T>);
 
-impl<'de> Deserialize<'de> for UsageMembers {
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for UsageMembers<T> {
     fn deserialize<D: serde::Deserializer<'de>>(object: D) -> Result<Self, D::Error> {
-        struct Members;
-        impl<'de> Visitor<'de> for Members {
-            type Value = UsageMembers;
+        struct Members<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Members<T> {
+            type Value = UsageMembers<T>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("an object")
             }
@@ -103,7 +107,7 @@ impl<'de> Deserialize<'de> for UsageMembers {
                 let mut values = Vec::new();
                 while let Some(NamedUsagePlainly(usage)) = map.next_key()? {
                     if usage {
-                        values.push(map.next_value::<Option<Usage>>()?);
+                        values.push(map.next_value::<T>()?);
                     } else {
                         map.next_value::<IgnoredAny>()?;
                     }
@@ -111,15 +115,23 @@ impl<'de> Deserialize<'de> for UsageMembers {
                 Ok(UsageMembers(values))
             }
         }
-        object.deserialize_map(Members)
+        object.deserialize_map(Members(std::marker::PhantomData))
     }
 }
 
 /// What `usage_of_answer` answers for a JSON text: the one member named `usage` plainly.
 fn answer_by_full_parse(json: &str) -> Option<Tokens> {
-    let UsageMembers(values) = serde_json::from_str(json).ok()?;
+    let UsageMembers::<Option<Usage>>(values) = serde_json::from_str(json).ok()?;
     let [value] = <[_; 1]>::try_from(values).ok()?;
     Some(value?.tokens())
+}
+
+/// What an Anthropic message's `usage` reads as: the one member named `usage` plainly,
+/// parsed whole and read by `anthropic_usage`.
+fn message_usage_by_full_parse(json: &str) -> Option<MessageUsage> {
+    let UsageMembers::<serde_json::Value>(values) = serde_json::from_str(json).ok()?;
+    let [value] = <[_; 1]>::try_from(values).ok()?;
+    Some(anthropic_usage(&value))
 }
 
 /// The figures serde reads from the value after every `"usage"` and a colon in `text`.
@@ -161,6 +173,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let read = usage_of(json);
     let answer = usage_of_answer(json);
+    let message = usage_value_of_answer(data).and_then(anthropic_usage_in);
     if let Some(tokens) = answer {
         assert!(
             usage_values(json).contains(&tokens),
@@ -172,6 +185,11 @@ fuzz_target!(|data: &[u8]| {
             answer,
             answer_by_full_parse(json),
             "a whole JSON answer is read for its one member named usage"
+        );
+        assert_eq!(
+            message,
+            message_usage_by_full_parse(json),
+            "a whole JSON message is read for its one member named usage"
         );
         assert_eq!(
             read,

@@ -30,13 +30,185 @@ pub fn stop_reason(finish_reason: &str) -> &'static str {
 /// Reads an Anthropic `usage` object (a `Message`'s, or a `message_delta`'s cumulative one).
 pub fn anthropic_usage(usage: &Value) -> Usage {
     let get = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let cache_read = get("cache_read_input_tokens");
-    let cache_creation = get("cache_creation_input_tokens");
-    Usage {
-        input: get("input_tokens") + cache_read + cache_creation,
+    UsageFigures {
+        input: get("input_tokens"),
         output: get("output_tokens"),
-        cache_read,
-        cache_creation,
+        cache_read: get("cache_read_input_tokens"),
+        cache_creation: get("cache_creation_input_tokens"),
+    }
+    .usage()
+}
+
+/// Reads the Anthropic `usage` value at the start of `text` (what follows it is not looked
+/// at) as [`anthropic_usage`] reads it once parsed, without building the value: the figures
+/// of an object (each 0 when missing or not an unsigned integer; a key given twice, its last
+/// value; keys with escapes decoded), zeros for any other JSON value. `None` when `text`
+/// does not start with a JSON value. A whole answer's `usage` is read this way: parsing the
+/// whole message into a `Value` cost about 23,000 instructions for a short one.
+pub fn anthropic_usage_in(text: &[u8]) -> Option<Usage> {
+    use serde::Deserialize;
+    let mut value = serde_json::Deserializer::from_slice(text);
+    UsageFigures::deserialize(&mut value)
+        .ok()
+        .map(UsageFigures::usage)
+}
+
+/// The four figures of an Anthropic `usage`, as written.
+#[derive(Default)]
+struct UsageFigures {
+    input: u64,
+    output: u64,
+    cache_read: u64,
+    cache_creation: u64,
+}
+
+impl UsageFigures {
+    /// Anthropic's `input_tokens` leaves out the cached tokens; [`Usage::input`] counts them.
+    fn usage(self) -> Usage {
+        Usage {
+            input: self
+                .input
+                .saturating_add(self.cache_read)
+                .saturating_add(self.cache_creation),
+            output: self.output,
+            cache_read: self.cache_read,
+            cache_creation: self.cache_creation,
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for UsageFigures {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        value.deserialize_any(Lenient::<UsageFigures>::default())
+    }
+}
+
+/// A figure of an Anthropic `usage`: its count when it is an unsigned integer, else 0.
+#[derive(Default)]
+struct Count(u64);
+
+impl<'de> serde::Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        value.deserialize_any(Lenient::<Count>::default())
+    }
+}
+
+/// The keys of an Anthropic `usage` that hold the figures read.
+enum FigureName {
+    Input,
+    Output,
+    CacheRead,
+    CacheCreation,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for FigureName {
+    fn deserialize<D: serde::Deserializer<'de>>(key: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = FigureName;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E>(self, key: &str) -> Result<FigureName, E> {
+                Ok(match key {
+                    "input_tokens" => FigureName::Input,
+                    "output_tokens" => FigureName::Output,
+                    "cache_read_input_tokens" => FigureName::CacheRead,
+                    "cache_creation_input_tokens" => FigureName::CacheCreation,
+                    _ => FigureName::Other,
+                })
+            }
+        }
+        key.deserialize_str(Name)
+    }
+}
+
+/// Reads any JSON value as `T`, as `Value`'s lenient getters read it: an object or an
+/// unsigned integer as `T` says ([`LenientKind`]), anything else as `T::default()`.
+struct Lenient<T>(std::marker::PhantomData<T>);
+
+impl<T> Default for Lenient<T> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+/// What a [`Lenient`] value makes of the kinds it reads.
+trait LenientKind: Default {
+    fn object<'de, A: serde::de::MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        drain(map).map(|()| Self::default())
+    }
+    fn unsigned(_: u64) -> Self {
+        Self::default()
+    }
+}
+
+impl LenientKind for UsageFigures {
+    fn object<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut figures = Self::default();
+        while let Some(name) = map.next_key::<FigureName>()? {
+            let figure = match name {
+                FigureName::Input => &mut figures.input,
+                FigureName::Output => &mut figures.output,
+                FigureName::CacheRead => &mut figures.cache_read,
+                FigureName::CacheCreation => &mut figures.cache_creation,
+                FigureName::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *figure = map.next_value::<Count>()?.0;
+        }
+        Ok(figures)
+    }
+}
+
+impl LenientKind for Count {
+    fn unsigned(count: u64) -> Self {
+        Self(count)
+    }
+}
+
+/// The rest of an object, read and left.
+fn drain<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+    while map
+        .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+        .is_some()
+    {}
+    Ok(())
+}
+
+impl<'de, T: LenientKind> serde::de::Visitor<'de> for Lenient<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::object(map)
+    }
+    fn visit_u64<E>(self, count: u64) -> Result<T, E> {
+        Ok(T::unsigned(count))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(T::default())
+    }
+    // Negative and fractional numbers (and integers past `u64`), strings, booleans, null.
+    fn visit_i64<E>(self, _: i64) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_unit<E>(self) -> Result<T, E> {
+        Ok(T::default())
     }
 }
 
@@ -218,5 +390,94 @@ pub fn tool_input(arguments: &str, index: usize) -> Result<Value, Untranslatable
             format!("choices[0].message.tool_calls[{index}].function.arguments"),
             "The backend's tool call arguments are not a JSON object.",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Values a `usage` figure may hold: counts, and what is read as 0.
+    fn figure() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "0",
+            "7",
+            "2006",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-3",
+            "1.5",
+            "1e2",
+            "null",
+            "true",
+            "\"12\"",
+            "[1,2]",
+            "{\"input_tokens\":9}",
+        ])
+    }
+
+    fn key() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "input_tokens",
+            "output_tokens",
+            "cache_read_input_tokens",
+            "cache_creation_input_tokens",
+            // Escaped names decode to the figures' own.
+            "input\\u005ftokens",
+            "\\u006futput_tokens",
+            "cache_creation",
+            "service_tier",
+            "",
+        ])
+    }
+
+    /// A `usage` value: mostly an object of figures (a key now and then twice), sometimes
+    /// another kind of value.
+    fn usage() -> impl Strategy<Value = String> {
+        let object = prop::collection::vec((key(), figure()), 0..8).prop_map(|members| {
+            let members: Vec<String> = members
+                .iter()
+                .map(|(key, value)| format!("\"{key}\" : {value}"))
+                .collect();
+            format!("{{{}}}", members.join(","))
+        });
+        prop_oneof![8 => object, 1 => figure().prop_map(str::to_owned)]
+    }
+
+    proptest! {
+        /// Read from its text, a `usage` gives the figures its parsed value gives.
+        #[test]
+        fn a_usage_read_from_its_text_reads_as_its_value(usage in usage(), rest in "[ ,}\\]a]{0,3}") {
+            let value: Value = serde_json::from_str(&usage).unwrap();
+            let text = usage.clone() + &rest;
+            prop_assert_eq!(anthropic_usage_in(text.as_bytes()), Some(anthropic_usage(&value)), "{}", usage);
+        }
+    }
+
+    #[test]
+    fn a_usage_that_is_not_json_reads_as_nothing() {
+        for text in [
+            "",
+            "{\"input_tokens\":1",
+            "{\"input_tokens\" 1}",
+            "nul",
+            "{\"a\":[}",
+        ] {
+            assert_eq!(anthropic_usage_in(text.as_bytes()), None, "{text}");
+        }
+        let figures = anthropic_usage_in(
+            br#"{"input_tokens":3,"cache_read_input_tokens":4,"output_tokens":5}"#,
+        );
+        assert_eq!(
+            figures,
+            Some(Usage {
+                input: 7,
+                output: 5,
+                cache_read: 4,
+                cache_creation: 0
+            })
+        );
     }
 }

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::accounting::Accounting;
 use super::kept_sleeps::{KeptSleeps, within};
 use super::relay::{Mode, Relay, Translation, tokens_of};
-use super::usage_figures::usage_of_answer;
+use super::usage_figures::{usage_of_answer, usage_value_of_answer};
 use super::{AppState, Collected};
 use crate::anthropic;
 use crate::cooldown::{self, Outcome};
@@ -663,12 +663,13 @@ async fn deliver(
             match &mode {
                 Mode::Translated(_) => {}
                 Mode::Messages { count_usage, .. } => {
+                    // The message's `usage` alone is parsed, found as an OpenAI answer's is.
                     if *count_usage
                         && status.is_success()
-                        && let Ok(message) = serde_json::from_slice::<serde_json::Value>(&body)
-                        && let Some(usage) = message.get("usage")
+                        && let Some(usage) = usage_value_of_answer(&body)
+                            .and_then(anthropic::response::anthropic_usage_in)
                     {
-                        acct.tokens(tokens_of(anthropic::response::anthropic_usage(usage)));
+                        acct.tokens(tokens_of(usage));
                     }
                 }
                 Mode::Chat { .. } => {

@@ -81,10 +81,32 @@ pub fn usage_of(json: &str) -> Option<(Tokens, bool)> {
 /// text (test `figures_read_from_any_text_are_a_usage_value_in_it`).
 pub fn usage_of_answer(json: &str) -> Option<Tokens> {
     let bytes = json.as_bytes();
-    let first = USAGE_KEY_SEARCH
-        .find_iter(bytes)
-        .find(|&quote| opens_string(bytes, quote))?;
-    walk_to_the_end(bytes, first)
+    let key = walk_to_the_end(bytes, first_usage_key(bytes)?, PlainUsage::read)?;
+    match key.read {
+        Some(tokens) => tokens,
+        None => {
+            // What follows the value is the walk's business: it has checked it.
+            let mut value = serde_json::Deserializer::from_slice(bytes.get(key.value..)?);
+            Some(Option::<Usage>::deserialize(&mut value).ok()??.tokens())
+        }
+    }
+}
+
+/// The text of a whole answer from its one top-level `usage`'s value on, that key found as
+/// [`usage_of_answer`] finds it: for answers whose figures are not OpenAI's (an Anthropic
+/// message), which the caller reads from the value's start (what follows the value is the
+/// walk's business: it has checked it). `None` where [`usage_of_answer`] answers `None` for
+/// want of that one key.
+pub fn usage_value_of_answer(json: &[u8]) -> Option<&[u8]> {
+    let key = walk_to_the_end(json, first_usage_key(json)?, |_, _| None::<((), usize)>)?;
+    json.get(key.value..)
+}
+
+/// Where the first `"usage"` that opens a string stands in `json`.
+fn first_usage_key(json: &[u8]) -> Option<usize> {
+    USAGE_KEY_SEARCH
+        .find_iter(json)
+        .find(|&quote| opens_string(json, quote))
 }
 
 /// Whether the quote at `quote` delimits a string: in JSON one within a string is escaped, so
@@ -101,17 +123,23 @@ fn opens_string(json: &[u8], quote: usize) -> bool {
 }
 
 /// A `usage` key the walk passed: its depth relative to the first one's, where its value
-/// starts, and its figures if the value was written plainly (see [`PlainUsage`]).
-struct PassedKey {
+/// starts, and what the walk's reader made of the value, if it read it.
+struct PassedKey<V> {
     depth: isize,
     value: usize,
-    plain: Option<Option<Tokens>>,
+    read: Option<V>,
 }
 
-/// The figures of the one `usage` key of the top-level object, walking from the string that
-/// opens at `first` to the end of `json`: [`usage_of_answer`]'s walk.
-fn walk_to_the_end(json: &[u8], first: usize) -> Option<Tokens> {
-    let mut keys = SmallVec::<[PassedKey; 2]>::new();
+/// The one `usage` key of the top-level object, walking from the string that opens at `first`
+/// to the end of `json`: [`usage_of_answer`]'s walk. `read` is offered each `usage` value
+/// passed (where it starts): what it reads, and the index just past the value, or `None` to
+/// leave the value to the walk.
+fn walk_to_the_end<'a, V>(
+    json: &'a [u8],
+    first: usize,
+    read: impl Fn(&'a [u8], usize) -> Option<(V, usize)>,
+) -> Option<PassedKey<V>> {
+    let mut keys = SmallVec::<[PassedKey<V>; 2]>::new();
     // Depths relative to the object around `first`, and the brackets opened since that
     // are still open: a bracket opened before `first` is of a kind the walk does not know.
     let (mut depth, mut open) = (0isize, Brackets::default());
@@ -129,14 +157,14 @@ fn walk_to_the_end(json: &[u8], first: usize) -> Option<Tokens> {
                 let colon = skip_whitespace(json, at);
                 if named_usage && json.get(colon) == Some(&b':') {
                     at = colon + 1;
-                    let plain = PlainUsage::read(json, at).map(|(tokens, after)| {
+                    let read = read(json, at).map(|(read, after)| {
                         at = after;
-                        tokens
+                        read
                     });
                     keys.push(PassedKey {
                         depth,
                         value: colon + 1,
-                        plain,
+                        read,
                     });
                 }
             }
@@ -164,17 +192,7 @@ fn walk_to_the_end(json: &[u8], first: usize) -> Option<Tokens> {
     }
     let mut top_level = keys.into_iter().filter(|key| key.depth == lowest + 1);
     let key = top_level.next()?;
-    if top_level.next().is_some() {
-        return None;
-    }
-    match key.plain {
-        Some(tokens) => tokens,
-        None => {
-            // What follows the value is the walk's business: it has checked it.
-            let mut value = serde_json::Deserializer::from_slice(json.get(key.value..)?);
-            Some(Option::<Usage>::deserialize(&mut value).ok()??.tokens())
-        }
-    }
+    top_level.next().is_none().then_some(key)
 }
 
 /// [`usage_of`] without the look at the last bytes.
@@ -1355,6 +1373,22 @@ mod tests {
         }
         let answer = format!(r#"{{"usage":{escaped},"x":{{"usage":1}}}}"#);
         assert_eq!(usage_of(&answer), by_full_parse(&answer));
+    }
+
+    #[test]
+    fn a_messages_answer_s_usage_value_is_found_as_a_chat_answer_s() {
+        let message = r#"{"id":"msg_1","type":"message","content":[{"type":"tool_use","input":{"usage":{"input_tokens":99}}}],"usage":{"input_tokens":12,"cache_creation":{"ephemeral_5m_input_tokens":0},"output_tokens":5} }"#;
+        let value = usage_value_of_answer(message.as_bytes()).unwrap();
+        assert!(value.starts_with(br#"{"input_tokens":12,"#), "{value:?}");
+        for json in [
+            // Only nested, twice, cut off, or not at the end of the text.
+            r#"{"content":[{"input":{"usage":{"input_tokens":99}}}]}"#,
+            r#"{"usage":{"input_tokens":1},"usage":{"input_tokens":2}}"#,
+            r#"{"usage":{"input_tokens":1}"#,
+            r#"{"usage":{"input_tokens":1}} {}"#,
+        ] {
+            assert_eq!(usage_value_of_answer(json.as_bytes()), None, "{json}");
+        }
     }
 
     #[test]
