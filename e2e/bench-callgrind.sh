@@ -21,10 +21,12 @@
 #                                              # rounds (--rounds) of 20 concurrent streams of a
 #                                              # mock's 40 content chunks, one every 50 ms (44
 #                                              # events a stream, the usage chunk included)
+#   ./e2e/bench-callgrind.sh --messages        # Anthropic Messages (non-streamed) to an Anthropic
+#                                              # backend, which Sluice passes through
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
 # examples/bare_proxy, built as shipped in two invocations (`cargo build --release --bins`, then
-# `cargo build --release -p sluice-proxy --example bare_proxy`; see warn_unless_shipped). Uses ports 28080-28091, 25051 and 29090 (and 29091 for the streams' mock).
+# `cargo build --release -p sluice-proxy --example bare_proxy`; see warn_unless_shipped). Uses ports 28080-28091, 25051 and 29090 (and 29091 for the streams' or the Messages' mock).
 # Needs valgrind and python3.
 set -euo pipefail
 
@@ -37,6 +39,7 @@ spool=1
 connections=1
 tpm=""
 streams=""
+messages=""
 rounds=5
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -49,7 +52,8 @@ while [ $# -gt 0 ]; do
     --tpm) tpm=$2; shift 2 ;;
     --streams) streams=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    --messages) messages=1; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "bench-callgrind: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -88,6 +92,16 @@ if [ -n "$streams" ]; then
     --chunk-count 40 --chunk-interval 50ms 2> "$data/stream-mock.log" &
   pids+=($!)
   ctl backend add --name stream-mock --base-url "$mock_url/v1" --model bench-stream > /dev/null
+elif [ -n "$messages" ]; then
+  # A mock of its own answering Messages, served to Sluice as an Anthropic backend (its key:
+  # any, the mock checks none).
+  mock_url=http://127.0.0.1:29091
+  model=bench-claude
+  "$bin/sluice-mock" --listen 127.0.0.1:29091 --name claude-mock --model bench-claude \
+    2> "$data/claude-mock.log" &
+  pids+=($!)
+  BENCH_CLAUDE_KEY=sk-ant-bench ctl backend add --name claude-mock --base-url "$mock_url/v1" \
+    --model bench-claude --api-format anthropic --api-key-env BENCH_CLAUDE_KEY > /dev/null
 fi
 
 wait_http() { # url
@@ -121,13 +135,14 @@ drive() { # port duration|warm-up
     local duration=$2
     [ "$2" != warm-up ] || duration=3s
     "$bin/sluice-bench" load --url "http://127.0.0.1:$1/v1" --key "$key" --model "$model" \
-      --saturate --connections "$connections" --duration "$duration" --warmup 0s --segments 1 --timeout 30s
+      --saturate --connections "$connections" --duration "$duration" --warmup 0s --segments 1 --timeout 30s \
+      ${messages:+--messages}
   fi
 }
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 for side in "sluice 28090 $sluice" "bare 28091 $bare"; do
   read -r name port pid <<< "$side"
-  drive "$port" warm-up > /dev/null 2>&1
+  drive "$port" warm-up > "$data/$name.warm-up" 2>&1 || { cat "$data/$name.warm-up" >&2; exit 1; }
   callgrind_control --zero "$pid" > /dev/null 2>&1
   drive "$port" "${seconds}s" > "$data/$name.load" 2>&1 || { cat "$data/$name.load" >&2; exit 1; }
   callgrind_control --dump "$pid" > /dev/null 2>&1

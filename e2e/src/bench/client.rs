@@ -22,9 +22,22 @@ pub struct Target {
     url: String,
     addr: SocketAddr,
     host: HeaderValue,
-    chat_path: String,
+    /// The base URL's path (`/v1`), without its trailing slash.
+    base_path: String,
+    /// Where requests go: `…/chat/completions`, or `…/messages` for [`Api::Messages`].
+    path: String,
+    api: Api,
     auth: Option<HeaderValue>,
     model: String,
+}
+
+/// The API a target's requests speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// OpenAI's chat completions.
+    Chat,
+    /// Anthropic's Messages (non-streamed only).
+    Messages,
 }
 
 impl Target {
@@ -74,7 +87,9 @@ impl Target {
             url: url.to_owned(),
             addr,
             host: HeaderValue::from_str(authority.as_str()).map_err(|_| bad("bad host"))?,
-            chat_path: format!("{}/chat/completions", uri.path().trim_end_matches('/')),
+            base_path: uri.path().trim_end_matches('/').to_owned(),
+            path: format!("{}/chat/completions", uri.path().trim_end_matches('/')),
+            api: Api::Chat,
             auth,
             model: model.to_owned(),
         })
@@ -92,13 +107,35 @@ impl Target {
         &self.model
     }
 
-    /// A `POST …/chat/completions` with this (already serialised) body.
-    pub fn chat_request(&self, body: Bytes) -> Result<Request<Full<Bytes>>, BenchError> {
-        let mut request = Request::post(self.chat_path.as_str())
+    /// The same target sent Anthropic Messages requests (`POST …/messages`, with
+    /// `anthropic-version` and the key as a bearer token, which Sluice and Anthropic's SDKs
+    /// both use) instead of chat completions.
+    pub fn speaking_messages(mut self) -> Self {
+        self.path = format!("{}/messages", self.base_path);
+        self.api = Api::Messages;
+        self
+    }
+
+    /// The body of a short request for the target's model in its API ([`chat_body`] or
+    /// [`messages_body`]; Messages are never streamed here).
+    pub fn body(&self, stream: bool) -> Bytes {
+        match self.api {
+            Api::Chat => chat_body(&self.model, stream),
+            Api::Messages => messages_body(&self.model),
+        }
+    }
+
+    /// A `POST` of this (already serialised) body to the target's endpoint
+    /// (`…/chat/completions` or `…/messages`).
+    pub fn request(&self, body: Bytes) -> Result<Request<Full<Bytes>>, BenchError> {
+        let mut request = Request::post(self.path.as_str())
             .header(HOST, self.host.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(auth) = &self.auth {
             request = request.header(AUTHORIZATION, auth.clone());
+        }
+        if self.api == Api::Messages {
+            request = request.header("anthropic-version", "2023-06-01");
         }
         Ok(request.body(Full::new(body))?)
     }
@@ -115,6 +152,16 @@ pub fn chat_body(model: &str, stream: bool) -> Bytes {
         body["stream"] = true.into();
         body["stream_options"] = serde_json::json!({"include_usage": true});
     }
+    Bytes::from(body.to_string())
+}
+
+/// The body of a short Anthropic Messages request for `model`.
+pub fn messages_body(model: &str) -> Bytes {
+    let body = serde_json::json!({
+        "model": model,
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
+    });
     Bytes::from(body.to_string())
 }
 
@@ -207,7 +254,7 @@ impl Pool {
 
     /// Sends a chat completion with `body` and reads the whole answer.
     pub async fn call(&self, body: Bytes) -> Result<Answer, BenchError> {
-        let request = self.target.chat_request(body)?;
+        let request = self.target.request(body)?;
         let mut conn = self.checkout().await?;
         let answer = read_answer(conn.send(request).await?).await?;
         self.checkin(conn);
@@ -239,12 +286,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_messages_target_posts_anthropic_requests() {
+        let t = Target::new("http://127.0.0.1:8080/v1/", Some("sk-x"), "claude", false)
+            .unwrap()
+            .speaking_messages();
+        let request = t.request(t.body(true)).unwrap();
+        assert_eq!(request.uri().path(), "/v1/messages");
+        assert_eq!(request.headers()["anthropic-version"], "2023-06-01");
+        assert_eq!(request.headers()[AUTHORIZATION], "Bearer sk-x");
+        let body: serde_json::Value = serde_json::from_slice(&t.body(true)).unwrap();
+        assert_eq!(body["model"], "claude");
+        assert_eq!(body["max_tokens"], 64);
+        assert!(body.get("stream").is_none(), "{body}");
+        let chat = Target::new("http://127.0.0.1:8080/v1", None, "m", false).unwrap();
+        let request = chat.request(chat.body(false)).unwrap();
+        assert_eq!(request.uri().path(), "/v1/chat/completions");
+        assert!(request.headers().get("anthropic-version").is_none());
+    }
+
+    #[test]
     fn parses_base_urls_and_refuses_other_hosts() {
         let t = Target::new("http://127.0.0.1:8080/v1/", Some("sk-x"), "m", false).unwrap();
         assert_eq!(t.addr(), "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(t.chat_path, "/v1/chat/completions");
+        assert_eq!(t.path, "/v1/chat/completions");
         let t = Target::new("http://localhost:9/openai/v1", None, "m", false).unwrap();
-        assert_eq!(t.chat_path, "/openai/v1/chat/completions");
+        assert_eq!(t.path, "/openai/v1/chat/completions");
         assert!(Target::new("https://127.0.0.1/v1", None, "m", false).is_err());
         assert!(Target::new("http://10.1.2.3/v1", None, "m", false).is_err());
         assert!(Target::new("http://10.1.2.3/v1", None, "m", true).is_ok());

@@ -285,7 +285,7 @@ pub async fn closed_loop(
             let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
             while Instant::now() < deadline {
                 let sent = Instant::now();
-                let request = target.chat_request(body.clone())?;
+                let request = target.request(body.clone())?;
                 let call = async { read_answer(conn.send(request).await?).await };
                 let error = match tokio::time::timeout(timeout, call).await {
                     Ok(Ok(answer)) if answer.status.is_success() => {

@@ -253,7 +253,7 @@ async fn one_stream(target: &Target, conn: Option<Conn>, body: Bytes) -> (Option
             Err(e) => return (None, Outcome::failed(e.to_string())),
         },
     };
-    let request = match target.chat_request(body) {
+    let request = match target.request(body) {
         Ok(r) => r,
         Err(e) => return (Some(conn), Outcome::failed(e.to_string())),
     };

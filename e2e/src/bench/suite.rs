@@ -239,7 +239,7 @@ impl Bench {
             false,
         )?);
         let via = Arc::new(Target::new(&proxy.base_url(), Some(&key), MODEL, false)?);
-        wait_serving(&Pool::new(Arc::clone(&via)), MODEL).await?;
+        wait_serving(&Pool::new(Arc::clone(&via))).await?;
         let idle_rss_kib = proxy.pid().and_then(machine::rss_kib);
         Ok(Self {
             cluster,
@@ -762,9 +762,11 @@ impl Bench {
 /// serve it first.
 const EXPIRY_LEAD: Duration = Duration::from_millis(500);
 
-/// Polls until a chat completion for `model` succeeds (the data plane has the backend).
-async fn wait_serving(pool: &Pool, model: &str) -> Result<(), BenchError> {
-    let body = chat_body(model, false);
+/// Polls until a request for the pool's target's model, in its API, succeeds (the data plane
+/// has the backend).
+async fn wait_serving(pool: &Pool) -> Result<(), BenchError> {
+    let body = pool.target().body(false);
+    let model = pool.target().model();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let last = match pool.call(body.clone()).await {
@@ -885,21 +887,21 @@ pub async fn run_external(config: &ExternalConfig) -> Result<String, BenchError>
     let stream = matches!(config.mode, ExternalMode::Stream { .. });
     let mut sides = Vec::new();
     if let Some(baseline) = &config.baseline {
-        let body = chat_body(baseline.model(), stream);
+        let body = baseline.body(stream);
         sides.push(Side::new(
             format!("baseline {}", baseline.url()),
             Arc::clone(baseline),
             body,
         ));
     }
-    let body = chat_body(config.target.model(), stream);
+    let body = config.target.body(stream);
     sides.push(Side::new(
         config.target.url(),
         Arc::clone(&config.target),
         body,
     ));
     for side in &sides {
-        wait_serving(&side.pool, side.pool.target().model()).await?;
+        wait_serving(&side.pool).await?;
     }
     let labels: Vec<String> = sides.iter().map(|s| s.label.clone()).collect();
     let table = match &config.mode {

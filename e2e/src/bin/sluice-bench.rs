@@ -161,6 +161,10 @@ struct LoadArgs {
     /// Concurrent SSE streams instead of fixed rates.
     #[arg(long)]
     stream: bool,
+    /// Anthropic Messages requests (POST …/messages, non-streamed) instead of chat
+    /// completions, to both URLs.
+    #[arg(long, conflicts_with = "stream")]
+    messages: bool,
     /// Streams of --stream.
     #[arg(long, default_value_t = 1000)]
     streams: usize,
@@ -272,19 +276,26 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
 }
 
 async fn load(args: LoadArgs) -> anyhow::Result<()> {
-    let target = Arc::new(Target::new(
+    let speaking = |target: Target| {
+        if args.messages {
+            target.speaking_messages()
+        } else {
+            target
+        }
+    };
+    let target = Arc::new(speaking(Target::new(
         &args.url,
         args.key.as_deref(),
         &args.model,
         args.allow_remote,
-    )?);
+    )?));
     let baseline = match &args.baseline_url {
-        Some(url) => Some(Arc::new(Target::new(
+        Some(url) => Some(Arc::new(speaking(Target::new(
             url,
             args.baseline_key.as_deref(),
             args.baseline_model.as_deref().unwrap_or(&args.model),
             args.allow_remote,
-        )?)),
+        )?))),
         None => None,
     };
     let mode = if args.saturate {
