@@ -409,13 +409,27 @@ mod fields {
     }
 
     thread_local! {
-        /// The Unix second last formatted on this thread, and its `YYYY-MM-DDTHH:MM:SS`.
-        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+        /// The Unix second last formatted on this thread, and its whole timestamp as last
+        /// written: `YYYY-MM-DDTHH:MM:SS.` and what follows it.
+        static STAMP: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
     }
 
-    /// `2026-01-02T03:04:05.123456Z ` as tracing-subscriber's default timer writes it.
+    /// The length of `YYYY-MM-DDTHH:MM:SS.`.
+    const SECOND_LEN: usize = 20;
+
+    /// The first second humantime does not format (year 10000): its `Display` fails there.
+    const HUMANTIME_END: u64 = 253_402_300_800;
+
+    /// `2026-01-02T03:04:05.123456Z ` as tracing-subscriber's default timer writes it, in one
+    /// write (each write through the `dyn` writer is a call): the date and second formatted
+    /// once a second per thread, the microseconds after them.
     fn write_timestamp(writer: &mut Writer<'_>, now: SystemTime) -> fmt::Result {
-        let Ok(since_epoch) = now.duration_since(UNIX_EPOCH) else {
+        let Some(since_epoch) = now
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .filter(|since| since.as_secs() < HUMANTIME_END)
+        else {
+            // Before 1970 or after 9999 (a clock gone wrong): as the default timer writes it.
             return tracing_subscriber::fmt::time::FormatTime::format_time(
                 &tracing_subscriber::fmt::time::SystemTime,
                 writer,
@@ -423,8 +437,10 @@ mod fields {
             .and_then(|()| writer.write_char(' '));
         };
         let second = since_epoch.as_secs();
-        SECOND.with_borrow_mut(|(cached, text)| {
-            if *cached != second {
+        STAMP.with_borrow_mut(|(cached, text)| {
+            if *cached == second {
+                text.truncate(SECOND_LEN);
+            } else {
                 let full = humantime::format_rfc3339_seconds(
                     UNIX_EPOCH + std::time::Duration::from_secs(second),
                 )
@@ -432,16 +448,16 @@ mod fields {
                 // `…:SS` without the `Z`.
                 text.clear();
                 text.push_str(full.trim_end_matches('Z'));
+                text.push('.');
                 *cached = second;
             }
+            let mut digits = itoa::Buffer::new();
+            let micros = digits.format(since_epoch.subsec_micros() + 1_000_000);
+            // `1dddddd`: the leading 1 keeps the zeros.
+            text.push_str(micros.get(1..).unwrap_or("000000"));
+            text.push_str("Z ");
             writer.write_str(text)
-        })?;
-        let mut digits = itoa::Buffer::new();
-        let micros = digits.format(since_epoch.subsec_micros() + 1_000_000);
-        // `1dddddd`: the leading 1 keeps the zeros, the dot replaces it.
-        writer.write_char('.')?;
-        writer.write_str(micros.get(1..).unwrap_or("000000"))?;
-        writer.write_str("Z ")
+        })
     }
 
     #[cfg(test)]
@@ -631,6 +647,40 @@ mod fields {
                 let mut text = String::new();
                 write_timestamp(&mut Writer::new(&mut text), at).unwrap();
                 assert_eq!(text, format!("{} ", humantime::format_rfc3339_micros(at)));
+            }
+        }
+
+        #[test]
+        fn a_clock_outside_humantime_s_years_still_gets_a_timestamp() {
+            for at in [
+                UNIX_EPOCH - std::time::Duration::from_secs(1),
+                UNIX_EPOCH + std::time::Duration::from_secs(HUMANTIME_END),
+            ] {
+                let mut text = String::new();
+                write_timestamp(&mut Writer::new(&mut text), at).unwrap();
+                assert!(text.ends_with("Z "), "{text:?}");
+            }
+        }
+
+        proptest::proptest! {
+            /// Times up to the end of year 9999, a few at a time within seconds of each other,
+            /// so that the thread's cached second is both reused and replaced.
+            #[test]
+            fn any_timestamp_is_written_as_humantime_writes_it(
+                second in 0..HUMANTIME_END - 3,
+                offsets in proptest::collection::vec(0u64..3_000_000, 1..8),
+            ) {
+                for offset in offsets {
+                    let at = UNIX_EPOCH
+                        + std::time::Duration::from_secs(second)
+                        + std::time::Duration::from_micros(offset);
+                    let mut text = String::new();
+                    write_timestamp(&mut Writer::new(&mut text), at).unwrap();
+                    proptest::prop_assert_eq!(
+                        text,
+                        format!("{} ", humantime::format_rfc3339_micros(at))
+                    );
+                }
             }
         }
     }
