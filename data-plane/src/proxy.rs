@@ -313,9 +313,9 @@ async fn authorized(
     request: Request,
     mut acct: Accounting,
 ) -> Response {
-    let passed = passthrough(endpoint, &request);
+    let (head, body) = request.into_parts();
     // Held until the response head: the body is in memory until then.
-    let (body, _body_memory) = match read_body(app, request).await {
+    let (body, _body_memory) = match read_body(app, &head.headers, body).await {
         Ok(body) => body,
         Err(e) => return forward::error(acct, e).await,
     };
@@ -411,26 +411,7 @@ async fn authorized(
     if endpoint == Endpoint::Responses {
         return stored::create(app, snapshot, key, routes, &parsed, acct).await;
     }
-    forward::forward(app, snapshot, routes, endpoint, &parsed, &passed, acct).await
-}
-
-/// What an Anthropic backend gets as it came, on Anthropic's routes: the query string, and
-/// the headers `anthropic-version` (it defines what the body means; the backend's configured
-/// version is sent only when the client names none), `anthropic-beta` and every other
-/// `anthropic-*` header (features Sluice need not know). Never the client's key.
-fn passthrough(endpoint: Endpoint, request: &Request) -> forward::Passthrough {
-    if endpoint.format() != ApiFormat::Anthropic {
-        return forward::Passthrough::default();
-    }
-    forward::Passthrough {
-        headers: request
-            .headers()
-            .iter()
-            .filter(|(name, _)| name.as_str().starts_with("anthropic-"))
-            .map(|(name, value)| (name.clone(), value.clone()))
-            .collect(),
-        query: request.uri().query().map(str::to_owned),
-    }
+    forward::forward(app, snapshot, routes, endpoint, &parsed, acct, head).await
 }
 
 /// What a request's prompt is estimated to cost before it is sent: a token per 4 bytes of
@@ -450,11 +431,12 @@ fn prompt_estimate(body_bytes: usize, routes: &[crate::snapshot::Route]) -> u64 
 /// bodies being held would pass the memory for bodies (503).
 async fn read_body(
     app: &AppState,
-    request: Request,
+    headers: &HeaderMap,
+    body: axum::body::Body,
 ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), ProxyError> {
     let limits = app.limits;
     let mut held: Option<OwnedSemaphorePermit> = None;
-    let read = read_body_within(request, limits.max_body_bytes, |len| {
+    let read = read_body_within(headers, body, limits.max_body_bytes, |len| {
         let permit = u32::try_from(len)
             .ok()
             .and_then(|n| Arc::clone(&app.body_memory).try_acquire_many_owned(n).ok())
@@ -489,17 +471,16 @@ async fn read_body(
 /// Reads a body of at most `limit` bytes, calling `hold` with the size of each chunk before
 /// keeping it.
 async fn read_body_within(
-    request: Request,
+    headers: &HeaderMap,
+    mut body: axum::body::Body,
     limit: usize,
     mut hold: impl FnMut(usize) -> Result<(), ProxyError>,
 ) -> Result<Bytes, ProxyError> {
     let too_large = ProxyError::BodyTooLarge { limit };
-    let declared = request
-        .headers()
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let mut body = request.into_body();
     if declared.is_some_and(|n| n > limit as u64) {
         discard_rest(body);
         return Err(too_large);

@@ -5,7 +5,7 @@
 mod support;
 
 use serde_json::{Value, json};
-use sluice_e2e::mock::{MockConfig, MockServer};
+use sluice_e2e::mock::{Fault, MockConfig, MockServer};
 use sluice_proto::v1::{self as proto, ErrorKind};
 use support::harness::*;
 
@@ -160,6 +160,49 @@ async fn whole_answers_carry_their_length_on_the_wire() {
 }
 
 #[tokio::test]
+async fn a_whole_answer_passes_on_the_upstreams_content_type_and_no_other_header() {
+    // The mock names itself and its request in headers of its own; of the upstream's headers
+    // only `content-type` reaches the client, for an answer and for a 4xx passed on alike.
+    let primary = mock("primary");
+    let h = Harness::one_primary(&primary.base_url()).await;
+    let chat = chat_body(false).to_string();
+    for (status, fault) in [("200", None), ("400", Some(Fault::status(400).times(1)))] {
+        if let Some(fault) = fault {
+            primary.set_fault(fault);
+        }
+        let (head, _) =
+            exchange(&h, request_text("POST", "/v1/chat/completions", KEY, &chat)).await;
+        assert!(head.starts_with(&format!("http/1.1 {status} ")), "{head}");
+        let mut names: Vec<&str> = head
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_once(": ").map(|(name, _)| name))
+            .collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                // The request asked for it.
+                "connection",
+                "content-length",
+                "content-type",
+                "date",
+                "x-request-id",
+                "x-sluice-attempts",
+                // The harness's snapshot shows the backend's name.
+                "x-sluice-backend"
+            ],
+            "{head}"
+        );
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(
+            !head.contains("req_mock"),
+            "the upstream's request id: {head}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn an_incoming_request_id_is_echoed() {
     let primary = mock("primary");
     let h = Harness::one_primary(&primary.base_url()).await;
@@ -243,6 +286,8 @@ async fn the_body_passes_through_except_model_and_the_backend_key_replaces_the_c
         .post(h.url("/v1/chat/completions"))
         .bearer_auth(KEY)
         .header("content-type", "application/json")
+        .header("x-client-secret", "s3cret")
+        .header("cookie", "session=s3cret")
         .body(raw)
         .send()
         .await
@@ -255,6 +300,13 @@ async fn the_body_passes_through_except_model_and_the_backend_key_replaces_the_c
         Some("Bearer sk-upstream-echo")
     );
     assert_eq!(seen.content_type.as_deref(), Some("application/json"));
+    // None of the client's headers but what the proxy sets itself.
+    let mut names = seen.header_names.clone();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["authorization", "content-length", "content-type", "host"]
+    );
     let expected = raw.replace(
         r#""model":"gpt-4o-mini""#,
         r#""model":"gpt-4o-mini-at-echo""#,

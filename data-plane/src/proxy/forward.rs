@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use sluice_proto::v1::ErrorKind;
 use tokio::time::Instant;
 
@@ -35,7 +35,9 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 enum Answer {
     Full {
         status: StatusCode,
-        content_type: Option<HeaderValue>,
+        /// The answer's headers so far: the upstream's `content-type` alone, in the upstream
+        /// answer's own map (see [`only_content_type`]).
+        headers: HeaderMap,
         body: Bytes,
     },
     Stream {
@@ -124,13 +126,34 @@ pub(super) struct Call<'a> {
     pub passed: Option<&'a Passthrough>,
 }
 
-/// What an Anthropic backend gets from a Messages client as it came (see
-/// `proxy::passthrough`): its `anthropic-*` headers, and its query string (the SDKs' beta
-/// clients post to `/v1/messages?beta=true`).
+/// What an Anthropic backend gets from a Messages client as it came: its `anthropic-*`
+/// headers, and its query string (the SDKs' beta clients post to `/v1/messages?beta=true`).
 #[derive(Debug, Default)]
 pub(super) struct Passthrough {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub query: Option<String>,
+}
+
+impl Passthrough {
+    /// What an Anthropic backend gets as it came, on Anthropic's routes: the query string,
+    /// and the headers `anthropic-version` (it defines what the body means; the backend's
+    /// configured version is sent only when the client names none), `anthropic-beta` and
+    /// every other `anthropic-*` header (features Sluice need not know). Never the client's
+    /// key.
+    fn of(endpoint: Endpoint, client: &http::request::Parts) -> Self {
+        if endpoint.format() != ApiFormat::Anthropic {
+            return Self::default();
+        }
+        Self {
+            headers: client
+                .headers
+                .iter()
+                .filter(|(name, _)| name.as_str().starts_with("anthropic-"))
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
+            query: client.uri.query().map(str::to_owned),
+        }
+    }
 }
 
 /// The upstream request.
@@ -151,15 +174,18 @@ pub(super) enum Outbound<'a> {
 }
 
 /// Routes the request and answers it; `acct` is finished here or handed to the stream relay.
+/// `client` is the client's request head, its body read: what of it an Anthropic backend gets
+/// ([`Passthrough::of`]), and its header map, on which the first attempt's request is built.
 pub(super) async fn forward(
     app: &Arc<AppState>,
     snapshot: &Snapshot,
     routes: &[Route],
     endpoint: Endpoint,
     parsed: &ParsedRequest<'_>,
-    passed: &Passthrough,
     acct: Accounting,
+    client: http::request::Parts,
 ) -> Response {
+    let passed = Passthrough::of(endpoint, &client);
     let call = Call {
         endpoint,
         model: &parsed.model,
@@ -170,18 +196,21 @@ pub(super) async fn forward(
         },
         ids: None,
         count_usage: true,
-        passed: Some(passed),
+        passed: Some(&passed),
     };
-    forward_call(app, snapshot, routes, &call, acct).await
+    forward_call(app, snapshot, routes, &call, acct, Some(client.headers)).await
 }
 
-/// [`forward`] for any [`Call`].
+/// [`forward`] for any [`Call`]. `spare` is a header map the client's request no longer
+/// needs (its own, read): the first attempt's request is built on it, cleared, which saves
+/// allocating a map for it.
 pub(super) async fn forward_call(
     app: &Arc<AppState>,
     snapshot: &Snapshot,
     routes: &[Route],
     call: &Call<'_>,
     mut acct: Accounting,
+    mut spare: Option<HeaderMap>,
 ) -> Response {
     let policy = snapshot.policy;
     let stream = call.stream;
@@ -310,6 +339,7 @@ pub(super) async fn forward_call(
             sent,
             backend,
             call.passed.map_or(&[][..], |p| &p.headers),
+            spare.take(),
             method,
             uri,
             body,
@@ -512,6 +542,7 @@ async fn attempt(
     sent: Instant,
     backend: &Backend,
     passed: &[(HeaderName, HeaderValue)],
+    spare: Option<HeaderMap>,
     method: Method,
     uri: http::Uri,
     body: Bytes,
@@ -522,6 +553,11 @@ async fn attempt(
 ) -> Result<Answer, Failure> {
     let has_body = method == Method::POST;
     let mut request = Request::new(body);
+    if let Some(mut headers) = spare {
+        // Nothing of the client's goes upstream but what is added below.
+        headers.clear();
+        *request.headers_mut() = headers;
+    }
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     let headers = request.headers_mut();
@@ -551,9 +587,9 @@ async fn attempt(
     };
     let (head, mut upstream) = upstream.into_parts();
     let status = head.status;
-    let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let retry_after = cooldown::retry_after(&head.headers, SystemTime::now());
+        let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
         let body = read_body(
             sleeps,
             upstream,
@@ -571,8 +607,9 @@ async fn attempt(
             body,
         });
     }
-    let is_sse = content_type
-        .as_ref()
+    let is_sse = head
+        .headers
+        .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     if stream && status.is_success() && is_sse {
@@ -589,6 +626,7 @@ async fn attempt(
             first,
         });
     }
+    let headers = only_content_type(head.headers);
     let mut body = read_body(
         sleeps,
         upstream,
@@ -603,9 +641,22 @@ async fn attempt(
     }
     Ok(Answer::Full {
         status,
-        content_type,
+        headers,
         body,
     })
+}
+
+/// `headers` with only their `content-type` left (its first value), the one upstream header
+/// an answer passes on. The map is the upstream answer's own: the client's answer is built on
+/// it, which saves allocating a map for it and freeing this one.
+fn only_content_type(mut headers: HeaderMap) -> HeaderMap {
+    // `get` and `clone`: `remove` costs twice as much.
+    let content_type = headers.get(header::CONTENT_TYPE).cloned();
+    headers.clear();
+    if let Some(content_type) = content_type {
+        headers.insert(header::CONTENT_TYPE, content_type);
+    }
+    headers
 }
 
 /// Reads a whole body of at most `max` bytes, with `idle` as the longest pause.
@@ -644,21 +695,25 @@ async fn deliver(
     match answer {
         Answer::Full {
             status,
-            content_type,
+            mut headers,
             mut body,
         } => {
-            let (status, content_type) = match &mode {
+            let status = match &mode {
                 Mode::Translated(t) => match t.whole(status, &body, unix_now()) {
                     Some((status, translated, tokens)) => {
                         body = translated;
                         if let Some(tokens) = tokens {
                             acct.tokens(tokens);
                         }
-                        (status, Some(HeaderValue::from_static("application/json")))
+                        headers.insert(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        );
+                        status
                     }
                     None => return error(acct, ProxyError::UpstreamInvalid).await,
                 },
-                _ => (status, content_type),
+                _ => status,
             };
             match &mode {
                 Mode::Translated(_) => {}
@@ -703,11 +758,7 @@ async fn deliver(
             }
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = status;
-            if let Some(content_type) = content_type {
-                response
-                    .headers_mut()
-                    .insert(header::CONTENT_TYPE, content_type);
-            }
+            *response.headers_mut() = headers;
             acct.decorate(response.headers_mut());
             let kind = if status.is_success() {
                 ErrorKind::Unspecified

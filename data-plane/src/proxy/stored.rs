@@ -109,7 +109,7 @@ pub(super) async fn create(
         Some((route, _)) => std::slice::from_ref(*route),
         None => routes,
     };
-    forward::forward_call(app, snapshot, routes, &call, acct).await
+    forward::forward_call(app, snapshot, routes, &call, acct, None).await
 }
 
 /// `GET`/`DELETE /v1/responses/{id}`, `GET …/input_items`, `POST …/cancel`.
@@ -171,7 +171,15 @@ pub(super) async fn call(
         count_usage: false,
         passed: None,
     };
-    forward::forward_call(app, snapshot, std::slice::from_ref(&route), &call, acct).await
+    forward::forward_call(
+        app,
+        snapshot,
+        std::slice::from_ref(&route),
+        &call,
+        acct,
+        None,
+    )
+    .await
 }
 
 /// The backend (its index) that holds the response `id`, with what the id says; refused

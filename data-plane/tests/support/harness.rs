@@ -256,6 +256,8 @@ pub struct Seen {
     pub path: String,
     pub authorization: Option<String>,
     pub content_type: Option<String>,
+    /// Every header's name, in the order received.
+    pub header_names: Vec<String>,
     pub body: Bytes,
 }
 
@@ -304,6 +306,7 @@ async fn echo(
         path: uri.path().to_owned(),
         authorization: header("authorization"),
         content_type: header("content-type"),
+        header_names: headers.keys().map(|name| name.to_string()).collect(),
         body,
     });
     axum::Json(serde_json::json!({
