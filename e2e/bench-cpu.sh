@@ -8,6 +8,8 @@
 #   ./e2e/bench-cpu.sh --bin-dir DIR --rate 2000 --seconds 20
 #   ./e2e/bench-cpu.sh --bare                  # also bare_proxy (DIR/examples), same mock and
 #                                              # rate, right after, and the ratio of the totals
+#   ./e2e/bench-cpu.sh --bare --no-spool       # Sluice without its usage spool (what the spool
+#                                              # costs: alternate with and without)
 #   ./e2e/bench-cpu.sh --streams 1000 --bare   # CPU per relayed SSE event instead: rounds of
 #                                              # 1,000 concurrent streams (--rounds 3) of a mock
 #                                              # answering --chunks 40 content chunks, one every
@@ -23,6 +25,7 @@ bin="$root/target/release"
 rate=3000
 seconds=10
 bare=""
+no_spool=()
 streams=""
 rounds=3
 chunks=40
@@ -33,11 +36,12 @@ while [ $# -gt 0 ]; do
     --rate) rate=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     --bare) bare=1; shift ;;
+    --no-spool) no_spool=(--no-spool); shift ;;
     --streams) streams=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
     --chunks) chunks=$2; shift 2 ;;
     --chunk-interval) chunk_interval=$2; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "bench-cpu: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -55,7 +59,7 @@ cleanup() {
 trap cleanup EXIT
 # shellcheck source=e2e/bench-gateway.sh
 . "$root/e2e/bench-gateway.sh"
-start_gateway 18080 15051 18081 19090
+start_gateway 18080 15051 18081 19090 "${no_spool[@]}"
 
 # One line per thread: name, tid, voluntary and involuntary context switches, CPU ticks in user
 # space and in the kernel.

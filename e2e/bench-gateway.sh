@@ -1,7 +1,7 @@
 # Sourced by the benchmark scripts (needs $root and $bin): starts the local gateway,
 # deploy/local/run.sh with the binaries in $bin, in a new data directory, and waits for it.
 #
-#   start_gateway PORT GRPC_PORT HTTP_PORT MOCK_PORT
+#   start_gateway PORT GRPC_PORT HTTP_PORT MOCK_PORT [RUN.SH OPTION...]
 #
 # Sets data (the data directory), log (run.sh's output), run (run.sh's pid) and key (a client
 # key), and reads data/run/cluster.env (PROXY_PIDS, MOCK_PID, ...). The caller's exit trap
@@ -11,7 +11,7 @@ start_gateway() {
   data="$(mktemp -d)"
   log="$data/run.log"
   RUST_LOG=${RUST_LOG:-info} "$root/deploy/local/run.sh" --no-build --bin-dir "$bin" --data-dir "$data" \
-    --port "$1" --grpc-port "$2" --http-port "$3" --mock-port "$4" > "$log" 2>&1 &
+    --port "$1" --grpc-port "$2" --http-port "$3" --mock-port "$4" "${@:5}" > "$log" 2>&1 &
   run=$!
   for _ in $(seq 1 300); do
     grep -q 'PROXY_PIDS' "$data/run/cluster.env" 2>/dev/null && grep -q 'sk-sluice-' "$log" && break

@@ -17,6 +17,8 @@
 #   --data-dir DIR    control plane data (SLUICE_DATA_DIR, ./sluice-data); data plane i keeps its
 #                     usage spool in DIR/proxy-i, so a replica restarted there resends its usage
 #   --profile P       cargo profile to build and run: release or debug (SLUICE_BUILD_PROFILE, release)
+#   --no-spool        data planes without a usage spool (no crash recovery of usage: for
+#                     measuring what the spool costs, ./e2e/bench-cpu.sh --no-spool)
 #   --no-demo         no mock backend and no client key
 #   --no-build        run existing binaries (with --bin-dir DIR, default target/PROFILE)
 # While it runs, DATA_DIR/run/cluster.env lists the ports and process ids (tests read it).
@@ -32,6 +34,7 @@ DATA_DIR=${SLUICE_DATA_DIR:-./sluice-data}
 PROFILE=${SLUICE_BUILD_PROFILE:-release}
 DEMO=1
 BUILD=1
+SPOOL=1
 BIN=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -43,9 +46,10 @@ while [ $# -gt 0 ]; do
     --data-dir) DATA_DIR=$2; shift 2 ;;
     --profile) PROFILE=$2; shift 2 ;;
     --no-demo) DEMO=0; shift ;;
+    --no-spool) SPOOL=0; shift ;;
     --no-build) BUILD=0; shift ;;
     --bin-dir) BIN=$2; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -115,9 +119,11 @@ proxy_ports=()
 proxy_pids=()
 for i in $(seq 1 "$REPLICAS"); do
   if [ "$REPLICAS" = 1 ]; then p=$PORT; else p=$((PORT + 10 + i)); fi
+  spool=(--data-dir "$DATA_DIR/proxy-$i")
+  [ "$SPOOL" = 1 ] || spool=()
   SLUICE_DATAPLANE_TOKEN=$DATAPLANE_TOKEN "$BIN/sluice-proxy" \
     --control-plane "$SLUICE_ENDPOINT" --listen "127.0.0.1:$p" --node-id "local-$i" \
-    --data-dir "$DATA_DIR/proxy-$i" 2>"$RUN_DIR/proxy-$i.log" &
+    "${spool[@]}" 2>"$RUN_DIR/proxy-$i.log" &
   pids+=($!)
   proxy_pids+=($!)
   proxy_ports+=("$p")
