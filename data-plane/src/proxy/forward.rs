@@ -587,9 +587,9 @@ async fn attempt(
     };
     let (head, mut upstream) = upstream.into_parts();
     let status = head.status;
+    let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let retry_after = cooldown::retry_after(&head.headers, SystemTime::now());
-        let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
         let body = read_body(
             sleeps,
             upstream,
@@ -607,9 +607,8 @@ async fn attempt(
             body,
         });
     }
-    let is_sse = head
-        .headers
-        .get(header::CONTENT_TYPE)
+    let is_sse = content_type
+        .as_ref()
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     if stream && status.is_success() && is_sse {
@@ -626,7 +625,7 @@ async fn attempt(
             first,
         });
     }
-    let headers = only_content_type(head.headers);
+    let headers = only_content_type(head.headers, content_type);
     let mut body = read_body(
         sleeps,
         upstream,
@@ -646,12 +645,11 @@ async fn attempt(
     })
 }
 
-/// `headers` with only their `content-type` left (its first value), the one upstream header
-/// an answer passes on. The map is the upstream answer's own: the client's answer is built on
-/// it, which saves allocating a map for it and freeing this one.
-fn only_content_type(mut headers: HeaderMap) -> HeaderMap {
-    // `get` and `clone`: `remove` costs twice as much.
-    let content_type = headers.get(header::CONTENT_TYPE).cloned();
+/// `headers` emptied but for `content_type` (the first of theirs), the one upstream header an
+/// answer passes on. The map is the upstream answer's own: the client's answer is built on
+/// it, which saves allocating a map for it and freeing this one. (The value is read with
+/// `get` and a clone: `remove` costs twice as much.)
+fn only_content_type(mut headers: HeaderMap, content_type: Option<HeaderValue>) -> HeaderMap {
     headers.clear();
     if let Some(content_type) = content_type {
         headers.insert(header::CONTENT_TYPE, content_type);
