@@ -157,15 +157,22 @@ impl SseParser {
     /// writing it again. Most upstreams send an event a chunk, in that form.
     ///
     /// Such a chunk, from a parser holding nothing, is read without the line-by-line walk
-    /// ([`Self::whole_event`]). Any other goes through [`Self::push`] and is compared with the
+    /// ([`Self::whole_data`]). Any other goes through [`Self::push`] and is compared with the
     /// event's data, but not searched for newlines: from a parser that held nothing, a chunk
     /// `data: {data}\n\n` whose one event has that data has it on one line (a line end in it
     /// would have ended the line, and the next lines would have given the event less than the
     /// rest of the chunk).
     pub fn push_whole(&mut self, chunk: &[u8], out: &mut Vec<Item>) -> Result<bool, SseError> {
-        let fresh = !self.has_partial() && !self.after_cr;
-        if fresh && let Some(event) = self.whole_event(chunk) {
-            out.push(Item::Event(event));
+        let fresh = self.is_fresh();
+        if let Some(data) = self.whole_data(chunk) {
+            let mut buffer = std::mem::take(&mut self.data);
+            buffer.clear();
+            buffer.push_str(data);
+            out.push(Item::Event(Event {
+                event: None,
+                data: buffer,
+                id: None,
+            }));
             return Ok(true);
         }
         let before = out.len();
@@ -182,13 +189,18 @@ impl SseParser {
                 .is_some_and(|data| data == event.data.as_bytes()))
     }
 
-    /// The event of `chunk` when it is `data: {data}` and a blank line with no other line end
-    /// in `data`, `data` is UTF-8 and within the bounds, and nothing is buffered: what
-    /// [`Self::push`] would dispatch for it, without its line-by-line walk (a line search and
-    /// a field split for the data line, another search and the dispatch for the blank one:
-    /// about 900 instructions an event). `None` for anything else, which [`Self::push`] reads.
-    fn whole_event(&mut self, chunk: &[u8]) -> Option<Event> {
+    /// The data of `chunk` when it is `data: {data}` and a blank line with no other line end
+    /// in `data`, `data` is UTF-8 and within the bounds, and nothing is buffered: the data of
+    /// the one event [`Self::push`] would dispatch for it, which leaves the parser as it was
+    /// (holding nothing), read without its line-by-line walk (a line search and a field split
+    /// for the data line, another search and the dispatch for the blank one: about 900
+    /// instructions an event). `None` for anything else, which [`Self::push`] reads. A caller
+    /// that takes the data from here instead of pushing the chunk has read that event.
+    pub fn whole_data<'c>(&self, chunk: &'c [u8]) -> Option<&'c str> {
         const FIELD: &[u8] = b"data: ";
+        if !self.is_fresh() {
+            return None;
+        }
         let data = chunk.strip_prefix(FIELD)?.strip_suffix(b"\n\n")?;
         // `push`'s bound on the line (`data: ` and the data), past which it answers with its
         // error; the event's data with its newline is shorter, so within its own bound too.
@@ -196,15 +208,12 @@ impl SseParser {
         if !within || memchr::memchr2(b'\n', b'\r', data).is_some() {
             return None;
         }
-        let text = crate::utf8::text(data)?;
-        let mut buffer = std::mem::take(&mut self.data);
-        buffer.clear();
-        buffer.push_str(text);
-        Some(Event {
-            event: None,
-            data: buffer,
-            id: None,
-        })
+        crate::utf8::text(data)
+    }
+
+    /// Whether nothing is buffered, not even a `\r` whose `\n` may come next.
+    fn is_fresh(&self) -> bool {
+        !self.has_partial() && !self.after_cr
     }
 
     /// Gives back the data of an event this parser dispatched, once read, for the next event
@@ -497,6 +506,32 @@ mod tests {
         })
     }
 
+    /// What a parser read before a chunk: often nothing, as the chunks a relay takes whole
+    /// come to a parser holding nothing, after its earlier events were dispatched.
+    fn bytes_before_a_chunk() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![Just(Vec::new()), stream_bytes()]
+    }
+
+    /// A chunk: any stream's bytes, or one `data:` line and a blank one, with any bytes, line
+    /// ends and non-ASCII in the data.
+    fn chunk_bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            stream_bytes(),
+            proptest::collection::vec(any::<u8>(), 0..24).prop_map(|data| [
+                &b"data: "[..],
+                &data,
+                b"\n\n"
+            ]
+            .concat()),
+            "[a-z{}\": \r\n\u{e9}]{0,24}".prop_map(|data| format!("data: {data}\n\n").into_bytes()),
+        ]
+    }
+
+    /// A parser's bound on a line: small ones, which the chunks above reach, and the default.
+    fn max_bytes() -> impl Strategy<Value = usize> {
+        prop_oneof![4usize..40, Just(DEFAULT_MAX_BYTES)]
+    }
+
     proptest! {
         #[test]
         fn any_chunking_yields_the_same_items(
@@ -550,18 +585,10 @@ mod tests {
         /// and a parser in the same state for what follows.
         #[test]
         fn a_chunk_pushed_whole_reads_as_pushed(
-            // Often nothing: the chunks `push_whole` takes whole come to a parser holding
-            // nothing, after its earlier events were dispatched.
-            before in prop_oneof![Just(Vec::new()), stream_bytes()],
-            chunk in prop_oneof![
-                stream_bytes(),
-                proptest::collection::vec(any::<u8>(), 0..24)
-                    .prop_map(|data| [&b"data: "[..], &data, b"\n\n"].concat()),
-                "[a-z{}\": \r\n\u{e9}]{0,24}"
-                    .prop_map(|data| format!("data: {data}\n\n").into_bytes()),
-            ],
+            before in bytes_before_a_chunk(),
+            chunk in chunk_bytes(),
             after in stream_bytes(),
-            max_bytes in prop_oneof![4usize..40, Just(DEFAULT_MAX_BYTES)],
+            max_bytes in max_bytes(),
         ) {
             let read = |whole: bool| {
                 let mut parser = SseParser::new(max_bytes);
@@ -577,6 +604,42 @@ mod tests {
                 Some((out, pushed, then, parser.has_partial()))
             };
             prop_assert_eq!(read(true), read(false));
+        }
+
+        /// Taking a chunk's data from `whole_data` instead of pushing the chunk is reading the
+        /// chunk: the data is that of the one event `push` dispatches for it, and the parser,
+        /// left as it was, reads what follows as one that pushed the chunk does.
+        #[test]
+        fn a_chunks_data_taken_whole_reads_as_pushed(
+            before in bytes_before_a_chunk(),
+            chunk in chunk_bytes(),
+            after in stream_bytes(),
+            max_bytes in max_bytes(),
+        ) {
+            let parser = || {
+                let mut parser = SseParser::new(max_bytes);
+                parser.push(&before, &mut Vec::new()).ok().map(|()| parser)
+            };
+            let (Some(mut taken), Some(mut pushed)) = (parser(), parser()) else {
+                return Ok(());
+            };
+            let Some(data) = taken.whole_data(&chunk) else {
+                return Ok(());
+            };
+            let mut out = Vec::new();
+            prop_assert_eq!(pushed.push(&chunk, &mut out), Ok(()));
+            prop_assert_eq!(out, vec![Item::Event(Event {
+                event: None,
+                data: data.to_owned(),
+                id: None,
+            })]);
+            let (mut from_taken, mut from_pushed) = (Vec::new(), Vec::new());
+            prop_assert_eq!(
+                taken.push(&after, &mut from_taken),
+                pushed.push(&after, &mut from_pushed)
+            );
+            prop_assert_eq!(from_taken, from_pushed);
+            prop_assert_eq!(taken.has_partial(), pushed.has_partial());
         }
 
         #[test]

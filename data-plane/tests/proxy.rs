@@ -272,6 +272,97 @@ async fn streamed_chat_hides_the_usage_chunk_unless_asked_and_counts_it() {
     assert!(usage_chunk["usage"]["completion_tokens"].as_u64().unwrap() > 0);
 }
 
+/// `events` (their data) as an upstream may frame them: an event a chunk as Sluice writes
+/// them, and ways that are as valid but not that.
+fn framings(events: &[String]) -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    let wire = |end: &str| -> Vec<Vec<u8>> {
+        events
+            .iter()
+            .map(|e| format!("data: {e}{end}{end}").into_bytes())
+            .collect()
+    };
+    let text = wire("\n").concat();
+    vec![
+        ("an event a chunk", wire("\n")),
+        ("CRLF line ends", wire("\r\n")),
+        ("all in one chunk", vec![text.clone()]),
+        (
+            "cut every 7 bytes",
+            text.chunks(7).map(<[u8]>::to_vec).collect(),
+        ),
+        // Each event's blank line arriving with the next event.
+        (
+            "blank lines late",
+            events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| format!("{}data: {e}\n", if i > 0 { "\n" } else { "" }))
+                .map(String::into_bytes)
+                .chain(std::iter::once(b"\n".to_vec()))
+                .collect(),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn a_stream_framed_any_way_is_relayed_alike_and_its_usage_chunk_hidden_unless_asked() {
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        .to_string()
+    };
+    let usage = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}})
+    .to_string();
+    let events = [
+        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+        chunk(json!({"content": "Hel"}), Value::Null),
+        chunk(json!({"content": "lo"}), Value::Null),
+        chunk(json!({}), json!("stop")),
+        usage.clone(),
+        "[DONE]".to_owned(),
+    ];
+    let without_usage: Vec<&String> = events.iter().filter(|e| **e != usage).collect();
+    let start = |chunks| async move {
+        let upstream = SseUpstream::start(chunks).await;
+        let backends = vec![backend(
+            "sse",
+            &upstream.base_url(),
+            proto::Pool::Primary,
+            0,
+        )];
+        Harness::start(snapshot(1, backends)).await
+    };
+    for (framing, chunks) in framings(&events) {
+        let h = start(chunks).await;
+        let relayed = sse_data(&h.chat(chat_body(true)).await.text().await.unwrap());
+        assert_eq!(
+            relayed.iter().collect::<Vec<_>>(),
+            without_usage,
+            "{framing}"
+        );
+        let mut asked = chat_body(true);
+        asked["stream_options"] = json!({"include_usage": true});
+        let relayed = sse_data(&h.chat(asked).await.text().await.unwrap());
+        assert_eq!(relayed, events, "{framing}");
+        for record in h.records(2).await {
+            let tokens = (record.prompt_tokens, record.completion_tokens);
+            assert_eq!(tokens, (7, 9), "{framing}");
+            assert!(!record.tokens_estimated, "{framing}");
+        }
+    }
+    // Cut off before its usage: charged a completion token for each of the two deltas with
+    // text, however the events came.
+    for (framing, chunks) in framings(&events[..4]) {
+        let h = start(chunks).await;
+        let body = h.chat(chat_body(true)).await.text().await.unwrap();
+        assert!(body.contains("stream_interrupted"), "{framing}: {body}");
+        let record = h.records(1).await.remove(0);
+        assert!(record.tokens_estimated, "{framing}");
+        assert_eq!(record.completion_tokens, 2, "{framing}");
+    }
+}
+
 #[tokio::test]
 async fn the_body_passes_through_except_model_and_the_backend_key_replaces_the_clients() {
     let echo = EchoUpstream::start().await;

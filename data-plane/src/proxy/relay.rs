@@ -218,6 +218,24 @@ impl Relay {
 
     /// Parses a chunk from the upstream into frames for the client.
     fn take(&mut self, chunk: Bytes) {
+        // A chat chunk that is one whole event in wire form, as upstreams send nearly all of
+        // them: read where it is (no copy into the parser's buffer, no item list) and passed
+        // on as it came, as the loop below would pass it on.
+        if let Mode::Chat { forward_usage } = self.mode
+            && let Some(data) = self.parser.whole_data(&chunk)
+            && data != DONE
+        {
+            if let Some(acct) = &mut self.acct
+                && is_output_delta_data(data)
+            {
+                acct.output_delta();
+            }
+            self.events += 1;
+            if count_chat_usage(&mut self.acct, data, forward_usage) {
+                self.ready.push_back((chunk, Then::Continue));
+            }
+            return;
+        }
         let (parsed, mut chunk) = parse(&mut self.parser, chunk, &mut self.items);
         let mut items = std::mem::take(&mut self.items);
         for item in items.drain(..) {
@@ -243,7 +261,7 @@ impl Relay {
                     }
                 }
                 Item::Event(event) => {
-                    if event.data == "[DONE]" {
+                    if event.data == DONE {
                         self.ready
                             .push_back((event.to_bytes(), Then::Finish(ErrorKind::Unspecified)));
                         self.drain_upstream();
@@ -260,14 +278,9 @@ impl Relay {
                             continue;
                         }
                     };
-                    if let Some((tokens, usage_only)) = usage_of(&event.data) {
-                        if let Some(acct) = &mut self.acct {
-                            acct.tokens(tokens);
-                        }
-                        if usage_only && !forward_usage {
-                            self.parser.recycle(event.data);
-                            continue;
-                        }
+                    if !count_chat_usage(&mut self.acct, &event.data, forward_usage) {
+                        self.parser.recycle(event.data);
+                        continue;
                     }
                     let frame = wire_frame(&mut self.wire, &event, &mut chunk);
                     self.ready.push_back((frame, Then::Continue));
@@ -430,6 +443,21 @@ impl Relay {
     }
 }
 
+/// The data of the event that ends a chat stream.
+const DONE: &str = "[DONE]";
+
+/// Counts the usage a chat event reports, if any; whether its frame goes to the client (not
+/// when it is the usage chunk Sluice asked for and the client did not).
+fn count_chat_usage(acct: &mut Option<Accounting>, data: &str, forward_usage: bool) -> bool {
+    let Some((tokens, usage_only)) = usage_of(data) else {
+        return true;
+    };
+    if let Some(acct) = acct {
+        acct.tokens(tokens);
+    }
+    !usage_only || forward_usage
+}
+
 /// Parses `chunk` into `items`; with the chunk itself when it is the one event parsed, in
 /// wire form (see [`wire_frame`]).
 fn parse(
@@ -467,10 +495,15 @@ fn is_output_delta(event: &Event) -> bool {
         Some("content_block_delta") => true,
         Some(name) if name.starts_with("response.") => name.ends_with(".delta"),
         Some(_) => false,
-        None => OUTPUT_KEYS
-            .iter()
-            .any(|key| non_empty_string_after(&event.data, key)),
+        None => is_output_delta_data(&event.data),
     }
+}
+
+/// Whether the data of an unnamed event (an OpenAI chunk) carries output.
+fn is_output_delta_data(data: &str) -> bool {
+    OUTPUT_KEYS
+        .iter()
+        .any(|key| non_empty_string_after(data, key))
 }
 
 /// The keys of an OpenAI chunk whose non-empty string is output, with their quotes; their

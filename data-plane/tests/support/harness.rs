@@ -318,3 +318,37 @@ async fn echo(
         "usage": {"prompt_tokens": 11, "completion_tokens": 22, "total_tokens": 33}
     }))
 }
+
+/// An upstream that answers every request with a stream of these chunks, each its own chunk
+/// of the chunked body (so each reaches the proxy as one piece or less): how an upstream
+/// frames its events, which the proxy must read alike whatever it is.
+pub struct SseUpstream {
+    pub addr: SocketAddr,
+}
+
+impl SseUpstream {
+    pub async fn start(chunks: Vec<Vec<u8>>) -> Self {
+        let app = axum::Router::new().fallback(move || {
+            let chunks = chunks.clone();
+            async move {
+                let frames = chunks
+                    .into_iter()
+                    .map(|chunk| Ok::<_, std::convert::Infallible>(Bytes::from(chunk)));
+                (
+                    [(http::header::CONTENT_TYPE, "text/event-stream")],
+                    axum::body::Body::from_stream(futures::stream::iter(frames)),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self { addr }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
