@@ -23,6 +23,8 @@
 #                                              # events a stream, the usage chunk included)
 #   ./e2e/bench-callgrind.sh --messages        # Anthropic Messages (non-streamed) to an Anthropic
 #                                              # backend, which Sluice passes through
+#   ./e2e/bench-callgrind.sh --streams 20 --messages   # the same streamed: per relayed event
+#                                              # (47 a stream, 41 of them content deltas)
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
 # examples/bare_proxy, built as shipped in two invocations (`cargo build --release --bins`, then
@@ -83,7 +85,21 @@ fi
 model=gpt-4o-mini
 mock_url=http://127.0.0.1:29090
 unit=request
-if [ -n "$streams" ]; then
+events=44 # a chat stream: the role chunk, 40 content chunks, finish, usage, [DONE]
+if [ -n "$streams" ] && [ -n "$messages" ]; then
+  # The same for Anthropic's Messages, passed through to an Anthropic backend: message_start,
+  # ping, content_block_start, 41 deltas (the mock's name and 40 words), content_block_stop,
+  # message_delta, message_stop.
+  mock_url=http://127.0.0.1:29091
+  model=bench-claude
+  unit=event
+  events=47
+  "$bin/sluice-mock" --listen 127.0.0.1:29091 --name claude-mock --model bench-claude \
+    --chunk-count 40 --chunk-interval 50ms 2> "$data/claude-mock.log" &
+  pids+=($!)
+  BENCH_CLAUDE_KEY=sk-ant-bench ctl backend add --name claude-mock --base-url "$mock_url/v1" \
+    --model bench-claude --api-format anthropic --api-key-env BENCH_CLAUDE_KEY > /dev/null
+elif [ -n "$streams" ]; then
   # A mock of its own for the streams, served to Sluice as one more backend.
   mock_url=http://127.0.0.1:29091
   model=bench-stream
@@ -130,7 +146,8 @@ drive() { # port duration|warm-up
     local n=$rounds
     [ "$2" != warm-up ] || n=1
     "$bin/sluice-bench" load --url "http://127.0.0.1:$1/v1" --key "$key" --model "$model" \
-      --stream --streams "$streams" --rounds "$n" --expected-events 44 --timeout 120s
+      --stream --streams "$streams" --rounds "$n" --expected-events "$events" --timeout 120s \
+      ${messages:+--messages}
   else
     local duration=$2
     [ "$2" != warm-up ] || duration=3s

@@ -117,11 +117,11 @@ impl Target {
     }
 
     /// The body of a short request for the target's model in its API ([`chat_body`] or
-    /// [`messages_body`]; Messages are never streamed here).
+    /// [`messages_body`]).
     pub fn body(&self, stream: bool) -> Bytes {
         match self.api {
             Api::Chat => chat_body(&self.model, stream),
-            Api::Messages => messages_body(&self.model),
+            Api::Messages => messages_body(&self.model, stream),
         }
     }
 
@@ -155,13 +155,17 @@ pub fn chat_body(model: &str, stream: bool) -> Bytes {
     Bytes::from(body.to_string())
 }
 
-/// The body of a short Anthropic Messages request for `model`.
-pub fn messages_body(model: &str) -> Bytes {
-    let body = serde_json::json!({
+/// The body of a short Anthropic Messages request for `model` (a stream reports its usage in
+/// its events unasked).
+pub fn messages_body(model: &str, stream: bool) -> Bytes {
+    let mut body = serde_json::json!({
         "model": model,
         "max_tokens": 64,
         "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
     });
+    if stream {
+        body["stream"] = true.into();
+    }
     Bytes::from(body.to_string())
 }
 
@@ -294,10 +298,12 @@ mod tests {
         assert_eq!(request.uri().path(), "/v1/messages");
         assert_eq!(request.headers()["anthropic-version"], "2023-06-01");
         assert_eq!(request.headers()[AUTHORIZATION], "Bearer sk-x");
-        let body: serde_json::Value = serde_json::from_slice(&t.body(true)).unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&t.body(false)).unwrap();
         assert_eq!(body["model"], "claude");
         assert_eq!(body["max_tokens"], 64);
         assert!(body.get("stream").is_none(), "{body}");
+        let body: serde_json::Value = serde_json::from_slice(&t.body(true)).unwrap();
+        assert_eq!(body["stream"], true);
         let chat = Target::new("http://127.0.0.1:8080/v1", None, "m", false).unwrap();
         let request = chat.request(chat.body(false)).unwrap();
         assert_eq!(request.uri().path(), "/v1/chat/completions");

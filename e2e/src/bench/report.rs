@@ -281,7 +281,7 @@ pub fn stream_table(sides: &[(String, StreamResult)]) -> Table {
             if r.expected_events.is_some() {
                 r.events_lost.to_string()
             } else {
-                format!("{} streams without [DONE]", r.failed())
+                format!("{} streams without their last event", r.failed())
             },
             r.peak_concurrency.to_string(),
             fmt_ms(r.ttft.p50()),

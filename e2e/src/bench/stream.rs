@@ -22,7 +22,8 @@ pub struct StreamPlan {
     pub streams: usize,
     /// Starts are spread evenly over this time.
     pub ramp: Duration,
-    /// SSE events every stream should deliver (`[DONE]` included), when known.
+    /// SSE events every stream should deliver (its last, `[DONE]` or `message_stop`,
+    /// included), when known.
     pub expected_events: Option<u64>,
     /// Bound on one whole stream.
     pub timeout: Duration,
@@ -32,7 +33,7 @@ pub struct StreamPlan {
 #[derive(Clone, Debug)]
 pub struct StreamResult {
     pub streams: usize,
-    /// Streams that answered 200 and ended after `data: [DONE]`.
+    /// Streams that answered 200 and ended after `data: [DONE]` (`message_stop` for Messages).
     pub completed: usize,
     pub first_error: Option<String>,
     /// Request sent → first complete SSE event.
@@ -87,11 +88,11 @@ impl StreamResult {
     }
 }
 
-/// Counts SSE events (blocks ended by an empty line) in a byte stream, and notices
-/// `data: [DONE]`.
+/// Counts SSE events (blocks ended by an empty line) in a byte stream, and notices the end of
+/// a stream: `data: [DONE]`, or Anthropic's `event: message_stop`.
 #[derive(Default)]
 struct SseCounter {
-    /// The start of the current line (enough to recognise `data: [DONE]`).
+    /// The start of the current line (enough to recognise either end).
     head: Vec<u8>,
     line_len: usize,
     in_event: bool,
@@ -105,7 +106,7 @@ impl SseCounter {
         for &b in bytes {
             if b != b'\n' {
                 self.line_len += 1;
-                if self.head.len() < 16 {
+                if self.head.len() < 20 {
                     self.head.push(b);
                 }
                 continue;
@@ -122,7 +123,15 @@ impl SseCounter {
                 }
             } else {
                 self.in_event = true;
-                if self.line_len <= 14 && (line == b"data: [DONE]" || line == b"data:[DONE]") {
+                if self.line_len <= 20
+                    && matches!(
+                        line,
+                        b"data: [DONE]"
+                            | b"data:[DONE]"
+                            | b"event: message_stop"
+                            | b"event:message_stop"
+                    )
+                {
                     self.done = true;
                 }
             }
@@ -213,7 +222,8 @@ impl StreamResult {
         if self.first_error.is_none() {
             self.first_error.clone_from(&o.error);
             if self.first_error.is_none() && !o.done {
-                self.first_error = Some("a stream ended without data: [DONE]".into());
+                self.first_error =
+                    Some("a stream ended without its last event ([DONE], message_stop)".into());
             }
         }
         if let Some(ttft) = o.ttft {
@@ -321,6 +331,15 @@ mod tests {
         assert_eq!(c.feed(b"\n: comment\r\n\r\n"), 2);
         assert!(!c.done);
         assert_eq!(c.feed(b"data: [DONE]\n\n"), 1);
+        assert!(c.done);
+        // Anthropic's end, and not an event that merely begins like it.
+        let mut c = SseCounter::default();
+        assert_eq!(c.feed(b"event: message_stopped\ndata: {}\n\n"), 1);
+        assert!(!c.done);
+        assert_eq!(
+            c.feed(b"event: message_stop\r\ndata: {\"type\":\"message_stop\"}\n\n"),
+            1
+        );
         assert!(c.done);
         // Blank lines between events are not events.
         let mut c = SseCounter::default();

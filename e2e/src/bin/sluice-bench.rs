@@ -161,9 +161,9 @@ struct LoadArgs {
     /// Concurrent SSE streams instead of fixed rates.
     #[arg(long)]
     stream: bool,
-    /// Anthropic Messages requests (POST …/messages, non-streamed) instead of chat
-    /// completions, to both URLs.
-    #[arg(long, conflicts_with = "stream")]
+    /// Anthropic Messages requests (POST …/messages) instead of chat completions, to both
+    /// URLs; with --stream, streamed Messages, each ending with `message_stop`.
+    #[arg(long)]
     messages: bool,
     /// Streams of --stream.
     #[arg(long, default_value_t = 1000)]
