@@ -4,7 +4,10 @@
 //! [`EventsFromChunks`] turns chat completion chunks into an Anthropic event stream, and
 //! [`EventUsage`] only watches an Anthropic stream passed through as it is.
 
+use std::sync::LazyLock;
+
 use bytes::{BufMut, Bytes, BytesMut};
+use memchr::memmem::Finder;
 use serde_json::{Value, json};
 
 use super::response::{finish_reason, message_id, openai_usage, stop_reason};
@@ -66,6 +69,23 @@ fn parse(event: &Event) -> Option<(Value, String)> {
     Some((value, kind))
 }
 
+/// Whether an event's data may be of a kind [`EventUsage`] watches (`message_start`,
+/// `message_delta`, `message_stop`, `error`): false only when no JSON string in it can be one
+/// of those names, because none is written plainly between quotes and nothing in it is written
+/// with a `\u` escape (the only way JSON can spell a letter or `_` otherwise). A look at the
+/// bytes, not a parse: a content delta is about 700 instructions here against about 7,500 to
+/// parse it into a tree of values; an event that passes is parsed whole, as before.
+fn may_be_watched(data: &str) -> bool {
+    WATCHED_NAMES
+        .iter()
+        .any(|name| name.find(data.as_bytes()).is_some())
+}
+
+/// What a watched kind's name, or any escape, is written with (see [`may_be_watched`]); the
+/// searchers are built once.
+static WATCHED_NAMES: LazyLock<[Finder<'static>; 3]> =
+    LazyLock::new(|| ["\"message_", "\"error\"", "\\u"].map(Finder::new));
+
 /// Watches an Anthropic event stream passed through unchanged: its usage and its end.
 #[derive(Debug, Default)]
 pub struct EventUsage {
@@ -75,7 +95,20 @@ pub struct EventUsage {
 
 impl EventUsage {
     /// Reads one event.
+    ///
+    /// Only four kinds of event bear on the usage or the end, one or two of each a stream; the
+    /// rest (content deltas above all, pings, blocks' starts and stops) are passed over without
+    /// the tree of values a whole parse builds when their bytes cannot name one of the four
+    /// ([`may_be_watched`]).
     pub fn observe(&mut self, event: &Event) -> Flow {
+        if !may_be_watched(&event.data) {
+            return Flow::Continue;
+        }
+        self.observe_parsed(event)
+    }
+
+    /// Reads one event parsed whole.
+    fn observe_parsed(&mut self, event: &Event) -> Flow {
         let Some((value, kind)) = parse(event) else {
             return Flow::Continue;
         };
@@ -503,4 +536,97 @@ fn anthropic_frame(value: &Value) -> Bytes {
     out.put_slice(text.as_bytes());
     out.put_slice(b"\n\n");
     out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use proptest::prelude::*;
+
+    /// An event's data: Anthropic's kinds and others, their type written plainly, with an
+    /// escape, twice, or not as a string, usage figures in place and elsewhere, nesting,
+    /// and text that is not one JSON object.
+    fn data() -> impl Strategy<Value = String> {
+        let kind = prop_oneof![
+            Just("message_start"),
+            Just("message_delta"),
+            Just("message_stop"),
+            Just("error"),
+            Just("content_block_delta"),
+            Just("ping"),
+            Just("message_stopped"),
+        ];
+        let written = prop_oneof![
+            kind.clone().prop_map(|k| format!("\"{k}\"")),
+            // `_` escaped: the same string to serde.
+            kind.clone()
+                .prop_map(|k| format!("\"{}\"", k.replace('_', "\\u005f"))),
+            Just("7".to_owned()),
+            Just("null".to_owned()),
+            Just("[\"message_stop\"]".to_owned()),
+        ];
+        let member = prop_oneof![
+            written.clone().prop_map(|w| format!("\"type\":{w}")),
+            written.prop_map(|w| format!("\"typ\\u0065\":{w}")),
+            Just("\"usage\":{\"input_tokens\":5,\"output_tokens\":9}".to_owned()),
+            Just(
+                "\"message\":{\"usage\":{\"input_tokens\":3,\"cache_read_input_tokens\":2}}"
+                    .to_owned()
+            ),
+            Just("\"delta\":{\"type\":\"message_stop\",\"text\":\"error\"}".to_owned()),
+            Just("\"big\":1e400".to_owned()),
+            Just("\"index\":0".to_owned()),
+        ];
+        prop_oneof![
+            8 => proptest::collection::vec(member, 0..5)
+                .prop_map(|members| format!("{{{}}}", members.join(","))),
+            1 => "[a-z{}\\[\\]\":, 0-9]{0,30}",
+            1 => Just("[{\"type\":\"message_stop\"}]".to_owned()),
+        ]
+    }
+
+    proptest! {
+        /// Passing over the events that cannot be watched changes nothing: after every event of
+        /// any sequence, the same flow and the same usage as parsing each one whole (as
+        /// `observe` did before it passed any over).
+        #[test]
+        fn events_passed_over_are_read_as_if_parsed_whole(
+            events in proptest::collection::vec(
+                (proptest::option::of("[a-z_]{1,20}"), data()),
+                0..12,
+            ),
+        ) {
+            let (mut usage, mut oracle) = (EventUsage::default(), EventUsage::default());
+            for (name, data) in events {
+                let event = Event { event: name, data, id: None };
+                prop_assert_eq!(
+                    usage.observe(&event),
+                    oracle.observe_parsed(&event),
+                    "{:?}", event
+                );
+                prop_assert_eq!(usage.usage(), oracle.usage());
+            }
+        }
+    }
+
+    #[test]
+    fn only_data_that_cannot_name_a_watched_kind_is_passed_over() {
+        for data in [
+            r#"{"type":"message_stop"}"#,
+            r#"{"type":"error","error":{"type":"overloaded_error"}}"#,
+            r#"{"type":"message\u005fdelta","usage":{"output_tokens":3}}"#,
+            // Passed on to the parse, which finds nothing: a content delta that says "error".
+            r#"{"type":"content_block_delta","delta":{"type":"text_delta","text":"error"}}"#,
+        ] {
+            assert!(may_be_watched(data), "{data}");
+        }
+        for data in [
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" error\n"}}"#,
+            r#"{"type":"ping"}"#,
+            r#"{"type":"content_block_stop","index":0}"#,
+        ] {
+            assert!(!may_be_watched(data), "{data}");
+        }
+    }
 }
