@@ -152,63 +152,70 @@ impl SseParser {
     }
 
     /// Parses `chunk` as [`Self::push`] does, and tells whether it was one whole event in
-    /// the form [`Event::write_to`] writes (`data: …` and a blank line) that nothing buffered
-    /// before it joined: then a relay can pass the chunk on as that event's frame instead of
-    /// writing it again. Most upstreams send an event a chunk, in that form.
-    ///
-    /// Such a chunk, from a parser holding nothing, is read without the line-by-line walk
-    /// ([`Self::whole_data`]). Any other goes through [`Self::push`] and is compared with the
-    /// event's data, but not searched for newlines: from a parser that held nothing, a chunk
-    /// `data: {data}\n\n` whose one event has that data has it on one line (a line end in it
-    /// would have ended the line, and the next lines would have given the event less than the
-    /// rest of the chunk).
+    /// the form [`Event::write_to`] writes (`event: …` if named, `data: …` and a blank line)
+    /// that nothing buffered before it joined: then a relay can pass the chunk on as that
+    /// event's frame instead of writing it again. Most upstreams send an event a chunk, in that
+    /// form. Such a chunk is read without the line-by-line walk ([`Self::whole_parts`]); any
+    /// other goes through [`Self::push`], and is not one whole event in that form (those
+    /// `whole_parts` does not take are written with a line end or bytes that are not UTF-8 in
+    /// the data, past the line bound, or after bytes of an unfinished event).
     pub fn push_whole(&mut self, chunk: &[u8], out: &mut Vec<Item>) -> Result<bool, SseError> {
-        let fresh = self.is_fresh();
-        if let Some(data) = self.whole_data(chunk) {
+        if let Some((name, data)) = self.whole_parts(chunk) {
             let mut buffer = std::mem::take(&mut self.data);
             buffer.clear();
             buffer.push_str(data);
             out.push(Item::Event(Event {
-                event: None,
+                event: name.map(str::to_owned),
                 data: buffer,
                 id: None,
             }));
             return Ok(true);
         }
-        let before = out.len();
         self.push(chunk, out)?;
-        let [Item::Event(event)] = out.get(before..).unwrap_or_default() else {
-            return Ok(false);
-        };
-        Ok(fresh
-            && event.event.is_none()
-            && event.id.is_none()
-            && chunk
-                .strip_prefix(b"data: ")
-                .and_then(|rest| rest.strip_suffix(b"\n\n"))
-                .is_some_and(|data| data == event.data.as_bytes()))
+        Ok(false)
     }
 
-    /// The data of `chunk` when it is `data: {data}` and a blank line with no other line end
-    /// in `data`, `data` is UTF-8 and within the bounds, and nothing is buffered: the data of
-    /// the one event [`Self::push`] would dispatch for it, which leaves the parser as it was
-    /// (holding nothing), read without its line-by-line walk (a line search and a field split
-    /// for the data line, another search and the dispatch for the blank one: about 900
-    /// instructions an event). `None` for anything else, which [`Self::push`] reads. A caller
-    /// that takes the data from here instead of pushing the chunk has read that event.
+    /// The data of `chunk` when it is one whole unnamed event (see [`Self::whole_parts`]).
     pub fn whole_data<'c>(&self, chunk: &'c [u8]) -> Option<&'c str> {
+        match self.whole_parts(chunk)? {
+            (None, data) => Some(data),
+            (Some(_), _) => None,
+        }
+    }
+
+    /// The name and data of `chunk` when it is `event: {name}` and a line feed (or nothing),
+    /// `data: {data}` and a blank line, with no other line end in either, both UTF-8 and within
+    /// the line bound, and nothing is buffered: the event [`Self::push`] would dispatch for it,
+    /// which leaves the parser as it was (holding nothing), read without its line-by-line walk
+    /// (a line search and a field split for each line, another search and the dispatch for the
+    /// blank one: about 900 instructions an event). `None` for anything else, which
+    /// [`Self::push`] reads. A caller that takes the parts from here instead of pushing the
+    /// chunk has read that event.
+    pub fn whole_parts<'c>(&self, chunk: &'c [u8]) -> Option<(Option<&'c str>, &'c str)> {
+        const NAME: &[u8] = b"event: ";
         const FIELD: &[u8] = b"data: ";
         if !self.is_fresh() {
             return None;
         }
-        let data = chunk.strip_prefix(FIELD)?.strip_suffix(b"\n\n")?;
+        let (name, rest) = match chunk.strip_prefix(NAME) {
+            Some(rest) => {
+                let end = memchr::memchr2(b'\n', b'\r', rest)?;
+                // `push`'s bound on the line, and its line end: a `\r` may have its `\n` next.
+                if NAME.len() + end > self.max_bytes || rest[end] != b'\n' {
+                    return None;
+                }
+                (Some(crate::utf8::text(&rest[..end])?), &rest[end + 1..])
+            }
+            None => (None, chunk),
+        };
+        let data = rest.strip_prefix(FIELD)?.strip_suffix(b"\n\n")?;
         // `push`'s bound on the line (`data: ` and the data), past which it answers with its
         // error; the event's data with its newline is shorter, so within its own bound too.
         let within = FIELD.len() + data.len() <= self.max_bytes;
         if !within || memchr::memchr2(b'\n', b'\r', data).is_some() {
             return None;
         }
-        crate::utf8::text(data)
+        Some((name, crate::utf8::text(data)?))
     }
 
     /// Whether nothing is buffered, not even a `\r` whose `\n` may come next.
@@ -454,13 +461,21 @@ mod tests {
         };
         assert!(whole(b"", b"data: {\"a\":1}\n\n"));
         assert!(whole(b"data: x\n\n", b"data: {\"a\":1}\n\n"));
+        assert!(whole(b"", b"event: e\ndata: {\"a\":1}\n\n"));
+        assert!(whole(b"", b"event: \ndata: {}\n\n"));
         for chunk in [
             &b"data:{\"a\":1}\n\n"[..],
             b"data: {\"a\":1}\r\n\r\n",
             b"data: {\"a\":1}\n\ndata: {\"a\":1}\n\n",
             b"data: {\"a\":1}\n",
             b"data: a\ndata: b\n\n",
-            b"event: e\ndata: {\"a\":1}\n\n",
+            b"event:e\ndata: {\"a\":1}\n\n",
+            b"event: e\r\ndata: {\"a\":1}\n\n",
+            // The same event as with `\n`, but not the form Sluice writes.
+            b"event: e\rdata: {\"a\":1}\n\n",
+            b"event: e\nid: 1\ndata: {\"a\":1}\n\n",
+            b"event: \xff\ndata: {}\n\n",
+            b"event: e\n\n",
             b": keep-alive\ndata: {}\n\n",
             // Not UTF-8: as long as the data read from it ("\u{fffd}\u{fffd}\n\u{fffd}").
             b"data: \xff\xff\ndata: \xff\n\n",
@@ -482,6 +497,16 @@ mod tests {
         assert_eq!(push_whole(b"data: abcd\n\n"), Ok(vec![data("abcd")]));
         assert_eq!(
             push_whole(b"data: abcde\n\n"),
+            Err(SseError::LineTooLong(10))
+        );
+        let named = Item::Event(Event {
+            event: Some("abc".into()),
+            data: "x".into(),
+            id: None,
+        });
+        assert_eq!(push_whole(b"event: abc\ndata: x\n\n"), Ok(vec![named]));
+        assert_eq!(
+            push_whole(b"event: abcd\ndata: x\n\n"),
             Err(SseError::LineTooLong(10))
         );
     }
@@ -524,6 +549,20 @@ mod tests {
             ]
             .concat()),
             "[a-z{}\": \r\n\u{e9}]{0,24}".prop_map(|data| format!("data: {data}\n\n").into_bytes()),
+            ("[a-z_: \r\n\u{e9}]{0,12}", "[a-z{}\": \r\n]{0,12}")
+                .prop_map(|(name, data)| format!("event: {name}\ndata: {data}\n\n").into_bytes()),
+            (
+                proptest::collection::vec(any::<u8>(), 0..8),
+                "[a-z{}\":]{0,12}"
+            )
+                .prop_map(|(name, data)| [
+                    &b"event: "[..],
+                    &name,
+                    b"\ndata: ",
+                    data.as_bytes(),
+                    b"\n\n"
+                ]
+                .concat()),
         ]
     }
 
@@ -559,6 +598,7 @@ mod tests {
             before in stream_bytes(),
             bytes in stream_bytes(),
             data in "[a-z{}\": \n]{0,12}",
+            name in proptest::option::of("[a-z_]{0,8}"),
         ) {
             for (before, chunk) in [(&before[..], &bytes[..]), (&[][..], &bytes[..])] {
                 let mut parser = SseParser::default();
@@ -574,7 +614,7 @@ mod tests {
                     prop_assert_eq!(&event.to_bytes()[..], chunk);
                 }
             }
-            let event = Event { data, ..Event::default() };
+            let event = Event { event: name, data, id: None };
             let mut out = Vec::new();
             let whole = SseParser::default().push_whole(&event.to_bytes(), &mut out);
             prop_assert_eq!(whole, Ok(!event.data.contains('\n')));
@@ -606,8 +646,8 @@ mod tests {
             prop_assert_eq!(read(true), read(false));
         }
 
-        /// Taking a chunk's data from `whole_data` instead of pushing the chunk is reading the
-        /// chunk: the data is that of the one event `push` dispatches for it, and the parser,
+        /// Taking a chunk's parts from `whole_parts` instead of pushing the chunk is reading the
+        /// chunk: they are those of the one event `push` dispatches for it, and the parser,
         /// left as it was, reads what follows as one that pushed the chunk does.
         #[test]
         fn a_chunks_data_taken_whole_reads_as_pushed(
@@ -623,13 +663,14 @@ mod tests {
             let (Some(mut taken), Some(mut pushed)) = (parser(), parser()) else {
                 return Ok(());
             };
-            let Some(data) = taken.whole_data(&chunk) else {
+            let Some((name, data)) = taken.whole_parts(&chunk) else {
                 return Ok(());
             };
+            prop_assert_eq!(taken.whole_data(&chunk), name.is_none().then_some(data));
             let mut out = Vec::new();
             prop_assert_eq!(pushed.push(&chunk, &mut out), Ok(()));
             prop_assert_eq!(out, vec![Item::Event(Event {
-                event: None,
+                event: name.map(str::to_owned),
                 data: data.to_owned(),
                 id: None,
             })]);
