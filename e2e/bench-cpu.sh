@@ -14,6 +14,9 @@
 #                                              # 1,000 concurrent streams (--rounds 3) of a mock
 #                                              # answering --chunks 40 content chunks, one every
 #                                              # --chunk-interval 50ms (44 events a stream)
+#   ./e2e/bench-cpu.sh --streams 1000 --bare --messages   # the same as Anthropic Messages
+#                                              # streams passed through to an Anthropic backend
+#                                              # (--chunks + 7 events a stream)
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl and sluice-bench. Uses the ports
 # of deploy/local/run.sh plus 10,000 (18080, 15051, 18081, 19090; 19091 for the streams' mock)
@@ -27,6 +30,7 @@ seconds=10
 bare=""
 no_spool=()
 streams=""
+messages=""
 rounds=3
 chunks=40
 chunk_interval=50ms
@@ -41,7 +45,8 @@ while [ $# -gt 0 ]; do
     --rounds) rounds=$2; shift 2 ;;
     --chunks) chunks=$2; shift 2 ;;
     --chunk-interval) chunk_interval=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --messages) messages=1; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "bench-cpu: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -73,21 +78,34 @@ threads() {
 model=gpt-4o-mini
 mock_pid=$MOCK_PID
 mock_url=http://127.0.0.1:19090
+# Events a stream delivers: the role chunk, the content chunks, finish, usage and [DONE]; for
+# Messages message_start, ping, content_block_start, the mock's name and the content deltas,
+# content_block_stop, message_delta and message_stop.
+events=$((chunks + 4))
 if [ -n "$streams" ]; then
-  # A mock of its own for the streams, served to Sluice as one more backend.
+  # A mock of its own for the streams, served to Sluice as one more backend (an Anthropic one
+  # for --messages).
   mock_url=http://127.0.0.1:19091
   "$bin/sluice-mock" --listen 127.0.0.1:19091 --name stream-mock --model bench-stream \
     --chunk-count "$chunks" --chunk-interval "$chunk_interval" 2> "$data/stream-mock.log" &
   stream_mock=$!
   mock_pid=$stream_mock
   model=bench-stream
-  SLUICE_ENDPOINT=http://127.0.0.1:15051 SLUICE_ADMIN_TOKEN=$(cat "$data/admin-token") \
+  api=()
+  probe=(/v1/chat/completions '{"model":"bench-stream","messages":[{"role":"user","content":"hi"}]}')
+  if [ -n "$messages" ]; then
+    api=(--api-format anthropic --api-key-env BENCH_CLAUDE_KEY)
+    probe=(/v1/messages '{"model":"bench-stream","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}')
+    events=$((chunks + 7))
+  fi
+  BENCH_CLAUDE_KEY=sk-ant-bench SLUICE_ENDPOINT=http://127.0.0.1:15051 \
+    SLUICE_ADMIN_TOKEN=$(cat "$data/admin-token") \
     "$bin/sluicectl" backend add --name stream-mock --base-url "$mock_url/v1" \
-    --model bench-stream > /dev/null
+    --model bench-stream "${api[@]}" > /dev/null
   for _ in $(seq 1 100); do # until the data plane's snapshot routes the model
     curl -fsS -o /dev/null -H "authorization: Bearer $key" -H 'content-type: application/json' \
-      -d '{"model":"bench-stream","messages":[{"role":"user","content":"hi"}]}' \
-      http://127.0.0.1:18080/v1/chat/completions 2>/dev/null && break
+      -H 'anthropic-version: 2023-06-01' -d "${probe[1]}" \
+      "http://127.0.0.1:18080${probe[0]}" 2>/dev/null && break
     sleep 0.1
   done
 fi
@@ -96,7 +114,7 @@ load() { # duration [url key]
     local n=$rounds
     [ "$1" != warm-up ] || n=1
     "$bin/sluice-bench" load --url "${2:-http://127.0.0.1:18080/v1}" --key "${3:-$key}" --model "$model" \
-      --stream --streams "$streams" --rounds "$n" --expected-events $((chunks + 4))
+      --stream --streams "$streams" --rounds "$n" --expected-events "$events" ${messages:+--messages}
   else
     local duration=$1
     [ "$1" != warm-up ] || duration=2s
