@@ -156,9 +156,10 @@ impl SseParser {
     /// that nothing buffered before it joined: then a relay can pass the chunk on as that
     /// event's frame instead of writing it again. Most upstreams send an event a chunk, in that
     /// form. Such a chunk is read without the line-by-line walk ([`Self::whole_parts`]); any
-    /// other goes through [`Self::push`], and is not one whole event in that form (those
-    /// `whole_parts` does not take are written with a line end or bytes that are not UTF-8 in
-    /// the data, past the line bound, or after bytes of an unfinished event).
+    /// other goes through [`Self::push`] and is answered `false`: one with an `id:` line or
+    /// with its data on several lines, though written as `write_to` writes, is then written
+    /// again by a relay, and the rest are not in that form (a line end other than `\n`, bytes
+    /// that are not UTF-8, a line past the bound, bytes of an unfinished event before them).
     pub fn push_whole(&mut self, chunk: &[u8], out: &mut Vec<Item>) -> Result<bool, SseError> {
         if let Some((name, data)) = self.whole_parts(chunk) {
             let mut buffer = std::mem::take(&mut self.data);
@@ -183,8 +184,8 @@ impl SseParser {
         }
     }
 
-    /// The name and data of `chunk` when it is `event: {name}` and a line feed (or nothing),
-    /// `data: {data}` and a blank line, with no other line end in either, both UTF-8 and within
+    /// The name and data of `chunk` when it is `event: {name}` and a line feed (if named),
+    /// then `data: {data}` and a blank line, with no other line end in either, both UTF-8 and within
     /// the line bound, and nothing is buffered: the event [`Self::push`] would dispatch for it,
     /// which leaves the parser as it was (holding nothing), read without its line-by-line walk
     /// (a line search and a field split for each line, another search and the dispatch for the
