@@ -25,6 +25,11 @@
 #                                              # backend, which Sluice passes through
 #   ./e2e/bench-callgrind.sh --streams 20 --messages   # the same streamed: per relayed event
 #                                              # (47 a stream, 41 of them content deltas)
+#   ./e2e/bench-callgrind.sh --translated      # chat requests to that Anthropic backend,
+#                                              # which Sluice translates, against the bare
+#                                              # proxy forwarding chat to the same mock; with
+#                                              # --streams 20, chat streams translated event by
+#                                              # event (45 events a stream; the bare proxy's 44)
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
 # examples/bare_proxy, built as shipped in two invocations (`cargo build --release --bins`, then
@@ -42,6 +47,7 @@ connections=1
 tpm=""
 streams=""
 messages=""
+translated=""
 rounds=5
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -55,7 +61,8 @@ while [ $# -gt 0 ]; do
     --streams) streams=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
     --messages) messages=1; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    --translated) messages=1; translated=1; shift ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "bench-callgrind: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -141,24 +148,33 @@ bare=$!
 wait_http http://127.0.0.1:28090/readyz
 wait_http http://127.0.0.1:28091/v1/models
 
+# What the load speaks: Messages for --messages, chat for --translated and the default.
+client_api=()
+[ -z "$messages" ] || [ -n "$translated" ] || client_api=(--messages)
 drive() { # port duration|warm-up
   if [ -n "$streams" ]; then
     local n=$rounds
     [ "$2" != warm-up ] || n=1
     "$bin/sluice-bench" load --url "http://127.0.0.1:$1/v1" --key "$key" --model "$model" \
       --stream --streams "$streams" --rounds "$n" --expected-events "$events" --timeout 120s \
-      ${messages:+--messages}
+      "${client_api[@]}"
   else
     local duration=$2
     [ "$2" != warm-up ] || duration=3s
     "$bin/sluice-bench" load --url "http://127.0.0.1:$1/v1" --key "$key" --model "$model" \
       --saturate --connections "$connections" --duration "$duration" --warmup 0s --segments 1 --timeout 30s \
-      ${messages:+--messages}
+      "${client_api[@]}"
   fi
 }
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
-for side in "sluice 28090 $sluice" "bare 28091 $bare"; do
-  read -r name port pid <<< "$side"
+# With --translated the two sides deliver different streams: Sluice a chat stream translated
+# from the Anthropic one (the role chunk, 41 content chunks, finish, usage, [DONE]), the bare
+# proxy the mock's own chat stream.
+sluice_events=$events bare_events=$events
+[ -z "$translated" ] || { sluice_events=45; bare_events=44; }
+for side in "sluice 28090 $sluice $sluice_events" "bare 28091 $bare $bare_events"; do
+  read -r name port pid side_events <<< "$side"
+  events=$side_events
   drive "$port" warm-up > "$data/$name.warm-up" 2>&1 || { cat "$data/$name.warm-up" >&2; exit 1; }
   callgrind_control --zero "$pid" > /dev/null 2>&1
   drive "$port" "${seconds}s" > "$data/$name.load" 2>&1 || { cat "$data/$name.load" >&2; exit 1; }
