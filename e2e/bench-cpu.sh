@@ -17,6 +17,10 @@
 #   ./e2e/bench-cpu.sh --streams 1000 --bare --messages   # the same as Anthropic Messages
 #                                              # streams passed through to an Anthropic backend
 #                                              # (--chunks + 7 events a stream)
+#   ./e2e/bench-cpu.sh --streams 1000 --bare --translated   # chat streams from that Anthropic
+#                                              # backend, which Sluice translates (--chunks + 5
+#                                              # events), against the bare proxy forwarding the
+#                                              # mock's own chat stream (--chunks + 4)
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl and sluice-bench. Uses the ports
 # of deploy/local/run.sh plus 10,000 (18080, 15051, 18081, 19090; 19091 for the streams' mock)
@@ -31,6 +35,7 @@ bare=""
 no_spool=()
 streams=""
 messages=""
+translated=""
 rounds=3
 chunks=40
 chunk_interval=50ms
@@ -46,7 +51,8 @@ while [ $# -gt 0 ]; do
     --chunks) chunks=$2; shift 2 ;;
     --chunk-interval) chunk_interval=$2; shift 2 ;;
     --messages) messages=1; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --translated) messages=1; translated=1; shift ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "bench-cpu: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -98,6 +104,12 @@ if [ -n "$streams" ]; then
     probe=(/v1/messages '{"model":"bench-stream","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}')
     events=$((chunks + 7))
   fi
+  if [ -n "$translated" ]; then
+    # Chat from the Anthropic backend: the role chunk, the mock's name and the content
+    # chunks, finish, usage, [DONE]; the bare proxy forwards the mock's own chat stream.
+    probe=(/v1/chat/completions '{"model":"bench-stream","messages":[{"role":"user","content":"hi"}]}')
+    events=$((chunks + 5))
+  fi
   BENCH_CLAUDE_KEY=sk-ant-bench SLUICE_ENDPOINT=http://127.0.0.1:15051 \
     SLUICE_ADMIN_TOKEN=$(cat "$data/admin-token") \
     "$bin/sluicectl" backend add --name stream-mock --base-url "$mock_url/v1" \
@@ -109,12 +121,15 @@ if [ -n "$streams" ]; then
     sleep 0.1
   done
 fi
+# What the load speaks: Messages for --messages, chat for --translated and the default.
+client_api=()
+[ -z "$messages" ] || [ -n "$translated" ] || client_api=(--messages)
 load() { # duration [url key]
   if [ -n "$streams" ]; then
     local n=$rounds
     [ "$1" != warm-up ] || n=1
     "$bin/sluice-bench" load --url "${2:-http://127.0.0.1:18080/v1}" --key "${3:-$key}" --model "$model" \
-      --stream --streams "$streams" --rounds "$n" --expected-events "$events" ${messages:+--messages}
+      --stream --streams "$streams" --rounds "$n" --expected-events "$events" "${client_api[@]}"
   else
     local duration=$1
     [ "$1" != warm-up ] || duration=2s
@@ -173,6 +188,7 @@ for _ in $(seq 1 100); do
   curl -fsS -o /dev/null "$bare_url/models" 2>/dev/null && break
   sleep 0.1
 done
+[ -z "$translated" ] || events=$((chunks + 4))
 measure bare_proxy "$bare_pid" "$bare_url" sk-bench
 total() { awk '$1 == "total" {print $4}' "$1"; }
 awk -v s="$(total "$data/sluice-proxy.report")" -v b="$(total "$data/bare_proxy.report")" -v u="$unit" \
