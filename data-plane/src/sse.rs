@@ -185,13 +185,13 @@ impl SseParser {
     }
 
     /// The name and data of `chunk` when it is `event: {name}` and a line feed (if named),
-    /// then `data: {data}` and a blank line, with no other line end in either, both UTF-8 and within
-    /// the line bound, and nothing is buffered: the event [`Self::push`] would dispatch for it,
-    /// which leaves the parser as it was (holding nothing), read without its line-by-line walk
-    /// (a line search and a field split for each line, another search and the dispatch for the
-    /// blank one: about 900 instructions an event). `None` for anything else, which
-    /// [`Self::push`] reads. A caller that takes the parts from here instead of pushing the
-    /// chunk has read that event.
+    /// then `data: {data}` and a blank line, with no other line end in either, both UTF-8 and
+    /// within the line bound, and nothing is buffered: the event [`Self::push`] would dispatch
+    /// for it, which leaves the parser as it was (holding nothing), read without its
+    /// line-by-line walk (a line search and a field split for each line, another search and
+    /// the dispatch for the blank one: about 900 instructions an event). `None` for anything
+    /// else, which [`Self::push`] reads. A caller that takes the parts from here instead of
+    /// pushing the chunk has read that event.
     pub fn whole_parts<'c>(&self, chunk: &'c [u8]) -> Option<(Option<&'c str>, &'c str)> {
         const NAME: &[u8] = b"event: ";
         const FIELD: &[u8] = b"data: ";

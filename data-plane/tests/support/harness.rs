@@ -261,6 +261,16 @@ pub struct Seen {
     pub body: Bytes,
 }
 
+/// Serves `app` on a port of its own on the loopback interface, for the rest of the test.
+async fn serve_locally(app: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    addr
+}
+
 /// An upstream that records each request and answers with a fixed chat completion.
 pub struct EchoUpstream {
     pub addr: SocketAddr,
@@ -273,12 +283,10 @@ impl EchoUpstream {
         let app = axum::Router::new()
             .fallback(echo)
             .with_state(Arc::clone(&seen));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Self { addr, seen }
+        Self {
+            addr: serve_locally(app).await,
+            seen,
+        }
     }
 
     pub fn base_url(&self) -> String {
@@ -340,12 +348,9 @@ impl SseUpstream {
                 )
             }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Self { addr }
+        Self {
+            addr: serve_locally(app).await,
+        }
     }
 
     pub fn base_url(&self) -> String {
