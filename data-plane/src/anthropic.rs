@@ -42,3 +42,26 @@ pub struct Usage {
     /// Input tokens written to the prompt cache (part of `input`).
     pub cache_creation: u64,
 }
+
+/// `T` read from a JSON object and nothing else. serde's derived structs also read an array,
+/// its elements taken as the fields in order, where a parsed `Value` is no object at all: a
+/// reading that stands in for a parse into values reads its structs through this.
+pub(crate) struct Object<T>(pub T);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        struct Members<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Members<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        value
+            .deserialize_map(Members(std::marker::PhantomData))
+            .map(Object)
+    }
+}

@@ -12,7 +12,7 @@ use memchr::memmem::Finder;
 use serde_json::{Value, json};
 
 use super::response::{finish_reason, message_id, openai_usage, stop_reason};
-use super::{Usage, error};
+use super::{Object, Usage, error};
 use crate::sse::Event;
 
 /// What an event meant for the stream.
@@ -152,7 +152,8 @@ pub struct ChunksFromEvents {
 }
 
 /// A `content_block_delta` event with a text delta, in exactly its shape (another member, or
-/// one twice, and it is parsed whole instead; `index` does not bear on a text delta).
+/// one twice, and it is parsed whole instead; `index` does not bear on a text delta), read as
+/// an [`Object`] at each level.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TextDelta<'a> {
@@ -161,7 +162,7 @@ struct TextDelta<'a> {
     #[serde(rename = "index")]
     _index: u64,
     #[serde(borrow)]
-    delta: TextDeltaBody<'a>,
+    delta: Object<TextDeltaBody<'a>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -202,12 +203,13 @@ impl ChunksFromEvents {
     /// event 45,400 → 21,500 instructions in all: docs/benchmarks.md); every other event is
     /// parsed whole.
     pub fn push(&mut self, event: &Event, out: &mut Vec<Bytes>) -> Flow {
-        if let Ok(delta) = serde_json::from_str::<TextDelta<'_>>(&event.data)
+        if let Ok(Object(delta)) = serde_json::from_str::<Object<TextDelta<'_>>>(&event.data)
+            && let Object(body) = &delta.delta
             && delta.kind == "content_block_delta"
-            && delta.delta.kind == "text_delta"
+            && body.kind == "text_delta"
         {
-            if !delta.delta.text.is_empty() {
-                out.push(self.text_chunk(&delta.delta.text));
+            if !body.text.is_empty() {
+                out.push(self.text_chunk(&body.text));
             }
             return Flow::Continue;
         }
@@ -692,13 +694,23 @@ mod tests {
             1 => Just(",\"text\":\"twice\""),
             1 => Just(",\"type\":\"ping\""),
         ];
-        (text, index, delta_kind, extra.clone(), extra).prop_map(
+        let shape = (text.clone(), index, delta_kind, extra.clone(), extra).prop_map(
             |(text, index, delta_kind, inner, outer)| {
                 format!(
                     "{{\"type\":\"content_block_delta\",\"index\":{index},\"delta\":{{\"type\":{delta_kind},\"text\":{text}{inner}}}{outer}}}"
                 )
             },
-        )
+        );
+        // Its members in order in an array, which serde's derived structs would also read.
+        let array = (text, any::<bool>()).prop_map(|(text, outer)| {
+            let delta = format!("[\"text_delta\",{text}]");
+            if outer {
+                format!("[\"content_block_delta\",0,{delta}]")
+            } else {
+                format!("{{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{delta}}}")
+            }
+        });
+        prop_oneof![8 => shape, 1 => array]
     }
 
     proptest! {
