@@ -1,10 +1,12 @@
-//! Anthropic's Messages API, both ways, as pure translations over JSON values: a chat
-//! completions request for an Anthropic backend and its answer back ([`request`],
-//! [`response`], [`stream`]), and a Messages request for an OpenAI-format backend and its
-//! answer back. The proxy only drives them; nothing here does I/O. Every mapping, and what a
+//! Anthropic's Messages API, both ways, as pure translations over JSON: a chat completions
+//! request for an Anthropic backend and its answer back ([`request`], [`message`],
+//! [`stream`]), and a Messages request for an OpenAI-format backend and its answer back
+//! ([`response`], [`stream`]). The answers most often translated are read from their text in
+//! the shape they are written, everything else from a parse into values. The proxy only drives them; nothing here does I/O. Every mapping, and what a
 //! client gets for what cannot be translated, is listed in `docs/anthropic.md`.
 
 pub mod error;
+pub mod message;
 pub mod request;
 pub mod response;
 pub mod stream;
@@ -63,5 +65,51 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Object<T> {
         value
             .deserialize_map(Members(std::marker::PhantomData))
             .map(Object)
+    }
+}
+
+/// Any JSON value, read as a parse into `Value` reads it, and left: every string's escapes,
+/// every number's range and the nesting limit are checked as that parse checks them, but no
+/// tree is built. A reading that stands in for that parse passes over members with this;
+/// serde's `IgnoredAny` would let through what the parse refuses (a number out of `f64`'s
+/// range, a lone surrogate escape, nesting deeper than 128).
+pub(crate) struct Checked;
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        value.deserialize_any(Checked)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Checked {
+    type Value = Checked;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
     }
 }

@@ -7,8 +7,9 @@ use bytes::Bytes;
 use http::StatusCode;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
+use sluice_proxy::anthropic::message::completion_of;
 use sluice_proxy::anthropic::request::{chat_to_messages, messages_to_chat};
-use sluice_proxy::anthropic::response::{completion_to_message, message_to_completion};
+use sluice_proxy::anthropic::response::completion_to_message;
 use sluice_proxy::anthropic::stream::{ChunksFromEvents, EventUsage, EventsFromChunks, Flow};
 use sluice_proxy::anthropic::{Usage, error};
 use sluice_proxy::sse::{Event, Item, SseParser};
@@ -264,6 +265,17 @@ fn what_cannot_be_translated_is_refused_with_its_parameter() {
 
 // ---- Messages response → chat completion ---------------------------------------------
 
+/// The chat completion of a message given as a value (of `type` `message` unless it says
+/// otherwise), parsed.
+fn message_to_completion(message: &Value, created: u64) -> Value {
+    let mut message = message.clone();
+    if let Some(members) = message.as_object_mut() {
+        members.entry("type").or_insert_with(|| json!("message"));
+    }
+    let (completion, _) = completion_of(&message.to_string(), created).expect("a message");
+    serde_json::from_slice(&completion).expect("JSON")
+}
+
 #[test]
 fn a_message_becomes_a_chat_completion() {
     let c = message_to_completion(
@@ -271,7 +283,8 @@ fn a_message_becomes_a_chat_completion() {
             "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-up",
             "content": [
                 {"type": "thinking", "thinking": "hmm", "signature": "s"},
-                {"type": "text", "text": "Let me check."},
+                {"type": "text", "text": "Let me "},
+                {"type": "text", "text": "check."},
                 {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Paris"}},
             ],
             "stop_reason": "tool_use", "stop_sequence": null,

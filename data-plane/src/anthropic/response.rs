@@ -1,10 +1,10 @@
-//! Whole (non-streamed) answers, both ways: an Anthropic `Message` → a chat completion
-//! ([`message_to_completion`]) and a chat completion → a `Message` ([`completion_to_message`]),
-//! with the stop reasons and usage of each.
+//! Whole (non-streamed) answers, both ways: a chat completion → an Anthropic `Message`
+//! ([`completion_to_message`]), and the stop reasons and usage of each API, which the other
+//! way (a `Message` → a chat completion, [`super::message`]) and the streams share.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
-use super::{Untranslatable, Usage};
+use super::{Checked, Untranslatable, Usage};
 
 /// Anthropic's `stop_reason` → OpenAI's `finish_reason`.
 pub fn finish_reason(stop_reason: &str) -> &'static str {
@@ -43,8 +43,10 @@ pub fn anthropic_usage(usage: &Value) -> Usage {
 /// at) as [`anthropic_usage`] reads it once parsed, without building the value: the figures
 /// of an object (each 0 when missing or not an unsigned integer; a key given twice, its last
 /// value; keys with escapes decoded), zeros for any other JSON value. `None` when `text`
-/// does not start with a JSON value. A whole answer's `usage` is read this way: parsing the
-/// whole message into a `Value` cost about 23,000 instructions for a short one.
+/// does not start with a JSON value, or with one that parse would refuse (a number out of
+/// `f64`'s range, a lone surrogate escape, nesting deeper than 128: each [`Checked`]). A whole
+/// answer's `usage` is read this way: parsing the whole message into a `Value` cost about
+/// 23,000 instructions for a short one.
 pub fn anthropic_usage_in(text: &[u8]) -> Option<Usage> {
     use serde::Deserialize;
     let mut value = serde_json::Deserializer::from_slice(text);
@@ -55,7 +57,7 @@ pub fn anthropic_usage_in(text: &[u8]) -> Option<Usage> {
 
 /// The four figures of an Anthropic `usage`, as written.
 #[derive(Default)]
-struct UsageFigures {
+pub(super) struct UsageFigures {
     input: u64,
     output: u64,
     cache_read: u64,
@@ -64,7 +66,7 @@ struct UsageFigures {
 
 impl UsageFigures {
     /// Anthropic's `input_tokens` leaves out the cached tokens; [`Usage::input`] counts them.
-    fn usage(self) -> Usage {
+    pub(super) fn usage(self) -> Usage {
         Usage {
             input: self
                 .input
@@ -154,7 +156,7 @@ impl LenientKind for UsageFigures {
                 FigureName::CacheRead => &mut figures.cache_read,
                 FigureName::CacheCreation => &mut figures.cache_creation,
                 FigureName::Other => {
-                    map.next_value::<serde::de::IgnoredAny>()?;
+                    map.next_value::<Checked>()?;
                     continue;
                 }
             };
@@ -172,10 +174,7 @@ impl LenientKind for Count {
 
 /// The rest of an object, read and left.
 fn drain<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
-    while map
-        .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-        .is_some()
-    {}
+    while map.next_entry::<Checked, Checked>()?.is_some() {}
     Ok(())
 }
 
@@ -191,7 +190,7 @@ impl<'de, T: LenientKind> serde::de::Visitor<'de> for Lenient<T> {
         Ok(T::unsigned(count))
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
-        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        while seq.next_element::<Checked>()?.is_some() {}
         Ok(T::default())
     }
     // Negative and fractional numbers (and integers past `u64`), strings, booleans, null.
@@ -229,15 +228,36 @@ pub fn openai_usage(usage: &Value) -> Usage {
 /// OpenAI's `usage` for these counts. The cache write has no OpenAI field: it is counted in
 /// `prompt_tokens` and also given as `prompt_tokens_details.cache_creation_tokens`.
 pub fn openai_usage_value(usage: Usage) -> Value {
-    json!({
-        "prompt_tokens": usage.input,
-        "completion_tokens": usage.output,
-        "total_tokens": usage.input + usage.output,
-        "prompt_tokens_details": {
-            "cached_tokens": usage.cache_read,
-            "cache_creation_tokens": usage.cache_creation,
-        },
-    })
+    json!(OpenAiUsage::from(usage))
+}
+
+/// OpenAI's `usage`, as [`openai_usage_value`] gives it.
+#[derive(serde::Serialize)]
+pub(super) struct OpenAiUsage {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+    prompt_tokens_details: PromptDetails,
+}
+
+#[derive(serde::Serialize)]
+struct PromptDetails {
+    cached_tokens: u64,
+    cache_creation_tokens: u64,
+}
+
+impl From<Usage> for OpenAiUsage {
+    fn from(usage: Usage) -> Self {
+        Self {
+            prompt_tokens: usage.input,
+            completion_tokens: usage.output,
+            total_tokens: usage.input.saturating_add(usage.output),
+            prompt_tokens_details: PromptDetails {
+                cached_tokens: usage.cache_read,
+                cache_creation_tokens: usage.cache_creation,
+            },
+        }
+    }
 }
 
 /// Anthropic's `usage` for these counts (`input_tokens` excludes the cached ones).
@@ -247,71 +267,6 @@ pub fn anthropic_usage_value(usage: Usage) -> Value {
         "output_tokens": usage.output,
         "cache_read_input_tokens": usage.cache_read,
         "cache_creation_input_tokens": usage.cache_creation,
-    })
-}
-
-/// An Anthropic `Message` → a chat completion: text blocks joined into `content`, `tool_use`
-/// blocks into `tool_calls` (input → arguments string), thinking blocks left out.
-pub fn message_to_completion(message: &Value, created: u64) -> Value {
-    let mut text = String::new();
-    let mut calls = Vec::new();
-    for block in message
-        .get("content")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        match block.get("type").and_then(Value::as_str) {
-            Some("text") => text.push_str(block.get("text").and_then(Value::as_str).unwrap_or("")),
-            Some("tool_use") => calls.push(json!({
-                "id": block.get("id").cloned().unwrap_or(Value::Null),
-                "type": "function",
-                "function": {
-                    "name": block.get("name").cloned().unwrap_or(Value::Null),
-                    "arguments": block.get("input").map_or_else(|| "{}".to_owned(), Value::to_string),
-                },
-            })),
-            _ => {}
-        }
-    }
-    let refused = message.get("stop_reason").and_then(Value::as_str) == Some("refusal");
-    let mut reply = Map::new();
-    reply.insert("role".into(), Value::from("assistant"));
-    let (content, refusal) = if refused {
-        (
-            Value::Null,
-            Some(text).filter(|t| !t.is_empty()).map(Value::from),
-        )
-    } else if text.is_empty() && !calls.is_empty() {
-        (Value::Null, None)
-    } else {
-        (Value::from(text), None)
-    };
-    reply.insert("content".into(), content);
-    reply.insert("refusal".into(), refusal.unwrap_or(Value::Null));
-    if !calls.is_empty() {
-        reply.insert("tool_calls".into(), Value::Array(calls));
-    }
-    let finish = message
-        .get("stop_reason")
-        .and_then(Value::as_str)
-        .map_or("stop", finish_reason);
-    let usage = message
-        .get("usage")
-        .map(anthropic_usage)
-        .unwrap_or_default();
-    json!({
-        "id": message.get("id").cloned().unwrap_or(Value::Null),
-        "object": "chat.completion",
-        "created": created,
-        "model": message.get("model").cloned().unwrap_or(Value::Null),
-        "choices": [{
-            "index": 0,
-            "message": reply,
-            "logprobs": null,
-            "finish_reason": finish,
-        }],
-        "usage": openai_usage_value(usage),
     })
 }
 
@@ -464,7 +419,18 @@ mod tests {
             "{\"input_tokens\" 1}",
             "nul",
             "{\"a\":[}",
+            // What the parse into a `Value` refuses, in members not read, too.
+            "{\"input_tokens\":1,\"x\":1e400}",
+            "{\"input_tokens\":1,\"x\":[\"\\ud800\"]}",
+            "{\"input_tokens\":{\"x\":1e400}}",
+            "[1e400]",
+            &format!(
+                "{{\"input_tokens\":1,\"x\":{}{}}}",
+                "[".repeat(128),
+                "]".repeat(128)
+            ),
         ] {
+            assert!(serde_json::from_str::<Value>(text).is_err(), "{text}");
             assert_eq!(anthropic_usage_in(text.as_bytes()), None, "{text}");
         }
         let figures = anthropic_usage_in(

@@ -103,15 +103,9 @@ impl Translation {
                     let (status, body) = error::to_openai(status, body);
                     return Some((status, body, None));
                 }
-                let message: serde_json::Value = serde_json::from_slice(body).ok()?;
-                message.get("type").filter(|t| *t == "message")?;
-                let tokens = message.get("usage").map(response::anthropic_usage);
-                let completion = response::message_to_completion(&message, created);
-                Some((
-                    status,
-                    Bytes::from(completion.to_string()),
-                    tokens.map(tokens_of),
-                ))
+                let (completion, usage) =
+                    crate::anthropic::message::completion_of(crate::utf8::text(body)?, created)?;
+                Some((status, Bytes::from(completion), usage.map(tokens_of)))
             }
             Self::EventsFromChunks(_) => {
                 if !status.is_success() {
