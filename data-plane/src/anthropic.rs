@@ -113,3 +113,45 @@ impl<'de> serde::de::Visitor<'de> for Checked {
         Ok(Checked)
     }
 }
+
+/// A key as its place among `names` (`names.len()` for any other).
+#[derive(Clone, Copy)]
+pub(crate) struct Names(pub(crate) &'static [&'static str]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Names {
+    type Value = usize;
+    fn deserialize<D: serde::Deserializer<'de>>(self, key: D) -> Result<usize, D::Error> {
+        key.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for Names {
+    type Value = usize;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E>(self, key: &str) -> Result<usize, E> {
+        Ok(self
+            .0
+            .iter()
+            .position(|name| *name == key)
+            .unwrap_or(self.0.len()))
+    }
+}
+
+/// The members of an object named in `names`, handed to `read` by place (one given twice,
+/// read twice: the last stands, as in a parsed value); the others checked and passed over.
+pub(crate) fn members<'de, A: serde::de::MapAccess<'de>>(
+    mut map: A,
+    names: Names,
+    mut read: impl FnMut(usize, &mut A) -> Result<(), A::Error>,
+) -> Result<(), A::Error> {
+    while let Some(at) = map.next_key_seed(names)? {
+        if at == names.0.len() {
+            map.next_value::<Checked>()?;
+        } else {
+            read(at, &mut map)?;
+        }
+    }
+    Ok(())
+}

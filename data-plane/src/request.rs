@@ -261,6 +261,13 @@ impl ParsedRequest<'_> {
 }
 
 impl ParsedRequest<'_> {
+    /// The body's top-level members in order, each value's text as the client wrote it.
+    pub fn members(&self) -> impl Iterator<Item = (&str, &RawValue)> {
+        self.fields
+            .iter()
+            .map(|(key, value)| (key.0.as_ref(), *value))
+    }
+
     /// The whole body as a JSON object, for a backend that needs it translated (never on
     /// the OpenAI-to-OpenAI path, which copies the client's bytes).
     pub fn object(&self) -> Result<serde_json::Map<String, serde_json::Value>, RequestError> {

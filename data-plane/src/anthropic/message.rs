@@ -3,7 +3,7 @@
 //!
 //! A message is read from its text in the shape Anthropic writes it ([`Reply::read`]): its
 //! strings borrowed where they have no escapes, its members passed over as a parse into values
-//! would check them ([`Checked`]), no tree built. What is not in that shape — a member of a
+//! would check them ([`Checked`](super::Checked)), no tree built. What is not in that shape — a member of a
 //! kind Anthropic does not write there, text that is not a message — is parsed into a `Value`
 //! and read from that ([`Reply::of_value`]), which decides every case; the property test below
 //! holds the first reading to the second. Reading a short answer the first way costs about a tenth of
@@ -12,12 +12,13 @@
 
 use std::borrow::Cow;
 
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::response::{UsageFigures, anthropic_usage, finish_reason};
-use super::{Checked, Usage};
+use super::{Names, Usage, members};
+use crate::request::Key;
 
 /// What a chat completion is written from: a message's id, model, text (its text blocks
 /// joined), tool calls, stop reason and usage.
@@ -193,72 +194,8 @@ struct Message<'r, 'a> {
     tool_calls: &'r [Call<'a>],
 }
 
-/// A string, borrowed from the text when it has no escapes.
-struct Text<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for Text<'de> {
-    fn deserialize<D: Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        struct Str;
-        impl<'de> Visitor<'de> for Str {
-            type Value = Text<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Borrowed(text)))
-            }
-            fn visit_str<E>(self, text: &str) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Owned(text.to_owned())))
-            }
-        }
-        value.deserialize_str(Str)
-    }
-}
-
-fn text_member(text: Option<Text<'_>>) -> Option<Member<'_>> {
-    text.map(|Text(text)| Member::Text(text))
-}
-
-/// A key as its place among `names` (`names.len()` for any other).
-#[derive(Clone, Copy)]
-struct Names(&'static [&'static str]);
-
-impl<'de> DeserializeSeed<'de> for Names {
-    type Value = usize;
-    fn deserialize<D: Deserializer<'de>>(self, key: D) -> Result<usize, D::Error> {
-        key.deserialize_str(self)
-    }
-}
-
-impl Visitor<'_> for Names {
-    type Value = usize;
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a key")
-    }
-    fn visit_str<E>(self, key: &str) -> Result<usize, E> {
-        Ok(self
-            .0
-            .iter()
-            .position(|name| *name == key)
-            .unwrap_or(self.0.len()))
-    }
-}
-
-/// The members of an object named in `names`, handed to `read` by place (one given twice,
-/// read twice: the last stands, as in a parsed value); the others checked and passed over.
-fn members<'de, A: MapAccess<'de>>(
-    mut map: A,
-    names: Names,
-    mut read: impl FnMut(usize, &mut A) -> Result<(), A::Error>,
-) -> Result<(), A::Error> {
-    while let Some(at) = map.next_key_seed(names)? {
-        if at == names.0.len() {
-            map.next_value::<Checked>()?;
-        } else {
-            read(at, &mut map)?;
-        }
-    }
-    Ok(())
+fn text_member(text: Option<Key<'_>>) -> Option<Member<'_>> {
+    text.map(|Key(text)| Member::Text(text))
 }
 
 impl<'de> Deserialize<'de> for Reply<'de> {
@@ -281,11 +218,11 @@ impl<'de> Deserialize<'de> for Reply<'de> {
                 };
                 members(map, NAMES, |at, map| {
                     match at {
-                        0 => is_message = map.next_value::<Text>()?.0 == "message",
+                        0 => is_message = map.next_value::<Key>()?.0 == "message",
                         1 => reply.id = text_member(map.next_value()?),
                         2 => reply.model = text_member(map.next_value()?),
                         3 => reply.content = map.next_value::<Option<_>>()?.unwrap_or_default(),
-                        4 => reply.stop_reason = map.next_value::<Option<Text>>()?.map(|t| t.0),
+                        4 => reply.stop_reason = map.next_value::<Option<Key>>()?.map(|t| t.0),
                         _ => reply.usage = Some(map.next_value::<UsageFigures>()?.usage()),
                     }
                     Ok(())
@@ -332,10 +269,10 @@ impl<'de> Deserialize<'de> for Blocks<'de> {
 
 /// A content block's members that a completion takes.
 struct Block<'a> {
-    kind: Option<Text<'a>>,
-    text: Option<Text<'a>>,
-    id: Option<Text<'a>>,
-    name: Option<Text<'a>>,
+    kind: Option<Key<'a>>,
+    text: Option<Key<'a>>,
+    id: Option<Key<'a>>,
+    name: Option<Key<'a>>,
     /// Given (even as `null`) or not.
     input: Option<Value>,
 }

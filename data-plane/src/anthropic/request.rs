@@ -2,9 +2,13 @@
 //! ([`chat_to_messages`]) and a Messages body for an OpenAI-format backend
 //! ([`messages_to_chat`]).
 
+use std::borrow::Cow;
+
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use super::Untranslatable;
+use super::{Checked, Names, Untranslatable, members};
+use crate::request::Key;
 
 /// A chat completions request → the Messages request for `model`. `default_max_tokens` fills
 /// `max_tokens` when the client gave neither `max_tokens` nor `max_completion_tokens`
@@ -107,6 +111,204 @@ pub fn chat_to_messages(
         }
     }
     Ok(out)
+}
+
+/// [`chat_to_messages`] of a request in the shape most clients send — text messages of the
+/// system, developer, user and assistant roles, the token limit, the sampling members, `user` —
+/// with `stream` set as given: the Messages request written straight from the members as the
+/// client wrote them (`temperature` and `top_p` copied as written; every member checked as a
+/// parse into values checks it), without the trees of values that function reads and builds.
+/// `None` for any other request (tools, `stop`, content parts, a member of another type than
+/// that shape's, one [`chat_to_messages`] refuses), which then goes that way; a test holds the
+/// two to the same request (the same JSON value) wherever this answers.
+pub fn chat_to_messages_in_shape<'a>(
+    members: impl Iterator<Item = (&'a str, &'a RawValue)>,
+    model: &str,
+    default_max_tokens: u32,
+    stream: bool,
+) -> Option<Vec<u8>> {
+    let (mut max_completion_tokens, mut max_tokens) = (None, None);
+    let (mut temperature, mut top_p, mut user) = (None, None, None);
+    let mut turns = None;
+    for (key, value) in members {
+        let text = value.get();
+        match key {
+            // Read (and checked) by `request::parse`: the model is the route's, `stream` given.
+            "model" | "stream" => {}
+            "max_completion_tokens" => max_completion_tokens = from_text::<Option<u64>>(text)?,
+            "max_tokens" => max_tokens = from_text::<Option<u64>>(text)?,
+            "temperature" | "top_p" => {
+                from_text::<Checked>(text)?;
+                let slot = if key == "temperature" {
+                    &mut temperature
+                } else {
+                    &mut top_p
+                };
+                *slot = (text != "null").then_some(value);
+            }
+            "user" => user = from_text::<Option<Key<'a>>>(text)?,
+            "messages" => turns = Some(from_text::<Turns<'a>>(text)?),
+            "stop"
+            | "tools"
+            | "tool_choice"
+            | "n"
+            | "logprobs"
+            | "response_format"
+            | "modalities"
+            | "audio"
+            | "parallel_tool_calls" => return None,
+            _ => {
+                from_text::<Checked>(text)?;
+            }
+        }
+    }
+    let Turns { system, turns } = turns?;
+    serde_json::to_vec(&MessagesRequest {
+        model,
+        max_tokens: max_completion_tokens
+            .or(max_tokens)
+            .unwrap_or(u64::from(default_max_tokens)),
+        system,
+        messages: turns,
+        temperature,
+        top_p,
+        metadata: user.map(|Key(user_id)| Metadata { user_id }),
+        stream,
+    })
+    .ok()
+}
+
+fn from_text<'a, T: serde::Deserialize<'a>>(text: &'a str) -> Option<T> {
+    serde_json::from_str(text).ok()
+}
+
+/// The Messages request [`chat_to_messages_in_shape`] writes.
+#[derive(serde::Serialize)]
+struct MessagesRequest<'a> {
+    model: &'a str,
+    max_tokens: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    system: Vec<TextBlock<'a>>,
+    messages: Vec<Turn<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<Metadata<'a>>,
+    stream: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Metadata<'a> {
+    user_id: Cow<'a, str>,
+}
+
+#[derive(serde::Serialize)]
+struct Turn<'a> {
+    role: &'static str,
+    content: Vec<TextBlock<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct TextBlock<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: Cow<'a, str>,
+}
+
+/// Chat `messages` in the shape [`chat_to_messages_in_shape`] takes, made into the top-level
+/// `system` blocks and the turns as [`chat_messages`] makes them.
+struct Turns<'a> {
+    system: Vec<TextBlock<'a>>,
+    turns: Vec<Turn<'a>>,
+}
+
+impl<'de> serde::Deserialize<'de> for Turns<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        struct Each;
+        impl<'de> serde::de::Visitor<'de> for Each {
+            type Value = Turns<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("chat messages")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Turns<'de>, A::Error> {
+                let mut made = Turns {
+                    system: Vec::new(),
+                    turns: Vec::new(),
+                };
+                while let Some(ChatMessage { role, content }) = seq.next_element()? {
+                    let block = content
+                        .filter(|text| !text.is_empty())
+                        .map(|text| TextBlock { kind: "text", text });
+                    let role = match role {
+                        "system" if made.turns.is_empty() => {
+                            made.system.extend(block);
+                            continue;
+                        }
+                        role => role,
+                    };
+                    match made.turns.last_mut() {
+                        Some(last) if last.role == role => last.content.extend(block),
+                        _ => made.turns.push(Turn {
+                            role,
+                            content: block.into_iter().collect(),
+                        }),
+                    }
+                }
+                Ok(made)
+            }
+        }
+        value.deserialize_seq(Each)
+    }
+}
+
+/// A chat message of a role the shape takes (`developer` read as `system`), its content a
+/// string or `null`, without tool calls.
+struct ChatMessage<'a> {
+    role: &'static str,
+    content: Option<Cow<'a, str>>,
+}
+
+impl<'de> serde::Deserialize<'de> for ChatMessage<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        const NAMES: Names = Names(&["role", "content", "tool_calls"]);
+        struct Message;
+        impl<'de> serde::de::Visitor<'de> for Message {
+            type Value = ChatMessage<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a chat message")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ChatMessage<'de>, A::Error> {
+                let (mut role, mut content, mut calls) = (None, None, None);
+                members(map, NAMES, |at, map| {
+                    match at {
+                        0 => role = Some(map.next_value::<Key>()?.0),
+                        1 => content = map.next_value::<Option<Key>>()?.map(|Key(text)| text),
+                        _ => calls = map.next_value::<Option<Checked>>()?,
+                    }
+                    Ok(())
+                })?;
+                let role = match role.as_deref() {
+                    Some("system" | "developer") => "system",
+                    Some("user") => "user",
+                    Some("assistant") => "assistant",
+                    _ => return Err(serde::de::Error::custom("a role outside the shape")),
+                };
+                if calls.is_some() {
+                    return Err(serde::de::Error::custom("tool calls"));
+                }
+                Ok(ChatMessage { role, content })
+            }
+        }
+        value.deserialize_map(Message)
+    }
 }
 
 /// The chat `messages` → (top-level `system` blocks, Messages turns with same-role turns merged).
@@ -675,4 +877,155 @@ fn messages_tool_choice(choice: &Value) -> Result<(Option<Value>, bool), Untrans
         }
     };
     Ok((Some(converted), serial))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The Messages request for a chat body both ways: written from its members in the shape
+    /// (`None` outside it), and translated from its parse into values (`None` for a body
+    /// refused), the `stream` member set as the proxy sets it.
+    fn both_ways(body: &str, stream: bool) -> (Option<Value>, Option<Value>) {
+        let Ok(parsed) = crate::request::parse(body.as_bytes()) else {
+            return (None, None);
+        };
+        let in_shape = chat_to_messages_in_shape(parsed.members(), "up", 4096, stream)
+            .map(|bytes| serde_json::from_slice(&bytes).unwrap());
+        let parsed_whole = parsed
+            .object()
+            .ok()
+            .and_then(|chat| chat_to_messages(&chat, "up", 4096).ok())
+            .map(|mut request| {
+                request.insert("stream".into(), Value::Bool(stream));
+                Value::Object(request)
+            });
+        (in_shape, parsed_whole)
+    }
+
+    fn string() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+            1 => Just("\"\"".to_owned()),
+            1 => Just("\"a\\u0073\\n\"".to_owned()),
+        ]
+    }
+
+    /// A chat message: the shape's roles with string or null content, and what is near them.
+    fn chat_message() -> impl Strategy<Value = String> {
+        let role = prop_oneof![
+            8 => Just("\"user\""),
+            8 => Just("\"assistant\""),
+            4 => Just("\"system\""),
+            2 => Just("\"developer\""),
+            1 => Just("\"us\\u0065r\""),
+            1 => Just("\"tool\""),
+            1 => Just("\"function\""),
+            1 => Just("7"),
+        ];
+        let content = prop_oneof![
+            16 => string(),
+            1 => Just("null".to_owned()),
+            1 => Just("[{\"type\":\"text\",\"text\":\"part\"}]".to_owned()),
+            1 => Just("5".to_owned()),
+        ];
+        let extra = prop_oneof![
+            24 => Just(""),
+            1 => Just(",\"name\":\"ann\""),
+            1 => Just(",\"tool_calls\":null"),
+            1 => Just(",\"tool_calls\":[]"),
+            1 => Just(",\"tool_calls\":[{\"id\":\"c\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]"),
+            1 => Just(",\"content\":\"twice\""),
+            1 => Just(",\"refusal\":1e400"),
+        ];
+        prop_oneof![
+            40 => (role, content, extra).prop_map(|(role, content, extra)| {
+                format!("{{\"role\":{role},\"content\":{content}{extra}}}")
+            }),
+            1 => Just("{\"content\":\"no role\"}".to_owned()),
+            1 => Just("[\"user\",\"an array\"]".to_owned()),
+        ]
+    }
+
+    /// A chat body's member: those of the shape and what is near them.
+    fn member() -> impl Strategy<Value = String> {
+        // The messages again (the last of two stands).
+        let messages = prop::collection::vec(chat_message(), 0..3)
+            .prop_map(|m| format!("\"messages\":[{}]", m.join(",")));
+        let count = prop_oneof![
+            Just("64"),
+            Just("null"),
+            Just("0"),
+            Just("-1"),
+            Just("2.5"),
+            Just("\"9\""),
+            Just("18446744073709551615"),
+        ];
+        let sampling = prop_oneof![
+            Just("0.7"),
+            Just("1"),
+            Just("0.70"),
+            Just("null"),
+            Just("\"hot\""),
+            Just("1e400"),
+            Just("[1, 2]"),
+        ];
+        prop_oneof![
+            4 => count.clone().prop_map(|c| format!("\"max_tokens\":{c}")),
+            2 => count.prop_map(|c| format!("\"max_completion_tokens\":{c}")),
+            4 => sampling.clone().prop_map(|s| format!("\"temperature\":{s}")),
+            2 => sampling.prop_map(|s| format!("\"top_p\":{s}")),
+            2 => string().prop_map(|s| format!("\"user\":{s}")),
+            1 => Just("\"user\":7".to_owned()),
+            2 => Just("\"stream\":true".to_owned()),
+            1 => Just("\"stream_options\":{\"include_usage\":true,\"x\":1e400}".to_owned()),
+            2 => Just("\"seed\":42".to_owned()),
+            1 => Just("\"deep\":[[[[{\"a\":\"\\ud800\"}]]]]".to_owned()),
+            1 => Just("\"n\":1".to_owned()),
+            1 => Just("\"stop\":\"END\"".to_owned()),
+            1 => Just("\"tools\":[]".to_owned()),
+            1 => messages,
+        ]
+    }
+
+    proptest! {
+        // A quarter of the bodies fall in the shape: more cases than the default.
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Wherever a chat body is written in the shape, it is the request the parse into
+        /// values makes; outside the shape it is left to that parse.
+        #[test]
+        fn a_chat_request_written_in_its_shape_is_the_one_parsed_whole(
+            messages in prop::collection::vec(chat_message(), 0..6),
+            members in prop::collection::vec(member(), 0..4),
+            stream in any::<bool>(),
+        ) {
+            let mut body = format!("{{\"model\":\"m\",\"messages\":[{}]", messages.join(","));
+            for member in members {
+                body = body + "," + &member;
+            }
+            body.push('}');
+            let (in_shape, parsed_whole) = both_ways(&body, stream);
+            if in_shape.is_some() {
+                prop_assert_eq!(in_shape, parsed_whole, "{}", body);
+            }
+
+        }
+    }
+
+    /// The requests most clients send are written in the shape, not parsed into values.
+    #[test]
+    fn common_chat_requests_are_written_in_their_shape() {
+        for body in [
+            r#"{"model":"m","messages":[{"role":"user","content":"Say hello."}]}"#,
+            r#"{"model":"m","messages":[{"role":"developer","content":"Be terse."},{"role":"user","content":"Hi"}],"max_tokens":50}"#,
+            r#"{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi"},{"role":"assistant","content":"Hello!","refusal":null},{"role":"user","content":"Again"}],"max_completion_tokens":100,"temperature":0.2,"top_p":0.9,"stream":true,"stream_options":{"include_usage":true},"user":"u-1","seed":1}"#,
+        ] {
+            let (in_shape, parsed_whole) = both_ways(body, true);
+            assert!(in_shape.is_some(), "{body}");
+            assert_eq!(in_shape, parsed_whole, "{body}");
+        }
+    }
 }

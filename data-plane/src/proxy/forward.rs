@@ -803,12 +803,21 @@ fn chat_body(parsed: &ParsedRequest<'_>, route: &Route) -> Result<Bytes, ProxyEr
     Ok(Bytes::from(serde_json::Value::Object(chat).to_string()))
 }
 
-/// The chat request as a Messages request for an Anthropic backend.
+/// The chat request as a Messages request for an Anthropic backend: written from its members
+/// when it is in the shape most requests are, else translated from its parse into values.
 fn messages_body(
     parsed: &ParsedRequest<'_>,
     route: &Route,
     stream: bool,
 ) -> Result<Bytes, ProxyError> {
+    if let Some(body) = anthropic::request::chat_to_messages_in_shape(
+        parsed.members(),
+        &route.upstream_model,
+        route.default_max_tokens,
+        stream,
+    ) {
+        return Ok(Bytes::from(body));
+    }
     let chat = parsed.object()?;
     let mut messages = anthropic::request::chat_to_messages(
         &chat,
