@@ -21,6 +21,8 @@
 #                                              # backend, which Sluice translates (--chunks + 5
 #                                              # events), against the bare proxy forwarding the
 #                                              # mock's own chat stream (--chunks + 4)
+#   ./e2e/bench-cpu.sh --bare --messages       # whole Messages requests passed through to that
+#   ./e2e/bench-cpu.sh --bare --translated     # backend, or chat requests translated for it
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl and sluice-bench. Uses the ports
 # of deploy/local/run.sh plus 10,000 (18080, 15051, 18081, 19090; 19091 for the streams' mock)
@@ -88,12 +90,14 @@ mock_url=http://127.0.0.1:19090
 # Messages message_start, ping, content_block_start, the mock's name and the content deltas,
 # content_block_stop, message_delta and message_stop.
 events=$((chunks + 4))
-if [ -n "$streams" ]; then
+if [ -n "$streams" ] || [ -n "$messages" ]; then
   # A mock of its own for the streams, served to Sluice as one more backend (an Anthropic one
-  # for --messages).
+  # for --messages); whole answers (no --streams) are the mock's default five words.
   mock_url=http://127.0.0.1:19091
+  pace=()
+  [ -z "$streams" ] || pace=(--chunk-count "$chunks" --chunk-interval "$chunk_interval")
   "$bin/sluice-mock" --listen 127.0.0.1:19091 --name stream-mock --model bench-stream \
-    --chunk-count "$chunks" --chunk-interval "$chunk_interval" 2> "$data/stream-mock.log" &
+    "${pace[@]}" 2> "$data/stream-mock.log" &
   stream_mock=$!
   mock_pid=$stream_mock
   model=bench-stream
@@ -134,7 +138,7 @@ load() { # duration [url key]
     local duration=$1
     [ "$1" != warm-up ] || duration=2s
     "$bin/sluice-bench" load --url "${2:-http://127.0.0.1:18080/v1}" --key "${3:-$key}" --model "$model" \
-      --rate "$rate" --duration "$duration"
+      --rate "$rate" --duration "$duration" "${client_api[@]}"
   fi
 }
 # What one measured load delivered: requests, or SSE events received (checked against what
