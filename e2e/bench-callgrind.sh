@@ -30,6 +30,12 @@
 #                                              # proxy forwarding chat to the same mock; with
 #                                              # --streams 20, chat streams translated event by
 #                                              # event (45 events a stream; the bare proxy's 44)
+#   ./e2e/bench-callgrind.sh --messages-to-chat  # Anthropic Messages to an OpenAI-format backend
+#                                              # (the same mock, registered as one), which
+#                                              # Sluice translates, against the bare proxy
+#                                              # forwarding the Messages to the mock's own
+#                                              # /v1/messages; with --streams 20, event by event
+#                                              # (45 events a stream; the bare proxy's 47)
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
 # examples/bare_proxy, built as shipped in two invocations (`cargo build --release --bins`, then
@@ -48,6 +54,7 @@ tpm=""
 streams=""
 messages=""
 translated=""
+to_chat=""
 rounds=5
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -62,7 +69,8 @@ while [ $# -gt 0 ]; do
     --rounds) rounds=$2; shift 2 ;;
     --messages) messages=1; shift ;;
     --translated) messages=1; translated=1; shift ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    --messages-to-chat) messages=1; to_chat=1; shift ;;
+    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
     *) echo "bench-callgrind: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -93,6 +101,9 @@ model=gpt-4o-mini
 mock_url=http://127.0.0.1:29090
 unit=request
 events=44 # a chat stream: the role chunk, 40 content chunks, finish, usage, [DONE]
+# The Messages mock as an Anthropic backend, or (--messages-to-chat) as an OpenAI-format one.
+anthropic=(--api-format anthropic --api-key-env BENCH_CLAUDE_KEY)
+[ -z "$to_chat" ] || anthropic=()
 if [ -n "$streams" ] && [ -n "$messages" ]; then
   # The same for Anthropic's Messages, passed through to an Anthropic backend: message_start,
   # ping, content_block_start, 41 deltas (the mock's name and 40 words), content_block_stop,
@@ -105,7 +116,7 @@ if [ -n "$streams" ] && [ -n "$messages" ]; then
     --chunk-count 40 --chunk-interval 50ms 2> "$data/claude-mock.log" &
   pids+=($!)
   BENCH_CLAUDE_KEY=sk-ant-bench ctl backend add --name claude-mock --base-url "$mock_url/v1" \
-    --model bench-claude --api-format anthropic --api-key-env BENCH_CLAUDE_KEY > /dev/null
+    --model bench-claude "${anthropic[@]}" > /dev/null
 elif [ -n "$streams" ]; then
   # A mock of its own for the streams, served to Sluice as one more backend.
   mock_url=http://127.0.0.1:29091
@@ -124,7 +135,7 @@ elif [ -n "$messages" ]; then
     2> "$data/claude-mock.log" &
   pids+=($!)
   BENCH_CLAUDE_KEY=sk-ant-bench ctl backend add --name claude-mock --base-url "$mock_url/v1" \
-    --model bench-claude --api-format anthropic --api-key-env BENCH_CLAUDE_KEY > /dev/null
+    --model bench-claude "${anthropic[@]}" > /dev/null
 fi
 
 wait_http() { # url
@@ -172,6 +183,8 @@ echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 # proxy the mock's own chat stream.
 sluice_events=$events bare_events=$events
 [ -z "$translated" ] || { sluice_events=45; bare_events=44; }
+# With --messages-to-chat, Sluice's Messages stream is translated from the mock's chat stream.
+[ -z "$to_chat" ] || sluice_events=45
 for side in "sluice 28090 $sluice $sluice_events" "bare 28091 $bare $bare_events"; do
   read -r name port pid side_events <<< "$side"
   events=$side_events

@@ -23,6 +23,12 @@
 #                                              # mock's own chat stream (--chunks + 4)
 #   ./e2e/bench-cpu.sh --bare --messages       # whole Messages requests passed through to that
 #   ./e2e/bench-cpu.sh --bare --translated     # backend, or chat requests translated for it
+#   ./e2e/bench-cpu.sh --streams 1000 --bare --messages-to-chat   # Messages streams to the mock
+#                                              # as an OpenAI-format backend, which Sluice
+#                                              # translates (--chunks + 5 events), against the
+#                                              # bare proxy forwarding the mock's own Messages
+#                                              # stream (--chunks + 7); whole ones without
+#                                              # --streams
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl and sluice-bench. Uses the ports
 # of deploy/local/run.sh plus 10,000 (18080, 15051, 18081, 19090; 19091 for the streams' mock)
@@ -38,6 +44,7 @@ no_spool=()
 streams=""
 messages=""
 translated=""
+to_chat=""
 rounds=3
 chunks=40
 chunk_interval=50ms
@@ -54,7 +61,8 @@ while [ $# -gt 0 ]; do
     --chunk-interval) chunk_interval=$2; shift 2 ;;
     --messages) messages=1; shift ;;
     --translated) messages=1; translated=1; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    --messages-to-chat) messages=1; to_chat=1; shift ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "bench-cpu: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -104,7 +112,7 @@ if [ -n "$streams" ] || [ -n "$messages" ]; then
   api=()
   probe=(/v1/chat/completions '{"model":"bench-stream","messages":[{"role":"user","content":"hi"}]}')
   if [ -n "$messages" ]; then
-    api=(--api-format anthropic --api-key-env BENCH_CLAUDE_KEY)
+    [ -n "$to_chat" ] || api=(--api-format anthropic --api-key-env BENCH_CLAUDE_KEY)
     probe=(/v1/messages '{"model":"bench-stream","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}')
     events=$((chunks + 7))
   fi
@@ -114,6 +122,9 @@ if [ -n "$streams" ] || [ -n "$messages" ]; then
     probe=(/v1/chat/completions '{"model":"bench-stream","messages":[{"role":"user","content":"hi"}]}')
     events=$((chunks + 5))
   fi
+  # Messages translated from the mock's chat stream: message_start, content_block_start, the
+  # content deltas, content_block_stop, message_delta, message_stop.
+  [ -z "$to_chat" ] || events=$((chunks + 5))
   BENCH_CLAUDE_KEY=sk-ant-bench SLUICE_ENDPOINT=http://127.0.0.1:15051 \
     SLUICE_ADMIN_TOKEN=$(cat "$data/admin-token") \
     "$bin/sluicectl" backend add --name stream-mock --base-url "$mock_url/v1" \
@@ -193,6 +204,7 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 [ -z "$translated" ] || events=$((chunks + 4))
+[ -z "$to_chat" ] || events=$((chunks + 7))
 measure bare_proxy "$bare_pid" "$bare_url" sk-bench
 total() { awk '$1 == "total" {print $4}' "$1"; }
 awk -v s="$(total "$data/sluice-proxy.report")" -v b="$(total "$data/bare_proxy.report")" -v u="$unit" \

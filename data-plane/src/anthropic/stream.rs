@@ -12,7 +12,8 @@ use memchr::memmem::Finder;
 use serde_json::{Value, json};
 
 use super::response::{finish_reason, message_id, openai_usage, stop_reason};
-use super::{Object, Usage, error};
+use super::{Checked, Names, Object, Usage, error, members};
+use crate::request::Key;
 use crate::sse::Event;
 
 /// What an event meant for the stream.
@@ -436,7 +437,29 @@ impl EventsFromChunks {
     }
 
     /// Translates one chat chunk (or `[DONE]`), appending the client's events to `out`.
+    ///
+    /// Once the message has started, most chunks carry a piece of text and nothing else this
+    /// translation reads: one in that shape ([`TextChunk`]) is read into borrowed strings and
+    /// its event written directly ([`text_delta_frame`]), the same bytes as
+    /// [`Self::push_parsed`] writes for it from two trees of values; every other chunk (the
+    /// first, tool calls, usage, errors, `[DONE]`, anything unexpected) is parsed whole.
     pub fn push(&mut self, event: &Event, out: &mut Vec<Bytes>) -> Flow {
+        if self.started
+            && let Ok(TextChunk { text, finish }) = serde_json::from_str(&event.data)
+        {
+            if let Some(text) = text.filter(|t| !t.is_empty()) {
+                self.open_text(out);
+                out.push(text_delta_frame(self.next_block - 1, &text));
+            }
+            if let Some(Key(reason)) = finish {
+                self.finish = Some(reason.into_owned());
+            }
+            return Flow::Continue;
+        }
+        self.push_parsed(event, out)
+    }
+
+    fn push_parsed(&mut self, event: &Event, out: &mut Vec<Bytes>) -> Flow {
         if event.data == "[DONE]" {
             self.finish(out);
             return Flow::Done;
@@ -469,10 +492,7 @@ impl EventsFromChunks {
             .and_then(Value::as_str)
             .filter(|t| !t.is_empty())
         {
-            if self.open != Some(Open::Text) {
-                self.close(out);
-                self.open_block(Open::Text, json!({"type": "text", "text": ""}), out);
-            }
+            self.open_text(out);
             let index = self.next_block - 1;
             out.push(anthropic_frame(&json!({
                 "type": "content_block_delta",
@@ -492,6 +512,14 @@ impl EventsFromChunks {
             self.finish = Some(reason.to_owned());
         }
         Flow::Continue
+    }
+
+    /// Opens a text block unless one is open.
+    fn open_text(&mut self, out: &mut Vec<Bytes>) {
+        if self.open != Some(Open::Text) {
+            self.close(out);
+            self.open_block(Open::Text, json!({"type": "text", "text": ""}), out);
+        }
     }
 
     fn start(&mut self, chunk: &Value, out: &mut Vec<Bytes>) {
@@ -605,6 +633,157 @@ impl EventsFromChunks {
             "usage": super::response::anthropic_usage_value(usage),
         })));
         out.push(anthropic_frame(&json!({"type": "message_stop"})));
+    }
+}
+
+/// The `content_block_delta` event of a text delta, as [`anthropic_frame`] writes it from its
+/// value (keys in the sorted order `Value`'s map writes).
+fn text_delta_frame(index: u64, text: &str) -> Bytes {
+    const START: &[u8] = b"event: content_block_delta\ndata: {\"delta\":{\"text\":";
+    const MIDDLE: &[u8] = b",\"type\":\"text_delta\"},\"index\":";
+    const END: &[u8] = b",\"type\":\"content_block_delta\"}\n\n";
+    let mut out =
+        BytesMut::with_capacity(START.len() + text.len() + 2 + MIDDLE.len() + 20 + END.len())
+            .writer();
+    out.get_mut().put_slice(START);
+    // Writing to memory cannot fail.
+    let _ = serde_json::to_writer(&mut out, text);
+    out.get_mut().put_slice(MIDDLE);
+    let _ = serde_json::to_writer(&mut out, &index);
+    out.get_mut().put_slice(END);
+    out.into_inner().freeze()
+}
+
+/// A chat chunk that carries at most a piece of text and a finish reason, in the shape
+/// OpenAI-format backends stream: its first choice's `delta.content` and `finish_reason`
+/// read, every other member checked as a parse into values would check it and passed over.
+/// Not this shape (and parsed whole instead): a chunk with `usage`, `error` or tool calls, a
+/// member of another type than that shape's, anything that is not an object.
+#[derive(Default)]
+struct TextChunk<'a> {
+    text: Option<Cow<'a, str>>,
+    finish: Option<Key<'a>>,
+}
+
+impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        const CHUNK: Names = Names(&["choices", "usage", "error"]);
+        const CHOICE: Names = Names(&["delta", "finish_reason"]);
+        const DELTA: Names = Names(&["content", "tool_calls"]);
+        fn out_of_shape<E: serde::de::Error>() -> E {
+            E::custom("not a text chunk")
+        }
+        /// The first choice's text and finish reason; the other choices checked.
+        struct Choices;
+        impl<'de> serde::de::Visitor<'de> for Choices {
+            type Value = TextChunk<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<TextChunk<'de>, A::Error> {
+                let first = seq.next_element_seed(Choice)?;
+                while seq.next_element::<Checked>()?.is_some() {}
+                Ok(first.unwrap_or_default())
+            }
+        }
+        struct Choice;
+        impl<'de> serde::de::DeserializeSeed<'de> for Choice {
+            type Value = TextChunk<'de>;
+            fn deserialize<D: serde::Deserializer<'de>>(
+                self,
+                value: D,
+            ) -> Result<Self::Value, D::Error> {
+                value.deserialize_map(self)
+            }
+        }
+        impl<'de> serde::de::Visitor<'de> for Choice {
+            type Value = TextChunk<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a choice")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<TextChunk<'de>, A::Error> {
+                let mut choice = TextChunk::default();
+                members(map, CHOICE, |at, map| {
+                    match at {
+                        0 => choice.text = map.next_value::<Option<Delta>>()?.and_then(|d| d.0),
+                        _ => choice.finish = map.next_value()?,
+                    }
+                    Ok(())
+                })?;
+                Ok(choice)
+            }
+        }
+        /// A delta's text, without tool calls.
+        struct Delta<'a>(Option<Cow<'a, str>>);
+        impl<'de> serde::Deserialize<'de> for Delta<'de> {
+            fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+                struct Members;
+                impl<'de> serde::de::Visitor<'de> for Members {
+                    type Value = Delta<'de>;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("a delta")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        map: A,
+                    ) -> Result<Delta<'de>, A::Error> {
+                        let (mut text, mut calls) = (None, None);
+                        members(map, DELTA, |at, map| {
+                            match at {
+                                0 => text = map.next_value::<Option<Key>>()?.map(|Key(t)| t),
+                                _ => calls = map.next_value::<Option<Checked>>()?,
+                            }
+                            Ok(())
+                        })?;
+                        if calls.is_some() {
+                            return Err(out_of_shape());
+                        }
+                        Ok(Delta(text))
+                    }
+                }
+                value.deserialize_map(Members)
+            }
+        }
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = TextChunk<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a chat chunk")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<TextChunk<'de>, A::Error> {
+                // No choices (or none): nothing to write, as for the whole parse.
+                let mut chunk = TextChunk::default();
+                members(map, CHUNK, |at, map| {
+                    match at {
+                        0 => chunk = map.next_value_seed(ChoicesSeed)?,
+                        1 if map.next_value::<Option<Checked>>()?.is_none() => {}
+                        _ => return Err(out_of_shape()),
+                    }
+                    Ok(())
+                })?;
+                Ok(chunk)
+            }
+        }
+        struct ChoicesSeed;
+        impl<'de> serde::de::DeserializeSeed<'de> for ChoicesSeed {
+            type Value = TextChunk<'de>;
+            fn deserialize<D: serde::Deserializer<'de>>(
+                self,
+                value: D,
+            ) -> Result<Self::Value, D::Error> {
+                value.deserialize_seq(Choices)
+            }
+        }
+        value.deserialize_map(Members)
     }
 }
 
@@ -759,6 +938,100 @@ mod tests {
                 );
                 prop_assert_eq!(usage.usage(), oracle.usage());
             }
+        }
+    }
+
+    /// A chat chunk: text chunks in the shape OpenAI-format backends stream them, and what is
+    /// near them (other members, tool calls, usage, errors, choices of other kinds, values
+    /// the parse refuses, text that is not a chunk).
+    fn chat_chunk() -> impl Strategy<Value = String> {
+        let text = prop_oneof![
+            6 => any::<String>().prop_map(|t| serde_json::to_string(&t).unwrap()),
+            1 => Just("\"\"".to_owned()),
+            1 => Just("null".to_owned()),
+            1 => Just("5".to_owned()),
+        ];
+        let delta = prop_oneof![
+            8 => text.clone().prop_map(|t| format!("{{\"content\":{t}}}")),
+            1 => text.prop_map(|t| format!("{{\"role\":\"assistant\",\"content\":{t},\"refusal\":null}}")),
+            1 => Just("{}".to_owned()),
+            1 => Just("null".to_owned()),
+            1 => Just("\"text\"".to_owned()),
+            1 => Just("{\"content\":\"a\",\"tool_calls\":[{\"index\":0,\"id\":\"c\",\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]}".to_owned()),
+            1 => Just("{\"content\":\"a\",\"tool_calls\":null}".to_owned()),
+            1 => Just("{\"content\":\"a\",\"content\":\"b\"}".to_owned()),
+            1 => Just("{\"cont\\u0065nt\":\"escaped key\"}".to_owned()),
+            1 => Just("{\"content\":\"a\",\"x\":\"\\ud800\"}".to_owned()),
+        ];
+        let finish = prop_oneof![
+            8 => Just("null"),
+            1 => Just("\"stop\""),
+            1 => Just("\"length\""),
+            1 => Just("\"tool_calls\""),
+            1 => Just("7"),
+        ];
+        let choice = (delta, finish).prop_map(|(d, f)| {
+            format!("{{\"index\":0,\"delta\":{d},\"logprobs\":null,\"finish_reason\":{f}}}")
+        });
+        let choices = prop_oneof![
+            8 => choice.clone().prop_map(|c| format!("[{c}]")),
+            1 => (choice.clone(), choice.clone()).prop_map(|(a, b)| format!("[{a},{b}]")),
+            1 => Just("[]".to_owned()),
+            1 => Just("[null]".to_owned()),
+            1 => choice.prop_map(|c| format!("{{\"0\":{c}}}")),
+            1 => Just("5".to_owned()),
+        ];
+        let extra = prop_oneof![
+            8 => Just(""),
+            1 => Just(",\"usage\":null"),
+            1 => Just(",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}"),
+            1 => Just(",\"usage\":7"),
+            1 => Just(",\"error\":{\"message\":\"boom\"}"),
+            1 => Just(",\"error\":null"),
+            1 => Just(",\"obfuscation\":1e400"),
+            1 => Just(",\"choices\":[]"),
+            1 => Just(",\"service_tier\":\"default\",\"system_fingerprint\":\"fp\""),
+        ];
+        prop_oneof![
+            12 => (choices, extra).prop_map(|(c, e)| format!(
+                "{{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":{c}{e}}}"
+            )),
+            1 => Just("[DONE]".to_owned()),
+            1 => Just("[{\"choices\":[]}]".to_owned()),
+            1 => "[a-z{}\\[\\]\":, 0-9]{0,20}",
+        ]
+    }
+
+    proptest! {
+        /// A text chunk read in its shape gives the Anthropic client the events the whole
+        /// parse gives, and every other chunk goes to the whole parse: the same events, flow
+        /// and usage, chunk after chunk.
+        #[test]
+        fn text_chunks_read_in_their_shape_translate_as_parsed_whole(
+            chunks in proptest::collection::vec(chat_chunk(), 0..10),
+        ) {
+            let (mut fast, mut whole) = (EventsFromChunks::default(), EventsFromChunks::default());
+            for data in chunks {
+                let event = Event { event: None, data, id: None };
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                prop_assert_eq!(fast.push(&event, &mut a), whole.push_parsed(&event, &mut b));
+                prop_assert_eq!(a, b, "{:?}", event);
+                prop_assert_eq!(fast.usage(), whole.usage());
+            }
+        }
+    }
+
+    /// The text chunks OpenAI-format backends stream are read in their shape.
+    #[test]
+    fn a_text_chunk_as_backends_write_it_is_read_in_its_shape() {
+        for data in [
+            r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","service_tier":"default","system_fingerprint":"fp","choices":[{"index":0,"delta":{"content":" tok1"},"logprobs":null,"finish_reason":null}],"usage":null,"obfuscation":"x1"}"#,
+            r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<TextChunk<'_>>(data).is_ok(),
+                "{data}"
+            );
         }
     }
 
