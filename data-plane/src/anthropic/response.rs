@@ -2,9 +2,12 @@
 //! ([`completion_to_message`]), and the stop reasons and usage of each API, which the other
 //! way (a `Message` → a chat completion, [`super::message`]) and the streams share.
 
+use std::borrow::Cow;
+
 use serde_json::{Value, json};
 
-use super::{Checked, Untranslatable, Usage};
+use super::{Checked, Names, Untranslatable, Usage, members};
+use crate::request::Key;
 
 /// Anthropic's `stop_reason` → OpenAI's `finish_reason`.
 pub fn finish_reason(stop_reason: &str) -> &'static str {
@@ -328,6 +331,271 @@ pub fn completion_to_message(completion: &Value) -> Result<Value, Untranslatable
     }))
 }
 
+/// [`completion_to_message`] of a completion's text, written without trees of values when it
+/// is a text answer in the shape OpenAI-format backends write one: its first choice's
+/// `message.content` (or `refusal`) and `finish_reason`, `id`, `model` and `usage` read (`usage`
+/// as [`openai_usage`] reads it), every other member checked as a parse into values checks it
+/// and passed over. `None` for any other completion (tool calls, a member of another type than
+/// that shape's, text that is not a completion), which is then parsed whole; a property test
+/// holds the two to the same bytes.
+pub fn completion_text_to_message(text: &str) -> Option<Vec<u8>> {
+    let TextCompletion {
+        id,
+        model,
+        text,
+        finish,
+        usage,
+    } = serde_json::from_str(text).ok()?;
+    let text = text.filter(|t| !t.is_empty());
+    serde_json::to_vec(&TextMessage {
+        content: text
+            .map(|text| TextBlock { text, kind: "text" })
+            .into_iter()
+            .collect(),
+        id: message_id(id.as_deref().unwrap_or("")),
+        model,
+        role: "assistant",
+        stop_reason: finish.as_deref().map_or("end_turn", stop_reason),
+        stop_sequence: (),
+        kind: "message",
+        usage: AnthropicFigures {
+            cache_creation_input_tokens: 0,
+            cache_read_input_tokens: usage.cache_read,
+            input_tokens: usage.input.saturating_sub(usage.cache_read),
+            output_tokens: usage.output,
+        },
+    })
+    .ok()
+}
+
+/// The `Message` [`completion_text_to_message`] writes, its keys in the sorted order of
+/// `Value`'s map.
+#[derive(serde::Serialize)]
+struct TextMessage<'a> {
+    content: Vec<TextBlock<'a>>,
+    id: String,
+    model: Option<Cow<'a, str>>,
+    role: &'static str,
+    stop_reason: &'static str,
+    stop_sequence: (),
+    #[serde(rename = "type")]
+    kind: &'static str,
+    usage: AnthropicFigures,
+}
+
+#[derive(serde::Serialize)]
+struct TextBlock<'a> {
+    text: Cow<'a, str>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct AnthropicFigures {
+    cache_creation_input_tokens: u64,
+    cache_read_input_tokens: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+/// What [`completion_text_to_message`] reads of a completion.
+#[derive(Default)]
+struct TextCompletion<'a> {
+    id: Option<Cow<'a, str>>,
+    model: Option<Cow<'a, str>>,
+    /// The first choice's `content`, else its `refusal`.
+    text: Option<Cow<'a, str>>,
+    finish: Option<Cow<'a, str>>,
+    usage: Usage,
+}
+
+impl<'de> serde::Deserialize<'de> for TextCompletion<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        const COMPLETION: Names = Names(&["id", "model", "choices", "usage"]);
+        const CHOICE: Names = Names(&["message", "finish_reason"]);
+        const MESSAGE: Names = Names(&["content", "refusal", "tool_calls"]);
+        fn key<'de, A: serde::de::MapAccess<'de>>(
+            map: &mut A,
+        ) -> Result<Option<Cow<'de, str>>, A::Error> {
+            Ok(map.next_value::<Option<Key<'de>>>()?.map(|Key(text)| text))
+        }
+        struct Completion;
+        impl<'de> serde::de::Visitor<'de> for Completion {
+            type Value = TextCompletion<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a chat completion")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<TextCompletion<'de>, A::Error> {
+                let mut read = TextCompletion::default();
+                let mut choices = false;
+                members(map, COMPLETION, |at, map| {
+                    match at {
+                        0 => read.id = key(map)?,
+                        1 => read.model = key(map)?,
+                        2 => {
+                            let (text, finish) = map.next_value_seed(Choices)?;
+                            (read.text, read.finish, choices) = (text, finish, true);
+                        }
+                        _ => read.usage = map.next_value::<OpenAiFigures>()?.0,
+                    }
+                    Ok(())
+                })?;
+                if !choices {
+                    return Err(serde::de::Error::custom("no choices"));
+                }
+                Ok(read)
+            }
+        }
+        /// The first choice's text and finish reason; the others checked.
+        struct Choices;
+        impl<'de> serde::de::DeserializeSeed<'de> for Choices {
+            type Value = (Option<Cow<'de, str>>, Option<Cow<'de, str>>);
+            fn deserialize<D: serde::Deserializer<'de>>(
+                self,
+                value: D,
+            ) -> Result<Self::Value, D::Error> {
+                value.deserialize_seq(self)
+            }
+        }
+        impl<'de> serde::de::Visitor<'de> for Choices {
+            type Value = (Option<Cow<'de, str>>, Option<Cow<'de, str>>);
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let first = seq.next_element_seed(Choice)?.unwrap_or_default();
+                while seq.next_element::<Checked>()?.is_some() {}
+                Ok(first)
+            }
+        }
+        struct Choice;
+        impl<'de> serde::de::DeserializeSeed<'de> for Choice {
+            type Value = (Option<Cow<'de, str>>, Option<Cow<'de, str>>);
+            fn deserialize<D: serde::Deserializer<'de>>(
+                self,
+                value: D,
+            ) -> Result<Self::Value, D::Error> {
+                value.deserialize_map(self)
+            }
+        }
+        impl<'de> serde::de::Visitor<'de> for Choice {
+            type Value = (Option<Cow<'de, str>>, Option<Cow<'de, str>>);
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a choice")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let (mut text, mut finish) = (None, None);
+                members(map, CHOICE, |at, map| {
+                    match at {
+                        0 => text = map.next_value_seed(Reply)?,
+                        _ => finish = key(map)?,
+                    }
+                    Ok(())
+                })?;
+                Ok((text, finish))
+            }
+        }
+        /// A choice's `message`: its content, else its refusal; no tool calls.
+        struct Reply;
+        impl<'de> serde::de::DeserializeSeed<'de> for Reply {
+            type Value = Option<Cow<'de, str>>;
+            fn deserialize<D: serde::Deserializer<'de>>(
+                self,
+                value: D,
+            ) -> Result<Self::Value, D::Error> {
+                value.deserialize_map(self)
+            }
+        }
+        impl<'de> serde::de::Visitor<'de> for Reply {
+            type Value = Option<Cow<'de, str>>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a message")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let (mut content, mut refusal, mut calls) = (None, None, None);
+                members(map, MESSAGE, |at, map| {
+                    match at {
+                        0 => content = key(map)?,
+                        1 => refusal = key(map)?,
+                        _ => calls = map.next_value::<Option<Checked>>()?,
+                    }
+                    Ok(())
+                })?;
+                if calls.is_some() {
+                    return Err(serde::de::Error::custom("tool calls"));
+                }
+                Ok(content.or(refusal))
+            }
+        }
+        value.deserialize_map(Completion)
+    }
+}
+
+/// An OpenAI `usage` read as [`openai_usage`] reads its value (any figure that is not an
+/// unsigned integer, or any `usage` that is not an object, is 0), without building the value.
+#[derive(Default)]
+struct OpenAiFigures(Usage);
+
+impl<'de> serde::Deserialize<'de> for OpenAiFigures {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        value.deserialize_any(Lenient::<OpenAiFigures>::default())
+    }
+}
+
+impl LenientKind for OpenAiFigures {
+    fn object<'de, A: serde::de::MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        const NAMES: Names = Names(&[
+            "prompt_tokens",
+            "completion_tokens",
+            "prompt_tokens_details",
+        ]);
+        let mut usage = Usage::default();
+        members(map, NAMES, |at, map| {
+            match at {
+                0 => usage.input = map.next_value::<Count>()?.0,
+                1 => usage.output = map.next_value::<Count>()?.0,
+                _ => usage.cache_read = map.next_value::<CachedTokens>()?.0,
+            }
+            Ok(())
+        })?;
+        Ok(Self(usage))
+    }
+}
+
+/// `prompt_tokens_details.cached_tokens`, read leniently as [`OpenAiFigures`] are.
+#[derive(Default)]
+struct CachedTokens(u64);
+
+impl<'de> serde::Deserialize<'de> for CachedTokens {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        value.deserialize_any(Lenient::<CachedTokens>::default())
+    }
+}
+
+impl LenientKind for CachedTokens {
+    fn object<'de, A: serde::de::MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        const NAMES: Names = Names(&["cached_tokens"]);
+        let mut cached = 0;
+        members(map, NAMES, |_, map| {
+            cached = map.next_value::<Count>()?.0;
+            Ok(())
+        })?;
+        Ok(Self(cached))
+    }
+}
+
 /// A chat completion's id as a Message id (`msg_…`, as Anthropic clients expect).
 pub fn message_id(chat_id: &str) -> String {
     let bare = chat_id.strip_prefix("chatcmpl-").unwrap_or(chat_id);
@@ -408,6 +676,135 @@ mod tests {
             let value: Value = serde_json::from_str(&usage).unwrap();
             let text = usage.clone() + &rest;
             prop_assert_eq!(anthropic_usage_in(text.as_bytes()), Some(anthropic_usage(&value)), "{}", usage);
+        }
+    }
+
+    /// What the whole parse makes of a completion's text (as the relay does it).
+    fn message_parsed_whole(text: &str) -> Option<Vec<u8>> {
+        let completion: Value = serde_json::from_str(text).ok()?;
+        completion.get("choices").filter(|c| c.is_array())?;
+        Some(
+            completion_to_message(&completion)
+                .ok()?
+                .to_string()
+                .into_bytes(),
+        )
+    }
+
+    fn string() -> impl Strategy<Value = String> {
+        prop_oneof![
+            6 => any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+            1 => Just("\"\"".to_owned()),
+            1 => Just("\"chatcmpl-\\u0041\"".to_owned()),
+            1 => Just("null".to_owned()),
+            1 => Just("7".to_owned()),
+        ]
+    }
+
+    /// A chat completion: text answers in the shape backends write them, and what is near
+    /// them (tool calls, members missing, doubled, of other types or refused by the parse,
+    /// choices of other kinds, usage of every kind).
+    fn completion() -> impl Strategy<Value = String> {
+        let reply = prop_oneof![
+            6 => string().prop_map(|c| format!("{{\"role\":\"assistant\",\"content\":{c},\"refusal\":null}}")),
+            1 => string().prop_map(|r| format!("{{\"role\":\"assistant\",\"content\":null,\"refusal\":{r}}}")),
+            1 => Just("{\"content\":\"\",\"refusal\":\"no\"}".to_owned()),
+            1 => Just("{\"content\":\"a\",\"content\":\"b\"}".to_owned()),
+            1 => Just("{\"content\":\"a\",\"tool_calls\":null}".to_owned()),
+            1 => Just("{\"content\":\"a\",\"tool_calls\":[]}".to_owned()),
+            1 => Just("{\"content\":null,\"tool_calls\":[{\"id\":\"c\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"a\\\":1}\"}}]}".to_owned()),
+            1 => Just("{\"content\":\"a\",\"annotations\":[1e400]}".to_owned()),
+            1 => Just("null".to_owned()),
+            1 => Just("{}".to_owned()),
+        ].boxed();
+        let finish = prop_oneof![
+            4 => Just("\"stop\""),
+            1 => Just("\"length\""),
+            1 => Just("\"content_filter\""),
+            1 => Just("\"tool_calls\""),
+            1 => Just("null"),
+            1 => Just("3"),
+        ]
+        .boxed();
+        let choice = (reply, finish)
+            .prop_map(|(m, f)| {
+                format!("{{\"index\":0,\"message\":{m},\"logprobs\":null,\"finish_reason\":{f}}}")
+            })
+            .boxed();
+        let choices = prop_oneof![
+            8 => choice.clone().prop_map(|c| format!("\"choices\":[{c}]")),
+            1 => (choice.clone(), choice.clone()).prop_map(|(a, b)| format!("\"choices\":[{a},{b}]")),
+            1 => Just("\"choices\":[]".to_owned()),
+            1 => Just("\"choices\":[null]".to_owned()),
+            1 => choice.prop_map(|c| format!("\"choices\":{{\"0\":{c}}}")),
+        ].boxed();
+        let usage = prop_oneof![
+            4 => (0..1000u64, 0..1000u64, 0..100u64).prop_map(|(p, c, k)| format!(
+                "\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c},\"total_tokens\":0,\"prompt_tokens_details\":{{\"cached_tokens\":{k},\"audio_tokens\":0}}}}"
+            )),
+            1 => Just("\"usage\":null".to_owned()),
+            1 => Just("\"usage\":{\"prompt_tokens\":-1,\"completion_tokens\":2.5,\"prompt_tokens_details\":[1]}".to_owned()),
+            1 => Just("\"usage\":{\"prompt_tokens\":1,\"prompt_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":{}}}".to_owned()),
+            1 => Just("\"usage\":{\"x\":1e400}".to_owned()),
+            1 => Just("\"usage\":5".to_owned()),
+        ].boxed();
+        let member = prop_oneof![
+            2 => string().prop_map(|s| format!("\"id\":{s}")),
+            2 => string().prop_map(|s| format!("\"model\":{s}")),
+            1 => Just("\"object\":\"chat.completion\"".to_owned()),
+            1 => Just("\"service_tier\":\"default\"".to_owned()),
+            1 => Just("\"system_fingerprint\":\"\\ud800\"".to_owned()),
+            2 => usage.clone(),
+            2 => choices.clone(),
+        ]
+        .boxed();
+        let written = (
+            string(),
+            string(),
+            choices,
+            usage,
+            prop::collection::vec(member, 0..3),
+        )
+            .prop_map(|(id, model, choices, usage, more)| {
+                let mut members = vec![
+                    format!("\"id\":{id}"),
+                    "\"object\":\"chat.completion\"".to_owned(),
+                    "\"created\":1".to_owned(),
+                    format!("\"model\":{model}"),
+                    choices,
+                    usage,
+                ];
+                members.extend(more);
+                format!("{{{}}}", members.join(","))
+            });
+        prop_oneof![
+            8 => written,
+            1 => "[a-z{}\\[\\]\":, 0-9]{0,30}",
+            1 => Just("{\"id\":\"x\"}".to_owned()),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the text, a completion written without trees is the message the whole
+        /// parse gives, and the reading in the shape gives up rather than answer otherwise.
+        #[test]
+        fn a_completion_read_in_its_shape_translates_as_parsed_whole(text in completion()) {
+            if let Some(message) = completion_text_to_message(&text) {
+                prop_assert_eq!(Some(message), message_parsed_whole(&text), "{}", text);
+            }
+        }
+    }
+
+    /// The text answers backends write are read in their shape.
+    #[test]
+    fn a_text_completion_as_backends_write_it_is_read_in_its_shape() {
+        for text in [
+            r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hello \"there\"","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12,"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}},"service_tier":"default","system_fingerprint":"fp_1"}"#,
+            r#"{"id":"chatcmpl-2","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":null,"refusal":"I can't help with that."},"logprobs":null,"finish_reason":"content_filter"}],"usage":null}"#,
+        ] {
+            let message = completion_text_to_message(text);
+            assert!(message.is_some(), "{text}");
+            assert_eq!(message, message_parsed_whole(text));
         }
     }
 

@@ -112,9 +112,12 @@ impl Translation {
                     return Some((status, error::to_anthropic(status, body), None));
                 }
                 let text = crate::utf8::text(body)?;
+                let tokens = usage_of_answer(text);
+                if let Some(message) = response::completion_text_to_message(text) {
+                    return Some((status, Bytes::from(message), tokens));
+                }
                 let completion: serde_json::Value = serde_json::from_str(text).ok()?;
                 completion.get("choices").filter(|c| c.is_array())?;
-                let tokens = usage_of_answer(text);
                 let message = response::completion_to_message(&completion).ok()?;
                 Some((status, Bytes::from(message.to_string()), tokens))
             }
