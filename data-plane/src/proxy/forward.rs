@@ -796,8 +796,14 @@ async fn deliver(
     }
 }
 
-/// The Messages request as a chat request for an OpenAI-format backend.
+/// The Messages request as a chat request for an OpenAI-format backend: written from its
+/// members when it is in the shape simple requests are, else translated from its parse.
 fn chat_body(parsed: &ParsedRequest<'_>, route: &Route) -> Result<Bytes, ProxyError> {
+    if let Some(body) =
+        anthropic::request::messages_to_chat_in_shape(parsed.members(), &route.upstream_model)
+    {
+        return Ok(Bytes::from(body));
+    }
     let messages = parsed.object()?;
     let chat = anthropic::request::messages_to_chat(&messages, &route.upstream_model)?;
     Ok(Bytes::from(serde_json::Value::Object(chat).to_string()))
