@@ -1,9 +1,11 @@
 //! Anthropic's Messages API, both ways, as pure translations over JSON: a chat completions
 //! request for an Anthropic backend and its answer back ([`request`], [`message`],
 //! [`stream`]), and a Messages request for an OpenAI-format backend and its answer back
-//! ([`response`], [`stream`]). The answers most often translated are read from their text in
-//! the shape they are written, everything else from a parse into values. The proxy only drives them; nothing here does I/O. Every mapping, and what a
-//! client gets for what cannot be translated, is listed in `docs/anthropic.md`.
+//! ([`request`], [`response`], [`stream`]). Requests, answers and stream events in the shape
+//! most are written in are read from their text and written without trees of values; any other
+//! is parsed into values, the reading that decides (each shape is held to it by a property
+//! test). The proxy only drives them; nothing here does I/O. Every mapping, and what a client
+//! gets for what cannot be translated, is listed in `docs/anthropic.md`.
 
 pub mod error;
 pub mod message;

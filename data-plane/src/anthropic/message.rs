@@ -1,14 +1,15 @@
 //! A whole Anthropic `Message` read for the chat completion it becomes ([`Reply`]), and that
 //! completion written.
 //!
-//! A message is read from its text in the shape Anthropic writes it ([`Reply::read`]): its
-//! strings borrowed where they have no escapes, its members passed over as a parse into values
-//! would check them ([`Checked`](super::Checked)), no tree built. What is not in that shape — a member of a
-//! kind Anthropic does not write there, text that is not a message — is parsed into a `Value`
-//! and read from that ([`Reply::of_value`]), which decides every case; the property test below
-//! holds the first reading to the second. Reading a short answer the first way costs about a tenth of
-//! parsing it into values (docs/benchmarks.md, "Whole answers translated from an Anthropic
-//! backend").
+//! A message is read from its text in the shape Anthropic writes it ([`Reply`]'s
+//! `Deserialize`): its strings borrowed where they have no escapes, the members it does not need
+//! checked as a parse into values would check them ([`Checked`](super::Checked)) and passed
+//! over, no tree built. What is not in that shape — a member of a kind Anthropic does not write
+//! there, text that is not a message — is parsed into a `Value` and read from that
+//! ([`Reply::of_value`]), which decides every case; the property test below holds the first
+//! reading to the second. Translating a short answer this way costs about a quarter of what
+//! parsing it into values did (64,500 → 14,700 instructions: docs/benchmarks.md, "Whole chat
+//! requests translated for an Anthropic backend").
 
 use std::borrow::Cow;
 
