@@ -1,6 +1,8 @@
 //! Requests, both ways: a chat completions body for an Anthropic backend
 //! ([`chat_to_messages`]) and a Messages body for an OpenAI-format backend
-//! ([`messages_to_chat`]).
+//! ([`messages_to_chat`]), each from the body's parse into values; a body in the shape most are
+//! is written straight from its members instead ([`chat_to_messages_in_shape`],
+//! [`messages_to_chat_in_shape`]), held to the first by the property tests below.
 
 use std::borrow::Cow;
 
