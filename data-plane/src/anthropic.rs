@@ -157,3 +157,26 @@ pub(crate) fn members<'de, A: serde::de::MapAccess<'de>>(
     }
     Ok(())
 }
+
+/// The first element of an array, read by `seed` (`None` for an empty array); the others
+/// checked and passed over: a chat answer's or chunk's `choices`, of which only the first is read.
+pub(crate) struct First<S>(pub S);
+
+impl<'de, S: serde::de::DeserializeSeed<'de>> serde::de::DeserializeSeed<'de> for First<S> {
+    type Value = Option<S::Value>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, value: D) -> Result<Self::Value, D::Error> {
+        value.deserialize_seq(self)
+    }
+}
+
+impl<'de, S: serde::de::DeserializeSeed<'de>> serde::de::Visitor<'de> for First<S> {
+    type Value = Option<S::Value>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let first = seq.next_element_seed(self.0)?;
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(first)
+    }
+}

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 
 use serde_json::{Value, json};
 
-use super::{Checked, Names, Untranslatable, Usage, members};
+use super::{Checked, First, Names, Untranslatable, Usage, members};
 use crate::request::Key;
 
 /// Anthropic's `stop_reason` → OpenAI's `finish_reason`.
@@ -436,7 +436,8 @@ impl<'de> serde::Deserialize<'de> for TextCompletion<'de> {
                         0 => read.id = key(map)?,
                         1 => read.model = key(map)?,
                         2 => {
-                            let (text, finish) = map.next_value_seed(Choices)?;
+                            let (text, finish) =
+                                map.next_value_seed(First(Choice))?.unwrap_or_default();
                             (read.text, read.finish, choices) = (text, finish, true);
                         }
                         _ => read.usage = map.next_value::<OpenAiFigures>()?.0,
@@ -447,31 +448,6 @@ impl<'de> serde::Deserialize<'de> for TextCompletion<'de> {
                     return Err(serde::de::Error::custom("no choices"));
                 }
                 Ok(read)
-            }
-        }
-        /// The first choice's text and finish reason; the others checked.
-        struct Choices;
-        impl<'de> serde::de::DeserializeSeed<'de> for Choices {
-            type Value = (Option<Cow<'de, str>>, Option<Cow<'de, str>>);
-            fn deserialize<D: serde::Deserializer<'de>>(
-                self,
-                value: D,
-            ) -> Result<Self::Value, D::Error> {
-                value.deserialize_seq(self)
-            }
-        }
-        impl<'de> serde::de::Visitor<'de> for Choices {
-            type Value = (Option<Cow<'de, str>>, Option<Cow<'de, str>>);
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("choices")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                let first = seq.next_element_seed(Choice)?.unwrap_or_default();
-                while seq.next_element::<Checked>()?.is_some() {}
-                Ok(first)
             }
         }
         struct Choice;

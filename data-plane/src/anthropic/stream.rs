@@ -12,7 +12,7 @@ use memchr::memmem::Finder;
 use serde_json::{Value, json};
 
 use super::response::{finish_reason, message_id, openai_usage, stop_reason};
-use super::{Checked, Names, Object, Usage, error, members};
+use super::{Checked, First, Names, Object, Usage, error, members};
 use crate::request::Key;
 use crate::sse::Event;
 
@@ -673,22 +673,6 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
         fn out_of_shape<E: serde::de::Error>() -> E {
             E::custom("not a text chunk")
         }
-        /// The first choice's text and finish reason; the other choices checked.
-        struct Choices;
-        impl<'de> serde::de::Visitor<'de> for Choices {
-            type Value = TextChunk<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("choices")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<TextChunk<'de>, A::Error> {
-                let first = seq.next_element_seed(Choice)?;
-                while seq.next_element::<Checked>()?.is_some() {}
-                Ok(first.unwrap_or_default())
-            }
-        }
         struct Choice;
         impl<'de> serde::de::DeserializeSeed<'de> for Choice {
             type Value = TextChunk<'de>;
@@ -764,23 +748,13 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
                 let mut chunk = TextChunk::default();
                 members(map, CHUNK, |at, map| {
                     match at {
-                        0 => chunk = map.next_value_seed(ChoicesSeed)?,
+                        0 => chunk = map.next_value_seed(First(Choice))?.unwrap_or_default(),
                         1 if map.next_value::<Option<Checked>>()?.is_none() => {}
                         _ => return Err(out_of_shape()),
                     }
                     Ok(())
                 })?;
                 Ok(chunk)
-            }
-        }
-        struct ChoicesSeed;
-        impl<'de> serde::de::DeserializeSeed<'de> for ChoicesSeed {
-            type Value = TextChunk<'de>;
-            fn deserialize<D: serde::Deserializer<'de>>(
-                self,
-                value: D,
-            ) -> Result<Self::Value, D::Error> {
-                value.deserialize_seq(Choices)
             }
         }
         value.deserialize_map(Members)
