@@ -36,6 +36,11 @@
 #                                              # forwarding the Messages to the mock's own
 #                                              # /v1/messages; with --streams 20, event by event
 #                                              # (45 events a stream; the bare proxy's 47)
+#   --agent (with --messages or --messages-to-chat): the Messages a coding agent sends mid-task
+#                                              # instead of a short one (Claude Code's shape,
+#                                              # about 60 KB: system blocks, sixteen tools, five
+#                                              # rounds of tool calls and results); whole
+#                                              # requests only
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
 # examples/bare_proxy, built as shipped in two invocations (`cargo build --release --bins`, then
@@ -55,6 +60,7 @@ streams=""
 messages=""
 translated=""
 to_chat=""
+agent=""
 rounds=5
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -70,7 +76,8 @@ while [ $# -gt 0 ]; do
     --messages) messages=1; shift ;;
     --translated) messages=1; translated=1; shift ;;
     --messages-to-chat) messages=1; to_chat=1; shift ;;
-    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
+    --agent) agent=1; shift ;;
+    -h|--help) sed -n '2,48p' "$0"; exit 0 ;;
     *) echo "bench-callgrind: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -162,6 +169,11 @@ wait_http http://127.0.0.1:28091/v1/models
 # What the load speaks: Messages for --messages, chat for --translated and the default.
 client_api=()
 [ -z "$messages" ] || [ -n "$translated" ] || client_api=(--messages)
+if [ -n "$agent" ]; then
+  [ ${#client_api[@]} -gt 0 ] && [ -z "$streams" ] \
+    || { echo "$(basename "$0" .sh): --agent needs --messages or --messages-to-chat, without --streams" >&2; exit 2; }
+  client_api+=(--agent)
+fi
 drive() { # port duration|warm-up
   if [ -n "$streams" ]; then
     local n=$rounds

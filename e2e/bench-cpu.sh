@@ -29,6 +29,11 @@
 #                                              # bare proxy forwarding the mock's own Messages
 #                                              # stream (--chunks + 7); whole ones without
 #                                              # --streams
+#   --agent (with --messages or --messages-to-chat): the Messages a coding agent sends mid-task
+#                                              # instead of a short one (Claude Code's shape,
+#                                              # about 60 KB: system blocks, sixteen tools, five
+#                                              # rounds of tool calls and results); whole
+#                                              # requests only
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl and sluice-bench. Uses the ports
 # of deploy/local/run.sh plus 10,000 (18080, 15051, 18081, 19090; 19091 for the streams' mock)
@@ -45,6 +50,7 @@ streams=""
 messages=""
 translated=""
 to_chat=""
+agent=""
 rounds=3
 chunks=40
 chunk_interval=50ms
@@ -62,7 +68,8 @@ while [ $# -gt 0 ]; do
     --messages) messages=1; shift ;;
     --translated) messages=1; translated=1; shift ;;
     --messages-to-chat) messages=1; to_chat=1; shift ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    --agent) agent=1; shift ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     *) echo "bench-cpu: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -139,6 +146,11 @@ fi
 # What the load speaks: Messages for --messages, chat for --translated and the default.
 client_api=()
 [ -z "$messages" ] || [ -n "$translated" ] || client_api=(--messages)
+if [ -n "$agent" ]; then
+  [ ${#client_api[@]} -gt 0 ] && [ -z "$streams" ] \
+    || { echo "$(basename "$0" .sh): --agent needs --messages or --messages-to-chat, without --streams" >&2; exit 2; }
+  client_api+=(--agent)
+fi
 load() { # duration [url key]
   if [ -n "$streams" ]; then
     local n=$rounds

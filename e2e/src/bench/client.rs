@@ -27,6 +27,8 @@ pub struct Target {
     /// Where requests go: `…/chat/completions`, or `…/messages` for [`Api::Messages`].
     path: String,
     api: Api,
+    /// Whether the body is a coding agent's ([`agent_messages_body`]) instead of a short one.
+    agent: bool,
     auth: Option<HeaderValue>,
     model: String,
 }
@@ -90,6 +92,7 @@ impl Target {
             base_path: uri.path().trim_end_matches('/').to_owned(),
             path: format!("{}/chat/completions", uri.path().trim_end_matches('/')),
             api: Api::Chat,
+            agent: false,
             auth,
             model: model.to_owned(),
         })
@@ -116,12 +119,20 @@ impl Target {
         self
     }
 
-    /// The body of a short request for the target's model in its API ([`chat_body`] or
-    /// [`messages_body`]).
+    /// The same target sent a coding agent's Messages requests ([`agent_messages_body`]).
+    pub fn speaking_as_agent(mut self) -> Self {
+        self = self.speaking_messages();
+        self.agent = true;
+        self
+    }
+
+    /// The body of a request for the target's model in its API ([`chat_body`],
+    /// [`messages_body`] or [`agent_messages_body`]).
     pub fn body(&self, stream: bool) -> Bytes {
-        match self.api {
-            Api::Chat => chat_body(&self.model, stream),
-            Api::Messages => messages_body(&self.model, stream),
+        match (self.api, self.agent) {
+            (Api::Chat, _) => chat_body(&self.model, stream),
+            (Api::Messages, false) => messages_body(&self.model, stream),
+            (Api::Messages, true) => agent_messages_body(&self.model, stream),
         }
     }
 
@@ -167,6 +178,156 @@ pub fn messages_body(model: &str, stream: bool) -> Bytes {
         body["stream"] = true.into();
     }
     Bytes::from(body.to_string())
+}
+
+/// The body of a Messages request as a coding agent sends it in the middle of a task, in the
+/// shape Claude Code writes: two system blocks and the latest turn marked for caching, sixteen
+/// tools with JSON schemas (about 28 KB), and five rounds of the assistant's text and tool call
+/// each answered by the tool's result (a numbered file listing or command output, about 3 KB
+/// each), ending on a result so the answer is text. About 60 KB in all, the same bytes on every
+/// call.
+pub fn agent_messages_body(model: &str, stream: bool) -> Bytes {
+    use serde_json::{Value, json};
+    let tools: Vec<Value> = AGENT_TOOLS
+        .iter()
+        .enumerate()
+        .map(|(i, (name, params))| {
+            let properties: serde_json::Map<String, Value> = params
+                .iter()
+                .enumerate()
+                .map(|(j, param)| {
+                    let kind = if j % 3 == 2 { "number" } else { "string" };
+                    let about = prose(i * 7 + j, 160);
+                    (
+                        (*param).to_owned(),
+                        json!({"type": kind, "description": about}),
+                    )
+                })
+                .collect();
+            json!({
+                "name": name,
+                "description": prose(i, 1_400),
+                "input_schema": {
+                    "type": "object",
+                    "properties": properties,
+                    "required": [params[0]],
+                    "additionalProperties": false,
+                    "$schema": "http://json-schema.org/draft-07/schema#",
+                },
+            })
+        })
+        .collect();
+    let mut turns = vec![json!({"role": "user", "content": [
+        {"type": "text", "text": format!("<system-reminder>\n{}\n</system-reminder>", prose(3, 900))},
+        {"type": "text", "text": "Find why the usage report drops a record when the spool is full, and fix it."},
+    ]})];
+    for round in 0..5 {
+        let (name, _) = AGENT_TOOLS[[5, 2, 1, 5, 0][round]];
+        let id = format!("toolu_01{round:0>22}");
+        turns.push(json!({"role": "assistant", "content": [
+            {"type": "text", "text": prose(round + 40, 200)},
+            {"type": "tool_use", "id": id, "name": name,
+             "input": {"file_path": format!("/work/src/module_{round}.rs"), "limit": 120}},
+        ]}));
+        let listing: Vec<String> = (1..=40)
+            .map(|line| format!("{line:>6}\t    {}", prose(round * 40 + line, 64)))
+            .collect();
+        let mut result =
+            json!({"type": "tool_result", "tool_use_id": id, "content": listing.join("\n")});
+        if round == 4 {
+            // The latest turn is where the agent marks the cache's end.
+            result["cache_control"] = json!({"type": "ephemeral"});
+        }
+        turns.push(json!({"role": "user", "content": [result]}));
+    }
+    let mut body = json!({
+        "model": model,
+        "max_tokens": 32_000,
+        "temperature": 1,
+        "system": [
+            {"type": "text", "text": "You are a coding agent run from the command line.",
+             "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": prose(11, 9_000), "cache_control": {"type": "ephemeral"}},
+        ],
+        "tools": tools,
+        "messages": turns,
+        "metadata": {"user_id": "user_4f1c0ad2_account__session_9b7e"},
+    });
+    if stream {
+        body["stream"] = true.into();
+    }
+    Bytes::from(body.to_string())
+}
+
+/// The agent's tools, each with its parameters (the first required).
+const AGENT_TOOLS: [(&str, &[&str]); 16] = [
+    ("Task", &["description", "prompt", "subagent_type"]),
+    ("Bash", &["command", "description", "timeout"]),
+    ("Glob", &["pattern", "path"]),
+    (
+        "Grep",
+        &["pattern", "path", "head_limit", "glob", "output_mode"],
+    ),
+    ("LS", &["path", "ignore"]),
+    ("Read", &["file_path", "offset", "limit"]),
+    (
+        "Edit",
+        &["file_path", "old_string", "new_string", "replace_all"],
+    ),
+    ("MultiEdit", &["file_path", "edits"]),
+    ("Write", &["file_path", "content"]),
+    (
+        "NotebookEdit",
+        &["notebook_path", "new_source", "cell_number"],
+    ),
+    ("WebFetch", &["url", "prompt"]),
+    ("TodoWrite", &["todos"]),
+    (
+        "WebSearch",
+        &["query", "allowed_domains", "blocked_domains"],
+    ),
+    ("BashOutput", &["bash_id", "filter"]),
+    ("KillShell", &["shell_id"]),
+    ("ExitPlanMode", &["plan"]),
+];
+
+/// About `bytes` of English-like text with quotes and line breaks, the same for the same
+/// `seed`.
+fn prose(seed: usize, bytes: usize) -> String {
+    const WORDS: [&str; 24] = [
+        "the",
+        "request",
+        "\"usage\"",
+        "is",
+        "read",
+        "once",
+        "before",
+        "each",
+        "record",
+        "spool",
+        "writes",
+        "to",
+        "disk;",
+        "a",
+        "replica",
+        "must",
+        "never",
+        "count",
+        "twice",
+        "when",
+        "`sluice`",
+        "retries,",
+        "and",
+        "then.\n",
+    ];
+    let mut text = String::with_capacity(bytes + 16);
+    let mut at = seed;
+    while text.len() < bytes {
+        text.push_str(WORDS[at % WORDS.len()]);
+        text.push(' ');
+        at = at.wrapping_mul(31).wrapping_add(7);
+    }
+    text
 }
 
 /// One HTTP/1.1 connection.
@@ -308,6 +469,29 @@ mod tests {
         let request = chat.request(chat.body(false)).unwrap();
         assert_eq!(request.uri().path(), "/v1/chat/completions");
         assert!(request.headers().get("anthropic-version").is_none());
+    }
+
+    /// The agent's body is a Messages request in Claude Code's shape, of the size given.
+    #[test]
+    fn an_agent_body_carries_tools_and_tool_rounds() {
+        let t = Target::new("http://127.0.0.1:8080/v1", None, "claude", false)
+            .unwrap()
+            .speaking_as_agent();
+        let bytes = t.body(true);
+        assert!((50_000..80_000).contains(&bytes.len()), "{}", bytes.len());
+        assert_eq!(bytes, t.body(true), "the same bytes on every call");
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["model"], "claude");
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["tools"].as_array().unwrap().len(), 16);
+        let turns = body["messages"].as_array().unwrap();
+        assert_eq!(turns.len(), 11);
+        assert_eq!(turns[1]["content"][1]["type"], "tool_use");
+        let last = &turns[10]["content"][0];
+        assert_eq!(last["type"], "tool_result");
+        assert_eq!(last["tool_use_id"], turns[9]["content"][1]["id"]);
+        assert_eq!(last["cache_control"]["type"], "ephemeral");
+        assert!(last["content"].as_str().unwrap().contains("\n     2\t"));
     }
 
     #[test]

@@ -165,6 +165,10 @@ struct LoadArgs {
     /// URLs; with --stream, streamed Messages, each ending with `message_stop`.
     #[arg(long)]
     messages: bool,
+    /// With --messages: a coding agent's requests (Claude Code's shape, about 60 KB: system
+    /// blocks, sixteen tools, five rounds of tool calls and results) instead of short ones.
+    #[arg(long, requires = "messages")]
+    agent: bool,
     /// Streams of --stream.
     #[arg(long, default_value_t = 1000)]
     streams: usize,
@@ -277,7 +281,9 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
 
 async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let speaking = |target: Target| {
-        if args.messages {
+        if args.agent {
+            target.speaking_as_agent()
+        } else if args.messages {
             target.speaking_messages()
         } else {
             target
