@@ -12,6 +12,10 @@ use serde_json::{Map, Value, json};
 use super::{Checked, Names, Untranslatable, members};
 use crate::request::Key;
 
+mod to_chat;
+
+pub use to_chat::messages_to_chat_in_shape;
+
 /// A chat completions request → the Messages request for `model`. `default_max_tokens` fills
 /// `max_tokens` when the client gave neither `max_tokens` nor `max_completion_tokens`
 /// (Anthropic requires it). Anything the Messages API cannot express is an [`Untranslatable`].
@@ -643,330 +647,6 @@ pub fn messages_to_chat(
     Ok(out)
 }
 
-/// [`messages_to_chat`] of a Messages request in the shape simple clients send — text turns of
-/// the user, assistant and system roles (a string, or text blocks with any other members),
-/// `system` as a string or text blocks, the sampling members, `stop_sequences`,
-/// `metadata.user_id` — written straight from the members as the client wrote them
-/// (`max_tokens`, `temperature`, `top_p` and `stop_sequences` copied as written; every member
-/// checked as a parse into values checks it). `None` for any other request (tools, tool use or
-/// results, images, a member of another type than that shape's, one [`messages_to_chat`]
-/// refuses), which then goes that way; a test holds the two to the same request.
-pub fn messages_to_chat_in_shape<'a>(
-    members: impl Iterator<Item = (&'a str, &'a RawValue)>,
-    model: &str,
-) -> Option<Vec<u8>> {
-    let mut copied: [Option<&'a RawValue>; 5] = [None; 5];
-    let (mut system, mut turns, mut user) = (None, None, None);
-    for (key, value) in members {
-        let text = value.get();
-        let copy = match key {
-            "max_tokens" => 0,
-            "temperature" => 1,
-            "top_p" => 2,
-            "stream" => 3,
-            "stop_sequences" => 4,
-            // Read (and checked) by `request::parse`: the model is the route's.
-            "model" => continue,
-            "system" => {
-                system = from_text::<Option<Joined<'a>>>(text)?.map(|Joined(text)| text);
-                continue;
-            }
-            "messages" => {
-                turns = Some(from_text::<ChatTurns<'a>>(text)?.0);
-                continue;
-            }
-            "metadata" => {
-                user = from_text::<Option<UserId<'a>>>(text)?.and_then(|UserId(user)| user);
-                continue;
-            }
-            "tools" | "tool_choice" => return None,
-            _ => {
-                from_text::<Checked>(text)?;
-                continue;
-            }
-        };
-        from_text::<Checked>(text)?;
-        copied[copy] = (text != "null").then_some(value);
-    }
-    let [max_tokens, temperature, top_p, stream, stop] = copied;
-    let mut messages: Vec<ChatTurn<'a>> = Vec::new();
-    messages.extend(system.map(|content| ChatTurn {
-        role: "system",
-        content: Some(content),
-    }));
-    messages.extend(turns?);
-    serde_json::to_vec(&ChatRequest {
-        model,
-        messages,
-        max_tokens,
-        temperature,
-        top_p,
-        stop,
-        user,
-        stream_options: (stream.map(RawValue::get) == Some("true")).then_some(IncludeUsage {
-            include_usage: true,
-        }),
-        stream,
-    })
-    .ok()
-}
-
-/// The chat request [`messages_to_chat_in_shape`] writes.
-#[derive(serde::Serialize)]
-struct ChatRequest<'a> {
-    model: &'a str,
-    messages: Vec<ChatTurn<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_tokens: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    temperature: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    top_p: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stop: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    user: Option<Cow<'a, str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream_options: Option<IncludeUsage>,
-}
-
-#[derive(serde::Serialize)]
-struct IncludeUsage {
-    include_usage: bool,
-}
-
-/// A chat message: its content a string, or `null` (an assistant turn with no text).
-#[derive(serde::Serialize)]
-struct ChatTurn<'a> {
-    role: &'static str,
-    content: Option<Cow<'a, str>>,
-}
-
-/// `metadata`'s `user_id` when a string (an object without one: none).
-struct UserId<'a>(Option<Cow<'a, str>>);
-
-impl<'de> serde::Deserialize<'de> for UserId<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        struct Members;
-        impl<'de> serde::de::Visitor<'de> for Members {
-            type Value = UserId<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("metadata")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                map: A,
-            ) -> Result<UserId<'de>, A::Error> {
-                let mut user = None;
-                members(map, Names(&["user_id"]), |_, map| {
-                    user = map.next_value::<Option<Key>>()?.map(|Key(user)| user);
-                    Ok(())
-                })?;
-                Ok(UserId(user))
-            }
-        }
-        value.deserialize_map(Members)
-    }
-}
-
-/// A turn's content, or `system`, in the shape: a string, or blocks of text (any other
-/// members passed over) and of an earlier turn's thinking.
-enum Content<'a> {
-    Text(Cow<'a, str>),
-    Blocks {
-        texts: Vec<Cow<'a, str>>,
-        thinking: bool,
-    },
-}
-
-impl<'a> Content<'a> {
-    /// As [`joined_text`] makes it: the blocks' texts joined with a blank line (no thinking).
-    fn joined(self) -> Option<Cow<'a, str>> {
-        match self {
-            Self::Text(text) => Some(text),
-            Self::Blocks { thinking: true, .. } => None,
-            Self::Blocks { texts, .. } => Some(match <[_; 1]>::try_from(texts) {
-                Ok([text]) => text,
-                Err(texts) => Cow::Owned(texts.join("\n\n")),
-            }),
-        }
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Content<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        struct Either;
-        impl<'de> serde::de::Visitor<'de> for Either {
-            type Value = Content<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or text blocks")
-            }
-            fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Content<'de>, E> {
-                Ok(Content::Text(Cow::Borrowed(text)))
-            }
-            fn visit_str<E>(self, text: &str) -> Result<Content<'de>, E> {
-                Ok(Content::Text(Cow::Owned(text.to_owned())))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Content<'de>, A::Error> {
-                let (mut texts, mut thinking) = (Vec::new(), false);
-                while let Some(block) = seq.next_element::<Block<'de>>()? {
-                    match block {
-                        Block::Text(text) => texts.push(text),
-                        Block::Thinking => thinking = true,
-                    }
-                }
-                Ok(Content::Blocks { texts, thinking })
-            }
-        }
-        value.deserialize_any(Either)
-    }
-}
-
-/// A content block in the shape: text (its `text`, `null` or missing read as empty) or
-/// thinking; any other is out of it.
-enum Block<'a> {
-    Text(Cow<'a, str>),
-    Thinking,
-}
-
-impl<'de> serde::Deserialize<'de> for Block<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        struct Members;
-        impl<'de> serde::de::Visitor<'de> for Members {
-            type Value = Block<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a content block")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                map: A,
-            ) -> Result<Block<'de>, A::Error> {
-                let (mut kind, mut text) = (None, None);
-                members(map, Names(&["type", "text"]), |at, map| {
-                    match at {
-                        0 => kind = Some(map.next_value::<Key>()?.0),
-                        _ => text = map.next_value::<Option<Key>>()?.map(|Key(text)| text),
-                    }
-                    Ok(())
-                })?;
-                match kind.as_deref() {
-                    Some("text") => Ok(Block::Text(text.unwrap_or_default())),
-                    Some("thinking" | "redacted_thinking") => Ok(Block::Thinking),
-                    _ => Err(serde::de::Error::custom("a block outside the shape")),
-                }
-            }
-        }
-        value.deserialize_map(Members)
-    }
-}
-
-/// `system` as [`joined_text`] makes it.
-struct Joined<'a>(Cow<'a, str>);
-
-impl<'de> serde::Deserialize<'de> for Joined<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        Content::deserialize(value)?
-            .joined()
-            .map(Joined)
-            .ok_or_else(|| serde::de::Error::custom("thinking in system"))
-    }
-}
-
-/// Messages turns in the shape, as [`messages_turn`] makes them chat messages.
-struct ChatTurns<'a>(Vec<ChatTurn<'a>>);
-
-impl<'de> serde::Deserialize<'de> for ChatTurns<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        struct Each;
-        impl<'de> serde::de::Visitor<'de> for Each {
-            type Value = ChatTurns<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("turns")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<ChatTurns<'de>, A::Error> {
-                let mut turns = Vec::new();
-                while let Some(MessagesTurn { role, content }) = seq.next_element()? {
-                    let content = match (role, content) {
-                        ("system", content) => content.joined(),
-                        (
-                            "user",
-                            Content::Blocks {
-                                texts,
-                                thinking: false,
-                            },
-                        ) if texts.is_empty() => continue,
-                        ("user", content) => content.joined(),
-                        (_, Content::Text(text)) => Some(text),
-                        (_, Content::Blocks { texts, .. }) => {
-                            let text = texts.concat();
-                            turns.push(ChatTurn {
-                                role,
-                                content: (!text.is_empty()).then_some(Cow::Owned(text)),
-                            });
-                            continue;
-                        }
-                    };
-                    let content = content.ok_or_else(|| serde::de::Error::custom("thinking"))?;
-                    turns.push(ChatTurn {
-                        role,
-                        content: Some(content),
-                    });
-                }
-                Ok(ChatTurns(turns))
-            }
-        }
-        value.deserialize_seq(Each)
-    }
-}
-
-/// A Messages turn of a role the shape takes, with content.
-struct MessagesTurn<'a> {
-    role: &'static str,
-    content: Content<'a>,
-}
-
-impl<'de> serde::Deserialize<'de> for MessagesTurn<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        struct Members;
-        impl<'de> serde::de::Visitor<'de> for Members {
-            type Value = MessagesTurn<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a turn")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                map: A,
-            ) -> Result<MessagesTurn<'de>, A::Error> {
-                let (mut role, mut content) = (None, None);
-                members(map, Names(&["role", "content"]), |at, map| {
-                    match at {
-                        0 => role = Some(map.next_value::<Key>()?.0),
-                        _ => content = Some(map.next_value::<Content>()?),
-                    }
-                    Ok(())
-                })?;
-                let role = match role.as_deref() {
-                    Some("system") => "system",
-                    Some("user") => "user",
-                    Some("assistant") => "assistant",
-                    _ => return Err(serde::de::Error::custom("a role outside the shape")),
-                };
-                let content = content.ok_or_else(|| serde::de::Error::custom("no content"))?;
-                Ok(MessagesTurn { role, content })
-            }
-        }
-        value.deserialize_map(Members)
-    }
-}
-
 /// A string or text blocks → one string (blocks joined with a blank line).
 fn joined_text(content: &Value, at: &str) -> Result<String, Untranslatable> {
     match content {
@@ -1348,8 +1028,13 @@ mod tests {
         let Ok(parsed) = crate::request::parse(body.as_bytes()) else {
             return (None, None);
         };
-        let in_shape = messages_to_chat_in_shape(parsed.members(), "up")
-            .map(|bytes| serde_json::from_slice(&bytes).unwrap());
+        // A tool's schema may nest as deep as the parse takes it in the request: more levels
+        // above it in the chat request.
+        let in_shape = messages_to_chat_in_shape(parsed.members(), "up").map(|bytes| {
+            let mut written = serde_json::Deserializer::from_slice(&bytes);
+            written.disable_recursion_limit();
+            serde::Deserialize::deserialize(&mut written).unwrap()
+        });
         let parsed_whole = parsed
             .object()
             .ok()
@@ -1367,8 +1052,14 @@ mod tests {
             1 => Just("{\"type\":\"text\",\"text\":null}".to_owned()),
             1 => Just("{\"type\":\"thinking\",\"thinking\":\"hm\",\"signature\":\"s\"}".to_owned()),
             1 => Just("{\"type\":\"redacted_thinking\",\"data\":\"x\"}".to_owned()),
-            1 => Just("{\"type\":\"tool_use\",\"id\":\"t\",\"name\":\"f\",\"input\":{}}".to_owned()),
-            1 => Just("{\"type\":\"tool_result\",\"tool_use_id\":\"t\",\"content\":\"ok\"}".to_owned()),
+            3 => tool_use(),
+            3 => tool_result(),
+            1 => Just(format!("{{\"type\":\"text\",\"text\":\"{}\"}}", "{[".repeat(70))),
+            1 => (123..=124usize).prop_map(|levels| format!(
+                "{{\"type\":\"text\",\"text\":\"x\",\"cache_control\":{}{}}}",
+                "[".repeat(levels),
+                "]".repeat(levels)
+            )),
             1 => Just("{\"type\":\"image\",\"source\":{\"type\":\"url\",\"url\":\"https://x/y.png\"}}".to_owned()),
             1 => Just("{\"text\":\"no type\"}".to_owned()),
             1 => Just("{\"type\":\"text\",\"text\":5}".to_owned()),
@@ -1381,6 +1072,131 @@ mod tests {
             1 => Just("7".to_owned()),
         ]
         .boxed()
+    }
+
+    /// A `tool_use` block, in and near the shape.
+    fn tool_use() -> impl Strategy<Value = String> {
+        let id = prop_oneof![
+            4 => string().prop_map(|id| format!(",\"id\":{id}")),
+            1 => Just(String::new()),
+            1 => Just(",\"id\":null".to_owned()),
+            1 => Just(",\"id\":7".to_owned()),
+        ];
+        let name = prop_oneof![
+            4 => Just(",\"name\":\"Read\""),
+            1 => Just(",\"name\":\"R\\u0065ad\""),
+            1 => Just(""),
+            1 => Just(",\"name\":[]"),
+        ];
+        let input = prop_oneof![
+            4 => Just(",\"input\":{\"file_path\":\"/a\\n.rs\",\"limit\":120,\"all\":[true,null,1.50]}"),
+            2 => Just(",\"input\":{}"),
+            2 => Just(""),
+            1 => Just(",\"input\":\"x\""),
+            1 => Just(",\"input\":{\"n\":1e400}"),
+            1 => Just(",\"input\":{\"b\":1,\"b\":2}"),
+        ];
+        (id, name, input)
+            .prop_map(|(id, name, input)| format!("{{\"type\":\"tool_use\"{id}{name}{input}}}"))
+    }
+
+    /// A `tool_result` block, in and near the shape.
+    fn tool_result() -> impl Strategy<Value = String> {
+        let id = prop_oneof![
+            4 => Just(",\"tool_use_id\":\"toolu_1\""),
+            1 => Just(""),
+            1 => Just(",\"tool_use_id\":5"),
+        ];
+        let block = prop_oneof![
+            4 => string().prop_map(|t| format!("{{\"type\":\"text\",\"text\":{t}}}")),
+            1 => Just("{\"type\":\"image\",\"source\":{\"type\":\"url\",\"url\":\"https://x\"}}".to_owned()),
+            1 => Just("{\"type\":\"tool_result\",\"tool_use_id\":\"t\"}".to_owned()),
+        ];
+        let content = prop_oneof![
+            4 => string().prop_map(|c| format!(",\"content\":{c}")),
+            3 => prop::collection::vec(block, 0..3).prop_map(|b| format!(",\"content\":[{}]", b.join(","))),
+            1 => Just(String::new()),
+            1 => Just(",\"content\":null".to_owned()),
+            1 => Just(",\"content\":7".to_owned()),
+            1 => (121..=122usize).prop_map(|levels| format!(
+                ",\"content\":[{{\"type\":\"text\",\"text\":\"x\",\"cache_control\":{}{}}}]",
+                "[".repeat(levels),
+                "]".repeat(levels)
+            )),
+        ];
+        let error = prop_oneof![
+            4 => Just(""),
+            4 => Just(",\"is_error\":true"),
+            1 => Just(",\"is_error\":false"),
+            1 => Just(",\"is_error\":\"yes\""),
+            1 => Just(",\"cache_control\":{\"type\":\"ephemeral\"}"),
+        ];
+        (id, content, error).prop_map(|(id, content, error)| {
+            format!("{{\"type\":\"tool_result\"{id}{content}{error}}}")
+        })
+    }
+
+    /// `tools`, in and near the shape.
+    fn tools() -> impl Strategy<Value = String> {
+        let kind = prop_oneof![
+            6 => Just(""),
+            1 => Just("\"type\":\"custom\","),
+            1 => Just("\"type\":\"web_search_20250305\","),
+            1 => Just("\"type\":null,"),
+            1 => Just("\"type\":7,"),
+        ];
+        let description = prop_oneof![
+            4 => string().prop_map(|d| format!(",\"description\":{d}")),
+            1 => Just(String::new()),
+            1 => Just(",\"description\":null".to_owned()),
+            1 => Just(",\"description\":[\"a\", 1.0]".to_owned()),
+            1 => Just(",\"description\":\"\\udc00\"".to_owned()),
+        ];
+        let schema = prop_oneof![
+            6 => Just(",\"input_schema\":{\"type\":\"object\",\"properties\":{\"q\":{\"type\":\"string\",\"description\":\"a\\tb\"}},\"required\":[\"q\"]}".to_owned()),
+            1 => Just(",\"input_schema\":null".to_owned()),
+            1 => Just(String::new()),
+            1 => Just(",\"input_schema\":{\"maximum\":1e400}".to_owned()),
+            1 => Just(",\"input_schema\":{\"properties\":{\"\\ud800\":{}}}".to_owned()),
+            1 => (125..=126usize).prop_map(|levels| format!(
+                ",\"input_schema\":{}{}",
+                "[".repeat(levels),
+                "]".repeat(levels)
+            )),
+        ];
+        let name = prop_oneof![
+            6 => Just("\"name\":\"Read\""),
+            1 => Just("\"name\":\"\\u0052ead\""),
+            1 => Just("\"name\":1"),
+            1 => Just("\"x\":1"),
+        ];
+        let tool = (kind, name, description, schema).prop_map(|(k, n, d, s)| {
+            format!("{{{k}{n}{d}{s},\"cache_control\":{{\"type\":\"ephemeral\"}}}}")
+        });
+        prop_oneof![
+            6 => prop::collection::vec(tool, 0..3).prop_map(|t| format!("\"tools\":[{}]", t.join(","))),
+            1 => Just("\"tools\":null".to_owned()),
+            1 => Just("\"tools\":{}".to_owned()),
+        ]
+        .boxed()
+    }
+
+    /// `tool_choice`, in and near the shape.
+    fn tool_choice() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("{\"type\":\"auto\"}"),
+            Just("{\"type\":\"any\",\"disable_parallel_tool_use\":true}"),
+            Just("{\"type\":\"auto\",\"disable_parallel_tool_use\":false}"),
+            Just("{\"type\":\"none\"}"),
+            Just("{\"type\":\"tool\",\"name\":\"Read\"}"),
+            Just("{\"type\":\"tool\"}"),
+            Just("{\"type\":\"auto\",\"name\":7}"),
+            Just("{\"type\":\"auto\",\"disable_parallel_tool_use\":\"yes\"}"),
+            Just("{\"type\":\"bogus\"}"),
+            Just("\"auto\""),
+            Just("null"),
+        ]
+        .prop_map(|choice| format!("\"tool_choice\":{choice}"))
     }
 
     /// A Messages turn: the shape's roles with content in and near the shape.
@@ -1428,8 +1244,8 @@ mod tests {
             1 => Just("\"metadata\":\"m\"".to_owned()),
             1 => Just("\"top_k\":5".to_owned()),
             1 => Just("\"thinking\":{\"type\":\"enabled\",\"budget_tokens\":1024}".to_owned()),
-            1 => Just("\"tools\":[]".to_owned()),
-            1 => Just("\"tool_choice\":null".to_owned()),
+            3 => tools(),
+            2 => tool_choice(),
             1 => Just("\"service_tier\":\"\\ud800\"".to_owned()),
         ]
         .boxed()
@@ -1457,11 +1273,57 @@ mod tests {
         }
     }
 
-    /// The simple requests the Anthropic SDKs send are written in the shape.
+    /// A coding agent's turns: the assistant's text, thinking and tool calls, then the user's
+    /// tool results and text, mostly in the shape.
+    fn agent_turn() -> impl Strategy<Value = String> {
+        let assistant = prop_oneof![
+            3 => tool_use(),
+            2 => string().prop_map(|t| format!("{{\"type\":\"text\",\"text\":{t}}}")),
+            1 => Just("{\"type\":\"thinking\",\"thinking\":\"hm\",\"signature\":\"s\"}".to_owned()),
+        ];
+        let user = prop_oneof![
+            4 => tool_result(),
+            1 => string().prop_map(|t| format!("{{\"type\":\"text\",\"text\":{t},\"cache_control\":{{\"type\":\"ephemeral\"}}}}")),
+        ];
+        prop_oneof![
+            prop::collection::vec(assistant, 1..4)
+                .prop_map(|b| format!("{{\"role\":\"assistant\",\"content\":[{}]}}", b.join(","))),
+            prop::collection::vec(user, 1..4)
+                .prop_map(|b| format!("{{\"role\":\"user\",\"content\":[{}]}}", b.join(","))),
+        ]
+        .boxed()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Wherever a coding agent's request is written in the shape, it is the chat request
+        /// the parse into values makes.
+        #[test]
+        fn an_agent_request_written_in_its_shape_is_the_one_parsed_whole(
+            turns in prop::collection::vec(agent_turn(), 1..4),
+            tools in tools(),
+            choice in prop::option::of(tool_choice()),
+        ) {
+            let mut body = format!("{{\"model\":\"m\",\"max_tokens\":8,\"messages\":[{}],{tools}", turns.join(","));
+            if let Some(choice) = choice {
+                body = body + "," + &choice;
+            }
+            body.push('}');
+            let (in_shape, parsed_whole) = both_ways_to_chat(&body);
+            if in_shape.is_some() {
+                prop_assert_eq!(in_shape, parsed_whole, "{}", body);
+            }
+        }
+    }
+
+    /// The simple requests the Anthropic SDKs send, and a coding agent's, are written in the
+    /// shape.
     #[test]
     fn simple_messages_requests_are_written_in_their_shape() {
         for body in [
             r#"{"model":"m","max_tokens":1024,"messages":[{"role":"user","content":"Hello, Claude"}]}"#,
+            r#"{"model":"m","max_tokens":32000,"temperature":1,"system":[{"type":"text","text":"You are an agent.","cache_control":{"type":"ephemeral"}},{"type":"text","text":"Use the tools.\n"}],"tools":[{"name":"Read","description":"Reads a file.\n- Absolute paths only","input_schema":{"type":"object","properties":{"file_path":{"type":"string"},"limit":{"type":"number"}},"required":["file_path"],"additionalProperties":false,"$schema":"http://json-schema.org/draft-07/schema#"}}],"tool_choice":{"type":"auto"},"messages":[{"role":"user","content":[{"type":"text","text":"<system-reminder>\nctx\n</system-reminder>"},{"type":"text","text":"Fix the bug.","cache_control":{"type":"ephemeral"}}]},{"role":"assistant","content":[{"type":"thinking","thinking":"hm","signature":"s"},{"type":"text","text":"Reading it."},{"type":"tool_use","id":"toolu_01","name":"Read","input":{"limit":120,"file_path":"/a.rs"}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_01","content":"     1\tfn main() {\n     2\t}","cache_control":{"type":"ephemeral"}}]},{"role":"assistant","content":[{"type":"tool_use","id":"toolu_02","name":"Read","input":{}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_02","content":[{"type":"text","text":"no such file"}],"is_error":true},{"type":"text","text":"Go on."}]}],"metadata":{"user_id":"user_1"},"thinking":{"type":"enabled","budget_tokens":1024},"stream":true}"#,
             r#"{"model":"m","max_tokens":256,"system":[{"type":"text","text":"Be brief.","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"user","content":[{"type":"text","text":"Hi"},{"type":"text","text":"there"}]},{"role":"assistant","content":[{"type":"thinking","thinking":"hm","signature":"s"},{"type":"text","text":"Hello!"}]},{"role":"user","content":"Again"}],"temperature":0.5,"stop_sequences":["END"],"stream":true,"metadata":{"user_id":"u-1"},"top_k":5}"#,
         ] {
             let (in_shape, parsed_whole) = both_ways_to_chat(body);
