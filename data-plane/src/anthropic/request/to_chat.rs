@@ -894,6 +894,33 @@ mod tests {
         }
     }
 
+    /// A tool result's blocks and a tool's schema nested as deep as the parse into values
+    /// takes them are written in the shape; one level deeper they are left to that parse,
+    /// which refuses them.
+    #[test]
+    fn values_nested_to_the_limit_are_written_in_the_shape_and_no_deeper() {
+        let nested = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        let request = |result: &str, schema: &str| {
+            format!(
+                r#"{{"model":"m","max_tokens":8,"messages":[{{"role":"assistant","content":[{{"type":"tool_use","id":"t","name":"f","input":{{}}}}]}},{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"t","content":[{{"type":"text","text":"x","cache_control":{result}}}]}}]}}],"tools":[{{"name":"f","input_schema":{schema}}}]}}"#
+            )
+        };
+        let written = |body: &str| {
+            let parsed = crate::request::parse(body.as_bytes()).unwrap();
+            let whole = parsed.object().is_ok();
+            (
+                messages_to_chat_in_shape(parsed.members(), "up").is_some(),
+                whole,
+            )
+        };
+        // messages, turn, content, block, the result's content, its block: six levels above.
+        assert_eq!(written(&request(&nested(121), "{}")), (true, true));
+        assert_eq!(written(&request(&nested(122), "{}")), (false, false));
+        // tools, the tool: two levels above.
+        assert_eq!(written(&request("{}", &nested(125))), (true, true));
+        assert_eq!(written(&request("{}", &nested(126))), (false, false));
+    }
+
     /// A value copied as written is taken exactly where a parse of its member into values
     /// takes it: at the nesting limit, with a lone surrogate, with a number out of range.
     #[test]
