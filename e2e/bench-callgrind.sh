@@ -36,11 +36,11 @@
 #                                              # forwarding the Messages to the mock's own
 #                                              # /v1/messages; with --streams 20, event by event
 #                                              # (45 events a stream; the bare proxy's 47)
-#   --agent (with --messages or --messages-to-chat): the Messages a coding agent sends mid-task
-#                                              # instead of a short one (Claude Code's shape,
-#                                              # about 60 KB: system blocks, sixteen tools, five
-#                                              # rounds of tool calls and results); whole
-#                                              # requests only
+#   --agent (with --messages, --messages-to-chat or --translated): the request a coding agent
+#                                              # sends mid-task instead of a short one (about
+#                                              # 60 KB: a system prompt, sixteen tools, five
+#                                              # rounds of tool calls and results; Messages in
+#                                              # Claude Code's shape); whole requests only
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
 # examples/bare_proxy, built as shipped in two invocations (`cargo build --release --bins`, then
@@ -170,8 +170,8 @@ wait_http http://127.0.0.1:28091/v1/models
 client_api=()
 [ -z "$messages" ] || [ -n "$translated" ] || client_api=(--messages)
 if [ -n "$agent" ]; then
-  [ ${#client_api[@]} -gt 0 ] && [ -z "$streams" ] \
-    || { echo "$(basename "$0" .sh): --agent needs --messages or --messages-to-chat, without --streams" >&2; exit 2; }
+  [ -n "$messages" ] && [ -z "$streams" ] \
+    || { echo "$(basename "$0" .sh): --agent needs --messages, --messages-to-chat or --translated, without --streams" >&2; exit 2; }
   client_api+=(--agent)
 fi
 drive() { # port duration|warm-up

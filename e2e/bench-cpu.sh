@@ -29,11 +29,11 @@
 #                                              # bare proxy forwarding the mock's own Messages
 #                                              # stream (--chunks + 7); whole ones without
 #                                              # --streams
-#   --agent (with --messages or --messages-to-chat): the Messages a coding agent sends mid-task
-#                                              # instead of a short one (Claude Code's shape,
-#                                              # about 60 KB: system blocks, sixteen tools, five
-#                                              # rounds of tool calls and results); whole
-#                                              # requests only
+#   --agent (with --messages, --messages-to-chat or --translated): the request a coding agent
+#                                              # sends mid-task instead of a short one (about
+#                                              # 60 KB: a system prompt, sixteen tools, five
+#                                              # rounds of tool calls and results; Messages in
+#                                              # Claude Code's shape); whole requests only
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl and sluice-bench. Uses the ports
 # of deploy/local/run.sh plus 10,000 (18080, 15051, 18081, 19090; 19091 for the streams' mock)
@@ -147,8 +147,8 @@ fi
 client_api=()
 [ -z "$messages" ] || [ -n "$translated" ] || client_api=(--messages)
 if [ -n "$agent" ]; then
-  [ ${#client_api[@]} -gt 0 ] && [ -z "$streams" ] \
-    || { echo "$(basename "$0" .sh): --agent needs --messages or --messages-to-chat, without --streams" >&2; exit 2; }
+  [ -n "$messages" ] && [ -z "$streams" ] \
+    || { echo "$(basename "$0" .sh): --agent needs --messages, --messages-to-chat or --translated, without --streams" >&2; exit 2; }
   client_api+=(--agent)
 fi
 load() { # duration [url key]

@@ -27,7 +27,8 @@ pub struct Target {
     /// Where requests go: `…/chat/completions`, or `…/messages` for [`Api::Messages`].
     path: String,
     api: Api,
-    /// Whether the body is a coding agent's ([`agent_messages_body`]) instead of a short one.
+    /// Whether the body is a coding agent's ([`agent_chat_body`], [`agent_messages_body`])
+    /// instead of a short one.
     agent: bool,
     auth: Option<HeaderValue>,
     model: String,
@@ -119,18 +120,19 @@ impl Target {
         self
     }
 
-    /// The same target sent a coding agent's Messages requests ([`agent_messages_body`]).
-    pub fn speaking_as_agent(mut self) -> Self {
-        self = self.speaking_messages();
+    /// The same target sent a coding agent's requests in its API ([`agent_chat_body`],
+    /// [`agent_messages_body`]).
+    pub fn as_agent(mut self) -> Self {
         self.agent = true;
         self
     }
 
     /// The body of a request for the target's model in its API ([`chat_body`],
-    /// [`messages_body`] or [`agent_messages_body`]).
+    /// [`messages_body`], [`agent_chat_body`] or [`agent_messages_body`]).
     pub fn body(&self, stream: bool) -> Bytes {
         match (self.api, self.agent) {
-            (Api::Chat, _) => chat_body(&self.model, stream),
+            (Api::Chat, false) => chat_body(&self.model, stream),
+            (Api::Chat, true) => agent_chat_body(&self.model, stream),
             (Api::Messages, false) => messages_body(&self.model, stream),
             (Api::Messages, true) => agent_messages_body(&self.model, stream),
         }
@@ -192,29 +194,8 @@ pub fn agent_messages_body(model: &str, stream: bool) -> Bytes {
         .iter()
         .enumerate()
         .map(|(i, (name, params))| {
-            let properties: serde_json::Map<String, Value> = params
-                .iter()
-                .enumerate()
-                .map(|(j, param)| {
-                    let kind = if j % 3 == 2 { "number" } else { "string" };
-                    let about = prose(i * 7 + j, 160);
-                    (
-                        (*param).to_owned(),
-                        json!({"type": kind, "description": about}),
-                    )
-                })
-                .collect();
-            json!({
-                "name": name,
-                "description": prose(i, 1_400),
-                "input_schema": {
-                    "type": "object",
-                    "properties": properties,
-                    "required": [params[0]],
-                    "additionalProperties": false,
-                    "$schema": "http://json-schema.org/draft-07/schema#",
-                },
-            })
+            let schema = agent_schema(i, params);
+            json!({"name": name, "description": prose(i, 1_400), "input_schema": schema})
         })
         .collect();
     let mut turns = vec![json!({"role": "user", "content": [
@@ -229,11 +210,8 @@ pub fn agent_messages_body(model: &str, stream: bool) -> Bytes {
             {"type": "tool_use", "id": id, "name": name,
              "input": {"file_path": format!("/work/src/module_{round}.rs"), "limit": 120}},
         ]}));
-        let listing: Vec<String> = (1..=40)
-            .map(|line| format!("{line:>6}\t    {}", prose(round * 40 + line, 64)))
-            .collect();
         let mut result =
-            json!({"type": "tool_result", "tool_use_id": id, "content": listing.join("\n")});
+            json!({"type": "tool_result", "tool_use_id": id, "content": agent_listing(round)});
         if round == 4 {
             // The latest turn is where the agent marks the cache's end.
             result["cache_control"] = json!({"type": "ephemeral"});
@@ -257,6 +235,85 @@ pub fn agent_messages_body(model: &str, stream: bool) -> Bytes {
         body["stream"] = true.into();
     }
     Bytes::from(body.to_string())
+}
+
+/// The same request as a coding agent on the OpenAI SDK sends it (the conversation of
+/// [`agent_messages_body`] in chat completions: the system prompt as one string, sixteen
+/// function tools, five rounds of an assistant message with a tool call each answered by a
+/// `tool` message), about 60 KB.
+pub fn agent_chat_body(model: &str, stream: bool) -> Bytes {
+    use serde_json::{Value, json};
+    let tools: Vec<Value> = AGENT_TOOLS
+        .iter()
+        .enumerate()
+        .map(|(i, (name, params))| {
+            let schema = agent_schema(i, params);
+            let function =
+                json!({"name": name, "description": prose(i, 1_400), "parameters": schema});
+            json!({"type": "function", "function": function})
+        })
+        .collect();
+    let task = "Find why the usage report drops a record when the spool is full, and fix it.";
+    let mut messages = vec![
+        json!({"role": "system", "content": prose(11, 9_000)}),
+        json!({"role": "user", "content": format!("{}\n\n{task}", prose(3, 900))}),
+    ];
+    for round in 0..5 {
+        let (name, _) = AGENT_TOOLS[[5, 2, 1, 5, 0][round]];
+        let id = format!("call_{round:0>24}");
+        let arguments = json!({"file_path": format!("/work/src/module_{round}.rs"), "limit": 120});
+        let call = json!({"id": id, "type": "function",
+            "function": {"name": name, "arguments": arguments.to_string()}});
+        messages.push(
+            json!({"role": "assistant", "content": prose(round + 40, 200), "tool_calls": [call]}),
+        );
+        messages.push(json!({"role": "tool", "tool_call_id": id, "content": agent_listing(round)}));
+    }
+    let mut body = json!({
+        "model": model,
+        "max_completion_tokens": 32_000,
+        "temperature": 1,
+        "tools": tools,
+        "messages": messages,
+        "user": "user_4f1c0ad2",
+    });
+    if stream {
+        body["stream"] = true.into();
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    Bytes::from(body.to_string())
+}
+
+/// The JSON schema of the agent's tool `i`.
+fn agent_schema(i: usize, params: &[&str]) -> serde_json::Value {
+    use serde_json::{Map, Value, json};
+    let properties: Map<String, Value> = params
+        .iter()
+        .enumerate()
+        .map(|(j, param)| {
+            let kind = if j % 3 == 2 { "number" } else { "string" };
+            let about = prose(i * 7 + j, 160);
+            (
+                (*param).to_owned(),
+                json!({"type": kind, "description": about}),
+            )
+        })
+        .collect();
+    json!({
+        "type": "object",
+        "properties": properties,
+        "required": [params[0]],
+        "additionalProperties": false,
+        "$schema": "http://json-schema.org/draft-07/schema#",
+    })
+}
+
+/// What the agent's tool returned in `round`: a file's 40 numbered lines, about 3 KB.
+fn agent_listing(round: usize) -> String {
+    let lines: Vec<String> = (1..=40)
+        .map(|line| format!("{line:>6}\t    {}", prose(round * 40 + line, 64)))
+        .collect();
+    lines.join("\n")
 }
 
 /// The agent's tools, each with its parameters (the first required).
@@ -476,7 +533,8 @@ mod tests {
     fn an_agent_body_carries_tools_and_tool_rounds() {
         let t = Target::new("http://127.0.0.1:8080/v1", None, "claude", false)
             .unwrap()
-            .speaking_as_agent();
+            .speaking_messages()
+            .as_agent();
         let bytes = t.body(true);
         assert!((50_000..80_000).contains(&bytes.len()), "{}", bytes.len());
         assert_eq!(bytes, t.body(true), "the same bytes on every call");
@@ -492,6 +550,28 @@ mod tests {
         assert_eq!(last["tool_use_id"], turns[9]["content"][1]["id"]);
         assert_eq!(last["cache_control"]["type"], "ephemeral");
         assert!(last["content"].as_str().unwrap().contains("\n     2\t"));
+    }
+
+    /// The agent's chat body is the same conversation in chat completions.
+    #[test]
+    fn an_agent_chat_body_carries_tools_and_tool_calls() {
+        let t = Target::new("http://127.0.0.1:8080/v1", None, "gpt", false)
+            .unwrap()
+            .as_agent();
+        let bytes = t.body(false);
+        assert!((50_000..80_000).contains(&bytes.len()), "{}", bytes.len());
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["tools"].as_array().unwrap().len(), 16);
+        assert_eq!(body["tools"][5]["function"]["name"], "Read");
+        let messages = body["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 12);
+        let call = &messages[10]["tool_calls"][0];
+        let arguments: serde_json::Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(arguments["limit"], 120);
+        assert_eq!(messages[11]["role"], "tool");
+        assert_eq!(messages[11]["tool_call_id"], call["id"]);
+        assert!(body.get("stream").is_none());
     }
 
     #[test]

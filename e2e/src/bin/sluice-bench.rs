@@ -165,9 +165,9 @@ struct LoadArgs {
     /// URLs; with --stream, streamed Messages, each ending with `message_stop`.
     #[arg(long)]
     messages: bool,
-    /// With --messages: a coding agent's requests (Claude Code's shape, about 60 KB: system
-    /// blocks, sixteen tools, five rounds of tool calls and results) instead of short ones.
-    #[arg(long, requires = "messages")]
+    /// A coding agent's requests (about 60 KB: a system prompt, sixteen tools, five rounds of
+    /// tool calls and results; with --messages in Claude Code's shape) instead of short ones.
+    #[arg(long)]
     agent: bool,
     /// Streams of --stream.
     #[arg(long, default_value_t = 1000)]
@@ -281,10 +281,13 @@ async fn all(args: AllArgs) -> anyhow::Result<()> {
 
 async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let speaking = |target: Target| {
-        if args.agent {
-            target.speaking_as_agent()
-        } else if args.messages {
+        let target = if args.messages {
             target.speaking_messages()
+        } else {
+            target
+        };
+        if args.agent {
+            target.as_agent()
         } else {
             target
         }
