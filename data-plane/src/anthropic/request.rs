@@ -4,17 +4,16 @@
 //! is written straight from its members instead ([`chat_to_messages_in_shape`],
 //! [`messages_to_chat_in_shape`]), held to the first by the property tests below.
 
-use std::borrow::Cow;
-
-use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use super::{Checked, Names, Untranslatable, members};
-use crate::request::Key;
+use super::Untranslatable;
 
+mod as_written;
 mod to_chat;
+mod to_messages;
 
 pub use to_chat::messages_to_chat_in_shape;
+pub use to_messages::chat_to_messages_in_shape;
 
 /// A chat completions request → the Messages request for `model`. `default_max_tokens` fills
 /// `max_tokens` when the client gave neither `max_tokens` nor `max_completion_tokens`
@@ -117,204 +116,6 @@ pub fn chat_to_messages(
         }
     }
     Ok(out)
-}
-
-/// [`chat_to_messages`] of a request in the shape most clients send — text messages of the
-/// system, developer, user and assistant roles, the token limit, the sampling members, `user` —
-/// with `stream` set as given: the Messages request written straight from the members as the
-/// client wrote them (`temperature` and `top_p` copied as written; every member checked as a
-/// parse into values checks it), without the trees of values that function reads and builds.
-/// `None` for any other request (tools, `stop`, content parts, a member of another type than
-/// that shape's, one [`chat_to_messages`] refuses), which then goes that way; a test holds the
-/// two to the same request (the same JSON value) wherever this answers.
-pub fn chat_to_messages_in_shape<'a>(
-    members: impl Iterator<Item = (&'a str, &'a RawValue)>,
-    model: &str,
-    default_max_tokens: u32,
-    stream: bool,
-) -> Option<Vec<u8>> {
-    let (mut max_completion_tokens, mut max_tokens) = (None, None);
-    let (mut temperature, mut top_p, mut user) = (None, None, None);
-    let mut turns = None;
-    for (key, value) in members {
-        let text = value.get();
-        match key {
-            // Read (and checked) by `request::parse`: the model is the route's, `stream` given.
-            "model" | "stream" => {}
-            "max_completion_tokens" => max_completion_tokens = from_text::<Option<u64>>(text)?,
-            "max_tokens" => max_tokens = from_text::<Option<u64>>(text)?,
-            "temperature" | "top_p" => {
-                from_text::<Checked>(text)?;
-                let slot = if key == "temperature" {
-                    &mut temperature
-                } else {
-                    &mut top_p
-                };
-                *slot = (text != "null").then_some(value);
-            }
-            "user" => user = from_text::<Option<Key<'a>>>(text)?,
-            "messages" => turns = Some(from_text::<Turns<'a>>(text)?),
-            "stop"
-            | "tools"
-            | "tool_choice"
-            | "n"
-            | "logprobs"
-            | "response_format"
-            | "modalities"
-            | "audio"
-            | "parallel_tool_calls" => return None,
-            _ => {
-                from_text::<Checked>(text)?;
-            }
-        }
-    }
-    let Turns { system, turns } = turns?;
-    serde_json::to_vec(&MessagesRequest {
-        model,
-        max_tokens: max_completion_tokens
-            .or(max_tokens)
-            .unwrap_or(u64::from(default_max_tokens)),
-        system,
-        messages: turns,
-        temperature,
-        top_p,
-        metadata: user.map(|Key(user_id)| Metadata { user_id }),
-        stream,
-    })
-    .ok()
-}
-
-fn from_text<'a, T: serde::Deserialize<'a>>(text: &'a str) -> Option<T> {
-    serde_json::from_str(text).ok()
-}
-
-/// The Messages request [`chat_to_messages_in_shape`] writes.
-#[derive(serde::Serialize)]
-struct MessagesRequest<'a> {
-    model: &'a str,
-    max_tokens: u64,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    system: Vec<TextBlock<'a>>,
-    messages: Vec<Turn<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    temperature: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    top_p: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    metadata: Option<Metadata<'a>>,
-    stream: bool,
-}
-
-#[derive(serde::Serialize)]
-struct Metadata<'a> {
-    user_id: Cow<'a, str>,
-}
-
-#[derive(serde::Serialize)]
-struct Turn<'a> {
-    role: &'static str,
-    content: Vec<TextBlock<'a>>,
-}
-
-#[derive(serde::Serialize)]
-struct TextBlock<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    text: Cow<'a, str>,
-}
-
-/// Chat `messages` in the shape [`chat_to_messages_in_shape`] takes, made into the top-level
-/// `system` blocks and the turns as [`chat_messages`] makes them.
-struct Turns<'a> {
-    system: Vec<TextBlock<'a>>,
-    turns: Vec<Turn<'a>>,
-}
-
-impl<'de> serde::Deserialize<'de> for Turns<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        struct Each;
-        impl<'de> serde::de::Visitor<'de> for Each {
-            type Value = Turns<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("chat messages")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Turns<'de>, A::Error> {
-                let mut made = Turns {
-                    system: Vec::new(),
-                    turns: Vec::new(),
-                };
-                while let Some(ChatMessage { role, content }) = seq.next_element()? {
-                    let block = content
-                        .filter(|text| !text.is_empty())
-                        .map(|text| TextBlock { kind: "text", text });
-                    let role = match role {
-                        "system" if made.turns.is_empty() => {
-                            made.system.extend(block);
-                            continue;
-                        }
-                        role => role,
-                    };
-                    match made.turns.last_mut() {
-                        Some(last) if last.role == role => last.content.extend(block),
-                        _ => made.turns.push(Turn {
-                            role,
-                            content: block.into_iter().collect(),
-                        }),
-                    }
-                }
-                Ok(made)
-            }
-        }
-        value.deserialize_seq(Each)
-    }
-}
-
-/// A chat message of a role the shape takes (`developer` read as `system`), its content a
-/// string or `null`, without tool calls.
-struct ChatMessage<'a> {
-    role: &'static str,
-    content: Option<Cow<'a, str>>,
-}
-
-impl<'de> serde::Deserialize<'de> for ChatMessage<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        const NAMES: Names = Names(&["role", "content", "tool_calls"]);
-        struct Message;
-        impl<'de> serde::de::Visitor<'de> for Message {
-            type Value = ChatMessage<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a chat message")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                map: A,
-            ) -> Result<ChatMessage<'de>, A::Error> {
-                let (mut role, mut content, mut calls) = (None, None, None);
-                members(map, NAMES, |at, map| {
-                    match at {
-                        0 => role = Some(map.next_value::<Key>()?.0),
-                        1 => content = map.next_value::<Option<Key>>()?.map(|Key(text)| text),
-                        _ => calls = map.next_value::<Option<Checked>>()?,
-                    }
-                    Ok(())
-                })?;
-                let role = match role.as_deref() {
-                    Some("system" | "developer") => "system",
-                    Some("user") => "user",
-                    Some("assistant") => "assistant",
-                    _ => return Err(serde::de::Error::custom("a role outside the shape")),
-                };
-                if calls.is_some() {
-                    return Err(serde::de::Error::custom("tool calls"));
-                }
-                Ok(ChatMessage { role, content })
-            }
-        }
-        value.deserialize_map(Message)
-    }
 }
 
 /// The chat `messages` → (top-level `system` blocks, Messages turns with same-role turns merged).
@@ -899,7 +700,7 @@ mod tests {
             return (None, None);
         };
         let in_shape = chat_to_messages_in_shape(parsed.members(), "up", 4096, stream)
-            .map(|bytes| serde_json::from_slice(&bytes).unwrap());
+            .map(|bytes| deep(&bytes));
         let parsed_whole = parsed
             .object()
             .ok()
@@ -909,6 +710,15 @@ mod tests {
                 Value::Object(request)
             });
         (in_shape, parsed_whole)
+    }
+
+    /// A written request read into values, however deep: a tool's schema or a call's input
+    /// may nest as deep as the parse takes it in the request, with more levels above it in the
+    /// translated one.
+    fn deep(bytes: &[u8]) -> Value {
+        let mut written = serde_json::Deserializer::from_slice(bytes);
+        written.disable_recursion_limit();
+        serde::Deserialize::deserialize(&mut written).unwrap()
     }
 
     fn string() -> impl Strategy<Value = String> {
@@ -934,17 +744,19 @@ mod tests {
         let content = prop_oneof![
             16 => string(),
             1 => Just("null".to_owned()),
-            1 => Just("[{\"type\":\"text\",\"text\":\"part\"}]".to_owned()),
+            4 => prop::collection::vec(part(), 0..3).prop_map(|p| format!("[{}]", p.join(","))),
             1 => Just("5".to_owned()),
         ];
         let extra = prop_oneof![
-            24 => Just(""),
-            1 => Just(",\"name\":\"ann\""),
-            1 => Just(",\"tool_calls\":null"),
-            1 => Just(",\"tool_calls\":[]"),
-            1 => Just(",\"tool_calls\":[{\"id\":\"c\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]"),
-            1 => Just(",\"content\":\"twice\""),
-            1 => Just(",\"refusal\":1e400"),
+            24 => Just("".to_owned()),
+            1 => Just(",\"name\":\"ann\"".to_owned()),
+            1 => Just(",\"tool_calls\":null".to_owned()),
+            1 => Just(",\"tool_calls\":[]".to_owned()),
+            4 => prop::collection::vec(tool_call(), 0..3).prop_map(|c| format!(",\"tool_calls\":[{}]", c.join(","))),
+            2 => Just(",\"tool_call_id\":\"call_1\"".to_owned()),
+            1 => Just(",\"tool_call_id\":7".to_owned()),
+            1 => Just(",\"content\":\"twice\"".to_owned()),
+            1 => Just(",\"refusal\":1e400".to_owned()),
         ];
         prop_oneof![
             40 => (role, content, extra).prop_map(|(role, content, extra)| {
@@ -953,6 +765,134 @@ mod tests {
             1 => Just("{\"content\":\"no role\"}".to_owned()),
             1 => Just("[\"user\",\"an array\"]".to_owned()),
         ]
+    }
+
+    /// A chat content part, in and near the shape.
+    fn part() -> impl Strategy<Value = String> {
+        prop_oneof![
+            6 => string().prop_map(|t| format!("{{\"type\":\"text\",\"text\":{t}}}")),
+            1 => Just("{\"type\":\"text\"}".to_owned()),
+            1 => Just("{\"type\":\"text\",\"text\":null}".to_owned()),
+            1 => Just("{\"type\":\"text\",\"text\":3}".to_owned()),
+            2 => string().prop_map(|t| format!("{{\"type\":\"refusal\",\"refusal\":{t}}}")),
+            1 => Just("{\"type\":\"image_url\",\"image_url\":{\"url\":\"https://x/y.png\"}}".to_owned()),
+            1 => Just(format!("{{\"type\":\"text\",\"text\":\"{}\"}}", "{[".repeat(70))),
+            1 => (123..=124usize).prop_map(|levels| format!(
+                "{{\"type\":\"text\",\"text\":\"x\",\"x\":{}{}}}",
+                "[".repeat(levels),
+                "]".repeat(levels)
+            )),
+        ]
+        .boxed()
+    }
+
+    /// An assistant's tool call, in and near the shape.
+    fn tool_call() -> impl Strategy<Value = String> {
+        let id = prop_oneof![
+            6 => string().prop_map(|id| format!("\"id\":{id},")),
+            1 => Just(String::new()),
+            1 => Just("\"id\":7,".to_owned()),
+        ];
+        let name = prop_oneof![
+            6 => Just("\"name\":\"Read\""),
+            1 => Just("\"name\":\"R\\u0065ad\""),
+            1 => Just("\"x\":1"),
+            1 => Just("\"name\":null"),
+        ];
+        let arguments = prop_oneof![
+            6 => Just(r#","arguments":"{\"file_path\":\"/a\\n.rs\",\"limit\":120, \"all\":[true,null,1.50]}""#.to_owned()),
+            2 => Just(r#","arguments":"{}""#.to_owned()),
+            2 => Just(r#","arguments":"""#.to_owned()),
+            1 => Just(r#","arguments":" \n ""#.to_owned()),
+            1 => Just(String::new()),
+            1 => Just(r#","arguments":null"#.to_owned()),
+            1 => Just(r#","arguments":{"a":1}"#.to_owned()),
+            1 => Just(r#","arguments":"[1]""#.to_owned()),
+            1 => Just(r#","arguments":"{\"a\":""#.to_owned()),
+            1 => Just(r#","arguments":"{\"n\":1e400}""#.to_owned()),
+            1 => Just(r#","arguments":"{\"s\":\"\\ud800\"}""#.to_owned()),
+            1 => Just(r#","arguments":"\u00a0{}""#.to_owned()),
+            1 => Just(r#","arguments":"{\"b\":1,\"b\":2} ""#.to_owned()),
+            1 => (126..=127usize).prop_map(|levels| format!(
+                r#","arguments":"{{\"a\":{}{}}}""#,
+                "[".repeat(levels),
+                "]".repeat(levels)
+            )),
+        ];
+        (id, name, arguments).prop_map(|(id, name, arguments)| {
+            format!("{{{id}\"type\":\"function\",\"function\":{{{name}{arguments}}}}}")
+        })
+    }
+
+    /// Chat `tools`, in and near the shape.
+    fn chat_tools() -> impl Strategy<Value = String> {
+        let kind = prop_oneof![
+            8 => Just("\"type\":\"function\","),
+            1 => Just("\"type\":\"web_search\","),
+            1 => Just(""),
+            1 => Just("\"type\":null,"),
+        ];
+        let description = prop_oneof![
+            4 => string().prop_map(|d| format!(",\"description\":{d}")),
+            1 => Just(String::new()),
+            1 => Just(",\"description\":null".to_owned()),
+            1 => Just(",\"description\":[\"a\", 1.0]".to_owned()),
+            1 => Just(",\"description\":\"\\udc00\"".to_owned()),
+        ];
+        let parameters = prop_oneof![
+            6 => Just(",\"parameters\":{\"type\":\"object\",\"properties\":{\"q\":{\"type\":\"string\",\"description\":\"a\\tb\"}},\"required\":[\"q\"]}".to_owned()),
+            1 => Just(",\"parameters\":null".to_owned()),
+            2 => Just(String::new()),
+            1 => Just(",\"parameters\":{\"maximum\":1e400}".to_owned()),
+            1 => Just(",\"parameters\":{\"properties\":{\"\\ud800\":{}}}".to_owned()),
+            1 => (124..=125usize).prop_map(|levels| format!(
+                ",\"parameters\":{}{}",
+                "[".repeat(levels),
+                "]".repeat(levels)
+            )),
+        ];
+        let name = prop_oneof![
+            6 => Just("\"name\":\"Read\""),
+            1 => Just("\"name\":1"),
+            1 => Just("\"x\":1"),
+        ];
+        let tool = (kind, name, description, parameters)
+            .prop_map(|(k, n, d, p)| format!("{{{k}\"function\":{{{n}{d}{p},\"strict\":true}}}}"));
+        prop_oneof![
+            8 => prop::collection::vec(tool, 0..3).prop_map(|t| format!("\"tools\":[{}]", t.join(","))),
+            1 => Just("\"tools\":null".to_owned()),
+            1 => Just("\"tools\":[{\"type\":\"function\"}]".to_owned()),
+            1 => Just("\"tools\":[{\"type\":\"function\",\"function\":5}]".to_owned()),
+        ]
+        .boxed()
+    }
+
+    /// Chat `tool_choice`, `parallel_tool_calls` and `stop`, in and near the shape.
+    fn chat_tool_member() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("\"tool_choice\":\"auto\""),
+            Just("\"tool_choice\":\"required\""),
+            Just("\"tool_choice\":\"none\""),
+            Just("\"tool_choice\":\"n\\u006fne\""),
+            Just("\"tool_choice\":\"sometimes\""),
+            Just("\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"Read\"}}"),
+            Just("\"tool_choice\":{\"type\":\"function\",\"function\":{}}"),
+            Just("\"tool_choice\":{\"function\":5}"),
+            Just("\"tool_choice\":null"),
+            Just("\"tool_choice\":7"),
+            Just("\"parallel_tool_calls\":false"),
+            Just("\"parallel_tool_calls\":true"),
+            Just("\"parallel_tool_calls\":null"),
+            Just("\"parallel_tool_calls\":\"no\""),
+            Just("\"stop\":\"END\\n\""),
+            Just("\"stop\":[\"a\",\"b\"]"),
+            Just("\"stop\":[]"),
+            Just("\"stop\":null"),
+            Just("\"stop\":5"),
+            Just("\"stop\":[1e400]"),
+            Just("\"n\":1"),
+        ]
+        .prop_map(str::to_owned)
     }
 
     /// A chat body's member: those of the shape and what is near them.
@@ -990,8 +930,8 @@ mod tests {
             2 => Just("\"seed\":42".to_owned()),
             1 => Just("\"deep\":[[[[{\"a\":\"\\ud800\"}]]]]".to_owned()),
             1 => Just("\"n\":1".to_owned()),
-            1 => Just("\"stop\":\"END\"".to_owned()),
-            1 => Just("\"tools\":[]".to_owned()),
+            3 => chat_tool_member(),
+            2 => chat_tools(),
             1 => messages,
         ]
     }
@@ -1028,13 +968,7 @@ mod tests {
         let Ok(parsed) = crate::request::parse(body.as_bytes()) else {
             return (None, None);
         };
-        // A tool's schema may nest as deep as the parse takes it in the request: more levels
-        // above it in the chat request.
-        let in_shape = messages_to_chat_in_shape(parsed.members(), "up").map(|bytes| {
-            let mut written = serde_json::Deserializer::from_slice(&bytes);
-            written.disable_recursion_limit();
-            serde::Deserialize::deserialize(&mut written).unwrap()
-        });
+        let in_shape = messages_to_chat_in_shape(parsed.members(), "up").map(|bytes| deep(&bytes));
         let parsed_whole = parsed
             .object()
             .ok()
@@ -1273,6 +1207,49 @@ mod tests {
         }
     }
 
+    /// An agent's chat messages: the assistant's text and tool calls, each answered by tool
+    /// messages, and the user's text, mostly in the shape.
+    fn agent_chat_message() -> impl Strategy<Value = String> {
+        let content = prop_oneof![
+            4 => string(),
+            1 => Just("null".to_owned()),
+            2 => prop::collection::vec(part(), 1..3).prop_map(|p| format!("[{}]", p.join(","))),
+        ];
+        prop_oneof![
+            3 => (content.clone(), prop::collection::vec(tool_call(), 1..3)).prop_map(|(c, calls)| {
+                format!("{{\"role\":\"assistant\",\"content\":{c},\"tool_calls\":[{}]}}", calls.join(","))
+            }),
+            3 => content.clone().prop_map(|c| format!("{{\"role\":\"tool\",\"tool_call_id\":\"call_1\",\"content\":{c}}}")),
+            1 => content.clone().prop_map(|c| format!("{{\"role\":\"user\",\"content\":{c}}}")),
+            1 => content.prop_map(|c| format!("{{\"role\":\"system\",\"content\":{c}}}")),
+        ]
+        .boxed()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Wherever an agent's chat request is written in the shape, it is the Messages
+        /// request the parse into values makes.
+        #[test]
+        fn an_agent_chat_request_written_in_its_shape_is_the_one_parsed_whole(
+            messages in prop::collection::vec(agent_chat_message(), 1..5),
+            tools in chat_tools(),
+            members in prop::collection::vec(chat_tool_member(), 0..3),
+            stream in any::<bool>(),
+        ) {
+            let mut body = format!("{{\"model\":\"m\",\"messages\":[{}],{tools}", messages.join(","));
+            for member in members {
+                body = body + "," + &member;
+            }
+            body.push('}');
+            let (in_shape, parsed_whole) = both_ways(&body, stream);
+            if in_shape.is_some() {
+                prop_assert_eq!(in_shape, parsed_whole, "{}", body);
+            }
+        }
+    }
+
     /// A coding agent's turns: the assistant's text, thinking and tool calls, then the user's
     /// tool results and text, mostly in the shape.
     fn agent_turn() -> impl Strategy<Value = String> {
@@ -1332,11 +1309,14 @@ mod tests {
         }
     }
 
-    /// The requests most clients send are written in the shape, not parsed into values.
+    /// The requests most clients send, and an agent's with tools, are written in the shape, not
+    /// parsed into values.
     #[test]
     fn common_chat_requests_are_written_in_their_shape() {
         for body in [
             r#"{"model":"m","messages":[{"role":"user","content":"Say hello."}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"Hi"},{"role":"assistant","content":"","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":" \n "}}]},{"role":"tool","tool_call_id":"c","content":"done"}],"max_tokens":50,"max_completion_tokens":100}"#,
+            r#"{"model":"m","messages":[{"role":"system","content":"You are an agent.\nUse the tools."},{"role":"user","content":"Fix the bug."},{"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"read","arguments":"{\"path\":\"/a.rs\",\"limit\":120}"}}]},{"role":"tool","tool_call_id":"call_1","content":"fn main() {\n}"},{"role":"assistant","content":"Reading the next.","tool_calls":[{"id":"call_2","type":"function","function":{"name":"read","arguments":""}}]},{"role":"tool","tool_call_id":"call_2","content":[{"type":"text","text":"no such file"}]},{"role":"user","content":[{"type":"text","text":"Go on."}]}],"tools":[{"type":"function","function":{"name":"read","description":"Reads a file.","parameters":{"type":"object","properties":{"path":{"type":"string"}},"required":["path"]},"strict":true}}],"tool_choice":"auto","parallel_tool_calls":false,"max_completion_tokens":4096,"temperature":0.2,"stop":["END"],"user":"u-1","stream":true,"stream_options":{"include_usage":true}}"#,
             r#"{"model":"m","messages":[{"role":"developer","content":"Be terse."},{"role":"user","content":"Hi"}],"max_tokens":50}"#,
             r#"{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi"},{"role":"assistant","content":"Hello!","refusal":null},{"role":"user","content":"Again"}],"max_completion_tokens":100,"temperature":0.2,"top_p":0.9,"stream":true,"stream_options":{"include_usage":true},"user":"u-1","seed":1}"#,
         ] {

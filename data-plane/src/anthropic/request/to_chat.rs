@@ -22,6 +22,7 @@ use serde::de::Error as _;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use super::as_written::{Copied, Written, from_text, member, string, within_limit, written};
 use crate::anthropic::{Checked, Names, members};
 use crate::request::Key;
 
@@ -138,26 +139,9 @@ pub fn messages_to_chat_in_shape<'a>(
     Some(out)
 }
 
-fn from_text<'a, T: Deserialize<'a>>(text: &'a str) -> Option<T> {
-    serde_json::from_str(text).ok()
-}
-
 /// The separator the translation joins a user's or system's texts with, as it is written
 /// inside a JSON string; an assistant's texts are joined with nothing.
 const BLANK_LINE: &str = "\\n\\n";
-
-/// `,"name":`.
-fn member(out: &mut Vec<u8>, name: &str) {
-    out.extend_from_slice(b",\"");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\":");
-}
-
-/// `text` as a JSON string, escaped as serde writes it.
-fn string(out: &mut Vec<u8>, text: &str) {
-    // Writing into a Vec<u8> cannot fail, nor can a str's serialisation.
-    let _ = serde_json::to_writer(&mut *out, text);
-}
 
 /// One JSON string of texts as written (each a JSON string's contents, escapes kept) after
 /// `prefix`, joined by `separator` (itself as written inside a JSON string).
@@ -181,153 +165,6 @@ fn turn_head(out: &mut Vec<u8>, first: &mut bool, role: &str) {
     out.extend_from_slice(b"{\"role\":\"");
     out.extend_from_slice(role.as_bytes());
     out.extend_from_slice(b"\",\"content\":");
-}
-
-/// How many levels of arrays and objects `text`, a JSON value as written, nests.
-fn nesting(text: &str) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    let mut bytes = text.bytes();
-    while let Some(byte) = bytes.next() {
-        match byte {
-            b'[' | b'{' => {
-                depth += 1;
-                deepest = deepest.max(depth);
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            b'"' => {
-                while let Some(byte) = bytes.next() {
-                    match byte {
-                        b'\\' => {
-                            bytes.next();
-                        }
-                        b'"' => break,
-                        _ => {}
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    deepest
-}
-
-/// Whether a parse of a top-level member into values takes `text`, a value as written
-/// `depth` levels inside the member, as deep as it nests (see [`LEVELS`]).
-fn within_limit(text: &str, depth: usize) -> bool {
-    depth + nesting(text) <= LEVELS
-}
-
-/// Whether `raw`, a value read as written `depth` levels inside a top-level member, is one a
-/// parse of that member into values takes. Reading a `RawValue` checks the syntax, a
-/// string's escapes and its control characters, but not that `\u` escapes pair their
-/// surrogates, not numbers' range, and not the nesting limit.
-fn checked(raw: &RawValue, depth: usize) -> bool {
-    let text = raw.get();
-    if text.starts_with('"') {
-        return written(raw).is_some();
-    }
-    // A `RawValue` is one value and nothing after it: no need to check the end.
-    let mut value = serde_json::Deserializer::from_str(text);
-    serde::de::DeserializeSeed::deserialize(Room(LEVELS.saturating_sub(depth)), &mut value).is_ok()
-}
-
-/// The levels of arrays and objects a parse into values takes from a top-level member: the
-/// 128th is refused.
-const LEVELS: usize = 127;
-
-/// [`Checked`] for a value with room for this many more levels of nesting: one nested
-/// deeper is refused, as the parse of the whole member refuses it.
-#[derive(Clone, Copy)]
-struct Room(usize);
-
-impl<'de> serde::de::DeserializeSeed<'de> for Room {
-    type Value = ();
-    fn deserialize<D: serde::Deserializer<'de>>(self, value: D) -> Result<(), D::Error> {
-        value.deserialize_any(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for Room {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let inside = self.inside()?;
-        while seq.next_element_seed(inside)?.is_some() {}
-        Ok(())
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let inside = self.inside()?;
-        while map.next_key::<Checked>()?.is_some() {
-            map.next_value_seed(inside)?;
-        }
-        Ok(())
-    }
-}
-
-impl Room {
-    /// The room inside an array or object that takes one level of this one.
-    fn inside<E: serde::de::Error>(self) -> Result<Room, E> {
-        match self.0.checked_sub(1) {
-            Some(left) => Ok(Room(left)),
-            None => Err(E::custom("nested past the limit")),
-        }
-    }
-}
-
-/// The contents of `raw` (escapes kept) when it is a string a parse into values takes.
-fn written(raw: &RawValue) -> Option<&str> {
-    let text = raw.get();
-    let contents = text.strip_prefix('"')?.strip_suffix('"')?;
-    // Only a `\u` escape can be one the parse refuses (a lone surrogate).
-    (!contents.contains("\\u") || from_text::<Checked>(text).is_some()).then_some(contents)
-}
-
-/// The contents of a JSON string as written (escapes kept), checked as a parse into values
-/// checks it.
-struct Written<'a>(&'a str);
-
-impl<'de> Deserialize<'de> for Written<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        let raw = <&'de RawValue>::deserialize(value)?;
-        written(raw)
-            .map(Written)
-            .ok_or_else(|| D::Error::custom("not a string the parse takes"))
-    }
-}
-
-/// A value copied as written, checked as a parse into values checks it at the depth of a
-/// tool's members (`tools[i].input_schema`: two levels inside the member).
-struct Copied<'a>(&'a RawValue);
-
-impl<'de> Deserialize<'de> for Copied<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        let raw = <&'de RawValue>::deserialize(value)?;
-        if checked(raw, 2) {
-            Ok(Copied(raw))
-        } else {
-            Err(D::Error::custom("a value the parse refuses"))
-        }
-    }
 }
 
 /// A turn's content, `system`, or a tool result's content, in the shape: a string (its
@@ -758,6 +595,9 @@ impl<'de> Deserialize<'de> for Tools<'de> {
     }
 }
 
+/// Where a tool's members are: two levels inside `tools` (the array, the tool).
+const TOOL_DEPTH: usize = 2;
+
 /// A custom tool: its name, and its description and schema as written.
 struct Tool<'a> {
     name: Cow<'a, str>,
@@ -797,8 +637,8 @@ impl<'de> Deserialize<'de> for Tool<'de> {
                     match at {
                         0 => kind = map.next_value::<Option<Key>>()?,
                         1 => name = Some(map.next_value::<Key>()?.0),
-                        2 => description = Some(map.next_value::<Copied>()?.0),
-                        _ => schema = Some(map.next_value::<Copied>()?.0),
+                        2 => description = Some(map.next_value::<Copied<TOOL_DEPTH>>()?.0),
+                        _ => schema = Some(map.next_value::<Copied<TOOL_DEPTH>>()?.0),
                     }
                     Ok(())
                 })?;
@@ -878,22 +718,6 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    /// The nesting counted as serde_json counts it, strings' brackets and escaped quotes
-    /// included.
-    #[test]
-    fn nesting_counts_levels_not_brackets_in_strings() {
-        for (text, levels) in [
-            ("1", 0),
-            ("\"[{\"", 0),
-            ("[]", 1),
-            ("[[1],{\"a\":[2]}]", 3),
-            ("[\"\\\"[[[\",{}]", 2),
-            ("{\"a\\\\\":[\"]\"]}", 2),
-        ] {
-            assert_eq!(nesting(text), levels, "{text}");
-        }
-    }
-
     /// A tool result's blocks and a tool's schema nested as deep as the parse into values
     /// takes them are written in the shape; one level deeper they are left to that parse,
     /// which refuses them.
@@ -919,34 +743,5 @@ mod tests {
         // tools, the tool: two levels above.
         assert_eq!(written(&request("{}", &nested(125))), (true, true));
         assert_eq!(written(&request("{}", &nested(126))), (false, false));
-    }
-
-    /// A value copied as written is taken exactly where a parse of its member into values
-    /// takes it: at the nesting limit, with a lone surrogate, with a number out of range.
-    #[test]
-    fn a_value_copied_is_checked_as_the_parse_checks_it() {
-        let at = |depth: usize, levels: usize| {
-            let text = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
-            let raw = RawValue::from_string(text.clone()).unwrap();
-            let member = format!("{}{text}{}", "[".repeat(depth), "]".repeat(depth));
-            let parsed = serde_json::from_str::<Value>(&member).is_ok();
-            assert_eq!(checked(&raw, depth), parsed, "{depth} + {levels}");
-            parsed
-        };
-        assert!(at(2, 125));
-        assert!(!at(2, 126));
-        assert!(at(0, 127));
-        assert!(!at(0, 128));
-        for (text, takes) in [
-            ("\"\\ud800\"", false),
-            ("\"\\ud83d\\ude00\"", true),
-            ("\"\\\\ud800\"", true),
-            ("[1e400]", false),
-            ("{\"a\":\"\\udc00\"}", false),
-            ("{\"a\":[1.5, \"x\"]}", true),
-        ] {
-            let raw = RawValue::from_string(text.to_owned()).unwrap();
-            assert_eq!(checked(&raw, 2), takes, "{text}");
-        }
     }
 }
