@@ -41,6 +41,10 @@
 #                                              # 60 KB: a system prompt, sixteen tools, five
 #                                              # rounds of tool calls and results; Messages in
 #                                              # Claude Code's shape); whole requests only
+#   ./e2e/bench-callgrind.sh --streams 20 --messages-to-chat --tool-call   # the answers are
+#                                              # tool calls instead, their arguments in 40
+#                                              # pieces (45 events a stream; the bare proxy's
+#                                              # 47): what an agent's streamed calls cost
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
 # examples/bare_proxy, built as shipped in two invocations (`cargo build --release --bins`, then
@@ -61,6 +65,7 @@ messages=""
 translated=""
 to_chat=""
 agent=""
+tool_call=""
 rounds=5
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -77,7 +82,8 @@ while [ $# -gt 0 ]; do
     --translated) messages=1; translated=1; shift ;;
     --messages-to-chat) messages=1; to_chat=1; shift ;;
     --agent) agent=1; shift ;;
-    -h|--help) sed -n '2,48p' "$0"; exit 0 ;;
+    --tool-call) tool_call=1; shift ;;
+    -h|--help) sed -n '2,52p' "$0"; exit 0 ;;
     *) echo "bench-callgrind: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -120,7 +126,7 @@ if [ -n "$streams" ] && [ -n "$messages" ]; then
   unit=event
   events=47
   "$bin/sluice-mock" --listen 127.0.0.1:29091 --name claude-mock --model bench-claude \
-    --chunk-count 40 --chunk-interval 50ms 2> "$data/claude-mock.log" &
+    --chunk-count 40 --tool-call-pieces 40 --chunk-interval 50ms 2> "$data/claude-mock.log" &
   pids+=($!)
   BENCH_CLAUDE_KEY=sk-ant-bench ctl backend add --name claude-mock --base-url "$mock_url/v1" \
     --model bench-claude "${anthropic[@]}" > /dev/null
@@ -173,6 +179,11 @@ if [ -n "$agent" ]; then
   [ -n "$messages" ] && [ -z "$streams" ] \
     || { echo "$(basename "$0" .sh): --agent needs --messages, --messages-to-chat or --translated, without --streams" >&2; exit 2; }
   client_api+=(--agent)
+fi
+if [ -n "$tool_call" ]; then
+  [ -n "$to_chat" ] && [ -n "$streams" ] \
+    || { echo "bench-callgrind: --tool-call needs --streams and --messages-to-chat" >&2; exit 2; }
+  client_api+=(--tool-call)
 fi
 drive() { # port duration|warm-up
   if [ -n "$streams" ]; then

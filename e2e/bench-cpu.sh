@@ -34,6 +34,8 @@
 #                                              # 60 KB: a system prompt, sixteen tools, five
 #                                              # rounds of tool calls and results; Messages in
 #                                              # Claude Code's shape); whole requests only
+#   ./e2e/bench-cpu.sh --streams 1000 --bare --messages-to-chat --tool-call   # the answers are
+#                                              # tool calls, their arguments in --chunks pieces
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl and sluice-bench. Uses the ports
 # of deploy/local/run.sh plus 10,000 (18080, 15051, 18081, 19090; 19091 for the streams' mock)
@@ -51,6 +53,7 @@ messages=""
 translated=""
 to_chat=""
 agent=""
+tool_call=""
 rounds=3
 chunks=40
 chunk_interval=50ms
@@ -69,7 +72,8 @@ while [ $# -gt 0 ]; do
     --translated) messages=1; translated=1; shift ;;
     --messages-to-chat) messages=1; to_chat=1; shift ;;
     --agent) agent=1; shift ;;
-    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+    --tool-call) tool_call=1; shift ;;
+    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
     *) echo "bench-cpu: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -110,7 +114,7 @@ if [ -n "$streams" ] || [ -n "$messages" ]; then
   # for --messages); whole answers (no --streams) are the mock's default five words.
   mock_url=http://127.0.0.1:19091
   pace=()
-  [ -z "$streams" ] || pace=(--chunk-count "$chunks" --chunk-interval "$chunk_interval")
+  [ -z "$streams" ] || pace=(--chunk-count "$chunks" --tool-call-pieces "$chunks" --chunk-interval "$chunk_interval")
   "$bin/sluice-mock" --listen 127.0.0.1:19091 --name stream-mock --model bench-stream \
     "${pace[@]}" 2> "$data/stream-mock.log" &
   stream_mock=$!
@@ -150,6 +154,11 @@ if [ -n "$agent" ]; then
   [ -n "$messages" ] && [ -z "$streams" ] \
     || { echo "$(basename "$0" .sh): --agent needs --messages, --messages-to-chat or --translated, without --streams" >&2; exit 2; }
   client_api+=(--agent)
+fi
+if [ -n "$tool_call" ]; then
+  [ -n "$to_chat" ] && [ -n "$streams" ] \
+    || { echo "bench-cpu: --tool-call needs --streams and --messages-to-chat" >&2; exit 2; }
+  client_api+=(--tool-call)
 fi
 load() { # duration [url key]
   if [ -n "$streams" ]; then

@@ -93,6 +93,10 @@ pub struct MockConfig {
     pub chunk_interval: Duration,
     /// Embedding size unless the request sets `dimensions`.
     pub embedding_dims: usize,
+    /// Pieces a streamed tool call's arguments (or input) come in, each an event of its own
+    /// (`chunk_interval` apart): 2, as the OpenAI and Anthropic examples show; more for the
+    /// token by token streams of long arguments.
+    pub tool_call_pieces: usize,
 }
 
 impl Default for MockConfig {
@@ -105,6 +109,7 @@ impl Default for MockConfig {
             chunk_count: 5,
             chunk_interval: Duration::ZERO,
             embedding_dims: 8,
+            tool_call_pieces: 2,
         }
     }
 }
@@ -119,8 +124,27 @@ impl fmt::Debug for MockConfig {
             .field("chunk_count", &self.chunk_count)
             .field("chunk_interval", &self.chunk_interval)
             .field("embedding_dims", &self.embedding_dims)
+            .field("tool_call_pieces", &self.tool_call_pieces)
             .finish()
     }
+}
+
+/// `text` cut into `pieces` pieces of about the same length (fewer when it is shorter; at a
+/// character's boundary).
+pub(crate) fn in_pieces(text: &str, pieces: usize) -> Vec<&str> {
+    let mut cut = Vec::with_capacity(pieces);
+    let mut rest = text;
+    for left in (1..=pieces.max(1)).rev() {
+        let at = (rest.len() / left..=rest.len())
+            .find(|i| rest.is_char_boundary(*i))
+            .unwrap_or(rest.len());
+        let (piece, after) = rest.split_at(at);
+        if !piece.is_empty() {
+            cut.push(piece);
+        }
+        rest = after;
+    }
+    cut
 }
 
 impl MockConfig {
@@ -275,5 +299,31 @@ impl fmt::Debug for MockServer {
             .field("addr", &self.addr)
             .field("config", &self.shared.config)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Arguments cut into pieces read back whole; two pieces cut where they always were (the
+    /// middle), more as asked, fewer only for shorter text, never inside a character.
+    #[test]
+    fn arguments_are_cut_into_the_pieces_asked_for() {
+        let arguments = r#"{"content":"mock","description":"mock","file_path":"mock"}"#;
+        let middle = arguments.len() / 2;
+        assert_eq!(
+            in_pieces(arguments, 2),
+            [&arguments[..middle], &arguments[middle..]]
+        );
+        for pieces in [1, 2, 7, 40, arguments.len()] {
+            let cut = in_pieces(arguments, pieces);
+            assert_eq!(cut.len(), pieces);
+            assert_eq!(cut.concat(), arguments);
+        }
+        assert_eq!(in_pieces("ab", 5), ["a", "b"]);
+        assert_eq!(in_pieces("", 3), Vec::<&str>::new());
+        assert_eq!(in_pieces("éé", 4).concat(), "éé");
+        assert_eq!(in_pieces("éé", 4).len(), 2);
     }
 }

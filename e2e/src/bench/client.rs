@@ -30,6 +30,8 @@ pub struct Target {
     /// Whether the body is a coding agent's ([`agent_chat_body`], [`agent_messages_body`])
     /// instead of a short one.
     agent: bool,
+    /// Whether the short body asks for a tool call ([`tool_call_body`]).
+    tool_call: bool,
     auth: Option<HeaderValue>,
     model: String,
 }
@@ -94,6 +96,7 @@ impl Target {
             path: format!("{}/chat/completions", uri.path().trim_end_matches('/')),
             api: Api::Chat,
             agent: false,
+            tool_call: false,
             auth,
             model: model.to_owned(),
         })
@@ -127,9 +130,18 @@ impl Target {
         self
     }
 
+    /// The same target sent short requests that ask for a tool call ([`tool_call_body`]).
+    pub fn asking_for_a_tool_call(mut self) -> Self {
+        self.tool_call = true;
+        self
+    }
+
     /// The body of a request for the target's model in its API ([`chat_body`],
-    /// [`messages_body`], [`agent_chat_body`] or [`agent_messages_body`]).
+    /// [`messages_body`], [`agent_chat_body`], [`agent_messages_body`] or [`tool_call_body`]).
     pub fn body(&self, stream: bool) -> Bytes {
+        if self.tool_call {
+            return tool_call_body(self.api, &self.model, stream);
+        }
         match (self.api, self.agent) {
             (Api::Chat, false) => chat_body(&self.model, stream),
             (Api::Chat, true) => agent_chat_body(&self.model, stream),
@@ -385,6 +397,30 @@ fn prose(seed: usize, bytes: usize) -> String {
         at = at.wrapping_mul(31).wrapping_add(7);
     }
     text
+}
+
+/// A short request in `api` that offers one tool (a `Write` of a file) and asks for a call of
+/// it, so that the answer is a tool call (streamed as the mock's `--tool-call-pieces` pieces of
+/// its arguments).
+pub fn tool_call_body(api: Api, model: &str, stream: bool) -> Bytes {
+    use serde_json::json;
+    let schema = json!({"type": "object", "properties": {
+        "file_path": {"type": "string"}, "description": {"type": "string"}, "content": {"type": "string"},
+    }, "required": ["file_path", "content"]});
+    let ask = json!([{"role": "user", "content": "Write the report to report.md."}]);
+    let mut body = match api {
+        Api::Chat => json!({"model": model, "messages": ask, "tool_choice": "required",
+            "tools": [{"type": "function", "function": {"name": "Write", "parameters": schema}}]}),
+        Api::Messages => json!({"model": model, "max_tokens": 256, "messages": ask,
+            "tool_choice": {"type": "any"}, "tools": [{"name": "Write", "input_schema": schema}]}),
+    };
+    if stream {
+        body["stream"] = true.into();
+        if api == Api::Chat {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+    }
+    Bytes::from(body.to_string())
 }
 
 /// One HTTP/1.1 connection.

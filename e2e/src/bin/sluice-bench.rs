@@ -169,6 +169,9 @@ struct LoadArgs {
     /// tool calls and results; with --messages in Claude Code's shape) instead of short ones.
     #[arg(long)]
     agent: bool,
+    /// Short requests that offer a tool and ask for a call of it (the answer: a tool call).
+    #[arg(long, conflicts_with = "agent")]
+    tool_call: bool,
     /// Streams of --stream.
     #[arg(long, default_value_t = 1000)]
     streams: usize,
@@ -288,6 +291,8 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         };
         if args.agent {
             target.as_agent()
+        } else if args.tool_call {
+            target.asking_for_a_tool_call()
         } else {
             target
         }

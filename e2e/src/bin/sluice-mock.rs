@@ -36,6 +36,9 @@ struct Args {
     /// Embedding size.
     #[arg(long, default_value_t = 8)]
     embedding_dims: usize,
+    /// Pieces a streamed tool call's arguments come in.
+    #[arg(long, default_value_t = 2)]
+    tool_call_pieces: usize,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -54,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         chunk_count: args.chunk_count,
         chunk_interval: args.chunk_interval,
         embedding_dims: args.embedding_dims,
+        tool_call_pieces: args.tool_call_pieces,
     };
     let server = MockServer::start(config, args.listen)
         .with_context(|| format!("binding {}", args.listen))?;

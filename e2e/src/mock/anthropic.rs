@@ -421,9 +421,10 @@ pub(crate) struct MessageUsage {
 pub(crate) fn answer(
     name: &str,
     id: u64,
-    chunk_count: usize,
+    config: &super::MockConfig,
     req: &MessagesRequest,
 ) -> (Bytes, Vec<Bytes>, MessageUsage) {
+    let chunk_count = config.chunk_count;
     let id = format!("msg_mock{id:016x}");
     let (words, stop) = match &req.tool_call {
         Some(_) => (0, "tool_use"),
@@ -490,11 +491,8 @@ pub(crate) fn answer(
         events.push(sse("content_block_start", &json!({"type": "content_block_start", "index": index, "content_block": {"type": "tool_use", "id": format!("toolu_{id}"), "name": tool, "input": {}}})));
         // As the real API does: an empty first delta, then the JSON in pieces.
         let json = input.to_string();
-        let split = json.len() / 2;
-        let split = (split..json.len())
-            .find(|i| json.is_char_boundary(*i))
-            .unwrap_or(json.len());
-        for part in ["", &json[..split], &json[split..]] {
+        let parts = super::in_pieces(&json, config.tool_call_pieces);
+        for part in std::iter::once("").chain(parts) {
             events.push(sse("content_block_delta", &json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": part}})));
         }
         events.push(sse(

@@ -725,14 +725,15 @@ pub(crate) fn chat_json(
 }
 
 /// A chat answer that calls `name` with `arguments`: the whole completion, and its stream
-/// (role, the call's id and name, its arguments in two pieces, the finish, the usage chunk
-/// when `include_usage`, `[DONE]`), as OpenAI streams a tool call.
+/// (role, the call's id and name, its arguments in `pieces` pieces, the finish, the usage
+/// chunk when `include_usage`, `[DONE]`), as OpenAI streams a tool call.
 pub(crate) fn tool_call_answer(
     meta: Meta<'_>,
     name: &str,
     arguments: &serde_json::Value,
     usage: Usage,
     include_usage: bool,
+    pieces: usize,
 ) -> (Bytes, Vec<Bytes>) {
     use serde_json::json;
     let call_id = format!("call_{}", meta.id.trim_start_matches("chatcmpl-"));
@@ -759,9 +760,6 @@ pub(crate) fn tool_call_answer(
         });
         Bytes::from(format!("data: {data}\n\n"))
     };
-    let split = (arguments.len() / 2..arguments.len())
-        .find(|i| arguments.is_char_boundary(*i))
-        .unwrap_or(arguments.len());
     let mut events = vec![
         chunk(json!({"role": "assistant", "content": null}), None),
         chunk(
@@ -770,7 +768,7 @@ pub(crate) fn tool_call_answer(
             None,
         ),
     ];
-    for piece in [&arguments[..split], &arguments[split..]] {
+    for piece in super::in_pieces(&arguments, pieces) {
         events.push(chunk(
             json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
             None,

@@ -600,7 +600,7 @@ fn answer(shared: &Arc<Shared>, call: Call) -> Answer {
                 }
                 Ok(r) => {
                     let (body, events, usage) =
-                        anthropic::answer(&config.name, shared.next_id(), config.chunk_count, &r);
+                        anthropic::answer(&config.name, shared.next_id(), config, &r);
                     if r.stream {
                         shared.messages_answer(&events);
                     } else {
@@ -663,8 +663,14 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
             model: &g.model,
         };
         let usage = Usage::new(g.prompt_tokens, config.chunk_count.max(1) as u64);
-        let (whole, events) =
-            openai::tool_call_answer(meta, name, arguments, usage, g.include_usage);
+        let (whole, events) = openai::tool_call_answer(
+            meta,
+            name,
+            arguments,
+            usage,
+            g.include_usage,
+            config.tool_call_pieces,
+        );
         return if g.stream {
             let counted = g.include_usage.then_some(ResponseUsage {
                 input: usage.prompt_tokens,
