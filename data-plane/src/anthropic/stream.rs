@@ -438,18 +438,30 @@ impl EventsFromChunks {
 
     /// Translates one chat chunk (or `[DONE]`), appending the client's events to `out`.
     ///
-    /// Once the message has started, most chunks carry a piece of text and nothing else this
-    /// translation reads: one in that shape ([`TextChunk`]) is read into borrowed strings and
-    /// its event written directly ([`text_delta_frame`]), the same bytes as
+    /// Once the message has started, most chunks carry a piece of text, or a piece of the
+    /// arguments of the tool call whose block is open, and nothing else this translation
+    /// reads: one in that shape ([`TextChunk`]) is read into borrowed strings and its event
+    /// written directly ([`text_delta_frame`], [`arguments_delta_frame`]), the same bytes as
     /// [`Self::push_parsed`] writes for it from two trees of values; every other chunk (the
-    /// first, tool calls, usage, errors, `[DONE]`, anything unexpected) is parsed whole.
+    /// first, a call's start, usage, errors, `[DONE]`, anything unexpected) is parsed whole.
     pub fn push(&mut self, event: &Event, out: &mut Vec<Bytes>) -> Flow {
         if self.started
-            && let Ok(TextChunk { text, finish }) = serde_json::from_str(&event.data)
+            && let Ok(TextChunk {
+                text,
+                arguments,
+                finish,
+            }) = serde_json::from_str(&event.data)
+            // A piece of a call's arguments is read here only once its tool block is open.
+            && arguments
+                .as_ref()
+                .is_none_or(|(index, _)| self.open == Some(Open::Tool(*index)))
         {
             if let Some(text) = text.filter(|t| !t.is_empty()) {
                 self.open_text(out);
                 out.push(text_delta_frame(self.next_block - 1, &text));
+            }
+            if let Some((_, arguments)) = arguments.filter(|(_, a)| !a.is_empty()) {
+                out.push(arguments_delta_frame(self.next_block - 1, &arguments));
             }
             if let Some(Key(reason)) = finish {
                 self.finish = Some(reason.into_owned());
@@ -654,14 +666,36 @@ fn text_delta_frame(index: u64, text: &str) -> Bytes {
     out.into_inner().freeze()
 }
 
-/// A chat chunk that carries at most a piece of text and a finish reason, in the shape
-/// OpenAI-format backends stream: its first choice's `delta.content` and `finish_reason`
-/// read, every other member checked as a parse into values would check it and passed over.
-/// Not this shape (and parsed whole instead): a chunk with `usage`, `error` or tool calls, a
-/// member of another type than that shape's, anything that is not an object.
+/// The `content_block_delta` event of a piece of a tool call's input, as [`anthropic_frame`]
+/// writes it from its value (keys in the sorted order `Value`'s map writes).
+fn arguments_delta_frame(index: u64, arguments: &str) -> Bytes {
+    const START: &[u8] = b"event: content_block_delta\ndata: {\"delta\":{\"partial_json\":";
+    const MIDDLE: &[u8] = b",\"type\":\"input_json_delta\"},\"index\":";
+    const END: &[u8] = b",\"type\":\"content_block_delta\"}\n\n";
+    let mut out =
+        BytesMut::with_capacity(START.len() + arguments.len() + 2 + MIDDLE.len() + 20 + END.len())
+            .writer();
+    out.get_mut().put_slice(START);
+    // Writing to memory cannot fail.
+    let _ = serde_json::to_writer(&mut out, arguments);
+    out.get_mut().put_slice(MIDDLE);
+    let _ = serde_json::to_writer(&mut out, &index);
+    out.get_mut().put_slice(END);
+    out.into_inner().freeze()
+}
+
+/// A chat chunk that carries at most a piece of text or a piece of one tool call's arguments,
+/// and a finish reason, in the shape OpenAI-format backends stream: its first choice's
+/// `delta.content`, `delta.tool_calls` (one call: its `index` and `function.arguments`) and
+/// `finish_reason` read, every other member checked as a parse into values would check it and
+/// passed over. Not this shape (and parsed whole instead): a chunk with `usage` or `error`,
+/// text and a call together, more than one call, a member of another type than that shape's,
+/// anything that is not an object.
 #[derive(Default)]
 struct TextChunk<'a> {
     text: Option<Cow<'a, str>>,
+    /// The call's index and its piece of arguments (empty when it has none).
+    arguments: Option<(u64, Cow<'a, str>)>,
     finish: Option<Key<'a>>,
 }
 
@@ -670,6 +704,8 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
         const CHUNK: Names = Names(&["choices", "usage", "error"]);
         const CHOICE: Names = Names(&["delta", "finish_reason"]);
         const DELTA: Names = Names(&["content", "tool_calls"]);
+        const CALL: Names = Names(&["index", "id", "function"]);
+        const FUNCTION: Names = Names(&["name", "arguments"]);
         fn out_of_shape<E: serde::de::Error>() -> E {
             E::custom("not a text chunk")
         }
@@ -695,7 +731,10 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
                 let mut choice = TextChunk::default();
                 members(map, CHOICE, |at, map| {
                     match at {
-                        0 => choice.text = map.next_value::<Option<Delta>>()?.and_then(|d| d.0),
+                        0 => {
+                            let delta = map.next_value::<Option<Delta>>()?.unwrap_or_default();
+                            (choice.text, choice.arguments) = (delta.text, delta.arguments);
+                        }
                         _ => choice.finish = map.next_value()?,
                     }
                     Ok(())
@@ -703,8 +742,12 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
                 Ok(choice)
             }
         }
-        /// A delta's text, without tool calls.
-        struct Delta<'a>(Option<Cow<'a, str>>);
+        /// A delta's text, or its one tool call's index and arguments.
+        #[derive(Default)]
+        struct Delta<'a> {
+            text: Option<Cow<'a, str>>,
+            arguments: Option<(u64, Cow<'a, str>)>,
+        }
         impl<'de> serde::Deserialize<'de> for Delta<'de> {
             fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
                 struct Members;
@@ -717,18 +760,113 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
                         self,
                         map: A,
                     ) -> Result<Delta<'de>, A::Error> {
-                        let (mut text, mut calls) = (None, None);
+                        let mut delta = Delta::default();
                         members(map, DELTA, |at, map| {
                             match at {
-                                0 => text = map.next_value::<Option<Key>>()?.map(|Key(t)| t),
-                                _ => calls = map.next_value::<Option<Checked>>()?,
+                                0 => delta.text = map.next_value::<Option<Key>>()?.map(|Key(t)| t),
+                                _ => {
+                                    delta.arguments = map
+                                        .next_value::<Option<OneCall>>()?
+                                        .and_then(|OneCall(call)| call);
+                                }
                             }
                             Ok(())
                         })?;
-                        if calls.is_some() {
+                        // Text and a call together go to the whole parse, which orders them.
+                        if delta.arguments.is_some()
+                            && delta.text.as_deref().is_some_and(|text| !text.is_empty())
+                        {
                             return Err(out_of_shape());
                         }
-                        Ok(Delta(text))
+                        Ok(delta)
+                    }
+                }
+                value.deserialize_map(Members)
+            }
+        }
+        /// `tool_calls` of at most one call, as its index (`null` or missing: 0) and arguments
+        /// (`null` or missing: none); its `id`, `type` and `function.name` checked and passed
+        /// over, as the translation does once the call's block is open.
+        struct OneCall<'a>(Option<(u64, Cow<'a, str>)>);
+        impl<'de> serde::Deserialize<'de> for OneCall<'de> {
+            fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+                struct Each;
+                impl<'de> serde::de::Visitor<'de> for Each {
+                    type Value = OneCall<'de>;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("tool calls")
+                    }
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                        self,
+                        mut seq: A,
+                    ) -> Result<OneCall<'de>, A::Error> {
+                        let call = seq.next_element::<Call>()?;
+                        if seq.next_element::<Checked>()?.is_some() {
+                            return Err(out_of_shape());
+                        }
+                        Ok(OneCall(
+                            call.map(|Call(index, arguments)| (index, arguments)),
+                        ))
+                    }
+                }
+                value.deserialize_seq(Each)
+            }
+        }
+        /// A call's index and its piece of arguments.
+        struct Call<'a>(u64, Cow<'a, str>);
+        impl<'de> serde::Deserialize<'de> for Call<'de> {
+            fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+                struct Members;
+                impl<'de> serde::de::Visitor<'de> for Members {
+                    type Value = Call<'de>;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("a tool call")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        map: A,
+                    ) -> Result<Call<'de>, A::Error> {
+                        let (mut index, mut arguments) = (None, None);
+                        members(map, CALL, |at, map| {
+                            match at {
+                                0 => index = map.next_value::<Option<u64>>()?,
+                                1 => drop(map.next_value::<Option<Key>>()?),
+                                _ => {
+                                    arguments =
+                                        map.next_value::<Option<Function>>()?.and_then(|f| f.0)
+                                }
+                            }
+                            Ok(())
+                        })?;
+                        Ok(Call(index.unwrap_or(0), arguments.unwrap_or_default()))
+                    }
+                }
+                value.deserialize_map(Members)
+            }
+        }
+        /// A call's `function`: its arguments (its name checked as a string).
+        struct Function<'a>(Option<Cow<'a, str>>);
+        impl<'de> serde::Deserialize<'de> for Function<'de> {
+            fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+                struct Members;
+                impl<'de> serde::de::Visitor<'de> for Members {
+                    type Value = Function<'de>;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("a function")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        map: A,
+                    ) -> Result<Function<'de>, A::Error> {
+                        let mut arguments = None;
+                        members(map, FUNCTION, |at, map| {
+                            let text = map.next_value::<Option<Key>>()?.map(|Key(t)| t);
+                            if at == 1 {
+                                arguments = text;
+                            }
+                            Ok(())
+                        })?;
+                        Ok(Function(arguments))
                     }
                 }
                 value.deserialize_map(Members)
@@ -927,11 +1065,24 @@ mod tests {
         ];
         let delta = prop_oneof![
             8 => text.clone().prop_map(|t| format!("{{\"content\":{t}}}")),
-            1 => text.prop_map(|t| format!("{{\"role\":\"assistant\",\"content\":{t},\"refusal\":null}}")),
+            1 => text.clone().prop_map(|t| format!("{{\"role\":\"assistant\",\"content\":{t},\"refusal\":null}}")),
             1 => Just("{}".to_owned()),
             1 => Just("null".to_owned()),
             1 => Just("\"text\"".to_owned()),
             1 => Just("{\"content\":\"a\",\"tool_calls\":[{\"index\":0,\"id\":\"c\",\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]}".to_owned()),
+            // A call's start, then pieces of its arguments (and of another's), and near them.
+            3 => (0..2u64).prop_map(|i| format!("{{\"tool_calls\":[{{\"index\":{i},\"id\":\"call_{i}\",\"type\":\"function\",\"function\":{{\"name\":\"f\",\"arguments\":\"\"}}}}]}}")),
+            8 => (0..2u64, text.clone()).prop_map(|(i, t)| format!("{{\"tool_calls\":[{{\"index\":{i},\"function\":{{\"arguments\":{t}}}}}]}}")),
+            1 => text.clone().prop_map(|t| format!("{{\"content\":\"\",\"tool_calls\":[{{\"index\":0,\"function\":{{\"arguments\":{t}}}}}]}}")),
+            3 => text.clone().prop_map(|t| format!("{{\"content\":null,\"tool_calls\":[{{\"function\":{{\"arguments\":{t}}},\"type\":\"function\"}}]}}")),
+            3 => (0..2u64, text).prop_map(|(i, t)| format!("{{\"content\":\"a\",\"tool_calls\":[{{\"index\":{i},\"function\":{{\"arguments\":{t}}}}}]}}")),
+            1 => Just("{\"tool_calls\":[{\"index\":0,\"id\":null,\"function\":{\"name\":\"g\",\"arguments\":\"z\"}}]}".to_owned()),
+            2 => Just("{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"x\"}},{\"index\":1,\"id\":\"c1\",\"function\":{\"name\":\"g\",\"arguments\":\"y\"}}]}".to_owned()),
+            1 => Just("{\"tool_calls\":[{\"index\":\"0\",\"function\":{\"arguments\":\"x\"}}]}".to_owned()),
+            1 => Just("{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":5}}]}".to_owned()),
+            1 => Just("{\"tool_calls\":[{\"index\":0,\"function\":null}]}".to_owned()),
+            1 => Just("{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"x\",\"n\":1e400}}]}".to_owned()),
+            1 => Just("{\"tool_calls\":[]}".to_owned()),
             1 => Just("{\"content\":\"a\",\"tool_calls\":null}".to_owned()),
             1 => Just("{\"content\":\"a\",\"content\":\"b\"}".to_owned()),
             1 => Just("{\"cont\\u0065nt\":\"escaped key\"}".to_owned()),
@@ -995,12 +1146,14 @@ mod tests {
         }
     }
 
-    /// The text chunks OpenAI-format backends stream are read in their shape.
+    /// The text chunks OpenAI-format backends stream, and the pieces of a tool call's
+    /// arguments, are read in their shape.
     #[test]
     fn a_text_chunk_as_backends_write_it_is_read_in_its_shape() {
         for data in [
             r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","service_tier":"default","system_fingerprint":"fp","choices":[{"index":0,"delta":{"content":" tok1"},"logprobs":null,"finish_reason":null}],"usage":null,"obfuscation":"x1"}"#,
             r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}"#,
+            r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","service_tier":"default","system_fingerprint":"fp","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"path"}}]},"logprobs":null,"finish_reason":null}],"usage":null,"obfuscation":"x1"}"#,
         ] {
             assert!(
                 serde_json::from_str::<TextChunk<'_>>(data).is_ok(),
