@@ -44,7 +44,8 @@
 #   ./e2e/bench-callgrind.sh --streams 20 --messages-to-chat --tool-call   # the answers are
 #                                              # tool calls instead, their arguments in 40
 #                                              # pieces (45 events a stream; the bare proxy's
-#                                              # 47): what an agent's streamed calls cost
+#                                              # 47): what an agent's streamed calls cost; with
+#                                              # --translated instead, for a chat client (45)
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
 # examples/bare_proxy, built as shipped in two invocations (`cargo build --release --bins`, then
@@ -83,7 +84,7 @@ while [ $# -gt 0 ]; do
     --messages-to-chat) messages=1; to_chat=1; shift ;;
     --agent) agent=1; shift ;;
     --tool-call) tool_call=1; shift ;;
-    -h|--help) sed -n '2,52p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,53p' "$0"; exit 0 ;;
     *) echo "bench-callgrind: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -181,8 +182,8 @@ if [ -n "$agent" ]; then
   client_api+=(--agent)
 fi
 if [ -n "$tool_call" ]; then
-  [ -n "$to_chat" ] && [ -n "$streams" ] \
-    || { echo "bench-callgrind: --tool-call needs --streams and --messages-to-chat" >&2; exit 2; }
+  [ -n "$to_chat$translated" ] && [ -n "$streams" ] \
+    || { echo "bench-callgrind: --tool-call needs --streams and --messages-to-chat or --translated" >&2; exit 2; }
   client_api+=(--tool-call)
 fi
 drive() { # port duration|warm-up
@@ -206,6 +207,8 @@ echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 # proxy the mock's own chat stream.
 sluice_events=$events bare_events=$events
 [ -z "$translated" ] || { sluice_events=45; bare_events=44; }
+# A tool call's chat stream has a chunk more than a text's (the call's start).
+[ -z "$translated" ] || [ -z "$tool_call" ] || bare_events=45
 # With --messages-to-chat, Sluice's Messages stream is translated from the mock's chat stream.
 [ -z "$to_chat" ] || sluice_events=45
 for side in "sluice 28090 $sluice $sluice_events" "bare 28091 $bare $bare_events"; do

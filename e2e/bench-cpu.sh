@@ -36,6 +36,7 @@
 #                                              # Claude Code's shape); whole requests only
 #   ./e2e/bench-cpu.sh --streams 1000 --bare --messages-to-chat --tool-call   # the answers are
 #                                              # tool calls, their arguments in --chunks pieces
+#                                              # (--translated instead: for a chat client)
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl and sluice-bench. Uses the ports
 # of deploy/local/run.sh plus 10,000 (18080, 15051, 18081, 19090; 19091 for the streams' mock)
@@ -73,7 +74,7 @@ while [ $# -gt 0 ]; do
     --messages-to-chat) messages=1; to_chat=1; shift ;;
     --agent) agent=1; shift ;;
     --tool-call) tool_call=1; shift ;;
-    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
     *) echo "bench-cpu: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -156,8 +157,8 @@ if [ -n "$agent" ]; then
   client_api+=(--agent)
 fi
 if [ -n "$tool_call" ]; then
-  [ -n "$to_chat" ] && [ -n "$streams" ] \
-    || { echo "bench-cpu: --tool-call needs --streams and --messages-to-chat" >&2; exit 2; }
+  [ -n "$to_chat$translated" ] && [ -n "$streams" ] \
+    || { echo "bench-cpu: --tool-call needs --streams and --messages-to-chat or --translated" >&2; exit 2; }
   client_api+=(--tool-call)
 fi
 load() { # duration [url key]
@@ -225,6 +226,8 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 [ -z "$translated" ] || events=$((chunks + 4))
+# A tool call's chat stream has a chunk more than a text's (the call's start).
+[ -z "$translated" ] || [ -z "$tool_call" ] || events=$((chunks + 5))
 [ -z "$to_chat" ] || events=$((chunks + 7))
 measure bare_proxy "$bare_pid" "$bare_url" sk-bench
 total() { awk '$1 == "total" {print $4}' "$1"; }
