@@ -152,27 +152,30 @@ pub struct ChunksFromEvents {
     text_suffix: Vec<u8>,
 }
 
-/// A `content_block_delta` event with a text delta, in exactly its shape (another member, or
-/// one twice, and it is parsed whole instead; `index` does not bear on a text delta), read as
-/// an [`Object`] at each level.
+/// A `content_block_delta` event with a text delta or a piece of a tool's input, in exactly
+/// its shape (another member, or one twice, and it is parsed whole instead), read as an
+/// [`Object`] at each level.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TextDelta<'a> {
     #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
-    #[serde(rename = "index")]
-    _index: u64,
+    /// The block's index: which tool call a piece of input belongs to.
+    index: u64,
     #[serde(borrow)]
     delta: Object<TextDeltaBody<'a>>,
 }
 
+/// A delta's type and its `text` (a text delta's) or `partial_json` (an input delta's).
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TextDeltaBody<'a> {
     #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
-    #[serde(borrow)]
-    text: Cow<'a, str>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    partial_json: Option<Cow<'a, str>>,
 }
 
 impl ChunksFromEvents {
@@ -198,21 +201,36 @@ impl ChunksFromEvents {
 
     /// Translates one event, appending the client's frames to `out`.
     ///
-    /// Most events of a stream are text deltas: one exactly in their shape is read into
-    /// borrowed strings and its chunk written directly ([`TextDelta`]), the same bytes as
-    /// [`Self::push_parsed`] writes for it from two trees of values (a translated stream's
-    /// event 45,400 → 21,500 instructions in all: docs/benchmarks.md); every other event is
-    /// parsed whole.
+    /// Most events of a stream are text deltas, or pieces of a tool call's input: one exactly
+    /// in their shape is read into borrowed strings and its chunk written directly
+    /// ([`TextDelta`]), the same bytes as [`Self::push_parsed`] writes for it from two trees of
+    /// values (a translated stream's event 45,400 → 21,500 instructions in all:
+    /// docs/benchmarks.md); every other event is parsed whole.
     pub fn push(&mut self, event: &Event, out: &mut Vec<Bytes>) -> Flow {
         if let Ok(Object(delta)) = serde_json::from_str::<Object<TextDelta<'_>>>(&event.data)
             && let Object(body) = &delta.delta
             && delta.kind == "content_block_delta"
-            && body.kind == "text_delta"
         {
-            if !body.text.is_empty() {
-                out.push(self.text_chunk(&body.text));
+            match (body.kind.as_ref(), &body.text, &body.partial_json) {
+                ("text_delta", Some(text), _) => {
+                    if !text.is_empty() {
+                        out.push(self.text_chunk(text));
+                    }
+                    return Flow::Continue;
+                }
+                ("input_json_delta", _, Some(piece)) => {
+                    // The first piece of a tool's input is often empty; a block that is no
+                    // tool call's gets none.
+                    if !piece.is_empty()
+                        && let Some(&(_, call)) =
+                            self.tools.iter().find(|(index, _)| *index == delta.index)
+                    {
+                        out.push(self.arguments_chunk(call, piece));
+                    }
+                    return Flow::Continue;
+                }
+                _ => {}
             }
-            return Flow::Continue;
         }
         self.push_parsed(event, out)
     }
@@ -349,6 +367,25 @@ impl ChunksFromEvents {
         // Writing into memory cannot fail.
         let _ = serde_json::to_writer(&mut out, text);
         let mut out = out.into_inner();
+        out.put_slice(&self.text_suffix);
+        out.freeze()
+    }
+
+    /// [`Self::chunk`] of a delta that carries a piece of tool call `call`'s arguments, written
+    /// as [`Self::text_chunk`] is.
+    fn arguments_chunk(&self, call: usize, piece: &str) -> Bytes {
+        const START: &[u8] =
+            b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":";
+        const INDEX: &[u8] = b"},\"index\":";
+        let size = START.len() + piece.len() + 2 + INDEX.len() + 22 + self.text_suffix.len();
+        let mut out = BytesMut::with_capacity(size).writer();
+        out.get_mut().put_slice(START);
+        // Writing into memory cannot fail.
+        let _ = serde_json::to_writer(&mut out, piece);
+        out.get_mut().put_slice(INDEX);
+        let _ = serde_json::to_writer(&mut out, &call);
+        let mut out = out.into_inner();
+        out.put_slice(b"}]");
         out.put_slice(&self.text_suffix);
         out.freeze()
     }
@@ -965,7 +1002,10 @@ mod tests {
     /// near it (another member, a key twice or escaped, another delta type, an index that is
     /// not an unsigned integer).
     fn delta_data() -> impl Strategy<Value = String> {
-        let text = any::<String>().prop_map(|t| serde_json::to_string(&t).unwrap_or_default());
+        let text = prop_oneof![
+            6 => any::<String>().prop_map(|t| serde_json::to_string(&t).unwrap_or_default()),
+            1 => Just("\"\"".to_owned()),
+        ];
         // Mostly the shape itself, so that most cases take the fast path.
         let index = prop_oneof![
             4 => Just("0"),
@@ -974,10 +1014,14 @@ mod tests {
             1 => Just("1.5"),
             1 => Just("1e400"),
         ];
+        // The delta's type and the member its piece is in: a text delta's `text`, an input
+        // delta's `partial_json`, and the other way round.
         let delta_kind = prop_oneof![
-            6 => Just("\"text_delta\""),
-            1 => Just("\"input_json_delta\""),
-            1 => Just("\"text\\u005fdelta\""),
+            6 => Just(("\"text_delta\"", "text")),
+            5 => Just(("\"input_json_delta\"", "partial_json")),
+            2 => Just(("\"input_json_delta\"", "text")),
+            2 => Just(("\"text_delta\"", "partial_json")),
+            1 => Just(("\"text\\u005fdelta\"", "text")),
         ];
         let extra = prop_oneof![
             6 => Just(""),
@@ -986,9 +1030,9 @@ mod tests {
             1 => Just(",\"type\":\"ping\""),
         ];
         let shape = (text.clone(), index, delta_kind, extra.clone(), extra).prop_map(
-            |(text, index, delta_kind, inner, outer)| {
+            |(text, index, (delta_kind, field), inner, outer)| {
                 format!(
-                    "{{\"type\":\"content_block_delta\",\"index\":{index},\"delta\":{{\"type\":{delta_kind},\"text\":{text}{inner}}}{outer}}}"
+                    "{{\"type\":\"content_block_delta\",\"index\":{index},\"delta\":{{\"type\":{delta_kind},\"{field}\":{text}{inner}}}{outer}}}"
                 )
             },
         );
@@ -1001,13 +1045,21 @@ mod tests {
                 format!("{{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{delta}}}")
             }
         });
-        prop_oneof![8 => shape, 1 => array]
+        // A tool block's start, for the input deltas to belong to.
+        let tool = prop_oneof![Just("0"), Just("3"), Just("4")].prop_map(|index| {
+            format!("{{\"type\":\"content_block_start\",\"index\":{index},\"content_block\":{{\"type\":\"tool_use\",\"id\":\"toolu_{index}\",\"name\":\"f\",\"input\":{{}}}}}}")
+        });
+        prop_oneof![8 => shape, 1 => array, 3 => tool]
     }
 
     proptest! {
-        /// A text delta read in its shape gives the client the bytes the whole parse gives,
-        /// and every other event goes to the whole parse: the same frames and flow, event
-        /// after event, after a `message_start` with any id and model.
+        // A piece of input in the shape needs its tool's start earlier: more cases than the
+        // default.
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// A text delta or a piece of a tool's input read in its shape gives the client the
+        /// bytes the whole parse gives, and every other event goes to the whole parse: the same
+        /// frames and flow, event after event, after a `message_start` with any id and model.
         #[test]
         fn text_deltas_read_in_their_shape_translate_as_parsed_whole(
             id in any::<String>(),
@@ -1144,6 +1196,42 @@ mod tests {
                 prop_assert_eq!(fast.usage(), whole.usage());
             }
         }
+    }
+
+    /// Text deltas and pieces of a tool's input as Anthropic streams them are read in their
+    /// shape, and the piece written as the chunk of the call its block started.
+    #[test]
+    fn deltas_as_anthropic_writes_them_are_read_in_their_shape() {
+        for data in [
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}"#,
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"city\": \"Par"}}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<Object<TextDelta<'_>>>(data).is_ok(),
+                "{data}"
+            );
+        }
+        let mut chunks = ChunksFromEvents::new(7, false);
+        let mut out = Vec::new();
+        for data in [
+            r#"{"type":"message_start","message":{"id":"msg_1","model":"claude"}}"#,
+            r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_1","name":"weather","input":{}}}"#,
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"city\": \"Par"}}"#,
+        ] {
+            chunks.push(
+                &Event {
+                    event: None,
+                    data: data.to_owned(),
+                    id: None,
+                },
+                &mut out,
+            );
+        }
+        let last: Value = serde_json::from_slice(&out[2][6..]).unwrap();
+        assert_eq!(
+            last["choices"][0]["delta"],
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\": \"Par"}}]})
+        );
     }
 
     /// The text chunks OpenAI-format backends stream, and the pieces of a tool call's
