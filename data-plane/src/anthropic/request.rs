@@ -824,6 +824,34 @@ mod tests {
         })
     }
 
+    /// A tool's `description` member (with its comma), in and near the shape.
+    fn tool_description() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => string().prop_map(|d| format!(",\"description\":{d}")),
+            1 => Just(String::new()),
+            1 => Just(",\"description\":null".to_owned()),
+            1 => Just(",\"description\":[\"a\", 1.0]".to_owned()),
+            1 => Just(",\"description\":\"\\udc00\"".to_owned()),
+        ]
+    }
+
+    /// A tool's schema as `member` (with its comma), in and near the shape: nested as deep as
+    /// the parse takes it there (`deepest` levels) and one level deeper.
+    fn tool_schema(member: &'static str, deepest: usize) -> impl Strategy<Value = String> {
+        prop_oneof![
+            6 => Just(format!(",\"{member}\":{{\"type\":\"object\",\"properties\":{{\"q\":{{\"type\":\"string\",\"description\":\"a\\tb\"}}}},\"required\":[\"q\"]}}")),
+            1 => Just(format!(",\"{member}\":null")),
+            2 => Just(String::new()),
+            1 => Just(format!(",\"{member}\":{{\"maximum\":1e400}}")),
+            1 => Just(format!(",\"{member}\":{{\"properties\":{{\"\\ud800\":{{}}}}}}")),
+            1 => (deepest..=deepest + 1).prop_map(move |levels| format!(
+                ",\"{member}\":{}{}",
+                "[".repeat(levels),
+                "]".repeat(levels)
+            )),
+        ]
+    }
+
     /// Chat `tools`, in and near the shape.
     fn chat_tools() -> impl Strategy<Value = String> {
         let kind = prop_oneof![
@@ -832,25 +860,9 @@ mod tests {
             1 => Just(""),
             1 => Just("\"type\":null,"),
         ];
-        let description = prop_oneof![
-            4 => string().prop_map(|d| format!(",\"description\":{d}")),
-            1 => Just(String::new()),
-            1 => Just(",\"description\":null".to_owned()),
-            1 => Just(",\"description\":[\"a\", 1.0]".to_owned()),
-            1 => Just(",\"description\":\"\\udc00\"".to_owned()),
-        ];
-        let parameters = prop_oneof![
-            6 => Just(",\"parameters\":{\"type\":\"object\",\"properties\":{\"q\":{\"type\":\"string\",\"description\":\"a\\tb\"}},\"required\":[\"q\"]}".to_owned()),
-            1 => Just(",\"parameters\":null".to_owned()),
-            2 => Just(String::new()),
-            1 => Just(",\"parameters\":{\"maximum\":1e400}".to_owned()),
-            1 => Just(",\"parameters\":{\"properties\":{\"\\ud800\":{}}}".to_owned()),
-            1 => (124..=125usize).prop_map(|levels| format!(
-                ",\"parameters\":{}{}",
-                "[".repeat(levels),
-                "]".repeat(levels)
-            )),
-        ];
+        let description = tool_description();
+        // Three levels above them in the request (tools, the tool, its function).
+        let parameters = tool_schema("parameters", 124);
         let name = prop_oneof![
             6 => Just("\"name\":\"Read\""),
             1 => Just("\"name\":1"),
@@ -1079,25 +1091,9 @@ mod tests {
             1 => Just("\"type\":null,"),
             1 => Just("\"type\":7,"),
         ];
-        let description = prop_oneof![
-            4 => string().prop_map(|d| format!(",\"description\":{d}")),
-            1 => Just(String::new()),
-            1 => Just(",\"description\":null".to_owned()),
-            1 => Just(",\"description\":[\"a\", 1.0]".to_owned()),
-            1 => Just(",\"description\":\"\\udc00\"".to_owned()),
-        ];
-        let schema = prop_oneof![
-            6 => Just(",\"input_schema\":{\"type\":\"object\",\"properties\":{\"q\":{\"type\":\"string\",\"description\":\"a\\tb\"}},\"required\":[\"q\"]}".to_owned()),
-            1 => Just(",\"input_schema\":null".to_owned()),
-            1 => Just(String::new()),
-            1 => Just(",\"input_schema\":{\"maximum\":1e400}".to_owned()),
-            1 => Just(",\"input_schema\":{\"properties\":{\"\\ud800\":{}}}".to_owned()),
-            1 => (125..=126usize).prop_map(|levels| format!(
-                ",\"input_schema\":{}{}",
-                "[".repeat(levels),
-                "]".repeat(levels)
-            )),
-        ];
+        let description = tool_description();
+        // Two levels above it in the request (tools, the tool).
+        let schema = tool_schema("input_schema", 125);
         let name = prop_oneof![
             6 => Just("\"name\":\"Read\""),
             1 => Just("\"name\":\"\\u0052ead\""),
