@@ -7,6 +7,10 @@
 //! test). The proxy only drives them; nothing here does I/O. Every mapping, and what a client
 //! gets for what cannot be translated, is listed in `docs/anthropic.md`.
 
+use std::borrow::Cow;
+
+use crate::request::Key;
+
 pub mod error;
 pub mod message;
 pub mod request;
@@ -156,6 +160,41 @@ pub(crate) fn members<'de, A: serde::de::MapAccess<'de>>(
         }
     }
     Ok(())
+}
+
+/// A tool call's `function` in a chat message or chunk: its name and arguments, each a string
+/// (unescaped) or `null`; any other member checked and passed over.
+pub(crate) struct Function<'a> {
+    pub(crate) name: Option<Cow<'a, str>>,
+    pub(crate) arguments: Option<Cow<'a, str>>,
+}
+
+impl<'de> serde::Deserialize<'de> for Function<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = Function<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a function")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Function<'de>, A::Error> {
+                let (mut name, mut arguments) = (None, None);
+                members(map, Names(&["name", "arguments"]), |at, map| {
+                    let value = map.next_value::<Option<Key>>()?.map(|Key(text)| text);
+                    match at {
+                        0 => name = value,
+                        _ => arguments = value,
+                    }
+                    Ok(())
+                })?;
+                Ok(Function { name, arguments })
+            }
+        }
+        value.deserialize_map(Members)
+    }
 }
 
 /// The first element of an array, read by `seed` (`None` for an empty array); the others

@@ -12,7 +12,7 @@ use memchr::memmem::Finder;
 use serde_json::{Value, json};
 
 use super::response::{finish_reason, message_id, openai_usage, stop_reason};
-use super::{Checked, First, Names, Object, Usage, error, members};
+use super::{Checked, First, Function, Names, Object, Usage, error, members};
 use crate::request::Key;
 use crate::sse::Event;
 
@@ -688,34 +688,31 @@ impl EventsFromChunks {
 /// The `content_block_delta` event of a text delta, as [`anthropic_frame`] writes it from its
 /// value (keys in the sorted order `Value`'s map writes).
 fn text_delta_frame(index: u64, text: &str) -> Bytes {
-    const START: &[u8] = b"event: content_block_delta\ndata: {\"delta\":{\"text\":";
-    const MIDDLE: &[u8] = b",\"type\":\"text_delta\"},\"index\":";
-    const END: &[u8] = b",\"type\":\"content_block_delta\"}\n\n";
-    let mut out =
-        BytesMut::with_capacity(START.len() + text.len() + 2 + MIDDLE.len() + 20 + END.len())
-            .writer();
-    out.get_mut().put_slice(START);
-    // Writing to memory cannot fail.
-    let _ = serde_json::to_writer(&mut out, text);
-    out.get_mut().put_slice(MIDDLE);
-    let _ = serde_json::to_writer(&mut out, &index);
-    out.get_mut().put_slice(END);
-    out.into_inner().freeze()
+    delta_frame(index, "text", text, "text_delta")
 }
 
-/// The `content_block_delta` event of a piece of a tool call's input, as [`anthropic_frame`]
-/// writes it from its value (keys in the sorted order `Value`'s map writes).
+/// The `content_block_delta` event of a piece of a tool call's input, likewise.
 fn arguments_delta_frame(index: u64, arguments: &str) -> Bytes {
-    const START: &[u8] = b"event: content_block_delta\ndata: {\"delta\":{\"partial_json\":";
-    const MIDDLE: &[u8] = b",\"type\":\"input_json_delta\"},\"index\":";
+    delta_frame(index, "partial_json", arguments, "input_json_delta")
+}
+
+/// `{"delta":{"<member>":<piece>,"type":"<kind>"},"index":<index>,"type":"content_block_delta"}`
+/// as an event; `member` sorts before `type`, as in both deltas.
+fn delta_frame(index: u64, member: &str, piece: &str, kind: &str) -> Bytes {
+    const START: &[u8] = b"event: content_block_delta\ndata: {\"delta\":{\"";
     const END: &[u8] = b",\"type\":\"content_block_delta\"}\n\n";
-    let mut out =
-        BytesMut::with_capacity(START.len() + arguments.len() + 2 + MIDDLE.len() + 20 + END.len())
-            .writer();
-    out.get_mut().put_slice(START);
+    let size = START.len() + member.len() + piece.len() + kind.len() + 64 + END.len();
+    let mut out = BytesMut::with_capacity(size).writer();
+    let buffer = out.get_mut();
+    buffer.put_slice(START);
+    buffer.put_slice(member.as_bytes());
+    buffer.put_slice(b"\":");
     // Writing to memory cannot fail.
-    let _ = serde_json::to_writer(&mut out, arguments);
-    out.get_mut().put_slice(MIDDLE);
+    let _ = serde_json::to_writer(&mut out, piece);
+    let buffer = out.get_mut();
+    buffer.put_slice(b",\"type\":\"");
+    buffer.put_slice(kind.as_bytes());
+    buffer.put_slice(b"\"},\"index\":");
     let _ = serde_json::to_writer(&mut out, &index);
     out.get_mut().put_slice(END);
     out.into_inner().freeze()
@@ -742,7 +739,6 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
         const CHOICE: Names = Names(&["delta", "finish_reason"]);
         const DELTA: Names = Names(&["content", "tool_calls"]);
         const CALL: Names = Names(&["index", "id", "function"]);
-        const FUNCTION: Names = Names(&["name", "arguments"]);
         fn out_of_shape<E: serde::de::Error>() -> E {
             E::custom("not a text chunk")
         }
@@ -869,41 +865,14 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
                                 0 => index = map.next_value::<Option<u64>>()?,
                                 1 => drop(map.next_value::<Option<Key>>()?),
                                 _ => {
-                                    arguments =
-                                        map.next_value::<Option<Function>>()?.and_then(|f| f.0)
+                                    arguments = map
+                                        .next_value::<Option<Function>>()?
+                                        .and_then(|f| f.arguments)
                                 }
                             }
                             Ok(())
                         })?;
                         Ok(Call(index.unwrap_or(0), arguments.unwrap_or_default()))
-                    }
-                }
-                value.deserialize_map(Members)
-            }
-        }
-        /// A call's `function`: its arguments (its name checked as a string).
-        struct Function<'a>(Option<Cow<'a, str>>);
-        impl<'de> serde::Deserialize<'de> for Function<'de> {
-            fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-                struct Members;
-                impl<'de> serde::de::Visitor<'de> for Members {
-                    type Value = Function<'de>;
-                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                        f.write_str("a function")
-                    }
-                    fn visit_map<A: serde::de::MapAccess<'de>>(
-                        self,
-                        map: A,
-                    ) -> Result<Function<'de>, A::Error> {
-                        let mut arguments = None;
-                        members(map, FUNCTION, |at, map| {
-                            let text = map.next_value::<Option<Key>>()?.map(|Key(t)| t);
-                            if at == 1 {
-                                arguments = text;
-                            }
-                            Ok(())
-                        })?;
-                        Ok(Function(arguments))
                     }
                 }
                 value.deserialize_map(Members)

@@ -60,7 +60,7 @@ pub fn messages_to_chat_in_shape<'a>(
                 continue;
             }
             "tools" => {
-                tools = from_text::<Option<Tools<'a>>>(text)?.map(|Tools(tools)| tools);
+                tools = from_text::<Option<Vec<Tool<'a>>>>(text)?;
                 continue;
             }
             "tool_choice" => {
@@ -232,11 +232,13 @@ impl<'de> Deserialize<'de> for Content<'de> {
                 Ok(Content::Text(Cow::Borrowed(text)))
             }
             fn visit_str<E>(self, text: &str) -> Result<Content<'de>, E> {
-                let written = serde_json::to_string(text).unwrap_or_default();
-                let contents = written
-                    .get(1..written.len().saturating_sub(1))
-                    .unwrap_or("");
-                Ok(Content::Text(Cow::Owned(contents.to_owned())))
+                // Escaped again as serde writes it, less the quotes.
+                let mut written = serde_json::to_string(text).unwrap_or_default();
+                written.pop();
+                if !written.is_empty() {
+                    written.remove(0);
+                }
+                Ok(Content::Text(Cow::Owned(written)))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
@@ -583,15 +585,6 @@ impl<'de> Deserialize<'de> for UserId<'de> {
             }
         }
         value.deserialize_map(Members)
-    }
-}
-
-/// Custom tools in the shape, as `messages_tools` makes them chat functions.
-struct Tools<'a>(Vec<Tool<'a>>);
-
-impl<'de> Deserialize<'de> for Tools<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        Vec::deserialize(value).map(Tools)
     }
 }
 

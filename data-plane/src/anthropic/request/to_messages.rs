@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 use super::as_written::{
     Copied, Written, checked, from_text, member, string, within_limit, written,
 };
-use crate::anthropic::{Checked, Names, members};
+use crate::anthropic::{Checked, Function, Names, members};
 use crate::request::Key;
 
 /// [`super::chat_to_messages`] of a request in the shape (see the module) with `stream` set
@@ -460,40 +460,6 @@ impl<'de> Deserialize<'de> for Call<'de> {
                     name: name.ok_or_else(|| A::Error::custom("no name"))?,
                     input,
                 })
-            }
-        }
-        value.deserialize_map(Members)
-    }
-}
-
-/// A tool call's `function`: its name and arguments (a string, unescaped).
-struct Function<'a> {
-    name: Option<Cow<'a, str>>,
-    arguments: Option<Cow<'a, str>>,
-}
-
-impl<'de> Deserialize<'de> for Function<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        struct Members;
-        impl<'de> serde::de::Visitor<'de> for Members {
-            type Value = Function<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a function")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                map: A,
-            ) -> Result<Function<'de>, A::Error> {
-                let (mut name, mut arguments) = (None, None);
-                members(map, Names(&["name", "arguments"]), |at, map| {
-                    let value = map.next_value::<Option<Key>>()?.map(|Key(text)| text);
-                    match at {
-                        0 => name = value,
-                        _ => arguments = value,
-                    }
-                    Ok(())
-                })?;
-                Ok(Function { name, arguments })
             }
         }
         value.deserialize_map(Members)
