@@ -45,7 +45,8 @@
 #                                              # tool calls instead, their arguments in 40
 #                                              # pieces (45 events a stream; the bare proxy's
 #                                              # 47): what an agent's streamed calls cost; with
-#                                              # --translated instead, for a chat client (45)
+#                                              # --translated instead, for a chat client (45);
+#                                              # without --streams, whole answers calling it
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
 # examples/bare_proxy, built as shipped in two invocations (`cargo build --release --bins`, then
@@ -84,7 +85,7 @@ while [ $# -gt 0 ]; do
     --messages-to-chat) messages=1; to_chat=1; shift ;;
     --agent) agent=1; shift ;;
     --tool-call) tool_call=1; shift ;;
-    -h|--help) sed -n '2,53p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,54p' "$0"; exit 0 ;;
     *) echo "bench-callgrind: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -182,8 +183,8 @@ if [ -n "$agent" ]; then
   client_api+=(--agent)
 fi
 if [ -n "$tool_call" ]; then
-  [ -n "$to_chat$translated" ] && [ -n "$streams" ] \
-    || { echo "bench-callgrind: --tool-call needs --streams and --messages-to-chat or --translated" >&2; exit 2; }
+  [ -n "$to_chat$translated" ] \
+    || { echo "bench-callgrind: --tool-call needs --messages-to-chat or --translated" >&2; exit 2; }
   client_api+=(--tool-call)
 fi
 drive() { # port duration|warm-up

@@ -36,7 +36,8 @@
 #                                              # Claude Code's shape); whole requests only
 #   ./e2e/bench-cpu.sh --streams 1000 --bare --messages-to-chat --tool-call   # the answers are
 #                                              # tool calls, their arguments in --chunks pieces
-#                                              # (--translated instead: for a chat client)
+#                                              # (--translated instead: for a chat client);
+#                                              # without --streams, whole answers calling it
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl and sluice-bench. Uses the ports
 # of deploy/local/run.sh plus 10,000 (18080, 15051, 18081, 19090; 19091 for the streams' mock)
@@ -74,7 +75,7 @@ while [ $# -gt 0 ]; do
     --messages-to-chat) messages=1; to_chat=1; shift ;;
     --agent) agent=1; shift ;;
     --tool-call) tool_call=1; shift ;;
-    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
     *) echo "bench-cpu: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -157,8 +158,8 @@ if [ -n "$agent" ]; then
   client_api+=(--agent)
 fi
 if [ -n "$tool_call" ]; then
-  [ -n "$to_chat$translated" ] && [ -n "$streams" ] \
-    || { echo "bench-cpu: --tool-call needs --streams and --messages-to-chat or --translated" >&2; exit 2; }
+  [ -n "$to_chat$translated" ] \
+    || { echo "bench-cpu: --tool-call needs --messages-to-chat or --translated" >&2; exit 2; }
   client_api+=(--tool-call)
 fi
 load() { # duration [url key]
