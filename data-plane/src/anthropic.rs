@@ -197,6 +197,64 @@ impl<'de> serde::Deserialize<'de> for Function<'de> {
     }
 }
 
+/// A chat tool call (an assistant message's in a request, a completion's in an answer) as the
+/// `tool_use` block it becomes: its id and name (strings), and its `arguments` unescaped once,
+/// the JSON text of an object as written (`{}` when blank, `null` or absent). Arguments that
+/// are not an object, or that a parse into values refuses, are refused here; so are a call
+/// without an id or a name: the translations into values decide those.
+pub(crate) struct Call<'a> {
+    pub(crate) id: Cow<'a, str>,
+    pub(crate) name: Cow<'a, str>,
+    pub(crate) input: Cow<'a, str>,
+}
+
+impl<'de> serde::Deserialize<'de> for Call<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = Call<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a tool call")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Call<'de>, A::Error> {
+                let (mut id, mut function) = (None, None);
+                members(map, Names(&["id", "function"]), |at, map| {
+                    match at {
+                        0 => id = Some(map.next_value::<Key>()?.0),
+                        _ => function = Some(map.next_value::<Function>()?),
+                    }
+                    Ok(())
+                })?;
+                let Function { name, arguments } =
+                    function.ok_or_else(|| serde::de::Error::custom("no function"))?;
+                // The arguments are the JSON text of an object, unescaped once; blank is none.
+                let input = match arguments {
+                    Some(arguments) if !arguments.trim().is_empty() => {
+                        if !arguments.trim_start().starts_with('{')
+                            || serde_json::from_str::<Checked>(&arguments).is_err()
+                        {
+                            return Err(serde::de::Error::custom(
+                                "arguments that are not an object",
+                            ));
+                        }
+                        arguments
+                    }
+                    _ => Cow::Borrowed("{}"),
+                };
+                Ok(Call {
+                    id: id.ok_or_else(|| serde::de::Error::custom("no id"))?,
+                    name: name.ok_or_else(|| serde::de::Error::custom("no name"))?,
+                    input,
+                })
+            }
+        }
+        value.deserialize_map(Members)
+    }
+}
+
 /// The first element of an array, read by `seed` (`None` for an empty array); the others
 /// checked and passed over: a chat answer's or chunk's `choices`, of which only the first is read.
 pub(crate) struct First<S>(pub S);

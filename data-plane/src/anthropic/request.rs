@@ -687,7 +687,7 @@ fn messages_tool_choice(choice: &Value) -> Result<(Option<Value>, bool), Untrans
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use proptest::prelude::*;
@@ -712,10 +712,10 @@ mod tests {
         (in_shape, parsed_whole)
     }
 
-    /// A written request read into values, however deep: a tool's schema or a call's input
-    /// may nest as deep as the parse takes it in the request, with more levels above it in the
-    /// translated one.
-    fn deep(bytes: &[u8]) -> Value {
+    /// A written request or message read into values, however deep: a tool's schema or a
+    /// call's input may nest as deep as the parse takes it where it was read, with more levels
+    /// above it where it is written.
+    pub(crate) fn deep(bytes: &[u8]) -> Value {
         let mut written = serde_json::Deserializer::from_slice(bytes);
         written.disable_recursion_limit();
         serde::Deserialize::deserialize(&mut written).unwrap()
@@ -786,8 +786,9 @@ mod tests {
         .boxed()
     }
 
-    /// An assistant's tool call, in and near the shape.
-    fn tool_call() -> impl Strategy<Value = String> {
+    /// A chat tool call (an assistant's in a request, a completion's in an answer), in and near
+    /// the shape.
+    pub(crate) fn tool_call() -> impl Strategy<Value = String> {
         let id = prop_oneof![
             6 => string().prop_map(|id| format!("\"id\":{id},")),
             1 => Just(String::new()),

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 
 use serde_json::{Value, json};
 
-use super::{Checked, First, Names, Untranslatable, Usage, members};
+use super::{Call, Checked, First, Names, Untranslatable, Usage, members};
 use crate::request::Key;
 
 /// Anthropic's `stop_reason` → OpenAI's `finish_reason`.
@@ -332,113 +332,128 @@ pub fn completion_to_message(completion: &Value) -> Result<Value, Untranslatable
 }
 
 /// [`completion_to_message`] of a completion's text, written without trees of values when it
-/// is a text answer in the shape OpenAI-format backends write one: its first choice's
-/// `message.content` (or `refusal`) and `finish_reason`, `id`, `model` and `usage` read (`usage`
-/// as [`openai_usage`] reads it), every other member checked as a parse into values checks it
-/// and passed over. `None` for any other completion (tool calls, a member of another type than
-/// that shape's, text that is not a completion), which is then parsed whole; a property test
-/// holds the two to the same bytes.
-pub fn completion_text_to_message(text: &str) -> Option<Vec<u8>> {
-    let TextCompletion {
+/// is in the shape OpenAI-format backends write one: its first choice's `message.content` (or
+/// `refusal`), `tool_calls` and `finish_reason`, `id`, `model` and `usage` read (`usage` as
+/// [`openai_usage`] reads it), every other member checked as a parse into values checks it and
+/// passed over. A call's id and name are strings, and its arguments, the JSON text of an object
+/// inside their string, are copied as the backend wrote them as the block's `input` ([`Call`]).
+/// `None` for any other completion (a member of another type than that shape's, arguments that
+/// are not an object, text that is not a completion), which is then parsed whole; a property
+/// test holds the two to the same message (the same bytes, but for a call's input, which the
+/// parse writes anew).
+pub fn completion_to_message_in_shape(text: &str) -> Option<Vec<u8>> {
+    let Completion {
         id,
         model,
-        text,
+        reply: Reply { text: reply, calls },
         finish,
         usage,
     } = serde_json::from_str(text).ok()?;
-    let text = text.filter(|t| !t.is_empty());
-    serde_json::to_vec(&TextMessage {
-        content: text
-            .map(|text| TextBlock { text, kind: "text" })
-            .into_iter()
-            .collect(),
-        id: message_id(id.as_deref().unwrap_or("")),
-        model,
-        role: "assistant",
-        stop_reason: finish.as_deref().map_or("end_turn", stop_reason),
-        stop_sequence: (),
-        kind: "message",
-        usage: AnthropicFigures {
-            cache_creation_input_tokens: 0,
-            cache_read_input_tokens: usage.cache_read,
-            input_tokens: usage.input.saturating_sub(usage.cache_read),
-            output_tokens: usage.output,
-        },
-    })
-    .ok()
+    let mut out = Vec::with_capacity(text.len() + 128);
+    out.extend_from_slice(b"{\"content\":[");
+    let reply = reply.filter(|t| !t.is_empty());
+    if let Some(reply) = &reply {
+        out.extend_from_slice(b"{\"text\":");
+        string(&mut out, reply);
+        out.extend_from_slice(b",\"type\":\"text\"}");
+    }
+    for (k, Call { id, name, input }) in calls.iter().enumerate() {
+        if k > 0 || reply.is_some() {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"id\":");
+        string(&mut out, id);
+        out.extend_from_slice(b",\"input\":");
+        out.extend_from_slice(input.as_bytes());
+        out.extend_from_slice(b",\"name\":");
+        string(&mut out, name);
+        out.extend_from_slice(b",\"type\":\"tool_use\"}");
+    }
+    out.extend_from_slice(b"],\"id\":");
+    string(&mut out, &message_id(id.as_deref().unwrap_or("")));
+    out.extend_from_slice(b",\"model\":");
+    match &model {
+        Some(model) => string(&mut out, model),
+        None => out.extend_from_slice(b"null"),
+    }
+    let stop = if calls.is_empty() {
+        finish.as_deref().map_or("end_turn", stop_reason)
+    } else {
+        "tool_use"
+    };
+    out.extend_from_slice(b",\"role\":\"assistant\",\"stop_reason\":\"");
+    out.extend_from_slice(stop.as_bytes());
+    out.extend_from_slice(b"\",\"stop_sequence\":null,\"type\":\"message\",\"usage\":");
+    // Keys in the sorted order of `Value`'s map, as `anthropic_usage_value` gives them.
+    for (key, figure) in [
+        (&b"{\"cache_creation_input_tokens\":"[..], 0),
+        (b",\"cache_read_input_tokens\":", usage.cache_read),
+        (
+            b",\"input_tokens\":",
+            usage.input.saturating_sub(usage.cache_read),
+        ),
+        (b",\"output_tokens\":", usage.output),
+    ] {
+        out.extend_from_slice(key);
+        // A u64 into a Vec<u8>: cannot fail.
+        let _ = serde_json::to_writer(&mut out, &figure);
+    }
+    out.extend_from_slice(b"}}");
+    Some(out)
 }
 
-/// The `Message` [`completion_text_to_message`] writes, its keys in the sorted order of
-/// `Value`'s map.
-#[derive(serde::Serialize)]
-struct TextMessage<'a> {
-    content: Vec<TextBlock<'a>>,
-    id: String,
-    model: Option<Cow<'a, str>>,
-    role: &'static str,
-    stop_reason: &'static str,
-    stop_sequence: (),
-    #[serde(rename = "type")]
-    kind: &'static str,
-    usage: AnthropicFigures,
+/// `text` as a JSON string, escaped as serde writes it.
+fn string(out: &mut Vec<u8>, text: &str) {
+    // Writing into a Vec<u8> cannot fail, nor can a str's serialisation.
+    let _ = serde_json::to_writer(&mut *out, text);
 }
 
-#[derive(serde::Serialize)]
-struct TextBlock<'a> {
-    text: Cow<'a, str>,
-    #[serde(rename = "type")]
-    kind: &'static str,
-}
-
-#[derive(serde::Serialize)]
-struct AnthropicFigures {
-    cache_creation_input_tokens: u64,
-    cache_read_input_tokens: u64,
-    input_tokens: u64,
-    output_tokens: u64,
-}
-
-/// What [`completion_text_to_message`] reads of a completion.
+/// What [`completion_to_message_in_shape`] reads of a completion.
 #[derive(Default)]
-struct TextCompletion<'a> {
+struct Completion<'a> {
     id: Option<Cow<'a, str>>,
     model: Option<Cow<'a, str>>,
-    /// The first choice's `content`, else its `refusal`.
-    text: Option<Cow<'a, str>>,
+    reply: Reply<'a>,
     finish: Option<Cow<'a, str>>,
     usage: Usage,
 }
 
-impl<'de> serde::Deserialize<'de> for TextCompletion<'de> {
+/// What the first choice's `message` says: its `content`, else its `refusal`, and its calls.
+#[derive(Default)]
+struct Reply<'a> {
+    text: Option<Cow<'a, str>>,
+    calls: Vec<Call<'a>>,
+}
+
+impl<'de> serde::Deserialize<'de> for Completion<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
         const COMPLETION: Names = Names(&["id", "model", "choices", "usage"]);
         const CHOICE: Names = Names(&["message", "finish_reason"]);
-        const MESSAGE: Names = Names(&["content", "refusal", "tool_calls"]);
         fn key<'de, A: serde::de::MapAccess<'de>>(
             map: &mut A,
         ) -> Result<Option<Cow<'de, str>>, A::Error> {
             Ok(map.next_value::<Option<Key<'de>>>()?.map(|Key(text)| text))
         }
-        struct Completion;
-        impl<'de> serde::de::Visitor<'de> for Completion {
-            type Value = TextCompletion<'de>;
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = Completion<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a chat completion")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 map: A,
-            ) -> Result<TextCompletion<'de>, A::Error> {
-                let mut read = TextCompletion::default();
+            ) -> Result<Completion<'de>, A::Error> {
+                let mut read = Completion::default();
                 let mut choices = false;
                 members(map, COMPLETION, |at, map| {
                     match at {
                         0 => read.id = key(map)?,
                         1 => read.model = key(map)?,
                         2 => {
-                            let (text, finish) =
+                            (read.reply, read.finish) =
                                 map.next_value_seed(First(Choice))?.unwrap_or_default();
-                            (read.text, read.finish, choices) = (text, finish, true);
+                            choices = true;
                         }
                         _ => read.usage = map.next_value::<OpenAiFigures>()?.0,
                     }
@@ -452,7 +467,7 @@ impl<'de> serde::Deserialize<'de> for TextCompletion<'de> {
         }
         struct Choice;
         impl<'de> serde::de::DeserializeSeed<'de> for Choice {
-            type Value = (Option<Cow<'de, str>>, Option<Cow<'de, str>>);
+            type Value = (Reply<'de>, Option<Cow<'de, str>>);
             fn deserialize<D: serde::Deserializer<'de>>(
                 self,
                 value: D,
@@ -461,7 +476,7 @@ impl<'de> serde::Deserialize<'de> for TextCompletion<'de> {
             }
         }
         impl<'de> serde::de::Visitor<'de> for Choice {
-            type Value = (Option<Cow<'de, str>>, Option<Cow<'de, str>>);
+            type Value = (Reply<'de>, Option<Cow<'de, str>>);
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a choice")
             }
@@ -469,53 +484,50 @@ impl<'de> serde::Deserialize<'de> for TextCompletion<'de> {
                 self,
                 map: A,
             ) -> Result<Self::Value, A::Error> {
-                let (mut text, mut finish) = (None, None);
+                let (mut reply, mut finish) = (Reply::default(), None);
                 members(map, CHOICE, |at, map| {
                     match at {
-                        0 => text = map.next_value_seed(Reply)?,
+                        0 => reply = map.next_value::<Option<Reply>>()?.unwrap_or_default(),
                         _ => finish = key(map)?,
                     }
                     Ok(())
                 })?;
-                Ok((text, finish))
+                Ok((reply, finish))
             }
         }
-        /// A choice's `message`: its content, else its refusal; no tool calls.
-        struct Reply;
-        impl<'de> serde::de::DeserializeSeed<'de> for Reply {
-            type Value = Option<Cow<'de, str>>;
-            fn deserialize<D: serde::Deserializer<'de>>(
-                self,
-                value: D,
-            ) -> Result<Self::Value, D::Error> {
-                value.deserialize_map(self)
-            }
-        }
-        impl<'de> serde::de::Visitor<'de> for Reply {
-            type Value = Option<Cow<'de, str>>;
+        value.deserialize_map(Members)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Reply<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        const MESSAGE: Names = Names(&["content", "refusal", "tool_calls"]);
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = Reply<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a message")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 map: A,
-            ) -> Result<Self::Value, A::Error> {
+            ) -> Result<Reply<'de>, A::Error> {
                 let (mut content, mut refusal, mut calls) = (None, None, None);
                 members(map, MESSAGE, |at, map| {
                     match at {
-                        0 => content = key(map)?,
-                        1 => refusal = key(map)?,
-                        _ => calls = map.next_value::<Option<Checked>>()?,
+                        0 => content = map.next_value::<Option<Key>>()?,
+                        1 => refusal = map.next_value::<Option<Key>>()?,
+                        _ => calls = map.next_value::<Option<Vec<Call>>>()?,
                     }
                     Ok(())
                 })?;
-                if calls.is_some() {
-                    return Err(serde::de::Error::custom("tool calls"));
-                }
-                Ok(content.or(refusal))
+                Ok(Reply {
+                    text: content.or(refusal).map(|Key(text)| text),
+                    calls: calls.unwrap_or_default(),
+                })
             }
         }
-        value.deserialize_map(Completion)
+        value.deserialize_map(Members)
     }
 }
 
@@ -596,6 +608,7 @@ pub fn tool_input(arguments: &str, index: usize) -> Result<Value, Untranslatable
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::anthropic::request::tests::{deep, tool_call};
     use proptest::prelude::*;
 
     /// Values a `usage` figure may hold: counts, and what is read as 0.
@@ -689,6 +702,12 @@ mod tests {
             1 => Just("{\"content\":\"a\",\"tool_calls\":null}".to_owned()),
             1 => Just("{\"content\":\"a\",\"tool_calls\":[]}".to_owned()),
             1 => Just("{\"content\":null,\"tool_calls\":[{\"id\":\"c\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"a\\\":1}\"}}]}".to_owned()),
+            6 => (string(), prop::collection::vec(tool_call(), 1..3)).prop_map(|(c, calls)| format!(
+                "{{\"role\":\"assistant\",\"content\":{c},\"refusal\":null,\"tool_calls\":[{}]}}",
+                calls.join(",")
+            )),
+            1 => tool_call().prop_map(|call| format!("{{\"content\":null,\"tool_calls\":{call}}}")),
+            1 => tool_call().prop_map(|call| format!("{{\"tool_calls\":[{call}],\"tool_calls\":null}}")),
             1 => Just("{\"content\":\"a\",\"annotations\":[1e400]}".to_owned()),
             1 => Just("null".to_owned()),
             1 => Just("{}".to_owned()),
@@ -761,12 +780,23 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
         /// Whatever the text, a completion written without trees is the message the whole
         /// parse gives, and the reading in the shape gives up rather than answer otherwise.
         #[test]
         fn a_completion_read_in_its_shape_translates_as_parsed_whole(text in completion()) {
-            if let Some(message) = completion_text_to_message(&text) {
-                prop_assert_eq!(Some(message), message_parsed_whole(&text), "{}", text);
+            if let Some(message) = completion_to_message_in_shape(&text) {
+                let whole = message_parsed_whole(&text);
+                prop_assert!(whole.is_some(), "{}", text);
+                let whole = whole.unwrap();
+                // A call's input nests as deep as its arguments, below the message's levels.
+                let value = deep(&message);
+                prop_assert_eq!(&value, &deep(&whole), "{}", text);
+                // A call's input is copied as written, which the parse writes anew; all else
+                // is the same bytes.
+                if value["stop_reason"] != "tool_use" {
+                    prop_assert_eq!(message, whole, "{}", text);
+                }
             }
         }
     }
@@ -778,10 +808,50 @@ mod tests {
             r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hello \"there\"","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12,"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}},"service_tier":"default","system_fingerprint":"fp_1"}"#,
             r#"{"id":"chatcmpl-2","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":null,"refusal":"I can't help with that."},"logprobs":null,"finish_reason":"content_filter"}],"usage":null}"#,
         ] {
-            let message = completion_text_to_message(text);
+            let message = completion_to_message_in_shape(text);
             assert!(message.is_some(), "{text}");
             assert_eq!(message, message_parsed_whole(text));
         }
+    }
+
+    /// A tool call answer as backends write it is read in its shape: its input copied as
+    /// written, the rest the bytes the parse writes.
+    #[test]
+    fn a_tool_call_completion_as_backends_write_it_is_read_in_its_shape() {
+        let text = r##"{"id":"chatcmpl-3","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Writing it.","refusal":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"Write","arguments":"{\"file_path\":\"report.md\",\"content\":\"# Report\\n\\u00e9t\u00e9\"}"}},{"id":"call_2","type":"function","function":{"name":"Read","arguments":" "}}],"annotations":[]},"logprobs":null,"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12,"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}},"system_fingerprint":"fp_1"}"##;
+        let message = completion_to_message_in_shape(text).expect("in the shape");
+        assert_eq!(
+            String::from_utf8(message).unwrap(),
+            r##"{"content":[{"text":"Writing it.","type":"text"},{"id":"call_1","input":{"file_path":"report.md","content":"# Report\n\u00e9té"},"name":"Write","type":"tool_use"},{"id":"call_2","input":{},"name":"Read","type":"tool_use"}],"id":"msg_3","model":"gpt-4o","role":"assistant","stop_reason":"tool_use","stop_sequence":null,"type":"message","usage":{"cache_creation_input_tokens":0,"cache_read_input_tokens":4,"input_tokens":5,"output_tokens":3}}"##
+        );
+        let whole: Value = serde_json::from_slice(&message_parsed_whole(text).unwrap()).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&completion_to_message_in_shape(text).unwrap())
+                .unwrap(),
+            whole
+        );
+    }
+
+    /// A call's arguments are parsed on their own: nested to the parse's limit they are read
+    /// in the shape, one level deeper they are left to the whole parse, which refuses them.
+    #[test]
+    fn arguments_nested_to_the_limit_are_read_in_the_shape_and_no_deeper() {
+        let completion = |levels: usize| {
+            let arguments = format!("{{\"a\":{}{}}}", "[".repeat(levels), "]".repeat(levels));
+            let arguments = serde_json::to_string(&arguments).unwrap();
+            format!(
+                r#"{{"id":"chatcmpl-1","model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":null,"tool_calls":[{{"id":"c","type":"function","function":{{"name":"f","arguments":{arguments}}}}}]}},"finish_reason":"tool_calls"}}]}}"#
+            )
+        };
+        let deepest = completion(126);
+        let message = completion_to_message_in_shape(&deepest).expect("in the shape");
+        assert_eq!(
+            deep(&message),
+            deep(&message_parsed_whole(&deepest).unwrap())
+        );
+        let deeper = completion(127);
+        assert_eq!(completion_to_message_in_shape(&deeper), None);
+        assert_eq!(message_parsed_whole(&deeper), None);
     }
 
     #[test]

@@ -113,7 +113,7 @@ impl Translation {
                 }
                 let text = crate::utf8::text(body)?;
                 let tokens = usage_of_answer(text);
-                if let Some(message) = response::completion_text_to_message(text) {
+                if let Some(message) = response::completion_to_message_in_shape(text) {
                     return Some((status, Bytes::from(message), tokens));
                 }
                 let completion: serde_json::Value = serde_json::from_str(text).ok()?;

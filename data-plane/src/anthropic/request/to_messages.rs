@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 use super::as_written::{
     Copied, Written, checked, from_text, member, string, within_limit, written,
 };
-use crate::anthropic::{Checked, Function, Names, members};
+use crate::anthropic::{Call, Checked, Function, Names, members};
 use crate::request::Key;
 
 /// [`super::chat_to_messages`] of a request in the shape (see the module) with `stream` set
@@ -408,58 +408,6 @@ impl<'de> Deserialize<'de> for PartOf<'de> {
                     Some("refusal") => Ok(PartOf(Part::Refusal(read(refusal)))),
                     _ => Err(A::Error::custom("a part outside the shape")),
                 }
-            }
-        }
-        value.deserialize_map(Members)
-    }
-}
-
-/// An assistant's tool call as the `tool_use` block it becomes.
-struct Call<'a> {
-    id: Cow<'a, str>,
-    name: Cow<'a, str>,
-    input: Cow<'a, str>,
-}
-
-impl<'de> Deserialize<'de> for Call<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        struct Members;
-        impl<'de> serde::de::Visitor<'de> for Members {
-            type Value = Call<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a tool call")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                map: A,
-            ) -> Result<Call<'de>, A::Error> {
-                let (mut id, mut function) = (None, None);
-                members(map, Names(&["id", "function"]), |at, map| {
-                    match at {
-                        0 => id = Some(map.next_value::<Key>()?.0),
-                        _ => function = Some(map.next_value::<Function>()?),
-                    }
-                    Ok(())
-                })?;
-                let Function { name, arguments } =
-                    function.ok_or_else(|| A::Error::custom("no function"))?;
-                // The arguments are the JSON text of an object, unescaped once; blank is none.
-                let input = match arguments {
-                    Some(arguments) if !arguments.trim().is_empty() => {
-                        if !arguments.trim_start().starts_with('{')
-                            || from_text::<Checked>(&arguments).is_none()
-                        {
-                            return Err(A::Error::custom("arguments that are not an object"));
-                        }
-                        arguments
-                    }
-                    _ => Cow::Borrowed("{}"),
-                };
-                Ok(Call {
-                    id: id.ok_or_else(|| A::Error::custom("no id"))?,
-                    name: name.ok_or_else(|| A::Error::custom("no name"))?,
-                    input,
-                })
             }
         }
         value.deserialize_map(Members)
