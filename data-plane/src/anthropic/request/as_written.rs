@@ -74,9 +74,66 @@ pub(super) fn checked(raw: &RawValue, depth: usize) -> bool {
     if text.starts_with('"') {
         return written(raw).is_some();
     }
+    match plain_nesting(text) {
+        Some(levels) => levels <= LEVELS.saturating_sub(depth),
+        None => parsed_within(text, depth),
+    }
+}
+
+/// [`checked`] by a parse of the value with the room left under the limit: what a parse into
+/// values refuses in it, this refuses.
+fn parsed_within(text: &str, depth: usize) -> bool {
     // A `RawValue` is one value and nothing after it: no need to check the end.
     let mut value = serde_json::Deserializer::from_str(text);
     serde::de::DeserializeSeed::deserialize(Room(LEVELS.saturating_sub(depth)), &mut value).is_ok()
+}
+
+/// How many levels of arrays and objects `text`, a JSON value as written (read as a
+/// `RawValue`: its syntax, escapes and control characters checked), nests, when it holds
+/// nothing else a parse into values could refuse: no `\u` escape (one may be a lone
+/// surrogate), no exponent and no run of 300 digits (only those make a number out of `f64`'s
+/// range, which reaches 309 digits). `None` when it holds one of those: [`parsed_within`]
+/// decides. One pass over the bytes, strings skipped from quote to quote by `memchr2`, where
+/// the parse visits every value.
+fn plain_nesting(text: &str) -> Option<usize> {
+    const LONGEST_PLAIN_NUMBER: usize = 300;
+    let bytes = text.as_bytes();
+    let (mut depth, mut deepest, mut digits) = (0usize, 0usize, 0usize);
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        match byte {
+            b'"' => {
+                // To the closing quote, past escapes; a `\u` escape ends the pass.
+                loop {
+                    at += 1 + memchr::memchr2(b'"', b'\\', bytes.get(at + 1..)?)?;
+                    if bytes[at] == b'"' {
+                        break;
+                    }
+                    if bytes.get(at + 1) == Some(&b'u') {
+                        return None;
+                    }
+                    at += 1;
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'0'..=b'9' => {
+                digits += 1;
+                if digits >= LONGEST_PLAIN_NUMBER {
+                    return None;
+                }
+            }
+            // An exponent follows a digit; the `e` of `true` and `false` follows a letter. (In
+            // JSON a separator always comes between a number and a string or a bracket.)
+            b'e' | b'E' if digits > 0 => return None,
+            _ => digits = 0,
+        }
+        at += 1;
+    }
+    Some(deepest)
 }
 
 /// The contents of `raw` (escapes kept) when it is a string a parse into values takes.
@@ -177,6 +234,7 @@ impl Room {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use proptest::prelude::*;
     use serde_json::Value;
 
     use super::*;
@@ -194,6 +252,100 @@ mod tests {
             ("{\"a\\\\\":[\"]\"]}", 2),
         ] {
             assert_eq!(nesting(text), levels, "{text}");
+        }
+    }
+
+    /// JSON values as clients write them and what is near the parse's limits: numbers of every
+    /// form (exponents, out of range, long runs of digits), strings with escapes (surrogates
+    /// paired and alone, an escaped backslash before a `u`), `true` and `false` beside numbers,
+    /// whitespace, nested to and past the limit.
+    fn value() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            Just("false".to_owned()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| serde_json::to_string(&f).unwrap()),
+            "-?[0-9]{1,3}(\\.[0-9]{1,3})?[eE][+-]?[0-9]{1,3}",
+            "[1-9][0-9]{295,315}(\\.[0-9]{1,3})?",
+            "0\\.[0-9]{295,305}",
+            any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+            "\"[a-z e1\\[\\]{}]{0,8}\"",
+            prop::sample::select(vec![
+                "\"\\ud800\"",
+                "\"\\ud83d\\ude00\"",
+                "\"\\udc00x\"",
+                "\"a\\\\u\"",
+                "\"\\\\\\ud800\"",
+                "\"\\\"1e9\"",
+                "\"\\n\\t\\/\"",
+            ])
+            .prop_map(str::to_owned),
+        ];
+        let nested = leaf.prop_recursive(6, 48, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|items| format!("[{}]", items.join(","))),
+                prop::collection::vec(("\"[a-z\\\\u0-9]{0,4}\"", inner), 0..4).prop_map(
+                    |members| {
+                        let members: Vec<String> = members
+                            .into_iter()
+                            .map(|(k, v)| format!("{k} : {v}"))
+                            .collect();
+                        format!("{{ {} }}", members.join(" ,\n"))
+                    }
+                ),
+            ]
+        });
+        (
+            nested,
+            prop_oneof![6 => Just(0usize), 1 => 0..8usize, 1 => 118..130usize],
+        )
+            .prop_map(|(value, levels)| {
+                format!("{}{value}{}", "[".repeat(levels), "]".repeat(levels))
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+        /// Whatever the value, the pass over its bytes takes it exactly where the parse with
+        /// the room left under the limit takes it, at every depth.
+        #[test]
+        fn a_value_passed_over_is_checked_as_the_parse_checks_it(text in value()) {
+            // Texts that are not one JSON value (an escape the generator cut wrong) are not
+            // copied as written: a `RawValue` refuses them first.
+            if let Ok(raw) = RawValue::from_string(text.clone()) {
+                for depth in [0, 1, 2, 5, 64, 120, 126, 127, 128] {
+                    prop_assert_eq!(
+                        checked(&raw, depth),
+                        parsed_within(&text, depth),
+                        "{} at {}",
+                        text,
+                        depth
+                    );
+                }
+            }
+        }
+    }
+
+    /// The values tools' schemas and calls' inputs are made of are told by the pass over
+    /// their bytes, without the parse.
+    #[test]
+    fn plain_values_are_checked_without_the_parse() {
+        for (text, levels) in [
+            ("null", 0),
+            ("-12.50", 0),
+            ("[1, true, 2.5, false, null, \"e1\"]", 1),
+            (
+                r#"{"type":"object","properties":{"n":{"type":"integer","minimum":-1,"maximum":1.5}},"required":["n"]}"#,
+                3,
+            ),
+            (r#"{"a\"[":"\\[\n","b":[[{}]]}"#, 4),
+        ] {
+            assert_eq!(plain_nesting(text), Some(levels), "{text}");
+        }
+        for text in ["1e5", "[2E-3]", "\"\\u00e9\"", &"9".repeat(300)] {
+            assert_eq!(plain_nesting(text), None, "{text}");
         }
     }
 
