@@ -40,7 +40,8 @@ cargo build --workspace --bins
 log "cargo test"
 cargo test --workspace
 
-# The cargo-fuzz targets (request parsing, SSE parsing, the Anthropic stream translations, reading usage) for a short bounded time from the
+# The cargo-fuzz targets (request parsing, SSE parsing, the Anthropic stream translations, the
+# whole requests' and answers' Anthropic translations, reading usage) for a short bounded time from the
 # committed seeds plus whatever corpus earlier runs left; a crash fails the run. Longer runs
 # by hand: see "Fuzzing" in the README. SLUICE_FUZZ_SECONDS=0 skips this step.
 # No sanitizer: the code under test is safe Rust (unsafe_code is forbidden), and without
@@ -53,7 +54,7 @@ if [ "$fuzz_seconds" -gt 0 ]; then
   command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
   fuzz_dir="$(realpath -m "${CARGO_TARGET_DIR:-target}")/fuzz"
   mkdir -p "$fuzz_dir"
-  for target in request sse anthropic_stream usage; do
+  for target in request sse anthropic_stream anthropic_translation usage; do
     mkdir -p "data-plane/fuzz/corpus/$target"
     fuzz_log="$fuzz_dir/$target.log"
     # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
