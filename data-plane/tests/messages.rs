@@ -404,6 +404,46 @@ async fn upstream_errors_reach_messages_clients_in_anthropic_shape() {
     assert_eq!(records[3].error_kind, ErrorKind::StreamInterrupted as i32);
 }
 
+/// An OpenAI-format backend's whole answer a Messages client cannot be given (not JSON, or a
+/// tool call whose arguments are not an object) is a 502 in Anthropic's shape, never a broken
+/// message; the tokens its `usage` reports are recorded all the same, as the backend may have
+/// charged for them; and the next answer is translated as ever.
+#[tokio::test]
+async fn an_answer_a_messages_client_cannot_be_given_is_a_502_and_its_usage_counts() {
+    use sluice_e2e::mock::GarbageKind;
+    let gpt = mock("gpt");
+    let mut snap = snapshot(
+        1,
+        vec![backend("gpt", &gpt.base_url(), proto::Pool::Primary, 0)],
+    );
+    snap.settings.as_mut().unwrap().max_attempts = 1;
+    let h = Harness::start(snap).await;
+
+    for garbage in [GarbageKind::NotJson, GarbageKind::BadToolCall] {
+        gpt.set_fault(Fault::Garbage(garbage).times(1));
+        let (status, kind, body) =
+            anthropic_error(send(&h, "/v1/messages", &hello(false)).await).await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (502, "api_error"),
+            "{garbage:?}: {body}"
+        );
+    }
+    let response = send(&h, "/v1/messages", &hello(false)).await;
+    assert_eq!(response.status(), 200);
+    let message: Value = response.json().await.unwrap();
+    assert_eq!(message["type"], "message");
+
+    let records = h.records(3).await;
+    let statuses: Vec<u32> = records.iter().map(|r| r.status_code).collect();
+    assert_eq!(statuses, [502, 502, 200]);
+    let tokens: Vec<(u64, u64)> = records
+        .iter()
+        .map(|r| (r.prompt_tokens, r.completion_tokens))
+        .collect();
+    assert_eq!(tokens, [(0, 0), (5, 5), (2, 3)]);
+}
+
 #[tokio::test]
 async fn an_overloaded_anthropic_backend_fails_over_to_an_openai_fallback_within_one_request() {
     let claude = mock("claude");

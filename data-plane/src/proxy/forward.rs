@@ -698,7 +698,7 @@ async fn deliver(
         } => {
             let status = match &mode {
                 Mode::Translated(t) => match t.whole(status, &body, unix_now()) {
-                    Some((status, translated, tokens)) => {
+                    Ok((status, translated, tokens)) => {
                         body = translated;
                         if let Some(tokens) = tokens {
                             acct.tokens(tokens);
@@ -709,7 +709,14 @@ async fn deliver(
                         );
                         status
                     }
-                    None => return error(acct, ProxyError::UpstreamInvalid).await,
+                    Err(tokens) => {
+                        // The backend answered what the client cannot be given; what its
+                        // `usage` says it spent is spent all the same.
+                        if let Some(tokens) = tokens {
+                            acct.tokens(tokens);
+                        }
+                        return error(acct, ProxyError::UpstreamInvalid).await;
+                    }
                 },
                 _ => status,
             };

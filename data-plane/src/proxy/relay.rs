@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::accounting::{Accounting, Tokens};
-use super::usage_figures::{usage_of, usage_of_answer};
+use super::usage_figures::{usage_of, usage_of_answer, usage_value_of_answer};
 use crate::anthropic::Usage;
 use crate::anthropic::stream::{ChunksFromEvents, EventUsage, EventsFromChunks, Flow};
 use crate::deadline::Alarm;
@@ -87,39 +87,48 @@ impl Translation {
     }
 
     /// A whole (non-streamed) answer in the client's API: the status and body it gets, with
-    /// the tokens of a success, or `None` when a 2xx body is not what the backend's API
-    /// answers (or, from an OpenAI-format backend, holds tool arguments that are not a JSON
-    /// object). `created`: now, in Unix seconds.
+    /// the tokens of a success. `Err` when a 2xx body is not what the backend's API answers
+    /// (or, from an OpenAI-format backend, holds tool arguments that are not a JSON object),
+    /// with the tokens its `usage` reports all the same: the backend answered, and may have
+    /// charged for it. `created`: now, in Unix seconds.
     pub(super) fn whole(
         &self,
         status: StatusCode,
         body: &[u8],
         created: u64,
-    ) -> Option<(StatusCode, Bytes, Option<Tokens>)> {
-        use crate::anthropic::{error, response};
+    ) -> Result<(StatusCode, Bytes, Option<Tokens>), Option<Tokens>> {
+        use crate::anthropic::{error, message, response};
         match self {
             Self::ChatFromEvents(_) => {
                 if !status.is_success() {
                     let (status, body) = error::to_openai(status, body);
-                    return Some((status, body, None));
+                    return Ok((status, body, None));
                 }
-                let (completion, usage) =
-                    crate::anthropic::message::completion_of(crate::utf8::text(body)?, created)?;
-                Some((status, Bytes::from(completion), usage.map(tokens_of)))
+                match crate::utf8::text(body).and_then(|text| message::completion_of(text, created))
+                {
+                    Some((completion, usage)) => {
+                        Ok((status, Bytes::from(completion), usage.map(tokens_of)))
+                    }
+                    None => Err(usage_value_of_answer(body)
+                        .and_then(response::anthropic_usage_in)
+                        .map(tokens_of)),
+                }
             }
             Self::EventsFromChunks(_) => {
                 if !status.is_success() {
-                    return Some((status, error::to_anthropic(status, body), None));
+                    return Ok((status, error::to_anthropic(status, body), None));
                 }
-                let text = crate::utf8::text(body)?;
+                let text = crate::utf8::text(body).ok_or(None)?;
                 let tokens = usage_of_answer(text);
                 if let Some(message) = response::completion_to_message_in_shape(text) {
-                    return Some((status, Bytes::from(message), tokens));
+                    return Ok((status, Bytes::from(message), tokens));
                 }
-                let completion: serde_json::Value = serde_json::from_str(text).ok()?;
-                completion.get("choices").filter(|c| c.is_array())?;
-                let message = response::completion_to_message(&completion).ok()?;
-                Some((status, Bytes::from(message.to_string()), tokens))
+                serde_json::from_str::<serde_json::Value>(text)
+                    .ok()
+                    .filter(|completion| completion.get("choices").is_some_and(|c| c.is_array()))
+                    .and_then(|completion| response::completion_to_message(&completion).ok())
+                    .map(|message| (status, Bytes::from(message.to_string()), tokens))
+                    .ok_or(tokens)
             }
         }
     }
@@ -630,7 +639,46 @@ impl Body for Relay {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A 2xx answer that cannot be given to the client in its API is an `Err` carrying the
+    /// tokens its `usage` reports, either way; one that can carries them with its body.
+    #[test]
+    fn an_answer_that_cannot_be_translated_still_reports_its_tokens() {
+        use crate::anthropic::stream::{ChunksFromEvents, EventsFromChunks};
+        let for_messages = Translation::EventsFromChunks(EventsFromChunks::default());
+        let bad_call = br#"{"id":"c","choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"[1]"}}]},"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":5,"completion_tokens":7}}"#;
+        let tokens = for_messages
+            .whole(StatusCode::OK, bad_call, 0)
+            .unwrap_err()
+            .unwrap();
+        assert_eq!((tokens.prompt, tokens.completion), (5, 7));
+        assert_eq!(
+            for_messages
+                .whole(StatusCode::OK, b"<html>", 0)
+                .unwrap_err(),
+            None
+        );
+        let good = String::from_utf8_lossy(bad_call).replace("[1]", "{}");
+        let (status, _, tokens) = for_messages
+            .whole(StatusCode::OK, good.as_bytes(), 0)
+            .unwrap();
+        assert_eq!(
+            (status, tokens.map(|t| t.completion)),
+            (StatusCode::OK, Some(7))
+        );
+
+        let for_chat = Translation::ChatFromEvents(ChunksFromEvents::new(0, false));
+        // Not a message (no `type`), though it says what it spent.
+        let not_a_message =
+            br#"{"id":"m","content":[],"usage":{"input_tokens":3,"output_tokens":4}}"#;
+        let tokens = for_chat
+            .whole(StatusCode::OK, not_a_message, 0)
+            .unwrap_err()
+            .unwrap();
+        assert_eq!((tokens.prompt, tokens.completion), (3, 4));
+    }
 
     fn event(name: Option<&str>, data: &str) -> Event {
         Event {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 /// JSON (serde's external tagging, snake_case):
 /// `{"status":{"code":429,"retry_after":{"seconds":2}}}`, `{"status":{"code":503}}`, `"reset"`,
 /// `"stall"`, `{"delay_ms":2000}`, `{"cut_after_chunks":3}`, `{"garbage":"not_json"}` (or
-/// `"invalid_sse"`, `"giant_line"`), `{"echo_key":{"code":401}}`.
+/// `"invalid_sse"`, `"giant_line"`, `"bad_tool_call"`), `{"echo_key":{"code":401}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
@@ -56,6 +56,10 @@ pub enum GarbageKind {
     InvalidSse,
     /// `content-type: text/event-stream` and one line `data: xxxx…` of 8 MiB with no newline.
     GiantLine,
+    /// `content-type: application/json` with a chat completion calling a tool whose arguments
+    /// are not a JSON object (an array), with its `usage` (5 prompt and 5 completion tokens):
+    /// valid chat, but no `tool_use` a Messages client could be given.
+    BadToolCall,
 }
 
 /// The retry hints sent with a [`Fault::Status`].

@@ -248,6 +248,8 @@ data: {]\n\n";
 const NOT_JSON: &[u8] =
     b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n";
 
+const BAD_TOOL_CALL: &[u8] = br#"{"id":"chatcmpl-garbage","object":"chat.completion","created":1,"model":"mock","choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"call_garbage","type":"function","function":{"name":"Write","arguments":"[1]"}}]},"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":5,"completion_tokens":5,"total_tokens":10}}"#;
+
 /// The content type and body of a garbage answer.
 pub(crate) fn garbage(
     kind: GarbageKind,
@@ -260,6 +262,10 @@ pub(crate) fn garbage(
         GarbageKind::NotJson => (
             "application/json",
             Box::new(futures::stream::iter([data(NOT_JSON)])),
+        ),
+        GarbageKind::BadToolCall => (
+            "application/json",
+            Box::new(futures::stream::iter([data(BAD_TOOL_CALL)])),
         ),
         GarbageKind::InvalidSse => (
             "text/event-stream; charset=utf-8",
