@@ -255,6 +255,13 @@ impl<'de> serde::Deserialize<'de> for Call<'de> {
     }
 }
 
+/// `text` as a JSON string, escaped as serde writes it (for the writers of translated
+/// requests and answers).
+pub(crate) fn string(out: &mut Vec<u8>, text: &str) {
+    // Writing into a Vec<u8> cannot fail, nor can a str's serialisation.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
 /// The first element of an array, read by `seed` (`None` for an empty array); the others
 /// checked and passed over: a chat answer's or chunk's `choices`, of which only the first is read.
 pub(crate) struct First<S>(pub S);

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 
 use serde_json::{Value, json};
 
-use super::{Call, Checked, First, Names, Untranslatable, Usage, members};
+use super::{Call, Checked, First, Names, Untranslatable, Usage, members, string};
 use crate::request::Key;
 
 /// Anthropic's `stop_reason` → OpenAI's `finish_reason`.
@@ -400,12 +400,6 @@ pub fn completion_to_message_in_shape(text: &str) -> Option<Vec<u8>> {
     }
     out.extend_from_slice(b"}}");
     Some(out)
-}
-
-/// `text` as a JSON string, escaped as serde writes it.
-fn string(out: &mut Vec<u8>, text: &str) {
-    // Writing into a Vec<u8> cannot fail, nor can a str's serialisation.
-    let _ = serde_json::to_writer(&mut *out, text);
 }
 
 /// What [`completion_to_message_in_shape`] reads of a completion.

@@ -23,42 +23,14 @@ pub(super) fn member(out: &mut Vec<u8>, name: &str) {
     out.extend_from_slice(b"\":");
 }
 
-/// `text` as a JSON string, escaped as serde writes it.
-pub(super) fn string(out: &mut Vec<u8>, text: &str) {
-    // Writing into a Vec<u8> cannot fail, nor can a str's serialisation.
-    let _ = serde_json::to_writer(&mut *out, text);
-}
-
 /// The levels of arrays and objects a parse into values takes from a top-level member: the
 /// 128th is refused.
 pub(super) const LEVELS: usize = 127;
 
 /// How many levels of arrays and objects `text`, a JSON value as written, nests.
 pub(super) fn nesting(text: &str) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    let mut bytes = text.bytes();
-    while let Some(byte) = bytes.next() {
-        match byte {
-            b'[' | b'{' => {
-                depth += 1;
-                deepest = deepest.max(depth);
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            b'"' => {
-                while let Some(byte) = bytes.next() {
-                    match byte {
-                        b'\\' => {
-                            bytes.next();
-                        }
-                        b'"' => break,
-                        _ => {}
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    deepest
+    // Without the plain checks the pass answers for every value as written.
+    levels(text, false).unwrap_or_default()
 }
 
 /// Whether a parse of a top-level member into values takes `text`, a value as written
@@ -93,9 +65,15 @@ fn parsed_within(text: &str, depth: usize) -> bool {
 /// nothing else a parse into values could refuse: no `\u` escape (one may be a lone
 /// surrogate), no exponent and no run of 300 digits (only those make a number out of `f64`'s
 /// range, which reaches 309 digits). `None` when it holds one of those: [`parsed_within`]
-/// decides. One pass over the bytes, strings skipped from quote to quote by `memchr2`, where
-/// the parse visits every value.
+/// decides. One pass over the bytes, where the parse visits every value.
 fn plain_nesting(text: &str) -> Option<usize> {
+    levels(text, true)
+}
+
+/// The levels `text` nests, in one pass, strings skipped from quote to quote by `memchr2`;
+/// with `plain`, `None` as soon as it holds what [`plain_nesting`] leaves to the parse. `None`
+/// also for a string that does not end (not a value as written).
+fn levels(text: &str, plain: bool) -> Option<usize> {
     const LONGEST_PLAIN_NUMBER: usize = 300;
     let bytes = text.as_bytes();
     let (mut depth, mut deepest, mut digits) = (0usize, 0usize, 0usize);
@@ -103,13 +81,13 @@ fn plain_nesting(text: &str) -> Option<usize> {
     while let Some(&byte) = bytes.get(at) {
         match byte {
             b'"' => {
-                // To the closing quote, past escapes; a `\u` escape ends the pass.
+                // To the closing quote, past escapes.
                 loop {
                     at += 1 + memchr::memchr2(b'"', b'\\', bytes.get(at + 1..)?)?;
                     if bytes[at] == b'"' {
                         break;
                     }
-                    if bytes.get(at + 1) == Some(&b'u') {
+                    if plain && bytes.get(at + 1) == Some(&b'u') {
                         return None;
                     }
                     at += 1;
@@ -120,7 +98,7 @@ fn plain_nesting(text: &str) -> Option<usize> {
                 deepest = deepest.max(depth);
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
-            b'0'..=b'9' => {
+            b'0'..=b'9' if plain => {
                 digits += 1;
                 if digits >= LONGEST_PLAIN_NUMBER {
                     return None;
@@ -250,6 +228,8 @@ mod tests {
             ("[[1],{\"a\":[2]}]", 3),
             ("[\"\\\"[[[\",{}]", 2),
             ("{\"a\\\\\":[\"]\"]}", 2),
+            // What the plain pass leaves to the parse is counted here.
+            ("[\"\\u0041\",1e5,[2]]", 2),
         ] {
             assert_eq!(nesting(text), levels, "{text}");
         }

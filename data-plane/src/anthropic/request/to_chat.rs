@@ -22,8 +22,8 @@ use serde::de::Error as _;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::as_written::{Copied, Written, from_text, member, string, within_limit, written};
-use crate::anthropic::{Checked, Names, members};
+use super::as_written::{Copied, Written, from_text, member, within_limit, written};
+use crate::anthropic::{Checked, Names, members, string};
 use crate::request::Key;
 
 /// [`super::messages_to_chat`] of a Messages request in the shape (see the module), written

@@ -18,10 +18,8 @@ use serde::Deserialize;
 use serde::de::Error as _;
 use serde_json::value::RawValue;
 
-use super::as_written::{
-    Copied, Written, checked, from_text, member, string, within_limit, written,
-};
-use crate::anthropic::{Call, Checked, Function, Names, members};
+use super::as_written::{Copied, Written, checked, from_text, member, within_limit, written};
+use crate::anthropic::{Call, Checked, Function, Names, members, string};
 use crate::request::Key;
 
 /// [`super::chat_to_messages`] of a request in the shape (see the module) with `stream` set
