@@ -270,7 +270,8 @@ impl ProxyError {
             | Self::KeyParallelLimited { .. }
             | Self::BackendsBusy { .. } => ErrorKind::RateLimited,
             Self::ModelNotFound(_) => ErrorKind::NoBackend,
-            Self::UpstreamConnect | Self::UpstreamInvalid => ErrorKind::UpstreamConnect,
+            Self::UpstreamConnect => ErrorKind::UpstreamConnect,
+            Self::UpstreamInvalid => ErrorKind::UpstreamInvalid,
             Self::UpstreamTimeout => ErrorKind::UpstreamTimeout,
             Self::NotReady
             | Self::UsageUnrecordable(_)

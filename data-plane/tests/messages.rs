@@ -442,6 +442,16 @@ async fn an_answer_a_messages_client_cannot_be_given_is_a_502_and_its_usage_coun
         .map(|r| (r.prompt_tokens, r.completion_tokens))
         .collect();
     assert_eq!(tokens, [(0, 0), (5, 5), (2, 3)]);
+    // The backend answered: the record says what went wrong, not that it could not be reached.
+    let kinds: Vec<i32> = records.iter().map(|r| r.error_kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ErrorKind::UpstreamInvalid as i32,
+            ErrorKind::UpstreamInvalid as i32,
+            ErrorKind::Unspecified as i32
+        ]
+    );
 }
 
 #[tokio::test]
