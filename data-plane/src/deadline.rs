@@ -140,14 +140,18 @@ impl Drop for Held {
     }
 }
 
-/// A response body holding its deadline on the connection while it is sent.
+/// A response body holding its deadline on the connection while it is sent, if it is a
+/// stream's. Every response of a connection is one (with or without a hold), so that a
+/// stream's body is not boxed a second time to hold its deadline: each of its frames went
+/// through that second box's dynamic call and its error mapping (about 140 instructions an
+/// event).
 pub struct Holding<B> {
     body: B,
-    _held: Held,
+    _held: Option<Held>,
 }
 
 impl<B> Holding<B> {
-    pub fn new(body: B, held: Held) -> Self {
+    pub fn new(body: B, held: Option<Held>) -> Self {
         Self { body, _held: held }
     }
 }

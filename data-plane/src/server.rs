@@ -625,16 +625,16 @@ fn hold_deadline(
     arrived: tokio::time::Instant,
     store: &SnapshotStore,
     deadline: &ConnectionDeadline,
-) -> axum::response::Response {
+) -> http::Response<deadline::Holding<axum::body::Body>> {
     let stream = response
         .headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|t| t.as_bytes() == b"text/event-stream");
-    let Some(snapshot) = stream.then(|| store.load()).flatten() else {
-        return response;
-    };
-    let held = deadline.hold(arrived + snapshot.policy.request_timeout + deadline::GRACE);
-    response.map(|body| axum::body::Body::new(deadline::Holding::new(body, held)))
+    let held = stream
+        .then(|| store.load())
+        .flatten()
+        .map(|snapshot| deadline.hold(arrived + snapshot.policy.request_timeout + deadline::GRACE));
+    response.map(|body| deadline::Holding::new(body, held))
 }
 
 /// Binds and serves until `shutdown`.
