@@ -10,6 +10,11 @@
 #                                              # rate, right after, and the ratio of the totals
 #   ./e2e/bench-cpu.sh --bare --no-spool       # Sluice without its usage spool (what the spool
 #                                              # costs: alternate with and without)
+#   ./e2e/bench-cpu.sh --bare --saturate 32    # at saturation (32 connections, as
+#                                              # bench-nginx.sh --hyper) instead of a rate: also
+#                                              # the control plane's and the load generator's CPU
+#                                              # per request, and the whole machine's, which on
+#                                              # shared cores is what the throughput ratio follows
 #   ./e2e/bench-cpu.sh --streams 1000 --bare   # CPU per relayed SSE event instead: rounds of
 #                                              # 1,000 concurrent streams (--rounds 3) of a mock
 #                                              # answering --chunks 40 content chunks, one every
@@ -56,6 +61,7 @@ translated=""
 to_chat=""
 agent=""
 tool_call=""
+saturate=""
 rounds=3
 chunks=40
 chunk_interval=50ms
@@ -65,6 +71,7 @@ while [ $# -gt 0 ]; do
     --rate) rate=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     --bare) bare=1; shift ;;
+    --saturate) saturate=$2; shift 2 ;;
     --no-spool) no_spool=(--no-spool); shift ;;
     --streams) streams=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
@@ -75,7 +82,7 @@ while [ $# -gt 0 ]; do
     --messages-to-chat) messages=1; to_chat=1; shift ;;
     --agent) agent=1; shift ;;
     --tool-call) tool_call=1; shift ;;
-    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,49p' "$0"; exit 0 ;;
     *) echo "bench-cpu: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -169,10 +176,11 @@ load() { # duration [url key]
     "$bin/sluice-bench" load --url "${2:-http://127.0.0.1:18080/v1}" --key "${3:-$key}" --model "$model" \
       --stream --streams "$streams" --rounds "$n" --expected-events "$events" "${client_api[@]}"
   else
-    local duration=$1
+    local duration=$1 pace=(--rate "$rate")
     [ "$1" != warm-up ] || duration=2s
+    [ -z "$saturate" ] || pace=(--saturate --connections "$saturate")
     "$bin/sluice-bench" load --url "${2:-http://127.0.0.1:18080/v1}" --key "${3:-$key}" --model "$model" \
-      --rate "$rate" --duration "$duration" "${client_api[@]}"
+      "${pace[@]}" --duration "$duration" "${client_api[@]}"
   fi
 }
 # What one measured load delivered: requests, or SSE events received (checked against what
@@ -181,6 +189,10 @@ delivered() { # load output
   if [ -n "$streams" ]; then
     awk -F'|' '$2 ~ /127\.0\.0\.1/ { split($4, e, "/"); got = e[1] + 0; want = e[2] + 0 }
       END { if (got == 0 || got != want) exit 1; print got }' "$1"
+  elif [ -n "$saturate" ]; then
+    # The saturation table's row: path, connections, requests, errors, req/s, ...
+    awk -F'|' '$2 ~ /127\.0\.0\.1/ { n = $4 + 0; errors = $5 + 0 }
+      END { if (n == 0 || errors != 0) exit 1; print n }' "$1"
   else
     grep -qE '^\| *[0-9]' "$1" && echo $((rate * seconds))
   fi
@@ -191,16 +203,29 @@ measure() { # name pid url key
   load warm-up "${3:-}" "${4:-}" > /dev/null 2>&1 # pools, caches
   threads "$2" > "$data/$1.before"
   threads "$mock_pid" > "$data/mock.before"
-  load "${seconds}s" "${3:-}" "${4:-}" > "$data/load.out" 2>&1
+  threads "$CONTROL_PID" > "$data/control.before"
+  # The load generator's own CPU: bash's `time` of the command, user and system seconds.
+  local TIMEFORMAT='%U %S'
+  { time load "${seconds}s" "${3:-}" "${4:-}" > "$data/load.out" 2>&1; } 2> "$data/load.time"
   threads "$2" > "$data/$1.after"
   threads "$mock_pid" > "$data/mock.after"
+  threads "$CONTROL_PID" > "$data/control.after"
   grep -E '^\| *[0-9]|^\| *(http|127)' "$data/load.out" || true
   n=$(delivered "$data/load.out") || { echo "bench-cpu: the load did not deliver everything:" >&2; cat "$data/load.out" >&2; exit 1; }
   report "$1" "$data/$1.before" "$data/$1.after" "$n" | tee "$data/$1.report"
-  report "sluice-mock" "$data/mock.before" "$data/mock.after" "$n"
+  report "sluice-mock" "$data/mock.before" "$data/mock.after" "$n" | tee "$data/$1.mock"
+  [ -n "$saturate" ] || return 0
+  # At saturation the cores are shared by every process: what each costs a request.
+  report "sluice-control" "$data/control.before" "$data/control.after" "$n" | tail -1 > "$data/$1.control"
+  awk -v n="$n" '{ printf "%.2f\n", ($1 + $2) * 1e6 / n }' "$data/load.time" > "$data/$1.generator"
+  awk -v p="$(total "$data/$1.report")" -v m="$(total "$data/$1.mock")" \
+    -v c="$(total "$data/$1.control")" -v g="$(cat "$data/$1.generator")" -v name="$1" \
+    'BEGIN { printf "whole machine (per %s, %s'"'"'s run): %s %.2f, mock %.2f, load generator %.2f, control plane %.2f = %.2f µs\n", "'"$unit"'", name, name, p, m, g, c, p + m + g + c
+      printf "%.2f\n", p + m + g + c > "/dev/stderr" }' 2> "$data/$1.machine"
 }
 
 ticks=$(getconf CLK_TCK)
+total() { awk '$1 == "total" {print $4}' "$1"; }
 # Switches are voluntary (the thread waited) plus involuntary (the scheduler preempted it while it
 # could run); the split of CPU time between user space and the kernel is the kernel's sampling at
 # each clock tick, so only its sum over many requests means anything.
@@ -231,6 +256,10 @@ done
 [ -z "$translated" ] || [ -z "$tool_call" ] || events=$((chunks + 5))
 [ -z "$to_chat" ] || events=$((chunks + 7))
 measure bare_proxy "$bare_pid" "$bare_url" sk-bench
-total() { awk '$1 == "total" {print $4}' "$1"; }
+if [ -n "$saturate" ]; then
+  # The throughput ratio follows the whole machine's CPU a request, not the proxy's alone.
+  awk -v s="$(cat "$data/sluice-proxy.machine")" -v b="$(cat "$data/bare_proxy.machine")" \
+    'BEGIN { printf "whole machine per request: Sluice'"'"'s run %.2f µs, the bare proxy'"'"'s %.2f µs, ratio %.2f (throughput ratio about %.2f)\n", s, b, s / b, b / s }'
+fi
 awk -v s="$(total "$data/sluice-proxy.report")" -v b="$(total "$data/bare_proxy.report")" -v u="$unit" \
   'BEGIN { printf "CPU per %s: sluice-proxy %.2f µs, bare_proxy %.2f µs, ratio %.2f\n", u, s, b, (b > 0 ? s / b : 0) }'
