@@ -217,11 +217,15 @@ measure() { # name pid url key
   [ -n "$saturate" ] || return 0
   # At saturation the cores are shared by every process: what each costs a request.
   report "sluice-control" "$data/control.before" "$data/control.after" "$n" | tail -1 > "$data/$1.control"
-  awk -v n="$n" '{ printf "%.2f\n", ($1 + $2) * 1e6 / n }' "$data/load.time" > "$data/$1.generator"
-  awk -v p="$(total "$data/$1.report")" -v m="$(total "$data/$1.mock")" \
-    -v c="$(total "$data/$1.control")" -v g="$(cat "$data/$1.generator")" -v name="$1" \
-    'BEGIN { printf "whole machine (per %s, %s'"'"'s run): %s %.2f, mock %.2f, load generator %.2f, control plane %.2f = %.2f µs\n", "'"$unit"'", name, name, p, m, g, c, p + m + g + c
-      printf "%.2f\n", p + m + g + c > "/dev/stderr" }' 2> "$data/$1.machine"
+  local proxy mock control generator
+  proxy=$(total "$data/$1.report")
+  mock=$(total "$data/$1.mock")
+  control=$(total "$data/$1.control")
+  generator=$(awk -v n="$n" '{ printf "%.2f", ($1 + $2) * 1e6 / n }' "$data/load.time")
+  awk -v p="$proxy" -v m="$mock" -v g="$generator" -v c="$control" \
+    'BEGIN { printf "%.2f\n", p + m + g + c }' > "$data/$1.machine"
+  echo "whole machine (per $unit, $1's run): $1 $proxy, mock $mock, load generator $generator," \
+    "control plane $control = $(cat "$data/$1.machine") µs"
 }
 
 ticks=$(getconf CLK_TCK)
