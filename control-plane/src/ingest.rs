@@ -37,7 +37,7 @@ pub enum IngestError {
 /// The batch a `ReportUsage` message carries, as the store applies it.
 pub fn batch_of(report: pb::ReportUsageRequest) -> UsageBatch {
     UsageBatch {
-        rows: report.records.iter().map(UsageRow::from).collect(),
+        rows: report.records.into_iter().map(UsageRow::from).collect(),
         node_id: report.node_id,
         incarnation: report.incarnation,
         previous_sequence: report.previous_sequence,

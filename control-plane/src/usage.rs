@@ -3,6 +3,7 @@
 
 pub mod histogram;
 
+use sluice_domain::text::has_control;
 use sluice_proto::limits::{MAX_ID_BYTES, MAX_MODEL_NAME_BYTES, OTHER_MODEL};
 use sluice_proto::v1 as pb;
 
@@ -35,12 +36,12 @@ pub const MAX_COST_NANOS_PER_RECORD: u64 = 1_000_000 * 1_000_000_000;
 /// A model name a usage row may carry: what a route could be named (at most
 /// [`MAX_MODEL_NAME_BYTES`], no control characters).
 fn model_within_bounds(model: &str) -> bool {
-    model.len() <= MAX_MODEL_NAME_BYTES && !model.chars().any(char::is_control)
+    model.len() <= MAX_MODEL_NAME_BYTES && !has_control(model)
 }
 
 /// An id a usage row may carry (at most [`MAX_ID_BYTES`], no control characters).
 fn id_within_bounds(id: &str) -> bool {
-    id.len() <= MAX_ID_BYTES && !id.chars().any(char::is_control)
+    id.len() <= MAX_ID_BYTES && !has_control(id)
 }
 
 impl UsageRow {
@@ -64,14 +65,16 @@ impl UsageRow {
     }
 }
 
-impl From<&pb::UsageRecord> for UsageRow {
-    fn from(r: &pb::UsageRecord) -> Self {
+/// Takes the record's strings rather than copying them: ingestion decodes tens of
+/// thousands of records a second and has no other use for them.
+impl From<pb::UsageRecord> for UsageRow {
+    fn from(r: pb::UsageRecord) -> Self {
         let ms = |d: &pbjson_types::Duration| d.seconds as f64 * 1000.0 + f64::from(d.nanos) / 1e6;
         Self {
             sequence: r.sequence,
-            backend_id: r.backend_id.clone(),
-            model: r.model.clone(),
-            client_key_id: r.client_key_id.clone(),
+            backend_id: r.backend_id,
+            model: r.model,
+            client_key_id: r.client_key_id,
             prompt_tokens: r.prompt_tokens,
             completion_tokens: r.completion_tokens,
             // Parts of the counts above: never more than they are.
@@ -103,26 +106,33 @@ mod tests {
             client_key_id: "k".into(),
             ..Default::default()
         };
-        let mut row = UsageRow::from(&fine);
+        let mut row = UsageRow::from(fine.clone());
         assert!(!row.clamp_to_bounds());
         assert_eq!(row.model, fine.model);
         assert_eq!(row.backend_id, fine.backend_id);
 
-        let mut huge = UsageRow::from(&pb::UsageRecord {
+        let mut huge = UsageRow::from(pb::UsageRecord {
             model: "m".repeat(5 << 20),
             ..fine.clone()
         });
         assert!(huge.clamp_to_bounds());
         assert_eq!(huge.model, "other");
-        let mut forged = UsageRow::from(&pb::UsageRecord {
+        let mut forged = UsageRow::from(pb::UsageRecord {
             model: "m\nforged line".into(),
             client_key_id: "k".repeat(MAX_ID_BYTES + 1),
-            ..fine
+            ..fine.clone()
         });
         assert!(forged.clamp_to_bounds());
         assert_eq!(
             (forged.model.as_str(), forged.client_key_id.as_str()),
             ("other", "")
         );
+        // A C1 control (U+0085, next line) after a long printable run.
+        let mut forged = UsageRow::from(pb::UsageRecord {
+            backend_id: format!("{}\u{85}", "b".repeat(40)),
+            ..fine
+        });
+        assert!(forged.clamp_to_bounds());
+        assert_eq!(forged.backend_id, "");
     }
 }

@@ -91,7 +91,7 @@ pub fn check_model_name(field: &str, name: &str) -> Result<(), ValidationError> 
 /// spaces and joiners, bidirectional overrides, soft hyphens…), which make two different
 /// names look the same or a name look like something else.
 pub fn check_visible(field: &str, text: &str) -> Result<(), ValidationError> {
-    if text.chars().any(char::is_control) {
+    if sluice_domain::text::has_control(text) {
         return Err(ValidationError::new(
             field,
             "must not contain control characters",

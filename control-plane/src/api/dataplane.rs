@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use sluice_domain::text::has_control;
 use sluice_proto::limits::MAX_ID_BYTES;
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::data_plane_service_server::DataPlaneService;
@@ -174,7 +175,7 @@ const MAX_HELD: usize = 100_000;
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn check_id(field: &str, value: &str) -> Result<(), Status> {
-    if value.is_empty() || value.len() > MAX_ID_BYTES || value.chars().any(char::is_control) {
+    if value.is_empty() || value.len() > MAX_ID_BYTES || has_control(value) {
         return Err(Status::invalid_argument(format!(
             "{field}: must be 1 to {MAX_ID_BYTES} bytes without control characters"
         )));

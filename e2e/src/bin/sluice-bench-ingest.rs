@@ -360,8 +360,11 @@ async fn per_record(
     }
     let started = Instant::now();
     for r in records {
-        let mut row = UsageRow::from(r);
-        row.backend_id = ids.get(&r.backend_id).cloned().unwrap_or_default();
+        let backend_id = ids.get(&r.backend_id).cloned().unwrap_or_default();
+        let row = UsageRow {
+            backend_id,
+            ..UsageRow::from(r.clone())
+        };
         store
             .ingest_usage("bench-replica".into(), "per-record".into(), vec![row])
             .await?;

@@ -23,6 +23,15 @@ fn unsafe_to_print(c: char) -> bool {
     c.is_control() || is_format(c)
 }
 
+/// Whether `text` holds a control character (`char::is_control`: U+0000–U+001F and
+/// U+007F–U+009F). Printable ASCII, what ids and model names are made of, is passed over 16
+/// bytes at a time ([`prefix_len`]); from the first other byte on, a character at a time.
+pub fn has_control(text: &str) -> bool {
+    let plain = prefix_len(text.as_bytes(), printable_ascii);
+    text.get(plain..)
+        .is_some_and(|rest| rest.chars().any(char::is_control))
+}
+
 /// Writes `c` escaped: `\n`, `\r`, `\t`, or `\u{…}`.
 fn write_escaped(out: &mut impl Write, c: char) -> fmt::Result {
     match c {
@@ -113,6 +122,35 @@ mod tests {
                 prefix_len(&text, keep),
                 text.iter().position(|&b| !keep(b)).unwrap_or(text.len())
             );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn has_control_agrees_with_the_characters_one_by_one(
+            head in "[ -~]{0,40}",
+            odd in any::<char>(),
+            tail in any::<String>(),
+        ) {
+            let text = format!("{head}{odd}{tail}");
+            prop_assert_eq!(has_control(&text), text.chars().any(char::is_control));
+        }
+    }
+
+    #[test]
+    fn has_control_finds_c0_del_and_c1_anywhere() {
+        let long = "k".repeat(40);
+        for control in ['\0', '\n', '\x1f', '\x7f', '\u{80}', '\u{9f}'] {
+            for text in [
+                format!("{control}{long}"),
+                format!("{long}{control}"),
+                format!("é{control}"),
+            ] {
+                assert!(has_control(&text), "{text:?}");
+            }
+        }
+        for text in ["", "gpt-4o-mini", &long, "café", "\u{a0}", "\u{200b}"] {
+            assert!(!has_control(text), "{text:?}");
         }
     }
 
