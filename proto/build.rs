@@ -27,6 +27,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_protoc_run()
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
+        // prost's codec, decoding each message from one slice (src/codec.rs).
+        .codec_path("crate::codec::SliceCodec")
         .compile_fds(descriptors)?;
 
     let descriptor_bytes = fs::read(&descriptor_path)?;

@@ -14,6 +14,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+type Stats = StatsServiceClient<InterceptedService<Channel, Bearer>>;
 
 async fn channel(cp: &TestControlPlane) -> Channel {
     Channel::from_shared(cp.grpc_url.clone())
@@ -25,6 +26,20 @@ async fn channel(cp: &TestControlPlane) -> Channel {
 
 async fn admin(cp: &TestControlPlane) -> Admin {
     AdminServiceClient::with_interceptor(channel(cp).await, Bearer(cp.admin_token.clone()))
+}
+
+async fn stats(cp: &TestControlPlane) -> Stats {
+    StatsServiceClient::with_interceptor(channel(cp).await, Bearer(cp.admin_token.clone()))
+}
+
+/// The totals of all time.
+async fn totals(cp: &TestControlPlane) -> pb::GetTotalsResponse {
+    stats(cp)
+        .await
+        .get_totals(pb::GetTotalsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 fn backend(name: &str) -> pb::Backend {
@@ -941,8 +956,7 @@ async fn usage_is_counted_once_even_when_resent() {
     assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 3);
     assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 4);
 
-    let mut stats =
-        StatsServiceClient::with_interceptor(channel(&cp).await, Bearer(cp.admin_token.clone()));
+    let mut stats = stats(&cp).await;
     let totals = stats
         .get_totals(pb::GetTotalsRequest::default())
         .await
@@ -1100,8 +1114,7 @@ async fn usage_series_splits_at_utc_hour_and_day_boundaries_and_groups() {
         .into_inner();
     assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 4);
 
-    let mut stats =
-        StatsServiceClient::with_interceptor(channel(&cp).await, Bearer(cp.admin_token.clone()));
+    let mut stats = stats(&cp).await;
     let hourly = stats
         .get_usage(pb::GetUsageRequest {
             granularity: pb::Granularity::Hour as i32,
@@ -1346,8 +1359,7 @@ async fn usage_values_past_their_bounds_are_clamped_and_oversized_reports_refuse
     let refused = acks.message().await.unwrap_err();
     assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
 
-    let mut stats =
-        StatsServiceClient::with_interceptor(channel(&cp).await, Bearer(cp.admin_token.clone()));
+    let mut stats = stats(&cp).await;
     let by_model = stats
         .get_usage(pb::GetUsageRequest {
             group_by: pb::GroupBy::Model as i32,
@@ -1376,6 +1388,83 @@ async fn usage_values_past_their_bounds_are_clamped_and_oversized_reports_refuse
         metric_samples(&text).get("sluice_usage_records_clamped_total"),
         Some(&2.0)
     );
+}
+
+/// Bytes sent on a stream as they are, whatever they decode to.
+#[derive(Debug, Default, Clone)]
+struct RawMessage(Vec<u8>);
+
+impl prost::Message for RawMessage {
+    fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
+        buf.put_slice(&self.0);
+    }
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl prost::bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// A report that is not a whole protobuf message (cut short) ends its stream with `INTERNAL`
+/// and prost's reason, after the acks already owed, and nothing of it is counted.
+#[tokio::test]
+async fn a_report_cut_short_is_refused_after_the_acks_owed() {
+    use prost::Message as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let b = create(&mut admin, "b1", "").await;
+    let batch = |records: Vec<pb::UsageRecord>| pb::ReportUsageRequest {
+        node_id: "replica-1".into(),
+        incarnation: "inc-1".into(),
+        records,
+        ..Default::default()
+    };
+    let whole = batch(vec![record(1, &b.id, 10, 5, 10)]).encode_to_vec();
+    let mut cut = batch(vec![
+        record(2, &b.id, 10, 5, 10),
+        record(3, &b.id, 10, 5, 10),
+    ])
+    .encode_to_vec();
+    cut.truncate(cut.len() - 3);
+
+    let mut raw = tonic::client::Grpc::new(channel(&cp).await);
+    raw.ready().await.unwrap();
+    let mut request = tonic::Request::new(tokio_stream::iter([RawMessage(whole), RawMessage(cut)]));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", cp.dataplane_token).parse().unwrap(),
+    );
+    let mut acks = raw
+        .streaming(
+            request,
+            "/sluice.v1.DataPlaneService/ReportUsage".parse().unwrap(),
+            sluice_proto::codec::SliceCodec::<RawMessage, pb::ReportUsageResponse>::default(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 1);
+    let refused = acks.message().await.unwrap_err();
+    assert_eq!(refused.code(), Code::Internal, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("failed to decode Protobuf message"),
+        "{refused:?}"
+    );
+
+    assert_eq!(totals(&cp).await.request_count, 1);
 }
 
 /// Many replicas join at once: the snapshot they all end up with divides every RPM limit by

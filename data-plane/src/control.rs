@@ -54,7 +54,7 @@ impl UsageClient {
             .ready()
             .await
             .map_err(|e| tonic::Status::unavailable(format!("control plane unreachable: {e}")))?;
-        let codec = tonic_prost::ProstCodec::<Report, ReportUsageResponse>::default();
+        let codec = sluice_proto::codec::SliceCodec::<Report, ReportUsageResponse>::default();
         let path = PathAndQuery::from_static("/sluice.v1.DataPlaneService/ReportUsage");
         let mut request = tonic::Request::new(reports);
         request.extensions_mut().insert(tonic::GrpcMethod::new(

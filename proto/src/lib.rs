@@ -14,5 +14,6 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("slui
 
 pub use pbjson_types as wkt;
 
+pub mod codec;
 pub mod limits;
 mod usage_record;
