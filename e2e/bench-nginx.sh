@@ -15,10 +15,12 @@
 #   ./e2e/bench-nginx.sh            # 1,000 req/s open loop, then saturation with 64 connections
 #   ./e2e/bench-nginx.sh --hyper [shared]   # Sluice vs bare_proxy: 1,000 req/s, then saturation
 #                                           # with 32 connections (CONNECTIONS, DURATION)
+#   BIN_DIR=DIR ./e2e/bench-nginx.sh --hyper   # the binaries in DIR (and DIR/examples/bare_proxy)
+#                                           # instead of target/release: two builds alternated
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bin="$root/target/release"
+bin="${BIN_DIR:-$root/target/release}"
 for exe in sluice-mock sluice-bench; do
   [ -x "$bin/$exe" ] || { echo "bench-nginx: $bin/$exe missing; run cargo build --release --bins" >&2; exit 1; }
 done
