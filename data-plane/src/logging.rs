@@ -5,9 +5,11 @@
 //! stall every request on that thread while the reader of stderr (a terminal, a container
 //! runtime, a log shipper) is slow or stuck. Lines instead are appended to a shared buffer
 //! that a writer thread empties every [`FLUSH_INTERVAL`] (sooner when it grows large), one
-//! `write` per batch. Appending is a short critical section and never a system call or a
-//! thread wake-up: at thousands of requests per second, a wake-up per line cost more CPU than
-//! formatting it. When the buffer holds `buffer_lines` lines, new lines are dropped, never
+//! `write` per batch. Appending is a short critical section and, while lines keep coming,
+//! never a system call or a thread wake-up: at thousands of requests per second, a wake-up
+//! per line cost more CPU than formatting it. A writer that found a whole interval without a
+//! line sleeps until the next line wakes it, so an idle process does not wake 50 times a
+//! second for nothing. When the buffer holds `buffer_lines` lines, new lines are dropped, never
 //! waited for: serving comes before logging, and `sluice_log_dropped_lines_total` says how
 //! many were lost.
 
@@ -43,6 +45,9 @@ struct Pending {
     lines: usize,
     /// Set by [`LogGuard`]'s drop: write what is left and stop.
     closing: bool,
+    /// The writer thread found a whole interval without a line and waits for one, without a
+    /// timeout: the next line wakes it.
+    asleep: bool,
 }
 
 struct Shared {
@@ -72,9 +77,9 @@ impl Write for BatchWriter {
         }
         pending.bytes.extend_from_slice(line);
         pending.lines += 1;
-        let early = pending.bytes.len() >= EARLY_FLUSH_BYTES;
+        let wake = pending.bytes.len() >= EARLY_FLUSH_BYTES || std::mem::take(&mut pending.asleep);
         drop(pending);
-        if early {
+        if wake {
             self.0.wake.notify_one();
         }
         Ok(line.len())
@@ -109,8 +114,9 @@ impl Drop for LogGuard {
     }
 }
 
-/// Empties the buffer into `out` every [`FLUSH_INTERVAL`] until closed. Write errors (a
-/// closed stderr) lose the batch: there is nowhere left to report them.
+/// Empties the buffer into `out` every [`FLUSH_INTERVAL`] until closed; after an interval
+/// without a line, sleeps until the next one. Write errors (a closed stderr) lose the batch:
+/// there is nowhere left to report them.
 fn write_batches(shared: &Shared, mut out: impl Write) {
     let mut batch = Vec::new();
     loop {
@@ -122,6 +128,17 @@ fn write_batches(shared: &Shared, mut out: impl Write) {
                     .wait_timeout(pending, FLUSH_INTERVAL)
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
+            }
+            if pending.bytes.is_empty() && !pending.closing {
+                // Idle: wait for a line, then an interval for the lines that follow it.
+                pending.asleep = true;
+                while pending.asleep && !pending.closing {
+                    pending = shared
+                        .wake
+                        .wait(pending)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                continue;
             }
             std::mem::swap(&mut pending.bytes, &mut batch);
             pending.lines = 0;
@@ -229,6 +246,25 @@ mod tests {
             .chain((0..500).map(|i| format!("line {i}\n")))
             .collect();
         assert_eq!(written, expected);
+    }
+
+    #[test]
+    fn an_idle_writer_sleeps_until_the_next_line_wakes_it() {
+        let sink = Sink::default();
+        let (mut writer, guard) = start(1000, &sink);
+        // A whole interval without a line: the thread waits without a timeout.
+        eventually(|| writer.0.lock().asleep);
+        writer.write_all(b"after a pause\n").unwrap();
+        assert!(!writer.0.lock().asleep, "the line woke the writer");
+        eventually(|| sink.written.lock().unwrap().as_slice() == b"after a pause\n");
+        // Asleep again, and closing still writes what is left.
+        eventually(|| writer.0.lock().asleep);
+        writer.write_all(b"last\n").unwrap();
+        drop(guard);
+        assert_eq!(
+            sink.written.lock().unwrap().as_slice(),
+            b"after a pause\nlast\n"
+        );
     }
 
     #[test]
