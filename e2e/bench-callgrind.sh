@@ -47,6 +47,11 @@
 #                                              # 47): what an agent's streamed calls cost; with
 #                                              # --translated instead, for a chat client (45);
 #                                              # without --streams, whole answers calling it
+#   ./e2e/bench-callgrind.sh --cache           # also simulate the caches (--cache-sim=yes, about
+#                                              # twice as slow) and print first-level
+#                                              # instruction and data misses per request beside
+#                                              # the instructions: how much code and data a
+#                                              # request touches, which instruction counts miss
 #
 # DIR needs sluice-control, sluice-proxy, sluice-mock, sluicectl, sluice-bench and
 # examples/bare_proxy, built as shipped in two invocations (`cargo build --release --bins`, then
@@ -69,6 +74,7 @@ to_chat=""
 agent=""
 tool_call=""
 rounds=5
+cache=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin-dir) bin=$2; shift 2 ;;
@@ -85,7 +91,8 @@ while [ $# -gt 0 ]; do
     --messages-to-chat) messages=1; to_chat=1; shift ;;
     --agent) agent=1; shift ;;
     --tool-call) tool_call=1; shift ;;
-    -h|--help) sed -n '2,54p' "$0"; exit 0 ;;
+    --cache) cache=1; shift ;;
+    -h|--help) sed -n '2,59p' "$0"; exit 0 ;;
     *) echo "bench-callgrind: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -162,12 +169,12 @@ wait_http() { # url
   exit 1
 }
 SLUICE_DATAPLANE_TOKEN=$(cat "$data/dataplane-token") RUST_LOG=${RUST_LOG:-info} \
-  valgrind --tool=callgrind --callgrind-out-file="$out.sluice.cg" \
+  valgrind --tool=callgrind ${cache:+--cache-sim=yes} --callgrind-out-file="$out.sluice.cg" \
   "$bin/sluice-proxy" --control-plane http://127.0.0.1:25051 --listen 127.0.0.1:28090 \
   --node-id callgrind ${spool:+--data-dir "$data/callgrind-proxy"} 2> "$data/sluice.log" &
 pids+=($!)
 sluice=$!
-valgrind --tool=callgrind --callgrind-out-file="$out.bare.cg" \
+valgrind --tool=callgrind ${cache:+--cache-sim=yes} --callgrind-out-file="$out.bare.cg" \
   "$bin/examples/bare_proxy" 127.0.0.1:28091 "$mock_url" 2> "$data/bare.log" &
 pids+=($!)
 bare=$!
@@ -237,10 +244,16 @@ requests = {"sluice": int(open(sys.argv[3]).read()), "bare": int(open(sys.argv[4
 unit = sys.argv[5]
 
 def profile(path):
-    """Self cost per function of a callgrind dump (cost lines after `calls=` are a callee's)."""
-    names, cost, fn, call = {}, collections.Counter(), None, False
+    """Self cost per function and event of a callgrind dump (cost lines after `calls=` are a
+    callee's): {event: Counter}. Events are named by the dump's `events:` line (Ir alone, or
+    Ir and the cache simulation's misses with --cache)."""
+    names, fn, call = {}, None, False
+    events, cost = ["Ir"], None
     for line in open(path, errors="replace"):
-        if line.startswith(("fn=", "cfn=")):
+        if line.startswith("events:"):
+            events = line.split()[1:]
+            cost = {e: collections.Counter() for e in events}
+        elif line.startswith(("fn=", "cfn=")):
             # Names are numbered where they first appear, as a function or as a callee.
             text = line.split("=", 1)[1].rstrip("\n")
             m = re.match(r"\((\d+)\)(?: (.*))?", text)
@@ -252,19 +265,36 @@ def profile(path):
             call = True
         elif line[:1].isdigit() or line[:1] in "+-*":
             if not call:
-                cost[fn] += int(line.split()[-1])
+                # A position column, then one per event; trailing zeros may be left out.
+                values = line.split()[1:]
+                for event, value in zip(events, values):
+                    cost[event][fn] += int(value)
             call = False
     return cost
 
-per = {}
+per, misses = {}, {}
 for name in ("sluice", "bare"):
-    cost = profile(f"{out}.{name}.cg.1")
+    costs = profile(f"{out}.{name}.cg.1")
+    cost = costs["Ir"]
     n = requests[name]
     per[name] = sum(cost.values()) / n
     print(f"\n{name}: {n} {unit}s, {per[name]:,.0f} instructions per {unit}; top {top} (self):")
     for fn, c in cost.most_common(top):
         print(f"  {c / n:9,.0f}  {(fn or '?')[:150]}")
+    if "I1mr" in costs:
+        misses[name] = {
+            "instruction": sum(costs["I1mr"].values()) / n,
+            "data": (sum(costs["D1mr"].values()) + sum(costs["D1mw"].values())) / n,
+        }
+        print(f"\n{name}: first-level instruction-cache misses per {unit}: "
+              f"{misses[name]['instruction']:,.0f}; top {top} (self):")
+        for fn, c in costs["I1mr"].most_common(top):
+            print(f"  {c / n:9,.1f}  {(fn or '?')[:150]}")
 print(f"\ninstructions per {unit}: sluice-proxy {per['sluice']:,.0f}, bare_proxy {per['bare']:,.0f}, "
       f"ratio {per['sluice'] / per['bare']:.2f}")
+for kind in ("instruction", "data") if misses else ():
+    s, b = misses["sluice"][kind], misses["bare"][kind]
+    print(f"first-level {kind}-cache misses per {unit}: sluice-proxy {s:,.0f}, bare_proxy {b:,.0f}, "
+          f"ratio {s / b:.2f}")
 PY
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
