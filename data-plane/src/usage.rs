@@ -30,7 +30,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -55,6 +55,9 @@ const DROP_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 struct Queue {
     state: Mutex<State>,
     wake: Notify,
+    /// The reporter waits without its flush timer, for a record it may send: the first one
+    /// to enter wakes it (see [`UsageSink::enter`]).
+    idle: AtomicBool,
     capacity: usize,
     /// The next sequence to hand out.
     next_sequence: AtomicU64,
@@ -246,6 +249,7 @@ impl UsageSink {
                     dropped_since_warning: 0,
                 }),
                 wake: Notify::new(),
+                idle: AtomicBool::new(false),
                 capacity: capacity.max(1),
                 next_sequence: AtomicU64::new(next_sequence),
                 dropped: AtomicU64::new(0),
@@ -292,10 +296,29 @@ impl UsageSink {
             self.push(&mut state, record);
         }
         let full_batch = state.pending.len().is_multiple_of(BATCH_SIZE);
+        // Sendable now only without a spool; with one, `mark_durable` wakes the reporter.
+        let sendable = state.entered <= state.durable;
         drop(state);
-        if full_batch {
+        if full_batch || (sendable && self.queue.idle.swap(false, Ordering::SeqCst)) {
             self.queue.wake.notify_one();
         }
+    }
+
+    /// The reporter is about to wait without its flush timer: whether a record it may send
+    /// is waiting already (then it must not). A record entering after this wakes it.
+    fn idle_unless_unsent(&self, sent_upto: u64) -> bool {
+        self.queue.idle.store(true, Ordering::SeqCst);
+        let unsent = self.unsent_after(sent_upto) > 0;
+        if unsent {
+            self.queue.idle.store(false, Ordering::SeqCst);
+        }
+        unsent
+    }
+
+    /// Whether the reporter waits without its flush timer (for tests and the docs' claim that
+    /// an idle replica's reporter does not wake).
+    pub fn reporter_idle(&self) -> bool {
+        self.queue.idle.load(Ordering::SeqCst)
     }
 
     fn push(&self, state: &mut State, record: Queued) {
@@ -394,6 +417,11 @@ impl UsageSink {
             drop(state);
             self.queue.wake.notify_one();
         }
+    }
+
+    /// Whether records are sent only once a spool has flushed them ([`Self::mark_durable`]).
+    fn spooled(&self) -> bool {
+        self.lock().durable != u64::MAX
     }
 
     /// Every sequence up to this one has entered the queue (so has been spooled).
@@ -746,8 +774,12 @@ impl UsageReporter {
         {
             send(&tx, report).await?;
         }
-        let mut ticker = tokio::time::interval(FLUSH_INTERVAL);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // What waited for the stream goes at once; after that the flush timer runs only while
+        // a record waits for it, so that an idle replica's reporter does not wake.
+        self.send_unsent(&tx, true).await?;
+        let flush = tokio::time::sleep(FLUSH_INTERVAL);
+        tokio::pin!(flush);
+        let mut armed = false;
         let wake = Arc::clone(&self.outbox.sink.queue);
         loop {
             if *flushing {
@@ -755,6 +787,13 @@ impl UsageReporter {
                     return Ok(());
                 }
                 self.send_unsent(&tx, true).await?;
+            }
+            if !armed && (*flushing || self.outbox.sink.idle_unless_unsent(self.outbox.sent_upto)) {
+                self.outbox.sink.queue.idle.store(false, Ordering::SeqCst);
+                flush
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + FLUSH_INTERVAL);
+                armed = true;
             }
             tokio::select! {
                 biased;
@@ -766,10 +805,16 @@ impl UsageReporter {
                     None => return Err(tonic::Status::unavailable("usage stream closed by the control plane")),
                 },
                 () = stop.cancelled(), if !*flushing => *flushing = true,
+                // A full batch, records the spool made durable, a backend event, or (while
+                // idle) the first record. With a spool every durable record goes now: the
+                // spool's sync interval batched them already. Without one, full batches and
+                // events go now, the rest when the timer, armed at the top of the loop, fires.
                 () = wake.wake.notified() => {
-                    self.send_unsent(&tx, false).await?;
+                    let all = self.outbox.sink.spooled();
+                    self.send_unsent(&tx, all).await?;
                 }
-                _ = ticker.tick() => {
+                () = &mut flush, if armed => {
+                    armed = false;
                     self.send_unsent(&tx, true).await?;
                 }
             }

@@ -86,6 +86,58 @@ async fn records_arrive_once_even_when_the_stream_breaks() {
     handle.await.unwrap();
 }
 
+/// Polls `condition` every 5 ms for up to 10 s.
+async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    let wait = async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+#[tokio::test]
+async fn an_idle_reporter_waits_without_its_timer_until_the_next_record_wakes_it() {
+    let cp = FakeControlPlane::start().await;
+    let sink = UsageSink::new(100);
+    let (stop, handle) = start(&cp, &sink);
+
+    sink.record(record(1));
+    cp.wait_for("the first record", |r| r.records().len() == 1)
+        .await;
+    // Acked, nothing left to send: the reporter waits without its flush timer (and no ack
+    // is on its way to wake it).
+    eventually("an idle reporter", || {
+        sink.pending() == 0 && sink.reporter_idle()
+    })
+    .await;
+
+    // The next record wakes it, and goes out as the first did; then it is idle again.
+    sink.record(record(2));
+    cp.wait_for("the record after the idle spell", |r| {
+        r.records().len() == 2
+    })
+    .await;
+    eventually("an idle reporter again", || {
+        sink.pending() == 0 && sink.reporter_idle()
+    })
+    .await;
+    for i in 3..=5 {
+        sink.record(record(i));
+    }
+    cp.wait_for("three records together", |r| r.records().len() == 5)
+        .await;
+    assert_eq!(applied_sequences(&cp), (1..=5).collect::<Vec<_>>());
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test]
 async fn backend_events_go_out_at_once_and_shutdown_flushes() {
     let cp = FakeControlPlane::start().await;
