@@ -11,7 +11,9 @@
 //!   on after; a thread of the spool flushes the files with `fdatasync` every
 //!   [`SpoolOptions::sync_interval`], and the reporter sends a record only once it is flushed,
 //!   so a machine crash loses at most that interval and never a record the control plane has
-//!   counted.
+//!   counted. Once everything is flushed and nothing is left to delete, the thread sleeps
+//!   ([`IDLE_SYNC_INTERVAL`]) until the next write wakes it, which it flushes at once: an idle
+//!   replica's spool does not wake ten times a second.
 //! - **Where.** `<data-dir>/usage-spool/<incarnation>/<lane>.<segment>.spool`: each serving
 //!   thread (lane) appends to segment files of its own ([`lane`]), so threads never wait on
 //!   each other; each entry is framed with its length and CRC-32 ([`frame`]), so a torn last
@@ -39,8 +41,8 @@ pub mod replay;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -167,6 +169,8 @@ pub(crate) struct Shared {
     last_warning: Mutex<Option<Instant>>,
     /// The queues of earlier runs' records being sent again.
     resending: Mutex<Vec<UsageSink>>,
+    /// Wakes the sync thread from its idle sleep (see [`SyncWake`]).
+    sync_wake: SyncWake,
 }
 
 impl Shared {
@@ -249,8 +253,80 @@ pub struct Spool {
 
 #[derive(Debug)]
 struct SyncThread {
-    stop: std::sync::mpsc::Sender<()>,
     handle: JoinHandle<()>,
+}
+
+/// The longest the sync thread sleeps while the spool is settled (everything written flushed,
+/// nothing left to delete): a write wakes it sooner. What it still catches on waking is a
+/// record that entered the usage queue after the round that flushed it (its thread held up
+/// between its write and its entry), which would otherwise wait for the next write to be
+/// marked durable and sent.
+pub const IDLE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The sync thread's waits: a round every sync interval, or, while the spool is settled, a
+/// sleep that the next write ends ([`Shared::wrote`]) and [`Spool::close`] ends too.
+#[derive(Debug, Default)]
+struct SyncWake {
+    /// Whether the thread sleeps (or is about to): read by every write, written rarely.
+    asleep: AtomicBool,
+    flags: Mutex<SyncFlags>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncFlags {
+    woken: bool,
+    stopping: bool,
+}
+
+impl SyncWake {
+    fn flags(&self) -> std::sync::MutexGuard<'_, SyncFlags> {
+        self.flags.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits `timeout`, less if woken or stopped; whether the thread is to stop.
+    fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut flags = self.flags();
+        loop {
+            if flags.stopping {
+                return true;
+            }
+            if std::mem::take(&mut flags.woken) {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            flags = self
+                .changed
+                .wait_timeout(flags, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn wake(&self) {
+        if self.asleep.swap(false, Ordering::SeqCst) {
+            self.flags().woken = true;
+            self.changed.notify_one();
+        }
+    }
+
+    fn stop(&self) {
+        self.flags().stopping = true;
+        self.changed.notify_one();
+    }
+}
+
+impl Shared {
+    /// A lane wrote: a sleeping sync thread wakes to flush it.
+    pub(super) fn wrote(&self) {
+        if self.sync_wake.asleep.load(Ordering::SeqCst) {
+            self.sync_wake.wake();
+        }
+    }
 }
 
 impl Spool {
@@ -305,6 +381,7 @@ impl Spool {
             resent: AtomicU64::new(0),
             last_warning: Mutex::new(None),
             resending: Mutex::new(Vec::new()),
+            sync_wake: SyncWake::default(),
             options,
         });
         let lanes = (0..lanes)
@@ -339,28 +416,34 @@ impl Spool {
     /// `sink` send what is flushed and deletes the segments `sink`'s acks have emptied.
     pub fn start_syncing(self: &Arc<Self>, sink: UsageSink) {
         sink.send_only_durable();
-        let (stop, stopped) = std::sync::mpsc::channel();
         let spool = Arc::clone(self);
         let syncing = sink.clone();
         let spawned = std::thread::Builder::new()
             .name("sluice-spool".into())
             .spawn(move || {
                 let interval = spool.shared.options.sync_interval;
+                let wake = &spool.shared.sync_wake;
+                let mut idle = false;
                 loop {
-                    let stopping = !matches!(
-                        stopped.recv_timeout(interval),
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                    );
-                    spool.sync_and_compact(&syncing);
+                    let stopping = wake.wait(if idle { IDLE_SYNC_INTERVAL } else { interval });
+                    let entered = spool.sync_and_compact(&syncing);
                     if stopping {
                         return;
+                    }
+                    // Asleep first, then the check: a write after the check sees the flag
+                    // and wakes the thread; one before it leaves the spool unsettled.
+                    wake.asleep.store(true, Ordering::SeqCst);
+                    idle = syncing.entered() == entered
+                        && spool.lanes.iter().all(|lane| lane.is_settled());
+                    if !idle {
+                        wake.asleep.store(false, Ordering::SeqCst);
                     }
                 }
             });
         match spawned {
             Ok(handle) => {
                 *self.sync.lock().unwrap_or_else(PoisonError::into_inner) =
-                    Some(SyncThread { stop, handle });
+                    Some(SyncThread { handle });
             }
             Err(err) => {
                 // Without the thread nothing is flushed; send at once rather than never.
@@ -372,7 +455,8 @@ impl Spool {
 
     /// One round of the sync thread: flush every file written since the last round, let
     /// the reporter send what that made durable, delete the segments acks have emptied.
-    fn sync_and_compact(&self, sink: &UsageSink) {
+    /// Returns the last sequence it let the reporter send.
+    fn sync_and_compact(&self, sink: &UsageSink) -> u64 {
         // Every record up to `entered` was written before it entered the queue, so the
         // files collected next hold it.
         let entered = sink.entered();
@@ -419,6 +503,7 @@ impl Spool {
         if removed && let Err(err) = sync_dir(&self.shared.dir) {
             tracing::warn!(error = %err, "flushing the usage spool directory failed");
         }
+        entered
     }
 
     /// Sends an earlier run's records again through the usage reporter, under its node id,
@@ -509,8 +594,8 @@ impl Spool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(SyncThread { stop, handle }) = sync {
-            let _ = stop.send(());
+        if let Some(SyncThread { handle }) = sync {
+            self.shared.sync_wake.stop();
             let _ = handle.join();
         }
         let in_flight = self.shared.in_flight.load(Ordering::Relaxed);
@@ -1019,6 +1104,44 @@ mod tests {
             assert!(spool.stats(&sink).bytes > bytes);
             assert_eq!(lane.in_flight(), 0);
         }
+    }
+
+    /// Polls `condition` every millisecond for up to 10 s.
+    fn eventually(what: &str, condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_settled_spools_sync_thread_sleeps_until_a_write_wakes_it() {
+        let data = tempfile::tempdir().unwrap();
+        let sink = UsageSink::new(100);
+        let spool =
+            Arc::new(Spool::open(SpoolOptions::new(data.path()), &identity("inc-1"), 1).unwrap());
+        spool.start_syncing(sink.clone());
+        let lane = spool.lane(0).unwrap();
+        let asleep = || spool.shared.sync_wake.asleep.load(Ordering::SeqCst);
+        // The first segment's head flushed, nothing else written: the thread sleeps.
+        eventually("a sleeping sync thread", asleep);
+
+        // A write wakes it (before the write returns), and the record it flushes may be sent.
+        request(&lane, &sink, "r1", true);
+        assert!(!asleep(), "the write woke the sync thread");
+        eventually("r1 flushed", || sink.durable() >= 1);
+        eventually("asleep again", asleep);
+
+        // A request still running keeps nothing awake once its start is flushed; its finish
+        // wakes the thread again.
+        request(&lane, &sink, "r2-running", false);
+        assert!(!asleep());
+        eventually("asleep with a request running", asleep);
+        sink.record_with(record("r3"), |r| lane.finish(None, r).now().unwrap());
+        assert!(!asleep());
+        eventually("r3 flushed", || sink.durable() >= 2);
+        spool.close(false);
     }
 
     #[test]

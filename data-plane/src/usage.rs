@@ -419,6 +419,12 @@ impl UsageSink {
         }
     }
 
+    /// The highest sequence the reporter may send (the spool's flushed mark).
+    #[cfg(test)]
+    pub(crate) fn durable(&self) -> u64 {
+        self.lock().durable
+    }
+
     /// Whether records are sent only once a spool has flushed them ([`Self::mark_durable`]).
     fn spooled(&self) -> bool {
         self.lock().durable != u64::MAX

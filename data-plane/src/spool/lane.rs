@@ -275,6 +275,19 @@ impl Lane {
         done
     }
 
+    /// Nothing for the sync thread to do until the lane writes again: every write flushed,
+    /// no frame waiting to be written, no closed segment left to delete (acks alone cannot
+    /// change that).
+    pub(super) fn is_settled(&self) -> bool {
+        let state = self.lock();
+        state.batch.is_empty()
+            && state.closed.is_empty()
+            && state
+                .current
+                .as_ref()
+                .is_none_or(|segment| segment.synced && !segment.carrying)
+    }
+
     /// The serving thread whose lane this is.
     pub(super) fn index(&self) -> u32 {
         self.index
@@ -384,6 +397,7 @@ impl LaneState {
                 segment.synced = false;
                 segment.max_sequence = segment.max_sequence.max(self.batch_max_sequence);
                 shared.bytes.fetch_add(len, Ordering::Relaxed);
+                shared.wrote();
                 Ok(())
             }
             Err(err) => {
