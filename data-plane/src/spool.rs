@@ -12,8 +12,9 @@
 //!   [`SpoolOptions::sync_interval`], and the reporter sends a record only once it is flushed,
 //!   so a machine crash loses at most that interval and never a record the control plane has
 //!   counted. Once everything is flushed and nothing is left to delete, the thread sleeps
-//!   ([`IDLE_SYNC_INTERVAL`]) until the next write wakes it, which it flushes at once: an idle
-//!   replica's spool does not wake ten times a second.
+//!   ([`IDLE_SYNC_INTERVAL`]) until the next write wakes it, which it flushes an interval
+//!   later with the writes that followed: an idle replica's spool does not wake ten times a
+//!   second, and a busy one still flushes at most once an interval.
 //! - **Where.** `<data-dir>/usage-spool/<incarnation>/<lane>.<segment>.spool`: each serving
 //!   thread (lane) appends to segment files of its own ([`lane`]), so threads never wait on
 //!   each other; each entry is framed with its length and CRC-32 ([`frame`]), so a torn last
@@ -264,13 +265,21 @@ struct SyncThread {
 pub const IDLE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The sync thread's waits: a round every sync interval, or, while the spool is settled, a
-/// sleep that the next write ends ([`Shared::wrote`]) and [`Spool::close`] ends too.
+/// sleep that the next write ends ([`Shared::wrote`]), and then an interval before the round;
+/// [`Spool::close`] ends either.
 #[derive(Debug, Default)]
 struct SyncWake {
     /// Whether the thread sleeps (or is about to): read by every write, written rarely.
     asleep: AtomicBool,
     flags: Mutex<SyncFlags>,
     changed: Condvar,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waited {
+    Elapsed,
+    Woken,
+    Stop,
 }
 
 #[derive(Debug, Default)]
@@ -284,20 +293,20 @@ impl SyncWake {
         self.flags.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits `timeout`, less if woken or stopped; whether the thread is to stop.
-    fn wait(&self, timeout: Duration) -> bool {
+    /// Waits `timeout`, less if woken or stopped.
+    fn wait(&self, timeout: Duration) -> Waited {
         let deadline = Instant::now() + timeout;
         let mut flags = self.flags();
         loop {
             if flags.stopping {
-                return true;
+                return Waited::Stop;
             }
             if std::mem::take(&mut flags.woken) {
-                return false;
+                return Waited::Woken;
             }
             let now = Instant::now();
             if now >= deadline {
-                return false;
+                return Waited::Elapsed;
             }
             flags = self
                 .changed
@@ -425,7 +434,14 @@ impl Spool {
                 let wake = &spool.shared.sync_wake;
                 let mut idle = false;
                 loop {
-                    let stopping = wake.wait(if idle { IDLE_SYNC_INTERVAL } else { interval });
+                    let mut waited = wake.wait(if idle { IDLE_SYNC_INTERVAL } else { interval });
+                    if idle && waited == Waited::Woken {
+                        // A write ended the sleep: it and the writes after it are flushed
+                        // one interval later, as in any round (at most one `fdatasync` an
+                        // interval, however the writes come).
+                        waited = wake.wait(interval);
+                    }
+                    let stopping = waited == Waited::Stop;
                     let entered = spool.sync_and_compact(&syncing);
                     if stopping {
                         return;
