@@ -1,6 +1,7 @@
 //! Usage survives a data plane that dies, with the real processes: a replica killed with
 //! SIGKILL under load behind nginx and restarted on its data directory, a spool torn in the
-//! middle of a write, and two replicas pointed at one directory.
+//! middle of a write, and two replicas pointed at one directory. And an idle replica, whose
+//! reporter and spool sleep, still counts the next request.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -254,6 +255,67 @@ async fn a_replica_killed_under_load_and_restarted_on_its_data_directory_loses_a
     .await;
     assert!(resent >= interrupted as f64, "{resent}");
     drop(restarted);
+}
+
+/// Context switches so far of every thread of process `pid` (each one a wake-up of a thread
+/// that had slept or was preempted), from `/proc`.
+fn switches(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .map(|task| {
+            let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+            status
+                .lines()
+                .filter(|l| {
+                    l.starts_with("voluntary_ctxt_switches")
+                        || l.starts_with("nonvoluntary_ctxt_switches")
+                })
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn an_idle_replica_sleeps_and_still_counts_the_next_request() {
+    let run = LocalRun::start(1).await;
+    let mock = Mock::start("a", &["m"]).await;
+    run.add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let (_, key) = run.create_key("k", &[]).await;
+    run.wait_replicas_current(1).await;
+    let replica = run.replica(0);
+    let counted = |n: u64| {
+        let run = &run;
+        move || async move { run.totals().await.request_count == n }
+    };
+
+    assert_eq!(replica.chat(&key, "m").await.status(), 200);
+    eventually(
+        Duration::from_secs(30),
+        "the first request counted",
+        counted(1),
+    )
+    .await;
+    // Idle: the log writer, the usage reporter and the spool's sync thread wait for work
+    // rather than polling it (they woke about 30 times a second in all before; now the
+    // spool's one-second check and the control-plane streams' keep-alives remain). Settled
+    // first: the spool sleeps after a round with nothing new.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = run.proxy_pids[0];
+    let before = switches(pid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let woke = switches(pid) - before;
+    assert!(woke <= 20, "an idle replica woke {woke} times in 3 s");
+
+    // The next request wakes what sleeps: its usage is spooled, flushed, sent and counted.
+    assert_eq!(replica.chat(&key, "m").await.status(), 200);
+    eventually(
+        Duration::from_secs(30),
+        "the request after the idle spell counted",
+        counted(2),
+    )
+    .await;
 }
 
 /// Frames of the only spool segment under `data_dir`: the file, its bytes and each frame's
