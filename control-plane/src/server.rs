@@ -98,6 +98,41 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
 }
 
+/// How long a stopping control plane waits for its connections to close, once it has ended
+/// the replicas' streams and stopped accepting. Requests in progress finish well within it;
+/// what is still open after it is a peer that no longer answers (a frozen or partitioned
+/// replica, a half-open connection, a client that does not acknowledge the HTTP/2 shutdown),
+/// which would otherwise hold the stop until the connection's keep-alive gave up (about 30 s,
+/// past Kubernetes' default grace period and its SIGKILL).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// `serving` (a listener's server), given at most [`SHUTDOWN_GRACE`] after `stop` to finish;
+/// past it, `cut_short` stands for its result, and the connections it still held close with
+/// the process.
+async fn within_grace<T>(
+    serving: impl std::future::Future<Output = T>,
+    stop: CancellationToken,
+    listener: &'static str,
+    cut_short: T,
+) -> T {
+    tokio::pin!(serving);
+    let grace_over = async {
+        stop.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        done = &mut serving => done,
+        () = grace_over => {
+            tracing::warn!(
+                listener,
+                grace = ?SHUTDOWN_GRACE,
+                "connections still open after the shutdown grace: closing them"
+            );
+            cut_short
+        }
+    }
+}
+
 /// A started control plane. Dropping it does not stop it; call [`Running::shutdown`].
 pub struct Running {
     pub grpc_addr: SocketAddr,
@@ -308,6 +343,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     tracing::info!("grpc listening on {grpc_addr}");
     tracing::info!("http listening on {http_addr}");
     let stop_background = stop.clone();
+    let grpc = within_grace(grpc, stop.clone(), "grpc", Ok(()));
+    let http = within_grace(http, stop.clone(), "http", ());
     let task = tokio::spawn(async move {
         let (grpc, ()) = tokio::join!(grpc, http);
         // The servers may also end on a fatal error: stop the background writers either way.

@@ -553,3 +553,43 @@ async fn upstream_garbage_never_crashes_or_hangs_the_proxy() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_control_plane_stops_within_its_grace_while_a_replica_is_frozen() {
+    let run = LocalRun::start(1).await;
+    run.wait_replicas_current(1).await;
+    // The replica stops answering (SIGSTOP): its connection stays open and its kernel acks,
+    // but nothing answers the HTTP/2 shutdown, as with a partitioned or hung replica.
+    struct Frozen(u32);
+    impl Drop for Frozen {
+        // Thawed however the test ends, so that the cluster can stop.
+        fn drop(&mut self) {
+            common::signal(self.0, "CONT");
+        }
+    }
+    let replica = run.proxy_pids[0];
+    common::signal(replica, "STOP");
+    let frozen = Frozen(replica);
+    let began = Instant::now();
+    run.signal_control("TERM");
+    let grace = sluice_control::server::SHUTDOWN_GRACE;
+    while !common::exited(run.control_pid) {
+        assert!(
+            began.elapsed() < grace * 3,
+            "the control plane was still running {:?} after SIGTERM",
+            began.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopped_in = began.elapsed();
+    drop(frozen);
+    let log = std::fs::read_to_string(run.dir.path().join("data/run/control.log")).unwrap();
+    assert!(
+        log.contains("connections still open after the shutdown grace"),
+        "stopped in {stopped_in:?} without closing what was left: {log}"
+    );
+    assert!(
+        stopped_in >= grace,
+        "{stopped_in:?}: the grace was not given"
+    );
+}

@@ -773,7 +773,7 @@ pub fn signal(pid: u32, signal_name: &str) {
 
 /// Whether process `pid` has exited: gone, or a zombie (a process the test did not start
 /// itself cannot be reaped by it; one it did is reaped only when its handle is dropped).
-fn exited(pid: u32) -> bool {
+pub fn exited(pid: u32) -> bool {
     let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
         stat.rsplit(')')
             .next()
