@@ -36,6 +36,8 @@ pub mod snapshot;
 pub mod spool;
 pub mod sse;
 pub mod subscribe;
+#[cfg(test)]
+mod testing;
 pub mod upstream;
 pub mod usage;
 pub mod utf8;

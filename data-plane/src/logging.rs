@@ -186,6 +186,7 @@ pub fn dropped_lines() -> u64 {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::testing::eventually;
 
     /// A sink that records what reaches it and can be held shut like a stalled pipe.
     #[derive(Clone, Default)]
@@ -202,14 +203,6 @@ mod tests {
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
-        }
-    }
-
-    fn eventually(condition: impl Fn() -> bool) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !condition() {
-            assert!(std::time::Instant::now() < deadline, "condition never held");
-            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -236,7 +229,9 @@ mod tests {
         let (mut writer, guard) = start(1000, &sink);
         writer.write_all(b"one\n").unwrap();
         // Written without more lines coming and without closing.
-        eventually(|| sink.written.lock().unwrap().as_slice() == b"one\n");
+        eventually("the line written", || {
+            sink.written.lock().unwrap().as_slice() == b"one\n"
+        });
         for i in 0..500 {
             writer.write_all(format!("line {i}\n").as_bytes()).unwrap();
         }
@@ -253,12 +248,14 @@ mod tests {
         let sink = Sink::default();
         let (mut writer, guard) = start(1000, &sink);
         // A whole interval without a line: the thread waits without a timeout.
-        eventually(|| writer.0.lock().asleep);
+        eventually("an idle writer asleep", || writer.0.lock().asleep);
         writer.write_all(b"after a pause\n").unwrap();
         assert!(!writer.0.lock().asleep, "the line woke the writer");
-        eventually(|| sink.written.lock().unwrap().as_slice() == b"after a pause\n");
+        eventually("the line after a pause", || {
+            sink.written.lock().unwrap().as_slice() == b"after a pause\n"
+        });
         // Asleep again, and closing still writes what is left.
-        eventually(|| writer.0.lock().asleep);
+        eventually("an idle writer asleep", || writer.0.lock().asleep);
         writer.write_all(b"last\n").unwrap();
         drop(guard);
         assert_eq!(
@@ -274,7 +271,7 @@ mod tests {
         let (mut writer, guard) = start(10, &sink);
         writer.write_all(b"first\n").unwrap();
         // The writer thread takes "first" and blocks on the stalled sink.
-        eventually(|| writer.0.lock().lines == 0);
+        eventually("every line taken", || writer.0.lock().lines == 0);
         let before = dropped_lines();
         for i in 0..25 {
             writer.write_all(format!("{i}\n").as_bytes()).unwrap();

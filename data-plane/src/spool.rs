@@ -1122,17 +1122,9 @@ mod tests {
         }
     }
 
-    /// Polls `condition` every millisecond for up to 10 s.
-    fn eventually(what: &str, condition: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !condition() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
     #[test]
     fn a_settled_spools_sync_thread_sleeps_until_a_write_wakes_it() {
+        use crate::testing::eventually;
         let data = tempfile::tempdir().unwrap();
         let sink = UsageSink::new(100);
         let spool =
