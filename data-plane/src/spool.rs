@@ -293,15 +293,18 @@ impl SyncWake {
         self.flags.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits `timeout`, less if woken or stopped.
-    fn wait(&self, timeout: Duration) -> Waited {
+    /// Waits `timeout`, less if stopped or, when `wakeable` (the thread sleeps), woken. A wait
+    /// that is not wakeable drops a wake-up: one that raced with the thread's decision not to
+    /// sleep would otherwise end its next interval at once, and with it the rule of one round
+    /// an interval.
+    fn wait(&self, timeout: Duration, wakeable: bool) -> Waited {
         let deadline = Instant::now() + timeout;
         let mut flags = self.flags();
         loop {
             if flags.stopping {
                 return Waited::Stop;
             }
-            if std::mem::take(&mut flags.woken) {
+            if std::mem::take(&mut flags.woken) && wakeable {
                 return Waited::Woken;
             }
             let now = Instant::now();
@@ -434,12 +437,16 @@ impl Spool {
                 let wake = &spool.shared.sync_wake;
                 let mut idle = false;
                 loop {
-                    let mut waited = wake.wait(if idle { IDLE_SYNC_INTERVAL } else { interval });
+                    let mut waited = if idle {
+                        wake.wait(IDLE_SYNC_INTERVAL, true)
+                    } else {
+                        wake.wait(interval, false)
+                    };
                     if idle && waited == Waited::Woken {
                         // A write ended the sleep: it and the writes after it are flushed
                         // one interval later, as in any round (at most one `fdatasync` an
                         // interval, however the writes come).
-                        waited = wake.wait(interval);
+                        waited = wake.wait(interval, false);
                     }
                     let stopping = waited == Waited::Stop;
                     let entered = spool.sync_and_compact(&syncing);
@@ -1150,6 +1157,37 @@ mod tests {
         assert!(!asleep());
         eventually("r3 flushed", || sink.durable() >= 2);
         spool.close(false);
+    }
+
+    #[test]
+    fn a_wake_up_ends_only_a_sleep_and_a_stop_ends_any_wait() {
+        let wake = SyncWake::default();
+        // A wake-up that raced with the decision not to sleep: the thread's next interval is
+        // waited whole, not cut short (two rounds, two flushes, back to back).
+        wake.asleep.store(true, Ordering::SeqCst);
+        wake.wake();
+        let started = Instant::now();
+        assert_eq!(wake.wait(Duration::from_millis(50), false), Waited::Elapsed);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        // The wake-up was dropped with it: a sleep after it waits for a new one.
+        assert_eq!(wake.wait(Duration::from_millis(10), true), Waited::Elapsed);
+
+        // A wake-up ends a sleep at once, however long the sleep.
+        wake.asleep.store(true, Ordering::SeqCst);
+        wake.wake();
+        assert!(!wake.asleep.load(Ordering::SeqCst));
+        let started = Instant::now();
+        assert_eq!(wake.wait(Duration::from_secs(60), true), Waited::Woken);
+        assert!(started.elapsed() < Duration::from_secs(30));
+
+        // A wake-up while the thread is awake is no wake-up at all.
+        wake.wake();
+        assert_eq!(wake.wait(Duration::from_millis(10), true), Waited::Elapsed);
+
+        // A stop ends either kind of wait.
+        wake.stop();
+        assert_eq!(wake.wait(Duration::from_secs(60), false), Waited::Stop);
+        assert_eq!(wake.wait(Duration::from_secs(60), true), Waited::Stop);
     }
 
     #[test]
