@@ -209,13 +209,43 @@ impl Cluster {
     }
 }
 
+/// The runtime the tests' gRPC connections run on, apart from each test's own. A test's
+/// runtime stops running its tasks while the test tears down a [`LocalRun`] (a synchronous
+/// `Drop`, waiting for `run.sh` to stop its processes); a connection driven there could not
+/// answer the control plane's graceful shutdown, which then waited its whole grace (5 s) at the
+/// end of every such test.
+static CONNECTIONS: std::sync::LazyLock<tokio::runtime::Runtime> = std::sync::LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("e2e-grpc")
+        .enable_all()
+        .build()
+        .unwrap()
+});
+
+/// Spawns a channel's tasks on [`CONNECTIONS`].
+#[derive(Debug, Clone, Copy)]
+struct OnConnections;
+
+impl<F> hyper::rt::Executor<F> for OnConnections
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, task: F) {
+        CONNECTIONS.spawn(task);
+    }
+}
+
 impl ControlApi {
+    /// A channel to the control plane whose connection lives on [`CONNECTIONS`]: made there
+    /// (lazily, by the first call, so that its socket is registered with that runtime) and
+    /// driven there.
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(self.url.clone())
             .unwrap()
-            .connect()
-            .await
-            .unwrap()
+            .executor(OnConnections)
+            .connect_lazy()
     }
 
     pub async fn admin(&self) -> Admin {
