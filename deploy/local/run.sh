@@ -3,7 +3,8 @@
 #   - sluice-control on its embedded SQLite (secrets generated into the data directory),
 #   - the bundled mock OpenAI provider as a demo backend (unless --no-demo),
 #   - N sluice-proxy data planes; with N > 1, nginx in front of them,
-# then prints a client key and a curl that works. Ctrl-C (or SIGTERM) stops everything.
+# then prints a client key and a curl that works. Ctrl-C (or SIGTERM) stops everything: nginx,
+# then the data planes (their usage reported to the control plane, still up), then the rest.
 #
 #   deploy/local/run.sh                    # 1 data plane on http://127.0.0.1:8080
 #   deploy/local/run.sh --replicas 3       # 3 data planes behind nginx on :8080
@@ -66,10 +67,23 @@ mkdir -p "$RUN_DIR"
 chmod 755 "$RUN_DIR"
 
 pids=()
+proxy_pids=()
+NGINX_PID=""
+# SIGTERM to each of the given processes, then waits for them all.
+stop() {
+  local pid
+  for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
+}
+# Front to back: nginx stops taking requests; the data planes finish theirs (the mock still
+# answering) and report their usage to the control plane, still up, so that nothing is left
+# in their spools (stopped together, each waited --usage-flush-timeout, 10 s, for acks that
+# could not come); then the rest.
 cleanup() {
   trap - EXIT INT TERM
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  [ -z "$NGINX_PID" ] || stop "$NGINX_PID"
+  stop "${proxy_pids[@]}"
+  stop "${pids[@]}"
   rm -f "$RUN_DIR/cluster.env"
 }
 trap cleanup EXIT
@@ -116,7 +130,6 @@ if [ "$DEMO" = 1 ]; then
 fi
 
 proxy_ports=()
-proxy_pids=()
 for i in $(seq 1 "$REPLICAS"); do
   if [ "$REPLICAS" = 1 ]; then p=$PORT; else p=$((PORT + 10 + i)); fi
   spool=(--data-dir "$DATA_DIR/proxy-$i")

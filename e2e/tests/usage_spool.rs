@@ -514,3 +514,40 @@ async fn two_replicas_on_one_data_directory_are_refused_with_a_clear_error() {
         200
     );
 }
+
+/// Ctrl-C on `deploy/local/run.sh` right after a burst of requests: the replica stops before
+/// the control plane, so its last usage is reported and acked rather than left in its spool
+/// (stopped together, the replica waited its whole `--usage-flush-timeout` for acks from a
+/// control plane already gone, and its records stayed on disk until its next start).
+#[tokio::test]
+async fn stopping_the_local_gateway_reports_the_replicas_last_usage_first() {
+    let mut run = LocalRun::start(1).await;
+    let mock = Mock::start("a", &["m"]).await;
+    run.add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let (_, key) = run.create_key("k", &[]).await;
+    run.wait_replicas_current(1).await;
+    let replica = run.replica(0);
+    // The last of these is sent within the report interval (100 ms) of the stop: not acked
+    // yet when it begins.
+    for _ in 0..20 {
+        assert_eq!(replica.chat(&key, "m").await.status(), 200);
+    }
+
+    let started = std::time::Instant::now();
+    run.stop();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "the gateway took {took:?} to stop"
+    );
+    let spooled = segment_files(&run.replica_data_dir(0));
+    assert!(spooled.is_empty(), "left in the spool: {spooled:?}");
+    let db = rusqlite::Connection::open(run.dir.path().join("data/sluice.db")).unwrap();
+    let counted: i64 = db
+        .query_row("SELECT SUM(request_count) FROM usage_hourly", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert_eq!(counted, 20);
+}

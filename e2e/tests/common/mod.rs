@@ -817,12 +817,10 @@ pub fn exited(pid: u32) -> bool {
         && std::fs::read_dir(format!("/proc/{pid}/task")).map_or(true, |tasks| tasks.count() <= 1)
 }
 
-impl Drop for LocalRun {
-    /// Stops the script with SIGTERM and waits (up to 20 s) until it has stopped what it
-    /// started: dropping its handle kills it at once, and killed before its trap has run,
-    /// it would leave nginx and the servers running after the test, on ports and files that
-    /// are gone (an orphaned nginx once held a lock the benchmarks wait on).
-    fn drop(&mut self) {
+impl LocalRun {
+    /// Stops the script with SIGTERM (as Ctrl-C does) and waits, up to 20 s, until it has
+    /// stopped what it started; its data directory stays until the run is dropped.
+    pub fn stop(&mut self) {
         let Some(pid) = self.script.id() else {
             return;
         };
@@ -833,6 +831,16 @@ impl Drop for LocalRun {
         while !exited(pid) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+impl Drop for LocalRun {
+    /// Stops the script (see [`LocalRun::stop`]) rather than dropping its handle, which kills
+    /// it at once: killed before its trap has run, it would leave nginx and the servers
+    /// running after the test, on ports and files that are gone (an orphaned nginx once held
+    /// a lock the benchmarks wait on).
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
