@@ -345,12 +345,16 @@ async fn authorized(
         };
         return forward::error(acct, refused).await;
     }
-    // Its reserve from the key's allowance; settled with the real cost when it ends.
-    match app
-        .allowances
-        .admit(&key.id, prompt_estimate(body.len(), routes))
-        .await
-    {
+    // Its reserve from the key's allowance; settled with the real cost when it ends. Counting
+    // a prompt's tokens is free (Anthropic bills no tokens for it, and its answer has no
+    // usage): it takes no reserve, which it would otherwise keep spent (see
+    // `accounting::keeps_reserve`).
+    let reserve = (endpoint != Endpoint::CountTokens).then(|| prompt_estimate(body.len(), routes));
+    let admitted = match reserve {
+        Some(reserve) => app.allowances.admit(&key.id, reserve).await,
+        None => Ok(None),
+    };
+    match admitted {
         Ok(Some(reservation)) => acct.reserved(reservation),
         Ok(None) => {}
         Err(Refusal::Exhausted { max_budget, resets }) => {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::{Cluster, Gateway, LocalRun, Mock, eventually, sse_data};
 use serde_json::{Value, json};
+use sluice_e2e::mock::{Fault, GarbageKind};
 use sluice_proto::v1 as pb;
 
 /// Route prices of the harness's `add_backend`: $1 in, $2 out per million tokens.
@@ -226,6 +227,82 @@ async fn a_key_is_refused_once_its_budget_is_spent_and_served_again_when_raised(
     eventually(Duration::from_secs(10), "served again", || async {
         proxy.chat(&key, "m").await.status() == 200
     })
+    .await;
+}
+
+/// What a budgeted request is charged when it learns no tokens, as the replica's pool and the
+/// control plane's ledger both count it. Requests the provider refuses (an error status) were
+/// billed nothing and take nothing: forty of them, whose reserves add up to three times the
+/// budget, leave it whole. An answer that says nothing of usage may have been billed: it keeps
+/// its reserve spent, and the key's spend says so. (Each used to keep its reserve spent without
+/// its record saying so: the control plane counted that money as still held by the replica,
+/// the pool and the ledger drifted apart, and the key was refused with nothing spent.)
+#[tokio::test]
+async fn a_request_without_tokens_is_charged_its_reserve_only_if_the_provider_may_have_billed_it() {
+    let (cluster, mock, _) = Cluster::with_one_backend().await;
+    let proxy = cluster.proxy_with(&["--allowance-wait=5s"]).await;
+    // About thirteen requests' reserves (a reserve: a token per 4 bytes of body at $1 per
+    // million input tokens).
+    let max_budget = 0.000_2;
+    let key = cluster
+        .admin()
+        .await
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "refused-upstream".into(),
+            max_budget,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key;
+    mock.set_faults(vec![
+        Fault::Status {
+            code: 400,
+            retry_after: None,
+        }
+        .always(),
+    ])
+    .await;
+    let mut refused = 0;
+    while refused < 40 {
+        let r = proxy.chat(&key, "m").await;
+        // Until the replica has the snapshot with the new key, it does not know it.
+        if r.status() == 401 && refused == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        assert_eq!(r.status(), 400, "{}", r.text().await.unwrap());
+        refused += 1;
+    }
+    mock.clear_faults().await;
+    assert_eq!(proxy.chat(&key, "m").await.status(), 200);
+    let served = mock_nanos(&mock).await;
+    eventually(
+        Duration::from_secs(10),
+        "the one answered request counted, and nothing else",
+        || async {
+            (key_state(&cluster, "refused-upstream").await.spend * 1e9).round() as u64 == served
+        },
+    )
+    .await;
+
+    // A 200 whose body is not JSON: no usage to read, perhaps billed.
+    mock.set_faults(vec![Fault::Garbage(GarbageKind::NotJson).times(1)])
+        .await;
+    let r = proxy.chat(&key, "m").await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "say hello to me"}]});
+    let reserve =
+        (serde_json::to_vec(&body).unwrap().len() as u64).div_ceil(4) * INPUT_NANOS_PER_TOKEN;
+    eventually(
+        Duration::from_secs(10),
+        "its reserve counted as spent",
+        || async {
+            (key_state(&cluster, "refused-upstream").await.spend * 1e9).round() as u64
+                == served + reserve
+        },
+    )
     .await;
 }
 

@@ -365,6 +365,11 @@ impl Accounting {
             record.cached_prompt_tokens,
             record.completion_tokens,
         );
+        if let Some(reservation) = &self.0.budget
+            && keeps_reserve(&record, kind)
+        {
+            record.cost_nanos = record.cost_nanos.max(reservation.reserve().max(0) as u64);
+        }
         RequestLine {
             request_id: &record.request_id,
             client_key: &record.client_key_id,
@@ -398,15 +403,10 @@ impl Accounting {
             self.0.metrics.upstream_latency(&backend, sent.elapsed());
         }
         let (spool, spooled) = (&self.0.spool, self.0.spooled);
-        // A request that reached a backend and learnt no tokens (cut off before the usage
-        // came) keeps its reserve spent: the provider may well have charged for it.
-        let tokens_known = record.prompt_tokens > 0 || record.completion_tokens > 0;
-        let spent = match &self.0.budget {
-            Some(r) if record.attempts > 0 && !tokens_known => {
-                record.cost_nanos.max(r.reserve().max(0) as u64)
-            }
-            _ => record.cost_nanos,
-        };
+        // The pool is charged what the record says: the control plane counts the records'
+        // cost as spend, and money a replica kept spent without its record saying so would
+        // stay outstanding there, shrinking every later grant of the key (see `keeps_reserve`).
+        let spent = record.cost_nanos;
         let mut written = Written::ready();
         self.0.sink.record_with(record, |record| {
             if let Some(lane) = spool {
@@ -419,6 +419,18 @@ impl Accounting {
         }
         written
     }
+}
+
+/// Whether a budgeted request keeps its reserve spent, as its cost: one that reached a backend
+/// and learnt no tokens, where the provider may have billed it (an answer without usage, a
+/// timeout, an answer Sluice could not read). One whose backend answered an error status, or
+/// could not be reached, was billed nothing: its reserve is given back. (A request cut short
+/// has its tokens estimated before this: see `estimate_unreported`.)
+fn keeps_reserve(record: &UsageRecord, kind: ErrorKind) -> bool {
+    record.attempts > 0
+        && record.prompt_tokens == 0
+        && record.completion_tokens == 0
+        && !matches!(kind, ErrorKind::UpstreamStatus | ErrorKind::UpstreamConnect)
 }
 
 impl Accounting {
