@@ -156,7 +156,7 @@ struct Inner {
     conn: Mutex<Connection>,
     /// Read-only connections, so reads never queue behind a write's fsync (WAL lets
     /// readers and the writer run at once).
-    readers: [Mutex<Connection>; 2],
+    readers: [Mutex<Connection>; 3],
     key: MasterKey,
     observer: Arc<dyn StoreObserver>,
     /// The newest committed snapshot version.
@@ -164,11 +164,15 @@ struct Inner {
 }
 
 /// Which read-only connection a read uses. Snapshot builds get their own, so a
-/// cooldown reaches the data planes without waiting for a long stats query.
+/// cooldown reaches the data planes without waiting for a long stats query; so do the
+/// allowance engine's budget reads, which it makes holding the engine (every grant, ingest
+/// and ack of every replica waits for them), so that a stats query of seconds does not stall
+/// usage and turn replicas' asks into 503 `budget_unavailable`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reader {
     Snapshot = 0,
     Queries = 1,
+    Budgets = 2,
 }
 
 /// What [`Store::open`] found about the database.
@@ -203,7 +207,7 @@ impl Store {
         }
         tx.commit()?;
         let version = read_version(&conn)?;
-        let readers = [open_reader(path)?, open_reader(path)?];
+        let readers = [open_reader(path)?, open_reader(path)?, open_reader(path)?];
         Ok((
             Self {
                 inner: Arc::new(Inner {

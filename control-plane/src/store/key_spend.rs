@@ -106,7 +106,7 @@ impl Store {
         now_ms: i64,
         replicas: Vec<(String, String)>,
     ) -> Result<Option<KeyBudget>, StoreError> {
-        self.read(Reader::Queries, move |conn, _| {
+        self.read(Reader::Budgets, move |conn, _| {
             let tx = conn.transaction()?;
             let Some(key) = budgeted_key(&tx, &id)? else {
                 return Ok(None);
@@ -211,5 +211,54 @@ mod tests {
         let before = *store.commits().borrow();
         assert!(store.publish_budget_resets().await.unwrap());
         assert!(*store.commits().borrow() > before, "a new snapshot version");
+    }
+
+    /// The allowance engine reads a key's budget while it holds every replica's grants,
+    /// ingest and acks: a stats query of seconds on the same connection would stall them all.
+    #[tokio::test]
+    async fn a_budget_read_does_not_wait_for_a_stats_query() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("t.db"), MasterKey::generate()).unwrap();
+        let (key, _, _) = store
+            .create_client_key(NewClientKey {
+                name: "budgeted".into(),
+                max_budget_nanos: 5,
+                budget_period: BudgetPeriod::Monthly,
+                ..NewClientKey::default()
+            })
+            .await
+            .unwrap();
+        // A stats query holds its connection (the lock a long query holds while it runs).
+        let (held, release) = (
+            std::sync::Arc::new(std::sync::Barrier::new(2)),
+            std::sync::mpsc::channel::<()>(),
+        );
+        let (release_tx, release_rx) = release;
+        let stats = {
+            let (store, held) = (store.clone(), std::sync::Arc::clone(&held));
+            tokio::spawn(async move {
+                store
+                    .read(Reader::Queries, move |_, _| {
+                        held.wait();
+                        let _ = release_rx.recv();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::task::spawn_blocking(move || held.wait())
+            .await
+            .unwrap();
+        let budget = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            store.key_budget(key.id.clone(), 0, Vec::new()),
+        )
+        .await
+        .expect("the budget read waited for the stats query")
+        .unwrap()
+        .unwrap();
+        assert_eq!(budget.max_nanos, 5);
+        release_tx.send(()).unwrap();
+        stats.await.unwrap().unwrap();
     }
 }
