@@ -483,14 +483,25 @@ impl Spool {
         // Every record up to `entered` was written before it entered the queue, so the
         // files collected next hold it.
         let entered = sink.entered();
+        let mut renamed = false;
         for lane in &self.lanes {
-            for file in lane.take_unsynced() {
+            let (files, lane_renamed) = lane.take_unsynced();
+            renamed |= lane_renamed;
+            for file in files {
                 if let Err(err) = file.sync_data()
                     && self.shared.warning_due()
                 {
                     tracing::error!(error = %err, "flushing the usage spool to disk failed");
                 }
             }
+        }
+        // A segment written over a spare file is durable under its own name only once the
+        // directory holding the rename is.
+        if renamed
+            && let Err(err) = sync_dir(&self.shared.dir)
+            && self.shared.warning_due()
+        {
+            tracing::error!(error = %err, "flushing the usage spool directory failed");
         }
         sink.mark_durable(entered);
         let acked = sink.acked();
@@ -992,6 +1003,13 @@ mod tests {
                 request(&lane, &sink, &format!("new-{i}"), true);
             }
             assert!(!dir.join(spare_name(0)).exists(), "the spare was used");
+            // The rename is made durable by the next round, which flushes the directory as
+            // well as the files (not only on ext4, where a file's flush may leave it out).
+            let (_, renamed) = lane.take_unsynced();
+            assert!(renamed, "the next round flushes the directory");
+            request(&lane, &sink, "new-after", true);
+            let (files, renamed) = lane.take_unsynced();
+            assert_eq!((files.len(), renamed), (1, false), "and only that round");
         }
         let reused: Vec<_> = segments(&dir)
             .into_iter()

@@ -59,6 +59,10 @@ pub(super) struct Segment {
     pub carrying: bool,
     /// The seed of its frames' checks.
     pub seed: u32,
+    /// Its name came by renaming a spare file, and the directory has not been flushed since:
+    /// until it is, a machine crash may bring the file back under the spare's name, which
+    /// a replay ignores (a new file's name is flushed with the file, on ext4 and its kind).
+    pub renamed: bool,
 }
 
 /// A serving thread's writer; see the module docs. Only its own thread uses it on the
@@ -230,27 +234,29 @@ impl Lane {
     }
 
     /// The files written since the last call (after writing the batch, so that every frame
-    /// appended before the call is in them), for the sync thread to flush; from now on they
-    /// count as synced.
-    pub(super) fn take_unsynced(&self) -> Vec<Arc<File>> {
+    /// appended before the call is in them), for the sync thread to flush, and whether one of
+    /// them was renamed (the directory is to be flushed too); from now on they count as synced.
+    pub(super) fn take_unsynced(&self) -> (Vec<Arc<File>>, bool) {
         let mut state = self.lock();
         let waiting = state.write_batch(self.index, &self.shared);
         let LaneState {
             current, closed, ..
         } = &mut *state;
+        let mut renamed = false;
         let files = closed
             .iter_mut()
             .chain(current.iter_mut())
-            .filter(|segment| !segment.synced || segment.carrying)
+            .filter(|segment| !segment.synced || segment.carrying || segment.renamed)
             .map(|segment| {
                 segment.synced = true;
                 segment.carrying = false;
+                renamed |= std::mem::take(&mut segment.renamed);
                 Arc::clone(&segment.file)
             })
             .collect();
         drop(state);
         waiting.into_iter().for_each(Waker::wake);
-        files
+        (files, renamed)
     }
 
     /// Takes off the oldest closed segments that hold nothing the spool still needs: synced,
@@ -285,7 +291,7 @@ impl Lane {
             && state
                 .current
                 .as_ref()
-                .is_none_or(|segment| segment.synced && !segment.carrying)
+                .is_none_or(|segment| segment.synced && !segment.carrying && !segment.renamed)
     }
 
     /// The serving thread whose lane this is.
@@ -459,6 +465,7 @@ impl LaneState {
                 .ok()
                 .map(|file| (file, head))
         });
+        let renamed = reused.is_some();
         let (file, head) = match reused {
             Some(reused) => reused,
             None => {
@@ -477,6 +484,7 @@ impl LaneState {
             synced: false,
             carrying: true,
             seed,
+            renamed,
         });
         Ok(())
     }
