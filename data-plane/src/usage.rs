@@ -764,7 +764,7 @@ impl UsageReporter {
         }
     }
 
-    /// One `ReportUsage` call; `Ok` once stopped and drained.
+    /// One `ReportUsage` call; `Ok` once stopped and drained, else how the call ended.
     async fn session(
         &mut self,
         stop: &CancellationToken,
@@ -772,17 +772,59 @@ impl UsageReporter {
     ) -> Result<(), tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
         let mut inbound = self.client.report_usage(ReceiverStream::new(rx)).await?;
+        match self.exchange(stop, flushing, &tx, &mut inbound).await {
+            Ok(()) => Ok(()),
+            Err(Ended::Status(status)) => Err(status),
+            Err(Ended::Closed) => Err(self.why_closed(&mut inbound).await),
+        }
+    }
+
+    /// A report could not be sent: the call has ended, and the control plane's answer says
+    /// why (a refusal of a report as too large among them, which [`Outbox::failed`] acts on:
+    /// taken for a dropped connection, the refused record would be sent again for ever).
+    /// Acks that came before it are applied. A call whose answer does not end within a
+    /// second counts as dropped.
+    async fn why_closed(
+        &mut self,
+        inbound: &mut tonic::Streaming<sluice_proto::v1::ReportUsageResponse>,
+    ) -> tonic::Status {
+        let answer = async {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(ack)) => self.outbox.acked(ack.acked_sequence),
+                    Ok(None) => {
+                        return tonic::Status::unavailable(
+                            "usage stream closed by the control plane",
+                        );
+                    }
+                    Err(status) => return status,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(1), answer)
+            .await
+            .unwrap_or_else(|_| tonic::Status::unavailable("usage stream closed"))
+    }
+
+    /// The reports and acks of one call.
+    async fn exchange(
+        &mut self,
+        stop: &CancellationToken,
+        flushing: &mut bool,
+        tx: &mpsc::Sender<Report>,
+        inbound: &mut tonic::Streaming<sluice_proto::v1::ReportUsageResponse>,
+    ) -> Result<(), Ended> {
         self.outbox.restart();
         let resend = self.resend.as_ref().map(|f| f()).unwrap_or_default();
         if let Some(report) = (!resend.is_empty())
             .then(|| self.outbox.next_report(false, resend))
             .flatten()
         {
-            send(&tx, report).await?;
+            send(tx, report).await?;
         }
         // What waited for the stream goes at once; after that the flush timer runs only while
         // a record waits for it, so that an idle replica's reporter does not wake.
-        self.send_unsent(&tx, true).await?;
+        self.send_unsent(tx, true).await?;
         let flush = tokio::time::sleep(FLUSH_INTERVAL);
         tokio::pin!(flush);
         let mut armed = false;
@@ -792,7 +834,7 @@ impl UsageReporter {
                 if self.outbox.sink.is_drained() {
                     return Ok(());
                 }
-                self.send_unsent(&tx, true).await?;
+                self.send_unsent(tx, true).await?;
             }
             if !armed && (*flushing || self.outbox.sink.idle_unless_unsent(self.outbox.sent_upto)) {
                 self.outbox.sink.queue.idle.store(false, Ordering::SeqCst);
@@ -808,7 +850,11 @@ impl UsageReporter {
                         self.outbox.acked(ack.acked_sequence);
                         self.backoff.reset();
                     }
-                    None => return Err(tonic::Status::unavailable("usage stream closed by the control plane")),
+                    None => {
+                        return Err(Ended::Status(tonic::Status::unavailable(
+                            "usage stream closed by the control plane",
+                        )));
+                    }
                 },
                 () = stop.cancelled(), if !*flushing => *flushing = true,
                 // A full batch, records the spool made durable, a backend event, or (while
@@ -817,11 +863,11 @@ impl UsageReporter {
                 // events go now, the rest when the timer, armed at the top of the loop, fires.
                 () = wake.wake.notified() => {
                     let all = self.outbox.sink.spooled();
-                    self.send_unsent(&tx, all).await?;
+                    self.send_unsent(tx, all).await?;
                 }
                 () = &mut flush, if armed => {
                     armed = false;
-                    self.send_unsent(&tx, true).await?;
+                    self.send_unsent(tx, true).await?;
                 }
             }
         }
@@ -829,11 +875,7 @@ impl UsageReporter {
 
     /// Sends queued events and the records not yet sent on this stream: all of them when
     /// `all`, else only full batches (events always).
-    async fn send_unsent(
-        &mut self,
-        tx: &mpsc::Sender<Report>,
-        all: bool,
-    ) -> Result<(), tonic::Status> {
+    async fn send_unsent(&mut self, tx: &mpsc::Sender<Report>, all: bool) -> Result<(), Closed> {
         let mut events = self.outbox.sink.take_events();
         while let Some(report) = self.outbox.next_report(all, std::mem::take(&mut events)) {
             send(tx, report).await?;
@@ -842,10 +884,31 @@ impl UsageReporter {
     }
 }
 
-async fn send(tx: &mpsc::Sender<Report>, report: Report) -> Result<(), tonic::Status> {
-    tx.send(report)
-        .await
-        .map_err(|_| tonic::Status::unavailable("usage stream closed"))
+/// A report could not be sent: the call's request stream is closed.
+struct Closed;
+
+async fn send(tx: &mpsc::Sender<Report>, report: Report) -> Result<(), Closed> {
+    tx.send(report).await.map_err(|_| Closed)
+}
+
+/// How a call's exchange ended early.
+enum Ended {
+    /// The call's answer ended it, with this status.
+    Status(tonic::Status),
+    /// A report could not be sent; the answer is still to be read ([`UsageReporter::why_closed`]).
+    Closed,
+}
+
+impl From<tonic::Status> for Ended {
+    fn from(status: tonic::Status) -> Self {
+        Self::Status(status)
+    }
+}
+
+impl From<Closed> for Ended {
+    fn from(Closed: Closed) -> Self {
+        Self::Closed
+    }
 }
 
 /// Token counts from an upstream `usage` object (chat's or the Responses API's).

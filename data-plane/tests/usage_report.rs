@@ -204,6 +204,35 @@ async fn a_full_queue_drops_the_oldest_while_the_control_plane_is_away() {
 /// A record the control plane refuses (here: too large for its decode limit, as tonic refuses
 /// it) must not hold back the records after it: it is sent alone, refused again, dropped and
 /// counted, and everything else arrives exactly once.
+/// The same with a backlog behind the refused record: the records after it go alone, many
+/// reports queued on the stream before the refusal comes back. The control plane's refusal
+/// ends the stream while the reporter is still sending, so its sends fail; what the stream's
+/// end says decides (it used to be taken for a dropped connection: nothing was dropped, and
+/// every reconnect sent the same record again, for ever).
+#[tokio::test]
+async fn a_refused_record_with_a_backlog_behind_it_is_dropped_and_the_backlog_delivered() {
+    let cp = FakeControlPlane::start_with_report_limit(256 * 1024).await;
+    let sink = UsageSink::new(100_000);
+    for i in 1..=5_000 {
+        let mut r = record(i);
+        if i == 12 {
+            r.model = "x".repeat(512 * 1024);
+        }
+        sink.record(r);
+    }
+    let (stop, handle) = start(&cp, &sink);
+    cp.wait_for("the backlog behind the refused record delivered", |r| {
+        r.records().len() == 4_999
+    })
+    .await;
+    let expected: Vec<u64> = (1..=5_000).filter(|&i| i != 12).collect();
+    assert_eq!(applied_sequences(&cp), expected);
+    assert_eq!(sink.unsendable(), 1);
+    stop.cancel();
+    handle.await.unwrap();
+    assert_eq!(sink.pending(), 0);
+}
+
 #[tokio::test]
 async fn a_record_the_control_plane_refuses_is_dropped_and_the_rest_delivered() {
     let cp = FakeControlPlane::start_with_report_limit(16 * 1024).await;
