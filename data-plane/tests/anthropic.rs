@@ -665,6 +665,59 @@ fn chat_chunk(delta: Value, finish: Option<&str>) -> String {
     )
 }
 
+/// An upstream that streams a tool call's arguments and never its name: the translation holds
+/// the call until its name comes (nothing reaches the client, so nothing slows the upstream
+/// down) and fails the stream once it holds more than an event may, rather than growing.
+#[test]
+fn a_tool_call_that_is_never_named_fails_the_stream_instead_of_growing() {
+    let mut translator = EventsFromChunks::default();
+    let mut frames = Vec::new();
+    let first = chat_chunk(json!({"role": "assistant", "content": ""}), None);
+    assert_eq!(
+        translator.push(&events(&first)[0], &mut frames),
+        Flow::Continue
+    );
+    let piece = chat_chunk(
+        json!({"tool_calls": [{"index": 0, "function": {"arguments": "a".repeat(64 * 1024)}}]}),
+        None,
+    );
+    let piece = &events(&piece)[0];
+    let mut pushed = 0;
+    let flow = loop {
+        let flow = translator.push(piece, &mut frames);
+        pushed += 1;
+        if flow != Flow::Continue || pushed == 1_000 {
+            break flow;
+        }
+    };
+    assert_eq!(
+        flow,
+        Flow::Failed,
+        "still holding after {pushed} pieces of 64 KiB"
+    );
+    assert!(pushed <= 20, "held {pushed} pieces of 64 KiB");
+    let error = data_of(&frames).pop().unwrap();
+    assert_eq!(error["type"], "error", "{error}");
+}
+
+/// Counters an upstream reports past what adds up (a hostile or broken one) count as the most
+/// there is, rather than wrapping to a small prompt or panicking.
+#[test]
+fn an_anthropic_streams_counters_past_the_largest_add_up_to_the_largest() {
+    let mut translator = ChunksFromEvents::new(7, true);
+    let mut frames = Vec::new();
+    let text = [
+        anthropic_event("message_start", json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-up", "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 1, "output_tokens": 1, "cache_read_input_tokens": u64::MAX}}})),
+        anthropic_event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 3}})),
+        anthropic_event("message_stop", json!({"type": "message_stop"})),
+    ]
+    .concat();
+    for event in events(&text) {
+        translator.push(&event, &mut frames);
+    }
+    assert_eq!(translator.usage().unwrap().input, u64::MAX);
+}
+
 #[test]
 fn chat_chunks_become_an_anthropic_stream() {
     let text = [

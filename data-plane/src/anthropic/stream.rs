@@ -56,7 +56,10 @@ impl Counters {
 
     fn usage(self) -> Usage {
         Usage {
-            input: self.input + self.cache_read + self.cache_creation,
+            input: self
+                .input
+                .saturating_add(self.cache_read)
+                .saturating_add(self.cache_creation),
             output: self.output,
             cache_read: self.cache_read,
             cache_creation: self.cache_creation,
@@ -446,6 +449,12 @@ enum Open {
 
 /// A tool call seen before its name: no block is opened for it until the name arrives, so
 /// the client never sees an empty tool block.
+/// What a tool call may hold before its name arrives: an upstream that streams arguments
+/// without ever naming the call would otherwise grow it for as long as the stream lasts (the
+/// client is sent nothing meanwhile, so nothing slows the upstream down). OpenAI names a call
+/// in its first chunk.
+const MAX_PENDING_BYTES: usize = crate::sse::DEFAULT_MAX_BYTES;
+
 #[derive(Debug, Default)]
 struct Pending {
     index: u64,
@@ -556,6 +565,17 @@ impl EventsFromChunks {
             .flatten()
         {
             self.tool_call(call, out);
+        }
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.id.len() + p.name.len() + p.arguments.len() > MAX_PENDING_BYTES)
+        {
+            out.push(error::event(
+                502,
+                "The upstream streamed a tool call's arguments without its name.",
+            ));
+            return Flow::Failed;
         }
         if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
             self.finish = Some(reason.to_owned());
