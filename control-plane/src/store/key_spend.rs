@@ -70,15 +70,19 @@ pub(crate) fn spent_in_period(
     key: &ClientKey,
     now_ms: i64,
 ) -> Result<u64, StoreError> {
-    let since = key
+    // Rows of the period only, not those after it: a replica whose clock runs ahead files
+    // its last costs before the reset in the next period's rows, which count there (once),
+    // not also here.
+    let (since, until) = key
         .budget_period
         .period_of(now_ms)
-        .map_or(i64::MIN, |(start, _)| start);
+        .unwrap_or((i64::MIN, i64::MAX));
     // Summed here rather than by SQLite, whose sum() fails past i64: one row a day.
     let mut stmt = conn.prepare_cached(
-        "SELECT spent_nanos FROM key_spend WHERE client_key_id = ?1 AND day_start >= ?2",
+        "SELECT spent_nanos FROM key_spend
+         WHERE client_key_id = ?1 AND day_start >= ?2 AND day_start < ?3",
     )?;
-    let mut rows = stmt.query(params![key.id, since])?;
+    let mut rows = stmt.query(params![key.id, since, until])?;
     let mut spent = 0u64;
     while let Some(row) = rows.next()? {
         spent = spent.saturating_add(row.get::<_, i64>(0)?.max(0) as u64);
@@ -211,6 +215,48 @@ mod tests {
         let before = *store.commits().borrow();
         assert!(store.publish_budget_resets().await.unwrap());
         assert!(*store.commits().borrow() > before, "a new snapshot version");
+    }
+
+    /// A replica whose clock runs ahead files costs in the next period's rows: they count in
+    /// that period, not in this one as well (nor do rows of an earlier period).
+    #[tokio::test]
+    async fn a_period_counts_only_its_own_days() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let (store, _) = Store::open(&path, MasterKey::generate()).unwrap();
+        let (key, _, _) = store
+            .create_client_key(NewClientKey {
+                name: "daily".into(),
+                max_budget_nanos: 1_000,
+                budget_period: BudgetPeriod::Daily,
+                ..NewClientKey::default()
+            })
+            .await
+            .unwrap();
+        let day = 86_400_000i64;
+        let today = 20_000 * day;
+        let db = Connection::open(&path).unwrap();
+        for (day_start, spent) in [(today - day, 1), (today, 20), (today + day, 300)] {
+            db.execute(
+                "INSERT INTO key_spend (client_key_id, day_start, spent_nanos) VALUES (?1, ?2, ?3)",
+                params![key.id, day_start, spent],
+            )
+            .unwrap();
+        }
+        let spent = |at| {
+            let store = store.clone();
+            let id = key.id.clone();
+            async move {
+                store
+                    .key_budget(id, at, Vec::new())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .spent_nanos
+            }
+        };
+        assert_eq!(spent(today + 5).await, 20);
+        assert_eq!(spent(today + day + 5).await, 300);
     }
 
     /// The allowance engine reads a key's budget while it holds every replica's grants,
