@@ -1588,3 +1588,31 @@ async fn an_answer_past_four_mib_is_read_in_pages_by_a_default_client() {
     assert_eq!(pages, 2);
     assert_eq!(joined, whole.buckets);
 }
+
+/// A sequence past what SQLite's signed integers hold is refused with the whole report: stored,
+/// its high-water mark would read back as 0, and every record of the replica could then be
+/// counted again.
+#[tokio::test]
+async fn a_report_numbered_past_the_largest_stored_sequence_is_refused() {
+    let mut h = Harness::start().await;
+    let b = h.backend("b", pb::Pool::Primary, &[("m1", 1.0, 1.0)]).await;
+    let rec = Rec::new(&b, DAY0 + 10);
+    let mut dp = h.data_plane().await;
+    let mut acks = dp
+        .report_usage(tokio_stream::iter(vec![batch(
+            "r",
+            "i",
+            vec![rec.to_proto(1 << 63)],
+        )]))
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = acks.message().await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("sequences"), "{refused:?}");
+    assert_eq!(h.totals(Default::default()).await.request_count, 0);
+    // The replica's records numbered as data planes number them are counted, once.
+    assert_eq!(h.report("r", "i", vec![rec.to_proto(1)]).await, 1);
+    assert_eq!(h.report("r", "i", vec![rec.to_proto(1)]).await, 1);
+    assert_eq!(h.totals(Default::default()).await.request_count, 1);
+}

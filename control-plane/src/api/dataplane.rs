@@ -434,6 +434,20 @@ impl DataPlaneService for DataPlaneApi {
     }
 }
 
+/// Sequences the store can hold: SQLite's integers are signed, and a high-water mark past
+/// `i64::MAX` would read back as 0, letting every record of that replica be counted again.
+/// Data planes number records from 1, one a request.
+fn check_sequences(batch: &pb::ReportUsageRequest) -> Result<(), Status> {
+    let too_large = |sequence: u64| i64::try_from(sequence).is_err();
+    if too_large(batch.previous_sequence) || batch.records.iter().any(|r| too_large(r.sequence)) {
+        return Err(Status::invalid_argument(format!(
+            "usage record sequences must be at most {}",
+            i64::MAX
+        )));
+    }
+    Ok(())
+}
+
 impl DataPlaneApi {
     /// Cooldown events first, so other replicas learn of a 429 without waiting
     /// for the usage write; then hands the records to the writer, which stores them
@@ -450,6 +464,7 @@ impl DataPlaneApi {
             return Ok(None);
         }
         check_id("incarnation", &batch.incarnation)?;
+        check_sequences(&batch)?;
         let charges = Charges::of(&batch);
         if let Some(c) = &charges {
             // Before the store may commit them: an ask that reads a spend including them
