@@ -6,7 +6,10 @@ use crate::usage::histogram::{Histogram, HistogramError, merge_encoded};
 /// Registers the SQL functions that build and merge stored histograms:
 /// - aggregate `usage_histogram(h)`: the sum of the stored histograms `h` (NULL is
 ///   skipped);
-/// - scalar `usage_histogram_add(a, b)`: the sum of two stored histograms.
+/// - scalar `usage_histogram_add(a, b)`: the sum of two stored histograms;
+/// - scalar `sluice_saturating_add(a, b)`: the sum of two integers, at most `i64::MAX` and at
+///   least `i64::MIN` (SQLite's `+` turns a sum past them into a REAL, which a STRICT INTEGER
+///   column refuses).
 pub fn register(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     use rusqlite::functions::FunctionFlags;
     let flags = FunctionFlags::SQLITE_UTF8
@@ -23,6 +26,9 @@ pub fn register(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
         };
         merge_encoded(blob(0)?, blob(1)?)
             .map_err(|e| rusqlite::Error::UserFunctionError(Box::new(e)))
+    })?;
+    conn.create_scalar_function("sluice_saturating_add", 2, flags, |ctx| {
+        Ok(ctx.get::<i64>(0)?.saturating_add(ctx.get::<i64>(1)?))
     })
 }
 

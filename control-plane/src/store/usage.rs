@@ -20,7 +20,8 @@ use crate::usage::histogram::{Histogram, encode_buckets, latency_bucket};
 
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
-/// Tokens counted for one record at most; keeps every sum far from overflowing.
+/// Tokens counted for one record at most (an upstream's absurd figure counts this); the sums
+/// of a row stop at `i64::MAX` (see [`ADD_ON_CONFLICT`]).
 const MAX_TOKENS_PER_RECORD: u64 = 1 << 40;
 /// How often [`Store::run_usage_retention`] deletes expired hourly rows.
 pub const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
@@ -335,17 +336,24 @@ struct Delta {
 
 impl Delta {
     fn add_record(&mut self, r: &UsageRow) {
-        self.request_count += 1;
-        self.error_count += i64::from(r.is_error);
-        self.stream_count += i64::from(r.stream);
-        self.prompt_tokens += r.prompt_tokens.min(MAX_TOKENS_PER_RECORD) as i64;
-        self.completion_tokens += r.completion_tokens.min(MAX_TOKENS_PER_RECORD) as i64;
-        self.cached_prompt_tokens += r.cached_prompt_tokens.min(MAX_TOKENS_PER_RECORD) as i64;
-        self.reasoning_tokens += r.reasoning_tokens.min(MAX_TOKENS_PER_RECORD) as i64;
+        let tokens = |n: u64| n.min(MAX_TOKENS_PER_RECORD) as i64;
+        self.request_count = self.request_count.saturating_add(1);
+        self.error_count = self.error_count.saturating_add(i64::from(r.is_error));
+        self.stream_count = self.stream_count.saturating_add(i64::from(r.stream));
+        self.prompt_tokens = self.prompt_tokens.saturating_add(tokens(r.prompt_tokens));
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(tokens(r.completion_tokens));
+        self.cached_prompt_tokens = self
+            .cached_prompt_tokens
+            .saturating_add(tokens(r.cached_prompt_tokens));
+        self.reasoning_tokens = self
+            .reasoning_tokens
+            .saturating_add(tokens(r.reasoning_tokens));
         self.latency_ms_sum += r.latency_ms;
         if let Some(ttft) = r.ttft_ms {
             self.ttft_ms_sum += ttft;
-            self.ttft_count += 1;
+            self.ttft_count = self.ttft_count.saturating_add(1);
         }
         self.add_latency(latency_bucket(r.latency_ms), 1);
     }
@@ -383,17 +391,21 @@ impl Delta {
     }
 
     fn add(&mut self, other: &Delta) {
-        self.request_count += other.request_count;
-        self.error_count += other.error_count;
-        self.stream_count += other.stream_count;
-        self.prompt_tokens += other.prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
+        self.request_count = self.request_count.saturating_add(other.request_count);
+        self.error_count = self.error_count.saturating_add(other.error_count);
+        self.stream_count = self.stream_count.saturating_add(other.stream_count);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
         self.cost += other.cost;
         self.latency_ms_sum += other.latency_ms_sum;
         self.ttft_ms_sum += other.ttft_ms_sum;
-        self.ttft_count += other.ttft_count;
-        self.cached_prompt_tokens += other.cached_prompt_tokens;
-        self.reasoning_tokens += other.reasoning_tokens;
+        self.ttft_count = self.ttft_count.saturating_add(other.ttft_count);
+        self.cached_prompt_tokens = self
+            .cached_prompt_tokens
+            .saturating_add(other.cached_prompt_tokens);
+        self.reasoning_tokens = self.reasoning_tokens.saturating_add(other.reasoning_tokens);
         for &(b, n) in &other.latency {
             self.add_latency(b, n);
         }
@@ -401,19 +413,22 @@ impl Delta {
 }
 
 /// The stored-row columns both upserts add to, after the key columns.
+/// The stored-row columns both upserts add to, after the key columns. Integer sums stop at
+/// `i64::MAX`: past it SQLite makes the sum a REAL, which the STRICT INTEGER column refuses,
+/// and the whole group commit (every replica's reports) would fail on that row for good.
 const ADD_ON_CONFLICT: &str = "
-    request_count = request_count + excluded.request_count,
-    error_count = error_count + excluded.error_count,
-    stream_count = stream_count + excluded.stream_count,
-    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-    completion_tokens = completion_tokens + excluded.completion_tokens,
+    request_count = sluice_saturating_add(request_count, excluded.request_count),
+    error_count = sluice_saturating_add(error_count, excluded.error_count),
+    stream_count = sluice_saturating_add(stream_count, excluded.stream_count),
+    prompt_tokens = sluice_saturating_add(prompt_tokens, excluded.prompt_tokens),
+    completion_tokens = sluice_saturating_add(completion_tokens, excluded.completion_tokens),
     cost = cost + excluded.cost,
     latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum,
     ttft_ms_sum = ttft_ms_sum + excluded.ttft_ms_sum,
-    ttft_count = ttft_count + excluded.ttft_count,
+    ttft_count = sluice_saturating_add(ttft_count, excluded.ttft_count),
     latency_histogram = usage_histogram_add(latency_histogram, excluded.latency_histogram),
-    cached_prompt_tokens = cached_prompt_tokens + excluded.cached_prompt_tokens,
-    reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens";
+    cached_prompt_tokens = sluice_saturating_add(cached_prompt_tokens, excluded.cached_prompt_tokens),
+    reasoning_tokens = sluice_saturating_add(reasoning_tokens, excluded.reasoning_tokens)";
 
 /// The summed columns of every usage table, in the order [`Delta::sums`] gives them.
 const SUM_COLUMNS: &str = "request_count, error_count, stream_count, prompt_tokens, \
@@ -1664,6 +1679,51 @@ mod tests {
         assert_eq!(outcomes, vec![Ok(10), Ok(20), Ok(20)]);
         let t = store.totals(TotalsFilter::default()).await.unwrap();
         assert_eq!(t.request_count, 20);
+    }
+
+    /// An upstream reporting absurd usage fills a row's sums: they stop at the largest integer
+    /// SQLite stores, and reports keep committing (past it SQLite's sum is a REAL, which the
+    /// STRICT column refused: every replica's reports failed on that row for good).
+    #[tokio::test]
+    async fn sums_past_the_largest_integer_stop_there_and_reports_still_commit() {
+        let (dir, store) = open();
+        let batch = |sequence: u64, prompt_tokens| UsageBatch {
+            node_id: "a".into(),
+            incarnation: "1".into(),
+            rows: vec![UsageRow {
+                prompt_tokens,
+                ..row(sequence, "b", "m", "k", DAY0 + 10, 5.0)
+            }],
+            previous_sequence: sequence - 1,
+        };
+        let ingest = |b| {
+            let store = store.clone();
+            async move { store.ingest_usage_batches(vec![b]).await.unwrap() }
+        };
+        assert_eq!(ingest(batch(1, 1)).await, vec![Ok(1)]);
+        let db = Connection::open(dir.path().join("t.db")).unwrap();
+        for table in ["usage_hourly", "usage_daily", "usage_daily_by_backend"] {
+            let changed = db
+                .execute(
+                    &format!("UPDATE {table} SET prompt_tokens = ?1"),
+                    [i64::MAX - 5],
+                )
+                .unwrap();
+            assert_eq!(changed, 1, "{table}");
+        }
+        assert_eq!(ingest(batch(2, 1 << 40)).await, vec![Ok(2)]);
+        assert_eq!(ingest(batch(3, 7)).await, vec![Ok(3)]);
+        for table in ["usage_hourly", "usage_daily", "usage_daily_by_backend"] {
+            let stored: i64 = db
+                .query_row(&format!("SELECT prompt_tokens FROM {table}"), [], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(stored, i64::MAX, "{table}");
+        }
+        let t = store.totals(TotalsFilter::default()).await.unwrap();
+        assert_eq!(t.request_count, 3);
+        assert!(t.prompt_tokens >= i64::MAX as u64, "{}", t.prompt_tokens);
     }
 
     #[test]
