@@ -24,6 +24,11 @@ use tokio::time::Instant;
 
 const NANOS_PER_MINUTE: u128 = 60_000_000_000;
 
+/// The most debt a settled request can leave a bucket in: a day of its share. Tokens are what
+/// the upstream reports; a broken or hostile one reporting billions of billions would
+/// otherwise refuse the key (or backend) for centuries, until the replica restarted.
+const MAX_DEBT: Duration = Duration::from_secs(24 * 3600);
+
 /// This replica's share of a tokens-per-minute limit. Cloning shares the bucket.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -151,13 +156,21 @@ impl TokenBucket {
         if reserved == actual {
             return;
         }
+        // A charge never takes the bucket past a day of debt from now (nor lowers it).
+        let ceiling = if actual > reserved {
+            self.at(Instant::now())
+                .saturating_add(self.tolerance)
+                .saturating_add(MAX_DEBT.as_nanos() as u64)
+        } else {
+            u64::MAX
+        };
         // Never fails: the closure always returns a value.
         let _ = self
             .state
             .tat
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
                 Some(if actual > reserved {
-                    tat.saturating_add(actual - reserved)
+                    tat.saturating_add(actual - reserved).min(ceiling.max(tat))
                 } else {
                     tat.saturating_sub(reserved - actual)
                 })
@@ -234,6 +247,26 @@ mod tests {
         long.settle(600);
         let wait = bucket.available_in(start);
         assert!(wait > Duration::from_secs(55), "{wait:?}");
+    }
+
+    /// An upstream reporting absurd usage leaves the key (or backend) a day of debt at most.
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_charge_leaves_a_day_of_debt_at_most() {
+        let start = Instant::now();
+        let bucket = TokenBucket::new(600, 1, start).unwrap();
+        bucket.try_admit(1, start).unwrap().settle(u64::MAX);
+        let wait = bucket.try_admit(1, start).unwrap_err();
+        // (A wait ends a nanosecond past the debt: then something remains.)
+        assert_eq!(wait, MAX_DEBT + Duration::from_nanos(1));
+        // Waited out, the key is served again.
+        tokio::time::advance(wait).await;
+        bucket.try_admit(1, Instant::now()).unwrap().settle(1);
+        // A charge within a day of debt is charged whole, as before.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let later = Instant::now();
+        bucket.try_admit(60, later).unwrap().settle(600 * 60);
+        let wait = bucket.try_admit(1, later).unwrap_err();
+        assert!(wait >= Duration::from_secs(3590), "{wait:?}");
     }
 
     #[tokio::test(start_paused = true)]
