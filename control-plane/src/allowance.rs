@@ -105,21 +105,23 @@ struct ReplicaState {
     /// Its records up to this sequence are not charged to its grants: they were ingested
     /// (or told of on the hello) before.
     charged_through: u64,
-    /// Its records handed to the store and not charged yet: sequence → (key, cost).
-    committing: BTreeMap<u64, (String, u64)>,
+    /// Its records handed to the store and not charged yet: sequence → (key, cost, the day
+    /// its cost is filed under).
+    committing: BTreeMap<u64, (String, u64, i64)>,
 }
 
 impl ReplicaState {
-    /// What its records of `key` in `(charged_through, high_water]` cost: committed by the
-    /// store (so in the spend it reports) and not charged here yet.
-    fn committed_uncharged(&self, key: &str, high_water: u64) -> u64 {
+    /// What its records of `key` in `(charged_through, high_water]` filed in the period from
+    /// `period_start_ms` cost: committed by the store (so in the spend it reports) and not
+    /// charged here yet.
+    fn committed_uncharged(&self, key: &str, high_water: u64, period_start_ms: i64) -> u64 {
         if high_water <= self.charged_through {
             return 0;
         }
         self.committing
             .range(self.charged_through + 1..=high_water)
-            .filter(|(_, (k, _))| k == key)
-            .fold(0u64, |sum, (_, (_, cost))| sum.saturating_add(*cost))
+            .filter(|(_, (k, _, day))| k == key && *day >= period_start_ms)
+            .fold(0u64, |sum, (_, (_, cost, _))| sum.saturating_add(*cost))
     }
 }
 
@@ -214,13 +216,17 @@ impl Allowances {
     }
 
     /// Usage records of `replica` ingested, the store's high-water mark for it now being
-    /// `acked`: each `(sequence, client key id, cost)` after what was charged before counts
-    /// against its grants of that key. Called after the commit, before the replica hears
-    /// of it, so a replica's acked records are always charged or told of on its hello.
+    /// `acked`: each `(sequence, client key id, cost, day)` after what was charged before
+    /// counts against its grants of that key, unless its day (the `key_spend` row its cost
+    /// went to) is before the ledger's period: a record of the previous period, ingested after
+    /// the new one's first ask, was spent from grants void now, and its cost is not in the
+    /// new period's spend; charged to the new grants, it would let them pass the budget by
+    /// as much. Called after the commit, before the replica hears of it, so a replica's acked
+    /// records are always charged or told of on its hello.
     pub fn ingested<'a>(
         &mut self,
         replica: &Replica,
-        records: impl IntoIterator<Item = (u64, &'a str, u64)>,
+        records: impl IntoIterator<Item = (u64, &'a str, u64, i64)>,
         acked: u64,
     ) {
         let Some(state) = self.replicas.get_mut(replica) else {
@@ -232,13 +238,14 @@ impl Allowances {
         }
         state.charged_through = acked;
         state.committing = state.committing.split_off(&(acked + 1));
-        for (sequence, key, cost) in records {
+        for (sequence, key, cost, day) in records {
             if sequence <= from || sequence > acked || cost == 0 {
                 continue;
             }
             if let Some(holding) = self
                 .ledgers
                 .get_mut(key)
+                .filter(|l| day >= l.period_start_ms)
                 .and_then(|l| l.holdings.get_mut(replica))
             {
                 holding.charged = holding.charged.saturating_add(cost);
@@ -252,14 +259,16 @@ impl Allowances {
     pub fn committing<'a>(
         &mut self,
         replica: &Replica,
-        records: impl IntoIterator<Item = (u64, &'a str, u64)>,
+        records: impl IntoIterator<Item = (u64, &'a str, u64, i64)>,
     ) {
         let Some(state) = self.replicas.get_mut(replica) else {
             return;
         };
-        for (sequence, key, cost) in records {
+        for (sequence, key, cost, day) in records {
             if sequence > state.charged_through && cost > 0 {
-                state.committing.insert(sequence, (key.to_owned(), cost));
+                state
+                    .committing
+                    .insert(sequence, (key.to_owned(), cost, day));
             }
         }
     }
@@ -269,7 +278,7 @@ impl Allowances {
     pub fn committing_replicas(&self, key: &str) -> Vec<Replica> {
         self.replicas
             .iter()
-            .filter(|(_, s)| s.committing.values().any(|(k, _)| k == key))
+            .filter(|(_, s)| s.committing.values().any(|(k, _, _)| k == key))
             .map(|(r, _)| r.clone())
             .collect()
     }
@@ -302,7 +311,7 @@ impl Allowances {
                 .find(|(c, _)| c == r)
                 .zip(replicas.get(r))
                 .map_or(0, |((_, high_water), state)| {
-                    state.committed_uncharged(key, *high_water)
+                    state.committed_uncharged(key, *high_water, budget.period_start_ms)
                 });
             sum.saturating_add(h.granted.saturating_sub(h.charged.saturating_add(in_spend)))
         });
@@ -395,9 +404,9 @@ mod tests {
         assert_eq!(a.ask(&r0, KEY, 8, budget(6_200), &[], 3).nanos, 8);
         assert!(a.ask(&r1, KEY, 1, budget(6_200), &[], 3).exhausted);
         // Records ingested free what they were granted from only once spent counts them.
-        a.ingested(&r0, [(1, KEY, 120)], 1);
+        a.ingested(&r0, [(1, KEY, 120, 0)], 1);
         assert_eq!(a.outstanding(KEY), 200 - 120);
-        a.ingested(&r0, [(1, KEY, 120)], 1);
+        a.ingested(&r0, [(1, KEY, 120, 0)], 1);
         assert_eq!(a.outstanding(KEY), 80, "a resent record is charged once");
     }
 
@@ -416,7 +425,7 @@ mod tests {
         };
         assert_eq!(a.ask(&r0, KEY, 1, budget(0), &[], 0).nanos, 100);
         // Three records of 30 handed to the store; it has committed the first two.
-        a.committing(&r0, [(1, KEY, 30), (2, KEY, 30), (3, KEY, 30)]);
+        a.committing(&r0, [(1, KEY, 30, 0), (2, KEY, 30, 0), (3, KEY, 30, 0)]);
         assert_eq!(a.committing_replicas(KEY), vec![r0.clone()]);
         let committed = [(r0.clone(), 2)];
         // 6400 − 60 spent − (100 − 60) still held = 6300, not 6400 − 60 − 100.
@@ -428,9 +437,45 @@ mod tests {
             a.ask(&r0, KEY, 1, budget(60), &committed, 1).exhausted,
             "the third record is not in the spend: still held"
         );
-        a.ingested(&r0, [(1, KEY, 30), (2, KEY, 30), (3, KEY, 30)], 3);
+        a.ingested(&r0, [(1, KEY, 30, 0), (2, KEY, 30, 0), (3, KEY, 30, 0)], 3);
         assert!(a.committing_replicas(KEY).is_empty());
         assert_eq!(a.outstanding(KEY), 6_400 - 90);
+    }
+
+    /// A record of the previous period ingested after the new period's first ask was spent
+    /// from grants void now, and its cost is in the old period's spend: it frees none of the
+    /// new period's grants (charged to them, it let the new period pass its budget by as much).
+    #[test]
+    fn a_record_of_the_previous_period_frees_none_of_the_new_periods_grants() {
+        const DAY: i64 = 86_400_000;
+        let mut a = Allowances::new();
+        let r0 = replica(0, 0);
+        a.hello(&r0, LEASE, 0, &[], 0);
+        let budget = |period_start_ms, spent| Budget {
+            max_nanos: 6_400,
+            period_start_ms,
+            spent_nanos: spent,
+        };
+        assert_eq!(a.ask(&r0, KEY, 1, budget(0, 0), &[], 1).nanos, 100);
+        // The new period's first ask: the old grants are void.
+        assert_eq!(a.ask(&r0, KEY, 1, budget(DAY, 0), &[], DAY + 1).nanos, 100);
+        // A record spent in the old period (filed under its last day) and one in the new,
+        // handed to the store together; an ask after their commit, before their charge.
+        a.committing(&r0, [(1, KEY, 60, 0), (2, KEY, 30, DAY)]);
+        let committed = [(r0.clone(), 2)];
+        // 6400 − 30 spent in the period − (100 − 30) still held = 6300.
+        let new_period = budget(DAY, 30);
+        assert!(
+            a.ask(&r0, KEY, 6_301, new_period, &committed, DAY + 2)
+                .exhausted
+        );
+        a.ingested(&r0, [(1, KEY, 60, 0), (2, KEY, 30, DAY)], 2);
+        assert_eq!(a.outstanding(KEY), 70);
+        assert_eq!(
+            a.ask(&r0, KEY, 6_300, new_period, &[], DAY + 3).nanos,
+            6_300
+        );
+        assert!(a.ask(&r0, KEY, 1, new_period, &[], DAY + 3).exhausted);
     }
 
     #[test]
@@ -468,7 +513,7 @@ mod tests {
         a.hello(&r0, LEASE, 7, &held, 0);
         assert_eq!(a.outstanding(KEY), 400);
         // Record 7 was acked before the hello (counted in spend, not in what it holds).
-        a.ingested(&r0, [(7, KEY, 50), (8, KEY, 100)], 8);
+        a.ingested(&r0, [(7, KEY, 50, 0), (8, KEY, 100, 0)], 8);
         assert_eq!(a.outstanding(KEY), 300);
         let budget = Budget {
             max_nanos: 1_000,
@@ -634,7 +679,7 @@ mod tests {
                                 spent += cost;
                                 *hw = seq;
                             }
-                            cp.ingested(&who, [(seq, KEY, cost)], seq);
+                            cp.ingested(&who, [(seq, KEY, cost, 0)], seq);
                         }
                         let who = id(i, &sims[i]);
                         let s = &mut sims[i];
@@ -647,7 +692,7 @@ mod tests {
                         if let Some(&(last, _)) = batch.last() {
                             // Told to the engine before the store may commit it; the store
                             // skips what it committed before (a resend).
-                            cp.committing(&who, batch.iter().map(|&(q, c)| (q, KEY, c)));
+                            cp.committing(&who, batch.iter().map(|&(q, c)| (q, KEY, c, 0)));
                             to_commit.push((who, batch, last));
                         }
                     }
@@ -668,7 +713,7 @@ mod tests {
                             continue;
                         }
                         let (who, batch, last) = in_commit.remove(0);
-                        cp.ingested(&who, batch.iter().map(|&(q, c)| (q, KEY, c)), last);
+                        cp.ingested(&who, batch.iter().map(|&(q, c)| (q, KEY, c, 0)), last);
                         if let Some(s) = sims.iter_mut().enumerate().find_map(|(i, s)| (id(i, s) == who).then_some(s)) {
                             let done = s.unacked.iter().take_while(|&&(q, _)| q <= last).count();
                             s.unacked.drain(..done);

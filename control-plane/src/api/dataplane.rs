@@ -142,16 +142,25 @@ impl DataPlaneApi {
 /// The records of a report that may be charged to allowances, and who sent them.
 struct Charges {
     replica: Replica,
-    records: Vec<(u64, String, u64)>,
+    /// (sequence, client key id, cost, the day its cost is filed under in `key_spend`).
+    records: Vec<(u64, String, u64, i64)>,
 }
 
 impl Charges {
     fn of(report: &pb::ReportUsageRequest) -> Option<Self> {
-        let records: Vec<(u64, String, u64)> = report
+        let records: Vec<(u64, String, u64, i64)> = report
             .records
             .iter()
             .filter(|r| r.cost_nanos > 0 && !r.client_key_id.is_empty())
-            .map(|r| (r.sequence, r.client_key_id.clone(), r.cost_nanos))
+            .map(|r| {
+                // As the store files it (`UsageRow`'s time).
+                let time_ms = r
+                    .time
+                    .as_ref()
+                    .map_or_else(crate::time::now_ms, crate::time::timestamp_ms);
+                let day = crate::budget::day_start(time_ms);
+                (r.sequence, r.client_key_id.clone(), r.cost_nanos, day)
+            })
             .collect();
         (!records.is_empty()).then(|| Self {
             replica: Replica {
@@ -378,7 +387,9 @@ impl DataPlaneService for DataPlaneApi {
                             if let Some(c) = charges {
                                 allowances.lock().await.ingested(
                                     &c.replica,
-                                    c.records.iter().map(|(q, k, n)| (*q, k.as_str(), *n)),
+                                    c.records
+                                        .iter()
+                                        .map(|(q, k, n, d)| (*q, k.as_str(), *n, *d)),
                                     acked_sequence,
                                 );
                             }
@@ -471,7 +482,9 @@ impl DataPlaneApi {
             // must know they are no longer outstanding.
             self.allowances.lock().await.committing(
                 &c.replica,
-                c.records.iter().map(|(q, k, n)| (*q, k.as_str(), *n)),
+                c.records
+                    .iter()
+                    .map(|(q, k, n, d)| (*q, k.as_str(), *n, *d)),
             );
         }
         let applied = self.usage.submit(batch_of(batch)).await;
