@@ -751,16 +751,16 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
 
 async fn unknown_path(method: Method, uri: Uri) -> Response {
     ProxyError::UnknownPath {
-        method: method.to_string(),
-        path: uri.path().to_owned(),
+        method: crate::error::quoted(method.as_str()),
+        path: crate::error::quoted(uri.path()),
     }
     .into_response()
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     ProxyError::MethodNotAllowed {
-        method: method.to_string(),
-        path: uri.path().to_owned(),
+        method: crate::error::quoted(method.as_str()),
+        path: crate::error::quoted(uri.path()),
     }
     .into_response()
 }

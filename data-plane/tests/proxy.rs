@@ -544,7 +544,14 @@ async fn client_errors_get_openai_style_bodies() {
     assert_error(h.chat(huge).await, 413, "request_too_large").await;
 
     let nowhere = h.post("/v1/nowhere", KEY, &json!({})).await;
-    assert_error(nowhere, 404, "unknown_url").await;
+    let body = assert_error(nowhere, 404, "unknown_url").await;
+    assert_eq!(body["error"]["message"], "Invalid URL (POST /v1/nowhere)");
+    // A path of tens of kilobytes is quoted back in 200 characters: no client's choice makes
+    // an error large (a large answer can hold a connection open while its client never reads).
+    let long = format!("/v1/{}", "a".repeat(60_000));
+    let body = assert_error(h.post(&long, KEY, &json!({})).await, 404, "unknown_url").await;
+    let message = body["error"]["message"].as_str().unwrap();
+    assert_eq!(message, format!("Invalid URL (POST {}…)", &long[..200]));
     let get = h
         .http
         .get(h.url("/v1/chat/completions"))

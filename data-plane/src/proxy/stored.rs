@@ -14,14 +14,11 @@ use super::AppState;
 use super::accounting::Accounting;
 use super::forward::{self, Call, Outbound};
 use crate::affinity::{Affinity, IdError};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, quoted};
 use crate::metrics::LimitScope;
 use crate::request::ParsedRequest;
 use crate::responses::IdRewrite;
 use crate::snapshot::{ClientKey, Endpoint, Route, Snapshot};
-
-/// The longest client id quoted back in an error.
-const MAX_QUOTED_ID: usize = 200;
 
 /// A call on a stored response, from the path.
 pub(super) struct Target {
@@ -209,12 +206,4 @@ fn pin(
         });
     }
     Ok((index, affinity))
-}
-
-/// A client's id as an error may quote it: bounded.
-fn quoted(id: &str) -> String {
-    match id.char_indices().nth(MAX_QUOTED_ID) {
-        Some((at, _)) => format!("{}…", &id[..at]),
-        None => id.to_owned(),
-    }
 }
