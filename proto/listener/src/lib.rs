@@ -147,6 +147,9 @@ fn is_peer_error(e: &std::io::Error) -> bool {
     )
 }
 
+/// How long an h2 peer has to answer a keep-alive PING before its connection is closed.
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Serves connections: HTTP/1.1 and h2c (prior knowledge), with a header read timeout.
 #[derive(Clone, Debug)]
 pub struct Http {
@@ -161,7 +164,15 @@ impl Http {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout);
-        builder.http2().timer(TokioTimer::new());
+        // An h2 connection has no head to time: once its first request has come, nothing
+        // closed it, and a client could hold it (and a connection slot) by staying silent.
+        // Pinged after that long without a frame, a peer that does not answer within
+        // `H2_PING_TIMEOUT` is gone, and its connection closed.
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(header_read_timeout)
+            .keep_alive_timeout(H2_PING_TIMEOUT);
         Self {
             builder,
             header_read_timeout,
@@ -421,6 +432,29 @@ mod tests {
         tokio::time::timeout(FIRST_HEAD * 4, served)
             .await
             .expect("closed in time")
+            .unwrap();
+    }
+
+    /// An h2c client that asks once, then neither sends nor reads anything (not even the
+    /// server's PINGs): its connection is closed once a PING goes unanswered.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_h2_client_after_its_request_is_closed_when_it_answers_no_ping() {
+        let (mut client, served, _graceful) = serve(Duration::ZERO);
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // SETTINGS, empty.
+        hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        // HEADERS on stream 1, END_STREAM | END_HEADERS: :method GET, :scheme http, :path /
+        // (HPACK's static table, indexed).
+        hello.extend_from_slice(&[0, 0, 3, 1, 0x05, 0, 0, 0, 1, 0x82, 0x86, 0x84]);
+        client.write_all(&hello).await.unwrap();
+        // Answered: the server's frames arrive (its SETTINGS and the response).
+        let mut frames = [0; 1024];
+        let read = client.read(&mut frames).await.unwrap();
+        assert!(read > 0);
+        // Then the client falls silent and reads nothing more.
+        tokio::time::timeout(FIRST_HEAD * 2 + H2_PING_TIMEOUT * 2, served)
+            .await
+            .expect("closed once its PING went unanswered")
             .unwrap();
     }
 
