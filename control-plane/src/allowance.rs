@@ -72,6 +72,8 @@ pub struct Budget {
     pub max_nanos: u64,
     /// The start of the current period (Unix ms; 0 for a lifetime budget).
     pub period_start_ms: i64,
+    /// Its end, the next reset (Unix ms; `i64::MAX` for a lifetime budget).
+    pub period_end_ms: i64,
     /// Spend ingested in that period.
     pub spent_nanos: u64,
 }
@@ -89,10 +91,29 @@ impl Holding {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Ledger {
     period_start_ms: i64,
+    /// The period's end, as the last ask read it (`i64::MAX` until one has).
+    period_end_ms: i64,
     holdings: HashMap<Replica, Holding>,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Self {
+            period_start_ms: 0,
+            period_end_ms: i64::MAX,
+            holdings: HashMap::new(),
+        }
+    }
+}
+
+impl Ledger {
+    /// Whether a cost filed under `day` is this period's.
+    fn holds_day(&self, day: i64) -> bool {
+        (self.period_start_ms..self.period_end_ms).contains(&day)
+    }
 }
 
 #[derive(Debug)]
@@ -111,16 +132,15 @@ struct ReplicaState {
 }
 
 impl ReplicaState {
-    /// What its records of `key` in `(charged_through, high_water]` filed in the period from
-    /// `period_start_ms` cost: committed by the store (so in the spend it reports) and not
+    /// What its records of `key` in `(charged_through, high_water]` filed in `period` cost: committed by the store (so in the spend it reports) and not
     /// charged here yet.
-    fn committed_uncharged(&self, key: &str, high_water: u64, period_start_ms: i64) -> u64 {
+    fn committed_uncharged(&self, key: &str, high_water: u64, period: &Ledger) -> u64 {
         if high_water <= self.charged_through {
             return 0;
         }
         self.committing
             .range(self.charged_through + 1..=high_water)
-            .filter(|(_, (k, _, day))| k == key && *day >= period_start_ms)
+            .filter(|(_, (k, _, day))| k == key && period.holds_day(*day))
             .fold(0u64, |sum, (_, (_, cost, _))| sum.saturating_add(*cost))
     }
 }
@@ -176,6 +196,7 @@ impl Allowances {
                 .entry(h.client_key_id.clone())
                 .or_insert_with(|| Ledger {
                     period_start_ms: h.period_start_ms,
+                    period_end_ms: i64::MAX,
                     holdings: HashMap::new(),
                 });
             if ledger.period_start_ms != h.period_start_ms {
@@ -245,7 +266,7 @@ impl Allowances {
             if let Some(holding) = self
                 .ledgers
                 .get_mut(key)
-                .filter(|l| day >= l.period_start_ms)
+                .filter(|l| l.holds_day(day))
                 .and_then(|l| l.holdings.get_mut(replica))
             {
                 holding.charged = holding.charged.saturating_add(cost);
@@ -304,14 +325,16 @@ impl Allowances {
             ledger.period_start_ms = budget.period_start_ms;
             ledger.holdings.clear();
         }
+        ledger.period_end_ms = budget.period_end_ms;
         let replicas = &self.replicas;
-        let outstanding: u64 = ledger.holdings.iter().fold(0u64, |sum, (r, h)| {
+        let period: &Ledger = ledger;
+        let outstanding: u64 = period.holdings.iter().fold(0u64, |sum, (r, h)| {
             let in_spend = committed
                 .iter()
                 .find(|(c, _)| c == r)
                 .zip(replicas.get(r))
                 .map_or(0, |((_, high_water), state)| {
-                    state.committed_uncharged(key, *high_water, budget.period_start_ms)
+                    state.committed_uncharged(key, *high_water, period)
                 });
             sum.saturating_add(h.granted.saturating_sub(h.charged.saturating_add(in_spend)))
         });
@@ -387,6 +410,7 @@ mod tests {
         let budget = |spent| Budget {
             max_nanos: 6_400,
             period_start_ms: 0,
+            period_end_ms: i64::MAX,
             spent_nanos: spent,
         };
         // Far from the end: 1/64 of the budget per active replica.
@@ -421,6 +445,7 @@ mod tests {
         let budget = |spent| Budget {
             max_nanos: 6_400,
             period_start_ms: 0,
+            period_end_ms: i64::MAX,
             spent_nanos: spent,
         };
         assert_eq!(a.ask(&r0, KEY, 1, budget(0), &[], 0).nanos, 100);
@@ -445,8 +470,10 @@ mod tests {
     /// A record of the previous period ingested after the new period's first ask was spent
     /// from grants void now, and its cost is in the old period's spend: it frees none of the
     /// new period's grants (charged to them, it let the new period pass its budget by as much).
+    /// Nor does one filed in the next period (a replica whose clock runs ahead): its cost is in
+    /// that period's spend, not in this one's.
     #[test]
-    fn a_record_of_the_previous_period_frees_none_of_the_new_periods_grants() {
+    fn a_record_of_another_period_frees_none_of_this_periods_grants() {
         const DAY: i64 = 86_400_000;
         let mut a = Allowances::new();
         let r0 = replica(0, 0);
@@ -454,6 +481,7 @@ mod tests {
         let budget = |period_start_ms, spent| Budget {
             max_nanos: 6_400,
             period_start_ms,
+            period_end_ms: period_start_ms + DAY,
             spent_nanos: spent,
         };
         assert_eq!(a.ask(&r0, KEY, 1, budget(0, 0), &[], 1).nanos, 100);
@@ -471,6 +499,9 @@ mod tests {
         );
         a.ingested(&r0, [(1, KEY, 60, 0), (2, KEY, 30, DAY)], 2);
         assert_eq!(a.outstanding(KEY), 70);
+        // A record filed in the next period, from a replica whose clock runs ahead.
+        a.ingested(&r0, [(3, KEY, 20, 2 * DAY)], 3);
+        assert_eq!(a.outstanding(KEY), 70);
         assert_eq!(
             a.ask(&r0, KEY, 6_300, new_period, &[], DAY + 3).nanos,
             6_300
@@ -486,6 +517,7 @@ mod tests {
         let budget = Budget {
             max_nanos: 2_000,
             period_start_ms: 0,
+            period_end_ms: i64::MAX,
             spent_nanos: 0,
         };
         a.ask(&r0, KEY, 1, budget, &[], 0);
@@ -518,6 +550,7 @@ mod tests {
         let budget = Budget {
             max_nanos: 1_000,
             period_start_ms: 0,
+            period_end_ms: i64::MAX,
             spent_nanos: 650,
         };
         assert!(
@@ -528,6 +561,7 @@ mod tests {
         let next = Budget {
             max_nanos: 2_000,
             period_start_ms: 86_400_000,
+            period_end_ms: i64::MAX,
             spent_nanos: 0,
         };
         assert_eq!(a.ask(&r0, KEY, 1, next, &[], 2).nanos, 31);
@@ -646,7 +680,7 @@ mod tests {
                             continue;
                         }
                         let who = id(i, &sims[i]);
-                        let b = Budget { max_nanos: budget, period_start_ms: 0, spent_nanos: spent };
+                        let b = Budget { max_nanos: budget, period_start_ms: 0, period_end_ms: i64::MAX, spent_nanos: spent };
                         let committed: Vec<(Replica, u64)> = cp
                             .committing_replicas(KEY)
                             .into_iter()

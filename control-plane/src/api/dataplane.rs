@@ -115,6 +115,7 @@ impl DataPlaneApi {
                         Budget {
                             max_nanos: b.max_nanos,
                             period_start_ms: b.period_start_ms,
+                            period_end_ms: b.period_end_ms,
                             spent_nanos: b.spent_nanos,
                         },
                         &committed,

@@ -96,6 +96,8 @@ pub struct KeyBudget {
     pub max_nanos: u64,
     /// The start of the period (Unix ms); 0 for a lifetime budget.
     pub period_start_ms: i64,
+    /// Its end, the next reset (Unix ms); `i64::MAX` for a lifetime budget.
+    pub period_end_ms: i64,
     pub spent_nanos: u64,
     /// The usage high-water mark of each replica asked for, as of that spend (0: none).
     pub high_water: Vec<u64>,
@@ -129,12 +131,12 @@ impl Store {
                 high_water.push(mark.map_or(0, |m| m.max(0) as u64));
             }
             drop(query);
+            let (period_start_ms, period_end_ms) =
+                key.budget_period.period_of(now_ms).unwrap_or((0, i64::MAX));
             Ok(Some(KeyBudget {
                 max_nanos: key.max_budget_nanos,
-                period_start_ms: key
-                    .budget_period
-                    .period_of(now_ms)
-                    .map_or(0, |(start, _)| start),
+                period_start_ms,
+                period_end_ms,
                 spent_nanos,
                 high_water,
             }))
