@@ -219,6 +219,21 @@ mod tests {
         assert!(*store.commits().borrow() > before, "a new snapshot version");
     }
 
+    /// A key named `budgeted` with a budget of `max_budget_nanos` a `period`.
+    async fn budgeted(
+        store: &Store,
+        max_budget_nanos: u64,
+        budget_period: BudgetPeriod,
+    ) -> crate::client_key::ClientKey {
+        let new = NewClientKey {
+            name: "budgeted".into(),
+            max_budget_nanos,
+            budget_period,
+            ..NewClientKey::default()
+        };
+        store.create_client_key(new).await.unwrap().0
+    }
+
     /// A replica whose clock runs ahead files costs in the next period's rows: they count in
     /// that period, not in this one as well (nor do rows of an earlier period).
     #[tokio::test]
@@ -226,15 +241,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let (store, _) = Store::open(&path, MasterKey::generate()).unwrap();
-        let (key, _, _) = store
-            .create_client_key(NewClientKey {
-                name: "daily".into(),
-                max_budget_nanos: 1_000,
-                budget_period: BudgetPeriod::Daily,
-                ..NewClientKey::default()
-            })
-            .await
-            .unwrap();
+        let key = budgeted(&store, 1_000, BudgetPeriod::Daily).await;
         let day = 86_400_000i64;
         let today = 20_000 * day;
         let db = Connection::open(&path).unwrap();
@@ -267,21 +274,10 @@ mod tests {
     async fn a_budget_read_does_not_wait_for_a_stats_query() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(&dir.path().join("t.db"), MasterKey::generate()).unwrap();
-        let (key, _, _) = store
-            .create_client_key(NewClientKey {
-                name: "budgeted".into(),
-                max_budget_nanos: 5,
-                budget_period: BudgetPeriod::Monthly,
-                ..NewClientKey::default()
-            })
-            .await
-            .unwrap();
+        let key = budgeted(&store, 5, BudgetPeriod::Monthly).await;
         // A stats query holds its connection (the lock a long query holds while it runs).
-        let (held, release) = (
-            std::sync::Arc::new(std::sync::Barrier::new(2)),
-            std::sync::mpsc::channel::<()>(),
-        );
-        let (release_tx, release_rx) = release;
+        let held = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let stats = {
             let (store, held) = (store.clone(), std::sync::Arc::clone(&held));
             tokio::spawn(async move {
