@@ -57,6 +57,11 @@ struct Args {
     /// response); past it the connection is closed (e.g. 30s, 2m).
     #[arg(long, env = "SLUICE_HTTP_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     http_header_read_timeout: std::time::Duration,
+    /// How long a write to a client of the HTTP listener may wait for the client to accept
+    /// any of it; past it the connection is closed, counted in
+    /// sluice_http_write_timeouts_total (e.g. 60s, 2m).
+    #[arg(long, env = "SLUICE_HTTP_WRITE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    http_write_timeout: std::time::Duration,
     /// Connections to the HTTP listener open at once; past it a new one gets 503 and is
     /// closed (counted in sluice_http_connections_refused_total).
     #[arg(long, env = "SLUICE_HTTP_MAX_CONNECTIONS", default_value_t = server::DEFAULT_HTTP_MAX_CONNECTIONS)]
@@ -183,6 +188,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         http: HttpOptions {
             allowed_hosts: args.allowed_hosts.clone(),
             header_read_timeout: args.http_header_read_timeout,
+            write_timeout: args.http_write_timeout,
             max_connections: args.http_max_connections,
         },
         secrets: secret_sources(args),

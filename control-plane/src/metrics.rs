@@ -73,6 +73,7 @@ pub struct Metrics {
     records_clamped: Counter,
     usage_commits: Counter,
     http_connections_refused: Counter,
+    http_write_timeouts: Counter,
     writes: Family<OpLabels, Histogram, WriteBuckets>,
     grpc_calls: Family<CallLabels, Counter>,
     grpc_seconds: Family<MethodLabels, Histogram, CallBuckets>,
@@ -133,6 +134,12 @@ impl Metrics {
             "Connections to the HTTP listener refused (503, closed) because --http-max-connections were open",
             http_connections_refused.clone(),
         );
+        let http_write_timeouts = Counter::default();
+        registry.register(
+            "http_write_timeouts",
+            "Connections to the HTTP listener closed because the client accepted none of an answer for --http-write-timeout",
+            http_write_timeouts.clone(),
+        );
         let writes = Family::new_with_constructor(WriteBuckets);
         registry.register_with_unit(
             "sqlite_write",
@@ -182,6 +189,7 @@ impl Metrics {
             records_clamped,
             usage_commits,
             http_connections_refused,
+            http_write_timeouts,
             writes,
             grpc_calls,
             grpc_seconds,
@@ -194,6 +202,12 @@ impl Metrics {
     /// `sluice_http_connections_refused_total`, for the HTTP listener to count its refusals in.
     pub fn http_connections_refused(&self) -> Counter {
         self.http_connections_refused.clone()
+    }
+
+    /// `sluice_http_write_timeouts_total`, for the HTTP listener to count the connections its
+    /// write timeout closed in.
+    pub fn http_write_timeouts(&self) -> Counter {
+        self.http_write_timeouts.clone()
     }
 
     /// The method label of a request path: itself if the server implements it.

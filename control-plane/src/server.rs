@@ -47,6 +47,8 @@ pub struct HttpOptions {
     pub allowed_hosts: Vec<String>,
     /// A connection that has not sent a whole request head within this is closed.
     pub header_read_timeout: Duration,
+    /// A connection whose client accepts none of an answer for this long is closed.
+    pub write_timeout: Duration,
     /// Connections open at once; past it a new one gets 503 and is closed.
     pub max_connections: usize,
 }
@@ -59,6 +61,7 @@ impl Default for HttpOptions {
         Self {
             allowed_hosts: Vec::new(),
             header_read_timeout: sluice_listener::DEFAULT_HEADER_READ_TIMEOUT,
+            write_timeout: sluice_listener::DEFAULT_WRITE_TIMEOUT,
             max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
         }
     }
@@ -326,6 +329,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         config.http.max_connections,
         metrics.http_connections_refused(),
     );
+    let write_timeouts = metrics.http_write_timeouts();
     let http = crate::http::router(
         publisher.clone(),
         registry.clone(),
@@ -336,7 +340,11 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let http = crate::http::serve(
         http_acceptor,
         http,
-        Http::new(config.http.header_read_timeout),
+        Http::new(
+            config.http.header_read_timeout,
+            config.http.write_timeout,
+            write_timeouts,
+        ),
         stop.clone(),
     );
 

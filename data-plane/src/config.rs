@@ -81,6 +81,12 @@ pub struct Config {
     /// response); past it the connection is closed (e.g. 30s, 2m).
     #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
+    /// How long a write to a client may wait for the client to accept any of it (a client that
+    /// stopped reading its answer); past it the connection is closed, counted in
+    /// sluice_write_timeouts_total (e.g. 60s, 2m). A slow reader is not cut, only one that
+    /// accepts nothing for this long.
+    #[arg(long, env = "SLUICE_WRITE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
     /// Client connections open at once; past it a new one gets 503 and is closed (counted in
     /// sluice_connections_refused_total). Keep it below half the file-descriptor limit: each
     /// request in flight also holds an upstream connection.
@@ -188,6 +194,7 @@ impl Config {
             max_buffered_body_bytes: 256 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(30),
             header_read_timeout: sluice_listener::DEFAULT_HEADER_READ_TIMEOUT,
+            write_timeout: sluice_listener::DEFAULT_WRITE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             usage_queue: crate::usage::DEFAULT_CAPACITY,
             drain_timeout: Duration::from_secs(30),

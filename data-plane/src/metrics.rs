@@ -323,6 +323,7 @@ pub struct Metrics {
     in_flight: Gauge,
     client_connections: Family<ThreadLabels, Gauge>,
     connections_refused: Counter,
+    write_timeouts: Counter,
     bodies_refused: Family<BodyRefusalLabels, Counter>,
     attempts: Family<AttemptLabels, Counter>,
     failovers: Counter,
@@ -414,6 +415,12 @@ impl Metrics {
             "connections_refused",
             "Client connections refused (503, closed) because --max-connections were open",
             connections_refused.clone(),
+        );
+        let write_timeouts = Counter::default();
+        registry.register(
+            "write_timeouts",
+            "Client connections closed because the client accepted none of an answer for --write-timeout",
+            write_timeouts.clone(),
         );
         let bodies_refused = Family::default();
         registry.register(
@@ -524,6 +531,7 @@ impl Metrics {
             in_flight,
             client_connections,
             connections_refused,
+            write_timeouts,
             bodies_refused,
             attempts,
             failovers,
@@ -662,6 +670,12 @@ impl Metrics {
     /// `sluice_connections_refused_total`, for the acceptor to count its refusals in.
     pub fn connections_refused(&self) -> Counter {
         self.connections_refused.clone()
+    }
+
+    /// `sluice_write_timeouts_total`, for the listener to count the connections its write
+    /// timeout closed in.
+    pub fn write_timeouts(&self) -> Counter {
+        self.write_timeouts.clone()
     }
 
     /// The gauge of client connections open on serving thread `thread`.

@@ -308,7 +308,11 @@ impl Proxy {
             let shard = Shard {
                 connections: Dealt { dealt },
                 app,
-                http: Http::new(config.header_read_timeout),
+                http: Http::new(
+                    config.header_read_timeout,
+                    config.write_timeout,
+                    metrics.write_timeouts(),
+                ),
                 draining: draining.clone(),
                 drain_timeout: config.drain_timeout,
             };

@@ -180,3 +180,60 @@ async fn streams_whose_clients_stop_reading_end_at_the_request_deadline() {
     )
     .await;
 }
+
+/// A client with a key that asks for a large non-streamed answer and reads none of it:
+/// hyper holds the whole answer for the socket, with no deadline of its own, so only the
+/// write timeout closes the connection (and frees its slot). The client then finds a cut
+/// answer, not the whole one.
+#[tokio::test]
+async fn a_client_that_reads_none_of_a_large_answer_is_closed_at_the_write_timeout() {
+    let cluster = Cluster::start().await;
+    // About 17 MB of answer: far more than the sockets' buffers on both ends.
+    let mock = Mock::start_with("a", &["m"], &["--chunk-count", "2000000"]).await;
+    cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster.proxy_with(&["--write-timeout", "2s"]).await;
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(proxy.addr).await.unwrap();
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+
+    crate::common::eventually(
+        Duration::from_secs(60),
+        "the connection closed by the write timeout",
+        || async {
+            metric_samples(&proxy.metrics().await).get("sluice_write_timeouts_total") == Some(&1.0)
+        },
+    )
+    .await;
+    // Reading now drains what the sockets held, then ends: far short of the answer.
+    let mut received = 0;
+    let mut buf = vec![0; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the answer neither ended nor was cut");
+    assert!(received < 17_000_000, "received {received} bytes");
+    // The upstream answered in full: the request is accounted.
+    crate::common::eventually(
+        Duration::from_secs(20),
+        "the request recorded in usage",
+        || async { cluster.totals().await.request_count >= 1 },
+    )
+    .await;
+}

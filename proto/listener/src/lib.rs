@@ -12,7 +12,9 @@
 //! - [`Http`] serves a connection with hyper-util's HTTP/1.1 + h2c builder and a header read
 //!   timeout: a request head not complete within it (the first one, or the next one on a
 //!   kept-alive connection) closes the connection, as does a connection that has not sent a
-//!   whole first request head by then in any protocol.
+//!   whole first request head by then in any protocol; and a write timeout
+//!   ([`write_timeout`]): a connection whose client accepts none of an answer for that long
+//!   is closed.
 //!
 //! Connections are watched for shutdown by a [`Graceful`], which looks at the shutdown signal
 //! with one atomic load at each wake-up of a connection (see its docs for what that saved).
@@ -39,6 +41,11 @@ use sluice_domain::logging::LogLimiter;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+pub use write_timeout::DEFAULT_WRITE_TIMEOUT;
+use write_timeout::WriteTimeout;
+
+mod write_timeout;
 
 /// The default for `--header-read-timeout` on both servers.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -150,15 +157,25 @@ fn is_peer_error(e: &std::io::Error) -> bool {
 /// How long an h2 peer has to answer a keep-alive PING before its connection is closed.
 pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Serves connections: HTTP/1.1 and h2c (prior knowledge), with a header read timeout.
+/// Serves connections: HTTP/1.1 and h2c (prior knowledge), with a header read timeout and a
+/// write timeout.
 #[derive(Clone, Debug)]
 pub struct Http {
     builder: auto::Builder<TokioExecutor>,
     header_read_timeout: Duration,
+    write_timeout: Duration,
+    /// Connections closed by the write timeout.
+    write_timeouts: Counter,
 }
 
 impl Http {
-    pub fn new(header_read_timeout: Duration) -> Self {
+    /// `write_timeouts` counts the connections closed because their client accepted none of
+    /// an answer for `write_timeout`.
+    pub fn new(
+        header_read_timeout: Duration,
+        write_timeout: Duration,
+        write_timeouts: Counter,
+    ) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -176,13 +193,16 @@ impl Http {
         Self {
             builder,
             header_read_timeout,
+            write_timeout,
+            write_timeouts,
         }
     }
 
     /// Serves one connection until it closes, watched by `graceful` (which ends it between
     /// requests when shutdown starts). The connection is closed when it has not sent a whole
     /// request head within the header read timeout, then whenever HTTP/1 waits longer than
-    /// that for the next one.
+    /// that for the next one, and when a write waits longer than the write timeout for the
+    /// client to accept any of it.
     pub fn serve<I, S, B>(
         &self,
         io: I,
@@ -206,7 +226,14 @@ impl Http {
         let mut builder = self.builder.clone();
         builder.http1().timer(HeadTimer::default());
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .serve_connection_with_upgrades(
+                TokioIo::new(WriteTimeout::new(
+                    io,
+                    self.write_timeout,
+                    self.write_timeouts.clone(),
+                )),
+                service,
+            )
             .into_owned();
         let mut shutdown = graceful.tx.subscribe();
         let shutdown_seen = shutdown.clone();
@@ -404,6 +431,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     const FIRST_HEAD: Duration = Duration::from_millis(300);
+    const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
     /// Serves one in-memory connection whose answers take `answer_after`; returns the
     /// client's end, the server's task, and the shutdown watching it (dropping it starts
@@ -415,14 +443,83 @@ mod tests {
         tokio::task::JoinHandle<()>,
         Graceful,
     ) {
+        let (client, served, graceful, _) = serve_answer(answer_after, "ok".into());
+        (client, served, graceful)
+    }
+
+    /// [`serve`] answering `answer`, with the counter of write timeouts.
+    fn serve_answer(
+        answer_after: Duration,
+        answer: String,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<()>,
+        Graceful,
+        Counter,
+    ) {
         let (client, server) = tokio::io::duplex(4096);
-        let service = service_fn(move |_: Request<Incoming>| async move {
-            tokio::time::sleep(answer_after).await;
-            Ok::<_, std::convert::Infallible>(Response::new(String::from("ok")))
+        let service = service_fn(move |_: Request<Incoming>| {
+            let answer = answer.clone();
+            async move {
+                tokio::time::sleep(answer_after).await;
+                Ok::<_, std::convert::Infallible>(Response::new(answer))
+            }
         });
         let graceful = Graceful::new();
-        let served = Http::new(FIRST_HEAD).serve(server, service, &graceful);
-        (client, tokio::spawn(served), graceful)
+        let write_timeouts = Counter::default();
+        let served = Http::new(FIRST_HEAD, WRITE_TIMEOUT, write_timeouts.clone())
+            .serve(server, service, &graceful);
+        (client, tokio::spawn(served), graceful, write_timeouts)
+    }
+
+    /// A client that asks for an answer far larger than the socket takes and then reads
+    /// none of it: hyper holds the whole answer and waits for the socket with no deadline
+    /// of its own, so without the write timeout the connection stays open for good.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reads_none_of_its_answer_is_closed_at_the_write_timeout() {
+        let (mut client, served, _graceful, write_timeouts) =
+            serve_answer(Duration::ZERO, "x".repeat(1 << 20));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(WRITE_TIMEOUT * 4, served)
+            .await
+            .expect("closed once the client accepted nothing for the write timeout")
+            .unwrap();
+        assert!(started.elapsed() >= WRITE_TIMEOUT, "closed early");
+        assert_eq!(write_timeouts.get(), 1);
+        // What the client gets is a cut answer: the socket's 4 KiB and then the end.
+        let mut received = Vec::new();
+        client.read_to_end(&mut received).await.unwrap();
+        assert!(received.len() < 1 << 20, "{} bytes", received.len());
+    }
+
+    /// A client reading a little every half write timeout, for many times the timeout, gets
+    /// its whole answer: only a client that accepts nothing for the timeout is cut.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_gets_its_whole_answer() {
+        let answer = "x".repeat(64 << 10);
+        let (mut client, served, _graceful, write_timeouts) =
+            serve_answer(Duration::ZERO, answer.clone());
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut received = Vec::new();
+        let mut buf = [0; 2048];
+        let started = tokio::time::Instant::now();
+        while !received.ends_with(answer.as_bytes()) {
+            tokio::time::sleep(WRITE_TIMEOUT / 2).await;
+            let read = client.read(&mut buf).await.unwrap();
+            assert_ne!(read, 0, "cut after {} bytes", received.len());
+            received.extend_from_slice(&buf[..read]);
+        }
+        assert!(started.elapsed() > WRITE_TIMEOUT * 10);
+        assert_eq!(write_timeouts.get(), 0);
+        drop(client);
+        served.await.unwrap();
     }
 
     // Paused time: the timers run out as soon as nothing else can run, no sleeping.
