@@ -264,8 +264,13 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let dataplane_check = TokenCheck::new(&secrets.dataplane_token, "data-plane");
     let admin = Admin::new(store.clone(), publisher.clone(), registry.clone());
     let stats = Stats::new(store.clone());
-    let json_api =
-        crate::dashboard::JsonApi::new(admin.clone(), stats.clone(), admin_check.clone());
+    // A JSON API body is a few hundred bytes: the head's timeout is ample for it too.
+    let json_api = crate::dashboard::JsonApi::new(
+        admin.clone(),
+        stats.clone(),
+        admin_check.clone(),
+        config.http.header_read_timeout,
+    );
     let dataplane = DataPlaneApi::new(
         store.clone(),
         publisher.clone(),

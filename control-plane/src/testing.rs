@@ -10,7 +10,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::secrets::SecretSources;
-use crate::server::{Config, Running, start};
+use crate::server::{Config, HttpOptions, Running, start};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -29,6 +29,14 @@ pub struct TestControlPlane {
 
 impl TestControlPlane {
     pub async fn start(data_dir: &Path) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Self::start_with_http(data_dir, HttpOptions::default()).await
+    }
+
+    /// [`TestControlPlane::start`] with its HTTP listener's options.
+    pub async fn start_with_http(
+        data_dir: &Path,
+        http: HttpOptions,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let localhost = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         let running = start(Config {
             data_dir: data_dir.to_owned(),
@@ -40,7 +48,7 @@ impl TestControlPlane {
                 ..Default::default()
             },
             tls: None,
-            http: Default::default(),
+            http,
         })
         .await?;
         Ok(Self {

@@ -600,3 +600,69 @@ async fn every_answer_carries_the_security_headers() {
             .starts_with("text/javascript")
     );
 }
+
+/// Writes a request head declaring a megabyte of body and one byte of it, then sends no
+/// more; returns the status line of the answer, or `None` if none came within `wait`.
+async fn status_of_a_stalled_body(
+    http_url: &str,
+    authorization: Option<&str>,
+    wait: Duration,
+) -> Option<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = http_url.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let authorization = authorization
+        .map(|token| format!("authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "POST /api/sluice.v1.AdminService/ListBackends HTTP/1.1\r\nhost: localhost\r\n\
+         {authorization}content-type: application/json\r\ncontent-length: 1048576\r\n\r\n{{"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(wait, tcp.read(&mut answer))
+        .await
+        .ok()?;
+    let read = read.unwrap();
+    Some(
+        String::from_utf8_lossy(&answer[..read])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+/// Without the token, the body is not read at all: the answer comes at once, whatever the
+/// body does. (Read first, a client without the token could hold a megabyte of memory on
+/// every connection and h2 stream for as long as it liked.)
+#[tokio::test]
+async fn a_request_without_the_token_is_refused_before_its_body_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(&dir).await;
+    let status = status_of_a_stalled_body(&api.cp.http_url, None, Duration::from_secs(10))
+        .await
+        .expect("answered without waiting for the body");
+    assert!(status.contains(" 401 "), "{status}");
+}
+
+/// With the token, a body that stops arriving is answered 408 once the body read timeout
+/// (the listener's header read timeout) passes.
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_answered_408() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start_with_http(
+        dir.path(),
+        sluice_control::server::HttpOptions {
+            header_read_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let status =
+        status_of_a_stalled_body(&cp.http_url, Some(&cp.admin_token), Duration::from_secs(20))
+            .await
+            .expect("answered once the body read timeout passed");
+    assert!(status.contains(" 408 "), "{status}");
+}

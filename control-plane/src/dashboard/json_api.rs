@@ -4,6 +4,7 @@
 //! same [`TokenCheck`], so validation and errors are the gRPC ones, mapped once to HTTP.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::ConnectInfo;
@@ -12,7 +13,7 @@ use std::future::Future;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest as _, Path, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -35,15 +36,18 @@ pub struct JsonApi {
     admin: Admin,
     stats: Stats,
     check: TokenCheck,
+    /// A request's whole body must arrive within this once its handler started.
+    body_read_timeout: Duration,
 }
 
 impl JsonApi {
     /// `check` must be the admin token check the gRPC services use.
-    pub fn new(admin: Admin, stats: Stats, check: TokenCheck) -> Self {
+    pub fn new(admin: Admin, stats: Stats, check: TokenCheck, body_read_timeout: Duration) -> Self {
         Self {
             admin,
             stats,
             check,
+            body_read_timeout,
         }
     }
 }
@@ -184,13 +188,18 @@ macro_rules! dispatch {
     };
 }
 
-/// Checks the method, the token and the body size before dispatching.
-fn admit(
+/// Checks the method and the token, then reads the body (its size limited, and within
+/// the body read timeout).
+///
+/// The body is read only once the token checked: read first (as an extractor would), a
+/// client without the token could hold a megabyte of memory per request, on as many
+/// connections and h2 streams as it likes, for as long as it likes.
+async fn admit(
     api: &JsonApi,
     method: &Method,
     headers: &HeaderMap,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Bytes, ApiError> {
     if method != Method::POST {
         return Err(ApiError::http(
@@ -204,7 +213,19 @@ fn admit(
         .and_then(|v| v.to_str().ok());
     let peer = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
     api.check.check(authorization, peer)?;
-    body.map_err(|rejection| {
+    let body = tokio::time::timeout(api.body_read_timeout, Bytes::from_request(request, &()))
+        .await
+        .map_err(|_| {
+            ApiError::http(
+                StatusCode::REQUEST_TIMEOUT,
+                Code::DeadlineExceeded,
+                format!(
+                    "request body: not received within {}",
+                    humantime::format_duration(api.body_read_timeout)
+                ),
+            )
+        })?;
+    body.map_err(|rejection: BytesRejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::http(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -227,9 +248,9 @@ pub async fn admin(
     method: Method,
     headers: HeaderMap,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = admit(&api, &method, &headers, peer, body)?;
+    let body = admit(&api, &method, &headers, peer, request).await?;
     let admin = &api.admin;
     dispatch!(admin, name.as_str(), &body, "sluice.v1.AdminService", {
         "CreateBackend" => create_backend,
@@ -258,9 +279,9 @@ pub async fn stats(
     method: Method,
     headers: HeaderMap,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = admit(&api, &method, &headers, peer, body)?;
+    let body = admit(&api, &method, &headers, peer, request).await?;
     let stats = &api.stats;
     dispatch!(stats, name.as_str(), &body, "sluice.v1.StatsService", {
         "GetUsage" => get_usage,
