@@ -273,13 +273,38 @@ fn rotate(args: &Args, new_file: Option<&std::path::Path>) -> anyhow::Result<()>
     let staged = args
         .data_dir
         .join(format!("{}.new", secrets::MASTER_KEY_FILE));
+    if uses_data_dir_key && staged.exists() {
+        // An earlier rotation stopped: finish it if it committed, and never write over the
+        // key the database is under.
+        let interrupted = MasterKey::from_base64(&secrets::read_secret_file(&staged)?)
+            .with_context(|| staged.display().to_string())?;
+        if Store::master_key_fits(&db, &interrupted)? && !Store::master_key_fits(&db, &old)? {
+            std::fs::rename(&staged, &data_dir_key).context("replacing the master-key file")?;
+            sync_dir(&args.data_dir)?;
+            tracing::info!(
+                file = %data_dir_key.display(),
+                "finished an interrupted rotation: the database was under the key in {}, which is now the master key; run rotate-master-key again for another key",
+                staged.display()
+            );
+            return Ok(());
+        }
+    }
+    // Checked before anything is written: a wrong key must not cost a staged one.
+    anyhow::ensure!(
+        Store::master_key_fits(&db, &old)?,
+        "{}",
+        sluice_control::store::StoreError::WrongMasterKey
+    );
     if uses_data_dir_key {
+        // Left by a rotation that stopped before its commit: the database is under `old`.
         let _ = std::fs::remove_file(&staged);
         secrets::write_secret_file(&staged, &new.to_base64())?;
+        sync_dir(&args.data_dir)?;
     }
     let count = Store::rotate_master_key(&db, &old, &new)?;
     if uses_data_dir_key {
         std::fs::rename(&staged, &data_dir_key).context("replacing the master-key file")?;
+        sync_dir(&args.data_dir)?;
         tracing::info!(keys = count, file = %data_dir_key.display(), "master key rotated");
     } else {
         tracing::info!(
@@ -288,4 +313,11 @@ fn rotate(args: &Args, new_file: Option<&std::path::Path>) -> anyhow::Result<()>
         );
     }
     Ok(())
+}
+
+/// Makes a file created or renamed in `dir` survive a machine crash.
+fn sync_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|dir| dir.sync_all())
+        .with_context(|| format!("flushing {}", dir.display()))
 }

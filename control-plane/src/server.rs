@@ -196,8 +196,23 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let existing_db = db_path.exists().then_some(db_path.as_path());
     let secrets = crate::secrets::resolve(&config.data_dir, &config.secrets, existing_db)?;
     let metrics = Arc::new(Metrics::new());
-    let (store, opened) =
-        Store::open_observed(&db_path, secrets.master_key, Arc::clone(&metrics) as _)?;
+    let staged_key = config
+        .data_dir
+        .join(format!("{}.new", crate::secrets::MASTER_KEY_FILE));
+    let (store, opened) = match Store::open_observed(
+        &db_path,
+        secrets.master_key,
+        Arc::clone(&metrics) as _,
+    ) {
+        Err(StoreError::WrongMasterKey) if staged_key.exists() => {
+            tracing::error!(
+                "{} is in the data directory: a master-key rotation stopped before it finished; run `sluice-control rotate-master-key` to finish it",
+                staged_key.display()
+            );
+            return Err(StoreError::WrongMasterKey.into());
+        }
+        opened => opened?,
+    };
     if opened == Opened::Created {
         tracing::info!(path = %db_path.display(), "created a new database");
     }

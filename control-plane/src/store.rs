@@ -316,6 +316,21 @@ impl Store {
         self.call(|conn, _| Ok(read_version(conn)?)).await
     }
 
+    /// Whether `key` is the master key the database at `path` was encrypted with (any key
+    /// is, for a database that holds no check value yet). Reads only.
+    pub fn master_key_fits(path: &Path, key: &MasterKey) -> Result<bool, StoreError> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let check: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'master_key_check'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(check.is_none_or(|check| key.verify_check(&check)))
+    }
+
     /// Re-encrypts every provider key under `new_key` in one transaction and
     /// replaces the check value. Returns how many keys were re-encrypted.
     pub fn rotate_master_key(

@@ -140,13 +140,11 @@ fn a_second_control_plane_on_the_same_data_dir_is_refused() {
     stop(child);
 }
 
-#[test]
-fn rotating_the_master_key_keeps_provider_keys_readable() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    // Put a provider key in through the library, then rotate with the binary.
+/// Puts a backend with the provider key `sk-rotate-me-12345678` into the database in `dir`
+/// (created with a master key of its own in `dir/master-key`).
+fn store_a_provider_key(dir: &std::path::Path, rt: &tokio::runtime::Runtime) {
     rt.block_on(async {
-        let cp = sluice_control::testing::TestControlPlane::start(dir.path())
+        let cp = sluice_control::testing::TestControlPlane::start(dir)
             .await
             .unwrap();
         let store = cp.store().unwrap().clone();
@@ -177,6 +175,32 @@ fn rotating_the_master_key_keeps_provider_keys_readable() {
             .unwrap();
         cp.shutdown().await;
     });
+}
+
+/// The provider key of the backend [`store_a_provider_key`] stored, decrypted with the
+/// master key in `master-key` (base64).
+fn stored_provider_key(
+    dir: &std::path::Path,
+    master_key: &str,
+    rt: &tokio::runtime::Runtime,
+) -> String {
+    let key = sluice_control::crypto::MasterKey::from_base64(master_key).unwrap();
+    let (store, _) = sluice_control::store::Store::open(&dir.join("sluice.db"), key).unwrap();
+    rt.block_on(async {
+        // The snapshot carries the decrypted key.
+        let publisher = sluice_control::snapshot::Publisher::start(store)
+            .await
+            .unwrap();
+        publisher.latest().backends[0].api_key.clone()
+    })
+}
+
+#[test]
+fn rotating_the_master_key_keeps_provider_keys_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Put a provider key in through the library, then rotate with the binary.
+    store_a_provider_key(dir.path(), &rt);
     let old_key = std::fs::read_to_string(dir.path().join("master-key")).unwrap();
     let rotated = command(dir.path())
         .arg("rotate-master-key")
@@ -200,19 +224,75 @@ fn rotating_the_master_key_keeps_provider_keys_readable() {
         .output()
         .unwrap();
     assert!(!output.status.success());
-    let key = sluice_control::crypto::MasterKey::from_base64(&new_key).unwrap();
-    let (store, _) =
-        sluice_control::store::Store::open(&dir.path().join("sluice.db"), key).unwrap();
-    rt.block_on(async {
-        // The snapshot carries the decrypted key: decryption under the new key works.
-        let publisher = sluice_control::snapshot::Publisher::start(store)
-            .await
-            .unwrap();
-        assert_eq!(
-            publisher.latest().backends[0].api_key,
-            "sk-rotate-me-12345678"
-        );
-    });
+    assert_eq!(
+        stored_provider_key(dir.path(), &new_key, &rt),
+        "sk-rotate-me-12345678"
+    );
+}
+
+/// A rotation that committed and then stopped before its rename (a kill, a crash) leaves the
+/// database under the key in `master-key.new` and `master-key` holding the old one. The
+/// control plane says so when it refuses to start, and running the rotation again finishes
+/// it: the key the database is under is never overwritten.
+#[test]
+fn a_rotation_interrupted_after_its_commit_is_finished_by_running_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    store_a_provider_key(dir.path(), &rt);
+    let old_key = std::fs::read_to_string(dir.path().join("master-key")).unwrap();
+    let old = sluice_control::crypto::MasterKey::from_base64(&old_key).unwrap();
+    let new = sluice_control::crypto::MasterKey::generate();
+    sluice_control::store::Store::rotate_master_key(&dir.path().join("sluice.db"), &old, &new)
+        .unwrap();
+    std::fs::write(dir.path().join("master-key.new"), new.to_base64()).unwrap();
+
+    let refused = command(dir.path()).output().unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("master-key.new"), "{stderr}");
+
+    let finished = command(dir.path())
+        .arg("rotate-master-key")
+        .output()
+        .unwrap();
+    assert!(
+        finished.status.success(),
+        "{}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    let key = std::fs::read_to_string(dir.path().join("master-key")).unwrap();
+    assert_eq!(key.trim(), new.to_base64());
+    assert!(!dir.path().join("master-key.new").exists());
+    assert_eq!(
+        stored_provider_key(dir.path(), &key, &rt),
+        "sk-rotate-me-12345678"
+    );
+}
+
+/// A rotation asked with a key the database is not under changes nothing on disk.
+#[test]
+fn a_rotation_with_the_wrong_key_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    store_a_provider_key(dir.path(), &rt);
+    let key = std::fs::read_to_string(dir.path().join("master-key")).unwrap();
+    std::fs::write(
+        dir.path().join("master-key"),
+        sluice_control::crypto::MasterKey::generate().to_base64(),
+    )
+    .unwrap();
+    let refused = command(dir.path())
+        .arg("rotate-master-key")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("does not match"), "{stderr}");
+    assert!(!dir.path().join("master-key.new").exists());
+    assert_eq!(
+        stored_provider_key(dir.path(), &key, &rt),
+        "sk-rotate-me-12345678"
+    );
 }
 
 #[test]
