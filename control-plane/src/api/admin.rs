@@ -326,10 +326,12 @@ impl AdminService for Admin {
                 ValidationError::new("update_mask", "names no field: nothing to change").into(),
             );
         }
-        // Read-modify-write: the store serialises writers, and settings change rarely.
-        let current = self.store.get_settings().await?;
-        let next = crate::settings::apply_mask(&current, &update, &paths)?;
-        self.store.put_settings(next.clone()).await?;
+        // The mask is applied inside the write, to the settings as they are then.
+        let mask = paths.clone();
+        let (next, _) = self
+            .store
+            .update_settings(move |current| crate::settings::apply_mask(current, &update, &mask))
+            .await?;
         tracing::info!(fields = ?paths, "settings updated");
         Ok(Response::new(pb::UpdateSettingsResponse {
             settings: Some(next),
@@ -345,6 +347,60 @@ mod tests {
     use crate::crypto::MasterKey;
     use crate::membership::Membership;
     use crate::store::NodeHello;
+
+    /// Two settings changes of different fields at once (a `sluicectl settings set` and a
+    /// dashboard save) both land: neither puts back the field the other changed. The writer
+    /// is held busy first, so that both calls wait for it together, as they do when they
+    /// race.
+    #[tokio::test]
+    async fn two_settings_changes_at_once_both_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("t.db"), MasterKey::generate()).unwrap();
+        let publisher = Arc::new(Publisher::unstarted(store.clone()).await.unwrap());
+        let admin = Admin::new(store.clone(), publisher, Arc::new(Registry::default()));
+        let set = |settings: pb::Settings, field: &str| {
+            admin.update_settings(Request::new(pb::UpdateSettingsRequest {
+                settings: Some(settings),
+                update_mask: Some(sluice_proto::wkt::FieldMask {
+                    paths: vec![field.to_owned()],
+                }),
+            }))
+        };
+        for round in 0..10_u32 {
+            let busy = store.call(|_, _| {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                Ok(())
+            });
+            let attempts = 2 + round % 5;
+            let days = 30 + round;
+            let (held, first, second) = tokio::join!(
+                busy,
+                set(
+                    pb::Settings {
+                        max_attempts: attempts,
+                        ..Default::default()
+                    },
+                    "max_attempts"
+                ),
+                set(
+                    pb::Settings {
+                        usage_retention_days: days,
+                        ..Default::default()
+                    },
+                    "usage_retention_days"
+                ),
+            );
+            held.unwrap();
+            first.unwrap();
+            second.unwrap();
+            let settings = store.get_settings().await.unwrap();
+            assert_eq!(
+                (settings.max_attempts, settings.usage_retention_days),
+                (attempts, days),
+                "round {round}"
+            );
+        }
+    }
 
     /// An admin call returns once its change is committed, before the snapshot that carries
     /// it is built: until the replica has acked that snapshot, the list must not show it as
