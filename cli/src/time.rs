@@ -6,11 +6,17 @@ use sluice_proto::wkt;
 
 pub use sluice_domain::time::{system_time as from_timestamp, timestamp as to_timestamp};
 
-/// `2025-01-31T12:00:00Z`, or `-` when unset.
+/// `2025-01-31T12:00:00Z`, or `-` when unset. A time RFC 3339 cannot write (past the year
+/// 9999, which a server of another version might send) reads as its Unix seconds, `@<s>`.
 pub fn absolute(timestamp: Option<&wkt::Timestamp>) -> String {
-    match timestamp.and_then(from_timestamp) {
-        Some(time) => humantime::format_rfc3339_seconds(time).to_string(),
-        None => "-".to_owned(),
+    use std::fmt::Write as _;
+    let Some(time) = timestamp.and_then(from_timestamp) else {
+        return "-".to_owned();
+    };
+    let mut text = String::new();
+    match write!(text, "{}", humantime::format_rfc3339_seconds(time)) {
+        Ok(()) => text,
+        Err(_) => format!("@{}", timestamp.map_or(0, |t| t.seconds)),
     }
 }
 
@@ -80,6 +86,12 @@ mod tests {
         };
         assert_eq!(absolute(Some(&timestamp)), "2025-01-31T00:00:00Z");
         assert_eq!(absolute(None), "-");
+        // The year 10000 has no RFC 3339 form: its seconds, not a panic.
+        let far = wkt::Timestamp {
+            seconds: 253_402_300_800,
+            nanos: 0,
+        };
+        assert_eq!(absolute(Some(&far)), "@253402300800");
         let value = wkt::Duration {
             seconds: 90,
             nanos: 0,

@@ -168,11 +168,20 @@ pub fn budget_nanos(max_budget: f64) -> Result<u64, ValidationError> {
     Ok(sluice_domain::price::to_nanos(max_budget))
 }
 
+/// The latest expiry a key may have, 9999-12-31T23:59:59Z: the last second a protobuf
+/// `Timestamp` can hold. Later ones could not be written back as one (the JSON API failed
+/// every list that held such a key, `sluicectl` could not print it).
+const LATEST_EXPIRY_MS: i64 = 253_402_300_799_000;
+
 fn check_expiry(expire_time_ms: Option<i64>, now_ms: i64) -> Result<(), ValidationError> {
     match expire_time_ms {
         Some(expire) if expire <= now_ms => {
             Err(ValidationError::new("expire_time", "must be in the future"))
         }
+        Some(expire) if expire > LATEST_EXPIRY_MS => Err(ValidationError::new(
+            "expire_time",
+            "must be no later than 9999-12-31T23:59:59Z",
+        )),
         _ => Ok(()),
     }
 }

@@ -416,6 +416,20 @@ async fn a_key_may_be_given_an_expiry_in_the_future_only() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("expire_time"), "{}", err.message());
+    // Past the last second a Timestamp can hold (9999-12-31T23:59:59Z): refused, or it could
+    // not be written back (the JSON API's lists failed with it, sluicectl could not print it).
+    for seconds in [253_402_300_800, 10_i64.pow(13)] {
+        let err = admin
+            .create_client_key(pb::CreateClientKeyRequest {
+                name: "far".into(),
+                expire_time: at(seconds),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{seconds}");
+        assert!(err.message().contains("9999-12-31"), "{}", err.message());
+    }
 
     let expires = at(now + 3_600);
     let created = admin
