@@ -36,9 +36,11 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use prost::Message as _;
+use sluice_domain::time::{proto_duration, std_duration};
 use sluice_proto::limits;
 use sluice_proto::v1::{BackendEvent, UsageRecord};
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -201,7 +203,8 @@ struct State {
     /// `u64::MAX` without a spool.
     durable: u64,
     acked: u64,
-    events: Vec<BackendEvent>,
+    /// Backend events not yet sent, with when each was queued (its `age` is as of then).
+    events: VecDeque<(BackendEvent, Instant)>,
     last_drop_warning: Option<std::time::Instant>,
     dropped_since_warning: u64,
 }
@@ -244,7 +247,7 @@ impl UsageSink {
                     entered: next_sequence - 1,
                     durable: u64::MAX,
                     acked: 0,
-                    events: Vec::new(),
+                    events: VecDeque::new(),
                     last_drop_warning: None,
                     dropped_since_warning: 0,
                 }),
@@ -344,9 +347,17 @@ impl UsageSink {
         state.pending.push_back(record);
     }
 
-    /// Queues a backend event and wakes the reporter to send it at once.
+    /// Queues a backend event and wakes the reporter to send it at once. While the control
+    /// plane is away at most [`MAX_QUEUED_EVENTS`] wait, the newest: the cooldown tracker
+    /// tells a reconnected control plane every report it has not seen applied anyway.
     pub fn event(&self, event: BackendEvent) {
-        self.lock().events.push(event);
+        {
+            let mut state = self.lock();
+            if state.events.len() >= MAX_QUEUED_EVENTS {
+                state.events.pop_front();
+            }
+            state.events.push_back((event, Instant::now()));
+        }
         self.queue.wake.notify_one();
     }
 
@@ -550,8 +561,24 @@ impl UsageSink {
         end.saturating_sub(start)
     }
 
+    /// The queued events, each aged by the time it waited: the control plane dates an event
+    /// by its age, and one that waited out an outage counted as new would start a cooldown
+    /// the upstream asked for long ago over again, for the whole fleet.
     fn take_events(&self) -> Vec<BackendEvent> {
+        let now = Instant::now();
         std::mem::take(&mut self.lock().events)
+            .into_iter()
+            .map(|(mut event, queued)| {
+                let age = event
+                    .age
+                    .as_ref()
+                    .and_then(std_duration)
+                    .unwrap_or_default()
+                    + now.saturating_duration_since(queued);
+                event.age = Some(proto_duration(age));
+                event
+            })
+            .collect()
     }
 }
 
@@ -576,6 +603,13 @@ pub const BATCH_SIZE: usize = 1000;
 /// Bytes of records per report at most: the report limit less room for the rest of the
 /// message (ids and backend events).
 const MAX_RECORD_BYTES: usize = limits::MAX_USAGE_REPORT_BYTES - 256 * 1024;
+
+/// Bytes of backend events per report at most (within the room records leave); more go in
+/// the reports after.
+const MAX_EVENT_BYTES: usize = 192 * 1024;
+
+/// Backend events queued while the control plane is away, at most.
+pub const MAX_QUEUED_EVENTS: usize = 4096;
 
 /// The encoded size of a length-delimited field holding `len` bytes (tag of one byte).
 fn field_len(len: usize) -> usize {
@@ -630,16 +664,27 @@ impl Outbox {
         self.sent_upto = self.sink.acked();
     }
 
-    /// The next report for the current stream: `events` and the records after what it has
-    /// sent, all of them when `all`, else only a full batch. `None` when there is nothing
-    /// to send.
-    pub fn next_report(&mut self, all: bool, events: Vec<BackendEvent>) -> Option<Report> {
+    /// The next report for the current stream: the first of `events` (as many as fit, taken
+    /// out of it) and the records after what it has sent, all of them when `all`, else only
+    /// a full batch. `None` when there is nothing to send.
+    pub fn next_report(&mut self, all: bool, events: &mut Vec<BackendEvent>) -> Option<Report> {
         let limit = self.batch_limit();
         let unsent = self.sink.unsent_after(self.sent_upto);
         let send_records = unsent >= limit || (all && unsent > 0);
         if !send_records && events.is_empty() {
             return None;
         }
+        let mut event_bytes = 0;
+        let fit = events
+            .iter()
+            .take_while(|event| {
+                event_bytes += field_len(event.encoded_len());
+                event_bytes <= MAX_EVENT_BYTES
+            })
+            .count()
+            .max(1)
+            .min(events.len());
+        let events: Vec<BackendEvent> = events.drain(..fit).collect();
         let records = if send_records {
             self.sink
                 .batch_after(self.sent_upto, limit, MAX_RECORD_BYTES)
@@ -815,11 +860,11 @@ impl UsageReporter {
         inbound: &mut tonic::Streaming<sluice_proto::v1::ReportUsageResponse>,
     ) -> Result<(), Ended> {
         self.outbox.restart();
-        let resend = self.resend.as_ref().map(|f| f()).unwrap_or_default();
-        if let Some(report) = (!resend.is_empty())
-            .then(|| self.outbox.next_report(false, resend))
-            .flatten()
-        {
+        let mut resend = self.resend.as_ref().map(|f| f()).unwrap_or_default();
+        while !resend.is_empty() {
+            let Some(report) = self.outbox.next_report(false, &mut resend) else {
+                break;
+            };
             send(tx, report).await?;
         }
         // What waited for the stream goes at once; after that the flush timer runs only while
@@ -877,7 +922,7 @@ impl UsageReporter {
     /// `all`, else only full batches (events always).
     async fn send_unsent(&mut self, tx: &mpsc::Sender<Report>, all: bool) -> Result<(), Closed> {
         let mut events = self.outbox.sink.take_events();
-        while let Some(report) = self.outbox.next_report(all, std::mem::take(&mut events)) {
+        while let Some(report) = self.outbox.next_report(all, &mut events) {
             send(tx, report).await?;
         }
         Ok(())
@@ -1117,6 +1162,56 @@ mod tests {
         assert_eq!(sequences(&sink.batch_after(3, 10, usize::MAX)), [4, 5]);
     }
 
+    /// Tens of thousands of backend events (a replica cut off for hours while many backends
+    /// fail) go in as many reports as they need, each within the control plane's limit: one
+    /// report of them all was refused, and with it every record after.
+    #[test]
+    fn backend_events_are_split_across_reports_that_fit() {
+        let sink = UsageSink::new(100);
+        for _ in 0..10 {
+            sink.record(UsageRecord::default());
+        }
+        let mut outbox = Outbox::new(sink, "node-1".into(), "inc-1".into());
+        outbox.restart();
+        let mut events: Vec<BackendEvent> = (0..40_000)
+            .map(|i| BackendEvent {
+                backend_id: format!("0193a5f0-7c1e-7d2a-9b3c-{i:012}"),
+                reason: "upstream answered 429 Too Many Requests".into(),
+                age: Some(proto_duration(Duration::from_millis(1234))),
+                ..Default::default()
+            })
+            .collect();
+        let expected = events.clone();
+        let mut sent = Vec::new();
+        let mut reports = 0;
+        while let Some(report) = outbox.next_report(true, &mut events) {
+            assert!(
+                report.encoded_len() <= limits::MAX_USAGE_REPORT_BYTES,
+                "{} bytes",
+                report.encoded_len()
+            );
+            sent.extend(report.events);
+            reports += 1;
+        }
+        assert!(reports > 1);
+        assert_eq!(sent, expected, "every event once, in order");
+    }
+
+    /// While the control plane is away the queue of events keeps the newest.
+    #[test]
+    fn the_queue_of_events_keeps_the_newest() {
+        let sink = UsageSink::new(100);
+        for i in 0..MAX_QUEUED_EVENTS + 10 {
+            sink.event(BackendEvent {
+                backend_id: i.to_string(),
+                ..Default::default()
+            });
+        }
+        let events = sink.take_events();
+        assert_eq!(events.len(), MAX_QUEUED_EVENTS);
+        assert_eq!(events[0].backend_id, "10");
+    }
+
     #[test]
     fn a_report_is_read_by_the_control_plane_as_the_records_that_were_recorded() {
         use sluice_proto::v1::ReportUsageRequest;
@@ -1146,7 +1241,7 @@ mod tests {
             backend_id: "b1".into(),
             ..Default::default()
         };
-        let report = outbox.next_report(true, vec![event.clone()]).unwrap();
+        let report = outbox.next_report(true, &mut vec![event.clone()]).unwrap();
         let wire = ReportUsageRequest::decode(report.encode_to_vec().as_slice()).unwrap();
         let expected: Vec<UsageRecord> = recorded[1..]
             .iter()

@@ -181,6 +181,47 @@ async fn backend_events_go_out_at_once_and_shutdown_flushes() {
     assert_eq!(sink.pending(), 0);
 }
 
+/// A backend event made while the control plane is away (a 429 during its restart) reaches
+/// it with the age it has when sent, not the age it had when made: the control plane dates
+/// the event by its age, and one taken as new started the cooldown the upstream asked for
+/// long before over again, for every replica.
+#[tokio::test]
+async fn an_event_that_waited_for_the_control_plane_arrives_with_its_whole_age() {
+    let cp = FakeControlPlane::start().await;
+    let addr = cp.addr;
+    cp.stop().await;
+    let sink = UsageSink::new(100);
+    sink.event(BackendEvent {
+        backend_id: "b2".into(),
+        age: Some(sluice_proto::wkt::Duration {
+            seconds: 0,
+            nanos: 0,
+        }),
+        ..Default::default()
+    });
+    let waited = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let cp = FakeControlPlane::start_at(addr).await;
+    let (stop, handle) = start(&cp, &sink);
+    cp.wait_for("the event", |r| {
+        r.events.iter().any(|e| e.backend_id == "b2")
+    })
+    .await;
+    let age = cp.with(|r| {
+        r.events
+            .iter()
+            .find(|e| e.backend_id == "b2")
+            .and_then(|e| e.age)
+            .unwrap()
+    });
+    let age = Duration::new(age.seconds as u64, age.nanos as u32);
+    assert!(age >= Duration::from_millis(1500), "{age:?}");
+    assert!(age <= waited.elapsed(), "{age:?}");
+    stop.cancel();
+    handle.await.unwrap();
+}
+
 #[tokio::test]
 async fn a_full_queue_drops_the_oldest_while_the_control_plane_is_away() {
     let cp = FakeControlPlane::start().await;

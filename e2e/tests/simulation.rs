@@ -278,8 +278,9 @@ struct Replica {
     held: BTreeSet<u64>,
     /// Requests sent to the backend and not yet answered, with the state each was sent at.
     requests: Vec<Basis>,
-    /// Backend events made and not yet handed to a report (the sink's queue of them).
-    events: Vec<pb::BackendEvent>,
+    /// Backend events made and not yet handed to a report (the sink's queue of them), with
+    /// when each was made: aged by their wait when sent, as the sink ages them.
+    events: Vec<(pb::BackendEvent, Instant)>,
     /// How long (ms) the last snapshot it took travelled.
     last_transit_ms: i64,
 }
@@ -747,10 +748,9 @@ impl World {
             replica.usage_stream = Some(stream);
             replica.outbox.restart();
             // As the reporter does: cooldown reports no snapshot has shown yet go first.
-            let resend = replica.store.cooldowns().unacknowledged_events(now.instant);
-            if let Some(report) = (!resend.is_empty())
-                .then(|| replica.outbox.next_report(false, resend))
-                .flatten()
+            let mut resend = replica.store.cooldowns().unacknowledged_events(now.instant);
+            while !resend.is_empty()
+                && let Some(report) = replica.outbox.next_report(false, &mut resend)
             {
                 let report = on_the_wire(&report);
                 self.in_flight.push(Envelope {
@@ -836,7 +836,8 @@ impl World {
         if let Some(event) = event {
             self.trace(|| format!("replica {i}: {outcome:?} → event {event:?}"));
             self.totals.cooldown_reports += 1;
-            self.replicas[i].events.push(event);
+            let made = self.replica_now(i).instant;
+            self.replicas[i].events.push((event, made));
         }
     }
 
@@ -893,11 +894,21 @@ impl World {
             return;
         };
         let all = self.rng.random_bool(0.7);
-        let mut events = std::mem::take(&mut self.replicas[i].events);
-        while let Some(report) = self.replicas[i]
-            .outbox
-            .next_report(all, std::mem::take(&mut events))
-        {
+        let now = self.replica_now(i).instant;
+        let mut events: Vec<pb::BackendEvent> = std::mem::take(&mut self.replicas[i].events)
+            .into_iter()
+            .map(|(mut event, made)| {
+                let age = event
+                    .age
+                    .as_ref()
+                    .and_then(sluice_domain::time::std_duration)
+                    .unwrap_or_default()
+                    + now.saturating_duration_since(made);
+                event.age = Some(sluice_domain::time::proto_duration(age));
+                event
+            })
+            .collect();
+        while let Some(report) = self.replicas[i].outbox.next_report(all, &mut events) {
             let report = on_the_wire(&report);
             self.trace(|| {
                 format!(
