@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 use sluice_proxy::anthropic::message::completion_of;
 use sluice_proxy::anthropic::request::{chat_to_messages, messages_to_chat};
-use sluice_proxy::anthropic::response::completion_to_message;
+use sluice_proxy::anthropic::response::{completion_to_message, completion_to_message_in_shape};
 use sluice_proxy::anthropic::stream::{ChunksFromEvents, EventUsage, EventsFromChunks, Flow};
 use sluice_proxy::anthropic::{Usage, error};
 use sluice_proxy::sse::{Event, Item, SseParser};
@@ -460,6 +460,59 @@ fn a_chat_completion_becomes_a_message() {
     assert!(completion_to_message(&broken).is_err());
 }
 
+/// What a Messages client is given for a completion's text, as the relay decides it: the
+/// message read in its shape, else the whole parse's, else `None` (a 502).
+fn message_for(text: &str) -> Option<Value> {
+    if let Some(message) = completion_to_message_in_shape(text) {
+        return Some(serde_json::from_slice(&message).unwrap());
+    }
+    completion_to_message(&serde_json::from_str(text).ok()?).ok()
+}
+
+/// A backend that runs out of tokens while writing a call's arguments answers
+/// `finish_reason: length` with arguments cut off. The client gets what Anthropic gives, an
+/// answer with `stop_reason: max_tokens` (its cue to retry with a larger `max_tokens`), not a
+/// 502 its SDK retries as it came (paid for each time); the cut call is dropped, the calls
+/// and text before it kept.
+#[test]
+fn a_completion_cut_off_in_a_tool_call_is_max_tokens_without_the_cut_call() {
+    let call = |id: &str, arguments: &str| json!({"id": id, "type": "function", "function": {"name": "Write", "arguments": arguments}});
+    let completion = |calls: Vec<Value>| {
+        json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-up",
+            "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "Writing.",
+                "tool_calls": calls}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7}})
+        .to_string()
+    };
+    let cut = message_for(&completion(vec![call("call_1", "{\"content\":\"abc")]))
+        .expect("an answer, not a 502");
+    assert_eq!(cut["stop_reason"], "max_tokens");
+    assert_eq!(
+        cut["content"],
+        json!([{"type": "text", "text": "Writing."}])
+    );
+    assert_eq!(cut["usage"]["output_tokens"], 7);
+    // A call before the cut one is whole: kept.
+    let after_one = message_for(&completion(vec![
+        call("call_1", "{\"path\":\"a.md\"}"),
+        call("call_2", "{\"content\":\"abc"),
+    ]))
+    .expect("an answer, not a 502");
+    assert_eq!(after_one["stop_reason"], "max_tokens");
+    assert_eq!(
+        after_one["content"],
+        json!([
+            {"type": "text", "text": "Writing."},
+            {"type": "tool_use", "id": "call_1", "name": "Write", "input": {"path": "a.md"}},
+        ])
+    );
+    // Cut off after a call's arguments were whole: the call is kept, the reason still length's.
+    let whole = message_for(&completion(vec![call("call_1", "{\"path\":\"a.md\"}")]))
+        .expect("an answer, not a 502");
+    assert_eq!(whole["stop_reason"], "max_tokens");
+    assert_eq!(whole["content"][1]["input"], json!({"path": "a.md"}));
+}
+
 // ---- errors ----------------------------------------------------------------------------
 
 #[test]
@@ -811,6 +864,34 @@ fn a_chat_stream_without_content_still_frames_a_whole_message() {
     let names: Vec<&str> = all.iter().map(|e| e.event.as_deref().unwrap()).collect();
     assert_eq!(names, ["message_start", "message_delta", "message_stop"]);
     let delta: Value = serde_json::from_str(&all[1].data).unwrap();
+    assert_eq!(delta["delta"]["stop_reason"], "max_tokens");
+}
+
+/// The same cut-off answer streamed: the tool block already sent cannot be taken back, so
+/// the stop reason is what tells the client that its input is cut off: `max_tokens`, as
+/// Anthropic streams it, not `tool_use`.
+#[test]
+fn a_chat_stream_cut_off_in_a_tool_call_stops_for_max_tokens() {
+    let mut translator = EventsFromChunks::default();
+    let mut frames = Vec::new();
+    for event in events(
+        &[
+            chat_chunk(json!({"role": "assistant", "content": ""}), None),
+            chat_chunk(
+                json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "Write", "arguments": "{\"content\":\"abc"}}]}),
+                None,
+            ),
+            chat_chunk(json!({}), Some("length")),
+            "data: [DONE]\n\n".to_owned(),
+        ]
+        .concat(),
+    ) {
+        translator.push(&event, &mut frames);
+    }
+    let delta = data_of(&frames)
+        .into_iter()
+        .find(|e| e["type"] == "message_delta")
+        .unwrap();
     assert_eq!(delta["delta"]["stop_reason"], "max_tokens");
 }
 

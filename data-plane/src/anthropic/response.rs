@@ -30,6 +30,19 @@ pub fn stop_reason(finish_reason: &str) -> &'static str {
     }
 }
 
+/// The `stop_reason` of an answer from its `finish_reason` and whether it called a tool:
+/// `tool_use` when it did, for a backend may say `stop` after calls (Anthropic's clients run
+/// the tools only on `tool_use`), except when it ran out of tokens (`length`), which is
+/// `max_tokens` as Anthropic gives it: the last call may be cut off, and `max_tokens` is what
+/// tells a client not to run it but to ask again with a larger `max_tokens`.
+pub fn stop_reason_of(finish_reason: Option<&str>, called: bool) -> &'static str {
+    match finish_reason {
+        Some("length") => "max_tokens",
+        _ if called => "tool_use",
+        finish_reason => finish_reason.map_or("end_turn", stop_reason),
+    }
+}
+
 /// Reads an Anthropic `usage` object (a `Message`'s, or a `message_delta`'s cumulative one).
 pub fn anthropic_usage(usage: &Value) -> Usage {
     let get = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
@@ -275,7 +288,9 @@ pub fn anthropic_usage_value(usage: Usage) -> Value {
 
 /// A chat completion → an Anthropic `Message`: its first choice's text, then one `tool_use`
 /// block per tool call. Arguments that are not a JSON object make the answer untranslatable
-/// (the client gets a 502: the backend, not the client, is at fault).
+/// (the client gets a 502: the backend, not the client, is at fault), except in the last call
+/// of an answer cut off by its token limit (`finish_reason: length`): those were cut off
+/// mid-way, and the call is left out ([`cut_off`]).
 pub fn completion_to_message(completion: &Value) -> Result<Value, Untranslatable> {
     let choice = completion.pointer("/choices/0");
     let reply = choice.and_then(|c| c.get("message"));
@@ -293,27 +308,28 @@ pub fn completion_to_message(completion: &Value) -> Result<Value, Untranslatable
         .and_then(Value::as_array)
         .map(Vec::as_slice)
         .unwrap_or_default();
+    let finish = choice
+        .and_then(|c| c.get("finish_reason"))
+        .and_then(Value::as_str);
     for (k, call) in calls.iter().enumerate() {
         let function = call.get("function");
         let arguments = function
             .and_then(|f| f.get("arguments"))
             .and_then(Value::as_str)
             .unwrap_or("");
+        let input = tool_input(arguments, k);
+        let whole = input.is_ok() && !arguments.trim().is_empty();
+        if cut_off(finish, k + 1 == calls.len(), whole) {
+            continue;
+        }
         content.push(json!({
             "type": "tool_use",
             "id": call.get("id").cloned().unwrap_or(Value::Null),
             "name": function.and_then(|f| f.get("name")).cloned().unwrap_or(Value::Null),
-            "input": tool_input(arguments, k)?,
+            "input": input?,
         }));
     }
-    let stop = if calls.is_empty() {
-        choice
-            .and_then(|c| c.get("finish_reason"))
-            .and_then(Value::as_str)
-            .map_or("end_turn", stop_reason)
-    } else {
-        "tool_use"
-    };
+    let stop = stop_reason_of(finish, !calls.is_empty());
     let usage = completion
         .get("usage")
         .map(openai_usage)
@@ -329,6 +345,24 @@ pub fn completion_to_message(completion: &Value) -> Result<Value, Untranslatable
         "stop_sequence": null,
         "usage": anthropic_usage_value(usage),
     }))
+}
+
+/// Whether a tool call is one the backend stopped writing mid-way, and is left out of the
+/// message: the last call of an answer cut off by its token limit (`finish_reason: length`),
+/// when its arguments are not a whole JSON object (`whole`: blank, or the start of one). The
+/// text and the calls before it, which the model finished, are kept, and `stop_reason` is
+/// `max_tokens` ([`stop_reason_of`]).
+///
+/// Why not the block with `input: {}` (a whole `Message`'s `tool_use` must have an object):
+/// a client that runs every `tool_use` it is given without looking at `stop_reason` would
+/// then run the tool with none of the arguments the model meant, or with defaults in their
+/// place, and a `{}` looks like a call that needs no arguments. Without the block, the worst
+/// such a client does is take the answer for a turn without a call; one that reads
+/// `max_tokens` asks again with a larger limit, as Anthropic's documentation tells it to.
+/// (A stream cannot do this: the block was sent before its end was known, and `max_tokens`
+/// alone tells the client.)
+fn cut_off(finish_reason: Option<&str>, last: bool, whole: bool) -> bool {
+    finish_reason == Some("length") && last && !whole
 }
 
 /// [`completion_to_message`] of a completion's text, written without trees of values when it
@@ -349,6 +383,12 @@ pub fn completion_to_message_in_shape(text: &str) -> Option<Vec<u8>> {
         finish,
         usage,
     } = serde_json::from_str(text).ok()?;
+    // Cut off by the token limit: the last call's arguments may be blank because they were
+    // cut (which [`Call`] cannot tell from blank ones), so the whole parse decides which calls
+    // stay ([`cut_off`]); a rare answer.
+    if finish.as_deref() == Some("length") && !calls.is_empty() {
+        return None;
+    }
     let mut out = Vec::with_capacity(text.len() + 128);
     out.extend_from_slice(b"{\"content\":[");
     let reply = reply.filter(|t| !t.is_empty());
@@ -376,11 +416,7 @@ pub fn completion_to_message_in_shape(text: &str) -> Option<Vec<u8>> {
         Some(model) => string(&mut out, model),
         None => out.extend_from_slice(b"null"),
     }
-    let stop = if calls.is_empty() {
-        finish.as_deref().map_or("end_turn", stop_reason)
-    } else {
-        "tool_use"
-    };
+    let stop = stop_reason_of(finish.as_deref(), !calls.is_empty());
     out.extend_from_slice(b",\"role\":\"assistant\",\"stop_reason\":\"");
     out.extend_from_slice(stop.as_bytes());
     out.extend_from_slice(b"\",\"stop_sequence\":null,\"type\":\"message\",\"usage\":");

@@ -11,7 +11,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use memchr::memmem::Finder;
 use serde_json::{Value, json};
 
-use super::response::{finish_reason, message_id, openai_usage, stop_reason};
+use super::response::{finish_reason, message_id, openai_usage, stop_reason_of};
 use super::{Checked, First, Function, Names, Object, Usage, error, members};
 use crate::request::Key;
 use crate::sse::Event;
@@ -690,11 +690,9 @@ impl EventsFromChunks {
     fn finish(&mut self, out: &mut Vec<Bytes>) {
         self.start(&Value::Null, out);
         self.close(out);
-        let stop = if self.tool_used {
-            "tool_use"
-        } else {
-            self.finish.as_deref().map_or("end_turn", stop_reason)
-        };
+        // A call cut off by the token limit was sent as far as it came: `max_tokens`, not
+        // `tool_use`, tells the client its input is not whole.
+        let stop = stop_reason_of(self.finish.as_deref(), self.tool_used);
         let usage = self.usage.unwrap_or_default();
         out.push(anthropic_frame(&json!({
             "type": "message_delta",

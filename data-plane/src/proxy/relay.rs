@@ -88,9 +88,10 @@ impl Translation {
 
     /// A whole (non-streamed) answer in the client's API: the status and body it gets, with
     /// the tokens of a success. `Err` when a 2xx body is not what the backend's API answers
-    /// (or, from an OpenAI-format backend, holds tool arguments that are not a JSON object),
-    /// with the tokens its `usage` reports all the same: the backend answered, and may have
-    /// charged for it. `created`: now, in Unix seconds.
+    /// (or, from an OpenAI-format backend, holds tool arguments that are not a JSON object,
+    /// but for a call cut off by the token limit, which is left out), with the tokens its
+    /// `usage` reports all the same: the backend answered, and may have charged for it.
+    /// `created`: now, in Unix seconds.
     pub(super) fn whole(
         &self,
         status: StatusCode,
