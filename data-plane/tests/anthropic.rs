@@ -895,6 +895,79 @@ fn a_chat_stream_cut_off_in_a_tool_call_stops_for_max_tokens() {
     assert_eq!(delta["delta"]["stop_reason"], "max_tokens");
 }
 
+/// Parallel calls that each come whole, with their own id and no index (as Gemini's
+/// OpenAI-compatible endpoint sends them): a call with another id is another call, each its
+/// own tool block, not pieces of the first.
+#[test]
+fn parallel_calls_without_an_index_become_a_block_each() {
+    let call = |id: &str, name: &str, arguments: &str| {
+        chat_chunk(
+            json!({"tool_calls": [{"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}]}),
+            None,
+        )
+    };
+    let mut translator = EventsFromChunks::default();
+    let mut frames = Vec::new();
+    for event in events(
+        &[
+            chat_chunk(json!({"role": "assistant", "content": ""}), None),
+            call("fc_1", "get_weather", "{\"city\":\"Paris\"}"),
+            call("fc_2", "get_time", "{\"tz\":\"UTC\"}"),
+            chat_chunk(json!({}), Some("stop")),
+            "data: [DONE]\n\n".to_owned(),
+        ]
+        .concat(),
+    ) {
+        translator.push(&event, &mut frames);
+    }
+    let data = data_of(&frames);
+    let starts: Vec<(u64, &str, &str)> = data
+        .iter()
+        .filter(|e| e["type"] == "content_block_start")
+        .map(|e| {
+            let block = &e["content_block"];
+            (
+                e["index"].as_u64().unwrap(),
+                block["id"].as_str().unwrap(),
+                block["name"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        starts,
+        [(0, "fc_1", "get_weather"), (1, "fc_2", "get_time")]
+    );
+    for (index, input) in [(0, json!({"city": "Paris"})), (1, json!({"tz": "UTC"}))] {
+        let joined: String = data
+            .iter()
+            .filter(|e| e["type"] == "content_block_delta" && e["index"] == index)
+            .filter_map(|e| e["delta"]["partial_json"].as_str())
+            .collect();
+        assert_eq!(
+            serde_json::from_str::<Value>(&joined).ok(),
+            Some(input),
+            "{joined}"
+        );
+    }
+    let delta = data.iter().find(|e| e["type"] == "message_delta").unwrap();
+    assert_eq!(delta["delta"]["stop_reason"], "tool_use");
+
+    // Not streamed, the two calls are two blocks already.
+    let message = completion_to_message(&json!({"id": "x", "choices": [{"finish_reason": "stop", "message": {"content": null, "tool_calls": [
+        {"id": "fc_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+        {"id": "fc_2", "type": "function", "function": {"name": "get_time", "arguments": "{\"tz\":\"UTC\"}"}},
+    ]}}]}))
+    .unwrap();
+    assert_eq!(
+        message["content"],
+        json!([
+            {"type": "tool_use", "id": "fc_1", "name": "get_weather", "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "fc_2", "name": "get_time", "input": {"tz": "UTC"}},
+        ])
+    );
+    assert_eq!(message["stop_reason"], "tool_use");
+}
+
 // ---- the round trip --------------------------------------------------------------------
 
 /// The answer an Anthropic backend would give to a translated request that echoes its last

@@ -469,6 +469,9 @@ struct Pending {
 pub struct EventsFromChunks {
     started: bool,
     open: Option<Open>,
+    /// The id the upstream gave the tool call whose block is open (empty: none yet), which
+    /// tells its pieces from another call's ([`same_call`]).
+    open_id: String,
     next_block: u64,
     pending: Option<Pending>,
     tool_used: bool,
@@ -497,17 +500,20 @@ impl EventsFromChunks {
                 arguments,
                 finish,
             }) = serde_json::from_str(&event.data)
-            // A piece of a call's arguments is read here only once its tool block is open.
-            && arguments
-                .as_ref()
-                .is_none_or(|(index, _)| self.open == Some(Open::Tool(*index)))
+            // A piece of a call's arguments is read here only once its tool block is open, and
+            // only with that call's id or none (an id the open call was not given yet is
+            // taken by the whole parse).
+            && arguments.as_ref().is_none_or(|piece| {
+                self.open == Some(Open::Tool(piece.index))
+                    && (piece.id.is_empty() || piece.id == self.open_id)
+            })
         {
             if let Some(text) = text.filter(|t| !t.is_empty()) {
                 self.open_text(out);
                 out.push(text_delta_frame(self.next_block - 1, &text));
             }
-            if let Some((_, arguments)) = arguments.filter(|(_, a)| !a.is_empty()) {
-                out.push(arguments_delta_frame(self.next_block - 1, &arguments));
+            if let Some(piece) = arguments.filter(|piece| !piece.arguments.is_empty()) {
+                out.push(arguments_delta_frame(self.next_block - 1, &piece.arguments));
             }
             if let Some(Key(reason)) = finish {
                 self.finish = Some(reason.into_owned());
@@ -618,12 +624,15 @@ impl EventsFromChunks {
         let function = call.get("function");
         let name = text(function.and_then(|f| f.get("name")));
         let arguments = text(function.and_then(|f| f.get("arguments")));
-        if self.open == Some(Open::Tool(index)) {
+        if self.open == Some(Open::Tool(index)) && same_call(&self.open_id, &id) {
+            if self.open_id.is_empty() {
+                self.open_id = id;
+            }
             self.arguments(&arguments, out);
             return;
         }
         let pending = match &mut self.pending {
-            Some(p) if p.index == index => p,
+            Some(p) if p.index == index && same_call(&p.id, &id) => p,
             _ => {
                 self.close(out);
                 self.pending.insert(Pending {
@@ -643,6 +652,7 @@ impl EventsFromChunks {
         let Some(pending) = self.pending.take() else {
             return;
         };
+        self.open_id.clone_from(&pending.id);
         let id = if pending.id.is_empty() {
             format!("toolu_{index}")
         } else {
@@ -703,6 +713,16 @@ impl EventsFromChunks {
     }
 }
 
+/// Whether a piece of a tool call that brings `id` (empty: none) belongs to the call the
+/// upstream gave `known` (empty: none yet), as far as ids tell: unless both are given and
+/// differ. OpenAI names a call's id in its first piece only, and tells parallel calls apart by
+/// `index`; Gemini's OpenAI-compatible endpoint sends each of parallel calls whole, with its
+/// own id and the same index (or none), and those are as many calls, each its own block, not
+/// one block with their arguments run together (which no client can parse).
+fn same_call(known: &str, id: &str) -> bool {
+    known.is_empty() || id.is_empty() || known == id
+}
+
 /// The `content_block_delta` event of a text delta, as [`anthropic_frame`] writes it from its
 /// value (keys in the sorted order `Value`'s map writes).
 fn text_delta_frame(index: u64, text: &str) -> Bytes {
@@ -746,9 +766,54 @@ fn delta_frame(index: u64, member: &str, piece: &str, kind: &str) -> Bytes {
 #[derive(Default)]
 struct TextChunk<'a> {
     text: Option<Cow<'a, str>>,
-    /// The call's index and its piece of arguments (empty when it has none).
-    arguments: Option<(u64, Cow<'a, str>)>,
+    /// The call's piece.
+    arguments: Option<Piece<'a>>,
     finish: Option<Key<'a>>,
+}
+
+/// A piece of a tool call in a [`TextChunk`]: the call's index (`null` or missing: 0), its id
+/// (`null` or missing: empty) and its piece of arguments (empty when it has none).
+struct Piece<'a> {
+    index: u64,
+    id: Cow<'a, str>,
+    arguments: Cow<'a, str>,
+}
+
+impl<'de> serde::Deserialize<'de> for Piece<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        const CALL: Names = Names(&["index", "id", "function"]);
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = Piece<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a tool call")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Piece<'de>, A::Error> {
+                let (mut index, mut id, mut arguments) = (None, None, None);
+                members(map, CALL, |at, map| {
+                    match at {
+                        0 => index = map.next_value::<Option<u64>>()?,
+                        1 => id = map.next_value::<Option<Key>>()?.map(|Key(id)| id),
+                        _ => {
+                            arguments = map
+                                .next_value::<Option<Function>>()?
+                                .and_then(|f| f.arguments)
+                        }
+                    }
+                    Ok(())
+                })?;
+                Ok(Piece {
+                    index: index.unwrap_or(0),
+                    id: id.unwrap_or_default(),
+                    arguments: arguments.unwrap_or_default(),
+                })
+            }
+        }
+        value.deserialize_map(Members)
+    }
 }
 
 impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
@@ -756,7 +821,6 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
         const CHUNK: Names = Names(&["choices", "usage", "error"]);
         const CHOICE: Names = Names(&["delta", "finish_reason"]);
         const DELTA: Names = Names(&["content", "tool_calls"]);
-        const CALL: Names = Names(&["index", "id", "function"]);
         fn out_of_shape<E: serde::de::Error>() -> E {
             E::custom("not a text chunk")
         }
@@ -797,7 +861,7 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
         #[derive(Default)]
         struct Delta<'a> {
             text: Option<Cow<'a, str>>,
-            arguments: Option<(u64, Cow<'a, str>)>,
+            arguments: Option<Piece<'a>>,
         }
         impl<'de> serde::Deserialize<'de> for Delta<'de> {
             fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
@@ -835,10 +899,9 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
                 value.deserialize_map(Members)
             }
         }
-        /// `tool_calls` of at most one call, as its index (`null` or missing: 0) and arguments
-        /// (`null` or missing: none); its `id`, `type` and `function.name` checked and passed
-        /// over, as the translation does once the call's block is open.
-        struct OneCall<'a>(Option<(u64, Cow<'a, str>)>);
+        /// `tool_calls` of at most one call, as its [`Piece`]; its `type` and `function.name`
+        /// checked and passed over, as the translation does once the call's block is open.
+        struct OneCall<'a>(Option<Piece<'a>>);
         impl<'de> serde::Deserialize<'de> for OneCall<'de> {
             fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
                 struct Each;
@@ -851,49 +914,14 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
                         self,
                         mut seq: A,
                     ) -> Result<OneCall<'de>, A::Error> {
-                        let call = seq.next_element::<Call>()?;
+                        let call = seq.next_element::<Piece>()?;
                         if seq.next_element::<Checked>()?.is_some() {
                             return Err(out_of_shape());
                         }
-                        Ok(OneCall(
-                            call.map(|Call(index, arguments)| (index, arguments)),
-                        ))
+                        Ok(OneCall(call))
                     }
                 }
                 value.deserialize_seq(Each)
-            }
-        }
-        /// A call's index and its piece of arguments.
-        struct Call<'a>(u64, Cow<'a, str>);
-        impl<'de> serde::Deserialize<'de> for Call<'de> {
-            fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-                struct Members;
-                impl<'de> serde::de::Visitor<'de> for Members {
-                    type Value = Call<'de>;
-                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                        f.write_str("a tool call")
-                    }
-                    fn visit_map<A: serde::de::MapAccess<'de>>(
-                        self,
-                        map: A,
-                    ) -> Result<Call<'de>, A::Error> {
-                        let (mut index, mut arguments) = (None, None);
-                        members(map, CALL, |at, map| {
-                            match at {
-                                0 => index = map.next_value::<Option<u64>>()?,
-                                1 => drop(map.next_value::<Option<Key>>()?),
-                                _ => {
-                                    arguments = map
-                                        .next_value::<Option<Function>>()?
-                                        .and_then(|f| f.arguments)
-                                }
-                            }
-                            Ok(())
-                        })?;
-                        Ok(Call(index.unwrap_or(0), arguments.unwrap_or_default()))
-                    }
-                }
-                value.deserialize_map(Members)
             }
         }
         struct Members;
@@ -1111,6 +1139,10 @@ mod tests {
             1 => Just("{\"content\":\"a\",\"tool_calls\":[{\"index\":0,\"id\":\"c\",\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]}".to_owned()),
             // A call's start, then pieces of its arguments (and of another's), and near them.
             3 => (0..2u64).prop_map(|i| format!("{{\"tool_calls\":[{{\"index\":{i},\"id\":\"call_{i}\",\"type\":\"function\",\"function\":{{\"name\":\"f\",\"arguments\":\"\"}}}}]}}")),
+            // Calls whole, each with its own id and no index (Gemini's), and a piece that
+            // brings an id, the open call's or another's.
+            2 => (0..3u64).prop_map(|i| format!("{{\"tool_calls\":[{{\"id\":\"fc_{i}\",\"type\":\"function\",\"function\":{{\"name\":\"g\",\"arguments\":\"{{}}\"}}}}]}}")),
+            2 => (0..3u64, text.clone()).prop_map(|(i, t)| format!("{{\"tool_calls\":[{{\"index\":0,\"id\":\"fc_{i}\",\"function\":{{\"arguments\":{t}}}}}]}}")),
             8 => (0..2u64, text.clone()).prop_map(|(i, t)| format!("{{\"tool_calls\":[{{\"index\":{i},\"function\":{{\"arguments\":{t}}}}}]}}")),
             1 => text.clone().prop_map(|t| format!("{{\"content\":\"\",\"tool_calls\":[{{\"index\":0,\"function\":{{\"arguments\":{t}}}}}]}}")),
             3 => text.clone().prop_map(|t| format!("{{\"content\":null,\"tool_calls\":[{{\"function\":{{\"arguments\":{t}}},\"type\":\"function\"}}]}}")),
