@@ -674,6 +674,43 @@ fn an_anthropic_stream_becomes_chat_chunks() {
     );
 }
 
+/// A tool that takes no parameters streams one empty piece of input: the chat client, which
+/// joins the pieces of a call's arguments and parses them, gets `{}` (as a whole answer gives
+/// it), not an empty string its SDK fails to parse.
+#[test]
+fn a_tool_call_without_input_streams_empty_arguments_as_an_object() {
+    let text = [
+        anthropic_event("message_start", json!({"type": "message_start", "message": {"id": "msg_9", "type": "message", "role": "assistant", "model": "claude-up", "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 25, "output_tokens": 1}}})),
+        anthropic_event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_1", "name": "now", "input": {}}})),
+        anthropic_event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ""}})),
+        anthropic_event("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+        anthropic_event("content_block_start", json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_2", "name": "weather", "input": {}}})),
+        anthropic_event("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"city\": \"Paris\"}"}})),
+        anthropic_event("content_block_stop", json!({"type": "content_block_stop", "index": 1})),
+        anthropic_event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 12}})),
+        anthropic_event("message_stop", json!({"type": "message_stop"})),
+    ]
+    .concat();
+    let mut translator = ChunksFromEvents::new(7, false);
+    let mut frames = Vec::new();
+    for event in events(&text) {
+        translator.push(&event, &mut frames);
+    }
+    let mut arguments = [String::new(), String::new()];
+    for chunk in data_of(&frames) {
+        for call in chunk
+            .pointer("/choices/0/delta/tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let index = call["index"].as_u64().unwrap() as usize;
+            arguments[index] += call["function"]["arguments"].as_str().unwrap();
+        }
+    }
+    assert_eq!(arguments, ["{}", "{\"city\": \"Paris\"}"]);
+}
+
 #[test]
 fn without_include_usage_no_usage_chunk_is_sent() {
     let mut translator = ChunksFromEvents::new(7, false);

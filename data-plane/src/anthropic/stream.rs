@@ -149,8 +149,8 @@ pub struct ChunksFromEvents {
     include_usage: bool,
     counters: Counters,
     seen_usage: bool,
-    /// (Anthropic content block index, chat tool call index) of each tool block so far.
-    tools: Vec<(u64, usize)>,
+    /// Each tool block so far.
+    tools: Vec<Tool>,
     /// See [`Self::text_chunk`].
     text_suffix: Vec<u8>,
 }
@@ -181,7 +181,24 @@ struct TextDeltaBody<'a> {
     partial_json: Option<Cow<'a, str>>,
 }
 
+/// A tool block of an Anthropic stream, as the chat tool call it became.
+#[derive(Debug)]
+struct Tool {
+    /// Its Anthropic content block index.
+    block: u64,
+    /// Its chat tool call index.
+    call: usize,
+    /// Whether a piece of its input (not empty) has been sent: one that got none is given
+    /// `{}` at its end ([`ChunksFromEvents::push_parsed`]).
+    input: bool,
+}
+
 impl ChunksFromEvents {
+    /// The tool call that Anthropic content block `block` became, if it is a tool's.
+    fn tool(&mut self, block: u64) -> Option<&mut Tool> {
+        self.tools.iter_mut().find(|tool| tool.block == block)
+    }
+
     pub fn new(created: u64, include_usage: bool) -> Self {
         let mut new = Self {
             id: String::new(),
@@ -225,9 +242,10 @@ impl ChunksFromEvents {
                     // The first piece of a tool's input is often empty; a block that is no
                     // tool call's gets none.
                     if !piece.is_empty()
-                        && let Some(&(_, call)) =
-                            self.tools.iter().find(|(index, _)| *index == delta.index)
+                        && let Some(tool) = self.tool(delta.index)
                     {
+                        tool.input = true;
+                        let call = tool.call;
                         out.push(self.arguments_chunk(call, piece));
                     }
                     return Flow::Continue;
@@ -279,7 +297,11 @@ impl ChunksFromEvents {
                     }
                     Some("tool_use") => {
                         let call = self.tools.len();
-                        self.tools.push((index, call));
+                        self.tools.push(Tool {
+                            block: index,
+                            call,
+                            input: false,
+                        });
                         let field = |k: &str| block.and_then(|b| b.get(k)).cloned();
                         out.push(self.chunk(
                             json!({"tool_calls": [{
@@ -310,7 +332,9 @@ impl ChunksFromEvents {
                     }
                     // The first input_json_delta of a tool is often empty.
                     Some("input_json_delta") if !field("partial_json").is_empty() => {
-                        if let Some(&(_, call)) = self.tools.iter().find(|(i, _)| *i == index) {
+                        if let Some(tool) = self.tool(index) {
+                            tool.input = true;
+                            let call = tool.call;
                             out.push(self.chunk(
                                 json!({"tool_calls": [{
                                     "index": call,
@@ -321,6 +345,21 @@ impl ChunksFromEvents {
                         }
                     }
                     _ => {}
+                }
+            }
+            "content_block_stop" => {
+                // A tool that takes no parameters streams only an empty piece of input (or
+                // none): its call's arguments, joined by the client, would be `""`, which
+                // clients parse as JSON (openai-python's stream helpers, openai-node's
+                // runTools, LangChain) and fail on. `{}`, as the whole answer gives them.
+                let index = value.get("index").and_then(Value::as_u64).unwrap_or(0);
+                if let Some(tool) = self.tool(index).filter(|tool| !tool.input) {
+                    tool.input = true;
+                    let call = tool.call;
+                    out.push(self.chunk(
+                        json!({"tool_calls": [{"index": call, "function": {"arguments": "{}"}}]}),
+                        None,
+                    ));
                 }
             }
             "message_delta" => {
@@ -353,7 +392,7 @@ impl ChunksFromEvents {
                 out.push(openai_error_event(message));
                 return Flow::Failed;
             }
-            // ping, content_block_stop, and event types newer than this proxy.
+            // ping, and event types newer than this proxy.
             _ => {}
         }
         Flow::Continue
