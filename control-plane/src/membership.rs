@@ -28,6 +28,9 @@ fn lease_ms() -> i64 {
     SHARE_LEASE.as_millis() as i64
 }
 
+/// Why a replica is listed with an error when two processes use its node id.
+const SHARED_NODE_ID: &str = "two replicas connected with this node id at once (or a restarted one while its old connection was still open): replicas sharing a node id take one replica's share of each limit each; give every replica its own --node-id";
+
 /// Replicas with an open snapshot stream.
 #[derive(Default)]
 pub struct Registry {
@@ -35,7 +38,9 @@ pub struct Registry {
 }
 
 struct Connected {
-    streams: u32,
+    /// Open streams by the incarnation that opened them (empty: a replica too old to send
+    /// one). More than one incarnation: two processes use this node id.
+    streams: HashMap<String, u32>,
     hostname: String,
     peer_address: String,
     build_version: String,
@@ -44,18 +49,32 @@ struct Connected {
     last_error: String,
 }
 
+impl Connected {
+    /// Streams of two incarnations are open: two processes with one node id.
+    fn shared(&self) -> bool {
+        self.streams.keys().filter(|i| !i.is_empty()).count() > 1
+    }
+}
+
 impl Registry {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Connected>> {
         self.connected.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Returns the number of distinct connected replicas after the change.
+    ///
+    /// Replicas are told apart by node id: two live processes given the same one count as
+    /// one, and each takes the share of every limit that one replica has (so together
+    /// twice it). That is a configuration mistake the control plane cannot undo (a restarted
+    /// replica must take over its own share, under a new incarnation), but it can say so: a
+    /// stream of another incarnation while one is open is logged, and the replica is listed
+    /// with that error while streams of both are open.
     fn connect(&self, hello: &NodeHello) -> u32 {
         let mut map = self.lock();
         let entry = map
             .entry(hello.node_id.clone())
             .or_insert_with(|| Connected {
-                streams: 0,
+                streams: HashMap::new(),
                 hostname: hello.hostname.clone(),
                 peer_address: hello.peer_address.clone(),
                 build_version: hello.build_version.clone(),
@@ -63,18 +82,26 @@ impl Registry {
                 acked_version: 0,
                 last_error: String::new(),
             });
-        entry.streams += 1;
+        *entry.streams.entry(hello.incarnation.clone()).or_default() += 1;
+        if entry.shared() {
+            tracing::warn!(node_id = %hello.node_id, "{SHARED_NODE_ID}");
+        }
         map.len() as u32
     }
 
     /// Returns whether that was the replica's last stream, and the number of distinct
     /// connected replicas after the change.
-    fn disconnect(&self, node_id: &str) -> (bool, u32) {
+    fn disconnect(&self, node_id: &str, incarnation: &str) -> (bool, u32) {
         let mut map = self.lock();
         let mut last = false;
         if let Some(entry) = map.get_mut(node_id) {
-            entry.streams = entry.streams.saturating_sub(1);
-            if entry.streams == 0 {
+            if let Some(streams) = entry.streams.get_mut(incarnation) {
+                *streams = streams.saturating_sub(1);
+                if *streams == 0 {
+                    entry.streams.remove(incarnation);
+                }
+            }
+            if entry.streams.is_empty() {
                 map.remove(node_id);
                 last = true;
             }
@@ -112,7 +139,11 @@ impl Registry {
                     peer_address: c.peer_address.clone(),
                     acked_version: c.acked_version,
                     latest_version: latest,
-                    last_error: c.last_error.clone(),
+                    last_error: if c.shared() {
+                        SHARED_NODE_ID.to_owned()
+                    } else {
+                        c.last_error.clone()
+                    },
                     connect_time: Some(timestamp(c.connect_time_ms)),
                     // An open stream is a live replica: it is seen now.
                     last_seen_time: Some(timestamp(now)),
@@ -177,9 +208,10 @@ impl Membership {
     /// A replica's snapshot stream closed at `now`. After its last one the replica keeps its
     /// share for [`SHARE_LEASE`], unless the control plane is `stopping`: then it keeps it
     /// until the next start, which gives it a lease of its own.
-    pub async fn left(&self, node_id: &str, now: i64, stopping: bool) {
+    pub async fn left(&self, hello: &NodeHello, now: i64, stopping: bool) {
+        let node_id = hello.node_id.as_str();
         let _one_at_a_time = self.lock.lock().await;
-        let (last, count) = self.registry.disconnect(node_id);
+        let (last, count) = self.registry.disconnect(node_id, &hello.incarnation);
         tracing::info!(node = %node_id, replicas = count, "data plane disconnected");
         if !last {
             return;

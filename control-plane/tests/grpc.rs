@@ -1530,6 +1530,73 @@ async fn concurrent_joins_publish_the_final_replica_count() {
     drop(senders);
 }
 
+/// Two live processes given one node id count as one replica, so each takes the share of
+/// every limit one replica has: together twice the limit. The control plane cannot tell them
+/// from a restarted replica taking over its share, but it says so: the node is listed with
+/// the error while streams of both incarnations are open, and no longer once one has closed.
+#[tokio::test]
+async fn two_processes_with_one_node_id_are_listed_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let channel = channel(&cp).await;
+    let open = |incarnation: &str| {
+        let mut dp = DataPlaneServiceClient::with_interceptor(
+            channel.clone(),
+            Bearer(cp.dataplane_token.clone()),
+        );
+        let hello = pb::StreamSnapshotsRequest {
+            node_id: "dp-1".into(),
+            incarnation: incarnation.into(),
+            ..Default::default()
+        };
+        async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            tx.send(hello).await.unwrap();
+            let mut stream = dp
+                .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            next(&mut stream).await;
+            (tx, stream)
+        }
+    };
+    let mut admin = admin(&cp).await;
+    let listed = |admin: &mut sluice_control::testing::AdminClient| {
+        let mut admin = admin.clone();
+        async move {
+            let planes = admin
+                .list_data_planes(pb::ListDataPlanesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .data_planes;
+            assert_eq!(planes.len(), 1);
+            planes[0].last_error.clone()
+        }
+    };
+    let first = open("inc-a").await;
+    assert_eq!(listed(&mut admin).await, "");
+    let second = open("inc-b").await;
+    let error = listed(&mut admin).await;
+    assert!(error.contains("--node-id"), "{error:?}");
+
+    drop(first);
+    let mut cleared = false;
+    for _ in 0..100 {
+        if listed(&mut admin).await.is_empty() {
+            cleared = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        cleared,
+        "still listed with the error once one of them had gone"
+    );
+    drop(second);
+}
+
 #[tokio::test]
 async fn the_responses_api_flag_and_the_affinity_key_reach_replicas() {
     let dir = tempfile::tempdir().unwrap();

@@ -650,8 +650,10 @@ impl World {
         if control.snapshot_streams.remove(&stream).is_none() {
             return;
         }
-        let node = self.replicas[replica].node_id.clone();
-        control.membership.left(&node, self.now, false).await;
+        control
+            .membership
+            .left(&hello(&self.replicas[replica].node_id), self.now, false)
+            .await;
         // Its last stream: the share lasts a lease from now (another open stream keeps it).
         let still_open = control
             .snapshot_streams
@@ -670,13 +672,7 @@ impl World {
         let replica = envelope.replica;
         match envelope.message {
             Message::Hello => {
-                let node = self.replicas[replica].node_id.clone();
-                let hello = NodeHello {
-                    node_id: node,
-                    hostname: "sim".into(),
-                    peer_address: String::new(),
-                    build_version: "sim".into(),
-                };
+                let hello = hello(&self.replicas[replica].node_id);
                 let first = control.membership.joined(&hello, self.now).await.unwrap();
                 control
                     .snapshot_streams
@@ -1442,4 +1438,15 @@ fn inject_failure(conn: &rusqlite::Connection, on: bool) {
 fn on_the_wire(report: &Report) -> pb::ReportUsageRequest {
     use prost::Message as _;
     pb::ReportUsageRequest::decode(report.encode_to_vec().as_slice()).unwrap()
+}
+
+/// The hello a simulated replica's snapshot stream opens with.
+fn hello(node_id: &str) -> NodeHello {
+    NodeHello {
+        node_id: node_id.to_owned(),
+        incarnation: String::new(),
+        hostname: "sim".into(),
+        peer_address: String::new(),
+        build_version: "sim".into(),
+    }
 }

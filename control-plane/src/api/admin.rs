@@ -414,6 +414,7 @@ mod tests {
         let registry = Arc::new(Registry::default());
         let hello = NodeHello {
             node_id: "r1".into(),
+            incarnation: String::new(),
             hostname: "h".into(),
             peer_address: String::new(),
             build_version: "t".into(),

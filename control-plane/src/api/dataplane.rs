@@ -60,12 +60,12 @@ impl DataPlaneApi {
         }
     }
 
-    async fn left(&self, node_id: &str, replica: Option<&Replica>) {
+    async fn left(&self, hello: &NodeHello, replica: Option<&Replica>) {
         if let Some(replica) = replica {
             self.allowances.lock().await.left(replica, now_ms());
         }
         self.membership
-            .left(node_id, now_ms(), self.stop.is_cancelled())
+            .left(hello, now_ms(), self.stop.is_cancelled())
             .await;
     }
 
@@ -213,6 +213,8 @@ impl DataPlaneService for DataPlaneApi {
         check_id("node_id", &first.node_id)?;
         let hello = NodeHello {
             node_id: first.node_id.clone(),
+            // Only told apart from another's, never stored or shown.
+            incarnation: first.incarnation.chars().take(MAX_ID_BYTES).collect(),
             hostname: first.hostname.chars().take(MAX_ID_BYTES).collect(),
             peer_address: peer,
             build_version: first.build_version.chars().take(64).collect(),
@@ -264,7 +266,7 @@ impl DataPlaneService for DataPlaneApi {
         let (tx, rx) = mpsc::channel(2);
         let api = self.clone();
         let mut snapshots = self.publisher.subscribe();
-        let node_id = hello.node_id;
+        let node_id = hello.node_id.clone();
         tokio::spawn(async move {
             // The first snapshot counts this replica among those sharing the RPM limits:
             // it may not be published yet.
@@ -291,11 +293,11 @@ impl DataPlaneService for DataPlaneApi {
                     allowances: Some(pb::AllowanceUpdate::default()),
                 };
                 if tx.send(Ok(on)).await.is_err() {
-                    return api.left(&node_id, replica.as_ref()).await;
+                    return api.left(&hello, replica.as_ref()).await;
                 }
             }
             let Some(first) = first else {
-                return api.left(&node_id, replica.as_ref()).await;
+                return api.left(&hello, replica.as_ref()).await;
             };
             // Renews the replica's lease on its allowances while connected.
             let mut renew = tokio::time::interval(std::time::Duration::from_millis(
@@ -364,7 +366,7 @@ impl DataPlaneService for DataPlaneApi {
                     () = api.stop.cancelled() => break,
                 }
             }
-            api.left(&node_id, replica.as_ref()).await;
+            api.left(&hello, replica.as_ref()).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -17,6 +17,8 @@ const WHILE_CONNECTED: i64 = i64::MAX;
 #[derive(Debug, Clone)]
 pub struct NodeHello {
     pub node_id: String,
+    /// The process's incarnation (empty from a replica too old to send one).
+    pub incarnation: String,
     pub hostname: String,
     pub peer_address: String,
     pub build_version: String,
@@ -215,6 +217,7 @@ mod tests {
     fn hello(node: &str) -> NodeHello {
         NodeHello {
             node_id: node.into(),
+            incarnation: String::new(),
             hostname: "h".into(),
             peer_address: "p".into(),
             build_version: "v".into(),
