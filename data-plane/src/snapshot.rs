@@ -162,6 +162,26 @@ pub struct Backend {
     pub cooldown_run: Option<(String, u64)>,
     /// Whether it serves the Responses API.
     pub responses_api: bool,
+    /// The member a Messages request's `max_tokens` becomes in the chat request it is
+    /// translated to ([`completion_limit_member`]).
+    pub completion_limit: &'static str,
+}
+
+/// The chat request member that caps the answer's tokens, for a backend at `base`:
+/// `max_completion_tokens` for OpenAI's own API and Azure OpenAI, whose reasoning models
+/// (o-series, GPT-5) refuse `max_tokens` (400 `unsupported_parameter`) and whose other models
+/// take either; `max_tokens` for every other OpenAI-compatible server, which all know it and
+/// not all the newer name (some refuse an unknown member, some ignore it and so the limit).
+pub fn completion_limit_member(base: &Url) -> &'static str {
+    let host = base.host_str().unwrap_or_default().to_ascii_lowercase();
+    let openai = host == "api.openai.com"
+        || host.ends_with(".openai.azure.com")
+        || host.ends_with(".cognitiveservices.azure.com");
+    if openai {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    }
 }
 
 impl Backend {
@@ -443,6 +463,7 @@ impl Snapshot {
                 responses_uri: endpoint_uri(&b.id, &base, Endpoint::Responses)?,
                 messages_uri: endpoint_uri(&b.id, &base, Endpoint::Messages)?,
                 count_tokens_uri: endpoint_uri(&b.id, &base, Endpoint::CountTokens)?,
+                completion_limit: completion_limit_member(&base),
                 base,
                 format,
                 anthropic_version,
@@ -864,6 +885,30 @@ impl SnapshotStore {
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// OpenAI's own API and Azure OpenAI take `max_completion_tokens` (their reasoning models
+    /// refuse `max_tokens`); every other server gets the older name all of them know.
+    #[test]
+    fn a_translated_max_tokens_is_named_as_the_backend_takes_it() {
+        for (base, member) in [
+            ("https://api.openai.com/v1", "max_completion_tokens"),
+            ("https://API.OpenAI.com/v1/", "max_completion_tokens"),
+            (
+                "https://my-east.openai.azure.com/openai/v1",
+                "max_completion_tokens",
+            ),
+            (
+                "https://res.cognitiveservices.azure.com/openai/v1",
+                "max_completion_tokens",
+            ),
+            ("http://127.0.0.1:8000/v1", "max_tokens"),
+            ("https://api.mistral.ai/v1", "max_tokens"),
+            ("https://api.openai.com.example.net/v1", "max_tokens"),
+        ] {
+            let url = Url::parse(base).unwrap();
+            assert_eq!(completion_limit_member(&url), member, "{base}");
+        }
+    }
     use sha2::{Digest, Sha256};
     use tokio::time::Instant;
 

@@ -23,7 +23,7 @@ fn to_messages(chat: Value) -> Value {
 }
 
 fn to_chat(messages: Value) -> Value {
-    Value::Object(messages_to_chat(&obj(messages), "gpt-up").unwrap())
+    Value::Object(messages_to_chat(&obj(messages), "gpt-up", "max_tokens").unwrap())
 }
 
 // ---- chat request → Messages request -------------------------------------------------
@@ -409,17 +409,31 @@ fn messages_tool_choices_map_across() {
     }
 }
 
+/// OpenAI's own API refuses `max_tokens` for its reasoning models: for a backend there, a
+/// Messages request's `max_tokens` goes as `max_completion_tokens` (the request written from
+/// its members is held to this one by the property tests in `anthropic/request.rs`).
+#[test]
+fn max_tokens_goes_by_the_name_the_backend_takes() {
+    let request =
+        json!({"model": "m", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]});
+    let parsed = messages_to_chat(&obj(request), "gpt-5", "max_completion_tokens").unwrap();
+    assert_eq!(parsed["max_completion_tokens"], 64);
+    assert!(parsed.get("max_tokens").is_none());
+}
+
 #[test]
 fn what_an_openai_backend_cannot_take_is_refused() {
     let err = messages_to_chat(
         &obj(json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]})),
         "x",
+        "max_tokens",
     )
     .unwrap_err();
     assert_eq!(err.param, "messages[0].content[0]");
     let err = messages_to_chat(
         &obj(json!({"model": "m", "max_tokens": 1, "messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search"}]})),
         "x",
+        "max_tokens",
     )
     .unwrap_err();
     assert_eq!(err.param, "tools[0]");
@@ -1209,7 +1223,7 @@ proptest! {
     #[test]
     fn any_request_translates_or_is_refused_without_panicking(request in request_like()) {
         let request = obj(request);
-        if let Ok(chat) = messages_to_chat(&request, "up") {
+        if let Ok(chat) = messages_to_chat(&request, "up", "max_tokens") {
             prop_assert_eq!(&chat["model"], "up");
             for message in chat["messages"].as_array().unwrap() {
                 let role = message["role"].as_str().unwrap();

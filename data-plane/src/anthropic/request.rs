@@ -391,11 +391,13 @@ fn chat_tool_choice(choice: &Value) -> Result<Value, Untranslatable> {
     }
 }
 
-/// A Messages request → the chat completions request for `model`. A stream asks for the
-/// usage chunk (the Anthropic client gets its usage in `message_delta`).
+/// A Messages request → the chat completions request for `model`, its `max_tokens` named
+/// `limit` (`max_tokens` or `max_completion_tokens`, as the backend takes it). A stream asks
+/// for the usage chunk (the Anthropic client gets its usage in `message_delta`).
 pub fn messages_to_chat(
     messages: &Map<String, Value>,
     model: &str,
+    limit: &str,
 ) -> Result<Map<String, Value>, Untranslatable> {
     let mut out = Map::new();
     out.insert("model".into(), Value::from(model));
@@ -416,7 +418,10 @@ pub fn messages_to_chat(
     out.insert("messages".into(), Value::Array(chat));
     for (key, value) in messages {
         match key.as_str() {
-            "max_tokens" | "temperature" | "top_p" | "stream" if !value.is_null() => {
+            "max_tokens" if !value.is_null() => {
+                out.insert(limit.to_owned(), value.clone());
+            }
+            "temperature" | "top_p" | "stream" if !value.is_null() => {
                 out.insert(key.clone(), value.clone());
             }
             "stop_sequences" if !value.is_null() => {
@@ -981,11 +986,12 @@ pub(crate) mod tests {
         let Ok(parsed) = crate::request::parse(body.as_bytes()) else {
             return (None, None);
         };
-        let in_shape = messages_to_chat_in_shape(parsed.members(), "up").map(|bytes| deep(&bytes));
+        let in_shape = messages_to_chat_in_shape(parsed.members(), "up", "max_completion_tokens")
+            .map(|bytes| deep(&bytes));
         let parsed_whole = parsed
             .object()
             .ok()
-            .and_then(|messages| messages_to_chat(&messages, "up").ok())
+            .and_then(|messages| messages_to_chat(&messages, "up", "max_completion_tokens").ok())
             .map(Value::Object);
         (in_shape, parsed_whole)
     }

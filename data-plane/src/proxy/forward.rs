@@ -242,7 +242,7 @@ pub(super) async fn forward_call(
                 }
             }
             (ApiFormat::OpenAi, ApiFormat::Anthropic, Outbound::Body { parsed, .. }) => {
-                match chat_body(parsed, route) {
+                match chat_body(parsed, route, backend.completion_limit) {
                     Ok(body) => Some(body),
                     Err(e) => return error(acct, e).await,
                 }
@@ -805,14 +805,21 @@ async fn deliver(
 
 /// The Messages request as a chat request for an OpenAI-format backend: written from its
 /// members when it is in the shape simple requests are, else translated from its parse.
-fn chat_body(parsed: &ParsedRequest<'_>, route: &Route) -> Result<Bytes, ProxyError> {
-    if let Some(body) =
-        anthropic::request::messages_to_chat_in_shape(parsed.members(), &route.upstream_model)
-    {
+/// `max_tokens` becomes `limit` (the backend's [`crate::snapshot::completion_limit_member`]).
+fn chat_body(
+    parsed: &ParsedRequest<'_>,
+    route: &Route,
+    limit: &'static str,
+) -> Result<Bytes, ProxyError> {
+    if let Some(body) = anthropic::request::messages_to_chat_in_shape(
+        parsed.members(),
+        &route.upstream_model,
+        limit,
+    ) {
         return Ok(Bytes::from(body));
     }
     let messages = parsed.object()?;
-    let chat = anthropic::request::messages_to_chat(&messages, &route.upstream_model)?;
+    let chat = anthropic::request::messages_to_chat(&messages, &route.upstream_model, limit)?;
     Ok(Bytes::from(serde_json::Value::Object(chat).to_string()))
 }
 

@@ -31,6 +31,7 @@ use crate::request::Key;
 pub fn messages_to_chat_in_shape<'a>(
     members: impl Iterator<Item = (&'a str, &'a RawValue)>,
     model: &str,
+    limit: &str,
 ) -> Option<Vec<u8>> {
     let mut copied: [Option<&'a RawValue>; 5] = [None; 5];
     let (mut system, mut turns, mut user) = (None, None, None);
@@ -92,7 +93,7 @@ pub fn messages_to_chat_in_shape<'a>(
     }
     out.push(b']');
     for (name, value) in [
-        ("max_tokens", max_tokens),
+        (limit, max_tokens),
         ("temperature", temperature),
         ("top_p", top_p),
         ("stop", stop),
@@ -726,7 +727,7 @@ mod tests {
             let parsed = crate::request::parse(body.as_bytes()).unwrap();
             let whole = parsed.object().is_ok();
             (
-                messages_to_chat_in_shape(parsed.members(), "up").is_some(),
+                messages_to_chat_in_shape(parsed.members(), "up", "max_tokens").is_some(),
                 whole,
             )
         };
