@@ -107,6 +107,10 @@ pub struct Backend {
 }
 
 const MAX_WEIGHT: u32 = 1_000_000;
+/// The highest price per million tokens: one unit of the currency a token, thousands of times
+/// any model's. Far higher ones made a token's price in nano-units infinite, and a request
+/// with no token of some kind (0 × ∞) cost nothing, its budget untouched.
+pub const MAX_PRICE_PER_MTOK: f64 = 1e6;
 const MAX_MODELS: usize = 1_000;
 /// Longest `base_url`, once normalised.
 pub const MAX_BASE_URL_BYTES: usize = 2048;
@@ -227,10 +231,10 @@ impl BackendSpec {
                     "cached_input_price_per_mtok",
                 ),
             ] {
-                if !price.is_finite() || price < 0.0 {
+                if !(0.0..=MAX_PRICE_PER_MTOK).contains(&price) {
                     return Err(ValidationError::new(
                         format!("{field}.{what}"),
-                        "must be a number ≥ 0",
+                        format!("must be a number from 0 to {MAX_PRICE_PER_MTOK}"),
                     ));
                 }
             }
@@ -474,6 +478,17 @@ mod tests {
         let mut nan = spec();
         nan.models[0].input_price_per_mtok = f64::NAN;
         assert!(nan.validated().is_err());
+        // So large that a token's price in nano-units is infinite, and a request with none
+        // of some kind of token (0 × ∞) would cost nothing.
+        let mut absurd = spec();
+        absurd.models[0].output_price_per_mtok = 1e306;
+        assert_eq!(
+            absurd.validated().unwrap_err().field,
+            "backend.models[0].output_price_per_mtok"
+        );
+        let mut dearest = spec();
+        dearest.models[0].output_price_per_mtok = MAX_PRICE_PER_MTOK;
+        assert!(dearest.validated().is_ok());
         let mut cached = spec();
         cached.models[0].cached_input_price_per_mtok = Some(-0.5);
         assert_eq!(
