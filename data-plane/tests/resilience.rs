@@ -111,6 +111,25 @@ async fn server_errors_and_refused_connections_fail_over() {
     assert_eq!(primary.stats().responses_with(500), 1);
 }
 
+/// A whole answer whose head came and whose body then broke (half the JSON, then the
+/// connection closed) was generated, and billed, by the provider: it is not asked of the
+/// fallback (no retry after the first byte). The client gets a 502; the record keeps the
+/// request's reserve, as the provider may have billed it.
+#[tokio::test]
+async fn a_whole_answer_cut_after_its_head_is_not_asked_again_of_another_backend() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::CutAfterChunks(1).times(1));
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(header(&response, "x-sluice-attempts"), "1");
+    assert_eq!(fallback.stats().requests.total(), 0);
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.attempts, 1);
+    assert_eq!(record.backend_id, "primary");
+    assert_eq!(record.error_kind, ErrorKind::UpstreamInvalid as i32);
+}
+
 #[tokio::test]
 async fn client_errors_from_upstream_pass_through_without_failover() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));

@@ -61,6 +61,13 @@ enum Failure {
     Timeout,
     /// A broken or oversized body.
     Invalid(String),
+    /// The answer's head came (a status neither 429 nor 5xx), then its body broke, stalled
+    /// (`timeout`) or passed the size limit. The provider has generated, and billed, the
+    /// answer: it is not asked of another backend (no retry after the first byte).
+    Cut {
+        timeout: bool,
+        detail: String,
+    },
 }
 
 impl Failure {
@@ -85,6 +92,22 @@ impl Failure {
             Self::Status { .. } => policy.retry_on_server_error,
             Self::Connect(_) | Self::Invalid(_) => policy.retry_on_connect_error,
             Self::Timeout => policy.retry_on_timeout,
+            Self::Cut { .. } => false,
+        }
+    }
+
+    /// A failure reading the body of an answer whose head came.
+    fn cut(failure: Failure) -> Failure {
+        match failure {
+            Self::Timeout => Self::Cut {
+                timeout: true,
+                detail: "no byte of the answer within the idle timeout or the deadline".into(),
+            },
+            Self::Invalid(detail) | Self::Connect(detail) => Self::Cut {
+                timeout: false,
+                detail,
+            },
+            other => other,
         }
     }
 
@@ -95,8 +118,8 @@ impl Failure {
             }
             Self::Status { .. } => AttemptOutcome::server_error,
             Self::Connect(_) => AttemptOutcome::connect_error,
-            Self::Timeout => AttemptOutcome::timeout,
-            Self::Invalid(_) => AttemptOutcome::invalid_response,
+            Self::Timeout | Self::Cut { timeout: true, .. } => AttemptOutcome::timeout,
+            Self::Invalid(_) | Self::Cut { timeout: false, .. } => AttemptOutcome::invalid_response,
         }
     }
 
@@ -106,6 +129,7 @@ impl Failure {
             Self::Connect(e) => format!("connect: {e}"),
             Self::Timeout => "timeout before the first byte".to_owned(),
             Self::Invalid(e) => format!("invalid response: {e}"),
+            Self::Cut { detail, .. } => format!("answer cut after its head: {detail}"),
         }
     }
 }
@@ -528,8 +552,12 @@ async fn fail(
             response
         }
         Failure::Connect(_) => error(acct, ProxyError::UpstreamConnect).await,
-        Failure::Invalid(_) => error(acct, ProxyError::UpstreamInvalid).await,
-        Failure::Timeout => error(acct, ProxyError::UpstreamTimeout).await,
+        Failure::Invalid(_) | Failure::Cut { timeout: false, .. } => {
+            error(acct, ProxyError::UpstreamInvalid).await
+        }
+        Failure::Timeout | Failure::Cut { timeout: true, .. } => {
+            error(acct, ProxyError::UpstreamTimeout).await
+        }
     }
 }
 
@@ -633,7 +661,8 @@ async fn attempt(
         policy.idle_stream_timeout,
         deadline,
     )
-    .await?;
+    .await
+    .map_err(Failure::cut)?;
     if !status.is_success() {
         // A 4xx is passed on as it came, but for the key some providers quote in it.
         body = redact(body, backend.api_key());
