@@ -486,6 +486,45 @@ async fn an_overloaded_anthropic_backend_fails_over_to_an_openai_fallback_within
     assert!(records[0].attempts >= 2, "{:?}", records[0]);
 }
 
+/// A chat request an Anthropic backend cannot take (`n: 2`: Anthropic answers one choice)
+/// goes to the OpenAI-format backend serving the same model, in either order of the two;
+/// only when no backend can take it is the answer the translation's 400.
+#[tokio::test]
+async fn a_request_one_api_cannot_take_goes_to_a_backend_of_the_other() {
+    let claude = mock("claude");
+    let gpt = mock("gpt");
+    let two_choices = json!({"model": MODEL, "n": 2,
+                             "messages": [{"role": "user", "content": "hi"}]});
+    for gpt_pool in [proto::Pool::Fallback, proto::Pool::Primary] {
+        let h = Harness::start(snapshot(
+            1,
+            vec![
+                anthropic("claude", &claude.base_url(), proto::Pool::Primary),
+                backend("gpt", &gpt.base_url(), gpt_pool, 1),
+            ],
+        ))
+        .await;
+        let response = h.chat(two_choices.clone()).await;
+        assert_eq!(response.status(), 200, "{gpt_pool:?}");
+        assert_eq!(response.headers()["x-sluice-backend"], "gpt-name");
+    }
+    assert_eq!(claude.stats().requests.total(), 0);
+
+    let h = Harness::start(snapshot(
+        1,
+        vec![anthropic(
+            "claude",
+            &claude.base_url(),
+            proto::Pool::Primary,
+        )],
+    ))
+    .await;
+    let response = h.chat(two_choices).await;
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "n", "{body}");
+}
+
 #[tokio::test]
 async fn count_tokens_is_forwarded_to_anthropic_and_refused_for_openai_backends() {
     let claude = mock("claude");

@@ -244,6 +244,10 @@ pub(super) async fn forward_call(
     let mut soonest: Option<Instant> = None;
     let mut last: Option<(Failure, ApiFormat)> = None;
     let mut unsupported = false;
+    // Why the request could not be written for a backend of the other API (a member it has
+    // no equivalent for): that backend is passed over, and this is the answer only if no
+    // other could take the request either.
+    let mut untranslatable: Option<ProxyError> = None;
     for route in order {
         if acct.attempts() >= policy.max_attempts {
             break;
@@ -262,13 +266,19 @@ pub(super) async fn forward_call(
             (ApiFormat::Anthropic, ApiFormat::OpenAi, Outbound::Body { parsed, .. }) => {
                 match messages_body(parsed, route, stream) {
                     Ok(body) => Some(body),
-                    Err(e) => return error(acct, e).await,
+                    Err(e) => {
+                        untranslatable.get_or_insert(e);
+                        continue;
+                    }
                 }
             }
             (ApiFormat::OpenAi, ApiFormat::Anthropic, Outbound::Body { parsed, .. }) => {
                 match chat_body(parsed, route, backend.completion_limit) {
                     Ok(body) => Some(body),
-                    Err(e) => return error(acct, e).await,
+                    Err(e) => {
+                        untranslatable.get_or_insert(e);
+                        continue;
+                    }
                 }
             }
             _ => None,
@@ -466,6 +476,12 @@ pub(super) async fn forward_call(
                 }
             }
         }
+    }
+    if last.is_none()
+        && soonest.is_none()
+        && let Some(refused) = untranslatable
+    {
+        return error(acct, refused).await;
     }
     match last {
         Some((failure, format)) => fail(acct, failure, format, call.endpoint.format()).await,
