@@ -432,9 +432,13 @@ pub struct SettingsSetArgs {
     pub max_attempts: Option<u32>,
     #[arg(long, value_parser = humantime::parse_duration)]
     pub connect_timeout: Option<Duration>,
-    /// Time from sending a request to the first response byte.
+    /// A stream: time from sending a request to its first event (the first token).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub first_byte_timeout: Option<Duration>,
+    /// A whole (non-streamed) answer: time from sending a request to its head, which comes
+    /// once the whole answer is generated.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub answer_timeout: Option<Duration>,
     /// Longest silence between two chunks of a stream.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub idle_stream_timeout: Option<Duration>,

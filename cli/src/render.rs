@@ -517,6 +517,7 @@ pub fn settings(settings: Option<&pb::Settings>) -> String {
             "first-byte-timeout",
             time::duration(s.first_byte_timeout.as_ref()),
         ),
+        ("answer-timeout", time::duration(s.answer_timeout.as_ref())),
         (
             "idle-stream-timeout",
             time::duration(s.idle_stream_timeout.as_ref()),

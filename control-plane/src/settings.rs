@@ -13,6 +13,7 @@ pub const FIELDS: &[&str] = &[
     "max_attempts",
     "connect_timeout",
     "first_byte_timeout",
+    "answer_timeout",
     "idle_stream_timeout",
     "request_timeout",
     "cooldown_base",
@@ -43,6 +44,7 @@ pub fn apply_mask(
             "max_attempts" => next.max_attempts = update.max_attempts,
             "connect_timeout" => next.connect_timeout = update.connect_timeout,
             "first_byte_timeout" => next.first_byte_timeout = update.first_byte_timeout,
+            "answer_timeout" => next.answer_timeout = update.answer_timeout,
             "idle_stream_timeout" => next.idle_stream_timeout = update.idle_stream_timeout,
             "request_timeout" => next.request_timeout = update.request_timeout,
             "cooldown_base" => next.cooldown_base = update.cooldown_base,
@@ -77,6 +79,7 @@ pub fn validate(s: &pb::Settings) -> Result<(), ValidationError> {
     let durations = [
         ("connect_timeout", &s.connect_timeout, HOUR_MS),
         ("first_byte_timeout", &s.first_byte_timeout, HOUR_MS),
+        ("answer_timeout", &s.answer_timeout, 24 * HOUR_MS),
         ("idle_stream_timeout", &s.idle_stream_timeout, HOUR_MS),
         ("request_timeout", &s.request_timeout, 24 * HOUR_MS),
         ("cooldown_base", &s.cooldown_base, HOUR_MS),

@@ -130,6 +130,36 @@ async fn a_whole_answer_cut_after_its_head_is_not_asked_again_of_another_backend
     assert_eq!(record.error_kind, ErrorKind::UpstreamInvalid as i32);
 }
 
+/// A whole answer's head comes only once the whole answer is generated: a reasoning model
+/// may take minutes. Its wait is `answer_timeout`, not a stream's `first_byte_timeout` (one
+/// minute by default, which cut such answers off and asked, and billed, the next backend for
+/// the same generation). Past `answer_timeout` the next backend is asked as before.
+#[tokio::test]
+async fn a_whole_answer_slower_than_a_streams_first_byte_timeout_is_waited_for() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let mut message = snapshot(1, pair(&primary, &fallback));
+    let settings = message.settings.as_mut().unwrap();
+    settings.first_byte_timeout = Some(proto_duration(Duration::from_millis(300)));
+    settings.answer_timeout = Some(proto_duration(Duration::from_millis(3000)));
+    let h = Harness::start(message).await;
+
+    primary.set_fault(Fault::DelayMs(1000).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "1");
+
+    // A stream is held to its first-byte timeout.
+    primary.set_fault(Fault::DelayMs(1000).times(1));
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+
+    primary.set_fault(Fault::DelayMs(5000).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+}
+
 #[tokio::test]
 async fn client_errors_from_upstream_pass_through_without_failover() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));

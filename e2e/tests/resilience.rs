@@ -415,10 +415,19 @@ async fn with_one_healthy_backend_left_every_servable_request_is_served() {
                 seconds: 1,
                 nanos: 0,
             }),
+            answer_timeout: Some(sluice_proto::wkt::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
             failure_threshold: 2,
             ..Default::default()
         },
-        &["max_attempts", "first_byte_timeout", "failure_threshold"],
+        &[
+            "max_attempts",
+            "first_byte_timeout",
+            "answer_timeout",
+            "failure_threshold",
+        ],
     )
     .await;
     let faults = [

@@ -60,6 +60,7 @@ fn update_request(args: SettingsSetArgs) -> Result<pb::UpdateSettingsRequest, Er
     field!(max_attempts, plain);
     field!(connect_timeout, duration);
     field!(first_byte_timeout, duration);
+    field!(answer_timeout, duration);
     field!(idle_stream_timeout, duration);
     field!(request_timeout, duration);
     field!(cooldown_base, duration);

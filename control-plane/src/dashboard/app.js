@@ -1235,6 +1235,7 @@
     ['retry_on_timeout', 'retryOnTimeout', 'bool'],
     ['connect_timeout', 'connectTimeout', 'seconds'],
     ['first_byte_timeout', 'firstByteTimeout', 'seconds'],
+    ['answer_timeout', 'answerTimeout', 'seconds'],
     ['idle_stream_timeout', 'idleStreamTimeout', 'seconds'],
     ['request_timeout', 'requestTimeout', 'seconds'],
     ['cooldown_base', 'cooldownBase', 'seconds'],

@@ -620,7 +620,14 @@ async fn attempt(
             headers.insert(name.clone(), value.clone());
         }
     }
-    let first_byte = deadline.min(sent + policy.first_byte_timeout);
+    // A stream's head and first event come with its first token; a whole answer's head only
+    // once all of it is generated, which a reasoning model may take minutes over.
+    let wait = if stream {
+        policy.first_byte_timeout
+    } else {
+        policy.answer_timeout
+    };
+    let first_byte = deadline.min(sent + wait);
     // A connect timeout is a connect error (the connector's own limit); only our deadlines
     // make a timeout.
     let sent = client.send(request, backend.host());

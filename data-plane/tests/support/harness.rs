@@ -73,6 +73,7 @@ pub fn settings() -> proto::Settings {
         max_attempts: 3,
         connect_timeout: d(1000),
         first_byte_timeout: d(5000),
+        answer_timeout: d(5000),
         idle_stream_timeout: d(5000),
         request_timeout: d(20_000),
         cooldown_base: d(1000),

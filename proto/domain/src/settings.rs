@@ -18,6 +18,7 @@ pub fn defaults() -> pb::Settings {
         max_attempts: 3,
         connect_timeout: secs(5),
         first_byte_timeout: secs(60),
+        answer_timeout: secs(300),
         idle_stream_timeout: secs(60),
         request_timeout: secs(600),
         cooldown_base: secs(1),
@@ -45,6 +46,7 @@ pub fn with_defaults(mut settings: pb::Settings) -> pb::Settings {
     for (field, default) in [
         (&mut settings.connect_timeout, d.connect_timeout),
         (&mut settings.first_byte_timeout, d.first_byte_timeout),
+        (&mut settings.answer_timeout, d.answer_timeout),
         (&mut settings.idle_stream_timeout, d.idle_stream_timeout),
         (&mut settings.request_timeout, d.request_timeout),
         (&mut settings.cooldown_base, d.cooldown_base),
@@ -73,7 +75,10 @@ pub struct InvalidDuration(pub &'static str);
 pub struct Policy {
     pub max_attempts: u32,
     pub connect_timeout: Duration,
+    /// A stream's wait for its head and first event.
     pub first_byte_timeout: Duration,
+    /// A whole answer's wait for its head (which comes once it is generated).
+    pub answer_timeout: Duration,
     pub idle_stream_timeout: Duration,
     pub request_timeout: Duration,
     pub cooldown: CooldownPolicy,
@@ -94,6 +99,7 @@ impl Default for Policy {
             max_attempts: d.max_attempts,
             connect_timeout: secs(d.connect_timeout),
             first_byte_timeout: secs(d.first_byte_timeout),
+            answer_timeout: secs(d.answer_timeout),
             idle_stream_timeout: secs(d.idle_stream_timeout),
             request_timeout: secs(d.request_timeout),
             cooldown: CooldownPolicy {
@@ -126,6 +132,7 @@ impl TryFrom<&pb::Settings> for Policy {
             max_attempts: s.max_attempts,
             connect_timeout: duration(s.connect_timeout, "connect_timeout")?,
             first_byte_timeout: duration(s.first_byte_timeout, "first_byte_timeout")?,
+            answer_timeout: duration(s.answer_timeout, "answer_timeout")?,
             idle_stream_timeout: duration(s.idle_stream_timeout, "idle_stream_timeout")?,
             request_timeout: duration(s.request_timeout, "request_timeout")?,
             cooldown: CooldownPolicy {
@@ -169,6 +176,7 @@ mod tests {
             Policy::default().first_byte_timeout,
             Duration::from_secs(60)
         );
+        assert_eq!(Policy::default().answer_timeout, Duration::from_secs(300));
     }
 
     #[test]
