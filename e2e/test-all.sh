@@ -2,7 +2,8 @@
 # Runs every check Sluice has: formatting, clippy, and all tests of the workspace
 # (unit, integration, end to end with the real binaries, SDK and proto-contract tests).
 # Installs what the tests need when it is missing: nginx, chromium and sqlite3 (Debian), the Python
-# OpenAI SDK and grpcio-tools (PyPI), the Node OpenAI SDK and buf (npm, into e2e/tools/node_modules).
+# OpenAI and Anthropic SDKs, grpcio-tools and kubernetes-validate (PyPI), the Node OpenAI SDK and
+# buf (npm, into e2e/tools/node_modules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +13,7 @@ log "checking test tools"
 missing_apt=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing_apt+=(nginx)
 [ -x /usr/bin/chromium ] || missing_apt+=(chromium)
-# The restore test backs the database up as the README tells operators to.
+# The restore test backs the database up as docs/operating.md ("Backups") tells operators to.
 command -v sqlite3 >/dev/null 2>&1 || missing_apt+=(sqlite3)
 if [ ${#missing_apt[@]} -gt 0 ]; then
   log "installing ${missing_apt[*]} (apt)"
@@ -43,7 +44,7 @@ cargo test --workspace
 # The cargo-fuzz targets (request parsing, SSE parsing, the Anthropic stream translations, the
 # whole requests' and answers' Anthropic translations, reading usage) for a short bounded time from the
 # committed seeds plus whatever corpus earlier runs left; a crash fails the run. Longer runs
-# by hand: see "Fuzzing" in the README. SLUICE_FUZZ_SECONDS=0 skips this step.
+# by hand: see "Fuzzing" in docs/testing.md. SLUICE_FUZZ_SECONDS=0 skips this step.
 # No sanitizer: the code under test is safe Rust (unsafe_code is forbidden), and without
 # AddressSanitizer the 30 s do 5 to 7 times more executions; debug assertions (overflow
 # checks) stay on. The long runs by hand keep ASan. Its own target dir, so switching between
