@@ -189,6 +189,8 @@ struct Rec {
     ttft_ms: Option<f64>,
     error: bool,
     time_ms: i64,
+    /// What the replica computed the request cost (0: a replica too old to say).
+    cost_nanos: u64,
 }
 
 impl Rec {
@@ -203,6 +205,7 @@ impl Rec {
             ttft_ms: None,
             error: false,
             time_ms,
+            cost_nanos: 0,
         }
     }
 
@@ -229,7 +232,7 @@ impl Rec {
             endpoint: 0,
             cached_prompt_tokens: self.prompt / 4,
             reasoning_tokens: self.completion / 5,
-            cost_nanos: 0,
+            cost_nanos: self.cost_nanos,
             tokens_estimated: false,
         }
     }
@@ -269,7 +272,11 @@ fn expected<'a>(
         e.streams += u64::from(r.ttft_ms.is_some());
         e.prompt += r.prompt;
         e.completion += r.completion;
-        e.cost += (r.prompt as f64 * input + r.completion as f64 * output) / 1e6;
+        e.cost += if r.cost_nanos > 0 {
+            r.cost_nanos as f64 / 1e9
+        } else {
+            (r.prompt as f64 * input + r.completion as f64 * output) / 1e6
+        };
         e.latency_sum += r.latency_ms;
         if let Some(t) = r.ttft_ms {
             e.ttft_sum += t;
@@ -414,6 +421,12 @@ fn varied_traffic(backends: &[String], n: usize, seed: u64) -> Vec<Rec> {
                 ttft_ms: streamed.then(|| latency_ms / 4.0),
                 error: rng.random_bool(0.1),
                 time_ms: DAY0 - DAY + rng.random_range(0..3 * DAY),
+                // Half from replicas that say what the request cost, half from older ones.
+                cost_nanos: if rng.random_bool(0.5) {
+                    rng.random_range(1..10_000_000)
+                } else {
+                    0
+                },
             }
         })
         .collect()
@@ -509,6 +522,52 @@ async fn sums_over_buckets_equal_totals_for_every_grouping_and_granularity() {
             let cost: f64 = buckets.iter().map(|b| b.cost).sum();
             assert!(close(cost, totals.cost), "{cost} != {}", totals.cost);
         }
+    }
+}
+
+/// A record's cost is what its replica computed (the figure its key's spend got: cached
+/// prompt tokens at the cached price, a reserve kept for a request the provider may have
+/// billed), not its tokens at the route's prices: the statistics and the keys' spend add up
+/// to the same money. A record that carries no cost (a replica too old to compute one) is
+/// priced at ingestion as before.
+#[tokio::test]
+async fn a_records_own_cost_is_its_cost_in_the_statistics() {
+    let mut h = Harness::start().await;
+    let b = h
+        .backend("priced", pb::Pool::Primary, &[("m1", 2.0, 8.0)])
+        .await;
+    let recs = [
+        // 1000 prompt tokens, 800 of them cached at a tenth of the price, 500 completion:
+        // 200 × 2 + 800 × 0.2 + 500 × 8 per million.
+        Rec {
+            prompt: 1000,
+            completion: 500,
+            cost_nanos: 4_560_000,
+            ..Rec::new(&b, DAY0 + 10)
+        },
+        // No usage from the provider: the reserve it kept.
+        Rec {
+            prompt: 0,
+            completion: 0,
+            cost_nanos: 70_000,
+            ..Rec::new(&b, DAY0 + 20)
+        },
+        // From an old replica: priced here, (100 × 2 + 50 × 8) per million.
+        Rec::new(&b, DAY0 + 30),
+    ];
+    assert_eq!(h.report("r", "i", numbered(&recs)).await, 3);
+    let want = 0.00456 + 0.00007 + 0.0006;
+    let t = h.totals(Default::default()).await;
+    assert!(close(t.cost, want), "{} != {want}", t.cost);
+    for granularity in GRANULARITIES {
+        let buckets = h
+            .usage(pb::GetUsageRequest {
+                granularity: granularity as i32,
+                ..Default::default()
+            })
+            .await;
+        let cost: f64 = buckets.iter().map(|b| b.cost).sum();
+        assert!(close(cost, want), "{granularity:?}: {cost} != {want}");
     }
 }
 

@@ -332,6 +332,12 @@ struct Delta {
     reasoning_tokens: i64,
     /// (bucket, count), unordered; a batch puts few buckets in one row.
     latency: Vec<(u32, u64)>,
+    /// The costs the records carry ([`Delta::cost_at`] turns them into `cost`).
+    cost_nanos: u64,
+    /// Tokens of records that carry no cost (from a replica older than `cost_nanos`), priced
+    /// at ingestion instead.
+    unpriced_prompt_tokens: u64,
+    unpriced_completion_tokens: u64,
 }
 
 impl Delta {
@@ -350,12 +356,33 @@ impl Delta {
         self.reasoning_tokens = self
             .reasoning_tokens
             .saturating_add(tokens(r.reasoning_tokens));
+        if r.cost_nanos > 0 {
+            self.cost_nanos = self.cost_nanos.saturating_add(r.cost_nanos);
+        } else {
+            self.unpriced_prompt_tokens = self
+                .unpriced_prompt_tokens
+                .saturating_add(r.prompt_tokens.min(MAX_TOKENS_PER_RECORD));
+            self.unpriced_completion_tokens = self
+                .unpriced_completion_tokens
+                .saturating_add(r.completion_tokens.min(MAX_TOKENS_PER_RECORD));
+        }
         self.latency_ms_sum += r.latency_ms;
         if let Some(ttft) = r.ttft_ms {
             self.ttft_ms_sum += ttft;
             self.ttft_count = self.ttft_count.saturating_add(1);
         }
         self.add_latency(latency_bucket(r.latency_ms), 1);
+    }
+
+    /// Sets `cost`: what the records cost as their replicas computed it (the same figure their
+    /// keys' spend got: the prices of the snapshot each was served under, cached prompt
+    /// tokens at the cached price, a reserve kept), and the tokens of records that carry no
+    /// cost at `input` and `output` per million.
+    fn cost_at(&mut self, input: f64, output: f64) {
+        self.cost = self.cost_nanos as f64 / 1e9
+            + (self.unpriced_prompt_tokens as f64 * input
+                + self.unpriced_completion_tokens as f64 * output)
+                / 1_000_000.0;
     }
 
     fn add_latency(&mut self, bucket: u32, n: u64) {
@@ -412,7 +439,6 @@ impl Delta {
     }
 }
 
-/// The stored-row columns both upserts add to, after the key columns.
 /// The stored-row columns both upserts add to, after the key columns. Integer sums stop at
 /// `i64::MAX`: past it SQLite makes the sum a REAL, which the STRICT INTEGER column refuses,
 /// and the whole group commit (every replica's reports) would fail on that row for good.
@@ -551,9 +577,7 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
                     *prices.entry((backend_id, model)).or_insert(p)
                 }
             };
-            delta.cost = (delta.prompt_tokens as f64 * input
-                + delta.completion_tokens as f64 * output)
-                / 1_000_000.0;
+            delta.cost_at(input, output);
             let pool = match pools.get(backend_id) {
                 Some(&p) => p,
                 None => {
