@@ -153,11 +153,17 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
             struct StreamOptions {
                 include_usage: Option<bool>,
             }
+            let invalid = RequestError::InvalidType {
+                param: "stream_options",
+                expected: "an object with a boolean include_usage",
+            };
+            // serde reads a struct from an array too (`[true]`), which OpenAI refuses: so
+            // would the upstream, unless the rewrite made an object of it first.
+            if raw.get().starts_with('[') {
+                return Err(invalid);
+            }
             serde_json::from_str::<Option<StreamOptions>>(raw.get())
-                .map_err(|_| RequestError::InvalidType {
-                    param: "stream_options",
-                    expected: "an object with a boolean include_usage",
-                })?
+                .map_err(|_| invalid)?
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false)
         }
@@ -418,6 +424,18 @@ mod tests {
             r#"{"model":"u","messages":[{"role":"user","content":"a\ude00b"}]}"#
         );
         assert_eq!(parse(&out).unwrap().model, "u");
+    }
+
+    /// OpenAI refuses `stream_options` that is not an object; serde alone would read the
+    /// array `[false]` as one (and the rewrite then made an object of it).
+    #[test]
+    fn stream_options_must_be_an_object() {
+        for options in ["[false]", "[true]", "[]", "1", "\"x\""] {
+            let body = format!(r#"{{"model":"m","stream":true,"stream_options":{options}}}"#);
+            assert!(parse(body.as_bytes()).is_err(), "{options}");
+        }
+        let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
+        assert!(parse(body.as_bytes()).unwrap().include_usage);
     }
 
     #[test]
