@@ -58,6 +58,8 @@ pub struct Rewritten {
     pub tokens: Option<Tokens>,
     /// The event's `type`, if it had one (stream events do).
     pub event_type: Option<String>,
+    /// The event's `sequence_number`, if it had one (stream events do).
+    pub sequence_number: Option<u64>,
 }
 
 /// Rewrites a response object (a create's, retrieve's or cancel's answer, or a delete's
@@ -70,6 +72,7 @@ pub fn rewrite_response(body: &[u8], ids: &IdRewrite) -> Result<Rewritten, Rewri
         bytes: out.into_inner().freeze(),
         tokens,
         event_type: None,
+        sequence_number: None,
     })
 }
 
@@ -82,11 +85,16 @@ pub fn rewrite_event(data: &str, ids: &IdRewrite) -> Result<Rewritten, RewriteEr
         .find(|(k, _)| k.0 == "type")
         .and_then(|(_, v)| serde_json::from_str::<Key<'_>>(v.get()).ok())
         .map(|Key(t)| t.into_owned());
+    let sequence_number = fields
+        .iter()
+        .find(|(k, _)| k.0 == "sequence_number")
+        .and_then(|(_, v)| serde_json::from_str::<u64>(v.get()).ok());
     let Some((_, response)) = fields.iter().find(|(k, _)| k.0 == "response") else {
         return Ok(Rewritten {
             bytes: Bytes::copy_from_slice(data.as_bytes()),
             tokens: None,
             event_type,
+            sequence_number,
         });
     };
     let Fields(inner) =
@@ -111,6 +119,7 @@ pub fn rewrite_event(data: &str, ids: &IdRewrite) -> Result<Rewritten, RewriteEr
         bytes: out.into_inner().freeze(),
         tokens,
         event_type,
+        sequence_number,
     })
 }
 

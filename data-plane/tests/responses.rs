@@ -425,3 +425,90 @@ async fn only_backends_serving_the_responses_api_get_it_and_a_model_without_one_
     assert_eq!(body["error"]["param"], "model");
     assert_eq!(alpha.stats().requests.responses, 0);
 }
+
+/// An upstream that answers raw HTTP/1.1: a create with a stored response `resp_up1`, then
+/// its stream resumed after event 9 (`GET …?stream=true&starting_after=9`) with events 10
+/// and 11, after which the connection closes mid-stream.
+async fn upstream_resuming_after_nine() -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let Ok(n) = tcp.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let answer = if head.starts_with("POST") {
+                    let body = r#"{"id":"resp_up1","object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":1,"output_tokens":1,"total_tokens":2}}"#;
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    let event = |n: u64| {
+                        format!(
+                            "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"sequence_number\":{n},\"delta\":\"x\"}}\n\n"
+                        )
+                    };
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{}{}",
+                        event(10),
+                        event(11)
+                    )
+                };
+                // Then the connection closes: the stream ends without its last event.
+                let _ = tcp.write_all(answer.as_bytes()).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+/// A stream resumed after event 9 that the upstream breaks off ends with Sluice's error
+/// event numbered after the last one relayed (12), not by how many this connection relayed
+/// (2): a client that resumes by `sequence_number` must not see a number it already has.
+#[tokio::test]
+async fn an_error_event_ending_a_resumed_stream_takes_the_next_sequence_number() {
+    let h = Harness::one_primary(&upstream_resuming_after_nine().await).await;
+    let created: Value = create(&h, json!({"model": MODEL, "input": "hi"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap();
+    let text = on_stored(
+        &h,
+        reqwest::Method::GET,
+        &format!("/v1/responses/{id}?stream=true&starting_after=9"),
+        KEY,
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    let numbers: Vec<u64> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .map(|data| {
+            serde_json::from_str::<Value>(data).unwrap()["sequence_number"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(numbers, [10, 11, 12], "{text}");
+    assert!(text.contains("stream_interrupted"), "{text}");
+}

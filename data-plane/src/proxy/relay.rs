@@ -170,9 +170,11 @@ pub(super) struct Relay {
     /// the upstream's chunk is the event in that form already (see [`wire_frame`]): one
     /// allocation serves event after event once hyper has sent and dropped the earlier ones.
     wire: BytesMut,
-    /// Events relayed so far (the Responses API numbers its events; an error event Sluice
-    /// adds takes the next number).
+    /// Events relayed so far.
     events: u64,
+    /// The Responses API numbers its events: the number an error event Sluice adds takes
+    /// (one past the last relayed, which a stream resumed `starting_after` N starts past N).
+    next_sequence: u64,
     idle_timeout: Duration,
     deadline: Instant,
     /// Fires at the idle timeout or the deadline, whichever comes first. It is moved lazily:
@@ -212,6 +214,7 @@ impl Relay {
             frames: Vec::new(),
             wire: BytesMut::new(),
             events: 0,
+            next_sequence: 0,
             idle_timeout,
             deadline,
             timer: Alarm::at(deadline.min(now + idle_timeout)),
@@ -318,6 +321,9 @@ impl Relay {
                 return true;
             }
         };
+        if let Some(number) = rewritten.sequence_number {
+            self.next_sequence = number.saturating_add(1);
+        }
         if *count_usage
             && let Some(tokens) = rewritten.tokens
             && let Some(acct) = &mut self.acct
@@ -422,7 +428,7 @@ impl Relay {
                     "code": "stream_interrupted",
                     "message": message,
                     "param": null,
-                    "sequence_number": self.events,
+                    "sequence_number": self.next_sequence.max(self.events),
                 });
                 format!("event: error\ndata: {data}\n\n").into_bytes()
             }
