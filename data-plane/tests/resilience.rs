@@ -606,6 +606,40 @@ async fn a_key_over_its_tokens_per_minute_gets_429_tokens_with_retry_after() {
     assert_eq!(records[2].status_code, 429);
 }
 
+/// An answer that tells no usage (here one Sluice cannot read; a server that omits `usage`
+/// alike) may have been counted by the provider: the request's estimate stays charged to the
+/// key's tokens per minute, as a budget keeps its reserve. Handed back, a key whose backend
+/// never reported usage had no token limit at all.
+#[tokio::test]
+async fn an_answer_without_usage_keeps_its_estimate_charged_to_the_tokens_per_minute() {
+    use sluice_e2e::mock::GarbageKind;
+    let primary = mock("primary");
+    let mut snap = snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    );
+    // 600 TPM on one replica: a burst of 60.
+    snap.client_keys[0].tpm_limit = 600;
+    let h = Harness::start(snap).await;
+    // A prompt estimated at far more than the burst: admitted on the burst, into debt.
+    let long = serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "word ".repeat(400)}],
+    });
+    primary.set_fault(Fault::Garbage(GarbageKind::NotJson).times(1));
+    let first = h.chat(long.clone()).await;
+    assert_eq!(first.status(), 200);
+    let next = h.chat(long).await;
+    assert_eq!(next.status(), 429);
+    let body: Value = next.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "tokens");
+}
+
 #[tokio::test]
 async fn a_key_at_its_max_parallel_requests_gets_429_until_one_ends() {
     let primary = slow_mock("primary", 10, 100);

@@ -169,12 +169,25 @@ impl Accounting {
         self.0._parallel = parallel;
     }
 
-    /// The request goes to a backend that reserved `tokens` for it. A reservation at an
-    /// earlier backend is handed back: that attempt failed before any answer reached the
-    /// client, and a provider counts no tokens for a refusal or an error.
+    /// The request goes to a backend that reserved `tokens` for it (after
+    /// [`Accounting::attempt_failed`] settled the reservation at the one before, if any).
     pub fn backend_tokens(&mut self, tokens: Option<Reservation>) {
         if let Some(earlier) = std::mem::replace(&mut self.0.backend_tokens, tokens) {
             earlier.cancel();
+        }
+    }
+
+    /// The attempt at the current backend failed, and the next may be tried: its reservation
+    /// is handed back when the provider counted nothing (it refused, answered an error or
+    /// could not be reached), and stays charged when it may have (`billed`: it timed out,
+    /// perhaps while generating).
+    pub fn attempt_failed(&mut self, billed: bool) {
+        if let Some(reservation) = self.0.backend_tokens.take() {
+            if billed {
+                reservation.keep();
+            } else {
+                reservation.cancel();
+            }
         }
     }
 
@@ -354,11 +367,18 @@ impl Accounting {
         let used = record
             .prompt_tokens
             .saturating_add(record.completion_tokens);
+        // A provider that may have counted the request without saying how much keeps its
+        // estimate charged, as a budget keeps its reserve.
+        let unknown = keeps_reserve(&record, kind);
         for reservation in [self.0.key_tokens.take(), self.0.backend_tokens.take()]
             .into_iter()
             .flatten()
         {
-            reservation.settle(used);
+            if unknown {
+                reservation.keep();
+            } else {
+                reservation.settle(used);
+            }
         }
         record.cost_nanos = self.0.prices.cost_nanos(
             record.prompt_tokens,
@@ -421,11 +441,12 @@ impl Accounting {
     }
 }
 
-/// Whether a budgeted request keeps its reserve spent, as its cost: one that reached a backend
-/// and learnt no tokens, where the provider may have billed it (an answer without usage, a
-/// timeout, an answer Sluice could not read). One whose backend answered an error status, or
-/// could not be reached, was billed nothing: its reserve is given back. (A request cut short
-/// has its tokens estimated before this: see `estimate_unreported`.)
+/// Whether a request keeps its budget reserve spent, as its cost, and its token-limit
+/// reservations charged: one that reached a backend and learnt no tokens, where the provider
+/// may have billed and counted it (an answer without usage, a timeout, an answer Sluice could
+/// not read). One whose backend answered an error status, or could not be reached, was billed
+/// nothing: its reserve is given back. (A request cut short has its tokens estimated before
+/// this: see `estimate_unreported`.)
 fn keeps_reserve(record: &UsageRecord, kind: ErrorKind) -> bool {
     record.attempts > 0
         && record.prompt_tokens == 0

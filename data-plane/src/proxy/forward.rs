@@ -463,6 +463,7 @@ pub(super) async fn forward_call(
                 return deliver(app, answer, acct, mode, &policy, deadline).await;
             }
             Err(failure) => {
+                acct.attempt_failed(matches!(failure, Failure::Timeout | Failure::Cut { .. }));
                 let retry = failure.retryable(&policy);
                 tracing::info!(
                     backend = %backend.name,

@@ -202,6 +202,10 @@ impl Reservation {
     pub fn cancel(self) {
         self.settle(0);
     }
+
+    /// The provider may have counted the request without saying how much (an answer without
+    /// usage, a timeout, an answer cut after its head): the estimate reserved stays charged.
+    pub fn keep(self) {}
 }
 
 #[cfg(test)]
