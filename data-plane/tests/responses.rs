@@ -511,4 +511,8 @@ async fn an_error_event_ending_a_resumed_stream_takes_the_next_sequence_number()
         .collect();
     assert_eq!(numbers, [10, 11, 12], "{text}");
     assert!(text.contains("stream_interrupted"), "{text}");
+    // A retrieve counts no tokens, even cut short: the create counted them.
+    let records = h.records(2).await;
+    assert_eq!(records[1].completion_tokens, 0, "{:?}", records[1]);
+    assert!(!records[1].tokens_estimated);
 }

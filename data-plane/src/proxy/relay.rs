@@ -69,6 +69,19 @@ pub(super) enum Mode {
     },
 }
 
+impl Mode {
+    /// Whether the stream's tokens are the request's (not a retrieve of a stored response,
+    /// nor a token count): only then does a stream cut short count its output deltas.
+    fn counts_usage(&self) -> bool {
+        match self {
+            Self::Chat { .. } | Self::Translated(_) => true,
+            Self::Responses { count_usage, .. } | Self::Messages { count_usage, .. } => {
+                *count_usage
+            }
+        }
+    }
+}
+
 /// A stream translated between OpenAI's and Anthropic's APIs.
 pub(super) enum Translation {
     /// An Anthropic backend's events as chat completion chunks.
@@ -248,8 +261,10 @@ impl Relay {
         }
         let (parsed, mut chunk) = parse(&mut self.parser, chunk, &mut self.items);
         let mut items = std::mem::take(&mut self.items);
+        let counts_usage = self.mode.counts_usage();
         for item in items.drain(..) {
             if let (Item::Event(event), Some(acct)) = (&item, &mut self.acct)
+                && counts_usage
                 && is_output_delta(event)
             {
                 acct.output_delta();
