@@ -157,6 +157,8 @@ pub struct Reservation {
     pool: Arc<Pool>,
     reserve: i64,
     settled: bool,
+    /// The budget period the pool was in when the request was admitted.
+    period_start_ms: i64,
 }
 
 impl Reservation {
@@ -170,11 +172,19 @@ impl Reservation {
             return;
         }
         let cost = i64::try_from(cost).unwrap_or(i64::MAX);
+        // A request admitted before the period reset settles nothing into the new period's
+        // money: the old period's is void on both sides, and the control plane charges the
+        // request's record to the period it was spent in. (Settled into the new pool, a
+        // reserve given back was money never granted for this period, and a cost above it a
+        // debt of the last.)
+        let same_period = self.pool.period_start_ms.load(Ordering::Acquire) == self.period_start_ms;
         // The request's record is in the usage queue by now, and a hello reads the pools
         // before the records: a request settling meanwhile is counted twice, never missed.
-        self.pool
-            .available
-            .fetch_sub(cost.saturating_sub(self.reserve), Ordering::AcqRel);
+        if same_period {
+            self.pool
+                .available
+                .fetch_sub(cost.saturating_sub(self.reserve), Ordering::AcqRel);
+        }
         self.pool
             .in_flight
             .fetch_sub(self.reserve, Ordering::AcqRel);
@@ -296,6 +306,8 @@ impl Allowances {
             let changed = pool.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            // Read before the take below: see the reservation's.
+            let period_start_ms = pool.period_start_ms.load(Ordering::Acquire);
             if !self.lease_valid() {
                 // Money of a lease that ran out is the control plane's again.
                 let _ = pool
@@ -314,6 +326,10 @@ impl Allowances {
                     pool: Arc::clone(&pool),
                     reserve,
                     settled: false,
+                    // Read before the take: a reset between the two voids the request's
+                    // settlement (the new pool keeps its reserve), never gives the new
+                    // period money it was not granted.
+                    period_start_ms,
                 }));
             }
             let exhausted = pool.exhausted_at.load(Ordering::Acquire);
@@ -341,6 +357,7 @@ impl Allowances {
             }),
             // Reserves nothing; the cost is still settled into the pool (a debt).
             WhenAway::Serve => Ok(Some(Reservation {
+                period_start_ms: pool.period_start_ms.load(Ordering::Acquire),
                 pool,
                 reserve: 0,
                 settled: false,
@@ -612,6 +629,33 @@ mod tests {
             }
         );
         assert!(queued.try_recv().is_err());
+    }
+
+    /// A request admitted before its key's budget period reset settles nothing into the new
+    /// period's pool: its reserve was the old period's money (void), and its cost the
+    /// control plane charges to the old period.
+    #[tokio::test]
+    async fn a_request_admitted_before_a_reset_settles_nothing_into_the_new_period() {
+        let a = allowances(WhenAway::Refuse);
+        a.heard(Some(&grant("k", 1_000, false)), false);
+        let given_back = a.admit("k", 300).await.unwrap().unwrap();
+        let over = a.admit("k", 300).await.unwrap().unwrap();
+        let next_day = |nanos| {
+            let mut update = grant("k", nanos, false);
+            update.allowances[0].period_start_ms = 86_400_000;
+            update
+        };
+        a.heard(Some(&next_day(500)), false);
+        assert_eq!(a.pool("k").unwrap().available(), 500);
+        // Ended with an upstream error (cost 0): its reserve is not the new period's money.
+        given_back.settle(0);
+        assert_eq!(a.pool("k").unwrap().available(), 500);
+        // Cost more than its reserve: no debt for the new period either.
+        over.settle(2_000);
+        assert_eq!(a.pool("k").unwrap().available(), 500);
+        // A request of the new period settles as ever.
+        a.admit("k", 100).await.unwrap().unwrap().settle(150);
+        assert_eq!(a.pool("k").unwrap().available(), 350);
     }
 
     #[tokio::test]
