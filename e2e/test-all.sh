@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check Sluice has: formatting, clippy, and all tests of the workspace
 # (unit, integration, end to end with the real binaries, SDK and proto-contract tests).
-# Installs what the tests need when it is missing: nginx, chromium and sqlite3 (Debian), the Python
+# Installs what the tests need when it is missing: nginx, chromium, sqlite3 and openssl (Debian), the Python
 # OpenAI and Anthropic SDKs, grpcio-tools and kubernetes-validate (PyPI), the Node OpenAI SDK and
 # buf (npm, into e2e/tools/node_modules).
 set -euo pipefail
@@ -15,6 +15,8 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing_apt+=(ngin
 [ -x /usr/bin/chromium ] || missing_apt+=(chromium)
 # The restore test backs the database up as docs/operating.md ("Backups") tells operators to.
 command -v sqlite3 >/dev/null 2>&1 || missing_apt+=(sqlite3)
+# The TLS test makes its CA and certificate with it.
+command -v openssl >/dev/null 2>&1 || missing_apt+=(openssl)
 if [ ${#missing_apt[@]} -gt 0 ]; then
   log "installing ${missing_apt[*]} (apt)"
   apt-get update -qq

@@ -158,13 +158,20 @@ fn channel(url: &str, ca_pem: Option<&[u8]>) -> Result<Channel, ControlError> {
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
     if url.starts_with("https://") {
-        let mut tls = ClientTlsConfig::new();
-        if let Some(pem) = ca_pem {
-            tls = tls.ca_certificate(Certificate::from_pem(pem));
-        }
+        // Without a CA of its own, the system's roots (tonic trusts none by default).
+        let tls = match ca_pem {
+            Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
         endpoint = endpoint
             .tls_config(tls)
             .map_err(|e| ControlError::Tls(e.to_string()))?;
+    } else if ca_pem.is_some() {
+        // A CA given for a plain http:// URL would be read and ignored: the token and the
+        // snapshots (decrypted provider keys) would go out in clear.
+        return Err(ControlError::Tls(
+            "--control-plane-ca needs an https:// control plane URL".to_owned(),
+        ));
     }
     Ok(endpoint.connect_lazy())
 }

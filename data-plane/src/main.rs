@@ -1,42 +1,67 @@
 //! `sluice-proxy`: parse the configuration, set up logging, run until SIGTERM or SIGINT.
 
+use std::process::ExitCode;
+
 use sluice_proxy::Config;
 
 /// One thread is enough here: it accepts connections and talks to the control plane; requests
 /// are served on threads of their own (`server.rs`).
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let config = Config::load();
-    let _log = sluice_proxy::logging::init(config.log_format, config.log_buffer_lines)?;
-    sluice_proxy::run(config, shutdown_signal()).await?;
-    tracing::info!("stopped");
-    Ok(())
+    let _log = match sluice_proxy::logging::init(config.log_format, config.log_buffer_lines) {
+        Ok(log) => log,
+        Err(err) => return refused(&format!("cannot set up logging: {err}")),
+    };
+    // Before anything else (a spool to replay, the listener to bind): a SIGTERM that comes
+    // while the process starts must stop it cleanly, not be lost (as PID 1 in a container,
+    // a signal without a handler is dropped, and the orchestrator waits for its SIGKILL).
+    let shutdown = match shutdown_signal() {
+        Ok(shutdown) => shutdown,
+        Err(err) => return refused(&format!("cannot listen for signals: {err}")),
+    };
+    match sluice_proxy::run(config, shutdown).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        // Each error's text names its cause already: one readable line.
+        Err(err) => refused(&err.to_string()),
+    }
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
+fn refused(why: &str) -> ExitCode {
+    eprintln!("sluice-proxy: {why}");
+    ExitCode::FAILURE
+}
+
+/// Completes on the first SIGTERM or SIGINT; a second one while the process drains stops it
+/// at once (the usage not yet acked stays in the spool for the next start).
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                tracing::warn!("a second signal: stopping without waiting for the drain");
+                std::process::exit(1);
+            });
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }

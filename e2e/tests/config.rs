@@ -257,3 +257,111 @@ async fn the_example_files_in_deploy_start_the_servers() {
         "the example keeps a usage spool"
     );
 }
+
+/// A CA and a certificate it signed for 127.0.0.1, made with the `openssl` command:
+/// `(ca.pem, server.pem, server.key)` in `dir`.
+fn tls_files(dir: &std::path::Path) -> (String, String, String) {
+    let path = |name: &str| dir.join(name).display().to_string();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("the openssl command (run e2e/test-all.sh)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(path("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=sluice test CA",
+        "-keyout",
+        &path("ca.key"),
+        "-out",
+        &path("ca.pem"),
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &path("server.key"),
+        "-out",
+        &path("server.csr"),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &path("server.csr"),
+        "-CA",
+        &path("ca.pem"),
+        "-CAkey",
+        &path("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &path("san.ext"),
+        "-out",
+        &path("server.pem"),
+    ]);
+    (path("ca.pem"), path("server.pem"), path("server.key"))
+}
+
+/// A control plane serving gRPC over TLS: a data plane reaches it over `https://` with the
+/// CA given (`--control-plane-ca`), or without one when the CA is among the system's roots
+/// (here through `SSL_CERT_FILE`, which the system's root store reads; tonic trusts no root
+/// by default, and the data plane used to connect with none). A CA given for an `http://`
+/// URL would be ignored and the token and snapshots sent in clear: refused at start, one line.
+#[tokio::test]
+async fn a_data_plane_reaches_a_tls_control_plane_with_its_ca_or_the_systems_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_files(dir.path());
+    let cluster = common::Cluster::start_with(&["--tls-cert", &cert, "--tls-key", &key]).await;
+    let https = format!("https://127.0.0.1:{}", cluster.grpc_port);
+    let with_ca = cluster
+        .proxy_via(&https, &["--control-plane-ca", &ca], &[])
+        .await;
+    let system_roots = cluster
+        .proxy_via(&https, &[], &[("SSL_CERT_FILE", ca.as_str())])
+        .await;
+    drop((with_ca, system_roots));
+
+    let mut child = spawn(
+        workspace_bin("sluice-proxy"),
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--control-plane",
+            &format!("http://127.0.0.1:{}", cluster.grpc_port),
+            "--control-plane-ca",
+            &ca,
+        ],
+        [("SLUICE_DATAPLANE_TOKEN", common::DATAPLANE_TOKEN)],
+    )
+    .unwrap();
+    let status = tokio::time::timeout(START, child.wait())
+        .await
+        .expect("refused at start")
+        .unwrap();
+    assert!(!status.success());
+    let output = output_to_the_end(&child).await;
+    assert_eq!(output.len(), 1, "{output:?}");
+    assert!(
+        output[0].contains("--control-plane-ca needs an https:// control plane URL"),
+        "{output:?}"
+    );
+}
