@@ -7,6 +7,14 @@
 //! relay that is still polled ends the stream itself with its error event) on the connection,
 //! whose socket fails every read and write once it passed: hyper then closes the connection
 //! and drops the stream, which closes the upstream connection and records the request.
+//!
+//! On HTTP/2 a connection carries several streams, and hyper stops polling one whose client
+//! grants it no flow-control window while the others go on: so the connection fails at the
+//! *earliest* deadline among the streams it carries. A stream whose relay is polled ends
+//! before its deadline and its grace pass, and lets go of its hold; only a stream the client
+//! holds still (or that could not send its end) cuts the connection, the client's others with
+//! it. (The latest deadline let a client keep a stalled stream, and the upstream connection
+//! and the limits it holds, for as long as it opened another stream now and then.)
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,27 +29,29 @@ use tokio::time::{Instant, Sleep, sleep_until};
 /// Past the stream's own deadline, before the connection is failed.
 pub const GRACE: Duration = Duration::from_secs(1);
 
-/// The latest deadline of the streams a client connection carries (HTTP/2 may carry
-/// several; each is cut when the last one's passes).
+/// The earliest deadline of the streams a client connection carries (HTTP/2 may carry
+/// several: see the module's docs).
 #[derive(Debug, Default, Clone)]
 pub struct ConnectionDeadline(Arc<Shared>);
 
 #[derive(Debug, Default)]
 struct Shared {
-    /// Set on every change, so the socket looks at `state` only then.
+    /// Set on every change, so the socket looks at `held` only then.
     changed: AtomicBool,
-    /// Streams holding a deadline, and the latest of them.
-    state: Mutex<(usize, Option<Instant>)>,
+    /// The deadline each stream holds (one on HTTP/1; a few on HTTP/2).
+    held: Mutex<Vec<Instant>>,
 }
 
 impl ConnectionDeadline {
     /// Holds `at` on the connection until the returned guard drops.
     pub fn hold(&self, at: Instant) -> Held {
-        let mut state = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.0 += 1;
-        state.1 = Some(state.1.map_or(at, |t| t.max(at)));
+        self.0
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(at);
         self.0.changed.store(true, Ordering::Release);
-        Held(self.clone())
+        Held(self.clone(), at)
     }
 
     /// The socket's side: `true` once the deadline held passed (registering a wake-up for it
@@ -65,10 +75,12 @@ impl ConnectionDeadline {
         if self.0.changed.load(Ordering::Relaxed) && self.0.changed.swap(false, Ordering::Acquire) {
             let at = self
                 .0
-                .state
+                .held
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .1;
+                .iter()
+                .min()
+                .copied();
             match (at, timer.as_mut()) {
                 (None, _) => *timer = None,
                 (Some(at), Some(alarm)) => alarm.reset(at),
@@ -124,17 +136,16 @@ impl Alarm {
     }
 }
 
-/// A stream's hold on its connection's deadline.
+/// A stream's hold on its connection's deadline: the connection and the deadline it holds.
 #[derive(Debug)]
-pub struct Held(ConnectionDeadline);
+pub struct Held(ConnectionDeadline, Instant);
 
 impl Drop for Held {
     fn drop(&mut self) {
         let shared = &self.0.0;
-        let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.0 = state.0.saturating_sub(1);
-        if state.0 == 0 {
-            state.1 = None;
+        let mut held = shared.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = held.iter().position(|&at| at == self.1) {
+            held.swap_remove(at);
         }
         shared.changed.store(true, Ordering::Release);
     }
@@ -180,8 +191,11 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Holding<B> {
 mod tests {
     use super::*;
 
+    /// The connection fails at the earliest deadline still held: a stream let go of (its
+    /// relay ended it in time) no longer counts, and one a client holds still cuts the
+    /// connection at its own deadline, however many later streams it opens beside it.
     #[tokio::test(start_paused = true)]
-    async fn expires_at_the_latest_deadline_held_and_not_once_released() {
+    async fn expires_at_the_earliest_deadline_held_and_not_once_released() {
         let deadline = ConnectionDeadline::default();
         let mut timer = None;
         let expired = |timer: &mut Option<Alarm>| {
@@ -190,15 +204,19 @@ mod tests {
         };
         assert!(!expired(&mut timer), "nothing held");
         let now = Instant::now();
-        let first = deadline.hold(now + Duration::from_secs(1));
-        let second = deadline.hold(now + Duration::from_secs(3));
+        let ended_in_time = deadline.hold(now + Duration::from_secs(1));
+        let stalled = deadline.hold(now + Duration::from_secs(3));
         assert!(!expired(&mut timer));
+        drop(ended_in_time);
         tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!expired(&mut timer), "the one released no longer counts");
+        // A later stream beside the stalled one does not put its deadline off.
+        let later = deadline.hold(now + Duration::from_secs(30));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(expired(&mut timer), "cut at the stalled stream's deadline");
+        drop(stalled);
         assert!(!expired(&mut timer), "the later one still runs");
-        drop(first);
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(expired(&mut timer));
-        drop(second);
+        drop(later);
         assert!(!expired(&mut timer), "released");
     }
 }
