@@ -95,3 +95,103 @@ fn the_nginx_config_is_accepted_by_nginx() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// The data planes' healthcheck in `deploy/compose.yaml` (the `x-dataplane` anchor), as a
+/// JSON array: Docker's `test` value.
+fn compose_healthcheck() -> Vec<String> {
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; \
+             print(json.dumps(yaml.safe_load(open(sys.argv[1]))['x-dataplane']['healthcheck']['test']))",
+        ])
+        .arg(deploy_dir().join("compose.yaml"))
+        .output()
+        .expect("python3 with PyYAML (kubernetes-validate depends on it)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Answers every connection with `status` once it has read a request head.
+fn answer_with(status: &'static str) -> u16 {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+        }
+    });
+    port
+}
+
+/// Runs the healthcheck as Docker does in the image (Debian's `/bin/sh` is dash, whatever
+/// this machine's is), aimed at `port` instead of the data plane's 8080.
+fn run_healthcheck(test: &[String], port: u16) -> std::process::ExitStatus {
+    let retarget = |s: &String| s.replace("127.0.0.1/8080", &format!("127.0.0.1/{port}"));
+    let mut command = match test.first().map(String::as_str) {
+        Some("CMD-SHELL") => {
+            let mut c = Command::new("dash");
+            c.arg("-c").arg(retarget(&test[1]));
+            c
+        }
+        Some("CMD") => {
+            let mut c = Command::new(&test[1]);
+            c.args(test[2..].iter().map(retarget));
+            c
+        }
+        other => panic!("a healthcheck test of an unknown form: {other:?}"),
+    };
+    let mut child = command.spawn().unwrap();
+    // Docker's `timeout: 2s`.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return child.wait().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A data plane that answers 200 on `/readyz` passes the compose healthcheck, and one that
+/// answers 503 (no snapshot yet) or nothing fails it. Under `CMD-SHELL` the check ran in
+/// dash, which has no `/dev/tcp`: it never passed, and the containers stayed unhealthy.
+#[test]
+fn the_compose_healthcheck_passes_a_ready_data_plane_only() {
+    let test = compose_healthcheck();
+    let joined = test.join(" ");
+    assert!(
+        joined.contains("127.0.0.1/8080") && joined.contains("/readyz"),
+        "the check asks the data plane's port for /readyz: {test:?}"
+    );
+    let compose = std::fs::read_to_string(deploy_dir().join("compose.yaml")).unwrap();
+    assert!(
+        compose.contains("SLUICE_LISTEN: 0.0.0.0:8080"),
+        "the data planes listen on the port the check asks"
+    );
+    let ready = answer_with("200 OK");
+    assert!(run_healthcheck(&test, ready).success(), "{test:?}");
+    let not_ready = answer_with("503 Service Unavailable");
+    assert!(!run_healthcheck(&test, not_ready).success());
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = nobody.local_addr().unwrap().port();
+    drop(nobody);
+    assert!(!run_healthcheck(&test, closed).success());
+}
