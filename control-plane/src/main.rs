@@ -144,9 +144,20 @@ fn secret_sources(args: &Args) -> SecretSources {
 
 #[tokio::main]
 async fn main() {
-    let args: Args = sluice_config::parse_from(Args::command(), "config", std::env::args_os())
+    let sluice_config::Parsed {
+        options: args,
+        overridden,
+    } = sluice_config::parse_from::<Args, _, _>(Args::command(), "config", std::env::args_os())
         .unwrap_or_else(|e| e.exit());
     init_logging(args.log_format);
+    for o in overridden {
+        tracing::warn!(
+            file = %o.file.display(),
+            key = %o.key,
+            variable = %o.variable,
+            "a key of the configuration file is ignored: its environment variable is set and wins"
+        );
+    }
     let result = match &args.command {
         None => run(&args).await,
         Some(Command::RotateMasterKey {

@@ -244,8 +244,9 @@ impl Config {
     }
 
     /// Parses the command line, the environment and the --config file, or prints why not
-    /// (or the help) and exits.
-    pub fn load() -> Self {
+    /// (or the help) and exits. With the options come the file keys the environment
+    /// overrode, for `main` to log once logging is up.
+    pub fn load() -> sluice_config::Parsed<Self> {
         use clap::CommandFactory;
         sluice_config::parse_from(Self::command(), "config", std::env::args_os())
             .unwrap_or_else(|e| e.exit())

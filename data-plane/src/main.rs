@@ -8,11 +8,22 @@ use sluice_proxy::Config;
 /// are served on threads of their own (`server.rs`).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let config = Config::load();
+    let sluice_config::Parsed {
+        options: config,
+        overridden,
+    } = Config::load();
     let _log = match sluice_proxy::logging::init(config.log_format, config.log_buffer_lines) {
         Ok(log) => log,
         Err(err) => return refused(&format!("cannot set up logging: {err}")),
     };
+    for o in overridden {
+        tracing::warn!(
+            file = %o.file.display(),
+            key = %o.key,
+            variable = %o.variable,
+            "a key of the configuration file is ignored: its environment variable is set and wins"
+        );
+    }
     // Before anything else (a spool to replay, the listener to bind): a SIGTERM that comes
     // while the process starts must stop it cleanly, not be lost (as PID 1 in a container,
     // a signal without a handler is dropped, and the orchestrator waits for its SIGKILL).

@@ -365,3 +365,85 @@ async fn a_data_plane_reaches_a_tls_control_plane_with_its_ca_or_the_systems_roo
         "{output:?}"
     );
 }
+
+/// A file key that its environment variable overrides is not applied, as documented, and
+/// each server says so once it logs, naming the file's key and the variable: a `data_dir` in
+/// the file lost to a `SLUICE_DATA_DIR` set elsewhere (the Docker image set one) put the
+/// database where nobody looked, without a word.
+#[tokio::test]
+async fn a_file_key_the_environment_overrides_is_logged_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file_data, env_data) = (dir.path().join("file-data"), dir.path().join("env-data"));
+    let file = dir.path().join("sluice-control.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "data_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n",
+            file_data.display()
+        ),
+    )
+    .unwrap();
+    let mut child = spawn(
+        workspace_bin("sluice-control"),
+        ["--config", file.to_str().unwrap()],
+        [
+            ("SLUICE_ADMIN_TOKEN", "a".repeat(32)),
+            ("SLUICE_DATAPLANE_TOKEN", "d".repeat(32)),
+            ("SLUICE_DATA_DIR", env_data.display().to_string()),
+        ],
+    )
+    .unwrap();
+    child.wait_for_listening("http", START).await.unwrap();
+    assert!(env_data.join("sluice.db").exists(), "the environment wins");
+    assert!(!file_data.exists());
+    child.terminate().await.unwrap();
+    assert!(child.wait().await.unwrap().success());
+    let output = output_to_the_end(&child).await;
+    let notices: Vec<&String> = output.iter().filter(|l| l.contains("is ignored")).collect();
+    assert_eq!(
+        notices.len(),
+        1,
+        "one notice, for data_dir only: {output:?}"
+    );
+    for part in ["data_dir", "SLUICE_DATA_DIR", "sluice-control.toml"] {
+        assert!(notices[0].contains(part), "{part} in {notices:?}");
+    }
+
+    // The data plane alike, for its listen address.
+    let file = dir.path().join("sluice-proxy.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "control_plane = \"http://127.0.0.1:{}\"\nlisten = \"127.0.0.1:{}\"\n",
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut child = spawn(
+        workspace_bin("sluice-proxy"),
+        ["--config", file.to_str().unwrap()],
+        [
+            ("SLUICE_DATAPLANE_TOKEN", "d".repeat(32)),
+            ("SLUICE_LISTEN", format!("127.0.0.1:{port}")),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        child
+            .wait_for_listening("http", START)
+            .await
+            .unwrap()
+            .port(),
+        port
+    );
+    child.terminate().await.unwrap();
+    child.wait().await.unwrap();
+    let output = output_to_the_end(&child).await;
+    let notices: Vec<&String> = output.iter().filter(|l| l.contains("is ignored")).collect();
+    assert_eq!(notices.len(), 1, "one notice, for listen only: {output:?}");
+    for part in ["listen", "SLUICE_LISTEN", "sluice-proxy.toml"] {
+        assert!(notices[0].contains(part), "{part} in {notices:?}");
+    }
+}

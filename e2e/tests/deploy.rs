@@ -195,3 +195,90 @@ fn the_compose_healthcheck_passes_a_ready_data_plane_only() {
     drop(nobody);
     assert!(!run_healthcheck(&test, closed).success());
 }
+
+/// The variables `ENV` sets in a Dockerfile (both `ENV A=1 B=2` and `ENV A 1`).
+fn dockerfile_env(text: &str) -> Vec<String> {
+    text.replace("\\\n", " ")
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            l.get(..4)
+                .filter(|k| k.eq_ignore_ascii_case("ENV "))
+                .map(|_| &l[4..])
+        })
+        .flat_map(|rest| -> Vec<String> {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            if words.first().is_some_and(|w| w.contains('=')) {
+                words
+                    .iter()
+                    .filter_map(|w| w.split_once('=').map(|(name, _)| name.to_owned()))
+                    .collect()
+            } else {
+                words.first().map(|w| (*w).to_owned()).into_iter().collect()
+            }
+        })
+        .collect()
+}
+
+/// For each long option of `bin`, its environment variable, from `--help`.
+fn env_of_options(bin: &str) -> std::collections::HashMap<String, String> {
+    let output = Command::new(sluice_e2e::process::workspace_bin(bin))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let mut map = std::collections::HashMap::new();
+    let mut option = None;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let line = line.trim();
+        if let Some(rest) = line.split("--").nth(1).filter(|_| line.starts_with('-')) {
+            option = rest.split([' ', '=', '<']).next().map(str::to_owned);
+        } else if let Some(rest) = line.strip_prefix("[env: ")
+            && let (Some(option), Some((name, _))) = (&option, rest.split_once('='))
+        {
+            map.insert(option.clone(), name.to_owned());
+        }
+    }
+    map
+}
+
+/// The image sets no variable that stands for a key of the example configuration files: the
+/// environment beats the file, so `ENV SLUICE_DATA_DIR` in the image made a mounted file's
+/// `data_dir` ignored, and the database went into the container's own layer, lost when it
+/// was recreated. compose.yaml and the Kubernetes manifests set what they need themselves.
+#[test]
+fn the_image_sets_no_variable_that_overrides_the_example_files() {
+    let image_env =
+        dockerfile_env(&std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap());
+    for (bin, file) in [
+        ("sluice-control", "sluice-control.toml"),
+        ("sluice-proxy", "sluice-proxy.toml"),
+    ] {
+        let env = env_of_options(bin);
+        assert_eq!(
+            env.get("data-dir").map(String::as_str),
+            Some(match bin {
+                "sluice-control" => "SLUICE_DATA_DIR",
+                _ => "SLUICE_PROXY_DATA_DIR",
+            }),
+            "{bin} --help names its variables: {env:?}"
+        );
+        let table: toml::Table = std::fs::read_to_string(deploy_dir().join(file))
+            .unwrap()
+            .parse()
+            .unwrap();
+        for key in table.keys() {
+            let variable = env
+                .get(&key.replace('_', "-"))
+                .unwrap_or_else(|| panic!("{file}: `{key}` has no variable"));
+            assert!(
+                !image_env.contains(variable),
+                "the Dockerfile sets {variable}, which overrides `{key}` in {file}"
+            );
+        }
+    }
+    // The check itself finds what the image used to set.
+    assert_eq!(
+        dockerfile_env("FROM x\nENV SLUICE_DATA_DIR=/var/lib/sluice/data A=1\nENV B 2\n"),
+        ["SLUICE_DATA_DIR", "A", "B"]
+    );
+}

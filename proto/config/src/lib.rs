@@ -5,7 +5,9 @@
 //! variables, a TOML file named by `--config` (or `SLUICE_CONFIG`), then built-in defaults.
 //! The file's keys are the long option names, in `snake_case` or `kebab-case`
 //! (`grpc_listen = "0.0.0.0:50051"`); values go through the same parsers as the command
-//! line, so they are checked the same way. An unknown key is an error that names it.
+//! line, so they are checked the same way. An unknown key is an error that names it. A
+//! file key whose environment variable is set is not applied, and [`Parsed::overridden`]
+//! names it, for the server to log once its logging is up.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -41,9 +43,49 @@ impl ConfigError {
     }
 }
 
+/// A key of the configuration file that was not applied because its environment variable is
+/// set. The variable wins, as documented, but silently that surprises: a `data_dir` in the
+/// file lost to a `SLUICE_DATA_DIR` a container image sets put the database where nobody
+/// looked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overridden {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// The key as the file spells it.
+    pub key: String,
+    /// The environment variable whose value was used instead.
+    pub variable: String,
+}
+
+impl std::fmt::Display for Overridden {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: `{}` is ignored: the environment variable {} is set and wins",
+            self.file.display(),
+            self.key,
+            self.variable
+        )
+    }
+}
+
+/// The parsed options, and what of the file the environment overrode.
+#[derive(Debug)]
+pub struct Parsed<T> {
+    pub options: T,
+    /// File keys not applied because their environment variable is set (a key the command
+    /// line sets is not listed: that is plain to see). The caller logs them: parsing comes
+    /// before logging is set up.
+    pub overridden: Vec<Overridden>,
+}
+
 /// Parses `T` from `args` (the first is the program name), the environment, and the TOML
 /// file named by the argument with id `config_arg`, if given.
-pub fn parse_from<T, I, S>(command: Command, config_arg: &str, args: I) -> Result<T, ConfigError>
+pub fn parse_from<T, I, S>(
+    command: Command,
+    config_arg: &str,
+    args: I,
+) -> Result<Parsed<T>, ConfigError>
 where
     T: FromArgMatches,
     I: IntoIterator<Item = S>,
@@ -52,9 +94,12 @@ where
     let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
     let matches = command.clone().try_get_matches_from(&args)?;
     let Some(path) = matches.get_one::<PathBuf>(config_arg).cloned() else {
-        return Ok(T::from_arg_matches(&matches)?);
+        return Ok(Parsed {
+            options: T::from_arg_matches(&matches)?,
+            overridden: Vec::new(),
+        });
     };
-    let extra = file_args(&command, &matches, &path, config_arg)?;
+    let (extra, overridden) = file_args(&command, &matches, &path, config_arg)?;
     // Inserted right after the program name: before any subcommand, and only for
     // options that neither the command line nor the environment set.
     let mut merged = Vec::with_capacity(args.len() + extra.len());
@@ -62,16 +107,20 @@ where
     merged.extend(extra);
     merged.extend(args.into_iter().skip(1));
     let matches = command.try_get_matches_from(merged)?;
-    Ok(T::from_arg_matches(&matches)?)
+    Ok(Parsed {
+        options: T::from_arg_matches(&matches)?,
+        overridden,
+    })
 }
 
-/// The command-line arguments that stand for the file's settings.
+/// The command-line arguments that stand for the file's settings, and the file keys the
+/// environment overrides.
 fn file_args(
     command: &Command,
     matches: &ArgMatches,
     path: &Path,
     config_arg: &str,
-) -> Result<Vec<OsString>, ConfigError> {
+) -> Result<(Vec<OsString>, Vec<Overridden>), ConfigError> {
     let invalid = |message: String| ConfigError::Invalid {
         path: path.to_owned(),
         message,
@@ -84,6 +133,7 @@ fn file_args(
         .parse()
         .map_err(|e: toml::de::Error| invalid(e.message().to_owned()))?;
     let mut out = Vec::new();
+    let mut overridden = Vec::new();
     for (key, value) in table {
         let id = key.replace('-', "_");
         let arg = command
@@ -91,11 +141,20 @@ fn file_args(
             .find(|a| a.get_id().as_str() == id && a.get_long().is_some())
             .filter(|_| id != config_arg && id != "help" && id != "version")
             .ok_or_else(|| invalid(format!("unknown key `{key}`")))?;
-        if matches!(
-            matches.value_source(&id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        ) {
-            continue;
+        match matches.value_source(&id) {
+            Some(ValueSource::CommandLine) => continue,
+            Some(ValueSource::EnvVariable) => {
+                overridden.push(Overridden {
+                    file: path.to_owned(),
+                    variable: arg
+                        .get_env()
+                        .map(|v| v.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    key,
+                });
+                continue;
+            }
+            _ => {}
         }
         let flag = format!("--{}", arg.get_long().unwrap_or_default());
         match (arg.get_action(), &value) {
@@ -116,7 +175,7 @@ fn file_args(
             }
         }
     }
-    Ok(out)
+    Ok((out, overridden))
 }
 
 fn scalar(key: &str, value: &toml::Value) -> Result<String, String> {
@@ -150,11 +209,13 @@ mod tests {
     }
 
     fn parse(args: &[&str]) -> Result<Opts, ConfigError> {
-        parse_from(
+        let parsed = parse_from(
             Opts::command(),
             "config",
             std::iter::once("t").chain(args.iter().copied()),
-        )
+        )?;
+        assert!(parsed.overridden.is_empty(), "{:?}", parsed.overridden);
+        Ok(parsed.options)
     }
 
     fn file(text: &str) -> tempfile::NamedTempFile {
