@@ -5,6 +5,8 @@
 #   - N sluice-proxy data planes; with N > 1, nginx in front of them,
 # then prints a client key and a curl that works. Ctrl-C (or SIGTERM) stops everything: nginx,
 # then the data planes (their usage reported to the control plane, still up), then the rest.
+# Each runs in a session of its own (setsid), so that a Ctrl-C reaches only this script, which
+# stops them in that order.
 #
 #   deploy/local/run.sh                    # 1 data plane on http://127.0.0.1:8080
 #   deploy/local/run.sh --replicas 3       # 3 data planes behind nginx on :8080
@@ -50,7 +52,7 @@ while [ $# -gt 0 ]; do
     --no-spool) SPOOL=0; shift ;;
     --no-build) BUILD=0; shift ;;
     --bin-dir) BIN=$2; shift 2 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -69,6 +71,13 @@ chmod 755 "$RUN_DIR"
 pids=()
 proxy_pids=()
 NGINX_PID=""
+# Every server starts as `$SETSID server … &`: setsid (util-linux) gives it a session and
+# process group of its own, so a terminal's Ctrl-C, sent to this script's whole process
+# group, does not stop them all at once (the control plane with the data planes, which then
+# each wait --usage-flush-timeout for acks that cannot come) but only through cleanup below.
+# setsid execs in place (a background child leads no group), so $! is the server's pid.
+SETSID=$(command -v setsid || true)
+[ -n "$SETSID" ] || echo "run.sh: no setsid (util-linux): Ctrl-C will stop the servers all at once; stop with kill $$ instead" >&2
 # SIGTERM to each of the given processes, then waits for them all.
 stop() {
   local pid
@@ -80,14 +89,18 @@ stop() {
 # in their spools (stopped together, each waited --usage-flush-timeout, 10 s, for acks that
 # could not come); then the rest.
 cleanup() {
-  trap - EXIT INT TERM
+  # A second Ctrl-C while stopping is ignored: it would end this script and leave the servers,
+  # in sessions of their own, running. The stop is bounded by the data planes' drain and
+  # usage-flush timeouts.
+  trap - EXIT
+  trap '' INT TERM HUP
   [ -z "$NGINX_PID" ] || stop "$NGINX_PID"
   stop "${proxy_pids[@]}"
   stop "${pids[@]}"
   rm -f "$RUN_DIR/cluster.env"
 }
 trap cleanup EXIT
-trap 'exit 0' INT TERM
+trap 'exit 0' INT TERM HUP
 
 wait_http() { # url
   for _ in $(seq 1 300); do
@@ -98,7 +111,7 @@ wait_http() { # url
   exit 1
 }
 
-"$BIN/sluice-control" --data-dir "$DATA_DIR" \
+$SETSID "$BIN/sluice-control" --data-dir "$DATA_DIR" \
   --grpc-listen "127.0.0.1:$GRPC_PORT" --http-listen "127.0.0.1:$HTTP_PORT" \
   2>"$RUN_DIR/control.log" &
 pids+=($!)
@@ -112,7 +125,7 @@ DATAPLANE_TOKEN=${SLUICE_DATAPLANE_TOKEN:-$(cat "$DATA_DIR/dataplane-token")}
 CLIENT_KEY=""
 MOCK_PID=""
 if [ "$DEMO" = 1 ]; then
-  "$BIN/sluice-mock" --listen "127.0.0.1:$MOCK_PORT" --name demo-mock \
+  $SETSID "$BIN/sluice-mock" --listen "127.0.0.1:$MOCK_PORT" --name demo-mock \
     --model gpt-4o-mini,text-embedding-3-small,gpt-3.5-turbo-instruct \
     --chunk-interval 20ms 2>"$RUN_DIR/mock.log" &
   pids+=($!)
@@ -134,7 +147,7 @@ for i in $(seq 1 "$REPLICAS"); do
   if [ "$REPLICAS" = 1 ]; then p=$PORT; else p=$((PORT + 10 + i)); fi
   spool=(--data-dir "$DATA_DIR/proxy-$i")
   [ "$SPOOL" = 1 ] || spool=()
-  SLUICE_DATAPLANE_TOKEN=$DATAPLANE_TOKEN "$BIN/sluice-proxy" \
+  SLUICE_DATAPLANE_TOKEN=$DATAPLANE_TOKEN $SETSID "$BIN/sluice-proxy" \
     --control-plane "$SLUICE_ENDPOINT" --listen "127.0.0.1:$p" --node-id "local-$i" \
     "${spool[@]}" 2>"$RUN_DIR/proxy-$i.log" &
   pids+=($!)
@@ -189,7 +202,7 @@ $servers        keepalive 256;
     }
 }
 CONF
-  "$NGINX" -p "$NGINX_DIR" -c "$NGINX_DIR/nginx.conf" -g 'daemon off;' 2>"$NGINX_DIR/logs/stderr.log" &
+  $SETSID "$NGINX" -p "$NGINX_DIR" -c "$NGINX_DIR/nginx.conf" -g 'daemon off;' 2>"$NGINX_DIR/logs/stderr.log" &
   pids+=($!)
   NGINX_PID=$!
   wait_http "http://127.0.0.1:$PORT/readyz"

@@ -48,14 +48,38 @@ where
     K: AsRef<OsStr>,
     V: AsRef<OsStr>,
 {
-    let bin = bin.as_ref();
+    let mut command = tokio::process::Command::new(bin.as_ref());
+    command.args(args).envs(envs);
+    spawn_command(bin.as_ref(), command)
+}
+
+/// [`spawn`], with the child leading a process group of its own (its id is the group's), as
+/// a shell starts a job: a signal sent to the group, as a terminal's Ctrl-C sends SIGINT,
+/// reaches it and whatever it started in its group, and not the test.
+#[cfg(unix)]
+pub fn spawn_group_leader<I, S, E, K, V>(
+    bin: impl AsRef<Path>,
+    args: I,
+    envs: E,
+) -> Result<Child, ProcessError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+    E: IntoIterator<Item = (K, V)>,
+    K: AsRef<OsStr>,
+    V: AsRef<OsStr>,
+{
+    let mut command = tokio::process::Command::new(bin.as_ref());
+    command.args(args).envs(envs).process_group(0);
+    spawn_command(bin.as_ref(), command)
+}
+
+fn spawn_command(bin: &Path, mut command: tokio::process::Command) -> Result<Child, ProcessError> {
     let name = bin
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "child".to_owned());
-    let mut child = tokio::process::Command::new(bin)
-        .args(args)
-        .envs(envs)
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -551,3 +551,45 @@ async fn stopping_the_local_gateway_reports_the_replicas_last_usage_first() {
         .unwrap();
     assert_eq!(counted, 20);
 }
+
+/// Ctrl-C in the terminal sends SIGINT to the script's whole process group (here three data
+/// planes behind nginx). Everything the script started shared its group, so the control
+/// plane stopped at once with the data planes, which then each waited --usage-flush-timeout
+/// (10 s) for an ack that could not come and left their last usage in their spools. The
+/// script starts each in a session of its own: only its trap stops them, in its order, as
+/// for SIGTERM above.
+#[tokio::test]
+async fn ctrl_c_in_the_terminal_stops_the_local_gateway_in_its_order() {
+    let mut run = LocalRun::start_as_a_job(3).await;
+    let mock = Mock::start("a", &["m"]).await;
+    run.add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let (_, key) = run.create_key("k", &[]).await;
+    run.wait_replicas_current(3).await;
+    let replica = run.replica(0);
+    for _ in 0..20 {
+        assert_eq!(replica.chat(&key, "m").await.status(), 200);
+    }
+
+    let started = std::time::Instant::now();
+    run.interrupt_group();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "the gateway took {took:?} to stop"
+    );
+    for i in 0..3 {
+        let spooled = segment_files(&run.replica_data_dir(i));
+        assert!(
+            spooled.is_empty(),
+            "left in replica {i}'s spool: {spooled:?}"
+        );
+    }
+    let db = rusqlite::Connection::open(run.dir.path().join("data/sluice.db")).unwrap();
+    let counted: i64 = db
+        .query_row("SELECT SUM(request_count) FROM usage_hourly", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert_eq!(counted, 20);
+}

@@ -628,6 +628,16 @@ impl LocalRun {
     /// [`LocalRun::start`] with environment variables every process it starts inherits
     /// (e.g. a data plane's `SLUICE_BUDGET_WHEN_AWAY`).
     pub async fn start_with_env(replicas: usize, env: &[(&str, &str)]) -> Self {
+        Self::start_inner(replicas, env, false).await
+    }
+
+    /// [`LocalRun::start`] as a shell in a terminal runs the script: as a job, the leader of
+    /// a process group of its own, so that [`LocalRun::interrupt_group`] can press Ctrl-C.
+    pub async fn start_as_a_job(replicas: usize) -> Self {
+        Self::start_inner(replicas, &[], true).await
+    }
+
+    async fn start_inner(replicas: usize, env: &[(&str, &str)], job: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
@@ -661,7 +671,11 @@ impl LocalRun {
             ("RUST_LOG", "info"),
         ];
         envs.extend_from_slice(env);
-        let script = spawn("bash", args, envs).unwrap();
+        let script = if job {
+            sluice_e2e::process::spawn_group_leader("bash", args, envs).unwrap()
+        } else {
+            spawn("bash", args, envs).unwrap()
+        };
         script
             .wait_for_line("Sluice is running", Duration::from_secs(60), |l| {
                 l.contains("Sluice is running").then_some(())
@@ -827,6 +841,24 @@ impl LocalRun {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
+        self.wait_stopped(pid);
+    }
+
+    /// Ctrl-C in the terminal: SIGINT to the script's whole process group (started with
+    /// [`LocalRun::start_as_a_job`]), then waits, up to 20 s, as [`LocalRun::stop`] does.
+    pub fn interrupt_group(&mut self) {
+        let Some(pid) = self.script.id() else {
+            return;
+        };
+        let status = std::process::Command::new("kill")
+            .args(["-INT", "--", &format!("-{pid}")])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -INT -- -{pid}");
+        self.wait_stopped(pid);
+    }
+
+    fn wait_stopped(&self, pid: u32) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !exited(pid) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
