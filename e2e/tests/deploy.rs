@@ -96,16 +96,15 @@ fn the_nginx_config_is_accepted_by_nginx() {
     );
 }
 
-/// The data planes' healthcheck in `deploy/compose.yaml` (the `x-dataplane` anchor), as a
-/// JSON array: Docker's `test` value.
-fn compose_healthcheck() -> Vec<String> {
+/// The documents of a YAML file under `deploy/`, as JSON.
+fn yaml_documents(file: &str) -> Vec<serde_json::Value> {
     let output = Command::new("python3")
         .args([
             "-c",
             "import json, sys, yaml; \
-             print(json.dumps(yaml.safe_load(open(sys.argv[1]))['x-dataplane']['healthcheck']['test']))",
+             print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
         ])
-        .arg(deploy_dir().join("compose.yaml"))
+        .arg(deploy_dir().join(file))
         .output()
         .expect("python3 with PyYAML (kubernetes-validate depends on it)");
     assert!(
@@ -114,6 +113,15 @@ fn compose_healthcheck() -> Vec<String> {
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The data planes' healthcheck in `deploy/compose.yaml` (the `x-dataplane` anchor): Docker's
+/// `test` value.
+fn compose_healthcheck() -> Vec<String> {
+    serde_json::from_value(
+        yaml_documents("compose.yaml")[0]["x-dataplane"]["healthcheck"]["test"].clone(),
+    )
+    .unwrap()
 }
 
 /// Answers every connection with `status` once it has read a request head.
@@ -280,5 +288,67 @@ fn the_image_sets_no_variable_that_overrides_the_example_files() {
     assert_eq!(
         dockerfile_env("FROM x\nENV SLUICE_DATA_DIR=/var/lib/sluice/data A=1\nENV B 2\n"),
         ["SLUICE_DATA_DIR", "A", "B"]
+    );
+}
+
+/// Seconds in a duration such as `30s` or `45`.
+fn seconds(value: &serde_json::Value) -> u64 {
+    value
+        .as_u64()
+        .or_else(|| value.as_str()?.trim_end_matches('s').parse().ok())
+        .unwrap_or_else(|| panic!("not a number of seconds: {value}"))
+}
+
+/// The longest a data plane takes to stop after SIGTERM with the given drain timeout: the
+/// drain, its serving threads' runtimes' 1 s, the stream relays' 5 s (`RELAY_WAIT`), then
+/// the default --usage-flush-timeout, 10 s (data-plane/src/server.rs).
+fn data_plane_stop(drain: u64) -> u64 {
+    drain + 1 + 5 + 10
+}
+
+/// The grace periods the deployments give a data plane cover the whole of its stop, so that
+/// it is not SIGKILLed while it still reports its last usage. The Kubernetes one counts from
+/// the preStop hook, before SIGTERM: 45 s left 40 s of the up to 46 s the stop can take.
+#[test]
+fn the_grace_periods_cover_a_data_planes_whole_stop() {
+    let deployment = yaml_documents("k8s/data-plane.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "Deployment")
+        .unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    let drain = args
+        .iter()
+        .position(|a| *a == "--drain-timeout")
+        .map_or(30, |i| seconds(&serde_json::json!(args[i + 1])));
+    assert!(
+        !args.contains(&"--usage-flush-timeout")
+            && !container["env"].to_string().contains("USAGE_FLUSH_TIMEOUT"),
+        "the manifest sets the flush timeout: count it here"
+    );
+    let pre_stop = seconds(&container["lifecycle"]["preStop"]["sleep"]["seconds"]);
+    let grace = seconds(&pod["terminationGracePeriodSeconds"]);
+    assert!(
+        grace >= pre_stop + data_plane_stop(drain),
+        "Kubernetes: {grace} s of grace for a {pre_stop} s preStop and a stop of up to {} s",
+        data_plane_stop(drain)
+    );
+
+    let compose = &yaml_documents("compose.yaml")[0]["x-dataplane"];
+    assert!(
+        !compose.to_string().contains("DRAIN_TIMEOUT"),
+        "default drain"
+    );
+    let grace = seconds(&compose["stop_grace_period"]);
+    assert!(
+        grace >= data_plane_stop(30),
+        "compose: {grace} s of grace for a stop of up to {} s",
+        data_plane_stop(30)
     );
 }
