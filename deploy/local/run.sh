@@ -181,6 +181,7 @@ http {
     upstream sluice_data_planes {
         least_conn;
 $servers        keepalive 256;
+        keepalive_timeout 20s;
     }
     server {
         listen 127.0.0.1:$PORT;

@@ -352,3 +352,67 @@ fn the_grace_periods_cover_a_data_planes_whole_stop() {
         data_plane_stop(30)
     );
 }
+
+/// The default of `--option` in `bin --help`, in seconds.
+fn default_seconds(bin: &str, option: &str) -> u64 {
+    let output = Command::new(sluice_e2e::process::workspace_bin(bin))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout).into_owned();
+    let after = help
+        .split_once(&format!("--{option} "))
+        .unwrap_or_else(|| panic!("{bin} --help has no --{option}"))
+        .1;
+    let default = after
+        .split_once("[default: ")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .unwrap()
+        .0;
+    humantime::parse_duration(default).unwrap().as_secs()
+}
+
+/// The `keepalive_timeout` of each `upstream` block in `text`, in seconds (None where a block
+/// has none: nginx's default is 60 s).
+fn upstream_keepalive_timeouts(text: &str) -> Vec<Option<u64>> {
+    let mut blocks = Vec::new();
+    let mut lines = text.lines().map(str::trim);
+    while let Some(line) = lines.next() {
+        if !(line.starts_with("upstream ") && line.ends_with('{')) {
+            continue;
+        }
+        let timeout = lines
+            .by_ref()
+            .take_while(|l| *l != "}")
+            .filter_map(|l| l.strip_prefix("keepalive_timeout "))
+            .map(|v| {
+                v.trim_end_matches(';')
+                    .trim_end_matches('s')
+                    .parse()
+                    .unwrap()
+            })
+            .last();
+        blocks.push(timeout);
+    }
+    blocks
+}
+
+/// nginx closes an idle kept-alive connection to a data plane before the data plane does:
+/// the data plane closes one after --header-read-timeout (30 s) without a request, nginx kept
+/// them 60 s by default, and a request nginx sent on a connection just being closed failed
+/// (a 502, as nginx does not resend a POST). Both the compose config and the one run.sh
+/// writes.
+#[test]
+fn nginx_lets_go_of_idle_connections_before_the_data_planes_do() {
+    let sluice = default_seconds("sluice-proxy", "header-read-timeout");
+    for file in ["nginx.conf", "local/run.sh"] {
+        let text = std::fs::read_to_string(deploy_dir().join(file)).unwrap();
+        let timeouts = upstream_keepalive_timeouts(&text);
+        assert_eq!(timeouts.len(), 1, "{file}: one upstream block");
+        let nginx = timeouts[0].unwrap_or(60);
+        assert!(
+            nginx + 5 <= sluice,
+            "{file}: nginx keeps idle connections {nginx} s, the data planes {sluice} s"
+        );
+    }
+}
