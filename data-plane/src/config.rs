@@ -254,9 +254,10 @@ impl Config {
 
     /// The token from the flag or variable if given, else from the named file. A value wins,
     /// as for every secret of both servers, so that the environment overrides a file path
-    /// in the --config file.
+    /// in the --config file. An empty value counts as none (an orchestrator's unset secret
+    /// often arrives as an empty variable), as on the control plane.
     pub fn token(&self) -> std::io::Result<Option<String>> {
-        if let Some(token) = &self.dataplane_token {
+        if let Some(token) = self.dataplane_token.as_ref().filter(|t| !t.0.is_empty()) {
             return Ok(Some(token.0.clone()));
         }
         match &self.dataplane_token_file {
@@ -316,6 +317,12 @@ mod tests {
         let mut config = Config::new("http://127.0.0.1:1", "127.0.0.1:0".parse().unwrap());
         config.dataplane_token_file = Some(dir.clone());
         assert_eq!(config.token().unwrap().as_deref(), Some("from-file"));
+        config.dataplane_token = Some(Secret(String::new()));
+        assert_eq!(
+            config.token().unwrap().as_deref(),
+            Some("from-file"),
+            "an empty variable is none"
+        );
         config.dataplane_token = Some(Secret("from-env".into()));
         assert_eq!(config.token().unwrap().as_deref(), Some("from-env"));
         std::fs::remove_file(dir).unwrap();
