@@ -169,6 +169,31 @@ impl Running {
     }
 }
 
+/// Makes `dir` readable by this user only (0700) when others may read it. A directory this
+/// user may write but not chmod (a Kubernetes volume's root, owned by root and given to the
+/// pod's group through `fsGroup`) is used as it is, with a warning: refusing it left the
+/// control plane crash-looping on a volume it could use. Its secrets are files of mode 0600
+/// either way.
+#[cfg(unix)]
+fn private_to_this_user(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(
+                path = %dir.display(),
+                mode = %format!("{mode:o}"),
+                "the data directory is not this user's to make private (owned by another user, as a volume's root given through a group): used as it is"
+            );
+            Ok(())
+        }
+        result => result,
+    }
+}
+
 /// Opens the data directory and database, binds both listeners and starts serving.
 pub async fn start(config: Config) -> Result<Running, ServeError> {
     let dir_err = |source| ServeError::DataDir {
@@ -177,11 +202,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     };
     std::fs::create_dir_all(&config.data_dir).map_err(dir_err)?;
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(dir_err)?;
-    }
+    private_to_this_user(&config.data_dir).map_err(dir_err)?;
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -447,3 +447,55 @@ async fn a_file_key_the_environment_overrides_is_logged_by_name() {
         assert!(notices[0].contains(part), "{part} in {notices:?}");
     }
 }
+
+/// A data directory the control plane's user may write but not chmod (a Kubernetes volume's
+/// root: owned by root, its group the pod's `fsGroup`, mode 2775) is used as it is, with a
+/// warning; refusing it (the chmod to 0700 failed with EPERM) left the control plane
+/// crash-looping on a volume it could use. It needs root to make such a directory, and runs
+/// the control plane as another user with `setpriv` (util-linux).
+#[tokio::test]
+async fn the_control_plane_uses_a_data_directory_it_may_write_but_not_chmod() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    if std::fs::metadata(dir.path()).unwrap().uid() != 0 {
+        eprintln!("skipped: making a directory another user may write but not chmod needs root");
+        return;
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(0), Some(10001)).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o2775)).unwrap();
+    let bin = workspace_bin("sluice-control");
+    let mut child = spawn(
+        "setpriv",
+        [
+            "--reuid",
+            "10001",
+            "--regid",
+            "10001",
+            "--clear-groups",
+            bin.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+        [
+            ("SLUICE_ADMIN_TOKEN", "a".repeat(32)),
+            ("SLUICE_DATAPLANE_TOKEN", "d".repeat(32)),
+        ],
+    )
+    .unwrap();
+    child.wait_for_listening("grpc", START).await.unwrap();
+    assert!(data.join("sluice.db").exists());
+    assert!(
+        child.output().iter().any(|l| l.contains("used as it is")),
+        "{:?}",
+        child.output()
+    );
+    child.terminate().await.unwrap();
+    assert!(child.wait().await.unwrap().success());
+}
