@@ -38,10 +38,14 @@ fuzz_target!(|data: &[u8]| {
                 });
             assert_eq!(Some(deep(&bytes)), whole, "chat to Messages");
         }
-        if let Some(bytes) = request::messages_to_chat_in_shape(parsed.members(), "up") {
+        if let Some(bytes) =
+            request::messages_to_chat_in_shape(parsed.members(), "up", "max_completion_tokens")
+        {
             let whole = object
                 .as_ref()
-                .and_then(|messages| request::messages_to_chat(messages, "up").ok())
+                .and_then(|messages| {
+                    request::messages_to_chat(messages, "up", "max_completion_tokens").ok()
+                })
                 .map(Value::Object);
             assert_eq!(Some(deep(&bytes)), whole, "Messages to chat");
         }
