@@ -247,7 +247,8 @@ pub(super) async fn forward_call(
     // Why the request could not be written for a backend of the other API (a member it has
     // no equivalent for): that backend is passed over, and this is the answer only if no
     // other could take the request either.
-    let mut untranslatable: Option<ProxyError> = None;
+    // Boxed: it lives across the attempts' awaits, in the request's future, which is moved.
+    let mut untranslatable: Option<Box<ProxyError>> = None;
     for route in order {
         if acct.attempts() >= policy.max_attempts {
             break;
@@ -267,7 +268,7 @@ pub(super) async fn forward_call(
                 match messages_body(parsed, route, stream) {
                     Ok(body) => Some(body),
                     Err(e) => {
-                        untranslatable.get_or_insert(e);
+                        untranslatable.get_or_insert_with(|| Box::new(e));
                         continue;
                     }
                 }
@@ -276,7 +277,7 @@ pub(super) async fn forward_call(
                 match chat_body(parsed, route, backend.completion_limit) {
                     Ok(body) => Some(body),
                     Err(e) => {
-                        untranslatable.get_or_insert(e);
+                        untranslatable.get_or_insert_with(|| Box::new(e));
                         continue;
                     }
                 }
@@ -482,7 +483,7 @@ pub(super) async fn forward_call(
         && soonest.is_none()
         && let Some(refused) = untranslatable
     {
-        return error(acct, refused).await;
+        return error(acct, *refused).await;
     }
     match last {
         Some((failure, format)) => fail(acct, failure, format, call.endpoint.format()).await,
