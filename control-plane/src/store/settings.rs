@@ -49,10 +49,68 @@ pub(crate) fn load_settings(conn: &Connection) -> Result<pb::Settings, StoreErro
         .optional()?;
     match body {
         None => Ok(sluice_domain::settings::defaults()),
-        Some(body) => {
-            let stored: pb::Settings = serde_json::from_str(&body)
-                .map_err(|e| StoreError::Corrupt(format!("settings: {e}")))?;
-            Ok(sluice_domain::settings::with_defaults(stored))
+        Some(body) => Ok(sluice_domain::settings::with_defaults(stored_settings(
+            &body,
+        )?)),
+    }
+}
+
+/// The stored row's settings. A member this version does not know (one a newer version
+/// wrote, before a rollback or a restore of its backup) is left out with a warning rather than
+/// refused: this version cannot apply it anyway, and refusing stopped the control plane from
+/// starting ("stored data is corrupt"). The next change of the settings writes the row without
+/// it.
+fn stored_settings(body: &str) -> Result<pb::Settings, StoreError> {
+    let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("settings: {e}"));
+    let mut members: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(body).map_err(|e| corrupt(&e))?;
+    loop {
+        match serde_json::from_value(serde_json::Value::Object(members.clone())) {
+            Ok(settings) => return Ok(settings),
+            Err(e) => {
+                let unknown = unknown_member(&e.to_string()).filter(|m| members.contains_key(m));
+                let Some(unknown) = unknown else {
+                    return Err(corrupt(&e));
+                };
+                tracing::warn!(
+                    member = %unknown,
+                    "the stored settings have a member this version does not know (written by a newer version?): ignored"
+                );
+                members.remove(&unknown);
+            }
         }
+    }
+}
+
+/// The member serde's "unknown field `name`, expected …" error names.
+fn unknown_member(error: &str) -> Option<String> {
+    let rest = error.strip_prefix("unknown field `")?;
+    Some(rest.split('`').next()?.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// A row a newer version wrote, with a member this one does not know, is read (the
+    /// member left out), not refused as corrupt: a rollback or a restored backup of a newer
+    /// version otherwise kept the control plane from starting. A row that is not settings at
+    /// all is still refused.
+    #[test]
+    fn a_member_a_newer_version_wrote_is_left_out() {
+        let settings =
+            stored_settings(r#"{"maxAttempts":4,"someFutureSetting":{"a":1},"currency":"EUR"}"#)
+                .unwrap();
+        assert_eq!(settings.max_attempts, 4);
+        assert_eq!(settings.currency, "EUR");
+        assert!(matches!(
+            stored_settings(r#"{"maxAttempts":"four"}"#),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            stored_settings("[1]"),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 }
