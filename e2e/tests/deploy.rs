@@ -2,6 +2,8 @@
 //! schemas (kubernetes-validate, offline), the nginx config by nginx itself.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -415,4 +417,49 @@ fn nginx_lets_go_of_idle_connections_before_the_data_planes_do() {
             "{file}: nginx keeps idle connections {nginx} s, the data planes {sluice} s"
         );
     }
+}
+
+/// At `--max-connections` a data plane answers every new connection 503 and closes it, the
+/// kubelet's probes included. The liveness probe of `deploy/k8s/data-plane.yaml`, run as the
+/// kubelet runs it, must still pass against a replica at its limit: a failing one restarts
+/// the pod, dropping every connection it serves, and a client holding the limit's connections
+/// open could restart every pod. (`GET /healthz` failed here with the 503; a TCP connect
+/// passes.)
+#[tokio::test]
+async fn the_kubernetes_liveness_probe_passes_a_data_plane_at_its_connection_limit() {
+    let documents = yaml_documents("k8s/data-plane.yaml");
+    let probe = documents
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .and_then(|d| d["spec"]["template"]["spec"]["containers"][0].get("livenessProbe"))
+        .cloned()
+        .expect("the data plane's liveness probe");
+    let cluster = common::Cluster::start().await;
+    let proxy = cluster.proxy_with(&["--max-connections", "2"]).await;
+    // Connections held open until one more is answered 503: the replica is at its limit.
+    let mut held = Vec::new();
+    loop {
+        use tokio::io::AsyncReadExt as _;
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let mut answer = [0; 12];
+        let wait = std::time::Duration::from_millis(500);
+        match tokio::time::timeout(wait, tcp.read(&mut answer)).await {
+            Ok(Ok(n)) if answer[..n].starts_with(b"HTTP/1.1 503") => break,
+            _ => held.push(tcp),
+        }
+        assert!(held.len() <= 4, "never refused past --max-connections 2");
+    }
+    let passed = if probe.get("tcpSocket").is_some() {
+        tokio::net::TcpStream::connect(proxy.addr).await.is_ok()
+    } else if let Some(get) = probe.get("httpGet") {
+        let path = get["path"].as_str().unwrap();
+        match reqwest::get(format!("http://{}{path}", proxy.addr)).await {
+            Ok(answer) => (200..400).contains(&answer.status().as_u16()),
+            Err(_) => false,
+        }
+    } else {
+        panic!("a liveness probe of another kind: {probe}");
+    };
+    assert!(passed, "the liveness probe {probe} fails a busy replica");
+    drop(held);
 }
