@@ -374,20 +374,31 @@ impl ControlApi {
 
     /// Waits until `n` data planes are connected and each has acked the newest snapshot,
     /// so everything written before the call (routes, limits, replica shares) is in force.
+    ///
+    /// Within 30 s: on a machine busy with the whole suite, three replicas took longer than 10 s
+    /// once. A timeout says what each replica had acked.
     pub async fn wait_replicas_current(&self, n: usize) {
-        eventually(
-            Duration::from_secs(10),
-            "every replica acked the newest snapshot",
-            || async {
-                let planes = self.data_planes().await;
-                let current = planes
-                    .iter()
-                    .filter(|p| p.connected && p.acked_version == p.latest_version)
-                    .count();
-                planes.iter().filter(|p| p.connected).count() == n && current == n
-            },
-        )
-        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let planes = self.data_planes().await;
+            let current = planes
+                .iter()
+                .filter(|p| p.connected && p.acked_version == p.latest_version)
+                .count();
+            if planes.iter().filter(|p| p.connected).count() == n && current == n {
+                return;
+            }
+            let seen: Vec<_> = planes
+                .iter()
+                .map(|p| (&p.node_id, p.connected, p.acked_version, p.latest_version))
+                .collect();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "after 30 s not every one of {n} replicas acked the newest snapshot \
+                 (node, connected, acked, latest): {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until `n` replicas run a snapshot published after version `before` (read with
