@@ -150,14 +150,7 @@ async fn main() {
     } = sluice_config::parse_from::<Args, _, _>(Args::command(), "config", std::env::args_os())
         .unwrap_or_else(|e| e.exit());
     init_logging(args.log_format);
-    for o in overridden {
-        tracing::warn!(
-            file = %o.file.display(),
-            key = %o.key,
-            variable = %o.variable,
-            "a key of the configuration file is ignored: its environment variable is set and wins"
-        );
-    }
+    overridden.iter().for_each(sluice_config::Overridden::warn);
     let result = match &args.command {
         None => run(&args).await,
         Some(Command::RotateMasterKey {

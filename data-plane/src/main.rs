@@ -16,14 +16,7 @@ async fn main() -> ExitCode {
         Ok(log) => log,
         Err(err) => return refused(&format!("cannot set up logging: {err}")),
     };
-    for o in overridden {
-        tracing::warn!(
-            file = %o.file.display(),
-            key = %o.key,
-            variable = %o.variable,
-            "a key of the configuration file is ignored: its environment variable is set and wins"
-        );
-    }
+    overridden.iter().for_each(sluice_config::Overridden::warn);
     // Before anything else (a spool to replay, the listener to bind): a SIGTERM that comes
     // while the process starts must stop it cleanly, not be lost (as PID 1 in a container,
     // a signal without a handler is dropped, and the orchestrator waits for its SIGKILL).

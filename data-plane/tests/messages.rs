@@ -44,6 +44,19 @@ fn claude_and_gpt_only(claude: &MockServer, gpt: &MockServer) -> proto::Snapshot
 }
 
 /// A Messages request as an Anthropic client sends it: `x-api-key`, its version and betas.
+/// A data plane routing to one Anthropic backend, `claude`.
+async fn claude_only(claude: &MockServer) -> Harness {
+    Harness::start(snapshot(
+        1,
+        vec![anthropic(
+            "claude",
+            &claude.base_url(),
+            proto::Pool::Primary,
+        )],
+    ))
+    .await
+}
+
 async fn send(h: &Harness, path: &str, body: &str) -> reqwest::Response {
     h.http
         .post(h.url(path))
@@ -94,15 +107,7 @@ fn event_data(body: &str) -> Vec<Value> {
 #[tokio::test]
 async fn an_anthropic_backend_gets_the_request_and_the_client_the_stream_as_they_came() {
     let claude = mock("claude");
-    let h = Harness::start(snapshot(
-        1,
-        vec![anthropic(
-            "claude",
-            &claude.base_url(),
-            proto::Pool::Primary,
-        )],
-    ))
-    .await;
+    let h = claude_only(&claude).await;
     // Fields Sluice has no reason to know, in an order of the client's choosing, compact.
     let body = |stream: bool| {
         format!(
@@ -510,15 +515,7 @@ async fn a_request_one_api_cannot_take_goes_to_a_backend_of_the_other() {
     }
     assert_eq!(claude.stats().requests.total(), 0);
 
-    let h = Harness::start(snapshot(
-        1,
-        vec![anthropic(
-            "claude",
-            &claude.base_url(),
-            proto::Pool::Primary,
-        )],
-    ))
-    .await;
+    let h = claude_only(&claude).await;
     let response = h.chat(two_choices).await;
     assert_eq!(response.status(), 400);
     let body: serde_json::Value = response.json().await.unwrap();

@@ -457,15 +457,7 @@ async fn embeddings_and_completions_are_served() {
 #[tokio::test]
 async fn client_errors_get_openai_style_bodies() {
     let primary = mock("primary");
-    let mut snap = snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    );
+    let mut snap = one_primary_snapshot(&primary.base_url());
     snap.client_keys
         .push(client_key("key-2", "sk-sluice-narrow", &["other-model"], 0));
     let h = Harness::start_with(snap, |c| c.max_body_bytes = 4096).await;
@@ -744,18 +736,9 @@ async fn readyz_says_a_replica_that_refused_a_snapshot_is_stale() {
 #[tokio::test]
 async fn a_corpus_of_hostile_requests_gets_4xx_and_the_proxy_keeps_serving() {
     let primary = mock("primary");
-    let h = Harness::start_with(
-        snapshot(
-            1,
-            vec![backend(
-                "primary",
-                &primary.base_url(),
-                proto::Pool::Primary,
-                0,
-            )],
-        ),
-        |c| c.max_body_bytes = 64 * 1024,
-    )
+    let h = Harness::start_with(one_primary_snapshot(&primary.base_url()), |c| {
+        c.max_body_bytes = 64 * 1024
+    })
     .await;
     let url = h.url("/v1/chat/completions");
     let ok_body = serde_json::to_vec(&chat_body(false)).unwrap();

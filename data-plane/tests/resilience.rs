@@ -28,15 +28,7 @@ fn slow_mock(name: &str, chunks: usize, interval_ms: u64) -> MockServer {
 
 /// A snapshot of one primary backend, `primary`, with streams cut after `idle_ms` of silence.
 fn one_primary_with_idle_timeout(primary: &MockServer, idle_ms: u64) -> proto::Snapshot {
-    let mut message = snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    );
+    let mut message = one_primary_snapshot(&primary.base_url());
     message.settings.as_mut().unwrap().idle_stream_timeout = Some(
         sluice_proxy::clock::proto_duration(Duration::from_millis(idle_ms)),
     );
@@ -539,15 +531,7 @@ async fn a_snapshot_swap_does_not_disturb_running_requests() {
 #[tokio::test]
 async fn client_key_limits_answer_429_with_retry_after() {
     let primary = mock("primary");
-    let mut snap = snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    );
+    let mut snap = one_primary_snapshot(&primary.base_url());
     // 60 rpm on one replica: a burst of 6, then one per second.
     snap.client_keys[0].rpm_limit = 60;
     let h = Harness::start(snap).await;
@@ -567,15 +551,7 @@ async fn a_key_over_its_tokens_per_minute_gets_429_tokens_with_retry_after() {
     // 51 tokens a request (1 prompt word, 50 completion tokens).
     let primary =
         MockServer::start_local(MockConfig::named("primary").with_chunk_count(50)).unwrap();
-    let mut snap = snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    );
+    let mut snap = one_primary_snapshot(&primary.base_url());
     // 600 TPM on one replica: 10 a second, a burst of 60.
     snap.client_keys[0].tpm_limit = 600;
     let h = Harness::start(snap).await;
@@ -614,15 +590,7 @@ async fn a_key_over_its_tokens_per_minute_gets_429_tokens_with_retry_after() {
 async fn an_answer_without_usage_keeps_its_estimate_charged_to_the_tokens_per_minute() {
     use sluice_e2e::mock::GarbageKind;
     let primary = mock("primary");
-    let mut snap = snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    );
+    let mut snap = one_primary_snapshot(&primary.base_url());
     // 600 TPM on one replica: a burst of 60.
     snap.client_keys[0].tpm_limit = 600;
     let h = Harness::start(snap).await;
@@ -643,15 +611,7 @@ async fn an_answer_without_usage_keeps_its_estimate_charged_to_the_tokens_per_mi
 #[tokio::test]
 async fn a_key_at_its_max_parallel_requests_gets_429_until_one_ends() {
     let primary = slow_mock("primary", 10, 100);
-    let mut snap = snapshot(
-        1,
-        vec![backend(
-            "primary",
-            &primary.base_url(),
-            proto::Pool::Primary,
-            0,
-        )],
-    );
+    let mut snap = one_primary_snapshot(&primary.base_url());
     snap.client_keys[0].max_parallel_requests = 1;
     let h = Harness::start(snap).await;
     let streaming = h.chat(chat_body(true)).await;

@@ -515,70 +515,33 @@ async fn two_replicas_on_one_data_directory_are_refused_with_a_clear_error() {
     );
 }
 
-/// Ctrl-C on `deploy/local/run.sh` right after a burst of requests: the replica stops before
-/// the control plane, so its last usage is reported and acked rather than left in its spool
-/// (stopped together, the replica waited its whole `--usage-flush-timeout` for acks from a
-/// control plane already gone, and its records stayed on disk until its next start).
-#[tokio::test]
-async fn stopping_the_local_gateway_reports_the_replicas_last_usage_first() {
-    let mut run = LocalRun::start(1).await;
+/// Sends a burst of 20 requests through the first replica of `run` (`replicas` of them), stops
+/// the gateway with `stop`, and checks that it stopped within 8 s with every replica's spool
+/// empty and the 20 requests counted. The last of them is sent within the report interval
+/// (100 ms) of the stop: not acked yet when it begins.
+async fn a_burst_is_reported_when_the_gateway_stops(
+    mut run: LocalRun,
+    replicas: usize,
+    stop: impl FnOnce(&mut LocalRun),
+) {
     let mock = Mock::start("a", &["m"]).await;
     run.add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
         .await;
     let (_, key) = run.create_key("k", &[]).await;
-    run.wait_replicas_current(1).await;
-    let replica = run.replica(0);
-    // The last of these is sent within the report interval (100 ms) of the stop: not acked
-    // yet when it begins.
-    for _ in 0..20 {
-        assert_eq!(replica.chat(&key, "m").await.status(), 200);
-    }
-
-    let started = std::time::Instant::now();
-    run.stop();
-    let took = started.elapsed();
-    assert!(
-        took < Duration::from_secs(8),
-        "the gateway took {took:?} to stop"
-    );
-    let spooled = segment_files(&run.replica_data_dir(0));
-    assert!(spooled.is_empty(), "left in the spool: {spooled:?}");
-    let db = rusqlite::Connection::open(run.dir.path().join("data/sluice.db")).unwrap();
-    let counted: i64 = db
-        .query_row("SELECT SUM(request_count) FROM usage_hourly", [], |row| {
-            row.get(0)
-        })
-        .unwrap();
-    assert_eq!(counted, 20);
-}
-
-/// Ctrl-C in the terminal sends SIGINT to the script's whole process group (here three data
-/// planes behind nginx). Everything the script started shared its group, so the control
-/// plane stopped at once with the data planes, which then each waited --usage-flush-timeout
-/// (10 s) for an ack that could not come and left their last usage in their spools. The
-/// script starts each in a session of its own: only its trap stops them, in its order, as
-/// for SIGTERM above.
-#[tokio::test]
-async fn ctrl_c_in_the_terminal_stops_the_local_gateway_in_its_order() {
-    let mut run = LocalRun::start_as_a_job(3).await;
-    let mock = Mock::start("a", &["m"]).await;
-    run.add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
-        .await;
-    let (_, key) = run.create_key("k", &[]).await;
-    run.wait_replicas_current(3).await;
+    run.wait_replicas_current(replicas).await;
     let replica = run.replica(0);
     for _ in 0..20 {
         assert_eq!(replica.chat(&key, "m").await.status(), 200);
     }
 
     let started = std::time::Instant::now();
-    run.interrupt_group();
+    stop(&mut run);
     let took = started.elapsed();
     assert!(
         took < Duration::from_secs(8),
         "the gateway took {took:?} to stop"
     );
-    for i in 0..3 {
+    for i in 0..replicas {
         let spooled = segment_files(&run.replica_data_dir(i));
         assert!(
             spooled.is_empty(),
@@ -592,4 +555,26 @@ async fn ctrl_c_in_the_terminal_stops_the_local_gateway_in_its_order() {
         })
         .unwrap();
     assert_eq!(counted, 20);
+}
+
+/// SIGTERM to `deploy/local/run.sh` right after a burst of requests: the replica stops before
+/// the control plane, so its last usage is reported and acked rather than left in its spool
+/// (stopped together, the replica waited its whole `--usage-flush-timeout` for acks from a
+/// control plane already gone, and its records stayed on disk until its next start).
+#[tokio::test]
+async fn stopping_the_local_gateway_reports_the_replicas_last_usage_first() {
+    let run = LocalRun::start(1).await;
+    a_burst_is_reported_when_the_gateway_stops(run, 1, LocalRun::stop).await;
+}
+
+/// Ctrl-C in the terminal sends SIGINT to the script's whole process group (here three data
+/// planes behind nginx). Everything the script started shared its group, so the control
+/// plane stopped at once with the data planes, which then each waited --usage-flush-timeout
+/// (10 s) for an ack that could not come and left their last usage in their spools. The
+/// script starts each in a session of its own: only its trap stops them, in its order, as
+/// for SIGTERM above.
+#[tokio::test]
+async fn ctrl_c_in_the_terminal_stops_the_local_gateway_in_its_order() {
+    let run = LocalRun::start_as_a_job(3).await;
+    a_burst_is_reported_when_the_gateway_stops(run, 3, LocalRun::interrupt_group).await;
 }

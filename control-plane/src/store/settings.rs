@@ -61,24 +61,25 @@ pub(crate) fn load_settings(conn: &Connection) -> Result<pb::Settings, StoreErro
 /// starting ("stored data is corrupt"). The next change of the settings writes the row without
 /// it.
 fn stored_settings(body: &str) -> Result<pb::Settings, StoreError> {
+    use serde::Deserialize as _;
     let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("settings: {e}"));
-    let mut members: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(body).map_err(|e| corrupt(&e))?;
+    let mut stored: serde_json::Value = serde_json::from_str(body).map_err(|e| corrupt(&e))?;
     loop {
-        match serde_json::from_value(serde_json::Value::Object(members.clone())) {
+        let error = match pb::Settings::deserialize(&stored) {
             Ok(settings) => return Ok(settings),
-            Err(e) => {
-                let unknown = unknown_member(&e.to_string()).filter(|m| members.contains_key(m));
-                let Some(unknown) = unknown else {
-                    return Err(corrupt(&e));
-                };
-                tracing::warn!(
-                    member = %unknown,
-                    "the stored settings have a member this version does not know (written by a newer version?): ignored"
-                );
-                members.remove(&unknown);
-            }
-        }
+            Err(e) => e,
+        };
+        let removed = unknown_member(&error.to_string()).and_then(|member| {
+            let value = stored.as_object_mut()?.remove(&member)?;
+            Some((member, value))
+        });
+        let Some((member, _)) = removed else {
+            return Err(corrupt(&error));
+        };
+        tracing::warn!(
+            %member,
+            "the stored settings have a member this version does not know (written by a newer version?): ignored"
+        );
     }
 }
 

@@ -117,15 +117,18 @@ pub struct Harness {
     server: tokio::task::JoinHandle<Result<(), RunError>>,
 }
 
+/// A snapshot (version 1) that routes to one primary backend, `primary`, at `base_url`.
+pub fn one_primary_snapshot(base_url: &str) -> proto::Snapshot {
+    snapshot(
+        1,
+        vec![backend("primary", base_url, proto::Pool::Primary, 0)],
+    )
+}
+
 impl Harness {
-    /// A data plane whose snapshot (version 1) routes to one primary backend, `primary`, at
-    /// `base_url`.
+    /// A data plane holding [`one_primary_snapshot`].
     pub async fn one_primary(base_url: &str) -> Self {
-        Self::start(snapshot(
-            1,
-            vec![backend("primary", base_url, proto::Pool::Primary, 0)],
-        ))
-        .await
+        Self::start(one_primary_snapshot(base_url)).await
     }
 
     /// A data plane that holds `snapshot` (waited for).

@@ -69,6 +69,18 @@ impl std::fmt::Display for Overridden {
     }
 }
 
+impl Overridden {
+    /// Logs it as a warning, once the server's logging is set up (the file is read before).
+    pub fn warn(&self) {
+        tracing::warn!(
+            file = %self.file.display(),
+            key = %self.key,
+            variable = %self.variable,
+            "a key of the configuration file is ignored: its environment variable is set and wins"
+        );
+    }
+}
+
 /// The parsed options, and what of the file the environment overrode.
 #[derive(Debug)]
 pub struct Parsed<T> {

@@ -67,13 +67,18 @@ impl<I> WriteTimeout<I> {
     #[inline(never)]
     fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
         if !self.expired {
-            let at = Instant::now() + self.timeout;
-            let sleep = self.sleep.get_or_insert_with(|| Box::pin(sleep_until(at)));
+            // The clock starts at the first write that finds the socket full.
             if !self.stalled {
                 self.stalled = true;
-                sleep.as_mut().reset(at);
+                let at = Instant::now() + self.timeout;
+                match &mut self.sleep {
+                    Some(sleep) => sleep.as_mut().reset(at),
+                    None => self.sleep = Some(Box::pin(sleep_until(at))),
+                }
             }
-            ready!(sleep.as_mut().poll(cx));
+            if let Some(sleep) = &mut self.sleep {
+                ready!(sleep.as_mut().poll(cx));
+            }
             self.expired = true;
             self.timeouts.inc();
             tracing::debug!(
