@@ -154,7 +154,19 @@ for i in $(seq 1 "$REPLICAS"); do
   proxy_pids+=($!)
   proxy_ports+=("$p")
 done
-for p in "${proxy_ports[@]}"; do wait_http "http://127.0.0.1:$p/readyz"; done
+# Each data plane must say it listens on its own port before its /readyz counts: another
+# process holding that port would answer for it while it failed to bind.
+for i in $(seq 1 "$REPLICAS"); do
+  pid=${proxy_pids[$((i - 1))]} p=${proxy_ports[$((i - 1))]} log="$RUN_DIR/proxy-$i.log"
+  for _ in $(seq 1 300); do
+    grep -q "http listening on 127.0.0.1:$p" "$log" 2>/dev/null && break
+    kill -0 "$pid" 2>/dev/null || { echo "data plane $i exited: $(tail -n 3 "$log")" >&2; exit 1; }
+    sleep 0.1
+  done
+  grep -q "http listening on 127.0.0.1:$p" "$log" 2>/dev/null \
+    || { echo "data plane $i did not listen on port $p; logs are in $RUN_DIR" >&2; exit 1; }
+  wait_http "http://127.0.0.1:$p/readyz"
+done
 
 NGINX_PID=""
 if [ "$REPLICAS" -gt 1 ]; then

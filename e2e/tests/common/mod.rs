@@ -655,7 +655,19 @@ impl LocalRun {
             .unwrap()
             .to_owned();
         let bin_dir = workspace_bin("sluice-control").parent().unwrap().to_owned();
-        let (port, grpc, http, mock) = (free_port(), free_port(), free_port(), free_port());
+        // run.sh puts replica i (of more than one) on port + 10 + i: those must be free too.
+        let port = loop {
+            let port = free_port();
+            let replica_ports = (1..=replicas as u16).map(|i| port + 10 + i);
+            if replicas == 1
+                || replica_ports
+                    .into_iter()
+                    .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+            {
+                break port;
+            }
+        };
+        let (grpc, http, mock) = (free_port(), free_port(), free_port());
         let data_dir = dir.path().join("data");
         let args: Vec<String> = vec![
             root.join("deploy/local/run.sh").display().to_string(),
