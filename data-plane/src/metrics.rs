@@ -222,6 +222,7 @@ struct SpoolMetrics {
     bytes: Gauge,
     torn: Counter,
     resent: Counter,
+    flush_failures: Counter,
     unwritten: Family<UnwrittenLabels, Counter>,
     /// What the counters already hold.
     seen: Mutex<SpoolStats>,
@@ -257,6 +258,14 @@ impl SpoolMetrics {
             "Usage records of an earlier run of this replica sent again from the spool and acked",
             resent.clone(),
         );
+        let flush_failures = Counter::default();
+        registry.register(
+            "usage_spool_flush_failures",
+            "Flushes of the usage spool to disk (fdatasync) that failed: the records they held \
+             are reported all the same, but a machine crash may then count a request twice \
+             (once more as interrupted, with no tokens)",
+            flush_failures.clone(),
+        );
         let unwritten = Family::default();
         registry.register(
             "usage_spool_unwritten_records",
@@ -269,6 +278,7 @@ impl SpoolMetrics {
             bytes,
             torn,
             resent,
+            flush_failures,
             unwritten,
             seen: Mutex::new(SpoolStats::default()),
         }
@@ -281,6 +291,8 @@ impl SpoolMetrics {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         self.torn.inc_by(now.torn.saturating_sub(seen.torn));
         self.resent.inc_by(now.resent.saturating_sub(seen.resent));
+        self.flush_failures
+            .inc_by(now.flush_failures.saturating_sub(seen.flush_failures));
         for (reason, now, seen) in [
             (
                 UnwrittenReason::full,
@@ -886,6 +898,7 @@ mod tests {
             resent: 7,
             unwritten_full: 2,
             unwritten_failed: 0,
+            flush_failures: 4,
         };
         let text = metrics.render(&SnapshotStore::default(), &usage, Some(spool), 3);
         for line in [
@@ -909,6 +922,7 @@ mod tests {
             "sluice_usage_spool_bytes 4096",
             "sluice_usage_spool_torn_records_total 1",
             "sluice_usage_spool_resent_records_total 7",
+            "sluice_usage_spool_flush_failures_total 4",
             r#"sluice_usage_spool_unwritten_records_total{reason="full"} 2"#,
             r#"sluice_usage_spool_unwritten_records_total{reason="failed"} 0"#,
         ] {

@@ -165,6 +165,8 @@ pub(crate) struct Shared {
     in_flight: AtomicU64,
     unwritten_full: AtomicU64,
     unwritten_failed: AtomicU64,
+    /// Flushes (`fdatasync` of a file or its directory) that failed.
+    flush_failed: AtomicU64,
     torn: AtomicU64,
     resent: AtomicU64,
     last_warning: Mutex<Option<Instant>>,
@@ -239,6 +241,8 @@ pub struct SpoolStats {
     pub resent: u64,
     pub unwritten_full: u64,
     pub unwritten_failed: u64,
+    /// Flushes to disk that failed (the records they held were reported all the same).
+    pub flush_failures: u64,
 }
 
 /// The spool of one data plane; see the module docs.
@@ -389,6 +393,7 @@ impl Spool {
             in_flight: AtomicU64::new(0),
             unwritten_full: AtomicU64::new(0),
             unwritten_failed: AtomicU64::new(0),
+            flush_failed: AtomicU64::new(0),
             torn: AtomicU64::new(replays.iter().map(|r| r.torn).sum()),
             resent: AtomicU64::new(0),
             last_warning: Mutex::new(None),
@@ -449,7 +454,7 @@ impl Spool {
                         waited = wake.wait(interval, false);
                     }
                     let stopping = waited == Waited::Stop;
-                    let entered = spool.sync_and_compact(&syncing);
+                    let entered = spool.sync_and_compact(&syncing, File::sync_data);
                     if stopping {
                         return;
                     }
@@ -476,10 +481,21 @@ impl Spool {
         }
     }
 
-    /// One round of the sync thread: flush every file written since the last round, let
-    /// the reporter send what that made durable, delete the segments acks have emptied.
-    /// Returns the last sequence it let the reporter send.
-    fn sync_and_compact(&self, sink: &UsageSink) -> u64 {
+    /// One round of the sync thread: flush every file written since the last round (with
+    /// `flush`: `File::sync_data` but in tests), let the reporter send what that made
+    /// durable, delete the segments acks have emptied. Returns the last sequence it let the
+    /// reporter send.
+    ///
+    /// A failed flush still lets its records go. Holding them back would make nothing
+    /// durable: Linux reports a writeback error to a file once, so the next `fdatasync`
+    /// passes whether or not the pages reached the disk, and the records would go one round
+    /// later all the same. Sent, they are counted at once and a process crash loses none of
+    /// them (the page cache keeps what `write` took). What the failure costs is a machine
+    /// crash's promise: a request whose finish the disk lost but whose start it kept comes
+    /// back at the next start as interrupted, a second record with no tokens, as after a
+    /// finish that could not be written (docs/guarantees.md, "Disk failing"). The failure is
+    /// counted (`sluice_usage_spool_flush_failures_total`) and logged.
+    fn sync_and_compact(&self, sink: &UsageSink, flush: fn(&File) -> std::io::Result<()>) -> u64 {
         // Every record up to `entered` was written before it entered the queue, so the
         // files collected next hold it.
         let entered = sink.entered();
@@ -488,20 +504,15 @@ impl Spool {
             let (files, lane_renamed) = lane.take_unsynced();
             renamed |= lane_renamed;
             for file in files {
-                if let Err(err) = file.sync_data()
-                    && self.shared.warning_due()
-                {
-                    tracing::error!(error = %err, "flushing the usage spool to disk failed");
+                if let Err(err) = flush(&file) {
+                    self.flush_failed(&err, "flushing the usage spool to disk failed");
                 }
             }
         }
         // A segment written over a spare file is durable under its own name only once the
         // directory holding the rename is.
-        if renamed
-            && let Err(err) = sync_dir(&self.shared.dir)
-            && self.shared.warning_due()
-        {
-            tracing::error!(error = %err, "flushing the usage spool directory failed");
+        if renamed && let Err(err) = sync_dir(&self.shared.dir) {
+            self.flush_failed(&err, "flushing the usage spool directory failed");
         }
         sink.mark_durable(entered);
         let acked = sink.acked();
@@ -538,6 +549,13 @@ impl Spool {
             tracing::warn!(error = %err, "flushing the usage spool directory failed");
         }
         entered
+    }
+
+    fn flush_failed(&self, err: &std::io::Error, message: &'static str) {
+        self.shared.flush_failed.fetch_add(1, Ordering::Relaxed);
+        if self.shared.warning_due() {
+            tracing::error!(error = %err, dir = %self.shared.dir.display(), "{message}: the records it held are reported all the same, but a machine crash may now count a request twice (once more as interrupted, with no tokens)");
+        }
     }
 
     /// Sends an earlier run's records again through the usage reporter, under its node id,
@@ -616,6 +634,7 @@ impl Spool {
             resent: s.resent.load(Ordering::Relaxed),
             unwritten_full: s.unwritten_full.load(Ordering::Relaxed),
             unwritten_failed: s.unwritten_failed.load(Ordering::Relaxed),
+            flush_failures: s.flush_failed.load(Ordering::Relaxed),
         }
     }
 
@@ -888,12 +907,12 @@ mod tests {
             let before = segments(&dir).len();
             assert!(before >= 4, "{before} segments");
             // Nothing acked: nothing deleted.
-            spool.sync_and_compact(&sink);
+            spool.sync_and_compact(&sink, File::sync_data);
             assert_eq!(segments(&dir).len(), before);
             // Everything acked: only the segments still needed stay.
             sink.ack(sink.entered());
-            spool.sync_and_compact(&sink);
-            spool.sync_and_compact(&sink);
+            spool.sync_and_compact(&sink, File::sync_data);
+            spool.sync_and_compact(&sink, File::sync_data);
             let after = segments(&dir).len();
             assert!(after <= 2, "{after} of {before} segments left");
             // The bytes the segments' own frames take (a file written over an acked one
@@ -948,7 +967,7 @@ mod tests {
                     let (spooled, rec) = running.remove(0);
                     sink.record_with(rec, |r| lane.finish(spooled, r).now().unwrap());
                     sink.ack(sink.entered());
-                    spool.sync_and_compact(&sink);
+                    spool.sync_and_compact(&sink, File::sync_data);
                 }
             }
             assert_eq!(lane.in_flight(), running.len());
@@ -993,8 +1012,8 @@ mod tests {
                 sink.record_with(rec, |r| lane.finish(spooled, r).now().unwrap());
             }
             sink.ack(sink.entered());
-            spool.sync_and_compact(&sink);
-            spool.sync_and_compact(&sink);
+            spool.sync_and_compact(&sink, File::sync_data);
+            spool.sync_and_compact(&sink, File::sync_data);
             assert!(dir.join(spare_name(0)).exists());
             // Then: new requests, unacked, one of them still running at the crash, enough
             // to start the segment that is written over the spare.
@@ -1145,6 +1164,44 @@ mod tests {
             assert!(spool.stats(&sink).bytes > bytes);
             assert_eq!(lane.in_flight(), 0);
         }
+    }
+
+    #[test]
+    fn a_failed_flush_is_counted_and_its_records_still_reach_the_control_plane() {
+        use crate::usage::Outbox;
+        let data = tempfile::tempdir().unwrap();
+        let sink = UsageSink::new(100);
+        sink.send_only_durable();
+        let spool = Spool::open(SpoolOptions::new(data.path()), &identity("inc-1"), 2).unwrap();
+        let (a, b) = (spool.lane(0).unwrap(), spool.lane(1).unwrap());
+        request(&a, &sink, "r1", true);
+        request(&b, &sink, "r2", true);
+        let mut outbox = Outbox::new(sink.clone(), "node-a".into(), "inc-1".into());
+        assert!(
+            outbox.next_report(true, &mut Vec::new()).is_none(),
+            "nothing goes before a flush"
+        );
+
+        fn failing(_: &File) -> std::io::Result<()> {
+            Err(std::io::Error::from_raw_os_error(5)) // EIO
+        }
+        spool.sync_and_compact(&sink, failing);
+        assert_eq!(
+            spool.stats(&sink).flush_failures,
+            2,
+            "one failure per lane's file"
+        );
+        let report = outbox
+            .next_report(true, &mut Vec::new())
+            .expect("the records go all the same");
+        assert_eq!(report.records.len(), 2);
+
+        // A later round with nothing new to flush fails nothing more; the files stay whole.
+        spool.sync_and_compact(&sink, failing);
+        assert_eq!(spool.stats(&sink).flush_failures, 2);
+        drop((a, b, spool));
+        let spool = Spool::open(SpoolOptions::new(data.path()), &identity("inc-2"), 1).unwrap();
+        assert_eq!(ids(&spool.take_replays()[0].finished), ["r1", "r2"]);
     }
 
     #[test]
