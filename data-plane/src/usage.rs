@@ -617,12 +617,13 @@ fn field_len(len: usize) -> usize {
 }
 
 /// Whether a failed report means the control plane will never take it as it was (too
-/// large), rather than the control plane being away or failing.
+/// large: tonic's `OUT_OF_RANGE` for a message past its decoding limit), rather than the
+/// control plane being away or failing. Not `RESOURCE_EXHAUSTED`: the control plane answers
+/// that to an address with too many failed authentications, before it reads the token, so
+/// a replica sharing an address (a host, a NAT) with a client guessing tokens gets it for
+/// reports that are fine, and read as "too large" it dropped one unacked record a retry.
 fn refused_as_too_large(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
-    )
+    status.code() == tonic::Code::OutOfRange
 }
 
 /// Longest a record waits in the queue before it is sent.
@@ -1101,6 +1102,40 @@ mod tests {
         assert_eq!(sequences, [4, 5, 6, 7, 8, 9, 10, 12]);
         assert_eq!(sink.unsendable(), 1);
         assert_eq!(sink.pending(), 11);
+    }
+
+    #[test]
+    fn a_refusal_for_failed_authentications_from_the_address_drops_no_record() {
+        let sink = UsageSink::new(100);
+        for _ in 0..10 {
+            sink.record(UsageRecord::default());
+        }
+        let mut outbox = Outbox::new(sink.clone(), "node-a".into(), "inc-1".into());
+        assert_eq!(
+            outbox
+                .next_report(true, &mut Vec::new())
+                .unwrap()
+                .records
+                .len(),
+            10
+        );
+        // The control plane's throttle, on reconnects while a guesser shares the address.
+        let throttled = tonic::Status::resource_exhausted(
+            "too many failed data-plane authentications from this address; try again in 2 s",
+        );
+        for _ in 0..5 {
+            outbox.failed(&throttled);
+            outbox.restart();
+            assert_eq!(outbox.batch_limit(), BATCH_SIZE, "no record made a suspect");
+        }
+        assert_eq!((sink.unsendable(), sink.pending()), (0, 10));
+        // A report past the decoding limit is still told apart: its records go one by one.
+        outbox.next_report(true, &mut Vec::new()).unwrap();
+        outbox.failed(&tonic::Status::out_of_range(
+            "Error, decoded message length too large",
+        ));
+        outbox.restart();
+        assert_eq!(outbox.batch_limit(), 1);
     }
 
     fn sequences(records: &[Queued]) -> Vec<u64> {
