@@ -863,6 +863,24 @@ async fn budgets_limits_and_expiry_are_set_in_the_dashboard_and_applied_by_the_d
         (0, None, 100_000),
         "a refused update stores nothing"
     );
+    // Text the browser cannot read as a number ('5e': the input's value is then '') is
+    // refused, not taken for an empty field and saved as 0, no limit.
+    browser.type_into("#ke-tpm", "5e").await;
+    browser.click("#ke-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('#key-edit-form [data-field=tpm_limit] .field-error').textContent === 'must be a whole number ≥ 0'",
+            "the unreadable TPM refused",
+        )
+        .await;
+    assert!(
+        !browser
+            .eval("document.querySelector('#key-edit-form').hidden")
+            .await
+            .as_bool()
+            .unwrap()
+    );
+    assert_eq!(api.client_key("team-b").await.tpm_limit, 100_000);
 
     // A budget below the spend: the data plane refuses the key as out of quota.
     browser.type_into("#ke-rpm", "0").await;

@@ -803,10 +803,17 @@
     }
   }
 
+  /**
+   * Whether the browser holds text in a number or date input that it cannot read as one
+   * ('5e', '0,15' in an English locale, half a date): its `value` is then '', which the
+   * readers below would take for an empty field, 0 or "never", and save as no limit.
+   */
+  const unreadable = (input) => Boolean(input.validity && input.validity.badInput);
+
   /** Reads a whole number from an input, or shows why it cannot. */
   function wholeNumber(form, input, field, min) {
     const text = input.value.trim();
-    const value = text === '' ? 0 : Number(text);
+    const value = unreadable(input) ? NaN : text === '' ? 0 : Number(text);
     if (!Number.isInteger(value) || value < min) {
       showFieldError(form, field, min === 0 ? 'must be a whole number ≥ 0' : 'must be a whole number');
       return null;
@@ -827,7 +834,7 @@
     let bad = false;
     form.querySelectorAll('.model-row').forEach((row, i) => {
       const inputs = row.querySelectorAll('input');
-      const prices = [inputs[2], inputs[3]].map((input) => (input.value.trim() === '' ? 0 : Number(input.value)));
+      const prices = [inputs[2], inputs[3]].map((input) => (unreadable(input) ? NaN : input.value.trim() === '' ? 0 : Number(input.value)));
       prices.forEach((p, k) => {
         if (!Number.isFinite(p)) {
           showFieldError(form, k === 0 ? 'input_price_per_mtok' : 'output_price_per_mtok', 'must be a number ≥ 0', i);
@@ -835,7 +842,7 @@
         }
       });
       const maxTokensText = inputs[4].value.trim();
-      const defaultMaxTokens = maxTokensText === '' ? 0 : Number(maxTokensText);
+      const defaultMaxTokens = unreadable(inputs[4]) ? NaN : maxTokensText === '' ? 0 : Number(maxTokensText);
       if (!Number.isInteger(defaultMaxTokens) || defaultMaxTokens < 0) {
         showFieldError(form, 'default_max_tokens', 'must be a whole number ≥ 0', i);
         bad = true;
@@ -1015,8 +1022,8 @@
   /** Reads a datetime-local input as an RFC 3339 time; null when empty (never); undefined after showing why it cannot. */
   function readDateTime(form, input, field) {
     const text = input.value.trim();
-    if (text === '') return null;
-    const t = new Date(text).getTime();
+    if (text === '' && !unreadable(input)) return null;
+    const t = text === '' ? NaN : new Date(text).getTime();
     if (Number.isNaN(t)) {
       showFieldError(form, field, 'must be a date and time');
       return undefined;
@@ -1027,7 +1034,7 @@
   /** Reads an amount of money ≥ 0 (empty is 0), or shows why it cannot. */
   function readMoney(form, input, field) {
     const text = input.value.trim();
-    const value = text === '' ? 0 : Number(text);
+    const value = unreadable(input) ? NaN : text === '' ? 0 : Number(text);
     if (!Number.isFinite(value) || value < 0) {
       showFieldError(form, field, 'must be a number ≥ 0');
       return null;
