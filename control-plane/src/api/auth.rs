@@ -91,7 +91,14 @@ impl TokenCheck {
         match failure {
             None => Ok(()),
             Some((reason, status)) => {
-                if let Some(peer) = peer {
+                // A request without a token guesses nothing, so it does not count towards
+                // the address's refusal: any web page the admin visits can make the browser
+                // send such requests to the dashboard's address (`fetch` with `no-cors`
+                // cannot set `authorization`), and counted they locked the admins out, on
+                // the dashboard and on gRPC alike.
+                if let Some(peer) = peer
+                    && header.is_some()
+                {
                     self.failures.failed(peer, now);
                 }
                 self.log_failure(peer, reason);
@@ -153,6 +160,21 @@ mod tests {
         assert!(
             check
                 .check(Some("Bearer s3cret-token"), Some(admin))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn requests_without_a_token_never_lock_an_address_out() {
+        let check = TokenCheck::new("s3cret-token", "admin");
+        let browser: IpAddr = "127.0.0.1".parse().unwrap();
+        for _ in 0..throttle::BURST * 3 {
+            let err = check.check(None, Some(browser)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        }
+        assert!(
+            check
+                .check(Some("Bearer s3cret-token"), Some(browser))
                 .is_ok()
         );
     }
