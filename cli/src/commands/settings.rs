@@ -56,7 +56,9 @@ fn update_request(args: SettingsSetArgs) -> Result<pb::UpdateSettingsRequest, Er
         };
     }
     let plain = |value| value;
-    let duration = |value: std::time::Duration| Some(value.into());
+    // Saturating: a duration past `i64::MAX` seconds wrapped to a negative one (prost's
+    // conversion), which the control plane refused as "must be at least 1ms".
+    let duration = |value: std::time::Duration| Some(sluice_domain::time::proto_duration(value));
     field!(max_attempts, plain);
     field!(connect_timeout, duration);
     field!(first_byte_timeout, duration);
@@ -123,6 +125,14 @@ mod tests {
         assert_eq!(settings.max_attempts, 5);
         assert_eq!(settings.cooldown_cap, Some(Duration::from_secs(120).into()));
         assert!(!settings.retry_on_rate_limit);
+    }
+
+    #[test]
+    fn a_duration_too_long_for_the_wire_is_sent_as_the_longest_there_is() {
+        let request =
+            update_request(set_args(&["--connect-timeout", "18446744073709551615s"])).unwrap();
+        let timeout = request.settings.unwrap().connect_timeout.unwrap();
+        assert_eq!(timeout.seconds, i64::MAX);
     }
 
     #[test]
