@@ -1123,6 +1123,24 @@ async fn an_anthropic_backend_is_added_and_edited_in_the_dashboard_and_served() 
     );
     set_value(&browser, "#bf-responses-api", "false").await;
     set_value(&browser, "#bf-anthropic-version", "").await;
+    // Meanwhile another admin disables the backend (an incident): the form still shows it
+    // enabled, and its save sends only what was changed in it, so the backend stays off.
+    let open = backend_names(&api).await.remove(0);
+    api.admin()
+        .await
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: open.id,
+                enabled: false,
+                ..Default::default()
+            }),
+            update_mask: Some(sluice_proto::wkt::FieldMask {
+                paths: vec!["enabled".into()],
+            }),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap();
     browser.click("#bf-save").await;
     browser
         .wait_for(
@@ -1135,6 +1153,7 @@ async fn an_anthropic_backend_is_added_and_edited_in_the_dashboard_and_served() 
     assert_eq!(stored.anthropic_version, "");
     assert_eq!(stored.api_format, pb::ApiFormat::Anthropic as i32);
     assert_eq!(stored.models[0].default_max_tokens, 2048);
+    assert!(!stored.enabled, "the other admin's change stands");
     browser
         .screenshot(&artifacts().join("dashboard-backends-anthropic.png"))
         .await;

@@ -726,6 +726,35 @@
     $('#bf-models').append(row);
   }
 
+  /**
+   * A backend as loaded, in the shape `saveBackend` sends the form's values: what the form
+   * showed when it opened, field by field, for a save to tell what the operator changed.
+   */
+  function backendAsSent(b) {
+    const sent = {
+      name: b.name,
+      baseUrl: (b.baseUrl || '').trim(),
+      pool: b.pool === 'POOL_FALLBACK' ? 'POOL_FALLBACK' : 'POOL_PRIMARY',
+      priority: num(b.priority),
+      weight: num(b.weight) || 1,
+      rpmLimit: num(b.rpmLimit),
+      tpmLimit: num(b.tpmLimit),
+      enabled: Boolean(b.enabled),
+      models: (b.models || []).map((m) => ({
+        ...m,
+        name: (m.name || '').trim(),
+        upstreamName: (m.upstreamName || '').trim(),
+        inputPricePerMtok: num(m.inputPricePerMtok),
+        outputPricePerMtok: num(m.outputPricePerMtok),
+        defaultMaxTokens: num(m.defaultMaxTokens),
+      })),
+      apiFormat: b.apiFormat === 'API_FORMAT_ANTHROPIC' ? 'API_FORMAT_ANTHROPIC' : 'API_FORMAT_OPENAI',
+      anthropicVersion: (b.anthropicVersion || '').trim(),
+      responsesApi: typeof b.responsesApi === 'boolean' ? b.responsesApi : undefined,
+    };
+    return sent;
+  }
+
   function openBackendForm(backend) {
     const form = $('#backend-form');
     clearErrors(form);
@@ -876,12 +905,23 @@
     if (responsesApi !== '') backend.responsesApi = responsesApi === 'true';
     const apiKey = $('#bf-api-key').value;
     const editing = state.editing;
+    // Only what the operator changed from the backend as the form opened is sent, so a save
+    // never undoes another admin's change made meanwhile (a backend disabled in an incident).
+    let changed = [];
+    if (editing) {
+      const before = backendAsSent(editing);
+      changed = Object.keys(before).filter((field) => JSON.stringify(backend[field]) !== JSON.stringify(before[field]));
+      if (changed.length === 0 && !apiKey) {
+        notify('Nothing to save: nothing changed.');
+        return;
+      }
+    }
     const button = $('#bf-save');
     button.disabled = true;
     try {
       if (editing) {
         backend.id = editing.id;
-        const request = { backend, updateMask: 'name,baseUrl,pool,priority,weight,models,rpmLimit,tpmLimit,enabled,apiFormat,anthropicVersion,responsesApi' };
+        const request = { backend, updateMask: changed.join(',') };
         if (apiKey) request.apiKey = apiKey;
         await call('AdminService/UpdateBackend', request);
         notify(`Saved ${backend.name.trim()}.`);
