@@ -206,9 +206,10 @@ pub struct BackendUpdateArgs {
     #[arg(long, value_name = "BOOL")]
     pub responses_api: Option<bool>,
     /// Replaces the whole model list: NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE]:OUT_PRICE]],
-    /// repeatable.
-    #[arg(long = "model", value_name = "SPEC", value_parser = parse_model_route)]
-    pub models: Vec<pb::ModelRoute>,
+    /// repeatable. A model given without prices keeps the prices (and `default_max_tokens`)
+    /// of the backend's route of the same name, if it has one.
+    #[arg(long = "model", value_name = "SPEC", value_parser = parse_model_update)]
+    pub models: Vec<ModelUpdate>,
     /// The API the backend speaks.
     #[arg(long, value_enum)]
     pub api_format: Option<ApiFormatArg>,
@@ -617,6 +618,21 @@ pub fn parse_model_route(spec: &str) -> Result<pb::ModelRoute, String> {
         route.upstream_name = route.name.clone();
     }
     Ok(route)
+}
+
+/// A `--model` of `backend update`: the route, and whether its prices were given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelUpdate {
+    pub route: pb::ModelRoute,
+    pub priced: bool,
+}
+
+/// [`parse_model_route`], remembering whether the spec gave prices.
+pub fn parse_model_update(spec: &str) -> Result<ModelUpdate, String> {
+    Ok(ModelUpdate {
+        route: parse_model_route(spec)?,
+        priced: spec.split(':').count() >= 4,
+    })
 }
 
 fn parse_price(text: &str) -> Result<f64, String> {

@@ -267,6 +267,35 @@ async fn backend_lifecycle_from_add_to_remove() {
     assert_eq!(backend["models"][0]["name"], "gpt-4.1");
     assert_eq!(backend["apiKeyHint"], "2b4d", "key must not change");
 
+    // A model re-listed without prices keeps its route's prices (0 would make it free for
+    // every budget); a new one without prices has none.
+    let relisted = h
+        .ctl(&[
+            "-o",
+            "json",
+            "backend",
+            "update",
+            "openai-main",
+            "--model",
+            "gpt-4.1",
+            "--model",
+            "o3",
+        ])
+        .await
+        .json();
+    let models = &relisted["backend"]["models"];
+    assert_eq!(models[0]["name"], "gpt-4.1");
+    assert_eq!(
+        (
+            &models[0]["inputPricePerMtok"],
+            &models[0]["outputPricePerMtok"]
+        ),
+        (&serde_json::json!(2.0), &serde_json::json!(8.0)),
+        "{relisted}"
+    );
+    assert_eq!(models[1]["name"], "o3");
+    assert!(models[1].get("inputPricePerMtok").is_none(), "{relisted}");
+
     // Replacing the key through stdin on update.
     let rekeyed = h
         .ctl_with(

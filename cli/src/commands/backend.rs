@@ -39,7 +39,21 @@ pub async fn run(
             out.print(&response, |r| render::backend(r.backend.as_ref()))
         }
         BackendCommand::Update(args) => {
-            let request = update_request(args)?;
+            let kept_from_stored = keeps_from_stored(&args);
+            let mut request = update_request(args)?;
+            if let Some(kept) = kept_from_stored
+                && let Some(backend) = request.backend.as_mut()
+            {
+                let mut admin = connection.admin().await?;
+                let stored = connection
+                    .call(admin.get_backend(pb::GetBackendRequest {
+                        id: backend.id.clone(),
+                    }))
+                    .await?
+                    .backend
+                    .unwrap_or_default();
+                keep_stored_route_fields(&mut backend.models, &kept, &stored.models);
+            }
             update(request, connection, out).await
         }
         BackendCommand::Enable { backend } => {
@@ -105,6 +119,41 @@ fn with_max_tokens(
     models
 }
 
+/// What an update's routes take from the stored routes of the same names: for each route,
+/// whether its prices do (none were given), and whether `default_max_tokens` does (no
+/// `--default-max-tokens`). `None` when there are no routes or nothing to take.
+fn keeps_from_stored(args: &BackendUpdateArgs) -> Option<Kept> {
+    let prices: Vec<bool> = args.models.iter().map(|m| !m.priced).collect();
+    let max_tokens = args.default_max_tokens.is_none();
+    (!args.models.is_empty() && (max_tokens || prices.contains(&true)))
+        .then_some(Kept { prices, max_tokens })
+}
+
+#[derive(Debug)]
+struct Kept {
+    prices: Vec<bool>,
+    max_tokens: bool,
+}
+
+/// Fills what `kept` says from `stored`, route by public name: `--model gpt-4o` on an update
+/// re-lists a route, it does not make it free (a price of 0 is spent by no budget) nor drop
+/// its `default_max_tokens`. A name the backend does not have yet keeps 0.
+fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: &[pb::ModelRoute]) {
+    for (route, keep_prices) in routes.iter_mut().zip(&kept.prices) {
+        let Some(old) = stored.iter().find(|old| old.name == route.name) else {
+            continue;
+        };
+        if *keep_prices {
+            route.input_price_per_mtok = old.input_price_per_mtok;
+            route.output_price_per_mtok = old.output_price_per_mtok;
+            route.cached_input_price_per_mtok = old.cached_input_price_per_mtok;
+        }
+        if kept.max_tokens {
+            route.default_max_tokens = old.default_max_tokens;
+        }
+    }
+}
+
 /// A request whose mask names exactly the flags given.
 fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, Error> {
     let mut backend = pb::Backend {
@@ -146,7 +195,8 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
         set("enabled");
     }
     if !args.models.is_empty() {
-        backend.models = with_max_tokens(args.models, args.default_max_tokens);
+        let routes = args.models.into_iter().map(|m| m.route).collect();
+        backend.models = with_max_tokens(routes, args.default_max_tokens);
         set("models");
     }
     if let Some(on) = args.responses_api {
