@@ -797,17 +797,23 @@ struct Sums {
 impl Sums {
     fn add(&mut self, other: &Sums) {
         let (t, o) = (&mut self.totals, &other.totals);
-        t.request_count += o.request_count;
-        t.error_count += o.error_count;
-        t.stream_count += o.stream_count;
-        t.prompt_tokens += o.prompt_tokens;
-        t.completion_tokens += o.completion_tokens;
-        t.cached_prompt_tokens += o.cached_prompt_tokens;
-        t.reasoning_tokens += o.reasoning_tokens;
+        // Saturating, as each part's own sums are (SQLite's `total()` read into a u64 stops
+        // at its largest): a range with partial days at both ends adds three parts.
+        for (sum, part) in [
+            (&mut t.request_count, o.request_count),
+            (&mut t.error_count, o.error_count),
+            (&mut t.stream_count, o.stream_count),
+            (&mut t.prompt_tokens, o.prompt_tokens),
+            (&mut t.completion_tokens, o.completion_tokens),
+            (&mut t.cached_prompt_tokens, o.cached_prompt_tokens),
+            (&mut t.reasoning_tokens, o.reasoning_tokens),
+            (&mut t.ttft_count, o.ttft_count),
+        ] {
+            *sum = sum.saturating_add(part);
+        }
         t.cost += o.cost;
         t.latency_ms_sum += o.latency_ms_sum;
         t.ttft_ms_sum += o.ttft_ms_sum;
-        t.ttft_count += o.ttft_count;
         // A (time bucket, group) lies within one part of a plan, so this only ever meets
         // a zero; totals over several parts count their backends in one query instead.
         t.backend_count = t.backend_count.max(o.backend_count);
@@ -1748,6 +1754,44 @@ mod tests {
         let t = store.totals(TotalsFilter::default()).await.unwrap();
         assert_eq!(t.request_count, 3);
         assert!(t.prompt_tokens >= i64::MAX as u64, "{}", t.prompt_tokens);
+    }
+
+    #[tokio::test]
+    async fn totals_over_three_parts_past_the_largest_integer_stop_there() {
+        let (dir, store) = open();
+        // One record in each part of a range with partial days at both ends: day 0 from
+        // 01:00 (hourly rows), day 1 (a daily row), day 2 until 01:00 (hourly rows).
+        for (sequence, time_ms) in [
+            (1, DAY0 + 10 * HOUR),
+            (2, DAY0 + DAY + 10 * HOUR),
+            (3, DAY0 + 2 * DAY + 1),
+        ] {
+            let batch = UsageBatch {
+                node_id: "a".into(),
+                incarnation: "1".into(),
+                rows: vec![row(sequence, "b", "m", "k", time_ms, 5.0)],
+                previous_sequence: sequence - 1,
+            };
+            store.ingest_usage_batches(vec![batch]).await.unwrap();
+        }
+        let db = Connection::open(dir.path().join("t.db")).unwrap();
+        for table in ["usage_hourly", "usage_daily", "usage_daily_by_backend"] {
+            db.execute(
+                &format!("UPDATE {table} SET prompt_tokens = ?1"),
+                [i64::MAX],
+            )
+            .unwrap();
+        }
+        let t = store
+            .totals(TotalsFilter {
+                start_ms: Some(DAY0 + HOUR),
+                end_ms: Some(DAY0 + 2 * DAY + HOUR),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(t.request_count, 3);
+        assert_eq!(t.prompt_tokens, u64::MAX);
     }
 
     #[test]
