@@ -75,6 +75,10 @@ pub const LOCK_FILE: &str = "sluice-proxy.lock";
 /// Appended to an incarnation to name the sequence space of its interrupted requests.
 pub const INTERRUPTED_SUFFIX: &str = ".interrupted";
 
+/// Fewer bytes than any finish takes in a segment (its frame and the record's request id,
+/// time and model): what bounds the records a spool of `max_bytes` holds.
+const MIN_FINISH_BYTES: u64 = 64;
+
 /// Least time between two warnings about failed spool writes or flushes.
 const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -167,6 +171,9 @@ pub(crate) struct Shared {
     unwritten_failed: AtomicU64,
     /// Flushes (`fdatasync` of a file or its directory) that failed.
     flush_failed: AtomicU64,
+    /// Whether the last write of any lane failed: a finish appended then is not taken for
+    /// one the spool holds ([`Written::holds_record`]).
+    writes_failing: AtomicBool,
     torn: AtomicU64,
     resent: AtomicU64,
     last_warning: Mutex<Option<Instant>>,
@@ -197,7 +204,13 @@ impl Shared {
         }
     }
 
+    /// Whether the last write of a lane failed (see [`Shared::writes_failing`]).
+    pub(crate) fn writes_failing(&self) -> bool {
+        self.writes_failing.load(Ordering::Relaxed)
+    }
+
     fn write_failed(&self, err: &std::io::Error) -> Unwritten {
+        self.writes_failing.store(true, Ordering::Relaxed);
         if self.warning_due() {
             tracing::error!(error = %err, dir = %self.dir.display(), "writing the usage spool failed");
         }
@@ -394,6 +407,7 @@ impl Spool {
             unwritten_full: AtomicU64::new(0),
             unwritten_failed: AtomicU64::new(0),
             flush_failed: AtomicU64::new(0),
+            writes_failing: AtomicBool::new(false),
             torn: AtomicU64::new(replays.iter().map(|r| r.torn).sum()),
             resent: AtomicU64::new(0),
             last_warning: Mutex::new(None),
@@ -432,7 +446,7 @@ impl Spool {
     /// Starts the thread that flushes the spool to disk every sync interval, then lets
     /// `sink` send what is flushed and deletes the segments `sink`'s acks have emptied.
     pub fn start_syncing(self: &Arc<Self>, sink: UsageSink) {
-        sink.send_only_durable();
+        sink.send_only_durable(self.on_disk_capacity());
         let spool = Arc::clone(self);
         let syncing = sink.clone();
         let spawned = std::thread::Builder::new()
@@ -479,6 +493,12 @@ impl Spool {
                 sink.mark_durable(u64::MAX);
             }
         }
+    }
+
+    /// The most records the spool can hold, for the usage queue to keep them all while the
+    /// control plane is away: a record's finish takes at least [`MIN_FINISH_BYTES`].
+    fn on_disk_capacity(&self) -> usize {
+        usize::try_from(self.shared.options.max_bytes / MIN_FINISH_BYTES).unwrap_or(usize::MAX)
     }
 
     /// One round of the sync thread: flush every file written since the last round (with
@@ -1171,7 +1191,7 @@ mod tests {
         use crate::usage::Outbox;
         let data = tempfile::tempdir().unwrap();
         let sink = UsageSink::new(100);
-        sink.send_only_durable();
+        sink.send_only_durable(0);
         let spool = Spool::open(SpoolOptions::new(data.path()), &identity("inc-1"), 2).unwrap();
         let (a, b) = (spool.lane(0).unwrap(), spool.lane(1).unwrap());
         request(&a, &sink, "r1", true);

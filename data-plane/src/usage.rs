@@ -73,6 +73,9 @@ pub struct Queued {
     pub sequence: u64,
     /// The encoded `UsageRecord`.
     pub encoded: Bytes,
+    /// Whether the spool holds the record (its finish was appended to a lane), so that a
+    /// full queue keeps it: see [`UsageSink::record_spooled`].
+    pub on_disk: bool,
 }
 
 impl Queued {
@@ -96,7 +99,11 @@ impl Queued {
         let encoded = cut.unwrap_or_else(|| {
             record.map_or_else(Bytes::new, |record| record.encode_to_vec_by_hand().into())
         });
-        Self { sequence, encoded }
+        Self {
+            sequence,
+            encoded,
+            on_disk: false,
+        }
     }
 }
 
@@ -202,6 +209,9 @@ struct State {
     /// The reporter sends no record above this sequence (the spool's flushed watermark);
     /// `u64::MAX` without a spool.
     durable: u64,
+    /// With a spool: how many records the queue holds at most when the one entering is on
+    /// disk (see [`UsageSink::send_only_durable`]).
+    on_disk_capacity: usize,
     acked: u64,
     /// Backend events not yet sent, with when each was queued (its `age` is as of then).
     events: VecDeque<(BackendEvent, Instant)>,
@@ -246,6 +256,7 @@ impl UsageSink {
                     early: BTreeMap::new(),
                     entered: next_sequence - 1,
                     durable: u64::MAX,
+                    on_disk_capacity: 0,
                     acked: 0,
                     events: VecDeque::new(),
                     last_drop_warning: None,
@@ -272,13 +283,28 @@ impl UsageSink {
     /// lock; should it panic, the record still enters the queue, so no gap ever holds the
     /// reporter back.
     pub fn record_with(&self, record: UsageRecord, spool: impl FnOnce(&Queued)) -> u64 {
+        self.record_spooled(record, |queued| {
+            spool(queued);
+            false
+        })
+    }
+
+    /// [`UsageSink::record_with`] where `spool` says whether the spool now holds the record.
+    /// A full queue keeps a record the spool holds and drops one it does not: dropping the
+    /// oldest, as without a spool, would drop records already on disk, and once later
+    /// records were acked their segments would be deleted with them, though a process that
+    /// crashed instead would have sent them again.
+    pub fn record_spooled(&self, record: UsageRecord, spool: impl FnOnce(&Queued) -> bool) -> u64 {
         let sequence = self.queue.next_sequence.fetch_add(1, Ordering::Relaxed);
-        let entering = Entering {
+        let mut entering = Entering {
             sink: self,
             record: Some(Queued::new(record, sequence)),
         };
         if let Some(record) = &entering.record {
-            spool(record);
+            let on_disk = spool(record);
+            if let Some(record) = entering.record.as_mut() {
+                record.on_disk = on_disk;
+            }
         }
         sequence
     }
@@ -326,25 +352,42 @@ impl UsageSink {
 
     fn push(&self, state: &mut State, record: Queued) {
         state.entered = record.sequence;
-        if state.pending.len() >= self.queue.capacity {
-            state.pending.pop_front();
-            self.queue.dropped.fetch_add(1, Ordering::Relaxed);
-            state.dropped_since_warning += 1;
-            let due = state
-                .last_drop_warning
-                .is_none_or(|at| at.elapsed() >= DROP_WARNING_INTERVAL);
-            if due {
-                tracing::warn!(
-                    dropped = state.dropped_since_warning,
-                    dropped_total = self.queue.dropped.load(Ordering::Relaxed),
-                    capacity = self.queue.capacity,
-                    "usage queue full: dropped the oldest records"
-                );
-                state.last_drop_warning = Some(std::time::Instant::now());
-                state.dropped_since_warning = 0;
+        let held = state.pending.len();
+        if held >= self.queue.capacity {
+            if state.durable != u64::MAX {
+                // With a spool: the records on disk stay (up to what the spool can hold),
+                // and one it does not hold is the one dropped.
+                if !(record.on_disk && held < state.on_disk_capacity) {
+                    self.count_dropped(
+                        state,
+                        "usage queue full: dropped records the spool does not hold",
+                    );
+                    return;
+                }
+            } else {
+                state.pending.pop_front();
+                self.count_dropped(state, "usage queue full: dropped the oldest records");
             }
         }
         state.pending.push_back(record);
+    }
+
+    fn count_dropped(&self, state: &mut State, message: &'static str) {
+        self.queue.dropped.fetch_add(1, Ordering::Relaxed);
+        state.dropped_since_warning += 1;
+        let due = state
+            .last_drop_warning
+            .is_none_or(|at| at.elapsed() >= DROP_WARNING_INTERVAL);
+        if due {
+            tracing::warn!(
+                dropped = state.dropped_since_warning,
+                dropped_total = self.queue.dropped.load(Ordering::Relaxed),
+                capacity = self.queue.capacity,
+                "{message}"
+            );
+            state.last_drop_warning = Some(std::time::Instant::now());
+            state.dropped_since_warning = 0;
+        }
     }
 
     /// Queues a backend event and wakes the reporter to send it at once. While the control
@@ -414,10 +457,12 @@ impl UsageSink {
     }
 
     /// From now on the reporter sends only records up to the sequence last given to
-    /// [`UsageSink::mark_durable`].
-    pub fn send_only_durable(&self) {
+    /// [`UsageSink::mark_durable`], and a full queue keeps records on disk up to
+    /// `on_disk_capacity` records (the most a spool can hold), dropping those that are not.
+    pub fn send_only_durable(&self, on_disk_capacity: usize) {
         let mut state = self.lock();
         state.durable = state.entered;
+        state.on_disk_capacity = on_disk_capacity;
     }
 
     /// Every record up to `sequence` is on disk: the reporter may send it.
@@ -1105,6 +1150,46 @@ mod tests {
     }
 
     #[test]
+    fn with_a_spool_a_full_queue_keeps_the_records_on_disk_and_drops_those_that_are_not() {
+        let sink = UsageSink::new(3);
+        sink.send_only_durable(5);
+        let record = |on_disk: bool| sink.record_spooled(UsageRecord::default(), |_| on_disk);
+        for _ in 0..4 {
+            record(true);
+        }
+        assert_eq!(
+            (sink.pending(), sink.dropped()),
+            (4, 0),
+            "past capacity, on disk"
+        );
+        record(false);
+        assert_eq!(
+            (sink.pending(), sink.dropped()),
+            (4, 1),
+            "not on disk: dropped"
+        );
+        record(true);
+        record(true);
+        assert_eq!(
+            (sink.pending(), sink.dropped()),
+            (5, 2),
+            "no more than the spool can hold"
+        );
+        sink.mark_durable(7);
+        assert_eq!(
+            sequences(&sink.batch_after(0, 10, usize::MAX)),
+            [1, 2, 3, 4, 6]
+        );
+
+        // Without a spool the oldest goes, as ever.
+        let sink = UsageSink::new(3);
+        for _ in 0..4 {
+            sink.record(UsageRecord::default());
+        }
+        assert_eq!(sequences(&sink.batch_after(0, 10, usize::MAX)), [2, 3, 4]);
+    }
+
+    #[test]
     fn a_refusal_for_failed_authentications_from_the_address_drops_no_record() {
         let sink = UsageSink::new(100);
         for _ in 0..10 {
@@ -1183,7 +1268,7 @@ mod tests {
     #[test]
     fn only_records_marked_durable_are_sent() {
         let sink = UsageSink::new(100);
-        sink.send_only_durable();
+        sink.send_only_durable(0);
         for _ in 0..5 {
             sink.record(UsageRecord::default());
         }

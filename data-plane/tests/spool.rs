@@ -144,3 +144,31 @@ async fn a_full_spool_refuses_requests_with_503_when_told_to_and_serves_them_oth
         h.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_full_usage_queue_keeps_the_records_its_spool_holds_until_the_control_plane_is_back() {
+    let upstream = EchoUpstream::start().await;
+    let data = tempfile::tempdir().unwrap();
+    // The control plane takes nothing (it is away, as far as the replica can tell) while
+    // three times the queue's capacity is served.
+    let cp = FakeControlPlane::start().await;
+    cp.set_ack_usage(false);
+    let h = Harness::start_on(cp, echo_snapshot(&upstream), |c| {
+        c.data_dir = Some(data.path().to_owned());
+        c.usage_queue = 20;
+    })
+    .await;
+    for _ in 0..60 {
+        assert_eq!(h.chat(chat_body(false)).await.status(), 200);
+    }
+    // It comes back: every record goes, none was dropped from the queue while on disk.
+    h.cp.set_ack_usage(true);
+    h.cp.kill_streams();
+    h.cp.wait_for("all 60 records applied", |r| r.records().len() == 60)
+        .await;
+    assert_eq!(
+        metric(&h.metrics().await, "sluice_usage_dropped_records_total"),
+        Some(0.0)
+    );
+    h.shutdown().await.unwrap();
+}

@@ -428,10 +428,12 @@ impl Accounting {
         // stay outstanding there, shrinking every later grant of the key (see `keeps_reserve`).
         let spent = record.cost_nanos;
         let mut written = Written::ready();
-        self.0.sink.record_with(record, |record| {
-            if let Some(lane) = spool {
-                written = lane.finish(spooled, record);
-            }
+        self.0.sink.record_spooled(record, |record| {
+            let Some(lane) = spool else {
+                return false;
+            };
+            written = lane.finish(spooled, record);
+            written.holds_record()
         });
         // After the record is queued: see `allowance::Allowances::hello`.
         if let Some(reservation) = self.0.budget.take() {

@@ -399,6 +399,7 @@ impl LaneState {
         frame::seed(&mut self.batch, segment.seed);
         match segment.file.write_all_at(&self.batch, segment.bytes) {
             Ok(()) => {
+                shared.writes_failing.store(false, Ordering::Relaxed);
                 segment.bytes += len;
                 segment.synced = false;
                 segment.max_sequence = segment.max_sequence.max(self.batch_max_sequence);
@@ -545,6 +546,14 @@ impl Written {
             upto: 0,
             ticket: None,
         }
+    }
+
+    /// Whether the spool holds (or is about to write) the frame: appended to its lane, not
+    /// refused for room, while the lanes' writes succeed.
+    pub fn holds_record(&self) -> bool {
+        self.lane
+            .as_ref()
+            .is_some_and(|lane| !lane.shared.writes_failing())
     }
 
     /// Writes the frame now if it is not written yet, without waiting for other requests
