@@ -129,6 +129,11 @@ struct ReplicaState {
     /// Its records handed to the store and not charged yet: sequence → (key, cost, the day
     /// its cost is filed under).
     committing: BTreeMap<u64, (String, u64, i64)>,
+    /// Its records in `(from, through]` were charged here before its last hello, but it had
+    /// not heard their ack, so the hello's `held` counted their cost too: the grants it set
+    /// are that much too high. The replica sends them again once its usage stream is back
+    /// (it never saw them acked); as each comes, its cost leaves the grants.
+    held_twice: (u64, u64),
 }
 
 impl ReplicaState {
@@ -180,9 +185,11 @@ impl Allowances {
                 lease_ms,
                 charged_through: acked_sequence,
                 committing: BTreeMap::new(),
+                held_twice: (0, 0),
             });
         state.streams += 1;
         state.lease_ms = lease_ms;
+        state.held_twice = (acked_sequence, state.charged_through.max(acked_sequence));
         state.charged_through = state.charged_through.max(acked_sequence);
         state.committing = state.committing.split_off(&(state.charged_through + 1));
         for ledger in self.ledgers.values_mut() {
@@ -254,13 +261,21 @@ impl Allowances {
             return;
         };
         let from = state.charged_through;
-        if acked <= from {
-            return;
+        let (twice_from, twice_through) = state.held_twice;
+        if acked > from {
+            state.charged_through = acked;
+            state.committing = state.committing.split_off(&(acked + 1));
         }
-        state.charged_through = acked;
-        state.committing = state.committing.split_off(&(acked + 1));
         for (sequence, key, cost, day) in records {
-            if sequence <= from || sequence > acked || cost == 0 {
+            let held_twice = sequence > twice_from && sequence <= twice_through;
+            if held_twice {
+                // Sent again after a hello that counted it held: charged already, and now
+                // known to be spent, so its cost leaves the grants (once: the window moves).
+                state.held_twice.0 = sequence;
+            } else if sequence <= from || sequence > acked {
+                continue;
+            }
+            if cost == 0 {
                 continue;
             }
             if let Some(holding) = self
@@ -269,7 +284,11 @@ impl Allowances {
                 .filter(|l| l.holds_day(day))
                 .and_then(|l| l.holdings.get_mut(replica))
             {
-                holding.charged = holding.charged.saturating_add(cost);
+                if held_twice {
+                    holding.granted = holding.granted.saturating_sub(cost).max(holding.charged);
+                } else {
+                    holding.charged = holding.charged.saturating_add(cost);
+                }
             }
         }
     }
@@ -432,6 +451,46 @@ mod tests {
         assert_eq!(a.outstanding(KEY), 200 - 120);
         a.ingested(&r0, [(1, KEY, 120, 0)], 1);
         assert_eq!(a.outstanding(KEY), 80, "a resent record is charged once");
+    }
+
+    /// A report committed and charged whose ack the replica never heard (its streams broke
+    /// first): its hello counts those records' cost in what it holds, and they are in the
+    /// spend already. Counted twice, the key looked that much more spent, refusing requests
+    /// with budget left, until the replica's next hello. They leave the grants as the replica
+    /// sends them again (it never saw them acked), once.
+    #[test]
+    fn records_charged_before_a_hello_that_still_held_them_leave_the_grants_when_resent() {
+        let mut a = Allowances::new();
+        let r0 = replica(0, 0);
+        a.hello(&r0, LEASE, 0, &[], 0);
+        let budget = Budget {
+            max_nanos: 6_400,
+            period_start_ms: 0,
+            period_end_ms: i64::MAX,
+            spent_nanos: 0,
+        };
+        assert_eq!(a.ask(&r0, KEY, 1, budget, &[], 0).nanos, 100);
+        let records = [(1, KEY, 10, 0), (2, KEY, 10, 0), (3, KEY, 10, 0)];
+        a.committing(&r0, records);
+        a.ingested(&r0, records, 3);
+        assert_eq!(a.outstanding(KEY), 70);
+        // The ack is lost; the replica comes back holding its pool (70) and, as far as it
+        // knows, its three records (30).
+        a.left(&r0, 1);
+        let held = |nanos| Held {
+            client_key_id: KEY.into(),
+            period_start_ms: 0,
+            nanos,
+        };
+        a.hello(&r0, LEASE, 0, &[held(100)], 2);
+        assert_eq!(a.outstanding(KEY), 100, "until they come again");
+        a.ingested(&r0, records, 3);
+        assert_eq!(a.outstanding(KEY), 70, "the pool alone");
+        a.ingested(&r0, records, 3);
+        assert_eq!(a.outstanding(KEY), 70, "once");
+        // A later record is charged as ever.
+        a.ingested(&r0, [(4, KEY, 5, 0)], 4);
+        assert_eq!(a.outstanding(KEY), 65);
     }
 
     /// The race a CI run hit: the store commits a batch before the engine hears of it, and
