@@ -1187,6 +1187,33 @@ mod tests {
     }
 
     #[test]
+    fn a_spare_renamed_whose_new_header_was_lost_brings_back_none_of_its_records() {
+        let data = tempfile::tempdir().unwrap();
+        let sink = UsageSink::new(100);
+        let dir = data.path().join(SPOOL_DIR).join("inc-1");
+        {
+            let spool = Spool::open(SpoolOptions::new(data.path()), &identity("inc-1"), 1).unwrap();
+            let lane = spool.lane(0).unwrap();
+            request(&lane, &sink, "r1", true);
+            request(&lane, &sink, "r2-running", false);
+        }
+        // Segment 1, acked and kept as the spare, renamed to segment 2 by a rotation; a
+        // machine crash kept the rename and lost the header written over the file's start.
+        std::fs::rename(dir.join(segment_name(0, 1)), dir.join(segment_name(0, 2))).unwrap();
+        let spool = Spool::open(SpoolOptions::new(data.path()), &identity("inc-2"), 1).unwrap();
+        let replays = spool.take_replays();
+        let records: Vec<&str> = replays
+            .iter()
+            .flat_map(|r| ids(&r.finished).into_iter().chain(ids(&r.interrupted)))
+            .collect();
+        assert!(
+            records.is_empty(),
+            "an acked segment's records came back: {records:?}"
+        );
+        assert!(!dir.exists(), "nothing left to send: the directory is gone");
+    }
+
+    #[test]
     fn a_failed_flush_is_counted_and_its_records_still_reach_the_control_plane() {
         use crate::usage::Outbox;
         let data = tempfile::tempdir().unwrap();

@@ -59,16 +59,20 @@ pub struct SegmentFrames<'a> {
     /// Its header says the file was used before: reading is expected to stop before the end
     /// of the file.
     pub reused_file: bool,
+    /// The lane and segment number its header names (`None` without a header).
+    pub named: Option<(u32, u64)>,
 }
 
 /// Reads the frames of a segment file: the header, then the frames under its seed.
 pub fn decode_segment(bytes: &[u8]) -> SegmentFrames<'_> {
     let mut reused_file = false;
+    let mut named = None;
     let frames = frame::decode_seeded(bytes, |first| match decode(first) {
         Ok(Entry {
             kind: Some(Kind::Header(header)),
         }) => {
             reused_file = header.reused_file;
+            named = Some((header.lane, header.segment));
             header.frame_seed
         }
         _ => 0,
@@ -76,6 +80,7 @@ pub fn decode_segment(bytes: &[u8]) -> SegmentFrames<'_> {
     SegmentFrames {
         frames,
         reused_file,
+        named,
     }
 }
 

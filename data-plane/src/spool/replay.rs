@@ -85,12 +85,30 @@ pub fn read(dir: &Path) -> io::Result<Replay> {
     let mut starts: BTreeMap<(u32, u64), UsageRecord> = BTreeMap::new();
     let mut finished: BTreeMap<u64, UsageRecord> = BTreeMap::new();
     let mut ended: BTreeSet<(u32, u64)> = BTreeSet::new();
-    for ((lane, _), path) in &segments {
+    for &((lane, number), ref path) in &segments {
         let bytes = std::fs::read(path)?;
         let entry::SegmentFrames {
             frames,
             reused_file,
+            named,
         } = entry::decode_segment(&bytes);
+        if let Some(named) = named
+            && named != (lane, number)
+        {
+            // A spare renamed to this segment whose new header never reached the disk (a
+            // machine crash between the rename and the next flush: the rename can be on disk
+            // before the header written over the file's start). What it holds is the earlier,
+            // acked segment's, whose starts would come back as requests interrupted a second
+            // time. Nothing of this segment was flushed, so nothing of it was sent either.
+            tracing::warn!(
+                path = %path.display(),
+                header_lane = named.0,
+                header_segment = named.1,
+                "usage spool segment holds an earlier segment's records (its header was lost in a crash): ignored"
+            );
+            OpenOptions::new().write(true).open(path)?.set_len(0)?;
+            continue;
+        }
         if reused_file && frames.stop.is_some() {
             // Where the frames of the file's earlier segment begin (or a write torn there).
             tracing::debug!(path = %path.display(), kept_bytes = frames.valid_len, "usage spool segment read up to the end of its own frames");
@@ -129,12 +147,12 @@ pub fn read(dir: &Path) -> io::Result<Replay> {
                 Some(Kind::Header(_)) => {}
                 Some(Kind::Start(mark)) => {
                     if let Some(record) = mark.record {
-                        starts.insert((*lane, mark.request), record);
+                        starts.insert((lane, mark.request), record);
                     }
                 }
                 Some(Kind::Finish(mark)) => {
                     if mark.request != 0 {
-                        ended.insert((*lane, mark.request));
+                        ended.insert((lane, mark.request));
                     }
                     if let Some(record) = mark.record.filter(|r| r.sequence > 0) {
                         finished.insert(record.sequence, record);
