@@ -3,11 +3,32 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use clap::error::ErrorKind;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    // clap prints usage errors itself and exits with 2.
-    let cli = sluicectl::Cli::parse();
+    let cli = match sluicectl::Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and the version are printed as clap writes them (as is the help of a command
+        // given without its subcommand); any other usage error is one line, exit code 2.
+        Err(err)
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            err.exit()
+        }
+        Err(err) => {
+            eprintln!(
+                "error: {}",
+                sluicectl::usage_error_line(&err.render().to_string())
+            );
+            return ExitCode::from(2);
+        }
+    };
     match sluicectl::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

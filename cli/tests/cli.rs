@@ -744,11 +744,19 @@ async fn validation_errors_are_one_line() {
         "{unknown:#?}"
     );
 
-    // Usage errors are clap's, with exit code 2.
+    // Usage errors: exit code 2, one line too (clap's message without its usage block).
     let bad_spec = h
         .ctl(&add("a", "http://127.0.0.1:9", Some("m:u:0.15")))
         .await;
     assert_eq!(bad_spec.code, 2, "{bad_spec:#?}");
+    assert_eq!(bad_spec.stderr.lines().count(), 1, "{bad_spec:#?}");
+    assert!(bad_spec.stderr.starts_with("error: "), "{bad_spec:#?}");
+    let no_name = h.ctl(&["key", "create"]).await;
+    assert_eq!(no_name.code, 2, "{no_name:#?}");
+    assert_eq!(
+        no_name.stderr.trim_end(),
+        "error: the following required arguments were not provided: --name <NAME> (see --help)"
+    );
     let nothing = h.ctl(&["backend", "update", "dup"]).await;
     assert_eq!(nothing.code, 2, "{nothing:#?}");
     assert_eq!(nothing.stderr.lines().count(), 1, "{nothing:#?}");
