@@ -202,9 +202,10 @@ pub struct BackendUpdateArgs {
     /// Enable the backend.
     #[arg(long)]
     pub enabled: bool,
-    /// Whether it serves the Responses API (/v1/responses).
-    #[arg(long, value_name = "BOOL")]
-    pub responses_api: Option<bool>,
+    /// Whether it serves the Responses API (/v1/responses): true, false, or default (what
+    /// its API format says: yes for OpenAI, no for Anthropic).
+    #[arg(long, value_name = "BOOL|default", value_parser = parse_responses_api)]
+    pub responses_api: Option<ResponsesApi>,
     /// Replaces the whole model list: NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE]:OUT_PRICE]],
     /// repeatable. A model given without prices keeps the prices (and `default_max_tokens`)
     /// of the backend's route of the same name, if it has one.
@@ -618,6 +619,19 @@ pub fn parse_model_route(spec: &str) -> Result<pb::ModelRoute, String> {
         route.upstream_name = route.name.clone();
     }
     Ok(route)
+}
+
+/// `--responses-api` of `backend update`: `Some` to set it, `None` for its API's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponsesApi(pub Option<bool>);
+
+fn parse_responses_api(text: &str) -> Result<ResponsesApi, String> {
+    match text {
+        "true" => Ok(ResponsesApi(Some(true))),
+        "false" => Ok(ResponsesApi(Some(false))),
+        "default" => Ok(ResponsesApi(None)),
+        _ => Err("expected true, false or default".to_owned()),
+    }
 }
 
 /// A `--model` of `backend update`: the route, and whether its prices were given.

@@ -5,7 +5,7 @@ use std::io::BufRead;
 use sluice_proto::v1 as pb;
 use sluice_proto::wkt::FieldMask;
 
-use crate::args::{ApiKeyArgs, BackendAddArgs, BackendCommand, BackendUpdateArgs};
+use crate::args::{ApiKeyArgs, BackendAddArgs, BackendCommand, BackendUpdateArgs, ResponsesApi};
 use crate::connection::Connection;
 use crate::error::Error;
 use crate::render::{self, Output};
@@ -199,8 +199,9 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
         backend.models = with_max_tokens(routes, args.default_max_tokens);
         set("models");
     }
-    if let Some(on) = args.responses_api {
-        backend.responses_api = Some(on);
+    if let Some(ResponsesApi(on)) = args.responses_api {
+        // Named in the mask and left unset: back to its API's default.
+        backend.responses_api = on;
         set("responses_api");
     }
     if let Some(format) = args.api_format {
@@ -309,6 +310,30 @@ mod tests {
         assert_eq!(backend.id, "b1");
         assert_eq!(backend.priority, -3);
         assert!(request.api_key.is_empty());
+    }
+
+    #[test]
+    fn responses_api_goes_back_to_its_apis_default() {
+        for (value, sent) in [
+            ("true", Some(true)),
+            ("false", Some(false)),
+            ("default", None),
+        ] {
+            let request = update_request(update_args(&["b1", "--responses-api", value])).unwrap();
+            assert_eq!(request.update_mask.unwrap().paths, ["responses_api"]);
+            assert_eq!(request.backend.unwrap().responses_api, sent, "{value}");
+        }
+        assert!(
+            Cli::try_parse_from([
+                "sluicectl",
+                "backend",
+                "update",
+                "b1",
+                "--responses-api",
+                "yes"
+            ])
+            .is_err()
+        );
     }
 
     #[test]
