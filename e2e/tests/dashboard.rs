@@ -255,6 +255,12 @@ async fn the_dashboard_in_a_browser() {
         .type_into("#bf-models .model-row input[name=input_price]", "0.15")
         .await;
     browser
+        .type_into(
+            "#bf-models .model-row input[name=cached_input_price]",
+            "0.075",
+        )
+        .await;
+    browser
         .type_into("#bf-api-key", "sk-gamma-secret-4321")
         .await;
     browser.click("#bf-save").await;
@@ -294,6 +300,7 @@ async fn the_dashboard_in_a_browser() {
     assert_eq!(gamma.base_url, mock.base_url());
     assert_eq!(gamma.models[0].name, "gpt-4o-mini");
     assert_eq!(gamma.models[0].input_price_per_mtok, 0.15);
+    assert_eq!(gamma.models[0].cached_input_price_per_mtok, Some(0.075));
     assert_eq!(gamma.api_key_hint, "4321");
     assert!(gamma.enabled);
     assert!(
@@ -349,6 +356,36 @@ async fn the_dashboard_in_a_browser() {
         .unwrap();
     assert_eq!(edited.priority, 7);
     assert_eq!(edited.models[0].upstream_name, "gpt-4o-mini-2024");
+    assert_eq!(
+        edited.models[0].cached_input_price_per_mtok,
+        Some(0.075),
+        "shown in the form, kept"
+    );
+    // Emptied, the route has no cached price of its own (its cached tokens cost the input
+    // price), not one the form no longer shows.
+    browser
+        .click(&format!("{row} button[data-action=edit]"))
+        .await;
+    set_value(
+        &browser,
+        "#bf-models .model-row input[name=cached_input_price]",
+        "",
+    )
+    .await;
+    browser.click("#bf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('#backend-form').hidden",
+            "the cached price cleared",
+        )
+        .await;
+    let cleared = backend_names(&api)
+        .await
+        .into_iter()
+        .find(|b| b.name == "gamma")
+        .unwrap();
+    assert_eq!(cleared.models[0].cached_input_price_per_mtok, None);
+    assert_eq!(cleared.models[0].input_price_per_mtok, 0.15);
     assert_eq!(edited.api_key_hint, "4321", "the key is kept");
 
     // Disable gamma, then delete it after confirming.

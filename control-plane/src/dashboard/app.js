@@ -708,6 +708,7 @@
       cell('name', { name: 'model_name', 'aria-label': 'Public model name', placeholder: 'gpt-4o-mini', spellcheck: 'false' }),
       cell('upstream_name', { name: 'upstream_name', 'aria-label': 'Upstream model name', placeholder: 'same as public', spellcheck: 'false' }),
       cell('input_price_per_mtok', { name: 'input_price', 'aria-label': 'Input price per million tokens', type: 'number', min: '0', step: 'any' }),
+      cell('cached_input_price_per_mtok', { name: 'cached_input_price', 'aria-label': 'Price per million prompt tokens read from the cache (empty: the input price)', type: 'number', min: '0', step: 'any', placeholder: 'input price' }),
       cell('output_price_per_mtok', { name: 'output_price', 'aria-label': 'Output price per million tokens', type: 'number', min: '0', step: 'any' }),
       cell('default_max_tokens', { name: 'default_max_tokens', 'aria-label': 'Default max_tokens for an Anthropic backend', type: 'number', min: '0', step: '1' }),
       h('td', null, h('button', {
@@ -716,12 +717,13 @@
         'aria-label': 'Remove this model',
         onclick: () => row.remove(),
       }, '×')));
-    const inputs = row.querySelectorAll('input');
-    inputs[0].value = (model && model.name) || '';
-    inputs[1].value = (model && model.upstreamName) || '';
-    inputs[2].value = String(num(model && model.inputPricePerMtok));
-    inputs[3].value = String(num(model && model.outputPricePerMtok));
-    inputs[4].value = String(num(model && model.defaultMaxTokens));
+    const input = (name) => row.querySelector(`input[name=${name}]`);
+    input('model_name').value = (model && model.name) || '';
+    input('upstream_name').value = (model && model.upstreamName) || '';
+    input('input_price').value = String(num(model && model.inputPricePerMtok));
+    input('cached_input_price').value = model && typeof model.cachedInputPricePerMtok === 'number' ? String(model.cachedInputPricePerMtok) : '';
+    input('output_price').value = String(num(model && model.outputPricePerMtok));
+    input('default_max_tokens').value = String(num(model && model.defaultMaxTokens));
     if (model) rowModels.set(row, model);
     $('#bf-models').append(row);
   }
@@ -745,6 +747,7 @@
         name: (m.name || '').trim(),
         upstreamName: (m.upstreamName || '').trim(),
         inputPricePerMtok: num(m.inputPricePerMtok),
+        cachedInputPricePerMtok: typeof m.cachedInputPricePerMtok === 'number' ? m.cachedInputPricePerMtok : undefined,
         outputPricePerMtok: num(m.outputPricePerMtok),
         defaultMaxTokens: num(m.defaultMaxTokens),
       })),
@@ -862,27 +865,35 @@
     const models = [];
     let bad = false;
     form.querySelectorAll('.model-row').forEach((row, i) => {
-      const inputs = row.querySelectorAll('input');
-      const prices = [inputs[2], inputs[3]].map((input) => (unreadable(input) ? NaN : input.value.trim() === '' ? 0 : Number(input.value)));
-      prices.forEach((p, k) => {
-        if (!Number.isFinite(p)) {
-          showFieldError(form, k === 0 ? 'input_price_per_mtok' : 'output_price_per_mtok', 'must be a number ≥ 0', i);
+      const input = (name) => row.querySelector(`input[name=${name}]`);
+      const price = (name, field, empty) => {
+        const el = input(name);
+        const text = el.value.trim();
+        const value = unreadable(el) ? NaN : text === '' ? empty : Number(text);
+        if (value !== undefined && (!Number.isFinite(value) || value < 0)) {
+          showFieldError(form, field, 'must be a number ≥ 0', i);
           bad = true;
         }
-      });
-      const maxTokensText = inputs[4].value.trim();
-      const defaultMaxTokens = unreadable(inputs[4]) ? NaN : maxTokensText === '' ? 0 : Number(maxTokensText);
+        return value;
+      };
+      const inputPrice = price('input_price', 'input_price_per_mtok', 0);
+      // Empty: none of its own, cached prompt tokens cost the input price.
+      const cachedPrice = price('cached_input_price', 'cached_input_price_per_mtok', undefined);
+      const outputPrice = price('output_price', 'output_price_per_mtok', 0);
+      const maxTokens = input('default_max_tokens');
+      const maxTokensText = maxTokens.value.trim();
+      const defaultMaxTokens = unreadable(maxTokens) ? NaN : maxTokensText === '' ? 0 : Number(maxTokensText);
       if (!Number.isInteger(defaultMaxTokens) || defaultMaxTokens < 0) {
         showFieldError(form, 'default_max_tokens', 'must be a whole number ≥ 0', i);
         bad = true;
       }
       models.push({
-        // What the form does not show (a cached-input price) is kept as it was.
         ...(rowModels.get(row) || {}),
-        name: inputs[0].value.trim(),
-        upstreamName: inputs[1].value.trim(),
-        inputPricePerMtok: prices[0],
-        outputPricePerMtok: prices[1],
+        name: input('model_name').value.trim(),
+        upstreamName: input('upstream_name').value.trim(),
+        inputPricePerMtok: inputPrice,
+        cachedInputPricePerMtok: cachedPrice,
+        outputPricePerMtok: outputPrice,
         defaultMaxTokens,
       });
     });
