@@ -600,15 +600,16 @@ impl Shard {
             let routes = routes.clone();
             let store = Arc::clone(&store);
             let deadline = connection.deadline.clone();
-            let service = hyper::service::service_fn(move |request| {
+            let service = hyper::service::service_fn(move |request: http::Request<_>| {
                 let arrived = tokio::time::Instant::now();
+                let h2 = request.version() == http::Version::HTTP_2;
                 let response = routes.answer(request);
                 let store = Arc::clone(&store);
                 let deadline = deadline.clone();
                 async move {
                     let response = response.await;
                     Ok::<_, std::convert::Infallible>(hold_deadline(
-                        response, arrived, &store, &deadline,
+                        response, arrived, h2, &store, &deadline,
                     ))
                 }
             });
@@ -623,17 +624,24 @@ impl Shard {
     }
 }
 
-/// A stream's response holds its request deadline on its connection while it is sent.
+/// A stream's response holds its request deadline on its connection while it is sent, and
+/// so does any answer on HTTP/2: an h2 client that grants a stream no flow-control window
+/// leaves its answer in hyper's buffer with no write waiting on the socket, which the write
+/// timeout alone would never end (a whole answer, up to `--max-response-bytes`, per stream,
+/// 200 streams a connection). On HTTP/1 a whole answer that is not read waits on the socket,
+/// and the write timeout ends it.
 fn hold_deadline(
     response: axum::response::Response,
     arrived: tokio::time::Instant,
+    h2: bool,
     store: &SnapshotStore,
     deadline: &ConnectionDeadline,
 ) -> http::Response<deadline::Holding<axum::body::Body>> {
-    let stream = response
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|t| t.as_bytes() == b"text/event-stream");
+    let stream = h2
+        || response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|t| t.as_bytes() == b"text/event-stream");
     let held = stream
         .then(|| store.load())
         .flatten()

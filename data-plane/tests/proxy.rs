@@ -955,3 +955,42 @@ async fn connections_go_to_the_serving_thread_holding_the_fewest() {
     drop(kept);
     h.shutdown().await.unwrap();
 }
+
+/// An h2 client that grants a whole answer's stream no flow-control window leaves the answer
+/// in hyper's buffer with no write waiting on the socket, so the write timeout never starts:
+/// the connection (up to 200 such answers held) is cut at the request's deadline instead.
+#[tokio::test]
+async fn an_h2_client_that_grants_a_whole_answer_no_window_is_cut_at_the_request_deadline() {
+    use std::time::Duration;
+
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let upstream = EchoUpstream::start().await;
+    let mut snap = one_primary_snapshot(&upstream.base_url());
+    snap.settings.as_mut().unwrap().request_timeout = Some(sluice_proxy::clock::proto_duration(
+        Duration::from_millis(500),
+    ));
+    let h = Harness::start(snap).await;
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::post(h.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(chat_body(false).to_string())))
+        .unwrap();
+    let answer = sender.send_request(request).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    // The answer's body is never read: no window for it, ever.
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(
+        closed.is_ok(),
+        "the connection still holds the answer after 10 s"
+    );
+    drop(answer);
+}
