@@ -59,12 +59,12 @@ pub enum ProxyError {
     EndpointUnsupported { model: String, path: &'static str },
     /// `count_tokens` for a model only OpenAI-format backends serve (see docs/anthropic.md).
     #[error(
-        "The model `{0}` is served only by OpenAI-format backends, which have no count_tokens endpoint, and Sluice does not guess a count without the model's tokenizer. Count with a model an Anthropic backend serves, or read usage.input_tokens from a message."
+        "The model `{}` is served only by OpenAI-format backends, which have no count_tokens endpoint, and Sluice does not guess a count without the model's tokenizer. Count with a model an Anthropic backend serves, or read usage.input_tokens from a message.", quoted(.0)
     )]
     TokenCountUnsupported(String),
-    #[error("This API key is not allowed to use the model `{0}`.")]
+    #[error("This API key is not allowed to use the model `{}`.", quoted(.0))]
     ModelNotAllowed(String),
-    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    #[error("The model `{}` does not exist or you do not have access to it.", quoted(.0))]
     ModelNotFound(String),
     #[error("Rate limit reached for this API key. Please try again in {}s.", retry_after_secs(*.retry_after))]
     KeyRateLimited { retry_after: Duration },
@@ -126,7 +126,7 @@ pub enum ProxyError {
     )]
     ResponseBackendLacksModel { id: String, model: String },
     #[error(
-        "The model `{0}` is not served by any backend that supports the Responses API; use /v1/chat/completions for it."
+        "The model `{}` is not served by any backend that supports the Responses API; use /v1/chat/completions for it.", quoted(.0)
     )]
     ResponsesUnsupported(String),
     #[error(

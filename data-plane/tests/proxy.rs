@@ -994,3 +994,29 @@ async fn an_h2_client_that_grants_a_whole_answer_no_window_is_cut_at_the_request
     );
     drop(answer);
 }
+
+/// A client's model name is quoted back in an error at most 200 characters long: a key (even
+/// one out of budget or past its rate limit, which are checked after the model) could
+/// otherwise have any answer it likes echoed, as large as the request body limit, for free.
+#[tokio::test]
+async fn an_unknown_model_is_quoted_back_short() {
+    let upstream = EchoUpstream::start().await;
+    let h = Harness::one_primary(&upstream.base_url()).await;
+    let model = "m".repeat(300_000);
+    let answer = h
+        .chat(json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(answer.status(), 404);
+    let body = answer.text().await.unwrap();
+    assert!(body.len() < 2_000, "{} bytes", body.len());
+    assert!(body.contains("mmm…"), "{body}");
+    let listed = h
+        .http
+        .get(h.url(&format!("/v1/models/{}", &model[..10_000])))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 404);
+    assert!(listed.text().await.unwrap().len() < 2_000);
+}

@@ -160,7 +160,10 @@ fn chat_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Untrans
             other => {
                 return Err(Untranslatable::new(
                     at(".role"),
-                    format!("The role `{other}` cannot be sent to an Anthropic backend."),
+                    format!(
+                        "The role `{}` cannot be sent to an Anthropic backend.",
+                        crate::error::quoted(other)
+                    ),
                 ));
             }
         };
@@ -232,7 +235,7 @@ fn user_blocks(content: &Value, at: &str) -> Result<Vec<Value>, Untranslatable> 
                     here,
                     format!(
                         "Content parts of type `{}` cannot be sent to an Anthropic backend.",
-                        other.unwrap_or("(none)")
+                        crate::error::quoted(other.unwrap_or("(none)"))
                     ),
                 ));
             }
@@ -534,7 +537,7 @@ fn messages_turn(turn: &Value, i: usize, chat: &mut Vec<Value>) -> Result<(), Un
                             here,
                             format!(
                                 "Content blocks of type `{}` cannot be sent to an OpenAI-format backend.",
-                                other.unwrap_or("(none)")
+                                crate::error::quoted(other.unwrap_or("(none)"))
                             ),
                         ));
                     }
@@ -586,7 +589,7 @@ fn messages_turn(turn: &Value, i: usize, chat: &mut Vec<Value>) -> Result<(), Un
                             at(&format!(".content[{j}]")),
                             format!(
                                 "Content blocks of type `{}` cannot be sent to an OpenAI-format backend.",
-                                other.unwrap_or("(none)")
+                                crate::error::quoted(other.unwrap_or("(none)"))
                             ),
                         ));
                     }
@@ -601,7 +604,7 @@ fn messages_turn(turn: &Value, i: usize, chat: &mut Vec<Value>) -> Result<(), Un
         other => {
             return Err(Untranslatable::new(
                 at(".role"),
-                format!("Unknown role `{other}`."),
+                format!("Unknown role `{}`.", crate::error::quoted(other)),
             ));
         }
     }
