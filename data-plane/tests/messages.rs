@@ -163,6 +163,40 @@ async fn an_anthropic_backend_gets_the_request_and_the_client_the_stream_as_they
 }
 
 #[tokio::test]
+async fn a_header_sent_on_several_lines_reaches_the_backend_whole() {
+    let claude = mock("claude");
+    let h = claude_only(&claude).await;
+    let response = h
+        .http
+        .post(h.url("/v1/messages"))
+        .header("x-api-key", KEY)
+        .header("anthropic-version", VERSION)
+        .header("anthropic-beta", "context-management-2025-06-27")
+        .header("anthropic-beta", "fine-grained-tool-streaming-2025-05-14")
+        .header("content-type", "application/json")
+        .body(hello(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let upstream = claude.last_messages().unwrap();
+    let betas: Vec<&str> = upstream
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "anthropic-beta")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(
+        betas,
+        [
+            "context-management-2025-06-27",
+            "fine-grained-tool-streaming-2025-05-14"
+        ]
+    );
+    assert_eq!(upstream.header("anthropic-version"), Some(VERSION));
+}
+
+#[tokio::test]
 async fn without_an_anthropic_version_the_backend_gets_its_configured_one() {
     let claude = mock("claude");
     let h = Harness::start(snapshot(

@@ -617,9 +617,13 @@ async fn attempt(
         headers.insert(name, value.clone());
     }
     if backend.format == ApiFormat::Anthropic {
-        // After the backend's own: the client's anthropic-version wins.
+        // After the backend's own: the client's anthropic-version wins. A header the client
+        // sent on several lines (`anthropic-beta: a`, `anthropic-beta: b`) goes as it came.
+        for (name, _) in passed {
+            headers.remove(name);
+        }
         for (name, value) in passed {
-            headers.insert(name.clone(), value.clone());
+            headers.append(name.clone(), value.clone());
         }
     }
     // A stream's head and first event come with its first token; a whole answer's head only
