@@ -412,13 +412,18 @@ impl Allowances {
                         (max_budget, resets),
                     );
                     if old.1.is_some() && old.1 != resets {
-                        // A new period: what the old one's requests ran past their grants
-                        // was spent in the old one, and is not asked for in this one.
-                        let _ =
-                            pool.available
-                                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
-                                    (a < 0).then_some(0)
-                                });
+                        // A new period: the old one's money is void, here as at the control
+                        // plane, which counts this replica as holding none of the new period's
+                        // from its first ask in it. Kept, it was spent on this period's
+                        // requests uncounted by every grant, up to a pool (1.5 grants) a
+                        // replica past the budget at every reset. What the old period's
+                        // requests ran past their grants was spent in the old one, and is not
+                        // asked for in this one either. (Unless its money is the new
+                        // period's already: a grant of it came before this snapshot.)
+                        let new_period_start = old.1.map_or(i64::MAX, system_time_ms);
+                        if pool.period_start_ms.load(Ordering::Acquire) < new_period_start {
+                            pool.available.store(0, Ordering::Release);
+                        }
                     }
                     Arc::clone(pool)
                 }
@@ -573,6 +578,12 @@ impl Allowances {
             pool.changed.notify_waiters();
         }
     }
+}
+
+/// `t` in milliseconds since the epoch (0 before it, the largest after its range).
+fn system_time_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
@@ -750,6 +761,36 @@ mod tests {
         assert_eq!(ask.want_nanos, 10, "the reserve alone");
         a.heard(Some(&grant("k", 10, false)), false);
         assert_eq!(waiting.await.unwrap(), Ok(true));
+    }
+
+    /// At a reset the control plane counts a replica as holding none of the new period's money
+    /// from its first ask in it; a pool that kept the old period's money spent it on the new
+    /// period's requests uncounted by any grant, past the budget by as much at every reset.
+    /// Money of the new period already granted before the snapshot came stays.
+    #[tokio::test]
+    async fn a_new_period_voids_the_old_periods_money() {
+        let a = allowances(WhenAway::Refuse);
+        let day = |d: u64| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(86_400 * d));
+        a.budgeted(vec![("k".into(), 1.0, day(1))]);
+        a.heard(Some(&grant("k", 1_000, false)), false);
+        a.budgeted(vec![("k".into(), 1.0, day(2))]);
+        assert_eq!(a.pool("k").unwrap().available(), 0);
+        let waiting = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.admit("k", 900).await.map(|r| r.is_some()) }
+        });
+        assert_eq!(a.queued.lock().await.recv().await.unwrap().want_nanos, 900);
+        let mut next_day = grant("k", 900, false);
+        next_day.allowances[0].period_start_ms = 86_400_000;
+        a.heard(Some(&next_day), false);
+        assert_eq!(waiting.await.unwrap(), Ok(true));
+
+        // The next reset's grant comes before its snapshot: that money is the new period's.
+        let mut day_after = grant("k", 500, false);
+        day_after.allowances[0].period_start_ms = 2 * 86_400_000;
+        a.heard(Some(&day_after), false);
+        a.budgeted(vec![("k".into(), 1.0, day(3))]);
+        assert_eq!(a.pool("k").unwrap().available(), 500);
     }
 
     #[tokio::test]
