@@ -121,6 +121,11 @@ impl Registry {
         }
     }
 
+    /// The node ids with a stream open.
+    fn connected_ids(&self) -> std::collections::HashSet<String> {
+        self.lock().keys().cloned().collect()
+    }
+
     pub fn connected_count(&self) -> usize {
         self.lock().len()
     }
@@ -229,6 +234,37 @@ impl Membership {
     }
 }
 
+impl Membership {
+    /// Puts on a lease every share stored as held while connected by a replica the registry
+    /// has no stream of. A join cut off after its write committed (the replica gone before
+    /// its first snapshot: its call was dropped while the write, which cannot be cancelled,
+    /// went on) or a departure whose write failed left such a share: held for good, it made
+    /// every snapshot count a replica too many, each replica taking a smaller share of every
+    /// limit, until the control plane restarted. Under the join lock, so no join or leave is
+    /// half done meanwhile.
+    pub async fn release_orphans(&self, now: i64) {
+        let _one_at_a_time = self.lock.lock().await;
+        let holders = match self.store.held_while_connected().await {
+            Ok(holders) => holders,
+            Err(err) => {
+                tracing::warn!(error = %err, "reading replica shares failed; will retry");
+                return;
+            }
+        };
+        let connected = self.registry.connected_ids();
+        for node_id in holders.into_iter().filter(|n| !connected.contains(n)) {
+            tracing::warn!(node = %node_id, "a replica held a share with no stream open (its join or departure was cut off); its share now ends after a lease");
+            if let Err(err) = self
+                .store
+                .release_share(node_id, now, now + lease_ms())
+                .await
+            {
+                tracing::warn!(error = %err, "releasing a replica's share failed; will retry");
+            }
+        }
+    }
+}
+
 /// At a control-plane start at `now`: the replicas that held a share when it stopped are
 /// still serving on it, so each keeps it for a lease from now unless it reconnects first.
 pub async fn resume(store: &Store, now: i64) -> Result<(), StoreError> {
@@ -236,8 +272,11 @@ pub async fn resume(store: &Store, now: i64) -> Result<(), StoreError> {
 }
 
 /// Ends the shares whose lease ran out, as they run out, until `stop`. Each that ends
-/// re-divides every RPM limit among the replicas left (a new snapshot).
-pub async fn expire_shares(store: Store, stop: CancellationToken) {
+/// re-divides every RPM limit among the replicas left (a new snapshot). At least once a lease
+/// it also puts on a lease the shares held "while connected" by replicas with no stream open
+/// ([`Membership::release_orphans`]).
+pub async fn expire_shares(membership: Membership, stop: CancellationToken) {
+    let store = membership.store.clone();
     loop {
         let wait = match store.next_share_expiry().await {
             Ok(Some(at)) => Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64),
@@ -254,10 +293,60 @@ pub async fn expire_shares(store: Store, stop: CancellationToken) {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(wait.min(SHARE_LEASE)) => {}
         }
+        membership.release_orphans(now_ms()).await;
         match store.expire_shares(now_ms()).await {
             Ok(0) => {}
             Ok(ended) => tracing::info!(ended, "replica shares lapsed; RPM limits re-divided"),
             Err(err) => tracing::warn!(error = %err, "ending replica leases failed; will retry"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn hello(node: &str) -> NodeHello {
+        NodeHello {
+            node_id: node.into(),
+            incarnation: "i1".into(),
+            hostname: "h".into(),
+            peer_address: "p".into(),
+            build_version: "v".into(),
+        }
+    }
+
+    /// A join whose call was dropped after its write committed (the replica gone before its
+    /// first snapshot) leaves a share held "while connected" with no stream to end it; so does
+    /// a departure whose write failed. Each made every snapshot count a replica too many,
+    /// dividing every limit among one replica more, until the control plane restarted.
+    #[tokio::test]
+    async fn a_share_held_with_no_stream_open_is_put_on_a_lease_and_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(
+            &dir.path().join("t.db"),
+            crate::crypto::MasterKey::generate(),
+        )
+        .unwrap();
+        let members = Membership::new(store.clone(), Arc::default());
+        members.joined(&hello("live"), 1_000).await.unwrap();
+        // The write of a join whose call was dropped: no stream, no registry entry.
+        store.record_connect(hello("ghost"), 1_000).await.unwrap();
+        let mut held = store.held_while_connected().await.unwrap();
+        held.sort();
+        assert_eq!(held, ["ghost", "live"]);
+
+        members.release_orphans(2_000).await;
+        assert_eq!(store.held_while_connected().await.unwrap(), ["live"]);
+        assert_eq!(
+            store.next_share_expiry().await.unwrap(),
+            Some(2_000 + lease_ms())
+        );
+        assert_eq!(store.expire_shares(2_000 + lease_ms()).await.unwrap(), 1);
+        // The connected replica keeps its share; a second sweep finds nothing more.
+        members.release_orphans(3_000 + lease_ms()).await;
+        assert_eq!(store.held_while_connected().await.unwrap(), ["live"]);
+        assert_eq!(store.next_share_expiry().await.unwrap(), None);
     }
 }

@@ -20,7 +20,7 @@ use crate::api::admin::Admin;
 use crate::api::auth::TokenCheck;
 use crate::api::dataplane::DataPlaneApi;
 use crate::api::stats::Stats;
-use crate::membership::{self, Registry};
+use crate::membership::{self, Membership, Registry};
 use crate::metrics::{GrpcMetricsLayer, Metrics};
 use crate::secrets::{SecretSources, SecretsError};
 use crate::snapshot::Publisher;
@@ -280,12 +280,13 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     membership::resume(&store, crate::time::now_ms()).await?;
     let publisher = Publisher::start(store.clone()).await?;
     let registry = Arc::new(Registry::default());
+    let members = Membership::new(store.clone(), Arc::clone(&registry));
     let stop = CancellationToken::new();
     // Background writers: awaited on shutdown, so none writes after the data directory is
     // unlocked (another process may then open the database, e.g. to rotate the master key).
     let background = [
         tokio::spawn(store.clone().run_usage_retention(stop.clone())),
-        tokio::spawn(membership::expire_shares(store.clone(), stop.clone())),
+        tokio::spawn(membership::expire_shares(members.clone(), stop.clone())),
         tokio::spawn(crate::expiry::publish_key_expiries(
             store.clone(),
             stop.clone(),
@@ -307,12 +308,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         admin_check.clone(),
         config.http.header_read_timeout,
     );
-    let dataplane = DataPlaneApi::new(
-        store.clone(),
-        publisher.clone(),
-        registry.clone(),
-        stop.clone(),
-    );
+    let dataplane = DataPlaneApi::new(store.clone(), publisher.clone(), members, stop.clone());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::allowance::{Allowances, Budget, Held, Replica};
 use crate::ingest::{Applied, UsageWriter, batch_of, cooldown_events};
-use crate::membership::{Membership, Registry};
+use crate::membership::Membership;
 use crate::snapshot::Publisher;
 use crate::store::{NodeHello, Store};
 use crate::time::{duration_ms, now_ms};
@@ -47,12 +47,12 @@ impl DataPlaneApi {
     pub fn new(
         store: Store,
         publisher: Arc<Publisher>,
-        registry: Arc<Registry>,
+        membership: Membership,
         stop: CancellationToken,
     ) -> Self {
         Self {
             usage: UsageWriter::start(store.clone()),
-            membership: Membership::new(store.clone(), registry),
+            membership,
             allowances: Arc::default(),
             store,
             publisher,

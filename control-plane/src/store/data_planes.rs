@@ -124,6 +124,19 @@ impl Store {
         .await
     }
 
+    /// The replicas whose share is held while they are connected (not on a lease).
+    pub async fn held_while_connected(&self) -> Result<Vec<String>, StoreError> {
+        self.call(|conn, _| {
+            let mut statement =
+                conn.prepare("SELECT node_id FROM data_planes WHERE share_until = ?1")?;
+            let rows = statement
+                .query_map(params![WHILE_CONNECTED], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
     /// When the next lease runs out (`None`: no replica is on a lease).
     pub async fn next_share_expiry(&self) -> Result<Option<i64>, StoreError> {
         self.call(|conn, _| {
