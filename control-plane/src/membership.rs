@@ -241,9 +241,13 @@ impl Membership {
     /// went on) or a departure whose write failed left such a share: held for good, it made
     /// every snapshot count a replica too many, each replica taking a smaller share of every
     /// limit, until the control plane restarted. Under the join lock, so no join or leave is
-    /// half done meanwhile.
-    pub async fn release_orphans(&self, now: i64) {
+    /// half done meanwhile; not once `stop` is cancelled (the control plane is stopping: its
+    /// replicas' streams end, and they keep their shares until its next start).
+    pub async fn release_orphans(&self, now: i64, stop: &CancellationToken) {
         let _one_at_a_time = self.lock.lock().await;
+        if stop.is_cancelled() {
+            return;
+        }
         let holders = match self.store.held_while_connected().await {
             Ok(holders) => holders,
             Err(err) => {
@@ -293,7 +297,7 @@ pub async fn expire_shares(membership: Membership, stop: CancellationToken) {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(wait.min(SHARE_LEASE)) => {}
         }
-        membership.release_orphans(now_ms()).await;
+        membership.release_orphans(now_ms(), &stop).await;
         match store.expire_shares(now_ms()).await {
             Ok(0) => {}
             Ok(ended) => tracing::info!(ended, "replica shares lapsed; RPM limits re-divided"),
@@ -337,7 +341,8 @@ mod tests {
         held.sort();
         assert_eq!(held, ["ghost", "live"]);
 
-        members.release_orphans(2_000).await;
+        let running = CancellationToken::new();
+        members.release_orphans(2_000, &running).await;
         assert_eq!(store.held_while_connected().await.unwrap(), ["live"]);
         assert_eq!(
             store.next_share_expiry().await.unwrap(),
@@ -345,7 +350,7 @@ mod tests {
         );
         assert_eq!(store.expire_shares(2_000 + lease_ms()).await.unwrap(), 1);
         // The connected replica keeps its share; a second sweep finds nothing more.
-        members.release_orphans(3_000 + lease_ms()).await;
+        members.release_orphans(3_000 + lease_ms(), &running).await;
         assert_eq!(store.held_while_connected().await.unwrap(), ["live"]);
         assert_eq!(store.next_share_expiry().await.unwrap(), None);
     }
