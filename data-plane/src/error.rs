@@ -13,19 +13,7 @@ use sluice_proto::v1::ErrorKind;
 use crate::request::RequestError;
 use crate::snapshot::ApiFormat;
 
-/// The most characters of a client's text (a path, an id) an error quotes back.
-const MAX_QUOTED: usize = 200;
-
-/// `text` as an error may quote it back to the client: at most [`MAX_QUOTED`] characters,
-/// then `…`. A client's text can be tens of kilobytes (a path up to hyper's head limit), and an
-/// error that echoed it whole could be a large answer to a client that holds its connection by
-/// never reading it.
-pub(crate) fn quoted(text: &str) -> String {
-    match text.char_indices().nth(MAX_QUOTED) {
-        Some((at, _)) => format!("{}…", &text[..at]),
-        None => text.to_owned(),
-    }
-}
+pub(crate) use sluice_domain::text::quoted;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

@@ -162,7 +162,7 @@ fn chat_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Untrans
                     at(".role"),
                     format!(
                         "The role `{}` cannot be sent to an Anthropic backend.",
-                        crate::error::quoted(other)
+                        sluice_domain::text::quoted(other)
                     ),
                 ));
             }
@@ -235,7 +235,7 @@ fn user_blocks(content: &Value, at: &str) -> Result<Vec<Value>, Untranslatable> 
                     here,
                     format!(
                         "Content parts of type `{}` cannot be sent to an Anthropic backend.",
-                        crate::error::quoted(other.unwrap_or("(none)"))
+                        sluice_domain::text::quoted(other.unwrap_or("(none)"))
                     ),
                 ));
             }
@@ -537,7 +537,7 @@ fn messages_turn(turn: &Value, i: usize, chat: &mut Vec<Value>) -> Result<(), Un
                             here,
                             format!(
                                 "Content blocks of type `{}` cannot be sent to an OpenAI-format backend.",
-                                crate::error::quoted(other.unwrap_or("(none)"))
+                                sluice_domain::text::quoted(other.unwrap_or("(none)"))
                             ),
                         ));
                     }
@@ -589,7 +589,7 @@ fn messages_turn(turn: &Value, i: usize, chat: &mut Vec<Value>) -> Result<(), Un
                             at(&format!(".content[{j}]")),
                             format!(
                                 "Content blocks of type `{}` cannot be sent to an OpenAI-format backend.",
-                                crate::error::quoted(other.unwrap_or("(none)"))
+                                sluice_domain::text::quoted(other.unwrap_or("(none)"))
                             ),
                         ));
                     }
@@ -604,7 +604,7 @@ fn messages_turn(turn: &Value, i: usize, chat: &mut Vec<Value>) -> Result<(), Un
         other => {
             return Err(Untranslatable::new(
                 at(".role"),
-                format!("Unknown role `{}`.", crate::error::quoted(other)),
+                format!("Unknown role `{}`.", sluice_domain::text::quoted(other)),
             ));
         }
     }

@@ -104,6 +104,20 @@ impl fmt::Debug for Escaped<'_> {
     }
 }
 
+/// The most characters of a client's text (a path, an id, a model name) an error quotes back.
+pub const MAX_QUOTED: usize = 200;
+
+/// `text` as an error may quote it back to the client: at most [`MAX_QUOTED`] characters,
+/// then `…`. A client's text can be megabytes (a model name up to the body limit, a path up
+/// to the head limit), and an error that echoed it whole could be a large answer to a client
+/// that holds its connection by never reading it.
+pub fn quoted(text: &str) -> String {
+    match text.char_indices().nth(MAX_QUOTED) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
