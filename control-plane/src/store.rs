@@ -271,8 +271,12 @@ impl Store {
                 if result.is_ok()
                     && let Err(err) = announce_version(&conn, &inner.commits)
                 {
-                    // The change is committed; data planes get it with the next one.
-                    tracing::error!(error = %err, "cannot read the committed snapshot version");
+                    // The change is committed but its version unread: wake the publisher all
+                    // the same, which reads the version with the rest of its next snapshot.
+                    // (Left for the next commit, a revocation or an expiry could wait for
+                    // one that never comes.)
+                    tracing::error!(error = %err, "cannot read the committed snapshot version; rebuilding the snapshot all the same");
+                    inner.commits.send_modify(|_| {});
                 }
             }
             result
