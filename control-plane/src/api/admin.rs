@@ -123,12 +123,21 @@ impl AdminService for Admin {
             check_api_key("api_key", api_key)?;
         }
         // The updated backend, counted whole as growth (its old self is in the snapshot
-        // still): more than it adds, never less.
+        // still): more than it adds, never less. A disabled backend is not in the snapshot:
+        // enabled without a new key, its stored key joins the snapshot too, counted at the
+        // most a key may be (the store keeps it sealed).
         let mut updated = self.store.get_backend(id.clone()).await?.spec;
+        let was_enabled = updated.enabled;
         updated.apply_mask(&update, &paths)?;
+        let stored_key_joins = api_key.is_none() && !was_enabled && updated.enabled;
+        let kept_key = if stored_key_joins {
+            "k".repeat(crate::backend::MAX_API_KEY_BYTES)
+        } else {
+            String::new()
+        };
         let growth = snapshot::backend_entry_bytes(
             &updated.validated()?,
-            api_key.as_deref().unwrap_or_default(),
+            api_key.as_deref().unwrap_or(&kept_key),
         );
         let room = self.publisher.reserve(growth).await?;
         let (backend, version) = self
@@ -347,6 +356,62 @@ mod tests {
     use crate::crypto::MasterKey;
     use crate::membership::Membership;
     use crate::store::NodeHello;
+
+    /// A disabled backend is not in the snapshot; enabling it brings its stored key in too.
+    /// Counted without it, enabling backends near the size limit passed it, and every replica
+    /// then refused every snapshot (revocations included).
+    #[tokio::test]
+    async fn enabling_a_backend_counts_its_stored_key_against_the_snapshot_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("t.db"), MasterKey::generate()).unwrap();
+        let unlimited = Arc::new(Publisher::unstarted(store.clone()).await.unwrap());
+        let admin = Admin::new(store.clone(), unlimited, Arc::new(Registry::default()));
+        let created = admin
+            .create_backend(Request::new(pb::CreateBackendRequest {
+                backend: Some(pb::Backend {
+                    name: "big-key".into(),
+                    base_url: "https://api.example.com/v1".into(),
+                    models: vec![pb::ModelRoute {
+                        name: "m".into(),
+                        upstream_name: "m".into(),
+                        ..Default::default()
+                    }],
+                    enabled: false,
+                    weight: 1,
+                    ..Default::default()
+                }),
+                api_key: "k".repeat(4000),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .backend
+            .unwrap();
+        // Room for the backend's entry without its key, not with it.
+        let publisher = Publisher::unstarted(store.clone()).await.unwrap();
+        let room = prost::Message::encoded_len(publisher.latest().as_ref()) + 1_000;
+        let admin = Admin::new(
+            store.clone(),
+            Arc::new(publisher.with_size_limit(room)),
+            Arc::new(Registry::default()),
+        );
+        let refused = admin
+            .update_backend(Request::new(pb::UpdateBackendRequest {
+                backend: Some(pb::Backend {
+                    id: created.id.clone(),
+                    enabled: true,
+                    ..Default::default()
+                }),
+                update_mask: Some(sluice_proto::wkt::FieldMask {
+                    paths: vec!["enabled".into()],
+                }),
+                api_key: String::new(),
+            }))
+            .await
+            .unwrap_err();
+        assert!(refused.message().contains("snapshot"), "{refused:?}");
+        assert!(!store.get_backend(created.id).await.unwrap().spec.enabled);
+    }
 
     /// Two settings changes of different fields at once (a `sluicectl settings set` and a
     /// dashboard save) both land: neither puts back the field the other changed. The writer
