@@ -422,6 +422,11 @@ impl Allowances {
                         // period's already: a grant of it came before this snapshot.)
                         let new_period_start = old.1.map_or(i64::MAX, system_time_ms);
                         if pool.period_start_ms.load(Ordering::Acquire) < new_period_start {
+                            // The pool is the new period's from now: a request of the old
+                            // one settling later gives nothing back into it, and the new
+                            // period's first grant adds to it.
+                            pool.period_start_ms
+                                .store(new_period_start, Ordering::Release);
                             pool.available.store(0, Ordering::Release);
                         }
                     }
@@ -773,7 +778,11 @@ mod tests {
         let day = |d: u64| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(86_400 * d));
         a.budgeted(vec![("k".into(), 1.0, day(1))]);
         a.heard(Some(&grant("k", 1_000, false)), false);
+        let running = a.admit("k", 300).await.unwrap().unwrap();
         a.budgeted(vec![("k".into(), 1.0, day(2))]);
+        assert_eq!(a.pool("k").unwrap().available(), 0);
+        // A request of the old period ending now gives its unused reserve back to nothing.
+        running.settle(100);
         assert_eq!(a.pool("k").unwrap().available(), 0);
         let waiting = tokio::spawn({
             let a = Arc::clone(&a);

@@ -313,6 +313,7 @@ impl Proxy {
                     config.write_timeout,
                     metrics.write_timeouts(),
                 ),
+                write_timeout: config.write_timeout,
                 draining: draining.clone(),
                 drain_timeout: config.drain_timeout,
             };
@@ -540,6 +541,9 @@ struct Shard {
     connections: Dealt,
     app: Arc<AppState>,
     http: Http,
+    /// A whole answer's allowance on an h2 connection once its head is sent (see
+    /// [`hold_deadline`]).
+    write_timeout: Duration,
     draining: CancellationToken,
     drain_timeout: Duration,
 }
@@ -581,6 +585,7 @@ impl Shard {
             mut connections,
             app,
             http,
+            write_timeout,
             draining,
             drain_timeout,
         } = self;
@@ -609,7 +614,11 @@ impl Shard {
                 async move {
                     let response = response.await;
                     Ok::<_, std::convert::Infallible>(hold_deadline(
-                        response, arrived, h2, &store, &deadline,
+                        response,
+                        arrived,
+                        h2.then_some(write_timeout),
+                        &store,
+                        &deadline,
                     ))
                 }
             });
@@ -625,27 +634,34 @@ impl Shard {
 }
 
 /// A stream's response holds its request deadline on its connection while it is sent, and
-/// so does any answer on HTTP/2: an h2 client that grants a stream no flow-control window
-/// leaves its answer in hyper's buffer with no write waiting on the socket, which the write
-/// timeout alone would never end (a whole answer, up to `--max-response-bytes`, per stream,
-/// 200 streams a connection). On HTTP/1 a whole answer that is not read waits on the socket,
-/// and the write timeout ends it.
+/// so does a whole answer on HTTP/2 (`h2_write_timeout` is then the write timeout): an h2
+/// client that grants a stream no flow-control window leaves its answer in hyper's buffer
+/// with no write waiting on the socket, which the write timeout alone would never end (a
+/// whole answer, up to `--max-response-bytes`, per stream, 200 streams a connection). A whole
+/// answer gets the later of its request's deadline and the write timeout from its head, so
+/// that one ready near its deadline still has the write timeout's allowance to be read. On
+/// HTTP/1 a whole answer that is not read waits on the socket, and the write timeout ends it.
 fn hold_deadline(
     response: axum::response::Response,
     arrived: tokio::time::Instant,
-    h2: bool,
+    h2_write_timeout: Option<Duration>,
     store: &SnapshotStore,
     deadline: &ConnectionDeadline,
 ) -> http::Response<deadline::Holding<axum::body::Body>> {
-    let stream = h2
-        || response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|t| t.as_bytes() == b"text/event-stream");
-    let held = stream
+    let stream = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes() == b"text/event-stream");
+    let held = (stream || h2_write_timeout.is_some())
         .then(|| store.load())
         .flatten()
-        .map(|snapshot| deadline.hold(arrived + snapshot.policy.request_timeout + deadline::GRACE));
+        .map(|snapshot| {
+            let mut until = arrived + snapshot.policy.request_timeout;
+            if let Some(write_timeout) = h2_write_timeout.filter(|_| !stream) {
+                until = until.max(tokio::time::Instant::now() + write_timeout);
+            }
+            deadline.hold(until + deadline::GRACE)
+        });
     response.map(|body| deadline::Holding::new(body, held))
 }
 

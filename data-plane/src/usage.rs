@@ -7,7 +7,9 @@
 //! applied. Each report names the record held just before its first one
 //! (`previous_sequence`): the control plane applies it only once it has stored that one, so
 //! a report sent after one whose commit failed is not applied past the gap, and the resend
-//! of both counts each record once. When the queue is full the oldest record is dropped and counted. Backend events
+//! of both counts each record once. When the queue is full the oldest record is dropped and
+//! counted; with a spool, a record on disk is kept and the entering one dropped if the spool
+//! does not hold it ([`UsageSink::record_spooled`]). Backend events
 //! (cooldowns) skip the batching delay: other replicas learn of a 429 from the next snapshot.
 //!
 //! A record is encoded once, when it is recorded: the queue holds its bytes, which are also
@@ -16,8 +18,8 @@
 //! A report holds at most [`BATCH_SIZE`] records and stays under
 //! [`limits::MAX_USAGE_REPORT_BYTES`] encoded. A record that can never be delivered must not
 //! hold back every record after it: one too large for any report is dropped when a batch is
-//! made, and when the control plane refuses a report as too large (`OUT_OF_RANGE`,
-//! `RESOURCE_EXHAUSTED`; it never refuses a record for its content), the next session sends the
+//! made, and when the control plane refuses a report as too large (`OUT_OF_RANGE`; it never
+//! refuses a record for its content), the next session sends the
 //! oldest unacked record alone; refused again, that record is dropped. Both are logged and
 //! counted ([`UsageSink::unsendable`]). Any other failure (the control plane away, its disk
 //! failing) drops nothing: the records are sent again.

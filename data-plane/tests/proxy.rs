@@ -958,7 +958,8 @@ async fn connections_go_to_the_serving_thread_holding_the_fewest() {
 
 /// An h2 client that grants a whole answer's stream no flow-control window leaves the answer
 /// in hyper's buffer with no write waiting on the socket, so the write timeout never starts:
-/// the connection (up to 200 such answers held) is cut at the request's deadline instead.
+/// the connection (up to 200 such answers held) is cut at the later of the request's deadline
+/// and the write timeout from the answer's head instead.
 #[tokio::test]
 async fn an_h2_client_that_grants_a_whole_answer_no_window_is_cut_at_the_request_deadline() {
     use std::time::Duration;
@@ -971,7 +972,7 @@ async fn an_h2_client_that_grants_a_whole_answer_no_window_is_cut_at_the_request
     snap.settings.as_mut().unwrap().request_timeout = Some(sluice_proxy::clock::proto_duration(
         Duration::from_millis(500),
     ));
-    let h = Harness::start(snap).await;
+    let h = Harness::start_with(snap, |c| c.write_timeout = Duration::from_millis(500)).await;
     let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(0)

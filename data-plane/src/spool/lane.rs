@@ -399,7 +399,11 @@ impl LaneState {
         frame::seed(&mut self.batch, segment.seed);
         match segment.file.write_all_at(&self.batch, segment.bytes) {
             Ok(()) => {
-                shared.writes_failing.store(false, Ordering::Relaxed);
+                // Read first: a store at every write would take the shared line from the
+                // other serving threads' caches each time.
+                if shared.writes_failing.load(Ordering::Relaxed) {
+                    shared.writes_failing.store(false, Ordering::Relaxed);
+                }
                 segment.bytes += len;
                 segment.synced = false;
                 segment.max_sequence = segment.max_sequence.max(self.batch_max_sequence);
