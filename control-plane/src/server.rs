@@ -145,12 +145,12 @@ pub struct Running {
     pub store: Store,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
-    _lock: std::fs::File,
 }
 
 impl Running {
     /// Stops accepting, ends replica streams, and waits for the servers and background
-    /// writers to finish; the data directory is unlocked only then.
+    /// writers to finish. The data directory stays locked until the last handle on the store
+    /// is gone (a write still queued included: `Store::hold_lock`).
     pub async fn shutdown(self) -> Result<(), ServeError> {
         self.stop.cancel();
         self.wait().await
@@ -234,6 +234,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         }
         opened => opened?,
     };
+    // Unlocked only once no write can come any more: see `Store::hold_lock`.
+    store.hold_lock(lock);
     if opened == Opened::Created {
         tracing::info!(path = %db_path.display(), "created a new database");
     }
@@ -408,6 +410,5 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         store,
         stop,
         task,
-        _lock: lock,
     })
 }

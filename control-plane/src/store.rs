@@ -161,6 +161,8 @@ struct Inner {
     observer: Arc<dyn StoreObserver>,
     /// The newest committed snapshot version.
     commits: watch::Sender<u64>,
+    /// The data directory's lock ([`Store::hold_lock`]), released with the last handle.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 /// Which read-only connection a read uses. Snapshot builds get their own, so a
@@ -216,6 +218,7 @@ impl Store {
                     key,
                     observer,
                     commits: watch::Sender::new(version),
+                    lock: Mutex::new(None),
                 }),
             },
             opened,
@@ -283,6 +286,16 @@ impl Store {
         })
         .await
         .map_err(|_| StoreError::Join)?
+    }
+
+    /// Keeps `lock` (the data directory's, held) until the last handle on this store is gone:
+    /// every write queued for the writer holds a handle, so the directory stays locked until
+    /// the last of them committed. Held by the server's handle instead, it was released when
+    /// the server stopped, while a write stuck behind a slow one could still commit: a
+    /// `rotate-master-key` run in between would have had it seal a provider key with the old
+    /// master key, and the next start fail to decrypt it.
+    pub fn hold_lock(&self, lock: std::fs::File) {
+        *self.inner.lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
     }
 
     /// Tells the observer that a transaction committed `records` new usage records.
@@ -493,5 +506,60 @@ fn unique_violation(err: rusqlite::Error, message: impl FnOnce() -> String) -> S
             StoreError::AlreadyExists(message())
         }
         _ => StoreError::Sqlite(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// The data directory stays locked while a write queued before the server stopped can
+    /// still commit: released earlier, a `rotate-master-key` could run in between, and the
+    /// write seal a provider key with the master key it just replaced.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_directory_stays_locked_until_the_last_queued_write_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock_path = dir.path().join("lock");
+        let open_lock = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .unwrap()
+        };
+        let (store, _) = Store::open(
+            &dir.path().join("t.db"),
+            crate::crypto::MasterKey::generate(),
+        )
+        .unwrap();
+        let lock = open_lock();
+        lock.try_lock().unwrap();
+        store.hold_lock(lock);
+        let (started_tx, started) = std::sync::mpsc::channel();
+        // An admin call's write, queued behind a slow one: its handler holds a handle.
+        let handler = store.clone();
+        let write = tokio::spawn(async move {
+            handler
+                .call(move |_, _| {
+                    started_tx.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(300));
+                    Ok(())
+                })
+                .await
+        });
+        started.recv().unwrap();
+        // The server is gone (its handle dropped); the write is still running.
+        drop(store);
+        assert!(
+            open_lock().try_lock().is_err(),
+            "unlocked under a running write"
+        );
+        write.await.unwrap().unwrap();
+        assert!(
+            open_lock().try_lock().is_ok(),
+            "still locked once every write is done"
+        );
     }
 }
