@@ -86,6 +86,10 @@ pub enum ProxyError {
     },
     #[error("The upstream provider could not be reached.")]
     UpstreamConnect,
+    #[error(
+        "The upstream provider refused this gateway's credentials for it. Your API key is fine; the gateway's administrator must fix the provider key."
+    )]
+    UpstreamCredentials,
     #[error("The upstream provider did not answer in time.")]
     UpstreamTimeout,
     #[error("The upstream provider sent an invalid or oversized response.")]
@@ -172,7 +176,9 @@ impl ProxyError {
             | Self::KeyParallelLimited { .. }
             | Self::BackendsBusy { .. }
             | Self::BudgetSpent { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::UpstreamConnect | Self::UpstreamInvalid => StatusCode::BAD_GATEWAY,
+            Self::UpstreamConnect | Self::UpstreamInvalid | Self::UpstreamCredentials => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::InvalidResponseId { .. }
@@ -214,6 +220,7 @@ impl ProxyError {
             Self::BudgetSpent { .. } => ("insufficient_quota", "insufficient_quota"),
             Self::BudgetUnavailable { .. } => ("server_error", "budget_unavailable"),
             Self::UpstreamConnect => ("server_error", "upstream_unreachable"),
+            Self::UpstreamCredentials => ("server_error", "upstream_auth_failed"),
             Self::UpstreamTimeout => ("server_error", "upstream_timeout"),
             Self::UpstreamInvalid => ("server_error", "upstream_invalid_response"),
             Self::UnknownPath { .. } => ("invalid_request_error", "unknown_url"),
@@ -273,6 +280,7 @@ impl ProxyError {
             | Self::BackendsBusy { .. } => ErrorKind::RateLimited,
             Self::ModelNotFound(_) => ErrorKind::NoBackend,
             Self::UpstreamConnect => ErrorKind::UpstreamConnect,
+            Self::UpstreamCredentials => ErrorKind::UpstreamStatus,
             Self::UpstreamInvalid => ErrorKind::UpstreamInvalid,
             Self::UpstreamTimeout => ErrorKind::UpstreamTimeout,
             Self::NotReady

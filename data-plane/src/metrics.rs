@@ -112,6 +112,8 @@ pub enum AttemptOutcome {
     connect_error,
     timeout,
     invalid_response,
+    /// The backend refused Sluice's credentials for it (401, 403).
+    auth_error,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -152,6 +152,49 @@ async fn a_whole_answer_slower_than_a_streams_first_byte_timeout_is_waited_for()
     assert_eq!(header(&response, "x-sluice-attempts"), "2");
 }
 
+/// A backend that refuses Sluice's credentials for it (401, 403: a revoked provider key) is a
+/// backend failure, not the client's: the next backend answers. When none is left, the client
+/// gets 502 `upstream_auth_failed`, not the provider's 401 (which the SDKs report as the
+/// client's own key being wrong) nor its body.
+#[tokio::test]
+async fn a_backend_that_refuses_its_credentials_fails_over() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::status(401).times(1));
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+
+    primary.set_fault(Fault::status(403).always());
+    let alone = Harness::start(snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    ))
+    .await;
+    let response = alone.chat(chat_body(true)).await;
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_auth_failed", "{body}");
+    let record = alone.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::UpstreamStatus as i32);
+    assert_eq!(record.status_code, 502);
+    assert!(
+        alone
+            .metrics()
+            .await
+            .lines()
+            .any(|l| l.starts_with("sluice_upstream_attempts_total{")
+                && l.contains("outcome=\"auth_error\"")),
+        "counted as an auth error"
+    );
+}
+
 #[tokio::test]
 async fn client_errors_from_upstream_pass_through_without_failover() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));

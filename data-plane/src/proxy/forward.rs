@@ -61,6 +61,13 @@ enum Failure {
     Timeout,
     /// A broken or oversized body.
     Invalid(String),
+    /// 401 or 403: the backend refused the credentials Sluice holds for it (a revoked or
+    /// mistyped provider key, a project without access). Nothing the client can fix: the
+    /// next backend is tried, the failure counts towards the backend's cooldown, and a client
+    /// every backend refused gets 502 `upstream_auth_failed`, not the provider's 401 (which
+    /// the SDKs report as the client's own key being wrong) nor its body (which names the
+    /// provider account).
+    Refused(StatusCode),
     /// The answer's head came (a status neither 429 nor 5xx), then its body broke, stalled
     /// (`timeout`) or passed the size limit. The provider has generated, and billed, the
     /// answer: it is not asked of another backend (no retry after the first byte).
@@ -90,6 +97,7 @@ impl Failure {
                 policy.retry_on_rate_limit
             }
             Self::Status { .. } => policy.retry_on_server_error,
+            Self::Refused(_) => true,
             Self::Connect(_) | Self::Invalid(_) => policy.retry_on_connect_error,
             Self::Timeout => policy.retry_on_timeout,
             Self::Cut { .. } => false,
@@ -117,6 +125,7 @@ impl Failure {
                 AttemptOutcome::rate_limited
             }
             Self::Status { .. } => AttemptOutcome::server_error,
+            Self::Refused(_) => AttemptOutcome::auth_error,
             Self::Connect(_) => AttemptOutcome::connect_error,
             Self::Timeout | Self::Cut { timeout: true, .. } => AttemptOutcome::timeout,
             Self::Invalid(_) | Self::Cut { timeout: false, .. } => AttemptOutcome::invalid_response,
@@ -126,6 +135,7 @@ impl Failure {
     fn describe(&self) -> String {
         match self {
             Self::Status { status, .. } => format!("status {}", status.as_u16()),
+            Self::Refused(status) => format!("credentials refused: status {}", status.as_u16()),
             Self::Connect(e) => format!("connect: {e}"),
             Self::Timeout => "timeout before the first byte".to_owned(),
             Self::Invalid(e) => format!("invalid response: {e}"),
@@ -570,6 +580,7 @@ async fn fail(
             response
         }
         Failure::Connect(_) => error(acct, ProxyError::UpstreamConnect).await,
+        Failure::Refused(_) => error(acct, ProxyError::UpstreamCredentials).await,
         Failure::Invalid(_) | Failure::Cut { timeout: false, .. } => {
             error(acct, ProxyError::UpstreamInvalid).await
         }
@@ -645,6 +656,9 @@ async fn attempt(
     let (head, mut upstream) = upstream.into_parts();
     let status = head.status;
     let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return Err(Failure::Refused(status));
+    }
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let retry_after = cooldown::retry_after(&head.headers, SystemTime::now());
         let body = read_body(

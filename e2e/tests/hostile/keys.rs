@@ -19,7 +19,23 @@ async fn a_key_the_upstream_echoes_never_reaches_the_client() {
     let (_, key) = cluster.create_key("k", &[]).await;
     let proxy = cluster.proxy().await;
 
-    for (code, stream) in [(401, false), (401, true), (503, false), (429, true)] {
+    // First (before the 429 below cools the backend down).
+    mock.set_faults(vec![Fault::EchoKey { code: 401 }.always()])
+        .await;
+    let refused = proxy
+        .post(
+            "/v1/chat/completions",
+            &key,
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(refused.status().as_u16(), 502);
+    let body = refused.text().await.unwrap();
+    assert!(!body.contains(&upstream_key[..12]), "{body}");
+    assert!(body.contains("upstream_auth_failed"), "{body}");
+    // 400 is passed on as it came, 503 and 429 as the last failure; a 401 (the provider
+    // refusing the key, here echoing it) is Sluice's own 502, with no provider text at all.
+    for (code, stream) in [(400, false), (400, true), (503, false), (429, true)] {
         mock.set_faults(vec![Fault::EchoKey { code }.always()])
             .await;
         let response = proxy
