@@ -538,13 +538,14 @@ mod tests {
         lock.try_lock().unwrap();
         store.hold_lock(lock);
         let (started_tx, started) = std::sync::mpsc::channel();
+        let (finish, finishing) = std::sync::mpsc::channel::<()>();
         // An admin call's write, queued behind a slow one: its handler holds a handle.
         let handler = store.clone();
         let write = tokio::spawn(async move {
             handler
                 .call(move |_, _| {
                     started_tx.send(()).unwrap();
-                    std::thread::sleep(Duration::from_millis(300));
+                    finishing.recv().unwrap();
                     Ok(())
                 })
                 .await
@@ -556,6 +557,7 @@ mod tests {
             open_lock().try_lock().is_err(),
             "unlocked under a running write"
         );
+        finish.send(()).unwrap();
         write.await.unwrap().unwrap();
         assert!(
             open_lock().try_lock().is_ok(),

@@ -302,11 +302,8 @@ impl UsageSink {
             sink: self,
             record: Some(Queued::new(record, sequence)),
         };
-        if let Some(record) = &entering.record {
-            let on_disk = spool(record);
-            if let Some(record) = entering.record.as_mut() {
-                record.on_disk = on_disk;
-            }
+        if let Some(record) = entering.record.as_mut() {
+            record.on_disk = spool(record);
         }
         sequence
     }
