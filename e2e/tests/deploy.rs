@@ -463,3 +463,26 @@ async fn the_kubernetes_liveness_probe_passes_a_data_plane_at_its_connection_lim
     assert!(passed, "the liveness probe {probe} fails a busy replica");
     drop(held);
 }
+
+/// The control plane opens its gRPC port only once its database is migrated, and an upgrade
+/// that rebuilds the statistics tables (migrations 0002, 0003 and 0007 copy every row of them)
+/// takes minutes on a large database. Its liveness probe gives up after 3 × 10 s; a startup
+/// probe holds it off while the pod starts, for 15 minutes.
+#[test]
+fn the_control_plane_has_minutes_to_migrate_before_its_liveness_probe_counts() {
+    let statefulset = yaml_documents("k8s/control-plane.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "StatefulSet")
+        .unwrap();
+    let container = &statefulset["spec"]["template"]["spec"]["containers"][0];
+    let startup = &container["startupProbe"];
+    assert_eq!(
+        startup["grpc"], container["livenessProbe"]["grpc"],
+        "the startup probe asks what the liveness probe asks"
+    );
+    let budget = seconds(&startup["periodSeconds"]) * seconds(&startup["failureThreshold"]);
+    assert!(
+        budget >= 15 * 60,
+        "{budget} s for the control plane to migrate and open its port"
+    );
+}
