@@ -386,7 +386,13 @@ async fn authorized(
         },
         None => None,
     };
-    acct.estimate_prompt(body.len());
+    // A count is not a generation: it takes nothing from the tokens per minute either
+    // (`try_admit(0)` still refuses a key in debt).
+    acct.estimate_prompt(if endpoint == Endpoint::CountTokens {
+        0
+    } else {
+        body.len()
+    });
     let now = Instant::now();
     let tokens = match &key.tokens {
         Some(bucket) => match bucket.try_admit(acct.prompt_estimate(), now) {

@@ -556,6 +556,47 @@ async fn a_request_one_api_cannot_take_goes_to_a_backend_of_the_other() {
     assert_eq!(body["error"]["param"], "n", "{body}");
 }
 
+/// Counting a prompt's tokens is free at Anthropic, and not counted against its rate limits:
+/// it takes nothing from a key's or a backend's tokens per minute. Kept charged (its answer
+/// tells no usage), a few counts of a long conversation, as coding agents make, left the key
+/// refused and the backend skipped for every key for minutes.
+#[tokio::test]
+async fn a_token_count_takes_nothing_from_the_tokens_per_minute() {
+    let claude = mock("claude");
+    for limit_the_key in [true, false] {
+        let mut snap = snapshot(
+            1,
+            vec![anthropic(
+                "claude",
+                &claude.base_url(),
+                proto::Pool::Primary,
+            )],
+        );
+        // 600 TPM on one replica: a burst of 60, far less than the count's 4 KB body.
+        if limit_the_key {
+            snap.client_keys[0].tpm_limit = 600;
+        } else {
+            snap.backends[0].tpm_limit = 600;
+        }
+        let h = Harness::start(snap).await;
+        let long =
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "word ".repeat(800)}]});
+        for _ in 0..2 {
+            let counted = send(&h, "/v1/messages/count_tokens", &long.to_string()).await;
+            assert_eq!(counted.status(), 200, "key limited: {limit_the_key}");
+        }
+        let short = json!({"model": MODEL, "max_tokens": 16,
+                           "messages": [{"role": "user", "content": "hi"}]});
+        let answered = send(&h, "/v1/messages", &short.to_string()).await;
+        assert_eq!(
+            answered.status(),
+            200,
+            "key limited: {limit_the_key}: {}",
+            answered.text().await.unwrap()
+        );
+    }
+}
+
 #[tokio::test]
 async fn count_tokens_is_forwarded_to_anthropic_and_refused_for_openai_backends() {
     let claude = mock("claude");
