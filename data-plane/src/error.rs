@@ -122,6 +122,10 @@ pub enum ProxyError {
     )]
     ResponsesUnsupported(String),
     #[error(
+        "Background responses are not available to this API key: their tokens are spent after the create returns, where its budget and limits cannot hold them. Send the request without 'background'."
+    )]
+    BackgroundNotAllowed,
+    #[error(
         "This Sluice data plane cannot issue response ids yet (its configuration has no affinity key); try again shortly."
     )]
     NoAffinityKey,
@@ -183,7 +187,8 @@ impl ProxyError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::InvalidResponseId { .. }
             | Self::ResponseBackendLacksModel { .. }
-            | Self::ResponsesUnsupported(_) => StatusCode::BAD_REQUEST,
+            | Self::ResponsesUnsupported(_)
+            | Self::BackgroundNotAllowed => StatusCode::BAD_REQUEST,
             Self::ResponseBackendGone { .. } => StatusCode::NOT_FOUND,
             Self::ResponseBackendCoolingDown { .. } | Self::NoAffinityKey => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -237,6 +242,7 @@ impl ProxyError {
                 ("invalid_request_error", "response_backend_lacks_model")
             }
             Self::ResponsesUnsupported(_) => ("invalid_request_error", "responses_not_supported"),
+            Self::BackgroundNotAllowed => ("invalid_request_error", "background_not_allowed"),
             Self::NoAffinityKey => ("server_error", "not_ready"),
         }
     }
@@ -252,6 +258,7 @@ impl ProxyError {
             | Self::EndpointUnsupported { .. }
             | Self::TokenCountUnsupported(_) => Some("model"),
             Self::InvalidResponseId { param, .. } => Some(param),
+            Self::BackgroundNotAllowed => Some("background"),
             _ => None,
         }
     }

@@ -335,6 +335,16 @@ async fn authorized(
     let Some((_, routes)) = routed else {
         return forward::error(acct, ProxyError::ModelNotFound(parsed.model.to_string())).await;
     };
+    // A background response spends its tokens after the create returned, unseen: the key's
+    // budget, token limit and parallel limit would not hold it.
+    if endpoint == Endpoint::Responses
+        && (key.tokens.is_some()
+            || key.parallel.is_some()
+            || app.allowances.pool(&key.id).is_some())
+        && parsed.background()
+    {
+        return forward::error(acct, ProxyError::BackgroundNotAllowed).await;
+    }
     // Before the rate limit: a refused request takes no rate token.
     if let Some(spent) = key.budget_spent {
         app.metrics.budget_refused(BudgetRefusal::spent);

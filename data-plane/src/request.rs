@@ -267,6 +267,13 @@ impl ParsedRequest<'_> {
 }
 
 impl ParsedRequest<'_> {
+    /// The Responses API's `background: true`, in any member of that name (a parser upstream
+    /// may read the last of repeated members; what is not a boolean it refuses).
+    pub fn background(&self) -> bool {
+        self.members()
+            .any(|(key, value)| key == "background" && value.get() == "true")
+    }
+
     /// The body's top-level members in order, each value's text as the client wrote it.
     pub fn members(&self) -> impl Iterator<Item = (&str, &RawValue)> {
         self.fields

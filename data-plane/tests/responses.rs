@@ -516,3 +516,63 @@ async fn an_error_event_ending_a_resumed_stream_takes_the_next_sequence_number()
     assert_eq!(records[1].completion_tokens, 0, "{:?}", records[1]);
     assert!(!records[1].tokens_estimated);
 }
+
+/// A background response spends its tokens after the create returned, where Sluice sees
+/// none of them (a retrieve is not counted: it would count on every poll): a key held to a
+/// token limit or a number of requests in flight (or a budget: `e2e/tests/budgets.rs`) gets
+/// a clear 400 for it, before anything reaches a backend; other keys are served.
+#[tokio::test]
+async fn a_key_held_to_limits_is_refused_background_responses() {
+    let upstream = mock("alpha");
+    for limit in ["tpm_limit", "max_parallel_requests"] {
+        let mut snap = snapshot(
+            1,
+            vec![backend(
+                "alpha",
+                &upstream.base_url(),
+                proto::Pool::Primary,
+                0,
+            )],
+        );
+        match limit {
+            "tpm_limit" => snap.client_keys[0].tpm_limit = 1_000_000,
+            _ => snap.client_keys[0].max_parallel_requests = 10,
+        }
+        let h = Harness::start(snap).await;
+        for background in [json!(true), json!(false)] {
+            let body = json!({"model": MODEL, "input": "later", "background": false,
+                              "background": background});
+            let answer = create(&h, body).await;
+            if background == json!(true) {
+                let (code, body) = error_code(answer, 400).await;
+                assert_eq!(code, "background_not_allowed", "{limit}: {body}");
+                assert_eq!(body["error"]["param"], "background");
+            } else {
+                assert_eq!(answer.status(), 200, "{limit}");
+            }
+        }
+        assert_eq!(
+            upstream.stats().requests.total(),
+            1,
+            "{limit}: only the foreground create reached the backend"
+        );
+        upstream.reset_stats();
+    }
+
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend(
+            "alpha",
+            &upstream.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    ))
+    .await;
+    let queued = create(
+        &h,
+        json!({"model": MODEL, "input": "later", "background": true}),
+    )
+    .await;
+    assert_eq!(queued.status(), 200, "a key without limits");
+}

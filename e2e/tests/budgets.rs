@@ -306,6 +306,66 @@ async fn a_request_without_tokens_is_charged_its_reserve_only_if_the_provider_ma
     .await;
 }
 
+/// A background response spends its tokens after its create returned, and a retrieve is
+/// not charged (it would be on every poll): a budgeted key would spend without limit. It gets
+/// a clear 400 instead, before the provider is called; its foreground responses are served and
+/// charged.
+#[tokio::test]
+async fn a_budgeted_key_is_refused_background_responses() {
+    let (cluster, mock, unbudgeted) = Cluster::with_one_backend().await;
+    let proxy = cluster.proxy_with(&["--allowance-wait=5s"]).await;
+    let key = cluster
+        .admin()
+        .await
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "budgeted".into(),
+            max_budget: 10.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key;
+    let create = |key: String, background: bool| {
+        let proxy = &proxy;
+        async move {
+            proxy
+                .post(
+                    "/v1/responses",
+                    &key,
+                    json!({"model": "m", "input": "later", "background": background}),
+                )
+                .await
+        }
+    };
+    let refused = loop {
+        let r = create(key.clone(), true).await;
+        // Until the replica has the snapshot with the new key, it does not know it.
+        if r.status() != 401 {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "background_not_allowed", "{body}");
+    assert_eq!(mock.stats().await.requests.total(), 0);
+
+    assert_eq!(create(key.clone(), false).await.status(), 200);
+    assert_eq!(
+        create(unbudgeted, true).await.status(),
+        200,
+        "a key without a budget"
+    );
+    assert_eq!(mock.stats().await.requests.total(), 2);
+    eventually(
+        Duration::from_secs(10),
+        "the foreground response charged",
+        || async { key_state(&cluster, "budgeted").await.spend > 0.0 },
+    )
+    .await;
+}
+
 /// The two bounds, with real processes: a key with a budget driven as hard as a dozen
 /// closed-loop clients can through nginx and three replicas (every third request streamed).
 /// Overshoot: what the mock provider served, at the route's prices, is at most the budget
