@@ -651,6 +651,29 @@ async fn an_answer_without_usage_keeps_its_estimate_charged_to_the_tokens_per_mi
     assert_eq!(body["error"]["type"], "tokens");
 }
 
+/// A chat stream from a server that ignores `stream_options.include_usage` ends with
+/// `[DONE]` and no usage: it is charged its prompt estimate and a token per content delta, as
+/// a stream cut one event earlier would be, not its prompt alone.
+#[tokio::test]
+async fn a_stream_that_ends_without_usage_is_charged_what_was_streamed() {
+    let chunk = |content: &str| {
+        format!(
+            "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}},\"finish_reason\":null}}]}}\n\n"
+        )
+    };
+    let events: String = ["a", "b", "c", "d", "e"].map(chunk).concat() + "data: [DONE]\n\n";
+    let h = Harness::one_primary(&sse_upstream(events).await).await;
+    let text = h.chat(chat_body(true)).await.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let record = h.records(1).await.remove(0);
+    assert!(record.tokens_estimated, "{record:?}");
+    assert_eq!(record.completion_tokens, 5);
+    assert_eq!(
+        record.prompt_tokens,
+        (chat_body(true).to_string().len() as u64).div_ceil(4)
+    );
+}
+
 #[tokio::test]
 async fn a_key_at_its_max_parallel_requests_gets_429_until_one_ends() {
     let primary = slow_mock("primary", 10, 100);

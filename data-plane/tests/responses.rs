@@ -576,3 +576,47 @@ async fn a_key_held_to_limits_is_refused_background_responses() {
     .await;
     assert_eq!(queued.status(), 200, "a key without limits");
 }
+
+/// A Responses stream the provider ends with its `error` event after streaming output (or
+/// with `response.failed` carrying no usage) was charged nothing, its budget reserve and
+/// token reservations given back, while the same break in a chat or Messages stream is
+/// charged what was streamed. It is charged what is known now: the prompt estimate and a
+/// token per delta, marked as estimated.
+#[tokio::test]
+async fn a_stream_ended_by_the_providers_error_event_is_charged_what_was_streamed() {
+    let delta = |n: u64| {
+        format!(
+            "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"sequence_number\":{n},\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"x\"}}\n\n"
+        )
+    };
+    let created = "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"m\",\"output\":[],\"usage\":null}}\n\n";
+    let endings = [
+        "event: error\ndata: {\"type\":\"error\",\"sequence_number\":4,\"code\":\"server_error\",\"message\":\"boom\",\"param\":null}\n\n",
+        "event: response.failed\ndata: {\"type\":\"response.failed\",\"sequence_number\":4,\"response\":{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"failed\",\"model\":\"m\",\"output\":[],\"usage\":null,\"error\":{\"code\":\"server_error\",\"message\":\"boom\"}}}\n\n",
+    ];
+    for ending in endings {
+        let upstream = sse_upstream(format!(
+            "{created}{}{}{}{ending}",
+            delta(1),
+            delta(2),
+            delta(3)
+        ))
+        .await;
+        let h = Harness::one_primary(&upstream).await;
+        let body = json!({"model": MODEL, "input": "hi", "stream": true});
+        let text = create(&h, body.clone()).await.text().await.unwrap();
+        assert_eq!(
+            text.matches("response.output_text.delta").count(),
+            6,
+            "{text}"
+        );
+        let record = h.records(1).await.remove(0);
+        assert!(record.tokens_estimated, "{ending}: {record:?}");
+        assert_eq!(record.completion_tokens, 3, "{ending}");
+        assert_eq!(
+            record.prompt_tokens,
+            (body.to_string().len() as u64).div_ceil(4),
+            "{ending}"
+        );
+    }
+}

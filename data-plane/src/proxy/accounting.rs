@@ -461,14 +461,19 @@ impl Accounting {
     /// (its client went away, or the stream broke) is charged what is known: the prompt
     /// estimate, unless the provider reported the prompt, and a completion token per output
     /// delta streamed, unless it reported more. It undercounts by what the provider generated
-    /// after the cut; the record says the figures are estimates.
+    /// after the cut; the record says the figures are estimates. So is a stream that streamed
+    /// output and ended without usage, normally (a server ignoring `include_usage`) or with
+    /// the provider's error event (a Responses API `error` or `response.failed`).
     fn estimate_unreported(&self, record: &mut UsageRecord, kind: ErrorKind) {
-        if record.attempts == 0
-            || !matches!(
-                kind,
-                ErrorKind::ClientCancelled | ErrorKind::StreamInterrupted
-            )
-        {
+        let cut_short = matches!(
+            kind,
+            ErrorKind::ClientCancelled | ErrorKind::StreamInterrupted
+        );
+        let ended_without_usage = self.0.output_deltas > 0
+            && record.prompt_tokens == 0
+            && record.completion_tokens == 0
+            && matches!(kind, ErrorKind::Unspecified | ErrorKind::UpstreamStatus);
+        if record.attempts == 0 || !(cut_short || ended_without_usage) {
             return;
         }
         let prompt = match record.prompt_tokens {

@@ -275,6 +275,17 @@ async fn serve_locally(app: axum::Router) -> SocketAddr {
     addr
 }
 
+/// An upstream that answers every request 200 with `events` as its event stream, whole, then
+/// ends it: what a provider sends, event by event, with nothing Sluice's mock would add.
+#[allow(dead_code)] // Not every test binary uses it.
+pub async fn sse_upstream(events: String) -> String {
+    let app = axum::Router::new().fallback(move || {
+        let events = events.clone();
+        async move { ([(http::header::CONTENT_TYPE, "text/event-stream")], events) }
+    });
+    format!("http://{}/v1", serve_locally(app).await)
+}
+
 /// An upstream that records each request and answers with a fixed chat completion.
 pub struct EchoUpstream {
     pub addr: SocketAddr,
