@@ -3,6 +3,7 @@
 //! (`relay`).
 
 mod accounting;
+mod estimate;
 mod forward;
 mod kept_sleeps;
 mod relay;
@@ -359,7 +360,11 @@ async fn authorized(
     // a prompt's tokens is free (Anthropic bills no tokens for it, and its answer has no
     // usage): it takes no reserve, which it would otherwise keep spent (see
     // `accounting::keeps_reserve`).
-    let reserve = (endpoint != Endpoint::CountTokens).then(|| prompt_estimate(body.len(), routes));
+    let prompt_tokens = match endpoint {
+        Endpoint::CountTokens => 0,
+        _ => estimate::prompt_tokens(&body),
+    };
+    let reserve = (endpoint != Endpoint::CountTokens).then(|| prompt_cost(prompt_tokens, routes));
     let admitted = match reserve {
         Some(reserve) => app.allowances.admit(&key.id, reserve).await,
         None => Ok(None),
@@ -398,11 +403,7 @@ async fn authorized(
     };
     // A count is not a generation: it takes nothing from the tokens per minute either
     // (`try_admit(0)` still refuses a key in debt).
-    acct.estimate_prompt(if endpoint == Endpoint::CountTokens {
-        0
-    } else {
-        body.len()
-    });
+    acct.estimate_prompt(prompt_tokens);
     let now = Instant::now();
     let tokens = match &key.tokens {
         Some(bucket) => match bucket.try_admit(acct.prompt_estimate(), now) {
@@ -434,11 +435,10 @@ async fn authorized(
     forward::forward(app, snapshot, routes, endpoint, &parsed, acct, head).await
 }
 
-/// What a request's prompt is estimated to cost before it is sent: a token per 4 bytes of
-/// its body, at the highest input price among the model's routes. A tokenizer is not worth
-/// its weight on the hot path; the real cost is settled when the response ends.
-fn prompt_estimate(body_bytes: usize, routes: &[crate::snapshot::Route]) -> u64 {
-    let tokens = body_bytes.div_ceil(4) as u64;
+/// What a request's prompt is estimated to cost before it is sent: its estimated tokens
+/// ([`estimate::prompt_tokens`]) at the highest input price among the model's routes; the
+/// real cost is settled when the response ends.
+fn prompt_cost(tokens: u64, routes: &[crate::snapshot::Route]) -> u64 {
     routes
         .iter()
         .map(|r| r.prices.cost_nanos(tokens, 0, 0))

@@ -674,6 +674,38 @@ async fn a_stream_that_ends_without_usage_is_charged_what_was_streamed() {
     );
 }
 
+/// A screenshot sent inline counts what a provider bills for an image (about a thousand
+/// tokens), not its bytes: counted as text, its 3 MiB of base64 (786,432 tokens) emptied its
+/// backend's tokens per minute for every other request while it ran, and its client leaving
+/// had it charged (and billed to the key) as 786,432 prompt tokens.
+#[tokio::test]
+async fn an_image_in_flight_leaves_its_backend_tokens_for_other_requests() {
+    let primary = slow_mock("primary", 10, 100);
+    let mut snap = one_primary_snapshot(&primary.base_url());
+    // 600,000 TPM on one replica: a burst of 60,000.
+    snap.backends[0].tpm_limit = 600_000;
+    let h = Harness::start(snap).await;
+    let image = format!("data:image/png;base64,iVBORw0KGgo{}", "A".repeat(3 << 20));
+    let body = serde_json::json!({"model": MODEL, "stream": true, "messages": [{"role": "user",
+        "content": [{"type": "text", "text": "what is in this picture?"},
+                    {"type": "image_url", "image_url": {"url": image}}]}]});
+    let streaming = h.chat(body).await;
+    assert_eq!(streaming.status(), 200);
+    let other = h.chat(chat_body(false)).await;
+    assert_eq!(
+        other.status(),
+        200,
+        "while the image streams: {}",
+        other.text().await.unwrap()
+    );
+    // Its client leaves: it is charged what is known, the image at an image's tokens.
+    drop(streaming);
+    let records = h.records(2).await;
+    let left = records.iter().find(|r| r.stream).unwrap();
+    assert!(left.tokens_estimated, "{left:?}");
+    assert!(left.prompt_tokens < 2_000, "{}", left.prompt_tokens);
+}
+
 #[tokio::test]
 async fn a_key_at_its_max_parallel_requests_gets_429_until_one_ends() {
     let primary = slow_mock("primary", 10, 100);

@@ -148,8 +148,9 @@ impl Accounting {
 
     /// The prompt's tokens estimated from the request body (`⌈bytes / 4⌉`): what the token
     /// limits are charged at admission, before the answer says how many there were.
-    pub fn estimate_prompt(&mut self, body_bytes: usize) {
-        self.0.prompt_estimate = (body_bytes as u64).div_ceil(4);
+    /// The prompt's tokens as estimated from the body ([`super::estimate::prompt_tokens`]).
+    pub fn estimate_prompt(&mut self, tokens: u64) {
+        self.0.prompt_estimate = tokens;
     }
 
     pub fn prompt_estimate(&self) -> u64 {

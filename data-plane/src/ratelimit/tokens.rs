@@ -110,8 +110,11 @@ impl TokenBucket {
 
     /// Admits a request while the bucket holds anything, charging `estimate` tokens (what is
     /// known before the answer); otherwise says how long until it holds something again.
+    /// The charge is at most a day of the share: no request leaves the bucket further in debt
+    /// than a settlement may.
     pub fn try_admit(&self, estimate: u64, now: Instant) -> Result<Reservation, Duration> {
         let now = self.at(now);
+        let estimate = estimate.min(self.tokens_in(MAX_DEBT));
         let cost = self.nanos_for(estimate);
         let mut tat = self.state.tat.load(Ordering::Acquire);
         loop {
@@ -179,6 +182,13 @@ impl TokenBucket {
 
     /// Nanoseconds of this share that `tokens` take, rounded up (so the share is never
     /// exceeded by rounding).
+    /// The tokens this replica's share refills in `time`, rounded down.
+    fn tokens_in(&self, time: Duration) -> u64 {
+        let tokens = time.as_nanos() * u128::from(self.limit)
+            / (NANOS_PER_MINUTE * u128::from(self.replicas));
+        u64::try_from(tokens).unwrap_or(u64::MAX)
+    }
+
     fn nanos_for(&self, tokens: u64) -> u64 {
         let nanos = (u128::from(tokens) * NANOS_PER_MINUTE * u128::from(self.replicas))
             .div_ceil(u128::from(self.limit));
@@ -271,6 +281,23 @@ mod tests {
         bucket.try_admit(60, later).unwrap().settle(600 * 60);
         let wait = bucket.try_admit(1, later).unwrap_err();
         assert!(wait >= Duration::from_secs(3590), "{wait:?}");
+    }
+
+    /// So does a request whose estimate alone is past a day of the share (a body of 16 MiB
+    /// at 1,000 a minute: 70 hours), should it be kept charged (an answer without usage).
+    #[tokio::test(start_paused = true)]
+    async fn an_estimate_past_a_day_of_the_share_charges_a_day() {
+        let start = Instant::now();
+        let bucket = TokenBucket::new(1_000, 1, start).unwrap();
+        bucket.try_admit(4_194_304, start).unwrap().keep();
+        let wait = bucket.try_admit(1, start).unwrap_err();
+        assert!(wait <= MAX_DEBT + Duration::from_nanos(1), "{wait:?}");
+        assert!(wait > MAX_DEBT - Duration::from_secs(7), "{wait:?}");
+        // Settled at its real size, it is charged that, not more.
+        let bucket = TokenBucket::new(1_000, 1, start).unwrap();
+        bucket.try_admit(4_194_304, start).unwrap().settle(1_000);
+        let wait = bucket.try_admit(1, start).unwrap_err();
+        assert!(wait < Duration::from_secs(60), "{wait:?}");
     }
 
     #[tokio::test(start_paused = true)]
