@@ -242,6 +242,38 @@ async fn when_everything_cools_the_client_gets_429_with_the_soonest_retry_after(
     assert_eq!(records[1].error_kind, ErrorKind::RateLimited as i32);
 }
 
+/// OpenAI answers 429 "Request too large … Limit 30000, Requested 61337" to a request whose
+/// tokens alone pass the organization's tokens per minute: the request's fault, not an
+/// overload. Counted as one, a client resending it kept every backend it was tried on
+/// cooling down, fleet-wide, for every other client. It is passed on, and another backend
+/// (another organization may have room) is tried, but no backend cools down.
+#[tokio::test]
+async fn a_429_for_a_request_too_large_cools_no_backend_down() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    for _ in 0..3 {
+        primary.set_fault(Fault::RequestTooLarge.times(1));
+        fallback.set_fault(Fault::RequestTooLarge.times(1));
+        let refused = h.chat(chat_body(false)).await;
+        assert_eq!(refused.status(), 429);
+        assert_eq!(header(&refused, "x-sluice-attempts"), "2");
+        let body: Value = refused.json().await.unwrap();
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("Request too large"),
+            "{body}"
+        );
+    }
+    let served = h.chat(chat_body(false)).await;
+    assert_eq!(served.status(), 200);
+    assert_eq!(header(&served, "x-sluice-backend"), "primary-name");
+    // The events ride the usage stream ahead of the records that followed them.
+    h.records(4).await;
+    h.cp.with(|r| assert!(r.events.is_empty(), "{:?}", r.events));
+}
+
 #[tokio::test]
 async fn a_cooldown_from_the_snapshot_is_skipped_and_a_reset_clears_it() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));

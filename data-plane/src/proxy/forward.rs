@@ -31,6 +31,16 @@ use crate::upstream::{self, UpstreamBody, UpstreamClient};
 /// Largest error body read from an upstream 429/5xx (to pass it on if it is the last one).
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
+/// Whether a 429's body says the request alone passes the provider's limit, which waiting
+/// does not fix: OpenAI's "Request too large for gpt-4o in organization … on tokens per min
+/// (TPM): Limit 30000, Requested 61337". The backend is not overloaded and does not cool down
+/// (one client resending such a request would otherwise keep every backend it is tried on
+/// cooling, for everyone); another backend, perhaps of an organization with more room, is
+/// still tried.
+fn refuses_the_request_itself(body: &[u8]) -> bool {
+    memchr::memmem::find(body, b"Request too large for").is_some()
+}
+
 /// What a successful attempt produced: a whole body, or a stream whose first chunk arrived.
 enum Answer {
     Full {
@@ -80,6 +90,11 @@ enum Failure {
 impl Failure {
     fn health(&self) -> Outcome {
         match self {
+            Self::Status { status, body, .. }
+                if *status == StatusCode::TOO_MANY_REQUESTS && refuses_the_request_itself(body) =>
+            {
+                Outcome::Success
+            }
             Self::Status {
                 status,
                 retry_after,

@@ -40,6 +40,10 @@ pub enum Fault {
     /// Answer with this status and an error whose message quotes the API key the request
     /// presented, as some providers do ("Incorrect API key provided: sk-…").
     EchoKey { code: u16 },
+    /// Answer 429 as OpenAI does a request whose tokens alone pass the organization's tokens
+    /// per minute ("Request too large for … Limit 30000, Requested 61337"): no `Retry-After`,
+    /// and waiting does not help.
+    RequestTooLarge,
 }
 
 /// How long a [`Fault::Stall`] holds a request at most.

@@ -81,6 +81,22 @@ impl ApiError {
         }
     }
 
+    /// OpenAI's 429 for a request whose tokens alone pass the tokens per minute.
+    pub(crate) fn request_too_large() -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: String::from(
+                "Request too large for gpt-4o in organization org-mock on tokens per min (TPM): \
+                 Limit 30000, Requested 61337. The input or output tokens must be reduced in \
+                 order to run successfully. Visit https://platform.openai.com/account/rate-limits \
+                 to learn more.",
+            ),
+            kind: "tokens",
+            param: None,
+            code: Some("rate_limit_exceeded"),
+        }
+    }
+
     pub(crate) fn model_not_found(model: &str) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,

@@ -437,6 +437,10 @@ async fn api(
             let error = ApiError::echoing_key(status, &presented);
             return Ok(json_response(shared, status, error.body()));
         }
+        Some(Fault::RequestTooLarge) => {
+            let error = ApiError::request_too_large();
+            return Ok(json_response(shared, error.status, error.body()));
+        }
         Some(Fault::Garbage(kind)) => {
             let (content_type, body) = stream::garbage(kind);
             let body = BodyExt::boxed_unsync(StreamBody::new(body));
