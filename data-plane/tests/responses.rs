@@ -620,3 +620,32 @@ async fn a_stream_ended_by_the_providers_error_event_is_charged_what_was_streame
         );
     }
 }
+
+/// An image generated in a Responses stream comes whole in one event (and again in
+/// `response.completed`): megabytes of base64. Events were bounded at 1 MiB, so such a
+/// stream always ended in `stream_interrupted`, the image lost and its output tokens never
+/// charged. Events are bounded by the response size limit now, as whole answers are.
+#[tokio::test]
+async fn a_stream_carrying_a_generated_image_is_relayed_whole() {
+    let image = "A".repeat(3 << 19);
+    let item = format!(
+        r#"{{"id":"ig_1","type":"image_generation_call","status":"completed","result":"{image}"}}"#
+    );
+    let events = format!(
+        "event: response.created\ndata: {{\"type\":\"response.created\",\"sequence_number\":0,\"response\":{{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"m\",\"output\":[],\"usage\":null}}}}\n\n\
+         event: response.output_item.done\ndata: {{\"type\":\"response.output_item.done\",\"sequence_number\":1,\"output_index\":0,\"item\":{item}}}\n\n\
+         event: response.completed\ndata: {{\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"completed\",\"model\":\"m\",\"output\":[{item}],\"usage\":{{\"input_tokens\":10,\"output_tokens\":1056,\"total_tokens\":1066}}}}}}\n\n"
+    );
+    let h = Harness::one_primary(&sse_upstream(events).await).await;
+    let text = create(&h, json!({"model": MODEL, "input": "draw", "stream": true}))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("stream_interrupted"), "{}", &text[..200]);
+    assert!(text.contains("event: response.completed"));
+    assert_eq!(text.matches(image.as_str()).count(), 2);
+    let record = h.records(1).await.remove(0);
+    assert_eq!((record.prompt_tokens, record.completion_tokens), (10, 1056));
+    assert_eq!(record.error_kind, ErrorKind::Unspecified as i32);
+}

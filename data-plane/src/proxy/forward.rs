@@ -883,6 +883,7 @@ async fn deliver(
                 mode,
                 policy.idle_stream_timeout,
                 deadline,
+                app.limits.max_response_bytes,
                 app.tasks.token(),
             ));
             response

@@ -205,6 +205,9 @@ pub(super) struct Relay {
 }
 
 impl Relay {
+    /// `max_event_bytes` bounds one event (and one line): the response size limit, as a
+    /// whole answer has (an image generated in a Responses stream comes whole in one event,
+    /// megabytes of base64).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         upstream: UpstreamBody,
@@ -213,12 +216,13 @@ impl Relay {
         mode: Mode,
         idle_timeout: Duration,
         deadline: Instant,
+        max_event_bytes: usize,
         in_flight: TaskTrackerToken,
     ) -> Self {
         let now = Instant::now();
         let mut relay = Self {
             upstream: Some(upstream),
-            parser: SseParser::default(),
+            parser: SseParser::new(max_event_bytes),
             items: Vec::new(),
             ready: VecDeque::new(),
             acct: Some(acct),
