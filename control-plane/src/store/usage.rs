@@ -23,6 +23,9 @@ const DAY_MS: i64 = 24 * HOUR_MS;
 /// Tokens counted for one record at most (an upstream's absurd figure counts this); the sums
 /// of a row stop at `i64::MAX` (see [`ADD_ON_CONFLICT`]).
 const MAX_TOKENS_PER_RECORD: u64 = 1 << 40;
+/// The most hourly rows one retention transaction deletes.
+const RETENTION_BATCH: usize = 10_000;
+
 /// How often [`Store::run_usage_retention`] deletes expired hourly rows.
 pub const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -282,18 +285,32 @@ impl Store {
     /// `Settings.usage_retention_days` before `now_ms` (0 keeps everything);
     /// daily rows stay. Returns how many hourly rows were deleted.
     pub async fn apply_usage_retention(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.apply_usage_retention_until(now_ms, &CancellationToken::new())
+            .await
+    }
+
+    /// [`Store::apply_usage_retention`] in transactions of at most [`RETENTION_BATCH`] rows,
+    /// oldest first: each holds the one writer (usage acks, cooldowns, admin changes wait
+    /// behind it) for a bounded time however large the backlog. None starts once `stop` is
+    /// cancelled, so a shutdown waits for one at most, not for the backlog.
+    async fn apply_usage_retention_until(
+        &self,
+        now_ms: i64,
+        stop: &CancellationToken,
+    ) -> Result<u64, StoreError> {
         let mut deleted = 0;
-        loop {
+        while !stop.is_cancelled() {
             let n = self
                 .write(WriteOp::retention, move |conn, _| {
-                    delete_expired_hours(conn, now_ms)
+                    delete_expired_hours(conn, now_ms, RETENTION_BATCH)
                 })
                 .await?;
             if n == 0 {
-                return Ok(deleted);
+                break;
             }
             deleted += n;
         }
+        Ok(deleted)
     }
 
     /// Applies retention at once and then every [`RETENTION_INTERVAL`] until `stop`.
@@ -307,7 +324,7 @@ impl Store {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match self.apply_usage_retention(now_ms()).await {
+            match self.apply_usage_retention_until(now_ms(), &stop).await {
                 Ok(0) => {}
                 Ok(deleted) => tracing::info!(deleted, "expired hourly usage rows deleted"),
                 Err(err) => tracing::warn!(error = %err, "usage retention failed; will retry"),
@@ -657,16 +674,21 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
 }
 
 /// Deletes expired hourly rows of at most one day (the oldest); returns how many.
-fn delete_expired_hours(conn: &Connection, now_ms: i64) -> Result<u64, StoreError> {
+/// Deletes at most `limit` of the oldest expired hourly rows (see
+/// [`Store::apply_usage_retention`]).
+fn delete_expired_hours(conn: &Connection, now_ms: i64, limit: usize) -> Result<u64, StoreError> {
     let days = super::load_settings_in(conn)?.usage_retention_days;
     if days == 0 {
         return Ok(0);
     }
     let cutoff = floor_to(now_ms, DAY_MS).saturating_sub(i64::from(days) * DAY_MS);
+    // By its key: the table has no rowid.
     let deleted = conn.execute(
         "DELETE FROM usage_hourly
-         WHERE hour_start < min(?1, (SELECT min(hour_start) FROM usage_hourly) + ?2)",
-        params![cutoff, DAY_MS],
+         WHERE (hour_start, backend_id, model, client_key_id, pool) IN (
+             SELECT hour_start, backend_id, model, client_key_id, pool FROM usage_hourly
+             WHERE hour_start < ?1 ORDER BY hour_start LIMIT ?2)",
+        params![cutoff, limit as i64],
     )?;
     Ok(deleted as u64)
 }
@@ -1887,6 +1909,50 @@ mod tests {
             hourly_pools,
             vec![(String::new(), 0), ("b1".into(), 2), ("b1".into(), 2)]
         );
+    }
+
+    /// 25,000 hourly rows of one expired day: deleted in transactions of 10,000 at most (a
+    /// day's rows in one held the only writer, usage acks and cooldowns behind it, for
+    /// seconds on a large deployment), and none starts once the store is stopping.
+    #[tokio::test]
+    async fn retention_deletes_in_bounded_transactions_and_stops_between_them() {
+        struct StopAtRetention(CancellationToken);
+        impl crate::store::StoreObserver for StopAtRetention {
+            fn write(&self, op: WriteOp, _: Duration) {
+                if op == WriteOp::retention {
+                    self.0.cancel();
+                }
+            }
+            fn usage_committed(&self, _: u64) {}
+            fn usage_clamped(&self, _: u64) {}
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let (store, _) = Store::open_observed(
+            &dir.path().join("t.db"),
+            crate::crypto::MasterKey::generate(),
+            std::sync::Arc::new(StopAtRetention(stop.clone())),
+        )
+        .unwrap();
+        let rows: Vec<UsageRow> = (0..25_000)
+            .map(|n| row(n + 1, "b", "m", &format!("k{n}"), DAY0 - 10 * DAY, 5.0))
+            .collect();
+        store
+            .ingest_usage("n".into(), "i".into(), rows)
+            .await
+            .unwrap();
+        let mut settings = store.get_settings().await.unwrap();
+        settings.usage_retention_days = 3;
+        store.put_settings(settings).await.unwrap();
+        let now = DAY0 + 12 * HOUR;
+        assert_eq!(
+            store.apply_usage_retention_until(now, &stop).await.unwrap(),
+            10_000,
+            "stopped after one transaction"
+        );
+        assert_eq!(store.apply_usage_retention(now).await.unwrap(), 15_000);
+        let t = store.totals(TotalsFilter::default()).await.unwrap();
+        assert_eq!(t.request_count, 25_000, "the daily rows keep the day");
     }
 
     #[tokio::test]
