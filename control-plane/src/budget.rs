@@ -34,7 +34,7 @@ fn short_period() -> Option<i64> {
 
 /// The `length`-long slot holding `at_ms`: its start and end.
 fn slot_of(at_ms: i64, length: i64) -> (i64, i64) {
-    let start = at_ms.div_euclid(length) * length;
+    let start = at_ms.div_euclid(length).saturating_mul(length);
     (start, start.saturating_add(length))
 }
 

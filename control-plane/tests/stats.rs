@@ -571,6 +571,30 @@ async fn a_records_own_cost_is_its_cost_in_the_statistics() {
     }
 }
 
+/// Times at the ends of what a timestamp can say: a range starting at the earliest (a
+/// "from the beginning" a client may send) answers the all-time totals, and a record stamped
+/// there (a replica's clock gone wrong) is stored, not a report failing for ever. Rounded down
+/// to its hour, the earliest time overflowed: a panic in the store's task, zeros in release.
+#[tokio::test]
+async fn the_earliest_time_there_is_rounds_down_without_overflow() {
+    let mut h = Harness::start().await;
+    let b = h
+        .backend("priced", pb::Pool::Primary, &[("m1", 2.0, 8.0)])
+        .await;
+    let recs = [Rec::new(&b, DAY0 + 10), Rec::new(&b, i64::MIN)];
+    assert_eq!(h.report("r", "i", numbered(&recs)).await, 2);
+    // (0001-01-01, the earliest a protobuf timestamp may say, is after the stamped one.)
+    for (seconds, count) in [(i64::MIN, 2), (i64::MIN / 1000, 2), (-62_135_596_800, 1)] {
+        let t = h
+            .totals(pb::GetTotalsRequest {
+                start_time: Some(wkt::Timestamp { seconds, nanos: 0 }),
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(t.request_count, count, "from {seconds} s");
+    }
+}
+
 #[tokio::test]
 async fn cost_is_prompt_times_input_plus_completion_times_output_at_ingestion() {
     let mut h = Harness::start().await;

@@ -30,7 +30,8 @@ const RETENTION_BATCH: usize = 10_000;
 pub const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
 fn floor_to(ms: i64, unit: i64) -> i64 {
-    ms.div_euclid(unit) * unit
+    // The earliest times have no multiple of `unit` below them: they round to the earliest.
+    ms.div_euclid(unit).saturating_mul(unit)
 }
 
 fn ceil_to(ms: i64, unit: i64) -> i64 {
