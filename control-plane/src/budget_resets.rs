@@ -13,25 +13,28 @@ use crate::time::now_ms;
 /// How long after a failed write the reset is tried again.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// How often the wall clock is read while waiting for midnight. A timer runs on the
+/// monotonic clock, which a step of the wall clock (an NTP correction, a resume from suspend)
+/// does not move: one timer to a midnight hours away would fire that step late, keys refused
+/// for yesterday's spent budget refused as long.
+const RECHECK: Duration = Duration::from_secs(1);
+
 /// Publishes a snapshot at each UTC midnight when a periodic budget resets, until `stop`.
 pub async fn publish_budget_resets(store: Store, stop: CancellationToken) {
     loop {
-        let now = now_ms();
-        let midnight = crate::budget::next_reset(now);
-        let wait = Duration::from_millis((midnight - now).max(0) as u64);
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
-        // Until the clock says so (a timer may fire a little early), in steps of what is left:
-        // the reset's delay adds to its propagation time.
-        while now_ms() < midnight {
-            let left = Duration::from_millis((midnight - now_ms()).clamp(1, 10) as u64);
+        let midnight = crate::budget::next_reset(now_ms());
+        // Until the clock says so, in steps of what is left (at most `RECHECK`): the reset's
+        // delay adds to its propagation time.
+        loop {
+            let left = midnight.saturating_sub(now_ms());
+            if left <= 0 {
+                break;
+            }
+            let wait = Duration::from_millis(left as u64).min(RECHECK);
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(left) => {}
+                () = tokio::time::sleep(wait) => {}
             }
         }
         // A failed write is tried again every second: left until the next midnight, keys

@@ -303,12 +303,15 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                 })
                 .collect();
             let mut client_keys = Vec::new();
+            // An expiry once published stays: a step back of the clock must not revive the key
+            // (nothing would publish its expiry again).
+            let published = crate::store::published_expiries_in(&tx)?;
             for k in crate::store::load_keys_in(&tx, true)? {
                 // Only keys with a budget cost a read of their spend.
                 let budget_spent = k.max_budget_nanos > 0
                     && crate::store::spent_in_period_in(&tx, &k, now)? >= k.max_budget_nanos;
                 client_keys.push(pb::SnapshotClientKey {
-                    expired: k.expired_at(now),
+                    expired: k.expired_at(now) || published.contains(&k.id),
                     budget_spent,
                     max_budget: sluice_domain::price::from_nanos(k.max_budget_nanos),
                     budget_reset_time: k

@@ -449,6 +449,7 @@ pub(crate) fn read_version_in(conn: &Connection) -> Result<u64, StoreError> {
 pub(crate) use affinity_keys::load_active as load_affinity_keys_in;
 pub(crate) use backends::load_enabled_with_keys as load_enabled_with_keys_in;
 pub(crate) use client_keys::load_keys as load_keys_in;
+pub(crate) use client_keys::published_expiries as published_expiries_in;
 pub(crate) use cooldowns::load_cooldown_states as load_cooldown_states_in;
 pub(crate) use data_planes::count_share_holders as count_share_holders_in;
 pub use key_spend::KeyBudget;

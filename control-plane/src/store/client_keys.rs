@@ -199,6 +199,17 @@ pub(crate) fn load_keys(
         .collect()
 }
 
+/// The ids of the active keys whose expiry a snapshot version has followed
+/// ([`Store::publish_key_expiries`]).
+pub(crate) fn published_expiries(
+    conn: &Connection,
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT id FROM client_keys WHERE revoked = 0 AND expiry_published = 1")?;
+    let ids = stmt.query_map([], |r| r.get(0))?;
+    Ok(ids.collect::<Result<_, _>>()?)
+}
+
 pub(super) fn load_key(conn: &Connection, id: &str) -> Result<ClientKey, StoreError> {
     let row = conn
         .prepare_cached(&format!("{SELECT_KEYS} WHERE id = ?1"))?
