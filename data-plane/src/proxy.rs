@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -188,34 +189,52 @@ fn router(state: Arc<AppState>) -> Router {
 
 async fn retrieve_response(
     State(app): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
+    let id = path_param(id, request.uri(), "/v1/responses/");
     on_stored(app, Method::GET, id, None, request).await
 }
 
 async fn delete_response(
     State(app): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
+    let id = path_param(id, request.uri(), "/v1/responses/");
     on_stored(app, Method::DELETE, id, None, request).await
 }
 
 async fn response_input_items(
     State(app): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
+    let id = path_param(id, request.uri(), "/v1/responses/");
     on_stored(app, Method::GET, id, Some("input_items"), request).await
 }
 
 async fn cancel_response(
     State(app): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
+    let id = path_param(id, request.uri(), "/v1/responses/");
     on_stored(app, Method::POST, id, Some("cancel"), request).await
+}
+
+/// A path parameter as decoded, or, when its decoded bytes are not UTF-8 (which axum answers
+/// with a plain-text 400, outside the API), the path's segment after `prefix` as it came,
+/// still percent-encoded: no id or model is named so, and the handler answers that in the
+/// API's own error, with its request id, record and metrics.
+fn path_param(decoded: Result<Path<String>, PathRejection>, uri: &Uri, prefix: &str) -> String {
+    match decoded {
+        Ok(Path(param)) => param,
+        Err(_) => {
+            let rest = uri.path().strip_prefix(prefix).unwrap_or_default();
+            rest.split('/').next().unwrap_or_default().to_owned()
+        }
+    }
 }
 
 async fn on_stored(
@@ -693,9 +712,19 @@ async fn list_models(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Re
 /// `GET /v1/models/{model}`, in OpenAI's shape or Anthropic's.
 async fn get_model(
     State(app): State<Arc<AppState>>,
-    Path(model): Path<String>,
+    model: Result<Path<String>, PathRejection>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Response {
+    let model = match model {
+        Ok(Path(model)) => model,
+        // A model name may hold slashes: all of the rest is the name.
+        Err(_) => uri
+            .path()
+            .strip_prefix("/v1/models/")
+            .unwrap_or_default()
+            .to_owned(),
+    };
     let request_id = request_id(&headers);
     let format = models_format(&headers);
     let response = match app.store.load() {

@@ -649,3 +649,22 @@ async fn a_stream_carrying_a_generated_image_is_relayed_whole() {
     assert_eq!((record.prompt_tokens, record.completion_tokens), (10, 1056));
     assert_eq!(record.error_kind, ErrorKind::Unspecified as i32);
 }
+
+/// A path whose id (or model) decodes to bytes that are not UTF-8 got axum's plain-text
+/// 400, outside the API: no OpenAI error body, no request id, no record. It is an id no
+/// response has, and a model no route serves, answered as those are.
+#[tokio::test]
+async fn ids_and_models_that_are_not_utf8_get_the_apis_own_errors() {
+    let upstream = mock("alpha");
+    let h = Harness::one_primary(&upstream.base_url()).await;
+    for path in ["/v1/responses/%FF", "/v1/responses/%C3%28/input_items"] {
+        let answer = on_stored(&h, reqwest::Method::GET, path, KEY).await;
+        assert!(answer.headers().contains_key("x-request-id"), "{path}");
+        let (code, body) = error_code(answer, 400).await;
+        assert_eq!(code, "invalid_response_id", "{path}: {body}");
+    }
+    let answer = on_stored(&h, reqwest::Method::GET, "/v1/models/gpt%FF", KEY).await;
+    let (code, body) = error_code(answer, 404).await;
+    assert_eq!(code, "model_not_found", "{body}");
+    assert_eq!(upstream.stats().requests.total(), 0);
+}
