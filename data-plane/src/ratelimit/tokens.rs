@@ -90,7 +90,36 @@ impl TokenBucket {
             state,
         };
         bucket.tolerance = bucket.nanos_for(bucket.burst());
+        if let Some(previous) = previous
+            && (previous.limit, previous.replicas) != (limit, replicas)
+        {
+            bucket.rescale_from(previous, now);
+        }
         Some(bucket)
+    }
+
+    /// What lies ahead of now is tokens charged and not yet refilled, kept as time at
+    /// `previous`'s rate: converted to this bucket's, so that a raised limit (or a replica
+    /// leaving) pays a debt off sooner and a lowered one later, as the requests-per-minute
+    /// limiter's tokens do; at most a day of debt, as a charge.
+    fn rescale_from(&self, previous: &TokenBucket, now: Instant) {
+        let now = self.at(now);
+        let ceiling = now
+            .saturating_add(self.tolerance)
+            .saturating_add(MAX_DEBT.as_nanos() as u64);
+        let (from, to) = (
+            u128::from(previous.limit) * u128::from(self.replicas),
+            u128::from(self.limit) * u128::from(previous.replicas),
+        );
+        // Fails only when nothing lies ahead: nothing to convert.
+        let _ = self
+            .state
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                let ahead = u128::from(tat.checked_sub(now).filter(|a| *a > 0)?);
+                let ahead = u64::try_from(ahead * from / to).unwrap_or(u64::MAX);
+                Some(now.saturating_add(ahead).min(ceiling))
+            });
     }
 
     /// The limit across all replicas, in tokens per minute.
@@ -328,6 +357,25 @@ mod tests {
             new.try_admit(1, later).is_err(),
             "full only to the new burst"
         );
+    }
+
+    /// A key refused for ten minutes of debt at 600 a minute has its limit raised to
+    /// 600,000: its 6,000 tokens take 0.6 s at the new rate, not ten minutes.
+    #[tokio::test(start_paused = true)]
+    async fn a_raised_limit_pays_the_debt_at_the_new_rate() {
+        let now = Instant::now();
+        let old = TokenBucket::new(600, 1, now).unwrap();
+        old.try_admit(1, now).unwrap().settle(6_000);
+        assert!(old.try_admit(1, now).unwrap_err() > Duration::from_secs(500));
+        let raised = TokenBucket::carry_over(Some(&old), 600_000, 1, now).unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        raised.try_admit(1, Instant::now()).unwrap().settle(1);
+        // Lowered back, what was charged since counts at the lower rate.
+        let now = Instant::now();
+        raised.try_admit(60_000, now).unwrap().settle(60_000);
+        let lowered = TokenBucket::carry_over(Some(&raised), 6_000, 1, now).unwrap();
+        let wait = lowered.try_admit(1, now).unwrap_err();
+        assert!(wait > Duration::from_secs(500), "{wait:?}");
     }
 
     use proptest::prelude::*;
