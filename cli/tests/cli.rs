@@ -1190,7 +1190,9 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
         .await
         .json();
     assert_eq!(by_key["requestCount"], "2");
-    let other = h
+    // A name that is no backend's (a deleted backend's usage is kept under its id) is said,
+    // not answered with zeros as if it had served nothing.
+    let unknown = h
         .ctl(&[
             "-o",
             "json",
@@ -1199,8 +1201,15 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
             "--backend",
             "no-such-backend",
         ])
-        .await
-        .json();
+        .await;
+    assert!(
+        unknown
+            .stderr
+            .contains("no backend is named or has the id \"no-such-backend\""),
+        "{unknown:?}"
+    );
+    assert_eq!(unknown.code, 0);
+    let other: Value = serde_json::from_str(&unknown.stdout).unwrap();
     assert!(other.get("requestCount").is_none(), "{other}");
     let table = h.ctl(&["stats", "totals", "--since", "24h"]).await;
     assert!(

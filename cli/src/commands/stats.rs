@@ -96,11 +96,17 @@ async fn resolve(mut filter: FilterArgs, connection: &Connection) -> Result<Filt
         let request = pb::GetBackendRequest {
             id: backend.clone(),
         };
-        if let Some(pb::GetBackendResponse {
-            backend: Some(found),
-        }) = connection.find(admin.get_backend(request)).await?
-        {
-            *backend = found.id;
+        match connection.find(admin.get_backend(request)).await? {
+            Some(pb::GetBackendResponse {
+                backend: Some(found),
+            }) => *backend = found.id,
+            // Asked by the name of a deleted backend, the totals would be zeros that look
+            // like a backend that served nothing.
+            _ => eprintln!(
+                "note: no backend is named or has the id \"{}\" now; the usage of a deleted \
+                 backend is kept under its id (`sluicectl stats totals --by backend` lists them)",
+                sluice_domain::text::escape_control(backend)
+            ),
         }
     }
     if let Some(key) = &mut filter.key {
