@@ -150,7 +150,10 @@ impl ReplicaState {
     }
 }
 
-/// Every key's grants, per replica.
+/// Every key's grants, per replica. Its times (`now_ms` of every method: leases, when a
+/// replica left, when it last asked) are [`crate::time::monotonic_ms`]: durations kept in
+/// memory, which a step of the wall clock must not shorten (a replica cut off keeps spending
+/// for its lease by its own monotonic clock); the budget's periods come from the store.
 #[derive(Debug, Default)]
 pub struct Allowances {
     ledgers: HashMap<String, Ledger>,

@@ -35,6 +35,16 @@ pub fn now_ms() -> i64 {
         .saturating_add(WALL_OFFSET_MS.load(Ordering::Relaxed))
 }
 
+/// Milliseconds on the monotonic clock, since this process first read it: for what is timed
+/// in memory only and must not move when the wall clock steps (an NTP correction, a resume
+/// from suspend), as the data planes' own leases do not: the allowance engine's leases and
+/// which replicas it counts as active.
+pub fn monotonic_ms() -> i64 {
+    static ORIGIN: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    i64::try_from(ORIGIN.elapsed().as_millis()).unwrap_or(i64::MAX)
+}
+
 /// Makes [`now_ms`] read `offset_ms` ahead of the system clock (behind when negative) for
 /// the rest of the process, as a host with a skewed clock would. For tests only (the hidden
 /// `--wall-clock-offset` of `sluice-control`, set once at start): it moves every decision

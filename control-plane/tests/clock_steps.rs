@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 const DAY: i64 = 86_400_000;
 
+/// Held by each test: they all move the one clock of the process.
+static CLOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The offset that makes the wall clock read `at` (Unix ms) now.
 fn offset_to(at: i64) -> i64 {
     skew_wall_clock(0);
@@ -31,6 +34,7 @@ async fn a_new_version(store: &Store, after: u64, within: Duration) -> bool {
 
 #[tokio::test]
 async fn decisions_by_the_wall_clock_survive_its_steps() {
+    let _clock = CLOCK.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(&dir.path().join("t.db"), MasterKey::generate()).unwrap();
     store
@@ -94,4 +98,101 @@ async fn decisions_by_the_wall_clock_survive_its_steps() {
         "an expiry taken back by a step of the clock"
     );
     skew_wall_clock(0);
+}
+
+/// A replica cut off keeps spending what it holds for its lease, timed by its own monotonic
+/// clock. The control plane timed that lease on its wall clock: a step forward past it
+/// (here 2 minutes, a second after the replica left) dropped the replica's money from what is
+/// outstanding and granted it again, the budget overspent by that much.
+#[tokio::test]
+async fn a_step_of_the_clock_does_not_end_a_cut_off_replicas_lease() {
+    use sluice_control::testing::{Bearer, TestControlPlane};
+    use sluice_proto::v1 as pb;
+    use sluice_proto::v1::admin_service_client::AdminServiceClient;
+    use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
+
+    let _clock = CLOCK.lock().await;
+    skew_wall_clock(0);
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(cp.grpc_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin =
+        AdminServiceClient::with_interceptor(channel.clone(), Bearer(cp.admin_token.clone()));
+    let key = admin
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "capped".into(),
+            max_budget: 0.000_006_4, // 6,400 nano-units: grants of 100 at most
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    let dp = DataPlaneServiceClient::with_interceptor(channel, Bearer(cp.dataplane_token.clone()));
+    // One replica's allowance stream: its hello, then each ask answered by a grant.
+    let replica = |node: &'static str, want_nanos: u64| {
+        let mut dp = dp.clone();
+        let key_id = key.id.clone();
+        async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(pb::StreamSnapshotsRequest {
+                node_id: node.into(),
+                incarnation: "i".into(),
+                accepts_allowances: true,
+                allowance_lease: Some(sluice_proto::wkt::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let mut stream = dp
+                .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut ask = async move |want_nanos: u64| -> pb::Allowance {
+                tx.send(pb::StreamSnapshotsRequest {
+                    node_id: node.into(),
+                    allowance_requests: vec![pb::AllowanceRequest {
+                        client_key_id: key_id.clone(),
+                        want_nanos,
+                    }],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+                loop {
+                    let m = stream.message().await.unwrap().unwrap();
+                    if let Some(update) = m.allowances
+                        && let Some(grant) = update.allowances.into_iter().next()
+                    {
+                        return grant;
+                    }
+                }
+            };
+            let first = ask(want_nanos).await;
+            (first, ask)
+        }
+    };
+    {
+        let (grant, _cut_off) = replica("r0", 10).await;
+        assert_eq!((grant.granted_nanos, grant.exhausted), (100, false));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    skew_wall_clock(120_000);
+    // The whole budget: only if r0's 100 were forgotten.
+    let (grant, _) = replica("r1", 6_400).await;
+    skew_wall_clock(0);
+    assert_eq!(
+        (grant.granted_nanos, grant.exhausted),
+        (0, true),
+        "r0 still holds its 100 for its lease: 6,300 are left"
+    );
 }

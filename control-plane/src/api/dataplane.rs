@@ -22,7 +22,7 @@ use crate::ingest::{Applied, UsageWriter, batch_of, cooldown_events};
 use crate::membership::Membership;
 use crate::snapshot::Publisher;
 use crate::store::{NodeHello, Store};
-use crate::time::{duration_ms, now_ms};
+use crate::time::{duration_ms, monotonic_ms, now_ms};
 
 /// A replica's allowance lease when its hello names none, and the bounds of one it names.
 const DEFAULT_ALLOWANCE_LEASE_MS: i64 = 60_000;
@@ -62,7 +62,7 @@ impl DataPlaneApi {
 
     async fn left(&self, hello: &NodeHello, replica: Option<&Replica>) {
         if let Some(replica) = replica {
-            self.allowances.lock().await.left(replica, now_ms());
+            self.allowances.lock().await.left(replica, monotonic_ms());
         }
         self.membership
             .left(hello, now_ms(), self.stop.is_cancelled())
@@ -119,7 +119,7 @@ impl DataPlaneApi {
                             spent_nanos: b.spent_nanos,
                         },
                         &committed,
-                        now,
+                        monotonic_ms(),
                     )
                 }
                 // Revoked, or its budget removed: the next snapshot tells the replica.
@@ -247,7 +247,7 @@ impl DataPlaneService for DataPlaneApi {
                 lease_ms,
                 first.usage_acked_sequence,
                 &held,
-                now_ms(),
+                monotonic_ms(),
             );
             Some((replica, lease_ms))
         } else {
@@ -257,7 +257,7 @@ impl DataPlaneService for DataPlaneApi {
             Ok(version) => version,
             Err(err) => {
                 if let Some((replica, _)) = &replica {
-                    self.allowances.lock().await.left(replica, now_ms());
+                    self.allowances.lock().await.left(replica, monotonic_ms());
                 }
                 return Err(err.into());
             }
