@@ -27,6 +27,9 @@ pub struct UsageRow {
     pub time_ms: i64,
     /// What the replica computed the request cost, in nano-units (added to the key's spend).
     pub cost_nanos: u64,
+    /// `cost_nanos` is the replica's price even at 0; unset, a 0 is a replica too old to
+    /// price its records, whose tokens are priced at ingestion.
+    pub priced: bool,
 }
 
 /// The most one record may add to a key's spend, in nano-units (a million in the currency):
@@ -89,6 +92,7 @@ impl From<pb::UsageRecord> for UsageRow {
                 .as_ref()
                 .map_or_else(crate::time::now_ms, crate::time::timestamp_ms),
             cost_nanos: r.cost_nanos.min(MAX_COST_NANOS_PER_RECORD),
+            priced: r.priced,
         }
     }
 }

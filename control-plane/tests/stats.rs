@@ -189,8 +189,10 @@ struct Rec {
     ttft_ms: Option<f64>,
     error: bool,
     time_ms: i64,
-    /// What the replica computed the request cost (0: a replica too old to say).
+    /// What the replica computed the request cost (0: a replica too old to say, unless
+    /// `priced`).
     cost_nanos: u64,
+    priced: bool,
 }
 
 impl Rec {
@@ -206,6 +208,7 @@ impl Rec {
             error: false,
             time_ms,
             cost_nanos: 0,
+            priced: false,
         }
     }
 
@@ -234,6 +237,7 @@ impl Rec {
             reasoning_tokens: self.completion / 5,
             cost_nanos: self.cost_nanos,
             tokens_estimated: false,
+            priced: self.priced,
         }
     }
 }
@@ -427,6 +431,7 @@ fn varied_traffic(backends: &[String], n: usize, seed: u64) -> Vec<Rec> {
                 } else {
                     0
                 },
+                priced: false,
             }
         })
         .collect()
@@ -554,8 +559,15 @@ async fn a_records_own_cost_is_its_cost_in_the_statistics() {
         },
         // From an old replica: priced here, (100 × 2 + 50 × 8) per million.
         Rec::new(&b, DAY0 + 30),
+        // Priced by its replica at 0 (the route was free when it was served, or the prompt
+        // read whole from the cache at a cached price of 0): free, whatever the route's prices
+        // are when it arrives (it was priced here before).
+        Rec {
+            priced: true,
+            ..Rec::new(&b, DAY0 + 40)
+        },
     ];
-    assert_eq!(h.report("r", "i", numbered(&recs)).await, 3);
+    assert_eq!(h.report("r", "i", numbered(&recs)).await, 4);
     let want = 0.00456 + 0.00007 + 0.0006;
     let t = h.totals(Default::default()).await;
     assert!(close(t.cost, want), "{} != {want}", t.cost);

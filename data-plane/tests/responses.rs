@@ -88,6 +88,8 @@ async fn a_created_response_carries_sluice_id_and_its_usage_is_recorded() {
     assert_eq!(record.model, MODEL);
     assert_eq!(record.status_code, 200);
     assert_eq!((record.prompt_tokens, record.completion_tokens), (3, 6));
+    // Its cost is the replica's, 0 at this route's prices: not to be priced again.
+    assert!(record.priced && record.cost_nanos == 0, "{record:?}");
     assert_eq!(
         (record.cached_prompt_tokens, record.reasoning_tokens),
         (0, 3)

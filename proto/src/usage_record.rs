@@ -64,6 +64,7 @@ impl UsageRecord {
             reasoning_tokens,
             cost_nanos,
             tokens_estimated,
+            priced,
         } = self;
         out.uint(1, *sequence);
         out.string(2, request_id);
@@ -90,6 +91,7 @@ impl UsageRecord {
         out.uint(17, *reasoning_tokens);
         out.uint(18, *cost_nanos);
         out.uint(19, u64::from(*tokens_estimated));
+        out.uint(20, u64::from(*priced));
     }
 }
 
@@ -204,7 +206,7 @@ mod tests {
             counts in proptest::collection::vec(number(), 6),
             small in proptest::collection::vec(prop_oneof![Just(0u32), 1..600u32, any::<u32>()], 2),
             enums in proptest::collection::vec(prop_oneof![Just(0i32), 1..12i32, any::<i32>()], 2),
-            flags in any::<(bool, bool)>(),
+            flags in any::<(bool, bool, bool)>(),
             times in proptest::collection::vec(time(), 3),
         ) -> UsageRecord {
             let duration = |t: Option<(i64, i32)>| t.map(|(seconds, nanos)| Duration { seconds, nanos });
@@ -228,6 +230,7 @@ mod tests {
                 reasoning_tokens: counts[3],
                 cost_nanos: counts[4],
                 tokens_estimated: flags.1,
+                priced: flags.2,
             }
         }
     }
@@ -270,6 +273,7 @@ mod tests {
                 nanos: 999_999_999,
             }),
             cost_nanos: 17_000,
+            priced: true,
             ..UsageRecord::default()
         };
         assert_eq!(typical.encode_to_vec_by_hand(), typical.encode_to_vec());

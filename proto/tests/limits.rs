@@ -190,6 +190,7 @@ fn a_full_usage_batch_of_bounded_records_fits_the_report_limit() {
         reasoning_tokens: u64::MAX,
         cost_nanos: u64::MAX,
         tokens_estimated: true,
+        priced: true,
     };
     let one = record.encoded_len();
     eprintln!("largest usage record: {one} bytes");

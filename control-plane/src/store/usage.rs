@@ -352,8 +352,8 @@ struct Delta {
     latency: Vec<(u32, u64)>,
     /// The costs the records carry ([`Delta::cost_at`] turns them into `cost`).
     cost_nanos: u64,
-    /// Tokens of records that carry no cost (from a replica older than `cost_nanos`), priced
-    /// at ingestion instead.
+    /// Tokens of records that carry no cost (from a replica older than `cost_nanos`, or than
+    /// `priced` and its cost 0), priced at ingestion instead.
     unpriced_prompt_tokens: u64,
     unpriced_completion_tokens: u64,
 }
@@ -374,7 +374,7 @@ impl Delta {
         self.reasoning_tokens = self
             .reasoning_tokens
             .saturating_add(tokens(r.reasoning_tokens));
-        if r.cost_nanos > 0 {
+        if r.cost_nanos > 0 || r.priced {
             self.cost_nanos = self.cost_nanos.saturating_add(r.cost_nanos);
         } else {
             self.unpriced_prompt_tokens = self

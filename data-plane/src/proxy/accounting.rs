@@ -386,6 +386,7 @@ impl Accounting {
             record.cached_prompt_tokens,
             record.completion_tokens,
         );
+        record.priced = true;
         if let Some(reservation) = &self.0.budget
             && keeps_reserve(&record, kind)
         {
