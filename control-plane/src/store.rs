@@ -156,7 +156,7 @@ struct Inner {
     conn: Mutex<Connection>,
     /// Read-only connections, so reads never queue behind a write's fsync (WAL lets
     /// readers and the writer run at once).
-    readers: [Mutex<Connection>; 3],
+    readers: [Mutex<Connection>; 4],
     key: MasterKey,
     observer: Arc<dyn StoreObserver>,
     /// The newest committed snapshot version.
@@ -169,12 +169,16 @@ struct Inner {
 /// cooldown reaches the data planes without waiting for a long stats query; so do the
 /// allowance engine's budget reads, which it makes holding the engine (every grant, ingest
 /// and ack of every replica waits for them), so that a stats query of seconds does not stall
-/// usage and turn replicas' asks into 503 `budget_unavailable`.
+/// usage and turn replicas' asks into 503 `budget_unavailable`; and so do admin reads (lists
+/// of keys, backends, cooldowns, replicas, as the dashboard polls them), which held the
+/// writer (usage commits, cooldowns behind them) for a scan of every key, and would wait
+/// for a stats query on the reader of queries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reader {
     Snapshot = 0,
     Queries = 1,
     Budgets = 2,
+    Admin = 3,
 }
 
 /// What [`Store::open`] found about the database.
@@ -209,7 +213,12 @@ impl Store {
         }
         tx.commit()?;
         let version = read_version(&conn)?;
-        let readers = [open_reader(path)?, open_reader(path)?, open_reader(path)?];
+        let readers = [
+            open_reader(path)?,
+            open_reader(path)?,
+            open_reader(path)?,
+            open_reader(path)?,
+        ];
         Ok((
             Self {
                 inner: Arc::new(Inner {
@@ -518,6 +527,54 @@ mod tests {
     /// The data directory stays locked while a write queued before the server stopped can
     /// still commit: released earlier, a `rotate-master-key` could run in between, and the
     /// write seal a provider key with the master key it just replaced.
+    /// The dashboard polls the lists of keys, backends, cooldowns and replicas every few
+    /// seconds: they read on a connection of their own, neither waiting for the writer nor
+    /// holding it (usage commits and cooldown reports behind a scan of every key).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn admin_reads_neither_wait_for_nor_hold_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(
+            &dir.path().join("t.db"),
+            crate::crypto::MasterKey::generate(),
+        )
+        .unwrap();
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (finish, finishing) = std::sync::mpsc::channel::<()>();
+        let writer = store.clone();
+        let write = tokio::spawn(async move {
+            writer
+                .call(move |_, _| {
+                    started_tx.send(()).unwrap();
+                    finishing.recv().unwrap();
+                    Ok(())
+                })
+                .await
+        });
+        started.recv().unwrap();
+        let wait = Duration::from_secs(5);
+        let waited = "an admin read waited for the writer";
+        use tokio::time::timeout as t;
+        t(wait, store.list_client_keys())
+            .await
+            .expect(waited)
+            .unwrap();
+        t(wait, store.list_backends()).await.expect(waited).unwrap();
+        t(wait, store.list_cooldowns())
+            .await
+            .expect(waited)
+            .unwrap();
+        t(wait, store.list_data_planes(0))
+            .await
+            .expect(waited)
+            .unwrap();
+        t(wait, store.next_key_expiry())
+            .await
+            .expect(waited)
+            .unwrap();
+        finish.send(()).unwrap();
+        write.await.unwrap().unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_directory_stays_locked_until_the_last_queued_write_is_done() {
         let dir = tempfile::tempdir().unwrap();

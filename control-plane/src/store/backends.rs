@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
 
-use super::{Store, StoreError, WriteOp, bump_version, new_id, unique_violation};
+use super::{Reader, Store, StoreError, WriteOp, bump_version, new_id, unique_violation};
 use crate::backend::{ApiFormat, Backend, BackendSpec, ModelRoute, Pool};
 use crate::crypto::{MasterKey, key_hint};
 use crate::time::now_ms;
@@ -62,7 +62,7 @@ impl Store {
 
     /// Looks a backend up by id, or else by its unique name.
     pub async fn get_backend(&self, id_or_name: String) -> Result<Backend, StoreError> {
-        self.call(move |conn, _| {
+        self.read(Reader::Admin, move |conn, _| {
             let id = resolve_backend_id(conn, &id_or_name)?;
             load_backend(conn, &id)
         })
@@ -70,7 +70,7 @@ impl Store {
     }
 
     pub async fn list_backends(&self) -> Result<Vec<Backend>, StoreError> {
-        self.call(|conn, _| load_all(conn)).await
+        self.read(Reader::Admin, |conn, _| load_all(conn)).await
     }
 
     /// Applies `change` to the stored spec (validated again afterwards) and, when

@@ -3,7 +3,9 @@
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::{Store, StoreError, WriteOp, bump_version, nanos_to_db, new_id, unique_violation};
+use super::{
+    Reader, Store, StoreError, WriteOp, bump_version, nanos_to_db, new_id, unique_violation,
+};
 use crate::budget::BudgetPeriod;
 use crate::client_key::{self, ClientKey, NewClientKey};
 use crate::time::now_ms;
@@ -53,12 +55,13 @@ impl Store {
     }
 
     pub async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError> {
-        self.call(|conn, _| load_keys(conn, false)).await
+        self.read(Reader::Admin, |conn, _| load_keys(conn, false))
+            .await
     }
 
     /// A key by id, or else by the name of an active key.
     pub async fn get_client_key(&self, id_or_name: String) -> Result<ClientKey, StoreError> {
-        self.call(move |conn, _| {
+        self.read(Reader::Admin, move |conn, _| {
             let id = resolve_key_id(conn, &id_or_name)?;
             load_key(conn, &id)
         })
@@ -132,7 +135,7 @@ impl Store {
 
     /// When the next active key expires whose expiry no snapshot version has followed yet.
     pub async fn next_key_expiry(&self) -> Result<Option<i64>, StoreError> {
-        self.call(|conn, _| {
+        self.read(Reader::Admin, |conn, _| {
             Ok(conn.query_row(
                 "SELECT MIN(expire_time) FROM client_keys
                  WHERE revoked = 0 AND expiry_published = 0 AND expire_time IS NOT NULL",

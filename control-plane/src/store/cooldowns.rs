@@ -8,7 +8,7 @@ use sluice_proto::v1 as pb;
 
 use super::backends::resolve_backend_id;
 use super::settings::load_settings;
-use super::{Store, StoreError, WriteOp, bump_version};
+use super::{Reader, Store, StoreError, WriteOp, bump_version};
 use crate::time::{UnixMs, now_ms};
 
 /// A backend's cooldown state by the control plane's clock; replicas named by
@@ -53,8 +53,10 @@ pub enum Reported {
 impl Store {
     /// Cooldowns still in force.
     pub async fn list_cooldowns(&self) -> Result<Vec<CooldownRow>, StoreError> {
-        self.call(|conn, _| load_active_cooldowns(conn, now_ms()))
-            .await
+        self.read(Reader::Admin, |conn, _| {
+            load_active_cooldowns(conn, now_ms())
+        })
+        .await
     }
 
     /// Ends a backend's streak and cooldown. Returns the new snapshot version.

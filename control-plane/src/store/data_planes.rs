@@ -7,7 +7,7 @@
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::{Store, StoreError, WriteOp, bump_version};
+use super::{Reader, Store, StoreError, WriteOp, bump_version};
 use crate::time::now_ms;
 
 /// `share_until` of a replica with an open stream: its share lasts until it leaves.
@@ -188,7 +188,7 @@ impl Store {
 
     /// Replicas seen since `since_ms`, most recently seen first.
     pub async fn list_data_planes(&self, since_ms: i64) -> Result<Vec<DataPlaneRow>, StoreError> {
-        self.call(move |conn, _| {
+        self.read(Reader::Admin, move |conn, _| {
             let mut stmt = conn.prepare_cached(
                 "SELECT node_id, hostname, peer_address, build_version, acked_version, last_error,
                         connect_time, last_seen_time
