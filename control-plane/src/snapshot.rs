@@ -8,7 +8,7 @@
 //! within an epoch, so they follow a restored control plane instead of refusing its
 //! snapshots as stale.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use prost::Message as _;
@@ -20,8 +20,10 @@ use crate::backend::BackendSpec;
 use crate::store::{Reader, Store, StoreError};
 use crate::time::{duration, now_ms, timestamp, timestamp_ms};
 
-/// Room kept below [`MAX_SNAPSHOT_BYTES`] for what changes without an admin write: the
-/// settings, the nonce and times, the replica count, the message around the snapshot.
+/// Room kept below [`MAX_SNAPSHOT_BYTES`] for what changes without an admin write and grows
+/// with neither keys nor backends: the settings, the nonce and times, the replica count, the
+/// message around the snapshot. (What keys and backends may grow by without one, expiries,
+/// spent budgets, cooldowns, is reserved as well: see [`ceiling`].)
 pub const SNAPSHOT_HEADROOM_BYTES: usize = 64 * 1024;
 
 /// An admin write refused because the snapshot would grow past what replicas accept.
@@ -49,6 +51,39 @@ pub struct Publisher {
     /// Growth admitted by [`Publisher::reserve`] and committed at a version (the first) not
     /// yet published: held against the limit until a published snapshot includes it.
     pending: tokio::sync::Mutex<Vec<(u64, usize)>>,
+    /// The published version and its [`ceiling`], computed once per version (an encoded
+    /// length walks every entry: at 100,000 keys, once per admin write made provisioning
+    /// them quadratic).
+    sized: std::sync::Mutex<(u64, usize)>,
+}
+
+/// What a snapshot may grow to with no admin write: its size now, plus every key expiring
+/// and spending its budget (two flags), plus every backend cooling down with its cooldown's
+/// fields at their largest. The headroom is for what grows with neither (settings, times).
+fn ceiling(snapshot: &pb::Snapshot) -> usize {
+    static COOLDOWN_BYTES: LazyLock<usize> = LazyLock::new(|| {
+        let cooling = pb::SnapshotBackend {
+            cooldown_until: Some(pbjson_types::Timestamp {
+                seconds: i64::MAX,
+                nanos: i32::MAX,
+            }),
+            consecutive_failures: u32::MAX,
+            cooldown_remaining: Some(pbjson_types::Duration {
+                seconds: i64::MAX,
+                nanos: i32::MAX,
+            }),
+            cooldown_epoch: u64::MAX,
+            cooldown_run_basis: u64::MAX,
+            cooldown_changed_by: "x".repeat(2 * MAX_ID_BYTES + 1),
+            ..Default::default()
+        };
+        // (The entry's length prefix may grow too: a few bytes.)
+        prost::Message::encoded_len(&cooling) + 4
+    });
+    const KEY_FLAGS_BYTES: usize = 4;
+    prost::Message::encoded_len(snapshot)
+        + snapshot.client_keys.len() * KEY_FLAGS_BYTES
+        + snapshot.backends.len() * *COOLDOWN_BYTES
 }
 
 /// Room for an admin write's growth of the snapshot, held from [`Publisher::reserve`] until
@@ -168,6 +203,7 @@ impl Publisher {
             tx,
             limit: MAX_SNAPSHOT_BYTES - SNAPSHOT_HEADROOM_BYTES,
             pending: tokio::sync::Mutex::default(),
+            sized: std::sync::Mutex::new((u64::MAX, 0)),
         })
     }
 
@@ -187,7 +223,7 @@ impl Publisher {
         let latest = self.latest();
         pending.retain(|&(version, _)| version > latest.version);
         let held: usize = pending.iter().map(|&(_, bytes)| bytes).sum();
-        let projected = latest.encoded_len() + held + growth;
+        let projected = self.ceiling_of(&latest) + held + growth;
         if projected > self.limit {
             tracing::warn!(
                 projected,
@@ -203,6 +239,14 @@ impl Publisher {
             pending,
             bytes: growth,
         })
+    }
+
+    fn ceiling_of(&self, latest: &pb::Snapshot) -> usize {
+        let mut sized = self.sized.lock().unwrap_or_else(|p| p.into_inner());
+        if sized.0 != latest.version {
+            *sized = (latest.version, ceiling(latest));
+        }
+        sized.1
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<pb::Snapshot>> {
@@ -351,6 +395,47 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// Keys expiring or spending their budgets, and backends cooling down, grow the snapshot
+    /// with no admin write: that growth is reserved too. With room for the snapshot as it is
+    /// and a little more, a write is refused when every key's two flags and every backend's
+    /// cooldown could not fit; otherwise a snapshot filled to the guard passed the limit
+    /// replicas accept at the next expiry or outage, and every replica stayed on its old one.
+    #[tokio::test]
+    async fn growth_without_an_admin_write_is_reserved_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(
+            &dir.path().join("t.db"),
+            crate::crypto::MasterKey::generate(),
+        )
+        .unwrap();
+        for i in 0..200 {
+            store
+                .create_client_key(crate::client_key::NewClientKey {
+                    name: format!("key-{i}"),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        let now = Publisher::unstarted(store.clone()).await.unwrap();
+        let size = prost::Message::encoded_len(now.latest().as_ref());
+        let growth = ceiling(&now.latest()) - size;
+        assert!(growth >= 200 * 4, "{growth}");
+        let tight = Publisher::unstarted(store.clone())
+            .await
+            .unwrap()
+            .with_size_limit(size + 100);
+        assert!(
+            tight.reserve(1).await.is_err(),
+            "200 keys may grow by 800 bytes"
+        );
+        let roomy = Publisher::unstarted(store)
+            .await
+            .unwrap()
+            .with_size_limit(size + growth + 1);
+        assert!(roomy.reserve(1).await.is_ok());
+    }
 
     #[test]
     fn a_snapshot_sent_later_carries_what_is_left_of_each_cooldown() {
