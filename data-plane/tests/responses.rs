@@ -670,3 +670,29 @@ async fn ids_and_models_that_are_not_utf8_get_the_apis_own_errors() {
     assert_eq!(code, "model_not_found", "{body}");
     assert_eq!(upstream.stats().requests.total(), 0);
 }
+
+/// A server that sends Responses events without `event:` lines (the type is in the data, as
+/// every event has it): a stream it breaks off is charged a token per text delta all the
+/// same; read by the `event:` line, it was charged none.
+#[tokio::test]
+async fn deltas_without_event_lines_are_counted_when_the_stream_breaks() {
+    let delta = |n: u64| {
+        format!(
+            "data: {{\"type\":\"response.output_text.delta\",\"sequence_number\":{n},\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"x\"}}\n\n"
+        )
+    };
+    let created = "data: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"m\",\"output\":[],\"usage\":null}}\n\n";
+    // Then the stream ends with no terminal event.
+    let upstream = sse_upstream(format!("{created}{}{}{}", delta(1), delta(2), delta(3))).await;
+    let h = Harness::one_primary(&upstream).await;
+    let text = create(&h, json!({"model": MODEL, "input": "hi", "stream": true}))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("stream_interrupted"), "{text}");
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::StreamInterrupted as i32);
+    assert!(record.tokens_estimated);
+    assert_eq!(record.completion_tokens, 3);
+}

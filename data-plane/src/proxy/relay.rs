@@ -265,7 +265,8 @@ impl Relay {
         }
         let (parsed, mut chunk) = parse(&mut self.parser, chunk, &mut self.items);
         let mut items = std::mem::take(&mut self.items);
-        let counts_usage = self.mode.counts_usage();
+        // A Responses event's deltas are counted by its data's `type` when it is read.
+        let counts_usage = self.mode.counts_usage() && !matches!(self.mode, Mode::Responses { .. });
         for item in items.drain(..) {
             if let (Item::Event(event), Some(acct)) = (&item, &mut self.acct)
                 && counts_usage
@@ -342,6 +343,17 @@ impl Relay {
         };
         if let Some(number) = rewritten.sequence_number {
             self.next_sequence = number.saturating_add(1);
+        }
+        // By the data's `type`, which every event has, not the `event:` line, which a server
+        // may leave out: a stream cut short is charged a token per delta either way.
+        if *count_usage
+            && let Some(acct) = &mut self.acct
+            && rewritten
+                .event_type
+                .as_deref()
+                .is_some_and(|t| t.starts_with("response.") && t.ends_with(".delta"))
+        {
+            acct.output_delta();
         }
         if *count_usage
             && let Some(tokens) = rewritten.tokens
