@@ -36,29 +36,70 @@ pub fn prompt_tokens(body: &[u8]) -> u64 {
 static DATA_URL: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(";base64,"));
 static DATA_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new("\"data\""));
 
-/// The base64 of each image in `body`: in a data URL `data:image/…;base64,…` (OpenAI's
-/// `image_url.url`, the Responses API's `image_url`, Anthropic's `url` sources being links),
-/// or in the value of a `data` member whose bytes begin as a PNG, JPEG, GIF or WebP file
-/// does (Anthropic's `base64` sources, whatever the order of their members). Each ends at its
-/// string's closing quote: base64 has none (nor a backslash, but for an escaped `\/`).
-fn inline_images(body: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let data_urls = DATA_URL.find_iter(body).filter_map(|at| {
-        let string_start = memchr::memrchr(b'"', &body[..at])? + 1;
-        body[string_start..at]
-            .starts_with(b"data:image/")
-            .then(|| string_to_its_end(body, at + DATA_URL.needle().len()))
-    });
-    let data_members = DATA_KEY.find_iter(body).filter_map(|at| {
-        let rest = &body[at + DATA_KEY.needle().len()..];
-        let rest = skip_whitespace(rest).strip_prefix(b":")?;
-        let rest = skip_whitespace(rest).strip_prefix(b"\"")?;
+/// How far before `;base64,` a data URL's opening quote may be: `"data:image/` and a media
+/// type (the longest registered image subtype is under 40 bytes).
+const MAX_DATA_URL_HEAD: usize = 64;
+
+/// The base64 of each image in `body`: in a data URL `"data:image/…;base64,…"` (OpenAI's
+/// `image_url.url`, the Responses API's `image_url`), or in the value of a `data` member
+/// (Anthropic's `base64` sources, whatever the order of their members); either way a string
+/// of base64 only, at least [`MIN_IMAGE_BYTES`] long, beginning as a PNG, JPEG, GIF or WebP
+/// file does (text written to look like one is text). Each byte of the body is read a bounded
+/// number of times: a search goes on after the string it read, and looks back at most
+/// [`MAX_DATA_URL_HEAD`] bytes.
+fn inline_images(body: &[u8]) -> Vec<&[u8]> {
+    let mut images = Vec::new();
+    let mut from = 0;
+    while let Some(found) = DATA_URL.find(&body[from..]) {
+        let at = from + found;
+        let payload_start = at + DATA_URL.needle().len();
+        let value = string_to_its_end(body, payload_start);
+        from = payload_start + value.len();
+        let head = &body[at.saturating_sub(MAX_DATA_URL_HEAD)..at];
+        let is_image_url = memchr::memrchr(b'"', head)
+            .is_some_and(|quote| head[quote + 1..].starts_with(b"data:image/"));
+        if is_image_url && is_image(value) {
+            images.push(value);
+        }
+    }
+    let mut from = 0;
+    while let Some(found) = DATA_KEY.find(&body[from..]) {
+        let after_key = from + found + DATA_KEY.needle().len();
+        from = after_key;
+        let rest = &body[after_key..];
+        let Some(rest) = skip_whitespace(rest).strip_prefix(b":") else {
+            continue;
+        };
+        let Some(rest) = skip_whitespace(rest).strip_prefix(b"\"") else {
+            continue;
+        };
         let start = body.len() - rest.len();
         let value = string_to_its_end(body, start);
-        (value.len() >= MIN_IMAGE_BYTES && begins_as_an_image(value)).then_some(value)
-    });
-    data_urls
-        .filter(|value| value.len() >= MIN_IMAGE_BYTES)
-        .chain(data_members)
+        from = start + value.len();
+        if is_image(value) {
+            images.push(value);
+        }
+    }
+    images
+}
+
+/// Whether a JSON string's text is an image in base64: long enough, base64 throughout (an
+/// escaped `\/` allowed), and beginning with an image file's signature.
+fn is_image(value: &[u8]) -> bool {
+    /// The bytes of base64 text in a JSON string: the alphabet, `=`, and `\` of `\/`.
+    const BASE64: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            table[b] = c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=' | b'\\');
+            b += 1;
+        }
+        table
+    };
+    value.len() >= MIN_IMAGE_BYTES
+        && begins_as_an_image(value)
+        && value.iter().all(|&b| BASE64[usize::from(b)])
 }
 
 /// `body` from `start` to the next quote (or its end).
@@ -199,10 +240,35 @@ mod tests {
         }
     }
 
+    /// A string of `;base64,` markers is read once (each was read to the string's ends, and
+    /// counted as an image of its own: seconds of a serving thread for a megabyte, and an
+    /// estimate of 2e8 tokens charged to a backend shared by every key), and text made to
+    /// look like an image is text.
+    #[test]
+    fn markers_repeated_in_one_string_and_text_dressed_as_an_image_count_as_text() {
+        let repeated = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"data:image/png;base64,{}"}}]}}"#,
+            ";base64,".repeat(131_072)
+        );
+        let text = "the quick brown fox ".repeat(10_000);
+        let dressed = format!(
+            r#"{{"content":"data:image/png;base64,iVBORw0KGgo{text}","source":{{"data":"iVBORw0KGgo{text}"}}}}"#
+        );
+        for body in [repeated, dressed] {
+            assert!(inline_images(body.as_bytes()).is_empty());
+            assert_eq!(
+                prompt_tokens(body.as_bytes()),
+                body.len().div_ceil(4) as u64
+            );
+        }
+    }
+
     proptest::proptest! {
-        /// Whatever the body, the estimate is at most the bytes' count and never panics.
+        /// Whatever the body: the images found are apart from one another (their bytes
+        /// together at most the body's), each of at least `MIN_IMAGE_BYTES`, so the estimate
+        /// is at most a token per 4 bytes plus an image's tokens per `MIN_IMAGE_BYTES`.
         #[test]
-        fn never_more_than_a_token_per_four_bytes_plus_the_images(
+        fn images_found_never_overlap_nor_outnumber_the_bytes(
             pieces in proptest::collection::vec(
                 proptest::sample::select(vec![
                     "\"data\"", ":", " ", "\"", "data:image/png;base64,", ";base64,",
@@ -212,10 +278,19 @@ mod tests {
             ),
         ) {
             let body = pieces.concat();
-            let images = inline_images(body.as_bytes()).count() as u64;
+            let mut images = inline_images(body.as_bytes());
+            images.sort_by_key(|i| i.as_ptr() as usize);
+            let image_bytes: usize = images.iter().map(|i| i.len()).sum();
+            proptest::prop_assert!(image_bytes <= body.len());
+            for pair in images.windows(2) {
+                let (a, b) = (pair[0].as_ptr() as usize, pair[1].as_ptr() as usize);
+                proptest::prop_assert!(a + pair[0].len() <= b);
+            }
+            proptest::prop_assert!(images.iter().all(|i| i.len() >= MIN_IMAGE_BYTES));
             proptest::prop_assert!(
                 prompt_tokens(body.as_bytes())
-                    <= body.len().div_ceil(4) as u64 + images * IMAGE_TOKENS
+                    <= body.len().div_ceil(4) as u64
+                        + (body.len() / MIN_IMAGE_BYTES) as u64 * IMAGE_TOKENS
             );
         }
     }
