@@ -875,7 +875,17 @@ impl SnapshotStore {
             now.instant,
         );
         let version = next.version;
-        self.current.store(Some(next));
+        self.current.store(Some(Arc::clone(&next)));
+        // Now in use: what the carried-over token buckets owe is converted to their new rates
+        // (a snapshot refused above left the buckets in use as they were).
+        for tokens in next
+            .keys
+            .values()
+            .filter_map(|k| k.tokens.as_ref())
+            .chain(next.backends.iter().filter_map(|b| b.tokens.as_ref()))
+        {
+            tokens.take_over(now.instant);
+        }
         self.version.send_replace(version);
         Ok(Applied::Swapped)
     }

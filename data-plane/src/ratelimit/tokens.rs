@@ -38,6 +38,10 @@ pub struct TokenBucket {
     /// The burst, as time at this share's rate.
     tolerance: u64,
     state: Arc<State>,
+    /// The limit and replica count of the bucket this one carried over from, when they
+    /// differ: what it owes is converted to this one's rate once this one is in use
+    /// ([`TokenBucket::take_over`]).
+    carried_from: Option<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -83,33 +87,37 @@ impl TokenBucket {
                 origin: now,
             }),
         };
+        let carried_from = previous
+            .map(|p| (p.limit, p.replicas))
+            .filter(|&rate| rate != (limit, replicas));
         let mut bucket = Self {
             limit,
             replicas,
             tolerance: 0,
             state,
+            carried_from,
         };
         bucket.tolerance = bucket.nanos_for(bucket.burst());
-        if let Some(previous) = previous
-            && (previous.limit, previous.replicas) != (limit, replicas)
-        {
-            bucket.rescale_from(previous, now);
-        }
         Some(bucket)
     }
 
-    /// What lies ahead of now is tokens charged and not yet refilled, kept as time at
-    /// `previous`'s rate: converted to this bucket's, so that a raised limit (or a replica
-    /// leaving) pays a debt off sooner and a lowered one later, as the requests-per-minute
-    /// limiter's tokens do; at most a day of debt, as a charge.
-    fn rescale_from(&self, previous: &TokenBucket, now: Instant) {
+    /// Called once the snapshot holding this bucket is in use (not when it is built: one
+    /// refused would have changed the bucket in use). What lies ahead of now is tokens
+    /// charged and not yet refilled, kept as time at the rate of the bucket this one carried
+    /// over from: converted to this bucket's, so that a raised limit (or a replica leaving)
+    /// pays a debt off sooner and a lowered one later, as the requests-per-minute limiter's
+    /// tokens do; at most a day of debt, as a charge.
+    pub fn take_over(&self, now: Instant) {
+        let Some((previous_limit, previous_replicas)) = self.carried_from else {
+            return;
+        };
         let now = self.at(now);
         let ceiling = now
             .saturating_add(self.tolerance)
             .saturating_add(MAX_DEBT.as_nanos() as u64);
         let (from, to) = (
-            u128::from(previous.limit) * u128::from(self.replicas),
-            u128::from(self.limit) * u128::from(previous.replicas),
+            u128::from(previous_limit) * u128::from(self.replicas),
+            u128::from(self.limit) * u128::from(previous_replicas),
         );
         // Fails only when nothing lies ahead: nothing to convert.
         let _ = self
@@ -209,8 +217,6 @@ impl TokenBucket {
             });
     }
 
-    /// Nanoseconds of this share that `tokens` take, rounded up (so the share is never
-    /// exceeded by rounding).
     /// The tokens this replica's share refills in `time`, rounded down.
     fn tokens_in(&self, time: Duration) -> u64 {
         let tokens = time.as_nanos() * u128::from(self.limit)
@@ -218,6 +224,8 @@ impl TokenBucket {
         u64::try_from(tokens).unwrap_or(u64::MAX)
     }
 
+    /// Nanoseconds of this share that `tokens` take, rounded up (so the share is never
+    /// exceeded by rounding).
     fn nanos_for(&self, tokens: u64) -> u64 {
         let nanos = (u128::from(tokens) * NANOS_PER_MINUTE * u128::from(self.replicas))
             .div_ceil(u128::from(self.limit));
@@ -368,12 +376,16 @@ mod tests {
         old.try_admit(1, now).unwrap().settle(6_000);
         assert!(old.try_admit(1, now).unwrap_err() > Duration::from_secs(500));
         let raised = TokenBucket::carry_over(Some(&old), 600_000, 1, now).unwrap();
+        // Built, not yet in use (a snapshot may still be refused): the debt is as it was.
+        assert!(old.try_admit(1, now).unwrap_err() > Duration::from_secs(500));
+        raised.take_over(now);
         tokio::time::advance(Duration::from_secs(2)).await;
         raised.try_admit(1, Instant::now()).unwrap().settle(1);
         // Lowered back, what was charged since counts at the lower rate.
         let now = Instant::now();
         raised.try_admit(60_000, now).unwrap().settle(60_000);
         let lowered = TokenBucket::carry_over(Some(&raised), 6_000, 1, now).unwrap();
+        lowered.take_over(now);
         let wait = lowered.try_admit(1, now).unwrap_err();
         assert!(wait > Duration::from_secs(500), "{wait:?}");
     }
