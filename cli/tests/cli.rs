@@ -1211,6 +1211,17 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
     assert_eq!(unknown.code, 0);
     let other: Value = serde_json::from_str(&unknown.stdout).unwrap();
     assert!(other.get("requestCount").is_none(), "{other}");
+    // An id, as a deleted backend's usage is kept, is asked for as it is, without a note.
+    h.ctl(&[
+        "-o",
+        "json",
+        "stats",
+        "totals",
+        "--backend",
+        "0190f3a2-7b1c-7d4e-9f00-123456789abc",
+    ])
+    .await
+    .json();
     let table = h.ctl(&["stats", "totals", "--since", "24h"]).await;
     assert!(
         table

@@ -524,9 +524,6 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    /// The data directory stays locked while a write queued before the server stopped can
-    /// still commit: released earlier, a `rotate-master-key` could run in between, and the
-    /// write seal a provider key with the master key it just replaced.
     /// The dashboard polls the lists of keys, backends, cooldowns and replicas every few
     /// seconds: they read on a connection of their own, neither waiting for the writer nor
     /// holding it (usage commits and cooldown reports behind a scan of every key).
@@ -575,6 +572,9 @@ mod tests {
         write.await.unwrap().unwrap();
     }
 
+    /// The data directory stays locked while a write queued before the server stopped can
+    /// still commit: released earlier, a `rotate-master-key` could run in between, and the
+    /// write seal a provider key with the master key it just replaced.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_directory_stays_locked_until_the_last_queued_write_is_done() {
         let dir = tempfile::tempdir().unwrap();

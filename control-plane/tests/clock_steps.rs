@@ -58,6 +58,9 @@ async fn decisions_by_the_wall_clock_survive_its_steps() {
         store.clone(),
         stop.clone(),
     ));
+    // The task reads the clock at once and then waits: 200 ms lets it start before the step.
+    // (Were it slower to start, it would read the stepped clock, and the test pass without
+    // the fix: a false pass, never a false failure.)
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = store.committed_version();
     skew_wall_clock(offset + 2 * 3_600_000 - 2_000);
@@ -185,7 +188,20 @@ async fn a_step_of_the_clock_does_not_end_a_cut_off_replicas_lease() {
         let (grant, _cut_off) = replica("r0", 10).await;
         assert_eq!((grant.granted_nanos, grant.exhausted), (100, false));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Its stream closed: the control plane counts it as gone (and its lease as running) once
+    // the registry says so.
+    loop {
+        let planes = admin
+            .list_data_planes(pb::ListDataPlanesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .data_planes;
+        if planes.iter().any(|p| p.node_id == "r0" && !p.connected) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     skew_wall_clock(120_000);
     // The whole budget: only if r0's 100 were forgotten.
     let (grant, _) = replica("r1", 6_400).await;

@@ -101,7 +101,9 @@ async fn resolve(mut filter: FilterArgs, connection: &Connection) -> Result<Filt
                 backend: Some(found),
             }) => *backend = found.id,
             // Asked by the name of a deleted backend, the totals would be zeros that look
-            // like a backend that served nothing.
+            // like a backend that served nothing. (A deleted backend's id, which is how its
+            // usage is kept, is asked for as it is.)
+            _ if looks_like_an_id(backend) => {}
             _ => eprintln!(
                 "note: no backend is named or has the id \"{}\" now; the usage of a deleted \
                  backend is kept under its id (`sluicectl stats totals --by backend` lists them)",
@@ -125,6 +127,16 @@ async fn resolve(mut filter: FilterArgs, connection: &Connection) -> Result<Filt
         }
     }
     Ok(filter)
+}
+
+/// Whether `text` is written as Sluice's ids are (UUIDs: 36 characters, hyphens at 8, 13,
+/// 18 and 23, hexadecimal digits between).
+fn looks_like_an_id(text: &str) -> bool {
+    text.len() == 36
+        && text.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
 }
 
 fn usage_request(
