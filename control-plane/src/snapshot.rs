@@ -62,23 +62,8 @@ pub struct Publisher {
 /// fields at their largest. The headroom is for what grows with neither (settings, times).
 fn ceiling(snapshot: &pb::Snapshot) -> usize {
     static COOLDOWN_BYTES: LazyLock<usize> = LazyLock::new(|| {
-        let cooling = pb::SnapshotBackend {
-            cooldown_until: Some(pbjson_types::Timestamp {
-                seconds: i64::MAX,
-                nanos: i32::MAX,
-            }),
-            consecutive_failures: u32::MAX,
-            cooldown_remaining: Some(pbjson_types::Duration {
-                seconds: i64::MAX,
-                nanos: i32::MAX,
-            }),
-            cooldown_epoch: u64::MAX,
-            cooldown_run_basis: u64::MAX,
-            cooldown_changed_by: "x".repeat(2 * MAX_ID_BYTES + 1),
-            ..Default::default()
-        };
         // (The entry's length prefix may grow too: a few bytes.)
-        prost::Message::encoded_len(&cooling) + 4
+        prost::Message::encoded_len(&cooling_at_most()) + 4
     });
     // Two flags of two bytes, and a byte more of the entry's length prefix should they take
     // it past 127 bytes.
@@ -122,6 +107,17 @@ pub fn backend_entry_bytes(spec: &BackendSpec, api_key: &str) -> usize {
         models: spec.models.iter().map(|m| m.to_proto()).collect(),
         api_key: api_key.to_owned(),
         rpm_limit: u32::MAX,
+        responses_api: Some(true),
+        api_format: spec.api_format.to_proto() as i32,
+        anthropic_version: spec.anthropic_version.clone(),
+        tpm_limit: u32::MAX,
+        ..cooling_at_most()
+    })
+}
+
+/// A backend entry with only its cooldown's fields set, each at its largest.
+fn cooling_at_most() -> pb::SnapshotBackend {
+    pb::SnapshotBackend {
         cooldown_until: Some(pbjson_types::Timestamp {
             seconds: i64::MAX,
             nanos: i32::MAX,
@@ -135,11 +131,8 @@ pub fn backend_entry_bytes(spec: &BackendSpec, api_key: &str) -> usize {
         cooldown_run_basis: u64::MAX,
         // A node id and an incarnation, each at most MAX_ID_BYTES.
         cooldown_changed_by: "x".repeat(2 * MAX_ID_BYTES + 1),
-        responses_api: Some(true),
-        api_format: spec.api_format.to_proto() as i32,
-        anthropic_version: spec.anthropic_version.clone(),
-        tpm_limit: u32::MAX,
-    })
+        ..Default::default()
+    }
 }
 
 /// The most a client key with `name` and `allowed_models` adds to a snapshot.

@@ -524,17 +524,14 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    /// The dashboard polls the lists of keys, backends, cooldowns and replicas every few
-    /// seconds: they read on a connection of their own, neither waiting for the writer nor
-    /// holding it (usage commits and cooldown reports behind a scan of every key).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn admin_reads_neither_wait_for_nor_hold_the_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(
-            &dir.path().join("t.db"),
-            crate::crypto::MasterKey::generate(),
-        )
-        .unwrap();
+    /// A write holding the writer (from a handle of its own) until `finish` is sent; returned
+    /// once it has started.
+    fn hold_the_writer(
+        store: &Store,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+    ) {
         let (started_tx, started) = std::sync::mpsc::channel();
         let (finish, finishing) = std::sync::mpsc::channel::<()>();
         let writer = store.clone();
@@ -548,6 +545,21 @@ mod tests {
                 .await
         });
         started.recv().unwrap();
+        (finish, write)
+    }
+
+    /// The dashboard polls the lists of keys, backends, cooldowns and replicas every few
+    /// seconds: they read on a connection of their own, neither waiting for the writer nor
+    /// holding it (usage commits and cooldown reports behind a scan of every key).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn admin_reads_neither_wait_for_nor_hold_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(
+            &dir.path().join("t.db"),
+            crate::crypto::MasterKey::generate(),
+        )
+        .unwrap();
+        let (finish, write) = hold_the_writer(&store);
         let wait = Duration::from_secs(5);
         let waited = "an admin read waited for the writer";
         use tokio::time::timeout as t;
@@ -595,20 +607,8 @@ mod tests {
         let lock = open_lock();
         lock.try_lock().unwrap();
         store.hold_lock(lock);
-        let (started_tx, started) = std::sync::mpsc::channel();
-        let (finish, finishing) = std::sync::mpsc::channel::<()>();
         // An admin call's write, queued behind a slow one: its handler holds a handle.
-        let handler = store.clone();
-        let write = tokio::spawn(async move {
-            handler
-                .call(move |_, _| {
-                    started_tx.send(()).unwrap();
-                    finishing.recv().unwrap();
-                    Ok(())
-                })
-                .await
-        });
-        started.recv().unwrap();
+        let (finish, write) = hold_the_writer(&store);
         // The server is gone (its handle dropped); the write is still running.
         drop(store);
         assert!(
