@@ -1469,6 +1469,59 @@ async fn usage_by_pool_counts_the_distinct_backends_of_each_bucket() {
     );
 }
 
+/// A deleted backend's usage stays under its id. Records of it ingested after the delete (a
+/// replica's spool replayed, requests that were in flight) were filed under no pool, as if
+/// they had reached no backend, and grouped by backend they showed a bare id: they keep its
+/// pool now, and its name, marked deleted.
+#[tokio::test]
+async fn a_deleted_backends_usage_keeps_its_pool_and_its_name() {
+    let mut h = Harness::start().await;
+    let b = h
+        .backend("gone-soon", pb::Pool::Fallback, &[("m1", 1.0, 1.0)])
+        .await;
+    assert_eq!(
+        h.report("r", "i", numbered(&[Rec::new(&b, DAY0 + 10)]))
+            .await,
+        1
+    );
+    h.admin
+        .delete_backend(pb::DeleteBackendRequest { id: b.clone() })
+        .await
+        .unwrap();
+    let after = Rec::new(&b, DAY0 + 20).to_proto(2);
+    assert_eq!(h.report("r", "i", vec![after]).await, 2);
+    let by_pool = h
+        .totals(pb::GetTotalsRequest {
+            group_by: pb::GroupBy::Pool as i32,
+            ..Default::default()
+        })
+        .await;
+    let pools: Vec<(&str, u64)> = by_pool
+        .groups
+        .iter()
+        .map(|g| (g.group_key.as_str(), g.request_count))
+        .collect();
+    assert_eq!(pools, vec![("fallback", 2)]);
+    let by_backend = h
+        .totals(pb::GetTotalsRequest {
+            group_by: pb::GroupBy::Backend as i32,
+            ..Default::default()
+        })
+        .await;
+    let labels: Vec<(&str, &str, u64)> = by_backend
+        .groups
+        .iter()
+        .map(|g| {
+            (
+                g.group_key.as_str(),
+                g.group_label.as_str(),
+                g.request_count,
+            )
+        })
+        .collect();
+    assert_eq!(labels, vec![(b.as_str(), "gone-soon (deleted)", 2)]);
+}
+
 #[tokio::test]
 async fn cost_comes_with_the_currency_of_the_settings() {
     let mut h = Harness::start().await;

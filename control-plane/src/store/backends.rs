@@ -138,6 +138,12 @@ impl Store {
         self.write(WriteOp::admin, move |conn, _| {
             let tx = conn.transaction()?;
             let id = resolve_backend_id(&tx, &id_or_name)?;
+            // Its usage stays under its id: kept, its name and pool still say whose it is.
+            tx.execute(
+                "INSERT OR REPLACE INTO deleted_backends (id, name, pool, delete_time)
+                 SELECT id, name, pool, ?2 FROM backends WHERE id = ?1",
+                params![id, crate::time::now_ms()],
+            )?;
             tx.execute("DELETE FROM backends WHERE id = ?1", params![id])?;
             let version = bump_version(&tx)?;
             tx.commit()?;

@@ -577,7 +577,12 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
             "SELECT input_price_per_mtok, output_price_per_mtok FROM backend_models
              WHERE backend_id = ?1 AND name = ?2",
         )?;
-        let mut pool_of = tx.prepare_cached("SELECT pool FROM backends WHERE id = ?1")?;
+        // A deleted backend's records (a spool replayed, requests that were in flight) keep
+        // its pool.
+        let mut pool_of = tx.prepare_cached(
+            "SELECT pool FROM backends WHERE id = ?1
+             UNION ALL SELECT pool FROM deleted_backends WHERE id = ?1 LIMIT 1",
+        )?;
         let mut upsert = tx.prepare_cached(&upsert_sql(
             "usage_hourly",
             "hour_start, backend_id, model, client_key_id, pool",
@@ -1196,7 +1201,11 @@ fn group_labels(
     group_by: GroupBy,
 ) -> Result<std::collections::HashMap<String, String>, StoreError> {
     let sql = match group_by {
-        GroupBy::Backend => "SELECT id, name FROM backends",
+        GroupBy::Backend => {
+            "SELECT id, name FROM backends
+             UNION ALL SELECT id, name || ' (deleted)' FROM deleted_backends
+                 WHERE id NOT IN (SELECT id FROM backends)"
+        }
         GroupBy::ClientKey => "SELECT id, name FROM client_keys",
         GroupBy::Nothing | GroupBy::Model | GroupBy::Pool => return Ok(Default::default()),
     };
