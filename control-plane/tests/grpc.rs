@@ -1530,6 +1530,50 @@ async fn concurrent_joins_publish_the_final_replica_count() {
     drop(senders);
 }
 
+/// A replica that could not decode a snapshot (past the size it accepts) loses the stream
+/// it came on; it says so on its next stream's hello, which the control plane lists as the
+/// replica's error (`sluicectl dataplane list`, the dashboard), as it lists any nack.
+#[tokio::test]
+async fn a_refusal_said_on_a_hello_is_listed_as_the_replicas_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut dp = DataPlaneServiceClient::with_interceptor(
+        channel(&cp).await,
+        Bearer(cp.dataplane_token.clone()),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::StreamSnapshotsRequest {
+        node_id: "dp-1".into(),
+        incarnation: "inc-a".into(),
+        error_detail: "snapshot larger than this replica accepts (64 MiB)".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = dp
+        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    next(&mut stream).await;
+    let planes = admin(&cp)
+        .await
+        .list_data_planes(pb::ListDataPlanesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .data_planes;
+    assert_eq!(planes.len(), 1);
+    assert!(
+        planes[0]
+            .last_error
+            .contains("larger than this replica accepts"),
+        "{:?}",
+        planes[0].last_error
+    );
+    drop(tx);
+}
+
 /// Two live processes given one node id count as one replica, so each takes the share of
 /// every limit one replica has: together twice the limit. The control plane cannot tell them
 /// from a restarted replica taking over its share, but it says so: the node is listed with

@@ -70,8 +70,9 @@ pub enum RunError {
 }
 
 /// Hands the snapshot stream's snapshots to the store, which counts what it refuses, and
-/// its keys with a budget to the allowances.
-struct Applier(Arc<SnapshotStore>, Arc<Allowances>);
+/// its keys with a budget to the allowances. Public for tests that run the subscriber as a
+/// server runs it.
+pub struct Applier(pub Arc<SnapshotStore>, pub Arc<Allowances>);
 
 impl subscribe::Receiver for Applier {
     fn apply(&mut self, snapshot: sluice_proto::v1::Snapshot) -> Result<(), String> {

@@ -77,9 +77,12 @@ pub async fn run<R: Receiver>(
     mut receiver: R,
     shutdown: CancellationToken,
 ) {
+    // The refusal of a snapshot too large to decode, for the control plane: it ends the
+    // stream it came on, so it goes on the next one's hello.
+    let mut nack = None;
     loop {
         let outcome = tokio::select! {
-            outcome = session(&mut client, &identity, &mut backoff, &mut receiver) => outcome,
+            outcome = session(&mut client, &identity, &mut backoff, &mut receiver, &mut nack) => outcome,
             () = shutdown.cancelled() => return,
         };
         match outcome {
@@ -103,6 +106,7 @@ async fn session<R: Receiver>(
     identity: &NodeIdentity,
     backoff: &mut Backoff,
     receiver: &mut R,
+    nack: &mut Option<String>,
 ) -> Result<(), tonic::Status> {
     let base = StreamSnapshotsRequest {
         node_id: identity.node_id.clone(),
@@ -119,6 +123,9 @@ async fn session<R: Receiver>(
     if let Some(budgets) = &budgets {
         budgets.hello(&mut hello);
     }
+    // The refusal of a snapshot too large to decode ended the last stream: said on this
+    // one's hello, which the control plane reads before it sends anything.
+    hello.error_detail = nack.take().unwrap_or_default();
     let hello_only = hello;
     let hello = base;
     let (tx, rx) = mpsc::channel(4);
@@ -173,11 +180,8 @@ async fn session<R: Receiver>(
                 );
                 tracing::error!(error = %detail, "snapshot refused; keeping the current one");
                 receiver.too_large(&detail);
-                // Tell the control plane, if the call still carries it (version unknown).
-                let _ = tx.try_send(StreamSnapshotsRequest {
-                    error_detail: detail,
-                    ..hello.clone()
-                });
+                // The call is over: the control plane hears of it on the next one.
+                *nack = Some(detail);
                 return Err(status);
             }
             Err(status) => return Err(status),

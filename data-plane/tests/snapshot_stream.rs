@@ -129,7 +129,8 @@ async fn a_wrong_token_gets_nothing_and_keeps_retrying() {
 }
 
 /// A snapshot past the size limit cannot be decoded: the replica keeps its current one and
-/// says so every time it is sent (the refusal counted, a nack the control plane records).
+/// says so every time it is sent (the refusal counted, `/readyz` saying it is behind, a nack
+/// the control plane records), through the receiver a server runs.
 #[tokio::test]
 async fn a_snapshot_past_the_size_limit_is_refused_loudly() {
     use sluice_proto::limits::MAX_SNAPSHOT_BYTES;
@@ -139,20 +140,16 @@ async fn a_snapshot_past_the_size_limit_is_refused_loudly() {
     let store = Arc::new(SnapshotStore::default());
     let client = control::connect(&cp.url(), Some(TOKEN)).unwrap();
     let shutdown = CancellationToken::new();
-    struct Counting(Arc<SnapshotStore>);
-    impl subscribe::Receiver for Counting {
-        fn apply(&mut self, s: proto::Snapshot) -> Result<(), String> {
-            self.0.apply(s).map(|_| ()).map_err(|e| e.to_string())
-        }
-        fn too_large(&mut self, _: &str) {
-            self.0.refused(Refusal::TooLarge);
-        }
-    }
+    let allowances = sluice_proxy::allowance::Allowances::new(
+        Default::default(),
+        sluice_proxy::usage::UsageSink::new(16),
+        "i".into(),
+    );
     tokio::spawn(subscribe::run(
         client,
         NodeIdentity::new(Some("node-a".into())),
         Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
-        Counting(Arc::clone(&store)),
+        sluice_proxy::server::Applier(Arc::clone(&store), allowances),
         shutdown.clone(),
     ));
     wait_version(&store, 1).await;
@@ -186,5 +183,16 @@ async fn a_snapshot_past_the_size_limit_is_refused_loudly() {
         1,
         "the current snapshot stays"
     );
+    let stale = store.stale().expect("behind, as /readyz says");
+    assert_eq!(stale.why, Refusal::TooLarge);
+    cp.wait_for(
+        "the replica's nack of the snapshot it could not take",
+        |r| {
+            r.snapshot_requests
+                .iter()
+                .any(|q| q.error_detail.contains("larger than this replica accepts"))
+        },
+    )
+    .await;
     shutdown.cancel();
 }

@@ -253,6 +253,7 @@ impl DataPlaneService for DataPlaneApi {
         } else {
             None
         };
+        let refused = first.error_detail;
         let first_version = match self.membership.joined(&hello, now_ms()).await {
             Ok(version) => version,
             Err(err) => {
@@ -262,6 +263,21 @@ impl DataPlaneService for DataPlaneApi {
                 return Err(err.into());
             }
         };
+        // A snapshot too large for the replica to decode ended its last stream: it says so
+        // on this one's hello.
+        if !refused.is_empty() {
+            tracing::warn!(node = %hello.node_id, error = %refused, "data plane refused a snapshot");
+            self.membership
+                .registry()
+                .record(&hello.node_id, 0, &refused);
+            if let Err(err) = self
+                .store
+                .record_ack(hello.node_id.clone(), 0, refused)
+                .await
+            {
+                tracing::error!(error = %err, "recording a refusal failed");
+            }
+        }
 
         let (tx, rx) = mpsc::channel(2);
         let api = self.clone();
