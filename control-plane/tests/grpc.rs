@@ -1521,10 +1521,33 @@ async fn concurrent_joins_publish_the_final_replica_count() {
         streams.push(stream);
     }
     // Every replica ends up with a snapshot dividing by all of them.
+    let mut lasts = Vec::new();
     for stream in &mut streams {
         let mut last = next(stream).await;
         while last.replica_count as usize != REPLICAS {
             last = next(stream).await;
+        }
+        lasts.push(last.version);
+    }
+    // And keeps it: every join has committed now, so no snapshot up to the newest published
+    // counts fewer (a count some build read before the last join, published after a correct
+    // one, would leave every replica enforcing too large a share for good).
+    let latest = admin(&cp)
+        .await
+        .list_data_planes(pb::ListDataPlanesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .data_planes
+        .iter()
+        .map(|p| p.latest_version)
+        .max()
+        .unwrap();
+    for (stream, mut version) in streams.iter_mut().zip(lasts) {
+        while version < latest {
+            let last = next(stream).await;
+            assert_eq!(last.replica_count as usize, REPLICAS, "v{}", last.version);
+            version = last.version;
         }
     }
     drop(senders);

@@ -303,6 +303,16 @@ async fn a_record_the_control_plane_refuses_is_dropped_and_the_rest_delivered() 
         streams,
         "no refusal, no reconnect"
     );
+    let reports = cp.with(|r| {
+        r.reports
+            .iter()
+            .filter(|report| report.iter().any(|&s| s > 30))
+            .count()
+    });
+    assert!(
+        reports < 10,
+        "ten records recorded at once went in {reports} reports: one each"
+    );
     stop.cancel();
     handle.await.unwrap();
     assert_eq!(sink.pending(), 0);

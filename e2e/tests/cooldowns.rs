@@ -160,12 +160,24 @@ async fn one_burst_seen_by_two_replicas_doubles_once() {
     let q = cluster.proxy().await;
     cluster.wait_replicas_current(2).await;
 
+    let counted = cluster.totals().await.request_count;
+    let reached = a.stats().await.requests.chat_completions;
     a.set_faults(vec![Fault::status(429).times(2)]).await;
     let (rp, rq) = tokio::join!(p.chat(&key, "m"), q.chat(&key, "m"));
     assert_eq!((rp.status().as_u16(), rq.status().as_u16()), (429, 429));
-    let seen = a.stats().await.requests.chat_completions;
-    eprintln!("the burst reached a {seen} times");
+    // Both replicas saw the provider's 429 (neither answered from a cooldown the other's had
+    // already started), so there are two reports of one burst.
+    assert_eq!(
+        a.stats().await.requests.chat_completions - reached,
+        2,
+        "the burst reached the provider from both replicas"
+    );
     let first = wait_cooldown(&cluster).await;
+    // Both reports are in: they ride the usage stream ahead of their requests' records.
+    eventually(Duration::from_secs(10), "both requests counted", || async {
+        cluster.totals().await.request_count >= counted + 2
+    })
+    .await;
     cluster.wait_replicas_current(2).await;
     assert_cooldown(first, 1, base);
     assert_eq!(cooldown(&cluster).await.map(|c| c.0), Some(1));

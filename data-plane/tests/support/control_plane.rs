@@ -26,6 +26,8 @@ pub struct Recorded {
     pub snapshot_requests: Vec<StreamSnapshotsRequest>,
     /// Every record sequence received, duplicates included, in arrival order.
     pub received_sequences: Vec<u64>,
+    /// The record sequences of each report received, in arrival order.
+    pub reports: Vec<Vec<u64>>,
     /// Applied records by (node, incarnation) and sequence.
     pub applied: BTreeMap<(String, String), BTreeMap<u64, UsageRecord>>,
     pub events: Vec<BackendEvent>,
@@ -162,6 +164,7 @@ impl DataPlaneService for Service {
                         shared.update(|r| {
                             r.events.extend(batch.events.iter().cloned());
                             r.received_sequences.extend(batch.records.iter().map(|x| x.sequence));
+                            r.reports.push(batch.records.iter().map(|x| x.sequence).collect());
                             if !ack { return; }
                             let applied = r
                                 .applied
