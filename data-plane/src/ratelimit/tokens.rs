@@ -404,7 +404,9 @@ mod tests {
         /// the window began (a refund of one of them gives back what it took before).
         #[test]
         fn every_minute_stays_within_the_share_the_burst_and_what_was_in_flight(
-            limit in 100u32..2_000_000,
+            // On the scale of the traffic (about 10,000 tokens a request, up to 300), so that
+            // most cases refuse some.
+            limit in 100u32..200_000,
             replicas in 1u32..4,
             requests in proptest::collection::vec(
                 (0u32..4, 0u64..180_000, 0u64..5_000, 0u64..20_000, 0u64..10_000),
@@ -436,7 +438,7 @@ mod tests {
                     admitted.push((r, at, estimate, tokens, at + lasts));
                 }
             }
-            for (r, bucket) in buckets.iter().enumerate() {
+            for r in 0..buckets.len() {
                 let mine: Vec<_> = admitted.iter().filter(|a| a.0 == r).collect();
                 for first in &mine {
                     let from = first.1;
@@ -457,7 +459,11 @@ mod tests {
                         .filter(|a| a.1 < from && a.4 > from)
                         .map(|a| a.2)
                         .sum();
-                    let bound = bucket.share_per_minute() + bucket.burst() as f64 + 1.0
+                    // The share and the burst from the inputs, not from the bucket under
+                    // test (a wider burst would widen both).
+                    let share = f64::from(limit) / f64::from(replicas);
+                    let burst = (limit / (10 * replicas)).max(1);
+                    let bound = share + burst as f64 + 1.0
                         + flying_at_last as f64 + flying_at_start as f64;
                     prop_assert!(
                         total as f64 <= bound,
