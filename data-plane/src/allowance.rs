@@ -879,6 +879,44 @@ mod tests {
         }
     }
 
+    /// With the control plane away, a replica spends what it holds for its lease, and then
+    /// no more, however much it still holds: the refusal comes from the lease, not from an
+    /// empty pool (the other tests' leases are a minute: none ran out). Its hello then holds
+    /// nothing either: the control plane stopped counting that money when the lease ran out.
+    #[tokio::test]
+    async fn past_its_lease_a_replica_spends_nothing_it_holds() {
+        let lease = Duration::from_millis(50);
+        for when_away in [WhenAway::Refuse, WhenAway::Serve] {
+            let a = Allowances::new(
+                AllowanceOptions {
+                    lease,
+                    wait: Duration::from_millis(20),
+                    when_away,
+                },
+                UsageSink::new(100),
+                "inc".into(),
+            );
+            a.budgeted(vec![("k".into(), 1.0, None)]);
+            a.connected(true);
+            a.heard(Some(&grant("k", 1_000, false)), true);
+            a.connected(false);
+            a.admit("k", 10).await.unwrap().unwrap().settle(10);
+            // The lease is timed by the monotonic clock the engine reads (std's, not tokio's).
+            std::thread::sleep(lease * 2);
+            let outcome = a.admit("k", 10).await;
+            match when_away {
+                WhenAway::Refuse => assert!(
+                    matches!(outcome, Err(Refusal::Unavailable { .. })),
+                    "990 held, the lease over: refused"
+                ),
+                WhenAway::Serve => assert!(outcome.unwrap().is_some(), "served, counted later"),
+            }
+            let mut hello = pb::StreamSnapshotsRequest::default();
+            a.hello(&mut hello);
+            assert!(hello.held_allowances.is_empty(), "{hello:?}");
+        }
+    }
+
     #[tokio::test]
     async fn the_hello_tells_what_is_held_and_an_old_control_plane_turns_enforcement_off() {
         let a = allowances(WhenAway::Refuse);
