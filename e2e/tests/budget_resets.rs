@@ -139,10 +139,15 @@ async fn a_spent_daily_budget_is_served_again_at_every_replica_when_the_control_
     );
 
     // Midnight passes by the control plane's clock: every replica serves the key again, none
-    // before midnight. Each serves one request, which the new day's budget covers.
+    // before midnight (all three asked at once until each serves, so none goes unasked until
+    // midnight). Each serves one request, which the new day's budget covers.
+    let (first_at, second_at, third_at) = tokio::join!(
+        until_status(&replicas[0], &key, 200, "replica 0 after midnight"),
+        until_status(&replicas[1], &key, 200, "replica 1 after midnight"),
+        until_status(&replicas[2], &key, 200, "replica 2 after midnight"),
+    );
     let mut last = midnight_here;
-    for (i, replica) in replicas.iter().enumerate() {
-        let at = until_status(replica, &key, 200, &format!("replica {i} after midnight")).await;
+    for (i, at) in [first_at, second_at, third_at].into_iter().enumerate() {
         assert!(
             at + Duration::from_millis(20) >= midnight_here,
             "replica {i} served the key {:?} before midnight",
