@@ -823,24 +823,16 @@ async fn snapshots_reach_a_replica_on_every_change_and_acks_are_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let cp = TestControlPlane::start(dir.path()).await.unwrap();
     let mut admin = admin(&cp).await;
-    let mut dp = DataPlaneServiceClient::with_interceptor(
-        channel(&cp).await,
-        Bearer(cp.dataplane_token.clone()),
-    );
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(pb::StreamSnapshotsRequest {
-        node_id: "replica-1".into(),
-        hostname: "host-1".into(),
-        build_version: "test".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = dp
-        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = open_snapshot_stream(
+        &cp,
+        pb::StreamSnapshotsRequest {
+            node_id: "replica-1".into(),
+            hostname: "host-1".into(),
+            build_version: "test".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     let first = next(&mut stream).await;
     assert!(first.backends.is_empty());
     // Snapshots only go forward; wait until one carries the new backend.
@@ -1057,6 +1049,29 @@ async fn replica(
     })
     .await
     .unwrap();
+    let stream = dp
+        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
+}
+
+/// A replica's snapshot stream opened with `hello`: the sender for its later messages, and
+/// the stream.
+async fn open_snapshot_stream(
+    cp: &TestControlPlane,
+    hello: pb::StreamSnapshotsRequest,
+) -> (
+    tokio::sync::mpsc::Sender<pb::StreamSnapshotsRequest>,
+    tonic::Streaming<pb::StreamSnapshotsResponse>,
+) {
+    let mut dp = DataPlaneServiceClient::with_interceptor(
+        channel(cp).await,
+        Bearer(cp.dataplane_token.clone()),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(hello).await.unwrap();
     let stream = dp
         .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -1560,24 +1575,16 @@ async fn concurrent_joins_publish_the_final_replica_count() {
 async fn a_refusal_said_on_a_hello_is_listed_as_the_replicas_error() {
     let dir = tempfile::tempdir().unwrap();
     let cp = TestControlPlane::start(dir.path()).await.unwrap();
-    let mut dp = DataPlaneServiceClient::with_interceptor(
-        channel(&cp).await,
-        Bearer(cp.dataplane_token.clone()),
-    );
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(pb::StreamSnapshotsRequest {
-        node_id: "dp-1".into(),
-        incarnation: "inc-a".into(),
-        error_detail: "snapshot larger than this replica accepts (64 MiB)".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = dp
-        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = open_snapshot_stream(
+        &cp,
+        pb::StreamSnapshotsRequest {
+            node_id: "dp-1".into(),
+            incarnation: "inc-a".into(),
+            error_detail: "snapshot larger than this replica accepts (64 MiB)".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     next(&mut stream).await;
     let planes = admin(&cp)
         .await
