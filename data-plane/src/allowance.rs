@@ -885,7 +885,7 @@ mod tests {
     /// nothing either: the control plane stopped counting that money when the lease ran out.
     #[tokio::test]
     async fn past_its_lease_a_replica_spends_nothing_it_holds() {
-        let lease = Duration::from_millis(50);
+        let lease = Duration::from_millis(500);
         for when_away in [WhenAway::Refuse, WhenAway::Serve] {
             let a = Allowances::new(
                 AllowanceOptions {

@@ -125,7 +125,7 @@ async fn session<R: Receiver>(
     }
     // The refusal of a snapshot too large to decode ended the last stream: said on this
     // one's hello, which the control plane reads before it sends anything.
-    hello.error_detail = nack.take().unwrap_or_default();
+    hello.error_detail = nack.clone().unwrap_or_default();
     let hello_only = hello;
     let hello = base;
     let (tx, rx) = mpsc::channel(4);
@@ -135,6 +135,8 @@ async fn session<R: Receiver>(
         .stream_snapshots(ReceiverStream::new(rx))
         .await?
         .into_inner();
+    // Answered: the control plane read the hello, and the refusal on it, before answering.
+    *nack = None;
     let _open = Open(budgets.clone());
     if let Some(budgets) = &budgets {
         budgets.connected(true);
@@ -186,7 +188,6 @@ async fn session<R: Receiver>(
             }
             Err(status) => return Err(status),
         };
-        backoff.reset();
         if let Some(budgets) = &budgets {
             budgets.heard(message.allowances.as_ref(), first_on_stream);
         }
@@ -194,6 +195,10 @@ async fn session<R: Receiver>(
         let Some(snapshot) = message.snapshot else {
             continue;
         };
+        // A snapshot came whole: the stream works. (Not at any message: a control plane
+        // sending one too large to decode after its first allowance message would otherwise
+        // be asked for it again at once, 64 MiB each time.)
+        backoff.reset();
         let version = snapshot.version;
         let nonce = snapshot.nonce.clone();
         let epoch = snapshot.epoch.clone();

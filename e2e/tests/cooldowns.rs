@@ -14,8 +14,13 @@ use sluice_proto::v1 as pb;
 /// A control plane, one backend `a` serving model `m`, a client key, and `base` as the
 /// cooldown base (cap 60 s).
 async fn setup(base: Duration) -> (Cluster, Mock, String) {
+    setup_with(base, &[]).await
+}
+
+/// [`setup`] with the mock started with `mock_args`.
+async fn setup_with(base: Duration, mock_args: &[&str]) -> (Cluster, Mock, String) {
     let cluster = Cluster::start().await;
-    let a = Mock::start("a", &["m"]).await;
+    let a = Mock::start_with("a", &["m"], mock_args).await;
     cluster
         .add_backend("a", &a, pb::Pool::Primary, 0, &[("m", "m")])
         .await;
@@ -155,7 +160,8 @@ async fn a_streak_outlives_its_cooldown_until_a_success() {
 #[tokio::test]
 async fn one_burst_seen_by_two_replicas_doubles_once() {
     let base = Duration::from_millis(500);
-    let (cluster, a, key) = setup(base).await;
+    // The provider takes 300 ms to answer: both requests are there before either 429 is.
+    let (cluster, a, key) = setup_with(base, &["--latency", "300ms"]).await;
     let p = cluster.proxy().await;
     let q = cluster.proxy().await;
     cluster.wait_replicas_current(2).await;
