@@ -312,13 +312,7 @@ mod tests {
     use super::*;
 
     fn hello(node: &str) -> NodeHello {
-        NodeHello {
-            node_id: node.into(),
-            incarnation: "i1".into(),
-            hostname: "h".into(),
-            peer_address: "p".into(),
-            build_version: "v".into(),
-        }
+        NodeHello::of(node, "i1")
     }
 
     /// A join whose call was dropped after its write committed (the replica gone before its

@@ -1038,23 +1038,14 @@ async fn replica(
     tokio::sync::mpsc::Sender<pb::StreamSnapshotsRequest>,
     tonic::Streaming<pb::StreamSnapshotsResponse>,
 ) {
-    let mut dp = DataPlaneServiceClient::with_interceptor(
-        channel(cp).await,
-        Bearer(cp.dataplane_token.clone()),
-    );
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(pb::StreamSnapshotsRequest {
-        node_id: node_id.into(),
-        ..Default::default()
-    })
+    open_snapshot_stream(
+        cp,
+        pb::StreamSnapshotsRequest {
+            node_id: node_id.into(),
+            ..Default::default()
+        },
+    )
     .await
-    .unwrap();
-    let stream = dp
-        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    (tx, stream)
 }
 
 /// A replica's snapshot stream opened with `hello`: the sender for its later messages, and

@@ -24,6 +24,20 @@ pub struct NodeHello {
     pub build_version: String,
 }
 
+#[cfg(test)]
+impl NodeHello {
+    /// A hello of `node_id` and `incarnation` (the other fields placeholders), for tests.
+    pub(crate) fn of(node_id: &str, incarnation: &str) -> Self {
+        Self {
+            node_id: node_id.into(),
+            incarnation: incarnation.into(),
+            hostname: "h".into(),
+            peer_address: "p".into(),
+            build_version: "v".into(),
+        }
+    }
+}
+
 /// A replica as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataPlaneRow {
@@ -228,13 +242,7 @@ mod tests {
     use super::*;
 
     fn hello(node: &str) -> NodeHello {
-        NodeHello {
-            node_id: node.into(),
-            incarnation: String::new(),
-            hostname: "h".into(),
-            peer_address: "p".into(),
-            build_version: "v".into(),
-        }
+        NodeHello::of(node, "")
     }
 
     mod division {
