@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use sluice_proxy::Config;
 
-/// One thread is enough here: it accepts connections and talks to the control plane; requests
-/// are served on threads of their own (`server.rs`).
+/// One thread is enough here: it accepts connections and reports usage; requests are served
+/// on threads of their own, and snapshots decoded and applied on another (`server.rs`).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let sluice_config::Parsed {

@@ -2,7 +2,9 @@
 //! reporter, and the graceful shutdown that drains requests and flushes usage in that order.
 //!
 //! Requests are served thread-per-core: the caller's runtime accepts connections (and runs
-//! the snapshot subscriber and the usage reporter) and deals each to the one of N serving
+//! the usage reporter; the snapshot subscriber has a thread of its own, since decoding and
+//! preparing a snapshot of 100,000 keys holds its thread for a few hundred milliseconds, and
+//! connections must not wait for it) and deals each to the one of N serving
 //! threads holding the fewest connections, each with a single-threaded runtime and its own
 //! upstream connection pool. A request, its upstream call and its response then stay on one
 //! thread: no work stealing and no cross-thread wake-ups on the hot path. Against one multi-threaded runtime that took
@@ -246,13 +248,19 @@ impl Proxy {
             identity.incarnation.clone(),
         );
         let stop_snapshots = CancellationToken::new();
-        let subscriber = tokio::spawn(subscribe::run(
-            client.clone(),
-            identity.clone(),
-            Backoff::default(),
-            Applier(Arc::clone(&store), Arc::clone(&allowances)),
-            stop_snapshots.clone(),
-        ));
+        // On a thread of its own: decoding and preparing a snapshot of 100,000 keys takes a
+        // while, and this thread accepts every connection.
+        let subscriber = on_a_thread_of_its_own(
+            "sluice-snapshots",
+            subscribe::run(
+                client.clone(),
+                identity.clone(),
+                Backoff::default(),
+                Applier(Arc::clone(&store), Arc::clone(&allowances)),
+                stop_snapshots.clone(),
+            ),
+        )
+        .map_err(RunError::Serve)?;
         let stop_usage = CancellationToken::new();
         let stop_resending = CancellationToken::new();
         if let Some(spool) = &spool {
@@ -359,7 +367,7 @@ impl Proxy {
             tracing::warn!("stream relays did not finish in time");
         }
         stop_snapshots.cancel();
-        let _ = subscriber.await;
+        subscriber.await;
         stop_usage.cancel();
         match tokio::time::timeout(config.usage_flush_timeout, reporter).await {
             Ok(_) => tracing::info!(acked = usage.acked(), "usage flushed"),
@@ -378,6 +386,30 @@ impl Proxy {
         }
         served.map_err(RunError::Serve)
     }
+}
+
+/// Runs `task` on a new thread with a single-threaded runtime of its own; the returned future
+/// completes once it did (or the thread failed).
+fn on_a_thread_of_its_own(
+    name: &str,
+    task: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<impl Future<Output = ()>> {
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(task),
+                Err(e) => tracing::error!(error = %e, "cannot start a runtime"),
+            }
+            drop(done);
+        })?;
+    Ok(async move {
+        let _ = finished.await;
+    })
 }
 
 /// Connections accepted but not yet taken by their serving thread, per thread.

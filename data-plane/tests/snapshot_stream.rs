@@ -196,3 +196,72 @@ async fn a_snapshot_past_the_size_limit_is_refused_loudly() {
     .await;
     shutdown.cancel();
 }
+
+/// A control plane serving on a runtime (and thread) of its own, so that encoding a large
+/// snapshot does not hold the test's thread; dropped with `shutdown_background`.
+fn control_plane_apart() -> (FakeControlPlane, tokio::runtime::Runtime) {
+    std::thread::spawn(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let cp = runtime.block_on(FakeControlPlane::start());
+        (cp, runtime)
+    })
+    .join()
+    .unwrap()
+}
+
+/// `GET /healthz` on a new connection, as a load balancer's probe or a client opening one
+/// does; how long it took.
+async fn health_on_a_new_connection(addr: std::net::SocketAddr) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let asked = std::time::Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: sluice\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    asked.elapsed()
+}
+
+/// A replica at the largest supported configuration (100,000 keys) decodes and applies each
+/// snapshot for a while; the thread that accepts connections is not the one doing it, so new
+/// connections (clients, probes) are answered meanwhile, not held until the snapshot is in.
+#[tokio::test]
+async fn new_connections_are_answered_while_a_large_snapshot_applies() {
+    use support::harness::{Harness, client_key, one_primary_snapshot};
+    let (cp, cp_runtime) = control_plane_apart();
+    let first = one_primary_snapshot("http://127.0.0.1:1/v1");
+    let harness = Harness::start_on(cp, first.clone(), |_| {}).await;
+
+    let mut large = first;
+    large.version = 2;
+    large.client_keys = (0..100_000)
+        .map(|i| {
+            let mut key = client_key(&format!("key-{i}"), &format!("sk-{i}"), &["m"], 0);
+            key.name = format!("a key named as long as names get, number {i:>12}");
+            key
+        })
+        .collect();
+    let watch = harness.store.watch();
+    let published = std::time::Instant::now();
+    harness.cp.publish(large);
+    let (mut slowest, mut answered) = (Duration::ZERO, 0);
+    while *watch.borrow() < 2 {
+        slowest = slowest.max(health_on_a_new_connection(harness.addr).await);
+        answered += 1;
+    }
+    let took = published.elapsed();
+    eprintln!("{answered} answers while the snapshot came in {took:?}; the slowest {slowest:?}");
+    assert!(
+        slowest < took / 4,
+        "a new connection waited {slowest:?}, while the snapshot took {took:?} to arrive and apply"
+    );
+    harness.shutdown().await.unwrap();
+    cp_runtime.shutdown_background();
+}
