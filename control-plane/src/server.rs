@@ -9,7 +9,6 @@ use std::time::Duration;
 use sluice_listener::{Acceptor, Http};
 use sluice_proto::limits;
 use sluice_proto::v1::admin_service_server::AdminServiceServer;
-use sluice_proto::v1::data_plane_service_server::DataPlaneServiceServer;
 use sluice_proto::v1::stats_service_server::StatsServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +17,7 @@ use tonic::transport::{Identity, ServerTlsConfig};
 
 use crate::api::admin::Admin;
 use crate::api::auth::TokenCheck;
-use crate::api::dataplane::DataPlaneApi;
+use crate::api::dataplane::{DataPlaneApi, DataPlaneRoutes};
 use crate::api::stats::Stats;
 use crate::membership::{self, Membership, Registry};
 use crate::metrics::{GrpcMetricsLayer, Metrics};
@@ -349,11 +348,11 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         .add_service(InterceptedService::new(
             // Usage reports are the largest messages a data plane sends, snapshots the
             // largest it receives.
-            DataPlaneServiceServer::new(dataplane)
-                .max_decoding_message_size(
-                    limits::MAX_USAGE_REPORT_BYTES.max(limits::MAX_SNAPSHOT_ACK_BYTES),
-                )
-                .max_encoding_message_size(limits::MAX_SNAPSHOT_BYTES),
+            DataPlaneRoutes::new(
+                dataplane,
+                limits::MAX_USAGE_REPORT_BYTES.max(limits::MAX_SNAPSHOT_ACK_BYTES),
+                limits::MAX_SNAPSHOT_BYTES,
+            ),
             dataplane_check,
         ))
         .serve_with_incoming_shutdown(

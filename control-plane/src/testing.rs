@@ -129,3 +129,40 @@ pub fn metric_samples(text: &str) -> std::collections::HashMap<String, f64> {
         })
         .collect()
 }
+
+/// Adds client keys straight into the database file at `db`, in one transaction, while no
+/// control plane has it open: key `k` of `count` has the plaintext `plaintext(k)` and the name
+/// `name(k)`, may use `model-0` to `model-2`, at 6,000 RPM. Provisioning a hundred thousand
+/// keys through the API would take minutes.
+pub fn insert_client_keys(
+    db: &Path,
+    count: usize,
+    name: impl Fn(usize) -> String,
+    plaintext: impl Fn(usize) -> String,
+) -> rusqlite::Result<()> {
+    let mut conn = rusqlite::Connection::open(db)?;
+    let tx = conn.transaction()?;
+    {
+        let mut insert = tx.prepare(
+            "INSERT INTO client_keys (id, name, key_prefix, key_sha256, allowed_models, rpm_limit, create_time)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for k in 0..count {
+            let plaintext = plaintext(k);
+            insert.execute(rusqlite::params![
+                format!("0197a5c2-7f3e-7000-8000-{k:012}"),
+                name(k),
+                crate::client_key::shown_prefix(&plaintext),
+                crate::client_key::hash(&plaintext),
+                r#"["model-0","model-1","model-2"]"#,
+                6000,
+                1_764_000_000_000i64,
+            ])?;
+        }
+    }
+    tx.execute(
+        "UPDATE meta SET value = value + 1 WHERE key = 'snapshot_version'",
+        [],
+    )?;
+    tx.commit()
+}

@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use common::{ADMIN_TOKEN, Cluster, Mock};
 use sluice_control::backend::{BackendSpec, ModelRoute, Pool};
-use sluice_control::client_key;
 use sluice_control::crypto::MasterKey;
 use sluice_control::store::Store;
 use sluice_e2e::process::workspace_bin;
@@ -74,38 +73,13 @@ async fn the_largest_supported_configuration_reaches_replicas_and_sluicectl() {
     }
     drop(store);
     let last_key = format!("sk-sluice-limits-{}", KEYS - 1);
-    {
-        let mut conn = rusqlite::Connection::open(data.join("sluice.db")).unwrap();
-        let tx = conn.transaction().unwrap();
-        {
-            let mut insert = tx
-                .prepare(
-                    "INSERT INTO client_keys (id, name, key_prefix, key_sha256, allowed_models, rpm_limit, create_time)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .unwrap();
-            for k in 0..KEYS {
-                let plaintext = format!("sk-sluice-limits-{k}");
-                insert
-                    .execute(rusqlite::params![
-                        format!("0197a5c2-7f3e-7000-8000-{k:012}"),
-                        long_name("key", k),
-                        client_key::shown_prefix(&plaintext),
-                        client_key::hash(&plaintext),
-                        r#"["model-0","model-1","model-2"]"#,
-                        6000,
-                        1_764_000_000_000i64,
-                    ])
-                    .unwrap();
-            }
-        }
-        tx.execute(
-            "UPDATE meta SET value = value + 1 WHERE key = 'snapshot_version'",
-            [],
-        )
-        .unwrap();
-        tx.commit().unwrap();
-    }
+    sluice_control::testing::insert_client_keys(
+        &data.join("sluice.db"),
+        KEYS,
+        |k| long_name("key", k),
+        |k| format!("sk-sluice-limits-{k}"),
+    )
+    .unwrap();
 
     let started = Instant::now();
     cluster.start_control().await;

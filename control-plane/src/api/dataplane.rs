@@ -17,6 +17,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+mod wire;
+
+pub use wire::DataPlaneRoutes;
+use wire::{Outgoing, OutgoingStream};
+
 use crate::allowance::{Allowances, Budget, Held, Replica};
 use crate::ingest::{Applied, UsageWriter, batch_of, cooldown_events};
 use crate::membership::Membership;
@@ -193,15 +198,13 @@ fn check_id(field: &str, value: &str) -> Result<(), Status> {
     Ok(())
 }
 
-#[tonic::async_trait]
-impl DataPlaneService for DataPlaneApi {
-    type StreamSnapshotsStream = BoxStream<pb::StreamSnapshotsResponse>;
-    type ReportUsageStream = BoxStream<pb::ReportUsageResponse>;
-
-    async fn stream_snapshots(
+impl DataPlaneApi {
+    /// `StreamSnapshots`: the messages to a replica, snapshots written as [`Publisher::sent`]
+    /// writes them.
+    async fn snapshot_stream(
         &self,
         request: Request<Streaming<pb::StreamSnapshotsRequest>>,
-    ) -> Result<Response<Self::StreamSnapshotsStream>, Status> {
+    ) -> Result<Response<OutgoingStream>, Status> {
         let peer = request
             .remote_addr()
             .map(|a: SocketAddr| a.to_string())
@@ -304,10 +307,7 @@ impl DataPlaneService for DataPlaneApi {
             // Before the first snapshot, so the replica knows this control plane grants
             // allowances before it serves anything (an older one sends a snapshot first).
             if replica.is_some() {
-                let on = pb::StreamSnapshotsResponse {
-                    snapshot: None,
-                    allowances: Some(pb::AllowanceUpdate::default()),
-                };
+                let on = Outgoing::Allowances(pb::AllowanceUpdate::default());
                 if tx.send(Ok(on)).await.is_err() {
                     return api.left(&hello, replica.as_ref()).await;
                 }
@@ -324,10 +324,7 @@ impl DataPlaneService for DataPlaneApi {
             let mut pending = Some(first);
             loop {
                 if let Some(snapshot) = pending.take() {
-                    let message = pb::StreamSnapshotsResponse {
-                        snapshot: Some(crate::snapshot::as_sent(&snapshot, now_ms())),
-                        allowances: None,
-                    };
+                    let message = Outgoing::Snapshot(api.publisher.sent(&snapshot, now_ms()));
                     if tx.send(Ok(message)).await.is_err() {
                         break;
                     }
@@ -338,10 +335,7 @@ impl DataPlaneService for DataPlaneApi {
                         pending = Some(snapshots.borrow_and_update().clone());
                     }
                     _ = renew.tick(), if replica.is_some() => {
-                        let message = pb::StreamSnapshotsResponse {
-                            snapshot: None,
-                            allowances: Some(pb::AllowanceUpdate::default()),
-                        };
+                        let message = Outgoing::Allowances(pb::AllowanceUpdate::default());
                         if tx.send(Ok(message)).await.is_err() {
                             break;
                         }
@@ -352,10 +346,7 @@ impl DataPlaneService for DataPlaneApi {
                             if !asks.is_empty() {
                                 if let Some(replica) = &replica {
                                     let update = api.grant(replica, asks).await;
-                                    let message = pb::StreamSnapshotsResponse {
-                                        snapshot: None,
-                                        allowances: Some(update),
-                                    };
+                                    let message = Outgoing::Allowances(update);
                                     if tx.send(Ok(message)).await.is_err() {
                                         break;
                                     }
@@ -385,6 +376,25 @@ impl DataPlaneService for DataPlaneApi {
             api.left(&hello, replica.as_ref()).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl DataPlaneService for DataPlaneApi {
+    type StreamSnapshotsStream = BoxStream<pb::StreamSnapshotsResponse>;
+    type ReportUsageStream = BoxStream<pb::ReportUsageResponse>;
+
+    /// Served as [`DataPlaneRoutes`] serves it, decoding each snapshot it writes: for a
+    /// server that serves the generated service alone.
+    async fn stream_snapshots(
+        &self,
+        request: Request<Streaming<pb::StreamSnapshotsRequest>>,
+    ) -> Result<Response<Self::StreamSnapshotsStream>, Status> {
+        use futures::StreamExt as _;
+        let outgoing = self.snapshot_stream(request).await?.into_inner();
+        Ok(Response::new(Box::pin(
+            outgoing.map(|message| message.and_then(Outgoing::into_message)),
+        )))
     }
 
     async fn report_usage(
