@@ -343,6 +343,15 @@ impl Backend {
     }
 }
 
+/// Whether two base URLs have one origin: scheme, host and port (a default port written or
+/// not). A provider key given for one origin is sent to no other without being given again.
+pub fn same_origin(a: &str, b: &str) -> bool {
+    match (url::Url::parse(a), url::Url::parse(b)) {
+        (Ok(a), Ok(b)) => a.origin() == b.origin(),
+        _ => false,
+    }
+}
+
 /// An http(s) URL with a host, no query, fragment or credentials; a trailing `/` is dropped.
 fn normalize_base_url(raw: &str) -> Result<String, ValidationError> {
     let field = "backend.base_url";

@@ -1722,3 +1722,61 @@ async fn the_responses_api_flag_and_the_affinity_key_reach_replicas() {
     // The same affinity key: ids issued before the change still verify.
     assert_eq!(later.affinity_keys, vec![key]);
 }
+
+/// A provider key is write-only: no answer shows it. Moving its backend to another origin
+/// (scheme, host or port) without giving the key again would have every replica send it
+/// there, so the admin token could read any stored key; that needs the key again. A move
+/// within the origin (another path) does not.
+#[tokio::test]
+async fn moving_a_backend_to_another_origin_needs_its_key_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let created = create(&mut admin, "b1", "sk-provider-secret-1234").await;
+    let move_to = |base_url: &str, api_key: &str| pb::UpdateBackendRequest {
+        backend: Some(pb::Backend {
+            id: created.id.clone(),
+            base_url: base_url.into(),
+            ..Default::default()
+        }),
+        update_mask: Some(mask(&["base_url"])),
+        api_key: api_key.into(),
+    };
+    for elsewhere in [
+        "https://collector.example/v1",
+        "http://api.example.com/v1",
+        "https://api.example.com:8443/v1",
+    ] {
+        let err = admin
+            .update_backend(move_to(elsewhere, ""))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{elsewhere}");
+        assert!(err.message().starts_with("api_key:"), "{}", err.message());
+    }
+    let kept = admin
+        .get_backend(pb::GetBackendRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_eq!(kept.base_url, "https://api.example.com/v1");
+
+    for (base_url, api_key) in [
+        ("https://api.example.com/v2", ""),
+        ("https://API.example.com:443/v2", ""),
+        ("https://collector.example/v1", "sk-collectors-own-key-5678"),
+    ] {
+        let moved = admin
+            .update_backend(move_to(base_url, api_key))
+            .await
+            .unwrap()
+            .into_inner()
+            .backend
+            .unwrap();
+        assert_eq!(moved.base_url, base_url.to_lowercase().replace(":443", ""));
+    }
+}

@@ -218,17 +218,22 @@ async fn backends_are_created_listed_updated_and_deleted_as_json() {
     assert_eq!(listed["backends"].as_array().unwrap().len(), 1);
     assert_eq!(listed["backends"][0]["id"], id.as_str());
 
-    // Update through a field mask in its JSON form (comma-separated camelCase paths).
-    let updated = api
-        .ok(
-            "AdminService/UpdateBackend",
-            json!({
-                "backend": {"id": "openai-main", "priority": 3, "baseUrl": "http://10.0.0.1:8000/v1",
-                            "enabled": false, "rpmLimit": 9999},
-                "updateMask": "priority,baseUrl,enabled",
-            }),
-        )
-        .await;
+    // Update through a field mask in its JSON form (comma-separated camelCase paths). To
+    // another host, the provider key is given again.
+    let update = json!({
+        "backend": {"id": "openai-main", "priority": 3, "baseUrl": "http://10.0.0.1:8000/v1",
+                    "enabled": false, "rpmLimit": 9999},
+        "updateMask": "priority,baseUrl,enabled",
+    });
+    let (status, body) = api.call("AdminService/UpdateBackend", update.clone()).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().starts_with("api_key:"),
+        "{body}"
+    );
+    let mut update = update;
+    update["apiKey"] = json!("sk-provider-secret-5678");
+    let updated = api.ok("AdminService/UpdateBackend", update).await;
     let b = &updated["backend"];
     assert_eq!(b["priority"], 3);
     assert_eq!(b["baseUrl"], "http://10.0.0.1:8000/v1");

@@ -93,6 +93,17 @@ impl Store {
             let mut spec = current.spec.clone();
             change(&mut spec)?;
             let spec = spec.validated()?;
+            if api_key.is_none()
+                && !current.api_key_hint.is_empty()
+                && !crate::backend::same_origin(&spec.base_url, &current.spec.base_url)
+            {
+                return Err(crate::validation::ValidationError::new(
+                    "api_key",
+                    "moving a backend to another origin (scheme, host or port) needs its api_key \
+                     again: the stored key is never sent anywhere it was not given for",
+                )
+                .into());
+            }
             let now = now_ms();
             tx.execute(
                 "UPDATE backends SET name = ?2, base_url = ?3, pool = ?4, priority = ?5, weight = ?6,
