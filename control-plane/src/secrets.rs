@@ -90,6 +90,13 @@ pub fn resolve(
         DATAPLANE_TOKEN_FILE,
         "SLUICE_DATAPLANE_TOKEN",
     )?;
+    if admin_token == dataplane_token {
+        return Err(SecretsError::WeakToken(
+            "SLUICE_ADMIN_TOKEN and SLUICE_DATAPLANE_TOKEN (or their files) are the same token: \
+             the data-plane token unlocks every provider key, so give it a token of its own"
+                .into(),
+        ));
+    }
     let master_key = master_key(data_dir, sources, existing_db)?;
     Ok(Secrets {
         admin_token,
@@ -214,6 +221,29 @@ pub fn write_secret_file(path: &Path, contents: &str) -> Result<(), SecretsError
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// The data-plane token unlocks every provider key (snapshots carry them decrypted): an
+    /// admin token equal to it would give every admin-token holder the keys too.
+    #[test]
+    fn one_token_for_both_is_refused_without_showing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = "a-token-long-and-random-enough-0123456789abcdef";
+        let err = resolve(
+            dir.path(),
+            &SecretSources {
+                admin_token: Some(token.into()),
+                dataplane_token: Some(token.into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .err()
+        .expect("refused");
+        let message = err.to_string();
+        assert!(message.contains("SLUICE_ADMIN_TOKEN"), "{message}");
+        assert!(message.contains("SLUICE_DATAPLANE_TOKEN"), "{message}");
+        assert!(!message.contains(token), "{message}");
+    }
 
     #[test]
     fn generates_once_then_reuses() {
