@@ -195,6 +195,36 @@ async fn a_backend_that_refuses_its_credentials_fails_over() {
     );
 }
 
+/// Google refuses a revoked, expired or mistyped key with 400 `API_KEY_INVALID`, not 401:
+/// it is the backend's credentials failing, not the client's request. Passed on, the client
+/// was told its own API key was not valid, and nothing failed over or counted it.
+#[tokio::test]
+async fn a_key_refused_with_400_api_key_invalid_is_the_backends_credentials() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::KeyInvalid.times(1));
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+
+    primary.set_fault(Fault::KeyInvalid.always());
+    fallback.set_fault(Fault::KeyInvalid.always());
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_auth_failed", "{body}");
+    assert!(!body.to_string().contains("API key not valid"), "{body}");
+    assert!(
+        h.metrics()
+            .await
+            .lines()
+            .any(|l| l.starts_with("sluice_upstream_attempts_total{")
+                && l.contains("outcome=\"auth_error\"")),
+        "counted as an auth error"
+    );
+}
+
 #[tokio::test]
 async fn client_errors_from_upstream_pass_through_without_failover() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));

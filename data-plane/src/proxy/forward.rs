@@ -721,6 +721,9 @@ async fn attempt(
     )
     .await
     .map_err(Failure::cut)?;
+    if status == StatusCode::BAD_REQUEST && refuses_the_key(&body) {
+        return Err(Failure::Refused(status));
+    }
     if !status.is_success() {
         // A 4xx is passed on as it came, but for the key some providers quote in it.
         body = redact(body, backend.api_key());
@@ -730,6 +733,13 @@ async fn attempt(
         headers,
         body,
     })
+}
+
+/// Whether a 400's body is the provider refusing the backend's own key: Google answers a
+/// revoked, expired or mistyped key with 400 and the reason `API_KEY_INVALID` where others
+/// answer 401. Passed on, the client would be told that its own key is not valid.
+fn refuses_the_key(body: &[u8]) -> bool {
+    memchr::memmem::find(body, b"\"API_KEY_INVALID\"").is_some()
 }
 
 /// `headers` emptied but for `content_type` (the first of theirs), the one upstream header an

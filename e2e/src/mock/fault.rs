@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 /// JSON (serde's external tagging, snake_case):
 /// `{"status":{"code":429,"retry_after":{"seconds":2}}}`, `{"status":{"code":503}}`, `"reset"`,
 /// `"stall"`, `{"delay_ms":2000}`, `{"cut_after_chunks":3}`, `{"garbage":"not_json"}` (or
-/// `"invalid_sse"`, `"giant_line"`, `"bad_tool_call"`), `{"echo_key":{"code":401}}`.
+/// `"invalid_sse"`, `"giant_line"`, `"bad_tool_call"`), `{"echo_key":{"code":401}}`,
+/// `"request_too_large"`, `"key_invalid"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
@@ -44,6 +45,10 @@ pub enum Fault {
     /// per minute ("Request too large for … Limit 30000, Requested 61337"): no `Retry-After`,
     /// and waiting does not help.
     RequestTooLarge,
+    /// Answer 400 as Google's OpenAI-compatible endpoint answers a request whose API key is
+    /// revoked, expired or mistyped: `"API key not valid. Please pass a valid API key."`,
+    /// status `INVALID_ARGUMENT`, reason `API_KEY_INVALID`, in a list of one error.
+    KeyInvalid,
 }
 
 /// How long a [`Fault::Stall`] holds a request at most.

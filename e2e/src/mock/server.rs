@@ -441,6 +441,24 @@ async fn api(
             let error = ApiError::request_too_large();
             return Ok(json_response(shared, error.status, error.body()));
         }
+        Some(Fault::KeyInvalid) => {
+            let body = serde_json::json!([{"error": {
+                "code": 400,
+                "message": "API key not valid. Please pass a valid API key.",
+                "status": "INVALID_ARGUMENT",
+                "details": [{
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "API_KEY_INVALID",
+                    "domain": "googleapis.com",
+                    "metadata": {"service": "generativelanguage.googleapis.com"},
+                }],
+            }}]);
+            return Ok(json_response(
+                shared,
+                StatusCode::BAD_REQUEST,
+                Bytes::from(body.to_string()),
+            ));
+        }
         Some(Fault::Garbage(kind)) => {
             let (content_type, body) = stream::garbage(kind);
             let body = BodyExt::boxed_unsync(StreamBody::new(body));
