@@ -1,6 +1,9 @@
-//! Removing a backend's API key from what an upstream sent back. Some providers quote the
-//! key they received in an error ("Incorrect API key provided: sk-…"); relayed as it came,
-//! that body would hand the key to every client of the gateway.
+//! Removing a backend's API key, and the provider account it belongs to, from the errors an
+//! upstream sent back. Some providers quote the key they received in an error ("Incorrect
+//! API key provided: sk-…"); relayed as it came, that body would hand the key to every client
+//! of the gateway. And their rate-limit errors name the account: OpenAI's organization
+//! ("in organization org-…"), Anthropic's organization's UUID ("(org: 9d50ef40-…"), Google's
+//! project ("projects/123…"); any client can have one sent back with one oversized request.
 
 use aho_corasick::{AhoCorasick, Input, MatchKind};
 use bytes::{Bytes, BytesMut};
@@ -65,6 +68,69 @@ pub fn redact(body: Bytes, key: &[u8]) -> Bytes {
     }
 }
 
+/// An upstream's error body as a client may see it: without the backend's `key`
+/// ([`redact`]) or the provider's account ids ([`scrub_accounts`]).
+pub fn redact_error(body: Bytes, key: &[u8]) -> Bytes {
+    scrub_accounts(redact(body, key))
+}
+
+/// `body` with the ids of provider accounts replaced by [`REDACTED`]: `org-`, `proj_` or
+/// `user-` and 16 or more letters and digits (OpenAI's organizations, projects and users),
+/// a UUID (Anthropic's organizations), `projects/` or `project_number:` and digits (Google's
+/// projects); each starting a word and ending one. `body` itself, uncopied, when there is
+/// none. Linear in the body's length.
+pub fn scrub_accounts(body: Bytes) -> Bytes {
+    let mut out: Option<BytesMut> = None;
+    let mut copied = 0;
+    let mut at = 0;
+    while at < body.len() {
+        let starts_word = at == 0 || !body[at - 1].is_ascii_alphanumeric();
+        match starts_word.then(|| account_id_at(&body[at..])).flatten() {
+            Some(len) => {
+                let out = out.get_or_insert_with(|| BytesMut::with_capacity(body.len()));
+                out.extend_from_slice(&body[copied..at]);
+                out.extend_from_slice(REDACTED);
+                at += len;
+                copied = at;
+            }
+            None => at += 1,
+        }
+    }
+    match out {
+        None => body,
+        Some(mut out) => {
+            out.extend_from_slice(&body[copied..]);
+            out.freeze()
+        }
+    }
+}
+
+/// The length of the account id `text` starts with, if it does (see [`scrub_accounts`]).
+fn account_id_at(text: &[u8]) -> Option<usize> {
+    const OPENAI: [&[u8]; 3] = [b"org-", b"proj_", b"user-"];
+    const GOOGLE: [&[u8]; 2] = [b"projects/", b"project_number:"];
+    let ends_word = |len: usize| text.get(len).is_none_or(|b| !b.is_ascii_alphanumeric());
+    let run = |from: usize, of: fn(&u8) -> bool| text[from..].iter().take_while(|b| of(b)).count();
+    let first = *text.first()?;
+    if let Some(prefix) = OPENAI.iter().find(|p| text.starts_with(p)) {
+        let len = prefix.len() + run(prefix.len(), u8::is_ascii_alphanumeric);
+        return (len - prefix.len() >= 16).then_some(len);
+    }
+    if let Some(prefix) = GOOGLE.iter().find(|p| text.starts_with(p)) {
+        let len = prefix.len() + run(prefix.len(), u8::is_ascii_digit);
+        return (len > prefix.len() && ends_word(len)).then_some(len);
+    }
+    // A UUID: 8-4-4-4-12 hex digits.
+    if !first.is_ascii_hexdigit() || text.len() < 36 {
+        return None;
+    }
+    let uuid = text[..36].iter().enumerate().all(|(i, b)| match i {
+        8 | 13 | 18 | 23 => *b == b'-',
+        _ => b.is_ascii_hexdigit(),
+    });
+    (uuid && ends_word(36)).then_some(36)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -75,6 +141,61 @@ mod tests {
 
     fn redacted(body: &str, key: &[u8]) -> String {
         String::from_utf8(redact(Bytes::copy_from_slice(body.as_bytes()), key).to_vec()).unwrap()
+    }
+
+    fn scrubbed(body: &str) -> String {
+        String::from_utf8(scrub_accounts(Bytes::copy_from_slice(body.as_bytes())).to_vec()).unwrap()
+    }
+
+    /// Providers name the account behind a key in their errors (OpenAI's organization and
+    /// project ids, Anthropic's organization's UUID, Google's project number); the rest of
+    /// the message stays.
+    #[test]
+    fn provider_accounts_are_scrubbed_and_the_message_kept() {
+        for (body, scrubbed_body) in [
+            (
+                "Request too large for gpt-4o in organization org-Mk7vQ2xR9pLw4ZtB8nYc3HdF on tokens per min (TPM): Limit 30000, Requested 61337.",
+                "Request too large for gpt-4o in organization [REDACTED] on tokens per min (TPM): Limit 30000, Requested 61337.",
+            ),
+            (
+                "rate limit of 30,000 input tokens per minute (org: 9d50ef40-6cc8-4ca6-9d35-1dc9cf26235c, model: claude-sonnet-4-6)",
+                "rate limit of 30,000 input tokens per minute (org: [REDACTED], model: claude-sonnet-4-6)",
+            ),
+            (
+                "for your organization (A22CF6E6-A940-4A4E-9F2B-0123456789AB) of 1,000,000",
+                "for your organization ([REDACTED]) of 1,000,000",
+            ),
+            (
+                r#"{"reason":"RATE_LIMIT_EXCEEDED","metadata":{"consumer":"projects/123456789012","quota_limit":"x"}}"#,
+                r#"{"reason":"RATE_LIMIT_EXCEEDED","metadata":{"consumer":"[REDACTED]","quota_limit":"x"}}"#,
+            ),
+            (
+                "Quota exceeded for quota metric 'x' of service 'y' for consumer 'project_number:123456789012'.",
+                "Quota exceeded for quota metric 'x' of service 'y' for consumer '[REDACTED]'.",
+            ),
+            (
+                "project proj_AbCdEfGh12345678IjKl and user user-AbCdEfGh12345678IjKlMnOp",
+                "project [REDACTED] and user [REDACTED]",
+            ),
+        ] {
+            assert_eq!(scrubbed(body), scrubbed_body);
+        }
+        // Words that only look like a prefix, and short or embedded ids, are left alone.
+        for kept in [
+            "a user-provided value for an org-level setting",
+            "org-mock",
+            "xorg-Mk7vQ2xR9pLw4ZtB8nYc3HdF",
+            "9d50ef40-6cc8-4ca6-9d35-1dc9cf26235cz",
+            "projects/abc",
+        ] {
+            assert_eq!(scrubbed(kept), kept);
+        }
+        let body = Bytes::from_static(b"nothing to scrub here");
+        assert_eq!(
+            scrub_accounts(body.clone()).as_ptr(),
+            body.as_ptr(),
+            "not copied"
+        );
     }
 
     #[test]

@@ -295,6 +295,10 @@ async fn a_429_for_a_request_too_large_cools_no_backend_down() {
                 .starts_with("Request too large"),
             "{body}"
         );
+        // What the client needs is kept; the provider's account is not its business.
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("Limit 30000, Requested 61337"), "{body}");
+        assert!(!message.contains("org-Mk7vQ2xR9pLw4ZtB8nYc3HdF"), "{body}");
     }
     let served = h.chat(chat_body(false)).await;
     assert_eq!(served.status(), 200);

@@ -21,7 +21,7 @@ use crate::anthropic;
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
 use crate::metrics::{AttemptOutcome, CooldownReason, Label, LimitScope, SkipReason};
-use crate::redact::redact;
+use crate::redact::redact_error;
 use crate::request::ParsedRequest;
 use crate::responses::{self, IdRewrite};
 use crate::router;
@@ -685,7 +685,7 @@ async fn attempt(
         )
         .await
         .unwrap_or_default();
-        let body = redact(body, backend.api_key());
+        let body = redact_error(body, backend.api_key());
         return Err(Failure::Status {
             status,
             retry_after,
@@ -726,7 +726,7 @@ async fn attempt(
     }
     if !status.is_success() {
         // A 4xx is passed on as it came, but for the key some providers quote in it.
-        body = redact(body, backend.api_key());
+        body = redact_error(body, backend.api_key());
     }
     Ok(Answer::Full {
         status,

@@ -76,9 +76,12 @@ impl AnthropicError {
         };
         let message = match kind {
             "overloaded_error" => "Overloaded".to_owned(),
-            "rate_limit_error" => {
-                "Number of request tokens has exceeded your per-minute rate limit".to_owned()
-            }
+            "rate_limit_error" => "This request would exceed your organization's rate limit of \
+                                   30,000 input tokens per minute (org: \
+                                   9d50ef40-6cc8-4ca6-9d35-1dc9cf26235c, model: \
+                                   claude-sonnet-4-6). For details, refer to: \
+                                   https://docs.claude.com/en/api/rate-limits."
+                .to_owned(),
             _ => format!("mock error {}", status.as_u16()),
         };
         Self {

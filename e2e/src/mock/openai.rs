@@ -86,7 +86,8 @@ impl ApiError {
         Self {
             status: StatusCode::TOO_MANY_REQUESTS,
             message: String::from(
-                "Request too large for gpt-4o in organization org-mock on tokens per min (TPM): \
+                "Request too large for gpt-4o in organization org-Mk7vQ2xR9pLw4ZtB8nYc3HdF on tokens \
+                 per min (TPM): \
                  Limit 30000, Requested 61337. The input or output tokens must be reduced in \
                  order to run successfully. Visit https://platform.openai.com/account/rate-limits \
                  to learn more.",
@@ -141,7 +142,9 @@ impl ApiError {
     pub(crate) fn for_status(status: StatusCode) -> Self {
         let (message, kind, code) = match status.as_u16() {
             429 => (
-                "Rate limit reached for requests. Please try again later.",
+                "Rate limit reached for gpt-4o-mini in organization org-Mk7vQ2xR9pLw4ZtB8nYc3HdF on \
+                 requests per min (RPM): Limit 3, Used 3, Requested 1. Please try again in 20s. \
+                 Visit https://platform.openai.com/account/rate-limits to learn more.",
                 "requests",
                 Some("rate_limit_exceeded"),
             ),
