@@ -142,6 +142,9 @@ fn secret_sources(args: &Args) -> SecretSources {
     }
 }
 
+/// The data directory's subdirectory for SQLite's temporary files (large sorts).
+const TEMP_DIR: &str = "tmp";
+
 #[tokio::main]
 async fn main() {
     let sluice_config::Parsed {
@@ -151,6 +154,15 @@ async fn main() {
         .unwrap_or_else(|e| e.exit());
     init_logging(args.log_format);
     overridden.iter().for_each(sluice_config::Overridden::warn);
+    // Before any database is open (the setting is the process's).
+    let temp = args.data_dir.join(TEMP_DIR);
+    if let Err(err) = sluice_control::store::keep_temp_files_in(&temp) {
+        eprintln!(
+            "sluice-control: cannot use {} for the database's temporary files: {err}",
+            temp.display()
+        );
+        std::process::exit(1);
+    }
     let result = match &args.command {
         None => run(&args).await,
         Some(Command::RotateMasterKey {

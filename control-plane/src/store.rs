@@ -190,6 +190,33 @@ pub enum Opened {
     Existing,
 }
 
+/// Where SQLite writes the temporary files of large sorts and temporary tables (ordering
+/// every key for a snapshot, grouping statistics, building an index): `dir`, made if missing
+/// and private to this user, for the whole process. SQLite's own choice is `TMPDIR`,
+/// `/var/tmp`, `/tmp` or the working directory, whichever is writable, and on a read-only root
+/// filesystem (the shipped Kubernetes manifests) none is: every sort past about 2 MB failed
+/// with `disk I/O error`, 20,000 keys' snapshot among them. The setting is the process's and
+/// not safe to change while databases are open: called once, by the binary, before any is.
+pub fn keep_temp_files_in(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let path = dir
+        .to_str()
+        .ok_or_else(|| std::io::Error::other("the path is not UTF-8"))?;
+    rusqlite::Connection::open_in_memory()
+        .and_then(|conn| {
+            conn.execute_batch(&format!(
+                "PRAGMA temp_store_directory = '{}'",
+                path.replace('\'', "''")
+            ))
+        })
+        .map_err(std::io::Error::other)
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path`, applies migrations and
     /// checks that `key` is the master key the database was written with.

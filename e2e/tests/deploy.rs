@@ -486,3 +486,86 @@ fn the_control_plane_has_minutes_to_migrate_before_its_liveness_probe_counts() {
         "{budget} s for the control plane to migrate and open its port"
     );
 }
+
+/// The shipped manifests run the control plane on a read-only root filesystem: no `/tmp`,
+/// `/var/tmp` or working directory it may write to, where SQLite would put the temporary file
+/// of a sort larger than about 2 MB (every key ordered for a snapshot, past some 20,000 keys;
+/// statistics grouped over a day of many keys). Such a sort failed with `disk I/O error`, and
+/// the control plane could not start. It writes them in its data directory.
+///
+/// Runs the control plane in a mount namespace of its own (`unshare -m`, as root: CI runs
+/// as root) with read-only file systems over those directories.
+#[tokio::test]
+async fn the_control_plane_sorts_without_a_writable_temp_directory() {
+    use sluice_control::crypto::MasterKey;
+    use sluice_control::store::Store;
+    const KEYS: usize = 25_000;
+    // Not under /tmp, which the control plane will not see.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let key = MasterKey::generate();
+    std::fs::write(data.join("master-key"), key.to_base64()).unwrap();
+    drop(Store::open(&data.join("sluice.db"), key).unwrap());
+    sluice_control::testing::insert_client_keys(
+        &data.join("sluice.db"),
+        KEYS,
+        |k| format!("a key named at some length, number {k:>12}"),
+        |k| format!("sk-sluice-read-only-root-{k}"),
+    )
+    .unwrap();
+    let read_only = dir.path().join("read-only");
+    std::fs::create_dir_all(&read_only).unwrap();
+    let grpc_port = common::free_port();
+    let script = r#"set -e
+        unset TMPDIR SQLITE_TMPDIR
+        for d in /tmp /var/tmp "$RO"; do mount -t tmpfs -o ro tmpfs "$d"; done
+        cd "$RO"
+        exec "$@""#;
+    let control = sluice_e2e::process::spawn(
+        "unshare",
+        [
+            "-m".to_owned(),
+            "sh".to_owned(),
+            "-c".to_owned(),
+            script.to_owned(),
+            "sh".to_owned(),
+            sluice_e2e::process::workspace_bin("sluice-control")
+                .display()
+                .to_string(),
+            "--data-dir".to_owned(),
+            data.display().to_string(),
+            "--grpc-listen".to_owned(),
+            format!("127.0.0.1:{grpc_port}"),
+            "--http-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ],
+        [
+            ("RO", read_only.display().to_string()),
+            ("SLUICE_ADMIN_TOKEN", common::ADMIN_TOKEN.to_owned()),
+            ("SLUICE_DATAPLANE_TOKEN", common::DATAPLANE_TOKEN.to_owned()),
+        ],
+    )
+    .unwrap();
+    let started = control
+        .wait_for_listening("grpc", std::time::Duration::from_secs(60))
+        .await;
+    assert!(
+        started.is_ok(),
+        "the control plane did not start: {:#?}",
+        control.output()
+    );
+    let api = common::ControlApi {
+        url: format!("http://127.0.0.1:{grpc_port}"),
+    };
+    let listed = api
+        .admin()
+        .await
+        .max_decoding_message_size(64 << 20)
+        .list_client_keys(sluice_proto::v1::ListClientKeysRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.client_keys.len(), KEYS);
+    control.terminate().await.unwrap();
+}
