@@ -68,8 +68,9 @@ pub struct Config {
     /// Largest accepted request body, in bytes; larger ones get 413.
     #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Request-body bytes held in memory at once, over all connections; a request whose body
-    /// would pass it gets 503 with Retry-After (slow uploads cannot pile up memory).
+    /// Bytes of request bodies and of whole answers held in memory at once, over all
+    /// connections; a body or answer that would pass it gets 503 with Retry-After (slow
+    /// uploads, and clients slow to read large answers, cannot pile up memory).
     #[arg(long, env = "SLUICE_MAX_BUFFERED_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_buffered_body_bytes: usize,
     /// How long a client may take to send a request's whole body once its headers arrived;

@@ -37,6 +37,10 @@ pub enum ProxyError {
         "This Sluice data plane is reading too many request bodies at once; try again shortly."
     )]
     BodiesBusy,
+    /// An upstream's whole answer found the bytes this replica holds in memory (request
+    /// bodies and whole answers) at `--max-buffered-body-bytes`.
+    #[error("This Sluice data plane holds too many answers in memory at once; try again shortly.")]
+    AnswersBusy,
     #[error(transparent)]
     InvalidRequest(#[from] RequestError),
     /// The request cannot be expressed in the API of the backend serving its model.
@@ -172,7 +176,7 @@ impl ProxyError {
             | Self::EndpointUnsupported { .. }
             | Self::TokenCountUnsupported(_) => StatusCode::BAD_REQUEST,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            Self::BodiesBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BodiesBusy | Self::AnswersBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::UnknownPath { .. } => StatusCode::NOT_FOUND,
             Self::KeyRateLimited { .. }
@@ -207,7 +211,7 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
             Self::BodyUnreadable => ("invalid_request_error", "invalid_request_body"),
             Self::BodyTimeout { .. } => ("invalid_request_error", "request_timeout"),
-            Self::BodiesBusy => ("server_error", "server_busy"),
+            Self::BodiesBusy | Self::AnswersBusy => ("server_error", "server_busy"),
             Self::InvalidRequest(e) => ("invalid_request_error", e.code()),
             Self::Untranslatable(_) => ("invalid_request_error", "untranslatable"),
             Self::EndpointUnsupported { .. } | Self::TokenCountUnsupported(_) => {
@@ -270,9 +274,10 @@ impl ProxyError {
             | Self::KeyTokensLimited { retry_after, .. }
             | Self::BackendsBusy { retry_after, .. }
             | Self::BudgetUnavailable { retry_after } => Some(*retry_after),
-            Self::BodiesBusy | Self::NoAffinityKey | Self::KeyParallelLimited { .. } => {
-                Some(Duration::from_secs(1))
-            }
+            Self::BodiesBusy
+            | Self::AnswersBusy
+            | Self::NoAffinityKey
+            | Self::KeyParallelLimited { .. } => Some(Duration::from_secs(1)),
             Self::ResponseBackendCoolingDown { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
@@ -291,6 +296,7 @@ impl ProxyError {
             Self::UpstreamInvalid => ErrorKind::UpstreamInvalid,
             Self::UpstreamTimeout => ErrorKind::UpstreamTimeout,
             Self::NotReady
+            | Self::AnswersBusy
             | Self::UsageUnrecordable(_)
             | Self::NoAffinityKey
             | Self::BudgetUnavailable { .. } => ErrorKind::Internal,

@@ -176,6 +176,9 @@ pub enum BodyRefusal {
     timeout,
     /// The bodies being read already held --max-buffered-body-bytes (503).
     memory,
+    /// An upstream's whole answer, read while the bodies and answers held in memory reached
+    /// --max-buffered-body-bytes (503).
+    answer,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

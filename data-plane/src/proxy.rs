@@ -500,7 +500,7 @@ async fn read_body(
         "refused a request body"
     );
     Err(match refused {
-        BodyRefusal::memory => ProxyError::BodiesBusy,
+        BodyRefusal::memory | BodyRefusal::answer => ProxyError::BodiesBusy,
         BodyRefusal::timeout => ProxyError::BodyTimeout {
             limit: limits.body_read_timeout,
         },
@@ -540,11 +540,12 @@ async fn read_body_within(
 }
 
 /// A body's chunks joined into one buffer. Most bodies arrive in one chunk: that one is kept
-/// as it came, without a copy.
+/// as it came, without a copy. Others are joined once, at the end, into a buffer of their
+/// exact size (a buffer grown as chunks came doubled, and kept up to twice the body's size).
 #[derive(Default)]
 pub(crate) struct Collected {
+    chunks: Vec<Bytes>,
     only: Option<Bytes>,
-    joined: BytesMut,
     len: usize,
 }
 
@@ -556,18 +557,21 @@ impl Collected {
     pub(crate) fn push(&mut self, chunk: Bytes) {
         self.len += chunk.len();
         match self.only.take() {
-            None if self.joined.is_empty() => self.only = Some(chunk),
-            None => self.joined.extend_from_slice(&chunk),
-            Some(first) => {
-                self.joined.reserve(self.len);
-                self.joined.extend_from_slice(&first);
-                self.joined.extend_from_slice(&chunk);
-            }
+            None if self.chunks.is_empty() => self.only = Some(chunk),
+            None => self.chunks.push(chunk),
+            Some(first) => self.chunks.extend([first, chunk]),
         }
     }
 
     pub(crate) fn into_bytes(self) -> Bytes {
-        self.only.unwrap_or_else(|| self.joined.freeze())
+        if let Some(only) = self.only {
+            return only;
+        }
+        let mut joined = BytesMut::with_capacity(self.len);
+        for chunk in &self.chunks {
+            joined.extend_from_slice(chunk);
+        }
+        joined.freeze()
     }
 }
 
@@ -813,6 +817,21 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body in one chunk is kept as it came; in several, joined in order.
+    #[test]
+    fn chunks_are_joined_in_order() {
+        let one = Bytes::from_static(b"whole");
+        let mut collected = Collected::default();
+        collected.push(one.clone());
+        assert_eq!(collected.into_bytes().as_ptr(), one.as_ptr(), "not copied");
+        let mut collected = Collected::default();
+        for part in ["ab", "cde", "", "f"] {
+            collected.push(Bytes::from_static(part.as_bytes()));
+        }
+        assert_eq!(collected.len(), 6);
+        assert_eq!(&collected.into_bytes()[..], b"abcdef");
+    }
 
     #[test]
     fn only_a_post_to_a_proxied_path_skips_the_router() {

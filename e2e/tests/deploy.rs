@@ -569,3 +569,40 @@ async fn the_control_plane_sorts_without_a_writable_temp_directory() {
     assert_eq!(listed.client_keys.len(), KEYS);
     control.terminate().await.unwrap();
 }
+
+/// Bytes of a Kubernetes quantity (`512Mi`, `1Gi`, `134217728`).
+fn quantity_bytes(quantity: &str) -> u64 {
+    let units = [("Ki", 1u64 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30)];
+    for (suffix, unit) in units {
+        if let Some(n) = quantity.strip_suffix(suffix) {
+            return n.parse::<u64>().unwrap() * unit;
+        }
+    }
+    quantity.parse().unwrap()
+}
+
+/// The data plane holds request bodies and whole answers in memory up to
+/// `--max-buffered-body-bytes` (a body sent on rewritten twice), and a restart replays its
+/// spool into memory (up to 75 MB at the default). Its pod's memory limit must hold that,
+/// or the kernel kills the pod, every request on it with it, before the 503 `server_busy`
+/// that bound promises; the limit was once that bound itself.
+#[test]
+fn the_data_planes_memory_limit_holds_what_it_may_buffer() {
+    let deployment = yaml_documents("k8s/data-plane.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("the data plane's Deployment");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let limit = quantity_bytes(container["resources"]["limits"]["memory"].as_str().unwrap());
+    let buffered = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "SLUICE_MAX_BUFFERED_BODY_BYTES")
+        .map(|e| e["value"].as_str().unwrap().parse::<u64>().unwrap())
+        .expect("the manifest states SLUICE_MAX_BUFFERED_BODY_BYTES beside its memory limit");
+    assert!(
+        limit >= 2 * buffered + (128 << 20),
+        "a memory limit of {limit} bytes cannot hold twice {buffered} buffered bytes and 128 MiB"
+    );
+}

@@ -10,6 +10,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use sluice_proto::v1::ErrorKind;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::accounting::Accounting;
@@ -20,7 +21,7 @@ use super::{AppState, Collected};
 use crate::anthropic;
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
-use crate::metrics::{AttemptOutcome, CooldownReason, Label, LimitScope, SkipReason};
+use crate::metrics::{AttemptOutcome, BodyRefusal, CooldownReason, Label, LimitScope, SkipReason};
 use crate::redact::redact_error;
 use crate::request::ParsedRequest;
 use crate::responses::{self, IdRewrite};
@@ -49,6 +50,8 @@ enum Answer {
         /// answer's own map (see [`only_content_type`]).
         headers: HeaderMap,
         body: Bytes,
+        /// The permits of [`AppState::body_memory`] the body holds, until it is sent.
+        memory: Option<OwnedSemaphorePermit>,
     },
     Stream {
         status: StatusCode,
@@ -81,6 +84,10 @@ enum Failure {
     /// The answer's head came (a status neither 429 nor 5xx), then its body broke, stalled
     /// (`timeout`) or passed the size limit. The provider has generated, and billed, the
     /// answer: it is not asked of another backend (no retry after the first byte).
+    /// The answer came, but the bytes held in memory (request bodies and whole answers)
+    /// reached `--max-buffered-body-bytes` while it was read: 503 `server_busy`, as for a
+    /// request body. Not the backend's failure, and not asked of another (it has answered).
+    MemoryFull,
     Cut {
         timeout: bool,
         detail: String,
@@ -102,6 +109,7 @@ impl Failure {
             } if *status == StatusCode::TOO_MANY_REQUESTS => Outcome::RateLimited {
                 retry_after: *retry_after,
             },
+            Self::MemoryFull => Outcome::Success,
             _ => Outcome::Failure,
         }
     }
@@ -115,7 +123,7 @@ impl Failure {
             Self::Refused(_) => true,
             Self::Connect(_) | Self::Invalid(_) => policy.retry_on_connect_error,
             Self::Timeout => policy.retry_on_timeout,
-            Self::Cut { .. } => false,
+            Self::Cut { .. } | Self::MemoryFull => false,
         }
     }
 
@@ -144,6 +152,8 @@ impl Failure {
             Self::Connect(_) => AttemptOutcome::connect_error,
             Self::Timeout | Self::Cut { timeout: true, .. } => AttemptOutcome::timeout,
             Self::Invalid(_) | Self::Cut { timeout: false, .. } => AttemptOutcome::invalid_response,
+            // The backend answered.
+            Self::MemoryFull => AttemptOutcome::ok,
         }
     }
 
@@ -155,6 +165,7 @@ impl Failure {
             Self::Timeout => "timeout before the first byte".to_owned(),
             Self::Invalid(e) => format!("invalid response: {e}"),
             Self::Cut { detail, .. } => format!("answer cut after its head: {detail}"),
+            Self::MemoryFull => "answer refused: --max-buffered-body-bytes held".to_owned(),
         }
     }
 }
@@ -407,6 +418,7 @@ pub(super) async fn forward_call(
             &policy,
             deadline,
             app.limits.max_response_bytes,
+            &app.body_memory,
         )
         .await;
         let took = sent.elapsed();
@@ -427,6 +439,13 @@ pub(super) async fn forward_call(
             Err(failure) => {
                 app.metrics
                     .attempt(&label, failure.metric_outcome(), Some(took));
+                if matches!(failure, Failure::MemoryFull) {
+                    app.metrics.body_refused(BodyRefusal::answer);
+                    tracing::warn!(
+                        backend = %backend.name,
+                        "refused an answer: the bodies and answers in memory reached --max-buffered-body-bytes"
+                    );
+                }
             }
         }
         let answered = || app.store.clock().now();
@@ -602,6 +621,7 @@ async fn fail(
         Failure::Timeout | Failure::Cut { timeout: true, .. } => {
             error(acct, ProxyError::UpstreamTimeout).await
         }
+        Failure::MemoryFull => error(acct, ProxyError::AnswersBusy).await,
     }
 }
 
@@ -622,6 +642,7 @@ async fn attempt(
     policy: &Policy,
     deadline: Instant,
     max_response: usize,
+    memory: &Arc<Semaphore>,
 ) -> Result<Answer, Failure> {
     let has_body = method == Method::POST;
     let mut request = Request::new(body);
@@ -676,12 +697,13 @@ async fn attempt(
     }
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let retry_after = cooldown::retry_after(&head.headers, SystemTime::now());
-        let body = read_body(
+        let (body, _) = read_body(
             sleeps,
             upstream,
             MAX_ERROR_BODY,
             policy.idle_stream_timeout,
             deadline,
+            None,
         )
         .await
         .unwrap_or_default();
@@ -712,12 +734,13 @@ async fn attempt(
         });
     }
     let headers = only_content_type(head.headers, content_type);
-    let mut body = read_body(
+    let (mut body, memory) = read_body(
         sleeps,
         upstream,
         max_response,
         policy.idle_stream_timeout,
         deadline,
+        Some(memory),
     )
     .await
     .map_err(Failure::cut)?;
@@ -732,6 +755,7 @@ async fn attempt(
         status,
         headers,
         body,
+        memory,
     })
 }
 
@@ -761,17 +785,29 @@ async fn read_body(
     max: usize,
     idle: Duration,
     deadline: Instant,
-) -> Result<Bytes, Failure> {
+    memory: Option<&Arc<Semaphore>>,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Failure> {
     let mut collected = Collected::default();
+    let mut held: Option<OwnedSemaphorePermit> = None;
     loop {
         let until = || deadline.min(Instant::now() + idle);
         match within(sleeps, until, upstream::next_chunk(&mut upstream)).await {
             Err(_) => return Err(Failure::Timeout),
             Ok(Err(e)) => return Err(Failure::Invalid(upstream::error_chain(&*e))),
-            Ok(Ok(None)) => return Ok(collected.into_bytes()),
+            Ok(Ok(None)) => return Ok((collected.into_bytes(), held)),
             Ok(Ok(Some(chunk))) => {
                 if collected.len() + chunk.len() > max {
                     return Err(Failure::Invalid(format!("body larger than {max} bytes")));
+                }
+                if let Some(memory) = memory {
+                    let permit = u32::try_from(chunk.len())
+                        .ok()
+                        .and_then(|n| Arc::clone(memory).try_acquire_many_owned(n).ok())
+                        .ok_or(Failure::MemoryFull)?;
+                    match &mut held {
+                        Some(held) => held.merge(permit),
+                        None => held = Some(permit),
+                    }
                 }
                 collected.push(chunk);
             }
@@ -792,6 +828,7 @@ async fn deliver(
             status,
             mut headers,
             mut body,
+            memory,
         } => {
             let status = match &mode {
                 Mode::Translated(t) => match t.whole(status, &body, unix_now()) {
@@ -858,6 +895,14 @@ async fn deliver(
                     }
                 }
             }
+            // The permits go with the bytes, until the client has been sent them (or left).
+            let body = match memory {
+                Some(memory) => Bytes::from_owner(Held {
+                    body,
+                    _memory: memory,
+                }),
+                None => body,
+            };
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = status;
             *response.headers_mut() = headers;
@@ -898,6 +943,18 @@ async fn deliver(
             ));
             response
         }
+    }
+}
+
+/// An answer's bytes with the permits of [`AppState::body_memory`] they hold.
+struct Held {
+    body: Bytes,
+    _memory: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
     }
 }
 

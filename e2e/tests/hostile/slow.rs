@@ -237,3 +237,72 @@ async fn a_client_that_reads_none_of_a_large_answer_is_closed_at_the_write_timeo
     )
     .await;
 }
+
+/// Whole answers are held in memory until their clients have taken them, and a client can
+/// take its time: they count with request bodies against `--max-buffered-body-bytes`, and an
+/// answer that would pass it gets 503 `server_busy` (the backend is not blamed, nor asked
+/// again). Without that a few clients asking for large answers and reading none of them
+/// (or a batch job's large embeddings) took the replica's memory without bound.
+#[tokio::test]
+async fn answers_held_for_clients_that_do_not_read_them_are_bounded_in_memory() {
+    let cluster = Cluster::start().await;
+    // About 15 MB an answer.
+    let mock = Mock::start_with("a", &["m"], &["--chunk-count", "1500000"]).await;
+    cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster
+        .proxy_with(&["--max-buffered-body-bytes", "20000000"])
+        .await;
+
+    // A client that asks and reads nothing: its answer stays in the proxy.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut unread = socket.connect(proxy.addr).await.unwrap();
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+         connection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    unread.write_all(request.as_bytes()).await.unwrap();
+
+    // Once it holds its answer, another as large does not fit.
+    let mut refused = None;
+    for _ in 0..50 {
+        let answer = proxy.chat(&key, "m").await;
+        if answer.status() == 503 {
+            refused = Some(answer.json::<serde_json::Value>().await.unwrap());
+            break;
+        }
+        assert_eq!(answer.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = refused.expect("a second large answer was held while the first was");
+    assert_eq!(refused["error"]["code"], "server_busy", "{refused}");
+
+    // The client that did not read gets its whole answer when it does.
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), unread.read_to_end(&mut answer))
+        .await
+        .expect("the held answer within 60 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..100.min(text.len())]
+    );
+    assert!(text.trim_end().ends_with('}'), "whole");
+
+    // Its memory is back: an answer as large is served.
+    assert_eq!(proxy.chat(&key, "m").await.status(), 200);
+    let samples = metric_samples(&proxy.metrics().await);
+    assert!(
+        samples
+            .get("sluice_request_bodies_refused_total{reason=\"answer\"}")
+            .is_some_and(|n| *n >= 1.0),
+        "counted"
+    );
+}
