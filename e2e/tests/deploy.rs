@@ -42,6 +42,7 @@ fn kubernetes_manifests_match_the_schemas() {
         "poddisruptionbudget/sluice-proxy",
         "service/sluice-proxy",
         "secret/sluice-secrets",
+        "networkpolicy/sluice-control",
     ] {
         assert!(
             text.contains(&format!("passed for resource {kind}")),
@@ -605,4 +606,35 @@ fn the_data_planes_memory_limit_holds_what_it_may_buffer() {
         limit >= 2 * buffered + (128 << 20),
         "a memory limit of {limit} bytes cannot hold twice {buffered} buffered bytes and 128 MiB"
     );
+}
+
+/// The control plane's gRPC port streams every provider key to whoever holds the data-plane
+/// token; the manifests let only data planes (and pods labelled as admin tools) reach it.
+#[test]
+fn only_data_planes_and_admin_tools_reach_the_control_planes_grpc_port() {
+    let documents = yaml_documents("k8s/control-plane.yaml");
+    let policy = documents
+        .iter()
+        .find(|d| d["kind"] == "NetworkPolicy")
+        .expect("a NetworkPolicy for the control plane");
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "control-plane"
+    );
+    let grpc_rules: Vec<&serde_json::Value> = policy["spec"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|rule| rule["ports"].as_array().unwrap().iter().any(|p| p["port"] == "grpc"))
+        .collect();
+    assert_eq!(grpc_rules.len(), 1, "{policy}");
+    let from = grpc_rules[0]["from"].as_array().unwrap();
+    assert!(!from.is_empty(), "a rule without `from` admits everyone");
+    for peer in from {
+        let labels = &peer["podSelector"]["matchLabels"];
+        assert!(
+            labels["app.kubernetes.io/component"] == "data-plane" || labels["sluice-admin"] == "true",
+            "{peer} may reach the gRPC port"
+        );
+    }
 }
