@@ -302,11 +302,11 @@ fn seconds(value: &serde_json::Value) -> u64 {
         .unwrap_or_else(|| panic!("not a number of seconds: {value}"))
 }
 
-/// The longest a data plane takes to stop after SIGTERM with the given drain timeout: the
-/// drain, its serving threads' runtimes' 1 s, the stream relays' 5 s (`RELAY_WAIT`), then
-/// the default --usage-flush-timeout, 10 s (data-plane/src/server.rs).
-fn data_plane_stop(drain: u64) -> u64 {
-    drain + 1 + 5 + 10
+/// The longest a data plane takes to stop after SIGTERM with the given drain and usage
+/// flush timeouts: the drain, its serving threads' runtimes' 1 s, the stream relays' 5 s
+/// (`RELAY_WAIT`), then the flush (data-plane/src/server.rs).
+fn data_plane_stop(drain: u64, flush: u64) -> u64 {
+    drain + 1 + 5 + flush
 }
 
 /// The grace periods the deployments give a data plane cover the whole of its stop, so that
@@ -326,21 +326,26 @@ fn the_grace_periods_cover_a_data_planes_whole_stop() {
         .iter()
         .filter_map(|a| a.as_str())
         .collect();
-    let drain = args
-        .iter()
-        .position(|a| *a == "--drain-timeout")
-        .map_or(30, |i| seconds(&serde_json::json!(args[i + 1])));
+    let flag = |name: &str, default: u64| {
+        args.iter()
+            .position(|a| *a == name)
+            .map_or(default, |i| seconds(&serde_json::json!(args[i + 1])))
+    };
+    let (drain, flush) = (
+        flag("--drain-timeout", 30),
+        flag("--usage-flush-timeout", 10),
+    );
     assert!(
-        !args.contains(&"--usage-flush-timeout")
+        !container["env"].to_string().contains("DRAIN_TIMEOUT")
             && !container["env"].to_string().contains("USAGE_FLUSH_TIMEOUT"),
-        "the manifest sets the flush timeout: count it here"
+        "the manifest sets a timeout in the environment: count it here"
     );
     let pre_stop = seconds(&container["lifecycle"]["preStop"]["sleep"]["seconds"]);
     let grace = seconds(&pod["terminationGracePeriodSeconds"]);
     assert!(
-        grace >= pre_stop + data_plane_stop(drain),
+        grace >= pre_stop + data_plane_stop(drain, flush),
         "Kubernetes: {grace} s of grace for a {pre_stop} s preStop and a stop of up to {} s",
-        data_plane_stop(drain)
+        data_plane_stop(drain, flush)
     );
 
     let compose = &yaml_documents("compose.yaml")[0]["x-dataplane"];
@@ -350,9 +355,9 @@ fn the_grace_periods_cover_a_data_planes_whole_stop() {
     );
     let grace = seconds(&compose["stop_grace_period"]);
     assert!(
-        grace >= data_plane_stop(30),
+        grace >= data_plane_stop(30, 10),
         "compose: {grace} s of grace for a stop of up to {} s",
-        data_plane_stop(30)
+        data_plane_stop(30, 10)
     );
 }
 
