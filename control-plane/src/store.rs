@@ -442,6 +442,10 @@ fn configure(conn: &Connection) -> Result<(), rusqlite::Error> {
     // FULL: an acked usage batch survives power loss, not just a process crash.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Deleted content is zeroed in the pages written anyway: a sealed provider key the
+    // database no longer holds (a deleted backend's, one sealed again under a new master key)
+    // does not stay in the file's free space, where backups copy it.
+    conn.pragma_update(None, "secure_delete", "FAST")?;
     Ok(())
 }
 
@@ -551,6 +555,79 @@ fn unique_violation(err: rusqlite::Error, message: impl FnOnce() -> String) -> S
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    fn backend_named(name: &str) -> crate::backend::BackendSpec {
+        crate::backend::BackendSpec {
+            name: name.into(),
+            base_url: "https://api.example.com/v1".into(),
+            pool: crate::backend::Pool::Primary,
+            priority: 0,
+            weight: 1,
+            models: vec![crate::backend::ModelRoute {
+                name: "m".into(),
+                ..Default::default()
+            }],
+            rpm_limit: 0,
+            tpm_limit: 0,
+            enabled: true,
+            responses_api: None,
+            api_format: Default::default(),
+            anthropic_version: String::new(),
+        }
+    }
+
+    fn ciphertext_of(path: &Path, name: &str) -> Vec<u8> {
+        Connection::open(path)
+            .unwrap()
+            .query_row(
+                "SELECT api_key_ciphertext FROM backends WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    fn file_holds(path: &Path, bytes: &[u8]) -> bool {
+        let file = std::fs::read(path).unwrap();
+        file.windows(bytes.len()).any(|w| w == bytes)
+    }
+
+    /// A sealed provider key the database no longer holds (its backend deleted, or sealed
+    /// again under a new master key) is not left in the file's free space, where a backup
+    /// (which copies pages as they are) and the old master key would still open it.
+    #[tokio::test]
+    async fn provider_keys_no_longer_held_are_not_left_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let old = crate::crypto::MasterKey::generate();
+        let (store, _) = Store::open(&path, old.clone()).unwrap();
+        store
+            .create_backend(backend_named("kept"), "sk-kept-0123456789abcdef".into())
+            .await
+            .unwrap();
+        store
+            .create_backend(backend_named("gone"), "sk-gone-0123456789abcdef".into())
+            .await
+            .unwrap();
+        let (kept, gone) = (ciphertext_of(&path, "kept"), ciphertext_of(&path, "gone"));
+        store.delete_backend("gone".into()).await.unwrap();
+        drop(store);
+        // Closed: the WAL is checkpointed into the file.
+        assert!(!path.with_extension("db-wal").exists());
+        assert!(file_holds(&path, &kept), "the kept key is where it was");
+        assert!(
+            !file_holds(&path, &gone),
+            "a deleted backend's key stayed in the file"
+        );
+
+        let new = crate::crypto::MasterKey::generate();
+        Store::rotate_master_key(&path, &old, &new).unwrap();
+        assert!(
+            !file_holds(&path, &kept),
+            "the key sealed under the old master key stayed in the file"
+        );
+        assert_ne!(ciphertext_of(&path, "kept"), kept);
+    }
 
     /// A write holding the writer (from a handle of its own) until `finish` is sent; returned
     /// once it has started.

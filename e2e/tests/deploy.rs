@@ -630,7 +630,13 @@ fn only_data_planes_and_admin_tools_reach_the_control_planes_grpc_port() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|rule| rule["ports"].as_array().unwrap().iter().any(|p| p["port"] == "grpc"))
+        .filter(|rule| {
+            rule["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["port"] == "grpc")
+        })
         .collect();
     assert_eq!(grpc_rules.len(), 1, "{policy}");
     let from = grpc_rules[0]["from"].as_array().unwrap();
@@ -638,7 +644,8 @@ fn only_data_planes_and_admin_tools_reach_the_control_planes_grpc_port() {
     for peer in from {
         let labels = &peer["podSelector"]["matchLabels"];
         assert!(
-            labels["app.kubernetes.io/component"] == "data-plane" || labels["sluice-admin"] == "true",
+            labels["app.kubernetes.io/component"] == "data-plane"
+                || labels["sluice-admin"] == "true",
             "{peer} may reach the gRPC port"
         );
     }
