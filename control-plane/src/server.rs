@@ -193,6 +193,9 @@ fn private_to_this_user(dir: &std::path::Path) -> std::io::Result<()> {
     }
 }
 
+/// Streams one HTTP/2 connection to the gRPC port may have open at once.
+const GRPC_MAX_STREAMS_PER_CONNECTION: u32 = 100;
+
 /// Opens the data directory and database, binds both listeners and starts serving.
 pub async fn start(config: Config) -> Result<Running, ServeError> {
     let dir_err = |source| ServeError::DataDir {
@@ -321,9 +324,17 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
+    // tonic leaves HTTP/2's limits off that hyper has on by default: a client of this port
+    // (health and reflection need no token) could open streams without number, or reset
+    // them as fast as it opens them. hyper's own defaults, but for the streams: a data plane
+    // needs two, sluicectl one.
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(GRPC_MAX_STREAMS_PER_CONNECTION))
+        .http2_max_pending_accept_reset_streams(Some(20))
+        .http2_max_local_error_reset_streams(Some(1024))
+        .http2_max_header_list_size(Some(16 * 1024));
     if let Some(tls) = tls {
         builder = builder
             .tls_config(tls)

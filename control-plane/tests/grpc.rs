@@ -1780,3 +1780,27 @@ async fn moving_a_backend_to_another_origin_needs_its_key_again() {
         assert_eq!(moved.base_url, base_url.to_lowercase().replace(":443", ""));
     }
 }
+
+/// Anyone who can reach the gRPC port may open HTTP/2 connections to it (health checks and
+/// reflection need no token). One connection may open at most 100 streams at once (a data
+/// plane needs two), as the server's settings tell every client, not as many as it likes,
+/// each a task and buffers on the control plane.
+#[tokio::test]
+async fn one_connection_to_the_grpc_port_may_open_a_bounded_number_of_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let addr = cp.grpc_url.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    let request = http::Request::post("/grpc.health.v1.Health/Check")
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (answer, _) = send.send_request(request, true).unwrap();
+    // The answer comes after the server's settings: driven until it does.
+    tokio::select! {
+        answer = answer => { answer.unwrap(); }
+        closed = &mut connection => panic!("the connection closed: {closed:?}"),
+    }
+    assert_eq!(connection.max_concurrent_send_streams(), 100);
+}
