@@ -154,6 +154,11 @@ async fn main() {
         .unwrap_or_else(|e| e.exit());
     init_logging(args.log_format);
     overridden.iter().for_each(sluice_config::Overridden::warn);
+    #[cfg(unix)]
+    match sluice_listener::raise_open_files_limit() {
+        Ok(limit) => tracing::info!(limit, "open files"),
+        Err(err) => tracing::warn!(error = %err, "cannot raise the open-files limit"),
+    }
     // Before any database is open (the setting is the process's).
     let temp = args.data_dir.join(TEMP_DIR);
     if let Err(err) = sluice_control::store::keep_temp_files_in(&temp) {

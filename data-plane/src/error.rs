@@ -41,6 +41,9 @@ pub enum ProxyError {
     /// bodies and whole answers) at `--max-buffered-body-bytes`.
     #[error("This Sluice data plane holds too many answers in memory at once; try again shortly.")]
     AnswersBusy,
+    /// This replica is out of file descriptors: it cannot open an upstream connection.
+    #[error("This Sluice data plane cannot open more connections right now; try again shortly.")]
+    OutOfFiles,
     #[error(transparent)]
     InvalidRequest(#[from] RequestError),
     /// The request cannot be expressed in the API of the backend serving its model.
@@ -176,7 +179,9 @@ impl ProxyError {
             | Self::EndpointUnsupported { .. }
             | Self::TokenCountUnsupported(_) => StatusCode::BAD_REQUEST,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            Self::BodiesBusy | Self::AnswersBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BodiesBusy | Self::AnswersBusy | Self::OutOfFiles => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::UnknownPath { .. } => StatusCode::NOT_FOUND,
             Self::KeyRateLimited { .. }
@@ -211,7 +216,9 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
             Self::BodyUnreadable => ("invalid_request_error", "invalid_request_body"),
             Self::BodyTimeout { .. } => ("invalid_request_error", "request_timeout"),
-            Self::BodiesBusy | Self::AnswersBusy => ("server_error", "server_busy"),
+            Self::BodiesBusy | Self::AnswersBusy | Self::OutOfFiles => {
+                ("server_error", "server_busy")
+            }
             Self::InvalidRequest(e) => ("invalid_request_error", e.code()),
             Self::Untranslatable(_) => ("invalid_request_error", "untranslatable"),
             Self::EndpointUnsupported { .. } | Self::TokenCountUnsupported(_) => {
@@ -276,6 +283,7 @@ impl ProxyError {
             | Self::BudgetUnavailable { retry_after } => Some(*retry_after),
             Self::BodiesBusy
             | Self::AnswersBusy
+            | Self::OutOfFiles
             | Self::NoAffinityKey
             | Self::KeyParallelLimited { .. } => Some(Duration::from_secs(1)),
             Self::ResponseBackendCoolingDown { retry_after, .. } => Some(*retry_after),
@@ -297,6 +305,7 @@ impl ProxyError {
             Self::UpstreamTimeout => ErrorKind::UpstreamTimeout,
             Self::NotReady
             | Self::AnswersBusy
+            | Self::OutOfFiles
             | Self::UsageUnrecordable(_)
             | Self::NoAffinityKey
             | Self::BudgetUnavailable { .. } => ErrorKind::Internal,

@@ -17,6 +17,11 @@ async fn main() -> ExitCode {
         Err(err) => return refused(&format!("cannot set up logging: {err}")),
     };
     overridden.iter().for_each(sluice_config::Overridden::warn);
+    #[cfg(unix)]
+    match sluice_listener::raise_open_files_limit() {
+        Ok(limit) => tracing::info!(limit, "open files"),
+        Err(err) => tracing::warn!(error = %err, "cannot raise the open-files limit"),
+    }
     // Before anything else (a spool to replay, the listener to bind): a SIGTERM that comes
     // while the process starts must stop it cleanly, not be lost (as PID 1 in a container,
     // a signal without a handler is dropped, and the orchestrator waits for its SIGKILL).

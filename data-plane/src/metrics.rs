@@ -114,6 +114,9 @@ pub enum AttemptOutcome {
     invalid_response,
     /// The backend refused Sluice's credentials for it (401, 403).
     auth_error,
+    /// Not the backend's: this replica could not open a connection to it (out of file
+    /// descriptors).
+    local_error,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

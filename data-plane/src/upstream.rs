@@ -181,6 +181,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// Whether `e` (an upstream call's error) is this process running out of file descriptors:
+/// an `EMFILE` or `ENFILE` anywhere in its chain of causes.
+pub fn out_of_files(e: &(dyn std::error::Error + 'static)) -> bool {
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|code| code == EMFILE || code == ENFILE)
+    })
+}
+
 /// The `Host` header hyper-util's client writes into an HTTP/1 request to `uri` (`host`, or
 /// `host:port` when the port is not the scheme's default), for a plain `http://` upstream:
 /// made once per backend and passed to [`UpstreamClient::send`], it saves formatting and

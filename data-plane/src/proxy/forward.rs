@@ -88,6 +88,10 @@ enum Failure {
     /// reached `--max-buffered-body-bytes` while it was read: 503 `server_busy`, as for a
     /// request body. Not the backend's failure, and not asked of another (it has answered).
     MemoryFull,
+    /// This replica is out of file descriptors (`EMFILE`, `ENFILE`): it could not open the
+    /// upstream connection. Its own state, not the backend's: 503 `server_busy`, no other
+    /// backend tried (each would fail the same), no cooldown.
+    OutOfFiles,
     Cut {
         timeout: bool,
         detail: String,
@@ -95,8 +99,12 @@ enum Failure {
 }
 
 impl Failure {
-    fn health(&self) -> Outcome {
-        match self {
+    /// What the failure says of the backend's health; `None`: nothing (this replica's own).
+    fn health(&self) -> Option<Outcome> {
+        if matches!(self, Self::OutOfFiles) {
+            return None;
+        }
+        Some(match self {
             Self::Status { status, body, .. }
                 if *status == StatusCode::TOO_MANY_REQUESTS && refuses_the_request_itself(body) =>
             {
@@ -111,7 +119,7 @@ impl Failure {
             },
             Self::MemoryFull => Outcome::Success,
             _ => Outcome::Failure,
-        }
+        })
     }
 
     fn retryable(&self, policy: &Policy) -> bool {
@@ -123,7 +131,7 @@ impl Failure {
             Self::Refused(_) => true,
             Self::Connect(_) | Self::Invalid(_) => policy.retry_on_connect_error,
             Self::Timeout => policy.retry_on_timeout,
-            Self::Cut { .. } | Self::MemoryFull => false,
+            Self::Cut { .. } | Self::MemoryFull | Self::OutOfFiles => false,
         }
     }
 
@@ -154,6 +162,7 @@ impl Failure {
             Self::Invalid(_) | Self::Cut { timeout: false, .. } => AttemptOutcome::invalid_response,
             // The backend answered.
             Self::MemoryFull => AttemptOutcome::ok,
+            Self::OutOfFiles => AttemptOutcome::local_error,
         }
     }
 
@@ -166,6 +175,7 @@ impl Failure {
             Self::Invalid(e) => format!("invalid response: {e}"),
             Self::Cut { detail, .. } => format!("answer cut after its head: {detail}"),
             Self::MemoryFull => "answer refused: --max-buffered-body-bytes held".to_owned(),
+            Self::OutOfFiles => "this replica is out of file descriptors".to_owned(),
         }
     }
 }
@@ -424,7 +434,7 @@ pub(super) async fn forward_call(
         let took = sent.elapsed();
         acct.waited_upstream(took);
         let health = match &outcome {
-            Ok(_) => Outcome::Success,
+            Ok(_) => Some(Outcome::Success),
             Err(failure) => failure.health(),
         };
         match &outcome {
@@ -439,6 +449,12 @@ pub(super) async fn forward_call(
             Err(failure) => {
                 app.metrics
                     .attempt(&label, failure.metric_outcome(), Some(took));
+                if matches!(failure, Failure::OutOfFiles) {
+                    tracing::error!(
+                        backend = %backend.name,
+                        "cannot open an upstream connection: this replica is out of file descriptors (raise its open-files limit)"
+                    );
+                }
                 if matches!(failure, Failure::MemoryFull) {
                     app.metrics.body_refused(BodyRefusal::answer);
                     tracing::warn!(
@@ -449,8 +465,9 @@ pub(super) async fn forward_call(
             }
         }
         let answered = || app.store.clock().now();
-        if let Some(event) =
-            cooldowns.record_at(&backend.id, basis, &policy.cooldown, health, answered)
+        if let Some(health) = health
+            && let Some(event) =
+                cooldowns.record_at(&backend.id, basis, &policy.cooldown, health, answered)
         {
             match health {
                 Outcome::Success => {
@@ -622,6 +639,7 @@ async fn fail(
             error(acct, ProxyError::UpstreamTimeout).await
         }
         Failure::MemoryFull => error(acct, ProxyError::AnswersBusy).await,
+        Failure::OutOfFiles => error(acct, ProxyError::OutOfFiles).await,
     }
 }
 
@@ -686,6 +704,7 @@ async fn attempt(
     let sent = client.send(request, backend.host());
     let upstream = match within(sleeps, || first_byte, sent).await {
         Err(_) => return Err(Failure::Timeout),
+        Ok(Err(e)) if upstream::out_of_files(&*e) => return Err(Failure::OutOfFiles),
         Ok(Err(e)) => return Err(Failure::Connect(upstream::error_chain(&*e))),
         Ok(Ok(response)) => response,
     };

@@ -179,9 +179,26 @@ impl Cluster {
         self.proxy_via(&self.control_url(), extra, env).await
     }
 
+    /// A data plane started through `prefix` (a command that runs the rest of its
+    /// arguments, such as `prlimit --nofile=64 --`), with extra flags.
+    pub async fn proxy_under(&self, prefix: &[&str], extra: &[&str]) -> Proxy {
+        self.proxy_through(prefix, &self.control_url(), extra, &[])
+            .await
+    }
+
     /// A data plane that reaches the control plane at `control_url` (e.g. a [`Relay`]).
     pub async fn proxy_via(
         &self,
+        control_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proxy {
+        self.proxy_through(&[], control_url, extra, env).await
+    }
+
+    async fn proxy_through(
+        &self,
+        prefix: &[&str],
         control_url: &str,
         extra: &[&str],
         env: &[(&str, &str)],
@@ -198,7 +215,17 @@ impl Cluster {
             ("RUST_LOG", "info"),
         ];
         envs.extend_from_slice(env);
-        let child = spawn(workspace_bin("sluice-proxy"), args, envs).unwrap();
+        let bin = workspace_bin("sluice-proxy");
+        let child = match prefix.split_first() {
+            None => spawn(bin, args, envs),
+            Some((command, rest)) => {
+                let mut all: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+                all.push(bin.display().to_string());
+                all.extend(args);
+                spawn(command, all, envs)
+            }
+        }
+        .unwrap();
         let addr = child.wait_for_listening("http", START).await.unwrap();
         let proxy = Proxy {
             child,

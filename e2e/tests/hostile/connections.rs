@@ -150,3 +150,63 @@ async fn past_the_connection_limit_a_connection_is_refused_and_counted_on_both_p
     let addr: SocketAddr = http.trim_start_matches("http://").parse().unwrap();
     assert_refused_past_four(&control, addr, "sluice_http_connections_refused_total").await;
 }
+
+/// A data plane out of file descriptors (a soft limit of 1,024 is what containerd and systemd
+/// give a process by default; here 64) cannot open upstream connections: that is its own
+/// state, not the backend's. Counted as the backend failing, it cooled a healthy backend
+/// down for every replica. Such a request gets 503 `server_busy`, and the backend is not
+/// cooled down.
+#[tokio::test]
+async fn a_replica_out_of_file_descriptors_blames_no_backend() {
+    let cluster = Cluster::start().await;
+    let mock = crate::common::Mock::start_with("a", &["m"], &["--latency", "2s"]).await;
+    cluster
+        .add_backend(
+            "a",
+            &mock,
+            sluice_proto::v1::Pool::Primary,
+            0,
+            &[("m", "m")],
+        )
+        .await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster
+        .proxy_under(&["prlimit", "--nofile=64", "--"], &[])
+        .await;
+    let requests: Vec<_> = (0..80)
+        .map(|_| {
+            let (url, key) = (proxy.url("/v1/chat/completions"), key.clone());
+            tokio::spawn(async move {
+                let answer = reqwest::Client::new()
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+                    .send()
+                    .await
+                    .ok()?;
+                let status = answer.status().as_u16();
+                let body: serde_json::Value = answer.json().await.ok()?;
+                Some((status, body["error"]["code"].as_str().map(str::to_owned)))
+            })
+        })
+        .collect();
+    let mut busy = 0;
+    for request in requests {
+        match request.await.unwrap() {
+            Some((503, code)) => {
+                assert_eq!(code.as_deref(), Some("server_busy"));
+                busy += 1;
+            }
+            Some((status, code)) => assert_eq!(status, 200, "{code:?}"),
+            // Refused before it was read: the client's own connection found no descriptor.
+            None => {}
+        }
+    }
+    assert!(
+        busy > 0,
+        "no request ran out of file descriptors: the test proves nothing"
+    );
+    let cooldowns = cluster.cooldowns().await;
+    assert!(cooldowns.is_empty(), "{cooldowns:?}");
+    assert_eq!(proxy.chat(&key, "m").await.status(), 200, "served again");
+}

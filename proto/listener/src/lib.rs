@@ -422,6 +422,16 @@ where
     }
 }
 
+/// Raises this process's soft limit on open files to its hard limit, and returns the limit
+/// then in force. Container runtimes (containerd 2, Docker) and systemd start a process with a
+/// soft limit of 1,024 and a much higher hard one: each client connection, each upstream
+/// connection of a request in flight and each spool file takes a descriptor, so a data plane
+/// with a few hundred requests in flight would run out far below what it may have.
+#[cfg(unix)]
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
