@@ -156,7 +156,7 @@ async fn main() {
     overridden.iter().for_each(sluice_config::Overridden::warn);
     #[cfg(unix)]
     match sluice_listener::raise_open_files_limit() {
-        Ok(limit) => tracing::info!(limit, "open files"),
+        Ok(limit) => tracing::debug!(limit, "open files"),
         Err(err) => tracing::warn!(error = %err, "cannot raise the open-files limit"),
     }
     // Before any database is open (the setting is the process's).

@@ -1732,6 +1732,22 @@ async fn moving_a_backend_to_another_origin_needs_its_key_again() {
     let dir = tempfile::tempdir().unwrap();
     let cp = TestControlPlane::start(dir.path()).await.unwrap();
     let mut admin = admin(&cp).await;
+    // A key too short to have a hint shown is a key all the same.
+    let short = create(&mut admin, "b0", "sk-123").await;
+    assert_eq!(short.api_key_hint, "");
+    let err = admin
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: short.id.clone(),
+                base_url: "https://collector.example/v1".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["base_url"])),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
     let created = create(&mut admin, "b1", "sk-provider-secret-1234").await;
     let move_to = |base_url: &str, api_key: &str| pb::UpdateBackendRequest {
         backend: Some(pb::Backend {

@@ -68,11 +68,16 @@ pub struct Config {
     /// Largest accepted request body, in bytes; larger ones get 413.
     #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Bytes of request bodies and of whole answers held in memory at once, over all
-    /// connections; a body or answer that would pass it gets 503 with Retry-After (slow
-    /// uploads, and clients slow to read large answers, cannot pile up memory).
+    /// Request-body bytes held in memory at once, over all connections; a request whose body
+    /// would pass it gets 503 with Retry-After (slow uploads cannot pile up memory).
     #[arg(long, env = "SLUICE_MAX_BUFFERED_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_buffered_body_bytes: usize,
+    /// Bytes of whole (non-streamed) answers held in memory at once, over all connections,
+    /// each from when it is read until its client has taken it; an answer that would pass it
+    /// gets 503 server_busy (clients slow to read large answers cannot pile up memory). At
+    /// least --max-response-bytes.
+    #[arg(long, env = "SLUICE_MAX_BUFFERED_ANSWER_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_buffered_answer_bytes: usize,
     /// How long a client may take to send a request's whole body once its headers arrived;
     /// past it the request gets 408 (e.g. 30s, 2m).
     #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -193,6 +198,7 @@ impl Config {
             max_body_bytes: 16 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
             max_buffered_body_bytes: 256 * 1024 * 1024,
+            max_buffered_answer_bytes: 256 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(30),
             header_read_timeout: sluice_listener::DEFAULT_HEADER_READ_TIMEOUT,
             write_timeout: sluice_listener::DEFAULT_WRITE_TIMEOUT,

@@ -37,8 +37,9 @@ pub enum ProxyError {
         "This Sluice data plane is reading too many request bodies at once; try again shortly."
     )]
     BodiesBusy,
-    /// An upstream's whole answer found the bytes this replica holds in memory (request
-    /// bodies and whole answers) at `--max-buffered-body-bytes`.
+    /// An upstream's whole answer found the answers this replica holds in memory at
+    /// `--max-buffered-answer-bytes`. The provider has generated it: SDKs are told not to
+    /// send it again on their own (`x-should-retry: false`, no `Retry-After`).
     #[error("This Sluice data plane holds too many answers in memory at once; try again shortly.")]
     AnswersBusy,
     /// This replica is out of file descriptors: it cannot open an upstream connection.
@@ -282,7 +283,6 @@ impl ProxyError {
             | Self::BackendsBusy { retry_after, .. }
             | Self::BudgetUnavailable { retry_after } => Some(*retry_after),
             Self::BodiesBusy
-            | Self::AnswersBusy
             | Self::OutOfFiles
             | Self::NoAffinityKey
             | Self::KeyParallelLimited { .. } => Some(Duration::from_secs(1)),
@@ -383,6 +383,12 @@ impl ProxyError {
             headers.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(retry_after_secs(wait)),
+            );
+        }
+        if matches!(self, Self::AnswersBusy) {
+            headers.insert(
+                http::HeaderName::from_static("x-should-retry"),
+                HeaderValue::from_static("false"),
             );
         }
         if matches!(self, Self::BudgetSpent { .. }) {

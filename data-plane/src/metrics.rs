@@ -179,9 +179,6 @@ pub enum BodyRefusal {
     timeout,
     /// The bodies being read already held --max-buffered-body-bytes (503).
     memory,
-    /// An upstream's whole answer, read while the bodies and answers held in memory reached
-    /// --max-buffered-body-bytes (503).
-    answer,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -345,6 +342,7 @@ pub struct Metrics {
     connections_refused: Counter,
     write_timeouts: Counter,
     bodies_refused: Family<BodyRefusalLabels, Counter>,
+    answers_refused: Counter,
     attempts: Family<AttemptLabels, Counter>,
     failovers: Counter,
     cooldowns: Family<CooldownLabels, Counter>,
@@ -447,6 +445,12 @@ impl Metrics {
             "request_bodies_refused",
             "Request bodies not read to the end: too slow (timeout) or past the memory for bodies (memory)",
             bodies_refused.clone(),
+        );
+        let answers_refused = Counter::default();
+        registry.register(
+            "answers_refused",
+            "Whole answers refused (503) because the answers held in memory reached --max-buffered-answer-bytes",
+            answers_refused.clone(),
         );
         let attempts = Family::default();
         registry.register(
@@ -553,6 +557,7 @@ impl Metrics {
             connections_refused,
             write_timeouts,
             bodies_refused,
+            answers_refused,
             attempts,
             failovers,
             cooldowns,
@@ -685,6 +690,11 @@ impl Metrics {
         self.bodies_refused
             .get_or_create(&BodyRefusalLabels { reason })
             .inc();
+    }
+
+    /// Counts a whole answer refused for the memory of answers.
+    pub fn answer_refused(&self) {
+        self.answers_refused.inc();
     }
 
     /// `sluice_connections_refused_total`, for the acceptor to count its refusals in.

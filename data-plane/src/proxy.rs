@@ -85,6 +85,10 @@ pub struct AppState {
     /// Request-body bytes that may be held at once, over every serving thread: a permit per
     /// byte, taken as a body arrives and given back when its request is answered.
     pub body_memory: Arc<Semaphore>,
+    /// Bytes of whole answers held in memory (`--max-buffered-answer-bytes`): taken as an
+    /// answer is read, given back once it is sent. Apart from the bodies', so that answers
+    /// held for clients slow to read them never refuse a request's body.
+    pub answer_memory: Arc<Semaphore>,
     /// Which serving thread this state belongs to: it picks that thread's upstream pool.
     pub pool: usize,
     /// The budget allowances budgeted keys spend (shared by every serving thread).
@@ -500,7 +504,7 @@ async fn read_body(
         "refused a request body"
     );
     Err(match refused {
-        BodyRefusal::memory | BodyRefusal::answer => ProxyError::BodiesBusy,
+        BodyRefusal::memory => ProxyError::BodiesBusy,
         BodyRefusal::timeout => ProxyError::BodyTimeout {
             limit: limits.body_read_timeout,
         },
@@ -540,16 +544,27 @@ async fn read_body_within(
 }
 
 /// A body's chunks joined into one buffer. Most bodies arrive in one chunk: that one is kept
-/// as it came, without a copy. Others are joined once, at the end, into a buffer of their
-/// exact size (a buffer grown as chunks came doubled, and kept up to twice the body's size).
+/// as it came, without a copy.
 #[derive(Default)]
 pub(crate) struct Collected {
-    chunks: Vec<Bytes>,
     only: Option<Bytes>,
+    joined: BytesMut,
     len: usize,
+    /// The length the sender declared: the joined buffer is made that large at once, not
+    /// doubled as chunks come.
+    expected: usize,
 }
 
 impl Collected {
+    /// A body whose sender declared `expected` bytes (its `content-length`, already checked
+    /// against the limit).
+    pub(crate) fn expecting(expected: usize) -> Self {
+        Self {
+            expected,
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.len
     }
@@ -557,21 +572,26 @@ impl Collected {
     pub(crate) fn push(&mut self, chunk: Bytes) {
         self.len += chunk.len();
         match self.only.take() {
-            None if self.chunks.is_empty() => self.only = Some(chunk),
-            None => self.chunks.push(chunk),
-            Some(first) => self.chunks.extend([first, chunk]),
+            None if self.joined.is_empty() => self.only = Some(chunk),
+            None => self.joined.extend_from_slice(&chunk),
+            Some(first) => {
+                self.joined.reserve(self.len.max(self.expected));
+                self.joined.extend_from_slice(&first);
+                self.joined.extend_from_slice(&chunk);
+            }
         }
     }
 
+    /// The bytes of memory it holds: the one chunk, or the joined buffer's capacity (up to
+    /// twice what it holds, the buffer doubling as it grows).
+    pub(crate) fn held(&self) -> usize {
+        self.only
+            .as_ref()
+            .map_or(self.joined.capacity(), Bytes::len)
+    }
+
     pub(crate) fn into_bytes(self) -> Bytes {
-        if let Some(only) = self.only {
-            return only;
-        }
-        let mut joined = BytesMut::with_capacity(self.len);
-        for chunk in &self.chunks {
-            joined.extend_from_slice(chunk);
-        }
-        joined.freeze()
+        self.only.unwrap_or_else(|| self.joined.freeze())
     }
 }
 
@@ -831,6 +851,13 @@ mod tests {
         }
         assert_eq!(collected.len(), 6);
         assert_eq!(&collected.into_bytes()[..], b"abcdef");
+        // Declared whole: the buffer is made that size at once, and holds no more.
+        let mut collected = Collected::expecting(1000);
+        for _ in 0..10 {
+            collected.push(Bytes::from(vec![b'x'; 100]));
+        }
+        assert_eq!(collected.held(), 1000);
+        assert_eq!(collected.into_bytes().len(), 1000);
     }
 
     #[test]

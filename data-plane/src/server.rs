@@ -69,6 +69,11 @@ pub enum RunError {
     Spool(#[from] SpoolError),
     #[error("http server failed: {0}")]
     Serve(std::io::Error),
+    #[error(
+        "--max-buffered-answer-bytes ({answers}) is less than --max-response-bytes ({largest}): \
+         the largest answer could never be held"
+    )]
+    AnswersBelowLargest { answers: usize, largest: usize },
 }
 
 /// Hands the snapshot stream's snapshots to the store, which counts what it refuses, and
@@ -130,6 +135,12 @@ pub struct Proxy {
 impl Proxy {
     /// Binds the HTTP listener and logs `http listening on <addr>`.
     pub async fn bind(config: Config) -> Result<Self, RunError> {
+        if config.max_buffered_answer_bytes < config.max_response_bytes {
+            return Err(RunError::AnswersBelowLargest {
+                answers: config.max_buffered_answer_bytes,
+                largest: config.max_response_bytes,
+            });
+        }
         let token = config
             .token()
             .map_err(RunError::TokenFile)?
@@ -294,6 +305,9 @@ impl Proxy {
         let body_memory = Arc::new(Semaphore::new(
             config.max_buffered_body_bytes.min(Semaphore::MAX_PERMITS),
         ));
+        let answer_memory = Arc::new(Semaphore::new(
+            config.max_buffered_answer_bytes.min(Semaphore::MAX_PERMITS),
+        ));
         let mut shards = Vec::with_capacity(threads);
         for pool in 0..threads {
             let (deal, dealt) = mpsc::channel(DEALT_QUEUE);
@@ -310,6 +324,7 @@ impl Proxy {
                 tasks: tasks.clone(),
                 metrics: Arc::clone(&metrics),
                 body_memory: Arc::clone(&body_memory),
+                answer_memory: Arc::clone(&answer_memory),
                 pool,
                 allowances: Arc::clone(&allowances),
                 sleeps: proxy::KeptSleeps::default(),

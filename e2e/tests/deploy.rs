@@ -587,8 +587,8 @@ fn quantity_bytes(quantity: &str) -> u64 {
     quantity.parse().unwrap()
 }
 
-/// The data plane holds request bodies and whole answers in memory up to
-/// `--max-buffered-body-bytes` (a body sent on rewritten twice), and a restart replays its
+/// The data plane holds request bodies in memory up to `--max-buffered-body-bytes` (each up
+/// to twice), whole answers up to `--max-buffered-answer-bytes`, and a restart replays its
 /// spool into memory (up to 75 MB at the default). Its pod's memory limit must hold that,
 /// or the kernel kills the pod, every request on it with it, before the 503 `server_busy`
 /// that bound promises; the limit was once that bound itself.
@@ -600,16 +600,21 @@ fn the_data_planes_memory_limit_holds_what_it_may_buffer() {
         .expect("the data plane's Deployment");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let limit = quantity_bytes(container["resources"]["limits"]["memory"].as_str().unwrap());
-    let buffered = container["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "SLUICE_MAX_BUFFERED_BODY_BYTES")
-        .map(|e| e["value"].as_str().unwrap().parse::<u64>().unwrap())
-        .expect("the manifest states SLUICE_MAX_BUFFERED_BODY_BYTES beside its memory limit");
+    let env = |name: &str| {
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].as_str().unwrap().parse::<u64>().unwrap())
+            .unwrap_or_else(|| panic!("the manifest states {name} beside its memory limit"))
+    };
+    let bodies = env("SLUICE_MAX_BUFFERED_BODY_BYTES");
+    let answers = env("SLUICE_MAX_BUFFERED_ANSWER_BYTES");
     assert!(
-        limit >= 2 * buffered + (128 << 20),
-        "a memory limit of {limit} bytes cannot hold twice {buffered} buffered bytes and 128 MiB"
+        limit >= 2 * bodies + answers + (128 << 20),
+        "a memory limit of {limit} bytes cannot hold twice {bodies} bytes of bodies, \
+         {answers} of answers and 128 MiB"
     );
 }
 

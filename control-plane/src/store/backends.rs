@@ -93,9 +93,17 @@ impl Store {
             let mut spec = current.spec.clone();
             change(&mut spec)?;
             let spec = spec.validated()?;
+            let holds_a_key = || {
+                tx.query_row(
+                    "SELECT api_key_ciphertext IS NOT NULL AND length(api_key_ciphertext) > 0
+                     FROM backends WHERE id = ?1",
+                    params![id],
+                    |r| r.get::<_, bool>(0),
+                )
+            };
             if api_key.is_none()
-                && !current.api_key_hint.is_empty()
                 && !crate::backend::same_origin(&spec.base_url, &current.spec.base_url)
+                && holds_a_key()?
             {
                 return Err(crate::validation::ValidationError::new(
                     "api_key",

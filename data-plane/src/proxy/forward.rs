@@ -21,7 +21,7 @@ use super::{AppState, Collected};
 use crate::anthropic;
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
-use crate::metrics::{AttemptOutcome, BodyRefusal, CooldownReason, Label, LimitScope, SkipReason};
+use crate::metrics::{AttemptOutcome, CooldownReason, Label, LimitScope, SkipReason};
 use crate::redact::redact_error;
 use crate::request::ParsedRequest;
 use crate::responses::{self, IdRewrite};
@@ -50,7 +50,7 @@ enum Answer {
         /// answer's own map (see [`only_content_type`]).
         headers: HeaderMap,
         body: Bytes,
-        /// The permits of [`AppState::body_memory`] the body holds, until it is sent.
+        /// The permits of [`AppState::answer_memory`] the body holds, until it is sent.
         memory: Option<OwnedSemaphorePermit>,
     },
     Stream {
@@ -84,9 +84,9 @@ enum Failure {
     /// The answer's head came (a status neither 429 nor 5xx), then its body broke, stalled
     /// (`timeout`) or passed the size limit. The provider has generated, and billed, the
     /// answer: it is not asked of another backend (no retry after the first byte).
-    /// The answer came, but the bytes held in memory (request bodies and whole answers)
-    /// reached `--max-buffered-body-bytes` while it was read: 503 `server_busy`, as for a
-    /// request body. Not the backend's failure, and not asked of another (it has answered).
+    /// The answer came, but the whole answers held in memory reached
+    /// `--max-buffered-answer-bytes` while it was read: 503 `server_busy`. Not the backend's
+    /// failure, and not asked of another (it has answered).
     MemoryFull,
     /// This replica is out of file descriptors (`EMFILE`, `ENFILE`): it could not open the
     /// upstream connection. Its own state, not the backend's: 503 `server_busy`, no other
@@ -174,7 +174,7 @@ impl Failure {
             Self::Timeout => "timeout before the first byte".to_owned(),
             Self::Invalid(e) => format!("invalid response: {e}"),
             Self::Cut { detail, .. } => format!("answer cut after its head: {detail}"),
-            Self::MemoryFull => "answer refused: --max-buffered-body-bytes held".to_owned(),
+            Self::MemoryFull => "answer refused: --max-buffered-answer-bytes held".to_owned(),
             Self::OutOfFiles => "this replica is out of file descriptors".to_owned(),
         }
     }
@@ -428,7 +428,7 @@ pub(super) async fn forward_call(
             &policy,
             deadline,
             app.limits.max_response_bytes,
-            &app.body_memory,
+            &app.answer_memory,
         )
         .await;
         let took = sent.elapsed();
@@ -456,10 +456,10 @@ pub(super) async fn forward_call(
                     );
                 }
                 if matches!(failure, Failure::MemoryFull) {
-                    app.metrics.body_refused(BodyRefusal::answer);
+                    app.metrics.answer_refused();
                     tracing::warn!(
                         backend = %backend.name,
-                        "refused an answer: the bodies and answers in memory reached --max-buffered-body-bytes"
+                        "refused an answer: the answers in memory reached --max-buffered-answer-bytes"
                     );
                 }
             }
@@ -723,6 +723,7 @@ async fn attempt(
             policy.idle_stream_timeout,
             deadline,
             None,
+            None,
         )
         .await
         .unwrap_or_default();
@@ -752,6 +753,11 @@ async fn attempt(
             first,
         });
     }
+    let declared = head
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
     let headers = only_content_type(head.headers, content_type);
     let (mut body, memory) = read_body(
         sleeps,
@@ -760,6 +766,7 @@ async fn attempt(
         policy.idle_stream_timeout,
         deadline,
         Some(memory),
+        declared,
     )
     .await
     .map_err(Failure::cut)?;
@@ -781,8 +788,28 @@ async fn attempt(
 /// Whether a 400's body is the provider refusing the backend's own key: Google answers a
 /// revoked, expired or mistyped key with 400 and the reason `API_KEY_INVALID` where others
 /// answer 401. Passed on, the client would be told that its own key is not valid.
+/// The reason is read where Google puts it (`error.details[].reason`, the error alone or in
+/// a list of one), not anywhere in the body: a message quoting what the client sent must not
+/// pass for it.
 fn refuses_the_key(body: &[u8]) -> bool {
-    memchr::memmem::find(body, b"\"API_KEY_INVALID\"").is_some()
+    if memchr::memmem::find(body, b"API_KEY_INVALID").is_none() {
+        return false;
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return false;
+    };
+    let error = match &value {
+        serde_json::Value::Array(errors) => errors.first().and_then(|e| e.get("error")),
+        other => other.get("error"),
+    };
+    error
+        .and_then(|e| e.get("details"))
+        .and_then(serde_json::Value::as_array)
+        .is_some_and(|details| {
+            details.iter().any(|d| {
+                d.get("reason").and_then(serde_json::Value::as_str) == Some("API_KEY_INVALID")
+            })
+        })
 }
 
 /// `headers` emptied but for `content_type` (the first of theirs), the one upstream header an
@@ -805,8 +832,12 @@ async fn read_body(
     idle: Duration,
     deadline: Instant,
     memory: Option<&Arc<Semaphore>>,
+    declared: Option<usize>,
 ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Failure> {
-    let mut collected = Collected::default();
+    if declared.is_some_and(|n| n > max) {
+        return Err(Failure::Invalid(format!("body larger than {max} bytes")));
+    }
+    let mut collected = Collected::expecting(declared.unwrap_or(0));
     let mut held: Option<OwnedSemaphorePermit> = None;
     loop {
         let until = || deadline.min(Instant::now() + idle);
@@ -818,8 +849,11 @@ async fn read_body(
                 if collected.len() + chunk.len() > max {
                     return Err(Failure::Invalid(format!("body larger than {max} bytes")));
                 }
+                let before = collected.held();
+                collected.push(chunk);
+                // What the answer holds, its buffer's capacity: taken as it grows.
                 if let Some(memory) = memory {
-                    let permit = u32::try_from(chunk.len())
+                    let permit = u32::try_from(collected.held().saturating_sub(before))
                         .ok()
                         .and_then(|n| Arc::clone(memory).try_acquire_many_owned(n).ok())
                         .ok_or(Failure::MemoryFull)?;
@@ -828,7 +862,6 @@ async fn read_body(
                         None => held = Some(permit),
                     }
                 }
-                collected.push(chunk);
             }
         }
     }
@@ -965,7 +998,7 @@ async fn deliver(
     }
 }
 
-/// An answer's bytes with the permits of [`AppState::body_memory`] they hold.
+/// An answer's bytes with the permits of [`AppState::answer_memory`] they hold.
 struct Held {
     body: Bytes,
     _memory: OwnedSemaphorePermit,
@@ -1050,4 +1083,26 @@ fn replace_all(body: &[u8], from: &[u8], to: &[u8]) -> Bytes {
     }
     out.extend_from_slice(rest);
     Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Google's refusal of a key, alone or in a list of one, is the key refused; the words
+    /// in a message (which may quote the client's request) are not.
+    #[test]
+    fn a_refused_key_is_read_from_googles_error_details_only() {
+        let refused = r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com"}]}}"#;
+        assert!(refuses_the_key(refused.as_bytes()));
+        assert!(refuses_the_key(format!("[{refused}]").as_bytes()));
+        for not_the_key in [
+            r#"{"error":{"code":400,"message":"Invalid value \"API_KEY_INVALID\" at 'contents'","status":"INVALID_ARGUMENT"}}"#,
+            r#"{"error":{"message":"unknown parameter: \"reason\":\"API_KEY_INVALID\""}}"#,
+            r#"{"error":{"code":400,"details":[{"reason":"BAD_REQUEST"}]}}"#,
+            "API_KEY_INVALID but not JSON",
+        ] {
+            assert!(!refuses_the_key(not_the_key.as_bytes()), "{not_the_key}");
+        }
+    }
 }

@@ -239,10 +239,11 @@ async fn a_client_that_reads_none_of_a_large_answer_is_closed_at_the_write_timeo
 }
 
 /// Whole answers are held in memory until their clients have taken them, and a client can
-/// take its time: they count with request bodies against `--max-buffered-body-bytes`, and an
-/// answer that would pass it gets 503 `server_busy` (the backend is not blamed, nor asked
-/// again). Without that a few clients asking for large answers and reading none of them
-/// (or a batch job's large embeddings) took the replica's memory without bound.
+/// take its time: they count against `--max-buffered-answer-bytes`, and an answer that would
+/// pass it gets 503 `server_busy` (the backend is not blamed, nor asked again, and SDKs are
+/// told not to send it again on their own: it was generated). Without that a few clients
+/// asking for large answers and reading none of them (or a batch job's large embeddings)
+/// took the replica's memory without bound.
 #[tokio::test]
 async fn answers_held_for_clients_that_do_not_read_them_are_bounded_in_memory() {
     let cluster = Cluster::start().await;
@@ -253,7 +254,12 @@ async fn answers_held_for_clients_that_do_not_read_them_are_bounded_in_memory() 
         .await;
     let (_, key) = cluster.create_key("k", &[]).await;
     let proxy = cluster
-        .proxy_with(&["--max-buffered-body-bytes", "20000000"])
+        .proxy_with(&[
+            "--max-response-bytes",
+            "20000000",
+            "--max-buffered-answer-bytes",
+            "20000000",
+        ])
         .await;
 
     // A client that asks and reads nothing: its answer stays in the proxy.
@@ -267,12 +273,23 @@ async fn answers_held_for_clients_that_do_not_read_them_are_bounded_in_memory() 
         body.len()
     );
     unread.write_all(request.as_bytes()).await.unwrap();
+    // Its answer read whole (the attempt is counted once it is), and held.
+    let read = "sluice_upstream_attempts_total{backend=\"a\",outcome=\"ok\"}";
+    for _ in 0..100 {
+        if metric_samples(&proxy.metrics().await).get(read) == Some(&1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric_samples(&proxy.metrics().await).get(read), Some(&1.0));
 
-    // Once it holds its answer, another as large does not fit.
+    // Another as large does not fit.
     let mut refused = None;
     for _ in 0..50 {
         let answer = proxy.chat(&key, "m").await;
         if answer.status() == 503 {
+            assert_eq!(answer.headers()["x-should-retry"], "false");
+            assert!(answer.headers().get("retry-after").is_none());
             refused = Some(answer.json::<serde_json::Value>().await.unwrap());
             break;
         }
@@ -301,7 +318,7 @@ async fn answers_held_for_clients_that_do_not_read_them_are_bounded_in_memory() 
     let samples = metric_samples(&proxy.metrics().await);
     assert!(
         samples
-            .get("sluice_request_bodies_refused_total{reason=\"answer\"}")
+            .get("sluice_answers_refused_total")
             .is_some_and(|n| *n >= 1.0),
         "counted"
     );
