@@ -19,7 +19,7 @@
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -161,6 +161,18 @@ pub struct Holding<B> {
     _held: Option<Held>,
 }
 
+/// The last frame's bytes with the deadline its answer holds.
+struct HeldBytes {
+    bytes: Bytes,
+    _held: Held,
+}
+
+impl AsRef<[u8]> for HeldBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 impl<B> Holding<B> {
     pub fn new(body: B, held: Option<Held>) -> Self {
         Self { body, _held: held }
@@ -175,7 +187,21 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Holding<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        if self._held.is_none() || !self.body.is_end_stream() {
+            return Poll::Ready(frame);
+        }
+        // The last frame: hyper drops the body once it has it, before the client has taken
+        // its bytes (a whole answer is one frame). The hold goes with the bytes, until they
+        // are written.
+        Poll::Ready(frame.map(|frame| {
+            frame.map(|frame| {
+                frame.map_data(|bytes| match self._held.take() {
+                    Some(held) => Bytes::from_owner(HeldBytes { bytes, _held: held }),
+                    None => bytes,
+                })
+            })
+        }))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -664,7 +664,8 @@ impl Shard {
                     Ok::<_, std::convert::Infallible>(hold_deadline(
                         response,
                         arrived,
-                        h2.then_some(write_timeout),
+                        write_timeout,
+                        h2,
                         &store,
                         &deadline,
                     ))
@@ -681,18 +682,25 @@ impl Shard {
     }
 }
 
+/// A whole answer this large holds a deadline on HTTP/1 too (see [`hold_deadline`]).
+const LARGE_ANSWER_BYTES: u64 = 1 << 20;
+
 /// A stream's response holds its request deadline on its connection while it is sent, and
-/// so does a whole answer on HTTP/2 (`h2_write_timeout` is then the write timeout): an h2
-/// client that grants a stream no flow-control window leaves its answer in hyper's buffer
-/// with no write waiting on the socket, which the write timeout alone would never end (a
-/// whole answer, up to `--max-response-bytes`, per stream, 200 streams a connection). A whole
-/// answer gets the later of its request's deadline and the write timeout from its head, so
-/// that one ready near its deadline still has the write timeout's allowance to be read. On
-/// HTTP/1 a whole answer that is not read waits on the socket, and the write timeout ends it.
+/// so does a whole answer on HTTP/2 (`h2`): an h2 client that grants a stream no
+/// flow-control window leaves its answer in hyper's buffer with no write waiting on the
+/// socket, which the write timeout alone would never end (a whole answer, up to
+/// `--max-response-bytes`, per stream, 200 streams a connection). So does a whole answer of
+/// [`LARGE_ANSWER_BYTES`] or more on HTTP/1: it holds `--max-buffered-answer-bytes` until its
+/// client has taken it, and a client that reads a little every minute never lets the write
+/// timeout end it. A whole answer gets the later of its request's deadline and the write
+/// timeout from its head, so that one ready near its deadline still has the write timeout's
+/// allowance to be read. A small whole answer on HTTP/1 that is not read waits on the socket,
+/// and the write timeout ends it.
 fn hold_deadline(
     response: axum::response::Response,
     arrived: tokio::time::Instant,
-    h2_write_timeout: Option<Duration>,
+    write_timeout: Duration,
+    h2: bool,
     store: &SnapshotStore,
     deadline: &ConnectionDeadline,
 ) -> http::Response<deadline::Holding<axum::body::Body>> {
@@ -700,12 +708,14 @@ fn hold_deadline(
         .headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|t| t.as_bytes() == b"text/event-stream");
-    let held = (stream || h2_write_timeout.is_some())
+    let large =
+        !stream && http_body::Body::size_hint(response.body()).lower() >= LARGE_ANSWER_BYTES;
+    let held = (stream || h2 || large)
         .then(|| store.load())
         .flatten()
         .map(|snapshot| {
             let mut until = arrived + snapshot.policy.request_timeout;
-            if let Some(write_timeout) = h2_write_timeout.filter(|_| !stream) {
+            if !stream {
                 until = until.max(tokio::time::Instant::now() + write_timeout);
             }
             deadline.hold(until + deadline::GRACE)

@@ -44,6 +44,24 @@ async fn status_of(tcp: &mut TcpStream) -> String {
         .to_owned()
 }
 
+/// Sets the gateway's `request_timeout` to `seconds`.
+async fn request_timeout_of(cluster: &Cluster, seconds: i64) {
+    cluster
+        .admin()
+        .await
+        .update_settings(pb::UpdateSettingsRequest {
+            settings: Some(pb::Settings {
+                request_timeout: Some(sluice_proto::wkt::Duration { seconds, nanos: 0 }),
+                ..Default::default()
+            }),
+            update_mask: Some(sluice_proto::wkt::FieldMask {
+                paths: vec!["request_timeout".into()],
+            }),
+        })
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn stalled_uploads_are_cut_off_and_cannot_pile_up_memory() {
     let (cluster, _mock, key) = Cluster::with_one_backend().await;
@@ -98,23 +116,7 @@ async fn streams_whose_clients_stop_reading_end_at_the_request_deadline() {
     cluster
         .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
         .await;
-    cluster
-        .admin()
-        .await
-        .update_settings(pb::UpdateSettingsRequest {
-            settings: Some(pb::Settings {
-                request_timeout: Some(sluice_proto::wkt::Duration {
-                    seconds: 3,
-                    nanos: 0,
-                }),
-                ..Default::default()
-            }),
-            update_mask: Some(sluice_proto::wkt::FieldMask {
-                paths: vec!["request_timeout".into()],
-            }),
-        })
-        .await
-        .unwrap();
+    request_timeout_of(&cluster, 3).await;
     let (_, key) = cluster.create_key("k", &[]).await;
     let proxy = cluster.proxy().await;
     // The proxy holds the setting once a snapshot after the update arrived.
@@ -321,5 +323,77 @@ async fn answers_held_for_clients_that_do_not_read_them_are_bounded_in_memory() 
             .get("sluice_answers_refused_total")
             .is_some_and(|n| *n >= 1.0),
         "counted"
+    );
+}
+
+/// A large whole answer holds `--max-buffered-answer-bytes` until its client has taken it.
+/// A client that reads steadily but slowly never lets the write timeout end it, so on HTTP/1
+/// too a large answer holds its request's deadline (or the write timeout from its head, the
+/// later) on the connection: past it the connection is closed and the memory given back,
+/// for the next large answer.
+#[tokio::test]
+async fn a_large_answer_read_slowly_lets_go_of_its_memory_at_its_deadline() {
+    let cluster = Cluster::start().await;
+    // About 15 MB an answer.
+    let mock = Mock::start_with("a", &["m"], &["--chunk-count", "1500000"]).await;
+    cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    request_timeout_of(&cluster, 3).await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster
+        .proxy_with(&[
+            "--write-timeout",
+            "5s",
+            "--max-response-bytes",
+            "20000000",
+            "--max-buffered-answer-bytes",
+            "20000000",
+        ])
+        .await;
+
+    let started = tokio::time::Instant::now();
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    slow.write_all(request.as_bytes()).await.unwrap();
+    // 64 KB every 100 ms, the whole answer in about 25 s: often enough for the write
+    // timeout to see progress.
+    let reader = tokio::spawn(async move {
+        let mut chunk = vec![0; 65_536];
+        let mut taken = 0;
+        loop {
+            match slow.read(&mut chunk).await {
+                Ok(0) | Err(_) => return taken,
+                Ok(n) => taken += n,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    // Another answer as large fits once the slow one's memory is back.
+    let served_again = loop {
+        let answer = proxy.chat(&key, "m").await;
+        if answer.status() == 200 {
+            break started.elapsed();
+        }
+        assert_eq!(answer.status(), 503);
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the slow reader's answer held its memory for a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(
+        served_again < Duration::from_secs(15),
+        "served again only after {served_again:?}: its deadline is 3 s, the write timeout 5 s"
+    );
+    let taken = reader.await.unwrap();
+    assert!(
+        taken < 15_000_000,
+        "read whole ({taken} bytes): the test proves nothing"
     );
 }
