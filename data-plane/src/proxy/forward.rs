@@ -753,11 +753,10 @@ async fn attempt(
             first,
         });
     }
-    let declared = head
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    // The declared `content-length`, as hyper read it (no second look at the headers).
+    let declared = http_body::Body::size_hint(&upstream)
+        .exact()
+        .and_then(|n| usize::try_from(n).ok());
     let headers = only_content_type(head.headers, content_type);
     let (mut body, memory) = read_body(
         sleeps,
@@ -839,6 +838,7 @@ async fn read_body(
     }
     let mut collected = Collected::expecting(declared.unwrap_or(0));
     let mut held: Option<OwnedSemaphorePermit> = None;
+    let mut counted = 0;
     loop {
         let until = || deadline.min(Instant::now() + idle);
         match within(sleeps, until, upstream::next_chunk(&mut upstream)).await {
@@ -849,14 +849,19 @@ async fn read_body(
                 if collected.len() + chunk.len() > max {
                     return Err(Failure::Invalid(format!("body larger than {max} bytes")));
                 }
-                let before = collected.held();
                 collected.push(chunk);
-                // What the answer holds, its buffer's capacity: taken as it grows.
-                if let Some(memory) = memory {
-                    let permit = u32::try_from(collected.held().saturating_sub(before))
+                // What the answer holds, its buffer's capacity, taken as it grows past
+                // SMALL_ANSWER_BYTES (all of it then).
+                let holds = collected.held();
+                if let Some(memory) = memory
+                    && holds > SMALL_ANSWER_BYTES
+                    && holds > counted
+                {
+                    let permit = u32::try_from(holds - counted)
                         .ok()
                         .and_then(|n| Arc::clone(memory).try_acquire_many_owned(n).ok())
                         .ok_or(Failure::MemoryFull)?;
+                    counted = holds;
                     match &mut held {
                         Some(held) => held.merge(permit),
                         None => held = Some(permit),
@@ -997,6 +1002,11 @@ async fn deliver(
         }
     }
 }
+
+/// Whole answers this small take no permits of [`AppState::answer_memory`]: bounded by the
+/// connections that may hold one, their count is not worth a semaphore and an allocation at
+/// every request.
+const SMALL_ANSWER_BYTES: usize = 64 * 1024;
 
 /// An answer's bytes with the permits of [`AppState::answer_memory`] they hold.
 struct Held {
