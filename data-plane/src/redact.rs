@@ -15,25 +15,31 @@ pub const REDACTED: &[u8] = b"[REDACTED]";
 /// quote a key cut short); a key this short or shorter is removed only whole.
 const RUN: usize = 12;
 
-/// `body` with every occurrence of `key`, of `key` with `/` written `\/` (as some JSON
-/// encoders do), and of any run of [`RUN`] or more of its characters replaced by
-/// [`REDACTED`]; `body` itself, uncopied, when there is none. Linear in the body's length.
+/// `body` with every occurrence of `key`, and of any run of [`RUN`] or more of its characters,
+/// replaced by [`REDACTED`]: as it is, and as JSON encoders write it (`/` as `\/`; `+` and
+/// `/` as `\u002B` and `\u002F`, in either case), so a key quoted cut short and escaped is
+/// found too. `body` itself, uncopied, when there is none. Linear in the body's length.
 pub fn redact(body: Bytes, key: &[u8]) -> Bytes {
     if key.is_empty() || body.is_empty() {
         return body;
     }
-    // Patterns: the key, its escaped form, then each run of RUN bytes (pattern i + 2 starts
-    // at byte i of the key). Leftmost-longest: where the whole key starts, it wins.
-    let mut escaped = Vec::with_capacity(key.len() + 8);
-    for &b in key {
-        if b == b'/' {
-            escaped.push(b'\\');
-        }
-        escaped.push(b);
+    // Each form of the key, and the patterns: a whole form, then each run of RUN bytes of it
+    // (a quoted key cut short). Leftmost-longest: where a whole form starts, it wins.
+    let forms = written_forms(key);
+    let mut patterns: Vec<&[u8]> = Vec::new();
+    // Per pattern: its form, and where a run starts in it (`None`: the whole form).
+    let mut origin: Vec<(usize, Option<usize>)> = Vec::new();
+    for (i, form) in forms.iter().enumerate() {
+        patterns.push(form);
+        origin.push((i, None));
     }
-    let mut patterns: Vec<&[u8]> = vec![key, &escaped];
-    if key.len() > RUN {
-        patterns.extend(key.windows(RUN));
+    for (i, form) in forms.iter().enumerate() {
+        if form.len() > RUN {
+            for (start, run) in form.windows(RUN).enumerate() {
+                patterns.push(run);
+                origin.push((i, Some(start)));
+            }
+        }
     }
     let Ok(matcher) = AhoCorasick::builder()
         .match_kind(MatchKind::LeftmostLongest)
@@ -46,9 +52,9 @@ pub fn redact(body: Bytes, key: &[u8]) -> Bytes {
     let mut copied = 0;
     while let Some(found) = matcher.find(Input::new(&body[..]).range(copied..)) {
         let mut end = found.end();
-        if let Some(start) = found.pattern().as_usize().checked_sub(2) {
-            // A run: it may go on beyond RUN bytes.
-            end += key[start + RUN..]
+        if let (form, Some(start)) = origin[found.pattern().as_usize()] {
+            // A run: it may go on beyond RUN bytes, in its form.
+            end += forms[form][start + RUN..]
                 .iter()
                 .zip(&body[end..])
                 .take_while(|(a, b)| a == b)
@@ -66,6 +72,41 @@ pub fn redact(body: Bytes, key: &[u8]) -> Bytes {
             out.freeze()
         }
     }
+}
+
+/// `key` as it is and as JSON encoders may write it: `/` as `\/` (PHP and others), `+` and
+/// `/` as `\u002B` and `\u002F` (.NET's default encoder escapes `+`), upper or lower case.
+/// Only the forms that differ from the key.
+fn written_forms(key: &[u8]) -> Vec<Vec<u8>> {
+    let escaped = |replace: &dyn Fn(u8) -> Option<&'static [u8]>| {
+        let mut form = Vec::with_capacity(key.len() + 16);
+        for &b in key {
+            match replace(b) {
+                Some(escape) => form.extend_from_slice(escape),
+                None => form.push(b),
+            }
+        }
+        form
+    };
+    let mut forms = vec![key.to_vec()];
+    for form in [
+        escaped(&|b| (b == b'/').then_some(&b"\\/"[..])),
+        escaped(&|b| match b {
+            b'/' => Some(&b"\\u002F"[..]),
+            b'+' => Some(&b"\\u002B"[..]),
+            _ => None,
+        }),
+        escaped(&|b| match b {
+            b'/' => Some(&b"\\u002f"[..]),
+            b'+' => Some(&b"\\u002b"[..]),
+            _ => None,
+        }),
+    ] {
+        if !forms.contains(&form) {
+            forms.push(form);
+        }
+    }
+    forms
 }
 
 /// An upstream's error body as a client may see it: without the backend's `key`
@@ -225,6 +266,28 @@ mod tests {
             "x [REDACTED] y"
         );
         assert_eq!(redacted("short key ab", b"ab"), "short key [REDACTED]");
+        // Cut short and escaped, as a JSON encoder writes `/` (PHP) or `+` (.NET).
+        assert_eq!(
+            redacted(
+                r#"{"m":"sk-ab\/cd\/ef\/gh\/ij"}"#,
+                b"sk-ab/cd/ef/gh/ij/kl/mn/op/qr"
+            ),
+            r#"{"m":"[REDACTED]"}"#
+        );
+        assert_eq!(
+            redacted(
+                r#"{"m":"key ABSKab\u002Bcd\u002Bef\u002Bgh..."}"#,
+                b"ABSKab+cd+ef+gh+ij+kl+mn"
+            ),
+            r#"{"m":"key [REDACTED]..."}"#
+        );
+        assert_eq!(
+            redacted(
+                r#"{"m":"ABSKab\u002fcd\u002fef\u002fgh\u002fij"}"#,
+                b"ABSKab/cd/ef/gh/ij"
+            ),
+            r#"{"m":"[REDACTED]"}"#
+        );
         // Nothing to remove: the same bytes, not a copy.
         let body = Bytes::from_static(b"{\"error\":{\"message\":\"overloaded\"}}");
         let same = redact(body.clone(), KEY);
