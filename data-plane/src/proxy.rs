@@ -4,7 +4,7 @@
 
 mod accounting;
 mod estimate;
-mod forward;
+pub(crate) mod forward;
 mod kept_sleeps;
 mod relay;
 mod request_log;

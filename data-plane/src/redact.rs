@@ -52,13 +52,26 @@ pub fn redact(body: Bytes, key: &[u8]) -> Bytes {
     let mut copied = 0;
     while let Some(found) = matcher.find(Input::new(&body[..]).range(copied..)) {
         let mut end = found.end();
-        if let (form, Some(start)) = origin[found.pattern().as_usize()] {
-            // A run: it may go on beyond RUN bytes, in its form.
-            end += forms[form][start + RUN..]
+        if origin[found.pattern().as_usize()].1.is_some() {
+            // A run: it may go on beyond RUN bytes, in any form that has it (a run before
+            // the first escaped character is in all of them): the longest.
+            let run = &body[found.start()..found.end()];
+            end += forms
                 .iter()
-                .zip(&body[end..])
-                .take_while(|(a, b)| a == b)
-                .count();
+                .flat_map(|form| {
+                    form.windows(RUN)
+                        .enumerate()
+                        .filter(move |(_, w)| *w == run)
+                        .map(move |(start, _)| &form[start + RUN..])
+                })
+                .map(|rest| {
+                    rest.iter()
+                        .zip(&body[end..])
+                        .take_while(|(a, b)| a == b)
+                        .count()
+                })
+                .max()
+                .unwrap_or(0);
         }
         let out = out.get_or_insert_with(|| BytesMut::with_capacity(body.len()));
         out.extend_from_slice(&body[copied..found.start()]);
@@ -266,6 +279,14 @@ mod tests {
             "x [REDACTED] y"
         );
         assert_eq!(redacted("short key ab", b"ab"), "short key [REDACTED]");
+        // No escaped character in its first run: the run goes on in the escaped form.
+        assert_eq!(
+            redacted(
+                r#"{"m":"ABSKabcdefghijkl\/mnop\/qrst"}"#,
+                b"ABSKabcdefghijkl/mnop/qrst/uvwx"
+            ),
+            r#"{"m":"[REDACTED]"}"#
+        );
         // Cut short and escaped, as a JSON encoder writes `/` (PHP) or `+` (.NET).
         assert_eq!(
             redacted(

@@ -141,6 +141,13 @@ impl Proxy {
                 largest: config.max_response_bytes,
             });
         }
+        if config.max_buffered_answer_bytes < config.max_response_bytes.saturating_mul(2) {
+            // An answer of undeclared length is read into a buffer that doubles as it grows.
+            tracing::warn!(
+                "--max-buffered-answer-bytes is less than twice --max-response-bytes: an answer \
+                 over half the largest that declares no length is refused even on an idle replica"
+            );
+        }
         let token = config
             .token()
             .map_err(RunError::TokenFile)?
@@ -682,15 +689,16 @@ impl Shard {
     }
 }
 
-/// A whole answer this large holds a deadline on HTTP/1 too (see [`hold_deadline`]).
-const LARGE_ANSWER_BYTES: u64 = 1 << 20;
+/// A whole answer larger than this holds a deadline on HTTP/1 too (see [`hold_deadline`]):
+/// the answers that take permits of `--max-buffered-answer-bytes`.
+const LARGE_ANSWER_BYTES: u64 = proxy::forward::SMALL_ANSWER_BYTES as u64;
 
 /// A stream's response holds its request deadline on its connection while it is sent, and
 /// so does a whole answer on HTTP/2 (`h2`): an h2 client that grants a stream no
 /// flow-control window leaves its answer in hyper's buffer with no write waiting on the
 /// socket, which the write timeout alone would never end (a whole answer, up to
-/// `--max-response-bytes`, per stream, 200 streams a connection). So does a whole answer of
-/// [`LARGE_ANSWER_BYTES`] or more on HTTP/1: it holds `--max-buffered-answer-bytes` until its
+/// `--max-response-bytes`, per stream, 200 streams a connection). So does a whole answer over
+/// [`LARGE_ANSWER_BYTES`] on HTTP/1: it holds `--max-buffered-answer-bytes` until its
 /// client has taken it, and a client that reads a little every minute never lets the write
 /// timeout end it. A whole answer gets the later of its request's deadline and the write
 /// timeout from its head, so that one ready near its deadline still has the write timeout's
@@ -708,8 +716,7 @@ fn hold_deadline(
         .headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|t| t.as_bytes() == b"text/event-stream");
-    let large =
-        !stream && http_body::Body::size_hint(response.body()).lower() >= LARGE_ANSWER_BYTES;
+    let large = !stream && http_body::Body::size_hint(response.body()).lower() > LARGE_ANSWER_BYTES;
     let held = (stream || h2 || large)
         .then(|| store.load())
         .flatten()

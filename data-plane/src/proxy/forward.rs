@@ -1003,10 +1003,10 @@ async fn deliver(
     }
 }
 
-/// Whole answers this small take no permits of [`AppState::answer_memory`]: bounded by the
-/// connections that may hold one, their count is not worth a semaphore and an allocation at
-/// every request.
-const SMALL_ANSWER_BYTES: usize = 64 * 1024;
+/// Whole answers this small take no permits of [`AppState::answer_memory`]: a semaphore and
+/// an allocation at every request cost more than 1 % of its instructions. (Nor do they hold a
+/// deadline on HTTP/1: see `server::hold_deadline`, which takes this bound.)
+pub(crate) const SMALL_ANSWER_BYTES: usize = 64 * 1024;
 
 /// An answer's bytes with the permits of [`AppState::answer_memory`] they hold.
 struct Held {
