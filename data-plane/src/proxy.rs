@@ -295,6 +295,7 @@ async fn serve_as(
                     arrived,
                 );
                 acct.expose_backend(snapshot.policy.expose_backend_header);
+                acct.multiplexed(request.version() == http::Version::HTTP_2);
                 match target {
                     None => authorized(&app, &snapshot, key, endpoint, request, acct).await,
                     Some(target) => stored::call(&app, &snapshot, key, target, acct).await,

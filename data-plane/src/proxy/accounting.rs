@@ -66,6 +66,9 @@ struct Ledger {
     prices: Prices,
     /// Whether `decorate` names the backend.
     expose_backend: bool,
+    /// The request came on HTTP/2, whose connections carry many at once: its whole answer
+    /// counts against the answers' memory whatever its size (see `forward::SMALL_ANSWER_BYTES`).
+    multiplexed: bool,
     /// The requested model's name as the snapshot holds it, if a route serves it (only then
     /// may it be a metric label).
     model_label: Option<Arc<str>>,
@@ -132,6 +135,7 @@ impl Accounting {
             backend_name: None,
             prices: Prices::default(),
             expose_backend: false,
+            multiplexed: false,
             model_label: None,
             upstream_wait: Duration::ZERO,
             stream_sent: None,
@@ -309,6 +313,15 @@ impl Accounting {
     /// `expose_backend_header`, off by default).
     pub fn expose_backend(&mut self, expose: bool) {
         self.0.expose_backend = expose;
+    }
+
+    /// The request came on a connection that carries many at once (HTTP/2).
+    pub fn multiplexed(&mut self, multiplexed: bool) {
+        self.0.multiplexed = multiplexed;
+    }
+
+    pub fn is_multiplexed(&self) -> bool {
+        self.0.multiplexed
     }
 
     /// `x-sluice-attempts`, and `x-sluice-backend` if exposed, for the response.

@@ -429,6 +429,12 @@ pub(super) async fn forward_call(
             deadline,
             app.limits.max_response_bytes,
             &app.answer_memory,
+            // An h2 connection carries up to 200 requests: their small answers count too.
+            if acct.is_multiplexed() {
+                0
+            } else {
+                SMALL_ANSWER_BYTES
+            },
         )
         .await;
         let took = sent.elapsed();
@@ -661,6 +667,7 @@ async fn attempt(
     deadline: Instant,
     max_response: usize,
     memory: &Arc<Semaphore>,
+    uncounted: usize,
 ) -> Result<Answer, Failure> {
     let has_body = method == Method::POST;
     let mut request = Request::new(body);
@@ -764,7 +771,7 @@ async fn attempt(
         max_response,
         policy.idle_stream_timeout,
         deadline,
-        Some(memory),
+        Some((memory, uncounted)),
         declared,
     )
     .await
@@ -830,7 +837,7 @@ async fn read_body(
     max: usize,
     idle: Duration,
     deadline: Instant,
-    memory: Option<&Arc<Semaphore>>,
+    memory: Option<(&Arc<Semaphore>, usize)>,
     declared: Option<usize>,
 ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Failure> {
     if declared.is_some_and(|n| n > max) {
@@ -851,10 +858,10 @@ async fn read_body(
                 }
                 collected.push(chunk);
                 // What the answer holds, its buffer's capacity, taken as it grows past
-                // SMALL_ANSWER_BYTES (all of it then).
+                // what goes uncounted (all of it then).
                 let holds = collected.held();
-                if let Some(memory) = memory
-                    && holds > SMALL_ANSWER_BYTES
+                if let Some((memory, uncounted)) = memory
+                    && holds > uncounted
                     && holds > counted
                 {
                     let permit = u32::try_from(holds - counted)
@@ -1003,9 +1010,11 @@ async fn deliver(
     }
 }
 
-/// Whole answers this small take no permits of [`AppState::answer_memory`]: a semaphore and
-/// an allocation at every request cost more than 1 % of its instructions. (Nor do they hold a
-/// deadline on HTTP/1: see `server::hold_deadline`, which takes this bound.)
+/// Whole answers this small take no permits of [`AppState::answer_memory`] on HTTP/1: a
+/// semaphore and an allocation at every request cost more than 1 % of its instructions, and
+/// the connection limit bounds them (one at a time each). On HTTP/2, where a connection
+/// carries up to 200 requests, every answer counts. (Nor do they hold a deadline on HTTP/1:
+/// see `server::hold_deadline`, which takes this bound.)
 pub(crate) const SMALL_ANSWER_BYTES: usize = 64 * 1024;
 
 /// An answer's bytes with the permits of [`AppState::answer_memory`] they hold.

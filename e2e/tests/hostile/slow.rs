@@ -240,6 +240,35 @@ async fn a_client_that_reads_none_of_a_large_answer_is_closed_at_the_write_timeo
     .await;
 }
 
+/// A gateway whose one backend answers `chunks` words a completion (about 10 bytes each),
+/// with `request_timeout` in seconds if given, a key for it, and a proxy holding at most
+/// `answers` bytes of answers (the largest answer the same).
+async fn answering(
+    chunks: &str,
+    request_timeout: Option<i64>,
+    answers: &str,
+    more: &[&str],
+) -> (Cluster, Mock, String, crate::common::Proxy) {
+    let cluster = Cluster::start().await;
+    let mock = Mock::start_with("a", &["m"], &["--chunk-count", chunks]).await;
+    cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    if let Some(seconds) = request_timeout {
+        request_timeout_of(&cluster, seconds).await;
+    }
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let mut flags = vec![
+        "--max-response-bytes",
+        answers,
+        "--max-buffered-answer-bytes",
+        answers,
+    ];
+    flags.extend_from_slice(more);
+    let proxy = cluster.proxy_with(&flags).await;
+    (cluster, mock, key, proxy)
+}
+
 /// Whole answers are held in memory until their clients have taken them, and a client can
 /// take its time: they count against `--max-buffered-answer-bytes`, and an answer that would
 /// pass it gets 503 `server_busy` (the backend is not blamed, nor asked again, and SDKs are
@@ -248,21 +277,8 @@ async fn a_client_that_reads_none_of_a_large_answer_is_closed_at_the_write_timeo
 /// took the replica's memory without bound.
 #[tokio::test]
 async fn answers_held_for_clients_that_do_not_read_them_are_bounded_in_memory() {
-    let cluster = Cluster::start().await;
     // About 15 MB an answer.
-    let mock = Mock::start_with("a", &["m"], &["--chunk-count", "1500000"]).await;
-    cluster
-        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
-        .await;
-    let (_, key) = cluster.create_key("k", &[]).await;
-    let proxy = cluster
-        .proxy_with(&[
-            "--max-response-bytes",
-            "20000000",
-            "--max-buffered-answer-bytes",
-            "20000000",
-        ])
-        .await;
+    let (_cluster, _mock, key, proxy) = answering("1500000", None, "20000000", &[]).await;
 
     // A client that asks and reads nothing: its answer stays in the proxy.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -333,24 +349,9 @@ async fn answers_held_for_clients_that_do_not_read_them_are_bounded_in_memory() 
 /// for the next large answer.
 #[tokio::test]
 async fn a_large_answer_read_slowly_lets_go_of_its_memory_at_its_deadline() {
-    let cluster = Cluster::start().await;
     // About 15 MB an answer.
-    let mock = Mock::start_with("a", &["m"], &["--chunk-count", "1500000"]).await;
-    cluster
-        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
-        .await;
-    request_timeout_of(&cluster, 3).await;
-    let (_, key) = cluster.create_key("k", &[]).await;
-    let proxy = cluster
-        .proxy_with(&[
-            "--write-timeout",
-            "5s",
-            "--max-response-bytes",
-            "20000000",
-            "--max-buffered-answer-bytes",
-            "20000000",
-        ])
-        .await;
+    let (_cluster, _mock, key, proxy) =
+        answering("1500000", Some(3), "20000000", &["--write-timeout", "5s"]).await;
 
     let started = tokio::time::Instant::now();
     let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
@@ -396,4 +397,54 @@ async fn a_large_answer_read_slowly_lets_go_of_its_memory_at_its_deadline() {
         taken < 15_000_000,
         "read whole ({taken} bytes): the test proves nothing"
     );
+}
+
+/// On HTTP/2 one connection carries up to 200 requests, and a client that grants them no
+/// flow-control window holds every answer in the proxy until its deadline: there, small
+/// answers (which HTTP/1's connection limit bounds, one at a time each) count against
+/// `--max-buffered-answer-bytes` too, and past it get 503 `server_busy`.
+#[tokio::test]
+async fn small_answers_on_h2_connections_that_read_nothing_are_bounded_too() {
+    // About 45 KB an answer: under the 64 KiB an HTTP/1 answer needs to be counted.
+    let (_cluster, _mock, key, proxy) = answering("6000", None, "1000000", &[]).await;
+
+    // An h2c client that gives its streams no window: no answer's body can be sent.
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut send, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let body =
+        bytes::Bytes::from_static(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#);
+    let mut heads = Vec::new();
+    for _ in 0..60 {
+        send = send.ready().await.unwrap();
+        let request = http::Request::post(format!("http://{}/v1/chat/completions", proxy.addr))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap();
+        let (answer, mut stream) = send.send_request(request, false).unwrap();
+        stream.send_data(body.clone(), true).unwrap();
+        heads.push(answer);
+    }
+    let mut statuses = Vec::new();
+    for head in heads {
+        let head = tokio::time::timeout(Duration::from_secs(30), head)
+            .await
+            .expect("a head within 30 s")
+            .unwrap();
+        statuses.push(head.status().as_u16());
+    }
+    let busy = statuses.iter().filter(|s| **s == 503).count();
+    // 60 answers of about 45 KB held at once: about 2.7 MB against 1 MB.
+    assert!(busy > 0, "every answer held: {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    // An HTTP/1 client is served alongside.
+    assert_eq!(proxy.chat(&key, "m").await.status(), 200);
 }
