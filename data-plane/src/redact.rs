@@ -26,20 +26,11 @@ pub fn redact(body: Bytes, key: &[u8]) -> Bytes {
     // Each form of the key, and the patterns: a whole form, then each run of RUN bytes of it
     // (a quoted key cut short). Leftmost-longest: where a whole form starts, it wins.
     let forms = written_forms(key);
-    let mut patterns: Vec<&[u8]> = Vec::new();
-    // Per pattern: its form, and where a run starts in it (`None`: the whole form).
-    let mut origin: Vec<(usize, Option<usize>)> = Vec::new();
-    for (i, form) in forms.iter().enumerate() {
-        patterns.push(form);
-        origin.push((i, None));
-    }
-    for (i, form) in forms.iter().enumerate() {
-        if form.len() > RUN {
-            for (start, run) in form.windows(RUN).enumerate() {
-                patterns.push(run);
-                origin.push((i, Some(start)));
-            }
-        }
+    // The whole forms first: patterns from `whole` on are runs.
+    let mut patterns: Vec<&[u8]> = forms.iter().map(Vec::as_slice).collect();
+    let whole = patterns.len();
+    for form in forms.iter().filter(|form| form.len() > RUN) {
+        patterns.extend(form.windows(RUN));
     }
     let Ok(matcher) = AhoCorasick::builder()
         .match_kind(MatchKind::LeftmostLongest)
@@ -52,7 +43,7 @@ pub fn redact(body: Bytes, key: &[u8]) -> Bytes {
     let mut copied = 0;
     while let Some(found) = matcher.find(Input::new(&body[..]).range(copied..)) {
         let mut end = found.end();
-        if origin[found.pattern().as_usize()].1.is_some() {
+        if found.pattern().as_usize() >= whole {
             // A run: it may go on beyond RUN bytes, in any form that has it (a run before
             // the first escaped character is in all of them): the longest.
             let run = &body[found.start()..found.end()];
