@@ -9,6 +9,9 @@ use crate::logging::LogFormat;
 /// The default for `--max-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
+/// The default for `--drain-delay` (the flag's `default_value` says the same).
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(2);
+
 /// A secret string whose `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub String);
@@ -110,6 +113,12 @@ pub struct Config {
     /// 30s, 2m). Give the orchestrator's grace period a little more.
     #[arg(long, env = "SLUICE_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long to keep serving as a lame duck before the drain: /readyz
+    /// answers 503 so that load balancers stop sending, and each HTTP/1 answer carries
+    /// `Connection: close` so that clients retire their keep-alive connections instead of
+    /// having them closed under a request they are sending. 0s skips it.
+    #[arg(long, env = "SLUICE_DRAIN_DELAY", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub drain_delay: Duration,
     /// After draining, how long to wait for the control plane to ack the last usage.
     #[arg(long, env = "SLUICE_USAGE_FLUSH_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub usage_flush_timeout: Duration,
@@ -205,6 +214,7 @@ impl Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             usage_queue: crate::usage::DEFAULT_CAPACITY,
             drain_timeout: Duration::from_secs(30),
+            drain_delay: DEFAULT_DRAIN_DELAY,
             usage_flush_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,
             log_buffer_lines: crate::logging::DEFAULT_BUFFER_LINES,
@@ -298,6 +308,11 @@ mod tests {
         .unwrap();
         assert_eq!(config.node_id.as_deref(), Some("dp-1"));
         assert_eq!(config.drain_timeout, Duration::from_secs(5));
+        assert_eq!(config.drain_delay, DEFAULT_DRAIN_DELAY);
+        assert_eq!(
+            Config::new("http://127.0.0.1:1", "127.0.0.1:0".parse().unwrap()).drain_delay,
+            DEFAULT_DRAIN_DELAY
+        );
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.max_body_bytes, 16 * 1024 * 1024);
         assert_eq!(config.token().unwrap().as_deref(), Some("tok-very-secret"));

@@ -35,6 +35,7 @@ pub mod server;
 pub mod snapshot;
 pub mod spool;
 pub mod sse;
+pub mod stopping;
 pub mod subscribe;
 #[cfg(test)]
 mod testing;

@@ -42,6 +42,7 @@ use crate::metrics::{BodyRefusal, BudgetRefusal, Label, LimitScope, Metrics};
 use crate::request;
 use crate::snapshot::{ApiFormat, ClientKey, Endpoint, Snapshot, SnapshotStore};
 use crate::spool::{Lane, Spool};
+use crate::stopping::Stopping;
 use crate::usage::UsageSink;
 use accounting::Accounting;
 
@@ -95,6 +96,8 @@ pub struct AppState {
     pub allowances: Arc<Allowances>,
     /// This serving thread's sleeps for the upstream calls' timeouts.
     pub sleeps: KeptSleeps,
+    /// What this serving thread's requests see of the process stopping.
+    pub stopping: Arc<Stopping>,
 }
 
 /// The endpoints that proxy a request's body: `POST` to `/v1` and the endpoint's
@@ -778,6 +781,13 @@ async fn healthz() -> &'static str {
 /// body says so instead (the reason's detail, which may name backends, stays in the log and in
 /// `sluicectl dataplane list`).
 async fn readyz(State(app): State<Arc<AppState>>) -> Response {
+    if app.stopping.lame_duck() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n",
+        )
+            .into_response();
+    }
     match app.store.load() {
         Some(snapshot) => {
             let mut body = format!("ready: snapshot version {}\n", snapshot.version);

@@ -39,6 +39,7 @@ use crate::metrics::{Held, Metrics};
 use crate::proxy::{self, AppState, Limits};
 use crate::snapshot::{Refusal, SnapshotStore};
 use crate::spool::{Spool, SpoolError};
+use crate::stopping::Stopping;
 use crate::subscribe;
 use crate::usage::{UsageReporter, UsageSink};
 
@@ -316,7 +317,10 @@ impl Proxy {
             config.max_buffered_answer_bytes.min(Semaphore::MAX_PERMITS),
         ));
         let mut shards = Vec::with_capacity(threads);
+        let mut stoppings = Vec::with_capacity(threads);
         for pool in 0..threads {
+            let stopping = Arc::new(Stopping::default());
+            stoppings.push(Arc::clone(&stopping));
             let (deal, dealt) = mpsc::channel(DEALT_QUEUE);
             let app = Arc::new(AppState {
                 store: Arc::clone(&store),
@@ -335,6 +339,7 @@ impl Proxy {
                 pool,
                 allowances: Arc::clone(&allowances),
                 sleeps: proxy::KeptSleeps::default(),
+                stopping: Arc::clone(&stopping),
             });
             let shard = Shard {
                 connections: Dealt { dealt },
@@ -345,7 +350,7 @@ impl Proxy {
                     metrics.write_timeouts(),
                 ),
                 write_timeout: config.write_timeout,
-                draining: draining.clone(),
+                stopping: Arc::clone(&stopping),
                 drain_timeout: config.drain_timeout,
             };
             if let Err(e) = shard.spawn(pool, done.clone()) {
@@ -364,14 +369,27 @@ impl Proxy {
             metrics.connections_refused(),
         );
         let acceptor = tokio::spawn(deal_connections(listener, shards, draining.clone()));
-        let mut served = tokio::select! {
+        let (signalled, mut served) = tokio::select! {
             // A serving thread only stops on its own when it failed.
-            result = finished.recv() => result.unwrap_or(Ok(())),
-            () = shutdown => {
-                tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: draining in-flight requests");
-                Ok(())
-            }
+            result = finished.recv() => (false, result.unwrap_or(Ok(()))),
+            () = shutdown => (true, Ok(())),
         };
+        for stopping in &stoppings {
+            stopping.start_lame_duck();
+        }
+        if signalled && !config.drain_delay.is_zero() {
+            tracing::info!(
+                drain_delay = ?config.drain_delay,
+                "shutting down: still serving, /readyz answers 503 and HTTP/1 answers close their connections"
+            );
+            tokio::select! {
+                result = finished.recv() => served = result.unwrap_or(Ok(())),
+                () = tokio::time::sleep(config.drain_delay) => {}
+            }
+        }
+        if served.is_ok() {
+            tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: draining in-flight requests");
+        }
         draining.cancel();
         let _ = acceptor.await;
         while let Some(result) = finished.recv().await {
@@ -438,8 +456,8 @@ fn on_a_thread_of_its_own(
 const DEALT_QUEUE: usize = 1024;
 
 /// Accepts connections (up to the connection limit) and deals each to the serving thread
-/// holding the fewest (the next one in turn among equals) until `draining`; then the listener
-/// closes.
+/// holding the fewest (the next one in turn among equals) until `draining`; then deals those
+/// already in the kernel's accept queue, and the listener closes (see [`Acceptor::close`]).
 async fn deal_connections(
     listener: Acceptor,
     shards: Vec<ShardInbox>,
@@ -449,13 +467,8 @@ async fn deal_connections(
     loop {
         let (tcp, _peer, slot) = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = draining.cancelled() => return,
+            () = draining.cancelled() => break,
         };
-        // Without TCP_NODELAY the first SSE event waits behind the response head for the
-        // client's delayed ACK (up to 40 ms on Linux): the TTFT tail the benchmark showed.
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %err, "TCP_NODELAY not set");
-        }
         // A tokio stream belongs to the runtime that registered it: hand the socket over
         // and let the serving thread register it with its own.
         let tcp = match tcp.into_std() {
@@ -465,16 +478,40 @@ async fn deal_connections(
                 continue;
             }
         };
-        let Some(shard) = least_loaded(&shards, next) else {
-            return;
-        };
-        next = next.wrapping_add(1);
-        let open = Held::new(shard.open.clone());
-        if shard.deal.send((tcp, open, slot)).await.is_err() {
-            // That thread stopped (it failed); `serve` is shutting down.
+        if !deal(&shards, &mut next, tcp, slot).await {
             return;
         }
     }
+    for (tcp, _peer, slot) in listener.close() {
+        if let Err(e) = tcp.set_nonblocking(true) {
+            tracing::debug!(error = %e, "dropped an accepted connection");
+            continue;
+        }
+        if !deal(&shards, &mut next, tcp, slot).await {
+            return;
+        }
+    }
+}
+
+/// Hands `tcp` to the serving thread holding the fewest connections, from `next` on; `false`
+/// when that thread stopped (it failed: `serve` is shutting down).
+async fn deal(
+    shards: &[ShardInbox],
+    next: &mut usize,
+    tcp: std::net::TcpStream,
+    slot: Slot,
+) -> bool {
+    // Without TCP_NODELAY the first SSE event waits behind the response head for the
+    // client's delayed ACK (up to 40 ms on Linux): the TTFT tail the benchmark showed.
+    if let Err(err) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %err, "TCP_NODELAY not set");
+    }
+    let Some(shard) = least_loaded(shards, *next) else {
+        return false;
+    };
+    *next = next.wrapping_add(1);
+    let open = Held::new(shard.open.clone());
+    shard.deal.send((tcp, open, slot)).await.is_ok()
 }
 
 /// The shard with the fewest open connections, looking from `start` (mod the count) on.
@@ -599,7 +636,8 @@ struct Shard {
     /// A whole answer's allowance on an h2 connection once its head is sent (see
     /// [`hold_deadline`]).
     write_timeout: Duration,
-    draining: CancellationToken,
+    /// What this thread's requests see of the stop; also [`AppState::stopping`].
+    stopping: Arc<Stopping>,
     drain_timeout: Duration,
 }
 
@@ -633,41 +671,42 @@ impl Shard {
             .map(drop)
     }
 
-    /// Serves until draining starts, then lets in-flight requests and streams finish for up
-    /// to the drain timeout.
+    /// Serves the connections dealt to it until the acceptor stops (draining has started:
+    /// those it dealt last are served too), then lets in-flight requests and streams finish
+    /// for up to the drain timeout. Streams still running shortly before it runs out end
+    /// with an error event ([`Stopping::end_streams`]).
     async fn serve(self) {
         let Self {
             mut connections,
             app,
             http,
             write_timeout,
-            draining,
+            stopping,
             drain_timeout,
         } = self;
         let store = Arc::clone(&app.store);
         let routes = proxy::Routes::new(app);
         let graceful = Graceful::new();
-        loop {
-            let connection = tokio::select! {
-                connection = connections.next() => connection,
-                () = draining.cancelled() => break,
-            };
-            let Some(connection) = connection else {
-                // The acceptor stopped: draining has started or is about to.
-                draining.cancelled().await;
-                break;
-            };
+        while let Some(connection) = connections.next().await {
             let routes = routes.clone();
             let store = Arc::clone(&store);
+            let stopping = Arc::clone(&stopping);
             let deadline = connection.deadline.clone();
             let service = hyper::service::service_fn(move |request: http::Request<_>| {
                 let arrived = tokio::time::Instant::now();
                 let h2 = request.version() == http::Version::HTTP_2;
                 let response = routes.answer(request);
                 let store = Arc::clone(&store);
+                let stopping = Arc::clone(&stopping);
                 let deadline = deadline.clone();
                 async move {
-                    let response = response.await;
+                    let mut response = response.await;
+                    if !h2 && stopping.lame_duck() {
+                        // The client retires the connection itself, after this answer.
+                        response
+                            .headers_mut()
+                            .insert(http::header::CONNECTION, CLOSE.clone());
+                    }
                     Ok::<_, std::convert::Infallible>(hold_deadline(
                         response,
                         arrived,
@@ -680,14 +719,27 @@ impl Shard {
             });
             tokio::spawn(http.serve(connection, service, &graceful));
         }
-        if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        let mut closed = std::pin::pin!(graceful.shutdown());
+        let last = STREAMS_END_BEFORE.min(drain_timeout / 2);
+        if tokio::time::timeout(drain_timeout - last, closed.as_mut())
             .await
-            .is_err()
+            .is_ok()
         {
+            return;
+        }
+        stopping.end_streams();
+        if tokio::time::timeout(last, closed).await.is_err() {
             tracing::warn!("drain timeout passed: closing the remaining connections");
         }
     }
 }
+
+/// `Connection: close`, on HTTP/1 answers once the replica is stopping.
+static CLOSE: http::HeaderValue = http::HeaderValue::from_static("close");
+
+/// How long before the drain timeout runs out the streams still relayed end with an error
+/// event (at most half the drain timeout): time for the event to reach their clients.
+const STREAMS_END_BEFORE: Duration = Duration::from_secs(1);
 
 /// A whole answer larger than this holds a deadline on HTTP/1 too (see [`hold_deadline`]):
 /// the answers that take permits of `--max-buffered-answer-bytes`.

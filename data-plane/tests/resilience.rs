@@ -858,23 +858,26 @@ async fn backend_limits_move_traffic_to_the_next_backend_and_then_answer_429() {
     assert_eq!(header(&r, "retry-after"), "1");
 }
 
-#[tokio::test]
-async fn shutdown_drains_streams_and_flushes_usage() {
-    let primary = slow_mock("primary", 10, 50);
-    let mut h = Harness::one_primary(&primary.base_url()).await;
+/// Asks for a stream, starts the data plane's stop once its first chunk came, and reads the
+/// rest: the whole body's text (a body cut short fails the test).
+async fn stream_across_the_stop(h: &mut Harness) -> String {
     let response = h.chat(chat_body(true)).await;
     let mut stream = response.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();
     h.begin_shutdown();
     let mut text = first.to_vec();
     while let Some(chunk) = stream.next().await {
-        text.extend_from_slice(&chunk.unwrap());
+        text.extend_from_slice(&chunk.expect("the body ends whole, not cut"));
     }
-    assert!(
-        String::from_utf8(text)
-            .unwrap()
-            .ends_with("data: [DONE]\n\n")
-    );
+    String::from_utf8(text).unwrap()
+}
+
+#[tokio::test]
+async fn shutdown_drains_streams_and_flushes_usage() {
+    let primary = slow_mock("primary", 10, 50);
+    let mut h = Harness::one_primary(&primary.base_url()).await;
+    let text = stream_across_the_stop(&mut h).await;
+    assert!(text.ends_with("data: [DONE]\n\n"));
     let cp_records = {
         let cp = &h.cp;
         cp.wait_for("the stream's record", |r| r.records().len() == 1)
@@ -885,6 +888,76 @@ async fn shutdown_drains_streams_and_flushes_usage() {
     let usage = h.usage.clone();
     h.join().await.unwrap();
     assert_eq!(usage.pending(), 0);
+}
+
+/// A stream still running when the drain timeout is about to run out ends with an error
+/// event its client reads, and is recorded as interrupted: not cut mid-chunk (a transport
+/// error an SDK cannot tell from a network fault) and filed as the client's cancel.
+#[tokio::test]
+async fn a_stream_outlasting_the_drain_ends_with_an_error_event() {
+    let primary = slow_mock("primary", 40, 250);
+    let mut h = Harness::start_with(one_primary_snapshot(&primary.base_url()), |config| {
+        config.drain_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let text = stream_across_the_stop(&mut h).await;
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let error: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(error["error"]["code"], "stream_interrupted", "{last}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down"),
+        "{last}"
+    );
+    assert!(!text.contains("[DONE]"));
+    h.cp.wait_for("the stream's record", |r| r.records().len() == 1)
+        .await;
+    let kind = h.cp.with(|r| r.records()[0].error_kind);
+    assert_eq!(kind, ErrorKind::StreamInterrupted as i32);
+    h.join().await.unwrap();
+}
+
+/// On SIGTERM a replica first serves as a lame duck for `--drain-delay`: not ready, so that
+/// load balancers stop sending, and every HTTP/1 answer closes its connection, so that
+/// clients retire their kept-alive connections themselves; then it drains.
+#[tokio::test]
+async fn a_stopping_replica_serves_as_a_lame_duck_first() {
+    let primary = mock("primary");
+    let delay = Duration::from_secs(2);
+    let mut h = Harness::start_with(one_primary_snapshot(&primary.base_url()), |config| {
+        config.drain_delay = delay;
+    })
+    .await;
+    let before = h.chat(chat_body(false)).await;
+    assert_eq!(before.status(), 200);
+    assert!(before.headers().get("connection").is_none());
+    assert_eq!(
+        h.http.get(h.url("/readyz")).send().await.unwrap().status(),
+        200
+    );
+    let stopping = tokio::time::Instant::now();
+    h.begin_shutdown();
+    let deadline = stopping + delay;
+    loop {
+        let ready = h.http.get(h.url("/readyz")).send().await.unwrap();
+        if ready.status() == 503 {
+            assert_eq!(ready.text().await.unwrap(), "not ready: shutting down\n");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still ready");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        h.http.get(h.url("/healthz")).send().await.unwrap().status(),
+        200
+    );
+    let during = h.chat(chat_body(false)).await;
+    assert_eq!(during.status(), 200);
+    assert_eq!(during.headers()["connection"], "close");
+    h.join().await.unwrap();
+    assert!(stopping.elapsed() >= delay, "drained before the delay");
 }
 
 #[tokio::test]

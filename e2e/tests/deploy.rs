@@ -302,11 +302,11 @@ fn seconds(value: &serde_json::Value) -> u64 {
         .unwrap_or_else(|| panic!("not a number of seconds: {value}"))
 }
 
-/// The longest a data plane takes to stop after SIGTERM with the given drain and usage
-/// flush timeouts: the drain, its serving threads' runtimes' 1 s, the stream relays' 5 s
-/// (`RELAY_WAIT`), then the flush (data-plane/src/server.rs).
-fn data_plane_stop(drain: u64, flush: u64) -> u64 {
-    drain + 1 + 5 + flush
+/// The longest a data plane takes to stop after SIGTERM with the given drain delay, drain
+/// and usage flush timeouts: the lame duck, the drain, its serving threads' runtimes' 1 s,
+/// the stream relays' 5 s (`RELAY_WAIT`), then the flush (data-plane/src/server.rs).
+fn data_plane_stop(delay: u64, drain: u64, flush: u64) -> u64 {
+    delay + drain + 1 + 5 + flush
 }
 
 /// The grace periods the deployments give a data plane cover the whole of its stop, so that
@@ -331,33 +331,39 @@ fn the_grace_periods_cover_a_data_planes_whole_stop() {
             .position(|a| *a == name)
             .map_or(default, |i| seconds(&serde_json::json!(args[i + 1])))
     };
-    let (drain, flush) = (
-        flag("--drain-timeout", 30),
-        flag("--usage-flush-timeout", 10),
+    let defaults = (
+        default_seconds("sluice-proxy", "drain-delay"),
+        default_seconds("sluice-proxy", "drain-timeout"),
+        default_seconds("sluice-proxy", "usage-flush-timeout"),
+    );
+    let (delay, drain, flush) = (
+        flag("--drain-delay", defaults.0),
+        flag("--drain-timeout", defaults.1),
+        flag("--usage-flush-timeout", defaults.2),
     );
     assert!(
-        !container["env"].to_string().contains("DRAIN_TIMEOUT")
+        !container["env"].to_string().contains("DRAIN_")
             && !container["env"].to_string().contains("USAGE_FLUSH_TIMEOUT"),
         "the manifest sets a timeout in the environment: count it here"
     );
     let pre_stop = seconds(&container["lifecycle"]["preStop"]["sleep"]["seconds"]);
     let grace = seconds(&pod["terminationGracePeriodSeconds"]);
     assert!(
-        grace >= pre_stop + data_plane_stop(drain, flush),
+        grace >= pre_stop + data_plane_stop(delay, drain, flush),
         "Kubernetes: {grace} s of grace for a {pre_stop} s preStop and a stop of up to {} s",
-        data_plane_stop(drain, flush)
+        data_plane_stop(delay, drain, flush)
     );
 
     let compose = &yaml_documents("compose.yaml")[0]["x-dataplane"];
     assert!(
-        !compose.to_string().contains("DRAIN_TIMEOUT"),
-        "default drain"
+        !compose.to_string().contains("DRAIN_") && !compose.to_string().contains("FLUSH"),
+        "the defaults"
     );
     let grace = seconds(&compose["stop_grace_period"]);
+    let stop = data_plane_stop(defaults.0, defaults.1, defaults.2);
     assert!(
-        grace >= data_plane_stop(30, 10),
-        "compose: {grace} s of grace for a stop of up to {} s",
-        data_plane_stop(30, 10)
+        grace >= stop,
+        "compose: {grace} s of grace for a stop of up to {stop} s"
     );
 }
 

@@ -188,6 +188,27 @@ async fn the_rpm_limit_holds_across_three_replicas_behind_nginx() {
     assert_eq!(ok + limited, 60);
 }
 
+/// Asks `front` for a chat completion of model `m`: what went wrong, if anything did (a
+/// status other than 200 with its body, or the transport's error).
+async fn chat_failure(front: &common::Gateway, key: &str) -> Option<String> {
+    match front
+        .http
+        .post(front.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+    {
+        Ok(r) if r.status() == 200 => r.bytes().await.err().map(|e| e.to_string()),
+        Ok(r) => Some(format!(
+            "{}: {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        )),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
 #[tokio::test]
 async fn killing_a_replica_fails_only_what_it_had_in_flight() {
     let run = LocalRun::start(3).await;
@@ -208,18 +229,7 @@ async fn killing_a_replica_fails_only_what_it_had_in_flight() {
             (front.clone(), key.clone(), failures.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             for _ in 0..60 {
-                let ok = match front
-                    .http
-                    .post(front.url("/v1/chat/completions"))
-                    .bearer_auth(&key)
-                    .json(&json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}))
-                    .send()
-                    .await
-                {
-                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
-                    Err(_) => false,
-                };
-                if !ok {
+                if chat_failure(&front, &key).await.is_some() {
                     failures.fetch_add(1, Ordering::SeqCst);
                 }
                 done.fetch_add(1, Ordering::SeqCst);
@@ -241,6 +251,72 @@ async fn killing_a_replica_fails_only_what_it_had_in_flight() {
     );
     // At most what the killed replica had in flight: one per worker at most.
     assert!(failed <= WORKERS, "{failed} failures");
+}
+
+/// SIGTERM to one of three replicas behind nginx (`deploy/local/run.sh`, the default
+/// `--drain-delay`) under a steady load of `POST`s: no client sees an error. nginx resends a
+/// request only when it could not reach a replica, never a `POST` a replica took: a replica
+/// that closed kept-alive connections under requests already sent, or reset connections
+/// it had not yet accepted, failed them with 502.
+#[tokio::test]
+async fn stopping_a_replica_behind_nginx_fails_no_request() {
+    let run = LocalRun::start(3).await;
+    let a = Mock::start_with("a", &["m"], &["--latency", "2ms"]).await;
+    run.add_backend("a", &a, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let (_, key) = run.create_key("k", &[]).await;
+    run.wait_replicas_current(3).await;
+    let front = Arc::new(run.front());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (front, key, stop, done, failures) = (
+            front.clone(),
+            key.clone(),
+            stop.clone(),
+            done.clone(),
+            failures.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                if let Some(failed) = chat_failure(&front, &key).await {
+                    failures.lock().unwrap().push(failed);
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    eventually(Duration::from_secs(20), "load running", || async {
+        done.load(Ordering::SeqCst) >= 300
+    })
+    .await;
+    let pid = run.proxy_pids[1];
+    let before = done.load(Ordering::SeqCst);
+    common::signal(pid, "TERM");
+    eventually(Duration::from_secs(30), "the replica stopped", || async {
+        common::exited(pid)
+    })
+    .await;
+    let stopped = done.load(Ordering::SeqCst);
+    // And a while after it, on the two replicas left.
+    eventually(Duration::from_secs(20), "load after the stop", || async {
+        done.load(Ordering::SeqCst) >= stopped + 300
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    eprintln!(
+        "{} requests while the replica stopped, {} after; {} failed",
+        stopped - before,
+        done.load(Ordering::SeqCst) - stopped,
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{failures:?}");
 }
 
 #[tokio::test]

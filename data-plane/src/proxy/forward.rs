@@ -1004,6 +1004,7 @@ async fn deliver(
                 deadline,
                 app.limits.max_response_bytes,
                 app.tasks.token(),
+                app.stopping.streams_end(),
             ));
             response
         }

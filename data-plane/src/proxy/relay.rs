@@ -33,6 +33,7 @@ use crate::error::error_body;
 use crate::responses::{self, IdRewrite};
 use crate::spool::Written;
 use crate::sse::{Event, Item, SseError, SseParser};
+use crate::stopping::StreamsEnd;
 use crate::upstream::{self, UpstreamBody};
 
 /// How long to keep reading an upstream after `[DONE]` so its connection can be reused.
@@ -202,6 +203,8 @@ pub(super) struct Relay {
     rearm: bool,
     /// Holds shutdown until the stream is over, so its usage is recorded.
     _in_flight: TaskTrackerToken,
+    /// Ends the stream with an error event shortly before the drain timeout runs out.
+    streams_end: StreamsEnd,
 }
 
 impl Relay {
@@ -218,6 +221,7 @@ impl Relay {
         deadline: Instant,
         max_event_bytes: usize,
         in_flight: TaskTrackerToken,
+        streams_end: StreamsEnd,
     ) -> Self {
         let now = Instant::now();
         let mut relay = Self {
@@ -238,6 +242,7 @@ impl Relay {
             silent_since: now,
             rearm: false,
             _in_flight: in_flight,
+            streams_end,
         };
         relay.take(first);
         relay
@@ -437,15 +442,29 @@ impl Relay {
     /// Ends the stream with an error event after what is already queued.
     fn interrupt(&mut self, why: &str) {
         tracing::warn!(reason = why, "upstream stream interrupted");
+        self.end_with_error(&format!("The upstream stream was interrupted: {why}."));
+    }
+
+    /// Ends the stream with an error event, as [`Relay::interrupt`] does, because this replica
+    /// is stopping and its drain timeout is about to run out.
+    fn end_for_the_stop(&mut self) {
+        tracing::info!("a stream still running at the end of the drain ended with an error event");
+        self.end_with_error(
+            "The stream was cut short: this Sluice replica is shutting down. Send the request \
+             again.",
+        );
+    }
+
+    /// Ends the stream with an error event carrying `message`, in the client's API's form.
+    fn end_with_error(&mut self, message: &str) {
         self.upstream = None;
-        let message = format!("The upstream stream was interrupted: {why}.");
         let event = match &self.mode {
             Mode::Translated(t) if t.client_is_anthropic() => {
-                crate::anthropic::error::event(502, &message).to_vec()
+                crate::anthropic::error::event(502, message).to_vec()
             }
-            Mode::Messages { .. } => crate::anthropic::error::event(502, &message).to_vec(),
+            Mode::Messages { .. } => crate::anthropic::error::event(502, message).to_vec(),
             Mode::Chat { .. } | Mode::Translated(_) => {
-                let body = error_body(&message, "server_error", None, Some("stream_interrupted"));
+                let body = error_body(message, "server_error", None, Some("stream_interrupted"));
                 let mut event = Vec::with_capacity(body.len() + 8);
                 event.extend_from_slice(b"data: ");
                 event.extend_from_slice(&body);
@@ -626,6 +645,12 @@ impl Body for Relay {
             let Some(upstream) = &mut this.upstream else {
                 return Poll::Ready(None);
             };
+            // Polled: no need to be woken for it (a client slow to read a stream whose
+            // upstream is always ready never lets the relay wait below).
+            if this.streams_end.ended() {
+                this.end_for_the_stop();
+                continue;
+            }
             if std::mem::take(&mut this.rearm) {
                 this.silent_since = Instant::now();
             }
@@ -655,6 +680,10 @@ impl Body for Relay {
                     continue;
                 }
                 Poll::Pending => {}
+            }
+            if this.streams_end.poll(cx).is_ready() {
+                this.end_for_the_stop();
+                continue;
             }
             ready!(this.timer.poll(cx));
             let due = this.deadline.min(this.silent_since + this.idle_timeout);

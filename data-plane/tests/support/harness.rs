@@ -151,6 +151,8 @@ impl Harness {
         let mut config = Config::new(cp.url(), "127.0.0.1:0".parse().unwrap());
         config.dataplane_token = Some(Secret(TOKEN.into()));
         config.node_id = Some("test-node".into());
+        // Straight to the drain: the lame duck's tests set a delay.
+        config.drain_delay = Duration::ZERO;
         tweak(&mut config);
         let proxy = Proxy::bind(config).await.unwrap();
         let addr = proxy.local_addr();

@@ -127,6 +127,39 @@ impl Acceptor {
         }
     }
 
+    /// Stops listening. The connections the kernel has already completed (its accept queue)
+    /// are taken first, within the limit, and returned, in blocking mode as `std` sockets for
+    /// whichever runtime serves them: closing the listening socket with them queued would
+    /// reset them, although their clients may have sent a request on them (a `POST` a load
+    /// balancer cannot send again). Later connects are refused, which a load balancer takes
+    /// to another replica. They are taken with `accept(2)` itself, not through tokio, whose
+    /// readiness may not yet know of the latest.
+    pub fn close(self) -> Vec<(std::net::TcpStream, SocketAddr, Slot)> {
+        let mut queued = Vec::new();
+        let listener = match self.listener.into_std() {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::debug!(error = %e, "closing the listener");
+                return queued;
+            }
+        };
+        // `into_std` leaves the socket non-blocking: `accept` ends at an empty queue.
+        loop {
+            match listener.accept() {
+                Ok((tcp, peer)) => match Arc::clone(&self.slots).try_acquire_owned() {
+                    Ok(slot) => queued.push((tcp, peer, Slot(slot))),
+                    Err(_) => {
+                        self.refused.inc();
+                        let _ = std::io::Write::write(&mut &tcp, TOO_MANY_CONNECTIONS);
+                    }
+                },
+                Err(e) if is_peer_error(&e) => {}
+                Err(_) => break,
+            }
+        }
+        queued
+    }
+
     fn open(&self) -> usize {
         self.max_connections - self.slots.available_permits()
     }
@@ -153,6 +186,10 @@ fn is_peer_error(e: &std::io::Error) -> bool {
         ConnectionAborted | ConnectionRefused | ConnectionReset | Interrupted
     )
 }
+
+/// Once draining has started, how long a connection that has sent no request yet has to
+/// send its first (see [`Http::serve`]).
+pub const FIRST_REQUEST_WHEN_DRAINING: Duration = Duration::from_secs(1);
 
 /// How long an h2 peer has to answer a keep-alive PING before its connection is closed.
 pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
@@ -198,8 +235,10 @@ impl Http {
         }
     }
 
-    /// Serves one connection until it closes, watched by `graceful` (which ends it between
-    /// requests when shutdown starts). The connection is closed when it has not sent a whole
+    /// Serves one connection until it closes, watched by `graceful`: when shutdown starts it
+    /// ends after the request in flight or at once between requests, and a connection that
+    /// has sent no request yet ends after its first, or when none has come within
+    /// [`FIRST_REQUEST_WHEN_DRAINING`]. The connection is closed when it has not sent a whole
     /// request head within the header read timeout, then whenever HTTP/1 waits longer than
     /// that for the next one, and when a write waits longer than the write timeout for the
     /// client to accept any of it.
@@ -250,6 +289,8 @@ impl Http {
             // dropped once a request has arrived: polled with the connection at each of its
             // wake-ups until it ran out, it cost about 600 instructions a request.
             let mut first_head = std::pin::pin!(Some(tokio::time::sleep(first_head)));
+            // Whether hyper was told to end the connection (see below).
+            let mut ending = false;
             let served = std::future::poll_fn(|cx| {
                 if !draining {
                     // A dropped `Graceful` counts as a shutdown, as a change does.
@@ -258,12 +299,28 @@ impl Http {
                         draining = on_shutdown.as_mut().poll(cx).is_ready();
                         registered = Some(cx.waker().clone());
                     }
-                    if draining {
-                        connection.as_mut().graceful_shutdown();
+                    if draining && let Some(sleep) = first_head.as_mut().as_pin_mut() {
+                        let soon = tokio::time::Instant::now() + FIRST_REQUEST_WHEN_DRAINING;
+                        if sleep.deadline() > soon {
+                            sleep.reset(soon);
+                        }
                     }
                 }
                 if let Poll::Ready(served) = connection.as_mut().poll(cx) {
                     return Poll::Ready(Some(served));
+                }
+                // hyper ends an HTTP/1 connection between requests at once, unread: a
+                // connection that has served no request yet was opened to send one (a load
+                // balancer's, just as the stop began), so it is told only once its first
+                // request arrived, or closed by the first head's timer, shortened above. And
+                // only after the poll above, in which hyper read what the socket held: a
+                // request already there is answered, then the connection closes.
+                if draining && !ending && started.load(Ordering::Relaxed) {
+                    ending = true;
+                    connection.as_mut().graceful_shutdown();
+                    if let Poll::Ready(served) = connection.as_mut().poll(cx) {
+                        return Poll::Ready(Some(served));
+                    }
                 }
                 if started.load(Ordering::Relaxed) {
                     first_head.set(None);
@@ -601,6 +658,18 @@ mod tests {
         String::from_utf8_lossy(&answer).into_owned()
     }
 
+    /// Reads the rest of the connection: one whole answer, then the server's close.
+    async fn answered_then_closed(client: &mut tokio::io::DuplexStream) {
+        let mut answer = Vec::new();
+        tokio::time::timeout(FIRST_HEAD * 4, client.read_to_end(&mut answer))
+            .await
+            .expect("closed in time")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+    }
+
     // Paused time. The connection's one kept sleep is moved to each wait's deadline: waits
     // shorter than the timeout, one after another for many times its length, close nothing,
     // and the first longer one closes the connection.
@@ -640,14 +709,7 @@ mod tests {
         let shutdown = tokio::spawn(graceful.shutdown());
         tokio::time::sleep(FIRST_HEAD / 10).await;
         assert!(!shutdown.is_finished(), "the answer is still on its way");
-        let mut answer = Vec::new();
-        tokio::time::timeout(FIRST_HEAD * 4, client.read_to_end(&mut answer))
-            .await
-            .expect("closed in time")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer).into_owned();
-        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
-        assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+        answered_then_closed(&mut client).await;
         tokio::time::timeout(FIRST_HEAD, shutdown)
             .await
             .expect("the shutdown returns once the connection closed")
@@ -666,6 +728,71 @@ mod tests {
         served.await.unwrap();
         let mut rest = Vec::new();
         assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
+    // Paused time. A request already sent on an idle kept-alive connection when a shutdown
+    // starts is answered, then the connection closes: closed unread, its client (nginx with
+    // a POST) could only answer 502.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_already_sent_when_a_shutdown_starts_is_answered() {
+        let (mut client, served, graceful) = serve(FIRST_HEAD / 10);
+        assert!(ask(&mut client).await.starts_with("HTTP/1.1 200 OK\r\n"));
+        tokio::time::sleep(FIRST_HEAD / 10).await;
+        // In the socket before the server's task runs again, which by then sees the
+        // shutdown too.
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = graceful.tx.send(());
+        let shutdown = tokio::spawn(graceful.shutdown());
+        answered_then_closed(&mut client).await;
+        shutdown.await.unwrap();
+        served.await.unwrap();
+    }
+
+    // Paused time. A connection that has sent no request when a shutdown starts was opened
+    // to send one: its first request is answered, then it closes.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_is_answered_once_after_a_shutdown_starts() {
+        let (mut client, served, graceful) = serve(Duration::ZERO);
+        let shutdown = tokio::spawn(graceful.shutdown());
+        tokio::time::sleep(FIRST_HEAD / 10).await;
+        assert!(!served.is_finished(), "closed before its first request");
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        answered_then_closed(&mut client).await;
+        shutdown.await.unwrap();
+        served.await.unwrap();
+    }
+
+    // Paused time. A new connection that sends nothing holds a shutdown for
+    // FIRST_REQUEST_WHEN_DRAINING, not for the whole header read timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_that_sends_nothing_holds_a_shutdown_briefly() {
+        let long_head = FIRST_REQUEST_WHEN_DRAINING * 30;
+        let (_client, server) = tokio::io::duplex(4096);
+        let service = service_fn(|_: Request<Incoming>| async {
+            Ok::<_, std::convert::Infallible>(Response::new("ok".to_owned()))
+        });
+        let graceful = Graceful::new();
+        let served = tokio::spawn(
+            Http::new(long_head, WRITE_TIMEOUT, Counter::default())
+                .serve(server, service, &graceful),
+        );
+        tokio::time::sleep(FIRST_REQUEST_WHEN_DRAINING).await;
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(long_head / 2, graceful.shutdown())
+            .await
+            .expect("the silent connection closed");
+        let waited = started.elapsed();
+        assert!(
+            waited >= FIRST_REQUEST_WHEN_DRAINING && waited < FIRST_REQUEST_WHEN_DRAINING * 2,
+            "held the shutdown {waited:?}"
+        );
+        served.await.unwrap();
     }
 
     #[test]
