@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 
 use sluice_control::secrets::SecretSources;
-use sluice_control::server::{Config, TlsFiles, start};
+use sluice_control::server::{Config, GrpcOptions, TlsFiles, start};
 use tokio::process::Command;
 
 const TOKEN: &str = "tls-test-admin-token-0123456789abcdef0123456789";
@@ -98,29 +98,70 @@ async fn sluicectl(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-#[tokio::test]
-async fn https_endpoint_is_verified_against_the_given_ca() {
-    let certs = tempfile::tempdir().unwrap();
-    make_certificates(certs.path());
-    let data_dir = tempfile::tempdir().unwrap();
+/// A control plane with TLS on its gRPC port, certificates in `certs`.
+async fn start_with_tls(
+    certs: &Path,
+    data_dir: &Path,
+    grpc: GrpcOptions,
+) -> sluice_control::server::Running {
     let localhost = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let running = start(Config {
-        data_dir: data_dir.path().to_owned(),
+    start(Config {
+        data_dir: data_dir.to_owned(),
         grpc_listen: localhost,
         http_listen: localhost,
         http: Default::default(),
+        grpc,
         secrets: SecretSources {
             admin_token: Some(TOKEN.into()),
             dataplane_token: Some("tls-test-dataplane-token-0123456789abcdef0123".into()),
             ..Default::default()
         },
         tls: Some(TlsFiles {
-            cert: certs.path().join("server.pem"),
-            key: certs.path().join("server.key"),
+            cert: certs.join("server.pem"),
+            key: certs.join("server.key"),
         }),
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// A client that starts a TLS handshake and stalls in it (past the first bytes of its hello)
+/// is closed once `--grpc-handshake-timeout` has passed, not held for good.
+#[tokio::test]
+async fn a_tls_handshake_left_half_done_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let data_dir = tempfile::tempdir().unwrap();
+    let grpc = GrpcOptions {
+        handshake_timeout: std::time::Duration::from_millis(500),
+        ..GrpcOptions::default()
+    };
+    let running = start_with_tls(certs.path(), data_dir.path(), grpc).await;
+    let mut client = tokio::net::TcpStream::connect(running.grpc_addr)
+        .await
+        .unwrap();
+    // A handshake record's header and the start of a ClientHello announcing 512 bytes.
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x04, 0x01, 0x00, 0x02, 0x00, 0x03, 0x03,
+    ];
+    hello.extend_from_slice(&[0x2a; 40]);
+    client.write_all(&hello).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "still open 10 s later");
+}
+
+#[tokio::test]
+async fn https_endpoint_is_verified_against_the_given_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let data_dir = tempfile::tempdir().unwrap();
+    let running = start_with_tls(certs.path(), data_dir.path(), GrpcOptions::default()).await;
     let endpoint = format!("https://{}", running.grpc_addr);
     let ca = certs.path().join("ca.pem");
 

@@ -28,6 +28,7 @@ pub mod crypto;
 pub mod dashboard;
 pub mod expiry;
 pub mod grpc_code;
+pub mod grpc_incoming;
 pub mod http;
 pub mod ingest;
 pub mod membership;

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use sluice_control::crypto::MasterKey;
 use sluice_control::secrets::{self, SecretSources};
-use sluice_control::server::{self, Config, HttpOptions, TlsFiles};
+use sluice_control::server::{self, Config, GrpcOptions, HttpOptions, TlsFiles};
 use sluice_control::store::{DB_FILE, Store};
 
 /// The Sluice control plane: stores backends, provider keys (encrypted), client keys,
@@ -66,6 +66,16 @@ struct Args {
     /// closed (counted in sluice_http_connections_refused_total).
     #[arg(long, env = "SLUICE_HTTP_MAX_CONNECTIONS", default_value_t = server::DEFAULT_HTTP_MAX_CONNECTIONS)]
     http_max_connections: usize,
+    /// Connections to the gRPC listener open at once; past it a new one is refused (an
+    /// HTTP/2 GOAWAY, then closed) and counted in sluice_grpc_connections_refused_total. Each
+    /// data plane holds two, each sluicectl one.
+    #[arg(long, env = "SLUICE_GRPC_MAX_CONNECTIONS", default_value_t = server::DEFAULT_GRPC_MAX_CONNECTIONS)]
+    grpc_max_connections: usize,
+    /// How long a new connection to the gRPC listener may take to send HTTP/2's preface
+    /// (after its TLS handshake, which this bounds too); past it the connection is closed
+    /// (e.g. 10s, 1m).
+    #[arg(long, env = "SLUICE_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    grpc_handshake_timeout: std::time::Duration,
     /// File holding the base64 master key that encrypts provider keys (SLUICE_MASTER_KEY
     /// wins if set). Default: <data-dir>/master-key, generated on first start.
     #[arg(long, env = "SLUICE_MASTER_KEY_FILE", global = true)]
@@ -211,6 +221,10 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             header_read_timeout: args.http_header_read_timeout,
             write_timeout: args.http_write_timeout,
             max_connections: args.http_max_connections,
+        },
+        grpc: GrpcOptions {
+            max_connections: args.grpc_max_connections,
+            handshake_timeout: args.grpc_handshake_timeout,
         },
         secrets: secret_sources(args),
         tls: match (&args.tls_cert, &args.tls_key) {

@@ -73,6 +73,7 @@ pub struct Metrics {
     records_clamped: Counter,
     usage_commits: Counter,
     http_connections_refused: Counter,
+    grpc_connections_refused: Counter,
     http_write_timeouts: Counter,
     writes: Family<OpLabels, Histogram, WriteBuckets>,
     grpc_calls: Family<CallLabels, Counter>,
@@ -134,6 +135,12 @@ impl Metrics {
             "Connections to the HTTP listener refused (503, closed) because --http-max-connections were open",
             http_connections_refused.clone(),
         );
+        let grpc_connections_refused = Counter::default();
+        registry.register(
+            "grpc_connections_refused",
+            "Connections to the gRPC listener refused (GOAWAY, closed) because --grpc-max-connections were open",
+            grpc_connections_refused.clone(),
+        );
         let http_write_timeouts = Counter::default();
         registry.register(
             "http_write_timeouts",
@@ -189,6 +196,7 @@ impl Metrics {
             records_clamped,
             usage_commits,
             http_connections_refused,
+            grpc_connections_refused,
             http_write_timeouts,
             writes,
             grpc_calls,
@@ -202,6 +210,11 @@ impl Metrics {
     /// `sluice_http_connections_refused_total`, for the HTTP listener to count its refusals in.
     pub fn http_connections_refused(&self) -> Counter {
         self.http_connections_refused.clone()
+    }
+
+    /// `sluice_grpc_connections_refused_total`, for the gRPC listener to count its refusals in.
+    pub fn grpc_connections_refused(&self) -> Counter {
+        self.grpc_connections_refused.clone()
     }
 
     /// `sluice_http_write_timeouts_total`, for the HTTP listener to count the connections its

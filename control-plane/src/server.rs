@@ -36,6 +36,32 @@ pub struct Config {
     pub secrets: SecretSources,
     pub tls: Option<TlsFiles>,
     pub http: HttpOptions,
+    pub grpc: GrpcOptions,
+}
+
+/// How the gRPC listener treats its connections (see [`crate::grpc_incoming`]).
+#[derive(Debug, Clone)]
+pub struct GrpcOptions {
+    /// Connections open at once; past it a new one is refused (GOAWAY) and closed.
+    pub max_connections: usize,
+    /// A connection that has not sent HTTP/2's preface (and finished its TLS handshake,
+    /// with TLS) within this is closed.
+    pub handshake_timeout: Duration,
+}
+
+/// The default for `--grpc-max-connections`: each data plane holds two, each admin tool one.
+pub const DEFAULT_GRPC_MAX_CONNECTIONS: usize = 1_000;
+
+/// The default for `--grpc-handshake-timeout`.
+pub const DEFAULT_GRPC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for GrpcOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_GRPC_MAX_CONNECTIONS,
+            handshake_timeout: DEFAULT_GRPC_HANDSHAKE_TIMEOUT,
+        }
+    }
 }
 
 /// How the HTTP listener treats its clients.
@@ -249,7 +275,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             };
             Some(
                 ServerTlsConfig::new()
-                    .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?)),
+                    .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))
+                    .timeout(config.grpc.handshake_timeout),
             )
         }
         None => None,
@@ -335,10 +362,18 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         .http2_max_pending_accept_reset_streams(Some(20))
         .http2_max_local_error_reset_streams(Some(1024))
         .http2_max_header_list_size(Some(16 * 1024));
+    let mut grpc_acceptor = Acceptor::new(
+        grpc_listener,
+        config.grpc.max_connections,
+        metrics.grpc_connections_refused(),
+    );
     if let Some(tls) = tls {
         builder = builder
             .tls_config(tls)
             .map_err(|e| ServeError::Tls(e.to_string()))?;
+        grpc_acceptor = grpc_acceptor.refusing_with(b"");
+    } else {
+        grpc_acceptor = grpc_acceptor.refusing_with(&crate::grpc_incoming::REFUSAL);
     }
     let grpc = builder
         .layer(GrpcMetricsLayer::new(Arc::clone(&metrics)))
@@ -367,9 +402,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             dataplane_check,
         ))
         .serve_with_incoming_shutdown(
-            // No Nagle: a snapshot or an ack written in several pieces would otherwise
-            // wait for the peer's delayed ACK (40 ms on Linux) before its last piece.
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            crate::grpc_incoming::connections(grpc_acceptor, config.grpc.handshake_timeout),
             stop.clone().cancelled_owned(),
         );
 

@@ -10,7 +10,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::secrets::SecretSources;
-use crate::server::{Config, HttpOptions, Running, start};
+use crate::server::{Config, GrpcOptions, HttpOptions, Running, start};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -29,13 +29,29 @@ pub struct TestControlPlane {
 
 impl TestControlPlane {
     pub async fn start(data_dir: &Path) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        Self::start_with_http(data_dir, HttpOptions::default()).await
+        Self::start_with(data_dir, HttpOptions::default(), GrpcOptions::default()).await
     }
 
     /// [`TestControlPlane::start`] with its HTTP listener's options.
     pub async fn start_with_http(
         data_dir: &Path,
         http: HttpOptions,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Self::start_with(data_dir, http, GrpcOptions::default()).await
+    }
+
+    /// [`TestControlPlane::start`] with its gRPC listener's options.
+    pub async fn start_with_grpc(
+        data_dir: &Path,
+        grpc: GrpcOptions,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Self::start_with(data_dir, HttpOptions::default(), grpc).await
+    }
+
+    async fn start_with(
+        data_dir: &Path,
+        http: HttpOptions,
+        grpc: GrpcOptions,
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let localhost = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         let running = start(Config {
@@ -49,6 +65,7 @@ impl TestControlPlane {
             },
             tls: None,
             http,
+            grpc,
         })
         .await?;
         Ok(Self {

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use sluice_control::server::GrpcOptions;
 use sluice_control::testing::{Bearer, TestControlPlane, metric_samples};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_client::AdminServiceClient;
@@ -1262,12 +1263,7 @@ async fn metrics_count_calls_by_method_and_code_usage_writes_and_replicas() {
     }
     assert_eq!(last, 250);
 
-    let text = reqwest::get(format!("{}/metrics", cp.http_url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&cp).await;
     let m = metric_samples(&text);
     let get = |name: &str| -> f64 {
         *m.get(name)
@@ -1326,12 +1322,7 @@ async fn metrics_count_calls_by_method_and_code_usage_writes_and_replicas() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
-    let text = reqwest::get(format!("{}/metrics", cp.http_url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&cp).await;
     assert!(!text.contains("NoSuchMethod"));
     assert!(
         text.contains(r#"sluice_grpc_requests_total{method="unknown",code="UNIMPLEMENTED"} 1"#)
@@ -1398,12 +1389,7 @@ async fn usage_values_past_their_bounds_are_clamped_and_oversized_reports_refuse
         models,
         [("gpt-4o-mini".to_owned(), 1), ("other".to_owned(), 2)]
     );
-    let text = reqwest::get(format!("{}/metrics", cp.http_url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&cp).await;
     assert_eq!(
         metric_samples(&text).get("sluice_usage_records_clamped_total"),
         Some(&2.0)
@@ -1819,4 +1805,109 @@ async fn one_connection_to_the_grpc_port_may_open_a_bounded_number_of_streams() 
         closed = &mut connection => panic!("the connection closed: {closed:?}"),
     }
     assert_eq!(connection.max_concurrent_send_streams(), 100);
+}
+
+/// A connection to the gRPC port that sends no HTTP/2 preface within the handshake timeout
+/// is closed, whether it sends nothing or half the preface: health checks and reflection need
+/// no token, and such connections were held for good, each a task and a descriptor. A client
+/// that speaks is served all along.
+#[tokio::test]
+async fn a_connection_to_the_grpc_port_that_sends_no_preface_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let grpc = GrpcOptions {
+        handshake_timeout: Duration::from_millis(300),
+        ..GrpcOptions::default()
+    };
+    let cp = TestControlPlane::start_with_grpc(dir.path(), grpc)
+        .await
+        .unwrap();
+    let addr = cp.grpc_url.trim_start_matches("http://").to_owned();
+    let silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let mut admin = cp.admin_client().await.unwrap();
+    admin
+        .list_backends(pb::ListBackendsRequest::default())
+        .await
+        .unwrap();
+    for mut connection in [silent, half] {
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(10), connection.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "still open 10 s later");
+    }
+    admin
+        .list_backends(pb::ListBackendsRequest::default())
+        .await
+        .unwrap();
+}
+
+/// At most `--grpc-max-connections` connections to the gRPC port are open at once; a new one
+/// past it is told so (HTTP/2's GOAWAY) and closed, counted in
+/// `sluice_grpc_connections_refused_total`, and once connections close clients are served
+/// again.
+#[tokio::test]
+async fn the_grpc_port_holds_at_most_its_connection_limit() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let grpc = GrpcOptions {
+        max_connections: 3,
+        ..GrpcOptions::default()
+    };
+    let cp = TestControlPlane::start_with_grpc(dir.path(), grpc)
+        .await
+        .unwrap();
+    let addr = cp.grpc_url.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    // The three are taken before a fourth (the kernel hands them over in order): it is
+    // refused.
+    let mut refused = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut told = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), refused.read_to_end(&mut told))
+        .await
+        .expect("closed")
+        .unwrap();
+    // The server's SETTINGS, then a GOAWAY (type 7) whose debug data says why.
+    assert_eq!(told[3], 4, "{told:?}");
+    assert_eq!(told[9 + 3], 7, "{told:?}");
+    assert!(
+        String::from_utf8_lossy(&told).contains("too many open connections"),
+        "{told:?}"
+    );
+    let text = metrics_text(&cp).await;
+    assert_eq!(
+        metric_samples(&text).get("sluice_grpc_connections_refused_total"),
+        Some(&1.0),
+        "{text}"
+    );
+    drop(held);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let served = match cp.admin_client().await {
+            Ok(mut admin) => admin
+                .list_backends(pb::ListBackendsRequest::default())
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        if served {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The control plane's `/metrics` text.
+async fn metrics_text(cp: &TestControlPlane) -> String {
+    reqwest::get(format!("{}/metrics", cp.http_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }

@@ -81,6 +81,8 @@ pub struct Acceptor {
     refused: Counter,
     refusal_log: LogLimiter,
     error_log: LogLimiter,
+    /// Written to a connection refused past the limit before it is closed.
+    refusal: &'static [u8],
 }
 
 impl Acceptor {
@@ -94,7 +96,15 @@ impl Acceptor {
             refused,
             refusal_log: LogLimiter::new(LOG_INTERVAL),
             error_log: LogLimiter::new(LOG_INTERVAL),
+            refusal: TOO_MANY_CONNECTIONS,
         }
+    }
+
+    /// Writes `refusal` to a connection refused past the limit instead of HTTP/1's 503 (a
+    /// gRPC port's HTTP/2 GOAWAY; nothing on a TLS port, where plain bytes mean nothing).
+    pub fn refusing_with(mut self, refusal: &'static [u8]) -> Self {
+        self.refusal = refusal;
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -150,7 +160,7 @@ impl Acceptor {
                     Ok(slot) => queued.push((tcp, peer, Slot(slot))),
                     Err(_) => {
                         self.refused.inc();
-                        let _ = std::io::Write::write(&mut &tcp, TOO_MANY_CONNECTIONS);
+                        let _ = std::io::Write::write(&mut &tcp, self.refusal);
                     }
                 },
                 Err(e) if is_peer_error(&e) => {}
@@ -167,7 +177,7 @@ impl Acceptor {
     fn refuse(&self, tcp: &TcpStream, peer: SocketAddr) {
         self.refused.inc();
         // Best effort and never waiting: a new socket's send buffer takes this at once.
-        let _ = tcp.try_write(TOO_MANY_CONNECTIONS);
+        let _ = tcp.try_write(self.refusal);
         if let Some(held_back) = self.refusal_log.permit() {
             tracing::warn!(
                 %peer,
