@@ -81,6 +81,12 @@ pub struct Config {
     /// least --max-response-bytes.
     #[arg(long, env = "SLUICE_MAX_BUFFERED_ANSWER_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_buffered_answer_bytes: usize,
+    /// Of --max-buffered-answer-bytes, what the answers to any one client key may hold at
+    /// once; past it the key's answer gets 503 server_busy (one key's clients slow to read
+    /// large answers cannot have every other key's refused). Default: half of
+    /// --max-buffered-answer-bytes, and at least --max-response-bytes.
+    #[arg(long, env = "SLUICE_MAX_BUFFERED_ANSWER_BYTES_PER_KEY")]
+    pub max_buffered_answer_bytes_per_key: Option<usize>,
     /// How long a client may take to send a request's whole body once its headers arrived;
     /// past it the request gets 408 (e.g. 30s, 2m).
     #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -208,6 +214,7 @@ impl Config {
             max_response_bytes: 64 * 1024 * 1024,
             max_buffered_body_bytes: 256 * 1024 * 1024,
             max_buffered_answer_bytes: 256 * 1024 * 1024,
+            max_buffered_answer_bytes_per_key: None,
             body_read_timeout: Duration::from_secs(30),
             header_read_timeout: sluice_listener::DEFAULT_HEADER_READ_TIMEOUT,
             write_timeout: sluice_listener::DEFAULT_WRITE_TIMEOUT,
@@ -229,6 +236,15 @@ impl Config {
             allowance_lease: Duration::from_secs(60),
             allowance_wait: Duration::from_secs(1),
         }
+    }
+
+    /// What the answers to one key may hold (`--max-buffered-answer-bytes-per-key`).
+    pub fn answers_per_key(&self) -> usize {
+        self.max_buffered_answer_bytes_per_key.unwrap_or_else(|| {
+            (self.max_buffered_answer_bytes / 2)
+                .max(self.max_response_bytes)
+                .min(self.max_buffered_answer_bytes)
+        })
     }
 
     /// The allowance options.
@@ -319,6 +335,18 @@ mod tests {
         assert!(!format!("{config:?}").contains("tok-very-secret"));
         let bearer = crate::control::BearerToken::new(Some("tok-very-secret")).unwrap();
         assert!(!format!("{bearer:?}").contains("tok-very-secret"));
+    }
+
+    #[test]
+    fn a_keys_share_of_the_answers_memory_is_half_and_at_least_the_largest_answer() {
+        let mut config = Config::new("http://127.0.0.1:1", "127.0.0.1:0".parse().unwrap());
+        config.max_buffered_answer_bytes = 256;
+        config.max_response_bytes = 64;
+        assert_eq!(config.answers_per_key(), 128);
+        config.max_response_bytes = 200;
+        assert_eq!(config.answers_per_key(), 200);
+        config.max_buffered_answer_bytes_per_key = Some(100);
+        assert_eq!(config.answers_per_key(), 100);
     }
 
     #[test]

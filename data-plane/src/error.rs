@@ -42,6 +42,14 @@ pub enum ProxyError {
     /// send it again on their own (`x-should-retry: false`, no `Retry-After`).
     #[error("This Sluice data plane holds too many answers in memory at once; try again shortly.")]
     AnswersBusy,
+    /// The same, but for the answers to this request's key, at their share of it
+    /// (`--max-buffered-answer-bytes-per-key`): its clients have not yet read large answers
+    /// they asked for.
+    #[error(
+        "This API key's answers not yet read by its clients fill its share of this Sluice data \
+         plane's memory; read them, then try again."
+    )]
+    KeyAnswersBusy,
     /// This replica is out of file descriptors: it cannot open an upstream connection.
     #[error("This Sluice data plane cannot open more connections right now; try again shortly.")]
     OutOfFiles,
@@ -180,7 +188,7 @@ impl ProxyError {
             | Self::EndpointUnsupported { .. }
             | Self::TokenCountUnsupported(_) => StatusCode::BAD_REQUEST,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            Self::BodiesBusy | Self::AnswersBusy | Self::OutOfFiles => {
+            Self::BodiesBusy | Self::AnswersBusy | Self::KeyAnswersBusy | Self::OutOfFiles => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
@@ -217,7 +225,7 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
             Self::BodyUnreadable => ("invalid_request_error", "invalid_request_body"),
             Self::BodyTimeout { .. } => ("invalid_request_error", "request_timeout"),
-            Self::BodiesBusy | Self::AnswersBusy | Self::OutOfFiles => {
+            Self::BodiesBusy | Self::AnswersBusy | Self::KeyAnswersBusy | Self::OutOfFiles => {
                 ("server_error", "server_busy")
             }
             Self::InvalidRequest(e) => ("invalid_request_error", e.code()),
@@ -305,6 +313,7 @@ impl ProxyError {
             Self::UpstreamTimeout => ErrorKind::UpstreamTimeout,
             Self::NotReady
             | Self::AnswersBusy
+            | Self::KeyAnswersBusy
             | Self::OutOfFiles
             | Self::UsageUnrecordable(_)
             | Self::NoAffinityKey
@@ -385,7 +394,7 @@ impl ProxyError {
                 HeaderValue::from(retry_after_secs(wait)),
             );
         }
-        if matches!(self, Self::AnswersBusy) {
+        if matches!(self, Self::AnswersBusy | Self::KeyAnswersBusy) {
             headers.insert(
                 http::HeaderName::from_static("x-should-retry"),
                 HeaderValue::from_static("false"),

@@ -3,6 +3,7 @@
 //! (`relay`).
 
 mod accounting;
+pub mod answer_memory;
 mod estimate;
 pub(crate) mod forward;
 mod kept_sleeps;
@@ -45,6 +46,7 @@ use crate::spool::{Lane, Spool};
 use crate::stopping::Stopping;
 use crate::usage::UsageSink;
 use accounting::Accounting;
+use answer_memory::AnswerMemory;
 
 /// The `tracing` target of the one `request finished` line each proxied request gets
 /// (`RUST_LOG=info,sluice::request=off` silences them).
@@ -89,7 +91,7 @@ pub struct AppState {
     /// Bytes of whole answers held in memory (`--max-buffered-answer-bytes`): taken as an
     /// answer is read, given back once it is sent. Apart from the bodies', so that answers
     /// held for clients slow to read them never refuse a request's body.
-    pub answer_memory: Arc<Semaphore>,
+    pub answer_memory: Arc<AnswerMemory>,
     /// Which serving thread this state belongs to: it picks that thread's upstream pool.
     pub pool: usize,
     /// The budget allowances budgeted keys spend (shared by every serving thread).

@@ -36,6 +36,7 @@ use crate::config::Config;
 use crate::control::{self, ControlError, NodeIdentity};
 use crate::deadline::{self, Alarm, ConnectionDeadline};
 use crate::metrics::{Held, Metrics};
+use crate::proxy::answer_memory::AnswerMemory;
 use crate::proxy::{self, AppState, Limits};
 use crate::snapshot::{Refusal, SnapshotStore};
 use crate::spool::{Spool, SpoolError};
@@ -75,6 +76,11 @@ pub enum RunError {
          the largest answer could never be held"
     )]
     AnswersBelowLargest { answers: usize, largest: usize },
+    #[error(
+        "--max-buffered-answer-bytes-per-key ({share}) is less than --max-response-bytes \
+         ({largest}): a key's largest answer could never be held"
+    )]
+    KeyShareBelowLargest { share: usize, largest: usize },
 }
 
 /// Hands the snapshot stream's snapshots to the store, which counts what it refuses, and
@@ -139,6 +145,12 @@ impl Proxy {
         if config.max_buffered_answer_bytes < config.max_response_bytes {
             return Err(RunError::AnswersBelowLargest {
                 answers: config.max_buffered_answer_bytes,
+                largest: config.max_response_bytes,
+            });
+        }
+        if config.answers_per_key() < config.max_response_bytes {
+            return Err(RunError::KeyShareBelowLargest {
+                share: config.answers_per_key(),
                 largest: config.max_response_bytes,
             });
         }
@@ -313,9 +325,8 @@ impl Proxy {
         let body_memory = Arc::new(Semaphore::new(
             config.max_buffered_body_bytes.min(Semaphore::MAX_PERMITS),
         ));
-        let answer_memory = Arc::new(Semaphore::new(
-            config.max_buffered_answer_bytes.min(Semaphore::MAX_PERMITS),
-        ));
+        let answer_memory =
+            AnswerMemory::new(config.max_buffered_answer_bytes, config.answers_per_key());
         let mut shards = Vec::with_capacity(threads);
         let mut stoppings = Vec::with_capacity(threads);
         for pool in 0..threads {

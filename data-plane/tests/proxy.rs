@@ -621,6 +621,37 @@ async fn models_are_listed_per_key() {
     assert_error(anonymous, 401, "invalid_api_key").await;
 }
 
+/// A replica whose answers' memory, or a key's share of it, could never hold its largest
+/// answer does not start, and says which flags to change.
+#[tokio::test]
+async fn answer_bounds_below_the_largest_answer_are_refused_at_start() {
+    let config = |tweak: &dyn Fn(&mut sluice_proxy::Config)| {
+        let mut config =
+            sluice_proxy::Config::new("http://127.0.0.1:1", "127.0.0.1:0".parse().unwrap());
+        config.max_response_bytes = 1000;
+        tweak(&mut config);
+        config
+    };
+    for (tweak, flag) in [
+        (
+            &(|c: &mut sluice_proxy::Config| c.max_buffered_answer_bytes = 999)
+                as &dyn Fn(&mut sluice_proxy::Config),
+            "--max-buffered-answer-bytes (999)",
+        ),
+        (
+            &|c: &mut sluice_proxy::Config| c.max_buffered_answer_bytes_per_key = Some(999),
+            "--max-buffered-answer-bytes-per-key (999)",
+        ),
+    ] {
+        let refused = match sluice_proxy::Proxy::bind(config(tweak)).await {
+            Ok(_) => panic!("started with {flag}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(refused.contains(flag), "{refused}");
+        assert!(refused.contains("--max-response-bytes (1000)"), "{refused}");
+    }
+}
+
 #[tokio::test]
 async fn ready_only_with_a_snapshot() {
     use support::control_plane::{FakeControlPlane, TOKEN};

@@ -232,6 +232,11 @@ impl Accounting {
         self.0.endpoint
     }
 
+    /// The id of the request's client key.
+    pub fn key_id(&self) -> &str {
+        &self.0.record.client_key_id
+    }
+
     pub fn started(&self) -> Instant {
         self.0.started
     }

@@ -10,10 +10,10 @@ use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use sluice_proto::v1::ErrorKind;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::accounting::Accounting;
+use super::answer_memory::{AnswerMemory, AnswerPermit, Full};
 use super::kept_sleeps::{KeptSleeps, within};
 use super::relay::{Mode, Relay, Translation, tokens_of};
 use super::usage_figures::{usage_of_answer, usage_value_of_answer};
@@ -50,8 +50,8 @@ enum Answer {
         /// answer's own map (see [`only_content_type`]).
         headers: HeaderMap,
         body: Bytes,
-        /// The permits of [`AppState::answer_memory`] the body holds, until it is sent.
-        memory: Option<OwnedSemaphorePermit>,
+        /// What the body holds of [`AppState::answer_memory`], until it is sent.
+        memory: Option<AnswerPermit>,
     },
     Stream {
         status: StatusCode,
@@ -85,9 +85,10 @@ enum Failure {
     /// (`timeout`) or passed the size limit. The provider has generated, and billed, the
     /// answer: it is not asked of another backend (no retry after the first byte).
     /// The answer came, but the whole answers held in memory reached
-    /// `--max-buffered-answer-bytes` while it was read: 503 `server_busy`. Not the backend's
-    /// failure, and not asked of another (it has answered).
-    MemoryFull,
+    /// `--max-buffered-answer-bytes`, or those to the request's key its share of it, while it
+    /// was read: 503 `server_busy`. Not the backend's failure, and not asked of another (it
+    /// has answered).
+    MemoryFull(Full),
     /// This replica is out of file descriptors (`EMFILE`, `ENFILE`): it could not open the
     /// upstream connection. Its own state, not the backend's: 503 `server_busy`, no other
     /// backend tried (each would fail the same), no cooldown.
@@ -117,7 +118,7 @@ impl Failure {
             } if *status == StatusCode::TOO_MANY_REQUESTS => Outcome::RateLimited {
                 retry_after: *retry_after,
             },
-            Self::MemoryFull => Outcome::Success,
+            Self::MemoryFull(_) => Outcome::Success,
             _ => Outcome::Failure,
         })
     }
@@ -131,7 +132,7 @@ impl Failure {
             Self::Refused(_) => true,
             Self::Connect(_) | Self::Invalid(_) => policy.retry_on_connect_error,
             Self::Timeout => policy.retry_on_timeout,
-            Self::Cut { .. } | Self::MemoryFull | Self::OutOfFiles => false,
+            Self::Cut { .. } | Self::MemoryFull(_) | Self::OutOfFiles => false,
         }
     }
 
@@ -161,7 +162,7 @@ impl Failure {
             Self::Timeout | Self::Cut { timeout: true, .. } => AttemptOutcome::timeout,
             Self::Invalid(_) | Self::Cut { timeout: false, .. } => AttemptOutcome::invalid_response,
             // The backend answered.
-            Self::MemoryFull => AttemptOutcome::ok,
+            Self::MemoryFull(_) => AttemptOutcome::ok,
             Self::OutOfFiles => AttemptOutcome::local_error,
         }
     }
@@ -174,7 +175,12 @@ impl Failure {
             Self::Timeout => "timeout before the first byte".to_owned(),
             Self::Invalid(e) => format!("invalid response: {e}"),
             Self::Cut { detail, .. } => format!("answer cut after its head: {detail}"),
-            Self::MemoryFull => "answer refused: --max-buffered-answer-bytes held".to_owned(),
+            Self::MemoryFull(Full::Replica) => {
+                "answer refused: --max-buffered-answer-bytes held".to_owned()
+            }
+            Self::MemoryFull(Full::Key) => {
+                "answer refused: the key's share of --max-buffered-answer-bytes held".to_owned()
+            }
             Self::OutOfFiles => "this replica is out of file descriptors".to_owned(),
         }
     }
@@ -428,7 +434,7 @@ pub(super) async fn forward_call(
             &policy,
             deadline,
             app.limits.max_response_bytes,
-            &app.answer_memory,
+            (&app.answer_memory, acct.key_id()),
             // An h2 connection carries up to 200 requests: their small answers count too.
             if acct.is_multiplexed() {
                 0
@@ -461,12 +467,19 @@ pub(super) async fn forward_call(
                         "cannot open an upstream connection: this replica is out of file descriptors (raise its open-files limit)"
                     );
                 }
-                if matches!(failure, Failure::MemoryFull) {
+                if let Failure::MemoryFull(full) = failure {
                     app.metrics.answer_refused();
-                    tracing::warn!(
-                        backend = %backend.name,
-                        "refused an answer: the answers in memory reached --max-buffered-answer-bytes"
-                    );
+                    match full {
+                        Full::Replica => tracing::warn!(
+                            backend = %backend.name,
+                            "refused an answer: the answers in memory reached --max-buffered-answer-bytes"
+                        ),
+                        Full::Key => tracing::warn!(
+                            backend = %backend.name,
+                            key_id = acct.key_id(),
+                            "refused an answer: the key's answers in memory reached its share (--max-buffered-answer-bytes-per-key)"
+                        ),
+                    }
                 }
             }
         }
@@ -644,7 +657,8 @@ async fn fail(
         Failure::Timeout | Failure::Cut { timeout: true, .. } => {
             error(acct, ProxyError::UpstreamTimeout).await
         }
-        Failure::MemoryFull => error(acct, ProxyError::AnswersBusy).await,
+        Failure::MemoryFull(Full::Replica) => error(acct, ProxyError::AnswersBusy).await,
+        Failure::MemoryFull(Full::Key) => error(acct, ProxyError::KeyAnswersBusy).await,
         Failure::OutOfFiles => error(acct, ProxyError::OutOfFiles).await,
     }
 }
@@ -666,7 +680,7 @@ async fn attempt(
     policy: &Policy,
     deadline: Instant,
     max_response: usize,
-    memory: &Arc<Semaphore>,
+    (memory, key): (&Arc<AnswerMemory>, &str),
     uncounted: usize,
 ) -> Result<Answer, Failure> {
     let has_body = method == Method::POST;
@@ -771,7 +785,7 @@ async fn attempt(
         max_response,
         policy.idle_stream_timeout,
         deadline,
-        Some((memory, uncounted)),
+        Some((memory, key, uncounted)),
         declared,
     )
     .await
@@ -837,14 +851,14 @@ async fn read_body(
     max: usize,
     idle: Duration,
     deadline: Instant,
-    memory: Option<(&Arc<Semaphore>, usize)>,
+    memory: Option<(&Arc<AnswerMemory>, &str, usize)>,
     declared: Option<usize>,
-) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Failure> {
+) -> Result<(Bytes, Option<AnswerPermit>), Failure> {
     if declared.is_some_and(|n| n > max) {
         return Err(Failure::Invalid(format!("body larger than {max} bytes")));
     }
     let mut collected = Collected::expecting(declared.unwrap_or(0));
-    let mut held: Option<OwnedSemaphorePermit> = None;
+    let mut held: Option<AnswerPermit> = None;
     let mut counted = 0;
     loop {
         let until = || deadline.min(Instant::now() + idle);
@@ -860,14 +874,13 @@ async fn read_body(
                 // What the answer holds, its buffer's capacity, taken as it grows past
                 // what goes uncounted (all of it then).
                 let holds = collected.held();
-                if let Some((memory, uncounted)) = memory
+                if let Some((memory, key, uncounted)) = memory
                     && holds > uncounted
                     && holds > counted
                 {
-                    let permit = u32::try_from(holds - counted)
-                        .ok()
-                        .and_then(|n| Arc::clone(memory).try_acquire_many_owned(n).ok())
-                        .ok_or(Failure::MemoryFull)?;
+                    let permit = memory
+                        .take(key, holds - counted)
+                        .map_err(Failure::MemoryFull)?;
                     counted = holds;
                     match &mut held {
                         Some(held) => held.merge(permit),
@@ -1018,10 +1031,10 @@ async fn deliver(
 /// see `server::hold_deadline`, which takes this bound.)
 pub(crate) const SMALL_ANSWER_BYTES: usize = 64 * 1024;
 
-/// An answer's bytes with the permits of [`AppState::answer_memory`] they hold.
+/// An answer's bytes with what they hold of [`AppState::answer_memory`].
 struct Held {
     body: Bytes,
-    _memory: OwnedSemaphorePermit,
+    _memory: AnswerPermit,
 }
 
 impl AsRef<[u8]> for Held {

@@ -288,22 +288,7 @@ async fn answers_held_for_clients_that_do_not_read_them_are_bounded_in_memory() 
     let (_cluster, _mock, key, proxy) = answering("1500000", None, "20000000", &[]).await;
 
     // A client that asks and reads nothing: its answer stays in the proxy.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut unread = socket.connect(proxy.addr).await.unwrap();
-    unread
-        .write_all(chat_request(&key, "connection: close\r\n").as_bytes())
-        .await
-        .unwrap();
-    // Its answer read whole (the attempt is counted once it is), and held.
-    let read = "sluice_upstream_attempts_total{backend=\"a\",outcome=\"ok\"}";
-    for _ in 0..100 {
-        if metric_samples(&proxy.metrics().await).get(read) == Some(&1.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(metric_samples(&proxy.metrics().await).get(read), Some(&1.0));
+    let mut unread = asked_and_unread(&proxy, &key, 1.0).await;
 
     // Another as large does not fit.
     let answer = proxy.chat(&key, "m").await;
@@ -340,6 +325,75 @@ async fn answers_held_for_clients_that_do_not_read_them_are_bounded_in_memory() 
             .is_some_and(|n| *n >= 1.0),
         "counted"
     );
+}
+
+/// A connection on which a chat request was sent with `key` and none of its answer read: the
+/// proxy has read the answer whole (its `answers_read`th answer from backend `a` with a
+/// status, counted once it has) and holds it.
+async fn asked_and_unread(proxy: &crate::common::Proxy, key: &str, answers_read: f64) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut unread = socket.connect(proxy.addr).await.unwrap();
+    unread
+        .write_all(chat_request(key, "connection: close\r\n").as_bytes())
+        .await
+        .unwrap();
+    let read = "sluice_upstream_attempts_total{backend=\"a\",outcome=\"ok\"}";
+    for _ in 0..100 {
+        if metric_samples(&proxy.metrics().await).get(read) == Some(&answers_read) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        metric_samples(&proxy.metrics().await).get(read),
+        Some(&answers_read)
+    );
+    unread
+}
+
+/// One key's clients slow to read their large answers hold at most its share of the answers'
+/// memory (`--max-buffered-answer-bytes-per-key`, half of it by default): past it that key's
+/// next answer gets 503 `server_busy`, and another key's large answer is still served. Before,
+/// one key could hold the whole of it, and every other key's large answers were refused after
+/// the provider had generated them.
+#[tokio::test]
+async fn one_keys_unread_answers_leave_room_for_other_keys() {
+    let cluster = Cluster::start().await;
+    // About 15 MB an answer.
+    let mock = Mock::start_with("a", &["m"], &["--chunk-count", "1500000"]).await;
+    cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let (_, greedy) = cluster.create_key("greedy", &[]).await;
+    let (_, other) = cluster.create_key("other", &[]).await;
+    // Room for two such answers; a key's share, half, for one.
+    let proxy = cluster
+        .proxy_with(&[
+            "--max-response-bytes",
+            "20000000",
+            "--max-buffered-answer-bytes",
+            "40000000",
+        ])
+        .await;
+
+    let _held = asked_and_unread(&proxy, &greedy, 1.0).await;
+    // The same key's second answer, which the replica would have room for, passes its share.
+    let mut second = asked_and_unread(&proxy, &greedy, 2.0).await;
+    let mut refused = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), second.read_to_end(&mut refused))
+        .await
+        .expect("the refusal within 30 s")
+        .unwrap();
+    let refused = String::from_utf8_lossy(&refused);
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("server_busy"), "{refused}");
+    assert!(refused.contains("This API key's answers"), "{refused}");
+
+    // Another key's is served.
+    let answer = proxy.chat(&other, "m").await;
+    assert_eq!(answer.status(), 200);
+    assert!(answer.bytes().await.unwrap().len() > 10_000_000);
 }
 
 /// A large whole answer holds `--max-buffered-answer-bytes` until its client has taken it.

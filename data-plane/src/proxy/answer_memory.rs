@@ -1,0 +1,143 @@
+//! The memory whole answers may hold: `--max-buffered-answer-bytes` over every connection of
+//! the replica, and of it at most `--max-buffered-answer-bytes-per-key` for the answers of
+//! any one client key (by default half, and never less than the largest answer). Without the
+//! share, one key's clients asking for large answers and slow to read them (each holds its
+//! answer until its deadline) could hold it all, and every other key's large answers were
+//! refused after the provider had generated, and billed, them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Why an answer's bytes could not be taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// The replica's answers hold `--max-buffered-answer-bytes`.
+    Replica,
+    /// The key's answers hold its share.
+    Key,
+}
+
+/// See the module's documentation. Shared by every serving thread.
+#[derive(Debug)]
+pub struct AnswerMemory {
+    total: Arc<Semaphore>,
+    per_key: usize,
+    /// Bytes held by each key holding any.
+    keys: Mutex<HashMap<String, usize>>,
+}
+
+impl AnswerMemory {
+    pub fn new(total: usize, per_key: usize) -> Arc<Self> {
+        Arc::new(Self {
+            total: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
+            per_key,
+            keys: Mutex::default(),
+        })
+    }
+
+    /// `bytes` more for an answer to `key`, if both the replica's memory and the key's share
+    /// have them.
+    pub fn take(self: &Arc<Self>, key: &str, bytes: usize) -> Result<AnswerPermit, Full> {
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = keys.get(key).copied().unwrap_or(0);
+        if held.saturating_add(bytes) > self.per_key {
+            return Err(Full::Key);
+        }
+        let total = u32::try_from(bytes)
+            .ok()
+            .and_then(|n| Arc::clone(&self.total).try_acquire_many_owned(n).ok())
+            .ok_or(Full::Replica)?;
+        match keys.get_mut(key) {
+            Some(held) => *held += bytes,
+            None => {
+                keys.insert(key.to_owned(), bytes);
+            }
+        }
+        Ok(AnswerPermit {
+            total: Some(total),
+            memory: Arc::clone(self),
+            key: key.to_owned(),
+            bytes,
+        })
+    }
+
+    /// Bytes the answers to `key` hold now.
+    pub fn held_by(&self, key: &str) -> usize {
+        let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.get(key).copied().unwrap_or(0)
+    }
+
+    /// Bytes the replica's answers may still take.
+    pub fn available(&self) -> usize {
+        self.total.available_permits()
+    }
+}
+
+/// Bytes an answer holds of an [`AnswerMemory`], given back when dropped.
+#[derive(Debug)]
+pub struct AnswerPermit {
+    /// `None` once merged into another.
+    total: Option<OwnedSemaphorePermit>,
+    memory: Arc<AnswerMemory>,
+    key: String,
+    bytes: usize,
+}
+
+impl AnswerPermit {
+    /// Holds `other`'s bytes too (taken for the same answer, so for the same key).
+    pub fn merge(&mut self, mut other: AnswerPermit) {
+        if let Some(total) = other.total.take() {
+            match &mut self.total {
+                Some(mine) => mine.merge(total),
+                None => self.total = Some(total),
+            }
+        }
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+}
+
+impl Drop for AnswerPermit {
+    fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        let mut keys = self
+            .memory
+            .keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(held) = keys.get_mut(&self.key) {
+            *held = held.saturating_sub(self.bytes);
+            if *held == 0 {
+                keys.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_key_holds_at_most_its_share_and_gives_it_back() {
+        let memory = AnswerMemory::new(100, 40);
+        let mut a = memory.take("a", 30).unwrap();
+        assert_eq!(memory.take("a", 11).unwrap_err(), Full::Key);
+        a.merge(memory.take("a", 10).unwrap());
+        assert_eq!(memory.held_by("a"), 40);
+        let b = memory.take("b", 40).unwrap();
+        let c = memory.take("c", 20).unwrap();
+        assert_eq!(memory.take("d", 1).unwrap_err(), Full::Replica);
+        assert_eq!(memory.available(), 0);
+        drop(a);
+        assert_eq!(memory.held_by("a"), 0);
+        assert_eq!(memory.available(), 40);
+        drop((b, c));
+        assert_eq!(memory.available(), 100);
+        assert!(memory.keys.lock().unwrap().is_empty());
+    }
+}
