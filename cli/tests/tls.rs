@@ -125,19 +125,30 @@ async fn start_with_tls(
     .unwrap()
 }
 
-/// A client that starts a TLS handshake and stalls in it (past the first bytes of its hello)
-/// is closed once `--grpc-handshake-timeout` has passed, not held for good.
-#[tokio::test]
-async fn a_tls_handshake_left_half_done_is_closed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A control plane with TLS whose gRPC port gives a connection 500 ms to send its first
+/// request; its certificates' and data directories.
+async fn impatient() -> (
+    tempfile::TempDir,
+    tempfile::TempDir,
+    sluice_control::server::Running,
+) {
     let certs = tempfile::tempdir().unwrap();
     make_certificates(certs.path());
     let data_dir = tempfile::tempdir().unwrap();
     let grpc = GrpcOptions {
-        handshake_timeout: std::time::Duration::from_millis(500),
+        first_request_timeout: std::time::Duration::from_millis(500),
         ..GrpcOptions::default()
     };
     let running = start_with_tls(certs.path(), data_dir.path(), grpc).await;
+    (certs, data_dir, running)
+}
+
+/// A client that starts a TLS handshake and stalls in it (past the first bytes of its hello)
+/// is closed once `--grpc-first-request-timeout` has passed, not held for good.
+#[tokio::test]
+async fn a_tls_handshake_left_half_done_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_certs, _data_dir, running) = impatient().await;
     let mut client = tokio::net::TcpStream::connect(running.grpc_addr)
         .await
         .unwrap();
@@ -154,6 +165,38 @@ async fn a_tls_handshake_left_half_done_is_closed() {
     )
     .await;
     assert!(closed.is_ok(), "still open 10 s later");
+}
+
+/// A client that completes the TLS handshake and then sends nothing (not even HTTP/2's
+/// preface) is closed once `--grpc-first-request-timeout` has passed: hyper waits for the
+/// preface with no timer of its own.
+#[tokio::test]
+async fn a_tls_connection_that_sends_no_request_is_closed() {
+    let (certs, _data_dir, running) = impatient().await;
+    // Its standard input kept open and empty: it sends nothing after the handshake, and
+    // exits when the server closes the connection.
+    let mut client = Command::new("openssl")
+        .args(["s_client", "-quiet", "-alpn", "h2", "-CAfile"])
+        .arg(certs.path().join("ca.pem"))
+        .arg("-connect")
+        .arg(running.grpc_addr.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let exited = tokio::time::timeout(std::time::Duration::from_secs(10), client.wait()).await;
+    assert!(
+        exited.is_ok(),
+        "the idle TLS connection still open 10 s later"
+    );
+    let mut said = String::new();
+    if let Some(mut stderr) = client.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        let _ = stderr.read_to_string(&mut said).await;
+    }
+    assert!(said.contains("verify return:1"), "{said}");
 }
 
 #[tokio::test]

@@ -2,13 +2,20 @@
 //! listeners' are: at most `--grpc-max-connections` open at once (past it a new one gets a
 //! refusal and is closed, counted in `sluice_grpc_connections_refused_total`), and a pause
 //! instead of a spinning accept loop when the process is out of file descriptors. And each
-//! must send HTTP/2's connection preface within `--grpc-handshake-timeout` (TLS's handshake
-//! too, where the port has TLS): health checks and reflection need no token, so anyone who
-//! reaches the port could otherwise hold connections without sending a byte, each a task and
-//! a descriptor, for ever. Once the preface has come, hyper's keep-alive PINGs end a
-//! connection whose peer stops answering.
+//! must send its first request within `--grpc-first-request-timeout` (which bounds TLS's
+//! handshake too, where the port has TLS): health checks and reflection need no token, so
+//! anyone who reaches the port could otherwise hold connections for ever without sending a
+//! byte, or half of HTTP/2's preface, or after a TLS handshake nothing (hyper waits for the
+//! preface with no timer, and PINGs only once it came), each a task, a descriptor and a slot
+//! of the limit. Once a request has come, hyper's keep-alive PINGs end a connection whose
+//! peer stops answering. Clients connect when they have a request to send (tonic's channels,
+//! `sluicectl`), so the bound costs them nothing.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,10 +24,7 @@ use sluice_listener::{Acceptor, Slot};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
-use tonic::transport::server::{Connected, TcpConnectInfo};
-
-/// The bytes of HTTP/2's connection preface (`PRI * HTTP/2.0…`), which a client sends first.
-const PREFACE_BYTES: usize = 24;
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
 const REFUSAL_REASON: &[u8] =
     b"too many open connections to the gRPC port (--grpc-max-connections)";
@@ -49,44 +53,82 @@ const fn refusal() -> [u8; 9 + 9 + 8 + REFUSAL_REASON.len()] {
     frames
 }
 
-/// The connections `acceptor` takes, for tonic's `serve_with_incoming_shutdown`.
+/// The connections that have sent no request yet, by their peer's address (which tonic
+/// hands each request as its connect info): [`FirstRequestLayer`] marks a connection
+/// started at its first request.
+#[derive(Debug, Default, Clone)]
+pub struct Waiting(Arc<Mutex<HashMap<SocketAddr, Arc<AtomicBool>>>>);
+
+impl Waiting {
+    fn add(&self, peer: SocketAddr) -> Arc<AtomicBool> {
+        let started = Arc::new(AtomicBool::new(false));
+        let mut waiting = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        waiting.insert(peer, Arc::clone(&started));
+        started
+    }
+
+    fn remove(&self, peer: &SocketAddr) -> Option<Arc<AtomicBool>> {
+        let mut waiting = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        waiting.remove(peer)
+    }
+}
+
+/// The connections `acceptor` takes, for tonic's `serve_with_incoming_shutdown`; `waiting`
+/// is the [`FirstRequestLayer`]'s.
 pub fn connections(
     acceptor: Acceptor,
-    handshake_timeout: Duration,
+    first_request_timeout: Duration,
+    waiting: Waiting,
 ) -> impl Stream<Item = std::io::Result<GrpcConnection>> {
-    futures::stream::unfold(acceptor, move |acceptor| async move {
-        let (tcp, _peer, slot) = acceptor.accept().await;
-        // No Nagle: a snapshot or an ack written in several pieces would otherwise wait for
-        // the peer's delayed ACK (40 ms on Linux) before its last piece.
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
+    futures::stream::unfold(acceptor, move |acceptor| {
+        let waiting = waiting.clone();
+        async move {
+            let (tcp, peer, slot) = acceptor.accept().await;
+            // No Nagle: a snapshot or an ack written in several pieces would otherwise wait
+            // for the peer's delayed ACK (40 ms on Linux) before its last piece.
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+            let started = waiting.add(peer);
+            let connection = GrpcConnection {
+                tcp,
+                _slot: slot,
+                peer,
+                waiting,
+                started,
+                due: Some(Box::pin(tokio::time::sleep(first_request_timeout))),
+            };
+            Some((Ok(connection), acceptor))
         }
-        let connection = GrpcConnection {
-            tcp,
-            _slot: slot,
-            read: 0,
-            preface_due: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
-        };
-        Some((Ok(connection), acceptor))
     })
 }
 
 /// A connection to the gRPC port, holding its slot of the connection limit, and failing its
-/// reads once the preface is overdue.
+/// reads once its first request is overdue.
 #[derive(Debug)]
 pub struct GrpcConnection {
     tcp: TcpStream,
     _slot: Slot,
-    /// Bytes read while the preface is awaited.
-    read: usize,
-    /// Until [`PREFACE_BYTES`] have come.
-    preface_due: Option<Pin<Box<Sleep>>>,
+    peer: SocketAddr,
+    waiting: Waiting,
+    started: Arc<AtomicBool>,
+    /// Until the first request has come.
+    due: Option<Pin<Box<Sleep>>>,
+}
+
+impl Drop for GrpcConnection {
+    fn drop(&mut self) {
+        if self.due.is_some() && !self.started.load(Ordering::Relaxed) {
+            self.waiting.remove(&self.peer);
+        }
+    }
 }
 
 impl Connected for GrpcConnection {
     type ConnectInfo = TcpConnectInfo;
 
-    /// The peer's address, as for a plain `TcpStream` (the token checks limit failures by it).
+    /// The peer's address, as for a plain `TcpStream` (the token checks limit failures by
+    /// it, and [`FirstRequestLayer`] finds the connection by it).
     fn connect_info(&self) -> TcpConnectInfo {
         self.tcp.connect_info()
     }
@@ -99,21 +141,18 @@ impl AsyncRead for GrpcConnection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        let before = buf.filled().len();
-        let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
-        if let Some(due) = &mut this.preface_due {
-            this.read += buf.filled().len() - before;
-            if this.read >= PREFACE_BYTES {
-                this.preface_due = None;
-            } else if read.is_pending() && due.as_mut().poll(cx).is_ready() {
-                tracing::debug!("closed a gRPC connection that sent no preface in time");
+        if let Some(due) = &mut this.due {
+            if this.started.load(Ordering::Relaxed) {
+                this.due = None;
+            } else if due.as_mut().poll(cx).is_ready() {
+                tracing::debug!(peer = %this.peer, "closed a gRPC connection that sent no request in time");
                 return Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    "no HTTP/2 preface within the handshake timeout",
+                    "no request within the first-request timeout",
                 )));
             }
         }
-        read
+        Pin::new(&mut this.tcp).poll_read(cx, buf)
     }
 }
 
@@ -144,5 +183,55 @@ impl AsyncWrite for GrpcConnection {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// Marks a connection started at its first request (see [`Waiting`]).
+#[derive(Debug, Clone)]
+pub struct FirstRequestLayer(pub Waiting);
+
+impl<S> tower::Layer<S> for FirstRequestLayer {
+    type Service = FirstRequest<S>;
+
+    fn layer(&self, inner: S) -> FirstRequest<S> {
+        FirstRequest {
+            inner,
+            waiting: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FirstRequest<S> {
+    inner: S,
+    waiting: Waiting,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for FirstRequest<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> S::Future {
+        let extensions = request.extensions();
+        let peer = extensions
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr)
+            .or_else(|| {
+                extensions
+                    .get::<TlsConnectInfo<TcpConnectInfo>>()
+                    .and_then(|tls| tls.get_ref().remote_addr())
+            });
+        if let Some(started) = peer.and_then(|peer| self.waiting.remove(&peer)) {
+            started.store(true, Ordering::Relaxed);
+        }
+        self.inner.call(request)
     }
 }

@@ -71,11 +71,10 @@ struct Args {
     /// data plane holds two, each sluicectl one.
     #[arg(long, env = "SLUICE_GRPC_MAX_CONNECTIONS", default_value_t = server::DEFAULT_GRPC_MAX_CONNECTIONS)]
     grpc_max_connections: usize,
-    /// How long a new connection to the gRPC listener may take to send HTTP/2's preface
-    /// (after its TLS handshake, which this bounds too); past it the connection is closed
-    /// (e.g. 10s, 1m).
-    #[arg(long, env = "SLUICE_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    grpc_handshake_timeout: std::time::Duration,
+    /// How long a new connection to the gRPC listener may take to send its first request
+    /// (its TLS handshake included); past it the connection is closed (e.g. 10s, 1m).
+    #[arg(long, env = "SLUICE_GRPC_FIRST_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    grpc_first_request_timeout: std::time::Duration,
     /// File holding the base64 master key that encrypts provider keys (SLUICE_MASTER_KEY
     /// wins if set). Default: <data-dir>/master-key, generated on first start.
     #[arg(long, env = "SLUICE_MASTER_KEY_FILE", global = true)]
@@ -224,7 +223,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         },
         grpc: GrpcOptions {
             max_connections: args.grpc_max_connections,
-            handshake_timeout: args.grpc_handshake_timeout,
+            first_request_timeout: args.grpc_first_request_timeout,
         },
         secrets: secret_sources(args),
         tls: match (&args.tls_cert, &args.tls_key) {

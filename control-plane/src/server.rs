@@ -44,22 +44,22 @@ pub struct Config {
 pub struct GrpcOptions {
     /// Connections open at once; past it a new one is refused (GOAWAY) and closed.
     pub max_connections: usize,
-    /// A connection that has not sent HTTP/2's preface (and finished its TLS handshake,
-    /// with TLS) within this is closed.
-    pub handshake_timeout: Duration,
+    /// A connection that has sent no request within this is closed (with TLS, its
+    /// handshake has as long).
+    pub first_request_timeout: Duration,
 }
 
 /// The default for `--grpc-max-connections`: each data plane holds two, each admin tool one.
 pub const DEFAULT_GRPC_MAX_CONNECTIONS: usize = 1_000;
 
-/// The default for `--grpc-handshake-timeout`.
-pub const DEFAULT_GRPC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default for `--grpc-first-request-timeout`.
+pub const DEFAULT_GRPC_FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for GrpcOptions {
     fn default() -> Self {
         Self {
             max_connections: DEFAULT_GRPC_MAX_CONNECTIONS,
-            handshake_timeout: DEFAULT_GRPC_HANDSHAKE_TIMEOUT,
+            first_request_timeout: DEFAULT_GRPC_FIRST_REQUEST_TIMEOUT,
         }
     }
 }
@@ -276,7 +276,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             Some(
                 ServerTlsConfig::new()
                     .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))
-                    .timeout(config.grpc.handshake_timeout),
+                    .timeout(config.grpc.first_request_timeout),
             )
         }
         None => None,
@@ -375,7 +375,9 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     } else {
         grpc_acceptor = grpc_acceptor.refusing_with(&crate::grpc_incoming::REFUSAL);
     }
+    let waiting = crate::grpc_incoming::Waiting::default();
     let grpc = builder
+        .layer(crate::grpc_incoming::FirstRequestLayer(waiting.clone()))
         .layer(GrpcMetricsLayer::new(Arc::clone(&metrics)))
         .add_service(health_service)
         .add_service(reflection)
@@ -402,7 +404,11 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             dataplane_check,
         ))
         .serve_with_incoming_shutdown(
-            crate::grpc_incoming::connections(grpc_acceptor, config.grpc.handshake_timeout),
+            crate::grpc_incoming::connections(
+                grpc_acceptor,
+                config.grpc.first_request_timeout,
+                waiting,
+            ),
             stop.clone().cancelled_owned(),
         );
 

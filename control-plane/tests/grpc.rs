@@ -1807,16 +1807,17 @@ async fn one_connection_to_the_grpc_port_may_open_a_bounded_number_of_streams() 
     assert_eq!(connection.max_concurrent_send_streams(), 100);
 }
 
-/// A connection to the gRPC port that sends no HTTP/2 preface within the handshake timeout
-/// is closed, whether it sends nothing or half the preface: health checks and reflection need
-/// no token, and such connections were held for good, each a task and a descriptor. A client
-/// that speaks is served all along.
+/// A connection to the gRPC port that sends no request within `--grpc-first-request-timeout`
+/// is closed, whether it sends nothing, half of HTTP/2's preface, or the whole handshake and
+/// then nothing: health checks and reflection need no token, and such connections were held
+/// for good, each a task, a descriptor and now a slot of the connection limit. A client that
+/// speaks is served all along.
 #[tokio::test]
-async fn a_connection_to_the_grpc_port_that_sends_no_preface_is_closed() {
+async fn a_connection_to_the_grpc_port_that_sends_no_request_is_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let grpc = GrpcOptions {
-        handshake_timeout: Duration::from_millis(300),
+        first_request_timeout: Duration::from_millis(300),
         ..GrpcOptions::default()
     };
     let cp = TestControlPlane::start_with_grpc(dir.path(), grpc)
@@ -1826,6 +1827,10 @@ async fn a_connection_to_the_grpc_port_that_sends_no_preface_is_closed() {
     let silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
     half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // The whole HTTP/2 handshake, then no request.
+    let idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (_send, idle) = h2::client::handshake(idle).await.unwrap();
+    let idle = tokio::spawn(idle);
     let mut admin = cp.admin_client().await.unwrap();
     admin
         .list_backends(pb::ListBackendsRequest::default())
@@ -1837,10 +1842,29 @@ async fn a_connection_to_the_grpc_port_that_sends_no_preface_is_closed() {
             tokio::time::timeout(Duration::from_secs(10), connection.read_to_end(&mut rest)).await;
         assert!(closed.is_ok(), "still open 10 s later");
     }
-    admin
-        .list_backends(pb::ListBackendsRequest::default())
+    tokio::time::timeout(Duration::from_secs(10), idle)
         .await
-        .unwrap();
+        .expect("the idle HTTP/2 connection still open 10 s later")
+        .unwrap()
+        .ok();
+    // A connection that asked once keeps going past the timeout.
+    let asked = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (mut send, asked) = h2::client::handshake(asked).await.unwrap();
+    let asked = tokio::spawn(asked);
+    let health = || {
+        http::Request::post("/grpc.health.v1.Health/Check")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap()
+    };
+    let (answer, _) = send.send_request(health(), true).unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(!asked.is_finished(), "closed after its first request");
+    send = send.ready().await.unwrap();
+    let (answer, _) = send.send_request(health(), true).unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
 }
 
 /// At most `--grpc-max-connections` connections to the gRPC port are open at once; a new one

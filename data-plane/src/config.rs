@@ -84,7 +84,8 @@ pub struct Config {
     /// Of --max-buffered-answer-bytes, what the answers to any one client key may hold at
     /// once; past it the key's answer gets 503 server_busy (one key's clients slow to read
     /// large answers cannot have every other key's refused). Default: half of
-    /// --max-buffered-answer-bytes, and at least --max-response-bytes.
+    /// --max-buffered-answer-bytes, and at least twice --max-response-bytes (an answer that
+    /// declares no length is read into a buffer that doubles as it grows).
     #[arg(long, env = "SLUICE_MAX_BUFFERED_ANSWER_BYTES_PER_KEY")]
     pub max_buffered_answer_bytes_per_key: Option<usize>,
     /// How long a client may take to send a request's whole body once its headers arrived;
@@ -242,7 +243,7 @@ impl Config {
     pub fn answers_per_key(&self) -> usize {
         self.max_buffered_answer_bytes_per_key.unwrap_or_else(|| {
             (self.max_buffered_answer_bytes / 2)
-                .max(self.max_response_bytes)
+                .max(self.max_response_bytes.saturating_mul(2))
                 .min(self.max_buffered_answer_bytes)
         })
     }
@@ -338,13 +339,15 @@ mod tests {
     }
 
     #[test]
-    fn a_keys_share_of_the_answers_memory_is_half_and_at_least_the_largest_answer() {
+    fn a_keys_share_of_the_answers_memory_is_half_and_room_for_the_largest_answer_growing() {
         let mut config = Config::new("http://127.0.0.1:1", "127.0.0.1:0".parse().unwrap());
         config.max_buffered_answer_bytes = 256;
         config.max_response_bytes = 64;
         assert_eq!(config.answers_per_key(), 128);
-        config.max_response_bytes = 200;
+        config.max_response_bytes = 100;
         assert_eq!(config.answers_per_key(), 200);
+        config.max_response_bytes = 200;
+        assert_eq!(config.answers_per_key(), 256);
         config.max_buffered_answer_bytes_per_key = Some(100);
         assert_eq!(config.answers_per_key(), 100);
     }

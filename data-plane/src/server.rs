@@ -154,6 +154,15 @@ impl Proxy {
                 largest: config.max_response_bytes,
             });
         }
+        if config.answers_per_key() < config.max_response_bytes.saturating_mul(2)
+            && config.answers_per_key() < config.max_buffered_answer_bytes
+        {
+            tracing::warn!(
+                "--max-buffered-answer-bytes-per-key is less than twice --max-response-bytes: \
+                 an answer over half the largest that declares no length is refused even when \
+                 its key holds nothing else"
+            );
+        }
         if config.max_buffered_answer_bytes < config.max_response_bytes.saturating_mul(2) {
             // An answer of undeclared length is read into a buffer that doubles as it grows.
             tracing::warn!(

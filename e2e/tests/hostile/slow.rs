@@ -367,21 +367,24 @@ async fn one_keys_unread_answers_leave_room_for_other_keys() {
         .await;
     let (_, greedy) = cluster.create_key("greedy", &[]).await;
     let (_, other) = cluster.create_key("other", &[]).await;
-    // Room for two such answers; a key's share, half, for one.
+    // Room for five such answers; a key's share, half, for two.
     let proxy = cluster
         .proxy_with(&[
             "--max-response-bytes",
             "20000000",
             "--max-buffered-answer-bytes",
-            "40000000",
+            "80000000",
         ])
         .await;
 
-    let _held = asked_and_unread(&proxy, &greedy, 1.0).await;
-    // The same key's second answer, which the replica would have room for, passes its share.
-    let mut second = asked_and_unread(&proxy, &greedy, 2.0).await;
+    let _held = [
+        asked_and_unread(&proxy, &greedy, 1.0).await,
+        asked_and_unread(&proxy, &greedy, 2.0).await,
+    ];
+    // The same key's third answer, which the replica would have room for, passes its share.
+    let mut third = asked_and_unread(&proxy, &greedy, 3.0).await;
     let mut refused = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), second.read_to_end(&mut refused))
+    tokio::time::timeout(Duration::from_secs(30), third.read_to_end(&mut refused))
         .await
         .expect("the refusal within 30 s")
         .unwrap();
