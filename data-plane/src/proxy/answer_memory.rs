@@ -5,7 +5,7 @@
 //! answer until its deadline) could hold it all, and every other key's large answers were
 //! refused after the provider had generated, and billed, them.
 
-use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -24,8 +24,10 @@ pub enum Full {
 pub struct AnswerMemory {
     total: Arc<Semaphore>,
     per_key: usize,
-    /// Bytes held by each key holding any.
-    keys: Mutex<HashMap<String, usize>>,
+    /// Bytes held by each key holding any, by the hash of its id (two keys whose ids hash
+    /// alike, one chance in 2^64 a pair, would share a share): no allocation an answer.
+    keys: Mutex<foldhash::HashMap<u64, usize>>,
+    ids: foldhash::quality::RandomState,
 }
 
 impl AnswerMemory {
@@ -34,14 +36,16 @@ impl AnswerMemory {
             total: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
             per_key,
             keys: Mutex::default(),
+            ids: foldhash::quality::RandomState::default(),
         })
     }
 
     /// `bytes` more for an answer to `key`, if both the replica's memory and the key's share
     /// have them.
     pub fn take(self: &Arc<Self>, key: &str, bytes: usize) -> Result<AnswerPermit, Full> {
+        let key = self.ids.hash_one(key);
         let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        let held = keys.get(key).copied().unwrap_or(0);
+        let held = keys.get(&key).copied().unwrap_or(0);
         if held.saturating_add(bytes) > self.per_key {
             return Err(Full::Key);
         }
@@ -49,24 +53,20 @@ impl AnswerMemory {
             .ok()
             .and_then(|n| Arc::clone(&self.total).try_acquire_many_owned(n).ok())
             .ok_or(Full::Replica)?;
-        match keys.get_mut(key) {
-            Some(held) => *held += bytes,
-            None => {
-                keys.insert(key.to_owned(), bytes);
-            }
-        }
+        *keys.entry(key).or_default() += bytes;
         Ok(AnswerPermit {
             total: Some(total),
             memory: Arc::clone(self),
-            key: key.to_owned(),
+            key,
             bytes,
         })
     }
 
     /// Bytes the answers to `key` hold now.
     pub fn held_by(&self, key: &str) -> usize {
+        let key = self.ids.hash_one(key);
         let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        keys.get(key).copied().unwrap_or(0)
+        keys.get(&key).copied().unwrap_or(0)
     }
 
     /// Bytes the replica's answers may still take.
@@ -81,7 +81,7 @@ pub struct AnswerPermit {
     /// `None` once merged into another.
     total: Option<OwnedSemaphorePermit>,
     memory: Arc<AnswerMemory>,
-    key: String,
+    key: u64,
     bytes: usize,
 }
 
