@@ -2,14 +2,15 @@
 //! listeners' are: at most `--grpc-max-connections` open at once (past it a new one gets a
 //! refusal and is closed, counted in `sluice_grpc_connections_refused_total`), and a pause
 //! instead of a spinning accept loop when the process is out of file descriptors. And each
-//! must send its first request within `--grpc-first-request-timeout` (which bounds TLS's
-//! handshake too, where the port has TLS): health checks and reflection need no token, so
-//! anyone who reaches the port could otherwise hold connections for ever without sending a
-//! byte, or half of HTTP/2's preface, or after a TLS handshake nothing (hyper waits for the
-//! preface with no timer, and PINGs only once it came), each a task, a descriptor and a slot
-//! of the limit. Once a request has come, hyper's keep-alive PINGs end a connection whose
-//! peer stops answering. Clients connect when they have a request to send (tonic's channels,
-//! `sluicectl`), so the bound costs them nothing.
+//! must send its first request with a token (the admin's or the data planes') within
+//! `--grpc-first-request-timeout` (which bounds TLS's handshake too, where the port has TLS):
+//! anyone who reaches the port could otherwise hold connections for ever, each a task, a
+//! descriptor and a slot of the limit, without sending a byte, or half of HTTP/2's preface,
+//! or after a TLS handshake nothing (hyper waits for the preface with no timer), or requests
+//! without a token (health checks and reflection need none). Clients with a token connect when
+//! they have a request to send (tonic's channels, `sluicectl`), so the bound costs them
+//! nothing; a client without one (a probe) is closed after the timeout, its requests answered
+//! meanwhile.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,7 +25,7 @@ use sluice_listener::{Acceptor, Slot};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
-use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 const REFUSAL_REASON: &[u8] =
     b"too many open connections to the gRPC port (--grpc-max-connections)";
@@ -53,9 +54,9 @@ const fn refusal() -> [u8; 9 + 9 + 8 + REFUSAL_REASON.len()] {
     frames
 }
 
-/// The connections that have sent no request yet, by their peer's address (which tonic
-/// hands each request as its connect info): [`FirstRequestLayer`] marks a connection
-/// started at its first request.
+/// The connections that have sent no request with a token yet, by their peer's address
+/// (which tonic hands each request as its connect info): the token checks
+/// (`api::auth::TokenCheck`) mark a connection started at its first such request.
 #[derive(Debug, Default, Clone)]
 pub struct Waiting(Arc<Mutex<HashMap<SocketAddr, Arc<AtomicBool>>>>);
 
@@ -71,10 +72,22 @@ impl Waiting {
         let mut waiting = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         waiting.remove(peer)
     }
+
+    /// The connection from `peer` made a request with a token: it is no longer timed.
+    pub fn started(&self, peer: SocketAddr) {
+        if let Some(started) = self.remove(&peer) {
+            started.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
+/// After the first request's deadline, how long a connection still has before it is closed:
+/// its first request may have come just before, and be checked in a task of its own, which
+/// marks the connection started a moment later.
+const MARKING_GRACE: Duration = Duration::from_secs(1);
+
 /// The connections `acceptor` takes, for tonic's `serve_with_incoming_shutdown`; `waiting`
-/// is the [`FirstRequestLayer`]'s.
+/// is the token checks'.
 pub fn connections(
     acceptor: Acceptor,
     first_request_timeout: Duration,
@@ -97,6 +110,7 @@ pub fn connections(
                 waiting,
                 started,
                 due: Some(Box::pin(tokio::time::sleep(first_request_timeout))),
+                graced: false,
             };
             Some((Ok(connection), acceptor))
         }
@@ -114,6 +128,8 @@ pub struct GrpcConnection {
     started: Arc<AtomicBool>,
     /// Until the first request has come.
     due: Option<Pin<Box<Sleep>>>,
+    /// `due` was moved on by [`MARKING_GRACE`] once.
+    graced: bool,
 }
 
 impl Drop for GrpcConnection {
@@ -127,8 +143,8 @@ impl Drop for GrpcConnection {
 impl Connected for GrpcConnection {
     type ConnectInfo = TcpConnectInfo;
 
-    /// The peer's address, as for a plain `TcpStream` (the token checks limit failures by
-    /// it, and [`FirstRequestLayer`] finds the connection by it).
+    /// The peer's address, as for a plain `TcpStream` (the token checks limit failures by it,
+    /// and mark the connection started by it).
     fn connect_info(&self) -> TcpConnectInfo {
         self.tcp.connect_info()
     }
@@ -141,18 +157,31 @@ impl AsyncRead for GrpcConnection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        // What the peer sent is read first: a request that came by the deadline is served.
+        let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        if read.is_ready() {
+            return read;
+        }
         if let Some(due) = &mut this.due {
             if this.started.load(Ordering::Relaxed) {
                 this.due = None;
             } else if due.as_mut().poll(cx).is_ready() {
-                tracing::debug!(peer = %this.peer, "closed a gRPC connection that sent no request in time");
+                if !this.graced {
+                    this.graced = true;
+                    let later = tokio::time::Instant::now() + MARKING_GRACE;
+                    due.as_mut().reset(later);
+                    // Registered for the new deadline.
+                    let _ = due.as_mut().poll(cx);
+                    return read;
+                }
+                tracing::debug!(peer = %this.peer, "closed a gRPC connection that made no request with a token in time");
                 return Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    "no request within the first-request timeout",
+                    "no request with a token within the first-request timeout",
                 )));
             }
         }
-        Pin::new(&mut this.tcp).poll_read(cx, buf)
+        read
     }
 }
 
@@ -183,55 +212,5 @@ impl AsyncWrite for GrpcConnection {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.tcp).poll_shutdown(cx)
-    }
-}
-
-/// Marks a connection started at its first request (see [`Waiting`]).
-#[derive(Debug, Clone)]
-pub struct FirstRequestLayer(pub Waiting);
-
-impl<S> tower::Layer<S> for FirstRequestLayer {
-    type Service = FirstRequest<S>;
-
-    fn layer(&self, inner: S) -> FirstRequest<S> {
-        FirstRequest {
-            inner,
-            waiting: self.0.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct FirstRequest<S> {
-    inner: S,
-    waiting: Waiting,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for FirstRequest<S>
-where
-    S: tower::Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> S::Future {
-        let extensions = request.extensions();
-        let peer = extensions
-            .get::<TcpConnectInfo>()
-            .and_then(TcpConnectInfo::remote_addr)
-            .or_else(|| {
-                extensions
-                    .get::<TlsConnectInfo<TcpConnectInfo>>()
-                    .and_then(|tls| tls.get_ref().remote_addr())
-            });
-        if let Some(started) = peer.and_then(|peer| self.waiting.remove(&peer)) {
-            started.store(true, Ordering::Relaxed);
-        }
-        self.inner.call(request)
     }
 }

@@ -71,8 +71,10 @@ struct Args {
     /// data plane holds two, each sluicectl one.
     #[arg(long, env = "SLUICE_GRPC_MAX_CONNECTIONS", default_value_t = server::DEFAULT_GRPC_MAX_CONNECTIONS)]
     grpc_max_connections: usize,
-    /// How long a new connection to the gRPC listener may take to send its first request
-    /// (its TLS handshake included); past it the connection is closed (e.g. 10s, 1m).
+    /// How long a new connection to the gRPC listener may take to make its first request with
+    /// a token, admin or data-plane (its TLS handshake included; requests that need none are
+    /// answered meanwhile); past it, and a second's grace, the connection is closed (e.g.
+    /// 10s, 1m).
     #[arg(long, env = "SLUICE_GRPC_FIRST_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     grpc_first_request_timeout: std::time::Duration,
     /// File holding the base64 master key that encrypts provider keys (SLUICE_MASTER_KEY

@@ -44,8 +44,8 @@ pub struct Config {
 pub struct GrpcOptions {
     /// Connections open at once; past it a new one is refused (GOAWAY) and closed.
     pub max_connections: usize,
-    /// A connection that has sent no request within this is closed (with TLS, its
-    /// handshake has as long).
+    /// A connection that has made no request with a token within this (and a second's
+    /// grace) is closed (with TLS, its handshake has as long).
     pub first_request_timeout: Duration,
 }
 
@@ -328,8 +328,11 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         )),
     ];
 
-    let admin_check = TokenCheck::new(&secrets.admin_token, "admin");
-    let dataplane_check = TokenCheck::new(&secrets.dataplane_token, "data-plane");
+    let waiting = crate::grpc_incoming::Waiting::default();
+    let admin_check =
+        TokenCheck::new(&secrets.admin_token, "admin").marking_started(waiting.clone());
+    let dataplane_check =
+        TokenCheck::new(&secrets.dataplane_token, "data-plane").marking_started(waiting.clone());
     let admin = Admin::new(store.clone(), publisher.clone(), registry.clone());
     let stats = Stats::new(store.clone());
     // A JSON API body is a few hundred bytes: the head's timeout is ample for it too.
@@ -375,9 +378,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     } else {
         grpc_acceptor = grpc_acceptor.refusing_with(&crate::grpc_incoming::REFUSAL);
     }
-    let waiting = crate::grpc_incoming::Waiting::default();
     let grpc = builder
-        .layer(crate::grpc_incoming::FirstRequestLayer(waiting.clone()))
         .layer(GrpcMetricsLayer::new(Arc::clone(&metrics)))
         .add_service(health_service)
         .add_service(reflection)

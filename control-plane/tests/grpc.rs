@@ -1807,13 +1807,14 @@ async fn one_connection_to_the_grpc_port_may_open_a_bounded_number_of_streams() 
     assert_eq!(connection.max_concurrent_send_streams(), 100);
 }
 
-/// A connection to the gRPC port that sends no request within `--grpc-first-request-timeout`
-/// is closed, whether it sends nothing, half of HTTP/2's preface, or the whole handshake and
-/// then nothing: health checks and reflection need no token, and such connections were held
-/// for good, each a task, a descriptor and now a slot of the connection limit. A client that
-/// speaks is served all along.
+/// A connection to the gRPC port that makes no request with a token within
+/// `--grpc-first-request-timeout` (and a second's grace) is closed, whether it sends nothing,
+/// half of HTTP/2's preface, a whole handshake and then nothing, or requests that need no
+/// token (health checks): such connections were held for good, each a task, a descriptor and
+/// now a slot of the connection limit. A client with a token is served all along, and its
+/// connection outlives the timeout.
 #[tokio::test]
-async fn a_connection_to_the_grpc_port_that_sends_no_request_is_closed() {
+async fn a_connection_to_the_grpc_port_without_a_request_with_a_token_is_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let grpc = GrpcOptions {
@@ -1828,43 +1829,67 @@ async fn a_connection_to_the_grpc_port_that_sends_no_request_is_closed() {
     let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
     half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
     // The whole HTTP/2 handshake, then no request.
-    let idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let (_send, idle) = h2::client::handshake(idle).await.unwrap();
-    let idle = tokio::spawn(idle);
-    let mut admin = cp.admin_client().await.unwrap();
-    admin
-        .list_backends(pb::ListBackendsRequest::default())
-        .await
+    let (_idle, idle) = h2_connection(&addr).await;
+    // Health checks only: answered, but no token.
+    let (mut health_only, probing) = h2_connection(&addr).await;
+    let (answer, _) = health_only
+        .send_request(grpc_request(HEALTH, None), true)
         .unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
+    // A client with a token.
+    let (mut admin, asked) = h2_connection(&addr).await;
+    let list = "/sluice.v1.AdminService/ListBackends";
+    let (answer, mut body) = admin
+        .send_request(grpc_request(list, Some(&cp.admin_token)), false)
+        .unwrap();
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
+
     for mut connection in [silent, half] {
         let mut rest = Vec::new();
         let closed =
             tokio::time::timeout(Duration::from_secs(10), connection.read_to_end(&mut rest)).await;
         assert!(closed.is_ok(), "still open 10 s later");
     }
-    tokio::time::timeout(Duration::from_secs(10), idle)
-        .await
-        .expect("the idle HTTP/2 connection still open 10 s later")
-        .unwrap()
-        .ok();
-    // A connection that asked once keeps going past the timeout.
-    let asked = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let (mut send, asked) = h2::client::handshake(asked).await.unwrap();
-    let asked = tokio::spawn(asked);
-    let health = || {
-        http::Request::post("/grpc.health.v1.Health/Check")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap()
-    };
-    let (answer, _) = send.send_request(health(), true).unwrap();
+    for (connection, what) in [(idle, "the idle HTTP/2"), (probing, "the health checks'")] {
+        let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
+        assert!(closed.is_ok(), "{what} connection still open 10 s later");
+    }
+    // Past the timeout and its grace, the client with a token is still connected.
+    assert!(!asked.is_finished(), "closed after a request with a token");
+    admin = admin.ready().await.unwrap();
+    let (answer, mut body) = admin
+        .send_request(grpc_request(list, Some(&cp.admin_token)), false)
+        .unwrap();
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
     assert_eq!(answer.await.unwrap().status(), 200);
-    tokio::time::sleep(Duration::from_millis(900)).await;
-    assert!(!asked.is_finished(), "closed after its first request");
-    send = send.ready().await.unwrap();
-    let (answer, _) = send.send_request(health(), true).unwrap();
-    assert_eq!(answer.await.unwrap().status(), 200);
+}
+
+const HEALTH: &str = "/grpc.health.v1.Health/Check";
+
+/// A raw HTTP/2 connection to `addr`, its connection driven by a task of its own.
+async fn h2_connection(
+    addr: &str,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    (send, tokio::spawn(connection))
+}
+
+/// A gRPC request's head for `path`, with `token` as the bearer if given.
+fn grpc_request(path: &str, token: Option<&str>) -> http::Request<()> {
+    let mut request = http::Request::post(path)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    request.body(()).unwrap()
 }
 
 /// At most `--grpc-max-connections` connections to the gRPC port are open at once; a new one

@@ -85,7 +85,8 @@ pub struct Config {
     /// once; past it the key's answer gets 503 server_busy (one key's clients slow to read
     /// large answers cannot have every other key's refused). Default: half of
     /// --max-buffered-answer-bytes, and at least twice --max-response-bytes (an answer that
-    /// declares no length is read into a buffer that doubles as it grows).
+    /// declares no length is read into a buffer that doubles as it grows), at most
+    /// --max-buffered-answer-bytes.
     #[arg(long, env = "SLUICE_MAX_BUFFERED_ANSWER_BYTES_PER_KEY")]
     pub max_buffered_answer_bytes_per_key: Option<usize>,
     /// How long a client may take to send a request's whole body once its headers arrived;

@@ -16,6 +16,8 @@ use sluice_domain::logging::LogLimiter;
 use subtle::ConstantTimeEq as _;
 use tonic::{Request, Status};
 
+use crate::grpc_incoming::Waiting;
+
 use throttle::FailureThrottle;
 
 /// At most one "authentication failed" line per token per this interval.
@@ -28,6 +30,9 @@ pub struct TokenCheck {
     realm: &'static str,
     failures: Arc<FailureThrottle>,
     log: Arc<LogLimiter>,
+    /// On the gRPC port: the connections that have made no authenticated request yet, which a
+    /// request passing this check marks started (see [`crate::grpc_incoming`]).
+    waiting: Option<Waiting>,
 }
 
 impl std::fmt::Debug for TokenCheck {
@@ -46,7 +51,14 @@ impl TokenCheck {
             realm,
             failures: Arc::new(FailureThrottle::default()),
             log: Arc::new(LogLimiter::new(LOG_INTERVAL)),
+            waiting: None,
         }
+    }
+
+    /// Marks the gRPC connection of each request that passes as started in `waiting`.
+    pub fn marking_started(mut self, waiting: Waiting) -> Self {
+        self.waiting = Some(waiting);
+        self
     }
 
     /// Whether `presented` is the token. Comparing digests keeps the time
@@ -131,7 +143,11 @@ impl tonic::service::Interceptor for TokenCheck {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        self.check(header, request.remote_addr().map(|a| a.ip()))?;
+        let peer = request.remote_addr();
+        self.check(header, peer.map(|a| a.ip()))?;
+        if let (Some(waiting), Some(peer)) = (&self.waiting, peer) {
+            waiting.started(peer);
+        }
         Ok(request)
     }
 }
