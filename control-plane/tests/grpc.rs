@@ -1718,39 +1718,31 @@ async fn moving_a_backend_to_another_origin_needs_its_key_again() {
     let dir = tempfile::tempdir().unwrap();
     let cp = TestControlPlane::start(dir.path()).await.unwrap();
     let mut admin = admin(&cp).await;
-    // A key too short to have a hint shown is a key all the same.
-    let short = create(&mut admin, "b0", "sk-123").await;
-    assert_eq!(short.api_key_hint, "");
-    let err = admin
-        .update_backend(pb::UpdateBackendRequest {
-            backend: Some(pb::Backend {
-                id: short.id.clone(),
-                base_url: "https://collector.example/v1".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(mask(&["base_url"])),
-            api_key: String::new(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    let created = create(&mut admin, "b1", "sk-provider-secret-1234").await;
-    let move_to = |base_url: &str, api_key: &str| pb::UpdateBackendRequest {
+    let move_to = |id: &str, base_url: &str, api_key: &str| pb::UpdateBackendRequest {
         backend: Some(pb::Backend {
-            id: created.id.clone(),
+            id: id.into(),
             base_url: base_url.into(),
             ..Default::default()
         }),
         update_mask: Some(mask(&["base_url"])),
         api_key: api_key.into(),
     };
+    // A key too short to have a hint shown is a key all the same.
+    let short = create(&mut admin, "b0", "sk-123").await;
+    assert_eq!(short.api_key_hint, "");
+    let err = admin
+        .update_backend(move_to(&short.id, "https://collector.example/v1", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let created = create(&mut admin, "b1", "sk-provider-secret-1234").await;
     for elsewhere in [
         "https://collector.example/v1",
         "http://api.example.com/v1",
         "https://api.example.com:8443/v1",
     ] {
         let err = admin
-            .update_backend(move_to(elsewhere, ""))
+            .update_backend(move_to(&created.id, elsewhere, ""))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{elsewhere}");
@@ -1773,7 +1765,7 @@ async fn moving_a_backend_to_another_origin_needs_its_key_again() {
         ("https://collector.example/v1", "sk-collectors-own-key-5678"),
     ] {
         let moved = admin
-            .update_backend(move_to(base_url, api_key))
+            .update_backend(move_to(&created.id, base_url, api_key))
             .await
             .unwrap()
             .into_inner()
