@@ -162,6 +162,11 @@ fn write_response(
     Ok(tokens)
 }
 
+/// The figures of a Responses API `usage` value, its text alone.
+pub fn usage_tokens(json: &[u8]) -> Option<Tokens> {
+    usage(std::str::from_utf8(json).ok()?)
+}
+
 /// The Responses API's `usage` object (`ResponseUsage`).
 fn usage(json: &str) -> Option<Tokens> {
     #[derive(Deserialize)]

@@ -652,6 +652,127 @@ async fn answer_bounds_below_the_largest_answer_are_refused_at_start() {
     }
 }
 
+/// A request sent on an HTTP/2 connection that grants its streams no flow-control window:
+/// the proxy holds the whole answer (once read from the upstream) while the stream lives.
+async fn asked_and_unread(
+    h: &Harness,
+    path: &str,
+    body: &str,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    h2::SendStream<bytes::Bytes>,
+    http::Response<h2::RecvStream>,
+) {
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{}{path}", h.addr))
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("anthropic-version", "2023-06-01")
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let (answer, mut stream) = send.send_request(request, false).unwrap();
+    stream
+        .send_data(bytes::Bytes::from(body.to_owned()), true)
+        .unwrap();
+    // Every handle of the stream kept: h2 resets one whose handles are all dropped.
+    let head = tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+        .await
+        .expect("a head within 10 s")
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    (send, stream, head)
+}
+
+/// An answer refused for memory (503 `server_busy`) was generated and billed all the same:
+/// its `usage` is read from the rest of it as that is thrown away, and the request's record
+/// charges what it says, in each API and across them (before, nothing: the key was charged
+/// only its prompt's reserve).
+#[tokio::test]
+async fn an_answer_refused_for_memory_is_charged_what_its_usage_says() {
+    // About 620 KB an answer: one fits in the 1 MB held at most, two do not.
+    const WORDS: usize = 70_000;
+    let chat = json!({"model": MODEL, "max_tokens": 100_000,
+                      "messages": [{"role": "user", "content": "hi there"}]});
+    let messages = json!({"model": MODEL, "max_tokens": 100_000,
+                          "messages": [{"role": "user", "content": "hi there"}]});
+    let responses = json!({"model": MODEL, "input": "hi there"});
+    for (case, anthropic, path, body) in [
+        ("chat", false, "/v1/chat/completions", &chat),
+        (
+            "chat to an Anthropic backend",
+            true,
+            "/v1/chat/completions",
+            &chat,
+        ),
+        ("Messages", true, "/v1/messages", &messages),
+        (
+            "Messages to an OpenAI backend",
+            false,
+            "/v1/messages",
+            &messages,
+        ),
+        ("Responses", false, "/v1/responses", &responses),
+    ] {
+        let mock = MockServer::start_local(
+            MockConfig::named("primary")
+                .with_api_key("sk-upstream-primary")
+                .with_chunk_count(WORDS),
+        )
+        .unwrap();
+        let mut snap = one_primary_snapshot(&mock.base_url());
+        if anthropic {
+            snap.backends[0].api_format = proto::ApiFormat::Anthropic as i32;
+        }
+        let h = Harness::start_with(snap, |c| {
+            c.max_response_bytes = 1_000_000;
+            c.max_buffered_answer_bytes = 1_000_000;
+        })
+        .await;
+        let body = body.to_string();
+        let _held = asked_and_unread(&h, path, &body).await;
+        let refused = h
+            .http
+            .post(h.url(path))
+            .bearer_auth(KEY)
+            .header("anthropic-version", "2023-06-01")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 503, "{case}");
+        let records = h.records(2).await;
+        let (served, refused) = (&records[0], &records[1]);
+        assert_eq!(
+            (served.status_code, refused.status_code),
+            (200, 503),
+            "{case}"
+        );
+        let tokens = |r: &proto::UsageRecord| {
+            (
+                r.prompt_tokens,
+                r.completion_tokens,
+                r.cached_prompt_tokens,
+                r.reasoning_tokens,
+            )
+        };
+        assert!(
+            served.completion_tokens >= WORDS as u64,
+            "{case}: {served:?}"
+        );
+        assert_eq!(tokens(refused), tokens(served), "{case}");
+        assert!(!refused.tokens_estimated, "{case}");
+        assert_eq!(refused.cost_nanos, served.cost_nanos, "{case}");
+    }
+}
+
 #[tokio::test]
 async fn ready_only_with_a_snapshot() {
     use support::control_plane::{FakeControlPlane, TOKEN};

@@ -16,7 +16,9 @@ use super::accounting::Accounting;
 use super::answer_memory::{AnswerMemory, AnswerPermit, Full};
 use super::kept_sleeps::{KeptSleeps, within};
 use super::relay::{Mode, Relay, Translation, tokens_of};
-use super::usage_figures::{usage_of_answer, usage_value_of_answer};
+use super::usage_figures::{
+    UsageInPassing, usage_of_answer, usage_of_value, usage_value_of_answer,
+};
 use super::{AppState, Collected};
 use crate::anthropic;
 use crate::cooldown::{self, Outcome};
@@ -28,6 +30,7 @@ use crate::responses::{self, IdRewrite};
 use crate::router;
 use crate::snapshot::{ApiFormat, Backend, Endpoint, Policy, Route, Snapshot};
 use crate::upstream::{self, UpstreamBody, UpstreamClient};
+use crate::usage::Tokens;
 
 /// Largest error body read from an upstream 429/5xx (to pass it on if it is the last one).
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -87,8 +90,9 @@ enum Failure {
     /// The answer came, but the whole answers held in memory reached
     /// `--max-buffered-answer-bytes`, or those to the request's key its share of it, while it
     /// was read: 503 `server_busy`. Not the backend's failure, and not asked of another (it
-    /// has answered).
-    MemoryFull(Full),
+    /// has answered). With the text of the answer's top-level `usage`, read from the rest of
+    /// it without keeping it, when it had one (a successful answer, read to its end).
+    MemoryFull(Full, Option<Vec<u8>>),
     /// This replica is out of file descriptors (`EMFILE`, `ENFILE`): it could not open the
     /// upstream connection. Its own state, not the backend's: 503 `server_busy`, no other
     /// backend tried (each would fail the same), no cooldown.
@@ -118,7 +122,7 @@ impl Failure {
             } if *status == StatusCode::TOO_MANY_REQUESTS => Outcome::RateLimited {
                 retry_after: *retry_after,
             },
-            Self::MemoryFull(_) => Outcome::Success,
+            Self::MemoryFull(..) => Outcome::Success,
             _ => Outcome::Failure,
         })
     }
@@ -132,7 +136,7 @@ impl Failure {
             Self::Refused(_) => true,
             Self::Connect(_) | Self::Invalid(_) => policy.retry_on_connect_error,
             Self::Timeout => policy.retry_on_timeout,
-            Self::Cut { .. } | Self::MemoryFull(_) | Self::OutOfFiles => false,
+            Self::Cut { .. } | Self::MemoryFull(..) | Self::OutOfFiles => false,
         }
     }
 
@@ -162,7 +166,7 @@ impl Failure {
             Self::Timeout | Self::Cut { timeout: true, .. } => AttemptOutcome::timeout,
             Self::Invalid(_) | Self::Cut { timeout: false, .. } => AttemptOutcome::invalid_response,
             // The backend answered.
-            Self::MemoryFull(_) => AttemptOutcome::ok,
+            Self::MemoryFull(..) => AttemptOutcome::ok,
             Self::OutOfFiles => AttemptOutcome::local_error,
         }
     }
@@ -175,10 +179,10 @@ impl Failure {
             Self::Timeout => "timeout before the first byte".to_owned(),
             Self::Invalid(e) => format!("invalid response: {e}"),
             Self::Cut { detail, .. } => format!("answer cut after its head: {detail}"),
-            Self::MemoryFull(Full::Replica) => {
+            Self::MemoryFull(Full::Replica, _) => {
                 "answer refused: --max-buffered-answer-bytes held".to_owned()
             }
-            Self::MemoryFull(Full::Key) => {
+            Self::MemoryFull(Full::Key, _) => {
                 "answer refused: the key's share of --max-buffered-answer-bytes held".to_owned()
             }
             Self::OutOfFiles => "this replica is out of file descriptors".to_owned(),
@@ -200,6 +204,24 @@ pub(super) struct Call<'a> {
     pub count_usage: bool,
     /// What an Anthropic backend gets from a Messages client as it came.
     pub passed: Option<&'a Passthrough>,
+}
+
+impl Call<'_> {
+    /// The figures of `usage`, the text of the top-level `usage` of the answer of a backend
+    /// of `format`, when its usage is the request's: read as its whole answer's would be.
+    fn usage_in(&self, format: ApiFormat, usage: &[u8]) -> Option<Tokens> {
+        match (&self.ids, format) {
+            (Some(_), _) => self
+                .count_usage
+                .then(|| responses::usage_tokens(usage))
+                .flatten(),
+            (None, ApiFormat::Anthropic) => (self.endpoint.format() == ApiFormat::OpenAi
+                || self.endpoint == Endpoint::Messages)
+                .then(|| anthropic::response::anthropic_usage_in(usage).map(tokens_of))
+                .flatten(),
+            (None, ApiFormat::OpenAi) => usage_of_value(usage),
+        }
+    }
 }
 
 /// What an Anthropic backend gets from a Messages client as it came: its `anthropic-*`
@@ -467,8 +489,15 @@ pub(super) async fn forward_call(
                         "cannot open an upstream connection: this replica is out of file descriptors (raise its open-files limit)"
                     );
                 }
-                if let Failure::MemoryFull(full) = failure {
+                if let Failure::MemoryFull(full, usage) = failure {
                     app.metrics.answer_refused();
+                    // The provider billed the answer the client does not get.
+                    if let Some(tokens) = usage
+                        .as_deref()
+                        .and_then(|usage| call.usage_in(backend.format, usage))
+                    {
+                        acct.tokens(tokens);
+                    }
                     match full {
                         Full::Replica => tracing::warn!(
                             backend = %backend.name,
@@ -544,7 +573,11 @@ pub(super) async fn forward_call(
                 return deliver(app, answer, acct, mode, &policy, deadline).await;
             }
             Err(failure) => {
-                acct.attempt_failed(matches!(failure, Failure::Timeout | Failure::Cut { .. }));
+                // An answer refused for memory was billed: its backend's token reservation
+                // stays, settled with the record (at its `usage`, or kept if none was read).
+                if !matches!(failure, Failure::MemoryFull(..)) {
+                    acct.attempt_failed(matches!(failure, Failure::Timeout | Failure::Cut { .. }));
+                }
                 let retry = failure.retryable(&policy);
                 tracing::info!(
                     backend = %backend.name,
@@ -657,8 +690,8 @@ async fn fail(
         Failure::Timeout | Failure::Cut { timeout: true, .. } => {
             error(acct, ProxyError::UpstreamTimeout).await
         }
-        Failure::MemoryFull(Full::Replica) => error(acct, ProxyError::AnswersBusy).await,
-        Failure::MemoryFull(Full::Key) => error(acct, ProxyError::KeyAnswersBusy).await,
+        Failure::MemoryFull(Full::Replica, _) => error(acct, ProxyError::AnswersBusy).await,
+        Failure::MemoryFull(Full::Key, _) => error(acct, ProxyError::KeyAnswersBusy).await,
         Failure::OutOfFiles => error(acct, ProxyError::OutOfFiles).await,
     }
 }
@@ -745,6 +778,7 @@ async fn attempt(
             deadline,
             None,
             None,
+            false,
         )
         .await
         .unwrap_or_default();
@@ -787,6 +821,7 @@ async fn attempt(
         deadline,
         Some((memory, key, uncounted)),
         declared,
+        status.is_success(),
     )
     .await
     .map_err(Failure::cut)?;
@@ -844,7 +879,10 @@ fn only_content_type(mut headers: HeaderMap, content_type: Option<HeaderValue>) 
     headers
 }
 
-/// Reads a whole body of at most `max` bytes, with `idle` as the longest pause.
+/// Reads a whole body of at most `max` bytes, with `idle` as the longest pause. One that
+/// `memory` cannot hold is refused, and read to its end for its `usage` when
+/// `follow_usage` ([`usage_of_the_rest`]).
+#[allow(clippy::too_many_arguments)]
 async fn read_body(
     sleeps: &KeptSleeps,
     mut upstream: UpstreamBody,
@@ -853,6 +891,7 @@ async fn read_body(
     deadline: Instant,
     memory: Option<(&Arc<AnswerMemory>, &str, usize)>,
     declared: Option<usize>,
+    follow_usage: bool,
 ) -> Result<(Bytes, Option<AnswerPermit>), Failure> {
     if declared.is_some_and(|n| n > max) {
         return Err(Failure::Invalid(format!("body larger than {max} bytes")));
@@ -878,9 +917,22 @@ async fn read_body(
                     && holds > uncounted
                     && holds > counted
                 {
-                    let permit = memory
-                        .take(key, holds - counted)
-                        .map_err(Failure::MemoryFull)?;
+                    let permit = match memory.take(key, holds - counted) {
+                        Ok(permit) => permit,
+                        Err(full) => {
+                            drop(held);
+                            let usage = match follow_usage {
+                                true => {
+                                    usage_of_the_rest(
+                                        sleeps, upstream, collected, max, idle, deadline,
+                                    )
+                                    .await
+                                }
+                                false => None,
+                            };
+                            return Err(Failure::MemoryFull(full, usage));
+                        }
+                    };
                     counted = holds;
                     match &mut held {
                         Some(held) => held.merge(permit),
@@ -888,6 +940,37 @@ async fn read_body(
                     }
                 }
             }
+        }
+    }
+}
+
+/// The text of the top-level `usage` of an answer refused for memory, `read` its beginning:
+/// the rest is read and thrown away, only that value kept ([`UsageInPassing`]), within the
+/// answer's bounds (its size, the longest pause, the deadline). The provider generated and
+/// billed the answer; without its figures the key would be charged only its prompt's reserve.
+async fn usage_of_the_rest(
+    sleeps: &KeptSleeps,
+    mut upstream: UpstreamBody,
+    read: Collected,
+    max: usize,
+    idle: Duration,
+    deadline: Instant,
+) -> Option<Vec<u8>> {
+    let mut passing = UsageInPassing::default();
+    let mut len = read.len();
+    passing.feed(&read.into_bytes());
+    loop {
+        let until = || deadline.min(Instant::now() + idle);
+        match within(sleeps, until, upstream::next_chunk(&mut upstream)).await {
+            Ok(Ok(Some(chunk))) => {
+                len += chunk.len();
+                if len > max {
+                    return None;
+                }
+                passing.feed(&chunk);
+            }
+            Ok(Ok(None)) => return passing.value().map(<[u8]>::to_vec),
+            Err(_) | Ok(Err(_)) => return None,
         }
     }
 }

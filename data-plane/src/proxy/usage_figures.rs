@@ -22,6 +22,9 @@ use smallvec::SmallVec;
 
 use crate::usage::Tokens;
 
+mod passing;
+pub use passing::UsageInPassing;
+
 /// The key [`no_usage_figures`] and [`usage_of_answer`] look for, quoted as it stands in JSON.
 const USAGE_KEY: &[u8] = b"\"usage\"";
 
@@ -90,6 +93,17 @@ pub fn usage_of_answer(json: &str) -> Option<Tokens> {
             Some(Option::<Usage>::deserialize(&mut value).ok()??.tokens())
         }
     }
+}
+
+/// The figures of an OpenAI `usage` value, its text alone (as [`UsageInPassing`] keeps it):
+/// `None` for a null one or one whose figures are not unsigned integers, as
+/// [`usage_of_answer`] reads the same value in its answer.
+pub fn usage_of_value(value: &[u8]) -> Option<Tokens> {
+    Some(
+        serde_json::from_slice::<Option<Usage>>(value)
+            .ok()??
+            .tokens(),
+    )
 }
 
 /// The text of a whole answer from its one top-level `usage`'s value on, that key found as
@@ -1143,6 +1157,28 @@ mod tests {
             prop_assert_eq!(usage_of(&json), by_full_parse(&json), "{}", json);
         }
 
+        /// An answer followed in pieces, as one refused for memory is, keeps the `usage`
+        /// value the whole answer's reading reads, wherever the pieces split.
+        #[test]
+        fn an_answer_followed_in_pieces_is_read_as_a_whole_one(
+            json in written(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        ) {
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(json.len() + 1)).collect();
+            at.sort_unstable();
+            let mut passing = UsageInPassing::default();
+            let mut from = 0;
+            for to in at.into_iter().chain([json.len()]) {
+                passing.feed(&json.as_bytes()[from..to]);
+                from = to;
+            }
+            prop_assert_eq!(
+                passing.value().and_then(usage_of_value),
+                usage_of_answer(&json),
+                "{}", json
+            );
+        }
+
         /// For every JSON answer, a whole answer's walk from its first `"usage"` reads what
         /// serde reads as the top-level object's member named `usage`.
         #[test]
@@ -1242,6 +1278,20 @@ mod tests {
             let read = usage_of(&json);
             if serde_json::from_str::<serde_json::Value>(&json).is_ok() {
                 prop_assert_eq!(read, by_full_parse(&json));
+            }
+        }
+
+        /// Whatever the pieces make, following them never panics, and where they make JSON
+        /// it reads what the whole answer's reading reads.
+        #[test]
+        fn any_text_is_followed_without_panic(pieces in prop::collection::vec(fragment(), 0..24)) {
+            let mut passing = UsageInPassing::default();
+            for piece in &pieces {
+                passing.feed(piece.as_bytes());
+            }
+            let json = pieces.concat();
+            if serde_json::from_str::<serde_json::Value>(&json).is_ok() {
+                prop_assert_eq!(passing.value().and_then(usage_of_value), usage_of_answer(&json));
             }
         }
     }

@@ -285,7 +285,7 @@ async fn answering(
 #[tokio::test]
 async fn answers_held_for_clients_that_do_not_read_them_are_bounded_in_memory() {
     // About 15 MB an answer.
-    let (_cluster, _mock, key, proxy) = answering("1500000", None, "20000000", &[]).await;
+    let (cluster, _mock, key, proxy) = answering("1500000", None, "20000000", &[]).await;
 
     // A client that asks and reads nothing: its answer stays in the proxy.
     let mut unread = asked_and_unread(&proxy, &key, 1.0).await;
@@ -301,6 +301,22 @@ async fn answers_held_for_clients_that_do_not_read_them_are_bounded_in_memory() 
     assert!(answer.headers().get("retry-after").is_none());
     let refused: serde_json::Value = answer.json().await.unwrap();
     assert_eq!(refused["error"]["code"], "server_busy", "{refused}");
+
+    // The provider generated and billed the refused answer: its `usage`, read from the rest
+    // of it as it was thrown away, is charged as the held one's is.
+    crate::common::eventually(
+        Duration::from_secs(20),
+        "both requests recorded in usage",
+        || async { cluster.totals().await.request_count >= 2 },
+    )
+    .await;
+    let totals = cluster.totals().await;
+    assert_eq!((totals.request_count, totals.error_count), (2, 1));
+    assert_eq!(
+        totals.completion_tokens,
+        2 * 1_500_000,
+        "the refused answer's completion is charged"
+    );
 
     // The client that did not read gets its whole answer when it does.
     let mut answer = Vec::new();
@@ -483,14 +499,17 @@ async fn small_answers_on_h2_connections_that_read_nothing_are_bounded_too() {
         stream.send_data(body.clone(), true).unwrap();
         heads.push(answer);
     }
-    let mut statuses = Vec::new();
+    // Each answer is kept: h2 resets a stream whose handles are all dropped, and the proxy
+    // then lets go of its answer, so that later ones would fit.
+    let mut answers = Vec::new();
     for head in heads {
         let head = tokio::time::timeout(Duration::from_secs(30), head)
             .await
             .expect("a head within 30 s")
             .unwrap();
-        statuses.push(head.status().as_u16());
+        answers.push(head);
     }
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status().as_u16()).collect();
     let busy = statuses.iter().filter(|s| **s == 503).count();
     // 60 answers of about 45 KB held at once: about 2.7 MB against 1 MB.
     assert!(busy > 0, "every answer held: {statuses:?}");
