@@ -12,75 +12,6 @@ use tokio::process::Command;
 
 const TOKEN: &str = "tls-test-admin-token-0123456789abcdef0123456789";
 
-/// A CA and a server certificate for 127.0.0.1 signed by it, made with the
-/// `openssl` command (Debian's `openssl` package).
-fn make_certificates(dir: &Path) {
-    let openssl = |args: &[&str]| {
-        let status = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("the openssl command (apt-get install openssl)");
-        assert!(status.success(), "openssl {args:?} failed");
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=sluice test CA",
-    ]);
-    openssl(&ca);
-    let mut csr = vec!["req"];
-    csr.extend(ec);
-    csr.extend([
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    openssl(&csr);
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "server.ext",
-    ]);
-}
-
 async fn sluicectl(args: &[&str]) -> (i32, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_sluicectl"))
         .args(args)
@@ -133,7 +64,7 @@ async fn impatient() -> (
     sluice_control::server::Running,
 ) {
     let certs = tempfile::tempdir().unwrap();
-    make_certificates(certs.path());
+    sluice_control::testing::make_certificates(certs.path());
     let data_dir = tempfile::tempdir().unwrap();
     let grpc = GrpcOptions {
         first_request_timeout: std::time::Duration::from_millis(500),
@@ -202,7 +133,7 @@ async fn a_tls_connection_that_sends_no_request_is_closed() {
 #[tokio::test]
 async fn https_endpoint_is_verified_against_the_given_ca() {
     let certs = tempfile::tempdir().unwrap();
-    make_certificates(certs.path());
+    sluice_control::testing::make_certificates(certs.path());
     let data_dir = tempfile::tempdir().unwrap();
     let running = start_with_tls(certs.path(), data_dir.path(), GrpcOptions::default()).await;
     let endpoint = format!("https://{}", running.grpc_addr);

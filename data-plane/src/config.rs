@@ -52,6 +52,17 @@ pub struct Config {
     /// system's roots).
     #[arg(long, env = "SLUICE_CONTROL_PLANE_CA")]
     pub control_plane_ca: Option<PathBuf>,
+    /// PEM file of CA certificates trusted for `https://` backends besides the bundled Mozilla
+    /// roots: a provider or an in-house model server behind a private CA, or an egress proxy
+    /// that intercepts TLS.
+    #[arg(long, env = "SLUICE_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Offer HTTP/2 to `https://` backends (ALPN). Off by default: each serving thread would
+    /// carry all its requests to a provider host on one connection, so requests past the
+    /// provider's limit of concurrent streams wait (and time out as the backend's failures),
+    /// and a client slow to read its stream holds back the connection's other streams.
+    #[arg(long, env = "SLUICE_UPSTREAM_HTTP2")]
+    pub upstream_http2: bool,
     /// Address of the OpenAI-compatible HTTP listener, which also serves /healthz, /readyz and
     /// /metrics (port 0 picks a free one).
     #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8080")]
@@ -208,6 +219,8 @@ impl Config {
             config: None,
             control_plane: control_plane.into(),
             control_plane_ca: None,
+            upstream_ca: None,
+            upstream_http2: false,
             listen,
             node_id: None,
             dataplane_token: None,

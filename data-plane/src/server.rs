@@ -42,6 +42,7 @@ use crate::snapshot::{Refusal, SnapshotStore};
 use crate::spool::{Spool, SpoolError};
 use crate::stopping::Stopping;
 use crate::subscribe;
+use crate::upstream::UpstreamTls;
 use crate::usage::{UsageReporter, UsageSink};
 
 /// Longest wait for stream relays to record their usage after the server stopped.
@@ -65,6 +66,8 @@ pub enum RunError {
     WeakToken(String),
     #[error("cannot read the control plane CA file: {0}")]
     CaFile(std::io::Error),
+    #[error("{0}")]
+    UpstreamCa(String),
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error(transparent)]
@@ -182,6 +185,16 @@ impl Proxy {
             Some(path) => Some(std::fs::read(path).map_err(RunError::CaFile)?),
             None => None,
         };
+        let upstream_tls = UpstreamTls {
+            http2: config.upstream_http2,
+            ..UpstreamTls::default()
+        };
+        let upstream_tls = match &config.upstream_ca {
+            Some(path) => upstream_tls
+                .with_roots_from(path)
+                .map_err(RunError::UpstreamCa)?,
+            None => upstream_tls,
+        };
         // Fail on a bad URL, token or CA now rather than in a retry loop.
         control::connect_with_ca(&config.control_plane, token.as_deref(), ca_pem.as_deref())?;
         let serving_threads = config.serving_threads();
@@ -225,6 +238,7 @@ impl Proxy {
             store: Arc::new(
                 SnapshotStore::default()
                     .with_upstream_pools(serving_threads)
+                    .with_upstream_tls(upstream_tls)
                     .with_author(sluice_domain::cooldown::author(
                         &identity.node_id,
                         &identity.incarnation,

@@ -24,7 +24,7 @@ use crate::affinity::AffinityKeys;
 use crate::clock::{Clock, Now, std_duration, system_time};
 use crate::cooldown::{CooldownTracker, FleetCooldown, MAX_RETRY_AFTER, Whose};
 use crate::ratelimit::{ParallelLimit, RateLimiter, TokenBucket};
-use crate::upstream::UpstreamClient;
+use crate::upstream::{UpstreamClient, UpstreamTls};
 
 /// Why a snapshot was refused (sent back to the control plane as the nack's detail).
 #[derive(Debug, thiserror::Error)]
@@ -350,6 +350,17 @@ impl Snapshot {
         now: Now,
         pools: usize,
     ) -> Result<Self, SnapshotError> {
+        Self::prepare_with(message, previous, now, pools, &UpstreamTls::default())
+    }
+
+    /// [`Snapshot::prepare`] with upstream clients that make TLS connections as `tls` says.
+    pub fn prepare_with(
+        message: proto::Snapshot,
+        previous: Option<&Snapshot>,
+        now: Now,
+        pools: usize,
+        tls: &UpstreamTls,
+    ) -> Result<Self, SnapshotError> {
         let policy = match &message.settings {
             Some(settings) => Policy::try_from(settings)?,
             None => Policy::default(),
@@ -552,7 +563,7 @@ impl Snapshot {
                 Arc::clone(&p.upstream)
             }
             _ => (0..pools.max(1))
-                .map(|_| upstream_client(policy.connect_timeout))
+                .map(|_| upstream_client(policy.connect_timeout, tls))
                 .collect::<Result<_, _>>()?,
         };
 
@@ -657,8 +668,11 @@ fn joined_uri(backend: &str, base: &Url, path: &str) -> Result<Uri, SnapshotErro
     Uri::try_from(normalized.as_str()).map_err(|e| invalid(e.to_string()))
 }
 
-fn upstream_client(connect_timeout: Duration) -> Result<UpstreamClient, SnapshotError> {
-    UpstreamClient::new(connect_timeout).map_err(SnapshotError::UpstreamClient)
+fn upstream_client(
+    connect_timeout: Duration,
+    tls: &UpstreamTls,
+) -> Result<UpstreamClient, SnapshotError> {
+    UpstreamClient::new(connect_timeout, tls).map_err(SnapshotError::UpstreamClient)
 }
 
 /// What [`SnapshotStore::apply`] did with an accepted snapshot.
@@ -710,6 +724,8 @@ pub struct SnapshotStore {
     cooldowns: Arc<CooldownTracker>,
     /// Upstream clients per snapshot: one per serving thread.
     pools: usize,
+    /// How they make TLS connections.
+    tls: UpstreamTls,
     /// Snapshots refused since start, by [`Refusal`] (in the order of [`Refusal::ALL`]).
     refusals: [AtomicU64; 3],
     /// Set by a refusal that leaves this replica behind, cleared by the next snapshot taken.
@@ -732,6 +748,7 @@ impl SnapshotStore {
             version: watch::Sender::new(0),
             cooldowns,
             pools: 1,
+            tls: UpstreamTls::default(),
             refusals: Default::default(),
             stale: Mutex::new(None),
             clock: Clock::default(),
@@ -760,6 +777,12 @@ impl SnapshotStore {
     /// Builds `pools` upstream clients per snapshot (one per serving thread) instead of one.
     pub fn with_upstream_pools(mut self, pools: usize) -> Self {
         self.pools = pools.max(1);
+        self
+    }
+
+    /// Makes the upstream clients' TLS connections as `tls` says.
+    pub fn with_upstream_tls(mut self, tls: UpstreamTls) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -850,11 +873,12 @@ impl SnapshotStore {
                 return Ok(Applied::Unchanged);
             }
         }
-        let next = Arc::new(Snapshot::prepare(
+        let next = Arc::new(Snapshot::prepare_with(
             message,
             current.as_deref(),
             now,
             self.pools,
+            &self.tls,
         )?);
         let whose = |by: &str| {
             if !self.author.is_empty() && by == self.author {

@@ -34,13 +34,15 @@ use http::{HeaderValue, Request, Response, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_rustls::{ConfigBuilderExt as _, HttpsConnector, MaybeHttpsStream};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::ClientConfig;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 
 mod pool;
@@ -73,26 +75,71 @@ pub struct UpstreamClient {
 /// The body of an upstream answer.
 pub type UpstreamBody = Incoming;
 
+/// How upstream TLS connections are made: which roots are trusted and whether HTTP/2 is
+/// offered. The same for the whole process.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamTls {
+    /// Trusted besides the bundled Mozilla roots (`--upstream-ca`).
+    pub extra_roots: Arc<[CertificateDer<'static>]>,
+    /// Offer HTTP/2 through ALPN (`--upstream-http2`).
+    pub http2: bool,
+}
+
+impl UpstreamTls {
+    /// Reads the extra roots from the PEM file at `path`: at least one certificate, each one
+    /// rustls can use as a root.
+    pub fn with_roots_from(mut self, path: &std::path::Path) -> Result<Self, String> {
+        let shown = path.display();
+        let roots = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("cannot read --upstream-ca {shown}: {e}"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("cannot read --upstream-ca {shown}: {e}"))?;
+        if roots.is_empty() {
+            return Err(format!("--upstream-ca {shown} holds no PEM certificate"));
+        }
+        let mut store = RootCertStore::empty();
+        for root in &roots {
+            store
+                .add(root.clone())
+                .map_err(|e| format!("--upstream-ca {shown}: not a usable CA certificate: {e}"))?;
+        }
+        self.extra_roots = roots.into();
+        Ok(self)
+    }
+
+    /// The bundled roots and the extra ones.
+    fn roots(&self) -> RootCertStore {
+        let mut roots = RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        // Each was checked when read.
+        roots.add_parsable_certificates(self.extra_roots.iter().cloned());
+        roots
+    }
+}
+
 impl UpstreamClient {
     /// A new client whose connection attempts give up after `connect_timeout`; through an
     /// egress proxy when the environment names one.
-    pub fn new(connect_timeout: Duration) -> Result<Self, String> {
+    pub fn new(connect_timeout: Duration, tls: &UpstreamTls) -> Result<Self, String> {
         let proxies = egress_proxy_from_env().then(Matcher::from_env);
-        Self::with_proxies(connect_timeout, proxies)
+        Self::with_proxies(connect_timeout, tls, proxies)
     }
 
     /// A new client that sends what `proxies` intercepts through the proxy it names, and the
     /// rest directly.
     pub fn with_proxies(
         connect_timeout: Duration,
+        tls: &UpstreamTls,
         proxies: Option<Matcher>,
     ) -> Result<Self, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = Arc::new(tls.roots());
         let tls_config = |alpn: &[&[u8]]| -> Result<Arc<ClientConfig>, String> {
             let mut config = ClientConfig::builder_with_provider(Arc::clone(&provider))
                 .with_safe_default_protocol_versions()
                 .map_err(|e| e.to_string())?
-                .with_webpki_roots()
+                .with_root_certificates(Arc::clone(&roots))
                 .with_no_client_auth();
             config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
             Ok(Arc::new(config))
@@ -103,7 +150,11 @@ impl UpstreamClient {
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(30)));
         http.set_connect_timeout(Some(connect_timeout));
-        let upstream_tls = tls_config(&[b"h2", b"http/1.1"])?;
+        let upstream_tls = tls_config(if tls.http2 {
+            &[b"h2", b"http/1.1"]
+        } else {
+            &[b"http/1.1"]
+        })?;
         let egress = match proxies {
             Some(matcher) => Some(Arc::new(Egress {
                 matcher,
@@ -403,6 +454,29 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpListener;
 
+    /// `--upstream-ca` refuses the start, naming the flag and the file, for a file that
+    /// cannot be read, holds no certificate, or one that is not a certificate at all.
+    #[test]
+    fn an_upstream_ca_file_without_a_usable_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let refused = |text: Option<&str>| {
+            let path = dir.path().join("ca.pem");
+            match text {
+                Some(text) => std::fs::write(&path, text).unwrap(),
+                None => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+            let e = UpstreamTls::default().with_roots_from(&path).unwrap_err();
+            assert!(e.contains("--upstream-ca") && e.contains("ca.pem"), "{e}");
+            e
+        };
+        assert!(refused(None).contains("cannot read"));
+        assert!(refused(Some("not a certificate\n")).contains("no PEM certificate"));
+        let garbled = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(refused(Some(garbled)).contains("not a usable CA certificate"));
+    }
+
     #[test]
     fn a_proxy_variable_with_a_value_selects_the_proxied_client() {
         let none = |_: &str| None;
@@ -445,7 +519,12 @@ mod tests {
 
     /// Sends a POST to `uri` with a client whose egress proxies are `matcher`'s.
     async fn send(matcher: Matcher, uri: &str) -> Result<Response<UpstreamBody>, BoxError> {
-        let client = UpstreamClient::with_proxies(Duration::from_secs(5), Some(matcher)).unwrap();
+        let client = UpstreamClient::with_proxies(
+            Duration::from_secs(5),
+            &UpstreamTls::default(),
+            Some(matcher),
+        )
+        .unwrap();
         let host = host_header(&uri.parse().unwrap());
         client
             .send(
@@ -502,7 +581,9 @@ mod tests {
         let host = ahead.then(|| host_header(&uri)).flatten();
         assert_eq!(host.is_some(), ahead);
         let request = chat_request(uri, Bytes::from_static(b"{}"));
-        let client = UpstreamClient::with_proxies(Duration::from_secs(5), None).unwrap();
+        let client =
+            UpstreamClient::with_proxies(Duration::from_secs(5), &UpstreamTls::default(), None)
+                .unwrap();
         let response = client.send(request, host.as_ref()).await.unwrap();
         assert_eq!(response.status(), 200);
         head.await.unwrap()
@@ -597,7 +678,7 @@ mod tests {
     }
 
     fn direct_client() -> UpstreamClient {
-        UpstreamClient::with_proxies(Duration::from_secs(5), None).unwrap()
+        UpstreamClient::with_proxies(Duration::from_secs(5), &UpstreamTls::default(), None).unwrap()
     }
 
     fn accepted(count: &std::sync::atomic::AtomicUsize) -> usize {

@@ -26,20 +26,15 @@ async fn setup_with(base: Duration, mock_args: &[&str]) -> (Cluster, Mock, Strin
         .await;
     let (_, key) = cluster.create_key("k", &[]).await;
     cluster
-        .admin()
-        .await
-        .update_settings(pb::UpdateSettingsRequest {
-            settings: Some(pb::Settings {
+        .set_settings(
+            pb::Settings {
                 cooldown_base: Some(base.into()),
                 cooldown_cap: Some(Duration::from_secs(60).into()),
                 ..Default::default()
-            }),
-            update_mask: Some(sluice_proto::wkt::FieldMask {
-                paths: vec!["cooldown_base".into(), "cooldown_cap".into()],
-            }),
-        })
-        .await
-        .unwrap();
+            },
+            &["cooldown_base", "cooldown_cap"],
+        )
+        .await;
     (cluster, a, key)
 }
 

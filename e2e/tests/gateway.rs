@@ -610,3 +610,155 @@ async fn upstream_calls_go_through_the_egress_proxy_the_environment_names() {
         "{output:#?}"
     );
 }
+
+/// nginx terminating TLS in front of a mock, as the internet has providers: HTTP/2 offered
+/// (ALPN), at most two streams a connection, the protocol of each request it took logged.
+/// Stopped when dropped.
+struct TlsFront {
+    nginx: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl TlsFront {
+    /// In front of `mock`, with `certs`' `server.pem` and `server.key`.
+    async fn start(mock: &Mock, certs: &std::path::Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = common::free_port();
+        let (d, c) = (dir.path().display(), certs.display());
+        let conf = format!(
+            "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n\
+               log_format protocol '$server_protocol';\n\
+               access_log {d}/access.log protocol;\n\
+               client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+               server {{\n\
+                 listen 127.0.0.1:{port} ssl http2;\n\
+                 ssl_certificate {c}/server.pem;\n\
+                 ssl_certificate_key {c}/server.key;\n\
+                 http2_max_concurrent_streams 2;\n\
+                 location / {{\n\
+                   proxy_pass http://{mock};\n\
+                   proxy_http_version 1.1;\n\
+                   proxy_buffering off;\n\
+                 }}\n\
+               }}\n\
+             }}\n",
+            mock = mock.addr,
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let nginx = ["/usr/sbin/nginx", "nginx"]
+            .into_iter()
+            .find(|n| std::process::Command::new(n).arg("-v").output().is_ok())
+            .expect("nginx (apt-get install nginx; e2e/test-all.sh does)");
+        let child = std::process::Command::new(nginx)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&path)
+            .args(["-g", "daemon off;"])
+            .spawn()
+            .unwrap();
+        let front = Self {
+            nginx: child,
+            port,
+            dir,
+        };
+        eventually(Duration::from_secs(10), "nginx listening", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        front
+    }
+
+    fn base_url(&self) -> String {
+        format!("https://127.0.0.1:{}/v1", self.port)
+    }
+
+    /// The protocol of each request it took, in order (`HTTP/1.1`, `HTTP/2.0`).
+    fn protocols(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for TlsFront {
+    /// SIGTERM, which nginx passes on to its worker (SIGKILL would leave the worker behind).
+    fn drop(&mut self) {
+        common::signal(self.nginx.id(), "TERM");
+        let _ = self.nginx.wait();
+    }
+}
+
+/// An `https://` backend behind a private CA is reached once `--upstream-ca` names the CA
+/// (before, only the bundled Mozilla roots were trusted: no way to a model server inside the
+/// company, nor through an egress proxy that intercepts TLS), and over HTTP/1.1 unless
+/// `--upstream-http2`: the provider here caps its HTTP/2 connections at two streams, and 24
+/// requests at once all get their answer. Over HTTP/2 a serving thread carried all its
+/// requests to the host on one connection, so those past the cap waited their turn and
+/// timed out as the backend's failures.
+#[tokio::test]
+async fn an_https_backend_behind_a_private_ca_takes_requests_past_its_stream_limit() {
+    let certs = tempfile::tempdir().unwrap();
+    sluice_control::testing::make_certificates(certs.path());
+    let ca = certs.path().join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let mock = Mock::start_with("a", &["m"], &["--latency", "400ms"]).await;
+    let front = TlsFront::start(&mock, certs.path()).await;
+    let cluster = Cluster::start().await;
+    cluster
+        .set_settings(
+            pb::Settings {
+                answer_timeout: Some(common::seconds(1)),
+                ..Default::default()
+            },
+            &["answer_timeout"],
+        )
+        .await;
+    cluster
+        .add_backend_via(
+            pb::ApiFormat::Openai,
+            "tls",
+            &mock,
+            &front.base_url(),
+            pb::Pool::Primary,
+            0,
+            &[("m", "m")],
+        )
+        .await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+
+    // Without the CA the certificate is not trusted: nothing reaches the provider.
+    let untrusting = cluster.proxy().await;
+    let refused = untrusting.chat(&key, "m").await;
+    assert_eq!(refused.status(), 502);
+    assert!(front.protocols().is_empty(), "{:?}", front.protocols());
+    drop(untrusting);
+
+    let proxy = cluster.proxy_with(&["--upstream-ca", ca]).await;
+    let answers = futures::future::join_all((0..24).map(|_| proxy.chat(&key, "m"))).await;
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status().as_u16()).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let protocols = front.protocols();
+    assert_eq!(protocols.len(), 24);
+    assert!(protocols.iter().all(|p| p == "HTTP/1.1"), "{protocols:?}");
+    drop(proxy);
+
+    // Offered HTTP/2, the provider takes it.
+    let proxy = cluster
+        .proxy_with(&["--upstream-ca", ca, "--upstream-http2"])
+        .await;
+    assert_eq!(proxy.chat(&key, "m").await.status(), 200);
+    assert_eq!(
+        front.protocols().last().map(String::as_str),
+        Some("HTTP/2.0")
+    );
+}

@@ -9,27 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, ControlApi, LocalRun, Mock, eventually, sse_data};
+use common::{Cluster, LocalRun, Mock, eventually, mask, sse_data};
 use serde_json::json;
 use sluice_e2e::mock::{Fault, RetryAfter};
 use sluice_proto::v1 as pb;
-
-fn mask(paths: &[&str]) -> sluice_proto::wkt::FieldMask {
-    sluice_proto::wkt::FieldMask {
-        paths: paths.iter().map(|p| p.to_string()).collect(),
-    }
-}
-
-async fn set_settings(api: &ControlApi, settings: pb::Settings, paths: &[&str]) {
-    api.admin()
-        .await
-        .update_settings(pb::UpdateSettingsRequest {
-            settings: Some(settings),
-            update_mask: Some(mask(paths)),
-        })
-        .await
-        .unwrap();
-}
 
 #[tokio::test]
 async fn a_429_at_one_replica_cools_the_backend_at_all_three() {
@@ -483,29 +466,29 @@ async fn sigterm_drains_in_flight_streams_flushes_usage_and_exits_0() {
 async fn with_one_healthy_backend_left_every_servable_request_is_served() {
     let cluster = Cluster::start().await;
     cluster.expose_backend_header(true).await;
-    set_settings(
-        &cluster,
-        pb::Settings {
-            max_attempts: 10,
-            first_byte_timeout: Some(sluice_proto::wkt::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            answer_timeout: Some(sluice_proto::wkt::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            failure_threshold: 2,
-            ..Default::default()
-        },
-        &[
-            "max_attempts",
-            "first_byte_timeout",
-            "answer_timeout",
-            "failure_threshold",
-        ],
-    )
-    .await;
+    cluster
+        .set_settings(
+            pb::Settings {
+                max_attempts: 10,
+                first_byte_timeout: Some(sluice_proto::wkt::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                answer_timeout: Some(sluice_proto::wkt::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                failure_threshold: 2,
+                ..Default::default()
+            },
+            &[
+                "max_attempts",
+                "first_byte_timeout",
+                "answer_timeout",
+                "failure_threshold",
+            ],
+        )
+        .await;
     let faults = [
         (
             "storm",

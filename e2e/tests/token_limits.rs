@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, Gateway, LocalRun, Mock, eventually};
+use common::{Cluster, Gateway, LocalRun, Mock, eventually, mask};
 use futures::StreamExt;
 use serde_json::Value;
 use sluice_proto::v1 as pb;
@@ -17,12 +17,6 @@ use sluice_proto::v1 as pb;
 /// Prompt tokens of `Gateway::chat`'s message (the mock counts words) plus the completion
 /// tokens of a mock started with `--chunk-count 50`.
 const TOKENS_PER_REQUEST: u64 = 4 + 50;
-
-fn mask(paths: &[&str]) -> sluice_proto::wkt::FieldMask {
-    sluice_proto::wkt::FieldMask {
-        paths: paths.iter().map(|p| p.to_string()).collect(),
-    }
-}
 
 async fn create_key(run: &LocalRun, name: &str, tpm_limit: u32, max_parallel: u32) -> String {
     run.admin()

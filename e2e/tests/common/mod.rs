@@ -264,7 +264,32 @@ where
     }
 }
 
+/// A field mask naming `paths`.
+pub fn mask(paths: &[&str]) -> sluice_proto::wkt::FieldMask {
+    sluice_proto::wkt::FieldMask {
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+/// `seconds` as a protobuf duration.
+#[allow(dead_code)] // not every test binary sets a duration
+pub fn seconds(seconds: i64) -> sluice_proto::wkt::Duration {
+    sluice_proto::wkt::Duration { seconds, nanos: 0 }
+}
+
 impl ControlApi {
+    /// Sets the settings named in `paths` to their values in `settings`.
+    pub async fn set_settings(&self, settings: pb::Settings, paths: &[&str]) {
+        self.admin()
+            .await
+            .update_settings(pb::UpdateSettingsRequest {
+                settings: Some(settings),
+                update_mask: Some(mask(paths)),
+            })
+            .await
+            .unwrap();
+    }
+
     /// A channel to the control plane whose connection lives on [`CONNECTIONS`]: made there
     /// (lazily, by the first call, so that its socket is registered with that runtime) and
     /// driven there.
@@ -305,12 +330,29 @@ impl ControlApi {
         priority: i32,
         models: &[(&str, &str)],
     ) -> pb::Backend {
+        self.add_backend_via(format, name, mock, &mock.base_url(), pool, priority, models)
+            .await
+    }
+
+    /// [`Cluster::add_backend_speaking`] reached at `base_url`, something in front of the
+    /// mock (a TLS terminator), rather than at the mock itself.
+    #[allow(dead_code, clippy::too_many_arguments)] // not every test binary fronts a mock
+    pub async fn add_backend_via(
+        &self,
+        format: pb::ApiFormat,
+        name: &str,
+        mock: &Mock,
+        base_url: &str,
+        pool: pb::Pool,
+        priority: i32,
+        models: &[(&str, &str)],
+    ) -> pb::Backend {
         self.admin()
             .await
             .create_backend(pb::CreateBackendRequest {
                 backend: Some(pb::Backend {
                     name: name.into(),
-                    base_url: mock.base_url(),
+                    base_url: base_url.into(),
                     pool: pool as i32,
                     priority,
                     weight: 1,
@@ -446,19 +488,14 @@ impl ControlApi {
     /// Turns `expose_backend_header` on or off: with it on, answers name their backend in
     /// `x-sluice-backend` (tests of routing tell backends apart by it).
     pub async fn expose_backend_header(&self, on: bool) {
-        self.admin()
-            .await
-            .update_settings(pb::UpdateSettingsRequest {
-                settings: Some(pb::Settings {
-                    expose_backend_header: on,
-                    ..Default::default()
-                }),
-                update_mask: Some(sluice_proto::wkt::FieldMask {
-                    paths: vec!["expose_backend_header".into()],
-                }),
-            })
-            .await
-            .unwrap();
+        self.set_settings(
+            pb::Settings {
+                expose_backend_header: on,
+                ..Default::default()
+            },
+            &["expose_backend_header"],
+        )
+        .await;
     }
 
     /// The newest snapshot version the control plane has published (0 before any replica

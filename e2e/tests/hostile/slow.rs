@@ -58,19 +58,14 @@ async fn status_of(tcp: &mut TcpStream) -> String {
 /// Sets the gateway's `request_timeout` to `seconds`.
 async fn request_timeout_of(cluster: &Cluster, seconds: i64) {
     cluster
-        .admin()
-        .await
-        .update_settings(pb::UpdateSettingsRequest {
-            settings: Some(pb::Settings {
-                request_timeout: Some(sluice_proto::wkt::Duration { seconds, nanos: 0 }),
+        .set_settings(
+            pb::Settings {
+                request_timeout: Some(crate::common::seconds(seconds)),
                 ..Default::default()
-            }),
-            update_mask: Some(sluice_proto::wkt::FieldMask {
-                paths: vec!["request_timeout".into()],
-            }),
-        })
-        .await
-        .unwrap();
+            },
+            &["request_timeout"],
+        )
+        .await;
 }
 
 #[tokio::test]
