@@ -701,8 +701,8 @@ impl Drop for TlsFront {
 /// An `https://` backend behind a private CA is reached once `--upstream-ca` names the CA
 /// (before, only the bundled Mozilla roots were trusted: no way to a model server inside the
 /// company, nor through an egress proxy that intercepts TLS), and over HTTP/1.1 unless
-/// `--upstream-http2`: the provider here caps its HTTP/2 connections at two streams, and 24
-/// requests at once all get their answer. Over HTTP/2 a serving thread carried all its
+/// `--upstream-http2`: the provider here caps its HTTP/2 connections at two streams and takes
+/// a second an answer, and 24 requests at once all get theirs within the 3 s answer timeout. Over HTTP/2 a serving thread carried all its
 /// requests to the host on one connection, so those past the cap waited their turn and
 /// timed out as the backend's failures.
 #[tokio::test]
@@ -711,13 +711,13 @@ async fn an_https_backend_behind_a_private_ca_takes_requests_past_its_stream_lim
     sluice_control::testing::make_certificates(certs.path());
     let ca = certs.path().join("ca.pem");
     let ca = ca.to_str().unwrap();
-    let mock = Mock::start_with("a", &["m"], &["--latency", "400ms"]).await;
+    let mock = Mock::start_with("a", &["m"], &["--latency", "1s"]).await;
     let front = TlsFront::start(&mock, certs.path()).await;
     let cluster = Cluster::start().await;
     cluster
         .set_settings(
             pb::Settings {
-                answer_timeout: Some(common::seconds(1)),
+                answer_timeout: Some(common::seconds(3)),
                 ..Default::default()
             },
             &["answer_timeout"],
@@ -747,8 +747,14 @@ async fn an_https_backend_behind_a_private_ca_takes_requests_past_its_stream_lim
     let answers = futures::future::join_all((0..24).map(|_| proxy.chat(&key, "m"))).await;
     let statuses: Vec<u16> = answers.iter().map(|a| a.status().as_u16()).collect();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    // nginx logs a request just after its answer's last bytes.
+    eventually(
+        Duration::from_secs(10),
+        "nginx logged 24 requests",
+        || async { front.protocols().len() == 24 },
+    )
+    .await;
     let protocols = front.protocols();
-    assert_eq!(protocols.len(), 24);
     assert!(protocols.iter().all(|p| p == "HTTP/1.1"), "{protocols:?}");
     drop(proxy);
 
@@ -757,6 +763,12 @@ async fn an_https_backend_behind_a_private_ca_takes_requests_past_its_stream_lim
         .proxy_with(&["--upstream-ca", ca, "--upstream-http2"])
         .await;
     assert_eq!(proxy.chat(&key, "m").await.status(), 200);
+    eventually(
+        Duration::from_secs(10),
+        "nginx logged the request",
+        || async { front.protocols().len() == 25 },
+    )
+    .await;
     assert_eq!(
         front.protocols().last().map(String::as_str),
         Some("HTTP/2.0")

@@ -456,7 +456,12 @@ pub(super) async fn forward_call(
             &policy,
             deadline,
             app.limits.max_response_bytes,
-            (&app.answer_memory, acct.key_id()),
+            (
+                &app.answer_memory,
+                acct.key_id(),
+                // Whether an answer refused for memory is read on for its `usage`.
+                call.count_usage && call.endpoint != Endpoint::CountTokens,
+            ),
             // An h2 connection carries up to 200 requests: their small answers count too.
             if acct.is_multiplexed() {
                 0
@@ -713,7 +718,7 @@ async fn attempt(
     policy: &Policy,
     deadline: Instant,
     max_response: usize,
-    (memory, key): (&Arc<AnswerMemory>, &str),
+    (memory, key, counts_usage): (&Arc<AnswerMemory>, &str, bool),
     uncounted: usize,
 ) -> Result<Answer, Failure> {
     let has_body = method == Method::POST;
@@ -821,7 +826,7 @@ async fn attempt(
         deadline,
         Some((memory, key, uncounted)),
         declared,
-        status.is_success(),
+        counts_usage && status.is_success(),
     )
     .await
     .map_err(Failure::cut)?;
@@ -959,6 +964,9 @@ async fn usage_of_the_rest(
     let mut passing = UsageInPassing::default();
     let mut len = read.len();
     passing.feed(&read.into_bytes());
+    if passing.hopeless() {
+        return None;
+    }
     loop {
         let until = || deadline.min(Instant::now() + idle);
         match within(sleeps, until, upstream::next_chunk(&mut upstream)).await {
@@ -968,6 +976,9 @@ async fn usage_of_the_rest(
                     return None;
                 }
                 passing.feed(&chunk);
+                if passing.hopeless() {
+                    return None;
+                }
             }
             Ok(Ok(None)) => return passing.value().map(<[u8]>::to_vec),
             Err(_) | Ok(Err(_)) => return None,

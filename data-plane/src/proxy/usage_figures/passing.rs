@@ -80,6 +80,16 @@ impl UsageInPassing {
                     Some(at) => bytes = &bytes[at..],
                     None => return,
                 }
+            } else if !self.in_string && self.depth > 1 && !self.keeping {
+                // Within a nested value only strings and brackets count: an embeddings
+                // answer's numbers are passed over in a tight loop.
+                match bytes
+                    .iter()
+                    .position(|b| matches!(b, b'"' | b'{' | b'}' | b'[' | b']'))
+                {
+                    Some(at) => bytes = &bytes[at..],
+                    None => return,
+                }
             }
             let Some((&byte, rest)) = bytes.split_first() else {
                 return;
@@ -91,6 +101,12 @@ impl UsageInPassing {
                 self.structure_byte(byte);
             }
         }
+    }
+
+    /// Whether what has passed already rules out any figures: not an object's text, or a
+    /// `usage` value too long, or a second `usage` member.
+    pub fn hopeless(&self) -> bool {
+        self.broken || self.found > 1
     }
 
     /// The `usage` value's text, once the whole object has passed with exactly one member
@@ -253,6 +269,23 @@ mod tests {
         assert_eq!(fed(&[r#"{"usage":1} x"#]), None, "text after it");
         assert_eq!(fed(&[r#"{"a":{"usage":1}}"#]), None, "nested");
         assert_eq!(fed(&[" {\"usage\":null}\n"]).as_deref(), Some("null"));
+    }
+
+    /// An answer whose figures are already ruled out is not read on for them.
+    #[test]
+    fn what_rules_out_figures_is_told_before_the_end() {
+        let hopeless = |text: &str| {
+            let mut passing = UsageInPassing::default();
+            passing.feed(text.as_bytes());
+            passing.hopeless()
+        };
+        assert!(hopeless("<html>"), "not JSON");
+        assert!(hopeless(r#"{"usage":1,"usage":2,"#), "two usage members");
+        assert!(!hopeless(r#"{"usage":1,"data":[1,2,"#), "one so far");
+        assert!(
+            !hopeless(r#"{"data":[[0.1,-2e3],{"a":"]"}],"#),
+            "no usage yet"
+        );
     }
 
     #[test]
