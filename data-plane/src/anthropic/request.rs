@@ -13,6 +13,44 @@ mod to_chat;
 mod to_messages;
 
 pub use to_chat::messages_to_chat_in_shape;
+
+/// The longest chat `user` written: OpenAI-compatible backends refuse longer ones (64 at
+/// OpenAI and GitHub Copilot, 128 at OpenRouter), and Claude Code's `metadata.user_id` is
+/// about 150 characters.
+const MAX_CHAT_USER: usize = 64;
+
+/// The longest Anthropic `metadata.user_id` written (Anthropic's limit).
+const MAX_USER_ID: usize = 256;
+
+/// The chat `user` for a Messages `metadata.user_id`: as it is, or its SHA-256 in hex (64
+/// characters, as opaque and as stable) when it is longer than backends take.
+pub(crate) fn chat_user(user_id: &str) -> std::borrow::Cow<'_, str> {
+    if user_id.len() <= MAX_CHAT_USER {
+        return user_id.into();
+    }
+    hex_sha256(user_id).into()
+}
+
+/// The Messages `metadata.user_id` for a chat `user`: as it is, or its SHA-256 in hex where
+/// Anthropic would refuse it: past its length, or an e-mail address (it asks for opaque ids
+/// and refuses identifying ones; chat applications often send the user's address).
+pub(crate) fn messages_user_id(user: &str) -> std::borrow::Cow<'_, str> {
+    if user.len() <= MAX_USER_ID && !user.contains('@') {
+        return user.into();
+    }
+    hex_sha256(user).into()
+}
+
+fn hex_sha256(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write as _;
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .fold(String::with_capacity(64), |mut hex, byte| {
+            let _ = write!(hex, "{byte:02x}");
+            hex
+        })
+}
 pub use to_messages::chat_to_messages_in_shape;
 
 /// A chat completions request → the Messages request for `model`. `default_max_tokens` fills
@@ -45,9 +83,13 @@ pub fn chat_to_messages(
         out.insert("system".into(), Value::Array(system));
     }
     out.insert("messages".into(), Value::Array(turns));
+    // Anthropic's current models take `temperature` or `top_p`, not both (400): with both,
+    // `temperature` is sent (chat clients often send `top_p: 1` besides, a no-op).
+    let has_temperature = chat.get("temperature").is_some_and(|t| !t.is_null());
     for (key, value) in chat {
         match key.as_str() {
             "model" | "messages" => {}
+            "top_p" if has_temperature => {}
             "temperature" | "top_p" | "stream" if !value.is_null() => {
                 out.insert(key.clone(), value.clone());
             }
@@ -74,7 +116,10 @@ pub fn chat_to_messages(
             }
             "user" => {
                 if let Some(user) = value.as_str() {
-                    out.insert("metadata".into(), json!({ "user_id": user }));
+                    out.insert(
+                        "metadata".into(),
+                        json!({ "user_id": messages_user_id(user) }),
+                    );
                 }
             }
             "n" if value.as_u64().is_some_and(|n| n > 1) => {
@@ -107,11 +152,15 @@ pub fn chat_to_messages(
             _ => {}
         }
     }
-    if chat.get("parallel_tool_calls") == Some(&Value::Bool(false)) {
+    // One call at a time, under `auto` if no choice; nothing to say with no tools, or none
+    // to call (Anthropic's `none` has no such member).
+    if chat.get("parallel_tool_calls") == Some(&Value::Bool(false)) && out.contains_key("tools") {
         let choice = out
             .entry("tool_choice")
             .or_insert_with(|| json!({"type": "auto"}));
-        if let Some(choice) = choice.as_object_mut() {
+        if let Some(choice) = choice.as_object_mut()
+            && choice.get("type") != Some(&Value::from("none"))
+        {
             choice.insert("disable_parallel_tool_use".into(), Value::Bool(true));
         }
     }
@@ -430,7 +479,8 @@ pub fn messages_to_chat(
             "stop_sequences" if !value.is_null() => {
                 out.insert("stop".into(), value.clone());
             }
-            "tools" if !value.is_null() => {
+            // OpenAI refuses an empty list (`empty_array`): no tools is no member.
+            "tools" if value.as_array().is_some_and(|tools| !tools.is_empty()) => {
                 out.insert("tools".into(), messages_tools(value)?);
             }
             "tool_choice" if !value.is_null() => {
@@ -444,11 +494,22 @@ pub fn messages_to_chat(
             }
             "metadata" => {
                 if let Some(user) = value.get("user_id").and_then(Value::as_str) {
-                    out.insert("user".into(), Value::from(user));
+                    out.insert("user".into(), Value::from(chat_user(user)));
+                }
+            }
+            // Structured output: the answer must be JSON of the schema.
+            "output_config" => {
+                if let Some(format) = value.get("format").filter(|f| !f.is_null()) {
+                    out.insert("response_format".into(), response_format(format)?);
                 }
             }
             _ => {}
         }
+    }
+    if !out.contains_key("tools") {
+        // OpenAI refuses a tool choice without tools.
+        out.remove("tool_choice");
+        out.remove("parallel_tool_calls");
     }
     if out.get("stream") == Some(&Value::Bool(true)) {
         out.insert("stream_options".into(), json!({"include_usage": true}));
@@ -482,6 +543,36 @@ fn joined_text(content: &Value, at: &str) -> Result<String, Untranslatable> {
             "content must be a string or an array of blocks.",
         )),
     }
+}
+
+/// A `tool_result`'s content blocks → its text blocks' text (joined with a blank line; a
+/// placeholder when it has only images) and its images as chat content parts.
+fn result_text_and_images(
+    blocks: &[Value],
+    at: &str,
+) -> Result<(String, Vec<Value>), Untranslatable> {
+    let mut texts = Vec::with_capacity(blocks.len());
+    let mut images = Vec::new();
+    for (j, block) in blocks.iter().enumerate() {
+        match block.get("type").and_then(Value::as_str) {
+            Some("text") => texts.push(block.get("text").and_then(Value::as_str).unwrap_or("")),
+            Some("image") => images.push(json!({
+                "type": "image_url",
+                "image_url": {"url": image_url(block.get("source"), &format!("{at}[{j}]"))?},
+            })),
+            _ => {
+                return Err(Untranslatable::new(
+                    format!("{at}[{j}]"),
+                    "Only text and image blocks are allowed here.",
+                ));
+            }
+        }
+    }
+    let text = match (texts.is_empty(), images.is_empty()) {
+        (true, false) => "(the result is the image that follows)".to_owned(),
+        _ => texts.join("\n\n"),
+    };
+    Ok((text, images))
 }
 
 fn messages_turn(turn: &Value, i: usize, chat: &mut Vec<Value>) -> Result<(), Untranslatable> {
@@ -525,6 +616,14 @@ fn messages_turn(turn: &Value, i: usize, chat: &mut Vec<Value>) -> Result<(), Un
                             })?;
                         let mut text = match block.get("content") {
                             None | Some(Value::Null) => String::new(),
+                            // A `tool` message holds text: the result's images go with the
+                            // rest of the turn, after the turn's tool messages.
+                            Some(Value::Array(result)) => {
+                                let (text, images) =
+                                    result_text_and_images(result, &format!("{here}.content"))?;
+                                parts.extend(images);
+                                text
+                            }
                             Some(c) => joined_text(c, &format!("{here}.content"))?,
                         };
                         if block.get("is_error") == Some(&Value::Bool(true)) {
@@ -632,6 +731,26 @@ fn image_url(source: Option<&Value>, at: &str) -> Result<String, Untranslatable>
             "Only base64 and url image sources can be sent to an OpenAI-format backend.",
         )),
     }
+}
+
+/// A Messages `output_config.format` → the chat `response_format`: its JSON schema, strict
+/// (Anthropic's structured outputs keep to the schema; OpenAI's strict mode does too).
+fn response_format(format: &Value) -> Result<Value, Untranslatable> {
+    let at = "output_config.format";
+    if format.get("type").and_then(Value::as_str) != Some("json_schema") {
+        return Err(Untranslatable::new(
+            at,
+            "Only a json_schema output format can be sent to an OpenAI-format backend.",
+        ));
+    }
+    let schema = format
+        .get("schema")
+        .filter(|schema| schema.is_object())
+        .ok_or_else(|| Untranslatable::new(at, "A json_schema output format needs its schema."))?;
+    Ok(json!({
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": schema, "strict": true},
+    }))
 }
 
 fn messages_tools(tools: &Value) -> Result<Value, Untranslatable> {
@@ -1313,6 +1432,155 @@ pub(crate) mod tests {
             assert!(in_shape.is_some(), "{body}");
             assert_eq!(in_shape, parsed_whole, "{body}");
         }
+    }
+
+    /// The request both writers make of `body`, which must agree where the shape writes it.
+    fn to_chat_agreed(body: &str) -> Value {
+        let (in_shape, parsed_whole) = both_ways_to_chat(body);
+        let parsed_whole = parsed_whole.expect(body);
+        if let Some(in_shape) = in_shape {
+            assert_eq!(in_shape, parsed_whole, "{body}");
+        }
+        parsed_whole
+    }
+
+    /// [`to_chat_agreed`] the other way.
+    fn to_messages_agreed(body: &str) -> Value {
+        let (in_shape, parsed_whole) = both_ways(body, false);
+        let parsed_whole = parsed_whole.expect(body);
+        if let Some(in_shape) = in_shape {
+            assert_eq!(in_shape, parsed_whole, "{body}");
+        }
+        parsed_whole
+    }
+
+    /// Claude Code's `metadata.user_id` (about 150 characters) is longer than OpenAI-compatible
+    /// backends take as `user` (64): it goes as its SHA-256, the same for the same user; an
+    /// e-mail address as a chat `user`, which Anthropic refuses as identifying, goes hashed too.
+    #[test]
+    fn user_ids_backends_would_refuse_go_as_their_hash() {
+        let long = format!(r#"{{"device_id":"{}","session_id":"s"}}"#, "a".repeat(64));
+        let body = |user: &str| {
+            format!(
+                r#"{{"model":"m","max_tokens":8,"messages":[{{"role":"user","content":"hi"}}],"metadata":{{"user_id":{}}}}}"#,
+                Value::from(user)
+            )
+        };
+        let hashed = to_chat_agreed(&body(&long))["user"].clone();
+        assert_eq!(hashed.as_str().map(str::len), Some(64), "{hashed}");
+        assert_eq!(to_chat_agreed(&body(&long))["user"], hashed, "stable");
+        assert_ne!(to_chat_agreed(&body(&format!("{long}x")))["user"], hashed);
+        assert_eq!(to_chat_agreed(&body("user_1"))["user"], "user_1");
+        let chat = |user: &str| {
+            format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"user":{}}}"#,
+                Value::from(user)
+            )
+        };
+        let mail = to_messages_agreed(&chat("ann@example.com"))["metadata"]["user_id"].clone();
+        assert_eq!(mail.as_str().map(str::len), Some(64), "{mail}");
+        assert_eq!(
+            to_messages_agreed(&chat("u-1"))["metadata"]["user_id"],
+            "u-1"
+        );
+    }
+
+    /// OpenAI refuses `tools: []` and a tool choice without tools; Anthropic accepts both.
+    #[test]
+    fn no_tools_goes_as_no_tool_members() {
+        let c = to_chat_agreed(
+            r#"{"model":"m","max_tokens":8,"messages":[{"role":"user","content":"hi"}],"tools":[],"tool_choice":{"type":"auto","disable_parallel_tool_use":true}}"#,
+        );
+        for member in ["tools", "tool_choice", "parallel_tool_calls"] {
+            assert!(c.get(member).is_none(), "{member}: {c}");
+        }
+    }
+
+    /// Anthropic's `none` has no `disable_parallel_tool_use`, and with no tools there is no
+    /// choice to make: `parallel_tool_calls: false` (Zed's agent sends it with `none`) adds it
+    /// only to a choice of tools.
+    #[test]
+    fn serial_tool_calls_are_asked_only_where_tools_may_be_called() {
+        let tools = r#""tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]"#;
+        let hi = r#""messages":[{"role":"user","content":"hi"}]"#;
+        let m = to_messages_agreed(&format!(
+            r#"{{"model":"m",{hi},{tools},"tool_choice":"none","parallel_tool_calls":false}}"#
+        ));
+        assert_eq!(m["tool_choice"], json!({"type": "none"}));
+        let m = to_messages_agreed(&format!(
+            r#"{{"model":"m",{hi},"parallel_tool_calls":false}}"#
+        ));
+        assert!(m.get("tool_choice").is_none(), "{m}");
+        let m = to_messages_agreed(&format!(
+            r#"{{"model":"m",{hi},{tools},"parallel_tool_calls":false}}"#
+        ));
+        assert_eq!(
+            m["tool_choice"],
+            json!({"type": "auto", "disable_parallel_tool_use": true})
+        );
+    }
+
+    /// Anthropic's current models refuse `temperature` and `top_p` together (400), which many
+    /// chat clients send (`top_p: 1` besides): `temperature` goes; `top_p` alone still does.
+    #[test]
+    fn temperature_goes_without_top_p_and_top_p_alone() {
+        let hi = r#""messages":[{"role":"user","content":"hi"}]"#;
+        let m = to_messages_agreed(&format!(
+            r#"{{"model":"m",{hi},"temperature":0.7,"top_p":1}}"#
+        ));
+        assert_eq!(
+            (m["temperature"].clone(), m.get("top_p")),
+            (json!(0.7), None)
+        );
+        let m = to_messages_agreed(&format!(r#"{{"model":"m",{hi},"top_p":0.9}}"#));
+        assert_eq!(m["top_p"], 0.9);
+    }
+
+    /// A tool's result may hold images (Claude Code's Read of a picture, a browser tool's
+    /// screenshot): the `tool` message gets its text, the images follow in a user message,
+    /// after the turn's tool messages, where a chat model sees them.
+    #[test]
+    fn a_tool_results_images_follow_its_tool_message() {
+        let c = to_chat_agreed(
+            r#"{"model":"m","max_tokens":8,"messages":[{"role":"user","content":"look"},{"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"Read","input":{"p":"a.png"}},{"type":"tool_use","id":"t2","name":"Read","input":{"p":"b.png"}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":[{"type":"text","text":"a.png"},{"type":"image","source":{"type":"base64","media_type":"image/png","data":"AAAA"}}]},{"type":"tool_result","tool_use_id":"t2","content":[{"type":"image","source":{"type":"url","url":"https://x/b.png"}}]},{"type":"text","text":"what are they?"}]}]}"#,
+        );
+        let messages = c["messages"].as_array().unwrap();
+        assert_eq!(
+            messages[2],
+            json!({"role": "tool", "tool_call_id": "t1", "content": "a.png"})
+        );
+        assert_eq!(messages[3]["role"], "tool");
+        assert_eq!(messages[3]["tool_call_id"], "t2");
+        assert!(!messages[3]["content"].as_str().unwrap().is_empty());
+        assert_eq!(
+            messages[4],
+            json!({"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "image_url", "image_url": {"url": "https://x/b.png"}},
+                {"type": "text", "text": "what are they?"},
+            ]})
+        );
+        let document = r#"{"model":"m","max_tokens":8,"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":[{"type":"document","source":{"type":"text","data":"x"}}]}]}]}"#;
+        assert!(both_ways_to_chat(document).1.is_none(), "still refused");
+    }
+
+    /// Structured output (`output_config.format`, what the SDK's `messages.parse` sends)
+    /// becomes a strict JSON-schema `response_format`; before, it was dropped and the client
+    /// got free text its schema refused.
+    #[test]
+    fn structured_output_becomes_a_json_schema_response_format() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": false});
+        let c = to_chat_agreed(&format!(
+            r#"{{"model":"m","max_tokens":8,"messages":[{{"role":"user","content":"hi"}}],"output_config":{{"format":{{"type":"json_schema","schema":{schema}}},"effort":"high"}}}}"#
+        ));
+        assert_eq!(
+            c["response_format"],
+            json!({"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": true}})
+        );
+        let other = r#"{"model":"m","max_tokens":8,"messages":[{"role":"user","content":"hi"}],"output_config":{"format":{"type":"grammar"}}}"#;
+        assert!(both_ways_to_chat(other).1.is_none(), "refused, not dropped");
+        let effort_only = r#"{"model":"m","max_tokens":8,"messages":[{"role":"user","content":"hi"}],"output_config":{"effort":"low"}}"#;
+        assert!(to_chat_agreed(effort_only).get("response_format").is_none());
     }
 
     /// The requests most clients send, and an agent's with tools, are written in the shape, not

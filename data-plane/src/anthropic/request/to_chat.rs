@@ -61,9 +61,12 @@ pub fn messages_to_chat_in_shape<'a>(
                 continue;
             }
             "tools" => {
-                tools = from_text::<Option<Vec<Tool<'a>>>>(text)?;
+                // OpenAI refuses an empty list: no tools is no member.
+                tools = from_text::<Option<Vec<Tool<'a>>>>(text)?.filter(|t| !t.is_empty());
                 continue;
             }
+            // Structured output becomes `response_format`: the translation decides.
+            "output_config" if text != "null" => return None,
             "tool_choice" => {
                 choice = from_text::<Option<ToolChoice<'a>>>(text)?;
                 continue;
@@ -77,6 +80,10 @@ pub fn messages_to_chat_in_shape<'a>(
         copied[copy] = (text != "null").then_some(value);
     }
     let turns = turns?;
+    if tools.is_none() {
+        // OpenAI refuses a tool choice without tools.
+        choice = None;
+    }
     let [max_tokens, temperature, top_p, stream, stop] = copied;
     let mut out = Vec::with_capacity(size + 256);
     out.extend_from_slice(b"{\"model\":");
@@ -106,7 +113,7 @@ pub fn messages_to_chat_in_shape<'a>(
     }
     if let Some(user) = &user {
         member(&mut out, "user");
-        string(&mut out, user);
+        string(&mut out, &super::chat_user(user));
     }
     if let Some(tools) = &tools {
         member(&mut out, "tools");

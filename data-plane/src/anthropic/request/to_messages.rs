@@ -95,6 +95,8 @@ pub fn chat_to_messages_in_shape<'a>(
         out.push(b'}');
     }
     out.push(b']');
+    // Anthropic's current models take one of the two: `temperature` wins.
+    let top_p = top_p.filter(|_| temperature.is_none());
     for (name, value) in [("temperature", temperature), ("top_p", top_p)] {
         if let Some(value) = value {
             member(&mut out, name);
@@ -123,9 +125,11 @@ pub fn chat_to_messages_in_shape<'a>(
         }
         out.push(b']');
     }
-    // `parallel_tool_calls: false` asks for one call at a time, under `auto` if no choice.
-    let serial = parallel == Some(false);
+    // `parallel_tool_calls: false` asks for one call at a time, under `auto` if no choice;
+    // nothing to say with no tools, nor to `none`.
+    let serial = parallel == Some(false) && tools.is_some();
     if choice.is_some() || serial {
+        let none = matches!(choice, Some(ToolChoice::Named("none")));
         member(&mut out, "tool_choice");
         match choice.unwrap_or(ToolChoice::Named("auto")) {
             ToolChoice::Named(kind) => {
@@ -138,14 +142,14 @@ pub fn chat_to_messages_in_shape<'a>(
                 string(&mut out, &name);
             }
         }
-        if serial {
+        if serial && !none {
             out.extend_from_slice(b",\"disable_parallel_tool_use\":true");
         }
         out.push(b'}');
     }
     if let Some(Key(user)) = &user {
         out.extend_from_slice(b",\"metadata\":{\"user_id\":");
-        string(&mut out, user);
+        string(&mut out, &super::messages_user_id(user));
         out.push(b'}');
     }
     out.extend_from_slice(if stream {
