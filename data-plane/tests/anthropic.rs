@@ -895,6 +895,64 @@ fn chat_chunks_become_an_anthropic_stream() {
     assert_eq!(data[12]["usage"]["output_tokens"], 9);
 }
 
+/// The events a translator makes of `text`'s chunks, as values.
+fn translated(text: &str) -> Vec<Value> {
+    let mut translator = EventsFromChunks::default();
+    let mut frames = Vec::new();
+    for event in events(text) {
+        translator.push(&event, &mut frames);
+    }
+    frames
+        .iter()
+        .flat_map(|f| events(std::str::from_utf8(f).unwrap()))
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect()
+}
+
+/// Azure OpenAI starts its streams with its prompt filter's results: no choices, an empty id
+/// and model. The message starts with the completion's first chunk, so it has its id and
+/// model (before, every message from Azure was `msg_` of model "").
+#[test]
+fn a_first_chunk_without_choices_does_not_start_the_message() {
+    let azure = json!({"choices": [], "created": 0, "id": "", "model": "", "object": "",
+        "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]});
+    let text = [
+        format!("data: {azure}\n\n"),
+        chat_chunk(json!({"role": "assistant", "content": "Hi"}), None),
+        chat_chunk(json!({}), Some("stop")),
+        "data: [DONE]\n\n".to_owned(),
+    ]
+    .concat();
+    let data = translated(&text);
+    assert_eq!(data[0]["type"], "message_start");
+    assert_eq!(data[0]["message"]["id"], "msg_1");
+    assert_eq!(data[0]["message"]["model"], "gpt-up");
+    assert_eq!(data.last().unwrap()["type"], "message_stop");
+}
+
+/// A refusal streamed in `delta.refusal` is the answer's text, as in a whole answer (before,
+/// the client got an empty message).
+#[test]
+fn a_streamed_refusal_is_the_messages_text() {
+    let text = [
+        chat_chunk(
+            json!({"role": "assistant", "content": "", "refusal": null}),
+            None,
+        ),
+        chat_chunk(json!({"refusal": "I can't "}), None),
+        chat_chunk(json!({"refusal": "help."}), None),
+        chat_chunk(json!({}), Some("stop")),
+        "data: [DONE]\n\n".to_owned(),
+    ]
+    .concat();
+    let deltas: Vec<Value> = translated(&text)
+        .into_iter()
+        .filter(|d| d["type"] == "content_block_delta")
+        .map(|d| d["delta"]["text"].clone())
+        .collect();
+    assert_eq!(deltas, [json!("I can't "), json!("help.")]);
+}
+
 #[test]
 fn a_chat_stream_without_content_still_frames_a_whole_message() {
     let mut translator = EventsFromChunks::default();

@@ -582,19 +582,35 @@ impl EventsFromChunks {
             out.push(error::event(500, message));
             return Flow::Failed;
         }
+        let usage = chunk.get("usage").filter(|u| u.is_object());
+        if !self.started
+            && usage.is_none()
+            && chunk
+                .get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty)
+        {
+            // Nothing to translate, and no message of its own: Azure OpenAI's first chunk
+            // (its prompt filter's results, an empty id and model). The message starts with
+            // the completion's first chunk.
+            return Flow::Continue;
+        }
         self.start(&chunk, out);
-        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+        if let Some(usage) = usage {
             self.usage = Some(openai_usage(usage));
         }
         let Some(choice) = chunk.pointer("/choices/0") else {
             return Flow::Continue;
         };
         let delta = choice.get("delta");
-        if let Some(text) = delta
-            .and_then(|d| d.get("content"))
-            .and_then(Value::as_str)
-            .filter(|t| !t.is_empty())
-        {
+        // A refusal is the answer's text, as in a whole answer.
+        let text = |member| {
+            delta
+                .and_then(|d| d.get(member))
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+        };
+        if let Some(text) = text("content").or_else(|| text("refusal")) {
             self.open_text(out);
             let index = self.next_block - 1;
             out.push(anthropic_frame(&json!({
@@ -859,7 +875,7 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
         const CHUNK: Names = Names(&["choices", "usage", "error"]);
         const CHOICE: Names = Names(&["delta", "finish_reason"]);
-        const DELTA: Names = Names(&["content", "tool_calls"]);
+        const DELTA: Names = Names(&["content", "tool_calls", "refusal"]);
         fn out_of_shape<E: serde::de::Error>() -> E {
             E::custom("not a text chunk")
         }
@@ -918,10 +934,19 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
                         members(map, DELTA, |at, map| {
                             match at {
                                 0 => delta.text = map.next_value::<Option<Key>>()?.map(|Key(t)| t),
-                                _ => {
+                                1 => {
                                     delta.arguments = map
                                         .next_value::<Option<OneCall>>()?
                                         .and_then(|OneCall(call)| call);
+                                }
+                                // A refusal's text goes to the whole parse.
+                                _ => {
+                                    if map
+                                        .next_value::<Option<Key>>()?
+                                        .is_some_and(|Key(refusal)| !refusal.is_empty())
+                                    {
+                                        return Err(out_of_shape());
+                                    }
                                 }
                             }
                             Ok(())
