@@ -479,8 +479,9 @@ pub fn messages_to_chat(
             "stop_sequences" if !value.is_null() => {
                 out.insert("stop".into(), value.clone());
             }
-            // OpenAI refuses an empty list (`empty_array`): no tools is no member.
-            "tools" if value.as_array().is_some_and(|tools| !tools.is_empty()) => {
+            // OpenAI refuses an empty list (`empty_array`): no tools is no member. Anything
+            // but a list is refused.
+            "tools" if !value.is_null() && value.as_array().is_none_or(|t| !t.is_empty()) => {
                 out.insert("tools".into(), messages_tools(value)?);
             }
             "tool_choice" if !value.is_null() => {
@@ -505,6 +506,13 @@ pub fn messages_to_chat(
             }
             _ => {}
         }
+    }
+    // The older top-level `output_format`, which Anthropic still takes (older SDKs send it);
+    // `output_config.format` wins.
+    if let Some(format) = messages.get("output_format").filter(|f| !f.is_null())
+        && !out.contains_key("response_format")
+    {
+        out.insert("response_format".into(), response_format(format)?);
     }
     if !out.contains_key("tools") {
         // OpenAI refuses a tool choice without tools.
@@ -545,14 +553,19 @@ fn joined_text(content: &Value, at: &str) -> Result<String, Untranslatable> {
     }
 }
 
-/// A `tool_result`'s content blocks → its text blocks' text (joined with a blank line; a
-/// placeholder when it has only images) and its images as chat content parts.
+/// A `tool_result`'s content blocks → its text blocks' text (joined with a blank line, and
+/// saying where its images are) and its images as chat content parts, after a text part naming
+/// the call `id` they are of (a turn's results may hold images each).
 fn result_text_and_images(
     blocks: &[Value],
+    id: &str,
     at: &str,
 ) -> Result<(String, Vec<Value>), Untranslatable> {
     let mut texts = Vec::with_capacity(blocks.len());
-    let mut images = Vec::new();
+    let mut images = vec![json!({
+        "type": "text",
+        "text": format!("The images of the result of tool call {id}:"),
+    })];
     for (j, block) in blocks.iter().enumerate() {
         match block.get("type").and_then(Value::as_str) {
             Some("text") => texts.push(block.get("text").and_then(Value::as_str).unwrap_or("")),
@@ -568,10 +581,15 @@ fn result_text_and_images(
             }
         }
     }
-    let text = match (texts.is_empty(), images.is_empty()) {
-        (true, false) => "(the result is the image that follows)".to_owned(),
-        _ => texts.join("\n\n"),
-    };
+    let mut text = texts.join("\n\n");
+    if images.len() == 1 {
+        images.clear();
+    } else {
+        if !text.is_empty() {
+            text.push_str("\n\n");
+        }
+        text.push_str("(Its images are in the next user message.)");
+    }
     Ok((text, images))
 }
 
@@ -620,7 +638,7 @@ fn messages_turn(turn: &Value, i: usize, chat: &mut Vec<Value>) -> Result<(), Un
                             // rest of the turn, after the turn's tool messages.
                             Some(Value::Array(result)) => {
                                 let (text, images) =
-                                    result_text_and_images(result, &format!("{here}.content"))?;
+                                    result_text_and_images(result, id, &format!("{here}.content"))?;
                                 parts.extend(images);
                                 text
                             }
@@ -734,7 +752,9 @@ fn image_url(source: Option<&Value>, at: &str) -> Result<String, Untranslatable>
 }
 
 /// A Messages `output_config.format` → the chat `response_format`: its JSON schema, strict
-/// (Anthropic's structured outputs keep to the schema; OpenAI's strict mode does too).
+/// where OpenAI's strict mode takes the schema (Anthropic's structured outputs keep to the
+/// schema, as strict mode does), else not: strict mode refuses a schema with an optional
+/// property, which the SDK's `messages.parse` makes of every field with a default.
 fn response_format(format: &Value) -> Result<Value, Untranslatable> {
     let at = "output_config.format";
     if format.get("type").and_then(Value::as_str) != Some("json_schema") {
@@ -749,8 +769,32 @@ fn response_format(format: &Value) -> Result<Value, Untranslatable> {
         .ok_or_else(|| Untranslatable::new(at, "A json_schema output format needs its schema."))?;
     Ok(json!({
         "type": "json_schema",
-        "json_schema": {"name": "output", "schema": schema, "strict": true},
+        "json_schema": {"name": "output", "schema": schema, "strict": strict_ready(schema)},
     }))
+}
+
+/// Whether OpenAI's strict mode takes `schema` as far as objects go: each object schema in it
+/// (wherever nested) names every property as required and allows no others.
+fn strict_ready(schema: &Value) -> bool {
+    match schema {
+        Value::Object(members) => {
+            let object_ready = match members.get("properties") {
+                Some(Value::Object(properties)) => {
+                    let required: Vec<&str> = members
+                        .get("required")
+                        .and_then(Value::as_array)
+                        .map(|r| r.iter().filter_map(Value::as_str).collect())
+                        .unwrap_or_default();
+                    members.get("additionalProperties") == Some(&Value::Bool(false))
+                        && properties.keys().all(|p| required.contains(&p.as_str()))
+                }
+                _ => true,
+            };
+            object_ready && members.values().all(strict_ready)
+        }
+        Value::Array(items) => items.iter().all(strict_ready),
+        _ => true,
+    }
 }
 
 fn messages_tools(tools: &Value) -> Result<Value, Untranslatable> {
@@ -1494,6 +1538,9 @@ pub(crate) mod tests {
         for member in ["tools", "tool_choice", "parallel_tool_calls"] {
             assert!(c.get(member).is_none(), "{member}: {c}");
         }
+        // Tools that are not a list are refused, as before, not dropped with a forced choice.
+        let not_a_list = r#"{"model":"m","max_tokens":8,"messages":[{"role":"user","content":"hi"}],"tools":{},"tool_choice":{"type":"any"}}"#;
+        assert_eq!(both_ways_to_chat(not_a_list), (None, None));
     }
 
     /// Anthropic's `none` has no `disable_parallel_tool_use`, and with no tools there is no
@@ -1545,20 +1592,32 @@ pub(crate) mod tests {
             r#"{"model":"m","max_tokens":8,"messages":[{"role":"user","content":"look"},{"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"Read","input":{"p":"a.png"}},{"type":"tool_use","id":"t2","name":"Read","input":{"p":"b.png"}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":[{"type":"text","text":"a.png"},{"type":"image","source":{"type":"base64","media_type":"image/png","data":"AAAA"}}]},{"type":"tool_result","tool_use_id":"t2","content":[{"type":"image","source":{"type":"url","url":"https://x/b.png"}}]},{"type":"text","text":"what are they?"}]}]}"#,
         );
         let messages = c["messages"].as_array().unwrap();
+        let next = "(Its images are in the next user message.)";
         assert_eq!(
             messages[2],
-            json!({"role": "tool", "tool_call_id": "t1", "content": "a.png"})
+            json!({"role": "tool", "tool_call_id": "t1", "content": format!("a.png\n\n{next}")})
         );
-        assert_eq!(messages[3]["role"], "tool");
-        assert_eq!(messages[3]["tool_call_id"], "t2");
-        assert!(!messages[3]["content"].as_str().unwrap().is_empty());
+        assert_eq!(
+            messages[3],
+            json!({"role": "tool", "tool_call_id": "t2", "content": next})
+        );
+        // Each result's images are named by their call.
         assert_eq!(
             messages[4],
             json!({"role": "user", "content": [
+                {"type": "text", "text": "The images of the result of tool call t1:"},
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "text", "text": "The images of the result of tool call t2:"},
                 {"type": "image_url", "image_url": {"url": "https://x/b.png"}},
                 {"type": "text", "text": "what are they?"},
             ]})
+        );
+        let text_only = to_chat_agreed(
+            r#"{"model":"m","max_tokens":8,"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":[{"type":"text","text":"ok"}]}]}]}"#,
+        );
+        assert_eq!(
+            text_only["messages"],
+            json!([{"role": "tool", "tool_call_id": "t1", "content": "ok"}])
         );
         let document = r#"{"model":"m","max_tokens":8,"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":[{"type":"document","source":{"type":"text","data":"x"}}]}]}]}"#;
         assert!(both_ways_to_chat(document).1.is_none(), "still refused");
@@ -1579,8 +1638,27 @@ pub(crate) mod tests {
         );
         let other = r#"{"model":"m","max_tokens":8,"messages":[{"role":"user","content":"hi"}],"output_config":{"format":{"type":"grammar"}}}"#;
         assert!(both_ways_to_chat(other).1.is_none(), "refused, not dropped");
+        // Claude Code's `effort` alone: dropped, and the request still written in its shape.
         let effort_only = r#"{"model":"m","max_tokens":8,"messages":[{"role":"user","content":"hi"}],"output_config":{"effort":"low"}}"#;
         assert!(to_chat_agreed(effort_only).get("response_format").is_none());
+        assert!(both_ways_to_chat(effort_only).0.is_some(), "in its shape");
+        // A property with a default is optional: OpenAI's strict mode would refuse the schema.
+        let optional = json!({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer", "default": 1}}, "required": ["a"], "additionalProperties": false});
+        let nested = json!({"type": "object", "properties": {"a": {"type": "array", "items": optional}}, "required": ["a"], "additionalProperties": false});
+        for loose in [&optional, &nested] {
+            let c = to_chat_agreed(&format!(
+                r#"{{"model":"m","max_tokens":8,"messages":[{{"role":"user","content":"hi"}}],"output_config":{{"format":{{"type":"json_schema","schema":{loose}}}}}}}"#
+            ));
+            assert_eq!(
+                c["response_format"]["json_schema"]["strict"], false,
+                "{loose}"
+            );
+        }
+        // The older top-level `output_format`, which older SDKs send.
+        let older = to_chat_agreed(&format!(
+            r#"{{"model":"m","max_tokens":8,"messages":[{{"role":"user","content":"hi"}}],"output_format":{{"type":"json_schema","schema":{schema}}}}}"#
+        ));
+        assert_eq!(older["response_format"]["json_schema"]["schema"], schema);
     }
 
     /// The requests most clients send, and an agent's with tools, are written in the shape, not

@@ -65,8 +65,17 @@ pub fn messages_to_chat_in_shape<'a>(
                 tools = from_text::<Option<Vec<Tool<'a>>>>(text)?.filter(|t| !t.is_empty());
                 continue;
             }
-            // Structured output becomes `response_format`: the translation decides.
-            "output_config" if text != "null" => return None,
+            // Structured output becomes `response_format`: the translation decides. Claude
+            // Code sends `output_config` with `effort` alone on every request: dropped here as
+            // there.
+            "output_config" => {
+                from_text::<Checked>(text)?;
+                if from_text::<Option<OutputConfig>>(text)?.is_some_and(|c| c.format.is_some()) {
+                    return None;
+                }
+                continue;
+            }
+            "output_format" if text != "null" => return None,
             "tool_choice" => {
                 choice = from_text::<Option<ToolChoice<'a>>>(text)?;
                 continue;
@@ -567,6 +576,13 @@ impl<'de> Deserialize<'de> for MessagesTurn<'de> {
         }
         value.deserialize_map(Members)
     }
+}
+
+/// Whether a Messages `output_config` asks for a `format` (structured output).
+#[derive(Deserialize)]
+struct OutputConfig {
+    #[serde(default)]
+    format: Option<serde::de::IgnoredAny>,
 }
 
 /// `metadata`'s `user_id` when a string (an object without one: none).
