@@ -926,11 +926,13 @@ async fn read_body(
                         Ok(permit) => permit,
                         Err(full) => {
                             drop(held);
+                            // Boxed: the rare path's state stays out of every answer's
+                            // future, which is moved.
                             let usage = match follow_usage {
                                 true => {
-                                    usage_of_the_rest(
+                                    Box::pin(usage_of_the_rest(
                                         sleeps, upstream, collected, max, idle, deadline,
-                                    )
+                                    ))
                                     .await
                                 }
                                 false => None,
