@@ -501,7 +501,10 @@ pub fn messages_to_chat(
             // Structured output: the answer must be JSON of the schema.
             "output_config" => {
                 if let Some(format) = value.get("format").filter(|f| !f.is_null()) {
-                    out.insert("response_format".into(), response_format(format)?);
+                    out.insert(
+                        "response_format".into(),
+                        response_format(format, "output_config.format")?,
+                    );
                 }
             }
             _ => {}
@@ -512,7 +515,10 @@ pub fn messages_to_chat(
     if let Some(format) = messages.get("output_format").filter(|f| !f.is_null())
         && !out.contains_key("response_format")
     {
-        out.insert("response_format".into(), response_format(format)?);
+        out.insert(
+            "response_format".into(),
+            response_format(format, "output_format")?,
+        );
     }
     if !out.contains_key("tools") {
         // OpenAI refuses a tool choice without tools.
@@ -562,10 +568,8 @@ fn result_text_and_images(
     at: &str,
 ) -> Result<(String, Vec<Value>), Untranslatable> {
     let mut texts = Vec::with_capacity(blocks.len());
-    let mut images = vec![json!({
-        "type": "text",
-        "text": format!("The images of the result of tool call {id}:"),
-    })];
+    let label = format!("The images of the result of tool call {id}:");
+    let mut images = vec![json!({"type": "text", "text": label})];
     for (j, block) in blocks.iter().enumerate() {
         match block.get("type").and_then(Value::as_str) {
             Some("text") => texts.push(block.get("text").and_then(Value::as_str).unwrap_or("")),
@@ -588,7 +592,10 @@ fn result_text_and_images(
         if !text.is_empty() {
             text.push_str("\n\n");
         }
-        text.push_str("(Its images are in the next user message.)");
+        // Quoted whole: a backend's chat template may not show the model the call's id.
+        text.push_str(&format!(
+            "(Its images are in the next user message, after \"{label}\")"
+        ));
     }
     Ok((text, images))
 }
@@ -755,8 +762,7 @@ fn image_url(source: Option<&Value>, at: &str) -> Result<String, Untranslatable>
 /// where OpenAI's strict mode takes the schema (Anthropic's structured outputs keep to the
 /// schema, as strict mode does), else not: strict mode refuses a schema with an optional
 /// property, which the SDK's `messages.parse` makes of every field with a default.
-fn response_format(format: &Value) -> Result<Value, Untranslatable> {
-    let at = "output_config.format";
+fn response_format(format: &Value, at: &str) -> Result<Value, Untranslatable> {
     if format.get("type").and_then(Value::as_str) != Some("json_schema") {
         return Err(Untranslatable::new(
             at,
@@ -769,7 +775,12 @@ fn response_format(format: &Value) -> Result<Value, Untranslatable> {
         .ok_or_else(|| Untranslatable::new(at, "A json_schema output format needs its schema."))?;
     Ok(json!({
         "type": "json_schema",
-        "json_schema": {"name": "output", "schema": schema, "strict": strict_ready(schema)},
+        "json_schema": {
+            "name": "output",
+            "schema": schema,
+            // Strict mode takes an object at the root only (not a list, a union, a `$ref`).
+            "strict": schema.get("type") == Some(&Value::from("object")) && strict_ready(schema),
+        },
     }))
 }
 
@@ -1350,6 +1361,19 @@ pub(crate) mod tests {
             3 => tools(),
             2 => tool_choice(),
             1 => Just("\"service_tier\":\"\\ud800\"".to_owned()),
+            1 => prop::sample::select(vec![
+                r#""output_config":{"effort":"high"}"#,
+                r#""output_config":{"format":null}"#,
+                r#""output_config":{}"#,
+                r#""output_config":null"#,
+                r#""output_config":"x""#,
+                r#""output_config":{"format":{"type":"json_schema","schema":{"type":"object"}}}"#,
+                r#""output_config":{"format":{"type":"grammar"}}"#,
+                r#""output_config":{"format":"x"}"#,
+                r#""output_format":{"type":"json_schema","schema":{"type":"object"}}"#,
+                r#""output_format":null"#,
+            ])
+            .prop_map(str::to_owned),
         ]
         .boxed()
     }
@@ -1592,14 +1616,18 @@ pub(crate) mod tests {
             r#"{"model":"m","max_tokens":8,"messages":[{"role":"user","content":"look"},{"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"Read","input":{"p":"a.png"}},{"type":"tool_use","id":"t2","name":"Read","input":{"p":"b.png"}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":[{"type":"text","text":"a.png"},{"type":"image","source":{"type":"base64","media_type":"image/png","data":"AAAA"}}]},{"type":"tool_result","tool_use_id":"t2","content":[{"type":"image","source":{"type":"url","url":"https://x/b.png"}}]},{"type":"text","text":"what are they?"}]}]}"#,
         );
         let messages = c["messages"].as_array().unwrap();
-        let next = "(Its images are in the next user message.)";
+        let next = |id: &str| {
+            format!(
+                "(Its images are in the next user message, after \"The images of the result of tool call {id}:\")"
+            )
+        };
         assert_eq!(
             messages[2],
-            json!({"role": "tool", "tool_call_id": "t1", "content": format!("a.png\n\n{next}")})
+            json!({"role": "tool", "tool_call_id": "t1", "content": format!("a.png\n\n{}", next("t1"))})
         );
         assert_eq!(
             messages[3],
-            json!({"role": "tool", "tool_call_id": "t2", "content": next})
+            json!({"role": "tool", "tool_call_id": "t2", "content": next("t2")})
         );
         // Each result's images are named by their call.
         assert_eq!(
@@ -1654,6 +1682,30 @@ pub(crate) mod tests {
                 "{loose}"
             );
         }
+        // Strict mode takes an object at the root only: `list[X]`, a union, a `RootModel`.
+        for root in [
+            json!({"type": "array", "items": schema}),
+            json!({"anyOf": [schema, {"type": "string"}]}),
+            json!({"$ref": "#/$defs/A", "$defs": {"A": schema}}),
+        ] {
+            let c = to_chat_agreed(&format!(
+                r#"{{"model":"m","max_tokens":8,"messages":[{{"role":"user","content":"hi"}}],"output_config":{{"format":{{"type":"json_schema","schema":{root}}}}}}}"#
+            ));
+            assert_eq!(
+                c["response_format"]["json_schema"]["strict"], false,
+                "{root}"
+            );
+        }
+        // A refusal names the member the client sent.
+        let parsed = crate::request::parse(
+            br#"{"model":"m","max_tokens":8,"messages":[],"output_format":{"type":"grammar"}}"#,
+        )
+        .unwrap();
+        let refused = messages_to_chat(&parsed.object().unwrap(), "up", "max_tokens").unwrap_err();
+        assert!(
+            format!("{refused:?}").contains("\"output_format\""),
+            "{refused:?}"
+        );
         // The older top-level `output_format`, which older SDKs send.
         let older = to_chat_agreed(&format!(
             r#"{{"model":"m","max_tokens":8,"messages":[{{"role":"user","content":"hi"}}],"output_format":{{"type":"json_schema","schema":{schema}}}}}"#
