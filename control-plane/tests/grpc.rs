@@ -1830,13 +1830,7 @@ async fn a_connection_to_the_grpc_port_without_a_request_with_a_token_is_closed(
     assert_eq!(answer.await.unwrap().status(), 200);
     // A client with a token.
     let (mut admin, asked) = h2_connection(&addr).await;
-    let list = "/sluice.v1.AdminService/ListBackends";
-    let (answer, mut body) = admin
-        .send_request(grpc_request(list, Some(&cp.admin_token)), false)
-        .unwrap();
-    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
-        .unwrap();
-    assert_eq!(answer.await.unwrap().status(), 200);
+    assert_eq!(list_backends(&mut admin, &cp.admin_token).await, 200);
 
     for mut connection in [silent, half] {
         let mut rest = Vec::new();
@@ -1851,12 +1845,21 @@ async fn a_connection_to_the_grpc_port_without_a_request_with_a_token_is_closed(
     // Past the timeout and its grace, the client with a token is still connected.
     assert!(!asked.is_finished(), "closed after a request with a token");
     admin = admin.ready().await.unwrap();
-    let (answer, mut body) = admin
-        .send_request(grpc_request(list, Some(&cp.admin_token)), false)
+    assert_eq!(list_backends(&mut admin, &cp.admin_token).await, 200);
+}
+
+/// The HTTP status of an empty `ListBackends` call sent with `token` on `connection`.
+async fn list_backends(
+    connection: &mut h2::client::SendRequest<bytes::Bytes>,
+    token: &str,
+) -> http::StatusCode {
+    let list = "/sluice.v1.AdminService/ListBackends";
+    let (answer, mut body) = connection
+        .send_request(grpc_request(list, Some(token)), false)
         .unwrap();
     body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
         .unwrap();
-    assert_eq!(answer.await.unwrap().status(), 200);
+    answer.await.unwrap().status()
 }
 
 const HEALTH: &str = "/grpc.health.v1.Health/Check";
