@@ -1077,6 +1077,72 @@ fn parallel_calls_without_an_index_become_a_block_each() {
     assert_eq!(message["stop_reason"], "tool_use");
 }
 
+/// An id of the form `prefix` and 32 hex digits, as Sluice makes for what the backend left
+/// without one.
+fn is_fresh_id(id: &Value, prefix: &str) -> bool {
+    id.as_str()
+        .and_then(|id| id.strip_prefix(prefix))
+        .is_some_and(|rest| rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Some OpenAI-compatible servers write tool calls, and completions, without ids (no `id`,
+/// `null`, `""`). Every `tool_use` a Messages client gets has an id of its own, unique across
+/// answers: the client sends the conversation's blocks back, and Anthropic refuses a
+/// conversation in which two share one (before: `"id": null` in a whole answer, `toolu_0` in
+/// every stream, so a session's later turn failed over to an Anthropic backend got a 400).
+#[test]
+fn calls_and_messages_without_ids_get_ids_unique_across_answers() {
+    let completion = json!({"id": "", "choices": [{"finish_reason": "tool_calls", "message": {"content": null, "tool_calls": [
+        {"type": "function", "function": {"name": "a", "arguments": "{}"}},
+        {"id": null, "type": "function", "function": {"name": "b", "arguments": "{}"}},
+        {"id": "", "type": "function", "function": {"name": "c", "arguments": "{}"}},
+    ]}}]});
+    let text = completion.to_string();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..2 {
+        let message = message_for(&text).unwrap();
+        assert!(is_fresh_id(&message["id"], "msg_"), "{message}");
+        for block in message["content"].as_array().unwrap() {
+            assert!(is_fresh_id(&block["id"], "toolu_"), "{block}");
+            assert!(seen.insert(block["id"].clone()), "{block} twice");
+        }
+        assert_eq!(message["content"].as_array().unwrap().len(), 3);
+    }
+
+    let chunk = |index: u64, name: &str| {
+        chat_chunk(
+            json!({"tool_calls": [{"index": index, "type": "function", "function": {"name": name, "arguments": "{}"}}]}),
+            None,
+        )
+    };
+    let text = [
+        "data: {\"id\":\"\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"}}]}\n\n".to_owned(),
+        chunk(0, "a"),
+        chunk(1, "b"),
+        chat_chunk(json!({}), Some("tool_calls")),
+        "data: [DONE]\n\n".to_owned(),
+    ]
+    .concat();
+    for _ in 0..2 {
+        let data = translated(&text);
+        assert!(
+            is_fresh_id(&data[0]["message"]["id"], "msg_"),
+            "{}",
+            data[0]
+        );
+        let starts: Vec<&Value> = data
+            .iter()
+            .filter(|e| e["type"] == "content_block_start")
+            .map(|e| &e["content_block"]["id"])
+            .collect();
+        assert_eq!(starts.len(), 2, "{data:?}");
+        for id in starts {
+            assert!(is_fresh_id(id, "toolu_"), "{id}");
+            assert!(seen.insert(id.clone()), "{id} twice");
+        }
+    }
+}
+
 // ---- the round trip --------------------------------------------------------------------
 
 /// The answer an Anthropic backend would give to a translated request that echoes its last

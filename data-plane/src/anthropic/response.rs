@@ -324,7 +324,7 @@ pub fn completion_to_message(completion: &Value) -> Result<Value, Untranslatable
         }
         content.push(json!({
             "type": "tool_use",
-            "id": call.get("id").cloned().unwrap_or(Value::Null),
+            "id": backend_tool_id(call).map_or_else(|| fresh_id("toolu_"), str::to_owned),
             "name": function.and_then(|f| f.get("name")).cloned().unwrap_or(Value::Null),
             "input": input?,
         }));
@@ -389,6 +389,12 @@ pub fn completion_to_message_in_shape(text: &str) -> Option<Vec<u8>> {
     if finish.as_deref() == Some("length") && !calls.is_empty() {
         return None;
     }
+    // Ids the backend left out are made fresh by the whole parse, which the property test
+    // cannot compare byte for byte; an answer without them is rare.
+    let message = backend_message_id(id.as_deref().unwrap_or(""))?;
+    if calls.iter().any(|call| call.id.is_empty()) {
+        return None;
+    }
     let mut out = Vec::with_capacity(text.len() + 128);
     out.extend_from_slice(b"{\"content\":[");
     let reply = reply.filter(|t| !t.is_empty());
@@ -410,7 +416,7 @@ pub fn completion_to_message_in_shape(text: &str) -> Option<Vec<u8>> {
         out.extend_from_slice(b",\"type\":\"tool_use\"}");
     }
     out.extend_from_slice(b"],\"id\":");
-    string(&mut out, &message_id(id.as_deref().unwrap_or("")));
+    string(&mut out, &message);
     out.extend_from_slice(b",\"model\":");
     match &model {
         Some(model) => string(&mut out, model),
@@ -614,10 +620,34 @@ impl LenientKind for CachedTokens {
     }
 }
 
-/// A chat completion's id as a Message id (`msg_…`, as Anthropic clients expect).
+/// A chat completion's id as a Message id (`msg_…`, as Anthropic clients expect); a fresh one
+/// when the backend gave none ([`backend_message_id`]).
 pub fn message_id(chat_id: &str) -> String {
+    backend_message_id(chat_id).unwrap_or_else(|| fresh_id("msg_"))
+}
+
+/// A chat completion's id as a Message id, `None` when it is empty (some OpenAI-compatible
+/// servers write `""`, or no `id` at all).
+fn backend_message_id(chat_id: &str) -> Option<String> {
     let bare = chat_id.strip_prefix("chatcmpl-").unwrap_or(chat_id);
-    format!("msg_{bare}")
+    (!bare.is_empty()).then(|| format!("msg_{bare}"))
+}
+
+/// A call's id as the backend wrote it, when it wrote one (a string, not empty).
+fn backend_tool_id(call: &Value) -> Option<&str> {
+    call.get("id")
+        .and_then(Value::as_str)
+        .filter(|id| !id.is_empty())
+}
+
+/// An id of Sluice's for a message or `tool_use` block the backend wrote none for: `prefix`
+/// (`msg_`, `toolu_`) and 32 random hex digits. Unique, not derived from the call's place in
+/// the answer: a client sends every `tool_use` of a conversation back in later turns, and
+/// Anthropic refuses a conversation in which two of them share an id ("tool_use ids must be
+/// unique"), which `toolu_0` in every turn would make the moment a later turn went to an
+/// Anthropic backend.
+pub fn fresh_id(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
 }
 
 /// A tool call's arguments string → a `tool_use` input object (empty → `{}`).
