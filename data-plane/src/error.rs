@@ -114,6 +114,8 @@ pub enum ProxyError {
     UnknownPath { method: String, path: String },
     #[error("Method {method} is not allowed for {path}.")]
     MethodNotAllowed { method: String, path: String },
+    #[error("{path} is served over HTTP only; this gateway does not take WebSocket connections.")]
+    WebSocketRefused { path: String },
     #[error("Sluice cannot record this request's usage right now ({0}); try again shortly.")]
     UsageUnrecordable(crate::spool::Unwritten),
     #[error(
@@ -203,6 +205,7 @@ impl ProxyError {
             }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::WebSocketRefused { .. } => StatusCode::UPGRADE_REQUIRED,
             Self::InvalidResponseId { .. }
             | Self::ResponseBackendLacksModel { .. }
             | Self::ResponsesUnsupported(_)
@@ -250,6 +253,7 @@ impl ProxyError {
             Self::UpstreamInvalid => ("server_error", "upstream_invalid_response"),
             Self::UnknownPath { .. } => ("invalid_request_error", "unknown_url"),
             Self::MethodNotAllowed { .. } => ("invalid_request_error", "method_not_allowed"),
+            Self::WebSocketRefused { .. } => ("invalid_request_error", "websocket_not_supported"),
             Self::UsageUnrecordable(_) => ("server_error", "usage_unrecordable"),
             Self::InvalidResponseId { .. } => ("invalid_request_error", "invalid_response_id"),
             Self::ResponseBackendGone { .. } => {

@@ -839,7 +839,20 @@ async fn unknown_path(method: Method, uri: Uri) -> Response {
     .into_response()
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+/// A method the path does not take: 405, but for a WebSocket handshake, which gets 426. The
+/// Codex CLI opens `/v1/responses` as a WebSocket first and falls back to HTTP at once on a 426
+/// only; any other status it retries, five times with backoff, at the start of every session.
+async fn method_not_allowed(method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    let websocket = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .any(|value| value.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if websocket {
+        return ProxyError::WebSocketRefused {
+            path: crate::error::quoted(uri.path()),
+        }
+        .into_response();
+    }
     ProxyError::MethodNotAllowed {
         method: crate::error::quoted(method.as_str()),
         path: crate::error::quoted(uri.path()),

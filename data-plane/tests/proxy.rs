@@ -1015,6 +1015,23 @@ async fn a_corpus_of_hostile_requests_gets_4xx_and_the_proxy_keeps_serving() {
         .await
         .unwrap();
     assert_error(r, 405, "method_not_allowed").await;
+    // A WebSocket handshake (the Codex CLI's first try at `/v1/responses`) gets 426, on which
+    // Codex falls back to HTTP at once (on a 405 it retries five times first); without the
+    // upgrade a GET there is still a 405.
+    for (upgrade, status, code) in [
+        (Some("websocket"), 426, "websocket_not_supported"),
+        (None, 405, "method_not_allowed"),
+    ] {
+        let mut get = h.http.get(h.url("/v1/responses")).bearer_auth(KEY);
+        if let Some(upgrade) = upgrade {
+            get = get
+                .header("connection", "Upgrade")
+                .header("upgrade", upgrade)
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+        }
+        assert_error(get.send().await.unwrap(), status, code).await;
+    }
 
     assert_eq!(h.chat(chat_body(true)).await.status(), 200);
 }
