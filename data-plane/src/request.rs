@@ -68,6 +68,10 @@ pub struct ParsedRequest<'a> {
     pub include_usage: bool,
     /// The Responses API's `previous_response_id`, when a string (`null` counts as absent).
     pub previous_response_id: Option<Cow<'a, str>>,
+    /// `prompt_cache_key` (chat completions and Responses), when a string that is not empty:
+    /// the conversation the client says the request belongs to, which routes it
+    /// ([`crate::router::order`]). Anything else is left for the upstream to judge.
+    pub prompt_cache_key: Option<Cow<'a, str>>,
 }
 
 /// [`parse`] of a body as received, which [`ParsedRequest::rewrite_with`] then sends on as it
@@ -91,12 +95,19 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
     let mut stream = None;
     let mut options = None;
     let mut previous = None;
+    let mut cache_key = None;
     for (key, value) in &fields {
         let slot = match key.0.as_ref() {
             "model" => &mut model,
             "stream" => &mut stream,
             "stream_options" => &mut options,
             "previous_response_id" => &mut previous,
+            // Only routes: a duplicate cannot make Sluice and the upstream read two different
+            // requests, so it is the upstream's to judge (the last one, as JSON parsers keep).
+            "prompt_cache_key" => {
+                cache_key = Some(*value);
+                continue;
+            }
             _ => continue,
         };
         if slot.replace(*value).is_some() {
@@ -108,6 +119,10 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
             }));
         }
     }
+    let prompt_cache_key = cache_key
+        .and_then(|raw| serde_json::from_str::<Key<'_>>(raw.get()).ok())
+        .map(|Key(key)| key)
+        .filter(|key| !key.is_empty());
     let previous_response_id = match previous {
         None => None,
         Some(raw) => serde_json::from_str::<Option<Key<'_>>>(raw.get())
@@ -175,6 +190,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
         stream,
         include_usage,
         previous_response_id,
+        prompt_cache_key,
     })
 }
 
@@ -406,6 +422,36 @@ mod tests {
 
     fn rewritten(body: &str, model: &str, force: bool) -> Value {
         serde_json::from_slice(&rewrite_body(body.as_bytes(), model, force).unwrap()).unwrap()
+    }
+
+    /// `prompt_cache_key` is read for routing when it is a string that is not empty; any other
+    /// value, and a duplicate, are the upstream's to judge (the last one is read, as JSON
+    /// parsers keep), not refused here.
+    #[test]
+    fn a_prompt_cache_key_is_read_when_a_string() {
+        let key = |body: &str| {
+            parse(body.as_bytes())
+                .unwrap()
+                .prompt_cache_key
+                .map(Cow::into_owned)
+        };
+        assert_eq!(
+            key(r#"{"model":"m","prompt_cache_key":"s-1"}"#).as_deref(),
+            Some("s-1")
+        );
+        assert_eq!(
+            key(r#"{"prompt_cache_key":"a\u0042","model":"m"}"#).as_deref(),
+            Some("aB")
+        );
+        assert_eq!(
+            key(r#"{"model":"m","prompt_cache_key":"a","prompt_cache_key":"b"}"#).as_deref(),
+            Some("b")
+        );
+        for other in ["\"\"", "null", "7", "[\"a\"]", "{\"a\":1}"] {
+            let body = format!(r#"{{"model":"m","prompt_cache_key":{other}}}"#);
+            assert_eq!(key(&body), None, "{body}");
+        }
+        assert_eq!(key(r#"{"model":"m"}"#), None);
     }
 
     #[test]

@@ -365,6 +365,52 @@ async fn altered_ids_other_keys_and_unreachable_backends_are_refused_clearly() {
     assert_eq!(beta.stats().requests.total(), 0);
 }
 
+/// A client that names its conversation (`prompt_cache_key`: the Codex CLI sends its session's
+/// id, the SDKs whatever the caller gives) has all its requests, chat and Responses, sent to
+/// one backend, whichever replica takes them: the provider's prompt cache is per account, and
+/// a stateless Responses client's `reasoning.encrypted_content` can be read only by the
+/// account that wrote it (before, each turn drew a backend at random and one of another
+/// account answered `400 invalid_encrypted_content`). Different conversations still spread.
+#[tokio::test]
+async fn a_conversation_keeps_to_one_backend_on_every_replica() {
+    let alpha = mock("alpha");
+    let beta = mock("beta");
+    let replicas = [
+        two_backends(&alpha, &beta).await,
+        two_backends(&alpha, &beta).await,
+    ];
+    let mut holders = std::collections::BTreeSet::new();
+    for n in 0..8 {
+        let conversation = format!("019a-session-{n}");
+        let mut served_by = std::collections::BTreeSet::new();
+        for turn in 0..6 {
+            let h = &replicas[turn % 2];
+            let response = if turn % 3 == 0 {
+                h.chat(json!({"model": MODEL, "prompt_cache_key": conversation,
+                    "messages": [{"role": "user", "content": "hi"}]}))
+                    .await
+            } else {
+                create(
+                    h,
+                    json!({"model": MODEL, "input": "go on", "store": false,
+                        "prompt_cache_key": conversation, "stream": turn % 2 == 1}),
+                )
+                .await
+            };
+            assert_eq!(response.status(), 200);
+            served_by.insert(
+                response.headers()["x-sluice-backend"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        assert_eq!(served_by.len(), 1, "{conversation}: {served_by:?}");
+        holders.extend(served_by);
+    }
+    assert_eq!(holders.len(), 2, "{holders:?}");
+}
+
 #[tokio::test]
 async fn a_new_response_fails_over_before_the_first_byte() {
     let primary = mock("primary");

@@ -204,6 +204,8 @@ pub(super) struct Call<'a> {
     pub count_usage: bool,
     /// What an Anthropic backend gets from a Messages client as it came.
     pub passed: Option<&'a Passthrough>,
+    /// The conversation the request names (`prompt_cache_key`), which orders its backends.
+    pub conversation: Option<&'a str>,
 }
 
 impl Call<'_> {
@@ -295,6 +297,7 @@ pub(super) async fn forward(
         ids: None,
         count_usage: true,
         passed: Some(&passed),
+        conversation: parsed.prompt_cache_key.as_deref(),
     };
     forward_call(app, snapshot, routes, &call, acct, Some(client.headers)).await
 }
@@ -314,7 +317,12 @@ pub(super) async fn forward_call(
     let stream = call.stream;
     let deadline = acct.started() + policy.request_timeout;
     let cooldowns = app.store.cooldowns();
-    let order = router::order(routes, snapshot.backends(), &mut rand::rng());
+    let order = router::order(
+        routes,
+        snapshot.backends(),
+        &mut rand::rng(),
+        call.conversation,
+    );
     let mut soonest: Option<Instant> = None;
     let mut last: Option<(Failure, ApiFormat)> = None;
     let mut unsupported = false;

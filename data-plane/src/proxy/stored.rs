@@ -101,6 +101,7 @@ pub(super) async fn create(
         ids: Some(ids),
         count_usage: true,
         passed: None,
+        conversation: parsed.prompt_cache_key.as_deref(),
     };
     let routes = match &pinned {
         Some((route, _)) => std::slice::from_ref(*route),
@@ -167,6 +168,7 @@ pub(super) async fn call(
         }),
         count_usage: false,
         passed: None,
+        conversation: None,
     };
     forward::forward_call(
         app,
