@@ -540,10 +540,14 @@ async fn client_errors_get_openai_style_bodies() {
     assert_eq!(body["error"]["message"], "Invalid URL (POST /v1/nowhere)");
     // A path of tens of kilobytes is quoted back in 200 characters: no client's choice makes
     // an error large (a large answer can hold a connection open while its client never reads).
-    let long = format!("/v1/{}", "a".repeat(60_000));
+    let long = format!("/v1/{}", "a".repeat(30_000));
     let body = assert_error(h.post(&long, KEY, &json!({})).await, 404, "unknown_url").await;
     let message = body["error"]["message"].as_str().unwrap();
     assert_eq!(message, format!("Invalid URL (POST {}…)", &long[..200]));
+    // A head past 32 KiB is refused by the listener before any of Sluice's code reads it.
+    let longer = format!("/v1/{}", "a".repeat(40_000));
+    let refused = h.post(&longer, KEY, &json!({})).await;
+    assert_eq!(refused.status(), 431);
     let get = h
         .http
         .get(h.url("/v1/chat/completions"))

@@ -617,10 +617,12 @@ fn the_data_planes_memory_limit_holds_what_it_may_buffer() {
     };
     let bodies = env("SLUICE_MAX_BUFFERED_BODY_BYTES");
     let answers = env("SLUICE_MAX_BUFFERED_ANSWER_BYTES");
+    // Each connection may hold a request head of up to the listener's bound until it ends.
+    let heads = env("SLUICE_MAX_CONNECTIONS") * sluice_listener::MAX_HEAD_BYTES as u64;
     assert!(
-        limit >= 2 * bodies + answers + (128 << 20),
+        limit >= 2 * bodies + answers + heads + (128 << 20),
         "a memory limit of {limit} bytes cannot hold twice {bodies} bytes of bodies, \
-         {answers} of answers and 128 MiB"
+         {answers} of answers, {heads} of request heads and 128 MiB"
     );
 }
 

@@ -204,6 +204,16 @@ pub const FIRST_REQUEST_WHEN_DRAINING: Duration = Duration::from_secs(1);
 /// How long an h2 peer has to answer a keep-alive PING before its connection is closed.
 pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The most an HTTP/1 request's head may take (its request line and headers), past which it
+/// is answered `431` and the connection closed. hyper's default is its read buffer's, about
+/// 408 KiB, held for each connection until the header read timeout and counted by no memory
+/// bound: about 1,300 connections that send a head that large and never end it would take a
+/// 512 MiB replica, without a key. 32 KiB is ten times what the SDKs send and the headers a
+/// front adds, and twice what nginx takes by default (4 × 8 KiB); HTTP/2's own bound is
+/// hyper's 16 KiB header list. It also bounds each read of a request's body, which
+/// then comes in reads of at most 32 KiB.
+pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+
 /// Serves connections: HTTP/1.1 and h2c (prior knowledge), with a header read timeout and a
 /// write timeout.
 #[derive(Clone, Debug)]
@@ -227,7 +237,8 @@ impl Http {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout);
+            .header_read_timeout(header_read_timeout)
+            .max_buf_size(MAX_HEAD_BYTES);
         // An h2 connection has no head to time: once its first request has come, nothing
         // closed it, and a client could hold it (and a connection slot) by staying silent.
         // Pinged after that long without a frame, a peer that does not answer within
@@ -597,6 +608,45 @@ mod tests {
         assert_eq!(write_timeouts.get(), 0);
         drop(client);
         served.await.unwrap();
+    }
+
+    /// A head past [`MAX_HEAD_BYTES`] is answered 431 and its connection closed at once, not
+    /// held (with the buffer it filled) until the header read timeout; one just below is
+    /// served.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_past_its_bound_is_refused_at_once_and_one_below_is_served() {
+        let filler = |bytes: usize| format!("x-filler: {}\r\n", "a".repeat(bytes));
+        let (mut client, served, _graceful) = serve(Duration::ZERO);
+        let head = format!("GET / HTTP/1.1\r\nhost: x\r\n{}\r\n", filler(30 << 10));
+        client.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = [0; 64];
+        let read = client.read(&mut answer).await.unwrap();
+        assert!(
+            answer[..read].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            &answer[..read]
+        );
+        drop(client);
+        served.await.unwrap();
+
+        let (mut client, served, _graceful) = serve(Duration::ZERO);
+        // A head that never ends: only its size can stop it before the timeout.
+        let head = format!("GET / HTTP/1.1\r\nhost: x\r\n{}", filler(MAX_HEAD_BYTES));
+        let started = tokio::time::Instant::now();
+        // The server may stop reading once it has refused: the rest of the head may not go.
+        let _ = client.write_all(head.as_bytes()).await;
+        let mut received = Vec::new();
+        let _ = client.read_to_end(&mut received).await;
+        assert!(
+            received.starts_with(b"HTTP/1.1 431"),
+            "{:?}",
+            String::from_utf8_lossy(&received)
+        );
+        served.await.unwrap();
+        assert!(
+            started.elapsed() < FIRST_HEAD,
+            "held until the header read timeout"
+        );
     }
 
     // Paused time: the timers run out as soon as nothing else can run, no sleeping.
