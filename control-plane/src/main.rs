@@ -55,12 +55,12 @@ struct Args {
     /// How long a client of the HTTP listener may take to send a request's headers (the
     /// first request's from when it connected, a later one's from the end of the previous
     /// response); past it the connection is closed (e.g. 30s, 2m).
-    #[arg(long, env = "SLUICE_HTTP_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SLUICE_HTTP_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = sluice_domain::time::positive_duration)]
     http_header_read_timeout: std::time::Duration,
     /// How long a write to a client of the HTTP listener may wait for the client to accept
     /// any of it; past it the connection is closed, counted in
     /// sluice_http_write_timeouts_total (e.g. 60s, 2m).
-    #[arg(long, env = "SLUICE_HTTP_WRITE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SLUICE_HTTP_WRITE_TIMEOUT", default_value = "60s", value_parser = sluice_domain::time::positive_duration)]
     http_write_timeout: std::time::Duration,
     /// Connections to the HTTP listener open at once; past it a new one gets 503 and is
     /// closed (counted in sluice_http_connections_refused_total).
@@ -75,7 +75,7 @@ struct Args {
     /// a token, admin or data-plane (its TLS handshake included; requests that need none are
     /// answered meanwhile); past it, and a second's grace, the connection is closed (e.g.
     /// 10s, 1m).
-    #[arg(long, env = "SLUICE_GRPC_FIRST_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SLUICE_GRPC_FIRST_REQUEST_TIMEOUT", default_value = "10s", value_parser = sluice_domain::time::positive_duration)]
     grpc_first_request_timeout: std::time::Duration,
     /// File holding the base64 master key that encrypts provider keys (SLUICE_MASTER_KEY
     /// wins if set). Default: <data-dir>/master-key, generated on first start.

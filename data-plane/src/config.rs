@@ -102,18 +102,18 @@ pub struct Config {
     pub max_buffered_answer_bytes_per_key: Option<usize>,
     /// How long a client may take to send a request's whole body once its headers arrived;
     /// past it the request gets 408 (e.g. 30s, 2m).
-    #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT", default_value = "30s", value_parser = sluice_domain::time::positive_duration)]
     pub body_read_timeout: Duration,
     /// How long a client may take to send a request's headers (the first request's from when
     /// it connected, a later one's on a kept-alive connection from the end of the previous
     /// response); past it the connection is closed (e.g. 30s, 2m).
-    #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = sluice_domain::time::positive_duration)]
     pub header_read_timeout: Duration,
     /// How long a write to a client may wait for the client to accept any of it (a client that
     /// stopped reading its answer); past it the connection is closed, counted in
     /// sluice_write_timeouts_total (e.g. 60s, 2m). A slow reader is not cut, only one that
     /// accepts nothing for this long.
-    #[arg(long, env = "SLUICE_WRITE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SLUICE_WRITE_TIMEOUT", default_value = "60s", value_parser = sluice_domain::time::positive_duration)]
     pub write_timeout: Duration,
     /// Client connections open at once; past it a new one gets 503 and is closed (counted in
     /// sluice_connections_refused_total). Keep it below half the file-descriptor limit: each
@@ -174,7 +174,7 @@ pub struct Config {
     /// How often the usage spool is flushed to disk (fdatasync). A machine crash loses at
     /// most this much; usage is reported to the control plane once flushed, so this is also
     /// the most it adds to reporting.
-    #[arg(long, env = "SLUICE_USAGE_SPOOL_SYNC_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SLUICE_USAGE_SPOOL_SYNC_INTERVAL", default_value = "100ms", value_parser = sluice_domain::time::positive_duration)]
     pub usage_spool_sync_interval: Duration,
     /// What a request of a key with a budget does when its allowance (the share of the
     /// budget the control plane granted this replica) has run out and the control plane
@@ -190,7 +190,7 @@ pub struct Config {
     pub budget_when_away: crate::allowance::WhenAway,
     /// How long this replica keeps spending the allowances it holds after the last message
     /// from the control plane (which renews it every third of it while connected).
-    #[arg(long, env = "SLUICE_ALLOWANCE_LEASE", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SLUICE_ALLOWANCE_LEASE", default_value = "60s", value_parser = sluice_domain::time::positive_duration)]
     pub allowance_lease: Duration,
     /// How long a request whose key's allowance ran out waits for the control plane to
     /// grant more before --budget-when-away applies. The control plane answers in about a

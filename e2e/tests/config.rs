@@ -147,6 +147,51 @@ async fn the_control_plane_reads_its_file_and_refuses_unknown_keys() {
     }
 }
 
+/// A timeout of zero does not mean "off" (as in Go's and Node's servers) but would close every
+/// connection at once or cut every stream: both servers refuse it at start, naming the flag,
+/// whether it came as a flag, from the environment or from the file.
+#[tokio::test]
+async fn a_zero_timeout_is_refused_at_start_naming_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sluice.toml");
+    std::fs::write(&file, "write_timeout = \"0s\"\n").unwrap();
+    // (binary, flag, where the zero comes from)
+    let cases = [
+        ("sluice-proxy", "--header-read-timeout", "flag"),
+        ("sluice-proxy", "--body-read-timeout", "env"),
+        ("sluice-proxy", "--write-timeout", "file"),
+        ("sluice-proxy", "--usage-spool-sync-interval", "flag"),
+        ("sluice-control", "--http-write-timeout", "flag"),
+        ("sluice-control", "--grpc-first-request-timeout", "env"),
+    ];
+    for (bin, flag, via) in cases {
+        let mut env = vec![
+            ("SLUICE_DATAPLANE_TOKEN".to_owned(), "d".repeat(32)),
+            ("SLUICE_ADMIN_TOKEN".to_owned(), "a".repeat(32)),
+        ];
+        let args = match via {
+            "flag" => vec![flag.to_owned(), "0s".to_owned()],
+            "env" => {
+                let name = format!("SLUICE_{}", flag[2..].replace('-', "_").to_uppercase());
+                env.push((name, "0ms".to_owned()));
+                Vec::new()
+            }
+            _ => vec!["--config".to_owned(), file.to_str().unwrap().to_owned()],
+        };
+        let mut child = spawn(workspace_bin(bin), args, env).unwrap();
+        let status = tokio::time::timeout(START, child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{bin} started with {flag} at 0 ({via})"))
+            .unwrap();
+        assert_eq!(status.code(), Some(2), "{bin} {flag} ({via})");
+        let output = output_to_the_end(&child).await;
+        assert!(
+            output[0].contains(flag) && output[0].contains("must be more than 0"),
+            "{bin} ({via}): {output:?}"
+        );
+    }
+}
+
 /// Secrets stay out of the file: it names the files that hold them, and the control plane
 /// answers with exactly the token read from there.
 #[tokio::test]

@@ -53,6 +53,18 @@ pub fn proto_duration(d: Duration) -> ProtoDuration {
     }
 }
 
+/// A duration flag's value (humantime: `30s`, `1m30s`, `250ms`) that must be more than zero:
+/// for the timeouts and intervals whose zero would not mean "off" (as it does in Go's and
+/// Node's servers) but break the server, closing every connection at once, cutting every
+/// stream, or flushing without pause. clap prints the refusal with the flag's name.
+pub fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(Duration::ZERO) => Err("must be more than 0 (there is no \"off\")".to_owned()),
+        Ok(duration) => Ok(duration),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// A signed offset of a server's wall clock: `2s`, `-1500ms` (humantime, with an optional
 /// sign). Tests give it to a server (`--wall-clock-offset`, a hidden option) so that its clock
 /// reads as a host's skewed clock would.
