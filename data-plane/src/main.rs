@@ -19,6 +19,17 @@ async fn main() -> ExitCode {
     overridden.iter().for_each(sluice_config::Overridden::warn);
     #[cfg(unix)]
     match sluice_listener::raise_open_files_limit() {
+        // Each client connection serving a request holds an upstream connection too: past
+        // half the limit, the replica runs out of descriptors before it refuses a client with
+        // the connection limit's 503, and new clients wait unanswered in the listen queue.
+        Ok(limit) if (config.max_connections as u64).saturating_mul(2) > limit => {
+            tracing::warn!(
+                max_connections = config.max_connections,
+                open_files_limit = limit,
+                "--max-connections is more than half the open-files limit: raise the limit \
+                 (ulimit -n, LimitNOFILE) or lower --max-connections"
+            );
+        }
         Ok(limit) => tracing::debug!(limit, "open files"),
         Err(err) => tracing::warn!(error = %err, "cannot raise the open-files limit"),
     }

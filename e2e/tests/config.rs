@@ -192,6 +192,42 @@ async fn a_zero_timeout_is_refused_at_start_naming_its_flag() {
     }
 }
 
+/// A connection limit the open-files limit cannot serve (each request also holds an upstream
+/// connection) is named at start with both numbers, rather than found when clients hang in
+/// the listen queue; within half the limit, nothing is said.
+#[tokio::test]
+async fn a_connection_limit_past_half_the_open_files_limit_is_warned_of() {
+    for (connections, warned) in [(600, true), (400, false)] {
+        let child = spawn(
+            "/bin/sh",
+            [
+                "-c".to_owned(),
+                "ulimit -n 1024 && exec \"$0\" \"$@\"".to_owned(),
+                workspace_bin("sluice-proxy").display().to_string(),
+                "--listen".to_owned(),
+                "127.0.0.1:0".to_owned(),
+                "--max-connections".to_owned(),
+                connections.to_string(),
+            ],
+            [("SLUICE_DATAPLANE_TOKEN", "d".repeat(32))],
+        )
+        .unwrap();
+        child.wait_for_listening("http", START).await.unwrap();
+        let warning = child
+            .output()
+            .into_iter()
+            .find(|l| l.contains("--max-connections is more than half the open-files limit"));
+        assert_eq!(warning.is_some(), warned, "{:?}", child.output());
+        if let Some(line) = warning {
+            assert!(
+                line.contains("max_connections=600") && line.contains("open_files_limit=1024"),
+                "{line}"
+            );
+        }
+        child.terminate().await.unwrap();
+    }
+}
+
 /// Secrets stay out of the file: it names the files that hold them, and the control plane
 /// answers with exactly the token read from there.
 #[tokio::test]
