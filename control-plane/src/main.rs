@@ -57,6 +57,11 @@ struct Args {
     /// response); past it the connection is closed (e.g. 30s, 2m).
     #[arg(long, env = "SLUICE_HTTP_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = sluice_domain::time::positive_duration)]
     http_header_read_timeout: std::time::Duration,
+    /// How long a kept-alive HTTP/1 connection to the HTTP listener may stay idle (no byte of
+    /// a next request) before it is closed; keep it above the idle timeout of a load balancer
+    /// in front (e.g. 75s, 11m).
+    #[arg(long, env = "SLUICE_HTTP_IDLE_TIMEOUT", default_value = "75s", value_parser = sluice_domain::time::positive_duration)]
+    http_idle_timeout: std::time::Duration,
     /// How long a write to a client of the HTTP listener may wait for the client to accept
     /// any of it; past it the connection is closed, counted in
     /// sluice_http_write_timeouts_total (e.g. 60s, 2m).
@@ -220,6 +225,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         http: HttpOptions {
             allowed_hosts: args.allowed_hosts.clone(),
             header_read_timeout: args.http_header_read_timeout,
+            idle_timeout: args.http_idle_timeout,
             write_timeout: args.http_write_timeout,
             max_connections: args.http_max_connections,
         },

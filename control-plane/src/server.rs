@@ -72,6 +72,8 @@ pub struct HttpOptions {
     pub allowed_hosts: Vec<String>,
     /// A connection that has not sent a whole request head within this is closed.
     pub header_read_timeout: Duration,
+    /// A kept-alive HTTP/1 connection idle (no byte of a next request) this long is closed.
+    pub idle_timeout: Duration,
     /// A connection whose client accepts none of an answer for this long is closed.
     pub write_timeout: Duration,
     /// Connections open at once; past it a new one gets 503 and is closed.
@@ -86,6 +88,7 @@ impl Default for HttpOptions {
         Self {
             allowed_hosts: Vec::new(),
             header_read_timeout: sluice_listener::DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: sluice_listener::DEFAULT_IDLE_TIMEOUT,
             write_timeout: sluice_listener::DEFAULT_WRITE_TIMEOUT,
             max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
         }
@@ -431,6 +434,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         http,
         Http::new(
             config.http.header_read_timeout,
+            config.http.idle_timeout,
             config.http.write_timeout,
             write_timeouts,
         ),

@@ -105,10 +105,16 @@ pub struct Config {
     #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT", default_value = "30s", value_parser = sluice_domain::time::positive_duration)]
     pub body_read_timeout: Duration,
     /// How long a client may take to send a request's headers (the first request's from when
-    /// it connected, a later one's on a kept-alive connection from the end of the previous
-    /// response); past it the connection is closed (e.g. 30s, 2m).
+    /// it connected, a later one's on a kept-alive connection from its first byte, give or
+    /// take this much again); past it the connection is closed (e.g. 30s, 2m).
     #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = sluice_domain::time::positive_duration)]
     pub header_read_timeout: Duration,
+    /// How long a kept-alive HTTP/1 connection may stay idle (no byte of a next request) before
+    /// it is closed. Keep it above the idle timeout of whatever holds connections to the data
+    /// plane (AWS's load balancers and ingress-nginx: 60s; Google Cloud's: 600s), or that front
+    /// sometimes sends a request on a connection being closed and answers its client 502.
+    #[arg(long, env = "SLUICE_IDLE_TIMEOUT", default_value = "75s", value_parser = sluice_domain::time::positive_duration)]
+    pub idle_timeout: Duration,
     /// How long a write to a client may wait for the client to accept any of it (a client that
     /// stopped reading its answer); past it the connection is closed, counted in
     /// sluice_write_timeouts_total (e.g. 60s, 2m). A slow reader is not cut, only one that
@@ -232,6 +238,7 @@ impl Config {
             max_buffered_answer_bytes_per_key: None,
             body_read_timeout: Duration::from_secs(30),
             header_read_timeout: sluice_listener::DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: sluice_listener::DEFAULT_IDLE_TIMEOUT,
             write_timeout: sluice_listener::DEFAULT_WRITE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             usage_queue: crate::usage::DEFAULT_CAPACITY,

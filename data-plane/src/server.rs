@@ -380,6 +380,7 @@ impl Proxy {
                 app,
                 http: Http::new(
                     config.header_read_timeout,
+                    config.idle_timeout,
                     config.write_timeout,
                     metrics.write_timeouts(),
                 ),

@@ -412,13 +412,12 @@ fn upstream_keepalive_timeouts(text: &str) -> Vec<Option<u64>> {
 }
 
 /// nginx closes an idle kept-alive connection to a data plane before the data plane does:
-/// the data plane closes one after --header-read-timeout (30 s) without a request, nginx kept
-/// them 60 s by default, and a request nginx sent on a connection just being closed failed
-/// (a 502, as nginx does not resend a POST). Both the compose config and the one run.sh
-/// writes.
+/// the data plane closes one after --idle-timeout (75 s) without a request, and a request
+/// nginx sent on a connection just being closed would fail (a 502, as nginx does not resend a
+/// POST). Both the compose config and the one run.sh writes.
 #[test]
 fn nginx_lets_go_of_idle_connections_before_the_data_planes_do() {
-    let sluice = default_seconds("sluice-proxy", "header-read-timeout");
+    let sluice = default_seconds("sluice-proxy", "idle-timeout");
     for file in ["nginx.conf", "local/run.sh"] {
         let text = std::fs::read_to_string(deploy_dir().join(file)).unwrap();
         let timeouts = upstream_keepalive_timeouts(&text);

@@ -68,6 +68,60 @@ async fn headers_sent_too_slowly_close_the_connection_on_both_planes() {
     assert_eq!(ok.status(), 200);
 }
 
+/// A kept-alive connection idle for longer than the header read timeout but within the idle
+/// timeout is still served (a load balancer in front keeps its idle connections a minute or
+/// more, and sends a request on one whenever it likes); idle past it, it is closed.
+async fn assert_idle_connections_kept_for_the_idle_timeout(addr: SocketAddr) {
+    let (mut reader, mut writer) = TcpStream::connect(addr).await.unwrap().into_split();
+    let mut answer = vec![0; 4096];
+    for pause in [Duration::ZERO, Duration::from_millis(2500)] {
+        tokio::time::sleep(pause).await;
+        writer
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(10), reader.read(&mut answer))
+            .await
+            .expect("answered")
+            .unwrap();
+        let head = String::from_utf8_lossy(&answer[..read]);
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "after {pause:?} idle: {head}"
+        );
+    }
+    let idle = std::time::Instant::now();
+    assert!(
+        closed_by_server(reader).await,
+        "idle for 30 s and still open"
+    );
+    let waited = idle.elapsed();
+    assert!(
+        waited >= Duration::from_millis(3500),
+        "closed {waited:?} after its answer"
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_are_kept_for_the_idle_timeout_on_both_planes() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "--http-header-read-timeout",
+        "1s",
+        "--http-idle-timeout",
+        "4s",
+    ];
+    let (_control, _api, http) = control_plane(&dir, &flags).await;
+    let http: SocketAddr = http.trim_start_matches("http://").parse().unwrap();
+    assert_idle_connections_kept_for_the_idle_timeout(http).await;
+
+    let cluster = Cluster::start().await;
+    let proxy = cluster
+        .proxy_with(&["--header-read-timeout", "1s", "--idle-timeout", "4s"])
+        .await;
+    assert_idle_connections_kept_for_the_idle_timeout(proxy.addr).await;
+}
+
 /// Opens connections that each made a request (kept alive) until the server refuses one;
 /// returns those it accepted. A refusal is a 503 or the connection closed without an answer.
 async fn fill_up(addr: SocketAddr) -> Vec<TcpStream> {

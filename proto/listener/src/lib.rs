@@ -26,7 +26,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -46,6 +46,13 @@ pub use write_timeout::DEFAULT_WRITE_TIMEOUT;
 use write_timeout::WriteTimeout;
 
 mod write_timeout;
+
+/// The default for `--idle-timeout` (data plane) and `--http-idle-timeout` (control plane):
+/// nginx's default `keepalive_timeout`, past the 60 s for which AWS's load balancers and
+/// ingress-nginx keep an idle connection to a server by default. A front that keeps one longer
+/// than its server does sometimes sends a request on a connection the server is closing, and
+/// answers its client 502.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// The default for `--header-read-timeout` on both servers.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -220,6 +227,7 @@ pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 pub struct Http {
     builder: auto::Builder<TokioExecutor>,
     header_read_timeout: Duration,
+    idle_timeout: Duration,
     write_timeout: Duration,
     /// Connections closed by the write timeout.
     write_timeouts: Counter,
@@ -227,9 +235,12 @@ pub struct Http {
 
 impl Http {
     /// `write_timeouts` counts the connections closed because their client accepted none of
-    /// an answer for `write_timeout`.
+    /// an answer for `write_timeout`. A kept-alive HTTP/1 connection may wait `idle_timeout`
+    /// for the first byte of its next request, then `header_read_timeout` for the rest of its
+    /// head ([`HeadTimer`]).
     pub fn new(
         header_read_timeout: Duration,
+        idle_timeout: Duration,
         write_timeout: Duration,
         write_timeouts: Counter,
     ) -> Self {
@@ -251,6 +262,7 @@ impl Http {
         Self {
             builder,
             header_read_timeout,
+            idle_timeout,
             write_timeout,
             write_timeouts,
         }
@@ -283,14 +295,21 @@ impl Http {
             inner: service,
             started: Arc::clone(&started),
         };
+        let reads = Arc::new(AtomicU64::new(0));
         let mut builder = self.builder.clone();
-        builder.http1().timer(HeadTimer::default());
+        builder.http1().timer(HeadTimer {
+            sleep: Arc::default(),
+            reads: Arc::clone(&reads),
+            head: self.header_read_timeout,
+            idle: self.idle_timeout,
+        });
         let connection = builder
             .serve_connection_with_upgrades(
                 TokioIo::new(WriteTimeout::new(
                     io,
                     self.write_timeout,
                     self.write_timeouts.clone(),
+                    reads,
                 )),
                 service,
             )
@@ -402,6 +421,15 @@ impl Graceful {
 /// of them is served by the one tokio sleep the connection keeps, moved to that deadline when
 /// it runs out before it ([`poll_until`]).
 ///
+/// hyper times a kept-alive connection's wait for its next head from the end of the last
+/// answer, so its header read timeout is also how long an idle connection is kept, and a
+/// front (a load balancer) that keeps idle connections longer than that sometimes sends a
+/// request on one the server is just closing: its client gets a 502. So the wait runs out only
+/// when no byte has come for `idle` (the idle timeout), or when a head that has begun is not
+/// whole `head` to twice `head` after its first byte (the header read timeout, checked at
+/// each `head`: the connection's reads are counted, not timed, which costs a load and a store
+/// a read rather than a clock read).
+///
 /// hyper-util's `TokioTimer` gave each wait a new tokio sleep in a box of its own: inserted
 /// into the time driver's wheel when the wait began, removed when the head came. Inserting a
 /// timer due sooner than the driver's next wake-up makes tokio wake the driver (an `eventfd`
@@ -409,10 +437,14 @@ impl Graceful {
 /// before the first-byte timeout of the call each request had just made, so that happened at
 /// every request. A sleep kept and moved later is not touched in the wheel: tokio only notes
 /// its new deadline, and reinserts it when the old one passes.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct HeadTimer {
     /// Made at the first wait (inside the runtime), dropped with the connection.
     sleep: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+    /// The connection's reads that brought bytes ([`WriteTimeout`] counts them).
+    reads: Arc<AtomicU64>,
+    head: Duration,
+    idle: Duration,
 }
 
 impl hyper::rt::Timer for HeadTimer {
@@ -421,8 +453,16 @@ impl hyper::rt::Timer for HeadTimer {
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        let deadline = tokio::time::Instant::from(deadline);
+        let began = deadline.checked_sub(self.head).unwrap_or(deadline);
+        let idle_until = began + self.idle;
         Box::pin(HeadSleep {
-            deadline: deadline.into(),
+            deadline: deadline.min(idle_until),
+            idle_until,
+            head: self.head,
+            reads: Arc::clone(&self.reads),
+            seen: self.reads.load(Ordering::Relaxed),
+            begun: false,
             sleep: Arc::clone(&self.sleep),
         })
     }
@@ -439,10 +479,20 @@ impl hyper::rt::Timer for HeadTimer {
     }
 }
 
-/// One wait of a [`HeadTimer`]: ready once its deadline has passed. hyper holds at most one
-/// at a time for a connection (it drops the last before it asks for the next).
+/// One wait of a [`HeadTimer`]: ready once no byte has come for its idle timeout, or once a
+/// head that has begun is not whole in time. hyper holds at most one at a time for a
+/// connection (it drops the last before it asks for the next).
 struct HeadSleep {
+    /// When the wait is next looked at: `head` after it began, then each `head` after.
     deadline: tokio::time::Instant,
+    /// When a wait in which no byte has come ends.
+    idle_until: tokio::time::Instant,
+    head: Duration,
+    reads: Arc<AtomicU64>,
+    /// The connection's reads at the last look.
+    seen: u64,
+    /// Bytes of a head have come: at the next look the wait ends.
+    begun: bool,
     sleep: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
 }
 
@@ -450,13 +500,30 @@ impl Future for HeadSleep {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = self.deadline;
-        let mut kept = self.sleep.lock().unwrap_or_else(PoisonError::into_inner);
-        let sleep = kept.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if sleep.deadline() > deadline {
-            sleep.as_mut().reset(deadline);
+        let this = self.get_mut();
+        let mut kept = this.sleep.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let deadline = this.deadline;
+            let sleep = kept.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if sleep.deadline() > deadline {
+                sleep.as_mut().reset(deadline);
+            }
+            std::task::ready!(poll_until(sleep, deadline, cx));
+            let reads = this.reads.load(Ordering::Relaxed);
+            if this.begun {
+                return Poll::Ready(());
+            }
+            if reads != this.seen {
+                // A head began since the last look: it has `head` more.
+                this.seen = reads;
+                this.begun = true;
+                this.deadline = deadline + this.head;
+            } else if deadline < this.idle_until {
+                this.deadline = (deadline + this.head).min(this.idle_until);
+            } else {
+                return Poll::Ready(());
+            }
         }
-        poll_until(sleep, deadline, cx)
     }
 }
 
@@ -545,6 +612,20 @@ mod tests {
         Graceful,
         Counter,
     ) {
+        serve_idle(answer_after, answer, FIRST_HEAD)
+    }
+
+    /// [`serve_answer`] with an idle timeout of `idle` (the others' is the head's).
+    fn serve_idle(
+        answer_after: Duration,
+        answer: String,
+        idle: Duration,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<()>,
+        Graceful,
+        Counter,
+    ) {
         let (client, server) = tokio::io::duplex(4096);
         let service = service_fn(move |_: Request<Incoming>| {
             let answer = answer.clone();
@@ -555,7 +636,7 @@ mod tests {
         });
         let graceful = Graceful::new();
         let write_timeouts = Counter::default();
-        let served = Http::new(FIRST_HEAD, WRITE_TIMEOUT, write_timeouts.clone())
+        let served = Http::new(FIRST_HEAD, idle, WRITE_TIMEOUT, write_timeouts.clone())
             .serve(server, service, &graceful);
         (client, tokio::spawn(served), graceful, write_timeouts)
     }
@@ -755,6 +836,54 @@ mod tests {
         assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0);
     }
 
+    /// With an idle timeout longer than the header read timeout (a load balancer in front that
+    /// keeps idle connections a minute), a kept-alive connection silent for several header
+    /// timeouts is still open and answers its next request; silent for the idle timeout it is
+    /// closed.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_kept_for_the_idle_timeout_not_the_header_timeout() {
+        let idle = FIRST_HEAD * 10;
+        let (mut client, served, _graceful, _) = serve_idle(Duration::ZERO, "ok".into(), idle);
+        assert!(ask(&mut client).await.starts_with("HTTP/1.1 200 OK\r\n"));
+        tokio::time::sleep(FIRST_HEAD * 5).await;
+        assert!(!served.is_finished(), "closed before its idle timeout");
+        assert!(ask(&mut client).await.starts_with("HTTP/1.1 200 OK\r\n"));
+        let waited = tokio::time::Instant::now();
+        tokio::time::timeout(idle * 2, served)
+            .await
+            .expect("closed at the idle timeout")
+            .unwrap();
+        let waited = waited.elapsed();
+        assert!(
+            waited >= idle && waited <= idle + FIRST_HEAD,
+            "closed after {waited:?}"
+        );
+        let mut rest = Vec::new();
+        assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
+    /// A long idle timeout does not lengthen the header read timeout: a head begun after a
+    /// while idle and then left unfinished is closed one to two header timeouts after its first
+    /// byte, not at the idle timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_begun_after_idling_still_has_only_the_header_timeout() {
+        let idle = FIRST_HEAD * 10;
+        let (mut client, served, _graceful, _) = serve_idle(Duration::ZERO, "ok".into(), idle);
+        assert!(ask(&mut client).await.starts_with("HTTP/1.1 200 OK\r\n"));
+        tokio::time::sleep(FIRST_HEAD * 3 + FIRST_HEAD / 2).await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let first_byte = tokio::time::Instant::now();
+        tokio::time::timeout(idle, served)
+            .await
+            .expect("closed at the header timeout")
+            .unwrap();
+        let waited = first_byte.elapsed();
+        assert!(
+            waited >= FIRST_HEAD && waited <= FIRST_HEAD * 2,
+            "closed {waited:?} after the head's first byte"
+        );
+    }
+
     // Paused time. A shutdown started while a request is being answered lets the answer go
     // out, then closes the connection, and returns once it has closed.
     #[tokio::test(start_paused = true)]
@@ -839,7 +968,7 @@ mod tests {
         });
         let graceful = Graceful::new();
         let served = tokio::spawn(
-            Http::new(long_head, WRITE_TIMEOUT, Counter::default())
+            Http::new(long_head, long_head, WRITE_TIMEOUT, Counter::default())
                 .serve(server, service, &graceful),
         );
         tokio::time::sleep(FIRST_REQUEST_WHEN_DRAINING).await;

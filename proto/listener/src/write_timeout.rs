@@ -11,6 +11,8 @@
 
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -34,10 +36,13 @@ pub(crate) struct WriteTimeout<I> {
     expired: bool,
     /// Connections closed by the write timeout.
     timeouts: Counter,
+    /// Reads that brought bytes, counted for the connection's [`crate::HeadTimer`], which
+    /// tells an idle wait for a head from one whose head has begun by it.
+    reads: Arc<AtomicU64>,
 }
 
 impl<I> WriteTimeout<I> {
-    pub(crate) fn new(io: I, timeout: Duration, timeouts: Counter) -> Self {
+    pub(crate) fn new(io: I, timeout: Duration, timeouts: Counter, reads: Arc<AtomicU64>) -> Self {
         Self {
             io,
             timeout,
@@ -45,6 +50,7 @@ impl<I> WriteTimeout<I> {
             stalled: false,
             expired: false,
             timeouts,
+            reads,
         }
     }
 
@@ -100,7 +106,14 @@ impl<I: AsyncRead + Unpin> AsyncRead for WriteTimeout<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            // This task alone writes it: a load and a store, not a locked add.
+            let reads = self.reads.load(Ordering::Relaxed);
+            self.reads.store(reads.wrapping_add(1), Ordering::Relaxed);
+        }
+        read
     }
 }
 
