@@ -104,11 +104,13 @@ pub struct AppState {
 
 /// The endpoints that proxy a request's body: `POST` to `/v1` and the endpoint's
 /// [`Endpoint::path`], the path it has at the upstream's base URL too.
-const PROXIED: [Endpoint; 6] = [
+const PROXIED: [Endpoint; 8] = [
     Endpoint::ChatCompletions,
     Endpoint::Completions,
     Endpoint::Embeddings,
     Endpoint::Responses,
+    Endpoint::ResponsesCompact,
+    Endpoint::ResponsesInputTokens,
     Endpoint::Messages,
     Endpoint::CountTokens,
 ];
@@ -367,7 +369,7 @@ async fn authorized(
     };
     // A background response spends its tokens after the create returned, unseen: the key's
     // budget, token limit and parallel limit would not hold it.
-    if endpoint == Endpoint::Responses
+    if endpoint.is_responses()
         && (key.tokens.is_some()
             || key.parallel.is_some()
             || app.allowances.pool(&key.id).is_some())
@@ -389,11 +391,11 @@ async fn authorized(
     // a prompt's tokens is free (Anthropic bills no tokens for it, and its answer has no
     // usage): it takes no reserve, which it would otherwise keep spent (see
     // `accounting::keeps_reserve`).
-    let prompt_tokens = match endpoint {
-        Endpoint::CountTokens => 0,
-        _ => estimate::prompt_tokens(&body),
+    let prompt_tokens = match endpoint.counts_only() {
+        true => 0,
+        false => estimate::prompt_tokens(&body),
     };
-    let reserve = (endpoint != Endpoint::CountTokens).then(|| prompt_cost(prompt_tokens, routes));
+    let reserve = (!endpoint.counts_only()).then(|| prompt_cost(prompt_tokens, routes));
     let admitted = match reserve {
         Some(reserve) => app.allowances.admit(&key.id, reserve).await,
         None => Ok(None),
@@ -458,8 +460,8 @@ async fn authorized(
         return forward::error(acct, ProxyError::KeyRateLimited { retry_after }).await;
     }
     acct.admitted_under(tokens, parallel);
-    if endpoint == Endpoint::Responses {
-        return stored::create(app, snapshot, key, routes, &parsed, acct).await;
+    if endpoint.is_responses() {
+        return stored::create(app, snapshot, key, endpoint, routes, &parsed, acct).await;
     }
     forward::forward(app, snapshot, routes, endpoint, &parsed, acct, head).await
 }
@@ -893,6 +895,8 @@ mod tests {
             ("/v1/completions", Endpoint::Completions),
             ("/v1/embeddings", Endpoint::Embeddings),
             ("/v1/responses", Endpoint::Responses),
+            ("/v1/responses/compact", Endpoint::ResponsesCompact),
+            ("/v1/responses/input_tokens", Endpoint::ResponsesInputTokens),
             ("/v1/messages", Endpoint::Messages),
             ("/v1/messages/count_tokens", Endpoint::CountTokens),
         ] {

@@ -67,6 +67,11 @@ pub enum Endpoint {
     Embeddings,
     /// `POST /v1/responses`, and the calls on a stored response.
     Responses,
+    /// `POST /v1/responses/compact`: a conversation made short (the SDKs'
+    /// `responses.compact`, the Agents SDK's compaction session), billed as a create is.
+    ResponsesCompact,
+    /// `POST /v1/responses/input_tokens`: a Responses request's input counted, not generated.
+    ResponsesInputTokens,
     /// Anthropic's `POST /v1/messages`.
     Messages,
     /// Anthropic's `POST /v1/messages/count_tokens`.
@@ -81,14 +86,38 @@ impl Endpoint {
             Self::Completions => "/completions",
             Self::Embeddings => "/embeddings",
             Self::Responses => "/responses",
+            Self::ResponsesCompact => "/responses/compact",
+            Self::ResponsesInputTokens => "/responses/input_tokens",
             Self::Messages => "/messages",
             Self::CountTokens => "/messages/count_tokens",
         }
     }
 
-    /// Whether the endpoint can stream (embeddings and token counts cannot).
+    /// Whether the endpoint can stream (embeddings, compactions and token counts cannot).
     pub fn can_stream(self) -> bool {
-        !matches!(self, Self::Embeddings | Self::CountTokens)
+        !matches!(
+            self,
+            Self::Embeddings
+                | Self::CountTokens
+                | Self::ResponsesCompact
+                | Self::ResponsesInputTokens
+        )
+    }
+
+    /// Whether the request is the Responses API's: its response ids are Sluice's, and a
+    /// `previous_response_id` pins it to the backend holding that response.
+    pub fn is_responses(self) -> bool {
+        matches!(
+            self,
+            Self::Responses | Self::ResponsesCompact | Self::ResponsesInputTokens
+        )
+    }
+
+    /// Whether the request only counts a prompt's tokens: free (the providers bill nothing
+    /// for it, and its answer has no usage), so it takes no reserve of a budget nor of a
+    /// tokens-per-minute limit.
+    pub fn counts_only(self) -> bool {
+        matches!(self, Self::CountTokens | Self::ResponsesInputTokens)
     }
 
     /// The API the client speaks here: the shape of its answers and errors.
@@ -104,7 +133,10 @@ impl Endpoint {
             Self::ChatCompletions => proto::Endpoint::ChatCompletions,
             Self::Completions => proto::Endpoint::Completions,
             Self::Embeddings => proto::Endpoint::Embeddings,
-            Self::Responses => proto::Endpoint::Responses,
+            // Counted with the Responses API's requests: the statistics name the APIs.
+            Self::Responses | Self::ResponsesCompact | Self::ResponsesInputTokens => {
+                proto::Endpoint::Responses
+            }
             Self::Messages => proto::Endpoint::Messages,
             Self::CountTokens => proto::Endpoint::MessagesCountTokens,
         }
@@ -137,6 +169,8 @@ pub struct Backend {
     completions_uri: Uri,
     embeddings_uri: Uri,
     responses_uri: Uri,
+    responses_compact_uri: Uri,
+    responses_input_tokens_uri: Uri,
     /// The base URL, for the paths that name a stored response.
     base: Url,
     /// `<base>/messages`: where an Anthropic backend takes chat and Messages requests.
@@ -196,6 +230,10 @@ impl Backend {
             (ApiFormat::OpenAi, Endpoint::Completions) => Some(&self.completions_uri),
             (ApiFormat::OpenAi, Endpoint::Embeddings) => Some(&self.embeddings_uri),
             (ApiFormat::OpenAi, Endpoint::Responses) => Some(&self.responses_uri),
+            (ApiFormat::OpenAi, Endpoint::ResponsesCompact) => Some(&self.responses_compact_uri),
+            (ApiFormat::OpenAi, Endpoint::ResponsesInputTokens) => {
+                Some(&self.responses_input_tokens_uri)
+            }
             (ApiFormat::OpenAi, Endpoint::CountTokens) => None,
             (ApiFormat::Anthropic, Endpoint::ChatCompletions | Endpoint::Messages) => {
                 Some(&self.messages_uri)
@@ -472,6 +510,12 @@ impl Snapshot {
                 completions_uri: endpoint_uri(&b.id, &base, Endpoint::Completions)?,
                 embeddings_uri: endpoint_uri(&b.id, &base, Endpoint::Embeddings)?,
                 responses_uri: endpoint_uri(&b.id, &base, Endpoint::Responses)?,
+                responses_compact_uri: endpoint_uri(&b.id, &base, Endpoint::ResponsesCompact)?,
+                responses_input_tokens_uri: endpoint_uri(
+                    &b.id,
+                    &base,
+                    Endpoint::ResponsesInputTokens,
+                )?,
                 messages_uri: endpoint_uri(&b.id, &base, Endpoint::Messages)?,
                 count_tokens_uri: endpoint_uri(&b.id, &base, Endpoint::CountTokens)?,
                 completion_limit: completion_limit_member(&base),

@@ -365,6 +365,99 @@ async fn altered_ids_other_keys_and_unreachable_backends_are_refused_clearly() {
     assert_eq!(beta.stats().requests.total(), 0);
 }
 
+/// `POST /v1/responses/compact` (the SDKs' `responses.compact`, the Agents SDK's compaction
+/// session, the Codex CLI's remote compaction) and `POST /v1/responses/input_tokens` (the
+/// SDKs' `responses.input_tokens.count`) are served as creates are: on a backend serving the
+/// Responses API, pinned to the one holding the `previous_response_id` they continue. A
+/// compaction is billed (its usage recorded, the context it read as cached input), a count is
+/// free. Before, both were 405 `method_not_allowed`, and a long session could not shrink its
+/// context.
+#[tokio::test]
+async fn compactions_and_input_token_counts_go_where_the_conversation_is() {
+    let alpha = mock("alpha");
+    let beta = mock("beta");
+    let h = two_backends(&alpha, &beta).await;
+    let mut served = Vec::new();
+    for n in 0..8 {
+        let start: Value = create(&h, json!({"model": MODEL, "input": format!("start {n}")}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let holder = if start["output"][0]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("[alpha]")
+        {
+            "alpha-name"
+        } else {
+            "beta-name"
+        };
+        let id = start["id"].as_str().unwrap().to_owned();
+        let continued = json!({"model": MODEL, "previous_response_id": id,
+            "input": [{"role": "user", "content": "and then"}]});
+
+        let compacted = h.post("/v1/responses/compact", KEY, &continued).await;
+        assert_eq!(compacted.status(), 200);
+        assert_eq!(compacted.headers()["x-sluice-backend"], holder);
+        let compacted: Value = compacted.json().await.unwrap();
+        assert_eq!(compacted["object"], "response.compaction");
+        let items = compacted["output"].as_array().unwrap();
+        assert_eq!(items.last().unwrap()["type"], "compaction", "{compacted}");
+        // The earlier turn is read as cached input: it is the same backend's.
+        let usage = &compacted["usage"];
+        assert!(
+            usage["input_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap()
+                > 0
+        );
+
+        let counted = h.post("/v1/responses/input_tokens", KEY, &continued).await;
+        assert_eq!(counted.status(), 200);
+        assert_eq!(counted.headers()["x-sluice-backend"], holder);
+        let counted: Value = counted.json().await.unwrap();
+        assert_eq!(counted["object"], "response.input_tokens");
+        assert_eq!(counted["input_tokens"], usage["input_tokens"]);
+        served.push((holder, usage.clone()));
+    }
+    assert!(served.iter().any(|(holder, _)| *holder == "alpha-name"));
+    assert!(served.iter().any(|(holder, _)| *holder == "beta-name"));
+
+    // Each create, compaction and count recorded once, under the Responses API: the
+    // compaction with what its usage says, the count with nothing.
+    let records = h.records(24).await;
+    for (n, (_, usage)) in served.iter().enumerate() {
+        let (compaction, count) = (&records[3 * n + 1], &records[3 * n + 2]);
+        for record in [compaction, count] {
+            assert_eq!(record.endpoint, proto::Endpoint::Responses as i32);
+            assert_eq!(record.status_code, 200);
+        }
+        assert_eq!(
+            (
+                compaction.prompt_tokens,
+                compaction.cached_prompt_tokens,
+                compaction.completion_tokens
+            ),
+            (
+                usage["input_tokens"].as_u64().unwrap(),
+                usage["input_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap(),
+                usage["output_tokens"].as_u64().unwrap()
+            )
+        );
+        assert_eq!((count.prompt_tokens, count.completion_tokens), (0, 0));
+    }
+
+    // Neither is a stored response's id: a GET of either path is not a retrieve.
+    for path in ["/v1/responses/compact", "/v1/responses/input_tokens"] {
+        let got = on_stored(&h, reqwest::Method::GET, path, KEY).await;
+        let (code, body) = error_code(got, 405).await;
+        assert_eq!(code, "method_not_allowed", "{body}");
+    }
+}
+
 /// A client that names its conversation (`prompt_cache_key`: the Codex CLI sends its session's
 /// id, the SDKs whatever the caller gives) has all its requests, chat and Responses, sent to
 /// one backend, whichever replica takes them: the provider's prompt cache is per account, and

@@ -41,6 +41,11 @@ for event in c.responses.create(model="m", input="and then", previous_response_i
 out["stream"] = [types[0], types[-1], text.split("]")[0] + "]", final.previous_response_id == r.id,
                  who(r)]
 out["usage"].append(usage(final.usage))
+compacted = c.responses.compact(model="m", previous_response_id=r.id)
+out["compact"] = [compacted.object, compacted.output[-1].type, who(r)]
+out["usage"].append(usage(compacted.usage))
+counted = c.responses.input_tokens.count(model="m", input="and then", previous_response_id=r.id)
+out["count"] = [counted.object, counted.input_tokens]
 got = c.responses.retrieve(r.id)
 out["retrieve"] = [got.id == r.id, got.status, got.output_text == r.output_text]
 out["input_items"] = [i.content[0].text for i in c.responses.input_items.list(r.id, order="asc")]
@@ -136,6 +141,16 @@ async fn the_python_sdk_converses_across_two_replicas_and_two_backends() {
         "the stream continued at the holder: {out}"
     );
     assert_eq!(stream[3], true, "{out}");
+    // The SDK's compaction and token count of a conversation, at the backend holding it:
+    // the count is of its context (its usage, cached, plus the input), the compaction's usage
+    // is in the totals below.
+    assert_eq!(
+        out["compact"],
+        serde_json::json!(["response.compaction", "compaction", stream[4]]),
+        "{out}"
+    );
+    assert_eq!(out["count"][0], "response.input_tokens", "{out}");
+    assert!(out["count"][1].as_u64().unwrap() > 2, "{out}");
     assert_eq!(
         out["retrieve"],
         serde_json::json!([true, "completed", true])

@@ -432,9 +432,7 @@ pub(super) async fn forward_call(
                     // `include_usage`.
                     None => parsed.rewrite_with(
                         &route.upstream_model,
-                        stream
-                            && call.endpoint != Endpoint::Responses
-                            && client == ApiFormat::OpenAi,
+                        stream && !call.endpoint.is_responses() && client == ApiFormat::OpenAi,
                         *previous_response_id,
                     ),
                 },
@@ -468,7 +466,7 @@ pub(super) async fn forward_call(
                 &app.answer_memory,
                 acct.key_id(),
                 // Whether an answer refused for memory is read on for its `usage`.
-                call.count_usage && call.endpoint != Endpoint::CountTokens,
+                call.count_usage && !call.endpoint.counts_only(),
             ),
             // An h2 connection carries up to 200 requests: their small answers count too.
             if acct.is_multiplexed() {

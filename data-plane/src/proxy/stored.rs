@@ -29,12 +29,13 @@ pub(super) struct Target {
     pub query: Option<String>,
 }
 
-/// `POST /v1/responses`: routed like any request, unless it continues an earlier response,
-/// which pins it to that response's backend.
+/// `POST /v1/responses` (and its `compact` and `input_tokens`, `endpoint`): routed like any
+/// request, unless it continues an earlier response, which pins it to that response's backend.
 pub(super) async fn create(
     app: &Arc<AppState>,
     snapshot: &Snapshot,
     key: &ClientKey,
+    endpoint: Endpoint,
     routes: &[Route],
     parsed: &ParsedRequest<'_>,
     acct: Accounting,
@@ -91,9 +92,9 @@ pub(super) async fn create(
         }
     };
     let call = Call {
-        endpoint: Endpoint::Responses,
+        endpoint,
         model: &parsed.model,
-        stream: parsed.stream,
+        stream: parsed.stream && endpoint.can_stream(),
         send: Outbound::Body {
             parsed,
             previous_response_id: pinned.as_ref().map(|(_, id)| id.as_str()),

@@ -472,6 +472,70 @@ impl ResponseStore {
         })
     }
 
+    /// The context a request continues: the stored response's conversation tokens (0 without
+    /// `previous_response_id`), or OpenAI's 404 for an id this mock does not hold.
+    fn context(&self, previous: Option<&String>) -> Result<u64, ApiError> {
+        match previous {
+            None => Ok(0),
+            Some(id) => self
+                .lock()
+                .get(id)
+                .map(|stored| stored.context_tokens)
+                .ok_or_else(|| ApiError {
+                    status: StatusCode::NOT_FOUND,
+                    message: format!("Previous response with id '{id}' not found."),
+                    kind: "invalid_request_error",
+                    param: Some("previous_response_id"),
+                    code: Some("previous_response_not_found"),
+                }),
+        }
+    }
+
+    /// `POST /v1/responses/compact`: the conversation (the input, after the stored one it
+    /// continues) as its user messages and one `compaction` item, billed as OpenAI bills it:
+    /// the context read as input (what it continues, cached), a compaction's worth of output.
+    pub(crate) fn compact(
+        &self,
+        request: &CreateRequest,
+        mut next_id: impl FnMut() -> u64,
+    ) -> Result<(Bytes, ResponseUsage), ApiError> {
+        let cached = self.context(request.previous_response_id.as_ref())?;
+        let usage = ResponseUsage {
+            input: cached + input_words(request.input.as_ref(), request.instructions.as_ref()),
+            cached,
+            output: 5,
+            reasoning: 0,
+        };
+        let mut output: Vec<Value> = input_items(request.input.as_ref(), &mut next_id)
+            .into_iter()
+            .filter(|item| item["role"] == "user")
+            .collect();
+        output.push(json!({
+            "id": format!("cmp_{:032x}", next_id()),
+            "type": "compaction",
+            "encrypted_content": "gAAAAAmock-compaction",
+        }));
+        let body = openai::json_bytes(&json!({
+            "id": format!("resp_{:032x}{:016x}", rand::random::<u128>(), next_id()),
+            "object": "response.compaction",
+            "created_at": openai::now_secs(),
+            "output": output,
+            "usage": usage.to_json(),
+        }));
+        Ok((body, usage))
+    }
+
+    /// `POST /v1/responses/input_tokens`: the input counted (a word a token, as everywhere in
+    /// the mock), with the context it continues.
+    pub(crate) fn input_tokens(&self, request: &CreateRequest) -> Result<Bytes, ApiError> {
+        let context = self.context(request.previous_response_id.as_ref())?;
+        let input = input_words(request.input.as_ref(), request.instructions.as_ref());
+        Ok(openai::json_bytes(&json!({
+            "object": "response.input_tokens",
+            "input_tokens": context + input,
+        })))
+    }
+
     /// `GET /v1/responses/{id}`.
     pub(crate) fn retrieve(&self, id: &str) -> Result<Bytes, ApiError> {
         self.lock()

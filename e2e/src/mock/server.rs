@@ -178,6 +178,8 @@ enum Route {
     ListModels,
     GetModel(String),
     CreateResponse,
+    CompactResponse,
+    CountResponseTokens,
     GetResponse(String),
     DeleteResponse(String),
     ResponseInputItems(String),
@@ -194,6 +196,8 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         "/v1/embeddings" => (Route::Embeddings, Method::POST),
         "/v1/models" => (Route::ListModels, Method::GET),
         "/v1/responses" => (Route::CreateResponse, Method::POST),
+        "/v1/responses/compact" => (Route::CompactResponse, Method::POST),
+        "/v1/responses/input_tokens" => (Route::CountResponseTokens, Method::POST),
         "/v1/messages" => (Route::Messages, Method::POST),
         "/v1/messages/count_tokens" => (Route::CountTokens, Method::POST),
         p => match (
@@ -229,6 +233,8 @@ fn endpoint(route: &Result<Route, ApiError>) -> Endpoint {
         Ok(Route::ListModels | Route::GetModel(_)) => Endpoint::Models,
         Ok(
             Route::CreateResponse
+            | Route::CompactResponse
+            | Route::CountResponseTokens
             | Route::GetResponse(_)
             | Route::DeleteResponse(_)
             | Route::ResponseInputItems(_)
@@ -246,6 +252,8 @@ enum Call {
     ListModels,
     GetModel(String),
     CreateResponse(Result<(String, responses::CreateRequest), ApiError>),
+    CompactResponse(Result<(String, responses::CreateRequest), ApiError>),
+    CountResponseTokens(Result<(String, responses::CreateRequest), ApiError>),
     GetResponse(String),
     DeleteResponse(String),
     ResponseInputItems(String, Option<String>),
@@ -356,6 +364,16 @@ async fn api(
                 shared.counters.model(m);
             }
             Call::CreateResponse(parsed.request)
+        }
+        Route::CompactResponse | Route::CountResponseTokens => {
+            let parsed = responses::parse_create(&body);
+            if let Some(m) = &parsed.model {
+                shared.counters.model(m);
+            }
+            match route {
+                Route::CompactResponse => Call::CompactResponse(parsed.request),
+                _ => Call::CountResponseTokens(parsed.request),
+            }
         }
         Route::GetResponse(id) => Call::GetResponse(id),
         Route::DeleteResponse(id) => Call::DeleteResponse(id),
@@ -590,6 +608,19 @@ fn answer(shared: &Arc<Shared>, call: Call) -> Answer {
                     usage: created.usage.map(Usage::from),
                 }
             })
+        }),
+        Call::CompactResponse(request) => request.and_then(|(model, r)| {
+            check_model(config, &model)?;
+            let (body, usage) = shared.responses.compact(&r, || shared.next_id())?;
+            Ok(Answer::Json {
+                status: StatusCode::OK,
+                body,
+                usage: Some(Usage::from(usage)),
+            })
+        }),
+        Call::CountResponseTokens(request) => request.and_then(|(model, r)| {
+            check_model(config, &model)?;
+            shared.responses.input_tokens(&r).map(ok_json)
         }),
         Call::GetResponse(id) => shared.responses.retrieve(&id).map(ok_json),
         Call::DeleteResponse(id) => shared.responses.delete(&id).map(ok_json),
