@@ -290,6 +290,27 @@ impl ParsedRequest<'_> {
             .any(|(key, value)| key == "background" && value.get() == "true")
     }
 
+    /// Anthropic's `metadata.user_id`, when a string that is not empty: Claude Code writes
+    /// its session's id into it, so it names a conversation as `prompt_cache_key` does. Read
+    /// only when asked (a Messages request's routing), not by [`parse`].
+    pub fn metadata_user_id(&self) -> Option<Cow<'_, str>> {
+        #[derive(Deserialize)]
+        struct Metadata<'a> {
+            #[serde(borrow)]
+            user_id: Option<Cow<'a, str>>,
+        }
+        let (_, raw) = self
+            .members()
+            .filter(|(key, _)| *key == "metadata")
+            .last()?;
+        // serde reads a struct from an array too; Anthropic takes only an object.
+        if !raw.get().starts_with('{') {
+            return None;
+        }
+        let Metadata { user_id } = serde_json::from_str(raw.get()).ok()?;
+        user_id.filter(|id| !id.is_empty())
+    }
+
     /// The body's top-level members in order, each value's text as the client wrote it.
     pub fn members(&self) -> impl Iterator<Item = (&str, &RawValue)> {
         self.fields
@@ -452,6 +473,42 @@ mod tests {
             assert_eq!(key(&body), None, "{body}");
         }
         assert_eq!(key(r#"{"model":"m"}"#), None);
+    }
+
+    /// `metadata.user_id` is read when a string that is not empty, from the last `metadata`;
+    /// anything else is none, never an error.
+    #[test]
+    fn metadata_user_id_is_read_when_a_string() {
+        let user = |body: &str| {
+            parse(body.as_bytes())
+                .unwrap()
+                .metadata_user_id()
+                .map(Cow::into_owned)
+        };
+        assert_eq!(
+            user(r#"{"model":"m","metadata":{"user_id":"u_1_session_2"}}"#).as_deref(),
+            Some("u_1_session_2")
+        );
+        assert_eq!(
+            user(r#"{"model":"m","metadata":{"x":1,"user_id":"a\u0042"}}"#).as_deref(),
+            Some("aB")
+        );
+        assert_eq!(
+            user(r#"{"model":"m","metadata":{"user_id":"a"},"metadata":{"user_id":"b"}}"#)
+                .as_deref(),
+            Some("b")
+        );
+        for other in [
+            "null",
+            "{}",
+            "{\"user_id\":\"\"}",
+            "{\"user_id\":7}",
+            "[\"a\"]",
+            "\"u\"",
+        ] {
+            let body = format!(r#"{{"model":"m","metadata":{other}}}"#);
+            assert_eq!(user(&body), None, "{body}");
+        }
     }
 
     #[test]

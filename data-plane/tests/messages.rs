@@ -76,6 +76,47 @@ fn hello(stream: bool) -> String {
     .to_string()
 }
 
+/// Claude Code names its session in `metadata.user_id`: every turn of a session goes to one
+/// Anthropic backend, whichever replica takes it (Anthropic caches prompts per organisation:
+/// a session spread over backends of two organisations writes its cache again at each
+/// switch, at 1.25 times the input price), and different sessions still spread.
+#[tokio::test]
+async fn a_claude_code_session_keeps_to_one_backend_on_every_replica() {
+    let (one, two) = (mock("one"), mock("two"));
+    let pair = || {
+        snapshot(
+            1,
+            vec![
+                anthropic("one", &one.base_url(), proto::Pool::Primary),
+                anthropic("two", &two.base_url(), proto::Pool::Primary),
+            ],
+        )
+    };
+    let replicas = [Harness::start(pair()).await, Harness::start(pair()).await];
+    let mut holders = std::collections::BTreeSet::new();
+    for n in 0..8 {
+        let user_id =
+            format!("user_5c1f_account_8d2e_session_0197c3aa-{n:04}-7d2e-9b8a-3f2c1e0d4b5a");
+        let mut served_by = std::collections::BTreeSet::new();
+        for turn in 0..6 {
+            let body = json!({"model": MODEL, "max_tokens": 64, "stream": turn % 2 == 1,
+                "metadata": {"user_id": user_id},
+                "messages": [{"role": "user", "content": "hello there"}]});
+            let response = send(&replicas[turn % 2], "/v1/messages", &body.to_string()).await;
+            assert_eq!(response.status(), 200);
+            served_by.insert(
+                response.headers()["x-sluice-backend"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        assert_eq!(served_by.len(), 1, "{user_id}: {served_by:?}");
+        holders.extend(served_by);
+    }
+    assert_eq!(holders.len(), 2, "{holders:?}");
+}
+
 /// The Anthropic error a response carries, with its status.
 async fn anthropic_error(response: reqwest::Response) -> (u16, String, Value) {
     let status = response.status().as_u16();

@@ -286,6 +286,12 @@ pub(super) async fn forward(
     client: http::request::Parts,
 ) -> Response {
     let passed = Passthrough::of(endpoint, &client);
+    // A Messages client names its conversation in `metadata.user_id` (Claude Code: its
+    // session), and Anthropic caches prompts per organisation as OpenAI does per account.
+    let user_id = match (&parsed.prompt_cache_key, endpoint) {
+        (None, Endpoint::Messages) => parsed.metadata_user_id(),
+        _ => None,
+    };
     let call = Call {
         endpoint,
         model: &parsed.model,
@@ -297,7 +303,7 @@ pub(super) async fn forward(
         ids: None,
         count_usage: true,
         passed: Some(&passed),
-        conversation: parsed.prompt_cache_key.as_deref(),
+        conversation: parsed.prompt_cache_key.as_deref().or(user_id.as_deref()),
     };
     forward_call(app, snapshot, routes, &call, acct, Some(client.headers)).await
 }
