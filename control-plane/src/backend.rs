@@ -383,6 +383,15 @@ fn normalize_base_url(raw: &str) -> Result<String, ValidationError> {
     if normalized.len() > MAX_BASE_URL_BYTES {
         return Err(bad(&format!("must be at most {MAX_BASE_URL_BYTES} bytes")));
     }
+    // The data planes write their upstream requests' URIs with `http`, which takes fewer
+    // characters in a host than `url` does (`{`, `}`, `"`, a backtick): a URL it refuses
+    // would make every replica refuse every snapshot from then on (snapshot.rs, `joined_uri`).
+    if http::Uri::try_from(format!("{normalized}/messages/count_tokens")).is_err() {
+        return Err(bad(
+            "has characters a request URI cannot carry (`{`, `}`, `\"`, a backtick in the \
+             host: a placeholder such as {resource} left in it?)",
+        ));
+    }
     Ok(normalized.to_owned())
 }
 
@@ -455,6 +464,11 @@ mod tests {
             "https://user:pw@host/v1",
             "http://h/v1?x=1",
             "unix:/tmp/s",
+            // `url` takes these hosts, `http` (the data planes' request URIs) does not.
+            "https://{resource}.openai.azure.com/openai/v1",
+            "https://a\"b.example/v1",
+            "https://a%7Bb.example/v1",
+            "https://a`b.example/v1",
         ] {
             let err = BackendSpec {
                 base_url: url.into(),

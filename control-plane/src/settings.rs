@@ -90,8 +90,17 @@ pub fn validate(s: &pb::Settings) -> Result<(), ValidationError> {
         let Some(value) = value else {
             return Err(ValidationError::new(field, "must be set"));
         };
+        // A protobuf Duration's nanos are within a second: past it, the stored JSON form
+        // (pbjson) reads back as another duration, or not at all, which would leave the
+        // settings row unreadable and no snapshot buildable.
+        if !(0..1_000_000_000).contains(&value.nanos) {
+            return Err(ValidationError::new(
+                field,
+                "nanos must be from 0 to 999,999,999 (whole seconds go in seconds)",
+            ));
+        }
         let ms = duration_ms(value);
-        if value.nanos < 0 || value.seconds < 0 || ms < 1 {
+        if value.seconds < 0 || ms < 1 {
             return Err(ValidationError::new(field, "must be at least 1ms"));
         }
         if ms > max {

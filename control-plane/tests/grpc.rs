@@ -146,21 +146,28 @@ async fn backend_lifecycle_and_validation() {
         .unwrap_err();
     assert_eq!(dup.code(), Code::AlreadyExists);
 
-    let mut bad = backend("bad");
-    bad.base_url = "ftp://nowhere".into();
-    let err = admin
-        .create_backend(pb::CreateBackendRequest {
-            backend: Some(bad),
-            api_key: String::new(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().starts_with("backend.base_url:"),
-        "{}",
-        err.message()
-    );
+    // The second a docs placeholder left in: `url` takes its host, the data planes' request
+    // URIs would not, and every replica would refuse every snapshot from then on.
+    for url in [
+        "ftp://nowhere",
+        "https://{resource}.openai.azure.com/openai/v1",
+    ] {
+        let mut bad = backend("bad");
+        bad.base_url = url.into();
+        let err = admin
+            .create_backend(pb::CreateBackendRequest {
+                backend: Some(bad),
+                api_key: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().starts_with("backend.base_url:"),
+            "{}",
+            err.message()
+        );
+    }
 
     let mut no_models = backend("no-models");
     no_models.models.clear();
@@ -817,6 +824,36 @@ async fn settings_round_trip_with_a_mask() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("settings.max_attempts"));
+
+    // A Duration whose nanos are not within a second (a script's `nanos = ms * 1_000_000`)
+    // is refused: stored, it read back as another duration (1.5 s as 0.15 s) or, with a part
+    // below a millisecond, not at all, and the settings row broke every read after it.
+    for nanos in [1_500_000_000, 1_000_000_001] {
+        let err = admin
+            .update_settings(pb::UpdateSettingsRequest {
+                settings: Some(pb::Settings {
+                    connect_timeout: Some(pbjson_types::Duration { seconds: 0, nanos }),
+                    ..Default::default()
+                }),
+                update_mask: Some(mask(&["connect_timeout"])),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{nanos}");
+        assert!(
+            err.message().starts_with("settings.connect_timeout"),
+            "{}",
+            err.message()
+        );
+    }
+    let kept = admin
+        .get_settings(pb::GetSettingsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .settings
+        .unwrap();
+    assert_eq!(kept.connect_timeout, before.connect_timeout);
 }
 
 #[tokio::test]
