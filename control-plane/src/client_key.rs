@@ -165,7 +165,16 @@ pub fn budget_nanos(max_budget: f64) -> Result<u64, ValidationError> {
             format!("must be a number from 0 (no budget) to {MAX_BUDGET}"),
         ));
     }
-    Ok(sluice_domain::price::to_nanos(max_budget))
+    let nanos = sluice_domain::price::to_nanos(max_budget);
+    // A budget too small for a nano-unit would be stored as 0, which means no budget at all:
+    // the key meant to spend nearly nothing could spend without limit.
+    if nanos == 0 && max_budget > 0.0 {
+        return Err(ValidationError::new(
+            "max_budget",
+            "must be 0 (no budget) or at least 0.000000001",
+        ));
+    }
+    Ok(nanos)
 }
 
 /// The latest expiry a key may have, 9999-12-31T23:59:59Z: the last second a protobuf
@@ -311,5 +320,18 @@ mod tests {
         assert!(err.to_string().contains("tpm_limit"), "{err}");
         let err = new(0, MAX_PARALLEL_REQUESTS + 1).validated(0).unwrap_err();
         assert!(err.to_string().contains("max_parallel_requests"), "{err}");
+    }
+
+    /// A positive budget smaller than a nano-unit is refused, not stored as 0 ("no budget");
+    /// the smallest that is one is taken.
+    #[test]
+    fn a_budget_below_a_nano_unit_is_refused_not_made_unlimited() {
+        for tiny in [1e-10, 4e-10, f64::MIN_POSITIVE] {
+            let err = budget_nanos(tiny).unwrap_err();
+            assert_eq!(err.field, "max_budget", "{tiny}");
+        }
+        assert_eq!(budget_nanos(0.0).unwrap(), 0);
+        assert_eq!(budget_nanos(1e-9).unwrap(), 1);
+        assert_eq!(budget_nanos(2.5).unwrap(), 2_500_000_000);
     }
 }
