@@ -374,6 +374,7 @@ impl Proxy {
                 allowances: Arc::clone(&allowances),
                 sleeps: proxy::KeptSleeps::default(),
                 stopping: Arc::clone(&stopping),
+                refuse_stream_options: Default::default(),
             });
             let shard = Shard {
                 connections: Dealt { dealt },

@@ -1194,3 +1194,56 @@ async fn an_unknown_model_is_quoted_back_short() {
     assert_eq!(listed.status(), 404);
     assert!(listed.text().await.unwrap().len() < 2_000);
 }
+
+/// Mistral's API refuses `stream_options` (422 `extra_forbidden`), which Sluice adds to every
+/// stream to have its usage counted, and sends the usage in the last chunk unasked. The first
+/// stream it refuses is sent again at once without the member, and the serving thread sends
+/// that backend's streams without it from then on, the client's own `stream_options` too:
+/// every stream is served and its usage counted, a Messages client's (translated) too, and
+/// the provider sees one refusal. Before, every stream to Mistral failed with its 422.
+#[tokio::test]
+async fn a_backend_that_refuses_stream_options_streams_without_it_and_is_charged() {
+    let mistral = MockServer::start_local(
+        MockConfig::named("mistral")
+            .with_chunk_count(4)
+            .refusing_stream_options(),
+    )
+    .unwrap();
+    let h = Harness::start_with(one_primary_snapshot(&mistral.base_url()), |config| {
+        config.serving_threads = 1;
+    })
+    .await;
+    let asks_usage = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+        "stream": true, "stream_options": {"include_usage": true}});
+    for body in [chat_body(true), chat_body(true), asks_usage] {
+        let response = h.chat(body).await;
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.unwrap();
+        assert!(text.contains("[mistral]") || text.contains("tok"), "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+    let messages = h
+        .http
+        .post(h.url("/v1/messages"))
+        .header("x-api-key", KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({"model": MODEL, "max_tokens": 64, "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(messages.status(), 200);
+    let events = messages.text().await.unwrap();
+    assert!(events.contains("event: message_stop"), "{events}");
+    assert!(events.contains("\"output_tokens\":4"), "{events}");
+
+    let records = h.records(4).await;
+    for record in &records {
+        assert_eq!(record.status_code, 200, "{record:?}");
+        assert_eq!(record.completion_tokens, 4, "{record:?}");
+        assert!(record.prompt_tokens > 0, "{record:?}");
+    }
+    let stats = mistral.stats();
+    assert_eq!(stats.responses_with(422), 1, "one refusal, then learned");
+    assert_eq!(stats.responses_with(200), 4);
+}

@@ -97,6 +97,10 @@ pub struct MockConfig {
     /// (`chunk_interval` apart): 2, as the OpenAI and Anthropic examples show; more for the
     /// token by token streams of long arguments.
     pub tool_call_pieces: usize,
+    /// As Mistral's API: a chat or completion request with `stream_options` gets 422
+    /// `extra_forbidden`, and a stream carries its usage in its last chunk, beside the finish
+    /// reason, unasked.
+    pub refuses_stream_options: bool,
 }
 
 impl Default for MockConfig {
@@ -110,6 +114,7 @@ impl Default for MockConfig {
             chunk_interval: Duration::ZERO,
             embedding_dims: 8,
             tool_call_pieces: 2,
+            refuses_stream_options: false,
         }
     }
 }
@@ -125,6 +130,7 @@ impl fmt::Debug for MockConfig {
             .field("chunk_interval", &self.chunk_interval)
             .field("embedding_dims", &self.embedding_dims)
             .field("tool_call_pieces", &self.tool_call_pieces)
+            .field("refuses_stream_options", &self.refuses_stream_options)
             .finish()
     }
 }
@@ -187,6 +193,12 @@ impl MockConfig {
 
     pub fn with_embedding_dims(mut self, dims: usize) -> Self {
         self.embedding_dims = dims;
+        self
+    }
+
+    /// See [`MockConfig::refuses_stream_options`].
+    pub fn refusing_stream_options(mut self) -> Self {
+        self.refuses_stream_options = true;
         self
     }
 }

@@ -420,6 +420,15 @@ pub(super) async fn forward_call(
         if let Err(refused) = acct.attempt(backend, route.prices).await {
             return error(acct, refused).await;
         }
+        // Sluice asks an OpenAI-format backend's stream for its usage (`stream_options`), unless
+        // the backend refused the member before: some (Mistral, older Azure API versions)
+        // refuse it, and send the usage in the last chunk anyway. Then it goes without it,
+        // the client's own too.
+        let usage_option = stream
+            && backend.format == ApiFormat::OpenAi
+            && !call.endpoint.is_responses()
+            && matches!(&call.send, Outbound::Body { .. });
+        let refused_before = usage_option && refuses_stream_options(app, backend);
         let (method, uri, body) = match &call.send {
             Outbound::Body {
                 parsed,
@@ -433,14 +442,21 @@ pub(super) async fn forward_call(
                     _ => uri.clone(),
                 },
                 match translated {
+                    Some(body) if refused_before => without_stream_options(&body).unwrap_or(body),
                     Some(body) => body,
                     // The Responses API and Anthropic's always report usage; they have no
                     // `include_usage`.
-                    None => parsed.rewrite_with(
-                        &route.upstream_model,
-                        stream && !call.endpoint.is_responses() && client == ApiFormat::OpenAi,
-                        *previous_response_id,
-                    ),
+                    None => {
+                        let body = parsed.rewrite_with(
+                            &route.upstream_model,
+                            usage_option && client == ApiFormat::OpenAi && !refused_before,
+                            *previous_response_id,
+                        );
+                        match refused_before {
+                            true => without_stream_options(&body).unwrap_or(body),
+                            false => body,
+                        }
+                    }
                 },
             ),
             Outbound::Stored {
@@ -454,34 +470,53 @@ pub(super) async fn forward_call(
             },
         };
         let sent = Instant::now();
-        let outcome = attempt(
-            snapshot.upstream(app.pool),
-            &app.sleeps,
-            sent,
-            backend,
-            call.passed.map_or(&[][..], |p| &p.headers),
-            spare.take(),
-            method,
-            uri,
-            body,
-            stream,
-            &policy,
-            deadline,
-            app.limits.max_response_bytes,
-            (
-                &app.answer_memory,
-                acct.key_id(),
-                // Whether an answer refused for memory is read on for its `usage`.
-                call.count_usage && !call.endpoint.counts_only(),
-            ),
-            // An h2 connection carries up to 200 requests: their small answers count too.
-            if acct.is_multiplexed() {
-                0
-            } else {
-                SMALL_ANSWER_BYTES
-            },
-        )
-        .await;
+        let again =
+            (usage_option && !refused_before).then(|| (method.clone(), uri.clone(), body.clone()));
+        let key_id = acct.key_id();
+        let send = |spare, method, uri, body| {
+            attempt(
+                snapshot.upstream(app.pool),
+                &app.sleeps,
+                sent,
+                backend,
+                call.passed.map_or(&[][..], |p| &p.headers),
+                spare,
+                method,
+                uri,
+                body,
+                stream,
+                &policy,
+                deadline,
+                app.limits.max_response_bytes,
+                (
+                    &app.answer_memory,
+                    key_id,
+                    // Whether an answer refused for memory is read on for its `usage`.
+                    call.count_usage && !call.endpoint.counts_only(),
+                ),
+                // An h2 connection carries up to 200 requests: their small answers count too.
+                if acct.is_multiplexed() {
+                    0
+                } else {
+                    SMALL_ANSWER_BYTES
+                },
+            )
+        };
+        let mut outcome = send(spare.take(), method, uri, body).await;
+        if let Some((method, uri, body)) = again
+            && refused_stream_options(&outcome)
+            && let Some(body) = without_stream_options(&body)
+        {
+            if let Ok(mut refusing) = app.refuse_stream_options.lock() {
+                refusing.insert(backend.id.clone());
+            }
+            tracing::warn!(
+                backend = %backend.name,
+                "the backend refused stream_options: its streams go without it from now on \
+                 (their usage is read from the last chunk)"
+            );
+            outcome = send(None, method, uri, body).await;
+        }
         let took = sent.elapsed();
         acct.waited_upstream(took);
         let health = match &outcome {
@@ -1169,6 +1204,37 @@ fn chat_body(
     let messages = parsed.object()?;
     let chat = anthropic::request::messages_to_chat(&messages, &route.upstream_model, limit)?;
     Ok(Bytes::from(serde_json::Value::Object(chat).to_string()))
+}
+
+/// Whether `backend` refused `stream_options` on this serving thread before.
+fn refuses_stream_options(app: &AppState, backend: &Backend) -> bool {
+    app.refuse_stream_options
+        .lock()
+        .is_ok_and(|refusing| !refusing.is_empty() && refusing.contains(&backend.id))
+}
+
+/// Whether an answer is a backend's refusal of `stream_options`: a 400 or 422 whose error
+/// names the member (Mistral: 422 `extra_forbidden` at `body.stream_options.include_usage`;
+/// Azure's older API versions: 400 "Unrecognized request argument supplied: stream_options").
+fn refused_stream_options(outcome: &Result<Answer, Failure>) -> bool {
+    match outcome {
+        Ok(Answer::Full { status, body, .. }) => {
+            matches!(status.as_u16(), 400 | 422)
+                && memchr::memmem::find(body, b"stream_options").is_some()
+        }
+        _ => false,
+    }
+}
+
+/// A request body without its top-level `stream_options`; `None` if it is not a JSON object
+/// or has none. Only for backends that refuse the member: parsed into values and written
+/// again.
+fn without_stream_options(body: &Bytes) -> Option<Bytes> {
+    memchr::memmem::find(body, b"\"stream_options\"")?;
+    let mut object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).ok()?;
+    object.remove("stream_options")?;
+    serde_json::to_vec(&object).ok().map(Bytes::from)
 }
 
 /// The chat request as a Messages request for an Anthropic backend: written from its members

@@ -39,6 +39,10 @@ struct Args {
     /// Pieces a streamed tool call's arguments come in.
     #[arg(long, default_value_t = 2)]
     tool_call_pieces: usize,
+    /// Behave as Mistral's API: refuse `stream_options` (422) and send a stream's usage in its
+    /// last chunk, unasked.
+    #[arg(long)]
+    refuse_stream_options: bool,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -58,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
         chunk_interval: args.chunk_interval,
         embedding_dims: args.embedding_dims,
         tool_call_pieces: args.tool_call_pieces,
+        refuses_stream_options: args.refuse_stream_options,
     };
     let server = MockServer::start(config, args.listen)
         .with_context(|| format!("binding {}", args.listen))?;

@@ -31,6 +31,20 @@ impl ApiError {
         }
     }
 
+    /// Mistral's refusal of a member it does not take (422, pydantic's `extra_forbidden` at
+    /// the member); the mock writes it in OpenAI's error shape, the detail as its message.
+    pub(crate) fn extra_forbidden(member: &'static str) -> Self {
+        Self {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: format!(
+                "{{\"detail\":[{{\"type\":\"extra_forbidden\",\"loc\":[\"body\",\"{member}\"],\"msg\":\"Extra inputs are not permitted\"}}]}}"
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
+    }
+
     fn missing(param: &'static str) -> Self {
         Self {
             code: Some("missing_required_parameter"),

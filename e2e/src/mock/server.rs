@@ -347,7 +347,13 @@ async fn api(
             if let Some(m) = &parsed.model {
                 shared.counters.model(m);
             }
-            Call::Generation(flavor, parsed.request)
+            let request = match parsed.request {
+                Ok(_) if shared.config.refuses_stream_options && has_stream_options(&body) => {
+                    Err(ApiError::extra_forbidden("stream_options"))
+                }
+                request => request,
+            };
+            Call::Generation(flavor, request)
         }
         Route::Embeddings => {
             let parsed = openai::parse_embeddings(&body);
@@ -750,6 +756,7 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
             tokens: usize::try_from(tokens).unwrap_or(0),
             finish_reason,
             usage: g.include_usage.then_some(usage),
+            last_chunk_usage: config.refuses_stream_options.then_some(usage),
             interval: config.chunk_interval,
             cut_after: None,
         });
@@ -769,6 +776,12 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
         body,
         usage: Some(usage),
     }
+}
+
+/// Whether a request body has a top-level `stream_options` member.
+fn has_stream_options(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
+        .is_ok_and(|object| object.contains_key("stream_options"))
 }
 
 fn full(body: Bytes) -> Body {

@@ -43,6 +43,9 @@ pub(crate) struct StreamPlan {
     pub(crate) finish_reason: &'static str,
     /// `Some` when the client asked for `stream_options.include_usage`.
     pub(crate) usage: Option<Usage>,
+    /// `Some` for a provider that sends the usage in the last chunk, beside its finish
+    /// reason, unasked (Mistral): no usage chunk of its own.
+    pub(crate) last_chunk_usage: Option<Usage>,
     pub(crate) interval: Duration,
     /// Close the connection after this many events (no `[DONE]`).
     pub(crate) cut_after: Option<usize>,
@@ -91,13 +94,14 @@ impl StreamPlan {
             let text = openai::piece(name, (k / n) as u64);
             (chunk(k % n, Some(Delta::Content(&text)), usage_field), None)
         } else if e < finishes {
+            let last = self.last_chunk_usage.filter(|_| e + 1 == finishes);
             (
                 chunk(
                     e - contents,
                     Some(Delta::Finish(self.finish_reason)),
-                    usage_field,
+                    last.map(Some).or(usage_field),
                 ),
-                None,
+                last,
             )
         } else {
             (chunk(0, None, Some(self.usage)), self.usage)
