@@ -1012,6 +1012,40 @@ pub struct Tokens {
     pub reasoning: u64,
 }
 
+impl Tokens {
+    /// The tokens of an OpenAI-format `usage`'s figures, from providers that write them
+    /// otherwise than OpenAI too. DeepSeek names its prompt cache's hits
+    /// `prompt_cache_hit_tokens` (`cache_hit`) and may leave `prompt_tokens_details` out: the
+    /// larger of the two is the cached prompt. xAI counts reasoning outside
+    /// `completion_tokens` but inside `total_tokens` (and bills it as output): where `total`
+    /// holds the reasoning beside the completion (at least prompt + completion + reasoning,
+    /// which OpenAI's convention, reasoning inside the completion, never makes), the reasoning
+    /// is added to the completion.
+    pub fn openai(
+        prompt: u64,
+        completion: u64,
+        cached: u64,
+        reasoning: u64,
+        total: Option<u64>,
+        cache_hit: Option<u64>,
+    ) -> Self {
+        let beside = reasoning > 0
+            && total.is_some_and(|total| {
+                total >= prompt.saturating_add(completion).saturating_add(reasoning)
+            });
+        Self {
+            prompt,
+            completion: if beside {
+                completion.saturating_add(reasoning)
+            } else {
+                completion
+            },
+            cached_prompt: cached.max(cache_hit.unwrap_or(0)),
+            reasoning,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -474,6 +474,32 @@ fn a_chat_completion_becomes_a_message() {
     assert!(completion_to_message(&broken).is_err());
 }
 
+/// A Messages client (Claude Code) over DeepSeek or xAI is told what the provider billed:
+/// DeepSeek's `prompt_cache_hit_tokens` as cache reads, xAI's reasoning (beside
+/// `completion_tokens`, inside `total_tokens`) as output, in the whole parse and the reading
+/// in the shape alike.
+#[test]
+fn other_providers_usage_reaches_messages_clients_as_billed() {
+    let answer = |usage: &str| {
+        format!(
+            r#"{{"id":"chatcmpl-1","object":"chat.completion","model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"Hi"}},"finish_reason":"stop"}}],"usage":{usage}}}"#
+        )
+    };
+    let deepseek = answer(
+        r#"{"prompt_tokens":1000,"completion_tokens":5,"total_tokens":1005,"prompt_cache_hit_tokens":990,"prompt_cache_miss_tokens":10}"#,
+    );
+    let xai = answer(
+        r#"{"prompt_tokens":10120,"completion_tokens":1499,"total_tokens":14428,"completion_tokens_details":{"reasoning_tokens":2809}}"#,
+    );
+    for (text, input, cache_read, output) in [(deepseek, 10, 990, 5), (xai, 10120, 0, 4308)] {
+        let whole = completion_to_message(&serde_json::from_str(&text).unwrap()).unwrap();
+        let usage = json!({"input_tokens": input, "output_tokens": output,
+            "cache_read_input_tokens": cache_read, "cache_creation_input_tokens": 0});
+        assert_eq!(whole["usage"], usage, "{text}");
+        assert_eq!(message_for(&text).unwrap()["usage"], usage, "{text}");
+    }
+}
+
 /// What a Messages client is given for a completion's text, as the relay decides it: the
 /// message read in its shape, else the whole parse's, else `None` (a 502).
 fn message_for(text: &str) -> Option<Value> {

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use super::{Call, Checked, First, Names, Untranslatable, Usage, members, string};
 use crate::request::Key;
+use crate::usage::Tokens;
 
 /// Anthropic's `stop_reason` → OpenAI's `finish_reason`.
 pub fn finish_reason(stop_reason: &str) -> &'static str {
@@ -227,16 +228,41 @@ impl<'de, T: LenientKind> serde::de::Visitor<'de> for Lenient<T> {
     }
 }
 
-/// Reads an OpenAI `usage` object.
+/// Reads an OpenAI `usage` object, as other providers write it too ([`Tokens::openai`]).
 pub fn openai_usage(usage: &Value) -> Usage {
-    let get = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let get = |at: &str| usage.pointer(at).and_then(Value::as_u64).unwrap_or(0);
+    usage_of_openai_figures(
+        get("/prompt_tokens"),
+        get("/completion_tokens"),
+        get("/prompt_tokens_details/cached_tokens"),
+        get("/completion_tokens_details/reasoning_tokens"),
+        get("/total_tokens"),
+        get("/prompt_cache_hit_tokens"),
+    )
+}
+
+/// The usage of an OpenAI `usage`'s figures (0 for any missing): [`Tokens::openai`]'s rules
+/// for providers that write them otherwise than OpenAI.
+fn usage_of_openai_figures(
+    prompt: u64,
+    completion: u64,
+    cached: u64,
+    reasoning: u64,
+    total: u64,
+    cache_hit: u64,
+) -> Usage {
+    let tokens = Tokens::openai(
+        prompt,
+        completion,
+        cached,
+        reasoning,
+        Some(total),
+        Some(cache_hit),
+    );
     Usage {
-        input: get("prompt_tokens"),
-        output: get("completion_tokens"),
-        cache_read: usage
-            .pointer("/prompt_tokens_details/cached_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
+        input: tokens.prompt,
+        output: tokens.completion,
+        cache_read: tokens.cached_prompt,
         cache_creation: 0,
     }
 }
@@ -584,39 +610,66 @@ impl LenientKind for OpenAiFigures {
             "prompt_tokens",
             "completion_tokens",
             "prompt_tokens_details",
+            "completion_tokens_details",
+            "total_tokens",
+            "prompt_cache_hit_tokens",
         ]);
-        let mut usage = Usage::default();
+        let mut figures = [0u64; 6];
         members(map, NAMES, |at, map| {
-            match at {
-                0 => usage.input = map.next_value::<Count>()?.0,
-                1 => usage.output = map.next_value::<Count>()?.0,
-                _ => usage.cache_read = map.next_value::<CachedTokens>()?.0,
-            }
+            figures[at] = match at {
+                2 => map.next_value::<DetailsFigure<CachedName>>()?.0,
+                3 => map.next_value::<DetailsFigure<ReasoningName>>()?.0,
+                _ => map.next_value::<Count>()?.0,
+            };
             Ok(())
         })?;
-        Ok(Self(usage))
+        let [prompt, completion, cached, reasoning, total, cache_hit] = figures;
+        Ok(Self(usage_of_openai_figures(
+            prompt, completion, cached, reasoning, total, cache_hit,
+        )))
     }
 }
 
-/// `prompt_tokens_details.cached_tokens`, read leniently as [`OpenAiFigures`] are.
-#[derive(Default)]
-struct CachedTokens(u64);
+/// The one figure of a details object that is read (`N`'s name: `prompt_tokens_details`'s
+/// `cached_tokens`, `completion_tokens_details`'s `reasoning_tokens`), leniently as
+/// [`OpenAiFigures`] are.
+struct DetailsFigure<N>(u64, std::marker::PhantomData<N>);
 
-impl<'de> serde::Deserialize<'de> for CachedTokens {
+impl<N> Default for DetailsFigure<N> {
+    fn default() -> Self {
+        Self(0, std::marker::PhantomData)
+    }
+}
+
+/// The name of the figure a [`DetailsFigure`] reads.
+trait DetailsName {
+    const NAMES: Names;
+}
+
+struct CachedName;
+impl DetailsName for CachedName {
+    const NAMES: Names = Names(&["cached_tokens"]);
+}
+
+struct ReasoningName;
+impl DetailsName for ReasoningName {
+    const NAMES: Names = Names(&["reasoning_tokens"]);
+}
+
+impl<'de, N: DetailsName> serde::Deserialize<'de> for DetailsFigure<N> {
     fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        value.deserialize_any(Lenient::<CachedTokens>::default())
+        value.deserialize_any(Lenient::<DetailsFigure<N>>::default())
     }
 }
 
-impl LenientKind for CachedTokens {
+impl<N: DetailsName> LenientKind for DetailsFigure<N> {
     fn object<'de, A: serde::de::MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
-        const NAMES: Names = Names(&["cached_tokens"]);
-        let mut cached = 0;
-        members(map, NAMES, |_, map| {
-            cached = map.next_value::<Count>()?.0;
+        let mut figure = 0;
+        members(map, N::NAMES, |_, map| {
+            figure = map.next_value::<Count>()?.0;
             Ok(())
         })?;
-        Ok(Self(cached))
+        Ok(Self(figure, std::marker::PhantomData))
     }
 }
 
@@ -796,6 +849,11 @@ mod tests {
         let usage = prop_oneof![
             4 => (0..1000u64, 0..1000u64, 0..100u64).prop_map(|(p, c, k)| format!(
                 "\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c},\"total_tokens\":0,\"prompt_tokens_details\":{{\"cached_tokens\":{k},\"audio_tokens\":0}}}}"
+            )),
+            // DeepSeek's cache hits, xAI's reasoning beside the completion.
+            1 => (0..1000u64, 0..1000u64, 0..100u64, 0..2000u64).prop_map(|(p, c, k, r)| format!(
+                "\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c},\"total_tokens\":{},\"prompt_cache_hit_tokens\":{k},\"completion_tokens_details\":{{\"reasoning_tokens\":{r}}}}}",
+                p + c + r
             )),
             1 => Just("\"usage\":null".to_owned()),
             1 => Just("\"usage\":{\"prompt_tokens\":-1,\"completion_tokens\":2.5,\"prompt_tokens_details\":[1]}".to_owned()),

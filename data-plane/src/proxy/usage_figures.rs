@@ -250,33 +250,44 @@ struct CompletionDetails {
     reasoning_tokens: Option<u64>,
 }
 
-/// The figures of `usage` that Sluice records; the others are ignored.
+/// The figures of `usage` that Sluice records; the others are ignored. `total_tokens` and
+/// `prompt_cache_hit_tokens` only adjust the others ([`Tokens::openai`]) and are read
+/// leniently: one that is not a count is as if absent, as it was before they were read.
 #[derive(serde::Deserialize)]
 struct Usage {
     #[serde(default)]
     prompt_tokens: Option<u64>,
     #[serde(default)]
     completion_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_count")]
+    total_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_count")]
+    prompt_cache_hit_tokens: Option<u64>,
     #[serde(default)]
     prompt_tokens_details: Option<PromptDetails>,
     #[serde(default)]
     completion_tokens_details: Option<CompletionDetails>,
 }
 
+/// A count, or `None` for any other JSON value.
+fn lenient_count<'de, D: serde::Deserializer<'de>>(value: D) -> Result<Option<u64>, D::Error> {
+    Ok(serde_json::Value::deserialize(value)?.as_u64())
+}
+
 impl Usage {
     fn tokens(self) -> Tokens {
-        Tokens {
-            prompt: self.prompt_tokens.unwrap_or(0),
-            completion: self.completion_tokens.unwrap_or(0),
-            cached_prompt: self
-                .prompt_tokens_details
+        Tokens::openai(
+            self.prompt_tokens.unwrap_or(0),
+            self.completion_tokens.unwrap_or(0),
+            self.prompt_tokens_details
                 .and_then(|d| d.cached_tokens)
                 .unwrap_or(0),
-            reasoning: self
-                .completion_tokens_details
+            self.completion_tokens_details
                 .and_then(|d| d.reasoning_tokens)
                 .unwrap_or(0),
-        }
+            self.total_tokens,
+            self.prompt_cache_hit_tokens,
+        )
     }
 }
 
@@ -477,7 +488,8 @@ impl<'a> PlainUsage<'a> {
             return Some((None, plain.at));
         }
         let mut tokens = Tokens::default();
-        let mut seen = [false; 4];
+        let (mut total, mut cache_hit) = (None, None);
+        let mut seen = [false; 6];
         plain.object(USAGE_ORDER, |plain, key| {
             let (field, figure) = match key {
                 Some(PROMPT_TOKENS) => (0, &mut tokens.prompt),
@@ -490,12 +502,34 @@ impl<'a> PlainUsage<'a> {
                     tokens.reasoning = plain.details(COMPLETION_DETAILS_ORDER)?;
                     return once(&mut seen[3]);
                 }
-                // `total_tokens` and any other key: a count or null, not read.
+                Some(TOTAL_TOKENS) => {
+                    total = plain.count()?;
+                    return once(&mut seen[4]);
+                }
+                Some(PROMPT_CACHE_HIT) => {
+                    cache_hit = plain.count()?;
+                    return once(&mut seen[5]);
+                }
+                // Any other key: a count or null, not read.
                 _ => return plain.count().map(drop),
             };
             *figure = plain.count()?.unwrap_or(0);
             once(&mut seen[field])
         })?;
+        let Tokens {
+            prompt,
+            completion,
+            cached_prompt,
+            reasoning,
+        } = tokens;
+        let tokens = Tokens::openai(
+            prompt,
+            completion,
+            cached_prompt,
+            reasoning,
+            total,
+            cache_hit,
+        );
         Some((Some(tokens), plain.at))
     }
 
@@ -624,12 +658,16 @@ const USAGE_ORDER: &[KeyName] = &[
     KeyName::new(b"total_tokens\""),
     KeyName::new(b"prompt_tokens_details\""),
     KeyName::new(b"completion_tokens_details\""),
+    // DeepSeek's cache hits (it writes them before `total_tokens`: looked up, not expected).
+    KeyName::new(b"prompt_cache_hit_tokens\""),
 ];
 /// The indices in [`USAGE_ORDER`] of the keys read.
 const PROMPT_TOKENS: usize = 0;
 const COMPLETION_TOKENS: usize = 1;
+const TOTAL_TOKENS: usize = 2;
 const PROMPT_DETAILS: usize = 3;
 const COMPLETION_DETAILS: usize = 4;
+const PROMPT_CACHE_HIT: usize = 5;
 const PROMPT_DETAILS_ORDER: &[KeyName] = &[
     KeyName::new(b"cached_tokens\""),
     KeyName::new(b"audio_tokens\""),
@@ -1095,6 +1133,7 @@ mod tests {
             figure().prop_map(|v| ("prompt_tokens".to_owned(), v)),
             figure().prop_map(|v| ("completion_tokens".to_owned(), v)),
             figure().prop_map(|v| ("total_tokens".to_owned(), v)),
+            figure().prop_map(|v| ("prompt_cache_hit_tokens".to_owned(), v)),
             details("cached_tokens").prop_map(|v| ("prompt_tokens_details".to_owned(), v)),
             details("reasoning_tokens").prop_map(|v| ("completion_tokens_details".to_owned(), v)),
             (key(), any_json()),
@@ -1558,6 +1597,48 @@ mod tests {
         let details_null =
             r#"{"usage":{"prompt_tokens":3,"completion_tokens":1,"prompt_tokens_details":null}}"#;
         assert_eq!(usage_of(details_null).unwrap().0.cached_prompt, 0);
+    }
+
+    /// Providers that write `usage` otherwise than OpenAI are read for what they bill.
+    /// DeepSeek's cache hits are `prompt_cache_hit_tokens` (priced at the cached price, not
+    /// the full one); xAI counts reasoning beside `completion_tokens`, inside `total_tokens`
+    /// (billed as output: before, it went unpriced). OpenAI's own reasoning, inside the
+    /// completion, is not counted twice; each read as the whole parse reads it.
+    #[test]
+    fn other_providers_cache_hits_and_reasoning_are_read_for_what_they_bill() {
+        let deepseek = r#"{"choices":[],"usage":{"completion_tokens":5,"prompt_tokens":1000,"prompt_cache_hit_tokens":990,"prompt_cache_miss_tokens":10,"total_tokens":1005,"completion_tokens_details":{"reasoning_tokens":0}}}"#;
+        let xai = r#"{"choices":[],"usage":{"prompt_tokens":10120,"completion_tokens":1499,"total_tokens":14428,"prompt_tokens_details":{"text_tokens":10120,"audio_tokens":0,"image_tokens":0,"cached_tokens":7},"completion_tokens_details":{"reasoning_tokens":2809,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#;
+        let openai = r#"{"choices":[],"usage":{"prompt_tokens":100,"completion_tokens":500,"total_tokens":600,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":300,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#;
+        for (body, expected) in [
+            (
+                deepseek,
+                Tokens {
+                    cached_prompt: 990,
+                    ..tokens(1000, 5)
+                },
+            ),
+            (
+                xai,
+                Tokens {
+                    cached_prompt: 7,
+                    reasoning: 2809,
+                    ..tokens(10120, 1499 + 2809)
+                },
+            ),
+            (
+                openai,
+                Tokens {
+                    reasoning: 300,
+                    ..tokens(100, 500)
+                },
+            ),
+        ] {
+            assert_eq!(usage_of(body), Some((expected, true)), "{body}");
+            assert_eq!(by_full_parse(body), Some((expected, true)), "{body}");
+        }
+        // Figures that are not counts are as if absent, as before they were read.
+        let odd = r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":"4","prompt_cache_hit_tokens":-1}}"#;
+        assert_eq!(usage_of(odd), Some((tokens(3, 1), true)));
     }
 
     #[test]
