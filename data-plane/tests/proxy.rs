@@ -361,6 +361,27 @@ async fn a_stream_framed_any_way_is_relayed_alike_and_its_usage_chunk_hidden_unl
         assert!(record.tokens_estimated, "{framing}");
         assert_eq!(record.completion_tokens, 2, "{framing}");
     }
+    // Cut off while the model reasons (DeepSeek's `reasoning_content`, OpenRouter's
+    // `reasoning`, streamed before any content): each piece of reasoning is charged as
+    // output, as the provider bills it (before, none was: the record had no completion).
+    let thinking = [
+        chunk(json!({"role": "assistant", "content": null}), Value::Null),
+        chunk(
+            json!({"content": null, "reasoning_content": "Let me"}),
+            Value::Null,
+        ),
+        chunk(json!({"reasoning": " think"}), Value::Null),
+        chunk(
+            json!({"content": "", "reasoning_content": " more"}),
+            Value::Null,
+        ),
+    ];
+    let h = start(framings(&thinking).remove(0).1).await;
+    let body = h.chat(chat_body(true)).await.text().await.unwrap();
+    assert!(body.contains("stream_interrupted"), "{body}");
+    let record = h.records(1).await.remove(0);
+    assert!(record.tokens_estimated);
+    assert_eq!(record.completion_tokens, 3);
 }
 
 #[tokio::test]

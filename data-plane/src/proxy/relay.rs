@@ -569,10 +569,23 @@ fn is_output_delta_data(data: &str) -> bool {
         .any(|key| non_empty_string_after(data, key))
 }
 
-/// The keys of an OpenAI chunk whose non-empty string is output, with their quotes; their
-/// searchers are built once (a `str` search builds its own at every call).
-static OUTPUT_KEYS: LazyLock<[Finder<'static>; 4]> = LazyLock::new(|| {
-    ["\"content\"", "\"text\"", "\"arguments\"", "\"refusal\""]
+/// The keys of an OpenAI chunk whose non-empty string is output, with their quotes.
+/// Reasoning, which OpenAI-compatible servers stream before any content (DeepSeek's and
+/// vLLM's `reasoning_content`, OpenRouter's and others' `reasoning`), is output too: billed as
+/// such, and a stream cut short while the model reasons is charged for it. Searched last, so
+/// that a chunk of content is told by the first search.
+const OUTPUT_KEY_NAMES: [&str; 6] = [
+    "\"content\"",
+    "\"text\"",
+    "\"arguments\"",
+    "\"refusal\"",
+    "\"reasoning_content\"",
+    "\"reasoning\"",
+];
+
+/// [`OUTPUT_KEY_NAMES`]' searchers, built once (a `str` search builds its own at every call).
+static OUTPUT_KEYS: LazyLock<[Finder<'static>; 6]> = LazyLock::new(|| {
+    OUTPUT_KEY_NAMES
         .map(|key| memchr::memmem::FinderBuilder::new().build_forward_with_ranker(JsonRank, key))
 });
 
@@ -824,6 +837,22 @@ mod tests {
                 true,
             ),
             (None, r#"{"choices":[{"delta":{"content":null}}]}"#, false),
+            // Reasoning streamed before the content: DeepSeek's, OpenRouter's.
+            (
+                None,
+                r#"{"choices":[{"delta":{"content":null,"reasoning_content":"Let me"}}]}"#,
+                true,
+            ),
+            (
+                None,
+                r#"{"choices":[{"delta":{"role":"assistant","reasoning":"Hmm"}}]}"#,
+                true,
+            ),
+            (
+                None,
+                r#"{"choices":[{"delta":{"reasoning_details":[],"reasoning":""}}]}"#,
+                false,
+            ),
             (Some("content_block_delta"), "{}", true),
             (
                 Some("message_delta"),
@@ -844,17 +873,15 @@ mod tests {
     /// [`is_output_delta`] for an OpenAI chunk as written with `str` searches: what the
     /// searchers built with [`JsonRank`] must agree with.
     fn is_output_delta_by_str_search(data: &str) -> bool {
-        ["\"content\"", "\"text\"", "\"arguments\"", "\"refusal\""]
-            .iter()
-            .any(|key| {
-                data.match_indices(key).any(|(at, _)| {
-                    data[at + key.len()..]
-                        .trim_start()
-                        .strip_prefix(':')
-                        .and_then(|value| value.trim_start().strip_prefix('"'))
-                        .is_some_and(|string| !string.starts_with('"'))
-                })
+        OUTPUT_KEY_NAMES.iter().any(|key| {
+            data.match_indices(key).any(|(at, _)| {
+                data[at + key.len()..]
+                    .trim_start()
+                    .strip_prefix(':')
+                    .and_then(|value| value.trim_start().strip_prefix('"'))
+                    .is_some_and(|string| !string.starts_with('"'))
             })
+        })
     }
 
     proptest::proptest! {
@@ -864,6 +891,7 @@ mod tests {
             pieces in proptest::collection::vec(
                 proptest::sample::select(vec![
                     "\"content\"", "\"text\"", "\"arguments\"", "\"refusal\"", "\"content",
+                    "\"reasoning\"", "\"reasoning_content\"", "\"reasoning",
                     "content\"", "\"c", ":", " ", "\"", "\"\"", "x", "\\\"", "{", "}", ",",
                     "\"chatcmpl-1\"", "\"choices\"", "\u{e9}", "null",
                 ]),
