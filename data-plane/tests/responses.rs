@@ -379,11 +379,17 @@ async fn compactions_and_input_token_counts_go_where_the_conversation_is() {
     let h = two_backends(&alpha, &beta).await;
     let mut served = Vec::new();
     for n in 0..8 {
-        let start: Value = create(&h, json!({"model": MODEL, "input": format!("start {n}")}))
-            .await
-            .json()
-            .await
-            .unwrap();
+        // Each conversation named, so where it starts is fixed and both backends hold some
+        // (drawn at random, all eight fell on one once in 128 runs).
+        let start: Value = create(
+            &h,
+            json!({"model": MODEL, "input": format!("start {n}"),
+                "prompt_cache_key": format!("conversation-{n}")}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
         let holder = if start["output"][0]["content"][0]["text"]
             .as_str()
             .unwrap()

@@ -133,6 +133,22 @@ async fn the_python_sdk_converses_across_two_replicas_and_two_backends() {
         1
     );
 
+    // The Codex CLI's WebSocket handshake through nginx (which passes no Upgrade header on)
+    // gets the 426 on which Codex uses HTTP at once, not a 405 it retries five times.
+    let handshake = reqwest::Client::new()
+        .get(run.front().url("/v1/responses"))
+        .bearer_auth(&key)
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(handshake.status(), 426);
+    let refused: serde_json::Value = handshake.json().await.unwrap();
+    assert_eq!(refused["error"]["code"], "websocket_not_supported");
+
     let stream = &out["stream"];
     assert_eq!(stream[0], "response.created", "{out}");
     assert_eq!(stream[1], "response.completed", "{out}");

@@ -472,50 +472,54 @@ pub(super) async fn forward_call(
         let sent = Instant::now();
         let again =
             (usage_option && !refused_before).then(|| (method.clone(), uri.clone(), body.clone()));
-        let key_id = acct.key_id();
-        let send = |spare, method, uri, body| {
-            attempt(
-                snapshot.upstream(app.pool),
-                &app.sleeps,
-                sent,
-                backend,
-                call.passed.map_or(&[][..], |p| &p.headers),
-                spare,
-                method,
-                uri,
-                body,
-                stream,
-                &policy,
-                deadline,
-                app.limits.max_response_bytes,
-                (
-                    &app.answer_memory,
-                    key_id,
-                    // Whether an answer refused for memory is read on for its `usage`.
-                    call.count_usage && !call.endpoint.counts_only(),
-                ),
-                // An h2 connection carries up to 200 requests: their small answers count too.
-                if acct.is_multiplexed() {
-                    0
-                } else {
-                    SMALL_ANSWER_BYTES
-                },
-            )
+        let memory = (
+            &app.answer_memory,
+            acct.key_id(),
+            // Whether an answer refused for memory is read on for its `usage`.
+            call.count_usage && !call.endpoint.counts_only(),
+        );
+        // An h2 connection carries up to 200 requests: their small answers count too.
+        let uncounted = if acct.is_multiplexed() {
+            0
+        } else {
+            SMALL_ANSWER_BYTES
         };
-        let mut outcome = send(spare.take(), method, uri, body).await;
+        let sending = Sending {
+            client: snapshot.upstream(app.pool),
+            sleeps: &app.sleeps,
+            sent,
+            backend,
+            passed: call.passed.map_or(&[][..], |p| &p.headers),
+            stream,
+            policy: &policy,
+            deadline,
+            max_response: app.limits.max_response_bytes,
+            memory,
+            uncounted,
+        };
+        let mut outcome = attempt(&sending, spare.take(), method, uri, body).await;
         if let Some((method, uri, body)) = again
             && refused_stream_options(&outcome)
             && let Some(body) = without_stream_options(&body)
         {
-            if let Ok(mut refusing) = app.refuse_stream_options.lock() {
-                refusing.insert(backend.id.clone());
+            // Boxed: a rare second await of the large future, kept out of the request's own.
+            outcome = Box::pin(attempt(&sending, None, method, uri, body)).await;
+            // Learnt only from a refusal that the same request without the member was
+            // served: not from a request that fails either way (one whose error merely
+            // echoes the body, as vLLM's validation errors do).
+            if matches!(&outcome, Ok(Answer::Full { status, .. } | Answer::Stream { status, .. })
+                if status.is_success())
+            {
+                if let Ok(mut refusing) = app.refuse_stream_options.lock() {
+                    refusing.insert(backend.id.clone());
+                }
+                tracing::warn!(
+                    backend = %backend.name,
+                    "the backend refused stream_options and served the stream without it: its \
+                     streams go without it from now on (their usage read from a chunk that \
+                     carries it, or estimated)"
+                );
             }
-            tracing::warn!(
-                backend = %backend.name,
-                "the backend refused stream_options: its streams go without it from now on \
-                 (their usage is read from the last chunk)"
-            );
-            outcome = send(None, method, uri, body).await;
         }
         let took = sent.elapsed();
         acct.waited_upstream(took);
@@ -748,26 +752,48 @@ async fn fail(
     }
 }
 
-/// One call to `backend`, `sent` being when it started (its first byte's deadline counts
-/// from then).
-#[allow(clippy::too_many_arguments)]
-async fn attempt(
-    client: &UpstreamClient,
-    sleeps: &KeptSleeps,
+/// What every call of one attempt to a backend shares ([`attempt`]).
+#[derive(Clone, Copy)]
+struct Sending<'a> {
+    client: &'a UpstreamClient,
+    sleeps: &'a KeptSleeps,
+    /// When the attempt started (its first byte's deadline counts from then).
     sent: Instant,
-    backend: &Backend,
-    passed: &[(HeaderName, HeaderValue)],
+    backend: &'a Backend,
+    /// What an Anthropic backend gets of the client's request as it came.
+    passed: &'a [(HeaderName, HeaderValue)],
+    stream: bool,
+    policy: &'a Policy,
+    deadline: Instant,
+    max_response: usize,
+    /// The answers' memory, the key whose share an answer takes, and whether an answer
+    /// refused for memory is read on for its `usage`.
+    memory: (&'a Arc<AnswerMemory>, &'a str, bool),
+    /// The size below which an answer takes none of that memory.
+    uncounted: usize,
+}
+
+/// One call to `to.backend`: `method` to `uri` with `body`, on the headers `spare` when given.
+async fn attempt(
+    to: &Sending<'_>,
     spare: Option<HeaderMap>,
     method: Method,
     uri: http::Uri,
     body: Bytes,
-    stream: bool,
-    policy: &Policy,
-    deadline: Instant,
-    max_response: usize,
-    (memory, key, counts_usage): (&Arc<AnswerMemory>, &str, bool),
-    uncounted: usize,
 ) -> Result<Answer, Failure> {
+    let Sending {
+        client,
+        sleeps,
+        sent,
+        backend,
+        passed,
+        stream,
+        policy,
+        deadline,
+        max_response,
+        memory: (memory, key, counts_usage),
+        uncounted,
+    } = *to;
     let has_body = method == Method::POST;
     let mut request = Request::new(body);
     if let Some(mut headers) = spare {
@@ -1213,14 +1239,24 @@ fn refuses_stream_options(app: &AppState, backend: &Backend) -> bool {
         .is_ok_and(|refusing| !refusing.is_empty() && refusing.contains(&backend.id))
 }
 
-/// Whether an answer is a backend's refusal of `stream_options`: a 400 or 422 whose error
-/// names the member (Mistral: 422 `extra_forbidden` at `body.stream_options.include_usage`;
-/// Azure's older API versions: 400 "Unrecognized request argument supplied: stream_options").
+/// Whether an answer is a backend's refusal of `stream_options` itself: a 400 or 422 whose
+/// error says the member is not taken, in the words of the providers that refuse it
+/// (Mistral: 422 `extra_forbidden` at `["body","stream_options",…]`, its detail an object or
+/// a string of JSON; Azure's older API versions: 400 "Unrecognized request argument
+/// supplied: stream_options"). An error that merely names the member, or echoes the body,
+/// is not one.
 fn refused_stream_options(outcome: &Result<Answer, Failure>) -> bool {
+    const REFUSALS: [&[u8]; 3] = [
+        b"[\"body\",\"stream_options\"",
+        b"[\\\"body\\\",\\\"stream_options\\\"",
+        b"Unrecognized request argument supplied: stream_options",
+    ];
     match outcome {
         Ok(Answer::Full { status, body, .. }) => {
             matches!(status.as_u16(), 400 | 422)
-                && memchr::memmem::find(body, b"stream_options").is_some()
+                && REFUSALS
+                    .iter()
+                    .any(|refusal| memchr::memmem::find(body, refusal).is_some())
         }
         _ => false,
     }
@@ -1295,6 +1331,34 @@ fn replace_all(body: &[u8], from: &[u8], to: &[u8]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refusal of `stream_options` is told from its providers' words, not from the member's
+    /// name anywhere in an error: vLLM's validation errors echo the whole body, and a client's
+    /// own bad request must not make a thread stop asking that backend for usage.
+    #[test]
+    fn only_a_refusal_of_stream_options_itself_is_one() {
+        let answer = |status: u16, body: &str| {
+            Ok(Answer::Full {
+                status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                headers: HeaderMap::new(),
+                body: Bytes::from(body.to_owned()),
+                memory: None,
+            })
+        };
+        let mistral = r#"{"object":"error","message":{"detail":[{"type":"extra_forbidden","loc":["body","stream_options","include_usage"],"msg":"Extra inputs are not permitted","input":true}]},"type":"invalid_request_error","param":null,"code":null}"#;
+        let mistral_2024 = r#"{"object":"error","message":"{\"detail\":[{\"type\":\"extra_forbidden\",\"loc\":[\"body\",\"stream_options\"],\"msg\":\"Extra inputs are not permitted\"}]}","type":"invalid_request_error"}"#;
+        let azure = r#"{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","param":null,"code":null}}"#;
+        for body in [mistral, mistral_2024, azure] {
+            assert!(refused_stream_options(&answer(422, body)), "{body}");
+            assert!(refused_stream_options(&answer(400, body)), "{body}");
+            assert!(!refused_stream_options(&answer(500, body)), "{body}");
+        }
+        let echoed = r#"{"object":"error","message":"[{'type': 'value_error', 'loc': ('body',), 'msg': 'temperature must be in [0, 2]', 'input': {'model': 'm', 'temperature': 9, 'stream': True, 'stream_options': {'include_usage': True}}}]","type":"BadRequestError","code":400}"#;
+        let own = r#"{"error":{"message":"Unknown parameter: 'stream_options.include_obfuscation'.","type":"invalid_request_error","param":"stream_options.include_obfuscation","code":"unknown_parameter"}}"#;
+        for body in [echoed, own] {
+            assert!(!refused_stream_options(&answer(400, body)), "{body}");
+        }
+    }
 
     /// Google's refusal of a key, alone or in a list of one, is the key refused; the words
     /// in a message (which may quote the client's request) are not.
