@@ -32,16 +32,26 @@ struct CompletionDetails {
     reasoning_tokens: Option<u64>,
 }
 
+/// The figures of `usage` Sluice reads, as it reads them: `total_tokens` and
+/// `prompt_cache_hit_tokens` (DeepSeek) only adjust the others, and are read leniently.
 #[derive(serde::Deserialize)]
 struct Usage {
     #[serde(default)]
     prompt_tokens: Option<u64>,
     #[serde(default)]
     completion_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_count")]
+    total_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_count")]
+    prompt_cache_hit_tokens: Option<u64>,
     #[serde(default)]
     prompt_tokens_details: Option<PromptDetails>,
     #[serde(default)]
     completion_tokens_details: Option<CompletionDetails>,
+}
+
+fn lenient_count<'de, D: serde::Deserializer<'de>>(value: D) -> Result<Option<u64>, D::Error> {
+    Ok(serde_json::Value::deserialize(value)?.as_u64())
 }
 
 #[derive(serde::Deserialize)]
@@ -54,18 +64,18 @@ struct WithUsage {
 
 impl Usage {
     fn tokens(self) -> Tokens {
-        Tokens {
-            prompt: self.prompt_tokens.unwrap_or(0),
-            completion: self.completion_tokens.unwrap_or(0),
-            cached_prompt: self
-                .prompt_tokens_details
+        Tokens::openai(
+            self.prompt_tokens.unwrap_or(0),
+            self.completion_tokens.unwrap_or(0),
+            self.prompt_tokens_details
                 .and_then(|d| d.cached_tokens)
                 .unwrap_or(0),
-            reasoning: self
-                .completion_tokens_details
+            self.completion_tokens_details
                 .and_then(|d| d.reasoning_tokens)
                 .unwrap_or(0),
-        }
+            self.total_tokens,
+            self.prompt_cache_hit_tokens,
+        )
     }
 }
 
