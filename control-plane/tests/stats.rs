@@ -1737,6 +1737,70 @@ async fn an_answer_past_four_mib_is_read_in_pages_by_a_default_client() {
     assert_eq!(joined, whole.buckets);
 }
 
+/// An unpaged `GetUsage` past the most buckets it answers is refused, asking for pages,
+/// before the answer is built (a script grouping by key over all time made the control plane
+/// build every bucket, about 1 KB each, before the size check refused it); the same query
+/// paged still reads it all.
+#[tokio::test]
+async fn an_unpaged_answer_past_its_most_buckets_is_refused_before_it_is_built() {
+    use sluice_control::api::stats::MAX_UNPAGED_BUCKETS;
+    use sluice_proto::limits::MAX_ADMIN_RESPONSE_BYTES;
+    let h = Harness::start().await;
+    let models = 101;
+    let hours = MAX_UNPAGED_BUCKETS as i64 / models + 1;
+    let mut records = Vec::new();
+    for hour in 0..hours {
+        for m in 0..models {
+            let mut r = Rec::new("", DAY0 + hour * HOUR).to_proto(records.len() as u64 + 1);
+            r.model = format!("m{m}");
+            records.push(r);
+        }
+    }
+    assert!(records.len() > MAX_UNPAGED_BUCKETS);
+    for chunk in records.chunks(5000) {
+        h.report("r", "i", chunk.to_vec()).await;
+    }
+    let request = |page_size: i32, token: String| pb::GetUsageRequest {
+        granularity: pb::Granularity::Hour as i32,
+        group_by: pb::GroupBy::Model as i32,
+        page_size,
+        page_token: token,
+        ..Default::default()
+    };
+    let mut stats = StatsServiceClient::with_interceptor(
+        channel(&h.cp).await,
+        Bearer(h.cp.admin_token.clone()),
+    )
+    .max_decoding_message_size(MAX_ADMIN_RESPONSE_BYTES);
+    let refused = match stats.get_usage(request(0, String::new())).await {
+        Ok(answer) => panic!(
+            "served {} buckets unpaged",
+            answer.into_inner().buckets.len()
+        ),
+        Err(refused) => refused,
+    };
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("page_size"), "{refused:?}");
+    let (mut read, mut token) = (0, String::new());
+    loop {
+        let page = stats
+            .get_usage(request(i32::MAX, token))
+            .await
+            .unwrap()
+            .into_inner();
+        read += page.buckets.len();
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(read, records.len());
+}
+
 /// A sequence past what SQLite's signed integers hold is refused with the whole report: stored,
 /// its high-water mark would read back as 0, and every record of the replica could then be
 /// counted again.

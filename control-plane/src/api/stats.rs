@@ -167,6 +167,11 @@ fn decode_token(r: &pb::GetUsageRequest) -> Result<Option<Cursor>, Status> {
     }))
 }
 
+/// The most buckets an unpaged `GetUsage` (`page_size` 0, no token) answers; past it,
+/// RESOURCE_EXHAUSTED asking for pages. With every key and label at its longest, 100,000
+/// buckets encode to about 65 MB, within [`MAX_ADMIN_RESPONSE_BYTES`].
+pub const MAX_UNPAGED_BUCKETS: usize = 100_000;
+
 /// `response`, or RESOURCE_EXHAUSTED naming the way out when it encodes to more than
 /// `limit` bytes (an unpaged series too long to send).
 fn within(response: pb::GetUsageResponse, limit: usize) -> Result<pb::GetUsageResponse, Status> {
@@ -209,11 +214,26 @@ impl StatsService for Stats {
         let filter = filter_of!(r.clone())?;
         let currency = self.store.get_settings().await?.currency;
         let (points, next) = if page_size == 0 && after.is_none() {
-            let points = self
+            // Read as one page of the most an unpaged answer holds: a larger one is refused
+            // before it is built, not after (each bucket about 1 KB while it is).
+            let page = self
                 .store
-                .usage_series(filter, granularity, group_by, order)
+                .usage_page(
+                    filter,
+                    granularity,
+                    group_by,
+                    order,
+                    None,
+                    MAX_UNPAGED_BUCKETS,
+                )
                 .await?;
-            (points, None)
+            if page.next.is_some() {
+                return Err(Status::resource_exhausted(format!(
+                    "the answer holds more than {MAX_UNPAGED_BUCKETS} buckets; ask for pages \
+                     with page_size"
+                )));
+            }
+            (page.points, None)
         } else {
             // A token with page_size 0 continues at the largest page.
             let limit = if page_size == 0 {
