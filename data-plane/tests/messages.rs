@@ -104,12 +104,7 @@ async fn a_claude_code_session_keeps_to_one_backend_on_every_replica() {
                 "messages": [{"role": "user", "content": "hello there"}]});
             let response = send(&replicas[turn % 2], "/v1/messages", &body.to_string()).await;
             assert_eq!(response.status(), 200);
-            served_by.insert(
-                response.headers()["x-sluice-backend"]
-                    .to_str()
-                    .unwrap()
-                    .to_owned(),
-            );
+            served_by.insert(backend_name(&response));
         }
         assert_eq!(served_by.len(), 1, "{user_id}: {served_by:?}");
         holders.extend(served_by);

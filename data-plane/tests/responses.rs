@@ -497,12 +497,7 @@ async fn a_conversation_keeps_to_one_backend_on_every_replica() {
                 .await
             };
             assert_eq!(response.status(), 200);
-            served_by.insert(
-                response.headers()["x-sluice-backend"]
-                    .to_str()
-                    .unwrap()
-                    .to_owned(),
-            );
+            served_by.insert(backend_name(&response));
         }
         assert_eq!(served_by.len(), 1, "{conversation}: {served_by:?}");
         holders.extend(served_by);

@@ -248,6 +248,16 @@ impl Harness {
     }
 }
 
+/// The name of the backend that answered (`x-sluice-backend`, which the harness's
+/// snapshots expose).
+#[allow(dead_code)] // not every test binary asks
+pub fn backend_name(response: &reqwest::Response) -> String {
+    response.headers()["x-sluice-backend"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
 pub fn chat_body(stream: bool) -> serde_json::Value {
     serde_json::json!({
         "model": MODEL,
