@@ -156,9 +156,10 @@ pub struct BackendAddArgs {
     /// Whether it serves the Responses API (/v1/responses); default: yes.
     #[arg(long, value_name = "BOOL")]
     pub responses_api: Option<bool>,
-    /// A model it serves: NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE]:OUT_PRICE]], prices in $
-    /// per million tokens (CACHED_PRICE for prompt tokens read from the provider's cache,
-    /// default IN_PRICE); repeat for each model.
+    /// A model it serves: NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE[/CACHE_WRITE_PRICE]]:OUT_PRICE]],
+    /// prices in $ per million tokens (CACHED_PRICE for prompt tokens read from the provider's
+    /// cache, CACHE_WRITE_PRICE for those written to it, each IN_PRICE when not given, e.g.
+    /// claude-sonnet-4-5::3/0.3/3.75:15); repeat for each model.
     #[arg(long = "model", value_name = "SPEC", value_parser = parse_model_route)]
     pub models: Vec<pb::ModelRoute>,
     /// The API the backend speaks.
@@ -206,7 +207,8 @@ pub struct BackendUpdateArgs {
     /// its API format says: yes for OpenAI, no for Anthropic).
     #[arg(long, value_name = "BOOL|default", value_parser = parse_responses_api)]
     pub responses_api: Option<ResponsesApi>,
-    /// Replaces the whole model list: NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE]:OUT_PRICE]],
+    /// Replaces the whole model list:
+    /// NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE[/CACHE_WRITE_PRICE]]:OUT_PRICE]],
     /// repeatable. A model given without prices keeps the prices (and `default_max_tokens`)
     /// of the backend's route of the same name, if it has one.
     #[arg(long = "model", value_name = "SPEC", value_parser = parse_model_update)]
@@ -577,9 +579,12 @@ impl From<GranularityArg> for pb::Granularity {
     }
 }
 
-const MODEL_FORMAT: &str = "expected NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE]:OUT_PRICE]]";
+const MODEL_FORMAT: &str =
+    "expected NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE[/CACHE_WRITE_PRICE]]:OUT_PRICE]]";
 
-/// Parses `NAME[:UPSTREAM[:IN_PRICE:OUT_PRICE]]`. An upstream name may contain
+/// Parses `NAME[:UPSTREAM[:IN_PRICE:OUT_PRICE]]`, `IN_PRICE` possibly followed by the prices
+/// of prompt tokens read from and written to the provider's cache (`3/0.3/3.75`; an empty
+/// one, as in `3//3.75`, is the input price). An upstream name may contain
 /// `:` (`llama3:8b`) only when both prices follow, so that a mistyped price is
 /// an error rather than part of a model name.
 pub fn parse_model_route(spec: &str) -> Result<pb::ModelRoute, String> {
@@ -603,13 +608,19 @@ pub fn parse_model_route(spec: &str) -> Result<pb::ModelRoute, String> {
         ..Default::default()
     };
     if let Some((input, output)) = prices {
-        // IN_PRICE may be `IN/CACHED`: the price of prompt tokens read from the cache.
-        let (input, cached) = match input.split_once('/') {
-            Some((input, cached)) => (input, Some(parse_price(cached)?)),
-            None => (input, None),
+        // IN_PRICE may be `IN/CACHED` or `IN/CACHED/WRITE`: the prices of prompt tokens read
+        // from and written to the cache.
+        let optional = |price: Option<&str>| match price {
+            None | Some("") => Ok(None),
+            Some(price) => parse_price(price).map(Some),
         };
-        route.input_price_per_mtok = parse_price(input)?;
-        route.cached_input_price_per_mtok = cached;
+        let mut prices = input.split('/');
+        route.input_price_per_mtok = parse_price(prices.next().unwrap_or_default())?;
+        route.cached_input_price_per_mtok = optional(prices.next())?;
+        route.cache_write_price_per_mtok = optional(prices.next())?;
+        if prices.next().is_some() {
+            return Err(format!("too many prices before OUT_PRICE; {MODEL_FORMAT}"));
+        }
         route.output_price_per_mtok = parse_price(output)?;
     }
     if route.name.is_empty() {
@@ -776,6 +787,34 @@ mod tests {
             None
         );
         assert!(parse_model_route("gpt-4o:gpt-4o:2.5/x:10").is_err());
+    }
+
+    #[test]
+    fn a_cache_write_price_follows_the_cached_price() {
+        let prices = |spec: &str| {
+            let route = parse_model_route(spec).unwrap();
+            (
+                route.input_price_per_mtok,
+                route.cached_input_price_per_mtok,
+                route.cache_write_price_per_mtok,
+                route.output_price_per_mtok,
+            )
+        };
+        assert_eq!(
+            prices("claude-sonnet-4-5::3/0.3/3.75:15"),
+            (3.0, Some(0.3), Some(3.75), 15.0)
+        );
+        assert_eq!(
+            prices("claude-sonnet-4-5::3//3.75:15"),
+            (3.0, None, Some(3.75), 15.0)
+        );
+        assert_eq!(
+            prices("claude-sonnet-4-5::3/0.3:15"),
+            (3.0, Some(0.3), None, 15.0)
+        );
+        assert!(parse_model_route("c::3/0.3/3.75/9:15").is_err());
+        assert!(parse_model_route("c::3/0.3/-1:15").is_err());
+        assert!(parse_model_route("c::/0.3/3.75:15").is_err());
     }
 
     #[test]

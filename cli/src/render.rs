@@ -242,6 +242,7 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
             "UPSTREAM",
             "INPUT $/MTOK",
             "CACHED $/MTOK",
+            "CACHE WRITE $/MTOK",
             "OUTPUT $/MTOK",
         ],
         backend
@@ -256,11 +257,15 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
                         .cached_input_price_per_mtok
                         .unwrap_or(model.input_price_per_mtok)
                         .to_string(),
+                    model
+                        .cache_write_price_per_mtok
+                        .unwrap_or(model.input_price_per_mtok)
+                        .to_string(),
                     model.output_price_per_mtok.to_string(),
                 ]
             })
             .collect(),
-        &[2, 3, 4],
+        &[2, 3, 4, 5],
     );
     format!("{summary}\n\n{models}")
 }
@@ -551,6 +556,10 @@ pub fn totals(t: &pb::GetTotalsResponse) -> String {
         ("streamed", t.stream_count.to_string()),
         ("prompt tokens", t.prompt_tokens.to_string()),
         ("  of them cached", t.cached_prompt_tokens.to_string()),
+        (
+            "  of them written to the cache",
+            t.cache_write_prompt_tokens.to_string(),
+        ),
         ("completion tokens", t.completion_tokens.to_string()),
         ("  of them reasoning", t.reasoning_tokens.to_string()),
         ("total tokens", t.total_tokens.to_string()),

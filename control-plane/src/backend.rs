@@ -23,6 +23,8 @@ pub struct ModelRoute {
     pub output_price_per_mtok: f64,
     /// Prompt tokens read from the provider's cache; `None` charges the input price.
     pub cached_input_price_per_mtok: Option<f64>,
+    /// Prompt tokens written to the provider's cache; `None` charges the input price.
+    pub cache_write_price_per_mtok: Option<f64>,
     /// `max_tokens` for an Anthropic backend when the client gave none; 0: Sluice's default.
     pub default_max_tokens: u32,
 }
@@ -230,6 +232,10 @@ impl BackendSpec {
                     model.cached_input_price_per_mtok.unwrap_or(0.0),
                     "cached_input_price_per_mtok",
                 ),
+                (
+                    model.cache_write_price_per_mtok.unwrap_or(0.0),
+                    "cache_write_price_per_mtok",
+                ),
             ] {
                 if !(0.0..=MAX_PRICE_PER_MTOK).contains(&price) {
                     return Err(ValidationError::new(
@@ -303,6 +309,7 @@ impl ModelRoute {
             input_price_per_mtok: model.input_price_per_mtok,
             output_price_per_mtok: model.output_price_per_mtok,
             cached_input_price_per_mtok: model.cached_input_price_per_mtok,
+            cache_write_price_per_mtok: model.cache_write_price_per_mtok,
             default_max_tokens: model.default_max_tokens,
         }
     }
@@ -314,6 +321,7 @@ impl ModelRoute {
             input_price_per_mtok: self.input_price_per_mtok,
             output_price_per_mtok: self.output_price_per_mtok,
             cached_input_price_per_mtok: self.cached_input_price_per_mtok,
+            cache_write_price_per_mtok: self.cache_write_price_per_mtok,
             default_max_tokens: self.default_max_tokens,
         }
     }
@@ -520,6 +528,14 @@ mod tests {
         );
         cached.models[0].cached_input_price_per_mtok = Some(0.075);
         assert!(cached.validated().is_ok());
+        let mut writes = spec();
+        writes.models[0].cache_write_price_per_mtok = Some(f64::NAN);
+        assert_eq!(
+            writes.clone().validated().unwrap_err().field,
+            "backend.models[0].cache_write_price_per_mtok"
+        );
+        writes.models[0].cache_write_price_per_mtok = Some(3.75);
+        assert!(writes.validated().is_ok());
     }
 
     #[test]

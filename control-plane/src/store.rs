@@ -144,6 +144,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0012_backend_api_format.sql"),
     include_str!("../../migrations/0013_token_limits.sql"),
     include_str!("../../migrations/0014_deleted_backends.sql"),
+    include_str!("../../migrations/0015_cache_writes.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

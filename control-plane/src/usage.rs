@@ -20,6 +20,8 @@ pub struct UsageRow {
     pub cached_prompt_tokens: u64,
     /// Of `completion_tokens`, spent on reasoning.
     pub reasoning_tokens: u64,
+    /// Of `prompt_tokens`, written to the provider's prompt cache.
+    pub cache_write_prompt_tokens: u64,
     pub latency_ms: f64,
     pub ttft_ms: Option<f64>,
     pub is_error: bool,
@@ -83,6 +85,9 @@ impl From<pb::UsageRecord> for UsageRow {
             // Parts of the counts above: never more than they are.
             cached_prompt_tokens: r.cached_prompt_tokens.min(r.prompt_tokens),
             reasoning_tokens: r.reasoning_tokens.min(r.completion_tokens),
+            cache_write_prompt_tokens: r
+                .cache_write_prompt_tokens
+                .min(r.prompt_tokens - r.cached_prompt_tokens.min(r.prompt_tokens)),
             latency_ms: r.latency.as_ref().map_or(0.0, ms).max(0.0),
             ttft_ms: r.time_to_first_token.as_ref().map(ms).map(|v| v.max(0.0)),
             is_error: r.error_kind != pb::ErrorKind::Unspecified as i32 || r.status_code >= 400,

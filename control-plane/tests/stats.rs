@@ -235,6 +235,7 @@ impl Rec {
             endpoint: 0,
             cached_prompt_tokens: self.prompt / 4,
             reasoning_tokens: self.completion / 5,
+            cache_write_prompt_tokens: self.prompt / 8,
             cost_nanos: self.cost_nanos,
             tokens_estimated: false,
             priced: self.priced,
@@ -258,6 +259,9 @@ struct Expected {
     streams: u64,
     prompt: u64,
     completion: u64,
+    /// Of `prompt`: read from the cache (a quarter of each record's), written to it (an eighth).
+    cached: u64,
+    cache_write: u64,
     cost: f64,
     latency_sum: f64,
     ttft_sum: f64,
@@ -276,6 +280,8 @@ fn expected<'a>(
         e.streams += u64::from(r.ttft_ms.is_some());
         e.prompt += r.prompt;
         e.completion += r.completion;
+        e.cached += r.prompt / 4;
+        e.cache_write += r.prompt / 8;
         e.cost += if r.cost_nanos > 0 {
             r.cost_nanos as f64 / 1e9
         } else {
@@ -302,6 +308,11 @@ fn assert_totals(t: &pb::GetTotalsResponse, e: &Expected) {
     assert_eq!(t.prompt_tokens, e.prompt, "prompt tokens");
     assert_eq!(t.completion_tokens, e.completion, "completion tokens");
     assert_eq!(t.total_tokens, e.prompt + e.completion, "total tokens");
+    assert_eq!(t.cached_prompt_tokens, e.cached, "cached prompt tokens");
+    assert_eq!(
+        t.cache_write_prompt_tokens, e.cache_write,
+        "prompt tokens written to the cache"
+    );
     assert!(close(t.cost, e.cost), "cost {} != {}", t.cost, e.cost);
     if e.requests > 0 {
         let avg = e.latency_sum / e.requests as f64;
@@ -348,6 +359,7 @@ fn as_totals(b: &pb::UsageBucket) -> pb::GetTotalsResponse {
         groups: Vec::new(),
         cached_prompt_tokens: b.cached_prompt_tokens,
         reasoning_tokens: b.reasoning_tokens,
+        cache_write_prompt_tokens: b.cache_write_prompt_tokens,
     }
 }
 
@@ -363,7 +375,8 @@ fn assert_same(a: &pb::GetTotalsResponse, b: &pb::GetTotalsResponse) {
             a.completion_tokens,
             a.total_tokens,
             a.cached_prompt_tokens,
-            a.reasoning_tokens
+            a.reasoning_tokens,
+            a.cache_write_prompt_tokens
         ),
         (
             b.request_count,
@@ -373,7 +386,8 @@ fn assert_same(a: &pb::GetTotalsResponse, b: &pb::GetTotalsResponse) {
             b.completion_tokens,
             b.total_tokens,
             b.cached_prompt_tokens,
-            b.reasoning_tokens
+            b.reasoning_tokens,
+            b.cache_write_prompt_tokens
         )
     );
     assert_eq!(

@@ -471,12 +471,12 @@ async fn authorized(
 }
 
 /// What a request's prompt is estimated to cost before it is sent: its estimated tokens
-/// ([`estimate::prompt_tokens`]) at the highest input price among the model's routes; the
-/// real cost is settled when the response ends.
+/// ([`estimate::prompt_tokens`]) at the highest input (or cache write) price among the model's
+/// routes; the real cost is settled when the response ends.
 fn prompt_cost(tokens: u64, routes: &[crate::snapshot::Route]) -> u64 {
     routes
         .iter()
-        .map(|r| r.prices.cost_nanos(tokens, 0, 0))
+        .map(|r| r.prices.prompt_ceiling_nanos(tokens))
         .max()
         .unwrap_or(0)
 }

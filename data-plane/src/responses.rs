@@ -202,6 +202,7 @@ fn usage(json: &str) -> Option<Tokens> {
             .output_tokens_details
             .and_then(|d| d.reasoning_tokens)
             .unwrap_or(0),
+        cache_write: 0,
     })
 }
 
@@ -249,7 +250,8 @@ mod tests {
                 prompt: 9,
                 completion: 7,
                 cached_prompt: 4,
-                reasoning: 3
+                reasoning: 3,
+                cache_write: 0,
             })
         );
         let null = rewrite_response(

@@ -469,6 +469,7 @@ impl Snapshot {
                         prices: Prices::per_mtok(
                             model.input_price_per_mtok,
                             model.cached_input_price_per_mtok,
+                            model.cache_write_price_per_mtok,
                             model.output_price_per_mtok,
                         ),
                         default_max_tokens: match model.default_max_tokens {

@@ -1010,6 +1010,8 @@ pub struct Tokens {
     pub cached_prompt: u64,
     /// Of `completion`, spent on reasoning.
     pub reasoning: u64,
+    /// Of `prompt`, written to the provider's prompt cache (only Anthropic's `usage` says).
+    pub cache_write: u64,
 }
 
 impl Tokens {
@@ -1042,6 +1044,7 @@ impl Tokens {
             },
             cached_prompt: cached.max(cache_hit.unwrap_or(0)),
             reasoning,
+            cache_write: 0,
         }
     }
 }

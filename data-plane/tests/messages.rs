@@ -44,17 +44,21 @@ fn claude_and_gpt_only(claude: &MockServer, gpt: &MockServer) -> proto::Snapshot
 }
 
 /// A Messages request as an Anthropic client sends it: `x-api-key`, its version and betas.
-/// A data plane routing to one Anthropic backend, `claude`.
-async fn claude_only(claude: &MockServer) -> Harness {
-    Harness::start(snapshot(
+/// One Anthropic backend, `claude`.
+fn claude_alone(claude: &MockServer) -> proto::Snapshot {
+    snapshot(
         1,
         vec![anthropic(
             "claude",
             &claude.base_url(),
             proto::Pool::Primary,
         )],
-    ))
-    .await
+    )
+}
+
+/// A data plane routing to one Anthropic backend, `claude`.
+async fn claude_only(claude: &MockServer) -> Harness {
+    Harness::start(claude_alone(claude)).await
 }
 
 async fn send(h: &Harness, path: &str, body: &str) -> reqwest::Response {
@@ -326,14 +330,7 @@ async fn an_openai_backend_answers_a_messages_client_in_anthropic_shape() {
 #[tokio::test]
 async fn sluice_own_errors_reach_messages_clients_in_anthropic_shape() {
     let claude = mock("claude");
-    let mut snap = snapshot(
-        1,
-        vec![anthropic(
-            "claude",
-            &claude.base_url(),
-            proto::Pool::Primary,
-        )],
-    );
+    let mut snap = claude_alone(&claude);
     snap.client_keys
         .push(client_key("limited", "sk-limited", &[], 1));
     let h = Harness::start(snap).await;
@@ -740,4 +737,63 @@ async fn anthropic_clients_list_models_in_anthropic_shape() {
         .await
         .unwrap();
     assert_eq!(list["object"], "list", "{list}");
+}
+
+/// A prompt Anthropic caches (`cache_control`) is written to the cache by its first request
+/// and read by the next: the record counts each apart and prices the write at the route's
+/// cache write price (Claude Sonnet's: $3 input, $0.30 reads, $3.75 writes, $15 output),
+/// for a whole answer and a stream alike.
+#[tokio::test]
+async fn prompt_tokens_written_to_the_cache_are_counted_and_priced_apart() {
+    let claude = mock("claude");
+    let mut snap = claude_alone(&claude);
+    let route = &mut snap.backends[0].models[0];
+    route.input_price_per_mtok = 3.0;
+    route.cached_input_price_per_mtok = Some(0.3);
+    route.cache_write_price_per_mtok = Some(3.75);
+    route.output_price_per_mtok = 15.0;
+    let h = Harness::start(snap).await;
+    // A system prompt of ten words, cached, and a question of two.
+    let ask = |stream: bool| {
+        json!({"model": MODEL, "max_tokens": 64, "stream": stream,
+               "system": [{"type": "text", "text": "one two three four five six seven eight nine ten",
+                           "cache_control": {"type": "ephemeral"}}],
+               "messages": [{"role": "user", "content": "hello there"}]})
+        .to_string()
+    };
+    let first = send(&h, "/v1/messages", &ask(false)).await;
+    assert_eq!(first.status(), 200);
+    let answer: Value = first.json().await.unwrap();
+    assert_eq!(
+        (
+            &answer["usage"]["input_tokens"],
+            &answer["usage"]["cache_creation_input_tokens"]
+        ),
+        (&json!(2), &json!(10)),
+        "{answer}"
+    );
+    let second = send(&h, "/v1/messages", &ask(true)).await;
+    assert_eq!(second.status(), 200);
+    assert!(
+        second
+            .text()
+            .await
+            .unwrap()
+            .contains("\"cache_read_input_tokens\":10")
+    );
+    let records = h.records(2).await;
+    let counts = |r: &proto::UsageRecord| {
+        (
+            r.prompt_tokens,
+            r.cached_prompt_tokens,
+            r.cache_write_prompt_tokens,
+            r.completion_tokens,
+        )
+    };
+    assert_eq!(counts(&records[0]), (12, 0, 10, 3));
+    // 2 × 3,000 + 10 × 3,750 + 3 × 15,000 nano-units (10 × 3,000 at the input price).
+    assert_eq!(records[0].cost_nanos, 88_500);
+    assert_eq!(counts(&records[1]), (12, 10, 0, 3));
+    // 2 × 3,000 + 10 × 300 + 3 × 15,000.
+    assert_eq!(records[1].cost_nanos, 54_000);
 }

@@ -518,3 +518,111 @@ async fn a_messages_body_reaches_the_backend_as_sent_unless_its_model_is_renamed
         expected
     );
 }
+
+/// Anthropic's prompt caching through the official SDK: a backend added with `sluicectl` and a
+/// cache write price (`IN/CACHED/WRITE`, Claude Sonnet's $3, $0.30, $3.75 and $15 out), a
+/// system prompt marked `cache_control` written to the cache by the first call and read by
+/// the second (streamed). The key's spend is what the provider bills for that (each part at
+/// its price, exactly), and the statistics and `sluicectl stats totals` count the written
+/// tokens.
+#[tokio::test]
+async fn prompt_cache_writes_are_spent_at_their_price_and_counted() {
+    const CACHING: &str = r#"
+import json, sys, anthropic
+base, key = sys.argv[1:3]
+c = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+system = [{"type": "text", "text": "You answer questions about the weather in Paris, briefly.",
+           "cache_control": {"type": "ephemeral"}}]
+hello = [{"role": "user", "content": "hello there"}]
+out = []
+m = c.messages.create(model="claude", max_tokens=64, system=system, messages=hello)
+out.append(m.usage.model_dump())
+with c.messages.stream(model="claude", max_tokens=64, system=system, messages=hello) as s:
+    out.append(s.get_final_message().usage.model_dump())
+print(json.dumps(out))
+"#;
+    let cluster = Cluster::start().await;
+    let claude = Mock::start("claude", &["claude-up"]).await;
+    let (_, key) = cluster.create_key("cached", &[]).await;
+    let key_id = cluster.client_key("cached").await.id;
+    // The provider key from the environment, as an operator gives it.
+    let added = tokio::process::Command::new(sluice_e2e::process::workspace_bin("sluicectl"))
+        .args(["--endpoint", &cluster.control_url()])
+        .args([
+            "--token",
+            common::ADMIN_TOKEN,
+            "backend",
+            "add",
+            "--name",
+            "claude",
+        ])
+        .args([
+            "--base-url",
+            &claude.base_url(),
+            "--api-format",
+            "anthropic",
+        ])
+        .args([
+            "--model",
+            "claude:claude-up:3/0.3/3.75:15",
+            "--api-key-env",
+            "KEY",
+        ])
+        .env("KEY", claude.api_key.clone().unwrap())
+        .output()
+        .await
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    let proxy = cluster.proxy().await;
+    let usage = python(CACHING, &[&proxy.url(""), &key]).await;
+    // Nine words of system prompt, cached; two of question; five of answer.
+    let (write, read) = (&usage[0], &usage[1]);
+    assert_eq!(
+        (
+            &write["input_tokens"],
+            &write["cache_creation_input_tokens"],
+            &write["cache_read_input_tokens"]
+        ),
+        (&json!(2), &json!(9), &json!(0)),
+        "{usage}"
+    );
+    assert_eq!(
+        (
+            &read["input_tokens"],
+            &read["cache_creation_input_tokens"],
+            &read["cache_read_input_tokens"]
+        ),
+        (&json!(2), &json!(0), &json!(9)),
+        "{usage}"
+    );
+    // In nano-units: 2 × 3,000 + 9 × 3,750 + 5 × 15,000, then 2 × 3,000 + 9 × 300 + 5 × 15,000.
+    let billed = (6_000 + 33_750 + 75_000) + (6_000 + 2_700 + 75_000);
+    eventually(
+        Duration::from_secs(30),
+        "the key's spend is the provider's bill",
+        || async { (cluster.client_key(&key_id).await.spend * 1e9).round() as u64 == billed },
+    )
+    .await;
+    let totals = cluster.totals().await;
+    assert_eq!(
+        (
+            totals.prompt_tokens,
+            totals.cached_prompt_tokens,
+            totals.cache_write_prompt_tokens
+        ),
+        (22, 9, 9)
+    );
+    assert!(
+        (totals.cost * 1e9 - billed as f64).abs() < 1.0,
+        "{totals:?}"
+    );
+    let shown = cluster.sluicectl(&["stats", "totals"]).await;
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.contains("of them written to the cache") && l.trim_end().ends_with(" 9")),
+        "{shown}"
+    );
+    let route = cluster.sluicectl(&["backend", "get", "claude"]).await;
+    assert!(route.contains("CACHE WRITE $/MTOK"), "{route}");
+}

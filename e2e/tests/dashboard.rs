@@ -261,6 +261,12 @@ async fn the_dashboard_in_a_browser() {
         )
         .await;
     browser
+        .type_into(
+            "#bf-models .model-row input[name=cache_write_price]",
+            "0.1875",
+        )
+        .await;
+    browser
         .type_into("#bf-api-key", "sk-gamma-secret-4321")
         .await;
     browser.click("#bf-save").await;
@@ -301,6 +307,7 @@ async fn the_dashboard_in_a_browser() {
     assert_eq!(gamma.models[0].name, "gpt-4o-mini");
     assert_eq!(gamma.models[0].input_price_per_mtok, 0.15);
     assert_eq!(gamma.models[0].cached_input_price_per_mtok, Some(0.075));
+    assert_eq!(gamma.models[0].cache_write_price_per_mtok, Some(0.1875));
     assert_eq!(gamma.api_key_hint, "4321");
     assert!(gamma.enabled);
     assert!(
@@ -361,17 +368,24 @@ async fn the_dashboard_in_a_browser() {
         Some(0.075),
         "shown in the form, kept"
     );
+    assert_eq!(
+        edited.models[0].cache_write_price_per_mtok,
+        Some(0.1875),
+        "shown in the form, kept"
+    );
     // Emptied, the route has no cached price of its own (its cached tokens cost the input
     // price), not one the form no longer shows.
     browser
         .click(&format!("{row} button[data-action=edit]"))
         .await;
-    set_value(
-        &browser,
-        "#bf-models .model-row input[name=cached_input_price]",
-        "",
-    )
-    .await;
+    for price in ["cached_input_price", "cache_write_price"] {
+        set_value(
+            &browser,
+            &format!("#bf-models .model-row input[name={price}]"),
+            "",
+        )
+        .await;
+    }
     browser.click("#bf-save").await;
     browser
         .wait_for(
@@ -385,6 +399,7 @@ async fn the_dashboard_in_a_browser() {
         .find(|b| b.name == "gamma")
         .unwrap();
     assert_eq!(cleared.models[0].cached_input_price_per_mtok, None);
+    assert_eq!(cleared.models[0].cache_write_price_per_mtok, None);
     assert_eq!(cleared.models[0].input_price_per_mtok, 0.15);
     assert_eq!(edited.api_key_hint, "4321", "the key is kept");
 

@@ -221,3 +221,52 @@ async fn the_official_anthropic_sdk_reads_the_mock() {
         ])
     );
 }
+
+/// The mock's prompt cache: the prompt up to its last `cache_control` block is written by the
+/// first request that has it (the 5-minute or the 1-hour cache, by its `ttl`) and read by the
+/// next; a token count writes nothing; `input_tokens` counts what is neither.
+#[tokio::test]
+async fn the_mock_caches_prompts_as_anthropic_reports_it() {
+    let mock = MockServer::start_local(MockConfig::named("ant").with_api_key("sk-ant")).unwrap();
+    let cached = |ttl: Option<&str>| {
+        let mut control = json!({"type": "ephemeral"});
+        if let Some(ttl) = ttl {
+            control["ttl"] = json!(ttl);
+        }
+        json!({"model": "claude-x", "max_tokens": 64,
+               "system": [{"type": "text", "text": format!("be brief {}", ttl.unwrap_or("")), "cache_control": control}],
+               "messages": [{"role": "user", "content": [
+                   {"type": "text", "text": "one two three", "cache_control": control},
+                   {"type": "text", "text": "and four"}]}]})
+    };
+    let usage = |body: &Value| {
+        let u = &body["usage"];
+        [
+            &u["input_tokens"],
+            &u["cache_creation_input_tokens"],
+            &u["cache_read_input_tokens"],
+            &u["cache_creation"]["ephemeral_5m_input_tokens"],
+            &u["cache_creation"]["ephemeral_1h_input_tokens"],
+        ]
+        .map(|n| n.as_u64().unwrap())
+    };
+    let count = reqwest::Client::new()
+        .post(format!("http://{}/v1/messages/count_tokens", mock.addr()))
+        .header("x-api-key", "sk-ant")
+        .header("anthropic-version", "2023-06-01")
+        .json(&cached(None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(count.status(), 200);
+    // Five words to the last breakpoint (the system prompt's two, the first text block's
+    // three), two after it.
+    let (_, first) = post(&mock, GOOD, &cached(None)).await;
+    assert_eq!(usage(&first), [2, 5, 0, 5, 0], "{first}");
+    let (_, again) = post(&mock, GOOD, &cached(None)).await;
+    assert_eq!(usage(&again), [2, 0, 5, 0, 0], "{again}");
+    let (_, hour) = post(&mock, GOOD, &cached(Some("1h"))).await;
+    assert_eq!(usage(&hour), [2, 6, 0, 0, 6], "{hour}");
+    let (_, plain) = post(&mock, GOOD, &hello()).await;
+    assert_eq!(usage(&plain), [2, 0, 0, 0, 0], "{plain}");
+}

@@ -65,6 +65,7 @@ impl UsageRecord {
             cost_nanos,
             tokens_estimated,
             priced,
+            cache_write_prompt_tokens,
         } = self;
         out.uint(1, *sequence);
         out.string(2, request_id);
@@ -92,6 +93,7 @@ impl UsageRecord {
         out.uint(18, *cost_nanos);
         out.uint(19, u64::from(*tokens_estimated));
         out.uint(20, u64::from(*priced));
+        out.uint(21, *cache_write_prompt_tokens);
     }
 }
 
@@ -231,6 +233,7 @@ mod tests {
                 cost_nanos: counts[4],
                 tokens_estimated: flags.1,
                 priced: flags.2,
+                cache_write_prompt_tokens: counts[5],
             }
         }
     }

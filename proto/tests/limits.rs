@@ -41,6 +41,7 @@ fn snapshot() -> pb::Snapshot {
                     input_price_per_mtok: 2.5,
                     output_price_per_mtok: 10.0,
                     cached_input_price_per_mtok: Some(1.25),
+                    cache_write_price_per_mtok: Some(3.125),
                 })
                 .collect(),
             api_key: format!("sk-proj-{}", "x".repeat(156)),
@@ -191,6 +192,7 @@ fn a_full_usage_batch_of_bounded_records_fits_the_report_limit() {
         cost_nanos: u64::MAX,
         tokens_estimated: true,
         priced: true,
+        cache_write_prompt_tokens: u64::MAX,
     };
     let one = record.encoded_len();
     eprintln!("largest usage record: {one} bytes");
@@ -228,6 +230,7 @@ fn a_full_usage_page_fits_a_default_client() {
         currency: "XXX".into(),
         cached_prompt_tokens: u64::MAX,
         reasoning_tokens: u64::MAX,
+        cache_write_prompt_tokens: u64::MAX,
     };
     let page = pb::GetUsageResponse {
         buckets: vec![bucket; MAX_USAGE_PAGE_SIZE],

@@ -147,6 +147,7 @@ fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: 
             route.input_price_per_mtok = old.input_price_per_mtok;
             route.output_price_per_mtok = old.output_price_per_mtok;
             route.cached_input_price_per_mtok = old.cached_input_price_per_mtok;
+            route.cache_write_price_per_mtok = old.cache_write_price_per_mtok;
         }
         if kept.max_tokens {
             route.default_max_tokens = old.default_max_tokens;

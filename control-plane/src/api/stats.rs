@@ -91,6 +91,7 @@ macro_rules! usage_figures {
             backend_count: t.backend_count,
             cached_prompt_tokens: t.cached_prompt_tokens,
             reasoning_tokens: t.reasoning_tokens,
+            cache_write_prompt_tokens: t.cache_write_prompt_tokens,
         }
     }};
 }

@@ -709,6 +709,7 @@
       cell('upstream_name', { name: 'upstream_name', 'aria-label': 'Upstream model name', placeholder: 'same as public', spellcheck: 'false' }),
       cell('input_price_per_mtok', { name: 'input_price', 'aria-label': 'Input price per million tokens', type: 'number', min: '0', step: 'any' }),
       cell('cached_input_price_per_mtok', { name: 'cached_input_price', 'aria-label': 'Price per million prompt tokens read from the cache (empty: the input price)', type: 'number', min: '0', step: 'any', placeholder: 'input price' }),
+      cell('cache_write_price_per_mtok', { name: 'cache_write_price', 'aria-label': 'Price per million prompt tokens written to the cache (empty: the input price)', type: 'number', min: '0', step: 'any', placeholder: 'input price' }),
       cell('output_price_per_mtok', { name: 'output_price', 'aria-label': 'Output price per million tokens', type: 'number', min: '0', step: 'any' }),
       cell('default_max_tokens', { name: 'default_max_tokens', 'aria-label': 'Default max_tokens for an Anthropic backend', type: 'number', min: '0', step: '1' }),
       h('td', null, h('button', {
@@ -722,6 +723,7 @@
     input('upstream_name').value = (model && model.upstreamName) || '';
     input('input_price').value = String(num(model && model.inputPricePerMtok));
     input('cached_input_price').value = model && typeof model.cachedInputPricePerMtok === 'number' ? String(model.cachedInputPricePerMtok) : '';
+    input('cache_write_price').value = model && typeof model.cacheWritePricePerMtok === 'number' ? String(model.cacheWritePricePerMtok) : '';
     input('output_price').value = String(num(model && model.outputPricePerMtok));
     input('default_max_tokens').value = String(num(model && model.defaultMaxTokens));
     if (model) rowModels.set(row, model);
@@ -748,6 +750,7 @@
         upstreamName: (m.upstreamName || '').trim(),
         inputPricePerMtok: num(m.inputPricePerMtok),
         cachedInputPricePerMtok: typeof m.cachedInputPricePerMtok === 'number' ? m.cachedInputPricePerMtok : undefined,
+        cacheWritePricePerMtok: typeof m.cacheWritePricePerMtok === 'number' ? m.cacheWritePricePerMtok : undefined,
         outputPricePerMtok: num(m.outputPricePerMtok),
         defaultMaxTokens: num(m.defaultMaxTokens),
       })),
@@ -879,6 +882,8 @@
       const inputPrice = price('input_price', 'input_price_per_mtok', 0);
       // Empty: none of its own, cached prompt tokens cost the input price.
       const cachedPrice = price('cached_input_price', 'cached_input_price_per_mtok', undefined);
+      // Empty: prompt tokens written to the cache cost the input price.
+      const writePrice = price('cache_write_price', 'cache_write_price_per_mtok', undefined);
       const outputPrice = price('output_price', 'output_price_per_mtok', 0);
       const maxTokens = input('default_max_tokens');
       const maxTokensText = maxTokens.value.trim();
@@ -893,6 +898,7 @@
         upstreamName: input('upstream_name').value.trim(),
         inputPricePerMtok: inputPrice,
         cachedInputPricePerMtok: cachedPrice,
+        cacheWritePricePerMtok: writePrice,
         outputPricePerMtok: outputPrice,
         defaultMaxTokens,
       });

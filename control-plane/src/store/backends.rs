@@ -216,8 +216,9 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
     let mut stmt = tx.prepare(
         "INSERT INTO backend_models (backend_id, position, name, upstream_name,
                                      input_price_per_mtok, output_price_per_mtok,
-                                     cached_input_price_per_mtok, default_max_tokens)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                                     cached_input_price_per_mtok, default_max_tokens,
+                                     cache_write_price_per_mtok)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     for (position, m) in models.iter().enumerate() {
         stmt.execute(params![
@@ -228,7 +229,8 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
             m.input_price_per_mtok,
             m.output_price_per_mtok,
             m.cached_input_price_per_mtok,
-            m.default_max_tokens
+            m.default_max_tokens,
+            m.cache_write_price_per_mtok
         ])?;
     }
     Ok(())
@@ -305,7 +307,7 @@ fn load_backend(conn: &Connection, id: &str) -> Result<Backend, StoreError> {
         })?;
     let mut stmt = conn.prepare_cached(
         "SELECT name, upstream_name, input_price_per_mtok, output_price_per_mtok,
-                cached_input_price_per_mtok, default_max_tokens
+                cached_input_price_per_mtok, default_max_tokens, cache_write_price_per_mtok
          FROM backend_models WHERE backend_id = ?1 ORDER BY position",
     )?;
     backend.spec.models = stmt
@@ -317,6 +319,7 @@ fn load_backend(conn: &Connection, id: &str) -> Result<Backend, StoreError> {
                 output_price_per_mtok: r.get(3)?,
                 cached_input_price_per_mtok: r.get(4)?,
                 default_max_tokens: r.get(5)?,
+                cache_write_price_per_mtok: r.get(6)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -333,7 +336,7 @@ fn load_all(conn: &Connection) -> Result<Vec<Backend>, StoreError> {
     };
     let mut stmt = conn.prepare_cached(
         "SELECT backend_id, name, upstream_name, input_price_per_mtok, output_price_per_mtok,
-                cached_input_price_per_mtok, default_max_tokens
+                cached_input_price_per_mtok, default_max_tokens, cache_write_price_per_mtok
          FROM backend_models ORDER BY backend_id, position",
     )?;
     let mut by_backend: std::collections::HashMap<String, Vec<ModelRoute>> =
@@ -348,6 +351,7 @@ fn load_all(conn: &Connection) -> Result<Vec<Backend>, StoreError> {
                 output_price_per_mtok: r.get(4)?,
                 cached_input_price_per_mtok: r.get(5)?,
                 default_max_tokens: r.get(6)?,
+                cache_write_price_per_mtok: r.get(7)?,
             },
         ))
     })?;

@@ -87,6 +87,8 @@ pub struct Totals {
     pub cached_prompt_tokens: u64,
     /// Of `completion_tokens`, spent on reasoning.
     pub reasoning_tokens: u64,
+    /// Of `prompt_tokens`, written to the provider's prompt cache.
+    pub cache_write_prompt_tokens: u64,
     pub cost: f64,
     pub latency_ms_sum: f64,
     pub ttft_ms_sum: f64,
@@ -348,6 +350,7 @@ struct Delta {
     ttft_count: i64,
     cached_prompt_tokens: i64,
     reasoning_tokens: i64,
+    cache_write_prompt_tokens: i64,
     /// (bucket, count), unordered; a batch puts few buckets in one row.
     latency: Vec<(u32, u64)>,
     /// The costs the records carry ([`Delta::cost_at`] turns them into `cost`).
@@ -374,6 +377,9 @@ impl Delta {
         self.reasoning_tokens = self
             .reasoning_tokens
             .saturating_add(tokens(r.reasoning_tokens));
+        self.cache_write_prompt_tokens = self
+            .cache_write_prompt_tokens
+            .saturating_add(tokens(r.cache_write_prompt_tokens));
         if r.cost_nanos > 0 || r.priced {
             self.cost_nanos = self.cost_nanos.saturating_add(r.cost_nanos);
         } else {
@@ -411,7 +417,7 @@ impl Delta {
     }
 
     /// The values of [`SUM_COLUMNS`].
-    fn sums(&self) -> [rusqlite::types::Value; 12] {
+    fn sums(&self) -> [rusqlite::types::Value; 13] {
         use rusqlite::types::Value;
         [
             Value::Integer(self.request_count),
@@ -426,6 +432,7 @@ impl Delta {
             Value::Blob(self.encoded_latency()),
             Value::Integer(self.cached_prompt_tokens),
             Value::Integer(self.reasoning_tokens),
+            Value::Integer(self.cache_write_prompt_tokens),
         ]
     }
 
@@ -451,6 +458,9 @@ impl Delta {
             .cached_prompt_tokens
             .saturating_add(other.cached_prompt_tokens);
         self.reasoning_tokens = self.reasoning_tokens.saturating_add(other.reasoning_tokens);
+        self.cache_write_prompt_tokens = self
+            .cache_write_prompt_tokens
+            .saturating_add(other.cache_write_prompt_tokens);
         for &(b, n) in &other.latency {
             self.add_latency(b, n);
         }
@@ -472,12 +482,14 @@ const ADD_ON_CONFLICT: &str = "
     ttft_count = sluice_saturating_add(ttft_count, excluded.ttft_count),
     latency_histogram = usage_histogram_add(latency_histogram, excluded.latency_histogram),
     cached_prompt_tokens = sluice_saturating_add(cached_prompt_tokens, excluded.cached_prompt_tokens),
-    reasoning_tokens = sluice_saturating_add(reasoning_tokens, excluded.reasoning_tokens)";
+    reasoning_tokens = sluice_saturating_add(reasoning_tokens, excluded.reasoning_tokens),
+    cache_write_prompt_tokens =
+        sluice_saturating_add(cache_write_prompt_tokens, excluded.cache_write_prompt_tokens)";
 
 /// The summed columns of every usage table, in the order [`Delta::sums`] gives them.
 const SUM_COLUMNS: &str = "request_count, error_count, stream_count, prompt_tokens, \
     completion_tokens, cost, latency_ms_sum, ttft_ms_sum, ttft_count, latency_histogram, \
-    cached_prompt_tokens, reasoning_tokens";
+    cached_prompt_tokens, reasoning_tokens, cache_write_prompt_tokens";
 
 /// Adds `delta` to the row of `keys` with a statement from [`upsert_sql`].
 fn upsert_row(
@@ -835,6 +847,10 @@ impl Sums {
             (&mut t.completion_tokens, o.completion_tokens),
             (&mut t.cached_prompt_tokens, o.cached_prompt_tokens),
             (&mut t.reasoning_tokens, o.reasoning_tokens),
+            (
+                &mut t.cache_write_prompt_tokens,
+                o.cache_write_prompt_tokens,
+            ),
             (&mut t.ttft_count, o.ttft_count),
         ] {
             *sum = sum.saturating_add(part);
@@ -889,7 +905,7 @@ fn part_sql(part: &Part, clause: &str, bucket: Option<Granularity>, group_by: Gr
                 total(stream_count), total(prompt_tokens), total(completion_tokens), total(cost),
                 total(latency_ms_sum), total(ttft_ms_sum), total(ttft_count),
                 usage_histogram(latency_histogram), {backends}, total(cached_prompt_tokens),
-                total(reasoning_tokens)
+                total(reasoning_tokens), total(cache_write_prompt_tokens)
          FROM {table} {clause} GROUP BY b, g",
         group = group_expr(group_by),
         table = part.table.name(),
@@ -957,6 +973,7 @@ fn aggregate(
                     backend_count: r.get::<_, i64>(12)?.max(0) as u64,
                     cached_prompt_tokens: n(13)?,
                     reasoning_tokens: n(14)?,
+                    cache_write_prompt_tokens: n(15)?,
                     ..Totals::default()
                 },
                 histogram,

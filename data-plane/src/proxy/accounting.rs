@@ -22,7 +22,7 @@ use crate::ratelimit::{InFlight, Reservation};
 use crate::snapshot::{Backend, Endpoint};
 use crate::spool::{Lane, Refused, Unwritten, Written};
 use crate::usage::{RecordStrings, UsageSink, spare_strings};
-use sluice_domain::price::Prices;
+use sluice_domain::price::{Billed, Prices};
 
 /// The status recorded for a request whose client left before any response was sent
 /// (nginx's "client closed request").
@@ -300,6 +300,7 @@ impl Accounting {
         self.0.record.completion_tokens = tokens.completion;
         self.0.record.cached_prompt_tokens = tokens.cached_prompt;
         self.0.record.reasoning_tokens = tokens.reasoning;
+        self.0.record.cache_write_prompt_tokens = tokens.cache_write;
     }
 
     /// Marks the first byte or event sent to the client (only the first call counts).
@@ -399,11 +400,12 @@ impl Accounting {
                 reservation.settle(used);
             }
         }
-        record.cost_nanos = self.0.prices.cost_nanos(
-            record.prompt_tokens,
-            record.cached_prompt_tokens,
-            record.completion_tokens,
-        );
+        record.cost_nanos = self.0.prices.cost_nanos(Billed {
+            prompt: record.prompt_tokens,
+            cached: record.cached_prompt_tokens,
+            cache_write: record.cache_write_prompt_tokens,
+            completion: record.completion_tokens,
+        });
         record.priced = true;
         if let Some(reservation) = &self.0.budget
             && keeps_reserve(&record, kind)
@@ -423,6 +425,7 @@ impl Accounting {
             prompt_tokens: record.prompt_tokens,
             completion_tokens: record.completion_tokens,
             cached_prompt_tokens: record.cached_prompt_tokens,
+            cache_write_prompt_tokens: record.cache_write_prompt_tokens,
             cost_nanos: record.cost_nanos,
             tokens_estimated: record.tokens_estimated,
             error_kind: kind,

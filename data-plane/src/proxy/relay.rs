@@ -163,6 +163,7 @@ pub(super) fn tokens_of(usage: Usage) -> Tokens {
         prompt: usage.input,
         completion: usage.output,
         cached_prompt: usage.cache_read,
+        cache_write: usage.cache_creation,
         ..Tokens::default()
     }
 }

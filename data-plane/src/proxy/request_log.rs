@@ -36,6 +36,7 @@ pub(super) struct RequestLine<'a> {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cached_prompt_tokens: u64,
+    pub cache_write_prompt_tokens: u64,
     pub cost_nanos: u64,
     pub tokens_estimated: bool,
     pub error_kind: ErrorKind,
@@ -72,6 +73,7 @@ impl RequestLine<'_> {
             prompt_tokens = self.prompt_tokens,
             completion_tokens = self.completion_tokens,
             cached_prompt_tokens = self.cached_prompt_tokens,
+            cache_write_prompt_tokens = self.cache_write_prompt_tokens,
             cost_nanos = self.cost_nanos,
             tokens_estimated = self.tokens_estimated,
             error_kind = self.error_kind.as_str_name(),
@@ -117,6 +119,7 @@ impl RequestLine<'_> {
         fields.u64("prompt_tokens", self.prompt_tokens);
         fields.u64("completion_tokens", self.completion_tokens);
         fields.u64("cached_prompt_tokens", self.cached_prompt_tokens);
+        fields.u64("cache_write_prompt_tokens", self.cache_write_prompt_tokens);
         fields.u64("cost_nanos", self.cost_nanos);
         fields.bool("tokens_estimated", self.tokens_estimated);
         let mut line = fields.into_writer();
@@ -201,6 +204,7 @@ mod tests {
             prompt_tokens: 10,
             completion_tokens: 20,
             cached_prompt_tokens: 0,
+            cache_write_prompt_tokens: 0,
             cost_nanos: 1_500,
             tokens_estimated: false,
             error_kind: ErrorKind::Unspecified,
@@ -275,15 +279,20 @@ mod tests {
             backend in any::<String>(),
             status in any::<u16>(),
             ttft_ms in any::<Option<u64>>(),
-            tokens in any::<(u64, u64, u64, u64)>(),
+            tokens in any::<(u64, u64, u64, u64, u64)>(),
             flags in any::<(bool, bool)>(),
         ) {
             let mut line = line(&request_id, &model, &backend);
             line.client_key = &client_key;
             line.status = status;
             line.ttft_ms = ttft_ms;
-            (line.prompt_tokens, line.completion_tokens, line.cached_prompt_tokens, line.cost_nanos) =
-                tokens;
+            (
+                line.prompt_tokens,
+                line.completion_tokens,
+                line.cached_prompt_tokens,
+                line.cache_write_prompt_tokens,
+                line.cost_nanos,
+            ) = tokens;
             (line.stream, line.tokens_estimated) = flags;
             let (fields, text) = both_ways(&line);
             prop_assert_eq!(text, fields);

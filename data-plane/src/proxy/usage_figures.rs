@@ -521,6 +521,7 @@ impl<'a> PlainUsage<'a> {
             completion,
             cached_prompt,
             reasoning,
+            cache_write: _,
         } = tokens;
         let tokens = Tokens::openai(
             prompt,
@@ -1454,6 +1455,7 @@ mod tests {
             completion: 5,
             cached_prompt: 3,
             reasoning: 2,
+            ..Tokens::default()
         };
         for usage in [openai, reordered, near] {
             let answer = format!(r#"{{"choices":[],"usage":{usage}}}"#);
@@ -1508,6 +1510,7 @@ mod tests {
             completion: 5,
             cached_prompt: 1,
             reasoning: 3,
+            ..Tokens::default()
         };
         assert_eq!(usage_of_answer(mock), Some(expected));
         // Cut off anywhere, it counts nothing: the top-level object never closes.
@@ -1662,6 +1665,7 @@ mod tests {
             completion: 5,
             cached_prompt: 1,
             reasoning: 3,
+            ..Tokens::default()
         };
         assert_eq!(usage_of(body), Some((expected, false)));
         assert_eq!(usage_of(body), by_full_parse(body));
@@ -1730,6 +1734,7 @@ mod tests {
             completion: 5,
             cached_prompt: 1,
             reasoning: 3,
+            ..Tokens::default()
         };
         assert_eq!(plain(mock), Some(Some(expected)));
         assert_eq!(plain(" null"), Some(None));

@@ -15,6 +15,12 @@
 //! each property of its schema (`"mock"`, `1`, `true`); otherwise the text
 //! `"[<name>] tok1 tok2 …"` of `chunk_count` words (fewer, with `stop_reason: max_tokens`, when
 //! `max_tokens` is smaller). Usage: `input_tokens` = whitespace-separated words of every text.
+//!
+//! The prompt cache: a request whose system or message blocks carry `cache_control` has the
+//! prompt up to its last such block (the prefix) cached, as Anthropic's is (without its
+//! minimum length): the first request with a prefix writes it (`cache_creation_input_tokens`,
+//! and `cache_creation.ephemeral_5m_input_tokens`, or `_1h_` for a `"ttl": "1h"`), each later
+//! one reads it (`cache_read_input_tokens`), and `input_tokens` counts the rest.
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
@@ -163,6 +169,45 @@ pub(crate) struct MessagesRequest {
     pub(crate) input_tokens: u64,
     /// The tool to call, with its input, when the answer is a tool call.
     tool_call: Option<(String, Value)>,
+    /// The prompt's prefix to its last `cache_control` block, when one has it.
+    pub(crate) cache_prefix: Option<CachePrefix>,
+}
+
+/// The part of a prompt the cache holds: its tokens, a hash of its texts (the cache's key),
+/// and whether it is kept for an hour (`"ttl": "1h"`) rather than five minutes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CachePrefix {
+    tokens: u64,
+    pub(crate) hash: u64,
+    one_hour: bool,
+}
+
+/// Counts a prompt's words, and where its cache prefix ends.
+#[derive(Default)]
+struct Prompt {
+    words: u64,
+    hasher: std::collections::hash_map::DefaultHasher,
+    prefix: Option<CachePrefix>,
+}
+
+impl Prompt {
+    fn text(&mut self, text: &str) {
+        use std::hash::Hash;
+        self.words += count(text);
+        text.hash(&mut self.hasher);
+    }
+
+    /// After a block: the prefix ends here when it asks for the cache.
+    fn block(&mut self, block: &Value) {
+        use std::hash::Hasher;
+        if let Some(control) = block.get("cache_control").filter(|c| c.is_object()) {
+            self.prefix = Some(CachePrefix {
+                tokens: self.words,
+                hash: self.hasher.finish(),
+                one_hour: control.get("ttl").and_then(Value::as_str) == Some("1h"),
+            });
+        }
+    }
 }
 
 /// Parses and validates a Messages (or count_tokens) body. `model` comes out even when the
@@ -203,13 +248,14 @@ fn validate(
             AnthropicError::invalid("max_tokens: Input should be greater than or equal to 1")
         })?,
     };
-    let mut words = 0u64;
+    let mut prompt = Prompt::default();
     match o.get("system") {
         None | Some(Value::Null) => {}
-        Some(Value::String(s)) => words += count(s),
+        Some(Value::String(s)) => prompt.text(s),
         Some(Value::Array(blocks)) => {
             for b in blocks {
-                words += count(text_of(b, "system")?);
+                prompt.text(text_of(b, "system")?);
+                prompt.block(b);
             }
         }
         Some(_) => {
@@ -233,12 +279,12 @@ fn validate(
         }
         last_has_result = false;
         match m.get("content") {
-            Some(Value::String(s)) => words += count(s),
+            Some(Value::String(s)) => prompt.text(s),
             Some(Value::Array(blocks)) => {
                 for (j, b) in blocks.iter().enumerate() {
                     let at = format!("messages.{i}.content.{j}");
                     match b.get("type").and_then(Value::as_str) {
-                        Some("text") => words += count(text_of(b, &at)?),
+                        Some("text") => prompt.text(text_of(b, &at)?),
                         Some("image" | "document") if role == "user" => {
                             if !b.get("source").is_some_and(Value::is_object) {
                                 return Err(AnthropicError::invalid(format!(
@@ -271,11 +317,11 @@ fn validate(
                             }
                             last_has_result = true;
                             match b.get("content") {
-                                Some(Value::String(s)) => words += count(s),
+                                Some(Value::String(s)) => prompt.text(s),
                                 Some(Value::Array(parts)) => {
                                     for p in parts {
                                         if p.get("type").and_then(Value::as_str) == Some("text") {
-                                            words += count(text_of(p, &at)?);
+                                            prompt.text(text_of(p, &at)?);
                                         }
                                     }
                                 }
@@ -290,6 +336,7 @@ fn validate(
                             )));
                         }
                     }
+                    prompt.block(b);
                 }
             }
             _ => {
@@ -378,8 +425,9 @@ fn validate(
         model,
         stream: o.get("stream").and_then(Value::as_bool).unwrap_or(false),
         max_tokens,
-        input_tokens: words.max(1),
+        input_tokens: prompt.words.max(1),
         tool_call,
+        cache_prefix: prompt.prefix.filter(|p| p.tokens > 0 && !count_tokens),
     })
 }
 
@@ -416,16 +464,42 @@ pub(crate) fn input_for(schema: Option<&Value>) -> Value {
 /// The counts of an answer.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct MessageUsage {
+    /// Every prompt token, read from or written to the cache or neither.
     pub(crate) input: u64,
     pub(crate) output: u64,
+    pub(crate) cache_read: u64,
+    pub(crate) cache_write: u64,
 }
 
-/// The answer to a valid request: a whole `Message` JSON, or its event stream.
+impl MessageUsage {
+    /// The answer's `usage`, as Anthropic writes it: `input_tokens` without the cache's.
+    fn json(&self, output: u64, one_hour: bool) -> Value {
+        let (five_minutes, hour) = if one_hour {
+            (0, self.cache_write)
+        } else {
+            (self.cache_write, 0)
+        };
+        json!({
+            "input_tokens": self.input - self.cache_read - self.cache_write,
+            "output_tokens": output,
+            "cache_creation_input_tokens": self.cache_write,
+            "cache_read_input_tokens": self.cache_read,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": five_minutes,
+                "ephemeral_1h_input_tokens": hour,
+            },
+        })
+    }
+}
+
+/// The answer to a valid request: a whole `Message` JSON, or its event stream. `cache_read`:
+/// whether its cache prefix, if it has one, was in the cache.
 pub(crate) fn answer(
     name: &str,
     id: u64,
     config: &super::MockConfig,
     req: &MessagesRequest,
+    cache_read: bool,
 ) -> (Bytes, Vec<Bytes>, MessageUsage) {
     let chunk_count = config.chunk_count;
     let id = format!("msg_mock{id:016x}");
@@ -444,10 +518,14 @@ pub(crate) fn answer(
         Some(_) => chunk_count.max(1) as u64,
         None => words as u64,
     };
+    let cached = req.cache_prefix.map_or(0, |p| p.tokens);
     let usage = MessageUsage {
         input: req.input_tokens,
         output,
+        cache_read: if cache_read { cached } else { 0 },
+        cache_write: if cache_read { 0 } else { cached },
     };
+    let one_hour = req.cache_prefix.is_some_and(|p| p.one_hour);
     let mut content = Vec::new();
     if !text.is_empty() {
         content.push(json!({"type": "text", "text": text}));
@@ -460,8 +538,7 @@ pub(crate) fn answer(
     let message = json!({
         "id": id, "type": "message", "role": "assistant", "model": req.model,
         "content": content, "stop_reason": stop, "stop_sequence": null,
-        "usage": {"input_tokens": usage.input, "output_tokens": usage.output,
-                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+        "usage": usage.json(usage.output, one_hour),
     });
     let mut events = vec![
         sse(
@@ -469,8 +546,7 @@ pub(crate) fn answer(
             &json!({"type": "message_start", "message": {
                 "id": id, "type": "message", "role": "assistant", "model": req.model,
                 "content": [], "stop_reason": null, "stop_sequence": null,
-                "usage": {"input_tokens": usage.input, "output_tokens": 1,
-                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+                "usage": usage.json(1, one_hour),
             }}),
         ),
         sse("ping", &json!({"type": "ping"})),

@@ -658,8 +658,11 @@ fn answer(shared: &Arc<Shared>, call: Call) -> Answer {
                     ok_json(body)
                 }
                 Ok(r) => {
+                    let cache_read = r
+                        .cache_prefix
+                        .is_some_and(|prefix| shared.prompt_cache_read(prefix.hash));
                     let (body, events, usage) =
-                        anthropic::answer(&config.name, shared.next_id(), config, &r);
+                        anthropic::answer(&config.name, shared.next_id(), config, &r, cache_read);
                     if r.stream {
                         shared.messages_answer(&events);
                     } else {
@@ -670,7 +673,7 @@ fn answer(shared: &Arc<Shared>, call: Call) -> Answer {
                             events,
                             Some(ResponseUsage {
                                 input: usage.input,
-                                cached: 0,
+                                cached: usage.cache_read,
                                 output: usage.output,
                                 reasoning: 0,
                             }),
@@ -679,7 +682,10 @@ fn answer(shared: &Arc<Shared>, call: Call) -> Answer {
                         Answer::Json {
                             status: StatusCode::OK,
                             body,
-                            usage: Some(Usage::new(usage.input, usage.output)),
+                            usage: Some(Usage {
+                                cached_tokens: usage.cache_read,
+                                ..Usage::new(usage.input, usage.output)
+                            }),
                         }
                     }
                 }

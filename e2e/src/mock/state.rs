@@ -25,6 +25,8 @@ pub(crate) struct Shared {
     pub(crate) responses: ResponseStore,
     /// The last exchange on a Messages route.
     pub(crate) last_messages: Mutex<Option<MessagesExchange>>,
+    /// The Messages API's prompt cache: the prompt prefixes written to it (hashes).
+    prompt_cache: Mutex<std::collections::HashSet<u64>>,
     ids: AtomicU64,
 }
 
@@ -38,6 +40,7 @@ impl Shared {
             faults: FaultPlan::new(),
             responses: ResponseStore::default(),
             last_messages: Mutex::new(None),
+            prompt_cache: Mutex::new(std::collections::HashSet::new()),
             shutdown: CancellationToken::new(),
             ids: AtomicU64::new(rand::random::<u32>().into()),
         }
@@ -48,6 +51,14 @@ impl Shared {
         if let Ok(mut last) = self.last_messages.lock() {
             *last = Some(exchange);
         }
+    }
+
+    /// Whether the prompt prefix `hash` is in the prompt cache (read), else writes it there.
+    pub(crate) fn prompt_cache_read(&self, hash: u64) -> bool {
+        self.prompt_cache
+            .lock()
+            .map(|mut cache| !cache.insert(hash))
+            .unwrap_or(false)
     }
 
     /// Records what the last request to a Messages route was answered with.

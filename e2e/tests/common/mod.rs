@@ -528,6 +528,24 @@ impl ControlApi {
             .unwrap()
             .into_inner()
     }
+
+    /// `sluicectl ARGS` against this control plane, which must succeed; its standard output.
+    pub async fn sluicectl(&self, args: &[&str]) -> String {
+        let output = tokio::process::Command::new(workspace_bin("sluicectl"))
+            .args(["--endpoint", &self.url, "--token", ADMIN_TOKEN])
+            .args(args)
+            .env_remove("SLUICE_ENDPOINT")
+            .env_remove("SLUICE_ADMIN_TOKEN")
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
 }
 
 pub fn http_client() -> reqwest::Client {

@@ -4,13 +4,10 @@
 
 use std::time::Duration;
 
-use sluice_e2e::process::workspace_bin;
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
 
-use crate::common::{
-    ADMIN_TOKEN, Bearer, Cluster, DATAPLANE_TOKEN, Mock, eventually, report_cooldown,
-};
+use crate::common::{Bearer, Cluster, DATAPLANE_TOKEN, Mock, eventually, report_cooldown};
 
 /// A time stamp no real line of this test run has, starting the forged line.
 const FORGED_AT: &str = "2001-01-01T00:00:00.000000Z";
@@ -121,24 +118,6 @@ async fn a_forged_nack_stays_on_the_control_planes_log_line() {
     drop(tx);
 }
 
-/// `sluicectl ARGS` against the cluster; its standard output, raw.
-async fn sluicectl(cluster: &Cluster, args: &[&str]) -> String {
-    let output = tokio::process::Command::new(workspace_bin("sluicectl"))
-        .args(["--endpoint", &cluster.control_url(), "--token", ADMIN_TOKEN])
-        .args(args)
-        .env_remove("SLUICE_ENDPOINT")
-        .env_remove("SLUICE_ADMIN_TOKEN")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
 #[tokio::test]
 async fn sluicectl_tables_show_control_characters_escaped() {
     let cluster = Cluster::start().await;
@@ -175,7 +154,7 @@ async fn sluicectl_tables_show_control_characters_escaped() {
         &["stats", "usage", "--by", "model"][..],
         &["cooldown", "list"][..],
     ] {
-        let shown = sluicectl(&cluster, args).await;
+        let shown = cluster.sluicectl(args).await;
         assert!(
             !shown.contains('\u{1b}') && !shown.contains('\u{7}'),
             "{args:?} printed a raw escape: {shown:?}"

@@ -11,14 +11,32 @@ pub const NANOS_PER_UNIT: f64 = 1e9;
 pub struct Prices {
     input: f64,
     cached_input: f64,
+    cache_write: f64,
     output: f64,
 }
 
+/// A request's tokens as they are priced: its prompt, and of it those read from and those
+/// written to the provider's prompt cache, and its completion.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Billed {
+    pub prompt: u64,
+    /// Of `prompt`, read from the prompt cache.
+    pub cached: u64,
+    /// Of `prompt`, written to the prompt cache.
+    pub cache_write: u64,
+    pub completion: u64,
+}
+
 impl Prices {
-    /// From prices per million tokens as routes carry them; cached prompt tokens cost
-    /// `cached_input` when given, else the input price. Negative or non-finite prices
-    /// (which validation refuses) count as 0.
-    pub fn per_mtok(input: f64, cached_input: Option<f64>, output: f64) -> Self {
+    /// From prices per million tokens as routes carry them; prompt tokens read from the cache
+    /// cost `cached_input` when given, those written to it `cache_write` when given, else the
+    /// input price. Negative or non-finite prices (which validation refuses) count as 0.
+    pub fn per_mtok(
+        input: f64,
+        cached_input: Option<f64>,
+        cache_write: Option<f64>,
+        output: f64,
+    ) -> Self {
         let per_token = |price: f64| {
             if price.is_finite() && price > 0.0 {
                 price * (NANOS_PER_UNIT / 1e6)
@@ -29,19 +47,30 @@ impl Prices {
         Self {
             input: per_token(input),
             cached_input: per_token(cached_input.unwrap_or(input)),
+            cache_write: per_token(cache_write.unwrap_or(input)),
             output: per_token(output),
         }
     }
 
-    /// The cost of `prompt` tokens, `cached` of them from the prompt cache (at most
-    /// `prompt` count as such), and `completion` tokens, rounded to the nearest nano-unit.
-    pub fn cost_nanos(&self, prompt: u64, cached: u64, completion: u64) -> u64 {
-        let cached = cached.min(prompt);
-        let nanos = (prompt - cached) as f64 * self.input
+    /// The cost of `tokens`, rounded to the nearest nano-unit. At most `prompt` tokens count
+    /// as read from the cache, and at most the rest as written to it: a confused upstream's
+    /// figures are no discount and no surcharge past its prompt.
+    pub fn cost_nanos(&self, tokens: Billed) -> u64 {
+        let cached = tokens.cached.min(tokens.prompt);
+        let written = tokens.cache_write.min(tokens.prompt - cached);
+        let nanos = (tokens.prompt - cached - written) as f64 * self.input
             + cached as f64 * self.cached_input
-            + completion as f64 * self.output;
+            + written as f64 * self.cache_write
+            + tokens.completion as f64 * self.output;
         // `as` saturates: a cost past u64::MAX (not reachable by bounded token counts) stays there.
         nanos.round() as u64
+    }
+
+    /// The most `prompt` tokens can cost before the provider says how it read them: each at
+    /// the higher of the input and cache write prices (a prompt's first turn may be written
+    /// to the cache whole).
+    pub fn prompt_ceiling_nanos(&self, prompt: u64) -> u64 {
+        (prompt as f64 * self.input.max(self.cache_write)).round() as u64
     }
 }
 
@@ -67,25 +96,67 @@ mod tests {
     #[test]
     fn cached_tokens_cost_the_cached_price_or_else_the_input_price() {
         // $2.50 / $1.25 cached / $10 per million tokens.
-        let prices = Prices::per_mtok(2.5, Some(1.25), 10.0);
+        let prices = Prices::per_mtok(2.5, Some(1.25), None, 10.0);
         // 1000 prompt tokens of which 400 cached, 100 completion tokens:
         // 600 × 2500 + 400 × 1250 + 100 × 10000 nano-units.
-        assert_eq!(prices.cost_nanos(1000, 400, 100), 3_000_000);
-        let no_cached_price = Prices::per_mtok(2.5, None, 10.0);
-        assert_eq!(no_cached_price.cost_nanos(1000, 400, 100), 3_500_000);
+        assert_eq!(prices.cost_nanos(billed(1000, 400, 0, 100)), 3_000_000);
+        let no_cached_price = Prices::per_mtok(2.5, None, None, 10.0);
+        assert_eq!(
+            no_cached_price.cost_nanos(billed(1000, 400, 0, 100)),
+            3_500_000
+        );
         // More cached than prompt tokens (a confused upstream) is not a discount past it.
-        assert_eq!(prices.cost_nanos(10, 99, 0), 12_500);
+        assert_eq!(prices.cost_nanos(billed(10, 99, 0, 0)), 12_500);
+    }
+
+    fn billed(prompt: u64, cached: u64, cache_write: u64, completion: u64) -> Billed {
+        Billed {
+            prompt,
+            cached,
+            cache_write,
+            completion,
+        }
+    }
+
+    #[test]
+    fn tokens_written_to_the_cache_cost_the_write_price_or_else_the_input_price() {
+        // Claude Sonnet's prices: $3 input, $0.30 cache reads, $3.75 cache writes, $15 output.
+        let prices = Prices::per_mtok(3.0, Some(0.3), Some(3.75), 15.0);
+        // 10,000 prompt tokens: 6,000 written, 3,000 read, 1,000 neither; 200 completion:
+        // 1000 × 3000 + 3000 × 300 + 6000 × 3750 + 200 × 15000 nano-units.
+        assert_eq!(
+            prices.cost_nanos(billed(10_000, 3_000, 6_000, 200)),
+            29_400_000
+        );
+        let no_write_price = Prices::per_mtok(3.0, Some(0.3), None, 15.0);
+        assert_eq!(
+            no_write_price.cost_nanos(billed(10_000, 3_000, 6_000, 200)),
+            24_900_000
+        );
+        // Reads and writes past the prompt (a confused upstream) are bounded by it, reads first.
+        assert_eq!(prices.cost_nanos(billed(10, 4, 99, 0)), 4 * 300 + 6 * 3750);
+        // Before the answer, a prompt is reserved at the higher of the input and write prices.
+        assert_eq!(prices.prompt_ceiling_nanos(1_000), 3_750_000);
+        let cheap_writes = Prices::per_mtok(3.0, None, Some(1.0), 15.0);
+        assert_eq!(cheap_writes.prompt_ceiling_nanos(1_000), 3_000_000);
     }
 
     #[test]
     fn the_smallest_prices_in_use_do_not_round_to_nothing() {
         // $0.02 per million tokens: 20 nano-units a token.
-        assert_eq!(Prices::per_mtok(0.02, None, 0.0).cost_nanos(1, 0, 0), 20);
         assert_eq!(
-            Prices::per_mtok(-1.0, Some(f64::NAN), f64::INFINITY).cost_nanos(9, 9, 9),
+            Prices::per_mtok(0.02, None, None, 0.0).cost_nanos(billed(1, 0, 0, 0)),
+            20
+        );
+        assert_eq!(
+            Prices::per_mtok(-1.0, Some(f64::NAN), Some(-0.5), f64::INFINITY)
+                .cost_nanos(billed(9, 3, 3, 9)),
             0
         );
-        assert_eq!(Prices::default().cost_nanos(u64::MAX, 0, u64::MAX), 0);
+        assert_eq!(
+            Prices::default().cost_nanos(billed(u64::MAX, 0, 0, u64::MAX)),
+            0
+        );
     }
 
     #[test]
