@@ -33,8 +33,8 @@ pub use backends::BackendWithKey;
 pub use cooldowns::{Cooldown, CooldownEvent, CooldownRow, Reported};
 pub use data_planes::{DataPlaneRow, NodeHello};
 pub use usage::{
-    Cursor, Granularity, GroupBy, Order, OutOfOrder, Page, SeriesPoint, Totals, TotalsFilter,
-    UsageBatch,
+    Cursor, Granularity, GroupBy, GroupPage, Order, OutOfOrder, Page, SeriesPoint, Totals,
+    TotalsFilter, UsageBatch,
 };
 
 /// Everything that can go wrong in the store (mapped to a gRPC status once, in `api::status`).

@@ -360,6 +360,7 @@ fn as_totals(b: &pb::UsageBucket) -> pb::GetTotalsResponse {
         cached_prompt_tokens: b.cached_prompt_tokens,
         reasoning_tokens: b.reasoning_tokens,
         cache_write_prompt_tokens: b.cache_write_prompt_tokens,
+        next_page_token: String::new(),
     }
 }
 
@@ -1841,4 +1842,133 @@ async fn a_report_numbered_past_the_largest_stored_sequence_is_refused() {
     assert_eq!(h.report("r", "i", vec![rec.to_proto(1)]).await, 1);
     assert_eq!(h.report("r", "i", vec![rec.to_proto(1)]).await, 1);
     assert_eq!(h.totals(Default::default()).await.request_count, 1);
+}
+
+/// Grouped totals in pages (`page_size`, `next_page_token`): every group once, each with the
+/// figures of the unpaged answer, the totals the same on every page, over a range read from
+/// hourly edges and whole days; a token belongs to its query.
+#[tokio::test]
+async fn grouped_totals_come_in_pages_that_add_up_to_the_whole() {
+    const KEYS: [&str; 7] = ["k1", "k2", "k3", "k4", "k5", "k6", "k7"];
+    let mut h = Harness::start().await;
+    let backends = three_backends(&mut h).await;
+    let mut recs = varied_traffic(&backends, 3000, 5);
+    for (i, r) in recs.iter_mut().enumerate() {
+        r.key = KEYS[i % KEYS.len()];
+    }
+    assert_eq!(h.report("r", "i", numbered(&recs)).await, recs.len() as u64);
+    let range = |by: pb::GroupBy, page_size: i32, page_token: String| pb::GetTotalsRequest {
+        start_time: ts(DAY0 - DAY + 5 * HOUR),
+        end_time: ts(DAY0 + DAY + 7 * HOUR),
+        group_by: by as i32,
+        page_size,
+        page_token,
+        ..Default::default()
+    };
+    for by in [
+        pb::GroupBy::ClientKey,
+        pb::GroupBy::Model,
+        pb::GroupBy::Backend,
+        pb::GroupBy::Pool,
+    ] {
+        let whole = h.totals(range(by, 0, String::new())).await;
+        assert!(whole.next_page_token.is_empty());
+        let (mut groups, mut token, mut pages) = (Vec::new(), String::new(), 0);
+        loop {
+            let page = h.totals(range(by, 2, token)).await;
+            assert!(page.groups.len() <= 2, "{by:?}");
+            assert_same(&page, &whole);
+            pages += 1;
+            groups.extend(page.groups);
+            token = page.next_page_token;
+            if token.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(pages, whole.groups.len().div_ceil(2).max(1), "{by:?}");
+        let keys = |groups: &[pb::UsageBucket]| {
+            groups
+                .iter()
+                .map(|g| g.group_key.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&groups), keys(&whole.groups), "{by:?}");
+        for (paged, unpaged) in groups.iter().zip(&whole.groups) {
+            assert_same(&as_totals(paged), &as_totals(unpaged));
+            assert_eq!(paged.group_label, unpaged.group_label);
+        }
+    }
+    assert_eq!(
+        h.totals(range(pb::GroupBy::ClientKey, 0, String::new()))
+            .await
+            .groups
+            .len(),
+        KEYS.len()
+    );
+    // A token of another query, and a negative page size, are refused.
+    let first = h
+        .totals(range(pb::GroupBy::ClientKey, 3, String::new()))
+        .await;
+    let other = pb::GetTotalsRequest {
+        model: "m1".into(),
+        ..range(pb::GroupBy::ClientKey, 3, first.next_page_token)
+    };
+    for refused in [other, range(pb::GroupBy::ClientKey, -1, String::new())] {
+        let status = h.stats.get_totals(refused).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    }
+}
+
+/// More groups than an unpaged answer holds (100,000 client keys and one): refused before it
+/// is built, with the way out, and read whole in pages.
+#[tokio::test]
+async fn unpaged_totals_past_the_most_groups_are_refused_and_read_in_pages() {
+    use sluice_control::api::stats::MAX_UNPAGED_BUCKETS;
+    let h = Harness::start().await;
+    let keys: Vec<String> = (0..=MAX_UNPAGED_BUCKETS)
+        .map(|k| format!("key-{k}"))
+        .collect();
+    let mut records = Vec::new();
+    for key in &keys {
+        let mut r = Rec::new("", DAY0).to_proto(records.len() as u64 + 1);
+        r.client_key_id = key.clone();
+        records.push(r);
+    }
+    for chunk in records.chunks(5000) {
+        h.report("r", "i", chunk.to_vec()).await;
+    }
+    let request = |page_size: i32, page_token: String| pb::GetTotalsRequest {
+        group_by: pb::GroupBy::ClientKey as i32,
+        page_size,
+        page_token,
+        ..Default::default()
+    };
+    let mut stats = StatsServiceClient::with_interceptor(
+        channel(&h.cp).await,
+        Bearer(h.cp.admin_token.clone()),
+    );
+    let refused = stats
+        .get_totals(request(0, String::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(refused.message().contains("page_size"), "{refused:?}");
+    // Full pages fit what a client decodes by default.
+    let (mut read, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = stats
+            .get_totals(request(i32::MAX, token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(page.request_count, keys.len() as u64);
+        read.extend(page.groups.into_iter().map(|g| g.group_key));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    let mut keys = keys;
+    keys.sort();
+    assert_eq!(read, keys);
 }

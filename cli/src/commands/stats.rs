@@ -21,7 +21,7 @@ pub async fn run(
         StatsCommand::Totals { by, range, filter } => {
             let filter = resolve(filter, connection).await?;
             let (start_time, end_time) = time_range(&range, SystemTime::now());
-            let request = pb::GetTotalsRequest {
+            let mut request = pb::GetTotalsRequest {
                 start_time,
                 end_time,
                 backend_id: filter.backend.unwrap_or_default(),
@@ -30,9 +30,20 @@ pub async fn run(
                 group_by: by
                     .map_or(pb::GroupBy::Unspecified, pb::GroupBy::from)
                     .into(),
+                page_size: MAX_USAGE_PAGE_SIZE as i32,
+                page_token: String::new(),
             };
             let mut stats = connection.stats().await?;
-            let response = connection.call(stats.get_totals(request)).await?;
+            // Every group, page by page; the totals are those of the last page's read.
+            let mut groups = Vec::new();
+            let response = loop {
+                let mut page = connection.call(stats.get_totals(request.clone())).await?;
+                groups.append(&mut page.groups);
+                if page.next_page_token.is_empty() {
+                    break pb::GetTotalsResponse { groups, ..page };
+                }
+                request.page_token = std::mem::take(&mut page.next_page_token);
+            };
             out.print(&response, render::totals)
         }
         StatsCommand::Usage {

@@ -8,7 +8,9 @@ use sluice_proto::v1 as pb;
 use sluice_proto::v1::stats_service_server::StatsService;
 use tonic::{Request, Response, Status};
 
-use crate::store::{Cursor, Granularity, GroupBy, Order, SeriesPoint, Store, Totals, TotalsFilter};
+use crate::store::{
+    Cursor, Granularity, GroupBy, GroupPage, Order, SeriesPoint, Store, Totals, TotalsFilter,
+};
 use crate::time::timestamp_ms;
 
 #[derive(Clone)]
@@ -126,16 +128,39 @@ struct PageToken {
     group_key: String,
 }
 
-fn query_hash(r: &pb::GetUsageRequest) -> String {
-    let query = pb::GetUsageRequest {
-        page_size: 0,
-        page_token: String::new(),
-        ..r.clone()
-    };
+/// A request answered in pages: its token, and the request without its page fields.
+trait Paged: prost::Message + Sized {
+    fn page_token(&self) -> &str;
+    fn without_page(&self) -> Self;
+}
+
+/// Both requests page the same way: `page_size` and `page_token` beside the query's fields.
+macro_rules! paged {
+    ($($request:ty),*) => {$(
+        impl Paged for $request {
+            fn page_token(&self) -> &str {
+                &self.page_token
+            }
+
+            fn without_page(&self) -> Self {
+                Self {
+                    page_size: 0,
+                    page_token: String::new(),
+                    ..self.clone()
+                }
+            }
+        }
+    )*};
+}
+
+paged!(pb::GetUsageRequest, pb::GetTotalsRequest);
+
+fn query_hash(r: &impl Paged) -> String {
+    let query = r.without_page();
     hex::encode(&sha2::Sha256::digest(query.encode_to_vec())[..12])
 }
 
-fn encode_token(r: &pb::GetUsageRequest, cursor: Cursor) -> String {
+fn encode_token(r: &impl Paged, cursor: Cursor) -> String {
     let token = PageToken {
         query: query_hash(r),
         start_ms: cursor.start_ms,
@@ -146,8 +171,8 @@ fn encode_token(r: &pb::GetUsageRequest, cursor: Cursor) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
 }
 
-fn decode_token(r: &pb::GetUsageRequest) -> Result<Option<Cursor>, Status> {
-    if r.page_token.is_empty() {
+fn decode_token(r: &impl Paged) -> Result<Option<Cursor>, Status> {
+    if r.page_token().is_empty() {
         return Ok(None);
     }
     let refused = || {
@@ -156,7 +181,7 @@ fn decode_token(r: &pb::GetUsageRequest) -> Result<Option<Cursor>, Status> {
         )
     };
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(&r.page_token)
+        .decode(r.page_token())
         .map_err(|_| refused())?;
     let token: PageToken = serde_json::from_slice(&bytes).map_err(|_| refused())?;
     if token.query != query_hash(r) {
@@ -180,14 +205,25 @@ fn within(response: pb::GetUsageResponse, limit: usize) -> Result<pb::GetUsageRe
     if len <= limit {
         return Ok(response);
     }
+    Err(too_large(response.buckets.len(), "buckets", len, limit))
+}
+
+/// RESOURCE_EXHAUSTED for an answer of `count` `what` encoding to `len` bytes, past `limit`.
+fn too_large(count: usize, what: &str, len: usize, limit: usize) -> Status {
     const MIB: f64 = 1024.0 * 1024.0;
-    Err(Status::resource_exhausted(format!(
-        "the answer holds {} buckets ({:.1} MiB), over the {:.0} MiB response limit; \
+    Status::resource_exhausted(format!(
+        "the answer holds {count} {what} ({:.1} MiB), over the {:.0} MiB response limit; \
          ask for pages with page_size",
-        response.buckets.len(),
         len as f64 / MIB,
         limit as f64 / MIB
-    )))
+    ))
+}
+
+/// A request's `page_size`, at most [`MAX_USAGE_PAGE_SIZE`].
+fn page_size(page_size: i32) -> Result<usize, Status> {
+    Ok(usize::try_from(page_size)
+        .map_err(|_| Status::invalid_argument("page_size: must not be negative"))?
+        .min(MAX_USAGE_PAGE_SIZE))
 }
 
 #[tonic::async_trait]
@@ -198,9 +234,7 @@ impl StatsService for Stats {
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let r = request.into_inner();
         let after = decode_token(&r)?;
-        let page_size = usize::try_from(r.page_size)
-            .map_err(|_| Status::invalid_argument("page_size: must not be negative"))?
-            .min(MAX_USAGE_PAGE_SIZE);
+        let page_size = page_size(r.page_size)?;
         let order = match pb::UsageOrder::try_from(r.order) {
             Ok(pb::UsageOrder::Unspecified | pb::UsageOrder::OldestFirst) => Order::OldestFirst,
             Ok(pb::UsageOrder::NewestFirst) => Order::NewestFirst,
@@ -264,22 +298,54 @@ impl StatsService for Stats {
     ) -> Result<Response<pb::GetTotalsResponse>, Status> {
         let r = request.into_inner();
         let group_by = group_by(r.group_by)?;
-        let filter = filter_of!(r)?;
+        let after = decode_token(&r)?;
+        let page_size = page_size(r.page_size)?;
+        let filter = filter_of!(r.clone())?;
         let currency = self.store.get_settings().await?.currency;
-        let (totals, groups) = if group_by == GroupBy::Nothing {
-            (self.store.totals(filter).await?, Vec::new())
+        let (totals, groups, next) = if group_by == GroupBy::Nothing {
+            (self.store.totals(filter).await?, Vec::new(), None)
         } else {
-            self.store.grouped_totals(filter, group_by).await?
+            let unpaged = page_size == 0 && after.is_none();
+            let page = GroupPage {
+                after: after.map(|cursor| cursor.group_key),
+                // A token with page_size 0 continues at the largest page.
+                limit: match page_size {
+                    0 if unpaged => MAX_UNPAGED_BUCKETS,
+                    0 => MAX_USAGE_PAGE_SIZE,
+                    n => n,
+                },
+            };
+            let (totals, groups, more) = self.store.grouped_totals(filter, group_by, page).await?;
+            if more && unpaged {
+                return Err(Status::resource_exhausted(format!(
+                    "the answer holds more than {MAX_UNPAGED_BUCKETS} groups; ask for pages \
+                     with page_size"
+                )));
+            }
+            let next = groups.last().filter(|_| more).map(|last| Cursor {
+                start_ms: 0,
+                group_key: last.group_key.clone(),
+            });
+            (totals, groups, next)
         };
-        Ok(Response::new(
-            usage_figures!(pb::GetTotalsResponse, &totals, {
-                groups: groups
-                    .into_iter()
-                    .map(|p| bucket(p, false, &currency))
-                    .collect(),
-                currency,
-            }),
-        ))
+        let response = usage_figures!(pb::GetTotalsResponse, &totals, {
+            groups: groups
+                .into_iter()
+                .map(|p| bucket(p, false, &currency))
+                .collect(),
+            currency,
+            next_page_token: next.map(|c| encode_token(&r, c)).unwrap_or_default(),
+        });
+        let len = response.encoded_len();
+        if len > MAX_ADMIN_RESPONSE_BYTES {
+            return Err(too_large(
+                response.groups.len(),
+                "groups",
+                len,
+                MAX_ADMIN_RESPONSE_BYTES,
+            ));
+        }
+        Ok(Response::new(response))
     }
 }
 

@@ -221,18 +221,31 @@ impl Store {
         .await
     }
 
-    /// Sums and percentiles over everything `filter` matches, and the same per group of
-    /// `group_by` (in ascending order of group key), from one read transaction.
+    /// Sums and percentiles over everything `filter` matches, and the same for a page of
+    /// the groups of `group_by` (in ascending order of group key), from one read
+    /// transaction; the third value tells whether more groups follow the page.
     pub async fn grouped_totals(
         &self,
         filter: TotalsFilter,
         group_by: GroupBy,
-    ) -> Result<(Totals, Vec<SeriesPoint>), StoreError> {
+        page: GroupPage,
+    ) -> Result<(Totals, Vec<SeriesPoint>, bool), StoreError> {
         self.read(Reader::Queries, move |conn, _| {
             let tx = conn.transaction()?;
             let all = totals(&tx, &filter, Sources::HourlyAndDaily)?;
-            let groups = grouped(&tx, &filter, None, group_by, Sources::HourlyAndDaily)?;
-            Ok((all, groups))
+            let sums = aggregate(
+                &tx,
+                &filter,
+                None,
+                group_by,
+                Sources::HourlyAndDaily,
+                Some(&page),
+            )?;
+            let more = sums.len() > page.limit;
+            // Past the page, a group's sums may lack a part's rows: never shown.
+            let sums = sums.into_iter().take(page.limit);
+            let groups = labelled(&tx, group_by, sums)?;
+            Ok((all, groups, more))
         })
         .await
     }
@@ -888,7 +901,13 @@ fn group_expr(group_by: GroupBy) -> &'static str {
 /// The SQL of one part: sums per (time bucket `b`, group `g`). A time bucket never spans
 /// two parts (they split at day boundaries), so its distinct backends are counted here;
 /// without time buckets (`None`) the count is left to [`count_backends`].
-fn part_sql(part: &Part, clause: &str, bucket: Option<Granularity>, group_by: GroupBy) -> String {
+fn part_sql(
+    part: &Part,
+    clause: &str,
+    bucket: Option<Granularity>,
+    group_by: GroupBy,
+    page: Option<&GroupPage>,
+) -> String {
     // The unary `+` (a no-op) keeps SQLite from walking a whole index to get the
     // GROUP BY order for free instead of searching the filter's range.
     let time = part.table.time_column();
@@ -906,10 +925,34 @@ fn part_sql(part: &Part, clause: &str, bucket: Option<Granularity>, group_by: Gr
                 total(latency_ms_sum), total(ttft_ms_sum), total(ttft_count),
                 usage_histogram(latency_histogram), {backends}, total(cached_prompt_tokens),
                 total(reasoning_tokens), total(cache_write_prompt_tokens)
-         FROM {table} {clause} GROUP BY b, g",
+         FROM {table} {clause} GROUP BY b, g{page}",
         group = group_expr(group_by),
         table = part.table.name(),
+        page = page.map(GroupPage::sql).unwrap_or_default(),
     )
+}
+
+/// A page of groups: those whose key comes after `after` (all when `None`), at most `limit`
+/// of them, in ascending order of key.
+#[derive(Debug, Clone)]
+pub struct GroupPage {
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+impl GroupPage {
+    /// What a part's query ends with to read no more than the page needs: each part's first
+    /// `limit + 1` groups after `after` hold every group of the page and tell whether one
+    /// follows it (a group among the first n of all parts is among the first n of each part
+    /// it is in). `after` is bound as the last parameter.
+    fn sql(&self) -> String {
+        let having = if self.after.is_some() {
+            " HAVING g > ?"
+        } else {
+            ""
+        };
+        format!("{having} ORDER BY g LIMIT {}", self.limit.saturating_add(1))
+    }
 }
 
 /// The tables a filter's range is read from: [`plan`], with whole days from the
@@ -946,12 +989,16 @@ fn aggregate(
     bucket: Option<Granularity>,
     group_by: GroupBy,
     sources: Sources,
+    page: Option<&GroupPage>,
 ) -> Result<BTreeMap<(i64, String), Sums>, StoreError> {
     let mut out: BTreeMap<(i64, String), Sums> = BTreeMap::new();
     let parts = parts(filter, bucket, group_by, sources);
     for part in &parts {
-        let (clause, values) = where_clause(part, filter);
-        let mut stmt = conn.prepare_cached(&part_sql(part, &clause, bucket, group_by))?;
+        let (clause, mut values) = where_clause(part, filter);
+        if let Some(after) = page.and_then(|p| p.after.clone()) {
+            values.push(rusqlite::types::Value::Text(after));
+        }
+        let mut stmt = conn.prepare_cached(&part_sql(part, &clause, bucket, group_by, page))?;
         let mut rows = stmt.query(params_from_iter(values.iter()))?;
         while let Some(r) = rows.next()? {
             let n = |i: usize| r.get::<_, f64>(i).map(|v| v.max(0.0) as u64);
@@ -1030,7 +1077,7 @@ fn totals(
     sources: Sources,
 ) -> Result<Totals, StoreError> {
     let mut all = Sums::default();
-    for sums in aggregate(conn, filter, None, GroupBy::Nothing, sources)?.values() {
+    for sums in aggregate(conn, filter, None, GroupBy::Nothing, sources, None)?.values() {
         all.add(sums);
     }
     Ok(all.finish())
@@ -1055,7 +1102,7 @@ fn grouped(
     group_by: GroupBy,
     sources: Sources,
 ) -> Result<Vec<SeriesPoint>, StoreError> {
-    let sums = aggregate(conn, filter, bucket, group_by, sources)?;
+    let sums = aggregate(conn, filter, bucket, group_by, sources, None)?;
     labelled(conn, group_by, sums)
 }
 
@@ -1168,6 +1215,7 @@ fn page(
             Some(granularity),
             group_by,
             Sources::HourlyAndDaily,
+            None,
         )?
         .into_iter()
         .filter(|((b, g), _)| after.is_none_or(|c| is_after(*b, g, c, order)))
@@ -1648,7 +1696,7 @@ mod tests {
                                 }
                                 let sql = format!(
                                     "EXPLAIN QUERY PLAN {}",
-                                    part_sql(&part, &clause, bucket, group_by)
+                                    part_sql(&part, &clause, bucket, group_by, None)
                                 );
                                 let mut stmt = conn.prepare(&sql)?;
                                 let detail: Vec<String> = stmt
