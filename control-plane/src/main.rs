@@ -125,6 +125,13 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Write a consistent copy of the database to OUT while the control plane runs (one read
+    /// transaction: it finishes however busy the control plane is). OUT must not exist. Keep
+    /// the master key with it: without it the copy's provider keys cannot be read.
+    Backup {
+        /// The file to write (its directory must exist).
+        out: PathBuf,
+    },
     /// Re-encrypt every stored provider key under a new master key, in one transaction.
     /// Stop the control plane first. With the generated data-dir key, the new key
     /// replaces the master-key file; otherwise pass the new key to the next start.
@@ -189,6 +196,7 @@ async fn main() {
         Some(Command::RotateMasterKey {
             new_master_key_file,
         }) => rotate(&args, new_master_key_file.as_deref()),
+        Some(Command::Backup { out }) => backup(&args, out),
     };
     if let Err(err) = result {
         // One readable line: the chain of causes, no backtrace.
@@ -273,6 +281,18 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             let _ = tokio::signal::ctrl_c().await;
         })
     }
+}
+
+fn backup(args: &Args, out: &std::path::Path) -> anyhow::Result<()> {
+    let done = sluice_control::store::backup::backup(&args.data_dir.join(DB_FILE), out)?;
+    println!(
+        "backed up {} to {} ({} bytes in {:.1?}); keep the master key with it",
+        args.data_dir.join(DB_FILE).display(),
+        out.display(),
+        done.bytes,
+        done.took
+    );
+    Ok(())
 }
 
 fn rotate(args: &Args, new_file: Option<&std::path::Path>) -> anyhow::Result<()> {

@@ -9,6 +9,7 @@
 
 mod affinity_keys;
 mod backends;
+pub mod backup;
 mod client_keys;
 mod cooldowns;
 mod data_planes;

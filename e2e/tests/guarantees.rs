@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Bearer, Cluster, DATAPLANE_TOKEN, Mock, Relay, eventually};
+use sluice_e2e::process::workspace_bin;
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
 use tokio::sync::mpsc;
@@ -174,9 +175,10 @@ async fn a_failed_commit_before_a_later_one_loses_nothing() {
     assert_eq!(totals.prompt_tokens, 60);
 }
 
-/// Restore an older `sluice.db` as the README recommends (`sqlite3 … ".backup …"`), restart
-/// the control plane, add a backend: a running replica must follow the restored control
-/// plane (its versions are lower than the replica's) instead of refusing every snapshot.
+/// Back up with `sluice-control backup` while the gateway serves (the control plane commits
+/// usage all along), restore as docs/operating.md says, restart the control plane, add a
+/// backend: a running replica must follow the restored control plane (its versions are lower
+/// than the replica's) instead of refusing every snapshot.
 #[tokio::test]
 async fn replicas_follow_a_control_plane_restored_from_an_older_backup() {
     let mut cluster = Cluster::start().await;
@@ -190,12 +192,22 @@ async fn replicas_follow_a_control_plane_restored_from_an_older_backup() {
 
     let data = cluster.dir.path().join("data");
     let backup = cluster.dir.path().join("backup.db");
-    let status = std::process::Command::new("sqlite3")
-        .arg(data.join("sluice.db"))
-        .arg(format!(".backup {}", backup.display()))
-        .status()
-        .expect("sqlite3 is installed (./e2e/test-all.sh installs it)");
-    assert!(status.success());
+    let serving = async {
+        for _ in 0..20 {
+            assert_eq!(proxy.chat(&key, "m").await.status(), 200);
+        }
+    };
+    let backing_up = tokio::process::Command::new(workspace_bin("sluice-control"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("backup")
+        .arg(&backup)
+        .output();
+    let ((), output) = tokio::join!(serving, backing_up);
+    let output = output.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(said.contains("backed up") && said.contains("master key"), "{said}");
     // Changes after the backup take the replica's version well past the backup's: keys
     // created, and the backup's key revoked.
     let mut later = String::new();
