@@ -100,6 +100,9 @@ pub struct Pool {
     /// When the control plane last answered that nothing could be granted (ms since the
     /// registry's start + 1; 0: not exhausted).
     exhausted_at: AtomicU64,
+    /// What that answer refused (the ask's want): a request that needs less may still be
+    /// granted, and asks.
+    exhausted_want: AtomicI64,
     changed: Notify,
     /// For the refusal's message: the budget and when it resets (read only on a refusal).
     words: std::sync::Mutex<(f64, Option<SystemTime>)>,
@@ -118,9 +121,17 @@ impl Pool {
             unanswered: AtomicU64::new(0),
             stale: AtomicU64::new(0),
             exhausted_at: AtomicU64::new(0),
+            exhausted_want: AtomicI64::new(0),
             changed: Notify::new(),
             words: std::sync::Mutex::new((max_budget, resets)),
         }
+    }
+
+    /// What an ask for a request reserving `reserve` asks for: the reserve and the pool's
+    /// debt (a grant pays the debt first), at least 1.
+    fn want(&self, reserve: i64) -> i64 {
+        let debt = self.available().min(0);
+        reserve.saturating_sub(debt).max(1)
     }
 
     /// Takes `reserve` from the pool if it covers it (at least one nano-unit must be there).
@@ -332,9 +343,12 @@ impl Allowances {
                     period_start_ms,
                 }));
             }
+            // Refused only if the control plane refused as much or less: a large request's
+            // refusal does not refuse the key's small ones, which it may still grant.
             let exhausted = pool.exhausted_at.load(Ordering::Acquire);
             if exhausted != 0
                 && self.now_ms().saturating_sub(exhausted) < EXHAUSTED_FOR.as_millis() as u64
+                && pool.want(reserve) >= pool.exhausted_want.load(Ordering::Acquire)
             {
                 let (max_budget, resets) = *pool.words.lock().unwrap_or_else(|p| p.into_inner());
                 return Err(Refusal::Exhausted { max_budget, resets });
@@ -367,8 +381,9 @@ impl Allowances {
 
     /// Queues one ask for `key_id` unless one is queued or on its way already (an ask left
     /// unanswered for [`ASK_AGAIN_AFTER`] is made again). It asks for `want` and the pool's
-    /// debt: a grant pays the debt first, so an ask for `want` alone would leave a pool in
-    /// debt short, and its request asking again and again until its wait ran out.
+    /// debt ([`Pool::want`]): a grant pays the debt first, so an ask for `want` alone would
+    /// leave a pool in debt short, and its request asking again and again until its wait ran
+    /// out.
     fn ask(&self, key_id: &str, pool: &Pool, want: i64) {
         let now = self.now_ms();
         let asked = pool.asking.load(Ordering::Acquire);
@@ -382,8 +397,7 @@ impl Allowances {
         {
             return; // another thread is asking
         }
-        let debt = pool.available().min(0);
-        let want = want.saturating_sub(debt).max(1);
+        let want = pool.want(want);
         pool.last_want.store(want, Ordering::Release);
         let ask = Ask {
             client_key_id: key_id.to_owned(),
@@ -578,6 +592,8 @@ impl Allowances {
             } else {
                 0
             };
+            pool.exhausted_want
+                .store(pool.last_want.load(Ordering::Acquire), Ordering::Release);
             pool.exhausted_at.store(exhausted, Ordering::Release);
             pool.asking.store(0, Ordering::Release);
             pool.changed.notify_waiters();
@@ -699,6 +715,37 @@ mod tests {
         ));
         // What is left still admits what it covers.
         assert!(a.admit("k", 30).await.unwrap().is_some());
+    }
+
+    /// A refusal of one large request leaves the key's smaller ones free to ask (the control
+    /// plane may still grant them) within the second it stands; one as large or larger is
+    /// refused at once, without asking again.
+    #[tokio::test]
+    async fn an_exhausted_answer_refuses_only_requests_as_large_as_it_refused() {
+        let a = allowances(WhenAway::Refuse);
+        let large = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.admit("k", 1_000).await.map(|r| r.is_some()) }
+        });
+        let mut queued = a.queued.lock().await;
+        assert_eq!(queued.recv().await.unwrap().want_nanos, 1_000);
+        a.heard(Some(&grant("k", 0, true)), false);
+        assert!(matches!(
+            large.await.unwrap(),
+            Err(Refusal::Exhausted { .. })
+        ));
+        assert!(matches!(
+            a.admit("k", 1_500).await,
+            Err(Refusal::Exhausted { .. })
+        ));
+        assert!(queued.try_recv().is_err(), "no ask for a larger one");
+        let small = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.admit("k", 10).await.map(|r| r.map(|r| r.reserve())) }
+        });
+        assert_eq!(queued.recv().await.unwrap().want_nanos, 10);
+        a.heard(Some(&grant("k", 10, false)), false);
+        assert_eq!(small.await.unwrap(), Ok(Some(10)));
     }
 
     #[tokio::test]
