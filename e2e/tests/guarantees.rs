@@ -207,7 +207,10 @@ async fn replicas_follow_a_control_plane_restored_from_an_older_backup() {
     let output = output.unwrap();
     assert!(output.status.success(), "{output:?}");
     let said = String::from_utf8_lossy(&output.stdout);
-    assert!(said.contains("backed up") && said.contains("master key"), "{said}");
+    assert!(
+        said.contains("backed up") && said.contains("master key"),
+        "{said}"
+    );
     // Changes after the backup take the replica's version well past the backup's: keys
     // created, and the backup's key revoked.
     let mut later = String::new();
