@@ -246,6 +246,10 @@ fn what_cannot_be_translated_is_refused_with_its_parameter() {
             json!({"tools": [{"type": "custom", "custom": {"name": "x"}}]}),
             "tools[0]",
         ),
+        // Anthropic refuses a blank stop sequence, and the request with it.
+        (json!({"stop": "\n"}), "stop"),
+        (json!({"stop": ["END", " "]}), "stop"),
+        (json!({"stop": [""]}), "stop"),
     ] {
         let mut body = obj(json!({"model": "m", "messages": hi}));
         body.extend(obj(extra));

@@ -95,11 +95,20 @@ pub fn chat_to_messages(
             }
             "stop" => match value {
                 Value::Null => {}
-                Value::String(s) => {
+                Value::String(s) if sendable_stop(s) => {
                     out.insert("stop_sequences".into(), json!([s]));
                 }
-                Value::Array(_) => {
+                Value::Array(stops)
+                    if stops.iter().all(|s| s.as_str().is_none_or(sendable_stop)) =>
+                {
                     out.insert("stop_sequences".into(), value.clone());
+                }
+                Value::String(_) | Value::Array(_) => {
+                    return Err(Untranslatable::new(
+                        "stop",
+                        "An Anthropic backend refuses a stop sequence that is empty or only \
+                         whitespace.",
+                    ));
                 }
                 _ => {
                     return Err(Untranslatable::new(
@@ -165,6 +174,12 @@ pub fn chat_to_messages(
         }
     }
     Ok(out)
+}
+
+/// Whether Anthropic takes `stop` as a stop sequence: it refuses one that is empty or only
+/// whitespace (`stop: "\n"`, which completion-style clients send), the whole request with it.
+pub(super) fn sendable_stop(stop: &str) -> bool {
+    !stop.trim().is_empty()
 }
 
 /// The chat `messages` → (top-level `system` blocks, Messages turns with same-role turns merged).
@@ -1085,6 +1100,10 @@ pub(crate) mod tests {
             Just("\"stop\":null"),
             Just("\"stop\":5"),
             Just("\"stop\":[1e400]"),
+            Just("\"stop\":\"\\n\""),
+            Just("\"stop\":[\"END\",\" \\t\"]"),
+            Just("\"stop\":[\"\"]"),
+            Just("\"stop\":[\"\\u0020\",null]"),
             Just("\"n\":1"),
         ]
         .prop_map(str::to_owned)

@@ -54,10 +54,13 @@ pub fn chat_to_messages_in_shape<'a>(
             "user" => user = from_text::<Option<Key<'a>>>(text)?,
             "messages" => turns = Some(from_text::<Turns<'a>>(text)?),
             "stop" => {
-                // A string becomes the one stop sequence, an array is copied.
+                // A string becomes the one stop sequence, an array is copied; one Anthropic
+                // refuses (blank) is left to the translation that decides.
                 stop = (text != "null").then_some(value);
                 if stop.is_some()
-                    && (!(text.starts_with('"') || text.starts_with('[')) || !checked(value, 0))
+                    && (!(text.starts_with('"') || text.starts_with('['))
+                        || !checked(value, 0)
+                        || !from_text::<Stops>(text)?.sendable())
                 {
                     return None;
                 }
@@ -553,6 +556,34 @@ impl<'de> Deserialize<'de> for ToolChoice<'de> {
             }
         }
         value.deserialize_any(Either)
+    }
+}
+
+/// A `stop` value, for [`super::sendable_stop`]: a string, or an array whose strings are
+/// looked at (anything else in it is the translation's to refuse).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stops<'a> {
+    One(#[serde(borrow)] Cow<'a, str>),
+    Many(#[serde(borrow)] Vec<Option<Stop<'a>>>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop<'a> {
+    Text(#[serde(borrow)] Cow<'a, str>),
+    Other(serde::de::IgnoredAny),
+}
+
+impl Stops<'_> {
+    fn sendable(&self) -> bool {
+        match self {
+            Self::One(stop) => super::sendable_stop(stop),
+            Self::Many(stops) => stops.iter().all(|stop| match stop {
+                Some(Stop::Text(stop)) => super::sendable_stop(stop),
+                _ => true,
+            }),
+        }
     }
 }
 
