@@ -121,6 +121,29 @@ fn sampling_and_stop_map_across() {
     assert_eq!(m["stop_sequences"], json!(["a", "b"]));
 }
 
+/// Structured output (what openai-python's `chat.completions.parse`, the Agents SDK's
+/// `output_type` send) is Anthropic's `output_config.format` with the same schema; text is
+/// the default, nothing to say.
+#[test]
+fn a_json_schema_response_format_becomes_the_output_format() {
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string"}},
+                        "required": ["city"], "additionalProperties": false});
+    let m = to_messages(
+        json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+        "response_format": {"type": "json_schema",
+                            "json_schema": {"name": "Weather", "schema": schema, "strict": true}}}),
+    );
+    assert_eq!(
+        m["output_config"],
+        json!({"format": {"type": "json_schema", "schema": schema}})
+    );
+    let m = to_messages(
+        json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+        "response_format": {"type": "text"}}),
+    );
+    assert!(m.get("output_config").is_none());
+}
+
 #[test]
 fn tools_and_tool_choice_map_across() {
     let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": false});
@@ -239,8 +262,12 @@ fn what_cannot_be_translated_is_refused_with_its_parameter() {
         (json!({"n": 2}), "n"),
         (json!({"logprobs": true}), "logprobs"),
         (
-            json!({"response_format": {"type": "json_schema", "json_schema": {}}}),
+            json!({"response_format": {"type": "json_object"}}),
             "response_format",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "response_format.json_schema.schema",
         ),
         (
             json!({"tools": [{"type": "custom", "custom": {"name": "x"}}]}),

@@ -55,6 +55,15 @@ r = c.chat.completions.create(model="claude", messages=[{"role": "user", "conten
     {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
     {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
 out["images"] = [r.choices[0].finish_reason, r.usage.prompt_tokens]
+from pydantic import BaseModel
+class Weather(BaseModel):
+    city: str
+    days: int
+parse = getattr(c.chat.completions, "parse", None) or c.beta.chat.completions.parse
+r = parse(model="claude", messages=ask, response_format=Weather)
+out["parsed"] = [r.choices[0].finish_reason, r.choices[0].message.parsed.model_dump()]
+with c.beta.chat.completions.stream(model="claude", messages=ask, response_format=Weather) as s:
+    out["parsed_stream"] = s.get_final_completion().choices[0].message.parsed.model_dump()
 def error_of(f):
     try:
         f()
@@ -175,6 +184,18 @@ async fn the_openai_sdk_talks_to_an_anthropic_backend() {
     );
     assert_eq!(out["after_tool"], json!(["stop", text]), "{out}");
     assert_eq!(out["images"][0], "stop", "{out}");
+    // Structured output (`parse`, whole and streamed): Anthropic's `output_config.format`,
+    // the JSON of the schema read back into the SDK's model.
+    assert_eq!(
+        out["parsed"],
+        json!(["stop", {"city": "mock", "days": 1}]),
+        "{out}"
+    );
+    assert_eq!(
+        out["parsed_stream"],
+        json!({"city": "mock", "days": 1}),
+        "{out}"
+    );
     assert_eq!(
         out["bad_arguments"],
         json!(["BadRequestError", 400, "untranslatable"]),
@@ -193,9 +214,9 @@ async fn the_openai_sdk_talks_to_an_anthropic_backend() {
     // Every call that reached the backend went to its Messages API, which refuses what the
     // real API refuses: nothing was rejected there.
     let stats = claude.stats().await;
-    assert_eq!(stats.requests.messages, 6, "{stats:?}");
+    assert_eq!(stats.requests.messages, 8, "{stats:?}");
     assert_eq!(stats.requests.chat_completions, 0);
-    assert_eq!(stats.responses_with(200), 6, "{stats:?}");
+    assert_eq!(stats.responses_with(200), 8, "{stats:?}");
     // The usage records carry the tokens the Anthropic backend reported, streams included.
     eventually(
         Duration::from_secs(30),

@@ -144,12 +144,8 @@ pub fn chat_to_messages(
                 ));
             }
             "response_format" => {
-                let kind = value.get("type").and_then(Value::as_str);
-                if !matches!(kind, None | Some("text")) {
-                    return Err(Untranslatable::new(
-                        "response_format",
-                        "response_format other than text cannot be sent to an Anthropic backend.",
-                    ));
+                if let Some(format) = output_format(value)? {
+                    out.insert("output_config".into(), json!({ "format": format }));
                 }
             }
             "modalities" | "audio" if !value.is_null() && value != &json!(["text"]) => {
@@ -174,6 +170,33 @@ pub fn chat_to_messages(
         }
     }
     Ok(out)
+}
+
+/// A chat `response_format` → the Messages `output_config.format` (`None` for text, the
+/// default): a `json_schema` format's schema, which Anthropic's structured outputs keep to
+/// (its models answer with the JSON as their text, which is the completion's content, as the
+/// SDKs' `parse` reads it). `json_object` names no schema: refused.
+fn output_format(format: &Value) -> Result<Option<Value>, Untranslatable> {
+    match format.get("type").and_then(Value::as_str) {
+        None | Some("text") => Ok(None),
+        Some("json_schema") => {
+            let schema = format
+                .get("json_schema")
+                .and_then(|s| s.get("schema"))
+                .filter(|schema| schema.is_object())
+                .ok_or_else(|| {
+                    Untranslatable::new(
+                        "response_format.json_schema.schema",
+                        "A json_schema response_format needs its schema (an object).",
+                    )
+                })?;
+            Ok(Some(json!({"type": "json_schema", "schema": schema})))
+        }
+        _ => Err(Untranslatable::new(
+            "response_format",
+            "Only a json_schema (or text) response_format can be sent to an Anthropic backend.",
+        )),
+    }
 }
 
 /// Whether Anthropic takes `stop` as a stop sequence: it refuses one that is empty or only

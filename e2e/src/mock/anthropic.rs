@@ -14,7 +14,9 @@
 //! turn holds no `tool_result`, one `tool_use` of the chosen (or first) tool whose input fills
 //! each property of its schema (`"mock"`, `1`, `true`); otherwise the text
 //! `"[<name>] tok1 tok2 …"` of `chunk_count` words (fewer, with `stop_reason: max_tokens`, when
-//! `max_tokens` is smaller). Usage: `input_tokens` = whitespace-separated words of every text.
+//! `max_tokens` is smaller), or for structured output (`output_config.format`, a JSON schema)
+//! the JSON of an instance of the schema (each property filled as a tool's input is). Usage:
+//! `input_tokens` = whitespace-separated words of every text.
 //!
 //! The prompt cache: a request whose system or message blocks carry `cache_control` has the
 //! prompt up to its last such block (the prefix) cached, as Anthropic's is (without its
@@ -171,6 +173,9 @@ pub(crate) struct MessagesRequest {
     tool_call: Option<(String, Value)>,
     /// The prompt's prefix to its last `cache_control` block, when one has it.
     pub(crate) cache_prefix: Option<CachePrefix>,
+    /// The answer's JSON when the request asks for structured output
+    /// (`output_config.format`): an instance of its schema.
+    structured: Option<Value>,
 }
 
 /// The part of a prompt the cache holds: its tokens, a hash of its texts (the cache's key),
@@ -421,6 +426,23 @@ fn validate(
             )
         }),
     };
+    let structured = match o.get("output_config").and_then(|c| c.get("format")) {
+        None | Some(Value::Null) => None,
+        Some(format) => {
+            if format.get("type").and_then(Value::as_str) != Some("json_schema") {
+                return Err(AnthropicError::invalid(
+                    "output_config.format.type: Input should be 'json_schema'",
+                ));
+            }
+            let schema = format
+                .get("schema")
+                .filter(|s| s.is_object())
+                .ok_or_else(|| {
+                    AnthropicError::invalid("output_config.format.schema: Field required")
+                })?;
+            Some(input_for(Some(schema)))
+        }
+    };
     Ok(MessagesRequest {
         model,
         stream: o.get("stream").and_then(Value::as_bool).unwrap_or(false),
@@ -428,6 +450,7 @@ fn validate(
         input_tokens: prompt.words.max(1),
         tool_call,
         cache_prefix: prompt.prefix.filter(|p| p.tokens > 0 && !count_tokens),
+        structured,
     })
 }
 
@@ -508,12 +531,19 @@ pub(crate) fn answer(
         None if req.max_tokens < chunk_count as u64 => (req.max_tokens as usize, "max_tokens"),
         None => (chunk_count, "end_turn"),
     };
-    let tokens: Vec<String> = (1..=words).map(|i| format!("tok{i}")).collect();
-    let text = if words == 0 {
-        String::new()
-    } else {
-        format!("[{name}] {}", tokens.join(" "))
+    // The text in the pieces a stream sends: `[name]`, ` tok1`, … or, for structured
+    // output, the JSON cut in `chunk_count` pieces.
+    let pieces: Vec<String> = match &req.structured {
+        Some(json) if req.tool_call.is_none() => super::in_pieces(&json.to_string(), chunk_count)
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+        _ if words == 0 => Vec::new(),
+        _ => std::iter::once(format!("[{name}]"))
+            .chain((1..=words).map(|i| format!(" tok{i}")))
+            .collect(),
     };
+    let text = pieces.concat();
     let output = match &req.tool_call {
         Some(_) => chunk_count.max(1) as u64,
         None => words as u64,
@@ -554,10 +584,7 @@ pub(crate) fn answer(
     let mut index = 0;
     if !text.is_empty() {
         events.push(sse("content_block_start", &json!({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})));
-        let mut first = true;
-        for piece in std::iter::once(format!("[{name}]")).chain(tokens) {
-            let piece = if first { piece } else { format!(" {piece}") };
-            first = false;
+        for piece in pieces {
             events.push(sse("content_block_delta", &json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}})));
         }
         events.push(sse(
