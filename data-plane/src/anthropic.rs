@@ -197,6 +197,35 @@ impl<'de> serde::Deserialize<'de> for Function<'de> {
     }
 }
 
+/// The most characters of a tool call's id OpenAI takes (`string too long. Expected a string
+/// with maximum length 40`).
+const MAX_TOOL_ID_CHARS: usize = 40;
+
+/// A tool call's id as both APIs take it: Anthropic takes `[A-Za-z0-9_-]` only (a 400 for
+/// Kimi's `functions.Bash:0`), OpenAI at most 40 characters (a 400 for vLLM's 46-character
+/// `chatcmpl-tool-…`). An id that passes both is kept; any other is `toolu_` and 32 hex digits
+/// of its SHA-256: the same for the same id, so a call and its result, translated apart (the
+/// call in an answer, its result in the next request), still name each other. An empty id is
+/// kept (each writer decides what to do without one).
+pub(crate) fn portable_tool_id(id: Cow<'_, str>) -> Cow<'_, str> {
+    let portable = id.len() <= MAX_TOOL_ID_CHARS
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if portable {
+        return id;
+    }
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write as _;
+    let digest = Sha256::digest(id.as_bytes());
+    let mut mapped = String::with_capacity(38);
+    mapped.push_str("toolu_");
+    for byte in &digest[..16] {
+        let _ = write!(mapped, "{byte:02x}");
+    }
+    Cow::Owned(mapped)
+}
+
 /// A chat tool call (an assistant message's in a request, a completion's in an answer) as the
 /// `tool_use` block it becomes: its id and name (strings), and its `arguments` unescaped once,
 /// the JSON text of an object as written (`{}` when blank, `null` or absent). Arguments that
@@ -245,7 +274,7 @@ impl<'de> serde::Deserialize<'de> for Call<'de> {
                     _ => Cow::Borrowed("{}"),
                 };
                 Ok(Call {
-                    id: id.ok_or_else(|| serde::de::Error::custom("no id"))?,
+                    id: portable_tool_id(id.ok_or_else(|| serde::de::Error::custom("no id"))?),
                     name: name.ok_or_else(|| serde::de::Error::custom("no name"))?,
                     input,
                 })

@@ -1424,3 +1424,74 @@ proptest! {
         }
     }
 }
+
+/// Tool-call ids one API refuses (Kimi's `functions.Bash:0`, which Anthropic's
+/// `^[a-zA-Z0-9_-]+$` refuses; vLLM's 46-character `chatcmpl-tool-…`, past OpenAI's 40) are
+/// written as one portable id wherever the translation meets them: a backend's answer, whole
+/// or streamed, and both directions of a request, a call and its result alike, so a
+/// conversation that moves between the kinds of backend still names its calls consistently.
+#[test]
+fn tool_call_ids_either_api_refuses_are_mapped_alike_everywhere() {
+    let portable = |id: &str| {
+        id.len() <= 40
+            && !id.is_empty()
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    };
+    for id in [
+        "functions.Bash:0",
+        "chatcmpl-tool-0123456789abcdef0123456789abcdef",
+    ] {
+        let whole = completion_to_message(
+            &json!({"id": "c", "choices": [{"finish_reason": "tool_calls",
+            "message": {"content": null, "tool_calls": [{"id": id, "type": "function",
+                "function": {"name": "Bash", "arguments": "{}"}}]}}]}),
+        )
+        .unwrap();
+        let mapped = whole["content"][0]["id"].as_str().unwrap().to_owned();
+        assert!(portable(&mapped) && mapped != id, "{id} → {mapped}");
+
+        let mut translator = EventsFromChunks::default();
+        let mut frames = Vec::new();
+        let chunk = chat_chunk(
+            json!({"role": "assistant", "tool_calls": [{"index": 0, "id": id, "type": "function",
+                "function": {"name": "Bash", "arguments": "{}"}}]}),
+            None,
+        );
+        for event in events(&chunk) {
+            translator.push(&event, &mut frames);
+        }
+        let started = data_of(&frames)
+            .into_iter()
+            .find(|e| e["type"] == "content_block_start")
+            .unwrap();
+        assert_eq!(started["content_block"]["id"], mapped.as_str());
+
+        let m = to_messages(json!({"model": "m", "messages": [
+            {"role": "user", "content": "Go"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function",
+                "function": {"name": "Bash", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": id, "content": "done"},
+        ]}));
+        assert_eq!(m["messages"][1]["content"][0]["id"], mapped.as_str());
+        assert_eq!(
+            m["messages"][2]["content"][0]["tool_use_id"],
+            mapped.as_str()
+        );
+
+        let c = to_chat(json!({"model": "m", "max_tokens": 8, "messages": [
+            {"role": "user", "content": "Go"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": id, "name": "Bash", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": id, "content": "done"}]},
+        ]}));
+        assert_eq!(c["messages"][1]["tool_calls"][0]["id"], mapped.as_str());
+        assert_eq!(c["messages"][2]["tool_call_id"], mapped.as_str());
+        // A portable id is its own mapping: the next turn keeps it.
+        let again = to_chat(json!({"model": "m", "max_tokens": 8, "messages": [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": mapped, "name": "Bash", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": mapped, "content": "done"}]},
+        ]}));
+        assert_eq!(again["messages"][0]["tool_calls"][0]["id"], mapped.as_str());
+    }
+}

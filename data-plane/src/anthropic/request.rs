@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::Untranslatable;
+use super::{Untranslatable, portable_tool_id};
 
 mod as_written;
 mod to_chat;
@@ -237,7 +237,8 @@ fn chat_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Untrans
                             "A tool message needs a tool_call_id.",
                         )
                     })?;
-                let mut result = json!({"type": "tool_result", "tool_use_id": id});
+                let mut result =
+                    json!({"type": "tool_result", "tool_use_id": portable_tool_id(id.into())});
                 let text = text_blocks(content, &at(".content"))?;
                 if !text.is_empty() {
                     result["content"] = Value::Array(text);
@@ -390,6 +391,7 @@ fn assistant_blocks(
         let id = call
             .get("id")
             .and_then(Value::as_str)
+            .map(|id| portable_tool_id(id.into()))
             .ok_or_else(|| Untranslatable::new(here(".id"), "A tool call needs an id."))?;
         let function = call.get("function");
         let name = function
@@ -674,9 +676,11 @@ fn messages_turn(turn: &Value, i: usize, chat: &mut Vec<Value>) -> Result<(), Un
                         let id = block
                             .get("tool_use_id")
                             .and_then(Value::as_str)
+                            .map(|id| portable_tool_id(id.into()))
                             .ok_or_else(|| {
                                 Untranslatable::new(&here, "A tool_result needs a tool_use_id.")
                             })?;
+                        let id = id.as_ref();
                         let mut text = match block.get("content") {
                             None | Some(Value::Null) => String::new(),
                             // A `tool` message holds text: the result's images go with the
@@ -734,7 +738,13 @@ fn messages_turn(turn: &Value, i: usize, chat: &mut Vec<Value>) -> Result<(), Un
                     // Reasoning of an earlier turn: a chat backend has nowhere to take it.
                     Some("thinking" | "redacted_thinking") => {}
                     Some("tool_use") => {
-                        let id = block.get("id").and_then(Value::as_str).unwrap_or_default();
+                        let id = portable_tool_id(
+                            block
+                                .get("id")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .into(),
+                        );
                         let name = block
                             .get("name")
                             .and_then(Value::as_str)
@@ -974,6 +984,7 @@ pub(crate) mod tests {
             1 => Just(",\"tool_calls\":[]".to_owned()),
             4 => prop::collection::vec(tool_call(), 0..3).prop_map(|c| format!(",\"tool_calls\":[{}]", c.join(","))),
             2 => Just(",\"tool_call_id\":\"call_1\"".to_owned()),
+            1 => Just(",\"tool_call_id\":\"functions.Bash:0\"".to_owned()),
             1 => Just(",\"tool_call_id\":7".to_owned()),
             1 => Just(",\"content\":\"twice\"".to_owned()),
             1 => Just(",\"refusal\":1e400".to_owned()),
@@ -1276,6 +1287,7 @@ pub(crate) mod tests {
     fn tool_result() -> impl Strategy<Value = String> {
         let id = prop_oneof![
             4 => Just(",\"tool_use_id\":\"toolu_1\""),
+            1 => Just(",\"tool_use_id\":\"functions.Bash:0\""),
             1 => Just(""),
             1 => Just(",\"tool_use_id\":5"),
         ];
@@ -1455,6 +1467,7 @@ pub(crate) mod tests {
                 format!("{{\"role\":\"assistant\",\"content\":{c},\"tool_calls\":[{}]}}", calls.join(","))
             }),
             3 => content.clone().prop_map(|c| format!("{{\"role\":\"tool\",\"tool_call_id\":\"call_1\",\"content\":{c}}}")),
+            1 => content.clone().prop_map(|c| format!("{{\"role\":\"tool\",\"tool_call_id\":\"functions.Bash:0\",\"content\":{c}}}")),
             1 => content.clone().prop_map(|c| format!("{{\"role\":\"user\",\"content\":{c}}}")),
             1 => content.prop_map(|c| format!("{{\"role\":\"system\",\"content\":{c}}}")),
         ]

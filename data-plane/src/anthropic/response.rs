@@ -6,7 +6,9 @@ use std::borrow::Cow;
 
 use serde_json::{Value, json};
 
-use super::{Call, Checked, First, Names, Untranslatable, Usage, members, string};
+use super::{
+    Call, Checked, First, Names, Untranslatable, Usage, members, portable_tool_id, string,
+};
 use crate::request::Key;
 use crate::usage::Tokens;
 
@@ -350,7 +352,10 @@ pub fn completion_to_message(completion: &Value) -> Result<Value, Untranslatable
         }
         content.push(json!({
             "type": "tool_use",
-            "id": backend_tool_id(call).map_or_else(|| fresh_id("toolu_"), str::to_owned),
+            "id": backend_tool_id(call).map_or_else(
+                || fresh_id("toolu_"),
+                |id| portable_tool_id(id.into()).into_owned()
+            ),
             "name": function.and_then(|f| f.get("name")).cloned().unwrap_or(Value::Null),
             "input": input?,
         }));

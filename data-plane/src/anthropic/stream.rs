@@ -711,7 +711,7 @@ impl EventsFromChunks {
         let id = if pending.id.is_empty() {
             fresh_id("toolu_")
         } else {
-            pending.id
+            super::portable_tool_id(pending.id.into()).into_owned()
         };
         self.tool_used = true;
         self.open_block(

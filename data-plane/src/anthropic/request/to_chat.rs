@@ -23,7 +23,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::as_written::{Copied, Written, from_text, member, within_limit, written};
-use crate::anthropic::{Checked, Names, members, string};
+use crate::anthropic::{Checked, Names, members, portable_tool_id, string};
 use crate::request::Key;
 
 /// [`super::messages_to_chat`] of a Messages request in the shape (see the module), written
@@ -382,12 +382,14 @@ impl<'de> Deserialize<'de> for Block<'de> {
                     Some("text") => Ok(Block::Text(text.map_or("", |Written(text)| text))),
                     Some("thinking" | "redacted_thinking") => Ok(Block::Thinking),
                     Some("tool_use") => Ok(Block::ToolUse(Call {
-                        id: id.map(|Key(id)| id).unwrap_or_default(),
+                        id: portable_tool_id(id.map(|Key(id)| id).unwrap_or_default()),
                         name: name.map(|Key(name)| name).unwrap_or_default(),
                         arguments: input.map_or_else(|| "{}".to_owned(), |input| input.to_string()),
                     })),
                     Some("tool_result") => Ok(Block::ToolResult(ToolResult {
-                        id: result_of.ok_or_else(|| A::Error::custom("no tool_use_id"))?,
+                        id: portable_tool_id(
+                            result_of.ok_or_else(|| A::Error::custom("no tool_use_id"))?,
+                        ),
                         texts: match content {
                             None => Vec::new(),
                             Some(ResultContent(content)) => content

@@ -19,7 +19,7 @@ use serde::de::Error as _;
 use serde_json::value::RawValue;
 
 use super::as_written::{Copied, Written, checked, from_text, member, within_limit, written};
-use crate::anthropic::{Call, Checked, Function, Names, members, string};
+use crate::anthropic::{Call, Checked, Function, Names, members, portable_tool_id, string};
 use crate::request::Key;
 
 /// [`super::chat_to_messages`] of a request in the shape (see the module) with `stream` set
@@ -332,9 +332,11 @@ impl<'de> Deserialize<'de> for ChatMessage<'de> {
                         ("assistant", blocks)
                     }
                     Some("tool") => {
-                        let id = result_of
-                            .ok_or_else(|| A::Error::custom("no tool_call_id"))?
-                            .0;
+                        let id = portable_tool_id(
+                            result_of
+                                .ok_or_else(|| A::Error::custom("no tool_call_id"))?
+                                .0,
+                        );
                         let texts = texts(false)?;
                         ("user", vec![Block::ToolResult { id, texts }])
                     }
