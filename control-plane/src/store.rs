@@ -235,7 +235,15 @@ impl Store {
         let mut conn = Connection::open(path)?;
         configure(&conn)?;
         sql_functions::register(&conn)?;
+        let before: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect()).to_latest(&mut conn)?;
+        let after: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if after != before {
+            // The migrations ran in one transaction, every page it wrote in the WAL (those that
+            // rebuild the usage tables: about their size again). Checkpointed and truncated
+            // now, the file gives that space back rather than keep it until the process ends.
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        }
         let opened = verify_or_write_check(&conn, &key)?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if affinity_keys::ensure_active(&tx, &key)? {
@@ -448,6 +456,9 @@ fn configure(conn: &Connection) -> Result<(), rusqlite::Error> {
     // database no longer holds (a deleted backend's, one sealed again under a new master key)
     // does not stay in the file's free space, where backups copy it.
     conn.pragma_update(None, "secure_delete", "FAST")?;
+    // A WAL grown by a large transaction (a retention sweep, a migration) is cut back to this
+    // at its next reset instead of keeping its largest size on disk.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     Ok(())
 }
 

@@ -1891,6 +1891,46 @@ mod tests {
         assert_eq!(t.prompt_tokens, u64::MAX);
     }
 
+    /// Migrations that rebuild the usage tables write about their size into the WAL: opening
+    /// the store gives that space back (a checkpoint that truncates the WAL) instead of
+    /// keeping it until the control plane stops.
+    #[test]
+    fn a_migration_that_rebuilds_the_usage_tables_leaves_no_large_wal() {
+        use rusqlite_migration::{M, Migrations};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+            crate::store::sql_functions::register(&conn).unwrap();
+            Migrations::new(
+                super::super::MIGRATIONS
+                    .iter()
+                    .map(|sql| M::up(sql))
+                    .collect(),
+            )
+            .to_version(&mut conn, 1)
+            .unwrap();
+            // 100,000 hourly rows of version 1 (11 years of one backend, model and key).
+            conn.execute_batch(&format!(
+                "INSERT INTO backends VALUES ('b1', 'one', 'u', 2, 1, 1, 0, 1, NULL, '', 0, 0);
+                 WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 99999)
+                 INSERT INTO usage_hourly
+                 SELECT {DAY0} + i * {HOUR}, 'b1', 'model-with-a-longer-name', 'key-' || (i % 7),
+                        3, 1, 0, 30, 20, 0.5, 60.0, 0.0, 0 FROM n;"
+            ))
+            .unwrap();
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .unwrap();
+        }
+        let database = std::fs::metadata(&path).unwrap().len();
+        assert!(database > 5_000_000, "{database} bytes");
+        let (store, _) = Store::open(&path, crate::crypto::MasterKey::generate()).unwrap();
+        let wal = std::fs::metadata(dir.path().join("m.db-wal")).map_or(0, |m| m.len());
+        assert!(wal < 1_000_000, "the WAL holds {wal} bytes");
+        drop(store);
+    }
+
     #[test]
     fn migration_2_moves_histograms_into_rows_and_rolls_up_days() {
         use rusqlite_migration::{M, Migrations};
