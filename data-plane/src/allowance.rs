@@ -563,10 +563,16 @@ impl Allowances {
                 continue;
             };
             let nanos = i64::try_from(grant.granted_nanos).unwrap_or(i64::MAX);
-            if pool
-                .period_start_ms
-                .swap(grant.period_start_ms, Ordering::AcqRel)
-                != grant.period_start_ms
+            // Nothing granted and not exhausted: the control plane could not read the budget
+            // (every other answer grants at least what was asked, or is exhausted). Such an
+            // answer names no period (its 0 is no lifetime budget): the pool is left as it is,
+            // not voided as a new period's.
+            let unread = nanos == 0 && !grant.exhausted;
+            if !unread
+                && pool
+                    .period_start_ms
+                    .swap(grant.period_start_ms, Ordering::AcqRel)
+                    != grant.period_start_ms
             {
                 // A new period: the old one's money is void.
                 pool.available.store(nanos, Ordering::Release);
@@ -746,6 +752,32 @@ mod tests {
         assert_eq!(queued.recv().await.unwrap().want_nanos, 10);
         a.heard(Some(&grant("k", 10, false)), false);
         assert_eq!(small.await.unwrap(), Ok(Some(10)));
+    }
+
+    /// An answer the control plane gives when it could not read the budget (nothing granted,
+    /// not exhausted, no period) leaves a daily key's pool as it was: read as a new period it
+    /// voided the pool, and the key was refused while the control plane counted that money
+    /// as held.
+    #[tokio::test]
+    async fn an_answer_without_a_budget_read_leaves_the_pool_as_it_was() {
+        let a = allowances(WhenAway::Refuse);
+        let day = pb::AllowanceUpdate {
+            allowances: vec![pb::Allowance {
+                period_start_ms: 1_764_979_200_000,
+                ..grant("k", 100, false).allowances[0].clone()
+            }],
+        };
+        a.heard(Some(&day), false);
+        assert_eq!(a.pool("k").unwrap().available(), 100);
+        let unread = pb::AllowanceUpdate {
+            allowances: vec![pb::Allowance {
+                client_key_id: "k".into(),
+                ..Default::default()
+            }],
+        };
+        a.heard(Some(&unread), false);
+        assert_eq!(a.pool("k").unwrap().available(), 100);
+        assert!(a.admit("k", 60).await.unwrap().is_some());
     }
 
     #[tokio::test]
