@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use sluice_proto::limits::ALLOWANCE_LEASE;
+
 use crate::logging::LogFormat;
 
 /// The default for `--max-connections`.
@@ -196,7 +198,9 @@ pub struct Config {
     pub budget_when_away: crate::allowance::WhenAway,
     /// How long this replica keeps spending the allowances it holds after the last message
     /// from the control plane (which renews it every third of it while connected).
-    #[arg(long, env = "SLUICE_ALLOWANCE_LEASE", default_value = "60s", value_parser = sluice_domain::time::positive_duration)]
+    /// From 1s to 1h: the control plane grants a cut-off replica's money again an hour after
+    /// at most, and a longer lease would spend it twice.
+    #[arg(long, env = "SLUICE_ALLOWANCE_LEASE", default_value = "60s", value_parser = allowance_lease)]
     pub allowance_lease: Duration,
     /// How long a request whose key's allowance ran out waits for the control plane to
     /// grant more before --budget-when-away applies. The control plane answers in about a
@@ -272,7 +276,9 @@ impl Config {
     /// The allowance options.
     pub fn allowances(&self) -> crate::allowance::AllowanceOptions {
         crate::allowance::AllowanceOptions {
-            lease: self.allowance_lease.max(Duration::from_secs(1)),
+            lease: self
+                .allowance_lease
+                .clamp(*ALLOWANCE_LEASE.start(), *ALLOWANCE_LEASE.end()),
             wait: self.allowance_wait,
             when_away: self.budget_when_away,
         }
@@ -319,6 +325,21 @@ impl Config {
             Some(path) => Ok(Some(std::fs::read_to_string(path)?.trim().to_owned())),
             None => Ok(None),
         }
+    }
+}
+
+/// `--allowance-lease`: a duration within [`ALLOWANCE_LEASE`].
+fn allowance_lease(text: &str) -> Result<Duration, String> {
+    let lease = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if ALLOWANCE_LEASE.contains(&lease) {
+        Ok(lease)
+    } else {
+        Err(format!(
+            "must be from {} to {} (the control plane grants a cut-off replica's allowances \
+             again after at most {0})",
+            humantime::format_duration(*ALLOWANCE_LEASE.start()),
+            humantime::format_duration(*ALLOWANCE_LEASE.end()),
+        ))
     }
 }
 
@@ -371,6 +392,24 @@ mod tests {
         assert_eq!(config.answers_per_key(), 256);
         config.max_buffered_answer_bytes_per_key = Some(100);
         assert_eq!(config.answers_per_key(), 100);
+    }
+
+    #[test]
+    fn an_allowance_lease_past_what_the_control_plane_counts_is_refused() {
+        let lease = |text: &str| {
+            Config::try_parse_from(["sluice-proxy", "--allowance-lease", text])
+                .map(|c| c.allowance_lease)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(lease("1h"), Ok(Duration::from_secs(3_600)));
+        assert_eq!(lease("1s"), Ok(Duration::from_secs(1)));
+        for refused in ["2h", "0s", "500ms"] {
+            let error = lease(refused).unwrap_err();
+            assert!(
+                error.contains("--allowance-lease") && error.contains("must be from 1s to 1h"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -53,3 +53,10 @@ pub const MAX_ID_BYTES: usize = 256;
 /// What usage records and metric labels say for a requested model that no route serves:
 /// the name a client sent is not kept, so clients cannot invent unbounded values.
 pub const OTHER_MODEL: &str = "other";
+
+/// The shortest and the longest allowance lease a replica may hold (`--allowance-lease`): the
+/// control plane counts a replica's grants as held for at most the longest (and 5 s more)
+/// after its stream closed, then grants that money again; a replica that spent it for longer
+/// would spend it twice.
+pub const ALLOWANCE_LEASE: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3_600);

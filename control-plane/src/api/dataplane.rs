@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use sluice_domain::text::has_control;
-use sluice_proto::limits::MAX_ID_BYTES;
+use sluice_proto::limits::{ALLOWANCE_LEASE, MAX_ID_BYTES};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::data_plane_service_server::DataPlaneService;
 use tokio::sync::{mpsc, oneshot};
@@ -31,7 +31,8 @@ use crate::time::{duration_ms, monotonic_ms, now_ms};
 
 /// A replica's allowance lease when its hello names none, and the bounds of one it names.
 const DEFAULT_ALLOWANCE_LEASE_MS: i64 = 60_000;
-const ALLOWANCE_LEASE_MS: std::ops::RangeInclusive<i64> = 1_000..=3_600_000;
+const ALLOWANCE_LEASE_MS: std::ops::RangeInclusive<i64> =
+    (ALLOWANCE_LEASE.start().as_millis() as i64)..=(ALLOWANCE_LEASE.end().as_millis() as i64);
 
 /// The service data planes call.
 #[derive(Clone)]
