@@ -144,6 +144,56 @@ fn a_json_schema_response_format_becomes_the_output_format() {
     assert!(m.get("output_config").is_none());
 }
 
+/// A schema as pydantic writes it for `Field(ge=1)`, `constr(max_length=…)`, a union and an
+/// open object reaches Anthropic as its own SDK rewrites one: objects closed, `oneOf` as
+/// `anyOf`, the keywords Anthropic does not take moved into the description.
+#[test]
+fn a_schema_is_rewritten_as_anthropics_sdk_rewrites_it() {
+    let schema = json!({
+        "type": "object", "title": "Order",
+        "properties": {
+            "count": {"type": "integer", "minimum": 1, "description": "How many"},
+            "code": {"type": "string", "maxLength": 8, "format": "uuid"},
+            "tags": {"type": "array", "items": {"type": "string", "format": "hex"}, "minItems": 2},
+            "size": {"oneOf": [{"type": "integer"}, {"enum": ["S", "M"]}]},
+            "ref": {"$ref": "#/$defs/Item"},
+        },
+        "$defs": {"Item": {"type": "object", "properties": {"id": {"type": "string"}}}},
+        "required": ["count"], "additionalProperties": true,
+    });
+    let m = to_messages(
+        json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "Order", "schema": schema}}}),
+    );
+    assert_eq!(
+        m["output_config"]["format"]["schema"],
+        json!({
+            "$defs": {"Item": {"type": "object", "properties": {"id": {"type": "string"}},
+                               "additionalProperties": false}},
+            "type": "object", "title": "Order",
+            "properties": {
+                "count": {"type": "integer", "description": "How many\n\n{minimum: 1}"},
+                "code": {"type": "string", "format": "uuid", "description": "{maxLength: 8}"},
+                "tags": {"type": "array", "items": {"type": "string", "description": "{format: \"hex\"}"},
+                         "description": "{minItems: 2}"},
+                "size": {"anyOf": [{"type": "integer"}, {"enum": ["S", "M"]}]},
+                "ref": {"$ref": "#/$defs/Item"},
+            },
+            "additionalProperties": false, "required": ["count"],
+        })
+    );
+    // A part with nothing to say what it is, as the SDK refuses it.
+    let mut body = obj(json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}]}));
+    body.insert(
+        "response_format".into(),
+        json!({"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"x": {}}}}}),
+    );
+    assert_eq!(
+        chat_to_messages(&body, "x", 1).unwrap_err().param,
+        "response_format.json_schema.schema"
+    );
+}
+
 #[test]
 fn tools_and_tool_choice_map_across() {
     let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": false});

@@ -173,9 +173,10 @@ pub fn chat_to_messages(
 }
 
 /// A chat `response_format` → the Messages `output_config.format` (`None` for text, the
-/// default): a `json_schema` format's schema, which Anthropic's structured outputs keep to
-/// (its models answer with the JSON as their text, which is the completion's content, as the
-/// SDKs' `parse` reads it). `json_object` names no schema: refused.
+/// default): a `json_schema` format's schema as Anthropic's structured outputs take it
+/// ([`anthropic_schema`]); its models answer with the JSON as their text, which is the
+/// completion's content, as the SDKs' `parse` reads it. `json_object` names no schema:
+/// refused.
 fn output_format(format: &Value) -> Result<Option<Value>, Untranslatable> {
     match format.get("type").and_then(Value::as_str) {
         None | Some("text") => Ok(None),
@@ -190,6 +191,13 @@ fn output_format(format: &Value) -> Result<Option<Value>, Untranslatable> {
                         "A json_schema response_format needs its schema (an object).",
                     )
                 })?;
+            let schema = anthropic_schema(schema).ok_or_else(|| {
+                Untranslatable::new(
+                    "response_format.json_schema.schema",
+                    "A schema Anthropic's structured outputs take needs a type, enum, anyOf, \
+                     oneOf or allOf at every level.",
+                )
+            })?;
             Ok(Some(json!({"type": "json_schema", "schema": schema})))
         }
         _ => Err(Untranslatable::new(
@@ -197,6 +205,142 @@ fn output_format(format: &Value) -> Result<Option<Value>, Untranslatable> {
             "Only a json_schema (or text) response_format can be sent to an Anthropic backend.",
         )),
     }
+}
+
+/// String formats Anthropic's structured outputs take.
+const SCHEMA_STRING_FORMATS: [&str; 10] = [
+    "date-time",
+    "time",
+    "date",
+    "duration",
+    "email",
+    "hostname",
+    "uri",
+    "ipv4",
+    "ipv6",
+    "uuid",
+];
+
+/// A JSON schema as Anthropic's structured outputs take it, rewritten as its own SDK does
+/// before sending one (`transform_schema` in anthropic-sdk-python): every object closed
+/// (`additionalProperties: false`), `oneOf` as `anyOf`, and the keywords it does not take
+/// (`minimum`, `maxLength`, `pattern`, `minItems` past 1, a string format not its own, …)
+/// moved into the `description` as `{key: value, …}`, so that the model may still follow
+/// them. `None` for a schema (or a part of one) with none of `type`, `enum`, `anyOf`,
+/// `oneOf`, `allOf` or `$ref`, which the SDK refuses too.
+fn anthropic_schema(schema: &Value) -> Option<Value> {
+    let mut rest = schema.as_object()?.clone();
+    let mut out = Map::new();
+    if let Some(defs) = rest.remove("$defs") {
+        let defs = defs
+            .as_object()?
+            .iter()
+            .map(|(name, def)| Some((name.clone(), anthropic_schema(def)?)))
+            .collect::<Option<Map<_, _>>>()?;
+        out.insert("$defs".into(), Value::Object(defs));
+    }
+    if let Some(reference) = rest.remove("$ref") {
+        out.insert("$ref".into(), reference);
+        return Some(Value::Object(out));
+    }
+    let kind = rest.remove("type");
+    let variants = |list: &Value| -> Option<Value> {
+        list.as_array()?
+            .iter()
+            .map(anthropic_schema)
+            .collect::<Option<Vec<_>>>()
+            .map(Value::Array)
+    };
+    let (enumeration, any_of, one_of, all_of) = (
+        rest.remove("enum"),
+        rest.remove("anyOf"),
+        rest.remove("oneOf"),
+        rest.remove("allOf"),
+    );
+    match (&enumeration, &any_of, &one_of, &all_of) {
+        (Some(Value::Array(values)), ..) => {
+            let values = values
+                .iter()
+                .map(|v| match v {
+                    Value::Object(_) => anthropic_schema(v),
+                    v => Some(v.clone()),
+                })
+                .collect::<Option<Vec<_>>>()?;
+            out.insert("enum".into(), Value::Array(values));
+        }
+        (_, Some(list @ Value::Array(_)), ..) => {
+            out.insert("anyOf".into(), variants(list)?);
+        }
+        (_, _, Some(list @ Value::Array(_)), _) => {
+            out.insert("anyOf".into(), variants(list)?);
+        }
+        (_, _, _, Some(list @ Value::Array(_))) => {
+            out.insert("allOf".into(), variants(list)?);
+        }
+        _ => {
+            out.insert("type".into(), kind.clone()?);
+        }
+    }
+    for key in ["description", "title"] {
+        if let Some(value) = rest.remove(key) {
+            out.insert(key.into(), value);
+        }
+    }
+    match kind.as_ref().and_then(Value::as_str) {
+        Some("object") => {
+            let properties = match rest.remove("properties") {
+                Some(Value::Object(properties)) => properties
+                    .iter()
+                    .map(|(name, property)| Some((name.clone(), anthropic_schema(property)?)))
+                    .collect::<Option<Map<_, _>>>()?,
+                _ => Map::new(),
+            };
+            out.insert("properties".into(), Value::Object(properties));
+            rest.remove("additionalProperties");
+            out.insert("additionalProperties".into(), Value::Bool(false));
+            if let Some(required) = rest.remove("required") {
+                out.insert("required".into(), required);
+            }
+        }
+        Some("string") => {
+            if let Some(format) = rest.remove("format") {
+                if format
+                    .as_str()
+                    .is_some_and(|f| SCHEMA_STRING_FORMATS.contains(&f))
+                {
+                    out.insert("format".into(), format);
+                } else {
+                    rest.insert("format".into(), format);
+                }
+            }
+        }
+        Some("array") => {
+            if let Some(items) = rest.remove("items") {
+                out.insert("items".into(), anthropic_schema(&items)?);
+            }
+            if let Some(least) = rest.remove("minItems") {
+                if matches!(least.as_u64(), Some(0 | 1)) {
+                    out.insert("minItems".into(), least);
+                } else {
+                    rest.insert("minItems".into(), least);
+                }
+            }
+        }
+        _ => {}
+    }
+    if !rest.is_empty() {
+        let unsupported = rest
+            .iter()
+            .map(|(key, value)| format!("{key}: {value}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let description = match out.get("description").and_then(Value::as_str) {
+            Some(description) => format!("{description}\n\n{{{unsupported}}}"),
+            None => format!("{{{unsupported}}}"),
+        };
+        out.insert("description".into(), Value::from(description));
+    }
+    Some(Value::Object(out))
 }
 
 /// Whether Anthropic takes `stop` as a stop sequence: it refuses one that is empty or only
