@@ -103,6 +103,10 @@ pub struct Pool {
     /// What that answer refused (the ask's want): a request that needs less may still be
     /// granted, and asks.
     exhausted_want: AtomicI64,
+    /// The wants of the asks not answered yet, oldest first: the control plane answers in
+    /// order, so an answer is to the first (an ask made again after a second's silence
+    /// may be answered after a later, smaller one was made).
+    wants: std::sync::Mutex<std::collections::VecDeque<i64>>,
     changed: Notify,
     /// For the refusal's message: the budget and when it resets (read only on a refusal).
     words: std::sync::Mutex<(f64, Option<SystemTime>)>,
@@ -122,6 +126,7 @@ impl Pool {
             stale: AtomicU64::new(0),
             exhausted_at: AtomicU64::new(0),
             exhausted_want: AtomicI64::new(0),
+            wants: std::sync::Mutex::new(std::collections::VecDeque::new()),
             changed: Notify::new(),
             words: std::sync::Mutex::new((max_budget, resets)),
         }
@@ -406,6 +411,10 @@ impl Allowances {
         if self.asks.try_send(ask).is_err() {
             pool.asking.store(0, Ordering::Release);
         } else {
+            pool.wants
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_back(want);
             pool.unanswered.fetch_add(1, Ordering::AcqRel);
             self.asks_sent.fetch_add(1, Ordering::Relaxed);
         }
@@ -534,6 +543,7 @@ impl Allowances {
             for pool in self.pools.load().values() {
                 // The asks of a closed stream are never answered.
                 pool.unanswered.store(0, Ordering::Release);
+                pool.wants.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 pool.stale.store(0, Ordering::Release);
                 pool.asking.store(0, Ordering::Release);
                 pool.changed.notify_waiters();
@@ -598,8 +608,15 @@ impl Allowances {
             } else {
                 0
             };
-            pool.exhausted_want
-                .store(pool.last_want.load(Ordering::Acquire), Ordering::Release);
+            let answered = pool
+                .wants
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front();
+            pool.exhausted_want.store(
+                answered.unwrap_or_else(|| pool.last_want.load(Ordering::Acquire)),
+                Ordering::Release,
+            );
             pool.exhausted_at.store(exhausted, Ordering::Release);
             pool.asking.store(0, Ordering::Release);
             pool.changed.notify_waiters();
@@ -752,6 +769,33 @@ mod tests {
         assert_eq!(queued.recv().await.unwrap().want_nanos, 10);
         a.heard(Some(&grant("k", 10, false)), false);
         assert_eq!(small.await.unwrap(), Ok(Some(10)));
+    }
+
+    /// An `exhausted` answer to a large ask that came after a second's silence, when a
+    /// smaller ask had been made meanwhile, refuses as much as that large ask wanted: the
+    /// smaller one's answer is still to come.
+    #[tokio::test]
+    async fn an_exhausted_answer_counts_against_the_ask_it_answers() {
+        let a = allowances(WhenAway::Refuse);
+        let mut queued = a.queued.lock().await;
+        let pool = a.pool("k").unwrap();
+        a.ask("k", &pool, 1_000);
+        assert_eq!(queued.recv().await.unwrap().want_nanos, 1_000);
+        // A second's silence: the next request asks again (as `ask` lets it then).
+        pool.asking.store(0, Ordering::Release);
+        a.ask("k", &pool, 10);
+        assert_eq!(queued.recv().await.unwrap().want_nanos, 10);
+        // The answer to the first ask.
+        a.heard(Some(&grant("k", 0, true)), false);
+        assert_eq!(pool.exhausted_want.load(Ordering::Acquire), 1_000);
+        // A request of 500 is not refused by it: it waits for the answer to the second.
+        let middle = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.admit("k", 500).await.map(|r| r.is_some()) }
+        });
+        tokio::task::yield_now().await;
+        a.heard(Some(&grant("k", 500, false)), false);
+        assert_eq!(middle.await.unwrap(), Ok(true));
     }
 
     /// An answer the control plane gives when it could not read the budget (nothing granted,

@@ -22,10 +22,12 @@ pub struct Backup {
     pub took: Duration,
 }
 
-/// Writes a copy of the database at `db` to `out`, which must not exist: to `out.partial`
-/// first, checked (`PRAGMA quick_check`) and flushed, then renamed, so `out` is either a
-/// whole copy or absent. The database is opened read-only and no lock is taken: the control
-/// plane keeps serving.
+/// Writes a copy of the database at `db` to `out`, which must not exist: to a file of its own
+/// beside it first (`OUT.<pid>.partial`, readable by the owner only, as the data directory
+/// is), checked (`PRAGMA quick_check`) and flushed, then linked as `out` (which fails, rather
+/// than replace it, if `out` has appeared meanwhile) and unlinked, so `out` is either a whole
+/// copy or absent and nothing is ever overwritten. The database is opened read-only and no
+/// lock is taken: the control plane keeps serving.
 pub fn backup(db: &Path, out: &Path) -> anyhow::Result<Backup> {
     let started = Instant::now();
     anyhow::ensure!(db.exists(), "no database at {}", db.display());
@@ -35,22 +37,24 @@ pub fn backup(db: &Path, out: &Path) -> anyhow::Result<Backup> {
         out.display()
     );
     let partial = partial_path(out)?;
-    // One left by a backup that was stopped midway is not a backup.
-    match std::fs::remove_file(&partial) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            return Err(err).with_context(|| format!("removing {}", partial.display()));
-        }
-        _ => {}
-    }
     let written = write_copy(db, &partial);
-    if written.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    written?;
-    let bytes = std::fs::metadata(&partial)
-        .with_context(|| format!("reading {}", partial.display()))?
+    let linked = written.and_then(|()| {
+        std::fs::hard_link(&partial, out).map_err(|err| {
+            if err.kind() == std::io::ErrorKind::AlreadyExists {
+                anyhow::anyhow!(
+                    "{} exists; give a new file (a backup never overwrites)",
+                    out.display()
+                )
+            } else {
+                anyhow::Error::new(err).context(format!("writing {}", out.display()))
+            }
+        })
+    });
+    let _ = std::fs::remove_file(&partial);
+    linked?;
+    let bytes = std::fs::metadata(out)
+        .with_context(|| format!("reading {}", out.display()))?
         .len();
-    std::fs::rename(&partial, out).with_context(|| format!("writing {}", out.display()))?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::File::open(dir)
             .and_then(|dir| dir.sync_all())
@@ -67,11 +71,20 @@ fn partial_path(out: &Path) -> anyhow::Result<PathBuf> {
         .file_name()
         .with_context(|| format!("{} names no file", out.display()))?;
     let mut partial = name.to_os_string();
-    partial.push(".partial");
+    partial.push(format!(".{}.partial", std::process::id()));
     Ok(out.with_file_name(partial))
 }
 
 fn write_copy(db: &Path, partial: &Path) -> anyhow::Result<()> {
+    // Created empty (which VACUUM INTO writes into) and for the owner only: the copy holds
+    // the sealed provider keys and the key hashes, as the database does.
+    let mut create = std::fs::OpenOptions::new();
+    create.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut create, 0o600);
+    create
+        .open(partial)
+        .with_context(|| format!("creating {}", partial.display()))?;
     let source = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("opening {}", db.display()))?;
     source.busy_timeout(Duration::from_secs(5))?;
@@ -152,8 +165,19 @@ mod tests {
             .unwrap();
         assert_eq!((rows, torn), (max + 1, 0));
         assert!(rows >= 20_000);
-        // A backup never overwrites.
+        // A backup never overwrites, and leaves nothing beside its file.
         let again = backup(&db, &out).unwrap_err();
         assert!(again.to_string().contains("exists"), "{again:#}");
+        let beside: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(beside, [out.file_name().unwrap()]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&out).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{mode:o}: the owner's only");
+        }
     }
 }
