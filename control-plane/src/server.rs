@@ -432,12 +432,15 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let http = crate::http::serve(
         http_acceptor,
         http,
+        // HTTP/1.1 only: nothing that reaches the dashboard or /metrics speaks h2c, and an h2
+        // client could hold 200 answers a connection there for good (no window granted).
         Http::new(
             config.http.header_read_timeout,
             config.http.idle_timeout,
             config.http.write_timeout,
             write_timeouts,
-        ),
+        )
+        .http1_only(),
         stop.clone(),
     );
 

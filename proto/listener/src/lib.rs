@@ -268,6 +268,18 @@ impl Http {
         }
     }
 
+    /// Serves no request over h2c, for a listener no client needs it on (browsers, Prometheus
+    /// and fronts all speak HTTP/1.1 to it): an h2 client may keep 200 answers per connection
+    /// in hyper's buffer by granting their streams no window, which no write timeout sees (the
+    /// socket never fills), and a listener without per-answer deadlines would hold them for
+    /// good. An h2 connection is still accepted (hyper-util's builder cannot refuse the
+    /// protocol on a connection that may upgrade), but it may open no stream: each is refused
+    /// (`REFUSED_STREAM`) before any service runs, so no answer is ever made or held.
+    pub fn http1_only(mut self) -> Self {
+        self.builder.http2().max_concurrent_streams(0);
+        self
+    }
+
     /// Serves one connection until it closes, watched by `graceful`: when shutdown starts it
     /// ends after the request in flight or at once between requests, and a connection that
     /// has sent no request yet ends after its first, or when none has come within
@@ -761,6 +773,54 @@ mod tests {
             .await
             .expect("closed once its PING went unanswered")
             .unwrap();
+    }
+
+    /// A listener made HTTP/1.1 only answers no h2 request (the same request is answered by a
+    /// listener built for both, above), and still serves HTTP/1.1.
+    #[tokio::test(start_paused = true)]
+    async fn an_http1_only_listener_refuses_h2() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let service = service_fn(|_: Request<Incoming>| async {
+            Ok::<_, std::convert::Infallible>(Response::new("ok".to_owned()))
+        });
+        let graceful = Graceful::new();
+        let served = tokio::spawn(
+            Http::new(FIRST_HEAD, FIRST_HEAD, WRITE_TIMEOUT, Counter::default())
+                .http1_only()
+                .serve(server, service, &graceful),
+        );
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        hello.extend_from_slice(&[0, 0, 3, 1, 0x05, 0, 0, 0, 1, 0x82, 0x86, 0x84]);
+        client.write_all(&hello).await.unwrap();
+        // Whatever comes back (the server's SETTINGS, the stream refused) holds no answer.
+        let mut frames = Vec::new();
+        let mut buf = [0; 1024];
+        while let Ok(Ok(read @ 1..)) = tokio::time::timeout(FIRST_HEAD, client.read(&mut buf)).await
+        {
+            frames.extend_from_slice(&buf[..read]);
+        }
+        assert!(!frames.is_empty());
+        assert!(
+            !frames.windows(2).any(|w| w == b"ok"),
+            "answered over h2: {frames:?}"
+        );
+        drop(client);
+        tokio::time::timeout(FIRST_HEAD * 4, served)
+            .await
+            .expect("served")
+            .unwrap();
+        // HTTP/1.1 is served.
+        let (mut client, server) = tokio::io::duplex(4096);
+        let service = service_fn(|_: Request<Incoming>| async {
+            Ok::<_, std::convert::Infallible>(Response::new("ok".to_owned()))
+        });
+        let _served = tokio::spawn(
+            Http::new(FIRST_HEAD, FIRST_HEAD, WRITE_TIMEOUT, Counter::default())
+                .http1_only()
+                .serve(server, service, &graceful),
+        );
+        assert!(ask(&mut client).await.ends_with("ok"));
     }
 
     // Paused time: the timers run out as soon as nothing else can run, no sleeping.
