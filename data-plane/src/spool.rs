@@ -69,6 +69,12 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 /// The spool's directory under the data directory.
 pub const SPOOL_DIR: &str = "usage-spool";
 
+/// Where a run's spool directory is moved before it is deleted (beside [`SPOOL_DIR`], never
+/// replayed): a deletion cut short (a crash, an I/O error) then leaves nothing a later start
+/// reads, where deleting in place left some of a run's files (starts whose finishes were
+/// gone), counted a second time as interrupted. Emptied at every start.
+const DISCARDED_DIR: &str = "usage-spool-discarded";
+
 /// The lock file in the data directory.
 pub const LOCK_FILE: &str = "sluice-proxy.lock";
 
@@ -371,6 +377,13 @@ impl Spool {
         let lock = lock(&data_dir)?;
         let root = data_dir.join(SPOOL_DIR);
         std::fs::create_dir_all(&root).map_err(io_error("creating", &root))?;
+        let discarded = data_dir.join(DISCARDED_DIR);
+        match std::fs::remove_dir_all(&discarded) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(path = %discarded.display(), error = %err, "cannot delete the resent usage spool directories");
+            }
+            _ => {}
+        }
 
         let mut replays = Vec::new();
         for entry in std::fs::read_dir(&root).map_err(io_error("reading", &root))? {
@@ -381,7 +394,7 @@ impl Spool {
             }
             let replay = replay::read(&path).map_err(io_error("reading", &path))?;
             if replay.is_empty() {
-                std::fs::remove_dir_all(&path).map_err(io_error("removing", &path))?;
+                discard(&data_dir, &path).map_err(io_error("removing", &path))?;
                 continue;
             }
             tracing::info!(
@@ -620,7 +633,7 @@ impl Spool {
             self.resending().retain(|s| !s.same_queue(&sink));
         }
         self.shared.resent.fetch_add(total, Ordering::Relaxed);
-        match std::fs::remove_dir_all(&dir) {
+        match discard(&self.shared.options.data_dir, &dir) {
             Ok(()) => {
                 self.shared.bytes.fetch_sub(bytes, Ordering::Relaxed);
             }
@@ -720,6 +733,22 @@ fn lock(data_dir: &Path) -> Result<File, SpoolError> {
 /// Flushes a directory's entries (new and deleted files) to disk.
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Deletes the spool directory `dir` of an earlier run: moved into [`DISCARDED_DIR`] first (one
+/// rename, flushed), then deleted there.
+fn discard(data_dir: &Path, dir: &Path) -> std::io::Result<()> {
+    let discarded = data_dir.join(DISCARDED_DIR);
+    std::fs::create_dir_all(&discarded)?;
+    let name = dir
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("a spool directory without a name"))?;
+    let aside = discarded.join(name);
+    std::fs::rename(dir, &aside)?;
+    if let Some(root) = dir.parent() {
+        sync_dir(root)?;
+    }
+    std::fs::remove_dir_all(&aside)
 }
 
 /// `<lane>.<segment>.spool`.
@@ -840,6 +869,39 @@ mod tests {
         assert!(spool.take_replays().is_empty());
         // The new process writes its own directory beside the old one.
         assert!(data.path().join(SPOOL_DIR).join("inc-2").is_dir());
+    }
+
+    /// What a deletion of a resent run's directory cut short leaves (the directory moved
+    /// aside, some of its files still there) is never replayed, and is gone after the next
+    /// start.
+    #[test]
+    fn a_run_whose_deletion_was_cut_short_is_not_replayed() {
+        let data = tempfile::tempdir().unwrap();
+        {
+            let spool = Spool::open(SpoolOptions::new(data.path()), &identity("inc-1"), 1).unwrap();
+            let lane = spool.lane(0).unwrap();
+            let mut spooled = None;
+            lane.start(&mut spooled, &mut record("running"))
+                .unwrap()
+                .now()
+                .unwrap();
+        }
+        let discarded = data.path().join(DISCARDED_DIR);
+        std::fs::create_dir_all(&discarded).unwrap();
+        std::fs::rename(
+            data.path().join(SPOOL_DIR).join("inc-1"),
+            discarded.join("inc-1"),
+        )
+        .unwrap();
+        let spool = Spool::open(SpoolOptions::new(data.path()), &identity("inc-2"), 1).unwrap();
+        assert!(spool.take_replays().is_empty());
+        assert!(!discarded.exists());
+        // And `discard` leaves nothing under the spool's root.
+        let empty = data.path().join(SPOOL_DIR).join("inc-0");
+        std::fs::create_dir(&empty).unwrap();
+        std::fs::write(empty.join("0.00000001.spool"), b"x").unwrap();
+        discard(data.path(), &empty).unwrap();
+        assert!(!empty.exists());
     }
 
     #[test]
