@@ -96,6 +96,8 @@ struct Ledger {
     period_start_ms: i64,
     /// The period's end, as the last ask read it (`i64::MAX` until one has).
     period_end_ms: i64,
+    /// The budget as the last ask read it.
+    max_nanos: u64,
     holdings: HashMap<Replica, Holding>,
 }
 
@@ -104,6 +106,7 @@ impl Default for Ledger {
         Self {
             period_start_ms: 0,
             period_end_ms: i64::MAX,
+            max_nanos: 0,
             holdings: HashMap::new(),
         }
     }
@@ -207,6 +210,8 @@ impl Allowances {
                 .or_insert_with(|| Ledger {
                     period_start_ms: h.period_start_ms,
                     period_end_ms: i64::MAX,
+                    // Not known until an ask reads it: no ask lowers it.
+                    max_nanos: 0,
                     holdings: HashMap::new(),
                 });
             if ledger.period_start_ms != h.period_start_ms {
@@ -348,11 +353,14 @@ impl Allowances {
     ) -> Grant {
         self.sweep(now_ms);
         let ledger = self.ledgers.entry(key.to_owned()).or_default();
-        if ledger.period_start_ms != budget.period_start_ms {
-            // A new period: what was granted in the old one is void on both sides.
+        if ledger.period_start_ms != budget.period_start_ms || budget.max_nanos < ledger.max_nanos {
+            // A new period, or a budget lowered: what was granted before is void on both
+            // sides (each replica voids its pool when its snapshot shows the new terms), so
+            // that money granted under the old budget is not spent against the new one.
             ledger.period_start_ms = budget.period_start_ms;
             ledger.holdings.clear();
         }
+        ledger.max_nanos = budget.max_nanos;
         ledger.period_end_ms = budget.period_end_ms;
         let replicas = &self.replicas;
         let period: &Ledger = ledger;
@@ -460,6 +468,27 @@ mod tests {
         assert_eq!(a.outstanding(KEY), 200 - 120);
         a.ingested(&r0, [(1, KEY, 120, 0)], 1);
         assert_eq!(a.outstanding(KEY), 80, "a resent record is charged once");
+    }
+
+    /// A budget lowered mid-period voids what was granted under the old one, here as on the
+    /// replicas: counted as still held, the old grants (more than the new budget) left the key
+    /// refused for the rest of the period; a raised budget keeps them.
+    #[test]
+    fn a_lowered_budget_voids_the_grants_a_raised_one_keeps_them() {
+        let mut a = Allowances::new();
+        let (r0, r1) = (replica(0, 0), replica(1, 0));
+        let budget = |max_nanos| Budget {
+            max_nanos,
+            period_start_ms: 0,
+            period_end_ms: i64::MAX,
+            spent_nanos: 0,
+        };
+        assert_eq!(a.ask(&r0, KEY, 1, budget(6_400), &[], 1).nanos, 100);
+        assert_eq!(a.ask(&r1, KEY, 1, budget(12_800), &[], 1).nanos, 100);
+        assert_eq!(a.outstanding(KEY), 200, "raised: both grants kept");
+        let g = a.ask(&r1, KEY, 40, budget(50), &[], 2);
+        assert!(!g.exhausted && g.nanos >= 40, "{g:?}");
+        assert_eq!(a.outstanding(KEY), g.nanos, "lowered: only the new grant");
     }
 
     /// A report committed and charged whose ack the replica never heard (its streams broke

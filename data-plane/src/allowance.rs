@@ -434,6 +434,21 @@ impl Allowances {
                         &mut *pool.words.lock().unwrap_or_else(|p| p.into_inner()),
                         (max_budget, resets),
                     );
+                    // A budget lowered, or a lifetime budget made periodic before any grant of
+                    // its period came: the money granted under the old terms is void, as the
+                    // control plane voids its grants at its next ask (kept, it was spent
+                    // against the new budget, which it could pass many times over). Requests
+                    // in flight still settle into the pool.
+                    let lifetime_money = old.1.is_none()
+                        && resets.is_some()
+                        && pool.period_start_ms.load(Ordering::Acquire) == 0;
+                    if max_budget < old.0 || lifetime_money {
+                        let _ =
+                            pool.available
+                                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                                    (a > 0).then_some(0)
+                                });
+                    }
                     if old.1.is_some() && old.1 != resets {
                         // A new period: the old one's money is void, here as at the control
                         // plane, which counts this replica as holding none of the new period's
@@ -796,6 +811,22 @@ mod tests {
         tokio::task::yield_now().await;
         a.heard(Some(&grant("k", 500, false)), false);
         assert_eq!(middle.await.unwrap(), Ok(true));
+    }
+
+    /// A budget lowered (or a lifetime budget made daily) voids the pool granted under the
+    /// old terms; one raised keeps it.
+    #[tokio::test]
+    async fn a_lowered_budget_voids_the_pool_a_raised_one_keeps_it() {
+        let a = allowances(WhenAway::Refuse);
+        a.heard(Some(&grant("k", 100, false)), false);
+        a.budgeted(vec![("k".into(), 2.0, None)]);
+        assert_eq!(a.pool("k").unwrap().available(), 100, "raised");
+        a.budgeted(vec![("k".into(), 0.5, None)]);
+        assert_eq!(a.pool("k").unwrap().available(), 0, "lowered");
+        a.heard(Some(&grant("k", 100, false)), false);
+        let midnight = SystemTime::UNIX_EPOCH + Duration::from_secs(1_765_065_600);
+        a.budgeted(vec![("k".into(), 0.5, Some(midnight))]);
+        assert_eq!(a.pool("k").unwrap().available(), 0, "lifetime made daily");
     }
 
     /// An answer the control plane gives when it could not read the budget (nothing granted,
