@@ -201,7 +201,23 @@ impl Proxy {
         let identity = NodeIdentity::new(config.node_id.clone());
         // Before listening: a data directory another process holds stops this one here.
         let spool = match config.spool() {
-            Some(options) => Some(Arc::new(Spool::open(options, &identity, serving_threads)?)),
+            Some(options) => {
+                let serve_anyway = options.on_full == crate::spool::OnFull::Serve;
+                match Spool::open(options, &identity, serving_threads) {
+                    Ok(spool) => Some(Arc::new(spool)),
+                    Err(err) if serve_anyway && err.disk_failing() => {
+                        tracing::error!(
+                            error = %err,
+                            "the usage spool cannot be opened on a failing disk; serving without \
+                             it (--usage-spool-full serve): usage survives no crash of this \
+                             process, and what an earlier run left is sent after a restart on a \
+                             working disk"
+                        );
+                        None
+                    }
+                    Err(err) => return Err(err.into()),
+                }
+            }
             None => None,
         };
         let listener = TcpListener::bind(config.listen)

@@ -155,6 +155,30 @@ pub enum SpoolError {
     },
 }
 
+impl SpoolError {
+    /// Whether the disk failed rather than the setup: full (`ENOSPC`), read-only (`EROFS`,
+    /// ext4 remounts so after an I/O error) or failing (`EIO`). A replica restarted on such
+    /// a disk with `--usage-spool-full serve` starts without its spool, as a running one serves
+    /// on when its writes fail, rather than crash-loop (every replica on one storage would be
+    /// down for usage accounting alone); a path it may not use, or another process's
+    /// directory, still stops it.
+    pub fn disk_failing(&self) -> bool {
+        use std::io::ErrorKind;
+        match self {
+            Self::Locked { .. } => false,
+            Self::Io { source, .. } => {
+                matches!(
+                    source.kind(),
+                    ErrorKind::StorageFull | ErrorKind::ReadOnlyFilesystem
+                ) || source.raw_os_error() == Some(EIO)
+            }
+        }
+    }
+}
+
+/// `EIO` on Linux and the BSDs.
+const EIO: i32 = 5;
+
 fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError {
     let path = path.to_owned();
     move |source| SpoolError::Io { what, path, source }
@@ -902,6 +926,36 @@ mod tests {
         std::fs::write(empty.join("0.00000001.spool"), b"x").unwrap();
         discard(data.path(), &empty).unwrap();
         assert!(!empty.exists());
+    }
+
+    #[test]
+    fn only_a_failing_disk_is_one_a_replica_starts_without_its_spool_on() {
+        use std::io::{Error, ErrorKind};
+        let io = |source: Error| SpoolError::Io {
+            what: "creating",
+            path: "/data/usage-spool/x".into(),
+            source,
+        };
+        for failing in [
+            Error::from(ErrorKind::StorageFull),
+            Error::from(ErrorKind::ReadOnlyFilesystem),
+            Error::from_raw_os_error(EIO),
+        ] {
+            assert!(io(failing).disk_failing());
+        }
+        for setup in [
+            Error::from(ErrorKind::PermissionDenied),
+            Error::from(ErrorKind::NotFound),
+        ] {
+            assert!(!io(setup).disk_failing());
+        }
+        assert!(
+            !SpoolError::Locked {
+                dir: "/data".into(),
+                holder: String::new()
+            }
+            .disk_failing()
+        );
     }
 
     #[test]
