@@ -566,34 +566,7 @@ print(json.dumps(out))
     let claude = Mock::start("claude", &["claude-up"]).await;
     let (_, key) = cluster.create_key("cached", &[]).await;
     let key_id = cluster.client_key("cached").await.id;
-    // The provider key from the environment, as an operator gives it.
-    let added = tokio::process::Command::new(sluice_e2e::process::workspace_bin("sluicectl"))
-        .args(["--endpoint", &cluster.control_url()])
-        .args([
-            "--token",
-            common::ADMIN_TOKEN,
-            "backend",
-            "add",
-            "--name",
-            "claude",
-        ])
-        .args([
-            "--base-url",
-            &claude.base_url(),
-            "--api-format",
-            "anthropic",
-        ])
-        .args([
-            "--model",
-            "claude:claude-up:3/0.3/3.75:15",
-            "--api-key-env",
-            "KEY",
-        ])
-        .env("KEY", claude.api_key.clone().unwrap())
-        .output()
-        .await
-        .unwrap();
-    assert!(added.status.success(), "{added:?}");
+    add_priced_claude(&cluster, &claude).await;
     let proxy = cluster.proxy().await;
     let usage = python(CACHING, &[&proxy.url(""), &key]).await;
     // Nine words of system prompt, cached; two of question; five of answer.
@@ -646,4 +619,110 @@ print(json.dumps(out))
     );
     let route = cluster.sluicectl(&["backend", "get", "claude"]).await;
     assert!(route.contains("CACHE WRITE $/MTOK"), "{route}");
+}
+
+/// A chat client that names its conversation (`prompt_cache_key`, what OpenAI's automatic
+/// cache is steered by) gets Anthropic's prompt cache on an Anthropic backend: the translated
+/// request asks for automatic caching, so each turn writes the prompt to the cache and the next
+/// reads what the last wrote; the openai SDK sees the reads as `cached_tokens`, and the key is
+/// charged each part at its price. A request naming no conversation is not cached (writes cost
+/// a quarter more than the input price).
+#[tokio::test]
+async fn a_chat_client_naming_its_conversation_gets_anthropics_prompt_cache() {
+    const CONVERSATION: &str = r#"
+import json, sys
+from openai import OpenAI
+base, key = sys.argv[1:3]
+c = OpenAI(base_url=base, api_key=key, max_retries=0)
+def tokens(u):
+    details = u.prompt_tokens_details
+    return [u.prompt_tokens, details.cached_tokens if details else 0, u.completion_tokens]
+turn = [{"role": "system", "content": "You answer questions about the weather in Paris, briefly."},
+        {"role": "user", "content": "hello there"}]
+out = []
+r = c.chat.completions.create(model="claude", messages=turn, prompt_cache_key="conversation-1")
+out.append(tokens(r.usage))
+turn += [{"role": "assistant", "content": r.choices[0].message.content},
+         {"role": "user", "content": "and tomorrow?"}]
+usage = None
+for chunk in c.chat.completions.create(model="claude", messages=turn, stream=True,
+                                       stream_options={"include_usage": True},
+                                       prompt_cache_key="conversation-1"):
+    usage = chunk.usage or usage
+out.append(tokens(usage))
+r = c.chat.completions.create(model="claude", messages=turn[:2])
+out.append(tokens(r.usage))
+print(json.dumps(out))
+"#;
+    let cluster = Cluster::start().await;
+    let claude = Mock::start("claude", &["claude-up"]).await;
+    let (_, key) = cluster.create_key("conversing", &[]).await;
+    let key_id = cluster.client_key("conversing").await.id;
+    add_priced_claude(&cluster, &claude).await;
+    let proxy = cluster.proxy().await;
+    let usage = python(CONVERSATION, &[&proxy.url("/v1"), &key]).await;
+    // The first turn: nine words of system prompt and two of question, all written to the
+    // cache; five of answer. The second adds the answer (six words) and three more: the first
+    // turn's eleven are read, the eight after them written. The third, naming no
+    // conversation, the first turn's prompt again: nothing cached.
+    assert_eq!(
+        usage,
+        json!([[11, 0, 5], [19, 11, 5], [11, 0, 5]]),
+        "{usage}"
+    );
+    let last = claude.last_messages().await.unwrap();
+    let sent: serde_json::Value = serde_json::from_str(&last.body).unwrap();
+    assert_eq!(sent.get("cache_control"), None, "{sent}");
+    // In nano-units: 11 × 3,750 + 5 × 15,000; 11 × 300 + 8 × 3,750 + 5 × 15,000;
+    // 11 × 3,000 + 5 × 15,000.
+    let billed = (41_250 + 75_000) + (3_300 + 30_000 + 75_000) + (33_000 + 75_000);
+    eventually(
+        Duration::from_secs(30),
+        "the key's spend is the provider's bill",
+        || async { (cluster.client_key(&key_id).await.spend * 1e9).round() as u64 == billed },
+    )
+    .await;
+    let totals = cluster.totals().await;
+    assert_eq!(
+        (
+            totals.prompt_tokens,
+            totals.cached_prompt_tokens,
+            totals.cache_write_prompt_tokens
+        ),
+        (41, 11, 19)
+    );
+}
+
+/// The mock `claude` as an Anthropic backend added with `sluicectl`, its provider key from the
+/// environment as an operator gives it, and Claude Sonnet's prices with a cache write price:
+/// model `claude` at $3 in, $0.30 cached, $3.75 written to the cache and $15 out a million
+/// tokens.
+async fn add_priced_claude(cluster: &Cluster, claude: &Mock) {
+    let added = tokio::process::Command::new(sluice_e2e::process::workspace_bin("sluicectl"))
+        .args(["--endpoint", &cluster.control_url()])
+        .args([
+            "--token",
+            common::ADMIN_TOKEN,
+            "backend",
+            "add",
+            "--name",
+            "claude",
+        ])
+        .args([
+            "--base-url",
+            &claude.base_url(),
+            "--api-format",
+            "anthropic",
+        ])
+        .args([
+            "--model",
+            "claude:claude-up:3/0.3/3.75:15",
+            "--api-key-env",
+            "KEY",
+        ])
+        .env("KEY", claude.api_key.clone().unwrap())
+        .output()
+        .await
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
 }

@@ -53,6 +53,14 @@ fn hex_sha256(text: &str) -> String {
 }
 pub use to_messages::chat_to_messages_in_shape;
 
+/// What a translated request carries when its client asked for prompt caching
+/// (`prompt_cache_key` or `prompt_cache_retention`, OpenAI's cache is automatic): Anthropic's
+/// automatic caching, a breakpoint at the prompt's last block that moves with the
+/// conversation. Five minutes: a 1-hour write (what `"24h"` would ask for) is billed at twice
+/// the input price, which a route cannot price yet. As written by the in-shape writer; the
+/// value translation writes the same (the property tests hold them together).
+const CACHE_CONTROL: &[u8] = br#","cache_control":{"type":"ephemeral"}"#;
+
 /// A chat completions request → the Messages request for `model`. `default_max_tokens` fills
 /// `max_tokens` when the client gave neither `max_tokens` nor `max_completion_tokens`
 /// (Anthropic requires it). Anything the Messages API cannot express is an [`Untranslatable`].
@@ -153,6 +161,9 @@ pub fn chat_to_messages(
                     key.clone(),
                     "An Anthropic backend answers with text only.",
                 ));
+            }
+            "prompt_cache_key" | "prompt_cache_retention" if value.is_string() => {
+                out.insert("cache_control".into(), json!({"type": "ephemeral"}));
             }
             _ => {}
         }
@@ -1320,6 +1331,11 @@ pub(crate) mod tests {
             2 => Just("\"stream\":true".to_owned()),
             1 => Just("\"stream_options\":{\"include_usage\":true,\"x\":1e400}".to_owned()),
             2 => Just("\"seed\":42".to_owned()),
+            2 => string().prop_map(|s| format!("\"prompt_cache_key\":{s}")),
+            1 => Just("\"prompt_cache_key\":null".to_owned()),
+            1 => Just("\"prompt_cache_key\":5".to_owned()),
+            1 => Just("\"prompt_cache_retention\":\"24h\"".to_owned()),
+            1 => Just("\"prompt_cache_retention\":null".to_owned()),
             1 => Just("\"deep\":[[[[{\"a\":\"\\ud800\"}]]]]".to_owned()),
             1 => Just("\"n\":1".to_owned()),
             3 => chat_tool_member(),
@@ -1719,6 +1735,39 @@ pub(crate) mod tests {
             assert_eq!(in_shape, parsed_whole, "{body}");
         }
         parsed_whole
+    }
+
+    /// A chat client that names its conversation for OpenAI's cache (`prompt_cache_key`) or
+    /// sets its retention asks an Anthropic backend for its automatic caching; one that does
+    /// neither (the last of two members of one name standing) asks for nothing.
+    #[test]
+    fn a_client_asking_for_the_prompt_cache_gets_anthropics_automatic_caching() {
+        let body = |members: &str| {
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{members}}}"#)
+        };
+        for asked in [
+            r#","prompt_cache_key":"conversation-1""#,
+            r#","prompt_cache_retention":"24h""#,
+            r#","prompt_cache_retention":"in_memory""#,
+            r#","prompt_cache_key":null,"prompt_cache_retention":"24h""#,
+            r#","prompt_cache_key":null,"prompt_cache_key":"c""#,
+        ] {
+            let request = to_messages_agreed(&body(asked));
+            assert_eq!(
+                request["cache_control"],
+                json!({"type": "ephemeral"}),
+                "{asked}"
+            );
+        }
+        for not_asked in [
+            "",
+            r#","prompt_cache_key":null"#,
+            r#","prompt_cache_key":"c","prompt_cache_key":null"#,
+            r#","prompt_cache_key":5"#,
+        ] {
+            let request = to_messages_agreed(&body(not_asked));
+            assert_eq!(request.get("cache_control"), None, "{not_asked}");
+        }
     }
 
     /// Claude Code's `metadata.user_id` (about 150 characters) is longer than OpenAI-compatible

@@ -20,9 +20,13 @@
 //!
 //! The prompt cache: a request whose system or message blocks carry `cache_control` has the
 //! prompt up to its last such block (the prefix) cached, as Anthropic's is (without its
-//! minimum length): the first request with a prefix writes it (`cache_creation_input_tokens`,
-//! and `cache_creation.ephemeral_5m_input_tokens`, or `_1h_` for a `"ttl": "1h"`), each later
-//! one reads it (`cache_read_input_tokens`), and `input_tokens` counts the rest.
+//! minimum length); a top-level `cache_control` (automatic caching) puts that block at the
+//! prompt's end. The first request with a prefix writes it (`cache_creation_input_tokens`, and
+//! `cache_creation.ephemeral_5m_input_tokens`, or `_1h_` for a `"ttl": "1h"`), each later one
+//! reads it (`cache_read_input_tokens`); a request whose prefix is not cached reads the longest
+//! cached prefix ending at one of the 20 blocks before it and writes the rest, as Anthropic's
+//! lookback does, so a conversation's next turn reads the last one's. `input_tokens` counts
+//! the rest.
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
@@ -180,12 +184,18 @@ pub(crate) struct MessagesRequest {
 
 /// The part of a prompt the cache holds: its tokens, a hash of its texts (the cache's key),
 /// and whether it is kept for an hour (`"ttl": "1h"`) rather than five minutes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct CachePrefix {
-    tokens: u64,
+    pub(crate) tokens: u64,
     pub(crate) hash: u64,
     one_hour: bool,
+    /// The tokens and hash of the prompt to each of the (at most 20) blocks before it, latest
+    /// last: where Anthropic looks for a cached prefix when this one is not cached.
+    pub(crate) earlier: Vec<(u64, u64)>,
 }
+
+/// How many blocks before a cache breakpoint Anthropic looks back for a cached prefix.
+const LOOKBACK_BLOCKS: usize = 20;
 
 /// Counts a prompt's words, and where its cache prefix ends.
 #[derive(Default)]
@@ -193,6 +203,8 @@ struct Prompt {
     words: u64,
     hasher: std::collections::hash_map::DefaultHasher,
     prefix: Option<CachePrefix>,
+    /// The words and hash of the prompt after each block so far.
+    boundaries: Vec<(u64, u64)>,
 }
 
 impl Prompt {
@@ -204,14 +216,30 @@ impl Prompt {
 
     /// After a block: the prefix ends here when it asks for the cache.
     fn block(&mut self, block: &Value) {
-        use std::hash::Hasher;
-        if let Some(control) = block.get("cache_control").filter(|c| c.is_object()) {
-            self.prefix = Some(CachePrefix {
-                tokens: self.words,
-                hash: self.hasher.finish(),
-                one_hour: control.get("ttl").and_then(Value::as_str) == Some("1h"),
-            });
+        self.boundary();
+        if let Some(control) = block.get("cache_control") {
+            self.cache_here(control);
         }
+    }
+
+    /// After a block, or a message whose content is a string (one block to Anthropic).
+    fn boundary(&mut self) {
+        use std::hash::Hasher;
+        self.boundaries.push((self.words, self.hasher.finish()));
+    }
+
+    /// The prefix ends at the last block so far, if `control` is a cache control.
+    fn cache_here(&mut self, control: &Value) {
+        let Some(&(tokens, hash)) = self.boundaries.last().filter(|_| control.is_object()) else {
+            return;
+        };
+        let before = &self.boundaries[..self.boundaries.len() - 1];
+        self.prefix = Some(CachePrefix {
+            tokens,
+            hash,
+            one_hour: control.get("ttl").and_then(Value::as_str) == Some("1h"),
+            earlier: before[before.len().saturating_sub(LOOKBACK_BLOCKS)..].to_vec(),
+        });
     }
 }
 
@@ -256,7 +284,10 @@ fn validate(
     let mut prompt = Prompt::default();
     match o.get("system") {
         None | Some(Value::Null) => {}
-        Some(Value::String(s)) => prompt.text(s),
+        Some(Value::String(s)) => {
+            prompt.text(s);
+            prompt.boundary();
+        }
         Some(Value::Array(blocks)) => {
             for b in blocks {
                 prompt.text(text_of(b, "system")?);
@@ -284,7 +315,10 @@ fn validate(
         }
         last_has_result = false;
         match m.get("content") {
-            Some(Value::String(s)) => prompt.text(s),
+            Some(Value::String(s)) => {
+                prompt.text(s);
+                prompt.boundary();
+            }
             Some(Value::Array(blocks)) => {
                 for (j, b) in blocks.iter().enumerate() {
                     let at = format!("messages.{i}.content.{j}");
@@ -350,6 +384,10 @@ fn validate(
                 )));
             }
         }
+    }
+    // Automatic caching: the breakpoint at the prompt's last block.
+    if let Some(control) = o.get("cache_control") {
+        prompt.cache_here(control);
     }
     let tools = match o.get("tools") {
         None | Some(Value::Null) => &[][..],
@@ -516,13 +554,13 @@ impl MessageUsage {
 }
 
 /// The answer to a valid request: a whole `Message` JSON, or its event stream. `cache_read`:
-/// whether its cache prefix, if it has one, was in the cache.
+/// the tokens of its cache prefix, if it has one, that were in the cache.
 pub(crate) fn answer(
     name: &str,
     id: u64,
     config: &super::MockConfig,
     req: &MessagesRequest,
-    cache_read: bool,
+    cache_read: u64,
 ) -> (Bytes, Vec<Bytes>, MessageUsage) {
     let chunk_count = config.chunk_count;
     let id = format!("msg_mock{id:016x}");
@@ -548,14 +586,14 @@ pub(crate) fn answer(
         Some(_) => chunk_count.max(1) as u64,
         None => words as u64,
     };
-    let cached = req.cache_prefix.map_or(0, |p| p.tokens);
+    let cached = req.cache_prefix.as_ref().map_or(0, |p| p.tokens);
     let usage = MessageUsage {
         input: req.input_tokens,
         output,
-        cache_read: if cache_read { cached } else { 0 },
-        cache_write: if cache_read { 0 } else { cached },
+        cache_read,
+        cache_write: cached - cache_read,
     };
-    let one_hour = req.cache_prefix.is_some_and(|p| p.one_hour);
+    let one_hour = req.cache_prefix.as_ref().is_some_and(|p| p.one_hour);
     let mut content = Vec::new();
     if !text.is_empty() {
         content.push(json!({"type": "text", "text": text}));

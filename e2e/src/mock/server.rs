@@ -660,7 +660,8 @@ fn answer(shared: &Arc<Shared>, call: Call) -> Answer {
                 Ok(r) => {
                     let cache_read = r
                         .cache_prefix
-                        .is_some_and(|prefix| shared.prompt_cache_read(prefix.hash));
+                        .as_ref()
+                        .map_or(0, |prefix| shared.prompt_cache_read(prefix));
                     let (body, events, usage) =
                         anthropic::answer(&config.name, shared.next_id(), config, &r, cache_read);
                     if r.stream {

@@ -53,12 +53,24 @@ impl Shared {
         }
     }
 
-    /// Whether the prompt prefix `hash` is in the prompt cache (read), else writes it there.
-    pub(crate) fn prompt_cache_read(&self, hash: u64) -> bool {
-        self.prompt_cache
-            .lock()
-            .map(|mut cache| !cache.insert(hash))
-            .unwrap_or(false)
+    /// The tokens of `prefix` the prompt cache holds (all of it, or the longest of its
+    /// earlier prefixes it holds: Anthropic's lookback), and writes it there.
+    pub(crate) fn prompt_cache_read(&self, prefix: &super::anthropic::CachePrefix) -> u64 {
+        let Ok(mut cache) = self.prompt_cache.lock() else {
+            return 0;
+        };
+        let read = if cache.contains(&prefix.hash) {
+            prefix.tokens
+        } else {
+            prefix
+                .earlier
+                .iter()
+                .rev()
+                .find(|(_, hash)| cache.contains(hash))
+                .map_or(0, |&(tokens, _)| tokens)
+        };
+        cache.insert(prefix.hash);
+        read
     }
 
     /// Records what the last request to a Messages route was answered with.

@@ -4,13 +4,13 @@
 //! The shape: messages of the system, developer, user, assistant and tool roles whose content
 //! is a string, `null` or text parts (an assistant's also refusal parts), the assistant's tool
 //! calls; the token limits, `temperature`, `top_p`, `stop`, `user`, function tools,
-//! `tool_choice` and `parallel_tool_calls`. Texts are copied as the client escaped them, tool
-//! descriptions and schemas and a call's `arguments` (the JSON text inside the string,
-//! unescaped once) as the client wrote them; each is checked as the parse into values checks
-//! it ([`super::as_written`]). Anything else (images, `n`, `logprobs`, `response_format`,
-//! `modalities`, `audio`, a member of another type than the shape's) is `None`, left to
-//! [`super::chat_to_messages`], the translation that decides; property tests in `request.rs`
-//! hold the two to the same Messages request.
+//! `tool_choice`, `parallel_tool_calls`, `prompt_cache_key` and `prompt_cache_retention`.
+//! Texts are copied as the client escaped them, tool descriptions and schemas and a call's
+//! `arguments` (the JSON text inside the string, unescaped once) as the client wrote them;
+//! each is checked as the parse into values checks it ([`super::as_written`]). Anything else
+//! (images, `n`, `logprobs`, `response_format`, `modalities`, `audio`, a member of another
+//! type than the shape's) is `None`, left to [`super::chat_to_messages`], the translation that
+//! decides; property tests in `request.rs` hold the two to the same Messages request.
 
 use std::borrow::Cow;
 
@@ -33,7 +33,9 @@ pub fn chat_to_messages_in_shape<'a>(
     let (mut max_completion_tokens, mut max_tokens) = (None, None);
     let (mut temperature, mut top_p, mut user) = (None, None, None);
     let (mut turns, mut stop, mut tools, mut choice, mut parallel) = (None, None, None, None, None);
-    let mut size = 0;
+    // Whether `prompt_cache_key` and `prompt_cache_retention` ask for the cache (the last of
+    // two of one name stands, as in the parse).
+    let (mut size, mut cache) = (0, [false; 2]);
     for (key, value) in members {
         let text = value.get();
         size += text.len();
@@ -52,6 +54,10 @@ pub fn chat_to_messages_in_shape<'a>(
                 *slot = (text != "null").then_some(value);
             }
             "user" => user = from_text::<Option<Key<'a>>>(text)?,
+            "prompt_cache_key" | "prompt_cache_retention" => {
+                let asked = from_text::<Option<Key<'a>>>(text)?.is_some();
+                cache[usize::from(key == "prompt_cache_retention")] = asked;
+            }
             "messages" => turns = Some(from_text::<Turns<'a>>(text)?),
             "stop" => {
                 // A string becomes the one stop sequence, an array is copied; one Anthropic
@@ -154,6 +160,9 @@ pub fn chat_to_messages_in_shape<'a>(
         out.extend_from_slice(b",\"metadata\":{\"user_id\":");
         string(&mut out, &super::messages_user_id(user));
         out.push(b'}');
+    }
+    if cache.contains(&true) {
+        out.extend_from_slice(super::CACHE_CONTROL);
     }
     out.extend_from_slice(if stream {
         b",\"stream\":true}"
