@@ -49,6 +49,33 @@ struct State {
     /// Nanoseconds after `origin`; 0 (the origin itself) is a full bucket.
     tat: AtomicU64,
     origin: Instant,
+    /// The limit and replica count of the bucket in use (the last to take over), packed
+    /// ([`pack`]): what the TAT is counted at, so that a request admitted under an earlier
+    /// bucket settles at the rate its tokens are owed at now.
+    in_use: AtomicU64,
+}
+
+/// The tokens a bucket for `replicas`' share of `limit` holds when full: a tenth of a minute's
+/// share, at least one.
+fn burst(limit: u64, replicas: u64) -> u64 {
+    (limit / (10 * replicas)).max(1)
+}
+
+/// Nanoseconds of `replicas`' share of `limit` that `tokens` take, rounded up (so the share
+/// is never exceeded by rounding).
+fn nanos_for(tokens: u64, limit: u64, replicas: u64) -> u64 {
+    let nanos =
+        (u128::from(tokens) * NANOS_PER_MINUTE * u128::from(replicas)).div_ceil(u128::from(limit));
+    u64::try_from(nanos).unwrap_or(u64::MAX)
+}
+
+/// A limit and a replica count (each at most `u32::MAX`) in one word.
+fn pack(limit: u64, replicas: u64) -> u64 {
+    (limit << 32) | replicas
+}
+
+fn unpack(rate: u64) -> (u64, u64) {
+    (rate >> 32, rate & u64::from(u32::MAX))
 }
 
 /// Tokens charged to a bucket for one request at admission (its prompt estimate); the rest
@@ -85,6 +112,7 @@ impl TokenBucket {
             None => Arc::new(State {
                 tat: AtomicU64::new(0),
                 origin: now,
+                in_use: AtomicU64::new(pack(limit, replicas)),
             }),
         };
         let carried_from = previous
@@ -111,6 +139,9 @@ impl TokenBucket {
         let Some((previous_limit, previous_replicas)) = self.carried_from else {
             return;
         };
+        self.state
+            .in_use
+            .store(pack(self.limit, self.replicas), Ordering::Release);
         let now = self.at(now);
         let ceiling = now
             .saturating_add(self.tolerance)
@@ -142,7 +173,7 @@ impl TokenBucket {
 
     /// The tokens a bucket holds when full: a tenth of a minute's share, at least one.
     pub fn burst(&self) -> u64 {
-        (self.limit / (10 * self.replicas)).max(1)
+        burst(self.limit, self.replicas)
     }
 
     /// Admits a request while the bucket holds anything, charging `estimate` tokens (what is
@@ -190,16 +221,21 @@ impl TokenBucket {
         (tat >= full_at).then(|| Duration::from_nanos(tat - full_at + 1))
     }
 
-    /// Charges `more` tokens than were reserved, or hands `fewer` back.
+    /// Charges `more` tokens than were reserved, or hands `fewer` back, at the rate of the
+    /// bucket in use now: the reserved tokens' time was converted to it with the rest of the
+    /// debt when it took over, and the request's tokens are owed at it (a request admitted
+    /// before a limit was raised does not leave the key in debt at the old rate).
     fn adjust(&self, reserved: u64, actual: u64) {
-        let (reserved, actual) = (self.nanos_for(reserved), self.nanos_for(actual));
+        let (limit, replicas) = unpack(self.state.in_use.load(Ordering::Acquire));
+        let nanos_for = |tokens| nanos_for(tokens, limit, replicas);
+        let (reserved, actual) = (nanos_for(reserved), nanos_for(actual));
         if reserved == actual {
             return;
         }
         // A charge never takes the bucket past a day of debt from now (nor lowers it).
         let ceiling = if actual > reserved {
             self.at(Instant::now())
-                .saturating_add(self.tolerance)
+                .saturating_add(nanos_for(burst(limit, replicas)))
                 .saturating_add(MAX_DEBT.as_nanos() as u64)
         } else {
             u64::MAX
@@ -224,12 +260,9 @@ impl TokenBucket {
         u64::try_from(tokens).unwrap_or(u64::MAX)
     }
 
-    /// Nanoseconds of this share that `tokens` take, rounded up (so the share is never
-    /// exceeded by rounding).
+    /// Nanoseconds of this share that `tokens` take.
     fn nanos_for(&self, tokens: u64) -> u64 {
-        let nanos = (u128::from(tokens) * NANOS_PER_MINUTE * u128::from(self.replicas))
-            .div_ceil(u128::from(self.limit));
-        u64::try_from(nanos).unwrap_or(u64::MAX)
+        nanos_for(tokens, self.limit, self.replicas)
     }
 
     fn at(&self, now: Instant) -> u64 {
@@ -388,6 +421,33 @@ mod tests {
         lowered.take_over(now);
         let wait = lowered.try_admit(1, now).unwrap_err();
         assert!(wait > Duration::from_secs(500), "{wait:?}");
+    }
+
+    /// A request admitted before its limit (or its replica count) changed and ending after
+    /// owes its tokens at the rate in use when it ends: a raised limit does not leave the key
+    /// in debt at the old one for minutes, more replicas do not let it pay a third.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_running_when_the_rate_changes_settles_at_the_new_rate() {
+        let now = Instant::now();
+        let old = TokenBucket::new(10_000, 1, now).unwrap();
+        let running = old.try_admit(100, now).unwrap();
+        let raised = TokenBucket::carry_over(Some(&old), 1_000_000, 1, now).unwrap();
+        raised.take_over(now);
+        running.settle(50_000);
+        // 50,000 tokens at 1,000,000 a minute are 3 s, inside the burst of 100,000 (at
+        // 10,000 a minute they were 300 s of debt).
+        assert_eq!(raised.available_in(now), Duration::ZERO);
+
+        // 60,000 a minute on one replica, then shared by three: 20,000 tokens are a minute of
+        // the new share, two of them past its burst of 2,000.
+        let now = Instant::now();
+        let alone = TokenBucket::new(60_000, 1, now).unwrap();
+        let running = alone.try_admit(1, now).unwrap();
+        let shared = TokenBucket::carry_over(Some(&alone), 60_000, 3, now).unwrap();
+        shared.take_over(now);
+        running.settle(20_000);
+        let wait = shared.available_in(now);
+        assert!(wait > Duration::from_secs(50), "{wait:?}");
     }
 
     use proptest::prelude::*;
