@@ -68,8 +68,9 @@ pub enum Outcome {
     Success,
     /// 429, with the upstream's `Retry-After` if it sent one.
     RateLimited { retry_after: Option<Duration> },
-    /// 5xx, connect error, or timeout before the first byte.
-    Failure,
+    /// 5xx (with the upstream's `Retry-After` if it sent one), connect error, or timeout
+    /// before the first byte.
+    Failure { retry_after: Option<Duration> },
 }
 
 #[derive(Debug, Default)]
@@ -238,7 +239,7 @@ impl CooldownTracker {
                 retry_after.map(|wait| wait.min(MAX_RETRY_AFTER)),
                 "429 from upstream".to_owned(),
             ),
-            Outcome::Failure => {
+            Outcome::Failure { retry_after } => {
                 if !current || policy.failure_threshold == 0 {
                     return None;
                 }
@@ -247,7 +248,11 @@ impl CooldownTracker {
                     return None;
                 }
                 let reason = format!("{} consecutive failures", entry.failures);
-                (Kind::Failing, None, reason)
+                (
+                    Kind::Failing,
+                    retry_after.map(|wait| wait.min(MAX_RETRY_AFTER)),
+                    reason,
+                )
             }
         };
         let now = now();
@@ -542,7 +547,13 @@ mod tests {
             );
             assert!(
                 tracker
-                    .record("b", sent_at, &POLICY, Outcome::Failure, now)
+                    .record(
+                        "b",
+                        sent_at,
+                        &POLICY,
+                        Outcome::Failure { retry_after: None },
+                        now
+                    )
                     .is_none()
             );
             // Nor does a success that was on its way: it says nothing about after the 429.
@@ -578,13 +589,19 @@ mod tests {
             let b = basis(&tracker, now);
             assert!(
                 tracker
-                    .record("b", b, &POLICY, Outcome::Failure, now)
+                    .record("b", b, &POLICY, Outcome::Failure { retry_after: None }, now)
                     .is_none()
             );
         }
         assert_eq!(left(&tracker, now), Duration::ZERO);
         let ev = tracker
-            .record("b", basis(&tracker, now), &POLICY, Outcome::Failure, now)
+            .record(
+                "b",
+                basis(&tracker, now),
+                &POLICY,
+                Outcome::Failure { retry_after: None },
+                now,
+            )
             .unwrap();
         assert_eq!(ev.kind, BackendEventKind::Failing as i32);
         assert_eq!(ev.reason, "3 consecutive failures");
@@ -592,7 +609,13 @@ mod tests {
         // Past the threshold, the next failure doubles.
         now = later(now, Duration::from_secs(1));
         let ev = tracker
-            .record("b", basis(&tracker, now), &POLICY, Outcome::Failure, now)
+            .record(
+                "b",
+                basis(&tracker, now),
+                &POLICY,
+                Outcome::Failure { retry_after: None },
+                now,
+            )
             .unwrap();
         assert_eq!(ev.consecutive_failures, 2);
         assert_eq!(left(&tracker, now), Duration::from_secs(2));
@@ -603,10 +626,41 @@ mod tests {
         for _ in 0..10 {
             assert!(
                 tracker
-                    .record("c", FIRST, &disabled, Outcome::Failure, now)
+                    .record(
+                        "c",
+                        FIRST,
+                        &disabled,
+                        Outcome::Failure { retry_after: None },
+                        now
+                    )
                     .is_none()
             );
         }
+    }
+
+    /// A 503 saying when to come back (`Retry-After`) cools the backend that long once it
+    /// counts, as a 429 does, where the backoff alone would send it requests again in a second.
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_counted_with_a_retry_after_cools_down_that_long() {
+        let tracker = CooldownTracker::new();
+        let now = Now::read();
+        let unavailable = Outcome::Failure {
+            retry_after: Some(Duration::from_secs(60)),
+        };
+        for _ in 0..2 {
+            let b = basis(&tracker, now);
+            assert!(tracker.record("b", b, &POLICY, unavailable, now).is_none());
+        }
+        let ev = tracker
+            .record("b", basis(&tracker, now), &POLICY, unavailable, now)
+            .unwrap();
+        assert_eq!(ev.kind, BackendEventKind::Failing as i32);
+        assert_eq!(left(&tracker, now), Duration::from_secs(60));
+        // And the control plane is told, so that every replica waits as long.
+        assert_eq!(
+            Report::try_from(&ev).unwrap().retry_after,
+            Some(Duration::from_secs(60))
+        );
     }
 
     #[tokio::test(start_paused = true)]

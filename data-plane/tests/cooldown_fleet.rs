@@ -68,7 +68,10 @@ fn outcome() -> impl Strategy<Value = Outcome> {
         2 => (0u64..40_000).prop_map(|ms| Outcome::RateLimited {
             retry_after: Some(Duration::from_millis(ms))
         }),
-        2 => Just(Outcome::Failure),
+        2 => Just(Outcome::Failure { retry_after: None }),
+        1 => (0u64..40_000).prop_map(|ms| Outcome::Failure {
+            retry_after: Some(Duration::from_millis(ms))
+        }),
     ]
 }
 

@@ -404,6 +404,46 @@ async fn consecutive_failures_cool_a_backend_down() {
     assert_eq!(primary.stats().requests.chat_completions, 3);
 }
 
+/// A 503 that says when to come back (`Retry-After: 30`, as a backend restarting says it)
+/// cools the backend that long once its failures count, as a 429 does; the backoff alone
+/// gave it a second, then two, four…
+#[tokio::test]
+async fn failures_that_say_when_to_come_back_cool_the_backend_that_long() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(
+        Fault::Status {
+            code: 503,
+            retry_after: Some(RetryAfter::seconds(30)),
+        }
+        .always(),
+    );
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    // failure_threshold is 3 in the test settings.
+    for _ in 0..3 {
+        assert_eq!(h.chat(chat_body(false)).await.status(), 200);
+    }
+    h.cp.wait_for("failing event", |r| !r.events.is_empty())
+        .await;
+    let event = h.cp.with(|r| r.events[0].clone());
+    assert_eq!(event.kind, BackendEventKind::Failing as i32);
+    let until = system_time(event.cooldown_until.as_ref().unwrap()).unwrap();
+    let left = until.duration_since(SystemTime::now()).unwrap();
+    assert!(
+        left > Duration::from_secs(25) && left <= Duration::from_secs(30),
+        "{left:?}"
+    );
+    assert_eq!(
+        event.retry_after,
+        Some(proto_duration(Duration::from_secs(30)))
+    );
+    // Three seconds on (past a backoff of one), the backend is still left alone.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "1");
+    assert_eq!(primary.stats().requests.chat_completions, 3);
+}
+
 #[tokio::test]
 async fn a_cut_stream_ends_with_an_error_event() {
     let primary = mock("primary");

@@ -801,7 +801,7 @@ impl World {
                     .random_bool(0.5)
                     .then(|| Duration::from_millis(self.rng.random_range(0..5_000))),
             },
-            _ => Outcome::Failure,
+            _ => Outcome::Failure { retry_after: None },
         };
         let replica = &mut self.replicas[i];
         let basis = replica.requests.swap_remove(pick);

@@ -123,7 +123,11 @@ impl Failure {
                 retry_after: *retry_after,
             },
             Self::MemoryFull(..) => Outcome::Success,
-            _ => Outcome::Failure,
+            // A 503 (or any 5xx) may say when to come back, as a 429 does.
+            Self::Status { retry_after, .. } => Outcome::Failure {
+                retry_after: *retry_after,
+            },
+            _ => Outcome::Failure { retry_after: None },
         })
     }
 
@@ -577,7 +581,7 @@ pub(super) async fn forward_call(
                 Outcome::Success => {
                     tracing::info!(backend = %backend.name, "backend answered again: its streak ends");
                 }
-                Outcome::RateLimited { .. } | Outcome::Failure => {
+                Outcome::RateLimited { .. } | Outcome::Failure { .. } => {
                     tracing::warn!(
                         backend = %backend.name,
                         reason = %event.reason,
