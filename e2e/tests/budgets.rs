@@ -306,6 +306,79 @@ async fn a_request_without_tokens_is_charged_its_reserve_only_if_the_provider_ma
     .await;
 }
 
+/// A request whose first attempt timed out keeps its reserve spent though the next backend
+/// answered an error: the first provider may have generated, and billed, an answer nobody
+/// read. (It was given back, as for a request no provider had billed.)
+#[tokio::test]
+async fn a_timed_out_attempt_keeps_its_reserve_whatever_the_next_backend_answers() {
+    let cluster = Cluster::start().await;
+    let second = sluice_proto::wkt::Duration {
+        seconds: 1,
+        nanos: 0,
+    };
+    cluster
+        .set_settings(
+            pb::Settings {
+                max_attempts: 2,
+                first_byte_timeout: Some(second),
+                answer_timeout: Some(second),
+                ..Default::default()
+            },
+            &["max_attempts", "first_byte_timeout", "answer_timeout"],
+        )
+        .await;
+    let (stalls, errors) = (
+        Mock::start("stalls", &["m"]).await,
+        Mock::start("errors", &["m"]).await,
+    );
+    stalls.set_faults(vec![Fault::Stall.always()]).await;
+    errors.set_faults(vec![Fault::status(500).always()]).await;
+    cluster
+        .add_backend("stalls", &stalls, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    cluster
+        .add_backend("errors", &errors, pb::Pool::Primary, 1, &[("m", "m")])
+        .await;
+    let proxy = cluster.proxy_with(&["--allowance-wait=5s"]).await;
+    let key = cluster
+        .admin()
+        .await
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "timed-out".into(),
+            max_budget: 10.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key;
+    let answer = loop {
+        let r = proxy.chat(&key, "m").await;
+        // Until the replica has the snapshot with the new key, it does not know it.
+        if r.status() != 401 {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(answer.status().is_server_error(), "{answer:?}");
+    assert_eq!(
+        (
+            stalls.stats().await.requests.chat_completions,
+            errors.stats().await.requests.chat_completions
+        ),
+        (1, 1)
+    );
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "say hello to me"}]});
+    let reserve =
+        (serde_json::to_vec(&body).unwrap().len() as u64).div_ceil(4) * INPUT_NANOS_PER_TOKEN;
+    eventually(
+        Duration::from_secs(10),
+        "its reserve counted as spent",
+        || async { (key_state(&cluster, "timed-out").await.spend * 1e9).round() as u64 == reserve },
+    )
+    .await;
+}
+
 /// A background response spends its tokens after its create returned, and a retrieve is
 /// not charged (it would be on every poll): a budgeted key would spend without limit. It gets
 /// a clear 400 instead, before the provider is called; its foreground responses are served and

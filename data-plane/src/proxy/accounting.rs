@@ -90,6 +90,9 @@ struct Ledger {
     _parallel: Option<InFlight>,
     /// The request's hold on its key's budget allowance, settled when it ends.
     budget: Option<BudgetReservation>,
+    /// An attempt failed in a way the provider may have billed (it timed out, perhaps while
+    /// generating): the request keeps its reserve whatever the later attempts answer.
+    billed_failure: bool,
     done: bool,
     _in_flight: Held,
 }
@@ -146,6 +149,7 @@ impl Accounting {
             backend_tokens: None,
             _parallel: None,
             budget: None,
+            billed_failure: false,
             done: false,
         }))
     }
@@ -187,6 +191,7 @@ impl Accounting {
     /// could not be reached), and stays charged when it may have (`billed`: it timed out,
     /// perhaps while generating).
     pub fn attempt_failed(&mut self, billed: bool) {
+        self.0.billed_failure |= billed;
         if let Some(reservation) = self.0.backend_tokens.take() {
             if billed {
                 reservation.keep();
@@ -389,7 +394,7 @@ impl Accounting {
             .saturating_add(record.completion_tokens);
         // A provider that may have counted the request without saying how much keeps its
         // estimate charged, as a budget keeps its reserve.
-        let unknown = keeps_reserve(&record, kind);
+        let unknown = keeps_reserve(&record, kind, self.0.billed_failure);
         for reservation in [self.0.key_tokens.take(), self.0.backend_tokens.take()]
             .into_iter()
             .flatten()
@@ -408,7 +413,7 @@ impl Accounting {
         });
         record.priced = true;
         if let Some(reservation) = &self.0.budget
-            && keeps_reserve(&record, kind)
+            && keeps_reserve(&record, kind, self.0.billed_failure)
         {
             record.cost_nanos = record.cost_nanos.max(reservation.reserve().max(0) as u64);
         }
@@ -470,13 +475,15 @@ impl Accounting {
 /// reservations charged: one that reached a backend and learnt no tokens, where the provider
 /// may have billed and counted it (an answer without usage, a timeout, an answer Sluice could
 /// not read). One whose backend answered an error status, or could not be reached, was billed
-/// nothing: its reserve is given back. (A request cut short has its tokens estimated before
-/// this: see `estimate_unreported`.)
-fn keeps_reserve(record: &UsageRecord, kind: ErrorKind) -> bool {
+/// nothing: its reserve is given back, unless an earlier attempt may have been billed
+/// (`billed_failure`: it timed out, and the next backend answered an error). (A request cut
+/// short has its tokens estimated before this: see `estimate_unreported`.)
+fn keeps_reserve(record: &UsageRecord, kind: ErrorKind, billed_failure: bool) -> bool {
     record.attempts > 0
         && record.prompt_tokens == 0
         && record.completion_tokens == 0
-        && !matches!(kind, ErrorKind::UpstreamStatus | ErrorKind::UpstreamConnect)
+        && (billed_failure
+            || !matches!(kind, ErrorKind::UpstreamStatus | ErrorKind::UpstreamConnect))
 }
 
 impl Accounting {
