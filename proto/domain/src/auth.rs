@@ -9,12 +9,24 @@ use sha2::{Digest as _, Sha256};
 /// guessing, which the control plane also slows down.
 pub const MIN_TOKEN_CHARS: usize = 32;
 
-/// `Err(why)` when `token` is too short to be a token (`what` names where it came from).
+/// `Err(why)` when `token` is too short to be a token, or holds a character no HTTP header
+/// carries (`what` names where it came from; the token is never shown). Such a token started
+/// the server and then matched nothing: every header holding it is read as none.
 pub fn check_token_strength(what: &str, token: &str) -> Result<(), String> {
     if token.chars().count() < MIN_TOKEN_CHARS {
         return Err(format!(
             "{what} is too short: a token needs at least {MIN_TOKEN_CHARS} characters \
              (generate one with `openssl rand -hex 32`)"
+        ));
+    }
+    // What `HeaderValue::to_str` takes: visible ASCII, spaces and tabs.
+    if !token
+        .bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        return Err(format!(
+            "{what} holds a character an HTTP header cannot carry: a token must be printable \
+             ASCII (generate one with `openssl rand -hex 32`)"
         ));
     }
     Ok(())
@@ -54,7 +66,30 @@ pub fn client_key_hash(key: &str) -> [u8; 32] {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A token no header can carry (a passphrase with an accented letter, a control
+    /// character) is refused at start, without being shown; printable ASCII with inner spaces
+    /// is taken (`Bearer a b` carries it).
+    #[test]
+    fn a_token_no_header_can_carry_is_refused() {
+        for token in [
+            "Überwachungs-Passphrase-für-Sluice-2025",
+            "0123456789abcdef0123456789abcdef\u{7f}",
+            "0123456789abcdef\n0123456789abcdef",
+        ] {
+            let refused = check_token_strength("SLUICE_ADMIN_TOKEN", token).unwrap_err();
+            assert!(refused.contains("SLUICE_ADMIN_TOKEN"), "{refused}");
+            assert!(!refused.contains("0123") && !refused.contains("Passphrase"));
+            let header = http::HeaderValue::from_str(&format!("Bearer {token}"));
+            assert!(header.map_or(true, |h| h.to_str().is_err()), "{token:?}");
+        }
+        let taken = "correct horse battery staple 0123456789 ~!@#$%^&*()";
+        assert_eq!(check_token_strength("SLUICE_ADMIN_TOKEN", taken), Ok(()));
+        let header = http::HeaderValue::from_str(&format!("Bearer {taken}")).unwrap();
+        assert_eq!(bearer_token(header.to_str().unwrap()), Some(taken));
+    }
 
     #[test]
     fn bearer_scheme_any_case_credentials_trimmed() {
