@@ -180,6 +180,23 @@ mod tests {
         );
     }
 
+    /// A guesser failing from more addresses than are tracked does not lock out the right
+    /// token's holders elsewhere: a replica reconnecting from a new pod address is served.
+    #[test]
+    fn the_right_token_from_a_new_address_is_served_while_guessers_fill_the_table() {
+        let check = TokenCheck::new("dataplane-token-0123456789abcdef", "data-plane");
+        for i in 0..(throttle::MAX_TRACKED as u32 + throttle::BURST) {
+            let guesser = IpAddr::from((0x0a00_0000u32 + i).to_be_bytes());
+            let _ = check.check(Some("Bearer guess"), Some(guesser));
+        }
+        let replica: IpAddr = "192.0.2.200".parse().unwrap();
+        let served = check.check(
+            Some("Bearer dataplane-token-0123456789abcdef"),
+            Some(replica),
+        );
+        assert!(served.is_ok(), "{served:?}");
+    }
+
     #[test]
     fn requests_without_a_token_never_lock_an_address_out() {
         let check = TokenCheck::new("s3cret-token", "admin");
