@@ -246,48 +246,61 @@ impl DataPlaneApi {
                     nanos: h.held_nanos,
                 })
                 .collect();
-            self.allowances.lock().await.hello(
-                &replica,
-                lease_ms,
-                first.usage_acked_sequence,
-                &held,
-                monotonic_ms(),
-            );
-            Some((replica, lease_ms))
+            Some((replica, lease_ms, held))
         } else {
             None
         };
-        let refused = first.error_detail;
-        let first_version = match self.membership.joined(&hello, now_ms()).await {
-            Ok(version) => version,
-            Err(err) => {
-                if let Some((replica, _)) = &replica {
-                    self.allowances.lock().await.left(replica, monotonic_ms());
-                }
-                return Err(err.into());
-            }
-        };
-        // A snapshot too large for the replica to decode ended its last stream: it says so
-        // on this one's hello.
-        if !refused.is_empty() {
-            tracing::warn!(node = %hello.node_id, error = %refused, "data plane refused a snapshot");
-            self.membership
-                .registry()
-                .record(&hello.node_id, 0, &refused);
-            if let Err(err) = self
-                .store
-                .record_ack(hello.node_id.clone(), 0, refused)
-                .await
-            {
-                tracing::error!(error = %err, "recording a refusal failed");
-            }
-        }
+        let (acked, refused) = (first.usage_acked_sequence, first.error_detail);
 
         let (tx, rx) = mpsc::channel(2);
         let api = self.clone();
         let mut snapshots = self.publisher.subscribe();
         let node_id = hello.node_id.clone();
+        // The replica's arrival (its allowances adopted, its join recorded) runs in the
+        // stream's task, not in this call: a call dropped while it awaited the join's write
+        // (the replica reset the stream, or its connection closed) left the allowance engine
+        // counting the replica's grants as held, and the registry counting it as connected
+        // (a refusal's write), until the control plane restarted. The task always ends in
+        // `left`.
         tokio::spawn(async move {
+            let replica = match replica {
+                Some((replica, lease_ms, held)) => {
+                    api.allowances.lock().await.hello(
+                        &replica,
+                        lease_ms,
+                        acked,
+                        &held,
+                        monotonic_ms(),
+                    );
+                    Some((replica, lease_ms))
+                }
+                None => None,
+            };
+            let first_version = match api.membership.joined(&hello, now_ms()).await {
+                Ok(version) => version,
+                Err(err) => {
+                    if let Some((replica, _)) = &replica {
+                        api.allowances.lock().await.left(replica, monotonic_ms());
+                    }
+                    let _ = tx.send(Err(err.into())).await;
+                    return;
+                }
+            };
+            // A snapshot too large for the replica to decode ended its last stream: it says
+            // so on this one's hello.
+            if !refused.is_empty() {
+                tracing::warn!(node = %hello.node_id, error = %refused, "data plane refused a snapshot");
+                api.membership
+                    .registry()
+                    .record(&hello.node_id, 0, &refused);
+                if let Err(err) = api
+                    .store
+                    .record_ack(hello.node_id.clone(), 0, refused)
+                    .await
+                {
+                    tracing::error!(error = %err, "recording a refusal failed");
+                }
+            }
             // The first snapshot counts this replica among those sharing the RPM limits:
             // it may not be published yet.
             let published = async {
