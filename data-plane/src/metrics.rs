@@ -64,8 +64,22 @@ impl Hash for Label {
 }
 
 impl EncodeLabelValue for Label {
+    /// Escaped as the text format wants (`\\`, `\"`, `\n`), which prometheus-client does not
+    /// do: a backend or model named with a quote (`azure "eu"`) made every scrape of every
+    /// replica unparsable, for as long as its series stayed.
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        EncodeLabelValue::encode(&self.as_str(), encoder)
+        use std::fmt::Write as _;
+        let mut rest = self.as_str();
+        while let Some(at) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..at])?;
+            encoder.write_str(match rest.as_bytes()[at] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[at + 1..];
+        }
+        encoder.write_str(rest)
     }
 }
 
@@ -845,6 +859,19 @@ fn catch_up(counter: &Counter, seen: &AtomicU64, total: u64) {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// A backend or model named with a quote or a backslash is written escaped, so that a
+    /// scrape still parses.
+    #[test]
+    fn label_values_are_escaped_as_the_text_format_wants() {
+        let metrics = Metrics::default();
+        let backend = Label::from(&Arc::<str>::from(r#"azure "eu" \ west"#));
+        let model = Label::from(&Arc::<str>::from("m\nx"));
+        metrics.request(&backend, &model, 200);
+        let text = metrics.render(&SnapshotStore::default(), &UsageSink::new(1), None, 0);
+        let line = r#"sluice_requests_total{backend="azure \"eu\" \\ west",model="m\nx",status_class="2xx"} 1"#;
+        assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+    }
 
     /// The per-thread cache of series must count exactly what the families would: per
     /// registry, by label text (not by which copy of the text), and past its bound.
