@@ -81,7 +81,8 @@ macro_rules! usage_figures {
             error_count: t.error_count,
             prompt_tokens: t.prompt_tokens,
             completion_tokens: t.completion_tokens,
-            total_tokens: t.prompt_tokens + t.completion_tokens,
+            // The sums stop at their largest value; so does theirs.
+            total_tokens: t.prompt_tokens.saturating_add(t.completion_tokens),
             cost: t.cost,
             error_rate: ratio(t.error_count as f64, t.request_count),
             avg_latency_ms: ratio(t.latency_ms_sum, t.request_count),
@@ -380,6 +381,22 @@ mod tests {
             "{}",
             refused.message()
         );
+    }
+
+    /// Sums stopped at their largest value (an upstream reporting absurd token counts) add up
+    /// to the largest value, not to a small number (release) or a panic (debug).
+    #[test]
+    fn total_tokens_stop_at_the_largest_value_with_their_parts() {
+        let totals = Totals {
+            prompt_tokens: u64::MAX,
+            completion_tokens: 19,
+            ..Default::default()
+        };
+        let point = SeriesPoint {
+            totals,
+            ..Default::default()
+        };
+        assert_eq!(bucket(point, false, "USD").total_tokens, u64::MAX);
     }
 
     #[test]
