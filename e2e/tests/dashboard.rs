@@ -193,6 +193,40 @@ async fn the_dashboard_in_a_browser() {
         .screenshot(&artifacts().join("dashboard-overview.png"))
         .await;
 
+    // Day buckets are UTC days, named by their UTC date wherever the viewer is: in Pago Pago
+    // (UTC−11) a bucket's start, 00:00 UTC, is the afternoon of the day before.
+    browser
+        .send(
+            "Emulation.setTimezoneOverride",
+            json!({"timezoneId": "Pacific/Pago_Pago"}),
+        )
+        .await;
+    browser.click("#range button[data-range='30d']").await;
+    browser
+        .wait_for(
+            "(() => { const t = [...document.querySelectorAll('#chart-requests rect.hover title')]; \
+             return t.length >= 28 && t.at(-1).textContent.includes('(UTC)'); })()",
+            "the requests chart in day buckets",
+        )
+        .await;
+    let named = browser
+        .eval(
+            "[...document.querySelectorAll('#chart-requests rect.hover title')].at(-1) \
+             .textContent.split('\\n')[0]",
+        )
+        .await;
+    let today = browser
+        .eval(
+            "new Date().toLocaleString(undefined, {month: 'short', day: 'numeric', \
+             timeZone: 'UTC'}) + ' (UTC)'",
+        )
+        .await;
+    assert_eq!(named, today);
+    browser
+        .send("Emulation.setTimezoneOverride", json!({"timezoneId": ""}))
+        .await;
+    browser.click("#range button[data-range='24h']").await;
+
     // Split by pool: alpha is primary, beta fallback; the pools table counts each pool's
     // backends (6 requests went to alpha, 4 to beta).
     browser

@@ -112,9 +112,11 @@
       ? { hour: '2-digit', minute: '2-digit', second: '2-digit' }
       : { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit' });
   }
+  // Day buckets are UTC days (as the store keeps them): named by their UTC date, which a
+  // viewer west of UTC would otherwise see as the day before.
   function fmtBucket(t, step) {
     return new Date(t).toLocaleString(undefined, step >= DAY
-      ? { month: 'short', day: 'numeric' }
+      ? { month: 'short', day: 'numeric', timeZone: 'UTC' }
       : { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit' });
   }
   const poolName = (p) => (p === 'POOL_FALLBACK' ? 'fallback' : p === 'POOL_PRIMARY' ? 'primary' : '–');
@@ -512,7 +514,7 @@
     // One transparent band per bucket whose <title> lists every series' value.
     const band = times.length === 1 ? plotW : plotW / (times.length - 1);
     times.forEach((t, i) => {
-      const lines = [fmtBucket(t, data.step)];
+      const lines = [fmtBucket(t, data.step) + (data.step >= DAY ? ' (UTC)' : '')];
       for (const s of series) {
         const v = s.values[i];
         lines.push(`${s.label}: ${v === null ? '–' : fmtValue(v, kind)}`);
