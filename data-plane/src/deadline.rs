@@ -26,6 +26,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep, sleep_until};
 
+use crate::proxy::answer_memory::AnswerPermit;
+
 /// Past the stream's own deadline, before the connection is failed.
 pub const GRACE: Duration = Duration::from_secs(1);
 
@@ -159,12 +161,16 @@ impl Drop for Held {
 pub struct Holding<B> {
     body: B,
     _held: Option<Held>,
+    /// What the answer holds of the answers' memory (an answer of the replica's own on
+    /// HTTP/2), given back with its last bytes.
+    _memory: Option<AnswerPermit>,
 }
 
-/// The last frame's bytes with the deadline its answer holds.
+/// The last frame's bytes with the deadline and the memory their answer holds.
 struct HeldBytes {
     bytes: Bytes,
-    _held: Held,
+    _held: Option<Held>,
+    _memory: Option<AnswerPermit>,
 }
 
 impl AsRef<[u8]> for HeldBytes {
@@ -174,8 +180,12 @@ impl AsRef<[u8]> for HeldBytes {
 }
 
 impl<B> Holding<B> {
-    pub fn new(body: B, held: Option<Held>) -> Self {
-        Self { body, _held: held }
+    pub fn new(body: B, held: Option<Held>, memory: Option<AnswerPermit>) -> Self {
+        Self {
+            body,
+            _held: held,
+            _memory: memory,
+        }
     }
 }
 
@@ -188,7 +198,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Holding<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
-        if self._held.is_none() || !self.body.is_end_stream() {
+        if (self._held.is_none() && self._memory.is_none()) || !self.body.is_end_stream() {
             return Poll::Ready(frame);
         }
         // The last frame: hyper drops the body once it has it, before the client has taken
@@ -196,9 +206,12 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Holding<B> {
         // are written.
         Poll::Ready(frame.map(|frame| {
             frame.map(|frame| {
-                frame.map_data(|bytes| match self._held.take() {
-                    Some(held) => Bytes::from_owner(HeldBytes { bytes, _held: held }),
-                    None => bytes,
+                frame.map_data(|bytes| {
+                    Bytes::from_owner(HeldBytes {
+                        bytes,
+                        _held: self._held.take(),
+                        _memory: self._memory.take(),
+                    })
                 })
             })
         }))

@@ -357,6 +357,7 @@ pub struct Metrics {
     write_timeouts: Counter,
     bodies_refused: Family<BodyRefusalLabels, Counter>,
     answers_refused: Counter,
+    h2_answers_reset: Counter,
     attempts: Family<AttemptLabels, Counter>,
     failovers: Counter,
     cooldowns: Family<CooldownLabels, Counter>,
@@ -466,6 +467,12 @@ impl Metrics {
             "Whole answers refused (503) because the answers held in memory reached --max-buffered-answer-bytes",
             answers_refused.clone(),
         );
+        let h2_answers_reset = Counter::default();
+        registry.register(
+            "h2_answers_reset",
+            "Answers the replica made itself on HTTP/2 (errors, /metrics, lists) whose stream was reset because such answers held their share of --max-buffered-answer-bytes",
+            h2_answers_reset.clone(),
+        );
         let attempts = Family::default();
         registry.register(
             "upstream_attempts",
@@ -572,6 +579,7 @@ impl Metrics {
             write_timeouts,
             bodies_refused,
             answers_refused,
+            h2_answers_reset,
             attempts,
             failovers,
             cooldowns,
@@ -709,6 +717,11 @@ impl Metrics {
     /// Counts a whole answer refused for the memory of answers.
     pub fn answer_refused(&self) {
         self.answers_refused.inc();
+    }
+
+    /// Counts an answer of the replica's own on HTTP/2 reset for the memory of answers.
+    pub fn h2_answer_reset(&self) {
+        self.h2_answers_reset.inc();
     }
 
     /// `sluice_connections_refused_total`, for the acceptor to count its refusals in.

@@ -36,7 +36,9 @@ use crate::config::Config;
 use crate::control::{self, ControlError, NodeIdentity};
 use crate::deadline::{self, Alarm, ConnectionDeadline};
 use crate::metrics::{Held, Metrics};
-use crate::proxy::answer_memory::AnswerMemory;
+use crate::proxy::answer_memory::{
+    AnswerMemory, AnswerPermit, CountedAnswer, H2_STREAM_BYTES, OWN_ANSWERS,
+};
 use crate::proxy::{self, AppState, Limits};
 use crate::snapshot::{Refusal, SnapshotStore};
 use crate::spool::{Spool, SpoolError};
@@ -737,6 +739,7 @@ impl Shard {
             drain_timeout,
         } = self;
         let store = Arc::clone(&app.store);
+        let (memory, metrics) = (Arc::clone(&app.answer_memory), Arc::clone(&app.metrics));
         let routes = proxy::Routes::new(app);
         let graceful = Graceful::new();
         while let Some(connection) = connections.next().await {
@@ -744,6 +747,7 @@ impl Shard {
             let store = Arc::clone(&store);
             let stopping = Arc::clone(&stopping);
             let deadline = connection.deadline.clone();
+            let (memory, metrics) = (Arc::clone(&memory), Arc::clone(&metrics));
             let service = hyper::service::service_fn(move |request: http::Request<_>| {
                 let arrived = tokio::time::Instant::now();
                 let h2 = request.version() == http::Version::HTTP_2;
@@ -751,6 +755,8 @@ impl Shard {
                 let store = Arc::clone(&store);
                 let stopping = Arc::clone(&stopping);
                 let deadline = deadline.clone();
+                // Only an h2 answer may be counted here: nothing more to clone on HTTP/1.
+                let own = h2.then(|| (Arc::clone(&memory), Arc::clone(&metrics)));
                 async move {
                     let mut response = response.await;
                     if !h2 && stopping.lame_duck() {
@@ -759,13 +765,26 @@ impl Shard {
                             .headers_mut()
                             .insert(http::header::CONNECTION, CLOSE.clone());
                     }
-                    Ok::<_, std::convert::Infallible>(hold_deadline(
+                    let counted = match own {
+                        Some((memory, metrics))
+                            if response.extensions().get::<CountedAnswer>().is_none() =>
+                        {
+                            let Some(permit) = own_answer_memory(&memory, &response) else {
+                                metrics.h2_answer_reset();
+                                return Err(OwnAnswersFull);
+                            };
+                            Some(permit)
+                        }
+                        _ => None,
+                    };
+                    Ok(hold_deadline(
                         response,
                         arrived,
                         write_timeout,
                         h2,
                         &store,
                         &deadline,
+                        counted,
                     ))
                 }
             });
@@ -784,6 +803,25 @@ impl Shard {
             tracing::warn!("drain timeout passed: closing the remaining connections");
         }
     }
+}
+
+/// An answer the replica made itself on HTTP/2 found such answers holding their share of the
+/// answers' memory: its stream is reset (hyper sends `RST_STREAM`) instead of holding one more.
+#[derive(Debug, thiserror::Error)]
+#[error("the replica's own answers on HTTP/2 hold their share of --max-buffered-answer-bytes")]
+struct OwnAnswersFull;
+
+/// The memory an answer the replica made itself on HTTP/2 holds until its client has taken
+/// it (see [`OWN_ANSWERS`]); `None` when such answers hold their share.
+fn own_answer_memory(
+    memory: &Arc<AnswerMemory>,
+    response: &axum::response::Response,
+) -> Option<AnswerPermit> {
+    let body = http_body::Body::size_hint(response.body()).lower();
+    let bytes = usize::try_from(body)
+        .unwrap_or(usize::MAX)
+        .saturating_add(H2_STREAM_BYTES);
+    memory.take(OWN_ANSWERS, bytes).ok()
 }
 
 /// `Connection: close`, on HTTP/1 answers once the replica is stopping.
@@ -815,6 +853,7 @@ fn hold_deadline(
     h2: bool,
     store: &SnapshotStore,
     deadline: &ConnectionDeadline,
+    memory: Option<AnswerPermit>,
 ) -> http::Response<deadline::Holding<axum::body::Body>> {
     let stream = response
         .headers()
@@ -831,7 +870,7 @@ fn hold_deadline(
             }
             deadline.hold(until + deadline::GRACE)
         });
-    response.map(|body| deadline::Holding::new(body, held))
+    response.map(|body| deadline::Holding::new(body, held, memory))
 }
 
 /// Binds and serves until `shutdown`.

@@ -1190,6 +1190,67 @@ async fn an_h2_client_that_grants_a_whole_answer_no_window_is_cut_at_the_request
     drop(answer);
 }
 
+/// Answers the replica makes itself (a 401 here, which anyone can have without a key), held on
+/// HTTP/2 streams whose client grants them no flow-control window, count against the answers'
+/// memory under one key's share: past it, new streams are reset at once, where each used to
+/// hold its answer until the connection's deadline (200 a connection, 10,000 connections,
+/// counted by nothing). A client that reads is served meanwhile, and once the holder has gone
+/// its memory comes back.
+#[tokio::test]
+async fn own_answers_held_on_h2_streams_without_window_are_bounded() {
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let upstream = EchoUpstream::start().await;
+    let h = Harness::start_with(one_primary_snapshot(&upstream.base_url()), |c| {
+        c.max_response_bytes = 32 * 1024;
+        c.max_buffered_answer_bytes_per_key = Some(64 * 1024);
+    })
+    .await;
+    let hold = async || {
+        let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(0)
+                .handshake(TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let connection = tokio::spawn(connection);
+        let (mut held, mut reset) = (Vec::new(), 0);
+        for _ in 0..100 {
+            let request = http::Request::get(h.url("/v1/models"))
+                .header("authorization", "Bearer sk-not-a-key")
+                .body(Full::new(bytes::Bytes::new()))
+                .unwrap();
+            match sender.send_request(request).await {
+                Ok(answer) => {
+                    assert_eq!(answer.status(), 401);
+                    held.push(answer);
+                }
+                Err(_) => reset += 1,
+            }
+        }
+        (held, reset, sender, connection)
+    };
+    let (held, reset, sender, connection) = hold().await;
+    // 64 KiB, at about 2.2 KiB an answer (its body and its stream).
+    assert!((20..=32).contains(&held.len()), "{} held", held.len());
+    assert_eq!(held.len() + reset, 100);
+    assert_eq!(h.chat(chat_body(false)).await.status(), 200);
+    drop((held, sender));
+    connection.abort();
+    let mut again = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let (held, ..) = hold().await;
+        again = held.len();
+        if again >= 20 {
+            break;
+        }
+    }
+    assert!(again >= 20, "{again} held after the holder left");
+}
+
 /// A client's model name is quoted back in an error at most 200 characters long: a key (even
 /// one out of budget or past its rate limit, which are checked after the model) could
 /// otherwise have any answer it likes echoed, as large as the request body limit, for free.

@@ -10,6 +10,23 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// Marks a response whose bytes are counted already (a backend's whole answer holds its
+/// permits) or need no counting (a stream, relayed only as fast as its client reads it). On
+/// HTTP/2 the listener counts any other answer, under [`OWN_ANSWERS`].
+#[derive(Debug, Clone, Copy)]
+pub struct CountedAnswer;
+
+/// The key whose share the answers a replica makes itself on HTTP/2 take (errors, `/metrics`,
+/// model lists: no backend, often no key): no client key's id is empty. An h2 client that
+/// grants its streams no flow-control window keeps such answers in memory until its
+/// connection's deadline, 200 a connection; counted, they hold at most one key's share, and
+/// the answers of every key keep the rest.
+pub const OWN_ANSWERS: &str = "";
+
+/// What an answer on an HTTP/2 stream holds besides its body, counted with it: the stream's
+/// state in hyper and h2 and its head (an estimate).
+pub const H2_STREAM_BYTES: usize = 2048;
+
 /// Why an answer's bytes could not be taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Full {

@@ -13,7 +13,7 @@ use sluice_proto::v1::ErrorKind;
 use tokio::time::Instant;
 
 use super::accounting::Accounting;
-use super::answer_memory::{AnswerMemory, AnswerPermit, Full};
+use super::answer_memory::{AnswerMemory, AnswerPermit, CountedAnswer, Full};
 use super::kept_sleeps::{KeptSleeps, within};
 use super::relay::{Mode, Relay, Translation, tokens_of};
 use super::usage_figures::{
@@ -1146,6 +1146,7 @@ async fn deliver(
                 }
             }
             // The permits go with the bytes, until the client has been sent them (or left).
+            let counted = memory.is_some();
             let body = match memory {
                 Some(memory) => Bytes::from_owner(Held {
                     body,
@@ -1156,6 +1157,9 @@ async fn deliver(
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = status;
             *response.headers_mut() = headers;
+            if counted {
+                response.extensions_mut().insert(CountedAnswer);
+            }
             acct.decorate(response.headers_mut());
             let kind = if status.is_success() {
                 ErrorKind::Unspecified
@@ -1172,6 +1176,7 @@ async fn deliver(
         } => {
             let mut response = Response::new(Body::empty());
             *response.status_mut() = status;
+            response.extensions_mut().insert(CountedAnswer);
             let headers = response.headers_mut();
             headers.insert(
                 header::CONTENT_TYPE,
