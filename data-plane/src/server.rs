@@ -368,6 +368,9 @@ impl Proxy {
         ));
         let answer_memory =
             AnswerMemory::new(config.max_buffered_answer_bytes, config.answers_per_key());
+        // A pool of their own, one key's share: backends' answers filling the replica's memory
+        // still get their 503 `server_busy` made and held.
+        let own_answers = AnswerMemory::new(config.answers_per_key(), config.answers_per_key());
         let mut shards = Vec::with_capacity(threads);
         let mut stoppings = Vec::with_capacity(threads);
         for pool in 0..threads {
@@ -404,6 +407,7 @@ impl Proxy {
                     metrics.write_timeouts(),
                 ),
                 write_timeout: config.write_timeout,
+                own_answers: Arc::clone(&own_answers),
                 stopping: Arc::clone(&stopping),
                 drain_timeout: config.drain_timeout,
             };
@@ -690,6 +694,8 @@ struct Shard {
     /// A whole answer's allowance on an h2 connection once its head is sent (see
     /// [`hold_deadline`]).
     write_timeout: Duration,
+    /// The memory the answers the replica makes itself on h2 may hold ([`OWN_ANSWERS`]).
+    own_answers: Arc<AnswerMemory>,
     /// What this thread's requests see of the stop; also [`AppState::stopping`].
     stopping: Arc<Stopping>,
     drain_timeout: Duration,
@@ -735,11 +741,12 @@ impl Shard {
             app,
             http,
             write_timeout,
+            own_answers,
             stopping,
             drain_timeout,
         } = self;
         let store = Arc::clone(&app.store);
-        let (memory, metrics) = (Arc::clone(&app.answer_memory), Arc::clone(&app.metrics));
+        let (memory, metrics) = (own_answers, Arc::clone(&app.metrics));
         let routes = proxy::Routes::new(app);
         let graceful = Graceful::new();
         while let Some(connection) = connections.next().await {

@@ -16,11 +16,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Debug, Clone, Copy)]
 pub struct CountedAnswer;
 
-/// The key whose share the answers a replica makes itself on HTTP/2 take (errors, `/metrics`,
-/// model lists: no backend, often no key): no client key's id is empty. An h2 client that
-/// grants its streams no flow-control window keeps such answers in memory until its
-/// connection's deadline, 200 a connection; counted, they hold at most one key's share, and
-/// the answers of every key keep the rest.
+/// The key the answers a replica makes itself on HTTP/2 are held under (errors, `/metrics`,
+/// model lists: no backend, often no key), in a pool of their own as large as one key's share
+/// of `--max-buffered-answer-bytes`. An h2 client that grants its streams no flow-control
+/// window keeps such answers in memory until its connection's deadline, 200 a connection;
+/// counted, they hold at most that pool, and backends' answers filling the replica's memory
+/// still get their 503 made.
 pub const OWN_ANSWERS: &str = "";
 
 /// What an answer on an HTTP/2 stream holds besides its body, counted with it: the stream's
