@@ -444,6 +444,39 @@ async fn failures_that_say_when_to_come_back_cool_the_backend_that_long() {
     assert_eq!(primary.stats().requests.chat_completions, 3);
 }
 
+/// An attempt made after slow failures gets only what is left of the request's deadline; cut
+/// off by that deadline, it is not its backend's failure: a healthy backend that would have
+/// answered in a second is not cooled down for having been given half of one (three such
+/// requests made the fallback "failing" at the third).
+#[tokio::test]
+async fn an_attempt_cut_by_the_requests_deadline_is_not_its_backends_failure() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::Stall.always());
+    fallback.set_fault(Fault::DelayMs(1_000).always());
+    let mut snap = snapshot(1, pair(&primary, &fallback));
+    let settings = snap.settings.as_mut().unwrap();
+    settings.request_timeout = Some(proto_duration(Duration::from_millis(1_500)));
+    settings.answer_timeout = Some(proto_duration(Duration::from_millis(1_000)));
+    let h = Harness::start(snap).await;
+    // failure_threshold is 3 in the test settings.
+    for _ in 0..3 {
+        let response = h.chat(chat_body(false)).await;
+        assert_eq!(response.status(), 504);
+    }
+    // The primary, silent for its whole answer timeout, is failing; the fallback is not.
+    h.cp.wait_for("the primary's failing event", |r| {
+        r.events.iter().any(|e| e.backend_id == "primary")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let events = h.cp.with(|r| r.events.clone());
+    assert!(
+        events.iter().all(|e| e.backend_id != "fallback"),
+        "{events:?}"
+    );
+    assert_eq!(fallback.stats().requests.chat_completions, 3);
+}
+
 #[tokio::test]
 async fn a_cut_stream_ends_with_an_error_event() {
     let primary = mock("primary");

@@ -75,6 +75,10 @@ enum Failure {
     },
     Connect(String),
     Timeout,
+    /// The request's own deadline passed while the attempt waited for its first byte (an
+    /// attempt after slow failures gets what is left of it): not the backend's slowness, so
+    /// nothing of its health, and no time for another attempt. Billed as a timeout is.
+    Deadline,
     /// A broken or oversized body.
     Invalid(String),
     /// 401 or 403: the backend refused the credentials Sluice holds for it (a revoked or
@@ -106,7 +110,7 @@ enum Failure {
 impl Failure {
     /// What the failure says of the backend's health; `None`: nothing (this replica's own).
     fn health(&self) -> Option<Outcome> {
-        if matches!(self, Self::OutOfFiles) {
+        if matches!(self, Self::OutOfFiles | Self::Deadline) {
             return None;
         }
         Some(match self {
@@ -140,7 +144,7 @@ impl Failure {
             Self::Refused(_) => true,
             Self::Connect(_) | Self::Invalid(_) => policy.retry_on_connect_error,
             Self::Timeout => policy.retry_on_timeout,
-            Self::Cut { .. } | Self::MemoryFull(..) | Self::OutOfFiles => false,
+            Self::Cut { .. } | Self::MemoryFull(..) | Self::OutOfFiles | Self::Deadline => false,
         }
     }
 
@@ -167,7 +171,9 @@ impl Failure {
             Self::Status { .. } => AttemptOutcome::server_error,
             Self::Refused(_) => AttemptOutcome::auth_error,
             Self::Connect(_) => AttemptOutcome::connect_error,
-            Self::Timeout | Self::Cut { timeout: true, .. } => AttemptOutcome::timeout,
+            Self::Timeout | Self::Deadline | Self::Cut { timeout: true, .. } => {
+                AttemptOutcome::timeout
+            }
             Self::Invalid(_) | Self::Cut { timeout: false, .. } => AttemptOutcome::invalid_response,
             // The backend answered.
             Self::MemoryFull(..) => AttemptOutcome::ok,
@@ -181,6 +187,7 @@ impl Failure {
             Self::Refused(status) => format!("credentials refused: status {}", status.as_u16()),
             Self::Connect(e) => format!("connect: {e}"),
             Self::Timeout => "timeout before the first byte".to_owned(),
+            Self::Deadline => "the request's deadline passed before the first byte".to_owned(),
             Self::Invalid(e) => format!("invalid response: {e}"),
             Self::Cut { detail, .. } => format!("answer cut after its head: {detail}"),
             Self::MemoryFull(Full::Replica, _) => {
@@ -636,7 +643,10 @@ pub(super) async fn forward_call(
                 // An answer refused for memory was billed: its backend's token reservation
                 // stays, settled with the record (at its `usage`, or kept if none was read).
                 if !matches!(failure, Failure::MemoryFull(..)) {
-                    acct.attempt_failed(matches!(failure, Failure::Timeout | Failure::Cut { .. }));
+                    acct.attempt_failed(matches!(
+                        failure,
+                        Failure::Timeout | Failure::Deadline | Failure::Cut { .. }
+                    ));
                 }
                 let retry = failure.retryable(&policy);
                 tracing::info!(
@@ -747,7 +757,7 @@ async fn fail(
         Failure::Invalid(_) | Failure::Cut { timeout: false, .. } => {
             error(acct, ProxyError::UpstreamInvalid).await
         }
-        Failure::Timeout | Failure::Cut { timeout: true, .. } => {
+        Failure::Timeout | Failure::Deadline | Failure::Cut { timeout: true, .. } => {
             error(acct, ProxyError::UpstreamTimeout).await
         }
         Failure::MemoryFull(Full::Replica, _) => error(acct, ProxyError::AnswersBusy).await,
@@ -835,11 +845,17 @@ async fn attempt(
         policy.answer_timeout
     };
     let first_byte = deadline.min(sent + wait);
+    // Timed out at the request's deadline rather than by the backend's own wait.
+    let timed_out = if first_byte == deadline {
+        Failure::Deadline
+    } else {
+        Failure::Timeout
+    };
     // A connect timeout is a connect error (the connector's own limit); only our deadlines
     // make a timeout.
     let sent = client.send(request, backend.host());
     let upstream = match within(sleeps, || first_byte, sent).await {
-        Err(_) => return Err(Failure::Timeout),
+        Err(_) => return Err(timed_out),
         Ok(Err(e)) if upstream::out_of_files(&*e) => return Err(Failure::OutOfFiles),
         Ok(Err(e)) => return Err(Failure::Connect(upstream::error_chain(&*e))),
         Ok(Ok(response)) => response,
@@ -880,7 +896,7 @@ async fn attempt(
         // Wait for the first chunk before committing: until then another backend can still
         // take over.
         let first = match within(sleeps, || first_byte, upstream::next_chunk(&mut upstream)).await {
-            Err(_) => return Err(Failure::Timeout),
+            Err(_) => return Err(timed_out),
             Ok(Err(e)) => return Err(Failure::Connect(upstream::error_chain(&*e))),
             Ok(Ok(chunk)) => chunk.unwrap_or_default(),
         };
