@@ -199,10 +199,40 @@ async fn main() {
         Some(Command::Backup { out }) => backup(&args, out),
     };
     if let Err(err) = result {
-        // One readable line: the chain of causes, no backtrace.
-        eprintln!("sluice-control: {err:#}");
+        // One readable line: the chain of causes, no backtrace. SQLite says "disk I/O error"
+        // when it cannot even create its shared-memory file on a full volume: that is said.
+        let full = if args.command.is_none() && volume_is_full(&args.data_dir) {
+            format!(
+                " (the volume holding {} is full: free space on it or grow it, then start again)",
+                args.data_dir.display()
+            )
+        } else {
+            String::new()
+        };
+        eprintln!("sluice-control: {err:#}{full}");
         std::process::exit(1);
     }
+}
+
+/// Whether the volume holding `dir` has no room left: a small file written there (and
+/// removed) finds it full.
+fn volume_is_full(dir: &std::path::Path) -> bool {
+    let probe = dir.join(".space-probe");
+    let Ok(mut file) = std::fs::File::create_new(&probe) else {
+        return false;
+    };
+    let full = refuses_for_space(&mut file);
+    drop(file);
+    let _ = std::fs::remove_file(&probe);
+    full
+}
+
+/// Whether writing 64 KiB into `file` fails for want of space.
+fn refuses_for_space(file: &mut std::fs::File) -> bool {
+    use std::io::Write as _;
+    file.write_all(&[0; 64 * 1024])
+        .and_then(|()| file.sync_data())
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::StorageFull)
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
@@ -382,4 +412,29 @@ fn sync_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::File::open(dir)
         .and_then(|dir| dir.sync_all())
         .with_context(|| format!("flushing {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+    use super::*;
+
+    /// A volume with no room left is told apart from one with room (`/dev/full` refuses every
+    /// write for want of space, as a full volume does).
+    #[test]
+    fn a_full_volume_is_told_apart() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        assert!(!volume_is_full(dir.path()));
+        assert!(
+            std::fs::read_dir(dir.path())
+                .expect("listed")
+                .next()
+                .is_none()
+        );
+        let mut full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        assert!(refuses_for_space(&mut full));
+    }
 }

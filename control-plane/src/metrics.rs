@@ -76,6 +76,7 @@ pub struct Metrics {
     grpc_connections_refused: Counter,
     http_write_timeouts: Counter,
     writes: Family<OpLabels, Histogram, WriteBuckets>,
+    write_failures: Family<OpLabels, Counter>,
     grpc_calls: Family<CallLabels, Counter>,
     grpc_seconds: Family<MethodLabels, Histogram, CallBuckets>,
     json_api_calls: Family<CallLabels, Counter>,
@@ -154,6 +155,12 @@ impl Metrics {
             Unit::Seconds,
             writes.clone(),
         );
+        let write_failures = Family::default();
+        registry.register(
+            "sqlite_write_failures",
+            "SQLite write transactions that failed (a full volume, a failing disk): nothing of them stored",
+            write_failures.clone(),
+        );
         let grpc_calls = Family::default();
         registry.register(
             "grpc_requests",
@@ -199,6 +206,7 @@ impl Metrics {
             grpc_connections_refused,
             http_write_timeouts,
             writes,
+            write_failures,
             grpc_calls,
             grpc_seconds,
             json_api_calls,
@@ -282,6 +290,12 @@ impl StoreObserver for Metrics {
         self.writes
             .get_or_create(&OpLabels { op: op.as_str() })
             .observe(took.as_secs_f64());
+    }
+
+    fn write_failed(&self, op: WriteOp) {
+        self.write_failures
+            .get_or_create(&OpLabels { op: op.as_str() })
+            .inc();
     }
 
     fn usage_committed(&self, records: u64) {

@@ -114,6 +114,9 @@ impl WriteOp {
 pub trait StoreObserver: Send + Sync + 'static {
     /// A write transaction of kind `op` held the writer for `took` (commit and fsync included).
     fn write(&self, op: WriteOp, took: Duration);
+    /// A write transaction of kind `op` failed in SQLite (the volume full, the disk failing):
+    /// nothing of it was stored. Not counted as a write.
+    fn write_failed(&self, op: WriteOp);
     /// A transaction committed `records` new usage records (resent duplicates not counted).
     fn usage_committed(&self, records: u64);
     /// `records` usage records arrived with a value past its bound and are stored with a
@@ -126,6 +129,7 @@ struct Unobserved;
 
 impl StoreObserver for Unobserved {
     fn write(&self, _: WriteOp, _: Duration) {}
+    fn write_failed(&self, _: WriteOp) {}
     fn usage_committed(&self, _: u64) {}
     fn usage_clamped(&self, _: u64) {}
 }
@@ -317,7 +321,11 @@ impl Store {
             let result = f(&mut conn, &inner.key);
             log_failure(&result);
             if let Some(op) = op {
-                inner.observer.write(op, started.elapsed());
+                if matches!(result, Err(StoreError::Sqlite(_))) {
+                    inner.observer.write_failed(op);
+                } else {
+                    inner.observer.write(op, started.elapsed());
+                }
                 if result.is_ok()
                     && let Err(err) = announce_version(&conn, &inner.commits)
                 {
@@ -568,6 +576,44 @@ fn unique_violation(err: rusqlite::Error, message: impl FnOnce() -> String) -> S
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// A write SQLite refuses (here, a table that does not exist; in life, a full volume) is
+    /// counted as a failed write, not as a write: the write-time histogram looked healthy
+    /// while every write failed.
+    #[tokio::test]
+    async fn a_write_sqlite_refuses_is_counted_as_failed() {
+        #[derive(Default)]
+        struct Seen(std::sync::Mutex<(u32, u32)>);
+        impl StoreObserver for Seen {
+            fn write(&self, _: WriteOp, _: Duration) {
+                self.0.lock().unwrap().0 += 1;
+            }
+            fn write_failed(&self, _: WriteOp) {
+                self.0.lock().unwrap().1 += 1;
+            }
+            fn usage_committed(&self, _: u64) {}
+            fn usage_clamped(&self, _: u64) {}
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let seen = Arc::new(Seen::default());
+        let (store, _) = Store::open_observed(
+            &dir.path().join("t.db"),
+            crate::crypto::MasterKey::generate(),
+            Arc::clone(&seen) as Arc<dyn StoreObserver>,
+        )
+        .unwrap();
+        let before = *seen.0.lock().unwrap();
+        let failed = store
+            .write(WriteOp::admin, |conn, _| {
+                conn.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+                Ok(())
+            })
+            .await;
+        assert!(matches!(failed, Err(StoreError::Sqlite(_))), "{failed:?}");
+        store.write(WriteOp::admin, |_, _| Ok(())).await.unwrap();
+        let after = *seen.0.lock().unwrap();
+        assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1));
+    }
 
     fn backend_named(name: &str) -> crate::backend::BackendSpec {
         crate::backend::BackendSpec {

@@ -139,17 +139,15 @@ async fn a_failed_commit_before_a_later_one_loses_nothing() {
     // The replica had sent its next report before it read that answer: the control plane
     // still takes it, in a commit of its own.
     tx.send(report(11, 20, 10)).await.unwrap();
+    // The failed commit is counted as failed, the second as a write.
     eventually(
         Duration::from_secs(20),
         "the second report was handled",
         || async {
-            cluster
-                .control_metrics()
-                .await
-                .get("sluice_sqlite_write_seconds_count{op=\"usage_ingest\"}")
-                .copied()
-                .unwrap_or_default()
-                >= 2.0
+            let metrics = cluster.control_metrics().await;
+            let count = |name: &str| metrics.get(name).copied().unwrap_or_default();
+            count("sluice_sqlite_write_failures_total{op=\"usage_ingest\"}") == 1.0
+                && count("sluice_sqlite_write_seconds_count{op=\"usage_ingest\"}") >= 1.0
         },
     )
     .await;

@@ -2038,6 +2038,7 @@ mod tests {
                     self.0.cancel();
                 }
             }
+            fn write_failed(&self, _: WriteOp) {}
             fn usage_committed(&self, _: u64) {}
             fn usage_clamped(&self, _: u64) {}
         }
