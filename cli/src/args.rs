@@ -58,7 +58,7 @@ pub struct GlobalArgs {
     pub output: OutputFormat,
 
     /// Give up on the control plane after this long (e.g. 10s, 1m).
-    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, default_value = "10s", value_parser = sluice_domain::time::positive_duration)]
     pub timeout: Duration,
 }
 

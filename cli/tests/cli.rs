@@ -1211,6 +1211,25 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
     assert_eq!(unknown.code, 0);
     let other: Value = serde_json::from_str(&unknown.stdout).unwrap();
     assert!(other.get("requestCount").is_none(), "{other}");
+    // So is a name that is no key's (a typo), where a key's name and id pass without one.
+    let unknown = h
+        .ctl(&["-o", "json", "stats", "totals", "--key", "team-aa"])
+        .await;
+    assert!(
+        unknown
+            .stderr
+            .contains("no client key is named or has the id \"team-aa\""),
+        "{unknown:?}"
+    );
+    assert_eq!(unknown.code, 0);
+    let named = h
+        .ctl(&["-o", "json", "stats", "totals", "--key", "team-a"])
+        .await;
+    assert!(!named.stderr.contains("note:"), "{named:?}");
+    // A timeout of nothing is a usage error, not a control plane out of reach.
+    let instant = h.ctl(&["--timeout", "0s", "backend", "list"]).await;
+    assert_eq!(instant.code, 2, "{instant:?}");
+    assert!(instant.stderr.contains("--timeout"), "{instant:?}");
     // An id, as a deleted backend's usage is kept, is asked for as it is, without a note.
     h.ctl(&[
         "-o",

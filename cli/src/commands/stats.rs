@@ -131,10 +131,17 @@ async fn resolve(mut filter: FilterArgs, connection: &Connection) -> Result<Filt
             .iter()
             .filter(|candidate| candidate.name == *key)
             .min_by_key(|candidate| candidate.revoked);
-        if let Some(found) = by_name
-            && !keys.iter().any(|candidate| candidate.id == *key)
-        {
-            *key = found.id.clone();
+        let is_an_id = keys.iter().any(|candidate| candidate.id == *key);
+        match by_name {
+            Some(found) if !is_an_id => *key = found.id.clone(),
+            // A name no key has (a typo) gave zeros that a chargeback script reads as a key
+            // that spent nothing. (A deleted key's id is asked for as it is.)
+            None if !is_an_id && !looks_like_an_id(key) => eprintln!(
+                "note: no client key is named or has the id \"{}\"; the usage of a deleted key \
+                 is kept under its id (`sluicectl stats totals --by key` lists them)",
+                sluice_domain::text::escape_control(key)
+            ),
+            _ => {}
         }
     }
     Ok(filter)
