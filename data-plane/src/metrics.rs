@@ -328,7 +328,12 @@ impl SpoolMetrics {
                 .get_or_create(&UnwrittenLabels { reason })
                 .inc_by(now.saturating_sub(seen));
         }
-        *seen = *now;
+        // An older read (two scrapes at once) never lowers what was seen.
+        seen.torn = seen.torn.max(now.torn);
+        seen.resent = seen.resent.max(now.resent);
+        seen.flush_failures = seen.flush_failures.max(now.flush_failures);
+        seen.unwritten_full = seen.unwritten_full.max(now.unwritten_full);
+        seen.unwritten_failed = seen.unwritten_failed.max(now.unwritten_failed);
     }
 }
 
@@ -863,8 +868,10 @@ impl SeriesCache {
 }
 
 /// Brings `counter` up to `total`, a count kept elsewhere; `seen` is what it already holds.
+/// Two scrapes at once may come with their totals in either order: the older never lowers
+/// `seen` (a swap did, and the next scrape counted the difference a second time).
 fn catch_up(counter: &Counter, seen: &AtomicU64, total: u64) {
-    let before = seen.swap(total, Ordering::Relaxed);
+    let before = seen.fetch_max(total, Ordering::Relaxed);
     counter.inc_by(total.saturating_sub(before));
 }
 
@@ -872,6 +879,32 @@ fn catch_up(counter: &Counter, seen: &AtomicU64, total: u64) {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// Two scrapes at once bring their totals in either order: an older total after a newer
+    /// one counts nothing, and the next counts only what is new (it counted the difference
+    /// twice).
+    #[test]
+    fn totals_caught_up_out_of_order_are_counted_once() {
+        let (counter, seen) = (Counter::default(), AtomicU64::new(0));
+        for total in [5, 12, 10, 12, 13] {
+            catch_up(&counter, &seen, total);
+        }
+        assert_eq!(counter.get(), 13);
+        let spool = SpoolMetrics::register(&mut Registry::default());
+        for full in [12, 10, 12] {
+            spool.set(&SpoolStats {
+                unwritten_full: full,
+                ..Default::default()
+            });
+        }
+        let unwritten = spool
+            .unwritten
+            .get_or_create(&UnwrittenLabels {
+                reason: UnwrittenReason::full,
+            })
+            .get();
+        assert_eq!(unwritten, 12);
+    }
 
     /// A backend or model named with a quote or a backslash is written escaped, so that a
     /// scrape still parses.
