@@ -26,7 +26,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep, sleep_until};
 
-use crate::proxy::answer_memory::AnswerPermit;
+use crate::answer_memory::AnswerPermit;
 
 /// Past the stream's own deadline, before the connection is failed.
 pub const GRACE: Duration = Duration::from_secs(1);

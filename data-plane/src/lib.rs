@@ -14,6 +14,7 @@
 
 pub mod affinity;
 pub mod allowance;
+pub mod answer_memory;
 pub mod anthropic;
 pub mod auth;
 pub mod backoff;

@@ -3,7 +3,6 @@
 //! (`relay`).
 
 mod accounting;
-pub mod answer_memory;
 mod estimate;
 pub(crate) mod forward;
 mod kept_sleeps;
@@ -37,6 +36,7 @@ pub use kept_sleeps::KeptSleeps;
 pub use usage_figures::{usage_of, usage_of_answer, usage_value_of_answer};
 
 use crate::allowance::{Allowances, Refusal};
+use crate::answer_memory::AnswerMemory;
 use crate::auth::authenticate;
 use crate::error::ProxyError;
 use crate::metrics::{BodyRefusal, BudgetRefusal, Label, LimitScope, Metrics};
@@ -46,7 +46,6 @@ use crate::spool::{Lane, Spool};
 use crate::stopping::Stopping;
 use crate::usage::UsageSink;
 use accounting::Accounting;
-use answer_memory::AnswerMemory;
 
 /// The `tracing` target of the one `request finished` line each proxied request gets
 /// (`RUST_LOG=info,sluice::request=off` silences them).

@@ -30,15 +30,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::allowance::Allowances;
+use crate::answer_memory::{
+    AnswerMemory, AnswerPermit, CountedAnswer, H2_STREAM_BYTES, OWN_ANSWERS,
+};
 use crate::backoff::Backoff;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::control::{self, ControlError, NodeIdentity};
 use crate::deadline::{self, Alarm, ConnectionDeadline};
 use crate::metrics::{Held, Metrics};
-use crate::proxy::answer_memory::{
-    AnswerMemory, AnswerPermit, CountedAnswer, H2_STREAM_BYTES, OWN_ANSWERS,
-};
 use crate::proxy::{self, AppState, Limits};
 use crate::snapshot::{Refusal, SnapshotStore};
 use crate::spool::{Spool, SpoolError};

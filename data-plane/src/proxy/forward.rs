@@ -13,13 +13,13 @@ use sluice_proto::v1::ErrorKind;
 use tokio::time::Instant;
 
 use super::accounting::Accounting;
-use super::answer_memory::{AnswerMemory, AnswerPermit, CountedAnswer, Full};
 use super::kept_sleeps::{KeptSleeps, within};
 use super::relay::{Mode, Relay, Translation, tokens_of};
 use super::usage_figures::{
     UsageInPassing, usage_of_answer, usage_of_value, usage_value_of_answer,
 };
 use super::{AppState, Collected};
+use crate::answer_memory::{AnswerMemory, AnswerPermit, CountedAnswer, Full};
 use crate::anthropic;
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
