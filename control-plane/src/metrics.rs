@@ -83,6 +83,10 @@ pub struct Metrics {
     json_api_seconds: Family<MethodLabels, Histogram, CallBuckets>,
     /// `/package.Service/Method` of every RPC the server implements.
     methods: HashSet<String>,
+    /// Of those, the streaming ones (a replica's snapshot and usage streams, health watches,
+    /// reflection): counted when they end, not timed (one open for a day would land in the
+    /// duration histogram's `+Inf`).
+    streaming: HashSet<String>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -187,14 +191,16 @@ impl Metrics {
             Unit::Seconds,
             json_api_seconds.clone(),
         );
-        let mut methods = HashSet::new();
+        let (mut methods, mut streaming) = (HashSet::new(), HashSet::new());
         for set in [
             sluice_proto::FILE_DESCRIPTOR_SET,
             tonic_health::pb::FILE_DESCRIPTOR_SET,
         ] {
-            add_methods(set, &mut methods);
+            add_methods(set, &mut methods, &mut streaming);
         }
-        methods.insert("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_owned());
+        let reflection = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+        methods.insert(reflection.to_owned());
+        streaming.insert(reflection.to_owned());
         Self {
             registry,
             snapshot_version,
@@ -212,6 +218,7 @@ impl Metrics {
             json_api_calls,
             json_api_seconds,
             methods,
+            streaming,
         }
     }
 
@@ -308,7 +315,7 @@ impl StoreObserver for Metrics {
     }
 }
 
-fn add_methods(encoded: &[u8], methods: &mut HashSet<String>) {
+fn add_methods(encoded: &[u8], methods: &mut HashSet<String>, streaming: &mut HashSet<String>) {
     let Ok(set) = prost_types::FileDescriptorSet::decode(encoded) else {
         return;
     };
@@ -317,10 +324,14 @@ fn add_methods(encoded: &[u8], methods: &mut HashSet<String>) {
         for service in file.service {
             let service_name = service.name.unwrap_or_default();
             for method in service.method {
-                methods.insert(format!(
+                let path = format!(
                     "/{package}.{service_name}/{}",
-                    method.name.unwrap_or_default()
-                ));
+                    method.name.as_deref().unwrap_or_default()
+                );
+                if method.client_streaming() || method.server_streaming() {
+                    streaming.insert(path.clone());
+                }
+                methods.insert(path);
             }
         }
     }
@@ -405,8 +416,9 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let method = self.metrics.method_label(request.uri().path());
+        // A stream's length is its client's, not the server's latency.
+        let started = (!self.metrics.streaming.contains(request.uri().path())).then(Instant::now);
         let metrics = Arc::clone(&self.metrics);
-        let started = Instant::now();
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
@@ -434,13 +446,14 @@ where
 struct Call {
     metrics: Arc<Metrics>,
     method: String,
-    started: Instant,
+    /// When a unary call came; `None` for a stream (not timed).
+    started: Option<Instant>,
 }
 
 impl Call {
     fn finish(self, code: &str) {
         self.metrics
-            .call(&self.method, code, Some(self.started.elapsed()));
+            .call(&self.method, code, self.started.map(|s| s.elapsed()));
     }
 }
 
@@ -530,6 +543,21 @@ mod tests {
                 "unknown",
                 "{not_served}"
             );
+        }
+        // Streams are counted when they end, not timed.
+        for stream in [
+            "/sluice.v1.DataPlaneService/ReportUsage",
+            "/sluice.v1.DataPlaneService/StreamSnapshots",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(m.streaming.contains(stream), "{stream}");
+        }
+        for unary in [
+            "/sluice.v1.AdminService/CreateBackend",
+            "/grpc.health.v1.Health/Check",
+        ] {
+            assert!(!m.streaming.contains(unary), "{unary}");
         }
         assert_eq!(code_name("0"), "OK");
         assert_eq!(code_name("16"), "UNAUTHENTICATED");
