@@ -692,7 +692,7 @@ mod tests {
         assert_eq!(tracker.view("b"), fleet, "the control plane's decision");
         assert!(tracker.unacknowledged_events(other.instant).is_empty());
         // An admin reset: the next snapshot has a new epoch and no cooldown.
-        fleet.reset();
+        fleet.reset(other.instant);
         tracker.observe_snapshot([("b", fleet)], &POLICY, other.instant);
         assert_eq!(left(&tracker, other), Duration::ZERO);
         assert_eq!(tracker.view("b").streak, 0);

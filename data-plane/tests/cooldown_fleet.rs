@@ -103,6 +103,8 @@ struct Fleet {
     control: CooldownState<Instant, usize>,
     /// Whether the control plane's last change of the streak was a success ending it.
     last_was_end: bool,
+    /// When an admin last reset the backend.
+    reset_at: Option<Instant>,
     replicas: Vec<Replica>,
 }
 
@@ -113,6 +115,7 @@ impl Fleet {
             elapsed: Duration::ZERO,
             control: CooldownState::default(),
             last_was_end: false,
+            reset_at: None,
             replicas: (0..n)
                 .map(|_| Replica {
                     tracker: CooldownTracker::new(),
@@ -160,7 +163,11 @@ impl Fleet {
                 );
                 prop_assert!(length <= POLICY.cap.max(wanted));
             }
-            if let Some(wait) = report.retry_after.filter(|w| !w.is_zero()) {
+            // Every Retry-After is honoured, but a 429's seen before an admin's reset (the
+            // reset ended what it asked for).
+            if let Some(wait) = report.retry_after.filter(|w| !w.is_zero())
+                && self.reset_at.is_none_or(|reset| at >= reset)
+            {
                 prop_assert!(self.control.until.unwrap() >= at + wait);
             }
             match applied {
@@ -222,7 +229,8 @@ impl Fleet {
                 self.replicas[r].outbox.extend(again);
             }
             Op::Reset => {
-                self.control.reset();
+                self.control.reset(now.instant);
+                self.reset_at = Some(now.instant);
                 self.last_was_end = false;
             }
             Op::Advance { ms } => self.elapsed += Duration::from_millis(ms),

@@ -65,7 +65,7 @@ impl Store {
             let tx = conn.transaction()?;
             let id = resolve_backend_id(&tx, &backend)?;
             let mut state = load_state(&tx, &id)?.unwrap_or_default();
-            state.reset();
+            state.reset(UnixMs(now_ms()));
             store_state(&tx, &id, &state, "reset by an admin", "admin")?;
             let version = bump_version(&tx)?;
             tx.commit()?;

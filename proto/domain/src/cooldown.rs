@@ -176,7 +176,8 @@ pub struct CooldownState<T, A> {
     pub streak: u32,
     /// When the last cooldown ends (or ended).
     pub until: Option<T>,
-    /// When the last cooldown began.
+    /// When the last cooldown began; with no `until`, when an admin reset the backend (a
+    /// report of a 429 seen before then starts no cooldown).
     pub since: Option<T>,
     /// Whose reports made the last changes, and the basis they named: that replica's next
     /// report continues from there. `None` after a reset.
@@ -231,9 +232,11 @@ where
                 self.extend(at, at + length);
                 Applied::Counted { length }
             }
+            // A 429 seen before an admin's reset (reported late by a replica cut off when it
+            // came) is history: the reset ended what it asked for.
             Kind::RateLimited | Kind::Failing => {
                 let extended = match report.retry_after {
-                    Some(wait) if !wait.is_zero() => {
+                    Some(wait) if !wait.is_zero() && !self.reset_after(at) => {
                         self.extend(at, at + wait.min(MAX_RETRY_AFTER))
                     }
                     _ => false,
@@ -253,13 +256,18 @@ where
         applied
     }
 
-    /// An admin's reset: no streak, no cooldown.
-    pub fn reset(&mut self) {
+    /// An admin's reset at `at`: no streak, no cooldown.
+    pub fn reset(&mut self, at: T) {
         self.epoch = self.epoch.wrapping_add(1);
         self.streak = 0;
         self.until = None;
-        self.since = None;
+        self.since = Some(at);
         self.run = None;
+    }
+
+    /// Whether an admin reset the backend after `at`, and nothing started a cooldown since.
+    fn reset_after(&self, at: T) -> bool {
+        self.until.is_none() && self.since.is_some_and(|reset| reset > at)
     }
 
     /// A report from a replica older than epochs: its own count and its own end time, taken
@@ -416,6 +424,28 @@ mod tests {
         );
     }
 
+    /// A 429 seen before an admin's reset and reported after it (by a replica cut off when it
+    /// came) does not start the cooldown the reset ended again, however long its
+    /// `Retry-After`; one seen after the reset does, and once a cooldown ran again, reports are
+    /// absorbed as ever.
+    #[test]
+    fn a_429_seen_before_a_reset_starts_no_cooldown() {
+        let mut state = State::default();
+        let hour = |basis| report(Kind::RateLimited, basis, 0, Some(3600));
+        state.apply(&hour(0), &"a", &POLICY, s(10));
+        state.reset(s(20));
+        assert_eq!(
+            state.apply(&hour(0), &"b", &POLICY, s(15)),
+            Applied::Absorbed { extended: false }
+        );
+        assert_eq!(state.cooling_until(s(21)), None);
+        assert_eq!(
+            state.apply(&hour(0), &"b", &POLICY, s(25)),
+            Applied::Absorbed { extended: true }
+        );
+        assert_eq!(state.cooling_until(s(26)), Some(s(3625)));
+    }
+
     #[test]
     fn events_become_reports() {
         let event = pb::BackendEvent {
@@ -456,14 +486,14 @@ mod tests {
         );
         assert!(!state.apply_legacy(2, s(15), s(10)));
         state.apply(&limited(1, 0), &"a", &POLICY, s(30));
-        state.reset();
+        state.reset(s(40));
         assert_eq!(
             state,
             CooldownState {
                 epoch: 3,
                 streak: 0,
                 until: None,
-                since: None,
+                since: Some(s(40)),
                 run: None,
             }
         );

@@ -65,7 +65,7 @@ proptest! {
             // Whether this step changed the streak's hands: a count, an end, a reset.
             let transition = match step {
                 Step::Reset => {
-                    state.reset();
+                    state.reset(now);
                     counted_since_success = 0;
                     prop_assert_eq!(state.epoch, before.epoch + 1);
                     prop_assert_eq!(state.cooling_until(now), None);
