@@ -1162,7 +1162,9 @@ async fn deliver(
                 }
             }
             // The permits go with the bytes, until the client has been sent them (or left).
-            let counted = memory.is_some();
+            // Marked for the listener, which counts unmarked answers on h2 (not on HTTP/1:
+            // nothing to mark there, and a response's extensions are an allocation).
+            let counted = memory.is_some() && acct.is_multiplexed();
             let body = match memory {
                 Some(memory) => Bytes::from_owner(Held {
                     body,
@@ -1192,7 +1194,9 @@ async fn deliver(
         } => {
             let mut response = Response::new(Body::empty());
             *response.status_mut() = status;
-            response.extensions_mut().insert(CountedAnswer);
+            if acct.is_multiplexed() {
+                response.extensions_mut().insert(CountedAnswer);
+            }
             let headers = response.headers_mut();
             headers.insert(
                 header::CONTENT_TYPE,
