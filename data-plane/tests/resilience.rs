@@ -463,13 +463,15 @@ async fn an_attempt_cut_by_the_requests_deadline_is_not_its_backends_failure() {
         let response = h.chat(chat_body(false)).await;
         assert_eq!(response.status(), 504);
     }
-    // The primary, silent for its whole answer timeout, is failing; the fallback is not.
-    h.cp.wait_for("the primary's failing event", |r| {
-        r.events.iter().any(|e| e.backend_id == "primary")
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The primary, silent for its whole answer timeout, is failing; the fallback is not. A
+    // report carries the events queued before its records, so once the third request's
+    // record has come, so has any event its attempts made.
+    h.records(3).await;
     let events = h.cp.with(|r| r.events.clone());
+    assert!(
+        events.iter().any(|e| e.backend_id == "primary"),
+        "{events:?}"
+    );
     assert!(
         events.iter().all(|e| e.backend_id != "fallback"),
         "{events:?}"

@@ -591,13 +591,7 @@ print(json.dumps(out))
     );
     // In nano-units: 2 × 3,000 + 9 × 3,750 + 5 × 15,000, then 2 × 3,000 + 9 × 300 + 5 × 15,000.
     let billed = (6_000 + 33_750 + 75_000) + (6_000 + 2_700 + 75_000);
-    eventually(
-        Duration::from_secs(30),
-        "the key's spend is the provider's bill",
-        || async { (cluster.client_key(&key_id).await.spend * 1e9).round() as u64 == billed },
-    )
-    .await;
-    let totals = cluster.totals().await;
+    let totals = spent(&cluster, &key_id, billed).await;
     assert_eq!(
         (
             totals.prompt_tokens,
@@ -676,13 +670,7 @@ print(json.dumps(out))
     // In nano-units: 11 × 3,750 + 5 × 15,000; 11 × 300 + 8 × 3,750 + 5 × 15,000;
     // 11 × 3,000 + 5 × 15,000.
     let billed = (41_250 + 75_000) + (3_300 + 30_000 + 75_000) + (33_000 + 75_000);
-    eventually(
-        Duration::from_secs(30),
-        "the key's spend is the provider's bill",
-        || async { (cluster.client_key(&key_id).await.spend * 1e9).round() as u64 == billed },
-    )
-    .await;
-    let totals = cluster.totals().await;
+    let totals = spent(&cluster, &key_id, billed).await;
     assert_eq!(
         (
             totals.prompt_tokens,
@@ -691,6 +679,18 @@ print(json.dumps(out))
         ),
         (41, 11, 19)
     );
+}
+
+/// The usage totals, once the key `key_id` has been charged exactly `billed` nano-units (the
+/// provider's bill for what the test sent).
+async fn spent(cluster: &Cluster, key_id: &str, billed: u64) -> pb::GetTotalsResponse {
+    eventually(
+        Duration::from_secs(30),
+        "the key's spend is the provider's bill",
+        || async { (cluster.client_key(key_id).await.spend * 1e9).round() as u64 == billed },
+    )
+    .await;
+    cluster.totals().await
 }
 
 /// The mock `claude` as an Anthropic backend added with `sluicectl`, its provider key from the
