@@ -704,15 +704,25 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
     Ok((acked, fresh))
 }
 
-/// Deletes expired hourly rows of at most one day (the oldest); returns how many.
 /// Deletes at most `limit` of the oldest expired hourly rows (see
 /// [`Store::apply_usage_retention`]).
+///
+/// Days count back from today or from the newest stored hour, whichever is earlier: a
+/// control plane started with its clock ahead (a year, by a bad time source) then deletes
+/// nothing the stored history itself does not call old, where counting from its clock alone
+/// deleted every hourly row, for good, before the clock was corrected.
 fn delete_expired_hours(conn: &Connection, now_ms: i64, limit: usize) -> Result<u64, StoreError> {
     let days = super::load_settings_in(conn)?.usage_retention_days;
     if days == 0 {
         return Ok(0);
     }
-    let cutoff = floor_to(now_ms, DAY_MS).saturating_sub(i64::from(days) * DAY_MS);
+    // The table's key starts with `hour_start`: one step down its B-tree.
+    let newest: Option<i64> =
+        conn.query_row("SELECT max(hour_start) FROM usage_hourly", [], |r| r.get(0))?;
+    let Some(newest) = newest else {
+        return Ok(0);
+    };
+    let cutoff = floor_to(now_ms.min(newest), DAY_MS).saturating_sub(i64::from(days) * DAY_MS);
     // By its key: the table has no rowid.
     let deleted = conn.execute(
         "DELETE FROM usage_hourly
@@ -2050,8 +2060,10 @@ mod tests {
             std::sync::Arc::new(StopAtRetention(stop.clone())),
         )
         .unwrap();
+        // And one of today, which retention counts back from.
         let rows: Vec<UsageRow> = (0..25_000)
             .map(|n| row(n + 1, "b", "m", &format!("k{n}"), DAY0 - 10 * DAY, 5.0))
+            .chain([row(25_001, "b", "m", "k", DAY0 + HOUR, 5.0)])
             .collect();
         store
             .ingest_usage("n".into(), "i".into(), rows)
@@ -2068,7 +2080,7 @@ mod tests {
         );
         assert_eq!(store.apply_usage_retention(now).await.unwrap(), 15_000);
         let t = store.totals(TotalsFilter::default()).await.unwrap();
-        assert_eq!(t.request_count, 25_000, "the daily rows keep the day");
+        assert_eq!(t.request_count, 25_001, "the daily rows keep the day");
     }
 
     #[tokio::test]
@@ -2106,5 +2118,40 @@ mod tests {
         assert_eq!(hours.len(), 4);
         let t = store.totals(TotalsFilter::default()).await.unwrap();
         assert_eq!(t.request_count, 10);
+    }
+
+    #[tokio::test]
+    async fn a_clock_ahead_deletes_no_hour_the_stored_history_keeps() {
+        let (_dir, store) = open();
+        let rows: Vec<UsageRow> = (0..5)
+            .map(|d| row(d + 1, "b", "m", "k", DAY0 - d as i64 * DAY + 3 * HOUR, 5.0))
+            .collect();
+        store
+            .ingest_usage("n".into(), "i".into(), rows)
+            .await
+            .unwrap();
+        let mut settings = store.get_settings().await.unwrap();
+        settings.usage_retention_days = 3;
+        store.put_settings(settings).await.unwrap();
+        // A clock a year ahead: the days are counted from the newest stored hour (DAY0), so
+        // only the day older than its three days goes, as it would at DAY0 + 12 h.
+        assert_eq!(
+            store.apply_usage_retention(DAY0 + 365 * DAY).await.unwrap(),
+            1
+        );
+        let hours = store
+            .usage_series(
+                TotalsFilter::default(),
+                Granularity::Hour,
+                GroupBy::Nothing,
+                Order::OldestFirst,
+            )
+            .await
+            .unwrap();
+        assert_eq!(hours.len(), 4, "{hours:?}");
+        assert_eq!(
+            hours.first().map(|p| p.start_ms),
+            Some(DAY0 - 3 * DAY + 3 * HOUR)
+        );
     }
 }
