@@ -1217,15 +1217,25 @@ async fn retention_deletes_old_hourly_rows_and_keeps_day_totals() {
     assert_eq!(old_hours.request_count, 0);
     assert_eq!(store.apply_usage_retention(now).await.unwrap(), 0);
 
-    // 0 keeps everything; 2 days drops the recent day's hours too.
+    // 0 keeps everything; 2 days drops the recent day's hours too, once today has usage
+    // (the days count back from the newest stored hour when it is older than today).
     h.set_retention_days(0).await;
     let recent = Rec::new(&b, recent_day + 6 * HOUR);
     assert_eq!(h.report("r", "i", vec![recent.to_proto(10)]).await, 10);
     assert_eq!(store.apply_usage_retention(now).await.unwrap(), 0);
     h.set_retention_days(2).await;
+    assert_eq!(store.apply_usage_retention(now).await.unwrap(), 0);
+    let current = Rec::new(&b, today);
+    assert_eq!(h.report("r", "i", vec![current.to_proto(11)]).await, 11);
     assert_eq!(store.apply_usage_retention(now).await.unwrap(), 2);
-    assert!(h.usage(hours_request).await.is_empty());
-    assert_eq!(h.totals(Default::default()).await.request_count, 10);
+    let hours: Vec<i64> = h
+        .usage(hours_request)
+        .await
+        .iter()
+        .map(|b| ms_of(&b.start_time))
+        .collect();
+    assert_eq!(hours, vec![today]);
+    assert_eq!(h.totals(Default::default()).await.request_count, 11);
 }
 
 #[tokio::test]
@@ -1246,7 +1256,9 @@ async fn the_control_plane_applies_retention_when_it_starts() {
         })
         .await
         .unwrap();
+    // An old record and one of now (retention counts back from the newest stored hour).
     let old = Rec::new("b", chrono_now_ms() - 40 * DAY);
+    let current = Rec::new("b", chrono_now_ms());
     let mut dp = DataPlaneServiceClient::with_interceptor(
         channel(&cp).await,
         Bearer(cp.dataplane_token.clone()),
@@ -1255,12 +1267,12 @@ async fn the_control_plane_applies_retention_when_it_starts() {
         .report_usage(tokio_stream::iter(vec![batch(
             "r",
             "i",
-            vec![old.to_proto(1)],
+            vec![old.to_proto(1), current.to_proto(2)],
         )]))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 1);
+    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 2);
     drop(acks);
     cp.shutdown().await;
 
@@ -1284,18 +1296,18 @@ async fn the_control_plane_applies_retention_when_it_starts() {
     };
     // The pass at start runs beside the server; wait for it.
     tokio::time::timeout(Duration::from_secs(10), async {
-        while hourly().await > 0 {
+        while hourly().await > 1 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
-    .expect("the hourly row is deleted at start");
+    .expect("the old hourly row is deleted at start");
     let totals = stats
         .get_totals(pb::GetTotalsRequest::default())
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(totals.request_count, 1);
+    assert_eq!(totals.request_count, 2);
 }
 
 fn chrono_now_ms() -> i64 {
