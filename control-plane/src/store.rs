@@ -150,6 +150,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0013_token_limits.sql"),
     include_str!("../../migrations/0014_deleted_backends.sql"),
     include_str!("../../migrations/0015_cache_writes.sql"),
+    include_str!("../../migrations/0016_key_spend_total.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

@@ -1,6 +1,8 @@
 //! What each client key spent, per UTC day: the sum of the `cost_nanos` of its usage
 //! records, added by the transaction that ingests them, so counted exactly once like all
-//! usage. A budget period's spend is the sum over the days it holds.
+//! usage. A budget period's spend is the sum over the days it holds (31 at most); a
+//! lifetime's is kept whole beside them (`key_spend_total`, added in the same statement's
+//! transaction), so it costs one row however long the key has spent.
 
 use std::collections::BTreeMap;
 
@@ -23,13 +25,29 @@ pub(super) fn add(
              CASE WHEN spent_nanos > 9223372036854775807 - excluded.spent_nanos
                   THEN 9223372036854775807 ELSE spent_nanos + excluded.spent_nanos END",
     )?;
+    let mut upsert_total = tx.prepare_cached(
+        "INSERT INTO key_spend_total (client_key_id, spent_nanos) VALUES (?1, ?2)
+         ON CONFLICT (client_key_id) DO UPDATE SET spent_nanos =
+             CASE WHEN spent_nanos > 9223372036854775807 - excluded.spent_nanos
+                  THEN 9223372036854775807 ELSE spent_nanos + excluded.spent_nanos END",
+    )?;
+    let mut totals: Vec<(&str, u64)> = Vec::new();
     for (&(key, day), &nanos) in spent {
         if nanos > 0 {
             upsert.execute(params![key, day, nanos_to_db(nanos)])?;
         }
+        // The map is ordered by key: each key's days are together.
+        match totals.last_mut() {
+            Some((last, sum)) if *last == key => *sum = sum.saturating_add(nanos),
+            _ => totals.push((key, nanos)),
+        }
     }
-    let mut keys: Vec<&str> = spent.keys().map(|&(key, _)| key).collect();
-    keys.dedup();
+    for &(key, nanos) in &totals {
+        if nanos > 0 {
+            upsert_total.execute(params![key, nanos_to_db(nanos)])?;
+        }
+    }
+    let keys = totals.iter().map(|&(key, _)| key);
     let mut crossed = false;
     for key_id in keys {
         let Some(key) = budgeted_key(tx, key_id)? else {
@@ -64,24 +82,32 @@ fn budgeted_key(conn: &Connection, id: &str) -> Result<Option<ClientKey>, StoreE
     }
 }
 
+/// A key's lifetime spend.
+const LIFETIME_SPEND: &str = "SELECT spent_nanos FROM key_spend_total WHERE client_key_id = ?1";
+
+/// A key's days in a period.
+const PERIOD_SPEND: &str = "SELECT spent_nanos FROM key_spend
+     WHERE client_key_id = ?1 AND day_start >= ?2 AND day_start < ?3";
+
 /// What `key` spent in its budget period holding `now_ms` (its lifetime for no period).
 pub(crate) fn spent_in_period(
     conn: &Connection,
     key: &ClientKey,
     now_ms: i64,
 ) -> Result<u64, StoreError> {
+    let Some((since, until)) = key.budget_period.period_of(now_ms) else {
+        // Its lifetime: one row.
+        let total: Option<i64> = conn
+            .prepare_cached(LIFETIME_SPEND)?
+            .query_row(params![key.id], |row| row.get(0))
+            .optional()?;
+        return Ok(total.map_or(0, |t| t.max(0) as u64));
+    };
     // Rows of the period only, not those after it: a replica whose clock runs ahead files
     // its last costs before the reset in the next period's rows, which count there (once),
     // not also here.
-    let (since, until) = key
-        .budget_period
-        .period_of(now_ms)
-        .unwrap_or((i64::MIN, i64::MAX));
     // Summed here rather than by SQLite, whose sum() fails past i64: one row a day.
-    let mut stmt = conn.prepare_cached(
-        "SELECT spent_nanos FROM key_spend
-         WHERE client_key_id = ?1 AND day_start >= ?2 AND day_start < ?3",
-    )?;
+    let mut stmt = conn.prepare_cached(PERIOD_SPEND)?;
     let mut rows = stmt.query(params![key.id, since, until])?;
     let mut spent = 0u64;
     while let Some(row) = rows.next()? {
@@ -144,13 +170,15 @@ impl Store {
         .await
     }
 
-    /// What each of `keys` spent in its current budget period at `now_ms`, in order.
+    /// What each of `keys` spent in its current budget period at `now_ms`, in order. On the
+    /// admin reads' connection, as the keys themselves: a key list does not wait for a long
+    /// statistics query.
     pub async fn key_spends(
         &self,
         keys: Vec<ClientKey>,
         now_ms: i64,
     ) -> Result<Vec<u64>, StoreError> {
-        self.read(Reader::Queries, move |conn, _| {
+        self.read(Reader::Admin, move |conn, _| {
             let tx = conn.transaction()?;
             keys.iter()
                 .map(|key| spent_in_period(&tx, key, now_ms))
@@ -302,7 +330,114 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(budget.max_nanos, 5);
+        // Nor does a key list's spend (the dashboard asks every 5 s).
+        let spends = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            store.key_spends(vec![key.clone()], 0),
+        )
+        .await
+        .expect("the key list's spend waited for the stats query")
+        .unwrap();
+        assert_eq!(spends, vec![0]);
         release_tx.send(()).unwrap();
         stats.await.unwrap().unwrap();
+    }
+
+    /// Adds `days` of spend (`nanos` each, from day 0 on) to `key` as an ingest does.
+    fn spend(db: &mut Connection, key: &str, days: i64, nanos: u64) {
+        let day = 86_400_000i64;
+        let tx = db.transaction().unwrap();
+        let spent: BTreeMap<(&str, i64), u64> =
+            (0..days).map(|d| ((key, d * day), nanos)).collect();
+        add(&tx, &spent, days * day).unwrap();
+        tx.commit().unwrap();
+    }
+
+    /// SQLite's virtual machine steps `read` takes on `db` in the spend queries (which it
+    /// prepares cached, so the statements counted are the ones it runs).
+    fn steps<T>(db: &Connection, read: impl FnOnce(&Connection) -> T) -> (T, u64) {
+        let count = || -> u64 {
+            [LIFETIME_SPEND, PERIOD_SPEND]
+                .iter()
+                .map(|sql| {
+                    let stmt = db.prepare_cached(sql).unwrap();
+                    stmt.get_status(rusqlite::StatementStatus::VmStep) as u64
+                })
+                .sum()
+        };
+        let before = count();
+        let value = read(db);
+        (value, count() - before)
+    }
+
+    /// A lifetime budget's spend is read from one row, not summed over every day the key
+    /// ever spent: a key list, each snapshot and each ingest read it for every key, and a key
+    /// of two years summed 730 rows each time.
+    #[tokio::test]
+    async fn a_lifetime_spend_reads_one_row_however_long_the_key_spent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let (store, _) = Store::open(&path, MasterKey::generate()).unwrap();
+        let new = |name: &str| NewClientKey {
+            name: name.into(),
+            max_budget_nanos: 1_000_000,
+            budget_period: BudgetPeriod::Lifetime,
+            ..NewClientKey::default()
+        };
+        let young = store.create_client_key(new("young")).await.unwrap().0;
+        let old = store.create_client_key(new("old")).await.unwrap().0;
+        let mut db = Connection::open(&path).unwrap();
+        spend(&mut db, &young.id, 1, 7);
+        spend(&mut db, &old.id, 1_000, 7);
+        let now = 1_000 * 86_400_000;
+        let (young_spent, young_steps) = steps(&db, |db| spent_in_period(db, &young, now).unwrap());
+        let (old_spent, old_steps) = steps(&db, |db| spent_in_period(db, &old, now).unwrap());
+        assert_eq!((young_spent, old_spent), (7, 7_000));
+        assert!(
+            old_steps <= young_steps + 10,
+            "a key of 1,000 days took {old_steps} steps, of one day {young_steps}"
+        );
+        // And the spend the API shows is the same.
+        assert_eq!(store.key_spends(vec![old], now).await.unwrap(), vec![7_000]);
+    }
+
+    /// The lifetime total saturates as the daily rows do, in an ingest and in the migration
+    /// that makes it from the days stored before it.
+    #[test]
+    fn the_lifetime_total_saturates_and_is_made_from_the_days_stored_before_it() {
+        use rusqlite_migration::{M, Migrations};
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Connection::open(dir.path().join("m.db")).unwrap();
+        super::super::sql_functions::register(&db).unwrap();
+        let migrations = Migrations::new(
+            super::super::MIGRATIONS
+                .iter()
+                .map(|sql| M::up(sql))
+                .collect(),
+        );
+        migrations.to_version(&mut db, 15).unwrap();
+        let max = i64::MAX;
+        db.execute_batch(&format!(
+            "INSERT INTO key_spend VALUES
+                 ('a', 0, 1999999999), ('a', 86400000, 3000000001), ('a', 172800000, 5),
+                 ('big', 0, {max}), ('big', 86400000, 1),
+                 ('near', 0, {near}), ('near', 86400000, 999999999);",
+            near = max - 999_999_999,
+        ))
+        .unwrap();
+        migrations.to_latest(&mut db).unwrap();
+        let total = |db: &Connection, key: &str| -> i64 {
+            db.query_row(
+                "SELECT spent_nanos FROM key_spend_total WHERE client_key_id = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!(total(&db, "a"), 5_000_000_005);
+        assert_eq!(total(&db, "big"), max);
+        assert_eq!(total(&db, "near"), max);
+        spend(&mut db, "a", 2, u64::MAX / 2);
+        assert_eq!(total(&db, "a"), max);
     }
 }

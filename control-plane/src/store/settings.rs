@@ -4,12 +4,15 @@
 use rusqlite::{Connection, OptionalExtension as _, params};
 use sluice_proto::v1 as pb;
 
-use super::{Store, StoreError, WriteOp, bump_version};
+use super::{Reader, Store, StoreError, WriteOp, bump_version};
 use crate::validation::ValidationError;
 
 impl Store {
+    /// The settings, read on the admin reads' connection: every statistics call reads the
+    /// currency, which on the writer waited behind each group commit and retention batch.
     pub async fn get_settings(&self) -> Result<pb::Settings, StoreError> {
-        self.call(|conn, _| load_settings(conn)).await
+        self.read(Reader::Admin, |conn, _| load_settings(conn))
+            .await
     }
 
     pub async fn put_settings(&self, settings: pb::Settings) -> Result<u64, StoreError> {
@@ -113,5 +116,44 @@ mod tests {
             stored_settings("[1]"),
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    /// A statistics call reads the currency first: it does not wait for the one writer (a
+    /// group commit of usage, a retention batch).
+    #[tokio::test]
+    async fn reading_the_settings_does_not_wait_for_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(
+            &dir.path().join("t.db"),
+            crate::crypto::MasterKey::generate(),
+        )
+        .unwrap();
+        let mut settings = store.get_settings().await.unwrap();
+        settings.currency = "EUR".into();
+        store.put_settings(settings).await.unwrap();
+        let held = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let write = {
+            let (store, held) = (store.clone(), std::sync::Arc::clone(&held));
+            tokio::spawn(async move {
+                store
+                    .write(WriteOp::usage_ingest, move |_, _| {
+                        held.wait();
+                        let _ = release_rx.recv();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::task::spawn_blocking(move || held.wait())
+            .await
+            .unwrap();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), store.get_settings())
+            .await
+            .expect("the settings read waited for the writer")
+            .unwrap();
+        assert_eq!(read.currency, "EUR");
+        release_tx.send(()).unwrap();
+        write.await.unwrap().unwrap();
     }
 }
