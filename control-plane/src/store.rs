@@ -573,6 +573,47 @@ fn unique_violation(err: rusqlite::Error, message: impl FnOnce() -> String) -> S
     }
 }
 
+/// One of the store's connections held, as a long statistics query or a long write holds
+/// it, until [`Held::release`]: for tests that a read does not wait for it.
+#[cfg(test)]
+pub(crate) struct Held {
+    release: std::sync::mpsc::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), StoreError>>,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+impl Held {
+    /// Holds `reader`, or the writer for `None`; returns once it is held.
+    pub(crate) async fn hold(store: &Store, reader: Option<Reader>) -> Self {
+        let held = Arc::new(std::sync::Barrier::new(2));
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let task = {
+            let (store, held) = (store.clone(), Arc::clone(&held));
+            let wait = move |_: &mut Connection, _: &MasterKey| {
+                held.wait();
+                let _ = released.recv();
+                Ok(())
+            };
+            tokio::spawn(async move {
+                match reader {
+                    Some(reader) => store.read(reader, wait).await,
+                    None => store.write(WriteOp::usage_ingest, wait).await,
+                }
+            })
+        };
+        tokio::task::spawn_blocking(move || held.wait())
+            .await
+            .unwrap();
+        Self { release, task }
+    }
+
+    pub(crate) async fn release(self) {
+        self.release.send(()).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

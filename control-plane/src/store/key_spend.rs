@@ -304,23 +304,7 @@ mod tests {
         let (store, _) = Store::open(&dir.path().join("t.db"), MasterKey::generate()).unwrap();
         let key = budgeted(&store, 5, BudgetPeriod::Monthly).await;
         // A stats query holds its connection (the lock a long query holds while it runs).
-        let held = std::sync::Arc::new(std::sync::Barrier::new(2));
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let stats = {
-            let (store, held) = (store.clone(), std::sync::Arc::clone(&held));
-            tokio::spawn(async move {
-                store
-                    .read(Reader::Queries, move |_, _| {
-                        held.wait();
-                        let _ = release_rx.recv();
-                        Ok(())
-                    })
-                    .await
-            })
-        };
-        tokio::task::spawn_blocking(move || held.wait())
-            .await
-            .unwrap();
+        let stats = crate::store::Held::hold(&store, Some(Reader::Queries)).await;
         let budget = tokio::time::timeout(
             std::time::Duration::from_secs(5),
             store.key_budget(key.id.clone(), 0, Vec::new()),
@@ -339,8 +323,7 @@ mod tests {
         .expect("the key list's spend waited for the stats query")
         .unwrap();
         assert_eq!(spends, vec![0]);
-        release_tx.send(()).unwrap();
-        stats.await.unwrap().unwrap();
+        stats.release().await;
     }
 
     /// Adds `days` of spend (`nanos` each, from day 0 on) to `key` as an ingest does.

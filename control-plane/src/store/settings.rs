@@ -131,29 +131,12 @@ mod tests {
         let mut settings = store.get_settings().await.unwrap();
         settings.currency = "EUR".into();
         store.put_settings(settings).await.unwrap();
-        let held = std::sync::Arc::new(std::sync::Barrier::new(2));
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let write = {
-            let (store, held) = (store.clone(), std::sync::Arc::clone(&held));
-            tokio::spawn(async move {
-                store
-                    .write(WriteOp::usage_ingest, move |_, _| {
-                        held.wait();
-                        let _ = release_rx.recv();
-                        Ok(())
-                    })
-                    .await
-            })
-        };
-        tokio::task::spawn_blocking(move || held.wait())
-            .await
-            .unwrap();
+        let write = crate::store::Held::hold(&store, None).await;
         let read = tokio::time::timeout(std::time::Duration::from_secs(5), store.get_settings())
             .await
             .expect("the settings read waited for the writer")
             .unwrap();
         assert_eq!(read.currency, "EUR");
-        release_tx.send(()).unwrap();
-        write.await.unwrap().unwrap();
+        write.release().await;
     }
 }

@@ -2083,11 +2083,12 @@ mod tests {
         assert_eq!(t.request_count, 25_001, "the daily rows keep the day");
     }
 
-    #[tokio::test]
-    async fn retention_deletes_whole_days_of_hourly_rows_only() {
+    /// A store holding one hourly row on each of the `days` days up to DAY0, with a retention
+    /// of 3 days applied at `now`: what it deleted, the hours left and the requests counted.
+    async fn retained(days: i64, now: i64) -> (u64, Vec<i64>, u64) {
         let (_dir, store) = open();
-        let rows: Vec<UsageRow> = (0..10)
-            .map(|d| row(d + 1, "b", "m", "k", DAY0 - d as i64 * DAY + 3 * HOUR, 5.0))
+        let rows: Vec<UsageRow> = (0..days)
+            .map(|d| row(d as u64 + 1, "b", "m", "k", DAY0 - d * DAY + 3 * HOUR, 5.0))
             .collect();
         store
             .ingest_usage("n".into(), "i".into(), rows)
@@ -2097,11 +2098,7 @@ mod tests {
         assert_eq!(settings.usage_retention_days, 90);
         settings.usage_retention_days = 3;
         store.put_settings(settings).await.unwrap();
-        // At DAY0 + 12 h the hours of DAY0 and the 3 days before stay.
-        assert_eq!(
-            store.apply_usage_retention(DAY0 + 12 * HOUR).await.unwrap(),
-            6
-        );
+        let deleted = store.apply_usage_retention(now).await.unwrap();
         let hours = store
             .usage_series(
                 TotalsFilter::default(),
@@ -2111,47 +2108,27 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(
-            hours.first().map(|p| p.start_ms),
-            Some(DAY0 - 3 * DAY + 3 * HOUR)
-        );
-        assert_eq!(hours.len(), 4);
-        let t = store.totals(TotalsFilter::default()).await.unwrap();
-        assert_eq!(t.request_count, 10);
+        let requests = store.totals(TotalsFilter::default()).await.unwrap();
+        (
+            deleted,
+            hours.iter().map(|p| p.start_ms).collect(),
+            requests.request_count,
+        )
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_whole_days_of_hourly_rows_only() {
+        // At DAY0 + 12 h the hours of DAY0 and the 3 days before stay; the daily rows keep
+        // every request.
+        let kept: Vec<i64> = (0..4).map(|d| DAY0 - (3 - d) * DAY + 3 * HOUR).collect();
+        assert_eq!(retained(10, DAY0 + 12 * HOUR).await, (6, kept, 10));
     }
 
     #[tokio::test]
     async fn a_clock_ahead_deletes_no_hour_the_stored_history_keeps() {
-        let (_dir, store) = open();
-        let rows: Vec<UsageRow> = (0..5)
-            .map(|d| row(d + 1, "b", "m", "k", DAY0 - d as i64 * DAY + 3 * HOUR, 5.0))
-            .collect();
-        store
-            .ingest_usage("n".into(), "i".into(), rows)
-            .await
-            .unwrap();
-        let mut settings = store.get_settings().await.unwrap();
-        settings.usage_retention_days = 3;
-        store.put_settings(settings).await.unwrap();
         // A clock a year ahead: the days are counted from the newest stored hour (DAY0), so
-        // only the day older than its three days goes, as it would at DAY0 + 12 h.
-        assert_eq!(
-            store.apply_usage_retention(DAY0 + 365 * DAY).await.unwrap(),
-            1
-        );
-        let hours = store
-            .usage_series(
-                TotalsFilter::default(),
-                Granularity::Hour,
-                GroupBy::Nothing,
-                Order::OldestFirst,
-            )
-            .await
-            .unwrap();
-        assert_eq!(hours.len(), 4, "{hours:?}");
-        assert_eq!(
-            hours.first().map(|p| p.start_ms),
-            Some(DAY0 - 3 * DAY + 3 * HOUR)
-        );
+        // only what is older than its three days goes, as at DAY0 + 12 h.
+        let kept: Vec<i64> = (0..4).map(|d| DAY0 - (3 - d) * DAY + 3 * HOUR).collect();
+        assert_eq!(retained(5, DAY0 + 365 * DAY).await, (1, kept, 5));
     }
 }
