@@ -119,9 +119,26 @@ impl Connection {
         &self,
         call: impl Future<Output = Result<Response<T>, Status>>,
     ) -> Result<Option<T>, Error> {
+        self.call_or_none(Code::NotFound, call).await
+    }
+
+    /// Like [`Connection::call`], but `ABORTED` (a conditional change found the record
+    /// changed since it was read) is `Ok(None)`.
+    pub async fn unless_changed<T>(
+        &self,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<Option<T>, Error> {
+        self.call_or_none(Code::Aborted, call).await
+    }
+
+    async fn call_or_none<T>(
+        &self,
+        none: Code,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<Option<T>, Error> {
         self.call(async {
             match call.await {
-                Err(status) if status.code() == Code::NotFound => Ok(Response::new(None)),
+                Err(status) if status.code() == none => Ok(Response::new(None)),
                 other => other.map(|response| response.map(Some)),
             }
         })

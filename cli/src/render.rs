@@ -675,6 +675,7 @@ mod tests {
             create_time: None,
             update_time: None,
             responses_api: None,
+            etag: String::new(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Backends: upstream providers speaking the OpenAI API or Anthropic's. The domain type
 //! [`BackendSpec`] is what an operator configures, validated once at the edge.
 
+use sha2::Digest as _;
 use sluice_proto::limits::MAX_MODEL_NAME_BYTES;
 use sluice_proto::v1 as pb;
 
@@ -330,7 +331,7 @@ impl ModelRoute {
 impl Backend {
     pub fn to_proto(&self) -> pb::Backend {
         let spec = &self.spec;
-        pb::Backend {
+        let mut backend = pb::Backend {
             id: self.id.clone(),
             name: spec.name.clone(),
             base_url: spec.base_url.clone(),
@@ -347,7 +348,19 @@ impl Backend {
             responses_api: spec.responses_api,
             api_format: spec.api_format.to_proto() as i32,
             anthropic_version: spec.anthropic_version.clone(),
-        }
+            etag: String::new(),
+        };
+        // What changes whenever anything else the API shows does: the first 128 bits of the
+        // SHA-256 of the answer without it, in hex (prost writes a message's fields in one
+        // order, so the same backend always gives the same bytes).
+        let digest = sha2::Sha256::digest(prost::Message::encode_to_vec(&backend));
+        backend.etag = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        backend
+    }
+
+    /// See [`pb::Backend::etag`].
+    pub fn etag(&self) -> String {
+        self.to_proto().etag
     }
 }
 

@@ -12,7 +12,7 @@ pub fn http_status(code: Code) -> StatusCode {
         Code::Unauthenticated => StatusCode::UNAUTHORIZED,
         Code::PermissionDenied => StatusCode::FORBIDDEN,
         Code::NotFound => StatusCode::NOT_FOUND,
-        Code::AlreadyExists => StatusCode::CONFLICT,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
         Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
         Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
         Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
@@ -21,7 +21,6 @@ pub fn http_status(code: Code) -> StatusCode {
         | Code::Cancelled
         | Code::Unknown
         | Code::DeadlineExceeded
-        | Code::Aborted
         | Code::OutOfRange
         | Code::DataLoss
         | Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,

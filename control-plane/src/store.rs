@@ -62,6 +62,9 @@ pub enum StoreError {
     Crypto(#[from] CryptoError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A conditional change found the record changed since the caller read it.
+    #[error("{0}")]
+    Changed(String),
     #[error("store task failed")]
     Join,
 }
@@ -72,7 +75,10 @@ impl StoreError {
     pub fn is_caller_error(&self) -> bool {
         matches!(
             self,
-            StoreError::NotFound { .. } | StoreError::AlreadyExists(_) | StoreError::Invalid(_)
+            StoreError::NotFound { .. }
+                | StoreError::AlreadyExists(_)
+                | StoreError::Invalid(_)
+                | StoreError::Changed(_)
         )
     }
 }

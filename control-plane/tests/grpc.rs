@@ -77,6 +77,84 @@ async fn create(admin: &mut Admin, name: &str, key: &str) -> pb::Backend {
         .unwrap()
 }
 
+async fn get(admin: &mut Admin, id: &str) -> pb::Backend {
+    admin
+        .get_backend(pb::GetBackendRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap()
+}
+
+/// A read-modify-write of a backend's routes (as `sluicectl backend update --model NAME`
+/// keeps the stored prices) gives back the etag it read: if another admin changed the
+/// backend meanwhile, the update is refused with ABORTED and the other's change stays,
+/// instead of the prices read a moment earlier being written back over it.
+#[tokio::test]
+async fn an_update_given_the_etag_it_read_is_refused_once_the_backend_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let created = create(&mut admin, "openai-main", "sk-provider-secret-1234").await;
+    let read = get(&mut admin, "openai-main").await;
+    assert_eq!(read.etag.len(), 32, "{read:?}");
+    assert_eq!(read.etag, created.etag, "the same backend, the same etag");
+    let listed = admin
+        .list_backends(pb::ListBackendsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .backends;
+    assert_eq!(listed[0].etag, read.etag);
+    let routes = |price: f64, etag: &str| pb::UpdateBackendRequest {
+        backend: Some(pb::Backend {
+            id: created.id.clone(),
+            etag: etag.into(),
+            models: vec![pb::ModelRoute {
+                input_price_per_mtok: price,
+                ..read.models[0].clone()
+            }],
+            ..Default::default()
+        }),
+        update_mask: Some(mask(&["models"])),
+        api_key: String::new(),
+    };
+    // Another admin raises the price (no etag: unconditional, as before).
+    let raised = admin
+        .update_backend(routes(9.0, ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_ne!(raised.etag, read.etag);
+    // The first writes back what it read: refused, the raised price kept.
+    let status = admin
+        .update_backend(routes(read.models[0].input_price_per_mtok, &read.etag))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert!(
+        status.message().contains("changed since it was read"),
+        "{status:?}"
+    );
+    assert_eq!(
+        get(&mut admin, "openai-main").await.models[0].input_price_per_mtok,
+        9.0
+    );
+    // Read again, the same change goes through.
+    let updated = admin
+        .update_backend(routes(1.0, &raised.etag))
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_eq!(updated.models[0].input_price_per_mtok, 1.0);
+    assert_eq!(get(&mut admin, "openai-main").await.etag, updated.etag);
+}
+
 #[tokio::test]
 async fn backend_lifecycle_and_validation() {
     let dir = tempfile::tempdir().unwrap();
@@ -88,15 +166,7 @@ async fn backend_lifecycle_and_validation() {
     assert!(!created.id.is_empty());
     assert!(created.create_time.is_some());
 
-    let got = admin
-        .get_backend(pb::GetBackendRequest {
-            id: "openai-main".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .backend
-        .unwrap();
+    let got = get(&mut admin, "openai-main").await;
     assert_eq!(got, created);
 
     // Only masked fields change.

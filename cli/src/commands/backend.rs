@@ -40,21 +40,11 @@ pub async fn run(
         }
         BackendCommand::Update(args) => {
             let kept_from_stored = keeps_from_stored(&args);
-            let mut request = update_request(args)?;
-            if let Some(kept) = kept_from_stored
-                && let Some(backend) = request.backend.as_mut()
-            {
-                let mut admin = connection.admin().await?;
-                let stored = connection
-                    .call(admin.get_backend(pb::GetBackendRequest {
-                        id: backend.id.clone(),
-                    }))
-                    .await?
-                    .backend
-                    .unwrap_or_default();
-                keep_stored_route_fields(&mut backend.models, &kept, &stored.models);
+            let request = update_request(args)?;
+            match kept_from_stored {
+                Some(kept) => update_on_stored(request, &kept, connection, out).await,
+                None => update(request, connection, out).await,
             }
-            update(request, connection, out).await
         }
         BackendCommand::Enable { backend } => {
             update(set_enabled(backend, true), connection, out).await
@@ -81,6 +71,48 @@ async fn update(
     let mut admin = connection.admin().await?;
     let response = connection.call(admin.update_backend(request)).await?;
     out.print(&response, |r| render::backend(r.backend.as_ref()))
+}
+
+/// How many times an update that takes fields from the stored routes reads them again when
+/// another change came between its read and its write.
+const UPDATE_ATTEMPTS: u32 = 3;
+
+/// An update whose routes take fields from the stored ones ([`keep_stored_route_fields`]):
+/// read, filled in, and written only if the backend is still as read (its etag); if another
+/// admin changed it in between, read again, so that what they changed (a price) is not
+/// written back over with what was read a moment earlier.
+async fn update_on_stored(
+    request: pb::UpdateBackendRequest,
+    kept: &Kept,
+    connection: &Connection,
+    out: &Output,
+) -> Result<(), Error> {
+    let mut admin = connection.admin().await?;
+    for _ in 0..UPDATE_ATTEMPTS {
+        let mut request = request.clone();
+        let Some(backend) = request.backend.as_mut() else {
+            return update(request, connection, out).await;
+        };
+        let stored = connection
+            .call(admin.get_backend(pb::GetBackendRequest {
+                id: backend.id.clone(),
+            }))
+            .await?
+            .backend
+            .unwrap_or_default();
+        keep_stored_route_fields(&mut backend.models, kept, &stored.models);
+        backend.etag = stored.etag;
+        if let Some(response) = connection
+            .unless_changed(admin.update_backend(request))
+            .await?
+        {
+            return out.print(&response, |r| render::backend(r.backend.as_ref()));
+        }
+    }
+    Err(Error::Server(format!(
+        "the backend changed while this update was being made, {UPDATE_ATTEMPTS} times; \
+         run it again"
+    )))
 }
 
 fn create_request(args: BackendAddArgs) -> Result<pb::CreateBackendRequest, Error> {

@@ -110,6 +110,7 @@ impl AdminService for Admin {
             .backend
             .ok_or_else(|| ValidationError::new("backend", "is required"))?;
         let id = required_id("backend.id", &update.id)?;
+        let expected_etag = Some(update.etag.trim().to_owned()).filter(|etag| !etag.is_empty());
         let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
         let api_key = Some(request.api_key.trim().to_owned()).filter(|key| !key.is_empty());
         if paths.is_empty() && api_key.is_none() {
@@ -142,7 +143,12 @@ impl AdminService for Admin {
         let room = self.publisher.reserve(growth).await?;
         let (backend, version) = self
             .store
-            .update_backend(id, move |spec| spec.apply_mask(&update, &paths), api_key)
+            .update_backend(
+                id,
+                expected_etag,
+                move |spec| spec.apply_mask(&update, &paths),
+                api_key,
+            )
             .await?;
         room.committed(version);
         tracing::info!(backend = %backend.id, "backend updated");

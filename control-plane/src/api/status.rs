@@ -16,6 +16,7 @@ impl From<StoreError> for Status {
             StoreError::NotFound { .. } => Status::not_found(err.to_string()),
             StoreError::AlreadyExists(_) => Status::already_exists(err.to_string()),
             StoreError::Invalid(_) => Status::invalid_argument(err.to_string()),
+            StoreError::Changed(_) => Status::aborted(err.to_string()),
             _ => Status::internal("internal storage error; see the control plane's log"),
         }
     }

@@ -940,6 +940,9 @@
     try {
       if (editing) {
         backend.id = editing.id;
+        // The routes go whole: written only over the backend as the form opened (its etag),
+        // so another admin's price change made meanwhile is refused (409) rather than undone.
+        if (changed.includes('models')) backend.etag = editing.etag;
         const request = { backend, updateMask: changed.join(',') };
         if (apiKey) request.apiKey = apiKey;
         await call('AdminService/UpdateBackend', request);

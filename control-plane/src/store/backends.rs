@@ -78,6 +78,7 @@ impl Store {
     pub async fn update_backend<F>(
         &self,
         id_or_name: String,
+        expected_etag: Option<String>,
         change: F,
         api_key: Option<String>,
     ) -> Result<(Backend, u64), StoreError>
@@ -90,6 +91,15 @@ impl Store {
             let tx = conn.transaction()?;
             let id = resolve_backend_id(&tx, &id_or_name)?;
             let current = load_backend(&tx, &id)?;
+            if let Some(expected) = expected_etag
+                && current.etag() != expected
+            {
+                return Err(StoreError::Changed(format!(
+                    "backend {:?} changed since it was read (its etag is no longer {expected:?}): \
+                     read it again and make the change on what it is now",
+                    current.spec.name
+                )));
+            }
             let mut spec = current.spec.clone();
             change(&mut spec)?;
             let spec = spec.validated()?;
