@@ -157,9 +157,9 @@ pub struct BackendAddArgs {
     #[arg(long, value_name = "BOOL")]
     pub responses_api: Option<bool>,
     /// A model it serves: NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE[/CACHE_WRITE_PRICE]]:OUT_PRICE]],
-    /// prices in $ per million tokens (CACHED_PRICE for prompt tokens read from the provider's
-    /// cache, CACHE_WRITE_PRICE for those written to it, each IN_PRICE when not given, e.g.
-    /// claude-sonnet-4-5::3/0.3/3.75:15); repeat for each model.
+    /// prices per million tokens in the settings' currency (CACHED_PRICE for prompt tokens
+    /// read from the provider's cache, CACHE_WRITE_PRICE for those written to it, each
+    /// IN_PRICE when not given, e.g. claude-sonnet-4-5::3/0.3/3.75:15); repeat for each model.
     #[arg(long = "model", value_name = "SPEC", value_parser = parse_model_route)]
     pub models: Vec<pb::ModelRoute>,
     /// The API the backend speaks.
@@ -666,7 +666,7 @@ fn parse_price(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
         Ok(price) if price.is_finite() && price >= 0.0 => Ok(price),
         _ => Err(format!(
-            "price {text:?} is not a number ≥ 0 ($ per million tokens); {MODEL_FORMAT}"
+            "price {text:?} is not a number ≥ 0 (per million tokens); {MODEL_FORMAT}"
         )),
     }
 }

@@ -240,10 +240,10 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
         &[
             "MODEL",
             "UPSTREAM",
-            "INPUT $/MTOK",
-            "CACHED $/MTOK",
-            "CACHE WRITE $/MTOK",
-            "OUTPUT $/MTOK",
+            "INPUT /MTOK",
+            "CACHED /MTOK",
+            "CACHE WRITE /MTOK",
+            "OUTPUT /MTOK",
         ],
         backend
             .models

@@ -612,7 +612,7 @@ print(json.dumps(out))
         "{shown}"
     );
     let route = cluster.sluicectl(&["backend", "get", "claude"]).await;
-    assert!(route.contains("CACHE WRITE $/MTOK"), "{route}");
+    assert!(route.contains("CACHE WRITE /MTOK"), "{route}");
 }
 
 /// A chat client that names its conversation (`prompt_cache_key`, what OpenAI's automatic
