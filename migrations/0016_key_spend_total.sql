@@ -1,7 +1,9 @@
 -- Sluice control plane schema, version 16: each key's lifetime spend, kept beside its daily
 -- spend by the transaction that ingests the cost (so exactly once, like key_spend), so that a
 -- lifetime budget reads one row instead of summing every day the key ever spent (a key list,
--- a snapshot build and each ingest did that for every listed or budgeted key).
+-- a snapshot build and each ingest did that for every listed or budgeted key), and so that
+-- the daily spend of days past Settings.usage_daily_retention_days can be deleted (by day:
+-- key_spend_day).
 CREATE TABLE key_spend_total (
     client_key_id TEXT PRIMARY KEY,
     spent_nanos   INTEGER NOT NULL
@@ -19,3 +21,5 @@ FROM (SELECT client_key_id,
              sum(max(spent_nanos, 0) / 1000000000) AS units,
              sum(max(spent_nanos, 0) % 1000000000) AS rest
       FROM key_spend GROUP BY client_key_id);
+
+CREATE INDEX key_spend_day ON key_spend(day_start);

@@ -470,6 +470,10 @@ pub struct SettingsSetArgs {
     /// Days of hourly usage kept; 0 keeps all.
     #[arg(long)]
     pub usage_retention_days: Option<u32>,
+    /// Days of daily usage and of each key's daily spend kept; 0 (the default) keeps all.
+    /// At least 32 and at least --usage-retention-days (a key's lifetime spend is kept apart).
+    #[arg(long)]
+    pub usage_daily_retention_days: Option<u32>,
     /// Whether answers carry `x-sluice-backend`, the name of the backend that answered
     /// (off by default: it tells every client how the gateway routes).
     #[arg(long, value_name = "BOOL")]

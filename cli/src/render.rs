@@ -542,6 +542,10 @@ pub fn settings(settings: Option<&pb::Settings>) -> String {
         ),
         ("retry-on-timeout", s.retry_on_timeout.to_string()),
         ("usage-retention-days", s.usage_retention_days.to_string()),
+        (
+            "usage-daily-retention-days",
+            s.usage_daily_retention_days.to_string(),
+        ),
         ("expose-backend-header", s.expose_backend_header.to_string()),
         ("currency", s.currency.clone()),
     ])

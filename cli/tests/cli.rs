@@ -855,6 +855,8 @@ async fn settings_round_trip() {
             "false",
             "--usage-retention-days",
             "30",
+            "--usage-daily-retention-days",
+            "400",
         ])
         .await;
     let table = set.ok();
@@ -880,6 +882,7 @@ async fn settings_round_trip() {
     assert_eq!(after["cooldownCap"], "120s");
     assert!(!bool_field(after, "retryOnRateLimit"));
     assert_eq!(after["usageRetentionDays"], 30);
+    assert_eq!(after["usageDailyRetentionDays"], 400);
     // Fields not given did not change.
     for field in [
         "connectTimeout",

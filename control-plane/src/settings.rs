@@ -24,6 +24,7 @@ pub const FIELDS: &[&str] = &[
     "retry_on_connect_error",
     "retry_on_timeout",
     "usage_retention_days",
+    "usage_daily_retention_days",
     "expose_backend_header",
     "currency",
 ];
@@ -55,6 +56,9 @@ pub fn apply_mask(
             "retry_on_connect_error" => next.retry_on_connect_error = update.retry_on_connect_error,
             "retry_on_timeout" => next.retry_on_timeout = update.retry_on_timeout,
             "usage_retention_days" => next.usage_retention_days = update.usage_retention_days,
+            "usage_daily_retention_days" => {
+                next.usage_daily_retention_days = update.usage_daily_retention_days
+            }
             "expose_backend_header" => next.expose_backend_header = update.expose_backend_header,
             "currency" => next.currency = update.currency.trim().to_owned(),
             other => {
@@ -136,8 +140,26 @@ pub fn validate(s: &pb::Settings) -> Result<(), ValidationError> {
             "must be at most 36500 (0 keeps everything)",
         ));
     }
+    let daily = s.usage_daily_retention_days;
+    if daily != 0 {
+        let least = s.usage_retention_days.max(MIN_DAILY_RETENTION_DAYS);
+        if s.usage_retention_days == 0 || daily < least || daily > 36_500 {
+            return Err(ValidationError::new(
+                "settings.usage_daily_retention_days",
+                format!(
+                    "must be 0 (keeps everything) or from {least} to 36500, with \
+                     usage_retention_days not 0: the hours a range reads from are never kept \
+                     longer than the days, and a budget period's days are always kept"
+                ),
+            ));
+        }
+    }
     Ok(())
 }
+
+/// The shortest daily retention: longer than any budget period (a month), whose spend is
+/// the sum of its days.
+pub const MIN_DAILY_RETENTION_DAYS: u32 = 32;
 
 /// Three capital ASCII letters: the shape of an ISO 4217 code. The list of codes is not
 /// checked, so a new or private code (`XAU`, an internal unit) is taken as given.
@@ -182,6 +204,31 @@ mod tests {
         for bad in ["", "eur", "EURO", "€", "US"] {
             let err = apply_mask(&defaults(), &update(bad), &["currency".into()]).unwrap_err();
             assert_eq!(err.field, "settings.currency", "{bad:?}");
+        }
+    }
+
+    /// Days are kept at least as long as hours (a range reads its whole days from the daily
+    /// rows), and longer than a budget period (its spend is the sum of its days).
+    #[test]
+    fn daily_retention_is_at_least_the_hours_and_a_month() {
+        let with = |hours: u32, days: u32| {
+            let update = pb::Settings {
+                usage_retention_days: hours,
+                usage_daily_retention_days: days,
+                ..Default::default()
+            };
+            let paths = ["usage_retention_days", "usage_daily_retention_days"].map(String::from);
+            apply_mask(&defaults(), &update, &paths).map(|s| s.usage_daily_retention_days)
+        };
+        for (hours, days) in [(90, 0), (0, 0), (90, 90), (90, 365), (7, 32), (30, 36_500)] {
+            assert_eq!(with(hours, days), Ok(days), "{hours} {days}");
+        }
+        for (hours, days) in [(90, 89), (7, 31), (0, 365), (90, 36_501)] {
+            let err = with(hours, days).unwrap_err();
+            assert_eq!(
+                err.field, "settings.usage_daily_retention_days",
+                "{hours} {days}"
+            );
         }
     }
 

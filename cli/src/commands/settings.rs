@@ -73,6 +73,7 @@ fn update_request(args: SettingsSetArgs) -> Result<pb::UpdateSettingsRequest, Er
     field!(retry_on_connect_error, std::convert::identity);
     field!(retry_on_timeout, std::convert::identity);
     field!(usage_retention_days, plain);
+    field!(usage_daily_retention_days, plain);
     field!(expose_backend_header, std::convert::identity);
     field!(currency, std::convert::identity);
     if paths.is_empty() {

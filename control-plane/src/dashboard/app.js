@@ -1311,6 +1311,7 @@
     ['cooldown_cap', 'cooldownCap', 'seconds'],
     ['failure_threshold', 'failureThreshold', 'int'],
     ['usage_retention_days', 'usageRetentionDays', 'int'],
+    ['usage_daily_retention_days', 'usageDailyRetentionDays', 'int'],
     ['currency', 'currency', 'text'],
     ['expose_backend_header', 'exposeBackendHeader', 'bool'],
   ];

@@ -298,8 +298,9 @@ impl Store {
     }
 
     /// Deletes the hourly usage rows of UTC days that ended more than
-    /// `Settings.usage_retention_days` before `now_ms` (0 keeps everything);
-    /// daily rows stay. Returns how many hourly rows were deleted.
+    /// `Settings.usage_retention_days` before `now_ms` (0 keeps everything), and the daily
+    /// rows and keys' daily spend past `Settings.usage_daily_retention_days` (0, the default,
+    /// keeps them). Returns how many rows were deleted.
     pub async fn apply_usage_retention(&self, now_ms: i64) -> Result<u64, StoreError> {
         self.apply_usage_retention_until(now_ms, &CancellationToken::new())
             .await
@@ -318,7 +319,9 @@ impl Store {
         while !stop.is_cancelled() {
             let n = self
                 .write(WriteOp::retention, move |conn, _| {
-                    delete_expired_hours(conn, now_ms, RETENTION_BATCH)
+                    let hours = delete_expired_hours(conn, now_ms, RETENTION_BATCH)?;
+                    let room = RETENTION_BATCH.saturating_sub(hours as usize);
+                    Ok(hours + delete_expired_days(conn, now_ms, room)?)
                 })
                 .await?;
             if n == 0 {
@@ -342,7 +345,7 @@ impl Store {
             }
             match self.apply_usage_retention_until(now_ms(), &stop).await {
                 Ok(0) => {}
-                Ok(deleted) => tracing::info!(deleted, "expired hourly usage rows deleted"),
+                Ok(deleted) => tracing::info!(deleted, "expired usage rows deleted"),
                 Err(err) => tracing::warn!(error = %err, "usage retention failed; will retry"),
             }
         }
@@ -704,31 +707,97 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
     Ok((acked, fresh))
 }
 
+/// A table retention deletes from: its name, its time column and its key.
+type RetainedTable = (&'static str, &'static str, &'static str);
+
+const HOURLY_KEY: RetainedTable = (
+    "usage_hourly",
+    "hour_start",
+    "hour_start, backend_id, model, client_key_id, pool",
+);
+
+const DAILY_KEYS: [RetainedTable; 3] = [
+    (
+        "usage_daily",
+        "day_start",
+        "day_start, backend_id, model, client_key_id, pool",
+    ),
+    (
+        "usage_daily_by_backend",
+        "day_start",
+        "day_start, backend_id, pool",
+    ),
+    ("key_spend", "day_start", "client_key_id, day_start"),
+];
+
 /// Deletes at most `limit` of the oldest expired hourly rows (see
 /// [`Store::apply_usage_retention`]).
-///
-/// Days count back from today or from the newest stored hour, whichever is earlier: a
-/// control plane started with its clock ahead (a year, by a bad time source) then deletes
-/// nothing the stored history itself does not call old, where counting from its clock alone
-/// deleted every hourly row, for good, before the clock was corrected.
 fn delete_expired_hours(conn: &Connection, now_ms: i64, limit: usize) -> Result<u64, StoreError> {
     let days = super::load_settings_in(conn)?.usage_retention_days;
-    if days == 0 {
-        return Ok(0);
+    match retention_cutoff(conn, "usage_hourly", "hour_start", days, now_ms)? {
+        Some(cutoff) => delete_before(conn, HOURLY_KEY, cutoff, limit),
+        None => Ok(0),
     }
-    // The table's key starts with `hour_start`: one step down its B-tree.
-    let newest: Option<i64> =
-        conn.query_row("SELECT max(hour_start) FROM usage_hourly", [], |r| r.get(0))?;
-    let Some(newest) = newest else {
+}
+
+/// Deletes at most `limit` of the oldest expired daily rows: usage by day, by day and backend,
+/// and keys' spend by day (see [`Store::apply_usage_retention`]). A key's lifetime spend is
+/// kept apart (`key_spend_total`), and the days of any budget period are younger than the
+/// shortest retention allowed ([`crate::settings::MIN_DAILY_RETENTION_DAYS`]).
+fn delete_expired_days(conn: &Connection, now_ms: i64, limit: usize) -> Result<u64, StoreError> {
+    let days = super::load_settings_in(conn)?.usage_daily_retention_days;
+    let Some(cutoff) = retention_cutoff(conn, "usage_daily", "day_start", days, now_ms)? else {
         return Ok(0);
     };
-    let cutoff = floor_to(now_ms.min(newest), DAY_MS).saturating_sub(i64::from(days) * DAY_MS);
-    // By its key: the table has no rowid.
+    let mut deleted = 0u64;
+    for table in DAILY_KEYS {
+        let room = limit.saturating_sub(deleted as usize);
+        if room == 0 {
+            break;
+        }
+        deleted += delete_before(conn, table, cutoff, room)?;
+    }
+    Ok(deleted)
+}
+
+/// The start of the oldest day a retention of `days` keeps (`None`: keep everything, or
+/// nothing is stored). Days count back from today or from the newest `time` in `table`,
+/// whichever is earlier: a control plane started with its clock ahead (a year, by a bad time
+/// source) then deletes nothing the stored history itself does not call old, where counting
+/// from its clock alone deleted every hourly row, for good, before the clock was corrected.
+fn retention_cutoff(
+    conn: &Connection,
+    table: &str,
+    time: &str,
+    days: u32,
+    now_ms: i64,
+) -> Result<Option<i64>, StoreError> {
+    if days == 0 {
+        return Ok(None);
+    }
+    // Each table's key (or an index) starts with its time: one step down a B-tree.
+    let newest: Option<i64> =
+        conn.query_row(&format!("SELECT max({time}) FROM {table}"), [], |r| {
+            r.get(0)
+        })?;
+    Ok(newest.map(|newest| {
+        floor_to(now_ms.min(newest), DAY_MS).saturating_sub(i64::from(days) * DAY_MS)
+    }))
+}
+
+/// Deletes at most `limit` of the rows of `table` whose `time` is before `cutoff`, oldest
+/// first, by their `key` (the usage tables have no rowid).
+fn delete_before(
+    conn: &Connection,
+    (table, time, key): (&str, &str, &str),
+    cutoff: i64,
+    limit: usize,
+) -> Result<u64, StoreError> {
     let deleted = conn.execute(
-        "DELETE FROM usage_hourly
-         WHERE (hour_start, backend_id, model, client_key_id, pool) IN (
-             SELECT hour_start, backend_id, model, client_key_id, pool FROM usage_hourly
-             WHERE hour_start < ?1 ORDER BY hour_start LIMIT ?2)",
+        &format!(
+            "DELETE FROM {table} WHERE ({key}) IN (
+                 SELECT {key} FROM {table} WHERE {time} < ?1 ORDER BY {time} LIMIT ?2)"
+        ),
         params![cutoff, limit as i64],
     )?;
     Ok(deleted as u64)
@@ -2255,5 +2324,85 @@ mod tests {
             "{pages} pages took {cost} steps, {} times the unpaged answer ({unpaged})",
             cost as f64 / unpaged as f64
         );
+    }
+
+    /// With a daily retention, the daily rows and the keys' daily spend of days past it go
+    /// too, in the same bounded transactions; a key's lifetime spend and its current
+    /// period's stay.
+    #[tokio::test]
+    async fn daily_retention_deletes_old_days_and_keeps_the_keys_spend() {
+        use crate::budget::BudgetPeriod;
+        use crate::client_key::NewClientKey;
+        let (dir, store) = open();
+        let key = |name: &str, budget_period| NewClientKey {
+            name: name.into(),
+            max_budget_nanos: 1_000_000_000_000,
+            budget_period,
+            ..NewClientKey::default()
+        };
+        let lifetime = store
+            .create_client_key(key("lifetime", BudgetPeriod::Lifetime))
+            .await
+            .unwrap()
+            .0;
+        let monthly = store
+            .create_client_key(key("monthly", BudgetPeriod::Monthly))
+            .await
+            .unwrap()
+            .0;
+        // 400 days of one request a day for each key, 7 nano-units each.
+        let rows: Vec<UsageRow> = (0..400)
+            .flat_map(|d| [(2 * d, &lifetime.id), (2 * d + 1, &monthly.id)])
+            .map(|(n, id)| UsageRow {
+                cost_nanos: 7,
+                ..row(
+                    n as u64 + 1,
+                    "b",
+                    "m",
+                    id,
+                    DAY0 - (n / 2) * DAY + 3 * HOUR,
+                    5.0,
+                )
+            })
+            .collect();
+        store
+            .ingest_usage("n".into(), "i".into(), rows)
+            .await
+            .unwrap();
+        let now = DAY0 + 12 * HOUR;
+        let spends = || store.key_spends(vec![lifetime.clone(), monthly.clone()], now);
+        let before = spends().await.unwrap();
+        assert_eq!(before[0], 400 * 7);
+        let mut settings = store.get_settings().await.unwrap();
+        settings.usage_daily_retention_days = 365;
+        store.put_settings(settings).await.unwrap();
+        // Hours (90 days kept): days 91 to 399 back, two keys' rows each (618); days (365
+        // kept): 366 to 399 back, two keys' daily rows (68), one by backend (34), two keys'
+        // spend (68).
+        assert_eq!(
+            store.apply_usage_retention(now).await.unwrap(),
+            618 + 68 + 34 + 68
+        );
+        let db = Connection::open(dir.path().join("t.db")).unwrap();
+        let count = |table: &str| -> (i64, i64) {
+            db.query_row(
+                &format!("SELECT count(*), min(day_start) FROM {table}"),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+        };
+        let oldest = DAY0 - 365 * DAY;
+        assert_eq!(count("usage_daily"), (2 * 366, oldest));
+        assert_eq!(count("usage_daily_by_backend"), (366, oldest));
+        assert_eq!(count("key_spend"), (2 * 366, oldest));
+        assert_eq!(
+            spends().await.unwrap(),
+            before,
+            "lifetime and monthly spend"
+        );
+        let totals = store.totals(TotalsFilter::default()).await.unwrap();
+        assert_eq!(totals.request_count, 2 * 366);
+        assert_eq!(store.apply_usage_retention(now).await.unwrap(), 0);
     }
 }

@@ -29,6 +29,7 @@ pub fn defaults() -> pb::Settings {
         retry_on_connect_error: true,
         retry_on_timeout: true,
         usage_retention_days: 90,
+        usage_daily_retention_days: 0,
         expose_backend_header: false,
         currency: DEFAULT_CURRENCY.to_owned(),
     }
@@ -39,8 +40,8 @@ pub const DEFAULT_CURRENCY: &str = "USD";
 
 /// Fills what `settings` leaves unset (a row written by an older version, a message from an
 /// older control plane) from [`defaults`]: unset or zero durations and a zero `max_attempts`.
-/// An empty `currency` means [`DEFAULT_CURRENCY`]. The flags, `failure_threshold` and
-/// `usage_retention_days` are taken as they are: their zero values mean something.
+/// An empty `currency` means [`DEFAULT_CURRENCY`]. The flags, `failure_threshold` and the
+/// retentions are taken as they are: their zero values mean something.
 pub fn with_defaults(mut settings: pb::Settings) -> pb::Settings {
     let d = defaults();
     for (field, default) in [
