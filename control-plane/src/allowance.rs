@@ -39,7 +39,8 @@ pub struct Replica {
 /// message it received, which is no later than when the control plane saw it leave.
 pub const LEASE_MARGIN_MS: i64 = 5_000;
 
-/// Replicas that asked for a key this recently share what is left of it.
+/// Replicas that asked for a key this recently share what is left of it, with those that
+/// still hold some of it.
 const ACTIVE_MS: i64 = 60_000;
 
 /// A grant is at most this fraction of the budget per active replica (1/64): what the
@@ -380,10 +381,14 @@ impl Allowances {
             .saturating_sub(outstanding);
         let holding = ledger.holdings.entry(replica.clone()).or_default();
         holding.last_ask_ms = now_ms;
+        // Those that hold money count as much as those that asked lately: a replica's pool
+        // lasts minutes between its asks, and counted by asks alone each replica, asking when
+        // no other had for a minute, was granted a whole 1/64 and kept it, so that the pools
+        // the others held (which no ask takes back) passed the margin the budget keeps.
         let active = ledger
             .holdings
             .values()
-            .filter(|h| now_ms - h.last_ask_ms <= ACTIVE_MS)
+            .filter(|h| now_ms - h.last_ask_ms <= ACTIVE_MS || h.outstanding() > 0)
             .count()
             .max(1) as u64;
         let want = want.max(1);
@@ -468,6 +473,48 @@ mod tests {
         assert_eq!(a.outstanding(KEY), 200 - 120);
         a.ingested(&r0, [(1, KEY, 120, 0)], 1);
         assert_eq!(a.outstanding(KEY), 80, "a resent record is charged once");
+    }
+
+    /// Replicas whose pools last minutes each ask when no other has for a minute: each still
+    /// counts as sharing the budget while it holds some of it, so that what they hold stays
+    /// within the margin the budget keeps (1.5 grants of B/64n each, 1.5 × B/64 in all).
+    /// Counted by their asks alone, each was granted B/64 and all four held about 5 × B/64,
+    /// and a key was refused with that much of its budget left.
+    #[test]
+    fn replicas_that_ask_minutes_apart_hold_no_more_than_the_margin() {
+        let mut a = Allowances::new();
+        let replicas: Vec<Replica> = (0..4).map(|i| replica(i, 0)).collect();
+        for r in &replicas {
+            a.hello(r, LEASE, 0, &[], 0);
+        }
+        let budget = Budget {
+            max_nanos: 64_000,
+            period_start_ms: 0,
+            period_end_ms: i64::MAX,
+            spent_nanos: 0,
+        };
+        let (mut now, mut sequence) = (0, [0u64; 4]);
+        let (mut last_grant, mut pool) = ([0u64; 4], [0u64; 4]);
+        for _ in 0..6 {
+            for (i, r) in replicas.iter().enumerate() {
+                now += 61_000;
+                // It asks once its pool is down to half its last grant (what it spent is
+                // charged; the budget's spend stays far below it).
+                let spent = pool[i].saturating_sub(last_grant[i] / 2);
+                if spent > 0 {
+                    sequence[i] += 1;
+                    a.ingested(r, [(sequence[i], KEY, spent, 0)], sequence[i]);
+                    pool[i] -= spent;
+                }
+                let g = a.ask(r, KEY, 1, budget, &[], now);
+                assert!(!g.exhausted);
+                last_grant[i] = g.nanos;
+                pool[i] += g.nanos;
+            }
+        }
+        assert_eq!(a.outstanding(KEY), pool.iter().sum::<u64>());
+        let held = a.outstanding(KEY);
+        assert!(held <= 1_500, "the replicas hold {held} of 64,000");
     }
 
     /// A budget lowered mid-period voids what was granted under the old one, here as on the
