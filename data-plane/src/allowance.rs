@@ -80,6 +80,9 @@ pub struct Pool {
     in_flight: AtomicI64,
     /// The budget period of the grants (Unix ms; 0: lifetime).
     period_start_ms: AtomicI64,
+    /// How many times the pool was voided within its period (a budget lowered): the reserves
+    /// of requests admitted before are void with it.
+    voids: AtomicU64,
     last_grant: AtomicI64,
     /// What the latest ask asked for.
     last_want: AtomicI64,
@@ -118,6 +121,7 @@ impl Pool {
             available: AtomicI64::new(0),
             in_flight: AtomicI64::new(0),
             period_start_ms: AtomicI64::new(0),
+            voids: AtomicU64::new(0),
             last_grant: AtomicI64::new(0),
             last_want: AtomicI64::new(0),
             roomy: AtomicBool::new(false),
@@ -175,6 +179,8 @@ pub struct Reservation {
     settled: bool,
     /// The budget period the pool was in when the request was admitted.
     period_start_ms: i64,
+    /// The pool's voids then ([`Pool::voids`]).
+    voids: u64,
 }
 
 impl Reservation {
@@ -197,9 +203,15 @@ impl Reservation {
         // The request's record is in the usage queue by now, and a hello reads the pools
         // before the records: a request settling meanwhile is counted twice, never missed.
         if same_period {
+            // A reserve voided with the pool (the budget was lowered while the request ran)
+            // is not given back: the control plane voided it with its grants, and charges the
+            // request's whole cost against what it grants next. (Given back, it was money no
+            // grant counted, spent past the lowered budget.)
+            let voided = self.pool.voids.load(Ordering::Acquire) != self.voids;
+            let back = if voided { 0 } else { self.reserve };
             self.pool
                 .available
-                .fetch_sub(cost.saturating_sub(self.reserve), Ordering::AcqRel);
+                .fetch_sub(cost.saturating_sub(back), Ordering::AcqRel);
         }
         self.pool
             .in_flight
@@ -324,6 +336,7 @@ impl Allowances {
             changed.as_mut().enable();
             // Read before the take below: see the reservation's.
             let period_start_ms = pool.period_start_ms.load(Ordering::Acquire);
+            let voids = pool.voids.load(Ordering::Acquire);
             if !self.lease_valid() {
                 // Money of a lease that ran out is the control plane's again.
                 let _ = pool
@@ -342,10 +355,11 @@ impl Allowances {
                     pool: Arc::clone(&pool),
                     reserve,
                     settled: false,
-                    // Read before the take: a reset between the two voids the request's
-                    // settlement (the new pool keeps its reserve), never gives the new
-                    // period money it was not granted.
+                    // Read before the take: a reset or a void between the two voids the
+                    // request's settlement (the new pool keeps its reserve), never gives the
+                    // new period or the lowered budget money it was not granted.
                     period_start_ms,
+                    voids,
                 }));
             }
             // Refused only if the control plane refused as much or less: a large request's
@@ -377,6 +391,7 @@ impl Allowances {
             // Reserves nothing; the cost is still settled into the pool (a debt).
             WhenAway::Serve => Ok(Some(Reservation {
                 period_start_ms: pool.period_start_ms.load(Ordering::Acquire),
+                voids: pool.voids.load(Ordering::Acquire),
                 pool,
                 reserve: 0,
                 settled: false,
@@ -438,11 +453,13 @@ impl Allowances {
                     // its period came: the money granted under the old terms is void, as the
                     // control plane voids its grants at its next ask (kept, it was spent
                     // against the new budget, which it could pass many times over). Requests
-                    // in flight still settle into the pool.
+                    // in flight still settle their cost into the pool, without their
+                    // reserves, void with it.
                     let lifetime_money = old.1.is_none()
                         && resets.is_some()
                         && pool.period_start_ms.load(Ordering::Acquire) == 0;
                     if max_budget < old.0 || lifetime_money {
+                        pool.voids.fetch_add(1, Ordering::AcqRel);
                         let _ =
                             pool.available
                                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
@@ -827,6 +844,29 @@ mod tests {
         let midnight = SystemTime::UNIX_EPOCH + Duration::from_secs(1_765_065_600);
         a.budgeted(vec![("k".into(), 0.5, Some(midnight))]);
         assert_eq!(a.pool("k").unwrap().available(), 0, "lifetime made daily");
+    }
+
+    /// The reserve of a request admitted before a budget was lowered is void with the pool:
+    /// when the request ends, the pool takes its whole cost, as the control plane (which
+    /// voided its grants, those reserves with them) charges it to the next grant. Given back
+    /// into the pool, the reserves of the requests in flight were money no grant counted,
+    /// spent past the lowered budget.
+    #[tokio::test]
+    async fn a_reserve_admitted_before_a_budget_was_lowered_is_void_with_the_pool() {
+        let a = allowances(WhenAway::Refuse);
+        a.heard(Some(&grant("k", 1_000, false)), false);
+        let running = a.admit("k", 600).await.unwrap().unwrap();
+        let kept = a.admit("k", 100).await.unwrap().unwrap();
+        a.budgeted(vec![("k".into(), 0.5, None)]);
+        assert_eq!(a.pool("k").unwrap().available(), 0, "lowered");
+        running.settle(100);
+        assert_eq!(a.pool("k").unwrap().available(), -100, "its whole cost");
+        // A request admitted on money granted after the void settles as ever.
+        a.heard(Some(&grant("k", 300, false)), false);
+        let after = a.admit("k", 150).await.unwrap().unwrap();
+        after.settle(50);
+        assert_eq!(a.pool("k").unwrap().available(), 200 - 50);
+        drop(kept);
     }
 
     /// An answer the control plane gives when it could not read the budget (nothing granted,
