@@ -93,6 +93,9 @@ struct Ledger {
     /// An attempt failed in a way the provider may have billed (it timed out, perhaps while
     /// generating): the request keeps its reserve whatever the later attempts answer.
     billed_failure: bool,
+    /// The last attempt was never sent: this replica could not open its connection (out of
+    /// file descriptors). No provider saw it.
+    unsent: bool,
     done: bool,
     _in_flight: Held,
 }
@@ -150,6 +153,7 @@ impl Accounting {
             _parallel: None,
             budget: None,
             billed_failure: false,
+            unsent: false,
             done: false,
         }))
     }
@@ -192,6 +196,7 @@ impl Accounting {
     /// perhaps while generating).
     pub fn attempt_failed(&mut self, billed: bool) {
         self.0.billed_failure |= billed;
+        self.0.unsent = false;
         if let Some(reservation) = self.0.backend_tokens.take() {
             if billed {
                 reservation.keep();
@@ -199,6 +204,14 @@ impl Accounting {
                 reservation.cancel();
             }
         }
+    }
+
+    /// The attempt was never sent (see [`Failure::OutOfFiles`](super::forward)): its backend's
+    /// token reservation is given back, and unless an earlier attempt may have been billed,
+    /// so are the key's and the budget's reserve.
+    pub fn attempt_unsent(&mut self) {
+        self.attempt_failed(false);
+        self.0.unsent = true;
     }
 
     /// The request was admitted on `reservation` of its key's budget allowance: the record's
@@ -394,7 +407,7 @@ impl Accounting {
             .saturating_add(record.completion_tokens);
         // A provider that may have counted the request without saying how much keeps its
         // estimate charged, as a budget keeps its reserve.
-        let unknown = keeps_reserve(&record, kind, self.0.billed_failure);
+        let unknown = keeps_reserve(&record, kind, self.0.billed_failure, self.0.unsent);
         for reservation in [self.0.key_tokens.take(), self.0.backend_tokens.take()]
             .into_iter()
             .flatten()
@@ -413,7 +426,7 @@ impl Accounting {
         });
         record.priced = true;
         if let Some(reservation) = &self.0.budget
-            && keeps_reserve(&record, kind, self.0.billed_failure)
+            && keeps_reserve(&record, kind, self.0.billed_failure, self.0.unsent)
         {
             record.cost_nanos = record.cost_nanos.max(reservation.reserve().max(0) as u64);
         }
@@ -476,14 +489,21 @@ impl Accounting {
 /// may have billed and counted it (an answer without usage, a timeout, an answer Sluice could
 /// not read). One whose backend answered an error status, or could not be reached, was billed
 /// nothing: its reserve is given back, unless an earlier attempt may have been billed
-/// (`billed_failure`: it timed out, and the next backend answered an error). (A request cut
-/// short has its tokens estimated before this: see `estimate_unreported`.)
-fn keeps_reserve(record: &UsageRecord, kind: ErrorKind, billed_failure: bool) -> bool {
+/// (`billed_failure`: it timed out, and the next backend answered an error). Nor was one
+/// whose last attempt was never sent (`unsent`: no descriptor for its connection), which
+/// ends as this replica's own error. (A request cut short has its tokens estimated before
+/// this: see `estimate_unreported`.)
+fn keeps_reserve(
+    record: &UsageRecord,
+    kind: ErrorKind,
+    billed_failure: bool,
+    unsent: bool,
+) -> bool {
     record.attempts > 0
         && record.prompt_tokens == 0
         && record.completion_tokens == 0
         && (billed_failure
-            || !matches!(kind, ErrorKind::UpstreamStatus | ErrorKind::UpstreamConnect))
+            || !(unsent || matches!(kind, ErrorKind::UpstreamStatus | ErrorKind::UpstreamConnect)))
 }
 
 impl Accounting {

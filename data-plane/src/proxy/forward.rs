@@ -642,11 +642,13 @@ pub(super) async fn forward_call(
             Err(failure) => {
                 // An answer refused for memory was billed: its backend's token reservation
                 // stays, settled with the record (at its `usage`, or kept if none was read).
-                if !matches!(failure, Failure::MemoryFull(..)) {
-                    acct.attempt_failed(matches!(
+                match failure {
+                    Failure::MemoryFull(..) => {}
+                    Failure::OutOfFiles => acct.attempt_unsent(),
+                    _ => acct.attempt_failed(matches!(
                         failure,
                         Failure::Timeout | Failure::Deadline | Failure::Cut { .. }
-                    ));
+                    )),
                 }
                 let retry = failure.retryable(&policy);
                 tracing::info!(

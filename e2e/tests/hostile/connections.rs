@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::common::{Cluster, control_plane};
+use crate::common::{Cluster, control_plane, eventually};
 
 /// Waits up to 30 s for the server to close `tcp` (EOF or reset), reading whatever comes.
 async fn closed_by_server(mut tcp: tokio::net::tcp::OwnedReadHalf) -> bool {
@@ -209,7 +209,8 @@ async fn past_the_connection_limit_a_connection_is_refused_and_counted_on_both_p
 /// give a process by default; here 64) cannot open upstream connections: that is its own
 /// state, not the backend's. Counted as the backend failing, it cooled a healthy backend
 /// down for every replica. Such a request gets 503 `server_busy`, and the backend is not
-/// cooled down.
+/// cooled down; nor is its key charged for it (it reached no provider): charged its budget
+/// reserve, every request of an incident drained the key's budget.
 #[tokio::test]
 async fn a_replica_out_of_file_descriptors_blames_no_backend() {
     let cluster = Cluster::start().await;
@@ -223,7 +224,18 @@ async fn a_replica_out_of_file_descriptors_blames_no_backend() {
             &[("m", "m")],
         )
         .await;
-    let (_, key) = cluster.create_key("k", &[]).await;
+    let key = cluster
+        .admin()
+        .await
+        .create_client_key(sluice_proto::v1::CreateClientKeyRequest {
+            name: "k".into(),
+            max_budget: 1_000.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key;
     let proxy = cluster
         .proxy_under(&["prlimit", "--nofile=64", "--"], &[])
         .await;
@@ -234,7 +246,9 @@ async fn a_replica_out_of_file_descriptors_blames_no_backend() {
                 let answer = reqwest::Client::new()
                     .post(url)
                     .bearer_auth(key)
-                    .json(&serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+                    // What `Proxy::chat` sends: the last request below, alone, says what
+                    // one costs.
+                    .json(&serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "say hello to me"}]}))
                     .send()
                     .await
                     .ok()?;
@@ -244,14 +258,17 @@ async fn a_replica_out_of_file_descriptors_blames_no_backend() {
             })
         })
         .collect();
-    let mut busy = 0;
+    let (mut busy, mut served) = (0u64, 0u64);
     for request in requests {
         match request.await.unwrap() {
             Some((503, code)) => {
                 assert_eq!(code.as_deref(), Some("server_busy"));
                 busy += 1;
             }
-            Some((status, code)) => assert_eq!(status, 200, "{code:?}"),
+            Some((status, code)) => {
+                assert_eq!(status, 200, "{code:?}");
+                served += 1;
+            }
             // Refused before it was read: the client's own connection found no descriptor.
             None => {}
         }
@@ -262,5 +279,26 @@ async fn a_replica_out_of_file_descriptors_blames_no_backend() {
     );
     let cooldowns = cluster.cooldowns().await;
     assert!(cooldowns.is_empty(), "{cooldowns:?}");
+    // The key spent what the served requests cost, each the same (one more, alone, says
+    // how much), and nothing for the refused ones.
+    let recorded = |n: u64| {
+        let cluster = &cluster;
+        async move { cluster.totals().await.request_count == n }
+    };
+    eventually(Duration::from_secs(10), "every request recorded", || {
+        recorded(busy + served)
+    })
+    .await;
+    let spent = cluster.client_key("k").await.spend;
     assert_eq!(proxy.chat(&key, "m").await.status(), 200, "served again");
+    eventually(Duration::from_secs(10), "the last request recorded", || {
+        recorded(busy + served + 1)
+    })
+    .await;
+    let one = cluster.client_key("k").await.spend - spent;
+    assert!(one > 0.0);
+    assert!(
+        (spent - served as f64 * one).abs() < one / 2.0,
+        "{busy} refused and {served} served requests spent {spent}, one served request {one}"
+    );
 }
