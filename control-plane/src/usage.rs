@@ -22,7 +22,9 @@ pub struct UsageRow {
     pub reasoning_tokens: u64,
     /// Of `prompt_tokens`, written to the provider's prompt cache.
     pub cache_write_prompt_tokens: u64,
-    pub latency_ms: f64,
+    /// `None` when unknown (a request its replica's crash cut off): counted in neither the
+    /// latency sum nor its histogram, as a record without TTFT is not in those.
+    pub latency_ms: Option<f64>,
     pub ttft_ms: Option<f64>,
     pub is_error: bool,
     pub stream: bool,
@@ -88,7 +90,8 @@ impl From<pb::UsageRecord> for UsageRow {
             cache_write_prompt_tokens: r
                 .cache_write_prompt_tokens
                 .min(r.prompt_tokens - r.cached_prompt_tokens.min(r.prompt_tokens)),
-            latency_ms: r.latency.as_ref().map_or(0.0, ms).max(0.0),
+            // None for a request its replica's crash cut off: unknown, not 0 ms.
+            latency_ms: r.latency.as_ref().map(ms).map(|v| v.max(0.0)),
             ttft_ms: r.time_to_first_token.as_ref().map(ms).map(|v| v.max(0.0)),
             is_error: r.error_kind != pb::ErrorKind::Unspecified as i32 || r.status_code >= 400,
             stream: r.stream,

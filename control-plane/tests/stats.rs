@@ -598,6 +598,46 @@ async fn a_records_own_cost_is_its_cost_in_the_statistics() {
     }
 }
 
+/// A request its replica's crash cut off has no latency (its replay says so): it counts as a
+/// request and an error, not in the latency figures. Filed as 0 ms, it lowered the average
+/// and the percentiles of its backend exactly when the backend had trouble.
+#[tokio::test]
+async fn a_crashed_requests_unknown_latency_is_not_counted_as_zero() {
+    let mut h = Harness::start().await;
+    let b = h.backend("b", pb::Pool::Primary, &[("m1", 1.0, 1.0)]).await;
+    let served = Rec {
+        latency_ms: 2_000.0,
+        ..Rec::new(&b, DAY0 + 10)
+    };
+    let crashed = pb::UsageRecord {
+        latency: None,
+        time_to_first_token: None,
+        status_code: 0,
+        error_kind: pb::ErrorKind::DataPlaneCrashed as i32,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        ..Rec::new(&b, DAY0 + 20).to_proto(2)
+    };
+    assert_eq!(
+        h.report("r", "i", vec![served.to_proto(1), crashed]).await,
+        2
+    );
+    let t = h.totals(Default::default()).await;
+    assert_eq!((t.request_count, t.error_count), (2, 1));
+    assert!(close(t.avg_latency_ms, 2_000.0), "{t:?}");
+    assert!(t.p50_latency_ms >= 1_500.0, "{t:?}");
+    for granularity in GRANULARITIES {
+        let buckets = h
+            .usage(pb::GetUsageRequest {
+                granularity: granularity as i32,
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(buckets.len(), 1);
+        assert!(close(buckets[0].avg_latency_ms, 2_000.0), "{granularity:?}");
+    }
+}
+
 /// Times at the ends of what a timestamp can say: a range starting at the earliest (a
 /// "from the beginning" a client may send) answers the all-time totals, and a record stamped
 /// there (a replica's clock gone wrong) is stored, not a report failing for ever. Rounded down

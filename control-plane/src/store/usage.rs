@@ -91,6 +91,8 @@ pub struct Totals {
     pub cache_write_prompt_tokens: u64,
     pub cost: f64,
     pub latency_ms_sum: f64,
+    /// Requests whose latency is known (the histogram's samples): the average's divisor.
+    pub latency_count: u64,
     pub ttft_ms_sum: f64,
     pub ttft_count: u64,
     pub p50_ms: f64,
@@ -406,12 +408,14 @@ impl Delta {
                 .unpriced_completion_tokens
                 .saturating_add(r.completion_tokens.min(MAX_TOKENS_PER_RECORD));
         }
-        self.latency_ms_sum += r.latency_ms;
+        if let Some(latency) = r.latency_ms {
+            self.latency_ms_sum += latency;
+            self.add_latency(latency_bucket(latency), 1);
+        }
         if let Some(ttft) = r.ttft_ms {
             self.ttft_ms_sum += ttft;
             self.ttft_count = self.ttft_count.saturating_add(1);
         }
-        self.add_latency(latency_bucket(r.latency_ms), 1);
     }
 
     /// Sets `cost`: what the records cost as their replicas computed it (the same figure their
@@ -976,6 +980,7 @@ impl Sums {
     }
 
     fn finish(mut self) -> Totals {
+        self.totals.latency_count = self.histogram.count();
         self.totals.p50_ms = self.histogram.quantile(0.50);
         self.totals.p95_ms = self.histogram.quantile(0.95);
         self.totals.p99_ms = self.histogram.quantile(0.99);
@@ -1427,7 +1432,7 @@ mod tests {
             completion_tokens: 10 * (sequence % 5),
             cached_prompt_tokens: 100 * (sequence % 2),
             reasoning_tokens: 3 * (sequence % 5),
-            latency_ms,
+            latency_ms: Some(latency_ms),
             ttft_ms: sequence.is_multiple_of(3).then_some(latency_ms / 3.0),
             is_error: sequence.is_multiple_of(11),
             stream: sequence.is_multiple_of(3),

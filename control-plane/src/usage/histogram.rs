@@ -104,6 +104,13 @@ impl Histogram {
     pub fn quantile(&self, q: f64) -> f64 {
         quantile(&self.buckets(), q)
     }
+
+    /// How many samples it holds.
+    pub fn count(&self) -> u64 {
+        self.counts
+            .iter()
+            .fold(0u64, |sum, n| sum.saturating_add(*n))
+    }
 }
 
 /// The stored form of (bucket, count) pairs given in ascending bucket order
