@@ -295,6 +295,10 @@ pub struct Spool {
     lanes: Vec<Arc<Lane>>,
     replays: Mutex<Vec<Replay>>,
     sync: Mutex<Option<SyncThread>>,
+    /// Acked segments whose deletion failed (path, bytes): tried again each round, their
+    /// bytes counted in the spool until they are gone. Forgotten, a failed unlink kept its
+    /// bytes counted for the rest of the process, and the spool looked full.
+    undeleted: Mutex<Vec<(PathBuf, u64)>>,
     /// Held (locked) for the life of the process.
     _lock: File,
 }
@@ -466,6 +470,7 @@ impl Spool {
             lanes,
             replays: Mutex::new(replays),
             sync: Mutex::new(None),
+            undeleted: Mutex::new(Vec::new()),
             _lock: lock,
         })
     }
@@ -574,6 +579,18 @@ impl Spool {
         sink.mark_durable(entered);
         let acked = sink.acked();
         let mut removed = false;
+        let mut undeleted = self
+            .undeleted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        undeleted.retain(|(path, bytes)| match std::fs::remove_file(path) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => true,
+            _ => {
+                self.shared.bytes.fetch_sub(*bytes, Ordering::Relaxed);
+                removed = true;
+                false
+            }
+        });
         for lane in &self.lanes {
             for segment in lane.take_compactable(acked) {
                 // The lane's first acked segment becomes its spare, for its next segment to
@@ -597,7 +614,8 @@ impl Spool {
                         removed = true;
                     }
                     Err(err) => {
-                        tracing::warn!(path = %segment.path.display(), error = %err, "cannot delete an acked usage spool segment");
+                        tracing::warn!(path = %segment.path.display(), error = %err, "cannot delete an acked usage spool segment; will try again");
+                        undeleted.push((segment.path, segment.bytes));
                     }
                 }
             }
@@ -657,9 +675,15 @@ impl Spool {
             self.resending().retain(|s| !s.same_queue(&sink));
         }
         self.shared.resent.fetch_add(total, Ordering::Relaxed);
-        match discard(&self.shared.options.data_dir, &dir) {
-            Ok(()) => {
+        // Its bytes leave the spool with the directory: once it is set aside, nothing reads
+        // it again (its deletion there failing or not; what is left there goes at the next
+        // start).
+        match set_aside(&self.shared.options.data_dir, &dir) {
+            Ok((aside, flushed)) => {
                 self.shared.bytes.fetch_sub(bytes, Ordering::Relaxed);
+                if let Err(err) = flushed.and_then(|()| std::fs::remove_dir_all(&aside)) {
+                    tracing::warn!(path = %aside.display(), error = %err, "cannot delete a resent usage spool directory");
+                }
             }
             Err(err) => {
                 tracing::warn!(path = %dir.display(), error = %err, "cannot delete a resent usage spool directory");
@@ -762,6 +786,14 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// Deletes the spool directory `dir` of an earlier run: moved into [`DISCARDED_DIR`] first (one
 /// rename, flushed), then deleted there.
 fn discard(data_dir: &Path, dir: &Path) -> std::io::Result<()> {
+    let (aside, flushed) = set_aside(data_dir, dir)?;
+    flushed?;
+    std::fs::remove_dir_all(aside)
+}
+
+/// Moves the spool directory `dir` of an earlier run into [`DISCARDED_DIR`], where no replay
+/// reads it; returns where it is now, and whether the rename was flushed to disk.
+fn set_aside(data_dir: &Path, dir: &Path) -> std::io::Result<(PathBuf, std::io::Result<()>)> {
     let discarded = data_dir.join(DISCARDED_DIR);
     std::fs::create_dir_all(&discarded)?;
     let name = dir
@@ -769,10 +801,8 @@ fn discard(data_dir: &Path, dir: &Path) -> std::io::Result<()> {
         .ok_or_else(|| std::io::Error::other("a spool directory without a name"))?;
     let aside = discarded.join(name);
     std::fs::rename(dir, &aside)?;
-    if let Some(root) = dir.parent() {
-        sync_dir(root)?;
-    }
-    std::fs::remove_dir_all(&aside)
+    let flushed = dir.parent().map_or(Ok(()), sync_dir);
+    Ok((aside, flushed))
 }
 
 /// `<lane>.<segment>.spool`.
@@ -1079,6 +1109,56 @@ mod tests {
                 .iter()
                 .all(|r| r.request_id.starts_with("short-"))
         );
+    }
+
+    /// An acked segment whose deletion fails is tried again each round, and its bytes leave
+    /// the spool's count when it is gone: forgotten, its bytes stayed counted for the rest of
+    /// the process (a few failed unlinks made the spool look full, and with
+    /// `--usage-spool-full refuse` every request was refused, on an empty disk).
+    #[test]
+    fn a_segment_whose_deletion_failed_is_deleted_later_and_uncounted() {
+        let data = tempfile::tempdir().unwrap();
+        let sink = UsageSink::new(10_000);
+        let dir = data.path().join(SPOOL_DIR).join("inc-1");
+        let options = SpoolOptions {
+            segment_bytes: 1024,
+            ..SpoolOptions::new(data.path())
+        };
+        let spool = Spool::open(options, &identity("inc-1"), 1).unwrap();
+        let lane = spool.lane(0).unwrap();
+        for i in 0..60 {
+            request(&lane, &sink, &format!("short-{i}"), true);
+        }
+        let written = segments(&dir);
+        assert!(written.len() >= 4, "{written:?}");
+        // The second oldest (the oldest becomes the lane's spare) cannot be unlinked: a
+        // directory holding a file stands where it was.
+        let stuck = &written[1];
+        std::fs::remove_file(stuck).unwrap();
+        std::fs::create_dir(stuck).unwrap();
+        std::fs::write(stuck.join("obstacle"), b"x").unwrap();
+        let on_disk = || -> u64 {
+            segments(&dir)
+                .iter()
+                .filter(|p| p.is_file())
+                .map(|p| {
+                    entry::decode_segment(&std::fs::read(p).unwrap())
+                        .frames
+                        .valid_len as u64
+                })
+                .sum()
+        };
+        sink.ack(sink.entered());
+        spool.sync_and_compact(&sink, File::sync_data);
+        spool.sync_and_compact(&sink, File::sync_data);
+        assert!(stuck.exists());
+        assert!(
+            spool.stats(&sink).bytes > on_disk(),
+            "counted until it is gone"
+        );
+        std::fs::remove_dir_all(stuck).unwrap();
+        spool.sync_and_compact(&sink, File::sync_data);
+        assert_eq!(spool.stats(&sink).bytes, on_disk());
     }
 
     #[test]
