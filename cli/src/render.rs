@@ -236,20 +236,27 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
         ("created", when(backend.create_time.as_ref(), now)),
         ("updated", when(backend.update_time.as_ref(), now)),
     ]);
+    // The max_tokens sent when a client gives none matters only to an Anthropic backend
+    // (`backend update --model NAME` keeps it, so it is shown where it applies).
+    let anthropic = backend.api_format == pb::ApiFormat::Anthropic as i32;
+    let mut header = vec![
+        "MODEL",
+        "UPSTREAM",
+        "INPUT /MTOK",
+        "CACHED /MTOK",
+        "CACHE WRITE /MTOK",
+        "OUTPUT /MTOK",
+    ];
+    if anthropic {
+        header.push("DEFAULT MAX TOKENS");
+    }
     let models = grid(
-        &[
-            "MODEL",
-            "UPSTREAM",
-            "INPUT /MTOK",
-            "CACHED /MTOK",
-            "CACHE WRITE /MTOK",
-            "OUTPUT /MTOK",
-        ],
+        &header,
         backend
             .models
             .iter()
             .map(|model| {
-                vec![
+                let mut row = vec![
                     model.name.clone(),
                     model.upstream_name.clone(),
                     model.input_price_per_mtok.to_string(),
@@ -262,10 +269,17 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
                         .unwrap_or(model.input_price_per_mtok)
                         .to_string(),
                     model.output_price_per_mtok.to_string(),
-                ]
+                ];
+                if anthropic {
+                    row.push(match model.default_max_tokens {
+                        0 => "default".to_owned(),
+                        n => n.to_string(),
+                    });
+                }
+                row
             })
             .collect(),
-        &[2, 3, 4, 5],
+        &[2, 3, 4, 5, 6],
     );
     format!("{summary}\n\n{models}")
 }
@@ -727,6 +741,21 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("no (default)"), "{text}");
+        // Its routes' default max_tokens, which an OpenAI backend's rows do not show.
+        assert!(!backend(Some(&sample_backend())).contains("MAX TOKENS"));
+        assert!(text.contains("DEFAULT MAX TOKENS"), "{text}");
+        let route = text
+            .lines()
+            .find(|l| l.starts_with("gpt-4o-mini "))
+            .unwrap();
+        assert!(route.trim_end().ends_with("default"), "{text}");
+        b.models[0].default_max_tokens = 8192;
+        let text = backend(Some(&b));
+        let route = text
+            .lines()
+            .find(|l| l.starts_with("gpt-4o-mini "))
+            .unwrap();
+        assert!(route.trim_end().ends_with("8192"), "{text}");
     }
 
     #[test]

@@ -226,6 +226,18 @@ impl BackendSpec {
                 ));
             }
             check_visible(&format!("{field}.upstream_name"), &model.upstream_name)?;
+            // -0 is within the range and is stored as given: listed as a price of "-0".
+            for price in [
+                Some(&mut model.input_price_per_mtok),
+                Some(&mut model.output_price_per_mtok),
+                model.cached_input_price_per_mtok.as_mut(),
+                model.cache_write_price_per_mtok.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                *price += 0.0;
+            }
             for (price, what) in [
                 (model.input_price_per_mtok, "input_price_per_mtok"),
                 (model.output_price_per_mtok, "output_price_per_mtok"),
@@ -533,6 +545,18 @@ mod tests {
         let mut dearest = spec();
         dearest.models[0].output_price_per_mtok = MAX_PRICE_PER_MTOK;
         assert!(dearest.validated().is_ok());
+        // -0 (`--model gpt::-0:1`) is stored as 0, not listed as a price of "-0".
+        let mut signed = spec();
+        signed.models[0].input_price_per_mtok = -0.0;
+        signed.models[0].cache_write_price_per_mtok = Some(-0.0);
+        let signed = signed.validated().unwrap();
+        assert_eq!(signed.models[0].input_price_per_mtok.to_string(), "0");
+        assert_eq!(
+            signed.models[0]
+                .cache_write_price_per_mtok
+                .map(|p| p.to_string()),
+            Some("0".into())
+        );
         let mut cached = spec();
         cached.models[0].cached_input_price_per_mtok = Some(-0.5);
         assert_eq!(
