@@ -867,6 +867,39 @@ mod tests {
     }
 
     /// The segment files in `dir` (not the spare), in order.
+    /// The bytes the frames of the segment files in `dir` take.
+    fn frame_bytes(dir: &Path) -> u64 {
+        segments(dir)
+            .iter()
+            .filter(|p| p.is_file())
+            .map(|p| {
+                entry::decode_segment(&std::fs::read(p).unwrap())
+                    .frames
+                    .valid_len as u64
+            })
+            .sum()
+    }
+
+    /// A spool of one lane in `data` with segments of `segment_bytes`, its directory, and the
+    /// lane holding `requests` finished requests `r0`, `r1`, ….
+    fn small_segments(
+        data: &Path,
+        sink: &UsageSink,
+        segment_bytes: u64,
+        requests: usize,
+    ) -> (Spool, PathBuf, Arc<Lane>) {
+        let options = SpoolOptions {
+            segment_bytes,
+            ..SpoolOptions::new(data)
+        };
+        let spool = Spool::open(options, &identity("inc-1"), 1).unwrap();
+        let lane = spool.lane(0).unwrap();
+        for i in 0..requests {
+            request(&lane, sink, &format!("r{i}"), true);
+        }
+        (spool, data.join(SPOOL_DIR).join("inc-1"), lane)
+    }
+
     fn segments(dir: &Path) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .unwrap()
@@ -1083,15 +1116,7 @@ mod tests {
             assert!(after <= 2, "{after} of {before} segments left");
             // The bytes the segments' own frames take (a file written over an acked one
             // holds more), the spare not counted.
-            let bytes: u64 = segments(&dir)
-                .iter()
-                .map(|p| {
-                    entry::decode_segment(&std::fs::read(p).unwrap())
-                        .frames
-                        .valid_len as u64
-                })
-                .sum();
-            assert_eq!(spool.stats(&sink).bytes, bytes);
+            assert_eq!(spool.stats(&sink).bytes, frame_bytes(&dir));
             assert!(
                 dir.join(spare_name(0)).exists(),
                 "an acked segment kept as the spare"
@@ -1119,16 +1144,7 @@ mod tests {
     fn a_segment_whose_deletion_failed_is_deleted_later_and_uncounted() {
         let data = tempfile::tempdir().unwrap();
         let sink = UsageSink::new(10_000);
-        let dir = data.path().join(SPOOL_DIR).join("inc-1");
-        let options = SpoolOptions {
-            segment_bytes: 1024,
-            ..SpoolOptions::new(data.path())
-        };
-        let spool = Spool::open(options, &identity("inc-1"), 1).unwrap();
-        let lane = spool.lane(0).unwrap();
-        for i in 0..60 {
-            request(&lane, &sink, &format!("short-{i}"), true);
-        }
+        let (spool, dir, _lane) = small_segments(data.path(), &sink, 1024, 60);
         let written = segments(&dir);
         assert!(written.len() >= 4, "{written:?}");
         // The second oldest (the oldest becomes the lane's spare) cannot be unlinked: a
@@ -1137,28 +1153,17 @@ mod tests {
         std::fs::remove_file(stuck).unwrap();
         std::fs::create_dir(stuck).unwrap();
         std::fs::write(stuck.join("obstacle"), b"x").unwrap();
-        let on_disk = || -> u64 {
-            segments(&dir)
-                .iter()
-                .filter(|p| p.is_file())
-                .map(|p| {
-                    entry::decode_segment(&std::fs::read(p).unwrap())
-                        .frames
-                        .valid_len as u64
-                })
-                .sum()
-        };
         sink.ack(sink.entered());
         spool.sync_and_compact(&sink, File::sync_data);
         spool.sync_and_compact(&sink, File::sync_data);
         assert!(stuck.exists());
         assert!(
-            spool.stats(&sink).bytes > on_disk(),
+            spool.stats(&sink).bytes > frame_bytes(&dir),
             "counted until it is gone"
         );
         std::fs::remove_dir_all(stuck).unwrap();
         spool.sync_and_compact(&sink, File::sync_data);
-        assert_eq!(spool.stats(&sink).bytes, on_disk());
+        assert_eq!(spool.stats(&sink).bytes, frame_bytes(&dir));
     }
 
     #[test]
@@ -1289,16 +1294,7 @@ mod tests {
         // frame::tests::a_reused_file_reads_as_its_new_segment_only).
         let data = tempfile::tempdir().unwrap();
         let sink = UsageSink::new(10_000);
-        let dir = data.path().join(SPOOL_DIR).join("inc-1");
-        let options = SpoolOptions {
-            segment_bytes: 512,
-            ..SpoolOptions::new(data.path())
-        };
-        let spool = Spool::open(options, &identity("inc-1"), 1).unwrap();
-        let lane = spool.lane(0).unwrap();
-        for i in 0..40 {
-            request(&lane, &sink, &format!("r{i}"), true);
-        }
+        let (_spool, dir, _lane) = small_segments(data.path(), &sink, 512, 40);
         let mut seeds = std::collections::HashSet::new();
         let files = segments(&dir);
         assert!(files.len() >= 5, "{} segments", files.len());
