@@ -49,6 +49,10 @@ pub struct Usage {
     pub cache_read: u64,
     /// Input tokens written to the prompt cache (part of `input`).
     pub cache_creation: u64,
+    /// Of `cache_creation`, written to the 1-hour cache (Anthropic's
+    /// `cache_creation.ephemeral_1h_input_tokens`), which Anthropic bills at twice the input
+    /// price where the 5-minute cache costs 1.25 times.
+    pub cache_creation_1h: u64,
 }
 
 /// `T` read from a JSON object and nothing else. serde's derived structs also read an array,

@@ -202,7 +202,7 @@ fn usage(json: &str) -> Option<Tokens> {
             .output_tokens_details
             .and_then(|d| d.reasoning_tokens)
             .unwrap_or(0),
-        cache_write: 0,
+        ..Tokens::default()
     })
 }
 
@@ -251,7 +251,7 @@ mod tests {
                 completion: 7,
                 cached_prompt: 4,
                 reasoning: 3,
-                cache_write: 0,
+                ..Tokens::default()
             })
         );
         let null = rewrite_response(

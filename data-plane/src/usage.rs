@@ -1012,6 +1012,9 @@ pub struct Tokens {
     pub reasoning: u64,
     /// Of `prompt`, written to the provider's prompt cache (only Anthropic's `usage` says).
     pub cache_write: u64,
+    /// Of `cache_write`, written to Anthropic's 1-hour cache (priced apart, not recorded
+    /// apart).
+    pub cache_write_1h: u64,
 }
 
 impl Tokens {
@@ -1044,7 +1047,7 @@ impl Tokens {
             },
             cached_prompt: cached.max(cache_hit.unwrap_or(0)),
             reasoning,
-            cache_write: 0,
+            ..Self::default()
         }
     }
 }

@@ -790,7 +790,7 @@ fn an_anthropic_stream_becomes_chat_chunks() {
             input: 30,
             output: 42,
             cache_read: 5,
-            cache_creation: 0
+            ..Usage::default()
         })
     );
 }

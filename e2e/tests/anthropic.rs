@@ -543,9 +543,11 @@ async fn a_messages_body_reaches_the_backend_as_sent_unless_its_model_is_renamed
 /// Anthropic's prompt caching through the official SDK: a backend added with `sluicectl` and a
 /// cache write price (`IN/CACHED/WRITE`, Claude Sonnet's $3, $0.30, $3.75 and $15 out), a
 /// system prompt marked `cache_control` written to the cache by the first call and read by
-/// the second (streamed). The key's spend is what the provider bills for that (each part at
-/// its price, exactly), and the statistics and `sluicectl stats totals` count the written
-/// tokens.
+/// the second (streamed); then two more written to the 1-hour cache (`"ttl": "1h"`, what
+/// Claude Code asks for), whole and streamed, which Anthropic bills at twice the input price
+/// (they were charged at the 5-minute write price, 38 % less). The key's spend is what the
+/// provider bills for all that (each part at its price, exactly), and the statistics and
+/// `sluicectl stats totals` count the written tokens.
 #[tokio::test]
 async fn prompt_cache_writes_are_spent_at_their_price_and_counted() {
     const CACHING: &str = r#"
@@ -559,6 +561,13 @@ out = []
 m = c.messages.create(model="claude", max_tokens=64, system=system, messages=hello)
 out.append(m.usage.model_dump())
 with c.messages.stream(model="claude", max_tokens=64, system=system, messages=hello) as s:
+    out.append(s.get_final_message().usage.model_dump())
+def hour(city):
+    return [{"type": "text", "text": f"You answer questions about the weather in {city}, briefly.",
+             "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+m = c.messages.create(model="claude", max_tokens=64, system=hour("Lyon"), messages=hello)
+out.append(m.usage.model_dump())
+with c.messages.stream(model="claude", max_tokens=64, system=hour("Nice"), messages=hello) as s:
     out.append(s.get_final_message().usage.model_dump())
 print(json.dumps(out))
 "#;
@@ -589,8 +598,17 @@ print(json.dumps(out))
         (&json!(2), &json!(0), &json!(9)),
         "{usage}"
     );
-    // In nano-units: 2 × 3,000 + 9 × 3,750 + 5 × 15,000, then 2 × 3,000 + 9 × 300 + 5 × 15,000.
-    let billed = (6_000 + 33_750 + 75_000) + (6_000 + 2_700 + 75_000);
+    for hour in &usage.as_array().unwrap()[2..] {
+        assert_eq!(
+            hour["cache_creation"],
+            json!({"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 9}),
+            "{usage}"
+        );
+    }
+    // In nano-units: 2 × 3,000 + 9 × 3,750 + 5 × 15,000, then 2 × 3,000 + 9 × 300 + 5 × 15,000,
+    // then twice 2 × 3,000 + 9 × 6,000 (the 1-hour write, twice the input price) + 5 × 15,000.
+    let billed =
+        (6_000 + 33_750 + 75_000) + (6_000 + 2_700 + 75_000) + 2 * (6_000 + 54_000 + 75_000);
     let totals = spent(&cluster, &key_id, billed).await;
     assert_eq!(
         (
@@ -598,7 +616,7 @@ print(json.dumps(out))
             totals.cached_prompt_tokens,
             totals.cache_write_prompt_tokens
         ),
-        (22, 9, 9)
+        (44, 9, 27)
     );
     assert!(
         (totals.cost * 1e9 - billed as f64).abs() < 1.0,
@@ -608,7 +626,7 @@ print(json.dumps(out))
     assert!(
         shown
             .lines()
-            .any(|l| l.contains("of them written to the cache") && l.trim_end().ends_with(" 9")),
+            .any(|l| l.contains("of them written to the cache") && l.trim_end().ends_with(" 27")),
         "{shown}"
     );
     let route = cluster.sluicectl(&["backend", "get", "claude"]).await;

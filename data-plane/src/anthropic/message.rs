@@ -548,6 +548,7 @@ mod tests {
                     output,
                     cache_read,
                     cache_creation,
+                    ..Usage::default()
                 })
             });
         (

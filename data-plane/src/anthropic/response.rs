@@ -54,8 +54,18 @@ pub fn anthropic_usage(usage: &Value) -> Usage {
         output: get("output_tokens"),
         cache_read: get("cache_read_input_tokens"),
         cache_creation: get("cache_creation_input_tokens"),
+        cache_creation_1h: one_hour_writes(usage.get("cache_creation")),
     }
     .usage()
+}
+
+/// The 1-hour cache writes of an Anthropic `usage`'s `cache_creation` breakdown (0 when it is
+/// missing, not an object, or its figure not an unsigned integer).
+pub(super) fn one_hour_writes(cache_creation: Option<&Value>) -> u64 {
+    cache_creation
+        .and_then(|c| c.get("ephemeral_1h_input_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
 }
 
 /// Reads the Anthropic `usage` value at the start of `text` (what follows it is not looked
@@ -74,13 +84,15 @@ pub fn anthropic_usage_in(text: &[u8]) -> Option<Usage> {
         .map(UsageFigures::usage)
 }
 
-/// The four figures of an Anthropic `usage`, as written.
+/// The figures of an Anthropic `usage`, as written.
 #[derive(Default)]
 pub(super) struct UsageFigures {
     input: u64,
     output: u64,
     cache_read: u64,
     cache_creation: u64,
+    /// `cache_creation.ephemeral_1h_input_tokens`.
+    cache_creation_1h: u64,
 }
 
 impl UsageFigures {
@@ -94,6 +106,8 @@ impl UsageFigures {
             output: self.output,
             cache_read: self.cache_read,
             cache_creation: self.cache_creation,
+            // Part of the writes: never more than they are.
+            cache_creation_1h: self.cache_creation_1h.min(self.cache_creation),
         }
     }
 }
@@ -120,6 +134,8 @@ enum FigureName {
     Output,
     CacheRead,
     CacheCreation,
+    /// `cache_creation`, the writes by cache lifetime.
+    CacheCreationByTtl,
     Other,
 }
 
@@ -137,6 +153,7 @@ impl<'de> serde::Deserialize<'de> for FigureName {
                     "output_tokens" => FigureName::Output,
                     "cache_read_input_tokens" => FigureName::CacheRead,
                     "cache_creation_input_tokens" => FigureName::CacheCreation,
+                    "cache_creation" => FigureName::CacheCreationByTtl,
                     _ => FigureName::Other,
                 })
             }
@@ -174,6 +191,10 @@ impl LenientKind for UsageFigures {
                 FigureName::Output => &mut figures.output,
                 FigureName::CacheRead => &mut figures.cache_read,
                 FigureName::CacheCreation => &mut figures.cache_creation,
+                FigureName::CacheCreationByTtl => {
+                    figures.cache_creation_1h = map.next_value::<OneHourWrites>()?.0;
+                    continue;
+                }
                 FigureName::Other => {
                     map.next_value::<Checked>()?;
                     continue;
@@ -188,6 +209,31 @@ impl LenientKind for UsageFigures {
 impl LenientKind for Count {
     fn unsigned(count: u64) -> Self {
         Self(count)
+    }
+}
+
+/// A `usage`'s `cache_creation` read for its `ephemeral_1h_input_tokens`, as
+/// [`one_hour_writes`] reads the parsed value (an object's last such key, 0 for anything else).
+#[derive(Default)]
+struct OneHourWrites(u64);
+
+impl<'de> serde::Deserialize<'de> for OneHourWrites {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        value.deserialize_any(Lenient::<OneHourWrites>::default())
+    }
+}
+
+impl LenientKind for OneHourWrites {
+    fn object<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut writes = Self::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "ephemeral_1h_input_tokens" {
+                writes.0 = map.next_value::<Count>()?.0;
+            } else {
+                map.next_value::<Checked>()?;
+            }
+        }
+        Ok(writes)
     }
 }
 
@@ -265,7 +311,7 @@ fn usage_of_openai_figures(
         input: tokens.prompt,
         output: tokens.completion,
         cache_read: tokens.cached_prompt,
-        cache_creation: 0,
+        ..Usage::default()
     }
 }
 
@@ -745,6 +791,11 @@ mod tests {
             "\"12\"",
             "[1,2]",
             "{\"input_tokens\":9}",
+            // What `cache_creation` holds, and what of it is read as no 1-hour writes.
+            "{\"ephemeral_1h_input_tokens\":40,\"ephemeral_5m_input_tokens\":3}",
+            "{\"ephemeral\\u005f1h_input_tokens\":12}",
+            "{\"ephemeral_1h_input_tokens\":5,\"ephemeral_1h_input_tokens\":1e2}",
+            "{\"ephemeral_1h_input_tokens\":{\"a\":[1]}}",
         ])
     }
 
@@ -774,6 +825,23 @@ mod tests {
             format!("{{{}}}", members.join(","))
         });
         prop_oneof![8 => object, 1 => figure().prop_map(str::to_owned)]
+    }
+
+    /// The 1-hour cache's writes are read from `cache_creation`, whole or streamed, and are
+    /// never more than the writes.
+    #[test]
+    fn one_hour_cache_writes_are_read_from_the_breakdown() {
+        let usage = r#"{"input_tokens":2,"cache_creation_input_tokens":50,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":10,"ephemeral_1h_input_tokens":40},"output_tokens":5}"#;
+        let read = anthropic_usage_in(usage.as_bytes()).unwrap();
+        assert_eq!((read.cache_creation, read.cache_creation_1h), (50, 40));
+        assert_eq!(read, anthropic_usage(&serde_json::from_str(usage).unwrap()));
+        let confused = r#"{"cache_creation_input_tokens":5,"cache_creation":{"ephemeral_1h_input_tokens":40}}"#;
+        assert_eq!(
+            anthropic_usage_in(confused.as_bytes())
+                .unwrap()
+                .cache_creation_1h,
+            5
+        );
     }
 
     proptest! {
@@ -1008,7 +1076,7 @@ mod tests {
                 input: 7,
                 output: 5,
                 cache_read: 4,
-                cache_creation: 0
+                ..Usage::default()
             })
         );
     }

@@ -34,6 +34,7 @@ struct Counters {
     output: u64,
     cache_read: u64,
     cache_creation: u64,
+    cache_creation_1h: u64,
 }
 
 impl Counters {
@@ -52,6 +53,9 @@ impl Counters {
         if let Some(n) = get("cache_creation_input_tokens") {
             self.cache_creation = n;
         }
+        if let Some(by_ttl) = usage.get("cache_creation") {
+            self.cache_creation_1h = super::response::one_hour_writes(Some(by_ttl));
+        }
     }
 
     fn usage(self) -> Usage {
@@ -63,6 +67,7 @@ impl Counters {
             output: self.output,
             cache_read: self.cache_read,
             cache_creation: self.cache_creation,
+            cache_creation_1h: self.cache_creation_1h.min(self.cache_creation),
         }
     }
 }

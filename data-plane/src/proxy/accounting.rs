@@ -93,6 +93,9 @@ struct Ledger {
     /// An attempt failed in a way the provider may have billed (it timed out, perhaps while
     /// generating): the request keeps its reserve whatever the later attempts answer.
     billed_failure: bool,
+    /// Of the record's `cache_write_prompt_tokens`, those written to Anthropic's 1-hour cache:
+    /// priced at their own rate, not kept in the record.
+    cache_write_1h: u64,
     /// The last attempt was never sent: this replica could not open its connection (out of
     /// file descriptors). No provider saw it.
     unsent: bool,
@@ -153,6 +156,7 @@ impl Accounting {
             _parallel: None,
             budget: None,
             billed_failure: false,
+            cache_write_1h: 0,
             unsent: false,
             done: false,
         }))
@@ -319,6 +323,7 @@ impl Accounting {
         self.0.record.cached_prompt_tokens = tokens.cached_prompt;
         self.0.record.reasoning_tokens = tokens.reasoning;
         self.0.record.cache_write_prompt_tokens = tokens.cache_write;
+        self.0.cache_write_1h = tokens.cache_write_1h;
     }
 
     /// Marks the first byte or event sent to the client (only the first call counts).
@@ -422,6 +427,7 @@ impl Accounting {
             prompt: record.prompt_tokens,
             cached: record.cached_prompt_tokens,
             cache_write: record.cache_write_prompt_tokens,
+            cache_write_1h: self.0.cache_write_1h,
             completion: record.completion_tokens,
         });
         record.priced = true;

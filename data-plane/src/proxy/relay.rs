@@ -164,6 +164,7 @@ pub(super) fn tokens_of(usage: Usage) -> Tokens {
         completion: usage.output,
         cached_prompt: usage.cache_read,
         cache_write: usage.cache_creation,
+        cache_write_1h: usage.cache_creation_1h,
         ..Tokens::default()
     }
 }

@@ -522,6 +522,7 @@ impl<'a> PlainUsage<'a> {
             cached_prompt,
             reasoning,
             cache_write: _,
+            cache_write_1h: _,
         } = tokens;
         let tokens = Tokens::openai(
             prompt,

@@ -24,8 +24,15 @@ pub struct Billed {
     pub cached: u64,
     /// Of `prompt`, written to the prompt cache.
     pub cache_write: u64,
+    /// Of `cache_write`, written to Anthropic's 1-hour cache, which it bills at twice the
+    /// input price (its 5-minute cache at 1.25 times: the route's write price).
+    pub cache_write_1h: u64,
     pub completion: u64,
 }
+
+/// What a 1-hour cache write costs, in input prices (Anthropic's rate; a route has one write
+/// price, its 5-minute cache's).
+pub const ONE_HOUR_WRITE_PER_INPUT: f64 = 2.0;
 
 impl Prices {
     /// From prices per million tokens as routes carry them; prompt tokens read from the cache
@@ -53,14 +60,17 @@ impl Prices {
     }
 
     /// The cost of `tokens`, rounded to the nearest nano-unit. At most `prompt` tokens count
-    /// as read from the cache, and at most the rest as written to it: a confused upstream's
-    /// figures are no discount and no surcharge past its prompt.
+    /// as read from the cache, and at most the rest as written to it (of those, at most all
+    /// to the 1-hour cache, at [`ONE_HOUR_WRITE_PER_INPUT`] times the input price): a
+    /// confused upstream's figures are no discount and no surcharge past its prompt.
     pub fn cost_nanos(&self, tokens: Billed) -> u64 {
         let cached = tokens.cached.min(tokens.prompt);
         let written = tokens.cache_write.min(tokens.prompt - cached);
+        let hour = tokens.cache_write_1h.min(written);
         let nanos = (tokens.prompt - cached - written) as f64 * self.input
             + cached as f64 * self.cached_input
-            + written as f64 * self.cache_write
+            + (written - hour) as f64 * self.cache_write
+            + hour as f64 * self.input * ONE_HOUR_WRITE_PER_INPUT
             + tokens.completion as f64 * self.output;
         // `as` saturates: a cost past u64::MAX (not reachable by bounded token counts) stays there.
         nanos.round() as u64
@@ -115,7 +125,34 @@ mod tests {
             cached,
             cache_write,
             completion,
+            cache_write_1h: 0,
         }
+    }
+
+    #[test]
+    fn one_hour_cache_writes_cost_twice_the_input_price() {
+        // Claude Sonnet: $3 input, $3.75 five-minute writes. 10,000 written, 4,000 of them to
+        // the 1-hour cache ($6 a million), 100 completion tokens at $15.
+        let prices = Prices::per_mtok(3.0, Some(0.3), Some(3.75), 15.0);
+        let hour = |cache_write_1h| Billed {
+            cache_write_1h,
+            ..billed(10_000, 0, 10_000, 100)
+        };
+        assert_eq!(
+            prices.cost_nanos(hour(4_000)),
+            6_000 * 3_750 + 4_000 * 6_000 + 100 * 15_000
+        );
+        // No more 1-hour writes than writes (a confused upstream).
+        assert_eq!(
+            prices.cost_nanos(hour(99_999)),
+            10_000 * 6_000 + 100 * 15_000
+        );
+        // Without a write price the 5-minute writes cost the input price, the 1-hour twice it.
+        let plain = Prices::per_mtok(3.0, None, None, 15.0);
+        assert_eq!(
+            plain.cost_nanos(hour(4_000)),
+            6_000 * 3_000 + 4_000 * 6_000 + 100 * 15_000
+        );
     }
 
     #[test]
