@@ -348,8 +348,8 @@ pub struct KeyLimitArgs {
     #[arg(long, value_name = "TPM", visible_alias = "tpm")]
     pub tpm_limit: Option<u32>,
     /// Requests in flight at once across all data planes, divided among them: each of n
-    /// replicas admits ⌊N/n⌋ (at least 1) of the key's requests, so give a multiple of the
-    /// replica count, with room for a load balancer's uneven spread; 0 means no limit.
+    /// replicas admits ⌊N/n⌋ or one more (at least 1) of the key's requests, N in all, so
+    /// give room for a load balancer's uneven spread; 0 means no limit.
     #[arg(long, value_name = "N", visible_alias = "max-parallel-requests")]
     pub max_parallel: Option<u32>,
 }

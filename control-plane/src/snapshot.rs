@@ -481,7 +481,10 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
             let settings = crate::store::load_settings_in(&tx)?;
             let affinity_keys = crate::store::load_affinity_keys_in(&tx, key)?;
             // In the same transaction as the version: a change of it bumps the version.
-            let replica_count = crate::store::count_share_holders_in(&tx)?;
+            let share_holders = crate::store::share_holders_in(&tx)?;
+            let replica_count = u32::try_from(share_holders.len())
+                .unwrap_or(u32::MAX)
+                .max(1);
             tx.commit()?;
             Ok(pb::Snapshot {
                 version,
@@ -493,6 +496,7 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                 replica_count,
                 epoch,
                 affinity_keys,
+                share_holders,
             })
         })
         .await
@@ -535,6 +539,7 @@ mod tests {
                 ..Default::default()
             }),
             replica_count: 2,
+            share_holders: vec!["a".into(), "b".into()],
             epoch: "epoch".into(),
             affinity_keys: vec![pb::AffinityKey {
                 id: 1,

@@ -520,7 +520,7 @@ pub(crate) use backends::load_enabled_with_keys as load_enabled_with_keys_in;
 pub(crate) use client_keys::load_keys as load_keys_in;
 pub(crate) use client_keys::published_expiries as published_expiries_in;
 pub(crate) use cooldowns::load_cooldown_states as load_cooldown_states_in;
-pub(crate) use data_planes::count_share_holders as count_share_holders_in;
+pub(crate) use data_planes::share_holders as share_holders_in;
 pub use key_spend::KeyBudget;
 pub(crate) use key_spend::spent_in_period as spent_in_period_in;
 pub(crate) use settings::load_settings as load_settings_in;

@@ -301,3 +301,89 @@ async fn allowances_are_granted_on_the_snapshot_stream_from_what_remains() {
     assert!(ask(1).await.exhausted, "everything is granted");
     drop(old_tx);
 }
+
+/// A request a replica served outside any allowance (its key had no budget when it was
+/// admitted: a budget removed and set again, or set while it ran) counts in the key's spend
+/// but took nothing from the replica's pool: it is not charged against the grants. Charged,
+/// it made the replica's pool look spent while the replica still held it, and the key could
+/// pass its budget by what the pools held.
+#[tokio::test]
+async fn a_request_served_outside_any_allowance_is_not_charged_to_the_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin =
+        AdminServiceClient::with_interceptor(channel(&cp).await, Bearer(cp.admin_token.clone()));
+    let key = admin
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "capped".into(),
+            max_budget: 0.001, // 1,000,000 nano-units
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    let mut dp = DataPlaneServiceClient::with_interceptor(
+        channel(&cp).await,
+        Bearer(cp.dataplane_token.clone()),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::StreamSnapshotsRequest {
+        node_id: "r1".into(),
+        incarnation: "i1".into(),
+        accepts_allowances: true,
+        allowance_lease: Some(wkt::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = dp
+        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ask = async |want_nanos: u64| -> pb::Allowance {
+        tx.send(pb::StreamSnapshotsRequest {
+            node_id: "r1".into(),
+            allowance_requests: vec![pb::AllowanceRequest {
+                client_key_id: key.id.clone(),
+                want_nanos,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        loop {
+            let m = stream.message().await.unwrap().unwrap();
+            if let Some(update) = m.allowances
+                && let Some(grant) = update.allowances.into_iter().next()
+            {
+                return grant;
+            }
+        }
+    };
+    assert_eq!(ask(10).await.granted_nanos, 15_625);
+    // Served unbudgeted: 500,000 spent, none of it from the pool of 15,625 it still holds.
+    let mut acks = dp
+        .report_usage(tokio_stream::iter(vec![pb::ReportUsageRequest {
+            node_id: "r1".into(),
+            incarnation: "i1".into(),
+            records: vec![pb::UsageRecord {
+                unbudgeted: true,
+                ..record(1, &key.id, now_ms(), 500_000)
+            }],
+            ..Default::default()
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 1);
+    // What remains: the budget, less the spend, less the pool the replica still holds.
+    assert!(ask(484_376).await.exhausted);
+    let grant = ask(484_375).await;
+    assert_eq!((grant.granted_nanos, grant.exhausted), (484_375, false));
+}

@@ -1629,11 +1629,15 @@ async fn concurrent_joins_publish_the_final_replica_count() {
     }
     // Every replica ends up with a snapshot dividing by all of them.
     let mut lasts = Vec::new();
+    let mut holders: Vec<String> = (0..REPLICAS).map(|i| format!("replica-{i}")).collect();
+    holders.sort();
     for stream in &mut streams {
         let mut last = next(stream).await;
         while last.replica_count as usize != REPLICAS {
             last = next(stream).await;
         }
+        // Named too, sorted: each replica's place is its rank (max_parallel_requests).
+        assert_eq!(last.share_holders, holders);
         lasts.push(last.version);
     }
     // And keeps it: every join has committed now, so no snapshot up to the newest published

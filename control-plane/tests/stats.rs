@@ -239,6 +239,7 @@ impl Rec {
             cost_nanos: self.cost_nanos,
             tokens_estimated: false,
             priced: self.priced,
+            unbudgeted: false,
         }
     }
 }

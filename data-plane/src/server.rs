@@ -261,6 +261,7 @@ impl Proxy {
                         &identity.node_id,
                         &identity.incarnation,
                     ))
+                    .with_node_id(identity.node_id.clone())
                     .with_clock(
                         config
                             .wall_clock_offset

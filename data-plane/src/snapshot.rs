@@ -388,16 +388,18 @@ impl Snapshot {
         now: Now,
         pools: usize,
     ) -> Result<Self, SnapshotError> {
-        Self::prepare_with(message, previous, now, pools, &UpstreamTls::default())
+        Self::prepare_with(message, previous, now, pools, &UpstreamTls::default(), None)
     }
 
-    /// [`Snapshot::prepare`] with upstream clients that make TLS connections as `tls` says.
+    /// [`Snapshot::prepare`] with upstream clients that make TLS connections as `tls` says,
+    /// for a replica ranked `rank` among the snapshot's share holders (`None`: not listed).
     pub fn prepare_with(
         message: proto::Snapshot,
         previous: Option<&Snapshot>,
         now: Now,
         pools: usize,
         tls: &UpstreamTls,
+        rank: Option<u32>,
     ) -> Result<Self, SnapshotError> {
         let policy = match &message.settings {
             Some(settings) => Policy::try_from(settings)?,
@@ -577,6 +579,7 @@ impl Snapshot {
                 before.and_then(|p| p.parallel.as_ref()),
                 k.max_parallel_requests,
                 replica_count,
+                rank,
             );
             let key = ClientKey {
                 allowed_models: if k.allowed_models.is_empty() {
@@ -778,6 +781,8 @@ pub struct SnapshotStore {
     clock: Clock,
     /// How the control plane names this replica as the author of cooldown changes.
     author: String,
+    /// This replica's node id, as `Snapshot.share_holders` lists it.
+    node_id: String,
 }
 
 impl Default for SnapshotStore {
@@ -798,6 +803,7 @@ impl SnapshotStore {
             stale: Mutex::new(None),
             clock: Clock::default(),
             author: String::new(),
+            node_id: String::new(),
         }
     }
 
@@ -805,6 +811,12 @@ impl SnapshotStore {
     /// (`sluice_domain::cooldown::author`).
     pub fn with_author(mut self, author: String) -> Self {
         self.author = author;
+        self
+    }
+
+    /// Finds this replica's rank in a snapshot's share holders by `node_id`.
+    pub fn with_node_id(mut self, node_id: String) -> Self {
+        self.node_id = node_id;
         self
     }
 
@@ -918,12 +930,18 @@ impl SnapshotStore {
                 return Ok(Applied::Unchanged);
             }
         }
+        let rank = message
+            .share_holders
+            .iter()
+            .position(|holder| *holder == self.node_id)
+            .and_then(|rank| u32::try_from(rank).ok());
         let next = Arc::new(Snapshot::prepare_with(
             message,
             current.as_deref(),
             now,
             self.pools,
             &self.tls,
+            rank,
         )?);
         let whose = |by: &str| {
             if !self.author.is_empty() && by == self.author {
@@ -1053,6 +1071,7 @@ pub(crate) mod tests {
             create_time: None,
             epoch: "e1".into(),
             affinity_keys: vec![],
+            share_holders: vec![],
         }
     }
 

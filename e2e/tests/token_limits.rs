@@ -249,6 +249,54 @@ async fn max_parallel_requests_holds_across_three_replicas() {
     drop(open);
 }
 
+/// The remainder of P over n replicas is given out by rank: P = 5 on three replicas admits
+/// 2, 2 and 1 at once, 5 in all, where each admitted ⌊5/3⌋ = 1 before (3 in all).
+#[tokio::test]
+async fn max_parallel_requests_are_all_given_out_across_replicas() {
+    let run = LocalRun::start(3).await;
+    let a = Mock::start_with(
+        "a",
+        &["m"],
+        &["--chunk-count", "20", "--chunk-interval", "100ms"],
+    )
+    .await;
+    run.add_backend("a", &a, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let key = create_key(&run, "k", 0, 5).await;
+    run.wait_replicas_current(3).await;
+    let stream = serde_json::json!({
+        "model": "m", "stream": true,
+        "messages": [{"role": "user", "content": "say hello to me"}],
+    });
+    // On each replica, streams until one is refused (each is in flight for about 2 s).
+    let mut open = Vec::new();
+    let mut admitted = Vec::new();
+    for i in 0..3 {
+        let mut here = 0;
+        loop {
+            let r = run
+                .replica(i)
+                .post("/v1/chat/completions", &key, stream.clone())
+                .await;
+            if r.status() == 429 {
+                break;
+            }
+            assert_eq!(r.status(), 200, "replica {i}");
+            open.push(r);
+            here += 1;
+            assert!(here <= 5, "replica {i} admitted more than the key's limit");
+        }
+        admitted.push(here);
+    }
+    admitted.sort_unstable();
+    assert_eq!(
+        admitted,
+        [1, 2, 2],
+        "all five places, the remainder by rank"
+    );
+    drop(open);
+}
+
 #[tokio::test]
 async fn a_stream_its_client_leaves_midway_is_charged_what_was_streamed() {
     let cluster = Cluster::start().await;

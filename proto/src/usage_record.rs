@@ -66,6 +66,7 @@ impl UsageRecord {
             tokens_estimated,
             priced,
             cache_write_prompt_tokens,
+            unbudgeted,
         } = self;
         out.uint(1, *sequence);
         out.string(2, request_id);
@@ -94,6 +95,7 @@ impl UsageRecord {
         out.uint(19, u64::from(*tokens_estimated));
         out.uint(20, u64::from(*priced));
         out.uint(21, *cache_write_prompt_tokens);
+        out.uint(22, u64::from(*unbudgeted));
     }
 }
 
@@ -208,7 +210,7 @@ mod tests {
             counts in proptest::collection::vec(number(), 6),
             small in proptest::collection::vec(prop_oneof![Just(0u32), 1..600u32, any::<u32>()], 2),
             enums in proptest::collection::vec(prop_oneof![Just(0i32), 1..12i32, any::<i32>()], 2),
-            flags in any::<(bool, bool, bool)>(),
+            flags in any::<(bool, bool, bool, bool)>(),
             times in proptest::collection::vec(time(), 3),
         ) -> UsageRecord {
             let duration = |t: Option<(i64, i32)>| t.map(|(seconds, nanos)| Duration { seconds, nanos });
@@ -234,6 +236,7 @@ mod tests {
                 tokens_estimated: flags.1,
                 priced: flags.2,
                 cache_write_prompt_tokens: counts[5],
+                unbudgeted: flags.3,
             }
         }
     }

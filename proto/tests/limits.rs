@@ -97,6 +97,10 @@ fn snapshot() -> pb::Snapshot {
         client_keys,
         settings: Some(pb::Settings::default()),
         replica_count: 1_000,
+        // Every replica counted, named by the longest node id.
+        share_holders: (0..1_000)
+            .map(|i| format!("{i:0>width$}", width = sluice_proto::limits::MAX_ID_BYTES))
+            .collect(),
         epoch: "0".repeat(32),
         // More affinity keys than rotation ever keeps active.
         affinity_keys: (0..16)
@@ -193,6 +197,7 @@ fn a_full_usage_batch_of_bounded_records_fits_the_report_limit() {
         tokens_estimated: true,
         priced: true,
         cache_write_prompt_tokens: u64::MAX,
+        unbudgeted: true,
     };
     let one = record.encoded_len();
     eprintln!("largest usage record: {one} bytes");

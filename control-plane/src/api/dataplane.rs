@@ -158,7 +158,11 @@ impl Charges {
         let records: Vec<(u64, String, u64, i64)> = report
             .records
             .iter()
-            .filter(|r| r.cost_nanos > 0 && !r.client_key_id.is_empty())
+            // A request served outside any allowance took its cost from no pool: charged
+            // to the replica's grants, it made them look spent while the replica still held
+            // them (a budget removed and set again: the key could pass it by what the pools
+            // held).
+            .filter(|r| r.cost_nanos > 0 && !r.client_key_id.is_empty() && !r.unbudgeted)
             .map(|r| {
                 // As the store files it (`UsageRow`'s time).
                 let time_ms = r

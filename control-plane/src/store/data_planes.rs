@@ -226,14 +226,14 @@ impl Store {
     }
 }
 
-/// How many replicas hold a share (at least 1), read inside the snapshot's transaction.
-pub(crate) fn count_share_holders(conn: &Connection) -> Result<u32, StoreError> {
-    let n: i64 = conn.query_row(
-        "SELECT count(*) FROM data_planes WHERE share_until IS NOT NULL",
-        [],
-        |r| r.get(0),
+/// The node ids of the replicas that hold a share, sorted, read inside the snapshot's
+/// transaction (see `Snapshot.share_holders`).
+pub(crate) fn share_holders(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT node_id FROM data_planes WHERE share_until IS NOT NULL ORDER BY node_id",
     )?;
-    Ok(u32::try_from(n).unwrap_or(u32::MAX).max(1))
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 #[cfg(test)]
@@ -354,7 +354,10 @@ mod tests {
         store
             .read(super::super::Reader::Snapshot, |conn, _| {
                 let tx = conn.transaction()?;
-                Ok((count_share_holders(&tx)?, super::super::read_version(&tx)?))
+                Ok((
+                    share_holders(&tx)?.len().max(1) as u32,
+                    super::super::read_version(&tx)?,
+                ))
             })
             .await
             .unwrap()

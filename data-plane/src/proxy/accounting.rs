@@ -431,6 +431,8 @@ impl Accounting {
             completion: record.completion_tokens,
         });
         record.priced = true;
+        // Taken from no pool: the control plane charges it to no grant.
+        record.unbudgeted = self.0.budget.is_none();
         if let Some(reservation) = &self.0.budget
             && keeps_reserve(&record, kind, self.0.billed_failure, self.0.unsent)
         {

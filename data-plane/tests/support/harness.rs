@@ -99,6 +99,7 @@ pub fn snapshot(version: u64, backends: Vec<proto::SnapshotBackend>) -> proto::S
         client_keys: vec![client_key(KEY_ID, KEY, &[], 0)],
         settings: Some(settings()),
         replica_count: 1,
+        share_holders: Vec::new(),
         epoch: "epoch-1".into(),
         affinity_keys: vec![proto::AffinityKey {
             id: 1,

@@ -25,14 +25,26 @@ pub type Stats = StatsServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A free loopback port for a process that must be restartable on the same port. Drawn
 /// below the kernel's ephemeral range (32768+), where outgoing connections of parallel tests
-/// would otherwise take it between this check and the child's bind.
+/// would otherwise take it between this check and the child's bind; and never twice in one
+/// test process, whose tests run in parallel: two of them drew the same port before either
+/// child had bound it (a replica then failed to start with "Address already in use").
 pub fn free_port() -> u16 {
     loop {
         let port = rand::random_range(20_000..32_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if reserve(port) {
             return port;
         }
     }
+}
+
+/// Takes `port` for this test process if no test here has it and it is free now.
+fn reserve(port: u16) -> bool {
+    static TAKEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut taken = TAKEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    !taken.contains(&port)
+        && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        && taken.insert(port)
 }
 
 /// The control plane's admin and stats APIs at a gRPC URL.
@@ -741,11 +753,7 @@ impl LocalRun {
         let port = loop {
             let port = free_port();
             let replica_ports = (1..=replicas as u16).map(|i| port + 10 + i);
-            if replicas == 1
-                || replica_ports
-                    .into_iter()
-                    .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
-            {
+            if replicas == 1 || replica_ports.into_iter().all(reserve) {
                 break port;
             }
         };
