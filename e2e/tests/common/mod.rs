@@ -41,7 +41,9 @@ pub fn free_port() -> u16 {
 fn reserve(port: u16) -> bool {
     static TAKEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
         std::sync::Mutex::new(std::collections::BTreeSet::new());
-    let mut taken = TAKEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut taken = TAKEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     !taken.contains(&port)
         && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
         && taken.insert(port)
