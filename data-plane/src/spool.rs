@@ -1353,22 +1353,32 @@ mod tests {
             let mut rec = record("fits");
             lane.start(&mut running, &mut rec).unwrap().now().unwrap();
             // Requests until one finds no room for its start.
-            let (result, spooled) = loop {
+            let (result, mut spooled, refused) = loop {
                 let mut spooled = None;
                 let mut rec = record("filler");
                 let result = lane
                     .start(&mut spooled, &mut rec)
                     .map(|written| written.now().unwrap());
-                if spooled.is_none() {
-                    break (result, spooled);
+                if spooled == Some(lane::REFUSED_START) {
+                    break (result, spooled, rec);
                 }
                 sink.record_with(rec, |r| lane.finish(spooled, r).now().unwrap());
             };
             assert!(spool.stats(&sink).bytes > 500);
             match on_full {
-                OnFull::Serve => assert_eq!((result, spooled), (Ok(()), None)),
+                OnFull::Serve => assert_eq!(result, Ok(())),
                 OnFull::Refuse => assert_eq!(result, Err(Refused(Unwritten::Full))),
             }
+            assert_eq!(spool.stats(&sink).unwritten_full, 1);
+            // Counted once: not again at a retry's start, nor at its finish, which finds no
+            // room either (it was counted at each of them).
+            let mut again = record("filler");
+            lane.start(&mut spooled, &mut again).unwrap().now().unwrap();
+            sink.record_with(refused, |r| {
+                let written = lane.finish(spooled, r);
+                assert!(!written.holds_record());
+                written.now().unwrap()
+            });
             assert_eq!(spool.stats(&sink).unwritten_full, 1);
             // The request already on disk still gets its finish, past the bound.
             let bytes = spool.stats(&sink).bytes;

@@ -34,6 +34,12 @@ use std::task::{Context, Poll, Waker};
 
 use sluice_proto::v1::UsageRecord;
 
+/// The number a request's start is given when the spool had no room for it: no request has
+/// it (requests count from 1), its later starts (a retry on another backend) are not tried
+/// again, and the unwritten request is counted once
+/// (`sluice_usage_spool_unwritten_records_total`), not again at each of them and at its finish.
+pub const REFUSED_START: u64 = 0;
+
 use super::entry::{self, Header};
 use super::frame;
 use super::{OnFull, Shared, Unwritten};
@@ -155,6 +161,10 @@ impl Lane {
         request: &mut Option<u64>,
         record: &mut UsageRecord,
     ) -> Result<Written, Refused> {
+        if *request == Some(REFUSED_START) {
+            // Its first start found no room: it goes on without one (counted then, once).
+            return Ok(Written::ready());
+        }
         let mut state = self.lock();
         let first = request.is_none();
         let id = request.unwrap_or(state.next_request);
@@ -164,6 +174,7 @@ impl Lane {
         if first && !self.shared.has_room(frame.len()) {
             state.recycle(frame);
             self.shared.unwritten(Unwritten::Full, 1);
+            *request = Some(REFUSED_START);
             return match self.shared.on_full {
                 OnFull::Refuse => Err(Refused(Unwritten::Full)),
                 OnFull::Serve => Ok(Written::ready()),
@@ -196,9 +207,13 @@ impl Lane {
         let at = state.batch.len();
         entry::frame_finish(request.unwrap_or(0), &record.encoded, &mut state.batch);
         let len = state.batch.len() - at;
-        if request.is_none() && !self.shared.has_room(len) {
+        let startless = request.is_none_or(|id| id == REFUSED_START);
+        if startless && !self.shared.has_room(len) {
             state.batch.truncate(at);
-            self.shared.unwritten(Unwritten::Full, 1);
+            // A request whose start was refused is counted already.
+            if request.is_none() {
+                self.shared.unwritten(Unwritten::Full, 1);
+            }
             return Written::ready();
         }
         let upto = state.appended_in_place(len, record.sequence);
@@ -340,7 +355,10 @@ impl LaneState {
 
     /// Counts a frame of `len` bytes already added to the batch; returns its position.
     fn appended_in_place(&mut self, len: usize, sequence: u64) -> u64 {
-        self.batch_records += 1;
+        // Records are finishes (a start carries no sequence): what a failed write loses.
+        if sequence != 0 {
+            self.batch_records += 1;
+        }
         self.batch_max_sequence = self.batch_max_sequence.max(sequence);
         self.appended += len as u64;
         self.appended
