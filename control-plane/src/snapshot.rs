@@ -156,6 +156,10 @@ pub fn client_key_entry_bytes(name: &str, allowed_models: &[String]) -> usize {
         }),
         tpm_limit: u32::MAX,
         max_parallel_requests: u32::MAX,
+        budget_period_start: Some(pbjson_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: i32::MAX,
+        }),
     })
 }
 
@@ -469,6 +473,12 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                         .budget_period
                         .period_of(now)
                         .map(|(_, end)| crate::time::timestamp(end)),
+                    // The period as the grant engine voids by it (0: a lifetime budget).
+                    budget_period_start: (k.max_budget_nanos > 0).then(|| {
+                        crate::time::timestamp(
+                            k.budget_period.period_of(now).map_or(0, |(start, _)| start),
+                        )
+                    }),
                     id: k.id,
                     name: k.name,
                     key_sha256: k.key_sha256,

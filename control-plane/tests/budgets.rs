@@ -254,8 +254,18 @@ async fn allowances_are_granted_on_the_snapshot_stream_from_what_remains() {
         .into_inner();
     let on = stream.message().await.unwrap().unwrap();
     assert!(on.snapshot.is_none() && on.allowances.is_some(), "{on:?}");
-    let snapshot = stream.message().await.unwrap().unwrap();
-    assert!(snapshot.snapshot.is_some());
+    let snapshot = stream.message().await.unwrap().unwrap().snapshot.unwrap();
+    let listed = snapshot
+        .client_keys
+        .iter()
+        .find(|k| k.id == key.id)
+        .unwrap();
+    assert_eq!(
+        listed.budget_period_start.as_ref().map(|t| t.seconds),
+        Some(0),
+        "a lifetime budget's period starts at the epoch: replicas void its money as the \
+         grant engine does"
+    );
     let mut ask = async |want_nanos: u64| -> pb::Allowance {
         tx.send(pb::StreamSnapshotsRequest {
             node_id: "r1".into(),

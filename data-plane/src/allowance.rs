@@ -438,10 +438,10 @@ impl Allowances {
     /// A snapshot was applied: `keys` are its keys with a budget (id, budget, reset). Pools
     /// of keys still budgeted carry over; an `exhausted` answer is forgotten (the budget may
     /// have been raised).
-    pub fn budgeted(&self, keys: Vec<(String, f64, Option<SystemTime>)>) {
+    pub fn budgeted(&self, keys: Vec<(String, f64, Option<SystemTime>, Option<i64>)>) {
         let current = self.pools.load();
         let mut next = HashMap::with_capacity(keys.len());
-        for (id, max_budget, resets) in keys {
+        for (id, max_budget, resets, period_start) in keys {
             let pool = match current.get(&id) {
                 Some(pool) => {
                     // Same money (requests in flight settle into it), perhaps new words.
@@ -466,7 +466,19 @@ impl Allowances {
                                     (a > 0).then_some(0)
                                 });
                     }
-                    if old.1.is_some() && old.1 != resets {
+                    if let Some(start) = period_start {
+                        // The period's start, as the control plane voids by it: money of an
+                        // earlier period is void (a reset; a lifetime budget made periodic),
+                        // and so is a periodic one's when the budget is made lifetime (start
+                        // 0); money of this period or a later one (a grant that came before
+                        // this snapshot) is kept, also when the period's kind changed and
+                        // its start did not (daily made weekly on a Monday).
+                        let held = pool.period_start_ms.load(Ordering::Acquire);
+                        if (start == 0 && held != 0) || held < start {
+                            pool.period_start_ms.store(start, Ordering::Release);
+                            pool.available.store(0, Ordering::Release);
+                        }
+                    } else if old.1.is_some() && old.1 != resets {
                         // A new period: the old one's money is void, here as at the control
                         // plane, which counts this replica as holding none of the new period's
                         // from its first ask in it. Kept, it was spent on this period's
@@ -657,7 +669,7 @@ impl Allowances {
 }
 
 /// `t` in milliseconds since the epoch (0 before it, the largest after its range).
-fn system_time_ms(t: SystemTime) -> i64 {
+pub(crate) fn system_time_ms(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
@@ -688,7 +700,7 @@ mod tests {
             UsageSink::new(100),
             "inc".into(),
         );
-        a.budgeted(vec![("k".into(), 1.0, None)]);
+        a.budgeted(vec![("k".into(), 1.0, None, None)]);
         a.connected(true);
         a.heard(Some(&pb::AllowanceUpdate::default()), true);
         a
@@ -836,13 +848,13 @@ mod tests {
     async fn a_lowered_budget_voids_the_pool_a_raised_one_keeps_it() {
         let a = allowances(WhenAway::Refuse);
         a.heard(Some(&grant("k", 100, false)), false);
-        a.budgeted(vec![("k".into(), 2.0, None)]);
+        a.budgeted(vec![("k".into(), 2.0, None, None)]);
         assert_eq!(a.pool("k").unwrap().available(), 100, "raised");
-        a.budgeted(vec![("k".into(), 0.5, None)]);
+        a.budgeted(vec![("k".into(), 0.5, None, None)]);
         assert_eq!(a.pool("k").unwrap().available(), 0, "lowered");
         a.heard(Some(&grant("k", 100, false)), false);
         let midnight = SystemTime::UNIX_EPOCH + Duration::from_secs(1_765_065_600);
-        a.budgeted(vec![("k".into(), 0.5, Some(midnight))]);
+        a.budgeted(vec![("k".into(), 0.5, Some(midnight), None)]);
         assert_eq!(a.pool("k").unwrap().available(), 0, "lifetime made daily");
     }
 
@@ -857,7 +869,7 @@ mod tests {
         a.heard(Some(&grant("k", 1_000, false)), false);
         let running = a.admit("k", 600).await.unwrap().unwrap();
         let kept = a.admit("k", 100).await.unwrap().unwrap();
-        a.budgeted(vec![("k".into(), 0.5, None)]);
+        a.budgeted(vec![("k".into(), 0.5, None, None)]);
         assert_eq!(a.pool("k").unwrap().available(), 0, "lowered");
         running.settle(100);
         assert_eq!(a.pool("k").unwrap().available(), -100, "its whole cost");
@@ -943,14 +955,14 @@ mod tests {
     async fn a_new_period_does_not_ask_for_the_old_periods_debt() {
         let a = allowances(WhenAway::Refuse);
         let day = |d: u64| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(86_400 * d));
-        a.budgeted(vec![("k".into(), 1.0, day(1))]);
+        a.budgeted(vec![("k".into(), 1.0, day(1), None)]);
         a.heard(Some(&grant("k", 100, false)), false);
         a.admit("k", 40).await.unwrap().unwrap().settle(300);
         assert_eq!(a.pool("k").unwrap().available(), -200);
         // The same period's snapshot keeps the debt; the next period's voids it.
-        a.budgeted(vec![("k".into(), 2.0, day(1))]);
+        a.budgeted(vec![("k".into(), 2.0, day(1), None)]);
         assert_eq!(a.pool("k").unwrap().available(), -200);
-        a.budgeted(vec![("k".into(), 2.0, day(2))]);
+        a.budgeted(vec![("k".into(), 2.0, day(2), None)]);
         assert_eq!(a.pool("k").unwrap().available(), 0);
         let waiting = tokio::spawn({
             let a = Arc::clone(&a);
@@ -962,6 +974,62 @@ mod tests {
         assert_eq!(waiting.await.unwrap(), Ok(true));
     }
 
+    /// With the period's start in the snapshot, a pool's money is void when its period's start
+    /// moves, as the control plane voids its grants, not whenever the reset time changes: a
+    /// budget made weekly from daily on a Monday keeps its start and its money (voided here
+    /// while the control plane kept counting it as held, it was lost to the key for the rest
+    /// of the week), and so does a grant of the new kind's period that came before the
+    /// snapshot; a reset, and a budget made lifetime, void it.
+    #[tokio::test]
+    async fn a_pool_is_void_when_its_period_starts_anew_not_when_its_kind_changes() {
+        const DAY: i64 = 86_400_000;
+        let a = allowances(WhenAway::Refuse);
+        let at = |ms: i64| Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms as u64));
+        let grant_of = |nanos, start| {
+            let mut update = grant("k", nanos, false);
+            update.allowances[0].period_start_ms = start;
+            update
+        };
+        let available = || a.pool("k").unwrap().available();
+        let monday = 20_000 * DAY;
+        a.budgeted(vec![("k".into(), 1.0, at(monday + DAY), Some(monday))]);
+        a.heard(Some(&grant_of(1_000, monday)), false);
+        assert_eq!(available(), 1_000);
+        a.budgeted(vec![("k".into(), 1.0, at(monday + 7 * DAY), Some(monday))]);
+        assert_eq!(
+            available(),
+            1_000,
+            "made weekly on the first day of its week"
+        );
+        // Made daily again on Wednesday, a grant of Wednesday's period having come first.
+        let wednesday = monday + 2 * DAY;
+        a.heard(Some(&grant_of(500, wednesday)), false);
+        a.budgeted(vec![(
+            "k".into(),
+            1.0,
+            at(wednesday + DAY),
+            Some(wednesday),
+        )]);
+        assert_eq!(
+            available(),
+            500,
+            "the new period's money, granted before its snapshot"
+        );
+        a.budgeted(vec![(
+            "k".into(),
+            1.0,
+            at(wednesday + 2 * DAY),
+            Some(wednesday + DAY),
+        )]);
+        assert_eq!(available(), 0, "Thursday's reset");
+        a.heard(Some(&grant_of(300, wednesday + DAY)), false);
+        a.budgeted(vec![("k".into(), 1.0, None, Some(0))]);
+        assert_eq!(available(), 0, "made lifetime");
+        a.heard(Some(&grant_of(200, 0)), false);
+        a.budgeted(vec![("k".into(), 1.0, None, Some(0))]);
+        assert_eq!(available(), 200, "lifetime money stays lifetime money");
+    }
+
     /// At a reset the control plane counts a replica as holding none of the new period's money
     /// from its first ask in it; a pool that kept the old period's money spent it on the new
     /// period's requests uncounted by any grant, past the budget by as much at every reset.
@@ -970,10 +1038,10 @@ mod tests {
     async fn a_new_period_voids_the_old_periods_money() {
         let a = allowances(WhenAway::Refuse);
         let day = |d: u64| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(86_400 * d));
-        a.budgeted(vec![("k".into(), 1.0, day(1))]);
+        a.budgeted(vec![("k".into(), 1.0, day(1), None)]);
         a.heard(Some(&grant("k", 1_000, false)), false);
         let running = a.admit("k", 300).await.unwrap().unwrap();
-        a.budgeted(vec![("k".into(), 1.0, day(2))]);
+        a.budgeted(vec![("k".into(), 1.0, day(2), None)]);
         assert_eq!(a.pool("k").unwrap().available(), 0);
         // A request of the old period ending now gives its unused reserve back to nothing.
         running.settle(100);
@@ -992,7 +1060,7 @@ mod tests {
         let mut day_after = grant("k", 500, false);
         day_after.allowances[0].period_start_ms = 2 * 86_400_000;
         a.heard(Some(&day_after), false);
-        a.budgeted(vec![("k".into(), 1.0, day(3))]);
+        a.budgeted(vec![("k".into(), 1.0, day(3), None)]);
         assert_eq!(a.pool("k").unwrap().available(), 500);
     }
 
@@ -1006,7 +1074,7 @@ mod tests {
         // Asked in the old period; the reset's snapshot arrives before the answer.
         let mut queued = a.queued.lock().await;
         queued.recv().await.unwrap();
-        a.budgeted(vec![("k".into(), 1.0, None)]);
+        a.budgeted(vec![("k".into(), 1.0, None, None)]);
         a.heard(Some(&grant("k", 0, true)), false);
         // The waiting request asks again at once, and is served from the new period.
         let ask = tokio::time::timeout(Duration::from_millis(150), queued.recv())
@@ -1035,7 +1103,7 @@ mod tests {
         let a = allowances(WhenAway::Refuse);
         a.heard(Some(&grant("k", 100, false)), false);
         let in_flight = a.admit("k", 40).await.unwrap().unwrap();
-        a.budgeted(vec![("k".into(), 2.0, None)]);
+        a.budgeted(vec![("k".into(), 2.0, None, None)]);
         in_flight.settle(70);
         assert_eq!(
             a.pool("k").unwrap().available(),
@@ -1090,7 +1158,7 @@ mod tests {
                 UsageSink::new(100),
                 "inc".into(),
             );
-            a.budgeted(vec![("k".into(), 1.0, None)]);
+            a.budgeted(vec![("k".into(), 1.0, None, None)]);
             a.connected(true);
             a.heard(Some(&grant("k", 1_000, false)), true);
             a.connected(false);

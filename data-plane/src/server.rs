@@ -105,7 +105,12 @@ impl subscribe::Receiver for Applier {
                     .budget_reset_time
                     .as_ref()
                     .and_then(crate::clock::system_time);
-                (k.id.clone(), k.max_budget, resets)
+                let period_start = k
+                    .budget_period_start
+                    .as_ref()
+                    .and_then(crate::clock::system_time)
+                    .map(crate::allowance::system_time_ms);
+                (k.id.clone(), k.max_budget, resets, period_start)
             })
             .collect();
         match self.0.apply(snapshot) {

@@ -87,6 +87,10 @@ fn snapshot() -> pb::Snapshot {
             }),
             tpm_limit: 1_000_000_000,
             max_parallel_requests: 1_000_000,
+            budget_period_start: Some(pbjson_types::Timestamp {
+                seconds: 4_102_358_400,
+                nanos: 0,
+            }),
         })
         .collect();
     pb::Snapshot {
