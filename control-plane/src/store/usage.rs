@@ -321,9 +321,7 @@ impl Store {
         while !stop.is_cancelled() {
             let n = self
                 .write(WriteOp::retention, move |conn, _| {
-                    let hours = delete_expired_hours(conn, now_ms, RETENTION_BATCH)?;
-                    let room = RETENTION_BATCH.saturating_sub(hours as usize);
-                    Ok(hours + delete_expired_days(conn, now_ms, room)?)
+                    delete_expired(conn, now_ms, RETENTION_BATCH)
                 })
                 .await?;
             if n == 0 {
@@ -734,32 +732,31 @@ const DAILY_KEYS: [RetainedTable; 3] = [
     ("key_spend", "day_start", "client_key_id, day_start"),
 ];
 
-/// Deletes at most `limit` of the oldest expired hourly rows (see
-/// [`Store::apply_usage_retention`]).
-fn delete_expired_hours(conn: &Connection, now_ms: i64, limit: usize) -> Result<u64, StoreError> {
-    let days = super::load_settings_in(conn)?.usage_retention_days;
-    match retention_cutoff(conn, "usage_hourly", "hour_start", days, now_ms)? {
-        Some(cutoff) => delete_before(conn, HOURLY_KEY, cutoff, limit),
-        None => Ok(0),
-    }
-}
-
-/// Deletes at most `limit` of the oldest expired daily rows: usage by day, by day and backend,
-/// and keys' spend by day (see [`Store::apply_usage_retention`]). A key's lifetime spend is
-/// kept apart (`key_spend_total`), and the days of any budget period are younger than the
-/// shortest retention allowed ([`crate::settings::MIN_DAILY_RETENTION_DAYS`]).
-fn delete_expired_days(conn: &Connection, now_ms: i64, limit: usize) -> Result<u64, StoreError> {
-    let days = super::load_settings_in(conn)?.usage_daily_retention_days;
-    let Some(cutoff) = retention_cutoff(conn, "usage_daily", "day_start", days, now_ms)? else {
-        return Ok(0);
-    };
+/// Deletes at most `limit` of the oldest expired usage rows (see
+/// [`Store::apply_usage_retention`]): hourly rows past `usage_retention_days` first, then the
+/// daily rows (by day, by day and backend) and keys' daily spend past
+/// `usage_daily_retention_days`. A key's lifetime spend is kept apart (`key_spend_total`), and
+/// the days of any budget period are younger than the shortest daily retention allowed
+/// ([`crate::settings::MIN_DAILY_RETENTION_DAYS`]).
+fn delete_expired(conn: &Connection, now_ms: i64, limit: usize) -> Result<u64, StoreError> {
+    let settings = super::load_settings_in(conn)?;
     let mut deleted = 0u64;
-    for table in DAILY_KEYS {
-        let room = limit.saturating_sub(deleted as usize);
-        if room == 0 {
-            break;
+    for (days, tables) in [
+        (settings.usage_retention_days, &[HOURLY_KEY][..]),
+        (settings.usage_daily_retention_days, &DAILY_KEYS[..]),
+    ] {
+        // The days count back from the first table's newest row.
+        let (anchor, time, _) = tables[0];
+        let Some(cutoff) = retention_cutoff(conn, anchor, time, days, now_ms)? else {
+            continue;
+        };
+        for &table in tables {
+            let room = limit.saturating_sub(deleted as usize);
+            if room == 0 {
+                return Ok(deleted);
+            }
+            deleted += delete_before(conn, table, cutoff, room)?;
         }
-        deleted += delete_before(conn, table, cutoff, room)?;
     }
     Ok(deleted)
 }
