@@ -50,6 +50,103 @@ fn record(sequence: u64, key: &str, time_ms: i64, cost_nanos: u64) -> pb::UsageR
     }
 }
 
+/// A key with a lifetime budget of 0.001 (1,000,000 nano-units).
+async fn capped_key(cp: &TestControlPlane) -> pb::ClientKey {
+    AdminServiceClient::with_interceptor(channel(cp).await, Bearer(cp.admin_token.clone()))
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "capped".into(),
+            max_budget: 0.001,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap()
+}
+
+type DataPlane =
+    DataPlaneServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+async fn data_plane(cp: &TestControlPlane) -> DataPlane {
+    DataPlaneServiceClient::with_interceptor(channel(cp).await, Bearer(cp.dataplane_token.clone()))
+}
+
+/// Replica `r1` (incarnation `i1`)'s snapshot stream, accepting allowances, asking for
+/// `key`'s.
+struct Asking {
+    tx: tokio::sync::mpsc::Sender<pb::StreamSnapshotsRequest>,
+    stream: tonic::Streaming<pb::StreamSnapshotsResponse>,
+    key: String,
+}
+
+impl Asking {
+    async fn open(dp: &mut DataPlane, key: &str) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(pb::StreamSnapshotsRequest {
+            node_id: "r1".into(),
+            incarnation: "i1".into(),
+            accepts_allowances: true,
+            allowance_lease: Some(wkt::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let stream = dp
+            .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self {
+            tx,
+            stream,
+            key: key.into(),
+        }
+    }
+
+    /// Asks for `want_nanos`; the grant that answers it.
+    async fn ask(&mut self, want_nanos: u64) -> pb::Allowance {
+        self.tx
+            .send(pb::StreamSnapshotsRequest {
+                node_id: "r1".into(),
+                allowance_requests: vec![pb::AllowanceRequest {
+                    client_key_id: self.key.clone(),
+                    want_nanos,
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        loop {
+            let m = self.stream.message().await.unwrap().unwrap();
+            if let Some(update) = m.allowances
+                && let Some(grant) = update.allowances.into_iter().next()
+            {
+                return grant;
+            }
+        }
+    }
+}
+
+/// Replica `r1` reports `records` (incarnation `i1`); returns once they are acked.
+async fn report(dp: &mut DataPlane, records: Vec<pb::UsageRecord>) {
+    let last = records.last().map_or(0, |r| r.sequence);
+    let mut acks = dp
+        .report_usage(tokio_stream::iter(vec![pb::ReportUsageRequest {
+            node_id: "r1".into(),
+            incarnation: "i1".into(),
+            records,
+            ..Default::default()
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, last);
+}
+
 #[tokio::test]
 async fn spend_is_the_reported_cost_counted_once_per_period_with_what_remains() {
     let dir = tempfile::tempdir().unwrap();
@@ -199,23 +296,8 @@ async fn spend_is_the_reported_cost_counted_once_per_period_with_what_remains() 
 async fn allowances_are_granted_on_the_snapshot_stream_from_what_remains() {
     let dir = tempfile::tempdir().unwrap();
     let cp = TestControlPlane::start(dir.path()).await.unwrap();
-    let mut admin =
-        AdminServiceClient::with_interceptor(channel(&cp).await, Bearer(cp.admin_token.clone()));
-    let key = admin
-        .create_client_key(pb::CreateClientKeyRequest {
-            name: "capped".into(),
-            max_budget: 0.001, // 1,000,000 nano-units
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .client_key
-        .unwrap();
-    let mut dp = DataPlaneServiceClient::with_interceptor(
-        channel(&cp).await,
-        Bearer(cp.dataplane_token.clone()),
-    );
+    let key = capped_key(&cp).await;
+    let mut dp = data_plane(&cp).await;
 
     // An older replica: snapshots only.
     let (old_tx, old_rx) = tokio::sync::mpsc::channel(4);
@@ -234,27 +316,17 @@ async fn allowances_are_granted_on_the_snapshot_stream_from_what_remains() {
     let first = old.message().await.unwrap().unwrap();
     assert!(first.snapshot.is_some() && first.allowances.is_none());
 
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::StreamSnapshotsRequest {
-        node_id: "r1".into(),
-        incarnation: "i1".into(),
-        accepts_allowances: true,
-        allowance_lease: Some(wkt::Duration {
-            seconds: 60,
-            nanos: 0,
-        }),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = dp
-        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
+    let mut r1 = Asking::open(&mut dp, &key.id).await;
+    let on = r1.stream.message().await.unwrap().unwrap();
+    assert!(on.snapshot.is_none() && on.allowances.is_some(), "{on:?}");
+    let snapshot = r1
+        .stream
+        .message()
         .await
         .unwrap()
-        .into_inner();
-    let on = stream.message().await.unwrap().unwrap();
-    assert!(on.snapshot.is_none() && on.allowances.is_some(), "{on:?}");
-    let snapshot = stream.message().await.unwrap().unwrap().snapshot.unwrap();
+        .unwrap()
+        .snapshot
+        .unwrap();
     let listed = snapshot
         .client_keys
         .iter()
@@ -266,49 +338,19 @@ async fn allowances_are_granted_on_the_snapshot_stream_from_what_remains() {
         "a lifetime budget's period starts at the epoch: replicas void its money as the \
          grant engine does"
     );
-    let mut ask = async |want_nanos: u64| -> pb::Allowance {
-        tx.send(pb::StreamSnapshotsRequest {
-            node_id: "r1".into(),
-            allowance_requests: vec![pb::AllowanceRequest {
-                client_key_id: key.id.clone(),
-                want_nanos,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        loop {
-            let m = stream.message().await.unwrap().unwrap();
-            if let Some(update) = m.allowances
-                && let Some(grant) = update.allowances.into_iter().next()
-            {
-                return grant;
-            }
-        }
-    };
     // 1/64 of the budget for the one replica asking.
-    let grant = ask(10).await;
+    let grant = r1.ask(10).await;
     assert_eq!((grant.granted_nanos, grant.exhausted), (15_625, false));
     // More than remains after it: refused.
-    let grant = ask(984_376).await;
+    let grant = r1.ask(984_376).await;
     assert_eq!((grant.granted_nanos, grant.exhausted), (0, true));
 
     // The replica spends its grant; once the record is ingested (acked), it no longer
     // counts as held, and what remains is exactly the budget less the spend.
-    let mut acks = dp
-        .report_usage(tokio_stream::iter(vec![pb::ReportUsageRequest {
-            node_id: "r1".into(),
-            incarnation: "i1".into(),
-            records: vec![record(1, &key.id, now_ms(), 15_625)],
-            ..Default::default()
-        }]))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 1);
-    let grant = ask(984_375).await;
+    report(&mut dp, vec![record(1, &key.id, now_ms(), 15_625)]).await;
+    let grant = r1.ask(984_375).await;
     assert_eq!((grant.granted_nanos, grant.exhausted), (984_375, false));
-    assert!(ask(1).await.exhausted, "everything is granted");
+    assert!(r1.ask(1).await.exhausted, "everything is granted");
     drop(old_tx);
 }
 
@@ -321,79 +363,18 @@ async fn allowances_are_granted_on_the_snapshot_stream_from_what_remains() {
 async fn a_request_served_outside_any_allowance_is_not_charged_to_the_grants() {
     let dir = tempfile::tempdir().unwrap();
     let cp = TestControlPlane::start(dir.path()).await.unwrap();
-    let mut admin =
-        AdminServiceClient::with_interceptor(channel(&cp).await, Bearer(cp.admin_token.clone()));
-    let key = admin
-        .create_client_key(pb::CreateClientKeyRequest {
-            name: "capped".into(),
-            max_budget: 0.001, // 1,000,000 nano-units
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .client_key
-        .unwrap();
-    let mut dp = DataPlaneServiceClient::with_interceptor(
-        channel(&cp).await,
-        Bearer(cp.dataplane_token.clone()),
-    );
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::StreamSnapshotsRequest {
-        node_id: "r1".into(),
-        incarnation: "i1".into(),
-        accepts_allowances: true,
-        allowance_lease: Some(wkt::Duration {
-            seconds: 60,
-            nanos: 0,
-        }),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = dp
-        .stream_snapshots(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut ask = async |want_nanos: u64| -> pb::Allowance {
-        tx.send(pb::StreamSnapshotsRequest {
-            node_id: "r1".into(),
-            allowance_requests: vec![pb::AllowanceRequest {
-                client_key_id: key.id.clone(),
-                want_nanos,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        loop {
-            let m = stream.message().await.unwrap().unwrap();
-            if let Some(update) = m.allowances
-                && let Some(grant) = update.allowances.into_iter().next()
-            {
-                return grant;
-            }
-        }
-    };
-    assert_eq!(ask(10).await.granted_nanos, 15_625);
+    let key = capped_key(&cp).await;
+    let mut dp = data_plane(&cp).await;
+    let mut r1 = Asking::open(&mut dp, &key.id).await;
+    assert_eq!(r1.ask(10).await.granted_nanos, 15_625);
     // Served unbudgeted: 500,000 spent, none of it from the pool of 15,625 it still holds.
-    let mut acks = dp
-        .report_usage(tokio_stream::iter(vec![pb::ReportUsageRequest {
-            node_id: "r1".into(),
-            incarnation: "i1".into(),
-            records: vec![pb::UsageRecord {
-                unbudgeted: true,
-                ..record(1, &key.id, now_ms(), 500_000)
-            }],
-            ..Default::default()
-        }]))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 1);
+    let unbudgeted = pb::UsageRecord {
+        unbudgeted: true,
+        ..record(1, &key.id, now_ms(), 500_000)
+    };
+    report(&mut dp, vec![unbudgeted]).await;
     // What remains: the budget, less the spend, less the pool the replica still holds.
-    assert!(ask(484_376).await.exhausted);
-    let grant = ask(484_375).await;
+    assert!(r1.ask(484_376).await.exhausted);
+    let grant = r1.ask(484_375).await;
     assert_eq!((grant.granted_nanos, grant.exhausted), (484_375, false));
 }
