@@ -198,10 +198,10 @@ async fn token_limits_of_a_key_and_of_a_backend_hold_across_three_replicas_behin
     assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
 }
 
-#[tokio::test]
-async fn max_parallel_requests_holds_across_three_replicas() {
+/// Three replicas behind nginx, a backend whose streams are each in flight for about 2 s (20
+/// events 100 ms apart), a key of `max_parallel` requests at once, and such a stream's body.
+async fn three_replicas_streaming(max_parallel: u32) -> (LocalRun, Mock, String, Value) {
     let run = LocalRun::start(3).await;
-    // Streams of 20 events 100 ms apart: each is in flight for about 2 s.
     let a = Mock::start_with(
         "a",
         &["m"],
@@ -210,13 +210,19 @@ async fn max_parallel_requests_holds_across_three_replicas() {
     .await;
     run.add_backend("a", &a, pb::Pool::Primary, 0, &[("m", "m")])
         .await;
-    // 3 at once over 3 replicas: one each.
-    let key = create_key(&run, "k", 0, 3).await;
+    let key = create_key(&run, "k", 0, max_parallel).await;
     run.wait_replicas_current(3).await;
     let stream = serde_json::json!({
         "model": "m", "stream": true,
         "messages": [{"role": "user", "content": "say hello to me"}],
     });
+    (run, a, key, stream)
+}
+
+#[tokio::test]
+async fn max_parallel_requests_holds_across_three_replicas() {
+    // 3 at once over 3 replicas: one each.
+    let (run, _a, key, stream) = three_replicas_streaming(3).await;
 
     let mut open = Vec::new();
     for i in 0..3 {
@@ -253,21 +259,7 @@ async fn max_parallel_requests_holds_across_three_replicas() {
 /// 2, 2 and 1 at once, 5 in all, where each admitted ⌊5/3⌋ = 1 before (3 in all).
 #[tokio::test]
 async fn max_parallel_requests_are_all_given_out_across_replicas() {
-    let run = LocalRun::start(3).await;
-    let a = Mock::start_with(
-        "a",
-        &["m"],
-        &["--chunk-count", "20", "--chunk-interval", "100ms"],
-    )
-    .await;
-    run.add_backend("a", &a, pb::Pool::Primary, 0, &[("m", "m")])
-        .await;
-    let key = create_key(&run, "k", 0, 5).await;
-    run.wait_replicas_current(3).await;
-    let stream = serde_json::json!({
-        "model": "m", "stream": true,
-        "messages": [{"role": "user", "content": "say hello to me"}],
-    });
+    let (run, _a, key, stream) = three_replicas_streaming(5).await;
     // On each replica, streams until one is refused (each is in flight for about 2 s).
     let mut open = Vec::new();
     let mut admitted = Vec::new();
