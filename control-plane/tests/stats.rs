@@ -123,6 +123,15 @@ impl Harness {
             .buckets
     }
 
+    /// Every bucket of `granularity`, ungrouped, over all time.
+    async fn buckets(&mut self, granularity: pb::Granularity) -> Vec<pb::UsageBucket> {
+        self.usage(pb::GetUsageRequest {
+            granularity: granularity as i32,
+            ..Default::default()
+        })
+        .await
+    }
+
     async fn set_retention_days(&mut self, days: u32) {
         self.admin
             .update_settings(pb::UpdateSettingsRequest {
@@ -588,12 +597,7 @@ async fn a_records_own_cost_is_its_cost_in_the_statistics() {
     let t = h.totals(Default::default()).await;
     assert!(close(t.cost, want), "{} != {want}", t.cost);
     for granularity in GRANULARITIES {
-        let buckets = h
-            .usage(pb::GetUsageRequest {
-                granularity: granularity as i32,
-                ..Default::default()
-            })
-            .await;
+        let buckets = h.buckets(granularity).await;
         let cost: f64 = buckets.iter().map(|b| b.cost).sum();
         assert!(close(cost, want), "{granularity:?}: {cost} != {want}");
     }
@@ -628,12 +632,7 @@ async fn a_crashed_requests_unknown_latency_is_not_counted_as_zero() {
     assert!(close(t.avg_latency_ms, 2_000.0), "{t:?}");
     assert!(t.p50_latency_ms >= 1_500.0, "{t:?}");
     for granularity in GRANULARITIES {
-        let buckets = h
-            .usage(pb::GetUsageRequest {
-                granularity: granularity as i32,
-                ..Default::default()
-            })
-            .await;
+        let buckets = h.buckets(granularity).await;
         assert_eq!(buckets.len(), 1);
         assert!(close(buckets[0].avg_latency_ms, 2_000.0), "{granularity:?}");
     }
