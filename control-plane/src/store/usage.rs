@@ -712,13 +712,13 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
 /// A table retention deletes from: its name, its time column and its key.
 type RetainedTable = (&'static str, &'static str, &'static str);
 
-const HOURLY_KEY: RetainedTable = (
+const HOURLY_TABLE: RetainedTable = (
     "usage_hourly",
     "hour_start",
     "hour_start, backend_id, model, client_key_id, pool",
 );
 
-const DAILY_KEYS: [RetainedTable; 3] = [
+const DAILY_TABLES: [RetainedTable; 3] = [
     (
         "usage_daily",
         "day_start",
@@ -742,8 +742,8 @@ fn delete_expired(conn: &Connection, now_ms: i64, limit: usize) -> Result<u64, S
     let settings = super::load_settings_in(conn)?;
     let mut deleted = 0u64;
     for (days, tables) in [
-        (settings.usage_retention_days, &[HOURLY_KEY][..]),
-        (settings.usage_daily_retention_days, &DAILY_KEYS[..]),
+        (settings.usage_retention_days, &[HOURLY_TABLE][..]),
+        (settings.usage_daily_retention_days, &DAILY_TABLES[..]),
     ] {
         // The days count back from the first table's newest row.
         let (anchor, time, _) = tables[0];

@@ -434,7 +434,7 @@ impl Accounting {
         // Taken from no pool: the control plane charges it to no grant.
         record.unbudgeted = self.0.budget.is_none();
         if let Some(reservation) = &self.0.budget
-            && keeps_reserve(&record, kind, self.0.billed_failure, self.0.unsent)
+            && unknown
         {
             record.cost_nanos = record.cost_nanos.max(reservation.reserve().max(0) as u64);
         }
