@@ -21,6 +21,32 @@ pub mod stream;
 /// official SDK sends.
 pub const DEFAULT_VERSION: &str = "2026-10-21";
 
+/// Whether a Messages request may carry the sampling parameters (`temperature`, `top_p`,
+/// `top_k`): API version 2026-10-21 removed them, and a request under it that carries any is
+/// refused (400, even at its default value). Versions are dates (`YYYY-MM-DD`), ordered as
+/// text; one that is not a date is taken as newer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampling {
+    /// Versions before 2026-10-21 (2023-06-01): the parameters are sent as the client gave them.
+    Taken,
+    /// 2026-10-21 and later: they are left out of a translated request.
+    Removed,
+}
+
+impl Sampling {
+    /// The first `anthropic-version` without the sampling parameters.
+    const REMOVED_IN: &[u8] = b"2026-10-21";
+
+    /// What a backend sending `anthropic-version: version` takes.
+    pub fn of_version(version: &[u8]) -> Self {
+        if version < Self::REMOVED_IN {
+            Self::Taken
+        } else {
+            Self::Removed
+        }
+    }
+}
+
 /// A request that cannot be translated: the client gets a 400 naming the parameter.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -315,5 +341,28 @@ impl<'de, S: serde::de::DeserializeSeed<'de>> serde::de::Visitor<'de> for First<
         let first = seq.next_element_seed(self.0)?;
         while seq.next_element::<Checked>()?.is_some() {}
         Ok(first)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sampling;
+
+    #[test]
+    fn sampling_parameters_are_taken_by_the_versions_before_2026_10_21() {
+        for (version, sampling) in [
+            ("2023-01-01", Sampling::Taken),
+            ("2023-06-01", Sampling::Taken),
+            ("2026-10-20", Sampling::Taken),
+            ("2026-10-21", Sampling::Removed),
+            ("2027-01-01", Sampling::Removed),
+            ("latest", Sampling::Removed),
+        ] {
+            assert_eq!(
+                Sampling::of_version(version.as_bytes()),
+                sampling,
+                "{version}"
+            );
+        }
     }
 }

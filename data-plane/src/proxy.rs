@@ -705,6 +705,8 @@ fn anthropic_model_object(snapshot: &Snapshot, id: &str) -> serde_json::Value {
         "id": id,
         "display_name": id,
         "created_at": humantime::format_rfc3339_seconds(created).to_string(),
+        // Required by the current SDK's `ModelInfo`: a model Sluice routes is served.
+        "lifecycle": "active",
     })
 }
 

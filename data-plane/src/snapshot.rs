@@ -21,6 +21,7 @@ use sluice_domain::settings::InvalidDuration;
 pub use sluice_domain::settings::Policy;
 
 use crate::affinity::AffinityKeys;
+use crate::anthropic::Sampling;
 use crate::clock::{Clock, Now, std_duration, system_time};
 use crate::cooldown::{CooldownTracker, FleetCooldown, MAX_RETRY_AFTER, Whose};
 use crate::ratelimit::{ParallelLimit, RateLimiter, TokenBucket};
@@ -199,6 +200,9 @@ pub struct Backend {
     /// The member a Messages request's `max_tokens` becomes in the chat request it is
     /// translated to ([`completion_limit_member`]).
     pub completion_limit: &'static str,
+    /// Whether a chat request translated for it may carry `temperature` and `top_p`: by its
+    /// `anthropic-version` (an OpenAI-format backend: [`Sampling::Taken`], unused).
+    pub sampling: Sampling,
 }
 
 /// The chat request member that caps the answer's tokens, for a backend at `base`:
@@ -522,6 +526,9 @@ impl Snapshot {
                 messages_uri: endpoint_uri(&b.id, &base, Endpoint::Messages)?,
                 count_tokens_uri: endpoint_uri(&b.id, &base, Endpoint::CountTokens)?,
                 completion_limit: completion_limit_member(&base),
+                sampling: anthropic_version
+                    .as_ref()
+                    .map_or(Sampling::Taken, |v| Sampling::of_version(v.as_bytes())),
                 base,
                 format,
                 anthropic_version,

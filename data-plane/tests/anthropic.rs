@@ -11,7 +11,7 @@ use sluice_proxy::anthropic::message::completion_of;
 use sluice_proxy::anthropic::request::{chat_to_messages, messages_to_chat};
 use sluice_proxy::anthropic::response::{completion_to_message, completion_to_message_in_shape};
 use sluice_proxy::anthropic::stream::{ChunksFromEvents, EventUsage, EventsFromChunks, Flow};
-use sluice_proxy::anthropic::{Usage, error};
+use sluice_proxy::anthropic::{Sampling, Usage, error};
 use sluice_proxy::sse::{Event, Item, SseParser};
 
 fn obj(v: Value) -> Map<String, Value> {
@@ -19,7 +19,7 @@ fn obj(v: Value) -> Map<String, Value> {
 }
 
 fn to_messages(chat: Value) -> Value {
-    Value::Object(chat_to_messages(&obj(chat), "claude-up", 4096).unwrap())
+    Value::Object(chat_to_messages(&obj(chat), "claude-up", 4096, Sampling::Taken).unwrap())
 }
 
 fn to_chat(messages: Value) -> Value {
@@ -189,7 +189,9 @@ fn a_schema_is_rewritten_as_anthropics_sdk_rewrites_it() {
         json!({"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"x": {}}}}}),
     );
     assert_eq!(
-        chat_to_messages(&body, "x", 1).unwrap_err().param,
+        chat_to_messages(&body, "x", 1, Sampling::Taken)
+            .unwrap_err()
+            .param,
         "response_format.json_schema.schema"
     );
 }
@@ -280,6 +282,7 @@ fn invalid_tool_arguments_are_a_client_error_naming_the_field() {
             ]})),
             "x",
             1,
+            Sampling::Taken,
         )
         .unwrap_err();
         assert_eq!(err.param, "messages[0].tool_calls[0].function.arguments");
@@ -330,17 +333,26 @@ fn what_cannot_be_translated_is_refused_with_its_parameter() {
     ] {
         let mut body = obj(json!({"model": "m", "messages": hi}));
         body.extend(obj(extra));
-        assert_eq!(chat_to_messages(&body, "x", 1).unwrap_err().param, param);
+        assert_eq!(
+            chat_to_messages(&body, "x", 1, Sampling::Taken)
+                .unwrap_err()
+                .param,
+            param
+        );
     }
     let audio = json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]});
     assert_eq!(
-        chat_to_messages(&obj(audio), "x", 1).unwrap_err().param,
+        chat_to_messages(&obj(audio), "x", 1, Sampling::Taken)
+            .unwrap_err()
+            .param,
         "messages[0].content[0]"
     );
     let function =
         json!({"model": "m", "messages": [{"role": "function", "name": "f", "content": "x"}]});
     assert_eq!(
-        chat_to_messages(&obj(function), "x", 1).unwrap_err().param,
+        chat_to_messages(&obj(function), "x", 1, Sampling::Taken)
+            .unwrap_err()
+            .param,
         "messages[0].role"
     );
 }
@@ -1296,7 +1308,7 @@ proptest! {
             assistant["tool_calls"] = Value::Array(tool_calls);
         }
         let chat = json!({"model": "m", "messages": [{"role": "user", "content": "go"}, assistant]});
-        let messages = chat_to_messages(&obj(chat), "x", 16).unwrap();
+        let messages = chat_to_messages(&obj(chat), "x", 16, Sampling::Taken).unwrap();
         // The backend answers with the very blocks it was given.
         let turn = &messages["messages"][1]["content"];
         let given_text: String = turn.as_array().unwrap().iter().filter_map(|b| b["text"].as_str()).collect();
@@ -1464,7 +1476,7 @@ proptest! {
                 prop_assert_eq!(&chat["stream_options"], &json!({"include_usage": true}));
             }
         }
-        if let Ok(messages) = chat_to_messages(&request, "up", 16) {
+        if let Ok(messages) = chat_to_messages(&request, "up", 16, Sampling::Taken) {
             prop_assert_eq!(&messages["model"], "up");
             prop_assert!(messages["max_tokens"].is_u64());
             for turn in messages["messages"].as_array().unwrap() {

@@ -261,6 +261,53 @@ async fn without_an_anthropic_version_the_backend_gets_its_configured_one() {
     assert_eq!(upstream.header("anthropic-beta"), None);
 }
 
+/// API version 2026-10-21 (the default, what the current SDKs send) refuses `temperature`,
+/// `top_p` and `top_k`, even at their defaults (the mock as Anthropic: 400 "Extra inputs are
+/// not permitted"). A chat client's sampling parameters, which most chat clients send, are left
+/// out of its translated request there, and sent to a backend configured with an older
+/// version, which takes them.
+#[tokio::test]
+async fn a_chat_clients_sampling_parameters_go_only_to_versions_that_take_them() {
+    let claude = mock("claude");
+    let chat = json!({"model": MODEL, "temperature": 0.2, "top_p": 1,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    for (version, sent) in [("", None), ("2026-10-21", None), ("2023-06-01", Some(0.2))] {
+        let h = Harness::start(snapshot(
+            1,
+            vec![proto::SnapshotBackend {
+                anthropic_version: version.into(),
+                ..anthropic("claude", &claude.base_url(), proto::Pool::Primary)
+            }],
+        ))
+        .await;
+        for stream in [false, true] {
+            let mut body = chat.clone();
+            body["stream"] = json!(stream);
+            // Out of the shape too (`n: 1`): written through the values.
+            for n in [None, Some(1)] {
+                if let Some(n) = n {
+                    body["n"] = json!(n);
+                }
+                let response = h.chat(body.clone()).await;
+                assert_eq!(response.status(), 200, "{version} {stream} {n:?}");
+                let _ = response.text().await.unwrap();
+                let upstream = claude.last_messages().unwrap();
+                let sent_body: Value = serde_json::from_str(&upstream.body).unwrap();
+                assert_eq!(
+                    upstream.header("anthropic-version"),
+                    Some(if version.is_empty() {
+                        "2026-10-21"
+                    } else {
+                        version
+                    })
+                );
+                assert_eq!(sent_body["temperature"].as_f64(), sent, "{sent_body}");
+                assert!(sent_body.get("top_p").is_none(), "{sent_body}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_openai_backend_answers_a_messages_client_in_anthropic_shape() {
     let gpt = mock("gpt");
@@ -698,6 +745,8 @@ async fn anthropic_clients_list_models_in_anthropic_shape() {
     assert_eq!(ids, ["gpt-4o-mini", "gpt-only"], "{list}");
     assert_eq!(list["data"][0]["type"], "model");
     assert!(list["data"][0]["created_at"].is_string(), "{list}");
+    // The current SDK's `ModelInfo` requires it.
+    assert_eq!(list["data"][0]["lifecycle"], "active", "{list}");
     assert_eq!(list["has_more"], false);
     assert_eq!(list["first_id"], "gpt-4o-mini");
     assert_eq!(list["last_id"], "gpt-only");

@@ -69,6 +69,24 @@ async fn the_mock_refuses_what_the_real_api_refuses() {
         "the newest SDKs send the key as a bearer token"
     );
 
+    // Version 2026-10-21 removed the sampling parameters, even at their defaults; the older
+    // version takes them.
+    for name in ["temperature", "top_p", "top_k"] {
+        let mut body = hello();
+        body[name] = json!(1);
+        let new = [("x-api-key", "sk-ant"), ("anthropic-version", "2026-10-21")];
+        let (status, answer) = post(&mock, &new, &body).await;
+        assert_eq!(
+            (status, answer["error"]["message"].as_str()),
+            (
+                400,
+                Some(&*format!("{name}: Extra inputs are not permitted"))
+            )
+        );
+        let (status, answer) = post(&mock, GOOD, &body).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+
     let user = |content: Value| json!({"role": "user", "content": content});
     for (body, why) in [
         (

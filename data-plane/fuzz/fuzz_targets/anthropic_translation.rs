@@ -12,7 +12,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use sluice_proxy::anthropic::{message, request, response};
+use sluice_proxy::anthropic::{Sampling, message, request, response};
 
 /// JSON however deep: a copied value may nest to the parse's limit below the levels the
 /// translation writes above it.
@@ -24,14 +24,20 @@ fn deep(bytes: &[u8]) -> Value {
 
 fuzz_target!(|data: &[u8]| {
     let stream = data.len() % 2 == 1;
+    // A backend's API version with the sampling parameters, or one without them.
+    let sampling = if data.len() % 4 < 2 {
+        Sampling::Taken
+    } else {
+        Sampling::Removed
+    };
     if let Ok(parsed) = sluice_proxy::request::parse(data) {
         let object = parsed.object().ok();
         if let Some(bytes) =
-            request::chat_to_messages_in_shape(parsed.members(), "up", 4096, stream)
+            request::chat_to_messages_in_shape(parsed.members(), "up", 4096, sampling, stream)
         {
             let whole = object
                 .as_ref()
-                .and_then(|chat| request::chat_to_messages(chat, "up", 4096).ok())
+                .and_then(|chat| request::chat_to_messages(chat, "up", 4096, sampling).ok())
                 .map(|mut messages| {
                     messages.insert("stream".into(), Value::Bool(stream));
                     Value::Object(messages)

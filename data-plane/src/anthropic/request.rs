@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{Untranslatable, portable_tool_id};
+use super::{Sampling, Untranslatable, portable_tool_id};
 
 mod as_written;
 mod to_chat;
@@ -57,7 +57,8 @@ pub use to_messages::chat_to_messages_in_shape;
 /// (`prompt_cache_key` or `prompt_cache_retention`, OpenAI's cache is automatic): Anthropic's
 /// automatic caching, a breakpoint at the prompt's last block that moves with the
 /// conversation. Five minutes: a 1-hour write (what `"24h"` would ask for) is billed at twice
-/// the input price, which a route cannot price yet. As written by the in-shape writer; the
+/// the input price, which a chat client's retention is not taken to ask. As written by the
+/// in-shape writer; the
 /// value translation writes the same (the property tests hold them together).
 const CACHE_CONTROL: &[u8] = br#","cache_control":{"type":"ephemeral"}"#;
 
@@ -68,6 +69,7 @@ pub fn chat_to_messages(
     chat: &Map<String, Value>,
     model: &str,
     default_max_tokens: u32,
+    sampling: Sampling,
 ) -> Result<Map<String, Value>, Untranslatable> {
     let mut out = Map::new();
     out.insert("model".into(), Value::from(model));
@@ -92,11 +94,13 @@ pub fn chat_to_messages(
     }
     out.insert("messages".into(), Value::Array(turns));
     // Anthropic's current models take `temperature` or `top_p`, not both (400): with both,
-    // `temperature` is sent (chat clients often send `top_p: 1` besides, a no-op).
+    // `temperature` is sent (chat clients often send `top_p: 1` besides, a no-op). Versions
+    // from 2026-10-21 take neither.
     let has_temperature = chat.get("temperature").is_some_and(|t| !t.is_null());
     for (key, value) in chat {
         match key.as_str() {
             "model" | "messages" => {}
+            "temperature" | "top_p" if sampling == Sampling::Removed => {}
             "top_p" if has_temperature => {}
             "temperature" | "top_p" | "stream" if !value.is_null() => {
                 out.insert(key.clone(), value.clone());
@@ -1081,15 +1085,24 @@ pub(crate) mod tests {
     /// (`None` outside it), and translated from its parse into values (`None` for a body
     /// refused), the `stream` member set as the proxy sets it.
     fn both_ways(body: &str, stream: bool) -> (Option<Value>, Option<Value>) {
+        both_ways_under(body, Sampling::Taken, stream)
+    }
+
+    /// [`both_ways`] for a backend whose API version takes the sampling parameters or not.
+    fn both_ways_under(
+        body: &str,
+        sampling: Sampling,
+        stream: bool,
+    ) -> (Option<Value>, Option<Value>) {
         let Ok(parsed) = crate::request::parse(body.as_bytes()) else {
             return (None, None);
         };
-        let in_shape = chat_to_messages_in_shape(parsed.members(), "up", 4096, stream)
+        let in_shape = chat_to_messages_in_shape(parsed.members(), "up", 4096, sampling, stream)
             .map(|bytes| deep(&bytes));
         let parsed_whole = parsed
             .object()
             .ok()
-            .and_then(|chat| chat_to_messages(&chat, "up", 4096).ok())
+            .and_then(|chat| chat_to_messages(&chat, "up", 4096, sampling).ok())
             .map(|mut request| {
                 request.insert("stream".into(), Value::Bool(stream));
                 Value::Object(request)
@@ -1355,13 +1368,15 @@ pub(crate) mod tests {
             messages in prop::collection::vec(chat_message(), 0..6),
             members in prop::collection::vec(member(), 0..4),
             stream in any::<bool>(),
+            removed in any::<bool>(),
         ) {
             let mut body = format!("{{\"model\":\"m\",\"messages\":[{}]", messages.join(","));
             for member in members {
                 body = body + "," + &member;
             }
             body.push('}');
-            let (in_shape, parsed_whole) = both_ways(&body, stream);
+            let sampling = if removed { Sampling::Removed } else { Sampling::Taken };
+            let (in_shape, parsed_whole) = both_ways_under(&body, sampling, stream);
             if in_shape.is_some() {
                 prop_assert_eq!(in_shape, parsed_whole, "{}", body);
             }
@@ -1645,13 +1660,15 @@ pub(crate) mod tests {
             tools in chat_tools(),
             members in prop::collection::vec(chat_tool_member(), 0..3),
             stream in any::<bool>(),
+            removed in any::<bool>(),
         ) {
             let mut body = format!("{{\"model\":\"m\",\"messages\":[{}],{tools}", messages.join(","));
             for member in members {
                 body = body + "," + &member;
             }
             body.push('}');
-            let (in_shape, parsed_whole) = both_ways(&body, stream);
+            let sampling = if removed { Sampling::Removed } else { Sampling::Taken };
+            let (in_shape, parsed_whole) = both_ways_under(&body, sampling, stream);
             if in_shape.is_some() {
                 prop_assert_eq!(in_shape, parsed_whole, "{}", body);
             }
@@ -1853,6 +1870,35 @@ pub(crate) mod tests {
         );
         let m = to_messages_agreed(&format!(r#"{{"model":"m",{hi},"top_p":0.9}}"#));
         assert_eq!(m["top_p"], 0.9);
+    }
+
+    /// API version 2026-10-21 refuses any sampling parameter (400, even at its default): for a
+    /// backend sending it, a chat client's `temperature` and `top_p` are left out, whichever
+    /// way the request is written; the rest of the request is the same.
+    #[test]
+    fn sampling_parameters_are_left_out_for_a_version_that_removed_them() {
+        let hi = r#""messages":[{"role":"user","content":"hi"}]"#;
+        for sampling in [
+            r#""temperature":0.7,"top_p":1"#,
+            r#""top_p":0.9"#,
+            r#""temperature":0"#,
+        ] {
+            // In the shape, and out of it (a member the shape does not take: `n`).
+            for extra in ["", r#","n":1"#] {
+                let body = format!(r#"{{"model":"m",{hi},{sampling}{extra}}}"#);
+                let (in_shape, whole) = both_ways_under(&body, Sampling::Removed, false);
+                let whole = whole.expect(&body);
+                if let Some(in_shape) = in_shape {
+                    assert_eq!(in_shape, whole, "{body}");
+                }
+                assert!(
+                    whole.get("temperature").is_none() && whole.get("top_p").is_none(),
+                    "{body}"
+                );
+                let without = format!(r#"{{"model":"m",{hi}{extra}}}"#);
+                assert_eq!(Some(whole), both_ways(&without, false).1, "{body}");
+            }
+        }
     }
 
     /// A tool's result may hold images (Claude Code's Read of a picture, a browser tool's

@@ -20,7 +20,7 @@ use super::usage_figures::{
 };
 use super::{AppState, Collected};
 use crate::answer_memory::{AnswerMemory, AnswerPermit, CountedAnswer, Full};
-use crate::anthropic;
+use crate::anthropic::{self, Sampling};
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
 use crate::metrics::{AttemptOutcome, CooldownReason, Label, LimitScope, SkipReason};
@@ -364,7 +364,7 @@ pub(super) async fn forward_call(
         let client = call.endpoint.format();
         let translated = match (backend.format, client, &call.send) {
             (ApiFormat::Anthropic, ApiFormat::OpenAi, Outbound::Body { parsed, .. }) => {
-                match messages_body(parsed, route, stream) {
+                match messages_body(parsed, route, backend.sampling, stream) {
                     Ok(body) => Some(body),
                     Err(e) => {
                         untranslatable.get_or_insert_with(|| Box::new(e));
@@ -1309,12 +1309,14 @@ fn without_stream_options(body: &Bytes) -> Option<Bytes> {
 fn messages_body(
     parsed: &ParsedRequest<'_>,
     route: &Route,
+    sampling: Sampling,
     stream: bool,
 ) -> Result<Bytes, ProxyError> {
     if let Some(body) = anthropic::request::chat_to_messages_in_shape(
         parsed.members(),
         &route.upstream_model,
         route.default_max_tokens,
+        sampling,
         stream,
     ) {
         return Ok(Bytes::from(body));
@@ -1324,6 +1326,7 @@ fn messages_body(
         &chat,
         &route.upstream_model,
         route.default_max_tokens,
+        sampling,
     )?;
     messages.insert("stream".into(), serde_json::Value::Bool(stream));
     Ok(Bytes::from(serde_json::Value::Object(messages).to_string()))

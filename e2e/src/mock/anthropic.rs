@@ -6,7 +6,8 @@
 //! Refused with Anthropic's error shape `{"type":"error","error":{"type","message"}}`: a request
 //! without an API key (`x-api-key`, or `Authorization: Bearer` as the newest SDKs send) or
 //! without `anthropic-version` (401 / 400), a missing or non-positive `max_tokens`, a role other
-//! than `user`, `assistant` or `system`, a `tool_use` whose `input` is not an object, a
+//! than `user`, `assistant` or `system`, `temperature`, `top_p` or `top_k` under
+//! `anthropic-version` 2026-10-21 or later (which removed them, even at their defaults), a `tool_use` whose `input` is not an object, a
 //! `tool_result` answering no earlier `tool_use`, a tool without `input_schema` (server tools
 //! carry a `type` instead), an unknown `tool_choice`.
 //!
@@ -248,6 +249,7 @@ impl Prompt {
 pub(crate) fn parse(
     body: &[u8],
     count_tokens: bool,
+    version: Option<&str>,
 ) -> (Option<String>, Result<MessagesRequest, AnthropicError>) {
     let value: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
@@ -262,17 +264,34 @@ pub(crate) fn parse(
         .get("model")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    (model.clone(), validate(&value, model, count_tokens))
+    (
+        model.clone(),
+        validate(&value, model, count_tokens, version),
+    )
 }
+
+/// The first API version without the sampling parameters.
+const SAMPLING_REMOVED_IN: &str = "2026-10-21";
 
 fn validate(
     v: &Value,
     model: Option<String>,
     count_tokens: bool,
+    version: Option<&str>,
 ) -> Result<MessagesRequest, AnthropicError> {
     let o = v
         .as_object()
         .ok_or_else(|| AnthropicError::invalid("body must be an object"))?;
+    // Version 2026-10-21 removed them: any of them is refused, even at its default value.
+    if version.is_some_and(|v| v >= SAMPLING_REMOVED_IN) {
+        for name in ["temperature", "top_p", "top_k"] {
+            if o.contains_key(name) {
+                return Err(AnthropicError::invalid(format!(
+                    "{name}: Extra inputs are not permitted"
+                )));
+            }
+        }
+    }
     let model = model.ok_or_else(|| AnthropicError::invalid("model: Field required"))?;
     let max_tokens = match o.get("max_tokens") {
         None if count_tokens => 0,

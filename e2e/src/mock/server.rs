@@ -315,6 +315,10 @@ async fn api(
                 .collect(),
             ..MessagesExchange::default()
         });
+    let version = req
+        .headers()
+        .get("anthropic-version")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let anthropic_headers = matches!(route, Route::Messages | Route::CountTokens)
         .then(|| anthropic::check_headers(req.headers(), shared.config.api_key.as_deref()));
     let presented = req
@@ -391,7 +395,7 @@ async fn api(
                 shared.messages_request(exchange);
             }
             let count_only = matches!(route, Route::CountTokens);
-            let (model, parsed) = anthropic::parse(&body, count_only);
+            let (model, parsed) = anthropic::parse(&body, count_only, version.as_deref());
             if let Some(m) = &model {
                 shared.counters.model(m);
             }

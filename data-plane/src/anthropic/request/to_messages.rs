@@ -19,7 +19,9 @@ use serde::de::Error as _;
 use serde_json::value::RawValue;
 
 use super::as_written::{Copied, Written, checked, from_text, member, within_limit, written};
-use crate::anthropic::{Call, Checked, Function, Names, members, portable_tool_id, string};
+use crate::anthropic::{
+    Call, Checked, Function, Names, Sampling, members, portable_tool_id, string,
+};
 use crate::request::Key;
 
 /// [`super::chat_to_messages`] of a request in the shape (see the module) with `stream` set
@@ -28,6 +30,7 @@ pub fn chat_to_messages_in_shape<'a>(
     members: impl Iterator<Item = (&'a str, &'a RawValue)>,
     model: &str,
     default_max_tokens: u32,
+    sampling: Sampling,
     stream: bool,
 ) -> Option<Vec<u8>> {
     let (mut max_completion_tokens, mut max_tokens) = (None, None);
@@ -104,10 +107,11 @@ pub fn chat_to_messages_in_shape<'a>(
         out.push(b'}');
     }
     out.push(b']');
-    // Anthropic's current models take one of the two: `temperature` wins.
+    // Anthropic's current models take one of the two: `temperature` wins. Versions from
+    // 2026-10-21 take neither.
     let top_p = top_p.filter(|_| temperature.is_none());
     for (name, value) in [("temperature", temperature), ("top_p", top_p)] {
-        if let Some(value) = value {
+        if let Some(value) = value.filter(|_| sampling == Sampling::Taken) {
             member(&mut out, name);
             out.extend_from_slice(value.get().as_bytes());
         }
@@ -617,10 +621,11 @@ mod tests {
         };
         let written = |body: &str| {
             let parsed = crate::request::parse(body.as_bytes()).unwrap();
-            let whole = parsed
-                .object()
-                .is_ok_and(|chat| super::super::chat_to_messages(&chat, "up", 8).is_ok());
-            let in_shape = chat_to_messages_in_shape(parsed.members(), "up", 8, false);
+            let whole = parsed.object().is_ok_and(|chat| {
+                super::super::chat_to_messages(&chat, "up", 8, Sampling::Taken).is_ok()
+            });
+            let in_shape =
+                chat_to_messages_in_shape(parsed.members(), "up", 8, Sampling::Taken, false);
             (in_shape.is_some(), whole)
         };
         // messages, the message, its content, the part: four levels above.
