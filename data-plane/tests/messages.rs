@@ -540,8 +540,11 @@ async fn an_answer_a_messages_client_cannot_be_given_is_a_502_and_its_usage_coun
 
     for garbage in [GarbageKind::NotJson, GarbageKind::BadToolCall] {
         gpt.set_fault(Fault::Garbage(garbage).times(1));
-        let (status, kind, body) =
-            anthropic_error(send(&h, "/v1/messages", &hello(false)).await).await;
+        let response = send(&h, "/v1/messages", &hello(false)).await;
+        // The backend generated it: the SDK is told not to ask again (each try billed, each
+        // refused alike).
+        assert_eq!(response.headers()["x-should-retry"], "false", "{garbage:?}");
+        let (status, kind, body) = anthropic_error(response).await;
         assert_eq!(
             (status, kind.as_str()),
             (502, "api_error"),

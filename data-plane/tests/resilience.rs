@@ -105,7 +105,8 @@ async fn server_errors_and_refused_connections_fail_over() {
 
 /// A whole answer whose head came and whose body then broke (half the JSON, then the
 /// connection closed) was generated, and billed, by the provider: it is not asked of the
-/// fallback (no retry after the first byte). The client gets a 502; the record keeps the
+/// fallback (no retry after the first byte) nor by the client's SDK (`x-should-retry: false`:
+/// each try would be billed). The client gets a 502; the record keeps the
 /// request's reserve, as the provider may have billed it.
 #[tokio::test]
 async fn a_whole_answer_cut_after_its_head_is_not_asked_again_of_another_backend() {
@@ -115,6 +116,8 @@ async fn a_whole_answer_cut_after_its_head_is_not_asked_again_of_another_backend
     let response = h.chat(chat_body(false)).await;
     assert_eq!(response.status(), 502);
     assert_eq!(header(&response, "x-sluice-attempts"), "1");
+    // Nor by the client's SDK, which sends a 5xx again unless told not to.
+    assert_eq!(header(&response, "x-should-retry"), "false");
     assert_eq!(fallback.stats().requests.total(), 0);
     let record = h.records(1).await.remove(0);
     assert_eq!(record.attempts, 1);

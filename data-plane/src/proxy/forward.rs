@@ -88,9 +88,6 @@ enum Failure {
     /// the SDKs report as the client's own key being wrong) nor its body (which names the
     /// provider account).
     Refused(StatusCode),
-    /// The answer's head came (a status neither 429 nor 5xx), then its body broke, stalled
-    /// (`timeout`) or passed the size limit. The provider has generated, and billed, the
-    /// answer: it is not asked of another backend (no retry after the first byte).
     /// The answer came, but the whole answers held in memory reached
     /// `--max-buffered-answer-bytes`, or those to the request's key its share of it, while it
     /// was read: 503 `server_busy`. Not the backend's failure, and not asked of another (it
@@ -101,6 +98,10 @@ enum Failure {
     /// upstream connection. Its own state, not the backend's: 503 `server_busy`, no other
     /// backend tried (each would fail the same), no cooldown.
     OutOfFiles,
+    /// The answer's head came (a status neither 429 nor 5xx), then its body broke, stalled
+    /// (`timeout`) or passed the size limit. The provider has generated, and billed, the
+    /// answer: it is not asked of another backend (no retry after the first byte), nor by
+    /// the client's SDK ([`error_after_billing`]).
     Cut {
         timeout: bool,
         detail: String,
@@ -710,6 +711,20 @@ pub(super) async fn error(acct: Accounting, err: ProxyError) -> Response {
     response
 }
 
+/// [`error`] for an answer the backend gave with a successful head, which the client cannot be
+/// given (its body broke, stalled or passed `--max-response-bytes`, or cannot be read or
+/// translated): the provider has generated, and billed, it, so the SDKs, which send a request
+/// again on any 5xx, are told not to (`x-should-retry: false`): each try would be billed and
+/// fail alike.
+async fn error_after_billing(acct: Accounting, err: ProxyError) -> Response {
+    let mut response = error(acct, err).await;
+    response.headers_mut().insert(
+        HeaderName::from_static("x-should-retry"),
+        HeaderValue::from_static("false"),
+    );
+    response
+}
+
 /// Answers with the last failure: the upstream's own 429/5xx (in the client's API, `client`:
 /// as it came when the backend speaks it, else translated), or 502/504.
 async fn fail(
@@ -756,12 +771,14 @@ async fn fail(
         }
         Failure::Connect(_) => error(acct, ProxyError::UpstreamConnect).await,
         Failure::Refused(_) => error(acct, ProxyError::UpstreamCredentials).await,
-        Failure::Invalid(_) | Failure::Cut { timeout: false, .. } => {
-            error(acct, ProxyError::UpstreamInvalid).await
+        Failure::Invalid(_) => error(acct, ProxyError::UpstreamInvalid).await,
+        Failure::Cut { timeout: false, .. } => {
+            error_after_billing(acct, ProxyError::UpstreamInvalid).await
         }
-        Failure::Timeout | Failure::Deadline | Failure::Cut { timeout: true, .. } => {
-            error(acct, ProxyError::UpstreamTimeout).await
+        Failure::Cut { timeout: true, .. } => {
+            error_after_billing(acct, ProxyError::UpstreamTimeout).await
         }
+        Failure::Timeout | Failure::Deadline => error(acct, ProxyError::UpstreamTimeout).await,
         Failure::MemoryFull(Full::Replica, _) => error(acct, ProxyError::AnswersBusy).await,
         Failure::MemoryFull(Full::Key, _) => error(acct, ProxyError::KeyAnswersBusy).await,
         Failure::OutOfFiles => error(acct, ProxyError::OutOfFiles).await,
@@ -1117,7 +1134,7 @@ async fn deliver(
                         if let Some(tokens) = tokens {
                             acct.tokens(tokens);
                         }
-                        return error(acct, ProxyError::UpstreamInvalid).await;
+                        return error_after_billing(acct, ProxyError::UpstreamInvalid).await;
                     }
                 },
                 _ => status,
@@ -1151,7 +1168,7 @@ async fn deliver(
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot read the upstream's response object");
-                            return error(acct, ProxyError::UpstreamInvalid).await;
+                            return error_after_billing(acct, ProxyError::UpstreamInvalid).await;
                         }
                     }
                 }
