@@ -283,11 +283,14 @@ impl ParsedRequest<'_> {
 }
 
 impl ParsedRequest<'_> {
-    /// The Responses API's `background: true`, in any member of that name (a parser upstream
-    /// may read the last of repeated members; what is not a boolean it refuses).
+    /// The Responses API's `background`, in any member of that name (a parser upstream may
+    /// read the last of repeated members) whose value is not `false` or `null`: OpenAI refuses
+    /// a value that is not a boolean, but a lenient backend (vLLM's pydantic models) takes `1`
+    /// or `"true"` as `true` and runs the response in the background.
     pub fn background(&self) -> bool {
-        self.members()
-            .any(|(key, value)| key == "background" && value.get() == "true")
+        self.members().any(|(key, value)| {
+            key == "background" && !matches!(value.get().trim(), "false" | "null")
+        })
     }
 
     /// Anthropic's `metadata.user_id`, when a string that is not empty: Claude Code writes
