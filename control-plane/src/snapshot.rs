@@ -160,6 +160,10 @@ pub fn client_key_entry_bytes(name: &str, allowed_models: &[String]) -> usize {
             seconds: i64::MAX,
             nanos: i32::MAX,
         }),
+        expire_time: Some(pbjson_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: i32::MAX,
+        }),
     })
 }
 
@@ -467,6 +471,7 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                     && crate::store::spent_in_period_in(&tx, &k, now)? >= k.max_budget_nanos;
                 client_keys.push(pb::SnapshotClientKey {
                     expired: k.expired_at(now) || published.contains(&k.id),
+                    expire_time: k.expire_time_ms.map(crate::time::timestamp),
                     budget_spent,
                     max_budget: sluice_domain::price::from_nanos(k.max_budget_nanos),
                     budget_reset_time: k

@@ -19,6 +19,7 @@
 
 use std::cell::RefCell;
 use std::hash::BuildHasher;
+use std::time::SystemTime;
 
 use http::{HeaderMap, HeaderName, header};
 use sluice_domain::auth::{bearer_token, client_key_hash};
@@ -41,6 +42,7 @@ pub fn authenticate<'s>(
     snapshot: &'s Snapshot,
     headers: &HeaderMap,
     format: ApiFormat,
+    now: SystemTime,
 ) -> Result<&'s ClientKey, ProxyError> {
     // Looked up only where it may be used: a name given as text is parsed on each lookup.
     let key = match (format == ApiFormat::Anthropic)
@@ -63,7 +65,7 @@ pub fn authenticate<'s>(
         }
     };
     let found = KEY_HASHES.with_borrow_mut(|hashes| hashes.find(snapshot, key))?;
-    if found.expired {
+    if found.expired_at(now) {
         return Err(ProxyError::KeyExpired);
     }
     Ok(found)
@@ -123,6 +125,7 @@ mod tests {
     use super::*;
 
     use crate::clock::Now;
+    use crate::snapshot::EXPIRY_GRACE;
     use crate::snapshot::tests::{proto_with_keys, snapshot_with_keys};
 
     fn bearer(key: &str) -> HeaderMap {
@@ -153,44 +156,97 @@ mod tests {
         }
     }
 
+    /// A key's expire time refuses it by this replica's clock only a minute past it (the
+    /// control plane's `expired` decides before: a replica whose clock runs ahead by less
+    /// than that never refuses it early); the control plane's flag refuses it at once.
+    #[tokio::test]
+    async fn a_key_is_refused_by_its_expire_time_a_minute_past_it() {
+        let expiry = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(2_000_000_000);
+        let mut message = proto_with_keys(&[("k1", "sk-one")]);
+        message.client_keys[0].expire_time = Some(sluice_domain::time::timestamp(expiry));
+        let snapshot = Snapshot::prepare(message.clone(), None, Now::read(), 1).unwrap();
+        let at = |after: std::time::Duration| {
+            authenticate(
+                &snapshot,
+                &bearer("sk-one"),
+                ApiFormat::OpenAi,
+                expiry + after,
+            )
+            .map(|key| key.id.clone())
+        };
+        assert_eq!(at(std::time::Duration::from_secs(59)).unwrap(), "k1");
+        assert!(matches!(at(EXPIRY_GRACE), Err(ProxyError::KeyExpired)));
+        message.client_keys[0].expired = true;
+        let flagged = Snapshot::prepare(message, None, Now::read(), 1).unwrap();
+        assert!(matches!(
+            authenticate(&flagged, &bearer("sk-one"), ApiFormat::OpenAi, expiry),
+            Err(ProxyError::KeyExpired)
+        ));
+    }
+
     #[tokio::test]
     async fn a_cached_key_is_checked_against_each_snapshot() {
         let both = snapshot_with_keys(&[("k1", "sk-one"), ("k2", "sk-two")], Now::read());
         let only_two = snapshot_with_keys(&[("k2", "sk-two")], Now::read());
         for _ in 0..2 {
             assert_eq!(
-                authenticate(&both, &bearer("sk-one"), ApiFormat::OpenAi)
-                    .unwrap()
-                    .id,
+                authenticate(
+                    &both,
+                    &bearer("sk-one"),
+                    ApiFormat::OpenAi,
+                    SystemTime::now()
+                )
+                .unwrap()
+                .id,
                 "k1"
             );
             assert_eq!(
-                authenticate(&both, &bearer("sk-two"), ApiFormat::OpenAi)
-                    .unwrap()
-                    .id,
+                authenticate(
+                    &both,
+                    &bearer("sk-two"),
+                    ApiFormat::OpenAi,
+                    SystemTime::now()
+                )
+                .unwrap()
+                .id,
                 "k2"
             );
         }
         // Revoked in the newer snapshot: refused although this thread has it cached.
         assert!(matches!(
-            authenticate(&only_two, &bearer("sk-one"), ApiFormat::OpenAi),
+            authenticate(
+                &only_two,
+                &bearer("sk-one"),
+                ApiFormat::OpenAi,
+                SystemTime::now()
+            ),
             Err(ProxyError::InvalidApiKey)
         ));
         assert_eq!(
-            authenticate(&only_two, &bearer("sk-two"), ApiFormat::OpenAi)
-                .unwrap()
-                .id,
+            authenticate(
+                &only_two,
+                &bearer("sk-two"),
+                ApiFormat::OpenAi,
+                SystemTime::now()
+            )
+            .unwrap()
+            .id,
             "k2"
         );
         // A key that only shares a prefix with a cached one, or is longer.
         for wrong in ["sk-on", "sk-one2", "sk-onf", ""] {
             assert!(
-                authenticate(&both, &bearer(wrong), ApiFormat::OpenAi).is_err(),
+                authenticate(&both, &bearer(wrong), ApiFormat::OpenAi, SystemTime::now()).is_err(),
                 "{wrong}"
             );
         }
         assert!(matches!(
-            authenticate(&both, &HeaderMap::new(), ApiFormat::OpenAi),
+            authenticate(
+                &both,
+                &HeaderMap::new(),
+                ApiFormat::OpenAi,
+                SystemTime::now()
+            ),
             Err(ProxyError::MissingApiKey)
         ));
     }
@@ -201,20 +257,20 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(X_API_KEY, "sk-one".parse().unwrap());
         assert_eq!(
-            authenticate(&snapshot, &headers, ApiFormat::Anthropic)
+            authenticate(&snapshot, &headers, ApiFormat::Anthropic, SystemTime::now())
                 .unwrap()
                 .id,
             "k1"
         );
         // Not on OpenAI's routes, whose clients never send it.
         assert!(matches!(
-            authenticate(&snapshot, &headers, ApiFormat::OpenAi),
+            authenticate(&snapshot, &headers, ApiFormat::OpenAi, SystemTime::now()),
             Err(ProxyError::MissingApiKey)
         ));
         // x-api-key wins over a bearer token; a bearer alone works on either route.
         headers.insert(header::AUTHORIZATION, "Bearer sk-two".parse().unwrap());
         let id = |format| {
-            authenticate(&snapshot, &headers, format)
+            authenticate(&snapshot, &headers, format, SystemTime::now())
                 .unwrap()
                 .id
                 .clone()
@@ -222,16 +278,21 @@ mod tests {
         assert_eq!(id(ApiFormat::Anthropic), "k1");
         assert_eq!(id(ApiFormat::OpenAi), "k2");
         assert_eq!(
-            authenticate(&snapshot, &bearer("sk-two"), ApiFormat::Anthropic)
-                .unwrap()
-                .id,
+            authenticate(
+                &snapshot,
+                &bearer("sk-two"),
+                ApiFormat::Anthropic,
+                SystemTime::now()
+            )
+            .unwrap()
+            .id,
             "k2"
         );
         for wrong in ["sk-on", "", "  "] {
             let mut headers = HeaderMap::new();
             headers.insert(X_API_KEY, wrong.parse().unwrap());
             assert!(matches!(
-                authenticate(&snapshot, &headers, ApiFormat::Anthropic),
+                authenticate(&snapshot, &headers, ApiFormat::Anthropic, SystemTime::now()),
                 Err(ProxyError::InvalidApiKey)
             ));
         }
@@ -245,7 +306,8 @@ mod tests {
                 authenticate(
                     &snapshot,
                     &bearer(&format!("sk-made-up-{i}")),
-                    ApiFormat::OpenAi
+                    ApiFormat::OpenAi,
+                    SystemTime::now()
                 )
                 .is_err()
             );
@@ -261,9 +323,14 @@ mod tests {
         let snapshot = snapshot_with_keys(&pairs, Now::read());
         for (id, key) in &pairs {
             assert_eq!(
-                authenticate(&snapshot, &bearer(key), ApiFormat::OpenAi)
-                    .unwrap()
-                    .id,
+                authenticate(
+                    &snapshot,
+                    &bearer(key),
+                    ApiFormat::OpenAi,
+                    SystemTime::now()
+                )
+                .unwrap()
+                .id,
                 *id
             );
         }
@@ -274,15 +341,26 @@ mod tests {
     async fn an_expired_key_is_refused_as_expired_even_when_cached() {
         let live = snapshot_with_keys(&[("k1", "sk-one"), ("k2", "sk-two")], Now::read());
         assert_eq!(
-            authenticate(&live, &bearer("sk-one"), ApiFormat::OpenAi)
-                .unwrap()
-                .id,
+            authenticate(
+                &live,
+                &bearer("sk-one"),
+                ApiFormat::OpenAi,
+                SystemTime::now()
+            )
+            .unwrap()
+            .id,
             "k1"
         );
         let mut message = proto_with_keys(&[("k1", "sk-one"), ("k2", "sk-two")]);
         message.client_keys[0].expired = true;
         let expired = Snapshot::prepare(message, Some(&live), Now::read(), 1).unwrap();
-        let err = authenticate(&expired, &bearer("sk-one"), ApiFormat::OpenAi).unwrap_err();
+        let err = authenticate(
+            &expired,
+            &bearer("sk-one"),
+            ApiFormat::OpenAi,
+            SystemTime::now(),
+        )
+        .unwrap_err();
         assert!(matches!(err, ProxyError::KeyExpired), "{err:?}");
         assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED);
         let body: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
@@ -296,13 +374,23 @@ mod tests {
         );
         // The other key is untouched, and a wrong key is still just wrong.
         assert_eq!(
-            authenticate(&expired, &bearer("sk-two"), ApiFormat::OpenAi)
-                .unwrap()
-                .id,
+            authenticate(
+                &expired,
+                &bearer("sk-two"),
+                ApiFormat::OpenAi,
+                SystemTime::now()
+            )
+            .unwrap()
+            .id,
             "k2"
         );
         assert!(matches!(
-            authenticate(&expired, &bearer("sk-three"), ApiFormat::OpenAi),
+            authenticate(
+                &expired,
+                &bearer("sk-three"),
+                ApiFormat::OpenAi,
+                SystemTime::now()
+            ),
             Err(ProxyError::InvalidApiKey)
         ));
     }

@@ -291,27 +291,29 @@ async fn serve_as(
             endpoint,
             ProxyError::NotReady,
         ),
-        Some(snapshot) => match authenticate(&snapshot, request.headers(), endpoint.format()) {
-            Err(e) => unaccounted(&app, id_text(&request_id), started, endpoint, e),
-            Ok(key) => {
-                let mut acct = Accounting::new(
-                    app.usage.clone(),
-                    app.spool_lane.clone(),
-                    Arc::clone(&app.metrics),
-                    id_text(&request_id),
-                    &key.id,
-                    endpoint,
-                    started,
-                    arrived,
-                );
-                acct.expose_backend(snapshot.policy.expose_backend_header);
-                acct.multiplexed(request.version() == http::Version::HTTP_2);
-                match target {
-                    None => authorized(&app, &snapshot, key, endpoint, request, acct).await,
-                    Some(target) => stored::call(&app, &snapshot, key, target, acct).await,
+        Some(snapshot) => {
+            match authenticate(&snapshot, request.headers(), endpoint.format(), arrived) {
+                Err(e) => unaccounted(&app, id_text(&request_id), started, endpoint, e),
+                Ok(key) => {
+                    let mut acct = Accounting::new(
+                        app.usage.clone(),
+                        app.spool_lane.clone(),
+                        Arc::clone(&app.metrics),
+                        id_text(&request_id),
+                        &key.id,
+                        endpoint,
+                        started,
+                        arrived,
+                    );
+                    acct.expose_backend(snapshot.policy.expose_backend_header);
+                    acct.multiplexed(request.version() == http::Version::HTTP_2);
+                    match target {
+                        None => authorized(&app, &snapshot, key, endpoint, request, acct).await,
+                        Some(target) => stored::call(&app, &snapshot, key, target, acct).await,
+                    }
                 }
             }
-        },
+        }
     };
     with_request_id(response, request_id)
 }
@@ -716,7 +718,8 @@ async fn list_models(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Re
     let format = models_format(&headers);
     let response = match app.store.load() {
         None => ProxyError::NotReady.into_response_as(format),
-        Some(snapshot) => match authenticate(&snapshot, &headers, format) {
+        Some(snapshot) => match authenticate(&snapshot, &headers, format, app.store.clock().wall())
+        {
             Err(e) => e.into_response_as(format),
             Ok(key) => {
                 let models = snapshot.models().into_iter().filter(|m| key.may_use(m));
@@ -766,7 +769,8 @@ async fn get_model(
     let format = models_format(&headers);
     let response = match app.store.load() {
         None => ProxyError::NotReady.into_response_as(format),
-        Some(snapshot) => match authenticate(&snapshot, &headers, format) {
+        Some(snapshot) => match authenticate(&snapshot, &headers, format, app.store.clock().wall())
+        {
             Err(e) => e.into_response_as(format),
             Ok(key) if key.may_use(&model) && snapshot.routes(&model).is_some() => {
                 axum::Json(match format {

@@ -333,6 +333,8 @@ pub struct ClientKey {
     pub parallel: Option<ParallelLimit>,
     /// The control plane found the key past its expiry: it is refused as expired.
     pub expired: bool,
+    /// Its expire time, by which a replica refuses it on its own ([`ClientKey::expired_at`]).
+    pub expires: Option<SystemTime>,
     /// The control plane found the key's budget spent for the current period: it is refused
     /// with 429 `insufficient_quota` until a snapshot says otherwise.
     pub budget_spent: Option<SpentBudget>,
@@ -346,7 +348,22 @@ pub struct SpentBudget {
     pub resets: Option<SystemTime>,
 }
 
+/// How long past a key's expire time, by this replica's clock, the replica refuses it on its
+/// own: the control plane's `expired` decides while the replica is connected, sooner; this
+/// holds a replica cut off from it (an outage, a partition), and is long enough that a replica
+/// whose clock runs that much ahead never refuses a key the control plane still takes.
+pub const EXPIRY_GRACE: Duration = Duration::from_secs(60);
+
 impl ClientKey {
+    /// Whether the key is refused as expired at `now` (this replica's wall clock): the control
+    /// plane said so, or its expire time passed [`EXPIRY_GRACE`] ago.
+    pub fn expired_at(&self, now: SystemTime) -> bool {
+        self.expired
+            || self
+                .expires
+                .is_some_and(|at| now >= at.checked_add(EXPIRY_GRACE).unwrap_or(at))
+    }
+
     pub fn may_use(&self, model: &str) -> bool {
         self.allowed_models
             .as_ref()
@@ -600,6 +617,7 @@ impl Snapshot {
                 tokens,
                 parallel,
                 expired: k.expired,
+                expires: k.expire_time.as_ref().and_then(system_time),
                 budget_spent: k.budget_spent.then(|| SpentBudget {
                     max_budget: k.max_budget,
                     resets: k.budget_reset_time.as_ref().and_then(system_time),

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, Mock, eventually, sse_data};
+use common::{Cluster, Mock, Proxy, eventually, sse_data};
 use serde_json::{Value, json};
 use sluice_e2e::mock::Fault;
 use sluice_proto::v1 as pb;
@@ -336,6 +336,52 @@ async fn auth_and_model_errors_are_openai_shaped() {
     );
 }
 
+/// Waits until `proxy` refuses `key` (401), within its `lifetime` and 20 s, checks that this
+/// came no sooner than `expires_at`, and returns the body of a refusal.
+async fn refused_as_expired(
+    proxy: &Proxy,
+    key: &str,
+    expires_at: std::time::SystemTime,
+    lifetime: Duration,
+) -> Value {
+    eventually(
+        lifetime + Duration::from_secs(20),
+        "the expired key is refused",
+        || async { proxy.chat(key, "m").await.status() == 401 },
+    )
+    .await;
+    assert!(
+        std::time::SystemTime::now() >= expires_at,
+        "refused before its expiry"
+    );
+    let r = proxy.chat(key, "m").await;
+    assert_eq!(r.status(), 401);
+    r.json().await.unwrap()
+}
+
+/// A replica cut off from the control plane (here: the control plane stopped) cannot learn
+/// that a key expired from a snapshot; it refuses the key by its own clock, a minute
+/// (`EXPIRY_GRACE`) past its expiry, so that a replica whose clock runs up to that much ahead
+/// never refuses a key the control plane still takes. This replica's clock runs a minute ahead,
+/// so that the minute passes within the test.
+#[tokio::test]
+async fn a_replica_cut_off_from_the_control_plane_refuses_a_key_past_its_expiry() {
+    let (mut cluster, _mock, lasting) = Cluster::with_one_backend().await;
+    let proxy = cluster.proxy_with(&["--wall-clock-offset=60s"]).await;
+    let lifetime = Duration::from_secs(4);
+    let expires_at = std::time::SystemTime::now() + lifetime;
+    let expiring = cluster.create_key_expiring("short-lived", expires_at).await;
+    cluster.wait_replicas_current(1).await;
+    // Served while its expiry is ahead, by either clock.
+    assert_eq!(proxy.chat(&expiring, "m").await.status(), 200);
+    cluster.stop_control().await;
+    // Nothing reaches the replica now; the key expires.
+    let body = refused_as_expired(&proxy, &expiring, expires_at, lifetime).await;
+    assert_eq!(body["error"]["code"], "api_key_expired", "{body}");
+    // A key without an expiry is served on.
+    assert_eq!(proxy.chat(&lasting, "m").await.status(), 200);
+}
+
 #[tokio::test]
 async fn a_key_is_refused_as_expired_once_its_expiry_passes() {
     let (cluster, _mock, lasting) = Cluster::with_one_backend().await;
@@ -352,19 +398,7 @@ async fn a_key_is_refused_as_expired_once_its_expiry_passes() {
     assert!(served, "not served in the {lifetime:?} before its expiry");
 
     // After it: 401 saying so, through the real control plane's sweep and snapshot.
-    eventually(
-        lifetime + Duration::from_secs(20),
-        "the expired key is refused",
-        || async { proxy.chat(&expiring, "m").await.status() == 401 },
-    )
-    .await;
-    assert!(
-        std::time::SystemTime::now() >= expires_at,
-        "refused before its expiry"
-    );
-    let r = proxy.chat(&expiring, "m").await;
-    assert_eq!(r.status(), 401);
-    let body: Value = r.json().await.unwrap();
+    let body = refused_as_expired(&proxy, &expiring, expires_at, lifetime).await;
     assert_eq!(body["error"]["code"], "api_key_expired");
     assert_eq!(body["error"]["type"], "invalid_request_error");
     assert!(

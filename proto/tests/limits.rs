@@ -91,6 +91,10 @@ fn snapshot() -> pb::Snapshot {
                 seconds: 4_102_358_400,
                 nanos: 0,
             }),
+            expire_time: Some(pbjson_types::Timestamp {
+                seconds: 4_102_444_800,
+                nanos: 999_999_999,
+            }),
         })
         .collect();
     pb::Snapshot {
