@@ -354,6 +354,65 @@ async fn allowances_are_granted_on_the_snapshot_stream_from_what_remains() {
     drop(old_tx);
 }
 
+/// A replica's ack of a snapshot is stored off its stream: while another writer holds the
+/// database (a long commit, a disk's stalled fsync, here an operator's shell), the replica's
+/// next ask is answered at once, not after the ack's write (with the write awaited in the
+/// stream's loop, the ask waited for the lock: a budgeted request past `--allowance-wait` got
+/// 503 `budget_unavailable`). The ack is stored once the lock is released.
+#[tokio::test]
+async fn a_grant_does_not_wait_for_the_ack_before_it_to_be_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let key = capped_key(&cp).await;
+    let mut dp = data_plane(&cp).await;
+    let mut r1 = Asking::open(&mut dp, &key.id).await;
+    let on = r1.stream.message().await.unwrap().unwrap();
+    assert!(on.allowances.is_some(), "{on:?}");
+    let snapshot = r1
+        .stream
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .snapshot
+        .unwrap();
+
+    let holder = rusqlite::Connection::open(dir.path().join("sluice.db")).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    r1.tx
+        .send(pb::StreamSnapshotsRequest {
+            node_id: "r1".into(),
+            version: snapshot.version,
+            response_nonce: snapshot.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let grant = tokio::time::timeout(std::time::Duration::from_secs(2), r1.ask(10))
+        .await
+        .expect("the ask was answered while the ack's write waited for the lock");
+    assert_eq!((grant.granted_nanos, grant.exhausted), (15_625, false));
+    holder.execute_batch("COMMIT").unwrap();
+
+    let acked = || {
+        holder
+            .query_row(
+                "SELECT acked_version FROM data_planes WHERE node_id = 'r1'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while acked() != snapshot.version as i64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ack was never stored"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// A request a replica served outside any allowance (its key had no budget when it was
 /// admitted: a budget removed and set again, or set while it ran) counts in the key's spend
 /// but took nothing from the replica's pool: it is not charged against the grants. Charged,

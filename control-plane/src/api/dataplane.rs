@@ -340,6 +340,12 @@ impl DataPlaneApi {
             renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // That one at once, then each newer one.
             let mut pending = Some(first);
+            // The replica's acks are stored off this loop, so that a slow write (a large
+            // commit before it, a disk's stalled fsync) delays neither the replica's grants
+            // nor its next snapshot; acks that come while one is written are taken together,
+            // the latest standing (the registry in memory has each at once).
+            let mut unwritten: Option<(u64, String)> = None;
+            let mut writing: Option<AckWrite> = None;
             loop {
                 if let Some(snapshot) = pending.take() {
                     let message = Outgoing::Snapshot(api.publisher.sent(&snapshot, now_ms()));
@@ -347,7 +353,21 @@ impl DataPlaneApi {
                         break;
                     }
                 }
+                if writing.is_none()
+                    && let Some((version, error)) = unwritten.take()
+                {
+                    writing = Some(write_ack(&api.store, &node_id, version, error));
+                }
                 tokio::select! {
+                    written = async {
+                        match writing.as_mut() {
+                            Some(write) => write.await,
+                            None => std::future::pending().await,
+                        }
+                    }, if writing.is_some() => {
+                        writing = None;
+                        log_ack_write(written);
+                    }
                     changed = snapshots.changed() => {
                         if changed.is_err() { break; }
                         pending = Some(snapshots.borrow_and_update().clone());
@@ -377,9 +397,7 @@ impl DataPlaneApi {
                                 tracing::warn!(node = %node_id, version = m.version, error = %m.error_detail, "data plane refused a snapshot");
                             }
                             api.membership.registry().record(&node_id, m.version, &m.error_detail);
-                            if let Err(err) = api.store.record_ack(node_id.clone(), m.version, m.error_detail).await {
-                                tracing::error!(error = %err, "recording an ack failed");
-                            }
+                            unwritten = Some((m.version, m.error_detail));
                         }
                         Ok(None) => break,
                         Err(status) => {
@@ -391,9 +409,30 @@ impl DataPlaneApi {
                     () = api.stop.cancelled() => break,
                 }
             }
+            // The last ack is stored before the replica is marked gone.
+            if let Some(write) = writing {
+                log_ack_write(write.await);
+            }
+            if let Some((version, error)) = unwritten {
+                log_ack_write(write_ack(&api.store, &node_id, version, error).await);
+            }
             api.left(&hello, replica.as_ref()).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// A replica's ack being stored.
+type AckWrite = Pin<Box<dyn Future<Output = Result<(), crate::store::StoreError>> + Send>>;
+
+fn write_ack(store: &Store, node_id: &str, version: u64, error: String) -> AckWrite {
+    let (store, node_id) = (store.clone(), node_id.to_owned());
+    Box::pin(async move { store.record_ack(node_id, version, error).await })
+}
+
+fn log_ack_write(written: Result<(), crate::store::StoreError>) {
+    if let Err(err) = written {
+        tracing::error!(error = %err, "recording an ack failed");
     }
 }
 
