@@ -399,10 +399,11 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         ))
         .add_service(InterceptedService::new(
             // Usage reports are the largest messages a data plane sends, snapshots the
-            // largest it receives.
+            // largest it receives; one decoding limit for both methods (a snapshot stream's
+            // messages are far smaller: `MAX_SNAPSHOT_ACK_BYTES`).
             DataPlaneRoutes::new(
                 dataplane,
-                limits::MAX_USAGE_REPORT_BYTES.max(limits::MAX_SNAPSHOT_ACK_BYTES),
+                limits::MAX_USAGE_REPORT_BYTES,
                 limits::MAX_SNAPSHOT_BYTES,
             ),
             dataplane_check,

@@ -68,7 +68,7 @@ const EXHAUSTED_FOR: Duration = Duration::from_secs(1);
 /// Asks queued for the stream at most (one per key at a time).
 const ASK_QUEUE: usize = 4_096;
 
-/// Most held allowances a hello names: it must stay under the stream's 64 KiB request limit.
+/// Most held allowances a hello names: it keeps the hello near `MAX_SNAPSHOT_ACK_BYTES`.
 const MAX_HELD: usize = 800;
 
 /// One key's pool.

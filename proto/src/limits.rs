@@ -16,7 +16,11 @@ pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 /// planes split their batches to stay under it.
 pub const MAX_USAGE_REPORT_BYTES: usize = 4 * 1024 * 1024;
 
-/// Largest `StreamSnapshotsRequest` (a hello, an ack or a nack) the control plane decodes.
+/// What a data plane keeps each `StreamSnapshotsRequest` (a hello, an ack, a nack, its asks
+/// for allowances) under: a hello names at most 800 held allowances, a message at most 512
+/// asks. The control plane decodes them up to [`MAX_USAGE_REPORT_BYTES`], the one decoding
+/// limit of its data-plane service (a client key's id is at most [`MAX_ID_BYTES`], which a
+/// message of 512 asks could pass this by).
 pub const MAX_SNAPSHOT_ACK_BYTES: usize = 64 * 1024;
 
 /// Largest request of `AdminService` and `StatsService` the control plane decodes (and
