@@ -377,6 +377,7 @@ pub struct Metrics {
     /// Refusals already added to `snapshot_refusals` (the store counts them itself).
     snapshot_refusals_seen: [AtomicU64; 3],
     snapshot_age: Gauge<f64, AtomicU64>,
+    control_plane_connected: Gauge,
     usage_queue: Gauge,
     usage_dropped: Counter,
     /// Drops already added to `usage_dropped` (the sink counts them itself).
@@ -543,6 +544,13 @@ impl Metrics {
             Unit::Seconds,
             snapshot_age.clone(),
         );
+        let control_plane_connected = Gauge::default();
+        registry.register(
+            "control_plane_connected",
+            "1 while the snapshot stream to the control plane is open, 0 while this replica is \
+             cut off from it (serving its last snapshot: no change made since reaches it)",
+            control_plane_connected.clone(),
+        );
         let usage_queue = Gauge::default();
         registry.register(
             "usage_queue_depth",
@@ -597,6 +605,7 @@ impl Metrics {
             allowance_asks,
             allowance_asks_seen: AtomicU64::new(0),
             snapshot_age,
+            control_plane_connected,
             usage_queue,
             usage_dropped,
             usage_dropped_seen: AtomicU64::new(0),
@@ -768,6 +777,8 @@ impl Metrics {
                 self.snapshot_age.set(0.0);
             }
         }
+        self.control_plane_connected
+            .set(i64::from(store.connected()));
         for ((why, total), seen) in store.refusals().zip(&self.snapshot_refusals_seen) {
             let counter = self.snapshot_refusals.get_or_create(&RefusalLabels {
                 reason: why.as_str(),

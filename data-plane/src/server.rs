@@ -130,6 +130,10 @@ impl subscribe::Receiver for Applier {
     fn allowances(&self) -> Option<Arc<Allowances>> {
         Some(Arc::clone(&self.1))
     }
+
+    fn connected(&mut self, connected: bool) {
+        self.0.set_connected(connected);
+    }
 }
 
 /// A bound, not yet serving data plane.

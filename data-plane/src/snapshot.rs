@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use foldhash::HashMap as FastMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -808,6 +808,8 @@ pub struct SnapshotStore {
     author: String,
     /// This replica's node id, as `Snapshot.share_holders` lists it.
     node_id: String,
+    /// The snapshot stream is open: the control plane answered it, and it has not ended.
+    connected: AtomicBool,
 }
 
 impl Default for SnapshotStore {
@@ -829,6 +831,7 @@ impl SnapshotStore {
             clock: Clock::default(),
             author: String::new(),
             node_id: String::new(),
+            connected: AtomicBool::new(false),
         }
     }
 
@@ -904,6 +907,17 @@ impl SnapshotStore {
 
     fn set_stale(&self, stale: Option<Stale>) {
         *self.stale.lock().unwrap_or_else(PoisonError::into_inner) = stale;
+    }
+
+    /// Whether the snapshot stream is open (`sluice_control_plane_connected`): a replica
+    /// that is not follows no change made since it lost it.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Set by the subscriber when the control plane answers the stream and when it ends.
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
     }
 
     /// Snapshots refused since start, for each reason.

@@ -34,6 +34,9 @@ pub trait Receiver {
     fn allowances(&self) -> Option<Arc<Allowances>> {
         None
     }
+
+    /// The control plane answered a stream (`true`), or the stream ended (`false`).
+    fn connected(&mut self, _connected: bool) {}
 }
 
 /// Most asks one message carries.
@@ -85,6 +88,7 @@ pub async fn run<R: Receiver>(
             outcome = session(&mut client, &identity, &mut backoff, &mut receiver, &mut nack) => outcome,
             () = shutdown.cancelled() => return,
         };
+        receiver.connected(false);
         match outcome {
             Ok(()) => tracing::warn!("snapshot stream ended by the control plane; reconnecting"),
             Err(status) => tracing::warn!(
@@ -137,6 +141,7 @@ async fn session<R: Receiver>(
         .into_inner();
     // Answered: the control plane read the hello, and the refusal on it, before answering.
     *nack = None;
+    receiver.connected(true);
     let _open = Open(budgets.clone());
     if let Some(budgets) = &budgets {
         budgets.connected(true);

@@ -359,8 +359,8 @@ async fn refused_as_expired(
     r.json().await.unwrap()
 }
 
-/// A replica cut off from the control plane (here: the control plane stopped) cannot learn
-/// that a key expired from a snapshot; it refuses the key by its own clock, a minute
+/// A replica cut off from the control plane (here: the control plane stopped) says so
+/// (`sluice_control_plane_connected` 0), and cannot learn that a key expired from a snapshot; it refuses the key by its own clock, a minute
 /// (`EXPIRY_GRACE`) past its expiry, so that a replica whose clock runs up to that much ahead
 /// never refuses a key the control plane still takes. This replica's clock runs a minute ahead,
 /// so that the minute passes within the test.
@@ -374,7 +374,24 @@ async fn a_replica_cut_off_from_the_control_plane_refuses_a_key_past_its_expiry(
     cluster.wait_replicas_current(1).await;
     // Served while its expiry is ahead, by either clock.
     assert_eq!(proxy.chat(&expiring, "m").await.status(), 200);
+    let connected = || async {
+        let text = proxy.metrics().await;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("sluice_control_plane_connected "))
+            .unwrap_or_else(|| panic!("no connected gauge:\n{text}"))
+            .to_owned();
+        line == "sluice_control_plane_connected 1"
+    };
+    assert!(connected().await, "connected to the control plane");
     cluster.stop_control().await;
+    // The replica says it is cut off.
+    eventually(
+        Duration::from_secs(20),
+        "the replica's gauge says it is cut off",
+        || async { !connected().await },
+    )
+    .await;
     // Nothing reaches the replica now; the key expires.
     let body = refused_as_expired(&proxy, &expiring, expires_at, lifetime).await;
     assert_eq!(body["error"]["code"], "api_key_expired", "{body}");
