@@ -263,6 +263,7 @@ async fn on_stored(
         id,
         action,
         query: request.uri().query().map(str::to_owned),
+        beta: forward::Passthrough::headers_for(Endpoint::Responses, request.headers()),
     };
     serve_as(app, Endpoint::Responses, request, Some(target)).await
 }
@@ -466,7 +467,8 @@ async fn authorized(
     }
     acct.admitted_under(tokens, parallel);
     if endpoint.is_responses() {
-        return stored::create(app, snapshot, key, endpoint, routes, &parsed, acct).await;
+        let passed = forward::Passthrough::of(endpoint, &head);
+        return stored::create(app, snapshot, key, endpoint, routes, &parsed, &passed, acct).await;
     }
     forward::forward(app, snapshot, routes, endpoint, &parsed, acct, head).await
 }

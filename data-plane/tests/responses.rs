@@ -846,3 +846,53 @@ async fn deltas_without_event_lines_are_counted_when_the_stream_breaks() {
     assert!(record.tokens_estimated);
     assert_eq!(record.completion_tokens, 3);
 }
+
+/// The SDKs' beta Responses API (`client.beta.responses`) names the beta features a request
+/// uses in `openai-beta`: it reaches the backend with a create, and with a call on the stored
+/// response; a chat request's does not (only the Responses API's beta clients send it), and
+/// neither does the client's key.
+#[tokio::test]
+async fn a_responses_clients_beta_header_reaches_the_backend() {
+    let alpha = mock("primary");
+    let h = Harness::one_primary(&alpha.base_url()).await;
+    let beta = "responses_multi_agent=v1";
+    let created = h
+        .http
+        .post(h.url("/v1/responses?beta=true"))
+        .bearer_auth(KEY)
+        .header("openai-beta", beta)
+        .json(&json!({"model": MODEL, "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200, "{:?}", created.text().await);
+    let id = created.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let seen = alpha.last_responses_request().unwrap();
+    assert_eq!(seen.header("openai-beta"), Some(beta), "{seen:?}");
+    assert_eq!(
+        seen.header("authorization"),
+        Some("Bearer sk-upstream-primary"),
+        "the backend's own key, not the client's"
+    );
+
+    let retrieved = h
+        .http
+        .get(h.url(&format!("/v1/responses/{id}?beta=true")))
+        .bearer_auth(KEY)
+        .header("openai-beta", beta)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retrieved.status(), 200);
+    let seen = alpha.last_responses_request().unwrap();
+    assert_eq!(seen.header("openai-beta"), Some(beta), "{seen:?}");
+    assert!(seen.path.ends_with("?beta=true"), "{seen:?}");
+
+    // Without it, none.
+    assert_eq!(retrieve(&h, &id).await.status(), 200);
+    let seen = alpha.last_responses_request().unwrap();
+    assert_eq!(seen.header("openai-beta"), None, "{seen:?}");
+}

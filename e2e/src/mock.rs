@@ -288,6 +288,16 @@ impl MockServer {
             .and_then(|last| last.clone())
     }
 
+    /// The path (with its query) and headers of the last request to a Responses API route
+    /// (`body` and `answer` empty).
+    pub fn last_responses_request(&self) -> Option<MessagesExchange> {
+        self.shared
+            .last_responses
+            .lock()
+            .ok()
+            .and_then(|last| last.clone())
+    }
+
     /// Stops accepting, closes every open connection (in-flight responses are cut off) and returns
     /// once the port is closed.
     pub async fn shutdown(&self) {

@@ -214,7 +214,7 @@ pub(super) struct Call<'a> {
     pub ids: Option<IdRewrite>,
     /// Whether the answer's usage is the request's (a create's; a retrieve's is not).
     pub count_usage: bool,
-    /// What an Anthropic backend gets from a Messages client as it came.
+    /// What a backend of the client's API gets of its request as it came.
     pub passed: Option<&'a Passthrough>,
     /// The conversation the request names (`prompt_cache_key`), which orders its backends.
     pub conversation: Option<&'a str>,
@@ -238,8 +238,13 @@ impl Call<'_> {
     }
 }
 
-/// What an Anthropic backend gets from a Messages client as it came: its `anthropic-*`
-/// headers, and its query string (the SDKs' beta clients post to `/v1/messages?beta=true`).
+/// The OpenAI SDKs' header naming the beta features a request uses.
+const OPENAI_BETA: HeaderName = HeaderName::from_static("openai-beta");
+
+/// What a backend speaking the client's API gets of the client's request as it came, beyond
+/// the body: a Messages client's `anthropic-*` headers and query string (the SDKs' beta
+/// clients post to `/v1/messages?beta=true`), a Responses client's `openai-beta` header.
+/// Nothing to a backend of the other API.
 #[derive(Debug, Default)]
 pub(super) struct Passthrough {
     pub headers: Vec<(HeaderName, HeaderValue)>,
@@ -247,24 +252,44 @@ pub(super) struct Passthrough {
 }
 
 impl Passthrough {
-    /// What an Anthropic backend gets as it came, on Anthropic's routes: the query string,
-    /// and the headers `anthropic-version` (it defines what the body means; the backend's
-    /// configured version is sent only when the client names none), `anthropic-beta` and
-    /// every other `anthropic-*` header (features Sluice need not know). Never the client's
-    /// key.
-    fn of(endpoint: Endpoint, client: &http::request::Parts) -> Self {
-        if endpoint.format() != ApiFormat::Anthropic {
-            return Self::default();
-        }
+    /// On Anthropic's routes: the query string, and the headers `anthropic-version` (it
+    /// defines what the body means; the backend's configured version is sent only when the
+    /// client names none), `anthropic-beta` and every other `anthropic-*` header (features
+    /// Sluice need not know). On the Responses API's: `openai-beta` (the SDKs'
+    /// `client.beta.responses` name the beta features a request uses in it), not the query
+    /// string (an OpenAI-format backend's base URL may carry a query of its own, Azure's
+    /// `api-version`). Never the client's key.
+    pub(super) fn of(endpoint: Endpoint, client: &http::request::Parts) -> Self {
         Self {
-            headers: client
-                .headers
-                .iter()
-                .filter(|(name, _)| name.as_str().starts_with("anthropic-"))
-                .map(|(name, value)| (name.clone(), value.clone()))
-                .collect(),
-            query: client.uri.query().map(str::to_owned),
+            headers: Self::headers_for(endpoint, &client.headers),
+            query: (endpoint.format() == ApiFormat::Anthropic)
+                .then(|| client.uri.query().map(str::to_owned))
+                .flatten(),
         }
+    }
+
+    /// The headers of [`Passthrough::of`].
+    pub(super) fn headers_for(
+        endpoint: Endpoint,
+        headers: &http::HeaderMap,
+    ) -> Vec<(HeaderName, HeaderValue)> {
+        let anthropic = endpoint.format() == ApiFormat::Anthropic;
+        if !anthropic && !endpoint.is_responses() {
+            // Chat, completions, embeddings: nothing, and no look at the headers.
+            return Vec::new();
+        }
+        let passes = |name: &HeaderName| {
+            if anthropic {
+                name.as_str().starts_with("anthropic-")
+            } else {
+                name == OPENAI_BETA
+            }
+        };
+        headers
+            .iter()
+            .filter(|(name, _)| passes(name))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect()
     }
 }
 
@@ -501,7 +526,11 @@ pub(super) async fn forward_call(
             sleeps: &app.sleeps,
             sent,
             backend,
-            passed: call.passed.map_or(&[][..], |p| &p.headers),
+            // Only to a backend of the client's own API: a translated request carries none.
+            passed: call
+                .passed
+                .filter(|_| backend.format == client)
+                .map_or(&[][..], |p| &p.headers),
             stream,
             policy: &policy,
             deadline,
@@ -846,15 +875,13 @@ async fn attempt(
     for (name, value) in backend.auth_headers() {
         headers.insert(name, value.clone());
     }
-    if backend.format == ApiFormat::Anthropic {
-        // After the backend's own: the client's anthropic-version wins. A header the client
-        // sent on several lines (`anthropic-beta: a`, `anthropic-beta: b`) goes as it came.
-        for (name, _) in passed {
-            headers.remove(name);
-        }
-        for (name, value) in passed {
-            headers.append(name.clone(), value.clone());
-        }
+    // After the backend's own: the client's anthropic-version wins. A header the client sent
+    // on several lines (`anthropic-beta: a`, `anthropic-beta: b`) goes as it came.
+    for (name, _) in passed {
+        headers.remove(name);
+    }
+    for (name, value) in passed {
+        headers.append(name.clone(), value.clone());
     }
     // A stream's head and first event come with its first token; a whole answer's head only
     // once all of it is generated, which a reasoning model may take minutes over.

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::AppState;
 use super::accounting::Accounting;
-use super::forward::{self, Call, Outbound};
+use super::forward::{self, Call, Outbound, Passthrough};
 use crate::affinity::{Affinity, IdError};
 use crate::error::{ProxyError, quoted};
 use crate::metrics::LimitScope;
@@ -27,10 +27,13 @@ pub(super) struct Target {
     /// `input_items` or `cancel`; `None` for the response itself.
     pub action: Option<&'static str>,
     pub query: Option<String>,
+    /// The client's `openai-beta` header ([`Passthrough::headers_for`]).
+    pub beta: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 /// `POST /v1/responses` (and its `compact` and `input_tokens`, `endpoint`): routed like any
 /// request, unless it continues an earlier response, which pins it to that response's backend.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn create(
     app: &Arc<AppState>,
     snapshot: &Snapshot,
@@ -38,6 +41,7 @@ pub(super) async fn create(
     endpoint: Endpoint,
     routes: &[Route],
     parsed: &ParsedRequest<'_>,
+    passed: &Passthrough,
     acct: Accounting,
 ) -> Response {
     if snapshot.affinity.is_empty() {
@@ -101,7 +105,7 @@ pub(super) async fn create(
         },
         ids: Some(ids),
         count_usage: true,
-        passed: None,
+        passed: Some(passed),
         conversation: parsed.prompt_cache_key.as_deref(),
     };
     let routes = match &pinned {
@@ -142,6 +146,10 @@ pub(super) async fn call(
         app.metrics.rate_limited(LimitScope::client_key);
         return forward::error(acct, ProxyError::KeyRateLimited { retry_after }).await;
     }
+    let passed = Passthrough {
+        headers: target.beta,
+        query: None,
+    };
     let route = Route {
         backend: index,
         upstream_model: String::new(),
@@ -168,7 +176,7 @@ pub(super) async fn call(
             known: Some((affinity.upstream_id.clone(), target.id.clone())),
         }),
         count_usage: false,
-        passed: None,
+        passed: Some(&passed),
         conversation: None,
     };
     forward::forward_call(

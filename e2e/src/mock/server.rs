@@ -297,28 +297,49 @@ async fn api(
         Err(e) => return Ok(json_response(shared, e.status, e.body())),
     };
     let query = req.uri().query().map(str::to_owned);
+    let responses_route = matches!(
+        route,
+        Route::CreateResponse
+            | Route::CompactResponse
+            | Route::CountResponseTokens
+            | Route::GetResponse(_)
+            | Route::DeleteResponse(_)
+            | Route::ResponseInputItems(..)
+            | Route::CancelResponse(_)
+    );
     let exchange =
-        matches!(route, Route::Messages | Route::CountTokens).then(|| MessagesExchange {
-            path: req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned()),
-            headers: req
-                .headers()
-                .iter()
-                .map(|(n, v)| {
-                    (
-                        n.as_str().to_owned(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
-            ..MessagesExchange::default()
+        (matches!(route, Route::Messages | Route::CountTokens) || responses_route).then(|| {
+            MessagesExchange {
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned()),
+                headers: req
+                    .headers()
+                    .iter()
+                    .map(|(n, v)| {
+                        (
+                            n.as_str().to_owned(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect(),
+                ..MessagesExchange::default()
+            }
         });
     let version = req
         .headers()
         .get("anthropic-version")
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let exchange = match exchange {
+        Some(exchange) if responses_route => {
+            if let Ok(mut last) = shared.last_responses.lock() {
+                *last = Some(exchange);
+            }
+            None
+        }
+        exchange => exchange,
+    };
     let anthropic_headers = matches!(route, Route::Messages | Route::CountTokens)
         .then(|| anthropic::check_headers(req.headers(), shared.config.api_key.as_deref()));
     let presented = req

@@ -25,6 +25,8 @@ pub(crate) struct Shared {
     pub(crate) responses: ResponseStore,
     /// The last exchange on a Messages route.
     pub(crate) last_messages: Mutex<Option<MessagesExchange>>,
+    /// The path and headers of the last request to a Responses API route.
+    pub(crate) last_responses: Mutex<Option<MessagesExchange>>,
     /// The Messages API's prompt cache: the prompt prefixes written to it (hashes).
     prompt_cache: Mutex<std::collections::HashSet<u64>>,
     ids: AtomicU64,
@@ -40,6 +42,7 @@ impl Shared {
             faults: FaultPlan::new(),
             responses: ResponseStore::default(),
             last_messages: Mutex::new(None),
+            last_responses: Mutex::new(None),
             prompt_cache: Mutex::new(std::collections::HashSet::new()),
             shutdown: CancellationToken::new(),
             ids: AtomicU64::new(rand::random::<u32>().into()),
