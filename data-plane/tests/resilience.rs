@@ -1064,3 +1064,49 @@ async fn usage_queued_while_the_control_plane_drops_the_stream_arrives_once() {
     // The proxy kept serving on its snapshot meanwhile.
     assert_eq!(h.chat(chat_body(false)).await.status(), 200);
 }
+
+/// A provider keeping a streamed request in its queue answers its head at once, then only
+/// comments (DeepSeek's `: keep-alive`, for up to ten minutes; OpenRouter's `: OPENROUTER
+/// PROCESSING`): no event, no token. A stream is committed to a backend at its first event,
+/// not its first byte, so past `first_byte_timeout` the next backend is asked, as for one that
+/// sends nothing; and a 200 stream that ends before any event is a failure the next backend
+/// answers. Comments before a first event that comes in time go to the client with it.
+#[tokio::test]
+async fn a_stream_of_only_comments_or_nothing_fails_over_at_its_first_byte_timeout() {
+    use sluice_e2e::mock::GarbageKind;
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let mut message = snapshot(1, pair(&primary, &fallback));
+    let settings = message.settings.as_mut().unwrap();
+    settings.first_byte_timeout = Some(proto_duration(Duration::from_millis(300)));
+    let h = Harness::start(message).await;
+    for fault in [
+        Fault::QueuedMs(3_000),
+        Fault::Garbage(GarbageKind::EmptyStream),
+    ] {
+        primary.set_fault(fault.clone().times(1));
+        let response = h.chat(chat_body(true)).await;
+        assert_eq!(response.status(), 200, "{fault:?}");
+        assert_eq!(
+            header(&response, "x-sluice-backend"),
+            "fallback-name",
+            "{fault:?}"
+        );
+        assert_eq!(header(&response, "x-sluice-attempts"), "2", "{fault:?}");
+        let body = response.text().await.unwrap();
+        assert!(body.ends_with("data: [DONE]\n\n"), "{fault:?}: {body}");
+        assert!(!body.contains("keep-alive"), "{body}");
+    }
+    primary.set_fault(Fault::QueuedMs(100).times(1));
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    let body = response.text().await.unwrap();
+    assert!(body.starts_with(": keep-alive\n\n"), "{body}");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+
+    let records = h.records(3).await;
+    let served: Vec<(&str, u32)> = records
+        .iter()
+        .map(|r| (r.backend_id.as_str(), r.attempts))
+        .collect();
+    assert_eq!(served, [("fallback", 2), ("fallback", 2), ("primary", 1)]);
+}

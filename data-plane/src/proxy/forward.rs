@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::response::Response;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use sluice_proto::v1::ErrorKind;
 use tokio::time::Instant;
@@ -34,6 +34,10 @@ use crate::usage::Tokens;
 
 /// Largest error body read from an upstream 429/5xx (to pass it on if it is the last one).
 const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// The most of a stream held before its first event (comments, an event's other fields):
+/// past it the backend is not streaming, and the attempt fails.
+const MAX_BEFORE_FIRST_EVENT: usize = 64 * 1024;
 
 /// Whether a 429's body says the request alone passes the provider's limit, which waiting
 /// does not fix: OpenAI's "Request too large for gpt-4o in organization … on tokens per min
@@ -939,18 +943,45 @@ async fn attempt(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     if stream && status.is_success() && is_sse {
-        // Wait for the first chunk before committing: until then another backend can still
-        // take over.
-        let first = match within(sleeps, || first_byte, upstream::next_chunk(&mut upstream)).await {
-            Err(_) => return Err(timed_out),
-            Ok(Err(e)) => return Err(Failure::Connect(upstream::error_chain(&*e))),
-            Ok(Ok(chunk)) => chunk.unwrap_or_default(),
-        };
-        return Ok(Answer::Stream {
-            status,
-            upstream,
-            first,
-        });
+        // Wait for the first event before committing: until then another backend can still
+        // take over. Comments before it (DeepSeek's `: keep-alive` while the request waits
+        // in its queue, OpenRouter's `: OPENROUTER PROCESSING`) do not count; they go to the
+        // client with it.
+        let mut first = BytesMut::new();
+        loop {
+            let chunk =
+                match within(sleeps, || first_byte, upstream::next_chunk(&mut upstream)).await {
+                    Err(_) => return Err(timed_out),
+                    Ok(Err(e)) => return Err(Failure::Connect(upstream::error_chain(&*e))),
+                    Ok(Ok(None)) => {
+                        return Err(Failure::Invalid(
+                            "the stream ended before its first event".into(),
+                        ));
+                    }
+                    Ok(Ok(Some(chunk))) => chunk,
+                };
+            if first.is_empty() && starts_an_event(&chunk) {
+                // The usual case: the first chunk holds the first event.
+                return Ok(Answer::Stream {
+                    status,
+                    upstream,
+                    first: chunk,
+                });
+            }
+            first.extend_from_slice(&chunk);
+            if starts_an_event(&first) {
+                return Ok(Answer::Stream {
+                    status,
+                    upstream,
+                    first: first.freeze(),
+                });
+            }
+            if first.len() > MAX_BEFORE_FIRST_EVENT {
+                return Err(Failure::Invalid(format!(
+                    "more than {MAX_BEFORE_FIRST_EVENT} bytes of the stream before its first event"
+                )));
+            }
+        }
     }
     // The declared `content-length`, as hyper read it (no second look at the headers).
     let declared = http_body::Body::size_hint(&upstream)
@@ -1337,6 +1368,25 @@ fn refused_stream_options(outcome: &Result<Answer, Failure>) -> bool {
     }
 }
 
+/// Whether `bytes`, the start of an SSE stream, hold a line of an event's `data` field (the
+/// field name, then `:`, a line end, or the end of what came so far): a stream that holds
+/// only comments (`: keep-alive`) and blank lines has sent no event yet.
+fn starts_an_event(bytes: &[u8]) -> bool {
+    let field_at = |at: usize| {
+        bytes
+            .get(at + 4)
+            .is_none_or(|b| matches!(b, b':' | b'\n' | b'\r'))
+    };
+    // The usual stream: its first event's `data:` line first.
+    if bytes.starts_with(b"data") && field_at(0) {
+        return true;
+    }
+    memchr::memmem::find_iter(bytes, b"data").any(|at| {
+        let line_start = at == 0 || matches!(bytes[at - 1], b'\n' | b'\r');
+        line_start && field_at(at)
+    })
+}
+
 /// A request body without its top-level `stream_options`; `None` if it is not a JSON object
 /// or has none. Only for backends that refuse the member: parsed into values and written
 /// again.
@@ -1409,6 +1459,36 @@ fn replace_all(body: &[u8], from: &[u8], to: &[u8]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream has begun its first event once a line of a `data` field came, whatever the
+    /// line ends and however the bytes were cut; comments, blank lines, an `event:` line alone
+    /// and `data` inside another line or field name are not one.
+    #[test]
+    fn a_stream_starts_an_event_at_its_first_data_line() {
+        for started in [
+            "data: {}",
+            "data:{}\n\n",
+            ": keep-alive\n\ndata: {}",
+            ": keep-alive\r\n\r\ndata",
+            ": a\rdata\r",
+            "event: message_start\ndata: {",
+            "data",
+        ] {
+            assert!(starts_an_event(started.as_bytes()), "{started:?}");
+        }
+        for not_yet in [
+            "",
+            ": keep-alive\n\n",
+            ": OPENROUTER PROCESSING\n\n: data: x\n\n",
+            "event: message_start\n",
+            "\n\n",
+            "metadata: x\n",
+            "dataset: x\n",
+            ": keep-alive data\n",
+        ] {
+            assert!(!starts_an_event(not_yet.as_bytes()), "{not_yet:?}");
+        }
+    }
 
     /// A refusal of `stream_options` is told from its providers' words, not from the member's
     /// name anywhere in an error: vLLM's validation errors echo the whole body, and a client's

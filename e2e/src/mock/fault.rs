@@ -32,6 +32,10 @@ pub enum Fault {
     /// A client that hangs up meanwhile gets nothing and is charged nothing: the request is
     /// dropped before its usage is counted.
     DelayMs(u64),
+    /// A stream: its head at once, then an SSE comment (`: keep-alive`) every 100 ms for this
+    /// many milliseconds before its first event, as DeepSeek answers a request waiting in its
+    /// queue. A whole answer waits as with [`Fault::DelayMs`].
+    QueuedMs(u64),
     /// Send the response head and the first `k` SSE events (the role chunk counts as the first),
     /// then close the connection: no `[DONE]`, and the chunked body is left unterminated. A
     /// non-streaming request gets its `Content-Length` and only the first half of the JSON body.
@@ -65,6 +69,8 @@ pub enum GarbageKind {
     InvalidSse,
     /// `content-type: text/event-stream` and one line `data: xxxx…` of 8 MiB with no newline.
     GiantLine,
+    /// `content-type: text/event-stream` and no byte: the body ends at once.
+    EmptyStream,
     /// `content-type: application/json` with a chat completion calling a tool whose arguments
     /// are not a JSON object (an array), with its `usage` (5 prompt and 5 completion tokens):
     /// valid chat, but no `tool_use` a Messages client could be given.

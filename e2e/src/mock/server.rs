@@ -531,6 +531,9 @@ async fn api(
             usage,
         } => match cut {
             None => {
+                if let Some(Fault::QueuedMs(ms)) = fault {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
                 if let Some(u) = usage {
                     shared.counters.usage(u.prompt_tokens, u.completion_tokens);
                     shared.counters.detail(u.cached_tokens, u.reasoning_tokens);
@@ -549,6 +552,9 @@ async fn api(
         },
         Answer::Stream(mut plan) => {
             plan.cut_after = cut;
+            if let Some(Fault::QueuedMs(ms)) = fault {
+                plan.queued_for = Duration::from_millis(ms);
+            }
             bump(&shared.counters.streams_started);
             let body =
                 BodyExt::boxed_unsync(StreamBody::new(stream::sse(plan, Arc::clone(shared))));
@@ -791,6 +797,7 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
             last_chunk_usage: config.refuses_stream_options.then_some(usage),
             interval: config.chunk_interval,
             cut_after: None,
+            queued_for: Duration::ZERO,
         });
     }
     let meta = Meta {

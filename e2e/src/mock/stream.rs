@@ -49,6 +49,8 @@ pub(crate) struct StreamPlan {
     pub(crate) interval: Duration,
     /// Close the connection after this many events (no `[DONE]`).
     pub(crate) cut_after: Option<usize>,
+    /// Send `: keep-alive` comments for this long before the first event (a queued request).
+    pub(crate) queued_for: Duration,
 }
 
 impl StreamPlan {
@@ -126,13 +128,32 @@ impl Drop for SseState {
 
 /// The SSE body for `plan`: `data: <chunk>\n\n` events, then `data: [DONE]\n\n`, or a cut.
 pub(crate) fn sse(plan: StreamPlan, shared: Arc<Shared>) -> impl Stream<Item = FrameResult> + Send {
+    use futures::StreamExt as _;
+    // One at once, then one every 100 ms while the request is queued.
+    let keep_alives =
+        futures::stream::unfold((plan.queued_for, true), |(left, first)| async move {
+            if left.is_zero() {
+                return None;
+            }
+            let step = if first {
+                Duration::ZERO
+            } else {
+                left.min(KEEP_ALIVE_EVERY)
+            };
+            tokio::time::sleep(step).await;
+            let left = if first { left } else { left - step };
+            Some((
+                Ok(Frame::data(Bytes::from_static(b": keep-alive\n\n"))),
+                (left, false),
+            ))
+        });
     let state = SseState {
         plan,
         shared,
         next: 0,
         finished: false,
     };
-    futures::stream::unfold(state, |mut st| async move {
+    let events = futures::stream::unfold(state, |mut st| async move {
         if st.finished {
             return None;
         }
@@ -159,8 +180,12 @@ pub(crate) fn sse(plan: StreamPlan, shared: Arc<Shared>) -> impl Stream<Item = F
         }
         st.next += 1;
         Some((Ok(Frame::data(bytes)), st))
-    })
+    });
+    keep_alives.chain(events)
 }
+
+/// How often a queued stream's keep-alive comment is sent.
+const KEEP_ALIVE_EVERY: Duration = Duration::from_millis(100);
 
 /// A Responses API stream: `events` one by one (no `[DONE]`: the stream ends after its
 /// terminal event), `usage` counted when the last one goes out, or a cut after `cut_after`.
@@ -284,5 +309,9 @@ pub(crate) fn garbage(
                 Box::new(futures::stream::iter(line)),
             )
         }
+        GarbageKind::EmptyStream => (
+            "text/event-stream; charset=utf-8",
+            Box::new(futures::stream::iter(std::iter::empty())),
+        ),
     }
 }
