@@ -198,9 +198,23 @@ impl NodeIdentity {
         Self {
             node_id,
             hostname,
-            build_version: env!("CARGO_PKG_VERSION").to_owned(),
+            build_version: build_version(),
             incarnation,
         }
+    }
+}
+
+/// This build as `sluicectl dataplane list` shows it: the package version, and the build's
+/// name given when it was compiled (`SLUICE_BUILD`, e.g. its commit: the Dockerfile takes it as
+/// a build argument), so that replicas of two builds of one version are told apart.
+pub fn build_version() -> String {
+    named_build(env!("CARGO_PKG_VERSION"), option_env!("SLUICE_BUILD"))
+}
+
+fn named_build(version: &str, build: Option<&str>) -> String {
+    match build.map(str::trim) {
+        Some(build) if !build.is_empty() => format!("{version}+{build}"),
+        _ => version.to_owned(),
     }
 }
 
@@ -211,4 +225,20 @@ fn hostname() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A build named when it was compiled shows its name after the version; one not named
+    /// (or named blank) shows the version alone.
+    #[test]
+    fn a_named_build_is_its_version_and_its_name() {
+        assert_eq!(named_build("0.1.0", Some("3f4d0e1")), "0.1.0+3f4d0e1");
+        assert_eq!(named_build("0.1.0", Some(" 3f4d0e1\n")), "0.1.0+3f4d0e1");
+        assert_eq!(named_build("0.1.0", Some(" ")), "0.1.0");
+        assert_eq!(named_build("0.1.0", None), "0.1.0");
+        assert!(build_version().starts_with(env!("CARGO_PKG_VERSION")));
+    }
 }

@@ -202,6 +202,9 @@ $servers        keepalive 256;
         if (\$http_upgrade ~* "^websocket\$") {
             return 426 '{"error":{"message":"This gateway does not take WebSocket connections; use HTTP.","type":"invalid_request_error","param":null,"code":"websocket_not_supported"}}';
         }
+        location = /metrics {
+            return 404 '{"error":{"message":"Not found.","type":"invalid_request_error","param":null,"code":"not_found"}}';
+        }
         location / {
             proxy_pass http://sluice_data_planes;
             proxy_http_version 1.1;
@@ -210,8 +213,8 @@ $servers        keepalive 256;
             proxy_buffering off;
             proxy_request_buffering off;
             proxy_connect_timeout 2s;
-            proxy_read_timeout 600s;
-            proxy_send_timeout 600s;
+            proxy_read_timeout 660s;
+            proxy_send_timeout 660s;
             proxy_next_upstream error timeout;
             proxy_next_upstream_tries 3;
         }

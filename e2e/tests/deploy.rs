@@ -30,6 +30,8 @@ fn kubernetes_manifests_match_the_schemas() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
+    // The Secret's example, kept out of the directory that is applied.
+    files.push(deploy_dir().join("secret.example.yaml"));
     let output = validate(&files);
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
@@ -56,7 +58,7 @@ fn kubernetes_manifests_match_the_schemas() {
     let original = std::fs::read_to_string(deploy_dir().join("k8s/data-plane.yaml")).unwrap();
     std::fs::write(
         &broken,
-        original.replace("replicas: 3", "replicas: \"three\""),
+        original.replace("minReplicas: 3", "minReplicas: \"three\""),
     )
     .unwrap();
     assert!(!validate(&[broken]).status.success());
@@ -660,5 +662,119 @@ fn only_data_planes_and_admin_tools_reach_the_control_planes_grpc_port() {
                 || labels["sluice-admin"] == "true",
             "{peer} may reach the gRPC port"
         );
+    }
+}
+
+/// The shipped nginx fronts (compose's, and the one run.sh writes) route no client to
+/// `/metrics`, which names every backend and its traffic (docs/security.md), and wait for an
+/// answer longer than the data planes' default `request_timeout`, so that a request past it
+/// gets Sluice's own JSON 504 rather than nginx's HTML one (which also marks the replica down).
+#[test]
+fn nginx_hides_metrics_and_outwaits_the_request_timeout() {
+    let request_timeout = sluice_domain::settings::defaults()
+        .request_timeout
+        .unwrap()
+        .seconds as u64;
+    for file in ["nginx.conf", "local/run.sh"] {
+        let text = std::fs::read_to_string(deploy_dir().join(file)).unwrap();
+        let metrics = text
+            .split("location = /metrics {")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{file}: /metrics is routed"));
+        assert!(
+            metrics.trim_start().starts_with("return 404"),
+            "{file}: {metrics}"
+        );
+        let read_timeouts: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("proxy_read_timeout "))
+            .map(|v| {
+                humantime::parse_duration(v.trim_end_matches(';'))
+                    .unwrap()
+                    .as_secs()
+            })
+            .collect();
+        assert!(!read_timeouts.is_empty(), "{file}");
+        for timeout in read_timeouts {
+            assert!(
+                timeout > request_timeout,
+                "{file}: proxy_read_timeout {timeout} s, request_timeout {request_timeout} s"
+            );
+        }
+    }
+}
+
+/// A Deployment an HPA scales has no `replicas` of its own: every `kubectl apply` (or GitOps
+/// sync) would set the fleet back to it at once, whatever the HPA had scaled to. And the data
+/// planes' drain lets a request finish at the default `request_timeout`: a shorter one cut
+/// such requests, already billed, at every scale-down and rollout.
+#[test]
+fn the_data_planes_are_scaled_by_their_hpa_alone_and_drain_their_long_answers() {
+    let documents = yaml_documents("k8s/data-plane.yaml");
+    let deployment = documents
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .unwrap();
+    let hpa = documents
+        .iter()
+        .find(|d| d["kind"] == "HorizontalPodAutoscaler")
+        .unwrap();
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        deployment["metadata"]["name"]
+    );
+    assert!(
+        deployment["spec"].get("replicas").is_none(),
+        "{}",
+        deployment["spec"]
+    );
+    let args: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    let drain = args
+        .iter()
+        .position(|a| *a == "--drain-timeout")
+        .map(|i| humantime::parse_duration(args[i + 1]).unwrap().as_secs())
+        .unwrap();
+    let request_timeout = sluice_domain::settings::defaults()
+        .request_timeout
+        .unwrap()
+        .seconds as u64;
+    assert!(
+        drain >= request_timeout,
+        "drain {drain} s, request_timeout {request_timeout} s"
+    );
+}
+
+/// Nothing in the directory an operator applies (`kubectl apply -f deploy/k8s/`, a GitOps
+/// sync) holds a placeholder secret: applied after the real Secret was created, it wrote the
+/// placeholders over it, and the master key, which cannot be made again, was lost at the next
+/// restart.
+#[test]
+fn the_applied_manifests_hold_no_placeholder_secret() {
+    for entry in std::fs::read_dir(deploy_dir().join("k8s")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("REPLACE-ME"), "{}", path.display());
+        let file = format!("k8s/{}", path.file_name().unwrap().to_string_lossy());
+        for document in yaml_documents(&file) {
+            assert_ne!(document["kind"], "Secret", "{file}");
+        }
+    }
+}
+
+/// The image's build context (the repository root) leaves out build output and local secrets:
+/// `COPY . .` put `sluice-data/` (the master key and tokens `deploy/local/run.sh` makes) and
+/// `deploy/.env` (compose's secrets) into the build stage, and sent `target/` at every build.
+#[test]
+fn the_docker_build_context_leaves_out_build_output_and_secrets() {
+    let ignore = std::fs::read_to_string(deploy_dir().join("../.dockerignore"))
+        .expect("a .dockerignore at the build context's root");
+    let lines: Vec<&str> = ignore.lines().map(str::trim).collect();
+    for excluded in ["target/", "sluice-data/", "deploy/.env", ".git/"] {
+        assert!(lines.contains(&excluded), "{excluded} is sent to the build");
     }
 }
