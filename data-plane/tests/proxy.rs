@@ -304,6 +304,53 @@ fn framings(events: &[String]) -> Vec<(&'static str, Vec<Vec<u8>>)> {
     ]
 }
 
+/// A stream whose body ends cleanly after its usage without `data: [DONE]` (Perplexity sends
+/// none), or whose `[DONE]` lacks its blank line, is complete: it ends as `[DONE]` ends it,
+/// for the client (no error event: the SDKs raise on one, after the whole answer) and in the
+/// record. Without usage, an end before `[DONE]` is still an interruption (above).
+#[tokio::test]
+async fn a_stream_that_ends_cleanly_after_its_usage_without_done_is_complete() {
+    let chunk = |content: &str, finish: Value| {
+        json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]})
+        .to_string()
+    };
+    let usage = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}})
+    .to_string();
+    let events = [
+        chunk("Hel", Value::Null),
+        chunk("lo", json!("stop")),
+        usage,
+    ];
+    let mut cases = framings(&events);
+    // `[DONE]` without its blank line, then the end of the body.
+    let mut done_unended = framings(&events).remove(0).1;
+    done_unended.push(b"data: [DONE]\n".to_vec());
+    cases.push(("[DONE] without its blank line", done_unended));
+    for (framing, chunks) in cases {
+        let upstream = SseUpstream::start(chunks).await;
+        let backends = vec![backend(
+            "sse",
+            &upstream.base_url(),
+            proto::Pool::Primary,
+            0,
+        )];
+        let h = Harness::start(snapshot(1, backends)).await;
+        let body = h.chat(chat_body(true)).await.text().await.unwrap();
+        assert!(!body.contains("stream_interrupted"), "{framing}: {body}");
+        assert!(body.ends_with("data: [DONE]\n\n"), "{framing}: {body}");
+        assert_eq!(sse_data(&body).len(), 3, "{framing}: the two chunks and [DONE]: {body}");
+        let record = h.records(1).await.remove(0);
+        assert_eq!(record.error_kind, ErrorKind::Unspecified as i32, "{framing}");
+        assert_eq!(
+            (record.prompt_tokens, record.completion_tokens, record.tokens_estimated),
+            (7, 9, false),
+            "{framing}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_stream_framed_any_way_is_relayed_alike_and_its_usage_chunk_hidden_unless_asked() {
     let chunk = |delta: Value, finish: Value| {

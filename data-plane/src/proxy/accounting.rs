@@ -326,6 +326,11 @@ impl Accounting {
         self.0.cache_write_1h = tokens.cache_write_1h;
     }
 
+    /// Whether the upstream reported the request's usage (some of its tokens).
+    pub fn has_usage(&self) -> bool {
+        self.0.record.prompt_tokens > 0 || self.0.record.completion_tokens > 0
+    }
+
     /// Marks the first byte or event sent to the client (only the first call counts).
     pub fn first_byte(&mut self) {
         if self.0.first_byte.is_none() {

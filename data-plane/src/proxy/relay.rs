@@ -441,6 +441,29 @@ impl Relay {
         true
     }
 
+    /// A chat stream whose body ended cleanly (not a broken connection) before `[DONE]`: its
+    /// last event, if the body ended inside it (`data: [DONE]` without its blank line), is
+    /// taken as it stands; then a stream that reported its usage, which a provider sends last
+    /// (Sluice asks for it), is complete, and ends as `[DONE]` would end it (Perplexity sends
+    /// none; some servers leave out the last blank line). True when the stream is over so.
+    fn ended_without_done(&mut self) -> bool {
+        if self.parser.has_partial() {
+            self.take(Bytes::from_static(b"\n\n"));
+            if self.upstream.is_none() {
+                return true;
+            }
+        }
+        if !self.acct.as_ref().is_some_and(Accounting::has_usage) {
+            return false;
+        }
+        self.upstream = None;
+        self.ready.push_back((
+            Bytes::from_static(b"data: [DONE]\n\n"),
+            Then::Finish(ErrorKind::Unspecified),
+        ));
+        true
+    }
+
     /// Ends the stream with an error event after what is already queued.
     fn interrupt(&mut self, why: &str) {
         tracing::warn!(reason = why, "upstream stream interrupted");
@@ -682,6 +705,9 @@ impl Body for Relay {
                     continue;
                 }
                 Poll::Ready(None) => {
+                    if matches!(this.mode, Mode::Chat { .. }) && this.ended_without_done() {
+                        continue;
+                    }
                     let why = match this.mode {
                         Mode::Chat { .. } => "the upstream stream ended before [DONE]",
                         Mode::Translated(_) | Mode::Messages { .. } => {
