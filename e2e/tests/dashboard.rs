@@ -456,12 +456,27 @@ async fn the_dashboard_in_a_browser() {
     browser
         .click(&format!("{row} button[data-action=delete]"))
         .await;
+    // Another admin deletes it meanwhile: the confirmed delete is refused, and the banner
+    // says so until the next action (the page reloaded after an action cleared it at once).
+    api.admin()
+        .await
+        .delete_backend(pb::DeleteBackendRequest {
+            id: gamma.id.clone(),
+        })
+        .await
+        .unwrap();
     browser
         .click(&format!("{row} button[data-action=confirm-delete]"))
         .await;
+    let refused = "!document.querySelector('#banner').hidden \
+        && document.querySelector('#banner').textContent.includes('not found')";
+    browser.wait_for(refused, "the refused delete's error").await;
     browser
         .wait_for(&format!("!document.querySelector(\"{row}\")"), "gamma gone")
         .await;
+    // Past a page reload (every 5 s, and one right after the action), still shown.
+    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    assert_eq!(browser.eval(&format!("Boolean({refused})")).await, true);
     assert!(!backend_names(&api).await.iter().any(|b| b.name == "gamma"));
 
     // A backend named like HTML stays text.
@@ -600,6 +615,49 @@ async fn the_dashboard_in_a_browser() {
     assert!(browser.text("#cooldowns-table").await.contains("alpha"));
     browser
         .screenshot(&artifacts().join("dashboard-cooldowns.png"))
+        .await;
+    // Disabled while it cools down, it says both (it showed only its cooldown: an operator
+    // who disabled it in an incident could not see that it took).
+    let set_enabled = |enabled: bool| {
+        let (api, id) = (&api, alpha.id.clone());
+        async move {
+            api.admin()
+                .await
+                .update_backend(pb::UpdateBackendRequest {
+                    backend: Some(pb::Backend {
+                        id,
+                        enabled,
+                        ..Default::default()
+                    }),
+                    update_mask: Some(sluice_proto::wkt::FieldMask {
+                        paths: vec!["enabled".into()],
+                    }),
+                    api_key: String::new(),
+                })
+                .await
+                .unwrap();
+        }
+    };
+    set_enabled(false).await;
+    browser.click("#nav a[data-page=backends]").await;
+    let alpha_row = format!("#backends-table tr[data-backend-id='{}']", alpha.id);
+    browser
+        .wait_for(
+            &format!(
+                "(document.querySelector(\"{alpha_row}\") || {{textContent: ''}}).textContent \
+                 .includes('disabled') && document.querySelector(\"{alpha_row}\").textContent \
+                 .includes('rate-limited')"
+            ),
+            "alpha disabled and cooling down",
+        )
+        .await;
+    set_enabled(true).await;
+    browser.click("#nav a[data-page=cooldowns]").await;
+    browser
+        .wait_for(
+            "document.querySelector('#cooldowns-table').textContent.includes('429 from upstream')",
+            "alpha's cooldown again",
+        )
         .await;
     browser
         .click("#cooldowns-table button[data-action=reset]")

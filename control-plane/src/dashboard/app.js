@@ -176,6 +176,7 @@
     confirming: null, // e.g. "backend:<id>" while its delete asks for confirmation
     timer: null,
     refreshing: false,
+    bannerFromLoad: false,
     lastRefresh: null,
     charts: {}, // last drawn chart data, redrawn on resize
     currency: 'USD', // of every cost and price; from the settings
@@ -285,9 +286,10 @@
     try {
       await PAGES[page]();
       state.lastRefresh = Date.now();
-      setBanner('');
+      // A load's own failure is over; an action's stays until the next action.
+      if (state.bannerFromLoad) setBanner('');
     } catch (err) {
-      if (err.status !== 401) setBanner(`Could not load ${page}: ${err.message}`);
+      if (err.status !== 401) setBanner(`Could not load ${page}: ${err.message}`, true);
     } finally {
       state.refreshing = false;
       updateRefreshStatus();
@@ -299,10 +301,13 @@
     $('#refresh-status').textContent = state.lastRefresh ? `Updated ${relTime(state.lastRefresh)}` : '';
   }
 
-  function setBanner(text) {
+  /** Shows `text` in the banner (or hides it); `fromLoad`: a page load's failure, which the
+   *  next successful load clears. */
+  function setBanner(text, fromLoad = false) {
     const banner = $('#banner');
     banner.textContent = text;
     banner.hidden = !text;
+    state.bannerFromLoad = fromLoad && !!text;
   }
 
   let noticeTimer = null;
@@ -314,9 +319,11 @@
     noticeTimer = setTimeout(() => { notice.hidden = true; }, 4000);
   }
 
-  /** Runs an action from a button; a failure shows in the banner. */
+  /** Runs an action from a button; a failure shows in the banner until the next action (the
+   *  page reloaded after it does not clear it). */
   async function act(button, action) {
     if (button) button.disabled = true;
+    setBanner('');
     try {
       await action();
     } catch (err) {
@@ -543,7 +550,9 @@
     if (cooldown) {
       const until = parseTime(cooldown.until);
       const rateLimited = /429|rate/i.test(cooldown.reason || '');
+      // A disabled backend says so first: its cooldown runs on, but it takes no request.
       return h('td', null,
+        backend.enabled ? null : h('span', { class: 'pill off' }, 'disabled'),
         h('span', { class: 'pill warn' }, rateLimited ? 'rate-limited' : 'cooling down'),
         h('span', { class: 'sub-line' }, `until ${fmtDateTime(until)} (${relTime(until)})`),
         cooldown.reason ? h('span', { class: 'sub-line' }, cooldown.reason) : null);
