@@ -5,6 +5,7 @@
 mod accounting;
 mod estimate;
 pub(crate) mod forward;
+mod health;
 mod kept_sleeps;
 mod relay;
 mod request_log;

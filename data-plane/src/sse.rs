@@ -239,6 +239,21 @@ impl SseParser {
         !self.line.is_empty() || self.has_data || self.event.is_some() || self.id.is_some()
     }
 
+    /// Whether the unfinished event at a stream's end is one whose data is `data` alone, its
+    /// last line taken as it stands: a stream that ended without the blank line after its
+    /// last event (`data: [DONE]\n`), or without its line end.
+    pub fn unfinished_data_is(&self, data: &str) -> bool {
+        if self.line.is_empty() {
+            return self.has_data && self.data == data;
+        }
+        let line = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
+        !self.has_data
+            && line
+                .strip_prefix(b"data:")
+                .map(|value| value.strip_prefix(b" ").unwrap_or(value))
+                .is_some_and(|value| value == data.as_bytes())
+    }
+
     fn process_line(&mut self, line: &[u8], out: &mut Vec<Item>) -> Result<(), SseError> {
         if line.is_empty() {
             self.dispatch(out);
@@ -297,6 +312,38 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use proptest::prelude::*;
+
+    /// A stream that ended inside its `[DONE]` event (without the blank line after it, or
+    /// without its line end) is told from one that ended inside any other event.
+    #[test]
+    fn an_unfinished_last_event_is_told_by_its_data() {
+        let unfinished = |text: &str| {
+            let mut parser = SseParser::default();
+            let mut items = Vec::new();
+            parser.push(text.as_bytes(), &mut items).unwrap();
+            parser.unfinished_data_is("[DONE]")
+        };
+        for ended in [
+            "data: [DONE]\n",
+            "data: [DONE]",
+            "data:[DONE]\r\n",
+            "data: [DONE]\r",
+            "data: {}\n\ndata: [DONE]",
+        ] {
+            assert!(unfinished(ended), "{ended:?}");
+        }
+        for not in [
+            "",
+            "data: [DONE]\n\n",
+            "data: [DO",
+            "data: x\ndata: [DONE]\n",
+            "data: x\ndata: [DONE]",
+            "data: [DONE] \n",
+            ": [DONE]\n",
+        ] {
+            assert!(!unfinished(not), "{not:?}");
+        }
+    }
 
     fn parse_all(chunks: &[&[u8]]) -> Result<Vec<Item>, SseError> {
         let mut parser = SseParser::default();

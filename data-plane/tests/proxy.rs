@@ -318,11 +318,7 @@ async fn a_stream_that_ends_cleanly_after_its_usage_without_done_is_complete() {
     let usage = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
         "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}})
     .to_string();
-    let events = [
-        chunk("Hel", Value::Null),
-        chunk("lo", json!("stop")),
-        usage,
-    ];
+    let events = [chunk("Hel", Value::Null), chunk("lo", json!("stop")), usage];
     let mut cases = framings(&events);
     // `[DONE]` without its blank line, then the end of the body.
     let mut done_unended = framings(&events).remove(0).1;
@@ -340,11 +336,23 @@ async fn a_stream_that_ends_cleanly_after_its_usage_without_done_is_complete() {
         let body = h.chat(chat_body(true)).await.text().await.unwrap();
         assert!(!body.contains("stream_interrupted"), "{framing}: {body}");
         assert!(body.ends_with("data: [DONE]\n\n"), "{framing}: {body}");
-        assert_eq!(sse_data(&body).len(), 3, "{framing}: the two chunks and [DONE]: {body}");
-        let record = h.records(1).await.remove(0);
-        assert_eq!(record.error_kind, ErrorKind::Unspecified as i32, "{framing}");
         assert_eq!(
-            (record.prompt_tokens, record.completion_tokens, record.tokens_estimated),
+            sse_data(&body).len(),
+            3,
+            "{framing}: the two chunks and [DONE]: {body}"
+        );
+        let record = h.records(1).await.remove(0);
+        assert_eq!(
+            record.error_kind,
+            ErrorKind::Unspecified as i32,
+            "{framing}"
+        );
+        assert_eq!(
+            (
+                record.prompt_tokens,
+                record.completion_tokens,
+                record.tokens_estimated
+            ),
             (7, 9, false),
             "{framing}"
         );

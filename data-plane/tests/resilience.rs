@@ -1110,3 +1110,33 @@ async fn a_stream_of_only_comments_or_nothing_fails_over_at_its_first_byte_timeo
         .collect();
     assert_eq!(served, [("fallback", 2), ("fallback", 2), ("primary", 1)]);
 }
+
+/// A backend whose streams break after their first event (here: silent past the idle
+/// timeout) cools down as one that fails before it does: each such stream is its failure,
+/// recorded when the stream breaks. Counted a success at its first event, each such stream
+/// ended the backend's failure streak, so it never cooled and kept its share of streams.
+/// A stream that ends normally, or that its client leaves, is an answer.
+#[tokio::test]
+async fn a_backend_whose_streams_break_after_their_first_event_cools_down() {
+    let primary = slow_mock("primary", 5, 1_000);
+    let fallback = mock("fallback");
+    let mut message = snapshot(1, pair(&primary, &fallback));
+    let settings = message.settings.as_mut().unwrap();
+    settings.idle_stream_timeout = Some(proto_duration(Duration::from_millis(200)));
+    settings.failure_threshold = 2;
+    let h = Harness::start(message).await;
+    for _ in 0..2 {
+        let response = h.chat(chat_body(true)).await;
+        assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+        let body = response.text().await.unwrap();
+        assert!(body.contains("stream_interrupted"), "{body}");
+    }
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert!(response.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    h.cp.wait_for("failing event", |r| !r.events.is_empty())
+        .await;
+    let event = h.cp.with(|r| r.events[0].clone());
+    assert_eq!(event.kind, BackendEventKind::Failing as i32);
+    assert_eq!(event.reason, "2 consecutive failures");
+}

@@ -470,7 +470,9 @@ async fn the_dashboard_in_a_browser() {
         .await;
     let refused = "!document.querySelector('#banner').hidden \
         && document.querySelector('#banner').textContent.includes('not found')";
-    browser.wait_for(refused, "the refused delete's error").await;
+    browser
+        .wait_for(refused, "the refused delete's error")
+        .await;
     browser
         .wait_for(&format!("!document.querySelector(\"{row}\")"), "gamma gone")
         .await;

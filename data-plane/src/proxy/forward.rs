@@ -13,6 +13,7 @@ use sluice_proto::v1::ErrorKind;
 use tokio::time::Instant;
 
 use super::accounting::Accounting;
+use super::health::{StreamHealth, record_health};
 use super::kept_sleeps::{KeptSleeps, within};
 use super::relay::{Mode, Relay, Translation, tokens_of};
 use super::usage_figures::{
@@ -23,7 +24,7 @@ use crate::answer_memory::{AnswerMemory, AnswerPermit, CountedAnswer, Full};
 use crate::anthropic::{self, Sampling};
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
-use crate::metrics::{AttemptOutcome, CooldownReason, Label, LimitScope, SkipReason};
+use crate::metrics::{AttemptOutcome, Label, LimitScope, SkipReason};
 use crate::redact::redact_error;
 use crate::request::ParsedRequest;
 use crate::responses::{self, IdRewrite};
@@ -569,7 +570,11 @@ pub(super) async fn forward_call(
         let took = sent.elapsed();
         acct.waited_upstream(took);
         let health = match &outcome {
-            Ok(_) => Some(Outcome::Success),
+            // Known when the stream ends ([`StreamHealth`]): one that breaks after its first
+            // event is the backend's failure, and counted a success here it ended the
+            // backend's failure streak at every such stream.
+            Ok(Answer::Stream { .. }) => None,
+            Ok(Answer::Full { .. }) => Some(Outcome::Success),
             Err(failure) => failure.health(),
         };
         match &outcome {
@@ -613,30 +618,15 @@ pub(super) async fn forward_call(
                 }
             }
         }
-        let answered = || app.store.clock().now();
-        if let Some(health) = health
-            && let Some(event) =
-                cooldowns.record_at(&backend.id, basis, &policy.cooldown, health, answered)
-        {
-            match health {
-                Outcome::Success => {
-                    tracing::info!(backend = %backend.name, "backend answered again: its streak ends");
-                }
-                Outcome::RateLimited { .. } | Outcome::Failure { .. } => {
-                    tracing::warn!(
-                        backend = %backend.name,
-                        reason = %event.reason,
-                        streak = event.consecutive_failures,
-                        "backend cooling down"
-                    );
-                    let reason = match health {
-                        Outcome::RateLimited { .. } => CooldownReason::rate_limited,
-                        _ => CooldownReason::failures,
-                    };
-                    app.metrics.cooldown(&label, reason);
-                }
-            }
-            app.usage.event(event);
+        if let Some(health) = health {
+            record_health(
+                app,
+                &backend.id,
+                &backend.name,
+                basis,
+                &policy.cooldown,
+                health,
+            );
         }
         match outcome {
             Ok(answer) => {
@@ -671,7 +661,9 @@ pub(super) async fn forward_call(
                         count_usage: call.count_usage,
                     },
                 };
-                return deliver(app, answer, acct, mode, &policy, deadline).await;
+                let health = matches!(answer, Answer::Stream { .. })
+                    .then(|| StreamHealth::new(app, backend, basis, policy.cooldown));
+                return deliver(app, answer, acct, mode, &policy, deadline, health).await;
             }
             Err(failure) => {
                 // An answer refused for memory was billed: its backend's token reservation
@@ -1165,6 +1157,7 @@ async fn deliver(
     mode: Mode,
     policy: &Policy,
     deadline: Instant,
+    health: Option<StreamHealth>,
 ) -> Response {
     match answer {
         Answer::Full {
@@ -1293,6 +1286,7 @@ async fn deliver(
                 app.limits.max_response_bytes,
                 app.tasks.token(),
                 app.stopping.streams_end(),
+                health,
             ));
             response
         }

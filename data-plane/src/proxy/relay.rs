@@ -25,9 +25,11 @@ use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::accounting::{Accounting, Tokens};
+use super::health::StreamHealth;
 use super::usage_figures::{usage_of, usage_of_answer, usage_value_of_answer};
 use crate::anthropic::Usage;
 use crate::anthropic::stream::{ChunksFromEvents, EventUsage, EventsFromChunks, Flow};
+use crate::cooldown::Outcome;
 use crate::deadline::Alarm;
 use crate::error::error_body;
 use crate::responses::{self, IdRewrite};
@@ -207,6 +209,8 @@ pub(super) struct Relay {
     _in_flight: TaskTrackerToken,
     /// Ends the stream with an error event shortly before the drain timeout runs out.
     streams_end: StreamsEnd,
+    /// Where the stream's end is recorded for its backend's cooldown (once; `None` after).
+    health: Option<StreamHealth>,
 }
 
 impl Relay {
@@ -224,6 +228,7 @@ impl Relay {
         max_event_bytes: usize,
         in_flight: TaskTrackerToken,
         streams_end: StreamsEnd,
+        health: Option<StreamHealth>,
     ) -> Self {
         let now = Instant::now();
         let mut relay = Self {
@@ -245,6 +250,7 @@ impl Relay {
             rearm: false,
             _in_flight: in_flight,
             streams_end,
+            health,
         };
         relay.take(first);
         relay
@@ -329,7 +335,7 @@ impl Relay {
         if self.upstream.is_some()
             && let Err(e) = parsed
         {
-            self.interrupt(&e.to_string());
+            self.upstream_failed(&e.to_string());
         }
     }
 
@@ -342,7 +348,7 @@ impl Relay {
         let rewritten = match responses::rewrite_event(&event.data, ids) {
             Ok(rewritten) => rewritten,
             Err(e) => {
-                self.interrupt(&format!(
+                self.upstream_failed(&format!(
                     "the upstream sent an event Sluice cannot read ({e})"
                 ));
                 return true;
@@ -441,19 +447,15 @@ impl Relay {
         true
     }
 
-    /// A chat stream whose body ended cleanly (not a broken connection) before `[DONE]`: its
-    /// last event, if the body ended inside it (`data: [DONE]` without its blank line), is
-    /// taken as it stands; then a stream that reported its usage, which a provider sends last
-    /// (Sluice asks for it), is complete, and ends as `[DONE]` would end it (Perplexity sends
-    /// none; some servers leave out the last blank line). True when the stream is over so.
+    /// A chat stream whose body ended cleanly (not a broken connection) before `[DONE]`: one
+    /// that ended inside its `[DONE]` (without the blank line after it), or that reported its
+    /// usage, which a provider sends last (Sluice asks for it), is complete, and ends as
+    /// `[DONE]` ends it (Perplexity sends none; some servers leave out the last blank line);
+    /// another unfinished event is dropped, as the format says. True when the stream is over
+    /// so.
     fn ended_without_done(&mut self) -> bool {
-        if self.parser.has_partial() {
-            self.take(Bytes::from_static(b"\n\n"));
-            if self.upstream.is_none() {
-                return true;
-            }
-        }
-        if !self.acct.as_ref().is_some_and(Accounting::has_usage) {
+        let done = self.parser.unfinished_data_is(DONE);
+        if !done && !self.acct.as_ref().is_some_and(Accounting::has_usage) {
             return false;
         }
         self.upstream = None;
@@ -462,6 +464,19 @@ impl Relay {
             Then::Finish(ErrorKind::Unspecified),
         ));
         true
+    }
+
+    /// Records the stream's end for its backend's cooldown, once.
+    fn ended(&mut self, health: Option<Outcome>) {
+        if let (Some(record), Some(health)) = (self.health.take(), health) {
+            record.record(health);
+        }
+    }
+
+    /// [`Relay::interrupt`] for a failure of the upstream's: its backend's failure.
+    fn upstream_failed(&mut self, why: &str) {
+        self.ended(Some(Outcome::Failure { retry_after: None }));
+        self.interrupt(why);
     }
 
     /// Ends the stream with an error event after what is already queued.
@@ -473,6 +488,7 @@ impl Relay {
     /// Ends the stream with an error event, as [`Relay::interrupt`] does, because this replica
     /// is stopping and its drain timeout is about to run out.
     fn end_for_the_stop(&mut self) {
+        self.ended(None);
         tracing::info!("a stream still running at the end of the drain ended with an error event");
         self.end_with_error(
             "The stream was cut short: this Sluice replica is shutting down. Send the request \
@@ -648,6 +664,14 @@ fn non_empty_string_after(json: &str, key: &Finder<'_>) -> bool {
     })
 }
 
+impl Drop for Relay {
+    /// A stream its client left (or that ended without a word on its health): the backend
+    /// was answering.
+    fn drop(&mut self) {
+        self.ended(Some(Outcome::Success));
+    }
+}
+
 impl Body for Relay {
     type Data = Bytes;
     type Error = Infallible;
@@ -668,6 +692,12 @@ impl Body for Relay {
                     acct.first_byte();
                 }
                 if let Then::Finish(kind) = then {
+                    // Its upstream's own error event ended it (Anthropic's mid-stream
+                    // `overloaded_error`): the backend's failure; any other end, an answer.
+                    this.ended(Some(match kind {
+                        ErrorKind::StreamInterrupted => Outcome::Failure { retry_after: None },
+                        _ => Outcome::Success,
+                    }));
                     // Nothing after the frame that ends the stream, which goes once the
                     // record is written.
                     this.ready.clear();
@@ -701,7 +731,7 @@ impl Body for Relay {
                     continue;
                 }
                 Poll::Ready(Some(Err(_))) => {
-                    this.interrupt("the upstream connection failed");
+                    this.upstream_failed("the upstream connection failed");
                     continue;
                 }
                 Poll::Ready(None) => {
@@ -717,7 +747,7 @@ impl Body for Relay {
                             "the upstream stream ended before its final event"
                         }
                     };
-                    this.interrupt(why);
+                    this.upstream_failed(why);
                     continue;
                 }
                 Poll::Pending => {}
@@ -733,9 +763,10 @@ impl Body for Relay {
                 continue;
             }
             if Instant::now() >= this.deadline {
+                this.ended(None);
                 this.interrupt("the request deadline passed");
             } else {
-                this.interrupt("the upstream stream went silent");
+                this.upstream_failed("the upstream stream went silent");
             }
         }
     }

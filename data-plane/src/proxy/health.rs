@@ -1,0 +1,91 @@
+//! What an attempt at a backend showed of its health, recorded for the backend's cooldown: at
+//! once for a whole answer or a failure ([`record_health`]), at its end for a stream
+//! ([`StreamHealth`]), which the attempt hands to the stream's relay.
+
+use std::sync::Arc;
+
+use sluice_domain::cooldown::CooldownPolicy;
+
+use super::AppState;
+use crate::cooldown::{self, Outcome};
+use crate::metrics::{CooldownReason, Label};
+use crate::snapshot::Backend;
+
+/// Records what an attempt showed of its backend's health for its cooldown, and reports a
+/// change of the backend's state.
+pub(super) fn record_health(
+    app: &AppState,
+    backend_id: &str,
+    backend_name: &Arc<str>,
+    basis: cooldown::Basis,
+    policy: &CooldownPolicy,
+    health: Outcome,
+) {
+    let answered = || app.store.clock().now();
+    let Some(event) = app
+        .store
+        .cooldowns()
+        .record_at(backend_id, basis, policy, health, answered)
+    else {
+        return;
+    };
+    match health {
+        Outcome::Success => {
+            tracing::info!(backend = %backend_name, "backend answered again: its streak ends");
+        }
+        Outcome::RateLimited { .. } | Outcome::Failure { .. } => {
+            tracing::warn!(
+                backend = %backend_name,
+                reason = %event.reason,
+                streak = event.consecutive_failures,
+                "backend cooling down"
+            );
+            let reason = match health {
+                Outcome::RateLimited { .. } => CooldownReason::rate_limited,
+                _ => CooldownReason::failures,
+            };
+            app.metrics.cooldown(&Label::from(backend_name), reason);
+        }
+    }
+    app.usage.event(event);
+}
+
+/// What a stream's end says of its backend's health, recorded then ([`record_health`]): a
+/// failure when the upstream broke it (cut, silent, an event that cannot be read, its own
+/// error event), a success when it ended or its client left; nothing when the request's
+/// deadline or this replica's stop ended it.
+pub(super) struct StreamHealth {
+    app: Arc<AppState>,
+    backend_id: String,
+    backend_name: Arc<str>,
+    basis: cooldown::Basis,
+    policy: CooldownPolicy,
+}
+
+impl StreamHealth {
+    pub(super) fn new(
+        app: &Arc<AppState>,
+        backend: &Backend,
+        basis: cooldown::Basis,
+        policy: CooldownPolicy,
+    ) -> Self {
+        Self {
+            app: Arc::clone(app),
+            backend_id: backend.id.clone(),
+            backend_name: Arc::clone(&backend.name),
+            basis,
+            policy,
+        }
+    }
+
+    pub(super) fn record(self, health: Outcome) {
+        record_health(
+            &self.app,
+            &self.backend_id,
+            &self.backend_name,
+            self.basis,
+            &self.policy,
+            health,
+        );
+    }
+}
