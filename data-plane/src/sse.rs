@@ -58,6 +58,10 @@ impl Event {
     }
 }
 
+/// The most a parser keeps of a buffer for the next line or event: one large event (an image
+/// in a Responses stream, megabytes of base64) is held while it is read, not afterwards.
+const KEPT_BUFFER_BYTES: usize = 64 * 1024;
+
 /// What the parser yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
@@ -131,8 +135,12 @@ impl SseParser {
                 self.line.extend_from_slice(&chunk[..end]);
                 let line = std::mem::take(&mut self.line);
                 self.process_line(&line, out)?;
-                self.line = line;
-                self.line.clear();
+                // Kept for the next line that spans chunks, unless one large line grew it:
+                // a stream would hold that much for the rest of its life.
+                if line.capacity() <= KEPT_BUFFER_BYTES {
+                    self.line = line;
+                    self.line.clear();
+                }
             }
             let terminator_cr = chunk[end] == b'\r';
             chunk = &chunk[end + 1..];
@@ -227,7 +235,8 @@ impl SseParser {
     /// Gives back the data of an event this parser dispatched, once read, for the next event
     /// to fill instead of a new allocation.
     pub fn recycle(&mut self, mut data: String) {
-        if self.data.capacity() == 0 {
+        // Not a large event's buffer: a stream would hold that much for the rest of its life.
+        if self.data.capacity() == 0 && data.capacity() <= KEPT_BUFFER_BYTES {
             data.clear();
             self.data = data;
         }
@@ -400,6 +409,27 @@ mod tests {
     fn invalid_utf8_is_replaced_not_refused() {
         let items = parse_all(&[b"data: a\xffb\n", b"data: \xe2\x82\n\n"]).unwrap();
         assert_eq!(items, [data("a\u{FFFD}b\n\u{FFFD}")]);
+    }
+
+    /// One large event (an image in a Responses stream, or a hostile upstream's line) is held
+    /// while it is read, not for the rest of the stream: a stream kept the buffers it grew to,
+    /// several times the event, until it ended.
+    #[test]
+    fn a_large_event_leaves_no_large_buffer_behind() {
+        let mut parser = SseParser::new(64 * 1024 * 1024);
+        let mut items = Vec::new();
+        let large = format!("data: {}\n\n", "x".repeat(4 * 1024 * 1024));
+        for piece in large.as_bytes().chunks(64 * 1024) {
+            parser.push(piece, &mut items).unwrap();
+        }
+        let Some(Item::Event(event)) = items.pop() else {
+            panic!("the large event");
+        };
+        assert_eq!(event.data.len(), 4 * 1024 * 1024);
+        parser.recycle(event.data);
+        parser.push(b"data: {}\n\n", &mut items).unwrap();
+        assert!(parser.line.capacity() <= KEPT_BUFFER_BYTES, "{}", parser.line.capacity());
+        assert!(parser.data.capacity() <= KEPT_BUFFER_BYTES, "{}", parser.data.capacity());
     }
 
     #[test]

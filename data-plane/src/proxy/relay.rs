@@ -587,8 +587,16 @@ fn wire_frame(wire: &mut BytesMut, event: &Event, chunk: &mut Option<Bytes>) -> 
         return chunk;
     }
     event.write_to(wire);
-    wire.split().freeze()
+    let frame = wire.split().freeze();
+    if frame.len() > KEPT_WIRE_BYTES {
+        // Its allocation goes with the frame once sent, not kept for the rest of the stream.
+        *wire = BytesMut::new();
+    }
+    frame
 }
+
+/// The largest frame whose allocation the relay keeps writing into (see [`wire_frame`]).
+const KEPT_WIRE_BYTES: usize = 64 * 1024;
 
 /// Whether an upstream event carries output, at least one completion token: Anthropic's
 /// `content_block_delta`, a Responses API `*.delta`, or an OpenAI chunk with non-empty text,
