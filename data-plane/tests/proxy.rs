@@ -304,6 +304,33 @@ fn framings(events: &[String]) -> Vec<(&'static str, Vec<Vec<u8>>)> {
     ]
 }
 
+/// The usage chunk Sluice asked for is hidden from a client that did not ask for it however
+/// the upstream writes its `choices`: empty, `null`, or left out (the last two reached the
+/// client, whose code read `chunk.choices[0]`); it is counted all the same.
+#[tokio::test]
+async fn a_usage_chunk_without_choices_is_hidden_from_clients_that_did_not_ask() {
+    let content = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
+        "model": "m", "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]})
+    .to_string();
+    let usage = r#""usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}"#;
+    for choices in [r#""choices":[],"#, r#""choices":null,"#, ""] {
+        let last = format!(r#"{{"id":"c1","object":"chat.completion.chunk",{choices}{usage}}}"#);
+        let events = [content.clone(), last, "[DONE]".to_owned()];
+        let upstream = SseUpstream::start(framings(&events).remove(0).1).await;
+        let backends = vec![backend(
+            "sse",
+            &upstream.base_url(),
+            proto::Pool::Primary,
+            0,
+        )];
+        let h = Harness::start(snapshot(1, backends)).await;
+        let relayed = sse_data(&h.chat(chat_body(true)).await.text().await.unwrap());
+        assert_eq!(relayed, [content.clone(), "[DONE]".to_owned()], "{choices}");
+        let record = h.records(1).await.remove(0);
+        assert_eq!((record.prompt_tokens, record.completion_tokens), (4, 1), "{choices}");
+    }
+}
+
 /// A stream whose body ends cleanly after its usage without `data: [DONE]` (Perplexity sends
 /// none), or whose `[DONE]` lacks its blank line, is complete: it ends as `[DONE]` ends it,
 /// for the client (no error event: the SDKs raise on one, after the whole answer) and in the

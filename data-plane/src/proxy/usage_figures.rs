@@ -33,7 +33,8 @@ static USAGE_KEY_SEARCH: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(USAGE_KEY));
 
 /// `usage` of an OpenAI response body or stream chunk, and whether the chunk is the
-/// usage-only one (`choices: []`) that streams end with when `include_usage` is set.
+/// usage-only one that streams end with when `include_usage` is set: `choices: []`, or (some
+/// servers) `null` or no `choices` at all, nothing a client that did not ask for usage reads.
 ///
 /// For any JSON object it answers as parsing the whole text into `{usage, choices}` with
 /// serde_json did (the test module keeps that parse as the oracle): `None` without a
@@ -224,7 +225,7 @@ fn scan_usage(json: &str) -> Option<(Tokens, bool)> {
     let usage_at = found.usage?;
     let usage_only = match found.choices {
         Some(at) => empty_choices(bytes.get(at..)?)?,
-        None => false,
+        None => true,
     };
     let tokens = match found.plain_usage {
         Some(tokens) => tokens?,
@@ -765,13 +766,14 @@ fn skip_whitespace_back(json: &[u8]) -> Option<usize> {
         .rposition(|byte| !matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
 }
 
-/// Whether the `choices` value at the start of `value` is an empty array: `Some(false)` for
-/// `null` or an array with elements, `None` for anything else (the full parse refused it).
+/// Whether the `choices` value at the start of `value` holds no choice: `Some(true)` for an
+/// empty array or `null`, `Some(false)` for an array with elements, `None` for anything else
+/// (the full parse refused it).
 fn empty_choices(value: &[u8]) -> Option<bool> {
     let at = skip_whitespace(value, 0);
     match value.get(at)? {
         b'[' => Some(value.get(skip_whitespace(value, at + 1)) == Some(&b']')),
-        b'n' => value.get(at..)?.starts_with(b"null").then_some(false),
+        b'n' => value.get(at..)?.starts_with(b"null").then_some(true),
         _ => None,
     }
 }
@@ -833,7 +835,7 @@ mod tests {
             return None;
         }
         let parsed: WithUsage = serde_json::from_str(json).ok()?;
-        let usage_only = parsed.choices.is_some_and(|c| c.is_empty());
+        let usage_only = parsed.choices.is_none_or(|c| c.is_empty());
         Some((parsed.usage?.tokens(), usage_only))
     }
 
@@ -1435,7 +1437,7 @@ mod tests {
         }
         // A key that only ends in `usage` hides nothing.
         let other_key = r#"{"usage":{"prompt_tokens":1},"a\"usage":null}"#;
-        assert_eq!(usage_of(other_key), Some((tokens(1, 0), false)));
+        assert_eq!(usage_of(other_key), Some((tokens(1, 0), true)));
         assert_eq!(usage_of(other_key), by_full_parse(other_key));
         // A null `usage` last does not hide figures from a reading that finds them: there are
         // none to find.
