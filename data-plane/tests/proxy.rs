@@ -331,6 +331,35 @@ async fn a_usage_chunk_without_choices_is_hidden_from_clients_that_did_not_ask()
     }
 }
 
+/// A chat stream whose upstream sends its own error event and then `[DONE]` (vLLM, when the
+/// generation fails after the head) was recorded as served: its client's SDK raised the error
+/// all the same. It is now recorded as interrupted, charged what it streamed (estimated),
+/// and relayed as it came.
+#[tokio::test]
+async fn a_stream_carrying_its_upstreams_error_event_is_recorded_as_interrupted() {
+    let content = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
+        "model": "m", "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": null}]})
+    .to_string();
+    let error = r#"{"error": {"object": "error", "message": "boom", "type": "InternalServerError", "code": 500}}"#;
+    let events = [content.clone(), error.to_owned(), "[DONE]".to_owned()];
+    for (framing, chunks) in framings(&events) {
+        let upstream = SseUpstream::start(chunks).await;
+        let backends = vec![backend(
+            "sse",
+            &upstream.base_url(),
+            proto::Pool::Primary,
+            0,
+        )];
+        let h = Harness::start(snapshot(1, backends)).await;
+        let relayed = sse_data(&h.chat(chat_body(true)).await.text().await.unwrap());
+        assert_eq!(relayed, events, "{framing}");
+        let record = h.records(1).await.remove(0);
+        assert_eq!(record.error_kind, ErrorKind::StreamInterrupted as i32, "{framing}");
+        assert!(record.tokens_estimated, "{framing}");
+        assert_eq!(record.completion_tokens, 1, "{framing}");
+    }
+}
+
 /// A stream whose body ends cleanly after its usage without `data: [DONE]` (Perplexity sends
 /// none), or whose `[DONE]` lacks its blank line, is complete: it ends as `[DONE]` ends it,
 /// for the client (no error event: the SDKs raise on one, after the whole answer) and in the

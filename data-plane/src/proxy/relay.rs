@@ -211,6 +211,9 @@ pub(super) struct Relay {
     streams_end: StreamsEnd,
     /// Where the stream's end is recorded for its backend's cooldown (once; `None` after).
     health: Option<StreamHealth>,
+    /// A chat stream's upstream sent its own error event (`data: {"error": …}`, as vLLM does
+    /// when generation fails after the head): the stream ends as interrupted, at its `[DONE]`.
+    upstream_error: bool,
 }
 
 impl Relay {
@@ -251,6 +254,7 @@ impl Relay {
             _in_flight: in_flight,
             streams_end,
             health,
+            upstream_error: false,
         };
         relay.take(first);
         relay
@@ -265,6 +269,7 @@ impl Relay {
             && let Some(data) = self.parser.whole_data(&chunk)
             && data != DONE
         {
+            self.upstream_error |= is_error_event(data);
             if let Some(acct) = &mut self.acct
                 && is_output_delta_data(data)
             {
@@ -305,11 +310,12 @@ impl Relay {
                 }
                 Item::Event(event) => {
                     if event.data == DONE {
-                        self.ready
-                            .push_back((event.to_bytes(), Then::Finish(ErrorKind::Unspecified)));
+                        let kind = self.chat_end();
+                        self.ready.push_back((event.to_bytes(), Then::Finish(kind)));
                         self.drain_upstream();
                         break;
                     }
+                    self.upstream_error |= is_error_event(&event.data);
                     self.events += 1;
                     let forward_usage = match &self.mode {
                         Mode::Chat { forward_usage } => *forward_usage,
@@ -459,11 +465,20 @@ impl Relay {
             return false;
         }
         self.upstream = None;
-        self.ready.push_back((
-            Bytes::from_static(b"data: [DONE]\n\n"),
-            Then::Finish(ErrorKind::Unspecified),
-        ));
+        let kind = self.chat_end();
+        self.ready
+            .push_back((Bytes::from_static(b"data: [DONE]\n\n"), Then::Finish(kind)));
         true
+    }
+
+    /// How a chat stream that reached its end ends: as interrupted when its upstream sent its
+    /// own error event on the way (the client's SDK raised it), else normally.
+    fn chat_end(&self) -> ErrorKind {
+        if self.upstream_error {
+            ErrorKind::StreamInterrupted
+        } else {
+            ErrorKind::Unspecified
+        }
     }
 
     /// Records the stream's end for its backend's cooldown, once.
@@ -549,6 +564,13 @@ impl Relay {
 
 /// The data of the event that ends a chat stream.
 const DONE: &str = "[DONE]";
+
+/// Whether a chat stream's event is its upstream's error event, an object whose first member
+/// is `error` (vLLM's, and OpenAI's shape of an error body), as the SDKs read one.
+fn is_error_event(data: &str) -> bool {
+    data.strip_prefix('{')
+        .is_some_and(|rest| rest.trim_start().starts_with("\"error\""))
+}
 
 /// Counts the usage a chat event reports, if any; whether its frame goes to the client (not
 /// when it is the usage chunk Sluice asked for and the client did not).
