@@ -428,8 +428,16 @@ mod tests {
         assert_eq!(event.data.len(), 4 * 1024 * 1024);
         parser.recycle(event.data);
         parser.push(b"data: {}\n\n", &mut items).unwrap();
-        assert!(parser.line.capacity() <= KEPT_BUFFER_BYTES, "{}", parser.line.capacity());
-        assert!(parser.data.capacity() <= KEPT_BUFFER_BYTES, "{}", parser.data.capacity());
+        assert!(
+            parser.line.capacity() <= KEPT_BUFFER_BYTES,
+            "{}",
+            parser.line.capacity()
+        );
+        assert!(
+            parser.data.capacity() <= KEPT_BUFFER_BYTES,
+            "{}",
+            parser.data.capacity()
+        );
     }
 
     #[test]

@@ -327,7 +327,11 @@ async fn a_usage_chunk_without_choices_is_hidden_from_clients_that_did_not_ask()
         let relayed = sse_data(&h.chat(chat_body(true)).await.text().await.unwrap());
         assert_eq!(relayed, [content.clone(), "[DONE]".to_owned()], "{choices}");
         let record = h.records(1).await.remove(0);
-        assert_eq!((record.prompt_tokens, record.completion_tokens), (4, 1), "{choices}");
+        assert_eq!(
+            (record.prompt_tokens, record.completion_tokens),
+            (4, 1),
+            "{choices}"
+        );
     }
 }
 
@@ -354,7 +358,11 @@ async fn a_stream_carrying_its_upstreams_error_event_is_recorded_as_interrupted(
         let relayed = sse_data(&h.chat(chat_body(true)).await.text().await.unwrap());
         assert_eq!(relayed, events, "{framing}");
         let record = h.records(1).await.remove(0);
-        assert_eq!(record.error_kind, ErrorKind::StreamInterrupted as i32, "{framing}");
+        assert_eq!(
+            record.error_kind,
+            ErrorKind::StreamInterrupted as i32,
+            "{framing}"
+        );
         assert!(record.tokens_estimated, "{framing}");
         assert_eq!(record.completion_tokens, 1, "{framing}");
     }

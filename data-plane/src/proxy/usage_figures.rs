@@ -1654,7 +1654,8 @@ mod tests {
         let chunk = r#"{"id":"x","choices":[ ],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#;
         assert_eq!(usage_of(chunk), Some((tokens(3, 5), true)));
         let embeddings = r#"{"data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}"#;
-        assert_eq!(usage_of(embeddings), Some((tokens(4, 0), false)));
+        // No choice: as a stream's chunk, the usage chunk.
+        assert_eq!(usage_of(embeddings), Some((tokens(4, 0), true)));
         assert_eq!(usage_of(r#"{"choices":[{}],"usage":null}"#), None);
         assert_eq!(usage_of(r#"{"choices":[{}]}"#), None);
         assert_eq!(usage_of("not json \"usage\""), None);
