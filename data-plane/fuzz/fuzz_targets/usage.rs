@@ -174,7 +174,7 @@ fn by_full_parse(json: &str) -> Option<(Tokens, bool)> {
     }
     let parsed: WithUsage = serde_json::from_str(json).ok()?;
     let tokens = parsed.usage?.tokens();
-    Some((tokens, parsed.choices.is_some_and(|c| c.is_empty())))
+    Some((tokens, parsed.choices.is_none_or(|c| c.is_empty())))
 }
 
 fuzz_target!(|data: &[u8]| {
