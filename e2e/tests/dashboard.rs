@@ -53,6 +53,44 @@ async fn data_plane(api: &ControlApi) -> (Child, Gateway) {
     (child, gateway)
 }
 
+/// One served request of `backend_id`, reported as a replica reports it.
+async fn report_usage(api: &ControlApi, backend_id: &str) {
+    use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
+    let mut client = DataPlaneServiceClient::with_interceptor(
+        api.channel().await,
+        common::Bearer(DATAPLANE_TOKEN.into()),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let record = pb::UsageRecord {
+        sequence: 1,
+        request_id: "req-deleted-backend".into(),
+        backend_id: backend_id.into(),
+        model: "gpt-4o-mini".into(),
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        status_code: 200,
+        cost_nanos: 1_000,
+        time: Some(sluice_proto::wkt::Timestamp {
+            seconds: now.as_secs() as i64,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let mut acks = client
+        .report_usage(tokio_stream::iter(vec![pb::ReportUsageRequest {
+            node_id: "replica-usage".into(),
+            incarnation: "inc-1".into(),
+            records: vec![record],
+            ..Default::default()
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 1);
+}
+
 async fn backend_names(api: &ControlApi) -> Vec<pb::Backend> {
     api.admin()
         .await
@@ -456,6 +494,8 @@ async fn the_dashboard_in_a_browser() {
     browser
         .click(&format!("{row} button[data-action=delete]"))
         .await;
+    // It served a request before it goes: the Overview keeps its usage, as `gamma (deleted)`.
+    report_usage(&api, &gamma.id).await;
     // Another admin deletes it meanwhile: the confirmed delete is refused, and the banner
     // says so until the next action (the page reloaded after an action cleared it at once).
     api.admin()
@@ -769,6 +809,13 @@ async fn the_dashboard_in_a_browser() {
     // A small laptop screen: the page does not scroll sideways (wide tables scroll in place).
     browser.resize(1024, 700).await;
     browser.click("#nav a[data-page=overview]").await;
+    // The deleted backend's usage has a row of its own: the rows add up to the totals.
+    browser
+        .wait_for(
+            "document.querySelector('#overview-backends').textContent.includes('gamma (deleted)')",
+            "the deleted backend's row",
+        )
+        .await;
     browser
         .wait_for(
             "document.querySelectorAll('#chart-requests path.series').length === 2",

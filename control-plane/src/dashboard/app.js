@@ -357,10 +357,12 @@
     };
     if (state.split) usageRequest.groupBy = GROUP_BY[state.split];
     // One grouped query each for the backends' and the pools' tables, whatever their number.
+    // The charts' buckets come page by page (a split over many backends passes what one
+    // answer holds); if they cannot be read, the totals and tables are shown all the same.
     const [totals, pools, usage, backends, cooldowns] = await Promise.all([
       call('StatsService/GetTotals', { startTime, groupBy: 'GROUP_BY_BACKEND' }),
       call('StatsService/GetTotals', { startTime, groupBy: 'GROUP_BY_POOL' }),
-      call('StatsService/GetUsage', usageRequest),
+      allBuckets(usageRequest).then((buckets) => ({ buckets }), (error) => ({ error })),
       call('AdminService/ListBackends'),
       call('AdminService/ListCooldowns'),
     ]);
@@ -369,9 +371,25 @@
     if (state.page !== 'overview') return;
     if (totals.currency) setCurrency({ currency: totals.currency });
     renderTotals(totals);
-    renderCharts(usage.buckets || [], start, bucket);
     renderOverviewBackends(totals.groups || []);
     renderOverviewPools(pools.groups || []);
+    if (usage.error) throw usage.error;
+    renderCharts(usage.buckets, start, bucket);
+  }
+
+  /** The most buckets one `GetUsage` page holds. */
+  const USAGE_PAGE = 5000;
+
+  /** Every bucket of a `GetUsage` query, page by page. */
+  async function allBuckets(request) {
+    const buckets = [];
+    let pageToken = '';
+    do {
+      const page = await call('StatsService/GetUsage', { ...request, pageSize: USAGE_PAGE, pageToken });
+      for (const b of page.buckets || []) buckets.push(b);
+      pageToken = page.nextPageToken || '';
+    } while (pageToken);
+    return buckets;
   }
 
   function renderTotals(t) {
@@ -575,6 +593,20 @@
         h('td', { class: 'num' }, num(t.requestCount) ? fmtMs(t.p95LatencyMs) : '–'),
         h('td', { class: 'num' }, fmtMoney(t.cost)));
     });
+    // Usage of backends deleted since (named `NAME (deleted)`) and of requests that reached
+    // none: the rows add up to the totals above.
+    const current = new Set(state.backends.map((b) => b.id));
+    for (const g of groups) {
+      if (current.has(g.groupKey || '')) continue;
+      rows.push(h('tr', { 'data-backend-id': g.groupKey || 'none' },
+        h('td', { class: 'name' }, g.groupLabel || g.groupKey || 'no backend'),
+        h('td', null, '–'),
+        h('td', null, g.groupKey ? h('span', { class: 'pill off' }, 'deleted') : '–'),
+        h('td', { class: 'num' }, fmtInt(g.requestCount)),
+        h('td', { class: 'num' }, num(g.requestCount) ? fmtPct(g.errorRate) : '–'),
+        h('td', { class: 'num' }, num(g.requestCount) ? fmtMs(g.p95LatencyMs) : '–'),
+        h('td', { class: 'num' }, fmtMoney(g.cost))));
+    }
     table($('#overview-backends'), [
       { label: 'Backend' }, { label: 'Pool' }, { label: 'State' },
       { label: 'Requests', num: true }, { label: 'Error rate', num: true },
