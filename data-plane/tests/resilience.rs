@@ -624,6 +624,9 @@ async fn upstream_garbage_never_hangs_or_crashes_the_proxy() {
         &body[..body.len().min(300)]
     );
     assert!(body.len() < 4096);
+    // Cut at a chat stream's event bound (4 MiB), not read to its 8 MiB: a stream holds no
+    // more than that while it reads one event.
+    assert!(body.contains("longer than 4194304 bytes"), "{body}");
 
     primary.set_fault(Fault::Garbage(GarbageKind::InvalidSse).times(1));
     let body = h.chat(chat_body(true)).await.text().await.unwrap();

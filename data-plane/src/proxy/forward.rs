@@ -1276,6 +1276,7 @@ async fn deliver(
             acct.decorate(headers);
             acct.status_sent(status);
             acct.head_ready();
+            let max_event = max_event_bytes(&mode, app.limits.max_response_bytes);
             *response.body_mut() = Body::new(Relay::new(
                 upstream,
                 first,
@@ -1283,7 +1284,7 @@ async fn deliver(
                 mode,
                 policy.idle_stream_timeout,
                 deadline,
-                app.limits.max_response_bytes,
+                max_event,
                 app.tasks.token(),
                 app.stopping.streams_end(),
                 health,
@@ -1292,6 +1293,23 @@ async fn deliver(
         }
     }
 }
+
+/// The largest event a stream may carry: `--max-response-bytes` for the Responses API, whose
+/// events carry whole output items (an image generated in one comes whole, megabytes of
+/// base64); [`MAX_DELTA_EVENT_BYTES`] at most for chat and Messages streams, whose events are
+/// deltas, so that a stream holds no more than that while it reads one (a server that sends
+/// its whole answer in one event stays far below it).
+fn max_event_bytes(mode: &Mode, max_response: usize) -> usize {
+    match mode {
+        Mode::Responses { .. } => max_response,
+        Mode::Chat { .. } | Mode::Translated(_) | Mode::Messages { .. } => {
+            max_response.min(MAX_DELTA_EVENT_BYTES)
+        }
+    }
+}
+
+/// See [`max_event_bytes`].
+const MAX_DELTA_EVENT_BYTES: usize = 4 * 1024 * 1024;
 
 /// Whole answers this small take no permits of [`AppState::answer_memory`] on HTTP/1: a
 /// semaphore and an allocation at every request cost more than 1 % of its instructions, and
