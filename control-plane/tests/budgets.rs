@@ -107,6 +107,20 @@ impl Asking {
         }
     }
 
+    /// The stream's first snapshot, after the message saying the control plane grants
+    /// allowances (sent first, alone).
+    async fn first_snapshot(&mut self) -> pb::Snapshot {
+        let on = self.stream.message().await.unwrap().unwrap();
+        assert!(on.snapshot.is_none() && on.allowances.is_some(), "{on:?}");
+        self.stream
+            .message()
+            .await
+            .unwrap()
+            .unwrap()
+            .snapshot
+            .unwrap()
+    }
+
     /// Asks for `want_nanos`; the grant that answers it.
     async fn ask(&mut self, want_nanos: u64) -> pb::Allowance {
         self.tx
@@ -317,16 +331,7 @@ async fn allowances_are_granted_on_the_snapshot_stream_from_what_remains() {
     assert!(first.snapshot.is_some() && first.allowances.is_none());
 
     let mut r1 = Asking::open(&mut dp, &key.id).await;
-    let on = r1.stream.message().await.unwrap().unwrap();
-    assert!(on.snapshot.is_none() && on.allowances.is_some(), "{on:?}");
-    let snapshot = r1
-        .stream
-        .message()
-        .await
-        .unwrap()
-        .unwrap()
-        .snapshot
-        .unwrap();
+    let snapshot = r1.first_snapshot().await;
     let listed = snapshot
         .client_keys
         .iter()
@@ -366,16 +371,7 @@ async fn a_grant_does_not_wait_for_the_ack_before_it_to_be_stored() {
     let key = capped_key(&cp).await;
     let mut dp = data_plane(&cp).await;
     let mut r1 = Asking::open(&mut dp, &key.id).await;
-    let on = r1.stream.message().await.unwrap().unwrap();
-    assert!(on.allowances.is_some(), "{on:?}");
-    let snapshot = r1
-        .stream
-        .message()
-        .await
-        .unwrap()
-        .unwrap()
-        .snapshot
-        .unwrap();
+    let snapshot = r1.first_snapshot().await;
 
     let holder = rusqlite::Connection::open(dir.path().join("sluice.db")).unwrap();
     holder.execute_batch("BEGIN IMMEDIATE").unwrap();

@@ -272,6 +272,18 @@ async fn streamed_chat_hides_the_usage_chunk_unless_asked_and_counts_it() {
     assert!(usage_chunk["usage"]["completion_tokens"].as_u64().unwrap() > 0);
 }
 
+/// A data plane whose one backend, `sse`, streams `chunks` to every request.
+async fn sse_harness(chunks: Vec<Vec<u8>>) -> Harness {
+    let upstream = SseUpstream::start(chunks).await;
+    let backends = vec![backend(
+        "sse",
+        &upstream.base_url(),
+        proto::Pool::Primary,
+        0,
+    )];
+    Harness::start(snapshot(1, backends)).await
+}
+
 /// `events` (their data) as an upstream may frame them: an event a chunk as Sluice writes
 /// them, and ways that are as valid but not that.
 fn framings(events: &[String]) -> Vec<(&'static str, Vec<Vec<u8>>)> {
@@ -316,14 +328,7 @@ async fn a_usage_chunk_without_choices_is_hidden_from_clients_that_did_not_ask()
     for choices in [r#""choices":[],"#, r#""choices":null,"#, ""] {
         let last = format!(r#"{{"id":"c1","object":"chat.completion.chunk",{choices}{usage}}}"#);
         let events = [content.clone(), last, "[DONE]".to_owned()];
-        let upstream = SseUpstream::start(framings(&events).remove(0).1).await;
-        let backends = vec![backend(
-            "sse",
-            &upstream.base_url(),
-            proto::Pool::Primary,
-            0,
-        )];
-        let h = Harness::start(snapshot(1, backends)).await;
+        let h = sse_harness(framings(&events).remove(0).1).await;
         let relayed = sse_data(&h.chat(chat_body(true)).await.text().await.unwrap());
         assert_eq!(relayed, [content.clone(), "[DONE]".to_owned()], "{choices}");
         let record = h.records(1).await.remove(0);
@@ -347,14 +352,7 @@ async fn a_stream_carrying_its_upstreams_error_event_is_recorded_as_interrupted(
     let error = r#"{"error": {"object": "error", "message": "boom", "type": "InternalServerError", "code": 500}}"#;
     let events = [content.clone(), error.to_owned(), "[DONE]".to_owned()];
     for (framing, chunks) in framings(&events) {
-        let upstream = SseUpstream::start(chunks).await;
-        let backends = vec![backend(
-            "sse",
-            &upstream.base_url(),
-            proto::Pool::Primary,
-            0,
-        )];
-        let h = Harness::start(snapshot(1, backends)).await;
+        let h = sse_harness(chunks).await;
         let relayed = sse_data(&h.chat(chat_body(true)).await.text().await.unwrap());
         assert_eq!(relayed, events, "{framing}");
         let record = h.records(1).await.remove(0);
@@ -389,14 +387,7 @@ async fn a_stream_that_ends_cleanly_after_its_usage_without_done_is_complete() {
     done_unended.push(b"data: [DONE]\n".to_vec());
     cases.push(("[DONE] without its blank line", done_unended));
     for (framing, chunks) in cases {
-        let upstream = SseUpstream::start(chunks).await;
-        let backends = vec![backend(
-            "sse",
-            &upstream.base_url(),
-            proto::Pool::Primary,
-            0,
-        )];
-        let h = Harness::start(snapshot(1, backends)).await;
+        let h = sse_harness(chunks).await;
         let body = h.chat(chat_body(true)).await.text().await.unwrap();
         assert!(!body.contains("stream_interrupted"), "{framing}: {body}");
         assert!(body.ends_with("data: [DONE]\n\n"), "{framing}: {body}");
@@ -442,18 +433,8 @@ async fn a_stream_framed_any_way_is_relayed_alike_and_its_usage_chunk_hidden_unl
         "[DONE]".to_owned(),
     ];
     let without_usage: Vec<&String> = events.iter().filter(|e| **e != usage).collect();
-    let start = |chunks| async move {
-        let upstream = SseUpstream::start(chunks).await;
-        let backends = vec![backend(
-            "sse",
-            &upstream.base_url(),
-            proto::Pool::Primary,
-            0,
-        )];
-        Harness::start(snapshot(1, backends)).await
-    };
     for (framing, chunks) in framings(&events) {
-        let h = start(chunks).await;
+        let h = sse_harness(chunks).await;
         let relayed = sse_data(&h.chat(chat_body(true)).await.text().await.unwrap());
         assert_eq!(
             relayed.iter().collect::<Vec<_>>(),
@@ -473,7 +454,7 @@ async fn a_stream_framed_any_way_is_relayed_alike_and_its_usage_chunk_hidden_unl
     // Cut off before its usage: charged a completion token for each of the two deltas with
     // text, however the events came.
     for (framing, chunks) in framings(&events[..4]) {
-        let h = start(chunks).await;
+        let h = sse_harness(chunks).await;
         let body = h.chat(chat_body(true)).await.text().await.unwrap();
         assert!(body.contains("stream_interrupted"), "{framing}: {body}");
         let record = h.records(1).await.remove(0);
@@ -495,7 +476,7 @@ async fn a_stream_framed_any_way_is_relayed_alike_and_its_usage_chunk_hidden_unl
             Value::Null,
         ),
     ];
-    let h = start(framings(&thinking).remove(0).1).await;
+    let h = sse_harness(framings(&thinking).remove(0).1).await;
     let body = h.chat(chat_body(true)).await.text().await.unwrap();
     assert!(body.contains("stream_interrupted"), "{body}");
     let record = h.records(1).await.remove(0);
