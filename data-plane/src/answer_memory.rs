@@ -28,6 +28,11 @@ pub const OWN_ANSWERS: &str = "";
 /// state in hyper and h2 and its head (an estimate).
 pub const H2_STREAM_BYTES: usize = 2048;
 
+/// What a stream holds for the event it reads without counting it here: past it, all it holds
+/// for the event is counted (see `proxy::relay`), as a whole answer this small on HTTP/1 holds
+/// uncounted.
+pub const UNCOUNTED_STREAM_BYTES: usize = 64 * 1024;
+
 /// Why an answer's bytes could not be taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Full {

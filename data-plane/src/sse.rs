@@ -242,6 +242,17 @@ impl SseParser {
         }
     }
 
+    /// The bytes this parser's buffers hold (their capacity): a line spanning chunks and the
+    /// data of an event under way.
+    pub fn held_bytes(&self) -> usize {
+        self.line.capacity() + self.data.capacity()
+    }
+
+    /// The bytes of the unfinished line and event in those buffers.
+    pub fn buffered_bytes(&self) -> usize {
+        self.line.len() + self.data.len()
+    }
+
     /// Whether bytes of an unfinished event are buffered (the stream ended mid-event if this
     /// is true at its end).
     pub fn has_partial(&self) -> bool {

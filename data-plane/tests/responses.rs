@@ -802,6 +802,67 @@ async fn a_stream_carrying_a_generated_image_is_relayed_whole() {
     assert_eq!(record.error_kind, ErrorKind::Unspecified as i32);
 }
 
+/// The text of a streamed create asking for an image.
+async fn draw(h: &Harness) -> String {
+    let body = json!({"model": MODEL, "input": "draw", "stream": true});
+    create(h, body).await.text().await.unwrap()
+}
+
+/// A Responses stream whose image event the answers' memory cannot hold ends with an error
+/// event, and gives back what it held: without the count, dozens of streams each reading
+/// such an event held several times it (up to `--max-response-bytes`, 64 MiB) outside every
+/// memory bound, and a hostile upstream could exhaust the replica's memory.
+#[tokio::test]
+async fn a_streamed_event_the_answers_memory_cannot_hold_ends_its_stream() {
+    let image_stream = |image: &str| {
+        let item = format!(
+            r#"{{"id":"ig_1","type":"image_generation_call","status":"completed","result":"{image}"}}"#
+        );
+        format!(
+            "event: response.created\ndata: {{\"type\":\"response.created\",\"sequence_number\":0,\"response\":{{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"m\",\"output\":[],\"usage\":null}}}}\n\n\
+             event: response.output_item.done\ndata: {{\"type\":\"response.output_item.done\",\"sequence_number\":1,\"output_index\":0,\"item\":{item}}}\n\n\
+             event: response.completed\ndata: {{\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"completed\",\"model\":\"m\",\"output\":[],\"usage\":{{\"input_tokens\":10,\"output_tokens\":1056,\"total_tokens\":1066}}}}}}\n\n"
+        )
+    };
+    // 1.5 MiB: read over several chunks, it holds its line, the event's data and the rewritten
+    // frame, more than the 2 MiB the replica has for answers.
+    let large = "A".repeat(3 << 19);
+    let h = Harness::start_with(
+        one_primary_snapshot(&sse_upstream(image_stream(&large)).await),
+        |c| {
+            c.max_response_bytes = 2 << 20;
+            c.max_buffered_answer_bytes = 2 << 20;
+            c.max_buffered_answer_bytes_per_key = Some(2 << 20);
+        },
+    )
+    .await;
+    let text = draw(&h).await;
+    assert!(
+        text.contains("event: error"),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+    let error = &text[text.find("event: error").unwrap()..];
+    assert!(error.contains("fill the memory it may hold"), "{error}");
+    assert!(!text.contains(large.as_str()));
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::StreamInterrupted as i32);
+
+    // What the cut stream held is given back: an image of 600 KiB (counted about three
+    // times while it is read) goes through whole.
+    let smaller = "B".repeat(600 << 10);
+    let mut next = one_primary_snapshot(&sse_upstream(image_stream(&smaller)).await);
+    next.version = 2;
+    h.publish(next).await;
+    let text = draw(&h).await;
+    assert!(
+        !text.contains("event: error"),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+    assert_eq!(text.matches(smaller.as_str()).count(), 1);
+}
+
 /// A path whose id (or model) decodes to bytes that are not UTF-8 got axum's plain-text
 /// 400, outside the API: no OpenAI error body, no request id, no record. It is an id no
 /// response has, and a model no route serves, answered as those are.

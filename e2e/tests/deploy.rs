@@ -595,7 +595,8 @@ fn quantity_bytes(quantity: &str) -> u64 {
 }
 
 /// The data plane holds request bodies in memory up to `--max-buffered-body-bytes` (each up
-/// to twice), whole answers up to `--max-buffered-answer-bytes`, and a restart replays its
+/// to twice), whole answers and streams' large events up to `--max-buffered-answer-bytes`, a
+/// connection its request head and a stream's small event, and a restart replays its
 /// spool into memory (up to 75 MB at the default). Its pod's memory limit must hold that,
 /// or the kernel kills the pod, every request on it with it, before the 503 `server_busy`
 /// that bound promises; the limit was once that bound itself.
@@ -618,12 +619,15 @@ fn the_data_planes_memory_limit_holds_what_it_may_buffer() {
     };
     let bodies = env("SLUICE_MAX_BUFFERED_BODY_BYTES");
     let answers = env("SLUICE_MAX_BUFFERED_ANSWER_BYTES");
-    // Each connection may hold a request head of up to the listener's bound until it ends.
-    let heads = env("SLUICE_MAX_CONNECTIONS") * sluice_listener::MAX_HEAD_BYTES as u64;
+    // Each connection may hold a request head of up to the listener's bound until it ends,
+    // and a stream what it holds of an event uncounted.
+    let heads = env("SLUICE_MAX_CONNECTIONS")
+        * (sluice_listener::MAX_HEAD_BYTES + sluice_proxy::answer_memory::UNCOUNTED_STREAM_BYTES)
+            as u64;
     assert!(
         limit >= 2 * bodies + answers + heads + (128 << 20),
         "a memory limit of {limit} bytes cannot hold twice {bodies} bytes of bodies, \
-         {answers} of answers, {heads} of request heads and 128 MiB"
+         {answers} of answers, {heads} of request heads and streams' events, and 128 MiB"
     );
 }
 

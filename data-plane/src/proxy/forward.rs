@@ -1288,6 +1288,7 @@ async fn deliver(
                 app.tasks.token(),
                 app.stopping.streams_end(),
                 health,
+                Arc::clone(&app.answer_memory),
             ));
             response
         }

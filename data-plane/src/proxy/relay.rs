@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use super::accounting::{Accounting, Tokens};
 use super::health::StreamHealth;
 use super::usage_figures::{usage_of, usage_of_answer, usage_value_of_answer};
+use crate::answer_memory::{AnswerMemory, AnswerPermit, Full, UNCOUNTED_STREAM_BYTES};
 use crate::anthropic::Usage;
 use crate::anthropic::stream::{ChunksFromEvents, EventUsage, EventsFromChunks, Flow};
 use crate::cooldown::Outcome;
@@ -214,6 +215,19 @@ pub(super) struct Relay {
     /// A chat stream's upstream sent its own error event (`data: {"error": …}`, as vLLM does
     /// when generation fails after the head): the stream ends as interrupted, at its `[DONE]`.
     upstream_error: bool,
+    /// What the stream holds of the answers' memory while it reads and queues a large event
+    /// (see [`Relay::count_memory`]).
+    memory: HeldMemory,
+}
+
+/// The answers' memory (`--max-buffered-answer-bytes` and the key's share of it) a stream
+/// holds while a large event is in it: an image in a Responses stream is megabytes, and a
+/// hostile upstream may send events up to the bound in every stream at once.
+struct HeldMemory {
+    answers: Arc<AnswerMemory>,
+    permit: Option<AnswerPermit>,
+    /// The bytes `permit` holds.
+    counted: usize,
 }
 
 impl Relay {
@@ -232,6 +246,7 @@ impl Relay {
         in_flight: TaskTrackerToken,
         streams_end: StreamsEnd,
         health: Option<StreamHealth>,
+        answers: Arc<AnswerMemory>,
     ) -> Self {
         let now = Instant::now();
         let mut relay = Self {
@@ -255,13 +270,90 @@ impl Relay {
             streams_end,
             health,
             upstream_error: false,
+            memory: HeldMemory {
+                answers,
+                permit: None,
+                counted: 0,
+            },
         };
         relay.take(first);
         relay
     }
 
-    /// Parses a chunk from the upstream into frames for the client.
+    /// Parses a chunk from the upstream into frames for the client, within the answers'
+    /// memory.
     fn take(&mut self, chunk: Bytes) {
+        let len = chunk.len();
+        self.parse_chunk(chunk);
+        self.count_memory(len);
+    }
+
+    /// What a large event holds, counted against the answers' memory as it grows: the
+    /// parser's buffers, two more copies of the bytes in them (when the event is read its data
+    /// is copied, and a Responses event is rewritten), and the frames queued for the client. Past what a stream
+    /// keeps for itself ([`UNCOUNTED_STREAM_BYTES`], uncounted as a small whole answer is), all of
+    /// it. When the memory or the key's share cannot take it, the stream ends with an error
+    /// event, as a whole answer that cannot be held gets its 503: a replica reading dozens of
+    /// large events at once holds no more than `--max-buffered-answer-bytes` for them.
+    fn count_memory(&mut self, chunk: usize) {
+        let held = &mut self.memory;
+        if held.counted == 0
+            && chunk <= UNCOUNTED_STREAM_BYTES
+            && self.parser.held_bytes() <= UNCOUNTED_STREAM_BYTES
+        {
+            return;
+        }
+        let queued: usize = self.ready.iter().map(|(frame, _)| frame.len()).sum();
+        let holds = self.parser.held_bytes()
+            + 2 * self.parser.buffered_bytes()
+            + self.wire.capacity()
+            + queued;
+        if holds <= UNCOUNTED_STREAM_BYTES {
+            held.permit = None;
+            held.counted = 0;
+            return;
+        }
+        let Some(acct) = &self.acct else {
+            return;
+        };
+        if holds <= held.counted {
+            return;
+        }
+        match held.answers.take(acct.key_id(), holds - held.counted) {
+            Ok(permit) => {
+                held.counted = holds;
+                match &mut held.permit {
+                    Some(mine) => mine.merge(permit),
+                    None => held.permit = Some(permit),
+                }
+            }
+            Err(full) => {
+                held.permit = None;
+                held.counted = 0;
+                // Nothing of the event is kept: the stream ends here.
+                self.ready.clear();
+                self.parser = SseParser::new(0);
+                self.wire = BytesMut::new();
+                self.ended(None);
+                tracing::warn!(
+                    bytes = holds,
+                    "a stream's event could not be held: the answers' memory is full"
+                );
+                let whose = match full {
+                    Full::Replica => "this Sluice data plane's answers",
+                    Full::Key => "this API key's answers",
+                };
+                self.end_with_error(&format!(
+                    "The stream was cut short: {whose} fill the memory it may hold, and the \
+                     stream's next event ({holds} bytes with its copies) could not be read. Try \
+                     again shortly."
+                ));
+            }
+        }
+    }
+
+    /// Parses a chunk from the upstream into frames for the client.
+    fn parse_chunk(&mut self, chunk: Bytes) {
         // A chat chunk that is one whole event in wire form, as upstreams send nearly all of
         // them: read where it is (no copy into the parser's buffer, no item list) and passed
         // on as it came, as the loop below would pass it on.
