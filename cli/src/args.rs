@@ -291,9 +291,13 @@ pub enum KeyCommand {
         #[command(flatten)]
         budget: BudgetArgs,
     },
-    /// List client keys (their prefixes, never the keys).
+    /// List client keys (their prefixes, never the keys), oldest first.
     #[command(alias = "ls")]
-    List,
+    List {
+        /// Leave revoked keys out.
+        #[arg(long)]
+        active: bool,
+    },
     /// Show one client key.
     Get {
         /// Client key id or name.

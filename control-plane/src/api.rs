@@ -6,5 +6,6 @@
 pub mod admin;
 pub mod auth;
 pub mod dataplane;
+mod paging;
 pub mod stats;
 pub mod status;

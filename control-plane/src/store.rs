@@ -157,6 +157,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0014_deleted_backends.sql"),
     include_str!("../../migrations/0015_cache_writes.sql"),
     include_str!("../../migrations/0016_key_spend_total.sql"),
+    include_str!("../../migrations/0017_client_key_order.sql"),
 ];
 
 /// A handle to the database; cheap to clone.
@@ -775,7 +776,7 @@ mod tests {
         let wait = Duration::from_secs(5);
         let waited = "an admin read waited for the writer";
         use tokio::time::timeout as t;
-        t(wait, store.list_client_keys())
+        t(wait, store.list_client_keys(false, None, None))
             .await
             .expect(waited)
             .unwrap();

@@ -238,7 +238,7 @@ async fn spend_is_the_reported_cost_counted_once_per_period_with_what_remains() 
         "the next UTC midnight"
     );
     let listed = admin
-        .list_client_keys(pb::ListClientKeysRequest {})
+        .list_client_keys(pb::ListClientKeysRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -621,7 +621,7 @@ async fn the_dashboard_in_a_browser() {
     let keys = api
         .admin()
         .await
-        .list_client_keys(pb::ListClientKeysRequest {})
+        .list_client_keys(pb::ListClientKeysRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -635,10 +635,21 @@ async fn the_dashboard_in_a_browser() {
     browser
         .click(&format!("{row} button[data-action=confirm-revoke]"))
         .await;
+    // Revoked keys are left out of the list unless asked for.
     browser
         .wait_for(
-            &format!("document.querySelector(\"{row}\").textContent.includes('revoked')"),
-            "team-x revoked",
+            &format!("document.querySelector(\"{row}\") === null"),
+            "team-x gone from the active keys",
+        )
+        .await;
+    browser.click("#keys-revoked").await;
+    browser
+        .wait_for(
+            &format!(
+                "document.querySelector(\"{row}\") !== null && \
+                 document.querySelector(\"{row}\").textContent.includes('revoked')"
+            ),
+            "team-x listed as revoked",
         )
         .await;
     eventually(
@@ -650,6 +661,48 @@ async fn the_dashboard_in_a_browser() {
     browser
         .screenshot(&artifacts().join("dashboard-keys.png"))
         .await;
+
+    // Keys come 100 a page, oldest first: the page asks for one page, not every key.
+    let mut admin = api.admin().await;
+    for i in 0..105 {
+        admin
+            .create_client_key(pb::CreateClientKeyRequest {
+                name: format!("bulk-{i:03}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let rows = "document.querySelectorAll('#keys-table tr[data-key-id]').length";
+    let listed = |name: &str| {
+        format!("document.querySelector('#keys-table').textContent.includes('{name}')")
+    };
+    browser
+        .wait_for(
+            &format!("{rows} === 100 && !document.querySelector('#keys-pager').hidden"),
+            "a first page of 100 keys",
+        )
+        .await;
+    // The load test's key, team-x (revoked, shown) and 98 bulk keys are on the first page.
+    assert_eq!(browser.eval(&listed("bulk-097")).await, json!(true));
+    assert_eq!(browser.eval(&listed("bulk-098")).await, json!(false));
+    browser.click("#keys-next").await;
+    browser
+        .wait_for(&listed("bulk-104"), "the second page")
+        .await;
+    assert_eq!(browser.eval(rows).await, json!(7));
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#keys-range').textContent")
+            .await,
+        json!("Keys 101–107, oldest first")
+    );
+    browser.click("#keys-prev").await;
+    browser
+        .wait_for(&listed("bulk-000"), "the first page again")
+        .await;
+    assert_eq!(browser.eval(&listed("bulk-104")).await, json!(false));
+    browser.click("#keys-revoked").await;
 
     // Replicas: the data plane, on the newest snapshot.
     browser.click("#nav a[data-page=replicas]").await;

@@ -433,7 +433,7 @@ async fn a_key_is_refused_as_expired_once_its_expiry_passes() {
     let listed = cluster
         .admin()
         .await
-        .list_client_keys(pb::ListClientKeysRequest {})
+        .list_client_keys(pb::ListClientKeysRequest::default())
         .await
         .unwrap()
         .into_inner();

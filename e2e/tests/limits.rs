@@ -147,7 +147,7 @@ async fn the_largest_supported_configuration_reaches_replicas_and_sluicectl() {
             .await
             .max_decoding_message_size(MAX_ADMIN_RESPONSE_BYTES);
         admin
-            .list_client_keys(sluice_proto::v1::ListClientKeysRequest {})
+            .list_client_keys(sluice_proto::v1::ListClientKeysRequest::default())
             .await
             .unwrap()
             .into_inner()

@@ -37,6 +37,11 @@ pub const MAX_ADMIN_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// with its default limit.
 pub const MAX_USAGE_PAGE_SIZE: usize = 5000;
 
+/// The most client keys one page of `ListClientKeys` holds: at the supported size of a key
+/// (its name, allow-list and limits, `proto/tests/limits.rs`) such a page encodes to well under
+/// [`DEFAULT_CLIENT_DECODE_BYTES`], and its keys' spends are summed in tens of milliseconds.
+pub const MAX_KEY_PAGE_SIZE: usize = 1000;
+
 /// The largest message gRPC clients (tonic, grpc-go, grpcio, grpc-js) decode unless told
 /// otherwise: what a client that sets no limit of its own can read.
 pub const DEFAULT_CLIENT_DECODE_BYTES: usize = 4 * 1024 * 1024;

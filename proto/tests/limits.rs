@@ -160,7 +160,18 @@ fn the_supported_configuration_fits_every_message_limit() {
                 max_parallel_requests: 1_000_000,
             })
             .collect(),
+        next_page_token: String::new(),
     };
+    // A page of keys as large as a page may be: within what any client decodes by default.
+    let page = pb::ListClientKeysResponse {
+        client_keys: keys.client_keys[..sluice_proto::limits::MAX_KEY_PAGE_SIZE].to_vec(),
+        next_page_token: "t".repeat(200),
+    };
+    let page_bytes = page.encoded_len();
+    assert!(
+        page_bytes * 2 < sluice_proto::limits::DEFAULT_CLIENT_DECODE_BYTES,
+        "{page_bytes}"
+    );
     let bytes = keys.encoded_len();
     eprintln!(
         "ListClientKeys of {KEYS} keys: {bytes} bytes ({:.1} MiB), limit {} MiB",

@@ -1,5 +1,6 @@
 //! `key create|list|get|update|revoke`.
 
+use sluice_proto::limits::MAX_KEY_PAGE_SIZE;
 use sluice_proto::v1 as pb;
 use sluice_proto::wkt::FieldMask;
 
@@ -36,11 +37,23 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
             let response = connection.call(admin.create_client_key(request)).await?;
             out.print(&response, render::created_client_key)
         }
-        KeyCommand::List => {
+        KeyCommand::List { active } => {
             let mut admin = connection.admin().await?;
-            let response = connection
-                .call(admin.list_client_keys(pb::ListClientKeysRequest {}))
-                .await?;
+            // Page by page: each answer stays small, whatever the number of keys.
+            let mut response = pb::ListClientKeysResponse::default();
+            loop {
+                let request = pb::ListClientKeysRequest {
+                    page_size: MAX_KEY_PAGE_SIZE as i32,
+                    page_token: std::mem::take(&mut response.next_page_token),
+                    active_only: active,
+                };
+                let page = connection.call(admin.list_client_keys(request)).await?;
+                response.client_keys.extend(page.client_keys);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                response.next_page_token = page.next_page_token;
+            }
             let currency = currency(connection).await?;
             out.print(&response, |r| render::client_keys(r, &currency))
         }

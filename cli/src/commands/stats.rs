@@ -124,7 +124,7 @@ async fn resolve(mut filter: FilterArgs, connection: &Connection) -> Result<Filt
     }
     if let Some(key) = &mut filter.key {
         let keys = connection
-            .call(admin.list_client_keys(pb::ListClientKeysRequest {}))
+            .call(admin.list_client_keys(pb::ListClientKeysRequest::default()))
             .await?
             .client_keys;
         let by_name = keys

@@ -4,16 +4,18 @@
 
 use std::sync::Arc;
 
+use sluice_proto::limits::MAX_KEY_PAGE_SIZE;
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
+use super::paging::{decode_token, encode_token, page_size};
 use crate::backend::{BackendSpec, check_api_key};
 use crate::budget::BudgetPeriod;
 use crate::client_key::{ClientKey, NewClientKey, budget_nanos};
 use crate::membership::Registry;
 use crate::snapshot::{self, Publisher};
-use crate::store::Store;
+use crate::store::{Cursor, Store};
 use crate::validation::ValidationError;
 
 /// The admin API over the store.
@@ -201,11 +203,32 @@ impl AdminService for Admin {
 
     async fn list_client_keys(
         &self,
-        _request: Request<pb::ListClientKeysRequest>,
+        request: Request<pb::ListClientKeysRequest>,
     ) -> Result<Response<pb::ListClientKeysResponse>, Status> {
-        let keys = self.store.list_client_keys().await?;
+        let r = request.into_inner();
+        let after = decode_token(&r)?;
+        let limit = match page_size(r.page_size, MAX_KEY_PAGE_SIZE)? {
+            // Every key, unless a token asks for the page after one.
+            0 if after.is_none() => None,
+            0 => Some(MAX_KEY_PAGE_SIZE),
+            n => Some(n),
+        };
+        // One more than the page, to tell whether another follows.
+        let mut keys = self
+            .store
+            .list_client_keys(r.active_only, after, limit.map(|n| n + 1))
+            .await?;
+        let more = limit.is_some_and(|n| keys.len() > n);
+        if let Some(n) = limit {
+            keys.truncate(n);
+        }
+        let next = keys.last().filter(|_| more).map(|last| Cursor {
+            start_ms: last.create_time_ms,
+            group_key: last.id.clone(),
+        });
         Ok(Response::new(pb::ListClientKeysResponse {
             client_keys: self.with_spend(keys).await?,
+            next_page_token: next.map(|c| encode_token(&r, c)).unwrap_or_default(),
         }))
     }
 

@@ -1,13 +1,12 @@
 //! `StatsService`: usage totals and time series from the hourly aggregates.
 
-use base64::Engine as _;
 use prost::Message as _;
-use sha2::Digest as _;
 use sluice_proto::limits::{MAX_ADMIN_RESPONSE_BYTES, MAX_USAGE_PAGE_SIZE};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::stats_service_server::StatsService;
 use tonic::{Request, Response, Status};
 
+use super::paging::{decode_token, encode_token, page_size};
 use crate::store::{
     Cursor, Granularity, GroupBy, GroupPage, Order, SeriesPoint, Store, Totals, TotalsFilter,
 };
@@ -122,80 +121,6 @@ fn bucket(p: SeriesPoint, start: bool, currency: &str) -> pb::UsageBucket {
     })
 }
 
-/// What a `page_token` holds: which query it belongs to (a hash of every field but the
-/// token and the page size) and the last (time bucket, group) of the page before.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct PageToken {
-    query: String,
-    start_ms: i64,
-    group_key: String,
-}
-
-/// A request answered in pages: its token, and the request without its page fields.
-trait Paged: prost::Message + Sized {
-    fn page_token(&self) -> &str;
-    fn without_page(&self) -> Self;
-}
-
-/// Both requests page the same way: `page_size` and `page_token` beside the query's fields.
-macro_rules! paged {
-    ($($request:ty),*) => {$(
-        impl Paged for $request {
-            fn page_token(&self) -> &str {
-                &self.page_token
-            }
-
-            fn without_page(&self) -> Self {
-                Self {
-                    page_size: 0,
-                    page_token: String::new(),
-                    ..self.clone()
-                }
-            }
-        }
-    )*};
-}
-
-paged!(pb::GetUsageRequest, pb::GetTotalsRequest);
-
-fn query_hash(r: &impl Paged) -> String {
-    let query = r.without_page();
-    hex::encode(&sha2::Sha256::digest(query.encode_to_vec())[..12])
-}
-
-fn encode_token(r: &impl Paged, cursor: Cursor) -> String {
-    let token = PageToken {
-        query: query_hash(r),
-        start_ms: cursor.start_ms,
-        group_key: cursor.group_key,
-    };
-    // Serialising a struct of strings and an integer cannot fail.
-    let json = serde_json::to_vec(&token).unwrap_or_default();
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
-}
-
-fn decode_token(r: &impl Paged) -> Result<Option<Cursor>, Status> {
-    if r.page_token().is_empty() {
-        return Ok(None);
-    }
-    let refused = || {
-        Status::invalid_argument(
-            "page_token: not a token of this query (pass next_page_token with the same fields)",
-        )
-    };
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(r.page_token())
-        .map_err(|_| refused())?;
-    let token: PageToken = serde_json::from_slice(&bytes).map_err(|_| refused())?;
-    if token.query != query_hash(r) {
-        return Err(refused());
-    }
-    Ok(Some(Cursor {
-        start_ms: token.start_ms,
-        group_key: token.group_key,
-    }))
-}
-
 /// The most buckets an unpaged `GetUsage` (`page_size` 0, no token) answers; past it,
 /// RESOURCE_EXHAUSTED asking for pages. With every key and label at its longest, 100,000
 /// buckets encode to about 65 MB, within [`MAX_ADMIN_RESPONSE_BYTES`].
@@ -222,13 +147,6 @@ fn too_large(count: usize, what: &str, len: usize, limit: usize) -> Status {
     ))
 }
 
-/// A request's `page_size`, at most [`MAX_USAGE_PAGE_SIZE`].
-fn page_size(page_size: i32) -> Result<usize, Status> {
-    Ok(usize::try_from(page_size)
-        .map_err(|_| Status::invalid_argument("page_size: must not be negative"))?
-        .min(MAX_USAGE_PAGE_SIZE))
-}
-
 #[tonic::async_trait]
 impl StatsService for Stats {
     async fn get_usage(
@@ -237,7 +155,7 @@ impl StatsService for Stats {
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let r = request.into_inner();
         let after = decode_token(&r)?;
-        let page_size = page_size(r.page_size)?;
+        let page_size = page_size(r.page_size, MAX_USAGE_PAGE_SIZE)?;
         let order = match pb::UsageOrder::try_from(r.order) {
             Ok(pb::UsageOrder::Unspecified | pb::UsageOrder::OldestFirst) => Order::OldestFirst,
             Ok(pb::UsageOrder::NewestFirst) => Order::NewestFirst,
@@ -302,7 +220,7 @@ impl StatsService for Stats {
         let r = request.into_inner();
         let group_by = group_by(r.group_by)?;
         let after = decode_token(&r)?;
-        let page_size = page_size(r.page_size)?;
+        let page_size = page_size(r.page_size, MAX_USAGE_PAGE_SIZE)?;
         let filter = filter_of!(r.clone())?;
         let currency = self.store.get_settings().await?.currency;
         let (totals, groups, next) = if group_by == GroupBy::Nothing {

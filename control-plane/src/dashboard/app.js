@@ -1004,6 +1004,11 @@
   // ---------------------------------------------------------------- client keys
 
   let keys = [];
+  // The keys come a page at a time (at 100,000 keys the whole list is tens of megabytes,
+  // and every key's spend is summed for it): the tokens of the pages seen so far, the one
+  // shown, and the next page's token ('' on the last page).
+  const KEYS_PAGE_SIZE = 100;
+  const keyPages = { tokens: [''], index: 0, next: '', showRevoked: false };
   // The key whose edit form is open, as it was when the form opened: a save sends only
   // what the operator changed from it, so it never undoes another admin's change.
   let editingKey = null;
@@ -1011,14 +1016,51 @@
   const NO_PERIOD = 'BUDGET_PERIOD_UNSPECIFIED';
 
   async function loadKeys() {
+    const request = {
+      pageSize: KEYS_PAGE_SIZE,
+      pageToken: keyPages.tokens[keyPages.index],
+      activeOnly: !keyPages.showRevoked,
+    };
     const [answer, settings] = await Promise.all([
-      call('AdminService/ListClientKeys'),
+      call('AdminService/ListClientKeys', request),
       call('AdminService/GetSettings'),
     ]);
     setCurrency(settings.settings);
     keys = answer.clientKeys || [];
+    keyPages.next = answer.nextPageToken || '';
+    // The keys of this page were revoked (and are left out) or deleted: the page before.
+    if (keys.length === 0 && keyPages.index > 0) {
+      keyPages.tokens.pop();
+      keyPages.index -= 1;
+      return loadKeys();
+    }
     if (state.page !== 'keys') return;
     renderKeys();
+  }
+
+  /** Shows another page of keys: +1 the next, -1 the one before, 0 the first. */
+  function turnKeyPage(step) {
+    if (step === 0) {
+      keyPages.tokens = [''];
+      keyPages.index = 0;
+    } else if (step > 0 && keyPages.next) {
+      keyPages.tokens = keyPages.tokens.slice(0, keyPages.index + 1);
+      keyPages.tokens.push(keyPages.next);
+      keyPages.index += 1;
+    } else if (step < 0 && keyPages.index > 0) {
+      keyPages.index -= 1;
+    } else {
+      return;
+    }
+    refresh();
+  }
+
+  function renderKeyPager() {
+    const first = keyPages.index * KEYS_PAGE_SIZE;
+    $('#keys-range').textContent = keys.length ? `Keys ${first + 1}–${first + keys.length}, oldest first` : '';
+    $('#keys-prev').disabled = keyPages.index === 0;
+    $('#keys-next').disabled = !keyPages.next;
+    $('#keys-pager').hidden = keyPages.index === 0 && !keyPages.next;
   }
 
   /** Spend and budgets, small ones included: "0.000014", "12.50". */
@@ -1111,7 +1153,8 @@
       { label: 'Name' }, { label: 'Key' }, { label: 'Models' }, { label: 'Limits', num: true },
       { label: 'Spend this period' }, { label: 'Expires' }, { label: 'Created' }, { label: 'State' },
       { label: '' },
-    ], rows, 'No client keys yet.');
+    ], rows, keyPages.showRevoked ? 'No client keys yet.' : 'No active client keys.');
+    renderKeyPager();
   }
 
   /** A time as a datetime-local input shows it (local time, to the second); '' for none. */
@@ -1483,6 +1526,12 @@
     $('#key-form').addEventListener('submit', createKey);
     $('#key-edit-form').addEventListener('submit', saveKey);
     $('#ke-cancel').addEventListener('click', closeKeyForm);
+    $('#keys-prev').addEventListener('click', () => turnKeyPage(-1));
+    $('#keys-next').addEventListener('click', () => turnKeyPage(1));
+    $('#keys-revoked').addEventListener('change', (e) => {
+      keyPages.showRevoked = e.target.checked;
+      turnKeyPage(0);
+    });
     $('#settings-form').addEventListener('submit', saveSettings);
     // Once the operator is in the form, refreshes leave it alone.
     for (const type of ['input', 'focusin']) {

@@ -4,7 +4,7 @@
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::{
-    Reader, Store, StoreError, WriteOp, bump_version, nanos_to_db, new_id, unique_violation,
+    Cursor, Reader, Store, StoreError, WriteOp, bump_version, nanos_to_db, new_id, unique_violation,
 };
 use crate::budget::BudgetPeriod;
 use crate::client_key::{self, ClientKey, NewClientKey};
@@ -54,9 +54,31 @@ impl Store {
         .await
     }
 
-    pub async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError> {
-        self.read(Reader::Admin, |conn, _| load_keys(conn, false))
-            .await
+    /// Keys, oldest first: all of them, or the `limit` after `after` (a creation time and an
+    /// id, the order key of the last key of the page before), revoked ones too unless
+    /// `active_only`.
+    pub async fn list_client_keys(
+        &self,
+        active_only: bool,
+        after: Option<Cursor>,
+        limit: Option<usize>,
+    ) -> Result<Vec<ClientKey>, StoreError> {
+        self.read(Reader::Admin, move |conn, _| {
+            let Some(limit) = limit else {
+                return load_keys(conn, active_only);
+            };
+            let (time, id) = after.map_or((i64::MIN, String::new()), |c| (c.start_ms, c.group_key));
+            let revoked = if active_only { " AND revoked = 0" } else { "" };
+            let mut stmt = conn.prepare_cached(&format!(
+                "{SELECT_KEYS} WHERE (create_time, id) > (?1, ?2){revoked}
+                 ORDER BY create_time, id LIMIT ?3"
+            ))?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(params![time, id, limit], key_row)?;
+            rows.map(|row| row.map_err(StoreError::from).and_then(with_models))
+                .collect()
+        })
+        .await
     }
 
     /// A key by id, or else by the name of an active key.
@@ -284,7 +306,7 @@ mod tests {
         assert_eq!(store.publish_key_expiries(at + 10_000).await.unwrap(), 0);
         assert_eq!(*store.commits().borrow(), bumped, "an expiry bumps once");
         assert_eq!(store.next_key_expiry().await.unwrap(), None);
-        let listed = store.list_client_keys().await.unwrap();
+        let listed = store.list_client_keys(false, None, None).await.unwrap();
         assert!(listed[0].expired_at(at));
         assert!(!listed[0].expired_at(at - 1));
     }
