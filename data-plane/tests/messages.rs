@@ -608,6 +608,58 @@ async fn an_overloaded_anthropic_backend_fails_over_to_an_openai_fallback_within
     assert!(records[0].attempts >= 2, "{:?}", records[0]);
 }
 
+/// Anthropic answers an overloaded streamed request 200 and an `error` event, most often its
+/// only one (what Claude Code, which always streams, meets of an overload). Nothing has
+/// reached the client then: the attempt fails as a 529 does and the next backend answers,
+/// for a Messages client and for a chat client alike. Committed at that event, the client
+/// got the error and no other backend was tried. With no other backend, the client gets the
+/// overload as the HTTP error it is (which the SDKs retry), not a 200 stream of one error.
+#[tokio::test]
+async fn a_stream_whose_first_event_is_an_overload_fails_over() {
+    let busy = mock("busy");
+    busy.set_fault(Fault::CutAfterChunks(0).always());
+    let other = mock("other");
+    let h = Harness::start(snapshot(
+        1,
+        vec![
+            anthropic("busy", &busy.base_url(), proto::Pool::Primary),
+            anthropic("other", &other.base_url(), proto::Pool::Fallback),
+        ],
+    ))
+    .await;
+    let response = send(&h, "/v1/messages", &hello(true)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-backend"], "other-name");
+    let body = response.text().await.unwrap();
+    let names = event_names(&body);
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("message_stop"),
+        "{body}"
+    );
+    assert!(!names.iter().any(|n| n == "error"), "{body}");
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-backend"], "other-name");
+    let body = response.text().await.unwrap();
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert!(!body.contains("error"), "{body}");
+    for record in h.records(2).await {
+        assert_eq!(record.backend_id, "other");
+        assert_eq!(record.attempts, 2, "{record:?}");
+        assert_eq!(record.error_kind, ErrorKind::Unspecified as i32);
+    }
+    assert_eq!(busy.stats().requests.total(), 2);
+
+    let h = Harness::start(snapshot(
+        2,
+        vec![anthropic("busy", &busy.base_url(), proto::Pool::Primary)],
+    ))
+    .await;
+    let (status, kind, body) = anthropic_error(send(&h, "/v1/messages", &hello(true)).await).await;
+    assert_eq!((status, kind.as_str()), (529, "overloaded_error"), "{body}");
+}
+
 /// A chat request an Anthropic backend cannot take (`n: 2`: Anthropic answers one choice)
 /// goes to the OpenAI-format backend serving the same model, in either order of the two;
 /// only when no backend can take it is the answer the translation's 400.

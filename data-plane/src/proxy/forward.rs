@@ -952,7 +952,7 @@ async fn attempt(
                     }
                     Ok(Ok(Some(chunk))) => chunk,
                 };
-            if first.is_empty() && starts_an_event(&chunk) {
+            if first.is_empty() && starts_an_event(&chunk) && !opens_with_an_error(&chunk) {
                 // The usual case: the first chunk holds the first event.
                 return Ok(Answer::Stream {
                     status,
@@ -962,11 +962,17 @@ async fn attempt(
             }
             first.extend_from_slice(&chunk);
             if starts_an_event(&first) {
-                return Ok(Answer::Stream {
-                    status,
-                    upstream,
-                    first: first.freeze(),
-                });
+                match first_event(&first, backend.api_key()) {
+                    FirstEvent::Commit => {
+                        return Ok(Answer::Stream {
+                            status,
+                            upstream,
+                            first: first.freeze(),
+                        });
+                    }
+                    FirstEvent::Failed(failure) => return Err(failure),
+                    FirstEvent::Unfinished => {}
+                }
             }
             if first.len() > MAX_BEFORE_FIRST_EVENT {
                 return Err(Failure::Invalid(format!(
@@ -1381,6 +1387,69 @@ fn refused_stream_options(outcome: &Result<Answer, Failure>) -> bool {
     }
 }
 
+/// What the first event of a stream makes of its attempt.
+enum FirstEvent {
+    /// The stream is the backend's answer: relayed from this event on.
+    Commit,
+    /// The upstream's own error, before anything reached the client: the attempt failed.
+    Failed(Failure),
+    /// An `error` event whose data has not all come yet.
+    Unfinished,
+}
+
+/// Whether the first line of `bytes` with a field, past comments and blank lines, names the
+/// event `error` (Anthropic's `event: error`): a cheap look at every stream's first chunk,
+/// false at once for a stream opening with `data:` or `event: message_start`.
+fn opens_with_an_error(bytes: &[u8]) -> bool {
+    bytes
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .find(|line| !line.is_empty() && !line.starts_with(b":"))
+        .is_some_and(|line| {
+            line.strip_prefix(b"event:")
+                .is_some_and(|name| name.strip_prefix(b" ").unwrap_or(name) == b"error")
+        })
+}
+
+/// The first event of a stream, when it is the upstream's `error` event saying it is
+/// overloaded, failing or rate limited: Anthropic answers an overloaded streamed request 200
+/// and then this event, most often as the only one. Nothing has reached the client yet, so
+/// the attempt fails as the same error in an HTTP status would (529, 500, 429: its body is
+/// the event's data, the shape of Anthropic's error bodies), counted against the backend and
+/// failed over. Any other first event, an error of the request's own (`invalid_request_error`)
+/// included, commits the stream as before.
+fn first_event(bytes: &[u8], api_key: &[u8]) -> FirstEvent {
+    if !opens_with_an_error(bytes) {
+        return FirstEvent::Commit;
+    }
+    let mut parser = crate::sse::SseParser::default();
+    let mut items = Vec::new();
+    if parser.push(bytes, &mut items).is_err() {
+        return FirstEvent::Commit;
+    }
+    let Some(data) = items.iter().find_map(|item| match item {
+        crate::sse::Item::Event(event) => Some(&event.data),
+        crate::sse::Item::Comment(_) => None,
+    }) else {
+        return FirstEvent::Unfinished;
+    };
+    let kind = serde_json::from_str::<serde_json::Value>(data)
+        .ok()
+        .and_then(|v| v.pointer("/error/type")?.as_str().map(str::to_owned));
+    let status = match kind.as_deref() {
+        Some("overloaded_error") => 529,
+        Some("api_error") => 500,
+        Some("rate_limit_error") => 429,
+        _ => return FirstEvent::Commit,
+    };
+    FirstEvent::Failed(Failure::Status {
+        status: StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        retry_after: None,
+        content_type: Some(HeaderValue::from_static("application/json")),
+        body: redact_error(Bytes::copy_from_slice(data.as_bytes()), api_key),
+    })
+}
+
 /// Whether `bytes`, the start of an SSE stream, hold a line of an event's `data` field (the
 /// field name, then `:`, a line end, or the end of what came so far): a stream that holds
 /// only comments (`: keep-alive`) and blank lines has sent no event yet.
@@ -1476,6 +1545,43 @@ mod tests {
     /// A stream has begun its first event once a line of a `data` field came, whatever the
     /// line ends and however the bytes were cut; comments, blank lines, an `event:` line alone
     /// and `data` inside another line or field name are not one.
+    #[test]
+    fn only_a_first_event_named_error_is_looked_at_again() {
+        for opens in [
+            "event: error\ndata: {}\n\n",
+            "event:error\r\ndata: {}",
+            ": keep-alive\n\nevent: error\n",
+        ] {
+            assert!(opens_with_an_error(opens.as_bytes()), "{opens:?}");
+        }
+        for not in [
+            "data: {\"error\": 1}\n\n",
+            "event: message_start\ndata: {}\n\n",
+            "event: errors\n",
+            ": event: error\n",
+            "",
+        ] {
+            assert!(!opens_with_an_error(not.as_bytes()), "{not:?}");
+        }
+        let event = |kind: &str| {
+            format!(
+                "event: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"{kind}\",\"message\":\"m\"}}}}\n\n"
+            )
+        };
+        let status = |bytes: &str| match first_event(bytes.as_bytes(), b"sk-k") {
+            FirstEvent::Failed(Failure::Status { status, .. }) => Some(status.as_u16()),
+            FirstEvent::Failed(other) => panic!("{other:?}"),
+            FirstEvent::Commit => None,
+            FirstEvent::Unfinished => Some(0),
+        };
+        assert_eq!(status(&event("overloaded_error")), Some(529));
+        assert_eq!(status(&event("api_error")), Some(500));
+        assert_eq!(status(&event("rate_limit_error")), Some(429));
+        assert_eq!(status(&event("invalid_request_error")), None);
+        assert_eq!(status("event: error\ndata: {\"type\":\"error\""), Some(0));
+        assert_eq!(status("data: {}\n\n"), None);
+    }
+
     #[test]
     fn a_stream_starts_an_event_at_its_first_data_line() {
         for started in [
