@@ -1401,6 +1401,10 @@ enum FirstEvent {
 /// event `error` (Anthropic's `event: error`): a cheap look at every stream's first chunk,
 /// false at once for a stream opening with `data:` or `event: message_start`.
 fn opens_with_an_error(bytes: &[u8]) -> bool {
+    // The usual stream opens with its first `data:` line.
+    if bytes.starts_with(b"data") {
+        return false;
+    }
     bytes
         .split(|&b| b == b'\n')
         .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
