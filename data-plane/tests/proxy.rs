@@ -369,7 +369,8 @@ async fn a_stream_carrying_its_upstreams_error_event_is_recorded_as_interrupted(
 /// A stream whose body ends cleanly after its usage without `data: [DONE]` (Perplexity sends
 /// none), or whose `[DONE]` lacks its blank line, is complete: it ends as `[DONE]` ends it,
 /// for the client (no error event: the SDKs raise on one, after the whole answer) and in the
-/// record. Without usage, an end before `[DONE]` is still an interruption (above).
+/// record, and for a Messages client whose stream is translated from it. Without usage, an
+/// end before `[DONE]` is still an interruption (above).
 #[tokio::test]
 async fn a_stream_that_ends_cleanly_after_its_usage_without_done_is_complete() {
     let chunk = |content: &str, finish: Value| {
@@ -409,6 +410,39 @@ async fn a_stream_that_ends_cleanly_after_its_usage_without_done_is_complete() {
                 record.tokens_estimated
             ),
             (7, 9, false),
+            "{framing}"
+        );
+        // The same stream translated for a Messages client ends as `[DONE]` ends it too: its
+        // `message_delta` with the usage and its `message_stop`, no error event after the
+        // whole answer.
+        let messages = json!({"model": MODEL, "max_tokens": 64, "stream": true,
+                              "messages": [{"role": "user", "content": "hi"}]});
+        let body = h
+            .post("/v1/messages", KEY, &messages)
+            .await
+            .text()
+            .await
+            .unwrap();
+        let names: Vec<&str> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("event: "))
+            .collect();
+        assert!(!names.contains(&"error"), "{framing}: {body}");
+        assert_eq!(
+            names[names.len() - 2..],
+            ["message_delta", "message_stop"],
+            "{framing}: {body}"
+        );
+        assert!(body.contains(r#""output_tokens":9"#), "{framing}: {body}");
+        let record = h.records(2).await.remove(1);
+        assert_eq!(
+            record.error_kind,
+            ErrorKind::Unspecified as i32,
+            "{framing}"
+        );
+        assert_eq!(
+            (record.prompt_tokens, record.completion_tokens),
+            (7, 9),
             "{framing}"
         );
     }

@@ -545,18 +545,38 @@ impl Relay {
         true
     }
 
-    /// A chat stream whose body ended cleanly (not a broken connection) before `[DONE]`: one
+    /// A chat stream (relayed, or translated for a Messages client) whose body ended cleanly
+    /// (not a broken connection) before `[DONE]`: one
     /// that ended inside its `[DONE]` (without the blank line after it), or that reported its
     /// usage, which a provider sends last (Sluice asks for it), is complete, and ends as
     /// `[DONE]` ends it (Perplexity sends none; some servers leave out the last blank line);
     /// another unfinished event is dropped, as the format says. True when the stream is over
     /// so.
     fn ended_without_done(&mut self) -> bool {
+        let chunks = match &self.mode {
+            Mode::Chat { .. } => true,
+            Mode::Translated(t) => matches!(**t, Translation::EventsFromChunks(_)),
+            Mode::Messages { .. } | Mode::Responses { .. } => false,
+        };
+        if !chunks {
+            return false;
+        }
         let done = self.parser.unfinished_data_is(DONE);
         if !done && !self.acct.as_ref().is_some_and(Accounting::has_usage) {
             return false;
         }
         self.upstream = None;
+        if matches!(self.mode, Mode::Translated(_)) {
+            // A Messages client's stream ends as `[DONE]` ends it: its last block closed,
+            // `message_delta` with the usage, `message_stop`.
+            let done = Event {
+                event: None,
+                data: DONE.to_owned(),
+                id: None,
+            };
+            self.translate(&done);
+            return true;
+        }
         let kind = self.chat_end();
         self.ready
             .push_back((Bytes::from_static(b"data: [DONE]\n\n"), Then::Finish(kind)));
@@ -857,7 +877,7 @@ impl Body for Relay {
                     continue;
                 }
                 Poll::Ready(None) => {
-                    if matches!(this.mode, Mode::Chat { .. }) && this.ended_without_done() {
+                    if this.ended_without_done() {
                         continue;
                     }
                     let why = match this.mode {
