@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
 # Runs every check Sluice has: formatting, clippy, and all tests of the workspace
 # (unit, integration, end to end with the real binaries, SDK and proto-contract tests).
-# Installs what the tests need when it is missing: nginx, chromium, sqlite3 and openssl (Debian), the Python
-# OpenAI and Anthropic SDKs, grpcio-tools and kubernetes-validate (PyPI), the Node OpenAI SDK and
-# buf (npm, into e2e/tools/node_modules).
+# Installs what the tests need when it is missing: nginx, chromium, sqlite3, openssl and Node
+# (Debian's packages, as root or through sudo), the Python OpenAI and Anthropic SDKs,
+# grpcio-tools and kubernetes-validate (PyPI: into a virtual environment under target/ unless the
+# python3 on PATH has them), the Node OpenAI SDK and buf (npm, into e2e/tools/node_modules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
 log "checking test tools"
+# Packages come from the distribution (Debian's apt): as root, or through sudo.
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    echo "test-all.sh: installing packages needs root: run it as root or install sudo" >&2
+    exit 1
+  fi
+}
 missing_apt=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing_apt+=(nginx)
 [ -x /usr/bin/chromium ] || missing_apt+=(chromium)
@@ -17,13 +29,27 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing_apt+=(ngin
 command -v sqlite3 >/dev/null 2>&1 || missing_apt+=(sqlite3)
 # The TLS test makes its CA and certificate with it.
 command -v openssl >/dev/null 2>&1 || missing_apt+=(openssl)
+# The Node SDK test and buf (the proto contract).
+command -v npm >/dev/null 2>&1 || missing_apt+=(nodejs npm)
+python_tools='import grpc_tools, openai, anthropic, kubernetes_validate'
+# A distribution's own Python refuses pip installs into it (PEP 668): the tools then go to a
+# virtual environment of the checkout's, first on PATH for the tests.
+venv="$(realpath -m "${CARGO_TARGET_DIR:-target}")/python-tools"
+if [ -x "$venv/bin/python3" ]; then
+  export PATH="$venv/bin:$PATH"
+fi
+if ! python3 -c "$python_tools" >/dev/null 2>&1 && ! python3 -m venv --help >/dev/null 2>&1; then
+  missing_apt+=(python3-venv python3-pip)
+fi
 if [ ${#missing_apt[@]} -gt 0 ]; then
   log "installing ${missing_apt[*]} (apt)"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing_apt[@]}" >/dev/null
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing_apt[@]}" >/dev/null
 fi
-if ! python3 -c 'import grpc_tools, openai, anthropic, kubernetes_validate' >/dev/null 2>&1; then
-  log "installing grpcio-tools, openai, anthropic and kubernetes-validate (pip)"
+if ! python3 -c "$python_tools" >/dev/null 2>&1; then
+  log "installing grpcio-tools, openai, anthropic and kubernetes-validate (pip, into $venv)"
+  [ -x "$venv/bin/python3" ] || python3 -m venv "$venv"
+  export PATH="$venv/bin:$PATH"
   python3 -m pip install --quiet grpcio-tools openai anthropic kubernetes-validate
 fi
 if [ ! -x e2e/tools/node_modules/.bin/buf ] || [ ! -d e2e/tools/node_modules/openai ]; then

@@ -15,7 +15,9 @@
 //! compared in full (only keys that authenticated are ever cached, so nobody can fill slots
 //! with keys of their choosing). The comparison takes eight bytes at a time.
 //! An expired key is found like any other and then refused as expired: the control plane
-//! decides when it expired (by its clock) and marks it so in the snapshot.
+//! marks it so in the snapshot when it expires (by its clock), and a replica refuses it by
+//! its own clock a minute (`snapshot::EXPIRY_GRACE`) past its `expire_time` too, which is
+//! what refuses it on a replica cut off from the control plane.
 
 use std::cell::RefCell;
 use std::hash::BuildHasher;
