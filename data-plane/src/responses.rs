@@ -173,6 +173,8 @@ fn usage(json: &str) -> Option<Tokens> {
     struct InputDetails {
         #[serde(default)]
         cached_tokens: Option<u64>,
+        #[serde(default)]
+        cache_write_tokens: Option<u64>,
     }
     #[derive(Deserialize)]
     struct OutputDetails {
@@ -191,18 +193,20 @@ fn usage(json: &str) -> Option<Tokens> {
         output_tokens_details: Option<OutputDetails>,
     }
     let usage: Usage = serde_json::from_str::<Option<Usage>>(json).ok()??;
+    let (cached, written) = usage
+        .input_tokens_details
+        .map_or((None, None), |d| (d.cached_tokens, d.cache_write_tokens));
     Some(Tokens {
         prompt: usage.input_tokens.unwrap_or(0),
         completion: usage.output_tokens.unwrap_or(0),
-        cached_prompt: usage
-            .input_tokens_details
-            .and_then(|d| d.cached_tokens)
-            .unwrap_or(0),
+        cached_prompt: cached.unwrap_or(0),
         reasoning: usage
             .output_tokens_details
             .and_then(|d| d.reasoning_tokens)
             .unwrap_or(0),
-        ..Tokens::default()
+        // OpenAI's GPT-5.6 and later bill these at 1.25 times the input price.
+        cache_write: written.unwrap_or(0),
+        cache_write_1h: 0,
     })
 }
 
@@ -231,7 +235,7 @@ mod tests {
 
     #[test]
     fn a_response_object_gets_sluice_ids_and_its_usage_is_read() {
-        let body = br#"{"id":"resp_up_1","object":"response","previous_response_id":"resp_up_prev","output":[{"id":"msg_1","type":"message","content":[{"type":"output_text","text":"id resp_up_1"}]}],"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":4},"output_tokens":7,"output_tokens_details":{"reasoning_tokens":3},"total_tokens":16}}"#;
+        let body = br#"{"id":"resp_up_1","object":"response","previous_response_id":"resp_up_prev","output":[{"id":"msg_1","type":"message","content":[{"type":"output_text","text":"id resp_up_1"}]}],"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":4,"cache_write_tokens":2},"output_tokens":7,"output_tokens_details":{"reasoning_tokens":3},"total_tokens":16}}"#;
         let out = rewrite_response(body, &ids()).unwrap();
         let v: Value = serde_json::from_slice(&out.bytes).unwrap();
         let id = v["id"].as_str().unwrap();
@@ -251,6 +255,8 @@ mod tests {
                 completion: 7,
                 cached_prompt: 4,
                 reasoning: 3,
+                // OpenAI's GPT-5.6 and later report (and bill) prompt tokens written to the cache.
+                cache_write: 2,
                 ..Tokens::default()
             })
         );

@@ -1010,7 +1010,9 @@ pub struct Tokens {
     pub cached_prompt: u64,
     /// Of `completion`, spent on reasoning.
     pub reasoning: u64,
-    /// Of `prompt`, written to the provider's prompt cache (only Anthropic's `usage` says).
+    /// Of `prompt`, written to the provider's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`; OpenAI's and OpenRouter's
+    /// `prompt_tokens_details.cache_write_tokens`).
     pub cache_write: u64,
     /// Of `cache_write`, written to Anthropic's 1-hour cache (priced apart, not recorded
     /// apart).
@@ -1020,8 +1022,11 @@ pub struct Tokens {
 impl Tokens {
     /// The tokens of an OpenAI-format `usage`'s figures, from providers that write them
     /// otherwise than OpenAI too. DeepSeek names its prompt cache's hits
-    /// `prompt_cache_hit_tokens` (`cache_hit`) and may leave `prompt_tokens_details` out: the
-    /// larger of the two is the cached prompt. xAI counts reasoning outside
+    /// `prompt_cache_hit_tokens` and Moonshot (Kimi) a top-level `cached_tokens` (`cache_hit`,
+    /// the larger of the two), and may leave `prompt_tokens_details` out: the larger of that
+    /// and `cache_hit` is the cached prompt. `cache_write` is
+    /// `prompt_tokens_details.cache_write_tokens` (OpenAI's GPT-5.6 and later bill writes at
+    /// 1.25 times the input price; OpenRouter reports Claude's writes there). xAI counts reasoning outside
     /// `completion_tokens` but inside `total_tokens` (and bills it as output): where `total`
     /// holds the reasoning beside the completion (at least prompt + completion + reasoning,
     /// which OpenAI's convention, reasoning inside the completion, never makes), the reasoning
@@ -1033,6 +1038,7 @@ impl Tokens {
         reasoning: u64,
         total: Option<u64>,
         cache_hit: Option<u64>,
+        cache_write: u64,
     ) -> Self {
         let beside = reasoning > 0
             && total.is_some_and(|total| {
@@ -1047,7 +1053,8 @@ impl Tokens {
             },
             cached_prompt: cached.max(cache_hit.unwrap_or(0)),
             reasoning,
-            ..Self::default()
+            cache_write,
+            cache_write_1h: 0,
         }
     }
 }

@@ -399,7 +399,7 @@ fn a_message_becomes_a_chat_completion() {
     assert_eq!(
         c["usage"],
         json!({"prompt_tokens": 130, "completion_tokens": 5, "total_tokens": 135,
-               "prompt_tokens_details": {"cached_tokens": 100, "cache_creation_tokens": 20}})
+               "prompt_tokens_details": {"cached_tokens": 100, "cache_write_tokens": 20}})
     );
 }
 

@@ -24,6 +24,8 @@ use sluice_proxy::proxy::{Tokens, usage_of, usage_of_answer, usage_value_of_answ
 struct PromptDetails {
     #[serde(default)]
     cached_tokens: Option<u64>,
+    #[serde(default)]
+    cache_write_tokens: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -32,8 +34,9 @@ struct CompletionDetails {
     reasoning_tokens: Option<u64>,
 }
 
-/// The figures of `usage` Sluice reads, as it reads them: `total_tokens` and
-/// `prompt_cache_hit_tokens` (DeepSeek) only adjust the others, and are read leniently.
+/// The figures of `usage` Sluice reads, as it reads them: `total_tokens`,
+/// `prompt_cache_hit_tokens` (DeepSeek) and `cached_tokens` (Moonshot) only adjust the others,
+/// and are read leniently.
 #[derive(serde::Deserialize)]
 struct Usage {
     #[serde(default)]
@@ -44,6 +47,8 @@ struct Usage {
     total_tokens: Option<u64>,
     #[serde(default, deserialize_with = "lenient_count")]
     prompt_cache_hit_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_count")]
+    cached_tokens: Option<u64>,
     #[serde(default)]
     prompt_tokens_details: Option<PromptDetails>,
     #[serde(default)]
@@ -64,17 +69,21 @@ struct WithUsage {
 
 impl Usage {
     fn tokens(self) -> Tokens {
+        let details = self.prompt_tokens_details;
+        let cache_hit = match (self.prompt_cache_hit_tokens, self.cached_tokens) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0).max(b.unwrap_or(0))),
+        };
         Tokens::openai(
             self.prompt_tokens.unwrap_or(0),
             self.completion_tokens.unwrap_or(0),
-            self.prompt_tokens_details
-                .and_then(|d| d.cached_tokens)
-                .unwrap_or(0),
+            details.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0),
             self.completion_tokens_details
                 .and_then(|d| d.reasoning_tokens)
                 .unwrap_or(0),
             self.total_tokens,
-            self.prompt_cache_hit_tokens,
+            cache_hit,
+            details.and_then(|d| d.cache_write_tokens).unwrap_or(0),
         )
     }
 }

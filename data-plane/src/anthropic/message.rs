@@ -170,7 +170,7 @@ impl<'a> Reply<'a> {
         serde_json::to_writer(&mut out, &usage.input.saturating_add(usage.output))?;
         put(&mut out, ",\"prompt_tokens_details\":{\"cached_tokens\":");
         serde_json::to_writer(&mut out, &usage.cache_read)?;
-        put(&mut out, ",\"cache_creation_tokens\":");
+        put(&mut out, ",\"cache_write_tokens\":");
         serde_json::to_writer(&mut out, &usage.cache_creation)?;
         put(&mut out, "}}}");
         Ok(out)

@@ -279,44 +279,53 @@ impl<'de, T: LenientKind> serde::de::Visitor<'de> for Lenient<T> {
 /// Reads an OpenAI `usage` object, as other providers write it too ([`Tokens::openai`]).
 pub fn openai_usage(usage: &Value) -> Usage {
     let get = |at: &str| usage.pointer(at).and_then(Value::as_u64).unwrap_or(0);
-    usage_of_openai_figures(
-        get("/prompt_tokens"),
-        get("/completion_tokens"),
-        get("/prompt_tokens_details/cached_tokens"),
-        get("/completion_tokens_details/reasoning_tokens"),
-        get("/total_tokens"),
-        get("/prompt_cache_hit_tokens"),
-    )
+    usage_of_openai_figures(OpenAiFigureValues {
+        prompt: get("/prompt_tokens"),
+        completion: get("/completion_tokens"),
+        cached: get("/prompt_tokens_details/cached_tokens"),
+        cache_write: get("/prompt_tokens_details/cache_write_tokens"),
+        reasoning: get("/completion_tokens_details/reasoning_tokens"),
+        total: get("/total_tokens"),
+        cache_hit: get("/prompt_cache_hit_tokens").max(get("/cached_tokens")),
+    })
 }
 
-/// The usage of an OpenAI `usage`'s figures (0 for any missing): [`Tokens::openai`]'s rules
-/// for providers that write them otherwise than OpenAI.
-fn usage_of_openai_figures(
+/// An OpenAI `usage`'s figures (0 for any missing), as [`Tokens::openai`] takes them; the
+/// cache hits are DeepSeek's or Moonshot's.
+#[derive(Default)]
+struct OpenAiFigureValues {
     prompt: u64,
     completion: u64,
     cached: u64,
+    cache_write: u64,
     reasoning: u64,
     total: u64,
     cache_hit: u64,
-) -> Usage {
+}
+
+/// The usage of an OpenAI `usage`'s figures: [`Tokens::openai`]'s rules for providers that
+/// write them otherwise than OpenAI.
+fn usage_of_openai_figures(figures: OpenAiFigureValues) -> Usage {
     let tokens = Tokens::openai(
-        prompt,
-        completion,
-        cached,
-        reasoning,
-        Some(total),
-        Some(cache_hit),
+        figures.prompt,
+        figures.completion,
+        figures.cached,
+        figures.reasoning,
+        Some(figures.total),
+        Some(figures.cache_hit),
+        figures.cache_write,
     );
     Usage {
         input: tokens.prompt,
         output: tokens.completion,
         cache_read: tokens.cached_prompt,
-        ..Usage::default()
+        cache_creation: tokens.cache_write,
+        cache_creation_1h: 0,
     }
 }
 
-/// OpenAI's `usage` for these counts. The cache write has no OpenAI field: it is counted in
-/// `prompt_tokens` and also given as `prompt_tokens_details.cache_creation_tokens`.
+/// OpenAI's `usage` for these counts. The cache write is counted in `prompt_tokens` and also
+/// given as `prompt_tokens_details.cache_write_tokens`, OpenAI's own name for it.
 pub fn openai_usage_value(usage: Usage) -> Value {
     json!(OpenAiUsage::from(usage))
 }
@@ -333,7 +342,7 @@ pub(super) struct OpenAiUsage {
 #[derive(serde::Serialize)]
 struct PromptDetails {
     cached_tokens: u64,
-    cache_creation_tokens: u64,
+    cache_write_tokens: u64,
 }
 
 impl From<Usage> for OpenAiUsage {
@@ -344,7 +353,7 @@ impl From<Usage> for OpenAiUsage {
             total_tokens: usage.input.saturating_add(usage.output),
             prompt_tokens_details: PromptDetails {
                 cached_tokens: usage.cache_read,
-                cache_creation_tokens: usage.cache_creation,
+                cache_write_tokens: usage.cache_creation,
             },
         }
     }
@@ -664,42 +673,54 @@ impl LenientKind for OpenAiFigures {
             "completion_tokens_details",
             "total_tokens",
             "prompt_cache_hit_tokens",
+            "cached_tokens",
         ]);
-        let mut figures = [0u64; 6];
+        let mut figures = [0u64; 7];
+        let mut cache_write = 0;
         members(map, NAMES, |at, map| {
             figures[at] = match at {
-                2 => map.next_value::<DetailsFigure<CachedName>>()?.0,
-                3 => map.next_value::<DetailsFigure<ReasoningName>>()?.0,
+                2 => {
+                    let [cached, written] = map.next_value::<DetailsFigures<CachedNames>>()?.0;
+                    cache_write = written;
+                    cached
+                }
+                3 => map.next_value::<DetailsFigures<ReasoningName>>()?.0[0],
                 _ => map.next_value::<Count>()?.0,
             };
             Ok(())
         })?;
-        let [prompt, completion, cached, reasoning, total, cache_hit] = figures;
-        Ok(Self(usage_of_openai_figures(
-            prompt, completion, cached, reasoning, total, cache_hit,
-        )))
+        let [prompt, completion, cached, reasoning, total, deepseek_hit, kimi_hit] = figures;
+        Ok(Self(usage_of_openai_figures(OpenAiFigureValues {
+            prompt,
+            completion,
+            cached,
+            cache_write,
+            reasoning,
+            total,
+            cache_hit: deepseek_hit.max(kimi_hit),
+        })))
     }
 }
 
-/// The one figure of a details object that is read (`N`'s name: `prompt_tokens_details`'s
-/// `cached_tokens`, `completion_tokens_details`'s `reasoning_tokens`), leniently as
-/// [`OpenAiFigures`] are.
-struct DetailsFigure<N>(u64, std::marker::PhantomData<N>);
+/// The figures of a details object that are read (`N`'s names: `prompt_tokens_details`'s
+/// `cached_tokens` and `cache_write_tokens`, `completion_tokens_details`'s
+/// `reasoning_tokens`), leniently as [`OpenAiFigures`] are.
+struct DetailsFigures<N>([u64; 2], std::marker::PhantomData<N>);
 
-impl<N> Default for DetailsFigure<N> {
+impl<N> Default for DetailsFigures<N> {
     fn default() -> Self {
-        Self(0, std::marker::PhantomData)
+        Self([0; 2], std::marker::PhantomData)
     }
 }
 
-/// The name of the figure a [`DetailsFigure`] reads.
+/// The names of the figures a [`DetailsFigures`] reads (two at most).
 trait DetailsName {
     const NAMES: Names;
 }
 
-struct CachedName;
-impl DetailsName for CachedName {
-    const NAMES: Names = Names(&["cached_tokens"]);
+struct CachedNames;
+impl DetailsName for CachedNames {
+    const NAMES: Names = Names(&["cached_tokens", "cache_write_tokens"]);
 }
 
 struct ReasoningName;
@@ -707,20 +728,20 @@ impl DetailsName for ReasoningName {
     const NAMES: Names = Names(&["reasoning_tokens"]);
 }
 
-impl<'de, N: DetailsName> serde::Deserialize<'de> for DetailsFigure<N> {
+impl<'de, N: DetailsName> serde::Deserialize<'de> for DetailsFigures<N> {
     fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        value.deserialize_any(Lenient::<DetailsFigure<N>>::default())
+        value.deserialize_any(Lenient::<DetailsFigures<N>>::default())
     }
 }
 
-impl<N: DetailsName> LenientKind for DetailsFigure<N> {
+impl<N: DetailsName> LenientKind for DetailsFigures<N> {
     fn object<'de, A: serde::de::MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
-        let mut figure = 0;
-        members(map, N::NAMES, |_, map| {
-            figure = map.next_value::<Count>()?.0;
+        let mut figures = [0; 2];
+        members(map, N::NAMES, |at, map| {
+            figures[at] = map.next_value::<Count>()?.0;
             Ok(())
         })?;
-        Ok(Self(figure, std::marker::PhantomData))
+        Ok(Self(figures, std::marker::PhantomData))
     }
 }
 
@@ -927,6 +948,10 @@ mod tests {
             1 => (0..1000u64, 0..1000u64, 0..100u64, 0..2000u64).prop_map(|(p, c, k, r)| format!(
                 "\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c},\"total_tokens\":{},\"prompt_cache_hit_tokens\":{k},\"completion_tokens_details\":{{\"reasoning_tokens\":{r}}}}}",
                 p + c + r
+            )),
+            // OpenAI's cache writes, Moonshot's cache hits.
+            1 => (0..1000u64, 0..1000u64, 0..100u64, 0..100u64).prop_map(|(p, c, k, w)| format!(
+                "\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c},\"cached_tokens\":{k},\"prompt_tokens_details\":{{\"cache_write_tokens\":{w},\"cached_tokens\":1}}}}"
             )),
             1 => Just("\"usage\":null".to_owned()),
             1 => Just("\"usage\":{\"prompt_tokens\":-1,\"completion_tokens\":2.5,\"prompt_tokens_details\":[1]}".to_owned()),

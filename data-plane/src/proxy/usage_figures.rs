@@ -243,6 +243,8 @@ fn scan_usage(json: &str) -> Option<(Tokens, bool)> {
 struct PromptDetails {
     #[serde(default)]
     cached_tokens: Option<u64>,
+    #[serde(default)]
+    cache_write_tokens: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -251,9 +253,10 @@ struct CompletionDetails {
     reasoning_tokens: Option<u64>,
 }
 
-/// The figures of `usage` that Sluice records; the others are ignored. `total_tokens` and
-/// `prompt_cache_hit_tokens` only adjust the others ([`Tokens::openai`]) and are read
-/// leniently: one that is not a count is as if absent, as it was before they were read.
+/// The figures of `usage` that Sluice records; the others are ignored. `total_tokens`,
+/// `prompt_cache_hit_tokens` and `cached_tokens` only adjust the others ([`Tokens::openai`])
+/// and are read leniently: one that is not a count is as if absent, as it was before they
+/// were read.
 #[derive(serde::Deserialize)]
 struct Usage {
     #[serde(default)]
@@ -264,6 +267,9 @@ struct Usage {
     total_tokens: Option<u64>,
     #[serde(default, deserialize_with = "lenient_count")]
     prompt_cache_hit_tokens: Option<u64>,
+    /// Moonshot's (Kimi's) cache hits.
+    #[serde(default, deserialize_with = "lenient_count")]
+    cached_tokens: Option<u64>,
     #[serde(default)]
     prompt_tokens_details: Option<PromptDetails>,
     #[serde(default)]
@@ -277,17 +283,20 @@ fn lenient_count<'de, D: serde::Deserializer<'de>>(value: D) -> Result<Option<u6
 
 impl Usage {
     fn tokens(self) -> Tokens {
+        let (cached, written) = self
+            .prompt_tokens_details
+            .map_or((None, None), |d| (d.cached_tokens, d.cache_write_tokens));
         Tokens::openai(
             self.prompt_tokens.unwrap_or(0),
             self.completion_tokens.unwrap_or(0),
-            self.prompt_tokens_details
-                .and_then(|d| d.cached_tokens)
-                .unwrap_or(0),
+            cached.unwrap_or(0),
             self.completion_tokens_details
                 .and_then(|d| d.reasoning_tokens)
                 .unwrap_or(0),
             self.total_tokens,
-            self.prompt_cache_hit_tokens,
+            // `Option`'s order: the larger count, `None` when neither is one.
+            self.prompt_cache_hit_tokens.max(self.cached_tokens),
+            written.unwrap_or(0),
         )
     }
 }
@@ -489,18 +498,20 @@ impl<'a> PlainUsage<'a> {
             return Some((None, plain.at));
         }
         let mut tokens = Tokens::default();
-        let (mut total, mut cache_hit) = (None, None);
-        let mut seen = [false; 6];
+        let (mut total, mut cache_hit, mut kimi_hit) = (None, None, None);
+        let mut seen = [false; 7];
         plain.object(USAGE_ORDER, |plain, key| {
             let (field, figure) = match key {
                 Some(PROMPT_TOKENS) => (0, &mut tokens.prompt),
                 Some(COMPLETION_TOKENS) => (1, &mut tokens.completion),
                 Some(PROMPT_DETAILS) => {
-                    tokens.cached_prompt = plain.details(PROMPT_DETAILS_ORDER)?;
+                    let [cached, _, written] = plain.details(PROMPT_DETAILS_ORDER)?;
+                    tokens.cached_prompt = cached;
+                    tokens.cache_write = written;
                     return once(&mut seen[2]);
                 }
                 Some(COMPLETION_DETAILS) => {
-                    tokens.reasoning = plain.details(COMPLETION_DETAILS_ORDER)?;
+                    tokens.reasoning = plain.details(COMPLETION_DETAILS_ORDER)?[0];
                     return once(&mut seen[3]);
                 }
                 Some(TOTAL_TOKENS) => {
@@ -510,6 +521,10 @@ impl<'a> PlainUsage<'a> {
                 Some(PROMPT_CACHE_HIT) => {
                     cache_hit = plain.count()?;
                     return once(&mut seen[5]);
+                }
+                Some(KIMI_CACHE_HIT) => {
+                    kimi_hit = plain.count()?;
+                    return once(&mut seen[6]);
                 }
                 // Any other key: a count or null, not read.
                 _ => return plain.count().map(drop),
@@ -522,7 +537,7 @@ impl<'a> PlainUsage<'a> {
             completion,
             cached_prompt,
             reasoning,
-            cache_write: _,
+            cache_write,
             cache_write_1h: _,
         } = tokens;
         let tokens = Tokens::openai(
@@ -531,27 +546,32 @@ impl<'a> PlainUsage<'a> {
             cached_prompt,
             reasoning,
             total,
-            cache_hit,
+            cache_hit.max(kimi_hit),
+            cache_write,
         );
         Some((Some(tokens), plain.at))
     }
 
-    /// A details object's figure, the first key of `order` (0 when missing or null, or the
-    /// whole is null); its keys are expected in `order` (see [`Self::object`]).
-    fn details(&mut self, order: &[KeyName]) -> Option<u64> {
+    /// A details object's figures, those of the first three keys of `order` (0 when missing
+    /// or null, or the whole is null); its keys are expected in `order` (see
+    /// [`Self::object`]).
+    fn details(&mut self, order: &[KeyName]) -> Option<[u64; 3]> {
+        let mut figures = [0; 3];
         if self.literal_null() {
-            return Some(0);
+            return Some(figures);
         }
-        let (mut figure, mut seen) = (0, false);
+        let mut seen = [false; 3];
         self.object(order, |plain, key| {
             let count = plain.count()?;
-            if key != Some(0) {
-                return Some(());
+            match key {
+                Some(at) if at < figures.len() => {
+                    figures[at] = count.unwrap_or(0);
+                    once(&mut seen[at])
+                }
+                _ => Some(()),
             }
-            figure = count.unwrap_or(0);
-            once(&mut seen)
         })?;
-        Some(figure)
+        Some(figures)
     }
 
     /// An object: `{`, then for each key (read without escapes) `value` reads its value, told
@@ -663,6 +683,8 @@ const USAGE_ORDER: &[KeyName] = &[
     KeyName::new(b"completion_tokens_details\""),
     // DeepSeek's cache hits (it writes them before `total_tokens`: looked up, not expected).
     KeyName::new(b"prompt_cache_hit_tokens\""),
+    // Moonshot's (Kimi's).
+    KeyName::new(b"cached_tokens\""),
 ];
 /// The indices in [`USAGE_ORDER`] of the keys read.
 const PROMPT_TOKENS: usize = 0;
@@ -671,9 +693,12 @@ const TOTAL_TOKENS: usize = 2;
 const PROMPT_DETAILS: usize = 3;
 const COMPLETION_DETAILS: usize = 4;
 const PROMPT_CACHE_HIT: usize = 5;
+const KIMI_CACHE_HIT: usize = 6;
+/// Read: `cached_tokens` and `cache_write_tokens` (OpenAI writes it last, when at all).
 const PROMPT_DETAILS_ORDER: &[KeyName] = &[
     KeyName::new(b"cached_tokens\""),
     KeyName::new(b"audio_tokens\""),
+    KeyName::new(b"cache_write_tokens\""),
 ];
 const COMPLETION_DETAILS_ORDER: &[KeyName] = &[
     KeyName::new(b"reasoning_tokens\""),
@@ -1615,7 +1640,26 @@ mod tests {
         let deepseek = r#"{"choices":[],"usage":{"completion_tokens":5,"prompt_tokens":1000,"prompt_cache_hit_tokens":990,"prompt_cache_miss_tokens":10,"total_tokens":1005,"completion_tokens_details":{"reasoning_tokens":0}}}"#;
         let xai = r#"{"choices":[],"usage":{"prompt_tokens":10120,"completion_tokens":1499,"total_tokens":14428,"prompt_tokens_details":{"text_tokens":10120,"audio_tokens":0,"image_tokens":0,"cached_tokens":7},"completion_tokens_details":{"reasoning_tokens":2809,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#;
         let openai = r#"{"choices":[],"usage":{"prompt_tokens":100,"completion_tokens":500,"total_tokens":600,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":300,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#;
+        // OpenAI's GPT-5.6 and later, and OpenRouter, report the prompt tokens written to the
+        // cache (billed at the route's write price); Moonshot (Kimi) its cache hits at the top.
+        let writes = r#"{"choices":[],"usage":{"prompt_tokens":10000,"completion_tokens":2,"total_tokens":10002,"prompt_tokens_details":{"cached_tokens":1000,"audio_tokens":0,"cache_write_tokens":8000}}}"#;
+        let writes_first = r#"{"choices":[],"usage":{"prompt_tokens":10000,"completion_tokens":2,"prompt_tokens_details":{"cache_write_tokens":8000,"cached_tokens":1000}}}"#;
+        let kimi = r#"{"choices":[],"usage":{"prompt_tokens":19,"completion_tokens":13,"total_tokens":32,"cached_tokens":12}}"#;
+        let written = Tokens {
+            cached_prompt: 1000,
+            cache_write: 8000,
+            ..tokens(10000, 2)
+        };
         for (body, expected) in [
+            (writes, written),
+            (writes_first, written),
+            (
+                kimi,
+                Tokens {
+                    cached_prompt: 12,
+                    ..tokens(19, 13)
+                },
+            ),
             (
                 deepseek,
                 Tokens {
