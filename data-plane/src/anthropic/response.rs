@@ -37,11 +37,15 @@ pub fn stop_reason(finish_reason: &str) -> &'static str {
 /// `tool_use` when it did, for a backend may say `stop` after calls (Anthropic's clients run
 /// the tools only on `tool_use`), except when it ran out of tokens (`length`), which is
 /// `max_tokens` as Anthropic gives it: the last call may be cut off, and `max_tokens` is what
-/// tells a client not to run it but to ask again with a larger `max_tokens`.
+/// tells a client not to run it but to ask again with a larger `max_tokens`. A finish on tool
+/// calls with no call written (vLLM's answer to `tool_choice: required`, what Anthropic's
+/// `any` becomes, when it parsed none) is `end_turn`: Anthropic never says `tool_use` without
+/// a `tool_use` block, and a client looking for the block fails.
 pub fn stop_reason_of(finish_reason: Option<&str>, called: bool) -> &'static str {
     match finish_reason {
         Some("length") => "max_tokens",
         _ if called => "tool_use",
+        Some("tool_calls" | "function_call") => "end_turn",
         finish_reason => finish_reason.map_or("end_turn", stop_reason),
     }
 }
@@ -795,6 +799,23 @@ mod tests {
     use super::*;
     use crate::anthropic::request::tests::{deep, tool_call};
     use proptest::prelude::*;
+
+    /// `tool_use` only with a `tool_use` block: vLLM finishes on `tool_calls` with none when
+    /// `tool_choice: required` parsed no call.
+    #[test]
+    fn a_finish_on_tool_calls_without_a_call_is_the_end_of_the_turn() {
+        for body in [
+            json!({"id": "c", "model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi", "tool_calls": []}, "finish_reason": "tool_calls"}]}),
+            json!({"id": "c", "model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "tool_calls"}]}),
+        ] {
+            let message = completion_to_message(&body).unwrap();
+            assert_eq!(message["stop_reason"], "end_turn", "{body}");
+            assert_eq!(message["content"], json!([{"type": "text", "text": "hi"}]));
+        }
+        assert_eq!(stop_reason_of(Some("tool_calls"), true), "tool_use");
+        assert_eq!(stop_reason_of(Some("stop"), true), "tool_use");
+        assert_eq!(stop_reason_of(Some("length"), true), "max_tokens");
+    }
 
     /// Values a `usage` figure may hold: counts, and what is read as 0.
     fn figure() -> impl Strategy<Value = &'static str> {
