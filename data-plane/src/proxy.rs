@@ -286,16 +286,22 @@ async fn serve_as(
     let arrived = app.store.clock().wall();
     let request_id = request_id(request.headers());
     let response = match app.store.load() {
-        None => unaccounted(
-            &app,
-            id_text(&request_id),
-            started,
-            endpoint,
-            ProxyError::NotReady,
-        ),
+        None => {
+            linger(request);
+            unaccounted(
+                &app,
+                id_text(&request_id),
+                started,
+                endpoint,
+                ProxyError::NotReady,
+            )
+        }
         Some(snapshot) => {
             match authenticate(&snapshot, request.headers(), endpoint.format(), arrived) {
-                Err(e) => unaccounted(&app, id_text(&request_id), started, endpoint, e),
+                Err(e) => {
+                    linger(request);
+                    unaccounted(&app, id_text(&request_id), started, endpoint, e)
+                }
                 Ok(key) => {
                     let mut acct = Accounting::new(
                         app.usage.clone(),
@@ -318,6 +324,17 @@ async fn serve_as(
         }
     };
     with_request_id(response, request_id)
+}
+
+/// Reads and throws away the body of a request refused before it was read (a key that is
+/// wrong, expired or revoked; a replica not ready), as a refused oversized body is
+/// ([`discard_rest`]): a client still uploading a long conversation gets its 401 or 503, not
+/// a broken pipe.
+fn linger(request: Request) {
+    let body = request.into_body();
+    if !http_body::Body::is_end_stream(&body) {
+        discard_rest(body);
+    }
 }
 
 /// Answers a request refused before it belongs to a client key (no usage record): the
@@ -553,7 +570,11 @@ async fn read_body_within(
             discard_rest(body);
             return Err(too_large);
         }
-        hold(data.len())?;
+        if let Err(refused) = hold(data.len()) {
+            // The memory for bodies is full: its 503 must reach a client still uploading.
+            discard_rest(body);
+            return Err(refused);
+        }
         collected.push(data);
     }
     Ok(collected.into_bytes())
@@ -612,7 +633,7 @@ impl Collected {
 }
 
 /// Reads and throws away what is left of a refused body (up to [`LINGER_BYTES`] within
-/// [`LINGER_TIME`]) while the 413 goes out. Closing the connection with the upload still
+/// [`LINGER_TIME`]) while the refusal (413, 401, 503) goes out. Closing the connection with the upload still
 /// arriving would reset it, and a client busy writing its body would then see a broken pipe
 /// instead of the answer; nginx lingers on close for the same reason.
 fn discard_rest(mut body: axum::body::Body) {

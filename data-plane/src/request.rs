@@ -30,6 +30,8 @@ pub enum RequestError {
     },
     #[error("Duplicate key '{0}' in the request body.")]
     DuplicateKey(&'static str),
+    #[error("The request body has more than {MAX_MEMBERS} top-level members.")]
+    TooManyMembers,
 }
 
 impl RequestError {
@@ -38,7 +40,7 @@ impl RequestError {
         match self {
             Self::MissingModel => Some("model"),
             Self::InvalidType { param, .. } | Self::DuplicateKey(param) => Some(param),
-            Self::InvalidJson(_) | Self::NotAnObject => None,
+            Self::InvalidJson(_) | Self::NotAnObject | Self::TooManyMembers => None,
         }
     }
 
@@ -46,7 +48,7 @@ impl RequestError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::InvalidJson(_) => "invalid_json",
-            Self::NotAnObject => "invalid_request_body",
+            Self::NotAnObject | Self::TooManyMembers => "invalid_request_body",
             Self::MissingModel => "missing_required_parameter",
             Self::InvalidType { .. } => "invalid_type",
             Self::DuplicateKey(_) => "duplicate_key",
@@ -85,7 +87,9 @@ pub fn parse_received(body: &Bytes) -> Result<ParsedRequest<'_>, RequestError> {
 /// Parses the fields routing needs and checks their types.
 pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
     let Fields(fields) = top_level_fields(bytes).map_err(|e| {
-        if e.is_data() {
+        if e.to_string().starts_with(TOO_MANY_MEMBERS) {
+            RequestError::TooManyMembers
+        } else if e.is_data() {
             RequestError::NotAnObject
         } else {
             RequestError::InvalidJson(e.to_string())
@@ -414,8 +418,18 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
-/// A JSON object's members in their original order, values unparsed.
+/// A JSON object's members in their original order, values unparsed; at most
+/// [`MAX_MEMBERS`] of them.
 pub(crate) struct Fields<'a>(pub(crate) Vec<(Key<'a>, &'a RawValue)>);
+
+/// The most members a [`Fields`] takes: far more than any API's request or answer object has
+/// (OpenAI's and Anthropic's requests have fewer than 60), far fewer than a body of nothing
+/// but members could hold. Each takes 40 bytes beside the body: a 16 MiB body of 3 million
+/// empty members made a list of 168 MB, counted in no memory bound, held for the whole call.
+pub(crate) const MAX_MEMBERS: usize = 4096;
+
+/// The error a [`Fields`] past [`MAX_MEMBERS`] fails with.
+const TOO_MANY_MEMBERS: &str = "an object of more than 4096 members";
 
 impl<'de> Deserialize<'de> for Fields<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -426,8 +440,11 @@ impl<'de> Deserialize<'de> for Fields<'de> {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
-                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8).min(64));
                 while let Some(entry) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                    if fields.len() == MAX_MEMBERS {
+                        return Err(de::Error::custom(TOO_MANY_MEMBERS));
+                    }
                     fields.push(entry);
                 }
                 Ok(Fields(fields))
@@ -451,6 +468,23 @@ mod tests {
     /// `prompt_cache_key` is read for routing when it is a string that is not empty; any other
     /// value, and a duplicate, are the upstream's to judge (the last one is read, as JSON
     /// parsers keep), not refused here.
+    #[test]
+    fn a_body_of_more_members_than_any_api_has_is_refused_before_they_are_collected() {
+        let body = |members: usize| {
+            let mut text = String::from("{\"model\":\"m\"");
+            for _ in 1..members {
+                text.push_str(",\"\":0");
+            }
+            text.push('}');
+            text
+        };
+        assert!(parse(body(MAX_MEMBERS).as_bytes()).is_ok());
+        let refused = parse(body(MAX_MEMBERS + 1).as_bytes()).unwrap_err();
+        assert_eq!(refused, RequestError::TooManyMembers);
+        assert_eq!(refused.code(), "invalid_request_body");
+        assert_eq!(TOO_MANY_MEMBERS, format!("an object of more than {MAX_MEMBERS} members"));
+    }
+
     #[test]
     fn a_prompt_cache_key_is_read_when_a_string() {
         let key = |body: &str| {

@@ -448,6 +448,39 @@ async fn a_stream_that_ends_cleanly_after_its_usage_without_done_is_complete() {
     }
 }
 
+/// A request refused before its body is read (a wrong or expired key, the memory for bodies
+/// full) gets its refusal while its client is still uploading. The connection was closed with
+/// the upload unread, which resets it: a user whose key had expired sent a long conversation
+/// and read "Connection error" (retried twice, three uploads), never why.
+#[tokio::test]
+async fn a_request_refused_before_its_body_is_read_gets_its_refusal_while_uploading() {
+    let upstream = EchoUpstream::start().await;
+    let h = Harness::start_with(one_primary_snapshot(&upstream.base_url()), |c| {
+        c.max_buffered_body_bytes = 1 << 20;
+    })
+    .await;
+    let big = vec![b' '; 3 << 20];
+    let post = |key: &'static str| {
+        h.http
+            .post(h.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .body(big.clone())
+            .send()
+    };
+    for _ in 0..3 {
+        let answer = post("sk-sluice-not-a-key")
+            .await
+            .expect("the 401, not a reset connection");
+        assert_error(answer, 401, "invalid_api_key").await;
+    }
+    for _ in 0..3 {
+        let answer = post(KEY).await.expect("the 503, not a reset connection");
+        assert_eq!(answer.headers()["retry-after"], "1");
+        assert_error(answer, 503, "server_busy").await;
+    }
+    assert!(upstream.seen().is_empty());
+}
+
 #[tokio::test]
 async fn a_stream_framed_any_way_is_relayed_alike_and_its_usage_chunk_hidden_unless_asked() {
     let chunk = |delta: Value, finish: Value| {

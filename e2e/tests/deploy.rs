@@ -595,8 +595,9 @@ fn quantity_bytes(quantity: &str) -> u64 {
 }
 
 /// The data plane holds request bodies in memory up to `--max-buffered-body-bytes` (each up
-/// to twice), whole answers and streams' large events up to `--max-buffered-answer-bytes`, a
-/// connection its request head and a stream's small event, and a restart replays its
+/// to twice), whole answers and streams' large events up to `--max-buffered-answer-bytes`,
+/// its own answers on HTTP/2 up to one key's share of that, a connection its request head and
+/// a small answer or a stream's small event, and a restart replays its
 /// spool into memory (up to 75 MB at the default). Its pod's memory limit must hold that,
 /// or the kernel kills the pod, every request on it with it, before the 503 `server_busy`
 /// that bound promises; the limit was once that bound itself.
@@ -619,15 +620,21 @@ fn the_data_planes_memory_limit_holds_what_it_may_buffer() {
     };
     let bodies = env("SLUICE_MAX_BUFFERED_BODY_BYTES");
     let answers = env("SLUICE_MAX_BUFFERED_ANSWER_BYTES");
+    // The replica's own answers on HTTP/2 (errors, model lists, /metrics) have a pool of one
+    // key's share of the answers.
+    let mut config = sluice_proxy::Config::new("http://cp", ([0, 0, 0, 0], 8080).into());
+    config.max_buffered_answer_bytes = usize::try_from(answers).unwrap();
+    let own = config.answers_per_key() as u64;
     // Each connection may hold a request head of up to the listener's bound until it ends,
-    // and a stream what it holds of an event uncounted.
+    // and on HTTP/1 an answer of up to 64 KiB or a stream's small event, uncounted.
     let heads = env("SLUICE_MAX_CONNECTIONS")
         * (sluice_listener::MAX_HEAD_BYTES + sluice_proxy::answer_memory::UNCOUNTED_STREAM_BYTES)
             as u64;
     assert!(
-        limit >= 2 * bodies + answers + heads + (128 << 20),
+        limit >= 2 * bodies + answers + own + heads + (128 << 20),
         "a memory limit of {limit} bytes cannot hold twice {bodies} bytes of bodies, \
-         {answers} of answers, {heads} of request heads and streams' events, and 128 MiB"
+         {answers} of answers, {own} of the replica's own answers, {heads} of request heads \
+         and small answers, and 128 MiB"
     );
 }
 
