@@ -427,6 +427,7 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
             // One read transaction, so the version matches the contents.
             let tx = conn.transaction()?;
             let version = crate::store::read_version_in(&tx)?;
+            let database_id = crate::store::database_id_in(&tx)?;
             let now = now_ms();
             let cooldowns = crate::store::load_cooldown_states_in(&tx)?;
             let backends = crate::store::load_enabled_with_keys_in(&tx, key)?
@@ -512,6 +513,7 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                 epoch,
                 affinity_keys,
                 share_holders,
+                database_id,
             })
         })
         .await
@@ -560,6 +562,7 @@ mod tests {
                 id: 1,
                 secret: vec![7; 32],
             }],
+            database_id: "database".into(),
         }
     }
 
@@ -593,6 +596,29 @@ mod tests {
             Some(duration(10_000))
         );
         assert_eq!(decoded.backends[1].cooldown_until, None, "ended by then");
+    }
+
+    /// Snapshots name the database they were built from: the same after a restart and in a
+    /// backup (a restore is followed by the replicas), another for another database (which
+    /// replicas holding the first refuse: a control plane started on an empty database must
+    /// not empty them).
+    #[tokio::test]
+    async fn snapshots_name_their_database_and_a_backup_keeps_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::crypto::MasterKey::generate();
+        let path = dir.path().join("t.db");
+        let id = |store| async move { build(&store, "epoch").await.unwrap().database_id };
+        let (store, _) = Store::open(&path, key.clone()).unwrap();
+        let first = id(store).await;
+        assert_eq!(first.len(), 32, "{first}");
+        let copy = dir.path().join("copy.db");
+        crate::store::backup::backup(&path, &copy).unwrap();
+        let (again, _) = Store::open(&path, key.clone()).unwrap();
+        assert_eq!(id(again).await, first);
+        let (restored, _) = Store::open(&copy, key.clone()).unwrap();
+        assert_eq!(id(restored).await, first);
+        let (other, _) = Store::open(&dir.path().join("other.db"), key).unwrap();
+        assert_ne!(id(other).await, first);
     }
 
     /// Keys expiring or spending their budgets, and backends cooling down, grow the snapshot

@@ -158,6 +158,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0015_cache_writes.sql"),
     include_str!("../../migrations/0016_key_spend_total.sql"),
     include_str!("../../migrations/0017_client_key_order.sql"),
+    include_str!("../../migrations/0018_database_id.sql"),
 ];
 
 /// A handle to the database; cheap to clone.
@@ -515,6 +516,13 @@ fn verify_or_write_check(conn: &Connection, key: &MasterKey) -> Result<Opened, S
 /// Read access for the snapshot builder, which reads everything in one transaction.
 pub(crate) fn read_version_in(conn: &Connection) -> Result<u64, StoreError> {
     Ok(read_version(conn)?)
+}
+
+/// The database's identity (migration 18), which snapshots carry.
+pub(crate) fn database_id_in(conn: &Connection) -> Result<String, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'database_id'")?
+        .query_row([], |r| r.get::<_, String>(0))?)
 }
 pub(crate) use affinity_keys::load_active as load_affinity_keys_in;
 pub(crate) use backends::load_enabled_with_keys as load_enabled_with_keys_in;

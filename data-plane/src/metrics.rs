@@ -375,7 +375,7 @@ pub struct Metrics {
     snapshot_version: Gauge,
     snapshot_refusals: Family<RefusalLabels, Counter>,
     /// Refusals already added to `snapshot_refusals` (the store counts them itself).
-    snapshot_refusals_seen: [AtomicU64; 3],
+    snapshot_refusals_seen: [AtomicU64; 4],
     snapshot_age: Gauge<f64, AtomicU64>,
     control_plane_connected: Gauge,
     usage_queue: Gauge,
@@ -533,8 +533,9 @@ impl Metrics {
         registry.register(
             "snapshot_refusals",
             "Snapshots this replica refused, by reason: `stale` (older than the current one of \
-             the same control-plane epoch), `invalid`, `too_large` (past the snapshot size limit); \
-             the current snapshot stays in force",
+             the same control-plane epoch), `invalid`, `too_large` (past the snapshot size limit), \
+             `other_database` (built from another database than the current one's); the current \
+             snapshot stays in force",
             snapshot_refusals.clone(),
         );
         let snapshot_age = Gauge::<f64, AtomicU64>::default();

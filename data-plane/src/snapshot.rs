@@ -58,6 +58,13 @@ pub enum SnapshotError {
     UpstreamClient(String),
     #[error("affinity key {0}: the secret must be 32 bytes")]
     InvalidAffinityKey(u32),
+    #[error(
+        "the snapshot comes from another database ({got}) than the one this replica serves \
+         ({have}): the control plane was started on an empty or another database (a restore \
+         copied to the wrong place, a volume not mounted?). Serving the current snapshot; \
+         restart this replica to take the new database deliberately"
+    )]
+    OtherDatabase { got: String, have: String },
 }
 
 /// The endpoints the proxy serves: OpenAI's, and Anthropic's Messages API.
@@ -376,6 +383,9 @@ impl ClientKey {
 pub struct Snapshot {
     /// The control plane's start this snapshot came from (versions compare only within one).
     pub epoch: String,
+    /// The database it was built from (empty from a control plane that predates the id): a
+    /// snapshot of another database is refused ([`SnapshotError::OtherDatabase`]).
+    pub database_id: String,
     pub version: u64,
     pub nonce: String,
     pub created: Option<SystemTime>,
@@ -645,6 +655,7 @@ impl Snapshot {
         Ok(Self {
             affinity: Arc::new(affinity),
             epoch: message.epoch,
+            database_id: message.database_id,
             version: message.version,
             nonce: message.nonce,
             created: message.create_time.as_ref().and_then(system_time),
@@ -766,16 +777,24 @@ pub enum Refusal {
     Invalid,
     /// Larger than [`sluice_proto::limits::MAX_SNAPSHOT_BYTES`]: it was not even decoded.
     TooLarge,
+    /// Built from another database than the current one ([`SnapshotError::OtherDatabase`]).
+    OtherDatabase,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 3] = [Refusal::Stale, Refusal::Invalid, Refusal::TooLarge];
+    pub const ALL: [Refusal; 4] = [
+        Refusal::Stale,
+        Refusal::Invalid,
+        Refusal::TooLarge,
+        Refusal::OtherDatabase,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::Stale => "stale",
             Refusal::Invalid => "invalid",
             Refusal::TooLarge => "too_large",
+            Refusal::OtherDatabase => "other_database",
         }
     }
 }
@@ -800,7 +819,7 @@ pub struct SnapshotStore {
     /// How they make TLS connections.
     tls: UpstreamTls,
     /// Snapshots refused since start, by [`Refusal`] (in the order of [`Refusal::ALL`]).
-    refusals: [AtomicU64; 3],
+    refusals: [AtomicU64; 4],
     /// Set by a refusal that leaves this replica behind, cleared by the next snapshot taken.
     stale: Mutex<Option<Stale>>,
     clock: Clock,
@@ -945,11 +964,15 @@ impl SnapshotStore {
             Ok(_) => self.set_stale(None),
             // An older snapshot than the current one leaves nothing behind.
             Err(SnapshotError::Stale { .. }) => self.refused(Refusal::Stale),
-            Err(_) => {
-                self.refused(Refusal::Invalid);
+            Err(e) => {
+                let why = match e {
+                    SnapshotError::OtherDatabase { .. } => Refusal::OtherDatabase,
+                    _ => Refusal::Invalid,
+                };
+                self.refused(why);
                 self.set_stale(Some(Stale {
                     refused_version: Some(version),
-                    why: Refusal::Invalid,
+                    why,
                 }));
             }
         }
@@ -958,6 +981,18 @@ impl SnapshotStore {
 
     fn try_apply(&self, message: proto::Snapshot, now: Now) -> Result<Applied, SnapshotError> {
         let current = self.current.load_full();
+        // Another database is not followed as another epoch is: a control plane started on an
+        // empty or wrong one would take every backend and key from every replica at once.
+        if let Some(current) = current.as_ref()
+            && !current.database_id.is_empty()
+            && !message.database_id.is_empty()
+            && current.database_id != message.database_id
+        {
+            return Err(SnapshotError::OtherDatabase {
+                got: message.database_id,
+                have: current.database_id.clone(),
+            });
+        }
         if let Some(current) = current.as_ref().filter(|c| c.epoch == message.epoch) {
             if message.version < current.version {
                 return Err(SnapshotError::Stale {
@@ -1111,6 +1146,7 @@ pub(crate) mod tests {
             epoch: "e1".into(),
             affinity_keys: vec![],
             share_holders: vec![],
+            database_id: "db-1".into(),
         }
     }
 
@@ -1248,9 +1284,62 @@ pub(crate) mod tests {
             [
                 (Refusal::Stale, 1),
                 (Refusal::Invalid, 0),
-                (Refusal::TooLarge, 0)
+                (Refusal::TooLarge, 0),
+                (Refusal::OtherDatabase, 0)
             ]
         );
+    }
+
+    /// A control plane started on an empty or wrong database (a restore copied to the wrong
+    /// place, a volume not mounted) sends a snapshot of another database, with no backend and
+    /// no key: taken as a new epoch is, it emptied every replica at once. It is refused, the
+    /// current one stays, and `/readyz` says why; the same database restored (a new epoch,
+    /// lower versions) is followed, and a control plane that predates the id is taken as any.
+    #[tokio::test]
+    async fn a_snapshot_of_another_database_is_refused() {
+        let store = SnapshotStore::default();
+        store.apply(snapshot(8)).unwrap();
+        let empty = proto::Snapshot {
+            epoch: "e2".into(),
+            database_id: "db-2".into(),
+            backends: vec![],
+            client_keys: vec![],
+            ..snapshot(1)
+        };
+        assert!(matches!(
+            store.apply(empty),
+            Err(SnapshotError::OtherDatabase { .. })
+        ));
+        assert_eq!(store.load().unwrap().version, 8);
+        assert_eq!(store.load().unwrap().backends.len(), 3);
+        assert_eq!(
+            store.stale(),
+            Some(Stale {
+                refused_version: Some(1),
+                why: Refusal::OtherDatabase
+            })
+        );
+        let restored = proto::Snapshot {
+            epoch: "e3".into(),
+            ..snapshot(3)
+        };
+        assert_eq!(store.apply(restored).unwrap(), Applied::Swapped);
+        assert_eq!(store.stale(), None);
+        let unnamed = proto::Snapshot {
+            epoch: "e4".into(),
+            database_id: String::new(),
+            ..snapshot(2)
+        };
+        assert_eq!(store.apply(unnamed).unwrap(), Applied::Swapped);
+        let counts: Vec<(Refusal, u64)> = store.refusals().collect();
+        assert_eq!(counts[3], (Refusal::OtherDatabase, 1));
+        // A replica just started takes any database.
+        let fresh = SnapshotStore::default();
+        let other = proto::Snapshot {
+            database_id: "db-2".into(),
+            ..snapshot(1)
+        };
+        assert_eq!(fresh.apply(other).unwrap(), Applied::Swapped);
     }
 
     #[tokio::test]

@@ -110,6 +110,7 @@ fn snapshot() -> pb::Snapshot {
             .map(|i| format!("{i:0>width$}", width = sluice_proto::limits::MAX_ID_BYTES))
             .collect(),
         epoch: "0".repeat(32),
+        database_id: "0".repeat(32),
         // More affinity keys than rotation ever keeps active.
         affinity_keys: (0..16)
             .map(|id| pb::AffinityKey {

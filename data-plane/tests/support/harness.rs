@@ -100,6 +100,7 @@ pub fn snapshot(version: u64, backends: Vec<proto::SnapshotBackend>) -> proto::S
         settings: Some(settings()),
         replica_count: 1,
         share_holders: Vec::new(),
+        database_id: "database-1".into(),
         epoch: "epoch-1".into(),
         affinity_keys: vec![proto::AffinityKey {
             id: 1,
