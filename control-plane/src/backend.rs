@@ -385,7 +385,18 @@ pub fn same_origin(a: &str, b: &str) -> bool {
     }
 }
 
-/// An http(s) URL with a host, no query, fragment or credentials; a trailing `/` is dropped.
+/// The paths the data planes append to a base URL, which a base URL does not end with.
+const ENDPOINT_PATHS: [&str; 6] = [
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/responses",
+    "/messages",
+    "/models",
+];
+
+/// An http(s) URL with a host, no query, fragment or credentials, not ending with an
+/// endpoint's path; a trailing `/` is dropped.
 fn normalize_base_url(raw: &str) -> Result<String, ValidationError> {
     let field = "backend.base_url";
     let bad = |why: &str| ValidationError::new(field, why.to_owned());
@@ -413,6 +424,15 @@ fn normalize_base_url(raw: &str) -> Result<String, ValidationError> {
         return Err(bad("must not have a query or fragment"));
     }
     let normalized = url.as_str().trim_end_matches('/');
+    // The data planes append the endpoint's path: a URL copied with it already in place
+    // (`…/v1/chat/completions`) sent every request to `…/chat/completions/chat/completions`,
+    // whose 404 went to clients as it came, with no failover and no cooldown.
+    if let Some(endpoint) = ENDPOINT_PATHS.iter().find(|p| normalized.ends_with(*p)) {
+        return Err(bad(&format!(
+            "must be the API's base, without the endpoint's path ({endpoint}): the data planes \
+             add it; e.g. https://api.openai.com/v1"
+        )));
+    }
     if normalized.len() > MAX_BASE_URL_BYTES {
         return Err(bad(&format!("must be at most {MAX_BASE_URL_BYTES} bytes")));
     }
@@ -502,6 +522,10 @@ mod tests {
             "https://a\"b.example/v1",
             "https://a%7Bb.example/v1",
             "https://a`b.example/v1",
+            // The endpoint's path is the data planes' to add.
+            "https://api.openai.com/v1/chat/completions",
+            "https://api.anthropic.com/v1/messages/",
+            "http://localhost:8000/v1/embeddings",
         ] {
             let err = BackendSpec {
                 base_url: url.into(),
