@@ -249,6 +249,20 @@ impl Store {
         configure(&conn)?;
         sql_functions::register(&conn)?;
         let before: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        // A wrong master key is refused before any migration runs: refused after, it left the
+        // database at a version the binary rolled back to could no longer open.
+        if before > 0 {
+            let check: Option<Vec<u8>> = conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'master_key_check'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if check.is_some_and(|check| !key.verify_check(&check)) {
+                return Err(StoreError::WrongMasterKey);
+            }
+        }
         Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect()).to_latest(&mut conn)?;
         let after: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if after != before {
@@ -637,6 +651,33 @@ mod tests {
     /// A write SQLite refuses (here, a table that does not exist; in life, a full volume) is
     /// counted as a failed write, not as a write: the write-time histogram looked healthy
     /// while every write failed.
+    /// A wrong master key is refused before a pending migration runs: refused after, the
+    /// database was left at a schema the binary rolled back to could not open ("migration
+    /// number that is too high"), for a mistake that changed nothing.
+    #[test]
+    fn a_wrong_master_key_is_refused_before_any_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let right = MasterKey::generate();
+        drop(Store::open(&path, right.clone()).unwrap());
+        let latest = MIGRATIONS.len() as i64;
+        // As a database one version behind: its last migration still to run.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("DELETE FROM meta WHERE key = 'database_id'", [])
+            .unwrap();
+        conn.pragma_update(None, "user_version", latest - 1).unwrap();
+        drop(conn);
+        let refused = Store::open(&path, MasterKey::generate()).err().unwrap();
+        assert!(matches!(refused, StoreError::WrongMasterKey), "{refused}");
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, latest - 1);
+        // The right key migrates it.
+        drop(Store::open(&path, right).unwrap());
+    }
+
     #[tokio::test]
     async fn a_write_sqlite_refuses_is_counted_as_failed() {
         #[derive(Default)]
