@@ -665,7 +665,8 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         conn.execute("DELETE FROM meta WHERE key = 'database_id'", [])
             .unwrap();
-        conn.pragma_update(None, "user_version", latest - 1).unwrap();
+        conn.pragma_update(None, "user_version", latest - 1)
+            .unwrap();
         drop(conn);
         let refused = Store::open(&path, MasterKey::generate()).err().unwrap();
         assert!(matches!(refused, StoreError::WrongMasterKey), "{refused}");

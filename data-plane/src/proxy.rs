@@ -287,7 +287,7 @@ async fn serve_as(
     let request_id = request_id(request.headers());
     let response = match app.store.load() {
         None => {
-            linger(request);
+            linger(request, app.limits.max_body_bytes);
             unaccounted(
                 &app,
                 id_text(&request_id),
@@ -299,7 +299,7 @@ async fn serve_as(
         Some(snapshot) => {
             match authenticate(&snapshot, request.headers(), endpoint.format(), arrived) {
                 Err(e) => {
-                    linger(request);
+                    linger(request, app.limits.max_body_bytes);
                     unaccounted(&app, id_text(&request_id), started, endpoint, e)
                 }
                 Ok(key) => {
@@ -330,10 +330,10 @@ async fn serve_as(
 /// wrong, expired or revoked; a replica not ready), as a refused oversized body is
 /// ([`discard_rest`]): a client still uploading a long conversation gets its 401 or 503, not
 /// a broken pipe.
-fn linger(request: Request) {
+fn linger(request: Request, limit: usize) {
     let body = request.into_body();
     if !http_body::Body::is_end_stream(&body) {
-        discard_rest(body);
+        discard_rest(body, limit);
     }
 }
 
@@ -558,7 +558,7 @@ async fn read_body_within(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        discard_rest(body);
+        discard_rest(body, LINGER_BYTES);
         return Err(too_large);
     }
     let mut collected = Collected::default();
@@ -567,12 +567,13 @@ async fn read_body_within(
             continue; // trailers
         };
         if collected.len() + data.len() > limit {
-            discard_rest(body);
+            discard_rest(body, LINGER_BYTES);
             return Err(too_large);
         }
         if let Err(refused) = hold(data.len()) {
-            // The memory for bodies is full: its 503 must reach a client still uploading.
-            discard_rest(body);
+            // The memory for bodies is full: its 503 must reach a client still uploading a
+            // body of a size that is taken.
+            discard_rest(body, limit);
             return Err(refused);
         }
         collected.push(data);
@@ -632,17 +633,18 @@ impl Collected {
     }
 }
 
-/// Reads and throws away what is left of a refused body (up to [`LINGER_BYTES`] within
-/// [`LINGER_TIME`]) while the refusal (413, 401, 503) goes out. Closing the connection with the upload still
+/// Reads and throws away what is left of a refused body (up to `limit` bytes within
+/// [`LINGER_TIME`]: [`LINGER_BYTES`] past a body too large, else as much as a body may be)
+/// while the refusal (413, 401, 503) goes out. Closing the connection with the upload still
 /// arriving would reset it, and a client busy writing its body would then see a broken pipe
 /// instead of the answer; nginx lingers on close for the same reason.
-fn discard_rest(mut body: axum::body::Body) {
+fn discard_rest(mut body: axum::body::Body, limit: usize) {
     tokio::spawn(async move {
         let drain = async {
             let mut read = 0;
             while let Some(Ok(frame)) = body.frame().await {
                 read += frame.data_ref().map_or(0, Bytes::len);
-                if read > LINGER_BYTES {
+                if read > limit {
                     break;
                 }
             }
@@ -654,7 +656,7 @@ fn discard_rest(mut body: axum::body::Body) {
 /// How much of a refused request body is still read, and for how long, before the
 /// connection closes (see [`discard_rest`]).
 const LINGER_BYTES: usize = 4 * 1024 * 1024;
-const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The request id's header, in the request and in the answer. A name given as text would
 /// be parsed again at each use.

@@ -482,7 +482,10 @@ mod tests {
         let refused = parse(body(MAX_MEMBERS + 1).as_bytes()).unwrap_err();
         assert_eq!(refused, RequestError::TooManyMembers);
         assert_eq!(refused.code(), "invalid_request_body");
-        assert_eq!(TOO_MANY_MEMBERS, format!("an object of more than {MAX_MEMBERS} members"));
+        assert_eq!(
+            TOO_MANY_MEMBERS,
+            format!("an object of more than {MAX_MEMBERS} members")
+        );
     }
 
     #[test]

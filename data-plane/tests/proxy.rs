@@ -459,22 +459,24 @@ async fn a_request_refused_before_its_body_is_read_gets_its_refusal_while_upload
         c.max_buffered_body_bytes = 1 << 20;
     })
     .await;
-    let big = vec![b' '; 3 << 20];
-    let post = |key: &'static str| {
+    // Far larger than what the sockets' buffers take while the refusal goes out.
+    let post = |key: &'static str, bytes: usize| {
         h.http
             .post(h.url("/v1/chat/completions"))
             .bearer_auth(key)
-            .body(big.clone())
+            .body(vec![b' '; bytes])
             .send()
     };
     for _ in 0..3 {
-        let answer = post("sk-sluice-not-a-key")
+        let answer = post("sk-sluice-not-a-key", 12 << 20)
             .await
             .expect("the 401, not a reset connection");
         assert_error(answer, 401, "invalid_api_key").await;
     }
     for _ in 0..3 {
-        let answer = post(KEY).await.expect("the 503, not a reset connection");
+        let answer = post(KEY, 12 << 20)
+            .await
+            .expect("the 503, not a reset connection");
         assert_eq!(answer.headers()["retry-after"], "1");
         assert_error(answer, 503, "server_busy").await;
     }

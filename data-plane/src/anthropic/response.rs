@@ -366,7 +366,7 @@ impl From<Usage> for OpenAiUsage {
 /// Anthropic's `usage` for these counts (`input_tokens` excludes the cached ones).
 pub fn anthropic_usage_value(usage: Usage) -> Value {
     json!({
-        "input_tokens": usage.input.saturating_sub(usage.cache_read + usage.cache_creation),
+        "input_tokens": usage.input.saturating_sub(usage.cache_read.saturating_add(usage.cache_creation)),
         "output_tokens": usage.output,
         "cache_read_input_tokens": usage.cache_read,
         "cache_creation_input_tokens": usage.cache_creation,
@@ -518,11 +518,16 @@ pub fn completion_to_message_in_shape(text: &str) -> Option<Vec<u8>> {
     out.extend_from_slice(b"\",\"stop_sequence\":null,\"type\":\"message\",\"usage\":");
     // Keys in the sorted order of `Value`'s map, as `anthropic_usage_value` gives them.
     for (key, figure) in [
-        (&b"{\"cache_creation_input_tokens\":"[..], 0),
+        (
+            &b"{\"cache_creation_input_tokens\":"[..],
+            usage.cache_creation,
+        ),
         (b",\"cache_read_input_tokens\":", usage.cache_read),
         (
             b",\"input_tokens\":",
-            usage.input.saturating_sub(usage.cache_read),
+            usage
+                .input
+                .saturating_sub(usage.cache_read.saturating_add(usage.cache_creation)),
         ),
         (b",\"output_tokens\":", usage.output),
     ] {
@@ -693,7 +698,15 @@ impl LenientKind for OpenAiFigures {
             };
             Ok(())
         })?;
-        let [prompt, completion, cached, reasoning, total, deepseek_hit, kimi_hit] = figures;
+        let [
+            prompt,
+            completion,
+            cached,
+            reasoning,
+            total,
+            deepseek_hit,
+            kimi_hit,
+        ] = figures;
         Ok(Self(usage_of_openai_figures(OpenAiFigureValues {
             prompt,
             completion,
