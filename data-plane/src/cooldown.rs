@@ -66,6 +66,12 @@ pub struct Basis {
 pub enum Outcome {
     /// The backend answered, including with a 4xx other than 429 (the client's fault).
     Success,
+    /// A stream's first event: the backend answers. It ends the backend's streak as a success
+    /// does (a streak must end as soon as the backend serves again: ended only when a stream
+    /// of tens of seconds ended, every fast failure meanwhile doubled the cooldown, and a
+    /// backend serving streams stayed on its streak for good), but it leaves the count of
+    /// consecutive failures off a streak to the stream's end, a success or a failure then.
+    Answering,
     /// 429, with the upstream's `Retry-After` if it sent one.
     RateLimited { retry_after: Option<Duration> },
     /// 5xx (with the upstream's `Retry-After` if it sent one), connect error, or timeout
@@ -216,7 +222,7 @@ impl CooldownTracker {
         let mut entries = self.lock();
         // The common case, a success on a healthy backend, neither allocates nor reports.
         if !entries.contains_key(backend_id) {
-            if outcome == Outcome::Success {
+            if matches!(outcome, Outcome::Success | Outcome::Answering) {
                 return None;
             }
             entries.insert(backend_id.to_owned(), Entry::default());
@@ -232,6 +238,13 @@ impl CooldownTracker {
                 if entry.view.streak == 0 {
                     return None;
                 }
+                (Kind::Recovered, None, "answered again".to_owned())
+            }
+            Outcome::Answering => {
+                if !current || entry.view.streak == 0 {
+                    return None;
+                }
+                entry.failures = 0;
                 (Kind::Recovered, None, "answered again".to_owned())
             }
             Outcome::RateLimited { retry_after } => (

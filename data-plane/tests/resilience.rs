@@ -1119,6 +1119,54 @@ async fn a_stream_of_only_comments_or_nothing_fails_over_at_its_first_byte_timeo
 /// recorded when the stream breaks. Counted a success at its first event, each such stream
 /// ended the backend's failure streak, so it never cooled and kept its share of streams.
 /// A stream that ends normally, or that its client leaves, is an answer.
+/// A backend on a streak (after a 429) ends it when a stream sent to it answers, at its first
+/// event: counted only at the stream's end, tens of seconds later, every fast failure
+/// meanwhile (a 500, an overload) counted on the streak and doubled the cooldown, and a
+/// backend serving streams hardly ever left its streak. A single 500 after that is one
+/// failure under the threshold, not a cooldown.
+#[tokio::test]
+async fn a_stream_answering_ends_its_backends_streak_at_its_first_event() {
+    let primary = slow_mock("primary", 20, 100);
+    let fallback = mock("fallback");
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    primary.set_fault(Fault::status(429).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    // The streak's cooldown (1 s) over, a stream goes to the primary: about 2 s long.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let stream = h.chat(chat_body(true)).await;
+    assert_eq!(header(&stream, "x-sluice-backend"), "primary-name");
+    let reading = tokio::spawn(stream.text());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    primary.set_fault(Fault::status(500).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(
+        header(&response, "x-sluice-backend"),
+        "primary-name",
+        "one 500 after the streak ended is no cooldown"
+    );
+    assert!(
+        reading
+            .await
+            .unwrap()
+            .unwrap()
+            .ends_with("data: [DONE]\n\n")
+    );
+    let events = h.cp.with(|r| r.events.clone());
+    assert!(
+        events.iter().all(|e| e.consecutive_failures <= 1),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == BackendEventKind::Recovered as i32),
+        "{events:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_backend_whose_streams_break_after_their_first_event_cools_down() {
     let primary = slow_mock("primary", 5, 1_000);

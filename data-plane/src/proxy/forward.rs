@@ -570,10 +570,11 @@ pub(super) async fn forward_call(
         let took = sent.elapsed();
         acct.waited_upstream(took);
         let health = match &outcome {
-            // Known when the stream ends ([`StreamHealth`]): one that breaks after its first
-            // event is the backend's failure, and counted a success here it ended the
-            // backend's failure streak at every such stream.
-            Ok(Answer::Stream { .. }) => None,
+            // Its first event ends the backend's streak, if it is on one; the rest is known
+            // when the stream ends ([`StreamHealth`]): one that breaks after its first event
+            // is the backend's failure, and counted a success here it ended the backend's
+            // count of consecutive failures at every such stream.
+            Ok(Answer::Stream { .. }) => Some(Outcome::Answering),
             Ok(Answer::Full { .. }) => Some(Outcome::Success),
             Err(failure) => failure.health(),
         };

@@ -30,7 +30,7 @@ pub(super) fn record_health(
         return;
     };
     match health {
-        Outcome::Success => {
+        Outcome::Success | Outcome::Answering => {
             tracing::info!(backend = %backend_name, "backend answered again: its streak ends");
         }
         Outcome::RateLimited { .. } | Outcome::Failure { .. } => {
