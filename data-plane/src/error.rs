@@ -106,6 +106,12 @@ pub enum ProxyError {
         "The upstream provider refused this gateway's credentials for it. Your API key is fine; the gateway's administrator must fix the provider key."
     )]
     UpstreamCredentials,
+    /// The provider account behind every backend tried is out of credit (402, Anthropic's
+    /// 400 "credit balance is too low").
+    #[error(
+        "The upstream provider's account behind this gateway is out of credit. Your API key is fine; the gateway's administrator must fund the provider account."
+    )]
+    UpstreamUnfunded,
     #[error("The upstream provider did not answer in time.")]
     UpstreamTimeout,
     #[error("The upstream provider sent an invalid or oversized response.")]
@@ -200,9 +206,10 @@ impl ProxyError {
             | Self::KeyParallelLimited { .. }
             | Self::BackendsBusy { .. }
             | Self::BudgetSpent { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::UpstreamConnect | Self::UpstreamInvalid | Self::UpstreamCredentials => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::UpstreamConnect
+            | Self::UpstreamInvalid
+            | Self::UpstreamCredentials
+            | Self::UpstreamUnfunded => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::WebSocketRefused { .. } => StatusCode::UPGRADE_REQUIRED,
@@ -249,6 +256,7 @@ impl ProxyError {
             Self::BudgetUnavailable { .. } => ("server_error", "budget_unavailable"),
             Self::UpstreamConnect => ("server_error", "upstream_unreachable"),
             Self::UpstreamCredentials => ("server_error", "upstream_auth_failed"),
+            Self::UpstreamUnfunded => ("server_error", "upstream_account_unfunded"),
             Self::UpstreamTimeout => ("server_error", "upstream_timeout"),
             Self::UpstreamInvalid => ("server_error", "upstream_invalid_response"),
             Self::UnknownPath { .. } => ("invalid_request_error", "unknown_url"),
@@ -312,7 +320,7 @@ impl ProxyError {
             | Self::BackendsBusy { .. } => ErrorKind::RateLimited,
             Self::ModelNotFound(_) => ErrorKind::NoBackend,
             Self::UpstreamConnect => ErrorKind::UpstreamConnect,
-            Self::UpstreamCredentials => ErrorKind::UpstreamStatus,
+            Self::UpstreamCredentials | Self::UpstreamUnfunded => ErrorKind::UpstreamStatus,
             Self::UpstreamInvalid => ErrorKind::UpstreamInvalid,
             Self::UpstreamTimeout => ErrorKind::UpstreamTimeout,
             Self::NotReady

@@ -228,6 +228,41 @@ async fn a_key_refused_with_400_api_key_invalid_is_the_backends_credentials() {
     );
 }
 
+/// A provider account out of credit answers every request 402 (DeepSeek, OpenRouter,
+/// Mistral) or, at Anthropic, 400 "Your credit balance is too low": the backend cannot serve
+/// anyone, which is not the client's mistake. Passed on as a client error, half the requests
+/// of two equal backends failed, the fallback was never asked, and the backend looked healthy.
+/// It fails over, counts towards the backend's cooldown, and a client no backend could serve
+/// gets 502 `upstream_account_unfunded`, without the provider's billing text.
+#[tokio::test]
+async fn a_backend_whose_account_is_out_of_credit_fails_over_and_cools_down() {
+    for unfunded in [Fault::status(402), Fault::OutOfCredit] {
+        let (primary, fallback) = (mock("primary"), mock("fallback"));
+        primary.set_fault(unfunded.clone().always());
+        let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+        // Three failures (the threshold) cool the primary down: the fourth goes straight
+        // to the fallback.
+        for attempts in ["2", "2", "2", "1"] {
+            let response = h.chat(chat_body(false)).await;
+            assert_eq!(response.status(), 200, "{unfunded:?}");
+            assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+            assert_eq!(
+                header(&response, "x-sluice-attempts"),
+                attempts,
+                "{unfunded:?}"
+            );
+        }
+        assert_eq!(primary.stats().requests.total(), 3);
+
+        let alone = Harness::start(one_primary_snapshot(&primary.base_url())).await;
+        let response = alone.chat(chat_body(false)).await;
+        assert_eq!(response.status(), 502, "{unfunded:?}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "upstream_account_unfunded", "{body}");
+        assert!(!body.to_string().contains("credit balance"), "{body}");
+    }
+}
+
 #[tokio::test]
 async fn client_errors_from_upstream_pass_through_without_failover() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));

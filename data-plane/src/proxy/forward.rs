@@ -91,8 +91,13 @@ enum Failure {
     /// next backend is tried, the failure counts towards the backend's cooldown, and a client
     /// every backend refused gets 502 `upstream_auth_failed`, not the provider's 401 (which
     /// the SDKs report as the client's own key being wrong) nor its body (which names the
-    /// provider account).
-    Refused(StatusCode),
+    /// provider account). Also an account out of credit (`unfunded`): 402 (DeepSeek,
+    /// OpenRouter, Mistral, Anthropic's `billing_error`), or Anthropic's 400 "Your credit
+    /// balance is too low": a backend that cannot serve anyone, not the client's mistake.
+    Refused {
+        status: StatusCode,
+        unfunded: bool,
+    },
     /// The answer came, but the whole answers held in memory reached
     /// `--max-buffered-answer-bytes`, or those to the request's key its share of it, while it
     /// was read: 503 `server_busy`. Not the backend's failure, and not asked of another (it
@@ -147,7 +152,7 @@ impl Failure {
                 policy.retry_on_rate_limit
             }
             Self::Status { .. } => policy.retry_on_server_error,
-            Self::Refused(_) => true,
+            Self::Refused { .. } => true,
             Self::Connect(_) | Self::Invalid(_) => policy.retry_on_connect_error,
             Self::Timeout => policy.retry_on_timeout,
             Self::Cut { .. } | Self::MemoryFull(..) | Self::OutOfFiles | Self::Deadline => false,
@@ -175,7 +180,7 @@ impl Failure {
                 AttemptOutcome::rate_limited
             }
             Self::Status { .. } => AttemptOutcome::server_error,
-            Self::Refused(_) => AttemptOutcome::auth_error,
+            Self::Refused { .. } => AttemptOutcome::auth_error,
             Self::Connect(_) => AttemptOutcome::connect_error,
             Self::Timeout | Self::Deadline | Self::Cut { timeout: true, .. } => {
                 AttemptOutcome::timeout
@@ -190,7 +195,14 @@ impl Failure {
     fn describe(&self) -> String {
         match self {
             Self::Status { status, .. } => format!("status {}", status.as_u16()),
-            Self::Refused(status) => format!("credentials refused: status {}", status.as_u16()),
+            Self::Refused {
+                status,
+                unfunded: false,
+            } => format!("credentials refused: status {}", status.as_u16()),
+            Self::Refused {
+                status,
+                unfunded: true,
+            } => format!("account out of credit: status {}", status.as_u16()),
             Self::Connect(e) => format!("connect: {e}"),
             Self::Timeout => "timeout before the first byte".to_owned(),
             Self::Deadline => "the request's deadline passed before the first byte".to_owned(),
@@ -796,7 +808,10 @@ async fn fail(
             response
         }
         Failure::Connect(_) => error(acct, ProxyError::UpstreamConnect).await,
-        Failure::Refused(_) => error(acct, ProxyError::UpstreamCredentials).await,
+        Failure::Refused {
+            unfunded: false, ..
+        } => error(acct, ProxyError::UpstreamCredentials).await,
+        Failure::Refused { unfunded: true, .. } => error(acct, ProxyError::UpstreamUnfunded).await,
         Failure::Invalid(_) => error(acct, ProxyError::UpstreamInvalid).await,
         Failure::Cut { timeout: false, .. } => {
             error_after_billing(acct, ProxyError::UpstreamInvalid).await
@@ -907,7 +922,16 @@ async fn attempt(
     let status = head.status;
     let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        return Err(Failure::Refused(status));
+        return Err(Failure::Refused {
+            status,
+            unfunded: false,
+        });
+    }
+    if status == StatusCode::PAYMENT_REQUIRED {
+        return Err(Failure::Refused {
+            status,
+            unfunded: true,
+        });
     }
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let retry_after = cooldown::retry_after(&head.headers, SystemTime::now());
@@ -999,8 +1023,19 @@ async fn attempt(
     )
     .await
     .map_err(Failure::cut)?;
-    if status == StatusCode::BAD_REQUEST && refuses_the_key(&body) {
-        return Err(Failure::Refused(status));
+    if status == StatusCode::BAD_REQUEST {
+        if refuses_the_key(&body) {
+            return Err(Failure::Refused {
+                status,
+                unfunded: false,
+            });
+        }
+        if out_of_credit(&body) {
+            return Err(Failure::Refused {
+                status,
+                unfunded: true,
+            });
+        }
     }
     if !status.is_success() {
         // A 4xx is passed on as it came, but for the key some providers quote in it.
@@ -1012,6 +1047,21 @@ async fn attempt(
         body,
         memory,
     })
+}
+
+/// Whether a 400's body is Anthropic saying the account behind the backend is out of credit
+/// (`invalid_request_error`, "Your credit balance is too low to access the Anthropic API"):
+/// read in its `error.message`, not anywhere in the body, so that a message quoting what the
+/// client sent cannot pass for it.
+fn out_of_credit(body: &[u8]) -> bool {
+    const TOO_LOW: &str = "credit balance is too low";
+    if memchr::memmem::find(body, TOO_LOW.as_bytes()).is_none() {
+        return false;
+    }
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_owned))
+        .is_some_and(|message| message.contains(TOO_LOW))
 }
 
 /// Whether a 400's body is the provider refusing the backend's own key: Google answers a

@@ -53,6 +53,10 @@ pub enum Fault {
     /// revoked, expired or mistyped: `"API key not valid. Please pass a valid API key."`,
     /// status `INVALID_ARGUMENT`, reason `API_KEY_INVALID`, in a list of one error.
     KeyInvalid,
+    /// Answer 400 as Anthropic answers every request of an account out of credit:
+    /// `invalid_request_error`, "Your credit balance is too low to access the Anthropic API…",
+    /// in Anthropic's error shape (on any route).
+    OutOfCredit,
 }
 
 /// How long a [`Fault::Stall`] holds a request at most.

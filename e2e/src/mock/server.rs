@@ -490,6 +490,17 @@ async fn api(
             let error = ApiError::request_too_large();
             return Ok(json_response(shared, error.status, error.body()));
         }
+        Some(Fault::OutOfCredit) => {
+            let body = serde_json::json!({"type": "error", "error": {
+                "type": "invalid_request_error",
+                "message": "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits.",
+            }});
+            return Ok(json_response(
+                shared,
+                StatusCode::BAD_REQUEST,
+                Bytes::from(body.to_string()),
+            ));
+        }
         Some(Fault::KeyInvalid) => {
             let body = serde_json::json!([{"error": {
                 "code": 400,
