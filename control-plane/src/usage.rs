@@ -92,8 +92,19 @@ impl From<pb::UsageRecord> for UsageRow {
                 .min(r.prompt_tokens - r.cached_prompt_tokens.min(r.prompt_tokens)),
             // None for a request its replica's crash cut off: unknown, not 0 ms.
             latency_ms: r.latency.as_ref().map(ms).map(|v| v.max(0.0)),
-            ttft_ms: r.time_to_first_token.as_ref().map(ms).map(|v| v.max(0.0)),
-            is_error: r.error_kind != pb::ErrorKind::Unspecified as i32 || r.status_code >= 400,
+            // Streams only: a whole answer's first byte is its last, its latency again, and
+            // averaged in it made "time to first token" mostly the latency of non-streamed
+            // answers in a mixed workload.
+            ttft_ms: r
+                .time_to_first_token
+                .as_ref()
+                .filter(|_| r.stream)
+                .map(ms)
+                .map(|v| v.max(0.0)),
+            // A request its client left (a user stopping an answer) is not an error of the
+            // backend that was answering; Prometheus counts it by the status sent too.
+            is_error: r.error_kind != pb::ErrorKind::ClientCancelled as i32
+                && (r.error_kind != pb::ErrorKind::Unspecified as i32 || r.status_code >= 400),
             stream: r.stream,
             time_ms: r
                 .time
@@ -146,5 +157,40 @@ mod tests {
         });
         assert!(forged.clamp_to_bounds());
         assert_eq!(forged.backend_id, "");
+    }
+
+    /// "Time to first token" is a stream's: a whole answer's first byte is its last. A
+    /// request its client left is not an error; a failure or an error status is.
+    #[test]
+    fn ttft_is_a_streams_and_a_client_leaving_is_no_error() {
+        let ms = |ms: i64| {
+            Some(pbjson_types::Duration {
+                seconds: ms / 1000,
+                nanos: i32::try_from(ms % 1000).unwrap() * 1_000_000,
+            })
+        };
+        let record = |stream: bool, status_code: u32, kind: pb::ErrorKind| {
+            UsageRow::from(pb::UsageRecord {
+                stream,
+                status_code,
+                error_kind: kind as i32,
+                latency: ms(8_000),
+                time_to_first_token: ms(400),
+                ..Default::default()
+            })
+        };
+        let streamed = record(true, 200, pb::ErrorKind::Unspecified);
+        assert_eq!((streamed.ttft_ms, streamed.is_error), (Some(400.0), false));
+        let whole = record(false, 200, pb::ErrorKind::Unspecified);
+        assert_eq!((whole.ttft_ms, whole.latency_ms), (None, Some(8_000.0)));
+        for (status, kind, error) in [
+            (200, pb::ErrorKind::ClientCancelled, false),
+            (499, pb::ErrorKind::ClientCancelled, false),
+            (200, pb::ErrorKind::StreamInterrupted, true),
+            (502, pb::ErrorKind::UpstreamStatus, true),
+            (400, pb::ErrorKind::Unspecified, true),
+        ] {
+            assert_eq!(record(true, status, kind).is_error, error, "{status} {kind:?}");
+        }
     }
 }
