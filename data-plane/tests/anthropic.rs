@@ -923,6 +923,41 @@ fn a_tool_call_that_is_never_named_fails_the_stream_instead_of_growing() {
     assert_eq!(error["type"], "error", "{error}");
 }
 
+/// Mistral's reasoning models write `content` as a list of parts, its thinking and its text:
+/// the text reaches a Messages client, whole and streamed (it got an empty message, and was
+/// charged for it), the thinking is left out as other servers' `reasoning_content` is.
+#[test]
+fn content_written_as_a_list_of_parts_reaches_a_messages_client() {
+    let whole = completion_to_message(&json!({"id": "c", "model": "magistral-medium-2509",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]},
+            {"type": "text", "text": "Par"}, {"type": "text", "text": "is"}]},
+            "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 7}}))
+    .unwrap();
+    assert_eq!(whole["content"], json!([{"type": "text", "text": "Paris"}]));
+    assert_eq!(whole["stop_reason"], "end_turn");
+
+    let mut translator = EventsFromChunks::default();
+    let mut frames = Vec::new();
+    let text = [
+        chat_chunk(json!({"role": "assistant", "content": [{"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]}]}), None),
+        chat_chunk(json!({"content": [{"type": "text", "text": "Paris"}]}), None),
+        chat_chunk(json!({}), Some("stop")),
+        "data: [DONE]\n\n".to_owned(),
+    ]
+    .concat();
+    for event in events(&text) {
+        translator.push(&event, &mut frames);
+    }
+    let deltas: Vec<Value> = data_of(&frames)
+        .into_iter()
+        .filter(|d| d["type"] == "content_block_delta")
+        .collect();
+    assert_eq!(deltas.len(), 1, "{deltas:?}");
+    assert_eq!(deltas[0]["delta"], json!({"type": "text_delta", "text": "Paris"}));
+}
+
 /// Counters an upstream reports past what adds up (a hostile or broken one) count as the most
 /// there is, rather than wrapping to a small prompt or panicking.
 #[test]

@@ -384,9 +384,14 @@ pub fn completion_to_message(completion: &Value) -> Result<Value, Untranslatable
     let mut content = Vec::new();
     let text = reply
         .and_then(|m| m.get("content"))
-        .and_then(Value::as_str)
-        .or_else(|| reply.and_then(|m| m.get("refusal")).and_then(Value::as_str))
-        .unwrap_or("");
+        .and_then(content_text)
+        .or_else(|| {
+            reply
+                .and_then(|m| m.get("refusal"))
+                .and_then(Value::as_str)
+                .map(Cow::Borrowed)
+        })
+        .unwrap_or_default();
     if !text.is_empty() {
         content.push(json!({"type": "text", "text": text}));
     }
@@ -759,6 +764,24 @@ impl<N: DetailsName> LenientKind for DetailsFigures<N> {
             Ok(())
         })?;
         Ok(Self(figures, std::marker::PhantomData))
+    }
+}
+
+/// The text of a chat message's (or delta's) `content`: a string, or a list of parts whose
+/// `text` parts are joined, as Mistral's reasoning models write it
+/// (`[{"type":"thinking",…},{"type":"text","text":"…"}]`: its thinking is left out, as other
+/// servers' `reasoning_content` is). `None` for anything else.
+pub(crate) fn content_text(content: &Value) -> Option<Cow<'_, str>> {
+    match content {
+        Value::String(text) => Some(Cow::Borrowed(text)),
+        Value::Array(parts) => Some(Cow::Owned(
+            parts
+                .iter()
+                .filter(|part| part.get("type").and_then(Value::as_str) == Some("text"))
+                .filter_map(|part| part.get("text").and_then(Value::as_str))
+                .collect(),
+        )),
+        _ => None,
     }
 }
 

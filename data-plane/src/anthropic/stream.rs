@@ -612,7 +612,7 @@ impl EventsFromChunks {
         let text = |member| {
             delta
                 .and_then(|d| d.get(member))
-                .and_then(Value::as_str)
+                .and_then(super::response::content_text)
                 .filter(|t| !t.is_empty())
         };
         if let Some(text) = text("content").or_else(|| text("refusal")) {
