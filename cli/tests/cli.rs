@@ -1281,6 +1281,28 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
     let cells: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(cells[2..6], ["2", "0", "2000", "1000"], "{usage:?}");
 
+    // A key rotated (revoked, and another made under its name): a name asks for one key's
+    // usage, the active one's, and says which others had the name.
+    let old_id = h
+        .ctl(&["-o", "json", "key", "get", "team-a"])
+        .await
+        .json()["clientKey"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    h.ctl(&["key", "revoke", "team-a"]).await.ok();
+    h.ctl(&["key", "create", "--name", "team-a"]).await.ok();
+    let rotated = h
+        .ctl(&["-o", "json", "stats", "totals", "--key", "team-a"])
+        .await;
+    assert_eq!(rotated.code, 0, "{rotated:?}");
+    assert!(
+        rotated.stderr.contains("1 other key had that name") && rotated.stderr.contains(&old_id),
+        "{rotated:?}"
+    );
+    let figures: Value = serde_json::from_str(&rotated.stdout).unwrap();
+    assert!(figures.get("requestCount").is_none(), "the new key spent nothing: {figures}");
+
     // The replica that is connected, with the version it acked.
     let mut row = String::new();
     for _ in 0..100 {

@@ -133,7 +133,29 @@ async fn resolve(mut filter: FilterArgs, connection: &Connection) -> Result<Filt
             .min_by_key(|candidate| candidate.revoked);
         let is_an_id = keys.iter().any(|candidate| candidate.id == *key);
         match by_name {
-            Some(found) if !is_an_id => *key = found.id.clone(),
+            Some(found) if !is_an_id => {
+                // A key rotated by revoking it and creating another of its name: the usage
+                // of each is under its own id, and summed under one name a chargeback
+                // counted only one of them without a word.
+                let others: Vec<&str> = keys
+                    .iter()
+                    .filter(|other| other.name == *key && other.id != found.id)
+                    .map(|other| other.id.as_str())
+                    .collect();
+                if !others.is_empty() {
+                    eprintln!(
+                        "note: these are the figures of key {} (\"{}\"{}); {} other key{} had \
+                         that name ({}): ask for each with --key ID",
+                        found.id,
+                        sluice_domain::text::escape_control(key),
+                        if found.revoked { ", revoked" } else { "" },
+                        others.len(),
+                        if others.len() == 1 { "" } else { "s" },
+                        others.join(", "),
+                    );
+                }
+                *key = found.id.clone();
+            }
             // A name no key has (a typo) gave zeros that a chargeback script reads as a key
             // that spent nothing. (A deleted key's id is asked for as it is.)
             None if !is_an_id && !looks_like_an_id(key) => eprintln!(
