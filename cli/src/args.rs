@@ -140,8 +140,9 @@ pub struct BackendAddArgs {
     /// Lower is tried first within a pool.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i32,
-    /// Share of traffic among backends of equal pool and priority.
-    #[arg(long, default_value_t = 1)]
+    /// Share of traffic among backends of equal pool and priority, at least 1 (to take a
+    /// backend out of rotation, `backend disable` it).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub weight: u32,
     /// Requests per minute across all data planes; 0 means no limit.
     #[arg(long, value_name = "RPM", default_value_t = 0)]
@@ -190,7 +191,9 @@ pub struct BackendUpdateArgs {
     pub pool: Option<PoolArg>,
     #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i32>,
-    #[arg(long)]
+    /// Share of traffic among backends of equal pool and priority, at least 1 (to take a
+    /// backend out of rotation, `backend disable` it).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub weight: Option<u32>,
     #[arg(long, value_name = "RPM")]
     pub rpm: Option<u32>,

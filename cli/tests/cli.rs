@@ -760,6 +760,13 @@ async fn validation_errors_are_one_line() {
     let nothing = h.ctl(&["backend", "update", "dup"]).await;
     assert_eq!(nothing.code, 2, "{nothing:#?}");
     assert_eq!(nothing.stderr.lines().count(), 1, "{nothing:#?}");
+    // A weight of 0 was stored as 1: an operator draining a backend that way still sent it
+    // its full share.
+    let drained = h
+        .ctl(&["backend", "update", "dup", "--weight", "0"])
+        .await;
+    assert_eq!(drained.code, 2, "{drained:#?}");
+    assert!(drained.stderr.contains("--weight"), "{drained:#?}");
 }
 
 #[tokio::test]
