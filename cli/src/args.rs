@@ -530,10 +530,12 @@ pub enum StatsCommand {
     },
 }
 
-/// A time range; nothing given means all time.
+/// A time range; nothing given means all time. Usage is kept by the UTC hour: a range is
+/// widened to whole hours at both ends.
 #[derive(Debug, Args)]
 pub struct RangeArgs {
-    /// Only the last DURATION, e.g. 24h or 7d.
+    /// Only the last DURATION, e.g. 24h or 7d, widened to whole UTC hours (at 14:59, --since
+    /// 1h sums 13:00 to 15:00).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with_all = ["start", "end"])]
     pub since: Option<Duration>,
     /// Start of the range, RFC 3339 (2025-01-31T00:00:00Z) or a date (2025-01-31, UTC).
