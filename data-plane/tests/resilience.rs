@@ -500,6 +500,9 @@ async fn an_attempt_cut_by_the_requests_deadline_is_not_its_backends_failure() {
     for _ in 0..3 {
         let response = h.chat(chat_body(false)).await;
         assert_eq!(response.status(), 504);
+        // Each attempt was sent and may be generating, and billed: the SDKs, which send a
+        // 5xx again twice, are told not to (three more rounds of billed attempts).
+        assert_eq!(header(&response, "x-should-retry"), "false");
     }
     // The primary, silent for its whole answer timeout, is failing; the fallback is not. A
     // report carries the events queued before its records, so once the third request's

@@ -819,7 +819,12 @@ async fn fail(
         Failure::Cut { timeout: true, .. } => {
             error_after_billing(acct, ProxyError::UpstreamTimeout).await
         }
-        Failure::Timeout | Failure::Deadline => error(acct, ProxyError::UpstreamTimeout).await,
+        // Sent, and perhaps generating (a reasoning model thinking past the first-byte
+        // timeout) and billed: the SDKs are told not to send it again on their own, each
+        // try going through every backend again.
+        Failure::Timeout | Failure::Deadline => {
+            error_after_billing(acct, ProxyError::UpstreamTimeout).await
+        }
         Failure::MemoryFull(Full::Replica, _) => error(acct, ProxyError::AnswersBusy).await,
         Failure::MemoryFull(Full::Key, _) => error(acct, ProxyError::KeyAnswersBusy).await,
         Failure::OutOfFiles => error(acct, ProxyError::OutOfFiles).await,
