@@ -762,9 +762,7 @@ async fn validation_errors_are_one_line() {
     assert_eq!(nothing.stderr.lines().count(), 1, "{nothing:#?}");
     // A weight of 0 was stored as 1: an operator draining a backend that way still sent it
     // its full share.
-    let drained = h
-        .ctl(&["backend", "update", "dup", "--weight", "0"])
-        .await;
+    let drained = h.ctl(&["backend", "update", "dup", "--weight", "0"]).await;
     assert_eq!(drained.code, 2, "{drained:#?}");
     assert!(drained.stderr.contains("--weight"), "{drained:#?}");
 }
@@ -1290,10 +1288,7 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
 
     // A key rotated (revoked, and another made under its name): a name asks for one key's
     // usage, the active one's, and says which others had the name.
-    let old_id = h
-        .ctl(&["-o", "json", "key", "get", "team-a"])
-        .await
-        .json()["clientKey"]["id"]
+    let old_id = h.ctl(&["-o", "json", "key", "get", "team-a"]).await.json()["clientKey"]["id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -1308,7 +1303,10 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
         "{rotated:?}"
     );
     let figures: Value = serde_json::from_str(&rotated.stdout).unwrap();
-    assert!(figures.get("requestCount").is_none(), "the new key spent nothing: {figures}");
+    assert!(
+        figures.get("requestCount").is_none(),
+        "the new key spent nothing: {figures}"
+    );
 
     // The replica that is connected, with the version it acked.
     let mut row = String::new();

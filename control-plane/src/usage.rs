@@ -190,7 +190,11 @@ mod tests {
             (502, pb::ErrorKind::UpstreamStatus, true),
             (400, pb::ErrorKind::Unspecified, true),
         ] {
-            assert_eq!(record(true, status, kind).is_error, error, "{status} {kind:?}");
+            assert_eq!(
+                record(true, status, kind).is_error,
+                error,
+                "{status} {kind:?}"
+            );
         }
     }
 }

@@ -955,7 +955,10 @@ fn content_written_as_a_list_of_parts_reaches_a_messages_client() {
         .filter(|d| d["type"] == "content_block_delta")
         .collect();
     assert_eq!(deltas.len(), 1, "{deltas:?}");
-    assert_eq!(deltas[0]["delta"], json!({"type": "text_delta", "text": "Paris"}));
+    assert_eq!(
+        deltas[0]["delta"],
+        json!({"type": "text_delta", "text": "Paris"})
+    );
 }
 
 /// Counters an upstream reports past what adds up (a hostile or broken one) count as the most
