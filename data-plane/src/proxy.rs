@@ -858,14 +858,34 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     let text = app
         .metrics
         .render(&app.store, &app.usage, spool, app.allowances.asks_sent());
-    (
+    // Past what an answer holds uncounted, the replica's own share of the answers' memory:
+    // held until the client has read it (up to the write timeout), on HTTP/1 one per
+    // connection, and any client may ask, with no key.
+    let mut body = Bytes::from(text);
+    let counted = body.len() > forward::SMALL_ANSWER_BYTES;
+    if counted {
+        match app
+            .answer_memory
+            .take(crate::answer_memory::OWN_ANSWERS, body.len())
+        {
+            Ok(permit) => body = forward::Held::bytes(body, permit),
+            Err(_) => return ProxyError::AnswersBusy.into_response(),
+        }
+    }
+    let mut response = (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        text,
+        body,
     )
-        .into_response()
+        .into_response();
+    if counted {
+        response
+            .extensions_mut()
+            .insert(crate::answer_memory::CountedAnswer);
+    }
+    response
 }
 
 async fn unknown_path(method: Method, uri: Uri) -> Response {

@@ -483,6 +483,46 @@ async fn a_request_refused_before_its_body_is_read_gets_its_refusal_while_upload
     assert!(upstream.seen().is_empty());
 }
 
+/// `/metrics` takes no key, and its answer grows with the backends: past what an answer holds
+/// uncounted (64 KiB) it takes the replica's own share of the answers' memory until its client
+/// has read it. Uncounted on HTTP/1, clients that asked for it on thousands of connections
+/// and read nothing held it each, outside every bound.
+#[tokio::test]
+async fn a_large_metrics_answer_counts_against_the_answers_memory() {
+    let upstream = EchoUpstream::start().await;
+    let backends: Vec<proto::SnapshotBackend> = (0..60)
+        .map(|i| {
+            let mut b = backend(&format!("b{i:02}"), &upstream.base_url(), proto::Pool::Primary, 0);
+            b.models[0].name = format!("model-{i:02}");
+            b
+        })
+        .collect();
+    // Each backend's series, once it has served a request.
+    let served = |tweak: fn(&mut sluice_proxy::Config)| {
+        let backends = backends.clone();
+        async move {
+            let h = Harness::start_with(snapshot(1, backends), tweak).await;
+            for i in 0..60 {
+                let body = json!({"model": format!("model-{i:02}"),
+                                  "messages": [{"role": "user", "content": "hi"}]});
+                assert_eq!(h.chat(body).await.status(), 200);
+            }
+            h
+        }
+    };
+    let roomy = served(|_| {}).await;
+    let whole = roomy.metrics().await;
+    assert!(whole.len() > 96 << 10, "{} bytes", whole.len());
+    let tight = served(|c| {
+        c.max_response_bytes = 64 << 10;
+        c.max_buffered_answer_bytes = 96 << 10;
+        c.max_buffered_answer_bytes_per_key = Some(96 << 10);
+    })
+    .await;
+    let answer = tight.http.get(tight.url("/metrics")).send().await.unwrap();
+    assert_error(answer, 503, "server_busy").await;
+}
+
 #[tokio::test]
 async fn a_stream_framed_any_way_is_relayed_alike_and_its_usage_chunk_hidden_unless_asked() {
     let chunk = |delta: Value, finish: Value| {

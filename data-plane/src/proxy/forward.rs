@@ -1382,9 +1382,19 @@ const MAX_DELTA_EVENT_BYTES: usize = 4 * 1024 * 1024;
 pub(crate) const SMALL_ANSWER_BYTES: usize = 64 * 1024;
 
 /// An answer's bytes with what they hold of [`AppState::answer_memory`].
-struct Held {
+pub(super) struct Held {
     body: Bytes,
     _memory: AnswerPermit,
+}
+
+impl Held {
+    /// `body`, holding `memory` until its last copy is dropped (once sent).
+    pub(super) fn bytes(body: Bytes, memory: AnswerPermit) -> Bytes {
+        Bytes::from_owner(Self {
+            body,
+            _memory: memory,
+        })
+    }
 }
 
 impl AsRef<[u8]> for Held {
