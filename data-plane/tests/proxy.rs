@@ -492,7 +492,12 @@ async fn a_large_metrics_answer_counts_against_the_answers_memory() {
     let upstream = EchoUpstream::start().await;
     let backends: Vec<proto::SnapshotBackend> = (0..60)
         .map(|i| {
-            let mut b = backend(&format!("b{i:02}"), &upstream.base_url(), proto::Pool::Primary, 0);
+            let mut b = backend(
+                &format!("b{i:02}"),
+                &upstream.base_url(),
+                proto::Pool::Primary,
+                0,
+            );
             b.models[0].name = format!("model-{i:02}");
             b
         })

@@ -1228,4 +1228,17 @@ async fn a_backend_whose_streams_break_after_their_first_event_cools_down() {
     let event = h.cp.with(|r| r.events[0].clone());
     assert_eq!(event.kind, BackendEventKind::Failing as i32);
     assert_eq!(event.reason, "2 consecutive failures");
+
+    // Its cooldown over, the next stream's first event ends the streak; its break after that
+    // is a failure of the backend as it is now (judged at the state before, it was dropped,
+    // and a third broken stream was needed): two more cool it down again.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    for _ in 0..2 {
+        let response = h.chat(chat_body(true)).await;
+        assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+        let body = response.text().await.unwrap();
+        assert!(body.contains("stream_interrupted"), "{body}");
+    }
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
 }

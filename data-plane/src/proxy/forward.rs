@@ -674,8 +674,20 @@ pub(super) async fn forward_call(
                         count_usage: call.count_usage,
                     },
                 };
-                let health = matches!(answer, Answer::Stream { .. })
-                    .then(|| StreamHealth::new(app, backend, basis, policy.cooldown));
+                // A stream's end is judged at the state its first event left: when that event
+                // ended the backend's streak, the stream's own break after it is a failure of
+                // the backend as it is now, not a report of a state that has passed (judged at
+                // the old basis it was dropped, and a backend breaking every stream never
+                // cooled down past the base).
+                let health = matches!(answer, Answer::Stream { .. }).then(|| {
+                    let now = app.store.clock().now().instant;
+                    let basis = app
+                        .store
+                        .cooldowns()
+                        .check(&backend.id, now)
+                        .unwrap_or(basis);
+                    StreamHealth::new(app, backend, basis, policy.cooldown)
+                });
                 return deliver(app, answer, acct, mode, &policy, deadline, health).await;
             }
             Err(failure) => {
