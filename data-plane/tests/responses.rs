@@ -6,6 +6,9 @@
 
 mod support;
 
+use std::time::Duration;
+
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 use sluice_e2e::mock::{Fault, MockConfig, MockServer};
 use sluice_proto::v1::{self as proto, ErrorKind};
@@ -808,10 +811,10 @@ async fn draw(h: &Harness) -> String {
     create(h, body).await.text().await.unwrap()
 }
 
-/// A Responses stream whose image event the answers' memory cannot hold ends with an error
-/// event, and gives back what it held: without the count, dozens of streams each reading
-/// such an event held several times it (up to `--max-response-bytes`, 64 MiB) outside every
-/// memory bound, and a hostile upstream could exhaust the replica's memory.
+/// A Responses stream whose image event the answers' memory cannot hold (others' events hold
+/// it) ends with an error event, and gives back what it held: without the count, dozens of
+/// streams each reading such an event held it (up to `--max-response-bytes`, 64 MiB) outside
+/// every memory bound, and a hostile upstream could exhaust the replica's memory.
 #[tokio::test]
 async fn a_streamed_event_the_answers_memory_cannot_hold_ends_its_stream() {
     let image_stream = |image: &str| {
@@ -824,43 +827,77 @@ async fn a_streamed_event_the_answers_memory_cannot_hold_ends_its_stream() {
              event: response.completed\ndata: {{\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"completed\",\"model\":\"m\",\"output\":[],\"usage\":{{\"input_tokens\":10,\"output_tokens\":1056,\"total_tokens\":1066}}}}}}\n\n"
         )
     };
-    // 1.5 MiB: read over several chunks, it holds its line, the event's data and the rewritten
-    // frame, more than the 2 MiB the replica has for answers.
+    // Two streams, each paused 1 s inside an image of 1.5 MiB: the first holds it against the
+    // replica's 2 MiB for answers, the second cannot, and ends with an error event; the first
+    // is relayed whole.
     let large = "A".repeat(3 << 19);
-    let h = Harness::start_with(
-        one_primary_snapshot(&sse_upstream(image_stream(&large)).await),
-        |c| {
-            c.max_response_bytes = 2 << 20;
-            c.max_buffered_answer_bytes = 2 << 20;
-            c.max_buffered_answer_bytes_per_key = Some(2 << 20);
-        },
-    )
+    let whole = image_stream(&large);
+    let pause_at = whole.find(&large).unwrap() + large.len() * 3 / 4;
+    let paused = {
+        let (head, tail) = whole.split_at(pause_at);
+        let parts = vec![
+            (head.as_bytes().to_vec(), Duration::ZERO),
+            (tail.as_bytes().to_vec(), Duration::from_secs(1)),
+        ];
+        let app = axum::Router::new().fallback(move || {
+            let parts = parts.clone();
+            async move {
+                let body = futures::stream::iter(parts).then(|(bytes, wait)| async move {
+                    tokio::time::sleep(wait).await;
+                    Ok::<_, std::convert::Infallible>(bytes::Bytes::from(bytes))
+                });
+                (
+                    [(http::header::CONTENT_TYPE, "text/event-stream")],
+                    axum::body::Body::from_stream(body),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}/v1")
+    };
+    let h = Harness::start_with(one_primary_snapshot(&paused), |c| {
+        c.max_response_bytes = 2 << 20;
+        c.max_buffered_answer_bytes = 2 << 20;
+        c.max_buffered_answer_bytes_per_key = Some(2 << 20);
+    })
     .await;
-    let text = draw(&h).await;
-    assert!(
-        text.contains("event: error"),
-        "{}",
-        &text[..text.len().min(300)]
-    );
-    let error = &text[text.find("event: error").unwrap()..];
+    let h = std::sync::Arc::new(h);
+    let first = tokio::spawn({
+        let h = std::sync::Arc::clone(&h);
+        async move { draw(&h).await }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let second = draw(&h).await;
+    let at = second.find("event: error");
+    let error = &second[at.unwrap_or_else(|| panic!("{}", &second[..second.len().min(300)]))..];
     assert!(error.contains("fill the memory it may hold"), "{error}");
-    assert!(!text.contains(large.as_str()));
-    let record = h.records(1).await.remove(0);
-    assert_eq!(record.error_kind, ErrorKind::StreamInterrupted as i32);
-
-    // What the cut stream held is given back: an image of 600 KiB (counted about three
-    // times while it is read) goes through whole.
-    let smaller = "B".repeat(600 << 10);
-    let mut next = one_primary_snapshot(&sse_upstream(image_stream(&smaller)).await);
-    next.version = 2;
-    h.publish(next).await;
-    let text = draw(&h).await;
+    assert!(!second.contains(large.as_str()));
+    let first = first.await.unwrap();
     assert!(
-        !text.contains("event: error"),
+        !first.contains("event: error"),
         "{}",
-        &text[..text.len().min(300)]
+        &first[..first.len().min(300)]
     );
-    assert_eq!(text.matches(smaller.as_str()).count(), 1);
+    assert_eq!(first.matches(large.as_str()).count(), 1);
+    let records = h.records(2).await;
+    assert!(
+        records
+            .iter()
+            .any(|r| r.error_kind == ErrorKind::StreamInterrupted as i32),
+        "{records:?}"
+    );
+
+    // What the cut stream held is given back, and the other's once it ended: alone, the same
+    // image goes through whole.
+    let third = draw(&h).await;
+    assert!(
+        !third.contains("event: error"),
+        "{}",
+        &third[..third.len().min(300)]
+    );
+    assert_eq!(third.matches(large.as_str()).count(), 1);
 }
 
 /// A path whose id (or model) decodes to bytes that are not UTF-8 got axum's plain-text

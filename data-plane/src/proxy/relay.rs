@@ -288,11 +288,12 @@ impl Relay {
         self.count_memory(len);
     }
 
-    /// What a large event holds, counted against the answers' memory as it grows: the
-    /// parser's buffers, two more copies of the bytes in them (when the event is read its data
-    /// is copied, and a Responses event is rewritten), and the frames queued for the client. Past what a stream
-    /// keeps for itself ([`UNCOUNTED_STREAM_BYTES`], uncounted as a small whole answer is), all of
-    /// it. When the memory or the key's share cannot take it, the stream ends with an error
+    /// What a large event holds, counted against the answers' memory as it grows: the bytes
+    /// of it the parser holds and the frames queued for the client, once each, as a whole
+    /// answer is counted by its bytes (counted three times over, for the copies its reading
+    /// makes for a moment, an event of half `--max-response-bytes` was cut on an idle replica,
+    /// where the limit promises events up to all of it). Past what a stream keeps for itself
+    /// ([`UNCOUNTED_STREAM_BYTES`], uncounted as a small whole answer is), all of it. When the memory or the key's share cannot take it, the stream ends with an error
     /// event, as a whole answer that cannot be held gets its 503: a replica reading dozens of
     /// large events at once holds no more than `--max-buffered-answer-bytes` for them.
     fn count_memory(&mut self, chunk: usize) {
@@ -304,10 +305,7 @@ impl Relay {
             return;
         }
         let queued: usize = self.ready.iter().map(|(frame, _)| frame.len()).sum();
-        let holds = self.parser.held_bytes()
-            + 2 * self.parser.buffered_bytes()
-            + self.wire.capacity()
-            + queued;
+        let holds = self.parser.buffered_bytes() + queued;
         if holds <= UNCOUNTED_STREAM_BYTES {
             held.permit = None;
             held.counted = 0;
