@@ -38,7 +38,9 @@ venv="$(realpath -m "${CARGO_TARGET_DIR:-target}")/python-tools"
 if [ -x "$venv/bin/python3" ]; then
   export PATH="$venv/bin:$PATH"
 fi
-if ! python3 -c "$python_tools" >/dev/null 2>&1 && ! python3 -m venv --help >/dev/null 2>&1; then
+# Debian ships the venv module without ensurepip (python3-venv), so `venv --help` answers
+# where making one fails: what making one needs is looked for.
+if ! python3 -c "$python_tools" >/dev/null 2>&1 && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   missing_apt+=(python3-venv python3-pip)
 fi
 if [ ${#missing_apt[@]} -gt 0 ]; then

@@ -648,9 +648,6 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    /// A write SQLite refuses (here, a table that does not exist; in life, a full volume) is
-    /// counted as a failed write, not as a write: the write-time histogram looked healthy
-    /// while every write failed.
     /// A wrong master key is refused before a pending migration runs: refused after, the
     /// database was left at a schema the binary rolled back to could not open ("migration
     /// number that is too high"), for a mistake that changed nothing.
@@ -679,6 +676,9 @@ mod tests {
         drop(Store::open(&path, right).unwrap());
     }
 
+    /// A write SQLite refuses (here, a table that does not exist; in life, a full volume) is
+    /// counted as a failed write, not as a write: the write-time histogram looked healthy
+    /// while every write failed.
     #[tokio::test]
     async fn a_write_sqlite_refuses_is_counted_as_failed() {
         #[derive(Default)]

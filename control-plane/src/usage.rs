@@ -101,10 +101,13 @@ impl From<pb::UsageRecord> for UsageRow {
                 .filter(|_| r.stream)
                 .map(ms)
                 .map(|v| v.max(0.0)),
-            // A request its client left (a user stopping an answer) is not an error of the
-            // backend that was answering; Prometheus counts it by the status sent too.
-            is_error: r.error_kind != pb::ErrorKind::ClientCancelled as i32
-                && (r.error_kind != pb::ErrorKind::Unspecified as i32 || r.status_code >= 400),
+            // A request its client left once answering (a user stopping a stream: its head,
+            // 200, went out) is not an error of the backend that was answering; Prometheus
+            // counts it by that status too. One left before any answer (499: a client that
+            // gave up on a backend that hung) is.
+            is_error: r.status_code >= 400
+                || (r.error_kind != pb::ErrorKind::Unspecified as i32
+                    && r.error_kind != pb::ErrorKind::ClientCancelled as i32),
             stream: r.stream,
             time_ms: r
                 .time
@@ -185,7 +188,7 @@ mod tests {
         assert_eq!((whole.ttft_ms, whole.latency_ms), (None, Some(8_000.0)));
         for (status, kind, error) in [
             (200, pb::ErrorKind::ClientCancelled, false),
-            (499, pb::ErrorKind::ClientCancelled, false),
+            (499, pb::ErrorKind::ClientCancelled, true),
             (200, pb::ErrorKind::StreamInterrupted, true),
             (502, pb::ErrorKind::UpstreamStatus, true),
             (400, pb::ErrorKind::Unspecified, true),

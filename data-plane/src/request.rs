@@ -465,9 +465,8 @@ mod tests {
         serde_json::from_slice(&rewrite_body(body.as_bytes(), model, force).unwrap()).unwrap()
     }
 
-    /// `prompt_cache_key` is read for routing when it is a string that is not empty; any other
-    /// value, and a duplicate, are the upstream's to judge (the last one is read, as JSON
-    /// parsers keep), not refused here.
+    /// A body of more top-level members than any API's object has is refused as they are
+    /// collected, each 40 bytes beside the body.
     #[test]
     fn a_body_of_more_members_than_any_api_has_is_refused_before_they_are_collected() {
         let body = |members: usize| {
@@ -488,6 +487,9 @@ mod tests {
         );
     }
 
+    /// `prompt_cache_key` is read for routing when it is a string that is not empty; any other
+    /// value, and a duplicate, are the upstream's to judge (the last one is read, as JSON
+    /// parsers keep), not refused here.
     #[test]
     fn a_prompt_cache_key_is_read_when_a_string() {
         let key = |body: &str| {

@@ -1152,11 +1152,6 @@ async fn a_stream_of_only_comments_or_nothing_fails_over_at_its_first_byte_timeo
     assert_eq!(served, [("fallback", 2), ("fallback", 2), ("primary", 1)]);
 }
 
-/// A backend whose streams break after their first event (here: silent past the idle
-/// timeout) cools down as one that fails before it does: each such stream is its failure,
-/// recorded when the stream breaks. Counted a success at its first event, each such stream
-/// ended the backend's failure streak, so it never cooled and kept its share of streams.
-/// A stream that ends normally, or that its client leaves, is an answer.
 /// A backend on a streak (after a 429) ends it when a stream sent to it answers, at its first
 /// event: counted only at the stream's end, tens of seconds later, every fast failure
 /// meanwhile (a 500, an overload) counted on the streak and doubled the cooldown, and a
@@ -1205,6 +1200,11 @@ async fn a_stream_answering_ends_its_backends_streak_at_its_first_event() {
     );
 }
 
+/// A backend whose streams break after their first event (here: silent past the idle
+/// timeout) cools down as one that fails before it does: each such stream is its failure,
+/// recorded when the stream breaks. Counted a success at its first event, each such stream
+/// ended the backend's failure streak, so it never cooled and kept its share of streams.
+/// A stream that ends normally, or that its client leaves, is an answer.
 #[tokio::test]
 async fn a_backend_whose_streams_break_after_their_first_event_cools_down() {
     let primary = slow_mock("primary", 5, 1_000);

@@ -893,7 +893,7 @@
     const text = input.value.trim();
     const value = unreadable(input) ? NaN : text === '' ? 0 : Number(text);
     if (!Number.isInteger(value) || value < min) {
-      showFieldError(form, field, min === 0 ? 'must be a whole number ≥ 0' : 'must be a whole number');
+      showFieldError(form, field, min >= 0 ? `must be a whole number ≥ ${min}` : 'must be a whole number');
       return null;
     }
     return value;
@@ -904,7 +904,8 @@
     const form = $('#backend-form');
     clearErrors(form);
     const priority = wholeNumber(form, $('#bf-priority'), 'priority', -2147483648);
-    const weight = wholeNumber(form, $('#bf-weight'), 'weight', 0);
+    // 0 would be saved as 1 (the API's unset): to take a backend out, disable it.
+    const weight = wholeNumber(form, $('#bf-weight'), 'weight', 1);
     const rpmLimit = wholeNumber(form, $('#bf-rpm'), 'rpm_limit', 0);
     const tpmLimit = wholeNumber(form, $('#bf-tpm'), 'tpm_limit', 0);
     if (priority === null || weight === null || rpmLimit === null || tpmLimit === null) return;
