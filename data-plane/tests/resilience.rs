@@ -261,6 +261,19 @@ async fn a_backend_whose_account_is_out_of_credit_fails_over_and_cools_down() {
         assert_eq!(body["error"]["code"], "upstream_account_unfunded", "{body}");
         assert!(!body.to_string().contains("credit balance"), "{body}");
     }
+    // OpenRouter's 402 for a request the account could pay with fewer `max_tokens` is the
+    // client's to fix: passed on as it came, nothing failed over or counted.
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::Unaffordable.always());
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    for _ in 0..4 {
+        let response = h.chat(chat_body(false)).await;
+        assert_eq!(response.status(), 402);
+        assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+        let body: Value = response.json().await.unwrap();
+        assert!(body.to_string().contains("fewer max_tokens"), "{body}");
+    }
+    assert_eq!(fallback.stats().requests.total(), 0);
 }
 
 #[tokio::test]

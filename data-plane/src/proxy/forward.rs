@@ -944,12 +944,6 @@ async fn attempt(
             unfunded: false,
         });
     }
-    if status == StatusCode::PAYMENT_REQUIRED {
-        return Err(Failure::Refused {
-            status,
-            unfunded: true,
-        });
-    }
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let retry_after = cooldown::retry_after(&head.headers, SystemTime::now());
         let (body, _) = read_body(
@@ -1040,6 +1034,15 @@ async fn attempt(
     )
     .await
     .map_err(Failure::cut)?;
+    // An account out of credit (a 402 that is not about this request's size: OpenRouter
+    // answers one the account could pay with fewer `max_tokens` with 402 too, which the
+    // client can fix, and which says nothing of the backend).
+    if status == StatusCode::PAYMENT_REQUIRED && !fewer_tokens_would_do(&body) {
+        return Err(Failure::Refused {
+            status,
+            unfunded: true,
+        });
+    }
     if status == StatusCode::BAD_REQUEST {
         if refuses_the_key(&body) {
             return Err(Failure::Refused {
@@ -1064,6 +1067,14 @@ async fn attempt(
         body,
         memory,
     })
+}
+
+/// Whether a 402's body says the request would be paid for with fewer tokens (OpenRouter:
+/// "This request requires more credits, or fewer max_tokens. You requested up to N tokens, but
+/// can only afford M."): the client's to fix, passed on as it came.
+fn fewer_tokens_would_do(body: &[u8]) -> bool {
+    memchr::memmem::find(body, b"fewer max_tokens").is_some()
+        || memchr::memmem::find(body, b"can only afford").is_some()
 }
 
 /// Whether a 400's body is Anthropic saying the account behind the backend is out of credit

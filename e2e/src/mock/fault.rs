@@ -57,6 +57,10 @@ pub enum Fault {
     /// `invalid_request_error`, "Your credit balance is too low to access the Anthropic API…",
     /// in Anthropic's error shape (on any route).
     OutOfCredit,
+    /// Answer 402 as OpenRouter answers a request its account could pay with fewer
+    /// `max_tokens` ("This request requires more credits, or fewer max_tokens. You requested up
+    /// to 4096 tokens, but can only afford 1000."): the request's size, not the account.
+    Unaffordable,
 }
 
 /// How long a [`Fault::Stall`] holds a request at most.

@@ -501,6 +501,17 @@ async fn api(
                 Bytes::from(body.to_string()),
             ));
         }
+        Some(Fault::Unaffordable) => {
+            let body = serde_json::json!({"error": {
+                "code": 402,
+                "message": "This request requires more credits, or fewer max_tokens. You requested up to 4096 tokens, but can only afford 1000. To increase, visit https://openrouter.ai/settings/credits and upgrade to a paid account",
+            }});
+            return Ok(json_response(
+                shared,
+                StatusCode::PAYMENT_REQUIRED,
+                Bytes::from(body.to_string()),
+            ));
+        }
         Some(Fault::KeyInvalid) => {
             let body = serde_json::json!([{"error": {
                 "code": 400,
