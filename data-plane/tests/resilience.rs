@@ -495,6 +495,31 @@ async fn failures_that_say_when_to_come_back_cool_the_backend_that_long() {
     assert_eq!(primary.stats().requests.chat_completions, 3);
 }
 
+/// A request's failure says `x-should-retry: false` when any of its attempts may have been
+/// billed (one timed out after it was sent), whatever the last attempt's failure: decided by
+/// the last alone, a timeout then a 500 let the SDKs send it through every backend twice more.
+/// A request no provider may have billed (only 500s) leaves the SDKs their retries.
+#[tokio::test]
+async fn the_retry_hint_follows_any_attempt_that_may_have_been_billed() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let mut snap = snapshot(1, pair(&primary, &fallback));
+    let settings = snap.settings.as_mut().unwrap();
+    settings.answer_timeout = Some(proto_duration(Duration::from_millis(300)));
+    let h = Harness::start(snap).await;
+    primary.set_fault(Fault::Stall.times(1));
+    fallback.set_fault(Fault::status(500).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 500);
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+    assert_eq!(header(&response, "x-should-retry"), "false");
+
+    primary.set_fault(Fault::status(500).times(1));
+    fallback.set_fault(Fault::status(500).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 500);
+    assert!(response.headers().get("x-should-retry").is_none());
+}
+
 /// An attempt made after slow failures gets only what is left of the request's deadline; cut
 /// off by that deadline, it is not its backend's failure: a healthy backend that would have
 /// answered in a second is not cooled down for having been given half of one (three such

@@ -783,6 +783,27 @@ async fn fail(
     backend: ApiFormat,
     client: ApiFormat,
 ) -> Response {
+    // An attempt that timed out or broke after it was sent may be generating, and billed:
+    // the SDKs, which send a 5xx again twice (each time through every backend), are told not
+    // to, whatever the last attempt's failure was.
+    let billed = acct.may_have_been_billed();
+    let mut response = answer_failure(acct, failure, backend, client).await;
+    if billed && response.status().is_server_error() {
+        response.headers_mut().insert(
+            HeaderName::from_static("x-should-retry"),
+            HeaderValue::from_static("false"),
+        );
+    }
+    response
+}
+
+/// [`fail`]'s answer, before the retry hint.
+async fn answer_failure(
+    acct: Accounting,
+    failure: Failure,
+    backend: ApiFormat,
+    client: ApiFormat,
+) -> Response {
     match failure {
         Failure::Status {
             status,
@@ -831,12 +852,7 @@ async fn fail(
         Failure::Cut { timeout: true, .. } => {
             error_after_billing(acct, ProxyError::UpstreamTimeout).await
         }
-        // Sent, and perhaps generating (a reasoning model thinking past the first-byte
-        // timeout) and billed: the SDKs are told not to send it again on their own, each
-        // try going through every backend again.
-        Failure::Timeout | Failure::Deadline => {
-            error_after_billing(acct, ProxyError::UpstreamTimeout).await
-        }
+        Failure::Timeout | Failure::Deadline => error(acct, ProxyError::UpstreamTimeout).await,
         Failure::MemoryFull(Full::Replica, _) => error(acct, ProxyError::AnswersBusy).await,
         Failure::MemoryFull(Full::Key, _) => error(acct, ProxyError::KeyAnswersBusy).await,
         Failure::OutOfFiles => error(acct, ProxyError::OutOfFiles).await,
