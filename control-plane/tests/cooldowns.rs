@@ -103,6 +103,7 @@ impl Setup {
                 records: vec![],
                 events,
                 previous_sequence: 0,
+                database_id: String::new(),
             })
             .await
             .unwrap();

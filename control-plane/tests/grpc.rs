@@ -1117,6 +1117,66 @@ fn record(
     }
 }
 
+/// A replica that refuses this control plane's snapshots as another database's (it was
+/// started on an empty or wrong one) names the database it serves in its reports: refused
+/// here, its usage waits on the replica for the right one. Acked into the wrong database, the
+/// whole incident's usage was lost from the real one.
+#[tokio::test]
+async fn usage_served_under_another_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut dp = DataPlaneServiceClient::with_interceptor(
+        channel(&cp).await,
+        Bearer(cp.dataplane_token.clone()),
+    );
+    let ours: String = rusqlite::Connection::open(dir.path().join("sluice.db"))
+        .unwrap()
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'database_id'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let report = |database_id: &str, sequence: u64| pb::ReportUsageRequest {
+        node_id: "replica-1".into(),
+        incarnation: "inc-1".into(),
+        records: vec![record(sequence, "b", 10, 10, 10)],
+        database_id: database_id.into(),
+        ..Default::default()
+    };
+    let refused = dp
+        .report_usage(tokio_stream::iter(vec![report("another-database", 1)]))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("another-database"),
+        "{refused:?}"
+    );
+    for (database, sequence) in [(ours.as_str(), 1), ("", 2)] {
+        let mut acks = dp
+            .report_usage(tokio_stream::iter(vec![report(database, sequence)]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            acks.message().await.unwrap().unwrap().acked_sequence,
+            sequence
+        );
+    }
+    let totals = stats(&cp)
+        .await
+        .get_totals(pb::GetTotalsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(totals.request_count, 2);
+}
+
 #[tokio::test]
 async fn usage_is_counted_once_even_when_resent() {
     let dir = tempfile::tempdir().unwrap();

@@ -36,6 +36,9 @@ pub struct Report {
     pub events: Vec<BackendEvent>,
     #[prost(uint64, tag = "5")]
     pub previous_sequence: u64,
+    /// The database of the snapshot this replica serves (empty before its first).
+    #[prost(string, tag = "6")]
+    pub database_id: String,
 }
 
 /// `DataPlaneService.ReportUsage`, sending [`Report`]s; authenticated like

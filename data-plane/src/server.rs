@@ -361,10 +361,17 @@ impl Proxy {
         }
         let cooldowns = Arc::clone(store.cooldowns());
         let clock = store.clock();
+        let served = Arc::clone(&store);
         let reporter = tokio::spawn(
             UsageReporter::new(usage.clone(), usage_client, identity)
                 .resend_events_with(Box::new(move || {
                     cooldowns.unacknowledged_events(clock.now().instant)
+                }))
+                .database_with(Box::new(move || {
+                    served
+                        .load()
+                        .map(|snapshot| snapshot.database_id.clone())
+                        .unwrap_or_default()
                 }))
                 .run(stop_usage.clone()),
         );

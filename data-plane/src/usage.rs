@@ -677,16 +677,30 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// send next on the current stream, and what an ack or a failed stream means.
 /// [`UsageReporter`] drives it over gRPC; the protocol simulation
 /// (`e2e/tests/simulation.rs`) drives it directly.
-#[derive(Debug)]
 pub struct Outbox {
     sink: UsageSink,
     node_id: String,
     incarnation: String,
+    /// The database of the snapshot served, read at each report ([`Report::database_id`]).
+    database: Option<DatabaseOf>,
     /// What the current stream has sent: every record up to this sequence.
     sent_upto: u64,
     /// After a report was refused as too large: the last record that report could have
     /// held. Records up to it go one per report, so the next refusal names its record.
     suspect_through: Option<u64>,
+}
+
+/// Reads the database of the snapshot a replica serves.
+pub type DatabaseOf = Box<dyn Fn() -> String + Send + Sync>;
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("node_id", &self.node_id)
+            .field("incarnation", &self.incarnation)
+            .field("sent_upto", &self.sent_upto)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Outbox {
@@ -695,6 +709,7 @@ impl Outbox {
             sink,
             node_id,
             incarnation,
+            database: None,
             sent_upto: 0,
             suspect_through: None,
         }
@@ -748,6 +763,7 @@ impl Outbox {
             records: records.into_iter().map(|r| r.encoded).collect(),
             events,
             previous_sequence,
+            database_id: self.database.as_ref().map(|of| of()).unwrap_or_default(),
         })
     }
 
@@ -818,6 +834,14 @@ impl UsageReporter {
     /// snapshot has acknowledged yet, which the old stream may have lost).
     pub fn resend_events_with(mut self, resend: ResendEvents) -> Self {
         self.resend = Some(resend);
+        self
+    }
+
+    /// Names in every report the database of the snapshot served, as `database` reads it: a
+    /// control plane on another one refuses the report, and the records wait for the right
+    /// one.
+    pub fn database_with(mut self, database: DatabaseOf) -> Self {
+        self.outbox.database = Some(database);
         self
     }
 
@@ -1425,6 +1449,7 @@ mod tests {
                 records: expected,
                 events: vec![event],
                 previous_sequence: 0,
+                database_id: String::new(),
             }
         );
         assert_eq!(

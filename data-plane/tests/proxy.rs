@@ -528,6 +528,21 @@ async fn a_large_metrics_answer_counts_against_the_answers_memory() {
     assert_error(answer, 503, "server_busy").await;
 }
 
+/// Usage reports name the database of the snapshot the replica serves: a control plane on
+/// another database (started on an empty or wrong one) refuses them, and they wait here.
+#[tokio::test]
+async fn usage_reports_name_the_database_of_the_snapshot_served() {
+    let upstream = EchoUpstream::start().await;
+    let h = Harness::one_primary(&upstream.base_url()).await;
+    assert_eq!(h.chat(chat_body(false)).await.status(), 200);
+    h.records(1).await;
+    let databases = h.cp.with(|r| r.report_databases.clone());
+    assert!(
+        !databases.is_empty() && databases.iter().all(|d| d == "database-1"),
+        "{databases:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_stream_framed_any_way_is_relayed_alike_and_its_usage_chunk_hidden_unless_asked() {
     let chunk = |delta: Value, finish: Value| {

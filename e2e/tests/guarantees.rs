@@ -99,6 +99,7 @@ fn report(from: u64, to: u64, previous_sequence: u64) -> pb::ReportUsageRequest 
         records: (from..=to).map(usage_record).collect(),
         events: vec![],
         previous_sequence,
+        database_id: String::new(),
     }
 }
 

@@ -554,6 +554,17 @@ impl DataPlaneApi {
         batch: pb::ReportUsageRequest,
     ) -> Result<Option<(oneshot::Receiver<Applied>, Option<Charges>)>, Status> {
         check_id("node_id", &batch.node_id)?;
+        // Usage (and cooldowns) of requests served under another database's snapshot
+        // belong to that one: a replica refusing this control plane's snapshots (it was
+        // started on an empty or wrong database) keeps them until the right one is back.
+        let ours = &self.publisher.latest().database_id;
+        if !batch.database_id.is_empty() && !ours.is_empty() && batch.database_id != *ours {
+            return Err(Status::failed_precondition(format!(
+                "this usage was served under database {}, not this control plane's {ours}: \
+                 kept by the data plane for the right one",
+                batch.database_id
+            )));
+        }
         if !batch.events.is_empty() {
             self.store.record_cooldowns(cooldown_events(&batch)).await?;
         }

@@ -33,6 +33,8 @@ pub struct Recorded {
     pub events: Vec<BackendEvent>,
     pub rejected_auth: u64,
     pub usage_streams: u64,
+    /// The `database_id` of each report received, in arrival order.
+    pub report_databases: Vec<String>,
 }
 
 impl Recorded {
@@ -165,6 +167,7 @@ impl DataPlaneService for Service {
                             r.events.extend(batch.events.iter().cloned());
                             r.received_sequences.extend(batch.records.iter().map(|x| x.sequence));
                             r.reports.push(batch.records.iter().map(|x| x.sequence).collect());
+                            r.report_databases.push(batch.database_id.clone());
                             if !ack { return; }
                             let applied = r
                                 .applied
