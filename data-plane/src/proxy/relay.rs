@@ -293,18 +293,22 @@ impl Relay {
     /// answer is counted by its bytes (counted three times over, for the copies its reading
     /// makes for a moment, an event of half `--max-response-bytes` was cut on an idle replica,
     /// where the limit promises events up to all of it). Past what a stream keeps for itself
-    /// ([`UNCOUNTED_STREAM_BYTES`], uncounted as a small whole answer is), all of it. When the memory or the key's share cannot take it, the stream ends with an error
-    /// event, as a whole answer that cannot be held gets its 503: a replica reading dozens of
-    /// large events at once holds no more than `--max-buffered-answer-bytes` for them.
+    /// ([`UNCOUNTED_STREAM_BYTES`], uncounted as a small whole answer is), all of it. When the
+    /// memory or the key's share cannot take it, the stream ends with an error event, as a
+    /// whole answer that cannot be held gets its 503: a replica reading dozens of large events
+    /// at once holds no more than `--max-buffered-answer-bytes` for them.
     fn count_memory(&mut self, chunk: usize) {
         let held = &mut self.memory;
+        // Queued too: a small chunk ending a line begun in an earlier one queues an event as
+        // large as both.
+        let queued: usize = self.ready.iter().map(|(frame, _)| frame.len()).sum();
         if held.counted == 0
             && chunk <= UNCOUNTED_STREAM_BYTES
+            && queued <= UNCOUNTED_STREAM_BYTES
             && self.parser.held_bytes() <= UNCOUNTED_STREAM_BYTES
         {
             return;
         }
-        let queued: usize = self.ready.iter().map(|(frame, _)| frame.len()).sum();
         let holds = self.parser.buffered_bytes() + queued;
         if holds <= UNCOUNTED_STREAM_BYTES {
             held.permit = None;
