@@ -77,6 +77,9 @@
   }
   function fmtPct(ratio) {
     const p = num(ratio) * 100;
+    // A rate that rounds to 0 or 100 but is not says so: "0 %" read as no error at all.
+    if (p > 0 && p < 0.1) return '<0.1 %';
+    if (p < 100 && p > 99.9) return '>99.9 %';
     return `${new Intl.NumberFormat(undefined, { maximumFractionDigits: p > 0 && p < 10 ? 1 : 0 }).format(p)} %`;
   }
   function fmtAxis(v, kind) {
@@ -427,7 +430,8 @@
     const groups = new Map();
     for (const b of buckets) {
       const key = b.groupKey || '';
-      const label = b.groupLabel || b.groupKey || (state.split ? 'no backend' : 'All requests');
+      const none = { backend: 'no backend', model: 'no model', pool: 'no pool' }[state.split];
+      const label = b.groupLabel || b.groupKey || (state.split ? none || 'none' : 'All requests');
       if (!groups.has(key)) groups.set(key, { label, buckets: [], requests: 0 });
       const g = groups.get(key);
       g.buckets.push(b);
