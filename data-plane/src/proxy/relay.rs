@@ -283,9 +283,10 @@ impl Relay {
     /// Parses a chunk from the upstream into frames for the client, within the answers'
     /// memory.
     fn take(&mut self, chunk: Bytes) {
-        let len = chunk.len();
+        // What this chunk may complete and queue: itself and the event begun before it.
+        let read = chunk.len() + self.parser.buffered_bytes();
         self.parse_chunk(chunk);
-        self.count_memory(len);
+        self.count_memory(read);
     }
 
     /// What a large event holds, counted against the answers' memory as it grows: the bytes
@@ -297,18 +298,17 @@ impl Relay {
     /// memory or the key's share cannot take it, the stream ends with an error event, as a
     /// whole answer that cannot be held gets its 503: a replica reading dozens of large events
     /// at once holds no more than `--max-buffered-answer-bytes` for them.
-    fn count_memory(&mut self, chunk: usize) {
+    fn count_memory(&mut self, read: usize) {
         let held = &mut self.memory;
-        // Queued too: a small chunk ending a line begun in an earlier one queues an event as
-        // large as both.
-        let queued: usize = self.ready.iter().map(|(frame, _)| frame.len()).sum();
+        // `read` bounds what was queued: a small chunk ending a line begun in an earlier one
+        // queues an event as large as both.
         if held.counted == 0
-            && chunk <= UNCOUNTED_STREAM_BYTES
-            && queued <= UNCOUNTED_STREAM_BYTES
+            && read <= UNCOUNTED_STREAM_BYTES
             && self.parser.held_bytes() <= UNCOUNTED_STREAM_BYTES
         {
             return;
         }
+        let queued: usize = self.ready.iter().map(|(frame, _)| frame.len()).sum();
         let holds = self.parser.buffered_bytes() + queued;
         if holds <= UNCOUNTED_STREAM_BYTES {
             held.permit = None;
