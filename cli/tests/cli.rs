@@ -1234,6 +1234,20 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
         .ctl(&["-o", "json", "stats", "totals", "--key", "team-a"])
         .await;
     assert!(!named.stderr.contains("note:"), "{named:?}");
+    // And a model no backend serves, where one served passes without a note.
+    let typo = h
+        .ctl(&["-o", "json", "stats", "totals", "--model", "gpt-4o-mnii"])
+        .await;
+    assert_eq!(typo.code, 0, "{typo:?}");
+    assert!(
+        typo.stderr
+            .contains("no backend serves a model named \"gpt-4o-mnii\""),
+        "{typo:?}"
+    );
+    let served = h
+        .ctl(&["-o", "json", "stats", "totals", "--model", "gpt-4o-mini"])
+        .await;
+    assert!(!served.stderr.contains("note:"), "{served:?}");
     // A timeout of nothing is a usage error, not a control plane out of reach.
     let instant = h.ctl(&["--timeout", "0s", "backend", "list"]).await;
     assert_eq!(instant.code, 2, "{instant:?}");

@@ -99,10 +99,28 @@ where
 /// key filter that names one is replaced by its id. Anything else is passed on
 /// as an id, since usage outlives deleted backends.
 async fn resolve(mut filter: FilterArgs, connection: &Connection) -> Result<FilterArgs, Error> {
-    if filter.backend.is_none() && filter.key.is_none() {
+    if filter.backend.is_none() && filter.key.is_none() && filter.model.is_none() {
         return Ok(filter);
     }
     let mut admin = connection.admin().await?;
+    if let Some(model) = &filter.model {
+        // A model no backend serves (a typo) gave zeros with no word, where a backend's or a
+        // key's name said so. (A model served no more keeps its usage under its name.)
+        let backends = connection
+            .call(admin.list_backends(pb::ListBackendsRequest {}))
+            .await?
+            .backends;
+        let served = backends
+            .iter()
+            .any(|backend| backend.models.iter().any(|route| route.name == *model));
+        if !served {
+            eprintln!(
+                "note: no backend serves a model named \"{}\" now; the usage of a model served \
+                 no more is kept under its name (`sluicectl stats totals --by model` lists them)",
+                sluice_domain::text::escape_control(model)
+            );
+        }
+    }
     if let Some(backend) = &mut filter.backend {
         let request = pb::GetBackendRequest {
             id: backend.clone(),
