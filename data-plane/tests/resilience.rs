@@ -1203,12 +1203,12 @@ async fn a_stream_answering_ends_its_backends_streak_at_its_first_event() {
     primary.set_fault(Fault::status(429).times(1));
     let response = h.chat(chat_body(false)).await;
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
-    // The streak's cooldown (1 s) over, a stream goes to the primary: about 2 s long.
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    // The streak's cooldown (1 s) over, a stream goes to the primary: about 2 s long. Its
+    // head comes with its first event, recorded before.
+    until_not_cooling(&h, "primary").await;
     let stream = h.chat(chat_body(true)).await;
     assert_eq!(header(&stream, "x-sluice-backend"), "primary-name");
     let reading = tokio::spawn(stream.text());
-    tokio::time::sleep(Duration::from_millis(300)).await;
     primary.set_fault(Fault::status(500).times(1));
     let response = h.chat(chat_body(false)).await;
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
@@ -1252,12 +1252,15 @@ async fn a_backend_whose_streams_break_after_their_first_event_cools_down() {
     settings.idle_stream_timeout = Some(proto_duration(Duration::from_millis(200)));
     settings.failure_threshold = 2;
     let h = Harness::start(message).await;
-    for _ in 0..2 {
+    // A stream the primary takes and breaks after its first event.
+    let broken = async || {
         let response = h.chat(chat_body(true)).await;
         assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
         let body = response.text().await.unwrap();
         assert!(body.contains("stream_interrupted"), "{body}");
-    }
+    };
+    broken().await;
+    broken().await;
     let response = h.chat(chat_body(true)).await;
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
     assert!(response.text().await.unwrap().ends_with("data: [DONE]\n\n"));
@@ -1270,13 +1273,17 @@ async fn a_backend_whose_streams_break_after_their_first_event_cools_down() {
     // Its cooldown over, the next stream's first event ends the streak; its break after that
     // is a failure of the backend as it is now (judged at the state before, it was dropped,
     // and a third broken stream was needed): two more cool it down again.
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    for _ in 0..2 {
-        let response = h.chat(chat_body(true)).await;
-        assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
-        let body = response.text().await.unwrap();
-        assert!(body.contains("stream_interrupted"), "{body}");
-    }
+    until_not_cooling(&h, "primary").await;
+    broken().await;
+    broken().await;
     let response = h.chat(chat_body(true)).await;
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+}
+
+/// Waits until this replica no longer skips `backend` for a cooldown.
+async fn until_not_cooling(h: &Harness, backend: &str) {
+    let cooldowns = h.store.cooldowns();
+    while let Err(until) = cooldowns.check(backend, tokio::time::Instant::now()) {
+        tokio::time::sleep_until(until).await;
+    }
 }

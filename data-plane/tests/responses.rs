@@ -863,18 +863,19 @@ async fn a_streamed_event_the_answers_memory_cannot_hold_ends_its_stream() {
         c.max_buffered_answer_bytes_per_key = Some(2 << 20);
     })
     .await;
-    let h = std::sync::Arc::new(h);
-    let first = tokio::spawn({
-        let h = std::sync::Arc::clone(&h);
-        async move { draw(&h).await }
-    });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The first stream's head comes with its first event, the rest of the upstream's first
+    // write (the image's first part) right behind it; the second is asked while the first
+    // waits inside the image.
+    let body = json!({"model": MODEL, "input": "draw", "stream": true});
+    let first = create(&h, body).await;
+    let first = tokio::spawn(first.text());
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let second = draw(&h).await;
     let at = second.find("event: error");
     let error = &second[at.unwrap_or_else(|| panic!("{}", &second[..second.len().min(300)]))..];
     assert!(error.contains("fill the memory it may hold"), "{error}");
     assert!(!second.contains(large.as_str()));
-    let first = first.await.unwrap();
+    let first = first.await.unwrap().unwrap();
     assert!(
         !first.contains("event: error"),
         "{}",

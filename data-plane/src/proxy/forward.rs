@@ -768,11 +768,16 @@ pub(super) async fn error(acct: Accounting, err: ProxyError) -> Response {
 /// fail alike.
 async fn error_after_billing(acct: Accounting, err: ProxyError) -> Response {
     let mut response = error(acct, err).await;
+    not_to_be_sent_again(&mut response);
+    response
+}
+
+/// Tells the SDKs not to send the request again on their own (`x-should-retry: false`).
+fn not_to_be_sent_again(response: &mut Response) {
     response.headers_mut().insert(
         HeaderName::from_static("x-should-retry"),
         HeaderValue::from_static("false"),
     );
-    response
 }
 
 /// Answers with the last failure: the upstream's own 429/5xx (in the client's API, `client`:
@@ -789,10 +794,7 @@ async fn fail(
     let billed = acct.may_have_been_billed();
     let mut response = answer_failure(acct, failure, backend, client).await;
     if billed && response.status().is_server_error() {
-        response.headers_mut().insert(
-            HeaderName::from_static("x-should-retry"),
-            HeaderValue::from_static("false"),
-        );
+        not_to_be_sent_again(&mut response);
     }
     response
 }
@@ -846,12 +848,9 @@ async fn answer_failure(
         } => error(acct, ProxyError::UpstreamCredentials).await,
         Failure::Refused { unfunded: true, .. } => error(acct, ProxyError::UpstreamUnfunded).await,
         Failure::Invalid(_) => error(acct, ProxyError::UpstreamInvalid).await,
-        Failure::Cut { timeout: false, .. } => {
-            error_after_billing(acct, ProxyError::UpstreamInvalid).await
-        }
-        Failure::Cut { timeout: true, .. } => {
-            error_after_billing(acct, ProxyError::UpstreamTimeout).await
-        }
+        // Billed ([`fail`] says not to send it again).
+        Failure::Cut { timeout: false, .. } => error(acct, ProxyError::UpstreamInvalid).await,
+        Failure::Cut { timeout: true, .. } => error(acct, ProxyError::UpstreamTimeout).await,
         Failure::Timeout | Failure::Deadline => error(acct, ProxyError::UpstreamTimeout).await,
         Failure::MemoryFull(Full::Replica, _) => error(acct, ProxyError::AnswersBusy).await,
         Failure::MemoryFull(Full::Key, _) => error(acct, ProxyError::KeyAnswersBusy).await,
