@@ -409,13 +409,16 @@ fn parse_expiry(text: &str) -> Result<Expiry, String> {
 
 #[derive(Debug, Subcommand)]
 pub enum CooldownCommand {
-    /// List backends cooling down now.
+    /// List backends, and models at a backend, cooling down now.
     #[command(alias = "ls")]
     List,
-    /// End a backend's cooldown on every data plane.
+    /// End a backend's cooldown, and its models', on every data plane.
     Reset {
         /// Backend id or name.
         backend: String,
+        /// End only this model's cooldown at the backend (its name at the provider).
+        #[arg(long)]
+        model: Option<String>,
     },
 }
 

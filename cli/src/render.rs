@@ -453,6 +453,10 @@ pub fn cooldowns(response: &pb::ListCooldownsResponse) -> String {
             vec![
                 cooldown.backend_name.clone(),
                 cooldown.backend_id.clone(),
+                match cooldown.model.as_str() {
+                    "" => "(every model)".to_owned(),
+                    model => model.to_owned(),
+                },
                 when(cooldown.until.as_ref(), now),
                 cooldown.consecutive_failures.to_string(),
                 cooldown.reason.clone(),
@@ -464,13 +468,14 @@ pub fn cooldowns(response: &pb::ListCooldownsResponse) -> String {
         &[
             "BACKEND",
             "ID",
+            "MODEL",
             "UNTIL",
             "FAILURES",
             "REASON",
             "REPORTED BY",
         ],
         rows,
-        &[3],
+        &[4],
     )
 }
 

@@ -1124,12 +1124,23 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
         // A replica that predates cooldown epochs: its own streak and end time are taken.
         ..Default::default()
     };
+    // And a 429 of one model, which cools that model alone at the backend.
+    let of_model = pb::BackendEvent {
+        backend_id: backend_id.clone(),
+        model: "gpt-4o-mini".into(),
+        kind: pb::BackendEventKind::RateLimited as i32,
+        cooldown_epoch: Some(0),
+        retry_after: Some(Duration::from_secs(300).into()),
+        reason: "429 from upstream".into(),
+        time: Some(replica::timestamp(now)),
+        ..Default::default()
+    };
     let mut acks = client
         .report_usage(tokio_stream::iter(vec![pb::ReportUsageRequest {
             node_id: "replica-7".into(),
             incarnation: "inc-1".into(),
             records: vec![record(1), record(2)],
-            events: vec![event],
+            events: vec![event, of_model],
             ..Default::default()
         }]))
         .await
@@ -1137,21 +1148,45 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
         .into_inner();
     assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 2);
 
-    // Cooldowns: the backend, when it ends (relative), failures and reason.
+    // Cooldowns: the backend, the model (or every model), when it ends (relative), failures
+    // and reason.
     let table = h.ctl(&["cooldown", "list"]).await;
-    let row = table
+    let rows: Vec<String> = table
         .ok()
         .lines()
-        .find(|l| l.starts_with("busy"))
+        .filter(|l| l.starts_with("busy"))
+        .map(str::to_owned)
+        .collect();
+    let model_row = rows
+        .iter()
+        .find(|l| l.contains("gpt-4o-mini"))
+        .unwrap_or_else(|| panic!("no row of the model: {table:?}"));
+    assert!(
+        model_row.contains("(in 4m)") || model_row.contains("(in 5m)"),
+        "{model_row}"
+    );
+    let row = rows
+        .iter()
+        .find(|l| l.contains("(every model)"))
         .unwrap_or_else(|| panic!("no cooldown row: {table:?}"))
         .to_owned();
     assert!(row.contains(&backend_id), "{row}");
     assert!(row.contains("(in 9m)") || row.contains("(in 10m)"), "{row}");
     assert!(row.contains("429 from upstream"), "{row}");
     let json = h.ctl(&["-o", "json", "cooldown", "list"]).await.json();
-    assert_eq!(json["cooldowns"][0]["backendName"], "busy");
-    assert_eq!(json["cooldowns"][0]["consecutiveFailures"], 2);
+    // Listed by when each ends: the model's first.
+    assert_eq!(json["cooldowns"][1]["backendName"], "busy");
+    assert_eq!(json["cooldowns"][1]["consecutiveFailures"], 2);
+    assert_eq!(json["cooldowns"][0]["model"], "gpt-4o-mini");
 
+    // One model's cooldown ends alone; then the backend's with the rest.
+    h.ctl(&["cooldown", "reset", "busy", "--model", "gpt-4o-mini"])
+        .await
+        .ok();
+    let table = h.ctl(&["cooldown", "list"]).await;
+    let left = table.ok().lines().filter(|l| l.starts_with("busy")).count();
+    assert!(!table.ok().contains("gpt-4o-mini"), "{table:?}");
+    assert_eq!(left, 1, "{table:?}");
     h.ctl(&["cooldown", "reset", "busy"]).await.ok();
     assert_eq!(
         h.ctl(&["cooldown", "list"]).await.ok().trim(),

@@ -65,6 +65,8 @@ fn cooldown_event(e: &pb::BackendEvent, batch: &pb::ReportUsageRequest) -> Optio
     };
     Some(CooldownEvent {
         backend_id: e.backend_id.clone(),
+        // Checked against the backend's models where it is applied.
+        model: e.model.clone(),
         report,
         reason: e.reason.chars().take(200).collect(),
         reported_by: batch.node_id.clone(),

@@ -75,6 +75,26 @@ fn ceiling(snapshot: &pb::Snapshot) -> usize {
     prost::Message::encoded_len(snapshot)
         + snapshot.client_keys.len() * KEY_FLAGS_BYTES
         + snapshot.backends.len() * *COOLDOWN_BYTES
+        + snapshot
+            .backends
+            .iter()
+            .flat_map(|b| &b.models)
+            .map(|m| model_cooling_bytes(&m.upstream_name))
+            .sum::<usize>()
+}
+
+/// The most one model's cooldown adds to its backend's entry: every field at its largest.
+fn model_cooling_bytes(model: &str) -> usize {
+    let most = cooling_at_most();
+    entry_bytes(&pb::ModelCooldown {
+        model: model.to_owned(),
+        cooldown_until: most.cooldown_until,
+        consecutive_failures: most.consecutive_failures,
+        cooldown_remaining: most.cooldown_remaining,
+        cooldown_epoch: most.cooldown_epoch,
+        cooldown_run_basis: most.cooldown_run_basis,
+        cooldown_changed_by: most.cooldown_changed_by,
+    })
 }
 
 /// Room for an admin write's growth of the snapshot, held from [`Publisher::reserve`] until
@@ -99,24 +119,31 @@ pub fn entry_bytes(entry: &impl prost::Message) -> usize {
     len + prost::length_delimiter_len(len) + 2
 }
 
-/// The most a backend with `spec` and `api_key` adds to a snapshot (cooling down included).
+/// The most a backend with `spec` and `api_key` adds to a snapshot (cooling down included,
+/// the backend and each of its models).
 pub fn backend_entry_bytes(spec: &BackendSpec, api_key: &str) -> usize {
-    entry_bytes(&pb::SnapshotBackend {
-        id: uuid::Uuid::nil().to_string(),
-        name: spec.name.clone(),
-        base_url: spec.base_url.clone(),
-        pool: pb::Pool::from(spec.pool) as i32,
-        priority: i32::MIN,
-        weight: u32::MAX,
-        models: spec.models.iter().map(|m| m.to_proto()).collect(),
-        api_key: api_key.to_owned(),
-        rpm_limit: u32::MAX,
-        responses_api: Some(true),
-        api_format: spec.api_format.to_proto() as i32,
-        anthropic_version: spec.anthropic_version.clone(),
-        tpm_limit: u32::MAX,
-        ..cooling_at_most()
-    })
+    let models: usize = spec
+        .models
+        .iter()
+        .map(|m| model_cooling_bytes(&m.upstream_name))
+        .sum();
+    models
+        + entry_bytes(&pb::SnapshotBackend {
+            id: uuid::Uuid::nil().to_string(),
+            name: spec.name.clone(),
+            base_url: spec.base_url.clone(),
+            pool: pb::Pool::from(spec.pool) as i32,
+            priority: i32::MIN,
+            weight: u32::MAX,
+            models: spec.models.iter().map(|m| m.to_proto()).collect(),
+            api_key: api_key.to_owned(),
+            rpm_limit: u32::MAX,
+            responses_api: Some(true),
+            api_format: spec.api_format.to_proto() as i32,
+            anthropic_version: spec.anthropic_version.clone(),
+            tpm_limit: u32::MAX,
+            ..cooling_at_most()
+        })
 }
 
 /// A backend entry with only its cooldown's fields set, each at its largest.
@@ -340,17 +367,28 @@ pub fn as_sent(snapshot: &pb::Snapshot, now_ms: i64) -> pb::Snapshot {
 fn backends_as_sent(snapshot: &pb::Snapshot, now_ms: i64) -> Vec<pb::SnapshotBackend> {
     let mut backends = snapshot.backends.clone();
     for b in &mut backends {
-        let left = b
-            .cooldown_until
-            .as_ref()
-            .map(|until| timestamp_ms(until).saturating_sub(now_ms))
-            .filter(|left| *left > 0);
-        b.cooldown_remaining = left.map(duration);
-        if left.is_none() {
-            b.cooldown_until = None;
+        (b.cooldown_remaining, b.cooldown_until) = remaining(b.cooldown_until.take(), now_ms);
+        for m in &mut b.model_cooldowns {
+            (m.cooldown_remaining, m.cooldown_until) = remaining(m.cooldown_until.take(), now_ms);
         }
     }
     backends
+}
+
+/// A cooldown's end as sent at `now_ms`: the time left of it, and the end itself, both unset
+/// when it has ended.
+fn remaining(
+    until: Option<pbjson_types::Timestamp>,
+    now_ms: i64,
+) -> (
+    Option<pbjson_types::Duration>,
+    Option<pbjson_types::Timestamp>,
+) {
+    let left = until
+        .as_ref()
+        .map(|until| timestamp_ms(until).saturating_sub(now_ms))
+        .filter(|left| *left > 0);
+    (left.map(duration), left.and(until))
 }
 
 /// The encoding of everything in `snapshot` but its backends: what every replica is sent
@@ -433,8 +471,25 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
             let backends = crate::store::load_enabled_with_keys_in(&tx, key)?
                 .into_iter()
                 .map(|b| {
-                    let cooldown = cooldowns.get(&b.backend.id).cloned().unwrap_or_default();
+                    let states = cooldowns.get(&b.backend.id).cloned().unwrap_or_default();
+                    let cooldown = states.backend;
                     let spec = b.backend.spec;
+                    // Only models it serves now: a model taken off the backend has no route,
+                    // and its row stays for when it is put back (its epoch never goes back).
+                    let model_cooldowns = states
+                        .models
+                        .into_iter()
+                        .filter(|(model, _)| spec.models.iter().any(|m| m.upstream_name == *model))
+                        .map(|(model, state)| pb::ModelCooldown {
+                            model,
+                            cooldown_until: state.until.map(|until| timestamp(until.0)),
+                            consecutive_failures: state.streak,
+                            cooldown_remaining: None,
+                            cooldown_epoch: state.epoch,
+                            cooldown_run_basis: state.run.as_ref().map_or(0, |(_, basis)| *basis),
+                            cooldown_changed_by: state.run.map(|(by, _)| by).unwrap_or_default(),
+                        })
+                        .collect();
                     let responses_api = Some(spec.serves_responses());
                     pb::SnapshotBackend {
                         responses_api,
@@ -459,6 +514,7 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                         cooldown_changed_by: cooldown.run.map(|(by, _)| by).unwrap_or_default(),
                         api_format: spec.api_format.to_proto() as i32,
                         anthropic_version: spec.anthropic_version,
+                        model_cooldowns,
                     }
                 })
                 .collect();

@@ -159,6 +159,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0016_key_spend_total.sql"),
     include_str!("../../migrations/0017_client_key_order.sql"),
     include_str!("../../migrations/0018_database_id.sql"),
+    include_str!("../../migrations/0019_model_cooldowns.sql"),
 ];
 
 /// A handle to the database; cheap to clone.
@@ -660,8 +661,6 @@ mod tests {
         let latest = MIGRATIONS.len() as i64;
         // As a database one version behind: its last migration still to run.
         let conn = Connection::open(&path).unwrap();
-        conn.execute("DELETE FROM meta WHERE key = 'database_id'", [])
-            .unwrap();
         conn.pragma_update(None, "user_version", latest - 1)
             .unwrap();
         drop(conn);

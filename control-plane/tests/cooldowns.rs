@@ -239,6 +239,7 @@ async fn a_reset_moves_the_epoch_on_so_reports_sent_before_it_are_absorbed() {
         .await
         .unwrap()
         .reset_cooldown(pb::ResetCooldownRequest {
+            model: String::new(),
             backend_id: "a".into(),
         })
         .await
@@ -284,5 +285,89 @@ async fn a_replica_continues_its_own_run_and_cooldowns_count_from_when_it_saw_th
     assert!(
         left(&b) <= Duration::from_secs(12) && left(&b) > Duration::from_secs(10),
         "{b:?}"
+    );
+}
+
+/// A 429 for one model cools that model alone at the backend (providers limit each model
+/// apart): the snapshot carries it apart from the backend's own state, `ListCooldowns` names
+/// the model, a report of a model the backend does not serve is dropped, and a reset can end
+/// the one model's cooldown.
+#[tokio::test]
+async fn a_models_cooldown_is_its_own_and_a_reset_can_end_it_alone() {
+    use pb::BackendEventKind::RateLimited;
+    let mut s = Setup::start().await;
+    s.until(|b| b.cooldown_epoch == 0).await;
+    let of_model = |model: &str, basis: u64| pb::BackendEvent {
+        model: model.into(),
+        ..s.event(RateLimited, basis)
+    };
+    s.report(
+        "replica-1",
+        vec![of_model("m", 0), of_model("not-served", 0)],
+    )
+    .await;
+    let b = s.until(|b| !b.model_cooldowns.is_empty()).await;
+    // The backend itself is not cooling down.
+    assert_eq!(
+        (
+            b.cooldown_epoch,
+            b.consecutive_failures,
+            b.cooldown_remaining
+        ),
+        (0, 0, None)
+    );
+    assert_eq!(b.model_cooldowns.len(), 1, "{b:?}");
+    let m = &b.model_cooldowns[0];
+    assert_eq!(
+        (m.model.as_str(), m.cooldown_epoch, m.consecutive_failures),
+        ("m", 1, 1)
+    );
+    let left = Duration::try_from(m.cooldown_remaining.unwrap()).unwrap();
+    assert!(
+        left <= BASE && left > BASE - Duration::from_secs(2),
+        "{m:?}"
+    );
+
+    let mut admin = s.cp.admin_client().await.unwrap();
+    let listed = admin
+        .list_cooldowns(pb::ListCooldownsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .cooldowns;
+    let models: Vec<&str> = listed.iter().map(|c| c.model.as_str()).collect();
+    assert_eq!(models, ["m"]);
+    assert_eq!(listed[0].backend_name, "a");
+
+    // A model the backend does not serve has no cooldown to reset.
+    let refused = admin
+        .reset_cooldown(pb::ResetCooldownRequest {
+            backend_id: "a".into(),
+            model: "not-served".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    admin
+        .reset_cooldown(pb::ResetCooldownRequest {
+            backend_id: "a".into(),
+            model: "m".into(),
+        })
+        .await
+        .unwrap();
+    let b = s
+        .until(|b| b.model_cooldowns.iter().any(|m| m.cooldown_epoch == 2))
+        .await;
+    let m = &b.model_cooldowns[0];
+    assert_eq!((m.consecutive_failures, m.cooldown_remaining), (0, None));
+    assert_eq!(b.cooldown_epoch, 0, "the backend's own state is untouched");
+    assert!(
+        admin
+            .list_cooldowns(pb::ListCooldownsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .cooldowns
+            .is_empty()
     );
 }

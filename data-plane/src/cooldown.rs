@@ -1,4 +1,5 @@
-//! Per-backend cooldowns on this replica: the control plane's state from the last snapshot,
+//! Per-backend cooldowns on this replica, and per model at a backend: the control plane's
+//! state from the last snapshot,
 //! with this replica's own reports applied on top until a snapshot shows them. The rules are
 //! `sluice_domain::cooldown`'s (the control plane applies the same ones to the same reports),
 //! so once the reports are delivered and the snapshot is back, every replica holds the same
@@ -24,6 +25,14 @@
 //! applied again on top. After a reconnect, pending reports are sent again
 //! ([`CooldownTracker::unacknowledged_events`]); one the control plane already applied changes
 //! nothing the second time.
+//!
+//! # Backends and models
+//! Providers limit each model apart (OpenAI, Anthropic, an Azure deployment per model), so a
+//! 429 cools the model it was for at the backend, not the backend's other models; so does
+//! the provider refusing a model to the backend's account. A 5xx, a connection's failure or
+//! a timeout is the backend's, and cools it for every model. A backend and each model at it
+//! have a state of their own, each by the rules above; a request is skipped while either it
+//! needs is cooling, and its success ends both streaks.
 
 use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
@@ -52,13 +61,32 @@ pub enum Whose {
 /// A backend's cooldown state on this replica's monotonic clock.
 pub type FleetCooldown = CooldownState<Instant, Whose>;
 
-/// The state a request was sent at, to hand back with its outcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The state a request was sent at, to hand back with its outcome: its backend's, and its
+/// model's at the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Basis {
+    backend: At,
+    model: At,
+}
+
+/// One state a request was sent at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct At {
     /// The epoch of the last snapshot, or of the first pending change.
     epoch: u64,
     /// This replica's pending changes on top of `epoch`.
     position: u32,
+}
+
+/// Whose health a failure tells of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The backend's, for every model: a 5xx, a connection's failure, a timeout, its key
+    /// refused, a 429 for the whole account (`insufficient_quota`).
+    Backend,
+    /// The model's the request was for, at the backend: a 429 (providers limit each model
+    /// apart), the model refused to the backend's account.
+    Model,
 }
 
 /// What one attempt at a backend showed about its health.
@@ -73,10 +101,16 @@ pub enum Outcome {
     /// consecutive failures off a streak to the stream's end, a success or a failure then.
     Answering,
     /// 429, with the upstream's `Retry-After` if it sent one.
-    RateLimited { retry_after: Option<Duration> },
+    RateLimited {
+        retry_after: Option<Duration>,
+        scope: Scope,
+    },
     /// 5xx (with the upstream's `Retry-After` if it sent one), connect error, or timeout
     /// before the first byte.
-    Failure { retry_after: Option<Duration> },
+    Failure {
+        retry_after: Option<Duration>,
+        scope: Scope,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -100,134 +134,39 @@ impl Entry {
     }
 
     /// The basis of a request sent now: on top of the pending changes, or of the snapshot.
-    fn basis(&self) -> Basis {
+    fn basis(&self) -> At {
         if self.changes_pending() == 0 {
-            return Basis {
+            return At {
                 epoch: self.view.epoch,
                 position: 0,
             };
         }
         let (epoch, _) = self.run;
-        Basis {
+        At {
             epoch,
             position: u32::try_from(self.view.epoch.saturating_sub(epoch)).unwrap_or(u32::MAX),
         }
     }
-}
 
-#[derive(Debug, Clone)]
-struct Pending {
-    report: Report,
-    /// A change of the streak (counted or ended), not only a longer cooldown.
-    change: bool,
-    /// When the report was made.
-    at: Instant,
-    /// Until when a report that is no change matters: the end of the cooldown it lengthened.
-    expires: Instant,
-    /// The epoch of the snapshot this replica had when it made the report. A report that is
-    /// no change is kept only while the snapshots stay at that epoch: once the control plane
-    /// moved on it has applied the report (or reset what it lengthened), or will, and the
-    /// snapshots carry the outcome.
-    seen: u64,
-    /// For the event: the wall-clock time, and the streak and end this replica expects
-    /// (read by control planes older than epochs).
-    wall: SystemTime,
-    streak: u32,
-    until_wall: Option<SystemTime>,
-    reason: String,
-}
-
-impl Pending {
-    /// The event telling the control plane, sent at `now`.
-    fn event(&self, backend_id: &str, now: Instant) -> BackendEvent {
-        BackendEvent {
-            backend_id: backend_id.to_owned(),
-            kind: BackendEventKind::from(self.report.kind) as i32,
-            cooldown_until: self.until_wall.map(timestamp),
-            consecutive_failures: self.streak,
-            reason: self.reason.clone(),
-            time: Some(timestamp(self.wall)),
-            cooldown_epoch: Some(self.report.basis),
-            cooldown_position: self.report.position,
-            retry_after: self.report.retry_after.map(proto_duration),
-            age: Some(proto_duration(now.saturating_duration_since(self.at))),
-        }
-    }
-}
-
-/// This replica's cooldown state by backend id. It outlives snapshots.
-#[derive(Debug, Default)]
-pub struct CooldownTracker {
-    /// Looked up twice per request: hashed with foldhash, not SipHash. The ids are the
-    /// control plane's, never a client's.
-    entries: Mutex<foldhash::HashMap<String, Entry>>,
-}
-
-impl CooldownTracker {
-    pub fn new() -> Self {
-        Self::default()
+    /// Nothing to remember: the initial state, nothing pending.
+    fn is_initial(&self) -> bool {
+        self.view == FleetCooldown::default()
+            && self.fleet == FleetCooldown::default()
+            && self.pending.is_empty()
+            && self.failures == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<String, Entry>> {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// `Err(until)` while the backend cools down; otherwise the state a request sent now is
-    /// sent at, to hand back to [`CooldownTracker::record`].
-    pub fn check(&self, backend_id: &str, now: Instant) -> Result<Basis, Instant> {
-        let entries = self.lock();
-        let Some(entry) = entries.get(backend_id) else {
-            return Ok(Basis {
-                epoch: 0,
-                position: 0,
-            });
-        };
-        match entry.view.cooling_until(now) {
-            Some(until) => Err(until),
-            None => Ok(entry.basis()),
-        }
-    }
-
-    /// The backend's state as this replica acts on it.
-    pub fn view(&self, backend_id: &str) -> FleetCooldown {
-        self.lock()
-            .get(backend_id)
-            .map(|e| e.view)
-            .unwrap_or_default()
-    }
-
-    /// Records the outcome of a request sent at `basis`; returns the event to report when it
-    /// changed the backend's state (see the module docs).
-    pub fn record(
-        &self,
+    /// Records an outcome of a request sent at `basis` (see [`CooldownTracker::record`]).
+    fn record(
+        &mut self,
         backend_id: &str,
-        basis: Basis,
+        model: &str,
+        basis: At,
         policy: &CooldownPolicy,
         outcome: Outcome,
-        now: Now,
+        now: &impl Fn() -> Now,
     ) -> Option<BackendEvent> {
-        self.record_at(backend_id, basis, policy, outcome, || now)
-    }
-
-    /// [`Self::record`], reading the time from `now` only when the outcome changes something:
-    /// the common case, a success on a healthy backend, needs no clock.
-    pub fn record_at(
-        &self,
-        backend_id: &str,
-        basis: Basis,
-        policy: &CooldownPolicy,
-        outcome: Outcome,
-        now: impl FnOnce() -> Now,
-    ) -> Option<BackendEvent> {
-        let mut entries = self.lock();
-        // The common case, a success on a healthy backend, neither allocates nor reports.
-        if !entries.contains_key(backend_id) {
-            if matches!(outcome, Outcome::Success | Outcome::Answering) {
-                return None;
-            }
-            entries.insert(backend_id.to_owned(), Entry::default());
-        }
-        let entry = entries.get_mut(backend_id)?;
+        let entry = self;
         let current = basis == entry.basis();
         let (kind, retry_after, reason) = match outcome {
             Outcome::Success => {
@@ -247,12 +186,12 @@ impl CooldownTracker {
                 entry.failures = 0;
                 (Kind::Recovered, None, "answered again".to_owned())
             }
-            Outcome::RateLimited { retry_after } => (
+            Outcome::RateLimited { retry_after, .. } => (
                 Kind::RateLimited,
                 retry_after.map(|wait| wait.min(MAX_RETRY_AFTER)),
                 "429 from upstream".to_owned(),
             ),
-            Outcome::Failure { retry_after } => {
+            Outcome::Failure { retry_after, .. } => {
                 if !current || policy.failure_threshold == 0 {
                     return None;
                 }
@@ -304,9 +243,242 @@ impl CooldownTracker {
             until_wall: (kind != Kind::Recovered).then(|| now.wall_at(expires)),
             reason,
         };
-        let event = pending.event(backend_id, now.instant);
+        let event = pending.event(backend_id, model, now.instant);
         entry.pending.push(pending);
         Some(event)
+    }
+
+    /// Takes the control plane's state `fleet` from a snapshot (see the module docs).
+    fn observe(&mut self, fleet: FleetCooldown, policy: &CooldownPolicy, now: Instant) {
+        let entry = self;
+        entry.fleet = fleet;
+        settle_pending(entry);
+        entry
+            .pending
+            .retain(|p| p.change || (p.expires > now && p.seen == fleet.epoch));
+        let mut view = fleet;
+        for p in &mut entry.pending {
+            let applied = view.apply(&p.report, &Whose::Mine, policy, p.at);
+            if !matches!(applied, Applied::Counted { .. } | Applied::Ended) {
+                // Neither will the control plane make it a change: at most it lengthens.
+                p.change = false;
+            }
+        }
+        if view.epoch != entry.view.epoch {
+            // A count, the end of a streak or a reset: failures before it are history.
+            entry.failures = 0;
+        }
+        entry.view = view;
+    }
+
+    /// The events of its pending reports still to tell (see
+    /// [`CooldownTracker::unacknowledged_events`]).
+    fn unacknowledged<'a>(
+        &'a self,
+        backend_id: &'a str,
+        model: &'a str,
+        now: Instant,
+    ) -> impl Iterator<Item = BackendEvent> + 'a {
+        self.pending
+            .iter()
+            .filter(move |p| p.change || p.expires > now)
+            .map(move |p| p.event(backend_id, model, now))
+    }
+}
+
+/// A backend's cooldown states on this replica: its own, and its models'.
+#[derive(Debug, Default)]
+struct Cooling {
+    backend: Entry,
+    /// By the model's name at the provider. Only models with a state other than the
+    /// initial one: most backends have none.
+    models: foldhash::HashMap<String, Entry>,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    report: Report,
+    /// A change of the streak (counted or ended), not only a longer cooldown.
+    change: bool,
+    /// When the report was made.
+    at: Instant,
+    /// Until when a report that is no change matters: the end of the cooldown it lengthened.
+    expires: Instant,
+    /// The epoch of the snapshot this replica had when it made the report. A report that is
+    /// no change is kept only while the snapshots stay at that epoch: once the control plane
+    /// moved on it has applied the report (or reset what it lengthened), or will, and the
+    /// snapshots carry the outcome.
+    seen: u64,
+    /// For the event: the wall-clock time, and the streak and end this replica expects
+    /// (read by control planes older than epochs).
+    wall: SystemTime,
+    streak: u32,
+    until_wall: Option<SystemTime>,
+    reason: String,
+}
+
+impl Pending {
+    /// The event telling the control plane, sent at `now`.
+    fn event(&self, backend_id: &str, model: &str, now: Instant) -> BackendEvent {
+        BackendEvent {
+            backend_id: backend_id.to_owned(),
+            model: model.to_owned(),
+            kind: BackendEventKind::from(self.report.kind) as i32,
+            cooldown_until: self.until_wall.map(timestamp),
+            consecutive_failures: self.streak,
+            reason: self.reason.clone(),
+            time: Some(timestamp(self.wall)),
+            cooldown_epoch: Some(self.report.basis),
+            cooldown_position: self.report.position,
+            retry_after: self.report.retry_after.map(proto_duration),
+            age: Some(proto_duration(now.saturating_duration_since(self.at))),
+        }
+    }
+}
+
+/// This replica's cooldown state by backend id, and by model at a backend. It outlives
+/// snapshots.
+#[derive(Debug, Default)]
+pub struct CooldownTracker {
+    /// Looked up twice per request: hashed with foldhash, not SipHash. The ids are the
+    /// control plane's, never a client's, and the models those of its routes.
+    entries: Mutex<foldhash::HashMap<String, Cooling>>,
+}
+
+/// A model's cooldown state at a backend, as a snapshot carries it.
+pub type ModelCooldown<'a> = (&'a str, FleetCooldown);
+
+impl CooldownTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<String, Cooling>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `Err(until)` while the backend, or `model` at it, cools down; otherwise the state a
+    /// request sent now is sent at, to hand back to [`CooldownTracker::record`]. `model` is
+    /// the model's name at the provider; empty for a request of no one model (a stored
+    /// response's), which checks the backend alone.
+    pub fn check(&self, backend_id: &str, model: &str, now: Instant) -> Result<Basis, Instant> {
+        let entries = self.lock();
+        let Some(cooling) = entries.get(backend_id) else {
+            return Ok(Basis::default());
+        };
+        let of_model = match cooling.models.is_empty() {
+            true => None,
+            false => cooling.models.get(model),
+        };
+        let until = [Some(&cooling.backend), of_model]
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.view.cooling_until(now))
+            .max();
+        match until {
+            Some(until) => Err(until),
+            None => Ok(Basis {
+                backend: cooling.backend.basis(),
+                model: of_model.map(Entry::basis).unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// The backend's own state as this replica acts on it.
+    pub fn view(&self, backend_id: &str) -> FleetCooldown {
+        self.lock()
+            .get(backend_id)
+            .map(|c| c.backend.view)
+            .unwrap_or_default()
+    }
+
+    /// `model`'s state at the backend as this replica acts on it.
+    pub fn model_view(&self, backend_id: &str, model: &str) -> FleetCooldown {
+        self.lock()
+            .get(backend_id)
+            .and_then(|c| c.models.get(model))
+            .map(|e| e.view)
+            .unwrap_or_default()
+    }
+
+    /// Records the outcome of a request for `model` sent at `basis`; returns the event to
+    /// report when it changed a state: the backend's or the model's by the outcome's
+    /// [`Scope`] (a success may end both streaks: then the backend's event is returned, and
+    /// [`CooldownTracker::record_at`] returns both).
+    pub fn record(
+        &self,
+        backend_id: &str,
+        model: &str,
+        basis: Basis,
+        policy: &CooldownPolicy,
+        outcome: Outcome,
+        now: Now,
+    ) -> Option<BackendEvent> {
+        self.record_at(backend_id, model, basis, policy, outcome, || now)
+            .into_iter()
+            .next()
+    }
+
+    /// [`Self::record`], reading the time from `now` only when the outcome changes something
+    /// (the common case, a success on a healthy backend, needs no clock), and returning every
+    /// event: the backend's first.
+    pub fn record_at(
+        &self,
+        backend_id: &str,
+        model: &str,
+        basis: Basis,
+        policy: &CooldownPolicy,
+        outcome: Outcome,
+        now: impl Fn() -> Now,
+    ) -> Vec<BackendEvent> {
+        let mut entries = self.lock();
+        let scope = match outcome {
+            Outcome::Success | Outcome::Answering => None,
+            Outcome::RateLimited { scope, .. } | Outcome::Failure { scope, .. } => Some(scope),
+        };
+        match scope {
+            // The common case, a success on a healthy backend, neither allocates nor reports.
+            None => {
+                let Some(cooling) = entries.get_mut(backend_id) else {
+                    return Vec::new();
+                };
+                let mut events = Vec::new();
+                events.extend(cooling.backend.record(
+                    backend_id,
+                    "",
+                    basis.backend,
+                    policy,
+                    outcome,
+                    &now,
+                ));
+                if let Some(entry) = cooling.models.get_mut(model) {
+                    events.extend(entry.record(
+                        backend_id,
+                        model,
+                        basis.model,
+                        policy,
+                        outcome,
+                        &now,
+                    ));
+                }
+                events
+            }
+            Some(scope) => {
+                let cooling = entries.entry(backend_id.to_owned()).or_default();
+                let (entry, model, basis) = match scope {
+                    Scope::Model if !model.is_empty() => (
+                        cooling.models.entry(model.to_owned()).or_default(),
+                        model,
+                        basis.model,
+                    ),
+                    _ => (&mut cooling.backend, "", basis.backend),
+                };
+                entry
+                    .record(backend_id, model, basis, policy, outcome, &now)
+                    .into_iter()
+                    .collect()
+            }
+        }
     }
 
     /// Events of the pending reports, to tell a reconnected control plane again (the old
@@ -315,46 +487,48 @@ impl CooldownTracker {
         let entries = self.lock();
         entries
             .iter()
-            .flat_map(|(id, e)| {
-                e.pending
-                    .iter()
-                    .filter(move |p| p.change || p.expires > now)
-                    .map(move |p| p.event(id, now))
+            .flat_map(|(id, c)| {
+                c.backend.unacknowledged(id, "", now).chain(
+                    c.models
+                        .iter()
+                        .flat_map(move |(model, e)| e.unacknowledged(id, model, now)),
+                )
             })
             .collect()
     }
 
-    /// Takes a newly swapped-in snapshot's states (see the module docs). Backends no longer
-    /// in the snapshot are forgotten.
-    pub fn observe_snapshot<'a>(
+    /// Takes a newly swapped-in snapshot's states, each backend's with those of its models
+    /// (see the module docs). Backends no longer in the snapshot are forgotten; a model's
+    /// state the snapshot leaves out is the initial one.
+    pub fn observe_snapshot<'a, M>(
         &self,
-        backends: impl IntoIterator<Item = (&'a str, FleetCooldown)>,
+        backends: impl IntoIterator<Item = (&'a str, FleetCooldown, M)>,
         policy: &CooldownPolicy,
         now: Instant,
-    ) {
+    ) where
+        M: IntoIterator<Item = ModelCooldown<'a>>,
+    {
         let mut entries = self.lock();
         let mut seen = HashSet::new();
-        for (id, fleet) in backends {
+        for (id, fleet, models) in backends {
             seen.insert(id);
-            let entry = entries.entry(id.to_owned()).or_default();
-            entry.fleet = fleet;
-            settle_pending(entry);
-            entry
-                .pending
-                .retain(|p| p.change || (p.expires > now && p.seen == fleet.epoch));
-            let mut view = fleet;
-            for p in &mut entry.pending {
-                let applied = view.apply(&p.report, &Whose::Mine, policy, p.at);
-                if !matches!(applied, Applied::Counted { .. } | Applied::Ended) {
-                    // Neither will the control plane make it a change: at most it lengthens.
-                    p.change = false;
+            let cooling = entries.entry(id.to_owned()).or_default();
+            cooling.backend.observe(fleet, policy, now);
+            let mut shown = HashSet::new();
+            for (model, fleet) in models {
+                shown.insert(model);
+                cooling
+                    .models
+                    .entry(model.to_owned())
+                    .or_default()
+                    .observe(fleet, policy, now);
+            }
+            for (model, entry) in &mut cooling.models {
+                if !shown.contains(model.as_str()) {
+                    entry.observe(FleetCooldown::default(), policy, now);
                 }
             }
-            if view.epoch != entry.view.epoch {
-                // A count, the end of a streak or a reset: failures before it are history.
-                entry.failures = 0;
-            }
-            entry.view = view;
+            cooling.models.retain(|_, entry| !entry.is_initial());
         }
         entries.retain(|id, _| seen.contains(id.as_str()));
     }
@@ -448,7 +622,10 @@ mod tests {
         cap: Duration::from_secs(300),
         failure_threshold: 3,
     };
-    const LIMITED: Outcome = Outcome::RateLimited { retry_after: None };
+    const LIMITED: Outcome = Outcome::RateLimited {
+        retry_after: None,
+        scope: Scope::Backend,
+    };
 
     fn later(now: Now, d: Duration) -> Now {
         Now {
@@ -459,19 +636,25 @@ mod tests {
 
     /// The time left of the cooldown at `now`, zero when none runs.
     fn left(tracker: &CooldownTracker, now: Now) -> Duration {
-        match tracker.check("b", now.instant) {
+        match tracker.check("b", "", now.instant) {
             Ok(_) => Duration::ZERO,
             Err(until) => until - now.instant,
         }
     }
 
     fn basis(tracker: &CooldownTracker, now: Now) -> Basis {
-        tracker.check("b", now.instant).unwrap()
+        tracker.check("b", "", now.instant).unwrap()
     }
 
     const FIRST: Basis = Basis {
-        epoch: 0,
-        position: 0,
+        backend: At {
+            epoch: 0,
+            position: 0,
+        },
+        model: At {
+            epoch: 0,
+            position: 0,
+        },
     };
 
     /// Plays the control plane: applies `events`, all this replica's, to `state`.
@@ -492,7 +675,7 @@ mod tests {
         let mut now = Now::read();
         for (streak, expected) in [(1, 1), (2, 2), (3, 4), (4, 8)] {
             let ev = tracker
-                .record("b", basis(&tracker, now), &POLICY, LIMITED, now)
+                .record("b", "", basis(&tracker, now), &POLICY, LIMITED, now)
                 .unwrap();
             assert_eq!(ev.kind, BackendEventKind::RateLimited as i32);
             assert_eq!(ev.consecutive_failures, streak);
@@ -501,7 +684,14 @@ mod tests {
             assert_eq!(left(&tracker, now), Duration::ZERO);
         }
         let ev = tracker
-            .record("b", basis(&tracker, now), &POLICY, Outcome::Success, now)
+            .record(
+                "b",
+                "",
+                basis(&tracker, now),
+                &POLICY,
+                Outcome::Success,
+                now,
+            )
             .unwrap();
         assert_eq!(ev.kind, BackendEventKind::Recovered as i32);
         assert_eq!(ev.cooldown_until, None);
@@ -509,10 +699,10 @@ mod tests {
         let b = basis(&tracker, now);
         assert!(
             tracker
-                .record("b", b, &POLICY, Outcome::Success, now)
+                .record("b", "", b, &POLICY, Outcome::Success, now)
                 .is_none()
         );
-        tracker.record("b", b, &POLICY, LIMITED, now).unwrap();
+        tracker.record("b", "", b, &POLICY, LIMITED, now).unwrap();
         assert_eq!(left(&tracker, now), Duration::from_secs(1));
     }
 
@@ -522,8 +712,11 @@ mod tests {
         let now = Now::read();
         let thirty = Outcome::RateLimited {
             retry_after: Some(Duration::from_secs(30)),
+            scope: Scope::Backend,
         };
-        let ev = tracker.record("b", FIRST, &POLICY, thirty, now).unwrap();
+        let ev = tracker
+            .record("b", "", FIRST, &POLICY, thirty, now)
+            .unwrap();
         assert_eq!(left(&tracker, now), Duration::from_secs(30));
         assert_eq!(
             ev.retry_after,
@@ -549,22 +742,26 @@ mod tests {
         let now = later(start, Duration::from_millis(50));
         assert!(
             tracker
-                .record("b", sent_at, &POLICY, LIMITED, now)
+                .record("b", "", sent_at, &POLICY, LIMITED, now)
                 .is_some()
         );
         for _ in 0..9 {
             assert!(
                 tracker
-                    .record("b", sent_at, &POLICY, LIMITED, now)
+                    .record("b", "", sent_at, &POLICY, LIMITED, now)
                     .is_none()
             );
             assert!(
                 tracker
                     .record(
                         "b",
+                        "",
                         sent_at,
                         &POLICY,
-                        Outcome::Failure { retry_after: None },
+                        Outcome::Failure {
+                            retry_after: None,
+                            scope: Scope::Backend
+                        },
                         now
                     )
                     .is_none()
@@ -572,7 +769,7 @@ mod tests {
             // Nor does a success that was on its way: it says nothing about after the 429.
             assert!(
                 tracker
-                    .record("b", sent_at, &POLICY, Outcome::Success, now)
+                    .record("b", "", sent_at, &POLICY, Outcome::Success, now)
                     .is_none()
             );
         }
@@ -582,10 +779,12 @@ mod tests {
         let ev = tracker
             .record(
                 "b",
+                "",
                 sent_at,
                 &POLICY,
                 Outcome::RateLimited {
                     retry_after: Some(Duration::from_secs(10)),
+                    scope: Scope::Backend,
                 },
                 now,
             )
@@ -602,7 +801,17 @@ mod tests {
             let b = basis(&tracker, now);
             assert!(
                 tracker
-                    .record("b", b, &POLICY, Outcome::Failure { retry_after: None }, now)
+                    .record(
+                        "b",
+                        "",
+                        b,
+                        &POLICY,
+                        Outcome::Failure {
+                            retry_after: None,
+                            scope: Scope::Backend
+                        },
+                        now
+                    )
                     .is_none()
             );
         }
@@ -610,9 +819,13 @@ mod tests {
         let ev = tracker
             .record(
                 "b",
+                "",
                 basis(&tracker, now),
                 &POLICY,
-                Outcome::Failure { retry_after: None },
+                Outcome::Failure {
+                    retry_after: None,
+                    scope: Scope::Backend,
+                },
                 now,
             )
             .unwrap();
@@ -624,9 +837,13 @@ mod tests {
         let ev = tracker
             .record(
                 "b",
+                "",
                 basis(&tracker, now),
                 &POLICY,
-                Outcome::Failure { retry_after: None },
+                Outcome::Failure {
+                    retry_after: None,
+                    scope: Scope::Backend,
+                },
                 now,
             )
             .unwrap();
@@ -641,9 +858,13 @@ mod tests {
                 tracker
                     .record(
                         "c",
+                        "",
                         FIRST,
                         &disabled,
-                        Outcome::Failure { retry_after: None },
+                        Outcome::Failure {
+                            retry_after: None,
+                            scope: Scope::Backend
+                        },
                         now
                     )
                     .is_none()
@@ -659,13 +880,18 @@ mod tests {
         let now = Now::read();
         let unavailable = Outcome::Failure {
             retry_after: Some(Duration::from_secs(60)),
+            scope: Scope::Backend,
         };
         for _ in 0..2 {
             let b = basis(&tracker, now);
-            assert!(tracker.record("b", b, &POLICY, unavailable, now).is_none());
+            assert!(
+                tracker
+                    .record("b", "", b, &POLICY, unavailable, now)
+                    .is_none()
+            );
         }
         let ev = tracker
-            .record("b", basis(&tracker, now), &POLICY, unavailable, now)
+            .record("b", "", basis(&tracker, now), &POLICY, unavailable, now)
             .unwrap();
         assert_eq!(ev.kind, BackendEventKind::Failing as i32);
         assert_eq!(left(&tracker, now), Duration::from_secs(60));
@@ -681,9 +907,11 @@ mod tests {
         let tracker = CooldownTracker::new();
         let now = Now::read();
         let mut fleet = FleetCooldown::default();
-        let ev = tracker.record("b", FIRST, &POLICY, LIMITED, now).unwrap();
+        let ev = tracker
+            .record("b", "", FIRST, &POLICY, LIMITED, now)
+            .unwrap();
         // Built before the control plane got the event: the local cooldown stays.
-        tracker.observe_snapshot([("b", fleet)], &POLICY, now.instant);
+        tracker.observe_snapshot([("b", fleet, [])], &POLICY, now.instant);
         assert_eq!(left(&tracker, now), Duration::from_secs(1));
         assert_eq!(tracker.unacknowledged_events(now.instant).len(), 1);
         // Another replica's 429 of the same burst got there first; ours is absorbed.
@@ -701,12 +929,12 @@ mod tests {
         );
         control_plane(&mut fleet, &[ev], other);
         assert_eq!(fleet.run, Some((Whose::Another, 0)));
-        tracker.observe_snapshot([("b", fleet)], &POLICY, other.instant);
+        tracker.observe_snapshot([("b", fleet, [])], &POLICY, other.instant);
         assert_eq!(tracker.view("b"), fleet, "the control plane's decision");
         assert!(tracker.unacknowledged_events(other.instant).is_empty());
         // An admin reset: the next snapshot has a new epoch and no cooldown.
         fleet.reset(other.instant);
-        tracker.observe_snapshot([("b", fleet)], &POLICY, other.instant);
+        tracker.observe_snapshot([("b", fleet, [])], &POLICY, other.instant);
         assert_eq!(left(&tracker, other), Duration::ZERO);
         assert_eq!(tracker.view("b").streak, 0);
     }
@@ -720,7 +948,7 @@ mod tests {
         for expected in [1, 2, 4] {
             events.push(
                 tracker
-                    .record("b", basis(&tracker, now), &POLICY, LIMITED, now)
+                    .record("b", "", basis(&tracker, now), &POLICY, LIMITED, now)
                     .unwrap(),
             );
             assert_eq!(left(&tracker, now), Duration::from_secs(expected));
@@ -730,11 +958,11 @@ mod tests {
         assert_eq!(positions, [0, 1, 2]);
         // Back in touch: the first two arrive, then a snapshot.
         control_plane(&mut fleet, &events[..2], now);
-        tracker.observe_snapshot([("b", fleet)], &POLICY, now.instant);
+        tracker.observe_snapshot([("b", fleet, [])], &POLICY, now.instant);
         assert_eq!(tracker.view("b").streak, 3, "the third is still pending");
         assert_eq!(tracker.unacknowledged_events(now.instant).len(), 1);
         control_plane(&mut fleet, &events[2..], now);
-        tracker.observe_snapshot([("b", fleet)], &POLICY, now.instant);
+        tracker.observe_snapshot([("b", fleet, [])], &POLICY, now.instant);
         assert_eq!(tracker.view("b"), fleet);
         assert_eq!(fleet.streak, 3);
         assert!(tracker.unacknowledged_events(now.instant).is_empty());
@@ -751,15 +979,101 @@ mod tests {
             since: None,
             run: Some((Whose::Another, 6)),
         };
-        tracker.observe_snapshot([("b", fleet)], &POLICY, now.instant);
-        assert_eq!(tracker.check("b", now.instant), Err(fleet.until.unwrap()));
+        tracker.observe_snapshot([("b", fleet, [])], &POLICY, now.instant);
+        assert_eq!(
+            tracker.check("b", "", now.instant),
+            Err(fleet.until.unwrap())
+        );
         let after = later(now, Duration::from_secs(9));
         let ev = tracker
-            .record("b", basis(&tracker, after), &POLICY, LIMITED, after)
+            .record("b", "", basis(&tracker, after), &POLICY, LIMITED, after)
             .unwrap();
         assert_eq!(ev.cooldown_epoch, Some(7));
         assert_eq!(ev.consecutive_failures, 5);
         assert_eq!(left(&tracker, after), Duration::from_secs(16));
+    }
+
+    /// A model's 429 cools that model alone at the backend; a success for it ends both its
+    /// streak and the backend's; its state comes and goes with the snapshots as the
+    /// backend's does, and its reports are told again after a reconnect.
+    #[tokio::test(start_paused = true)]
+    async fn a_models_cooldown_is_apart_from_its_backends() {
+        let tracker = CooldownTracker::new();
+        let now = Now::read();
+        let of_model = Outcome::RateLimited {
+            retry_after: Some(Duration::from_secs(30)),
+            scope: Scope::Model,
+        };
+        let basis = tracker.check("b", "m", now.instant).unwrap();
+        let ev = tracker
+            .record("b", "m", basis, &POLICY, of_model, now)
+            .unwrap();
+        assert_eq!((ev.backend_id.as_str(), ev.model.as_str()), ("b", "m"));
+        assert_eq!(
+            tracker.check("b", "m", now.instant),
+            Err(now.instant + Duration::from_secs(30))
+        );
+        // The backend's other models, and calls of no one model, are served.
+        assert!(tracker.check("b", "n", now.instant).is_ok());
+        assert!(tracker.check("b", "", now.instant).is_ok());
+        assert_eq!(tracker.view("b"), FleetCooldown::default());
+        assert_eq!(tracker.model_view("b", "m").streak, 1);
+        let resent = tracker.unacknowledged_events(now.instant);
+        assert_eq!(resent.len(), 1);
+        assert_eq!(resent[0].model, "m");
+
+        // The backend fails too: on its own streak, as before.
+        let failing = Outcome::RateLimited {
+            retry_after: None,
+            scope: Scope::Backend,
+        };
+        let then = later(now, Duration::from_secs(31));
+        let basis = tracker.check("b", "m", then.instant).unwrap();
+        tracker
+            .record("b", "m", basis, &POLICY, failing, then)
+            .unwrap();
+        assert_eq!(tracker.view("b").streak, 1);
+        assert!(tracker.check("b", "n", then.instant).is_err());
+        // A success for the model, after both cooldowns: both streaks end, one event each.
+        let after = later(then, Duration::from_secs(2));
+        let basis = tracker.check("b", "m", after.instant).unwrap();
+        let events = tracker.record_at("b", "m", basis, &POLICY, Outcome::Success, || after);
+        let ended: Vec<(&str, i32)> = events.iter().map(|e| (e.model.as_str(), e.kind)).collect();
+        assert_eq!(
+            ended,
+            [
+                ("", BackendEventKind::Recovered as i32),
+                ("m", BackendEventKind::Recovered as i32)
+            ]
+        );
+
+        // The control plane's state of the model, from a snapshot: taken as the backend's is.
+        let fleet = FleetCooldown {
+            epoch: 9,
+            streak: 3,
+            until: Some(after.instant + Duration::from_secs(40)),
+            since: None,
+            run: Some((Whose::Another, 8)),
+        };
+        tracker.observe_snapshot(
+            [("b", FleetCooldown::default(), [("m", fleet)])],
+            &POLICY,
+            after.instant,
+        );
+        assert_eq!(tracker.model_view("b", "m"), fleet);
+        assert_eq!(
+            tracker.check("b", "m", after.instant),
+            Err(fleet.until.unwrap())
+        );
+        // Left out of a snapshot (a reset to the initial state, the model taken off the
+        // backend): forgotten.
+        tracker.observe_snapshot(
+            [("b", FleetCooldown::default(), [])],
+            &POLICY,
+            after.instant,
+        );
+        assert_eq!(tracker.model_view("b", "m"), FleetCooldown::default());
+        assert!(tracker.check("b", "m", after.instant).is_ok());
     }
 
     #[test]

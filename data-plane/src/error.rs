@@ -112,6 +112,13 @@ pub enum ProxyError {
         "The upstream provider's account behind this gateway is out of credit. Your API key is fine; the gateway's administrator must fund the provider account."
     )]
     UpstreamUnfunded,
+    /// Every backend tried refused the model to the account behind it (OpenAI's 403 "does not
+    /// have access to model", a 404 `model_not_found`, an Azure deployment not found): the
+    /// operator's routing, not the client's request.
+    #[error(
+        "The upstream provider refused this model to the gateway's account for it. The model name is right; the gateway's administrator must fix the backend's model list or the provider account's access."
+    )]
+    UpstreamModelUnavailable,
     #[error("The upstream provider did not answer in time.")]
     UpstreamTimeout,
     #[error("The upstream provider sent an invalid or oversized response.")]
@@ -209,7 +216,8 @@ impl ProxyError {
             Self::UpstreamConnect
             | Self::UpstreamInvalid
             | Self::UpstreamCredentials
-            | Self::UpstreamUnfunded => StatusCode::BAD_GATEWAY,
+            | Self::UpstreamUnfunded
+            | Self::UpstreamModelUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::WebSocketRefused { .. } => StatusCode::UPGRADE_REQUIRED,
@@ -257,6 +265,7 @@ impl ProxyError {
             Self::UpstreamConnect => ("server_error", "upstream_unreachable"),
             Self::UpstreamCredentials => ("server_error", "upstream_auth_failed"),
             Self::UpstreamUnfunded => ("server_error", "upstream_account_unfunded"),
+            Self::UpstreamModelUnavailable => ("server_error", "upstream_model_unavailable"),
             Self::UpstreamTimeout => ("server_error", "upstream_timeout"),
             Self::UpstreamInvalid => ("server_error", "upstream_invalid_response"),
             Self::UnknownPath { .. } => ("invalid_request_error", "unknown_url"),
@@ -320,7 +329,9 @@ impl ProxyError {
             | Self::BackendsBusy { .. } => ErrorKind::RateLimited,
             Self::ModelNotFound(_) => ErrorKind::NoBackend,
             Self::UpstreamConnect => ErrorKind::UpstreamConnect,
-            Self::UpstreamCredentials | Self::UpstreamUnfunded => ErrorKind::UpstreamStatus,
+            Self::UpstreamCredentials | Self::UpstreamUnfunded | Self::UpstreamModelUnavailable => {
+                ErrorKind::UpstreamStatus
+            }
             Self::UpstreamInvalid => ErrorKind::UpstreamInvalid,
             Self::UpstreamTimeout => ErrorKind::UpstreamTimeout,
             Self::NotReady

@@ -202,6 +202,9 @@ pub struct Backend {
     pub cooldown: FleetCooldown,
     /// The author of the last changes and the epoch they were based on, if any.
     pub cooldown_run: Option<(String, u64)>,
+    /// The control plane's cooldown states of models at the backend (their names at the
+    /// provider), those that differ from the initial one.
+    pub model_cooldowns: Vec<ModelCooldown>,
     /// Whether it serves the Responses API.
     pub responses_api: bool,
     /// The member a Messages request's `max_tokens` becomes in the chat request it is
@@ -210,6 +213,35 @@ pub struct Backend {
     /// Whether a chat request translated for it may carry `temperature` and `top_p`: by its
     /// `anthropic-version` (an OpenAI-format backend: [`Sampling::Taken`], unused).
     pub sampling: Sampling,
+}
+
+/// The control plane's cooldown state of one model at a backend ([`Backend::cooldown`]'s
+/// alike).
+#[derive(Debug)]
+pub struct ModelCooldown {
+    pub model: String,
+    pub cooldown: FleetCooldown,
+    pub run: Option<(String, u64)>,
+}
+
+/// A cooldown's end, as a snapshot sent at `now` gives it, on this replica's monotonic clock:
+/// the time left of it (`remaining`), or, from a control plane older than that, its end by
+/// the control plane's clock (`until`). `None` when it has ended.
+fn cooldown_end(
+    remaining: Option<&sluice_proto::wkt::Duration>,
+    until: Option<&sluice_proto::wkt::Timestamp>,
+    policy: &Policy,
+    now: Now,
+) -> Option<tokio::time::Instant> {
+    match remaining.and_then(std_duration) {
+        // No cooldown is longer than the cap or the longest Retry-After.
+        Some(left) => now
+            .instant
+            .checked_add(left.min(policy.cooldown.cap.max(MAX_RETRY_AFTER))),
+        // A control plane older than `cooldown_remaining`: its clock against ours.
+        None => until.and_then(system_time).map(|wall| now.instant_at(wall)),
+    }
+    .filter(|until| *until > now.instant)
 }
 
 /// The chat request member that caps the answer's tokens, for a backend at `base`:
@@ -511,19 +543,33 @@ impl Snapshot {
                         },
                     });
             }
-            let until = match b.cooldown_remaining.as_ref().and_then(std_duration) {
-                // No cooldown is longer than the cap or the longest Retry-After.
-                Some(left) => now
-                    .instant
-                    .checked_add(left.min(policy.cooldown.cap.max(MAX_RETRY_AFTER))),
-                // A control plane older than `cooldown_remaining`: its clock against ours.
-                None => b
-                    .cooldown_until
-                    .as_ref()
-                    .and_then(system_time)
-                    .map(|wall| now.instant_at(wall)),
-            }
-            .filter(|until| *until > now.instant);
+            let until = cooldown_end(
+                b.cooldown_remaining.as_ref(),
+                b.cooldown_until.as_ref(),
+                &policy,
+                now,
+            );
+            let model_cooldowns = b
+                .model_cooldowns
+                .into_iter()
+                .map(|m| ModelCooldown {
+                    cooldown: FleetCooldown {
+                        epoch: m.cooldown_epoch,
+                        streak: m.consecutive_failures,
+                        until: cooldown_end(
+                            m.cooldown_remaining.as_ref(),
+                            m.cooldown_until.as_ref(),
+                            &policy,
+                            now,
+                        ),
+                        since: None,
+                        run: None,
+                    },
+                    run: (!m.cooldown_changed_by.is_empty())
+                        .then_some((m.cooldown_changed_by, m.cooldown_run_basis)),
+                    model: m.model,
+                })
+                .collect();
             let before = previous_backends.get(b.id.as_str());
             let limiter = RateLimiter::carry_over(
                 before.and_then(|p| p.limiter.as_ref()),
@@ -576,6 +622,7 @@ impl Snapshot {
                 },
                 cooldown_run: (!b.cooldown_changed_by.is_empty())
                     .then_some((b.cooldown_changed_by, b.cooldown_run_basis)),
+                model_cooldowns,
                 responses_api: b.responses_api.unwrap_or(true),
             });
         }
@@ -1026,11 +1073,17 @@ impl SnapshotStore {
         };
         self.cooldowns.observe_snapshot(
             next.backends.iter().map(|b| {
-                let run = b
-                    .cooldown_run
-                    .as_ref()
-                    .map(|(by, basis)| (whose(by), *basis));
-                (b.id.as_str(), FleetCooldown { run, ..b.cooldown })
+                let fleet = |cooldown: FleetCooldown, run: &Option<(String, u64)>| {
+                    let run = run.as_ref().map(|(by, basis)| (whose(by), *basis));
+                    FleetCooldown { run, ..cooldown }
+                };
+                (
+                    b.id.as_str(),
+                    fleet(b.cooldown, &b.cooldown_run),
+                    b.model_cooldowns
+                        .iter()
+                        .map(move |m| (m.model.as_str(), fleet(m.cooldown, &m.run))),
+                )
             }),
             &next.policy.cooldown,
             now.instant,

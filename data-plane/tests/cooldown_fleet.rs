@@ -19,7 +19,7 @@ use sluice_domain::cooldown::{
 };
 use sluice_proto::v1::BackendEvent;
 use sluice_proxy::clock::Now;
-use sluice_proxy::cooldown::{Basis, CooldownTracker, FleetCooldown, Outcome, Whose};
+use sluice_proxy::cooldown::{Basis, CooldownTracker, FleetCooldown, Outcome, Scope, Whose};
 use tokio::time::Instant;
 
 const POLICY: CooldownPolicy = CooldownPolicy {
@@ -64,14 +64,10 @@ enum Op {
 fn outcome() -> impl Strategy<Value = Outcome> {
     prop_oneof![
         4 => Just(Outcome::Success),
-        3 => Just(Outcome::RateLimited { retry_after: None }),
-        2 => (0u64..40_000).prop_map(|ms| Outcome::RateLimited {
-            retry_after: Some(Duration::from_millis(ms))
-        }),
-        2 => Just(Outcome::Failure { retry_after: None }),
-        1 => (0u64..40_000).prop_map(|ms| Outcome::Failure {
-            retry_after: Some(Duration::from_millis(ms))
-        }),
+        3 => Just(Outcome::RateLimited { retry_after: None, scope: Scope::Backend }),
+        2 => (0u64..40_000).prop_map(|ms| Outcome::RateLimited { retry_after: Some(Duration::from_millis(ms)), scope: Scope::Backend }),
+        2 => Just(Outcome::Failure { retry_after: None, scope: Scope::Backend }),
+        1 => (0u64..40_000).prop_map(|ms| Outcome::Failure { retry_after: Some(Duration::from_millis(ms)), scope: Scope::Backend }),
     ]
 }
 
@@ -186,7 +182,7 @@ impl Fleet {
         let now = self.now();
         match op {
             Op::Send { r } => {
-                if let Ok(basis) = self.replicas[r].tracker.check(B, now.instant) {
+                if let Ok(basis) = self.replicas[r].tracker.check(B, "", now.instant) {
                     self.replicas[r].in_flight.push(basis);
                 }
             }
@@ -197,8 +193,8 @@ impl Fleet {
                 }
                 let basis = replica.in_flight.remove(i % replica.in_flight.len());
                 let before = replica.tracker.view(B);
-                let current = replica.tracker.check(B, now.instant) == Ok(basis);
-                let event = replica.tracker.record(B, basis, &POLICY, outcome, now);
+                let current = replica.tracker.check(B, "", now.instant) == Ok(basis);
+                let event = replica.tracker.record(B, "", basis, &POLICY, outcome, now);
                 if outcome == Outcome::Success && current && before.streak > 0 {
                     // A success on a streak ends it here at once, and is reported.
                     prop_assert_eq!(replica.tracker.view(B).streak, 0);
@@ -207,10 +203,11 @@ impl Fleet {
                 replica.outbox.extend(event);
                 if let Outcome::RateLimited {
                     retry_after: Some(wait),
+                    scope: Scope::Backend,
                 } = outcome
                     && !wait.is_zero()
                 {
-                    let until = replica.tracker.check(B, now.instant).unwrap_err();
+                    let until = replica.tracker.check(B, "", now.instant).unwrap_err();
                     prop_assert!(
                         until >= now.instant + wait,
                         "a replica honours its Retry-After"
@@ -220,9 +217,11 @@ impl Fleet {
             Op::Deliver { r, n } => self.deliver(r, n)?,
             Op::Snapshot { r } => {
                 let snapshot = self.snapshot(r);
-                self.replicas[r]
-                    .tracker
-                    .observe_snapshot([(B, snapshot)], &POLICY, now.instant);
+                self.replicas[r].tracker.observe_snapshot(
+                    [(B, snapshot, [])],
+                    &POLICY,
+                    now.instant,
+                );
             }
             Op::Reconnect { r } => {
                 let again = self.replicas[r].tracker.unacknowledged_events(now.instant);
@@ -247,7 +246,7 @@ impl Fleet {
         for (r, replica) in self.replicas.iter().enumerate() {
             replica
                 .tracker
-                .observe_snapshot([(B, self.snapshot(r))], &POLICY, now);
+                .observe_snapshot([(B, self.snapshot(r), [])], &POLICY, now);
         }
         Ok(())
     }
@@ -281,7 +280,10 @@ proptest! {
     }
 }
 
-const LIMITED: Outcome = Outcome::RateLimited { retry_after: None };
+const LIMITED: Outcome = Outcome::RateLimited {
+    retry_after: None,
+    scope: Scope::Backend,
+};
 
 impl Fleet {
     /// Replica `r` sends one request and it completes with `outcome`.

@@ -276,6 +276,105 @@ async fn a_backend_whose_account_is_out_of_credit_fails_over_and_cools_down() {
     assert_eq!(fallback.stats().requests.total(), 0);
 }
 
+/// The primary and the fallback, each serving a second model, `other`, beside [`MODEL`].
+fn pair_of_two_models(primary: &MockServer, fallback: &MockServer) -> Vec<proto::SnapshotBackend> {
+    let mut backends = pair(primary, fallback);
+    for b in &mut backends {
+        b.models.push(proto::ModelRoute {
+            name: "other".into(),
+            upstream_name: format!("other-at-{}", b.id),
+            ..Default::default()
+        });
+    }
+    backends
+}
+
+fn chat_for(model: &str) -> Value {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+/// Providers limit each model apart (OpenAI's 429s name the model, Anthropic's limits are
+/// per model, an Azure deployment is one model): a 429 for one model cools that model at the
+/// backend, and the backend's other models are still served there. The cooldown reaches the
+/// control plane as the model's.
+#[tokio::test]
+async fn a_429_for_one_model_cools_that_model_alone_at_its_backend() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let limited = format!("{MODEL}-at-primary");
+    primary.set_fault(Fault::rate_limited(30).always().for_model(&limited));
+    let h = Harness::start(snapshot(1, pair_of_two_models(&primary, &fallback))).await;
+
+    let response = h.chat(chat_for(MODEL)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+    // The model cools at the primary: not asked again.
+    let response = h.chat(chat_for(MODEL)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "1");
+    // The primary's other model is served there, as before.
+    for _ in 0..3 {
+        let response = h.chat(chat_for("other")).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+        assert_eq!(header(&response, "x-sluice-attempts"), "1");
+    }
+    h.cp.wait_for("cooldown event", |r| !r.events.is_empty())
+        .await;
+    let event = h.cp.with(|r| r.events[0].clone());
+    assert_eq!(
+        (event.backend_id.as_str(), event.model.as_str()),
+        ("primary", limited.as_str())
+    );
+    assert_eq!(event.kind, BackendEventKind::RateLimited as i32);
+    assert_eq!(primary.stats().requests.chat_completions, 4);
+}
+
+/// A provider refusing one model to the backend's account (OpenAI's 403 "Project … does not
+/// have access to model …", a 404 `model_not_found`) is not the backend's key refused: the
+/// request fails over, the refusals cool that model alone at the backend (a client asking for
+/// it again and again cannot take the backend's other models out), and a client no backend
+/// can serve gets 502 `upstream_model_unavailable`, without the provider's project id.
+#[tokio::test]
+async fn a_model_refused_to_the_backends_account_fails_over_and_cools_that_model_alone() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let refused = format!("{MODEL}-at-primary");
+    primary.set_fault(Fault::ModelAccessDenied.always().for_model(&refused));
+    let h = Harness::start(snapshot(1, pair_of_two_models(&primary, &fallback))).await;
+    // Three refusals (the failure threshold) cool the model at the primary.
+    for attempts in ["2", "2", "2", "1"] {
+        let response = h.chat(chat_for(MODEL)).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+        assert_eq!(header(&response, "x-sluice-attempts"), attempts);
+    }
+    let response = h.chat(chat_for("other")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "1");
+
+    let alone = Harness::start(one_primary_snapshot(&primary.base_url())).await;
+    let response = alone.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["error"]["code"], "upstream_model_unavailable",
+        "{body}"
+    );
+    assert!(!body.to_string().contains("proj_"), "{body}");
+
+    // A 404 `model_not_found`: the backend does not know the model it was given.
+    let unknown = MockServer::start_local(
+        MockConfig::named("primary").with_models(["other-at-primary".to_owned()]),
+    )
+    .unwrap();
+    let h = Harness::start(snapshot(1, pair_of_two_models(&unknown, &fallback))).await;
+    let response = h.chat(chat_for(MODEL)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+}
+
 #[tokio::test]
 async fn client_errors_from_upstream_pass_through_without_failover() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));
@@ -1283,7 +1382,7 @@ async fn a_backend_whose_streams_break_after_their_first_event_cools_down() {
 /// Waits until this replica no longer skips `backend` for a cooldown.
 async fn until_not_cooling(h: &Harness, backend: &str) {
     let cooldowns = h.store.cooldowns();
-    while let Err(until) = cooldowns.check(backend, tokio::time::Instant::now()) {
+    while let Err(until) = cooldowns.check(backend, "", tokio::time::Instant::now()) {
         tokio::time::sleep_until(until).await;
     }
 }

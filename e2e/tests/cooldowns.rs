@@ -234,6 +234,7 @@ async fn replicas_with_skewed_clocks_neither_ignore_nor_lengthen_a_cooldown() {
         .admin()
         .await
         .reset_cooldown(pb::ResetCooldownRequest {
+            model: String::new(),
             backend_id: "a".into(),
         })
         .await
@@ -251,4 +252,63 @@ async fn replicas_with_skewed_clocks_neither_ignore_nor_lengthen_a_cooldown() {
     cluster.wait_replicas_past(3, before).await;
     cools_for_what_is_left(&p, &key, start, length).await;
     cools_for_what_is_left(&behind, &key, start, length).await;
+}
+
+/// Providers limit each model apart: a 429 for model `m` at one replica cools `m` at backend
+/// `a` on every replica (the next replica answers from the cooldown without asking `a`), while
+/// `a`'s other model `n` is served everywhere.
+#[tokio::test]
+async fn one_models_429_cools_that_model_alone_at_every_replica() {
+    let cluster = Cluster::start().await;
+    let a = Mock::start_with("a", &["m", "n"], &[]).await;
+    cluster
+        .add_backend("a", &a, pb::Pool::Primary, 0, &[("m", "m"), ("n", "n")])
+        .await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let p = cluster.proxy().await;
+    let q = cluster.proxy().await;
+    cluster.wait_replicas_current(2).await;
+
+    a.set_faults(vec![Fault::rate_limited(30).always().for_model("m")])
+        .await;
+    let before = cluster.latest_version().await;
+    assert_eq!(p.chat(&key, "m").await.status(), 429);
+    let listed = eventually_value(|| async {
+        cluster
+            .cooldowns()
+            .await
+            .into_iter()
+            .find(|c| c.backend_name == "a")
+    })
+    .await;
+    assert_eq!(listed.model, "m", "{listed:?}");
+    cluster.wait_replicas_past(2, before).await;
+
+    let reached = a.stats().await.requests.chat_completions;
+    let refused = q.chat(&key, "m").await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["x-sluice-attempts"], "0");
+    for gateway in [&p, &q] {
+        assert_eq!(gateway.chat(&key, "n").await.status(), 200);
+    }
+    assert_eq!(a.stats().await.requests.chat_completions, reached + 2);
+}
+
+/// Polls `get` every 20 ms for up to 10 s until it gives a value.
+async fn eventually_value<T, F, Fut>(get: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(value) = get().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

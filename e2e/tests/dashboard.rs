@@ -17,7 +17,7 @@ use std::time::Duration;
 use cdp::Browser;
 use common::{
     ADMIN_TOKEN, ControlApi, DATAPLANE_TOKEN, Gateway, Mock, control_plane, eventually,
-    report_cooldown,
+    report_cooldown, report_model_cooldown,
 };
 use serde_json::json;
 use sluice_e2e::process::{Child, spawn, workspace_bin};
@@ -760,6 +760,38 @@ async fn the_dashboard_in_a_browser() {
         .wait_for(
             "document.querySelector('#cooldowns-table').textContent.includes('No backend is cooling down')",
             "the cooldown reset",
+        )
+        .await;
+    // One model cooling down at alpha: alpha serves its other models, and says which.
+    report_model_cooldown(&api, &alpha.id, "gpt-4o-mini", "429 from upstream").await;
+    browser.click("#nav a[data-page=backends]").await;
+    browser
+        .wait_for(
+            &format!(
+                "(document.querySelector(\"{alpha_row}\") || {{textContent: ''}}).textContent \
+                 .includes('1 model cooling down') && document.querySelector(\"{alpha_row}\") \
+                 .textContent.includes('gpt-4o-mini until')"
+            ),
+            "alpha's model cooling down",
+        )
+        .await;
+    let alpha_state = browser.text(&alpha_row).await;
+    assert!(alpha_state.contains("enabled"), "{alpha_state}");
+    assert!(!alpha_state.contains("rate-limited"), "{alpha_state}");
+    browser.click("#nav a[data-page=cooldowns]").await;
+    browser
+        .wait_for(
+            "document.querySelector('#cooldowns-table').textContent.includes('gpt-4o-mini')",
+            "the model's cooldown",
+        )
+        .await;
+    browser
+        .click("#cooldowns-table button[data-action=reset]")
+        .await;
+    browser
+        .wait_for(
+            "document.querySelector('#cooldowns-table').textContent.includes('No backend is cooling down')",
+            "the model's cooldown reset",
         )
         .await;
 

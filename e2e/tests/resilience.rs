@@ -98,6 +98,7 @@ async fn a_429_at_one_replica_cools_the_backend_at_all_three() {
     run.admin()
         .await
         .reset_cooldown(pb::ResetCooldownRequest {
+            model: String::new(),
             backend_id: "a".into(),
         })
         .await

@@ -58,7 +58,7 @@ use sluice_domain::cooldown::author;
 use sluice_proto::v1 as pb;
 use sluice_proxy::clock::Now;
 use sluice_proxy::control::Report;
-use sluice_proxy::cooldown::{Basis, Outcome};
+use sluice_proxy::cooldown::{Basis, Outcome, Scope};
 use sluice_proxy::snapshot::{Applied, SnapshotStore};
 use sluice_proxy::usage::{Outbox, UsageSink};
 use std::time::{Duration, UNIX_EPOCH};
@@ -778,7 +778,7 @@ impl World {
         let backend = &snapshot.backends()[0].id;
         for _ in 0..self.rng.random_range(1..=4) {
             self.totals.requests += 1;
-            match replica.store.cooldowns().check(backend, now.instant) {
+            match replica.store.cooldowns().check(backend, "", now.instant) {
                 Ok(basis) => replica.requests.push(basis),
                 Err(_) => self.totals.skipped_cooling += 1,
             }
@@ -800,8 +800,12 @@ impl World {
                     .rng
                     .random_bool(0.5)
                     .then(|| Duration::from_millis(self.rng.random_range(0..5_000))),
+                scope: Scope::Backend,
             },
-            _ => Outcome::Failure { retry_after: None },
+            _ => Outcome::Failure {
+                retry_after: None,
+                scope: Scope::Backend,
+            },
         };
         let replica = &mut self.replicas[i];
         let basis = replica.requests.swap_remove(pick);
@@ -811,16 +815,17 @@ impl World {
             .expect("it sent the request by a snapshot");
         let backend = &snapshot.backends()[0].id;
         let cooldowns = replica.store.cooldowns();
-        let event = cooldowns.record(backend, basis, &snapshot.policy.cooldown, outcome, now);
+        let event = cooldowns.record(backend, "", basis, &snapshot.policy.cooldown, outcome, now);
         if outcome != Outcome::Success {
             self.totals.overloads += 1;
         }
         if let Outcome::RateLimited {
             retry_after: Some(wait),
+            scope: Scope::Backend,
         } = outcome
             && !wait.is_zero()
         {
-            let until = cooldowns.check(backend, now.instant).err();
+            let until = cooldowns.check(backend, "", now.instant).err();
             if until.is_none_or(|until| until < now.instant + wait) {
                 self.fail(format!(
                     "replica {i} told Retry-After {wait:?} skips the backend for {:?}",
@@ -840,7 +845,11 @@ impl World {
     async fn reset_cooldown(&mut self) {
         let Some(control) = &self.control else { return };
         self.trace(|| "reset cooldown".into());
-        control.store.reset_cooldown("b".into()).await.unwrap();
+        control
+            .store
+            .reset_cooldown("b".into(), String::new())
+            .await
+            .unwrap();
         self.totals.cooldown_resets += 1;
         self.publish().await;
     }
@@ -1363,7 +1372,7 @@ impl World {
             let replica_until = replica
                 .store
                 .cooldowns()
-                .check(&backend.id, now.instant)
+                .check(&backend.id, "", now.instant)
                 .err()
                 .map(|until| START_MS + i64::try_from((until - self.base).as_millis()).unwrap());
             let transit = replica.last_transit_ms;

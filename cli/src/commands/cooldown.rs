@@ -20,13 +20,19 @@ pub async fn run(
                 .await?;
             out.print(&response, render::cooldowns)
         }
-        CooldownCommand::Reset { backend } => {
+        CooldownCommand::Reset { backend, model } => {
             let request = pb::ResetCooldownRequest {
                 backend_id: backend.clone(),
+                model: model.clone().unwrap_or_default(),
             };
             let response = connection.call(admin.reset_cooldown(request)).await?;
-            out.print(&response, |_| {
-                format!("Cleared the cooldown of backend {backend:?} on every data plane.")
+            out.print(&response, |_| match &model {
+                Some(model) => format!(
+                    "Cleared the cooldown of model {model:?} at backend {backend:?} on every data plane."
+                ),
+                None => format!(
+                    "Cleared the cooldown of backend {backend:?} and its models on every data plane."
+                ),
             })
         }
     }

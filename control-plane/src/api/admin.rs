@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use sluice_proto::limits::MAX_KEY_PAGE_SIZE;
+use sluice_proto::limits::{MAX_KEY_PAGE_SIZE, MAX_MODEL_NAME_BYTES};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
@@ -306,9 +306,19 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::ResetCooldownRequest>,
     ) -> Result<Response<pb::ResetCooldownResponse>, Status> {
-        let id = required_id("backend_id", &request.into_inner().backend_id)?;
-        self.store.reset_cooldown(id.clone()).await?;
-        tracing::info!(backend = %id, "cooldown reset");
+        let request = request.into_inner();
+        let id = required_id("backend_id", &request.backend_id)?;
+        let model = request.model.trim().to_owned();
+        if model.len() > MAX_MODEL_NAME_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "model: at most {MAX_MODEL_NAME_BYTES} bytes"
+            )));
+        }
+        self.store.reset_cooldown(id.clone(), model.clone()).await?;
+        match model.is_empty() {
+            true => tracing::info!(backend = %id, "cooldown reset, the backend's and its models'"),
+            false => tracing::info!(backend = %id, model = %model, "model's cooldown reset"),
+        }
         Ok(Response::new(pb::ResetCooldownResponse {}))
     }
 

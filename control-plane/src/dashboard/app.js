@@ -562,13 +562,27 @@
     container.replaceChildren(root, legend);
   }
 
-  function cooldownFor(backendId) {
+  // The backend's own cooldown (for every model), and those of single models at it.
+  function cooldownsFor(backendId) {
     const now = Date.now();
-    return state.cooldowns.find((c) => c.backendId === backendId && (parseTime(c.until) || 0) > now);
+    const running = state.cooldowns.filter((c) => c.backendId === backendId && (parseTime(c.until) || 0) > now);
+    return { own: running.find((c) => !c.model), models: running.filter((c) => c.model) };
   }
 
   function stateCell(backend) {
-    const cooldown = cooldownFor(backend.id);
+    const { own: cooldown, models } = cooldownsFor(backend.id);
+    if (!cooldown && models.length) {
+      // One model's limit: the backend serves its other models.
+      return h('td', null,
+        backend.enabled
+          ? h('span', { class: 'pill ok' }, 'enabled')
+          : h('span', { class: 'pill off' }, 'disabled'),
+        h('span', { class: 'pill warn' }, models.length === 1 ? '1 model cooling down' : `${models.length} models cooling down`),
+        models.map((m) => {
+          const until = parseTime(m.until);
+          return h('span', { class: 'sub-line' }, `${m.model} until ${fmtDateTime(until)} (${relTime(until)})`);
+        }));
+    }
     if (cooldown) {
       const until = parseTime(cooldown.until);
       const rateLimited = /429|rate/i.test(cooldown.reason || '');
@@ -1359,6 +1373,7 @@
       const since = parseTime(c.createTime);
       return h('tr', null,
         h('td', { class: 'name' }, c.backendName || c.backendId),
+        h('td', null, c.model || h('span', { class: 'muted' }, 'every model')),
         h('td', null, fmtDateTime(until), h('span', { class: 'sub-line' }, relTime(until))),
         h('td', null, c.reason || '–'),
         h('td', { class: 'num' }, fmtInt(c.consecutiveFailures)),
@@ -1369,13 +1384,15 @@
           class: 'secondary small',
           'data-action': 'reset',
           onclick: (e) => act(e.currentTarget, async () => {
-            await call('AdminService/ResetCooldown', { backendId: c.backendId });
-            notify(`Reset the cooldown of ${c.backendName || c.backendId}.`);
+            await call('AdminService/ResetCooldown', { backendId: c.backendId, model: c.model || '' });
+            notify(c.model
+              ? `Reset the cooldown of ${c.model} at ${c.backendName || c.backendId}.`
+              : `Reset the cooldown of ${c.backendName || c.backendId}.`);
           }),
         }, 'Reset')));
     });
     table($('#cooldowns-table'), [
-      { label: 'Backend' }, { label: 'Until' }, { label: 'Why' }, { label: 'Failures', num: true },
+      { label: 'Backend' }, { label: 'Model' }, { label: 'Until' }, { label: 'Why' }, { label: 'Failures', num: true },
       { label: 'Reported by' }, { label: 'Since' }, { label: '' },
     ], rows, 'No backend is cooling down.');
   }

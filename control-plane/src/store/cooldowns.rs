@@ -1,5 +1,8 @@
-//! Backends' cooldown states, stored per backend, as `sluice_domain::cooldown` defines them
-//! and applies the data planes' reports (and an operator's resets) to them.
+//! Backends' cooldown states, stored per backend and per model at a backend, as
+//! `sluice_domain::cooldown` defines them and applies the data planes' reports (and an
+//! operator's resets) to them. A backend's own state is its row with model `''`; a model's
+//! (named as the provider names it, `backend_models.upstream_name`) its row with that
+//! model: a 429 for one model cools that model alone, as providers limit each model apart.
 
 use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
 use sluice_domain::cooldown::{CooldownState, Report};
@@ -20,6 +23,8 @@ pub type Cooldown = CooldownState<UnixMs, String>;
 pub struct CooldownRow {
     pub backend_id: String,
     pub backend_name: String,
+    /// The model cooling down at the backend; empty: the whole backend.
+    pub model: String,
     pub until_ms: i64,
     pub consecutive_failures: u32,
     pub reason: String,
@@ -31,6 +36,8 @@ pub struct CooldownRow {
 #[derive(Debug, Clone)]
 pub struct CooldownEvent {
     pub backend_id: String,
+    /// The model (its name at the provider) whose state it is about; empty: the backend's.
+    pub model: String,
     pub report: Reported,
     pub reason: String,
     /// The node id, for display.
@@ -59,14 +66,37 @@ impl Store {
         .await
     }
 
-    /// Ends a backend's streak and cooldown. Returns the new snapshot version.
-    pub async fn reset_cooldown(&self, backend: String) -> Result<u64, StoreError> {
+    /// Ends a backend's streak and cooldown and those of each of its models, or, given a
+    /// `model`, that model's alone. Returns the new snapshot version.
+    pub async fn reset_cooldown(&self, backend: String, model: String) -> Result<u64, StoreError> {
         self.write(WriteOp::cooldown, move |conn, _| {
             let tx = conn.transaction()?;
             let id = resolve_backend_id(&tx, &backend)?;
-            let mut state = load_state(&tx, &id)?.unwrap_or_default();
-            state.reset(UnixMs(now_ms()));
-            store_state(&tx, &id, &state, "reset by an admin", "admin")?;
+            let models = if model.is_empty() {
+                let mut models = vec![String::new()];
+                models.extend(
+                    tx.prepare_cached(
+                        "SELECT model FROM cooldowns WHERE backend_id = ?1 AND model != ''",
+                    )?
+                    .query_map(params![id], |r| r.get(0))?
+                    .collect::<Result<Vec<String>, _>>()?,
+                );
+                models
+            } else {
+                if load_state(&tx, &id, &model)?.is_none() && !serves(&tx, &id, &model)? {
+                    return Err(StoreError::NotFound {
+                        kind: "model of the backend",
+                        id: model,
+                    });
+                }
+                vec![model]
+            };
+            let now = UnixMs(now_ms());
+            for model in &models {
+                let mut state = load_state(&tx, &id, model)?.unwrap_or_default();
+                state.reset(now);
+                store_state(&tx, &id, model, &state, "reset by an admin", "admin")?;
+            }
             let version = bump_version(&tx)?;
             tx.commit()?;
             Ok(version)
@@ -106,7 +136,11 @@ impl Store {
                 if !exists {
                     continue;
                 }
-                let mut state = load_state(&tx, &e.backend_id)?.unwrap_or_default();
+                // Nor is a model the backend does not serve (any more): it has no route.
+                if !e.model.is_empty() && !serves(&tx, &e.backend_id, &e.model)? {
+                    continue;
+                }
+                let mut state = load_state(&tx, &e.backend_id, &e.model)?.unwrap_or_default();
                 let before = state.clone();
                 match e.report {
                     Reported::Report(report) => {
@@ -122,7 +156,14 @@ impl Store {
                     }
                 }
                 if state != before {
-                    store_state(&tx, &e.backend_id, &state, &e.reason, &e.reported_by)?;
+                    store_state(
+                        &tx,
+                        &e.backend_id,
+                        &e.model,
+                        &state,
+                        &e.reason,
+                        &e.reported_by,
+                    )?;
                     changed = true;
                 }
             }
@@ -139,7 +180,7 @@ impl Store {
 
 fn load_active_cooldowns(conn: &Connection, now_ms: i64) -> Result<Vec<CooldownRow>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT c.backend_id, b.name, c.until_time, c.consecutive_failures, c.reason, c.reported_by, c.create_time
+        "SELECT c.backend_id, b.name, c.until_time, c.consecutive_failures, c.reason, c.reported_by, c.create_time, c.model
          FROM cooldowns c JOIN backends b ON b.id = c.backend_id
          WHERE c.until_time > ?1 ORDER BY c.until_time",
     )?;
@@ -152,29 +193,63 @@ fn load_active_cooldowns(conn: &Connection, now_ms: i64) -> Result<Vec<CooldownR
             reason: r.get(4)?,
             reported_by: r.get(5)?,
             create_time_ms: r.get(6)?,
+            model: r.get(7)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Every backend's cooldown state that differs from the initial one, by backend id.
-pub(crate) fn load_cooldown_states(
-    conn: &Connection,
-) -> Result<std::collections::HashMap<String, Cooldown>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT backend_id, epoch, consecutive_failures, until_time, create_time, changed_by, run_basis FROM cooldowns",
-    )?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, state_of(r)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
+/// A backend's cooldown states: its own, and those of its models that differ from the
+/// initial one, by model.
+#[derive(Debug, Clone, Default)]
+pub struct CooldownStates {
+    pub backend: Cooldown,
+    pub models: Vec<(String, Cooldown)>,
 }
 
-fn load_state(tx: &Transaction<'_>, backend_id: &str) -> Result<Option<Cooldown>, StoreError> {
+/// Every backend's cooldown states that differ from the initial one, by backend id.
+pub(crate) fn load_cooldown_states(
+    conn: &Connection,
+) -> Result<std::collections::HashMap<String, CooldownStates>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT backend_id, epoch, consecutive_failures, until_time, create_time, changed_by, run_basis, model
+         FROM cooldowns ORDER BY backend_id, model",
+    )?;
+    let mut states = std::collections::HashMap::<String, CooldownStates>::new();
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let state = state_of(r)?;
+        let model: String = r.get(7)?;
+        let of = states.entry(r.get(0)?).or_default();
+        match model.is_empty() {
+            true => of.backend = state,
+            false => of.models.push((model, state)),
+        }
+    }
+    Ok(states)
+}
+
+fn load_state(
+    tx: &Transaction<'_>,
+    backend_id: &str,
+    model: &str,
+) -> Result<Option<Cooldown>, StoreError> {
     Ok(tx
         .prepare_cached(
-            "SELECT backend_id, epoch, consecutive_failures, until_time, create_time, changed_by, run_basis FROM cooldowns WHERE backend_id = ?1",
+            "SELECT backend_id, epoch, consecutive_failures, until_time, create_time, changed_by, run_basis
+             FROM cooldowns WHERE backend_id = ?1 AND model = ?2",
         )?
-        .query_row(params![backend_id], state_of)
+        .query_row(params![backend_id, model], state_of)
         .optional()?)
+}
+
+/// Whether the backend serves `model` (its name at the provider).
+fn serves(tx: &Transaction<'_>, backend_id: &str, model: &str) -> Result<bool, StoreError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM backend_models WHERE backend_id = ?1 AND upstream_name = ?2)",
+        )?
+        .query_row(params![backend_id, model], |r| r.get(0))?)
 }
 
 /// Columns 1 to 6: epoch, streak, until, since (0 for none), changed_by, run_basis ('' for
@@ -195,6 +270,7 @@ fn state_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Cooldown> {
 fn store_state(
     tx: &Transaction<'_>,
     backend_id: &str,
+    model: &str,
     state: &Cooldown,
     reason: &str,
     reported_by: &str,
@@ -202,9 +278,9 @@ fn store_state(
     let time = |t: Option<UnixMs>| t.map_or(0, |t| t.0);
     let (changed_by, run_basis) = state.run.clone().unwrap_or_default();
     tx.prepare_cached(
-        "INSERT INTO cooldowns (backend_id, epoch, consecutive_failures, until_time, create_time, reason, reported_by, changed_by, run_basis)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-         ON CONFLICT (backend_id) DO UPDATE SET
+        "INSERT INTO cooldowns (backend_id, epoch, consecutive_failures, until_time, create_time, reason, reported_by, changed_by, run_basis, model)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT (backend_id, model) DO UPDATE SET
              epoch = excluded.epoch,
              consecutive_failures = excluded.consecutive_failures,
              until_time = excluded.until_time,
@@ -224,6 +300,7 @@ fn store_state(
         reported_by,
         changed_by,
         i64::try_from(run_basis).unwrap_or(i64::MAX),
+        model,
     ])?;
     Ok(())
 }
@@ -238,6 +315,7 @@ impl CooldownRow {
             reason: self.reason.clone(),
             create_time: Some(crate::time::timestamp(self.create_time_ms)),
             reported_by: self.reported_by.clone(),
+            model: self.model.clone(),
         }
     }
 }

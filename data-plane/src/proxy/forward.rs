@@ -22,7 +22,7 @@ use super::usage_figures::{
 use super::{AppState, Collected};
 use crate::answer_memory::{AnswerMemory, AnswerPermit, CountedAnswer, Full};
 use crate::anthropic::{self, Sampling};
-use crate::cooldown::{self, Outcome};
+use crate::cooldown::{self, Outcome, Scope};
 use crate::error::ProxyError;
 use crate::metrics::{AttemptOutcome, Label, LimitScope, SkipReason};
 use crate::redact::redact_error;
@@ -94,9 +94,13 @@ enum Failure {
     /// provider account). Also an account out of credit (`unfunded`): 402 (DeepSeek,
     /// OpenRouter, Mistral, Anthropic's `billing_error`), or Anthropic's 400 "Your credit
     /// balance is too low": a backend that cannot serve anyone, not the client's mistake.
+    /// Or the model refused to the backend's account (OpenAI's 403 "Project … does not have
+    /// access to model", a 404 `model_not_found`, an Azure deployment not found): failed over
+    /// too, counted towards that model's cooldown at the backend alone, and 502
+    /// `upstream_model_unavailable` when no backend serves it.
     Refused {
         status: StatusCode,
-        unfunded: bool,
+        why: Refusal,
     },
     /// The answer came, but the whole answers held in memory reached
     /// `--max-buffered-answer-bytes`, or those to the request's key its share of it, while it
@@ -118,6 +122,17 @@ enum Failure {
     },
 }
 
+/// What a backend's refusal ([`Failure::Refused`]) was about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The backend's key.
+    Key,
+    /// The provider account's credit.
+    Unfunded,
+    /// The model, to the backend's account.
+    Model,
+}
+
 impl Failure {
     /// What the failure says of the backend's health; `None`: nothing (this replica's own).
     fn health(&self) -> Option<Outcome> {
@@ -133,16 +148,33 @@ impl Failure {
             Self::Status {
                 status,
                 retry_after,
+                body,
                 ..
             } if *status == StatusCode::TOO_MANY_REQUESTS => Outcome::RateLimited {
                 retry_after: *retry_after,
+                // Providers limit each model apart; a spent account is spent for all.
+                scope: match memchr::memmem::find(body, b"insufficient_quota") {
+                    Some(_) => Scope::Backend,
+                    None => Scope::Model,
+                },
             },
             Self::MemoryFull(..) => Outcome::Success,
             // A 503 (or any 5xx) may say when to come back, as a 429 does.
             Self::Status { retry_after, .. } => Outcome::Failure {
                 retry_after: *retry_after,
+                scope: Scope::Backend,
             },
-            _ => Outcome::Failure { retry_after: None },
+            Self::Refused {
+                why: Refusal::Model,
+                ..
+            } => Outcome::Failure {
+                retry_after: None,
+                scope: Scope::Model,
+            },
+            _ => Outcome::Failure {
+                retry_after: None,
+                scope: Scope::Backend,
+            },
         })
     }
 
@@ -197,12 +229,19 @@ impl Failure {
             Self::Status { status, .. } => format!("status {}", status.as_u16()),
             Self::Refused {
                 status,
-                unfunded: false,
+                why: Refusal::Key,
             } => format!("credentials refused: status {}", status.as_u16()),
             Self::Refused {
                 status,
-                unfunded: true,
+                why: Refusal::Unfunded,
             } => format!("account out of credit: status {}", status.as_u16()),
+            Self::Refused {
+                status,
+                why: Refusal::Model,
+            } => format!(
+                "the model refused to the backend's account: status {}",
+                status.as_u16()
+            ),
             Self::Connect(e) => format!("connect: {e}"),
             Self::Timeout => "timeout before the first byte".to_owned(),
             Self::Deadline => "the request's deadline passed before the first byte".to_owned(),
@@ -432,7 +471,7 @@ pub(super) async fn forward_call(
             last.get_or_insert((Failure::Timeout, backend.format));
             break;
         }
-        let basis = match cooldowns.check(&backend.id, now) {
+        let basis = match cooldowns.check(&backend.id, &route.upstream_model, now) {
             Ok(basis) => basis,
             Err(until) => {
                 app.metrics.skip(&label, SkipReason::cooling_down);
@@ -634,8 +673,8 @@ pub(super) async fn forward_call(
         if let Some(health) = health {
             record_health(
                 app,
-                &backend.id,
-                &backend.name,
+                backend,
+                &route.upstream_model,
                 basis,
                 &policy.cooldown,
                 health,
@@ -684,9 +723,9 @@ pub(super) async fn forward_call(
                     let basis = app
                         .store
                         .cooldowns()
-                        .check(&backend.id, now)
+                        .check(&backend.id, &route.upstream_model, now)
                         .unwrap_or(basis);
-                    StreamHealth::new(app, backend, basis, policy.cooldown)
+                    StreamHealth::new(app, backend, &route.upstream_model, basis, policy.cooldown)
                 });
                 return deliver(app, answer, acct, mode, &policy, deadline, health).await;
             }
@@ -844,9 +883,16 @@ async fn answer_failure(
         }
         Failure::Connect(_) => error(acct, ProxyError::UpstreamConnect).await,
         Failure::Refused {
-            unfunded: false, ..
+            why: Refusal::Key, ..
         } => error(acct, ProxyError::UpstreamCredentials).await,
-        Failure::Refused { unfunded: true, .. } => error(acct, ProxyError::UpstreamUnfunded).await,
+        Failure::Refused {
+            why: Refusal::Unfunded,
+            ..
+        } => error(acct, ProxyError::UpstreamUnfunded).await,
+        Failure::Refused {
+            why: Refusal::Model,
+            ..
+        } => error(acct, ProxyError::UpstreamModelUnavailable).await,
         Failure::Invalid(_) => error(acct, ProxyError::UpstreamInvalid).await,
         // Billed ([`fail`] says not to send it again).
         Failure::Cut { timeout: false, .. } => error(acct, ProxyError::UpstreamInvalid).await,
@@ -953,26 +999,26 @@ async fn attempt(
     let (head, mut upstream) = upstream.into_parts();
     let status = head.status;
     let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+    if status == StatusCode::UNAUTHORIZED {
         return Err(Failure::Refused {
             status,
-            unfunded: false,
+            why: Refusal::Key,
+        });
+    }
+    if status == StatusCode::FORBIDDEN {
+        // Read for what was refused: the key, or one model to the account.
+        let body = error_body(sleeps, upstream, policy, deadline).await;
+        return Err(Failure::Refused {
+            status,
+            why: match refuses_the_model(&body) {
+                true => Refusal::Model,
+                false => Refusal::Key,
+            },
         });
     }
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let retry_after = cooldown::retry_after(&head.headers, SystemTime::now());
-        let (body, _) = read_body(
-            sleeps,
-            upstream,
-            MAX_ERROR_BODY,
-            policy.idle_stream_timeout,
-            deadline,
-            None,
-            None,
-            false,
-        )
-        .await
-        .unwrap_or_default();
+        let body = error_body(sleeps, upstream, policy, deadline).await;
         let body = redact_error(body, backend.api_key());
         return Err(Failure::Status {
             status,
@@ -1055,22 +1101,30 @@ async fn attempt(
     if status == StatusCode::PAYMENT_REQUIRED && !fewer_tokens_would_do(&body) {
         return Err(Failure::Refused {
             status,
-            unfunded: true,
+            why: Refusal::Unfunded,
         });
     }
     if status == StatusCode::BAD_REQUEST {
         if refuses_the_key(&body) {
             return Err(Failure::Refused {
                 status,
-                unfunded: false,
+                why: Refusal::Key,
             });
         }
         if out_of_credit(&body) {
             return Err(Failure::Refused {
                 status,
-                unfunded: true,
+                why: Refusal::Unfunded,
             });
         }
+    }
+    // The model the operator routed here is unknown to the backend, or not open to its
+    // account: the client asked for a model Sluice serves, so not the client's mistake.
+    if status == StatusCode::NOT_FOUND && refuses_the_model(&body) {
+        return Err(Failure::Refused {
+            status,
+            why: Refusal::Model,
+        });
     }
     if !status.is_success() {
         // A 4xx is passed on as it came, but for the key some providers quote in it.
@@ -1105,6 +1159,29 @@ fn out_of_credit(body: &[u8]) -> bool {
         .ok()
         .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_owned))
         .is_some_and(|message| message.contains(TOO_LOW))
+}
+
+/// Whether a 403's or 404's body is the provider refusing the model to the backend's
+/// account, not its key: OpenAI's `model_not_found` (403 "Project `proj_…` does not have
+/// access to model `gpt-4.1`", 404 "The model `x` does not exist or you do not have access to
+/// it"), Azure's `DeploymentNotFound`, Anthropic's `not_found_error` "model: x". Read where
+/// each puts it (`error.code`, or `error.type` and `error.message`), not anywhere in the body.
+fn refuses_the_model(body: &[u8]) -> bool {
+    let finder = |needle: &[u8]| memchr::memmem::find(body, needle).is_some();
+    if !finder(b"model_not_found") && !finder(b"DeploymentNotFound") && !finder(b"not_found_error")
+    {
+        return false;
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return false;
+    };
+    let Some(error) = value.get("error") else {
+        return false;
+    };
+    let text = |member: &str| error.get(member).and_then(serde_json::Value::as_str);
+    matches!(text("code"), Some("model_not_found" | "DeploymentNotFound"))
+        || (text("type") == Some("not_found_error")
+            && text("message").is_some_and(|m| m.starts_with("model:")))
 }
 
 /// Whether a 400's body is the provider refusing the backend's own key: Google answers a
@@ -1144,6 +1221,28 @@ fn only_content_type(mut headers: HeaderMap, content_type: Option<HeaderValue>) 
         headers.insert(header::CONTENT_TYPE, content_type);
     }
     headers
+}
+
+/// An error answer's body, up to [`MAX_ERROR_BODY`]; empty when it cannot be read.
+async fn error_body(
+    sleeps: &KeptSleeps,
+    upstream: UpstreamBody,
+    policy: &Policy,
+    deadline: Instant,
+) -> Bytes {
+    read_body(
+        sleeps,
+        upstream,
+        MAX_ERROR_BODY,
+        policy.idle_stream_timeout,
+        deadline,
+        None,
+        None,
+        false,
+    )
+    .await
+    .map(|(body, _)| body)
+    .unwrap_or_default()
 }
 
 /// Reads a whole body of at most `max` bytes, with `idle` as the longest pause. One that
@@ -1743,6 +1842,61 @@ mod tests {
         for body in [echoed, own] {
             assert!(!refused_stream_options(&answer(400, body)), "{body}");
         }
+    }
+
+    /// A model refused to the backend's account is read where each provider puts it; words in
+    /// a message (which may quote the client's request) are not.
+    #[test]
+    fn a_refused_model_is_read_from_the_errors_code_or_type() {
+        for refused in [
+            r#"{"error":{"message":"Project `proj_x` does not have access to model `gpt-4.1`","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
+            r#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist."}}"#,
+            r#"{"type":"error","error":{"type":"not_found_error","message":"model: claude-x"}}"#,
+        ] {
+            assert!(refuses_the_model(refused.as_bytes()), "{refused}");
+        }
+        for not_the_model in [
+            r#"{"error":{"message":"model_not_found","type":"invalid_request_error","code":"permission_denied"}}"#,
+            r#"{"type":"error","error":{"type":"not_found_error","message":"file: f-1 not found"}}"#,
+            r#"{"error":{"message":"Invalid URL (POST /v1/chat/completion)","type":"invalid_request_error","code":null}}"#,
+            "model_not_found",
+        ] {
+            assert!(
+                !refuses_the_model(not_the_model.as_bytes()),
+                "{not_the_model}"
+            );
+        }
+    }
+
+    /// A 429 cools the model it was for; OpenAI's `insufficient_quota` (the account's credit
+    /// spent) cools the backend, for every model.
+    #[test]
+    fn a_429_is_the_models_unless_the_whole_account_is_spent() {
+        let limited = |body: &str| {
+            Failure::Status {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                retry_after: None,
+                content_type: None,
+                body: Bytes::from(body.to_owned()),
+            }
+            .health()
+        };
+        let scope = |outcome| match outcome {
+            Some(Outcome::RateLimited { scope, .. }) => scope,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            scope(limited(
+                r#"{"error":{"message":"Rate limit reached for gpt-4o in organization org-x on tokens per min (TPM)","type":"tokens","code":"rate_limit_exceeded"}}"#
+            )),
+            Scope::Model
+        );
+        assert_eq!(
+            scope(limited(
+                r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#
+            )),
+            Scope::Backend
+        );
     }
 
     /// Google's refusal of a key, alone or in a list of one, is the key refused; the words

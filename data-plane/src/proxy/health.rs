@@ -15,39 +15,76 @@ use crate::snapshot::Backend;
 /// change of the backend's state.
 pub(super) fn record_health(
     app: &AppState,
+    backend: &Backend,
+    model: &str,
+    basis: cooldown::Basis,
+    policy: &CooldownPolicy,
+    health: Outcome,
+) {
+    record_health_of(
+        app,
+        &backend.id,
+        &backend.name,
+        model,
+        basis,
+        policy,
+        health,
+    );
+}
+
+fn record_health_of(
+    app: &AppState,
     backend_id: &str,
     backend_name: &Arc<str>,
+    model: &str,
     basis: cooldown::Basis,
     policy: &CooldownPolicy,
     health: Outcome,
 ) {
     let answered = || app.store.clock().now();
-    let Some(event) = app
+    let events = app
         .store
         .cooldowns()
-        .record_at(backend_id, basis, policy, health, answered)
-    else {
-        return;
-    };
-    match health {
-        Outcome::Success | Outcome::Answering => {
-            tracing::info!(backend = %backend_name, "backend answered again: its streak ends");
+        .record_at(backend_id, model, basis, policy, health, answered);
+    for event in events {
+        // The model's own state, or the backend's (for every model).
+        let model = (!event.model.is_empty()).then_some(event.model.as_str());
+        match health {
+            Outcome::Success | Outcome::Answering => match model {
+                Some(model) => tracing::info!(
+                    backend = %backend_name,
+                    model,
+                    "backend answered the model again: the model's streak ends"
+                ),
+                None => {
+                    tracing::info!(backend = %backend_name, "backend answered again: its streak ends")
+                }
+            },
+            Outcome::RateLimited { .. } | Outcome::Failure { .. } => {
+                match model {
+                    Some(model) => tracing::warn!(
+                        backend = %backend_name,
+                        model,
+                        reason = %event.reason,
+                        streak = event.consecutive_failures,
+                        "model cooling down at the backend (its other models are still served)"
+                    ),
+                    None => tracing::warn!(
+                        backend = %backend_name,
+                        reason = %event.reason,
+                        streak = event.consecutive_failures,
+                        "backend cooling down"
+                    ),
+                }
+                let reason = match health {
+                    Outcome::RateLimited { .. } => CooldownReason::rate_limited,
+                    _ => CooldownReason::failures,
+                };
+                app.metrics.cooldown(&Label::from(backend_name), reason);
+            }
         }
-        Outcome::RateLimited { .. } | Outcome::Failure { .. } => {
-            tracing::warn!(
-                backend = %backend_name,
-                reason = %event.reason,
-                streak = event.consecutive_failures,
-                "backend cooling down"
-            );
-            let reason = match health {
-                Outcome::RateLimited { .. } => CooldownReason::rate_limited,
-                _ => CooldownReason::failures,
-            };
-            app.metrics.cooldown(&Label::from(backend_name), reason);
-        }
+        app.usage.event(event);
     }
-    app.usage.event(event);
 }
 
 /// What a stream's end says of its backend's health, recorded then ([`record_health`]): a
@@ -58,6 +95,8 @@ pub(super) struct StreamHealth {
     app: Arc<AppState>,
     backend_id: String,
     backend_name: Arc<str>,
+    /// The model's name at the provider.
+    model: String,
     basis: cooldown::Basis,
     policy: CooldownPolicy,
 }
@@ -66,6 +105,7 @@ impl StreamHealth {
     pub(super) fn new(
         app: &Arc<AppState>,
         backend: &Backend,
+        model: &str,
         basis: cooldown::Basis,
         policy: CooldownPolicy,
     ) -> Self {
@@ -73,16 +113,18 @@ impl StreamHealth {
             app: Arc::clone(app),
             backend_id: backend.id.clone(),
             backend_name: Arc::clone(&backend.name),
+            model: model.to_owned(),
             basis,
             policy,
         }
     }
 
     pub(super) fn record(self, health: Outcome) {
-        record_health(
+        record_health_of(
             &self.app,
             &self.backend_id,
             &self.backend_name,
+            &self.model,
             self.basis,
             &self.policy,
             health,

@@ -30,7 +30,7 @@ use super::usage_figures::{usage_of, usage_of_answer, usage_value_of_answer};
 use crate::answer_memory::{AnswerMemory, AnswerPermit, Full, UNCOUNTED_STREAM_BYTES};
 use crate::anthropic::Usage;
 use crate::anthropic::stream::{ChunksFromEvents, EventUsage, EventsFromChunks, Flow};
-use crate::cooldown::Outcome;
+use crate::cooldown::{Outcome, Scope};
 use crate::deadline::Alarm;
 use crate::error::error_body;
 use crate::responses::{self, IdRewrite};
@@ -604,7 +604,10 @@ impl Relay {
 
     /// [`Relay::interrupt`] for a failure of the upstream's: its backend's failure.
     fn upstream_failed(&mut self, why: &str) {
-        self.ended(Some(Outcome::Failure { retry_after: None }));
+        self.ended(Some(Outcome::Failure {
+            retry_after: None,
+            scope: Scope::Backend,
+        }));
         self.interrupt(why);
     }
 
@@ -839,7 +842,10 @@ impl Body for Relay {
                     // Its upstream's own error event ended it (Anthropic's mid-stream
                     // `overloaded_error`): the backend's failure; any other end, an answer.
                     this.ended(Some(match kind {
-                        ErrorKind::StreamInterrupted => Outcome::Failure { retry_after: None },
+                        ErrorKind::StreamInterrupted => Outcome::Failure {
+                            retry_after: None,
+                            scope: Scope::Backend,
+                        },
                         _ => Outcome::Success,
                     }));
                     // Nothing after the frame that ends the stream, which goes once the

@@ -210,7 +210,8 @@ fn pin(
     let Some((index, backend)) = snapshot.backend_by_id(&affinity.backend_id) else {
         return Err(ProxyError::ResponseBackendGone { id: quoted(id) });
     };
-    if let Err(until) = app.store.cooldowns().check(&backend.id, Instant::now()) {
+    // The backend's own cooldown: a model's at it is checked once the call is routed.
+    if let Err(until) = app.store.cooldowns().check(&backend.id, "", Instant::now()) {
         return Err(ProxyError::ResponseBackendCoolingDown {
             id: quoted(id),
             retry_after: until.saturating_duration_since(Instant::now()),

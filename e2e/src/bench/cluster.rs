@@ -379,6 +379,7 @@ impl Cluster {
     pub async fn reset_cooldown(&self, backend_id: &str) -> Result<(), BenchError> {
         self.admin()
             .reset_cooldown(pb::ResetCooldownRequest {
+                model: String::new(),
                 backend_id: backend_id.into(),
             })
             .await?;

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 /// `{"status":{"code":429,"retry_after":{"seconds":2}}}`, `{"status":{"code":503}}`, `"reset"`,
 /// `"stall"`, `{"delay_ms":2000}`, `{"cut_after_chunks":3}`, `{"garbage":"not_json"}` (or
 /// `"invalid_sse"`, `"giant_line"`, `"bad_tool_call"`), `{"echo_key":{"code":401}}`,
-/// `"request_too_large"`, `"key_invalid"`.
+/// `"request_too_large"`, `"key_invalid"`, `"model_access_denied"`; a spec may name the one
+/// `"model"` it applies to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
@@ -61,6 +62,9 @@ pub enum Fault {
     /// `max_tokens` ("This request requires more credits, or fewer max_tokens. You requested up
     /// to 4096 tokens, but can only afford 1000."): the request's size, not the account.
     Unaffordable,
+    /// Answer 403 as OpenAI answers a project without access to the requested model:
+    /// `model_not_found`, "Project `proj_…` does not have access to model `…`".
+    ModelAccessDenied,
 }
 
 /// How long a [`Fault::Stall`] holds a request at most.
@@ -138,12 +142,24 @@ impl RetryAfter {
 
 /// A fault and how many requests it applies to.
 ///
-/// JSON: `{"fault": <Fault>, "count": 3}`; `count` absent or `null` = every request until cleared.
+/// JSON: `{"fault": <Fault>, "count": 3}`; `count` absent or `null` = every request until
+/// cleared; `"model": "m"` applies it to requests for that model alone (as providers limit
+/// each model apart).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FaultSpec {
     pub fault: Fault,
     #[serde(default)]
     pub count: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+impl FaultSpec {
+    /// Only for requests for `model`.
+    pub fn for_model(mut self, model: &str) -> Self {
+        self.model = Some(model.to_owned());
+        self
+    }
 }
 
 impl Fault {
@@ -152,6 +168,7 @@ impl Fault {
         FaultSpec {
             fault: self,
             count: Some(n),
+            model: None,
         }
     }
 
@@ -160,6 +177,7 @@ impl Fault {
         FaultSpec {
             fault: self,
             count: None,
+            model: None,
         }
     }
 
@@ -198,6 +216,7 @@ pub struct FaultStatus {
 struct ActiveFault {
     fault: Fault,
     remaining: Option<AtomicU64>,
+    model: Option<String>,
 }
 
 /// The fault plan: faults tried in order, each consumed by a count. Lock-free for requests.
@@ -218,6 +237,7 @@ impl FaultPlan {
             .map(|s| ActiveFault {
                 fault: s.fault,
                 remaining: s.count.map(AtomicU64::new),
+                model: s.model,
             })
             .collect();
         self.plan.store(Arc::new(plan));
@@ -227,10 +247,14 @@ impl FaultPlan {
         self.set(Vec::new());
     }
 
-    /// The fault for the request being served, consuming one unit of its count.
-    pub(crate) fn take(&self) -> Option<Fault> {
+    /// The fault for the request being served (for `model`, if it names one), consuming one
+    /// unit of its count.
+    pub(crate) fn take(&self, model: Option<&str>) -> Option<Fault> {
         let plan = self.plan.load();
         for f in plan.iter() {
+            if f.model.is_some() && f.model.as_deref() != model {
+                continue;
+            }
             match &f.remaining {
                 None => return Some(f.fault.clone()),
                 Some(r) => {
@@ -266,15 +290,20 @@ mod tests {
     fn counts_are_consumed_in_order_then_healthy() {
         let plan = FaultPlan::new();
         plan.set(vec![Fault::status(500).times(1), Fault::Reset.times(2)]);
-        assert_eq!(plan.take(), Some(Fault::status(500)));
-        assert_eq!(plan.take(), Some(Fault::Reset));
-        assert_eq!(plan.take(), Some(Fault::Reset));
-        assert_eq!(plan.take(), None);
+        assert_eq!(plan.take(None), Some(Fault::status(500)));
+        assert_eq!(plan.take(None), Some(Fault::Reset));
+        assert_eq!(plan.take(None), Some(Fault::Reset));
+        assert_eq!(plan.take(None), None);
         plan.set(vec![Fault::Stall.always()]);
-        assert_eq!(plan.take(), Some(Fault::Stall));
-        assert_eq!(plan.take(), Some(Fault::Stall));
+        assert_eq!(plan.take(None), Some(Fault::Stall));
+        assert_eq!(plan.take(None), Some(Fault::Stall));
         plan.clear();
-        assert_eq!(plan.take(), None);
+        assert_eq!(plan.take(None), None);
+        // A fault for one model leaves the others alone.
+        plan.set(vec![Fault::status(429).always().for_model("a")]);
+        assert_eq!(plan.take(Some("b")), None);
+        assert_eq!(plan.take(None), None);
+        assert_eq!(plan.take(Some("a")), Some(Fault::status(429)));
     }
 
     #[test]

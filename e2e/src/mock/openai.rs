@@ -112,6 +112,19 @@ impl ApiError {
         }
     }
 
+    /// OpenAI's 403 for a model the project may not use.
+    pub(crate) fn model_access_denied(model: &str) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            message: format!(
+                "Project `proj_Zq3vN8xK2mLp7RtY5wBc` does not have access to model `{model}`"
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("model_not_found"),
+        }
+    }
+
     pub(crate) fn model_not_found(model: &str) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,
@@ -434,7 +447,7 @@ impl HasModel for RawEmbeddingsRequest {
 }
 
 /// Reads the `model` of a body whose full parse failed, so that the request can still be counted.
-fn model_only(body: &[u8]) -> Option<String> {
+pub(crate) fn model_only(body: &[u8]) -> Option<String> {
     #[derive(Deserialize)]
     struct ModelOnly {
         model: Option<String>,

@@ -429,7 +429,7 @@ async fn api(
     };
     let anthropic_route = matches!(call, Call::Messages(..));
 
-    let fault = shared.faults.take();
+    let fault = shared.faults.take(openai::model_only(&body).as_deref());
     if fault.is_some() {
         bump(&shared.counters.faults_applied);
     }
@@ -500,6 +500,11 @@ async fn api(
                 StatusCode::BAD_REQUEST,
                 Bytes::from(body.to_string()),
             ));
+        }
+        Some(Fault::ModelAccessDenied) => {
+            let model = openai::model_only(&body).unwrap_or_default();
+            let error = ApiError::model_access_denied(&model);
+            return Ok(json_response(shared, error.status, error.body()));
         }
         Some(Fault::Unaffordable) => {
             let body = serde_json::json!({"error": {

@@ -1144,6 +1144,11 @@ pub async fn control_plane(dir: &tempfile::TempDir, extra: &[&str]) -> (Child, C
 /// A replica's report that `backend_id` answered 429, with `reason`: the control plane cools
 /// it down. Returns once the cooldown is stored.
 pub async fn report_cooldown(api: &ControlApi, backend_id: &str, reason: &str) {
+    report_model_cooldown(api, backend_id, "", reason).await
+}
+
+/// [`report_cooldown`] of one model at the backend (`""`: the backend's own).
+pub async fn report_model_cooldown(api: &ControlApi, backend_id: &str, model: &str, reason: &str) {
     let mut client = DataPlaneServiceClient::with_interceptor(
         api.channel().await,
         Bearer(DATAPLANE_TOKEN.into()),
@@ -1159,6 +1164,7 @@ pub async fn report_cooldown(api: &ControlApi, backend_id: &str, reason: &str) {
         records: vec![],
         events: vec![pb::BackendEvent {
             backend_id: backend_id.into(),
+            model: model.into(),
             kind: pb::BackendEventKind::RateLimited as i32,
             cooldown_until: Some(at(now + 600)),
             consecutive_failures: 2,
@@ -1180,7 +1186,7 @@ pub async fn report_cooldown(api: &ControlApi, backend_id: &str, reason: &str) {
         api.cooldowns()
             .await
             .iter()
-            .any(|c| c.backend_id == backend_id)
+            .any(|c| c.backend_id == backend_id && c.model == model)
     })
     .await;
     drop(tx);
