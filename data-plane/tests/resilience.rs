@@ -486,6 +486,16 @@ async fn a_local_cooldown_survives_an_older_snapshot_and_yields_to_a_reset() {
         .await;
     let event = h.cp.with(|r| r.events[0].clone());
     assert_eq!(event.cooldown_epoch, Some(0));
+    // A 429 is its model's: the control plane's state of the model, in the snapshot.
+    let model = format!("{MODEL}-at-primary");
+    assert_eq!(event.model, model);
+    let cooling = |epoch: u64, left: Option<Duration>| proto::ModelCooldown {
+        model: model.clone(),
+        cooldown_epoch: epoch,
+        consecutive_failures: u32::from(left.is_some()),
+        cooldown_remaining: left.map(proto_duration),
+        ..Default::default()
+    };
 
     // A snapshot built before the control plane saw the event (still epoch 0) does not
     // clear it.
@@ -495,14 +505,12 @@ async fn a_local_cooldown_survives_an_older_snapshot_and_yields_to_a_reset() {
 
     // The control plane counts it (epoch 1), then an admin resets it (epoch 2).
     let mut backends = pair(&primary, &fallback);
-    backends[0].cooldown_epoch = 1;
-    backends[0].consecutive_failures = 1;
-    backends[0].cooldown_remaining = Some(proto_duration(Duration::from_secs(59)));
+    backends[0].model_cooldowns = vec![cooling(1, Some(Duration::from_secs(59)))];
     h.publish(snapshot(3, backends)).await;
     let response = h.chat(chat_body(false)).await;
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
     let mut backends = pair(&primary, &fallback);
-    backends[0].cooldown_epoch = 2;
+    backends[0].model_cooldowns = vec![cooling(2, None)];
     h.publish(snapshot(4, backends)).await;
     let response = h.chat(chat_body(false)).await;
     assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
@@ -1298,13 +1306,13 @@ async fn a_stream_of_only_comments_or_nothing_fails_over_at_its_first_byte_timeo
 async fn a_stream_answering_ends_its_backends_streak_at_its_first_event() {
     let primary = slow_mock("primary", 20, 100);
     let fallback = mock("fallback");
-    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
-    primary.set_fault(Fault::status(429).times(1));
-    let response = h.chat(chat_body(false)).await;
-    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
-    // The streak's cooldown (1 s) over, a stream goes to the primary: about 2 s long. Its
-    // head comes with its first event, recorded before.
-    until_not_cooling(&h, "primary").await;
+    // The primary on a streak whose cooldown is over (a 500 now would count at once).
+    let mut backends = pair(&primary, &fallback);
+    backends[0].cooldown_epoch = 1;
+    backends[0].consecutive_failures = 1;
+    let h = Harness::start(snapshot(1, backends)).await;
+    // A stream goes to the primary: about 2 s long. Its head comes with its first event,
+    // recorded before.
     let stream = h.chat(chat_body(true)).await;
     assert_eq!(header(&stream, "x-sluice-backend"), "primary-name");
     let reading = tokio::spawn(stream.text());
