@@ -102,6 +102,10 @@ pub enum ProxyError {
     },
     #[error("The upstream provider could not be reached.")]
     UpstreamConnect,
+    /// The connection to every backend tried broke after the request was sent, before the
+    /// answer: the provider may have generated, and billed, it.
+    #[error("The connection to the upstream provider broke before its answer came.")]
+    UpstreamConnectionLost,
     #[error(
         "The upstream provider refused this gateway's credentials for it. Your API key is fine; the gateway's administrator must fix the provider key."
     )]
@@ -214,6 +218,7 @@ impl ProxyError {
             | Self::BackendsBusy { .. }
             | Self::BudgetSpent { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamConnect
+            | Self::UpstreamConnectionLost
             | Self::UpstreamInvalid
             | Self::UpstreamCredentials
             | Self::UpstreamUnfunded
@@ -263,6 +268,7 @@ impl ProxyError {
             Self::BudgetSpent { .. } => ("insufficient_quota", "insufficient_quota"),
             Self::BudgetUnavailable { .. } => ("server_error", "budget_unavailable"),
             Self::UpstreamConnect => ("server_error", "upstream_unreachable"),
+            Self::UpstreamConnectionLost => ("server_error", "upstream_connection_lost"),
             Self::UpstreamCredentials => ("server_error", "upstream_auth_failed"),
             Self::UpstreamUnfunded => ("server_error", "upstream_account_unfunded"),
             Self::UpstreamModelUnavailable => ("server_error", "upstream_model_unavailable"),
@@ -328,7 +334,7 @@ impl ProxyError {
             | Self::KeyParallelLimited { .. }
             | Self::BackendsBusy { .. } => ErrorKind::RateLimited,
             Self::ModelNotFound(_) => ErrorKind::NoBackend,
-            Self::UpstreamConnect => ErrorKind::UpstreamConnect,
+            Self::UpstreamConnect | Self::UpstreamConnectionLost => ErrorKind::UpstreamConnect,
             Self::UpstreamCredentials | Self::UpstreamUnfunded | Self::UpstreamModelUnavailable => {
                 ErrorKind::UpstreamStatus
             }

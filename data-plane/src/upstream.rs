@@ -232,12 +232,36 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// `e` and its causes, [`pool::NotSent`]'s own error included (its `source` skips it, so
+/// that [`error_chain`] names it once).
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| match e.downcast_ref::<pool::NotSent>() {
+        Some(not_sent) => Some(not_sent.0.as_ref() as &(dyn std::error::Error + 'static)),
+        None => e.source(),
+    })
+}
+
+/// Whether `e` (an upstream call's error) came before its request was written: the
+/// connection (or its TLS, or a proxy's tunnel) could not be made, or closed before the
+/// request went out. Any other error, a connection that broke while the request was written
+/// or its answer awaited, may come after the provider took the request: it may be
+/// generating it, and bill it.
+pub fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
+    causes(e).any(|e| {
+        e.is::<pool::NotSent>()
+            || e.downcast_ref::<hyper_util::client::legacy::Error>()
+                .is_some_and(hyper_util::client::legacy::Error::is_connect)
+    })
+}
+
 /// Whether `e` (an upstream call's error) is this process running out of file descriptors:
 /// an `EMFILE` or `ENFILE` anywhere in its chain of causes.
 pub fn out_of_files(e: &(dyn std::error::Error + 'static)) -> bool {
     const ENFILE: i32 = 23;
     const EMFILE: i32 = 24;
-    std::iter::successors(Some(e), |e| e.source()).any(|e| {
+    causes(e).any(|e| {
         e.downcast_ref::<std::io::Error>()
             .and_then(std::io::Error::raw_os_error)
             .is_some_and(|code| code == EMFILE || code == ENFILE)

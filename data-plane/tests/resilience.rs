@@ -125,6 +125,48 @@ async fn a_whole_answer_cut_after_its_head_is_not_asked_again_of_another_backend
     assert_eq!(record.error_kind, ErrorKind::UpstreamInvalid as i32);
 }
 
+/// A connection that breaks after the request was written (a load balancer's idle timeout,
+/// a pod's restart in the middle of a generation) is not a backend that could not be
+/// reached: the provider may be generating, and billing, the answer. The next backend is
+/// still tried, but the request keeps its reserve (charged its estimate when nothing else
+/// answers) and the client is told not to send it again; a connection refused before
+/// anything was sent keeps none, as before.
+#[tokio::test]
+async fn a_connection_lost_after_the_request_was_sent_keeps_its_reserve() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::Reset.times(1));
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+
+    let alone = Harness::start(one_primary_snapshot(&primary.base_url())).await;
+    primary.set_fault(Fault::Reset.times(1));
+    let response = alone.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(header(&response, "x-should-retry"), "false");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_connection_lost", "{body}");
+    let record = alone.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::UpstreamConnect as i32);
+    assert!(record.tokens_estimated, "{record:?}");
+    assert!(record.prompt_tokens > 0, "{record:?}");
+
+    // Refused before anything was sent: nothing to charge, and the SDK may try again.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}/v1", closed.local_addr().unwrap());
+    drop(closed);
+    let dead = Harness::start(one_primary_snapshot(&dead_url)).await;
+    let response = dead.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 502);
+    assert!(response.headers().get("x-should-retry").is_none());
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_unreachable", "{body}");
+    let record = dead.records(1).await.remove(0);
+    assert_eq!((record.prompt_tokens, record.tokens_estimated), (0, false));
+}
+
 /// A whole answer's head comes only once the whole answer is generated: a reasoning model
 /// may take minutes. Its wait is `answer_timeout`, not a stream's `first_byte_timeout` (one
 /// minute by default, which cut such answers off and asked, and billed, the next backend for

@@ -210,15 +210,15 @@ impl Accounting {
         }
     }
 
-    /// The attempt was never sent (see [`Failure::OutOfFiles`](super::forward)): its backend's
-    /// token reservation is given back, and unless an earlier attempt may have been billed,
-    /// so are the key's and the budget's reserve.
     /// Whether an attempt that failed may have been billed (it timed out or broke after it
     /// was sent): the provider may be generating it still.
     pub fn may_have_been_billed(&self) -> bool {
         self.0.billed_failure
     }
 
+    /// The attempt was never sent (see [`Failure::OutOfFiles`](super::forward)): its backend's
+    /// token reservation is given back, and unless an earlier attempt may have been billed,
+    /// so are the key's and the budget's reserve.
     pub fn attempt_unsent(&mut self) {
         self.attempt_failed(false);
         self.0.unsent = true;

@@ -78,7 +78,15 @@ enum Failure {
         content_type: Option<HeaderValue>,
         body: Bytes,
     },
+    /// The connection could not be made (or closed before the request was written): the
+    /// provider never saw the request.
     Connect(String),
+    /// The connection broke after the request was (or may have been) written, before the
+    /// answer's head or a stream's first event: the provider may be generating it, and
+    /// billing it. Another backend is tried as after a connect error
+    /// (`retry_on_connect_error`), but the attempt's reserve stays charged, as a timeout's
+    /// does, and a client left without an answer is told not to send it again.
+    Lost(String),
     Timeout,
     /// The request's own deadline passed while the attempt waited for its first byte (an
     /// attempt after slow failures gets what is left of it): not the backend's slowness, so
@@ -185,7 +193,7 @@ impl Failure {
             }
             Self::Status { .. } => policy.retry_on_server_error,
             Self::Refused { .. } => true,
-            Self::Connect(_) | Self::Invalid(_) => policy.retry_on_connect_error,
+            Self::Connect(_) | Self::Lost(_) | Self::Invalid(_) => policy.retry_on_connect_error,
             Self::Timeout => policy.retry_on_timeout,
             Self::Cut { .. } | Self::MemoryFull(..) | Self::OutOfFiles | Self::Deadline => false,
         }
@@ -198,7 +206,7 @@ impl Failure {
                 timeout: true,
                 detail: "no byte of the answer within the idle timeout or the deadline".into(),
             },
-            Self::Invalid(detail) | Self::Connect(detail) => Self::Cut {
+            Self::Invalid(detail) | Self::Connect(detail) | Self::Lost(detail) => Self::Cut {
                 timeout: false,
                 detail,
             },
@@ -213,7 +221,7 @@ impl Failure {
             }
             Self::Status { .. } => AttemptOutcome::server_error,
             Self::Refused { .. } => AttemptOutcome::auth_error,
-            Self::Connect(_) => AttemptOutcome::connect_error,
+            Self::Connect(_) | Self::Lost(_) => AttemptOutcome::connect_error,
             Self::Timeout | Self::Deadline | Self::Cut { timeout: true, .. } => {
                 AttemptOutcome::timeout
             }
@@ -243,6 +251,7 @@ impl Failure {
                 status.as_u16()
             ),
             Self::Connect(e) => format!("connect: {e}"),
+            Self::Lost(e) => format!("connection lost after the request was sent: {e}"),
             Self::Timeout => "timeout before the first byte".to_owned(),
             Self::Deadline => "the request's deadline passed before the first byte".to_owned(),
             Self::Invalid(e) => format!("invalid response: {e}"),
@@ -737,7 +746,7 @@ pub(super) async fn forward_call(
                     Failure::OutOfFiles => acct.attempt_unsent(),
                     _ => acct.attempt_failed(matches!(
                         failure,
-                        Failure::Timeout | Failure::Deadline | Failure::Cut { .. }
+                        Failure::Timeout | Failure::Deadline | Failure::Cut { .. } | Failure::Lost(_)
                     )),
                 }
                 let retry = failure.retryable(&policy);
@@ -882,6 +891,7 @@ async fn answer_failure(
             response
         }
         Failure::Connect(_) => error(acct, ProxyError::UpstreamConnect).await,
+        Failure::Lost(_) => error(acct, ProxyError::UpstreamConnectionLost).await,
         Failure::Refused {
             why: Refusal::Key, ..
         } => error(acct, ProxyError::UpstreamCredentials).await,
@@ -993,7 +1003,10 @@ async fn attempt(
     let upstream = match within(sleeps, || first_byte, sent).await {
         Err(_) => return Err(timed_out),
         Ok(Err(e)) if upstream::out_of_files(&*e) => return Err(Failure::OutOfFiles),
-        Ok(Err(e)) => return Err(Failure::Connect(upstream::error_chain(&*e))),
+        Ok(Err(e)) if upstream::never_sent(&*e) => {
+            return Err(Failure::Connect(upstream::error_chain(&*e)));
+        }
+        Ok(Err(e)) => return Err(Failure::Lost(upstream::error_chain(&*e))),
         Ok(Ok(response)) => response,
     };
     let (head, mut upstream) = upstream.into_parts();
@@ -1041,7 +1054,8 @@ async fn attempt(
             let chunk =
                 match within(sleeps, || first_byte, upstream::next_chunk(&mut upstream)).await {
                     Err(_) => return Err(timed_out),
-                    Ok(Err(e)) => return Err(Failure::Connect(upstream::error_chain(&*e))),
+                    // The head came: the provider has the request.
+                    Ok(Err(e)) => return Err(Failure::Lost(upstream::error_chain(&*e))),
                     Ok(Ok(None)) => {
                         return Err(Failure::Invalid(
                             "the stream ended before its first event".into(),

@@ -170,7 +170,7 @@ pub(super) fn send(
                 Some(request) => {
                     Either::Right(Box::pin(connect_and_send(connector, uri, request, now)))
                 }
-                None => Either::Left(ready(Err(e.into_error().into()))),
+                None => Either::Left(ready(Err(Box::new(e.into_error()) as BoxError))),
             },
         })),
         OnKept::NoneReady(request) => {
@@ -186,8 +186,14 @@ async fn connect_and_send(
     request: Request<Full<Bytes>>,
     now: Instant,
 ) -> Result<Response<Incoming>, BoxError> {
-    let io = connector.clone().call(uri.clone()).await?;
-    let (mut sender, connection) = http1::handshake(io).await?;
+    let io = connector
+        .clone()
+        .call(uri.clone())
+        .await
+        .map_err(|e| NotSent(e.into()))?;
+    let (mut sender, connection) = http1::handshake(io)
+        .await
+        .map_err(|e| NotSent(e.into()))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "upstream connection failed");
@@ -201,7 +207,28 @@ async fn connect_and_send(
             kept.connections.push(Connection { sender, used: now });
         }
     });
-    answer.await.map_err(|e| e.into_error().into())
+    answer.await.map_err(|mut e| match e.take_message() {
+        // Closed before the request was written.
+        Some(_) => Box::new(NotSent(e.into_error().into())) as BoxError,
+        None => Box::new(e.into_error()),
+    })
+}
+
+/// An upstream call's error from before its request was written (the connection could not
+/// be made, or closed first): the provider never saw the request.
+#[derive(Debug)]
+pub(super) struct NotSent(pub(super) BoxError);
+
+impl std::fmt::Display for NotSent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for NotSent {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 /// What a backend's connections are kept by: its URI's `host:port`.
