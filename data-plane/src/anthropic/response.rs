@@ -382,15 +382,15 @@ pub fn completion_to_message(completion: &Value) -> Result<Value, Untranslatable
     let choice = completion.pointer("/choices/0");
     let reply = choice.and_then(|c| c.get("message"));
     let mut content = Vec::new();
-    let text = reply
-        .and_then(|m| m.get("content"))
-        .and_then(content_text)
-        .or_else(|| {
-            reply
-                .and_then(|m| m.get("refusal"))
-                .and_then(Value::as_str)
-                .map(Cow::Borrowed)
-        })
+    let said = reply.and_then(|m| m.get("content")).and_then(content_text);
+    let refusal = reply
+        .and_then(|m| m.get("refusal"))
+        .and_then(Value::as_str)
+        .filter(|refusal| !refusal.is_empty());
+    // The model refused (OpenAI's structured outputs: `refusal` with `finish_reason: stop`).
+    let refused = said.is_none() && refusal.is_some();
+    let text = said
+        .or_else(|| refusal.map(Cow::Borrowed))
         .unwrap_or_default();
     if !text.is_empty() {
         content.push(json!({"type": "text", "text": text}));
@@ -405,12 +405,17 @@ pub fn completion_to_message(completion: &Value) -> Result<Value, Untranslatable
         .and_then(Value::as_str);
     for (k, call) in calls.iter().enumerate() {
         let function = call.get("function");
-        let arguments = function
-            .and_then(|f| f.get("arguments"))
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let input = tool_input(arguments, k);
-        let whole = input.is_ok() && !arguments.trim().is_empty();
+        let (input, whole) = match function.and_then(|f| f.get("arguments")) {
+            Some(Value::String(arguments)) => {
+                let input = tool_input(arguments, k);
+                let whole = input.is_ok() && !arguments.trim().is_empty();
+                (input, whole)
+            }
+            // Written as the object itself, as some servers do.
+            Some(object @ Value::Object(_)) => (Ok(object.clone()), true),
+            None | Some(Value::Null) => (tool_input("", k), false),
+            Some(_) => (tool_input("[]", k), false),
+        };
         if cut_off(finish, k + 1 == calls.len(), whole) {
             continue;
         }
@@ -424,7 +429,10 @@ pub fn completion_to_message(completion: &Value) -> Result<Value, Untranslatable
             "input": input?,
         }));
     }
-    let stop = stop_reason_of(finish, !calls.is_empty());
+    let stop = match refused && calls.is_empty() {
+        true => "refusal",
+        false => stop_reason_of(finish, !calls.is_empty()),
+    };
     let usage = completion
         .get("usage")
         .map(openai_usage)
@@ -474,7 +482,12 @@ pub fn completion_to_message_in_shape(text: &str) -> Option<Vec<u8>> {
     let Completion {
         id,
         model,
-        reply: Reply { text: reply, calls },
+        reply:
+            Reply {
+                text: reply,
+                refused,
+                calls,
+            },
         finish,
         usage,
     } = serde_json::from_str(text).ok()?;
@@ -517,7 +530,10 @@ pub fn completion_to_message_in_shape(text: &str) -> Option<Vec<u8>> {
         Some(model) => string(&mut out, model),
         None => out.extend_from_slice(b"null"),
     }
-    let stop = stop_reason_of(finish.as_deref(), !calls.is_empty());
+    let stop = match refused && calls.is_empty() {
+        true => "refusal",
+        false => stop_reason_of(finish.as_deref(), !calls.is_empty()),
+    };
     out.extend_from_slice(b",\"role\":\"assistant\",\"stop_reason\":\"");
     out.extend_from_slice(stop.as_bytes());
     out.extend_from_slice(b"\",\"stop_sequence\":null,\"type\":\"message\",\"usage\":");
@@ -554,10 +570,12 @@ struct Completion<'a> {
     usage: Usage,
 }
 
-/// What the first choice's `message` says: its `content`, else its `refusal`, and its calls.
+/// What the first choice's `message` says: its `content`, else its `refusal` (`refused`: a
+/// refusal with no content), and its calls.
 #[derive(Default)]
 struct Reply<'a> {
     text: Option<Cow<'a, str>>,
+    refused: bool,
     calls: Vec<Call<'a>>,
 }
 
@@ -657,7 +675,9 @@ impl<'de> serde::Deserialize<'de> for Reply<'de> {
                     }
                     Ok(())
                 })?;
+                let refusal = refusal.filter(|Key(refusal)| !refusal.is_empty());
                 Ok(Reply {
+                    refused: content.is_none() && refusal.is_some(),
                     text: content.or(refusal).map(|Key(text)| text),
                     calls: calls.unwrap_or_default(),
                 })
@@ -851,6 +871,45 @@ mod tests {
         assert_eq!(stop_reason_of(Some("tool_calls"), true), "tool_use");
         assert_eq!(stop_reason_of(Some("stop"), true), "tool_use");
         assert_eq!(stop_reason_of(Some("length"), true), "max_tokens");
+    }
+
+    /// A refusal with no content (OpenAI's structured outputs: `finish_reason: stop`) ends the
+    /// turn as Anthropic's does, `refusal`, whole or read in its shape; a refusal beside
+    /// content is not one.
+    #[test]
+    fn a_refusal_ends_the_turn_as_a_refusal() {
+        let refused = r#"{"id":"chatcmpl-9","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":null,"refusal":"I can't help with that."},"finish_reason":"stop"}]}"#;
+        let message = completion_to_message(&serde_json::from_str(refused).unwrap()).unwrap();
+        assert_eq!(message["stop_reason"], "refusal");
+        assert_eq!(
+            message["content"],
+            json!([{"type": "text", "text": "I can't help with that."}])
+        );
+        let in_shape: Value =
+            serde_json::from_slice(&completion_to_message_in_shape(refused).unwrap()).unwrap();
+        assert_eq!(in_shape, message);
+        let answered = refused.replace(r#""content":null"#, r#""content":"Sure.""#);
+        let message = completion_to_message(&serde_json::from_str(&answered).unwrap()).unwrap();
+        assert_eq!(message["stop_reason"], "end_turn");
+    }
+
+    /// Arguments written as the object itself, as some servers write them, are the block's
+    /// input, not `{}`; any other value that is not a string is refused.
+    #[test]
+    fn arguments_written_as_an_object_are_the_input() {
+        let call = |arguments: Value| {
+            json!({"id": "c", "model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "Read", "arguments": arguments}}
+            ]}, "finish_reason": "tool_calls"}]})
+        };
+        let message = completion_to_message(&call(json!({"path": "a.txt"}))).unwrap();
+        assert_eq!(message["content"][0]["input"], json!({"path": "a.txt"}));
+        assert_eq!(message["stop_reason"], "tool_use");
+        assert!(completion_to_message(&call(json!([1]))).is_err());
+        assert_eq!(
+            completion_to_message(&call(Value::Null)).unwrap()["content"][0]["input"],
+            json!({})
+        );
     }
 
     /// Values a `usage` figure may hold: counts, and what is read as 0.

@@ -519,6 +519,8 @@ pub struct EventsFromChunks {
     next_block: u64,
     pending: Option<Pending>,
     tool_used: bool,
+    /// A refusal's text was streamed (OpenAI's `delta.refusal`): the turn ends `refusal`.
+    refused: bool,
     finish: Option<String>,
     usage: Option<Usage>,
 }
@@ -615,7 +617,10 @@ impl EventsFromChunks {
                 .and_then(super::response::content_text)
                 .filter(|t| !t.is_empty())
         };
-        if let Some(text) = text("content").or_else(|| text("refusal")) {
+        let said = text("content");
+        let refusal = said.is_none().then(|| text("refusal")).flatten();
+        self.refused |= refusal.is_some();
+        if let Some(text) = said.or(refusal) {
             self.open_text(out);
             let index = self.next_block - 1;
             out.push(anthropic_frame(&json!({
@@ -683,7 +688,11 @@ impl EventsFromChunks {
         let id = text(call.get("id"));
         let function = call.get("function");
         let name = text(function.and_then(|f| f.get("name")));
-        let arguments = text(function.and_then(|f| f.get("arguments")));
+        let arguments = match function.and_then(|f| f.get("arguments")) {
+            // Written as the object itself, as some servers do: its JSON text is the piece.
+            Some(object @ Value::Object(_)) => object.to_string(),
+            arguments => text(arguments),
+        };
         if self.open == Some(Open::Tool(index)) && same_call(&self.open_id, &id) {
             if self.open_id.is_empty() {
                 self.open_id = id;
@@ -762,7 +771,10 @@ impl EventsFromChunks {
         self.close(out);
         // A call cut off by the token limit was sent as far as it came: `max_tokens`, not
         // `tool_use`, tells the client its input is not whole.
-        let stop = stop_reason_of(self.finish.as_deref(), self.tool_used);
+        let stop = match self.refused && !self.tool_used {
+            true => "refusal",
+            false => stop_reason_of(self.finish.as_deref(), self.tool_used),
+        };
         let usage = self.usage.unwrap_or_default();
         out.push(anthropic_frame(&json!({
             "type": "message_delta",
@@ -1313,6 +1325,68 @@ mod tests {
                 prop_assert_eq!(fast.usage(), whole.usage());
             }
         }
+    }
+
+    /// The events a Messages client is sent for `chunks` (each chunk's JSON), `[DONE]` last.
+    fn translated(chunks: &[Value]) -> Vec<Value> {
+        let mut translation = EventsFromChunks::default();
+        let mut frames = Vec::new();
+        for chunk in chunks
+            .iter()
+            .map(Value::to_string)
+            .chain(["[DONE]".to_owned()])
+        {
+            let event = Event {
+                event: None,
+                data: chunk,
+                id: None,
+            };
+            translation.push(&event, &mut frames);
+        }
+        frames
+            .iter()
+            .map(|frame| {
+                let text = std::str::from_utf8(frame).unwrap();
+                let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+                serde_json::from_str(data).unwrap()
+            })
+            .collect()
+    }
+
+    /// A streamed refusal (`delta.refusal`) ends the turn `refusal`, as Anthropic's does;
+    /// arguments a server streams as the object itself reach the client as its JSON.
+    #[test]
+    fn a_streamed_refusal_ends_as_one_and_object_arguments_are_sent() {
+        let chunk = |delta: Value, finish: Value| {
+            json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        };
+        let events = translated(&[
+            chunk(json!({"role": "assistant", "content": null, "refusal": ""}), Value::Null),
+            chunk(json!({"refusal": "I can't"}), Value::Null),
+            chunk(json!({"refusal": " help."}), json!("stop")),
+        ]);
+        let stop = events
+            .iter()
+            .find(|e| e["type"] == "message_delta")
+            .unwrap();
+        assert_eq!(stop["delta"]["stop_reason"], "refusal", "{events:?}");
+
+        let events = translated(&[chunk(
+            json!({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                   "function": {"name": "Read", "arguments": {"path": "a.txt"}}}]}),
+            json!("tool_calls"),
+        )]);
+        let input: String = events
+            .iter()
+            .filter(|e| e["delta"]["type"] == "input_json_delta")
+            .map(|e| e["delta"]["partial_json"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            serde_json::from_str::<Value>(&input).unwrap(),
+            json!({"path": "a.txt"}),
+            "{events:?}"
+        );
     }
 
     /// Text deltas and pieces of a tool's input as Anthropic streams them are read in their
