@@ -884,16 +884,17 @@ fn hold_deadline(
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|t| t.as_bytes() == b"text/event-stream");
     let large = !stream && http_body::Body::size_hint(response.body()).lower() > LARGE_ANSWER_BYTES;
-    let held = (stream || h2 || large)
-        .then(|| store.load())
-        .flatten()
-        .map(|snapshot| {
-            let mut until = arrived + snapshot.policy.request_timeout;
-            if !stream {
-                until = until.max(tokio::time::Instant::now() + write_timeout);
-            }
-            deadline.hold(until + deadline::GRACE)
-        });
+    let held = (stream || h2 || large).then(|| {
+        let answered = tokio::time::Instant::now() + write_timeout;
+        let until = match store.load() {
+            Some(snapshot) if stream => arrived + snapshot.policy.request_timeout,
+            Some(snapshot) => (arrived + snapshot.policy.request_timeout).max(answered),
+            // Before the first snapshot: only the replica's own answers, held by the write
+            // timeout (no deadline held, an h2 client granting no window kept them for good).
+            None => answered,
+        };
+        deadline.hold(until + deadline::GRACE)
+    });
     response.map(|body| deadline::Holding::new(body, held, memory))
 }
 

@@ -906,6 +906,49 @@ async fn answer_bounds_below_the_largest_answer_are_refused_at_start() {
     }
 }
 
+/// Before its first snapshot a replica answers only for itself (503 not ready), and on
+/// HTTP/2 such an answer to a client that grants its stream no flow-control window is held by
+/// the write timeout as every other held answer is: it held no deadline at all, so such
+/// clients could keep the answers, and the pool they take, for the connection's life (a
+/// replica started while its control plane is unreachable).
+#[tokio::test]
+async fn an_h2_answer_made_before_the_first_snapshot_is_held_no_longer_than_the_write_timeout() {
+    let mut config = sluice_proxy::Config::new("http://127.0.0.1:1", "127.0.0.1:0".parse().unwrap());
+    config.write_timeout = std::time::Duration::from_secs(1);
+    let proxy = sluice_proxy::Proxy::bind(config).await.unwrap();
+    let addr = proxy.local_addr();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(proxy.serve(async move {
+        let _ = stopped.await;
+    }));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    let request = http::Request::get(format!("http://{addr}/v1/models"))
+        .header("authorization", format!("Bearer {KEY}"))
+        .body(())
+        .unwrap();
+    let (answer, _stream) = send.send_request(request, true).unwrap();
+    let head = tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+        .await
+        .expect("a head within 10 s")
+        .unwrap();
+    assert_eq!(head.status(), 503);
+    // The write timeout (1 s) and the deadline's grace (1 s) pass: the replica closes the
+    // connection holding the unread answer.
+    tokio::time::timeout(std::time::Duration::from_secs(8), connection)
+        .await
+        .expect("the connection closed by the replica within 8 s")
+        .unwrap()
+        .ok();
+    drop(head);
+}
+
 /// A request sent on an HTTP/2 connection that grants its streams no flow-control window:
 /// the proxy holds the whole answer (once read from the upstream) while the stream lives.
 async fn asked_and_unread(
