@@ -371,3 +371,41 @@ async fn a_models_cooldown_is_its_own_and_a_reset_can_end_it_alone() {
             .is_empty()
     );
 }
+
+/// A reset of the whole backend is a reset of each model it serves too, a model without a
+/// state yet included: a 429 seen before the reset and reported after it (by a replica cut
+/// off meanwhile) is absorbed, and starts no cooldown of its model.
+#[tokio::test]
+async fn a_backends_reset_absorbs_a_models_429_seen_before_it() {
+    let mut s = Setup::start().await;
+    s.until(|b| b.cooldown_epoch == 0).await;
+    s.cp.admin_client()
+        .await
+        .unwrap()
+        .reset_cooldown(pb::ResetCooldownRequest {
+            backend_id: "a".into(),
+            model: String::new(),
+        })
+        .await
+        .unwrap();
+    s.until(|b| b.cooldown_epoch == 1).await;
+    // Seen 30 s ago, before the reset, by a replica that knew epoch 0 of the model.
+    let late = pb::BackendEvent {
+        model: "m".into(),
+        age: Some(Duration::from_secs(30).into()),
+        ..s.event(pb::BackendEventKind::RateLimited, 0)
+    };
+    s.report("replica-1", vec![late]).await;
+    // A later change of the backend shows the report was applied (or absorbed) meanwhile.
+    s.report(
+        "replica-2",
+        vec![s.event(pb::BackendEventKind::RateLimited, 1)],
+    )
+    .await;
+    let b = s.until(|b| b.cooldown_epoch >= 2).await;
+    let m = b.model_cooldowns.iter().find(|m| m.model == "m");
+    assert!(
+        m.is_some_and(|m| m.consecutive_failures == 0 && m.cooldown_remaining.is_none()),
+        "{b:?}"
+    );
+}

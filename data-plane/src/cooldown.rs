@@ -384,6 +384,27 @@ impl CooldownTracker {
         }
     }
 
+    /// The state a stream sent at `before` is judged at once its first event has come (which
+    /// may have ended a streak): each of the backend's and the model's states as it is now,
+    /// unless that one cools down (then as `before`: the stream's end is no news of a state
+    /// that others' failures have moved on). Each apart: a 429 for the model an instant
+    /// later must not take the backend's back to before the first event.
+    pub fn restate(&self, backend_id: &str, model: &str, before: Basis, now: Instant) -> Basis {
+        let entries = self.lock();
+        let Some(cooling) = entries.get(backend_id) else {
+            return before;
+        };
+        let now_or_before = |entry: Option<&Entry>, before: At| match entry {
+            Some(entry) if entry.view.cooling_until(now).is_none() => entry.basis(),
+            Some(_) => before,
+            None => At::default(),
+        };
+        Basis {
+            backend: now_or_before(Some(&cooling.backend), before.backend),
+            model: now_or_before(cooling.models.get(model), before.model),
+        }
+    }
+
     /// The backend's own state as this replica acts on it.
     pub fn view(&self, backend_id: &str) -> FleetCooldown {
         self.lock()
@@ -1074,6 +1095,47 @@ mod tests {
         );
         assert_eq!(tracker.model_view("b", "m"), FleetCooldown::default());
         assert!(tracker.check("b", "m", after.instant).is_ok());
+    }
+
+    /// A stream's end is judged at the state its first event left, each of the backend's and
+    /// the model's apart: the model cooling an instant after the first event (another
+    /// request's 429) leaves the backend's state as the first event left it, so the stream
+    /// breaking then still counts against the backend.
+    #[tokio::test(start_paused = true)]
+    async fn a_streams_end_is_judged_at_the_state_its_first_event_left() {
+        let policy = CooldownPolicy {
+            failure_threshold: 1,
+            ..POLICY
+        };
+        let tracker = CooldownTracker::new();
+        let start = Now::read();
+        let limited = Outcome::RateLimited {
+            retry_after: None,
+            scope: Scope::Backend,
+        };
+        let basis = tracker.check("b", "m", start.instant).unwrap();
+        tracker.record("b", "m", basis, &policy, limited, start).unwrap();
+        let now = later(start, Duration::from_secs(2));
+        let before = tracker.check("b", "m", now.instant).unwrap();
+        // The stream's first event ends the backend's streak ...
+        let ended = tracker.record_at("b", "m", before, &policy, Outcome::Answering, || now);
+        assert_eq!(ended.len(), 1);
+        // ... and another request's 429 for the model cools the model.
+        let of_model = Outcome::RateLimited {
+            retry_after: None,
+            scope: Scope::Model,
+        };
+        tracker.record("b", "m", before, &policy, of_model, now).unwrap();
+        assert!(tracker.check("b", "m", now.instant).is_err());
+        // The stream breaks: the backend's failure, at the state its first event left.
+        let at = tracker.restate("b", "m", before, now.instant);
+        let broken = Outcome::Failure {
+            retry_after: None,
+            scope: Scope::Backend,
+        };
+        let event = tracker.record("b", "m", at, &policy, broken, now).unwrap();
+        assert_eq!(event.kind, BackendEventKind::Failing as i32);
+        assert!(tracker.check("b", "n", now.instant).is_err());
     }
 
     #[test]

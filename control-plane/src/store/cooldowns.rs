@@ -73,10 +73,14 @@ impl Store {
             let tx = conn.transaction()?;
             let id = resolve_backend_id(&tx, &backend)?;
             let models = if model.is_empty() {
+                // Every model it has a state of, and every model it serves: a 429 seen before
+                // the reset and reported after it (a replica cut off meanwhile) is absorbed
+                // by the reset's epoch, for a model that had no state yet too.
                 let mut models = vec![String::new()];
                 models.extend(
                     tx.prepare_cached(
-                        "SELECT model FROM cooldowns WHERE backend_id = ?1 AND model != ''",
+                        "SELECT model FROM cooldowns WHERE backend_id = ?1 AND model != ''
+                         UNION SELECT upstream_name FROM backend_models WHERE backend_id = ?1",
                     )?
                     .query_map(params![id], |r| r.get(0))?
                     .collect::<Result<Vec<String>, _>>()?,

@@ -729,11 +729,12 @@ pub(super) async fn forward_call(
                 // cooled down past the base).
                 let health = matches!(answer, Answer::Stream { .. }).then(|| {
                     let now = app.store.clock().now().instant;
-                    let basis = app
-                        .store
-                        .cooldowns()
-                        .check(&backend.id, &route.upstream_model, now)
-                        .unwrap_or(basis);
+                    let basis = app.store.cooldowns().restate(
+                        &backend.id,
+                        &route.upstream_model,
+                        basis,
+                        now,
+                    );
                     StreamHealth::new(app, backend, &route.upstream_model, basis, policy.cooldown)
                 });
                 return deliver(app, answer, acct, mode, &policy, deadline, health).await;
