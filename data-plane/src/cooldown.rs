@@ -1114,7 +1114,9 @@ mod tests {
             scope: Scope::Backend,
         };
         let basis = tracker.check("b", "m", start.instant).unwrap();
-        tracker.record("b", "m", basis, &policy, limited, start).unwrap();
+        tracker
+            .record("b", "m", basis, &policy, limited, start)
+            .unwrap();
         let now = later(start, Duration::from_secs(2));
         let before = tracker.check("b", "m", now.instant).unwrap();
         // The stream's first event ends the backend's streak ...
@@ -1125,7 +1127,9 @@ mod tests {
             retry_after: None,
             scope: Scope::Model,
         };
-        tracker.record("b", "m", before, &policy, of_model, now).unwrap();
+        tracker
+            .record("b", "m", before, &policy, of_model, now)
+            .unwrap();
         assert!(tracker.check("b", "m", now.instant).is_err());
         // The stream breaks: the backend's failure, at the state its first event left.
         let at = tracker.restate("b", "m", before, now.instant);

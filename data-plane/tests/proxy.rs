@@ -913,8 +913,10 @@ async fn answer_bounds_below_the_largest_answer_are_refused_at_start() {
 /// replica started while its control plane is unreachable).
 #[tokio::test]
 async fn an_h2_answer_made_before_the_first_snapshot_is_held_no_longer_than_the_write_timeout() {
-    let mut config = sluice_proxy::Config::new("http://127.0.0.1:1", "127.0.0.1:0".parse().unwrap());
+    let mut config =
+        sluice_proxy::Config::new("http://127.0.0.1:1", "127.0.0.1:0".parse().unwrap());
     config.write_timeout = std::time::Duration::from_secs(1);
+    config.dataplane_token = Some(sluice_proxy::config::Secret("t".repeat(32)));
     let proxy = sluice_proxy::Proxy::bind(config).await.unwrap();
     let addr = proxy.local_addr();
     let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1075,7 +1077,7 @@ async fn ready_only_with_a_snapshot() {
     use support::control_plane::{FakeControlPlane, TOKEN};
     let cp = FakeControlPlane::start().await;
     let mut config = sluice_proxy::Config::new(cp.url(), "127.0.0.1:0".parse().unwrap());
-    config.dataplane_token = Some(sluice_proxy::config::Secret(TOKEN.into()));
+    config.dataplane_token = Some(sluice_proxy::config::Secret("t".repeat(32)));
     let proxy = sluice_proxy::Proxy::bind(config).await.unwrap();
     let addr = proxy.local_addr();
     let store = proxy.store();

@@ -482,12 +482,11 @@ pub fn completion_to_message_in_shape(text: &str) -> Option<Vec<u8>> {
     let Completion {
         id,
         model,
-        reply:
-            Reply {
-                text: reply,
-                refused,
-                calls,
-            },
+        reply: Reply {
+            text: reply,
+            refused,
+            calls,
+        },
         finish,
         usage,
     } = serde_json::from_str(text).ok()?;

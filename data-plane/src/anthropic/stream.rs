@@ -1362,7 +1362,10 @@ mod tests {
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
         };
         let events = translated(&[
-            chunk(json!({"role": "assistant", "content": null, "refusal": ""}), Value::Null),
+            chunk(
+                json!({"role": "assistant", "content": null, "refusal": ""}),
+                Value::Null,
+            ),
             chunk(json!({"refusal": "I can't"}), Value::Null),
             chunk(json!({"refusal": " help."}), json!("stop")),
         ]);

@@ -747,7 +747,10 @@ pub(super) async fn forward_call(
                     Failure::OutOfFiles => acct.attempt_unsent(),
                     _ => acct.attempt_failed(matches!(
                         failure,
-                        Failure::Timeout | Failure::Deadline | Failure::Cut { .. } | Failure::Lost(_)
+                        Failure::Timeout
+                            | Failure::Deadline
+                            | Failure::Cut { .. }
+                            | Failure::Lost(_)
                     )),
                 }
                 let retry = failure.retryable(&policy);

@@ -191,9 +191,7 @@ async fn connect_and_send(
         .call(uri.clone())
         .await
         .map_err(|e| NotSent(e.into()))?;
-    let (mut sender, connection) = http1::handshake(io)
-        .await
-        .map_err(|e| NotSent(e.into()))?;
+    let (mut sender, connection) = http1::handshake(io).await.map_err(|e| NotSent(e.into()))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "upstream connection failed");
