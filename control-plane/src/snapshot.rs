@@ -570,6 +570,7 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                 affinity_keys,
                 share_holders,
                 database_id,
+                model_cooldowns: true,
             })
         })
         .await
@@ -619,6 +620,7 @@ mod tests {
                 secret: vec![7; 32],
             }],
             database_id: "database".into(),
+            model_cooldowns: true,
         }
     }
 

@@ -343,6 +343,10 @@ pub struct CooldownTracker {
     /// Looked up twice per request: hashed with foldhash, not SipHash. The ids are the
     /// control plane's, never a client's, and the models those of its routes.
     entries: Mutex<foldhash::HashMap<String, Cooling>>,
+    /// Whether the control plane keeps no cooldown per model (the last snapshot's
+    /// `model_cooldowns` unset): under such a one a model's 429 is reported, and kept, as the
+    /// backend's, as that control plane applies every report to the backend.
+    models_together: std::sync::atomic::AtomicBool,
 }
 
 /// A model's cooldown state at a backend, as a snapshot carries it.
@@ -485,9 +489,12 @@ impl CooldownTracker {
                 events
             }
             Some(scope) => {
+                let models_apart = !self
+                    .models_together
+                    .load(std::sync::atomic::Ordering::Relaxed);
                 let cooling = entries.entry(backend_id.to_owned()).or_default();
                 let (entry, model, basis) = match scope {
-                    Scope::Model if !model.is_empty() => (
+                    Scope::Model if models_apart && !model.is_empty() => (
                         cooling.models.entry(model.to_owned()).or_default(),
                         model,
                         basis.model,
@@ -519,16 +526,22 @@ impl CooldownTracker {
     }
 
     /// Takes a newly swapped-in snapshot's states, each backend's with those of its models
-    /// (see the module docs). Backends no longer in the snapshot are forgotten; a model's
+    /// (see the module docs), from a control plane that keeps models' states (`models_apart`)
+    /// or not. Backends no longer in the snapshot are forgotten, and so are models a backend
+    /// no longer `serves` (their reports dropped: the control plane drops them too); a model's
     /// state the snapshot leaves out is the initial one.
     pub fn observe_snapshot<'a, M>(
         &self,
+        models_apart: bool,
         backends: impl IntoIterator<Item = (&'a str, FleetCooldown, M)>,
+        serves: impl Fn(&str, &str) -> bool,
         policy: &CooldownPolicy,
         now: Instant,
     ) where
         M: IntoIterator<Item = ModelCooldown<'a>>,
     {
+        self.models_together
+            .store(!models_apart, std::sync::atomic::Ordering::Relaxed);
         let mut entries = self.lock();
         let mut seen = HashSet::new();
         for (id, fleet, models) in backends {
@@ -549,7 +562,9 @@ impl CooldownTracker {
                     entry.observe(FleetCooldown::default(), policy, now);
                 }
             }
-            cooling.models.retain(|_, entry| !entry.is_initial());
+            cooling
+                .models
+                .retain(|model, entry| !entry.is_initial() && serves(id, model));
         }
         entries.retain(|id, _| seen.contains(id.as_str()));
     }
@@ -932,7 +947,7 @@ mod tests {
             .record("b", "", FIRST, &POLICY, LIMITED, now)
             .unwrap();
         // Built before the control plane got the event: the local cooldown stays.
-        tracker.observe_snapshot([("b", fleet, [])], &POLICY, now.instant);
+        tracker.observe_snapshot(true, [("b", fleet, [])], |_, _| true, &POLICY, now.instant);
         assert_eq!(left(&tracker, now), Duration::from_secs(1));
         assert_eq!(tracker.unacknowledged_events(now.instant).len(), 1);
         // Another replica's 429 of the same burst got there first; ours is absorbed.
@@ -950,12 +965,24 @@ mod tests {
         );
         control_plane(&mut fleet, &[ev], other);
         assert_eq!(fleet.run, Some((Whose::Another, 0)));
-        tracker.observe_snapshot([("b", fleet, [])], &POLICY, other.instant);
+        tracker.observe_snapshot(
+            true,
+            [("b", fleet, [])],
+            |_, _| true,
+            &POLICY,
+            other.instant,
+        );
         assert_eq!(tracker.view("b"), fleet, "the control plane's decision");
         assert!(tracker.unacknowledged_events(other.instant).is_empty());
         // An admin reset: the next snapshot has a new epoch and no cooldown.
         fleet.reset(other.instant);
-        tracker.observe_snapshot([("b", fleet, [])], &POLICY, other.instant);
+        tracker.observe_snapshot(
+            true,
+            [("b", fleet, [])],
+            |_, _| true,
+            &POLICY,
+            other.instant,
+        );
         assert_eq!(left(&tracker, other), Duration::ZERO);
         assert_eq!(tracker.view("b").streak, 0);
     }
@@ -979,11 +1006,11 @@ mod tests {
         assert_eq!(positions, [0, 1, 2]);
         // Back in touch: the first two arrive, then a snapshot.
         control_plane(&mut fleet, &events[..2], now);
-        tracker.observe_snapshot([("b", fleet, [])], &POLICY, now.instant);
+        tracker.observe_snapshot(true, [("b", fleet, [])], |_, _| true, &POLICY, now.instant);
         assert_eq!(tracker.view("b").streak, 3, "the third is still pending");
         assert_eq!(tracker.unacknowledged_events(now.instant).len(), 1);
         control_plane(&mut fleet, &events[2..], now);
-        tracker.observe_snapshot([("b", fleet, [])], &POLICY, now.instant);
+        tracker.observe_snapshot(true, [("b", fleet, [])], |_, _| true, &POLICY, now.instant);
         assert_eq!(tracker.view("b"), fleet);
         assert_eq!(fleet.streak, 3);
         assert!(tracker.unacknowledged_events(now.instant).is_empty());
@@ -1000,7 +1027,7 @@ mod tests {
             since: None,
             run: Some((Whose::Another, 6)),
         };
-        tracker.observe_snapshot([("b", fleet, [])], &POLICY, now.instant);
+        tracker.observe_snapshot(true, [("b", fleet, [])], |_, _| true, &POLICY, now.instant);
         assert_eq!(
             tracker.check("b", "", now.instant),
             Err(fleet.until.unwrap())
@@ -1077,7 +1104,9 @@ mod tests {
             run: Some((Whose::Another, 8)),
         };
         tracker.observe_snapshot(
+            true,
             [("b", FleetCooldown::default(), [("m", fleet)])],
+            |_, _| true,
             &POLICY,
             after.instant,
         );
@@ -1089,12 +1118,56 @@ mod tests {
         // Left out of a snapshot (a reset to the initial state, the model taken off the
         // backend): forgotten.
         tracker.observe_snapshot(
+            true,
             [("b", FleetCooldown::default(), [])],
+            |_, _| true,
             &POLICY,
             after.instant,
         );
         assert_eq!(tracker.model_view("b", "m"), FleetCooldown::default());
         assert!(tracker.check("b", "m", after.instant).is_ok());
+    }
+
+    /// Under a control plane that keeps no state per model (its snapshots do not say
+    /// `model_cooldowns`), a model's 429 is the backend's, as that control plane applies it;
+    /// and a model a backend no longer serves is forgotten with its reports, which the
+    /// control plane drops too.
+    #[tokio::test(start_paused = true)]
+    async fn a_models_429_is_the_backends_under_an_older_control_plane() {
+        let tracker = CooldownTracker::new();
+        let now = Now::read();
+        let of_model = Outcome::RateLimited {
+            retry_after: None,
+            scope: Scope::Model,
+        };
+        tracker.observe_snapshot(
+            false,
+            [("b", FleetCooldown::default(), [])],
+            |_, _| true,
+            &POLICY,
+            now.instant,
+        );
+        let basis = tracker.check("b", "m", now.instant).unwrap();
+        let ev = tracker
+            .record("b", "m", basis, &POLICY, of_model, now)
+            .unwrap();
+        assert_eq!(ev.model, "");
+        assert!(tracker.check("b", "n", now.instant).is_err());
+
+        let tracker = CooldownTracker::new();
+        let basis = tracker.check("b", "m", now.instant).unwrap();
+        tracker
+            .record("b", "m", basis, &POLICY, of_model, now)
+            .unwrap();
+        tracker.observe_snapshot(
+            true,
+            [("b", FleetCooldown::default(), [])],
+            |_, model| model != "m",
+            &POLICY,
+            now.instant,
+        );
+        assert_eq!(tracker.model_view("b", "m"), FleetCooldown::default());
+        assert!(tracker.unacknowledged_events(now.instant).is_empty());
     }
 
     /// A stream's end is judged at the state its first event left, each of the backend's and

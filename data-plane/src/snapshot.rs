@@ -418,6 +418,9 @@ pub struct Snapshot {
     /// The database it was built from (empty from a control plane that predates the id): a
     /// snapshot of another database is refused ([`SnapshotError::OtherDatabase`]).
     pub database_id: String,
+    /// Whether its control plane keeps a cooldown per model at a backend
+    /// ([`crate::cooldown`]): under one that does not, a 429 is reported as the backend's.
+    pub model_cooldowns: bool,
     pub version: u64,
     pub nonce: String,
     pub created: Option<SystemTime>,
@@ -703,6 +706,7 @@ impl Snapshot {
             affinity: Arc::new(affinity),
             epoch: message.epoch,
             database_id: message.database_id,
+            model_cooldowns: message.model_cooldowns,
             version: message.version,
             nonce: message.nonce,
             created: message.create_time.as_ref().and_then(system_time),
@@ -1071,7 +1075,17 @@ impl SnapshotStore {
                 Whose::Another
             }
         };
+        // The models each backend serves: a model's state at a backend that no longer serves
+        // it is forgotten, its reports the control plane drops with it.
+        let mut served: HashMap<&str, HashSet<&str>> = HashMap::new();
+        for route in next.routes.values().flatten() {
+            served
+                .entry(next.backends[route.backend].id.as_str())
+                .or_default()
+                .insert(route.upstream_model.as_str());
+        }
         self.cooldowns.observe_snapshot(
+            next.model_cooldowns,
             next.backends.iter().map(|b| {
                 let fleet = |cooldown: FleetCooldown, run: &Option<(String, u64)>| {
                     let run = run.as_ref().map(|(by, basis)| (whose(by), *basis));
@@ -1085,6 +1099,11 @@ impl SnapshotStore {
                         .map(move |m| (m.model.as_str(), fleet(m.cooldown, &m.run))),
                 )
             }),
+            |backend: &str, model: &str| {
+                served
+                    .get(backend)
+                    .is_some_and(|models| models.contains(model))
+            },
             &next.policy.cooldown,
             now.instant,
         );
@@ -1200,6 +1219,7 @@ pub(crate) mod tests {
             affinity_keys: vec![],
             share_holders: vec![],
             database_id: "db-1".into(),
+            model_cooldowns: true,
         }
     }
 

@@ -218,7 +218,9 @@ impl Fleet {
             Op::Snapshot { r } => {
                 let snapshot = self.snapshot(r);
                 self.replicas[r].tracker.observe_snapshot(
+                    true,
                     [(B, snapshot, [])],
+                    |_, _| true,
                     &POLICY,
                     now.instant,
                 );
@@ -244,9 +246,13 @@ impl Fleet {
         }
         let now = self.now().instant;
         for (r, replica) in self.replicas.iter().enumerate() {
-            replica
-                .tracker
-                .observe_snapshot([(B, self.snapshot(r), [])], &POLICY, now);
+            replica.tracker.observe_snapshot(
+                true,
+                [(B, self.snapshot(r), [])],
+                |_, _| true,
+                &POLICY,
+                now,
+            );
         }
         Ok(())
     }

@@ -1077,7 +1077,7 @@ async fn ready_only_with_a_snapshot() {
     use support::control_plane::{FakeControlPlane, TOKEN};
     let cp = FakeControlPlane::start().await;
     let mut config = sluice_proxy::Config::new(cp.url(), "127.0.0.1:0".parse().unwrap());
-    config.dataplane_token = Some(sluice_proxy::config::Secret("t".repeat(32)));
+    config.dataplane_token = Some(sluice_proxy::config::Secret(TOKEN.into()));
     let proxy = sluice_proxy::Proxy::bind(config).await.unwrap();
     let addr = proxy.local_addr();
     let store = proxy.store();

@@ -133,6 +133,7 @@ fn snapshot() -> pb::Snapshot {
             .collect(),
         epoch: "0".repeat(32),
         database_id: "0".repeat(32),
+        model_cooldowns: true,
         // More affinity keys than rotation ever keeps active.
         affinity_keys: (0..16)
             .map(|id| pb::AffinityKey {

@@ -1186,7 +1186,10 @@ fn out_of_credit(body: &[u8]) -> bool {
 /// each puts it (`error.code`, or `error.type` and `error.message`), not anywhere in the body.
 fn refuses_the_model(body: &[u8]) -> bool {
     let finder = |needle: &[u8]| memchr::memmem::find(body, needle).is_some();
-    if !finder(b"model_not_found") && !finder(b"DeploymentNotFound") && !finder(b"not_found_error")
+    if !finder(b"model_not_found")
+        && !finder(b"DeploymentNotFound")
+        && !finder(b"not_found_error")
+        && !finder(b"verified to use the model")
     {
         return false;
     }
@@ -1200,6 +1203,10 @@ fn refuses_the_model(body: &[u8]) -> bool {
     matches!(text("code"), Some("model_not_found" | "DeploymentNotFound"))
         || (text("type") == Some("not_found_error")
             && text("message").is_some_and(|m| m.starts_with("model:")))
+        // OpenAI's 403 for a model open only to verified organizations (`code: null`): a
+        // client's image tool call can draw it, and it is no refusal of the key.
+        || (text("code").is_none()
+            && text("message").is_some_and(|m| m.contains("must be verified to use the model")))
 }
 
 /// Whether a 400's body is the provider refusing the backend's own key: Google answers a
@@ -1870,6 +1877,7 @@ mod tests {
             r#"{"error":{"message":"Project `proj_x` does not have access to model `gpt-4.1`","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
             r#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist."}}"#,
             r#"{"type":"error","error":{"type":"not_found_error","message":"model: claude-x"}}"#,
+            r#"{"error":{"message":"Your organization must be verified to use the model `gpt-image-1`. Please go to: https://platform.openai.com/settings/organization/general and click on Verify Organization.","type":"invalid_request_error","param":null,"code":null}}"#,
         ] {
             assert!(refuses_the_model(refused.as_bytes()), "{refused}");
         }

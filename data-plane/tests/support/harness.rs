@@ -101,6 +101,8 @@ pub fn snapshot(version: u64, backends: Vec<proto::SnapshotBackend>) -> proto::S
         replica_count: 1,
         share_holders: Vec::new(),
         database_id: "database-1".into(),
+        // A control plane that keeps a cooldown per model, as every current one does.
+        model_cooldowns: true,
         epoch: "epoch-1".into(),
         affinity_keys: vec![proto::AffinityKey {
             id: 1,
