@@ -548,6 +548,11 @@ impl CooldownTracker {
             seen.insert(id);
             let cooling = entries.entry(id.to_owned()).or_default();
             cooling.backend.observe(fleet, policy, now);
+            if !models_apart {
+                // A control plane keeping no models' states (one rolled back to): nothing it
+                // would ever confirm, and its cooldowns are the backends'.
+                cooling.models.clear();
+            }
             let mut shown = HashSet::new();
             for (model, fleet) in models {
                 shown.insert(model);
@@ -1167,6 +1172,22 @@ mod tests {
             now.instant,
         );
         assert_eq!(tracker.model_view("b", "m"), FleetCooldown::default());
+        assert!(tracker.unacknowledged_events(now.instant).is_empty());
+
+        // Rolled back to a control plane that keeps no models' states: they are let go.
+        let basis = tracker.check("b", "m", now.instant).unwrap();
+        tracker
+            .record("b", "m", basis, &POLICY, of_model, now)
+            .unwrap();
+        assert!(tracker.check("b", "m", now.instant).is_err());
+        tracker.observe_snapshot(
+            false,
+            [("b", FleetCooldown::default(), [])],
+            |_, _| true,
+            &POLICY,
+            now.instant,
+        );
+        assert!(tracker.check("b", "m", now.instant).is_ok());
         assert!(tracker.unacknowledged_events(now.instant).is_empty());
     }
 

@@ -248,11 +248,22 @@ fn causes<'a>(
 /// request went out. Any other error, a connection that broke while the request was written
 /// or its answer awaited, may come after the provider took the request: it may be
 /// generating it, and bill it.
+///
+/// Never sent too, by HTTP's own word: a request hyper cancelled before writing it (its
+/// connection closed first), and an HTTP/2 stream the server refused unprocessed
+/// (`REFUSED_STREAM`) or left out of a graceful `GOAWAY` (as nginx, Envoy and Go servers send
+/// when they recycle a connection).
 pub fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
     causes(e).any(|e| {
         e.is::<pool::NotSent>()
             || e.downcast_ref::<hyper_util::client::legacy::Error>()
                 .is_some_and(hyper_util::client::legacy::Error::is_connect)
+            || e.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_canceled)
+            || e.downcast_ref::<h2::Error>().is_some_and(|e| {
+                e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR))
+            })
     })
 }
 

@@ -339,12 +339,31 @@ async fn a_timed_out_attempt_keeps_its_reserve_whatever_the_next_backend_answers
     cluster
         .add_backend("errors", &errors, pb::Pool::Primary, 1, &[("m", "m")])
         .await;
+    let (_proxy, answer) = first_answer_to_a_budgeted_key(&cluster, "timed-out").await;
+    assert!(answer.status().is_server_error(), "{answer:?}");
+    assert_eq!(
+        (
+            stalls.stats().await.requests.chat_completions,
+            errors.stats().await.requests.chat_completions
+        ),
+        (1, 1)
+    );
+    reserve_is_spent(&cluster, "timed-out").await;
+}
+
+/// The answer a replica gives a new key named `name` with a budget of 10, once it knows it,
+/// to a chat for `m` ("say hello to me"); with the replica, which reports its usage while it
+/// runs.
+async fn first_answer_to_a_budgeted_key(
+    cluster: &Cluster,
+    name: &str,
+) -> (common::Proxy, reqwest::Response) {
     let proxy = cluster.proxy_with(&["--allowance-wait=5s"]).await;
     let key = cluster
         .admin()
         .await
         .create_client_key(pb::CreateClientKeyRequest {
-            name: "timed-out".into(),
+            name: name.into(),
             max_budget: 10.0,
             ..Default::default()
         })
@@ -360,23 +379,39 @@ async fn a_timed_out_attempt_keeps_its_reserve_whatever_the_next_backend_answers
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert!(answer.status().is_server_error(), "{answer:?}");
-    assert_eq!(
-        (
-            stalls.stats().await.requests.chat_completions,
-            errors.stats().await.requests.chat_completions
-        ),
-        (1, 1)
-    );
+    (proxy, answer)
+}
+
+/// Waits until the key named `name` has spent the reserve of that chat.
+async fn reserve_is_spent(cluster: &Cluster, name: &str) {
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "say hello to me"}]});
     let reserve =
         (serde_json::to_vec(&body).unwrap().len() as u64).div_ceil(4) * INPUT_NANOS_PER_TOKEN;
     eventually(
         Duration::from_secs(10),
         "its reserve counted as spent",
-        || async { (key_state(&cluster, "timed-out").await.spend * 1e9).round() as u64 == reserve },
+        || async { (key_state(cluster, name).await.spend * 1e9).round() as u64 == reserve },
     )
     .await;
+}
+
+/// A connection that breaks after the request was written (the provider may be generating,
+/// and billing, the answer) keeps the request's reserve spent, as a timeout does; the client is
+/// told not to send it again.
+#[tokio::test]
+async fn a_connection_lost_after_sending_keeps_its_reserve_spent() {
+    let cluster = Cluster::start().await;
+    let resets = Mock::start("resets", &["m"]).await;
+    resets.set_faults(vec![Fault::Reset.always()]).await;
+    cluster
+        .add_backend("resets", &resets, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let (_proxy, answer) = first_answer_to_a_budgeted_key(&cluster, "lost").await;
+    assert_eq!(answer.status(), 502);
+    assert_eq!(answer.headers()["x-should-retry"], "false");
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_connection_lost", "{body}");
+    reserve_is_spent(&cluster, "lost").await;
 }
 
 /// A background response spends its tokens after its create returned, and a retrieve is

@@ -382,7 +382,11 @@ pub fn completion_to_message(completion: &Value) -> Result<Value, Untranslatable
     let choice = completion.pointer("/choices/0");
     let reply = choice.and_then(|c| c.get("message"));
     let mut content = Vec::new();
-    let said = reply.and_then(|m| m.get("content")).and_then(content_text);
+    // Empty content is none: a refusal beside it is the answer (as a stream's would be).
+    let said = reply
+        .and_then(|m| m.get("content"))
+        .and_then(content_text)
+        .filter(|text| !text.is_empty());
     let refusal = reply
         .and_then(|m| m.get("refusal"))
         .and_then(Value::as_str)
@@ -675,6 +679,7 @@ impl<'de> serde::Deserialize<'de> for Reply<'de> {
                     Ok(())
                 })?;
                 let refusal = refusal.filter(|Key(refusal)| !refusal.is_empty());
+                let content = content.filter(|Key(content)| !content.is_empty());
                 Ok(Reply {
                     refused: content.is_none() && refusal.is_some(),
                     text: content.or(refusal).map(|Key(text)| text),
@@ -886,6 +891,13 @@ mod tests {
         );
         let in_shape: Value =
             serde_json::from_slice(&completion_to_message_in_shape(refused).unwrap()).unwrap();
+        assert_eq!(in_shape, message);
+        // Empty content is no content: the refusal is the answer.
+        let empty = refused.replace(r#""content":null"#, r#""content":"""#);
+        let message = completion_to_message(&serde_json::from_str(&empty).unwrap()).unwrap();
+        assert_eq!(message["stop_reason"], "refusal");
+        let in_shape: Value =
+            serde_json::from_slice(&completion_to_message_in_shape(&empty).unwrap()).unwrap();
         assert_eq!(in_shape, message);
         let answered = refused.replace(r#""content":null"#, r#""content":"Sure.""#);
         let message = completion_to_message(&serde_json::from_str(&answered).unwrap()).unwrap();

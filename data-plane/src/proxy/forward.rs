@@ -139,6 +139,9 @@ enum Refusal {
     Unfunded,
     /// The model, to the backend's account.
     Model,
+    /// A model the request's tools call on (not the routed one), to the backend's account:
+    /// failed over, but counted against nothing, as the client's request drew it.
+    Feature,
 }
 
 impl Failure {
@@ -179,6 +182,11 @@ impl Failure {
                 retry_after: None,
                 scope: Scope::Model,
             },
+            // The backend answered; the client's tools asked for what its account lacks.
+            Self::Refused {
+                why: Refusal::Feature,
+                ..
+            } => Outcome::Success,
             _ => Outcome::Failure {
                 retry_after: None,
                 scope: Scope::Backend,
@@ -248,6 +256,13 @@ impl Failure {
                 why: Refusal::Model,
             } => format!(
                 "the model refused to the backend's account: status {}",
+                status.as_u16()
+            ),
+            Self::Refused {
+                status,
+                why: Refusal::Feature,
+            } => format!(
+                "a model the request's tools use refused to the backend's account: status {}",
                 status.as_u16()
             ),
             Self::Connect(e) => format!("connect: {e}"),
@@ -904,7 +919,7 @@ async fn answer_failure(
             ..
         } => error(acct, ProxyError::UpstreamUnfunded).await,
         Failure::Refused {
-            why: Refusal::Model,
+            why: Refusal::Model | Refusal::Feature,
             ..
         } => error(acct, ProxyError::UpstreamModelUnavailable).await,
         Failure::Invalid(_) => error(acct, ProxyError::UpstreamInvalid).await,
@@ -1027,10 +1042,7 @@ async fn attempt(
         let body = error_body(sleeps, upstream, policy, deadline).await;
         return Err(Failure::Refused {
             status,
-            why: match refuses_the_model(&body) {
-                true => Refusal::Model,
-                false => Refusal::Key,
-            },
+            why: refused_model(&body).unwrap_or(Refusal::Key),
         });
     }
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
@@ -1138,11 +1150,10 @@ async fn attempt(
     }
     // The model the operator routed here is unknown to the backend, or not open to its
     // account: the client asked for a model Sluice serves, so not the client's mistake.
-    if status == StatusCode::NOT_FOUND && refuses_the_model(&body) {
-        return Err(Failure::Refused {
-            status,
-            why: Refusal::Model,
-        });
+    if status == StatusCode::NOT_FOUND
+        && let Some(why) = refused_model(&body)
+    {
+        return Err(Failure::Refused { status, why });
     }
     if !status.is_success() {
         // A 4xx is passed on as it came, but for the key some providers quote in it.
@@ -1179,34 +1190,35 @@ fn out_of_credit(body: &[u8]) -> bool {
         .is_some_and(|message| message.contains(TOO_LOW))
 }
 
-/// Whether a 403's or 404's body is the provider refusing the model to the backend's
-/// account, not its key: OpenAI's `model_not_found` (403 "Project `proj_…` does not have
-/// access to model `gpt-4.1`", 404 "The model `x` does not exist or you do not have access to
-/// it"), Azure's `DeploymentNotFound`, Anthropic's `not_found_error` "model: x". Read where
-/// each puts it (`error.code`, or `error.type` and `error.message`), not anywhere in the body.
-fn refuses_the_model(body: &[u8]) -> bool {
+/// Whether a 403's or 404's body is the provider refusing a model to the backend's account,
+/// not its key: the routed model ([`Refusal::Model`]: OpenAI's `model_not_found`, 403 "Project
+/// `proj_…` does not have access to model `gpt-4.1`" or 404 "The model `x` does not exist or
+/// you do not have access to it"; Azure's `DeploymentNotFound`; Anthropic's `not_found_error`
+/// "model: x"), or one the request's tools call on (`Refusal::Feature`: OpenAI's 403 "must be
+/// verified to use the model `gpt-image-1`", `code: null`, which a client's image tool draws).
+/// Read where each provider puts it (`error.code`, or `error.type` and `error.message`), not
+/// anywhere in the body.
+fn refused_model(body: &[u8]) -> Option<Refusal> {
     let finder = |needle: &[u8]| memchr::memmem::find(body, needle).is_some();
     if !finder(b"model_not_found")
         && !finder(b"DeploymentNotFound")
         && !finder(b"not_found_error")
         && !finder(b"verified to use the model")
     {
-        return false;
+        return None;
     }
-    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return false;
-    };
-    let Some(error) = value.get("error") else {
-        return false;
-    };
+    let value = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    let error = value.get("error")?;
     let text = |member: &str| error.get(member).and_then(serde_json::Value::as_str);
-    matches!(text("code"), Some("model_not_found" | "DeploymentNotFound"))
+    if matches!(text("code"), Some("model_not_found" | "DeploymentNotFound"))
         || (text("type") == Some("not_found_error")
             && text("message").is_some_and(|m| m.starts_with("model:")))
-        // OpenAI's 403 for a model open only to verified organizations (`code: null`): a
-        // client's image tool call can draw it, and it is no refusal of the key.
-        || (text("code").is_none()
-            && text("message").is_some_and(|m| m.contains("must be verified to use the model")))
+    {
+        return Some(Refusal::Model);
+    }
+    (text("code").is_none()
+        && text("message").is_some_and(|m| m.contains("must be verified to use the model")))
+    .then_some(Refusal::Feature)
 }
 
 /// Whether a 400's body is the provider refusing the backend's own key: Google answers a
@@ -1877,18 +1889,30 @@ mod tests {
             r#"{"error":{"message":"Project `proj_x` does not have access to model `gpt-4.1`","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
             r#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist."}}"#,
             r#"{"type":"error","error":{"type":"not_found_error","message":"model: claude-x"}}"#,
-            r#"{"error":{"message":"Your organization must be verified to use the model `gpt-image-1`. Please go to: https://platform.openai.com/settings/organization/general and click on Verify Organization.","type":"invalid_request_error","param":null,"code":null}}"#,
         ] {
-            assert!(refuses_the_model(refused.as_bytes()), "{refused}");
+            assert_eq!(
+                refused_model(refused.as_bytes()),
+                Some(Refusal::Model),
+                "{refused}"
+            );
         }
+        // Drawn by the client's tools, not the routed model: counted against nothing.
+        let verified = r#"{"error":{"message":"Your organization must be verified to use the model `gpt-image-1`. Please go to: https://platform.openai.com/settings/organization/general and click on Verify Organization.","type":"invalid_request_error","param":null,"code":null}}"#;
+        assert_eq!(refused_model(verified.as_bytes()), Some(Refusal::Feature));
+        let failure = Failure::Refused {
+            status: StatusCode::FORBIDDEN,
+            why: Refusal::Feature,
+        };
+        assert_eq!(failure.health(), Some(Outcome::Success));
         for not_the_model in [
             r#"{"error":{"message":"model_not_found","type":"invalid_request_error","code":"permission_denied"}}"#,
             r#"{"type":"error","error":{"type":"not_found_error","message":"file: f-1 not found"}}"#,
             r#"{"error":{"message":"Invalid URL (POST /v1/chat/completion)","type":"invalid_request_error","code":null}}"#,
             "model_not_found",
         ] {
-            assert!(
-                !refuses_the_model(not_the_model.as_bytes()),
+            assert_eq!(
+                refused_model(not_the_model.as_bytes()),
+                None,
                 "{not_the_model}"
             );
         }
