@@ -521,6 +521,10 @@ pub struct EventsFromChunks {
     tool_used: bool,
     /// A refusal's text was streamed (OpenAI's `delta.refusal`): the turn ends `refusal`.
     refused: bool,
+    /// Chunks in a row since the message started that gave the client nothing (a reasoning
+    /// model's `reasoning_content`, which a Messages client is not sent): see
+    /// [`QUIET_CHUNKS_PER_PING`].
+    quiet: u32,
     finish: Option<String>,
     usage: Option<Usage>,
 }
@@ -539,7 +543,29 @@ impl EventsFromChunks {
     /// written directly ([`text_delta_frame`], [`arguments_delta_frame`]), the same bytes as
     /// [`Self::push_parsed`] writes for it from two trees of values; every other chunk (the
     /// first, a call's start, usage, errors, `[DONE]`, anything unexpected) is parsed whole.
+    ///
+    /// While the chunks give the client nothing (a reasoning model thinking aloud in
+    /// `reasoning_content`), a `ping` event goes out every [`QUIET_CHUNKS_PER_PING`] of them,
+    /// as Anthropic's own streams send `ping` while the model works: a client, or a load
+    /// balancer before it, with an idle read timeout shorter than the reasoning would
+    /// otherwise cut the stream.
     pub fn push(&mut self, event: &Event, out: &mut Vec<Bytes>) -> Flow {
+        let before = out.len();
+        let flow = self.translate(event, out);
+        if out.len() > before || !self.started {
+            self.quiet = 0;
+        } else {
+            self.quiet += 1;
+            if self.quiet >= QUIET_CHUNKS_PER_PING {
+                self.quiet = 0;
+                out.push(Bytes::from_static(PING));
+            }
+        }
+        flow
+    }
+
+    /// [`Self::push`] but for the pings.
+    fn translate(&mut self, event: &Event, out: &mut Vec<Bytes>) -> Flow {
         if self.started
             && let Ok(TextChunk {
                 text,
@@ -1033,6 +1059,13 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
 }
 
 /// An Anthropic event: `event: <type>` then its data (the SDKs dispatch on the event name).
+/// How many chunks in a row that give a Messages client nothing are followed by a `ping`:
+/// a reasoning model streams tens of chunks a second, so a ping about every second.
+const QUIET_CHUNKS_PER_PING: u32 = 32;
+
+/// Anthropic's `ping` event.
+const PING: &[u8] = b"event: ping\ndata: {\"type\":\"ping\"}\n\n";
+
 fn anthropic_frame(value: &Value) -> Bytes {
     let kind = value.get("type").and_then(Value::as_str).unwrap_or("");
     let text = value.to_string();
@@ -1351,6 +1384,30 @@ mod tests {
                 serde_json::from_str(data).unwrap()
             })
             .collect()
+    }
+
+    /// A reasoning model's chunks, which a Messages client is not sent, are followed by a
+    /// `ping` every 32, as Anthropic pings while its model works; the answer after them is
+    /// sent as ever.
+    #[test]
+    fn a_reasoning_models_silence_is_broken_by_pings() {
+        let chunk = |delta: Value| {
+            json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": null}]})
+        };
+        let mut chunks = vec![chunk(json!({"role": "assistant", "content": ""}))];
+        chunks.extend((0..100).map(|_| chunk(json!({"reasoning_content": "hmm"}))));
+        chunks.push(chunk(json!({"content": "Yes."})));
+        let events = translated(&chunks);
+        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds.iter().filter(|k| **k == "ping").count(),
+            3,
+            "{kinds:?}"
+        );
+        assert_eq!(kinds[0], "message_start");
+        assert!(kinds.ends_with(&["content_block_stop", "message_delta", "message_stop"]));
+        assert!(kinds.contains(&"content_block_delta"));
     }
 
     /// A streamed refusal (`delta.refusal`) ends the turn `refusal`, as Anthropic's does;
