@@ -323,7 +323,15 @@ async fn serve_as(
             }
         }
     };
-    with_request_id(response, request_id)
+    let mut response = with_request_id(response, request_id);
+    if endpoint.format() == ApiFormat::Anthropic {
+        // Where Anthropic's SDKs read a request's id (`_request_id`, an error's
+        // `request_id`): the client can quote the id this replica logged the request under.
+        if let Some(id) = response.headers().get(X_REQUEST_ID).cloned() {
+            response.headers_mut().insert(REQUEST_ID, id);
+        }
+    }
+    response
 }
 
 /// Reads and throws away the body of a request refused before it was read (a key that is
@@ -661,6 +669,9 @@ const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 /// The request id's header, in the request and in the answer. A name given as text would
 /// be parsed again at each use.
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request id's header in Anthropic's API, on the Messages routes' answers.
+const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
 
 /// A sane incoming `x-request-id` (1–128 of `[A-Za-z0-9._:-]`), or a new UUIDv7; kept as the
 /// header value the answer carries, so that an incoming id is not copied (it shares the

@@ -226,6 +226,21 @@ async fn an_incoming_request_id_is_echoed() {
         .await
         .unwrap();
     assert_ne!(response.headers()["x-request-id"], "bad id with spaces");
+    assert!(response.headers().get("request-id").is_none());
+    // A Messages client's SDK reads it as `request-id`.
+    let response = h
+        .http
+        .post(h.url("/v1/messages"))
+        .bearer_auth(KEY)
+        .header("anthropic-version", "2023-06-01")
+        .header("x-request-id", "client-req-43")
+        .json(&serde_json::json!({"model": MODEL, "max_tokens": 10,
+                                  "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["request-id"], "client-req-43");
 }
 
 #[tokio::test]
