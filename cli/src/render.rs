@@ -616,6 +616,12 @@ pub fn usage(response: &pb::GetUsageResponse) -> String {
 /// A row per bucket: its start (when `timed`), its group, its figures.
 fn buckets(buckets: &[pb::UsageBucket], timed: bool) -> String {
     let grouped = !timed || buckets.iter().any(|bucket| !bucket.group_key.is_empty());
+    // Grouped by backend or key: the id beside the name, the one a deleted backend's usage is
+    // filtered by, and which tells a revoked key from its namesake.
+    let ids = grouped
+        && buckets
+            .iter()
+            .any(|bucket| !bucket.group_label.is_empty() && bucket.group_label != bucket.group_key);
     let rows = buckets
         .iter()
         .map(|bucket| {
@@ -629,6 +635,9 @@ fn buckets(buckets: &[pb::UsageBucket], timed: bool) -> String {
                 } else {
                     bucket.group_label.clone()
                 });
+            }
+            if ids {
+                row.push(bucket.group_key.clone());
             }
             row.extend([
                 bucket.request_count.to_string(),
@@ -650,6 +659,9 @@ fn buckets(buckets: &[pb::UsageBucket], timed: bool) -> String {
     }
     if grouped {
         header.push("GROUP");
+    }
+    if ids {
+        header.push("ID");
     }
     header.extend([
         "REQUESTS",

@@ -1333,7 +1333,10 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
     );
     assert!(lines[1].contains("busy"), "{usage:?}");
     let cells: Vec<&str> = lines[1].split_whitespace().collect();
-    assert_eq!(cells[2..6], ["2", "0", "2000", "1000"], "{usage:?}");
+    // START (date and time) GROUP ID REQUESTS ERRORS PROMPT COMPLETION …: the id beside the
+    // name, the one a deleted backend's usage is filtered by.
+    assert_eq!(cells[3], backend_id, "{usage:?}");
+    assert_eq!(cells[4..8], ["2", "0", "2000", "1000"], "{usage:?}");
 
     // A key rotated (revoked, and another made under its name): a name asks for one key's
     // usage, the active one's, and says which others had the name.
@@ -1355,6 +1358,17 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
     assert!(
         figures.get("requestCount").is_none(),
         "the new key spent nothing: {figures}"
+    );
+    // Grouped by key, the revoked one says so, and its id.
+    let by_key = h
+        .ctl(&["stats", "totals", "--by", "key", "--since", "24h"])
+        .await;
+    assert!(
+        by_key
+            .ok()
+            .lines()
+            .any(|l| l.contains("team-a (revoked)") && l.contains(&old_id)),
+        "{by_key:?}"
     );
 
     // The replica that is connected, with the version it acked.
@@ -1542,9 +1556,9 @@ async fn usage_by_pool_in_pages_with_its_currency() {
         .find(|l| l.starts_with("primary"))
         .unwrap_or_else(|| panic!("no primary row: {text}"));
     let cells: Vec<&str> = primary.split_whitespace().collect();
-    // GROUP REQUESTS ERRORS PROMPT COMPLETION COST CURRENCY BACKENDS ...
-    assert_eq!(cells[1], "5000", "{primary}");
-    assert_eq!(cells[6..8], ["USD", "2"], "{primary}");
+    // GROUP ID REQUESTS ERRORS PROMPT COMPLETION COST CURRENCY BACKENDS ...
+    assert_eq!(cells[2], "5000", "{primary}");
+    assert_eq!(cells[7..9], ["USD", "2"], "{primary}");
 
     // The currency is a setting; every cost shows it.
     h.ctl(&["settings", "set", "--currency", "EUR"]).await.ok();

@@ -1389,7 +1389,10 @@ fn group_labels(
              UNION ALL SELECT id, name || ' (deleted)' FROM deleted_backends
                  WHERE id NOT IN (SELECT id FROM backends)"
         }
-        GroupBy::ClientKey => "SELECT id, name FROM client_keys",
+        // A revoked key's name may have been given to a new key since: said apart.
+        GroupBy::ClientKey => {
+            "SELECT id, CASE WHEN revoked = 0 THEN name ELSE name || ' (revoked)' END FROM client_keys"
+        }
         GroupBy::Nothing | GroupBy::Model | GroupBy::Pool => return Ok(Default::default()),
     };
     let mut stmt = conn.prepare_cached(sql)?;
