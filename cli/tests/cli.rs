@@ -1333,10 +1333,10 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
     );
     assert!(lines[1].contains("busy"), "{usage:?}");
     let cells: Vec<&str> = lines[1].split_whitespace().collect();
-    // START (date and time) GROUP ID REQUESTS ERRORS PROMPT COMPLETION …: the id beside the
-    // name, the one a deleted backend's usage is filtered by.
-    assert_eq!(cells[3], backend_id, "{usage:?}");
-    assert_eq!(cells[4..8], ["2", "0", "2000", "1000"], "{usage:?}");
+    // START GROUP ID REQUESTS ERRORS PROMPT COMPLETION …: the id beside the name, the one a
+    // deleted backend's usage is filtered by.
+    assert_eq!(cells[2], backend_id, "{usage:?}");
+    assert_eq!(cells[3..7], ["2", "0", "2000", "1000"], "{usage:?}");
 
     // A key rotated (revoked, and another made under its name): a name asks for one key's
     // usage, the active one's, and says which others had the name.
@@ -1556,9 +1556,10 @@ async fn usage_by_pool_in_pages_with_its_currency() {
         .find(|l| l.starts_with("primary"))
         .unwrap_or_else(|| panic!("no primary row: {text}"));
     let cells: Vec<&str> = primary.split_whitespace().collect();
-    // GROUP ID REQUESTS ERRORS PROMPT COMPLETION COST CURRENCY BACKENDS ...
-    assert_eq!(cells[2], "5000", "{primary}");
-    assert_eq!(cells[7..9], ["USD", "2"], "{primary}");
+    // GROUP REQUESTS ERRORS PROMPT COMPLETION COST CURRENCY BACKENDS ... (a pool is its own
+    // name: no ID column)
+    assert_eq!(cells[1], "5000", "{primary}");
+    assert_eq!(cells[6..8], ["USD", "2"], "{primary}");
 
     // The currency is a setting; every cost shows it.
     h.ctl(&["settings", "set", "--currency", "EUR"]).await.ok();
