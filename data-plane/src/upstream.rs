@@ -68,6 +68,8 @@ pub struct UpstreamClient {
     client: Client<UpstreamConnector, Full<Bytes>>,
     /// What [`pool`] connects with: plain `http://` upstreams reached directly.
     http: HttpConnector,
+    /// The most a new connection may take, from the name's lookup to its last handshake.
+    connect_timeout: Duration,
     /// Set when the environment names an egress proxy.
     egress: Option<Arc<Egress>>,
 }
@@ -148,7 +150,12 @@ impl UpstreamClient {
         // The connector also serves `https://` URIs: TLS is layered on top of it.
         http.enforce_http(false);
         http.set_nodelay(true);
+        // A peer gone without a word (a node lost, a NAT's state dropped) is found out in
+        // about a minute of idleness, not the kernel's default quarter of an hour.
         http.set_keepalive(Some(Duration::from_secs(30)));
+        http.set_keepalive_interval(Some(Duration::from_secs(10)));
+        http.set_keepalive_retries(Some(3));
+        // TCP's own connect; the whole of connecting is bounded by the connector below.
         http.set_connect_timeout(Some(connect_timeout));
         let upstream_tls = tls_config(if tls.http2 {
             &[b"h2", b"http/1.1"]
@@ -168,15 +175,23 @@ impl UpstreamClient {
         let connector = UpstreamConnector {
             direct: HttpsConnector::from((http.clone(), upstream_tls)),
             egress: egress.clone(),
+            connect_timeout,
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
             .pool_timer(TokioTimer::new())
+            // An HTTP/2 connection that stops answering (black-holed) is closed when a ping
+            // goes unanswered, rather than taking every request of its thread until each
+            // times out.
+            .timer(TokioTimer::new())
+            .http2_keep_alive_interval(Some(Duration::from_secs(20)))
+            .http2_keep_alive_timeout(Duration::from_secs(10))
             .build(connector);
         Ok(Self {
             client,
             http,
+            connect_timeout,
             egress,
         })
     }
@@ -212,7 +227,7 @@ impl UpstreamClient {
         }
         let request = request.map(Full::new);
         if direct_http && host.is_some() {
-            Either::Left(pool::send(&self.http, request))
+            Either::Left(pool::send(&self.http, self.connect_timeout, request))
         } else {
             Either::Right(self.client.request(request).err_into())
         }
@@ -354,6 +369,36 @@ impl Egress {
 struct UpstreamConnector {
     direct: HttpsConnector<HttpConnector>,
     egress: Option<Arc<Egress>>,
+    /// The most a connection may take, DNS, TCP, a proxy's `CONNECT` and TLS together (the
+    /// TCP connector's own timeout bounds its part alone): past it, a connect error, the
+    /// request never sent.
+    connect_timeout: Duration,
+}
+
+/// The error of a connection not made within `connect_timeout`.
+fn connect_timed_out(connect_timeout: Duration) -> BoxError {
+    Box::new(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "connecting (name lookup, TCP, a proxy's CONNECT, TLS) took longer than connect_timeout ({} ms)",
+            connect_timeout.as_millis()
+        ),
+    ))
+}
+
+/// `connecting`, given at most `timeout`.
+fn within_connect_timeout<T>(
+    timeout: Duration,
+    connecting: impl Future<Output = Result<T, BoxError>> + Send + 'static,
+) -> Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>
+where
+    T: Send + 'static,
+{
+    Box::pin(async move {
+        tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| connect_timed_out(timeout))?
+    })
 }
 
 type Tcp = TokioIo<TcpStream>;
@@ -384,9 +429,12 @@ impl tower_service::Service<Uri> for UpstreamConnector {
             .egress
             .as_ref()
             .and_then(|egress| Some((egress, egress.matcher.intercept(&dst)?)));
+        let timeout = self.connect_timeout;
         let Some((egress, proxy)) = proxy else {
             let connecting = self.direct.call(dst);
-            return Box::pin(async move { Ok(UpstreamStream::Direct(connecting.await?)) });
+            return within_connect_timeout(timeout, async move {
+                Ok(UpstreamStream::Direct(connecting.await?))
+            });
         };
         if dst.scheme() == Some(&Scheme::HTTPS) {
             let mut tunnel = Tunnel::new(proxy.uri().clone(), egress.to_proxy());
@@ -395,10 +443,14 @@ impl tower_service::Service<Uri> for UpstreamConnector {
             }
             let mut tls = HttpsConnector::from((tunnel, Arc::clone(&egress.upstream_tls)));
             let connecting = tls.call(dst);
-            Box::pin(async move { Ok(UpstreamStream::Tunneled(Box::new(connecting.await?))) })
+            within_connect_timeout(timeout, async move {
+                Ok(UpstreamStream::Tunneled(Box::new(connecting.await?)))
+            })
         } else {
             let connecting = egress.to_proxy().call(proxy.uri().clone());
-            Box::pin(async move { Ok(UpstreamStream::Forwarded(connecting.await?)) })
+            within_connect_timeout(timeout, async move {
+                Ok(UpstreamStream::Forwarded(connecting.await?))
+            })
         }
     }
 }
@@ -809,6 +861,60 @@ mod tests {
             .unwrap();
         call(&client, server).await.unwrap();
         assert_eq!(accepted(&accepts), 3);
+    }
+
+    /// A busy thread gives a kept connection its request in the instant the server closes it
+    /// idle (the keep-alive race: uvicorn closes after 5 s, nginx after 75 s), before the
+    /// runtime has seen the close: the request is written into the closing connection and
+    /// fails at once. The server never read it: never sent, not a connection lost mid-answer
+    /// (which would keep the request's reserve and tell the client not to try again).
+    #[tokio::test]
+    async fn a_kept_connection_closed_idle_as_it_was_reused_never_sent_its_request() {
+        use std::io::Read as _;
+        let triggers = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut trigger = std::net::TcpStream::connect(triggers.local_addr().unwrap()).unwrap();
+        let (server, _accepts) = closing_server(triggers.accept().unwrap().0);
+        let client = direct_client();
+        call(&client, server).await.unwrap();
+        // No yield: the runtime has not looked at its sockets since the close.
+        trigger.read_exact(&mut [0u8; 1]).unwrap();
+        if let Err(e) = call(&client, server).await {
+            assert!(never_sent(&*e), "{}", error_chain(&*e));
+        }
+    }
+
+    /// Connecting is bounded by `connect_timeout` as a whole: an `https://` upstream that
+    /// accepts TCP and never answers the TLS handshake (a hung process whose kernel still
+    /// accepts) is a connect error within it, never sent, not a wait for the first byte's
+    /// deadline counted as a timeout that may have been billed.
+    #[tokio::test]
+    async fn a_tls_handshake_that_never_ends_is_a_connect_error_within_the_connect_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                sockets.push(socket);
+            }
+        });
+        let client =
+            UpstreamClient::with_proxies(Duration::from_millis(300), &UpstreamTls::default(), None)
+                .unwrap();
+        let request = Request::post(format!("https://{server}/v1/chat/completions"))
+            .body(Bytes::from_static(b"{}"))
+            .unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), client.send(request, None))
+            .await
+            .expect("a connect error within 5 s")
+            .unwrap_err();
+        assert!(never_sent(&*e), "{}", error_chain(&*e));
+        assert!(
+            error_chain(&*e).contains("connect_timeout"),
+            "{}",
+            error_chain(&*e)
+        );
+        held.abort();
     }
 
     #[tokio::test]

@@ -151,6 +151,7 @@ impl Kept {
 /// instead of 1,500, which cost about 7,000 instructions a request in copies.
 pub(super) fn send(
     connector: &HttpConnector,
+    connect_timeout: Duration,
     mut request: Request<Full<Bytes>>,
 ) -> impl Future<Output = Result<Response<Incoming>, BoxError>> + Send + use<'_> {
     let uri = std::mem::take(request.uri_mut());
@@ -167,31 +168,76 @@ pub(super) fn send(
             Ok(response) => Either::Left(ready(Ok(response))),
             // Closed before the request was written: it can go on a new connection.
             Err(mut e) => match e.take_message() {
-                Some(request) => {
-                    Either::Right(Box::pin(connect_and_send(connector, uri, request, now)))
+                Some(request) => Either::Right(Box::pin(connect_and_send(
+                    connector,
+                    connect_timeout,
+                    uri,
+                    request,
+                    now,
+                ))),
+                None => {
+                    let e = e.into_error();
+                    Either::Left(ready(Err(match closed_idle(&e, now.elapsed()) {
+                        true => Box::new(NotSent(e.into())) as BoxError,
+                        false => Box::new(e),
+                    })))
                 }
-                None => Either::Left(ready(Err(Box::new(e.into_error()) as BoxError))),
             },
         })),
-        OnKept::NoneReady(request) => {
-            Either::Right(Box::pin(connect_and_send(connector, uri, request, now)))
-        }
+        OnKept::NoneReady(request) => Either::Right(Box::pin(connect_and_send(
+            connector,
+            connect_timeout,
+            uri,
+            request,
+            now,
+        ))),
     }
 }
 
-/// Sends `request` on a new connection to `uri`'s authority, kept afterwards.
+/// How soon after a kept connection was given a request its closing (no answer's byte, the
+/// connection ended or reset) is taken for the server closing it idle, the request unread:
+/// the keep-alive race, which a server's idle timeout (uvicorn's 5 s, nginx's 75 s) meets
+/// whenever a busy thread reuses the connection in the instant the server closes it. A server
+/// that took the request and failed it later (a generation cut by a load balancer) is
+/// seconds in.
+const CLOSED_IDLE_WITHIN: Duration = Duration::from_millis(500);
+
+/// Whether `e`, the failure of a request sent `after` ago on a kept connection, is the
+/// server having closed that connection idle (see [`CLOSED_IDLE_WITHIN`]): as HTTP clients
+/// take it (Go's "server closed idle connection"), the request was never read.
+fn closed_idle(e: &hyper::Error, after: Duration) -> bool {
+    after < CLOSED_IDLE_WITHIN
+        && (e.is_incomplete_message()
+            || std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .filter_map(|e| e.downcast_ref::<std::io::Error>())
+            .any(|e| {
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                )
+            }))
+}
+
+/// Sends `request` on a new connection to `uri`'s authority, kept afterwards. Connecting
+/// (the name's lookup, TCP, the HTTP/1 handshake) is given `connect_timeout` in all; past it
+/// the request is never sent.
 async fn connect_and_send(
     connector: &HttpConnector,
+    connect_timeout: Duration,
     uri: Uri,
     request: Request<Full<Bytes>>,
     now: Instant,
 ) -> Result<Response<Incoming>, BoxError> {
-    let io = connector
-        .clone()
-        .call(uri.clone())
+    let connecting = async {
+        let io = connector.clone().call(uri.clone()).await?;
+        Ok::<_, BoxError>(http1::handshake(io).await?)
+    };
+    let (mut sender, connection) = tokio::time::timeout(connect_timeout, connecting)
         .await
-        .map_err(|e| NotSent(e.into()))?;
-    let (mut sender, connection) = http1::handshake(io).await.map_err(|e| NotSent(e.into()))?;
+        .map_err(|_| NotSent(super::connect_timed_out(connect_timeout)))?
+        .map_err(NotSent)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "upstream connection failed");
