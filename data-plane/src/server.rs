@@ -70,6 +70,8 @@ pub enum RunError {
     CaFile(std::io::Error),
     #[error("{0}")]
     UpstreamCa(String),
+    #[error("the egress proxy settings cannot be used: {0}")]
+    EgressProxy(String),
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error(transparent)]
@@ -192,6 +194,9 @@ impl Proxy {
         sluice_domain::auth::check_token_strength("the data-plane token", &token)
             .map_err(RunError::WeakToken)?;
         let token = Some(token);
+        if let Some(unusable) = crate::upstream::unusable_proxy_env() {
+            return Err(RunError::EgressProxy(unusable));
+        }
         let ca_pem = match &config.control_plane_ca {
             Some(path) => Some(std::fs::read(path).map_err(RunError::CaFile)?),
             None => None,

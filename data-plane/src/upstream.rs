@@ -317,6 +317,57 @@ pub fn egress_proxy_from_env() -> bool {
     egress_proxy_configured(|name| std::env::var_os(name))
 }
 
+/// Why the environment's proxy variables cannot be used as they are, if they cannot: a value
+/// that is no URL, a proxy that is not HTTP(S) (SOCKS), an empty variable hiding its
+/// lower-case twin, or a CGI environment (`REQUEST_METHOD`), in which the proxy matcher
+/// ignores them all. Taken as they are, calls would fail as every backend's connect errors,
+/// or go direct while the start line says they go through the proxy. Names the variable,
+/// never its value (it may carry credentials).
+pub fn unusable_proxy_env() -> Option<String> {
+    unusable_proxy_settings(|name| std::env::var_os(name))
+}
+
+fn unusable_proxy_settings(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<String> {
+    if !egress_proxy_configured(&var) {
+        return None;
+    }
+    if var("REQUEST_METHOD").is_some() {
+        return Some(
+            "REQUEST_METHOD is set (a CGI environment), in which the proxy variables are ignored: unset it"
+                .to_owned(),
+        );
+    }
+    for pair in PROXY_VARIABLES.chunks(2) {
+        // The upper-case one first, as the proxy matcher reads them: set, even empty, it wins.
+        let Some((name, value)) = pair.iter().find_map(|name| Some((*name, var(name)?))) else {
+            continue;
+        };
+        if value.is_empty() {
+            if pair
+                .iter()
+                .any(|other| var(other).is_some_and(|v| !v.is_empty()))
+            {
+                return Some(format!(
+                    "{name} is set but empty, which hides {}: unset it or give it the proxy",
+                    pair[1]
+                ));
+            }
+            continue;
+        }
+        let unusable = match value.to_str().map(str::parse::<http::Uri>) {
+            Some(Ok(uri)) if uri.authority().is_some() => match uri.scheme_str() {
+                None | Some("http" | "https") => continue,
+                Some(scheme) => format!(
+                    "names a {scheme} proxy; only http:// and https:// proxies are supported"
+                ),
+            },
+            _ => "is not a proxy URL (http://host:port; a trailing newline or a space?)".to_owned(),
+        };
+        return Some(format!("{name} {unusable}"));
+    }
+    None
+}
+
 fn egress_proxy_configured(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
     PROXY_VARIABLES
         .iter()
@@ -880,6 +931,57 @@ mod tests {
         trigger.read_exact(&mut [0u8; 1]).unwrap();
         if let Err(e) = call(&client, server).await {
             assert!(never_sent(&*e), "{}", error_chain(&*e));
+        }
+    }
+
+    /// Proxy variables the matcher would drop or could not use refuse the start, naming the
+    /// variable and never its value: a SOCKS proxy failed every backend's call as a connect
+    /// error, and a value that is no URL sent calls direct while the log said otherwise.
+    #[test]
+    fn proxy_variables_that_cannot_be_used_are_named() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        assert_eq!(unusable_proxy_settings(env(&[])), None);
+        for usable in [
+            &[("HTTPS_PROXY", "http://user:pw@proxy:3128")][..],
+            &[("https_proxy", "proxy:3128"), ("NO_PROXY", "localhost")],
+            &[("ALL_PROXY", "https://proxy:443")],
+        ] {
+            assert_eq!(unusable_proxy_settings(env(usable)), None, "{usable:?}");
+        }
+        for (unusable, named) in [
+            (
+                &[("ALL_PROXY", "socks5h://proxy:1080")][..],
+                "ALL_PROXY names a socks5h proxy",
+            ),
+            (
+                &[("HTTPS_PROXY", "http://proxy:3128\n")],
+                "HTTPS_PROXY is not a proxy URL",
+            ),
+            (
+                &[("HTTPS_PROXY", ""), ("https_proxy", "http://proxy:3128")],
+                "HTTPS_PROXY is set but empty, which hides https_proxy",
+            ),
+            (
+                &[
+                    ("HTTP_PROXY", "http://proxy:3128"),
+                    ("REQUEST_METHOD", "GET"),
+                ],
+                "REQUEST_METHOD is set",
+            ),
+        ] {
+            let refused = unusable_proxy_settings(env(unusable)).unwrap();
+            assert!(refused.starts_with(named), "{refused}");
+            assert!(
+                !refused.contains("3128") && !refused.contains("1080"),
+                "no value in {refused}"
+            );
         }
     }
 
