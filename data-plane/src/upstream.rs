@@ -823,6 +823,21 @@ mod tests {
         count.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// A backend no longer called keeps its idle connections only until a look over all of
+    /// the thread's connections finds them past the idle timeout (every 4,096 requests of the
+    /// thread, to any backend): a server that never closes idle ones (TGI, Ollama) held them,
+    /// a descriptor each, until the replica restarted.
+    #[tokio::test]
+    async fn idle_connections_of_a_backend_no_longer_called_are_closed() {
+        let (server, _) = counting_server(Duration::ZERO).await;
+        call(&direct_client(), server).await.unwrap();
+        let authority = server.to_string();
+        let now = std::time::Instant::now();
+        assert_eq!(pool::kept_after_sweep_at(&authority, now), (1, 1));
+        let later = now + Duration::from_secs(91);
+        assert_eq!(pool::kept_after_sweep_at(&authority, later), (1, 0));
+    }
+
     #[tokio::test]
     async fn sequential_requests_reuse_one_connection() {
         let (server, accepts) = counting_server(Duration::ZERO).await;

@@ -56,6 +56,13 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Connections a thread keeps per backend; one made past this serves its request and closes.
 const KEPT_PER_BACKEND: usize = 1024;
 
+/// Every this many requests a thread looks over all its kept connections and closes those
+/// spent (idle past [`IDLE_TIMEOUT`], or closed), of every backend: those of a backend no
+/// longer called (deleted, moved to another address) are otherwise looked at never again, and
+/// a server that keeps idle connections open (TGI, Ollama) would hold them, and a descriptor
+/// each, until the replica restarts.
+const SWEEP_ALL_EVERY: u32 = 4096;
+
 type Sender = SendRequest<Full<Bytes>>;
 
 type Answer = Result<Response<Incoming>, TrySendError<Request<Full<Bytes>>>>;
@@ -65,6 +72,29 @@ thread_local! {
     /// The keys come from the control plane's backends, never from a client, so foldhash
     /// (one pass over the text) instead of SipHash.
     static KEPT: RefCell<foldhash::HashMap<Box<str>, Kept>> = RefCell::default();
+
+    /// Requests this thread has sent since it last looked over all of [`KEPT`].
+    static SINCE_SWEEP: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// This thread's kept connections to `authority`, and a look over all of them as at `now`
+/// ([`sweep_all`]), for tests.
+#[cfg(test)]
+pub(super) fn kept_after_sweep_at(authority: &str, now: Instant) -> (usize, usize) {
+    KEPT.with_borrow_mut(|kept| {
+        let before = kept.get(authority).map_or(0, |k| k.connections.len());
+        sweep_all(kept, now);
+        (before, kept.get(authority).map_or(0, |k| k.connections.len()))
+    })
+}
+
+/// Closes the spent connections of every backend, and forgets backends left with none.
+fn sweep_all(kept: &mut foldhash::HashMap<Box<str>, Kept>, now: Instant) {
+    kept.retain(|_, backend| {
+        backend.connections.retain(|connection| !connection.spent(now));
+        backend.sweep = 0;
+        !backend.connections.is_empty()
+    });
 }
 
 /// The connections a thread keeps to one backend: those in use and those idle.
@@ -157,9 +187,18 @@ pub(super) fn send(
     let uri = std::mem::take(request.uri_mut());
     *request.uri_mut() = origin_form(&uri);
     let now = Instant::now();
-    let on_kept = KEPT.with_borrow_mut(|kept| match kept.get_mut(authority(&uri)) {
-        Some(kept) => kept.send(request, now),
-        None => OnKept::NoneReady(request),
+    let on_kept = KEPT.with_borrow_mut(|kept| {
+        let since = SINCE_SWEEP.get() + 1;
+        SINCE_SWEEP.set(if since >= SWEEP_ALL_EVERY {
+            sweep_all(kept, now);
+            0
+        } else {
+            since
+        });
+        match kept.get_mut(authority(&uri)) {
+            Some(kept) => kept.send(request, now),
+            None => OnKept::NoneReady(request),
+        }
     });
     // Combinators rather than an `async` block, which would keep a second copy of the kept
     // connection's answer (about 270 bytes) beside the one it awaits.
