@@ -317,12 +317,15 @@ pub fn egress_proxy_from_env() -> bool {
     egress_proxy_configured(|name| std::env::var_os(name))
 }
 
-/// Why the environment's proxy variables cannot be used as they are, if they cannot: a value
-/// that is no URL, a proxy that is not HTTP(S) (SOCKS), an empty variable hiding its
-/// lower-case twin, or a CGI environment (`REQUEST_METHOD`), in which the proxy matcher
+/// Why the environment's proxy variables cannot be used as they are, if they cannot: a proxy
+/// the matcher would use for `https://` or `http://` calls whose value is no URL or names no
+/// HTTP(S) proxy (SOCKS), or a CGI environment (`REQUEST_METHOD`), in which the matcher
 /// ignores them all. Taken as they are, calls would fail as every backend's connect errors,
-/// or go direct while the start line says they go through the proxy. Names the variable,
-/// never its value (it may carry credentials).
+/// or go direct while the start line says they go through the proxy. Judged as the matcher
+/// reads them: for each scheme the first of its two variables that is set (upper case
+/// first; an empty one says no proxy for that scheme, and then `ALL_PROXY`'s applies), so
+/// an `ALL_PROXY` both scheme variables override is never used, and not judged. Names the
+/// variable, never its value (it may carry credentials).
 pub fn unusable_proxy_env() -> Option<String> {
     unusable_proxy_settings(|name| std::env::var_os(name))
 }
@@ -337,35 +340,34 @@ fn unusable_proxy_settings(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> 
                 .to_owned(),
         );
     }
-    for pair in PROXY_VARIABLES.chunks(2) {
-        // The upper-case one first, as the proxy matcher reads them: set, even empty, it wins.
-        let Some((name, value)) = pair.iter().find_map(|name| Some((*name, var(name)?))) else {
-            continue;
-        };
-        if value.is_empty() {
-            if pair
-                .iter()
-                .any(|other| var(other).is_some_and(|v| !v.is_empty()))
-            {
-                return Some(format!(
-                    "{name} is set but empty, which hides {}: unset it or give it the proxy",
-                    pair[1]
-                ));
-            }
-            continue;
-        }
-        let unusable = match value.to_str().map(str::parse::<http::Uri>) {
-            Some(Ok(uri)) if uri.authority().is_some() => match uri.scheme_str() {
-                None | Some("http" | "https") => continue,
-                Some(scheme) => format!(
-                    "names a {scheme} proxy; only http:// and https:// proxies are supported"
-                ),
-            },
-            _ => "is not a proxy URL (http://host:port; a trailing newline or a space?)".to_owned(),
-        };
-        return Some(format!("{name} {unusable}"));
-    }
-    None
+    // The first of a pair that is set, as the matcher takes it: set, even empty, it wins.
+    let first = |pair: &[&'static str]| {
+        pair.iter()
+            .find_map(|name| Some((*name, var(name)?)))
+            .filter(|(_, value)| !value.is_empty())
+    };
+    let (https, http, all) = (
+        first(&PROXY_VARIABLES[0..2]),
+        first(&PROXY_VARIABLES[2..4]),
+        first(&PROXY_VARIABLES[4..6]),
+    );
+    let all = all.filter(|_| https.is_none() || http.is_none());
+    [https, http, all]
+        .into_iter()
+        .flatten()
+        .find_map(|(name, value)| {
+            let unusable = match value.to_str().map(str::parse::<http::Uri>) {
+                Some(Ok(uri)) if uri.authority().is_some() => match uri.scheme_str() {
+                    None | Some("http" | "https") => return None,
+                    Some(scheme) => format!(
+                        "names a {scheme} proxy; only http:// and https:// proxies are supported"
+                    ),
+                },
+                _ => "is not a proxy URL (http://host:port; a trailing newline or a space?)"
+                    .to_owned(),
+            };
+            Some(format!("{name} {unusable}"))
+        })
 }
 
 fn egress_proxy_configured(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
@@ -420,19 +422,28 @@ impl Egress {
 struct UpstreamConnector {
     direct: HttpsConnector<HttpConnector>,
     egress: Option<Arc<Egress>>,
-    /// The most a connection may take, DNS, TCP, a proxy's `CONNECT` and TLS together (the
-    /// TCP connector's own timeout bounds its part alone): past it, a connect error, the
-    /// request never sent.
+    /// TCP's connect timeout; connecting as a whole, DNS, TCP, a proxy's `CONNECT` and TLS
+    /// together, is given [`connecting_bound`] of it: past it, a connect error, the request
+    /// never sent.
     connect_timeout: Duration,
 }
 
-/// The error of a connection not made within `connect_timeout`.
-fn connect_timed_out(connect_timeout: Duration) -> BoxError {
+/// The most connecting may take as a whole (the name's lookup, TCP, a proxy's `CONNECT`, TLS,
+/// the HTTP/1 handshake): three times `connect_timeout`, TCP's own share. Not the timeout
+/// itself: a lookup retried after a lost packet (glibc waits 5 s, the default timeout) or a
+/// slow proxy's tunnel would then fail connects that succeed, and the bound is for the stalls
+/// that waited the first byte's deadline (a minute, five for a whole answer).
+fn connecting_bound(connect_timeout: Duration) -> Duration {
+    connect_timeout.saturating_mul(3)
+}
+
+/// The error of a connection not made `within` its bound.
+fn connect_timed_out(within: Duration) -> BoxError {
     Box::new(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
         format!(
-            "connecting (name lookup, TCP, a proxy's CONNECT, TLS) took longer than connect_timeout ({} ms)",
-            connect_timeout.as_millis()
+            "connecting (name lookup, TCP, a proxy's CONNECT, TLS) took longer than {} ms (three times connect_timeout)",
+            within.as_millis()
         ),
     ))
 }
@@ -445,10 +456,11 @@ fn within_connect_timeout<T>(
 where
     T: Send + 'static,
 {
+    let within = connecting_bound(timeout);
     Box::pin(async move {
-        tokio::time::timeout(timeout, connecting)
+        tokio::time::timeout(within, connecting)
             .await
-            .map_err(|_| connect_timed_out(timeout))?
+            .map_err(|_| connect_timed_out(within))?
     })
 }
 
@@ -967,6 +979,15 @@ mod tests {
             &[("HTTPS_PROXY", "http://user:pw@proxy:3128")][..],
             &[("https_proxy", "proxy:3128"), ("NO_PROXY", "localhost")],
             &[("ALL_PROXY", "https://proxy:443")],
+            // An ALL_PROXY both scheme variables override is never used (Clash, Docker's
+            // allProxy write all three).
+            &[
+                ("HTTPS_PROXY", "http://proxy:3128"),
+                ("HTTP_PROXY", "http://proxy:3128"),
+                ("ALL_PROXY", "socks5://proxy:1080"),
+            ],
+            // An empty HTTPS_PROXY overriding an inherited https_proxy: no proxy for https.
+            &[("HTTPS_PROXY", ""), ("https_proxy", "http://proxy:3128")],
         ] {
             assert_eq!(unusable_proxy_settings(env(usable)), None, "{usable:?}");
         }
@@ -980,8 +1001,11 @@ mod tests {
                 "HTTPS_PROXY is not a proxy URL",
             ),
             (
-                &[("HTTPS_PROXY", ""), ("https_proxy", "http://proxy:3128")],
-                "HTTPS_PROXY is set but empty, which hides https_proxy",
+                &[
+                    ("HTTPS_PROXY", "http://proxy:3128"),
+                    ("all_proxy", "socks5://proxy:1080"),
+                ],
+                "all_proxy names a socks5 proxy",
             ),
             (
                 &[

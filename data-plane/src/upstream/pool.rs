@@ -25,12 +25,13 @@
 //!   answer that took longer, such as a long stream, the connection is closed sooner);
 //! - when a reused connection turns out closed before any byte of the request was written
 //!   (hyper gives the request back), sends it once more on a new connection. A new
-//!   connection's failure is the caller's.
+//!   connection's failure is the caller's; one that fails at once, before any byte of an
+//!   answer, was never read ([`closed_idle`]).
 //!
 //! What it does not: there is no timer of its own. Lists are looked through when their
 //! backend is called (one entry more at each call, round the list, besides the search for a
-//! ready one), so the idle connections of a backend that is no longer called stay open until
-//! the upstream closes them.
+//! ready one), and every [`SWEEP_ALL_EVERY`] of the thread's requests all of them, so the idle
+//! connections of a backend no longer called are closed at the next sweep.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -84,14 +85,19 @@ pub(super) fn kept_after_sweep_at(authority: &str, now: Instant) -> (usize, usiz
     KEPT.with_borrow_mut(|kept| {
         let before = kept.get(authority).map_or(0, |k| k.connections.len());
         sweep_all(kept, now);
-        (before, kept.get(authority).map_or(0, |k| k.connections.len()))
+        (
+            before,
+            kept.get(authority).map_or(0, |k| k.connections.len()),
+        )
     })
 }
 
 /// Closes the spent connections of every backend, and forgets backends left with none.
 fn sweep_all(kept: &mut foldhash::HashMap<Box<str>, Kept>, now: Instant) {
     kept.retain(|_, backend| {
-        backend.connections.retain(|connection| !connection.spent(now));
+        backend
+            .connections
+            .retain(|connection| !connection.spent(now));
         backend.sweep = 0;
         !backend.connections.is_empty()
     });
@@ -233,17 +239,17 @@ pub(super) fn send(
     }
 }
 
-/// How soon after a kept connection was given a request its closing (no answer's byte, the
-/// connection ended or reset) is taken for the server closing it idle, the request unread:
-/// the keep-alive race, which a server's idle timeout (uvicorn's 5 s, nginx's 75 s) meets
-/// whenever a busy thread reuses the connection in the instant the server closes it. A server
-/// that took the request and failed it later (a generation cut by a load balancer) is
-/// seconds in.
+/// How soon after a connection was given a request its closing before any byte of an answer
+/// (hyper's incomplete message, or a reset) is taken for the server not having read it: on a
+/// kept connection the keep-alive race, which a server's idle timeout (uvicorn's 5 s, nginx's
+/// 75 s) meets whenever a busy thread reuses the connection in the instant the server closes
+/// it; on a new one a server shedding connections. A server that took the request and failed
+/// it later (a generation cut by a load balancer) is seconds in.
 const CLOSED_IDLE_WITHIN: Duration = Duration::from_millis(500);
 
-/// Whether `e`, the failure of a request sent `after` ago on a kept connection, is the
-/// server having closed that connection idle (see [`CLOSED_IDLE_WITHIN`]): as HTTP clients
-/// take it (Go's "server closed idle connection"), the request was never read.
+/// Whether `e`, the failure of a request sent `after` ago, is its connection closed before the
+/// server read the request (see [`CLOSED_IDLE_WITHIN`]). hyper's incomplete message means no
+/// byte of an answer came (one begun is another error).
 fn closed_idle(e: &hyper::Error, after: Duration) -> bool {
     after < CLOSED_IDLE_WITHIN
         && (e.is_incomplete_message()
@@ -273,15 +279,17 @@ async fn connect_and_send(
         let io = connector.clone().call(uri.clone()).await?;
         Ok::<_, BoxError>(http1::handshake(io).await?)
     };
-    let (mut sender, connection) = tokio::time::timeout(connect_timeout, connecting)
+    let within = super::connecting_bound(connect_timeout);
+    let (mut sender, connection) = tokio::time::timeout(within, connecting)
         .await
-        .map_err(|_| NotSent(super::connect_timed_out(connect_timeout)))?
+        .map_err(|_| NotSent(super::connect_timed_out(within)))?
         .map_err(NotSent)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "upstream connection failed");
         }
     });
+    let sent = Instant::now();
     let answer = sender.try_send_request(request);
     KEPT.with_borrow_mut(|kept| {
         // A new connection is rare enough to pay for the key's allocation.
@@ -290,10 +298,14 @@ async fn connect_and_send(
             kept.connections.push(Connection { sender, used: now });
         }
     });
-    answer.await.map_err(|mut e| match e.take_message() {
-        // Closed before the request was written.
-        Some(_) => Box::new(NotSent(e.into_error().into())) as BoxError,
-        None => Box::new(e.into_error()),
+    answer.await.map_err(|mut e| {
+        // Closed before the request was written, or at once after.
+        let unsent = e.take_message().is_some();
+        let e = e.into_error();
+        match unsent || closed_idle(&e, sent.elapsed()) {
+            true => Box::new(NotSent(e.into())) as BoxError,
+            false => Box::new(e),
+        }
     })
 }
 
