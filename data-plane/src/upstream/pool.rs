@@ -25,8 +25,8 @@
 //!   answer that took longer, such as a long stream, the connection is closed sooner);
 //! - when a reused connection turns out closed before any byte of the request was written
 //!   (hyper gives the request back), sends it once more on a new connection. A new
-//!   connection's failure is the caller's; one that fails at once, before any byte of an
-//!   answer, was never read ([`closed_idle`]).
+//!   connection's failure is the caller's; a kept one that fails at once, before any byte of
+//!   an answer, was closed idle as it was given the request, never read ([`closed_idle`]).
 //!
 //! What it does not: there is no timer of its own. Lists are looked through when their
 //! backend is called (one entry more at each call, round the list, besides the search for a
@@ -239,12 +239,12 @@ pub(super) fn send(
     }
 }
 
-/// How soon after a connection was given a request its closing before any byte of an answer
-/// (hyper's incomplete message, or a reset) is taken for the server not having read it: on a
-/// kept connection the keep-alive race, which a server's idle timeout (uvicorn's 5 s, nginx's
-/// 75 s) meets whenever a busy thread reuses the connection in the instant the server closes
-/// it; on a new one a server shedding connections. A server that took the request and failed
-/// it later (a generation cut by a load balancer) is seconds in.
+/// How soon after a kept connection was given a request its closing before any byte of an
+/// answer (hyper's incomplete message, or a reset) is taken for the server having closed it
+/// idle, the request unread: the keep-alive race, which a server's idle timeout (uvicorn's
+/// 5 s, nginx's 75 s) meets whenever a busy thread reuses the connection in the instant the
+/// server closes it. A server that took the request and failed it later (a generation cut by
+/// a load balancer) is seconds in.
 const CLOSED_IDLE_WITHIN: Duration = Duration::from_millis(500);
 
 /// Whether `e`, the failure of a request sent `after` ago, is its connection closed before the
@@ -289,7 +289,6 @@ async fn connect_and_send(
             tracing::debug!(error = %e, "upstream connection failed");
         }
     });
-    let sent = Instant::now();
     let answer = sender.try_send_request(request);
     KEPT.with_borrow_mut(|kept| {
         // A new connection is rare enough to pay for the key's allocation.
@@ -298,14 +297,14 @@ async fn connect_and_send(
             kept.connections.push(Connection { sender, used: now });
         }
     });
-    answer.await.map_err(|mut e| {
-        // Closed before the request was written, or at once after.
-        let unsent = e.take_message().is_some();
-        let e = e.into_error();
-        match unsent || closed_idle(&e, sent.elapsed()) {
-            true => Box::new(NotSent(e.into())) as BoxError,
-            false => Box::new(e),
-        }
+    // A new connection closed at once after the request was written is not taken for one
+    // never read (as a kept one is, [`closed_idle`]): a server that read the request and
+    // failed at once (a crash on it, a reset) may have begun it, and there is no idle close
+    // to race with.
+    answer.await.map_err(|mut e| match e.take_message() {
+        // Closed before the request was written.
+        Some(_) => Box::new(NotSent(e.into_error().into())) as BoxError,
+        None => Box::new(e.into_error()),
     })
 }
 
