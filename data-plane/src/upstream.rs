@@ -183,10 +183,12 @@ impl UpstreamClient {
             .pool_timer(TokioTimer::new())
             // An HTTP/2 connection that stops answering (black-holed) is closed when a ping
             // goes unanswered, rather than taking every request of its thread until each
-            // times out.
+            // times out. Pinged after a minute without a frame, while a request waits on it:
+            // servers that enforce gRPC's ping policy take more frequent pings without data
+            // as abuse (GOAWAY "too_many_pings").
             .timer(TokioTimer::new())
-            .http2_keep_alive_interval(Some(Duration::from_secs(20)))
-            .http2_keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Some(Duration::from_secs(60)))
+            .http2_keep_alive_timeout(Duration::from_secs(20))
             .build(connector);
         Ok(Self {
             client,
