@@ -178,7 +178,7 @@ impl UpstreamClient {
             connect_timeout,
         };
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(pool::IDLE_TIMEOUT)
             .pool_max_idle_per_host(1024)
             .pool_timer(TokioTimer::new())
             // An HTTP/2 connection that stops answering (black-holed) is closed when a ping

@@ -50,9 +50,12 @@ use tower_service::Service as _;
 
 use super::BoxError;
 
-/// A connection whose last request was sent longer ago than this is not used again
-/// (hyper-util's pool idle timeout, as the client was configured).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// A connection whose last request was sent longer ago than this is not used again, here and
+/// in hyper-util's pool: under the idle timeouts of the load balancers most often in front of
+/// a backend (an AWS ALB's 60 s, ingress-nginx's 75 s), so that a connection is let go before
+/// the balancer closes it, not raced (see [`closed_idle`]). (It was 90 s: every request after
+/// 60 to 90 s of quiet behind an ALB met the race.)
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
 
 /// Connections a thread keeps per backend; one made past this serves its request and closes.
 const KEPT_PER_BACKEND: usize = 1024;
