@@ -100,6 +100,19 @@ async fn decisions_by_the_wall_clock_survive_its_steps() {
         expired(&sluice_control::snapshot::build(&store, "e").await.unwrap()),
         "an expiry taken back by a step of the clock"
     );
+    // Expired for 29 days it is still there, refused as expired; for 31, left out, so that
+    // keys issued to expire do not fill the snapshot for good.
+    const DAY: i64 = 86_400_000;
+    skew_wall_clock(offset_to(at + 29 * DAY));
+    assert!(expired(
+        &sluice_control::snapshot::build(&store, "e").await.unwrap()
+    ));
+    skew_wall_clock(offset_to(at + 31 * DAY));
+    let snapshot = sluice_control::snapshot::build(&store, "e").await.unwrap();
+    assert!(
+        snapshot.client_keys.iter().all(|k| k.id != key.id),
+        "a key expired a month ago still in the snapshot"
+    );
     skew_wall_clock(0);
 }
 
