@@ -102,7 +102,6 @@ async fn decisions_by_the_wall_clock_survive_its_steps() {
     );
     // Expired for 29 days it is still there, refused as expired; for 31, left out, so that
     // keys issued to expire do not fill the snapshot for good.
-    const DAY: i64 = 86_400_000;
     skew_wall_clock(offset_to(at + 29 * DAY));
     assert!(expired(
         &sluice_control::snapshot::build(&store, "e").await.unwrap()
