@@ -288,7 +288,8 @@ pub enum KeyCommand {
         #[command(flatten)]
         limits: KeyLimitArgs,
         /// When the key stops working (RFC 3339, or a date: midnight UTC); data planes then
-        /// answer 401 saying it expired. Must be in the future. Default: never.
+        /// answer 401 saying it expired (for 30 days; then as an unknown key). Must be in the
+        /// future. Default: never.
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
         expires: Option<SystemTime>,
         #[command(flatten)]

@@ -50,7 +50,10 @@ async fn publish_due(store: &Store) -> bool {
     match store.publish_key_expiries(now_ms()).await {
         Ok(0) => true,
         Ok(expired) => {
-            tracing::info!(expired, "client keys expired");
+            tracing::info!(
+                expired,
+                "client keys expired (or, expired 30 days ago, left out of the snapshot)"
+            );
             true
         }
         Err(err) => {

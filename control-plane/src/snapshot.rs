@@ -457,11 +457,6 @@ impl SentSnapshot {
     }
 }
 
-/// How long after its expiry a key stays in the snapshot, refused as expired (401
-/// `api_key_expired`, which tells its user what happened); past it, it is left out and refused
-/// as unknown. 30 days.
-pub const EXPIRED_KEYS_KEPT_MS: i64 = 30 * 24 * 3_600_000;
-
 /// Builds the snapshot of the committed state, stamped with `epoch`.
 pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreError> {
     let epoch = epoch.to_owned();
@@ -528,18 +523,18 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
             // (nothing would publish its expiry again).
             let published = crate::store::published_expiries_in(&tx)?;
             for k in crate::store::load_keys_in(&tx, true)? {
-                // Long expired: left out, so that keys issued to expire (a contractor's, a CI
-                // run's) do not fill the snapshot for good. Refused as unknown from then on.
-                if k.expire_time_ms
-                    .is_some_and(|at| now.saturating_sub(at) > EXPIRED_KEYS_KEPT_MS)
-                {
+                // Long expired, and a version has said so (at the time, not at some later
+                // change; and a step back of the clock does not bring it back): left out, so
+                // that keys issued to expire (a contractor's, a CI run's) do not fill the
+                // snapshot for good. Refused as unknown from then on.
+                if published.get(&k.id) == Some(&true) {
                     continue;
                 }
                 // Only keys with a budget cost a read of their spend.
                 let budget_spent = k.max_budget_nanos > 0
                     && crate::store::spent_in_period_in(&tx, &k, now)? >= k.max_budget_nanos;
                 client_keys.push(pb::SnapshotClientKey {
-                    expired: k.expired_at(now) || published.contains(&k.id),
+                    expired: k.expired_at(now) || published.contains_key(&k.id),
                     expire_time: k.expire_time_ms.map(crate::time::timestamp),
                     budget_spent,
                     max_budget: sluice_domain::price::from_nanos(k.max_budget_nanos),

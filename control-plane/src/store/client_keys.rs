@@ -159,9 +159,10 @@ impl Store {
     pub async fn next_key_expiry(&self) -> Result<Option<i64>, StoreError> {
         self.read(Reader::Admin, |conn, _| {
             Ok(conn.query_row(
-                "SELECT MIN(expire_time) FROM client_keys
-                 WHERE revoked = 0 AND expiry_published = 0 AND expire_time IS NOT NULL",
-                [],
+                "SELECT MIN(CASE expiry_published WHEN 0 THEN expire_time ELSE expire_time + ?1 END)
+                 FROM client_keys
+                 WHERE revoked = 0 AND expiry_published < 2 AND expire_time IS NOT NULL",
+                params![EXPIRED_KEYS_KEPT_MS],
                 |r| r.get(0),
             )?)
         })
@@ -169,21 +170,29 @@ impl Store {
     }
 
     /// Bumps the snapshot version once for the active keys that expired by `now`, so the
-    /// data planes learn of it as of any other change; returns how many expired. A key's
-    /// expiry bumps the version once, however often this runs.
+    /// data planes learn of it as of any other change, and once for those that expired
+    /// [`EXPIRED_KEYS_KEPT_MS`] before it, which leave the snapshot then (and the room they
+    /// took is free for new keys then, not at some later change); returns how many changed.
+    /// Each step bumps the version once per key, however often this runs. `expiry_published`:
+    /// 0 not yet, 1 published expired, 2 published left out.
     pub async fn publish_key_expiries(&self, now: i64) -> Result<usize, StoreError> {
         self.write(WriteOp::admin, move |conn, _| {
             let tx = conn.transaction()?;
+            let left_out = tx.execute(
+                "UPDATE client_keys SET expiry_published = 2
+                 WHERE revoked = 0 AND expiry_published = 1 AND expire_time + ?2 <= ?1",
+                params![now, EXPIRED_KEYS_KEPT_MS],
+            )?;
             let expired = tx.execute(
                 "UPDATE client_keys SET expiry_published = 1
                  WHERE revoked = 0 AND expiry_published = 0 AND expire_time <= ?1",
                 params![now],
             )?;
-            if expired > 0 {
+            if expired + left_out > 0 {
                 bump_version(&tx)?;
             }
             tx.commit()?;
-            Ok(expired)
+            Ok(expired + left_out)
         })
         .await
     }
@@ -224,14 +233,21 @@ pub(crate) fn load_keys(
         .collect()
 }
 
+/// How long after its expiry a key stays in the snapshot, refused as expired (401
+/// `api_key_expired`, which tells its user what happened); past it, a snapshot version leaves
+/// it out ([`Store::publish_key_expiries`]) and it is refused as unknown. 30 days.
+pub const EXPIRED_KEYS_KEPT_MS: i64 = 30 * 24 * 3_600_000;
+
 /// The ids of the active keys whose expiry a snapshot version has followed
-/// ([`Store::publish_key_expiries`]).
+/// ([`Store::publish_key_expiries`]): those still in the snapshot (`false`), and those a
+/// version has left out since (`true`).
 pub(crate) fn published_expiries(
     conn: &Connection,
-) -> Result<std::collections::HashSet<String>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached("SELECT id FROM client_keys WHERE revoked = 0 AND expiry_published = 1")?;
-    let ids = stmt.query_map([], |r| r.get(0))?;
+) -> Result<std::collections::HashMap<String, bool>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, expiry_published = 2 FROM client_keys WHERE revoked = 0 AND expiry_published > 0",
+    )?;
+    let ids = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(ids.collect::<Result<_, _>>()?)
 }
 
