@@ -321,6 +321,25 @@ mod tests {
         assert!(bumped > created);
         assert_eq!(store.publish_key_expiries(at + 10_000).await.unwrap(), 0);
         assert_eq!(*store.commits().borrow(), bumped, "an expiry bumps once");
+        // Next: its leaving the snapshot, 30 days on (once, too).
+        assert_eq!(
+            store.next_key_expiry().await.unwrap(),
+            Some(at + EXPIRED_KEYS_KEPT_MS)
+        );
+        assert_eq!(
+            store
+                .publish_key_expiries(at + EXPIRED_KEYS_KEPT_MS)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .publish_key_expiries(at + EXPIRED_KEYS_KEPT_MS + 1)
+                .await
+                .unwrap(),
+            0
+        );
         assert_eq!(store.next_key_expiry().await.unwrap(), None);
         let listed = store.list_client_keys(false, None, None).await.unwrap();
         assert!(listed[0].expired_at(at));
@@ -352,7 +371,11 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(store.next_key_expiry().await.unwrap(), None);
+        assert_eq!(
+            store.next_key_expiry().await.unwrap(),
+            Some(first + EXPIRED_KEYS_KEPT_MS),
+            "only its leaving the snapshot is ahead"
+        );
 
         let later = first + 60_000;
         let (updated, version) = store
