@@ -273,14 +273,18 @@ async fn one_models_429_cools_that_model_alone_at_every_replica() {
         .await;
     let before = cluster.latest_version().await;
     assert_eq!(p.chat(&key, "m").await.status(), 429);
-    let listed = eventually_value(|| async {
+    let of_a = || async {
         cluster
             .cooldowns()
             .await
             .into_iter()
             .find(|c| c.backend_name == "a")
+    };
+    eventually(Duration::from_secs(10), "a's cooldown listed", || async {
+        of_a().await.is_some()
     })
     .await;
+    let listed = of_a().await.unwrap();
     assert_eq!(listed.model, "m", "{listed:?}");
     cluster.wait_replicas_past(2, before).await;
 
@@ -292,23 +296,4 @@ async fn one_models_429_cools_that_model_alone_at_every_replica() {
         assert_eq!(gateway.chat(&key, "n").await.status(), 200);
     }
     assert_eq!(a.stats().await.requests.chat_completions, reached + 2);
-}
-
-/// Polls `get` every 20 ms for up to 10 s until it gives a value.
-async fn eventually_value<T, F, Fut>(get: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(value) = get().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nothing within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
