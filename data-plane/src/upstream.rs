@@ -838,9 +838,8 @@ mod tests {
     }
 
     /// A backend no longer called keeps its idle connections only until a look over all of
-    /// the thread's connections finds them past the idle timeout (every 4,096 requests of the
-    /// thread, to any backend): a server that never closes idle ones (TGI, Ollama) held them,
-    /// a descriptor each, until the replica restarted.
+    /// the thread's connections finds them past the idle timeout: a server that never closes
+    /// idle ones (TGI, Ollama) held them, a descriptor each, until the replica restarted.
     #[tokio::test]
     async fn idle_connections_of_a_backend_no_longer_called_are_closed() {
         let (server, _) = counting_server(Duration::ZERO).await;
@@ -850,6 +849,54 @@ mod tests {
         assert_eq!(pool::kept_after_sweep_at(&authority, now), (1, 1));
         let later = now + Duration::from_secs(91);
         assert_eq!(pool::kept_after_sweep_at(&authority, later), (1, 0));
+    }
+
+    /// The thread's own task closes an idle connection once it is past the idle timeout,
+    /// with no call to its backend or any other: after a burst, a backend called once a minute
+    /// (or never again) held the burst's connections, a descriptor each at both ends, for
+    /// hours against a server that keeps idle connections open.
+    #[tokio::test]
+    async fn idle_connections_are_closed_by_the_thread_without_another_call() {
+        let (server, closed) = keep_alive_server();
+        call(&direct_client(), server).await.unwrap();
+        assert!(
+            pool::sweeping_here(),
+            "keeping a connection starts the sweep"
+        );
+        // The sweep as it runs, but every 10 ms and with its clock past the idle timeout.
+        tokio::spawn(pool::sweeping_for_test(Duration::from_millis(10), || {
+            std::time::Instant::now() + Duration::from_secs(56)
+        }));
+        tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .expect("the idle connection was closed")
+            .unwrap();
+    }
+
+    /// A server on a thread of its own that answers one request keep-alive, as TGI does, then
+    /// waits for its client to close the connection, which it signals on the receiver.
+    fn keep_alive_server() -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<()>) {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed, on_close) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let (mut socket, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !(request.windows(4).any(|w| w == b"\r\n\r\n") && request.ends_with(b"{}")) {
+                let n = socket.read(&mut buf).unwrap();
+                assert!(n > 0, "the client closed before its request");
+                request.extend_from_slice(&buf[..n]);
+            }
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                .unwrap();
+            // Held open until the client closes it (EOF) or resets it.
+            while matches!(socket.read(&mut buf), Ok(n) if n > 0) {}
+            let _ = closed.send(());
+        });
+        (addr, on_close)
     }
 
     #[tokio::test]

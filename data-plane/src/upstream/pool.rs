@@ -28,10 +28,12 @@
 //!   connection's failure is the caller's; a kept one that fails at once, before any byte of
 //!   an answer, was closed idle as it was given the request, never read ([`closed_idle`]).
 //!
-//! What it does not: there is no timer of its own. Lists are looked through when their
-//! backend is called (one entry more at each call, round the list, besides the search for a
-//! ready one), and every [`SWEEP_ALL_EVERY`] of the thread's requests all of them, so the idle
-//! connections of a backend no longer called are closed at the next sweep.
+//! - closes what it no longer uses: a backend's list is looked through when it is called (one
+//!   entry more at each call, round the list, besides the search for a ready one), and while
+//!   the thread keeps any connection a task of its own looks over all of them every
+//!   [`SWEEP_EVERY`] ([`sweeping`]), so an idle connection's socket is closed between
+//!   [`IDLE_TIMEOUT`] and [`SWEEP_EVERY`] after that, whether or not its backend is called
+//!   again (a backend deleted or moved, a quiet hour).
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -60,12 +62,12 @@ pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
 /// Connections a thread keeps per backend; one made past this serves its request and closes.
 const KEPT_PER_BACKEND: usize = 1024;
 
-/// Every this many requests a thread looks over all its kept connections and closes those
-/// spent (idle past [`IDLE_TIMEOUT`], or closed), of every backend: those of a backend no
-/// longer called (deleted, moved to another address) are otherwise looked at never again, and
-/// a server that keeps idle connections open (TGI, Ollama) would hold them, and a descriptor
-/// each, until the replica restarts.
-const SWEEP_ALL_EVERY: u32 = 4096;
+/// How often a thread that keeps connections looks over all of them and closes those spent
+/// (idle past [`IDLE_TIMEOUT`], or closed), of every backend ([`sweeping`]): those of a backend
+/// no longer called (deleted, moved to another address) are otherwise looked at never again,
+/// and after a burst a backend called once a minute frees one a call, so a server that keeps
+/// idle connections open (TGI, Ollama) would hold them, and a descriptor each, for hours.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 type Sender = SendRequest<Full<Bytes>>;
 
@@ -77,8 +79,47 @@ thread_local! {
     /// (one pass over the text) instead of SipHash.
     static KEPT: RefCell<foldhash::HashMap<Box<str>, Kept>> = RefCell::default();
 
-    /// Requests this thread has sent since it last looked over all of [`KEPT`].
-    static SINCE_SWEEP: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// The task that looks over [`KEPT`] every [`SWEEP_EVERY`] while it holds any connection.
+    static SWEEPER: RefCell<Option<tokio::task::JoinHandle<()>>> = const { RefCell::new(None) };
+}
+
+/// Starts this thread's [`sweeping`] task unless it runs (it ends when the thread keeps no
+/// connection, and with its runtime). Called as a connection is kept: off the path of a
+/// request on a kept one.
+fn keep_sweeping() {
+    SWEEPER.with_borrow_mut(|sweeper| {
+        if sweeper.as_ref().is_none_or(|task| task.is_finished()) {
+            *sweeper = Some(tokio::spawn(sweeping(SWEEP_EVERY, Instant::now)));
+        }
+    });
+}
+
+/// Every `every`, closes this thread's spent connections ([`sweep_all`], as at `now()`); ends
+/// once none is kept. Spawned on a serving thread's own runtime (current-thread), so it looks
+/// over that thread's [`KEPT`].
+async fn sweeping(every: Duration, now: fn() -> Instant) {
+    loop {
+        tokio::time::sleep(every).await;
+        let left = KEPT.with_borrow_mut(|kept| {
+            sweep_all(kept, now());
+            kept.len()
+        });
+        if left == 0 {
+            return;
+        }
+    }
+}
+
+/// Whether this thread's [`sweeping`] task runs, for tests.
+#[cfg(test)]
+pub(super) fn sweeping_here() -> bool {
+    SWEEPER.with_borrow(|sweeper| sweeper.as_ref().is_some_and(|task| !task.is_finished()))
+}
+
+/// Runs [`sweeping`] every `every` with its clock `now`, for tests.
+#[cfg(test)]
+pub(super) async fn sweeping_for_test(every: Duration, now: fn() -> Instant) {
+    sweeping(every, now).await
 }
 
 /// This thread's kept connections to `authority`, and a look over all of them as at `now`
@@ -196,18 +237,9 @@ pub(super) fn send(
     let uri = std::mem::take(request.uri_mut());
     *request.uri_mut() = origin_form(&uri);
     let now = Instant::now();
-    let on_kept = KEPT.with_borrow_mut(|kept| {
-        let since = SINCE_SWEEP.get() + 1;
-        SINCE_SWEEP.set(if since >= SWEEP_ALL_EVERY {
-            sweep_all(kept, now);
-            0
-        } else {
-            since
-        });
-        match kept.get_mut(authority(&uri)) {
-            Some(kept) => kept.send(request, now),
-            None => OnKept::NoneReady(request),
-        }
+    let on_kept = KEPT.with_borrow_mut(|kept| match kept.get_mut(authority(&uri)) {
+        Some(kept) => kept.send(request, now),
+        None => OnKept::NoneReady(request),
     });
     // Combinators rather than an `async` block, which would keep a second copy of the kept
     // connection's answer (about 270 bytes) beside the one it awaits.
@@ -300,6 +332,7 @@ async fn connect_and_send(
             kept.connections.push(Connection { sender, used: now });
         }
     });
+    keep_sweeping();
     // A new connection closed at once after the request was written is not taken for one
     // never read (as a kept one is, [`closed_idle`]): a server that read the request and
     // failed at once (a crash on it, a reset) may have begun it, and there is no idle close
