@@ -519,22 +519,18 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                 })
                 .collect();
             let mut client_keys = Vec::new();
-            // An expiry once published stays: a step back of the clock must not revive the key
+            // Active keys, less those long expired that a version has left out (at the time,
+            // not at some later change; and a step back of the clock does not bring them
+            // back), so that keys issued to expire (a contractor's, a CI run's) neither fill
+            // the snapshot nor slow its builds for good. Refused as unknown from then on. An
+            // expiry once published stays: a step back of the clock must not revive the key
             // (nothing would publish its expiry again).
-            let published = crate::store::published_expiries_in(&tx)?;
-            for k in crate::store::load_keys_in(&tx, true)? {
-                // Long expired, and a version has said so (at the time, not at some later
-                // change; and a step back of the clock does not bring it back): left out, so
-                // that keys issued to expire (a contractor's, a CI run's) do not fill the
-                // snapshot for good. Refused as unknown from then on.
-                if published.get(&k.id) == Some(&true) {
-                    continue;
-                }
+            for (k, expiry_published) in crate::store::snapshot_keys_in(&tx)? {
                 // Only keys with a budget cost a read of their spend.
                 let budget_spent = k.max_budget_nanos > 0
                     && crate::store::spent_in_period_in(&tx, &k, now)? >= k.max_budget_nanos;
                 client_keys.push(pb::SnapshotClientKey {
-                    expired: k.expired_at(now) || published.contains_key(&k.id),
+                    expired: k.expired_at(now) || expiry_published,
                     expire_time: k.expire_time_ms.map(crate::time::timestamp),
                     budget_spent,
                     max_budget: sluice_domain::price::from_nanos(k.max_budget_nanos),

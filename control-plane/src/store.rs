@@ -160,6 +160,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0017_client_key_order.sql"),
     include_str!("../../migrations/0018_database_id.sql"),
     include_str!("../../migrations/0019_model_cooldowns.sql"),
+    include_str!("../../migrations/0020_snapshot_key_index.sql"),
 ];
 
 /// A handle to the database; cheap to clone.
@@ -541,8 +542,7 @@ pub(crate) fn database_id_in(conn: &Connection) -> Result<String, StoreError> {
 }
 pub(crate) use affinity_keys::load_active as load_affinity_keys_in;
 pub(crate) use backends::load_enabled_with_keys as load_enabled_with_keys_in;
-pub(crate) use client_keys::load_keys as load_keys_in;
-pub(crate) use client_keys::published_expiries as published_expiries_in;
+pub(crate) use client_keys::snapshot_keys as snapshot_keys_in;
 pub(crate) use cooldowns::load_cooldown_states as load_cooldown_states_in;
 pub(crate) use data_planes::share_holders as share_holders_in;
 pub use key_spend::KeyBudget;
