@@ -876,27 +876,35 @@ mod tests {
     /// A server on a thread of its own that answers one request keep-alive, as TGI does, then
     /// waits for its client to close the connection, which it signals on the receiver.
     fn keep_alive_server() -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<()>) {
-        use std::io::{Read as _, Write as _};
+        use std::io::Read as _;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let (closed, on_close) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
             let (mut socket, _) = listener.accept().unwrap();
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !(request.windows(4).any(|w| w == b"\r\n\r\n") && request.ends_with(b"{}")) {
-                let n = socket.read(&mut buf).unwrap();
-                assert!(n > 0, "the client closed before its request");
-                request.extend_from_slice(&buf[..n]);
-            }
-            socket
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                .unwrap();
+            answer_one_request(&mut socket);
             // Held open until the client closes it (EOF) or resets it.
+            let mut buf = [0u8; 4096];
             while matches!(socket.read(&mut buf), Ok(n) if n > 0) {}
             let _ = closed.send(());
         });
         (addr, on_close)
+    }
+
+    /// Reads one request of [`call`]'s (its head, then the two bytes of its body) from
+    /// `socket` and answers it keep-alive.
+    fn answer_one_request(socket: &mut std::net::TcpStream) {
+        use std::io::{Read as _, Write as _};
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !(request.windows(4).any(|w| w == b"\r\n\r\n") && request.ends_with(b"{}")) {
+            let n = socket.read(&mut buf).unwrap();
+            assert!(n > 0, "the client closed before its request");
+            request.extend_from_slice(&buf[..n]);
+        }
+        socket
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            .unwrap();
     }
 
     #[tokio::test]
@@ -931,7 +939,7 @@ mod tests {
     fn closing_server(
         trigger: std::net::TcpStream,
     ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-        use std::io::{Read as _, Write as _};
+        use std::io::Write as _;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -941,17 +949,7 @@ mod tests {
             for socket in listener.incoming() {
                 let mut socket = socket.unwrap();
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                // The head, then the two bytes of the body.
-                let mut request = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !(request.windows(4).any(|w| w == b"\r\n\r\n") && request.ends_with(b"{}")) {
-                    let n = socket.read(&mut buf).unwrap();
-                    assert!(n > 0, "the client closed first");
-                    request.extend_from_slice(&buf[..n]);
-                }
-                socket
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                    .unwrap();
+                answer_one_request(&mut socket);
                 std::thread::sleep(Duration::from_millis(100));
                 // Closed before the trigger: should this thread be late, the client sees the
                 // close first and leaves the connection out (the retry is then not exercised,
