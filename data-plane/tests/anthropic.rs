@@ -46,25 +46,118 @@ fn leading_system_and_developer_messages_become_the_top_level_system() {
     );
 }
 
+/// Later system and developer messages join the top-level `system`: Anthropic takes
+/// `role: "system"` turns from Claude Opus 4.8 alone, and only right after a user turn (any
+/// other model answers 400 "role 'system' is not supported on this model").
 #[test]
-fn later_system_messages_stay_in_place_as_system_turns() {
+fn later_system_messages_join_the_top_level_system() {
     let m = to_messages(json!({"model": "m", "messages": [
+        {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello"},
-        {"role": "system", "content": "Now answer in French."},
+        {"role": "developer", "content": "Now answer in French."},
         {"role": "user", "content": "Bye"},
     ]}));
-    assert!(m.get("system").is_none());
+    assert_eq!(
+        m["system"],
+        json!([{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Now answer in French."}])
+    );
     let roles: Vec<&str> = m["messages"]
         .as_array()
         .unwrap()
         .iter()
         .map(|t| t["role"].as_str().unwrap())
         .collect();
-    assert_eq!(roles, ["user", "assistant", "system", "user"]);
+    assert_eq!(roles, ["user", "assistant", "user"]);
+}
+
+/// No turn goes empty or with a text of whitespace alone, which Anthropic refuses ("all
+/// messages must have non-empty content", "text content blocks must contain non-whitespace
+/// text"): such text is left out, a message left with nothing is left out and its neighbours
+/// merge; an answer refused and sent back (`content: null`, `refusal`) is its refusal's text.
+#[test]
+fn no_turn_is_sent_empty_or_blank() {
+    let hi_and = |answer: Value| {
+        to_messages(json!({"model": "m", "messages": [
+            {"role": "user", "content": "Hi"}, answer, {"role": "user", "content": [{"type": "text", "text": "Again"}, {"type": "text", "text": " \t"}]},
+        ]}))
+    };
+    let merged = json!([{"role": "user", "content": [
+        {"type": "text", "text": "Hi"}, {"type": "text", "text": "Again"},
+    ]}]);
+    for empty in [
+        json!({"role": "assistant", "content": ""}),
+        json!({"role": "assistant", "content": null}),
+        json!({"role": "assistant", "content": "\n\n"}),
+        json!({"role": "assistant", "content": [{"type": "text", "text": "\u{a0}"}]}),
+    ] {
+        assert_eq!(hi_and(empty.clone())["messages"], merged, "{empty}");
+    }
+    let refused =
+        hi_and(json!({"role": "assistant", "content": null, "refusal": "I can't help with that."}));
     assert_eq!(
-        m["messages"][2]["content"][0]["text"],
-        "Now answer in French."
+        refused["messages"][1],
+        json!({"role": "assistant", "content": [{"type": "text", "text": "I can't help with that."}]})
+    );
+    let blank_result = to_messages(json!({"model": "m", "system": "x", "messages": [
+        {"role": "system", "content": "\n"},
+        {"role": "user", "content": "List it."},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": " "},
+    ]}));
+    assert!(blank_result.get("system").is_none(), "{blank_result}");
+    assert_eq!(
+        blank_result["messages"][2],
+        json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1"}]})
+    );
+    // Nothing left to send: a 400 of Sluice's, not Anthropic's "at least one message is required".
+    let alone = chat_to_messages(
+        &obj(json!({"model": "m", "messages": [{"role": "system", "content": "Write a haiku."}, {"role": "user", "content": " "}]})),
+        "claude-up",
+        4096,
+        Sampling::Taken,
+    )
+    .unwrap_err();
+    assert_eq!(alone.param, "messages");
+}
+
+/// A base64 image goes with the media type its bytes say, whatever its label (Anthropic
+/// refuses `image/jpg`, which browsers write, and a label its bytes contradict); data it
+/// cannot tell keeps its label, parameters left out.
+#[test]
+fn an_images_media_type_is_read_from_its_bytes() {
+    let sent = |url: &str| {
+        let m = to_messages(
+            json!({"model": "m", "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+            ]}]}),
+        );
+        m["messages"][0]["content"][0]["source"]["media_type"].clone()
+    };
+    assert_eq!(
+        sent("data:image/jpg;base64,/9j/4AAQSkZJRgABAQ=="),
+        "image/jpeg"
+    );
+    assert_eq!(
+        sent("data:image/png;base64,/9j/4AAQSkZJRgABAQ=="),
+        "image/jpeg"
+    );
+    assert_eq!(
+        sent("data:image/jpeg;base64,iVBORw0KGgoAAAANSUhEUg=="),
+        "image/png"
+    );
+    assert_eq!(
+        sent("data:image/png;base64,R0lGODlhAQABAIAAAP8AAP8="),
+        "image/gif"
+    );
+    assert_eq!(
+        sent("data:image/png;base64,UklGRiQAAABXRUJQVlA4IBgA"),
+        "image/webp"
+    );
+    assert_eq!(sent("data:image/jpg;base64,AAAA"), "image/jpeg");
+    assert_eq!(
+        sent("data:image/png;charset=utf-8;base64,AAAA"),
+        "image/png"
     );
 }
 
@@ -668,6 +761,18 @@ fn anthropic_errors_reach_chat_clients_in_openai_shape() {
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
     assert_eq!(v["error"]["message"], "max_tokens: Field required");
+    assert_eq!(v["error"]["code"], "invalid_request_error");
+    // A prompt past the model's context has OpenAI's code, which clients trim their history on.
+    let (status, body) = error::to_openai(
+        StatusCode::BAD_REQUEST,
+        br#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 215000 tokens > 200000 maximum"}}"#,
+    );
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v["error"],
+        json!({"message": "prompt is too long: 215000 tokens > 200000 maximum", "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"})
+    );
 }
 
 #[test]
@@ -1347,6 +1452,12 @@ proptest! {
         }
         let chat = json!({"model": "m", "messages": [{"role": "user", "content": "go"}, assistant]});
         let messages = chat_to_messages(&obj(chat), "x", 16, Sampling::Taken).unwrap();
+        // Whitespace alone is left out (Anthropic refuses it), and a turn of nothing with it.
+        let text = if text.trim().is_empty() { String::new() } else { text };
+        if text.is_empty() && calls.is_empty() {
+            prop_assert_eq!(messages["messages"].as_array().unwrap().len(), 1);
+            return Ok(());
+        }
         // The backend answers with the very blocks it was given.
         let turn = &messages["messages"][1]["content"];
         let given_text: String = turn.as_array().unwrap().iter().filter_map(|b| b["text"].as_str()).collect();

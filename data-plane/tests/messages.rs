@@ -308,6 +308,116 @@ async fn a_chat_clients_sampling_parameters_go_only_to_versions_that_take_them()
     }
 }
 
+/// A chat client's history as the OpenAI API takes it reaches Claude as turns Claude takes
+/// (the strict mock refuses what Anthropic refuses): a system message mid-conversation (only
+/// Opus 4.8 takes `role: "system"` turns, and only after a user turn), an empty answer sent
+/// back (Claude answers empty `end_turn`s after tool results, and the client keeps them), a
+/// refusal sent back (`content: null`), whitespace alone. Each was a 400 at every later turn
+/// of the conversation. Written from the text and through the values (`n: 1`) alike.
+#[tokio::test]
+async fn a_chat_clients_history_reaches_claude_as_turns_claude_takes() {
+    let claude = mock("claude");
+    let h = claude_only(&claude).await;
+    let user = |text: &str| json!({"role": "user", "content": text});
+    let hi_and = |answer: Value| vec![user("Hi"), answer, user("Again")];
+    let calls = json!([{"id": "call_1", "type": "function",
+                        "function": {"name": "ls", "arguments": "{}"}}]);
+    let histories = [
+        (
+            "a system message mid-conversation",
+            vec![
+                user("Hi"),
+                json!({"role": "assistant", "content": "Hello"}),
+                json!({"role": "developer", "content": "Now answer in French."}),
+                user("Bye"),
+            ],
+        ),
+        (
+            "an empty answer",
+            hi_and(json!({"role": "assistant", "content": ""})),
+        ),
+        (
+            "a refusal",
+            hi_and(
+                json!({"role": "assistant", "content": null, "refusal": "I can't help with that."}),
+            ),
+        ),
+        (
+            "whitespace alone",
+            hi_and(json!({"role": "assistant", "content": "\n\n"})),
+        ),
+        (
+            "a blank tool result",
+            vec![
+                user("List it."),
+                json!({"role": "assistant", "content": null, "tool_calls": calls}),
+                json!({"role": "tool", "tool_call_id": "call_1", "content": " "}),
+                user(" "),
+            ],
+        ),
+    ];
+    for (case, messages) in histories {
+        for n in [None, Some(1)] {
+            let mut body = json!({"model": MODEL, "messages": messages});
+            if let Some(n) = n {
+                body["n"] = json!(n);
+            }
+            let response = h.chat(body).await;
+            let status = response.status();
+            let answer = response.text().await.unwrap();
+            assert_eq!(status, 200, "{case} ({n:?}): {answer}");
+            let sent: Value = serde_json::from_str(&claude.last_messages().unwrap().body).unwrap();
+            let turns = sent["messages"].as_array().unwrap();
+            assert!(
+                turns.iter().all(|t| t["role"] != "system"),
+                "{case}: {sent}"
+            );
+            match case {
+                "a system message mid-conversation" => assert_eq!(
+                    sent["system"],
+                    json!([{"type": "text", "text": "Now answer in French."}]),
+                    "{case}"
+                ),
+                "a refusal" => assert_eq!(
+                    turns[1],
+                    json!({"role": "assistant", "content": [{"type": "text", "text": "I can't help with that."}]}),
+                    "{case}"
+                ),
+                _ => {}
+            }
+        }
+    }
+
+    // An image labelled as browsers label JPEGs (`image/jpg`), which Anthropic refuses, goes
+    // with the type its bytes say.
+    let image = json!({"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/jpg;base64,/9j/4AAQSkZJRgABAQ=="}},
+    ]}]});
+    let response = h.chat(image).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let sent: Value = serde_json::from_str(&claude.last_messages().unwrap().body).unwrap();
+    assert_eq!(
+        sent["messages"][0]["content"][0]["source"]["media_type"],
+        "image/jpeg"
+    );
+
+    // Nothing but system messages: nothing Anthropic takes, said by Sluice.
+    let response = h
+        .chat(
+            json!({"model": MODEL, "messages": [{"role": "system", "content": "Write a haiku."}]}),
+        )
+        .await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at least one user or assistant message"),
+        "{error}"
+    );
+}
+
 #[tokio::test]
 async fn an_openai_backend_answers_a_messages_client_in_anthropic_shape() {
     let gpt = mock("gpt");

@@ -119,6 +119,48 @@ async fn the_mock_refuses_what_the_real_api_refuses() {
             json!({"model": "m", "max_tokens": 5, "messages": [user(json!("hi"))], "tool_choice": {"type": "required"}}),
             "tool_choice",
         ),
+        (
+            json!({"model": "m", "max_tokens": 5, "messages": []}),
+            "messages: at least one message is required",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 5, "messages": [user(json!("hi")), {"role": "system", "content": "Be brief."}]}),
+            "role 'system' is not supported on this model",
+        ),
+        (
+            json!({"model": "claude-opus-4-8", "max_tokens": 5, "messages": [
+                user(json!("hi")), {"role": "assistant", "content": "Hello"}, {"role": "system", "content": "Be brief."},
+            ]}),
+            "a system message must follow a user message",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 5, "messages": [
+                user(json!("hi")), {"role": "assistant", "content": ""}, user(json!("again")),
+            ]}),
+            "messages.1: all messages must have non-empty content except for the optional final assistant message",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 5, "messages": [user(json!([]))]}),
+            "non-empty content",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 5, "messages": [user(json!(" \n"))]}),
+            "messages: text content blocks must contain non-whitespace text",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 5, "messages": [user(json!([{"type": "text", "text": "\n\n"}]))]}),
+            "messages: text content blocks must contain non-whitespace text",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 5, "system": "  ", "messages": [user(json!("hi"))]}),
+            "system: text content blocks must contain non-whitespace text",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 5, "messages": [user(json!([
+                {"type": "image", "source": {"type": "base64", "media_type": "image/jpg", "data": "/9j/4AAQSkZJRg=="}},
+            ]))]}),
+            "media_type: Input should be 'image/jpeg'",
+        ),
     ] {
         let (status, answer) = post(&mock, GOOD, &body).await;
         assert_eq!(status, 400, "{body} got {answer}");
@@ -127,14 +169,15 @@ async fn the_mock_refuses_what_the_real_api_refuses() {
         let message = answer["error"]["message"].as_str().unwrap();
         assert!(message.contains(why), "{message} should name {why}");
     }
-    // System messages inside `messages` are valid in the current API.
-    let (status, _) = post(
-        &mock,
-        GOOD,
-        &json!({"model": "m", "max_tokens": 5, "messages": [user(json!("hi")), {"role": "system", "content": "Be brief."}]}),
-    )
-    .await;
-    assert_eq!(status, 200);
+    // System messages inside `messages` are valid on Claude Opus 4.8, right after a user
+    // turn; a last assistant turn may be empty (a prefill of nothing).
+    for body in [
+        json!({"model": "claude-opus-4-8", "max_tokens": 5, "messages": [user(json!("hi")), {"role": "system", "content": "Be brief."}]}),
+        json!({"model": "m", "max_tokens": 5, "messages": [user(json!("hi")), {"role": "assistant", "content": ""}]}),
+    ] {
+        let (status, answer) = post(&mock, GOOD, &body).await;
+        assert_eq!(status, 200, "{body} got {answer}");
+    }
 }
 
 const PYTHON: &str = r#"

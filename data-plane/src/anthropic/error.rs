@@ -54,15 +54,22 @@ fn message_of(body: &[u8]) -> String {
 }
 
 /// An Anthropic backend's error → the status and OpenAI-style body a chat client gets: the
-/// message kept, Anthropic's error type as the `code`, 529 answered as 503.
+/// message kept, Anthropic's error type as the `code`, 529 answered as 503; a prompt longer
+/// than the model's context ("prompt is too long: …") has OpenAI's `context_length_exceeded`,
+/// the code chat clients look for to trim or summarise their history.
 pub fn to_openai(status: StatusCode, body: &[u8]) -> (StatusCode, Bytes) {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let code = parsed
-        .as_ref()
-        .and_then(|v| v.pointer("/error/type"))
-        .and_then(Value::as_str)
-        .unwrap_or_else(|| error_type(status.as_u16()))
-        .to_owned();
+    let message = message_of(body);
+    let too_long = status == StatusCode::BAD_REQUEST && message.starts_with("prompt is too long");
+    let code = match too_long {
+        true => "context_length_exceeded",
+        false => parsed
+            .as_ref()
+            .and_then(|v| v.pointer("/error/type"))
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| error_type(status.as_u16())),
+    }
+    .to_owned();
     let status = if status.as_u16() == OVERLOADED {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
@@ -74,9 +81,9 @@ pub fn to_openai(status: StatusCode, body: &[u8]) -> (StatusCode, Bytes) {
         "invalid_request_error"
     };
     let body = json!({"error": {
-        "message": message_of(body),
+        "message": message,
         "type": kind,
-        "param": null,
+        "param": too_long.then_some("messages"),
         "code": code,
     }});
     (status, Bytes::from(body.to_string()))

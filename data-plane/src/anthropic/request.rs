@@ -365,6 +365,12 @@ pub(super) fn sendable_stop(stop: &str) -> bool {
 }
 
 /// The chat `messages` → (top-level `system` blocks, Messages turns with same-role turns merged).
+///
+/// Every `system` and `developer` message goes to the top-level `system`, wherever it stands:
+/// Anthropic takes `role: "system"` turns from one model alone, and only right after a user
+/// turn. A message left with no block (an empty answer, whitespace alone: Anthropic refuses
+/// both, and a chat client sends back the empty answers Claude gives) is left out, its
+/// neighbours merging when they are of one role; with no turn left, untranslatable.
 fn chat_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Untranslatable> {
     let mut system = Vec::new();
     let mut turns: Vec<(String, Vec<Value>)> = Vec::new();
@@ -377,12 +383,8 @@ fn chat_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Untrans
         let content = message.get("content").unwrap_or(&Value::Null);
         let (role, blocks) = match role {
             "system" | "developer" => {
-                let blocks = text_blocks(content, &at(".content"))?;
-                if turns.is_empty() {
-                    system.extend(blocks);
-                    continue;
-                }
-                ("system", blocks)
+                system.extend(text_blocks(content, &at(".content"))?);
+                continue;
             }
             "user" => ("user", user_blocks(content, &at(".content"))?),
             "assistant" => ("assistant", assistant_blocks(message, &at)?),
@@ -415,9 +417,13 @@ fn chat_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Untrans
             }
         };
         match turns.last_mut() {
+            _ if blocks.is_empty() => {}
             Some((last, merged)) if last == role => merged.extend(blocks),
             _ => turns.push((role.to_owned(), blocks)),
         }
+    }
+    if turns.is_empty() {
+        return Err(Untranslatable::new("messages", NO_TURN));
     }
     let turns = turns
         .into_iter()
@@ -426,11 +432,22 @@ fn chat_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Untrans
     Ok((system, turns))
 }
 
-/// String or text parts → text blocks (empty strings dropped: Anthropic refuses them).
+/// Why a chat request with no user or assistant message of any content cannot go to an
+/// Anthropic backend, which refuses an empty `messages`.
+const NO_TURN: &str = "An Anthropic backend needs at least one user or assistant message with content; every message here is a system message or empty.";
+
+/// Whether Anthropic refuses `text` as a text block's: empty, or whitespace alone ("text
+/// content blocks must contain non-whitespace text"). Such text carries nothing and is left
+/// out.
+pub(super) fn blank(text: &str) -> bool {
+    text.trim().is_empty()
+}
+
+/// String or text parts → text blocks (blank ones dropped: Anthropic refuses them).
 fn text_blocks(content: &Value, at: &str) -> Result<Vec<Value>, Untranslatable> {
     match content {
         Value::Null => Ok(Vec::new()),
-        Value::String(s) if s.is_empty() => Ok(Vec::new()),
+        Value::String(s) if blank(s) => Ok(Vec::new()),
         Value::String(s) => Ok(vec![json!({"type": "text", "text": s})]),
         Value::Array(parts) => {
             let mut blocks = Vec::new();
@@ -438,7 +455,7 @@ fn text_blocks(content: &Value, at: &str) -> Result<Vec<Value>, Untranslatable> 
                 match part.get("type").and_then(Value::as_str) {
                     Some("text") => {
                         if let Some(text) = part.get("text").and_then(Value::as_str)
-                            && !text.is_empty()
+                            && !blank(text)
                         {
                             blocks.push(json!({"type": "text", "text": text}));
                         }
@@ -491,12 +508,44 @@ fn user_blocks(content: &Value, at: &str) -> Result<Vec<Value>, Untranslatable> 
     Ok(blocks)
 }
 
+/// The media type of a base64 image as Anthropic takes it: what the data's first bytes say
+/// when they are one of its four types (OpenAI reads the bytes; Anthropic refuses an image
+/// whose label is wrong, "Image does not match the provided media type", and a JPEG is often
+/// labelled `image/png` by tools that screenshot), else the label with its parameters left
+/// out and `image/jpg`, which browsers and pasteboards write and Anthropic refuses, read as
+/// `image/jpeg`.
+fn image_media_type<'a>(label: &'a str, data: &str) -> &'a str {
+    use base64::Engine as _;
+    // Twelve bytes say which of the four: JPEG's FF D8 FF, PNG's signature, GIF8, RIFF….WEBP.
+    let mut head = [0u8; 12];
+    let decoded = data.get(..16).is_some_and(|start| {
+        base64::engine::general_purpose::STANDARD
+            .decode_slice(start, &mut head)
+            .is_ok()
+    });
+    if decoded {
+        match head {
+            [0xFF, 0xD8, 0xFF, ..] => return "image/jpeg",
+            [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, ..] => return "image/png",
+            [b'G', b'I', b'F', b'8', ..] => return "image/gif",
+            [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P'] => return "image/webp",
+            _ => {}
+        }
+    }
+    let label = label.split(';').next().unwrap_or(label).trim();
+    if label.eq_ignore_ascii_case("image/jpg") {
+        return "image/jpeg";
+    }
+    label
+}
+
 /// A `data:` URL → a base64 source with its media type; an http(s) URL → a url source.
 fn image_source(url: &str, at: &str) -> Result<Value, Untranslatable> {
     if let Some(rest) = url.strip_prefix("data:") {
         let (media_type, data) = rest
             .split_once(";base64,")
             .ok_or_else(|| Untranslatable::new(at, "An image data URL must be base64 encoded."))?;
+        let media_type = image_media_type(media_type, data);
         return Ok(json!({"type": "base64", "media_type": media_type, "data": data}));
     }
     if url.starts_with("https://") || url.starts_with("http://") {
@@ -527,13 +576,29 @@ fn assistant_blocks(
                     }
                 };
                 if let Some(text) = text.and_then(Value::as_str)
-                    && !text.is_empty()
+                    && !blank(text)
                 {
                     blocks.push(json!({"type": "text", "text": text}));
                 }
             }
         }
         content => blocks.extend(text_blocks(content, &at(".content"))?),
+    }
+    // An answer refused (`content: null` beside it, as the chat API answers a refusal and a
+    // client sends the message back): its text is the turn's.
+    match message.get("refusal") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(refusal)) => {
+            if !blank(refusal) {
+                blocks.push(json!({"type": "text", "text": refusal}));
+            }
+        }
+        Some(_) => {
+            return Err(Untranslatable::new(
+                at(".refusal"),
+                "refusal must be a string.",
+            ));
+        }
     }
     let calls = match message.get("tool_calls") {
         None | Some(Value::Null) => return Ok(blocks),

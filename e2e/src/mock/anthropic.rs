@@ -304,6 +304,9 @@ fn validate(
     match o.get("system") {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) => {
+            if blank(s) {
+                return Err(AnthropicError::invalid(blank_refused("system")));
+            }
             prompt.text(s);
             prompt.boundary();
         }
@@ -323,6 +326,11 @@ fn validate(
         .get("messages")
         .and_then(Value::as_array)
         .ok_or_else(|| AnthropicError::invalid("messages: Field required"))?;
+    if messages.is_empty() && !count_tokens {
+        return Err(AnthropicError::invalid(
+            "messages: at least one message is required",
+        ));
+    }
     let mut tool_uses: Vec<String> = Vec::new();
     let mut last_has_result = false;
     for (i, m) in messages.iter().enumerate() {
@@ -332,9 +340,38 @@ fn validate(
                 "messages.{i}.role: Input should be 'user', 'assistant' or 'system'"
             )));
         }
+        // Mid-conversation system messages: Claude Opus 4.8 alone takes them, and only right
+        // after a user turn.
+        if role == "system" {
+            if !model.contains("opus-4-8") {
+                return Err(AnthropicError::invalid(format!(
+                    "messages.{i}.role: role 'system' is not supported on this model"
+                )));
+            }
+            let after = (i > 0).then(|| messages[i - 1].get("role").and_then(Value::as_str));
+            if after != Some(Some("user")) {
+                return Err(AnthropicError::invalid(format!(
+                    "messages.{i}: a system message must follow a user message"
+                )));
+            }
+        }
+        let last_assistant = role == "assistant" && i + 1 == messages.len();
+        let empty = match m.get("content") {
+            Some(Value::String(s)) => s.is_empty(),
+            Some(Value::Array(blocks)) => blocks.is_empty(),
+            _ => false,
+        };
+        if empty && !last_assistant {
+            return Err(AnthropicError::invalid(format!(
+                "messages.{i}: all messages must have non-empty content except for the optional final assistant message"
+            )));
+        }
         last_has_result = false;
         match m.get("content") {
             Some(Value::String(s)) => {
+                if blank(s) && !s.is_empty() {
+                    return Err(AnthropicError::invalid(blank_refused("messages")));
+                }
                 prompt.text(s);
                 prompt.boundary();
             }
@@ -344,9 +381,18 @@ fn validate(
                     match b.get("type").and_then(Value::as_str) {
                         Some("text") => prompt.text(text_of(b, &at)?),
                         Some("image" | "document") if role == "user" => {
-                            if !b.get("source").is_some_and(Value::is_object) {
+                            let Some(source) = b.get("source").filter(|s| s.is_object()) else {
                                 return Err(AnthropicError::invalid(format!(
                                     "{at}.source: Field required"
+                                )));
+                            };
+                            if b["type"] == "image"
+                                && source["type"] == "base64"
+                                && !IMAGE_TYPES
+                                    .contains(&source["media_type"].as_str().unwrap_or(""))
+                            {
+                                return Err(AnthropicError::invalid(format!(
+                                    "{at}.source.base64.media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'"
                                 )));
                             }
                         }
@@ -511,12 +557,32 @@ fn validate(
     })
 }
 
+/// A text block's text; Anthropic refuses one that is empty or whitespace alone, naming the
+/// top-level member it is in (`messages`, `system`).
 fn text_of<'a>(block: &'a Value, at: &str) -> Result<&'a str, AnthropicError> {
-    block
+    let text = block
         .get("text")
         .and_then(Value::as_str)
-        .ok_or_else(|| AnthropicError::invalid(format!("{at}.text: Field required")))
+        .ok_or_else(|| AnthropicError::invalid(format!("{at}.text: Field required")))?;
+    if blank(text) {
+        return Err(AnthropicError::invalid(blank_refused(
+            at.split('.').next().unwrap_or(at),
+        )));
+    }
+    Ok(text)
 }
+
+/// Anthropic's refusal of a blank text block, in `member`.
+fn blank_refused(member: &str) -> String {
+    format!("{member}: text content blocks must contain non-whitespace text")
+}
+
+fn blank(text: &str) -> bool {
+    text.trim().is_empty()
+}
+
+/// The media types of base64 images Anthropic takes.
+const IMAGE_TYPES: [&str; 4] = ["image/jpeg", "image/png", "image/gif", "image/webp"];
 
 fn count(text: &str) -> u64 {
     text.split_whitespace().count() as u64

@@ -84,6 +84,10 @@ pub fn chat_to_messages_in_shape<'a>(
         }
     }
     let Turns { system, turns } = turns?;
+    // Nothing Anthropic would take: the translation that decides says why.
+    if turns.is_empty() {
+        return None;
+    }
     let mut out = Vec::with_capacity(size + 256);
     out.extend_from_slice(b"{\"model\":");
     string(&mut out, model);
@@ -230,6 +234,28 @@ fn blocks(out: &mut Vec<u8>, blocks: &[Block<'_>]) {
     out.push(b']');
 }
 
+/// Whether a JSON string's contents as written are blank once unescaped
+/// ([`super::blank`]), read up to their first character that is not whitespace: most text
+/// ends the look at once. Only a `\u` escape among whitespace is unescaped to tell.
+fn blank(written: &str) -> bool {
+    let mut chars = written.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some('n' | 'r' | 't' | 'f') => {}
+                Some('u') => {
+                    return serde_json::from_str::<String>(&format!("\"{written}\""))
+                        .is_ok_and(|text| super::blank(&text));
+                }
+                _ => return false,
+            },
+            c if c.is_whitespace() => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// `{"type":"text","text":"…"}` of a JSON string's contents as written.
 fn text_block(out: &mut Vec<u8>, text: &str) {
     out.extend_from_slice(b"{\"type\":\"text\",\"text\":\"");
@@ -244,8 +270,9 @@ struct Turn<'a> {
 }
 
 /// Chat `messages` in the shape, made into the top-level `system` blocks and the turns as
-/// `chat_messages` makes them (a system message before any turn goes to `system`; turns of the
-/// same role in a row merge; a tool message is a user turn holding its result).
+/// `chat_messages` makes them (every system message goes to `system`; a message with no block
+/// is left out; turns of the same role in a row merge; a tool message is a user turn holding
+/// its result).
 struct Turns<'a> {
     system: Vec<Block<'a>>,
     turns: Vec<Turn<'a>>,
@@ -268,11 +295,12 @@ impl<'de> Deserialize<'de> for Turns<'de> {
                     turns: Vec::new(),
                 };
                 while let Some(ChatMessage { role, blocks }) = seq.next_element()? {
-                    if role == "system" && made.turns.is_empty() {
+                    if role == "system" {
                         made.system.extend(blocks);
                         continue;
                     }
                     match made.turns.last_mut() {
+                        _ if blocks.is_empty() => {}
                         Some(last) if last.role == role => last.blocks.extend(blocks),
                         _ => made.turns.push(Turn { role, blocks }),
                     }
@@ -293,7 +321,7 @@ struct ChatMessage<'a> {
 
 impl<'de> Deserialize<'de> for ChatMessage<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        const NAMES: Names = Names(&["role", "content", "tool_calls", "tool_call_id"]);
+        const NAMES: Names = Names(&["role", "content", "tool_calls", "tool_call_id", "refusal"]);
         struct Message;
         impl<'de> serde::de::Visitor<'de> for Message {
             type Value = ChatMessage<'de>;
@@ -305,12 +333,14 @@ impl<'de> Deserialize<'de> for ChatMessage<'de> {
                 map: A,
             ) -> Result<ChatMessage<'de>, A::Error> {
                 let (mut role, mut content, mut calls, mut result_of) = (None, None, None, None);
+                let mut refusal = None;
                 members(map, NAMES, |at, map| {
                     match at {
                         0 => role = Some(map.next_value::<Key>()?.0),
                         1 => content = Some(map.next_value::<Content>()?),
                         2 => calls = map.next_value::<Option<Vec<Call>>>()?,
-                        _ => result_of = map.next_value::<Option<Key>>()?,
+                        3 => result_of = map.next_value::<Option<Key>>()?,
+                        _ => refusal = map.next_value::<Option<Written>>()?,
                     }
                     Ok(())
                 })?;
@@ -324,7 +354,7 @@ impl<'de> Deserialize<'de> for ChatMessage<'de> {
                             Part::Refusal(text) if refusals => Ok(*text),
                             Part::Refusal(_) => Err(A::Error::custom("a refusal part")),
                         })
-                        .filter(|text| text.as_ref().map_or(true, |text| !text.is_empty()))
+                        .filter(|text| text.as_ref().map_or(true, |text| !blank(text)))
                         .collect::<Result<Vec<&'de str>, A::Error>>()
                 };
                 let (role, blocks) = match role.as_deref() {
@@ -336,6 +366,13 @@ impl<'de> Deserialize<'de> for ChatMessage<'de> {
                     Some("assistant") => {
                         let mut blocks: Vec<Block<'de>> =
                             texts(true)?.into_iter().map(Block::Text).collect();
+                        // An answer refused, sent back: its text is the turn's.
+                        blocks.extend(
+                            refusal
+                                .map(|Written(text)| text)
+                                .filter(|text| !blank(text))
+                                .map(Block::Text),
+                        );
                         blocks.extend(
                             calls
                                 .into_iter()
@@ -637,5 +674,27 @@ mod tests {
         // The arguments are parsed on their own: one level (the object) above.
         assert_eq!(written(&request("1", "{}", &nested(126))), (true, true));
         assert_eq!(written(&request("1", "{}", &nested(127))), (false, false));
+    }
+
+    /// Text as written is blank as its unescaped text is: whitespace and escapes of it, a
+    /// `\u` escape told by unescaping; anything else is not.
+    #[test]
+    fn blank_is_read_through_escapes() {
+        for text in [
+            "",
+            " ",
+            "\\n",
+            " \\r\\n\\t\\f",
+            "\\u0020",
+            "\\u00a0\\n",
+            "\u{a0}",
+        ] {
+            assert!(blank(text), "{text}");
+        }
+        for text in [
+            "a", " a", "\\n.", "\\u0041", "\\\\", "\\\"", "\\b", "\\u0020x",
+        ] {
+            assert!(!blank(text), "{text}");
+        }
     }
 }
