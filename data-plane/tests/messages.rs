@@ -724,6 +724,56 @@ async fn an_overloaded_anthropic_backend_fails_over_to_an_openai_fallback_within
 /// for a Messages client and for a chat client alike. Committed at that event, the client
 /// got the error and no other backend was tried. With no other backend, the client gets the
 /// overload as the HTTP error it is (which the SDKs retry), not a 200 stream of one error.
+/// Anthropic overloads one model while serving the others (an Opus outage, Sonnet and Haiku
+/// answering): an overload counts towards that model's cooldown at the backend, as a 429
+/// does, whether it is a 529 or a stream's first event. It cooled the whole backend, taking
+/// its other models out, while the overloaded model was never skipped on its own.
+#[tokio::test]
+async fn an_overloaded_model_cools_that_model_alone_at_its_anthropic_backend() {
+    let (claude, gpt) = (mock("claude"), mock("gpt"));
+    let overloaded = format!("{MODEL}-at-claude");
+    let mut snap = snapshot(
+        1,
+        vec![
+            anthropic("claude", &claude.base_url(), proto::Pool::Primary),
+            backend("gpt", &gpt.base_url(), proto::Pool::Fallback, 0),
+        ],
+    );
+    // The Anthropic backend's other model, served there alone.
+    snap.backends[0].models.push(proto::ModelRoute {
+        name: "other".into(),
+        upstream_name: "other-at-claude".into(),
+        ..Default::default()
+    });
+    let h = Harness::start(snap).await;
+    // Three overloads (the failure threshold), one of them a stream's first event, cool the
+    // model at the Anthropic backend: the fourth request goes to the fallback at once.
+    let first_event = Fault::CutAfterChunks(0);
+    for (fault, stream, attempts) in [
+        (Fault::status(529), false, "2"),
+        (first_event, true, "2"),
+        (Fault::status(529), false, "2"),
+        (Fault::status(529), false, "1"),
+    ] {
+        claude.set_fault(fault.always().for_model(&overloaded));
+        let response = send(&h, "/v1/messages", &hello(stream)).await;
+        assert_eq!(response.status(), 200, "stream {stream}");
+        assert_eq!(response.headers()["x-sluice-backend"], "gpt-name");
+        assert_eq!(response.headers()["x-sluice-attempts"], attempts);
+        let _ = response.text().await.unwrap();
+    }
+    // The backend's other model is still served there.
+    for stream in [false, true] {
+        let body = json!({"model": "other", "max_tokens": 64, "stream": stream,
+                          "messages": [{"role": "user", "content": "hi"}]});
+        let response = send(&h, "/v1/messages", &body.to_string()).await;
+        assert_eq!(response.status(), 200, "stream {stream}");
+        assert_eq!(response.headers()["x-sluice-backend"], "claude-name");
+        assert_eq!(response.headers()["x-sluice-attempts"], "1");
+        let _ = response.text().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_stream_whose_first_event_is_an_overload_fails_over() {
     let busy = mock("busy");

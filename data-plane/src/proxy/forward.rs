@@ -170,10 +170,16 @@ impl Failure {
                 },
             },
             Self::MemoryFull(..) => Outcome::Success,
-            // A 503 (or any 5xx) may say when to come back, as a 429 does.
-            Self::Status { retry_after, .. } => Outcome::Failure {
+            // A 503 (or any 5xx) may say when to come back, as a 429 does. A model overloaded
+            // is that model's: providers overload one model while serving the others.
+            Self::Status {
+                retry_after, body, ..
+            } => Outcome::Failure {
                 retry_after: *retry_after,
-                scope: Scope::Backend,
+                scope: match model_overloaded(body) {
+                    true => Scope::Model,
+                    false => Scope::Backend,
+                },
             },
             Self::Refused {
                 why: Refusal::Model,
@@ -1662,6 +1668,22 @@ fn opens_with_an_error(bytes: &[u8]) -> bool {
 /// the event's data, the shape of Anthropic's error bodies), counted against the backend and
 /// failed over. Any other first event, an error of the request's own (`invalid_request_error`)
 /// included, commits the stream as before.
+/// Whether a 5xx's body says its model is overloaded, not the backend: Anthropic's
+/// `overloaded_error` (a 529, or a stream's first event) and its 500 `api_error` "Overloaded",
+/// OpenAI's "That model is currently overloaded with other requests". Anthropic overloads one
+/// model (an Opus outage while Sonnet and Haiku answer); cooling the backend took its other
+/// models out, and the overloaded one, between cooldowns, was never skipped on its own.
+/// OpenAI's "The server is overloaded" stays the backend's.
+fn model_overloaded(body: &[u8]) -> bool {
+    [
+        &b"overloaded_error"[..],
+        b"\"Overloaded\"",
+        b"model is currently overloaded",
+    ]
+    .into_iter()
+    .any(|said| memchr::memmem::find(body, said).is_some())
+}
+
 fn first_event(bytes: &[u8], api_key: &[u8]) -> FirstEvent {
     if !opens_with_an_error(bytes) {
         return FirstEvent::Commit;
