@@ -121,6 +121,16 @@ impl Registry {
         }
     }
 
+    /// Whether no stream of another incarnation than `hello`'s is open under its node id.
+    fn alone(&self, hello: &NodeHello) -> bool {
+        self.lock().get(&hello.node_id).is_none_or(|entry| {
+            entry
+                .streams
+                .keys()
+                .all(|incarnation| *incarnation == hello.incarnation)
+        })
+    }
+
     /// The node ids with a stream open.
     fn connected_ids(&self) -> std::collections::HashSet<String> {
         self.lock().keys().cloned().collect()
@@ -200,14 +210,43 @@ impl Membership {
         &self.registry
     }
 
-    /// A replica's snapshot stream opened at `now`. Returns the snapshot version its first
-    /// snapshot must have at least: one that counts it among the share holders.
-    pub async fn joined(&self, hello: &NodeHello, now: i64) -> Result<u64, StoreError> {
+    /// A replica's snapshot stream opened at `now`, the replica `leaving` or not (stopped
+    /// admitting requests: then it holds no share, [`Membership::leaving`]). Returns the
+    /// snapshot version its first snapshot must have at least: one that counts it among the
+    /// share holders, or no longer does.
+    pub async fn joined(
+        &self,
+        hello: &NodeHello,
+        now: i64,
+        leaving: bool,
+    ) -> Result<u64, StoreError> {
         let _one_at_a_time = self.lock.lock().await;
-        let version = self.store.record_connect(hello.clone(), now).await?;
+        let version = self
+            .store
+            .record_connect(hello.clone(), now, leaving && self.registry.alone(hello))
+            .await?;
         let count = self.registry.connect(hello);
-        tracing::info!(node = %hello.node_id, peer = %hello.peer_address, replicas = count, "data plane connected");
+        tracing::info!(node = %hello.node_id, peer = %hello.peer_address, replicas = count, leaving, "data plane connected");
         Ok(version)
+    }
+
+    /// A connected replica stopped admitting requests at `now` (its listener closed for a
+    /// stop; it drains what it took): its share of every limit ends at once, without the lease
+    /// of a replica gone from its stream, which may still be serving. A rollout or a scale-down
+    /// otherwise had the replicas left enforce each limit as if the stopping ones served too,
+    /// for their whole drain. Not while another process uses the node id: its share is that
+    /// one's too.
+    pub async fn leaving(&self, hello: &NodeHello, now: i64) {
+        let _one_at_a_time = self.lock.lock().await;
+        if !self.registry.alone(hello) {
+            return;
+        }
+        match self.store.end_share(hello.node_id.clone(), now).await {
+            Ok(ended) => {
+                tracing::info!(node = %hello.node_id, ended, "data plane stopping: its share of the limits goes to the others")
+            }
+            Err(err) => tracing::error!(error = %err, "recording a replica's stop failed"),
+        }
     }
 
     /// A replica's snapshot stream closed at `now`. After its last one the replica keeps its
@@ -328,9 +367,12 @@ mod tests {
         )
         .unwrap();
         let members = Membership::new(store.clone(), Arc::default());
-        members.joined(&hello("live"), 1_000).await.unwrap();
+        members.joined(&hello("live"), 1_000, false).await.unwrap();
         // The write of a join whose call was dropped: no stream, no registry entry.
-        store.record_connect(hello("ghost"), 1_000).await.unwrap();
+        store
+            .record_connect(hello("ghost"), 1_000, false)
+            .await
+            .unwrap();
         let mut held = store.held_while_connected().await.unwrap();
         held.sort();
         assert_eq!(held, ["ghost", "live"]);

@@ -335,6 +335,8 @@ impl Proxy {
             identity.incarnation.clone(),
         );
         let stop_snapshots = CancellationToken::new();
+        // Cancelled once the listener closes: no request is admitted from then on.
+        let draining = CancellationToken::new();
         // On a thread of its own: decoding and preparing a snapshot of 100,000 keys takes a
         // while, and this thread accepts every connection.
         let subscriber = on_a_thread_of_its_own(
@@ -344,6 +346,7 @@ impl Proxy {
                 identity.clone(),
                 Backoff::default(),
                 Applier(Arc::clone(&store), Arc::clone(&allowances)),
+                draining.clone(),
                 stop_snapshots.clone(),
             ),
         )
@@ -383,7 +386,6 @@ impl Proxy {
 
         let tasks = TaskTracker::new();
         let metrics = Arc::<Metrics>::default();
-        let draining = CancellationToken::new();
         let (done, mut finished) = mpsc::unbounded_channel();
         let body_memory = Arc::new(Semaphore::new(
             config.max_buffered_body_bytes.min(Semaphore::MAX_PERMITS),

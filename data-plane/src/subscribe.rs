@@ -72,12 +72,15 @@ impl<F: FnMut(Snapshot) -> Result<(), String>> Receiver for F {
 
 /// Keeps a `StreamSnapshots` stream open until `shutdown`, passing every snapshot to
 /// `receiver`. After the stream ends or fails it reconnects after `backoff`'s next delay; the
-/// backoff resets whenever a snapshot arrives.
+/// backoff resets whenever a snapshot arrives. Once `leaving` (the replica admits no more
+/// requests: it is stopping) it tells the control plane so, which hands its share of the
+/// rate limits to the other replicas at once.
 pub async fn run<R: Receiver>(
     mut client: DataPlaneClient,
     identity: NodeIdentity,
     mut backoff: Backoff,
     mut receiver: R,
+    leaving: CancellationToken,
     shutdown: CancellationToken,
 ) {
     // The refusal of a snapshot too large to decode, for the control plane: it ends the
@@ -85,7 +88,7 @@ pub async fn run<R: Receiver>(
     let mut nack = None;
     loop {
         let outcome = tokio::select! {
-            outcome = session(&mut client, &identity, &mut backoff, &mut receiver, &mut nack) => outcome,
+            outcome = session(&mut client, &identity, &mut backoff, &mut receiver, &mut nack, &leaving) => outcome,
             () = shutdown.cancelled() => return,
         };
         receiver.connected(false);
@@ -111,11 +114,13 @@ async fn session<R: Receiver>(
     backoff: &mut Backoff,
     receiver: &mut R,
     nack: &mut Option<String>,
+    leaving: &CancellationToken,
 ) -> Result<(), tonic::Status> {
     let base = StreamSnapshotsRequest {
         node_id: identity.node_id.clone(),
         hostname: identity.hostname.clone(),
         build_version: identity.build_version.clone(),
+        leaving: leaving.is_cancelled(),
         ..Default::default()
     };
     let budgets = receiver.allowances();
@@ -131,7 +136,7 @@ async fn session<R: Receiver>(
     // one's hello, which the control plane reads before it sends anything.
     hello.error_detail = nack.clone().unwrap_or_default();
     let hello_only = hello;
-    let hello = base;
+    let mut hello = base;
     let (tx, rx) = mpsc::channel(4);
     // Cannot fail: the receiver is alive and the buffer empty.
     let _ = tx.send(hello_only).await;
@@ -150,6 +155,13 @@ async fn session<R: Receiver>(
     loop {
         let message = tokio::select! {
             message = inbound.message() => message,
+            () = leaving.cancelled(), if !hello.leaving => {
+                hello.leaving = true;
+                if tx.send(hello.clone()).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
             ask = next_ask(&mut queued) => {
                 let mut asks = vec![ask];
                 if let Some(queued) = &mut queued {

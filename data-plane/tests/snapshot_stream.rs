@@ -45,6 +45,7 @@ fn start_subscriber(url: &str, token: &str, store: Arc<SnapshotStore>) -> Cancel
         NodeIdentity::new(Some("node-a".into())),
         backoff,
         move |s| store.apply(s).map(|_| ()).map_err(|e| e.to_string()),
+        CancellationToken::new(),
         shutdown.clone(),
     ));
     shutdown
@@ -150,6 +151,7 @@ async fn a_snapshot_past_the_size_limit_is_refused_loudly() {
         NodeIdentity::new(Some("node-a".into())),
         Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
         sluice_proxy::server::Applier(Arc::clone(&store), allowances),
+        CancellationToken::new(),
         shutdown.clone(),
     ));
     wait_version(&store, 1).await;

@@ -672,7 +672,11 @@ impl World {
         match envelope.message {
             Message::Hello => {
                 let hello = hello(&self.replicas[replica].node_id);
-                let first = control.membership.joined(&hello, self.now).await.unwrap();
+                let first = control
+                    .membership
+                    .joined(&hello, self.now, false)
+                    .await
+                    .unwrap();
                 control
                     .snapshot_streams
                     .insert(envelope.stream, (replica, None));

@@ -289,6 +289,45 @@ async fn max_parallel_requests_are_all_given_out_across_replicas() {
     drop(open);
 }
 
+/// A replica that stops hands its share of every limit to the others once it admits no more
+/// requests, not a lease after its drain: P = 4 on three replicas is 2, 1 and 1; once the
+/// first stops, the two left admit 2 each at once. A stopping replica kept its share for its
+/// whole drain (minutes of streams, up to `--drain-timeout`) and 30 s more, so every rollout
+/// and scale-down had the replicas serving enforce each limit as if the stopping ones served
+/// too.
+#[tokio::test]
+async fn a_stopping_replica_hands_its_share_to_the_others_at_once() {
+    let (run, _a, key, stream) = three_replicas_streaming(4).await;
+    run.stop_replica(0).await;
+    run.wait_replicas_current(2).await;
+    // Well within the 30 s lease a replica gone from its stream otherwise keeps.
+    let mut open = Vec::new();
+    let mut admitted = Vec::new();
+    for i in 1..3 {
+        let mut here = 0;
+        loop {
+            let r = run
+                .replica(i)
+                .post("/v1/chat/completions", &key, stream.clone())
+                .await;
+            if r.status() == 429 {
+                break;
+            }
+            assert_eq!(r.status(), 200, "replica {i}");
+            open.push(r);
+            here += 1;
+            assert!(here <= 4, "replica {i} admitted more than the key's limit");
+        }
+        admitted.push(here);
+    }
+    assert_eq!(
+        admitted,
+        [2, 2],
+        "the stopped replica's places went to the others"
+    );
+    drop(open);
+}
+
 #[tokio::test]
 async fn a_stream_its_client_leaves_midway_is_charged_what_was_streamed() {
     let cluster = Cluster::start().await;

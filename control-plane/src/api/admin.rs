@@ -524,7 +524,7 @@ mod tests {
             build_version: "t".into(),
         };
         Membership::new(store.clone(), Arc::clone(&registry))
-            .joined(&hello, crate::time::now_ms())
+            .joined(&hello, crate::time::now_ms(), false)
             .await
             .unwrap();
         let admin = Admin::new(store, Arc::clone(&publisher), Arc::clone(&registry));

@@ -255,6 +255,7 @@ impl DataPlaneApi {
             None
         };
         let (acked, refused) = (first.usage_acked_sequence, first.error_detail);
+        let mut leaving = first.leaving;
 
         let (tx, rx) = mpsc::channel(2);
         let api = self.clone();
@@ -280,7 +281,7 @@ impl DataPlaneApi {
                 }
                 None => None,
             };
-            let first_version = match api.membership.joined(&hello, now_ms()).await {
+            let first_version = match api.membership.joined(&hello, now_ms(), leaving).await {
                 Ok(version) => version,
                 Err(err) => {
                     if let Some((replica, _)) = &replica {
@@ -380,6 +381,14 @@ impl DataPlaneApi {
                     }
                     message = inbound.message() => match message {
                         Ok(Some(mut m)) => {
+                            // Stopped admitting: its share goes to the others now.
+                            if m.leaving && !leaving {
+                                leaving = true;
+                                api.membership.leaving(&hello, now_ms()).await;
+                                if m.version == 0 && m.response_nonce.is_empty() && m.allowance_requests.is_empty() {
+                                    continue; // the word alone, no ack
+                                }
+                            }
                             let asks = std::mem::take(&mut m.allowance_requests);
                             if !asks.is_empty() {
                                 if let Some(replica) = &replica {

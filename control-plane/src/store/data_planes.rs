@@ -52,10 +52,17 @@ pub struct DataPlaneRow {
 }
 
 impl Store {
-    /// A replica connected: it holds a share while connected. When it held none, the
-    /// count of holders grows and the snapshot version is bumped in the same transaction.
-    /// Returns the snapshot version its first snapshot must have at least.
-    pub async fn record_connect(&self, hello: NodeHello, now: i64) -> Result<u64, StoreError> {
+    /// A replica connected: it holds a share while connected, unless it is `leaving` (it
+    /// stopped admitting requests: then it holds none). When that changes whether it holds
+    /// one, the count of holders changes and the snapshot version is bumped in the same
+    /// transaction. Returns the snapshot version its first snapshot must have at least.
+    pub async fn record_connect(
+        &self,
+        hello: NodeHello,
+        now: i64,
+        leaving: bool,
+    ) -> Result<u64, StoreError> {
+        let share_until = (!leaving).then_some(WHILE_CONNECTED);
         self.write(WriteOp::data_plane, move |conn, _| {
             let tx = conn.transaction()?;
             let held: bool = tx
@@ -73,9 +80,9 @@ impl Store {
                      peer_address = excluded.peer_address, build_version = excluded.build_version,
                      connect_time = excluded.connect_time, last_seen_time = excluded.last_seen_time,
                      share_until = excluded.share_until",
-                params![hello.node_id, hello.hostname, hello.peer_address, hello.build_version, now, WHILE_CONNECTED],
+                params![hello.node_id, hello.hostname, hello.peer_address, hello.build_version, now, share_until],
             )?;
-            let version = if held {
+            let version = if held == share_until.is_some() {
                 super::read_version(&tx)?
             } else {
                 bump_version(&tx)?
@@ -101,6 +108,26 @@ impl Store {
                 params![node_id, now, until],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    /// A replica stopped admitting requests at `now` (it drains what it took): its share ends
+    /// at once, without a lease, the count of holders shrinking and the snapshot version
+    /// bumped in the same transaction. Returns whether it held one.
+    pub async fn end_share(&self, node_id: String, now: i64) -> Result<bool, StoreError> {
+        self.write(WriteOp::data_plane, move |conn, _| {
+            let tx = conn.transaction()?;
+            let ended = tx.execute(
+                "UPDATE data_planes SET last_seen_time = ?2, share_until = NULL
+                 WHERE node_id = ?1 AND share_until IS NOT NULL",
+                params![node_id, now],
+            )?;
+            if ended > 0 {
+                bump_version(&tx)?;
+            }
+            tx.commit()?;
+            Ok(ended > 0)
         })
         .await
     }
@@ -304,7 +331,7 @@ mod tests {
                         match op {
                             Op::Connect(n) => {
                                 let first = store
-                                    .record_connect(hello(&format!("n{n}")), now)
+                                    .record_connect(hello(&format!("n{n}")), now, false)
                                     .await
                                     .unwrap();
                                 prop_assert!(first >= version);
@@ -373,13 +400,25 @@ mod tests {
         .unwrap();
         let (_, v0) = holders(&store).await;
         // A join is a new holder: the version moves with the count.
-        let v1 = store.record_connect(hello("a"), 1_000).await.unwrap();
+        let v1 = store
+            .record_connect(hello("a"), 1_000, false)
+            .await
+            .unwrap();
         assert_eq!(holders(&store).await, (1, v1));
         assert!(v1 > v0);
-        let v2 = store.record_connect(hello("b"), 1_000).await.unwrap();
+        let v2 = store
+            .record_connect(hello("b"), 1_000, false)
+            .await
+            .unwrap();
         assert_eq!(holders(&store).await, (2, v2));
         // A reconnect of a holder changes nothing.
-        assert_eq!(store.record_connect(hello("b"), 1_500).await.unwrap(), v2);
+        assert_eq!(
+            store
+                .record_connect(hello("b"), 1_500, false)
+                .await
+                .unwrap(),
+            v2
+        );
         // b leaves at 2 s with a lease to 32 s: still counted until then.
         store
             .release_share("b".into(), 2_000, 32_000)
@@ -402,5 +441,37 @@ mod tests {
         assert_eq!(store.expire_shares(100_000).await.unwrap(), 1);
         // None left: the one who comes next is told it is alone.
         assert_eq!(holders(&store).await.0, 1);
+
+        // A replica that stopped admitting gives its share up at once, no lease; one that
+        // connects while stopping takes none.
+        let v4 = store
+            .record_connect(hello("c"), 200_000, false)
+            .await
+            .unwrap();
+        let v5 = store
+            .record_connect(hello("d"), 200_000, false)
+            .await
+            .unwrap();
+        assert_eq!(holders(&store).await, (2, v5));
+        assert!(store.end_share("c".into(), 201_000).await.unwrap());
+        let (count, v6) = holders(&store).await;
+        assert_eq!(count, 1);
+        assert!(v6 > v5 && v5 > v4);
+        assert!(!store.end_share("c".into(), 202_000).await.unwrap());
+        assert_eq!(
+            store
+                .record_connect(hello("c"), 203_000, true)
+                .await
+                .unwrap(),
+            v6
+        );
+        assert_eq!(holders(&store).await, (1, v6));
+        // d, reconnecting while stopping, gives up the share it held.
+        let v7 = store
+            .record_connect(hello("d"), 204_000, true)
+            .await
+            .unwrap();
+        assert!(v7 > v6);
+        assert_eq!(holders(&store).await, (1, v7), "none left, counted as one");
     }
 }

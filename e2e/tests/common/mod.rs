@@ -860,6 +860,16 @@ impl LocalRun {
         }
     }
 
+    /// SIGTERMs replica `i` (a stop: its lame duck, its drain) and waits until it exited.
+    pub async fn stop_replica(&self, i: usize) {
+        let pid = self.proxy_pids[i];
+        signal(pid, "TERM");
+        eventually(Duration::from_secs(30), "the replica stopped", || async {
+            exited(pid)
+        })
+        .await;
+    }
+
     /// Sends `signal` (`STOP`, `CONT`, …) to the control plane.
     pub fn signal_control(&self, signal_name: &str) {
         signal(self.control_pid, signal_name);
