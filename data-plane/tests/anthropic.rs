@@ -949,6 +949,71 @@ fn a_tool_call_without_input_streams_empty_arguments_as_an_object() {
     assert_eq!(arguments, ["{}", "{\"city\": \"Paris\"}"]);
 }
 
+/// A tool call whose whole input comes in its `content_block_start` (servers that make a
+/// stream of a whole answer send no input delta) reaches the chat client with that input, not
+/// `{}`.
+#[test]
+fn a_tool_input_given_at_its_start_is_the_calls_arguments() {
+    let text = [
+        anthropic_event("message_start", json!({"type": "message_start", "message": {"id": "msg_1", "model": "c", "usage": {"input_tokens": 5, "output_tokens": 1}}})),
+        anthropic_event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}})),
+        anthropic_event("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+        anthropic_event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}})),
+        anthropic_event("message_stop", json!({"type": "message_stop"})),
+    ]
+    .concat();
+    let mut translator = ChunksFromEvents::new(7, false);
+    let mut frames = Vec::new();
+    for event in events(&text) {
+        translator.push(&event, &mut frames);
+    }
+    let arguments: String = data_of(&frames)
+        .iter()
+        .filter_map(|c| c.pointer("/choices/0/delta/tool_calls/0/function/arguments"))
+        .filter_map(Value::as_str)
+        .collect();
+    let arguments: Value = serde_json::from_str(&arguments).unwrap();
+    assert_eq!(arguments, json!({"city": "Paris"}));
+}
+
+/// While Claude thinks (its thinking deltas give a chat client nothing) or Anthropic only
+/// pings, the chat client still gets bytes: an SSE comment for each `ping` and every 32
+/// events it gets nothing of, which the OpenAI SDKs skip. It got nothing for as long as the
+/// model thought, and an idle timeout in front of it cut a stream both ends still served.
+#[test]
+fn a_thinking_models_silence_is_broken_by_comments() {
+    let mut text = anthropic_event(
+        "message_start",
+        json!({"type": "message_start", "message": {"id": "msg_1", "model": "c", "usage": {"input_tokens": 5, "output_tokens": 1}}}),
+    );
+    text += &anthropic_event(
+        "content_block_start",
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}),
+    );
+    for _ in 0..100 {
+        text += &anthropic_event(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hmm "}}),
+        );
+    }
+    text += &anthropic_event("ping", json!({"type": "ping"}));
+    let mut translator = ChunksFromEvents::new(7, false);
+    let mut frames = Vec::new();
+    for event in events(&text) {
+        translator.push(&event, &mut frames);
+    }
+    let comments = frames.iter().filter(|f| f.starts_with(b":")).count();
+    // 101 thinking events (the block's start among them): 3 comments; the ping: one more.
+    assert_eq!(comments, 4, "{frames:?}");
+    assert_eq!(
+        frames.len(),
+        1 + comments,
+        "the role chunk, then comments alone"
+    );
+    // Every other frame is still a chunk a client reads.
+    assert_eq!(data_of(&frames).len(), 1);
+}
+
 #[test]
 fn without_include_usage_no_usage_chunk_is_sent() {
     let mut translator = ChunksFromEvents::new(7, false);

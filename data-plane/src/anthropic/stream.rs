@@ -158,7 +158,19 @@ pub struct ChunksFromEvents {
     tools: Vec<Tool>,
     /// See [`Self::text_chunk`].
     text_suffix: Vec<u8>,
+    /// Events in a row that gave the client nothing (see [`QUIET_EVENTS_PER_COMMENT`]).
+    quiet: u32,
 }
+
+/// How many events in a row that give a chat client nothing (a thinking block's deltas,
+/// signatures) are followed by an SSE comment, as is each of Anthropic's `ping`s: a model that
+/// thinks for a minute, or a long prefill, sent the client no byte meanwhile, and an idle
+/// timeout in front of it (a load balancer's 60 s) cut a stream both ends still served. The
+/// OpenAI SDKs' SSE readers skip comment lines.
+const QUIET_EVENTS_PER_COMMENT: u32 = 32;
+
+/// An SSE comment: bytes on the wire that no SSE reader makes an event of.
+const KEEP_ALIVE: &[u8] = b": ping\n\n";
 
 /// A `content_block_delta` event with a text delta or a piece of a tool's input, in exactly
 /// its shape (another member, or one twice, and it is parsed whole instead), read as an
@@ -194,8 +206,12 @@ struct Tool {
     /// Its chat tool call index.
     call: usize,
     /// Whether a piece of its input (not empty) has been sent: one that got none is given
-    /// `{}` at its end ([`ChunksFromEvents::push_parsed`]).
+    /// `{}` at its end ([`ChunksFromEvents::push_parsed`]), or its input as its start gave it.
     input: bool,
+    /// The input its `content_block_start` held when not empty (Anthropic's own streams start
+    /// a tool with `{}` and stream its input; servers that make streams of whole answers put
+    /// it there and send no delta).
+    given: Option<String>,
 }
 
 impl ChunksFromEvents {
@@ -214,6 +230,7 @@ impl ChunksFromEvents {
             seen_usage: false,
             tools: Vec::new(),
             text_suffix: Vec::new(),
+            quiet: 0,
         };
         new.set_text_suffix();
         new
@@ -231,7 +248,25 @@ impl ChunksFromEvents {
     /// ([`TextDelta`]), the same bytes as [`Self::push_parsed`] writes for it from two trees of
     /// values (a translated stream's event 45,400 → 21,500 instructions in all:
     /// docs/benchmarks.md); every other event is parsed whole.
+    ///
+    /// An event that gives the client nothing counts towards an SSE comment that keeps its
+    /// connection from looking idle ([`QUIET_EVENTS_PER_COMMENT`]); Anthropic's `ping` is one.
     pub fn push(&mut self, event: &Event, out: &mut Vec<Bytes>) -> Flow {
+        let before = out.len();
+        let flow = self.translate(event, out);
+        if out.len() > before {
+            self.quiet = 0;
+        } else {
+            self.quiet += 1;
+            if self.quiet >= QUIET_EVENTS_PER_COMMENT || event.event.as_deref() == Some("ping") {
+                self.quiet = 0;
+                out.push(Bytes::from_static(KEEP_ALIVE));
+            }
+        }
+        flow
+    }
+
+    fn translate(&mut self, event: &Event, out: &mut Vec<Bytes>) -> Flow {
         if let Ok(Object(delta)) = serde_json::from_str::<Object<TextDelta<'_>>>(&event.data)
             && let Object(body) = &delta.delta
             && delta.kind == "content_block_delta"
@@ -302,10 +337,15 @@ impl ChunksFromEvents {
                     }
                     Some("tool_use") => {
                         let call = self.tools.len();
+                        let given = block
+                            .and_then(|b| b.get("input"))
+                            .filter(|input| input.as_object().is_some_and(|o| !o.is_empty()))
+                            .map(Value::to_string);
                         self.tools.push(Tool {
                             block: index,
                             call,
                             input: false,
+                            given,
                         });
                         let field = |k: &str| block.and_then(|b| b.get(k)).cloned();
                         out.push(self.chunk(
@@ -356,13 +396,15 @@ impl ChunksFromEvents {
                 // A tool that takes no parameters streams only an empty piece of input (or
                 // none): its call's arguments, joined by the client, would be `""`, which
                 // clients parse as JSON (openai-python's stream helpers, openai-node's
-                // runTools, LangChain) and fail on. `{}`, as the whole answer gives them.
+                // runTools, LangChain) and fail on. `{}`, as the whole answer gives them; or
+                // the input its start held, from a server that sends it there.
                 let index = value.get("index").and_then(Value::as_u64).unwrap_or(0);
                 if let Some(tool) = self.tool(index).filter(|tool| !tool.input) {
                     tool.input = true;
                     let call = tool.call;
+                    let arguments = tool.given.take().unwrap_or_else(|| "{}".to_owned());
                     out.push(self.chunk(
-                        json!({"tool_calls": [{"index": call, "function": {"arguments": "{}"}}]}),
+                        json!({"tool_calls": [{"index": call, "function": {"arguments": arguments}}]}),
                         None,
                     ));
                 }
@@ -1058,7 +1100,6 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
     }
 }
 
-/// An Anthropic event: `event: <type>` then its data (the SDKs dispatch on the event name).
 /// How many chunks in a row that give a Messages client nothing are followed by a `ping`:
 /// a reasoning model streams tens of chunks a second, so a ping about every second.
 const QUIET_CHUNKS_PER_PING: u32 = 32;
@@ -1066,6 +1107,7 @@ const QUIET_CHUNKS_PER_PING: u32 = 32;
 /// Anthropic's `ping` event.
 const PING: &[u8] = b"event: ping\ndata: {\"type\":\"ping\"}\n\n";
 
+/// An Anthropic event: `event: <type>` then its data (the SDKs dispatch on the event name).
 fn anthropic_frame(value: &Value) -> Bytes {
     let kind = value.get("type").and_then(Value::as_str).unwrap_or("");
     let text = value.to_string();
