@@ -21,6 +21,16 @@ const RECHECK: Duration = Duration::from_secs(1);
 
 /// Publishes a snapshot at each UTC midnight when a periodic budget resets, until `stop`.
 pub async fn publish_budget_resets(store: Store, stop: CancellationToken) {
+    publish_budget_resets_telling(store, stop, |_| {}).await
+}
+
+/// [`publish_budget_resets`], telling `waiting` the midnight (Unix ms) it waits for each time
+/// it has read the clock and is about to wait: tests step the clock once it waits.
+pub async fn publish_budget_resets_telling(
+    store: Store,
+    stop: CancellationToken,
+    waiting: impl Fn(i64) + Send,
+) {
     loop {
         let midnight = crate::budget::next_reset(now_ms());
         // Until the clock says so, in steps of what is left (at most `RECHECK`): the reset's
@@ -31,6 +41,7 @@ pub async fn publish_budget_resets(store: Store, stop: CancellationToken) {
                 break;
             }
             let wait = Duration::from_millis(left as u64).min(RECHECK);
+            waiting(midnight);
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return,

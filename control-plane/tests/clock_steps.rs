@@ -54,14 +54,27 @@ async fn decisions_by_the_wall_clock_survive_its_steps() {
     let offset = offset_to(midnight - 2 * 3_600_000);
     skew_wall_clock(offset);
     let stop = CancellationToken::new();
-    let resets = tokio::spawn(sluice_control::budget_resets::publish_budget_resets(
-        store.clone(),
-        stop.clone(),
-    ));
-    // The task reads the clock at once and then waits: 200 ms lets it start before the step.
-    // (Were it slower to start, it would read the stepped clock, and the test pass without
-    // the fix: a false pass, never a false failure.)
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (waits, mut waiting) = tokio::sync::watch::channel(None);
+    let resets = tokio::spawn(
+        sluice_control::budget_resets::publish_budget_resets_telling(
+            store.clone(),
+            stop.clone(),
+            move |midnight| {
+                let _ = waits.send(Some(midnight));
+            },
+        ),
+    );
+    // The step comes once the task has read the clock and waits for that midnight: stepped
+    // before, the test would pass without the fix.
+    tokio::time::timeout(Duration::from_secs(10), waiting.wait_for(|w| w.is_some()))
+        .await
+        .expect("the reset task waits")
+        .unwrap();
+    assert_eq!(
+        *waiting.borrow(),
+        Some(midnight),
+        "it waits for the midnight two hours off"
+    );
     let before = store.committed_version();
     skew_wall_clock(offset + 2 * 3_600_000 - 2_000);
     assert!(

@@ -606,12 +606,24 @@ async fn upstream_garbage_never_crashes_or_hangs_the_proxy() {
             )
             .await
             .unwrap_or_else(|_| panic!("{kind:?} stream={stream}: the proxy hung"));
-            // Whatever the status, the body ends: no hang.
-            if let Ok(r) = r {
-                let body = tokio::time::timeout(Duration::from_secs(20), r.bytes())
-                    .await
-                    .unwrap_or_else(|_| panic!("{kind:?} stream={stream}: the body never ended"));
-                let _ = body;
+            // An answer, never a dropped connection (a request task that panicked): the
+            // upstream's 200 passed on, a stream that cannot be read ending with Sluice's error
+            // event.
+            let r = r.unwrap_or_else(|e| panic!("{kind:?} stream={stream}: no answer: {e}"));
+            assert_eq!(r.status(), 200, "{kind:?} stream={stream}");
+            let body = tokio::time::timeout(Duration::from_secs(20), r.text())
+                .await
+                .unwrap_or_else(|_| panic!("{kind:?} stream={stream}: the body never ended"))
+                .unwrap_or_else(|e| panic!("{kind:?} stream={stream}: the body broke: {e}"));
+            if stream && kind != GarbageKind::NotJson {
+                let events = sse_data(&body);
+                let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
+                assert_eq!(
+                    last["error"]["code"], "stream_interrupted",
+                    "{kind:?}: the stream ends with an error event: {events:?}"
+                );
+            } else {
+                assert!(!body.is_empty(), "{kind:?} stream={stream}: passed on");
             }
             // And the proxy still serves.
             assert_eq!(
@@ -621,6 +633,15 @@ async fn upstream_garbage_never_crashes_or_hangs_the_proxy() {
             );
         }
     }
+    // Every request recorded, the two streams that could not be read as errors; no request
+    // task panicked.
+    eventually(Duration::from_secs(10), "12 requests recorded", || async {
+        cluster.totals().await.request_count == 12
+    })
+    .await;
+    assert_eq!(cluster.totals().await.error_count, 2);
+    let output = proxy.child.output();
+    assert!(output.iter().all(|l| !l.contains("panicked")), "{output:?}");
 }
 
 #[tokio::test]
