@@ -842,6 +842,16 @@ fn anthropic_tool_stream() -> String {
     .concat()
 }
 
+/// The chat chunks (frames) an Anthropic event stream `text` becomes, without the usage chunk.
+fn chunks_of(text: &str) -> Vec<Bytes> {
+    let mut translator = ChunksFromEvents::new(7, false);
+    let mut frames = Vec::new();
+    for event in events(text) {
+        translator.push(&event, &mut frames);
+    }
+    frames
+}
+
 fn data_of(frames: &[Bytes]) -> Vec<Value> {
     frames
         .iter()
@@ -929,11 +939,7 @@ fn a_tool_call_without_input_streams_empty_arguments_as_an_object() {
         anthropic_event("message_stop", json!({"type": "message_stop"})),
     ]
     .concat();
-    let mut translator = ChunksFromEvents::new(7, false);
-    let mut frames = Vec::new();
-    for event in events(&text) {
-        translator.push(&event, &mut frames);
-    }
+    let frames = chunks_of(&text);
     let mut arguments = [String::new(), String::new()];
     for chunk in data_of(&frames) {
         for call in chunk
@@ -962,11 +968,7 @@ fn a_tool_input_given_at_its_start_is_the_calls_arguments() {
         anthropic_event("message_stop", json!({"type": "message_stop"})),
     ]
     .concat();
-    let mut translator = ChunksFromEvents::new(7, false);
-    let mut frames = Vec::new();
-    for event in events(&text) {
-        translator.push(&event, &mut frames);
-    }
+    let frames = chunks_of(&text);
     let arguments: String = data_of(&frames)
         .iter()
         .filter_map(|c| c.pointer("/choices/0/delta/tool_calls/0/function/arguments"))
@@ -997,11 +999,7 @@ fn a_thinking_models_silence_is_broken_by_comments() {
         );
     }
     text += &anthropic_event("ping", json!({"type": "ping"}));
-    let mut translator = ChunksFromEvents::new(7, false);
-    let mut frames = Vec::new();
-    for event in events(&text) {
-        translator.push(&event, &mut frames);
-    }
+    let frames = chunks_of(&text);
     let comments = frames.iter().filter(|f| f.starts_with(b":")).count();
     // 101 thinking events (the block's start among them): 3 comments; the ping: one more.
     assert_eq!(comments, 4, "{frames:?}");

@@ -255,20 +255,24 @@ async fn max_parallel_requests_holds_across_three_replicas() {
     drop(open);
 }
 
-/// The remainder of P over n replicas is given out by rank: P = 5 on three replicas admits
-/// 2, 2 and 1 at once, 5 in all, where each admitted ⌊5/3⌋ = 1 before (3 in all).
-#[tokio::test]
-async fn max_parallel_requests_are_all_given_out_across_replicas() {
-    let (run, _a, key, stream) = three_replicas_streaming(5).await;
-    // On each replica, streams until one is refused (each is in flight for about 2 s).
+/// How many of `stream` each replica of `replicas` admits at once for `key` (of
+/// `max_parallel` P): opened until one is refused, and held open (returned) so that each
+/// counts.
+async fn admitted_at_once(
+    run: &LocalRun,
+    replicas: std::ops::Range<usize>,
+    key: &str,
+    stream: &Value,
+    max_parallel: usize,
+) -> (Vec<usize>, Vec<reqwest::Response>) {
     let mut open = Vec::new();
     let mut admitted = Vec::new();
-    for i in 0..3 {
+    for i in replicas {
         let mut here = 0;
         loop {
             let r = run
                 .replica(i)
-                .post("/v1/chat/completions", &key, stream.clone())
+                .post("/v1/chat/completions", key, stream.clone())
                 .await;
             if r.status() == 429 {
                 break;
@@ -276,10 +280,23 @@ async fn max_parallel_requests_are_all_given_out_across_replicas() {
             assert_eq!(r.status(), 200, "replica {i}");
             open.push(r);
             here += 1;
-            assert!(here <= 5, "replica {i} admitted more than the key's limit");
+            assert!(
+                here <= max_parallel,
+                "replica {i} admitted more than the key's limit"
+            );
         }
         admitted.push(here);
     }
+    (admitted, open)
+}
+
+/// The remainder of P over n replicas is given out by rank: P = 5 on three replicas admits
+/// 2, 2 and 1 at once, 5 in all, where each admitted ⌊5/3⌋ = 1 before (3 in all).
+#[tokio::test]
+async fn max_parallel_requests_are_all_given_out_across_replicas() {
+    let (run, _a, key, stream) = three_replicas_streaming(5).await;
+    // On each replica, streams until one is refused (each is in flight for about 2 s).
+    let (mut admitted, open) = admitted_at_once(&run, 0..3, &key, &stream, 5).await;
     admitted.sort_unstable();
     assert_eq!(
         admitted,
@@ -301,25 +318,7 @@ async fn a_stopping_replica_hands_its_share_to_the_others_at_once() {
     run.stop_replica(0).await;
     run.wait_replicas_current(2).await;
     // Well within the 30 s lease a replica gone from its stream otherwise keeps.
-    let mut open = Vec::new();
-    let mut admitted = Vec::new();
-    for i in 1..3 {
-        let mut here = 0;
-        loop {
-            let r = run
-                .replica(i)
-                .post("/v1/chat/completions", &key, stream.clone())
-                .await;
-            if r.status() == 429 {
-                break;
-            }
-            assert_eq!(r.status(), 200, "replica {i}");
-            open.push(r);
-            here += 1;
-            assert!(here <= 4, "replica {i} admitted more than the key's limit");
-        }
-        admitted.push(here);
-    }
+    let (admitted, open) = admitted_at_once(&run, 1..3, &key, &stream, 4).await;
     assert_eq!(
         admitted,
         [2, 2],
