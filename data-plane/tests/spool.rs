@@ -25,6 +25,31 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// A run on `dir` that serves `n` requests under `database-1` whose control plane never
+/// commits them, stopped: its incarnation, the one directory left in the spool.
+async fn a_run_left_unacked(upstream: &EchoUpstream, dir: &std::path::Path, n: usize) -> String {
+    let cp = FakeControlPlane::start().await;
+    cp.set_ack_usage(false);
+    let run = Harness::start_on(cp, echo_snapshot(upstream), |c| {
+        c.data_dir = Some(dir.to_owned());
+        c.usage_flush_timeout = Duration::from_millis(300);
+    })
+    .await;
+    for _ in 0..n {
+        assert_eq!(run.chat(chat_body(false)).await.status(), 200);
+    }
+    run.cp
+        .wait_for("its records received", |r| r.received_sequences.len() >= n)
+        .await;
+    run.shutdown().await.unwrap();
+    let left: Vec<_> = std::fs::read_dir(dir.join("usage-spool"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left.len(), 1, "the unacked run stays on disk: {left:?}");
+    left[0].clone()
+}
+
 #[tokio::test]
 async fn what_one_run_left_unacked_the_next_run_on_its_directory_sends_again() {
     let upstream = EchoUpstream::start().await;
@@ -32,27 +57,7 @@ async fn what_one_run_left_unacked_the_next_run_on_its_directory_sends_again() {
     let dir = data.path().to_owned();
 
     // The first run serves five requests; its control plane never commits them.
-    let cp = FakeControlPlane::start().await;
-    cp.set_ack_usage(false);
-    let first = Harness::start_on(cp, echo_snapshot(&upstream), |c| {
-        c.data_dir = Some(dir.clone());
-        c.usage_flush_timeout = Duration::from_millis(300);
-    })
-    .await;
-    for _ in 0..5 {
-        assert_eq!(first.chat(chat_body(false)).await.status(), 200);
-    }
-    first
-        .cp
-        .wait_for("5 records received", |r| r.received_sequences.len() >= 5)
-        .await;
-    first.shutdown().await.unwrap();
-    let left: Vec<_> = std::fs::read_dir(dir.join("usage-spool"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    assert_eq!(left.len(), 1, "the unacked run stays on disk: {left:?}");
-    let incarnation = left[0].clone();
+    let incarnation = a_run_left_unacked(&upstream, &dir, 5).await;
 
     // The next run, on the same directory, sends them under the first run's incarnation.
     let second = Harness::start_with(echo_snapshot(&upstream), |c| {
@@ -108,6 +113,55 @@ async fn what_one_run_left_unacked_the_next_run_on_its_directory_sends_again() {
         0,
         "a clean stop with everything acked leaves nothing"
     );
+}
+
+/// A run's unacked usage is sent again naming the database that run served: a control plane
+/// on another database (started on an empty volume, a restore in the wrong place) refuses it,
+/// and it waits on disk for the right one, as the live queue's does. A replay named none: any
+/// control plane took it, acked it into the wrong database, and the directory was deleted.
+#[tokio::test]
+async fn an_earlier_runs_usage_waits_for_the_database_it_was_served_under() {
+    let upstream = EchoUpstream::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_owned();
+    let incarnation = a_run_left_unacked(&upstream, &dir, 3).await;
+    let run = ("test-node".to_owned(), incarnation.clone());
+
+    // The next run, against a control plane on another database: its own usage is taken,
+    // the first run's refused and kept.
+    let mut other = echo_snapshot(&upstream);
+    other.database_id = "database-2".into();
+    let second = Harness::start_with(other, |c| c.data_dir = Some(dir.clone())).await;
+    assert_eq!(second.chat(chat_body(false)).await.status(), 200);
+    second
+        .cp
+        .wait_for("the first run's usage refused", |r| {
+            r.refused_incarnations.contains(&incarnation)
+        })
+        .await;
+    second
+        .cp
+        .wait_for("the second run's own record", |r| r.records().len() == 1)
+        .await;
+    assert!(second.cp.with(|r| !r.applied.contains_key(&run)));
+    second.shutdown().await.unwrap();
+    assert!(
+        dir.join("usage-spool").join(&incarnation).exists(),
+        "kept for the right database"
+    );
+
+    // Back on the right one, it is taken.
+    let third = Harness::start_with(echo_snapshot(&upstream), |c| {
+        c.data_dir = Some(dir.clone());
+    })
+    .await;
+    third
+        .cp
+        .wait_for("the first run's records", |r| {
+            r.applied.get(&run).is_some_and(|m| m.len() == 3)
+        })
+        .await;
+    third.shutdown().await.unwrap();
 }
 
 #[tokio::test]

@@ -35,6 +35,9 @@ pub struct Recorded {
     pub usage_streams: u64,
     /// The `database_id` of each report received, in arrival order.
     pub report_databases: Vec<String>,
+    /// The incarnations of the reports refused as served under another database than the
+    /// snapshot's, as the control plane refuses them.
+    pub refused_incarnations: Vec<String>,
 }
 
 impl Recorded {
@@ -161,6 +164,21 @@ impl DataPlaneService for Service {
                                 return;
                             }
                         };
+                        // As the control plane: usage served under another database's
+                        // snapshot is refused, and waits on the replica for that one.
+                        let ours = shared
+                            .snapshot
+                            .borrow()
+                            .as_ref()
+                            .map(|s| s.database_id.clone())
+                            .unwrap_or_default();
+                        if !batch.database_id.is_empty() && !ours.is_empty() && batch.database_id != ours {
+                            shared.update(|r| r.refused_incarnations.push(batch.incarnation.clone()));
+                            let _ = tx
+                                .send(Err(Status::failed_precondition("served under another database")))
+                                .await;
+                            return;
+                        }
                         let ack = shared.ack_usage.load(Ordering::SeqCst);
                         let mut high_water = 0;
                         shared.update(|r| {
