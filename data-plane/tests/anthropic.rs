@@ -1012,6 +1012,37 @@ fn a_thinking_models_silence_is_broken_by_comments() {
     assert_eq!(data_of(&frames).len(), 1);
 }
 
+/// A `message_delta`'s usage is cumulative and stands over `message_start`'s: with server
+/// tools (web search, code execution) its `input_tokens` pass the start's, and the turn is
+/// billed the delta's. Read so when passed through and when translated for a chat client.
+#[test]
+fn a_message_deltas_cumulative_usage_stands() {
+    let text = [
+        anthropic_event("message_start", json!({"type": "message_start", "message": {"id": "msg_1", "model": "c", "usage": {"input_tokens": 10, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 0, "output_tokens": 1}}})),
+        anthropic_event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})),
+        anthropic_event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Found it."}})),
+        anthropic_event("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+        anthropic_event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"input_tokens": 30, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 0, "output_tokens": 12, "server_tool_use": {"web_search_requests": 1}}})),
+        anthropic_event("message_stop", json!({"type": "message_stop"})),
+    ]
+    .concat();
+    let expected = Usage {
+        input: 35,
+        output: 12,
+        cache_read: 5,
+        ..Usage::default()
+    };
+    let mut translator = ChunksFromEvents::new(7, false);
+    let mut passed = EventUsage::default();
+    let mut frames = Vec::new();
+    for event in events(&text) {
+        translator.push(&event, &mut frames);
+        passed.observe(&event);
+    }
+    assert_eq!(translator.usage(), Some(expected));
+    assert_eq!(passed.usage(), Some(expected));
+}
+
 #[test]
 fn without_include_usage_no_usage_chunk_is_sent() {
     let mut translator = ChunksFromEvents::new(7, false);

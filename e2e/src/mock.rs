@@ -30,6 +30,9 @@
 //! Responses echo the requested `model`. Usage is deterministic: `prompt_tokens` = whitespace
 //! separated words over all message contents / prompts / inputs (token ids count one each; at least
 //! 1), `completion_tokens` = `chunk_count` (or `max_tokens` when smaller and > 0) per choice.
+//! A chat request with a `prompt_cache_key` has its messages before the last read from a
+//! prompt cache, as OpenAI's automatic caching does: the longest such prefix sent before under
+//! that key counts as `prompt_tokens_details.cached_tokens` (0 the first time).
 //! The completion text is `"[<name>] tok1 tok2 …"`, one word per completion token.
 //! Every `/v1` response carries `x-mock-name: <name>` and an `x-request-id`.
 //!

@@ -118,6 +118,94 @@ async fn chat_json_and_stream_carry_content_usage_and_gateway_headers() {
     );
 }
 
+/// Prompt tokens an OpenAI-format backend reads from its cache
+/// (`prompt_tokens_details.cached_tokens`, OpenAI's automatic prompt caching) are priced at the
+/// route's cached price, through the record, the control plane's totals and the key's spend,
+/// whole and streamed. (Most deployments' backends are OpenAI-format; only the pieces were
+/// tested, apart.)
+#[tokio::test]
+async fn cached_prompt_tokens_of_an_openai_backend_are_priced_as_cached() {
+    let cluster = Cluster::start().await;
+    let mock = Mock::start("mock-a", &["m"]).await;
+    let route = pb::ModelRoute {
+        name: "m".into(),
+        upstream_name: "m".into(),
+        input_price_per_mtok: 1.0,
+        output_price_per_mtok: 2.0,
+        cached_input_price_per_mtok: Some(0.1),
+        ..Default::default()
+    };
+    cluster.add_backend_routing("a", &mock, vec![route]).await;
+    let (created, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster.proxy().await;
+    cluster.wait_replicas_current(1).await;
+    // A conversation of 7 words, 6 of them before its last message: the second time, the
+    // provider reads those 6 from its cache.
+    let turn = |stream: bool| {
+        let mut body = json!({"model": "m", "stream": stream, "prompt_cache_key": "conversation-1",
+               "messages": [{"role": "user", "content": "one two three four"},
+                            {"role": "assistant", "content": "five six"},
+                            {"role": "user", "content": "seven"}]});
+        if stream {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        body
+    };
+    let cached_of = |usage: &Value| usage["prompt_tokens_details"]["cached_tokens"].as_u64();
+    let first: Value = proxy
+        .post("/v1/chat/completions", &key, turn(false))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cached_of(&first["usage"]), Some(0), "{first}");
+    let second: Value = proxy
+        .post("/v1/chat/completions", &key, turn(false))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cached_of(&second["usage"]), Some(6));
+    let events = sse_data(
+        &proxy
+            .post("/v1/chat/completions", &key, turn(true))
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(cached_of(&usage["usage"]), Some(6));
+
+    eventually(Duration::from_secs(10), "3 requests recorded", || async {
+        cluster.totals().await.request_count == 3
+    })
+    .await;
+    let t = cluster.totals().await;
+    assert_eq!((t.prompt_tokens, t.cached_prompt_tokens), (21, 12));
+    // Per token: 1,000 nano-units of input, 100 of cached input, 2,000 of output.
+    let nanos = (21 - 12) * 1_000 + 12 * 100 + t.completion_tokens * 2_000;
+    assert!(
+        (t.cost - nanos as f64 / 1e9).abs() < 1e-12,
+        "{} against {nanos}",
+        t.cost
+    );
+    let spent = cluster
+        .admin()
+        .await
+        .get_client_key(pb::GetClientKeyRequest { id: created.id })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    assert!(
+        (spent.spend - nanos as f64 / 1e9).abs() < 1e-12,
+        "{} against {nanos}",
+        spent.spend
+    );
+}
+
 #[tokio::test]
 async fn embeddings_completions_and_model_listing() {
     let cluster = Cluster::start().await;

@@ -729,7 +729,14 @@ pub(crate) fn answer(
             &json!({"type": "content_block_stop", "index": index}),
         ));
     }
-    events.push(sse("message_delta", &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": usage.output}})));
+    // The delta's usage is cumulative, input and cache counts included, as the current API
+    // writes it (`MessageDeltaUsage`).
+    events.push(sse("message_delta", &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {
+        "input_tokens": usage.input - usage.cache_read - usage.cache_write,
+        "cache_creation_input_tokens": usage.cache_write,
+        "cache_read_input_tokens": usage.cache_read,
+        "output_tokens": usage.output,
+    }})));
     events.push(sse("message_stop", &json!({"type": "message_stop"})));
     (Bytes::from(message.to_string()), events, usage)
 }

@@ -280,6 +280,8 @@ struct RawChatRequest {
     tools: Option<Vec<serde_json::Value>>,
     #[serde(default)]
     tool_choice: Option<serde_json::Value>,
+    #[serde(default)]
+    prompt_cache_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -348,6 +350,10 @@ pub(crate) struct Generation {
     /// The function to call, with its arguments, when the answer is a tool call: the request
     /// offers tools (`tool_choice` not `none`) and its last message is not a tool result.
     pub(crate) tool_call: Option<(String, serde_json::Value)>,
+    /// With a `prompt_cache_key`: the tokens and hash (the key's and the messages') of the
+    /// prompt to each message before the last, shortest first: what OpenAI's prompt cache may
+    /// hold of it ([`super::state::Shared::chat_cache_read`]). Empty without a key.
+    pub(crate) cache_prefixes: Vec<(u64, u64)>,
 }
 
 /// An embeddings request, validated.
@@ -468,19 +474,32 @@ pub(crate) fn parse_chat(body: &[u8]) -> Parsed<Generation> {
             ));
         }
         let (stream, include_usage) = stream_flags(raw.stream, raw.stream_options)?;
-        let prompt_tokens = messages
+        let text = |m: &ChatMessage| -> Vec<String> {
+            match &m.content {
+                None => Vec::new(),
+                Some(Content::Text(t)) => vec![t.clone()],
+                Some(Content::Parts(parts)) => {
+                    parts.iter().filter_map(|p| p.text.clone()).collect()
+                }
+            }
+        };
+        let counts: Vec<u64> = messages
             .iter()
-            .map(|m| match &m.content {
-                None => 0,
-                Some(Content::Text(t)) => words(t),
-                Some(Content::Parts(parts)) => parts
-                    .iter()
-                    .filter_map(|p| p.text.as_deref())
-                    .map(words)
-                    .sum(),
-            })
-            .sum::<u64>()
-            .max(1);
+            .map(|m| text(m).iter().map(|t| words(t)).sum())
+            .collect();
+        let prompt_tokens = counts.iter().sum::<u64>().max(1);
+        let mut cache_prefixes = Vec::new();
+        if let Some(key) = &raw.prompt_cache_key {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut hasher = std::hash::DefaultHasher::new();
+            ("chat", key).hash(&mut hasher);
+            let mut tokens = 0;
+            for (m, count) in messages.iter().zip(&counts).take(messages.len() - 1) {
+                (&m.role, text(m)).hash(&mut hasher);
+                tokens += count;
+                cache_prefixes.push((tokens, hasher.finish()));
+            }
+        }
         let answered = messages.last().is_some_and(|m| m.role == "tool");
         let tool_call = raw
             .tools
@@ -516,6 +535,7 @@ pub(crate) fn parse_chat(body: &[u8]) -> Parsed<Generation> {
             n: check_n(raw.n)?,
             prompt_tokens,
             tool_call,
+            cache_prefixes,
         })
     })
 }
@@ -533,6 +553,7 @@ pub(crate) fn parse_completion(body: &[u8]) -> Parsed<Generation> {
             n: check_n(raw.n)?,
             prompt_tokens: prompt.counts().iter().sum::<u64>().max(1),
             tool_call: None,
+            cache_prefixes: Vec::new(),
         })
     })
 }
@@ -631,7 +652,8 @@ pub(crate) struct Usage {
     pub(crate) prompt_tokens: u64,
     pub(crate) completion_tokens: u64,
     pub(crate) total_tokens: u64,
-    /// Of `prompt_tokens`, read from the cache (only the Responses API reports any).
+    /// Of `prompt_tokens`, read from the cache (the Responses API's continuations, chat
+    /// requests with a `prompt_cache_key` whose earlier messages were seen under it).
     #[serde(skip)]
     pub(crate) cached_tokens: u64,
     /// Of `completion_tokens`, spent on reasoning (only the Responses API reports any).
@@ -686,7 +708,7 @@ impl From<Usage> for ChatUsage {
         Self {
             usage,
             prompt_tokens_details: PromptDetails {
-                cached_tokens: 0,
+                cached_tokens: usage.cached_tokens,
                 audio_tokens: 0,
             },
             completion_tokens_details: CompletionDetails {

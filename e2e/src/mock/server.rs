@@ -773,7 +773,11 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
         tokens = max;
         finish_reason = "length";
     }
-    let usage = Usage::new(g.prompt_tokens, tokens * u64::from(g.n));
+    let cached = shared.chat_cache_read(&g.cache_prefixes);
+    let usage = Usage {
+        cached_tokens: cached,
+        ..Usage::new(g.prompt_tokens, tokens * u64::from(g.n))
+    };
     let prefix = match flavor {
         Flavor::Chat => "chatcmpl",
         Flavor::Completion => "cmpl",
@@ -786,7 +790,10 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
             created,
             model: &g.model,
         };
-        let usage = Usage::new(g.prompt_tokens, config.chunk_count.max(1) as u64);
+        let usage = Usage {
+            cached_tokens: cached,
+            ..Usage::new(g.prompt_tokens, config.chunk_count.max(1) as u64)
+        };
         let (whole, events) = openai::tool_call_answer(
             meta,
             name,
@@ -798,7 +805,7 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
         return if g.stream {
             let counted = g.include_usage.then_some(ResponseUsage {
                 input: usage.prompt_tokens,
-                cached: 0,
+                cached: usage.cached_tokens,
                 output: usage.completion_tokens,
                 reasoning: 0,
             });

@@ -76,6 +76,22 @@ impl Shared {
         read
     }
 
+    /// The tokens of a chat prompt OpenAI's prompt cache holds: of `prefixes` (the prompt to
+    /// each message before the last, shortest first, hashed with the request's
+    /// `prompt_cache_key`), the longest one written before; every one is written now.
+    pub(crate) fn chat_cache_read(&self, prefixes: &[(u64, u64)]) -> u64 {
+        let Ok(mut cache) = self.prompt_cache.lock() else {
+            return 0;
+        };
+        let read = prefixes
+            .iter()
+            .rev()
+            .find(|(_, hash)| cache.contains(hash))
+            .map_or(0, |&(tokens, _)| tokens);
+        cache.extend(prefixes.iter().map(|&(_, hash)| hash));
+        read
+    }
+
     /// Records what the last request to a Messages route was answered with.
     pub(crate) fn messages_answer(&self, parts: &[bytes::Bytes]) {
         if let Ok(mut last) = self.last_messages.lock()

@@ -361,30 +361,36 @@ impl ControlApi {
         priority: i32,
         models: &[(&str, &str)],
     ) -> pb::Backend {
+        let backend = pb::Backend {
+            name: name.into(),
+            base_url: base_url.into(),
+            pool: pool as i32,
+            priority,
+            weight: 1,
+            enabled: true,
+            models: models
+                .iter()
+                .map(|(name, upstream)| pb::ModelRoute {
+                    default_max_tokens: Default::default(),
+                    name: (*name).into(),
+                    upstream_name: (*upstream).into(),
+                    input_price_per_mtok: 1.0,
+                    output_price_per_mtok: 2.0,
+                    ..Default::default()
+                })
+                .collect(),
+            api_format: format as i32,
+            ..Default::default()
+        };
+        self.create_backend_for(backend, mock).await
+    }
+
+    /// Creates `backend` with `mock`'s API key.
+    async fn create_backend_for(&self, backend: pb::Backend, mock: &Mock) -> pb::Backend {
         self.admin()
             .await
             .create_backend(pb::CreateBackendRequest {
-                backend: Some(pb::Backend {
-                    name: name.into(),
-                    base_url: base_url.into(),
-                    pool: pool as i32,
-                    priority,
-                    weight: 1,
-                    enabled: true,
-                    models: models
-                        .iter()
-                        .map(|(name, upstream)| pb::ModelRoute {
-                            default_max_tokens: Default::default(),
-                            name: (*name).into(),
-                            upstream_name: (*upstream).into(),
-                            input_price_per_mtok: 1.0,
-                            output_price_per_mtok: 2.0,
-                            ..Default::default()
-                        })
-                        .collect(),
-                    api_format: format as i32,
-                    ..Default::default()
-                }),
+                backend: Some(backend),
                 api_key: mock.api_key.clone().unwrap_or_default(),
             })
             .await
@@ -392,6 +398,27 @@ impl ControlApi {
             .into_inner()
             .backend
             .unwrap()
+    }
+
+    /// An OpenAI-format primary backend `name` for `mock` with these routes as they are
+    /// (their prices among them).
+    #[allow(dead_code)] // not every test binary sets its own routes
+    pub async fn add_backend_routing(
+        &self,
+        name: &str,
+        mock: &Mock,
+        models: Vec<pb::ModelRoute>,
+    ) -> pb::Backend {
+        let backend = pb::Backend {
+            name: name.into(),
+            base_url: mock.base_url(),
+            pool: pb::Pool::Primary as i32,
+            weight: 1,
+            enabled: true,
+            models,
+            ..Default::default()
+        };
+        self.create_backend_for(backend, mock).await
     }
 
     pub async fn create_key(&self, name: &str, models: &[&str]) -> (pb::ClientKey, String) {
