@@ -365,9 +365,14 @@ fn spool_frames(
     let runs: Vec<_> = std::fs::read_dir(&spool).unwrap().collect();
     assert_eq!(runs.len(), 1);
     let run = runs.into_iter().next().unwrap().unwrap().path();
-    let segments: Vec<_> = std::fs::read_dir(&run).unwrap().collect();
+    // (Beside them, the file naming the database the run served.)
+    let segments: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .filter(|f| f.extension().is_some_and(|e| e == "spool"))
+        .collect();
     assert_eq!(segments.len(), 1, "one serving thread, one segment");
-    let file = segments.into_iter().next().unwrap().unwrap().path();
+    let file = segments.into_iter().next().unwrap();
     let bytes = std::fs::read(&file).unwrap();
     let decoded = entry::decode_segment(&bytes).frames;
     assert_eq!(decoded.stop, None);
