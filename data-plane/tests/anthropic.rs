@@ -121,6 +121,36 @@ fn no_turn_is_sent_empty_or_blank() {
     assert_eq!(alone.param, "messages");
 }
 
+/// A request that would end with an assistant turn the client did not send last (its last
+/// message blank, or a system message) is refused: Anthropic would continue that assistant
+/// message (a prefill) instead of answering, or refuse its trailing whitespace. A client's own
+/// last assistant message (a prefill it meant) goes as it is.
+#[test]
+fn a_request_left_ending_with_an_assistant_turn_is_refused_unless_sent_so() {
+    for last in [
+        json!({"role": "user", "content": " "}),
+        json!({"role": "system", "content": "Summarise the conversation."}),
+    ] {
+        let refused = chat_to_messages(
+            &obj(json!({"model": "m", "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!\n"},
+                last,
+            ]})),
+            "claude-up",
+            4096,
+            Sampling::Taken,
+        )
+        .unwrap_err();
+        assert_eq!(refused.param, "messages");
+    }
+    let prefilled = to_messages(json!({"model": "m", "messages": [
+        {"role": "user", "content": "Answer in JSON."},
+        {"role": "assistant", "content": "{"},
+    ]}));
+    assert_eq!(prefilled["messages"][1]["role"], "assistant");
+}
+
 /// A base64 image goes with the media type its bytes say, whatever its label (Anthropic
 /// refuses `image/jpg`, which browsers write, and a label its bytes contradict); data it
 /// cannot tell keeps its label, parameters left out.

@@ -401,6 +401,20 @@ async fn a_chat_clients_history_reaches_claude_as_turns_claude_takes() {
         "image/jpeg"
     );
 
+    // Ending with a blank message after an assistant's: Anthropic would continue that
+    // assistant message; refused by Sluice, from the text and through the values alike.
+    for n in [None, Some(1)] {
+        let mut body = json!({"model": MODEL, "messages": [user("Hi"),
+            json!({"role": "assistant", "content": "Hello!"}), user(" ")]});
+        if let Some(n) = n {
+            body["n"] = json!(n);
+        }
+        let response = h.chat(body).await;
+        assert_eq!(response.status(), 400, "{n:?}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["param"], "messages", "{error}");
+    }
+
     // Nothing but system messages: nothing Anthropic takes, said by Sluice.
     let response = h
         .chat(

@@ -370,11 +370,16 @@ pub(super) fn sendable_stop(stop: &str) -> bool {
 /// Anthropic takes `role: "system"` turns from one model alone, and only right after a user
 /// turn. A message left with no block (an empty answer, whitespace alone: Anthropic refuses
 /// both, and a chat client sends back the empty answers Claude gives) is left out, its
-/// neighbours merging when they are of one role; with no turn left, untranslatable.
+/// neighbours merging when they are of one role; with no turn left, untranslatable, and so
+/// when the turns would end with an assistant's that the client did not send last (Anthropic
+/// continues a last assistant turn, a prefill, instead of answering).
 fn chat_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Untranslatable> {
     let mut system = Vec::new();
     let mut turns: Vec<(String, Vec<Value>)> = Vec::new();
+    // Whether the client's last message is the last turn's (not left out, nor `system`).
+    let mut last_kept = false;
     for (i, message) in messages.iter().enumerate() {
+        last_kept = false;
         let at = |field: &str| format!("messages[{i}]{field}");
         let role = message
             .get("role")
@@ -416,6 +421,7 @@ fn chat_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Untrans
                 ));
             }
         };
+        last_kept = !blocks.is_empty();
         match turns.last_mut() {
             _ if blocks.is_empty() => {}
             Some((last, merged)) if last == role => merged.extend(blocks),
@@ -424,6 +430,9 @@ fn chat_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Untrans
     }
     if turns.is_empty() {
         return Err(Untranslatable::new("messages", NO_TURN));
+    }
+    if !last_kept && turns.last().is_some_and(|(role, _)| role == "assistant") {
+        return Err(Untranslatable::new("messages", PREFILLED));
     }
     let turns = turns
         .into_iter()
@@ -435,6 +444,10 @@ fn chat_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Untrans
 /// Why a chat request with no user or assistant message of any content cannot go to an
 /// Anthropic backend, which refuses an empty `messages`.
 const NO_TURN: &str = "An Anthropic backend needs at least one user or assistant message with content; every message here is a system message or empty.";
+
+/// Why a chat request whose last messages are empty or system messages, after an assistant's,
+/// cannot go to an Anthropic backend: it would continue that assistant message.
+const PREFILLED: &str = "The last message is empty or a system message, after an assistant message: an Anthropic backend would continue that assistant message instead of answering. End with the user's message.";
 
 /// Whether Anthropic refuses `text` as a text block's: empty, or whitespace alone ("text
 /// content blocks must contain non-whitespace text"). Such text carries nothing and is left

@@ -1661,13 +1661,6 @@ fn opens_with_an_error(bytes: &[u8]) -> bool {
         })
 }
 
-/// The first event of a stream, when it is the upstream's `error` event saying it is
-/// overloaded, failing or rate limited: Anthropic answers an overloaded streamed request 200
-/// and then this event, most often as the only one. Nothing has reached the client yet, so
-/// the attempt fails as the same error in an HTTP status would (529, 500, 429: its body is
-/// the event's data, the shape of Anthropic's error bodies), counted against the backend and
-/// failed over. Any other first event, an error of the request's own (`invalid_request_error`)
-/// included, commits the stream as before.
 /// Whether a 5xx's body says its model is overloaded, not the backend: Anthropic's
 /// `overloaded_error` (a 529, or a stream's first event) and its 500 `api_error` "Overloaded",
 /// OpenAI's "That model is currently overloaded with other requests". Anthropic overloads one
@@ -1684,6 +1677,14 @@ fn model_overloaded(body: &[u8]) -> bool {
     .any(|said| memchr::memmem::find(body, said).is_some())
 }
 
+/// The first event of a stream, when it is the upstream's `error` event saying it is
+/// overloaded, failing or rate limited: Anthropic answers an overloaded streamed request 200
+/// and then this event, most often as the only one. Nothing has reached the client yet, so
+/// the attempt fails as the same error in an HTTP status would (529, 500, 429: its body is
+/// the event's data, the shape of Anthropic's error bodies), counted as that status is (an
+/// overload towards its model's cooldown at the backend: [`model_overloaded`]) and failed
+/// over. Any other first event, an error of the request's own (`invalid_request_error`)
+/// included, commits the stream as before.
 fn first_event(bytes: &[u8], api_key: &[u8]) -> FirstEvent {
     if !opens_with_an_error(bytes) {
         return FirstEvent::Commit;

@@ -83,9 +83,14 @@ pub fn chat_to_messages_in_shape<'a>(
             }
         }
     }
-    let Turns { system, turns } = turns?;
-    // Nothing Anthropic would take: the translation that decides says why.
-    if turns.is_empty() {
+    let Turns {
+        system,
+        turns,
+        last_kept,
+    } = turns?;
+    // Nothing Anthropic would take, or a last assistant turn the client did not send last
+    // (Anthropic would continue it): the translation that decides says why.
+    if turns.is_empty() || (!last_kept && turns.last().is_some_and(|t| t.role == "assistant")) {
         return None;
     }
     let mut out = Vec::with_capacity(size + 256);
@@ -276,6 +281,8 @@ struct Turn<'a> {
 struct Turns<'a> {
     system: Vec<Block<'a>>,
     turns: Vec<Turn<'a>>,
+    /// Whether the last message is the last turn's (not left out, nor `system`).
+    last_kept: bool,
 }
 
 impl<'de> Deserialize<'de> for Turns<'de> {
@@ -293,8 +300,10 @@ impl<'de> Deserialize<'de> for Turns<'de> {
                 let mut made = Turns {
                     system: Vec::new(),
                     turns: Vec::new(),
+                    last_kept: false,
                 };
                 while let Some(ChatMessage { role, blocks }) = seq.next_element()? {
+                    made.last_kept = role != "system" && !blocks.is_empty();
                     if role == "system" {
                         made.system.extend(blocks);
                         continue;
