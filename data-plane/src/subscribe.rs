@@ -39,6 +39,10 @@ pub trait Receiver {
     fn connected(&mut self, _connected: bool) {}
 }
 
+/// How long a stopping replica waits for the control plane to close its snapshot stream after
+/// closing its own end (the control plane reads what it was sent, then closes).
+const FAREWELL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Most asks one message carries.
 const ASKS_PER_MESSAGE: usize = 512;
 
@@ -87,10 +91,19 @@ pub async fn run<R: Receiver>(
     // stream it came on, so it goes on the next one's hello.
     let mut nack = None;
     loop {
-        let outcome = tokio::select! {
-            outcome = session(&mut client, &identity, &mut backoff, &mut receiver, &mut nack, &leaving) => outcome,
-            () = shutdown.cancelled() => return,
-        };
+        let outcome = session(
+            &mut client,
+            &identity,
+            &mut backoff,
+            &mut receiver,
+            &mut nack,
+            &leaving,
+            &shutdown,
+        )
+        .await;
+        if shutdown.is_cancelled() {
+            return;
+        }
         receiver.connected(false);
         match outcome {
             Ok(()) => tracing::warn!("snapshot stream ended by the control plane; reconnecting"),
@@ -115,6 +128,7 @@ async fn session<R: Receiver>(
     receiver: &mut R,
     nack: &mut Option<String>,
     leaving: &CancellationToken,
+    shutdown: &CancellationToken,
 ) -> Result<(), tonic::Status> {
     let base = StreamSnapshotsRequest {
         node_id: identity.node_id.clone(),
@@ -140,10 +154,10 @@ async fn session<R: Receiver>(
     let (tx, rx) = mpsc::channel(4);
     // Cannot fail: the receiver is alive and the buffer empty.
     let _ = tx.send(hello_only).await;
-    let mut inbound = client
-        .stream_snapshots(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut inbound = tokio::select! {
+        answered = client.stream_snapshots(ReceiverStream::new(rx)) => answered?.into_inner(),
+        () = shutdown.cancelled() => return Ok(()),
+    };
     // Answered: the control plane read the hello, and the refusal on it, before answering.
     *nack = None;
     receiver.connected(true);
@@ -161,6 +175,17 @@ async fn session<R: Receiver>(
                     return Ok(());
                 }
                 continue;
+            }
+            // The stream is closed from this end, after whatever was sent on it (the
+            // `leaving` above all), and the control plane's close awaited a moment: dropped at
+            // once, the call's reset could overtake the messages still being written.
+            () = shutdown.cancelled() => {
+                drop(tx);
+                let _ = tokio::time::timeout(FAREWELL, async {
+                    while let Ok(Some(_)) = inbound.message().await {}
+                })
+                .await;
+                return Ok(());
             }
             ask = next_ask(&mut queued) => {
                 let mut asks = vec![ask];
