@@ -64,7 +64,7 @@ async fn impatient() -> (
     sluice_control::server::Running,
 ) {
     let certs = tempfile::tempdir().unwrap();
-    sluice_control::testing::make_certificates(certs.path());
+    sluice_e2e::certs::make_certificates(certs.path());
     let data_dir = tempfile::tempdir().unwrap();
     let grpc = GrpcOptions {
         first_request_timeout: std::time::Duration::from_millis(500),
@@ -133,7 +133,7 @@ async fn a_tls_connection_that_sends_no_request_is_closed() {
 #[tokio::test]
 async fn https_endpoint_is_verified_against_the_given_ca() {
     let certs = tempfile::tempdir().unwrap();
-    sluice_control::testing::make_certificates(certs.path());
+    sluice_e2e::certs::make_certificates(certs.path());
     let data_dir = tempfile::tempdir().unwrap();
     let running = start_with_tls(certs.path(), data_dir.path(), GrpcOptions::default()).await;
     let endpoint = format!("https://{}", running.grpc_addr);

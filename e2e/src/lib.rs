@@ -3,6 +3,7 @@
 //! log output of the binaries ([`logs`]).
 
 pub mod bench;
+pub mod certs;
 pub mod logs;
 pub mod mock;
 pub mod process;

@@ -66,6 +66,7 @@ mod stream;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -209,6 +210,8 @@ impl MockConfig {
 /// A running mock provider. Stops on [`MockServer::shutdown`] or when dropped.
 pub struct MockServer {
     addr: SocketAddr,
+    /// `https` when it serves over TLS ([`MockServer::start_tls`]).
+    scheme: &'static str,
     shared: Arc<Shared>,
     accept: Mutex<Option<JoinHandle<()>>>,
 }
@@ -217,19 +220,7 @@ impl MockServer {
     /// Binds `addr` (`127.0.0.1:0` picks a free port) and serves in the background on the current
     /// tokio runtime. Fails if the address cannot be bound or there is no runtime.
     pub fn start(config: MockConfig, addr: SocketAddr) -> io::Result<MockServer> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
-        let listener = {
-            let _entered = runtime.enter();
-            server::bind(addr)?
-        };
-        let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::new(config));
-        let accept = runtime.spawn(server::accept_loop(listener, Arc::clone(&shared)));
-        Ok(MockServer {
-            addr,
-            shared,
-            accept: Mutex::new(Some(accept)),
-        })
+        Self::serve(config, addr, None)
     }
 
     /// [`MockServer::start`] on `127.0.0.1:0`.
@@ -237,14 +228,70 @@ impl MockServer {
         Self::start(config, SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
+    /// [`MockServer::start_local`] over TLS, as providers serve (`https://`, HTTP/1.1), with the
+    /// certificate chain and key of these PEM files (`crate::certs::make_certificates`
+    /// writes a CA and a certificate for 127.0.0.1 signed by it).
+    pub fn start_tls(config: MockConfig, cert: &Path, key: &Path) -> io::Result<MockServer> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(io::Error::other)?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(io::Error::other)?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(io::Error::other)?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        Self::serve(
+            config,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            Some(acceptor),
+        )
+    }
+
+    /// [`MockServer::start_tls`] with a CA and a certificate for 127.0.0.1 made in `dir` (by
+    /// `openssl`): a client trusts it with `dir/ca.pem` (the data plane's `--upstream-ca`).
+    pub fn start_tls_in(config: MockConfig, dir: &Path) -> io::Result<MockServer> {
+        crate::certs::make_certificates(dir);
+        Self::start_tls(config, &dir.join("server.pem"), &dir.join("server.key"))
+    }
+
+    fn serve(
+        config: MockConfig,
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> io::Result<MockServer> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        let listener = {
+            let _entered = runtime.enter();
+            server::bind(addr)?
+        };
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::new(config));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let accept = runtime.spawn(server::accept_loop(listener, Arc::clone(&shared), tls));
+        Ok(MockServer {
+            addr,
+            scheme,
+            shared,
+            accept: Mutex::new(Some(accept)),
+        })
+    }
+
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// `http://<addr>/v1`, what an OpenAI client takes as its base URL.
+    /// `http://<addr>/v1` (`https://` over TLS), what an OpenAI client takes as its base URL.
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        format!("{}://{}/v1", self.scheme, self.addr)
     }
 
     pub fn config(&self) -> &MockConfig {

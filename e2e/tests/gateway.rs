@@ -847,7 +847,7 @@ impl Drop for TlsFront {
 #[tokio::test]
 async fn an_https_backend_behind_a_private_ca_takes_requests_past_its_stream_limit() {
     let certs = tempfile::tempdir().unwrap();
-    sluice_control::testing::make_certificates(certs.path());
+    sluice_e2e::certs::make_certificates(certs.path());
     let ca = certs.path().join("ca.pem");
     let ca = ca.to_str().unwrap();
     let mock = Mock::start_with("a", &["m"], &["--latency", "1s"]).await;

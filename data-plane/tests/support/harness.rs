@@ -388,3 +388,27 @@ impl SseUpstream {
         format!("http://{}/v1", self.addr)
     }
 }
+
+/// Waits (up to 5 s) until `mock` has seen a stream of its aborted: the data plane dropped its
+/// upstream call.
+#[allow(dead_code)] // not every test binary leaves streams
+pub async fn wait_for_an_aborted_stream(mock: &sluice_e2e::mock::MockServer) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while mock.stats().streams_aborted == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upstream stream was never cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts `response` is the 502 of a connection lost after the request was sent: not to be
+/// retried by the client (the provider may be generating it).
+#[allow(dead_code)] // not every test binary loses connections
+pub async fn assert_connection_lost(response: reqwest::Response) {
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["x-should-retry"], "false");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_connection_lost", "{body}");
+}

@@ -115,7 +115,13 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// Serves the connections `listener` accepts until shutdown, over TLS when given an acceptor
+/// (as a provider's `https://` endpoint; faults apply the same, a reset under TLS too).
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -124,7 +130,23 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         match accepted {
             Ok((stream, _)) => {
                 bump(&shared.counters.connections);
-                tokio::spawn(serve_connection(stream, Arc::clone(&shared)));
+                let shared = Arc::clone(&shared);
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    let reset = Arc::new(AtomicBool::new(false));
+                    let stream = ResettableStream {
+                        stream,
+                        reset: Arc::clone(&reset),
+                    };
+                    match tls {
+                        None => serve_connection(stream, reset, shared).await,
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => serve_connection(stream, reset, shared).await,
+                            Err(e) => tracing::debug!(error = %e, "mock TLS handshake failed"),
+                        },
+                    }
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait instead of spinning.
@@ -135,13 +157,11 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
-    let _ = stream.set_nodelay(true);
-    let reset = Arc::new(AtomicBool::new(false));
-    let io = TokioIo::new(ResettableStream {
-        stream,
-        reset: Arc::clone(&reset),
-    });
+async fn serve_connection<S>(stream: S, reset: Arc<AtomicBool>, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(stream);
     let shutdown = shared.shutdown.clone();
     let service = service_fn(move |req| handle(Arc::clone(&shared), Arc::clone(&reset), req));
     let conn = http1::Builder::new()
