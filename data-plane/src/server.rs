@@ -91,13 +91,9 @@ pub enum RunError {
 }
 
 /// Hands the snapshot stream's snapshots to the store, which counts what it refuses, and
-/// its keys with a budget to the allowances, and tells the spool (if any) the database they
-/// come from. Public for tests that run the subscriber as a server runs it.
-pub struct Applier(
-    pub Arc<SnapshotStore>,
-    pub Arc<Allowances>,
-    pub Option<Arc<Spool>>,
-);
+/// its keys with a budget to the allowances. Public for tests that run the subscriber as a
+/// server runs it.
+pub struct Applier(pub Arc<SnapshotStore>, pub Arc<Allowances>);
 
 impl subscribe::Receiver for Applier {
     fn apply(&mut self, snapshot: sluice_proto::v1::Snapshot) -> Result<(), String> {
@@ -119,16 +115,6 @@ impl subscribe::Receiver for Applier {
                 (k.id.clone(), k.max_budget, resets, period_start)
             })
             .collect();
-        // Before any request is served under it (the first snapshot's database, or the same
-        // again: the store refuses another), so that a replay of this run's spool names it.
-        if let Some(spool) = &self.2
-            && self
-                .0
-                .load()
-                .is_none_or(|current| current.database_id == snapshot.database_id)
-        {
-            spool.serving_database(&snapshot.database_id);
-        }
         match self.0.apply(snapshot) {
             Ok(applied) => {
                 self.1.budgeted(budgeted);
@@ -359,7 +345,7 @@ impl Proxy {
                 client.clone(),
                 identity.clone(),
                 Backoff::default(),
-                Applier(Arc::clone(&store), Arc::clone(&allowances), spool.clone()),
+                Applier(Arc::clone(&store), Arc::clone(&allowances)),
                 draining.clone(),
                 stop_snapshots.clone(),
             ),

@@ -26,10 +26,8 @@
 //! - **Replay.** At start, each directory an earlier process left ([`replay`]) is sent again
 //!   through the usage reporter under that process's node id, incarnation and sequences (the
 //!   control plane skips what it already applied), plus one record per request that had
-//!   started an upstream call and never finished, under `<incarnation>.interrupted`, naming
-//!   the database that process served (its [`DATABASE_FILE`], written when its first
-//!   snapshot was applied): a control plane on another database refuses them, and they wait
-//!   for the right one. The directory is deleted once the control plane has acked all of it.
+//!   started an upstream call and never finished, under `<incarnation>.interrupted`. The
+//!   directory is deleted once the control plane has acked all of it.
 //! - **Bounds.** The files together hold at most [`SpoolOptions::max_bytes`] (checked when a
 //!   request starts; a finish whose start is on disk is always written); a request that finds
 //!   the spool full (or its disk failing) is served without a start record, or refused with
@@ -186,10 +184,6 @@ fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> S
     move |source| SpoolError::Io { what, path, source }
 }
 
-/// The file in a process's spool directory naming the database whose snapshots it served
-/// ([`Spool::serving_database`]); read by a replay of the directory.
-pub(crate) const DATABASE_FILE: &str = "database";
-
 /// What the lanes, the sync thread and the replays share.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -307,8 +301,6 @@ pub struct Spool {
     undeleted: Mutex<Vec<(PathBuf, u64)>>,
     /// Held (locked) for the life of the process.
     _lock: File,
-    /// The database [`DATABASE_FILE`] names (empty: not written yet).
-    database: Mutex<String>,
 }
 
 #[derive(Debug)]
@@ -480,37 +472,7 @@ impl Spool {
             sync: Mutex::new(None),
             undeleted: Mutex::new(Vec::new()),
             _lock: lock,
-            database: Mutex::new(String::new()),
         })
-    }
-
-    /// The snapshots this process applies are of database `id`: written, flushed, to its
-    /// directory's [`DATABASE_FILE`] (once; again only should it change), before a request is
-    /// served under them, so that a later run replaying what this one leaves names it. Called
-    /// as a snapshot is applied. A write that fails is logged: the replay of such a run names
-    /// no database, and any control plane takes its records, as before this file existed.
-    pub fn serving_database(&self, id: &str) {
-        let mut written = self.database.lock().unwrap_or_else(PoisonError::into_inner);
-        if id.is_empty() || *written == id {
-            return;
-        }
-        let path = self.shared.dir.join(DATABASE_FILE);
-        let staged = self.shared.dir.join(format!("{DATABASE_FILE}.new"));
-        let write = || -> std::io::Result<()> {
-            let mut file = File::create(&staged)?;
-            std::io::Write::write_all(&mut file, id.as_bytes())?;
-            file.sync_all()?;
-            std::fs::rename(&staged, &path)?;
-            sync_dir(&self.shared.dir)
-        };
-        match write() {
-            Ok(()) => *written = id.to_owned(),
-            Err(err) => tracing::warn!(
-                path = %path.display(),
-                error = %err,
-                "cannot write the database this replica serves into its usage spool: a later run would send this run's unacked usage to a control plane on any database"
-            ),
-        }
     }
 
     /// The writer of serving thread `index`.
@@ -687,7 +649,6 @@ impl Spool {
             dir,
             node_id,
             incarnation,
-            database_id,
             finished,
             interrupted: unfinished,
             bytes,
@@ -708,11 +669,7 @@ impl Spool {
             // Already stopped: the reporter sends everything, waits for the acks, returns.
             let stop = CancellationToken::new();
             stop.cancel();
-            // Named as that run served it: a control plane on another database refuses the
-            // records, and they wait here for the right one.
-            let database = database_id.clone();
             UsageReporter::new(sink.clone(), client.clone(), sender)
-                .database_with(Box::new(move || database.clone()))
                 .run(stop)
                 .await;
             self.resending().retain(|s| !s.same_queue(&sink));

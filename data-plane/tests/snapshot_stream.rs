@@ -150,7 +150,7 @@ async fn a_snapshot_past_the_size_limit_is_refused_loudly() {
         client,
         NodeIdentity::new(Some("node-a".into())),
         Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
-        sluice_proxy::server::Applier(Arc::clone(&store), allowances, None),
+        sluice_proxy::server::Applier(Arc::clone(&store), allowances),
         CancellationToken::new(),
         shutdown.clone(),
     ));

@@ -19,9 +19,6 @@ pub struct Replay {
     pub dir: PathBuf,
     pub node_id: String,
     pub incarnation: String,
-    /// The database whose snapshots that run served (its [`super::DATABASE_FILE`]; empty when
-    /// it wrote none: the run predates the file, or served nothing).
-    pub database_id: String,
     /// Finished requests, by sequence.
     pub finished: Vec<UsageRecord>,
     /// Requests interrupted by the end of the process: the record of their last start,
@@ -58,7 +55,6 @@ impl Replay {
 /// flushed to disk before this returns, so nothing sent from it can vanish in a machine crash.
 pub fn read(dir: &Path) -> io::Result<Replay> {
     let mut segments = Vec::new();
-    let mut database_id = String::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let parsed = path
@@ -70,14 +66,6 @@ pub fn read(dir: &Path) -> io::Result<Replay> {
             // An acked segment kept for reuse, or one a crash caught being reused: nothing
             // in it is owed.
             None if path.extension().is_some_and(|e| e == "spare") => {}
-            // The database the run served; one being written when it ended (`.new`) was not
-            // yet in force.
-            None if path.file_name().is_some_and(|n| n == super::DATABASE_FILE) => {
-                database_id = std::fs::read_to_string(&path)?.trim().to_owned();
-            }
-            None if path.file_name().is_some_and(|n| {
-                n.to_string_lossy() == format!("{}.new", super::DATABASE_FILE)
-            }) => {}
             None => {
                 tracing::warn!(path = %path.display(), "ignoring a file that is not a spool segment")
             }
@@ -87,7 +75,6 @@ pub fn read(dir: &Path) -> io::Result<Replay> {
 
     let mut replay = Replay {
         dir: dir.to_owned(),
-        database_id,
         incarnation: dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
