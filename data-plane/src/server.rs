@@ -90,6 +90,9 @@ pub enum RunError {
     KeyShareBelowLargest { share: usize, largest: usize },
 }
 
+/// How long a stop waits for the snapshot stream to close (its farewell takes at most 1 s).
+const SUBSCRIBER_WAIT: Duration = Duration::from_secs(2);
+
 /// Hands the snapshot stream's snapshots to the store, which counts what it refuses, and
 /// its keys with a budget to the allowances. Public for tests that run the subscriber as a
 /// server runs it.
@@ -489,7 +492,14 @@ impl Proxy {
             tracing::warn!("stream relays did not finish in time");
         }
         stop_snapshots.cancel();
-        subscriber.await;
+        // Bounded: a control plane that stopped reading the stream (its writes blocked on a
+        // full window) must not hold up the usage flush.
+        if tokio::time::timeout(SUBSCRIBER_WAIT, subscriber)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the snapshot stream did not close in time");
+        }
         stop_usage.cancel();
         match tokio::time::timeout(config.usage_flush_timeout, reporter).await {
             Ok(_) => tracing::info!(acked = usage.acked(), "usage flushed"),

@@ -177,9 +177,15 @@ async fn session<R: Receiver>(
                 continue;
             }
             // The stream is closed from this end, after whatever was sent on it (the
-            // `leaving` above all), and the control plane's close awaited a moment: dropped at
-            // once, the call's reset could overtake the messages still being written.
+            // `leaving` above all: said now if the stop came with it), and the control plane's
+            // close awaited a moment: dropped at once, the call's reset could overtake the
+            // messages still being written. (The control plane reads them, then sees the
+            // end of the stream, then closes its own end.)
             () = shutdown.cancelled() => {
+                if leaving.is_cancelled() && !hello.leaving {
+                    hello.leaving = true;
+                    let _ = tokio::time::timeout(FAREWELL, tx.send(hello.clone())).await;
+                }
                 drop(tx);
                 let _ = tokio::time::timeout(FAREWELL, async {
                     while let Ok(Some(_)) = inbound.message().await {}

@@ -306,10 +306,10 @@ fn seconds(value: &serde_json::Value) -> u64 {
 
 /// The longest a data plane takes to stop after SIGTERM with the given drain delay, drain
 /// and usage flush timeouts: the lame duck, the drain, its serving threads' runtimes' 1 s,
-/// the stream relays' 5 s (`RELAY_WAIT`), the snapshot stream's close (`FAREWELL`, 1 s),
-/// then the flush (data-plane/src/server.rs).
+/// the stream relays' 5 s (`RELAY_WAIT`), the snapshot stream's close (`SUBSCRIBER_WAIT`,
+/// 2 s), then the flush (data-plane/src/server.rs).
 fn data_plane_stop(delay: u64, drain: u64, flush: u64) -> u64 {
-    delay + drain + 1 + 5 + 1 + flush
+    delay + drain + 1 + 5 + 2 + flush
 }
 
 /// The grace periods the deployments give a data plane cover the whole of its stop, so that

@@ -359,10 +359,7 @@ impl DataPlaneApi {
                 {
                     writing = Some(write_ack(&api.store, &node_id, version, error));
                 }
-                // In this order: a message the replica sent before closing its stream (its
-                // `leaving` above all, which ends its share) is read before the close.
                 tokio::select! {
-                    biased;
                     written = async {
                         match writing.as_mut() {
                             Some(write) => write.await,
