@@ -842,6 +842,7 @@ impl Shard {
         stopping.end_streams();
         if tokio::time::timeout(last, closed).await.is_err() {
             tracing::warn!("drain timeout passed: closing the remaining connections");
+            stopping.cut_the_rest();
         }
     }
 }

@@ -16,6 +16,18 @@ use std::task::{Context, Poll, Waker};
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
+thread_local! {
+    /// This serving thread's drain ran out: what its runtime drops from now on, the stop cut
+    /// ([`Stopping::cut_the_rest`]).
+    static CUT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the request being dropped on this thread is one the stop cut: its drain ran out
+/// with the request still waiting on its upstream, not its client leaving.
+pub fn cut_by_the_stop() -> bool {
+    CUT.get()
+}
+
 /// One serving thread's view of the stop (each thread has its own, so that the streams of one
 /// register with a `Notify` no other thread's take a lock of).
 #[derive(Debug, Default)]
@@ -41,6 +53,13 @@ impl Stopping {
     pub fn end_streams(&self) {
         self.streams_end.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();
+    }
+
+    /// The drain ran out: the requests this thread's runtime drops from now on (its last
+    /// connections, closed) are the stop's doing ([`cut_by_the_stop`]). Called on the serving
+    /// thread itself, whose runtime then drops them.
+    pub fn cut_the_rest(&self) {
+        CUT.set(true);
     }
 
     /// A watch for [`Stopping::end_streams`], for one stream's relay.

@@ -1214,6 +1214,50 @@ async fn a_stream_outlasting_the_drain_ends_with_an_error_event() {
     h.join().await.unwrap();
 }
 
+/// A whole request still waiting on its provider when the drain runs out is cut (its client's
+/// connection closed) and recorded as the stop's doing, `DATA_PLANE_STOPPED` with no status:
+/// it was recorded as its client leaving (499 `client_cancelled`), which the statistics count
+/// against the backend as one that hung, at every redeploy with slow requests in flight.
+#[tokio::test]
+async fn a_whole_request_outlasting_the_drain_is_recorded_as_cut_by_the_stop() {
+    let primary = mock("primary");
+    primary.set_fault(Fault::DelayMs(10_000).times(1));
+    let mut h = Harness::start_with(one_primary_snapshot(&primary.base_url()), |config| {
+        config.drain_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let request = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&chat_body(false))
+        .send();
+    let request = tokio::spawn(request);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while primary.stats().requests.chat_completions == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.begin_shutdown();
+    assert!(
+        request.await.unwrap().is_err(),
+        "the connection is closed without an answer"
+    );
+    h.cp.wait_for("the request's record", |r| r.records().len() == 1)
+        .await;
+    let record = h.cp.with(|r| r.records()[0].clone());
+    assert_eq!(
+        record.error_kind,
+        ErrorKind::DataPlaneStopped as i32,
+        "{record:?}"
+    );
+    assert_eq!(record.status_code, 0);
+    h.join().await.unwrap();
+}
+
 /// On SIGTERM a replica first serves as a lame duck for `--drain-delay`: not ready, so that
 /// load balancers stop sending, and every HTTP/1 answer closes its connection, so that
 /// clients retire their kept-alive connections themselves; then it drains.

@@ -561,12 +561,18 @@ impl Accounting {
 impl Drop for Accounting {
     fn drop(&mut self) {
         if !self.0.done {
-            let status = self
-                .0
-                .status_sent
-                .map_or(CLIENT_CLOSED_REQUEST, |s| s.as_u16());
+            // Cut by the replica's stop, its drain run out while it waited on its upstream:
+            // not its client leaving (nor the backend's fault, as a 499 reads), and the
+            // provider may be generating it.
+            let (status, kind) = match self.0.status_sent {
+                None if crate::stopping::cut_by_the_stop() => (0, ErrorKind::DataPlaneStopped),
+                sent => (
+                    sent.map_or(CLIENT_CLOSED_REQUEST, |s| s.as_u16()),
+                    ErrorKind::ClientCancelled,
+                ),
+            };
             // Nothing more goes to the client: write it now rather than wait for others.
-            let _ = self.emit(status, ErrorKind::ClientCancelled).now();
+            let _ = self.emit(status, kind).now();
         }
     }
 }
