@@ -65,6 +65,13 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+# The fuzz targets are a crate of their own, outside the workspace (cargo-fuzz's layout), and
+# hold the oracles of the translations and parsers: checked as the workspace is.
+log "cargo fmt --check and cargo clippy (fuzz targets)"
+cargo fmt --manifest-path data-plane/fuzz/Cargo.toml --all -- --check
+cargo clippy --manifest-path data-plane/fuzz/Cargo.toml \
+  --target-dir "$(realpath -m "${CARGO_TARGET_DIR:-target}")/fuzz" --all-targets -- -D warnings
+
 log "cargo build (binaries the end-to-end tests start)"
 cargo build --workspace --bins
 

@@ -38,7 +38,10 @@ fuzz_target!(|data: &[u8]| {
     let sent_again = sluice_proxy::request::parse(&sent).expect("what is sent parses again");
     assert_eq!(sent_again.model, own);
     assert_eq!(sent_again.stream, parsed.stream);
-    assert_eq!(sent_again.include_usage, parsed.stream || parsed.include_usage);
+    assert_eq!(
+        sent_again.include_usage,
+        parsed.stream || parsed.include_usage
+    );
 
     let Ok(Value::Object(mut original)) = serde_json::from_slice::<Value>(data) else {
         return;
