@@ -502,6 +502,25 @@ async fn rate_limit_fault_sends_retry_after_then_heals() {
     assert_eq!(stats.model_requests("m"), 4);
 }
 
+/// As a provider does, the mock checks the key before anything else: a request it refuses
+/// meets no planned fault (a test of a wrong key during an outage sees the 401), and the fault
+/// is left for the next request.
+#[tokio::test]
+async fn a_refused_key_meets_no_fault() {
+    let mock = MockServer::start_local(MockConfig::default().with_api_key("sk-right")).unwrap();
+    mock.set_fault(Fault::status(503).times(1));
+    let send = |key: &'static str| {
+        client()
+            .post(format!("{}/chat/completions", mock.base_url()))
+            .bearer_auth(key)
+            .json(&chat("m", "hi"))
+            .send()
+    };
+    assert_eq!(send("sk-wrong").await.unwrap().status(), 401);
+    assert_eq!(send("sk-right").await.unwrap().status(), 503);
+    assert_eq!(send("sk-right").await.unwrap().status(), 200);
+}
+
 /// The I/O error kind somewhere in an error's source chain.
 fn io_error_kind(err: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
     let mut source = Some(err);

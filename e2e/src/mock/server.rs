@@ -383,6 +383,7 @@ async fn api(
         }
         Err(_) => return Err(Abort::Body),
     };
+    let mut headers_refused = false;
     let call = match route {
         Route::Chat | Route::Completion => {
             let (flavor, parsed) = match route {
@@ -441,7 +442,10 @@ async fn api(
                 shared.counters.model(m);
             }
             let checked = match anthropic_headers {
-                Some(Err(e)) => Err(e),
+                Some(Err(e)) => {
+                    headers_refused = true;
+                    Err(e)
+                }
                 _ => parsed,
             };
             Call::Messages(checked, count_only)
@@ -449,7 +453,16 @@ async fn api(
     };
     let anthropic_route = matches!(call, Call::Messages(..));
 
-    let fault = shared.faults.take(openai::model_only(&body).as_deref());
+    // A provider checks the key (and Anthropic its headers) before anything else: a request
+    // it refuses meets no fault, and leaves the faults planned for the next one.
+    let refused = match anthropic_route {
+        true => headers_refused,
+        false => authorized.is_err(),
+    };
+    let fault = match refused {
+        true => None,
+        false => shared.faults.take(openai::model_only(&body).as_deref()),
+    };
     if fault.is_some() {
         bump(&shared.counters.faults_applied);
     }
