@@ -379,6 +379,7 @@ pub struct Metrics {
     /// Refusals already added to `snapshot_refusals` (the store counts them itself).
     snapshot_refusals_seen: [AtomicU64; 4],
     snapshot_age: Gauge<f64, AtomicU64>,
+    request_body_bytes: Gauge,
     control_plane_connected: Gauge,
     usage_queue: Gauge,
     usage_dropped: Counter,
@@ -540,6 +541,14 @@ impl Metrics {
              snapshot stays in force",
             snapshot_refusals.clone(),
         );
+        let request_body_bytes = Gauge::default();
+        registry.register_with_unit(
+            "request_body_buffered",
+            "Request bodies held in memory now (from their arrival until their request is \
+             answered), of --max-buffered-body-bytes; at the limit, further bodies get 503",
+            Unit::Bytes,
+            request_body_bytes.clone(),
+        );
         let snapshot_age = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit(
             "snapshot_age",
@@ -608,6 +617,7 @@ impl Metrics {
             allowance_asks,
             allowance_asks_seen: AtomicU64::new(0),
             snapshot_age,
+            request_body_bytes,
             control_plane_connected,
             usage_queue,
             usage_dropped,
@@ -750,6 +760,12 @@ impl Metrics {
     /// timeout closed in.
     pub fn write_timeouts(&self) -> Counter {
         self.write_timeouts.clone()
+    }
+
+    /// The bytes of request bodies held in memory now (read at each scrape).
+    pub fn request_bodies_buffered(&self, bytes: usize) {
+        self.request_body_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// The gauge of client connections open on serving thread `thread`.

@@ -57,6 +57,9 @@ pub const REQUEST_LOG_TARGET: &str = "sluice::request";
 pub struct Limits {
     /// Larger request bodies get 413.
     pub max_body_bytes: usize,
+    /// The bytes of request bodies the replica holds at once (`--max-buffered-body-bytes`):
+    /// `body_memory`'s permits.
+    pub max_buffered_body_bytes: usize,
     /// Larger non-streamed upstream bodies count as a failed attempt (502).
     pub max_response_bytes: usize,
     /// A body not read in full this long after its headers gets 408.
@@ -67,6 +70,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_body_bytes: 16 * 1024 * 1024,
+            max_buffered_body_bytes: 256 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(30),
         }
@@ -866,6 +870,11 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     let spool = app.spool.as_ref().map(|spool| spool.stats(&app.usage));
+    app.metrics.request_bodies_buffered(
+        app.limits
+            .max_buffered_body_bytes
+            .saturating_sub(app.body_memory.available_permits()),
+    );
     let text = app
         .metrics
         .render(&app.store, &app.usage, spool, app.allowances.asks_sent());

@@ -411,6 +411,9 @@ impl Proxy {
                 spool_lane: spool.as_ref().and_then(|spool| spool.lane(pool)),
                 limits: Limits {
                     max_body_bytes: config.max_body_bytes,
+                    max_buffered_body_bytes: config
+                        .max_buffered_body_bytes
+                        .min(Semaphore::MAX_PERMITS),
                     max_response_bytes: config.max_response_bytes,
                     body_read_timeout: config.body_read_timeout,
                 },

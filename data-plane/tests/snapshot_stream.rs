@@ -260,6 +260,11 @@ async fn new_connections_are_answered_while_a_large_snapshot_applies() {
     }
     let took = published.elapsed();
     eprintln!("{answered} answers while the snapshot came in {took:?}; the slowest {slowest:?}");
+    // Else the claim below holds of nothing: the snapshot was in before a probe was made.
+    assert!(
+        answered >= 3,
+        "{answered} probes while the snapshot came in {took:?}"
+    );
     assert!(
         slowest < took / 4,
         "a new connection waited {slowest:?}, while the snapshot took {took:?} to arrive and apply"

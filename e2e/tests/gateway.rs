@@ -678,8 +678,14 @@ async fn usage_totals_match_the_mock_across_a_control_plane_restart() {
         },
     )
     .await;
-    // And stay there: nothing is counted twice after the resend.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // And stay there once the replica holds nothing unacked (a resend still under way could
+    // otherwise land after the check): nothing is counted twice after the resend.
+    eventually(Duration::from_secs(15), "every record acked", || async {
+        sluice_control::testing::metric_samples(&proxy.metrics().await)
+            .get("sluice_usage_queue_depth")
+            == Some(&0.0)
+    })
+    .await;
     let t = cluster.totals().await;
     assert_eq!(
         (t.request_count, t.prompt_tokens, t.completion_tokens),

@@ -82,8 +82,14 @@ async fn stalled_uploads_are_cut_off_and_cannot_pile_up_memory() {
 
     // 2.5 MB of a declared 4 MB, then nothing: it holds 2.5 MB of the 3 MB.
     let mut first = stalled_upload(proxy.addr, &key, 4_000_000, 2_500_000).await;
-    // Give the proxy time to take in what was sent before the second comes.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once the proxy has taken in what was sent (a sleep here made the test depend on the
+    // machine's speed), the second comes.
+    crate::common::eventually(Duration::from_secs(10), "2.5 MB of body held", || async {
+        metric_samples(&proxy.metrics().await)
+            .get("sluice_request_body_buffered_bytes")
+            .is_some_and(|held| *held >= 2_500_000.0)
+    })
+    .await;
     // 1 MB more would pass the 3 MB: refused at once, with Retry-After.
     let mut second = stalled_upload(proxy.addr, &key, 2_000_000, 1_000_000).await;
     let status = status_of(&mut second).await;
