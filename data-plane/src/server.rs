@@ -90,7 +90,9 @@ pub enum RunError {
     KeyShareBelowLargest { share: usize, largest: usize },
 }
 
-/// How long a stop waits for the snapshot stream to close (its farewell takes at most 1 s).
+/// How long a stop waits for the snapshot stream to close (its farewell: the `leaving` word
+/// and the control plane's close, up to 1 s each); past it the stream's thread is left to end
+/// on its own.
 const SUBSCRIBER_WAIT: Duration = Duration::from_secs(2);
 
 /// Hands the snapshot stream's snapshots to the store, which counts what it refuses, and

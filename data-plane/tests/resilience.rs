@@ -1255,6 +1255,11 @@ async fn a_whole_request_outlasting_the_drain_is_recorded_as_cut_by_the_stop() {
         "{record:?}"
     );
     assert_eq!(record.status_code, 0);
+    // Charged what is known, as a request cut short is: never a record of no tokens.
+    assert!(
+        record.tokens_estimated && record.prompt_tokens > 0,
+        "{record:?}"
+    );
     h.join().await.unwrap();
 }
 

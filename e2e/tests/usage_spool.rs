@@ -365,7 +365,7 @@ fn spool_frames(
     let runs: Vec<_> = std::fs::read_dir(&spool).unwrap().collect();
     assert_eq!(runs.len(), 1);
     let run = runs.into_iter().next().unwrap().unwrap().path();
-    // (Beside them, the file naming the database the run served.)
+    // Segments alone (anything later kept beside them is not this test's).
     let segments: Vec<_> = std::fs::read_dir(&run)
         .unwrap()
         .map(|f| f.unwrap().path())

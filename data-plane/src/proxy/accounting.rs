@@ -518,11 +518,19 @@ fn keeps_reserve(
     billed_failure: bool,
     unsent: bool,
 ) -> bool {
+    // Cut by the replica's stop while its provider was generating it: charged its estimate
+    // (`estimate_unreported`) and kept at its reserve, which the answer may well have cost.
+    let stopped = kind == ErrorKind::DataPlaneStopped && !unsent;
     record.attempts > 0
-        && record.prompt_tokens == 0
-        && record.completion_tokens == 0
-        && (billed_failure
-            || !(unsent || matches!(kind, ErrorKind::UpstreamStatus | ErrorKind::UpstreamConnect)))
+        && (stopped
+            || (record.prompt_tokens == 0
+                && record.completion_tokens == 0
+                && (billed_failure
+                    || !(unsent
+                        || matches!(
+                            kind,
+                            ErrorKind::UpstreamStatus | ErrorKind::UpstreamConnect
+                        )))))
 }
 
 impl Accounting {
@@ -536,7 +544,7 @@ impl Accounting {
     fn estimate_unreported(&self, record: &mut UsageRecord, kind: ErrorKind) {
         let cut_short = matches!(
             kind,
-            ErrorKind::ClientCancelled | ErrorKind::StreamInterrupted
+            ErrorKind::ClientCancelled | ErrorKind::StreamInterrupted | ErrorKind::DataPlaneStopped
         );
         let ended_without_usage = self.0.output_deltas > 0
             && record.prompt_tokens == 0
