@@ -961,12 +961,22 @@ mod tests {
         (addr, accepted)
     }
 
+    /// A [`closing_server`], with the read end of its trigger.
+    fn closing_server_triggering() -> (
+        std::net::SocketAddr,
+        Arc<std::sync::atomic::AtomicUsize>,
+        std::net::TcpStream,
+    ) {
+        let triggers = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let trigger = std::net::TcpStream::connect(triggers.local_addr().unwrap()).unwrap();
+        let (server, accepts) = closing_server(triggers.accept().unwrap().0);
+        (server, accepts, trigger)
+    }
+
     #[tokio::test]
     async fn a_request_on_a_connection_the_upstream_closed_goes_on_a_new_one() {
         use std::io::Read as _;
-        let triggers = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut trigger = std::net::TcpStream::connect(triggers.local_addr().unwrap()).unwrap();
-        let (server, accepts) = closing_server(triggers.accept().unwrap().0);
+        let (server, accepts, mut trigger) = closing_server_triggering();
         let client = direct_client();
         call(&client, server).await.unwrap();
         // This (current-thread) runtime blocked until the trigger, which the server writes
@@ -996,9 +1006,7 @@ mod tests {
     #[tokio::test]
     async fn a_kept_connection_closed_idle_as_it_was_reused_never_sent_its_request() {
         use std::io::Read as _;
-        let triggers = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut trigger = std::net::TcpStream::connect(triggers.local_addr().unwrap()).unwrap();
-        let (server, accepts) = closing_server(triggers.accept().unwrap().0);
+        let (server, accepts, mut trigger) = closing_server_triggering();
         let client = direct_client();
         call(&client, server).await.unwrap();
         // No yield: the runtime has not looked at its sockets since the close.
