@@ -5,7 +5,10 @@
 //!   `chat.completion.chunk` events: a `delta.role` chunk, [`MockConfig::chunk_count`] `delta.content`
 //!   chunks, a chunk with `finish_reason` (`"stop"`, or `"length"` when `max_tokens` /
 //!   `max_completion_tokens` cut the answer short), with `stream_options.include_usage` a chunk with
-//!   `choices: []` and `usage`, then `data: [DONE]`. `n` choices are supported. A request that
+//!   `choices: []` and `usage`, then `data: [DONE]`; with `include_usage` every other chunk says
+//!   `"usage":null`, and every chunk ends with OpenAI's `obfuscation` padding (1–16 letters and
+//!   digits) unless `stream_options.include_obfuscation` is false (not in the Mistral flavour,
+//!   [`MockConfig::refuses_stream_options`]). `n` choices are supported. A request that
 //!   offers `tools` (`tool_choice` not `none`) and does not end with a `tool` message is answered
 //!   with one call of the chosen (or first) function, its arguments filling each property of its
 //!   schema (`"mock"`, `1`, `true`), `finish_reason: "tool_calls"`; streamed as OpenAI streams it

@@ -122,6 +122,10 @@ async fn chat_stream_is_framed_like_openai() {
         assert_eq!(c["model"], "gpt-x");
         assert!(c.get("usage").is_none());
     }
+    // Each chunk ends with OpenAI's padding, letters and digits.
+    for event in &events[..events.len() - 1] {
+        assert!(padding_last(event).is_some(), "{event}");
+    }
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let content: String = chunks[1..4]
         .iter()
@@ -165,6 +169,12 @@ async fn chat_stream_is_framed_like_openai() {
             .iter()
             .all(|c| c["usage"].is_null() && c.get("usage").is_some())
     );
+    // Written as OpenAI writes them: the null `usage`, then the padding, last.
+    for event in &events[..5] {
+        let head = padding_last(event).unwrap();
+        assert!(head.ends_with(r#","usage":null"#), "{event}");
+    }
+    assert!(padding_last(&events[5]).is_some(), "{}", events[5]);
     let usage_chunk = &chunks[5];
     assert_eq!(usage_chunk["choices"], json!([]));
     assert_eq!(usage_chunk["usage"]["prompt_tokens"], 2);
@@ -181,6 +191,29 @@ async fn chat_stream_is_framed_like_openai() {
         (2, 2, 0)
     );
     assert_eq!((stats.prompt_tokens, stats.completion_tokens), (2, 3));
+
+    // `include_obfuscation: false` leaves the padding out.
+    req["stream_options"] = json!({"include_usage": true, "include_obfuscation": false});
+    let body = post(&mock, "/chat/completions", &req)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let events = sse_events(&body);
+    assert_eq!(events.len(), 1 + 3 + 1 + 1 + 1);
+    assert!(!body.contains("obfuscation"), "{body}");
+    assert!(events[0].ends_with(r#","usage":null}"#), "{}", events[0]);
+}
+
+/// A chunk's text before its last member when that is `"obfuscation"` holding 1–16 letters
+/// and digits, as OpenAI pads each chunk of a chat stream.
+fn padding_last(chunk: &str) -> Option<&str> {
+    let (head, value) = chunk
+        .strip_suffix("\"}")?
+        .rsplit_once(r#","obfuscation":""#)?;
+    let padded =
+        (1..=16).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_alphanumeric());
+    padded.then_some(head)
 }
 
 #[tokio::test]
@@ -1190,6 +1223,16 @@ async fn chat_with_tools_is_answered_with_a_call_whole_and_streamed() {
     });
     assert_eq!(finish, Some("tool_calls"));
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 2);
+    // As OpenAI writes a call's chunks: a null `usage` on each but the usage chunk, and the
+    // padding last on all.
+    let (usage_chunk, calls) = events[..events.len() - 1].split_last().unwrap();
+    for event in calls {
+        assert!(
+            padding_last(event).is_some_and(|head| head.ends_with(r#","usage":null"#)),
+            "{event}"
+        );
+    }
+    assert!(padding_last(usage_chunk).is_some(), "{usage_chunk}");
 
     // No call: after a tool result, with tool_choice none, or without tools.
     let mut answered = ask(json!({}));

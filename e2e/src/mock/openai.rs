@@ -240,6 +240,8 @@ fn words(text: &str) -> u64 {
 struct StreamOptions {
     #[serde(default)]
     include_usage: Option<bool>,
+    #[serde(default)]
+    include_obfuscation: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -344,6 +346,9 @@ pub(crate) struct Generation {
     pub(crate) model: String,
     pub(crate) stream: bool,
     pub(crate) include_usage: bool,
+    /// Whether a stream's chunks carry `obfuscation` (OpenAI's chat streams do unless
+    /// `stream_options.include_obfuscation` is false).
+    pub(crate) obfuscate: bool,
     pub(crate) max_tokens: Option<u64>,
     pub(crate) n: u32,
     pub(crate) prompt_tokens: u64,
@@ -372,18 +377,23 @@ pub(crate) struct Parsed<T> {
     pub(crate) request: Result<T, ApiError>,
 }
 
+/// `stream`, `include_usage` and `include_obfuscation` (true unless said false).
 fn stream_flags(
     stream: Option<bool>,
     options: Option<StreamOptions>,
-) -> Result<(bool, bool), ApiError> {
+) -> Result<(bool, bool, bool), ApiError> {
     let stream = stream.unwrap_or(false);
     match options {
         Some(_) if !stream => Err(ApiError::invalid_request(
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
             Some("stream_options"),
         )),
-        Some(o) => Ok((true, o.include_usage.unwrap_or(false))),
-        None => Ok((stream, false)),
+        Some(o) => Ok((
+            true,
+            o.include_usage.unwrap_or(false),
+            o.include_obfuscation.unwrap_or(true),
+        )),
+        None => Ok((stream, false, true)),
     }
 }
 
@@ -473,7 +483,7 @@ pub(crate) fn parse_chat(body: &[u8]) -> Parsed<Generation> {
                 Some("messages"),
             ));
         }
-        let (stream, include_usage) = stream_flags(raw.stream, raw.stream_options)?;
+        let (stream, include_usage, obfuscate) = stream_flags(raw.stream, raw.stream_options)?;
         let text = |m: &ChatMessage| -> Vec<String> {
             match &m.content {
                 None => Vec::new(),
@@ -531,6 +541,7 @@ pub(crate) fn parse_chat(body: &[u8]) -> Parsed<Generation> {
             model,
             stream,
             include_usage,
+            obfuscate,
             max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
             n: check_n(raw.n)?,
             prompt_tokens,
@@ -544,11 +555,14 @@ pub(crate) fn parse_completion(body: &[u8]) -> Parsed<Generation> {
     parse(body, |raw: RawCompletionRequest| {
         let model = require_model(raw.model)?;
         let prompt = raw.prompt.ok_or_else(|| ApiError::missing("prompt"))?;
-        let (stream, include_usage) = stream_flags(raw.stream, raw.stream_options)?;
+        // Legacy completions' streams carry no `obfuscation` here (OpenAI documents it for
+        // chat and Responses streams).
+        let (stream, include_usage, _) = stream_flags(raw.stream, raw.stream_options)?;
         Ok(Generation {
             model,
             stream,
             include_usage,
+            obfuscate: false,
             max_tokens: raw.max_tokens,
             n: check_n(raw.n)?,
             prompt_tokens: prompt.counts().iter().sum::<u64>().max(1),
@@ -794,13 +808,16 @@ pub(crate) fn chat_json(
 
 /// A chat answer that calls `name` with `arguments`: the whole completion, and its stream
 /// (role, the call's id and name, its arguments in `pieces` pieces, the finish, the usage
-/// chunk when `include_usage`, `[DONE]`), as OpenAI streams a tool call.
+/// chunk when `include_usage`, `[DONE]`), as OpenAI streams a tool call: with
+/// `include_usage` every chunk before the usage one says `"usage":null`, and with
+/// `obfuscate` every chunk ends with its `obfuscation`.
 pub(crate) fn tool_call_answer(
     meta: Meta<'_>,
     name: &str,
     arguments: &serde_json::Value,
     usage: Usage,
     include_usage: bool,
+    obfuscate: bool,
     pieces: usize,
 ) -> (Bytes, Vec<Bytes>) {
     use serde_json::json;
@@ -820,38 +837,56 @@ pub(crate) fn tool_call_answer(
         "usage": usage_json,
         "system_fingerprint": FINGERPRINT,
     });
-    let chunk = |delta: serde_json::Value, finish: Option<&str>| {
-        let data = json!({
-            "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
-            "model": meta.model, "system_fingerprint": FINGERPRINT,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        });
-        Bytes::from(format!("data: {data}\n\n"))
+    let mut events = Vec::new();
+    let mut push = |choices: serde_json::Value, usage: Option<serde_json::Value>, padded: usize| {
+        let seed = events.len();
+        let padding = obfuscate.then(|| obfuscation(seed, padded));
+        events.push(sse_event(&ChatChunk::new(meta, choices, usage, padding)));
     };
-    let mut events = vec![
+    let null_usage = || include_usage.then_some(serde_json::Value::Null);
+    let chunk = |delta: serde_json::Value, finish: Option<&str>| json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]);
+    push(
         chunk(json!({"role": "assistant", "content": null}), None),
+        null_usage(),
+        0,
+    );
+    push(
         chunk(
             json!({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
                                     "function": {"name": name, "arguments": ""}}]}),
             None,
         ),
-    ];
+        null_usage(),
+        name.len(),
+    );
     for piece in super::in_pieces(&arguments, pieces) {
-        events.push(chunk(
-            json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
-            None,
-        ));
+        push(
+            chunk(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+                None,
+            ),
+            null_usage(),
+            piece.len(),
+        );
     }
-    events.push(chunk(json!({}), Some("tool_calls")));
+    push(chunk(json!({}), Some("tool_calls")), null_usage(), 0);
     if include_usage {
-        let data = json!({
-            "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
-            "model": meta.model, "choices": [], "usage": usage_json,
-        });
-        events.push(Bytes::from(format!("data: {data}\n\n")));
+        push(json!([]), Some(usage_json), 0);
     }
-    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    events.push(Bytes::from_static(DONE));
     (Bytes::from(whole.to_string()), events)
+}
+
+/// The `obfuscation` OpenAI ends each chunk of a chat stream with (unless the request's
+/// `stream_options.include_obfuscation` is false): random letters and digits that pad the
+/// chunk so that its size says less about its content. Here drawn from a fixed sequence
+/// (`seed`, the chunk's place in its stream), as many (1–16) as bring `content` bytes to a
+/// multiple of 16.
+pub(crate) fn obfuscation(seed: usize, content: usize) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    (0..16 - content % 16)
+        .map(|i| char::from(ALPHABET[(seed * 7 + i * 13) % ALPHABET.len()]))
+        .collect()
 }
 
 pub(crate) fn completion_json(
@@ -904,25 +939,15 @@ pub(crate) enum Delta<'a> {
 }
 
 /// A `chat.completion.chunk` (`usage` present only when the client asked for it: `null` on these,
-/// the totals on the last chunk, which has no choices).
+/// the totals on the last chunk, which has no choices), ending with its `obfuscation` when
+/// given.
 pub(crate) fn chat_chunk(
     meta: Meta<'_>,
     index: u32,
     delta: Option<Delta<'_>>,
     usage: Option<Option<Usage>>,
+    obfuscation: Option<String>,
 ) -> Bytes {
-    #[derive(Serialize)]
-    struct Chunk<'a> {
-        id: &'a str,
-        object: &'static str,
-        created: u64,
-        model: &'a str,
-        service_tier: &'static str,
-        system_fingerprint: &'static str,
-        choices: Vec<Choice<'a>>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        usage: Option<Option<ChatUsage>>,
-    }
     #[derive(Serialize)]
     struct Choice<'a> {
         index: u32,
@@ -976,16 +1001,45 @@ pub(crate) fn chat_chunk(
             }]
         }
     };
-    sse_event(&Chunk {
-        id: meta.id,
-        object: "chat.completion.chunk",
-        created: meta.created,
-        model: meta.model,
-        service_tier: "default",
-        system_fingerprint: FINGERPRINT,
+    sse_event(&ChatChunk::new(
+        meta,
         choices,
-        usage: usage.map(|u| u.map(ChatUsage::from)),
-    })
+        usage.map(|u| u.map(ChatUsage::from)),
+        obfuscation,
+    ))
+}
+
+/// A `chat.completion.chunk`'s members in the order OpenAI writes them: `usage` (when the
+/// client asked for it) and the padding last.
+#[derive(Serialize)]
+struct ChatChunk<'a, C, U> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    service_tier: &'static str,
+    system_fingerprint: &'static str,
+    choices: C,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<U>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    obfuscation: Option<String>,
+}
+
+impl<'a, C, U> ChatChunk<'a, C, U> {
+    fn new(meta: Meta<'a>, choices: C, usage: Option<U>, obfuscation: Option<String>) -> Self {
+        Self {
+            id: meta.id,
+            object: "chat.completion.chunk",
+            created: meta.created,
+            model: meta.model,
+            service_tier: "default",
+            system_fingerprint: FINGERPRINT,
+            choices,
+            usage,
+            obfuscation,
+        }
+    }
 }
 
 /// A streamed `text_completion` chunk; `delta` None = the usage chunk.

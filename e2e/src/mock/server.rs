@@ -833,6 +833,7 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
             arguments,
             usage,
             g.include_usage,
+            g.obfuscate && !config.refuses_stream_options,
             config.tool_call_pieces,
         );
         return if g.stream {
@@ -862,6 +863,8 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
             finish_reason,
             usage: g.include_usage.then_some(usage),
             last_chunk_usage: config.refuses_stream_options.then_some(usage),
+            // Mistral's streams (the mock's other flavour) carry none.
+            obfuscate: g.obfuscate && !config.refuses_stream_options,
             interval: config.chunk_interval,
             cut_after: None,
             queued_for: Duration::ZERO,

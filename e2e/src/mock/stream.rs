@@ -46,6 +46,8 @@ pub(crate) struct StreamPlan {
     /// `Some` for a provider that sends the usage in the last chunk, beside its finish
     /// reason, unasked (Mistral): no usage chunk of its own.
     pub(crate) last_chunk_usage: Option<Usage>,
+    /// Chat chunks end with an `obfuscation` ([`openai::obfuscation`]).
+    pub(crate) obfuscate: bool,
     pub(crate) interval: Duration,
     /// Close the connection after this many events (no `[DONE]`).
     pub(crate) cut_after: Option<usize>,
@@ -83,9 +85,14 @@ impl StreamPlan {
         let finishes = contents + n;
         let usage_field = self.usage.map(|_| None);
         let chunk = |index: usize, delta: Option<Delta<'_>>, usage: Option<Option<Usage>>| {
+            let padded = match &delta {
+                Some(Delta::Content(text)) => text.len(),
+                _ => 0,
+            };
+            let obfuscation = self.obfuscate.then(|| openai::obfuscation(e, padded));
             let index = u32::try_from(index).unwrap_or(0);
             match self.flavor {
-                Flavor::Chat => openai::chat_chunk(meta, index, delta, usage),
+                Flavor::Chat => openai::chat_chunk(meta, index, delta, usage, obfuscation),
                 Flavor::Completion => openai::completion_chunk(meta, index, delta, usage),
             }
         };
