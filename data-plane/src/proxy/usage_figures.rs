@@ -302,20 +302,45 @@ impl Usage {
 }
 
 /// True when `json` ends with `,"usage":null}` or `{"usage":null}` (then JSON whitespace, if
-/// any): the last member of the top-level object is a null `usage`, as OpenAI-format streams
-/// write every chunk with `include_usage` but the last. Such a text has no figures for the
-/// reading: if the scan reads it at all, that final `}` closes the top-level object, so the
-/// `"` before the colon ends a key string, and that string starts at the quote before
-/// `usage` (a quote after `,` or `{` is not escaped; were it the end of a string, the last
-/// quote would open one that never ends). So the top-level `usage` is this null one, or the
-/// object names `usage` twice: `None` either way. It looks at the last 15 bytes or so where
-/// [`no_usage_figures`] searches the whole text.
+/// any), or with either followed by an `obfuscation` member before the `}`
+/// ([`without_obfuscation`]): the last member of the top-level object is a null `usage`, as
+/// OpenAI-format streams write every chunk with `include_usage` but the last, or the member
+/// before OpenAI's padding is. Such a text has no figures for the reading: if the scan reads
+/// it at all, that final `}` closes the top-level object, so the `"` before the colon ends a
+/// key string, and that string starts at the quote before `usage` (a quote after `,` or `{`
+/// is not escaped; were it the end of a string, the last quote would open one that never
+/// ends). So the top-level `usage` is this null one, or the object names `usage` twice:
+/// `None` either way. It looks at the last 15–50 bytes or so where [`no_usage_figures`]
+/// searches the whole text.
 fn ends_with_null_usage(json: &[u8]) -> bool {
-    const TAIL: &[u8] = b"\"usage\":null}";
+    const TAIL: &[u8] = b"\"usage\":null";
     let end = skip_whitespace_back(json).map_or(0, |last| last + 1);
     json.get(..end)
+        .and_then(|text| text.strip_suffix(b"}"))
+        .map(without_obfuscation)
         .and_then(|text| text.strip_suffix(TAIL))
         .is_some_and(|head| matches!(head.last(), Some(b',' | b'{')))
+}
+
+/// `members` (an object's text up to its closing `}`) without its last member when that is
+/// `,"obfuscation":"…"` whose value holds no `"` or `\`: the padding OpenAI ends each chunk
+/// of a chat stream with (random letters and digits, unless the request's
+/// `stream_options.include_obfuscation` is false), which comes after `usage`. Without a
+/// backslash in the value its opening quote is the last `"` before its closing one, and that
+/// quote follows a colon, so it is not escaped; the key before it is read as `usage`'s is in
+/// [`ends_with_null_usage`]. Anything else is handed back as it was.
+fn without_obfuscation(members: &[u8]) -> &[u8] {
+    const KEY: &[u8] = b",\"obfuscation\":\"";
+    let Some(value) = members.strip_suffix(b"\"") else {
+        return members;
+    };
+    match memchr::memrchr2(b'"', b'\\', value) {
+        Some(at) if value.get(at) == Some(&b'"') => value
+            .get(..=at)
+            .and_then(|head| head.strip_suffix(KEY))
+            .unwrap_or(members),
+        _ => members,
+    }
 }
 
 /// True when `json` has no `"usage"` key or every one it has is `null`, so there are no
@@ -1407,14 +1432,29 @@ mod tests {
         Some(format!(r#"{head}{comma}"usage":null}}"#))
     }
 
+    /// `text` ended as [`with_null_usage_last`] ends it, then padded as OpenAI pads a chunk:
+    /// `"obfuscation"` after `usage`.
+    fn with_null_usage_and_padding_last(text: &str, padding: &str) -> Option<String> {
+        let json = with_null_usage_last(text)?;
+        let head = json.strip_suffix('}')?;
+        Some(format!(r#"{head},"obfuscation":"{padding}"}}"#))
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2048))]
 
         /// An answer whose last member is a null `usage` counts nothing, as for the full
         /// parse: its `usage` is that null one, or it names `usage` twice.
         #[test]
-        fn a_null_usage_last_is_read_as_the_full_parse(json in written()) {
-            if let Some(json) = with_null_usage_last(&json) {
+        fn a_null_usage_last_is_read_as_the_full_parse(
+            json in written(),
+            padding in "[A-Za-z0-9]{0,16}",
+        ) {
+            let endings = [
+                with_null_usage_last(&json),
+                with_null_usage_and_padding_last(&json, &padding),
+            ];
+            for json in endings.into_iter().flatten() {
                 prop_assert!(ends_with_null_usage(json.as_bytes()), "{json}");
                 prop_assert_eq!(usage_of(&json), by_full_parse(&json), "{}", json);
                 prop_assert_eq!(usage_of(&json), None);
@@ -1435,6 +1475,22 @@ mod tests {
                 r#","usage":null} "#,
                 r#","usage":null}}"#,
                 r#","usage": null}"#,
+                r#","usage":null,"obfuscation":"Ab3"}"#,
+                r#"{"usage":null,"obfuscation":""}"#,
+                r#","usage":null,"obfuscation":"Ab3"} "#,
+                r#","usage":null,"obfuscation":"Ab3"}}"#,
+                r#""usage":null,"obfuscation":"Ab3"}"#,
+                r#"","usage":null,"obfuscation":"Ab3"}"#,
+                r#","usage":null,"obfuscation":"A"b"}"#,
+                r#","usage":null,"obfuscation":"A\"}"#,
+                r#","usage":null,"obfuscation":Ab3"}"#,
+                r#","usage":null,"obfuscation":"Ab3}"#,
+                r#","usage":null ,"obfuscation":"Ab3"}"#,
+                r#","usage":null,"obfuscation": "Ab3"}"#,
+                r#","usage":null,"obfuscation":"x","obfuscation":"y"}"#,
+                r#","usage":null,"other":"Ab3"}"#,
+                r#","usage":null,"obfuscation":"a","usage":null}"#,
+                r#","obfuscation":"Ab3"}"#,
             ]),
         ) {
             let json = pieces.concat() + tail;
@@ -1457,6 +1513,22 @@ mod tests {
             (r#"{"a":"x\"usage":null}"#, false),
             (r#"{"usage": null}"#, false),
             (r#"{"usage":{"prompt_tokens":1}}"#, false),
+            // OpenAI's padding after the null `usage`.
+            (
+                r#"{"choices":[{"delta":{"content":"x"}}],"usage":null,"obfuscation":"Ab3"}"#,
+                true,
+            ),
+            (r#"{"usage":null,"obfuscation":""}"#, true),
+            // A padding with a quote or backslash in it, another key, or not after `usage`.
+            (r#"{"usage":null,"obfuscation":"a"b"}"#, false),
+            (r#"{"usage":null,"obfuscation":"a\"}"#, false),
+            (r#"{"usage":null,"other":"Ab3"}"#, false),
+            (r#"{"a":{"usage":null,"obfuscation":"Ab3"}}"#, false),
+            (
+                r#"{"usage":null,"obfuscation":"x","obfuscation":"y"}"#,
+                false,
+            ),
+            (r#"{"a":"x"usage":null,"obfuscation":"Ab3"}"#, false),
         ] {
             assert_eq!(ends_with_null_usage(json.as_bytes()), told, "{json}");
         }
