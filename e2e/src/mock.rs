@@ -1,7 +1,8 @@
 //! A mock upstream OpenAI provider for tests, end-to-end runs, benchmarks and the quick start.
 //!
 //! It speaks the OpenAI HTTP API (HTTP/1.1) on one listener:
-//! - `POST /v1/chat/completions`: `chat.completion` JSON, or with `"stream":true` SSE
+//! - `POST /v1/chat/completions`: `chat.completion` JSON (indented by two spaces, as OpenAI
+//!   writes whole answers, and the legacy completions' and embeddings' too), or with `"stream":true` SSE
 //!   `chat.completion.chunk` events: a `delta.role` chunk, [`MockConfig::chunk_count`] `delta.content`
 //!   chunks, a chunk with `finish_reason` (`"stop"`, or `"length"` when `max_tokens` /
 //!   `max_completion_tokens` cut the answer short), with `stream_options.include_usage` a chunk with

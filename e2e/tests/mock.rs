@@ -55,7 +55,15 @@ async fn json_chat_echoes_the_model_and_reports_usage() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-mock-name"], "alpha");
     assert_eq!(resp.headers()["content-type"], "application/json");
-    let body: Value = resp.json().await.unwrap();
+    // Indented as OpenAI writes a whole answer, `usage` after `choices`.
+    let text = resp.text().await.unwrap();
+    assert!(text.starts_with("{\n  \"id\": \"chatcmpl-"), "{text}");
+    assert!(
+        text.contains("\n  \"usage\": {\n    \"prompt_tokens\": 4,\n"),
+        "{text}"
+    );
+    assert!(text.find("\"choices\"") < text.find("\"usage\""), "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(body["model"], "upstream-4o");
     assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));

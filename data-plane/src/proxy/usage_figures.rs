@@ -1008,7 +1008,11 @@ mod tests {
                 4 => " ",
                 5 => "\n",
                 6 => "\t",
-                _ => "\r\n  ",
+                7 => "\r\n  ",
+                // Indentation as OpenAI's whole answers have it, deeper, and mixed.
+                8 => "\n      ",
+                9 => "\n            ",
+                _ => "  \t         \n ",
             };
             self.out.push_str(space);
         }
@@ -1234,7 +1238,7 @@ mod tests {
     fn written() -> impl Strategy<Value = String> {
         (
             answer(),
-            prop::collection::vec(0u8..8, 1..16),
+            prop::collection::vec(0u8..11, 1..16),
             prop::collection::vec(prop::bool::weighted(0.1), 1..16),
         )
             .prop_map(|(answer, spaces, escapes)| Writer::write(&answer, &spaces, &escapes))
@@ -1789,6 +1793,16 @@ mod tests {
         };
         assert_eq!(usage_of(body), Some((expected, false)));
         assert_eq!(usage_of(body), by_full_parse(body));
+        // Indented, as OpenAI writes a whole answer (and the mock now does).
+        let indented =
+            serde_json::to_string_pretty(&serde_json::from_str::<serde_json::Value>(body).unwrap())
+                .unwrap();
+        assert!(
+            indented.contains("\n    \"prompt_tokens\": 2,\n"),
+            "{indented}"
+        );
+        assert_eq!(usage_of_answer(&indented), Some(expected));
+        assert_eq!(usage_of(&indented), Some((expected, false)));
     }
 
     #[test]

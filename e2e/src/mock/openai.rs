@@ -231,6 +231,13 @@ fn to_bytes<T: Serialize>(value: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(value).unwrap_or_default())
 }
 
+/// A whole answer's body as OpenAI writes it: indented by two spaces, a member or an element a
+/// line (its streams' chunks are compact).
+fn to_pretty_bytes<T: Serialize>(value: &T) -> Bytes {
+    // As in `to_bytes`: these values always serialize.
+    Bytes::from(serde_json::to_vec_pretty(value).unwrap_or_default())
+}
+
 /// Whitespace-separated words: the mock's deterministic token count.
 fn words(text: &str) -> u64 {
     text.split_whitespace().count() as u64
@@ -782,7 +789,7 @@ pub(crate) fn chat_json(
         refusal: Option<()>,
         annotations: [(); 0],
     }
-    to_bytes(&Body {
+    to_pretty_bytes(&Body {
         id: meta.id,
         object: "chat.completion",
         created: meta.created,
@@ -874,7 +881,7 @@ pub(crate) fn tool_call_answer(
         push(json!([]), Some(usage_json), 0);
     }
     events.push(Bytes::from_static(DONE));
-    (Bytes::from(whole.to_string()), events)
+    (to_pretty_bytes(&whole), events)
 }
 
 /// The `obfuscation` OpenAI ends each chunk of a chat stream with (unless the request's
@@ -913,7 +920,7 @@ pub(crate) fn completion_json(
         logprobs: Option<()>,
         finish_reason: &'a str,
     }
-    to_bytes(&Body {
+    to_pretty_bytes(&Body {
         id: meta.id,
         object: "text_completion",
         created: meta.created,
@@ -1153,7 +1160,7 @@ pub(crate) fn embeddings_json(req: &Embeddings, default_dims: usize) -> (Bytes, 
         })
         .collect();
     let tokens = req.inputs.iter().map(|(_, t)| t).sum::<u64>().max(1);
-    let body = to_bytes(&Body {
+    let body = to_pretty_bytes(&Body {
         object: "list",
         data,
         model: &req.model,
