@@ -1054,7 +1054,12 @@ impl Tokens {
     /// `completion_tokens` but inside `total_tokens` (and bills it as output): where `total`
     /// holds the reasoning beside the completion (at least prompt + completion + reasoning,
     /// which OpenAI's convention, reasoning inside the completion, never makes), the reasoning
-    /// is added to the completion.
+    /// is added to the completion. Google's OpenAI-compatible endpoint reports no reasoning
+    /// at all and counts a thinking model's thoughts in `total_tokens` alone (prompt 9,
+    /// completion 3, total 105), billing them as output: where no reasoning is reported and
+    /// `total` passes prompt + completion, what it holds beyond them is the reasoning, added
+    /// to the completion. OpenAI's, vLLM's, DeepSeek's and Ollama's totals are prompt +
+    /// completion, which this never changes.
     pub fn openai(
         prompt: u64,
         completion: u64,
@@ -1064,10 +1069,14 @@ impl Tokens {
         cache_hit: Option<u64>,
         cache_write: u64,
     ) -> Self {
-        let beside = reasoning > 0
-            && total.is_some_and(|total| {
-                total >= prompt.saturating_add(completion).saturating_add(reasoning)
-            });
+        let shown = prompt.saturating_add(completion);
+        // Reasoning reported by no figure of its own, only by the total (Google's).
+        let reasoning = match total {
+            Some(total) if reasoning == 0 && total > shown => total - shown,
+            _ => reasoning,
+        };
+        let beside =
+            reasoning > 0 && total.is_some_and(|total| total >= shown.saturating_add(reasoning));
         Self {
             prompt,
             completion: if beside {

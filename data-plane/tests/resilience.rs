@@ -58,9 +58,7 @@ async fn a_429_fails_over_and_cools_the_backend_for_its_retry_after() {
     assert_eq!(header(&response, "x-sluice-attempts"), "2");
 
     // The event reached the control plane with the upstream's Retry-After as the floor.
-    h.cp.wait_for("cooldown event", |r| !r.events.is_empty())
-        .await;
-    let event = h.cp.with(|r| r.events[0].clone());
+    let event = h.first_cooldown_event().await;
     assert_eq!(event.backend_id, "primary");
     assert_eq!(event.kind, BackendEventKind::RateLimited as i32);
     assert_eq!(event.consecutive_failures, 1);
@@ -357,9 +355,7 @@ async fn a_429_for_one_model_cools_that_model_alone_at_its_backend() {
         assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
         assert_eq!(header(&response, "x-sluice-attempts"), "1");
     }
-    h.cp.wait_for("cooldown event", |r| !r.events.is_empty())
-        .await;
-    let event = h.cp.with(|r| r.events[0].clone());
+    let event = h.first_cooldown_event().await;
     assert_eq!(
         (event.backend_id.as_str(), event.model.as_str()),
         ("primary", limited.as_str())
@@ -520,9 +516,7 @@ async fn a_local_cooldown_survives_an_older_snapshot_and_yields_to_a_reset() {
     primary.set_fault(Fault::rate_limited(60).times(1));
     let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
     h.chat(chat_body(false)).await;
-    h.cp.wait_for("cooldown event", |r| !r.events.is_empty())
-        .await;
-    let event = h.cp.with(|r| r.events[0].clone());
+    let event = h.first_cooldown_event().await;
     assert_eq!(event.cooldown_epoch, Some(0));
     // A 429 is its model's: the control plane's state of the model, in the snapshot.
     let model = format!("{MODEL}-at-primary");

@@ -50,6 +50,15 @@ fn refuses_the_request_itself(body: &[u8]) -> bool {
     memchr::memmem::find(body, b"Request too large for").is_some()
 }
 
+/// A 429 ([`refuses_the_request_itself`]), or Groq's 413 in the same words, refusing a
+/// request that alone passes the provider's per-minute limit.
+fn too_large_for_the_limit(status: StatusCode, body: &[u8]) -> bool {
+    matches!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::PAYLOAD_TOO_LARGE
+    ) && refuses_the_request_itself(body)
+}
+
 /// What a successful attempt produced: a whole body, or a stream whose first chunk arrived.
 enum Answer {
     Full {
@@ -151,9 +160,7 @@ impl Failure {
             return None;
         }
         Some(match self {
-            Self::Status { status, body, .. }
-                if *status == StatusCode::TOO_MANY_REQUESTS && refuses_the_request_itself(body) =>
-            {
+            Self::Status { status, body, .. } if too_large_for_the_limit(*status, body) => {
                 Outcome::Success
             }
             Self::Status {
@@ -202,7 +209,10 @@ impl Failure {
 
     fn retryable(&self, policy: &Policy) -> bool {
         match self {
-            Self::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
+            Self::Status { status, body, .. }
+                if *status == StatusCode::TOO_MANY_REQUESTS
+                    || too_large_for_the_limit(*status, body) =>
+            {
                 policy.retry_on_rate_limit
             }
             Self::Status { .. } => policy.retry_on_server_error,
@@ -230,7 +240,10 @@ impl Failure {
 
     fn metric_outcome(&self) -> AttemptOutcome {
         match self {
-            Self::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
+            Self::Status { status, body, .. }
+                if *status == StatusCode::TOO_MANY_REQUESTS
+                    || too_large_for_the_limit(*status, body) =>
+            {
                 AttemptOutcome::rate_limited
             }
             Self::Status { .. } => AttemptOutcome::server_error,
@@ -1140,6 +1153,16 @@ async fn attempt(
             why: Refusal::Unfunded,
         });
     }
+    // Groq (and Cerebras) answer a request whose tokens alone pass the account's per-minute
+    // limit with 413 where OpenAI answers 429, in the same words: handled as OpenAI's is.
+    if status == StatusCode::PAYLOAD_TOO_LARGE && refuses_the_request_itself(&body) {
+        return Err(Failure::Status {
+            status,
+            retry_after: None,
+            content_type: headers.get(header::CONTENT_TYPE).cloned(),
+            body: redact_error(body, backend.api_key()),
+        });
+    }
     if status == StatusCode::BAD_REQUEST {
         if refuses_the_key(&body) {
             return Err(Failure::Refused {
@@ -1200,7 +1223,8 @@ fn out_of_credit(body: &[u8]) -> bool {
 /// not its key: the routed model ([`Refusal::Model`]: OpenAI's `model_not_found`, 403 "Project
 /// `proj_…` does not have access to model `gpt-4.1`" or 404 "The model `x` does not exist or
 /// you do not have access to it"; Azure's `DeploymentNotFound`; Anthropic's `not_found_error`
-/// "model: x"), or one the request's tools call on (`Refusal::Feature`: OpenAI's 403 "must be
+/// "model: x"; Ollama's "model 'x' not found", vLLM's "The model `x` does not exist.",
+/// Google's `NOT_FOUND` "models/x is not found"), or one the request's tools call on (`Refusal::Feature`: OpenAI's 403 "must be
 /// verified to use the model `gpt-image-1`", `code: null`, which a client's image tool draws).
 /// Read where each provider puts it (`error.code`, or `error.type` and `error.message`), not
 /// anywhere in the body.
@@ -1209,16 +1233,31 @@ fn refused_model(body: &[u8]) -> Option<Refusal> {
     if !finder(b"model_not_found")
         && !finder(b"DeploymentNotFound")
         && !finder(b"not_found_error")
+        && !finder(b"NotFoundError")
+        && !finder(b"NOT_FOUND")
         && !finder(b"verified to use the model")
     {
         return None;
     }
     let value = serde_json::from_slice::<serde_json::Value>(body).ok()?;
-    let error = value.get("error")?;
+    // The error where each server puts it: under `error` (OpenAI's shape), in a list of one
+    // (Google's), or the body itself (vLLM's `{"object":"error",…}`).
+    let error = match &value {
+        serde_json::Value::Array(errors) => errors.first()?.get("error")?,
+        other => other.get("error").unwrap_or(other),
+    };
     let text = |member: &str| error.get(member).and_then(serde_json::Value::as_str);
+    let message = text("message").unwrap_or_default();
     if matches!(text("code"), Some("model_not_found" | "DeploymentNotFound"))
+        // Anthropic's "model: x"; Ollama's "model 'x' not found" (a model not pulled).
         || (text("type") == Some("not_found_error")
-            && text("message").is_some_and(|m| m.starts_with("model:")))
+            && (message.starts_with("model:")
+                || (message.starts_with("model '") && message.ends_with("not found"))))
+        // vLLM's "The model `x` does not exist." (not among its `--served-model-name`s).
+        || (text("type") == Some("NotFoundError") && message.starts_with("The model `"))
+        // Google's "models/x is not found for API version v1beta, or is not supported …"
+        // (a model retired).
+        || (text("status") == Some("NOT_FOUND") && message.starts_with("models/"))
     {
         return Some(Refusal::Model);
     }
@@ -1647,9 +1686,13 @@ enum FirstEvent {
 /// event `error` (Anthropic's `event: error`): a cheap look at every stream's first chunk,
 /// false at once for a stream opening with `data:` or `event: message_start`.
 fn opens_with_an_error(bytes: &[u8]) -> bool {
-    // The usual stream opens with its first `data:` line.
-    if bytes.starts_with(b"data") {
-        return false;
+    // The usual stream opens with its first `data:` line, an error only when its data is an
+    // `error` object (TGI's overload: `data: {"error":{"message":"Model is overloaded",…}}`).
+    if let Some(data) = bytes.strip_prefix(b"data:") {
+        return data
+            .strip_prefix(b" ")
+            .unwrap_or(data)
+            .starts_with(b"{\"error\"");
     }
     bytes
         .split(|&b| b == b'\n')
@@ -1663,7 +1706,8 @@ fn opens_with_an_error(bytes: &[u8]) -> bool {
 
 /// Whether a 5xx's body says its model is overloaded, not the backend: Anthropic's
 /// `overloaded_error` (a 529, or a stream's first event) and its 500 `api_error` "Overloaded",
-/// OpenAI's "That model is currently overloaded with other requests". Anthropic overloads one
+/// OpenAI's "That model is currently overloaded with other requests", Google's 503 "The model
+/// is overloaded", TGI's "Model is overloaded". Anthropic overloads one
 /// model (an Opus outage while Sonnet and Haiku answer); cooling the backend took its other
 /// models out, and the overloaded one, between cooldowns, was never skipped on its own.
 /// OpenAI's "The server is overloaded" stays the backend's.
@@ -1672,6 +1716,10 @@ fn model_overloaded(body: &[u8]) -> bool {
         &b"overloaded_error"[..],
         b"\"Overloaded\"",
         b"model is currently overloaded",
+        // Google's 503 "The model is overloaded. Please try again later." (its Pro overloads
+        // while Flash answers), TGI's "Model is overloaded".
+        b"model is overloaded",
+        b"Model is overloaded",
     ]
     .into_iter()
     .any(|said| memchr::memmem::find(body, said).is_some())
@@ -1683,8 +1731,9 @@ fn model_overloaded(body: &[u8]) -> bool {
 /// the attempt fails as the same error in an HTTP status would (529, 500, 429: its body is
 /// the event's data, the shape of Anthropic's error bodies), counted as that status is (an
 /// overload towards its model's cooldown at the backend: [`model_overloaded`]) and failed
-/// over. Any other first event, an error of the request's own (`invalid_request_error`)
-/// included, commits the stream as before.
+/// over. TGI's overload, an unnamed first event, is a 429 of its model. Any other first event,
+/// an error of the request's own (`invalid_request_error`, TGI's validation errors) included,
+/// commits the stream as before.
 fn first_event(bytes: &[u8], api_key: &[u8]) -> FirstEvent {
     if !opens_with_an_error(bytes) {
         return FirstEvent::Commit;
@@ -1700,13 +1749,20 @@ fn first_event(bytes: &[u8], api_key: &[u8]) -> FirstEvent {
     }) else {
         return FirstEvent::Unfinished;
     };
-    let kind = serde_json::from_str::<serde_json::Value>(data)
-        .ok()
-        .and_then(|v| v.pointer("/error/type")?.as_str().map(str::to_owned));
-    let status = match kind.as_deref() {
+    let value = serde_json::from_str::<serde_json::Value>(data).ok();
+    let text = |at: &str| value.as_ref()?.pointer(at)?.as_str();
+    let status = match text("/error/type") {
         Some("overloaded_error") => 529,
         Some("api_error") => 500,
         Some("rate_limit_error") => 429,
+        // TGI streams its overload (the 429 of a whole answer) after a 200 head, as
+        // `{"error":{"message":"Model is overloaded","http_status_code":422}}`, or in its own
+        // shape `{"error":"Model is overloaded","error_type":"overloaded"}`.
+        _ if text("/error/message") == Some("Model is overloaded")
+            || text("/error_type") == Some("overloaded") =>
+        {
+            429
+        }
         _ => return FirstEvent::Commit,
     };
     FirstEvent::Failed(Failure::Status {

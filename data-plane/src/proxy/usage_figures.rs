@@ -1709,8 +1709,9 @@ mod tests {
     /// Providers that write `usage` otherwise than OpenAI are read for what they bill.
     /// DeepSeek's cache hits are `prompt_cache_hit_tokens` (priced at the cached price, not
     /// the full one); xAI counts reasoning beside `completion_tokens`, inside `total_tokens`
-    /// (billed as output: before, it went unpriced). OpenAI's own reasoning, inside the
-    /// completion, is not counted twice; each read as the whole parse reads it.
+    /// (billed as output: before, it went unpriced), Google's in the total alone. OpenAI's own
+    /// reasoning, inside the completion, is not counted twice; each read as the whole parse
+    /// reads it.
     #[test]
     fn other_providers_cache_hits_and_reasoning_are_read_for_what_they_bill() {
         let deepseek = r#"{"choices":[],"usage":{"completion_tokens":5,"prompt_tokens":1000,"prompt_cache_hit_tokens":990,"prompt_cache_miss_tokens":10,"total_tokens":1005,"completion_tokens_details":{"reasoning_tokens":0}}}"#;
@@ -1721,6 +1722,16 @@ mod tests {
         let writes = r#"{"choices":[],"usage":{"prompt_tokens":10000,"completion_tokens":2,"total_tokens":10002,"prompt_tokens_details":{"cached_tokens":1000,"audio_tokens":0,"cache_write_tokens":8000}}}"#;
         let writes_first = r#"{"choices":[],"usage":{"prompt_tokens":10000,"completion_tokens":2,"prompt_tokens_details":{"cache_write_tokens":8000,"cached_tokens":1000}}}"#;
         let kimi = r#"{"choices":[],"usage":{"prompt_tokens":19,"completion_tokens":13,"total_tokens":32,"cached_tokens":12}}"#;
+        // Google's OpenAI-compatible endpoint: a thinking model's thoughts only in the total
+        // (billed as output), whole and on a stream's chunk.
+        let gemini = r#"{"choices":[],"usage":{"completion_tokens":3,"prompt_tokens":9,"total_tokens":105}}"#;
+        let gemini_chunk = r#"{"choices":[{"delta":{"content":", ","role":"assistant"},"index":0}],"created":1,"id":"x","model":"gemini-3-flash-preview","object":"chat.completion.chunk","usage":{"completion_tokens":3,"prompt_tokens":9,"total_tokens":105}}"#;
+        let thought = Tokens {
+            reasoning: 93,
+            ..tokens(9, 96)
+        };
+        assert_eq!(usage_of(gemini_chunk), Some((thought, false)));
+        assert_eq!(by_full_parse(gemini_chunk), Some((thought, false)));
         let written = Tokens {
             cached_prompt: 1000,
             cache_write: 8000,
@@ -1758,6 +1769,7 @@ mod tests {
                     ..tokens(100, 500)
                 },
             ),
+            (gemini, thought),
         ] {
             assert_eq!(usage_of(body), Some((expected, true)), "{body}");
             assert_eq!(by_full_parse(body), Some((expected, true)), "{body}");

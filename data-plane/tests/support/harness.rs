@@ -226,6 +226,15 @@ impl Harness {
         self.cp.with(|r| r.records().into_iter().cloned().collect())
     }
 
+    /// Waits until the control plane has a cooldown event and returns the first.
+    #[allow(dead_code)] // Not every test binary reads events.
+    pub async fn first_cooldown_event(&self) -> proto::BackendEvent {
+        self.cp
+            .wait_for("cooldown event", |r| !r.events.is_empty())
+            .await;
+        self.cp.with(|r| r.events[0].clone())
+    }
+
     /// Signals shutdown and waits for `serve` to return.
     pub async fn shutdown(mut self) -> Result<(), RunError> {
         if let Some(tx) = self.shutdown.take() {

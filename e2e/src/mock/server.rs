@@ -539,6 +539,17 @@ async fn api(
             let error = ApiError::model_access_denied(&model);
             return Ok(json_response(shared, error.status, error.body()));
         }
+        Some(Fault::Body { code, body }) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = json_response(shared, status, Bytes::from(body.clone()));
+            if body.starts_with("data:") {
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/event-stream"),
+                );
+            }
+            return Ok(response);
+        }
         Some(Fault::Unaffordable) => {
             let body = serde_json::json!({"error": {
                 "code": 402,
