@@ -230,3 +230,23 @@ async fn tgis_overload_streamed_after_its_head_fails_over() {
     assert_eq!(response.status(), 200);
     assert!(response.text().await.unwrap().contains("top_p"));
 }
+
+/// Google says when to come back from a 429 in its body alone (`RetryInfo.retryDelay`, no
+/// `Retry-After`): the model cools that long, and a client left with no backend is told so.
+#[tokio::test]
+async fn googles_retry_delay_in_its_body_is_the_cooldown() {
+    let gemini = mock("gemini");
+    let exhausted = r#"[{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"41s"}]}}]"#;
+    gemini.set_fault(answer(429, exhausted).times(1));
+    let h = Harness::start(one_primary_snapshot(&gemini.base_url())).await;
+    let first = h.chat(chat_body(false)).await;
+    assert_eq!(first.status(), 429);
+    assert_eq!(header(&first, "x-sluice-attempts"), "1");
+    // The backend is not asked again: its model cools for the 41 s Google asked.
+    let second = h.chat(chat_body(false)).await;
+    assert_eq!(second.status(), 429);
+    assert_eq!(header(&second, "x-sluice-attempts"), "0");
+    let retry_after: u64 = header(&second, "retry-after").parse().unwrap();
+    assert!((40..=41).contains(&retry_after), "{retry_after}");
+    assert_eq!(gemini.stats().requests.chat_completions, 1);
+}

@@ -1067,6 +1067,8 @@ async fn attempt(
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let retry_after = cooldown::retry_after(&head.headers, SystemTime::now());
         let body = error_body(sleeps, upstream, policy, deadline).await;
+        // Google says when to come back in its body alone.
+        let retry_after = retry_after.or_else(|| cooldown::retry_delay_in_body(&body));
         let body = redact_error(body, backend.api_key());
         return Err(Failure::Status {
             status,
