@@ -193,6 +193,9 @@ pub struct Backend {
     /// The `Host` header of its requests, for a plain `http://` backend (every URI above has
     /// the base's scheme and authority).
     host: Option<HeaderValue>,
+    /// Whether its answers' `total_tokens` hold a thinking model's thoughts, billed as
+    /// output, that no other figure reports ([`thoughts_in_total`]).
+    pub thoughts_in_total: bool,
     /// This replica's share of the backend's RPM limit.
     pub limiter: Option<RateLimiter>,
     /// This replica's share of the backend's TPM limit.
@@ -242,6 +245,17 @@ fn cooldown_end(
         None => until.and_then(system_time).map(|wall| now.instant_at(wall)),
     }
     .filter(|until| *until > now.instant)
+}
+
+/// Whether a backend at `base` is Google's (its Gemini API's OpenAI-compatible endpoint at
+/// `generativelanguage.googleapis.com`, or Vertex AI's at `*-aiplatform.googleapis.com`),
+/// whose `usage` counts a thinking model's thoughts in `total_tokens` alone (prompt 9,
+/// completion 3, total 105) and which bills them as output: the excess is read as reasoning
+/// ([`crate::usage::Tokens::with_unshown_as_reasoning`]). Not for other servers, whose totals
+/// can hold input tokens beyond the prompt's figure.
+pub fn thoughts_in_total(base: &Url) -> bool {
+    let host = base.host_str().unwrap_or_default().to_ascii_lowercase();
+    host.ends_with(".googleapis.com")
 }
 
 /// The chat request member that caps the answer's tokens, for a backend at `base`:
@@ -588,6 +602,7 @@ impl Snapshot {
             );
             let chat_uri = endpoint_uri(&b.id, &base, Endpoint::ChatCompletions)?;
             backends.push(Backend {
+                thoughts_in_total: thoughts_in_total(&base),
                 host: crate::upstream::host_header(&chat_uri),
                 chat_uri,
                 completions_uri: endpoint_uri(&b.id, &base, Endpoint::Completions)?,
@@ -1150,6 +1165,32 @@ pub(crate) mod tests {
         ] {
             let url = Url::parse(base).unwrap();
             assert_eq!(completion_limit_member(&url), member, "{base}");
+        }
+    }
+
+    /// Only Google's endpoints count a thinking model's thoughts in the total alone.
+    #[test]
+    fn thoughts_are_read_from_the_total_at_googles_endpoints_alone() {
+        for (base, google) in [
+            (
+                "https://generativelanguage.googleapis.com/v1beta/openai",
+                true,
+            ),
+            (
+                "https://us-central1-aiplatform.googleapis.com/v1/projects/p/locations/us-central1/endpoints/openapi",
+                true,
+            ),
+            (
+                "https://GenerativeLanguage.GoogleAPIs.com/v1beta/openai/",
+                true,
+            ),
+            ("https://api.openai.com/v1", false),
+            ("http://litellm.internal:4000/v1", false),
+            ("https://googleapis.com.example.net/v1", false),
+            ("http://127.0.0.1:8000/v1", false),
+        ] {
+            let url = Url::parse(base).unwrap();
+            assert_eq!(thoughts_in_total(&url), google, "{base}");
         }
     }
     use sha2::{Digest, Sha256};

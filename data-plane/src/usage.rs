@@ -1041,6 +1041,12 @@ pub struct Tokens {
     /// Of `cache_write`, written to Anthropic's 1-hour cache (priced apart, not recorded
     /// apart).
     pub cache_write_1h: u64,
+    /// What an OpenAI-format `total_tokens` holds beyond prompt + completion when no reasoning
+    /// is reported: Google's OpenAI-compatible endpoint counts a thinking model's thoughts
+    /// there alone, and bills them as output. Counted, as reasoning, only for a backend on
+    /// Google's hosts ([`Tokens::with_unshown_as_reasoning`]): other servers' totals can hold
+    /// input tokens there (LiteLLM's and Portkey's over Bedrock: cache writes and reads).
+    pub unshown: u64,
 }
 
 impl Tokens {
@@ -1054,12 +1060,8 @@ impl Tokens {
     /// `completion_tokens` but inside `total_tokens` (and bills it as output): where `total`
     /// holds the reasoning beside the completion (at least prompt + completion + reasoning,
     /// which OpenAI's convention, reasoning inside the completion, never makes), the reasoning
-    /// is added to the completion. Google's OpenAI-compatible endpoint reports no reasoning
-    /// at all and counts a thinking model's thoughts in `total_tokens` alone (prompt 9,
-    /// completion 3, total 105), billing them as output: where no reasoning is reported and
-    /// `total` passes prompt + completion, what it holds beyond them is the reasoning, added
-    /// to the completion. OpenAI's, vLLM's, DeepSeek's and Ollama's totals are prompt +
-    /// completion, which this never changes.
+    /// is added to the completion. What the total holds beyond prompt + completion when no
+    /// reasoning is reported is kept apart ([`Tokens::unshown`]).
     pub fn openai(
         prompt: u64,
         completion: u64,
@@ -1070,10 +1072,9 @@ impl Tokens {
         cache_write: u64,
     ) -> Self {
         let shown = prompt.saturating_add(completion);
-        // Reasoning reported by no figure of its own, only by the total (Google's).
-        let reasoning = match total {
-            Some(total) if reasoning == 0 && total > shown => total - shown,
-            _ => reasoning,
+        let unshown = match total {
+            Some(total) if reasoning == 0 => total.saturating_sub(shown),
+            _ => 0,
         };
         let beside =
             reasoning > 0 && total.is_some_and(|total| total >= shown.saturating_add(reasoning));
@@ -1088,6 +1089,21 @@ impl Tokens {
             reasoning,
             cache_write,
             cache_write_1h: 0,
+            unshown,
+        }
+    }
+
+    /// These tokens with [`Tokens::unshown`] read as reasoning, added to the completion: as
+    /// Google reports a thinking model's thoughts, and bills them.
+    pub fn with_unshown_as_reasoning(self) -> Self {
+        if self.reasoning > 0 || self.unshown == 0 {
+            return self;
+        }
+        Self {
+            completion: self.completion.saturating_add(self.unshown),
+            reasoning: self.unshown,
+            unshown: 0,
+            ..self
         }
     }
 }
@@ -1096,6 +1112,27 @@ impl Tokens {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// What a total holds beyond prompt + completion is reasoning only where no reasoning was
+    /// reported, and only when asked (Google's backends): xAI's reasoning beside the
+    /// completion is not counted twice.
+    #[test]
+    fn the_totals_excess_is_kept_apart_and_read_as_reasoning_when_asked() {
+        let google = Tokens::openai(9, 3, 0, 0, Some(105), None, 0);
+        assert_eq!(
+            (google.completion, google.reasoning, google.unshown),
+            (3, 0, 93)
+        );
+        let read = google.with_unshown_as_reasoning();
+        assert_eq!((read.completion, read.reasoning, read.unshown), (96, 93, 0));
+        let xai = Tokens::openai(10, 20, 0, 30, Some(60), None, 0);
+        assert_eq!(xai.with_unshown_as_reasoning(), xai);
+        assert_eq!((xai.completion, xai.reasoning, xai.unshown), (50, 30, 0));
+        let openai = Tokens::openai(10, 20, 0, 5, Some(30), None, 0);
+        assert_eq!(openai.with_unshown_as_reasoning(), openai);
+        let short = Tokens::openai(10, 20, 0, 0, Some(25), None, 0);
+        assert_eq!(short.with_unshown_as_reasoning(), short);
+    }
 
     #[test]
     fn records_cut_from_a_shared_chunk_keep_their_own_bytes() {

@@ -707,6 +707,27 @@ async fn usage_totals_match_the_mock_across_a_control_plane_restart() {
     assert_eq!((key.spend * 1e9).round() as u64, nanos, "{key:?}");
 }
 
+/// A primary backend at `base_url` serving `route`, with `mock`'s API key.
+async fn primary_backend(cluster: &Cluster, base_url: &str, route: pb::ModelRoute, mock: &Mock) {
+    cluster
+        .admin()
+        .await
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(pb::Backend {
+                name: route.name.clone(),
+                base_url: base_url.into(),
+                pool: pb::Pool::Primary as i32,
+                weight: 1,
+                enabled: true,
+                models: vec![route],
+                ..Default::default()
+            }),
+            api_key: mock.api_key.clone().unwrap(),
+        })
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn upstream_calls_go_through_the_egress_proxy_the_environment_names() {
     let cluster = Cluster::start().await;
@@ -714,27 +735,12 @@ async fn upstream_calls_go_through_the_egress_proxy_the_environment_names() {
     // (`POST http://provider.invalid/v1/chat/completions`) a client sends to an HTTP proxy.
     let egress = Mock::start("egress", &["m-up"]).await;
     // The provider's host does not exist: only the proxy can reach it.
-    cluster
-        .admin()
-        .await
-        .create_backend(pb::CreateBackendRequest {
-            backend: Some(pb::Backend {
-                name: "behind-proxy".into(),
-                base_url: "http://provider.invalid/v1".into(),
-                pool: pb::Pool::Primary as i32,
-                weight: 1,
-                enabled: true,
-                models: vec![pb::ModelRoute {
-                    name: "m".into(),
-                    upstream_name: "m-up".into(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            api_key: egress.api_key.clone().unwrap(),
-        })
-        .await
-        .unwrap();
+    let route = pb::ModelRoute {
+        name: "m".into(),
+        upstream_name: "m-up".into(),
+        ..Default::default()
+    };
+    primary_backend(&cluster, "http://provider.invalid/v1", route, &egress).await;
     let (_, key) = cluster.create_key("k", &[]).await;
     let proxy_url = format!("http://{}", egress.addr);
     let proxy = cluster
@@ -753,6 +759,54 @@ async fn upstream_calls_go_through_the_egress_proxy_the_environment_names() {
     assert!(
         !output.iter().any(|l| l.contains(&egress.addr.to_string())),
         "{output:#?}"
+    );
+}
+
+/// Google's Gemini endpoint counts a thinking model's thoughts in `total_tokens` alone (no
+/// `reasoning_tokens`; `completion_tokens` is the visible text) and bills them as output: a
+/// backend on Google's hosts is charged them as reasoning, in the totals and the cost. The
+/// mock plays both the egress proxy and Google (the host is reached only through the proxy).
+#[tokio::test]
+async fn a_google_backends_thoughts_counted_in_its_total_are_charged_as_output() {
+    let cluster = Cluster::start().await;
+    let google = Mock::start("google", &["gemini-up"]).await;
+    let whole = r#"{"choices":[{"finish_reason":"stop","index":0,"message":{"content":"1, 2","role":"assistant"}}],"created":1,"id":"x","model":"gemini-3-flash-preview","object":"chat.completion","usage":{"completion_tokens":3,"prompt_tokens":9,"total_tokens":105}}"#;
+    google
+        .set_faults(vec![
+            Fault::Body {
+                code: 200,
+                body: whole.into(),
+            }
+            .always(),
+        ])
+        .await;
+    let route = pb::ModelRoute {
+        name: "gemini".into(),
+        upstream_name: "gemini-up".into(),
+        input_price_per_mtok: 1.0,
+        output_price_per_mtok: 2.0,
+        ..Default::default()
+    };
+    let base_url = "http://generativelanguage.googleapis.com/v1";
+    primary_backend(&cluster, base_url, route, &google).await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster
+        .proxy_with_env(&[], &[("HTTP_PROXY", &format!("http://{}", google.addr))])
+        .await;
+    let r = proxy.chat(&key, "gemini").await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    eventually(Duration::from_secs(10), "the request's usage", || async {
+        cluster.totals().await.request_count == 1
+    })
+    .await;
+    let t = cluster.totals().await;
+    assert_eq!(
+        (t.prompt_tokens, t.completion_tokens, t.reasoning_tokens),
+        (9, 96, 93)
+    );
+    assert!(
+        (t.cost - (9.0 * 1.0 + 96.0 * 2.0) / 1e6).abs() < 1e-12,
+        "{t:?}"
     );
 }
 

@@ -62,7 +62,8 @@ async fn json_chat_echoes_the_model_and_reports_usage() {
         text.contains("\n  \"usage\": {\n    \"prompt_tokens\": 4,\n"),
         "{text}"
     );
-    assert!(text.find("\"choices\"") < text.find("\"usage\""), "{text}");
+    let (choices, usage) = (text.find("\"choices\""), text.find("\"usage\""));
+    assert!(choices.unwrap() < usage.unwrap(), "{text}");
     let body: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(body["model"], "upstream-4o");

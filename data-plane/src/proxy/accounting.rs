@@ -57,6 +57,9 @@ struct Ledger {
     spooled: Option<u64>,
     metrics: Arc<Metrics>,
     record: UsageRecord,
+    /// The backend attempted counts a thinking model's thoughts in `total_tokens` alone
+    /// ([`Backend::thoughts_in_total`]).
+    thoughts_in_total: bool,
     /// The endpoint the client called: its API shapes the errors it gets.
     endpoint: Endpoint,
     started: Instant,
@@ -129,6 +132,7 @@ impl Accounting {
             spool,
             spooled: None,
             metrics,
+            thoughts_in_total: false,
             record: UsageRecord {
                 request_id: recorded_id,
                 backend_id,
@@ -301,6 +305,7 @@ impl Accounting {
         self.0.prices = prices;
         self.0.record.backend_id.clone_from(&backend.id);
         self.0.backend_name = Some(Arc::clone(&backend.name));
+        self.0.thoughts_in_total = backend.thoughts_in_total;
         let Some(lane) = self.0.spool.clone() else {
             return Ok(());
         };
@@ -324,6 +329,10 @@ impl Accounting {
     }
 
     pub fn tokens(&mut self, tokens: Tokens) {
+        let tokens = match self.0.thoughts_in_total {
+            true => tokens.with_unshown_as_reasoning(),
+            false => tokens,
+        };
         self.0.record.prompt_tokens = tokens.prompt;
         self.0.record.completion_tokens = tokens.completion;
         self.0.record.cached_prompt_tokens = tokens.cached_prompt;

@@ -1251,10 +1251,11 @@ fn refused_model(body: &[u8]) -> Option<Refusal> {
     let text = |member: &str| error.get(member).and_then(serde_json::Value::as_str);
     let message = text("message").unwrap_or_default();
     if matches!(text("code"), Some("model_not_found" | "DeploymentNotFound"))
-        // Anthropic's "model: x"; Ollama's "model 'x' not found" (a model not pulled).
+        // Anthropic's "model: x"; Ollama's "model 'x' not found" and "model \"x\" not found,
+        // try pulling it first" (a model not pulled on that node).
         || (text("type") == Some("not_found_error")
             && (message.starts_with("model:")
-                || (message.starts_with("model '") && message.ends_with("not found"))))
+                || (message.starts_with("model ") && message.contains(" not found"))))
         // vLLM's "The model `x` does not exist." (not among its `--served-model-name`s).
         || (text("type") == Some("NotFoundError") && message.starts_with("The model `"))
         // Google's "models/x is not found for API version v1beta, or is not supported …"
@@ -1685,31 +1686,35 @@ enum FirstEvent {
 }
 
 /// Whether the first line of `bytes` with a field, past comments and blank lines, names the
-/// event `error` (Anthropic's `event: error`): a cheap look at every stream's first chunk,
-/// false at once for a stream opening with `data:` or `event: message_start`.
+/// event `error` (Anthropic's `event: error`) or is a `data` line whose value is an `error`
+/// object (TGI's overload after its 200 head: `data: {"error":{"message":"Model is
+/// overloaded",…}}`): a cheap look at every stream's first chunk, false at once for a stream
+/// opening with any other `data:` or `event: message_start`.
 fn opens_with_an_error(bytes: &[u8]) -> bool {
-    // The usual stream opens with its first `data:` line, an error only when its data is an
-    // `error` object (TGI's overload: `data: {"error":{"message":"Model is overloaded",…}}`).
-    if let Some(data) = bytes.strip_prefix(b"data:") {
-        return data
+    let says_error = |line: &[u8]| match line.strip_prefix(b"data:") {
+        Some(data) => data
             .strip_prefix(b" ")
             .unwrap_or(data)
-            .starts_with(b"{\"error\"");
+            .starts_with(b"{\"error\""),
+        None => line
+            .strip_prefix(b"event:")
+            .is_some_and(|name| name.strip_prefix(b" ").unwrap_or(name) == b"error"),
+    };
+    // The usual stream opens with its first `data:` line.
+    if bytes.starts_with(b"data") {
+        return says_error(bytes);
     }
     bytes
         .split(|&b| b == b'\n')
         .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
         .find(|line| !line.is_empty() && !line.starts_with(b":"))
-        .is_some_and(|line| {
-            line.strip_prefix(b"event:")
-                .is_some_and(|name| name.strip_prefix(b" ").unwrap_or(name) == b"error")
-        })
+        .is_some_and(says_error)
 }
 
 /// Whether a 5xx's body says its model is overloaded, not the backend: Anthropic's
 /// `overloaded_error` (a 529, or a stream's first event) and its 500 `api_error` "Overloaded",
 /// OpenAI's "That model is currently overloaded with other requests", Google's 503 "The model
-/// is overloaded", TGI's "Model is overloaded". Anthropic overloads one
+/// is overloaded" (TGI's "Model is overloaded" comes as a 429, its model's already). Anthropic overloads one
 /// model (an Opus outage while Sonnet and Haiku answer); cooling the backend took its other
 /// models out, and the overloaded one, between cooldowns, was never skipped on its own.
 /// OpenAI's "The server is overloaded" stays the backend's.
@@ -1719,9 +1724,8 @@ fn model_overloaded(body: &[u8]) -> bool {
         b"\"Overloaded\"",
         b"model is currently overloaded",
         // Google's 503 "The model is overloaded. Please try again later." (its Pro overloads
-        // while Flash answers), TGI's "Model is overloaded".
+        // while Flash answers).
         b"model is overloaded",
-        b"Model is overloaded",
     ]
     .into_iter()
     .any(|said| memchr::memmem::find(body, said).is_some())
@@ -1876,11 +1880,17 @@ mod tests {
             "event: error\ndata: {}\n\n",
             "event:error\r\ndata: {}",
             ": keep-alive\n\nevent: error\n",
+            // An unnamed event whose data is an error object (TGI's), after comments too.
+            "data: {\"error\": 1}\n\n",
+            "data:{\"error\"",
+            ": keep-alive\n\ndata: {\"error\":{\"message\":\"Model is overloaded\"}}\n\n",
         ] {
             assert!(opens_with_an_error(opens.as_bytes()), "{opens:?}");
         }
         for not in [
-            "data: {\"error\": 1}\n\n",
+            "data: {\"id\":\"chatcmpl-1\",\"error\":null}\n\n",
+            "data: [DONE]\n\n",
+            ": keep-alive\n\ndata: {\"id\":\"chatcmpl-1\"}\n\n",
             "event: message_start\ndata: {}\n\n",
             "event: errors\n",
             ": event: error\n",
@@ -1905,6 +1915,17 @@ mod tests {
         assert_eq!(status(&event("invalid_request_error")), None);
         assert_eq!(status("event: error\ndata: {\"type\":\"error\""), Some(0));
         assert_eq!(status("data: {}\n\n"), None);
+        // TGI's overload after its head, in the OpenAI form and its own; its validation errors
+        // (the client's parameters) commit the stream.
+        let tgi = r#"data: {"error":{"message":"Model is overloaded","http_status_code":422}}"#;
+        assert_eq!(status(&format!("{tgi}\n\n")), Some(429));
+        assert_eq!(status(&tgi[..40]), Some(0));
+        let own = r#"data: {"error":"Model is overloaded","error_type":"overloaded"}"#;
+        assert_eq!(status(&format!("{own}\n\n")), Some(429));
+        let invalid = r#"data: {"error":{"message":"Input validation error: `top_p` must be > 0.0 and < 1.0","http_status_code":422}}"#;
+        assert_eq!(status(&format!("{invalid}\n\n")), None);
+        let quoted = r#"data: {"error":{"message":"Your prompt: Model is overloaded?","http_status_code":422}}"#;
+        assert_eq!(status(&format!("{quoted}\n\n")), None);
     }
 
     #[test]

@@ -215,6 +215,11 @@ pub(super) struct Relay {
     /// A chat stream's upstream sent its own error event (`data: {"error": …}`, as vLLM does
     /// when generation fails after the head): the stream ends as interrupted, at its `[DONE]`.
     upstream_error: bool,
+    /// That error event was the stream's first: an overload there failed over before the
+    /// stream was committed (`forward::first_event`), so this one may be the server refusing
+    /// the client's own request (TGI validates a request's parameters after its 200 head): its
+    /// end counts for the backend's cooldown neither way.
+    error_first: bool,
     /// What the stream holds of the answers' memory while it reads and queues a large event
     /// (see [`Relay::count_memory`]).
     memory: HeldMemory,
@@ -270,6 +275,7 @@ impl Relay {
             streams_end,
             health,
             upstream_error: false,
+            error_first: false,
             memory: HeldMemory {
                 answers,
                 permit: None,
@@ -363,7 +369,7 @@ impl Relay {
             && let Some(data) = self.parser.whole_data(&chunk)
             && data != DONE
         {
-            self.upstream_error |= is_error_event(data);
+            self.note_error(is_error_event(data));
             if let Some(acct) = &mut self.acct
                 && is_output_delta_data(data)
             {
@@ -409,7 +415,7 @@ impl Relay {
                         self.drain_upstream();
                         break;
                     }
-                    self.upstream_error |= is_error_event(&event.data);
+                    self.note_error(is_error_event(&event.data));
                     self.events += 1;
                     let forward_usage = match &self.mode {
                         Mode::Chat { forward_usage } => *forward_usage,
@@ -583,6 +589,14 @@ impl Relay {
         self.ready
             .push_back((Bytes::from_static(b"data: [DONE]\n\n"), Then::Finish(kind)));
         true
+    }
+
+    /// Notes whether the chat event about to be counted is the upstream's own error.
+    fn note_error(&mut self, error: bool) {
+        self.upstream_error |= error;
+        if self.events == 0 {
+            self.error_first = error;
+        }
     }
 
     /// How a chat stream that reached its end ends: as interrupted when its upstream sent its
@@ -840,14 +854,16 @@ impl Body for Relay {
                 }
                 if let Then::Finish(kind) = then {
                     // Its upstream's own error event ended it (Anthropic's mid-stream
-                    // `overloaded_error`): the backend's failure; any other end, an answer.
-                    this.ended(Some(match kind {
-                        ErrorKind::StreamInterrupted => Outcome::Failure {
+                    // `overloaded_error`): the backend's failure, unless that error was its
+                    // first event ([`Relay::error_first`]); any other end, an answer.
+                    this.ended(match kind {
+                        ErrorKind::StreamInterrupted if this.error_first => None,
+                        ErrorKind::StreamInterrupted => Some(Outcome::Failure {
                             retry_after: None,
                             scope: Scope::Backend,
-                        },
-                        _ => Outcome::Success,
-                    }));
+                        }),
+                        _ => Some(Outcome::Success),
+                    });
                     // Nothing after the frame that ends the stream, which goes once the
                     // record is written.
                     this.ready.clear();

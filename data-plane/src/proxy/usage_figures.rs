@@ -564,6 +564,7 @@ impl<'a> PlainUsage<'a> {
             reasoning,
             cache_write,
             cache_write_1h: _,
+            unshown: _,
         } = tokens;
         let tokens = Tokens::openai(
             prompt,
@@ -1709,9 +1710,9 @@ mod tests {
     /// Providers that write `usage` otherwise than OpenAI are read for what they bill.
     /// DeepSeek's cache hits are `prompt_cache_hit_tokens` (priced at the cached price, not
     /// the full one); xAI counts reasoning beside `completion_tokens`, inside `total_tokens`
-    /// (billed as output: before, it went unpriced), Google's in the total alone. OpenAI's own
-    /// reasoning, inside the completion, is not counted twice; each read as the whole parse
-    /// reads it.
+    /// (billed as output: before, it went unpriced), Google's in the total alone (kept apart:
+    /// see `Tokens::unshown`). OpenAI's own reasoning, inside the completion, is not counted
+    /// twice; each read as the whole parse reads it.
     #[test]
     fn other_providers_cache_hits_and_reasoning_are_read_for_what_they_bill() {
         let deepseek = r#"{"choices":[],"usage":{"completion_tokens":5,"prompt_tokens":1000,"prompt_cache_hit_tokens":990,"prompt_cache_miss_tokens":10,"total_tokens":1005,"completion_tokens_details":{"reasoning_tokens":0}}}"#;
@@ -1726,10 +1727,19 @@ mod tests {
         // (billed as output), whole and on a stream's chunk.
         let gemini = r#"{"choices":[],"usage":{"completion_tokens":3,"prompt_tokens":9,"total_tokens":105}}"#;
         let gemini_chunk = r#"{"choices":[{"delta":{"content":", ","role":"assistant"},"index":0}],"created":1,"id":"x","model":"gemini-3-flash-preview","object":"chat.completion.chunk","usage":{"completion_tokens":3,"prompt_tokens":9,"total_tokens":105}}"#;
+        // The excess is kept apart, read as reasoning only for Google's backends (where
+        // other servers' totals can hold input tokens).
         let thought = Tokens {
-            reasoning: 93,
-            ..tokens(9, 96)
+            unshown: 93,
+            ..tokens(9, 3)
         };
+        assert_eq!(
+            thought.with_unshown_as_reasoning(),
+            Tokens {
+                reasoning: 93,
+                ..tokens(9, 96)
+            }
+        );
         assert_eq!(usage_of(gemini_chunk), Some((thought, false)));
         assert_eq!(by_full_parse(gemini_chunk), Some((thought, false)));
         let written = Tokens {
