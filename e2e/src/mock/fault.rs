@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 /// `{"status":{"code":429,"retry_after":{"seconds":2}}}`, `{"status":{"code":503}}`, `"reset"`,
 /// `"stall"`, `{"delay_ms":2000}`, `{"cut_after_chunks":3}`, `{"garbage":"not_json"}` (or
 /// `"invalid_sse"`, `"giant_line"`, `"bad_tool_call"`), `{"echo_key":{"code":401}}`,
-/// `"request_too_large"`, `"key_invalid"`, `"model_access_denied"`; a spec may name the one
-/// `"model"` it applies to.
+/// `"request_too_large"`, `"key_invalid"`, `"model_access_denied"`,
+/// `{"body":{"code":404,"body":"{\"error\":…}"}}`; a spec may name the one `"model"` it applies
+/// to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
