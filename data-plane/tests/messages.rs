@@ -1075,3 +1075,64 @@ async fn prompt_tokens_written_to_the_cache_are_counted_and_priced_apart() {
     // 2 × 3,000 + 10 × 300 + 3 × 15,000.
     assert_eq!(records[1].cost_nanos, 54_000);
 }
+
+/// A compatible server's failure named in its own words as a stream's first event (vLLM's
+/// Messages endpoint: `internal_error`) fails over, as Anthropic's `api_error` does: nothing has
+/// reached the client yet.
+#[tokio::test]
+async fn a_first_event_internal_error_fails_over() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let failed = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"internal_error\",\"message\":\"engine dead\"}}\n\n";
+    primary.set_fault(
+        Fault::Body {
+            code: 200,
+            body: failed.into(),
+        }
+        .times(1),
+    );
+    let h = Harness::start(snapshot(
+        1,
+        vec![
+            anthropic("primary", &primary.base_url(), proto::Pool::Primary),
+            anthropic("fallback", &fallback.base_url(), proto::Pool::Fallback),
+        ],
+    ))
+    .await;
+    let response = send(&h, "/v1/messages", &hello(true)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-backend"], "fallback-name");
+    assert_eq!(response.headers()["x-sluice-attempts"], "2");
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains("message_stop") && !text.contains("engine dead"),
+        "{text}"
+    );
+}
+
+/// A Messages stream whose first event is an error of the client's own request (a compatible
+/// server refusing its parameters after the 200 head) is passed on, and its end counts for the
+/// backend's cooldown neither way: the same client sending it again and again does not cool
+/// the backend for everyone (the failure threshold is 3).
+#[tokio::test]
+async fn a_first_event_error_of_the_clients_own_cools_nothing() {
+    let claude = mock("claude");
+    let refused = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"invalid_request_error\",\"message\":\"top_p: must be below 1\"}}\n\n";
+    claude.set_fault(
+        Fault::Body {
+            code: 200,
+            body: refused.into(),
+        }
+        .times(4),
+    );
+    let h = claude_only(&claude).await;
+    for _ in 0..4 {
+        let response = send(&h, "/v1/messages", &hello(true)).await;
+        assert_eq!(response.status(), 200);
+        assert!(response.text().await.unwrap().contains("top_p"));
+    }
+    let response = send(&h, "/v1/messages", &hello(true)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-attempts"], "1");
+    assert!(response.text().await.unwrap().contains("message_stop"));
+    assert!(h.cp.with(|r| r.events.is_empty()));
+}

@@ -506,6 +506,8 @@ impl Relay {
         };
         let mut frames = std::mem::take(&mut self.frames);
         let (flow, usage) = translation.push(event, &mut frames);
+        self.note_error(matches!(flow, Flow::Failed));
+        self.events += 1;
         if let (Some(usage), Some(acct)) = (usage, &mut self.acct) {
             acct.tokens(tokens_of(usage));
         }
@@ -539,6 +541,8 @@ impl Relay {
         if *count_usage && let (Some(usage), Some(acct)) = (usage.usage(), &mut self.acct) {
             acct.tokens(tokens_of(usage));
         }
+        self.note_error(matches!(flow, Flow::Failed));
+        self.events += 1;
         let then = match flow {
             Flow::Continue => Then::Continue,
             Flow::Done => Then::Finish(ErrorKind::Unspecified),
@@ -591,7 +595,9 @@ impl Relay {
         true
     }
 
-    /// Notes whether the chat event about to be counted is the upstream's own error.
+    /// Notes whether the event about to be counted is the upstream's own error (a chat
+    /// chunk's `{"error": …}`, a Messages stream's `error` event, or what a translation
+    /// fails on).
     fn note_error(&mut self, error: bool) {
         self.upstream_error |= error;
         if self.events == 0 {

@@ -67,7 +67,7 @@ pub enum Fault {
     /// `model_not_found`, "Project `proj_…` does not have access to model `…`".
     ModelAccessDenied,
     /// Answer with this status and this body, as `application/json` (or as
-    /// `text/event-stream` when it starts with `data:`): what a server that is not OpenAI
+    /// `text/event-stream` when it starts with `data:` or `event:`): what a server that is not OpenAI
     /// answers, its errors and figures in its own shape (Gemini's, TGI's, Ollama's, Groq's).
     Body { code: u16, body: String },
 }

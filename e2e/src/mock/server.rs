@@ -542,7 +542,7 @@ async fn api(
         Some(Fault::Body { code, body }) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut response = json_response(shared, status, Bytes::from(body.clone()));
-            if body.starts_with("data:") {
+            if body.starts_with("data:") || body.starts_with("event:") {
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/event-stream"),
