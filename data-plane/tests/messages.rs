@@ -1136,3 +1136,52 @@ async fn a_first_event_error_of_the_clients_own_cools_nothing() {
     assert!(response.text().await.unwrap().contains("message_stop"));
     assert!(h.cp.with(|r| r.events.is_empty()));
 }
+
+/// A server that serves Messages without `count_tokens` (Ollama's answers gin's plain
+/// `404 page not found`) does not end a count another Anthropic backend of the model can
+/// make: it fails over, cools nothing, and when no backend counts, the client gets the 404.
+#[tokio::test]
+async fn count_tokens_fails_over_from_a_backend_without_it() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(
+        Fault::Body {
+            code: 404,
+            body: "404 page not found".into(),
+        }
+        .always(),
+    );
+    let h = Harness::start(snapshot(
+        1,
+        vec![
+            anthropic("primary", &primary.base_url(), proto::Pool::Primary),
+            anthropic("fallback", &fallback.base_url(), proto::Pool::Fallback),
+        ],
+    ))
+    .await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "one two three"}]})
+        .to_string();
+    for _ in 0..4 {
+        let response = send(&h, "/v1/messages/count_tokens", &body).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-sluice-backend"], "fallback-name");
+        assert_eq!(response.headers()["x-sluice-attempts"], "2");
+    }
+    // Nothing cooled: Messages still go to the primary first.
+    let response = send(&h, "/v1/messages", &hello(false)).await;
+    assert_eq!(response.headers()["x-sluice-backend"], "primary-name");
+    assert!(h.cp.with(|r| r.events.is_empty()));
+
+    let alone = vec![anthropic(
+        "primary",
+        &primary.base_url(),
+        proto::Pool::Primary,
+    )];
+    let h = Harness::start(snapshot(1, alone)).await;
+    let response = send(&h, "/v1/messages/count_tokens", &body).await;
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert_eq!(
+        (status.as_u16(), text.as_str()),
+        (404, "404 page not found")
+    );
+}

@@ -176,6 +176,9 @@ impl Failure {
                     None => Scope::Model,
                 },
             },
+            // A call the backend does not serve (`count_tokens` at a server without it): the
+            // backend answered.
+            Self::Status { status, .. } if status.is_client_error() => Outcome::Success,
             Self::MemoryFull(..) => Outcome::Success,
             // A 503 (or any 5xx) may say when to come back, as a 429 does. A model overloaded
             // is that model's: providers overload one model while serving the others.
@@ -215,6 +218,8 @@ impl Failure {
             {
                 policy.retry_on_rate_limit
             }
+            // A call the backend does not serve: another may.
+            Self::Status { status, .. } if status.is_client_error() => true,
             Self::Status { .. } => policy.retry_on_server_error,
             Self::Refused { .. } => true,
             Self::Connect(_) | Self::Lost(_) | Self::Invalid(_) => policy.retry_on_connect_error,
@@ -246,6 +251,7 @@ impl Failure {
             {
                 AttemptOutcome::rate_limited
             }
+            Self::Status { status, .. } if status.is_client_error() => AttemptOutcome::ok,
             Self::Status { .. } => AttemptOutcome::server_error,
             Self::Refused { .. } => AttemptOutcome::auth_error,
             Self::Connect(_) | Self::Lost(_) => AttemptOutcome::connect_error,
@@ -995,6 +1001,7 @@ async fn attempt(
         uncounted,
     } = *to;
     let has_body = method == Method::POST;
+    let counting_tokens = uri.path().ends_with("/messages/count_tokens");
     let mut request = Request::new(body);
     if let Some(mut headers) = spare {
         // Nothing of the client's goes upstream but what is added below.
@@ -1185,6 +1192,22 @@ async fn attempt(
         && let Some(why) = refused_model(&body)
     {
         return Err(Failure::Refused { status, why });
+    }
+    // A server that serves Messages without Anthropic's `count_tokens` (Ollama's, LiteLLM's
+    // before late 2025): another Anthropic backend of the model may count; the last one's
+    // answer is the client's when none does.
+    if counting_tokens
+        && matches!(
+            status,
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+        )
+    {
+        return Err(Failure::Status {
+            status,
+            retry_after: None,
+            content_type: headers.get(header::CONTENT_TYPE).cloned(),
+            body: redact_error(body, backend.api_key()),
+        });
     }
     if !status.is_success() {
         // A 4xx is passed on as it came, but for the key some providers quote in it.
