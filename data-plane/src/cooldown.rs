@@ -653,76 +653,10 @@ pub fn retry_after(headers: &http::HeaderMap, now: SystemTime) -> Option<Duratio
     )
 }
 
-/// The wait Google's APIs ask for in an error's body alone (no `Retry-After`): a
-/// `google.rpc.RetryInfo` among `error.details`, its `retryDelay` a protobuf duration in JSON
-/// (`"41s"`, `"0.5s"`); the error alone or in a list of one, as the OpenAI-compatible endpoint
-/// writes it. `None` for any other body.
-pub fn retry_delay_in_body(body: &[u8]) -> Option<Duration> {
-    memchr::memmem::find(body, b"retryDelay")?;
-    let value = serde_json::from_slice::<serde_json::Value>(body).ok()?;
-    let error = match &value {
-        serde_json::Value::Array(errors) => errors.first()?.get("error")?,
-        other => other.get("error")?,
-    };
-    error
-        .get("details")?
-        .as_array()?
-        .iter()
-        .filter(|detail| {
-            detail
-                .get("@type")
-                .and_then(serde_json::Value::as_str)
-                .is_some_and(|kind| kind.ends_with("google.rpc.RetryInfo"))
-        })
-        .find_map(|detail| {
-            let seconds = detail
-                .get("retryDelay")?
-                .as_str()?
-                .strip_suffix('s')?
-                .parse::<f64>()
-                .ok()
-                .filter(|s| s.is_finite() && *s >= 0.0)?;
-            Some(Duration::from_secs_f64(
-                seconds.min(MAX_RETRY_AFTER.as_secs_f64()),
-            ))
-        })
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-
-    #[test]
-    fn googles_retry_delay_is_read_from_its_retry_info() {
-        let google = |details: &str| {
-            format!(
-                r#"[{{"error":{{"code":429,"message":"You exceeded your current quota","status":"RESOURCE_EXHAUSTED","details":{details}}}}}]"#
-            )
-        };
-        let info = r#"[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"41s"}]"#;
-        assert_eq!(
-            retry_delay_in_body(google(info).as_bytes()),
-            Some(Duration::from_secs(41))
-        );
-        let alone = r#"{"error":{"code":429,"details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"0.5s"}]}}"#;
-        assert_eq!(
-            retry_delay_in_body(alone.as_bytes()),
-            Some(Duration::from_millis(500))
-        );
-        let far = r#"{"error":{"details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"99999999s"}]}}"#;
-        assert_eq!(retry_delay_in_body(far.as_bytes()), Some(MAX_RETRY_AFTER));
-        // Not a RetryInfo, not a duration, or only quoted in a message: nothing.
-        for body in [
-            google(r#"[{"@type":"type.googleapis.com/google.rpc.Help","retryDelay":"41s"}]"#),
-            google(r#"[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"41"}]"#),
-            google(r#"[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"-1s"}]"#),
-            r#"{"error":{"message":"retryDelay 41s"}}"#.to_owned(),
-            "not json retryDelay".to_owned(),
-        ] {
-            assert_eq!(retry_delay_in_body(body.as_bytes()), None, "{body}");
-        }
-    }
 
     const POLICY: CooldownPolicy = CooldownPolicy {
         base: Duration::from_secs(1),

@@ -707,27 +707,6 @@ async fn usage_totals_match_the_mock_across_a_control_plane_restart() {
     assert_eq!((key.spend * 1e9).round() as u64, nanos, "{key:?}");
 }
 
-/// A primary backend at `base_url` serving `route`, with `mock`'s API key.
-async fn primary_backend(cluster: &Cluster, base_url: &str, route: pb::ModelRoute, mock: &Mock) {
-    cluster
-        .admin()
-        .await
-        .create_backend(pb::CreateBackendRequest {
-            backend: Some(pb::Backend {
-                name: route.name.clone(),
-                base_url: base_url.into(),
-                pool: pb::Pool::Primary as i32,
-                weight: 1,
-                enabled: true,
-                models: vec![route],
-                ..Default::default()
-            }),
-            api_key: mock.api_key.clone().unwrap(),
-        })
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn upstream_calls_go_through_the_egress_proxy_the_environment_names() {
     let cluster = Cluster::start().await;
@@ -740,7 +719,14 @@ async fn upstream_calls_go_through_the_egress_proxy_the_environment_names() {
         upstream_name: "m-up".into(),
         ..Default::default()
     };
-    primary_backend(&cluster, "http://provider.invalid/v1", route, &egress).await;
+    cluster
+        .add_backend_at(
+            "behind-proxy",
+            "http://provider.invalid/v1",
+            &egress,
+            vec![route],
+        )
+        .await;
     let (_, key) = cluster.create_key("k", &[]).await;
     let proxy_url = format!("http://{}", egress.addr);
     let proxy = cluster
@@ -788,7 +774,9 @@ async fn a_google_backends_thoughts_counted_in_its_total_are_charged_as_output()
         ..Default::default()
     };
     let base_url = "http://generativelanguage.googleapis.com/v1";
-    primary_backend(&cluster, base_url, route, &google).await;
+    cluster
+        .add_backend_at("gemini", base_url, &google, vec![route])
+        .await;
     let (_, key) = cluster.create_key("k", &[]).await;
     let proxy = cluster
         .proxy_with_env(&[], &[("HTTP_PROXY", &format!("http://{}", google.addr))])

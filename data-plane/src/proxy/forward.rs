@@ -642,6 +642,7 @@ pub(super) async fn forward_call(
             max_response: app.limits.max_response_bytes,
             memory,
             uncounted,
+            endpoint: call.endpoint,
         };
         let mut outcome = attempt(&sending, spare.take(), method, uri, body).await;
         if let Some((method, uri, body)) = again
@@ -977,6 +978,8 @@ struct Sending<'a> {
     memory: (&'a Arc<AnswerMemory>, &'a str, bool),
     /// The size below which an answer takes none of that memory.
     uncounted: usize,
+    /// The endpoint called (`count_tokens` moves on from a backend without it).
+    endpoint: Endpoint,
 }
 
 /// One call to `to.backend`: `method` to `uri` with `body`, on the headers `spare` when given.
@@ -999,9 +1002,9 @@ async fn attempt(
         max_response,
         memory: (memory, key, counts_usage),
         uncounted,
+        endpoint,
     } = *to;
     let has_body = method == Method::POST;
-    let counting_tokens = uri.path().ends_with("/messages/count_tokens");
     let mut request = Request::new(body);
     if let Some(mut headers) = spare {
         // Nothing of the client's goes upstream but what is added below.
@@ -1075,7 +1078,7 @@ async fn attempt(
         let retry_after = cooldown::retry_after(&head.headers, SystemTime::now());
         let body = error_body(sleeps, upstream, policy, deadline).await;
         // Google says when to come back in its body alone.
-        let retry_after = retry_after.or_else(|| cooldown::retry_delay_in_body(&body));
+        let retry_after = retry_after.or_else(|| retry_delay_in_body(&body));
         let body = redact_error(body, backend.api_key());
         return Err(Failure::Status {
             status,
@@ -1196,7 +1199,7 @@ async fn attempt(
     // A server that serves Messages without Anthropic's `count_tokens` (Ollama's, LiteLLM's
     // before late 2025): another Anthropic backend of the model may count; the last one's
     // answer is the client's when none does.
-    if counting_tokens
+    if endpoint == Endpoint::CountTokens
         && matches!(
             status,
             StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
@@ -1267,9 +1270,10 @@ fn refused_model(body: &[u8]) -> Option<Refusal> {
     let value = serde_json::from_slice::<serde_json::Value>(body).ok()?;
     // The error where each server puts it: under `error` (OpenAI's shape), in a list of one
     // (Google's), or the body itself (vLLM's `{"object":"error",…}`).
-    let error = match &value {
-        serde_json::Value::Array(errors) => errors.first()?.get("error")?,
-        other => other.get("error").unwrap_or(other),
+    let error = match (&value, error_member(&value)) {
+        (_, Some(error)) => error,
+        (serde_json::Value::Array(_), None) => return None,
+        (body, None) => body,
     };
     let text = |member: &str| error.get(member).and_then(serde_json::Value::as_str);
     let message = text("message").unwrap_or_default();
@@ -1305,17 +1309,53 @@ fn refuses_the_key(body: &[u8]) -> bool {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
         return false;
     };
-    let error = match &value {
-        serde_json::Value::Array(errors) => errors.first().and_then(|e| e.get("error")),
-        other => other.get("error"),
-    };
-    error
+    error_member(&value)
         .and_then(|e| e.get("details"))
         .and_then(serde_json::Value::as_array)
         .is_some_and(|details| {
             details.iter().any(|d| {
                 d.get("reason").and_then(serde_json::Value::as_str) == Some("API_KEY_INVALID")
             })
+        })
+}
+
+/// The `error` of an upstream's error body, alone or in a list of one (as Google's
+/// OpenAI-compatible endpoint writes it).
+fn error_member(value: &serde_json::Value) -> Option<&serde_json::Value> {
+    match value {
+        serde_json::Value::Array(errors) => errors.first()?.get("error"),
+        other => other.get("error"),
+    }
+}
+
+/// The wait Google's APIs ask for in an error's body alone (no `Retry-After`): a
+/// `google.rpc.RetryInfo` among `error.details`, its `retryDelay` a protobuf duration in JSON
+/// (`"41s"`, `"0.5s"`); the error alone or in a list of one, as the OpenAI-compatible endpoint
+/// writes it. `None` for any other body.
+fn retry_delay_in_body(body: &[u8]) -> Option<Duration> {
+    memchr::memmem::find(body, b"retryDelay")?;
+    let value = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    error_member(&value)?
+        .get("details")?
+        .as_array()?
+        .iter()
+        .filter(|detail| {
+            detail
+                .get("@type")
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(|kind| kind.ends_with("google.rpc.RetryInfo"))
+        })
+        .find_map(|detail| {
+            let seconds = detail
+                .get("retryDelay")?
+                .as_str()?
+                .strip_suffix('s')?
+                .parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0)?;
+            Some(Duration::from_secs_f64(
+                seconds.min(cooldown::MAX_RETRY_AFTER.as_secs_f64()),
+            ))
         })
 }
 
@@ -2041,6 +2081,40 @@ mod tests {
                 None,
                 "{not_the_model}"
             );
+        }
+    }
+
+    #[test]
+    fn googles_retry_delay_is_read_from_its_retry_info() {
+        let google = |details: &str| {
+            format!(
+                r#"[{{"error":{{"code":429,"message":"You exceeded your current quota","status":"RESOURCE_EXHAUSTED","details":{details}}}}}]"#
+            )
+        };
+        let info = r#"[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"41s"}]"#;
+        assert_eq!(
+            retry_delay_in_body(google(info).as_bytes()),
+            Some(Duration::from_secs(41))
+        );
+        let alone = r#"{"error":{"code":429,"details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"0.5s"}]}}"#;
+        assert_eq!(
+            retry_delay_in_body(alone.as_bytes()),
+            Some(Duration::from_millis(500))
+        );
+        let far = r#"{"error":{"details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"99999999s"}]}}"#;
+        assert_eq!(
+            retry_delay_in_body(far.as_bytes()),
+            Some(cooldown::MAX_RETRY_AFTER)
+        );
+        // Not a RetryInfo, not a duration, or only quoted in a message: nothing.
+        for body in [
+            google(r#"[{"@type":"type.googleapis.com/google.rpc.Help","retryDelay":"41s"}]"#),
+            google(r#"[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"41"}]"#),
+            google(r#"[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"-1s"}]"#),
+            r#"{"error":{"message":"retryDelay 41s"}}"#.to_owned(),
+            "not json retryDelay".to_owned(),
+        ] {
+            assert_eq!(retry_delay_in_body(body.as_bytes()), None, "{body}");
         }
     }
 

@@ -409,9 +409,23 @@ impl ControlApi {
         mock: &Mock,
         models: Vec<pb::ModelRoute>,
     ) -> pb::Backend {
+        self.add_backend_at(name, &mock.base_url(), mock, models)
+            .await
+    }
+
+    /// [`Cluster::add_backend_routing`] at `base_url` (a host only an egress proxy reaches,
+    /// say), with `mock`'s API key.
+    #[allow(dead_code)] // not every test binary names its backends' hosts
+    pub async fn add_backend_at(
+        &self,
+        name: &str,
+        base_url: &str,
+        mock: &Mock,
+        models: Vec<pb::ModelRoute>,
+    ) -> pb::Backend {
         let backend = pb::Backend {
             name: name.into(),
-            base_url: mock.base_url(),
+            base_url: base_url.into(),
             pool: pb::Pool::Primary as i32,
             weight: 1,
             enabled: true,
