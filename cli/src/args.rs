@@ -169,6 +169,11 @@ pub struct BackendAddArgs {
     /// `anthropic-version` sent to an Anthropic backend (default: the current official SDK's).
     #[arg(long, value_name = "VERSION")]
     pub anthropic_version: Option<String>,
+    /// The header its API key goes in (default: the API format's own, `Authorization: Bearer`
+    /// for openai, `x-api-key` for anthropic): `api-key` for Azure OpenAI's deployments,
+    /// `bearer` for a gateway in front of Anthropic's API that takes bearer tokens only.
+    #[arg(long, value_enum, value_name = "HEADER")]
+    pub key_header: Option<KeyHeaderArg>,
     /// max_tokens sent to an Anthropic backend for each --model when the client gives none
     /// (default 4096).
     #[arg(long, value_name = "N")]
@@ -222,6 +227,10 @@ pub struct BackendUpdateArgs {
     /// `anthropic-version` sent to an Anthropic backend ("" for the default).
     #[arg(long, value_name = "VERSION")]
     pub anthropic_version: Option<String>,
+    /// The header its API key goes in: default (the API format's own), bearer, x-api-key or
+    /// api-key.
+    #[arg(long, value_enum, value_name = "HEADER")]
+    pub key_header: Option<KeyHeaderArg>,
     /// max_tokens for each --model given when the client gives none (needs --model).
     #[arg(long, value_name = "N", requires = "models")]
     pub default_max_tokens: Option<u32>,
@@ -247,6 +256,30 @@ pub enum ApiFormatArg {
     Openai,
     /// Anthropic's Messages API.
     Anthropic,
+}
+
+/// The header a backend's API key goes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyHeaderArg {
+    /// The API format's own.
+    Default,
+    /// `Authorization: Bearer <key>`.
+    Bearer,
+    /// `x-api-key: <key>`.
+    XApiKey,
+    /// `api-key: <key>` (Azure OpenAI).
+    ApiKey,
+}
+
+impl From<KeyHeaderArg> for pb::KeyHeader {
+    fn from(header: KeyHeaderArg) -> Self {
+        match header {
+            KeyHeaderArg::Default => pb::KeyHeader::Unspecified,
+            KeyHeaderArg::Bearer => pb::KeyHeader::Bearer,
+            KeyHeaderArg::XApiKey => pb::KeyHeader::XApiKey,
+            KeyHeaderArg::ApiKey => pb::KeyHeader::ApiKey,
+        }
+    }
 }
 
 impl From<ApiFormatArg> for pb::ApiFormat {

@@ -205,6 +205,23 @@ fn api_format(backend: &pb::Backend) -> String {
     }
 }
 
+/// The header a backend's API key goes in, and whether that is its API format's own.
+fn key_header(backend: &pb::Backend) -> String {
+    match pb::KeyHeader::try_from(backend.key_header) {
+        Ok(pb::KeyHeader::Unspecified) => {
+            if backend.api_format == pb::ApiFormat::Anthropic as i32 {
+                "x-api-key (default)".to_owned()
+            } else {
+                "Authorization: Bearer (default)".to_owned()
+            }
+        }
+        Ok(pb::KeyHeader::Bearer) => "Authorization: Bearer".to_owned(),
+        Ok(pb::KeyHeader::XApiKey) => "x-api-key".to_owned(),
+        Ok(pb::KeyHeader::ApiKey) => "api-key".to_owned(),
+        Err(_) => format!("unknown ({})", backend.key_header),
+    }
+}
+
 pub fn backend(backend: Option<&pb::Backend>) -> String {
     let Some(backend) = backend else {
         return "The control plane returned no backend.".to_owned();
@@ -233,6 +250,7 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
             },
         ),
         ("api key", key_hint(&backend.api_key_hint)),
+        ("key header", key_header(backend)),
         ("created", when(backend.create_time.as_ref(), now)),
         ("updated", when(backend.update_time.as_ref(), now)),
     ]);
@@ -689,6 +707,7 @@ mod tests {
         pb::Backend {
             anthropic_version: Default::default(),
             api_format: Default::default(),
+            key_header: Default::default(),
             id: "b-1".into(),
             name: "openai-main".into(),
             base_url: "https://api.openai.com/v1".into(),
@@ -758,6 +777,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("no (default)"), "{text}");
+        assert!(text.contains("x-api-key (default)"), "{text}");
+        b.key_header = pb::KeyHeader::Bearer as i32;
+        assert!(
+            backend(Some(&b)).contains("key header     Authorization: Bearer\n"),
+            "{}",
+            backend(Some(&b))
+        );
         // Its routes' default max_tokens, which an OpenAI backend's rows do not show.
         assert!(!backend(Some(&sample_backend())).contains("MAX TOKENS"));
         assert!(text.contains("DEFAULT MAX TOKENS"), "{text}");

@@ -74,6 +74,61 @@ impl ApiFormat {
     }
 }
 
+/// The request header a backend's API key goes in ([`pb::KeyHeader`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyHeader {
+    /// The API format's own: `Authorization: Bearer` (OpenAI), `x-api-key` (Anthropic).
+    #[default]
+    FormatsOwn,
+    Bearer,
+    XApiKey,
+    /// Azure OpenAI's deployments.
+    ApiKey,
+}
+
+impl KeyHeader {
+    fn from_proto(value: i32) -> Result<Self, ValidationError> {
+        match pb::KeyHeader::try_from(value) {
+            Ok(pb::KeyHeader::Unspecified) => Ok(Self::FormatsOwn),
+            Ok(pb::KeyHeader::Bearer) => Ok(Self::Bearer),
+            Ok(pb::KeyHeader::XApiKey) => Ok(Self::XApiKey),
+            Ok(pb::KeyHeader::ApiKey) => Ok(Self::ApiKey),
+            Err(_) => Err(ValidationError::new(
+                "backend.key_header",
+                format!("unknown key header {value}"),
+            )),
+        }
+    }
+
+    pub fn to_proto(self) -> pb::KeyHeader {
+        match self {
+            Self::FormatsOwn => pb::KeyHeader::Unspecified,
+            Self::Bearer => pb::KeyHeader::Bearer,
+            Self::XApiKey => pb::KeyHeader::XApiKey,
+            Self::ApiKey => pb::KeyHeader::ApiKey,
+        }
+    }
+
+    /// The `backends.key_header` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FormatsOwn => "",
+            Self::Bearer => "bearer",
+            Self::XApiKey => "x-api-key",
+            Self::ApiKey => "api-key",
+        }
+    }
+
+    pub fn from_db(value: &str) -> Self {
+        match value {
+            "bearer" => Self::Bearer,
+            "x-api-key" => Self::XApiKey,
+            "api-key" => Self::ApiKey,
+            _ => Self::FormatsOwn,
+        }
+    }
+}
+
 /// Largest per-route `default_max_tokens`.
 const MAX_DEFAULT_MAX_TOKENS: u32 = 10_000_000;
 /// Longest `anthropic_version` (real ones are dates, `2023-06-01`).
@@ -97,6 +152,7 @@ pub struct BackendSpec {
     pub api_format: ApiFormat,
     /// Sent as `anthropic-version` to an Anthropic backend; empty: the data plane's default.
     pub anthropic_version: String,
+    pub key_header: KeyHeader,
 }
 
 /// A stored backend as the admin API shows it.
@@ -153,6 +209,7 @@ pub const UPDATABLE_FIELDS: &[&str] = &[
     "responses_api",
     "api_format",
     "anthropic_version",
+    "key_header",
 ];
 
 impl BackendSpec {
@@ -282,6 +339,7 @@ impl BackendSpec {
             responses_api: backend.responses_api,
             api_format: ApiFormat::from_proto(backend.api_format)?,
             anthropic_version: backend.anthropic_version.clone(),
+            key_header: KeyHeader::from_proto(backend.key_header)?,
         })
     }
 
@@ -307,6 +365,7 @@ impl BackendSpec {
                 "responses_api" => self.responses_api = update.responses_api,
                 "api_format" => self.api_format = ApiFormat::from_proto(update.api_format)?,
                 "anthropic_version" => self.anthropic_version = update.anthropic_version.clone(),
+                "key_header" => self.key_header = KeyHeader::from_proto(update.key_header)?,
                 other => return Err(not_updatable(other, UPDATABLE_FIELDS)),
             }
         }
@@ -360,6 +419,7 @@ impl Backend {
             responses_api: spec.responses_api,
             api_format: spec.api_format.to_proto() as i32,
             anthropic_version: spec.anthropic_version.clone(),
+            key_header: spec.key_header.to_proto() as i32,
             etag: String::new(),
         };
         // What changes whenever anything else the API shows does: the first 128 bits of the
@@ -395,8 +455,28 @@ const ENDPOINT_PATHS: [&str; 6] = [
     "/models",
 ];
 
-/// An http(s) URL with a host, no query, fragment or credentials, not ending with an
-/// endpoint's path; a trailing `/` is dropped.
+/// Names of query parameters that carry a credential (compared lowercased, without `-` and
+/// `_`): Google's `key`, Azure API Management's `subscription-key`, a SAS `sig`, … A base URL
+/// is shown in every listing and log line; the API key has its own, write-only field.
+const CREDENTIAL_PARAMETERS: [&str; 13] = [
+    "key",
+    "apikey",
+    "token",
+    "accesstoken",
+    "authtoken",
+    "auth",
+    "authorization",
+    "secret",
+    "clientsecret",
+    "password",
+    "sig",
+    "signature",
+    "subscriptionkey",
+];
+
+/// An http(s) URL with a host, no fragment or credentials, not ending with an endpoint's
+/// path; a trailing `/` is dropped. It may have a query (Azure OpenAI's `api-version`), which
+/// the data planes keep after each endpoint's path, but none naming a credential.
 fn normalize_base_url(raw: &str) -> Result<String, ValidationError> {
     let field = "backend.base_url";
     let bad = |why: &str| ValidationError::new(field, why.to_owned());
@@ -404,7 +484,7 @@ fn normalize_base_url(raw: &str) -> Result<String, ValidationError> {
     if raw.is_empty() {
         return Err(bad("must not be empty"));
     }
-    let url = url::Url::parse(raw).map_err(|e| {
+    let mut url = url::Url::parse(raw).map_err(|e| {
         bad(&format!(
             "not a valid URL ({e}); expected e.g. https://api.openai.com/v1"
         ))
@@ -420,32 +500,55 @@ fn normalize_base_url(raw: &str) -> Result<String, ValidationError> {
             "must not contain credentials; give the API key separately",
         ));
     }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(bad("must not have a query or fragment"));
+    if url.fragment().is_some() {
+        return Err(bad("must not have a fragment"));
     }
-    let normalized = url.as_str().trim_end_matches('/');
+    if let Some((name, _)) = url.query_pairs().find(|(name, _)| {
+        let name: String = name
+            .chars()
+            .filter(|c| !matches!(c, '-' | '_'))
+            .collect::<String>()
+            .to_lowercase();
+        CREDENTIAL_PARAMETERS.contains(&name.as_str())
+    }) {
+        return Err(bad(&format!(
+            "must not carry a credential in its query ({name:?}): a base URL is shown in \
+             listings and logs; give the API key separately (--key-header picks its header)"
+        )));
+    }
+    let query = url.query().filter(|q| !q.is_empty()).map(str::to_owned);
+    url.set_query(None);
+    let base = url.as_str().trim_end_matches('/');
     // The data planes append the endpoint's path: a URL copied with it already in place
     // (`…/v1/chat/completions`) sent every request to `…/chat/completions/chat/completions`,
     // whose 404 went to clients as it came, with no failover and no cooldown.
-    if let Some(endpoint) = ENDPOINT_PATHS.iter().find(|p| normalized.ends_with(*p)) {
+    if let Some(endpoint) = ENDPOINT_PATHS.iter().find(|p| base.ends_with(*p)) {
         return Err(bad(&format!(
             "must be the API's base, without the endpoint's path ({endpoint}): the data planes \
              add it; e.g. https://api.openai.com/v1"
         )));
     }
+    let normalized = match &query {
+        Some(query) => format!("{base}?{query}"),
+        None => base.to_owned(),
+    };
     if normalized.len() > MAX_BASE_URL_BYTES {
         return Err(bad(&format!("must be at most {MAX_BASE_URL_BYTES} bytes")));
     }
     // The data planes write their upstream requests' URIs with `http`, which takes fewer
     // characters in a host than `url` does (`{`, `}`, `"`, a backtick): a URL it refuses
     // would make every replica refuse every snapshot from then on (snapshot.rs, `joined_uri`).
-    if http::Uri::try_from(format!("{normalized}/messages/count_tokens")).is_err() {
+    let longest = match &query {
+        Some(query) => format!("{base}/messages/count_tokens?{query}"),
+        None => format!("{base}/messages/count_tokens"),
+    };
+    if http::Uri::try_from(longest).is_err() {
         return Err(bad(
             "has characters a request URI cannot carry (`{`, `}`, `\"`, a backtick in the \
              host: a placeholder such as {resource} left in it?)",
         ));
     }
-    Ok(normalized.to_owned())
+    Ok(normalized)
 }
 
 #[cfg(test)]
@@ -457,6 +560,7 @@ mod tests {
         BackendSpec {
             anthropic_version: Default::default(),
             api_format: Default::default(),
+            key_header: Default::default(),
             name: "openai-main".into(),
             base_url: "https://api.openai.com/v1/".into(),
             pool: Pool::Primary,
@@ -515,8 +619,14 @@ mod tests {
             "ftp://x",
             "not a url",
             "https://user:pw@host/v1",
-            "http://h/v1?x=1",
+            "http://h/v1#x",
             "unix:/tmp/s",
+            // A credential in the query would be shown in every listing and log line.
+            "https://generativelanguage.googleapis.com/v1beta/openai?key=AIza",
+            "https://apim.example/openai?api-version=1&subscription-key=s",
+            "https://h/v1?API_KEY=k",
+            "https://h/v1?access-token=t",
+            "https://h/openai/deployments/d/chat/completions?api-version=2024-10-21",
             // `url` takes these hosts, `http` (the data planes' request URIs) does not.
             "https://{resource}.openai.azure.com/openai/v1",
             "https://a\"b.example/v1",
@@ -535,6 +645,35 @@ mod tests {
             .unwrap_err();
             assert_eq!(err.field, "backend.base_url", "{url}: {err}");
         }
+    }
+
+    /// Azure OpenAI's deployments take their API version in the query: it is kept (the data
+    /// planes put it after each endpoint's path), the path's trailing `/` dropped before it.
+    #[test]
+    fn a_query_is_kept_after_the_path() {
+        for (given, kept) in [
+            (
+                "https://r.openai.azure.com/openai/deployments/gpt-4o/?api-version=2024-10-21",
+                "https://r.openai.azure.com/openai/deployments/gpt-4o?api-version=2024-10-21",
+            ),
+            ("http://h:8000/v1?", "http://h:8000/v1"),
+            ("http://h/v1?a=1&b=x%20y", "http://h/v1?a=1&b=x%20y"),
+        ] {
+            let spec = BackendSpec {
+                base_url: given.into(),
+                ..spec()
+            }
+            .validated()
+            .unwrap();
+            assert_eq!(spec.base_url, kept);
+        }
+        let err = BackendSpec {
+            base_url: "https://h/v1?Api-Key=sk-live".into(),
+            ..spec()
+        }
+        .validated()
+        .unwrap_err();
+        assert!(!err.message.contains("sk-live"), "{err}");
     }
 
     #[test]

@@ -141,6 +141,7 @@ pub fn backend_entry_bytes(spec: &BackendSpec, api_key: &str) -> usize {
             responses_api: Some(true),
             api_format: spec.api_format.to_proto() as i32,
             anthropic_version: spec.anthropic_version.clone(),
+            key_header: spec.key_header.to_proto() as i32,
             tpm_limit: u32::MAX,
             ..cooling_at_most()
         })
@@ -514,6 +515,7 @@ pub async fn build(store: &Store, epoch: &str) -> Result<pb::Snapshot, StoreErro
                         cooldown_changed_by: cooldown.run.map(|(by, _)| by).unwrap_or_default(),
                         api_format: spec.api_format.to_proto() as i32,
                         anthropic_version: spec.anthropic_version,
+                        key_header: spec.key_header.to_proto() as i32,
                         model_cooldowns,
                     }
                 })

@@ -161,6 +161,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0018_database_id.sql"),
     include_str!("../../migrations/0019_model_cooldowns.sql"),
     include_str!("../../migrations/0020_snapshot_key_index.sql"),
+    include_str!("../../migrations/0021_backend_key_header.sql"),
 ];
 
 /// A handle to the database; cheap to clone.
@@ -657,12 +658,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let right = MasterKey::generate();
-        drop(Store::open(&path, right.clone()).unwrap());
         let latest = MIGRATIONS.len() as i64;
-        // As a database one version behind: its last migration still to run.
-        let conn = Connection::open(&path).unwrap();
-        conn.pragma_update(None, "user_version", latest - 1)
-            .unwrap();
+        // A database one version behind, written with `right`: its last migration still to
+        // run.
+        let mut conn = Connection::open(&path).unwrap();
+        sql_functions::register(&conn).unwrap();
+        Migrations::new(
+            MIGRATIONS[..MIGRATIONS.len() - 1]
+                .iter()
+                .map(|sql| M::up(sql))
+                .collect(),
+        )
+        .to_latest(&mut conn)
+        .unwrap();
+        verify_or_write_check(&conn, &right).unwrap();
         drop(conn);
         let refused = Store::open(&path, MasterKey::generate()).err().unwrap();
         assert!(matches!(refused, StoreError::WrongMasterKey), "{refused}");
@@ -730,6 +739,7 @@ mod tests {
             responses_api: None,
             api_format: Default::default(),
             anthropic_version: String::new(),
+            key_header: Default::default(),
         }
     }
 

@@ -151,6 +151,7 @@ fn store_a_provider_key(dir: &std::path::Path, rt: &tokio::runtime::Runtime) {
         let spec = sluice_control::backend::BackendSpec {
             anthropic_version: Default::default(),
             api_format: Default::default(),
+            key_header: Default::default(),
             name: "b1".into(),
             base_url: "http://127.0.0.1:1/v1".into(),
             pool: sluice_control::backend::Pool::Primary,

@@ -48,6 +48,8 @@ pub enum SnapshotError {
     InvalidApiFormat(String),
     #[error("backend {0}: anthropic_version is not a valid header value")]
     InvalidAnthropicVersion(String),
+    #[error("backend {0}: unknown key_header")]
+    InvalidKeyHeader(String),
     #[error("client key {0}: key_sha256 must be 32 bytes")]
     InvalidKeyHash(String),
     #[error("client key {0}: the same key hash appears twice")]
@@ -185,9 +187,9 @@ pub struct Backend {
     messages_uri: Uri,
     /// `<base>/messages/count_tokens`, for an Anthropic backend.
     count_tokens_uri: Uri,
-    /// `Bearer <api key>` (OpenAI format) or the bare key for `x-api-key` (Anthropic format),
-    /// marked sensitive; `None` when the backend has no key.
-    authorization: Option<HeaderValue>,
+    /// The header that carries its API key ([`KeyHeader`]) and its value (`Bearer <key>` in
+    /// `Authorization`, else the bare key), marked sensitive; `None` when it has no key.
+    key: Option<(HeaderName, HeaderValue)>,
     /// `anthropic-version`, for an Anthropic backend.
     anthropic_version: Option<HeaderValue>,
     /// The `Host` header of its requests, for a plain `http://` backend (every URI above has
@@ -301,7 +303,8 @@ impl Backend {
     }
 
     /// `<base>/responses/<id>[/<action>][?<query>]`: a call on the stored response `id`
-    /// (percent-encoded as one path segment). `None` if that is not a valid URI.
+    /// (percent-encoded as one path segment), with the base URL's own query first, if any.
+    /// `None` if that is not a valid URI.
     pub fn stored_response_uri(
         &self,
         id: &str,
@@ -316,18 +319,18 @@ impl Backend {
                 path.push(action);
             }
         }
-        url.set_query(query);
+        let query = match (self.base.query(), query) {
+            (Some(own), Some(given)) => Some(format!("{own}&{given}")),
+            (own, given) => own.or(given).map(str::to_owned),
+        };
+        url.set_query(query.as_deref());
         Uri::try_from(url.as_str()).ok()
     }
 
-    /// The headers that authenticate a request upstream: `Authorization` for an OpenAI-format
-    /// backend with a key; `x-api-key` (if it has one) and `anthropic-version` for an
-    /// Anthropic backend.
+    /// The headers that authenticate a request upstream: the key's (if it has one), and
+    /// `anthropic-version` for an Anthropic backend.
     pub fn auth_headers(&self) -> impl Iterator<Item = (HeaderName, &HeaderValue)> {
-        let key = self.authorization.as_ref().map(|value| match self.format {
-            ApiFormat::OpenAi => (header::AUTHORIZATION, value),
-            ApiFormat::Anthropic => (HeaderName::from_static("x-api-key"), value),
-        });
+        let key = self.key.as_ref().map(|(name, value)| (name.clone(), value));
         let version = self
             .anthropic_version
             .as_ref()
@@ -341,20 +344,22 @@ impl Backend {
         self.host.as_ref()
     }
 
-    /// The `Authorization` header to send upstream, if the backend is OpenAI-format and has
-    /// a key.
+    /// The `Authorization` header to send upstream, if the backend's key goes in it.
     pub fn authorization(&self) -> Option<&HeaderValue> {
-        self.authorization
+        self.key
             .as_ref()
-            .filter(|_| self.format == ApiFormat::OpenAi)
+            .filter(|(name, _)| name == header::AUTHORIZATION)
+            .map(|(_, value)| value)
     }
 
     /// The backend's API key (empty when it has none), to remove from what upstreams echo.
     pub fn api_key(&self) -> &[u8] {
-        let value = self.authorization.as_ref().map(HeaderValue::as_bytes);
-        match self.format {
-            ApiFormat::OpenAi => value.and_then(|v| v.strip_prefix(b"Bearer ")),
-            ApiFormat::Anthropic => value,
+        match &self.key {
+            Some((name, value)) if name == header::AUTHORIZATION => {
+                value.as_bytes().strip_prefix(b"Bearer ")
+            }
+            Some((_, value)) => Some(value.as_bytes()),
+            None => None,
         }
         .unwrap_or_default()
     }
@@ -505,17 +510,28 @@ impl Snapshot {
                 Ok(proto::ApiFormat::Unspecified | proto::ApiFormat::Openai) => ApiFormat::OpenAi,
                 Err(_) => return Err(SnapshotError::InvalidApiFormat(b.id.clone())),
             };
-            let authorization = if b.api_key.is_empty() {
+            let key = if b.api_key.is_empty() {
                 None
             } else {
-                let value = match format {
-                    ApiFormat::OpenAi => format!("Bearer {}", b.api_key),
-                    ApiFormat::Anthropic => b.api_key.clone(),
+                let name = match proto::KeyHeader::try_from(b.key_header) {
+                    Ok(proto::KeyHeader::Unspecified) => match format {
+                        ApiFormat::OpenAi => header::AUTHORIZATION,
+                        ApiFormat::Anthropic => HeaderName::from_static("x-api-key"),
+                    },
+                    Ok(proto::KeyHeader::Bearer) => header::AUTHORIZATION,
+                    Ok(proto::KeyHeader::XApiKey) => HeaderName::from_static("x-api-key"),
+                    Ok(proto::KeyHeader::ApiKey) => HeaderName::from_static("api-key"),
+                    Err(_) => return Err(SnapshotError::InvalidKeyHeader(b.id.clone())),
+                };
+                let value = if name == header::AUTHORIZATION {
+                    format!("Bearer {}", b.api_key)
+                } else {
+                    b.api_key.clone()
                 };
                 let mut value = HeaderValue::try_from(value)
                     .map_err(|_| SnapshotError::InvalidApiKey(b.id.clone()))?;
                 value.set_sensitive(true);
-                Some(value)
+                Some((name, value))
             };
             let anthropic_version = match format {
                 ApiFormat::OpenAi => None,
@@ -628,7 +644,7 @@ impl Snapshot {
                 pool,
                 priority: b.priority,
                 weight: b.weight.max(1),
-                authorization,
+                key,
                 limiter,
                 tokens,
                 cooldown: FleetCooldown {
@@ -796,8 +812,8 @@ fn parse_base_url(backend: &str, raw: &str) -> Result<Url, SnapshotError> {
             "user or password in the URL; use the API key".to_owned(),
         ));
     }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(invalid("query or fragment not allowed".to_owned()));
+    if url.fragment().is_some() {
+        return Err(invalid("fragment not allowed".to_owned()));
     }
     Ok(url)
 }
@@ -811,7 +827,16 @@ fn joined_uri(backend: &str, base: &Url, path: &str) -> Result<Uri, SnapshotErro
         backend: backend.to_owned(),
         reason,
     };
-    let joined = format!("{}{path}", base.as_str().trim_end_matches('/'));
+    // The path goes before the base's own query (Azure OpenAI's `?api-version=…`), if any.
+    let mut without_query = base.clone();
+    without_query.set_query(None);
+    let joined = match base.query() {
+        Some(query) => format!(
+            "{}{path}?{query}",
+            without_query.as_str().trim_end_matches('/')
+        ),
+        None => format!("{}{path}", without_query.as_str().trim_end_matches('/')),
+    };
     // Parsed by `url` first: it normalizes (percent-encoding, IDNA hosts) what `Uri` would
     // refuse or take literally.
     let normalized = Url::parse(&joined).map_err(|e| invalid(e.to_string()))?;
@@ -1318,9 +1343,105 @@ pub(crate) mod tests {
         );
     }
 
+    /// Azure OpenAI's deployments: the base URL's `api-version` stays after each endpoint's
+    /// path (and before a stored response call's own query), the key goes in `api-key`.
+    #[tokio::test]
+    async fn a_base_urls_query_follows_every_path() {
+        let mut message = snapshot(1);
+        message.backends.truncate(1);
+        message.backends[0].base_url =
+            "https://r.openai.azure.com/openai/deployments/gpt-4o?api-version=2024-10-21".into();
+        message.backends[0].key_header = proto::KeyHeader::ApiKey as i32;
+        let snap = Snapshot::prepare(message, None, Now::read(), 1).unwrap();
+        let b = &snap.backends()[0];
+        assert_eq!(
+            b.uri(Endpoint::ChatCompletions).unwrap(),
+            "https://r.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(
+            b.uri(Endpoint::Embeddings).unwrap(),
+            "https://r.openai.azure.com/openai/deployments/gpt-4o/embeddings?api-version=2024-10-21"
+        );
+        assert_eq!(
+            b.stored_response_uri("resp_1", Some("input_items"), Some("limit=2"))
+                .unwrap(),
+            "https://r.openai.azure.com/openai/deployments/gpt-4o/responses/resp_1/input_items?api-version=2024-10-21&limit=2"
+        );
+        let headers: Vec<_> = b.auth_headers().collect();
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers[0].0, "api-key");
+        assert_eq!(headers[0].1, "sk-upstream");
+        assert!(headers[0].1.is_sensitive());
+        assert_eq!(b.api_key(), b"sk-upstream");
+        assert!(b.authorization().is_none());
+    }
+
+    /// Each key header, for each format: the header named carries the key, bare except in
+    /// `Authorization`; no other header carries it.
+    #[tokio::test]
+    async fn the_key_goes_in_the_header_chosen() {
+        use proto::KeyHeader as K;
+        for (format, chosen, name, value) in [
+            (
+                proto::ApiFormat::Openai,
+                K::Unspecified,
+                "authorization",
+                "Bearer sk-upstream",
+            ),
+            (
+                proto::ApiFormat::Openai,
+                K::ApiKey,
+                "api-key",
+                "sk-upstream",
+            ),
+            (
+                proto::ApiFormat::Openai,
+                K::XApiKey,
+                "x-api-key",
+                "sk-upstream",
+            ),
+            (
+                proto::ApiFormat::Anthropic,
+                K::Unspecified,
+                "x-api-key",
+                "sk-upstream",
+            ),
+            (
+                proto::ApiFormat::Anthropic,
+                K::Bearer,
+                "authorization",
+                "Bearer sk-upstream",
+            ),
+        ] {
+            let mut message = snapshot(1);
+            message.backends.truncate(1);
+            message.backends[0].api_format = format as i32;
+            message.backends[0].key_header = chosen as i32;
+            let snap = Snapshot::prepare(message, None, Now::read(), 1).unwrap();
+            let b = &snap.backends()[0];
+            let keys: Vec<_> = b
+                .auth_headers()
+                .filter(|(name, _)| name != "anthropic-version")
+                .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_owned()))
+                .collect();
+            assert_eq!(
+                keys,
+                [(name.to_owned(), value.to_owned())],
+                "{format:?} {chosen:?}"
+            );
+            assert_eq!(b.api_key(), b"sk-upstream", "{format:?} {chosen:?}");
+        }
+        let mut bad = snapshot(1);
+        bad.backends[0].key_header = 99;
+        assert!(matches!(
+            Snapshot::prepare(bad, None, Now::read(), 1),
+            Err(SnapshotError::InvalidKeyHeader(_))
+        ));
+    }
+
     #[tokio::test]
     async fn rejects_bad_input() {
-        for url in ["ftp://x/v1", "http://user:secret@x/v1", "http://x/v1?q=1"] {
+        for url in ["ftp://x/v1", "http://user:secret@x/v1", "http://x/v1#q"] {
             let mut bad = snapshot(1);
             bad.backends[0].base_url = url.into();
             let err = Snapshot::prepare(bad, None, Now::read(), 1).unwrap_err();

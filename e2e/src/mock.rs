@@ -30,6 +30,9 @@
 //!   `anthropic-version` required. On these routes a [`Fault::Status`] answers in Anthropic's
 //!   shape (529 `overloaded_error`), and [`Fault::CutAfterChunks`] sends that many events and
 //!   then an `error` event, as the real API ends a stream that fails midway.
+//! - Azure OpenAI's deployments' layout: `/openai/deployments/<name>/<endpoint>?api-version=…`
+//!   is served as `/v1/<endpoint>` (404 "Resource not found" without an `api-version`); with
+//!   [`MockConfig::key_header`] `api-key` the key is read from Azure's header.
 //!
 //! Responses echo the requested `model`. Usage is deterministic: `prompt_tokens` = whitespace
 //! separated words over all message contents / prompts / inputs (token ids count one each; at least
@@ -93,6 +96,11 @@ pub struct MockConfig {
     pub models: Vec<String>,
     /// When set, requests need `Authorization: Bearer <api_key>`, else 401 `invalid_api_key`.
     pub api_key: Option<String>,
+    /// When set (with `api_key`), the key is read from this header alone, bare (after `Bearer `
+    /// in `authorization`): `api-key`, as Azure OpenAI's deployments take it, or
+    /// `authorization` on the Messages routes, as a gateway in front of Anthropic's API that
+    /// takes bearer tokens only.
+    pub key_header: Option<String>,
     /// Wait before answering (before the response head, hence before the first byte).
     pub latency: Duration,
     /// Content chunks per streamed choice, and completion tokens per choice.
@@ -117,6 +125,7 @@ impl Default for MockConfig {
             name: "mock".to_owned(),
             models: Vec::new(),
             api_key: None,
+            key_header: None,
             latency: Duration::ZERO,
             chunk_count: 5,
             chunk_interval: Duration::ZERO,
@@ -133,6 +142,7 @@ impl fmt::Debug for MockConfig {
             .field("name", &self.name)
             .field("models", &self.models)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("key_header", &self.key_header)
             .field("latency", &self.latency)
             .field("chunk_count", &self.chunk_count)
             .field("chunk_interval", &self.chunk_interval)
@@ -181,6 +191,12 @@ impl MockConfig {
 
     pub fn with_api_key(mut self, key: impl Into<String>) -> Self {
         self.api_key = Some(key.into());
+        self
+    }
+
+    /// See [`MockConfig::key_header`].
+    pub fn with_key_header(mut self, header: impl Into<String>) -> Self {
+        self.key_header = Some(header.into().to_ascii_lowercase());
         self
     }
 

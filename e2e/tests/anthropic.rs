@@ -540,6 +540,59 @@ async fn a_messages_body_reaches_the_backend_as_sent_unless_its_model_is_renamed
     );
 }
 
+/// A gateway in front of Anthropic's API that takes a bearer token only (OpenRouter's
+/// Anthropic endpoint, as its Claude Code guide sets it up): registered with the format's own
+/// header, `x-api-key`, every request is refused upstream; with `key_header` bearer, Messages
+/// and translated chat requests are served, the key in `Authorization` and in no `x-api-key`.
+#[tokio::test]
+async fn an_anthropic_format_gateway_taking_bearer_tokens_only_is_served() {
+    let cluster = Cluster::start().await;
+    let relay = Mock::start_with("relay", &["claude-up"], &["--key-header", "authorization"]).await;
+    let mut backend = cluster
+        .add_backend_speaking(
+            pb::ApiFormat::Anthropic,
+            "relay",
+            &relay,
+            pb::Pool::Primary,
+            0,
+            &[("claude", "claude-up")],
+        )
+        .await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster.proxy().await;
+    let messages = || {
+        proxy.post(
+            "/v1/messages",
+            &key,
+            json!({"model": "claude", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+    };
+    let r = messages().await;
+    assert_eq!(r.status(), 502, "{}", r.text().await.unwrap());
+
+    backend.key_header = pb::KeyHeader::Bearer as i32;
+    cluster.update_backend(backend, &["key_header"]).await;
+    eventually(Duration::from_secs(10), "Messages served", || async {
+        messages().await.status() == 200
+    })
+    .await;
+    let seen = relay.last_messages().await.unwrap();
+    let header = |name: &str| {
+        seen.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        header("authorization"),
+        Some(format!("Bearer {}", relay.api_key.as_deref().unwrap()))
+    );
+    assert_eq!(header("x-api-key"), None);
+    assert!(header("anthropic-version").is_some());
+    let r = proxy.chat(&key, "claude").await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
 /// Anthropic's prompt caching through the official SDK: a backend added with `sluicectl` and a
 /// cache write price (`IN/CACHED/WRITE`, Claude Sonnet's $3, $0.30, $3.75 and $15 out), a
 /// system prompt marked `cache_control` written to the cache by the first call and read by

@@ -798,6 +798,93 @@ async fn a_google_backends_thoughts_counted_in_its_total_are_charged_as_output()
     );
 }
 
+/// Azure OpenAI's deployments: the deployment in the base URL's path, the API version in its
+/// query, the key in `api-key` (the mock, as Azure, takes it nowhere else, and refuses a
+/// deployment's path without `api-version`). Chat, whole and streamed, and embeddings are
+/// served and accounted; with the key back in the format's own header (`Authorization`) the
+/// same requests are refused upstream.
+#[tokio::test]
+async fn an_azure_deployment_gets_its_api_version_and_its_key_in_api_key() {
+    let cluster = Cluster::start().await;
+    let azure = Mock::start_with("azure", &["gpt-4o"], &["--key-header", "api-key"]).await;
+    let backend = pb::Backend {
+        name: "azure".into(),
+        base_url: format!(
+            "http://{}/openai/deployments/gpt-4o/?api-version=2024-10-21",
+            azure.addr
+        ),
+        pool: pb::Pool::Primary as i32,
+        weight: 1,
+        enabled: true,
+        models: vec![pb::ModelRoute {
+            name: "gpt-4o".into(),
+            input_price_per_mtok: 1.0,
+            output_price_per_mtok: 2.0,
+            ..Default::default()
+        }],
+        key_header: pb::KeyHeader::ApiKey as i32,
+        ..Default::default()
+    };
+    let backend = cluster.create_backend_for(backend, &azure).await;
+    assert_eq!(
+        backend.base_url,
+        format!(
+            "http://{}/openai/deployments/gpt-4o?api-version=2024-10-21",
+            azure.addr
+        )
+    );
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster.proxy().await;
+
+    let r = proxy.chat(&key, "gpt-4o").await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let streamed = proxy
+        .post(
+            "/v1/chat/completions",
+            &key,
+            json!({"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(streamed.status(), 200);
+    let text = streamed.text().await.unwrap();
+    assert!(
+        text.contains("[azure]") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    let r = proxy
+        .post(
+            "/v1/embeddings",
+            &key,
+            json!({"model": "gpt-4o", "input": "one two three"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    eventually(
+        Duration::from_secs(10),
+        "the three requests' usage",
+        || async { cluster.totals().await.request_count == 3 },
+    )
+    .await;
+    let stats = azure.stats().await;
+    assert_eq!(stats.requests.total(), 3, "{stats:?}");
+    let totals = cluster.totals().await;
+    assert_eq!(
+        (totals.prompt_tokens, totals.completion_tokens),
+        (stats.prompt_tokens, stats.completion_tokens)
+    );
+
+    // The format's own header: Azure's deployments refuse the key there.
+    let mut back = backend.clone();
+    back.key_header = pb::KeyHeader::Unspecified as i32;
+    cluster.update_backend(back, &["key_header"]).await;
+    eventually(
+        Duration::from_secs(10),
+        "the key refused upstream",
+        || async { proxy.chat(&key, "gpt-4o").await.status() == 502 },
+    )
+    .await;
+}
+
 /// nginx terminating TLS in front of a mock, as the internet has providers: HTTP/2 offered
 /// (ALPN), at most two streams a connection, the protocol of each request it took logged.
 /// Stopped when dropped.

@@ -46,6 +46,7 @@ async fn the_largest_supported_configuration_reaches_replicas_and_sluicectl() {
                 BackendSpec {
                     anthropic_version: Default::default(),
                     api_format: Default::default(),
+                    key_header: Default::default(),
                     name: long_name("backend", b),
                     base_url: mock.base_url(),
                     pool: Pool::Primary,

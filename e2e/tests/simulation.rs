@@ -471,6 +471,7 @@ impl World {
                 BackendSpec {
                     anthropic_version: Default::default(),
                     api_format: Default::default(),
+                    key_header: Default::default(),
                     name: "b".into(),
                     base_url: "http://127.0.0.1:9/v1".into(),
                     pool: Pool::Primary,

@@ -27,6 +27,8 @@ fn snapshot() -> pb::Snapshot {
         .map(|b| pb::SnapshotBackend {
             anthropic_version: Default::default(),
             api_format: Default::default(),
+            // The largest value's.
+            key_header: pb::KeyHeader::ApiKey as i32,
             id: id(b),
             name: name("backend", b),
             base_url: format!("https://api-{b}.provider.example.com/v1"),

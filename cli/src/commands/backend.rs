@@ -130,6 +130,10 @@ fn create_request(args: BackendAddArgs) -> Result<pb::CreateBackendRequest, Erro
         responses_api: args.responses_api,
         api_format: pb::ApiFormat::from(args.api_format).into(),
         anthropic_version: args.anthropic_version.unwrap_or_default(),
+        key_header: args
+            .key_header
+            .map_or(pb::KeyHeader::Unspecified, pb::KeyHeader::from)
+            .into(),
         ..Default::default()
     };
     Ok(pb::CreateBackendRequest {
@@ -245,12 +249,16 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
         backend.anthropic_version = version;
         set("anthropic_version");
     }
+    if let Some(header) = args.key_header {
+        backend.key_header = pb::KeyHeader::from(header).into();
+        set("key_header");
+    }
     let api_key = read_api_key(&args.api_key)?;
     if paths.is_empty() && api_key.is_none() {
         return Err(Error::Usage(
             "nothing to update: give at least one of --name, --base-url, --pool, --priority, \
              --weight, --rpm, --tpm-limit, --enabled, --disabled, --model, --api-format, \
-             --anthropic-version, --api-key-env, --api-key-stdin"
+             --anthropic-version, --key-header, --api-key-env, --api-key-stdin"
                 .to_owned(),
         ));
     }
@@ -388,6 +396,44 @@ mod tests {
         assert!(!backend.enabled);
         assert_eq!(backend.models.len(), 2);
         assert_eq!(backend.models[1].upstream_name, "c");
+    }
+
+    #[test]
+    fn the_key_header_is_set_by_its_flag_and_back_to_the_default() {
+        let cli = Cli::try_parse_from([
+            "sluicectl",
+            "backend",
+            "add",
+            "--name",
+            "azure",
+            "--base-url",
+            "https://r.openai.azure.com/openai/deployments/gpt-4o?api-version=2024-10-21",
+            "--key-header",
+            "api-key",
+            "--model",
+            "gpt-4o",
+        ])
+        .unwrap();
+        let crate::args::Command::Backend(BackendCommand::Add(args)) = cli.command else {
+            panic!("not backend add");
+        };
+        let backend = create_request(args).unwrap().backend.unwrap();
+        assert_eq!(backend.key_header, pb::KeyHeader::ApiKey as i32);
+
+        let request = update_request(update_args(&["azure", "--key-header", "default"])).unwrap();
+        assert_eq!(
+            request.update_mask.unwrap().paths,
+            vec!["key_header".to_owned()]
+        );
+        assert_eq!(
+            request.backend.unwrap().key_header,
+            pb::KeyHeader::Unspecified as i32
+        );
+        let request = update_request(update_args(&["azure", "--key-header", "x-api-key"])).unwrap();
+        assert_eq!(
+            request.backend.unwrap().key_header,
+            pb::KeyHeader::XApiKey as i32
+        );
     }
 
     #[test]

@@ -817,10 +817,14 @@
       })),
       apiFormat: b.apiFormat === 'API_FORMAT_ANTHROPIC' ? 'API_FORMAT_ANTHROPIC' : 'API_FORMAT_OPENAI',
       anthropicVersion: (b.anthropicVersion || '').trim(),
+      keyHeader: KEY_HEADERS.includes(b.keyHeader) ? b.keyHeader : 'KEY_HEADER_UNSPECIFIED',
       responsesApi: typeof b.responsesApi === 'boolean' ? b.responsesApi : undefined,
     };
     return sent;
   }
+
+  // The headers a backend's API key may go in (unspecified: its API format's own).
+  const KEY_HEADERS = ['KEY_HEADER_UNSPECIFIED', 'KEY_HEADER_BEARER', 'KEY_HEADER_X_API_KEY', 'KEY_HEADER_API_KEY'];
 
   function openBackendForm(backend) {
     const form = $('#backend-form');
@@ -832,6 +836,7 @@
     $('#bf-pool').value = backend && backend.pool === 'POOL_FALLBACK' ? 'POOL_FALLBACK' : 'POOL_PRIMARY';
     $('#bf-api-format').value = backend && backend.apiFormat === 'API_FORMAT_ANTHROPIC' ? 'API_FORMAT_ANTHROPIC' : 'API_FORMAT_OPENAI';
     $('#bf-anthropic-version').value = backend ? backend.anthropicVersion || '' : '';
+    $('#bf-key-header').value = backend && KEY_HEADERS.includes(backend.keyHeader) ? backend.keyHeader : 'KEY_HEADER_UNSPECIFIED';
     $('#bf-responses-api').value = backend && typeof backend.responsesApi === 'boolean' ? String(backend.responsesApi) : '';
     $('#bf-priority').value = String(backend ? num(backend.priority) : 0);
     $('#bf-weight').value = String(backend ? num(backend.weight) || 1 : 1);
@@ -978,6 +983,7 @@
       models,
       apiFormat: $('#bf-api-format').value,
       anthropicVersion: $('#bf-anthropic-version').value.trim(),
+      keyHeader: $('#bf-key-header').value,
     };
     // Unset (the default for its API) unless chosen.
     const responsesApi = $('#bf-responses-api').value;

@@ -4,7 +4,7 @@
 use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
 
 use super::{Reader, Store, StoreError, WriteOp, bump_version, new_id, unique_violation};
-use crate::backend::{ApiFormat, Backend, BackendSpec, ModelRoute, Pool};
+use crate::backend::{ApiFormat, Backend, BackendSpec, KeyHeader, ModelRoute, Pool};
 use crate::crypto::{MasterKey, key_hint};
 use crate::time::now_ms;
 
@@ -30,8 +30,9 @@ impl Store {
             tx.execute(
                 "INSERT INTO backends (id, name, base_url, pool, priority, weight, rpm_limit, enabled,
                                        api_key_ciphertext, api_key_hint, create_time, update_time,
-                                       responses_api, api_format, anthropic_version, tpm_limit)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12, ?13, ?14, ?15)",
+                                       responses_api, api_format, anthropic_version, tpm_limit,
+                                       key_header)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12, ?13, ?14, ?15, ?16)",
                 params![
                     id,
                     spec.name,
@@ -47,7 +48,8 @@ impl Store {
                     spec.responses_api,
                     spec.api_format.as_str(),
                     spec.anthropic_version,
-                    spec.tpm_limit
+                    spec.tpm_limit,
+                    spec.key_header.as_str()
                 ],
             )
             .map_err(|e| unique_violation(e, || format!("a backend named {:?} already exists", spec.name)))?;
@@ -126,7 +128,8 @@ impl Store {
             tx.execute(
                 "UPDATE backends SET name = ?2, base_url = ?3, pool = ?4, priority = ?5, weight = ?6,
                         rpm_limit = ?7, enabled = ?8, update_time = ?9, responses_api = ?10,
-                        api_format = ?11, anthropic_version = ?12, tpm_limit = ?13 WHERE id = ?1",
+                        api_format = ?11, anthropic_version = ?12, tpm_limit = ?13,
+                        key_header = ?14 WHERE id = ?1",
                 params![
                     id,
                     spec.name,
@@ -140,7 +143,8 @@ impl Store {
                     spec.responses_api,
                     spec.api_format.as_str(),
                     spec.anthropic_version,
-                    spec.tpm_limit
+                    spec.tpm_limit,
+                    spec.key_header.as_str()
                 ],
             )
             .map_err(|e| unique_violation(e, || format!("a backend named {:?} already exists", spec.name)))?;
@@ -278,7 +282,7 @@ fn pool_from_db(value: i64) -> Pool {
     }
 }
 
-const BACKEND_COLUMNS: &str = "id, name, base_url, pool, priority, weight, rpm_limit, enabled, api_key_hint, create_time, update_time, responses_api, api_format, anthropic_version, tpm_limit";
+const BACKEND_COLUMNS: &str = "id, name, base_url, pool, priority, weight, rpm_limit, enabled, api_key_hint, create_time, update_time, responses_api, api_format, anthropic_version, tpm_limit, key_header";
 
 fn row_to_backend(r: &rusqlite::Row<'_>) -> rusqlite::Result<Backend> {
     Ok(Backend {
@@ -296,6 +300,7 @@ fn row_to_backend(r: &rusqlite::Row<'_>) -> rusqlite::Result<Backend> {
             responses_api: r.get(11)?,
             api_format: ApiFormat::from_db(&r.get::<_, String>(12)?),
             anthropic_version: r.get(13)?,
+            key_header: KeyHeader::from_db(&r.get::<_, String>(15)?),
         },
         api_key_hint: r.get(8)?,
         create_time_ms: r.get(9)?,

@@ -1538,6 +1538,7 @@ mod tests {
             let spec = crate::backend::BackendSpec {
                 anthropic_version: Default::default(),
                 api_format: Default::default(),
+                key_header: Default::default(),
                 name: format!("b{i}"),
                 base_url: "https://api.example.com/v1".into(),
                 pool: if i == 2 {

@@ -24,6 +24,10 @@ struct Args {
     /// Require `Authorization: Bearer <key>`.
     #[arg(long, env = "SLUICE_MOCK_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Take the key from this header alone, bare (`api-key`, as Azure OpenAI's deployments;
+    /// `authorization` for a bearer token only).
+    #[arg(long, value_name = "HEADER")]
+    key_header: Option<String>,
     /// Wait before each answer, e.g. `50ms`.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     latency: Duration,
@@ -57,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         name: args.name,
         models: args.models,
         api_key: args.api_key,
+        key_header: args.key_header.map(|h| h.to_ascii_lowercase()),
         latency: args.latency,
         chunk_count: args.chunk_count,
         chunk_interval: args.chunk_interval,

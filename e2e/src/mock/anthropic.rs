@@ -132,21 +132,27 @@ impl AnthropicError {
     }
 }
 
-/// Checks the headers every Anthropic request needs: a key (the expected one, if configured)
-/// and `anthropic-version`.
+/// Checks the headers every Anthropic request needs: a key (the expected one, if configured;
+/// in `key_header` alone when that is set) and `anthropic-version`.
 pub(crate) fn check_headers(
     headers: &HeaderMap,
     expected: Option<&str>,
+    key_header: Option<&str>,
 ) -> Result<(), AnthropicError> {
-    let key = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| {
-            headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-        });
+    let bearer = || {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+    };
+    let key = match key_header {
+        Some("authorization") => bearer(),
+        Some(name) => headers.get(name).and_then(|v| v.to_str().ok()),
+        None => headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .or_else(bearer),
+    };
     let unauthorized = |message: &str| AnthropicError {
         status: StatusCode::UNAUTHORIZED,
         kind: "authentication_error",

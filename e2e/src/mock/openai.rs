@@ -145,6 +145,18 @@ impl ApiError {
         }
     }
 
+    /// Azure OpenAI's answer to a path it does not serve (a deployment's without its
+    /// `api-version`).
+    pub(crate) fn resource_not_found() -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: "Resource not found".to_owned(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("404"),
+        }
+    }
+
     pub(crate) fn method_not_allowed(method: &http::Method, path: &str) -> Self {
         Self {
             status: StatusCode::METHOD_NOT_ALLOWED,

@@ -208,6 +208,24 @@ enum Route {
     CountTokens,
 }
 
+/// The path a request is served as: Azure OpenAI's deployments' layout,
+/// `/openai/deployments/<name>/chat/completions?api-version=…`, as `/v1/chat/completions`
+/// (Azure answers 404 "Resource not found" without an `api-version`); any other as it is.
+fn served_path(uri: &http::Uri) -> Result<std::borrow::Cow<'_, str>, ApiError> {
+    let Some(rest) = uri.path().strip_prefix("/openai/deployments/") else {
+        return Ok(uri.path().into());
+    };
+    let has_version = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|pair| pair.starts_with("api-version=")));
+    match rest.split_once('/') {
+        Some((deployment, endpoint)) if has_version && !deployment.is_empty() => {
+            Ok(format!("/v1/{endpoint}").into())
+        }
+        _ => Err(ApiError::resource_not_found()),
+    }
+}
+
 fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
     let path_only = path.trim_end_matches('/');
     let (route, allowed) = match path_only {
@@ -310,7 +328,7 @@ async fn api(
     reset: &AtomicBool,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Abort> {
-    let route = route(req.method(), req.uri().path());
+    let route = served_path(req.uri()).and_then(|path| route(req.method(), &path));
     shared.counters.request(endpoint(&route));
     let route = match route {
         Ok(r) => r,
@@ -360,17 +378,35 @@ async fn api(
         }
         exchange => exchange,
     };
-    let anthropic_headers = matches!(route, Route::Messages | Route::CountTokens)
-        .then(|| anthropic::check_headers(req.headers(), shared.config.api_key.as_deref()));
+    let anthropic_headers = matches!(route, Route::Messages | Route::CountTokens).then(|| {
+        anthropic::check_headers(
+            req.headers(),
+            shared.config.api_key.as_deref(),
+            shared.config.key_header.as_deref(),
+        )
+    });
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).to_owned())
         .unwrap_or_default();
-    let authorized = match &shared.expected_auth {
-        None => Ok(()),
-        Some(expected) => match req.headers().get(header::AUTHORIZATION) {
+    let authorized = match (&shared.expected_auth, &shared.config.key_header) {
+        (None, _) => Ok(()),
+        (Some(_), Some(name)) => {
+            let got = req.headers().get(name.as_str()).map(|v| {
+                let v = v.as_bytes();
+                match name.as_str() {
+                    "authorization" => v.strip_prefix(b"Bearer ").unwrap_or(v),
+                    _ => v,
+                }
+            });
+            match (got, &shared.config.api_key) {
+                (Some(got), Some(expected)) if got == expected.as_bytes() => Ok(()),
+                (got, _) => Err(ApiError::invalid_api_key(got.is_some())),
+            }
+        }
+        (Some(expected), None) => match req.headers().get(header::AUTHORIZATION) {
             Some(got) if got.as_bytes() == expected.as_bytes() => Ok(()),
             got => Err(ApiError::invalid_api_key(got.is_some())),
         },

@@ -386,12 +386,31 @@ impl ControlApi {
     }
 
     /// Creates `backend` with `mock`'s API key.
-    async fn create_backend_for(&self, backend: pb::Backend, mock: &Mock) -> pb::Backend {
+    pub async fn create_backend_for(&self, backend: pb::Backend, mock: &Mock) -> pb::Backend {
         self.admin()
             .await
             .create_backend(pb::CreateBackendRequest {
                 backend: Some(backend),
                 api_key: mock.api_key.clone().unwrap_or_default(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .backend
+            .unwrap()
+    }
+
+    /// `UpdateBackend` of the fields `paths` names, as `backend` has them (its key kept).
+    #[allow(dead_code)] // not every test binary changes a backend
+    pub async fn update_backend(&self, backend: pb::Backend, paths: &[&str]) -> pb::Backend {
+        self.admin()
+            .await
+            .update_backend(pb::UpdateBackendRequest {
+                backend: Some(backend),
+                update_mask: Some(sluice_proto::wkt::FieldMask {
+                    paths: paths.iter().map(|p| p.to_string()).collect(),
+                }),
+                api_key: String::new(),
             })
             .await
             .unwrap()
