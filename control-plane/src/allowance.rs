@@ -260,11 +260,12 @@ impl Allowances {
 
     /// Usage records of `replica` ingested, the store's high-water mark for it now being
     /// `acked`: each `(sequence, client key id, cost, day)` after what was charged before
-    /// counts against its grants of that key, unless its day (the `key_spend` row its cost
-    /// went to) is before the ledger's period: a record of the previous period, ingested after
-    /// the new one's first ask, was spent from grants void now, and its cost is not in the
-    /// new period's spend; charged to the new grants, it would let them pass the budget by
-    /// as much. Called after the commit, before the replica hears of it, so a replica's acked
+    /// counts against its grants of that key, unless its day (of the period whose
+    /// `key_spend` its cost went to: the period that paid for it, when the record names it)
+    /// is outside the ledger's period: a record of the previous period, ingested after the
+    /// new one's first ask, was spent from grants void now, and its cost is not in the new
+    /// period's spend; charged to the new grants, it would let them pass the budget by as
+    /// much. Called after the commit, before the replica hears of it, so a replica's acked
     /// records are always charged or told of on its hello.
     pub fn ingested<'a>(
         &mut self,

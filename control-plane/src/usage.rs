@@ -34,6 +34,9 @@ pub struct UsageRow {
     /// `cost_nanos` is the replica's price even at 0; unset, a 0 is a replica too old to
     /// price its records, whose tokens are priced at ingestion.
     pub priced: bool,
+    /// The budget period whose allowance paid for it (Unix ms of its start); 0 for none
+    /// ([`pb::UsageRecord::budget_period_start_ms`]).
+    pub budget_period_start_ms: i64,
 }
 
 /// The most one record may add to a key's spend, in nano-units (a million in the currency):
@@ -115,6 +118,7 @@ impl From<pb::UsageRecord> for UsageRow {
                 .map_or_else(crate::time::now_ms, crate::time::timestamp_ms),
             cost_nanos: r.cost_nanos.min(MAX_COST_NANOS_PER_RECORD),
             priced: r.priced,
+            budget_period_start_ms: r.budget_period_start_ms.max(0),
         }
     }
 }

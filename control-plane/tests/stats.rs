@@ -249,6 +249,7 @@ impl Rec {
             tokens_estimated: false,
             priced: self.priced,
             unbudgeted: false,
+            budget_period_start_ms: 0,
         }
     }
 }

@@ -221,6 +221,13 @@ impl Reservation {
     pub fn reserve(&self) -> i64 {
         self.reserve
     }
+
+    /// The budget period whose money the request was admitted on (Unix ms of its start; 0 for
+    /// a lifetime budget), which its record names so that the control plane files its cost
+    /// there whatever this replica's clock says.
+    pub fn period_start_ms(&self) -> i64 {
+        self.period_start_ms
+    }
 }
 
 impl Drop for Reservation {

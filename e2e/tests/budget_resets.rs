@@ -52,6 +52,23 @@ async fn until_status(replica: &Proxy, key: &str, status: u16, what: &str) -> In
     }
 }
 
+/// A key named `daily` with a daily budget of `max_budget`; its secret.
+async fn daily_key(cluster: &Cluster, max_budget: f64) -> String {
+    cluster
+        .admin()
+        .await
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "daily".into(),
+            max_budget,
+            budget_period: pb::BudgetPeriod::Daily as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_daily_budget_is_served_again_at_every_replica_when_the_control_planes_clock_passes_midnight()
  {
@@ -77,19 +94,7 @@ async fn a_spent_daily_budget_is_served_again_at_every_replica_when_the_control_
     }
     // A daily budget of a handful of requests (a mock answer costs about 0.000014).
     let max_budget = 0.000_1;
-    let key = cluster
-        .admin()
-        .await
-        .create_client_key(pb::CreateClientKeyRequest {
-            name: "daily".into(),
-            max_budget,
-            budget_period: pb::BudgetPeriod::Daily as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key;
+    let key = daily_key(&cluster, max_budget).await;
     cluster.wait_replicas_current(3).await;
 
     // The key spends its day's budget and every replica refuses it, naming the reset.
@@ -186,4 +191,52 @@ async fn a_spent_daily_budget_is_served_again_at_every_replica_when_the_control_
         after.budget_reset_time.map(|t| t.seconds * 1000),
         Some(midnight + DAY_MS)
     );
+}
+
+/// A replica whose clock is a day behind the control plane's spends today's budget: its
+/// records, dated yesterday by its clock, name the period whose allowance paid for them, and
+/// are filed in today's spend. Filed by their date, they were counted in no live period, and
+/// the control plane's restart (any reconnect of the replica) forgot the money they took:
+/// the key was served its budget again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_a_day_behind_spends_the_budget_of_the_control_planes_day() {
+    let mut cluster = Cluster::start().await;
+    let mock = Mock::start("a", &["m"]).await;
+    cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let replica = cluster
+        .proxy_with(&["--wall-clock-offset=-24h", "--allowance-wait=5s"])
+        .await;
+    let max_budget = 0.000_1;
+    let key = daily_key(&cluster, max_budget).await;
+    cluster.wait_replicas_current(1).await;
+    until_status(&replica, &key, 429, "the budget spent").await;
+    let served = mock_nanos(&mock).await;
+    assert!(served > 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = cluster.client_key("daily").await;
+        if (state.spend * 1e9).round() as u64 == served {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "today's spend is {} nano-units, not the {served} served today: {state:?}",
+            (state.spend * 1e9).round()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The control plane restarts; the replica says hello again, holding what it holds now.
+    cluster.stop_control().await;
+    cluster.start_control().await;
+    cluster.wait_replicas_current(1).await;
+    for _ in 0..5 {
+        let r = replica.chat(&key, "m").await;
+        let status = r.status();
+        let body = r.text().await.unwrap();
+        assert_eq!(status, 429, "served past its spent budget: {body}");
+    }
+    assert_eq!(mock_nanos(&mock).await, served);
 }

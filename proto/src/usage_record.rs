@@ -67,6 +67,7 @@ impl UsageRecord {
             priced,
             cache_write_prompt_tokens,
             unbudgeted,
+            budget_period_start_ms,
         } = self;
         out.uint(1, *sequence);
         out.string(2, request_id);
@@ -96,6 +97,7 @@ impl UsageRecord {
         out.uint(20, u64::from(*priced));
         out.uint(21, *cache_write_prompt_tokens);
         out.uint(22, u64::from(*unbudgeted));
+        out.int(23, *budget_period_start_ms);
     }
 }
 
@@ -212,6 +214,7 @@ mod tests {
             enums in proptest::collection::vec(prop_oneof![Just(0i32), 1..12i32, any::<i32>()], 2),
             flags in any::<(bool, bool, bool, bool)>(),
             times in proptest::collection::vec(time(), 3),
+            period in prop_oneof![Just(0i64), 1_700_000_000_000..1_900_000_000_000i64, any::<i64>()],
         ) -> UsageRecord {
             let duration = |t: Option<(i64, i32)>| t.map(|(seconds, nanos)| Duration { seconds, nanos });
             UsageRecord {
@@ -237,6 +240,7 @@ mod tests {
                 priced: flags.2,
                 cache_write_prompt_tokens: counts[5],
                 unbudgeted: flags.3,
+                budget_period_start_ms: period,
             }
         }
     }

@@ -266,6 +266,8 @@ fn a_full_usage_batch_of_bounded_records_fits_the_report_limit() {
         priced: true,
         cache_write_prompt_tokens: u64::MAX,
         unbudgeted: true,
+        // A negative one takes the most bytes, ten.
+        budget_period_start_ms: i64::MIN,
     };
     let one = record.encoded_len();
     eprintln!("largest usage record: {one} bytes");

@@ -149,7 +149,8 @@ impl DataPlaneApi {
 /// The records of a report that may be charged to allowances, and who sent them.
 struct Charges {
     replica: Replica,
-    /// (sequence, client key id, cost, the day its cost is filed under in `key_spend`).
+    /// (sequence, client key id, cost, a day of the period its cost is filed in, in
+    /// `key_spend`).
     records: Vec<(u64, String, u64, i64)>,
 }
 
@@ -164,12 +165,17 @@ impl Charges {
             // held).
             .filter(|r| r.cost_nanos > 0 && !r.client_key_id.is_empty() && !r.unbudgeted)
             .map(|r| {
-                // As the store files it (`UsageRow`'s time).
-                let time_ms = r
-                    .time
-                    .as_ref()
-                    .map_or_else(crate::time::now_ms, crate::time::timestamp_ms);
-                let day = crate::budget::day_start(time_ms);
+                // A day of the period the store files the cost in: the one whose allowance
+                // paid for it, when the record names it (`key_spend::filed_day`); else the
+                // record's own day (`UsageRow`'s time).
+                let day = match r.budget_period_start_ms {
+                    paid_by if paid_by > 0 => paid_by,
+                    _ => crate::budget::day_start(
+                        r.time
+                            .as_ref()
+                            .map_or_else(crate::time::now_ms, crate::time::timestamp_ms),
+                    ),
+                };
                 (r.sequence, r.client_key_id.clone(), r.cost_nanos, day)
             })
             .collect();

@@ -11,12 +11,13 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use super::{Reader, Store, StoreError, WriteOp, nanos_to_db};
 use crate::client_key::ClientKey;
 
-/// Adds each (key id, UTC day) → nano-units to `key_spend`, saturating. Returns whether a
-/// key's spend in its period holding `now_ms` reached its budget with these additions: the
-/// snapshot then changes (the key is refused from it on), so the caller bumps the version.
+/// Adds each (key id, UTC day, budget period that paid) → nano-units to `key_spend`,
+/// saturating, under the day [`filed_day`] says. Returns whether a key's spend in its period
+/// holding `now_ms` reached its budget with these additions: the snapshot then changes (the
+/// key is refused from it on), so the caller bumps the version.
 pub(super) fn add(
     tx: &Transaction<'_>,
-    spent: &BTreeMap<(&str, i64), u64>,
+    spent: &BTreeMap<(&str, i64, i64), u64>,
     now_ms: i64,
 ) -> Result<bool, StoreError> {
     let mut upsert = tx.prepare_cached(
@@ -31,33 +32,42 @@ pub(super) fn add(
              CASE WHEN spent_nanos > 9223372036854775807 - excluded.spent_nanos
                   THEN 9223372036854775807 ELSE spent_nanos + excluded.spent_nanos END",
     )?;
-    let mut totals: Vec<(&str, u64)> = Vec::new();
-    for (&(key, day), &nanos) in spent {
+    // The map is ordered by key: each key's days are together, its budget read once.
+    let mut keys: Vec<(&str, Option<ClientKey>, u64)> = Vec::new();
+    let mut filed: BTreeMap<(&str, i64), u64> = BTreeMap::new();
+    for (&(key_id, day, paid_by), &nanos) in spent {
+        if keys.last().is_none_or(|(last, _, _)| *last != key_id) {
+            keys.push((key_id, budgeted_key(tx, key_id)?, 0));
+        }
+        let Some((_, key, total)) = keys.last_mut() else {
+            continue;
+        };
+        *total = total.saturating_add(nanos);
+        let sum = filed
+            .entry((key_id, filed_day(day, paid_by, key.as_ref())))
+            .or_default();
+        *sum = sum.saturating_add(nanos);
+    }
+    for (&(key, day), &nanos) in &filed {
         if nanos > 0 {
             upsert.execute(params![key, day, nanos_to_db(nanos)])?;
         }
-        // The map is ordered by key: each key's days are together.
-        match totals.last_mut() {
-            Some((last, sum)) if *last == key => *sum = sum.saturating_add(nanos),
-            _ => totals.push((key, nanos)),
+    }
+    for (key, _, nanos) in &keys {
+        if *nanos > 0 {
+            upsert_total.execute(params![key, nanos_to_db(*nanos)])?;
         }
     }
-    for &(key, nanos) in &totals {
-        if nanos > 0 {
-            upsert_total.execute(params![key, nanos_to_db(nanos)])?;
-        }
-    }
-    let keys = totals.iter().map(|&(key, _)| key);
     let mut crossed = false;
-    for key_id in keys {
-        let Some(key) = budgeted_key(tx, key_id)? else {
+    for (key_id, key, _) in keys {
+        let Some(key) = key else {
             continue;
         };
         let since = key
             .budget_period
             .period_of(now_ms)
             .map_or(i64::MIN, |(start, _)| start);
-        let in_period: u64 = spent
+        let in_period: u64 = filed
             .range((key_id, since)..=(key_id, i64::MAX))
             .fold(0u64, |sum, (_, &nanos)| sum.saturating_add(nanos));
         if in_period == 0 {
@@ -71,6 +81,26 @@ pub(super) fn add(
         }
     }
     Ok(crossed)
+}
+
+/// The day a cost is filed under in its key's spend: its record's (`day`), unless the record
+/// names the budget period that paid for it (`paid_by`, its start; 0 for none) and that day is
+/// outside the period, as `key` has its budget now: then the period's first day (the record's
+/// replica's clock behind this one's, or a request admitted on the new period's money that
+/// arrived before the reset) or its last (the clock ahead). So the period whose allowance
+/// paid counts the cost, once: filed by the replica's clock alone, it was counted in no live
+/// period's spend after that replica's next hello, and the budget passed by as much (a
+/// clock ahead: counted in the next period again).
+fn filed_day(day: i64, paid_by: i64, key: Option<&ClientKey>) -> i64 {
+    let period = key
+        .filter(|_| paid_by > 0)
+        .and_then(|key| key.budget_period.period_of(paid_by))
+        // A key whose period changed since the grant (daily to monthly): its record's day.
+        .filter(|(start, _)| *start == paid_by);
+    match period {
+        Some((start, end)) => day.clamp(start, crate::budget::day_start(end - 1)),
+        None => day,
+    }
 }
 
 /// The active key `id` if it has a budget.
@@ -262,6 +292,16 @@ mod tests {
         store.create_client_key(new).await.unwrap().0
     }
 
+    /// What the key `id` spent in its period holding `at`, as the allowance engine reads it.
+    async fn spent_at(store: &Store, id: &str, at: i64) -> u64 {
+        store
+            .key_budget(id.to_owned(), at, Vec::new())
+            .await
+            .unwrap()
+            .unwrap()
+            .spent_nanos
+    }
+
     /// A replica whose clock runs ahead files costs in the next period's rows: they count in
     /// that period, not in this one as well (nor do rows of an earlier period).
     #[tokio::test]
@@ -280,20 +320,52 @@ mod tests {
             )
             .unwrap();
         }
-        let spent = |at| {
-            let store = store.clone();
-            let id = key.id.clone();
-            async move {
-                store
-                    .key_budget(id, at, Vec::new())
-                    .await
-                    .unwrap()
-                    .unwrap()
-                    .spent_nanos
-            }
-        };
+        let spent = |at| spent_at(&store, &key.id, at);
         assert_eq!(spent(today + 5).await, 20);
         assert_eq!(spent(today + day + 5).await, 300);
+    }
+
+    /// A cost whose record names the budget period that paid for it is filed in that period
+    /// whatever its replica's clock dated it: a day behind, on the period's first day; a day
+    /// ahead, on its last; inside it, on its own day. A record naming no period, or one the
+    /// key's budget no longer has (its period changed since), is filed by its date.
+    #[tokio::test]
+    async fn a_cost_is_filed_in_the_period_that_paid_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let (store, _) = Store::open(&path, MasterKey::generate()).unwrap();
+        let key = budgeted(&store, 1_000_000, BudgetPeriod::Daily).await;
+        let day = 86_400_000i64;
+        let today = 20_000 * day;
+        let mut db = Connection::open(&path).unwrap();
+        let tx = db.transaction().unwrap();
+        let spent: BTreeMap<(&str, i64, i64), u64> = [
+            ((key.id.as_str(), today - day, today), 1),
+            ((key.id.as_str(), today + day, today), 20),
+            ((key.id.as_str(), today, today), 300),
+            ((key.id.as_str(), today - day, 0), 4_000),
+        ]
+        .into_iter()
+        .collect();
+        add(&tx, &spent, today).unwrap();
+        tx.commit().unwrap();
+        let spent = |at| spent_at(&store, &key.id, at);
+        assert_eq!(spent(today + 5).await, 321);
+        assert_eq!(spent(today - day + 5).await, 4_000);
+        assert_eq!(spent(today + day + 5).await, 0);
+
+        let weekly = ClientKey {
+            budget_period: BudgetPeriod::Weekly,
+            ..key.clone()
+        };
+        let (monday, next_monday) = BudgetPeriod::Weekly.period_of(today).unwrap();
+        let paid = Some(&weekly);
+        assert_eq!(filed_day(monday + 2 * day, monday, paid), monday + 2 * day);
+        assert_eq!(filed_day(monday - day, monday, paid), monday);
+        assert_eq!(filed_day(next_monday, monday, paid), next_monday - day);
+        // Paid by a daily period (not a week's start): the key's budget changed since.
+        assert_eq!(filed_day(monday - day, monday + day, paid), monday - day);
+        assert_eq!(filed_day(monday - day, monday, None), monday - day);
     }
 
     /// The allowance engine reads a key's budget while it holds every replica's grants,
@@ -330,8 +402,8 @@ mod tests {
     fn spend(db: &mut Connection, key: &str, days: i64, nanos: u64) {
         let day = 86_400_000i64;
         let tx = db.transaction().unwrap();
-        let spent: BTreeMap<(&str, i64), u64> =
-            (0..days).map(|d| ((key, d * day), nanos)).collect();
+        let spent: BTreeMap<(&str, i64, i64), u64> =
+            (0..days).map(|d| ((key, d * day, 0), nanos)).collect();
         add(&tx, &spent, days * day).unwrap();
         tx.commit().unwrap();
     }

@@ -549,7 +549,8 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
     let mut acked = Vec::with_capacity(batches.len());
     let mut fresh = 0u64;
     let mut hourly: BTreeMap<(i64, &str, &str, &str), Delta> = BTreeMap::new();
-    let mut spent: BTreeMap<(&str, i64), u64> = BTreeMap::new();
+    // (key, the record's day, the budget period that paid) → cost: `key_spend::add` files it.
+    let mut spent: BTreeMap<(&str, i64, i64), u64> = BTreeMap::new();
     for batch in batches {
         let sender = (batch.node_id.as_str(), batch.incarnation.as_str());
         let mark = match marks.get_mut(&sender) {
@@ -586,7 +587,11 @@ fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u6
                 .add_record(r);
             if !r.client_key_id.is_empty() && r.cost_nanos > 0 {
                 let day = spent
-                    .entry((&r.client_key_id, crate::budget::day_start(r.time_ms)))
+                    .entry((
+                        &r.client_key_id,
+                        crate::budget::day_start(r.time_ms),
+                        r.budget_period_start_ms,
+                    ))
                     .or_default();
                 *day = day.saturating_add(r.cost_nanos);
             }

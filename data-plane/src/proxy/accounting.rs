@@ -453,6 +453,11 @@ impl Accounting {
         record.priced = true;
         // Taken from no pool: the control plane charges it to no grant.
         record.unbudgeted = self.0.budget.is_none();
+        record.budget_period_start_ms = self
+            .0
+            .budget
+            .as_ref()
+            .map_or(0, BudgetReservation::period_start_ms);
         if let Some(reservation) = &self.0.budget
             && unknown
         {
