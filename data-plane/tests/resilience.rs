@@ -659,6 +659,41 @@ async fn the_retry_hint_follows_any_attempt_that_may_have_been_billed() {
     assert!(response.headers().get("x-should-retry").is_none());
 }
 
+/// The official SDKs announce how long they wait for an answer (`x-stainless-read-timeout`,
+/// seconds) and, timed out, send the request again, twice. A request whose attempts stall is
+/// answered within that wait, with 504 and `x-should-retry: false`, which the SDK reads and
+/// does not retry: at the request's own deadline (past the client's wait here; by default
+/// equal to it, 600 s, with the client's clock started first) the answer came after the
+/// client had given up, and each retry ran every attempt again, billed.
+#[tokio::test]
+async fn a_request_is_answered_within_the_wait_its_client_announces() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::Stall.always());
+    fallback.set_fault(Fault::Stall.always());
+    let mut snap = snapshot(1, pair(&primary, &fallback));
+    let settings = snap.settings.as_mut().unwrap();
+    // Past the client's wait: as an operator sets it for slow reasoning models (at the
+    // defaults both are 600 s, and the client's clock starts first).
+    settings.request_timeout = Some(proto_duration(Duration::from_secs(6)));
+    settings.answer_timeout = Some(proto_duration(Duration::from_millis(1_500)));
+    let h = Harness::start(snap).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let response = client
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("x-stainless-read-timeout", "3.0")
+        .json(&chat_body(false))
+        .send()
+        .await
+        .expect("answered before the client's own timeout");
+    assert_eq!(response.status(), 504);
+    assert_eq!(header(&response, "x-should-retry"), "false");
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+}
+
 /// An attempt made after slow failures gets only what is left of the request's deadline; cut
 /// off by that deadline, it is not its backend's failure: a healthy backend that would have
 /// answered in a second is not cooled down for having been given half of one (three such

@@ -279,3 +279,59 @@ async fn the_node_sdk_works_unchanged() {
     );
     assert_eq!(out["429"], serde_json::json!(["RateLimitError", 429]));
 }
+
+/// openai-python with its retries on, against two backends that never answer, through a data
+/// plane whose request deadline is past the SDK's timeout (4 s; it tells the data plane,
+/// `x-stainless-read-timeout`): an operator's for slow reasoning models, or the defaults,
+/// both 600 s, where the SDK's clock starts first. The data plane answers within the SDK's
+/// wait, 504 with `x-should-retry: false` (each attempt was sent, and may be billed), so the
+/// SDK raises it and sends nothing again: the backends see the two attempts once. Answered
+/// at its deadline, after the SDK had timed out, the request was sent twice more, through
+/// both backends (six attempts).
+#[tokio::test]
+async fn the_python_sdk_reads_why_a_stalled_request_failed_and_does_not_send_it_again() {
+    let cluster = Cluster::start().await;
+    let (a, b) = (
+        Mock::start("a", &["m"]).await,
+        Mock::start("b", &["m"]).await,
+    );
+    cluster
+        .add_backend("a", &a, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    cluster
+        .add_backend("b", &b, pb::Pool::Fallback, 0, &[("m", "m")])
+        .await;
+    for mock in [&a, &b] {
+        mock.set_faults(vec![Fault::Stall.always()]).await;
+    }
+    cluster
+        .set_settings(
+            pb::Settings {
+                request_timeout: Some(common::seconds(8)),
+                answer_timeout: Some(common::seconds(2)),
+                ..Default::default()
+            },
+            &["request_timeout", "answer_timeout"],
+        )
+        .await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster.proxy().await;
+    let out = common::python(
+        r#"
+import json, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], timeout=4.0, max_retries=2)
+try:
+    c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    print(json.dumps("answered"))
+except openai.APIStatusError as err:
+    print(json.dumps([type(err).__name__, err.status_code]))
+except openai.APITimeoutError:
+    print(json.dumps("timed out"))
+"#,
+        &[&proxy.url("/v1"), &key],
+    )
+    .await;
+    assert_eq!(out, serde_json::json!(["InternalServerError", 504]));
+    let sent = a.stats().await.requests.total() + b.stats().await.requests.total();
+    assert_eq!(sent, 2, "each backend's attempt once");
+}

@@ -346,14 +346,44 @@ impl Call<'_> {
 /// The OpenAI SDKs' header naming the beta features a request uses.
 const OPENAI_BETA: HeaderName = HeaderName::from_static("openai-beta");
 
+/// How long openai-python and anthropic-sdk-python wait for the next byte of an answer (their
+/// read timeout, in seconds: `600.0`).
+const CLIENT_READ_TIMEOUT: HeaderName = HeaderName::from_static("x-stainless-read-timeout");
+/// How long openai-node and anthropic-sdk-python wait for an answer, in seconds.
+const CLIENT_TIMEOUT: HeaderName = HeaderName::from_static("x-stainless-timeout");
+
+/// How long the client waits for the first byte of the answer before it gives up and, being
+/// one of the official SDKs, sends the request again: what it announces
+/// (`x-stainless-read-timeout`, `x-stainless-timeout`; the shorter), less a margin (a tenth,
+/// at most 2 s) for Sluice's answer to reach it. `None` when it says nothing Sluice can read.
+///
+/// Sluice answers a request it gave up on at its deadline with 504 and `x-should-retry:
+/// false` when a provider may have billed it; arriving after the client's own timeout, that
+/// answer was never read, and the SDK sent the request again, twice (the SDKs' timeout and
+/// `request_timeout` are both 600 s by default, and the client's clock starts first).
+pub(super) fn client_wait(headers: &HeaderMap) -> Option<Duration> {
+    let announced = |name: &HeaderName| {
+        let seconds: f64 = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
+        Duration::try_from_secs_f64(seconds)
+            .ok()
+            .filter(|wait| !wait.is_zero())
+    };
+    let wait = match (announced(&CLIENT_READ_TIMEOUT), announced(&CLIENT_TIMEOUT)) {
+        (Some(read), Some(total)) => read.min(total),
+        (one, other) => one.or(other)?,
+    };
+    Some(wait - (wait / 10).min(Duration::from_secs(2)))
+}
+
 /// What a backend speaking the client's API gets of the client's request as it came, beyond
 /// the body: a Messages client's `anthropic-*` headers and query string (the SDKs' beta
 /// clients post to `/v1/messages?beta=true`), a Responses client's `openai-beta` header.
-/// Nothing to a backend of the other API.
+/// Nothing to a backend of the other API. And how long the client waits ([`client_wait`]).
 #[derive(Debug, Default)]
 pub(super) struct Passthrough {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub query: Option<String>,
+    pub client_wait: Option<Duration>,
 }
 
 impl Passthrough {
@@ -370,6 +400,7 @@ impl Passthrough {
             query: (endpoint.format() == ApiFormat::Anthropic)
                 .then(|| client.uri.query().map(str::to_owned))
                 .flatten(),
+            client_wait: client_wait(&client.headers),
         }
     }
 
@@ -464,6 +495,13 @@ pub(super) async fn forward_call(
     let policy = snapshot.policy;
     let stream = call.stream;
     let deadline = acct.started() + policy.request_timeout;
+    // The first byte (a whole answer: all of it) is waited for no longer than the client
+    // waits, so that it reads why Sluice gave up rather than time out and send the request
+    // again; a stream, once it has begun, runs to the request's deadline.
+    let answer_by = call
+        .passed
+        .and_then(|p| p.client_wait)
+        .map_or(deadline, |wait| deadline.min(acct.started() + wait));
     let cooldowns = app.store.cooldowns();
     let order = router::order(
         routes,
@@ -516,7 +554,7 @@ pub(super) async fn forward_call(
         };
         let label = Label::from(&backend.name);
         let now = Instant::now();
-        if now >= deadline {
+        if now >= answer_by {
             last.get_or_insert((Failure::Timeout, backend.format));
             break;
         }
@@ -638,7 +676,7 @@ pub(super) async fn forward_call(
                 .map_or(&[][..], |p| &p.headers),
             stream,
             policy: &policy,
-            deadline,
+            deadline: answer_by,
             max_response: app.limits.max_response_bytes,
             memory,
             uncounted,
@@ -1934,6 +1972,38 @@ fn replace_all(body: &[u8], from: &[u8], to: &[u8]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The SDKs' announced waits, the shorter of two, less a tenth (at most 2 s); nothing
+    /// for what is not a positive number of seconds.
+    #[test]
+    fn the_clients_wait_is_what_its_sdk_announces_less_a_margin() {
+        let wait = |pairs: &[(&'static str, &'static str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.insert(*name, HeaderValue::from_static(value));
+            }
+            client_wait(&headers)
+        };
+        assert_eq!(
+            wait(&[("x-stainless-read-timeout", "600.0")]),
+            Some(Duration::from_secs(598))
+        );
+        assert_eq!(
+            wait(&[
+                ("x-stainless-timeout", "600"),
+                ("x-stainless-read-timeout", "5")
+            ]),
+            Some(Duration::from_millis(4_500))
+        );
+        assert_eq!(
+            wait(&[("x-stainless-timeout", "1")]),
+            Some(Duration::from_millis(900))
+        );
+        for bad in ["0", "-5", "nan", "inf", "1e400", "soon", ""] {
+            assert_eq!(wait(&[("x-stainless-read-timeout", bad)]), None, "{bad}");
+        }
+        assert_eq!(wait(&[]), None);
+    }
 
     /// A stream has begun its first event once a line of a `data` field came, whatever the
     /// line ends and however the bytes were cut; comments, blank lines, an `event:` line alone
