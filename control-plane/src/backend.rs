@@ -455,24 +455,32 @@ const ENDPOINT_PATHS: [&str; 6] = [
     "/models",
 ];
 
-/// Names of query parameters that carry a credential (compared lowercased, without `-` and
-/// `_`): Google's `key`, Azure API Management's `subscription-key`, a SAS `sig`, … A base URL
-/// is shown in every listing and log line; the API key has its own, write-only field.
-const CREDENTIAL_PARAMETERS: [&str; 13] = [
+/// Parts of query parameter names that carry a credential (compared lowercased, without `-`
+/// and `_`): Google's `key`, Azure API Management's `subscription-key`, `access_token`, a
+/// presigned URL's `X-Amz-Signature` or `X-Amz-Credential`, … A base URL is shown in every
+/// listing and log line; the API key has its own, write-only field.
+const CREDENTIAL_PARTS: [&str; 8] = [
     "key",
-    "apikey",
     "token",
-    "accesstoken",
-    "authtoken",
-    "auth",
-    "authorization",
     "secret",
-    "clientsecret",
     "password",
-    "sig",
     "signature",
-    "subscriptionkey",
+    "credential",
+    "auth",
+    "session",
 ];
+/// Whole names of query parameters that carry a credential: a SAS's `sig`, OAuth's `code`.
+const CREDENTIAL_NAMES: [&str; 3] = ["sig", "code", "pwd"];
+
+/// Whether a query parameter named `name` may carry a credential.
+fn names_a_credential(name: &str) -> bool {
+    let name: String = name
+        .chars()
+        .filter(|c| !matches!(c, '-' | '_' | '.'))
+        .collect::<String>()
+        .to_lowercase();
+    CREDENTIAL_PARTS.iter().any(|part| name.contains(part)) || CREDENTIAL_NAMES.contains(&&*name)
+}
 
 /// An http(s) URL with a host, no fragment or credentials, not ending with an endpoint's
 /// path; a trailing `/` is dropped. It may have a query (Azure OpenAI's `api-version`), which
@@ -503,14 +511,20 @@ fn normalize_base_url(raw: &str) -> Result<String, ValidationError> {
     if url.fragment().is_some() {
         return Err(bad("must not have a fragment"));
     }
-    if let Some((name, _)) = url.query_pairs().find(|(name, _)| {
-        let name: String = name
-            .chars()
-            .filter(|c| !matches!(c, '-' | '_'))
-            .collect::<String>()
-            .to_lowercase();
-        CREDENTIAL_PARAMETERS.contains(&name.as_str())
-    }) {
+    // `;` separates pairs too for some servers: each side is looked at.
+    if let Some(name) = url
+        .query_pairs()
+        .flat_map(|(name, value)| {
+            let more: Vec<String> = value
+                .split(';')
+                .skip(1)
+                .filter_map(|pair| pair.split('=').next())
+                .map(str::to_owned)
+                .collect();
+            std::iter::once(name.split(';').next().unwrap_or_default().to_owned()).chain(more)
+        })
+        .find(|name| names_a_credential(name))
+    {
         return Err(bad(&format!(
             "must not carry a credential in its query ({name:?}): a base URL is shown in \
              listings and logs; give the API key separately (--key-header picks its header)"
@@ -626,6 +640,11 @@ mod tests {
             "https://apim.example/openai?api-version=1&subscription-key=s",
             "https://h/v1?API_KEY=k",
             "https://h/v1?access-token=t",
+            "https://h/v1?api_token=t",
+            "https://h/v1?X-Amz-Signature=abc&X-Amz-Credential=c",
+            "https://h/v1?code=c",
+            "https://h/v1?a=1;apikey=k",
+            "https://h/v1?x-api-key=k",
             "https://h/openai/deployments/d/chat/completions?api-version=2024-10-21",
             // `url` takes these hosts, `http` (the data planes' request URIs) does not.
             "https://{resource}.openai.azure.com/openai/v1",

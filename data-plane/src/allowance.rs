@@ -181,6 +181,8 @@ pub struct Reservation {
     period_start_ms: i64,
     /// The pool's voids then ([`Pool::voids`]).
     voids: u64,
+    /// Admitted while the control plane was away (`--budget-when-away serve`), on no grant.
+    away: bool,
 }
 
 impl Reservation {
@@ -223,10 +225,13 @@ impl Reservation {
     }
 
     /// The budget period whose money the request was admitted on (Unix ms of its start; 0 for
-    /// a lifetime budget), which its record names so that the control plane files its cost
-    /// there whatever this replica's clock says.
+    /// a lifetime budget, or for a request served while the control plane was away, on no
+    /// grant), which its record names so that the control plane files its cost there whatever
+    /// this replica's clock says. Away, the pool's period may be one the control plane has
+    /// left (a UTC midnight passed meanwhile): its record is filed by its date, in the period
+    /// the control plane is in.
     pub fn period_start_ms(&self) -> i64 {
-        self.period_start_ms
+        if self.away { 0 } else { self.period_start_ms }
     }
 }
 
@@ -367,6 +372,7 @@ impl Allowances {
                     // new period or the lowered budget money it was not granted.
                     period_start_ms,
                     voids,
+                    away: false,
                 }));
             }
             // Refused only if the control plane refused as much or less: a large request's
@@ -402,6 +408,7 @@ impl Allowances {
                 pool,
                 reserve: 0,
                 settled: false,
+                away: true,
             })),
         }
     }
@@ -1146,6 +1153,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A request admitted on a grant names the grant's period, in which the control plane
+    /// files its cost whatever this replica's clock says; one served while the control plane
+    /// is away (`serve`) names none, as no grant paid for it and the pool's period may be one
+    /// the control plane has left (a UTC midnight passed meanwhile): its cost is filed by its
+    /// date, in the period the control plane is in.
+    #[tokio::test]
+    async fn a_request_names_the_period_of_the_grant_that_paid_for_it() {
+        let a = allowances(WhenAway::Serve);
+        let mut update = grant("k", 100, false);
+        update.allowances[0].period_start_ms = 86_400_000;
+        a.heard(Some(&update), false);
+        let granted = a.admit("k", 60).await.unwrap().unwrap();
+        assert_eq!(granted.period_start_ms(), 86_400_000);
+        granted.settle(60);
+        a.connected(false);
+        let away = a.admit("k", 60).await.unwrap().unwrap();
+        assert_eq!(away.period_start_ms(), 0);
+        away.settle(60);
     }
 
     /// With the control plane away, a replica spends what it holds for its lease, and then

@@ -429,9 +429,17 @@ impl ProxyError {
                 HeaderValue::from_static("false"),
             );
         }
-        if matches!(self, Self::BudgetSpent { .. }) {
-            // The OpenAI SDKs retry every 429 unless told not to; a spent budget does not
-            // come back in seconds.
+        if matches!(
+            self,
+            Self::BudgetSpent { .. }
+                | Self::UpstreamCredentials
+                | Self::UpstreamUnfunded
+                | Self::UpstreamModelUnavailable
+        ) {
+            // The OpenAI SDKs retry every 429 and 5xx unless told not to; a spent budget does
+            // not come back in seconds, nor does a provider key revoked, an account without
+            // credit or a model the providers refuse: what only the operator can fix (each
+            // retry went through every backend again, to the same answer).
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         response

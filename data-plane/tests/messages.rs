@@ -949,6 +949,32 @@ async fn count_tokens_is_forwarded_to_anthropic_and_refused_for_openai_backends(
     assert_eq!(records[1].status_code, 400);
 }
 
+/// Counting tokens bills nothing: a count whose attempt stalled is left to the SDKs' retries
+/// (a 5xx after an attempt that may have been billed says `x-should-retry: false`).
+#[tokio::test]
+async fn a_stalled_count_is_left_to_the_sdks_retries() {
+    let claude = mock("claude");
+    let gpt = mock("gpt");
+    let mut snap = claude_and_gpt_only(&claude, &gpt);
+    let settings = snap.settings.get_or_insert_with(Default::default);
+    settings.answer_timeout = Some(sluice_proxy::clock::proto_duration(
+        std::time::Duration::from_millis(300),
+    ));
+    let h = Harness::start(snap).await;
+    claude.set_fault(Fault::Stall.times(1));
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "one two"}]});
+    let response = send(&h, "/v1/messages/count_tokens", &body.to_string()).await;
+    assert!(response.status().is_server_error(), "{}", response.status());
+    assert!(response.headers().get("x-should-retry").is_none());
+    // A Messages request stalled the same way may have been billed.
+    claude.set_fault(Fault::Stall.times(1));
+    let body = json!({"model": MODEL, "max_tokens": 8,
+                      "messages": [{"role": "user", "content": "one two"}]});
+    let response = send(&h, "/v1/messages", &body.to_string()).await;
+    assert!(response.status().is_server_error(), "{}", response.status());
+    assert_eq!(response.headers().get("x-should-retry").unwrap(), "false");
+}
+
 #[tokio::test]
 async fn anthropic_clients_list_models_in_anthropic_shape() {
     let claude = mock("claude");

@@ -657,6 +657,57 @@ async fn the_retry_hint_follows_any_attempt_that_may_have_been_billed() {
     let response = h.chat(chat_body(false)).await;
     assert_eq!(response.status(), 500);
     assert!(response.headers().get("x-should-retry").is_none());
+
+    // A fallback's 429 after the primary's timeout: the SDK's retry, after the 429's wait,
+    // went to the primary first, which generated (and billed) the answer again.
+    primary.set_fault(Fault::Stall.times(1));
+    fallback.set_fault(Fault::rate_limited(5).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(header(&response, "x-should-retry"), "false");
+}
+
+/// A passed-on 429 says to come back when its backend is free again, but no later than another
+/// candidate is: the primary cooling for a second after its own 429, the fallback's "retry
+/// after a day" (Azure's S0 tier) is not the client's wait (openai-python gave up at once on
+/// it, anthropic's 2.x slept through it). A lone backend's wait is passed on as it came.
+#[tokio::test]
+async fn a_429s_wait_is_no_later_than_another_candidates() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    primary.set_fault(Fault::status(429).times(1));
+    fallback.set_fault(Fault::rate_limited(86_400).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+    assert_eq!(header(&response, "retry-after"), "1");
+
+    let lone = mock("lone");
+    let h = Harness::one_primary(&lone.base_url()).await;
+    lone.set_fault(Fault::rate_limited(600).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(header(&response, "retry-after"), "600");
+}
+
+/// A provider key refused, an account without credit, a model the provider does not serve:
+/// only the operator can fix them, and every retry of the SDKs went through every backend
+/// again to the same answer. The SDKs are told not to send it again.
+#[tokio::test]
+async fn what_only_the_operator_can_fix_is_not_to_be_sent_again() {
+    let primary = mock("primary");
+    let h = Harness::one_primary(&primary.base_url()).await;
+    for (fault, code) in [
+        (Fault::status(401), "upstream_auth_failed"),
+        (Fault::status(402), "upstream_account_unfunded"),
+    ] {
+        primary.set_fault(fault.times(1));
+        let response = h.chat(chat_body(false)).await;
+        assert_eq!(response.status(), 502);
+        assert_eq!(header(&response, "x-should-retry"), "false");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+    }
 }
 
 /// The official SDKs announce how long they wait for an answer (`x-stainless-read-timeout`,
@@ -692,6 +743,20 @@ async fn a_request_is_answered_within_the_wait_its_client_announces() {
     assert_eq!(response.status(), 504);
     assert_eq!(header(&response, "x-should-retry"), "false");
     assert_eq!(header(&response, "x-sluice-attempts"), "2");
+
+    // A wait past any clock (added to the request's start, it overflowed and the request's
+    // task panicked): the request's own deadline holds.
+    primary.clear_faults();
+    fallback.clear_faults();
+    let response = client
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("x-stainless-read-timeout", "1e19")
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
 }
 
 /// An attempt made after slow failures gets only what is left of the request's deadline; cut

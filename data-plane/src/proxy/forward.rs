@@ -501,7 +501,8 @@ pub(super) async fn forward_call(
     let answer_by = call
         .passed
         .and_then(|p| p.client_wait)
-        .map_or(deadline, |wait| deadline.min(acct.started() + wait));
+        .and_then(|wait| acct.started().checked_add(wait))
+        .map_or(deadline, |by| deadline.min(by));
     let cooldowns = app.store.cooldowns();
     let order = router::order(
         routes,
@@ -510,7 +511,9 @@ pub(super) async fn forward_call(
         call.conversation,
     );
     let mut soonest: Option<Instant> = None;
-    let mut last: Option<(Failure, ApiFormat)> = None;
+    // The last failure, the API of its backend, and that backend (an index into the
+    // snapshot's backends).
+    let mut last: Option<(Failure, ApiFormat, usize)> = None;
     let mut unsupported = false;
     // Why the request could not be written for a backend of the other API (a member it has
     // no equivalent for): that backend is passed over, and this is the answer only if no
@@ -555,7 +558,7 @@ pub(super) async fn forward_call(
         let label = Label::from(&backend.name);
         let now = Instant::now();
         if now >= answer_by {
-            last.get_or_insert((Failure::Timeout, backend.format));
+            last.get_or_insert((Failure::Timeout, backend.format, route.backend));
             break;
         }
         let basis = match cooldowns.check(&backend.id, &route.upstream_model, now) {
@@ -839,7 +842,7 @@ pub(super) async fn forward_call(
                     retry,
                     "upstream attempt failed"
                 );
-                last = Some((failure, backend.format));
+                last = Some((failure, backend.format, route.backend));
                 if !retry {
                     break;
                 }
@@ -853,7 +856,16 @@ pub(super) async fn forward_call(
         return error(acct, *refused).await;
     }
     match last {
-        Some((failure, format)) => fail(acct, failure, format, call.endpoint.format()).await,
+        Some((failure, format, failed)) => {
+            // A call that bills nothing (counting tokens, one on a stored response) is left to
+            // the SDKs' retries whatever became of its attempts.
+            let free = call.endpoint.counts_only() || !call.count_usage;
+            let others = soonest_free(routes, snapshot, cooldowns, call.endpoint, failed)
+                .into_iter()
+                .chain(soonest)
+                .min();
+            fail(acct, failure, format, call.endpoint.format(), free, others).await
+        }
         None if unsupported && soonest.is_none() => {
             let refused = match call.endpoint {
                 Endpoint::CountTokens => ProxyError::TokenCountUnsupported(call.model.to_owned()),
@@ -913,18 +925,70 @@ fn not_to_be_sent_again(response: &mut Response) {
 
 /// Answers with the last failure: the upstream's own 429/5xx (in the client's API, `client`:
 /// as it came when the backend speaks it, else translated), or 502/504.
+/// When another of the model's candidates than the backend that failed last (`failed`, whose
+/// own answer says when it is free) may take the request again, as this replica knows it: the
+/// soonest end of a cooldown among them (those the failed attempts began included), now for
+/// one not cooling. `None` when there is no other.
+fn soonest_free(
+    routes: &[Route],
+    snapshot: &Snapshot,
+    cooldowns: &crate::cooldown::CooldownTracker,
+    endpoint: Endpoint,
+    failed: usize,
+) -> Option<Instant> {
+    let now = Instant::now();
+    routes
+        .iter()
+        .filter(|route| route.backend != failed)
+        .filter_map(|route| {
+            let backend = snapshot.backends().get(route.backend)?;
+            backend.uri(endpoint)?;
+            Some(
+                cooldowns
+                    .check(&backend.id, &route.upstream_model, now)
+                    .map_or_else(|until| until, |_| now),
+            )
+        })
+        .min()
+}
+
 async fn fail(
     acct: Accounting,
     failure: Failure,
     backend: ApiFormat,
     client: ApiFormat,
+    free: bool,
+    others: Option<Instant>,
 ) -> Response {
+    // A passed-on 429 or 503 says to come back when its backend is free again (OpenAI's a
+    // second, Azure's S0 tier a day): no later than another candidate, or one passed over
+    // for its rate limit, is. With the last backend's wait, openai-python gave up on any over
+    // 120 s and anthropic's 2.x slept through it, while the primary was free in a second.
+    let failure = match (failure, others) {
+        (
+            Failure::Status {
+                status,
+                retry_after: Some(wait),
+                content_type,
+                body,
+            },
+            Some(others),
+        ) => Failure::Status {
+            status,
+            retry_after: Some(wait.min(others.saturating_duration_since(Instant::now()))),
+            content_type,
+            body,
+        },
+        (failure, _) => failure,
+    };
     // An attempt that timed out or broke after it was sent may be generating, and billed:
-    // the SDKs, which send a 5xx again twice (each time through every backend), are told not
-    // to, whatever the last attempt's failure was.
-    let billed = acct.may_have_been_billed();
+    // the SDKs, which send a 408, 409, 429 or 5xx again twice (each time through every
+    // backend), are told not to, whatever the last attempt's failure was (a fallback's 429
+    // after a primary's timeout too: its retry went to the primary first, billed again).
+    // Unless the call bills nothing (`free`).
+    let billed = acct.may_have_been_billed() && !free;
     let mut response = answer_failure(acct, failure, backend, client).await;
-    if billed && response.status().is_server_error() {
+    if billed {
         not_to_be_sent_again(&mut response);
     }
     response
@@ -1939,11 +2003,18 @@ fn messages_body(
     Ok(Bytes::from(serde_json::Value::Object(messages).to_string()))
 }
 
-/// `uri` with the client's query string, if that makes a valid URI.
+/// `uri` with the client's query string after its own (a base URL's), if that makes a valid URI.
 fn with_query(uri: &http::Uri, query: &str) -> Option<http::Uri> {
     let mut parts = uri.clone().into_parts();
-    let path = parts.path_and_query.as_ref().map_or("/", |p| p.path());
-    parts.path_and_query = Some(format!("{path}?{query}").parse().ok()?);
+    let path_and_query = match parts.path_and_query.as_ref() {
+        // The base URL's own query (Azure's `api-version`) first, then the client's.
+        Some(p) => match p.query() {
+            Some(own) => format!("{}?{own}&{query}", p.path()),
+            None => format!("{}?{query}", p.path()),
+        },
+        None => format!("/?{query}"),
+    };
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
     http::Uri::from_parts(parts).ok()
 }
 
@@ -1971,7 +2042,26 @@ fn replace_all(body: &[u8], from: &[u8], to: &[u8]) -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A Messages client's query (`?beta=true`) goes after the base URL's own (Azure's
+    /// `api-version`), not in its place.
+    #[test]
+    fn the_clients_query_follows_the_base_urls() {
+        let own: http::Uri = "https://h/anthropic/v1/messages?api-version=1"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            with_query(&own, "beta=true").unwrap(),
+            "https://h/anthropic/v1/messages?api-version=1&beta=true"
+        );
+        let bare: http::Uri = "https://h/v1/messages".parse().unwrap();
+        assert_eq!(
+            with_query(&bare, "beta=true").unwrap(),
+            "https://h/v1/messages?beta=true"
+        );
+    }
 
     /// The SDKs' announced waits, the shorter of two, less a tenth (at most 2 s); nothing
     /// for what is not a positive number of seconds.
