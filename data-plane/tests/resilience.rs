@@ -690,6 +690,20 @@ async fn a_429s_wait_is_no_later_than_another_candidates() {
     assert_eq!(header(&response, "retry-after"), "600");
 }
 
+/// A 200 stream that ends before its first event was answered, and may have been billed:
+/// the request keeps its reserve, and the SDKs are told not to send it again (each retry
+/// kept another reserve of a budgeted key, for a server that answers every stream so).
+#[tokio::test]
+async fn a_stream_ended_before_its_first_event_is_not_to_be_sent_again() {
+    use sluice_e2e::mock::GarbageKind;
+    let primary = mock("primary");
+    let h = Harness::one_primary(&primary.base_url()).await;
+    primary.set_fault(Fault::Garbage(GarbageKind::EmptyStream).times(1));
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(header(&response, "x-should-retry"), "false");
+}
+
 /// A provider key refused, an account without credit, a model the provider does not serve:
 /// only the operator can fix them, and every retry of the SDKs went through every backend
 /// again to the same answer. The SDKs are told not to send it again.
@@ -697,9 +711,16 @@ async fn a_429s_wait_is_no_later_than_another_candidates() {
 async fn what_only_the_operator_can_fix_is_not_to_be_sent_again() {
     let primary = mock("primary");
     let h = Harness::one_primary(&primary.base_url()).await;
+    // OpenAI's account out of credit: a 429 `insufficient_quota`, which clients read as
+    // their own key's budget spent (Sluice's own answer, in the same words).
+    let quota = Fault::Body {
+        code: 429,
+        body: r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#.into(),
+    };
     for (fault, code) in [
         (Fault::status(401), "upstream_auth_failed"),
         (Fault::status(402), "upstream_account_unfunded"),
+        (quota, "upstream_account_unfunded"),
     ] {
         primary.set_fault(fault.times(1));
         let response = h.chat(chat_body(false)).await;

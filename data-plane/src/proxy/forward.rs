@@ -827,12 +827,16 @@ pub(super) async fn forward_call(
                 match failure {
                     Failure::MemoryFull(..) => {}
                     Failure::OutOfFiles => acct.attempt_unsent(),
+                    // An answer that came and could not be used (a 200 stream that ended, or
+                    // ran past 64 KiB, before its first event) was answered: the provider
+                    // may have billed it, as the request's kept reserve already says.
                     _ => acct.attempt_failed(matches!(
                         failure,
                         Failure::Timeout
                             | Failure::Deadline
                             | Failure::Cut { .. }
                             | Failure::Lost(_)
+                            | Failure::Invalid(_)
                     )),
                 }
                 let retry = failure.retryable(&policy);
@@ -1002,6 +1006,15 @@ async fn answer_failure(
     client: ApiFormat,
 ) -> Response {
     match failure {
+        // OpenAI's account out of credit, which it says with a 429 `insufficient_quota`: as
+        // a 402 or Anthropic's "credit balance is too low" is, not the provider's text, in
+        // which clients read their own key's budget spent (Sluice's, in the same words).
+        Failure::Status { status, body, .. }
+            if status == StatusCode::TOO_MANY_REQUESTS
+                && memchr::memmem::find(&body, b"insufficient_quota").is_some() =>
+        {
+            error(acct, ProxyError::UpstreamUnfunded).await
+        }
         Failure::Status {
             status,
             retry_after,
