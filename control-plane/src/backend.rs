@@ -511,19 +511,10 @@ fn normalize_base_url(raw: &str) -> Result<String, ValidationError> {
     if url.fragment().is_some() {
         return Err(bad("must not have a fragment"));
     }
-    // `;` separates pairs too for some servers: each side is looked at.
-    if let Some(name) = url
-        .query_pairs()
-        .flat_map(|(name, value)| {
-            let more: Vec<String> = value
-                .split(';')
-                .skip(1)
-                .filter_map(|pair| pair.split('=').next())
-                .map(str::to_owned)
-                .collect();
-            std::iter::once(name.split(';').next().unwrap_or_default().to_owned()).chain(more)
-        })
-        .find(|name| names_a_credential(name))
+    // `;` separates pairs too for some servers: every pair either way is looked at.
+    let pairs = url.query().unwrap_or_default().replace(';', "&");
+    if let Some((name, _)) =
+        url::form_urlencoded::parse(pairs.as_bytes()).find(|(name, _)| names_a_credential(name))
     {
         return Err(bad(&format!(
             "must not carry a credential in its query ({name:?}): a base URL is shown in \
@@ -644,6 +635,7 @@ mod tests {
             "https://h/v1?X-Amz-Signature=abc&X-Amz-Credential=c",
             "https://h/v1?code=c",
             "https://h/v1?a=1;apikey=k",
+            "https://h/v1?x;key=secret",
             "https://h/v1?x-api-key=k",
             "https://h/openai/deployments/d/chat/completions?api-version=2024-10-21",
             // `url` takes these hosts, `http` (the data planes' request URIs) does not.

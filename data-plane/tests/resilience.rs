@@ -690,6 +690,42 @@ async fn a_429s_wait_is_no_later_than_another_candidates() {
     assert_eq!(header(&response, "retry-after"), "600");
 }
 
+/// Only a candidate that said when it frees up (rate limited, cooling) shortens the wait: a
+/// primary that failed otherwise (a 500, its account out of credit) is not free in a second,
+/// and the fallback's own wait is the client's.
+#[tokio::test]
+async fn a_candidate_that_failed_otherwise_does_not_shorten_the_wait() {
+    let out_of_credit = Fault::Body {
+        code: 429,
+        body: r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#.into(),
+    };
+    for failed in [Fault::status(500), out_of_credit] {
+        let (primary, fallback) = (mock("primary"), mock("fallback"));
+        let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+        primary.set_fault(failed.clone().times(1));
+        fallback.set_fault(Fault::rate_limited(3).times(1));
+        let response = h.chat(chat_body(false)).await;
+        assert_eq!(response.status(), 429, "{failed:?}");
+        assert_eq!(header(&response, "retry-after"), "3", "{failed:?}");
+    }
+}
+
+/// What only the operator can fix, when it was the last backend's and another is only busy
+/// (rate limited for a second): the client may come back when that one frees up, not never.
+#[tokio::test]
+async fn the_last_backends_refused_key_with_another_busy_says_when_to_come_back() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    primary.set_fault(Fault::status(429).times(1));
+    fallback.set_fault(Fault::status(401).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 502);
+    assert!(response.headers().get("x-should-retry").is_none());
+    assert_eq!(header(&response, "retry-after"), "1");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_auth_failed", "{body}");
+}
+
 /// A 200 stream that ends before its first event was answered, and may have been billed:
 /// the request keeps its reserve, and the SDKs are told not to send it again (each retry
 /// kept another reserve of a budgeted key, for a server that answers every stream so).

@@ -154,6 +154,19 @@ enum Refusal {
 }
 
 impl Failure {
+    /// Whether the backend said it is only busy, and so frees up at its cooldown's end: a 429
+    /// (not OpenAI's account out of credit, `insufficient_quota`, which no wait ends) or a
+    /// 503.
+    fn says_when_free(&self) -> bool {
+        match self {
+            Self::Status { status, body, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
+                !out_of_quota(body)
+            }
+            Self::Status { status, .. } => *status == StatusCode::SERVICE_UNAVAILABLE,
+            _ => false,
+        }
+    }
+
     /// What the failure says of the backend's health; `None`: nothing (this replica's own).
     fn health(&self) -> Option<Outcome> {
         if matches!(self, Self::OutOfFiles | Self::Deadline) {
@@ -171,9 +184,9 @@ impl Failure {
             } if *status == StatusCode::TOO_MANY_REQUESTS => Outcome::RateLimited {
                 retry_after: *retry_after,
                 // Providers limit each model apart; a spent account is spent for all.
-                scope: match memchr::memmem::find(body, b"insufficient_quota") {
-                    Some(_) => Scope::Backend,
-                    None => Scope::Model,
+                scope: match out_of_quota(body) {
+                    true => Scope::Backend,
+                    false => Scope::Model,
                 },
             },
             // A call the backend does not serve (`count_tokens` at a server without it): the
@@ -212,6 +225,13 @@ impl Failure {
 
     fn retryable(&self, policy: &Policy) -> bool {
         match self {
+            // An account out of credit, as a 402 is: always, whatever `retry_on_rate_limit`
+            // says (not a rate limit another backend would meet too).
+            Self::Status { status, body, .. }
+                if *status == StatusCode::TOO_MANY_REQUESTS && out_of_quota(body) =>
+            {
+                true
+            }
             Self::Status { status, body, .. }
                 if *status == StatusCode::TOO_MANY_REQUESTS
                     || too_large_for_the_limit(*status, body) =>
@@ -362,6 +382,15 @@ const CLIENT_TIMEOUT: HeaderName = HeaderName::from_static("x-stainless-timeout"
 /// answer was never read, and the SDK sent the request again, twice (the SDKs' timeout and
 /// `request_timeout` are both 600 s by default, and the client's clock starts first).
 pub(super) fn client_wait(headers: &HeaderMap) -> Option<Duration> {
+    // One look at the few names a request has, rather than two hashed lookups, for the
+    // clients that send neither (about 360 instructions a request; the SDKs send several
+    // `x-stainless-*` headers, and pay for the lookups).
+    if !headers
+        .keys()
+        .any(|name| name.as_str().starts_with("x-stainless-"))
+    {
+        return None;
+    }
     let announced = |name: &HeaderName| {
         let seconds: f64 = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
         Duration::try_from_secs_f64(seconds)
@@ -511,9 +540,10 @@ pub(super) async fn forward_call(
         call.conversation,
     );
     let mut soonest: Option<Instant> = None;
-    // The last failure, the API of its backend, and that backend (an index into the
-    // snapshot's backends).
-    let mut last: Option<(Failure, ApiFormat, usize)> = None;
+    let mut last: Option<(Failure, ApiFormat)> = None;
+    // When the backends whose attempts were rate limited free up again: the last attempt's
+    // (its own answer says it to the client), and the soonest of the others'.
+    let (mut last_frees, mut others_free): (Option<Instant>, Option<Instant>) = (None, None);
     let mut unsupported = false;
     // Why the request could not be written for a backend of the other API (a member it has
     // no equivalent for): that backend is passed over, and this is the answer only if no
@@ -558,7 +588,7 @@ pub(super) async fn forward_call(
         let label = Label::from(&backend.name);
         let now = Instant::now();
         if now >= answer_by {
-            last.get_or_insert((Failure::Timeout, backend.format, route.backend));
+            last.get_or_insert((Failure::Timeout, backend.format));
             break;
         }
         let basis = match cooldowns.check(&backend.id, &route.upstream_model, now) {
@@ -846,7 +876,16 @@ pub(super) async fn forward_call(
                     retry,
                     "upstream attempt failed"
                 );
-                last = Some((failure, backend.format, route.backend));
+                // A backend rate limited (a 429, not an account out of credit; a 503 that
+                // said when to come back) and cooling down is free again at its cooldown's
+                // end: the client may come back then (see `fail`).
+                let frees = failure
+                    .says_when_free()
+                    .then(|| cooldowns.check(&backend.id, &route.upstream_model, Instant::now()))
+                    .and_then(Result::err);
+                others_free = others_free.into_iter().chain(last_frees).min();
+                last_frees = frees;
+                last = Some((failure, backend.format));
                 if !retry {
                     break;
                 }
@@ -860,14 +899,13 @@ pub(super) async fn forward_call(
         return error(acct, *refused).await;
     }
     match last {
-        Some((failure, format, failed)) => {
+        Some((failure, format)) => {
             // A call that bills nothing (counting tokens, one on a stored response) is left to
             // the SDKs' retries whatever became of its attempts.
             let free = call.endpoint.counts_only() || !call.count_usage;
-            let others = soonest_free(routes, snapshot, cooldowns, call.endpoint, failed)
-                .into_iter()
-                .chain(soonest)
-                .min();
+            // Another candidate frees up at a known time: rate limited, or passed over for a
+            // cooldown or its rate limit.
+            let others = others_free.into_iter().chain(soonest).min();
             fail(acct, failure, format, call.endpoint.format(), free, others).await
         }
         None if unsupported && soonest.is_none() => {
@@ -929,31 +967,10 @@ fn not_to_be_sent_again(response: &mut Response) {
 
 /// Answers with the last failure: the upstream's own 429/5xx (in the client's API, `client`:
 /// as it came when the backend speaks it, else translated), or 502/504.
-/// When another of the model's candidates than the backend that failed last (`failed`, whose
-/// own answer says when it is free) may take the request again, as this replica knows it: the
-/// soonest end of a cooldown among them (those the failed attempts began included), now for
-/// one not cooling. `None` when there is no other.
-fn soonest_free(
-    routes: &[Route],
-    snapshot: &Snapshot,
-    cooldowns: &crate::cooldown::CooldownTracker,
-    endpoint: Endpoint,
-    failed: usize,
-) -> Option<Instant> {
-    let now = Instant::now();
-    routes
-        .iter()
-        .filter(|route| route.backend != failed)
-        .filter_map(|route| {
-            let backend = snapshot.backends().get(route.backend)?;
-            backend.uri(endpoint)?;
-            Some(
-                cooldowns
-                    .check(&backend.id, &route.upstream_model, now)
-                    .map_or_else(|until| until, |_| now),
-            )
-        })
-        .min()
+/// Whether a 429's body is OpenAI's account out of credit (`insufficient_quota`), not a rate
+/// limit: the whole backend's, and no wait ends it.
+fn out_of_quota(body: &[u8]) -> bool {
+    memchr::memmem::find(body, b"insufficient_quota").is_some()
 }
 
 async fn fail(
@@ -965,9 +982,11 @@ async fn fail(
     others: Option<Instant>,
 ) -> Response {
     // A passed-on 429 or 503 says to come back when its backend is free again (OpenAI's a
-    // second, Azure's S0 tier a day): no later than another candidate, or one passed over
-    // for its rate limit, is. With the last backend's wait, openai-python gave up on any over
-    // 120 s and anthropic's 2.x slept through it, while the primary was free in a second.
+    // second, Azure's S0 tier a day): no later than another candidate whose rate limit or
+    // cooldown ends sooner (`others`) is. With the last backend's wait, openai-python gave up
+    // on any over 120 s and anthropic's 2.x slept through it, while the primary was free in a
+    // second. A candidate not cooling is not taken as free now: it may have just failed, or
+    // be one the retry would not reach.
     let failure = match (failure, others) {
         (
             Failure::Status {
@@ -994,6 +1013,17 @@ async fn fail(
     let mut response = answer_failure(acct, failure, backend, client).await;
     if billed {
         not_to_be_sent_again(&mut response);
+    } else if let Some(others) = others {
+        // What only the operator can fix (`upstream_auth_failed`, …) was this backend's:
+        // another candidate frees up at `others`, so the client may come back then.
+        let headers = response.headers_mut();
+        if headers.remove("x-should-retry").is_some() {
+            let wait = others.saturating_duration_since(Instant::now());
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(crate::error::retry_after_secs(wait)),
+            );
+        }
     }
     response
 }
@@ -1010,8 +1040,7 @@ async fn answer_failure(
         // a 402 or Anthropic's "credit balance is too low" is, not the provider's text, in
         // which clients read their own key's budget spent (Sluice's, in the same words).
         Failure::Status { status, body, .. }
-            if status == StatusCode::TOO_MANY_REQUESTS
-                && memchr::memmem::find(&body, b"insufficient_quota").is_some() =>
+            if status == StatusCode::TOO_MANY_REQUESTS && out_of_quota(&body) =>
         {
             error(acct, ProxyError::UpstreamUnfunded).await
         }
