@@ -708,6 +708,20 @@ async fn a_candidate_that_failed_otherwise_does_not_shorten_the_wait() {
         assert_eq!(response.status(), 429, "{failed:?}");
         assert_eq!(header(&response, "retry-after"), "3", "{failed:?}");
     }
+
+    // Nor a primary passed over for the cooldown its failures began: it frees up to fail
+    // again (failure_threshold is 3 in the test settings).
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    primary.set_fault(Fault::status(500).times(3));
+    for _ in 0..3 {
+        assert_eq!(h.chat(chat_body(false)).await.status(), 200);
+    }
+    fallback.set_fault(Fault::rate_limited(20).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(header(&response, "x-sluice-attempts"), "1");
+    assert_eq!(header(&response, "retry-after"), "20");
 }
 
 /// What only the operator can fix, when it was the last backend's and another is only busy
@@ -724,6 +738,16 @@ async fn the_last_backends_refused_key_with_another_busy_says_when_to_come_back(
     assert_eq!(header(&response, "retry-after"), "1");
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "upstream_auth_failed", "{body}");
+
+    // Busy for longer than the SDKs wait: never, as when every backend refused.
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    primary.set_fault(Fault::rate_limited(600).times(1));
+    fallback.set_fault(Fault::status(401).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(header(&response, "x-should-retry"), "false");
+    assert!(response.headers().get("retry-after").is_none());
 }
 
 /// A 200 stream that ends before its first event was answered, and may have been billed:

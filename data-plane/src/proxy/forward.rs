@@ -156,13 +156,17 @@ enum Refusal {
 impl Failure {
     /// Whether the backend said it is only busy, and so frees up at its cooldown's end: a 429
     /// (not OpenAI's account out of credit, `insufficient_quota`, which no wait ends) or a
-    /// 503.
+    /// 503 that said when to come back.
     fn says_when_free(&self) -> bool {
         match self {
             Self::Status { status, body, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
                 !out_of_quota(body)
             }
-            Self::Status { status, .. } => *status == StatusCode::SERVICE_UNAVAILABLE,
+            Self::Status {
+                status,
+                retry_after,
+                ..
+            } => *status == StatusCode::SERVICE_UNAVAILABLE && retry_after.is_some(),
             _ => false,
         }
     }
@@ -530,7 +534,8 @@ pub(super) async fn forward_call(
     let answer_by = call
         .passed
         .and_then(|p| p.client_wait)
-        .and_then(|wait| acct.started().checked_add(wait))
+        // From now, the body read: the SDKs' read timeout starts once they have sent it.
+        .and_then(|wait| Instant::now().checked_add(wait))
         .map_or(deadline, |by| deadline.min(by));
     let cooldowns = app.store.cooldowns();
     let order = router::order(
@@ -540,6 +545,8 @@ pub(super) async fn forward_call(
         call.conversation,
     );
     let mut soonest: Option<Instant> = None;
+    // Of `soonest`, the candidates passed over for their rate limit (not a cooldown).
+    let mut limited: Option<Instant> = None;
     let mut last: Option<(Failure, ApiFormat)> = None;
     // When the backends whose attempts were rate limited free up again: the last attempt's
     // (its own answer says it to the client), and the soonest of the others'.
@@ -609,6 +616,7 @@ pub(super) async fn forward_call(
                         app.metrics.skip(&label, SkipReason::token_limited);
                         let until = now + wait;
                         soonest = Some(soonest.map_or(until, |s| s.min(until)));
+                        limited = Some(limited.map_or(until, |s| s.min(until)));
                         continue;
                     }
                 }
@@ -624,6 +632,7 @@ pub(super) async fn forward_call(
             app.metrics.skip(&label, SkipReason::rate_limited);
             let until = now + wait;
             soonest = Some(soonest.map_or(until, |s| s.min(until)));
+            limited = Some(limited.map_or(until, |s| s.min(until)));
             continue;
         }
         acct.backend_tokens(tokens);
@@ -903,9 +912,10 @@ pub(super) async fn forward_call(
             // A call that bills nothing (counting tokens, one on a stored response) is left to
             // the SDKs' retries whatever became of its attempts.
             let free = call.endpoint.counts_only() || !call.count_usage;
-            // Another candidate frees up at a known time: rate limited, or passed over for a
-            // cooldown or its rate limit.
-            let others = others_free.into_iter().chain(soonest).min();
+            // Another candidate frees up at a known time: rate limited in this request, or
+            // passed over for its rate limit (not for a cooldown: that may be a broken
+            // backend's, which frees up to fail again).
+            let others = others_free.into_iter().chain(limited).min();
             fail(acct, failure, format, call.endpoint.format(), free, others).await
         }
         None if unsupported && soonest.is_none() => {
@@ -965,14 +975,14 @@ fn not_to_be_sent_again(response: &mut Response) {
     );
 }
 
-/// Answers with the last failure: the upstream's own 429/5xx (in the client's API, `client`:
-/// as it came when the backend speaks it, else translated), or 502/504.
 /// Whether a 429's body is OpenAI's account out of credit (`insufficient_quota`), not a rate
 /// limit: the whole backend's, and no wait ends it.
 fn out_of_quota(body: &[u8]) -> bool {
     memchr::memmem::find(body, b"insufficient_quota").is_some()
 }
 
+/// Answers with the last failure: the upstream's own 429/5xx (in the client's API, `client`:
+/// as it came when the backend speaks it, else translated), or 502/504, with its retry hints.
 async fn fail(
     acct: Accounting,
     failure: Failure,
@@ -982,11 +992,21 @@ async fn fail(
     others: Option<Instant>,
 ) -> Response {
     // A passed-on 429 or 503 says to come back when its backend is free again (OpenAI's a
-    // second, Azure's S0 tier a day): no later than another candidate whose rate limit or
-    // cooldown ends sooner (`others`) is. With the last backend's wait, openai-python gave up
-    // on any over 120 s and anthropic's 2.x slept through it, while the primary was free in a
-    // second. A candidate not cooling is not taken as free now: it may have just failed, or
-    // be one the retry would not reach.
+    // second, Azure's S0 tier a day): no later than another candidate that said it is only
+    // busy frees up (`others`). With the last backend's wait, openai-python gave up on any
+    // over 120 s and anthropic's 2.x slept through it, while the primary was free in a
+    // second. A candidate not cooling is not taken as free now (it may have just failed, or
+    // be one the retry would not reach), nor one cooling (it may be broken).
+    //
+    // What only the operator can fix, when it was this backend's and another is only busy
+    // for a while the SDKs wait (a minute: openai-node and anthropic's newer SDKs wait no
+    // longer), says when to come back rather than never.
+    let operators = matches!(failure, Failure::Refused { .. })
+        || matches!(&failure, Failure::Status { status, body, .. }
+            if *status == StatusCode::TOO_MANY_REQUESTS && out_of_quota(body));
+    let come_back = others
+        .map(|others| others.saturating_duration_since(Instant::now()))
+        .filter(|wait| operators && *wait <= Duration::from_secs(60));
     let failure = match (failure, others) {
         (
             Failure::Status {
@@ -1013,17 +1033,13 @@ async fn fail(
     let mut response = answer_failure(acct, failure, backend, client).await;
     if billed {
         not_to_be_sent_again(&mut response);
-    } else if let Some(others) = others {
-        // What only the operator can fix (`upstream_auth_failed`, …) was this backend's:
-        // another candidate frees up at `others`, so the client may come back then.
+    } else if let Some(wait) = come_back {
         let headers = response.headers_mut();
-        if headers.remove("x-should-retry").is_some() {
-            let wait = others.saturating_duration_since(Instant::now());
-            headers.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(crate::error::retry_after_secs(wait)),
-            );
-        }
+        headers.remove("x-should-retry");
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(crate::error::retry_after_secs(wait)),
+        );
     }
     response
 }
