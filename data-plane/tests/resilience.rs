@@ -665,6 +665,20 @@ async fn the_retry_hint_follows_any_attempt_that_may_have_been_billed() {
     let response = h.chat(chat_body(false)).await;
     assert_eq!(response.status(), 429);
     assert_eq!(header(&response, "x-should-retry"), "false");
+
+    // A fallback's 409 after the primary's timeout, passed on as the answer: the SDKs send a
+    // 409 again too, to the primary first (a new pair: this one's primary now cools down).
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let mut snap = snapshot(1, pair(&primary, &fallback));
+    let settings = snap.settings.as_mut().unwrap();
+    settings.answer_timeout = Some(proto_duration(Duration::from_millis(300)));
+    let h = Harness::start(snap).await;
+    primary.set_fault(Fault::Stall.times(1));
+    fallback.set_fault(Fault::status(409).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 409);
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+    assert_eq!(header(&response, "x-should-retry"), "false");
 }
 
 /// A passed-on 429 says to come back when its backend is free again, but no later than another

@@ -350,6 +350,12 @@ pub(super) struct Call<'a> {
 }
 
 impl Call<'_> {
+    /// Whether the call bills nothing (counting tokens, a call on a stored response): left
+    /// to the SDKs' retries whatever became of its attempts.
+    fn bills_nothing(&self) -> bool {
+        self.endpoint.counts_only() || !self.count_usage
+    }
+
     /// The figures of `usage`, the text of the top-level `usage` of the answer of a backend
     /// of `format`, when its usage is the request's: read as its whole answer's would be.
     fn usage_in(&self, format: ApiFormat, usage: &[u8]) -> Option<Tokens> {
@@ -858,7 +864,16 @@ pub(super) async fn forward_call(
                     );
                     StreamHealth::new(app, backend, &route.upstream_model, basis, policy.cooldown)
                 });
-                return deliver(app, answer, acct, mode, &policy, deadline, health).await;
+                // A client error passed on after an attempt that may have been billed (a
+                // fallback's 408 or 409, which the SDKs send again, to the billed backend
+                // first): not to be sent again, as a final failure would not be.
+                let billed = acct.may_have_been_billed() && !call.bills_nothing();
+                let mut response =
+                    deliver(app, answer, acct, mode, &policy, deadline, health).await;
+                if billed && response.status().is_client_error() {
+                    not_to_be_sent_again(&mut response);
+                }
+                return response;
             }
             Err(failure) => {
                 // An answer refused for memory was billed: its backend's token reservation
@@ -909,9 +924,7 @@ pub(super) async fn forward_call(
     }
     match last {
         Some((failure, format)) => {
-            // A call that bills nothing (counting tokens, one on a stored response) is left to
-            // the SDKs' retries whatever became of its attempts.
-            let free = call.endpoint.counts_only() || !call.count_usage;
+            let free = call.bills_nothing();
             // Another candidate frees up at a known time: rate limited in this request, or
             // passed over for its rate limit (not for a cooldown: that may be a broken
             // backend's, which frees up to fail again).
