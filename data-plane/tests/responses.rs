@@ -776,6 +776,59 @@ async fn a_stream_ended_by_the_providers_error_event_is_charged_what_was_streame
     }
 }
 
+/// A Responses stream the provider ends with its own failure tells of the backend: its
+/// `server_error` is the backend's failure (three in a row cool it, as three broken chat
+/// streams do), its `rate_limit_exceeded` the model's rate limit, at once; a failure of the
+/// request's own (`context_length_exceeded`) is the backend answering. Counted an answer
+/// each, a backend failing or limited in every stream kept its traffic and never cooled.
+#[tokio::test]
+async fn a_responses_stream_ended_by_the_providers_failure_counts_for_its_cooldown() {
+    let created = "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"m\",\"output\":[],\"usage\":null}}\n\n";
+    let failed = |code: &str| {
+        format!(
+            "{created}event: response.failed\ndata: {{\"type\":\"response.failed\",\"sequence_number\":1,\"response\":{{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"failed\",\"model\":\"m\",\"output\":[],\"usage\":null,\"error\":{{\"code\":\"{code}\",\"message\":\"x\"}}}}}}\n\n"
+        )
+    };
+    let error_event = |code: &str| {
+        format!(
+            "{created}event: error\ndata: {{\"type\":\"error\",\"sequence_number\":1,\"code\":\"{code}\",\"message\":\"x\",\"param\":null}}\n\n"
+        )
+    };
+    let body = json!({"model": MODEL, "input": "hi", "stream": true});
+    for (events, streams, kind) in [
+        (
+            failed("server_error"),
+            3,
+            Some(proto::BackendEventKind::Failing),
+        ),
+        (
+            error_event("server_error"),
+            3,
+            Some(proto::BackendEventKind::Failing),
+        ),
+        (
+            failed("rate_limit_exceeded"),
+            1,
+            Some(proto::BackendEventKind::RateLimited),
+        ),
+        (failed("context_length_exceeded"), 3, None),
+    ] {
+        let h = Harness::one_primary(&sse_upstream(events.clone()).await).await;
+        for _ in 0..streams {
+            let response = create(&h, body.clone()).await;
+            assert_eq!(response.status(), 200);
+            response.text().await.unwrap();
+        }
+        h.records(streams).await;
+        let events = h.cp.with(|r| r.events.clone());
+        assert_eq!(
+            events.first().map(|e| e.kind),
+            kind.map(|k| k as i32),
+            "{events:?}"
+        );
+    }
+}
+
 /// An image generated in a Responses stream comes whole in one event (and again in
 /// `response.completed`): megabytes of base64. Events were bounded at 1 MiB, so such a
 /// stream always ended in `stream_interrupted`, the image lost and its output tokens never

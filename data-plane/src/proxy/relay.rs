@@ -220,6 +220,11 @@ pub(super) struct Relay {
     /// the client's own request (TGI validates a request's parameters after its 200 head): its
     /// end counts for the backend's cooldown neither way.
     error_first: bool,
+    /// A Responses stream ended by the provider's own failure (`response.failed`, `error`)
+    /// that says the backend failed (`server_error`) or is over a limit
+    /// (`rate_limit_exceeded`, `insufficient_quota`): its end, for the backend's cooldown
+    /// ([`responses_failure`]). `None`: an answer (the request's own fault included).
+    upstream_failure: Option<Outcome>,
     /// What the stream holds of the answers' memory while it reads and queues a large event
     /// (see [`Relay::count_memory`]).
     memory: HeldMemory,
@@ -276,6 +281,7 @@ impl Relay {
             health,
             upstream_error: false,
             error_first: false,
+            upstream_failure: None,
             memory: HeldMemory {
                 answers,
                 permit: None,
@@ -483,7 +489,10 @@ impl Relay {
         event.data = String::from_utf8_lossy(&rewritten.bytes).into_owned();
         let kind = match rewritten.event_type.as_deref() {
             Some("response.completed" | "response.incomplete") => Some(ErrorKind::Unspecified),
-            Some(t) if responses::is_terminal(t) => Some(ErrorKind::UpstreamStatus),
+            Some(t) if responses::is_terminal(t) => {
+                self.upstream_failure = responses_failure(&event.data);
+                Some(ErrorKind::UpstreamStatus)
+            }
             _ => None,
         };
         match kind {
@@ -862,13 +871,15 @@ impl Body for Relay {
                     // Its upstream's own error event ended it (Anthropic's mid-stream
                     // `overloaded_error`): the backend's failure, unless that error was its
                     // first event ([`Relay::error_first`]); any other end, an answer.
+                    let upstream_failure = this.upstream_failure.take();
                     this.ended(match kind {
                         ErrorKind::StreamInterrupted if this.error_first => None,
                         ErrorKind::StreamInterrupted => Some(Outcome::Failure {
                             retry_after: None,
                             scope: Scope::Backend,
                         }),
-                        _ => Some(Outcome::Success),
+                        // A Responses stream the provider ended with its own failure.
+                        _ => Some(upstream_failure.unwrap_or(Outcome::Success)),
                     });
                     // Nothing after the frame that ends the stream, which goes once the
                     // record is written.
@@ -945,6 +956,35 @@ impl Body for Relay {
 
     fn is_end_stream(&self) -> bool {
         self.upstream.is_none() && self.ready.is_empty() && self.last.is_none()
+    }
+}
+
+/// What a Responses stream's terminal failure (`response.failed` with `response.error`, or
+/// an `error` event with its `code`, or `error.code`) says of its backend: a failure of the
+/// backend (`server_error`), the model over its rate limit (`rate_limit_exceeded`), the
+/// account out of credit (`insufficient_quota`, the whole backend's, as its HTTP 429 is);
+/// `None` for anything else, the request's own fault (`context_length_exceeded`, a content
+/// filter, `invalid_prompt`), which is the backend answering. Counted an answer, a backend
+/// failing or limited in every stream kept its share of traffic and never cooled down.
+fn responses_failure(data: &str) -> Option<Outcome> {
+    let event: serde_json::Value = serde_json::from_str(data).ok()?;
+    let code = ["/response/error/code", "/code", "/error/code"]
+        .iter()
+        .find_map(|at| event.pointer(at).and_then(serde_json::Value::as_str))?;
+    match code {
+        "server_error" => Some(Outcome::Failure {
+            retry_after: None,
+            scope: Scope::Backend,
+        }),
+        "rate_limit_exceeded" => Some(Outcome::RateLimited {
+            retry_after: None,
+            scope: Scope::Model,
+        }),
+        "insufficient_quota" => Some(Outcome::RateLimited {
+            retry_after: None,
+            scope: Scope::Backend,
+        }),
+        _ => None,
     }
 }
 
