@@ -681,17 +681,24 @@ async fn the_retry_hint_follows_any_attempt_that_may_have_been_billed() {
     assert_eq!(header(&response, "x-should-retry"), "false");
 }
 
+/// One chat request to a primary that answers `first` and a fallback that answers `then` (once
+/// each); its answer, with the harness that served it (dropped, it stops serving).
+async fn after_faults(first: Fault, then: Fault) -> (Harness, reqwest::Response) {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    primary.set_fault(first.times(1));
+    fallback.set_fault(then.times(1));
+    let response = h.chat(chat_body(false)).await;
+    (h, response)
+}
+
 /// A passed-on 429 says to come back when its backend is free again, but no later than another
 /// candidate is: the primary cooling for a second after its own 429, the fallback's "retry
 /// after a day" (Azure's S0 tier) is not the client's wait (openai-python gave up at once on
 /// it, anthropic's 2.x slept through it). A lone backend's wait is passed on as it came.
 #[tokio::test]
 async fn a_429s_wait_is_no_later_than_another_candidates() {
-    let (primary, fallback) = (mock("primary"), mock("fallback"));
-    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
-    primary.set_fault(Fault::status(429).times(1));
-    fallback.set_fault(Fault::rate_limited(86_400).times(1));
-    let response = h.chat(chat_body(false)).await;
+    let (_h, response) = after_faults(Fault::status(429), Fault::rate_limited(86_400)).await;
     assert_eq!(response.status(), 429);
     assert_eq!(header(&response, "x-sluice-attempts"), "2");
     assert_eq!(header(&response, "retry-after"), "1");
@@ -714,11 +721,7 @@ async fn a_candidate_that_failed_otherwise_does_not_shorten_the_wait() {
         body: r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#.into(),
     };
     for failed in [Fault::status(500), out_of_credit] {
-        let (primary, fallback) = (mock("primary"), mock("fallback"));
-        let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
-        primary.set_fault(failed.clone().times(1));
-        fallback.set_fault(Fault::rate_limited(3).times(1));
-        let response = h.chat(chat_body(false)).await;
+        let (_h, response) = after_faults(failed.clone(), Fault::rate_limited(3)).await;
         assert_eq!(response.status(), 429, "{failed:?}");
         assert_eq!(header(&response, "retry-after"), "3", "{failed:?}");
     }
@@ -742,11 +745,7 @@ async fn a_candidate_that_failed_otherwise_does_not_shorten_the_wait() {
 /// (rate limited for a second): the client may come back when that one frees up, not never.
 #[tokio::test]
 async fn the_last_backends_refused_key_with_another_busy_says_when_to_come_back() {
-    let (primary, fallback) = (mock("primary"), mock("fallback"));
-    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
-    primary.set_fault(Fault::status(429).times(1));
-    fallback.set_fault(Fault::status(401).times(1));
-    let response = h.chat(chat_body(false)).await;
+    let (_h, response) = after_faults(Fault::status(429), Fault::status(401)).await;
     assert_eq!(response.status(), 502);
     assert!(response.headers().get("x-should-retry").is_none());
     assert_eq!(header(&response, "retry-after"), "1");
@@ -754,11 +753,7 @@ async fn the_last_backends_refused_key_with_another_busy_says_when_to_come_back(
     assert_eq!(body["error"]["code"], "upstream_auth_failed", "{body}");
 
     // Busy for longer than the SDKs wait: never, as when every backend refused.
-    let (primary, fallback) = (mock("primary"), mock("fallback"));
-    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
-    primary.set_fault(Fault::rate_limited(600).times(1));
-    fallback.set_fault(Fault::status(401).times(1));
-    let response = h.chat(chat_body(false)).await;
+    let (_h, response) = after_faults(Fault::rate_limited(600), Fault::status(401)).await;
     assert_eq!(response.status(), 502);
     assert_eq!(header(&response, "x-should-retry"), "false");
     assert!(response.headers().get("retry-after").is_none());
