@@ -482,14 +482,15 @@ pub struct SettingsSetArgs {
     pub max_attempts: Option<u32>,
     #[arg(long, value_parser = humantime::parse_duration)]
     pub connect_timeout: Option<Duration>,
-    /// A stream: time from sending a request to its first event (the first token).
+    /// A stream: time from sending a request to its head (its first event is waited for
+    /// as long as a whole answer, or this, the longer).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub first_byte_timeout: Option<Duration>,
     /// A whole (non-streamed) answer: time from sending a request to its head, which comes
-    /// once the whole answer is generated.
+    /// once the whole answer is generated; a stream: to its first event.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub answer_timeout: Option<Duration>,
-    /// Longest silence between two chunks of a stream.
+    /// Longest silence between two chunks of a stream (or of a whole answer's body).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub idle_stream_timeout: Option<Duration>,
     /// Overall deadline of a client request, all attempts included.

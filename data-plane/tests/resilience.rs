@@ -1518,16 +1518,18 @@ async fn usage_queued_while_the_control_plane_drops_the_stream_arrives_once() {
 /// A provider keeping a streamed request in its queue answers its head at once, then only
 /// comments (DeepSeek's `: keep-alive`, for up to ten minutes; OpenRouter's `: OPENROUTER
 /// PROCESSING`): no event, no token. A stream is committed to a backend at its first event,
-/// not its first byte, so past `first_byte_timeout` the next backend is asked, as for one that
-/// sends nothing; and a 200 stream that ends before any event is a failure the next backend
-/// answers. Comments before a first event that comes in time go to the client with it.
+/// not its first byte, so past the wait for its first event (`answer_timeout`, as a whole
+/// answer's) the next backend is asked, as for one that sends nothing; and a 200 stream that
+/// ends before any event is a failure the next backend answers. Comments before a first event
+/// that comes in time go to the client with it.
 #[tokio::test]
-async fn a_stream_of_only_comments_or_nothing_fails_over_at_its_first_byte_timeout() {
+async fn a_stream_of_only_comments_or_nothing_fails_over_at_its_answer_timeout() {
     use sluice_e2e::mock::GarbageKind;
     let (primary, fallback) = (mock("primary"), mock("fallback"));
     let mut message = snapshot(1, pair(&primary, &fallback));
     let settings = message.settings.as_mut().unwrap();
-    settings.first_byte_timeout = Some(proto_duration(Duration::from_millis(300)));
+    settings.first_byte_timeout = Some(proto_duration(Duration::from_millis(200)));
+    settings.answer_timeout = Some(proto_duration(Duration::from_millis(300)));
     let h = Harness::start(message).await;
     for fault in [
         Fault::QueuedMs(3_000),
@@ -1559,6 +1561,161 @@ async fn a_stream_of_only_comments_or_nothing_fails_over_at_its_first_byte_timeo
         .map(|r| (r.backend_id.as_str(), r.attempts))
         .collect();
     assert_eq!(served, [("fallback", 2), ("fallback", 2), ("primary", 1)]);
+}
+
+/// A reasoning model answers a streamed chat request's head at once, and its first chunk only
+/// with the answer's first token, once it has thought: minutes, at a high effort. The first
+/// event is waited for as long as a whole answer (`answer_timeout`), not the head's
+/// `first_byte_timeout`: cut off there, every attempt failed over, each one billed for the
+/// thinking it had done, and no backend ever answered. A head that does not come is still
+/// given up at `first_byte_timeout`, and a model thinking past `answer_timeout` too.
+#[tokio::test]
+async fn a_stream_whose_model_thinks_before_its_first_event_is_waited_for() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let mut message = snapshot(1, pair(&primary, &fallback));
+    let settings = message.settings.as_mut().unwrap();
+    settings.first_byte_timeout = Some(proto_duration(Duration::from_millis(200)));
+    settings.answer_timeout = Some(proto_duration(Duration::from_millis(2_000)));
+    let h = Harness::start(message).await;
+
+    primary.set_fault(Fault::ThinkingMs(800).times(1));
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "1");
+    let body = response.text().await.unwrap();
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+
+    for fault in [Fault::DelayMs(800), Fault::ThinkingMs(3_000)] {
+        primary.set_fault(fault.clone().times(1));
+        let response = h.chat(chat_body(true)).await;
+        assert_eq!(response.status(), 200, "{fault:?}");
+        assert_eq!(
+            header(&response, "x-sluice-backend"),
+            "fallback-name",
+            "{fault:?}"
+        );
+        assert_eq!(header(&response, "x-sluice-attempts"), "2", "{fault:?}");
+    }
+    let records = h.records(3).await;
+    let served: Vec<(&str, u32)> = records
+        .iter()
+        .map(|r| (r.backend_id.as_str(), r.attempts))
+        .collect();
+    assert_eq!(served, [("primary", 1), ("fallback", 2), ("fallback", 2)]);
+}
+
+/// An answer is given up at `answer_timeout` only for another backend to be asked. The last
+/// candidate (the only backend of its model here) waits for it to the request's deadline: a
+/// model thinking past `answer_timeout` was cut off, billed, and never answered, with nothing
+/// gained. A head that does not come is given up at `first_byte_timeout` all the same.
+#[tokio::test]
+async fn the_last_candidate_is_waited_for_past_answer_timeout() {
+    let primary = mock("primary");
+    let mut message = one_primary_snapshot(&primary.base_url());
+    let settings = message.settings.as_mut().unwrap();
+    settings.first_byte_timeout = Some(proto_duration(Duration::from_millis(200)));
+    settings.answer_timeout = Some(proto_duration(Duration::from_millis(400)));
+    settings.request_timeout = Some(proto_duration(Duration::from_millis(5_000)));
+    let h = Harness::start(message).await;
+
+    for (fault, stream) in [
+        (Fault::ThinkingMs(1_200), true),
+        (Fault::DelayMs(1_200), false),
+    ] {
+        primary.set_fault(fault.clone().times(1));
+        let response = h.chat(chat_body(stream)).await;
+        assert_eq!(response.status(), 200, "{fault:?}");
+        assert_eq!(header(&response, "x-sluice-attempts"), "1", "{fault:?}");
+        let body = response.text().await.unwrap();
+        assert!(body.contains("primary"), "{fault:?}: {body}");
+    }
+    // A stream's head is still due within `first_byte_timeout`.
+    primary.set_fault(Fault::DelayMs(1_200).times(1));
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(response.status(), 504);
+}
+
+/// An upstream that answers every request with a whole answer's head and the first bytes of
+/// its body, then nothing more for a minute.
+async fn upstream_trickling_its_answer() -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0; 8192];
+                let _ = tcp.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":";
+                let _ = tcp.write_all(head.as_bytes()).await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+/// A whole answer whose body the request's deadline cuts off was cut by the request, not by
+/// its backend (as a stream's is): it ends the request with 504 and counts nothing against the
+/// backend, which serves the next request as before (it counted as the backend's failure, and
+/// at `failure_threshold` 1 the next request found every backend cooling: 429).
+#[tokio::test]
+async fn a_whole_answer_cut_by_the_requests_deadline_is_not_its_backends_failure() {
+    let mut message = one_primary_snapshot(&upstream_trickling_its_answer().await);
+    let settings = message.settings.as_mut().unwrap();
+    settings.failure_threshold = 1;
+    settings.request_timeout = Some(proto_duration(Duration::from_millis(500)));
+    let h = Harness::start(message).await;
+    for _ in 0..2 {
+        let response = h.chat(chat_body(false)).await;
+        assert_eq!(response.status(), 504);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "upstream_timeout", "{body}");
+    }
+}
+
+/// A request whose answer does not come in time was taken by its backend (a connect timeout
+/// is a connect error): the slowness is its model's (a reasoning model thinking, a model's
+/// queue), and cools that model alone at the backend, as a 429 does; the backend's other
+/// models are still served there. A stream silent past `idle_stream_timeout` after its first
+/// event counts so too.
+#[tokio::test]
+async fn a_model_too_slow_to_answer_cools_that_model_alone_at_its_backend() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let slow = format!("{MODEL}-at-primary");
+    primary.set_fault(Fault::ThinkingMs(3_000).always().for_model(&slow));
+    let mut message = snapshot(1, pair_of_two_models(&primary, &fallback));
+    let settings = message.settings.as_mut().unwrap();
+    settings.failure_threshold = 1;
+    settings.first_byte_timeout = Some(proto_duration(Duration::from_millis(200)));
+    settings.answer_timeout = Some(proto_duration(Duration::from_millis(400)));
+    let h = Harness::start(message).await;
+
+    let stream = |model: &str| {
+        let mut body = chat_for(model);
+        body["stream"] = Value::Bool(true);
+        body
+    };
+    let response = h.chat(stream(MODEL)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+    // The model cools at the primary: not asked there again.
+    let response = h.chat(stream(MODEL)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "1");
+    // The primary's other model is served there, as before.
+    for _ in 0..3 {
+        let response = h.chat(stream("other")).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    }
+    let event = h.first_cooldown_event().await;
+    assert_eq!(
+        (event.backend_id.as_str(), event.model.as_str()),
+        ("primary", slow.as_str())
+    );
 }
 
 /// A backend on a streak (after a 429) ends it when a stream sent to it answers, at its first
@@ -1610,7 +1767,8 @@ async fn a_stream_answering_ends_its_backends_streak_at_its_first_event() {
 }
 
 /// A backend whose streams break after their first event (here: silent past the idle
-/// timeout) cools down as one that fails before it does: each such stream is its failure,
+/// timeout, which counts on its model's streak) cools down as one that fails before it does:
+/// each such stream is its failure,
 /// recorded when the stream breaks. Counted a success at its first event, each such stream
 /// ended the backend's failure streak, so it never cooled and kept its share of streams.
 /// A stream that ends normally, or that its client leaves, is an answer.
@@ -1618,7 +1776,7 @@ async fn a_stream_answering_ends_its_backends_streak_at_its_first_event() {
 async fn a_backend_whose_streams_break_after_their_first_event_cools_down() {
     let primary = slow_mock("primary", 5, 1_000);
     let fallback = mock("fallback");
-    let mut message = snapshot(1, pair(&primary, &fallback));
+    let mut message = snapshot(1, pair_of_two_models(&primary, &fallback));
     let settings = message.settings.as_mut().unwrap();
     settings.idle_stream_timeout = Some(proto_duration(Duration::from_millis(200)));
     settings.failure_threshold = 2;
@@ -1640,6 +1798,10 @@ async fn a_backend_whose_streams_break_after_their_first_event_cools_down() {
     let event = h.cp.with(|r| r.events[0].clone());
     assert_eq!(event.kind, BackendEventKind::Failing as i32);
     assert_eq!(event.reason, "2 consecutive failures");
+    // Silence is its model's: the backend's other model is still served there.
+    assert_eq!(event.model, format!("{MODEL}-at-primary"));
+    let response = h.chat(chat_for("other")).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
 
     // Its cooldown over, the next stream's first event ends the streak; its break after that
     // is a failure of the backend as it is now (judged at the state before, it was dropped,
@@ -1651,10 +1813,12 @@ async fn a_backend_whose_streams_break_after_their_first_event_cools_down() {
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
 }
 
-/// Waits until this replica no longer skips `backend` for a cooldown.
+/// Waits until this replica no longer skips `backend` for a cooldown, its own or that of
+/// [`MODEL`] at it.
 async fn until_not_cooling(h: &Harness, backend: &str) {
     let cooldowns = h.store.cooldowns();
-    while let Err(until) = cooldowns.check(backend, "", tokio::time::Instant::now()) {
+    let model = format!("{MODEL}-at-{backend}");
+    while let Err(until) = cooldowns.check(backend, &model, tokio::time::Instant::now()) {
         tokio::time::sleep_until(until).await;
     }
 }

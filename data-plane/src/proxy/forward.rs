@@ -220,6 +220,14 @@ impl Failure {
                 why: Refusal::Feature,
                 ..
             } => Outcome::Success,
+            // The request was sent and taken (a connect timeout is a connect error), and its
+            // answer did not come in time: slowness is a model's (its queue, its thinking),
+            // and one slow model must not take the backend's others out. A backend down for
+            // every model fails to connect, or answers 5xx.
+            Self::Timeout => Outcome::Failure {
+                retry_after: None,
+                scope: Scope::Model,
+            },
             _ => Outcome::Failure {
                 retry_after: None,
                 scope: Scope::Backend,
@@ -563,7 +571,8 @@ pub(super) async fn forward_call(
     // other could take the request either.
     // Boxed: it lives across the attempts' awaits, in the request's future, which is moved.
     let mut untranslatable: Option<Box<ProxyError>> = None;
-    for route in order {
+    let last_route = order.len().saturating_sub(1);
+    for (position, route) in order.into_iter().enumerate() {
         if acct.attempts() >= policy.max_attempts {
             break;
         }
@@ -716,6 +725,13 @@ pub(super) async fn forward_call(
             client: snapshot.upstream(app.pool),
             sleeps: &app.sleeps,
             sent,
+            // No other backend could take the request if this one timed out: the last route,
+            // the last attempt allowed, or timeouts not failed over. Not a call that bills
+            // nothing (a token count, a stored response's): given up, the SDK asks again.
+            last: (position == last_route
+                || acct.attempts() >= policy.max_attempts
+                || !policy.retry_on_timeout)
+                && !call.bills_nothing(),
             backend,
             // Only to a backend of the client's own API: a translated request carries none.
             passed: call
@@ -1139,6 +1155,9 @@ struct Sending<'a> {
     sleeps: &'a KeptSleeps,
     /// When the attempt started (its first byte's deadline counts from then).
     sent: Instant,
+    /// Whether a timeout of this attempt would end the request (no other backend would be
+    /// tried): it then waits for the answer to the deadline ([`attempt`]).
+    last: bool,
     backend: &'a Backend,
     /// What an Anthropic backend gets of the client's request as it came.
     passed: &'a [(HeaderName, HeaderValue)],
@@ -1167,6 +1186,7 @@ async fn attempt(
         client,
         sleeps,
         sent,
+        last,
         backend,
         passed,
         stream,
@@ -1204,25 +1224,34 @@ async fn attempt(
     for (name, value) in passed {
         headers.append(name.clone(), value.clone());
     }
-    // A stream's head and first event come with its first token; a whole answer's head only
-    // once all of it is generated, which a reasoning model may take minutes over.
-    let wait = if stream {
-        policy.first_byte_timeout
-    } else {
-        policy.answer_timeout
+    // A stream's head comes once the provider has taken the request; a whole answer's only
+    // once all of it is generated, which a reasoning model may take minutes over, and a
+    // stream's first event once it has thought (see below). The answer is given up at
+    // `answer_timeout` only for another backend to be asked: the last attempt waits for it
+    // to the deadline (cut off, a model thinking for longer was never answered, and every
+    // attempt was billed).
+    let given_up_at = |wait: Duration| match last {
+        true => deadline,
+        false => deadline.min(sent + wait),
     };
-    let first_byte = deadline.min(sent + wait);
+    let first_byte = match stream {
+        true => deadline.min(sent + policy.first_byte_timeout),
+        false => given_up_at(policy.answer_timeout),
+    };
+    let first_event_by = given_up_at(policy.answer_timeout.max(policy.first_byte_timeout));
     // Timed out at the request's deadline rather than by the backend's own wait.
-    let timed_out = if first_byte == deadline {
-        Failure::Deadline
-    } else {
-        Failure::Timeout
+    let timed_out = |by: Instant| {
+        if by == deadline {
+            Failure::Deadline
+        } else {
+            Failure::Timeout
+        }
     };
     // A connect timeout is a connect error (the connector's own limit); only our deadlines
     // make a timeout.
-    let sent = client.send(request, backend.host());
-    let upstream = match within(sleeps, || first_byte, sent).await {
-        Err(_) => return Err(timed_out),
+    let sending = client.send(request, backend.host());
+    let upstream = match within(sleeps, || first_byte, sending).await {
+        Err(_) => return Err(timed_out(first_byte)),
         Ok(Err(e)) if upstream::out_of_files(&*e) => return Err(Failure::OutOfFiles),
         Ok(Err(e)) if upstream::never_sent(&*e) => {
             return Err(Failure::Connect(upstream::error_chain(&*e)));
@@ -1268,21 +1297,30 @@ async fn attempt(
         // Wait for the first event before committing: until then another backend can still
         // take over. Comments before it (DeepSeek's `: keep-alive` while the request waits
         // in its queue, OpenRouter's `: OPENROUTER PROCESSING`) do not count; they go to the
-        // client with it.
+        // client with it. The head came: the provider is generating, and a reasoning model
+        // sends its first chunk only with the answer's first token, after it has thought
+        // (minutes, at a high effort). So the first event is waited for as long as a whole
+        // answer (`answer_timeout`); cut off at the first byte's wait, every attempt of such
+        // a request failed over, billed, and none was ever answered.
         let mut first = BytesMut::new();
         loop {
-            let chunk =
-                match within(sleeps, || first_byte, upstream::next_chunk(&mut upstream)).await {
-                    Err(_) => return Err(timed_out),
-                    // The head came: the provider has the request.
-                    Ok(Err(e)) => return Err(Failure::Lost(upstream::error_chain(&*e))),
-                    Ok(Ok(None)) => {
-                        return Err(Failure::Invalid(
-                            "the stream ended before its first event".into(),
-                        ));
-                    }
-                    Ok(Ok(Some(chunk))) => chunk,
-                };
+            let chunk = match within(
+                sleeps,
+                || first_event_by,
+                upstream::next_chunk(&mut upstream),
+            )
+            .await
+            {
+                Err(_) => return Err(timed_out(first_event_by)),
+                // The head came: the provider has the request.
+                Ok(Err(e)) => return Err(Failure::Lost(upstream::error_chain(&*e))),
+                Ok(Ok(None)) => {
+                    return Err(Failure::Invalid(
+                        "the stream ended before its first event".into(),
+                    ));
+                }
+                Ok(Ok(Some(chunk))) => chunk,
+            };
             if first.is_empty() && starts_an_event(&chunk) && !opens_with_an_error(&chunk) {
                 // The usual case: the first chunk holds the first event.
                 return Ok(Answer::Stream {
@@ -1545,6 +1583,9 @@ fn only_content_type(mut headers: HeaderMap, content_type: Option<HeaderValue>) 
 }
 
 /// An error answer's body, up to [`MAX_ERROR_BODY`]; empty when it cannot be read.
+/// The longest pause in reading an error's body ([`error_body`]).
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(10);
+
 async fn error_body(
     sleeps: &KeptSleeps,
     upstream: UpstreamBody,
@@ -1555,7 +1596,9 @@ async fn error_body(
         sleeps,
         upstream,
         MAX_ERROR_BODY,
-        policy.idle_stream_timeout,
+        // A few hundred bytes the server has decided to send: a body stalling is not a model
+        // thinking, and the next backend waits on it.
+        policy.idle_stream_timeout.min(ERROR_BODY_WAIT),
         deadline,
         None,
         None,
@@ -1589,6 +1632,8 @@ async fn read_body(
     loop {
         let until = || deadline.min(Instant::now() + idle);
         match within(sleeps, until, upstream::next_chunk(&mut upstream)).await {
+            // Cut by the request's deadline, not by the backend's silence: not its failure.
+            Err(_) if Instant::now() >= deadline => return Err(Failure::Deadline),
             Err(_) => return Err(Failure::Timeout),
             Ok(Err(e)) => return Err(Failure::Invalid(upstream::error_chain(&*e))),
             Ok(Ok(None)) => return Ok((collected.into_bytes(), held)),

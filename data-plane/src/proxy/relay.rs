@@ -949,7 +949,14 @@ impl Body for Relay {
                 this.ended(None);
                 this.interrupt("the request deadline passed");
             } else {
-                this.upstream_failed("the upstream stream went silent");
+                // A model's silence, as a timeout before the answer is (`Failure::health`):
+                // a reasoning model thinking past the idle timeout must not take the
+                // backend's other models out.
+                this.ended(Some(Outcome::Failure {
+                    retry_after: None,
+                    scope: Scope::Model,
+                }));
+                this.interrupt("the upstream stream went silent");
             }
         }
     }

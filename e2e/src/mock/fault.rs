@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 ///
 /// JSON (serde's external tagging, snake_case):
 /// `{"status":{"code":429,"retry_after":{"seconds":2}}}`, `{"status":{"code":503}}`, `"reset"`,
-/// `"stall"`, `{"delay_ms":2000}`, `{"cut_after_chunks":3}`, `{"garbage":"not_json"}` (or
+/// `"stall"`, `{"delay_ms":2000}`, `{"queued_ms":2000}`, `{"thinking_ms":2000}`,
+/// `{"cut_after_chunks":3}`, `{"garbage":"not_json"}` (or
 /// `"invalid_sse"`, `"giant_line"`, `"bad_tool_call"`), `{"echo_key":{"code":401}}`,
 /// `"request_too_large"`, `"key_invalid"`, `"model_access_denied"`,
 /// `{"body":{"code":404,"body":"{\"error\":…}"}}`; a spec may name the one `"model"` it applies
@@ -38,6 +39,11 @@ pub enum Fault {
     /// many milliseconds before its first event, as DeepSeek answers a request waiting in its
     /// queue. A whole answer waits as with [`Fault::DelayMs`].
     QueuedMs(u64),
+    /// A stream: its head at once, then nothing for this many milliseconds before its first
+    /// event, as a reasoning model answers a streamed chat request (its first chunk comes with
+    /// the answer's first token, once it has thought). A whole answer waits as with
+    /// [`Fault::DelayMs`].
+    ThinkingMs(u64),
     /// Send the response head and the first `k` SSE events (the role chunk counts as the first),
     /// then close the connection: no `[DONE]`, and the chunked body is left unterminated. A
     /// non-streaming request gets its `Content-Length` and only the first half of the JSON body.

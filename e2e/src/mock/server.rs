@@ -638,7 +638,7 @@ async fn api(
             usage,
         } => match cut {
             None => {
-                if let Some(Fault::QueuedMs(ms)) = fault {
+                if let Some(Fault::QueuedMs(ms) | Fault::ThinkingMs(ms)) = fault {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
                 if let Some(u) = usage {
@@ -659,8 +659,10 @@ async fn api(
         },
         Answer::Stream(mut plan) => {
             plan.cut_after = cut;
-            if let Some(Fault::QueuedMs(ms)) = fault {
-                plan.queued_for = Duration::from_millis(ms);
+            match fault {
+                Some(Fault::QueuedMs(ms)) => plan.queued_for = Duration::from_millis(ms),
+                Some(Fault::ThinkingMs(ms)) => plan.thinking_for = Duration::from_millis(ms),
+                _ => {}
             }
             bump(&shared.counters.streams_started);
             let body =
@@ -915,6 +917,7 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
             interval: config.chunk_interval,
             cut_after: None,
             queued_for: Duration::ZERO,
+            thinking_for: Duration::ZERO,
         });
     }
     let meta = Meta {

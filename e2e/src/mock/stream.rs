@@ -53,6 +53,8 @@ pub(crate) struct StreamPlan {
     pub(crate) cut_after: Option<usize>,
     /// Send `: keep-alive` comments for this long before the first event (a queued request).
     pub(crate) queued_for: Duration,
+    /// Send nothing for this long before the first event (a model thinking).
+    pub(crate) thinking_for: Duration,
 }
 
 impl StreamPlan {
@@ -154,6 +156,13 @@ pub(crate) fn sse(plan: StreamPlan, shared: Arc<Shared>) -> impl Stream<Item = F
                 (left, false),
             ))
         });
+    let thinking_for = plan.thinking_for;
+    let thinking = futures::stream::once(async move {
+        if !thinking_for.is_zero() {
+            tokio::time::sleep(thinking_for).await;
+        }
+    })
+    .filter_map(|()| std::future::ready(None));
     let state = SseState {
         plan,
         shared,
@@ -188,7 +197,7 @@ pub(crate) fn sse(plan: StreamPlan, shared: Arc<Shared>) -> impl Stream<Item = F
         st.next += 1;
         Some((Ok(Frame::data(bytes)), st))
     });
-    keep_alives.chain(events)
+    keep_alives.chain(thinking).chain(events)
 }
 
 /// How often a queued stream's keep-alive comment is sent.

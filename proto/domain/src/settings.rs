@@ -19,7 +19,7 @@ pub fn defaults() -> pb::Settings {
         connect_timeout: secs(5),
         first_byte_timeout: secs(60),
         answer_timeout: secs(300),
-        idle_stream_timeout: secs(60),
+        idle_stream_timeout: secs(300),
         request_timeout: secs(600),
         cooldown_base: secs(1),
         cooldown_cap: secs(300),
@@ -76,10 +76,12 @@ pub struct InvalidDuration(pub &'static str);
 pub struct Policy {
     pub max_attempts: u32,
     pub connect_timeout: Duration,
-    /// A stream's wait for its head and first event.
+    /// A stream's wait for its head.
     pub first_byte_timeout: Duration,
-    /// A whole answer's wait for its head (which comes once it is generated).
+    /// A whole answer's wait for its head (which comes once it is generated), and a stream's
+    /// for its first event (which a reasoning model sends once it has thought).
     pub answer_timeout: Duration,
+    /// The longest silence inside a stream (and between a whole answer's chunks).
     pub idle_stream_timeout: Duration,
     pub request_timeout: Duration,
     pub cooldown: CooldownPolicy,
