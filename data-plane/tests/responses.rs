@@ -352,9 +352,43 @@ async fn altered_ids_other_keys_and_unreachable_backends_are_refused_clearly() {
     assert_eq!(code, "response_backend_cooling_down");
     assert_eq!(beta.stats().requests.total(), 0);
 
+    // Its model cooling down at that backend (a 429 cools the model alone): the same answer,
+    // not the 429 "every backend is busy" of a request any backend could take.
+    let mut model_cools = two.clone();
+    model_cools.version = 3;
+    model_cools.backends[0].cooldown_remaining = None;
+    model_cools.backends[0].model_cooldowns = vec![proto::ModelCooldown {
+        model: format!("{MODEL}-at-alpha"),
+        cooldown_epoch: 1,
+        consecutive_failures: 1,
+        cooldown_remaining: Some(sluice_proxy::clock::proto_duration(
+            std::time::Duration::from_secs(30),
+        )),
+        ..Default::default()
+    }];
+    h.publish(model_cools).await;
+    let response = create(
+        &h,
+        json!({"model": MODEL, "input": "x", "previous_response_id": id}),
+    )
+    .await;
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&retry_after), "{retry_after}");
+    let (code, _) = error_code(response, 503).await;
+    assert_eq!(code, "response_backend_cooling_down");
+    assert_eq!(beta.stats().requests.total(), 0);
+    // A new conversation is not pinned: the fallback takes it.
+    let response = create(&h, json!({"model": MODEL, "input": "x"})).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(beta.stats().requests.total(), 1);
+
     // Its backend disabled or deleted (not in the snapshot): 404 that says so.
     let mut gone = two;
-    gone.version = 3;
+    gone.version = 4;
     gone.backends.remove(0);
     h.publish(gone).await;
     let (code, body) = error_code(retrieve(&h, &id).await, 404).await;
@@ -365,7 +399,7 @@ async fn altered_ids_other_keys_and_unreachable_backends_are_refused_clearly() {
             .unwrap()
             .contains("disabled or was deleted")
     );
-    assert_eq!(beta.stats().requests.total(), 0);
+    assert_eq!(beta.stats().requests.total(), 1);
 }
 
 /// `POST /v1/responses/compact` (the SDKs' `responses.compact`, the Agents SDK's compaction

@@ -91,6 +91,16 @@ pub(super) async fn create(
                 )
                 .await;
             };
+            // The model's cooldown at the backend, as its own (`pin`): routed, the only
+            // candidate cooling was answered 429 "every backend is busy", and the client was
+            // not told that no other backend can take it.
+            if let Err(until) = app.store.cooldowns().check(
+                &affinity.backend_id,
+                &route.upstream_model,
+                Instant::now(),
+            ) {
+                return forward::error(acct, cooling_down(previous, until)).await;
+            }
             ids.known = Some((affinity.upstream_id.clone(), previous.to_string()));
             Some((route, affinity.upstream_id))
         }
@@ -215,10 +225,16 @@ fn pin(
     };
     // The backend's own cooldown: a model's at it is checked once the call is routed.
     if let Err(until) = app.store.cooldowns().check(&backend.id, "", Instant::now()) {
-        return Err(ProxyError::ResponseBackendCoolingDown {
-            id: quoted(id),
-            retry_after: until.saturating_duration_since(Instant::now()),
-        });
+        return Err(cooling_down(id, until));
     }
     Ok((index, affinity))
+}
+
+/// The answer to a call on the response `id` whose backend, or model at it, cools down
+/// until `until`.
+fn cooling_down(id: &str, until: Instant) -> ProxyError {
+    ProxyError::ResponseBackendCoolingDown {
+        id: quoted(id),
+        retry_after: until.saturating_duration_since(Instant::now()),
+    }
 }
