@@ -317,9 +317,13 @@ impl ProxyError {
             | Self::KeyTokensLimited { retry_after, .. }
             | Self::BackendsBusy { retry_after, .. }
             | Self::BudgetUnavailable { retry_after } => Some(*retry_after),
+            // A replica without its first snapshot, or unable to write its usage down: the
+            // load balancer may send the retry to another.
             Self::BodiesBusy
             | Self::OutOfFiles
             | Self::NoAffinityKey
+            | Self::NotReady
+            | Self::UsageUnrecordable(_)
             | Self::KeyParallelLimited { .. } => Some(Duration::from_secs(1)),
             Self::ResponseBackendCoolingDown { retry_after, .. } => Some(*retry_after),
             _ => None,

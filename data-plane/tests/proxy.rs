@@ -1111,6 +1111,8 @@ async fn ready_only_with_a_snapshot() {
         .send()
         .await
         .unwrap();
+    // The SDKs wait what it says before they try again, perhaps on another replica.
+    assert_eq!(not_ready.headers()["retry-after"], "1");
     assert_error(not_ready, 503, "not_ready").await;
 
     cp.publish(snapshot(1, vec![]));

@@ -160,6 +160,7 @@ async fn a_full_spool_refuses_requests_with_503_when_told_to_and_serves_them_oth
         let response = h.chat(chat_body(false)).await;
         assert_eq!(response.status(), expected, "{on_full:?}");
         if expected == 503 {
+            assert_eq!(response.headers()["retry-after"], "1");
             let body: serde_json::Value = response.json().await.unwrap();
             assert_eq!(body["error"]["code"], "usage_unrecordable");
             assert_eq!(upstream.seen().len(), seen_before, "no upstream call");
