@@ -329,6 +329,57 @@ fn chat_for(model: &str) -> Value {
     serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
 }
 
+/// An OpenAI-compatible server without the legacy completions or the embeddings endpoint
+/// (Groq's 404 "Unknown request URL", a TGI node's, a FastAPI server's 405) answers its own
+/// 404 or 405: another backend of the model serves the call, and the backend is counted as
+/// answering (nothing cools). With none left, its answer is the client's, as before. Before,
+/// the 404 went to the client, whenever that backend came first (half the requests at equal
+/// weights, every failover from a busy primary).
+#[tokio::test]
+async fn a_backend_without_the_endpoint_called_leaves_it_to_another() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let unknown = r#"{"error":{"message":"Unknown request URL: POST /openai/v1/completions. Please check the URL for typos","type":"invalid_request_error","code":"unknown_url"}}"#;
+    primary.set_fault(
+        Fault::Body {
+            code: 404,
+            body: unknown.into(),
+        }
+        .always(),
+    );
+    let mut message = snapshot(1, pair(&primary, &fallback));
+    message.settings.as_mut().unwrap().failure_threshold = 1;
+    let h = Harness::start(message).await;
+    let calls = [
+        (
+            "/v1/completions",
+            serde_json::json!({"model": MODEL, "prompt": "hi"}),
+        ),
+        (
+            "/v1/embeddings",
+            serde_json::json!({"model": MODEL, "input": ["a", "b"]}),
+        ),
+    ];
+    for (path, body) in &calls {
+        for _ in 0..3 {
+            let response = h.post(path, KEY, body).await;
+            assert_eq!(response.status(), 200, "{path}");
+            assert_eq!(
+                header(&response, "x-sluice-backend"),
+                "fallback-name",
+                "{path}"
+            );
+            // Asked of the primary each time: it answered, nothing cools.
+            assert_eq!(header(&response, "x-sluice-attempts"), "2", "{path}");
+        }
+    }
+    // The only backend: its answer is the client's.
+    let alone = Harness::start(one_primary_snapshot(&primary.base_url())).await;
+    let response = alone.post(calls[0].0, KEY, &calls[0].1).await;
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unknown_url", "{body}");
+}
+
 /// Providers limit each model apart (OpenAI's 429s name the model, Anthropic's limits are
 /// per model, an Azure deployment is one model): a 429 for one model cools that model at the
 /// backend, and the backend's other models are still served there. The cooldown reaches the

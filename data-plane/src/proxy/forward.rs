@@ -1408,14 +1408,16 @@ async fn attempt(
         return Err(Failure::Refused { status, why });
     }
     // A server that serves Messages without Anthropic's `count_tokens` (Ollama's, LiteLLM's
-    // before late 2025): another Anthropic backend of the model may count; the last one's
-    // answer is the client's when none does.
-    if endpoint == Endpoint::CountTokens
-        && matches!(
-            status,
-            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
-        )
-    {
+    // before late 2025), or OpenAI's API without its legacy completions or its embeddings
+    // (Groq's "Unknown request URL", TGI's, Mistral's): another backend of the model may
+    // serve the call; the last one's answer is the client's when none does.
+    if matches!(
+        endpoint,
+        Endpoint::CountTokens | Endpoint::Completions | Endpoint::Embeddings
+    ) && matches!(
+        status,
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+    ) {
         return Err(Failure::Status {
             status,
             retry_after: None,
