@@ -719,6 +719,51 @@ async fn embeddings_and_completions_are_served() {
     assert_eq!(stats.model_requests("emb-up"), 1);
 }
 
+/// An embeddings answer is billed for its prompt alone. A server that reports only its total
+/// (Jina's `{"total_tokens": N}`) has it recorded as the prompt; one that reports no `usage`
+/// (Google's OpenAI-compatible endpoint, OpenWebUI) has the prompt's estimate recorded, marked
+/// as one, and priced: both were recorded as 0 tokens, and free.
+#[tokio::test]
+async fn an_embeddings_answer_is_counted_from_its_total_or_else_estimated() {
+    let primary = mock("primary");
+    let mut b = backend("primary", &primary.base_url(), proto::Pool::Primary, 0);
+    b.models[0].input_price_per_mtok = 1_000_000.0;
+    let h = Harness::start(snapshot(1, vec![b])).await;
+    let request = json!({"model": MODEL, "input": ["a long enough text to embed", "and another"]});
+    let vectors = r#""object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1]},{"object":"embedding","index":1,"embedding":[0.2]}],"model":"m""#;
+    for (i, (usage, prompt, estimated)) in [
+        (r#","usage":{"total_tokens":7}"#, Some(7), false),
+        ("", None, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        primary.set_fault(
+            Fault::Body {
+                code: 200,
+                body: format!("{{{vectors}{usage}}}"),
+            }
+            .times(1),
+        );
+        let response = h.post("/v1/embeddings", KEY, &request).await;
+        assert_eq!(response.status(), 200);
+        let record = h.records(i + 1).await.remove(i);
+        assert_eq!(record.endpoint, proto::Endpoint::Embeddings as i32);
+        match prompt {
+            Some(prompt) => assert_eq!(record.prompt_tokens, prompt, "{usage}"),
+            None => assert!(record.prompt_tokens > 0, "{record:?}"),
+        }
+        assert_eq!(record.completion_tokens, 0);
+        assert_eq!(record.tokens_estimated, estimated, "{usage}");
+        // A million per million tokens: a unit a token.
+        assert_eq!(
+            record.cost_nanos,
+            record.prompt_tokens * 1_000_000_000,
+            "{record:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn client_errors_get_openai_style_bodies() {
     let primary = mock("primary");

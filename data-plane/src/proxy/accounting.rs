@@ -329,10 +329,15 @@ impl Accounting {
     }
 
     pub fn tokens(&mut self, tokens: Tokens) {
-        let tokens = match self.0.thoughts_in_total {
+        let mut tokens = match self.0.thoughts_in_total {
             true => tokens.with_unshown_as_reasoning(),
             false => tokens,
         };
+        // Embeddings generate nothing: their total is their prompt, which Jina's answers
+        // report alone (`{"total_tokens": N}`).
+        if self.0.endpoint == Endpoint::Embeddings && tokens.prompt == 0 && tokens.completion == 0 {
+            tokens.prompt = tokens.unshown;
+        }
         self.0.record.prompt_tokens = tokens.prompt;
         self.0.record.completion_tokens = tokens.completion;
         self.0.record.cached_prompt_tokens = tokens.cached_prompt;
@@ -554,17 +559,23 @@ impl Accounting {
     /// delta streamed, unless it reported more. It undercounts by what the provider generated
     /// after the cut; the record says the figures are estimates. So is a stream that streamed
     /// output and ended without usage, normally (a server ignoring `include_usage`) or with
-    /// the provider's error event (a Responses API `error` or `response.failed`).
+    /// the provider's error event (a Responses API `error` or `response.failed`). And so is an
+    /// embeddings answer without usage (Google's OpenAI-compatible endpoint, OpenWebUI's send
+    /// none): its prompt is all it is billed for.
     fn estimate_unreported(&self, record: &mut UsageRecord, kind: ErrorKind) {
         let cut_short = matches!(
             kind,
             ErrorKind::ClientCancelled | ErrorKind::StreamInterrupted | ErrorKind::DataPlaneStopped
         );
+        let unreported = record.prompt_tokens == 0 && record.completion_tokens == 0;
         let ended_without_usage = self.0.output_deltas > 0
-            && record.prompt_tokens == 0
-            && record.completion_tokens == 0
+            && unreported
             && matches!(kind, ErrorKind::Unspecified | ErrorKind::UpstreamStatus);
-        if record.attempts == 0 || !(cut_short || ended_without_usage) {
+        let embedded_without_usage = unreported
+            && self.0.endpoint == Endpoint::Embeddings
+            && kind == ErrorKind::Unspecified
+            && (200..300).contains(&record.status_code);
+        if record.attempts == 0 || !(cut_short || ended_without_usage || embedded_without_usage) {
             return;
         }
         let prompt = match record.prompt_tokens {
