@@ -52,6 +52,11 @@ pub fn stop_reason_of(finish_reason: Option<&str>, called: bool) -> &'static str
 
 /// Reads an Anthropic `usage` object (a `Message`'s, or a `message_delta`'s cumulative one).
 pub fn anthropic_usage(usage: &Value) -> Usage {
+    figures_of(usage).usage()
+}
+
+/// The figures of an Anthropic `usage`, its `iterations` counted ([`iterated`]).
+fn figures_of(usage: &Value) -> UsageFigures {
     let get = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
     UsageFigures {
         input: get("input_tokens"),
@@ -60,7 +65,27 @@ pub fn anthropic_usage(usage: &Value) -> Usage {
         cache_creation: get("cache_creation_input_tokens"),
         cache_creation_1h: one_hour_writes(usage.get("cache_creation")),
     }
-    .usage()
+    .at_least(iterated(usage.get("iterations")))
+}
+
+/// The sum of the entries of a `usage`'s `iterations` (zeros when it is not a list).
+///
+/// Anthropic bills every sampling step of a request and, when there were several, lists each
+/// in `iterations`; the top-level figures leave some out: a server-side compaction's step
+/// ("to calculate total tokens consumed and billed for a request, sum across all entries in
+/// the usage.iterations array"), an advisor model consulted, and with an on-demand
+/// compaction they are zeros. A request's figures are each the top level's or the
+/// iterations' sum, the larger (the top level counts the message's own steps, which the sum
+/// holds too). An advisor's tokens are priced at the request's route, not at its model's.
+pub(super) fn iterated(iterations: Option<&Value>) -> UsageFigures {
+    iterations
+        .and_then(Value::as_array)
+        .map_or_else(UsageFigures::default, |entries| {
+            entries
+                .iter()
+                .map(figures_of)
+                .fold(UsageFigures::default(), UsageFigures::plus)
+        })
 }
 
 /// The 1-hour cache writes of an Anthropic `usage`'s `cache_creation` breakdown (0 when it is
@@ -89,17 +114,40 @@ pub fn anthropic_usage_in(text: &[u8]) -> Option<Usage> {
 }
 
 /// The figures of an Anthropic `usage`, as written.
-#[derive(Default)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct UsageFigures {
-    input: u64,
-    output: u64,
-    cache_read: u64,
-    cache_creation: u64,
+    pub(super) input: u64,
+    pub(super) output: u64,
+    pub(super) cache_read: u64,
+    pub(super) cache_creation: u64,
     /// `cache_creation.ephemeral_1h_input_tokens`.
-    cache_creation_1h: u64,
+    pub(super) cache_creation_1h: u64,
 }
 
 impl UsageFigures {
+    fn plus(self, other: Self) -> Self {
+        Self {
+            input: self.input.saturating_add(other.input),
+            output: self.output.saturating_add(other.output),
+            cache_read: self.cache_read.saturating_add(other.cache_read),
+            cache_creation: self.cache_creation.saturating_add(other.cache_creation),
+            cache_creation_1h: self
+                .cache_creation_1h
+                .saturating_add(other.cache_creation_1h),
+        }
+    }
+
+    /// Each figure, at least `other`'s.
+    pub(super) fn at_least(self, other: Self) -> Self {
+        Self {
+            input: self.input.max(other.input),
+            output: self.output.max(other.output),
+            cache_read: self.cache_read.max(other.cache_read),
+            cache_creation: self.cache_creation.max(other.cache_creation),
+            cache_creation_1h: self.cache_creation_1h.max(other.cache_creation_1h),
+        }
+    }
+
     /// Anthropic's `input_tokens` leaves out the cached tokens; [`Usage::input`] counts them.
     pub(super) fn usage(self) -> Usage {
         Usage {
@@ -140,6 +188,8 @@ enum FigureName {
     CacheCreation,
     /// `cache_creation`, the writes by cache lifetime.
     CacheCreationByTtl,
+    /// `iterations`, each sampling step's figures ([`iterated`]).
+    Iterations,
     Other,
 }
 
@@ -158,6 +208,7 @@ impl<'de> serde::Deserialize<'de> for FigureName {
                     "cache_read_input_tokens" => FigureName::CacheRead,
                     "cache_creation_input_tokens" => FigureName::CacheCreation,
                     "cache_creation" => FigureName::CacheCreationByTtl,
+                    "iterations" => FigureName::Iterations,
                     _ => FigureName::Other,
                 })
             }
@@ -184,11 +235,16 @@ trait LenientKind: Default {
     fn unsigned(_: u64) -> Self {
         Self::default()
     }
+    fn list<'de, A: serde::de::SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Self::default())
+    }
 }
 
 impl LenientKind for UsageFigures {
     fn object<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
         let mut figures = Self::default();
+        let mut iterations = Self::default();
         while let Some(name) = map.next_key::<FigureName>()? {
             let figure = match name {
                 FigureName::Input => &mut figures.input,
@@ -199,6 +255,10 @@ impl LenientKind for UsageFigures {
                     figures.cache_creation_1h = map.next_value::<OneHourWrites>()?.0;
                     continue;
                 }
+                FigureName::Iterations => {
+                    iterations = map.next_value::<Iterations>()?.0;
+                    continue;
+                }
                 FigureName::Other => {
                     map.next_value::<Checked>()?;
                     continue;
@@ -206,7 +266,28 @@ impl LenientKind for UsageFigures {
             };
             *figure = map.next_value::<Count>()?.0;
         }
-        Ok(figures)
+        Ok(figures.at_least(iterations))
+    }
+}
+
+/// A `usage`'s `iterations` read as [`iterated`] reads the parsed value: the sum of a list's
+/// entries, each read as a `usage`; zeros for anything else.
+#[derive(Default)]
+struct Iterations(UsageFigures);
+
+impl<'de> serde::Deserialize<'de> for Iterations {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        value.deserialize_any(Lenient::<Iterations>::default())
+    }
+}
+
+impl LenientKind for Iterations {
+    fn list<'de, A: serde::de::SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        let mut sum = UsageFigures::default();
+        while let Some(entry) = seq.next_element::<UsageFigures>()? {
+            sum = sum.plus(entry);
+        }
+        Ok(Self(sum))
     }
 }
 
@@ -258,9 +339,8 @@ impl<'de, T: LenientKind> serde::de::Visitor<'de> for Lenient<T> {
     fn visit_u64<E>(self, count: u64) -> Result<T, E> {
         Ok(T::unsigned(count))
     }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
-        while seq.next_element::<Checked>()?.is_some() {}
-        Ok(T::default())
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+        T::list(seq)
     }
     // Negative and fractional numbers (and integers past `u64`), strings, booleans, null.
     fn visit_i64<E>(self, _: i64) -> Result<T, E> {
@@ -944,6 +1024,12 @@ mod tests {
             "{\"ephemeral\\u005f1h_input_tokens\":12}",
             "{\"ephemeral_1h_input_tokens\":5,\"ephemeral_1h_input_tokens\":1e2}",
             "{\"ephemeral_1h_input_tokens\":{\"a\":[1]}}",
+            // What `iterations` holds, and near it.
+            "[{\"type\":\"compaction\",\"input_tokens\":180000,\"output_tokens\":3500},{\"type\":\"message\",\"input_tokens\":23,\"output_tokens\":10,\"cache_read_input_tokens\":4}]",
+            "[]",
+            "[1,{\"output_tokens\":3},null,[2]]",
+            "[{\"iterations\":[{\"input_tokens\":7}]}]",
+            "[{\"cache_creation_input_tokens\":9,\"cache_creation\":{\"ephemeral_1h_input_tokens\":9}}]",
         ])
     }
 
@@ -957,6 +1043,7 @@ mod tests {
             "input\\u005ftokens",
             "\\u006futput_tokens",
             "cache_creation",
+            "iterations",
             "service_tier",
             "",
         ])
@@ -990,6 +1077,31 @@ mod tests {
                 .cache_creation_1h,
             5
         );
+    }
+
+    /// A request's steps listed in `iterations` are all billed: a server-side compaction's,
+    /// which the top-level figures leave out, and an on-demand compaction's, with zeros at
+    /// the top level. The message's own steps, in both, count once.
+    #[test]
+    fn every_iteration_of_a_request_is_counted() {
+        // Anthropic's documented answer of a request that compacted.
+        let compacted = r#"{"input_tokens":23000,"output_tokens":1000,"iterations":[{"type":"compaction","input_tokens":180000,"output_tokens":3500},{"type":"message","input_tokens":23000,"output_tokens":1000}]}"#;
+        let read = anthropic_usage_in(compacted.as_bytes()).unwrap();
+        assert_eq!((read.input, read.output), (203_000, 4_500));
+        assert_eq!(
+            read,
+            anthropic_usage(&serde_json::from_str(compacted).unwrap())
+        );
+        let on_demand = r#"{"input_tokens":0,"output_tokens":0,"iterations":[{"type":"compaction","input_tokens":5000,"cache_read_input_tokens":1000,"output_tokens":700}]}"#;
+        let read = anthropic_usage_in(on_demand.as_bytes()).unwrap();
+        assert_eq!(
+            (read.input, read.cache_read, read.output),
+            (6_000, 1_000, 700)
+        );
+        // Without iterations, as before.
+        let plain = r#"{"input_tokens":23,"output_tokens":10}"#;
+        let read = anthropic_usage_in(plain.as_bytes()).unwrap();
+        assert_eq!((read.input, read.output), (23, 10));
     }
 
     proptest! {

@@ -11,7 +11,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use memchr::memmem::Finder;
 use serde_json::{Value, json};
 
-use super::response::{finish_reason, fresh_id, message_id, openai_usage, stop_reason_of};
+use super::response::{
+    UsageFigures, finish_reason, fresh_id, message_id, openai_usage, stop_reason_of,
+};
 use super::{Checked, First, Function, Names, Object, Usage, error, members};
 use crate::request::Key;
 use crate::sse::Event;
@@ -35,6 +37,8 @@ struct Counters {
     cache_read: u64,
     cache_creation: u64,
     cache_creation_1h: u64,
+    /// The sum of the last `iterations` reported ([`super::response::iterated`]).
+    iterated: UsageFigures,
 }
 
 impl Counters {
@@ -56,19 +60,21 @@ impl Counters {
         if let Some(by_ttl) = usage.get("cache_creation") {
             self.cache_creation_1h = super::response::one_hour_writes(Some(by_ttl));
         }
+        if let Some(iterations) = usage.get("iterations") {
+            self.iterated = super::response::iterated(Some(iterations));
+        }
     }
 
     fn usage(self) -> Usage {
-        Usage {
-            input: self
-                .input
-                .saturating_add(self.cache_read)
-                .saturating_add(self.cache_creation),
+        UsageFigures {
+            input: self.input,
             output: self.output,
             cache_read: self.cache_read,
             cache_creation: self.cache_creation,
-            cache_creation_1h: self.cache_creation_1h.min(self.cache_creation),
+            cache_creation_1h: self.cache_creation_1h,
         }
+        .at_least(self.iterated)
+        .usage()
     }
 }
 
