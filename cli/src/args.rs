@@ -487,7 +487,8 @@ pub struct SettingsSetArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub first_byte_timeout: Option<Duration>,
     /// A whole (non-streamed) answer: time from sending a request to its head, which comes
-    /// once the whole answer is generated; a stream: to its first event.
+    /// once the whole answer is generated; a stream: to its first event. Given up only for
+    /// another backend to be asked: the last one is waited for to the request's deadline.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub answer_timeout: Option<Duration>,
     /// Longest silence between two chunks of a stream (or of a whole answer's body).

@@ -372,6 +372,20 @@ async fn a_backend_without_the_endpoint_called_leaves_it_to_another() {
             assert_eq!(header(&response, "x-sluice-attempts"), "2", "{path}");
         }
     }
+    // A busy primary's 429 is the answer, not the fallback's 404: the client may come back.
+    let (busy, without) = (mock("busy"), mock("without"));
+    busy.set_fault(Fault::rate_limited(5).always());
+    without.set_fault(
+        Fault::Body {
+            code: 404,
+            body: unknown.into(),
+        }
+        .always(),
+    );
+    let h = Harness::start(snapshot(1, pair(&busy, &without))).await;
+    let response = h.post(calls[1].0, KEY, &calls[1].1).await;
+    assert_eq!(response.status(), 429);
+    assert!(response.headers().contains_key("retry-after"));
     // The only backend: its answer is the client's.
     let alone = Harness::start(one_primary_snapshot(&primary.base_url())).await;
     let response = alone.post(calls[0].0, KEY, &calls[0].1).await;
@@ -1685,6 +1699,52 @@ async fn the_last_candidate_is_waited_for_past_answer_timeout() {
     primary.set_fault(Fault::DelayMs(1_200).times(1));
     let response = h.chat(chat_body(true)).await;
     assert_eq!(response.status(), 504);
+
+    // A later route that could not be tried (cooling down) leaves this one the last.
+    let fallback = mock("fallback");
+    let mut backends = pair(&primary, &fallback);
+    backends[1].cooldown_remaining = Some(proto_duration(Duration::from_secs(60)));
+    let mut message = snapshot(2, backends);
+    message.settings = h_settings(200, 400, 5_000);
+    h.publish(message).await;
+    primary.set_fault(Fault::ThinkingMs(1_200).times(1));
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "1");
+    assert_eq!(fallback.stats().requests.total(), 0);
+}
+
+/// The test settings with these first-byte, answer and request timeouts, in milliseconds.
+fn h_settings(first_byte: u64, answer: u64, request: u64) -> Option<proto::Settings> {
+    let mut settings = snapshot(1, Vec::new()).settings.unwrap();
+    settings.first_byte_timeout = Some(proto_duration(Duration::from_millis(first_byte)));
+    settings.answer_timeout = Some(proto_duration(Duration::from_millis(answer)));
+    settings.request_timeout = Some(proto_duration(Duration::from_millis(request)));
+    Some(settings)
+}
+
+/// The last candidate waited for past `answer_timeout` and still silent at the request's
+/// deadline was given its wait and more: its model's failure (the deadline cuts short only an
+/// attempt it leaves less than its wait), so a model hung at its only backend cools down and
+/// the next requests are told at once to come back later, rather than each held to the
+/// deadline.
+#[tokio::test]
+async fn the_last_candidate_silent_to_the_deadline_cools_its_model() {
+    let primary = mock("primary");
+    primary.set_fault(Fault::Stall.always());
+    let mut message = one_primary_snapshot(&primary.base_url());
+    message.settings = h_settings(200, 300, 800);
+    message.settings.as_mut().unwrap().failure_threshold = 1;
+    let h = Harness::start(message).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 504);
+    let event = h.first_cooldown_event().await;
+    assert_eq!(event.model, format!("{MODEL}-at-primary"));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 429);
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(primary.stats().requests.total(), 1);
 }
 
 /// An upstream that answers every request with a whole answer's head and the first bytes of
@@ -1726,11 +1786,11 @@ async fn a_whole_answer_cut_by_the_requests_deadline_is_not_its_backends_failure
     }
 }
 
-/// A request whose answer does not come in time was taken by its backend (a connect timeout
-/// is a connect error): the slowness is its model's (a reasoning model thinking, a model's
-/// queue), and cools that model alone at the backend, as a 429 does; the backend's other
-/// models are still served there. A stream silent past `idle_stream_timeout` after its first
-/// event counts so too.
+/// A request whose answer (a whole answer's head, a stream's first event) does not come in
+/// time was taken by its backend: the slowness is its model's (a reasoning model thinking, a
+/// model's queue), and cools that model alone at the backend, as a 429 does; the backend's
+/// other models are still served there. A stream silent past `idle_stream_timeout` after its
+/// first event counts so too. A stream's head that does not come is the backend's.
 #[tokio::test]
 async fn a_model_too_slow_to_answer_cools_that_model_alone_at_its_backend() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));
@@ -1767,6 +1827,18 @@ async fn a_model_too_slow_to_answer_cools_that_model_alone_at_its_backend() {
         (event.backend_id.as_str(), event.model.as_str()),
         ("primary", slow.as_str())
     );
+
+    // A stream whose head does not come is the backend's: a provider sends it once it has
+    // taken the request, whatever the model.
+    primary.set_fault(Fault::DelayMs(3_000).always().for_model("other-at-primary"));
+    let response = h.chat(stream("other")).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    h.cp.wait_for("the backend's own cooldown", |r| {
+        r.events
+            .iter()
+            .any(|e| e.backend_id == "primary" && e.model.is_empty())
+    })
+    .await;
 }
 
 /// A backend on a streak (after a 429) ends it when a stream sent to it answers, at its first

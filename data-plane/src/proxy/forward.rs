@@ -96,7 +96,11 @@ enum Failure {
     /// (`retry_on_connect_error`), but the attempt's reserve stays charged, as a timeout's
     /// does, and a client left without an answer is told not to send it again.
     Lost(String),
-    Timeout,
+    /// The answer did not come in time (a connect timeout is a connect error). The model's
+    /// slowness (`of_model`) when the wait was for a whole answer's head or a stream's first
+    /// event, which come once the model has thought; the backend's when a stream's head did
+    /// not come, which a provider sends once it has taken the request.
+    Timeout { of_model: bool },
     /// The request's own deadline passed while the attempt waited for its first byte (an
     /// attempt after slow failures gets what is left of it): not the backend's slowness, so
     /// nothing of its health, and no time for another attempt. Billed as a timeout is.
@@ -115,10 +119,7 @@ enum Failure {
     /// access to model", a 404 `model_not_found`, an Azure deployment not found): failed over
     /// too, counted towards that model's cooldown at the backend alone, and 502
     /// `upstream_model_unavailable` when no backend serves it.
-    Refused {
-        status: StatusCode,
-        why: Refusal,
-    },
+    Refused { status: StatusCode, why: Refusal },
     /// The answer came, but the whole answers held in memory reached
     /// `--max-buffered-answer-bytes`, or those to the request's key its share of it, while it
     /// was read: 503 `server_busy`. Not the backend's failure, and not asked of another (it
@@ -133,10 +134,7 @@ enum Failure {
     /// (`timeout`) or passed the size limit. The provider has generated, and billed, the
     /// answer: it is not asked of another backend (no retry after the first byte), nor by
     /// the client's SDK ([`error_after_billing`]).
-    Cut {
-        timeout: bool,
-        detail: String,
-    },
+    Cut { timeout: bool, detail: String },
 }
 
 /// What a backend's refusal ([`Failure::Refused`]) was about.
@@ -220,13 +218,15 @@ impl Failure {
                 why: Refusal::Feature,
                 ..
             } => Outcome::Success,
-            // The request was sent and taken (a connect timeout is a connect error), and its
-            // answer did not come in time: slowness is a model's (its queue, its thinking),
-            // and one slow model must not take the backend's others out. A backend down for
-            // every model fails to connect, or answers 5xx.
-            Self::Timeout => Outcome::Failure {
+            // A model thinking, or queued, for longer than the settings allow must not take
+            // the backend's other models out; a backend that does not even answer a stream's
+            // head is down for every model.
+            Self::Timeout { of_model } => Outcome::Failure {
                 retry_after: None,
-                scope: Scope::Model,
+                scope: match of_model {
+                    true => Scope::Model,
+                    false => Scope::Backend,
+                },
             },
             _ => Outcome::Failure {
                 retry_after: None,
@@ -255,15 +255,22 @@ impl Failure {
             Self::Status { .. } => policy.retry_on_server_error,
             Self::Refused { .. } => true,
             Self::Connect(_) | Self::Lost(_) | Self::Invalid(_) => policy.retry_on_connect_error,
-            Self::Timeout => policy.retry_on_timeout,
+            Self::Timeout { .. } => policy.retry_on_timeout,
             Self::Cut { .. } | Self::MemoryFull(..) | Self::OutOfFiles | Self::Deadline => false,
         }
+    }
+
+    /// A backend's 404 or 405 to a call it does not serve at all (`count_tokens`, legacy
+    /// completions, embeddings): another backend may serve it.
+    fn lacks_endpoint(&self) -> bool {
+        matches!(self, Self::Status { status, .. }
+            if matches!(*status, StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED))
     }
 
     /// A failure reading the body of an answer whose head came.
     fn cut(failure: Failure) -> Failure {
         match failure {
-            Self::Timeout => Self::Cut {
+            Self::Timeout { .. } => Self::Cut {
                 timeout: true,
                 detail: "no byte of the answer within the idle timeout or the deadline".into(),
             },
@@ -287,7 +294,7 @@ impl Failure {
             Self::Status { .. } => AttemptOutcome::server_error,
             Self::Refused { .. } => AttemptOutcome::auth_error,
             Self::Connect(_) | Self::Lost(_) => AttemptOutcome::connect_error,
-            Self::Timeout | Self::Deadline | Self::Cut { timeout: true, .. } => {
+            Self::Timeout { .. } | Self::Deadline | Self::Cut { timeout: true, .. } => {
                 AttemptOutcome::timeout
             }
             Self::Invalid(_) | Self::Cut { timeout: false, .. } => AttemptOutcome::invalid_response,
@@ -324,7 +331,7 @@ impl Failure {
             ),
             Self::Connect(e) => format!("connect: {e}"),
             Self::Lost(e) => format!("connection lost after the request was sent: {e}"),
-            Self::Timeout => "timeout before the first byte".to_owned(),
+            Self::Timeout { .. } => "timeout before the first byte".to_owned(),
             Self::Deadline => "the request's deadline passed before the first byte".to_owned(),
             Self::Invalid(e) => format!("invalid response: {e}"),
             Self::Cut { detail, .. } => format!("answer cut after its head: {detail}"),
@@ -562,6 +569,9 @@ pub(super) async fn forward_call(
     // Of `soonest`, the candidates passed over for their rate limit (not a cooldown).
     let mut limited: Option<Instant> = None;
     let mut last: Option<(Failure, ApiFormat)> = None;
+    // A backend's 404 or 405 to a call it does not serve ([`Failure::lacks_endpoint`]): the
+    // answer only when no backend failed otherwise, nor was passed over as busy.
+    let mut lacking: Option<(Failure, ApiFormat)> = None;
     // When the backends whose attempts were rate limited free up again: the last attempt's
     // (its own answer says it to the client), and the soonest of the others'.
     let (mut last_frees, mut others_free): (Option<Instant>, Option<Instant>) = (None, None);
@@ -571,8 +581,7 @@ pub(super) async fn forward_call(
     // other could take the request either.
     // Boxed: it lives across the attempts' awaits, in the request's future, which is moved.
     let mut untranslatable: Option<Box<ProxyError>> = None;
-    let last_route = order.len().saturating_sub(1);
-    for (position, route) in order.into_iter().enumerate() {
+    for (position, &route) in order.iter().enumerate() {
         if acct.attempts() >= policy.max_attempts {
             break;
         }
@@ -610,7 +619,7 @@ pub(super) async fn forward_call(
         let label = Label::from(&backend.name);
         let now = Instant::now();
         if now >= answer_by {
-            last.get_or_insert((Failure::Timeout, backend.format));
+            last.get_or_insert((Failure::Timeout { of_model: true }, backend.format));
             break;
         }
         let basis = match cooldowns.check(&backend.id, &route.upstream_model, now) {
@@ -721,17 +730,30 @@ pub(super) async fn forward_call(
         } else {
             SMALL_ANSWER_BYTES
         };
+        // Whether another backend could still be asked if this attempt timed out: one of the
+        // routes after it, not cooling down, serving the endpoint, with an attempt left and
+        // timeouts failed over. Asked only when the attempt's wait runs out. (A call that
+        // bills nothing is always given up: the SDK sends it again.)
+        let attempts_left = acct.attempts() < policy.max_attempts;
+        let later = &order[position + 1..];
+        let moves_on = || {
+            call.bills_nothing()
+                || (policy.retry_on_timeout
+                    && attempts_left
+                    && later.iter().any(|route| {
+                        snapshot.backends().get(route.backend).is_some_and(|b| {
+                            b.uri(call.endpoint).is_some()
+                                && cooldowns
+                                    .check(&b.id, &route.upstream_model, Instant::now())
+                                    .is_ok()
+                        })
+                    }))
+        };
         let sending = Sending {
             client: snapshot.upstream(app.pool),
             sleeps: &app.sleeps,
             sent,
-            // No other backend could take the request if this one timed out: the last route,
-            // the last attempt allowed, or timeouts not failed over. Not a call that bills
-            // nothing (a token count, a stored response's): given up, the SDK asks again.
-            last: (position == last_route
-                || acct.attempts() >= policy.max_attempts
-                || !policy.retry_on_timeout)
-                && !call.bills_nothing(),
+            moves_on: &moves_on,
             backend,
             // Only to a backend of the client's own API: a translated request carries none.
             passed: call
@@ -902,7 +924,7 @@ pub(super) async fn forward_call(
                     // may have billed it, as the request's kept reserve already says.
                     _ => acct.attempt_failed(matches!(
                         failure,
-                        Failure::Timeout
+                        Failure::Timeout { .. }
                             | Failure::Deadline
                             | Failure::Cut { .. }
                             | Failure::Lost(_)
@@ -916,6 +938,12 @@ pub(super) async fn forward_call(
                     retry,
                     "upstream attempt failed"
                 );
+                // Not the request's answer while another failure says more (a busy primary's
+                // 429 is the client's to wait on; a 404 would not be sent again).
+                if failure.lacks_endpoint() {
+                    lacking = Some((failure, backend.format));
+                    continue;
+                }
                 // A backend rate limited (a 429, not an account out of credit; a 503 that
                 // said when to come back) and cooling down is free again at its cooldown's
                 // end: the client may come back then (see `fail`).
@@ -937,6 +965,9 @@ pub(super) async fn forward_call(
         && let Some(refused) = untranslatable
     {
         return error(acct, *refused).await;
+    }
+    if last.is_none() && soonest.is_none() {
+        last = lacking;
     }
     match last {
         Some((failure, format)) => {
@@ -1141,7 +1172,9 @@ async fn answer_failure(
         // Billed ([`fail`] says not to send it again).
         Failure::Cut { timeout: false, .. } => error(acct, ProxyError::UpstreamInvalid).await,
         Failure::Cut { timeout: true, .. } => error(acct, ProxyError::UpstreamTimeout).await,
-        Failure::Timeout | Failure::Deadline => error(acct, ProxyError::UpstreamTimeout).await,
+        Failure::Timeout { .. } | Failure::Deadline => {
+            error(acct, ProxyError::UpstreamTimeout).await
+        }
         Failure::MemoryFull(Full::Replica, _) => error(acct, ProxyError::AnswersBusy).await,
         Failure::MemoryFull(Full::Key, _) => error(acct, ProxyError::KeyAnswersBusy).await,
         Failure::OutOfFiles => error(acct, ProxyError::OutOfFiles).await,
@@ -1155,9 +1188,9 @@ struct Sending<'a> {
     sleeps: &'a KeptSleeps,
     /// When the attempt started (its first byte's deadline counts from then).
     sent: Instant,
-    /// Whether a timeout of this attempt would end the request (no other backend would be
-    /// tried): it then waits for the answer to the deadline ([`attempt`]).
-    last: bool,
+    /// Whether another backend could be asked if this attempt timed out; when none could, it
+    /// waits for its answer to the deadline ([`attempt`]).
+    moves_on: &'a (dyn Fn() -> bool + Sync),
     backend: &'a Backend,
     /// What an Anthropic backend gets of the client's request as it came.
     passed: &'a [(HeaderName, HeaderValue)],
@@ -1186,7 +1219,7 @@ async fn attempt(
         client,
         sleeps,
         sent,
-        last,
+        moves_on,
         backend,
         passed,
         stream,
@@ -1227,37 +1260,40 @@ async fn attempt(
     // A stream's head comes once the provider has taken the request; a whole answer's only
     // once all of it is generated, which a reasoning model may take minutes over, and a
     // stream's first event once it has thought (see below). The answer is given up at
-    // `answer_timeout` only for another backend to be asked: the last attempt waits for it
-    // to the deadline (cut off, a model thinking for longer was never answered, and every
-    // attempt was billed).
-    let given_up_at = |wait: Duration| match last {
-        true => deadline,
-        false => deadline.min(sent + wait),
+    // `answer_timeout` only for another backend to be asked: with none left, it is waited
+    // for to the deadline (cut off, a model thinking for longer was never answered, and
+    // every attempt was billed).
+    let head_wait = match stream {
+        true => policy.first_byte_timeout,
+        false => policy.answer_timeout,
     };
-    let first_byte = match stream {
-        true => deadline.min(sent + policy.first_byte_timeout),
-        false => given_up_at(policy.answer_timeout),
-    };
-    let first_event_by = given_up_at(policy.answer_timeout.max(policy.first_byte_timeout));
-    // Timed out at the request's deadline rather than by the backend's own wait.
-    let timed_out = |by: Instant| {
-        if by == deadline {
+    let event_wait = policy.answer_timeout.max(policy.first_byte_timeout);
+    // Cut by the request's deadline before its own wait was over: not the backend's failure.
+    let timed_out = |by: Instant, wait: Duration, of_model: bool| {
+        if by < sent + wait {
             Failure::Deadline
         } else {
-            Failure::Timeout
+            Failure::Timeout { of_model }
         }
     };
     // A connect timeout is a connect error (the connector's own limit); only our deadlines
     // make a timeout.
-    let sending = client.send(request, backend.host());
-    let upstream = match within(sleeps, || first_byte, sending).await {
-        Err(_) => return Err(timed_out(first_byte)),
-        Ok(Err(e)) if upstream::out_of_files(&*e) => return Err(Failure::OutOfFiles),
-        Ok(Err(e)) if upstream::never_sent(&*e) => {
+    let mut sending = std::pin::pin!(client.send(request, backend.host()));
+    let mut head_by = deadline.min(sent + head_wait);
+    let upstream = loop {
+        match within(sleeps, move || head_by, sending.as_mut()).await {
+            Err(_) if !stream && head_by < deadline && !moves_on() => head_by = deadline,
+            Err(_) => return Err(timed_out(head_by, head_wait, !stream)),
+            Ok(response) => break response,
+        }
+    };
+    let upstream = match upstream {
+        Err(e) if upstream::out_of_files(&*e) => return Err(Failure::OutOfFiles),
+        Err(e) if upstream::never_sent(&*e) => {
             return Err(Failure::Connect(upstream::error_chain(&*e)));
         }
-        Ok(Err(e)) => return Err(Failure::Lost(upstream::error_chain(&*e))),
-        Ok(Ok(response)) => response,
+        Err(e) => return Err(Failure::Lost(upstream::error_chain(&*e))),
+        Ok(response) => response,
     };
     let (head, mut upstream) = upstream.into_parts();
     let status = head.status;
@@ -1303,15 +1339,20 @@ async fn attempt(
         // answer (`answer_timeout`); cut off at the first byte's wait, every attempt of such
         // a request failed over, billed, and none was ever answered.
         let mut first = BytesMut::new();
+        let mut first_event_by = deadline.min(sent + event_wait);
         loop {
             let chunk = match within(
                 sleeps,
-                || first_event_by,
+                move || first_event_by,
                 upstream::next_chunk(&mut upstream),
             )
             .await
             {
-                Err(_) => return Err(timed_out(first_event_by)),
+                Err(_) if first_event_by < deadline && !moves_on() => {
+                    first_event_by = deadline;
+                    continue;
+                }
+                Err(_) => return Err(timed_out(first_event_by, event_wait, true)),
                 // The head came: the provider has the request.
                 Ok(Err(e)) => return Err(Failure::Lost(upstream::error_chain(&*e))),
                 Ok(Ok(None)) => {
@@ -1636,7 +1677,7 @@ async fn read_body(
         match within(sleeps, until, upstream::next_chunk(&mut upstream)).await {
             // Cut by the request's deadline, not by the backend's silence: not its failure.
             Err(_) if Instant::now() >= deadline => return Err(Failure::Deadline),
-            Err(_) => return Err(Failure::Timeout),
+            Err(_) => return Err(Failure::Timeout { of_model: false }),
             Ok(Err(e)) => return Err(Failure::Invalid(upstream::error_chain(&*e))),
             Ok(Ok(None)) => return Ok((collected.into_bytes(), held)),
             Ok(Ok(Some(chunk))) => {
