@@ -29,8 +29,10 @@
 //! # Backends and models
 //! Providers limit each model apart (OpenAI, Anthropic, an Azure deployment per model), so a
 //! 429 cools the model it was for at the backend, not the backend's other models; so does
-//! the provider refusing a model to the backend's account. A 5xx, a connection's failure or
-//! a timeout is the backend's, and cools it for every model. A backend and each model at it
+//! the provider refusing a model to the backend's account, and a timeout of the model's
+//! answer or its stream's silence (a model thinking or queued for too long). A 5xx, a
+//! connection's failure or a stream's head that does not come is the backend's, and cools it
+//! for every model. A backend and each model at it
 //! have a state of their own, each by the rules above; a request is skipped while either it
 //! needs is cooling, and its success ends both streaks.
 
@@ -81,11 +83,12 @@ struct At {
 /// Whose health a failure tells of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
-    /// The backend's, for every model: a 5xx, a connection's failure, a timeout, its key
-    /// refused, a 429 for the whole account (`insufficient_quota`).
+    /// The backend's, for every model: a 5xx, a connection's failure, a stream's head that
+    /// does not come, its key refused, a 429 for the whole account (`insufficient_quota`).
     Backend,
     /// The model's the request was for, at the backend: a 429 (providers limit each model
-    /// apart), the model refused to the backend's account.
+    /// apart), the model refused to the backend's account, a timeout of its answer or its
+    /// stream's silence.
     Model,
 }
 

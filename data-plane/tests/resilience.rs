@@ -1713,6 +1713,23 @@ async fn the_last_candidate_is_waited_for_past_answer_timeout() {
     assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
     assert_eq!(header(&response, "x-sluice-attempts"), "1");
     assert_eq!(fallback.stats().requests.total(), 0);
+
+    // So does one the request cannot be written for: an Anthropic fallback, for a chat
+    // request asking for two choices.
+    let claude = mock("claude");
+    let mut backends = pair(&primary, &claude);
+    backends[1].api_format = proto::ApiFormat::Anthropic as i32;
+    let mut message = snapshot(3, backends);
+    message.settings = h_settings(200, 400, 5_000);
+    h.publish(message).await;
+    primary.set_fault(Fault::ThinkingMs(1_200).times(1));
+    let mut body = chat_body(true);
+    body["n"] = 2.into();
+    let response = h.chat(body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "1");
+    assert_eq!(claude.stats().requests.total(), 0);
 }
 
 /// The test settings with these first-byte, answer and request timeouts, in milliseconds.

@@ -731,23 +731,19 @@ pub(super) async fn forward_call(
             SMALL_ANSWER_BYTES
         };
         // Whether another backend could still be asked if this attempt timed out: one of the
-        // routes after it, not cooling down, serving the endpoint, with an attempt left and
-        // timeouts failed over. Asked only when the attempt's wait runs out. (A call that
-        // bills nothing is always given up: the SDK sends it again.)
+        // routes after it that the loop would not pass over now (serving the endpoint, the
+        // request written for its API, not cooling down, under its limits), with an attempt
+        // left and timeouts failed over. Asked only when the attempt's wait runs out. (A
+        // call that bills nothing is always given up: the SDK sends it again.)
         let attempts_left = acct.attempts() < policy.max_attempts;
         let later = &order[position + 1..];
         let moves_on = || {
             call.bills_nothing()
                 || (policy.retry_on_timeout
                     && attempts_left
-                    && later.iter().any(|route| {
-                        snapshot.backends().get(route.backend).is_some_and(|b| {
-                            b.uri(call.endpoint).is_some()
-                                && cooldowns
-                                    .check(&b.id, &route.upstream_model, Instant::now())
-                                    .is_ok()
-                        })
-                    }))
+                    && later
+                        .iter()
+                        .any(|route| could_take(snapshot, cooldowns, call, route)))
         };
         let sending = Sending {
             client: snapshot.upstream(app.pool),
@@ -1179,6 +1175,43 @@ async fn answer_failure(
         Failure::MemoryFull(Full::Key, _) => error(acct, ProxyError::KeyAnswersBusy).await,
         Failure::OutOfFiles => error(acct, ProxyError::OutOfFiles).await,
     }
+}
+
+/// Whether the attempt loop of [`forward_call`] would send `call` to `route` now: its backend
+/// serves the endpoint, the request can be written for its API, and neither a cooldown nor a
+/// rate or token limit passes it over (looked at, nothing taken).
+fn could_take(
+    snapshot: &Snapshot,
+    cooldowns: &cooldown::CooldownTracker,
+    call: &Call<'_>,
+    route: &Route,
+) -> bool {
+    let Some(backend) = snapshot.backends().get(route.backend) else {
+        return false;
+    };
+    let now = Instant::now();
+    let translatable = match (backend.format, call.endpoint.format(), &call.send) {
+        (ApiFormat::Anthropic, ApiFormat::OpenAi, Outbound::Body { parsed, .. }) => {
+            messages_body(parsed, route, backend.sampling, call.stream).is_ok()
+        }
+        (ApiFormat::OpenAi, ApiFormat::Anthropic, Outbound::Body { parsed, .. }) => {
+            chat_body(parsed, route, backend.completion_limit).is_ok()
+        }
+        _ => true,
+    };
+    backend.uri(call.endpoint).is_some()
+        && translatable
+        && cooldowns
+            .check(&backend.id, &route.upstream_model, now)
+            .is_ok()
+        && backend
+            .limiter
+            .as_ref()
+            .is_none_or(|limiter| limiter.available_in(now).is_zero())
+        && backend
+            .tokens
+            .as_ref()
+            .is_none_or(|bucket| bucket.available_in(now).is_zero())
 }
 
 /// What every call of one attempt to a backend shares ([`attempt`]).
