@@ -1705,7 +1705,7 @@ async fn the_last_candidate_is_waited_for_past_answer_timeout() {
     let mut backends = pair(&primary, &fallback);
     backends[1].cooldown_remaining = Some(proto_duration(Duration::from_secs(60)));
     let mut message = snapshot(2, backends);
-    message.settings = h_settings(200, 400, 5_000);
+    message.settings = with_timeouts(200, 400, 5_000);
     h.publish(message).await;
     primary.set_fault(Fault::ThinkingMs(1_200).times(1));
     let response = h.chat(chat_body(true)).await;
@@ -1720,7 +1720,7 @@ async fn the_last_candidate_is_waited_for_past_answer_timeout() {
     let mut backends = pair(&primary, &claude);
     backends[1].api_format = proto::ApiFormat::Anthropic as i32;
     let mut message = snapshot(3, backends);
-    message.settings = h_settings(200, 400, 5_000);
+    message.settings = with_timeouts(200, 400, 5_000);
     h.publish(message).await;
     primary.set_fault(Fault::ThinkingMs(1_200).times(1));
     let mut body = chat_body(true);
@@ -1733,8 +1733,8 @@ async fn the_last_candidate_is_waited_for_past_answer_timeout() {
 }
 
 /// The test settings with these first-byte, answer and request timeouts, in milliseconds.
-fn h_settings(first_byte: u64, answer: u64, request: u64) -> Option<proto::Settings> {
-    let mut settings = snapshot(1, Vec::new()).settings.unwrap();
+fn with_timeouts(first_byte: u64, answer: u64, request: u64) -> Option<proto::Settings> {
+    let mut settings = settings();
     settings.first_byte_timeout = Some(proto_duration(Duration::from_millis(first_byte)));
     settings.answer_timeout = Some(proto_duration(Duration::from_millis(answer)));
     settings.request_timeout = Some(proto_duration(Duration::from_millis(request)));
@@ -1751,7 +1751,7 @@ async fn the_last_candidate_silent_to_the_deadline_cools_its_model() {
     let primary = mock("primary");
     primary.set_fault(Fault::Stall.always());
     let mut message = one_primary_snapshot(&primary.base_url());
-    message.settings = h_settings(200, 300, 800);
+    message.settings = with_timeouts(200, 300, 800);
     message.settings.as_mut().unwrap().failure_threshold = 1;
     let h = Harness::start(message).await;
     let response = h.chat(chat_body(false)).await;
@@ -1803,11 +1803,12 @@ async fn a_whole_answer_cut_by_the_requests_deadline_is_not_its_backends_failure
     }
 }
 
-/// A request whose answer (a whole answer's head, a stream's first event) does not come in
-/// time was taken by its backend: the slowness is its model's (a reasoning model thinking, a
-/// model's queue), and cools that model alone at the backend, as a 429 does; the backend's
-/// other models are still served there. A stream silent past `idle_stream_timeout` after its
-/// first event counts so too. A stream's head that does not come is the backend's.
+/// A stream whose first event does not come in time was taken by its backend: the slowness
+/// is its model's (a reasoning model thinking, a model's queue), and cools that model alone
+/// at the backend, as a 429 does; the backend's other models are still served there. (A whole
+/// answer's head is waited for alike, and a stream's silence after its first event counts so
+/// too: `a_backend_whose_streams_break_after_their_first_event_cools_down`.) A stream's head
+/// that does not come is the backend's.
 #[tokio::test]
 async fn a_model_too_slow_to_answer_cools_that_model_alone_at_its_backend() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));
@@ -1950,6 +1951,32 @@ async fn a_backend_whose_streams_break_after_their_first_event_cools_down() {
     broken().await;
     broken().await;
     let response = h.chat(chat_body(true)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+}
+
+/// A stream its upstream cuts after its first event (its connection closed mid-stream) is
+/// the backend's failure, not its model's (as silence is): two such cuts cool the whole
+/// backend, its other model's requests go to the fallback too.
+#[tokio::test]
+async fn a_stream_cut_after_its_first_event_counts_against_its_backend() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::CutAfterChunks(1).always());
+    let mut message = snapshot(1, pair_of_two_models(&primary, &fallback));
+    message.settings.as_mut().unwrap().failure_threshold = 2;
+    let h = Harness::start(message).await;
+    for _ in 0..2 {
+        let response = h.chat(chat_body(true)).await;
+        assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+        let body = response.text().await.unwrap();
+        assert!(body.contains("stream_interrupted"), "{body}");
+    }
+    let event = h.first_cooldown_event().await;
+    assert_eq!(event.kind, BackendEventKind::Failing as i32);
+    assert_eq!(
+        (event.backend_id.as_str(), event.model.as_str()),
+        ("primary", "")
+    );
+    let response = h.chat(chat_for("other")).await;
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
 }
 

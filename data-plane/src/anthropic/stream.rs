@@ -32,11 +32,7 @@ pub enum Flow {
 /// each `message_delta` cumulative totals for the counters it names.
 #[derive(Debug, Clone, Copy, Default)]
 struct Counters {
-    input: u64,
-    output: u64,
-    cache_read: u64,
-    cache_creation: u64,
-    cache_creation_1h: u64,
+    figures: UsageFigures,
     /// The sum of the last `iterations` reported ([`super::response::iterated`]).
     iterated: UsageFigures,
 }
@@ -45,20 +41,21 @@ impl Counters {
     fn update(&mut self, usage: Option<&Value>) {
         let Some(usage) = usage else { return };
         let get = |k: &str| usage.get(k).and_then(Value::as_u64);
+        let figures = &mut self.figures;
         if let Some(n) = get("input_tokens") {
-            self.input = n;
+            figures.input = n;
         }
         if let Some(n) = get("output_tokens") {
-            self.output = n;
+            figures.output = n;
         }
         if let Some(n) = get("cache_read_input_tokens") {
-            self.cache_read = n;
+            figures.cache_read = n;
         }
         if let Some(n) = get("cache_creation_input_tokens") {
-            self.cache_creation = n;
+            figures.cache_creation = n;
         }
         if let Some(by_ttl) = usage.get("cache_creation") {
-            self.cache_creation_1h = super::response::one_hour_writes(Some(by_ttl));
+            figures.cache_creation_1h = super::response::one_hour_writes(Some(by_ttl));
         }
         if let Some(iterations) = usage.get("iterations") {
             self.iterated = super::response::iterated(Some(iterations));
@@ -66,15 +63,7 @@ impl Counters {
     }
 
     fn usage(self) -> Usage {
-        UsageFigures {
-            input: self.input,
-            output: self.output,
-            cache_read: self.cache_read,
-            cache_creation: self.cache_creation,
-            cache_creation_1h: self.cache_creation_1h,
-        }
-        .at_least(self.iterated)
-        .usage()
+        self.figures.at_least(self.iterated).usage()
     }
 }
 

@@ -101,7 +101,8 @@ enum Failure {
     /// event, which come once the model has thought; the backend's when a stream's head did
     /// not come, which a provider sends once it has taken the request.
     Timeout { of_model: bool },
-    /// The request's own deadline passed while the attempt waited for its first byte (an
+    /// The request's own deadline passed while the attempt waited for its answer (its head,
+    /// a stream's first event, a whole answer's body) before its own wait was over (an
     /// attempt after slow failures gets what is left of it): not the backend's slowness, so
     /// nothing of its health, and no time for another attempt. Billed as a timeout is.
     Deadline,
@@ -191,8 +192,8 @@ impl Failure {
                     false => Scope::Model,
                 },
             },
-            // A call the backend does not serve (`count_tokens` at a server without it): the
-            // backend answered.
+            // A call the backend does not serve (`count_tokens`, legacy completions or
+            // embeddings at a server without them): the backend answered.
             Self::Status { status, .. } if status.is_client_error() => Outcome::Success,
             Self::MemoryFull(..) => Outcome::Success,
             // A 503 (or any 5xx) may say when to come back, as a 429 does. A model overloaded
@@ -272,7 +273,7 @@ impl Failure {
         match failure {
             Self::Timeout { .. } => Self::Cut {
                 timeout: true,
-                detail: "no byte of the answer within the idle timeout or the deadline".into(),
+                detail: "no byte of the answer within the idle timeout".into(),
             },
             Self::Invalid(detail) | Self::Connect(detail) | Self::Lost(detail) => Self::Cut {
                 timeout: false,
@@ -332,7 +333,7 @@ impl Failure {
             Self::Connect(e) => format!("connect: {e}"),
             Self::Lost(e) => format!("connection lost after the request was sent: {e}"),
             Self::Timeout { .. } => "timeout before the first byte".to_owned(),
-            Self::Deadline => "the request's deadline passed before the first byte".to_owned(),
+            Self::Deadline => "the request's deadline passed before the answer".to_owned(),
             Self::Invalid(e) => format!("invalid response: {e}"),
             Self::Cut { detail, .. } => format!("answer cut after its head: {detail}"),
             Self::MemoryFull(Full::Replica, _) => {
@@ -1190,17 +1191,8 @@ fn could_take(
         return false;
     };
     let now = Instant::now();
-    let translatable = match (backend.format, call.endpoint.format(), &call.send) {
-        (ApiFormat::Anthropic, ApiFormat::OpenAi, Outbound::Body { parsed, .. }) => {
-            messages_body(parsed, route, backend.sampling, call.stream).is_ok()
-        }
-        (ApiFormat::OpenAi, ApiFormat::Anthropic, Outbound::Body { parsed, .. }) => {
-            chat_body(parsed, route, backend.completion_limit).is_ok()
-        }
-        _ => true,
-    };
+    // The translation last: it writes the whole body.
     backend.uri(call.endpoint).is_some()
-        && translatable
         && cooldowns
             .check(&backend.id, &route.upstream_model, now)
             .is_ok()
@@ -1211,7 +1203,16 @@ fn could_take(
         && backend
             .tokens
             .as_ref()
-            .is_none_or(|bucket| bucket.available_in(now).is_zero())
+            .is_none_or(|bucket| !call.count_usage || bucket.available_in(now).is_zero())
+        && match (backend.format, call.endpoint.format(), &call.send) {
+            (ApiFormat::Anthropic, ApiFormat::OpenAi, Outbound::Body { parsed, .. }) => {
+                messages_body(parsed, route, backend.sampling, call.stream).is_ok()
+            }
+            (ApiFormat::OpenAi, ApiFormat::Anthropic, Outbound::Body { parsed, .. }) => {
+                chat_body(parsed, route, backend.completion_limit).is_ok()
+            }
+            _ => true,
+        }
 }
 
 /// What every call of one attempt to a backend shares ([`attempt`]).
@@ -1236,7 +1237,8 @@ struct Sending<'a> {
     memory: (&'a Arc<AnswerMemory>, &'a str, bool),
     /// The size below which an answer takes none of that memory.
     uncounted: usize,
-    /// The endpoint called (`count_tokens` moves on from a backend without it).
+    /// The endpoint called (`count_tokens`, legacy completions and embeddings move on from a
+    /// backend without them).
     endpoint: Endpoint,
 }
 
@@ -1658,10 +1660,10 @@ fn only_content_type(mut headers: HeaderMap, content_type: Option<HeaderValue>) 
     headers
 }
 
-/// An error answer's body, up to [`MAX_ERROR_BODY`]; empty when it cannot be read.
 /// The longest pause in reading an error's body ([`error_body`]).
 const ERROR_BODY_WAIT: Duration = Duration::from_secs(10);
 
+/// An error answer's body, up to [`MAX_ERROR_BODY`]; empty when it cannot be read.
 async fn error_body(
     sleeps: &KeptSleeps,
     upstream: UpstreamBody,
