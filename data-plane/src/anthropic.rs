@@ -79,6 +79,9 @@ pub struct Usage {
     /// `cache_creation.ephemeral_1h_input_tokens`), which Anthropic bills at twice the input
     /// price where the 5-minute cache costs 1.25 times.
     pub cache_creation_1h: u64,
+    /// Of `output`, the model's thinking (Anthropic's `output_tokens_details.thinking_tokens`,
+    /// an OpenAI-format backend's `reasoning_tokens`).
+    pub reasoning: u64,
 }
 
 /// `T` read from a JSON object and nothing else. serde's derived structs also read an array,

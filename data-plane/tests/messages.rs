@@ -949,27 +949,23 @@ async fn count_tokens_is_forwarded_to_anthropic_and_refused_for_openai_backends(
     assert_eq!(records[1].status_code, 400);
 }
 
-/// A request Anthropic compacted server-side (`context_management`'s `compact_20260112`,
-/// passed through untouched) is billed for the compaction's step too, which its top-level
-/// `usage` leaves out and lists in `iterations`: every step is counted, whole or streamed
-/// (only the top level was: 12 % of the bill in Anthropic's own example).
-#[tokio::test]
-async fn a_compacted_request_is_counted_with_its_compaction() {
-    let claude = mock("claude");
-    let h = Harness::start(claude_alone(&claude)).await;
-    let usage = r#"{"input_tokens":23000,"output_tokens":1000,"iterations":[{"type":"compaction","input_tokens":180000,"output_tokens":3500},{"type":"message","input_tokens":23000,"output_tokens":1000}]}"#;
+/// The records of two Messages requests passed through to `claude`, whose answers report
+/// `usage`: a whole message, then a stream (`message_start`, one text block, `message_delta`
+/// carrying `usage`, `message_stop`).
+async fn records_of_answers_reporting(claude: &MockServer, usage: &str) -> Vec<proto::UsageRecord> {
+    let h = Harness::start(claude_alone(claude)).await;
     let message = format!(
         r#"{{"id":"msg_1","type":"message","role":"assistant","model":"m","content":[{{"type":"text","text":"hi"}}],"stop_reason":"end_turn","stop_sequence":null,"usage":{usage}}}"#
     );
     let stream = format!(
-        "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_2\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"m\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{{\"input_tokens\":23000,\"output_tokens\":1}}}}}}\n\n\
+        "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_2\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"m\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{{\"input_tokens\":10,\"output_tokens\":1}}}}}}\n\n\
          event: content_block_start\ndata: {{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{{\"type\":\"text\",\"text\":\"\"}}}}\n\n\
          event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"hi\"}}}}\n\n\
          event: content_block_stop\ndata: {{\"type\":\"content_block_stop\",\"index\":0}}\n\n\
          event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"end_turn\",\"stop_sequence\":null}},\"usage\":{usage}}}\n\n\
          event: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n"
     );
-    for (n, (answer, stream)) in [(message, false), (stream, true)].into_iter().enumerate() {
+    for (answer, stream) in [(message, false), (stream, true)] {
         claude.set_fault(
             Fault::Body {
                 code: 200,
@@ -982,14 +978,47 @@ async fn a_compacted_request_is_counted_with_its_compaction() {
         let response = send(&h, "/v1/messages", &body.to_string()).await;
         assert_eq!(response.status(), 200, "stream {stream}");
         response.text().await.unwrap();
-        let record = h.records(n + 1).await.remove(n);
-        assert_eq!(record.stream, stream);
+    }
+    let records = h.records(2).await;
+    assert_eq!(
+        records.iter().map(|r| r.stream).collect::<Vec<_>>(),
+        [false, true]
+    );
+    records
+}
+
+/// A request Anthropic compacted server-side (`context_management`'s `compact_20260112`,
+/// passed through untouched) is billed for the compaction's step too, which its top-level
+/// `usage` leaves out and lists in `iterations`: every step is counted, whole or streamed
+/// (only the top level was: 12 % of the bill in Anthropic's own example).
+#[tokio::test]
+async fn a_compacted_request_is_counted_with_its_compaction() {
+    let usage = r#"{"input_tokens":23000,"output_tokens":1000,"iterations":[{"type":"compaction","input_tokens":180000,"output_tokens":3500},{"type":"message","input_tokens":23000,"output_tokens":1000}]}"#;
+    for record in records_of_answers_reporting(&mock("claude"), usage).await {
         assert_eq!(
             (record.prompt_tokens, record.completion_tokens),
             (203_000, 4_500),
-            "stream {stream}"
+            "stream {}",
+            record.stream
         );
         assert!(!record.tokens_estimated);
+    }
+}
+
+/// Claude's thinking (`usage.output_tokens_details.thinking_tokens`, inside its output) is
+/// recorded as the request's reasoning tokens, whole or streamed, as OpenAI's are: the
+/// statistics showed none for Claude.
+#[tokio::test]
+async fn claudes_thinking_is_recorded_as_reasoning() {
+    let usage =
+        r#"{"input_tokens":10,"output_tokens":41,"output_tokens_details":{"thinking_tokens":34}}"#;
+    for record in records_of_answers_reporting(&mock("claude"), usage).await {
+        assert_eq!(
+            (record.completion_tokens, record.reasoning_tokens),
+            (41, 34),
+            "stream {}",
+            record.stream
+        );
     }
 }
 

@@ -64,6 +64,7 @@ fn figures_of(usage: &Value) -> UsageFigures {
         cache_read: get("cache_read_input_tokens"),
         cache_creation: get("cache_creation_input_tokens"),
         cache_creation_1h: one_hour_writes(usage.get("cache_creation")),
+        thinking: thinking_tokens(usage.get("output_tokens_details")),
     }
     .at_least(iterated(usage.get("iterations")))
 }
@@ -91,8 +92,20 @@ pub(super) fn iterated(iterations: Option<&Value>) -> UsageFigures {
 /// The 1-hour cache writes of an Anthropic `usage`'s `cache_creation` breakdown (0 when it is
 /// missing, not an object, or its figure not an unsigned integer).
 pub(super) fn one_hour_writes(cache_creation: Option<&Value>) -> u64 {
-    cache_creation
-        .and_then(|c| c.get("ephemeral_1h_input_tokens"))
+    count_of::<OneHour>(cache_creation)
+}
+
+/// The thinking of an Anthropic `usage`'s `output_tokens_details` (part of `output_tokens`;
+/// 0 as [`one_hour_writes`] reads its figure).
+pub(super) fn thinking_tokens(output_details: Option<&Value>) -> u64 {
+    count_of::<Thinking>(output_details)
+}
+
+/// `K`'s figure in an object (0 when it is missing, not an object, or the figure not an
+/// unsigned integer).
+fn count_of<K: CountKey>(object: Option<&Value>) -> u64 {
+    object
+        .and_then(|o| o.get(K::KEY))
         .and_then(Value::as_u64)
         .unwrap_or(0)
 }
@@ -122,6 +135,8 @@ pub(super) struct UsageFigures {
     pub(super) cache_creation: u64,
     /// `cache_creation.ephemeral_1h_input_tokens`.
     pub(super) cache_creation_1h: u64,
+    /// `output_tokens_details.thinking_tokens`.
+    pub(super) thinking: u64,
 }
 
 impl UsageFigures {
@@ -134,6 +149,7 @@ impl UsageFigures {
             cache_creation_1h: self
                 .cache_creation_1h
                 .saturating_add(other.cache_creation_1h),
+            thinking: self.thinking.saturating_add(other.thinking),
         }
     }
 
@@ -145,6 +161,7 @@ impl UsageFigures {
             cache_read: self.cache_read.max(other.cache_read),
             cache_creation: self.cache_creation.max(other.cache_creation),
             cache_creation_1h: self.cache_creation_1h.max(other.cache_creation_1h),
+            thinking: self.thinking.max(other.thinking),
         }
     }
 
@@ -160,6 +177,8 @@ impl UsageFigures {
             cache_creation: self.cache_creation,
             // Part of the writes: never more than they are.
             cache_creation_1h: self.cache_creation_1h.min(self.cache_creation),
+            // Part of the output, as well.
+            reasoning: self.thinking.min(self.output),
         }
     }
 }
@@ -190,6 +209,8 @@ enum FigureName {
     CacheCreationByTtl,
     /// `iterations`, each sampling step's figures ([`iterated`]).
     Iterations,
+    /// `output_tokens_details`, the output by kind.
+    OutputDetails,
     Other,
 }
 
@@ -209,6 +230,7 @@ impl<'de> serde::Deserialize<'de> for FigureName {
                     "cache_creation_input_tokens" => FigureName::CacheCreation,
                     "cache_creation" => FigureName::CacheCreationByTtl,
                     "iterations" => FigureName::Iterations,
+                    "output_tokens_details" => FigureName::OutputDetails,
                     _ => FigureName::Other,
                 })
             }
@@ -252,7 +274,11 @@ impl LenientKind for UsageFigures {
                 FigureName::CacheRead => &mut figures.cache_read,
                 FigureName::CacheCreation => &mut figures.cache_creation,
                 FigureName::CacheCreationByTtl => {
-                    figures.cache_creation_1h = map.next_value::<OneHourWrites>()?.0;
+                    figures.cache_creation_1h = map.next_value::<CountAt<OneHour>>()?.0;
+                    continue;
+                }
+                FigureName::OutputDetails => {
+                    figures.thinking = map.next_value::<CountAt<Thinking>>()?.0;
                     continue;
                 }
                 FigureName::Iterations => {
@@ -297,28 +323,52 @@ impl LenientKind for Count {
     }
 }
 
-/// A `usage`'s `cache_creation` read for its `ephemeral_1h_input_tokens`, as
-/// [`one_hour_writes`] reads the parsed value (an object's last such key, 0 for anything else).
-#[derive(Default)]
-struct OneHourWrites(u64);
+/// The key of a figure read from an object of a `usage` ([`CountAt`], [`count_of`]).
+trait CountKey {
+    const KEY: &'static str;
+}
 
-impl<'de> serde::Deserialize<'de> for OneHourWrites {
-    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
-        value.deserialize_any(Lenient::<OneHourWrites>::default())
+/// `cache_creation`'s 1-hour writes.
+struct OneHour;
+
+impl CountKey for OneHour {
+    const KEY: &'static str = "ephemeral_1h_input_tokens";
+}
+
+/// `output_tokens_details`' thinking.
+struct Thinking;
+
+impl CountKey for Thinking {
+    const KEY: &'static str = "thinking_tokens";
+}
+
+/// An object of a `usage` read for its `K` figure, as [`count_of`] reads the parsed value
+/// (an object's last such key, 0 for anything else).
+struct CountAt<K>(u64, std::marker::PhantomData<K>);
+
+impl<K> Default for CountAt<K> {
+    fn default() -> Self {
+        Self(0, std::marker::PhantomData)
     }
 }
 
-impl LenientKind for OneHourWrites {
+impl<'de, K: CountKey> serde::Deserialize<'de> for CountAt<K> {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        value.deserialize_any(Lenient::<CountAt<K>>::default())
+    }
+}
+
+impl<K: CountKey> LenientKind for CountAt<K> {
     fn object<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
-        let mut writes = Self::default();
+        let mut count = Self::default();
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if key == "ephemeral_1h_input_tokens" {
-                writes.0 = map.next_value::<Count>()?.0;
+            if key == K::KEY {
+                count.0 = map.next_value::<Count>()?.0;
             } else {
                 map.next_value::<Checked>()?;
             }
         }
-        Ok(writes)
+        Ok(count)
     }
 }
 
@@ -405,6 +455,7 @@ fn usage_of_openai_figures(figures: OpenAiFigureValues) -> Usage {
         cache_read: tokens.cached_prompt,
         cache_creation: tokens.cache_write,
         cache_creation_1h: 0,
+        reasoning: tokens.reasoning,
     }
 }
 
@@ -1030,6 +1081,9 @@ mod tests {
             "[1,{\"output_tokens\":3},null,[2]]",
             "[{\"iterations\":[{\"input_tokens\":7}]}]",
             "[{\"cache_creation_input_tokens\":9,\"cache_creation\":{\"ephemeral_1h_input_tokens\":9}}]",
+            // What `output_tokens_details` holds.
+            "{\"thinking_tokens\":34}",
+            "{\"thinking_tokens\":\"34\",\"thinking_tokens\":5}",
         ])
     }
 
@@ -1044,6 +1098,7 @@ mod tests {
             "\\u006futput_tokens",
             "cache_creation",
             "iterations",
+            "output_tokens_details",
             "service_tier",
             "",
         ])
@@ -1102,6 +1157,27 @@ mod tests {
         let plain = r#"{"input_tokens":23,"output_tokens":10}"#;
         let read = anthropic_usage_in(plain.as_bytes()).unwrap();
         assert_eq!((read.input, read.output), (23, 10));
+    }
+
+    /// Claude's thinking, part of its output (`output_tokens_details.thinking_tokens`), is its
+    /// reasoning, never more than the output.
+    #[test]
+    fn claudes_thinking_is_read_as_its_reasoning() {
+        for (usage, reasoning) in [
+            (
+                r#"{"input_tokens":3,"output_tokens":41,"output_tokens_details":{"thinking_tokens":34}}"#,
+                34,
+            ),
+            (
+                r#"{"output_tokens":4,"output_tokens_details":{"thinking_tokens":34}}"#,
+                4,
+            ),
+            (r#"{"output_tokens":41}"#, 0),
+        ] {
+            let read = anthropic_usage_in(usage.as_bytes()).unwrap();
+            assert_eq!(read.reasoning, reasoning, "{usage}");
+            assert_eq!(read, anthropic_usage(&serde_json::from_str(usage).unwrap()));
+        }
     }
 
     proptest! {

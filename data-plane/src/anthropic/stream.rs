@@ -57,6 +57,9 @@ impl Counters {
         if let Some(by_ttl) = usage.get("cache_creation") {
             figures.cache_creation_1h = super::response::one_hour_writes(Some(by_ttl));
         }
+        if let Some(details) = usage.get("output_tokens_details") {
+            figures.thinking = super::response::thinking_tokens(Some(details));
+        }
         if let Some(iterations) = usage.get("iterations") {
             self.iterated = super::response::iterated(Some(iterations));
         }

@@ -168,6 +168,7 @@ pub(super) fn tokens_of(usage: Usage) -> Tokens {
         cached_prompt: usage.cache_read,
         cache_write: usage.cache_creation,
         cache_write_1h: usage.cache_creation_1h,
+        reasoning: usage.reasoning,
         ..Tokens::default()
     }
 }
