@@ -131,6 +131,9 @@ pub enum AttemptOutcome {
     /// Not the backend's: this replica could not open a connection to it (out of file
     /// descriptors).
     local_error,
+    /// The backend answered 404 or 405 to a call it does not serve at all (`count_tokens`,
+    /// legacy completions, embeddings): another backend was asked.
+    not_served,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -372,6 +372,17 @@ async fn a_backend_without_the_endpoint_called_leaves_it_to_another() {
             assert_eq!(header(&response, "x-sluice-attempts"), "2", "{path}");
         }
     }
+    // Counted apart, for the operator to route the calls elsewhere (each costs an attempt).
+    let attempts = h.metrics().await;
+    assert!(
+        attempts
+            .lines()
+            .any(|l| l.starts_with("sluice_upstream_attempts_total{")
+                && l.contains("backend=\"primary-name\"")
+                && l.contains("outcome=\"not_served\"")
+                && l.ends_with(" 6")),
+        "{attempts}"
+    );
     // A busy primary's 429 is the answer, not the fallback's 404: the client may come back.
     let (busy, without) = (mock("busy"), mock("without"));
     busy.set_fault(Fault::rate_limited(5).always());

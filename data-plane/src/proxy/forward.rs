@@ -291,6 +291,7 @@ impl Failure {
             {
                 AttemptOutcome::rate_limited
             }
+            Self::Status { .. } if self.lacks_endpoint() => AttemptOutcome::not_served,
             Self::Status { status, .. } if status.is_client_error() => AttemptOutcome::ok,
             Self::Status { .. } => AttemptOutcome::server_error,
             Self::Refused { .. } => AttemptOutcome::auth_error,
