@@ -1741,6 +1741,23 @@ async fn the_last_candidate_is_waited_for_past_answer_timeout() {
     assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
     assert_eq!(header(&response, "x-sluice-attempts"), "1");
     assert_eq!(claude.stats().requests.total(), 0);
+
+    // And one at its request limit: a fallback allowed a request a minute, which it served.
+    let limited = mock("limited");
+    let mut backends = pair(&primary, &limited);
+    backends[1].rpm_limit = 1;
+    let mut message = snapshot(4, backends);
+    message.settings = with_timeouts(200, 400, 5_000);
+    h.publish(message).await;
+    primary.set_fault(Fault::status(500).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    primary.set_fault(Fault::ThinkingMs(1_200).times(1));
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "1");
+    assert_eq!(limited.stats().requests.total(), 1);
 }
 
 /// The test settings with these first-byte, answer and request timeouts, in milliseconds.
