@@ -1603,9 +1603,7 @@ async fn a_stream_of_only_comments_or_nothing_fails_over_at_its_answer_timeout()
     use sluice_e2e::mock::GarbageKind;
     let (primary, fallback) = (mock("primary"), mock("fallback"));
     let mut message = snapshot(1, pair(&primary, &fallback));
-    let settings = message.settings.as_mut().unwrap();
-    settings.first_byte_timeout = Some(proto_duration(Duration::from_millis(200)));
-    settings.answer_timeout = Some(proto_duration(Duration::from_millis(300)));
+    message.settings = with_timeouts(200, 300, 20_000);
     let h = Harness::start(message).await;
     for fault in [
         Fault::QueuedMs(3_000),
@@ -1649,9 +1647,7 @@ async fn a_stream_of_only_comments_or_nothing_fails_over_at_its_answer_timeout()
 async fn a_stream_whose_model_thinks_before_its_first_event_is_waited_for() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));
     let mut message = snapshot(1, pair(&primary, &fallback));
-    let settings = message.settings.as_mut().unwrap();
-    settings.first_byte_timeout = Some(proto_duration(Duration::from_millis(200)));
-    settings.answer_timeout = Some(proto_duration(Duration::from_millis(2_000)));
+    message.settings = with_timeouts(200, 2_000, 20_000);
     let h = Harness::start(message).await;
 
     primary.set_fault(Fault::ThinkingMs(800).times(1));
@@ -1689,10 +1685,7 @@ async fn a_stream_whose_model_thinks_before_its_first_event_is_waited_for() {
 async fn the_last_candidate_is_waited_for_past_answer_timeout() {
     let primary = mock("primary");
     let mut message = one_primary_snapshot(&primary.base_url());
-    let settings = message.settings.as_mut().unwrap();
-    settings.first_byte_timeout = Some(proto_duration(Duration::from_millis(200)));
-    settings.answer_timeout = Some(proto_duration(Duration::from_millis(400)));
-    settings.request_timeout = Some(proto_duration(Duration::from_millis(5_000)));
+    message.settings = with_timeouts(200, 400, 5_000);
     let h = Harness::start(message).await;
 
     for (fault, stream) in [
@@ -1843,10 +1836,8 @@ async fn a_model_too_slow_to_answer_cools_that_model_alone_at_its_backend() {
     let slow = format!("{MODEL}-at-primary");
     primary.set_fault(Fault::ThinkingMs(3_000).always().for_model(&slow));
     let mut message = snapshot(1, pair_of_two_models(&primary, &fallback));
-    let settings = message.settings.as_mut().unwrap();
-    settings.failure_threshold = 1;
-    settings.first_byte_timeout = Some(proto_duration(Duration::from_millis(200)));
-    settings.answer_timeout = Some(proto_duration(Duration::from_millis(400)));
+    message.settings = with_timeouts(200, 400, 20_000);
+    message.settings.as_mut().unwrap().failure_threshold = 1;
     let h = Harness::start(message).await;
 
     let stream = |model: &str| {
