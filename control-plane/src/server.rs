@@ -25,7 +25,7 @@ use crate::secrets::{SecretSources, SecretsError};
 use crate::snapshot::Publisher;
 use crate::store::{DB_FILE, Opened, Store, StoreError};
 
-const LOCK_FILE: &str = "lock";
+pub(crate) const LOCK_FILE: &str = "lock";
 
 /// How the control plane runs.
 #[derive(Debug, Clone)]

@@ -24,6 +24,7 @@ pub struct TestControlPlane {
     pub http_url: String,
     pub admin_token: String,
     pub dataplane_token: String,
+    data_dir: std::path::PathBuf,
     running: Option<Running>,
 }
 
@@ -73,6 +74,7 @@ impl TestControlPlane {
             http_url: format!("http://{}", running.http_addr),
             admin_token: running.admin_token.clone(),
             dataplane_token: running.dataplane_token.clone(),
+            data_dir: data_dir.to_owned(),
             running: Some(running),
         })
     }
@@ -101,10 +103,27 @@ impl TestControlPlane {
             .await?)
     }
 
-    /// Stops it and waits until it has stopped.
+    /// Stops it and waits until it has stopped and its data directory is unlocked. The
+    /// directory stays locked while any handle on the store lives (`Store::hold_lock`), and a
+    /// connection a test's client still holds open can outlive the servers by a moment, with
+    /// the services' handles: a control plane started on the directory at once was refused
+    /// (`Locked`), now and then.
     pub async fn shutdown(mut self) {
         if let Some(running) = self.running.take() {
             let _ = running.shutdown().await;
+        }
+        let lock = self.data_dir.join(crate::server::LOCK_FILE);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
+            // Taken, the lock is let go at once (the file is closed).
+            let unlocked = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&lock)
+                .is_ok_and(|file| file.try_lock().is_ok());
+            if unlocked {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 
