@@ -178,6 +178,12 @@ pub struct BackendAddArgs {
     /// (default 4096).
     #[arg(long, value_name = "N")]
     pub default_max_tokens: Option<u32>,
+    /// A price tier of a --model: MODEL:TIER=MULTIPLIER, what its prices are multiplied by
+    /// when the answer says it was served at TIER (OpenAI's service_tier: priority, fast,
+    /// flex...; Anthropic's usage.speed fast and usage.inference_geo us), e.g.
+    /// gpt-5:priority=2, gpt-5:flex=0.5, claude-opus-4-6:fast=6; repeat for each.
+    #[arg(long = "tier", value_name = "MODEL:TIER=MULTIPLIER", value_parser = parse_tier)]
+    pub tiers: Vec<TierArg>,
     #[command(flatten)]
     pub api_key: ApiKeyArgs,
 }
@@ -234,6 +240,16 @@ pub struct BackendUpdateArgs {
     /// max_tokens for each --model given when the client gives none (needs --model).
     #[arg(long, value_name = "N", requires = "models")]
     pub default_max_tokens: Option<u32>,
+    /// A price tier of a --model, MODEL:TIER=MULTIPLIER (see `backend add --help`); the
+    /// tiers given for a model replace its stored ones, a model given none keeps them, and
+    /// TIER=1 takes a tier off (needs --model).
+    #[arg(
+        long = "tier",
+        value_name = "MODEL:TIER=MULTIPLIER",
+        value_parser = parse_tier,
+        requires = "models"
+    )]
+    pub tiers: Vec<TierArg>,
     #[command(flatten)]
     pub api_key: ApiKeyArgs,
 }
@@ -686,6 +702,41 @@ pub fn parse_model_route(spec: &str) -> Result<pb::ModelRoute, String> {
     Ok(route)
 }
 
+/// A `--tier` of `backend add` and `backend update`: a price tier of one of the `--model`s.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TierArg {
+    pub model: String,
+    pub tier: pb::TierMultiplier,
+}
+
+const TIER_FORMAT: &str = "expected MODEL:TIER=MULTIPLIER, e.g. gpt-5:priority=2";
+
+/// Parses `MODEL:TIER=MULTIPLIER`; the model is what precedes the last `:` (a public name
+/// may hold one, a tier's name does not). The control plane checks the tier's name.
+pub fn parse_tier(spec: &str) -> Result<TierArg, String> {
+    let (model, tier) = spec.rsplit_once(':').ok_or(TIER_FORMAT)?;
+    let (tier, multiplier) = tier.split_once('=').ok_or(TIER_FORMAT)?;
+    let multiplier = match multiplier.trim().parse::<f64>() {
+        Ok(m) if m.is_finite() && m >= 0.0 => m,
+        _ => {
+            return Err(format!(
+                "multiplier {multiplier:?} is not a number ≥ 0; {TIER_FORMAT}"
+            ));
+        }
+    };
+    let (model, tier) = (model.trim(), tier.trim());
+    if model.is_empty() || tier.is_empty() {
+        return Err(TIER_FORMAT.to_owned());
+    }
+    Ok(TierArg {
+        model: model.to_owned(),
+        tier: pb::TierMultiplier {
+            tier: tier.to_owned(),
+            multiplier,
+        },
+    })
+}
+
 /// `--responses-api` of `backend update`: `Some` to set it, `None` for its API's default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResponsesApi(pub Option<bool>);
@@ -821,6 +872,31 @@ mod tests {
             parse_model_route("llama:llama3:8b:0:0").unwrap(),
             route("llama", "llama3:8b", 0.0, 0.0)
         );
+    }
+
+    #[test]
+    fn a_tier_names_its_model_before_the_last_colon() {
+        let tier = parse_tier("gpt-5:priority=2").unwrap();
+        assert_eq!(tier.model, "gpt-5");
+        assert_eq!(tier.tier.tier, "priority");
+        assert_eq!(tier.tier.multiplier, 2.0);
+        let tier = parse_tier(" llama3:8b : flex = 0.5 ").unwrap();
+        assert_eq!(
+            (tier.model.as_str(), tier.tier.tier.as_str()),
+            ("llama3:8b", "flex")
+        );
+        assert_eq!(tier.tier.multiplier, 0.5);
+        for bad in [
+            "gpt-5",
+            "gpt-5:priority",
+            ":fast=2",
+            "gpt-5:=2",
+            "gpt-5:fast=x",
+            "m:fast=-1",
+            "m:fast=inf",
+        ] {
+            assert!(parse_tier(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

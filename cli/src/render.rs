@@ -268,6 +268,14 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
     if anthropic {
         header.push("DEFAULT MAX TOKENS");
     }
+    // Price tiers are shown when a route has any (`--tier`'s form: `priority=2,flex=0.5`).
+    let tiered = backend
+        .models
+        .iter()
+        .any(|model| !model.tier_multipliers.is_empty());
+    if tiered {
+        header.push("PRICE TIERS");
+    }
     let models = grid(
         &header,
         backend
@@ -294,10 +302,22 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
                         n => n.to_string(),
                     });
                 }
+                if tiered {
+                    let tiers: Vec<String> = model
+                        .tier_multipliers
+                        .iter()
+                        .map(|t| format!("{}={}", t.tier, t.multiplier))
+                        .collect();
+                    row.push(match tiers.is_empty() {
+                        true => "-".to_owned(),
+                        false => tiers.join(","),
+                    });
+                }
                 row
             })
             .collect(),
-        &[2, 3, 4, 5, 6],
+        // The prices, and the default max tokens when shown; not the tiers' text.
+        &[2, 3, 4, 5, 6][..if anthropic { 5 } else { 4 }],
     );
     format!("{summary}\n\n{models}")
 }
@@ -763,6 +783,38 @@ mod tests {
         assert!(text.contains("gpt-4o-mini-2024"), "{text}");
         assert!(text.contains("0.15") && text.contains("0.6"), "{text}");
         assert!(text.contains("openai"), "{text}");
+        assert!(!text.contains("PRICE TIERS"), "{text}");
+    }
+
+    #[test]
+    fn a_routes_price_tiers_are_shown_as_given() {
+        let mut b = sample_backend();
+        let mut plain = b.models[0].clone();
+        plain.name = "plain".into();
+        b.models[0].tier_multipliers = vec![
+            pb::TierMultiplier {
+                tier: "priority".into(),
+                multiplier: 2.0,
+            },
+            pb::TierMultiplier {
+                tier: "flex".into(),
+                multiplier: 0.5,
+            },
+        ];
+        b.models.push(plain);
+        let text = backend(Some(&b));
+        let row = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_default()
+                .split_whitespace()
+                .last()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(text.contains("PRICE TIERS"), "{text}");
+        assert_eq!(row("gpt-4o-mini "), "priority=2,flex=0.5", "{text}");
+        assert_eq!(row("plain "), "-", "{text}");
     }
 
     #[test]

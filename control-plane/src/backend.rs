@@ -2,7 +2,7 @@
 //! [`BackendSpec`] is what an operator configures, validated once at the edge.
 
 use sha2::Digest as _;
-use sluice_proto::limits::MAX_MODEL_NAME_BYTES;
+use sluice_proto::limits::{MAX_MODEL_NAME_BYTES, MAX_PRICE_TIERS, MAX_TIER_NAME_BYTES};
 use sluice_proto::v1 as pb;
 
 use crate::validation::{
@@ -28,6 +28,8 @@ pub struct ModelRoute {
     pub cache_write_price_per_mtok: Option<f64>,
     /// `max_tokens` for an Anthropic backend when the client gave none; 0: Sluice's default.
     pub default_max_tokens: u32,
+    /// The price tiers an answer may report, each with what it multiplies the prices by.
+    pub tier_multipliers: Vec<(String, f64)>,
 }
 
 /// The API a backend speaks.
@@ -314,6 +316,7 @@ impl BackendSpec {
                     ));
                 }
             }
+            check_tiers(&field, &mut model.tier_multipliers)?;
             if !seen.insert(model.name.clone()) {
                 return Err(ValidationError::new(
                     format!("{field}.name"),
@@ -373,6 +376,55 @@ impl BackendSpec {
     }
 }
 
+/// The most a price tier multiplies a route's prices by (Anthropic's fast mode is 6).
+pub const MAX_TIER_MULTIPLIER: f64 = 100.0;
+
+/// A route's price tiers as stored: each named by 1 to [`MAX_TIER_NAME_BYTES`] of
+/// `[a-z0-9_-]` (the words answers report are lowercase), once, with a multiplier from 0 to
+/// [`MAX_TIER_MULTIPLIER`], at most [`MAX_PRICE_TIERS`] of them. A tier at 1 costs the route's
+/// prices, as a tier not listed does: it is dropped (so `priority=1` takes a tier off).
+fn check_tiers(field: &str, tiers: &mut Vec<(String, f64)>) -> Result<(), ValidationError> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, (tier, multiplier)) in tiers.iter_mut().enumerate() {
+        let field = format!("{field}.tier_multipliers[{i}]");
+        *tier = tier.trim().to_owned();
+        if tier.is_empty()
+            || tier.len() > MAX_TIER_NAME_BYTES
+            || !tier
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            return Err(ValidationError::new(
+                format!("{field}.tier"),
+                format!(
+                    "a tier is named by 1 to {MAX_TIER_NAME_BYTES} of a-z, 0-9, '_' and '-', as answers report it (priority, flex, fast, us)"
+                ),
+            ));
+        }
+        if !(0.0..=MAX_TIER_MULTIPLIER).contains(multiplier) {
+            return Err(ValidationError::new(
+                format!("{field}.multiplier"),
+                format!("must be a number from 0 to {MAX_TIER_MULTIPLIER}"),
+            ));
+        }
+        *multiplier += 0.0;
+        if !seen.insert(tier.clone()) {
+            return Err(ValidationError::new(
+                format!("{field}.tier"),
+                format!("tier {tier:?} is listed twice"),
+            ));
+        }
+    }
+    tiers.retain(|(_, multiplier)| *multiplier != 1.0);
+    if tiers.len() > MAX_PRICE_TIERS {
+        return Err(ValidationError::new(
+            format!("{field}.tier_multipliers"),
+            format!("at most {MAX_PRICE_TIERS} tiers"),
+        ));
+    }
+    Ok(())
+}
+
 impl ModelRoute {
     pub fn from_proto(model: &pb::ModelRoute) -> Self {
         Self {
@@ -383,6 +435,11 @@ impl ModelRoute {
             cached_input_price_per_mtok: model.cached_input_price_per_mtok,
             cache_write_price_per_mtok: model.cache_write_price_per_mtok,
             default_max_tokens: model.default_max_tokens,
+            tier_multipliers: model
+                .tier_multipliers
+                .iter()
+                .map(|t| (t.tier.clone(), t.multiplier))
+                .collect(),
         }
     }
 
@@ -395,6 +452,14 @@ impl ModelRoute {
             cached_input_price_per_mtok: self.cached_input_price_per_mtok,
             cache_write_price_per_mtok: self.cache_write_price_per_mtok,
             default_max_tokens: self.default_max_tokens,
+            tier_multipliers: self
+                .tier_multipliers
+                .iter()
+                .map(|(tier, multiplier)| pb::TierMultiplier {
+                    tier: tier.clone(),
+                    multiplier: *multiplier,
+                })
+                .collect(),
         }
     }
 }
@@ -747,6 +812,73 @@ mod tests {
         );
         writes.models[0].cache_write_price_per_mtok = Some(3.75);
         assert!(writes.validated().is_ok());
+    }
+
+    #[test]
+    fn price_tiers_are_named_as_answers_report_them_and_bounded() {
+        let with = |tiers: &[(&str, f64)]| {
+            let mut spec = spec();
+            spec.models[0].tier_multipliers =
+                tiers.iter().map(|(t, m)| ((*t).to_owned(), *m)).collect();
+            spec.validated()
+        };
+        let ok = with(&[
+            (" priority ", 2.0),
+            ("flex", 0.5),
+            ("us", 1.0),
+            ("free", -0.0),
+        ])
+        .unwrap();
+        // Trimmed, -0 stored as 0, and a tier at 1 (the route's prices) dropped.
+        assert_eq!(
+            ok.models[0].tier_multipliers,
+            [
+                ("priority".to_owned(), 2.0),
+                ("flex".to_owned(), 0.5),
+                ("free".to_owned(), 0.0)
+            ]
+        );
+        assert_eq!(ok.models[0].tier_multipliers[2].1.to_string(), "0");
+        for (tiers, field) in [
+            (
+                &[("Priority", 2.0)][..],
+                "backend.models[0].tier_multipliers[0].tier",
+            ),
+            (&[("", 2.0)], "backend.models[0].tier_multipliers[0].tier"),
+            (
+                &[("a b", 2.0)],
+                "backend.models[0].tier_multipliers[0].tier",
+            ),
+            (
+                &[("fast", 2.0), ("fast", 3.0)],
+                "backend.models[0].tier_multipliers[1].tier",
+            ),
+            (
+                &[("fast", f64::NAN)],
+                "backend.models[0].tier_multipliers[0].multiplier",
+            ),
+            (
+                &[("fast", -1.0)],
+                "backend.models[0].tier_multipliers[0].multiplier",
+            ),
+            (
+                &[("fast", 101.0)],
+                "backend.models[0].tier_multipliers[0].multiplier",
+            ),
+        ] {
+            assert_eq!(with(tiers).unwrap_err().field, field, "{tiers:?}");
+        }
+        let long = "t".repeat(MAX_TIER_NAME_BYTES);
+        assert!(with(&[(&long, 2.0)]).is_ok());
+        let longer = "t".repeat(MAX_TIER_NAME_BYTES + 1);
+        assert!(with(&[(&longer, 2.0)]).is_err());
+        let names: Vec<String> = (0..=MAX_PRICE_TIERS).map(|i| format!("t{i}")).collect();
+        let many: Vec<(&str, f64)> = names.iter().map(|n| (n.as_str(), 2.0)).collect();
+        assert!(with(&many[..MAX_PRICE_TIERS]).is_ok());
+        assert_eq!(
+            with(&many).unwrap_err().field,
+            "backend.models[0].tier_multipliers"
+        );
     }
 
     #[test]

@@ -162,6 +162,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0019_model_cooldowns.sql"),
     include_str!("../../migrations/0020_snapshot_key_index.sql"),
     include_str!("../../migrations/0021_backend_key_header.sql"),
+    include_str!("../../migrations/0022_price_tiers.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

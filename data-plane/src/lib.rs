@@ -40,6 +40,7 @@ pub mod stopping;
 pub mod subscribe;
 #[cfg(test)]
 mod testing;
+pub mod tiers;
 pub mod upstream;
 pub mod usage;
 pub mod utf8;

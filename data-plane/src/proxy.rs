@@ -505,11 +505,16 @@ async fn authorized(
 
 /// What a request's prompt is estimated to cost before it is sent: its estimated tokens
 /// ([`estimate::prompt_tokens`]) at the highest input (or cache write) price among the model's
-/// routes; the real cost is settled when the response ends.
+/// routes, at the dearest price tiers each may report at once; the real cost is settled when
+/// the response ends.
 fn prompt_cost(tokens: u64, routes: &[crate::snapshot::Route]) -> u64 {
     routes
         .iter()
-        .map(|r| r.prices.prompt_ceiling_nanos(tokens))
+        .map(|r| {
+            r.prices
+                .scaled(r.tiers.ceiling())
+                .prompt_ceiling_nanos(tokens)
+        })
         .max()
         .unwrap_or(0)
 }
@@ -940,6 +945,27 @@ async fn method_not_allowed(method: Method, uri: Uri, headers: HeaderMap) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A budget reserves the prompt at the dearest route, that route's dearest tiers together:
+    /// an answer may report any of them.
+    #[test]
+    fn the_prompt_is_reserved_at_the_dearest_tiers() {
+        use crate::snapshot::Route;
+        use crate::tiers::Tiers;
+        use sluice_domain::price::Prices;
+        let route = |input: f64, tiers: Tiers| Route {
+            backend: 0,
+            upstream_model: String::new(),
+            prices: Prices::per_mtok(input, None, None, 10.0),
+            tiers,
+            default_max_tokens: 0,
+        };
+        let plain = route(2.0, Tiers::default());
+        // $1 a million tokens at 2.5 and 1.1 times at once (flex's half lowers nothing).
+        let tiered = route(1.0, Tiers::new([("fast", 2.5), ("us", 1.1), ("flex", 0.5)]));
+        assert_eq!(prompt_cost(1_000, std::slice::from_ref(&plain)), 2_000_000);
+        assert_eq!(prompt_cost(1_000, &[plain, tiered]), 2_750_000);
+    }
 
     /// A body in one chunk is kept as it came; in several, joined in order.
     #[test]

@@ -25,6 +25,7 @@ use crate::anthropic::Sampling;
 use crate::clock::{Clock, Now, std_duration, system_time};
 use crate::cooldown::{CooldownTracker, FleetCooldown, MAX_RETRY_AFTER, Whose};
 use crate::ratelimit::{ParallelLimit, RateLimiter, TokenBucket};
+use crate::tiers::Tiers;
 use crate::upstream::{UpstreamClient, UpstreamTls};
 
 /// Why a snapshot was refused (sent back to the control plane as the nack's detail).
@@ -373,6 +374,8 @@ pub struct Route {
     pub upstream_model: String,
     /// What a request served by this route costs.
     pub prices: Prices,
+    /// What its prices are multiplied by at the price tiers its answers may report.
+    pub tiers: Tiers,
     /// `max_tokens` for an Anthropic backend when the client gave none.
     pub default_max_tokens: u32,
 }
@@ -569,6 +572,12 @@ impl Snapshot {
                             model.cached_input_price_per_mtok,
                             model.cache_write_price_per_mtok,
                             model.output_price_per_mtok,
+                        ),
+                        tiers: Tiers::new(
+                            model
+                                .tier_multipliers
+                                .iter()
+                                .map(|t| (t.tier.as_str(), t.multiplier)),
                         ),
                         default_max_tokens: match model.default_max_tokens {
                             0 => DEFAULT_MAX_TOKENS,

@@ -752,6 +752,75 @@ print(json.dumps(out))
     );
 }
 
+/// Anthropic says in each answer's `usage` at which speed and where it ran: fast mode
+/// (`speed: "fast"`, Claude Opus 4.6's at six times the price) and US-only inference
+/// (`inference_geo: "us"`, at 1.1 times), both at once multiplied. A route's tiers, set on a
+/// backend already priced (`backend update --model claude --tier ...`: the prices are kept),
+/// charge each message at what its answer reports, whole and streamed (where the region comes
+/// in `message_start` and the figures in `message_delta`).
+#[tokio::test]
+async fn fast_mode_and_us_inference_are_spent_at_their_tiers() {
+    const SPEEDS: &str = r#"
+import json, sys, anthropic
+base, key = sys.argv[1:3]
+c = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+hello = [{"role": "user", "content": "hello there"}]
+out = []
+for extra in [{"speed": "fast", "inference_geo": "us"}, {"speed": "fast"}, {"inference_geo": "us"}, {}]:
+    m = c.messages.create(model="claude", max_tokens=64, messages=hello, extra_body=extra)
+    out.append([m.usage.model_dump().get("speed"), m.usage.model_dump().get("inference_geo"),
+                m.usage.input_tokens, m.usage.output_tokens])
+    with c.messages.stream(model="claude", max_tokens=64, messages=hello, extra_body=extra) as s:
+        m = s.get_final_message()
+    out.append([extra.get("speed", "standard"), extra.get("inference_geo", "global"),
+                m.usage.input_tokens, m.usage.output_tokens])
+print(json.dumps(out))
+"#;
+    let cluster = Cluster::start().await;
+    let claude = Mock::start("claude", &["claude-up"]).await;
+    let (_, key) = cluster.create_key("fast", &[]).await;
+    let key_id = cluster.client_key("fast").await.id;
+    add_priced_claude(&cluster, &claude).await;
+    cluster
+        .sluicectl(&[
+            "backend",
+            "update",
+            "claude",
+            "--model",
+            "claude:claude-up",
+            "--tier",
+            "claude:fast=6",
+            "--tier",
+            "claude:us=1.1",
+        ])
+        .await;
+    let proxy = cluster.proxy().await;
+    let answers = python(SPEEDS, &[&proxy.url(""), &key]).await;
+    let answers = answers.as_array().unwrap();
+    assert_eq!(
+        answers[0],
+        json!(["fast", "us", 2, 5]),
+        "the answer reports its tiers: {answers:?}"
+    );
+    // $3 in and $15 out a million tokens: 3,000 and 15,000 nano-units a token, at the
+    // tiers' multiple.
+    let billed: u64 = answers
+        .iter()
+        .map(|a| {
+            let multiplier = match (a[0].as_str().unwrap(), a[1].as_str().unwrap()) {
+                ("fast", "us") => 6.6,
+                ("fast", _) => 6.0,
+                (_, "us") => 1.1,
+                _ => 1.0,
+            };
+            let tokens = a[2].as_u64().unwrap() * 3_000 + a[3].as_u64().unwrap() * 15_000;
+            (tokens as f64 * multiplier).round() as u64
+        })
+        .sum();
+    assert_eq!(billed, 2 * (534_600 + 486_000 + 89_100 + 81_000));
+    spent(&cluster, &key_id, billed).await;
+}
+
 /// The usage totals, once the key `key_id` has been charged exactly `billed` nano-units (the
 /// provider's bill for what the test sent).
 async fn spent(cluster: &Cluster, key_id: &str, billed: u64) -> pb::GetTotalsResponse {

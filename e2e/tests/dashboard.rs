@@ -358,6 +358,12 @@ async fn the_dashboard_in_a_browser() {
         )
         .await;
     browser
+        .type_into(
+            "#bf-models .model-row input[name=tiers]",
+            "priority=2, flex=0.5",
+        )
+        .await;
+    browser
         .type_into("#bf-api-key", "sk-gamma-secret-4321")
         .await;
     browser.click("#bf-save").await;
@@ -399,6 +405,15 @@ async fn the_dashboard_in_a_browser() {
     assert_eq!(gamma.models[0].input_price_per_mtok, 0.15);
     assert_eq!(gamma.models[0].cached_input_price_per_mtok, Some(0.075));
     assert_eq!(gamma.models[0].cache_write_price_per_mtok, Some(0.1875));
+    let tiers = |route: &pb::ModelRoute| {
+        route
+            .tier_multipliers
+            .iter()
+            .map(|t| (t.tier.clone(), t.multiplier))
+            .collect::<Vec<_>>()
+    };
+    let given = vec![("priority".to_owned(), 2.0), ("flex".to_owned(), 0.5)];
+    assert_eq!(tiers(&gamma.models[0]), given);
     assert_eq!(gamma.api_key_hint, "4321");
     assert!(gamma.enabled);
     assert!(
@@ -426,6 +441,12 @@ async fn the_dashboard_in_a_browser() {
             .eval("document.querySelector('#bf-api-key').value")
             .await,
         json!("")
+    );
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#bf-models .model-row input[name=tiers]').value")
+            .await,
+        json!("priority=2, flex=0.5")
     );
     browser.type_into("#bf-priority", "7").await;
     browser
@@ -464,6 +485,7 @@ async fn the_dashboard_in_a_browser() {
         Some(0.1875),
         "shown in the form, kept"
     );
+    assert_eq!(tiers(&edited.models[0]), given, "shown in the form, kept");
     // Emptied, the route has no cached price of its own (its cached tokens cost the input
     // price), not one the form no longer shows.
     browser
@@ -477,6 +499,21 @@ async fn the_dashboard_in_a_browser() {
         )
         .await;
     }
+    // Tiers written as answers do not report them are refused where they were typed.
+    set_value(
+        &browser,
+        "#bf-models .model-row input[name=tiers]",
+        "Priority=2",
+    )
+    .await;
+    browser.click("#bf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('.model-row [data-field=tier_multipliers] .field-error').textContent !== ''",
+            "the tiers' error",
+        )
+        .await;
+    set_value(&browser, "#bf-models .model-row input[name=tiers]", "").await;
     browser.click("#bf-save").await;
     browser
         .wait_for(
@@ -491,6 +528,7 @@ async fn the_dashboard_in_a_browser() {
         .unwrap();
     assert_eq!(cleared.models[0].cached_input_price_per_mtok, None);
     assert_eq!(cleared.models[0].cache_write_price_per_mtok, None);
+    assert!(cleared.models[0].tier_multipliers.is_empty());
     assert_eq!(cleared.models[0].input_price_per_mtok, 0.15);
     assert_eq!(edited.api_key_hint, "4321", "the key is kept");
 

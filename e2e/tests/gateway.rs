@@ -1048,3 +1048,131 @@ async fn an_https_backend_behind_a_private_ca_takes_requests_past_its_stream_lim
         Some("HTTP/2.0")
     );
 }
+
+/// OpenAI says in each answer which processing tier served it (`service_tier`): `priority`
+/// (GPT-5's at twice the standard price), `flex` (at half), `default`. A route lists what its
+/// tiers multiply its prices by (`sluicectl backend add --tier`), and each request is charged
+/// at the tier its answer reports, chat and Responses, whole and streamed; a route whose
+/// tiers are taken off (`--tier MODEL:TIER=1`) charges its prices whatever the answer says.
+#[tokio::test]
+async fn each_answer_is_spent_at_the_price_tier_it_reports() {
+    const TIERS: &str = r#"
+import json, sys
+from openai import OpenAI
+base, key, tiers = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+c = OpenAI(base_url=base, api_key=key, max_retries=0)
+hello = [{"role": "user", "content": "hello there"}]
+out = []
+for tier in tiers:
+    r = c.chat.completions.create(model="gpt", messages=hello, service_tier=tier)
+    out.append([r.service_tier, r.usage.prompt_tokens, r.usage.completion_tokens])
+    usage, served = None, None
+    for chunk in c.chat.completions.create(model="gpt", messages=hello, service_tier=tier,
+                                           stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        served = chunk.service_tier or served
+    out.append([served, usage.prompt_tokens, usage.completion_tokens])
+    r = c.responses.create(model="gpt", input="hello there", service_tier=tier)
+    out.append([r.service_tier, r.usage.input_tokens, r.usage.output_tokens])
+    with c.responses.stream(model="gpt", input="hello there", service_tier=tier) as s:
+        r = s.get_final_response()
+    out.append([r.service_tier, r.usage.input_tokens, r.usage.output_tokens])
+print(json.dumps(out))
+"#;
+    let cluster = Cluster::start().await;
+    let mock = Mock::start("tiers", &["gpt-up"]).await;
+    let added = tokio::process::Command::new(sluice_e2e::process::workspace_bin("sluicectl"))
+        .args([
+            "--endpoint",
+            &cluster.control_url(),
+            "--token",
+            common::ADMIN_TOKEN,
+        ])
+        .args([
+            "backend",
+            "add",
+            "--name",
+            "openai",
+            "--base-url",
+            &mock.base_url(),
+        ])
+        .args(["--model", "gpt:gpt-up:1:10", "--api-key-env", "KEY"])
+        .args(["--tier", "gpt:priority=2", "--tier", "gpt:flex=0.5"])
+        .env("KEY", mock.api_key.clone().unwrap())
+        .output()
+        .await
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    let shown = cluster.sluicectl(&["backend", "get", "openai"]).await;
+    assert!(shown.contains("priority=2,flex=0.5"), "{shown}");
+    let (created, key) = cluster.create_key("tiered", &[]).await;
+    let proxy = cluster.proxy().await;
+    // $1 in, $10 out a million tokens: 1,000 and 10,000 nano-units a token, at each tier's
+    // multiple.
+    let bill = |answers: &Value, multiplier: &dyn Fn(&str) -> f64| -> u64 {
+        answers
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                let tokens = a[1].as_u64().unwrap() * 1_000 + a[2].as_u64().unwrap() * 10_000;
+                (tokens as f64 * multiplier(a[0].as_str().unwrap())).round() as u64
+            })
+            .sum()
+    };
+    let spent = |billed: u64| {
+        let cluster = &cluster;
+        let id = created.id.clone();
+        async move {
+            eventually(Duration::from_secs(30), "the key's spend is the bill", || {
+                let id = id.clone();
+                async move { (cluster.client_key(&id).await.spend * 1e9).round() as u64 == billed }
+            })
+            .await;
+        }
+    };
+    let answers = common::python(TIERS, &[&proxy.url("/v1"), &key, "priority,flex,auto"]).await;
+    let served: Vec<&str> = answers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a[0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        served,
+        [["priority"; 4], ["flex"; 4], ["default"; 4]].concat(),
+        "{answers}"
+    );
+    let tiered = bill(&answers, &|tier| match tier {
+        "priority" => 2.0,
+        "flex" => 0.5,
+        _ => 1.0,
+    });
+    assert_ne!(tiered, bill(&answers, &|_| 1.0));
+    spent(tiered).await;
+
+    // The tiers taken off: the model given without prices keeps them.
+    let before = cluster.latest_version().await;
+    cluster
+        .sluicectl(&[
+            "backend",
+            "update",
+            "openai",
+            "--model",
+            "gpt:gpt-up",
+            "--tier",
+            "gpt:priority=1",
+        ])
+        .await;
+    let shown = cluster.sluicectl(&["backend", "get", "openai"]).await;
+    assert!(!shown.contains("PRICE TIERS"), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("gpt ") && l.trim_end().ends_with(" 10")),
+        "{shown}"
+    );
+    cluster.wait_replicas_past(1, before).await;
+    let answers = common::python(TIERS, &[&proxy.url("/v1"), &key, "priority"]).await;
+    spent(tiered + bill(&answers, &|_| 1.0)).await;
+}

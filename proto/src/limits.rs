@@ -4,10 +4,11 @@
 //! `sluicectl` all set their limits from these constants (see `docs/guarantees.md`).
 //!
 //! The supported configuration these are sized for: 100,000 client keys and 1,000 backends
-//! with 10 model routes each. With every name at its 64-character limit its snapshot encodes
-//! to 29.0 MiB (every backend cooling down) and `ListClientKeys` to 20.5 MiB
-//! (`proto/tests/limits.rs`), so both limits leave more than twice that room; with every model
-//! of every backend cooling down too, the snapshot is 33.1 MiB (1.9 times the room).
+//! with 10 model routes each (two price tiers each). With every name at its 64-character limit
+//! its snapshot encodes to 29.4 MiB (every backend cooling down) and `ListClientKeys` to
+//! 25.0 MiB (`proto/tests/limits.rs`), so both limits leave more than twice that room; with
+//! every model of every backend cooling down too, the snapshot is 33.5 MiB (1.9 times the
+//! room).
 
 /// Largest `StreamSnapshotsResponse` the control plane sends and a data plane decodes. An
 /// admin write that would make the snapshot larger is refused.
@@ -51,6 +52,11 @@ pub const DEFAULT_CLIENT_DECODE_BYTES: usize = 4 * 1024 * 1024;
 /// a usage record never carries a longer one (a request for a model no route serves is
 /// recorded as [`OTHER_MODEL`]).
 pub const MAX_MODEL_NAME_BYTES: usize = 256;
+
+/// The most price tiers a model route lists (`ModelRoute.tier_multipliers`), and the longest
+/// name of one: the words providers report (`priority`, `ultrafast`, `us`) with room to spare.
+pub const MAX_PRICE_TIERS: usize = 8;
+pub const MAX_TIER_NAME_BYTES: usize = 32;
 
 /// Longest `x-request-id` a data plane keeps from a client (1 to 128 of
 /// `[A-Za-z0-9._:-]`); any other gets a fresh UUIDv7.

@@ -44,6 +44,17 @@ fn snapshot() -> pb::Snapshot {
                     output_price_per_mtok: 10.0,
                     cached_input_price_per_mtok: Some(1.25),
                     cache_write_price_per_mtok: Some(3.125),
+                    // OpenAI's two: priority and flex.
+                    tier_multipliers: vec![
+                        pb::TierMultiplier {
+                            tier: "priority".into(),
+                            multiplier: 2.0,
+                        },
+                        pb::TierMultiplier {
+                            tier: "flex".into(),
+                            multiplier: 0.5,
+                        },
+                    ],
                 })
                 .collect(),
             api_key: format!("sk-proj-{}", "x".repeat(156)),

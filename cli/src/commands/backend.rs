@@ -5,7 +5,9 @@ use std::io::BufRead;
 use sluice_proto::v1 as pb;
 use sluice_proto::wkt::FieldMask;
 
-use crate::args::{ApiKeyArgs, BackendAddArgs, BackendCommand, BackendUpdateArgs, ResponsesApi};
+use crate::args::{
+    ApiKeyArgs, BackendAddArgs, BackendCommand, BackendUpdateArgs, ResponsesApi, TierArg,
+};
 use crate::connection::Connection;
 use crate::error::Error;
 use crate::render::{self, Output};
@@ -123,7 +125,10 @@ fn create_request(args: BackendAddArgs) -> Result<pb::CreateBackendRequest, Erro
         pool: pb::Pool::from(args.pool).into(),
         priority: args.priority,
         weight: args.weight,
-        models: with_max_tokens(args.models, args.default_max_tokens),
+        models: with_tiers(
+            with_max_tokens(args.models, args.default_max_tokens),
+            args.tiers,
+        )?,
         rpm_limit: args.rpm,
         tpm_limit: args.tpm_limit,
         enabled: !args.disabled,
@@ -155,27 +160,59 @@ fn with_max_tokens(
     models
 }
 
+/// The routes with the price tiers `tiers` gives each, in the order given; a tier for a
+/// model no route has is a mistake.
+fn with_tiers(
+    mut models: Vec<pb::ModelRoute>,
+    tiers: Vec<TierArg>,
+) -> Result<Vec<pb::ModelRoute>, Error> {
+    for TierArg { model, tier } in tiers {
+        let route = models
+            .iter_mut()
+            .find(|route| route.name == model)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "--tier {model}:{}: no --model {model} is given",
+                    tier.tier
+                ))
+            })?;
+        route.tier_multipliers.push(tier);
+    }
+    Ok(models)
+}
+
 /// What an update's routes take from the stored routes of the same names: for each route,
-/// whether its prices do (none were given), and whether `default_max_tokens` does (no
-/// `--default-max-tokens`). `None` when there are no routes or nothing to take.
+/// whether its prices do (none were given), whether its price tiers do (no `--tier` names
+/// it), and whether `default_max_tokens` does (no `--default-max-tokens`). `None` when there
+/// are no routes or nothing to take.
 fn keeps_from_stored(args: &BackendUpdateArgs) -> Option<Kept> {
     let prices: Vec<bool> = args.models.iter().map(|m| !m.priced).collect();
+    let tiers: Vec<bool> = args
+        .models
+        .iter()
+        .map(|m| !args.tiers.iter().any(|t| t.model == m.route.name))
+        .collect();
     let max_tokens = args.default_max_tokens.is_none();
-    (!args.models.is_empty() && (max_tokens || prices.contains(&true)))
-        .then_some(Kept { prices, max_tokens })
+    (!args.models.is_empty() && (max_tokens || prices.contains(&true) || tiers.contains(&true)))
+        .then_some(Kept {
+            prices,
+            tiers,
+            max_tokens,
+        })
 }
 
 #[derive(Debug)]
 struct Kept {
     prices: Vec<bool>,
+    tiers: Vec<bool>,
     max_tokens: bool,
 }
 
 /// Fills what `kept` says from `stored`, route by public name: `--model gpt-4o` on an update
 /// re-lists a route, it does not make it free (a price of 0 is spent by no budget) nor drop
-/// its `default_max_tokens`. A name the backend does not have yet keeps 0.
+/// its price tiers or its `default_max_tokens`. A name the backend does not have yet keeps 0.
 fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: &[pb::ModelRoute]) {
-    for (route, keep_prices) in routes.iter_mut().zip(&kept.prices) {
+    for ((route, keep_prices), keep_tiers) in routes.iter_mut().zip(&kept.prices).zip(&kept.tiers) {
         let Some(old) = stored.iter().find(|old| old.name == route.name) else {
             continue;
         };
@@ -184,6 +221,9 @@ fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: 
             route.output_price_per_mtok = old.output_price_per_mtok;
             route.cached_input_price_per_mtok = old.cached_input_price_per_mtok;
             route.cache_write_price_per_mtok = old.cache_write_price_per_mtok;
+        }
+        if *keep_tiers {
+            route.tier_multipliers.clone_from(&old.tier_multipliers);
         }
         if kept.max_tokens {
             route.default_max_tokens = old.default_max_tokens;
@@ -233,7 +273,7 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
     }
     if !args.models.is_empty() {
         let routes = args.models.into_iter().map(|m| m.route).collect();
-        backend.models = with_max_tokens(routes, args.default_max_tokens);
+        backend.models = with_tiers(with_max_tokens(routes, args.default_max_tokens), args.tiers)?;
         set("models");
     }
     if let Some(ResponsesApi(on)) = args.responses_api {
@@ -396,6 +436,49 @@ mod tests {
         assert!(!backend.enabled);
         assert_eq!(backend.models.len(), 2);
         assert_eq!(backend.models[1].upstream_name, "c");
+    }
+
+    #[test]
+    fn a_models_tiers_are_those_given_else_its_stored_ones() {
+        let tier = |tier: &str, multiplier| pb::TierMultiplier {
+            tier: tier.into(),
+            multiplier,
+        };
+        let args = update_args(&[
+            "b1",
+            "--model",
+            "a",
+            "--model",
+            "b::1:2",
+            "--tier",
+            "b:flex=0.5",
+            "--tier",
+            "b:priority=2",
+        ]);
+        let kept = keeps_from_stored(&args).unwrap();
+        let mut request = update_request(args).unwrap();
+        let routes = &mut request.backend.as_mut().unwrap().models;
+        let stored = |name: &str| pb::ModelRoute {
+            name: name.into(),
+            input_price_per_mtok: 3.0,
+            tier_multipliers: vec![tier("fast", 6.0)],
+            ..Default::default()
+        };
+        keep_stored_route_fields(routes, &kept, &[stored("a"), stored("b")]);
+        assert_eq!(routes[0].tier_multipliers, [tier("fast", 6.0)]);
+        assert_eq!(routes[0].input_price_per_mtok, 3.0);
+        assert_eq!(
+            routes[1].tier_multipliers,
+            [tier("flex", 0.5), tier("priority", 2.0)]
+        );
+        assert_eq!(routes[1].input_price_per_mtok, 1.0);
+        // A tier for a model not given is a mistake, not a tier dropped.
+        let err = update_request(update_args(&["b1", "--model", "a", "--tier", "b:flex=0.5"]))
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Usage(m) if m.contains("no --model b")),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -773,6 +773,7 @@
       cell('cache_write_price_per_mtok', { name: 'cache_write_price', 'aria-label': 'Price per million prompt tokens written to the cache (empty: the input price)', type: 'number', min: '0', step: 'any', placeholder: 'input price' }),
       cell('output_price_per_mtok', { name: 'output_price', 'aria-label': 'Output price per million tokens', type: 'number', min: '0', step: 'any' }),
       cell('default_max_tokens', { name: 'default_max_tokens', 'aria-label': 'Default max_tokens for an Anthropic backend', type: 'number', min: '0', step: '1' }),
+      cell('tier_multipliers', { name: 'tiers', 'aria-label': 'Price tiers: what the prices are multiplied by at each tier the answer reports, as TIER=MULTIPLIER, comma-separated', placeholder: 'priority=2, flex=0.5', spellcheck: 'false' }),
       h('td', null, h('button', {
         type: 'button',
         class: 'secondary small',
@@ -787,8 +788,29 @@
     input('cache_write_price').value = model && typeof model.cacheWritePricePerMtok === 'number' ? String(model.cacheWritePricePerMtok) : '';
     input('output_price').value = String(num(model && model.outputPricePerMtok));
     input('default_max_tokens').value = String(num(model && model.defaultMaxTokens));
+    input('tiers').value = tiersOf(model).map((t) => `${t.tier}=${t.multiplier}`).join(', ');
     if (model) rowModels.set(row, model);
     $('#bf-models').append(row);
+  }
+
+  /** A route's price tiers as loaded (the JSON API leaves out an empty list, and a 0). */
+  function tiersOf(model) {
+    return ((model && model.tierMultipliers) || []).map((t) => ({ tier: t.tier || '', multiplier: num(t.multiplier) }));
+  }
+
+  /**
+   * The price tiers written in a model row, `priority=2, flex=0.5`: each a name as answers
+   * report it and a multiplier from 0 to 100; null when the text is not that.
+   */
+  function parseTiers(text) {
+    const tiers = [];
+    for (const part of text.split(',').map((p) => p.trim()).filter((p) => p !== '')) {
+      const match = /^([a-z0-9_-]{1,32})\s*=\s*(\S+)$/.exec(part);
+      const multiplier = match ? Number(match[2]) : NaN;
+      if (!Number.isFinite(multiplier) || multiplier < 0 || multiplier > 100) return null;
+      tiers.push({ tier: match[1], multiplier });
+    }
+    return tiers;
   }
 
   /**
@@ -814,6 +836,7 @@
         cacheWritePricePerMtok: typeof m.cacheWritePricePerMtok === 'number' ? m.cacheWritePricePerMtok : undefined,
         outputPricePerMtok: num(m.outputPricePerMtok),
         defaultMaxTokens: num(m.defaultMaxTokens),
+        tierMultipliers: tiersOf(m),
       })),
       apiFormat: b.apiFormat === 'API_FORMAT_ANTHROPIC' ? 'API_FORMAT_ANTHROPIC' : 'API_FORMAT_OPENAI',
       anthropicVersion: (b.anthropicVersion || '').trim(),
@@ -893,7 +916,8 @@
     if (err.code === 'INVALID_ARGUMENT' && match) {
       let field = match[1];
       if (prefix && field.startsWith(prefix)) field = field.slice(prefix.length);
-      const row = /^(\w+)\[(\d+)\](?:\.(\w+))?$/.exec(field);
+      // `models[0].tier_multipliers[1].tier` is shown at its row's tiers.
+      const row = /^(\w+)\[(\d+)\](?:\.(\w+))?(?:\[\d+\](?:\.\w+)?)?$/.exec(field);
       if (row && row[3]) showFieldError(form, row[3], match[2], Number(row[2]));
       else if (row) showFieldError(form, row[1], match[2]);
       else showFieldError(form, field, match[2]);
@@ -959,6 +983,11 @@
         showFieldError(form, 'default_max_tokens', 'must be a whole number ≥ 0', i);
         bad = true;
       }
+      const tierMultipliers = parseTiers(input('tiers').value);
+      if (tierMultipliers === null) {
+        showFieldError(form, 'tier_multipliers', 'write TIER=MULTIPLIER, comma-separated (priority=2, flex=0.5): a tier in a-z, 0-9, _ and -, a multiplier from 0 to 100', i);
+        bad = true;
+      }
       models.push({
         ...(rowModels.get(row) || {}),
         name: input('model_name').value.trim(),
@@ -968,6 +997,7 @@
         cacheWritePricePerMtok: writePrice,
         outputPricePerMtok: outputPrice,
         defaultMaxTokens,
+        tierMultipliers,
       });
     });
     if (bad) return;

@@ -231,8 +231,8 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
         "INSERT INTO backend_models (backend_id, position, name, upstream_name,
                                      input_price_per_mtok, output_price_per_mtok,
                                      cached_input_price_per_mtok, default_max_tokens,
-                                     cache_write_price_per_mtok)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                     cache_write_price_per_mtok, tier_multipliers)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?;
     for (position, m) in models.iter().enumerate() {
         stmt.execute(params![
@@ -244,10 +244,25 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
             m.output_price_per_mtok,
             m.cached_input_price_per_mtok,
             m.default_max_tokens,
-            m.cache_write_price_per_mtok
+            m.cache_write_price_per_mtok,
+            tiers_to_db(&m.tier_multipliers)
         ])?;
     }
     Ok(())
+}
+
+/// The `backend_models.tier_multipliers` column: a JSON array of `[tier, multiplier]` pairs.
+fn tiers_to_db(tiers: &[(String, f64)]) -> String {
+    // Strings and finite numbers (validation refuses others) always serialize.
+    serde_json::to_string(tiers).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// [`tiers_to_db`]'s column read back; a value that is not such an array is a corrupt row.
+fn tiers_from_db(r: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<Vec<(String, f64)>> {
+    let text: String = r.get(column)?;
+    serde_json::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, e.into())
+    })
 }
 
 pub(crate) fn resolve_backend_id(
@@ -322,7 +337,8 @@ fn load_backend(conn: &Connection, id: &str) -> Result<Backend, StoreError> {
         })?;
     let mut stmt = conn.prepare_cached(
         "SELECT name, upstream_name, input_price_per_mtok, output_price_per_mtok,
-                cached_input_price_per_mtok, default_max_tokens, cache_write_price_per_mtok
+                cached_input_price_per_mtok, default_max_tokens, cache_write_price_per_mtok,
+                tier_multipliers
          FROM backend_models WHERE backend_id = ?1 ORDER BY position",
     )?;
     backend.spec.models = stmt
@@ -335,6 +351,7 @@ fn load_backend(conn: &Connection, id: &str) -> Result<Backend, StoreError> {
                 cached_input_price_per_mtok: r.get(4)?,
                 default_max_tokens: r.get(5)?,
                 cache_write_price_per_mtok: r.get(6)?,
+                tier_multipliers: tiers_from_db(r, 7)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -351,7 +368,8 @@ fn load_all(conn: &Connection) -> Result<Vec<Backend>, StoreError> {
     };
     let mut stmt = conn.prepare_cached(
         "SELECT backend_id, name, upstream_name, input_price_per_mtok, output_price_per_mtok,
-                cached_input_price_per_mtok, default_max_tokens, cache_write_price_per_mtok
+                cached_input_price_per_mtok, default_max_tokens, cache_write_price_per_mtok,
+                tier_multipliers
          FROM backend_models ORDER BY backend_id, position",
     )?;
     let mut by_backend: std::collections::HashMap<String, Vec<ModelRoute>> =
@@ -367,6 +385,7 @@ fn load_all(conn: &Connection) -> Result<Vec<Backend>, StoreError> {
                 cached_input_price_per_mtok: r.get(5)?,
                 default_max_tokens: r.get(6)?,
                 cache_write_price_per_mtok: r.get(7)?,
+                tier_multipliers: tiers_from_db(r, 8)?,
             },
         ))
     })?;

@@ -19,8 +19,9 @@ use crate::clock::{proto_duration, timestamp};
 use crate::error::ProxyError;
 use crate::metrics::{Held, Label, Metrics};
 use crate::ratelimit::{InFlight, Reservation};
-use crate::snapshot::{Backend, Endpoint};
+use crate::snapshot::{Backend, Endpoint, Route};
 use crate::spool::{Lane, Refused, Unwritten, Written};
+use crate::tiers::{Reported, Tiers};
 use crate::usage::{RecordStrings, UsageSink, spare_strings};
 use sluice_domain::price::{Billed, Prices};
 
@@ -67,6 +68,9 @@ struct Ledger {
     backend_name: Option<Arc<str>>,
     /// The prices of the route last attempted, which the record's cost is computed by.
     prices: Prices,
+    /// That route's price tiers, and which of them its answer reported.
+    tiers: Tiers,
+    tiers_reported: Reported,
     /// Whether `decorate` names the backend.
     expose_backend: bool,
     /// The request came on HTTP/2, whose connections carry many at once: its whole answer
@@ -147,6 +151,8 @@ impl Accounting {
             first_byte: None,
             backend_name: None,
             prices: Prices::default(),
+            tiers: Tiers::default(),
+            tiers_reported: 0,
             expose_backend: false,
             multiplexed: false,
             model_label: None,
@@ -296,13 +302,15 @@ impl Accounting {
         self.0.record.stream = stream;
     }
 
-    /// Counts an attempt at `backend` (by a route with `prices`), which becomes the backend
-    /// the record names and the prices its cost is computed by, and
+    /// Counts an attempt at `backend` by `route`, which become the backend the record names
+    /// and the prices its cost is computed by, and
     /// writes the record so far to the spool: the upstream may be called once this returns.
     /// Fails only when the spool cannot record the request and the policy is to refuse it.
-    pub async fn attempt(&mut self, backend: &Backend, prices: Prices) -> Result<(), ProxyError> {
+    pub async fn attempt(&mut self, backend: &Backend, route: &Route) -> Result<(), ProxyError> {
         self.0.record.attempts += 1;
-        self.0.prices = prices;
+        self.0.prices = route.prices;
+        self.0.tiers.clone_from(&route.tiers);
+        self.0.tiers_reported = 0;
         self.0.record.backend_id.clone_from(&backend.id);
         self.0.backend_name = Some(Arc::clone(&backend.name));
         self.0.thoughts_in_total = backend.thoughts_in_total;
@@ -344,6 +352,14 @@ impl Accounting {
         self.0.record.reasoning_tokens = tokens.reasoning;
         self.0.record.cache_write_prompt_tokens = tokens.cache_write;
         self.0.cache_write_1h = tokens.cache_write_1h;
+    }
+
+    /// Reads the price tier `text` reports, the answer (or the stream event) whose usage
+    /// was counted, when the route attempted prices tiers ([`crate::tiers`]).
+    pub fn tiers_in(&mut self, text: &[u8]) {
+        if self.0.tiers.any() {
+            self.0.tiers_reported |= self.0.tiers.reported_in(text);
+        }
     }
 
     /// Whether the upstream reported the request's usage (some of its tokens).
@@ -448,7 +464,8 @@ impl Accounting {
                 reservation.settle(used);
             }
         }
-        record.cost_nanos = self.0.prices.cost_nanos(Billed {
+        let tier = self.0.tiers.multiplier(self.0.tiers_reported);
+        record.cost_nanos = self.0.prices.scaled(tier).cost_nanos(Billed {
             prompt: record.prompt_tokens,
             cached: record.cached_prompt_tokens,
             cache_write: record.cache_write_prompt_tokens,
@@ -483,6 +500,7 @@ impl Accounting {
             cached_prompt_tokens: record.cached_prompt_tokens,
             cache_write_prompt_tokens: record.cache_write_prompt_tokens,
             cost_nanos: record.cost_nanos,
+            price_tier: self.0.tiers.names(self.0.tiers_reported).as_deref(),
             tokens_estimated: record.tokens_estimated,
             error_kind: kind,
         }

@@ -665,7 +665,7 @@ pub(super) async fn forward_call(
         if acct.attempts() > 0 {
             app.metrics.failover();
         }
-        if let Err(refused) = acct.attempt(backend, route.prices).await {
+        if let Err(refused) = acct.attempt(backend, route).await {
             return error(acct, refused).await;
         }
         // Sluice asks an OpenAI-format backend's stream for its usage (`stream_options`), unless
@@ -1813,10 +1813,11 @@ async fn deliver(
             let status = match &mode {
                 Mode::Translated(t) => match t.whole(status, &body, unix_now()) {
                     Ok((status, translated, tokens)) => {
-                        body = translated;
                         if let Some(tokens) = tokens {
                             acct.tokens(tokens);
+                            acct.tiers_in(&body);
                         }
+                        body = translated;
                         headers.insert(
                             header::CONTENT_TYPE,
                             HeaderValue::from_static("application/json"),
@@ -1828,6 +1829,7 @@ async fn deliver(
                         // `usage` says it spent is spent all the same.
                         if let Some(tokens) = tokens {
                             acct.tokens(tokens);
+                            acct.tiers_in(&body);
                         }
                         return error_after_billing(acct, ProxyError::UpstreamInvalid).await;
                     }
@@ -1844,6 +1846,7 @@ async fn deliver(
                             .and_then(anthropic::response::anthropic_usage_in)
                     {
                         acct.tokens(tokens_of(usage));
+                        acct.tiers_in(&body);
                     }
                 }
                 Mode::Chat { .. } => {
@@ -1851,6 +1854,7 @@ async fn deliver(
                         && let Some(tokens) = crate::utf8::text(&body).and_then(usage_of_answer)
                     {
                         acct.tokens(tokens);
+                        acct.tiers_in(&body);
                     }
                 }
                 Mode::Responses { ids, count_usage } if status.is_success() => {
@@ -1858,6 +1862,7 @@ async fn deliver(
                         Ok(rewritten) => {
                             if *count_usage && let Some(tokens) = rewritten.tokens {
                                 acct.tokens(tokens);
+                                acct.tiers_in(&body);
                             }
                             body = rewritten.bytes;
                         }

@@ -486,6 +486,7 @@ impl Relay {
             && let Some(acct) = &mut self.acct
         {
             acct.tokens(tokens);
+            acct.tiers_in(event.data.as_bytes());
         }
         event.data = String::from_utf8_lossy(&rewritten.bytes).into_owned();
         let kind = match rewritten.event_type.as_deref() {
@@ -520,6 +521,9 @@ impl Relay {
         self.events += 1;
         if let (Some(usage), Some(acct)) = (usage, &mut self.acct) {
             acct.tokens(tokens_of(usage));
+            if may_name_a_tier(event) {
+                acct.tiers_in(event.data.as_bytes());
+            }
         }
         let end = match flow {
             Flow::Continue => None,
@@ -550,6 +554,9 @@ impl Relay {
         let flow = usage.observe(event);
         if *count_usage && let (Some(usage), Some(acct)) = (usage.usage(), &mut self.acct) {
             acct.tokens(tokens_of(usage));
+            if may_name_a_tier(event) {
+                acct.tiers_in(event.data.as_bytes());
+            }
         }
         self.note_error(matches!(flow, Flow::Failed));
         self.events += 1;
@@ -719,6 +726,16 @@ fn is_error_event(data: &str) -> bool {
         .is_some_and(|rest| rest.trim_start().starts_with("\"error\""))
 }
 
+/// Whether an event of a stream whose usage was counted may name the answer's price tier:
+/// Anthropic's `message_start` and `message_delta` (its other events repeat no usage), or an
+/// OpenAI chunk (named by no `event:` line, read once its usage has come).
+fn may_name_a_tier(event: &Event) -> bool {
+    matches!(
+        event.event.as_deref(),
+        None | Some("message_start" | "message_delta")
+    )
+}
+
 /// Counts the usage a chat event reports, if any; whether its frame goes to the client (not
 /// when it is the usage chunk Sluice asked for and the client did not).
 fn count_chat_usage(acct: &mut Option<Accounting>, data: &str, forward_usage: bool) -> bool {
@@ -727,6 +744,7 @@ fn count_chat_usage(acct: &mut Option<Accounting>, data: &str, forward_usage: bo
     };
     if let Some(acct) = acct {
         acct.tokens(tokens);
+        acct.tiers_in(data.as_bytes());
     }
     !usage_only || forward_usage
 }

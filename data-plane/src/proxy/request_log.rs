@@ -38,6 +38,8 @@ pub(super) struct RequestLine<'a> {
     pub cached_prompt_tokens: u64,
     pub cache_write_prompt_tokens: u64,
     pub cost_nanos: u64,
+    /// The price tiers the cost was multiplied by (`fast+us`); left out when none.
+    pub price_tier: Option<&'a str>,
     pub tokens_estimated: bool,
     pub error_kind: ErrorKind,
 }
@@ -75,6 +77,7 @@ impl RequestLine<'_> {
             cached_prompt_tokens = self.cached_prompt_tokens,
             cache_write_prompt_tokens = self.cache_write_prompt_tokens,
             cost_nanos = self.cost_nanos,
+            price_tier = self.price_tier,
             tokens_estimated = self.tokens_estimated,
             error_kind = self.error_kind.as_str_name(),
             "request finished"
@@ -121,6 +124,9 @@ impl RequestLine<'_> {
         fields.u64("cached_prompt_tokens", self.cached_prompt_tokens);
         fields.u64("cache_write_prompt_tokens", self.cache_write_prompt_tokens);
         fields.u64("cost_nanos", self.cost_nanos);
+        if let Some(tier) = self.price_tier {
+            fields.str("price_tier", tier);
+        }
         fields.bool("tokens_estimated", self.tokens_estimated);
         let mut line = fields.into_writer();
         // An error kind's name has nothing `Debug` escapes (a test below checks every one):
@@ -206,6 +212,7 @@ mod tests {
             cached_prompt_tokens: 0,
             cache_write_prompt_tokens: 0,
             cost_nanos: 1_500,
+            price_tier: None,
             tokens_estimated: false,
             error_kind: ErrorKind::Unspecified,
         }
@@ -234,6 +241,8 @@ mod tests {
         cases[2].latency_ms = u64::MAX;
         cases[2].ttft_ms = Some(0);
         cases[2].cost_nanos = u64::MAX;
+        cases[2].price_tier = Some("fast+us");
+        cases[3].price_tier = Some("\"\n\u{1b}");
         for case in &cases {
             let (fields, text) = both_ways(case);
             assert_eq!(text, fields);
@@ -250,6 +259,12 @@ mod tests {
         assert!(!forged_line.contains("ttft_ms"), "{forged_line}");
         assert!(forged_line.contains(" backend=\"\" "), "{forged_line}");
         assert!(!forged_line.contains('\u{1b}'), "{forged_line}");
+        assert!(!forged_line.contains("price_tier"), "{forged_line}");
+        let (tiered, _) = both_ways(&cases[2]);
+        assert!(
+            tiered.contains(" cost_nanos=18446744073709551615 price_tier=\"fast+us\" "),
+            "{tiered}"
+        );
     }
 
     #[test]
@@ -281,6 +296,7 @@ mod tests {
             ttft_ms in any::<Option<u64>>(),
             tokens in any::<(u64, u64, u64, u64, u64)>(),
             flags in any::<(bool, bool)>(),
+            price_tier in any::<Option<String>>(),
         ) {
             let mut line = line(&request_id, &model, &backend);
             line.client_key = &client_key;
@@ -294,6 +310,7 @@ mod tests {
                 line.cost_nanos,
             ) = tokens;
             (line.stream, line.tokens_estimated) = flags;
+            line.price_tier = price_tier.as_deref();
             let (fields, text) = both_ways(&line);
             prop_assert_eq!(text, fields);
         }

@@ -19,6 +19,7 @@ use crate::metrics::LimitScope;
 use crate::request::ParsedRequest;
 use crate::responses::IdRewrite;
 use crate::snapshot::{ClientKey, Endpoint, Route, Snapshot};
+use crate::tiers::Tiers;
 
 /// A call on a stored response, from the path.
 pub(super) struct Target {
@@ -169,6 +170,7 @@ pub(super) async fn call(
         // The response was charged when it was created; reading, listing or deleting it
         // adds nothing to the key's spend.
         prices: Prices::default(),
+        tiers: Tiers::default(),
         default_max_tokens: crate::snapshot::DEFAULT_MAX_TOKENS,
     };
     let call = Call {

@@ -187,6 +187,11 @@ pub(crate) struct MessagesRequest {
     /// The answer's JSON when the request asks for structured output
     /// (`output_config.format`): an instance of its schema.
     structured: Option<Value>,
+    /// The speed (`speed`: `standard`, or `fast` for fast mode) and the region
+    /// (`inference_geo`: `global`, or `us` for US-only inference) it is served at, as its
+    /// answer's `usage` reports them.
+    speed: &'static str,
+    inference_geo: &'static str,
 }
 
 /// The part of a prompt the cache holds: its tokens, a hash of its texts (the cache's key),
@@ -552,7 +557,11 @@ fn validate(
             Some(input_for(Some(schema)))
         }
     };
+    let speed = one_of(o, "speed", ["standard", "fast"])?;
+    let inference_geo = one_of(o, "inference_geo", ["global", "us"])?;
     Ok(MessagesRequest {
+        speed,
+        inference_geo,
         model,
         stream: o.get("stream").and_then(Value::as_bool).unwrap_or(false),
         max_tokens,
@@ -561,6 +570,27 @@ fn validate(
         cache_prefix: prompt.prefix.filter(|p| p.tokens > 0 && !count_tokens),
         structured,
     })
+}
+
+/// The member `name` of a request, one of `values` (the first when it is absent), as
+/// Anthropic refuses any other.
+fn one_of(
+    request: &serde_json::Map<String, Value>,
+    name: &str,
+    values: [&'static str; 2],
+) -> Result<&'static str, AnthropicError> {
+    let Some(given) = request.get(name) else {
+        return Ok(values[0]);
+    };
+    values
+        .into_iter()
+        .find(|value| given.as_str() == Some(value))
+        .ok_or_else(|| {
+            AnthropicError::invalid(format!(
+                "{name}: Input should be '{}' or '{}'",
+                values[0], values[1]
+            ))
+        })
 }
 
 /// A text block's text; Anthropic refuses one that is empty or whitespace alone, naming the
@@ -621,6 +651,8 @@ pub(crate) struct MessageUsage {
     pub(crate) output: u64,
     pub(crate) cache_read: u64,
     pub(crate) cache_write: u64,
+    speed: &'static str,
+    inference_geo: &'static str,
 }
 
 impl MessageUsage {
@@ -640,6 +672,9 @@ impl MessageUsage {
                 "ephemeral_5m_input_tokens": five_minutes,
                 "ephemeral_1h_input_tokens": hour,
             },
+            "service_tier": "standard",
+            "speed": self.speed,
+            "inference_geo": self.inference_geo,
         })
     }
 }
@@ -683,6 +718,8 @@ pub(crate) fn answer(
         output,
         cache_read,
         cache_write: cached - cache_read,
+        speed: req.speed,
+        inference_geo: req.inference_geo,
     };
     let one_hour = req.cache_prefix.as_ref().is_some_and(|p| p.one_hour);
     let mut content = Vec::new();

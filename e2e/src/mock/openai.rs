@@ -303,6 +303,8 @@ struct RawChatRequest {
     tool_choice: Option<serde_json::Value>,
     #[serde(default)]
     prompt_cache_key: Option<String>,
+    #[serde(default)]
+    service_tier: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -378,6 +380,28 @@ pub(crate) struct Generation {
     /// prompt to each message before the last, shortest first: what OpenAI's prompt cache may
     /// hold of it ([`super::state::Shared::chat_cache_read`]). Empty without a key.
     pub(crate) cache_prefixes: Vec<(u64, u64)>,
+    /// The processing tier the answer says it was served at ([`served_tier`]).
+    pub(crate) service_tier: &'static str,
+}
+
+/// The tier OpenAI serves a request at, by its `service_tier`, and says it did in the
+/// answer's `service_tier`: the one asked for (`priority`, its newer name `fast`, `flex`,
+/// `scale`), else `default` (for `auto`, `default` or none, as for a project without a tier
+/// of its own). Any other value is refused, as OpenAI refuses it.
+pub(crate) fn served_tier(asked: Option<&str>) -> Result<&'static str, ApiError> {
+    match asked {
+        None | Some("auto" | "default") => Ok("default"),
+        Some("priority") => Ok("priority"),
+        Some("fast") => Ok("fast"),
+        Some("flex") => Ok("flex"),
+        Some("scale") => Ok("scale"),
+        Some(other) => Err(ApiError::invalid_request(
+            format!(
+                "Invalid value: '{other}'. Supported values are: 'auto', 'default', 'flex', 'scale', 'priority' and 'fast'."
+            ),
+            Some("service_tier"),
+        )),
+    }
 }
 
 /// An embeddings request, validated.
@@ -566,6 +590,7 @@ pub(crate) fn parse_chat(body: &[u8]) -> Parsed<Generation> {
             prompt_tokens,
             tool_call,
             cache_prefixes,
+            service_tier: served_tier(raw.service_tier.as_deref())?,
         })
     })
 }
@@ -587,6 +612,7 @@ pub(crate) fn parse_completion(body: &[u8]) -> Parsed<Generation> {
             prompt_tokens: prompt.counts().iter().sum::<u64>().max(1),
             tool_call: None,
             cache_prefixes: Vec::new(),
+            service_tier: "default",
         })
     })
 }
@@ -677,6 +703,8 @@ pub(crate) struct Meta<'a> {
     pub(crate) id: &'a str,
     pub(crate) created: u64,
     pub(crate) model: &'a str,
+    /// A chat answer's `service_tier` ([`served_tier`]).
+    pub(crate) service_tier: &'static str,
 }
 
 /// The `usage` object.
@@ -820,7 +848,7 @@ pub(crate) fn chat_json(
             })
             .collect(),
         usage: usage.into(),
-        service_tier: "default",
+        service_tier: meta.service_tier,
         system_fingerprint: FINGERPRINT,
     })
 }
@@ -854,6 +882,7 @@ pub(crate) fn tool_call_answer(
                             "function": {"name": name, "arguments": arguments}}]},
             "logprobs": null, "finish_reason": "tool_calls"}],
         "usage": usage_json,
+        "service_tier": meta.service_tier,
         "system_fingerprint": FINGERPRINT,
     });
     let mut events = Vec::new();
@@ -1052,7 +1081,7 @@ impl<'a, C, U> ChatChunk<'a, C, U> {
             object: "chat.completion.chunk",
             created: meta.created,
             model: meta.model,
-            service_tier: "default",
+            service_tier: meta.service_tier,
             system_fingerprint: FINGERPRINT,
             choices,
             usage,

@@ -72,6 +72,8 @@ pub(crate) struct CreateRequest {
     max_output_tokens: Option<u64>,
     #[serde(default)]
     metadata: Option<Value>,
+    #[serde(default)]
+    service_tier: Option<String>,
 }
 
 /// A parsed create request: the model (for counting) and the request or why it is refused.
@@ -118,6 +120,12 @@ pub(crate) fn parse_create(body: &[u8]) -> ParsedCreate {
                 "Missing required parameter: 'input'.",
                 Some("input"),
             )),
+        };
+    }
+    if let Err(refused) = openai::served_tier(request.service_tier.as_deref()) {
+        return ParsedCreate {
+            model: Some(model),
+            request: Err(refused),
         };
     }
     if request.background == Some(true) && request.store == Some(false) {
@@ -350,6 +358,7 @@ impl ResponseStore {
                 "usage": usage.map(ResponseUsage::to_json),
                 "user": null,
                 "metadata": request.metadata.clone().unwrap_or(json!({})),
+                "service_tier": openai::served_tier(request.service_tier.as_deref()).unwrap_or("default"),
             })
         };
         let mut output = Vec::new();

@@ -871,6 +871,7 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
             id: &id,
             created,
             model: &g.model,
+            service_tier: g.service_tier,
         };
         let usage = Usage {
             cached_tokens: cached,
@@ -918,12 +919,14 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
             cut_after: None,
             queued_for: Duration::ZERO,
             thinking_for: Duration::ZERO,
+            service_tier: g.service_tier,
         });
     }
     let meta = Meta {
         id: &id,
         created,
         model: &g.model,
+        service_tier: g.service_tier,
     };
     let text = openai::full_text(&config.name, tokens);
     let body = match flavor {

@@ -55,6 +55,8 @@ pub(crate) struct StreamPlan {
     pub(crate) queued_for: Duration,
     /// Send nothing for this long before the first event (a model thinking).
     pub(crate) thinking_for: Duration,
+    /// The chunks' `service_tier` ([`openai::served_tier`]).
+    pub(crate) service_tier: &'static str,
 }
 
 impl StreamPlan {
@@ -80,6 +82,7 @@ impl StreamPlan {
             id: &self.id,
             created: self.created,
             model: &self.model,
+            service_tier: self.service_tier,
         };
         let n = self.n().max(1);
         let roles = self.role_events();

@@ -59,6 +59,21 @@ impl Prices {
         }
     }
 
+    /// These prices multiplied by `factor`, a price tier's (a route's `tier_multipliers`):
+    /// every kind of token costs `factor` times as much, as providers bill their tiers. A negative or non-finite factor (which validation
+    /// refuses) counts as 1.
+    pub fn scaled(self, factor: f64) -> Self {
+        if !(factor.is_finite() && factor >= 0.0) {
+            return self;
+        }
+        Self {
+            input: self.input * factor,
+            cached_input: self.cached_input * factor,
+            cache_write: self.cache_write * factor,
+            output: self.output * factor,
+        }
+    }
+
     /// The cost of `tokens`, rounded to the nearest nano-unit. At most `prompt` tokens count
     /// as read from the cache, and at most the rest as written to it (of those, at most all
     /// to the 1-hour cache, at [`ONE_HOUR_WRITE_PER_INPUT`] times the input price): a
@@ -102,6 +117,25 @@ pub fn from_nanos(nanos: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tier_multiplies_every_kind_of_token() {
+        let prices = Prices::per_mtok(3.0, Some(0.3), Some(3.75), 15.0);
+        let tokens = Billed {
+            prompt: 1_000,
+            cached: 200,
+            cache_write: 300,
+            cache_write_1h: 100,
+            completion: 500,
+        };
+        let standard = prices.cost_nanos(tokens);
+        assert_eq!(prices.scaled(2.0).cost_nanos(tokens), 2 * standard);
+        assert_eq!(prices.scaled(0.5).cost_nanos(tokens), standard / 2);
+        assert_eq!(prices.scaled(1.0).cost_nanos(tokens), standard);
+        for nonsense in [-1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(prices.scaled(nonsense).cost_nanos(tokens), standard);
+        }
+    }
 
     #[test]
     fn cached_tokens_cost_the_cached_price_or_else_the_input_price() {
