@@ -356,29 +356,48 @@ async fn a_usage_chunk_without_choices_is_hidden_from_clients_that_did_not_ask()
 }
 
 /// A chat stream whose upstream sends its own error event and then `[DONE]` (vLLM, when the
-/// generation fails after the head) was recorded as served: its client's SDK raised the error
-/// all the same. It is now recorded as interrupted, charged what it streamed (estimated),
-/// and relayed as it came.
+/// generation fails after the head; OpenRouter, whose error comes in a chunk among its `id`
+/// and `choices`, `finish_reason: "error"`) was recorded as served: its client's SDK raised
+/// the error all the same. It is now recorded as interrupted, charged what it streamed
+/// (estimated), and relayed as it came. A chunk whose `error` is null, or whose text says
+/// "error", is no error.
 #[tokio::test]
 async fn a_stream_carrying_its_upstreams_error_event_is_recorded_as_interrupted() {
     let content = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
         "model": "m", "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": null}]})
     .to_string();
-    let error = r#"{"error": {"object": "error", "message": "boom", "type": "InternalServerError", "code": 500}}"#;
-    let events = [content.clone(), error.to_owned(), "[DONE]".to_owned()];
-    for (framing, chunks) in framings(&events) {
-        let h = sse_harness(chunks).await;
-        let relayed = sse_data(&h.chat(chat_body(true)).await.text().await.unwrap());
-        assert_eq!(relayed, events, "{framing}");
-        let record = h.records(1).await.remove(0);
-        assert_eq!(
-            record.error_kind,
-            ErrorKind::StreamInterrupted as i32,
-            "{framing}"
-        );
-        assert!(record.tokens_estimated, "{framing}");
-        assert_eq!(record.completion_tokens, 1, "{framing}");
+    let vllm = r#"{"error": {"object": "error", "message": "boom", "type": "InternalServerError", "code": 500}}"#;
+    let openrouter = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
+        "model": "m", "provider": "openai",
+        "error": {"code": "server_error", "message": "Provider disconnected unexpectedly"},
+        "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]})
+    .to_string();
+    for error in [vllm.to_owned(), openrouter] {
+        let events = [content.clone(), error, "[DONE]".to_owned()];
+        for (framing, chunks) in framings(&events) {
+            let h = sse_harness(chunks).await;
+            let relayed = sse_data(&h.chat(chat_body(true)).await.text().await.unwrap());
+            assert_eq!(relayed, events, "{framing}");
+            let record = h.records(1).await.remove(0);
+            assert_eq!(
+                record.error_kind,
+                ErrorKind::StreamInterrupted as i32,
+                "{framing}: {events:?}"
+            );
+            assert!(record.tokens_estimated, "{framing}");
+            assert_eq!(record.completion_tokens, 1, "{framing}");
+        }
     }
+    let no_error = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
+        "model": "m", "error": null,
+        "choices": [{"index": 0, "delta": {"content": "an \"error\": none"}, "finish_reason": "stop"}]})
+    .to_string();
+    let events = [content.clone(), no_error, "[DONE]".to_owned()];
+    let h = sse_harness(framings(&events).remove(0).1).await;
+    let relayed = sse_data(&h.chat(chat_body(true)).await.text().await.unwrap());
+    assert_eq!(relayed, events);
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::Unspecified as i32);
 }
 
 /// A stream whose body ends cleanly after its usage without `data: [DONE]` (Perplexity sends

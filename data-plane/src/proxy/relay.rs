@@ -719,12 +719,42 @@ impl Relay {
 /// The data of the event that ends a chat stream.
 const DONE: &str = "[DONE]";
 
-/// Whether a chat stream's event is its upstream's error event, an object whose first member
-/// is `error` (vLLM's, and OpenAI's shape of an error body), as the SDKs read one.
+/// Whether a chat stream's event is its upstream's error event, as the SDKs read one (they
+/// raise on a chunk whose top-level `error` is set: openai-python's `data.get("error")`):
+/// an object whose first member is `error` (vLLM's, and OpenAI's shape of an error body), or
+/// one with an `error` among its members (OpenRouter's mid-stream error: a chunk with `id`,
+/// `object`, ..., `error`, and `choices` whose `finish_reason` is `"error"`). Most chunks name
+/// no `error`: one search tells them; a chunk that does is parsed.
 fn is_error_event(data: &str) -> bool {
-    data.strip_prefix('{')
+    if data
+        .strip_prefix('{')
         .is_some_and(|rest| rest.trim_start().starts_with("\"error\""))
+    {
+        return true;
+    }
+    if ERROR_KEY.find(data.as_bytes()).is_none() {
+        return false;
+    }
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        error: serde_json::Value,
+    }
+    // Python's truth: null, false, 0, "", [] and {} are no error.
+    serde_json::from_str::<Chunk>(data).is_ok_and(|chunk| match chunk.error {
+        serde_json::Value::Null => false,
+        serde_json::Value::Bool(set) => set,
+        serde_json::Value::Number(n) => n.as_f64() != Some(0.0),
+        serde_json::Value::String(s) => !s.is_empty(),
+        serde_json::Value::Array(a) => !a.is_empty(),
+        serde_json::Value::Object(o) => !o.is_empty(),
+    })
 }
+
+/// The searcher for an `"error"` key ([`is_error_event`]), built once.
+static ERROR_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| {
+    memchr::memmem::FinderBuilder::new().build_forward_with_ranker(JsonRank, b"\"error\"")
+});
 
 /// Whether an event of a stream whose usage was counted may name the answer's price tier:
 /// Anthropic's `message_start` and `message_delta` (its other events repeat no usage), or an
