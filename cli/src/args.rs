@@ -184,6 +184,16 @@ pub struct BackendAddArgs {
     /// gpt-5:priority=2, gpt-5:flex=0.5, claude-opus-4-6:fast=6; repeat for each.
     #[arg(long = "tier", value_name = "MODEL:TIER=MULTIPLIER", value_parser = parse_tier)]
     pub tiers: Vec<TierArg>,
+    /// A --model's prices for a long request: MODEL:ABOVE:IN_MULTIPLIER:OUT_MULTIPLIER, its
+    /// prompt tokens (cached included) at IN_MULTIPLIER times their prices and its output
+    /// at OUT_MULTIPLIER times when its prompt is more than ABOVE tokens, e.g.
+    /// gpt-5.4:272000:2:1.5; repeat for each model.
+    #[arg(
+        long = "long-context",
+        value_name = "MODEL:ABOVE:IN:OUT",
+        value_parser = parse_long_context
+    )]
+    pub long_contexts: Vec<LongContextArg>,
     #[command(flatten)]
     pub api_key: ApiKeyArgs,
 }
@@ -250,6 +260,15 @@ pub struct BackendUpdateArgs {
         requires = "models"
     )]
     pub tiers: Vec<TierArg>,
+    /// A --model's prices for a long request, MODEL:ABOVE:IN:OUT (see `backend add --help`),
+    /// or MODEL:none to take them off; a model given none keeps its own (needs --model).
+    #[arg(
+        long = "long-context",
+        value_name = "MODEL:ABOVE:IN:OUT|MODEL:none",
+        value_parser = parse_long_context,
+        requires = "models"
+    )]
+    pub long_contexts: Vec<LongContextArg>,
     #[command(flatten)]
     pub api_key: ApiKeyArgs,
 }
@@ -737,6 +756,64 @@ pub fn parse_tier(spec: &str) -> Result<TierArg, String> {
     })
 }
 
+/// A `--long-context` of `backend add` and `backend update`: a `--model`'s long-context band,
+/// or `None` to take it off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongContextArg {
+    pub model: String,
+    pub band: Option<pb::LongContextPrices>,
+}
+
+const LONG_CONTEXT_FORMAT: &str =
+    "expected MODEL:ABOVE:IN_MULTIPLIER:OUT_MULTIPLIER (e.g. gpt-5.4:272000:2:1.5) or MODEL:none";
+
+/// Parses `MODEL:ABOVE:IN:OUT` or `MODEL:none`; the model is what precedes the last three
+/// fields (or `none`), so a public name may hold a `:`.
+pub fn parse_long_context(spec: &str) -> Result<LongContextArg, String> {
+    if let Some(model) = spec.strip_suffix(":none") {
+        let model = model.trim();
+        return match model.is_empty() {
+            true => Err(LONG_CONTEXT_FORMAT.to_owned()),
+            false => Ok(LongContextArg {
+                model: model.to_owned(),
+                band: None,
+            }),
+        };
+    }
+    let mut fields = spec.rsplitn(4, ':');
+    let (Some(output), Some(input), Some(above), Some(model)) =
+        (fields.next(), fields.next(), fields.next(), fields.next())
+    else {
+        return Err(LONG_CONTEXT_FORMAT.to_owned());
+    };
+    let multiplier = |text: &str| match text.trim().parse::<f64>() {
+        Ok(m) if m.is_finite() && m >= 0.0 => Ok(m),
+        _ => Err(format!(
+            "multiplier {text:?} is not a number ≥ 0; {LONG_CONTEXT_FORMAT}"
+        )),
+    };
+    let above = above
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            format!("{above:?} is not a whole number of tokens ≥ 1; {LONG_CONTEXT_FORMAT}")
+        })?;
+    let model = model.trim();
+    if model.is_empty() {
+        return Err(LONG_CONTEXT_FORMAT.to_owned());
+    }
+    Ok(LongContextArg {
+        model: model.to_owned(),
+        band: Some(pb::LongContextPrices {
+            above_prompt_tokens: above,
+            input_multiplier: multiplier(input)?,
+            output_multiplier: multiplier(output)?,
+        }),
+    })
+}
+
 /// `--responses-api` of `backend update`: `Some` to set it, `None` for its API's default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResponsesApi(pub Option<bool>);
@@ -896,6 +973,37 @@ mod tests {
             "m:fast=inf",
         ] {
             assert!(parse_tier(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_long_context_band_names_its_model_before_its_three_figures() {
+        let arg = parse_long_context("gpt-5.4:272000:2:1.5").unwrap();
+        assert_eq!(arg.model, "gpt-5.4");
+        let band = arg.band.unwrap();
+        assert_eq!(
+            (
+                band.above_prompt_tokens,
+                band.input_multiplier,
+                band.output_multiplier
+            ),
+            (272_000, 2.0, 1.5)
+        );
+        let arg = parse_long_context("llama3:8b:1000:2:1").unwrap();
+        assert_eq!(arg.model, "llama3:8b");
+        let off = parse_long_context("llama3:8b:none").unwrap();
+        assert_eq!((off.model.as_str(), off.band), ("llama3:8b", None));
+        for bad in [
+            "m",
+            "m:1:2",
+            ":1:2:3",
+            "m:0:2:1",
+            "m:x:2:1",
+            "m:1:-2:1",
+            "m:1:2:nan",
+            ":none",
+        ] {
+            assert!(parse_long_context(bad).is_err(), "{bad}");
         }
     }
 

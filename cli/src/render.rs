@@ -276,6 +276,15 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
     if tiered {
         header.push("PRICE TIERS");
     }
+    // A long-context band likewise (`--long-context`'s form without the model:
+    // `272000:2:1.5`, past 272,000 prompt tokens at 2 times the input and 1.5 the output).
+    let banded = backend
+        .models
+        .iter()
+        .any(|model| model.long_context.is_some());
+    if banded {
+        header.push("LONG CONTEXT");
+    }
     let models = grid(
         &header,
         backend
@@ -312,6 +321,14 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
                         true => "-".to_owned(),
                         false => tiers.join(","),
                     });
+                }
+                if banded {
+                    row.push(model.long_context.map_or("-".to_owned(), |l| {
+                        format!(
+                            "{}:{}:{}",
+                            l.above_prompt_tokens, l.input_multiplier, l.output_multiplier
+                        )
+                    }));
                 }
                 row
             })
@@ -784,10 +801,11 @@ mod tests {
         assert!(text.contains("0.15") && text.contains("0.6"), "{text}");
         assert!(text.contains("openai"), "{text}");
         assert!(!text.contains("PRICE TIERS"), "{text}");
+        assert!(!text.contains("LONG CONTEXT"), "{text}");
     }
 
     #[test]
-    fn a_routes_price_tiers_are_shown_as_given() {
+    fn a_routes_price_tiers_and_long_context_band_are_shown_as_given() {
         let mut b = sample_backend();
         let mut plain = b.models[0].clone();
         plain.name = "plain".into();
@@ -801,20 +819,31 @@ mod tests {
                 multiplier: 0.5,
             },
         ];
+        b.models[0].long_context = Some(pb::LongContextPrices {
+            above_prompt_tokens: 272_000,
+            input_multiplier: 2.0,
+            output_multiplier: 1.5,
+        });
         b.models.push(plain);
         let text = backend(Some(&b));
-        let row = |name: &str| {
-            text.lines()
+        assert!(
+            text.contains("PRICE TIERS") && text.contains("LONG CONTEXT"),
+            "{text}"
+        );
+        let cells = |name: &str| {
+            let line = text
+                .lines()
                 .find(|l| l.starts_with(name))
-                .unwrap_or_default()
-                .split_whitespace()
-                .last()
-                .unwrap_or_default()
-                .to_owned()
+                .unwrap_or_default();
+            let cells: Vec<&str> = line.split_whitespace().collect();
+            cells[cells.len() - 2..].join(" ")
         };
-        assert!(text.contains("PRICE TIERS"), "{text}");
-        assert_eq!(row("gpt-4o-mini "), "priority=2,flex=0.5", "{text}");
-        assert_eq!(row("plain "), "-", "{text}");
+        assert_eq!(
+            cells("gpt-4o-mini "),
+            "priority=2,flex=0.5 272000:2:1.5",
+            "{text}"
+        );
+        assert_eq!(cells("plain "), "- -", "{text}");
     }
 
     #[test]

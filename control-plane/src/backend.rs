@@ -30,6 +30,17 @@ pub struct ModelRoute {
     pub default_max_tokens: u32,
     /// The price tiers an answer may report, each with what it multiplies the prices by.
     pub tier_multipliers: Vec<(String, f64)>,
+    /// The prices of a long request, if the provider bills one at a band of its own.
+    pub long_context: Option<LongContextPrices>,
+}
+
+/// What a route's prices are multiplied by for a request whose prompt is more than
+/// `above_prompt_tokens` (`ModelRoute.long_context`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LongContextPrices {
+    pub above_prompt_tokens: u64,
+    pub input_multiplier: f64,
+    pub output_multiplier: f64,
 }
 
 /// The API a backend speaks.
@@ -317,6 +328,9 @@ impl BackendSpec {
                 }
             }
             check_tiers(&field, &mut model.tier_multipliers)?;
+            if let Some(long) = &mut model.long_context {
+                check_long_context(&field, long)?;
+            }
             if !seen.insert(model.name.clone()) {
                 return Err(ValidationError::new(
                     format!("{field}.name"),
@@ -425,6 +439,34 @@ fn check_tiers(field: &str, tiers: &mut Vec<(String, f64)>) -> Result<(), Valida
     Ok(())
 }
 
+/// The largest prompt a long-context band may start past: a thousand times the longest
+/// context window of 2026.
+pub const MAX_LONG_CONTEXT_ABOVE: u64 = 1_000_000_000;
+
+/// A long-context band: a threshold from 1 to [`MAX_LONG_CONTEXT_ABOVE`] tokens, multipliers
+/// from 0 to [`MAX_TIER_MULTIPLIER`].
+fn check_long_context(field: &str, long: &mut LongContextPrices) -> Result<(), ValidationError> {
+    if !(1..=MAX_LONG_CONTEXT_ABOVE).contains(&long.above_prompt_tokens) {
+        return Err(ValidationError::new(
+            format!("{field}.long_context.above_prompt_tokens"),
+            format!("must be from 1 to {MAX_LONG_CONTEXT_ABOVE}"),
+        ));
+    }
+    for (multiplier, what) in [
+        (&mut long.input_multiplier, "input_multiplier"),
+        (&mut long.output_multiplier, "output_multiplier"),
+    ] {
+        if !(0.0..=MAX_TIER_MULTIPLIER).contains(multiplier) {
+            return Err(ValidationError::new(
+                format!("{field}.long_context.{what}"),
+                format!("must be a number from 0 to {MAX_TIER_MULTIPLIER}"),
+            ));
+        }
+        *multiplier += 0.0;
+    }
+    Ok(())
+}
+
 impl ModelRoute {
     pub fn from_proto(model: &pb::ModelRoute) -> Self {
         Self {
@@ -440,6 +482,11 @@ impl ModelRoute {
                 .iter()
                 .map(|t| (t.tier.clone(), t.multiplier))
                 .collect(),
+            long_context: model.long_context.map(|l| LongContextPrices {
+                above_prompt_tokens: l.above_prompt_tokens,
+                input_multiplier: l.input_multiplier,
+                output_multiplier: l.output_multiplier,
+            }),
         }
     }
 
@@ -460,6 +507,11 @@ impl ModelRoute {
                     multiplier: *multiplier,
                 })
                 .collect(),
+            long_context: self.long_context.map(|l| pb::LongContextPrices {
+                above_prompt_tokens: l.above_prompt_tokens,
+                input_multiplier: l.input_multiplier,
+                output_multiplier: l.output_multiplier,
+            }),
         }
     }
 }
@@ -812,6 +864,38 @@ mod tests {
         );
         writes.models[0].cache_write_price_per_mtok = Some(3.75);
         assert!(writes.validated().is_ok());
+    }
+
+    #[test]
+    fn a_long_context_band_starts_past_a_token_and_is_bounded() {
+        let with = |above, input: f64, output: f64| {
+            let mut spec = spec();
+            spec.models[0].long_context = Some(LongContextPrices {
+                above_prompt_tokens: above,
+                input_multiplier: input,
+                output_multiplier: output,
+            });
+            spec.validated()
+        };
+        let ok = with(200_000, 2.0, -0.0).unwrap();
+        assert_eq!(
+            ok.models[0]
+                .long_context
+                .map(|l| l.output_multiplier.to_string()),
+            Some("0".into())
+        );
+        for (above, input, output, field) in [
+            (0, 2.0, 1.5, "above_prompt_tokens"),
+            (MAX_LONG_CONTEXT_ABOVE + 1, 2.0, 1.5, "above_prompt_tokens"),
+            (1, f64::NAN, 1.5, "input_multiplier"),
+            (1, 2.0, 101.0, "output_multiplier"),
+            (1, -1.0, 1.5, "input_multiplier"),
+        ] {
+            assert_eq!(
+                with(above, input, output).unwrap_err().field,
+                format!("backend.models[0].long_context.{field}")
+            );
+        }
     }
 
     #[test]

@@ -163,6 +163,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0020_snapshot_key_index.sql"),
     include_str!("../../migrations/0021_backend_key_header.sql"),
     include_str!("../../migrations/0022_price_tiers.sql"),
+    include_str!("../../migrations/0023_long_context.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use url::Url;
 
 pub use sluice_domain::pool::Pool;
-use sluice_domain::price::Prices;
+use sluice_domain::price::{LongContext, Prices};
 use sluice_domain::settings::InvalidDuration;
 pub use sluice_domain::settings::Policy;
 
@@ -572,7 +572,12 @@ impl Snapshot {
                             model.cached_input_price_per_mtok,
                             model.cache_write_price_per_mtok,
                             model.output_price_per_mtok,
-                        ),
+                        )
+                        .with_long_context(model.long_context.map(|l| LongContext {
+                            above: l.above_prompt_tokens,
+                            input: l.input_multiplier,
+                            output: l.output_multiplier,
+                        })),
                         tiers: Tiers::new(
                             model
                                 .tier_multipliers

@@ -364,6 +364,12 @@ async fn the_dashboard_in_a_browser() {
         )
         .await;
     browser
+        .type_into(
+            "#bf-models .model-row input[name=long_context]",
+            "272000:2:1.5",
+        )
+        .await;
+    browser
         .type_into("#bf-api-key", "sk-gamma-secret-4321")
         .await;
     browser.click("#bf-save").await;
@@ -414,6 +420,12 @@ async fn the_dashboard_in_a_browser() {
     };
     let given = vec![("priority".to_owned(), 2.0), ("flex".to_owned(), 0.5)];
     assert_eq!(tiers(&gamma.models[0]), given);
+    let band = Some(pb::LongContextPrices {
+        above_prompt_tokens: 272_000,
+        input_multiplier: 2.0,
+        output_multiplier: 1.5,
+    });
+    assert_eq!(gamma.models[0].long_context, band);
     assert_eq!(gamma.api_key_hint, "4321");
     assert!(gamma.enabled);
     assert!(
@@ -447,6 +459,12 @@ async fn the_dashboard_in_a_browser() {
             .eval("document.querySelector('#bf-models .model-row input[name=tiers]').value")
             .await,
         json!("priority=2, flex=0.5")
+    );
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#bf-models .model-row input[name=long_context]').value")
+            .await,
+        json!("272000:2:1.5")
     );
     browser.type_into("#bf-priority", "7").await;
     browser
@@ -486,6 +504,10 @@ async fn the_dashboard_in_a_browser() {
         "shown in the form, kept"
     );
     assert_eq!(tiers(&edited.models[0]), given, "shown in the form, kept");
+    assert_eq!(
+        edited.models[0].long_context, band,
+        "shown in the form, kept"
+    );
     // Emptied, the route has no cached price of its own (its cached tokens cost the input
     // price), not one the form no longer shows.
     browser
@@ -514,6 +536,25 @@ async fn the_dashboard_in_a_browser() {
         )
         .await;
     set_value(&browser, "#bf-models .model-row input[name=tiers]", "").await;
+    set_value(
+        &browser,
+        "#bf-models .model-row input[name=long_context]",
+        "0:2:1.5",
+    )
+    .await;
+    browser.click("#bf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('.model-row [data-field=long_context] .field-error').textContent !== ''",
+            "the long-context band's error",
+        )
+        .await;
+    set_value(
+        &browser,
+        "#bf-models .model-row input[name=long_context]",
+        "",
+    )
+    .await;
     browser.click("#bf-save").await;
     browser
         .wait_for(
@@ -529,6 +570,7 @@ async fn the_dashboard_in_a_browser() {
     assert_eq!(cleared.models[0].cached_input_price_per_mtok, None);
     assert_eq!(cleared.models[0].cache_write_price_per_mtok, None);
     assert!(cleared.models[0].tier_multipliers.is_empty());
+    assert_eq!(cleared.models[0].long_context, None);
     assert_eq!(cleared.models[0].input_price_per_mtok, 0.15);
     assert_eq!(edited.api_key_hint, "4321", "the key is kept");
 

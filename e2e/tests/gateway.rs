@@ -1176,3 +1176,75 @@ print(json.dumps(out))
     let answers = common::python(TIERS, &[&proxy.url("/v1"), &key, "priority"]).await;
     spent(tiered + bill(&answers, &|_| 1.0)).await;
 }
+
+/// A provider bills a long request at a band of its own (GPT-5.4 past 272,000 prompt tokens at
+/// twice the input price and 1.5 times the output price; Anthropic's long-context models past
+/// 200,000 likewise): a route's `--long-context` charges each request whose prompt passes the
+/// threshold at the band, and one at or under it at the route's prices. Here the threshold is
+/// 10 tokens (the mock counts a word a token).
+#[tokio::test]
+async fn a_long_request_is_spent_at_its_long_context_band() {
+    let cluster = Cluster::start().await;
+    let mock = Mock::start("long", &["gpt-up"]).await;
+    let added = tokio::process::Command::new(sluice_e2e::process::workspace_bin("sluicectl"))
+        .args([
+            "--endpoint",
+            &cluster.control_url(),
+            "--token",
+            common::ADMIN_TOKEN,
+        ])
+        .args([
+            "backend",
+            "add",
+            "--name",
+            "openai",
+            "--base-url",
+            &mock.base_url(),
+        ])
+        .args(["--model", "gpt:gpt-up:1:10", "--api-key-env", "KEY"])
+        .args(["--long-context", "gpt:10:2:1.5"])
+        .env("KEY", mock.api_key.clone().unwrap())
+        .output()
+        .await
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    let shown = cluster.sluicectl(&["backend", "get", "openai"]).await;
+    assert!(
+        shown.contains("LONG CONTEXT") && shown.contains("10:2:1.5"),
+        "{shown}"
+    );
+    let (created, key) = cluster.create_key("long", &[]).await;
+    let proxy = cluster.proxy().await;
+    let mut billed = 0.0;
+    let mut prompts = Vec::new();
+    for words in [3, 10, 11, 40] {
+        let content = vec!["word"; words].join(" ");
+        let answer: Value = proxy
+            .post(
+                "/v1/chat/completions",
+                &key,
+                json!({"model": "gpt", "messages": [{"role": "user", "content": content}]}),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        let usage = &answer["usage"];
+        let (prompt, completion) = (
+            usage["prompt_tokens"].as_u64().unwrap(),
+            usage["completion_tokens"].as_u64().unwrap(),
+        );
+        prompts.push(prompt);
+        // $1 in and $10 out a million tokens: 1,000 and 10,000 nano-units a token.
+        let (input, output) = if prompt > 10 { (2.0, 1.5) } else { (1.0, 1.0) };
+        billed += prompt as f64 * 1_000.0 * input + completion as f64 * 10_000.0 * output;
+    }
+    assert_eq!(prompts, [3, 10, 11, 40], "the mock counts a word a token");
+    let billed = billed.round() as u64;
+    eventually(
+        Duration::from_secs(30),
+        "the key's spend is the bill",
+        || async { (cluster.client_key(&created.id).await.spend * 1e9).round() as u64 == billed },
+    )
+    .await;
+}

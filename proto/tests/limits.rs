@@ -44,6 +44,7 @@ fn snapshot() -> pb::Snapshot {
                     output_price_per_mtok: 10.0,
                     cached_input_price_per_mtok: Some(1.25),
                     cache_write_price_per_mtok: Some(3.125),
+                    long_context: None,
                     // OpenAI's two: priority and flex.
                     tier_multipliers: vec![
                         pb::TierMultiplier {

@@ -6,7 +6,8 @@ use sluice_proto::v1 as pb;
 use sluice_proto::wkt::FieldMask;
 
 use crate::args::{
-    ApiKeyArgs, BackendAddArgs, BackendCommand, BackendUpdateArgs, ResponsesApi, TierArg,
+    ApiKeyArgs, BackendAddArgs, BackendCommand, BackendUpdateArgs, LongContextArg, ResponsesApi,
+    TierArg,
 };
 use crate::connection::Connection;
 use crate::error::Error;
@@ -125,9 +126,10 @@ fn create_request(args: BackendAddArgs) -> Result<pb::CreateBackendRequest, Erro
         pool: pb::Pool::from(args.pool).into(),
         priority: args.priority,
         weight: args.weight,
-        models: with_tiers(
+        models: with_prices_by_answer(
             with_max_tokens(args.models, args.default_max_tokens),
             args.tiers,
+            args.long_contexts,
         )?,
         rpm_limit: args.rpm,
         tpm_limit: args.tpm_limit,
@@ -160,51 +162,66 @@ fn with_max_tokens(
     models
 }
 
-/// The routes with the price tiers `tiers` gives each, in the order given; a tier for a
-/// model no route has is a mistake.
-fn with_tiers(
+/// The routes with the price tiers `tiers` gives each, in the order given, and the
+/// long-context bands `long` gives; either for a model no route has is a mistake.
+fn with_prices_by_answer(
     mut models: Vec<pb::ModelRoute>,
     tiers: Vec<TierArg>,
+    long: Vec<LongContextArg>,
 ) -> Result<Vec<pb::ModelRoute>, Error> {
-    for TierArg { model, tier } in tiers {
-        let route = models
+    fn route<'a>(
+        models: &'a mut [pb::ModelRoute],
+        model: &str,
+        flag: &str,
+    ) -> Result<&'a mut pb::ModelRoute, Error> {
+        models
             .iter_mut()
             .find(|route| route.name == model)
-            .ok_or_else(|| {
-                Error::Usage(format!(
-                    "--tier {model}:{}: no --model {model} is given",
-                    tier.tier
-                ))
-            })?;
-        route.tier_multipliers.push(tier);
+            .ok_or_else(|| Error::Usage(format!("{flag} {model}: no --model {model} is given")))
+    }
+    for TierArg { model, tier } in tiers {
+        route(&mut models, &model, "--tier")?
+            .tier_multipliers
+            .push(tier);
+    }
+    for LongContextArg { model, band } in long {
+        route(&mut models, &model, "--long-context")?.long_context = band;
     }
     Ok(models)
 }
 
 /// What an update's routes take from the stored routes of the same names: for each route,
 /// whether its prices do (none were given), whether its price tiers do (no `--tier` names
-/// it), and whether `default_max_tokens` does (no `--default-max-tokens`). `None` when there
-/// are no routes or nothing to take.
+/// it), whether its long-context band does (no `--long-context` names it), and whether
+/// `default_max_tokens` does (no `--default-max-tokens`). `None` when there are no routes or
+/// nothing to take.
 fn keeps_from_stored(args: &BackendUpdateArgs) -> Option<Kept> {
+    let unnamed = |named: Vec<&String>| -> Vec<bool> {
+        args.models
+            .iter()
+            .map(|m| !named.contains(&&m.route.name))
+            .collect()
+    };
     let prices: Vec<bool> = args.models.iter().map(|m| !m.priced).collect();
-    let tiers: Vec<bool> = args
-        .models
-        .iter()
-        .map(|m| !args.tiers.iter().any(|t| t.model == m.route.name))
-        .collect();
+    let tiers = unnamed(args.tiers.iter().map(|t| &t.model).collect());
+    let long = unnamed(args.long_contexts.iter().map(|l| &l.model).collect());
     let max_tokens = args.default_max_tokens.is_none();
-    (!args.models.is_empty() && (max_tokens || prices.contains(&true) || tiers.contains(&true)))
-        .then_some(Kept {
-            prices,
-            tiers,
-            max_tokens,
-        })
+    let takes = [&prices, &tiers, &long]
+        .iter()
+        .any(|kept| kept.contains(&true));
+    (!args.models.is_empty() && (max_tokens || takes)).then_some(Kept {
+        prices,
+        tiers,
+        long,
+        max_tokens,
+    })
 }
 
 #[derive(Debug)]
 struct Kept {
     prices: Vec<bool>,
     tiers: Vec<bool>,
+    long: Vec<bool>,
     max_tokens: bool,
 }
 
@@ -212,7 +229,8 @@ struct Kept {
 /// re-lists a route, it does not make it free (a price of 0 is spent by no budget) nor drop
 /// its price tiers or its `default_max_tokens`. A name the backend does not have yet keeps 0.
 fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: &[pb::ModelRoute]) {
-    for ((route, keep_prices), keep_tiers) in routes.iter_mut().zip(&kept.prices).zip(&kept.tiers) {
+    let keeps = kept.prices.iter().zip(&kept.tiers).zip(&kept.long);
+    for (route, ((keep_prices, keep_tiers), keep_long)) in routes.iter_mut().zip(keeps) {
         let Some(old) = stored.iter().find(|old| old.name == route.name) else {
             continue;
         };
@@ -224,6 +242,9 @@ fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: 
         }
         if *keep_tiers {
             route.tier_multipliers.clone_from(&old.tier_multipliers);
+        }
+        if *keep_long {
+            route.long_context = old.long_context;
         }
         if kept.max_tokens {
             route.default_max_tokens = old.default_max_tokens;
@@ -273,7 +294,11 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
     }
     if !args.models.is_empty() {
         let routes = args.models.into_iter().map(|m| m.route).collect();
-        backend.models = with_tiers(with_max_tokens(routes, args.default_max_tokens), args.tiers)?;
+        backend.models = with_prices_by_answer(
+            with_max_tokens(routes, args.default_max_tokens),
+            args.tiers,
+            args.long_contexts,
+        )?;
         set("models");
     }
     if let Some(ResponsesApi(on)) = args.responses_api {
@@ -439,7 +464,7 @@ mod tests {
     }
 
     #[test]
-    fn a_models_tiers_are_those_given_else_its_stored_ones() {
+    fn a_models_tiers_and_long_context_band_are_those_given_else_its_stored_ones() {
         let tier = |tier: &str, multiplier| pb::TierMultiplier {
             tier: tier.into(),
             multiplier,
@@ -454,6 +479,8 @@ mod tests {
             "b:flex=0.5",
             "--tier",
             "b:priority=2",
+            "--long-context",
+            "b:none",
         ]);
         let kept = keeps_from_stored(&args).unwrap();
         let mut request = update_request(args).unwrap();
@@ -462,9 +489,16 @@ mod tests {
             name: name.into(),
             input_price_per_mtok: 3.0,
             tier_multipliers: vec![tier("fast", 6.0)],
+            long_context: Some(pb::LongContextPrices {
+                above_prompt_tokens: 200_000,
+                input_multiplier: 2.0,
+                output_multiplier: 1.5,
+            }),
             ..Default::default()
         };
         keep_stored_route_fields(routes, &kept, &[stored("a"), stored("b")]);
+        assert_eq!(routes[0].long_context, stored("a").long_context);
+        assert_eq!(routes[1].long_context, None);
         assert_eq!(routes[0].tier_multipliers, [tier("fast", 6.0)]);
         assert_eq!(routes[0].input_price_per_mtok, 3.0);
         assert_eq!(

@@ -773,6 +773,7 @@
       cell('cache_write_price_per_mtok', { name: 'cache_write_price', 'aria-label': 'Price per million prompt tokens written to the cache (empty: the input price)', type: 'number', min: '0', step: 'any', placeholder: 'input price' }),
       cell('output_price_per_mtok', { name: 'output_price', 'aria-label': 'Output price per million tokens', type: 'number', min: '0', step: 'any' }),
       cell('default_max_tokens', { name: 'default_max_tokens', 'aria-label': 'Default max_tokens for an Anthropic backend', type: 'number', min: '0', step: '1' }),
+      cell('long_context', { name: 'long_context', 'aria-label': 'Long-context band: past ABOVE prompt tokens, the input prices times IN and the output price times OUT, as ABOVE:IN:OUT (empty: none)', placeholder: '272000:2:1.5', spellcheck: 'false' }),
       cell('tier_multipliers', { name: 'tiers', 'aria-label': 'Price tiers: what the prices are multiplied by at each tier the answer reports, as TIER=MULTIPLIER, comma-separated', placeholder: 'priority=2, flex=0.5', spellcheck: 'false' }),
       h('td', null, h('button', {
         type: 'button',
@@ -789,6 +790,8 @@
     input('output_price').value = String(num(model && model.outputPricePerMtok));
     input('default_max_tokens').value = String(num(model && model.defaultMaxTokens));
     input('tiers').value = tiersOf(model).map((t) => `${t.tier}=${t.multiplier}`).join(', ');
+    const band = longOf(model);
+    input('long_context').value = band ? `${band.abovePromptTokens}:${band.inputMultiplier}:${band.outputMultiplier}` : '';
     if (model) rowModels.set(row, model);
     $('#bf-models').append(row);
   }
@@ -796,6 +799,28 @@
   /** A route's price tiers as loaded (the JSON API leaves out an empty list, and a 0). */
   function tiersOf(model) {
     return ((model && model.tierMultipliers) || []).map((t) => ({ tier: t.tier || '', multiplier: num(t.multiplier) }));
+  }
+
+  /** A route's long-context band as loaded (the JSON API writes its threshold as a string), or null. */
+  function longOf(model) {
+    const band = model && model.longContext;
+    if (!band) return null;
+    return { abovePromptTokens: num(band.abovePromptTokens), inputMultiplier: num(band.inputMultiplier), outputMultiplier: num(band.outputMultiplier) };
+  }
+
+  /**
+   * The long-context band written in a model row, `ABOVE:IN:OUT` (`272000:2:1.5`): null for
+   * none (empty), undefined when the text is not that.
+   */
+  function parseLong(text) {
+    const trimmed = text.trim();
+    if (trimmed === '') return null;
+    const parts = trimmed.split(':').map((p) => p.trim());
+    if (parts.length !== 3) return undefined;
+    const [above, input, output] = parts.map(Number);
+    const multiplier = (m) => Number.isFinite(m) && m >= 0 && m <= 100;
+    if (!Number.isInteger(above) || above < 1 || above > 1e9 || !multiplier(input) || !multiplier(output)) return undefined;
+    return { abovePromptTokens: above, inputMultiplier: input, outputMultiplier: output };
   }
 
   /**
@@ -837,6 +862,7 @@
         outputPricePerMtok: num(m.outputPricePerMtok),
         defaultMaxTokens: num(m.defaultMaxTokens),
         tierMultipliers: tiersOf(m),
+        longContext: longOf(m),
       })),
       apiFormat: b.apiFormat === 'API_FORMAT_ANTHROPIC' ? 'API_FORMAT_ANTHROPIC' : 'API_FORMAT_OPENAI',
       anthropicVersion: (b.anthropicVersion || '').trim(),
@@ -983,6 +1009,11 @@
         showFieldError(form, 'default_max_tokens', 'must be a whole number ≥ 0', i);
         bad = true;
       }
+      const longContext = parseLong(input('long_context').value);
+      if (longContext === undefined) {
+        showFieldError(form, 'long_context', 'write ABOVE:IN:OUT (272000:2:1.5): a whole number of prompt tokens from 1, multipliers from 0 to 100; empty for none', i);
+        bad = true;
+      }
       const tierMultipliers = parseTiers(input('tiers').value);
       if (tierMultipliers === null) {
         showFieldError(form, 'tier_multipliers', 'write TIER=MULTIPLIER, comma-separated (priority=2, flex=0.5): a tier in a-z, 0-9, _ and -, a multiplier from 0 to 100', i);
@@ -998,6 +1029,7 @@
         outputPricePerMtok: outputPrice,
         defaultMaxTokens,
         tierMultipliers,
+        longContext,
       });
     });
     if (bad) return;

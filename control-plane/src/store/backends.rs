@@ -4,7 +4,9 @@
 use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
 
 use super::{Reader, Store, StoreError, WriteOp, bump_version, new_id, unique_violation};
-use crate::backend::{ApiFormat, Backend, BackendSpec, KeyHeader, ModelRoute, Pool};
+use crate::backend::{
+    ApiFormat, Backend, BackendSpec, KeyHeader, LongContextPrices, ModelRoute, Pool,
+};
 use crate::crypto::{MasterKey, key_hint};
 use crate::time::now_ms;
 
@@ -231,8 +233,10 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
         "INSERT INTO backend_models (backend_id, position, name, upstream_name,
                                      input_price_per_mtok, output_price_per_mtok,
                                      cached_input_price_per_mtok, default_max_tokens,
-                                     cache_write_price_per_mtok, tier_multipliers)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                     cache_write_price_per_mtok, tier_multipliers,
+                                     long_context_above, long_context_input_multiplier,
+                                     long_context_output_multiplier)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?;
     for (position, m) in models.iter().enumerate() {
         stmt.execute(params![
@@ -245,7 +249,12 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
             m.cached_input_price_per_mtok,
             m.default_max_tokens,
             m.cache_write_price_per_mtok,
-            tiers_to_db(&m.tier_multipliers)
+            tiers_to_db(&m.tier_multipliers),
+            // Validation keeps it far below i64::MAX.
+            m.long_context
+                .map(|l| i64::try_from(l.above_prompt_tokens).unwrap_or(i64::MAX)),
+            m.long_context.map(|l| l.input_multiplier),
+            m.long_context.map(|l| l.output_multiplier)
         ])?;
     }
     Ok(())
@@ -255,6 +264,21 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
 fn tiers_to_db(tiers: &[(String, f64)]) -> String {
     // Strings and finite numbers (validation refuses others) always serialize.
     serde_json::to_string(tiers).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// The long-context band of a route's row, from its three columns from `first` on (NULL: none).
+fn long_context_from_db(
+    r: &rusqlite::Row<'_>,
+    first: usize,
+) -> rusqlite::Result<Option<LongContextPrices>> {
+    let Some(above) = r.get::<_, Option<i64>>(first)? else {
+        return Ok(None);
+    };
+    Ok(Some(LongContextPrices {
+        above_prompt_tokens: u64::try_from(above).unwrap_or(0),
+        input_multiplier: r.get(first + 1)?,
+        output_multiplier: r.get(first + 2)?,
+    }))
 }
 
 /// [`tiers_to_db`]'s column read back; a value that is not such an array is a corrupt row.
@@ -338,7 +362,8 @@ fn load_backend(conn: &Connection, id: &str) -> Result<Backend, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT name, upstream_name, input_price_per_mtok, output_price_per_mtok,
                 cached_input_price_per_mtok, default_max_tokens, cache_write_price_per_mtok,
-                tier_multipliers
+                tier_multipliers, long_context_above, long_context_input_multiplier,
+                long_context_output_multiplier
          FROM backend_models WHERE backend_id = ?1 ORDER BY position",
     )?;
     backend.spec.models = stmt
@@ -352,6 +377,7 @@ fn load_backend(conn: &Connection, id: &str) -> Result<Backend, StoreError> {
                 default_max_tokens: r.get(5)?,
                 cache_write_price_per_mtok: r.get(6)?,
                 tier_multipliers: tiers_from_db(r, 7)?,
+                long_context: long_context_from_db(r, 8)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -369,7 +395,8 @@ fn load_all(conn: &Connection) -> Result<Vec<Backend>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT backend_id, name, upstream_name, input_price_per_mtok, output_price_per_mtok,
                 cached_input_price_per_mtok, default_max_tokens, cache_write_price_per_mtok,
-                tier_multipliers
+                tier_multipliers, long_context_above, long_context_input_multiplier,
+                long_context_output_multiplier
          FROM backend_models ORDER BY backend_id, position",
     )?;
     let mut by_backend: std::collections::HashMap<String, Vec<ModelRoute>> =
@@ -386,6 +413,7 @@ fn load_all(conn: &Connection) -> Result<Vec<Backend>, StoreError> {
                 default_max_tokens: r.get(6)?,
                 cache_write_price_per_mtok: r.get(7)?,
                 tier_multipliers: tiers_from_db(r, 8)?,
+                long_context: long_context_from_db(r, 9)?,
             },
         ))
     })?;

@@ -13,6 +13,17 @@ pub struct Prices {
     cached_input: f64,
     cache_write: f64,
     output: f64,
+    long: Option<LongContext>,
+}
+
+/// A route's prices for a long request: one whose prompt (read from and written to the cache
+/// included) is more than `above` tokens has its prompt tokens at `input` times their prices
+/// and its completion at `output` times, as providers bill a long-context band.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LongContext {
+    pub above: u64,
+    pub input: f64,
+    pub output: f64,
 }
 
 /// A request's tokens as they are priced: its prompt, and of it those read from and those
@@ -56,6 +67,30 @@ impl Prices {
             cached_input: per_token(cached_input.unwrap_or(input)),
             cache_write: per_token(cache_write.unwrap_or(input)),
             output: per_token(output),
+            long: None,
+        }
+    }
+
+    /// These prices with `long`'s for long requests; a multiplier that is not a finite number
+    /// from 0 (which validation refuses) counts as 1.
+    pub fn with_long_context(self, long: Option<LongContext>) -> Self {
+        let multiplier = |m: f64| if m.is_finite() && m >= 0.0 { m } else { 1.0 };
+        Self {
+            long: long.map(|l| LongContext {
+                above: l.above,
+                input: multiplier(l.input),
+                output: multiplier(l.output),
+            }),
+            ..self
+        }
+    }
+
+    /// What a request with `prompt` tokens has its prompt's and its completion's prices
+    /// multiplied by: its long-context band's when it is long, else 1.
+    fn length_multipliers(&self, prompt: u64) -> (f64, f64) {
+        match self.long {
+            Some(long) if prompt > long.above => (long.input, long.output),
+            _ => (1.0, 1.0),
         }
     }
 
@@ -71,6 +106,7 @@ impl Prices {
             cached_input: self.cached_input * factor,
             cache_write: self.cache_write * factor,
             output: self.output * factor,
+            long: self.long,
         }
     }
 
@@ -82,20 +118,23 @@ impl Prices {
         let cached = tokens.cached.min(tokens.prompt);
         let written = tokens.cache_write.min(tokens.prompt - cached);
         let hour = tokens.cache_write_1h.min(written);
-        let nanos = (tokens.prompt - cached - written) as f64 * self.input
+        let (long_input, long_output) = self.length_multipliers(tokens.prompt);
+        let nanos = ((tokens.prompt - cached - written) as f64 * self.input
             + cached as f64 * self.cached_input
             + (written - hour) as f64 * self.cache_write
-            + hour as f64 * self.input * ONE_HOUR_WRITE_PER_INPUT
-            + tokens.completion as f64 * self.output;
+            + hour as f64 * self.input * ONE_HOUR_WRITE_PER_INPUT)
+            * long_input
+            + tokens.completion as f64 * self.output * long_output;
         // `as` saturates: a cost past u64::MAX (not reachable by bounded token counts) stays there.
         nanos.round() as u64
     }
 
     /// The most `prompt` tokens can cost before the provider says how it read them: each at
     /// the higher of the input and cache write prices (a prompt's first turn may be written
-    /// to the cache whole).
+    /// to the cache whole), at the long-context band's prices when so many are long.
     pub fn prompt_ceiling_nanos(&self, prompt: u64) -> u64 {
-        (prompt as f64 * self.input.max(self.cache_write)).round() as u64
+        let (long_input, _) = self.length_multipliers(prompt);
+        (prompt as f64 * self.input.max(self.cache_write) * long_input).round() as u64
     }
 }
 
@@ -117,6 +156,49 @@ pub fn from_nanos(nanos: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_request_is_priced_at_its_band_every_token_of_it() {
+        let band = LongContext {
+            above: 1_000,
+            input: 2.0,
+            output: 1.5,
+        };
+        let prices =
+            Prices::per_mtok(3.0, Some(0.3), Some(3.75), 15.0).with_long_context(Some(band));
+        let flat = Prices::per_mtok(3.0, Some(0.3), Some(3.75), 15.0);
+        let tokens = |prompt| Billed {
+            prompt,
+            cached: 200,
+            cache_write: 300,
+            cache_write_1h: 100,
+            completion: 500,
+        };
+        // At the threshold, the flat prices; one token past it, every token at the band's.
+        assert_eq!(
+            prices.cost_nanos(tokens(1_000)),
+            flat.cost_nanos(tokens(1_000))
+        );
+        let long = tokens(1_001);
+        let output = 500 * 15_000;
+        let prompt = flat.cost_nanos(long) - output;
+        assert_eq!(prices.cost_nanos(long), 2 * prompt + 3 * output / 2);
+        // With a tier too: both apply.
+        assert_eq!(
+            prices.scaled(2.0).cost_nanos(long),
+            2 * prices.cost_nanos(long)
+        );
+        // The reserve is at the band's input price once the estimate is long.
+        assert_eq!(prices.prompt_ceiling_nanos(1_000), 1_000 * 3_750);
+        assert_eq!(prices.prompt_ceiling_nanos(1_001), 1_001 * 3_750 * 2);
+        // A band's nonsense multiplier counts as 1.
+        let odd = flat.with_long_context(Some(LongContext {
+            input: f64::NAN,
+            output: -1.0,
+            ..band
+        }));
+        assert_eq!(odd.cost_nanos(long), flat.cost_nanos(long));
+    }
 
     #[test]
     fn a_tier_multiplies_every_kind_of_token() {
