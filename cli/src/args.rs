@@ -179,9 +179,10 @@ pub struct BackendAddArgs {
     #[arg(long, value_name = "N")]
     pub default_max_tokens: Option<u32>,
     /// A price tier of a --model: MODEL:TIER=MULTIPLIER, what its prices are multiplied by
-    /// when the answer says it was served at TIER (OpenAI's service_tier: priority, fast,
-    /// flex...; Anthropic's usage.speed fast and usage.inference_geo us), e.g.
-    /// gpt-5:priority=2, gpt-5:flex=0.5, claude-opus-4-6:fast=6; repeat for each.
+    /// when the answer says it was served at TIER (OpenAI's service_tier: priority, which
+    /// its "fast" requests are answered with too, ultrafast, flex; Anthropic's usage.speed
+    /// fast and usage.inference_geo us), e.g. gpt-5:priority=2, gpt-5:flex=0.5,
+    /// claude-opus-4-6:fast=6; repeat for each.
     #[arg(long = "tier", value_name = "MODEL:TIER=MULTIPLIER", value_parser = parse_tier)]
     pub tiers: Vec<TierArg>,
     /// A --model's prices for a long request: MODEL:ABOVE:IN_MULTIPLIER:OUT_MULTIPLIER, its
@@ -250,9 +251,8 @@ pub struct BackendUpdateArgs {
     /// max_tokens for each --model given when the client gives none (needs --model).
     #[arg(long, value_name = "N", requires = "models")]
     pub default_max_tokens: Option<u32>,
-    /// A price tier of a --model, MODEL:TIER=MULTIPLIER (see `backend add --help`); the
-    /// tiers given for a model replace its stored ones, a model given none keeps them, and
-    /// TIER=1 takes a tier off (needs --model).
+    /// A price tier of a --model, MODEL:TIER=MULTIPLIER (see `backend add --help`): sets
+    /// that tier of the model, its other tiers kept; TIER=1 takes it off (needs --model).
     #[arg(
         long = "tier",
         value_name = "MODEL:TIER=MULTIPLIER",

@@ -431,13 +431,13 @@ async fn authorized(
         true => 0,
         false => estimate::prompt_tokens(&body),
     };
-    let reserve = (!endpoint.counts_only()).then(|| prompt_cost(prompt_tokens, routes));
-    let admitted = match reserve {
-        Some(reserve) => app.allowances.admit(&key.id, reserve).await,
+    let cost = (!endpoint.counts_only()).then(|| prompt_cost(prompt_tokens, routes));
+    let admitted = match cost {
+        Some(cost) => app.allowances.admit(&key.id, cost.reserve).await,
         None => Ok(None),
     };
     match admitted {
-        Ok(Some(reservation)) => acct.reserved(reservation),
+        Ok(Some(reservation)) => acct.reserved(reservation, cost.map_or(0, |c| c.untiered)),
         Ok(None) => {}
         Err(Refusal::Exhausted { max_budget, resets }) => {
             app.metrics.budget_refused(BudgetRefusal::spent);
@@ -505,18 +505,28 @@ async fn authorized(
 
 /// What a request's prompt is estimated to cost before it is sent: its estimated tokens
 /// ([`estimate::prompt_tokens`]) at the highest input (or cache write) price among the model's
-/// routes, at the dearest price tiers each may report at once; the real cost is settled when
-/// the response ends.
-fn prompt_cost(tokens: u64, routes: &[crate::snapshot::Route]) -> u64 {
+/// routes, at the dearest price tiers each may report at once (`reserve`), and without the
+/// tiers (`untiered`: what a request that learns no tokens keeps, times the tier its answer
+/// reported, if any); the real cost is settled when the response ends.
+fn prompt_cost(tokens: u64, routes: &[crate::snapshot::Route]) -> PromptCost {
     routes
         .iter()
-        .map(|r| {
-            r.prices
-                .scaled(r.tiers.ceiling())
-                .prompt_ceiling_nanos(tokens)
+        .fold(PromptCost::default(), |most, route| PromptCost {
+            reserve: most.reserve.max(
+                route
+                    .prices
+                    .scaled(route.tiers.ceiling())
+                    .prompt_ceiling_nanos(tokens),
+            ),
+            untiered: most.untiered.max(route.prices.prompt_ceiling_nanos(tokens)),
         })
-        .max()
-        .unwrap_or(0)
+}
+
+/// [`prompt_cost`]'s two figures, in nano-units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct PromptCost {
+    reserve: u64,
+    untiered: u64,
 }
 
 /// The request's body, with the permits of [`AppState::body_memory`] it holds. Refused when
@@ -963,8 +973,16 @@ mod tests {
         let plain = route(2.0, Tiers::default());
         // $1 a million tokens at 2.5 and 1.1 times at once (flex's half lowers nothing).
         let tiered = route(1.0, Tiers::new([("fast", 2.5), ("us", 1.1), ("flex", 0.5)]));
-        assert_eq!(prompt_cost(1_000, std::slice::from_ref(&plain)), 2_000_000);
-        assert_eq!(prompt_cost(1_000, &[plain, tiered]), 2_750_000);
+        let cost = |routes: &[Route]| {
+            let cost = prompt_cost(1_000, routes);
+            (cost.reserve, cost.untiered)
+        };
+        assert_eq!(cost(std::slice::from_ref(&plain)), (2_000_000, 2_000_000));
+        assert_eq!(
+            cost(&[plain.clone(), tiered.clone()]),
+            (2_750_000, 2_000_000)
+        );
+        assert_eq!(cost(std::slice::from_ref(&tiered)), (2_750_000, 1_000_000));
     }
 
     /// A body in one chunk is kept as it came; in several, joined in order.

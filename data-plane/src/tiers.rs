@@ -2,8 +2,9 @@
 //! a tier that costs more or less than the standard one.
 //!
 //! Providers sell one model at several prices and say in the answer which one a request ran
-//! at: OpenAI's top-level `service_tier` (`priority`, renamed `fast`, at 1.7 to 2.5 times
-//! the standard price; `ultrafast`; `flex` at half), in a chat completion, in each chunk of
+//! at: OpenAI's top-level `service_tier` (`priority`, at 1.7 to 2.5 times the standard price,
+//! which a request for its renamed "fast" mode is answered with too; `ultrafast`; `flex` at
+//! half), in a chat completion, in each chunk of
 //! its stream and in a Responses object; Anthropic's `usage.speed` (`fast`: 2 to 6 times),
 //! `usage.inference_geo` (`us`: 1.1 times) and `usage.service_tier`. The tier is the
 //! provider's decision (a project's default tier, a flex request served at the standard tier
@@ -63,14 +64,29 @@ impl Tiers {
 
     /// The tiers of this route that `text` (a whole answer, or a stream's event) reports.
     pub fn reported_in(&self, text: &[u8]) -> Reported {
-        let Some(tiers) = &self.0 else {
+        if !self.any() {
             return 0;
-        };
+        }
         let Ok(answer) = serde_json::from_slice::<Answer<'_>>(text) else {
             return 0;
         };
-        answer
-            .names()
+        self.mask_of(answer.names())
+    }
+
+    /// The tiers of this route that `usage`, the text of an answer's `usage` value alone,
+    /// names (Anthropic's `speed`, `inference_geo` and `service_tier`).
+    pub fn reported_in_usage(&self, usage: &[u8]) -> Reported {
+        let Ok(usage) = serde_json::from_slice::<UsageTiers<'_>>(usage) else {
+            return 0;
+        };
+        self.mask_of(usage.names())
+    }
+
+    fn mask_of<'a>(&self, names: impl Iterator<Item = &'a str>) -> Reported {
+        let Some(tiers) = &self.0 else {
+            return 0;
+        };
+        names
             .filter_map(|name| tiers.iter().position(|(tier, _)| **tier == *name))
             .fold(0, |mask, i| mask | 1 << i)
     }
@@ -155,11 +171,20 @@ impl Answer<'_> {
             .into_iter()
             .chain(inner.clone().map(|i| &i.usage))
             .flatten()
-            .flat_map(|u| [&u.service_tier, &u.speed, &u.inference_geo]);
+            .flat_map(UsageTiers::names);
         [&self.service_tier]
             .into_iter()
             .chain(inner.map(|i| &i.service_tier))
+            .flatten()
+            .map(|name| &**name)
             .chain(usages)
+    }
+}
+
+impl UsageTiers<'_> {
+    fn names(&self) -> impl Iterator<Item = &str> {
+        [&self.service_tier, &self.speed, &self.inference_geo]
+            .into_iter()
             .flatten()
             .map(|name| &**name)
     }
@@ -234,6 +259,13 @@ mod tests {
             Tiers::default().reported_in(br#"{"service_tier":"flex"}"#),
             0
         );
+        // A `usage` value alone (an answer refused for memory keeps no more): its own tiers.
+        let usage = br#"{"input_tokens":1,"speed":"fast","inference_geo":"us"}"#;
+        assert_eq!(
+            tiers.names(tiers.reported_in_usage(usage)).as_deref(),
+            Some("fast+us")
+        );
+        assert_eq!(tiers.reported_in_usage(br#"{"prompt_tokens":1}"#), 0);
     }
 
     #[test]

@@ -397,15 +397,22 @@ async fn reserve_is_spent(cluster: &Cluster, name: &str) {
 
 /// A connection that breaks after the request was written (the provider may be generating,
 /// and billing, the answer) keeps the request's reserve spent, as a timeout does; the client is
-/// told not to send it again.
+/// told not to send it again. Its route's price tiers made the reserve held six times as
+/// much (an answer might have reported fast mode): what is kept is the prompt at the route's
+/// own prices, no answer having said it ran at a dearer tier.
 #[tokio::test]
 async fn a_connection_lost_after_sending_keeps_its_reserve_spent() {
     let cluster = Cluster::start().await;
     let resets = Mock::start("resets", &["m"]).await;
     resets.set_faults(vec![Fault::Reset.always()]).await;
-    cluster
+    let mut backend = cluster
         .add_backend("resets", &resets, pb::Pool::Primary, 0, &[("m", "m")])
         .await;
+    backend.models[0].tier_multipliers = vec![pb::TierMultiplier {
+        tier: "fast".into(),
+        multiplier: 6.0,
+    }];
+    cluster.update_backend(backend, &["models"]).await;
     let (_proxy, answer) = first_answer_to_a_budgeted_key(&cluster, "lost").await;
     assert_eq!(answer.status(), 502);
     assert_eq!(answer.headers()["x-should-retry"], "false");

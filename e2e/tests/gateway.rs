@@ -1050,10 +1050,11 @@ async fn an_https_backend_behind_a_private_ca_takes_requests_past_its_stream_lim
 }
 
 /// OpenAI says in each answer which processing tier served it (`service_tier`): `priority`
-/// (GPT-5's at twice the standard price), `flex` (at half), `default`. A route lists what its
-/// tiers multiply its prices by (`sluicectl backend add --tier`), and each request is charged
-/// at the tier its answer reports, chat and Responses, whole and streamed; a route whose
-/// tiers are taken off (`--tier MODEL:TIER=1`) charges its prices whatever the answer says.
+/// (GPT-5's at twice the standard price; also the answer to a request for "fast" mode),
+/// `flex` (at half), `default`. A route lists what its tiers multiply its prices by
+/// (`sluicectl backend add --tier`), and each request is charged at the tier its answer
+/// reports, chat and Responses, whole and streamed; a tier taken off (`backend update --tier
+/// MODEL:TIER=1`, the model's other tiers kept) is charged the route's prices.
 #[tokio::test]
 async fn each_answer_is_spent_at_the_price_tier_it_reports() {
     const TIERS: &str = r#"
@@ -1131,7 +1132,8 @@ print(json.dumps(out))
             .await;
         }
     };
-    let answers = common::python(TIERS, &[&proxy.url("/v1"), &key, "priority,flex,auto"]).await;
+    let answers =
+        common::python(TIERS, &[&proxy.url("/v1"), &key, "priority,flex,auto,fast"]).await;
     let served: Vec<&str> = answers
         .as_array()
         .unwrap()
@@ -1140,7 +1142,13 @@ print(json.dumps(out))
         .collect();
     assert_eq!(
         served,
-        [["priority"; 4], ["flex"; 4], ["default"; 4]].concat(),
+        [
+            ["priority"; 4],
+            ["flex"; 4],
+            ["default"; 4],
+            ["priority"; 4]
+        ]
+        .concat(),
         "{answers}"
     );
     let tiered = bill(&answers, &|tier| match tier {
@@ -1151,7 +1159,7 @@ print(json.dumps(out))
     assert_ne!(tiered, bill(&answers, &|_| 1.0));
     spent(tiered).await;
 
-    // The tiers taken off: the model given without prices keeps them.
+    // Priority taken off, flex kept: the model given without prices keeps them.
     let before = cluster.latest_version().await;
     cluster
         .sluicectl(&[
@@ -1165,16 +1173,22 @@ print(json.dumps(out))
         ])
         .await;
     let shown = cluster.sluicectl(&["backend", "get", "openai"]).await;
-    assert!(!shown.contains("PRICE TIERS"), "{shown}");
+    assert!(
+        shown.contains("PRICE TIERS")
+            && shown.contains(" flex=0.5")
+            && !shown.contains("priority="),
+        "{shown}"
+    );
     assert!(
         shown
             .lines()
-            .any(|l| l.starts_with("gpt ") && l.trim_end().ends_with(" 10")),
+            .any(|l| l.starts_with("gpt ") && l.split_whitespace().any(|cell| cell == "10")),
         "{shown}"
     );
     cluster.wait_replicas_past(1, before).await;
-    let answers = common::python(TIERS, &[&proxy.url("/v1"), &key, "priority"]).await;
-    spent(tiered + bill(&answers, &|_| 1.0)).await;
+    let answers = common::python(TIERS, &[&proxy.url("/v1"), &key, "priority,flex"]).await;
+    let flex_only = bill(&answers, &|tier| if tier == "flex" { 0.5 } else { 1.0 });
+    spent(tiered + flex_only).await;
 }
 
 /// A provider bills a long request at a band of its own (GPT-5.4 past 272,000 prompt tokens at

@@ -191,27 +191,20 @@ fn with_prices_by_answer(
 }
 
 /// What an update's routes take from the stored routes of the same names: for each route,
-/// whether its prices do (none were given), whether its price tiers do (no `--tier` names
-/// it), whether its long-context band does (no `--long-context` names it), and whether
-/// `default_max_tokens` does (no `--default-max-tokens`). `None` when there are no routes or
-/// nothing to take.
+/// whether its prices do (none were given), whether its long-context band does (no
+/// `--long-context` names it), and whether `default_max_tokens` does (no
+/// `--default-max-tokens`); their price tiers always do, those `--tier` names set over them.
+/// `None` when there are no routes.
 fn keeps_from_stored(args: &BackendUpdateArgs) -> Option<Kept> {
-    let unnamed = |named: Vec<&String>| -> Vec<bool> {
-        args.models
-            .iter()
-            .map(|m| !named.contains(&&m.route.name))
-            .collect()
-    };
     let prices: Vec<bool> = args.models.iter().map(|m| !m.priced).collect();
-    let tiers = unnamed(args.tiers.iter().map(|t| &t.model).collect());
-    let long = unnamed(args.long_contexts.iter().map(|l| &l.model).collect());
-    let max_tokens = args.default_max_tokens.is_none();
-    let takes = [&prices, &tiers, &long]
+    let long = args
+        .models
         .iter()
-        .any(|kept| kept.contains(&true));
-    (!args.models.is_empty() && (max_tokens || takes)).then_some(Kept {
+        .map(|m| !args.long_contexts.iter().any(|l| l.model == m.route.name))
+        .collect();
+    let max_tokens = args.default_max_tokens.is_none();
+    (!args.models.is_empty()).then_some(Kept {
         prices,
-        tiers,
         long,
         max_tokens,
     })
@@ -220,17 +213,17 @@ fn keeps_from_stored(args: &BackendUpdateArgs) -> Option<Kept> {
 #[derive(Debug)]
 struct Kept {
     prices: Vec<bool>,
-    tiers: Vec<bool>,
     long: Vec<bool>,
     max_tokens: bool,
 }
 
 /// Fills what `kept` says from `stored`, route by public name: `--model gpt-4o` on an update
 /// re-lists a route, it does not make it free (a price of 0 is spent by no budget) nor drop
-/// its price tiers or its `default_max_tokens`. A name the backend does not have yet keeps 0.
+/// its price tiers (a `--tier` sets its own over them), its long-context band or its
+/// `default_max_tokens`. A name the backend does not have yet keeps 0.
 fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: &[pb::ModelRoute]) {
-    let keeps = kept.prices.iter().zip(&kept.tiers).zip(&kept.long);
-    for (route, ((keep_prices, keep_tiers), keep_long)) in routes.iter_mut().zip(keeps) {
+    let keeps = kept.prices.iter().zip(&kept.long);
+    for (route, (keep_prices, keep_long)) in routes.iter_mut().zip(keeps) {
         let Some(old) = stored.iter().find(|old| old.name == route.name) else {
             continue;
         };
@@ -240,8 +233,16 @@ fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: 
             route.cached_input_price_per_mtok = old.cached_input_price_per_mtok;
             route.cache_write_price_per_mtok = old.cache_write_price_per_mtok;
         }
-        if *keep_tiers {
-            route.tier_multipliers.clone_from(&old.tier_multipliers);
+        let given = std::mem::replace(&mut route.tier_multipliers, old.tier_multipliers.clone());
+        for tier in given {
+            match route
+                .tier_multipliers
+                .iter_mut()
+                .find(|t| t.tier == tier.tier)
+            {
+                Some(stored) => stored.multiplier = tier.multiplier,
+                None => route.tier_multipliers.push(tier),
+            }
         }
         if *keep_long {
             route.long_context = old.long_context;
@@ -479,6 +480,8 @@ mod tests {
             "b:flex=0.5",
             "--tier",
             "b:priority=2",
+            "--tier",
+            "a:fast=1",
             "--long-context",
             "b:none",
         ]);
@@ -499,11 +502,13 @@ mod tests {
         keep_stored_route_fields(routes, &kept, &[stored("a"), stored("b")]);
         assert_eq!(routes[0].long_context, stored("a").long_context);
         assert_eq!(routes[1].long_context, None);
-        assert_eq!(routes[0].tier_multipliers, [tier("fast", 6.0)]);
+        // `fast=1` set over the stored `fast=6`: the control plane drops a tier at 1.
+        assert_eq!(routes[0].tier_multipliers, [tier("fast", 1.0)]);
         assert_eq!(routes[0].input_price_per_mtok, 3.0);
+        // Set over the stored ones: `fast` kept, `flex` and `priority` added.
         assert_eq!(
             routes[1].tier_multipliers,
-            [tier("flex", 0.5), tier("priority", 2.0)]
+            [tier("fast", 6.0), tier("flex", 0.5), tier("priority", 2.0)]
         );
         assert_eq!(routes[1].input_price_per_mtok, 1.0);
         // A tier for a model not given is a mistake, not a tier dropped.

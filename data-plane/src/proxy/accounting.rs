@@ -97,6 +97,9 @@ struct Ledger {
     _parallel: Option<InFlight>,
     /// The request's hold on its key's budget allowance, settled when it ends.
     budget: Option<BudgetReservation>,
+    /// Of the budget's reserve, the prompt's estimate at the prices without their tiers:
+    /// what a request that learns no tokens keeps, times the tier its answer reported.
+    untiered_reserve: u64,
     /// An attempt failed in a way the provider may have billed (it timed out, perhaps while
     /// generating): the request keeps its reserve whatever the later attempts answer.
     billed_failure: bool,
@@ -165,6 +168,7 @@ impl Accounting {
             backend_tokens: None,
             _parallel: None,
             budget: None,
+            untiered_reserve: 0,
             billed_failure: false,
             cache_write_1h: 0,
             unsent: false,
@@ -236,8 +240,11 @@ impl Accounting {
 
     /// The request was admitted on `reservation` of its key's budget allowance: the record's
     /// cost is settled into it when the request ends.
-    pub fn reserved(&mut self, reservation: BudgetReservation) {
+    /// The request holds `reservation` of its key's budget; `untiered`, of it, is its
+    /// prompt's estimate at the route's prices without their tiers ([`keeps_reserve`]).
+    pub fn reserved(&mut self, reservation: BudgetReservation, untiered: u64) {
         self.0.budget = Some(reservation);
+        self.0.untiered_reserve = untiered;
     }
 
     /// An upstream attempt took `took` (until its answer, or its first event for a stream).
@@ -362,6 +369,14 @@ impl Accounting {
         }
     }
 
+    /// [`Self::tiers_in`] for the text of a `usage` value alone (an answer refused for memory
+    /// keeps no more of it): Anthropic's names its tiers.
+    pub fn tiers_in_usage(&mut self, usage: &[u8]) {
+        if self.0.tiers.any() {
+            self.0.tiers_reported |= self.0.tiers.reported_in_usage(usage);
+        }
+    }
+
     /// Whether the upstream reported the request's usage (some of its tokens).
     pub fn has_usage(&self) -> bool {
         self.0.record.prompt_tokens > 0 || self.0.record.completion_tokens > 0
@@ -483,7 +498,10 @@ impl Accounting {
         if let Some(reservation) = &self.0.budget
             && unknown
         {
-            record.cost_nanos = record.cost_nanos.max(reservation.reserve().max(0) as u64);
+            // At the tier read so far, not the dearest ones the reserve held against.
+            let kept = (self.0.untiered_reserve as f64 * tier).round() as u64;
+            let kept = kept.min(reservation.reserve().max(0) as u64);
+            record.cost_nanos = record.cost_nanos.max(kept);
         }
         RequestLine {
             request_id: &record.request_id,

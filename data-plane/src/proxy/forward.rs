@@ -822,11 +822,13 @@ pub(super) async fn forward_call(
                 if let Failure::MemoryFull(full, usage) = failure {
                     app.metrics.answer_refused();
                     // The provider billed the answer the client does not get.
-                    if let Some(tokens) = usage
-                        .as_deref()
-                        .and_then(|usage| call.usage_in(backend.format, usage))
+                    if let Some(usage) = usage.as_deref()
+                        && let Some(tokens) = call.usage_in(backend.format, usage)
                     {
                         acct.tokens(tokens);
+                        // Anthropic's usage names its tiers itself (OpenAI's `service_tier`
+                        // stands beside it, not kept).
+                        acct.tiers_in_usage(usage);
                     }
                     match full {
                         Full::Replica => tracing::warn!(

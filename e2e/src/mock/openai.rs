@@ -385,19 +385,20 @@ pub(crate) struct Generation {
 }
 
 /// The tier OpenAI serves a request at, by its `service_tier`, and says it did in the
-/// answer's `service_tier`: the one asked for (`priority`, its newer name `fast`, `flex`,
-/// `scale`), else `default` (for `auto`, `default` or none, as for a project without a tier
-/// of its own). Any other value is refused, as OpenAI refuses it.
+/// answer's `service_tier`: the one asked for (`flex`, `scale`, `ultrafast`), `priority` for
+/// `priority` and for its newer name `fast` (the answer says `priority` for both), else
+/// `default` (for `auto`, `default` or none, as for a project without a tier of its own).
+/// Any other value is refused, as OpenAI refuses it.
 pub(crate) fn served_tier(asked: Option<&str>) -> Result<&'static str, ApiError> {
     match asked {
         None | Some("auto" | "default") => Ok("default"),
-        Some("priority") => Ok("priority"),
-        Some("fast") => Ok("fast"),
+        Some("priority" | "fast") => Ok("priority"),
+        Some("ultrafast") => Ok("ultrafast"),
         Some("flex") => Ok("flex"),
         Some("scale") => Ok("scale"),
         Some(other) => Err(ApiError::invalid_request(
             format!(
-                "Invalid value: '{other}'. Supported values are: 'auto', 'default', 'flex', 'scale', 'priority' and 'fast'."
+                "Invalid value: '{other}'. Supported values are: 'auto', 'default', 'flex', 'scale', 'priority', 'fast' and 'ultrafast'."
             ),
             Some("service_tier"),
         )),
