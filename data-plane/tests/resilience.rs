@@ -329,6 +329,13 @@ fn chat_for(model: &str) -> Value {
     serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
 }
 
+/// [`chat_for`], streamed.
+fn stream_for(model: &str) -> Value {
+    let mut body = chat_for(model);
+    body["stream"] = Value::Bool(true);
+    body
+}
+
 /// An OpenAI-compatible server without the legacy completions or the embeddings endpoint
 /// (Groq's 404 "Unknown request URL", a TGI node's, a FastAPI server's 405) answers its own
 /// 404 or 405: another backend of the model serves the call, and the backend is counted as
@@ -1840,22 +1847,17 @@ async fn a_model_too_slow_to_answer_cools_that_model_alone_at_its_backend() {
     message.settings.as_mut().unwrap().failure_threshold = 1;
     let h = Harness::start(message).await;
 
-    let stream = |model: &str| {
-        let mut body = chat_for(model);
-        body["stream"] = Value::Bool(true);
-        body
-    };
-    let response = h.chat(stream(MODEL)).await;
+    let response = h.chat(stream_for(MODEL)).await;
     assert_eq!(response.status(), 200);
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
     assert_eq!(header(&response, "x-sluice-attempts"), "2");
     // The model cools at the primary: not asked there again.
-    let response = h.chat(stream(MODEL)).await;
+    let response = h.chat(stream_for(MODEL)).await;
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
     assert_eq!(header(&response, "x-sluice-attempts"), "1");
     // The primary's other model is served there, as before.
     for _ in 0..3 {
-        let response = h.chat(stream("other")).await;
+        let response = h.chat(stream_for("other")).await;
         assert_eq!(response.status(), 200);
         assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
     }
@@ -1868,7 +1870,7 @@ async fn a_model_too_slow_to_answer_cools_that_model_alone_at_its_backend() {
     // A stream whose head does not come is the backend's: a provider sends it once it has
     // taken the request, whatever the model.
     primary.set_fault(Fault::DelayMs(3_000).always().for_model("other-at-primary"));
-    let response = h.chat(stream("other")).await;
+    let response = h.chat(stream_for("other")).await;
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
     h.cp.wait_for("the backend's own cooldown", |r| {
         r.events
@@ -1876,6 +1878,57 @@ async fn a_model_too_slow_to_answer_cools_that_model_alone_at_its_backend() {
             .any(|e| e.backend_id == "primary" && e.model.is_empty())
     })
     .await;
+}
+
+/// A stream its provider ends with its own error event after its first (OpenRouter's error
+/// chunk, Anthropic's `overloaded_error`) is that model's failure at the backend, which
+/// answered with it: a gateway serving many models (OpenRouter) is not taken out for them
+/// all by one provider's failures. The model cools there; the backend's other models are
+/// still served by it.
+#[tokio::test]
+async fn a_streams_own_error_event_cools_its_model_alone() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let failing = format!("{MODEL}-at-primary");
+    let chunk = |rest: &str| {
+        format!(
+            r#"data: {{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",{rest}}}"#
+        )
+    };
+    let body = [
+        chunk(r#""choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]"#),
+        chunk(
+            r#""provider":"x","error":{"code":"server_error","message":"Provider disconnected"},"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]"#,
+        ),
+        "data: [DONE]".to_owned(),
+    ]
+    .map(|event| event + "\n\n")
+    .concat();
+    primary.set_fault(Fault::Body { code: 200, body }.always().for_model(&failing));
+    let mut message = snapshot(1, pair_of_two_models(&primary, &fallback));
+    message.settings.as_mut().unwrap().failure_threshold = 1;
+    let h = Harness::start(message).await;
+    let response = h.chat(stream_for(MODEL)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("Provider disconnected")
+    );
+    let event = h.first_cooldown_event().await;
+    assert_eq!(
+        (event.backend_id.as_str(), event.model.as_str()),
+        ("primary", failing.as_str())
+    );
+    // The model is asked of the fallback; the primary's other model is served there still.
+    let response = h.chat(stream_for(MODEL)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    for _ in 0..3 {
+        let response = h.chat(stream_for("other")).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    }
 }
 
 /// A backend on a streak (after a 429) ends it when a stream sent to it answers, at its first

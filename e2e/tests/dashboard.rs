@@ -536,10 +536,11 @@ async fn the_dashboard_in_a_browser() {
         )
         .await;
     set_value(&browser, "#bf-models .model-row input[name=tiers]", "").await;
+    // An empty figure is a mistake, not a free output.
     set_value(
         &browser,
         "#bf-models .model-row input[name=long_context]",
-        "0:2:1.5",
+        "272000:2:",
     )
     .await;
     browser.click("#bf-save").await;

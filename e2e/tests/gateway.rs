@@ -1192,8 +1192,8 @@ print(json.dumps(out))
 }
 
 /// A provider bills a long request at a band of its own (GPT-5.4 past 272,000 prompt tokens at
-/// twice the input price and 1.5 times the output price; Anthropic's long-context models past
-/// 200,000 likewise): a route's `--long-context` charges each request whose prompt passes the
+/// twice the input price and 1.5 times the output price; Gemini 2.5 Pro past 200,000
+/// likewise): a route's `--long-context` charges each request whose prompt passes the
 /// threshold at the band, and one at or under it at the route's prices. Here the threshold is
 /// 10 tokens (the mock counts a word a token).
 #[tokio::test]

@@ -816,7 +816,8 @@
     const trimmed = text.trim();
     if (trimmed === '') return null;
     const parts = trimmed.split(':').map((p) => p.trim());
-    if (parts.length !== 3) return undefined;
+    // Number('') is 0: an empty figure (`272000:2:`) is a mistake, not a free output.
+    if (parts.length !== 3 || parts.includes('')) return undefined;
     const [above, input, output] = parts.map(Number);
     const multiplier = (m) => Number.isFinite(m) && m >= 0 && m <= 100;
     if (!Number.isInteger(above) || above < 1 || above > 1e9 || !multiplier(input) || !multiplier(output)) return undefined;

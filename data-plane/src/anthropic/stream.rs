@@ -647,7 +647,8 @@ impl EventsFromChunks {
             ));
             return Flow::Failed;
         };
-        if let Some(message) = chunk.get("error") {
+        // As the SDKs read a chunk: an `error` that is set (not null).
+        if let Some(message) = chunk.get("error").filter(|e| !e.is_null()) {
             let message = message
                 .get("message")
                 .and_then(Value::as_str)

@@ -422,18 +422,21 @@ impl Relay {
                         self.drain_upstream();
                         break;
                     }
-                    self.note_error(is_error_event(&event.data));
-                    self.events += 1;
                     let forward_usage = match &self.mode {
                         Mode::Chat { forward_usage } => *forward_usage,
                         Mode::Translated(_) | Mode::Messages { .. } => false,
+                        // Its failures are its events' `type`s (`take_responses_event`), not
+                        // an `error` member: a lifecycle event's response has one, null.
                         Mode::Responses { .. } => {
+                            self.events += 1;
                             if self.take_responses_event(event) {
                                 break;
                             }
                             continue;
                         }
                     };
+                    self.note_error(is_error_event(&event.data));
+                    self.events += 1;
                     if !count_chat_usage(&mut self.acct, &event.data, forward_usage) {
                         self.parser.recycle(event.data);
                         continue;
@@ -918,14 +921,18 @@ impl Body for Relay {
                 }
                 if let Then::Finish(kind) = then {
                     // Its upstream's own error event ended it (Anthropic's mid-stream
-                    // `overloaded_error`): the backend's failure, unless that error was its
-                    // first event ([`Relay::error_first`]); any other end, an answer.
+                    // `overloaded_error`, OpenRouter's error chunk): the model's failure at
+                    // the backend, which answered with it (a gateway serving many models
+                    // must not cool them all for one provider's), unless that error was its
+                    // first event ([`Relay::error_first`]); any other end, an answer. (A
+                    // broken connection, or a stream cut, is the backend's: `upstream_failed`
+                    // records it first.)
                     let upstream_failure = this.upstream_failure.take();
                     this.ended(match kind {
                         ErrorKind::StreamInterrupted if this.error_first => None,
                         ErrorKind::StreamInterrupted => Some(Outcome::Failure {
                             retry_after: None,
-                            scope: Scope::Backend,
+                            scope: Scope::Model,
                         }),
                         // A Responses stream the provider ended with its own failure.
                         _ => Some(upstream_failure.unwrap_or(Outcome::Success)),
