@@ -256,6 +256,46 @@ async fn continuations_and_stored_calls_go_to_the_backend_holding_the_response()
     assert_eq!(cancelled["id"], queued_id);
 }
 
+/// A call on a stored response (a retrieve, a delete, an item list, a cancel) takes nothing
+/// from its backend's `rpm_limit`: a provider does not count it among the model's requests,
+/// and a client polling a background response every second took 60 requests a minute from
+/// the creates. Creates, continuations included, take from it as any request does.
+#[tokio::test]
+async fn calls_on_a_stored_response_take_nothing_from_the_backends_rpm_limit() {
+    let alpha = mock("alpha");
+    let mut limited = backend("alpha", &alpha.base_url(), proto::Pool::Primary, 0);
+    limited.rpm_limit = 1;
+    let h = Harness::start(snapshot(1, vec![limited])).await;
+    let created = create(&h, json!({"model": MODEL, "input": "x"})).await;
+    assert_eq!(created.status(), 200);
+    let id = created.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..3 {
+        assert_eq!(retrieve(&h, &id).await.status(), 200);
+    }
+    let items = on_stored(
+        &h,
+        reqwest::Method::GET,
+        &format!("/v1/responses/{id}/input_items"),
+        KEY,
+    )
+    .await;
+    assert_eq!(items.status(), 200);
+    // The one request a minute went to the create: a continuation waits its turn.
+    let (code, body) = error_code(
+        create(
+            &h,
+            json!({"model": MODEL, "input": "y", "previous_response_id": id}),
+        )
+        .await,
+        429,
+    )
+    .await;
+    assert_eq!(code, "rate_limit_exceeded", "{body}");
+}
+
 #[tokio::test]
 async fn altered_ids_other_keys_and_unreachable_backends_are_refused_clearly() {
     let alpha = mock("alpha");

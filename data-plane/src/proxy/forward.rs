@@ -367,6 +367,14 @@ pub(super) struct Call<'a> {
 }
 
 impl Call<'_> {
+    /// Whether the call takes a request from its backend's `rpm_limit`: not one on a stored
+    /// response (a retrieve, a delete, an item list, a cancel), which a provider does not
+    /// count among a model's requests. A client polling a background response every second
+    /// took 60 of them a minute from the creates.
+    fn takes_from_rpm_limit(&self) -> bool {
+        !matches!(self.send, Outbound::Stored { .. })
+    }
+
     /// Whether the call bills nothing (counting tokens, a call on a stored response): left
     /// to the SDKs' retries whatever became of its attempts.
     fn bills_nothing(&self) -> bool {
@@ -650,6 +658,7 @@ pub(super) async fn forward_call(
             _ => None,
         };
         if let Some(limiter) = &backend.limiter
+            && call.takes_from_rpm_limit()
             && let Err(wait) = limiter.try_acquire(now)
         {
             if let Some(tokens) = tokens {
@@ -1199,10 +1208,9 @@ fn could_take(
         && cooldowns
             .check(&backend.id, &route.upstream_model, now)
             .is_ok()
-        && backend
-            .limiter
-            .as_ref()
-            .is_none_or(|limiter| limiter.available_in(now).is_zero())
+        && backend.limiter.as_ref().is_none_or(|limiter| {
+            !call.takes_from_rpm_limit() || limiter.available_in(now).is_zero()
+        })
         && backend
             .tokens
             .as_ref()
