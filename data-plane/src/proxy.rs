@@ -509,17 +509,20 @@ async fn authorized(
 /// tiers (`untiered`: what a request that learns no tokens keeps, times the tier its answer
 /// reported, if any); the real cost is settled when the response ends.
 fn prompt_cost(tokens: u64, routes: &[crate::snapshot::Route]) -> PromptCost {
-    routes
-        .iter()
-        .fold(PromptCost::default(), |most, route| PromptCost {
-            reserve: most.reserve.max(
-                route
-                    .prices
-                    .scaled(route.tiers.ceiling())
-                    .prompt_ceiling_nanos(tokens),
-            ),
-            untiered: most.untiered.max(route.prices.prompt_ceiling_nanos(tokens)),
-        })
+    routes.iter().fold(PromptCost::default(), |most, route| {
+        let untiered = route.prices.prompt_ceiling_nanos(tokens);
+        let reserve = match route.tiers.any() {
+            true => route
+                .prices
+                .scaled(route.tiers.ceiling())
+                .prompt_ceiling_nanos(tokens),
+            false => untiered,
+        };
+        PromptCost {
+            reserve: most.reserve.max(reserve),
+            untiered: most.untiered.max(untiered),
+        }
+    })
 }
 
 /// [`prompt_cost`]'s two figures, in nano-units.

@@ -479,8 +479,19 @@ impl Accounting {
                 reservation.settle(used);
             }
         }
-        let tier = self.0.tiers.multiplier(self.0.tiers_reported);
-        record.cost_nanos = self.0.prices.scaled(tier).cost_nanos(Billed {
+        // Nearly every request reports no tier its route prices: its prices as they are.
+        let (tier, prices, tier_names) = match self.0.tiers_reported {
+            0 => (1.0, self.0.prices, None),
+            reported => {
+                let tier = self.0.tiers.multiplier(reported);
+                (
+                    tier,
+                    self.0.prices.scaled(tier),
+                    self.0.tiers.names(reported),
+                )
+            }
+        };
+        record.cost_nanos = prices.cost_nanos(Billed {
             prompt: record.prompt_tokens,
             cached: record.cached_prompt_tokens,
             cache_write: record.cache_write_prompt_tokens,
@@ -518,7 +529,7 @@ impl Accounting {
             cached_prompt_tokens: record.cached_prompt_tokens,
             cache_write_prompt_tokens: record.cache_write_prompt_tokens,
             cost_nanos: record.cost_nanos,
-            price_tier: self.0.tiers.names(self.0.tiers_reported).as_deref(),
+            price_tier: tier_names.as_deref(),
             tokens_estimated: record.tokens_estimated,
             error_kind: kind,
         }
