@@ -388,11 +388,14 @@ async fn a_stream_carrying_its_upstreams_error_event_is_recorded_as_interrupted(
             assert_eq!(record.completion_tokens, 1, "{framing}");
         }
     }
-    let no_error = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
-        "model": "m", "error": null,
-        "choices": [{"index": 0, "delta": {"content": "an \"error\": none"}, "finish_reason": "stop"}]})
+    let says_error = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
+        "model": "m", "choices": [{"index": 0, "delta": {"content": "an \"error\": none"}, "finish_reason": null}]})
     .to_string();
-    let events = [content.clone(), no_error, "[DONE]".to_owned()];
+    let null_error = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
+        "model": "m", "error": null,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    .to_string();
+    let events = [content.clone(), says_error, null_error, "[DONE]".to_owned()];
     let h = sse_harness(framings(&events).remove(0).1).await;
     let relayed = sse_data(&h.chat(chat_body(true)).await.text().await.unwrap());
     assert_eq!(relayed, events);
