@@ -4,9 +4,9 @@
 //! Providers sell one model at several prices and say in the answer which one a request ran
 //! at: OpenAI's top-level `service_tier` (`priority`, at 1.7 to 2.5 times the standard price,
 //! which a request for its renamed "fast" mode is answered with too; `ultrafast`; `flex` at
-//! half), in a chat completion, in each chunk of
-//! its stream and in a Responses object; Anthropic's `usage.speed` (`fast`: 2 to 6 times),
-//! `usage.inference_geo` (`us`: 1.1 times) and `usage.service_tier`. The tier is the
+//! half), in a chat completion, in each chunk of its stream and in a Responses object;
+//! Anthropic's `usage.speed` (`fast`: 2 to 6 times), `usage.inference_geo` (`us`: 1.1 times)
+//! and `usage.service_tier`. The tier is the
 //! provider's decision (a project's default tier, a flex request served at the standard tier
 //! when capacity is short), so it is read from the answer, not from the request.
 //!
