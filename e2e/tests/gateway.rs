@@ -1082,28 +1082,19 @@ print(json.dumps(out))
 "#;
     let cluster = Cluster::start().await;
     let mock = Mock::start("tiers", &["gpt-up"]).await;
-    let added = tokio::process::Command::new(sluice_e2e::process::workspace_bin("sluicectl"))
-        .args([
-            "--endpoint",
-            &cluster.control_url(),
-            "--token",
-            common::ADMIN_TOKEN,
-        ])
-        .args([
-            "backend",
-            "add",
-            "--name",
-            "openai",
-            "--base-url",
-            &mock.base_url(),
-        ])
-        .args(["--model", "gpt:gpt-up:1:10", "--api-key-env", "KEY"])
-        .args(["--tier", "gpt:priority=2", "--tier", "gpt:flex=0.5"])
-        .env("KEY", mock.api_key.clone().unwrap())
-        .output()
-        .await
-        .unwrap();
-    assert!(added.status.success(), "{added:?}");
+    add_openai_with_sluicectl(
+        &cluster,
+        &mock,
+        &[
+            "--model",
+            "gpt:gpt-up:1:10",
+            "--tier",
+            "gpt:priority=2",
+            "--tier",
+            "gpt:flex=0.5",
+        ],
+    )
+    .await;
     let shown = cluster.sluicectl(&["backend", "get", "openai"]).await;
     assert!(shown.contains("priority=2,flex=0.5"), "{shown}");
     let (created, key) = cluster.create_key("tiered", &[]).await;
@@ -1200,28 +1191,17 @@ print(json.dumps(out))
 async fn a_long_request_is_spent_at_its_long_context_band() {
     let cluster = Cluster::start().await;
     let mock = Mock::start("long", &["gpt-up"]).await;
-    let added = tokio::process::Command::new(sluice_e2e::process::workspace_bin("sluicectl"))
-        .args([
-            "--endpoint",
-            &cluster.control_url(),
-            "--token",
-            common::ADMIN_TOKEN,
-        ])
-        .args([
-            "backend",
-            "add",
-            "--name",
-            "openai",
-            "--base-url",
-            &mock.base_url(),
-        ])
-        .args(["--model", "gpt:gpt-up:1:10", "--api-key-env", "KEY"])
-        .args(["--long-context", "gpt:10:2:1.5"])
-        .env("KEY", mock.api_key.clone().unwrap())
-        .output()
-        .await
-        .unwrap();
-    assert!(added.status.success(), "{added:?}");
+    add_openai_with_sluicectl(
+        &cluster,
+        &mock,
+        &[
+            "--model",
+            "gpt:gpt-up:1:10",
+            "--long-context",
+            "gpt:10:2:1.5",
+        ],
+    )
+    .await;
     let shown = cluster.sluicectl(&["backend", "get", "openai"]).await;
     assert!(
         shown.contains("LONG CONTEXT") && shown.contains("10:2:1.5"),
@@ -1261,4 +1241,31 @@ async fn a_long_request_is_spent_at_its_long_context_band() {
         || async { (cluster.client_key(&created.id).await.spend * 1e9).round() as u64 == billed },
     )
     .await;
+}
+
+/// `sluicectl backend add --name openai` for `mock`, its provider key from the environment as an
+/// operator gives it, with `args` (its routes, their prices, tiers and bands).
+async fn add_openai_with_sluicectl(cluster: &Cluster, mock: &Mock, args: &[&str]) {
+    let added = tokio::process::Command::new(sluice_e2e::process::workspace_bin("sluicectl"))
+        .args([
+            "--endpoint",
+            &cluster.control_url(),
+            "--token",
+            common::ADMIN_TOKEN,
+        ])
+        .args([
+            "backend",
+            "add",
+            "--name",
+            "openai",
+            "--base-url",
+            &mock.base_url(),
+        ])
+        .args(["--api-key-env", "KEY"])
+        .args(args)
+        .env("KEY", mock.api_key.clone().unwrap())
+        .output()
+        .await
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
 }
