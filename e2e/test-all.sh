@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '\n== %s\n' "$*"; }
+# Each step says when it starts (seconds since the script's): where a slow run spent its time.
+log() { printf '\n== [%ds] %s\n' "$SECONDS" "$*"; }
 
 log "checking test tools"
 # Packages come from the distribution (Debian's apt): as root, or through sudo.
@@ -88,22 +89,40 @@ cargo test --workspace
 # the two does not rebuild everything.
 fuzz_seconds="${SLUICE_FUZZ_SECONDS:-30}"
 if [ "$fuzz_seconds" -gt 0 ]; then
-  log "cargo fuzz (${fuzz_seconds}s per target)"
   command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
   fuzz_dir="$(realpath -m "${CARGO_TARGET_DIR:-target}")/fuzz"
   mkdir -p "$fuzz_dir"
-  for target in request sse anthropic_stream anthropic_translation usage; do
+  # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
+  fuzz() { (cd data-plane && RUSTC_BOOTSTRAP=1 cargo fuzz "$1" --sanitizer none --target-dir "$fuzz_dir" "${@:2}"); }
+  log "cargo fuzz build"
+  fuzz build
+  # Each target runs on one core: as many at once as the machine has cores, each its full time.
+  fuzz_targets=(request sse anthropic_stream anthropic_translation usage)
+  fuzz_parallel="$(nproc)"
+  log "cargo fuzz run (${fuzz_seconds}s per target, $fuzz_parallel at a time)"
+  fuzz_one() {
+    local target="$1" fuzz_log="$fuzz_dir/$1.log"
     mkdir -p "data-plane/fuzz/corpus/$target"
-    fuzz_log="$fuzz_dir/$target.log"
-    # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
-    if (cd data-plane && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none \
-          --target-dir "$fuzz_dir" "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
-          -max_total_time="$fuzz_seconds" -print_final_stats=1) >"$fuzz_log" 2>&1; then
+    if fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
+        -max_total_time="$fuzz_seconds" -print_final_stats=1 >"$fuzz_log" 2>&1; then
       grep -E '^Done [0-9]+ runs' "$fuzz_log" | sed "s/^/$target: /"
     else
       tail -n 60 "$fuzz_log"
       echo "fuzz target $target failed; the input is in data-plane/fuzz/artifacts/$target/" >&2
-      exit 1
+      return 1
+    fi
+  }
+  fuzz_failed=0
+  running=()
+  for target in "${fuzz_targets[@]}"; do
+    fuzz_one "$target" &
+    running+=("$!")
+    if [ "${#running[@]}" -ge "$fuzz_parallel" ] || [ "$target" = "${fuzz_targets[-1]}" ]; then
+      for pid in "${running[@]}"; do wait "$pid" || fuzz_failed=1; done
+      running=()
     fi
   done
+  [ "$fuzz_failed" -eq 0 ] || exit 1
 fi
+
+log "every check passed"
