@@ -107,7 +107,8 @@ impl TestControlPlane {
     /// directory stays locked while any handle on the store lives (`Store::hold_lock`), and a
     /// connection a test's client still holds open can outlive the servers by a moment, with
     /// the services' handles: a control plane started on the directory at once was refused
-    /// (`Locked`), now and then.
+    /// (`Locked`), now and then. Panics when the directory is still locked after 10 s: the
+    /// test itself holds a handle on the store (drop its clones first).
     pub async fn shutdown(mut self) {
         if let Some(running) = self.running.take() {
             let _ = running.shutdown().await;
@@ -125,6 +126,11 @@ impl TestControlPlane {
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        panic!(
+            "the data directory {} is still locked 10 s after its control plane stopped: \
+             something holds a handle on its store",
+            self.data_dir.display()
+        );
     }
 
     pub fn store(&self) -> Option<&crate::store::Store> {

@@ -174,6 +174,8 @@ fn store_a_provider_key(dir: &std::path::Path, rt: &tokio::runtime::Runtime) {
             .create_backend(spec, "sk-rotate-me-12345678".into())
             .await
             .unwrap();
+        // The handle keeps the data directory locked: let go of it before the control plane.
+        drop(store);
         cp.shutdown().await;
     });
 }
