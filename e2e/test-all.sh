@@ -76,8 +76,11 @@ cargo clippy --manifest-path data-plane/fuzz/Cargo.toml \
 log "cargo build (binaries the end-to-end tests start)"
 cargo build --workspace --bins
 
-log "cargo test"
-cargo test --workspace
+# Twice as many tests at once as there are cores: the end-to-end tests spend most of their time
+# waiting on the processes they start (about one core busy in all at four at a time on two).
+test_threads="${RUST_TEST_THREADS:-$(($(nproc) * 2))}"
+log "cargo test ($test_threads tests at a time)"
+RUST_TEST_THREADS="$test_threads" cargo test --workspace
 
 # The cargo-fuzz targets (request parsing, SSE parsing, the Anthropic stream translations, the
 # whole requests' and answers' Anthropic translations, reading usage) for a short bounded time from the

@@ -2,9 +2,8 @@
 //! SDK against an Anthropic backend (chat, streaming with usage, tools, images, errors), and
 //! the `anthropic` SDK against `/v1/messages` routed to an Anthropic backend and to an
 //! OpenAI-format one.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,9 +2,8 @@
 //! every replica. The real control plane and three real replicas run with their wall clocks
 //! moved (`--wall-clock-offset`, hidden, tests only) so that a UTC midnight comes a few
 //! seconds into the test; nothing else is stood in for.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

@@ -6,9 +6,8 @@
 //! overshoots by at most the requests in flight; and it is served again when the budget is
 //! raised. With the control plane killed, replicas spend what they hold for their lease, then
 //! refuse (the default) or serve and are counted later.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,8 +1,7 @@
 //! End to end: the servers take their options from a TOML file, environment variables and
 //! flags, in that rising order of precedence, and refuse a bad file with one readable line.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,9 +1,8 @@
 //! Cooldown semantics across replicas, with the real binaries: how a streak of 429s grows
 //! and ends (docs/guarantees.md, "Cooldowns"), and that replicas whose clocks are off
 //! neither ignore nor lengthen a cooldown.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

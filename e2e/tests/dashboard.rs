@@ -5,11 +5,10 @@
 //! no console errors, no dialog, API text stays text. Saves a screenshot of each page to
 //! `e2e/artifacts/`; with `SLUICE_UPDATE_SCREENSHOTS=1` also refreshes the
 //! committed `e2e/screenshots/dashboard-overview.png` and `dashboard-settings.png`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "dashboard/cdp.rs"]
 mod cdp;
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::time::Duration;

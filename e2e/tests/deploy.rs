@@ -1,8 +1,7 @@
 //! The deployment files are valid: Kubernetes manifests against the Kubernetes
 //! schemas (kubernetes-validate, offline), the nginx config by nginx itself.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

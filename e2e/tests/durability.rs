@@ -1,8 +1,7 @@
 //! `kill -9` of the control plane while it ingests usage: the database opens
 //! clean, nothing acked is lost, and the resend after restart counts nothing twice.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

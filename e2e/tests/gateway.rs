@@ -1,8 +1,7 @@
 //! End to end: the real control plane, data plane and mock provider processes,
 //! driven as an application and an operator would.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,9 +2,8 @@
 //! user (or a hostile client) would break them: usage accounting that a client cannot switch
 //! off, replicas that follow a control plane restored from a backup, exactly-once usage
 //! through a failed commit, and rate-limit shares across a control-plane restart.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

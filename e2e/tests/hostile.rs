@@ -1,9 +1,8 @@
 //! Hostile input: a corpus of malformed requests, each answered with the right
 //! 4xx status and an OpenAI-style JSON error, while the proxy keeps serving; and the
 //! attacks at every other edge (`docs/security.md`), one module each.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 #[path = "hostile/connections.rs"]
 mod connections;
 #[path = "hostile/exposure.rs"]

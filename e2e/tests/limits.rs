@@ -3,9 +3,8 @@
 //! the snapshot, a data plane takes it and serves with the last key, and `sluicectl` lists
 //! every key: each within the message limits of `sluice_proto::limits`, set on both sides.
 //! Prints the snapshot's size and how long building, taking and listing took.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Instant;
 

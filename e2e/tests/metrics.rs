@@ -1,9 +1,8 @@
 //! End to end: a data plane's `/metrics` and per-request log lines after real traffic
 //! through the real processes (successes, a stream, a 429 that cools a backend down and
 //! fails over, an upstream 429 passed on, Sluice's own 429s, refused requests).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,5 +1,4 @@
 //! The mock provider over real HTTP, as the gateway and the OpenAI SDKs see it.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, SystemTime};
 

@@ -1,6 +1,5 @@
 //! The mock's Anthropic Messages API: as strict as the real one, and read without complaint by
 //! the official `anthropic` Python SDK (installed by `e2e/test-all.sh`).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::{Value, json};
 use sluice_e2e::mock::{Fault, MockConfig, MockServer};

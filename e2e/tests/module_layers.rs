@@ -3,7 +3,6 @@
 //! other through `crate::…`, `super::…` or `self::…` paths, directly or round a longer loop.
 //! References between a module and its own parent or children do not count, nor do tests
 //! (`#[cfg(test)] mod tests`) or comments.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

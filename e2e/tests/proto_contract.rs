@@ -1,7 +1,6 @@
 //! The public API as other languages see it: `buf lint` (STANDARD) passes, stock
 //! protoc (grpcio-tools) compiles it, and a generated Python client manages a real
 //! control plane. The tools come from `e2e/test-all.sh`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

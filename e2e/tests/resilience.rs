@@ -1,9 +1,8 @@
 //! Resilience end to end: cooldowns shared across replicas, global RPM limits,
 //! replicas and the control plane going away under load, graceful drain, and
 //! upstream faults, with the real binaries (and nginx, through deploy/local/run.sh).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -2,9 +2,8 @@
 //! data-plane replicas behind nginx (`deploy/local/run.sh`) and two mock providers that each
 //! keep their own response state. A conversation continues through whichever replica nginx
 //! picks and still reaches the backend holding it; usage lands in the statistics once.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

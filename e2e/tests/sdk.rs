@@ -1,8 +1,7 @@
 //! The official OpenAI SDKs (Python and Node), unchanged, against a real data plane:
 //! base URL + client key is all they need. The SDKs come from `e2e/test-all.sh`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -36,10 +36,9 @@
 //! cools the backend down exactly while the control plane does, longer by at most the time
 //! its last snapshot travelled.
 //!
-//! `cargo test --test simulation` runs 256 seeds (`SLUICE_SIM_SEEDS=N` for more,
+//! `cargo test -p sluice-e2e --test e2e simulation::` runs 256 seeds (`SLUICE_SIM_SEEDS=N` for more,
 //! `SLUICE_SIM_FIRST_SEED=S` to start elsewhere); a failure names its seed, and
 //! `SLUICE_SIM_SEEDS=1 SLUICE_SIM_FIRST_SEED=S` replays it.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -101,7 +100,7 @@ fn the_protocol_keeps_its_promises_under_faults_explored_by_seed() {
             Err(panic) => {
                 eprintln!(
                     "simulation seed {seed} failed; replay with \
-                     SLUICE_SIM_SEEDS=1 SLUICE_SIM_FIRST_SEED={seed} cargo test -p sluice-e2e --test simulation"
+                     SLUICE_SIM_SEEDS=1 SLUICE_SIM_FIRST_SEED={seed} cargo test -p sluice-e2e --test e2e simulation::"
                 );
                 std::panic::resume_unwind(panic);
             }

@@ -2,9 +2,8 @@
 //! `max_parallel_requests`, held across three replicas behind nginx (deploy/local/run.sh);
 //! the official OpenAI Python SDK's class for a TPM refusal; and a stream whose client leaves
 //! midway, charged what was streamed, with the real binaries.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

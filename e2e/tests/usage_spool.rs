@@ -2,9 +2,8 @@
 //! SIGKILL under load behind nginx and restarted on its data directory, a spool torn in the
 //! middle of a write, and two replicas pointed at one directory. And an idle replica, whose
 //! reporter and spool sleep, still counts the next request.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
