@@ -42,7 +42,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -63,7 +64,7 @@ use sluice_proxy::usage::{Outbox, UsageSink};
 use std::time::{Duration, UNIX_EPOCH};
 use tokio::time::Instant;
 
-/// Seeds run by `cargo test` (each takes a few tens of milliseconds).
+/// Seeds run by `cargo test` (each takes about a tenth of a second in a debug build).
 const DEFAULT_SEEDS: u64 = 256;
 const REPLICAS: usize = 3;
 /// Steps with faults, then at most this many more to settle once they stop.
@@ -78,39 +79,60 @@ fn lease_ms() -> i64 {
     SHARE_LEASE.as_millis() as i64
 }
 
+/// The seeds are shared out to one thread per core: each run is single-threaded and owns its
+/// world (its directory, its RNG, its simulated clocks), so the order they run in changes
+/// nothing but the wall time.
 #[test]
 fn the_protocol_keeps_its_promises_under_faults_explored_by_seed() {
     let seeds: u64 = env_number("SLUICE_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
     let first: u64 = env_number("SLUICE_SIM_FIRST_SEED").unwrap_or(0);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let dir = scratch_dir();
     let started = std::time::Instant::now();
-    let mut totals = Totals::default();
-    for seed in first..first + seeds {
-        let path = dir.path().join(format!("seed-{seed}"));
-        std::fs::create_dir_all(&path).unwrap();
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            runtime.block_on(World::run(seed, &path))
-        }));
-        match outcome {
-            Ok(run) => totals.add(&run),
-            Err(panic) => {
-                eprintln!(
-                    "simulation seed {seed} failed; replay with \
-                     SLUICE_SIM_SEEDS=1 SLUICE_SIM_FIRST_SEED={seed} cargo test -p sluice-e2e --test e2e simulation::"
-                );
-                std::panic::resume_unwind(panic);
-            }
+    let next = AtomicU64::new(first);
+    let failed = AtomicBool::new(false);
+    let totals = Mutex::new(Totals::default());
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(usize::try_from(seeds).unwrap_or(usize::MAX))
+        .max(1);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                while !failed.load(Ordering::Relaxed) {
+                    let seed = next.fetch_add(1, Ordering::Relaxed);
+                    if seed >= first + seeds {
+                        break;
+                    }
+                    let path = dir.path().join(format!("seed-{seed}"));
+                    std::fs::create_dir_all(&path).unwrap();
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        runtime.block_on(World::run(seed, &path))
+                    }));
+                    match outcome {
+                        Ok(run) => totals.lock().unwrap().add(&run),
+                        Err(panic) => {
+                            failed.store(true, Ordering::Relaxed);
+                            eprintln!(
+                                "simulation seed {seed} failed; replay with \
+                                 SLUICE_SIM_SEEDS=1 SLUICE_SIM_FIRST_SEED={seed} cargo test -p sluice-e2e --test e2e simulation::"
+                            );
+                            std::panic::resume_unwind(panic);
+                        }
+                    }
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+            });
         }
-        let _ = std::fs::remove_dir_all(&path);
-    }
+    });
     eprintln!(
-        "simulation: {seeds} seeds ({first}..{}) in {:.1} s: {totals}",
+        "simulation: {seeds} seeds ({first}..{}) on {workers} threads in {:.1} s: {}",
         first + seeds,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        totals.lock().unwrap()
     );
 }
 
