@@ -1033,6 +1033,10 @@ async fn a_stalled_count_is_left_to_the_sdks_retries() {
     settings.answer_timeout = Some(sluice_proxy::clock::proto_duration(
         std::time::Duration::from_millis(300),
     ));
+    // The only candidate is waited for until the request's deadline.
+    settings.request_timeout = Some(sluice_proxy::clock::proto_duration(
+        std::time::Duration::from_secs(1),
+    ));
     let h = Harness::start(snap).await;
     claude.set_fault(Fault::Stall.times(1));
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "one two"}]});
