@@ -185,6 +185,17 @@ pub struct BackendAddArgs {
     /// claude-opus-4-6:fast=6; repeat for each.
     #[arg(long = "tier", value_name = "MODEL:TIER=MULTIPLIER", value_parser = parse_tier)]
     pub tiers: Vec<TierArg>,
+    /// What each call of a tool the provider runs costs a --model, per 1,000 calls:
+    /// MODEL:TOOL=PRICE, the tool as answers count it (Anthropic's usage.server_tool_use
+    /// web_search_requests: web_search; a Responses object's web_search_call and
+    /// file_search_call items: web_search, file_search), e.g. claude-sonnet-4-5:web_search=10,
+    /// gpt-5:file_search=2.5; repeat for each.
+    #[arg(
+        long = "call-price",
+        value_name = "MODEL:TOOL=PRICE",
+        value_parser = parse_call_price
+    )]
+    pub call_prices: Vec<CallPriceArg>,
     /// A --model's prices for a long request: MODEL:ABOVE:IN_MULTIPLIER:OUT_MULTIPLIER, its
     /// prompt tokens (cached included) at IN_MULTIPLIER times their prices and its output
     /// at OUT_MULTIPLIER times when its prompt is more than ABOVE tokens, e.g.
@@ -260,6 +271,16 @@ pub struct BackendUpdateArgs {
         requires = "models"
     )]
     pub tiers: Vec<TierArg>,
+    /// What each call of a tool costs a --model, MODEL:TOOL=PRICE per 1,000 calls (see
+    /// `backend add --help`): sets that tool's price, the model's others kept; TOOL=0 takes
+    /// it off (needs --model).
+    #[arg(
+        long = "call-price",
+        value_name = "MODEL:TOOL=PRICE",
+        value_parser = parse_call_price,
+        requires = "models"
+    )]
+    pub call_prices: Vec<CallPriceArg>,
     /// A --model's prices for a long request, MODEL:ABOVE:IN:OUT (see `backend add --help`),
     /// or MODEL:none to take them off; a model given none keeps its own (needs --model).
     #[arg(
@@ -733,27 +754,48 @@ const TIER_FORMAT: &str = "expected MODEL:TIER=MULTIPLIER, e.g. gpt-5:priority=2
 /// Parses `MODEL:TIER=MULTIPLIER`; the model is what precedes the last `:` (a public name
 /// may hold one, a tier's name does not). The control plane checks the tier's name.
 pub fn parse_tier(spec: &str) -> Result<TierArg, String> {
-    let (model, tier) = spec.rsplit_once(':').ok_or(TIER_FORMAT)?;
-    let (tier, multiplier) = tier.split_once('=').ok_or(TIER_FORMAT)?;
-    let multiplier = match multiplier.trim().parse::<f64>() {
-        Ok(m) if m.is_finite() && m >= 0.0 => m,
-        _ => {
-            return Err(format!(
-                "multiplier {multiplier:?} is not a number ≥ 0; {TIER_FORMAT}"
-            ));
-        }
-    };
-    let (model, tier) = (model.trim(), tier.trim());
-    if model.is_empty() || tier.is_empty() {
-        return Err(TIER_FORMAT.to_owned());
-    }
+    let (model, tier, multiplier) = parse_named(spec, "multiplier", TIER_FORMAT)?;
     Ok(TierArg {
-        model: model.to_owned(),
-        tier: pb::TierMultiplier {
-            tier: tier.to_owned(),
-            multiplier,
+        model,
+        tier: pb::TierMultiplier { tier, multiplier },
+    })
+}
+
+/// A `--call-price` of `backend add` and `backend update`: what one of the `--model`s pays
+/// for a tool's calls.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallPriceArg {
+    pub model: String,
+    pub price: pb::CallPrice,
+}
+
+const CALL_PRICE_FORMAT: &str = "expected MODEL:TOOL=PRICE, e.g. claude-sonnet-4-5:web_search=10";
+
+/// Parses `MODEL:TOOL=PRICE` as [`parse_tier`] does its tier.
+pub fn parse_call_price(spec: &str) -> Result<CallPriceArg, String> {
+    let (model, tool, price) = parse_named(spec, "price", CALL_PRICE_FORMAT)?;
+    Ok(CallPriceArg {
+        model,
+        price: pb::CallPrice {
+            tool,
+            price_per_thousand_calls: price,
         },
     })
+}
+
+/// `MODEL:NAME=NUMBER`, the model being what precedes the last `:`, the number finite from 0.
+fn parse_named(spec: &str, number: &str, format: &str) -> Result<(String, String, f64), String> {
+    let (model, named) = spec.rsplit_once(':').ok_or(format)?;
+    let (name, value) = named.split_once('=').ok_or(format)?;
+    let value = match value.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => v,
+        _ => return Err(format!("{number} {value:?} is not a number ≥ 0; {format}")),
+    };
+    let (model, name) = (model.trim(), name.trim());
+    if model.is_empty() || name.is_empty() {
+        return Err(format.to_owned());
+    }
+    Ok((model.to_owned(), name.to_owned(), value))
 }
 
 /// A `--long-context` of `backend add` and `backend update`: a `--model`'s long-context band,
@@ -973,7 +1015,16 @@ mod tests {
             "m:fast=inf",
         ] {
             assert!(parse_tier(bad).is_err(), "{bad}");
+            assert!(parse_call_price(bad).is_err(), "{bad}");
         }
+        let price = parse_call_price("claude-sonnet-4-5:web_search=10").unwrap();
+        assert_eq!(
+            (price.model.as_str(), price.price.tool.as_str()),
+            ("claude-sonnet-4-5", "web_search")
+        );
+        assert_eq!(price.price.price_per_thousand_calls, 10.0);
+        let error = parse_call_price("m:web_search=-1").unwrap_err();
+        assert!(error.starts_with("price \"-1\" is not a number"), "{error}");
     }
 
     #[test]

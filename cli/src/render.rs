@@ -285,6 +285,14 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
     if banded {
         header.push("LONG CONTEXT");
     }
+    // Tools' prices likewise (`--call-price`'s form: `web_search=10`, per 1,000 calls).
+    let calls_priced = backend
+        .models
+        .iter()
+        .any(|model| !model.call_prices.is_empty());
+    if calls_priced {
+        header.push("CALL PRICES /1K");
+    }
     let models = grid(
         &header,
         backend
@@ -312,15 +320,12 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
                     });
                 }
                 if tiered {
-                    let tiers: Vec<String> = model
-                        .tier_multipliers
-                        .iter()
-                        .map(|t| format!("{}={}", t.tier, t.multiplier))
-                        .collect();
-                    row.push(match tiers.is_empty() {
-                        true => "-".to_owned(),
-                        false => tiers.join(","),
-                    });
+                    row.push(named_list(
+                        model
+                            .tier_multipliers
+                            .iter()
+                            .map(|t| (&*t.tier, t.multiplier)),
+                    ));
                 }
                 if banded {
                     row.push(model.long_context.map_or("-".to_owned(), |l| {
@@ -330,6 +335,14 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
                         )
                     }));
                 }
+                if calls_priced {
+                    row.push(named_list(
+                        model
+                            .call_prices
+                            .iter()
+                            .map(|c| (&*c.tool, c.price_per_thousand_calls)),
+                    ));
+                }
                 row
             })
             .collect(),
@@ -337,6 +350,17 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
         &[2, 3, 4, 5, 6][..if anthropic { 5 } else { 4 }],
     );
     format!("{summary}\n\n{models}")
+}
+
+/// `name=value` pairs as the flags take them (`priority=2,flex=0.5`); `-` for none.
+fn named_list<'a>(pairs: impl Iterator<Item = (&'a str, f64)>) -> String {
+    let pairs: Vec<String> = pairs
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    match pairs.is_empty() {
+        true => "-".to_owned(),
+        false => pairs.join(","),
+    }
 }
 
 /// `key list`; spend in `currency`, the settings' currency of every cost.
@@ -824,10 +848,16 @@ mod tests {
             input_multiplier: 2.0,
             output_multiplier: 1.5,
         });
+        b.models[0].call_prices = vec![pb::CallPrice {
+            tool: "web_search".into(),
+            price_per_thousand_calls: 10.0,
+        }];
         b.models.push(plain);
         let text = backend(Some(&b));
         assert!(
-            text.contains("PRICE TIERS") && text.contains("LONG CONTEXT"),
+            text.contains("PRICE TIERS")
+                && text.contains("LONG CONTEXT")
+                && text.contains("CALL PRICES /1K"),
             "{text}"
         );
         let cells = |name: &str| {
@@ -836,14 +866,14 @@ mod tests {
                 .find(|l| l.starts_with(name))
                 .unwrap_or_default();
             let cells: Vec<&str> = line.split_whitespace().collect();
-            cells[cells.len() - 2..].join(" ")
+            cells[cells.len() - 3..].join(" ")
         };
         assert_eq!(
             cells("gpt-4o-mini "),
-            "priority=2,flex=0.5 272000:2:1.5",
+            "priority=2,flex=0.5 272000:2:1.5 web_search=10",
             "{text}"
         );
-        assert_eq!(cells("plain "), "- -", "{text}");
+        assert_eq!(cells("plain "), "- - -", "{text}");
     }
 
     #[test]

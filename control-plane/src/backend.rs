@@ -2,7 +2,9 @@
 //! [`BackendSpec`] is what an operator configures, validated once at the edge.
 
 use sha2::Digest as _;
-use sluice_proto::limits::{MAX_MODEL_NAME_BYTES, MAX_PRICE_TIERS, MAX_TIER_NAME_BYTES};
+use sluice_proto::limits::{
+    MAX_CALL_PRICES, MAX_MODEL_NAME_BYTES, MAX_PRICE_TIERS, MAX_TIER_NAME_BYTES,
+};
 use sluice_proto::v1 as pb;
 
 use crate::validation::{
@@ -32,6 +34,8 @@ pub struct ModelRoute {
     pub tier_multipliers: Vec<(String, f64)>,
     /// The prices of a long request, if the provider bills one at a band of its own.
     pub long_context: Option<LongContextPrices>,
+    /// The tools the provider bills by the call, each with its price per 1,000 calls.
+    pub call_prices: Vec<(String, f64)>,
 }
 
 /// What a route's prices are multiplied by for a request whose prompt is more than
@@ -327,7 +331,8 @@ impl BackendSpec {
                     ));
                 }
             }
-            check_tiers(&field, &mut model.tier_multipliers)?;
+            check_named(&field, &TIERS, &mut model.tier_multipliers)?;
+            check_named(&field, &CALL_PRICES, &mut model.call_prices)?;
             if let Some(long) = &mut model.long_context {
                 check_long_context(&field, long)?;
             }
@@ -393,47 +398,92 @@ impl BackendSpec {
 /// The most a price tier multiplies a route's prices by (Anthropic's fast mode is 6).
 pub const MAX_TIER_MULTIPLIER: f64 = 100.0;
 
-/// A route's price tiers as stored: each named by 1 to [`MAX_TIER_NAME_BYTES`] of
-/// `[a-z0-9_-]` (the words answers report are lowercase), once, with a multiplier from 0 to
-/// [`MAX_TIER_MULTIPLIER`], at most [`MAX_PRICE_TIERS`] of them. A tier at 1 costs the route's
-/// prices, as a tier not listed does: it is dropped (so `priority=1` takes a tier off).
-fn check_tiers(field: &str, tiers: &mut Vec<(String, f64)>) -> Result<(), ValidationError> {
+/// The most a tool's calls cost per 1,000 (web search is 10 to 25).
+pub const MAX_PRICE_PER_THOUSAND_CALLS: f64 = 1_000_000.0;
+
+/// What a route lists by name: its price tiers, or its priced tools ([`check_named`]).
+struct Named {
+    /// The list's field, and its items' two.
+    list: &'static str,
+    name: &'static str,
+    value: &'static str,
+    /// What an item's name is like, for the error.
+    examples: &'static str,
+    max_value: f64,
+    /// The value an item costs nothing extra at, as one not listed does: dropped.
+    neutral: f64,
+    most: usize,
+}
+
+const TIERS: Named = Named {
+    list: "tier_multipliers",
+    name: "tier",
+    value: "multiplier",
+    examples: "as answers report it (priority, flex, fast, us)",
+    max_value: MAX_TIER_MULTIPLIER,
+    neutral: 1.0,
+    most: MAX_PRICE_TIERS,
+};
+
+const CALL_PRICES: Named = Named {
+    list: "call_prices",
+    name: "tool",
+    value: "price_per_thousand_calls",
+    examples: "as answers count its calls (web_search, file_search)",
+    max_value: MAX_PRICE_PER_THOUSAND_CALLS,
+    neutral: 0.0,
+    most: MAX_CALL_PRICES,
+};
+
+/// A route's price tiers or priced tools as stored: each named by 1 to [`MAX_TIER_NAME_BYTES`]
+/// of `[a-z0-9_-]` (the words answers report are lowercase), once, with a value from 0 to the
+/// list's most, at most the list's most of them. A tier at 1, or a tool at 0, costs what one not
+/// listed does: it is dropped (so `priority=1` takes a tier off, `web_search=0` a tool).
+fn check_named(
+    field: &str,
+    what: &Named,
+    items: &mut Vec<(String, f64)>,
+) -> Result<(), ValidationError> {
     let mut seen = std::collections::HashSet::new();
-    for (i, (tier, multiplier)) in tiers.iter_mut().enumerate() {
-        let field = format!("{field}.tier_multipliers[{i}]");
-        *tier = tier.trim().to_owned();
-        if tier.is_empty()
-            || tier.len() > MAX_TIER_NAME_BYTES
-            || !tier
+    let Named {
+        list, name, value, ..
+    } = what;
+    for (i, (item, number)) in items.iter_mut().enumerate() {
+        let field = format!("{field}.{list}[{i}]");
+        *item = item.trim().to_owned();
+        if item.is_empty()
+            || item.len() > MAX_TIER_NAME_BYTES
+            || !item
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
         {
             return Err(ValidationError::new(
-                format!("{field}.tier"),
+                format!("{field}.{name}"),
                 format!(
-                    "a tier is named by 1 to {MAX_TIER_NAME_BYTES} of a-z, 0-9, '_' and '-', as answers report it (priority, flex, fast, us)"
+                    "a {name} is named by 1 to {MAX_TIER_NAME_BYTES} of a-z, 0-9, '_' and '-', {}",
+                    what.examples
                 ),
             ));
         }
-        if !(0.0..=MAX_TIER_MULTIPLIER).contains(multiplier) {
+        if !(0.0..=what.max_value).contains(number) {
             return Err(ValidationError::new(
-                format!("{field}.multiplier"),
-                format!("must be a number from 0 to {MAX_TIER_MULTIPLIER}"),
+                format!("{field}.{value}"),
+                format!("must be a number from 0 to {}", what.max_value),
             ));
         }
-        *multiplier += 0.0;
-        if !seen.insert(tier.clone()) {
+        *number += 0.0;
+        if !seen.insert(item.clone()) {
             return Err(ValidationError::new(
-                format!("{field}.tier"),
-                format!("tier {tier:?} is listed twice"),
+                format!("{field}.{name}"),
+                format!("{name} {item:?} is listed twice"),
             ));
         }
     }
-    tiers.retain(|(_, multiplier)| *multiplier != 1.0);
-    if tiers.len() > MAX_PRICE_TIERS {
+    items.retain(|(_, number)| *number != what.neutral);
+    if items.len() > what.most {
         return Err(ValidationError::new(
-            format!("{field}.tier_multipliers"),
-            format!("at most {MAX_PRICE_TIERS} tiers"),
+            format!("{field}.{list}"),
+            format!("at most {} {name}s", what.most),
         ));
     }
     Ok(())
@@ -487,6 +537,11 @@ impl ModelRoute {
                 input_multiplier: l.input_multiplier,
                 output_multiplier: l.output_multiplier,
             }),
+            call_prices: model
+                .call_prices
+                .iter()
+                .map(|c| (c.tool.clone(), c.price_per_thousand_calls))
+                .collect(),
         }
     }
 
@@ -512,6 +567,14 @@ impl ModelRoute {
                 input_multiplier: l.input_multiplier,
                 output_multiplier: l.output_multiplier,
             }),
+            call_prices: self
+                .call_prices
+                .iter()
+                .map(|(tool, price)| pb::CallPrice {
+                    tool: tool.clone(),
+                    price_per_thousand_calls: *price,
+                })
+                .collect(),
         }
     }
 }
@@ -896,6 +959,62 @@ mod tests {
                 format!("backend.models[0].long_context.{field}")
             );
         }
+    }
+
+    #[test]
+    fn priced_tools_are_named_as_answers_count_them_and_bounded() {
+        let with = |prices: &[(&str, f64)]| {
+            let mut spec = spec();
+            spec.models[0].call_prices =
+                prices.iter().map(|(t, p)| ((*t).to_owned(), *p)).collect();
+            spec.validated()
+        };
+        // Trimmed, and a tool at 0 (what a tool not listed costs) dropped.
+        let ok = with(&[
+            (" web_search ", 10.0),
+            ("web_fetch", 0.0),
+            ("file_search", 2.5),
+        ])
+        .unwrap();
+        assert_eq!(
+            ok.models[0].call_prices,
+            [
+                ("web_search".to_owned(), 10.0),
+                ("file_search".to_owned(), 2.5)
+            ]
+        );
+        for (prices, field, message) in [
+            (
+                &[("Web", 10.0)][..],
+                "backend.models[0].call_prices[0].tool",
+                "a tool is named by",
+            ),
+            (
+                &[("web_search", 10.0), ("web_search", 25.0)],
+                "backend.models[0].call_prices[1].tool",
+                "listed twice",
+            ),
+            (
+                &[("web_search", -1.0)],
+                "backend.models[0].call_prices[0].price_per_thousand_calls",
+                "from 0 to 1000000",
+            ),
+            (
+                &[("web_search", f64::INFINITY)],
+                "backend.models[0].call_prices[0].price_per_thousand_calls",
+                "from 0 to 1000000",
+            ),
+        ] {
+            let error = with(prices).unwrap_err();
+            assert_eq!(error.field, field, "{prices:?}");
+            assert!(error.message.contains(message), "{error:?}");
+        }
+        let names: Vec<String> = (0..=MAX_CALL_PRICES).map(|i| format!("t{i}")).collect();
+        let many: Vec<(&str, f64)> = names.iter().map(|n| (n.as_str(), 1.0)).collect();
+        assert!(with(&many[..MAX_CALL_PRICES]).is_ok());
+        let error = with(&many).unwrap_err();
+        assert_eq!(error.field, "backend.models[0].call_prices");
+        assert!(error.message.contains("at most 8 tools"), "{error:?}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod answer_memory;
 pub mod anthropic;
 pub mod auth;
 pub mod backoff;
+pub mod calls;
 pub mod clock;
 pub mod config;
 pub mod control;

@@ -971,6 +971,7 @@ mod tests {
             upstream_model: String::new(),
             prices: Prices::per_mtok(input, None, None, 10.0),
             tiers,
+            call_prices: Default::default(),
             default_max_tokens: 0,
         };
         let plain = route(2.0, Tiers::default());

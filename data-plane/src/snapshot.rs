@@ -22,6 +22,7 @@ pub use sluice_domain::settings::Policy;
 
 use crate::affinity::AffinityKeys;
 use crate::anthropic::Sampling;
+use crate::calls::CallPrices;
 use crate::clock::{Clock, Now, std_duration, system_time};
 use crate::cooldown::{CooldownTracker, FleetCooldown, MAX_RETRY_AFTER, Whose};
 use crate::ratelimit::{ParallelLimit, RateLimiter, TokenBucket};
@@ -376,6 +377,8 @@ pub struct Route {
     pub prices: Prices,
     /// What its prices are multiplied by at the price tiers its answers may report.
     pub tiers: Tiers,
+    /// What each call of a tool its provider bills by the call costs.
+    pub call_prices: CallPrices,
     /// `max_tokens` for an Anthropic backend when the client gave none.
     pub default_max_tokens: u32,
 }
@@ -583,6 +586,12 @@ impl Snapshot {
                                 .tier_multipliers
                                 .iter()
                                 .map(|t| (t.tier.as_str(), t.multiplier)),
+                        ),
+                        call_prices: CallPrices::new(
+                            model
+                                .call_prices
+                                .iter()
+                                .map(|c| (c.tool.as_str(), c.price_per_thousand_calls)),
                         ),
                         default_max_tokens: match model.default_max_tokens {
                             0 => DEFAULT_MAX_TOKENS,

@@ -820,6 +820,104 @@ print(json.dumps(out))
     spent(&cluster, &key_id, billed).await;
 }
 
+/// Anthropic bills its web search by the search, on top of the tokens ($10 per 1,000), and
+/// counts them in `usage.server_tool_use.web_search_requests`. A route that prices the tool
+/// (`backend update --call-price claude:web_search=10`) charges each message its searches,
+/// whole and streamed (where `message_start` counts 0 and `message_delta` the total); web
+/// fetches, priced at 0, are not stored and cost nothing; a message without server tools pays
+/// its tokens alone.
+#[tokio::test]
+async fn web_searches_are_spent_at_their_price_per_search() {
+    const SEARCHES: &str = r#"
+import json, sys, anthropic
+base, key = sys.argv[1:3]
+c = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+hello = [{"role": "user", "content": "hello there"}]
+search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+fetch = {"type": "web_fetch_20250910", "name": "web_fetch", "max_uses": 2}
+out = []
+for tools in [[search, fetch], [fetch], []]:
+    m = c.messages.create(model="claude", max_tokens=64, messages=hello, tools=tools)
+    used = m.usage.server_tool_use
+    out.append([used.web_search_requests if used else 0, m.usage.input_tokens, m.usage.output_tokens])
+    with c.messages.stream(model="claude", max_tokens=64, messages=hello, tools=tools) as s:
+        m = s.get_final_message()
+    used = m.usage.server_tool_use
+    out.append([used.web_search_requests if used else 0, m.usage.input_tokens, m.usage.output_tokens])
+print(json.dumps(out))
+"#;
+    let cluster = Cluster::start().await;
+    // Its text a word every 50 ms: a client can leave a stream before its last usage.
+    let claude = Mock::start_with("claude", &["claude-up"], &["--chunk-interval", "50ms"]).await;
+    let (_, key) = cluster.create_key("searching", &[]).await;
+    let key_id = cluster.client_key("searching").await.id;
+    add_priced_claude(&cluster, &claude).await;
+    cluster
+        .sluicectl(&[
+            "backend",
+            "update",
+            "claude",
+            "--model",
+            "claude:claude-up",
+            "--call-price",
+            "claude:web_search=10",
+            "--call-price",
+            "claude:web_fetch=0",
+        ])
+        .await;
+    let shown = cluster.sluicectl(&["backend", "get", "claude"]).await;
+    assert!(
+        shown.contains(" web_search=10") && !shown.contains("web_fetch"),
+        "{shown}"
+    );
+    let proxy = cluster.proxy().await;
+    let answers = python(SEARCHES, &[&proxy.url(""), &key]).await;
+    let answers = answers.as_array().unwrap();
+    let searches: Vec<u64> = answers.iter().map(|a| a[0].as_u64().unwrap()).collect();
+    assert_eq!(searches, [3, 3, 0, 0, 0, 0], "{answers:?}");
+    // $3 in and $15 out a million tokens; a search a cent (10,000,000 nano-units).
+    let billed: u64 = answers
+        .iter()
+        .map(|a| {
+            a[0].as_u64().unwrap() * 10_000_000
+                + a[1].as_u64().unwrap() * 3_000
+                + a[2].as_u64().unwrap() * 15_000
+        })
+        .sum();
+    spent(&cluster, &key_id, billed).await;
+
+    // A client that leaves its stream as the text starts, before the usage that counts the
+    // searches, is charged the three its stream showed.
+    const LEAVES: &str = r#"
+import sys, anthropic
+base, key = sys.argv[1:3]
+c = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+with c.messages.stream(model="claude", max_tokens=64, tools=[search],
+                       messages=[{"role": "user", "content": "hello there"}]) as s:
+    for event in s:
+        if event.type == "text":
+            break
+print("{}")
+"#;
+    let (_, leaving) = cluster.create_key("leaving", &[]).await;
+    let leaving_id = cluster.client_key("leaving").await.id;
+    python(LEAVES, &[&proxy.url(""), &leaving]).await;
+    let spend = || async { (cluster.client_key(&leaving_id).await.spend * 1e9).round() as u64 };
+    eventually(
+        Duration::from_secs(30),
+        "the stream left is charged",
+        || async { spend().await > 0 },
+    )
+    .await;
+    // Three searches, and its tokens (estimated: a few thousand nano-units each).
+    let charged = spend().await;
+    assert!(
+        (3 * 10_000_000..3 * 10_000_000 + 1_000_000).contains(&charged),
+        "{charged}"
+    );
+}
+
 /// The usage totals, once the key `key_id` has been charged exactly `billed` nano-units (the
 /// provider's bill for what the test sent).
 async fn spent(cluster: &Cluster, key_id: &str, billed: u64) -> pb::GetTotalsResponse {

@@ -369,6 +369,12 @@ async fn the_dashboard_in_a_browser() {
         )
         .await;
     browser
+        .type_into(
+            "#bf-models .model-row input[name=call_prices]",
+            "web_search=10, file_search=2.5",
+        )
+        .await;
+    browser
         .type_into("#bf-api-key", "sk-gamma-secret-4321")
         .await;
     browser.click("#bf-save").await;
@@ -419,6 +425,18 @@ async fn the_dashboard_in_a_browser() {
     };
     let given = vec![("priority".to_owned(), 2.0), ("flex".to_owned(), 0.5)];
     assert_eq!(tiers(&gamma.models[0]), given);
+    let calls = |route: &pb::ModelRoute| {
+        route
+            .call_prices
+            .iter()
+            .map(|c| (c.tool.clone(), c.price_per_thousand_calls))
+            .collect::<Vec<_>>()
+    };
+    let priced = vec![
+        ("web_search".to_owned(), 10.0),
+        ("file_search".to_owned(), 2.5),
+    ];
+    assert_eq!(calls(&gamma.models[0]), priced);
     let band = Some(pb::LongContextPrices {
         above_prompt_tokens: 272_000,
         input_multiplier: 2.0,
@@ -465,6 +483,12 @@ async fn the_dashboard_in_a_browser() {
             .await,
         json!("272000:2:1.5")
     );
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#bf-models .model-row input[name=call_prices]').value")
+            .await,
+        json!("web_search=10, file_search=2.5")
+    );
     browser.type_into("#bf-priority", "7").await;
     browser
         .type_into(
@@ -503,6 +527,7 @@ async fn the_dashboard_in_a_browser() {
         "shown in the form, kept"
     );
     assert_eq!(tiers(&edited.models[0]), given, "shown in the form, kept");
+    assert_eq!(calls(&edited.models[0]), priced, "shown in the form, kept");
     assert_eq!(
         edited.models[0].long_context, band,
         "shown in the form, kept"
@@ -535,6 +560,26 @@ async fn the_dashboard_in_a_browser() {
         )
         .await;
     set_value(&browser, "#bf-models .model-row input[name=tiers]", "").await;
+    // A price past the most is refused where it was typed; emptied, the tools cost nothing.
+    set_value(
+        &browser,
+        "#bf-models .model-row input[name=call_prices]",
+        "web_search=2000000",
+    )
+    .await;
+    browser.click("#bf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('.model-row [data-field=call_prices] .field-error').textContent !== ''",
+            "the call prices' error",
+        )
+        .await;
+    set_value(
+        &browser,
+        "#bf-models .model-row input[name=call_prices]",
+        "",
+    )
+    .await;
     // An empty figure is a mistake, not a free output.
     set_value(
         &browser,
@@ -570,6 +615,7 @@ async fn the_dashboard_in_a_browser() {
     assert_eq!(cleared.models[0].cached_input_price_per_mtok, None);
     assert_eq!(cleared.models[0].cache_write_price_per_mtok, None);
     assert!(cleared.models[0].tier_multipliers.is_empty());
+    assert!(cleared.models[0].call_prices.is_empty());
     assert_eq!(cleared.models[0].long_context, None);
     assert_eq!(cleared.models[0].input_price_per_mtok, 0.15);
     assert_eq!(edited.api_key_hint, "4321", "the key is kept");

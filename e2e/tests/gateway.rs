@@ -1242,6 +1242,96 @@ async fn a_long_request_is_spent_at_its_long_context_band() {
     .await;
 }
 
+/// OpenAI bills the Responses API's built-in tools by the call, on top of the tokens: $10 per
+/// 1,000 web searches, $2.50 per 1,000 file searches, one `web_search_call` or
+/// `file_search_call` output item a call. A route that prices them (`sluicectl backend add
+/// --call-price`) charges each answer its calls, whole and streamed (counted once, from
+/// `response.completed`); a request without them pays its tokens alone.
+#[tokio::test]
+async fn each_answer_is_spent_its_built_in_tools_calls() {
+    const SEARCHES: &str = r#"
+import json, sys
+from openai import OpenAI
+base, key = sys.argv[1:3]
+c = OpenAI(base_url=base, api_key=key, max_retries=0)
+out = []
+for tools in [[{"type": "web_search"}, {"type": "file_search", "vector_store_ids": ["vs_1"]}],
+              [{"type": "web_search"}], []]:
+    r = c.responses.create(model="gpt", input="hello there", tools=tools)
+    calls = [item.type for item in r.output if item.type.endswith("_call")]
+    out.append([calls, r.usage.input_tokens, r.usage.output_tokens])
+    with c.responses.stream(model="gpt", input="hello there", tools=tools) as s:
+        r = s.get_final_response()
+    calls = [item.type for item in r.output if item.type.endswith("_call")]
+    out.append([calls, r.usage.input_tokens, r.usage.output_tokens])
+print(json.dumps(out))
+"#;
+    let cluster = Cluster::start().await;
+    let mock = Mock::start("searches", &["gpt-up"]).await;
+    add_openai_with_sluicectl(
+        &cluster,
+        &mock,
+        &[
+            "--model",
+            "gpt:gpt-up:1:10",
+            "--call-price",
+            "gpt:web_search=10",
+            "--call-price",
+            "gpt:file_search=2.5",
+        ],
+    )
+    .await;
+    let shown = cluster.sluicectl(&["backend", "get", "openai"]).await;
+    assert!(
+        shown.contains("CALL PRICES /1K") && shown.contains("web_search=10,file_search=2.5"),
+        "{shown}"
+    );
+    let (created, key) = cluster.create_key("searching", &[]).await;
+    let proxy = cluster.proxy().await;
+    let answers = common::python(SEARCHES, &[&proxy.url("/v1"), &key]).await;
+    let answers = answers.as_array().unwrap();
+    let both = json!(["web_search_call", "file_search_call"]);
+    let calls: Vec<&Value> = answers.iter().map(|a| &a[0]).collect();
+    assert_eq!(
+        calls,
+        [
+            &both,
+            &both,
+            &json!(["web_search_call"]),
+            &json!(["web_search_call"]),
+            &json!([]),
+            &json!([])
+        ],
+        "{answers:?}"
+    );
+    // $1 in, $10 out a million tokens; a web search a cent (10,000,000 nano-units), a file
+    // search a quarter of one.
+    let billed: u64 = answers
+        .iter()
+        .map(|a| {
+            let tokens = a[1].as_u64().unwrap() * 1_000 + a[2].as_u64().unwrap() * 10_000;
+            let calls: u64 = a[0]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|call| match call.as_str().unwrap() {
+                    "web_search_call" => 10_000_000,
+                    "file_search_call" => 2_500_000,
+                    other => panic!("{other}"),
+                })
+                .sum();
+            tokens + calls
+        })
+        .sum();
+    assert!(billed > 4 * 10_000_000 + 2 * 2_500_000, "{billed}");
+    eventually(
+        Duration::from_secs(30),
+        "the key's spend is the bill",
+        || async { (cluster.client_key(&created.id).await.spend * 1e9).round() as u64 == billed },
+    )
+    .await;
+}
+
 /// `sluicectl backend add --name openai` for `mock`, its provider key from the environment as an
 /// operator gives it, with `args` (its routes, their prices, tiers and bands).
 async fn add_openai_with_sluicectl(cluster: &Cluster, mock: &Mock, args: &[&str]) {

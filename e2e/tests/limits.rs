@@ -61,6 +61,7 @@ async fn the_largest_supported_configuration_reaches_replicas_and_sluicectl() {
                             cached_input_price_per_mtok: Some(1.25),
                             cache_write_price_per_mtok: Some(3.125),
                             long_context: None,
+                            call_prices: Vec::new(),
                             tier_multipliers: vec![("priority".into(), 2.0), ("flex".into(), 0.5)],
                         })
                         .collect(),

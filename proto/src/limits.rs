@@ -58,6 +58,10 @@ pub const MAX_MODEL_NAME_BYTES: usize = 256;
 pub const MAX_PRICE_TIERS: usize = 8;
 pub const MAX_TIER_NAME_BYTES: usize = 32;
 
+/// The most priced tools a model route lists (`ModelRoute.call_prices`); a tool's name is
+/// as long as a tier's at most.
+pub const MAX_CALL_PRICES: usize = 8;
+
 /// Longest `x-request-id` a data plane keeps from a client (1 to 128 of
 /// `[A-Za-z0-9._:-]`); any other gets a fresh UUIDv7.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;

@@ -45,6 +45,9 @@ fn snapshot() -> pb::Snapshot {
                     cached_input_price_per_mtok: Some(1.25),
                     cache_write_price_per_mtok: Some(3.125),
                     long_context: None,
+                    // The supported configuration prices no tool's calls (a route that does
+                    // is rare: the snapshot's sizes above hold without them).
+                    call_prices: Vec::new(),
                     // OpenAI's two: priority and flex.
                     tier_multipliers: vec![
                         pb::TierMultiplier {

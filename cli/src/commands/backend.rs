@@ -6,8 +6,8 @@ use sluice_proto::v1 as pb;
 use sluice_proto::wkt::FieldMask;
 
 use crate::args::{
-    ApiKeyArgs, BackendAddArgs, BackendCommand, BackendUpdateArgs, LongContextArg, ResponsesApi,
-    TierArg,
+    ApiKeyArgs, BackendAddArgs, BackendCommand, BackendUpdateArgs, CallPriceArg, LongContextArg,
+    ResponsesApi, TierArg,
 };
 use crate::connection::Connection;
 use crate::error::Error;
@@ -129,6 +129,7 @@ fn create_request(args: BackendAddArgs) -> Result<pb::CreateBackendRequest, Erro
         models: with_prices_by_answer(
             with_max_tokens(args.models, args.default_max_tokens),
             args.tiers,
+            args.call_prices,
             args.long_contexts,
         )?,
         rpm_limit: args.rpm,
@@ -162,11 +163,13 @@ fn with_max_tokens(
     models
 }
 
-/// The routes with the price tiers `tiers` gives each, in the order given, and the
-/// long-context bands `long` gives; either for a model no route has is a mistake.
+/// The routes with the price tiers `tiers` and the tools' prices `calls` give each, in the
+/// order given, and the long-context bands `long` gives; any for a model no route has is a
+/// mistake.
 fn with_prices_by_answer(
     mut models: Vec<pb::ModelRoute>,
     tiers: Vec<TierArg>,
+    calls: Vec<CallPriceArg>,
     long: Vec<LongContextArg>,
 ) -> Result<Vec<pb::ModelRoute>, Error> {
     fn route<'a>(
@@ -184,6 +187,11 @@ fn with_prices_by_answer(
             .tier_multipliers
             .push(tier);
     }
+    for CallPriceArg { model, price } in calls {
+        route(&mut models, &model, "--call-price")?
+            .call_prices
+            .push(price);
+    }
     for LongContextArg { model, band } in long {
         route(&mut models, &model, "--long-context")?.long_context = band;
     }
@@ -193,7 +201,8 @@ fn with_prices_by_answer(
 /// What an update's routes take from the stored routes of the same names: for each route,
 /// whether its prices do (none were given), whether its long-context band does (no
 /// `--long-context` names it), and whether `default_max_tokens` does (no
-/// `--default-max-tokens`); their price tiers always do, those `--tier` names set over them.
+/// `--default-max-tokens`); their price tiers and tools' prices always do, those `--tier` and
+/// `--call-price` name set over them.
 /// `None` when there are no routes.
 fn keeps_from_stored(args: &BackendUpdateArgs) -> Option<Kept> {
     let prices: Vec<bool> = args.models.iter().map(|m| !m.priced).collect();
@@ -219,7 +228,8 @@ struct Kept {
 
 /// Fills what `kept` says from `stored`, route by public name: `--model gpt-4o` on an update
 /// re-lists a route, it does not make it free (a price of 0 is spent by no budget) nor drop
-/// its price tiers (a `--tier` sets its own over them), its long-context band or its
+/// its price tiers or tools' prices (a `--tier` or `--call-price` sets its own over them), its
+/// long-context band or its
 /// `default_max_tokens`. A name the backend does not have yet keeps 0.
 fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: &[pb::ModelRoute]) {
     let keeps = kept.prices.iter().zip(&kept.long);
@@ -233,22 +243,30 @@ fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: 
             route.cached_input_price_per_mtok = old.cached_input_price_per_mtok;
             route.cache_write_price_per_mtok = old.cache_write_price_per_mtok;
         }
-        let given = std::mem::replace(&mut route.tier_multipliers, old.tier_multipliers.clone());
-        for tier in given {
-            match route
-                .tier_multipliers
-                .iter_mut()
-                .find(|t| t.tier == tier.tier)
-            {
-                Some(stored) => stored.multiplier = tier.multiplier,
-                None => route.tier_multipliers.push(tier),
-            }
-        }
+        set_over(
+            &mut route.tier_multipliers,
+            &old.tier_multipliers,
+            |a, b| a.tier == b.tier,
+        );
+        set_over(&mut route.call_prices, &old.call_prices, |a, b| {
+            a.tool == b.tool
+        });
         if *keep_long {
             route.long_context = old.long_context;
         }
         if kept.max_tokens {
             route.default_max_tokens = old.default_max_tokens;
+        }
+    }
+}
+
+/// `given` becomes `stored` with each of `given` set over the stored one of its name (`same`),
+/// or added.
+fn set_over<T: Clone>(given: &mut Vec<T>, stored: &[T], same: impl Fn(&T, &T) -> bool) {
+    for item in std::mem::replace(given, stored.to_vec()) {
+        match given.iter_mut().find(|old| same(old, &item)) {
+            Some(old) => *old = item,
+            None => given.push(item),
         }
     }
 }
@@ -298,6 +316,7 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
         backend.models = with_prices_by_answer(
             with_max_tokens(routes, args.default_max_tokens),
             args.tiers,
+            args.call_prices,
             args.long_contexts,
         )?;
         set("models");
@@ -470,6 +489,10 @@ mod tests {
             tier: tier.into(),
             multiplier,
         };
+        let call = |tool: &str, price| pb::CallPrice {
+            tool: tool.into(),
+            price_per_thousand_calls: price,
+        };
         let args = update_args(&[
             "b1",
             "--model",
@@ -482,6 +505,10 @@ mod tests {
             "b:priority=2",
             "--tier",
             "a:fast=1",
+            "--call-price",
+            "a:web_search=0",
+            "--call-price",
+            "b:file_search=2.5",
             "--long-context",
             "b:none",
         ]);
@@ -492,6 +519,7 @@ mod tests {
             name: name.into(),
             input_price_per_mtok: 3.0,
             tier_multipliers: vec![tier("fast", 6.0)],
+            call_prices: vec![call("web_search", 10.0)],
             long_context: Some(pb::LongContextPrices {
                 above_prompt_tokens: 200_000,
                 input_multiplier: 2.0,
@@ -511,6 +539,13 @@ mod tests {
             [tier("fast", 6.0), tier("flex", 0.5), tier("priority", 2.0)]
         );
         assert_eq!(routes[1].input_price_per_mtok, 1.0);
+        // Tools' prices likewise: `web_search=0` set over the stored one (the control plane
+        // drops a tool at 0), `file_search` added.
+        assert_eq!(routes[0].call_prices, [call("web_search", 0.0)]);
+        assert_eq!(
+            routes[1].call_prices,
+            [call("web_search", 10.0), call("file_search", 2.5)]
+        );
         // A tier for a model not given is a mistake, not a tier dropped.
         let err = update_request(update_args(&["b1", "--model", "a", "--tier", "b:flex=0.5"]))
             .unwrap_err();

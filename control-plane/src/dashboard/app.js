@@ -775,6 +775,7 @@
       cell('default_max_tokens', { name: 'default_max_tokens', 'aria-label': 'Default max_tokens for an Anthropic backend', type: 'number', min: '0', step: '1' }),
       cell('long_context', { name: 'long_context', 'aria-label': 'Long-context band: past ABOVE prompt tokens, the input prices times IN and the output price times OUT, as ABOVE:IN:OUT (empty: none)', placeholder: '272000:2:1.5', spellcheck: 'false' }),
       cell('tier_multipliers', { name: 'tiers', 'aria-label': 'Price tiers: what the prices are multiplied by at each tier the answer reports, as TIER=MULTIPLIER, comma-separated', placeholder: 'priority=2, flex=0.5', spellcheck: 'false' }),
+      cell('call_prices', { name: 'call_prices', 'aria-label': 'Call prices: what 1,000 calls of each tool the provider runs cost, as TOOL=PRICE, comma-separated', placeholder: 'web_search=10', spellcheck: 'false' }),
       h('td', null, h('button', {
         type: 'button',
         class: 'secondary small',
@@ -790,6 +791,7 @@
     input('output_price').value = String(num(model && model.outputPricePerMtok));
     input('default_max_tokens').value = String(num(model && model.defaultMaxTokens));
     input('tiers').value = tiersOf(model).map((t) => `${t.tier}=${t.multiplier}`).join(', ');
+    input('call_prices').value = callPricesOf(model).map((c) => `${c.tool}=${c.pricePerThousandCalls}`).join(', ');
     const band = longOf(model);
     input('long_context').value = band ? `${band.abovePromptTokens}:${band.inputMultiplier}:${band.outputMultiplier}` : '';
     if (model) rowModels.set(row, model);
@@ -799,6 +801,11 @@
   /** A route's price tiers as loaded (the JSON API leaves out an empty list, and a 0). */
   function tiersOf(model) {
     return ((model && model.tierMultipliers) || []).map((t) => ({ tier: t.tier || '', multiplier: num(t.multiplier) }));
+  }
+
+  /** A route's tools' prices as loaded (the JSON API leaves out an empty list, and a 0). */
+  function callPricesOf(model) {
+    return ((model && model.callPrices) || []).map((c) => ({ tool: c.tool || '', pricePerThousandCalls: num(c.pricePerThousandCalls) }));
   }
 
   /** A route's long-context band as loaded (the JSON API writes its threshold as a string), or null. */
@@ -825,18 +832,18 @@
   }
 
   /**
-   * The price tiers written in a model row, `priority=2, flex=0.5`: each a name as answers
-   * report it and a multiplier from 0 to 100; null when the text is not that.
+   * Names and numbers written in a model row, `priority=2, flex=0.5`: each a name as answers
+   * give it and a number from 0 to `most`, as [name, number] pairs; null when the text is not that.
    */
-  function parseTiers(text) {
-    const tiers = [];
+  function parsePairs(text, most) {
+    const pairs = [];
     for (const part of text.split(',').map((p) => p.trim()).filter((p) => p !== '')) {
       const match = /^([a-z0-9_-]{1,32})\s*=\s*(\S+)$/.exec(part);
-      const multiplier = match ? Number(match[2]) : NaN;
-      if (!Number.isFinite(multiplier) || multiplier < 0 || multiplier > 100) return null;
-      tiers.push({ tier: match[1], multiplier });
+      const number = match ? Number(match[2]) : NaN;
+      if (!Number.isFinite(number) || number < 0 || number > most) return null;
+      pairs.push([match[1], number]);
     }
-    return tiers;
+    return pairs;
   }
 
   /**
@@ -863,6 +870,7 @@
         outputPricePerMtok: num(m.outputPricePerMtok),
         defaultMaxTokens: num(m.defaultMaxTokens),
         tierMultipliers: tiersOf(m),
+        callPrices: callPricesOf(m),
         longContext: longOf(m),
       })),
       apiFormat: b.apiFormat === 'API_FORMAT_ANTHROPIC' ? 'API_FORMAT_ANTHROPIC' : 'API_FORMAT_OPENAI',
@@ -1015,9 +1023,14 @@
         showFieldError(form, 'long_context', 'write ABOVE:IN:OUT (272000:2:1.5): a whole number of prompt tokens from 1, multipliers from 0 to 100; empty for none', i);
         bad = true;
       }
-      const tierMultipliers = parseTiers(input('tiers').value);
-      if (tierMultipliers === null) {
+      const tiers = parsePairs(input('tiers').value, 100);
+      if (tiers === null) {
         showFieldError(form, 'tier_multipliers', 'write TIER=MULTIPLIER, comma-separated (priority=2, flex=0.5): a tier in a-z, 0-9, _ and -, a multiplier from 0 to 100', i);
+        bad = true;
+      }
+      const calls = parsePairs(input('call_prices').value, 1e6);
+      if (calls === null) {
+        showFieldError(form, 'call_prices', 'write TOOL=PRICE, comma-separated (web_search=10): a tool in a-z, 0-9, _ and -, a price per 1,000 calls from 0 to 1000000', i);
         bad = true;
       }
       models.push({
@@ -1029,7 +1042,8 @@
         cacheWritePricePerMtok: writePrice,
         outputPricePerMtok: outputPrice,
         defaultMaxTokens,
-        tierMultipliers,
+        tierMultipliers: (tiers || []).map(([tier, multiplier]) => ({ tier, multiplier })),
+        callPrices: (calls || []).map(([tool, pricePerThousandCalls]) => ({ tool, pricePerThousandCalls })),
         longContext,
       });
     });

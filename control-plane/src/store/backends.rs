@@ -235,8 +235,8 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
                                      cached_input_price_per_mtok, default_max_tokens,
                                      cache_write_price_per_mtok, tier_multipliers,
                                      long_context_above, long_context_input_multiplier,
-                                     long_context_output_multiplier)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                     long_context_output_multiplier, call_prices)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?;
     for (position, m) in models.iter().enumerate() {
         stmt.execute(params![
@@ -249,21 +249,45 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
             m.cached_input_price_per_mtok,
             m.default_max_tokens,
             m.cache_write_price_per_mtok,
-            tiers_to_db(&m.tier_multipliers),
+            pairs_to_db(&m.tier_multipliers),
             // Validation keeps it far below i64::MAX.
             m.long_context
                 .map(|l| i64::try_from(l.above_prompt_tokens).unwrap_or(i64::MAX)),
             m.long_context.map(|l| l.input_multiplier),
-            m.long_context.map(|l| l.output_multiplier)
+            m.long_context.map(|l| l.output_multiplier),
+            pairs_to_db(&m.call_prices)
         ])?;
     }
     Ok(())
 }
 
-/// The `backend_models.tier_multipliers` column: a JSON array of `[tier, multiplier]` pairs.
-fn tiers_to_db(tiers: &[(String, f64)]) -> String {
+/// The `backend_models.tier_multipliers` and `call_prices` columns: a JSON array of `[tier,
+/// multiplier]` or `[tool, price per 1,000 calls]` pairs.
+fn pairs_to_db(pairs: &[(String, f64)]) -> String {
     // Strings and finite numbers (validation refuses others) always serialize.
-    serde_json::to_string(tiers).unwrap_or_else(|_| "[]".to_owned())
+    serde_json::to_string(pairs).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// The columns [`route_from_row`] reads, in its order.
+const ROUTE_COLUMNS: &str = "name, upstream_name, input_price_per_mtok, output_price_per_mtok,
+    cached_input_price_per_mtok, default_max_tokens, cache_write_price_per_mtok,
+    tier_multipliers, long_context_above, long_context_input_multiplier,
+    long_context_output_multiplier, call_prices";
+
+/// A model route from [`ROUTE_COLUMNS`], the first of them at `first`.
+fn route_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<ModelRoute> {
+    Ok(ModelRoute {
+        name: r.get(first)?,
+        upstream_name: r.get(first + 1)?,
+        input_price_per_mtok: r.get(first + 2)?,
+        output_price_per_mtok: r.get(first + 3)?,
+        cached_input_price_per_mtok: r.get(first + 4)?,
+        default_max_tokens: r.get(first + 5)?,
+        cache_write_price_per_mtok: r.get(first + 6)?,
+        tier_multipliers: pairs_from_db(r, first + 7)?,
+        long_context: long_context_from_db(r, first + 8)?,
+        call_prices: pairs_from_db(r, first + 11)?,
+    })
 }
 
 /// The long-context band of a route's row, from its three columns from `first` on (NULL: none).
@@ -281,8 +305,8 @@ fn long_context_from_db(
     }))
 }
 
-/// [`tiers_to_db`]'s column read back; a value that is not such an array is a corrupt row.
-fn tiers_from_db(r: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<Vec<(String, f64)>> {
+/// [`pairs_to_db`]'s column read back; a value that is not such an array is a corrupt row.
+fn pairs_from_db(r: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<Vec<(String, f64)>> {
     let text: String = r.get(column)?;
     serde_json::from_str(&text).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, e.into())
@@ -359,27 +383,11 @@ fn load_backend(conn: &Connection, id: &str) -> Result<Backend, StoreError> {
             kind: "backend",
             id: id.to_owned(),
         })?;
-    let mut stmt = conn.prepare_cached(
-        "SELECT name, upstream_name, input_price_per_mtok, output_price_per_mtok,
-                cached_input_price_per_mtok, default_max_tokens, cache_write_price_per_mtok,
-                tier_multipliers, long_context_above, long_context_input_multiplier,
-                long_context_output_multiplier
-         FROM backend_models WHERE backend_id = ?1 ORDER BY position",
-    )?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ROUTE_COLUMNS} FROM backend_models WHERE backend_id = ?1 ORDER BY position"
+    ))?;
     backend.spec.models = stmt
-        .query_map(params![id], |r| {
-            Ok(ModelRoute {
-                name: r.get(0)?,
-                upstream_name: r.get(1)?,
-                input_price_per_mtok: r.get(2)?,
-                output_price_per_mtok: r.get(3)?,
-                cached_input_price_per_mtok: r.get(4)?,
-                default_max_tokens: r.get(5)?,
-                cache_write_price_per_mtok: r.get(6)?,
-                tier_multipliers: tiers_from_db(r, 7)?,
-                long_context: long_context_from_db(r, 8)?,
-            })
-        })?
+        .query_map(params![id], |r| route_from_row(r, 0))?
         .collect::<Result<_, _>>()?;
     Ok(backend)
 }
@@ -392,31 +400,12 @@ fn load_all(conn: &Connection) -> Result<Vec<Backend>, StoreError> {
         stmt.query_map([], row_to_backend)?
             .collect::<Result<_, _>>()?
     };
-    let mut stmt = conn.prepare_cached(
-        "SELECT backend_id, name, upstream_name, input_price_per_mtok, output_price_per_mtok,
-                cached_input_price_per_mtok, default_max_tokens, cache_write_price_per_mtok,
-                tier_multipliers, long_context_above, long_context_input_multiplier,
-                long_context_output_multiplier
-         FROM backend_models ORDER BY backend_id, position",
-    )?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT backend_id, {ROUTE_COLUMNS} FROM backend_models ORDER BY backend_id, position"
+    ))?;
     let mut by_backend: std::collections::HashMap<String, Vec<ModelRoute>> =
         std::collections::HashMap::new();
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            ModelRoute {
-                name: r.get(1)?,
-                upstream_name: r.get(2)?,
-                input_price_per_mtok: r.get(3)?,
-                output_price_per_mtok: r.get(4)?,
-                cached_input_price_per_mtok: r.get(5)?,
-                default_max_tokens: r.get(6)?,
-                cache_write_price_per_mtok: r.get(7)?,
-                tier_multipliers: tiers_from_db(r, 8)?,
-                long_context: long_context_from_db(r, 9)?,
-            },
-        ))
-    })?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, route_from_row(r, 1)?)))?;
     for row in rows {
         let (id, model) = row?;
         by_backend.entry(id).or_default().push(model);

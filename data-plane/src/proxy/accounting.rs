@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use super::request_log::RequestLine;
 use crate::allowance::Reservation as BudgetReservation;
+use crate::calls::{CallPrices, Counted};
 use crate::clock::{proto_duration, timestamp};
 use crate::error::ProxyError;
 use crate::metrics::{Held, Label, Metrics};
@@ -71,6 +72,11 @@ struct Ledger {
     /// That route's price tiers, and which of them its answer reported.
     tiers: Tiers,
     tiers_reported: Reported,
+    /// That route's priced tools, how many calls of each its answer reported, and how many
+    /// its stream's events showed (what a stream left before its last usage had made).
+    call_prices: CallPrices,
+    calls: Counted,
+    calls_seen: Counted,
     /// Whether `decorate` names the backend.
     expose_backend: bool,
     /// The request came on HTTP/2, whose connections carry many at once: its whole answer
@@ -156,6 +162,9 @@ impl Accounting {
             prices: Prices::default(),
             tiers: Tiers::default(),
             tiers_reported: 0,
+            call_prices: CallPrices::default(),
+            calls: Counted::default(),
+            calls_seen: Counted::default(),
             expose_backend: false,
             multiplexed: false,
             model_label: None,
@@ -318,6 +327,9 @@ impl Accounting {
         self.0.prices = route.prices;
         self.0.tiers.clone_from(&route.tiers);
         self.0.tiers_reported = 0;
+        self.0.call_prices.clone_from(&route.call_prices);
+        self.0.calls = Counted::default();
+        self.0.calls_seen = Counted::default();
         self.0.record.backend_id.clone_from(&backend.id);
         self.0.backend_name = Some(Arc::clone(&backend.name));
         self.0.thoughts_in_total = backend.thoughts_in_total;
@@ -361,20 +373,35 @@ impl Accounting {
         self.0.cache_write_1h = tokens.cache_write_1h;
     }
 
-    /// Reads the price tier `text` reports, the answer (or the stream event) whose usage
-    /// was counted, when the route attempted prices tiers ([`crate::tiers`]).
-    pub fn tiers_in(&mut self, text: &[u8]) {
+    /// Reads what `text`, the answer (or the stream event) whose usage was counted, says
+    /// changes its price, when the route attempted prices it: the price tier it was served
+    /// at ([`crate::tiers`]) and the calls of tools billed by the call ([`crate::calls`]).
+    pub fn priced_in(&mut self, text: &[u8]) {
         if self.0.tiers.any() {
             self.0.tiers_reported |= self.0.tiers.reported_in(text);
         }
+        self.0.call_prices.count_in(text, &mut self.0.calls);
     }
 
-    /// [`Self::tiers_in`] for the text of a `usage` value alone (an answer refused for memory
-    /// keeps no more of it): Anthropic's names its tiers.
-    pub fn tiers_in_usage(&mut self, usage: &[u8]) {
+    /// Counts the call of a priced tool a stream's event `kind` shows (an Anthropic server
+    /// tool's block starting, a Responses built-in tool's item done), when the route prices
+    /// any ([`CallPrices::count_event`]).
+    pub fn calls_in_event(&mut self, kind: Option<&str>, data: &[u8]) {
+        if self.0.call_prices.any() {
+            self.0
+                .call_prices
+                .count_event(kind, data, &mut self.0.calls_seen);
+        }
+    }
+
+    /// [`Self::priced_in`] for the text of a `usage` value alone (an answer refused for
+    /// memory keeps no more of it): Anthropic's names its tiers and counts its server tools'
+    /// calls there.
+    pub fn priced_in_usage(&mut self, usage: &[u8]) {
         if self.0.tiers.any() {
             self.0.tiers_reported |= self.0.tiers.reported_in_usage(usage);
         }
+        self.0.call_prices.count_in_usage(usage, &mut self.0.calls);
     }
 
     /// Whether the upstream reported the request's usage (some of its tokens).
@@ -498,6 +525,21 @@ impl Accounting {
             cache_write_1h: self.0.cache_write_1h,
             completion: record.completion_tokens,
         });
+        // Nearly every route prices no tool's calls: nothing to add or name.
+        let calls = match self.0.call_prices.any() {
+            true => {
+                // The answer's counts, or what its stream showed when that is more (a stream
+                // left before its last usage).
+                let mut calls = self.0.calls;
+                for (calls, seen) in calls.iter_mut().zip(self.0.calls_seen) {
+                    *calls = (*calls).max(seen);
+                }
+                let fees = self.0.call_prices.cost_nanos(&calls);
+                record.cost_nanos = record.cost_nanos.saturating_add(fees);
+                self.0.call_prices.names(&calls)
+            }
+            false => None,
+        };
         record.priced = true;
         // Taken from no pool: the control plane charges it to no grant.
         record.unbudgeted = self.0.budget.is_none();
@@ -530,6 +572,7 @@ impl Accounting {
             cache_write_prompt_tokens: record.cache_write_prompt_tokens,
             cost_nanos: record.cost_nanos,
             price_tier: tier_names.as_deref(),
+            tool_calls: calls.as_deref(),
             tokens_estimated: record.tokens_estimated,
             error_kind: kind,
         }

@@ -837,7 +837,7 @@ pub(super) async fn forward_call(
                         acct.tokens(tokens);
                         // Anthropic's usage names its tiers itself (OpenAI's `service_tier`
                         // stands beside it, not kept).
-                        acct.tiers_in_usage(usage);
+                        acct.priced_in_usage(usage);
                     }
                     match full {
                         Full::Replica => tracing::warn!(
@@ -1825,7 +1825,7 @@ async fn deliver(
                     Ok((status, translated, tokens)) => {
                         if let Some(tokens) = tokens {
                             acct.tokens(tokens);
-                            acct.tiers_in(&body);
+                            acct.priced_in(&body);
                         }
                         body = translated;
                         headers.insert(
@@ -1839,7 +1839,7 @@ async fn deliver(
                         // `usage` says it spent is spent all the same.
                         if let Some(tokens) = tokens {
                             acct.tokens(tokens);
-                            acct.tiers_in(&body);
+                            acct.priced_in(&body);
                         }
                         return error_after_billing(acct, ProxyError::UpstreamInvalid).await;
                     }
@@ -1856,7 +1856,7 @@ async fn deliver(
                             .and_then(anthropic::response::anthropic_usage_in)
                     {
                         acct.tokens(tokens_of(usage));
-                        acct.tiers_in(&body);
+                        acct.priced_in(&body);
                     }
                 }
                 Mode::Chat { .. } => {
@@ -1864,7 +1864,7 @@ async fn deliver(
                         && let Some(tokens) = crate::utf8::text(&body).and_then(usage_of_answer)
                     {
                         acct.tokens(tokens);
-                        acct.tiers_in(&body);
+                        acct.priced_in(&body);
                     }
                 }
                 Mode::Responses { ids, count_usage } if status.is_success() => {
@@ -1872,7 +1872,7 @@ async fn deliver(
                         Ok(rewritten) => {
                             if *count_usage && let Some(tokens) = rewritten.tokens {
                                 acct.tokens(tokens);
-                                acct.tiers_in(&body);
+                                acct.priced_in(&body);
                             }
                             body = rewritten.bytes;
                         }

@@ -487,12 +487,15 @@ impl Relay {
         {
             acct.output_delta();
         }
+        if *count_usage && let Some(acct) = &mut self.acct {
+            acct.calls_in_event(rewritten.event_type.as_deref(), event.data.as_bytes());
+        }
         if *count_usage
             && let Some(tokens) = rewritten.tokens
             && let Some(acct) = &mut self.acct
         {
             acct.tokens(tokens);
-            acct.tiers_in(event.data.as_bytes());
+            acct.priced_in(event.data.as_bytes());
         }
         event.data = String::from_utf8_lossy(&rewritten.bytes).into_owned();
         let kind = match rewritten.event_type.as_deref() {
@@ -525,10 +528,13 @@ impl Relay {
         let (flow, usage) = translation.push(event, &mut frames);
         self.note_error(matches!(flow, Flow::Failed));
         self.events += 1;
+        if let Some(acct) = &mut self.acct {
+            acct.calls_in_event(event.event.as_deref(), event.data.as_bytes());
+        }
         if let (Some(usage), Some(acct)) = (usage, &mut self.acct) {
             acct.tokens(tokens_of(usage));
-            if may_name_a_tier(event) {
-                acct.tiers_in(event.data.as_bytes());
+            if may_change_the_price(event) {
+                acct.priced_in(event.data.as_bytes());
             }
         }
         let end = match flow {
@@ -558,10 +564,13 @@ impl Relay {
             return false;
         };
         let flow = usage.observe(event);
+        if *count_usage && let Some(acct) = &mut self.acct {
+            acct.calls_in_event(event.event.as_deref(), event.data.as_bytes());
+        }
         if *count_usage && let (Some(usage), Some(acct)) = (usage.usage(), &mut self.acct) {
             acct.tokens(tokens_of(usage));
-            if may_name_a_tier(event) {
-                acct.tiers_in(event.data.as_bytes());
+            if may_change_the_price(event) {
+                acct.priced_in(event.data.as_bytes());
             }
         }
         self.note_error(matches!(flow, Flow::Failed));
@@ -764,10 +773,11 @@ static ERROR_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| {
     memchr::memmem::FinderBuilder::new().build_forward_with_ranker(JsonRank, b"\"error\"")
 });
 
-/// Whether an event of a stream whose usage was counted may name the answer's price tier:
-/// Anthropic's `message_start` and `message_delta` (its other events repeat no usage), or an
-/// OpenAI chunk (named by no `event:` line, read once its usage has come).
-fn may_name_a_tier(event: &Event) -> bool {
+/// Whether an event of a stream whose usage was counted may name the answer's price tier or
+/// count its tools' calls: Anthropic's `message_start` and `message_delta` (its other events
+/// repeat no usage), or an OpenAI chunk (named by no `event:` line, read once its usage has
+/// come).
+fn may_change_the_price(event: &Event) -> bool {
     matches!(
         event.event.as_deref(),
         None | Some("message_start" | "message_delta")
@@ -782,7 +792,7 @@ fn count_chat_usage(acct: &mut Option<Accounting>, data: &str, forward_usage: bo
     };
     if let Some(acct) = acct {
         acct.tokens(tokens);
-        acct.tiers_in(data.as_bytes());
+        acct.priced_in(data.as_bytes());
     }
     !usage_only || forward_usage
 }

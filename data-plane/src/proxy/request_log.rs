@@ -40,6 +40,8 @@ pub(super) struct RequestLine<'a> {
     pub cost_nanos: u64,
     /// The price tiers the cost was multiplied by (`fast+us`); left out when none.
     pub price_tier: Option<&'a str>,
+    /// The calls of priced tools the cost includes (`web_search=3`); left out when none.
+    pub tool_calls: Option<&'a str>,
     pub tokens_estimated: bool,
     pub error_kind: ErrorKind,
 }
@@ -78,6 +80,7 @@ impl RequestLine<'_> {
             cache_write_prompt_tokens = self.cache_write_prompt_tokens,
             cost_nanos = self.cost_nanos,
             price_tier = self.price_tier,
+            tool_calls = self.tool_calls,
             tokens_estimated = self.tokens_estimated,
             error_kind = self.error_kind.as_str_name(),
             "request finished"
@@ -126,6 +129,9 @@ impl RequestLine<'_> {
         fields.u64("cost_nanos", self.cost_nanos);
         if let Some(tier) = self.price_tier {
             fields.str("price_tier", tier);
+        }
+        if let Some(calls) = self.tool_calls {
+            fields.str("tool_calls", calls);
         }
         fields.bool("tokens_estimated", self.tokens_estimated);
         let mut line = fields.into_writer();
@@ -213,6 +219,7 @@ mod tests {
             cache_write_prompt_tokens: 0,
             cost_nanos: 1_500,
             price_tier: None,
+            tool_calls: None,
             tokens_estimated: false,
             error_kind: ErrorKind::Unspecified,
         }
@@ -242,7 +249,9 @@ mod tests {
         cases[2].ttft_ms = Some(0);
         cases[2].cost_nanos = u64::MAX;
         cases[2].price_tier = Some("fast+us");
+        cases[2].tool_calls = Some("web_search=3+file_search=1");
         cases[3].price_tier = Some("\"\n\u{1b}");
+        cases[3].tool_calls = Some("\"\n\u{1b}");
         for case in &cases {
             let (fields, text) = both_ways(case);
             assert_eq!(text, fields);
@@ -260,9 +269,13 @@ mod tests {
         assert!(forged_line.contains(" backend=\"\" "), "{forged_line}");
         assert!(!forged_line.contains('\u{1b}'), "{forged_line}");
         assert!(!forged_line.contains("price_tier"), "{forged_line}");
+        assert!(!forged_line.contains("tool_calls"), "{forged_line}");
         let (tiered, _) = both_ways(&cases[2]);
         assert!(
-            tiered.contains(" cost_nanos=18446744073709551615 price_tier=\"fast+us\" "),
+            tiered.contains(
+                " cost_nanos=18446744073709551615 price_tier=\"fast+us\" \
+                 tool_calls=\"web_search=3+file_search=1\" "
+            ),
             "{tiered}"
         );
     }
@@ -297,6 +310,7 @@ mod tests {
             tokens in any::<(u64, u64, u64, u64, u64)>(),
             flags in any::<(bool, bool)>(),
             price_tier in any::<Option<String>>(),
+            tool_calls in any::<Option<String>>(),
         ) {
             let mut line = line(&request_id, &model, &backend);
             line.client_key = &client_key;
@@ -311,6 +325,7 @@ mod tests {
             ) = tokens;
             (line.stream, line.tokens_estimated) = flags;
             line.price_tier = price_tier.as_deref();
+            line.tool_calls = tool_calls.as_deref();
             let (fields, text) = both_ways(&line);
             prop_assert_eq!(text, fields);
         }

@@ -14,6 +14,7 @@ use super::AppState;
 use super::accounting::Accounting;
 use super::forward::{self, Call, Outbound, Passthrough};
 use crate::affinity::{Affinity, IdError};
+use crate::calls::CallPrices;
 use crate::error::{ProxyError, quoted};
 use crate::metrics::LimitScope;
 use crate::request::ParsedRequest;
@@ -171,6 +172,7 @@ pub(super) async fn call(
         // adds nothing to the key's spend.
         prices: Prices::default(),
         tiers: Tiers::default(),
+        call_prices: CallPrices::default(),
         default_max_tokens: crate::snapshot::DEFAULT_MAX_TOKENS,
     };
     let call = Call {

@@ -17,7 +17,10 @@
 //! `"[<name>] tok1 tok2 …"` of `chunk_count` words (fewer, with `stop_reason: max_tokens`, when
 //! `max_tokens` is smaller), or for structured output (`output_config.format`, a JSON schema)
 //! the JSON of an instance of the schema (each property filled as a tool's input is). Usage:
-//! `input_tokens` = whitespace-separated words of every text.
+//! `input_tokens` = whitespace-separated words of every text. Server tools (`web_search_*`,
+//! `web_fetch_*`) are never the tool called: each makes as many calls as its `max_uses` (1
+//! without), counted in `usage.server_tool_use` (0 in `message_start`, then the total), each a
+//! `server_tool_use` block and its result's block before the text.
 //!
 //! The prompt cache: a request whose system or message blocks carry `cache_control` has the
 //! prompt up to its last such block (the prefix) cached, as Anthropic's is (without its
@@ -192,6 +195,40 @@ pub(crate) struct MessagesRequest {
     /// answer's `usage` reports them.
     speed: &'static str,
     inference_geo: &'static str,
+    /// The searches and fetches its server tools make (`web_search_*`, `web_fetch_*` tools:
+    /// as many as their `max_uses`, 1 without), as `usage.server_tool_use` counts them.
+    server_tool_use: Option<ServerToolUse>,
+}
+
+/// Calls of Anthropic's server tools in one answer.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ServerToolUse {
+    web_search_requests: u64,
+    web_fetch_requests: u64,
+}
+
+/// The calls the server tools `tools` offers make: each `web_search_*` or `web_fetch_*` tool
+/// as many as its `max_uses`, 1 without; `None` when it offers none.
+fn server_tool_use(tools: &[Value]) -> Option<ServerToolUse> {
+    let mut used: Option<ServerToolUse> = None;
+    for tool in tools {
+        let kind = tool.get("type").and_then(Value::as_str).unwrap_or("custom");
+        let uses = tool.get("max_uses").and_then(Value::as_u64).unwrap_or(1);
+        if kind.starts_with("web_search_") {
+            used.get_or_insert_default().web_search_requests += uses;
+        } else if kind.starts_with("web_fetch_") {
+            used.get_or_insert_default().web_fetch_requests += uses;
+        }
+    }
+    used
+}
+
+/// Whether `tool` is the client's own (a `custom` tool, or one without a `type`), which the
+/// answer may call, rather than a server tool Anthropic runs itself.
+fn is_client_tool(tool: &Value) -> bool {
+    tool.get("type")
+        .and_then(Value::as_str)
+        .is_none_or(|kind| kind == "custom")
 }
 
 /// The part of a prompt the cache holds: its tokens, a hash of its texts (the cache's key),
@@ -480,11 +517,7 @@ fn validate(
                 "tools.{i}.name: Field required"
             )));
         }
-        let server_tool = t
-            .get("type")
-            .and_then(Value::as_str)
-            .is_some_and(|k| k != "custom");
-        if !server_tool && !t.get("input_schema").is_some_and(Value::is_object) {
+        if is_client_tool(t) && !t.get("input_schema").is_some_and(Value::is_object) {
             return Err(AnthropicError::invalid(format!(
                 "tools.{i}.custom.input_schema: Field required"
             )));
@@ -523,14 +556,17 @@ fn validate(
             "temperature: Input should be less than or equal to 1",
         ));
     }
+    // The answer calls a client tool; the server tools' calls are Anthropic's own (counted in
+    // the usage; their blocks are not written).
+    let client_tools: Vec<&Value> = tools.iter().filter(|t| is_client_tool(t)).collect();
     let tool_call = match chosen {
         Some(None) => None,
-        _ if last_has_result || tools.is_empty() => None,
-        Some(Some(name)) => tools
+        _ if last_has_result || client_tools.is_empty() => None,
+        Some(Some(name)) => client_tools
             .iter()
             .find(|t| t.get("name").and_then(Value::as_str) == Some(name))
             .map(|t| (name.to_owned(), input_for(t.get("input_schema")))),
-        None => tools.first().map(|t| {
+        None => client_tools.first().map(|t| {
             (
                 t.get("name")
                     .and_then(Value::as_str)
@@ -562,6 +598,7 @@ fn validate(
     Ok(MessagesRequest {
         speed,
         inference_geo,
+        server_tool_use: server_tool_use(tools),
         model,
         stream: o.get("stream").and_then(Value::as_bool).unwrap_or(false),
         max_tokens,
@@ -653,11 +690,27 @@ pub(crate) struct MessageUsage {
     pub(crate) cache_write: u64,
     speed: &'static str,
     inference_geo: &'static str,
+    server_tool_use: Option<ServerToolUse>,
 }
 
 impl MessageUsage {
-    /// The answer's `usage`, as Anthropic writes it: `input_tokens` without the cache's.
-    fn json(&self, output: u64, one_hour: bool) -> Value {
+    /// `usage.server_tool_use` when the request offered server tools: the calls so far.
+    fn server_tool_use(&self, done: bool) -> Value {
+        match self.server_tool_use {
+            None => Value::Null,
+            Some(used) => {
+                let counted = |n| if done { n } else { 0 };
+                json!({
+                    "web_search_requests": counted(used.web_search_requests),
+                    "web_fetch_requests": counted(used.web_fetch_requests),
+                })
+            }
+        }
+    }
+
+    /// The answer's `usage`, as Anthropic writes it: `input_tokens` without the cache's; the
+    /// server tools' calls once `done` (0 in `message_start`).
+    fn json(&self, output: u64, one_hour: bool, done: bool) -> Value {
         let (five_minutes, hour) = if one_hour {
             (0, self.cache_write)
         } else {
@@ -675,6 +728,7 @@ impl MessageUsage {
             "service_tier": "standard",
             "speed": self.speed,
             "inference_geo": self.inference_geo,
+            "server_tool_use": self.server_tool_use(done),
         })
     }
 }
@@ -720,9 +774,27 @@ pub(crate) fn answer(
         cache_write: cached - cache_read,
         speed: req.speed,
         inference_geo: req.inference_geo,
+        server_tool_use: req.server_tool_use,
     };
     let one_hour = req.cache_prefix.as_ref().is_some_and(|p| p.one_hour);
+    // Each server tool call is a `server_tool_use` block and its result's block, before the
+    // text, as Anthropic writes them.
+    let server_blocks: Vec<(Value, Value)> = req
+        .server_tool_use
+        .map(|used| {
+            let searches = (0..used.web_search_requests).map(|n| ("web_search", n));
+            let fetches = (0..used.web_fetch_requests).map(|n| ("web_fetch", n));
+            searches
+                .chain(fetches)
+                .map(|(tool, n)| server_blocks(&id, tool, n))
+                .collect()
+        })
+        .unwrap_or_default();
     let mut content = Vec::new();
+    for (call, result) in &server_blocks {
+        content.push(call.clone());
+        content.push(result.clone());
+    }
     if !text.is_empty() {
         content.push(json!({"type": "text", "text": text}));
     }
@@ -734,7 +806,7 @@ pub(crate) fn answer(
     let message = json!({
         "id": id, "type": "message", "role": "assistant", "model": req.model,
         "content": content, "stop_reason": stop, "stop_sequence": null,
-        "usage": usage.json(usage.output, one_hour),
+        "usage": usage.json(usage.output, one_hour, true),
     });
     let mut events = vec![
         sse(
@@ -742,12 +814,35 @@ pub(crate) fn answer(
             &json!({"type": "message_start", "message": {
                 "id": id, "type": "message", "role": "assistant", "model": req.model,
                 "content": [], "stop_reason": null, "stop_sequence": null,
-                "usage": usage.json(1, one_hour),
+                "usage": usage.json(1, one_hour, false),
             }}),
         ),
         sse("ping", &json!({"type": "ping"})),
     ];
     let mut index = 0;
+    for (call, result) in &server_blocks {
+        // The call's input comes in a delta, as a tool use's does; the result whole.
+        let mut start = call.clone();
+        start["input"] = json!({});
+        events.push(sse(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": index, "content_block": start}),
+        ));
+        events.push(sse("content_block_delta", &json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": call["input"].to_string()}})));
+        events.push(sse(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index}),
+        ));
+        events.push(sse(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": index + 1, "content_block": result}),
+        ));
+        events.push(sse(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index + 1}),
+        ));
+        index += 2;
+    }
     if !text.is_empty() {
         events.push(sse("content_block_start", &json!({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})));
         for piece in pieces {
@@ -779,9 +874,35 @@ pub(crate) fn answer(
         "cache_creation_input_tokens": usage.cache_write,
         "cache_read_input_tokens": usage.cache_read,
         "output_tokens": usage.output,
+        "server_tool_use": usage.server_tool_use(true),
     }})));
     events.push(sse("message_stop", &json!({"type": "message_stop"})));
     (Bytes::from(message.to_string()), events, usage)
+}
+
+/// A server tool's call `n` in message `id` and its result, as Anthropic writes the blocks.
+fn server_blocks(id: &str, tool: &str, n: u64) -> (Value, Value) {
+    let call_id = format!("srvtoolu_{id}_{tool}_{n}");
+    let (input, result) = match tool {
+        "web_search" => (
+            json!({"query": "mock"}),
+            json!({"type": "web_search_tool_result", "tool_use_id": call_id, "content": [{
+                "type": "web_search_result", "url": "https://example.com/", "title": "Mock",
+                "encrypted_content": "mock", "page_age": null,
+            }]}),
+        ),
+        _ => (
+            json!({"url": "https://example.com/"}),
+            json!({"type": "web_fetch_tool_result", "tool_use_id": call_id, "content": {
+                "type": "web_fetch_result", "url": "https://example.com/", "retrieved_at": null,
+                "content": {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "mock"}, "title": "Mock", "citations": null},
+            }}),
+        ),
+    };
+    (
+        json!({"type": "server_tool_use", "id": call_id, "name": tool, "input": input}),
+        result,
+    )
 }
 
 /// `count_tokens`' answer.

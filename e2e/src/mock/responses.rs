@@ -74,6 +74,33 @@ pub(crate) struct CreateRequest {
     metadata: Option<Value>,
     #[serde(default)]
     service_tier: Option<String>,
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+}
+
+/// The built-in tools' calls an answer makes: one `web_search_call` for a `web_search` (or
+/// `web_search_preview`) tool, one `file_search_call` for a `file_search` tool, in the order
+/// the request lists them.
+fn tool_calls(tools: &[Value], mut next_id: impl FnMut() -> u64) -> Vec<Value> {
+    tools
+        .iter()
+        .filter_map(|tool| match tool.get("type").and_then(Value::as_str)? {
+            "web_search" | "web_search_preview" => Some(json!({
+                "id": format!("ws_{:032x}", next_id()),
+                "type": "web_search_call",
+                "status": "completed",
+                "action": {"type": "search", "query": "mock"},
+            })),
+            "file_search" => Some(json!({
+                "id": format!("fs_{:032x}", next_id()),
+                "type": "file_search_call",
+                "status": "completed",
+                "queries": ["mock"],
+                "results": null,
+            })),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A parsed create request: the model (for counting) and the request or why it is refused.
@@ -332,6 +359,7 @@ impl ResponseStore {
             })
         };
         let reasoning_item = json!({"id": reasoning_id, "type": "reasoning", "summary": []});
+        let calls = tool_calls(request.tools.as_deref().unwrap_or_default(), &mut next_id);
         let response = |status: &str, output: Vec<Value>, usage: Option<ResponseUsage>| {
             json!({
                 "id": id,
@@ -352,7 +380,7 @@ impl ResponseStore {
                 "temperature": 1.0,
                 "text": {"format": {"type": "text"}},
                 "tool_choice": "auto",
-                "tools": [],
+                "tools": request.tools.clone().unwrap_or_default(),
                 "top_p": 1.0,
                 "truncation": "disabled",
                 "usage": usage.map(ResponseUsage::to_json),
@@ -365,6 +393,7 @@ impl ResponseStore {
         if reasoning {
             output.push(reasoning_item.clone());
         }
+        output.extend(calls.iter().cloned());
         output.push(message(&text, true));
         let (finished, usage) = if background {
             (response("queued", Vec::new(), None), None)
@@ -405,6 +434,16 @@ impl ResponseStore {
                         json!({"output_index": 0, "item": reasoning_item}),
                     ));
                     index = 1;
+                }
+                for call in &calls {
+                    for kind in ["response.output_item.added", "response.output_item.done"] {
+                        events.push(event(
+                            kind,
+                            &mut seq,
+                            json!({"output_index": index, "item": call}),
+                        ));
+                    }
+                    index += 1;
                 }
                 let at = json!({"item_id": message_id, "output_index": index, "content_index": 0});
                 let with = |mut base: Value, extra: Value| {
