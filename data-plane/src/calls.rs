@@ -30,7 +30,7 @@ use sluice_proto::limits::MAX_CALL_PRICES;
 pub type Counted = [u32; MAX_CALL_PRICES];
 
 /// A priced tool: its name and what a call costs, in nano-units.
-type Priced = (Box<str>, u64);
+type Priced = crate::tiers::Named<u64>;
 
 /// A route's priced tools: each the name an answer counts its calls by and what a call costs,
 /// in nano-units. Cloned with the route into each request's accounting: `None`, the routes
@@ -43,19 +43,15 @@ impl CallPrices {
     /// (a tool named twice taken once, as the control plane refuses both); a price that is not
     /// a finite number from 0 counts as 0.
     pub fn new<'a>(prices: impl IntoIterator<Item = (&'a str, f64)>) -> Self {
-        let mut list: Vec<Priced> = Vec::new();
-        for (tool, per_thousand) in prices {
-            if list.len() == MAX_CALL_PRICES || list.iter().any(|(named, _)| **named == *tool) {
-                continue;
-            }
-            // Per 1,000 calls in currency units is per call in millionths: 1e9 / 1e3.
-            let per_call = match per_thousand.is_finite() && per_thousand >= 0.0 {
+        // Per 1,000 calls in currency units is per call in millionths: 1e9 / 1e3.
+        Self(crate::tiers::named_once(
+            prices,
+            MAX_CALL_PRICES,
+            |per_thousand| match per_thousand.is_finite() && per_thousand >= 0.0 {
                 true => (per_thousand * 1e6).round() as u64,
                 false => 0,
-            };
-            list.push((tool.into(), per_call));
-        }
-        Self((!list.is_empty()).then(|| list.into()))
+            },
+        ))
     }
 
     /// Whether the route prices any tool's calls (only then are its answers read for them).

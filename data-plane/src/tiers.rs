@@ -34,7 +34,7 @@ const _: () = assert!(MAX_TIERS <= Reported::BITS as usize);
 pub struct Tiers(Option<Arc<[Tier]>>);
 
 /// A tier's name and multiplier.
-type Tier = (Box<str>, f64);
+type Tier = Named<f64>;
 
 /// Which of a route's [`Tiers`] an answer reported, one bit each by their order.
 pub type Reported = u8;
@@ -43,18 +43,12 @@ impl Tiers {
     /// The first [`MAX_TIERS`] of `tiers`, a tier named twice taken once (the control plane
     /// refuses both); a multiplier that is not a finite number from 0 counts as 1.
     pub fn new<'a>(tiers: impl IntoIterator<Item = (&'a str, f64)>) -> Self {
-        let mut list: Vec<Tier> = Vec::new();
-        for (tier, multiplier) in tiers {
-            if list.len() == MAX_TIERS || list.iter().any(|(named, _)| **named == *tier) {
-                continue;
-            }
-            let multiplier = match multiplier.is_finite() && multiplier >= 0.0 {
+        Self(named_once(tiers, MAX_TIERS, |multiplier| {
+            match multiplier.is_finite() && multiplier >= 0.0 {
                 true => multiplier,
                 false => 1.0,
-            };
-            list.push((tier.into(), multiplier));
-        }
-        Self((!list.is_empty()).then(|| list.into()))
+            }
+        }))
     }
 
     /// Whether the route prices any tier (only then are its answers read for one).
@@ -125,6 +119,27 @@ impl Tiers {
             .filter(move |(i, _)| reported & 1 << i != 0)
             .map(|(_, (tier, m))| (&**tier, *m))
     }
+}
+
+/// A name a route lists, and its value.
+pub(crate) type Named<T> = (Box<str>, T);
+
+/// A route's list of named values ([`Tiers`], [`crate::calls::CallPrices`]): the first `most`
+/// of `items`, a name given twice taken once (the control plane refuses both), each value as
+/// `value` makes it; `None` for none.
+pub(crate) fn named_once<'a, T>(
+    items: impl IntoIterator<Item = (&'a str, f64)>,
+    most: usize,
+    value: impl Fn(f64) -> T,
+) -> Option<Arc<[Named<T>]>> {
+    let mut list: Vec<Named<T>> = Vec::new();
+    for (name, number) in items {
+        if list.len() == most || list.iter().any(|(named, _)| **named == *name) {
+            continue;
+        }
+        list.push((name.into(), value(number)));
+    }
+    (!list.is_empty()).then(|| list.into())
 }
 
 /// The members of an answer or event that name its tier; every other member is skipped.
