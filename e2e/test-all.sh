@@ -76,9 +76,11 @@ cargo clippy --manifest-path data-plane/fuzz/Cargo.toml \
 log "cargo build (binaries the end-to-end tests start)"
 cargo build --workspace --bins
 
-# Twice as many tests at once as there are cores: the end-to-end tests spend most of their time
-# waiting on the processes they start (about one core busy in all at four at a time on two).
-test_threads="${RUST_TEST_THREADS:-$(($(nproc) * 2))}"
+# Twice as many tests at once as there are cores, 8 at most: the end-to-end tests spend most of
+# their time waiting on the processes they start (about one core busy in all at four at a time on
+# two), and each starts several (a control plane, replicas, mocks, nginx, a browser).
+cores="$(nproc)"
+test_threads="${RUST_TEST_THREADS:-$((cores * 2 > 8 ? 8 : cores * 2))}"
 log "cargo test ($test_threads tests at a time)"
 RUST_TEST_THREADS="$test_threads" cargo test --workspace
 
