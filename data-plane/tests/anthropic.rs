@@ -1,7 +1,6 @@
 //! The Anthropic translations, both ways, mapping by mapping (docs/anthropic.md lists them),
 //! and a property test that a chat request → Messages → chat response round trip keeps text,
 //! tool names and arguments.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
 use http::StatusCode;

@@ -1,9 +1,8 @@
 //! OpenAI-compatible servers that are not OpenAI, behind Sluice: their figures, their errors
 //! and their refusals in their own shapes (Google's Gemini endpoint, TGI, Ollama, vLLM, Groq),
 //! over real HTTP against the mock answering as each does.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use sluice_e2e::mock::{Fault, MockConfig, MockServer};

@@ -9,7 +9,6 @@
 //! - once every report is delivered and every replica holds the newest snapshot, every
 //!   replica agrees with the control plane (epoch, streak, end of the cooldown), and a
 //!   success the control plane accepted last has ended the streak everywhere.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, SystemTime};
 

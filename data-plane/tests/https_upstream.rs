@@ -2,9 +2,8 @@
 //! is: an `https://` backend goes through hyper-util's pooled client, not the thread's own
 //! connections that `http://` backends (and so every other test) use. Against the mock
 //! provider serving TLS with a CA of the test's own (`--upstream-ca`).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

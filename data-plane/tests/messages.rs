@@ -2,9 +2,8 @@
 //! strict Anthropic mock and the OpenAI mock: passed through byte for byte to an Anthropic
 //! backend, translated for an OpenAI-format one, errors in Anthropic's shape, failover between
 //! the two within one request, and usage records that say which API the client used.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use serde_json::{Value, json};
 use sluice_e2e::mock::{Fault, MockConfig, MockServer};

@@ -1,8 +1,7 @@
 //! The proxy over real HTTP against the mock provider and an in-process control plane:
 //! content, usage, rewriting, and every error a client can cause.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use serde_json::{Value, json};
 use sluice_e2e::mock::{Fault, MockConfig, MockServer};

@@ -1,8 +1,7 @@
 //! Failover, cooldowns, rate limits, broken streams, cancelled clients, hot swaps and
 //! graceful shutdown, over real HTTP against the mock provider.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, SystemTime};
 

@@ -2,9 +2,8 @@
 //! ids that carry their backend, continuations and calls on a stored response pinned to it,
 //! usage with cached and reasoning tokens, and the errors for ids and backends that cannot
 //! be used.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,8 +1,7 @@
 //! The snapshot stream against an in-process control plane: acks, nacks, reconnects, and
 //! serving the last snapshot while the control plane is away.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

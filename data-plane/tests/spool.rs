@@ -2,9 +2,8 @@
 //! next run on the same data directory sends again, under the first run's identity and
 //! sequences; a full spool refuses requests when told to. (Crashes of real processes are in
 //! `e2e/tests/usage_spool.rs`.)
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,8 +1,7 @@
 //! The usage reporter against an in-process control plane: batching, acks, resending after a
 //! broken stream without loss or duplicates, immediate backend events, and the final flush.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, SystemTime};
 
