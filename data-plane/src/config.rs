@@ -123,6 +123,14 @@ pub struct Config {
     /// accepts nothing for this long.
     #[arg(long, env = "SLUICE_WRITE_TIMEOUT", default_value = "60s", value_parser = sluice_domain::time::positive_duration)]
     pub write_timeout: Duration,
+    /// How long a stream may be silent before its client is sent an SSE comment
+    /// (`: keep-alive`), so that a front's read timeout does not cut a model that thinks (AWS's
+    /// load balancers and ingress-nginx cut at 60s by default); and how long after a streamed
+    /// request arrived its stream is committed to its backend without its first event (the
+    /// head sent, with a comment), which gives up failing it over to another backend. The
+    /// official SDKs and browsers skip comments. 0 turns both off (e.g. 15s, 0).
+    #[arg(long, env = "SLUICE_STREAM_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub stream_keepalive: Duration,
     /// Client connections open at once; past it a new one gets 503 and is closed (counted in
     /// sluice_connections_refused_total). Keep it below half the file-descriptor limit: each
     /// request in flight also holds an upstream connection.
@@ -244,6 +252,7 @@ impl Config {
             header_read_timeout: sluice_listener::DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: sluice_listener::DEFAULT_IDLE_TIMEOUT,
             write_timeout: sluice_listener::DEFAULT_WRITE_TIMEOUT,
+            stream_keepalive: crate::proxy::DEFAULT_STREAM_KEEPALIVE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             usage_queue: crate::usage::DEFAULT_CAPACITY,
             drain_timeout: Duration::from_secs(30),
@@ -294,6 +303,11 @@ impl Config {
             segment_bytes: self.usage_spool_segment_bytes.max(1),
             ..crate::spool::SpoolOptions::new(dir)
         })
+    }
+
+    /// `--stream-keepalive`, `None` when off (0).
+    pub fn stream_keepalive(&self) -> Option<Duration> {
+        Some(self.stream_keepalive).filter(|every| !every.is_zero())
     }
 
     /// How many serving threads to run: the option, or one per usable CPU core.

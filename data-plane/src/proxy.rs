@@ -64,7 +64,14 @@ pub struct Limits {
     pub max_response_bytes: usize,
     /// A body not read in full this long after its headers gets 408.
     pub body_read_timeout: Duration,
+    /// `--stream-keepalive`: a stream silent this long gets a comment, and one whose first
+    /// event has not come this long after the request arrived is committed without it.
+    pub stream_keepalive: Option<Duration>,
 }
+
+/// `--stream-keepalive`'s default: a comment every 15 s of silence, well inside the 60 s after
+/// which AWS's load balancers and ingress-nginx cut an answer by default.
+pub const DEFAULT_STREAM_KEEPALIVE: Duration = Duration::from_secs(15);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -73,6 +80,7 @@ impl Default for Limits {
             max_buffered_body_bytes: 256 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(30),
+            stream_keepalive: Some(DEFAULT_STREAM_KEEPALIVE),
         }
     }
 }

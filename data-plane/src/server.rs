@@ -418,6 +418,7 @@ impl Proxy {
                         .min(Semaphore::MAX_PERMITS),
                     max_response_bytes: config.max_response_bytes,
                     body_read_timeout: config.body_read_timeout,
+                    stream_keepalive: config.stream_keepalive(),
                 },
                 tasks: tasks.clone(),
                 metrics: Arc::clone(&metrics),

@@ -2060,3 +2060,152 @@ async fn until_not_cooling(h: &Harness, backend: &str) {
         tokio::time::sleep_until(until).await;
     }
 }
+
+/// The content of a chat stream's chunks, in order, and how many keep-alive comments came
+/// before its first event and after it.
+fn stream_parts(body: &str) -> (String, usize, usize) {
+    let (mut content, mut before, mut after) = (String::new(), 0, 0);
+    let mut begun = false;
+    for event in body.split("\n\n").filter(|e| !e.is_empty()) {
+        if event == ": keep-alive" {
+            if begun {
+                after += 1
+            } else {
+                before += 1
+            }
+            continue;
+        }
+        begun = true;
+        let data = event
+            .strip_prefix("data: ")
+            .unwrap_or_else(|| panic!("{event:?}"));
+        if data == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        if let Some(text) = chunk["choices"][0]["delta"]["content"].as_str() {
+            content.push_str(text);
+        }
+    }
+    (content, before, after)
+}
+
+/// A model that thinks before its first event, behind a front that cuts an answer silent for
+/// a minute (AWS's load balancers, ingress-nginx): once the client has heard nothing for
+/// `--stream-keepalive`, the stream is committed to (its head sent, with a comment) and kept
+/// alive until the model speaks, from the backend it was sent to, however long past
+/// `answer_timeout` it thinks; what the client was sent before its first event is comments
+/// alone, and its first token is timed from that event.
+#[tokio::test]
+async fn a_stream_is_kept_alive_while_its_model_thinks() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let mut message = snapshot(1, pair(&primary, &fallback));
+    // A model silent past `answer_timeout` (300 ms) would have been failed over.
+    message.settings = with_timeouts(200, 300, 20_000);
+    let h = Harness::start_with(message, |c| {
+        c.stream_keepalive = Duration::from_millis(100);
+    })
+    .await;
+    let whole = h.chat(chat_body(true)).await.text().await.unwrap();
+    let (answer, _, _) = stream_parts(&whole);
+    assert!(!answer.is_empty(), "{whole}");
+
+    primary.set_fault(Fault::ThinkingMs(1_500).times(1));
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "1");
+    assert_eq!(header(&response, "content-type"), "text/event-stream");
+    let mut chunks = response.bytes_stream();
+    let first = chunks.next().await.unwrap().unwrap();
+    assert_eq!(
+        &first[..],
+        b": keep-alive\n\n",
+        "the head came with a comment"
+    );
+    let mut body = first.to_vec();
+    while let Some(chunk) = chunks.next().await {
+        body.extend_from_slice(&chunk.unwrap());
+    }
+    let body = String::from_utf8(body).unwrap();
+    let (content, before, after) = stream_parts(&body);
+    assert_eq!(content, answer, "{body}");
+    assert!(
+        before >= 3,
+        "{before} keep-alives in 1.5 s at 100 ms: {body}"
+    );
+    assert_eq!(after, 0, "the mock's events come at once: {body}");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert_eq!(fallback.stats().requests.total(), 0);
+
+    let records = h.records(2).await;
+    let thinking = &records[1];
+    assert_eq!(thinking.error_kind, ErrorKind::Unspecified as i32);
+    assert_eq!(thinking.completion_tokens, records[0].completion_tokens);
+    let first_token = thinking.time_to_first_token.as_ref().unwrap();
+    let first_token = Duration::new(first_token.seconds as u64, first_token.nanos as u32);
+    assert!(
+        first_token >= Duration::from_millis(1_400),
+        "timed from the first event, not the comments: {first_token:?}"
+    );
+}
+
+/// Between events too: a model silent mid-stream keeps its client hearing a comment every
+/// `--stream-keepalive`, but the comments are not the upstream speaking: a stream silent past
+/// `idle_stream_timeout` still ends with its error event then.
+#[tokio::test]
+async fn keep_alives_fill_a_silence_but_never_hide_a_stalled_upstream() {
+    // Three events 600 ms apart, under an idle timeout of 2 s.
+    let primary = slow_mock("primary", 3, 600);
+    let h = Harness::start_with(one_primary_with_idle_timeout(&primary, 2_000), |c| {
+        c.stream_keepalive = Duration::from_millis(100);
+    })
+    .await;
+    let body = h.chat(chat_body(true)).await.text().await.unwrap();
+    let (_, _, after) = stream_parts(&body);
+    assert!(
+        after >= 4,
+        "{after} keep-alives in two 600 ms silences: {body}"
+    );
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::Unspecified as i32);
+    assert_eq!(record.completion_tokens, 3);
+
+    // The next event 3 s later, under an idle timeout of 500 ms.
+    let primary = slow_mock("primary", 3, 3_000);
+    let h = Harness::start_with(one_primary_with_idle_timeout(&primary, 500), |c| {
+        c.stream_keepalive = Duration::from_millis(100);
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let body = h.chat(chat_body(true)).await.text().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(2_500),
+        "the stream ended after {:?}: {body}",
+        started.elapsed()
+    );
+    let (_, _, after) = stream_parts(body.rsplit_once("\n\ndata: {\"error\"").unwrap().0);
+    assert!(after >= 2, "{body}");
+    assert!(body.contains("went silent"), "{body}");
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::StreamInterrupted as i32);
+}
+
+/// `--stream-keepalive 0`: no comment, and a stream is committed only at its first event, so
+/// that a model silent past `answer_timeout` is still failed over.
+#[tokio::test]
+async fn without_keep_alives_a_silent_model_is_failed_over() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let mut message = snapshot(1, pair(&primary, &fallback));
+    message.settings = with_timeouts(200, 300, 20_000);
+    let h = Harness::start_with(message, |c| c.stream_keepalive = Duration::ZERO).await;
+    primary.set_fault(Fault::ThinkingMs(1_500).times(1));
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+    let body = response.text().await.unwrap();
+    assert!(!body.contains("keep-alive"), "{body}");
+    assert!(body.starts_with("data: {"), "{body}");
+}

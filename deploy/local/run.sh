@@ -24,6 +24,8 @@
 #                     measuring what the spool costs, ./e2e/bench-cpu.sh --no-spool)
 #   --no-demo         no mock backend and no client key
 #   --no-build        run existing binaries (with --bin-dir DIR, default target/PROFILE)
+#   (SLUICE_NGINX_READ_TIMEOUT: nginx's proxy_read_timeout, 660s; shorter, as a cloud load
+#   balancer's 60 s, to see that a thinking model's stream is kept alive through it)
 # While it runs, DATA_DIR/run/cluster.env lists the ports and process ids (tests read it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,6 +37,7 @@ HTTP_PORT=${SLUICE_HTTP_PORT:-8081}
 MOCK_PORT=${SLUICE_MOCK_PORT:-9090}
 DATA_DIR=${SLUICE_DATA_DIR:-./sluice-data}
 PROFILE=${SLUICE_BUILD_PROFILE:-release}
+NGINX_READ_TIMEOUT=${SLUICE_NGINX_READ_TIMEOUT:-660s}
 DEMO=1
 BUILD=1
 SPOOL=1
@@ -52,7 +55,7 @@ while [ $# -gt 0 ]; do
     --no-spool) SPOOL=0; shift ;;
     --no-build) BUILD=0; shift ;;
     --bin-dir) BIN=$2; shift 2 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -213,7 +216,7 @@ $servers        keepalive 256;
             proxy_buffering off;
             proxy_request_buffering off;
             proxy_connect_timeout 2s;
-            proxy_read_timeout 660s;
+            proxy_read_timeout $NGINX_READ_TIMEOUT;
             proxy_send_timeout 660s;
             proxy_next_upstream error timeout;
             proxy_next_upstream_tries 3;

@@ -682,3 +682,62 @@ async fn a_control_plane_stops_within_its_grace_while_a_replica_is_frozen() {
         "{stopped_in:?}: the grace was not given"
     );
 }
+
+/// A reasoning model thinks before its first event; the front (nginx, as a cloud load
+/// balancer: AWS's and ingress-nginx's cut an answer silent for 60 s) cuts what it hears
+/// nothing of for 1 s here. With `--stream-keepalive`, the official SDKs' streams, OpenAI's and
+/// Anthropic's (translated from the OpenAI-format backend), are kept alive through it and
+/// answered whole, each sent once; a whole answer, which nothing can keep alive, is cut by
+/// the front (the SDKs would send it again, billed twice: raise the front's timeout for them).
+#[tokio::test]
+async fn a_thinking_models_streams_are_kept_alive_through_the_fronts_read_timeout() {
+    let run = LocalRun::start_with_env(
+        2,
+        &[
+            ("SLUICE_STREAM_KEEPALIVE", "250ms"),
+            ("SLUICE_NGINX_READ_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    let mock = Mock::start("a", &["m"]).await;
+    run.add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    let (_, key) = run.create_key("k", &[]).await;
+    let front = run.front();
+    eventually(Duration::from_secs(5), "the replicas route m", || async {
+        front.chat(&key, "m").await.status() == 200
+    })
+    .await;
+    let sent = mock.stats().await.requests.total();
+
+    mock.set_faults(vec![Fault::ThinkingMs(2_500).times(2)])
+        .await;
+    let out = common::python(
+        r#"
+import json, sys, openai, anthropic
+base, key = sys.argv[1], sys.argv[2]
+timeout = 30.0
+chat = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=timeout)
+stream = chat.chat.completions.create(
+    model="m", messages=[{"role": "user", "content": "x"}], stream=True)
+gpt = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+claude = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0, timeout=timeout)
+with claude.messages.stream(
+        model="m", max_tokens=64, messages=[{"role": "user", "content": "x"}]) as s:
+    text = "".join(s.text_stream)
+print(json.dumps([gpt, text]))
+"#,
+        &[&front.url(""), &key],
+    )
+    .await;
+    let [gpt, claude] = [&out[0], &out[1]].map(|v| v.as_str().unwrap().to_owned());
+    assert!(!gpt.is_empty() && gpt == claude, "{out}");
+    assert_eq!(
+        mock.stats().await.requests.total(),
+        sent + 2,
+        "each sent once"
+    );
+
+    mock.set_faults(vec![Fault::DelayMs(2_500).times(1)]).await;
+    assert_eq!(front.chat(&key, "m").await.status(), 504, "the front cuts");
+}

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::accounting::Accounting;
 use super::health::{StreamHealth, record_health};
 use super::kept_sleeps::{KeptSleeps, within};
-use super::relay::{Mode, Relay, Translation, tokens_of};
+use super::relay::{KEEP_ALIVE, Mode, Relay, Translation, tokens_of};
 use super::usage_figures::{
     UsageInPassing, usage_of_answer, usage_of_value, usage_value_of_answer,
 };
@@ -774,6 +774,11 @@ pub(super) async fn forward_call(
             memory,
             uncounted,
             endpoint: call.endpoint,
+            committed_by: app
+                .limits
+                .stream_keepalive
+                .filter(|_| stream)
+                .map(|every| acct.started() + every),
         };
         let mut outcome = attempt(&sending, spare.take(), method, uri, body).await;
         if let Some((method, uri, body)) = again
@@ -1251,6 +1256,9 @@ struct Sending<'a> {
     /// The endpoint called (`count_tokens`, legacy completions and embeddings move on from a
     /// backend without them).
     endpoint: Endpoint,
+    /// A stream whose head came but whose first event has not by then (`--stream-keepalive`
+    /// after the request arrived) is committed to without it ([`attempt`]).
+    committed_by: Option<Instant>,
 }
 
 /// One call to `to.backend`: `method` to `uri` with `body`, on the headers `spare` when given.
@@ -1275,6 +1283,7 @@ async fn attempt(
         memory: (memory, key, counts_usage),
         uncounted,
         endpoint,
+        committed_by,
     } = *to;
     let has_body = method == Method::POST;
     let mut request = Request::new(body);
@@ -1387,27 +1396,38 @@ async fn attempt(
         let mut first = BytesMut::new();
         let mut first_event_by = deadline.min(sent + event_wait);
         loop {
-            let chunk = match within(
-                sleeps,
-                move || first_event_by,
-                upstream::next_chunk(&mut upstream),
-            )
-            .await
-            {
-                Err(_) if first_event_by < deadline && !moves_on() => {
-                    first_event_by = deadline;
-                    continue;
-                }
-                Err(_) => return Err(timed_out(first_event_by, event_wait, true)),
-                // The head came: the provider has the request.
-                Ok(Err(e)) => return Err(Failure::Lost(upstream::error_chain(&*e))),
-                Ok(Ok(None)) => {
-                    return Err(Failure::Invalid(
-                        "the stream ended before its first event".into(),
-                    ));
-                }
-                Ok(Ok(Some(chunk))) => chunk,
-            };
+            let wait_by = committed_by.map_or(first_event_by, |by| by.min(first_event_by));
+            let chunk =
+                match within(sleeps, move || wait_by, upstream::next_chunk(&mut upstream)).await {
+                    // The client has heard nothing for `--stream-keepalive`: a front's read
+                    // timeout would soon cut it (and its SDK send the request again, billed
+                    // twice). The stream is committed to now, its head sent with a comment, and
+                    // the relay keeps the client hearing from it; an error or silence from here
+                    // on ends the stream as it would after its first event, with no failover.
+                    Err(_) if wait_by < first_event_by => {
+                        if first.is_empty() {
+                            first.extend_from_slice(KEEP_ALIVE);
+                        }
+                        return Ok(Answer::Stream {
+                            status,
+                            upstream,
+                            first: first.freeze(),
+                        });
+                    }
+                    Err(_) if first_event_by < deadline && !moves_on() => {
+                        first_event_by = deadline;
+                        continue;
+                    }
+                    Err(_) => return Err(timed_out(first_event_by, event_wait, true)),
+                    // The head came: the provider has the request.
+                    Ok(Err(e)) => return Err(Failure::Lost(upstream::error_chain(&*e))),
+                    Ok(Ok(None)) => {
+                        return Err(Failure::Invalid(
+                            "the stream ended before its first event".into(),
+                        ));
+                    }
+                    Ok(Ok(Some(chunk))) => chunk,
+                };
             if first.is_empty() && starts_an_event(&chunk) && !opens_with_an_error(&chunk) {
                 // The usual case: the first chunk holds the first event.
                 return Ok(Answer::Stream {
@@ -1948,6 +1968,7 @@ async fn deliver(
                 app.stopping.streams_end(),
                 health,
                 Arc::clone(&app.answer_memory),
+                app.limits.stream_keepalive,
             ));
             response
         }

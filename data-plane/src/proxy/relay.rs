@@ -42,10 +42,16 @@ use crate::upstream::{self, UpstreamBody};
 /// How long to keep reading an upstream after `[DONE]` so its connection can be reused.
 const DRAIN_AFTER_DONE: Duration = Duration::from_secs(2);
 
+/// What a stream's client is sent after `--stream-keepalive` of silence: an SSE comment,
+/// which the official SDKs, browsers' `EventSource` and any reader of the format skip.
+pub(super) const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+
 /// What to record once a frame has been handed to the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Then {
     Continue,
+    /// A comment (a keep-alive): no part of the answer, so not its first byte.
+    Aside,
     /// The stream is complete: `[DONE]` or the error event that ends an interrupted stream.
     Finish(ErrorKind),
 }
@@ -207,6 +213,12 @@ pub(super) struct Relay {
     /// The timer measures upstream silence only: it restarts when the relay is polled again
     /// after handing out a frame (time the client took to accept it does not count).
     rearm: bool,
+    /// `--stream-keepalive`: the client is sent [`KEEP_ALIVE`] once the upstream has been
+    /// silent this long, and again each time as long (the timer fires for it too; a comment
+    /// does not restart the upstream's silence, so it never hides a stalled upstream).
+    keep_alive: Option<Duration>,
+    /// When the last of those comments went (the stream's start before the first).
+    kept_alive: Instant,
     /// Holds shutdown until the stream is over, so its usage is recorded.
     _in_flight: TaskTrackerToken,
     /// Ends the stream with an error event shortly before the drain timeout runs out.
@@ -258,8 +270,10 @@ impl Relay {
         streams_end: StreamsEnd,
         health: Option<StreamHealth>,
         answers: Arc<AnswerMemory>,
+        keep_alive: Option<Duration>,
     ) -> Self {
         let now = Instant::now();
+        let silence_ends = deadline.min(now + idle_timeout);
         let mut relay = Self {
             upstream: Some(upstream),
             parser: SseParser::new(max_event_bytes),
@@ -274,9 +288,13 @@ impl Relay {
             next_sequence: 0,
             idle_timeout,
             deadline,
-            timer: Alarm::at(deadline.min(now + idle_timeout)),
+            timer: Alarm::at(
+                keep_alive.map_or(silence_ends, |every| silence_ends.min(now + every)),
+            ),
             silent_since: now,
             rearm: false,
+            keep_alive,
+            kept_alive: now,
             _in_flight: in_flight,
             streams_end,
             health,
@@ -403,7 +421,7 @@ impl Relay {
             match item {
                 Item::Comment(text) => self
                     .ready
-                    .push_back((Bytes::from(format!(":{text}\n\n")), Then::Continue)),
+                    .push_back((Bytes::from(format!(":{text}\n\n")), Then::Aside)),
                 Item::Event(event) if matches!(self.mode, Mode::Translated(_)) => {
                     if self.translate(&event) {
                         break;
@@ -645,6 +663,13 @@ impl Relay {
         } else {
             ErrorKind::Unspecified
         }
+    }
+
+    /// When the client is due its next keep-alive: `keep_alive` after the later of the last
+    /// frame handed out (as the silence counts it) and the last keep-alive.
+    fn keep_alive_due(&self) -> Option<Instant> {
+        self.keep_alive
+            .map(|every| self.silent_since.max(self.kept_alive) + every)
     }
 
     /// Records the stream's end for its backend's cooldown, once.
@@ -931,7 +956,9 @@ impl Body for Relay {
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
             if let Some((bytes, then)) = this.ready.pop_front() {
-                if let Some(acct) = &mut this.acct {
+                if let Some(acct) = &mut this.acct
+                    && then != Then::Aside
+                {
                     acct.first_byte();
                 }
                 if let Then::Finish(kind) = then {
@@ -1012,11 +1039,22 @@ impl Body for Relay {
             }
             ready!(this.timer.poll(cx));
             let due = this.deadline.min(this.silent_since + this.idle_timeout);
-            if Instant::now() < due {
-                this.timer.reset(due);
+            let now = Instant::now();
+            if now < due {
+                // Silent, but not past the idle timeout: a keep-alive when one is due.
+                if let Some(at) = this.keep_alive_due()
+                    && at <= now
+                {
+                    this.kept_alive = now;
+                    this.timer
+                        .reset(this.keep_alive_due().map_or(due, |at| at.min(due)));
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(KEEP_ALIVE)))));
+                }
+                this.timer
+                    .reset(this.keep_alive_due().map_or(due, |at| at.min(due)));
                 continue;
             }
-            if Instant::now() >= this.deadline {
+            if now >= this.deadline {
                 this.ended(None);
                 this.interrupt("the request deadline passed");
             } else {
