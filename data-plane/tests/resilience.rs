@@ -2128,13 +2128,12 @@ async fn a_stream_is_kept_alive_while_its_model_thinks() {
         body.extend_from_slice(&chunk.unwrap());
     }
     let body = String::from_utf8(body).unwrap();
-    let (content, before, after) = stream_parts(&body);
+    let (content, before, _) = stream_parts(&body);
     assert_eq!(content, answer, "{body}");
     assert!(
         before >= 3,
         "{before} keep-alives in 1.5 s at 100 ms: {body}"
     );
-    assert_eq!(after, 0, "the mock's events come at once: {body}");
     assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
     assert_eq!(fallback.stats().requests.total(), 0);
 
@@ -2208,4 +2207,54 @@ async fn without_keep_alives_a_silent_model_is_failed_over() {
     let body = response.text().await.unwrap();
     assert!(!body.contains("keep-alive"), "{body}");
     assert!(body.starts_with("data: {"), "{body}");
+}
+
+/// Once committed before its first event, a stream has no other backend to fail over to: its
+/// first event is waited for to the request's deadline, as the last candidate's is, not cut
+/// at `idle_stream_timeout` of silence, and a provider's own comments (its queue's
+/// keep-alives) do not extend that wait. No event by the deadline is its model's failure.
+#[tokio::test]
+async fn a_committed_stream_waits_for_its_first_event_to_the_deadline() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let mut message = snapshot(1, pair(&primary, &fallback));
+    message.settings = with_timeouts(200, 300, 2_500);
+    let settings = message.settings.as_mut().unwrap();
+    settings.idle_stream_timeout = Some(proto_duration(Duration::from_millis(400)));
+    settings.failure_threshold = 1;
+    let h = Harness::start_with(message, |c| {
+        c.stream_keepalive = Duration::from_millis(100);
+    })
+    .await;
+
+    // Thinking past both `answer_timeout` and `idle_stream_timeout`, answered.
+    primary.set_fault(Fault::ThinkingMs(1_200).times(1));
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    let body = response.text().await.unwrap();
+    let (content, before, _) = stream_parts(&body);
+    assert!(!content.is_empty() && before >= 3, "{body}");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+
+    // Queued, its provider sending comments, past the deadline (2.5 s).
+    primary.set_fault(Fault::QueuedMs(5_000).times(1));
+    let started = std::time::Instant::now();
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    let body = response.text().await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2_400) && took < Duration::from_millis(4_500),
+        "ended after {took:?}: {body}"
+    );
+    assert!(body.contains("no first event came"), "{body}");
+    assert!(!body.contains("data: {\"id\""), "no event: {body}");
+    let records = h.records(2).await;
+    assert_eq!(records[1].error_kind, ErrorKind::StreamInterrupted as i32);
+    // Its model's failure at the backend: it cools, and the next request goes to the
+    // fallback.
+    let event = h.first_cooldown_event().await;
+    assert_eq!(event.backend_id, "primary");
+    assert_eq!(event.model, format!("{MODEL}-at-primary"));
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
 }

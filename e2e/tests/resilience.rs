@@ -703,11 +703,8 @@ async fn a_thinking_models_streams_are_kept_alive_through_the_fronts_read_timeou
     run.add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
         .await;
     let (_, key) = run.create_key("k", &[]).await;
+    run.wait_replicas_current(2).await;
     let front = run.front();
-    eventually(Duration::from_secs(5), "the replicas route m", || async {
-        front.chat(&key, "m").await.status() == 200
-    })
-    .await;
     let sent = mock.stats().await.requests.total();
 
     mock.set_faults(vec![Fault::ThinkingMs(2_500).times(2)])

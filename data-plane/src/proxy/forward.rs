@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::accounting::Accounting;
 use super::health::{StreamHealth, record_health};
 use super::kept_sleeps::{KeptSleeps, within};
-use super::relay::{KEEP_ALIVE, Mode, Relay, Translation, tokens_of};
+use super::relay::{KEEP_ALIVE, Mode, Pending, Relay, Translation, tokens_of};
 use super::usage_figures::{
     UsageInPassing, usage_of_answer, usage_of_value, usage_value_of_answer,
 };
@@ -74,6 +74,8 @@ enum Answer {
         status: StatusCode,
         upstream: UpstreamBody,
         first: Bytes,
+        /// Committed before its first event (`--stream-keepalive`): `first` is comments.
+        early: bool,
     },
 }
 
@@ -778,7 +780,7 @@ pub(super) async fn forward_call(
                 .limits
                 .stream_keepalive
                 .filter(|_| stream)
-                .map(|every| acct.started() + every),
+                .map(|every| (acct.started() + every, every)),
         };
         let mut outcome = attempt(&sending, spare.take(), method, uri, body).await;
         if let Some((method, uri, body)) = again
@@ -811,7 +813,9 @@ pub(super) async fn forward_call(
             // when the stream ends ([`StreamHealth`]): one that breaks after its first event
             // is the backend's failure, and counted a success here it ended the backend's
             // count of consecutive failures at every such stream.
-            Ok(Answer::Stream { .. }) => Some(Outcome::Answering),
+            Ok(Answer::Stream { early: false, .. }) => Some(Outcome::Answering),
+            // Its first event, when it comes, says so ([`Pending`]).
+            Ok(Answer::Stream { early: true, .. }) => None,
             Ok(Answer::Full { .. }) => Some(Outcome::Success),
             Err(failure) => failure.health(),
         };
@@ -819,9 +823,11 @@ pub(super) async fn forward_call(
             Ok(Answer::Full { .. }) => {
                 app.metrics.attempt(&label, AttemptOutcome::ok, Some(took));
             }
-            Ok(Answer::Stream { .. }) => {
+            Ok(Answer::Stream { early, .. }) => {
                 app.metrics.attempt(&label, AttemptOutcome::ok, None);
-                app.metrics.upstream_ttft(&label, took);
+                if !early {
+                    app.metrics.upstream_ttft(&label, took);
+                }
                 acct.relaying_stream_sent_at(sent);
             }
             Err(failure) => {
@@ -920,8 +926,25 @@ pub(super) async fn forward_call(
                 // fallback's 408 or 409, which the SDKs send again, to the billed backend
                 // first): not to be sent again, as a final failure would not be.
                 let billed = acct.may_have_been_billed() && !call.bills_nothing();
-                let mut response =
-                    deliver(app, answer, acct, mode, &policy, deadline, health).await;
+                let pending = matches!(answer, Answer::Stream { early: true, .. }).then(|| {
+                    Box::new(Pending {
+                        event_by: deadline,
+                        of_model: deadline >= sent + first_event_wait(&policy),
+                        sent,
+                        metrics: Arc::clone(&app.metrics),
+                        backend: label,
+                    })
+                });
+                let mut response = deliver(
+                    app,
+                    answer,
+                    acct,
+                    mode,
+                    &policy,
+                    deadline,
+                    (health, pending),
+                )
+                .await;
                 if billed && response.status().is_client_error() {
                     not_to_be_sent_again(&mut response);
                 }
@@ -1257,9 +1280,21 @@ struct Sending<'a> {
     /// backend without them).
     endpoint: Endpoint,
     /// A stream whose head came but whose first event has not by then (`--stream-keepalive`
-    /// after the request arrived) is committed to without it ([`attempt`]).
-    committed_by: Option<Instant>,
+    /// after the request arrived) is committed to without it ([`attempt`]), and the
+    /// keep-alive's interval.
+    committed_by: Option<(Instant, Duration)>,
 }
+
+/// How long a stream's first event is waited for once its head came, to fail over: a whole
+/// answer's wait, `answer_timeout` (or `first_byte_timeout`, the longer), since a reasoning
+/// model sends it once it has thought.
+fn first_event_wait(policy: &Policy) -> Duration {
+    policy.answer_timeout.max(policy.first_byte_timeout)
+}
+
+/// At least this long (or `--stream-keepalive`, the shorter) passes between a stream's head
+/// and its commitment before its first event.
+const COMMIT_AFTER_THE_HEAD: Duration = Duration::from_secs(1);
 
 /// One call to `to.backend`: `method` to `uri` with `body`, on the headers `spare` when given.
 async fn attempt(
@@ -1322,7 +1357,7 @@ async fn attempt(
         true => policy.first_byte_timeout,
         false => policy.answer_timeout,
     };
-    let event_wait = policy.answer_timeout.max(policy.first_byte_timeout);
+    let event_wait = first_event_wait(policy);
     // Cut by the request's deadline before its own wait was over: not the backend's failure.
     let timed_out = |by: Instant, wait: Duration, of_model: bool| {
         if by < sent + wait {
@@ -1395,8 +1430,13 @@ async fn attempt(
         // a request failed over, billed, and none was ever answered.
         let mut first = BytesMut::new();
         let mut first_event_by = deadline.min(sent + event_wait);
+        // Not before a moment after the head, however late the attempt: an overloaded
+        // provider's error comes as the first event right after it (Anthropic's
+        // `overloaded_error`), and is failed over.
+        let commit_at = committed_by
+            .map(|(by, every)| by.max(Instant::now() + every.min(COMMIT_AFTER_THE_HEAD)));
         loop {
-            let wait_by = committed_by.map_or(first_event_by, |by| by.min(first_event_by));
+            let wait_by = commit_at.map_or(first_event_by, |by| by.min(first_event_by));
             let chunk =
                 match within(sleeps, move || wait_by, upstream::next_chunk(&mut upstream)).await {
                     // The client has heard nothing for `--stream-keepalive`: a front's read
@@ -1412,6 +1452,7 @@ async fn attempt(
                             status,
                             upstream,
                             first: first.freeze(),
+                            early: true,
                         });
                     }
                     Err(_) if first_event_by < deadline && !moves_on() => {
@@ -1434,6 +1475,7 @@ async fn attempt(
                     status,
                     upstream,
                     first: chunk,
+                    early: false,
                 });
             }
             first.extend_from_slice(&chunk);
@@ -1444,6 +1486,7 @@ async fn attempt(
                             status,
                             upstream,
                             first: first.freeze(),
+                            early: false,
                         });
                     }
                     FirstEvent::Failed(failure) => return Err(failure),
@@ -1831,7 +1874,7 @@ async fn deliver(
     mode: Mode,
     policy: &Policy,
     deadline: Instant,
-    health: Option<StreamHealth>,
+    (health, pending): (Option<StreamHealth>, Option<Box<Pending>>),
 ) -> Response {
     match answer {
         Answer::Full {
@@ -1940,6 +1983,7 @@ async fn deliver(
             status,
             upstream,
             first,
+            early: _,
         } => {
             let mut response = Response::new(Body::empty());
             *response.status_mut() = status;
@@ -1969,6 +2013,7 @@ async fn deliver(
                 health,
                 Arc::clone(&app.answer_memory),
                 app.limits.stream_keepalive,
+                pending,
             ));
             response
         }

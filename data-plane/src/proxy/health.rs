@@ -119,6 +119,27 @@ impl StreamHealth {
         }
     }
 
+    /// The stream's first event came after it was committed (`--stream-keepalive`): its
+    /// backend answers, as an attempt's first event says, and the stream's end is judged at
+    /// the state that leaves (see `forward_call`).
+    pub(super) fn answering(&mut self) {
+        record_health_of(
+            &self.app,
+            &self.backend_id,
+            &self.backend_name,
+            &self.model,
+            self.basis,
+            &self.policy,
+            Outcome::Answering,
+        );
+        let now = self.app.store.clock().now().instant;
+        self.basis =
+            self.app
+                .store
+                .cooldowns()
+                .restate(&self.backend_id, &self.model, self.basis, now);
+    }
+
     pub(super) fn record(self, health: Outcome) {
         record_health_of(
             &self.app,

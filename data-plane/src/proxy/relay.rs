@@ -33,6 +33,7 @@ use crate::anthropic::stream::{ChunksFromEvents, EventUsage, EventsFromChunks, F
 use crate::cooldown::{Outcome, Scope};
 use crate::deadline::Alarm;
 use crate::error::error_body;
+use crate::metrics::{Label, Metrics};
 use crate::responses::{self, IdRewrite};
 use crate::spool::Written;
 use crate::sse::{Event, Item, SseError, SseParser};
@@ -203,7 +204,9 @@ pub(super) struct Relay {
     next_sequence: u64,
     idle_timeout: Duration,
     deadline: Instant,
-    /// Fires at the idle timeout or the deadline, whichever comes first. It is moved lazily:
+    /// Fires at the idle timeout or the deadline, whichever comes first (a [`Pending`]
+    /// stream's first event's wait instead of the idle timeout), or for the next keep-alive.
+    /// It is moved lazily:
     /// when it fires early because the upstream spoke since it was set, it is set again to
     /// `silent_since + idle_timeout` (reset at every event, it was moved in tokio's timer wheel
     /// for each one).
@@ -213,12 +216,21 @@ pub(super) struct Relay {
     /// The timer measures upstream silence only: it restarts when the relay is polled again
     /// after handing out a frame (time the client took to accept it does not count).
     rearm: bool,
-    /// `--stream-keepalive`: the client is sent [`KEEP_ALIVE`] once the upstream has been
-    /// silent this long, and again each time as long (the timer fires for it too; a comment
-    /// does not restart the upstream's silence, so it never hides a stalled upstream).
+    /// `--stream-keepalive`: the client is sent [`KEEP_ALIVE`] once it has been sent nothing
+    /// this long, and again each time as long (the timer fires for it too; a comment does not
+    /// restart the upstream's silence, so it never hides a stalled upstream).
     keep_alive: Option<Duration>,
     /// When the last of those comments went (the stream's start before the first).
     kept_alive: Instant,
+    /// When the client was last handed a frame, as far as the keep-alives are concerned
+    /// (read with the upstream's silence, after the frame: see `rearm`). The upstream may
+    /// speak without the client hearing anything: a translation drops what the client's API
+    /// has no place for.
+    heard_since: Instant,
+    /// A frame was handed to the client since `heard_since` was set.
+    handed: bool,
+    /// A stream committed before its first event ([`Pending`]), until that event comes.
+    pending: Option<Box<Pending>>,
     /// Holds shutdown until the stream is over, so its usage is recorded.
     _in_flight: TaskTrackerToken,
     /// Ends the stream with an error event shortly before the drain timeout runs out.
@@ -241,6 +253,23 @@ pub(super) struct Relay {
     /// What the stream holds of the answers' memory while it reads and queues a large event
     /// (see [`Relay::count_memory`]).
     memory: HeldMemory,
+}
+
+/// A stream committed to its backend before its first event (`--stream-keepalive`): what the
+/// attempt would have judged at that event, the relay judges instead.
+pub(super) struct Pending {
+    /// The first event is waited for until then (the request's deadline: no other backend
+    /// can be asked once the head went out), not `idle_stream_timeout` of silence: the
+    /// upstream's own comments (a provider's queue keep-alives) do not extend it.
+    pub(super) event_by: Instant,
+    /// Whether no event by then is its model's failure (a wait of at least `answer_timeout`),
+    /// as for an attempt; cut shorter by the deadline, it is not.
+    pub(super) of_model: bool,
+    /// For the time to the first event (`sluice_upstream_ttft_seconds`), from the attempt's
+    /// send.
+    pub(super) sent: Instant,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) backend: Label,
 }
 
 /// The answers' memory (`--max-buffered-answer-bytes` and the key's share of it) a stream
@@ -271,9 +300,13 @@ impl Relay {
         health: Option<StreamHealth>,
         answers: Arc<AnswerMemory>,
         keep_alive: Option<Duration>,
+        pending: Option<Box<Pending>>,
     ) -> Self {
         let now = Instant::now();
-        let silence_ends = deadline.min(now + idle_timeout);
+        let silence_ends = match &pending {
+            Some(pending) => pending.event_by,
+            None => deadline.min(now + idle_timeout),
+        };
         let mut relay = Self {
             upstream: Some(upstream),
             parser: SseParser::new(max_event_bytes),
@@ -295,6 +328,9 @@ impl Relay {
             rearm: false,
             keep_alive,
             kept_alive: now,
+            heard_since: now,
+            handed: false,
+            pending,
             _in_flight: in_flight,
             streams_end,
             health,
@@ -405,6 +441,9 @@ impl Relay {
             if count_chat_usage(&mut self.acct, data, forward_usage) {
                 self.ready.push_back((chunk, Then::Continue));
             }
+            if self.pending.is_some() {
+                self.first_event_came();
+            }
             return;
         }
         let (parsed, mut chunk) = parse(&mut self.parser, chunk, &mut self.items);
@@ -474,6 +513,25 @@ impl Relay {
         {
             self.upstream_failed(&e.to_string());
         }
+        if self.events > 0 && self.pending.is_some() {
+            self.first_event_came();
+        }
+    }
+
+    /// A stream committed before its first event has it: its backend answers (its streak
+    /// ends, as an attempt's first event ends it), its time to the first event is measured,
+    /// and from now on silence is timed by `idle_stream_timeout`.
+    fn first_event_came(&mut self) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        pending
+            .metrics
+            .upstream_ttft(&pending.backend, pending.sent.elapsed());
+        if let Some(health) = &mut self.health {
+            health.answering();
+        }
+        self.timer.reset(self.next_alarm());
     }
 
     /// A Responses API event: queued with its response ids rewritten, its usage counted.
@@ -666,10 +724,25 @@ impl Relay {
     }
 
     /// When the client is due its next keep-alive: `keep_alive` after the later of the last
-    /// frame handed out (as the silence counts it) and the last keep-alive.
+    /// frame handed out and the last keep-alive.
     fn keep_alive_due(&self) -> Option<Instant> {
         self.keep_alive
-            .map(|every| self.silent_since.max(self.kept_alive) + every)
+            .map(|every| self.heard_since.max(self.kept_alive) + every)
+    }
+
+    /// When the upstream's silence ends the stream: its first event's wait while that is
+    /// [`Pending`], then `idle_timeout` of silence, never past the deadline.
+    fn silence_ends(&self) -> Instant {
+        match &self.pending {
+            Some(pending) => pending.event_by,
+            None => self.deadline.min(self.silent_since + self.idle_timeout),
+        }
+    }
+
+    /// When the timer is next needed: the silence's end or the next keep-alive.
+    fn next_alarm(&self) -> Instant {
+        let ends = self.silence_ends();
+        self.keep_alive_due().map_or(ends, |at| at.min(ends))
     }
 
     /// Records the stream's end for its backend's cooldown, once.
@@ -956,11 +1029,15 @@ impl Body for Relay {
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
             if let Some((bytes, then)) = this.ready.pop_front() {
+                // Comments, and the error event Sluice ends a stream with before any event of
+                // its upstream's, are no first token.
                 if let Some(acct) = &mut this.acct
                     && then != Then::Aside
+                    && this.events > 0
                 {
                     acct.first_byte();
                 }
+                this.handed = true;
                 if let Then::Finish(kind) = then {
                     // Its upstream's own error event ended it (Anthropic's mid-stream
                     // `overloaded_error`, OpenRouter's error chunk): the model's failure at
@@ -1002,6 +1079,9 @@ impl Body for Relay {
             }
             if std::mem::take(&mut this.rearm) {
                 this.silent_since = Instant::now();
+                if std::mem::take(&mut this.handed) {
+                    this.heard_since = this.silent_since;
+                }
             }
             match Pin::new(upstream).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -1038,23 +1118,29 @@ impl Body for Relay {
                 continue;
             }
             ready!(this.timer.poll(cx));
-            let due = this.deadline.min(this.silent_since + this.idle_timeout);
             let now = Instant::now();
-            if now < due {
-                // Silent, but not past the idle timeout: a keep-alive when one is due.
+            if now < this.silence_ends() {
+                // Silent, but not for too long: a keep-alive when one is due.
                 if let Some(at) = this.keep_alive_due()
                     && at <= now
                 {
                     this.kept_alive = now;
-                    this.timer
-                        .reset(this.keep_alive_due().map_or(due, |at| at.min(due)));
+                    this.timer.reset(this.next_alarm());
                     return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(KEEP_ALIVE)))));
                 }
-                this.timer
-                    .reset(this.keep_alive_due().map_or(due, |at| at.min(due)));
+                this.timer.reset(this.next_alarm());
                 continue;
             }
-            if now >= this.deadline {
+            if let Some(pending) = this.pending.take() {
+                // No first event in the wait an attempt would have given it (to the deadline:
+                // no other backend could take it over): its model's failure, as at an attempt,
+                // unless the deadline cut that wait short.
+                this.ended(pending.of_model.then_some(Outcome::Failure {
+                    retry_after: None,
+                    scope: Scope::Model,
+                }));
+                this.interrupt("no first event came before the request's deadline");
+            } else if now >= this.deadline {
                 this.ended(None);
                 this.interrupt("the request deadline passed");
             } else {
