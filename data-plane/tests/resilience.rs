@@ -2258,3 +2258,76 @@ async fn a_committed_stream_waits_for_its_first_event_to_the_deadline() {
     let response = h.chat(chat_body(true)).await;
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
 }
+
+/// An OpenAI-format upstream streaming a reasoning model's chunks: its role, then `reasoning`
+/// chunks `gap` apart (`count` of them), then its answer and usage.
+async fn reasoning_upstream(count: usize, gap: Duration) -> String {
+    let app = axum::Router::new().fallback(move || async move {
+        let chunk = |delta: Value| {
+            let chunk = serde_json::json!({
+                "id": "chatcmpl-r", "object": "chat.completion.chunk", "created": 0,
+                "model": MODEL, "choices": [{"index": 0, "delta": delta, "finish_reason": null}],
+            });
+            bytes::Bytes::from(format!("data: {chunk}\n\n"))
+        };
+        let mut chunks = vec![(
+            Duration::ZERO,
+            chunk(serde_json::json!({"role": "assistant"})),
+        )];
+        for _ in 0..count {
+            chunks.push((gap, chunk(serde_json::json!({"reasoning_content": "hmm"}))));
+        }
+        chunks.push((
+            Duration::ZERO,
+            chunk(serde_json::json!({"content": "Hello"})),
+        ));
+        let end = serde_json::json!({
+            "id": "chatcmpl-r", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14},
+        });
+        chunks.push((
+            Duration::ZERO,
+            bytes::Bytes::from(format!("data: {end}\n\ndata: [DONE]\n\n")),
+        ));
+        let body = futures::stream::iter(chunks).then(|(wait, bytes)| async move {
+            tokio::time::sleep(wait).await;
+            Ok::<_, std::convert::Infallible>(bytes)
+        });
+        (
+            [(http::header::CONTENT_TYPE, "text/event-stream")],
+            axum::body::Body::from_stream(body),
+        )
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/v1")
+}
+
+/// The keep-alives follow what the client hears, not what the upstream says: a reasoning
+/// model's chunks have no place in a Messages client's stream (no `thinking` block is made of
+/// them), so while the upstream speaks every 100 ms its client hears nothing, and is sent a
+/// comment every `--stream-keepalive`.
+#[tokio::test]
+async fn keep_alives_follow_what_the_client_hears() {
+    let upstream = reasoning_upstream(15, Duration::from_millis(100)).await;
+    let h = Harness::start_with(one_primary_snapshot(&upstream), |c| {
+        c.stream_keepalive = Duration::from_millis(300);
+    })
+    .await;
+    let body = serde_json::json!({
+        "model": MODEL, "max_tokens": 64, "stream": true,
+        "messages": [{"role": "user", "content": "hi"}],
+    });
+    let response = h.post("/v1/messages", KEY, &body).await;
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    let thinking = body
+        .split_once("event: content_block_start")
+        .map_or(body.as_str(), |(before, _)| before);
+    let comments = thinking.matches(": keep-alive\n\n").count();
+    assert!(comments >= 2, "{comments} in 1.5 s of reasoning: {body}");
+    assert!(body.contains("\"text\":\"Hello\""), "{body}");
+    assert!(body.contains("event: message_stop"), "{body}");
+}

@@ -123,15 +123,7 @@ impl StreamHealth {
     /// backend answers, as an attempt's first event says, and the stream's end is judged at
     /// the state that leaves (see `forward_call`).
     pub(super) fn answering(&mut self) {
-        record_health_of(
-            &self.app,
-            &self.backend_id,
-            &self.backend_name,
-            &self.model,
-            self.basis,
-            &self.policy,
-            Outcome::Answering,
-        );
+        self.note(Outcome::Answering);
         let now = self.app.store.clock().now().instant;
         self.basis =
             self.app
@@ -141,6 +133,10 @@ impl StreamHealth {
     }
 
     pub(super) fn record(self, health: Outcome) {
+        self.note(health);
+    }
+
+    fn note(&self, health: Outcome) {
         record_health_of(
             &self.app,
             &self.backend_id,
