@@ -206,6 +206,16 @@ pub struct BackendAddArgs {
         value_parser = parse_long_context
     )]
     pub long_contexts: Vec<LongContextArg>,
+    /// A --model's prices of audio tokens, per million: MODEL:IN/OUT, its prompt's audio
+    /// (usage.prompt_tokens_details.audio_tokens) at IN and its spoken answer's
+    /// (completion_tokens_details.audio_tokens) at OUT, e.g. gpt-audio:32/64; either left
+    /// empty (gpt-audio:32/) costs the text's price; repeat for each model.
+    #[arg(
+        long = "audio-price",
+        value_name = "MODEL:IN/OUT",
+        value_parser = parse_audio_price
+    )]
+    pub audio_prices: Vec<AudioPriceArg>,
     #[command(flatten)]
     pub api_key: ApiKeyArgs,
 }
@@ -290,6 +300,16 @@ pub struct BackendUpdateArgs {
         requires = "models"
     )]
     pub long_contexts: Vec<LongContextArg>,
+    /// A --model's prices of audio tokens, MODEL:IN/OUT per million (see `backend add
+    /// --help`), or MODEL:none to charge audio as text; a model given none keeps its own
+    /// (needs --model).
+    #[arg(
+        long = "audio-price",
+        value_name = "MODEL:IN/OUT|MODEL:none",
+        value_parser = parse_audio_price,
+        requires = "models"
+    )]
+    pub audio_prices: Vec<AudioPriceArg>,
     #[command(flatten)]
     pub api_key: ApiKeyArgs,
 }
@@ -798,6 +818,49 @@ fn parse_named(spec: &str, number: &str, format: &str) -> Result<(String, String
     Ok((model.to_owned(), name.to_owned(), value))
 }
 
+/// An `--audio-price` of `backend add` and `backend update`: a `--model`'s prices of audio
+/// prompt and completion tokens per million, each `None` for the text's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AudioPriceArg {
+    pub model: String,
+    pub input: Option<f64>,
+    pub output: Option<f64>,
+}
+
+const AUDIO_PRICE_FORMAT: &str = "expected MODEL:IN/OUT (e.g. gpt-audio:32/64) or MODEL:none";
+
+/// Parses `MODEL:IN/OUT` (either price may be empty: the text's) or `MODEL:none`; the model
+/// is what precedes the last `:`.
+pub fn parse_audio_price(spec: &str) -> Result<AudioPriceArg, String> {
+    let (model, prices) = spec.rsplit_once(':').ok_or(AUDIO_PRICE_FORMAT)?;
+    let model = model.trim();
+    if model.is_empty() {
+        return Err(AUDIO_PRICE_FORMAT.to_owned());
+    }
+    let (input, output) = match prices.trim() {
+        "none" => (None, None),
+        prices => {
+            let (input, output) = prices.split_once('/').ok_or(AUDIO_PRICE_FORMAT)?;
+            let price = |price: &str| match price.trim() {
+                "" => Ok(None),
+                price => match price.parse::<f64>() {
+                    Ok(p) if p.is_finite() && p >= 0.0 => Ok(Some(p)),
+                    _ => Err(format!(
+                        "price {price:?} is not a number ≥ 0 (per million tokens); \
+                         {AUDIO_PRICE_FORMAT}"
+                    )),
+                },
+            };
+            (price(input)?, price(output)?)
+        }
+    };
+    Ok(AudioPriceArg {
+        model: model.to_owned(),
+        input,
+        output,
+    })
+}
+
 /// A `--long-context` of `backend add` and `backend update`: a `--model`'s long-context band,
 /// or `None` to take it off.
 #[derive(Debug, Clone, PartialEq)]
@@ -1076,6 +1139,24 @@ mod tests {
             None
         );
         assert!(parse_model_route("gpt-4o:gpt-4o:2.5/x:10").is_err());
+    }
+
+    #[test]
+    fn an_audio_price_is_two_prices_either_left_to_the_texts() {
+        let parsed = |spec| {
+            let arg = parse_audio_price(spec).unwrap();
+            (arg.model, arg.input, arg.output)
+        };
+        assert_eq!(
+            parsed("gpt-audio:32/64"),
+            ("gpt-audio".into(), Some(32.0), Some(64.0))
+        );
+        assert_eq!(parsed("m:/64"), ("m".into(), None, Some(64.0)));
+        assert_eq!(parsed("llama:8b:1/"), ("llama:8b".into(), Some(1.0), None));
+        assert_eq!(parsed("m:none"), ("m".into(), None, None));
+        for bad in ["m", "m:32", ":1/2", "m:-1/2", "m:1/x", "m:NaN/1", "m:1/2/3"] {
+            assert!(parse_audio_price(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -293,6 +293,13 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
     if calls_priced {
         header.push("CALL PRICES /1K");
     }
+    // Audio's prices likewise (`--audio-price`'s form: `32/64`, the text's where unset).
+    let audio_priced = backend.models.iter().any(|model| {
+        model.audio_input_price_per_mtok.is_some() || model.audio_output_price_per_mtok.is_some()
+    });
+    if audio_priced {
+        header.push("AUDIO IN/OUT");
+    }
     let models = grid(
         &header,
         backend
@@ -341,6 +348,17 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
                             .call_prices
                             .iter()
                             .map(|c| (&*c.tool, c.price_per_thousand_calls)),
+                    ));
+                }
+                if audio_priced {
+                    row.push(format!(
+                        "{}/{}",
+                        model
+                            .audio_input_price_per_mtok
+                            .unwrap_or(model.input_price_per_mtok),
+                        model
+                            .audio_output_price_per_mtok
+                            .unwrap_or(model.output_price_per_mtok)
                     ));
                 }
                 row

@@ -36,6 +36,9 @@ pub struct ModelRoute {
     pub long_context: Option<LongContextPrices>,
     /// The tools the provider bills by the call, each with its price per 1,000 calls.
     pub call_prices: Vec<(String, f64)>,
+    /// Audio prompt and completion tokens; `None` charges the input or output price.
+    pub audio_input_price_per_mtok: Option<f64>,
+    pub audio_output_price_per_mtok: Option<f64>,
 }
 
 /// What a route's prices are multiplied by for a request whose prompt is more than
@@ -306,6 +309,8 @@ impl BackendSpec {
                 Some(&mut model.output_price_per_mtok),
                 model.cached_input_price_per_mtok.as_mut(),
                 model.cache_write_price_per_mtok.as_mut(),
+                model.audio_input_price_per_mtok.as_mut(),
+                model.audio_output_price_per_mtok.as_mut(),
             ]
             .into_iter()
             .flatten()
@@ -322,6 +327,14 @@ impl BackendSpec {
                 (
                     model.cache_write_price_per_mtok.unwrap_or(0.0),
                     "cache_write_price_per_mtok",
+                ),
+                (
+                    model.audio_input_price_per_mtok.unwrap_or(0.0),
+                    "audio_input_price_per_mtok",
+                ),
+                (
+                    model.audio_output_price_per_mtok.unwrap_or(0.0),
+                    "audio_output_price_per_mtok",
                 ),
             ] {
                 if !(0.0..=MAX_PRICE_PER_MTOK).contains(&price) {
@@ -542,6 +555,8 @@ impl ModelRoute {
                 .iter()
                 .map(|c| (c.tool.clone(), c.price_per_thousand_calls))
                 .collect(),
+            audio_input_price_per_mtok: model.audio_input_price_per_mtok,
+            audio_output_price_per_mtok: model.audio_output_price_per_mtok,
         }
     }
 
@@ -575,6 +590,8 @@ impl ModelRoute {
                     price_per_thousand_calls: *price,
                 })
                 .collect(),
+            audio_input_price_per_mtok: self.audio_input_price_per_mtok,
+            audio_output_price_per_mtok: self.audio_output_price_per_mtok,
         }
     }
 }
@@ -927,6 +944,29 @@ mod tests {
         );
         writes.models[0].cache_write_price_per_mtok = Some(3.75);
         assert!(writes.validated().is_ok());
+        for (input, output, field) in [
+            (Some(-1.0), None, "audio_input_price_per_mtok"),
+            (None, Some(f64::NAN), "audio_output_price_per_mtok"),
+            (None, Some(1e306), "audio_output_price_per_mtok"),
+        ] {
+            let mut audio = spec();
+            audio.models[0].audio_input_price_per_mtok = input;
+            audio.models[0].audio_output_price_per_mtok = output;
+            assert_eq!(
+                audio.validated().unwrap_err().field,
+                format!("backend.models[0].{field}")
+            );
+        }
+        let mut audio = spec();
+        audio.models[0].audio_input_price_per_mtok = Some(-0.0);
+        audio.models[0].audio_output_price_per_mtok = Some(64.0);
+        let audio = audio.validated().unwrap();
+        assert_eq!(
+            audio.models[0]
+                .audio_input_price_per_mtok
+                .map(|p| p.to_string()),
+            Some("0".into())
+        );
     }
 
     #[test]

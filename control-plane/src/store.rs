@@ -165,6 +165,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0022_price_tiers.sql"),
     include_str!("../../migrations/0023_long_context.sql"),
     include_str!("../../migrations/0024_call_prices.sql"),
+    include_str!("../../migrations/0025_audio_prices.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

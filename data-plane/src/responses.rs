@@ -207,6 +207,9 @@ fn usage(json: &str) -> Option<Tokens> {
         // OpenAI's GPT-5.6 and later bill these at 1.25 times the input price.
         cache_write: written.unwrap_or(0),
         cache_write_1h: 0,
+        // The Responses API takes no audio in and speaks none out: none is reported.
+        audio_prompt: 0,
+        audio_completion: 0,
         unshown: 0,
     })
 }

@@ -576,6 +576,10 @@ impl Snapshot {
                             model.cache_write_price_per_mtok,
                             model.output_price_per_mtok,
                         )
+                        .with_audio(
+                            model.audio_input_price_per_mtok,
+                            model.audio_output_price_per_mtok,
+                        )
                         .with_long_context(model.long_context.map(|l| LongContext {
                             above: l.above_prompt_tokens,
                             input: l.input_multiplier,

@@ -1041,6 +1041,10 @@ pub struct Tokens {
     /// Of `cache_write`, written to Anthropic's 1-hour cache (priced apart, not recorded
     /// apart).
     pub cache_write_1h: u64,
+    /// Of `prompt` and of `completion`, audio (OpenAI's `prompt_tokens_details.audio_tokens`
+    /// and `completion_tokens_details.audio_tokens`: priced apart, not recorded apart).
+    pub audio_prompt: u64,
+    pub audio_completion: u64,
     /// What an OpenAI-format `total_tokens` holds beyond prompt + completion when no reasoning
     /// is reported: Google's OpenAI-compatible endpoint counts a thinking model's thoughts
     /// there alone, and bills them as output. Counted, as reasoning, only for a backend on
@@ -1089,6 +1093,8 @@ impl Tokens {
             reasoning,
             cache_write,
             cache_write_1h: 0,
+            audio_prompt: 0,
+            audio_completion: 0,
             unshown,
         }
     }

@@ -375,6 +375,9 @@ async fn the_dashboard_in_a_browser() {
         )
         .await;
     browser
+        .type_into("#bf-models .model-row input[name=audio_prices]", "32/")
+        .await;
+    browser
         .type_into("#bf-api-key", "sk-gamma-secret-4321")
         .await;
     browser.click("#bf-save").await;
@@ -416,6 +419,9 @@ async fn the_dashboard_in_a_browser() {
     assert_eq!(gamma.models[0].input_price_per_mtok, 0.15);
     assert_eq!(gamma.models[0].cached_input_price_per_mtok, Some(0.075));
     assert_eq!(gamma.models[0].cache_write_price_per_mtok, Some(0.1875));
+    // Audio in at 32, out at the output price.
+    assert_eq!(gamma.models[0].audio_input_price_per_mtok, Some(32.0));
+    assert_eq!(gamma.models[0].audio_output_price_per_mtok, None);
     let tiers = |route: &pb::ModelRoute| {
         route
             .tier_multipliers
@@ -488,6 +494,12 @@ async fn the_dashboard_in_a_browser() {
             .eval("document.querySelector('#bf-models .model-row input[name=call_prices]').value")
             .await,
         json!("web_search=10, file_search=2.5")
+    );
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#bf-models .model-row input[name=audio_prices]').value")
+            .await,
+        json!("32/")
     );
     browser.type_into("#bf-priority", "7").await;
     browser
@@ -580,6 +592,26 @@ async fn the_dashboard_in_a_browser() {
         "",
     )
     .await;
+    // Audio prices are two, each a price or empty.
+    set_value(
+        &browser,
+        "#bf-models .model-row input[name=audio_prices]",
+        "32",
+    )
+    .await;
+    browser.click("#bf-save").await;
+    browser
+        .wait_for(
+            "document.querySelector('.model-row [data-field=audio_prices] .field-error').textContent !== ''",
+            "the audio prices' error",
+        )
+        .await;
+    set_value(
+        &browser,
+        "#bf-models .model-row input[name=audio_prices]",
+        "",
+    )
+    .await;
     // An empty figure is a mistake, not a free output.
     set_value(
         &browser,
@@ -616,6 +648,7 @@ async fn the_dashboard_in_a_browser() {
     assert_eq!(cleared.models[0].cache_write_price_per_mtok, None);
     assert!(cleared.models[0].tier_multipliers.is_empty());
     assert!(cleared.models[0].call_prices.is_empty());
+    assert_eq!(cleared.models[0].audio_input_price_per_mtok, None);
     assert_eq!(cleared.models[0].long_context, None);
     assert_eq!(cleared.models[0].input_price_per_mtok, 0.15);
     assert_eq!(edited.api_key_hint, "4321", "the key is kept");

@@ -1334,7 +1334,7 @@ print(json.dumps(out))
 
 /// `sluicectl backend add --name openai` for `mock`, its provider key from the environment as an
 /// operator gives it, with `args` (its routes, their prices, tiers and bands).
-async fn add_openai_with_sluicectl(cluster: &Cluster, mock: &Mock, args: &[&str]) {
+pub(crate) async fn add_openai_with_sluicectl(cluster: &Cluster, mock: &Mock, args: &[&str]) {
     let added = tokio::process::Command::new(sluice_e2e::process::workspace_bin("sluicectl"))
         .args([
             "--endpoint",

@@ -62,6 +62,9 @@ async fn the_largest_supported_configuration_reaches_replicas_and_sluicectl() {
                             cache_write_price_per_mtok: Some(3.125),
                             long_context: None,
                             call_prices: Vec::new(),
+                            // Voice models alone price audio apart.
+                            audio_input_price_per_mtok: None,
+                            audio_output_price_per_mtok: None,
                             tier_multipliers: vec![("priority".into(), 2.0), ("flex".into(), 0.5)],
                         })
                         .collect(),

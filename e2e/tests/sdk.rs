@@ -334,3 +334,79 @@ except openai.APITimeoutError:
     let sent = a.stats().await.requests.total() + b.stats().await.requests.total();
     assert_eq!(sent, 2, "each backend's attempt once");
 }
+
+/// A voice model's audio bills at many times its text: OpenAI's gpt-audio $32 a million audio
+/// tokens in and $64 out, against $2.50 and $10 for text. A route priced so (`sluicectl
+/// --audio-price`) charges each answer's audio, prompt and spoken completion, as its `usage`
+/// counts it (`prompt_tokens_details.audio_tokens`, `completion_tokens_details.audio_tokens`),
+/// whole and streamed, with openai-python sending a recording and asking for speech.
+#[tokio::test]
+async fn audio_is_spent_at_the_routes_audio_prices() {
+    let cluster = Cluster::start().await;
+    let mock = Mock::start("voice", &["gpt-audio-up"]).await;
+    crate::gateway::add_openai_with_sluicectl(
+        &cluster,
+        &mock,
+        &[
+            "--model",
+            "gpt-audio:gpt-audio-up:2.5:10",
+            "--audio-price",
+            "gpt-audio:32/64",
+        ],
+    )
+    .await;
+    let shown = cluster.sluicectl(&["backend", "get", "openai"]).await;
+    assert!(
+        shown.contains("AUDIO IN/OUT") && shown.contains("32/64"),
+        "{shown}"
+    );
+    let (_, key) = cluster.create_key("listening", &[]).await;
+    let key_id = cluster.client_key("listening").await.id;
+    let proxy = cluster.proxy().await;
+    let out = common::python(
+        r#"
+import base64, json, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
+wav = base64.b64encode(b"RIFF" + bytes(2_000)).decode()
+hear = [{"role": "user", "content": [
+    {"type": "text", "text": "what is said here"},
+    {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]}]
+out = []
+for speak in [{}, {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}]:
+    u = c.chat.completions.create(model="gpt-audio", messages=hear, **speak).usage
+    out.append([u.prompt_tokens, u.prompt_tokens_details.audio_tokens,
+                u.completion_tokens, u.completion_tokens_details.audio_tokens])
+    chunks = c.chat.completions.create(model="gpt-audio", messages=hear, stream=True,
+                                       stream_options={"include_usage": True}, **speak)
+    u = [chunk.usage for chunk in chunks if chunk.usage][-1]
+    out.append([u.prompt_tokens, u.prompt_tokens_details.audio_tokens,
+                u.completion_tokens, u.completion_tokens_details.audio_tokens])
+print(json.dumps(out))
+"#,
+        &[&proxy.url("/v1"), &key],
+    )
+    .await;
+    let answers: Vec<[u64; 4]> = serde_json::from_value(out).unwrap();
+    // Every answer heard the recording; the last two spoke.
+    assert!(answers.iter().all(|a| a[1] > 0), "{answers:?}");
+    assert_eq!(
+        answers.iter().map(|a| a[3] > 0).collect::<Vec<_>>(),
+        [false, false, true, true]
+    );
+    // Nano-units a token: a price per million × 1,000.
+    let billed: u64 = answers
+        .iter()
+        .map(|&[prompt, audio_in, completion, audio_out]| {
+            (prompt - audio_in) * 2_500
+                + audio_in * 32_000
+                + (completion - audio_out) * 10_000
+                + audio_out * 64_000
+        })
+        .sum();
+    eventually(
+        Duration::from_secs(30),
+        "the key's spend is the provider's bill",
+        || async { (cluster.client_key(&key_id).await.spend * 1e9).round() as u64 == billed },
+    )
+    .await;
+}

@@ -48,6 +48,9 @@ fn snapshot() -> pb::Snapshot {
                     // The supported configuration prices no tool's calls (a route that does
                     // is rare: the snapshot's sizes above hold without them).
                     call_prices: Vec::new(),
+                    // Voice models alone price audio apart.
+                    audio_input_price_per_mtok: None,
+                    audio_output_price_per_mtok: None,
                     // OpenAI's two: priority and flex.
                     tier_multipliers: vec![
                         pb::TierMultiplier {

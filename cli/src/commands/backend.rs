@@ -6,8 +6,8 @@ use sluice_proto::v1 as pb;
 use sluice_proto::wkt::FieldMask;
 
 use crate::args::{
-    ApiKeyArgs, BackendAddArgs, BackendCommand, BackendUpdateArgs, CallPriceArg, LongContextArg,
-    ResponsesApi, TierArg,
+    ApiKeyArgs, AudioPriceArg, BackendAddArgs, BackendCommand, BackendUpdateArgs, CallPriceArg,
+    LongContextArg, ResponsesApi, TierArg,
 };
 use crate::connection::Connection;
 use crate::error::Error;
@@ -131,6 +131,7 @@ fn create_request(args: BackendAddArgs) -> Result<pb::CreateBackendRequest, Erro
             args.tiers,
             args.call_prices,
             args.long_contexts,
+            args.audio_prices,
         )?,
         rpm_limit: args.rpm,
         tpm_limit: args.tpm_limit,
@@ -171,6 +172,7 @@ fn with_prices_by_answer(
     tiers: Vec<TierArg>,
     calls: Vec<CallPriceArg>,
     long: Vec<LongContextArg>,
+    audio: Vec<AudioPriceArg>,
 ) -> Result<Vec<pb::ModelRoute>, Error> {
     fn route<'a>(
         models: &'a mut [pb::ModelRoute],
@@ -195,6 +197,16 @@ fn with_prices_by_answer(
     for LongContextArg { model, band } in long {
         route(&mut models, &model, "--long-context")?.long_context = band;
     }
+    for AudioPriceArg {
+        model,
+        input,
+        output,
+    } in audio
+    {
+        let route = route(&mut models, &model, "--audio-price")?;
+        route.audio_input_price_per_mtok = input;
+        route.audio_output_price_per_mtok = output;
+    }
     Ok(models)
 }
 
@@ -202,7 +214,8 @@ fn with_prices_by_answer(
 /// whether its prices do (none were given), whether its long-context band does (no
 /// `--long-context` names it), and whether `default_max_tokens` does (no
 /// `--default-max-tokens`); their price tiers and tools' prices always do, those `--tier` and
-/// `--call-price` name set over them.
+/// `--call-price` name set over them; and whether its audio prices do (no `--audio-price`
+/// names it).
 /// `None` when there are no routes.
 fn keeps_from_stored(args: &BackendUpdateArgs) -> Option<Kept> {
     let prices: Vec<bool> = args.models.iter().map(|m| !m.priced).collect();
@@ -211,10 +224,16 @@ fn keeps_from_stored(args: &BackendUpdateArgs) -> Option<Kept> {
         .iter()
         .map(|m| !args.long_contexts.iter().any(|l| l.model == m.route.name))
         .collect();
+    let audio = args
+        .models
+        .iter()
+        .map(|m| !args.audio_prices.iter().any(|a| a.model == m.route.name))
+        .collect();
     let max_tokens = args.default_max_tokens.is_none();
     (!args.models.is_empty()).then_some(Kept {
         prices,
         long,
+        audio,
         max_tokens,
     })
 }
@@ -223,6 +242,7 @@ fn keeps_from_stored(args: &BackendUpdateArgs) -> Option<Kept> {
 struct Kept {
     prices: Vec<bool>,
     long: Vec<bool>,
+    audio: Vec<bool>,
     max_tokens: bool,
 }
 
@@ -232,8 +252,8 @@ struct Kept {
 /// long-context band or its
 /// `default_max_tokens`. A name the backend does not have yet keeps 0.
 fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: &[pb::ModelRoute]) {
-    let keeps = kept.prices.iter().zip(&kept.long);
-    for (route, (keep_prices, keep_long)) in routes.iter_mut().zip(keeps) {
+    let keeps = kept.prices.iter().zip(&kept.long).zip(&kept.audio);
+    for (route, ((keep_prices, keep_long), keep_audio)) in routes.iter_mut().zip(keeps) {
         let Some(old) = stored.iter().find(|old| old.name == route.name) else {
             continue;
         };
@@ -253,6 +273,10 @@ fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: 
         });
         if *keep_long {
             route.long_context = old.long_context;
+        }
+        if *keep_audio {
+            route.audio_input_price_per_mtok = old.audio_input_price_per_mtok;
+            route.audio_output_price_per_mtok = old.audio_output_price_per_mtok;
         }
         if kept.max_tokens {
             route.default_max_tokens = old.default_max_tokens;
@@ -318,6 +342,7 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
             args.tiers,
             args.call_prices,
             args.long_contexts,
+            args.audio_prices,
         )?;
         set("models");
     }
@@ -481,6 +506,51 @@ mod tests {
         assert!(!backend.enabled);
         assert_eq!(backend.models.len(), 2);
         assert_eq!(backend.models[1].upstream_name, "c");
+    }
+
+    #[test]
+    fn a_models_audio_prices_are_those_given_else_its_stored_ones() {
+        let args = update_args(&[
+            "b1",
+            "--model",
+            "a::1:2",
+            "--model",
+            "b",
+            "--model",
+            "c",
+            "--audio-price",
+            "b:40/",
+            "--audio-price",
+            "c:none",
+        ]);
+        let kept = keeps_from_stored(&args).unwrap();
+        let mut request = update_request(args).unwrap();
+        let routes = &mut request.backend.as_mut().unwrap().models;
+        let stored = |name: &str| pb::ModelRoute {
+            name: name.into(),
+            audio_input_price_per_mtok: Some(32.0),
+            audio_output_price_per_mtok: Some(64.0),
+            ..Default::default()
+        };
+        keep_stored_route_fields(routes, &kept, &[stored("a"), stored("b"), stored("c")]);
+        let audio: Vec<_> = routes
+            .iter()
+            .map(|r| (r.audio_input_price_per_mtok, r.audio_output_price_per_mtok))
+            .collect();
+        // Re-listed with new text prices, `a` keeps its audio's; `b` and `c` get theirs.
+        assert_eq!(
+            audio,
+            [(Some(32.0), Some(64.0)), (Some(40.0), None), (None, None)]
+        );
+        let error = update_request(update_args(&[
+            "b1",
+            "--model",
+            "a",
+            "--audio-price",
+            "z:1/2",
+        ]))
+        .unwrap_err();
+        assert!(error.to_string().contains("--audio-price z"), "{error}");
     }
 
     #[test]

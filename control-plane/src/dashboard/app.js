@@ -776,6 +776,7 @@
       cell('long_context', { name: 'long_context', 'aria-label': 'Long-context band: past ABOVE prompt tokens, the input prices times IN and the output price times OUT, as ABOVE:IN:OUT (empty: none)', placeholder: '272000:2:1.5', spellcheck: 'false' }),
       cell('tier_multipliers', { name: 'tiers', 'aria-label': 'Price tiers: what the prices are multiplied by at each tier the answer reports, as TIER=MULTIPLIER, comma-separated', placeholder: 'priority=2, flex=0.5', spellcheck: 'false' }),
       cell('call_prices', { name: 'call_prices', 'aria-label': 'Call prices: what 1,000 calls of each tool the provider runs cost, as TOOL=PRICE, comma-separated', placeholder: 'web_search=10', spellcheck: 'false' }),
+      cell('audio_prices', { name: 'audio_prices', 'aria-label': 'Audio prices per million tokens, of the prompt and of the completion, as IN/OUT (empty, or either left empty: the text prices)', placeholder: '32/64', spellcheck: 'false' }),
       h('td', null, h('button', {
         type: 'button',
         class: 'secondary small',
@@ -794,6 +795,8 @@
     input('call_prices').value = callPricesOf(model).map((c) => `${c.tool}=${c.pricePerThousandCalls}`).join(', ');
     const band = longOf(model);
     input('long_context').value = band ? `${band.abovePromptTokens}:${band.inputMultiplier}:${band.outputMultiplier}` : '';
+    const audio = audioOf(model);
+    input('audio_prices').value = audio.input === undefined && audio.output === undefined ? '' : `${audio.input ?? ''}/${audio.output ?? ''}`;
     if (model) rowModels.set(row, model);
     $('#bf-models').append(row);
   }
@@ -806,6 +809,26 @@
   /** A route's tools' prices as loaded (the JSON API leaves out an empty list, and a 0). */
   function callPricesOf(model) {
     return ((model && model.callPrices) || []).map((c) => ({ tool: c.tool || '', pricePerThousandCalls: num(c.pricePerThousandCalls) }));
+  }
+
+  /** A route's audio prices as loaded, each undefined when unset (the text price). */
+  function audioOf(model) {
+    const price = (p) => (typeof p === 'number' ? p : undefined);
+    return { input: price(model && model.audioInputPricePerMtok), output: price(model && model.audioOutputPricePerMtok) };
+  }
+
+  /**
+   * The audio prices written in a model row, `IN/OUT` (`32/64`; either empty for the text's):
+   * { input, output }, each undefined when unset; null when the text is not that.
+   */
+  function parseAudio(text) {
+    const trimmed = text.trim();
+    if (trimmed === '') return { input: undefined, output: undefined };
+    const parts = trimmed.split('/').map((p) => p.trim());
+    if (parts.length !== 2) return null;
+    const [input, output] = parts.map((p) => (p === '' ? undefined : Number(p)));
+    const ok = (p) => p === undefined || (Number.isFinite(p) && p >= 0 && p <= 1e6);
+    return ok(input) && ok(output) ? { input, output } : null;
   }
 
   /** A route's long-context band as loaded (the JSON API writes its threshold as a string), or null. */
@@ -872,6 +895,8 @@
         tierMultipliers: tiersOf(m),
         callPrices: callPricesOf(m),
         longContext: longOf(m),
+        audioInputPricePerMtok: audioOf(m).input,
+        audioOutputPricePerMtok: audioOf(m).output,
       })),
       apiFormat: b.apiFormat === 'API_FORMAT_ANTHROPIC' ? 'API_FORMAT_ANTHROPIC' : 'API_FORMAT_OPENAI',
       anthropicVersion: (b.anthropicVersion || '').trim(),
@@ -1033,6 +1058,11 @@
         showFieldError(form, 'call_prices', 'write TOOL=PRICE, comma-separated (web_search=10): a tool in a-z, 0-9, _ and -, a price per 1,000 calls from 0 to 1000000', i);
         bad = true;
       }
+      const audio = parseAudio(input('audio_prices').value);
+      if (audio === null) {
+        showFieldError(form, 'audio_prices', 'write IN/OUT (32/64): prices per million audio tokens from 0 to 1000000, either empty for the text price; empty for the text prices', i);
+        bad = true;
+      }
       models.push({
         ...(rowModels.get(row) || {}),
         name: input('model_name').value.trim(),
@@ -1045,6 +1075,8 @@
         tierMultipliers: (tiers || []).map(([tier, multiplier]) => ({ tier, multiplier })),
         callPrices: (calls || []).map(([tool, pricePerThousandCalls]) => ({ tool, pricePerThousandCalls })),
         longContext,
+        audioInputPricePerMtok: audio ? audio.input : undefined,
+        audioOutputPricePerMtok: audio ? audio.output : undefined,
       });
     });
     if (bad) return;

@@ -235,8 +235,9 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
                                      cached_input_price_per_mtok, default_max_tokens,
                                      cache_write_price_per_mtok, tier_multipliers,
                                      long_context_above, long_context_input_multiplier,
-                                     long_context_output_multiplier, call_prices)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                                     long_context_output_multiplier, call_prices,
+                                     audio_input_price_per_mtok, audio_output_price_per_mtok)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
     )?;
     for (position, m) in models.iter().enumerate() {
         stmt.execute(params![
@@ -255,7 +256,9 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
                 .map(|l| i64::try_from(l.above_prompt_tokens).unwrap_or(i64::MAX)),
             m.long_context.map(|l| l.input_multiplier),
             m.long_context.map(|l| l.output_multiplier),
-            pairs_to_db(&m.call_prices)
+            pairs_to_db(&m.call_prices),
+            m.audio_input_price_per_mtok,
+            m.audio_output_price_per_mtok,
         ])?;
     }
     Ok(())
@@ -272,7 +275,8 @@ fn pairs_to_db(pairs: &[(String, f64)]) -> String {
 const ROUTE_COLUMNS: &str = "name, upstream_name, input_price_per_mtok, output_price_per_mtok,
     cached_input_price_per_mtok, default_max_tokens, cache_write_price_per_mtok,
     tier_multipliers, long_context_above, long_context_input_multiplier,
-    long_context_output_multiplier, call_prices";
+    long_context_output_multiplier, call_prices, audio_input_price_per_mtok,
+    audio_output_price_per_mtok";
 
 /// A model route from [`ROUTE_COLUMNS`], the first of them at `first`.
 fn route_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<ModelRoute> {
@@ -287,6 +291,8 @@ fn route_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Model
         tier_multipliers: pairs_from_db(r, first + 7)?,
         long_context: long_context_from_db(r, first + 8)?,
         call_prices: pairs_from_db(r, first + 11)?,
+        audio_input_price_per_mtok: r.get(first + 12)?,
+        audio_output_price_per_mtok: r.get(first + 13)?,
     })
 }
 

@@ -112,6 +112,9 @@ struct Ledger {
     /// Of the record's `cache_write_prompt_tokens`, those written to Anthropic's 1-hour cache:
     /// priced at their own rate, not kept in the record.
     cache_write_1h: u64,
+    /// Of the record's prompt and completion tokens, audio: priced at the route's audio
+    /// prices, not kept in the record.
+    audio: (u64, u64),
     /// The last attempt was never sent: this replica could not open its connection (out of
     /// file descriptors). No provider saw it.
     unsent: bool,
@@ -180,6 +183,7 @@ impl Accounting {
             untiered_reserve: 0,
             billed_failure: false,
             cache_write_1h: 0,
+            audio: (0, 0),
             unsent: false,
             done: false,
         }))
@@ -371,6 +375,7 @@ impl Accounting {
         self.0.record.reasoning_tokens = tokens.reasoning;
         self.0.record.cache_write_prompt_tokens = tokens.cache_write;
         self.0.cache_write_1h = tokens.cache_write_1h;
+        self.0.audio = (tokens.audio_prompt, tokens.audio_completion);
     }
 
     /// Reads what `text`, the answer (or the stream event) whose usage was counted, says
@@ -524,6 +529,8 @@ impl Accounting {
             cache_write: record.cache_write_prompt_tokens,
             cache_write_1h: self.0.cache_write_1h,
             completion: record.completion_tokens,
+            audio_prompt: self.0.audio.0,
+            audio_completion: self.0.audio.1,
         });
         // Nearly every route prices no tool's calls: nothing to add or name.
         let calls = match self.0.call_prices.any() {

@@ -245,12 +245,17 @@ struct PromptDetails {
     cached_tokens: Option<u64>,
     #[serde(default)]
     cache_write_tokens: Option<u64>,
+    /// Read leniently, as it was ignored before it was read.
+    #[serde(default, deserialize_with = "lenient_count")]
+    audio_tokens: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
 struct CompletionDetails {
     #[serde(default)]
     reasoning_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_count")]
+    audio_tokens: Option<u64>,
 }
 
 /// The figures of `usage` that Sluice records; the others are ignored. `total_tokens`,
@@ -283,21 +288,27 @@ fn lenient_count<'de, D: serde::Deserializer<'de>>(value: D) -> Result<Option<u6
 
 impl Usage {
     fn tokens(self) -> Tokens {
-        let (cached, written) = self
-            .prompt_tokens_details
-            .map_or((None, None), |d| (d.cached_tokens, d.cache_write_tokens));
-        Tokens::openai(
-            self.prompt_tokens.unwrap_or(0),
-            self.completion_tokens.unwrap_or(0),
-            cached.unwrap_or(0),
-            self.completion_tokens_details
-                .and_then(|d| d.reasoning_tokens)
-                .unwrap_or(0),
-            self.total_tokens,
-            // `Option`'s order: the larger count, `None` when neither is one.
-            self.prompt_cache_hit_tokens.max(self.cached_tokens),
-            written.unwrap_or(0),
-        )
+        let (cached, written, audio_prompt) =
+            self.prompt_tokens_details.map_or((None, None, None), |d| {
+                (d.cached_tokens, d.cache_write_tokens, d.audio_tokens)
+            });
+        let (reasoning, audio_completion) = self
+            .completion_tokens_details
+            .map_or((None, None), |d| (d.reasoning_tokens, d.audio_tokens));
+        Tokens {
+            audio_prompt: audio_prompt.unwrap_or(0),
+            audio_completion: audio_completion.unwrap_or(0),
+            ..Tokens::openai(
+                self.prompt_tokens.unwrap_or(0),
+                self.completion_tokens.unwrap_or(0),
+                cached.unwrap_or(0),
+                reasoning.unwrap_or(0),
+                self.total_tokens,
+                // `Option`'s order: the larger count, `None` when neither is one.
+                self.prompt_cache_hit_tokens.max(self.cached_tokens),
+                written.unwrap_or(0),
+            )
+        }
     }
 }
 
@@ -530,13 +541,16 @@ impl<'a> PlainUsage<'a> {
                 Some(PROMPT_TOKENS) => (0, &mut tokens.prompt),
                 Some(COMPLETION_TOKENS) => (1, &mut tokens.completion),
                 Some(PROMPT_DETAILS) => {
-                    let [cached, _, written] = plain.details(PROMPT_DETAILS_ORDER)?;
+                    let [cached, audio, written] = plain.details(PROMPT_DETAILS_ORDER)?;
                     tokens.cached_prompt = cached;
+                    tokens.audio_prompt = audio;
                     tokens.cache_write = written;
                     return once(&mut seen[2]);
                 }
                 Some(COMPLETION_DETAILS) => {
-                    tokens.reasoning = plain.details(COMPLETION_DETAILS_ORDER)?[0];
+                    let [reasoning, audio, _] = plain.details(COMPLETION_DETAILS_ORDER)?;
+                    tokens.reasoning = reasoning;
+                    tokens.audio_completion = audio;
                     return once(&mut seen[3]);
                 }
                 Some(TOTAL_TOKENS) => {
@@ -564,17 +578,23 @@ impl<'a> PlainUsage<'a> {
             reasoning,
             cache_write,
             cache_write_1h: _,
+            audio_prompt,
+            audio_completion,
             unshown: _,
         } = tokens;
-        let tokens = Tokens::openai(
-            prompt,
-            completion,
-            cached_prompt,
-            reasoning,
-            total,
-            cache_hit.max(kimi_hit),
-            cache_write,
-        );
+        let tokens = Tokens {
+            audio_prompt,
+            audio_completion,
+            ..Tokens::openai(
+                prompt,
+                completion,
+                cached_prompt,
+                reasoning,
+                total,
+                cache_hit.max(kimi_hit),
+                cache_write,
+            )
+        };
         Some((Some(tokens), plain.at))
     }
 
@@ -1705,6 +1725,27 @@ mod tests {
         let details_null =
             r#"{"usage":{"prompt_tokens":3,"completion_tokens":1,"prompt_tokens_details":null}}"#;
         assert_eq!(usage_of(details_null).unwrap().0.cached_prompt, 0);
+    }
+
+    /// OpenAI's audio models count a prompt's audio and a spoken answer's in the details
+    /// (priced apart when the route says): read in OpenAI's order and any other, as the whole
+    /// parse reads them; a count that is not one is none, as the key was before it was read.
+    #[test]
+    fn audio_tokens_are_read_from_the_details() {
+        let openai = r#"{"choices":[],"usage":{"prompt_tokens":30,"completion_tokens":50,"total_tokens":80,"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":20},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":40,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#;
+        let reordered = r#"{"choices":[],"usage":{"completion_tokens_details":{"audio_tokens":40},"prompt_tokens_details":{"audio_tokens":20,"cached_tokens":4},"prompt_tokens":30,"completion_tokens":50}}"#;
+        let expected = Tokens {
+            cached_prompt: 4,
+            audio_prompt: 20,
+            audio_completion: 40,
+            ..tokens(30, 50)
+        };
+        for body in [openai, reordered] {
+            assert_eq!(usage_of(body), Some((expected, true)), "{body}");
+            assert_eq!(by_full_parse(body), Some((expected, true)), "{body}");
+        }
+        let odd = r#"{"choices":[],"usage":{"prompt_tokens":30,"completion_tokens":50,"prompt_tokens_details":{"audio_tokens":"20"}}}"#;
+        assert_eq!(usage_of(odd).unwrap().0, tokens(30, 50));
     }
 
     /// Providers that write `usage` otherwise than OpenAI are read for what they bill.

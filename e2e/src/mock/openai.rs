@@ -274,7 +274,26 @@ enum Content {
 struct ContentPart {
     #[serde(default)]
     text: Option<String>,
+    /// `{"type": "input_audio", "input_audio": {"data": <base64>, "format": "wav"}}`.
+    #[serde(default)]
+    input_audio: Option<InputAudio>,
 }
+
+#[derive(Deserialize)]
+struct InputAudio {
+    #[serde(default)]
+    data: String,
+}
+
+/// The audio tokens of an `input_audio` part: one for each 100 bytes of its base64 data, at
+/// least one (OpenAI counts about ten a second of speech).
+fn audio_tokens(audio: &InputAudio) -> u64 {
+    (audio.data.len() as u64).div_ceil(100).max(1)
+}
+
+/// The audio tokens a spoken answer (`modalities` with `audio`) spends for each of its text
+/// tokens: its transcript's tokens are text, the speech is audio.
+pub(crate) const AUDIO_TOKENS_PER_WORD: u64 = 4;
 
 #[derive(Deserialize)]
 struct ChatMessage {
@@ -305,6 +324,9 @@ struct RawChatRequest {
     prompt_cache_key: Option<String>,
     #[serde(default)]
     service_tier: Option<String>,
+    /// `["text", "audio"]` asks for a spoken answer.
+    #[serde(default)]
+    modalities: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -382,6 +404,10 @@ pub(crate) struct Generation {
     pub(crate) cache_prefixes: Vec<(u64, u64)>,
     /// The processing tier the answer says it was served at ([`served_tier`]).
     pub(crate) service_tier: &'static str,
+    /// Of `prompt_tokens`, the audio of the messages' `input_audio` parts.
+    pub(crate) audio_prompt_tokens: u64,
+    /// A spoken answer: its completion spends [`AUDIO_TOKENS_PER_WORD`] audio tokens a word.
+    pub(crate) speaks: bool,
 }
 
 /// The tier OpenAI serves a request at, by its `service_tier`, and says it did in the
@@ -541,7 +567,21 @@ pub(crate) fn parse_chat(body: &[u8]) -> Parsed<Generation> {
             .iter()
             .map(|m| text(m).iter().map(|t| words(t)).sum())
             .collect();
-        let prompt_tokens = counts.iter().sum::<u64>().max(1);
+        let audio_prompt_tokens: u64 = messages
+            .iter()
+            .filter_map(|m| match &m.content {
+                Some(Content::Parts(parts)) => Some(parts),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|p| p.input_audio.as_ref())
+            .map(audio_tokens)
+            .sum();
+        let prompt_tokens = counts.iter().sum::<u64>().max(1) + audio_prompt_tokens;
+        let speaks = raw
+            .modalities
+            .as_deref()
+            .is_some_and(|m| m.iter().any(|m| m == "audio"));
         let mut cache_prefixes = Vec::new();
         if let Some(key) = &raw.prompt_cache_key {
             use std::hash::{Hash as _, Hasher as _};
@@ -592,6 +632,8 @@ pub(crate) fn parse_chat(body: &[u8]) -> Parsed<Generation> {
             tool_call,
             cache_prefixes,
             service_tier: served_tier(raw.service_tier.as_deref())?,
+            audio_prompt_tokens,
+            speaks,
         })
     })
 }
@@ -614,6 +656,8 @@ pub(crate) fn parse_completion(body: &[u8]) -> Parsed<Generation> {
             tool_call: None,
             cache_prefixes: Vec::new(),
             service_tier: "default",
+            audio_prompt_tokens: 0,
+            speaks: false,
         })
     })
 }
@@ -721,6 +765,12 @@ pub(crate) struct Usage {
     /// Of `completion_tokens`, spent on reasoning (only the Responses API reports any).
     #[serde(skip)]
     pub(crate) reasoning_tokens: u64,
+    /// Of `prompt_tokens` and of `completion_tokens`, audio (chat requests with
+    /// `input_audio` parts, or asking for a spoken answer).
+    #[serde(skip)]
+    pub(crate) audio_prompt_tokens: u64,
+    #[serde(skip)]
+    pub(crate) audio_completion_tokens: u64,
 }
 
 impl Usage {
@@ -731,6 +781,8 @@ impl Usage {
             total_tokens: prompt_tokens + completion_tokens,
             cached_tokens: 0,
             reasoning_tokens: 0,
+            audio_prompt_tokens: 0,
+            audio_completion_tokens: 0,
         }
     }
 }
@@ -771,11 +823,11 @@ impl From<Usage> for ChatUsage {
             usage,
             prompt_tokens_details: PromptDetails {
                 cached_tokens: usage.cached_tokens,
-                audio_tokens: 0,
+                audio_tokens: usage.audio_prompt_tokens,
             },
             completion_tokens_details: CompletionDetails {
                 reasoning_tokens: 0,
-                audio_tokens: 0,
+                audio_tokens: usage.audio_completion_tokens,
                 accepted_prediction_tokens: 0,
                 rejected_prediction_tokens: 0,
             },

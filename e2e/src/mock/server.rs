@@ -856,9 +856,16 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
         finish_reason = "length";
     }
     let cached = shared.chat_cache_read(&g.cache_prefixes);
+    let words = tokens * u64::from(g.n);
+    let spoken = match g.speaks {
+        true => words * openai::AUDIO_TOKENS_PER_WORD,
+        false => 0,
+    };
     let usage = Usage {
         cached_tokens: cached,
-        ..Usage::new(g.prompt_tokens, tokens * u64::from(g.n))
+        audio_prompt_tokens: g.audio_prompt_tokens,
+        audio_completion_tokens: spoken,
+        ..Usage::new(g.prompt_tokens, words + spoken)
     };
     let prefix = match flavor {
         Flavor::Chat => "chatcmpl",

@@ -13,6 +13,9 @@ pub struct Prices {
     cached_input: f64,
     cache_write: f64,
     output: f64,
+    /// Audio prompt and completion tokens ([`Prices::with_audio`]).
+    audio_input: f64,
+    audio_output: f64,
     long: Option<LongContext>,
 }
 
@@ -39,6 +42,11 @@ pub struct Billed {
     /// input price (its 5-minute cache at 1.25 times: the route's write price).
     pub cache_write_1h: u64,
     pub completion: u64,
+    /// Of `prompt`, audio (OpenAI's `prompt_tokens_details.audio_tokens`); those read from the
+    /// cache are among `cached`, at its price.
+    pub audio_prompt: u64,
+    /// Of `completion`, audio (`completion_tokens_details.audio_tokens`).
+    pub audio_completion: u64,
 }
 
 /// What a 1-hour cache write costs, in input prices (Anthropic's rate; a route has one write
@@ -67,7 +75,20 @@ impl Prices {
             cached_input: per_token(cached_input.unwrap_or(input)),
             cache_write: per_token(cache_write.unwrap_or(input)),
             output: per_token(output),
+            audio_input: per_token(input),
+            audio_output: per_token(output),
             long: None,
+        }
+    }
+
+    /// These prices with audio prompt and completion tokens at `input` and `output` per
+    /// million when given (else at the text's prices, as before).
+    pub fn with_audio(self, input: Option<f64>, output: Option<f64>) -> Self {
+        let per_mtok = Self::per_mtok(input.unwrap_or(0.0), None, None, output.unwrap_or(0.0));
+        Self {
+            audio_input: input.map_or(self.input, |_| per_mtok.input),
+            audio_output: output.map_or(self.output, |_| per_mtok.output),
+            ..self
         }
     }
 
@@ -106,6 +127,8 @@ impl Prices {
             cached_input: self.cached_input * factor,
             cache_write: self.cache_write * factor,
             output: self.output * factor,
+            audio_input: self.audio_input * factor,
+            audio_output: self.audio_output * factor,
             long: self.long,
         }
     }
@@ -118,13 +141,21 @@ impl Prices {
         let cached = tokens.cached.min(tokens.prompt);
         let written = tokens.cache_write.min(tokens.prompt - cached);
         let hour = tokens.cache_write_1h.min(written);
+        // Audio among what is neither read from nor written to the cache (the cached audio a
+        // provider reports is among `cached`), and among the completion.
+        let fresh = tokens.prompt - cached - written;
+        let audio_in = tokens.audio_prompt.min(fresh);
+        let audio_out = tokens.audio_completion.min(tokens.completion);
         let (long_input, long_output) = self.length_multipliers(tokens.prompt);
-        let nanos = ((tokens.prompt - cached - written) as f64 * self.input
+        let nanos = ((fresh - audio_in) as f64 * self.input
+            + audio_in as f64 * self.audio_input
             + cached as f64 * self.cached_input
             + (written - hour) as f64 * self.cache_write
             + hour as f64 * self.input * ONE_HOUR_WRITE_PER_INPUT)
             * long_input
-            + tokens.completion as f64 * self.output * long_output;
+            + ((tokens.completion - audio_out) as f64 * self.output
+                + audio_out as f64 * self.audio_output)
+                * long_output;
         // `as` saturates: a cost past u64::MAX (not reachable by bounded token counts) stays there.
         nanos.round() as u64
     }
@@ -173,6 +204,7 @@ mod tests {
             cache_write: 300,
             cache_write_1h: 100,
             completion: 500,
+            ..Billed::default()
         };
         // At the threshold, the flat prices; one token past it, every token at the band's.
         assert_eq!(
@@ -201,6 +233,54 @@ mod tests {
     }
 
     #[test]
+    fn audio_tokens_are_priced_apart_from_text_when_the_route_says() {
+        // gpt-audio: text $2.50 in / $10 out, audio $32 / $64, cached $0.25 per million.
+        let text = Prices::per_mtok(2.5, Some(0.25), None, 10.0);
+        let audio = text.with_audio(Some(32.0), Some(64.0));
+        let tokens = Billed {
+            prompt: 1_000,
+            cached: 100,
+            audio_prompt: 600,
+            completion: 500,
+            audio_completion: 400,
+            ..Billed::default()
+        };
+        let nanos = |per_mtok: f64, n: u64| (per_mtok * 1_000.0) as u64 * n;
+        assert_eq!(
+            audio.cost_nanos(tokens),
+            nanos(2.5, 300)
+                + nanos(32.0, 600)
+                + nanos(0.25, 100)
+                + nanos(10.0, 100)
+                + nanos(64.0, 400)
+        );
+        // Unset, audio costs what text does; audio past what the counts allow is no more.
+        assert_eq!(
+            text.cost_nanos(tokens),
+            text.cost_nanos(Billed {
+                audio_prompt: 0,
+                audio_completion: 0,
+                ..tokens
+            })
+        );
+        assert_eq!(text.with_audio(None, None), text);
+        let confused = Billed {
+            audio_prompt: 5_000,
+            audio_completion: 5_000,
+            ..tokens
+        };
+        assert_eq!(
+            audio.cost_nanos(confused),
+            nanos(32.0, 900) + nanos(0.25, 100) + nanos(64.0, 500)
+        );
+        // A tier and a band multiply audio as every other token.
+        assert_eq!(
+            audio.scaled(2.0).cost_nanos(tokens),
+            2 * audio.cost_nanos(tokens)
+        );
+    }
+
+    #[test]
     fn a_tier_multiplies_every_kind_of_token() {
         let prices = Prices::per_mtok(3.0, Some(0.3), Some(3.75), 15.0);
         let tokens = Billed {
@@ -209,6 +289,7 @@ mod tests {
             cache_write: 300,
             cache_write_1h: 100,
             completion: 500,
+            ..Billed::default()
         };
         let standard = prices.cost_nanos(tokens);
         assert_eq!(prices.scaled(2.0).cost_nanos(tokens), 2 * standard);
@@ -242,6 +323,7 @@ mod tests {
             cache_write,
             completion,
             cache_write_1h: 0,
+            ..Billed::default()
         }
     }
 
