@@ -26,12 +26,16 @@ struct PromptDetails {
     cached_tokens: Option<u64>,
     #[serde(default)]
     cache_write_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_count")]
+    audio_tokens: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
 struct CompletionDetails {
     #[serde(default)]
     reasoning_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_count")]
+    audio_tokens: Option<u64>,
 }
 
 /// The figures of `usage` Sluice reads, as it reads them: `total_tokens`,
@@ -74,17 +78,23 @@ impl Usage {
             (None, None) => None,
             (a, b) => Some(a.unwrap_or(0).max(b.unwrap_or(0))),
         };
-        Tokens::openai(
-            self.prompt_tokens.unwrap_or(0),
-            self.completion_tokens.unwrap_or(0),
-            details.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0),
-            self.completion_tokens_details
-                .and_then(|d| d.reasoning_tokens)
+        let completion = self.completion_tokens_details;
+        Tokens {
+            audio_prompt: details.as_ref().and_then(|d| d.audio_tokens).unwrap_or(0),
+            audio_completion: completion
+                .as_ref()
+                .and_then(|d| d.audio_tokens)
                 .unwrap_or(0),
-            self.total_tokens,
-            cache_hit,
-            details.and_then(|d| d.cache_write_tokens).unwrap_or(0),
-        )
+            ..Tokens::openai(
+                self.prompt_tokens.unwrap_or(0),
+                self.completion_tokens.unwrap_or(0),
+                details.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0),
+                completion.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+                self.total_tokens,
+                cache_hit,
+                details.and_then(|d| d.cache_write_tokens).unwrap_or(0),
+            )
+        }
     }
 }
 

@@ -954,19 +954,21 @@ fn is_output_delta_data(data: &str) -> bool {
 /// The keys of an OpenAI chunk whose non-empty string is output, with their quotes.
 /// Reasoning, which OpenAI-compatible servers stream before any content (DeepSeek's and
 /// vLLM's `reasoning_content`, OpenRouter's and others' `reasoning`), is output too: billed as
-/// such, and a stream cut short while the model reasons is charged for it. Searched last, so
-/// that a chunk of content is told by the first search.
-const OUTPUT_KEY_NAMES: [&str; 6] = [
+/// such, and a stream cut short while the model reasons is charged for it. So is a spoken
+/// answer's (an audio model's `delta.audio`, its `transcript` beside the speech's `data`).
+/// Searched last, so that a chunk of content is told by the first search.
+const OUTPUT_KEY_NAMES: [&str; 7] = [
     "\"content\"",
     "\"text\"",
     "\"arguments\"",
     "\"refusal\"",
     "\"reasoning_content\"",
     "\"reasoning\"",
+    "\"transcript\"",
 ];
 
 /// [`OUTPUT_KEY_NAMES`]' searchers, built once (a `str` search builds its own at every call).
-static OUTPUT_KEYS: LazyLock<[Finder<'static>; 6]> = LazyLock::new(|| {
+static OUTPUT_KEYS: LazyLock<[Finder<'static>; 7]> = LazyLock::new(|| {
     OUTPUT_KEY_NAMES
         .map(|key| memchr::memmem::FinderBuilder::new().build_forward_with_ranker(JsonRank, key))
 });
@@ -1325,6 +1327,12 @@ mod tests {
                 None,
                 r#"{"choices":[{"delta":{"reasoning_details":[],"reasoning":""}}]}"#,
                 false,
+            ),
+            // A spoken answer: its transcript beside the speech.
+            (
+                None,
+                r#"{"choices":[{"delta":{"audio":{"id":"audio_1","transcript":"Hel"}}}]}"#,
+                true,
             ),
             (Some("content_block_delta"), "{}", true),
             (

@@ -42,8 +42,10 @@ pub struct Billed {
     /// input price (its 5-minute cache at 1.25 times: the route's write price).
     pub cache_write_1h: u64,
     pub completion: u64,
-    /// Of `prompt`, audio (OpenAI's `prompt_tokens_details.audio_tokens`); those read from the
-    /// cache are among `cached`, at its price.
+    /// Of `prompt`, audio (OpenAI's `prompt_tokens_details.audio_tokens`), charged at the audio
+    /// price as far as the tokens neither read from nor written to the cache hold it: a chat
+    /// answer does not say how much of `cached` was audio, so audio read from the cache is
+    /// charged at most at the audio price, never below the bill.
     pub audio_prompt: u64,
     /// Of `completion`, audio (`completion_tokens_details.audio_tokens`).
     pub audio_completion: u64,
@@ -141,8 +143,8 @@ impl Prices {
         let cached = tokens.cached.min(tokens.prompt);
         let written = tokens.cache_write.min(tokens.prompt - cached);
         let hour = tokens.cache_write_1h.min(written);
-        // Audio among what is neither read from nor written to the cache (the cached audio a
-        // provider reports is among `cached`), and among the completion.
+        // Audio among what is neither read from nor written to the cache (how much of `cached`
+        // was audio is not reported: at most the audio's price), and among the completion.
         let fresh = tokens.prompt - cached - written;
         let audio_in = tokens.audio_prompt.min(fresh);
         let audio_out = tokens.audio_completion.min(tokens.completion);
