@@ -2331,3 +2331,71 @@ async fn keep_alives_follow_what_the_client_hears() {
     assert!(body.contains("\"text\":\"Hello\""), "{body}");
     assert!(body.contains("event: message_stop"), "{body}");
 }
+
+/// An upstream that answers its first request 500, and every later one with a stream's head,
+/// then, `silence` later and before any event, breaks the connection.
+async fn failing_then_breaking_upstream(silence: Duration) -> String {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new().fallback(move || {
+        let calls = std::sync::Arc::clone(&calls);
+        async move {
+            use axum::response::IntoResponse as _;
+            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return (http::StatusCode::INTERNAL_SERVER_ERROR, "{}").into_response();
+            }
+            let body = futures::stream::once(async move {
+                tokio::time::sleep(silence).await;
+                Err::<bytes::Bytes, _>(std::io::Error::other("broken"))
+            });
+            (
+                [(http::header::CONTENT_TYPE, "text/event-stream")],
+                axum::body::Body::from_stream(body),
+            )
+                .into_response()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/v1")
+}
+
+/// A stream committed before its first event has not answered yet: its backend's streak is
+/// ended by that event, not by the commitment. A backend cooled once, its cooldown over, that
+/// commits a stream and breaks it before any event has failed again on its streak: it cools
+/// for twice as long (had the commitment ended the streak, the break would start a new one at
+/// the base cooldown, and a backend failing so would never cool for longer).
+#[tokio::test]
+async fn a_committed_stream_ends_no_streak_before_its_first_event() {
+    let upstream = failing_then_breaking_upstream(Duration::from_millis(600)).await;
+    let fallback = mock("fallback");
+    let mut message = snapshot(
+        1,
+        vec![
+            backend("primary", &upstream, proto::Pool::Primary, 0),
+            backend("fallback", &fallback.base_url(), proto::Pool::Fallback, 0),
+        ],
+    );
+    let settings = message.settings.as_mut().unwrap();
+    settings.failure_threshold = 1;
+    settings.cooldown_base = Some(proto_duration(Duration::from_millis(500)));
+    let h = Harness::start_with(message, |c| {
+        c.stream_keepalive = Duration::from_millis(100);
+    })
+    .await;
+    // A 500: the backend cools (its streak's first cooldown), the request failed over.
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    // Its cooldown over: a stream committed, then broken before its first event.
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    let body = response.text().await.unwrap();
+    assert!(body.starts_with(": keep-alive"), "{body}");
+    assert!(body.contains("stream_interrupted"), "{body}");
+    h.cp.wait_for("the second cooldown", |r| r.events.len() >= 2)
+        .await;
+    let streaks: Vec<u32> =
+        h.cp.with(|r| r.events.iter().map(|e| e.consecutive_failures).collect());
+    assert_eq!(streaks, [1, 2], "the streak goes on");
+}
