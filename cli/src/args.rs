@@ -570,9 +570,14 @@ pub struct SettingsSetArgs {
     /// Longest silence between two chunks of a stream (or of a whole answer's body).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub idle_stream_timeout: Option<Duration>,
-    /// Overall deadline of a client request, all attempts included.
+    /// Overall deadline of a client request, all attempts included, until its answer begins
+    /// (a whole answer; a stream's head and first event).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub request_timeout: Option<Duration>,
+    /// How long a stream may run from its request's arrival once it has begun (never less
+    /// than --request-timeout); a stream still running then ends with an error event.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub stream_timeout: Option<Duration>,
     /// Cooldown after the first failure; doubles with each consecutive one.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub cooldown_base: Option<Duration>,

@@ -647,6 +647,7 @@ pub fn settings(settings: Option<&pb::Settings>) -> String {
             "request-timeout",
             time::duration(s.request_timeout.as_ref()),
         ),
+        ("stream-timeout", time::duration(s.stream_timeout.as_ref())),
         ("cooldown-base", time::duration(s.cooldown_base.as_ref())),
         ("cooldown-cap", time::duration(s.cooldown_cap.as_ref())),
         ("failure-threshold", s.failure_threshold.to_string()),

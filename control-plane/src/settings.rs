@@ -16,6 +16,7 @@ pub const FIELDS: &[&str] = &[
     "answer_timeout",
     "idle_stream_timeout",
     "request_timeout",
+    "stream_timeout",
     "cooldown_base",
     "cooldown_cap",
     "failure_threshold",
@@ -48,6 +49,7 @@ pub fn apply_mask(
             "answer_timeout" => next.answer_timeout = update.answer_timeout,
             "idle_stream_timeout" => next.idle_stream_timeout = update.idle_stream_timeout,
             "request_timeout" => next.request_timeout = update.request_timeout,
+            "stream_timeout" => next.stream_timeout = update.stream_timeout,
             "cooldown_base" => next.cooldown_base = update.cooldown_base,
             "cooldown_cap" => next.cooldown_cap = update.cooldown_cap,
             "failure_threshold" => next.failure_threshold = update.failure_threshold,
@@ -86,6 +88,7 @@ pub fn validate(s: &pb::Settings) -> Result<(), ValidationError> {
         ("answer_timeout", &s.answer_timeout, 24 * HOUR_MS),
         ("idle_stream_timeout", &s.idle_stream_timeout, HOUR_MS),
         ("request_timeout", &s.request_timeout, 24 * HOUR_MS),
+        ("stream_timeout", &s.stream_timeout, 24 * HOUR_MS),
         ("cooldown_base", &s.cooldown_base, HOUR_MS),
         ("cooldown_cap", &s.cooldown_cap, 24 * HOUR_MS),
     ];

@@ -911,7 +911,7 @@ fn hold_deadline(
     let held = (stream || h2 || large).then(|| {
         let answered = tokio::time::Instant::now() + write_timeout;
         let until = match store.load() {
-            Some(snapshot) if stream => arrived + snapshot.policy.request_timeout,
+            Some(snapshot) if stream => arrived + snapshot.policy.stream_run(),
             Some(snapshot) => (arrived + snapshot.policy.request_timeout).max(answered),
             // Before the first snapshot: only the replica's own answers, held by the write
             // timeout (no deadline held, an h2 client granting no window kept them for good).

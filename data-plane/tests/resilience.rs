@@ -2399,3 +2399,45 @@ async fn a_committed_stream_ends_no_streak_before_its_first_event() {
         h.cp.with(|r| r.events.iter().map(|e| e.consecutive_failures).collect());
     assert_eq!(streaks, [1, 2], "the streak goes on");
 }
+
+/// A stream that has begun runs to `stream_timeout` from its request's arrival, not to
+/// `request_timeout`, which bounds its beginning: a long answer streamed for longer than the
+/// request's deadline is relayed whole (it was cut there, however healthy: 64,000 tokens at
+/// 50 a second stream for 21 minutes, past the 10 of the default `request_timeout`). One still
+/// running at `stream_timeout` ends with an error event, its backend not blamed.
+#[tokio::test]
+async fn a_stream_runs_to_its_stream_timeout_past_the_requests_deadline() {
+    let settings = |stream_ms: u64| {
+        let mut settings = with_timeouts(200, 300, 800);
+        settings.as_mut().unwrap().stream_timeout =
+            Some(proto_duration(Duration::from_millis(stream_ms)));
+        settings
+    };
+    // Eight words 250 ms apart: 2 s, past the 800 ms deadline, within a 5 s run.
+    let primary = slow_mock("primary", 8, 250);
+    let mut message = one_primary_snapshot(&primary.base_url());
+    message.settings = settings(5_000);
+    let h = Harness::start(message).await;
+    let body = h.chat(chat_body(true)).await.text().await.unwrap();
+    assert!(!body.contains("stream_interrupted"), "{body}");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert_eq!(h.records(1).await[0].completion_tokens, 8);
+
+    // Twenty words 250 ms apart: 5 s, past a 1.5 s run.
+    let primary = slow_mock("primary", 20, 250);
+    let mut message = one_primary_snapshot(&primary.base_url());
+    message.settings = settings(1_500);
+    let h = Harness::start(message).await;
+    let started = std::time::Instant::now();
+    let body = h.chat(chat_body(true)).await.text().await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1_400) && took < Duration::from_millis(4_000),
+        "ended after {took:?}: {body}"
+    );
+    assert!(body.contains("stream_timeout"), "{body}");
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::StreamInterrupted as i32);
+    // Not the backend's failure: nothing cools.
+    assert!(h.cp.with(|r| r.events.is_empty()));
+}

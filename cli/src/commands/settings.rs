@@ -65,6 +65,7 @@ fn update_request(args: SettingsSetArgs) -> Result<pb::UpdateSettingsRequest, Er
     field!(answer_timeout, duration);
     field!(idle_stream_timeout, duration);
     field!(request_timeout, duration);
+    field!(stream_timeout, duration);
     field!(cooldown_base, duration);
     field!(cooldown_cap, duration);
     field!(failure_threshold, plain);

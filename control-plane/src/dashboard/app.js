@@ -1528,6 +1528,7 @@
     ['answer_timeout', 'answerTimeout', 'seconds'],
     ['idle_stream_timeout', 'idleStreamTimeout', 'seconds'],
     ['request_timeout', 'requestTimeout', 'seconds'],
+    ['stream_timeout', 'streamTimeout', 'seconds'],
     ['cooldown_base', 'cooldownBase', 'seconds'],
     ['cooldown_cap', 'cooldownCap', 'seconds'],
     ['failure_threshold', 'failureThreshold', 'int'],

@@ -2000,13 +2000,17 @@ async fn deliver(
             acct.status_sent(status);
             acct.head_ready();
             let max_event = max_event_bytes(&mode, app.limits.max_response_bytes);
+            // Begun, a stream runs to `stream_timeout` from its request's arrival
+            // (`request_timeout` bounded its beginning: a committed stream's first event is
+            // still due by then, `Pending::event_by`).
+            let runs_until = deadline.max(acct.started() + policy.stream_run());
             *response.body_mut() = Body::new(Relay::new(
                 upstream,
                 first,
                 acct,
                 mode,
                 policy.idle_stream_timeout,
-                deadline,
+                runs_until,
                 max_event,
                 app.tasks.token(),
                 app.stopping.streams_end(),

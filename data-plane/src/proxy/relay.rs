@@ -1144,7 +1144,7 @@ impl Body for Relay {
                 this.interrupt("no first event came before the request's deadline");
             } else if now >= this.deadline {
                 this.ended(None);
-                this.interrupt("the request deadline passed");
+                this.interrupt("the stream ran for its stream_timeout");
             } else {
                 // A model's silence, as a timeout before the answer is (`Failure::health`):
                 // a reasoning model thinking past the idle timeout must not take the

@@ -55,15 +55,17 @@ async fn status_of(tcp: &mut TcpStream) -> String {
         .to_owned()
 }
 
-/// Sets the gateway's `request_timeout` to `seconds`.
+/// Sets the gateway's `request_timeout`, and how long a stream may run (`stream_timeout`),
+/// to `seconds`.
 async fn request_timeout_of(cluster: &Cluster, seconds: i64) {
     cluster
         .set_settings(
             pb::Settings {
                 request_timeout: Some(crate::common::seconds(seconds)),
+                stream_timeout: Some(crate::common::seconds(seconds)),
                 ..Default::default()
             },
-            &["request_timeout"],
+            &["request_timeout", "stream_timeout"],
         )
         .await;
 }
@@ -116,7 +118,7 @@ async fn stalled_uploads_are_cut_off_and_cannot_pile_up_memory() {
     );
 }
 
-/// With `request_timeout` at 3 s, streams whose clients send the request and never read a
+/// With `request_timeout` and `stream_timeout` at 3 s, streams whose clients send the request and never read a
 /// byte: once the client's socket is full the relay is no longer polled, so only the
 /// connection's deadline ends them. The upstream (a mock streaming 200,000 chunks as fast as
 /// it can) must see its streams abandoned, and the client connections closed, within the

@@ -21,6 +21,7 @@ pub fn defaults() -> pb::Settings {
         answer_timeout: secs(300),
         idle_stream_timeout: secs(300),
         request_timeout: secs(600),
+        stream_timeout: secs(3600),
         cooldown_base: secs(1),
         cooldown_cap: secs(300),
         failure_threshold: 5,
@@ -50,6 +51,7 @@ pub fn with_defaults(mut settings: pb::Settings) -> pb::Settings {
         (&mut settings.answer_timeout, d.answer_timeout),
         (&mut settings.idle_stream_timeout, d.idle_stream_timeout),
         (&mut settings.request_timeout, d.request_timeout),
+        (&mut settings.stream_timeout, d.stream_timeout),
         (&mut settings.cooldown_base, d.cooldown_base),
         (&mut settings.cooldown_cap, d.cooldown_cap),
     ] {
@@ -84,6 +86,9 @@ pub struct Policy {
     /// The longest silence inside a stream (and between a whole answer's chunks).
     pub idle_stream_timeout: Duration,
     pub request_timeout: Duration,
+    /// How long a stream may run from its request's arrival, once begun (never less than
+    /// `request_timeout`: see [`Policy::stream_run`]).
+    pub stream_timeout: Duration,
     pub cooldown: CooldownPolicy,
     pub retry_on_rate_limit: bool,
     pub retry_on_server_error: bool,
@@ -91,6 +96,14 @@ pub struct Policy {
     pub retry_on_timeout: bool,
     /// Answers carry `x-sluice-backend`.
     pub expose_backend_header: bool,
+}
+
+impl Policy {
+    /// How long a stream that has begun may run from its request's arrival: `stream_timeout`,
+    /// never less than `request_timeout` (which bounded its beginning).
+    pub fn stream_run(&self) -> Duration {
+        self.stream_timeout.max(self.request_timeout)
+    }
 }
 
 impl Default for Policy {
@@ -105,6 +118,7 @@ impl Default for Policy {
             answer_timeout: secs(d.answer_timeout),
             idle_stream_timeout: secs(d.idle_stream_timeout),
             request_timeout: secs(d.request_timeout),
+            stream_timeout: secs(d.stream_timeout),
             cooldown: CooldownPolicy {
                 base: secs(d.cooldown_base),
                 cap: secs(d.cooldown_cap),
@@ -138,6 +152,7 @@ impl TryFrom<&pb::Settings> for Policy {
             answer_timeout: duration(s.answer_timeout, "answer_timeout")?,
             idle_stream_timeout: duration(s.idle_stream_timeout, "idle_stream_timeout")?,
             request_timeout: duration(s.request_timeout, "request_timeout")?,
+            stream_timeout: duration(s.stream_timeout, "stream_timeout")?,
             cooldown: CooldownPolicy {
                 base: duration(s.cooldown_base, "cooldown_base")?,
                 cap: duration(s.cooldown_cap, "cooldown_cap")?,
