@@ -340,15 +340,16 @@ impl SpoolMetrics {
     }
 }
 
-/// Upstream latency buckets: 1 ms to about 17 min, past the default `request_timeout` (600 s):
-/// they stopped at about 2 min, and the p95 of long streams and reasoning answers read as 131 s
-/// however long they took.
+/// Upstream latency buckets: 1 ms to about 70 min, past the default `stream_timeout` (1 h): they
+/// stopped at about 2 min, and the p95 of long streams and reasoning answers read as 131 s
+/// however long they took; then at about 17 min, past the default `request_timeout`, which
+/// bounded streams until `stream_timeout` let them run an hour.
 #[derive(Clone, Copy)]
 struct UpstreamBuckets;
 
 impl MetricConstructor<Histogram> for UpstreamBuckets {
     fn new_metric(&self) -> Histogram {
-        Histogram::new(exponential_buckets(0.001, 2.0, 21))
+        Histogram::new(exponential_buckets(0.001, 2.0, 23))
     }
 }
 

@@ -1144,7 +1144,12 @@ impl Body for Relay {
                 this.interrupt("no first event came before the request's deadline");
             } else if now >= this.deadline {
                 this.ended(None);
-                this.interrupt("the stream ran for its stream_timeout");
+                // Sluice's own limit, not the upstream's doing.
+                tracing::info!("a stream reached its stream_timeout and was ended");
+                this.end_with_error(
+                    "The stream ran for the longest this gateway allows (its stream_timeout \
+                     setting) and was ended.",
+                );
             } else {
                 // A model's silence, as a timeout before the answer is (`Failure::health`):
                 // a reasoning model thinking past the idle timeout must not take the
