@@ -371,6 +371,7 @@ pub struct Metrics {
     h2_answers_reset: Counter,
     attempts: Family<AttemptLabels, Counter>,
     failovers: Counter,
+    streams_committed_early: Family<BackendLabels, Counter>,
     cooldowns: Family<CooldownLabels, Counter>,
     skips: Family<SkipLabels, Counter>,
     rate_limited: Family<ScopeLabels, Counter>,
@@ -498,6 +499,12 @@ impl Metrics {
             "Attempts made after an earlier attempt of the same request failed",
             failovers.clone(),
         );
+        let streams_committed_early = Family::default();
+        registry.register(
+            "streams_committed_early",
+            "Streams committed to their backend before their first event (--stream-keepalive)",
+            streams_committed_early.clone(),
+        );
         let cooldowns = Family::default();
         registry.register(
             "cooldown_events",
@@ -611,6 +618,7 @@ impl Metrics {
             h2_answers_reset,
             attempts,
             failovers,
+            streams_committed_early,
             cooldowns,
             skips,
             rate_limited,
@@ -701,6 +709,16 @@ impl Metrics {
 
     pub fn failover(&self) {
         self.failovers.inc();
+    }
+
+    /// A stream committed to `backend` before its first event: from then on it is not failed
+    /// over ([`crate::proxy`]'s `--stream-keepalive`).
+    pub fn stream_committed_early(&self, backend: &Label) {
+        self.streams_committed_early
+            .get_or_create(&BackendLabels {
+                backend: backend.clone(),
+            })
+            .inc();
     }
 
     pub fn cooldown(&self, backend: &Label, reason: CooldownReason) {

@@ -2136,6 +2136,12 @@ async fn a_stream_is_kept_alive_while_its_model_thinks() {
     );
     assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
     assert_eq!(fallback.stats().requests.total(), 0);
+    // Counted, once (the first stream's event came at once).
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("sluice_streams_committed_early_total{backend=\"primary-name\"} 1\n"),
+        "{metrics}"
+    );
 
     let records = h.records(2).await;
     let thinking = &records[1];

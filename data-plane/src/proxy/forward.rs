@@ -825,8 +825,9 @@ pub(super) async fn forward_call(
             }
             Ok(Answer::Stream { early, .. }) => {
                 app.metrics.attempt(&label, AttemptOutcome::ok, None);
-                if !early {
-                    app.metrics.upstream_ttft(&label, took);
+                match early {
+                    false => app.metrics.upstream_ttft(&label, took),
+                    true => app.metrics.stream_committed_early(&label),
                 }
                 acct.relaying_stream_sent_at(sent);
             }
