@@ -2305,10 +2305,7 @@ async fn reasoning_upstream(count: usize, gap: Duration) -> String {
             axum::body::Body::from_stream(body),
         )
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}/v1")
+    format!("http://{}/v1", serve_locally(app).await)
 }
 
 /// The keep-alives follow what the client hears, not what the upstream says: a reasoning
@@ -2360,10 +2357,7 @@ async fn failing_then_breaking_upstream(silence: Duration) -> String {
                 .into_response()
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}/v1")
+    format!("http://{}/v1", serve_locally(app).await)
 }
 
 /// A stream committed before its first event has not answered yet: its backend's streak is

@@ -291,7 +291,7 @@ pub struct Seen {
 }
 
 /// Serves `app` on a port of its own on the loopback interface, for the rest of the test.
-async fn serve_locally(app: axum::Router) -> SocketAddr {
+pub async fn serve_locally(app: axum::Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
