@@ -2386,7 +2386,11 @@ async fn a_committed_stream_ends_no_streak_before_its_first_event() {
     // A 500: the backend cools (its streak's first cooldown), the request failed over.
     let response = h.chat(chat_body(false)).await;
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    // Waits for the cooldown the event announces to end.
+    let cooled = h.first_cooldown_event().await;
+    let until = system_time(cooled.cooldown_until.as_ref().unwrap()).unwrap();
+    let left = until.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(200)).await;
     // Its cooldown over: a stream committed, then broken before its first event.
     let response = h.chat(chat_body(true)).await;
     assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
