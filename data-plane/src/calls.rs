@@ -18,6 +18,14 @@
 //! tool's count is the largest read, never a sum. A stream's calls are also counted as they
 //! pass ([`CallPrices::count_event`]), so a client that leaves before the last usage is
 //! charged the calls it was shown: the request's count is the larger of the two.
+//!
+//! One name is no tool: [`REQUEST`], the request itself. Some models bill a fee for each
+//! request on top of its tokens, which no answer counts: OpenAI's search models in Chat
+//! Completions search the web for every request, Perplexity's Sonar models add a request
+//! fee. A route that prices `request` charges it once for each request its backend answered
+//! (the provider processed it: it reported or was estimated tokens, or may have billed it
+//! without saying: [`CallPrices::count_request`]), never one it refused; an answer's
+//! `request_requests` or `request_call` is not read for it.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -25,6 +33,9 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use sluice_proto::limits::MAX_CALL_PRICES;
+
+/// The name a route prices the request itself by, once for each request answered.
+pub const REQUEST: &str = "request";
 
 /// How many calls of each of a route's [`CallPrices`] an answer reported, by their order.
 pub type Counted = [u32; MAX_CALL_PRICES];
@@ -118,6 +129,26 @@ impl CallPrices {
         if let Some(i) = at {
             seen[i] = seen[i].saturating_add(1);
         }
+    }
+
+    /// Counts the request itself as one call of [`REQUEST`], if the route prices it: the
+    /// request was answered, and so billed its fee.
+    pub fn count_request(&self, counted: &mut Counted) {
+        if let Some(i) = self.request_at() {
+            counted[i] = 1;
+        }
+    }
+
+    /// What the route charges for each request it answers ([`REQUEST`]), in nano-units: what
+    /// a budget reserves besides the prompt.
+    pub fn request_fee_nanos(&self) -> u64 {
+        let prices = self.0.as_deref().unwrap_or_default();
+        self.request_at().map_or(0, |i| prices[i].1)
+    }
+
+    fn request_at(&self) -> Option<usize> {
+        let prices = self.0.as_deref()?;
+        prices.iter().position(|(tool, _)| **tool == *REQUEST)
     }
 
     /// What the calls in `counted` cost, in nano-units.
@@ -245,9 +276,13 @@ struct ItemDone<'a> {
     item: Option<Item<'a>>,
 }
 
-/// The position of `tool` among a route's priced tools.
+/// The position of `tool` among a route's priced tools; never [`REQUEST`]'s, which no answer
+/// counts.
 fn priced(prices: &[Priced], tool: &str) -> Option<usize> {
-    prices.iter().position(|(priced, _)| **priced == *tool)
+    match tool {
+        REQUEST => None,
+        _ => prices.iter().position(|(priced, _)| **priced == *tool),
+    }
 }
 
 impl Usage<'_> {
@@ -453,6 +488,40 @@ mod tests {
             Some("web_search=3+file_search=1+web_fetch=2")
         );
         assert_eq!(CallPrices::default().cost_nanos(&counted), 0);
+    }
+
+    #[test]
+    fn the_request_itself_is_counted_once_and_never_read_from_an_answer() {
+        let prices = CallPrices::new([("web_search", 10.0), (REQUEST, 25.0)]);
+        let mut counted = [0; MAX_CALL_PRICES];
+        // An answer that claims requests counts none of them.
+        prices.count_in(
+            br#"{"usage":{"server_tool_use":{"request_requests":7,"web_search_requests":1}},"output":[{"type":"request_call"}]}"#,
+            &mut counted,
+        );
+        prices.count_event(
+            Some("response.output_item.done"),
+            br#"{"item":{"type":"request_call"}}"#,
+            &mut counted,
+        );
+        assert_eq!(prices.names(&counted).as_deref(), Some("web_search=1"));
+        prices.count_request(&mut counted);
+        prices.count_request(&mut counted);
+        assert_eq!(
+            prices.names(&counted).as_deref(),
+            Some("web_search=1+request=1")
+        );
+        // $25 per 1,000 requests: 2.5 cents a request.
+        assert_eq!(prices.request_fee_nanos(), 25_000_000);
+        assert_eq!(prices.cost_nanos(&counted), 10_000_000 + 25_000_000);
+        let plain = CallPrices::new([("web_search", 10.0)]);
+        let mut counted = [0; MAX_CALL_PRICES];
+        plain.count_request(&mut counted);
+        assert_eq!(
+            (plain.request_fee_nanos(), counted),
+            (0, [0; MAX_CALL_PRICES])
+        );
+        assert_eq!(CallPrices::default().request_fee_nanos(), 0);
     }
 
     #[test]

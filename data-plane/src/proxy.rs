@@ -513,9 +513,10 @@ async fn authorized(
 
 /// What a request's prompt is estimated to cost before it is sent: its estimated tokens
 /// ([`estimate::prompt_tokens`]) at the highest input (or cache write) price among the model's
-/// routes, at the dearest price tiers each may report at once (`reserve`), and without the
-/// tiers (`untiered`: what a request that learns no tokens keeps, times the tier its answer
-/// reported, if any); the real cost is settled when the response ends.
+/// routes, at the dearest price tiers each may report at once, with the route's fee for the
+/// request itself if it has one (`reserve`), and without the tiers or the fee (`untiered`:
+/// what a request that learns no tokens keeps, times the tier its answer reported, if any,
+/// with the fees it was charged); the real cost is settled when the response ends.
 fn prompt_cost(tokens: u64, routes: &[crate::snapshot::Route]) -> PromptCost {
     routes.iter().fold(PromptCost::default(), |most, route| {
         let untiered = route.prices.prompt_ceiling_nanos(tokens);
@@ -525,6 +526,10 @@ fn prompt_cost(tokens: u64, routes: &[crate::snapshot::Route]) -> PromptCost {
                 .scaled(route.tiers.ceiling())
                 .prompt_ceiling_nanos(tokens),
             false => untiered,
+        };
+        let reserve = match route.call_prices.any() {
+            true => reserve.saturating_add(route.call_prices.request_fee_nanos()),
+            false => reserve,
         };
         PromptCost {
             reserve: most.reserve.max(reserve),
@@ -995,6 +1000,12 @@ mod tests {
             (2_750_000, 2_000_000)
         );
         assert_eq!(cost(std::slice::from_ref(&tiered)), (2_750_000, 1_000_000));
+        // A search model's fee for each request is reserved with its prompt: $30 per 1,000.
+        let searching = Route {
+            call_prices: crate::calls::CallPrices::new([(crate::calls::REQUEST, 30.0)]),
+            ..route(0.5, Tiers::default())
+        };
+        assert_eq!(cost(&[plain, searching]), (30_500_000, 2_000_000));
     }
 
     /// A body in one chunk is kept as it came; in several, joined in order.

@@ -410,3 +410,131 @@ print(json.dumps(out))
     )
     .await;
 }
+
+/// OpenAI's search models in Chat Completions search the web for every request and bill the
+/// search on top of the tokens, and no answer says so (Perplexity's Sonar models add a
+/// request fee likewise). A route that prices `request` (`--call-price MODEL:request=PRICE`,
+/// per 1,000) charges it once for each request its backend answered, whole or streamed, none
+/// for one the provider refused; a budget reserves it before the request is sent, so a key
+/// whose budget cannot pay it is refused rather than overspent.
+#[tokio::test]
+async fn a_search_models_fee_is_spent_once_for_each_request_it_answers() {
+    let cluster = Cluster::start().await;
+    let mock = Mock::start("search", &["gpt-4o-search-preview"]).await;
+    crate::gateway::add_openai_with_sluicectl(
+        &cluster,
+        &mock,
+        &[
+            "--model",
+            "search:gpt-4o-search-preview:2.5:10",
+            "--call-price",
+            "search:request=30",
+        ],
+    )
+    .await;
+    let shown = cluster.sluicectl(&["backend", "get", "openai"]).await;
+    assert!(shown.contains(" request=30"), "{shown}");
+    let budgeted = |name: &str, max_budget: f64| {
+        let cluster = &cluster;
+        let name = name.to_owned();
+        async move {
+            cluster
+                .admin()
+                .await
+                .create_client_key(pb::CreateClientKeyRequest {
+                    name,
+                    max_budget,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let searching = budgeted("searching", 10.0).await;
+    let key_id = searching.client_key.unwrap().id;
+    let proxy = cluster.proxy().await;
+    const SEARCHES: &str = r#"
+import json, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
+ask = [{"role": "user", "content": "what happened today"}]
+out = []
+u = c.chat.completions.create(model="search", messages=ask).usage
+out.append([u.prompt_tokens, u.completion_tokens])
+chunks = c.chat.completions.create(model="search", messages=ask, stream=True,
+                                   stream_options={"include_usage": True})
+u = [chunk.usage for chunk in chunks if chunk.usage][-1]
+out.append([u.prompt_tokens, u.completion_tokens])
+try:
+    c.chat.completions.create(model="search", messages=ask, n=0)
+    out.append("answered")
+except openai.BadRequestError as e:
+    out.append(e.status_code)
+print(json.dumps(out))
+"#;
+    let out = common::python(SEARCHES, &[&proxy.url("/v1"), &searching.key]).await;
+    let out = out.as_array().unwrap();
+    assert_eq!(out[2], 400, "the provider refused the third: {out:?}");
+    // Two answers, each its tokens and a search: $30 per 1,000, 30,000,000 nano-units.
+    let billed: u64 = out[..2]
+        .iter()
+        .map(|a| a[0].as_u64().unwrap() * 2_500 + a[1].as_u64().unwrap() * 10_000 + 30_000_000)
+        .sum();
+    eventually(
+        Duration::from_secs(30),
+        "the key's spend is the provider's bill",
+        || async { (cluster.client_key(&key_id).await.spend * 1e9).round() as u64 == billed },
+    )
+    .await;
+
+    // A connection lost after the request was sent may have been billed, its search too: the
+    // key keeps its reserve, the prompt's estimate and the fee. (Another replica: this one's
+    // kept connection, closed under it, could not tell that the request was sent.)
+    let other = cluster.proxy().await;
+    mock.set_faults(vec![Fault::Reset.times(1)]).await;
+    let out = common::python(
+        r#"
+import json, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
+try:
+    c.chat.completions.create(model="search", messages=[{"role": "user", "content": "hi"}])
+    print(json.dumps("answered"))
+except openai.APIStatusError as e:
+    print(json.dumps(e.status_code))
+"#,
+        &[&other.url("/v1"), &searching.key],
+    )
+    .await;
+    assert_eq!(out, 502);
+    let before = billed;
+    eventually(
+        Duration::from_secs(30),
+        "the lost request keeps its reserve and its fee",
+        || async {
+            let spent = (cluster.client_key(&key_id).await.spend * 1e9).round() as u64;
+            // The body's estimate (a few dozen tokens at $2.50 a million) and the three cents:
+            // both, not the larger.
+            (before + 30_000_001..before + 30_100_000).contains(&spent)
+        },
+    )
+    .await;
+
+    // Two cents cannot pay a three-cent search: refused before it is sent, not overspent.
+    let poor = budgeted("poor", 0.02).await;
+    let out = common::python(
+        r#"
+import json, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
+try:
+    c.chat.completions.create(model="search", messages=[{"role": "user", "content": "hi"}])
+    print(json.dumps("answered"))
+except openai.RateLimitError as e:
+    print(json.dumps(e.code))
+"#,
+        &[&proxy.url("/v1"), &poor.key],
+    )
+    .await;
+    assert_eq!(out, "insufficient_quota");
+    let asked = mock.stats().await.requests.chat_completions;
+    assert_eq!(asked, 4, "the refused request never reached the provider");
+}

@@ -775,7 +775,7 @@
       cell('default_max_tokens', { name: 'default_max_tokens', 'aria-label': 'Default max_tokens for an Anthropic backend', type: 'number', min: '0', step: '1' }),
       cell('long_context', { name: 'long_context', 'aria-label': 'Long-context band: past ABOVE prompt tokens, the input prices times IN and the output price times OUT, as ABOVE:IN:OUT (empty: none)', placeholder: '272000:2:1.5', spellcheck: 'false' }),
       cell('tier_multipliers', { name: 'tiers', 'aria-label': 'Price tiers: what the prices are multiplied by at each tier the answer reports, as TIER=MULTIPLIER, comma-separated', placeholder: 'priority=2, flex=0.5', spellcheck: 'false' }),
-      cell('call_prices', { name: 'call_prices', 'aria-label': 'Call prices: what 1,000 calls of each tool the provider runs cost, as TOOL=PRICE, comma-separated', placeholder: 'web_search=10', spellcheck: 'false' }),
+      cell('call_prices', { name: 'call_prices', 'aria-label': 'Call prices: what 1,000 calls of each tool the provider runs cost, as TOOL=PRICE, comma-separated (the tool request: a fee for each request answered)', placeholder: 'web_search=10', spellcheck: 'false' }),
       cell('audio_prices', { name: 'audio_prices', 'aria-label': 'Audio prices per million tokens, of the prompt and of the completion, as IN/OUT (empty, or either left empty: the text prices)', placeholder: '32/64', spellcheck: 'false' }),
       h('td', null, h('button', {
         type: 'button',

@@ -533,7 +533,7 @@ impl Accounting {
             audio_completion: self.0.audio.1,
         });
         // Nearly every route prices no tool's calls: nothing to add or name.
-        let calls = match self.0.call_prices.any() {
+        let (fees, calls) = match self.0.call_prices.any() {
             true => {
                 // The answer's counts, or what its stream showed when that is more (a stream
                 // left before its last usage).
@@ -541,11 +541,16 @@ impl Accounting {
                 for (calls, seen) in calls.iter_mut().zip(self.0.calls_seen) {
                     *calls = (*calls).max(seen);
                 }
+                // The provider processed the request (its tokens are known or estimated),
+                // or may have billed it without saying: its fee, if the route has one.
+                if used > 0 || unknown {
+                    self.0.call_prices.count_request(&mut calls);
+                }
                 let fees = self.0.call_prices.cost_nanos(&calls);
                 record.cost_nanos = record.cost_nanos.saturating_add(fees);
-                self.0.call_prices.names(&calls)
+                (fees, self.0.call_prices.names(&calls))
             }
-            false => None,
+            false => (0, None),
         };
         record.priced = true;
         // Taken from no pool: the control plane charges it to no grant.
@@ -558,9 +563,12 @@ impl Accounting {
         if let Some(reservation) = &self.0.budget
             && unknown
         {
-            // At the tier read so far, not the dearest ones the reserve held against.
+            // At the tier read so far, not the dearest ones the reserve held against, and the
+            // calls known besides (a request's fee, the searches a stream showed).
             let kept = (self.0.untiered_reserve as f64 * tier).round() as u64;
-            let kept = kept.min(reservation.reserve().max(0) as u64);
+            let kept = kept
+                .saturating_add(fees)
+                .min(reservation.reserve().max(0) as u64);
             record.cost_nanos = record.cost_nanos.max(kept);
         }
         RequestLine {
