@@ -190,7 +190,7 @@ pub struct BackendAddArgs {
     /// web_search_requests: web_search; a Responses object's web_search_call and
     /// file_search_call items: web_search, file_search), e.g. claude-sonnet-4-5:web_search=10,
     /// gpt-5:file_search=2.5; the tool `request` is the request itself, charged once for each
-    /// one answered (a search model's fee: gpt-4o-search-preview:request=30); repeat for each.
+    /// one answered (a search model's fee: gpt-4o-search-preview:request=25); repeat for each.
     #[arg(
         long = "call-price",
         value_name = "MODEL:TOOL=PRICE",

@@ -160,6 +160,56 @@ async fn a_connection_lost_after_the_request_was_sent_keeps_its_reserve() {
     assert_eq!(record.error_kind, ErrorKind::UpstreamConnect as i32);
 }
 
+/// A route's fee for the request itself (`call_prices`' `request`: a search model's) is
+/// charged where a provider may have billed it: an attempt that lost its connection after the
+/// request was sent, whatever the backend after it answered (a 503 here, which bills
+/// nothing); never a backend that refused, nor a count of tokens, which no provider bills.
+#[tokio::test]
+async fn a_request_fee_follows_the_attempt_that_may_have_been_billed_it() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    primary.set_fault(Fault::Reset.always());
+    fallback.set_fault(Fault::status(503).always());
+    let priced = |fee_at: &str| {
+        let mut backends = pair(&primary, &fallback);
+        for b in &mut backends {
+            if b.id == fee_at {
+                b.models[0].call_prices = vec![proto::CallPrice {
+                    tool: "request".into(),
+                    price_per_thousand_calls: 30.0,
+                }];
+            }
+        }
+        snapshot(1, backends)
+    };
+    // The primary, which may have billed it, has the fee: charged, though the fallback
+    // answered last.
+    let h = Harness::start(priced("primary")).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.backend_id, "fallback");
+    assert_eq!(record.cost_nanos, 30_000_000, "{record:?}");
+    // The fallback, which refused, has it: none.
+    let h = Harness::start(priced("fallback")).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.cost_nanos, 0, "{record:?}");
+    // A count of a prompt's tokens, answered: none.
+    primary.clear_faults();
+    let h = Harness::start(priced("primary")).await;
+    let response = h
+        .post(
+            "/v1/responses/input_tokens",
+            KEY,
+            &serde_json::json!({"model": MODEL, "input": "how many tokens is this"}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.cost_nanos, 0, "{record:?}");
+}
+
 /// A whole answer's head comes only once the whole answer is generated: a reasoning model
 /// may take minutes. Its wait is `answer_timeout`, not a stream's `first_byte_timeout` (one
 /// minute by default, which cut such answers off and asked, and billed, the next backend for

@@ -475,17 +475,20 @@ print(json.dumps(out))
     let out = common::python(SEARCHES, &[&proxy.url("/v1"), &searching.key]).await;
     let out = out.as_array().unwrap();
     assert_eq!(out[2], 400, "the provider refused the third: {out:?}");
-    // Two answers, each its tokens and a search: $30 per 1,000, 30,000,000 nano-units.
+    // Two answers, each its tokens and a search: $30 per 1,000, 30,000,000 nano-units. The
+    // refused request's record counted too, before the spend is read.
     let billed: u64 = out[..2]
         .iter()
         .map(|a| a[0].as_u64().unwrap() * 2_500 + a[1].as_u64().unwrap() * 10_000 + 30_000_000)
         .sum();
     eventually(
         Duration::from_secs(30),
-        "the key's spend is the provider's bill",
-        || async { (cluster.client_key(&key_id).await.spend * 1e9).round() as u64 == billed },
+        "the three requests are counted",
+        || async { cluster.totals().await.request_count == 3 },
     )
     .await;
+    let spent = (cluster.client_key(&key_id).await.spend * 1e9).round() as u64;
+    assert_eq!(spent, billed, "the key's spend is the provider's bill");
 
     // A connection lost after the request was sent may have been billed, its search too: the
     // key keeps its reserve, the prompt's estimate and the fee. (Another replica: this one's

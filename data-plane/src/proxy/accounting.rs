@@ -109,6 +109,11 @@ struct Ledger {
     /// An attempt failed in a way the provider may have billed (it timed out, perhaps while
     /// generating): the request keeps its reserve whatever the later attempts answer.
     billed_failure: bool,
+    /// The largest fee for the request itself ([`CallPrices::request_fee_nanos`]) among the
+    /// routes of those attempts: kept with the reserve.
+    billed_failure_fee: u64,
+    /// The last attempt failed ([`Self::attempt_failed`]) rather than answered.
+    last_attempt_failed: bool,
     /// Of the record's `cache_write_prompt_tokens`, those written to Anthropic's 1-hour cache:
     /// priced at their own rate, not kept in the record.
     cache_write_1h: u64,
@@ -182,6 +187,8 @@ impl Accounting {
             budget: None,
             untiered_reserve: 0,
             billed_failure: false,
+            billed_failure_fee: 0,
+            last_attempt_failed: false,
             cache_write_1h: 0,
             audio: (0, 0),
             unsent: false,
@@ -227,6 +234,11 @@ impl Accounting {
     /// perhaps while generating).
     pub fn attempt_failed(&mut self, billed: bool) {
         self.0.billed_failure |= billed;
+        self.0.last_attempt_failed = true;
+        if billed && self.0.call_prices.any() {
+            let fee = self.0.call_prices.request_fee_nanos();
+            self.0.billed_failure_fee = self.0.billed_failure_fee.max(fee);
+        }
         self.0.unsent = false;
         if let Some(reservation) = self.0.backend_tokens.take() {
             if billed {
@@ -334,6 +346,7 @@ impl Accounting {
         self.0.call_prices.clone_from(&route.call_prices);
         self.0.calls = Counted::default();
         self.0.calls_seen = Counted::default();
+        self.0.last_attempt_failed = false;
         self.0.record.backend_id.clone_from(&backend.id);
         self.0.backend_name = Some(Arc::clone(&backend.name));
         self.0.thoughts_in_total = backend.thoughts_in_total;
@@ -533,7 +546,7 @@ impl Accounting {
             audio_completion: self.0.audio.1,
         });
         // Nearly every route prices no tool's calls: nothing to add or name.
-        let (fees, calls) = match self.0.call_prices.any() {
+        let (mut fees, calls) = match self.0.call_prices.any() {
             true => {
                 // The answer's counts, or what its stream showed when that is more (a stream
                 // left before its last usage).
@@ -541,9 +554,12 @@ impl Accounting {
                 for (calls, seen) in calls.iter_mut().zip(self.0.calls_seen) {
                     *calls = (*calls).max(seen);
                 }
-                // The provider processed the request (its tokens are known or estimated),
-                // or may have billed it without saying: its fee, if the route has one.
-                if used > 0 || unknown {
+                // The route's fee for the request itself, when its backend processed the
+                // request: its tokens are known or estimated, or it answered without saying
+                // (not a failure: a refusal, or an attempt that failed after it was sent,
+                // whose fee is `billed_failure_fee`). A count of tokens bills nothing.
+                let answered = used > 0 || (unknown && !self.0.last_attempt_failed);
+                if answered && !self.0.endpoint.counts_only() {
                     self.0.call_prices.count_request(&mut calls);
                 }
                 let fees = self.0.call_prices.cost_nanos(&calls);
@@ -552,6 +568,12 @@ impl Accounting {
             }
             false => (0, None),
         };
+        // An attempt that failed after it was sent, at a route with a fee, may have been
+        // billed it, when no later attempt's tokens settle what the request cost.
+        if unknown && used == 0 && self.0.billed_failure_fee > 0 {
+            fees = fees.saturating_add(self.0.billed_failure_fee);
+            record.cost_nanos = record.cost_nanos.saturating_add(self.0.billed_failure_fee);
+        }
         record.priced = true;
         // Taken from no pool: the control plane charges it to no grant.
         record.unbudgeted = self.0.budget.is_none();
