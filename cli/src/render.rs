@@ -670,7 +670,9 @@ pub fn settings(settings: Option<&pb::Settings>) -> String {
 
 /// `stats totals`, and with `--by` a table of the groups below.
 pub fn totals(t: &pb::GetTotalsResponse) -> String {
-    let summary = fields(vec![
+    // Audio only where there was some: most gateways serve no audio model.
+    let audio = t.audio_prompt_tokens > 0 || t.audio_completion_tokens > 0;
+    let mut rows = vec![
         ("requests", t.request_count.to_string()),
         ("errors", t.error_count.to_string()),
         ("error rate", percent(t.error_rate)),
@@ -681,8 +683,18 @@ pub fn totals(t: &pb::GetTotalsResponse) -> String {
             "  of them written to the cache",
             t.cache_write_prompt_tokens.to_string(),
         ),
+    ];
+    if audio {
+        rows.push(("  of them audio", t.audio_prompt_tokens.to_string()));
+    }
+    rows.extend([
         ("completion tokens", t.completion_tokens.to_string()),
         ("  of them reasoning", t.reasoning_tokens.to_string()),
+    ]);
+    if audio {
+        rows.push(("  of them audio", t.audio_completion_tokens.to_string()));
+    }
+    rows.extend([
         ("total tokens", t.total_tokens.to_string()),
         ("cost", cost(t.cost, &t.currency)),
         ("backends", t.backend_count.to_string()),
@@ -692,6 +704,7 @@ pub fn totals(t: &pb::GetTotalsResponse) -> String {
         ("p99 latency", millis(t.p99_latency_ms)),
         ("avg ttft", millis(t.avg_ttft_ms)),
     ]);
+    let summary = fields(rows);
     if t.groups.is_empty() {
         return summary;
     }
@@ -811,6 +824,41 @@ mod tests {
             responses_api: None,
             etag: String::new(),
         }
+    }
+
+    /// Audio lines stand under the counts they are part of, and only where there was audio.
+    #[test]
+    fn totals_show_audio_only_where_there_was_some() {
+        let plain = pb::GetTotalsResponse {
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            ..Default::default()
+        };
+        assert!(!totals(&plain).contains("audio"), "{}", totals(&plain));
+        let heard = pb::GetTotalsResponse {
+            audio_prompt_tokens: 7,
+            ..plain
+        };
+        let shown = totals(&heard);
+        let labels: Vec<String> = shown
+            .lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|line| line.contains("tokens") || line.starts_with("of them"))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                "prompt tokens 10",
+                "of them cached 0",
+                "of them written to the cache 0",
+                "of them audio 7",
+                "completion tokens 5",
+                "of them reasoning 0",
+                "of them audio 0",
+                "total tokens 0",
+            ],
+            "{shown}"
+        );
     }
 
     #[test]

@@ -166,6 +166,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0023_long_context.sql"),
     include_str!("../../migrations/0024_call_prices.sql"),
     include_str!("../../migrations/0025_audio_prices.sql"),
+    include_str!("../../migrations/0026_audio_usage.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

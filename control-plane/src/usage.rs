@@ -22,6 +22,9 @@ pub struct UsageRow {
     pub reasoning_tokens: u64,
     /// Of `prompt_tokens`, written to the provider's prompt cache.
     pub cache_write_prompt_tokens: u64,
+    /// Of `prompt_tokens`, audio; of `completion_tokens`, audio.
+    pub audio_prompt_tokens: u64,
+    pub audio_completion_tokens: u64,
     /// `None` when unknown (a request its replica's crash cut off): counted in neither the
     /// latency sum nor its histogram, as a record without TTFT is not in those.
     pub latency_ms: Option<f64>,
@@ -93,6 +96,8 @@ impl From<pb::UsageRecord> for UsageRow {
             cache_write_prompt_tokens: r
                 .cache_write_prompt_tokens
                 .min(r.prompt_tokens - r.cached_prompt_tokens.min(r.prompt_tokens)),
+            audio_prompt_tokens: r.audio_prompt_tokens.min(r.prompt_tokens),
+            audio_completion_tokens: r.audio_completion_tokens.min(r.completion_tokens),
             // None for a request its replica's crash cut off: unknown, not 0 ms.
             latency_ms: r.latency.as_ref().map(ms).map(|v| v.max(0.0)),
             // Streams only: a whole answer's first byte is its last, its latency again, and
@@ -164,6 +169,43 @@ mod tests {
         });
         assert!(forged.clamp_to_bounds());
         assert_eq!(forged.backend_id, "");
+    }
+
+    /// The parts of a record's counts (cached, written, reasoning, audio) are never more than
+    /// the counts they are parts of, whatever a broken replica sends.
+    #[test]
+    fn a_records_parts_are_never_more_than_its_counts() {
+        let row = UsageRow::from(pb::UsageRecord {
+            prompt_tokens: 10,
+            completion_tokens: 4,
+            cached_prompt_tokens: 6,
+            cache_write_prompt_tokens: 9,
+            reasoning_tokens: 7,
+            audio_prompt_tokens: 12,
+            audio_completion_tokens: 5,
+            ..Default::default()
+        });
+        assert_eq!(
+            (
+                row.cached_prompt_tokens,
+                row.cache_write_prompt_tokens,
+                row.reasoning_tokens,
+                row.audio_prompt_tokens,
+                row.audio_completion_tokens,
+            ),
+            (6, 4, 4, 10, 4)
+        );
+        let within = UsageRow::from(pb::UsageRecord {
+            prompt_tokens: 10,
+            completion_tokens: 4,
+            audio_prompt_tokens: 3,
+            audio_completion_tokens: 2,
+            ..Default::default()
+        });
+        assert_eq!(
+            (within.audio_prompt_tokens, within.audio_completion_tokens),
+            (3, 2)
+        );
     }
 
     /// "Time to first token" is a stream's: a whole answer's first byte is its last. A

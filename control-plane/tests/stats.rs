@@ -250,6 +250,8 @@ impl Rec {
             priced: self.priced,
             unbudgeted: false,
             budget_period_start_ms: 0,
+            audio_prompt_tokens: self.prompt / 3,
+            audio_completion_tokens: self.completion / 2,
         }
     }
 }
@@ -273,6 +275,9 @@ struct Expected {
     /// Of `prompt`: read from the cache (a quarter of each record's), written to it (an eighth).
     cached: u64,
     cache_write: u64,
+    /// Of `prompt`, audio (a third of each record's); of `completion`, audio (a half).
+    audio_prompt: u64,
+    audio_completion: u64,
     cost: f64,
     latency_sum: f64,
     ttft_sum: f64,
@@ -293,6 +298,8 @@ fn expected<'a>(
         e.completion += r.completion;
         e.cached += r.prompt / 4;
         e.cache_write += r.prompt / 8;
+        e.audio_prompt += r.prompt / 3;
+        e.audio_completion += r.completion / 2;
         e.cost += if r.cost_nanos > 0 {
             r.cost_nanos as f64 / 1e9
         } else {
@@ -323,6 +330,11 @@ fn assert_totals(t: &pb::GetTotalsResponse, e: &Expected) {
     assert_eq!(
         t.cache_write_prompt_tokens, e.cache_write,
         "prompt tokens written to the cache"
+    );
+    assert_eq!(
+        (t.audio_prompt_tokens, t.audio_completion_tokens),
+        (e.audio_prompt, e.audio_completion),
+        "audio tokens"
     );
     assert!(close(t.cost, e.cost), "cost {} != {}", t.cost, e.cost);
     if e.requests > 0 {
@@ -371,6 +383,8 @@ fn as_totals(b: &pb::UsageBucket) -> pb::GetTotalsResponse {
         cached_prompt_tokens: b.cached_prompt_tokens,
         reasoning_tokens: b.reasoning_tokens,
         cache_write_prompt_tokens: b.cache_write_prompt_tokens,
+        audio_prompt_tokens: b.audio_prompt_tokens,
+        audio_completion_tokens: b.audio_completion_tokens,
         next_page_token: String::new(),
     }
 }
@@ -388,7 +402,9 @@ fn assert_same(a: &pb::GetTotalsResponse, b: &pb::GetTotalsResponse) {
             a.total_tokens,
             a.cached_prompt_tokens,
             a.reasoning_tokens,
-            a.cache_write_prompt_tokens
+            a.cache_write_prompt_tokens,
+            a.audio_prompt_tokens,
+            a.audio_completion_tokens
         ),
         (
             b.request_count,
@@ -399,7 +415,9 @@ fn assert_same(a: &pb::GetTotalsResponse, b: &pb::GetTotalsResponse) {
             b.total_tokens,
             b.cached_prompt_tokens,
             b.reasoning_tokens,
-            b.cache_write_prompt_tokens
+            b.cache_write_prompt_tokens,
+            b.audio_prompt_tokens,
+            b.audio_completion_tokens
         )
     );
     assert_eq!(

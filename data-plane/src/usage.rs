@@ -1042,7 +1042,8 @@ pub struct Tokens {
     /// apart).
     pub cache_write_1h: u64,
     /// Of `prompt` and of `completion`, audio (OpenAI's `prompt_tokens_details.audio_tokens`
-    /// and `completion_tokens_details.audio_tokens`: priced apart, not recorded apart).
+    /// and `completion_tokens_details.audio_tokens`: priced apart, and recorded in the usage
+    /// record's `audio_prompt_tokens` and `audio_completion_tokens`).
     pub audio_prompt: u64,
     pub audio_completion: u64,
     /// What an OpenAI-format `total_tokens` holds beyond prompt + completion when no reasoning

@@ -409,6 +409,27 @@ print(json.dumps(out))
         || async { (cluster.client_key(&key_id).await.spend * 1e9).round() as u64 == billed },
     )
     .await;
+    // The statistics count the audio among the tokens, and `sluicectl` shows it.
+    let totals = cluster.totals().await;
+    let audio = |i: usize| answers.iter().map(|a| a[i]).sum::<u64>();
+    assert_eq!(
+        (totals.audio_prompt_tokens, totals.audio_completion_tokens),
+        (audio(1), audio(3))
+    );
+    let shown = cluster.sluicectl(&["stats", "totals"]).await;
+    let audio_lines: Vec<&str> = shown
+        .lines()
+        .filter(|line| line.contains("of them audio"))
+        .collect();
+    assert_eq!(audio_lines.len(), 2, "{shown}");
+    assert!(
+        audio_lines[0].ends_with(&format!(" {}", audio(1))),
+        "{shown}"
+    );
+    assert!(
+        audio_lines[1].ends_with(&format!(" {}", audio(3))),
+        "{shown}"
+    );
 }
 
 /// OpenAI's search models in Chat Completions search the web for every request and bill the

@@ -68,6 +68,8 @@ impl UsageRecord {
             cache_write_prompt_tokens,
             unbudgeted,
             budget_period_start_ms,
+            audio_prompt_tokens,
+            audio_completion_tokens,
         } = self;
         out.uint(1, *sequence);
         out.string(2, request_id);
@@ -98,6 +100,8 @@ impl UsageRecord {
         out.uint(21, *cache_write_prompt_tokens);
         out.uint(22, u64::from(*unbudgeted));
         out.int(23, *budget_period_start_ms);
+        out.uint(24, *audio_prompt_tokens);
+        out.uint(25, *audio_completion_tokens);
     }
 }
 
@@ -209,7 +213,7 @@ mod tests {
         fn record()(
             sequence in number(),
             strings in proptest::collection::vec(prop_oneof![Just(String::new()), ".{1,40}", ".{120,140}"], 4),
-            counts in proptest::collection::vec(number(), 6),
+            counts in proptest::collection::vec(number(), 8),
             small in proptest::collection::vec(prop_oneof![Just(0u32), 1..600u32, any::<u32>()], 2),
             enums in proptest::collection::vec(prop_oneof![Just(0i32), 1..12i32, any::<i32>()], 2),
             flags in any::<(bool, bool, bool, bool)>(),
@@ -241,6 +245,8 @@ mod tests {
                 cache_write_prompt_tokens: counts[5],
                 unbudgeted: flags.3,
                 budget_period_start_ms: period,
+                audio_prompt_tokens: counts[6],
+                audio_completion_tokens: counts[7],
             }
         }
     }

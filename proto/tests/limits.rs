@@ -286,6 +286,8 @@ fn a_full_usage_batch_of_bounded_records_fits_the_report_limit() {
         unbudgeted: true,
         // A negative one takes the most bytes, ten.
         budget_period_start_ms: i64::MIN,
+        audio_prompt_tokens: u64::MAX,
+        audio_completion_tokens: u64::MAX,
     };
     let one = record.encoded_len();
     eprintln!("largest usage record: {one} bytes");
@@ -324,6 +326,8 @@ fn a_full_usage_page_fits_a_default_client() {
         cached_prompt_tokens: u64::MAX,
         reasoning_tokens: u64::MAX,
         cache_write_prompt_tokens: u64::MAX,
+        audio_prompt_tokens: u64::MAX,
+        audio_completion_tokens: u64::MAX,
     };
     let page = pb::GetUsageResponse {
         buckets: vec![bucket; MAX_USAGE_PAGE_SIZE],

@@ -96,6 +96,8 @@ macro_rules! usage_figures {
             cached_prompt_tokens: t.cached_prompt_tokens,
             reasoning_tokens: t.reasoning_tokens,
             cache_write_prompt_tokens: t.cache_write_prompt_tokens,
+            audio_prompt_tokens: t.audio_prompt_tokens,
+            audio_completion_tokens: t.audio_completion_tokens,
         }
     }};
 }

@@ -89,6 +89,9 @@ pub struct Totals {
     pub reasoning_tokens: u64,
     /// Of `prompt_tokens`, written to the provider's prompt cache.
     pub cache_write_prompt_tokens: u64,
+    /// Of `prompt_tokens`, audio; of `completion_tokens`, audio.
+    pub audio_prompt_tokens: u64,
+    pub audio_completion_tokens: u64,
     pub cost: f64,
     pub latency_ms_sum: f64,
     /// Requests whose latency is known (the histogram's samples): the average's divisor.
@@ -367,6 +370,8 @@ struct Delta {
     cached_prompt_tokens: i64,
     reasoning_tokens: i64,
     cache_write_prompt_tokens: i64,
+    audio_prompt_tokens: i64,
+    audio_completion_tokens: i64,
     /// (bucket, count), unordered; a batch puts few buckets in one row.
     latency: Vec<(u32, u64)>,
     /// The costs the records carry ([`Delta::cost_at`] turns them into `cost`).
@@ -396,6 +401,12 @@ impl Delta {
         self.cache_write_prompt_tokens = self
             .cache_write_prompt_tokens
             .saturating_add(tokens(r.cache_write_prompt_tokens));
+        self.audio_prompt_tokens = self
+            .audio_prompt_tokens
+            .saturating_add(tokens(r.audio_prompt_tokens));
+        self.audio_completion_tokens = self
+            .audio_completion_tokens
+            .saturating_add(tokens(r.audio_completion_tokens));
         if r.cost_nanos > 0 || r.priced {
             self.cost_nanos = self.cost_nanos.saturating_add(r.cost_nanos);
         } else {
@@ -435,7 +446,7 @@ impl Delta {
     }
 
     /// The values of [`SUM_COLUMNS`].
-    fn sums(&self) -> [rusqlite::types::Value; 13] {
+    fn sums(&self) -> [rusqlite::types::Value; 15] {
         use rusqlite::types::Value;
         [
             Value::Integer(self.request_count),
@@ -451,6 +462,8 @@ impl Delta {
             Value::Integer(self.cached_prompt_tokens),
             Value::Integer(self.reasoning_tokens),
             Value::Integer(self.cache_write_prompt_tokens),
+            Value::Integer(self.audio_prompt_tokens),
+            Value::Integer(self.audio_completion_tokens),
         ]
     }
 
@@ -479,6 +492,12 @@ impl Delta {
         self.cache_write_prompt_tokens = self
             .cache_write_prompt_tokens
             .saturating_add(other.cache_write_prompt_tokens);
+        self.audio_prompt_tokens = self
+            .audio_prompt_tokens
+            .saturating_add(other.audio_prompt_tokens);
+        self.audio_completion_tokens = self
+            .audio_completion_tokens
+            .saturating_add(other.audio_completion_tokens);
         for &(b, n) in &other.latency {
             self.add_latency(b, n);
         }
@@ -502,12 +521,16 @@ const ADD_ON_CONFLICT: &str = "
     cached_prompt_tokens = sluice_saturating_add(cached_prompt_tokens, excluded.cached_prompt_tokens),
     reasoning_tokens = sluice_saturating_add(reasoning_tokens, excluded.reasoning_tokens),
     cache_write_prompt_tokens =
-        sluice_saturating_add(cache_write_prompt_tokens, excluded.cache_write_prompt_tokens)";
+        sluice_saturating_add(cache_write_prompt_tokens, excluded.cache_write_prompt_tokens),
+    audio_prompt_tokens = sluice_saturating_add(audio_prompt_tokens, excluded.audio_prompt_tokens),
+    audio_completion_tokens =
+        sluice_saturating_add(audio_completion_tokens, excluded.audio_completion_tokens)";
 
 /// The summed columns of every usage table, in the order [`Delta::sums`] gives them.
 const SUM_COLUMNS: &str = "request_count, error_count, stream_count, prompt_tokens, \
     completion_tokens, cost, latency_ms_sum, ttft_ms_sum, ttft_count, latency_histogram, \
-    cached_prompt_tokens, reasoning_tokens, cache_write_prompt_tokens";
+    cached_prompt_tokens, reasoning_tokens, cache_write_prompt_tokens, audio_prompt_tokens, \
+    audio_completion_tokens";
 
 /// Adds `delta` to the row of `keys` with a statement from [`upsert_sql`].
 fn upsert_row(
@@ -966,6 +989,8 @@ impl Sums {
                 &mut t.cache_write_prompt_tokens,
                 o.cache_write_prompt_tokens,
             ),
+            (&mut t.audio_prompt_tokens, o.audio_prompt_tokens),
+            (&mut t.audio_completion_tokens, o.audio_completion_tokens),
             (&mut t.ttft_count, o.ttft_count),
         ] {
             *sum = sum.saturating_add(part);
@@ -1021,7 +1046,8 @@ fn part_sql(part: &Part, clause: &str, bucket: Option<Granularity>, group_by: Gr
                 total(stream_count), total(prompt_tokens), total(completion_tokens), total(cost),
                 total(latency_ms_sum), total(ttft_ms_sum), total(ttft_count),
                 usage_histogram(latency_histogram), {backends}, total(cached_prompt_tokens),
-                total(reasoning_tokens), total(cache_write_prompt_tokens)
+                total(reasoning_tokens), total(cache_write_prompt_tokens),
+                total(audio_prompt_tokens), total(audio_completion_tokens)
          FROM {table} {clause} GROUP BY b, g",
         group = group_expr(group_by),
         table = part.table.name(),
@@ -1110,6 +1136,8 @@ fn aggregate(
                     cached_prompt_tokens: n(13)?,
                     reasoning_tokens: n(14)?,
                     cache_write_prompt_tokens: n(15)?,
+                    audio_prompt_tokens: n(16)?,
+                    audio_completion_tokens: n(17)?,
                     ..Totals::default()
                 },
                 histogram,

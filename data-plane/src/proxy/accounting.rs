@@ -117,9 +117,6 @@ struct Ledger {
     /// Of the record's `cache_write_prompt_tokens`, those written to Anthropic's 1-hour cache:
     /// priced at their own rate, not kept in the record.
     cache_write_1h: u64,
-    /// Of the record's prompt and completion tokens, audio: priced at the route's audio
-    /// prices, not kept in the record.
-    audio: (u64, u64),
     /// The last attempt was never sent: this replica could not open its connection (out of
     /// file descriptors). No provider saw it.
     unsent: bool,
@@ -190,7 +187,6 @@ impl Accounting {
             billed_failure_fee: 0,
             last_attempt_failed: false,
             cache_write_1h: 0,
-            audio: (0, 0),
             unsent: false,
             done: false,
         }))
@@ -388,7 +384,8 @@ impl Accounting {
         self.0.record.reasoning_tokens = tokens.reasoning;
         self.0.record.cache_write_prompt_tokens = tokens.cache_write;
         self.0.cache_write_1h = tokens.cache_write_1h;
-        self.0.audio = (tokens.audio_prompt, tokens.audio_completion);
+        self.0.record.audio_prompt_tokens = tokens.audio_prompt;
+        self.0.record.audio_completion_tokens = tokens.audio_completion;
     }
 
     /// Reads what `text`, the answer (or the stream event) whose usage was counted, says
@@ -542,8 +539,8 @@ impl Accounting {
             cache_write: record.cache_write_prompt_tokens,
             cache_write_1h: self.0.cache_write_1h,
             completion: record.completion_tokens,
-            audio_prompt: self.0.audio.0,
-            audio_completion: self.0.audio.1,
+            audio_prompt: record.audio_prompt_tokens,
+            audio_completion: record.audio_completion_tokens,
         });
         // Nearly every route prices no tool's calls: nothing to add or name.
         let (mut fees, calls) = match self.0.call_prices.any() {
