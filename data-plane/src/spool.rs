@@ -847,15 +847,25 @@ mod tests {
         }
     }
 
-    /// One request through `lane`: its start, then (if `finish`) its numbered finish.
+    /// One request through `lane`: its start (charged as the accounting charges one its
+    /// process's death interrupts: its prompt's estimate, 7, and its cost), then (if
+    /// `finish`) its numbered finish.
     fn request(lane: &Arc<Lane>, sink: &UsageSink, id: &str, finish: bool) -> Option<u64> {
         let mut spooled = None;
-        let mut rec = record(id);
+        let mut rec = UsageRecord {
+            prompt_tokens: 7,
+            tokens_estimated: true,
+            cost_nanos: 70,
+            priced: true,
+            ..record(id)
+        };
         lane.start(&mut spooled, &mut rec).unwrap().now().unwrap();
         assert_eq!(rec.request_id, id, "the record comes back from the spool");
         if finish {
             rec.prompt_tokens = 3;
             rec.completion_tokens = 5;
+            rec.tokens_estimated = false;
+            rec.cost_nanos = 30;
             rec.status_code = 200;
             sink.record_with(rec, |r| lane.finish(spooled, r).now().unwrap());
         }
@@ -945,9 +955,14 @@ mod tests {
         for (n, r) in replay.interrupted.iter().enumerate() {
             assert_eq!(r.sequence, n as u64 + 1);
             assert_eq!(r.error_kind, ErrorKind::DataPlaneCrashed as i32);
+            // Charged what its start said: the prompt's estimate and its cost.
             assert_eq!(
                 (r.prompt_tokens, r.completion_tokens, r.status_code),
-                (0, 0, 0)
+                (7, 0, 0)
+            );
+            assert_eq!(
+                (r.cost_nanos, r.priced, r.tokens_estimated),
+                (70, true, true)
             );
             assert_eq!((r.model.as_str(), r.attempts), ("m", 1));
         }

@@ -130,8 +130,13 @@ async fn a_replica_killed_under_load_and_restarted_on_its_data_directory_loses_a
         &["--chunk-count", "4", "--chunk-interval", "2ms"],
     )
     .await;
-    run.add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+    let mut backend = run
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
         .await;
+    // A prompt token a micro-unit, 1,000 nano-units; a completion token 2,000.
+    backend.models[0].input_price_per_mtok = 1.0;
+    backend.models[0].output_price_per_mtok = 2.0;
+    run.update_backend(backend, &["models"]).await;
     let (_, key) = run.create_key("k", &[]).await;
     run.wait_replicas_current(3).await;
     let load = Load::start(run.front(), key, 6);
@@ -238,14 +243,34 @@ async fn a_replica_killed_under_load_and_restarted_on_its_data_directory_loses_a
         totals.request_count, served.requests.chat_completions,
         "request for request"
     );
-    assert_eq!(totals.prompt_tokens, served.prompt_tokens, "prompt tokens");
+    // The killed replica's requests in flight are the only errors: counted once each, at
+    // their prompt's estimate (the provider may have billed them; a token per 4 bytes of a
+    // body, streamed or not), nothing generated; their clients saw them fail.
+    let estimates: Vec<u64> = [false, true]
+        .map(|stream| {
+            let body = json!({"model": "m", "stream": stream,
+                "messages": [{"role": "user", "content": "count these five words"}]});
+            (serde_json::to_vec(&body).unwrap().len() as u64).div_ceil(4)
+        })
+        .to_vec();
+    let estimated = totals.prompt_tokens - served.prompt_tokens;
+    assert!(
+        (interrupted * estimates.iter().min().unwrap()
+            ..=interrupted * estimates.iter().max().unwrap())
+            .contains(&estimated),
+        "{interrupted} requests interrupted, estimated at {estimated} prompt tokens ({estimates:?} each)"
+    );
     assert_eq!(
         totals.completion_tokens, served.completion_tokens,
         "completion tokens"
     );
-    // The killed replica's requests in flight are the only errors: counted once each,
-    // without tokens; their clients saw them fail.
     assert_eq!(totals.error_count, interrupted);
+    // And the money: every token, estimated or not, at its price.
+    assert_eq!(
+        (totals.cost * 1e9).round() as u64,
+        totals.prompt_tokens * 1_000 + totals.completion_tokens * 2_000,
+        "{totals:?}"
+    );
     assert!(failed >= interrupted, "{failed} < {interrupted}");
     let resent = gauge(
         &run.replica(victim),
@@ -445,6 +470,14 @@ async fn a_replica_killed_mid_write_of_its_spool_counts_every_whole_record_once(
     // was never recorded (the process died before its upstream call).
     let finished = ((torn - first_unacked) / 2) as u64;
     let interrupted = u64::from(matches!(frames[torn].2.kind, Some(entry::Kind::Finish(_))));
+    // What the interrupted one's start says it is charged: its prompt's estimate.
+    let estimate = match &frames[torn - 1].2.kind {
+        Some(entry::Kind::Start(mark)) if interrupted == 1 => {
+            mark.record.as_ref().unwrap().prompt_tokens
+        }
+        _ => 0,
+    };
+    assert_eq!(estimate > 0, interrupted == 1, "{estimate}");
     eprintln!(
         "cut at byte {cut} inside frame {torn}: {finished} finished, {interrupted} interrupted"
     );
@@ -466,7 +499,11 @@ async fn a_replica_killed_mid_write_of_its_spool_counts_every_whole_record_once(
     assert_eq!(samples["sluice_usage_spool_torn_records_total"], 1.0);
     let totals = cluster.totals().await;
     assert_eq!(totals.request_count, ACKED + finished + interrupted);
-    assert_eq!(totals.prompt_tokens, (ACKED + finished) * prompt);
+    // The interrupted request at its prompt's estimate, nothing generated.
+    assert_eq!(
+        totals.prompt_tokens,
+        (ACKED + finished) * prompt + interrupted * estimate
+    );
     assert_eq!(totals.completion_tokens, (ACKED + finished) * completion);
     assert_eq!(totals.error_count, interrupted);
 }

@@ -334,6 +334,9 @@ impl Accounting {
     /// and the prices its cost is computed by, and
     /// writes the record so far to the spool: the upstream may be called once this returns.
     /// Fails only when the spool cannot record the request and the policy is to refuse it.
+    ///
+    /// The record spooled is what the request costs should this process die before it ends
+    /// ([`Self::start_record`]): a replay reports it so, as interrupted.
     pub async fn attempt(&mut self, backend: &Backend, route: &Route) -> Result<(), ProxyError> {
         self.0.record.attempts += 1;
         self.0.prices = route.prices;
@@ -350,7 +353,14 @@ impl Accounting {
             return Ok(());
         };
         let first = self.0.spooled.is_none();
-        let written = match lane.start(&mut self.0.spooled, &mut self.0.record) {
+        let replaced = self.start_record(route);
+        let started = lane.start(&mut self.0.spooled, &mut self.0.record);
+        let record = &mut self.0.record;
+        record.prompt_tokens = replaced.prompt_tokens;
+        record.tokens_estimated = replaced.tokens_estimated;
+        record.cost_nanos = replaced.cost_nanos;
+        record.priced = replaced.priced;
+        let written = match started {
             Ok(written) => written.await,
             Err(Refused(why)) => Err(why),
         };
@@ -358,6 +368,38 @@ impl Accounting {
             Err(why) if first && lane.refuses_unrecorded() => Err(self.refused(why)),
             _ => Ok(()),
         }
+    }
+
+    /// Makes the record what the request is charged if its process dies during the attempt at
+    /// `route` (a crash, an OOM kill): the provider may have billed it, and nobody will learn
+    /// how much. Its prompt's estimate, at the route's prices, and the route's fee for the
+    /// request itself, as a request its client left is charged ([`Self::estimate_unreported`]);
+    /// and whose allowance paid for it. Returns the figures it replaced, which the caller puts
+    /// back once the record is spooled.
+    fn start_record(&mut self, route: &Route) -> Replaced {
+        let record = &mut self.0.record;
+        let replaced = Replaced {
+            prompt_tokens: record.prompt_tokens,
+            tokens_estimated: record.tokens_estimated,
+            cost_nanos: record.cost_nanos,
+            priced: record.priced,
+        };
+        let estimate = self.0.prompt_estimate;
+        let fee = match self.0.endpoint.counts_only() {
+            true => 0,
+            false => route.call_prices.request_fee_nanos(),
+        };
+        record.prompt_tokens = estimate;
+        record.tokens_estimated = true;
+        record.cost_nanos = route
+            .prices
+            .cost_nanos(Billed {
+                prompt: estimate,
+                ..Billed::default()
+            })
+            .saturating_add(fee);
+        priced_by(self.0.budget.as_ref(), record);
+        replaced
     }
 
     /// The request is refused before any upstream call: the record says no backend was tried.
@@ -571,14 +613,7 @@ impl Accounting {
             fees = fees.saturating_add(self.0.billed_failure_fee);
             record.cost_nanos = record.cost_nanos.saturating_add(self.0.billed_failure_fee);
         }
-        record.priced = true;
-        // Taken from no pool: the control plane charges it to no grant.
-        record.unbudgeted = self.0.budget.is_none();
-        record.budget_period_start_ms = self
-            .0
-            .budget
-            .as_ref()
-            .map_or(0, BudgetReservation::period_start_ms);
+        priced_by(self.0.budget.as_ref(), &mut record);
         if let Some(reservation) = &self.0.budget
             && unknown
         {
@@ -655,6 +690,22 @@ impl Accounting {
 /// whose last attempt was never sent (`unsent`: no descriptor for its connection), which
 /// ends as this replica's own error. (A request cut short has its tokens estimated before
 /// this: see `estimate_unreported`.)
+/// Marks `record`'s cost as the replica's, paid from `budget`'s allowance: a request taken
+/// from no pool is charged by the control plane to no grant.
+fn priced_by(budget: Option<&BudgetReservation>, record: &mut UsageRecord) {
+    record.priced = true;
+    record.unbudgeted = budget.is_none();
+    record.budget_period_start_ms = budget.map_or(0, BudgetReservation::period_start_ms);
+}
+
+/// The figures of a record [`Accounting::start_record`] replaced for its spooled start.
+struct Replaced {
+    prompt_tokens: u64,
+    tokens_estimated: bool,
+    cost_nanos: u64,
+    priced: bool,
+}
+
 fn keeps_reserve(
     record: &UsageRecord,
     kind: ErrorKind,

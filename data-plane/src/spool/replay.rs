@@ -22,8 +22,10 @@ pub struct Replay {
     /// Finished requests, by sequence.
     pub finished: Vec<UsageRecord>,
     /// Requests interrupted by the end of the process: the record of their last start,
-    /// with error kind `DATA_PLANE_CRASHED`, status 0, no tokens and no latency, numbered
-    /// 1, 2, … in the order they started (lane by lane), for [`Replay::interrupted_incarnation`].
+    /// with error kind `DATA_PLANE_CRASHED`, status 0 and no latency, numbered 1, 2, … in the
+    /// order they started (lane by lane), for [`Replay::interrupted_incarnation`]. Their start
+    /// carries what they are charged: the prompt's estimate and its cost (none from a replica
+    /// older than that, whose starts carry no tokens).
     pub interrupted: Vec<UsageRecord>,
     /// Frames dropped because they were torn or damaged.
     pub torn: u64,
@@ -172,13 +174,16 @@ pub fn read(dir: &Path) -> io::Result<Replay> {
     Ok(replay)
 }
 
-/// The record of a request interrupted by the end of its process, from its last start.
+/// The record of a request interrupted by the end of its process, from its last start: the
+/// prompt's estimate and the cost the start carries ([`crate::proxy`]'s accounting writes
+/// them there), nothing generated.
 fn interrupted(mut record: UsageRecord, sequence: u64) -> UsageRecord {
     record.sequence = sequence;
     record.status_code = 0;
     record.error_kind = ErrorKind::DataPlaneCrashed as i32;
-    record.prompt_tokens = 0;
     record.completion_tokens = 0;
+    record.reasoning_tokens = 0;
+    record.audio_completion_tokens = 0;
     record.latency = None;
     record.time_to_first_token = None;
     record
