@@ -437,8 +437,12 @@ async fn refused_as_expired(
         || async { proxy.chat(key, "m").await.status() == 401 },
     )
     .await;
+    // The control plane keeps an expiry to the millisecond (`expire_time_ms`): a key is due at
+    // `expires_at` without its sub-millisecond part.
+    let since_epoch = expires_at.duration_since(std::time::UNIX_EPOCH).unwrap();
+    let due = std::time::UNIX_EPOCH + Duration::from_millis(since_epoch.as_millis() as u64);
     assert!(
-        std::time::SystemTime::now() >= expires_at,
+        std::time::SystemTime::now() >= due,
         "refused before its expiry"
     );
     let r = proxy.chat(key, "m").await;
