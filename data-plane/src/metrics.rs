@@ -285,7 +285,7 @@ impl SpoolMetrics {
             "usage_spool_flush_failures",
             "Flushes of the usage spool to disk (fdatasync) that failed: the records they held \
              are reported all the same, but a machine crash may then count a request twice \
-             (once more as interrupted, with no tokens)",
+             (once more as interrupted, charged its prompt's estimate again)",
             flush_failures.clone(),
         );
         let unwritten = Family::default();

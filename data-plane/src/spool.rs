@@ -554,7 +554,8 @@ impl Spool {
     /// later all the same. Sent, they are counted at once and a process crash loses none of
     /// them (the page cache keeps what `write` took). What the failure costs is a machine
     /// crash's promise: a request whose finish the disk lost but whose start it kept comes
-    /// back at the next start as interrupted, a second record with no tokens, as after a
+    /// back at the next start as interrupted, a second record charged its prompt's estimate,
+    /// as after a
     /// finish that could not be written (docs/guarantees.md, "Disk failing"). The failure is
     /// counted (`sluice_usage_spool_flush_failures_total`) and logged.
     fn sync_and_compact(&self, sink: &UsageSink, flush: fn(&File) -> std::io::Result<()>) -> u64 {
@@ -629,7 +630,7 @@ impl Spool {
     fn flush_failed(&self, err: &std::io::Error, message: &'static str) {
         self.shared.flush_failed.fetch_add(1, Ordering::Relaxed);
         if self.shared.warning_due() {
-            tracing::error!(error = %err, dir = %self.shared.dir.display(), "{message}: the records it held are reported all the same, but a machine crash may now count a request twice (once more as interrupted, with no tokens)");
+            tracing::error!(error = %err, dir = %self.shared.dir.display(), "{message}: the records it held are reported all the same, but a machine crash may now count a request twice (once more as interrupted, charged its prompt's estimate again)");
         }
     }
 

@@ -265,12 +265,12 @@ async fn a_replica_killed_under_load_and_restarted_on_its_data_directory_loses_a
         "completion tokens"
     );
     assert_eq!(totals.error_count, interrupted);
-    // And the money: every token, estimated or not, at its price.
-    assert_eq!(
-        (totals.cost * 1e9).round() as u64,
-        totals.prompt_tokens * 1_000 + totals.completion_tokens * 2_000,
-        "{totals:?}"
-    );
+    // And the money: every token, estimated or not, at its price, in the statistics and in
+    // the key's spend.
+    let cost = totals.prompt_tokens * 1_000 + totals.completion_tokens * 2_000;
+    assert_eq!((totals.cost * 1e9).round() as u64, cost, "{totals:?}");
+    let spent = (run.client_key("k").await.spend * 1e9).round() as u64;
+    assert_eq!(spent, cost, "the key's spend");
     assert!(failed >= interrupted, "{failed} < {interrupted}");
     let resent = gauge(
         &run.replica(victim),
@@ -460,6 +460,28 @@ async fn a_replica_killed_mid_write_of_its_spool_counts_every_whole_record_once(
     let (file, bytes, frames) = spool_frames(&data);
     assert_eq!(frames.len() as u64, 1 + 2 * (ACKED + UNACKED));
     assert!(matches!(frames[0].2.kind, Some(entry::Kind::Header(_))));
+    // Every start carries what its request is charged should the process die during it: the
+    // prompt's estimate at the route's price ($1 a million: 1,000 nano-units a token), priced
+    // by the replica; every finish the provider's count and its cost, none of the start's.
+    for (_, _, frame) in &frames[1..] {
+        match &frame.kind {
+            Some(entry::Kind::Start(mark)) => {
+                let r = mark.record.as_ref().unwrap();
+                assert!(
+                    r.prompt_tokens > 0 && r.tokens_estimated && r.priced,
+                    "{r:?}"
+                );
+                assert_eq!(r.cost_nanos, r.prompt_tokens * 1_000, "{r:?}");
+            }
+            Some(entry::Kind::Finish(mark)) => {
+                let r = mark.record.as_ref().unwrap();
+                assert!(!r.tokens_estimated, "{r:?}");
+                assert_eq!((r.prompt_tokens, r.completion_tokens), (prompt, completion));
+                assert_eq!(r.cost_nanos, prompt * 1_000 + completion * 2_000, "{r:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
     let first_unacked = 1 + 2 * ACKED as usize;
     let torn = rand::random_range(first_unacked..frames.len());
     let (offset, len, _) = frames[torn];

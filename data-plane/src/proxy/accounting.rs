@@ -681,15 +681,6 @@ impl Accounting {
     }
 }
 
-/// Whether a request keeps its budget reserve spent, as its cost, and its token-limit
-/// reservations charged: one that reached a backend and learnt no tokens, where the provider
-/// may have billed and counted it (an answer without usage, a timeout, an answer Sluice could
-/// not read). One whose backend answered an error status, or could not be reached, was billed
-/// nothing: its reserve is given back, unless an earlier attempt may have been billed
-/// (`billed_failure`: it timed out, and the next backend answered an error). Nor was one
-/// whose last attempt was never sent (`unsent`: no descriptor for its connection), which
-/// ends as this replica's own error. (A request cut short has its tokens estimated before
-/// this: see `estimate_unreported`.)
 /// Marks `record`'s cost as the replica's, paid from `budget`'s allowance: a request taken
 /// from no pool is charged by the control plane to no grant.
 fn priced_by(budget: Option<&BudgetReservation>, record: &mut UsageRecord) {
@@ -706,6 +697,15 @@ struct Replaced {
     priced: bool,
 }
 
+/// Whether a request keeps its budget reserve spent, as its cost, and its token-limit
+/// reservations charged: one that reached a backend and learnt no tokens, where the provider
+/// may have billed and counted it (an answer without usage, a timeout, an answer Sluice could
+/// not read). One whose backend answered an error status, or could not be reached, was billed
+/// nothing: its reserve is given back, unless an earlier attempt may have been billed
+/// (`billed_failure`: it timed out, and the next backend answered an error). Nor was one
+/// whose last attempt was never sent (`unsent`: no descriptor for its connection), which
+/// ends as this replica's own error. (A request cut short has its tokens estimated before
+/// this: see `estimate_unreported`.)
 fn keeps_reserve(
     record: &UsageRecord,
     kind: ErrorKind,
