@@ -167,6 +167,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0024_call_prices.sql"),
     include_str!("../../migrations/0025_audio_prices.sql"),
     include_str!("../../migrations/0026_audio_usage.sql"),
+    include_str!("../../migrations/0027_estimated_count.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

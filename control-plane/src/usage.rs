@@ -31,6 +31,9 @@ pub struct UsageRow {
     pub ttft_ms: Option<f64>,
     pub is_error: bool,
     pub stream: bool,
+    /// Its tokens are the replica's estimate, not the provider's count
+    /// ([`pb::UsageRecord::tokens_estimated`]).
+    pub tokens_estimated: bool,
     pub time_ms: i64,
     /// What the replica computed the request cost, in nano-units (added to the key's spend).
     pub cost_nanos: u64,
@@ -117,6 +120,7 @@ impl From<pb::UsageRecord> for UsageRow {
                 || (r.error_kind != pb::ErrorKind::Unspecified as i32
                     && r.error_kind != pb::ErrorKind::ClientCancelled as i32),
             stream: r.stream,
+            tokens_estimated: r.tokens_estimated,
             time_ms: r
                 .time
                 .as_ref()

@@ -246,7 +246,7 @@ impl Rec {
             reasoning_tokens: self.completion / 5,
             cache_write_prompt_tokens: self.prompt / 8,
             cost_nanos: self.cost_nanos,
-            tokens_estimated: false,
+            tokens_estimated: estimated(self),
             priced: self.priced,
             unbudgeted: false,
             budget_period_start_ms: 0,
@@ -254,6 +254,11 @@ impl Rec {
             audio_completion_tokens: self.completion / 2,
         }
     }
+}
+
+/// Whether a record's tokens are estimated: those whose prompt is a multiple of 3.
+fn estimated(r: &Rec) -> bool {
+    r.prompt.is_multiple_of(3)
 }
 
 /// Records numbered 1.. in order.
@@ -270,6 +275,7 @@ struct Expected {
     requests: u64,
     errors: u64,
     streams: u64,
+    estimated: u64,
     prompt: u64,
     completion: u64,
     /// Of `prompt`: read from the cache (a quarter of each record's), written to it (an eighth).
@@ -294,6 +300,7 @@ fn expected<'a>(
         e.requests += 1;
         e.errors += u64::from(r.error);
         e.streams += u64::from(r.ttft_ms.is_some());
+        e.estimated += u64::from(estimated(r));
         e.prompt += r.prompt;
         e.completion += r.completion;
         e.cached += r.prompt / 4;
@@ -323,6 +330,7 @@ fn assert_totals(t: &pb::GetTotalsResponse, e: &Expected) {
     assert_eq!(t.request_count, e.requests, "requests");
     assert_eq!(t.error_count, e.errors, "errors");
     assert_eq!(t.stream_count, e.streams, "streams");
+    assert_eq!(t.estimated_count, e.estimated, "requests estimated");
     assert_eq!(t.prompt_tokens, e.prompt, "prompt tokens");
     assert_eq!(t.completion_tokens, e.completion, "completion tokens");
     assert_eq!(t.total_tokens, e.prompt + e.completion, "total tokens");
@@ -377,6 +385,7 @@ fn as_totals(b: &pb::UsageBucket) -> pb::GetTotalsResponse {
         p99_latency_ms: b.p99_latency_ms,
         avg_ttft_ms: b.avg_ttft_ms,
         stream_count: b.stream_count,
+        estimated_count: b.estimated_count,
         backend_count: b.backend_count,
         currency: b.currency.clone(),
         groups: Vec::new(),
@@ -397,6 +406,7 @@ fn assert_same(a: &pb::GetTotalsResponse, b: &pb::GetTotalsResponse) {
             a.request_count,
             a.error_count,
             a.stream_count,
+            a.estimated_count,
             a.prompt_tokens,
             a.completion_tokens,
             a.total_tokens,
@@ -410,6 +420,7 @@ fn assert_same(a: &pb::GetTotalsResponse, b: &pb::GetTotalsResponse) {
             b.request_count,
             b.error_count,
             b.stream_count,
+            b.estimated_count,
             b.prompt_tokens,
             b.completion_tokens,
             b.total_tokens,

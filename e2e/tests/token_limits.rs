@@ -399,6 +399,15 @@ async fn a_stream_its_client_leaves_midway_is_charged_what_was_streamed() {
         totals.completion_tokens
     );
     assert!(totals.prompt_tokens > 0);
+    // Counted apart as estimated, in the totals and in `sluicectl stats totals`.
+    assert_eq!(totals.estimated_count, 1);
+    let shown = cluster.sluicectl(&["stats", "totals"]).await;
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["tokens", "estimated", "1"]),
+        "{shown}"
+    );
     let spend = cluster.client_key("k").await.spend;
     let expected = (totals.prompt_tokens * 1_000 + totals.completion_tokens * 2_000) as f64 / 1e9;
     assert!(

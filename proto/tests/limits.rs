@@ -328,6 +328,7 @@ fn a_full_usage_page_fits_a_default_client() {
         cache_write_prompt_tokens: u64::MAX,
         audio_prompt_tokens: u64::MAX,
         audio_completion_tokens: u64::MAX,
+        estimated_count: u64::MAX,
     };
     let page = pb::GetUsageResponse {
         buckets: vec![bucket; MAX_USAGE_PAGE_SIZE],

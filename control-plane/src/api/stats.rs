@@ -92,6 +92,7 @@ macro_rules! usage_figures {
             p99_latency_ms: t.p99_ms,
             avg_ttft_ms: ratio(t.ttft_ms_sum, t.ttft_count),
             stream_count: t.stream_count,
+            estimated_count: t.estimated_count,
             backend_count: t.backend_count,
             cached_prompt_tokens: t.cached_prompt_tokens,
             reasoning_tokens: t.reasoning_tokens,

@@ -81,6 +81,9 @@ pub struct Totals {
     pub request_count: u64,
     pub error_count: u64,
     pub stream_count: u64,
+    /// Requests whose tokens are the replica's estimate (cut off before the provider's usage,
+    /// interrupted by a crash, answered without usage).
+    pub estimated_count: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     /// Of `prompt_tokens`, read from the provider's prompt cache.
@@ -372,6 +375,7 @@ struct Delta {
     cache_write_prompt_tokens: i64,
     audio_prompt_tokens: i64,
     audio_completion_tokens: i64,
+    estimated_count: i64,
     /// (bucket, count), unordered; a batch puts few buckets in one row.
     latency: Vec<(u32, u64)>,
     /// The costs the records carry ([`Delta::cost_at`] turns them into `cost`).
@@ -388,6 +392,9 @@ impl Delta {
         self.request_count = self.request_count.saturating_add(1);
         self.error_count = self.error_count.saturating_add(i64::from(r.is_error));
         self.stream_count = self.stream_count.saturating_add(i64::from(r.stream));
+        self.estimated_count = self
+            .estimated_count
+            .saturating_add(i64::from(r.tokens_estimated));
         self.prompt_tokens = self.prompt_tokens.saturating_add(tokens(r.prompt_tokens));
         self.completion_tokens = self
             .completion_tokens
@@ -446,7 +453,7 @@ impl Delta {
     }
 
     /// The values of [`SUM_COLUMNS`].
-    fn sums(&self) -> [rusqlite::types::Value; 15] {
+    fn sums(&self) -> [rusqlite::types::Value; 16] {
         use rusqlite::types::Value;
         [
             Value::Integer(self.request_count),
@@ -464,6 +471,7 @@ impl Delta {
             Value::Integer(self.cache_write_prompt_tokens),
             Value::Integer(self.audio_prompt_tokens),
             Value::Integer(self.audio_completion_tokens),
+            Value::Integer(self.estimated_count),
         ]
     }
 
@@ -477,6 +485,7 @@ impl Delta {
         self.request_count = self.request_count.saturating_add(other.request_count);
         self.error_count = self.error_count.saturating_add(other.error_count);
         self.stream_count = self.stream_count.saturating_add(other.stream_count);
+        self.estimated_count = self.estimated_count.saturating_add(other.estimated_count);
         self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
         self.completion_tokens = self
             .completion_tokens
@@ -524,13 +533,14 @@ const ADD_ON_CONFLICT: &str = "
         sluice_saturating_add(cache_write_prompt_tokens, excluded.cache_write_prompt_tokens),
     audio_prompt_tokens = sluice_saturating_add(audio_prompt_tokens, excluded.audio_prompt_tokens),
     audio_completion_tokens =
-        sluice_saturating_add(audio_completion_tokens, excluded.audio_completion_tokens)";
+        sluice_saturating_add(audio_completion_tokens, excluded.audio_completion_tokens),
+    estimated_count = sluice_saturating_add(estimated_count, excluded.estimated_count)";
 
 /// The summed columns of every usage table, in the order [`Delta::sums`] gives them.
 const SUM_COLUMNS: &str = "request_count, error_count, stream_count, prompt_tokens, \
     completion_tokens, cost, latency_ms_sum, ttft_ms_sum, ttft_count, latency_histogram, \
     cached_prompt_tokens, reasoning_tokens, cache_write_prompt_tokens, audio_prompt_tokens, \
-    audio_completion_tokens";
+    audio_completion_tokens, estimated_count";
 
 /// Adds `delta` to the row of `keys` with a statement from [`upsert_sql`].
 fn upsert_row(
@@ -981,6 +991,7 @@ impl Sums {
             (&mut t.request_count, o.request_count),
             (&mut t.error_count, o.error_count),
             (&mut t.stream_count, o.stream_count),
+            (&mut t.estimated_count, o.estimated_count),
             (&mut t.prompt_tokens, o.prompt_tokens),
             (&mut t.completion_tokens, o.completion_tokens),
             (&mut t.cached_prompt_tokens, o.cached_prompt_tokens),
@@ -1047,7 +1058,8 @@ fn part_sql(part: &Part, clause: &str, bucket: Option<Granularity>, group_by: Gr
                 total(latency_ms_sum), total(ttft_ms_sum), total(ttft_count),
                 usage_histogram(latency_histogram), {backends}, total(cached_prompt_tokens),
                 total(reasoning_tokens), total(cache_write_prompt_tokens),
-                total(audio_prompt_tokens), total(audio_completion_tokens)
+                total(audio_prompt_tokens), total(audio_completion_tokens),
+                total(estimated_count)
          FROM {table} {clause} GROUP BY b, g",
         group = group_expr(group_by),
         table = part.table.name(),
@@ -1138,6 +1150,7 @@ fn aggregate(
                     cache_write_prompt_tokens: n(15)?,
                     audio_prompt_tokens: n(16)?,
                     audio_completion_tokens: n(17)?,
+                    estimated_count: n(18)?,
                     ..Totals::default()
                 },
                 histogram,
