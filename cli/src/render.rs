@@ -623,6 +623,23 @@ pub fn data_planes(response: &pb::ListDataPlanesResponse) -> String {
     )
 }
 
+/// `stream-timeout` as set, and what applies when that is below `request-timeout`: a stream
+/// runs at least as long as its request may (`Policy::stream_run` in the data plane).
+fn stream_timeout(s: &pb::Settings) -> String {
+    let shown = time::duration(s.stream_timeout.as_ref());
+    let seconds = |d: Option<&sluice_proto::wkt::Duration>| d.map(|d| (d.seconds, d.nanos));
+    match (
+        seconds(s.stream_timeout.as_ref()),
+        seconds(s.request_timeout.as_ref()),
+    ) {
+        (Some(stream), Some(request)) if stream < request => format!(
+            "{shown} (below request-timeout: {} applies)",
+            time::duration(s.request_timeout.as_ref())
+        ),
+        _ => shown,
+    }
+}
+
 /// `settings get` and `set`, labelled with the flag names of `settings set`.
 pub fn settings(settings: Option<&pb::Settings>) -> String {
     let Some(s) = settings else {
@@ -647,7 +664,7 @@ pub fn settings(settings: Option<&pb::Settings>) -> String {
             "request-timeout",
             time::duration(s.request_timeout.as_ref()),
         ),
-        ("stream-timeout", time::duration(s.stream_timeout.as_ref())),
+        ("stream-timeout", stream_timeout(s)),
         ("cooldown-base", time::duration(s.cooldown_base.as_ref())),
         ("cooldown-cap", time::duration(s.cooldown_cap.as_ref())),
         ("failure-threshold", s.failure_threshold.to_string()),
@@ -825,6 +842,27 @@ mod tests {
             responses_api: None,
             etag: String::new(),
         }
+    }
+
+    /// A stream timeout below the request timeout is shown with the one that applies.
+    #[test]
+    fn a_stream_timeout_below_the_request_timeout_says_which_applies() {
+        let d = |seconds: i64| Some(sluice_proto::wkt::Duration { seconds, nanos: 0 });
+        let line = |stream: i64| {
+            let shown = settings(Some(&pb::Settings {
+                request_timeout: d(600),
+                stream_timeout: d(stream),
+                ..Default::default()
+            }));
+            let line = shown.lines().find(|l| l.starts_with("stream-timeout")).unwrap();
+            line.split_whitespace().collect::<Vec<_>>().join(" ")
+        };
+        assert_eq!(
+            line(300),
+            "stream-timeout 5m (below request-timeout: 10m applies)"
+        );
+        assert_eq!(line(3600), "stream-timeout 1h");
+        assert_eq!(line(600), "stream-timeout 10m");
     }
 
     /// Audio lines stand under the counts they are part of, and only where there was audio.
