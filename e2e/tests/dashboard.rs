@@ -90,6 +90,9 @@ async fn report_usage(api: &ControlApi, backend_id: &str) {
         completion_tokens: 5,
         status_code: 200,
         cost_nanos: 1_000,
+        // A spoken answer whose stream its client left: its tokens estimated, 3 of them audio.
+        tokens_estimated: true,
+        audio_completion_tokens: 3,
         time: Some(sluice_proto::wkt::Timestamp {
             seconds: now.as_secs() as i64,
             nanos: 0,
@@ -1059,6 +1062,12 @@ async fn the_dashboard_in_a_browser() {
             "the deleted backend's row",
         )
         .await;
+    // Its estimate and its audio are named in the totals, the only ones there were.
+    let totals = browser.text("#totals").await;
+    assert!(
+        totals.contains(" streamed · 1 estimated · ") && totals.contains("completion · 3 audio"),
+        "{totals}"
+    );
     browser
         .wait_for(
             "document.querySelectorAll('#chart-requests path.series').length === 2",

@@ -400,11 +400,16 @@
       h('div', { class: 'label' }, label),
       h('div', { class: 'value' }, value),
       h('div', { class: 'sub' }, sub || '\u00a0'));
+    // Requests whose tokens were estimated (a stream its client left, a request a crash cut
+    // off) and audio tokens: named only where there were some.
+    const estimated = num(t.estimatedCount) > 0 ? ` · ${fmtInt(t.estimatedCount)} estimated` : '';
+    const audio = num(t.audioPromptTokens) + num(t.audioCompletionTokens);
+    const audioText = audio > 0 ? ` · ${fmtInt(audio)} audio` : '';
     $('#totals').replaceChildren(
       card('Requests', fmtInt(t.requestCount),
-        `${fmtInt(t.streamCount)} streamed · ${fmtCount(t.backendCount, num(t.backendCount) === 1 ? 'backend' : 'backends')}`),
+        `${fmtInt(t.streamCount)} streamed${estimated} · ${fmtCount(t.backendCount, num(t.backendCount) === 1 ? 'backend' : 'backends')}`),
       card('Error rate', fmtPct(t.errorRate), fmtCount(t.errorCount, num(t.errorCount) === 1 ? 'error' : 'errors')),
-      card('Tokens', fmtInt(t.totalTokens), `${fmtInt(t.promptTokens)} prompt · ${fmtInt(t.completionTokens)} completion`),
+      card('Tokens', fmtInt(t.totalTokens), `${fmtInt(t.promptTokens)} prompt · ${fmtInt(t.completionTokens)} completion${audioText}`),
       card('Cost', fmtMoney(t.cost), 'from the models\u2019 prices'),
       card('Latency p50', fmtMs(t.p50LatencyMs), `avg ${fmtMs(t.avgLatencyMs)}`),
       card('Latency p95', fmtMs(t.p95LatencyMs), `p99 ${fmtMs(t.p99LatencyMs)}`),
