@@ -854,7 +854,10 @@ mod tests {
                 stream_timeout: d(stream),
                 ..Default::default()
             }));
-            let line = shown.lines().find(|l| l.starts_with("stream-timeout")).unwrap();
+            let line = shown
+                .lines()
+                .find(|l| l.starts_with("stream-timeout"))
+                .unwrap();
             line.split_whitespace().collect::<Vec<_>>().join(" ")
         };
         assert_eq!(
