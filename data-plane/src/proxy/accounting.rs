@@ -355,11 +355,7 @@ impl Accounting {
         let first = self.0.spooled.is_none();
         let replaced = self.start_record(route);
         let started = lane.start(&mut self.0.spooled, &mut self.0.record);
-        let record = &mut self.0.record;
-        record.prompt_tokens = replaced.prompt_tokens;
-        record.tokens_estimated = replaced.tokens_estimated;
-        record.cost_nanos = replaced.cost_nanos;
-        record.priced = replaced.priced;
+        replaced.put_back(&mut self.0.record);
         let written = match started {
             Ok(written) => written.await,
             Err(Refused(why)) => Err(why),
@@ -378,12 +374,7 @@ impl Accounting {
     /// back once the record is spooled.
     fn start_record(&mut self, route: &Route) -> Replaced {
         let record = &mut self.0.record;
-        let replaced = Replaced {
-            prompt_tokens: record.prompt_tokens,
-            tokens_estimated: record.tokens_estimated,
-            cost_nanos: record.cost_nanos,
-            priced: record.priced,
-        };
+        let replaced = Replaced::of(record);
         let estimate = self.0.prompt_estimate;
         let fee = match self.0.endpoint.counts_only() {
             true => 0,
@@ -695,6 +686,24 @@ struct Replaced {
     tokens_estimated: bool,
     cost_nanos: u64,
     priced: bool,
+}
+
+impl Replaced {
+    fn of(record: &UsageRecord) -> Self {
+        Self {
+            prompt_tokens: record.prompt_tokens,
+            tokens_estimated: record.tokens_estimated,
+            cost_nanos: record.cost_nanos,
+            priced: record.priced,
+        }
+    }
+
+    fn put_back(self, record: &mut UsageRecord) {
+        record.prompt_tokens = self.prompt_tokens;
+        record.tokens_estimated = self.tokens_estimated;
+        record.cost_nanos = self.cost_nanos;
+        record.priced = self.priced;
+    }
 }
 
 /// Whether a request keeps its budget reserve spent, as its cost, and its token-limit
