@@ -204,3 +204,83 @@ async fn a_full_usage_queue_keeps_the_records_its_spool_holds_until_the_control_
     );
     h.shutdown().await.unwrap();
 }
+
+/// What a request in flight is charged should its replica die now (a crash, an OOM kill) is
+/// on disk before its upstream is called: its last attempt's start carries its prompt's
+/// estimate at that attempt's route's prices, and the fee for the request itself of an
+/// earlier attempt that may have been billed it (here a primary that timed out). A replay
+/// reads that start as the interrupted request's record.
+#[tokio::test]
+async fn a_request_in_flight_is_on_disk_at_what_its_replicas_death_would_charge() {
+    use sluice_e2e::mock::{Fault, MockConfig, MockServer};
+    let primary = MockServer::start_local(MockConfig::named("primary")).unwrap();
+    let fallback = MockServer::start_local(MockConfig::named("fallback")).unwrap();
+    primary.set_fault(Fault::DelayMs(3_000).always());
+    fallback.set_fault(Fault::DelayMs(30_000).always());
+    let mut message = snapshot(
+        1,
+        vec![
+            backend("primary", &primary.base_url(), proto::Pool::Primary, 0),
+            backend("fallback", &fallback.base_url(), proto::Pool::Fallback, 0),
+        ],
+    );
+    // The primary bills $30 a thousand requests; the fallback $2 a million prompt tokens.
+    message.backends[0].models[0].call_prices = vec![proto::CallPrice {
+        tool: "request".into(),
+        price_per_thousand_calls: 30.0,
+    }];
+    message.backends[1].models[0].input_price_per_mtok = 2.0;
+    let settings = message.settings.as_mut().unwrap();
+    settings.answer_timeout = Some(sluice_proxy::clock::proto_duration(Duration::from_millis(
+        300,
+    )));
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_owned();
+    let run = Harness::start_with(message, |c| c.data_dir = Some(dir.clone())).await;
+    let url = run.url("/v1/chat/completions");
+    let http = run.http.clone();
+    let in_flight = tokio::spawn(async move {
+        http.post(url)
+            .bearer_auth(support::harness::KEY)
+            .json(&chat_body(false))
+            .send()
+            .await
+    });
+    // The primary timed out; the fallback holds the request.
+    for _ in 0..500 {
+        if fallback.stats().faults_applied > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fallback.stats().faults_applied, 1, "the fallback holds it");
+    let spool = dir.join("usage-spool");
+    let incarnation = std::fs::read_dir(&spool)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let replay = sluice_proxy::spool::replay::read(&incarnation).unwrap();
+    assert!(replay.finished.is_empty());
+    assert_eq!(replay.interrupted.len(), 1, "{replay:?}");
+    let record = &replay.interrupted[0];
+    let estimate = (serde_json::to_vec(&chat_body(false)).unwrap().len() as u64).div_ceil(4);
+    assert_eq!(
+        (
+            record.backend_id.as_str(),
+            record.attempts,
+            record.prompt_tokens
+        ),
+        ("fallback", 2, estimate)
+    );
+    assert!(record.tokens_estimated && record.priced, "{record:?}");
+    assert_eq!(
+        record.cost_nanos,
+        estimate * 2_000 + 30_000_000,
+        "{record:?}"
+    );
+    assert_eq!(record.completion_tokens, 0);
+    in_flight.abort();
+    drop(run);
+}

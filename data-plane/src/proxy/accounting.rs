@@ -369,8 +369,9 @@ impl Accounting {
     /// Makes the record what the request is charged if its process dies during the attempt at
     /// `route` (a crash, an OOM kill): the provider may have billed it, and nobody will learn
     /// how much. Its prompt's estimate, at the route's prices, and the route's fee for the
-    /// request itself, as a request its client left is charged ([`Self::estimate_unreported`]);
-    /// and whose allowance paid for it. Returns the figures it replaced, which the caller puts
+    /// request itself, as a request its client left is charged ([`Self::estimate_unreported`]),
+    /// with the fee of an earlier attempt that may have been billed (`billed_failure_fee`, as
+    /// a finish without tokens keeps it); and whose allowance paid for it. Returns the figures it replaced, which the caller puts
     /// back once the record is spooled.
     fn start_record(&mut self, route: &Route) -> Replaced {
         let record = &mut self.0.record;
@@ -388,7 +389,8 @@ impl Accounting {
                 prompt: estimate,
                 ..Billed::default()
             })
-            .saturating_add(fee);
+            .saturating_add(fee)
+            .saturating_add(self.0.billed_failure_fee);
         priced_by(self.0.budget.as_ref(), record);
         replaced
     }
