@@ -31,6 +31,14 @@ use crate::answer_memory::AnswerPermit;
 /// Past the stream's own deadline, before the connection is failed.
 pub const GRACE: Duration = Duration::from_secs(1);
 
+/// A stream's own end, put on its response by the relay's maker: when the settings of the
+/// snapshot its request was served under end it. The connection holds this, not the end the
+/// snapshot current when the head goes out would give: a setting lowered while the head was
+/// awaited would otherwise cut the connection before the relay's end, without its error
+/// event.
+#[derive(Debug, Clone, Copy)]
+pub struct RunsUntil(pub Instant);
+
 /// The earliest deadline of the streams a client connection carries (HTTP/2 may carry
 /// several: see the module's docs).
 #[derive(Debug, Default, Clone)]

@@ -908,14 +908,20 @@ fn hold_deadline(
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|t| t.as_bytes() == b"text/event-stream");
     let large = !stream && http_body::Body::size_hint(response.body()).lower() > LARGE_ANSWER_BYTES;
+    let runs_until = response.extensions().get::<deadline::RunsUntil>().copied();
     let held = (stream || h2 || large).then(|| {
         let answered = tokio::time::Instant::now() + write_timeout;
-        let until = match store.load() {
-            Some(snapshot) if stream => arrived + snapshot.policy.stream_run(),
-            Some(snapshot) => (arrived + snapshot.policy.request_timeout).max(answered),
-            // Before the first snapshot: only the replica's own answers, held by the write
-            // timeout (no deadline held, an h2 client granting no window kept them for good).
-            None => answered,
+        let until = match runs_until {
+            // A relayed stream's own end, by its request's settings.
+            Some(deadline::RunsUntil(until)) if stream => until,
+            _ => match store.load() {
+                Some(snapshot) if stream => arrived + snapshot.policy.stream_run(),
+                Some(snapshot) => (arrived + snapshot.policy.request_timeout).max(answered),
+                // Before the first snapshot: only the replica's own answers, held by the write
+                // timeout (no deadline held, an h2 client granting no window kept them for
+                // good).
+                None => answered,
+            },
         };
         deadline.hold(until + deadline::GRACE)
     });

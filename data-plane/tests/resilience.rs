@@ -1818,6 +1818,59 @@ fn with_timeouts(first_byte: u64, answer: u64, request: u64) -> Option<proto::Se
     Some(settings)
 }
 
+/// A stream runs to the end the settings it arrived under give it, on its connection too: a
+/// `stream_timeout` lowered while its head was awaited does not cut its connection before
+/// its relay's end, without the stream's end or an error event (the connection read the
+/// setting again when the head went out: findings-39-stream-timeout L-5).
+#[tokio::test]
+async fn a_stream_keeps_the_run_it_arrived_under_when_the_setting_changes() {
+    let settings = |stream_ms: u64, request_ms: u64| {
+        let mut settings = with_timeouts(5_000, 5_000, request_ms);
+        settings.as_mut().unwrap().stream_timeout =
+            Some(proto_duration(Duration::from_millis(stream_ms)));
+        settings
+    };
+    // Twelve words 250 ms apart, after a head held 500 ms: 3.5 s.
+    let primary = slow_mock("primary", 12, 250);
+    primary.set_fault(Fault::DelayMs(500).times(1));
+    let mut message = one_primary_snapshot(&primary.base_url());
+    message.settings = settings(30_000, 10_000);
+    let h = Harness::start(message).await;
+    let url = h.url("/v1/chat/completions");
+    let http = h.http.clone();
+    let stream = tokio::spawn(async move {
+        let response = http
+            .post(url)
+            .bearer_auth(KEY)
+            .json(&chat_body(true))
+            .send()
+            .await
+            .unwrap();
+        response.text().await
+    });
+    // While its head is awaited, the runs are lowered to a second.
+    for _ in 0..500 {
+        if primary.stats().faults_applied > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut lowered = one_primary_snapshot(&primary.base_url());
+    lowered.version = 2;
+    lowered.settings = settings(1_000, 1_000);
+    h.publish(lowered).await;
+    let body = stream
+        .await
+        .unwrap()
+        .expect("the stream is read to its end");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    let record = h.records(1).await.remove(0);
+    assert_eq!(
+        (record.completion_tokens, record.error_kind),
+        (12, ErrorKind::Unspecified as i32)
+    );
+}
+
 /// The last candidate waited for past `answer_timeout` and still silent at the request's
 /// deadline was given its wait and more: its model's failure (the deadline cuts short only an
 /// attempt it leaves less than its wait), so a model hung at its only backend cools down and

@@ -2005,6 +2005,9 @@ async fn deliver(
             // (`request_timeout` bounded its beginning: a committed stream's first event is
             // still due by then, `Pending::event_by`).
             let runs_until = deadline.max(acct.started() + policy.stream_run());
+            response
+                .extensions_mut()
+                .insert(crate::deadline::RunsUntil(runs_until));
             *response.body_mut() = Body::new(Relay::new(
                 upstream,
                 first,
