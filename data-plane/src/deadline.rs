@@ -1,6 +1,7 @@
-//! The request deadline of a stream, enforced on its client connection.
+//! The end of a stream (its run, by the settings its request arrived under: [`RunsUntil`]),
+//! enforced on its client connection.
 //!
-//! A stream's relay checks `request_timeout` only when hyper polls it, and hyper polls it only
+//! A stream's relay checks its end only when hyper polls it, and hyper polls it only
 //! when the client's socket can take more: a client that stops reading stops the checks, and
 //! with them the stream — the client connection and the upstream one stay open for as long as
 //! the client likes. So a stream's response also holds its deadline (plus [`GRACE`], so that a

@@ -883,7 +883,8 @@ const STREAMS_END_BEFORE: Duration = Duration::from_secs(1);
 /// the answers that take permits of `--max-buffered-answer-bytes`.
 const LARGE_ANSWER_BYTES: u64 = proxy::forward::SMALL_ANSWER_BYTES as u64;
 
-/// A stream's response holds its request deadline on its connection while it is sent, and
+/// A relayed stream's response holds its end ([`deadline::RunsUntil`], by the settings its
+/// request arrived under) on its connection while it is sent, and
 /// so does a whole answer on HTTP/2 (`h2`): an h2 client that grants a stream no
 /// flow-control window leaves its answer in hyper's buffer with no write waiting on the
 /// socket, which the write timeout alone would never end (a whole answer, up to
@@ -903,19 +904,16 @@ fn hold_deadline(
     deadline: &ConnectionDeadline,
     memory: Option<AnswerPermit>,
 ) -> http::Response<deadline::Holding<axum::body::Body>> {
-    let stream = response
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|t| t.as_bytes() == b"text/event-stream");
-    let large = !stream && http_body::Body::size_hint(response.body()).lower() > LARGE_ANSWER_BYTES;
+    // A relayed stream, whatever its content type says: a whole answer an upstream labelled
+    // `text/event-stream` (an error passed on with its own type) is held as a whole answer.
     let runs_until = response.extensions().get::<deadline::RunsUntil>().copied();
+    let stream = runs_until.is_some();
+    let large = !stream && http_body::Body::size_hint(response.body()).lower() > LARGE_ANSWER_BYTES;
     let held = (stream || h2 || large).then(|| {
         let answered = tokio::time::Instant::now() + write_timeout;
         let until = match runs_until {
-            // A relayed stream's own end, by its request's settings.
-            Some(deadline::RunsUntil(until)) if stream => until,
-            _ => match store.load() {
-                Some(snapshot) if stream => arrived + snapshot.policy.stream_run(),
+            Some(deadline::RunsUntil(until)) => until,
+            None => match store.load() {
                 Some(snapshot) => (arrived + snapshot.policy.request_timeout).max(answered),
                 // Before the first snapshot: only the replica's own answers, held by the write
                 // timeout (no deadline held, an h2 client granting no window kept them for

@@ -1830,9 +1830,10 @@ async fn a_stream_keeps_the_run_it_arrived_under_when_the_setting_changes() {
             Some(proto_duration(Duration::from_millis(stream_ms)));
         settings
     };
-    // Twelve words 250 ms apart, after a head held 500 ms: 3.5 s.
+    // Twelve words 250 ms apart, after a head held 1.5 s (the new settings reach the replica
+    // well before it): 4.5 s.
     let primary = slow_mock("primary", 12, 250);
-    primary.set_fault(Fault::DelayMs(500).times(1));
+    primary.set_fault(Fault::DelayMs(1_500).times(1));
     let mut message = one_primary_snapshot(&primary.base_url());
     message.settings = settings(30_000, 10_000);
     let h = Harness::start(message).await;
