@@ -694,7 +694,7 @@ pub fn totals(t: &pb::GetTotalsResponse) -> String {
         ("errors", t.error_count.to_string()),
         ("error rate", percent(t.error_rate)),
         ("streamed", t.stream_count.to_string()),
-        ("tokens estimated", t.estimated_count.to_string()),
+        ("requests estimated", t.estimated_count.to_string()),
         ("prompt tokens", t.prompt_tokens.to_string()),
         ("  of them cached", t.cached_prompt_tokens.to_string()),
         (
@@ -890,7 +890,6 @@ mod tests {
         assert_eq!(
             labels,
             [
-                "tokens estimated 0",
                 "prompt tokens 10",
                 "of them cached 0",
                 "of them written to the cache 0",

@@ -90,7 +90,8 @@ async fn report_usage(api: &ControlApi, backend_id: &str) {
         completion_tokens: 5,
         status_code: 200,
         cost_nanos: 1_000,
-        // A spoken answer whose stream its client left: its tokens estimated, 3 of them audio.
+        // A spoken answer its client left before the provider's usage: its tokens estimated,
+        // 3 of them audio.
         tokens_estimated: true,
         audio_completion_tokens: 3,
         time: Some(sluice_proto::wkt::Timestamp {

@@ -405,7 +405,7 @@ async fn a_stream_its_client_leaves_midway_is_charged_what_was_streamed() {
     assert!(
         shown
             .lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["tokens", "estimated", "1"]),
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["requests", "estimated", "1"]),
         "{shown}"
     );
     let spend = cluster.client_key("k").await.spend;

@@ -82,7 +82,7 @@ pub struct Totals {
     pub error_count: u64,
     pub stream_count: u64,
     /// Requests whose tokens are the replica's estimate (cut off before the provider's usage,
-    /// interrupted by a crash, answered without usage).
+    /// interrupted by a crash, a stream or an embeddings answer without usage).
     pub estimated_count: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
