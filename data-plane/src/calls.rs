@@ -134,21 +134,23 @@ impl CallPrices {
     /// Counts the request itself as one call of [`REQUEST`], if the route prices it: the
     /// request was answered, and so billed its fee.
     pub fn count_request(&self, counted: &mut Counted) {
-        if let Some(i) = self.request_at() {
+        if let Some((i, _)) = self.request_fee() {
             counted[i] = 1;
         }
     }
 
     /// What the route charges for each request it answers ([`REQUEST`]), in nano-units: what
-    /// a budget reserves besides the prompt.
+    /// a budget reserves besides the prompt. 0 for a route without one (at once for the routes
+    /// that price no calls at all).
     pub fn request_fee_nanos(&self) -> u64 {
-        let prices = self.0.as_deref().unwrap_or_default();
-        self.request_at().map_or(0, |i| prices[i].1)
+        self.request_fee().map_or(0, |(_, fee)| fee)
     }
 
-    fn request_at(&self) -> Option<usize> {
+    /// [`REQUEST`]'s position among the route's priced tools, and its price.
+    fn request_fee(&self) -> Option<(usize, u64)> {
         let prices = self.0.as_deref()?;
-        prices.iter().position(|(tool, _)| **tool == *REQUEST)
+        let at = prices.iter().position(|(tool, _)| **tool == *REQUEST)?;
+        Some((at, prices[at].1))
     }
 
     /// What the calls in `counted` cost, in nano-units.

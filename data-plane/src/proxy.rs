@@ -527,10 +527,7 @@ fn prompt_cost(tokens: u64, routes: &[crate::snapshot::Route]) -> PromptCost {
                 .prompt_ceiling_nanos(tokens),
             false => untiered,
         };
-        let reserve = match route.call_prices.any() {
-            true => reserve.saturating_add(route.call_prices.request_fee_nanos()),
-            false => reserve,
-        };
+        let reserve = reserve.saturating_add(route.call_prices.request_fee_nanos());
         PromptCost {
             reserve: most.reserve.max(reserve),
             untiered: most.untiered.max(untiered),

@@ -231,7 +231,7 @@ impl Accounting {
     pub fn attempt_failed(&mut self, billed: bool) {
         self.0.billed_failure |= billed;
         self.0.last_attempt_failed = true;
-        if billed && self.0.call_prices.any() {
+        if billed {
             let fee = self.0.call_prices.request_fee_nanos();
             self.0.billed_failure_fee = self.0.billed_failure_fee.max(fee);
         }
