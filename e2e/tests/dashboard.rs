@@ -91,9 +91,11 @@ async fn report_usage(api: &ControlApi, backend_id: &str) {
         status_code: 200,
         cost_nanos: 1_000,
         // A spoken answer its client left before the provider's usage: its tokens estimated,
-        // 3 of them audio.
+        // 3 of them audio; 4 of its prompt read from the cache, 2 of its completion reasoning.
         tokens_estimated: true,
         audio_completion_tokens: 3,
+        cached_prompt_tokens: 4,
+        reasoning_tokens: 2,
         time: Some(sluice_proto::wkt::Timestamp {
             seconds: now.as_secs() as i64,
             nanos: 0,
@@ -1063,10 +1065,13 @@ async fn the_dashboard_in_a_browser() {
             "the deleted backend's row",
         )
         .await;
-    // Its estimate and its audio are named in the totals, the only ones there were.
+    // Its estimate and its parts (cached, reasoning, audio) are named in the totals, the only
+    // ones there were.
     let totals = browser.text("#totals").await;
     assert!(
-        totals.contains(" streamed · 1 estimated · ") && totals.contains("completion · 3 audio"),
+        totals.contains(" streamed · 1 estimated · ")
+            && totals.contains(" prompt (4 cached) · ")
+            && totals.contains(" completion (2 reasoning) · 3 audio"),
         "{totals}"
     );
     browser

@@ -401,15 +401,21 @@
       h('div', { class: 'value' }, value),
       h('div', { class: 'sub' }, sub || '\u00a0'));
     // Requests whose tokens were estimated (a stream its client left, a request a crash cut
-    // off) and audio tokens: named only where there were some.
-    const estimated = num(t.estimatedCount) > 0 ? ` · ${fmtInt(t.estimatedCount)} estimated` : '';
-    const audio = num(t.audioPromptTokens) + num(t.audioCompletionTokens);
-    const audioText = audio > 0 ? ` · ${fmtInt(audio)} audio` : '';
+    // off), and the parts of the tokens priced apart (read from the cache, written to it,
+    // reasoning, audio): each named only where there were some.
+    const some = (n, text) => (num(n) > 0 ? text(fmtInt(n)) : '');
+    const estimated = some(t.estimatedCount, (n) => ` · ${n} estimated`);
+    const prompt = `${fmtInt(t.promptTokens)} prompt`
+      + some(t.cachedPromptTokens, (n) => ` (${n} cached)`)
+      + some(t.cacheWritePromptTokens, (n) => ` (${n} written to cache)`);
+    const completion = `${fmtInt(t.completionTokens)} completion`
+      + some(t.reasoningTokens, (n) => ` (${n} reasoning)`);
+    const audioText = some(num(t.audioPromptTokens) + num(t.audioCompletionTokens), (n) => ` · ${n} audio`);
     $('#totals').replaceChildren(
       card('Requests', fmtInt(t.requestCount),
         `${fmtInt(t.streamCount)} streamed${estimated} · ${fmtCount(t.backendCount, num(t.backendCount) === 1 ? 'backend' : 'backends')}`),
       card('Error rate', fmtPct(t.errorRate), fmtCount(t.errorCount, num(t.errorCount) === 1 ? 'error' : 'errors')),
-      card('Tokens', fmtInt(t.totalTokens), `${fmtInt(t.promptTokens)} prompt · ${fmtInt(t.completionTokens)} completion${audioText}`),
+      card('Tokens', fmtInt(t.totalTokens), `${prompt} · ${completion}${audioText}`),
       card('Cost', fmtMoney(t.cost), 'from the models\u2019 prices'),
       card('Latency p50', fmtMs(t.p50LatencyMs), `avg ${fmtMs(t.avgLatencyMs)}`),
       card('Latency p95', fmtMs(t.p95LatencyMs), `p99 ${fmtMs(t.p99LatencyMs)}`),
