@@ -66,7 +66,11 @@ pub fn apply_mask(
             other => {
                 return Err(ValidationError::new(
                     "update_mask",
-                    format!("unknown field {other:?}; known: {}", FIELDS.join(", ")),
+                    format!(
+                        "unknown field {}; known: {}",
+                        crate::validation::quoted(other),
+                        FIELDS.join(", ")
+                    ),
                 ));
             }
         }

@@ -41,7 +41,7 @@ pub use usage::{
 /// Everything that can go wrong in the store (mapped to a gRPC status once, in `api::status`).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{kind} {id:?} not found")]
+    #[error("{kind} {} not found", crate::validation::quoted(id))]
     NotFound { kind: &'static str, id: String },
     #[error("{0}")]
     AlreadyExists(String),

@@ -1810,6 +1810,116 @@ async fn concurrent_joins_publish_the_final_replica_count() {
 /// A replica that could not decode a snapshot (past the size it accepts) loses the stream
 /// it came on; it says so on its next stream's hello, which the control plane lists as the
 /// replica's error (`sluicectl dataplane list`, the dashboard), as it lists any nack.
+/// Text pasted by mistake where an id, an etag or a field name goes (20 KB of it) is
+/// refused for what it is, and the answer quotes at most a line of it: a status quoting it
+/// whole passed the 16 KiB of headers a tonic client accepts (a status travels in them), and
+/// `sluicectl` reported the control plane unreachable instead of the refusal.
+#[tokio::test]
+async fn text_pasted_into_an_id_an_etag_or_a_field_is_refused_and_quoted_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let created = create(&mut admin, "openai-main", "sk-provider-secret-1234").await;
+    let pasted = "pasted text ".repeat(1_700);
+    let short = |status: &tonic::Status| {
+        assert!(
+            status.message().len() < 1_024,
+            "{} bytes",
+            status.message().len()
+        );
+    };
+    let status = admin
+        .get_backend(pb::GetBackendRequest { id: pasted.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("at most 256 bytes"), "{status:?}");
+    short(&status);
+    let status = admin
+        .revoke_client_key(pb::RevokeClientKeyRequest { id: pasted.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let status = admin
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: created.id.clone(),
+                etag: pasted.clone(),
+                weight: 2,
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["weight"])),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert!(
+        status.message().contains("\"pasted text pasted"),
+        "{status:?}"
+    );
+    short(&status);
+    let status = admin
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: created.id.clone(),
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&[&pasted])),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    short(&status);
+    let status = admin
+        .update_settings(pb::UpdateSettingsRequest {
+            settings: Some(pb::Settings::default()),
+            update_mask: Some(mask(&[&pasted])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    short(&status);
+    // A name 256 bytes long at most is looked up, and not found.
+    let status = admin
+        .get_backend(pb::GetBackendRequest {
+            id: "n".repeat(256),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    short(&status);
+}
+
+/// A replica's refusal of a snapshot is logged on each ack, stored and listed to admins: a
+/// megabyte of it is kept to its first 4,096 characters.
+#[tokio::test]
+async fn a_replicas_refusal_is_kept_to_its_first_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let (tx, mut stream) = open_snapshot_stream(
+        &cp,
+        pb::StreamSnapshotsRequest {
+            node_id: "dp-1".into(),
+            incarnation: "inc-a".into(),
+            error_detail: "é".repeat(1 << 19),
+            ..Default::default()
+        },
+    )
+    .await;
+    next(&mut stream).await;
+    let planes = admin(&cp)
+        .await
+        .list_data_planes(pb::ListDataPlanesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .data_planes;
+    assert_eq!(planes[0].last_error, format!("{}…", "é".repeat(4096)));
+    drop(tx);
+}
+
 #[tokio::test]
 async fn a_refusal_said_on_a_hello_is_listed_as_the_replicas_error() {
     let dir = tempfile::tempdir().unwrap();

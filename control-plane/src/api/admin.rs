@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use sluice_proto::limits::{MAX_KEY_PAGE_SIZE, MAX_MODEL_NAME_BYTES};
+use sluice_proto::limits::{MAX_ID_BYTES, MAX_KEY_PAGE_SIZE, MAX_MODEL_NAME_BYTES};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
@@ -49,10 +49,33 @@ impl Admin {
     }
 }
 
+/// Runs an admin change to its end in a task of its own, whatever becomes of its call. A
+/// client that gives up (`sluicectl`'s deadline, a stream reset) drops the call's handler,
+/// and a write already handed to the store commits all the same: run in the handler, the
+/// change's snapshot reservation was dropped with it, so that another write could be admitted
+/// against a snapshot that did not count this one's growth (two together past the size every
+/// replica accepts), and its audit line was never written.
+async fn to_the_end<T: Send + 'static>(
+    change: impl Future<Output = Result<T, Status>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(change)
+        .await
+        .map_err(|_| Status::internal("the change failed; read it back before repeating it"))?
+}
+
 fn required_id(field: &str, id: &str) -> Result<String, Status> {
     let id = id.trim();
     if id.is_empty() {
         return Err(ValidationError::new(field, "must not be empty").into());
+    }
+    // No id or name is longer (names are at most 64 characters): a longer one is refused
+    // for what it is, not looked up and quoted back whole as not found.
+    if id.len() > MAX_ID_BYTES {
+        return Err(ValidationError::new(
+            field,
+            format!("must be at most {MAX_ID_BYTES} bytes (an id or a name)"),
+        )
+        .into());
     }
     Ok(id.to_owned())
 }
@@ -70,13 +93,18 @@ impl AdminService for Admin {
         let spec = BackendSpec::from_proto(&backend)?.validated()?;
         let api_key = request.api_key.trim().to_owned();
         check_api_key("api_key", &api_key)?;
-        let room = self
-            .publisher
-            .reserve(snapshot::backend_entry_bytes(&spec, &api_key))
-            .await?;
-        let (backend, version) = self.store.create_backend(spec, api_key).await?;
-        room.committed(version);
-        tracing::info!(backend = %backend.id, name = %backend.spec.name, "backend created");
+        let admin = self.clone();
+        let backend = to_the_end(async move {
+            let room = admin
+                .publisher
+                .reserve(snapshot::backend_entry_bytes(&spec, &api_key))
+                .await?;
+            let (backend, version) = admin.store.create_backend(spec, api_key).await?;
+            room.committed(version);
+            tracing::info!(backend = %backend.id, name = %backend.spec.name, "backend created");
+            Ok(backend)
+        })
+        .await?;
         Ok(Response::new(pb::CreateBackendResponse {
             backend: Some(backend.to_proto()),
         }))
@@ -142,18 +170,23 @@ impl AdminService for Admin {
             &updated.validated()?,
             api_key.as_deref().unwrap_or(&kept_key),
         );
-        let room = self.publisher.reserve(growth).await?;
-        let (backend, version) = self
-            .store
-            .update_backend(
-                id,
-                expected_etag,
-                move |spec| spec.apply_mask(&update, &paths),
-                api_key,
-            )
-            .await?;
-        room.committed(version);
-        tracing::info!(backend = %backend.id, "backend updated");
+        let admin = self.clone();
+        let backend = to_the_end(async move {
+            let room = admin.publisher.reserve(growth).await?;
+            let (backend, version) = admin
+                .store
+                .update_backend(
+                    id,
+                    expected_etag,
+                    move |spec| spec.apply_mask(&update, &paths),
+                    api_key,
+                )
+                .await?;
+            room.committed(version);
+            tracing::info!(backend = %backend.id, "backend updated");
+            Ok(backend)
+        })
+        .await?;
         Ok(Response::new(pb::UpdateBackendResponse {
             backend: Some(backend.to_proto()),
         }))
@@ -164,8 +197,13 @@ impl AdminService for Admin {
         request: Request<pb::DeleteBackendRequest>,
     ) -> Result<Response<pb::DeleteBackendResponse>, Status> {
         let id = required_id("id", &request.into_inner().id)?;
-        self.store.delete_backend(id.clone()).await?;
-        tracing::info!(backend = %id, "backend deleted");
+        let store = self.store.clone();
+        to_the_end(async move {
+            store.delete_backend(id.clone()).await?;
+            tracing::info!(backend = %id, "backend deleted");
+            Ok(())
+        })
+        .await?;
         Ok(Response::new(pb::DeleteBackendResponse {}))
     }
 
@@ -185,16 +223,21 @@ impl AdminService for Admin {
             max_parallel_requests: request.max_parallel_requests,
         }
         .validated(crate::time::now_ms())?;
-        let room = self
-            .publisher
-            .reserve(snapshot::client_key_entry_bytes(
-                &new.name,
-                &new.allowed_models,
-            ))
-            .await?;
-        let (key, plaintext, version) = self.store.create_client_key(new).await?;
-        room.committed(version);
-        tracing::info!(client_key = %key.id, name = %key.name, "client key created");
+        let admin = self.clone();
+        let (key, plaintext) = to_the_end(async move {
+            let room = admin
+                .publisher
+                .reserve(snapshot::client_key_entry_bytes(
+                    &new.name,
+                    &new.allowed_models,
+                ))
+                .await?;
+            let (key, plaintext, version) = admin.store.create_client_key(new).await?;
+            room.committed(version);
+            tracing::info!(client_key = %key.id, name = %key.name, "client key created");
+            Ok((key, plaintext))
+        })
+        .await?;
         Ok(Response::new(pb::CreateClientKeyResponse {
             client_key: Some(key.to_proto(crate::time::now_ms(), 0)),
             key: plaintext,
@@ -264,19 +307,24 @@ impl AdminService for Admin {
         let mut updated = NewClientKey::of(&self.store.get_client_key(id.clone()).await?);
         updated.apply_mask(&update, &paths, now)?;
         let updated = updated.checked()?;
-        let room = self
-            .publisher
-            .reserve(snapshot::client_key_entry_bytes(
-                &updated.name,
-                &updated.allowed_models,
-            ))
-            .await?;
-        let (key, version) = self
-            .store
-            .update_client_key(id, move |fields| fields.apply_mask(&update, &paths, now))
-            .await?;
-        room.committed(version);
-        tracing::info!(client_key = %key.id, "client key updated");
+        let admin = self.clone();
+        let key = to_the_end(async move {
+            let room = admin
+                .publisher
+                .reserve(snapshot::client_key_entry_bytes(
+                    &updated.name,
+                    &updated.allowed_models,
+                ))
+                .await?;
+            let (key, version) = admin
+                .store
+                .update_client_key(id, move |fields| fields.apply_mask(&update, &paths, now))
+                .await?;
+            room.committed(version);
+            tracing::info!(client_key = %key.id, "client key updated");
+            Ok(key)
+        })
+        .await?;
         Ok(Response::new(pb::UpdateClientKeyResponse {
             client_key: self.with_spend(vec![key]).await?.pop(),
         }))
@@ -287,8 +335,13 @@ impl AdminService for Admin {
         request: Request<pb::RevokeClientKeyRequest>,
     ) -> Result<Response<pb::RevokeClientKeyResponse>, Status> {
         let id = required_id("id", &request.into_inner().id)?;
-        self.store.revoke_client_key(id.clone()).await?;
-        tracing::info!(client_key = %id, "client key revoked");
+        let store = self.store.clone();
+        to_the_end(async move {
+            store.revoke_client_key(id.clone()).await?;
+            tracing::info!(client_key = %id, "client key revoked");
+            Ok(())
+        })
+        .await?;
         Ok(Response::new(pb::RevokeClientKeyResponse {}))
     }
 
@@ -314,11 +367,18 @@ impl AdminService for Admin {
                 "model: at most {MAX_MODEL_NAME_BYTES} bytes"
             )));
         }
-        self.store.reset_cooldown(id.clone(), model.clone()).await?;
-        match model.is_empty() {
-            true => tracing::info!(backend = %id, "cooldown reset, the backend's and its models'"),
-            false => tracing::info!(backend = %id, model = %model, "model's cooldown reset"),
-        }
+        let store = self.store.clone();
+        to_the_end(async move {
+            store.reset_cooldown(id.clone(), model.clone()).await?;
+            match model.is_empty() {
+                true => {
+                    tracing::info!(backend = %id, "cooldown reset, the backend's and its models'")
+                }
+                false => tracing::info!(backend = %id, model = %model, "model's cooldown reset"),
+            }
+            Ok(())
+        })
+        .await?;
         Ok(Response::new(pb::ResetCooldownResponse {}))
     }
 
@@ -326,8 +386,13 @@ impl AdminService for Admin {
         &self,
         _request: Request<pb::RotateAffinityKeyRequest>,
     ) -> Result<Response<pb::RotateAffinityKeyResponse>, Status> {
-        let (key_id, retired_keys) = self.store.rotate_affinity_key().await?;
-        tracing::info!(key_id, retired_keys, "affinity key rotated");
+        let store = self.store.clone();
+        let (key_id, retired_keys) = to_the_end(async move {
+            let (key_id, retired_keys) = store.rotate_affinity_key().await?;
+            tracing::info!(key_id, retired_keys, "affinity key rotated");
+            Ok((key_id, retired_keys))
+        })
+        .await?;
         Ok(Response::new(pb::RotateAffinityKeyResponse {
             key_id,
             retired_keys,
@@ -375,12 +440,18 @@ impl AdminService for Admin {
             );
         }
         // The mask is applied inside the write, to the settings as they are then.
-        let mask = paths.clone();
-        let (next, _) = self
-            .store
-            .update_settings(move |current| crate::settings::apply_mask(current, &update, &mask))
-            .await?;
-        tracing::info!(fields = ?paths, "settings updated");
+        let store = self.store.clone();
+        let next = to_the_end(async move {
+            let mask = paths.clone();
+            let (next, _) = store
+                .update_settings(move |current| {
+                    crate::settings::apply_mask(current, &update, &mask)
+                })
+                .await?;
+            tracing::info!(fields = ?paths, "settings updated");
+            Ok(next)
+        })
+        .await?;
         Ok(Response::new(pb::UpdateSettingsResponse {
             settings: Some(next),
         }))
@@ -450,6 +521,79 @@ mod tests {
             .unwrap_err();
         assert!(refused.message().contains("snapshot"), "{refused:?}");
         assert!(!store.get_backend(created.id).await.unwrap().spec.enabled);
+    }
+
+    /// A write whose caller gave up once it was handed to the store (`sluicectl`'s deadline
+    /// while the writer is busy) commits, and its growth of the snapshot still counts until
+    /// that snapshot is published: a second write that would take the snapshot past the size
+    /// replicas accept is refused. Run in the handler, the dropped call took its reservation
+    /// with it and the second write was admitted.
+    #[tokio::test]
+    async fn a_write_its_caller_left_still_holds_its_room_in_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("t.db"), MasterKey::generate()).unwrap();
+        let backend = |name: &str| pb::Backend {
+            name: name.into(),
+            base_url: "https://api.example.com/v1".into(),
+            models: vec![pb::ModelRoute {
+                name: "m".into(),
+                upstream_name: "m".into(),
+                ..Default::default()
+            }],
+            enabled: true,
+            weight: 1,
+            ..Default::default()
+        };
+        let key = "k".repeat(4000);
+        let create = |name: &str| pb::CreateBackendRequest {
+            backend: Some(backend(name)),
+            api_key: key.clone(),
+        };
+        let growth = snapshot::backend_entry_bytes(
+            &BackendSpec::from_proto(&backend("a"))
+                .unwrap()
+                .validated()
+                .unwrap(),
+            &key,
+        );
+        // Room for one of the two backends, not for both.
+        let publisher = Publisher::unstarted(store.clone()).await.unwrap();
+        let room = prost::Message::encoded_len(publisher.latest().as_ref()) + 2 * growth - 1;
+        let admin = Admin::new(
+            store.clone(),
+            Arc::new(publisher.with_size_limit(room)),
+            Arc::new(Registry::default()),
+        );
+
+        let writer = crate::store::Held::hold(&store, None).await;
+        // Polled once (reserved, handed to the store), then dropped, as a reset stream drops it.
+        let left = tokio::time::timeout(
+            std::time::Duration::ZERO,
+            admin.create_backend(Request::new(create("a"))),
+        )
+        .await;
+        assert!(
+            left.is_err(),
+            "the write cannot finish while the writer is held"
+        );
+        writer.release().await;
+        let mut committed = false;
+        for _ in 0..500 {
+            let names: Vec<_> = store.list_backends().await.unwrap();
+            if names.iter().any(|b| b.spec.name == "a") {
+                committed = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(committed, "the write its caller left commits");
+
+        let refused = admin
+            .create_backend(Request::new(create("b")))
+            .await
+            .unwrap_err();
+        assert!(refused.message().contains("snapshot"), "{refused:?}");
+        assert!(store.list_backends().await.unwrap().len() == 1);
     }
 
     /// Two settings changes of different fields at once (a `sluicectl settings set` and a

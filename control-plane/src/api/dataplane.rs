@@ -260,7 +260,7 @@ impl DataPlaneApi {
         } else {
             None
         };
-        let (acked, refused) = (first.usage_acked_sequence, first.error_detail);
+        let (acked, refused) = (first.usage_acked_sequence, refusal(first.error_detail));
         let mut leaving = first.leaving;
 
         let (tx, rx) = mpsc::channel(2);
@@ -408,11 +408,12 @@ impl DataPlaneApi {
                                     continue; // asks only, no ack
                                 }
                             }
-                            if !m.error_detail.is_empty() {
-                                tracing::warn!(node = %node_id, version = m.version, error = %m.error_detail, "data plane refused a snapshot");
+                            let refused = refusal(m.error_detail);
+                            if !refused.is_empty() {
+                                tracing::warn!(node = %node_id, version = m.version, error = %refused, "data plane refused a snapshot");
                             }
-                            api.membership.registry().record(&node_id, m.version, &m.error_detail);
-                            unwritten = Some((m.version, m.error_detail));
+                            api.membership.registry().record(&node_id, m.version, &refused);
+                            unwritten = Some((m.version, refused));
                         }
                         Ok(None) => break,
                         Err(status) => {
@@ -439,6 +440,19 @@ impl DataPlaneApi {
 
 /// A replica's ack being stored.
 type AckWrite = Pin<Box<dyn Future<Output = Result<(), crate::store::StoreError>> + Send>>;
+
+/// The most characters of a replica's refusal of a snapshot kept: it is logged on each
+/// ack, stored and shown to admins (`ListDataPlanes`), and a message may carry megabytes.
+const MAX_REFUSAL_CHARS: usize = 4096;
+
+/// A replica's refusal text (`error_detail`), cut at [`MAX_REFUSAL_CHARS`].
+fn refusal(mut detail: String) -> String {
+    if let Some((cut, _)) = detail.char_indices().nth(MAX_REFUSAL_CHARS) {
+        detail.truncate(cut);
+        detail.push('…');
+    }
+    detail
+}
 
 fn write_ack(store: &Store, node_id: &str, version: u64, error: String) -> AckWrite {
     let (store, node_id) = (store.clone(), node_id.to_owned());
