@@ -14,6 +14,17 @@ pub enum Error {
     /// Connected, but no answer in time.
     #[error("control plane at {endpoint} did not answer within {timeout}")]
     Timeout { endpoint: String, timeout: String },
+    /// Connected, but a change got no answer in time: the control plane goes on with a write
+    /// its caller left, so it may have been made. `check` says how to tell.
+    #[error(
+        "control plane at {endpoint} did not answer within {timeout}; the change may have \
+         been made all the same: {check} before repeating it"
+    )]
+    ChangeTimeout {
+        endpoint: String,
+        timeout: String,
+        check: String,
+    },
     /// The control plane refused or failed the call.
     #[error("{0}")]
     Server(String),
@@ -34,6 +45,18 @@ impl Error {
         match self {
             Error::Usage(_) => 2,
             _ => 1,
+        }
+    }
+
+    /// For a change: a timeout says the change may have been made, and `check` how to tell.
+    pub(crate) fn of_change(self, check: &str) -> Self {
+        match self {
+            Error::Timeout { endpoint, timeout } => Error::ChangeTimeout {
+                endpoint,
+                timeout,
+                check: check.to_owned(),
+            },
+            other => other,
         }
     }
 
@@ -136,6 +159,29 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    /// A change that timed out may have been made (the control plane finishes a write its
+    /// caller left): the line says so, and how to tell, where a read's says only the timeout.
+    #[test]
+    fn a_change_that_timed_out_says_it_may_have_been_made() {
+        let timeout = || Error::Timeout {
+            endpoint: "http://cp:50051".into(),
+            timeout: "10s".into(),
+        };
+        assert_eq!(
+            timeout()
+                .of_change("see `sluicectl key get team-a`")
+                .to_string(),
+            "control plane at http://cp:50051 did not answer within 10s; the change may have \
+             been made all the same: see `sluicectl key get team-a` before repeating it"
+        );
+        assert_eq!(
+            timeout().to_string(),
+            "control plane at http://cp:50051 did not answer within 10s"
+        );
+        let refused = Error::Server("backend \"x\" not found".into()).of_change("x");
+        assert_eq!(refused.to_string(), "backend \"x\" not found");
+    }
 
     #[test]
     fn not_found_prints_the_server_message() {

@@ -24,7 +24,10 @@ pub async fn run(
         BackendCommand::Add(args) => {
             let request = create_request(args)?;
             let mut admin = connection.admin().await?;
-            let response = connection.call(admin.create_backend(request)).await?;
+            let response = connection
+                .call(admin.create_backend(request))
+                .await
+                .map_err(|err| err.of_change(READ_BACK))?;
             out.print(&response, |r| render::backend(r.backend.as_ref()))
         }
         BackendCommand::List => {
@@ -60,7 +63,10 @@ pub async fn run(
             let request = pb::DeleteBackendRequest {
                 id: backend.clone(),
             };
-            let response = connection.call(admin.delete_backend(request)).await?;
+            let response = connection
+                .call(admin.delete_backend(request))
+                .await
+                .map_err(|err| err.of_change(READ_BACK))?;
             out.print(&response, |_| format!("Removed backend {backend:?}."))
         }
     }
@@ -72,9 +78,15 @@ async fn update(
     out: &Output,
 ) -> Result<(), Error> {
     let mut admin = connection.admin().await?;
-    let response = connection.call(admin.update_backend(request)).await?;
+    let response = connection
+        .call(admin.update_backend(request))
+        .await
+        .map_err(|err| err.of_change(READ_BACK))?;
     out.print(&response, |r| render::backend(r.backend.as_ref()))
 }
+
+/// How to tell whether a change of a backend that timed out was made.
+const READ_BACK: &str = "read it back with `sluicectl backend get`";
 
 /// How many times an update that takes fields from the stored routes reads them again when
 /// another change came between its read and its write.
@@ -107,7 +119,8 @@ async fn update_on_stored(
         backend.etag = stored.etag;
         if let Some(response) = connection
             .unless_changed(admin.update_backend(request))
-            .await?
+            .await
+            .map_err(|err| err.of_change(READ_BACK))?
         {
             return out.print(&response, |r| render::backend(r.backend.as_ref()));
         }

@@ -25,7 +25,10 @@ pub async fn run(
                 backend_id: backend.clone(),
                 model: model.clone().unwrap_or_default(),
             };
-            let response = connection.call(admin.reset_cooldown(request)).await?;
+            let response = connection
+                .call(admin.reset_cooldown(request))
+                .await
+                .map_err(|err| err.of_change("see `sluicectl cooldown list`"))?;
             out.print(&response, |_| match &model {
                 Some(model) => format!(
                     "Cleared the cooldown of model {model:?} at backend {backend:?} on every data plane."

@@ -20,6 +20,10 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
             expires,
             budget,
         } => {
+            let check = format!(
+                "see `sluicectl key list` for a key named {name:?} (created so, it cannot be \
+                 shown again: revoke it and create another)"
+            );
             let request = pb::CreateClientKeyRequest {
                 name,
                 allowed_models,
@@ -34,7 +38,10 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
                 max_parallel_requests: limits.max_parallel.unwrap_or(0),
             };
             let mut admin = connection.admin().await?;
-            let response = connection.call(admin.create_client_key(request)).await?;
+            let response = connection
+                .call(admin.create_client_key(request))
+                .await
+                .map_err(|err| err.of_change(&check))?;
             out.print(&response, render::created_client_key)
         }
         KeyCommand::List { active } => {
@@ -70,7 +77,10 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
             // Built before connecting, so that "nothing to update" comes first.
             let request = update_request(&args)?;
             let mut admin = connection.admin().await?;
-            let response = connection.call(admin.update_client_key(request)).await?;
+            let response = connection
+                .call(admin.update_client_key(request))
+                .await
+                .map_err(|err| err.of_change("read it back with `sluicectl key get`"))?;
             let currency = currency(connection).await?;
             out.print(&response, |r| {
                 render::client_key(r.client_key.as_ref(), &currency)
@@ -79,7 +89,10 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
         KeyCommand::Revoke { key } => {
             let request = pb::RevokeClientKeyRequest { id: key.clone() };
             let mut admin = connection.admin().await?;
-            let response = connection.call(admin.revoke_client_key(request)).await?;
+            let response = connection
+                .call(admin.revoke_client_key(request))
+                .await
+                .map_err(|err| err.of_change("read it back with `sluicectl key get`"))?;
             out.print(&response, |_| format!("Revoked client key {key:?}."))
         }
     }

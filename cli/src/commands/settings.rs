@@ -24,14 +24,23 @@ pub async fn run(
         SettingsCommand::Set(args) => {
             let request = update_request(args)?;
             let mut admin = connection.admin().await?;
-            let response = connection.call(admin.update_settings(request)).await?;
+            let response = connection
+                .call(admin.update_settings(request))
+                .await
+                .map_err(|err| err.of_change("read them back with `sluicectl settings get`"))?;
             out.print(&response, |r| render::settings(r.settings.as_ref()))
         }
         SettingsCommand::RotateAffinityKey => {
             let mut admin = connection.admin().await?;
             let response = connection
                 .call(admin.rotate_affinity_key(pb::RotateAffinityKeyRequest {}))
-                .await?;
+                .await
+                .map_err(|err| {
+                    err.of_change(
+                        "look for `affinity key rotated` in its log (another rotation \
+                         retires the key that signed until now)",
+                    )
+                })?;
             out.print(&response, |r| {
                 format!(
                     "Affinity key {} signs new response ids from the next snapshot on; \
