@@ -30,6 +30,17 @@ pub enum RequestError {
     },
     #[error("Duplicate key '{0}' in the request body.")]
     DuplicateKey(&'static str),
+    #[error(
+        "A key spelled as '{0}' in another case is not allowed in the request body: servers \
+         that read keys regardless of case would read it as '{0}'."
+    )]
+    KeyInAnotherCase(&'static str),
+    #[error(
+        "'{0}' asks the provider to serve a model other than the one named, which Sluice \
+         could neither check against the key's models nor price: name one model (Sluice \
+         fails over between its own backends)."
+    )]
+    ChoosesModel(&'static str),
     #[error("The request body has more than {MAX_MEMBERS} top-level members.")]
     TooManyMembers,
 }
@@ -39,7 +50,10 @@ impl RequestError {
     pub fn param(&self) -> Option<&'static str> {
         match self {
             Self::MissingModel => Some("model"),
-            Self::InvalidType { param, .. } | Self::DuplicateKey(param) => Some(param),
+            Self::InvalidType { param, .. }
+            | Self::DuplicateKey(param)
+            | Self::KeyInAnotherCase(param)
+            | Self::ChoosesModel(param) => Some(param),
             Self::InvalidJson(_) | Self::NotAnObject | Self::TooManyMembers => None,
         }
     }
@@ -51,7 +65,8 @@ impl RequestError {
             Self::NotAnObject | Self::TooManyMembers => "invalid_request_body",
             Self::MissingModel => "missing_required_parameter",
             Self::InvalidType { .. } => "invalid_type",
-            Self::DuplicateKey(_) => "duplicate_key",
+            Self::DuplicateKey(_) | Self::KeyInAnotherCase(_) => "duplicate_key",
+            Self::ChoosesModel(_) => "unsupported_parameter",
         }
     }
 }
@@ -112,7 +127,19 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
                 cache_key = Some(*value);
                 continue;
             }
-            _ => continue,
+            // OpenRouter's fallback models (chat's `models`, its Messages' `fallbacks`) and
+            // LiteLLM's (`fallbacks`, and the member that makes it take them at will): the
+            // provider serves and bills the one it falls back to, which the key may not be
+            // allowed and Sluice would price as the model named.
+            other => {
+                if let Some(&name) = CHOOSE_MODELS.iter().find(|name| **name == other) {
+                    return Err(RequestError::ChoosesModel(name));
+                }
+                match in_another_case(other, READ_NAMES) {
+                    Some(name) => return Err(RequestError::KeyInAnotherCase(name)),
+                    None => continue,
+                }
+            }
         };
         if slot.replace(*value).is_some() {
             return Err(RequestError::DuplicateKey(match key.0.as_ref() {
@@ -181,6 +208,14 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
             if raw.get().starts_with('[') {
                 return Err(invalid);
             }
+            if raw.get().starts_with('{')
+                && let Ok(Fields(members)) = serde_json::from_str::<Fields<'_>>(raw.get())
+                && let Some(name) = members
+                    .iter()
+                    .find_map(|(key, _)| in_another_case(&key.0, &["include_usage"]))
+            {
+                return Err(RequestError::KeyInAnotherCase(name));
+            }
             serde_json::from_str::<Option<StreamOptions>>(raw.get())
                 .map_err(|_| invalid)?
                 .and_then(|o| o.include_usage)
@@ -196,6 +231,50 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
         previous_response_id,
         prompt_cache_key,
     })
+}
+
+/// Members that ask the provider to choose the model ([`RequestError::ChoosesModel`]).
+const CHOOSE_MODELS: &[&str] = &[
+    "models",
+    "fallbacks",
+    "context_window_fallbacks",
+    "content_policy_fallbacks",
+    "mock_testing_fallbacks",
+];
+
+/// The members Sluice reads or rewrites, whose other spellings are refused
+/// ([`in_another_case`]).
+const READ_NAMES: &[&str] = &[
+    "model",
+    "stream",
+    "stream_options",
+    "previous_response_id",
+    "background",
+];
+
+/// The name among `names` that `key` is another spelling of, as a server reading keys
+/// regardless of case reads it: Go's `encoding/json` (Ollama, Go relays) matches a key to a
+/// field by simple case folding, `ſ` for `s` and the Kelvin sign for `k` included, and keeps
+/// the last match. `{"model":"small","Model":"big"}` was routed and priced as `small`
+/// and served as `big` there, `"Stream":true` streamed an answer Sluice read as a whole one,
+/// with no usage in it. `None` for a name spelled exactly, or no such key.
+fn in_another_case(key: &str, names: &[&'static str]) -> Option<&'static str> {
+    // The names are 5 to 20 bytes; `ſ` and `K` take one and two bytes more than their letters.
+    if !(5..=26).contains(&key.len()) {
+        return None;
+    }
+    let folds_to = |name: &str| {
+        let mut chars = key.chars().map(|c| match c {
+            'ſ' => 's',
+            '\u{212A}' => 'k',
+            c => c.to_ascii_lowercase(),
+        });
+        name.chars().all(|expected| chars.next() == Some(expected)) && chars.next().is_none()
+    };
+    names
+        .iter()
+        .copied()
+        .find(|name| key != *name && folds_to(name))
 }
 
 /// The body's top-level members, each value's text as it came. Parsed from text when the body
@@ -670,6 +749,75 @@ mod tests {
                 (RequestError::InvalidJson(_), RequestError::InvalidJson(_)) => {}
                 _ => assert_eq!(&err, expected, "{}", String::from_utf8_lossy(body)),
             }
+        }
+    }
+
+    /// A member asking the provider to serve another model than the one named is refused,
+    /// on every endpoint: OpenRouter and LiteLLM serve and bill the model they fall back to.
+    #[test]
+    fn a_member_choosing_another_model_at_the_provider_is_refused() {
+        for (body, name) in [
+            (
+                r#"{"model":"cheap","models":["anthropic/claude-opus-4.1"]}"#,
+                "models",
+            ),
+            (
+                r#"{"model":"cheap","fallbacks":["gpt-5-pro"]}"#,
+                "fallbacks",
+            ),
+            (
+                r#"{"model":"cheap","mock_testing_fallbacks":true}"#,
+                "mock_testing_fallbacks",
+            ),
+            (
+                r#"{"model":"cheap","context_window_fallbacks":[{"cheap":["big"]}]}"#,
+                "context_window_fallbacks",
+            ),
+            (r#"{"model":"cheap","m\u006fdels":["big"]}"#, "models"),
+        ] {
+            let refused = parse(body.as_bytes()).unwrap_err();
+            assert_eq!(refused, RequestError::ChoosesModel(name), "{body}");
+            assert_eq!(refused.code(), "unsupported_parameter");
+        }
+        assert!(parse(br#"{"model":"m","metadata":{"models":["x"]}}"#).is_ok());
+    }
+
+    /// A key another spelling of one Sluice reads, as a server reading keys regardless of
+    /// case (Go's `encoding/json`) reads it, is refused; keys merely like them are not.
+    #[test]
+    fn a_read_key_in_another_case_is_refused() {
+        for (body, name) in [
+            (r#"{"model":"small","Model":"big"}"#, "model"),
+            (r#"{"MODEL":"big","model":"small"}"#, "model"),
+            (r#"{"model":"m","Stream":true}"#, "stream"),
+            (r#"{"model":"m","ſtream":true}"#, "stream"),
+            (
+                r#"{"model":"m","stream":true,"Stream_Options":{}}"#,
+                "stream_options",
+            ),
+            (r#"{"model":"m","backgrounD":true}"#, "background"),
+            (r#"{"model":"m","bac\u212Aground":true}"#, "background"),
+            (
+                r#"{"model":"m","Previous_Response_Id":"resp_1"}"#,
+                "previous_response_id",
+            ),
+            (
+                r#"{"model":"m","stream":true,"stream_options":{"include_usage":true,"Include_usage":false}}"#,
+                "include_usage",
+            ),
+        ] {
+            assert_eq!(
+                parse(body.as_bytes()).unwrap_err(),
+                RequestError::KeyInAnotherCase(name),
+                "{body}"
+            );
+        }
+        for body in [
+            r#"{"model":"m","modelo":["x"],"streams":1,"modal":"x","stream":true}"#,
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true,"include_obfuscation":false}}"#,
+            r#"{"model":"m","background":false,"metadata":{"Model":"x"}}"#,
+        ] {
+            assert!(parse(body.as_bytes()).is_ok(), "{body}");
         }
     }
 

@@ -1331,6 +1331,16 @@ async fn a_corpus_of_hostile_requests_gets_4xx_and_the_proxy_keeps_serving() {
         ),
         (b"{\"model\":\"gpt-4o-mini\"} trailing", "invalid_json"),
         (b"\xef\xbb\xbf{\"model\":\"gpt-4o-mini\"}", "invalid_json"),
+        // A model or a stream a case-blind server (Go's encoding/json) would read in place of
+        // the one Sluice routes and prices by.
+        (
+            b"{\"model\":\"gpt-4o-mini\",\"Model\":\"gpt-4o\"}",
+            "duplicate_key",
+        ),
+        (
+            b"{\"model\":\"gpt-4o-mini\",\"Stream\":true}",
+            "duplicate_key",
+        ),
     ];
     for (body, code) in bodies {
         let r = h
@@ -1685,4 +1695,40 @@ async fn a_backend_that_refuses_stream_options_streams_without_it_and_is_charged
     let stats = mistral.stats();
     assert_eq!(stats.responses_with(422), 1, "one refusal, then learned");
     assert_eq!(stats.responses_with(200), 4);
+}
+
+/// A client cannot write a refusal of `stream_options` in its provider's error: OpenAI names
+/// an unknown member of it in its 400 (`Unknown parameter: 'stream_options.<name>'`), so a
+/// member named with the refusal's words made Sluice send the stream without the member,
+/// charged an estimate (its reasoning and tier lost), and the serving thread ask that backend
+/// for usage no more, for every key. The client's own members are left out instead, the
+/// stream is served with its usage, and nothing is learnt.
+#[tokio::test]
+async fn a_clients_own_stream_options_cannot_pass_for_the_backends_refusal() {
+    let openai = MockServer::start_local(MockConfig::named("openai").with_chunk_count(4)).unwrap();
+    let h = Harness::start_with(one_primary_snapshot(&openai.base_url()), |config| {
+        config.serving_threads = 1;
+    })
+    .await;
+    let planted = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+        "stream": true, "stream_options": {"include_usage": true,
+            "Unrecognized request argument supplied: stream_options": true}});
+    for body in [planted, chat_body(true)] {
+        let response = h.chat(body).await;
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.unwrap();
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+    for record in h.records(2).await {
+        assert_eq!(record.status_code, 200, "{record:?}");
+        assert!(!record.tokens_estimated, "the provider's usage: {record:?}");
+        assert_eq!(record.completion_tokens, 4, "{record:?}");
+    }
+    let stats = openai.stats();
+    assert_eq!(
+        stats.responses_with(400),
+        1,
+        "the planted member refused once"
+    );
+    assert_eq!(stats.responses_with(200), 2);
 }

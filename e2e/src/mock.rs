@@ -9,7 +9,9 @@
 //!   `choices: []` and `usage`, then `data: [DONE]`; with `include_usage` every other chunk says
 //!   `"usage":null`, and every chunk ends with OpenAI's `obfuscation` padding (1–16 letters and
 //!   digits) unless `stream_options.include_obfuscation` is false (not in the Mistral flavour,
-//!   [`MockConfig::refuses_stream_options`]). `n` choices are supported. A request that
+//!   [`MockConfig::refuses_stream_options`]); a member of `stream_options` OpenAI does not know
+//!   is refused as OpenAI refuses it (400 `Unknown parameter: 'stream_options.<name>'.`,
+//!   `unknown_parameter`). `n` choices are supported. A request that
 //!   offers `tools` (`tool_choice` not `none`) and does not end with a `tool` message is answered
 //!   with one call of the chosen (or first) function, its arguments filling each property of its
 //!   schema (`"mock"`, `1`, `true`), `finish_reason: "tool_calls"`; streamed as OpenAI streams it

@@ -783,15 +783,28 @@ pub(super) async fn forward_call(
                 .map(|every| (acct.started() + every, every)),
         };
         let mut outcome = attempt(&sending, spare.take(), method, uri, body).await;
-        if let Some((method, uri, body)) = again
+        let mut again = again;
+        while let Some((method, uri, body)) = again.take()
             && refused_stream_options(&outcome)
-            && let Some(body) = without_stream_options(&body)
+            && let Some((body, ours)) = after_options_refused(&body)
         {
             // Boxed: a rare second await of the large future, kept out of the request's own.
-            outcome = Box::pin(attempt(&sending, None, method, uri, body)).await;
-            // Learnt only from a refusal that the same request without the member was
-            // served: not from a request that fails either way (one whose error merely
-            // echoes the body, as vLLM's validation errors do).
+            outcome = Box::pin(attempt(
+                &sending,
+                None,
+                method.clone(),
+                uri.clone(),
+                body.clone(),
+            ))
+            .await;
+            if !ours {
+                // Sent again with the member as Sluice writes it: refused, it is the member.
+                again = Some((method, uri, body));
+                continue;
+            }
+            // Learnt only from a refusal of the member as Sluice writes it alone, when the
+            // same request without it was served: not from a request that fails either way
+            // (one whose error merely echoes the body, as vLLM's validation errors do).
             if matches!(&outcome, Ok(Answer::Full { status, .. } | Answer::Stream { status, .. })
                 if status.is_success())
             {
@@ -2248,6 +2261,32 @@ fn starts_an_event(bytes: &[u8]) -> bool {
     })
 }
 
+/// What to send after a refusal of `stream_options` ([`refused_stream_options`]) of `body`,
+/// and whether it is the body without the member (`true`) or with the member as Sluice writes
+/// it alone (`false`); `None` if `body` is not a JSON object or has no `stream_options`.
+///
+/// Only a refusal of `{"include_usage":true}` is the backend's refusal of the member: a
+/// provider's error quotes what the client sent (OpenAI's `Unknown parameter:
+/// 'stream_options.<name>'`, vLLM's validation errors), so the client's own members of it
+/// could write the refusal's words, have the stream served without usage (charged an
+/// estimate, its reasoning and tier lost) and its thread stop asking that backend for usage.
+/// Those are left out first.
+fn after_options_refused(body: &Bytes) -> Option<(Bytes, bool)> {
+    memchr::memmem::find(body, b"\"stream_options\"")?;
+    let mut object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).ok()?;
+    let ours = serde_json::json!({"include_usage": true});
+    let options = object.get_mut("stream_options")?;
+    let alone = *options == ours;
+    match alone {
+        true => drop(object.remove("stream_options")),
+        false => *options = ours,
+    }
+    serde_json::to_vec(&object)
+        .ok()
+        .map(|body| (Bytes::from(body), alone))
+}
+
 /// A request body without its top-level `stream_options`; `None` if it is not a JSON object
 /// or has none. Only for backends that refuse the member: parsed into values and written
 /// again.
@@ -2489,6 +2528,31 @@ mod tests {
         for body in [echoed, own] {
             assert!(!refused_stream_options(&answer(400, body)), "{body}");
         }
+    }
+
+    /// After a refusal of `stream_options`, the client's own members of it are left out
+    /// first; only the member as Sluice writes it alone, refused, is dropped.
+    #[test]
+    fn a_refused_stream_options_loses_the_clients_members_before_itself() {
+        let body = |text: &str| Bytes::from(text.to_owned());
+        let (reduced, alone) = after_options_refused(&body(
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true,"include_obfuscation":false}}"#,
+        ))
+        .unwrap();
+        assert!(!alone);
+        let reduced: serde_json::Value = serde_json::from_slice(&reduced).unwrap();
+        assert_eq!(
+            reduced,
+            serde_json::json!({"model":"m","stream":true,"stream_options":{"include_usage":true}})
+        );
+        let (without, alone) = after_options_refused(&body(
+            r#"{"model":"m","stream":true,"stream_options":{ "include_usage" : true }}"#,
+        ))
+        .unwrap();
+        assert!(alone);
+        let without: serde_json::Value = serde_json::from_slice(&without).unwrap();
+        assert_eq!(without, serde_json::json!({"model":"m","stream":true}));
+        assert!(after_options_refused(&body(r#"{"model":"m","stream":true}"#)).is_none());
     }
 
     /// A model refused to the backend's account is read where each provider puts it; words in

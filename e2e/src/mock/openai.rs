@@ -261,6 +261,9 @@ struct StreamOptions {
     include_usage: Option<bool>,
     #[serde(default)]
     include_obfuscation: Option<bool>,
+    /// Members OpenAI does not know: refused, each named (quoted) in the error.
+    #[serde(flatten)]
+    unknown: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -458,11 +461,20 @@ fn stream_flags(
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
             Some("stream_options"),
         )),
-        Some(o) => Ok((
-            true,
-            o.include_usage.unwrap_or(false),
-            o.include_obfuscation.unwrap_or(true),
-        )),
+        Some(o) => match o.unknown.keys().next() {
+            Some(name) => Err(ApiError {
+                code: Some("unknown_parameter"),
+                ..ApiError::invalid_request(
+                    format!("Unknown parameter: 'stream_options.{name}'."),
+                    Some("stream_options"),
+                )
+            }),
+            None => Ok((
+                true,
+                o.include_usage.unwrap_or(false),
+                o.include_obfuscation.unwrap_or(true),
+            )),
+        },
         None => Ok((stream, false, true)),
     }
 }
@@ -1308,6 +1320,16 @@ mod tests {
         let p = parse_chat(br#"{"messages":[]}"#);
         assert!(p.model.is_none());
         assert!(p.request.is_err());
+    }
+
+    #[test]
+    fn an_unknown_member_of_stream_options_is_refused_by_name() {
+        let p = parse_chat(
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":{"include_usage":true,"flag":1}}"#,
+        );
+        let refused = p.request.unwrap_err();
+        assert_eq!(refused.message, "Unknown parameter: 'stream_options.flag'.");
+        assert_eq!(refused.code, Some("unknown_parameter"));
     }
 
     #[test]
