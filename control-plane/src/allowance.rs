@@ -114,10 +114,26 @@ impl Default for Ledger {
 }
 
 impl Ledger {
-    /// Whether a cost filed under `day` is this period's.
-    fn holds_day(&self, day: i64) -> bool {
-        (self.period_start_ms..self.period_end_ms).contains(&day)
+    /// Whether a cost `paid` is this period's grants': one the record says an allowance of
+    /// this period paid (its start the ledger's), or, from a record that names no period, one
+    /// filed on a day of it. A record naming a period that began inside this one (a daily
+    /// budget made weekly on a Wednesday: Wednesday's money) was paid from grants void now:
+    /// charged to the new ones, it made them look spent while the replica still held them.
+    fn holds(&self, paid: PaidIn) -> bool {
+        match paid {
+            PaidIn::Period(start) => start == self.period_start_ms,
+            PaidIn::Day(day) => (self.period_start_ms..self.period_end_ms).contains(&day),
+        }
     }
+}
+
+/// What paid for a record's cost, as its record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaidIn {
+    /// An allowance of the budget period starting then (`budget_period_start_ms`).
+    Period(i64),
+    /// No period named (a replica older than the field): the start of the record's own day.
+    Day(i64),
 }
 
 #[derive(Debug)]
@@ -132,7 +148,7 @@ struct ReplicaState {
     charged_through: u64,
     /// Its records handed to the store and not charged yet: sequence → (key, cost, the day
     /// its cost is filed under).
-    committing: BTreeMap<u64, (String, u64, i64)>,
+    committing: BTreeMap<u64, (String, u64, PaidIn)>,
     /// Its records in `(from, through]` were charged here before its last hello, but it had
     /// not heard their ack, so the hello's `held` counted their cost too: the grants it set
     /// are that much too high. The replica sends them again once its usage stream is back
@@ -149,7 +165,7 @@ impl ReplicaState {
         }
         self.committing
             .range(self.charged_through + 1..=high_water)
-            .filter(|(_, (k, _, day))| k == key && period.holds_day(*day))
+            .filter(|(_, (k, _, paid))| k == key && period.holds(*paid))
             .fold(0u64, |sum, (_, (_, cost, _))| sum.saturating_add(*cost))
     }
 }
@@ -259,18 +275,16 @@ impl Allowances {
     }
 
     /// Usage records of `replica` ingested, the store's high-water mark for it now being
-    /// `acked`: each `(sequence, client key id, cost, day)` after what was charged before
-    /// counts against its grants of that key, unless its day (of the period whose
-    /// `key_spend` its cost went to: the period that paid for it, when the record names it)
-    /// is outside the ledger's period: a record of the previous period, ingested after the
-    /// new one's first ask, was spent from grants void now, and its cost is not in the new
-    /// period's spend; charged to the new grants, it would let them pass the budget by as
-    /// much. Called after the commit, before the replica hears of it, so a replica's acked
+    /// `acked`: each `(sequence, client key id, cost, paid)` after what was charged before
+    /// counts against its grants of that key, unless what paid for it is not the ledger's
+    /// period ([`Ledger::holds`]): a record of the previous period, ingested after the
+    /// new one's first ask, was spent from grants void now; charged to the new grants, it
+    /// would let them pass the budget by as much. Called after the commit, before the replica hears of it, so a replica's acked
     /// records are always charged or told of on its hello.
     pub fn ingested<'a>(
         &mut self,
         replica: &Replica,
-        records: impl IntoIterator<Item = (u64, &'a str, u64, i64)>,
+        records: impl IntoIterator<Item = (u64, &'a str, u64, PaidIn)>,
         acked: u64,
     ) {
         let Some(state) = self.replicas.get_mut(replica) else {
@@ -282,7 +296,7 @@ impl Allowances {
             state.charged_through = acked;
             state.committing = state.committing.split_off(&(acked + 1));
         }
-        for (sequence, key, cost, day) in records {
+        for (sequence, key, cost, paid) in records {
             let held_twice = sequence > twice_from && sequence <= twice_through;
             if held_twice {
                 // Sent again after a hello that counted it held: charged already, and now
@@ -297,7 +311,7 @@ impl Allowances {
             if let Some(holding) = self
                 .ledgers
                 .get_mut(key)
-                .filter(|l| l.holds_day(day))
+                .filter(|l| l.holds(paid))
                 .and_then(|l| l.holdings.get_mut(replica))
             {
                 if held_twice {
@@ -315,16 +329,16 @@ impl Allowances {
     pub fn committing<'a>(
         &mut self,
         replica: &Replica,
-        records: impl IntoIterator<Item = (u64, &'a str, u64, i64)>,
+        records: impl IntoIterator<Item = (u64, &'a str, u64, PaidIn)>,
     ) {
         let Some(state) = self.replicas.get_mut(replica) else {
             return;
         };
-        for (sequence, key, cost, day) in records {
+        for (sequence, key, cost, paid) in records {
             if sequence > state.charged_through && cost > 0 {
                 state
                     .committing
-                    .insert(sequence, (key.to_owned(), cost, day));
+                    .insert(sequence, (key.to_owned(), cost, paid));
             }
         }
     }
@@ -470,9 +484,9 @@ mod tests {
         assert_eq!(a.ask(&r0, KEY, 8, budget(6_200), &[], 3).nanos, 8);
         assert!(a.ask(&r1, KEY, 1, budget(6_200), &[], 3).exhausted);
         // Records ingested free what they were granted from only once spent counts them.
-        a.ingested(&r0, [(1, KEY, 120, 0)], 1);
+        a.ingested(&r0, [(1, KEY, 120, PaidIn::Period(0))], 1);
         assert_eq!(a.outstanding(KEY), 200 - 120);
-        a.ingested(&r0, [(1, KEY, 120, 0)], 1);
+        a.ingested(&r0, [(1, KEY, 120, PaidIn::Period(0))], 1);
         assert_eq!(a.outstanding(KEY), 80, "a resent record is charged once");
     }
 
@@ -504,7 +518,11 @@ mod tests {
                 let spent = pool[i].saturating_sub(last_grant[i] / 2);
                 if spent > 0 {
                     sequence[i] += 1;
-                    a.ingested(r, [(sequence[i], KEY, spent, 0)], sequence[i]);
+                    a.ingested(
+                        r,
+                        [(sequence[i], KEY, spent, PaidIn::Period(0))],
+                        sequence[i],
+                    );
                     pool[i] -= spent;
                 }
                 let g = a.ask(r, KEY, 1, budget, &[], now);
@@ -556,7 +574,11 @@ mod tests {
             spent_nanos: 0,
         };
         assert_eq!(a.ask(&r0, KEY, 1, budget, &[], 0).nanos, 100);
-        let records = [(1, KEY, 10, 0), (2, KEY, 10, 0), (3, KEY, 10, 0)];
+        let records = [
+            (1, KEY, 10, PaidIn::Period(0)),
+            (2, KEY, 10, PaidIn::Period(0)),
+            (3, KEY, 10, PaidIn::Period(0)),
+        ];
         a.committing(&r0, records);
         a.ingested(&r0, records, 3);
         assert_eq!(a.outstanding(KEY), 70);
@@ -575,7 +597,7 @@ mod tests {
         a.ingested(&r0, records, 3);
         assert_eq!(a.outstanding(KEY), 70, "once");
         // A later record is charged as ever.
-        a.ingested(&r0, [(4, KEY, 5, 0)], 4);
+        a.ingested(&r0, [(4, KEY, 5, PaidIn::Period(0))], 4);
         assert_eq!(a.outstanding(KEY), 65);
     }
 
@@ -595,7 +617,14 @@ mod tests {
         };
         assert_eq!(a.ask(&r0, KEY, 1, budget(0), &[], 0).nanos, 100);
         // Three records of 30 handed to the store; it has committed the first two.
-        a.committing(&r0, [(1, KEY, 30, 0), (2, KEY, 30, 0), (3, KEY, 30, 0)]);
+        a.committing(
+            &r0,
+            [
+                (1, KEY, 30, PaidIn::Period(0)),
+                (2, KEY, 30, PaidIn::Period(0)),
+                (3, KEY, 30, PaidIn::Period(0)),
+            ],
+        );
         assert_eq!(a.committing_replicas(KEY), vec![r0.clone()]);
         let committed = [(r0.clone(), 2)];
         // 6400 − 60 spent − (100 − 60) still held = 6300, not 6400 − 60 − 100.
@@ -607,7 +636,15 @@ mod tests {
             a.ask(&r0, KEY, 1, budget(60), &committed, 1).exhausted,
             "the third record is not in the spend: still held"
         );
-        a.ingested(&r0, [(1, KEY, 30, 0), (2, KEY, 30, 0), (3, KEY, 30, 0)], 3);
+        a.ingested(
+            &r0,
+            [
+                (1, KEY, 30, PaidIn::Period(0)),
+                (2, KEY, 30, PaidIn::Period(0)),
+                (3, KEY, 30, PaidIn::Period(0)),
+            ],
+            3,
+        );
         assert!(a.committing_replicas(KEY).is_empty());
         assert_eq!(a.outstanding(KEY), 6_400 - 90);
     }
@@ -617,6 +654,43 @@ mod tests {
     /// new period's grants (charged to them, it let the new period pass its budget by as much).
     /// Nor does one filed in the next period (a replica whose clock runs ahead): its cost is in
     /// that period's spend, not in this one's.
+    /// A daily budget made weekly on a Wednesday: the new period began before the old one,
+    /// and a record paid from Wednesday's money (void now, here and at the replica) frees
+    /// none of the week's grants. Charged to them (its day is inside the week), they looked
+    /// spent while the replica still held them, and the budget could pass by as much.
+    #[test]
+    fn a_record_paid_by_a_period_begun_inside_this_one_frees_none_of_its_grants() {
+        const DAY: i64 = 86_400_000;
+        let (monday, wednesday) = (0, 2 * DAY);
+        let mut a = Allowances::new();
+        let r0 = replica(0, 0);
+        a.hello(&r0, LEASE, 0, &[], 0);
+        let budget = |period_start_ms, period_end_ms| Budget {
+            max_nanos: 6_400,
+            period_start_ms,
+            period_end_ms,
+            spent_nanos: 0,
+        };
+        let daily = budget(wednesday, wednesday + DAY);
+        assert_eq!(a.ask(&r0, KEY, 1, daily, &[], wednesday + 1).nanos, 100);
+        let weekly = budget(monday, monday + 7 * DAY);
+        assert_eq!(a.ask(&r0, KEY, 1, weekly, &[], wednesday + 2).nanos, 100);
+        assert_eq!(a.outstanding(KEY), 100);
+        a.committing(&r0, [(1, KEY, 60, PaidIn::Period(wednesday))]);
+        a.ingested(&r0, [(1, KEY, 60, PaidIn::Period(wednesday))], 1);
+        assert_eq!(
+            a.outstanding(KEY),
+            100,
+            "the week's grant is still held whole"
+        );
+        // A record paid by the week's grant is charged to it; one of an older replica, which
+        // names no period, by its day.
+        a.ingested(&r0, [(2, KEY, 30, PaidIn::Period(monday))], 2);
+        assert_eq!(a.outstanding(KEY), 70);
+        a.ingested(&r0, [(3, KEY, 20, PaidIn::Day(wednesday))], 3);
+        assert_eq!(a.outstanding(KEY), 50);
+    }
+
     #[test]
     fn a_record_of_another_period_frees_none_of_this_periods_grants() {
         const DAY: i64 = 86_400_000;
@@ -634,7 +708,13 @@ mod tests {
         assert_eq!(a.ask(&r0, KEY, 1, budget(DAY, 0), &[], DAY + 1).nanos, 100);
         // A record spent in the old period (filed under its last day) and one in the new,
         // handed to the store together; an ask after their commit, before their charge.
-        a.committing(&r0, [(1, KEY, 60, 0), (2, KEY, 30, DAY)]);
+        a.committing(
+            &r0,
+            [
+                (1, KEY, 60, PaidIn::Period(0)),
+                (2, KEY, 30, PaidIn::Period(DAY)),
+            ],
+        );
         let committed = [(r0.clone(), 2)];
         // 6400 − 30 spent in the period − (100 − 30) still held = 6300.
         let new_period = budget(DAY, 30);
@@ -642,10 +722,17 @@ mod tests {
             a.ask(&r0, KEY, 6_301, new_period, &committed, DAY + 2)
                 .exhausted
         );
-        a.ingested(&r0, [(1, KEY, 60, 0), (2, KEY, 30, DAY)], 2);
+        a.ingested(
+            &r0,
+            [
+                (1, KEY, 60, PaidIn::Period(0)),
+                (2, KEY, 30, PaidIn::Period(DAY)),
+            ],
+            2,
+        );
         assert_eq!(a.outstanding(KEY), 70);
         // A record filed in the next period, from a replica whose clock runs ahead.
-        a.ingested(&r0, [(3, KEY, 20, 2 * DAY)], 3);
+        a.ingested(&r0, [(3, KEY, 20, PaidIn::Period(2 * DAY))], 3);
         assert_eq!(a.outstanding(KEY), 70);
         assert_eq!(
             a.ask(&r0, KEY, 6_300, new_period, &[], DAY + 3).nanos,
@@ -690,7 +777,14 @@ mod tests {
         a.hello(&r0, LEASE, 7, &held, 0);
         assert_eq!(a.outstanding(KEY), 400);
         // Record 7 was acked before the hello (counted in spend, not in what it holds).
-        a.ingested(&r0, [(7, KEY, 50, 0), (8, KEY, 100, 0)], 8);
+        a.ingested(
+            &r0,
+            [
+                (7, KEY, 50, PaidIn::Period(0)),
+                (8, KEY, 100, PaidIn::Period(0)),
+            ],
+            8,
+        );
         assert_eq!(a.outstanding(KEY), 300);
         let budget = Budget {
             max_nanos: 1_000,
@@ -858,7 +952,7 @@ mod tests {
                                 spent += cost;
                                 *hw = seq;
                             }
-                            cp.ingested(&who, [(seq, KEY, cost, 0)], seq);
+                            cp.ingested(&who, [(seq, KEY, cost, PaidIn::Period(0))], seq);
                         }
                         let who = id(i, &sims[i]);
                         let s = &mut sims[i];
@@ -871,7 +965,7 @@ mod tests {
                         if let Some(&(last, _)) = batch.last() {
                             // Told to the engine before the store may commit it; the store
                             // skips what it committed before (a resend).
-                            cp.committing(&who, batch.iter().map(|&(q, c)| (q, KEY, c, 0)));
+                            cp.committing(&who, batch.iter().map(|&(q, c)| (q, KEY, c, PaidIn::Period(0))));
                             to_commit.push((who, batch, last));
                         }
                     }
@@ -892,7 +986,7 @@ mod tests {
                             continue;
                         }
                         let (who, batch, last) = in_commit.remove(0);
-                        cp.ingested(&who, batch.iter().map(|&(q, c)| (q, KEY, c, 0)), last);
+                        cp.ingested(&who, batch.iter().map(|&(q, c)| (q, KEY, c, PaidIn::Period(0))), last);
                         if let Some(s) = sims.iter_mut().enumerate().find_map(|(i, s)| (id(i, s) == who).then_some(s)) {
                             let done = s.unacked.iter().take_while(|&&(q, _)| q <= last).count();
                             s.unacked.drain(..done);

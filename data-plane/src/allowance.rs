@@ -481,14 +481,17 @@ impl Allowances {
                                 });
                     }
                     if let Some(start) = period_start {
-                        // The period's start, as the control plane voids by it: money of an
-                        // earlier period is void (a reset; a lifetime budget made periodic),
-                        // and so is a periodic one's when the budget is made lifetime (start
-                        // 0); money of this period or a later one (a grant that came before
-                        // this snapshot) is kept, also when the period's kind changed and
-                        // its start did not (daily made weekly on a Monday).
+                        // The period's start, as the control plane voids by it: money of
+                        // another period is void (a reset; a lifetime budget made periodic; a
+                        // periodic one made lifetime, start 0; a daily budget made weekly on
+                        // a Wednesday, whose week began before Wednesday's money: kept, it was
+                        // spent while the control plane counted none of it held). Kept: money
+                        // of this period, also when the period's kind changed and its start
+                        // did not (daily made weekly on a Monday), and of a later one than
+                        // this snapshot's (a grant that came before it: at or past its end).
                         let held = pool.period_start_ms.load(Ordering::Acquire);
-                        if (start == 0 && held != 0) || held < start {
+                        let later = resets.is_some_and(|end| held >= system_time_ms(end));
+                        if held != start && !later {
                             pool.period_start_ms.store(start, Ordering::Release);
                             pool.available.store(0, Ordering::Release);
                         }
@@ -1042,6 +1045,28 @@ mod tests {
         a.heard(Some(&grant_of(200, 0)), false);
         a.budgeted(vec![("k".into(), 1.0, None, Some(0))]);
         assert_eq!(available(), 200, "lifetime money stays lifetime money");
+        // Made daily on a Wednesday; a snapshot built before Wednesday's midnight comes after
+        // Wednesday's grant: the money of a later period than the snapshot's is kept.
+        a.budgeted(vec![(
+            "k".into(),
+            1.0,
+            at(wednesday + DAY),
+            Some(wednesday),
+        )]);
+        a.heard(Some(&grant_of(400, wednesday)), false);
+        a.budgeted(vec![(
+            "k".into(),
+            1.0,
+            at(wednesday),
+            Some(wednesday - DAY),
+        )]);
+        assert_eq!(available(), 400, "a later period's money");
+        // Made weekly on that Wednesday: the week began on Monday, before Wednesday's money,
+        // which the control plane counts held no more.
+        a.budgeted(vec![("k".into(), 1.0, at(monday + 7 * DAY), Some(monday))]);
+        assert_eq!(available(), 0, "made weekly on a Wednesday");
+        a.heard(Some(&grant_of(700, monday)), false);
+        assert_eq!(available(), 700);
     }
 
     /// At a reset the control plane counts a replica as holding none of the new period's money

@@ -22,7 +22,7 @@ mod wire;
 pub use wire::DataPlaneRoutes;
 use wire::{Outgoing, OutgoingStream};
 
-use crate::allowance::{Allowances, Budget, Held, Replica};
+use crate::allowance::{Allowances, Budget, Held, PaidIn, Replica};
 use crate::ingest::{Applied, UsageWriter, batch_of, cooldown_events};
 use crate::membership::Membership;
 use crate::snapshot::Publisher;
@@ -149,14 +149,13 @@ impl DataPlaneApi {
 /// The records of a report that may be charged to allowances, and who sent them.
 struct Charges {
     replica: Replica,
-    /// (sequence, client key id, cost, a day of the period its cost is filed in, in
-    /// `key_spend`).
-    records: Vec<(u64, String, u64, i64)>,
+    /// (sequence, client key id, cost, what paid for it).
+    records: Vec<(u64, String, u64, PaidIn)>,
 }
 
 impl Charges {
     fn of(report: &pb::ReportUsageRequest) -> Option<Self> {
-        let records: Vec<(u64, String, u64, i64)> = report
+        let records: Vec<(u64, String, u64, PaidIn)> = report
             .records
             .iter()
             // A request served outside any allowance took its cost from no pool: charged
@@ -165,18 +164,17 @@ impl Charges {
             // held).
             .filter(|r| r.cost_nanos > 0 && !r.client_key_id.is_empty() && !r.unbudgeted)
             .map(|r| {
-                // A day of the period the store files the cost in: the one whose allowance
-                // paid for it, when the record names it (`key_spend::filed_day`); else the
-                // record's own day (`UsageRow`'s time).
-                let day = match r.budget_period_start_ms {
-                    paid_by if paid_by > 0 => paid_by,
-                    _ => crate::budget::day_start(
+                // The period whose allowance paid for it, when the record names it; else the
+                // record's own day (`UsageRow`'s time), whose period the store files it in.
+                let paid = match r.budget_period_start_ms {
+                    paid_by if paid_by > 0 => PaidIn::Period(paid_by),
+                    _ => PaidIn::Day(crate::budget::day_start(
                         r.time
                             .as_ref()
                             .map_or_else(crate::time::now_ms, crate::time::timestamp_ms),
-                    ),
+                    )),
                 };
-                (r.sequence, r.client_key_id.clone(), r.cost_nanos, day)
+                (r.sequence, r.client_key_id.clone(), r.cost_nanos, paid)
             })
             .collect();
         (!records.is_empty()).then(|| Self {
