@@ -10,6 +10,31 @@ use crate::error::Error;
 use crate::render::{self, Output};
 use crate::time::to_timestamp;
 
+/// Every client key (the active ones with `active_only`), page by page: each answer stays
+/// small, whatever the number of keys ever issued (an unpaged list of them all grows past the
+/// response limit).
+pub(crate) async fn all_keys(
+    connection: &Connection,
+    active_only: bool,
+) -> Result<Vec<pb::ClientKey>, Error> {
+    let mut admin = connection.admin().await?;
+    let mut keys = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = pb::ListClientKeysRequest {
+            page_size: MAX_KEY_PAGE_SIZE as i32,
+            page_token,
+            active_only,
+        };
+        let page = connection.call(admin.list_client_keys(request)).await?;
+        keys.extend(page.client_keys);
+        if page.next_page_token.is_empty() {
+            return Ok(keys);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> Result<(), Error> {
     match command {
         KeyCommand::Create {
@@ -45,22 +70,10 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
             out.print(&response, render::created_client_key)
         }
         KeyCommand::List { active } => {
-            let mut admin = connection.admin().await?;
-            // Page by page: each answer stays small, whatever the number of keys.
-            let mut response = pb::ListClientKeysResponse::default();
-            loop {
-                let request = pb::ListClientKeysRequest {
-                    page_size: MAX_KEY_PAGE_SIZE as i32,
-                    page_token: std::mem::take(&mut response.next_page_token),
-                    active_only: active,
-                };
-                let page = connection.call(admin.list_client_keys(request)).await?;
-                response.client_keys.extend(page.client_keys);
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                response.next_page_token = page.next_page_token;
-            }
+            let response = pb::ListClientKeysResponse {
+                client_keys: all_keys(connection, active).await?,
+                next_page_token: String::new(),
+            };
             let currency = currency(connection).await?;
             out.print(&response, |r| render::client_keys(r, &currency))
         }

@@ -141,10 +141,7 @@ async fn resolve(mut filter: FilterArgs, connection: &Connection) -> Result<Filt
         }
     }
     if let Some(key) = &mut filter.key {
-        let keys = connection
-            .call(admin.list_client_keys(pb::ListClientKeysRequest::default()))
-            .await?
-            .client_keys;
+        let keys = super::key::all_keys(connection, false).await?;
         let by_name = keys
             .iter()
             .filter(|candidate| candidate.name == *key)

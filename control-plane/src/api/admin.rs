@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use sluice_proto::limits::{MAX_ID_BYTES, MAX_KEY_PAGE_SIZE, MAX_MODEL_NAME_BYTES};
+use sluice_proto::limits::{
+    MAX_ADMIN_RESPONSE_BYTES, MAX_ID_BYTES, MAX_KEY_PAGE_SIZE, MAX_MODEL_NAME_BYTES,
+};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
@@ -24,6 +26,8 @@ pub struct Admin {
     store: Store,
     publisher: Arc<Publisher>,
     registry: Arc<Registry>,
+    /// The largest answer an unpaged list may give ([`MAX_ADMIN_RESPONSE_BYTES`]).
+    max_response_bytes: usize,
 }
 
 impl Admin {
@@ -32,7 +36,15 @@ impl Admin {
             store,
             publisher,
             registry,
+            max_response_bytes: MAX_ADMIN_RESPONSE_BYTES,
         }
+    }
+
+    /// The same API with another bound on unpaged answers (tests).
+    #[cfg(test)]
+    fn with_max_response_bytes(mut self, max: usize) -> Self {
+        self.max_response_bytes = max;
+        self
     }
 }
 
@@ -269,10 +281,23 @@ impl AdminService for Admin {
             start_ms: last.create_time_ms,
             group_key: last.id.clone(),
         });
-        Ok(Response::new(pb::ListClientKeysResponse {
+        let response = pb::ListClientKeysResponse {
             client_keys: self.with_spend(keys).await?,
             next_page_token: next.map(|c| encode_token(&r, c)).unwrap_or_default(),
-        }))
+        };
+        // Every key ever issued, unpaged, may pass what a client accepts (revoked keys are
+        // kept, and no snapshot bounds them): refused with the way out rather than failing in
+        // the client's decoder.
+        let len = prost::Message::encoded_len(&response);
+        if limit.is_none() && len > self.max_response_bytes {
+            return Err(super::stats::too_large(
+                response.client_keys.len(),
+                "client keys",
+                len,
+                self.max_response_bytes,
+            ));
+        }
+        Ok(Response::new(response))
     }
 
     async fn get_client_key(
@@ -594,6 +619,51 @@ mod tests {
             .unwrap_err();
         assert!(refused.message().contains("snapshot"), "{refused:?}");
         assert!(store.list_backends().await.unwrap().len() == 1);
+    }
+
+    /// An unpaged list of every key ever issued (revoked ones are kept) past what a client
+    /// accepts is refused with the way out, pages, which still list them all.
+    #[tokio::test]
+    async fn an_unpaged_list_of_keys_too_large_asks_for_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("t.db"), MasterKey::generate()).unwrap();
+        let publisher = Arc::new(Publisher::unstarted(store.clone()).await.unwrap());
+        let admin = Admin::new(store, publisher, Arc::new(Registry::default()))
+            .with_max_response_bytes(200);
+        for name in ["a", "b", "c", "d"] {
+            admin
+                .create_client_key(Request::new(pb::CreateClientKeyRequest {
+                    name: name.into(),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap();
+        }
+        let list = |page_size, page_token| {
+            admin.list_client_keys(Request::new(pb::ListClientKeysRequest {
+                page_size,
+                page_token,
+                active_only: false,
+            }))
+        };
+        let refused = list(0, String::new()).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("4 client keys") && refused.message().contains("page_size"),
+            "{refused:?}"
+        );
+        let mut names = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = list(1, token).await.unwrap().into_inner();
+            names.extend(page.client_keys.into_iter().map(|k| k.name));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        names.sort();
+        assert_eq!(names, ["a", "b", "c", "d"]);
     }
 
     /// Two settings changes of different fields at once (a `sluicectl settings set` and a

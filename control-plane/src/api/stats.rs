@@ -140,7 +140,7 @@ fn within(response: pb::GetUsageResponse, limit: usize) -> Result<pb::GetUsageRe
 }
 
 /// RESOURCE_EXHAUSTED for an answer of `count` `what` encoding to `len` bytes, past `limit`.
-fn too_large(count: usize, what: &str, len: usize, limit: usize) -> Status {
+pub(super) fn too_large(count: usize, what: &str, len: usize, limit: usize) -> Status {
     const MIB: f64 = 1024.0 * 1024.0;
     Status::resource_exhausted(format!(
         "the answer holds {count} {what} ({:.1} MiB), over the {:.0} MiB response limit; \
