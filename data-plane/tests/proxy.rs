@@ -1153,6 +1153,35 @@ async fn an_answer_refused_for_memory_is_charged_what_its_usage_says() {
     }
 }
 
+/// An answer larger than `--max-response-bytes` (`n` choices with `logprobs` reach 64 MiB) is
+/// not passed on, but the provider billed it: its `usage`, read from the rest of it, is
+/// charged, as an answer refused for memory's is. Charged its prompt's reserve alone, a key
+/// could have any number of such answers generated for next to nothing.
+#[tokio::test]
+async fn an_answer_too_large_to_pass_on_is_charged_its_usage() {
+    const WORDS: usize = 3_000;
+    let mock =
+        MockServer::start_local(MockConfig::named("primary").with_chunk_count(WORDS)).unwrap();
+    let mut snap = one_primary_snapshot(&mock.base_url());
+    snap.backends[0].models[0].output_price_per_mtok = 10.0;
+    let h = Harness::start_with(snap, |c| {
+        c.max_response_bytes = 8 * 1024;
+    })
+    .await;
+    let answer = h.chat(chat_body(false)).await;
+    assert_eq!(answer.status(), 502);
+    let record = &h.records(1).await[0];
+    assert_eq!(record.status_code, 502, "{record:?}");
+    assert_eq!(record.completion_tokens, WORDS as u64, "{record:?}");
+    assert!(record.prompt_tokens > 0, "{record:?}");
+    assert!(
+        !record.tokens_estimated,
+        "the provider's figures: {record:?}"
+    );
+    // $10 a million completion tokens: 10,000 nano-units each.
+    assert_eq!(record.cost_nanos, WORDS as u64 * 10_000, "{record:?}");
+}
+
 #[tokio::test]
 async fn ready_only_with_a_snapshot() {
     use support::control_plane::{FakeControlPlane, TOKEN};

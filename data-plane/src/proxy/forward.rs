@@ -136,8 +136,13 @@ enum Failure {
     /// The answer's head came (a status neither 429 nor 5xx), then its body broke, stalled
     /// (`timeout`) or passed the size limit. The provider has generated, and billed, the
     /// answer: it is not asked of another backend (no retry after the first byte), nor by
-    /// the client's SDK ([`error_after_billing`]).
-    Cut { timeout: bool, detail: String },
+    /// the client's SDK ([`error_after_billing`]). With the text of the answer's top-level
+    /// `usage` when it was cut for its size and read on for it ([`read_body`]).
+    Cut {
+        timeout: bool,
+        detail: String,
+        usage: Option<Vec<u8>>,
+    },
 }
 
 /// What a backend's refusal ([`Failure::Refused`]) was about.
@@ -276,10 +281,12 @@ impl Failure {
             Self::Timeout { .. } => Self::Cut {
                 timeout: true,
                 detail: "no byte of the answer within the idle timeout".into(),
+                usage: None,
             },
             Self::Invalid(detail) | Self::Connect(detail) | Self::Lost(detail) => Self::Cut {
                 timeout: false,
                 detail,
+                usage: None,
             },
             other => other,
         }
@@ -853,6 +860,16 @@ pub(super) async fn forward_call(
                         "cannot open an upstream connection: this replica is out of file descriptors (raise its open-files limit)"
                     );
                 }
+                // An answer too large to pass on was billed too: its `usage`, read past the
+                // size, is what the provider charged for it.
+                if let Failure::Cut {
+                    usage: Some(usage), ..
+                } = failure
+                    && let Some(tokens) = call.usage_in(backend.format, usage)
+                {
+                    acct.tokens(tokens);
+                    acct.priced_in_usage(usage);
+                }
                 if let Failure::MemoryFull(full, usage) = failure {
                     app.metrics.answer_refused();
                     // The provider billed the answer the client does not get.
@@ -968,7 +985,7 @@ pub(super) async fn forward_call(
                 // An answer refused for memory was billed: its backend's token reservation
                 // stays, settled with the record (at its `usage`, or kept if none was read).
                 match failure {
-                    Failure::MemoryFull(..) => {}
+                    Failure::MemoryFull(..) | Failure::Cut { usage: Some(_), .. } => {}
                     Failure::OutOfFiles => acct.attempt_unsent(),
                     // An answer that came and could not be used (a 200 stream that ended, or
                     // ran past 64 KiB, before its first event) was answered: the provider
@@ -1790,7 +1807,16 @@ async fn read_body(
     follow_usage: bool,
 ) -> Result<(Bytes, Option<AnswerPermit>), Failure> {
     if declared.is_some_and(|n| n > max) {
-        return Err(Failure::Invalid(format!("body larger than {max} bytes")));
+        return Err(too_large(
+            sleeps,
+            upstream,
+            Collected::expecting(0),
+            max,
+            idle,
+            deadline,
+            follow_usage,
+        )
+        .await);
     }
     let mut collected = Collected::expecting(declared.unwrap_or(0));
     let mut held: Option<AnswerPermit> = None;
@@ -1805,7 +1831,18 @@ async fn read_body(
             Ok(Ok(None)) => return Ok((collected.into_bytes(), held)),
             Ok(Ok(Some(chunk))) => {
                 if collected.len() + chunk.len() > max {
-                    return Err(Failure::Invalid(format!("body larger than {max} bytes")));
+                    drop(held);
+                    collected.push(chunk);
+                    return Err(too_large(
+                        sleeps,
+                        upstream,
+                        collected,
+                        max,
+                        idle,
+                        deadline,
+                        follow_usage,
+                    )
+                    .await);
                 }
                 collected.push(chunk);
                 // What the answer holds, its buffer's capacity, taken as it grows past
@@ -1841,6 +1878,45 @@ async fn read_body(
                 }
             }
         }
+    }
+}
+
+/// How many times `--max-response-bytes` an answer too large to pass on is read for its
+/// `usage` (only that value kept).
+const READ_FOR_USAGE_PAST_MAX: usize = 4;
+
+/// The failure of an answer larger than `max`, `read` its beginning: when `follow_usage`, cut
+/// with its `usage`, read from the rest of it ([`usage_of_the_rest`], up to
+/// [`READ_FOR_USAGE_PAST_MAX`] times `max`). The provider generated and billed it (`n` choices
+/// with `logprobs` reach 64 MiB): without its figures the key was charged its prompt's
+/// reserve alone.
+async fn too_large(
+    sleeps: &KeptSleeps,
+    upstream: UpstreamBody,
+    read: Collected,
+    max: usize,
+    idle: Duration,
+    deadline: Instant,
+    follow_usage: bool,
+) -> Failure {
+    let detail = format!("body larger than {max} bytes");
+    if !follow_usage {
+        return Failure::Invalid(detail);
+    }
+    // Boxed: the rare path's state stays out of every answer's future, which is moved.
+    let usage = Box::pin(usage_of_the_rest(
+        sleeps,
+        upstream,
+        read,
+        max.saturating_mul(READ_FOR_USAGE_PAST_MAX),
+        idle,
+        deadline,
+    ))
+    .await;
+    Failure::Cut {
+        timeout: false,
+        detail,
+        usage,
     }
 }
 
