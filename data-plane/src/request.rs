@@ -259,6 +259,13 @@ const READ_NAMES: &[&str] = &[
 /// and served as `big` there, `"Stream":true` streamed an answer Sluice read as a whole one,
 /// with no usage in it. `None` for a name spelled exactly, or no such key.
 fn in_another_case(key: &str, names: &[&'static str]) -> Option<&'static str> {
+    // Nearly every key is ASCII: one of these names only in its letters' case, so of its
+    // length (told first: a key of another length costs a comparison a name).
+    if key.is_ascii() {
+        return names.iter().copied().find(|name| {
+            name.len() == key.len() && key != *name && key.eq_ignore_ascii_case(name)
+        });
+    }
     // The names are 5 to 20 bytes; `ſ` and `K` take one and two bytes more than their letters.
     if !(5..=26).contains(&key.len()) {
         return None;
