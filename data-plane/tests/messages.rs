@@ -615,6 +615,42 @@ async fn upstream_errors_reach_messages_clients_in_anthropic_shape() {
     gpt.set_fault(Fault::status(503).times(1));
     let (status, kind, _) = anthropic_error(send(&h, "/v1/messages", &to_gpt(false)).await).await;
     assert_eq!((status, kind.as_str()), (503, "overloaded_error"));
+    // A prompt past the model's context, in Anthropic's words, which Claude Code compacts
+    // the conversation on; in OpenAI's code or in vLLM's words alike. Another 400 keeps its own.
+    let overflow = "This model's maximum context length is 131072 tokens. However, you requested 140210 tokens (132210 in the messages, 8000 in the completion).";
+    for body in [
+        json!({"error": {"message": overflow, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}),
+        json!({"object": "error", "message": overflow, "type": "BadRequestError", "param": null, "code": 400}),
+    ] {
+        gpt.set_fault(
+            Fault::Body {
+                code: 400,
+                body: body.to_string(),
+            }
+            .times(1),
+        );
+        let (status, kind, error) =
+            anthropic_error(send(&h, "/v1/messages", &to_gpt(false)).await).await;
+        assert_eq!((status, kind.as_str()), (400, "invalid_request_error"));
+        assert_eq!(
+            error["error"]["message"].as_str(),
+            Some(format!("prompt is too long: {overflow}").as_str()),
+            "{error}"
+        );
+    }
+    gpt.set_fault(
+        Fault::Body {
+            code: 400,
+            body: json!({"error": {"message": "Invalid value for 'temperature'.", "type": "invalid_request_error", "param": "temperature", "code": "invalid_value"}}).to_string(),
+        }
+        .times(1),
+    );
+    let (status, _, error) = anthropic_error(send(&h, "/v1/messages", &to_gpt(false)).await).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        error["error"]["message"],
+        "Invalid value for 'temperature'."
+    );
 
     // A stream the Anthropic backend breaks: its error event is passed on and ends it.
     claude.set_fault(Fault::CutAfterChunks(3).times(1));
@@ -636,14 +672,14 @@ async fn upstream_errors_reach_messages_clients_in_anthropic_shape() {
     let last = event_data(&body).pop().unwrap();
     assert_eq!(last["type"], "error", "{body}");
 
-    let records = h.records(4).await;
+    let records = h.records(7).await;
     assert!(
         records
             .iter()
             .all(|r| r.endpoint == proto::Endpoint::Messages as i32)
     );
-    assert_eq!(records[2].error_kind, ErrorKind::StreamInterrupted as i32);
-    assert_eq!(records[3].error_kind, ErrorKind::StreamInterrupted as i32);
+    assert_eq!(records[5].error_kind, ErrorKind::StreamInterrupted as i32);
+    assert_eq!(records[6].error_kind, ErrorKind::StreamInterrupted as i32);
 }
 
 /// An OpenAI-format backend's whole answer a Messages client cannot be given (not JSON, or a

@@ -42,12 +42,17 @@ pub fn event(status: u16, message: &str) -> Bytes {
     Bytes::from(out)
 }
 
-/// The message inside an error body of either shape, or the body itself when it has none.
+/// The message inside an error body of either shape (or vLLM's, `{"object":"error",
+/// "message":…}`), or the body itself when it has none.
 fn message_of(body: &[u8]) -> String {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
     parsed
         .as_ref()
-        .and_then(|v| v.pointer("/error/message"))
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .filter(|m| m.is_string())
+                .or_else(|| v.get("message"))
+        })
         .and_then(Value::as_str)
         .map(str::to_owned)
         .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(1024).collect())
@@ -90,7 +95,40 @@ pub fn to_openai(status: StatusCode, body: &[u8]) -> (StatusCode, Bytes) {
 }
 
 /// An OpenAI-format backend's error → the Anthropic-style body a Messages client gets (same
-/// status).
+/// status). A prompt longer than the model's context is said in Anthropic's words, "prompt is
+/// too long: …" (the backend's message after them): Claude Code and the agents built on
+/// Anthropic's SDKs tell an overflow by them and compact the conversation; told in the
+/// backend's words, a session on a model of a smaller context than Claude's failed at every
+/// turn, `/compact` too.
 pub fn to_anthropic(status: StatusCode, body: &[u8]) -> Bytes {
-    self::body(status.as_u16(), &message_of(body))
+    let message = message_of(body);
+    if status == StatusCode::BAD_REQUEST
+        && !message.starts_with("prompt is too long")
+        && context_exceeded(body, &message)
+    {
+        return self::body(400, &format!("prompt is too long: {message}"));
+    }
+    self::body(status.as_u16(), &message)
+}
+
+/// Whether an OpenAI-format error says the prompt (with the answer asked for) does not fit
+/// the model's context: OpenAI's code `context_length_exceeded`, or the words OpenAI, vLLM and
+/// the servers compatible with them write it in.
+fn context_exceeded(body: &[u8], message: &str) -> bool {
+    let code = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
+        v.pointer("/error/code")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    });
+    if code.as_deref() == Some("context_length_exceeded") {
+        return true;
+    }
+    let message = message.to_ascii_lowercase();
+    [
+        "maximum context length",
+        "context length exceeded",
+        "prompt is too long",
+    ]
+    .iter()
+    .any(|words| message.contains(words))
 }
