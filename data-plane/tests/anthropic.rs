@@ -437,6 +437,11 @@ fn what_cannot_be_translated_is_refused_with_its_parameter() {
         (json!({"n": 2}), "n"),
         (json!({"logprobs": true}), "logprobs"),
         (
+            json!({"functions": [{"name": "get_weather", "parameters": {"type": "object"}}]}),
+            "functions",
+        ),
+        (json!({"function_call": "auto"}), "function_call"),
+        (
             json!({"response_format": {"type": "json_object"}}),
             "response_format",
         ),

@@ -160,6 +160,14 @@ pub fn chat_to_messages(
                     out.insert("output_config".into(), json!({ "format": format }));
                 }
             }
+            // The legacy tools: dropped, the model answered in prose, with a 200 and no call.
+            "functions" | "function_call" if !value.is_null() => {
+                return Err(Untranslatable::new(
+                    key.clone(),
+                    "An Anthropic backend takes tools as `tools` and `tool_choice`, not the \
+                     legacy `functions` and `function_call`.",
+                ));
+            }
             "modalities" | "audio" if !value.is_null() && value != &json!(["text"]) => {
                 return Err(Untranslatable::new(
                     key.clone(),

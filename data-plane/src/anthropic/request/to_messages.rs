@@ -77,7 +77,8 @@ pub fn chat_to_messages_in_shape<'a>(
             "tools" => tools = from_text::<Option<Vec<Tool<'a>>>>(text)?,
             "tool_choice" => choice = from_text::<Option<ToolChoice<'a>>>(text)?,
             "parallel_tool_calls" => parallel = from_text::<Option<bool>>(text)?,
-            "n" | "logprobs" | "response_format" | "modalities" | "audio" => return None,
+            "n" | "logprobs" | "response_format" | "modalities" | "audio" | "functions"
+            | "function_call" => return None,
             _ => {
                 from_text::<Checked>(text)?;
             }
