@@ -462,6 +462,14 @@ impl CooldownTracker {
         let mut entries = self.lock();
         let scope = match outcome {
             Outcome::Success | Outcome::Answering => None,
+            // A failure of the model of a call that names none (a call on a stored Responses
+            // object): a model thinking past the idle timeout on a streamed retrieve, a model
+            // timeout. No one's: taken as the backend's, three of them took every model out.
+            // (A 429 of such a call is the backend's: below.)
+            Outcome::Failure {
+                scope: Scope::Model,
+                ..
+            } if model.is_empty() => return Vec::new(),
             Outcome::RateLimited { scope, .. } | Outcome::Failure { scope, .. } => Some(scope),
         };
         match scope {
@@ -1047,6 +1055,38 @@ mod tests {
         assert_eq!(ev.cooldown_epoch, Some(7));
         assert_eq!(ev.consecutive_failures, 5);
         assert_eq!(left(&tracker, after), Duration::from_secs(16));
+    }
+
+    /// A call that names no model (on a stored Responses object): a failure of its model
+    /// (a thinking model's silence on a streamed retrieve) is no one's and cools nothing,
+    /// however many; its 429 cools the backend, as a 429 of a call of no one model does.
+    #[tokio::test(start_paused = true)]
+    async fn a_model_failure_of_a_call_naming_no_model_cools_nothing() {
+        let tracker = CooldownTracker::new();
+        let now = Now::read();
+        let silent = Outcome::Failure {
+            retry_after: None,
+            scope: Scope::Model,
+        };
+        for _ in 0..POLICY.failure_threshold + 2 {
+            let basis = tracker.check("b", "", now.instant).unwrap();
+            assert!(
+                tracker
+                    .record_at("b", "", basis, &POLICY, silent, || now)
+                    .is_empty()
+            );
+        }
+        assert!(tracker.check("b", "", now.instant).is_ok());
+        assert_eq!(tracker.view("b"), FleetCooldown::default());
+        let limited = Outcome::RateLimited {
+            retry_after: Some(Duration::from_secs(5)),
+            scope: Scope::Model,
+        };
+        let basis = tracker.check("b", "", now.instant).unwrap();
+        tracker
+            .record("b", "", basis, &POLICY, limited, now)
+            .unwrap();
+        assert!(tracker.check("b", "m", now.instant).is_err());
     }
 
     /// A model's 429 cools that model alone at the backend; a success for it ends both its

@@ -441,6 +441,33 @@ async fn altered_ids_other_keys_and_unreachable_backends_are_refused_clearly() {
     assert_eq!(beta.stats().requests.total(), 1);
 }
 
+/// A compaction or a count of input tokens that meets a backend serving `POST /v1/responses`
+/// without them (its 404) is asked of another backend of the model, as a token count or an
+/// embedding is; before, the 404 was the client's, whichever backend the weights drew.
+#[tokio::test]
+async fn a_compaction_fails_over_from_a_backend_without_it() {
+    let alpha = mock("alpha");
+    let beta = mock("beta");
+    let h = two_backends(&alpha, &beta).await;
+    alpha.set_fault(
+        Fault::Body {
+            code: 404,
+            body: r#"{"detail":"Not Found"}"#.into(),
+        }
+        .times(100),
+    );
+    let input = json!({"model": MODEL, "input": [{"role": "user", "content": "hello there"}]});
+    // Twenty calls: alpha is drawn first for some (all to beta once in a million runs).
+    for _ in 0..10 {
+        for path in ["/v1/responses/compact", "/v1/responses/input_tokens"] {
+            let answer = h.post(path, KEY, &input).await;
+            assert_eq!(answer.status(), 200, "{path}");
+            assert_eq!(answer.headers()["x-sluice-backend"], "beta-name", "{path}");
+        }
+    }
+    assert!(alpha.stats().responses_with(404) > 0, "alpha was drawn");
+}
+
 /// `POST /v1/responses/compact` (the SDKs' `responses.compact`, the Agents SDK's compaction
 /// session, the Codex CLI's remote compaction) and `POST /v1/responses/input_tokens` (the
 /// SDKs' `responses.input_tokens.count`) are served as creates are: on a backend serving the
@@ -694,6 +721,84 @@ async fn upstream_resuming_after_nine() -> String {
         }
     });
     format!("http://{addr}/v1")
+}
+
+/// An upstream that answers raw HTTP/1.1: a create with a stored response `resp_up1`, and
+/// its stream, streamed again (`GET …?stream=true`), replaying how it ended: `response.failed`
+/// with `server_error`.
+async fn upstream_replaying_a_failure() -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let Ok(n) = tcp.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let answer = if head.starts_with("POST") {
+                    let body = r#"{"id":"resp_up1","object":"response","status":"queued","background":true,"model":"m","output":[],"usage":null}"#;
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    let failed = r#"{"type":"response.failed","sequence_number":1,"response":{"id":"resp_up1","object":"response","status":"failed","model":"m","output":[],"error":{"code":"server_error","message":"The model failed."},"usage":null}}"#;
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nevent: response.failed\ndata: {failed}\n\n"
+                    )
+                };
+                let _ = tcp.write_all(answer.as_bytes()).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+/// A background response that failed, streamed again (or resumed, which openai-python does
+/// by streaming it all again) any number of times, tells of a failure of the past: it cools
+/// nothing. Counted as the backend's failure each time, three such streams cooled the whole
+/// backend, for every model, its other responses' polls refused too.
+#[tokio::test]
+async fn a_failure_replayed_by_a_retrieve_cools_nothing() {
+    let h = Harness::one_primary(&upstream_replaying_a_failure().await).await;
+    let created: Value = create(
+        &h,
+        json!({"model": MODEL, "input": "hi", "background": true}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let id = created["id"].as_str().unwrap();
+    for _ in 0..5 {
+        let text = on_stored(
+            &h,
+            reqwest::Method::GET,
+            &format!("/v1/responses/{id}?stream=true"),
+            KEY,
+        )
+        .await
+        .text()
+        .await
+        .unwrap();
+        assert!(text.contains("response.failed"), "{text}");
+    }
+    let again = create(&h, json!({"model": MODEL, "input": "hi"})).await;
+    assert_eq!(again.status(), 200, "the backend is not cooling down");
 }
 
 /// A stream resumed after event 9 that the upstream breaks off ends with Sluice's error

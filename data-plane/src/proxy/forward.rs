@@ -1590,11 +1590,17 @@ async fn attempt(
     }
     // A server that serves Messages without Anthropic's `count_tokens` (Ollama's, LiteLLM's
     // before late 2025), or OpenAI's API without its legacy completions or its embeddings
-    // (Groq's "Unknown request URL", TGI's, Mistral's): another backend of the model may
-    // serve the call; the last one's answer is the client's when none does.
+    // (Groq's "Unknown request URL", TGI's, Mistral's), or the Responses API without its
+    // compactions and input token counts (a server with `POST /v1/responses` alone): another
+    // backend of the model may serve the call; the last one's answer is the client's when
+    // none does.
     if matches!(
         endpoint,
-        Endpoint::CountTokens | Endpoint::Completions | Endpoint::Embeddings
+        Endpoint::CountTokens
+            | Endpoint::Completions
+            | Endpoint::Embeddings
+            | Endpoint::ResponsesCompact
+            | Endpoint::ResponsesInputTokens
     ) && matches!(
         status,
         StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED

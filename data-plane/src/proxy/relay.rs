@@ -577,7 +577,12 @@ impl Relay {
         let kind = match rewritten.event_type.as_deref() {
             Some("response.completed" | "response.incomplete") => Some(ErrorKind::Unspecified),
             Some(t) if responses::is_terminal(t) => {
-                self.upstream_failure = responses_failure(&event.data);
+                // A retrieve replays the stored response's events, its end too: a failure
+                // of the past, which says nothing of the backend now (counted, three
+                // streams of one failed background response cooled the whole backend).
+                if *count_usage {
+                    self.upstream_failure = responses_failure(&event.data);
+                }
                 Some(ErrorKind::UpstreamStatus)
             }
             _ => None,
