@@ -807,6 +807,17 @@ fn anthropic_errors_reach_chat_clients_in_openai_shape() {
         v["error"],
         json!({"message": "prompt is too long: 215000 tokens > 200000 maximum", "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"})
     );
+    // Anthropic's other words for it: the input with the answer asked for past the context.
+    for message in [
+        "input length and `max_tokens` exceed context limit: 182026 + 32000 > 200000, decrease input length or `max_tokens` and try again",
+        "input is too long for requested model.",
+    ] {
+        let body = json!({"type": "error", "error": {"type": "invalid_request_error", "message": message}});
+        let (_, body) = error::to_openai(StatusCode::BAD_REQUEST, body.to_string().as_bytes());
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "context_length_exceeded", "{message}");
+        assert_eq!(v["error"]["param"], "messages", "{message}");
+    }
 }
 
 #[test]

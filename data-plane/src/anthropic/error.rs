@@ -60,12 +60,21 @@ fn message_of(body: &[u8]) -> String {
 
 /// An Anthropic backend's error → the status and OpenAI-style body a chat client gets: the
 /// message kept, Anthropic's error type as the `code`, 529 answered as 503; a prompt longer
-/// than the model's context ("prompt is too long: …") has OpenAI's `context_length_exceeded`,
-/// the code chat clients look for to trim or summarise their history.
+/// than the model's context ("prompt is too long: …", "input is too long", or with the answer
+/// asked for, "input length and `max_tokens` exceed context limit: …") has OpenAI's
+/// `context_length_exceeded`, the code chat clients look for to trim or summarise their
+/// history.
 pub fn to_openai(status: StatusCode, body: &[u8]) -> (StatusCode, Bytes) {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
     let message = message_of(body);
-    let too_long = status == StatusCode::BAD_REQUEST && message.starts_with("prompt is too long");
+    let too_long = status == StatusCode::BAD_REQUEST
+        && [
+            "prompt is too long",
+            "input is too long",
+            "input length and `max_tokens` exceed",
+        ]
+        .iter()
+        .any(|words| message.starts_with(words));
     let code = match too_long {
         true => "context_length_exceeded",
         false => parsed

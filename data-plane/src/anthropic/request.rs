@@ -177,6 +177,10 @@ pub fn chat_to_messages(
             "prompt_cache_key" | "prompt_cache_retention" if value.is_string() => {
                 out.insert("cache_control".into(), json!({"type": "ephemeral"}));
             }
+            // OpenAI's newer way to ask (`{mode, ttl}`), `prompt_cache_retention`'s successor.
+            "prompt_cache_options" if value.is_object() => {
+                out.insert("cache_control".into(), json!({"type": "ephemeral"}));
+            }
             _ => {}
         }
     }
@@ -1854,6 +1858,7 @@ pub(crate) mod tests {
             r#","prompt_cache_retention":"in_memory""#,
             r#","prompt_cache_key":null,"prompt_cache_retention":"24h""#,
             r#","prompt_cache_key":null,"prompt_cache_key":"c""#,
+            r#","prompt_cache_options":{"mode":"implicit","ttl":"30m"}"#,
         ] {
             let request = to_messages_agreed(&body(asked));
             assert_eq!(
@@ -1867,6 +1872,7 @@ pub(crate) mod tests {
             r#","prompt_cache_key":null"#,
             r#","prompt_cache_key":"c","prompt_cache_key":null"#,
             r#","prompt_cache_key":5"#,
+            r#","prompt_cache_options":null"#,
         ] {
             let request = to_messages_agreed(&body(not_asked));
             assert_eq!(request.get("cache_control"), None, "{not_asked}");

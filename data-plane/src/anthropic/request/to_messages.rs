@@ -4,7 +4,8 @@
 //! The shape: messages of the system, developer, user, assistant and tool roles whose content
 //! is a string, `null` or text parts (an assistant's also refusal parts), the assistant's tool
 //! calls; the token limits, `temperature`, `top_p`, `stop`, `user`, function tools,
-//! `tool_choice`, `parallel_tool_calls`, `prompt_cache_key` and `prompt_cache_retention`.
+//! `tool_choice`, `parallel_tool_calls`, `prompt_cache_key`, `prompt_cache_retention` and
+//! `prompt_cache_options`.
 //! Texts are copied as the client escaped them, tool descriptions and schemas and a call's
 //! `arguments` (the JSON text inside the string, unescaped once) as the client wrote them;
 //! each is checked as the parse into values checks it ([`super::as_written`]). Anything else
@@ -36,9 +37,9 @@ pub fn chat_to_messages_in_shape<'a>(
     let (mut max_completion_tokens, mut max_tokens) = (None, None);
     let (mut temperature, mut top_p, mut user) = (None, None, None);
     let (mut turns, mut stop, mut tools, mut choice, mut parallel) = (None, None, None, None, None);
-    // Whether `prompt_cache_key` and `prompt_cache_retention` ask for the cache (the last of
-    // two of one name stands, as in the parse).
-    let (mut size, mut cache) = (0, [false; 2]);
+    // Whether `prompt_cache_key`, `prompt_cache_retention` and `prompt_cache_options` ask for
+    // the cache (the last of two of one name stands, as in the parse).
+    let (mut size, mut cache) = (0, [false; 3]);
     for (key, value) in members {
         let text = value.get();
         size += text.len();
@@ -60,6 +61,10 @@ pub fn chat_to_messages_in_shape<'a>(
             "prompt_cache_key" | "prompt_cache_retention" => {
                 let asked = from_text::<Option<Key<'a>>>(text)?.is_some();
                 cache[usize::from(key == "prompt_cache_retention")] = asked;
+            }
+            "prompt_cache_options" => {
+                from_text::<Checked>(text)?;
+                cache[2] = text.starts_with('{');
             }
             "messages" => turns = Some(from_text::<Turns<'a>>(text)?),
             "stop" => {
