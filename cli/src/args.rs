@@ -178,6 +178,11 @@ pub struct BackendAddArgs {
     /// (default 4096).
     #[arg(long, value_name = "N")]
     pub default_max_tokens: Option<u32>,
+    /// The most output tokens a request translated for each --model asks for (a Messages
+    /// client's max_tokens to an OpenAI-format backend, a chat client's to an Anthropic one):
+    /// 16384 for gpt-4o, which refuses Claude Code's 32000 (default: as the client asks).
+    #[arg(long, value_name = "N")]
+    pub max_output_tokens: Option<u32>,
     /// A price tier of a --model: MODEL:TIER=MULTIPLIER, what its prices are multiplied by
     /// when the answer says it was served at TIER (OpenAI's service_tier: priority, which
     /// its "fast" requests are answered with too, ultrafast, flex; Anthropic's usage.speed
@@ -273,6 +278,10 @@ pub struct BackendUpdateArgs {
     /// max_tokens for each --model given when the client gives none (needs --model).
     #[arg(long, value_name = "N", requires = "models")]
     pub default_max_tokens: Option<u32>,
+    /// The most output tokens a request translated for each --model given asks for (see
+    /// `backend add --help`; 0: as the client asks; needs --model).
+    #[arg(long, value_name = "N", requires = "models")]
+    pub max_output_tokens: Option<u32>,
     /// A price tier of a --model, MODEL:TIER=MULTIPLIER (see `backend add --help`): sets
     /// that tier of the model, its other tiers kept; TIER=1 takes it off (needs --model).
     #[arg(
@@ -741,6 +750,7 @@ pub fn parse_model_route(spec: &str) -> Result<pb::ModelRoute, String> {
         name: name.trim().to_owned(),
         upstream_name: upstream.trim().to_owned(),
         default_max_tokens: 0,
+        max_output_tokens: 0,
         ..Default::default()
     };
     if let Some((input, output)) = prices {
@@ -1030,6 +1040,7 @@ mod tests {
     fn route(name: &str, upstream: &str, input: f64, output: f64) -> pb::ModelRoute {
         pb::ModelRoute {
             default_max_tokens: 0,
+            max_output_tokens: 0,
             name: name.into(),
             upstream_name: upstream.into(),
             input_price_per_mtok: input,

@@ -300,6 +300,14 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
     if audio_priced {
         header.push("AUDIO IN/OUT");
     }
+    // The cap of translated requests' output likewise (`--max-output-tokens`).
+    let output_capped = backend
+        .models
+        .iter()
+        .any(|model| model.max_output_tokens > 0);
+    if output_capped {
+        header.push("MAX OUTPUT");
+    }
     let models = grid(
         &header,
         backend
@@ -360,6 +368,12 @@ pub fn backend(backend: Option<&pb::Backend>) -> String {
                             .audio_output_price_per_mtok
                             .unwrap_or(model.output_price_per_mtok)
                     ));
+                }
+                if output_capped {
+                    row.push(match model.max_output_tokens {
+                        0 => "-".to_owned(),
+                        n => n.to_string(),
+                    });
                 }
                 row
             })
@@ -827,6 +841,7 @@ mod tests {
             weight: 1,
             models: vec![pb::ModelRoute {
                 default_max_tokens: Default::default(),
+                max_output_tokens: Default::default(),
                 name: "gpt-4o-mini".into(),
                 upstream_name: "gpt-4o-mini-2024".into(),
                 input_price_per_mtok: 0.15,
@@ -1019,6 +1034,16 @@ mod tests {
             .find(|l| l.starts_with("gpt-4o-mini "))
             .unwrap();
         assert!(route.trim_end().ends_with("8192"), "{text}");
+        // A cap of translated requests' output, only where a route has one.
+        assert!(!text.contains("MAX OUTPUT"), "{text}");
+        b.models[0].max_output_tokens = 16_384;
+        let text = backend(Some(&b));
+        assert!(text.contains("MAX OUTPUT"), "{text}");
+        let route = text
+            .lines()
+            .find(|l| l.starts_with("gpt-4o-mini "))
+            .unwrap();
+        assert!(route.trim_end().ends_with("16384"), "{text}");
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct ModelRoute {
     pub cache_write_price_per_mtok: Option<f64>,
     /// `max_tokens` for an Anthropic backend when the client gave none; 0: Sluice's default.
     pub default_max_tokens: u32,
+    /// The most output tokens a request translated for this route asks for; 0: no cap.
+    pub max_output_tokens: u32,
     /// The price tiers an answer may report, each with what it multiplies the prices by.
     pub tier_multipliers: Vec<(String, f64)>,
     /// The prices of a long request, if the provider bills one at a band of its own.
@@ -287,6 +289,12 @@ impl BackendSpec {
                     format!("must be at most {MAX_DEFAULT_MAX_TOKENS}"),
                 ));
             }
+            if model.max_output_tokens > MAX_DEFAULT_MAX_TOKENS {
+                return Err(ValidationError::new(
+                    format!("backend.models[{i}].max_output_tokens"),
+                    format!("must be at most {MAX_DEFAULT_MAX_TOKENS}"),
+                ));
+            }
             let field = format!("backend.models[{i}]");
             model.name = model.name.trim().to_owned();
             model.upstream_name = model.upstream_name.trim().to_owned();
@@ -540,6 +548,7 @@ impl ModelRoute {
             cached_input_price_per_mtok: model.cached_input_price_per_mtok,
             cache_write_price_per_mtok: model.cache_write_price_per_mtok,
             default_max_tokens: model.default_max_tokens,
+            max_output_tokens: model.max_output_tokens,
             tier_multipliers: model
                 .tier_multipliers
                 .iter()
@@ -569,6 +578,7 @@ impl ModelRoute {
             cached_input_price_per_mtok: self.cached_input_price_per_mtok,
             cache_write_price_per_mtok: self.cache_write_price_per_mtok,
             default_max_tokens: self.default_max_tokens,
+            max_output_tokens: self.max_output_tokens,
             tier_multipliers: self
                 .tier_multipliers
                 .iter()
@@ -770,6 +780,7 @@ mod tests {
             weight: 0,
             models: vec![ModelRoute {
                 default_max_tokens: Default::default(),
+                max_output_tokens: Default::default(),
                 name: "gpt-4o-mini".into(),
                 upstream_name: String::new(),
                 input_price_per_mtok: 0.15,

@@ -168,6 +168,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0025_audio_prices.sql"),
     include_str!("../../migrations/0026_audio_usage.sql"),
     include_str!("../../migrations/0027_estimated_count.sql"),
+    include_str!("../../migrations/0028_max_output_tokens.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

@@ -159,6 +159,7 @@ fn store_a_provider_key(dir: &std::path::Path, rt: &tokio::runtime::Runtime) {
             weight: 1,
             models: vec![sluice_control::backend::ModelRoute {
                 default_max_tokens: Default::default(),
+                max_output_tokens: Default::default(),
                 name: "m".into(),
                 upstream_name: "m".into(),
                 input_price_per_mtok: 0.0,

@@ -54,6 +54,7 @@ fn backend(name: &str) -> pb::Backend {
         enabled: true,
         models: vec![pb::ModelRoute {
             default_max_tokens: Default::default(),
+            max_output_tokens: Default::default(),
             name: "gpt-4o-mini".into(),
             upstream_name: "gpt-4o-mini-2024".into(),
             input_price_per_mtok: 0.15,
@@ -285,6 +286,7 @@ async fn an_anthropic_backend_keeps_its_format_version_and_max_tokens() {
     spec.api_format = pb::ApiFormat::Anthropic as i32;
     spec.anthropic_version = "2023-06-01".into();
     spec.models[0].default_max_tokens = 1024;
+    spec.models[0].max_output_tokens = 16_384;
     let created = admin
         .create_backend(pb::CreateBackendRequest {
             backend: Some(spec),
@@ -298,6 +300,25 @@ async fn an_anthropic_backend_keeps_its_format_version_and_max_tokens() {
     assert_eq!(created.api_format, pb::ApiFormat::Anthropic as i32);
     assert_eq!(created.anthropic_version, "2023-06-01");
     assert_eq!(created.models[0].default_max_tokens, 1024);
+    assert_eq!(created.models[0].max_output_tokens, 16_384);
+    assert_eq!(
+        get(&mut admin, "claude").await.models[0].max_output_tokens,
+        16_384
+    );
+    let mut capped_past = backend("capped-past");
+    capped_past.models[0].max_output_tokens = 10_000_001;
+    let refused = admin
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(capped_past),
+            api_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("max_output_tokens"),
+        "{refused:?}"
+    );
     // Backends stored before formats existed, and those that name none, speak OpenAI.
     let plain = create(&mut admin, "plain", "").await;
     assert_eq!(plain.api_format, pb::ApiFormat::Openai as i32);
@@ -323,6 +344,7 @@ async fn an_anthropic_backend_keeps_its_format_version_and_max_tokens() {
     assert_eq!(updated.api_format, pb::ApiFormat::Openai as i32);
     assert_eq!(updated.anthropic_version, "");
     assert_eq!(updated.models[0].default_max_tokens, 1024);
+    assert_eq!(updated.models[0].max_output_tokens, 16_384);
 
     let mut bad = backend("bad-version");
     bad.anthropic_version = "2023 06 01".into();

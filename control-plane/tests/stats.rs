@@ -80,6 +80,7 @@ impl Harness {
                         .iter()
                         .map(|&(model, input, output)| pb::ModelRoute {
                             default_max_tokens: Default::default(),
+                            max_output_tokens: Default::default(),
                             name: model.into(),
                             upstream_name: model.into(),
                             input_price_per_mtok: input,
@@ -731,6 +732,7 @@ async fn cost_is_prompt_times_input_plus_completion_times_output_at_ingestion() 
                 id: b.clone(),
                 models: vec![pb::ModelRoute {
                     default_max_tokens: Default::default(),
+                    max_output_tokens: Default::default(),
                     name: "m1".into(),
                     upstream_name: "m1".into(),
                     input_price_per_mtok: 100.0,

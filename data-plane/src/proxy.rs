@@ -983,6 +983,7 @@ mod tests {
             tiers,
             call_prices: Default::default(),
             default_max_tokens: 0,
+            max_output_tokens: None,
         };
         let plain = route(2.0, Tiers::default());
         // $1 a million tokens at 2.5 and 1.1 times at once (flex's half lowers nothing).

@@ -381,6 +381,9 @@ pub struct Route {
     pub call_prices: CallPrices,
     /// `max_tokens` for an Anthropic backend when the client gave none.
     pub default_max_tokens: u32,
+    /// The most output tokens a request translated for this route asks for
+    /// (`ModelRoute.max_output_tokens`); `None`: as the client asks.
+    pub max_output_tokens: Option<u32>,
 }
 
 /// A client key's identity and permissions.
@@ -601,6 +604,8 @@ impl Snapshot {
                             0 => DEFAULT_MAX_TOKENS,
                             n => n,
                         },
+                        max_output_tokens: (model.max_output_tokens > 0)
+                            .then_some(model.max_output_tokens),
                     });
             }
             let until = cooldown_end(

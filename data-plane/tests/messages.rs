@@ -682,6 +682,53 @@ async fn upstream_errors_reach_messages_clients_in_anthropic_shape() {
     assert_eq!(records[6].error_kind, ErrorKind::StreamInterrupted as i32);
 }
 
+/// Claude Code asks 32,000 or 64,000 output tokens, which gpt-4o (16,384 at most) refuses
+/// with the whole request: a route's `max_output_tokens` lowers what a translated request
+/// asks, both ways, and the answer ends at the cap as one cut by `max_tokens` does.
+#[tokio::test]
+async fn a_translated_request_asks_no_more_output_than_its_route_allows() {
+    let claude = MockServer::start_local(
+        MockConfig::named("claude")
+            .with_api_key("sk-upstream-claude")
+            .with_chunk_count(8),
+    )
+    .unwrap();
+    let gpt = MockServer::start_local(
+        MockConfig::named("gpt")
+            .with_api_key("sk-upstream-gpt")
+            .with_chunk_count(8),
+    )
+    .unwrap();
+    let mut snap = claude_and_gpt_only(&claude, &gpt);
+    snap.backends[0].models[0].max_output_tokens = 3;
+    snap.backends[1].models[0].max_output_tokens = 3;
+    let h = Harness::start(snap).await;
+    let asked = json!({"model": "gpt-only", "max_tokens": 64_000,
+        "messages": [{"role": "user", "content": "hello there"}]});
+    let answer = send(&h, "/v1/messages", &asked.to_string()).await;
+    assert_eq!(answer.status(), 200);
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(answer["stop_reason"], "max_tokens", "{answer}");
+    assert_eq!(answer["usage"]["output_tokens"], 3, "{answer}");
+    let chat = h
+        .chat(json!({"model": MODEL, "max_completion_tokens": 64_000,
+            "messages": [{"role": "user", "content": "hello there"}]}))
+        .await;
+    assert_eq!(chat.status(), 200);
+    let chat: Value = chat.json().await.unwrap();
+    assert_eq!(chat["choices"][0]["finish_reason"], "length", "{chat}");
+    assert_eq!(chat["usage"]["completion_tokens"], 3, "{chat}");
+    // Asked less than the cap, as asked.
+    let fewer = json!({"model": "gpt-only", "max_tokens": 2,
+        "messages": [{"role": "user", "content": "hello there"}]});
+    let answer: Value = send(&h, "/v1/messages", &fewer.to_string())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["usage"]["output_tokens"], 2, "{answer}");
+}
+
 /// An OpenAI-format backend's whole answer a Messages client cannot be given (not JSON, or a
 /// tool call whose arguments are not an object) is a 502 in Anthropic's shape, never a broken
 /// message; the tokens its `usage` reports are recorded all the same, as the backend may have

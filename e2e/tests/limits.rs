@@ -54,6 +54,7 @@ async fn the_largest_supported_configuration_reaches_replicas_and_sluicectl() {
                     models: (0..MODELS)
                         .map(|m| ModelRoute {
                             default_max_tokens: Default::default(),
+                            max_output_tokens: Default::default(),
                             name: format!("model-{m}"),
                             upstream_name: format!("model-{m}"),
                             input_price_per_mtok: 2.5,

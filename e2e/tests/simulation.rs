@@ -500,6 +500,7 @@ impl World {
                     weight: 1,
                     models: vec![ModelRoute {
                         default_max_tokens: Default::default(),
+                        max_output_tokens: Default::default(),
                         name: "m".into(),
                         upstream_name: "m".into(),
                         input_price_per_mtok: 1.0,

@@ -38,6 +38,7 @@ fn snapshot() -> pb::Snapshot {
             models: (0..MODELS_PER_BACKEND)
                 .map(|m| pb::ModelRoute {
                     default_max_tokens: Default::default(),
+                    max_output_tokens: Default::default(),
                     name: format!("provider-model-{m}-2025-01-01"),
                     upstream_name: format!("provider/model-{m}-2025-01-01-preview"),
                     input_price_per_mtok: 2.5,

@@ -140,7 +140,7 @@ fn create_request(args: BackendAddArgs) -> Result<pb::CreateBackendRequest, Erro
         priority: args.priority,
         weight: args.weight,
         models: with_prices_by_answer(
-            with_max_tokens(args.models, args.default_max_tokens),
+            with_max_tokens(args.models, args.default_max_tokens, args.max_output_tokens),
             args.tiers,
             args.call_prices,
             args.long_contexts,
@@ -164,14 +164,18 @@ fn create_request(args: BackendAddArgs) -> Result<pb::CreateBackendRequest, Erro
     })
 }
 
-/// The routes with `default_max_tokens` set, when given.
+/// The routes with `default_max_tokens` and `max_output_tokens` set, each when given.
 fn with_max_tokens(
     mut models: Vec<pb::ModelRoute>,
     max_tokens: Option<u32>,
+    max_output_tokens: Option<u32>,
 ) -> Vec<pb::ModelRoute> {
-    if let Some(n) = max_tokens {
-        for model in &mut models {
+    for model in &mut models {
+        if let Some(n) = max_tokens {
             model.default_max_tokens = n;
+        }
+        if let Some(n) = max_output_tokens {
+            model.max_output_tokens = n;
         }
     }
     models
@@ -243,11 +247,13 @@ fn keeps_from_stored(args: &BackendUpdateArgs) -> Option<Kept> {
         .map(|m| !args.audio_prices.iter().any(|a| a.model == m.route.name))
         .collect();
     let max_tokens = args.default_max_tokens.is_none();
+    let max_output = args.max_output_tokens.is_none();
     (!args.models.is_empty()).then_some(Kept {
         prices,
         long,
         audio,
         max_tokens,
+        max_output,
     })
 }
 
@@ -257,6 +263,7 @@ struct Kept {
     long: Vec<bool>,
     audio: Vec<bool>,
     max_tokens: bool,
+    max_output: bool,
 }
 
 /// Fills what `kept` says from `stored`, route by public name: `--model gpt-4o` on an update
@@ -293,6 +300,9 @@ fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: 
         }
         if kept.max_tokens {
             route.default_max_tokens = old.default_max_tokens;
+        }
+        if kept.max_output {
+            route.max_output_tokens = old.max_output_tokens;
         }
     }
 }
@@ -351,7 +361,7 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
     if !args.models.is_empty() {
         let routes = args.models.into_iter().map(|m| m.route).collect();
         backend.models = with_prices_by_answer(
-            with_max_tokens(routes, args.default_max_tokens),
+            with_max_tokens(routes, args.default_max_tokens, args.max_output_tokens),
             args.tiers,
             args.call_prices,
             args.long_contexts,
@@ -566,6 +576,31 @@ mod tests {
         assert!(error.to_string().contains("--audio-price z"), "{error}");
     }
 
+    /// `--max-output-tokens` caps each route given; an update re-listing routes without it
+    /// keeps each route's stored cap.
+    #[test]
+    fn a_models_output_cap_is_the_one_given_else_its_stored_one() {
+        let stored = |name: &str| pb::ModelRoute {
+            name: name.into(),
+            max_output_tokens: 16_384,
+            ..Default::default()
+        };
+        for (flags, cap) in [
+            (&[][..], 16_384),
+            (&["--max-output-tokens", "8192"][..], 8192),
+        ] {
+            let mut argv = vec!["b1", "--model", "a", "--model", "b"];
+            argv.extend_from_slice(flags);
+            let args = update_args(&argv);
+            let kept = keeps_from_stored(&args).unwrap();
+            let mut request = update_request(args).unwrap();
+            let routes = &mut request.backend.as_mut().unwrap().models;
+            keep_stored_route_fields(routes, &kept, &[stored("a"), stored("b")]);
+            let caps: Vec<u32> = routes.iter().map(|r| r.max_output_tokens).collect();
+            assert_eq!(caps, [cap, cap], "{flags:?}");
+        }
+    }
+
     #[test]
     fn a_models_tiers_and_long_context_band_are_those_given_else_its_stored_ones() {
         let tier = |tier: &str, multiplier| pb::TierMultiplier {
@@ -692,6 +727,8 @@ mod tests {
             "2023-06-01",
             "--default-max-tokens",
             "2048",
+            "--max-output-tokens",
+            "64000",
             "--model",
             "sonnet:claude-sonnet-4-5",
         ])
@@ -703,6 +740,7 @@ mod tests {
         assert_eq!(backend.api_format, pb::ApiFormat::Anthropic as i32);
         assert_eq!(backend.anthropic_version, "2023-06-01");
         assert_eq!(backend.models[0].default_max_tokens, 2048);
+        assert_eq!(backend.models[0].max_output_tokens, 64_000);
 
         let request = update_request(update_args(&["claude", "--api-format", "openai"])).unwrap();
         assert_eq!(

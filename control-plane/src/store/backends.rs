@@ -237,8 +237,9 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
                                      cache_write_price_per_mtok, tier_multipliers,
                                      long_context_above, long_context_input_multiplier,
                                      long_context_output_multiplier, call_prices,
-                                     audio_input_price_per_mtok, audio_output_price_per_mtok)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                                     audio_input_price_per_mtok, audio_output_price_per_mtok,
+                                     max_output_tokens)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )?;
     for (position, m) in models.iter().enumerate() {
         stmt.execute(params![
@@ -260,6 +261,7 @@ fn insert_models(tx: &Transaction<'_>, id: &str, models: &[ModelRoute]) -> Resul
             pairs_to_db(&m.call_prices),
             m.audio_input_price_per_mtok,
             m.audio_output_price_per_mtok,
+            m.max_output_tokens,
         ])?;
     }
     Ok(())
@@ -277,7 +279,7 @@ const ROUTE_COLUMNS: &str = "name, upstream_name, input_price_per_mtok, output_p
     cached_input_price_per_mtok, default_max_tokens, cache_write_price_per_mtok,
     tier_multipliers, long_context_above, long_context_input_multiplier,
     long_context_output_multiplier, call_prices, audio_input_price_per_mtok,
-    audio_output_price_per_mtok";
+    audio_output_price_per_mtok, max_output_tokens";
 
 /// A model route from [`ROUTE_COLUMNS`], the first of them at `first`.
 fn route_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<ModelRoute> {
@@ -294,6 +296,7 @@ fn route_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Model
         call_prices: pairs_from_db(r, first + 11)?,
         audio_input_price_per_mtok: r.get(first + 12)?,
         audio_output_price_per_mtok: r.get(first + 13)?,
+        max_output_tokens: r.get(first + 14)?,
     })
 }
 

@@ -1596,6 +1596,7 @@ mod tests {
                 weight: 1,
                 models: vec![crate::backend::ModelRoute {
                     default_max_tokens: Default::default(),
+                    max_output_tokens: Default::default(),
                     name: "m1".into(),
                     upstream_name: "m1".into(),
                     input_price_per_mtok: 0.1 + f64::from(i),

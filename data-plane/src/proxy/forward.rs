@@ -617,7 +617,7 @@ pub(super) async fn forward_call(
         let translated = match (backend.format, client, &call.send) {
             (ApiFormat::Anthropic, ApiFormat::OpenAi, Outbound::Body { parsed, .. }) => {
                 match messages_body(parsed, route, backend.sampling, stream) {
-                    Ok(body) => Some(body),
+                    Ok(body) => Some(capped(body, route.max_output_tokens)),
                     Err(e) => {
                         untranslatable.get_or_insert_with(|| Box::new(e));
                         continue;
@@ -626,7 +626,7 @@ pub(super) async fn forward_call(
             }
             (ApiFormat::OpenAi, ApiFormat::Anthropic, Outbound::Body { parsed, .. }) => {
                 match chat_body(parsed, route, backend.completion_limit) {
-                    Ok(body) => Some(body),
+                    Ok(body) => Some(capped(body, route.max_output_tokens)),
                     Err(e) => {
                         untranslatable.get_or_insert_with(|| Box::new(e));
                         continue;
@@ -2367,6 +2367,35 @@ fn after_options_refused(body: &Bytes) -> Option<(Bytes, bool)> {
     serde_json::to_vec(&object)
         .ok()
         .map(|body| (Bytes::from(body), alone))
+}
+
+/// A translated request's output limit lowered to its route's `max_output_tokens`, in the
+/// member the backend reads (`max_tokens`, `max_completion_tokens`): Claude Code asks 32,000
+/// or 64,000 tokens, which gpt-4o (16,384 at most) and smaller models refuse with the whole
+/// request. Parsed into values and written again only for a route with a cap, when the body
+/// asks more.
+fn capped(body: Bytes, cap: Option<u32>) -> Bytes {
+    let Some(cap) = cap.map(u64::from) else {
+        return body;
+    };
+    let Ok(mut object) =
+        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body)
+    else {
+        return body;
+    };
+    let mut lowered = false;
+    for member in ["max_tokens", "max_completion_tokens"] {
+        if let Some(limit) = object.get_mut(member)
+            && limit.as_u64().is_some_and(|asked| asked > cap)
+        {
+            *limit = cap.into();
+            lowered = true;
+        }
+    }
+    match lowered {
+        true => serde_json::to_vec(&object).map_or(body, Bytes::from),
+        false => body,
+    }
 }
 
 /// A request body without its top-level `stream_options`; `None` if it is not a JSON object

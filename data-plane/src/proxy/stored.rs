@@ -174,6 +174,7 @@ pub(super) async fn call(
         tiers: Tiers::default(),
         call_prices: CallPrices::default(),
         default_max_tokens: crate::snapshot::DEFAULT_MAX_TOKENS,
+        max_output_tokens: None,
     };
     let call = Call {
         endpoint: Endpoint::Responses,

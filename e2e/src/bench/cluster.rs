@@ -411,6 +411,7 @@ fn model_routes(models: &[&str]) -> Vec<pb::ModelRoute> {
             input_price_per_mtok: 1.0,
             output_price_per_mtok: 2.0,
             default_max_tokens: 0,
+            max_output_tokens: 0,
             ..Default::default()
         })
         .collect()

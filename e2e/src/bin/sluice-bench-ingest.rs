@@ -194,6 +194,7 @@ fn backend_proto(i: usize) -> pb::Backend {
             .iter()
             .map(|&(name, input, output)| pb::ModelRoute {
                 default_max_tokens: Default::default(),
+                max_output_tokens: Default::default(),
                 name: name.into(),
                 upstream_name: name.into(),
                 input_price_per_mtok: input,

@@ -372,6 +372,7 @@ impl ControlApi {
                 .iter()
                 .map(|(name, upstream)| pb::ModelRoute {
                     default_max_tokens: Default::default(),
+                    max_output_tokens: Default::default(),
                     name: (*name).into(),
                     upstream_name: (*upstream).into(),
                     input_price_per_mtok: 1.0,
