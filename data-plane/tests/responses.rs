@@ -671,10 +671,9 @@ async fn only_backends_serving_the_responses_api_get_it_and_a_model_without_one_
     assert_eq!(alpha.stats().requests.responses, 0);
 }
 
-/// An upstream that answers raw HTTP/1.1: a create with a stored response `resp_up1`, then
-/// its stream resumed after event 9 (`GET …?stream=true&starting_after=9`) with events 10
-/// and 11, after which the connection closes mid-stream.
-async fn upstream_resuming_after_nine() -> String {
+/// An upstream that answers raw HTTP/1.1, each request with `answer` of its head, then closes
+/// the connection (a stream ends without its last event).
+async fn raw_upstream(answer: fn(&str) -> String) -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -695,26 +694,7 @@ async fn upstream_resuming_after_nine() -> String {
                     }
                     head.extend_from_slice(&buf[..n]);
                 }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let answer = if head.starts_with("POST") {
-                    let body = r#"{"id":"resp_up1","object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":1,"output_tokens":1,"total_tokens":2}}"#;
-                    format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    )
-                } else {
-                    let event = |n: u64| {
-                        format!(
-                            "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"sequence_number\":{n},\"delta\":\"x\"}}\n\n"
-                        )
-                    };
-                    format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{}{}",
-                        event(10),
-                        event(11)
-                    )
-                };
-                // Then the connection closes: the stream ends without its last event.
+                let answer = answer(&String::from_utf8_lossy(&head));
                 let _ = tcp.write_all(answer.as_bytes()).await;
                 let _ = tcp.shutdown().await;
             });
@@ -723,49 +703,54 @@ async fn upstream_resuming_after_nine() -> String {
     format!("http://{addr}/v1")
 }
 
-/// An upstream that answers raw HTTP/1.1: a create with a stored response `resp_up1`, and
-/// its stream, streamed again (`GET …?stream=true`), replaying how it ended: `response.failed`
-/// with `server_error`.
-async fn upstream_replaying_a_failure() -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
-                return;
+/// A whole JSON answer of `body`.
+fn json_answer(body: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A stream of `events`, the connection closed after them.
+fn stream_answer(events: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{events}"
+    )
+}
+
+/// An upstream with a stored response `resp_up1` (its create), whose stream resumed after
+/// event 9 (`GET …?stream=true&starting_after=9`) sends events 10 and 11, after which the
+/// connection closes mid-stream.
+async fn upstream_resuming_after_nine() -> String {
+    raw_upstream(|head| match head.starts_with("POST") {
+        true => json_answer(
+            r#"{"id":"resp_up1","object":"response","status":"completed","model":"m","output":[],"usage":{"input_tokens":1,"output_tokens":1,"total_tokens":2}}"#,
+        ),
+        false => {
+            let event = |n: u64| {
+                format!(
+                    "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"sequence_number\":{n},\"delta\":\"x\"}}\n\n"
+                )
             };
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let Ok(n) = tcp.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    head.extend_from_slice(&buf[..n]);
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let answer = if head.starts_with("POST") {
-                    let body = r#"{"id":"resp_up1","object":"response","status":"queued","background":true,"model":"m","output":[],"usage":null}"#;
-                    format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    )
-                } else {
-                    let failed = r#"{"type":"response.failed","sequence_number":1,"response":{"id":"resp_up1","object":"response","status":"failed","model":"m","output":[],"error":{"code":"server_error","message":"The model failed."},"usage":null}}"#;
-                    format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nevent: response.failed\ndata: {failed}\n\n"
-                    )
-                };
-                let _ = tcp.write_all(answer.as_bytes()).await;
-                let _ = tcp.shutdown().await;
-            });
+            stream_answer(&(event(10) + &event(11)))
         }
-    });
-    format!("http://{addr}/v1")
+    })
+    .await
+}
+
+/// An upstream with a background response `resp_up1` (its create), whose stream, streamed
+/// again (`GET …?stream=true`), replays how it ended: `response.failed` with `server_error`.
+async fn upstream_replaying_a_failure() -> String {
+    raw_upstream(|head| match head.starts_with("POST") {
+        true => json_answer(
+            r#"{"id":"resp_up1","object":"response","status":"queued","background":true,"model":"m","output":[],"usage":null}"#,
+        ),
+        false => stream_answer(&format!(
+            "event: response.failed\ndata: {}\n\n",
+            r#"{"type":"response.failed","sequence_number":1,"response":{"id":"resp_up1","object":"response","status":"failed","model":"m","output":[],"error":{"code":"server_error","message":"The model failed."},"usage":null}}"#
+        )),
+    })
+    .await
 }
 
 /// A background response that failed, streamed again (or resumed, which openai-python does
