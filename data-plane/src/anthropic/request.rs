@@ -1016,6 +1016,12 @@ fn messages_turn(turn: &Value, i: usize, chat: &mut Vec<Value>) -> Result<(), Un
                     }
                 }
             }
+            // Nothing at all (`[]`, or thinking alone: Anthropic takes an empty last assistant
+            // turn) is left out: OpenAI refuses an assistant message with neither content nor
+            // calls.
+            if text.is_empty() && calls.is_empty() {
+                return Ok(());
+            }
             let mut message = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { Value::from(text) }});
             if !calls.is_empty() {
                 message["tool_calls"] = Value::Array(calls);
@@ -1842,6 +1848,26 @@ pub(crate) mod tests {
             assert_eq!(in_shape, parsed_whole, "{body}");
         }
         parsed_whole
+    }
+
+    /// An empty last assistant turn, which Anthropic takes, is left out for a chat backend:
+    /// OpenAI refuses an assistant message with neither content nor tool calls.
+    #[test]
+    fn an_empty_assistant_turn_is_left_out_for_a_chat_backend() {
+        for last in [
+            r#"{"role":"assistant","content":[]}"#,
+            r#"{"role":"assistant","content":[{"type":"thinking","thinking":"hm","signature":"s"}]}"#,
+        ] {
+            let body = format!(
+                r#"{{"model":"m","max_tokens":9,"messages":[{{"role":"user","content":"hi"}},{last}]}}"#
+            );
+            let chat = to_chat_agreed(&body);
+            assert_eq!(
+                chat["messages"],
+                json!([{"role": "user", "content": "hi"}]),
+                "{last}"
+            );
+        }
     }
 
     /// A chat client that names its conversation for OpenAI's cache (`prompt_cache_key`) or

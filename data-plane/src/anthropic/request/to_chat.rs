@@ -507,6 +507,12 @@ impl<'de> Deserialize<'de> for ChatTurns<'de> {
                             }
                             // Its texts run together; no text at all is a `null` content.
                             let empty = blocks.texts.iter().all(|text| text.is_empty());
+                            // Nothing at all (`[]`, or thinking alone: Anthropic takes an empty
+                            // last assistant turn) is left out: OpenAI refuses an assistant
+                            // message with neither content nor calls.
+                            if empty && blocks.calls.is_empty() {
+                                continue;
+                            }
                             turns.push(ChatTurn::Text {
                                 role,
                                 texts: (!empty).then_some(blocks.texts),
