@@ -132,7 +132,10 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
             // provider serves and bills the one it falls back to, which the key may not be
             // allowed and Sluice would price as the model named.
             other => {
-                if let Some(&name) = CHOOSE_MODELS.iter().find(|name| **name == other) {
+                // Given, not merely named: `null`, `false`, `[]` ask for nothing.
+                if let Some(&name) = CHOOSE_MODELS.iter().find(|name| **name == other)
+                    && !matches!(value.get().trim(), "null" | "false" | "[]" | "{}")
+                {
                     return Err(RequestError::ChoosesModel(name));
                 }
                 match in_another_case(other, READ_NAMES) {
@@ -208,13 +211,17 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
             if raw.get().starts_with('[') {
                 return Err(invalid);
             }
-            if raw.get().starts_with('{')
-                && let Ok(Fields(members)) = serde_json::from_str::<Fields<'_>>(raw.get())
-                && let Some(name) = members
+            if raw.get().starts_with('{') {
+                // Valid JSON (the whole body parsed): only past its most members can it fail,
+                // and then unchecked it would pass its members on unread.
+                let Fields(members) = serde_json::from_str::<Fields<'_>>(raw.get())
+                    .map_err(|_| RequestError::TooManyMembers)?;
+                if let Some(name) = members
                     .iter()
                     .find_map(|(key, _)| in_another_case(&key.0, &["include_usage"]))
-            {
-                return Err(RequestError::KeyInAnotherCase(name));
+                {
+                    return Err(RequestError::KeyInAnotherCase(name));
+                }
             }
             serde_json::from_str::<Option<StreamOptions>>(raw.get())
                 .map_err(|_| invalid)?
@@ -787,6 +794,10 @@ mod tests {
             assert_eq!(refused.code(), "unsupported_parameter");
         }
         assert!(parse(br#"{"model":"m","metadata":{"models":["x"]}}"#).is_ok());
+        for nothing in ["null", "false", "[]"] {
+            let body = format!(r#"{{"model":"m","fallbacks":{nothing}}}"#);
+            assert!(parse(body.as_bytes()).is_ok(), "{body}");
+        }
     }
 
     /// A key another spelling of one Sluice reads, as a server reading keys regardless of
@@ -819,6 +830,17 @@ mod tests {
                 "{body}"
             );
         }
+        // Past the most members an object may have, `stream_options` is not passed on unread.
+        let mut options = String::from(r#"{"include_usage":true"#);
+        for i in 0..MAX_MEMBERS {
+            options.push_str(&format!(r#","o{i}":0"#));
+        }
+        options.push_str(r#","Include_usage":false}"#);
+        let body = format!(r#"{{"model":"m","stream":true,"stream_options":{options}}}"#);
+        assert_eq!(
+            parse(body.as_bytes()).unwrap_err(),
+            RequestError::TooManyMembers
+        );
         for body in [
             r#"{"model":"m","modelo":["x"],"streams":1,"modal":"x","stream":true}"#,
             r#"{"model":"m","stream":true,"stream_options":{"include_usage":true,"include_obfuscation":false}}"#,

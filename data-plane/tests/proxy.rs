@@ -1170,6 +1170,8 @@ async fn an_answer_too_large_to_pass_on_is_charged_its_usage() {
     .await;
     let answer = h.chat(chat_body(false)).await;
     assert_eq!(answer.status(), 502);
+    // Billed: the SDKs are told not to send it again (each time billed anew).
+    assert_eq!(answer.headers()["x-should-retry"], "false");
     let record = &h.records(1).await[0];
     assert_eq!(record.status_code, 502, "{record:?}");
     assert_eq!(record.completion_tokens, WORDS as u64, "{record:?}");

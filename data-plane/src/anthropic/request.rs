@@ -177,8 +177,7 @@ pub fn chat_to_messages(
             "prompt_cache_key" | "prompt_cache_retention" if value.is_string() => {
                 out.insert("cache_control".into(), json!({"type": "ephemeral"}));
             }
-            // OpenAI's newer way to ask (`{mode, ttl}`), `prompt_cache_retention`'s successor.
-            "prompt_cache_options" if value.is_object() => {
+            "prompt_cache_options" if asks_for_the_cache(value) => {
                 out.insert("cache_control".into(), json!({"type": "ephemeral"}));
             }
             _ => {}
@@ -730,6 +729,14 @@ fn chat_tool_choice(choice: &Value) -> Result<Value, Untranslatable> {
             .ok_or_else(|| Untranslatable::new("tool_choice", "tool_choice must name a function.")),
         _ => Err(Untranslatable::new("tool_choice", "Unknown tool_choice.")),
     }
+}
+
+/// Whether OpenAI's `prompt_cache_options` (`{mode, ttl}`, `prompt_cache_retention`'s
+/// successor) asks for the prompt cache: an object whose `mode` is not `explicit` (caching
+/// only at the breakpoints a request marks, which Anthropic's automatic caching would not
+/// keep to; its writes cost a quarter more than the input).
+fn asks_for_the_cache(options: &Value) -> bool {
+    options.is_object() && options.get("mode").and_then(Value::as_str) != Some("explicit")
 }
 
 /// A Messages request → the chat completions request for `model`, its `max_tokens` named
@@ -1899,6 +1906,7 @@ pub(crate) mod tests {
             r#","prompt_cache_key":"c","prompt_cache_key":null"#,
             r#","prompt_cache_key":5"#,
             r#","prompt_cache_options":null"#,
+            r#","prompt_cache_options":{"mode":"explicit"}"#,
         ] {
             let request = to_messages_agreed(&body(not_asked));
             assert_eq!(request.get("cache_control"), None, "{not_asked}");

@@ -984,8 +984,10 @@ pub(super) async fn forward_call(
             Err(failure) => {
                 // An answer refused for memory was billed: its backend's token reservation
                 // stays, settled with the record (at its `usage`, or kept if none was read).
+                // (One cut for its size with its `usage` read is billed as any cut answer is:
+                // its 502 says not to send it again, its tokens are the usage's.)
                 match failure {
-                    Failure::MemoryFull(..) | Failure::Cut { usage: Some(_), .. } => {}
+                    Failure::MemoryFull(..) => {}
                     Failure::OutOfFiles => acct.attempt_unsent(),
                     // An answer that came and could not be used (a 200 stream that ended, or
                     // ran past 64 KiB, before its first event) was answered: the provider
@@ -1812,7 +1814,9 @@ async fn read_body(
     declared: Option<usize>,
     follow_usage: bool,
 ) -> Result<(Bytes, Option<AnswerPermit>), Failure> {
-    if declared.is_some_and(|n| n > max) {
+    if let Some(declared) = declared.filter(|&n| n > max) {
+        // Past what would be read for its `usage`, not read at all.
+        let follow_usage = follow_usage && declared <= max.saturating_mul(READ_FOR_USAGE_PAST_MAX);
         return Err(too_large(
             sleeps,
             upstream,
@@ -2375,27 +2379,40 @@ fn after_options_refused(body: &Bytes) -> Option<(Bytes, bool)> {
 /// request. Parsed into values and written again only for a route with a cap, when the body
 /// asks more.
 fn capped(body: Bytes, cap: Option<u32>) -> Bytes {
+    use bytes::BufMut as _;
     let Some(cap) = cap.map(u64::from) else {
         return body;
     };
-    let Ok(mut object) =
-        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body)
+    // The body's members in their order, values unparsed: only the limit is written anew, so
+    // that the schemas a request carries (whose order a strict structured output follows)
+    // keep theirs.
+    let Ok(crate::request::Fields(members)) =
+        serde_json::from_slice::<crate::request::Fields<'_>>(&body)
     else {
         return body;
     };
-    let mut lowered = false;
-    for member in ["max_tokens", "max_completion_tokens"] {
-        if let Some(limit) = object.get_mut(member)
-            && limit.as_u64().is_some_and(|asked| asked > cap)
-        {
-            *limit = cap.into();
-            lowered = true;
+    let over = |key: &str, value: &serde_json::value::RawValue| {
+        matches!(key, "max_tokens" | "max_completion_tokens")
+            && value.get().parse::<u64>().is_ok_and(|asked| asked > cap)
+    };
+    if !members.iter().any(|(key, value)| over(&key.0, value)) {
+        return body;
+    }
+    let mut out = bytes::BytesMut::with_capacity(body.len()).writer();
+    out.get_mut().put_u8(b'{');
+    for (i, (key, value)) in members.iter().enumerate() {
+        if i > 0 {
+            out.get_mut().put_u8(b',');
+        }
+        crate::request::write_json_string(&mut out, &key.0);
+        out.get_mut().put_u8(b':');
+        match over(&key.0, value) {
+            true => out.get_mut().put_slice(cap.to_string().as_bytes()),
+            false => out.get_mut().put_slice(value.get().as_bytes()),
         }
     }
-    match lowered {
-        true => serde_json::to_vec(&object).map_or(body, Bytes::from),
-        false => body,
-    }
+    out.get_mut().put_u8(b'}');
+    out.into_inner().freeze()
 }
 
 /// A request body without its top-level `stream_options`; `None` if it is not a JSON object
@@ -2638,6 +2655,21 @@ mod tests {
         let own = r#"{"error":{"message":"Unknown parameter: 'stream_options.include_obfuscation'.","type":"invalid_request_error","param":"stream_options.include_obfuscation","code":"unknown_parameter"}}"#;
         for body in [echoed, own] {
             assert!(!refused_stream_options(&answer(400, body)), "{body}");
+        }
+    }
+
+    /// A translated request's limit is lowered to its route's cap, the rest of its text kept
+    /// as it was (a schema's member order, which a strict structured output follows).
+    #[test]
+    fn a_capped_request_keeps_its_text_but_its_limit() {
+        let body = r#"{"model":"m","response_format":{"type":"json_schema","json_schema":{"schema":{"properties":{"zeta":{"type":"string"},"alpha":{"type":"string"}}}}},"max_completion_tokens":64000}"#;
+        let capped_body = capped(Bytes::from(body), Some(16_384));
+        assert_eq!(
+            std::str::from_utf8(&capped_body).unwrap(),
+            body.replace("64000", "16384")
+        );
+        for (cap, text) in [(None, body), (Some(64_000), body)] {
+            assert_eq!(capped(Bytes::from(text), cap), Bytes::from(text));
         }
     }
 

@@ -64,7 +64,7 @@ pub fn chat_to_messages_in_shape<'a>(
             }
             "prompt_cache_options" => {
                 from_text::<Checked>(text)?;
-                cache[2] = text.starts_with('{');
+                cache[2] = super::asks_for_the_cache(&serde_json::from_str(text).ok()?);
             }
             "messages" => turns = Some(from_text::<Turns<'a>>(text)?),
             "stop" => {
