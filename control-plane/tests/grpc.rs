@@ -1914,50 +1914,20 @@ async fn text_pasted_into_an_id_an_etag_or_a_field_is_refused_and_quoted_short()
     short(&status);
 }
 
-/// A replica's refusal of a snapshot is logged on each ack, stored and listed to admins: a
-/// megabyte of it is kept to its first 4,096 characters.
-#[tokio::test]
-async fn a_replicas_refusal_is_kept_to_its_first_lines() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+/// The one replica's `last_error` as listed, once it said `error_detail` on its hello.
+async fn listed_refusal(cp: &TestControlPlane, error_detail: String) -> String {
     let (tx, mut stream) = open_snapshot_stream(
-        &cp,
+        cp,
         pb::StreamSnapshotsRequest {
             node_id: "dp-1".into(),
             incarnation: "inc-a".into(),
-            error_detail: "é".repeat(1 << 19),
+            error_detail,
             ..Default::default()
         },
     )
     .await;
     next(&mut stream).await;
-    let planes = admin(&cp)
-        .await
-        .list_data_planes(pb::ListDataPlanesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .data_planes;
-    assert_eq!(planes[0].last_error, format!("{}…", "é".repeat(4096)));
-    drop(tx);
-}
-
-#[tokio::test]
-async fn a_refusal_said_on_a_hello_is_listed_as_the_replicas_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = TestControlPlane::start(dir.path()).await.unwrap();
-    let (tx, mut stream) = open_snapshot_stream(
-        &cp,
-        pb::StreamSnapshotsRequest {
-            node_id: "dp-1".into(),
-            incarnation: "inc-a".into(),
-            error_detail: "snapshot larger than this replica accepts (64 MiB)".into(),
-            ..Default::default()
-        },
-    )
-    .await;
-    next(&mut stream).await;
-    let planes = admin(&cp)
+    let mut planes = admin(cp)
         .await
         .list_data_planes(pb::ListDataPlanesRequest {})
         .await
@@ -1965,14 +1935,33 @@ async fn a_refusal_said_on_a_hello_is_listed_as_the_replicas_error() {
         .into_inner()
         .data_planes;
     assert_eq!(planes.len(), 1);
-    assert!(
-        planes[0]
-            .last_error
-            .contains("larger than this replica accepts"),
-        "{:?}",
-        planes[0].last_error
-    );
     drop(tx);
+    planes.remove(0).last_error
+}
+
+/// A replica's refusal of a snapshot is logged on each ack, stored and listed to admins: a
+/// megabyte of it is kept to its first 4,096 characters.
+#[tokio::test]
+async fn a_replicas_refusal_is_kept_to_its_first_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let listed = listed_refusal(&cp, "é".repeat(1 << 19)).await;
+    assert_eq!(listed, format!("{}…", "é".repeat(4096)));
+}
+
+#[tokio::test]
+async fn a_refusal_said_on_a_hello_is_listed_as_the_replicas_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let listed = listed_refusal(
+        &cp,
+        "snapshot larger than this replica accepts (64 MiB)".into(),
+    )
+    .await;
+    assert!(
+        listed.contains("larger than this replica accepts"),
+        "{listed:?}"
+    );
 }
 
 /// Two live processes given one node id count as one replica, so each takes the share of
