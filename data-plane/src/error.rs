@@ -140,7 +140,7 @@ pub enum ProxyError {
     )]
     InvalidResponseId { param: &'static str, id: String },
     #[error(
-        "The response '{id}' is held by a backend that is disabled or was deleted; its state cannot be reached until that backend is enabled again."
+        "The response '{id}' is held by a backend that is disabled, was deleted or no longer serves the Responses API; its state cannot be reached until that backend serves it again."
     )]
     ResponseBackendGone { id: String },
     #[error(

@@ -425,9 +425,34 @@ async fn altered_ids_other_keys_and_unreachable_backends_are_refused_clearly() {
     assert_eq!(response.status(), 200);
     assert_eq!(beta.stats().requests.total(), 1);
 
+    // Its backend set to serve the Responses API no more: a continuation is told so, not
+    // that the backend does not serve the model (it does; another model would not help).
+    let mut off = two.clone();
+    off.version = 4;
+    off.backends[0].cooldown_remaining = None;
+    off.backends[0].responses_api = Some(false);
+    h.publish(off).await;
+    let (code, body) = error_code(
+        create(
+            &h,
+            json!({"model": MODEL, "input": "x", "previous_response_id": id}),
+        )
+        .await,
+        404,
+    )
+    .await;
+    assert_eq!(code, "response_backend_unavailable", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no longer serves the Responses API"),
+        "{body}"
+    );
+
     // Its backend disabled or deleted (not in the snapshot): 404 that says so.
     let mut gone = two;
-    gone.version = 4;
+    gone.version = 5;
     gone.backends.remove(0);
     h.publish(gone).await;
     let (code, body) = error_code(retrieve(&h, &id).await, 404).await;
@@ -436,7 +461,7 @@ async fn altered_ids_other_keys_and_unreachable_backends_are_refused_clearly() {
         body["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("disabled or was deleted")
+            .contains("disabled, was deleted")
     );
     assert_eq!(beta.stats().requests.total(), 1);
 }

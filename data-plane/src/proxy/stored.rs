@@ -67,7 +67,7 @@ pub(super) async fn create(
         )
         .await;
     }
-    let routes = serving.as_slice();
+    let (all_routes, routes) = (routes, serving.as_slice());
     let mut ids = IdRewrite {
         keys: Arc::clone(&snapshot.affinity),
         client_key_id: key.id.clone(),
@@ -84,14 +84,19 @@ pub(super) async fn create(
                 Err(e) => return forward::error(acct, e).await,
             };
             let Some(route) = routes.iter().find(|r| r.backend == index) else {
-                return forward::error(
-                    acct,
-                    ProxyError::ResponseBackendLacksModel {
+                // A backend that serves the model but the Responses API no more holds the
+                // response out of reach, as a disabled one does; one that does not serve the
+                // model may serve the one the client names next.
+                let error = match all_routes.iter().any(|r| r.backend == index) {
+                    true => ProxyError::ResponseBackendGone {
+                        id: quoted(previous),
+                    },
+                    false => ProxyError::ResponseBackendLacksModel {
                         id: quoted(previous),
                         model: parsed.model.to_string(),
                     },
-                )
-                .await;
+                };
+                return forward::error(acct, error).await;
             };
             // The model's cooldown at the backend, as its own (`pin`): routed, the only
             // candidate cooling was answered 429 "every backend is busy", and the client was
