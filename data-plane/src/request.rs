@@ -127,10 +127,10 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedRequest<'_>, RequestError> {
                 cache_key = Some(*value);
                 continue;
             }
-            // OpenRouter's fallback models (chat's `models`, its Messages' `fallbacks`) and
-            // LiteLLM's (`fallbacks`, and the member that makes it take them at will): the
-            // provider serves and bills the one it falls back to, which the key may not be
-            // allowed and Sluice would price as the model named.
+            // OpenRouter's fallback models (chat's `models`, its Messages' `fallbacks`),
+            // Anthropic's (`fallbacks`, a beta) and LiteLLM's (`fallbacks`, and the member that
+            // makes it take them at will): the provider serves and bills the one it falls back
+            // to, which the key may not be allowed and Sluice would price as the model named.
             other => {
                 // Given, not merely named: `null`, `false`, `[]` ask for nothing.
                 if let Some(&name) = CHOOSE_MODELS.iter().find(|name| **name == other)
