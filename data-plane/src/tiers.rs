@@ -76,6 +76,11 @@ impl Tiers {
         self.mask_of(usage.names())
     }
 
+    /// The tier of this route named `name`, if it prices one.
+    pub fn named(&self, name: &str) -> Reported {
+        self.mask_of(std::iter::once(name))
+    }
+
     fn mask_of<'a>(&self, names: impl Iterator<Item = &'a str>) -> Reported {
         let Some(tiers) = &self.0 else {
             return 0;

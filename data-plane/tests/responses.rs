@@ -466,6 +466,43 @@ async fn altered_ids_other_keys_and_unreachable_backends_are_refused_clearly() {
     assert_eq!(beta.stats().requests.total(), 1);
 }
 
+/// A compaction's answer names no service tier; OpenAI bills it at the one the request asked
+/// for (priority at twice the price): it is charged so. Charged the standard price, a
+/// priority compaction cost half what the provider billed.
+#[tokio::test]
+async fn a_compaction_is_charged_at_the_tier_it_asked_for() {
+    let alpha = mock("alpha");
+    let mut snap = snapshot(
+        1,
+        vec![backend("alpha", &alpha.base_url(), proto::Pool::Primary, 0)],
+    );
+    let route = &mut snap.backends[0].models[0];
+    route.input_price_per_mtok = 1.0;
+    route.output_price_per_mtok = 4.0;
+    route.tier_multipliers = vec![proto::TierMultiplier {
+        tier: "priority".into(),
+        multiplier: 2.0,
+    }];
+    let h = Harness::start(snap).await;
+    let input = json!([{"role": "user", "content": "hello there, a long conversation"}]);
+    for tier in [None, Some("priority")] {
+        let mut body = json!({"model": MODEL, "input": input});
+        if let Some(tier) = tier {
+            body["service_tier"] = json!(tier);
+        }
+        let answer = h.post("/v1/responses/compact", KEY, &body).await;
+        assert_eq!(answer.status(), 200, "{tier:?}");
+    }
+    let records = h.records(2).await;
+    let (standard, priority) = (&records[0], &records[1]);
+    assert!(standard.cost_nanos > 0, "{standard:?}");
+    assert_eq!(
+        (priority.prompt_tokens, priority.completion_tokens),
+        (standard.prompt_tokens, standard.completion_tokens)
+    );
+    assert_eq!(priority.cost_nanos, 2 * standard.cost_nanos, "{priority:?}");
+}
+
 /// A compaction or a count of input tokens that meets a backend serving `POST /v1/responses`
 /// without them (its 404) is asked of another backend of the model, as a token count or an
 /// embedding is; before, the 404 was the client's, whichever backend the weights drew.

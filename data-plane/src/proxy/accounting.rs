@@ -72,6 +72,9 @@ struct Ledger {
     /// That route's price tiers, and which of them its answer reported.
     tiers: Tiers,
     tiers_reported: Reported,
+    /// The tier the request asked for (`service_tier`), taken as the answer's when its answer
+    /// names none: a compaction's (`response.compaction` carries no `service_tier`).
+    asked_tier: Option<Box<str>>,
     /// That route's priced tools, how many calls of each its answer reported, and how many
     /// its stream's events showed (what a stream left before its last usage had made).
     call_prices: CallPrices,
@@ -167,6 +170,7 @@ impl Accounting {
             prices: Prices::default(),
             tiers: Tiers::default(),
             tiers_reported: 0,
+            asked_tier: None,
             call_prices: CallPrices::default(),
             calls: Counted::default(),
             calls_seen: Counted::default(),
@@ -341,7 +345,10 @@ impl Accounting {
         self.0.record.attempts += 1;
         self.0.prices = route.prices;
         self.0.tiers.clone_from(&route.tiers);
-        self.0.tiers_reported = 0;
+        self.0.tiers_reported = match &self.0.asked_tier {
+            Some(tier) => self.0.tiers.named(tier),
+            None => 0,
+        };
         self.0.call_prices.clone_from(&route.call_prices);
         self.0.calls = Counted::default();
         self.0.calls_seen = Counted::default();
@@ -426,6 +433,12 @@ impl Accounting {
     /// Reads what `text`, the answer (or the stream event) whose usage was counted, says
     /// changes its price, when the route attempted prices it: the price tier it was served
     /// at ([`crate::tiers`]) and the calls of tools billed by the call ([`crate::calls`]).
+    /// The request asked for the tier `tier`, which its answer will not name (a compaction's):
+    /// it is priced at that tier.
+    pub fn asked_tier(&mut self, tier: &str) {
+        self.0.asked_tier = Some(tier.into());
+    }
+
     pub fn priced_in(&mut self, text: &[u8]) {
         if self.0.tiers.any() {
             self.0.tiers_reported |= self.0.tiers.reported_in(text);

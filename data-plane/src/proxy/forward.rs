@@ -567,6 +567,17 @@ pub(super) async fn forward_call(
 ) -> Response {
     let policy = snapshot.policy;
     let stream = call.stream;
+    // A compaction's answer names no tier: it is billed at the one the request asked for
+    // (OpenAI's priority at twice the price, flex at half).
+    if call.endpoint == Endpoint::ResponsesCompact
+        && let Outbound::Body { parsed, .. } = &call.send
+        && let Some(tier) = parsed
+            .members()
+            .find(|(key, _)| *key == "service_tier")
+            .and_then(|(_, value)| serde_json::from_str::<String>(value.get()).ok())
+    {
+        acct.asked_tier(&tier);
+    }
     let deadline = acct.started() + policy.request_timeout;
     // The first byte (a whole answer: all of it) is waited for no longer than the client
     // waits, so that it reads why Sluice gave up rather than time out and send the request
