@@ -67,8 +67,8 @@ pub fn apply_mask(
                 return Err(ValidationError::new(
                     "update_mask",
                     format!(
-                        "unknown field {}; known: {}",
-                        crate::validation::quoted(other),
+                        "unknown field {:?}; known: {}",
+                        sluice_domain::text::quoted(other),
                         FIELDS.join(", ")
                     ),
                 ));

@@ -41,7 +41,10 @@ pub use usage::{
 /// Everything that can go wrong in the store (mapped to a gRPC status once, in `api::status`).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{kind} {} not found", crate::validation::quoted(id))]
+    // What an error quotes from a request is cut (`quoted`): a status quoting a pasted file
+    // whole passed the 16 KiB of headers a gRPC client accepts (tonic sends it as a header),
+    // and the client reported a transport error instead of the refusal.
+    #[error("{kind} {:?} not found", sluice_domain::text::quoted(id))]
     NotFound { kind: &'static str, id: String },
     #[error("{0}")]
     AlreadyExists(String),

@@ -2,6 +2,7 @@
 //! both gRPC clients and the dashboard can show it beside the field, and the rules
 //! every name obeys.
 
+use sluice_domain::text::quoted;
 use sluice_proto::limits::MAX_MODEL_NAME_BYTES;
 
 /// Input that breaks a rule. Maps to `INVALID_ARGUMENT` with the message
@@ -46,25 +47,11 @@ pub fn not_updatable(path: &str, updatable: &[&str]) -> ValidationError {
     ValidationError::new(
         "update_mask",
         format!(
-            "unknown or read-only field {}; updatable: {}",
+            "unknown or read-only field {:?}; updatable: {}",
             quoted(path),
             updatable.join(", ")
         ),
     )
-}
-
-/// The most characters of a request's text an error quotes.
-const QUOTED_CHARS: usize = 64;
-
-/// `text` from a request, quoted for an error message, cut at [`QUOTED_CHARS`] characters
-/// (a `…` after the quote says so): an answer quoting a whole pasted file could pass the
-/// 16 KiB of headers a gRPC client accepts (tonic sends the message as a header), and the
-/// client would then report a transport error instead of the refusal.
-pub fn quoted(text: &str) -> String {
-    match text.char_indices().nth(QUOTED_CHARS) {
-        Some((cut, _)) => format!("{:?}…", &text[..cut]),
-        None => format!("{text:?}"),
-    }
 }
 
 pub fn check_name(field: &str, name: &str) -> Result<(), ValidationError> {

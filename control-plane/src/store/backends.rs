@@ -99,10 +99,10 @@ impl Store {
                 && current.etag() != expected
             {
                 return Err(StoreError::Changed(format!(
-                    "backend {:?} changed since it was read (its etag is no longer {}): \
+                    "backend {:?} changed since it was read (its etag is no longer {:?}): \
                      read it again and make the change on what it is now",
                     current.spec.name,
-                    crate::validation::quoted(&expected)
+                    sluice_domain::text::quoted(&expected)
                 )));
             }
             let mut spec = current.spec.clone();

@@ -567,17 +567,6 @@ pub(super) async fn forward_call(
 ) -> Response {
     let policy = snapshot.policy;
     let stream = call.stream;
-    // A compaction's answer names no tier: it is billed at the one the request asked for
-    // (OpenAI's priority at twice the price, flex at half).
-    if call.endpoint == Endpoint::ResponsesCompact
-        && let Outbound::Body { parsed, .. } = &call.send
-        && let Some(tier) = parsed
-            .members()
-            .find(|(key, _)| *key == "service_tier")
-            .and_then(|(_, value)| serde_json::from_str::<String>(value.get()).ok())
-    {
-        acct.asked_tier(&tier);
-    }
     let deadline = acct.started() + policy.request_timeout;
     // The first byte (a whole answer: all of it) is waited for no longer than the client
     // waits, so that it reads why Sluice gave up rather than time out and send the request
@@ -2370,71 +2359,79 @@ fn starts_an_event(bytes: &[u8]) -> bool {
 /// Those are left out first.
 fn after_options_refused(body: &Bytes) -> Option<(Bytes, bool)> {
     memchr::memmem::find(body, b"\"stream_options\"")?;
-    let mut object: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(body).ok()?;
     let ours = serde_json::json!({"include_usage": true});
-    let options = object.get_mut("stream_options")?;
-    let alone = *options == ours;
-    match alone {
-        true => drop(object.remove("stream_options")),
-        false => *options = ours,
-    }
-    serde_json::to_vec(&object)
-        .ok()
-        .map(|body| (Bytes::from(body), alone))
+    let mut alone = false;
+    let body = with_members_changed(body, |key, value| {
+        (key == "stream_options").then(|| {
+            alone =
+                serde_json::from_str::<serde_json::Value>(value.get()).ok() == Some(ours.clone());
+            (!alone).then(|| ours.to_string().into_bytes())
+        })
+    })?;
+    Some((body, alone))
 }
 
 /// A translated request's output limit lowered to its route's `max_output_tokens`, in the
 /// member the backend reads (`max_tokens`, `max_completion_tokens`): Claude Code asks 32,000
 /// or 64,000 tokens, which gpt-4o (16,384 at most) and smaller models refuse with the whole
-/// request. Parsed into values and written again only for a route with a cap, when the body
-/// asks more.
+/// request. Written again only for a route with a cap, when the body asks more.
 fn capped(body: Bytes, cap: Option<u32>) -> Bytes {
-    use bytes::BufMut as _;
     let Some(cap) = cap.map(u64::from) else {
         return body;
     };
-    // The body's members in their order, values unparsed: only the limit is written anew, so
-    // that the schemas a request carries (whose order a strict structured output follows)
-    // keep theirs.
-    let Ok(crate::request::Fields(members)) =
-        serde_json::from_slice::<crate::request::Fields<'_>>(&body)
-    else {
-        return body;
-    };
-    let over = |key: &str, value: &serde_json::value::RawValue| {
-        matches!(key, "max_tokens" | "max_completion_tokens")
-            && value.get().parse::<u64>().is_ok_and(|asked| asked > cap)
-    };
-    if !members.iter().any(|(key, value)| over(&key.0, value)) {
-        return body;
-    }
-    let mut out = bytes::BytesMut::with_capacity(body.len()).writer();
-    out.get_mut().put_u8(b'{');
-    for (i, (key, value)) in members.iter().enumerate() {
-        if i > 0 {
-            out.get_mut().put_u8(b',');
-        }
-        crate::request::write_json_string(&mut out, &key.0);
-        out.get_mut().put_u8(b':');
-        match over(&key.0, value) {
-            true => out.get_mut().put_slice(cap.to_string().as_bytes()),
-            false => out.get_mut().put_slice(value.get().as_bytes()),
-        }
-    }
-    out.get_mut().put_u8(b'}');
-    out.into_inner().freeze()
+    with_members_changed(&body, |key, value| {
+        (matches!(key, "max_tokens" | "max_completion_tokens")
+            && value.get().parse::<u64>().is_ok_and(|asked| asked > cap))
+        .then(|| Some(cap.to_string().into_bytes()))
+    })
+    .unwrap_or(body)
 }
 
 /// A request body without its top-level `stream_options`; `None` if it is not a JSON object
-/// or has none. Only for backends that refuse the member: parsed into values and written
-/// again.
+/// or has none. Only for backends that refuse the member.
 fn without_stream_options(body: &Bytes) -> Option<Bytes> {
     memchr::memmem::find(body, b"\"stream_options\"")?;
-    let mut object: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(body).ok()?;
-    object.remove("stream_options")?;
-    serde_json::to_vec(&object).ok().map(Bytes::from)
+    with_members_changed(body, |key, _| (key == "stream_options").then_some(None))
+}
+
+/// `body`, a JSON object, with the top-level members `change` names changed and the rest of
+/// its text as it came (the schemas a request carries keep their members' order, which a
+/// strict structured output follows): `change` answers `Some(Some(text))` for a member whose
+/// value is to be `text`, `Some(None)` for one to leave out, `None` for one kept. `None` when
+/// nothing changes or `body` is not a JSON object.
+fn with_members_changed(
+    body: &[u8],
+    mut change: impl FnMut(&str, &serde_json::value::RawValue) -> Option<Option<Vec<u8>>>,
+) -> Option<Bytes> {
+    use bytes::BufMut as _;
+    let crate::request::Fields(members) =
+        serde_json::from_slice::<crate::request::Fields<'_>>(body).ok()?;
+    let changes: Vec<_> = members
+        .iter()
+        .map(|(key, value)| change(&key.0, value))
+        .collect();
+    if changes.iter().all(Option::is_none) {
+        return None;
+    }
+    let mut out = bytes::BytesMut::with_capacity(body.len()).writer();
+    out.get_mut().put_u8(b'{');
+    let mut first = true;
+    for ((key, value), changed) in members.iter().zip(changes) {
+        let text = match &changed {
+            Some(None) => continue,
+            Some(Some(text)) => text.as_slice(),
+            None => value.get().as_bytes(),
+        };
+        if !first {
+            out.get_mut().put_u8(b',');
+        }
+        first = false;
+        crate::request::write_json_string(&mut out, &key.0);
+        out.get_mut().put_u8(b':');
+        out.get_mut().put_slice(text);
+    }
+    out.get_mut().put_u8(b'}');
+    Some(out.into_inner().freeze())
 }
 
 /// The chat request as a Messages request for an Anthropic backend: written from its members

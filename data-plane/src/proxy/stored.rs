@@ -44,8 +44,18 @@ pub(super) async fn create(
     routes: &[Route],
     parsed: &ParsedRequest<'_>,
     passed: &Passthrough,
-    acct: Accounting,
+    mut acct: Accounting,
 ) -> Response {
+    // A compaction's answer names no tier: it is billed at the one the request asked for
+    // (OpenAI's priority at twice the price, flex at half).
+    if endpoint == Endpoint::ResponsesCompact
+        && let Some(tier) = parsed
+            .members()
+            .find(|(key, _)| *key == "service_tier")
+            .and_then(|(_, value)| serde_json::from_str::<String>(value.get()).ok())
+    {
+        acct.asked_tier(&tier);
+    }
     if snapshot.affinity.is_empty() {
         return forward::error(acct, ProxyError::NoAffinityKey).await;
     }
