@@ -1477,7 +1477,8 @@ async fn an_anthropic_backend_is_added_and_edited_in_the_dashboard_and_served() 
         )
         .await;
 
-    // Added as an Anthropic backend, with its version and a model's default max_tokens.
+    // Added as an Anthropic backend, with its version, a model's default max_tokens and its
+    // output cap.
     browser.click("#backend-add").await;
     browser.type_into("#bf-name", "claude").await;
     browser.type_into("#bf-base-url", &claude.base_url()).await;
@@ -1498,6 +1499,9 @@ async fn an_anthropic_backend_is_added_and_edited_in_the_dashboard_and_served() 
         .type_into("#bf-models .model-row input[name=default_max_tokens]", "-3")
         .await;
     browser
+        .type_into("#bf-models .model-row input[name=max_output_tokens]", "1.5")
+        .await;
+    browser
         .type_into("#bf-api-key", claude.api_key.as_deref().unwrap())
         .await;
     // A bad number is shown beside its field, and nothing is saved.
@@ -1508,11 +1512,23 @@ async fn an_anthropic_backend_is_added_and_edited_in_the_dashboard_and_served() 
             "the max_tokens error",
         )
         .await;
+    assert_eq!(
+        browser
+            .text("#bf-models [data-field=max_output_tokens] .field-error")
+            .await,
+        "must be a whole number ≥ 0"
+    );
     assert!(backend_names(&api).await.is_empty());
     browser
         .type_into(
             "#bf-models .model-row input[name=default_max_tokens]",
             "2048",
+        )
+        .await;
+    browser
+        .type_into(
+            "#bf-models .model-row input[name=max_output_tokens]",
+            "1500",
         )
         .await;
     browser.click("#bf-save").await;
@@ -1527,26 +1543,25 @@ async fn an_anthropic_backend_is_added_and_edited_in_the_dashboard_and_served() 
     assert_eq!(stored.api_format, pb::ApiFormat::Anthropic as i32);
     assert_eq!(stored.anthropic_version, "2023-06-01");
     assert_eq!(stored.models[0].default_max_tokens, 2048);
+    assert_eq!(stored.models[0].max_output_tokens, 1500);
     assert_eq!(stored.responses_api, None, "left to its API's default");
     let row = format!("#backends-table tr[data-backend-id='{}']", stored.id);
     let api_cell = browser.text(&format!("{row} td.api")).await;
     assert!(api_cell.starts_with("Anthropic"), "{api_cell}");
     assert!(api_cell.contains("2023-06-01"), "{api_cell}");
-    assert!(
-        browser.text(&row).await.contains("max_tokens 2,048"),
-        "{}",
-        browser.text(&row).await
-    );
+    let listed = browser.text(&row).await;
+    assert!(listed.contains("max_tokens 2,048"), "{listed}");
+    assert!(listed.contains("max output 1,500"), "{listed}");
 
-    // Served as configured: a chat client without max_tokens gets the route's default, a
-    // Messages client's own version wins over the backend's.
+    // Served as configured: a chat client without max_tokens gets the route's default,
+    // lowered to its output cap; a Messages client's own version wins over the backend's.
     eventually(Duration::from_secs(10), "the backend served", || async {
         gateway.chat(&secret, "claude").await.status() == 200
     })
     .await;
     let upstream = claude.last_messages().await.unwrap();
     let sent: serde_json::Value = serde_json::from_str(&upstream.body).unwrap();
-    assert_eq!(sent["max_tokens"], 2048, "{sent}");
+    assert_eq!(sent["max_tokens"], 1500, "{sent}");
     assert_eq!(upstream.header("anthropic-version"), Some("2023-06-01"));
 
     // Edited: the form shows what is stored; the Responses API is switched off explicitly
@@ -1572,6 +1587,12 @@ async fn an_anthropic_backend_is_added_and_edited_in_the_dashboard_and_served() 
             .await,
         json!("2048")
     );
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#bf-models input[name=max_output_tokens]').value")
+            .await,
+        json!("1500")
+    );
     set_value(&browser, "#bf-responses-api", "false").await;
     set_value(&browser, "#bf-anthropic-version", "").await;
     // Meanwhile another admin disables the backend (an incident): the form still shows it
@@ -1590,6 +1611,7 @@ async fn an_anthropic_backend_is_added_and_edited_in_the_dashboard_and_served() 
     assert_eq!(stored.anthropic_version, "");
     assert_eq!(stored.api_format, pb::ApiFormat::Anthropic as i32);
     assert_eq!(stored.models[0].default_max_tokens, 2048);
+    assert_eq!(stored.models[0].max_output_tokens, 1500);
     assert!(!stored.enabled, "the other admin's change stands");
     browser
         .screenshot(&artifacts().join("dashboard-backends-anthropic.png"))

@@ -728,7 +728,8 @@
         h('td', { class: 'num' }, fmtInt(b.weight || 1)),
         h('td', null, models.map((mr) => h('span', { class: 'sub-line mono' },
           mr.upstreamName && mr.upstreamName !== mr.name ? `${mr.name} → ${mr.upstreamName}` : mr.name,
-          num(mr.defaultMaxTokens) ? ` (max_tokens ${fmtInt(mr.defaultMaxTokens)})` : ''))),
+          num(mr.defaultMaxTokens) ? ` (max_tokens ${fmtInt(mr.defaultMaxTokens)})` : '',
+          num(mr.maxOutputTokens) ? ` (max output ${fmtInt(mr.maxOutputTokens)})` : ''))),
         h('td', { class: 'num' }, num(b.rpmLimit) ? fmtCount(b.rpmLimit, '/min') : 'none',
           num(b.tpmLimit) ? h('span', { class: 'sub-line' }, fmtCount(b.tpmLimit, 'tok/min')) : null),
         h('td', { class: 'mono' }, b.apiKeyHint ? `••••${b.apiKeyHint}` : 'none'),
@@ -784,6 +785,7 @@
       cell('cache_write_price_per_mtok', { name: 'cache_write_price', 'aria-label': 'Price per million prompt tokens written to the cache (empty: the input price)', type: 'number', min: '0', step: 'any', placeholder: 'input price' }),
       cell('output_price_per_mtok', { name: 'output_price', 'aria-label': 'Output price per million tokens', type: 'number', min: '0', step: 'any' }),
       cell('default_max_tokens', { name: 'default_max_tokens', 'aria-label': 'Default max_tokens for an Anthropic backend', type: 'number', min: '0', step: '1' }),
+      cell('max_output_tokens', { name: 'max_output_tokens', 'aria-label': 'The most output tokens a request translated to or from Anthropic\u2019s format asks for (0: as the client asks)', type: 'number', min: '0', step: '1' }),
       cell('long_context', { name: 'long_context', 'aria-label': 'Long-context band: past ABOVE prompt tokens, the input prices times IN and the output price times OUT, as ABOVE:IN:OUT (empty: none)', placeholder: '272000:2:1.5', spellcheck: 'false' }),
       cell('tier_multipliers', { name: 'tiers', 'aria-label': 'Price tiers: what the prices are multiplied by at each tier the answer reports, as TIER=MULTIPLIER, comma-separated', placeholder: 'priority=2, flex=0.5', spellcheck: 'false' }),
       cell('call_prices', { name: 'call_prices', 'aria-label': 'Call prices: what 1,000 calls of each tool the provider runs cost, as TOOL=PRICE, comma-separated (the tool request: a fee for each request answered)', placeholder: 'web_search=10', spellcheck: 'false' }),
@@ -802,6 +804,7 @@
     input('cache_write_price').value = model && typeof model.cacheWritePricePerMtok === 'number' ? String(model.cacheWritePricePerMtok) : '';
     input('output_price').value = String(num(model && model.outputPricePerMtok));
     input('default_max_tokens').value = String(num(model && model.defaultMaxTokens));
+    input('max_output_tokens').value = String(num(model && model.maxOutputTokens));
     input('tiers').value = tiersOf(model).map((t) => `${t.tier}=${t.multiplier}`).join(', ');
     input('call_prices').value = callPricesOf(model).map((c) => `${c.tool}=${c.pricePerThousandCalls}`).join(', ');
     const band = longOf(model);
@@ -903,6 +906,7 @@
         cacheWritePricePerMtok: typeof m.cacheWritePricePerMtok === 'number' ? m.cacheWritePricePerMtok : undefined,
         outputPricePerMtok: num(m.outputPricePerMtok),
         defaultMaxTokens: num(m.defaultMaxTokens),
+        maxOutputTokens: num(m.maxOutputTokens),
         tierMultipliers: tiersOf(m),
         callPrices: callPricesOf(m),
         longContext: longOf(m),
@@ -1047,13 +1051,19 @@
       // Empty: prompt tokens written to the cache cost the input price.
       const writePrice = price('cache_write_price', 'cache_write_price_per_mtok', undefined);
       const outputPrice = price('output_price', 'output_price_per_mtok', 0);
-      const maxTokens = input('default_max_tokens');
-      const maxTokensText = maxTokens.value.trim();
-      const defaultMaxTokens = unreadable(maxTokens) ? NaN : maxTokensText === '' ? 0 : Number(maxTokensText);
-      if (!Number.isInteger(defaultMaxTokens) || defaultMaxTokens < 0) {
-        showFieldError(form, 'default_max_tokens', 'must be a whole number ≥ 0', i);
-        bad = true;
-      }
+      // A count of tokens: empty is 0 (the default: none of the route's own).
+      const tokens = (name) => {
+        const el = input(name);
+        const text = el.value.trim();
+        const value = unreadable(el) ? NaN : text === '' ? 0 : Number(text);
+        if (!Number.isInteger(value) || value < 0) {
+          showFieldError(form, name, 'must be a whole number ≥ 0', i);
+          bad = true;
+        }
+        return value;
+      };
+      const defaultMaxTokens = tokens('default_max_tokens');
+      const maxOutputTokens = tokens('max_output_tokens');
       const longContext = parseLong(input('long_context').value);
       if (longContext === undefined) {
         showFieldError(form, 'long_context', 'write ABOVE:IN:OUT (272000:2:1.5): a whole number of prompt tokens from 1, multipliers from 0 to 100; empty for none', i);
@@ -1083,6 +1093,7 @@
         cacheWritePricePerMtok: writePrice,
         outputPricePerMtok: outputPrice,
         defaultMaxTokens,
+        maxOutputTokens,
         tierMultipliers: (tiers || []).map(([tier, multiplier]) => ({ tier, multiplier })),
         callPrices: (calls || []).map(([tool, pricePerThousandCalls]) => ({ tool, pricePerThousandCalls })),
         longContext,
