@@ -268,8 +268,9 @@ async fn backend_lifecycle_from_add_to_remove() {
     assert_eq!(backend["apiKeyHint"], "2b4d", "key must not change");
 
     // A model re-listed without prices keeps its route's prices (0 would make it free for
-    // every budget); a new one without prices has none.
-    let relisted = h
+    // every budget); a new one without prices has none, and the operator is told so on
+    // stderr (stdout stays the API's JSON).
+    let run = h
         .ctl(&[
             "-o",
             "json",
@@ -281,8 +282,14 @@ async fn backend_lifecycle_from_add_to_remove() {
             "--model",
             "o3",
         ])
-        .await
-        .json();
+        .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert_eq!(
+        run.stderr.trim_end(),
+        "sluicectl: note: o3 is new on this backend and was given no prices: its requests \
+         cost 0 (give them: --model o3:UPSTREAM:IN:OUT)"
+    );
+    let relisted: Value = serde_json::from_str(&run.stdout).unwrap();
     let models = &relisted["backend"]["models"];
     assert_eq!(models[0]["name"], "gpt-4.1");
     assert_eq!(

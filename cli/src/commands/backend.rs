@@ -115,13 +115,20 @@ async fn update_on_stored(
             .await?
             .backend
             .unwrap_or_default();
-        keep_stored_route_fields(&mut backend.models, kept, &stored.models);
+        let unpriced = keep_stored_route_fields(&mut backend.models, kept, &stored.models);
         backend.etag = stored.etag;
         if let Some(response) = connection
             .unless_changed(admin.update_backend(request))
             .await
             .map_err(|err| err.of_change(READ_BACK))?
         {
+            for name in unpriced {
+                // Said on stderr: the answer on stdout stays the API's (`-o json`).
+                eprintln!(
+                    "sluicectl: note: {name} is new on this backend and was given no prices: \
+                     its requests cost 0 (give them: --model {name}:UPSTREAM:IN:OUT)"
+                );
+            }
             return out.print(&response, |r| render::backend(r.backend.as_ref()));
         }
     }
@@ -270,11 +277,20 @@ struct Kept {
 /// re-lists a route, it does not make it free (a price of 0 is spent by no budget) nor drop
 /// its price tiers or tools' prices (a `--tier` or `--call-price` sets its own over them), its
 /// long-context band or its
-/// `default_max_tokens`. A name the backend does not have yet keeps 0.
-fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: &[pb::ModelRoute]) {
+/// `default_max_tokens`. A name the backend does not have yet keeps 0: the names of those
+/// given without prices are returned, for the operator to be told they cost nothing.
+fn keep_stored_route_fields(
+    routes: &mut [pb::ModelRoute],
+    kept: &Kept,
+    stored: &[pb::ModelRoute],
+) -> Vec<String> {
+    let mut unpriced = Vec::new();
     let keeps = kept.prices.iter().zip(&kept.long).zip(&kept.audio);
     for (route, ((keep_prices, keep_long), keep_audio)) in routes.iter_mut().zip(keeps) {
         let Some(old) = stored.iter().find(|old| old.name == route.name) else {
+            if *keep_prices {
+                unpriced.push(route.name.clone());
+            }
             continue;
         };
         if *keep_prices {
@@ -305,6 +321,7 @@ fn keep_stored_route_fields(routes: &mut [pb::ModelRoute], kept: &Kept, stored: 
             route.max_output_tokens = old.max_output_tokens;
         }
     }
+    unpriced
 }
 
 /// `given` becomes `stored` with each of `given` set over the stored one of its name (`same`),
@@ -555,7 +572,9 @@ mod tests {
             audio_output_price_per_mtok: Some(64.0),
             ..Default::default()
         };
-        keep_stored_route_fields(routes, &kept, &[stored("a"), stored("b"), stored("c")]);
+        let unpriced =
+            keep_stored_route_fields(routes, &kept, &[stored("a"), stored("b"), stored("c")]);
+        assert!(unpriced.is_empty(), "{unpriced:?}");
         let audio: Vec<_> = routes
             .iter()
             .map(|r| (r.audio_input_price_per_mtok, r.audio_output_price_per_mtok))
@@ -574,6 +593,24 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(error.to_string().contains("--audio-price z"), "{error}");
+    }
+
+    /// A route new on the backend, given without prices, is named for the operator to be
+    /// told it costs nothing; one given prices, or re-listed, is not.
+    #[test]
+    fn a_new_model_given_without_prices_is_named_as_free() {
+        let args = update_args(&["b1", "--model", "a", "--model", "b", "--model", "c::1:2"]);
+        let kept = keeps_from_stored(&args).unwrap();
+        let mut request = update_request(args).unwrap();
+        let routes = &mut request.backend.as_mut().unwrap().models;
+        let stored = pb::ModelRoute {
+            name: "a".into(),
+            input_price_per_mtok: 3.0,
+            ..Default::default()
+        };
+        let unpriced = keep_stored_route_fields(routes, &kept, &[stored]);
+        assert_eq!(unpriced, ["b"]);
+        assert_eq!(routes[0].input_price_per_mtok, 3.0);
     }
 
     /// `--max-output-tokens` caps each route given; an update re-listing routes without it
