@@ -32,6 +32,8 @@ command -v sqlite3 >/dev/null 2>&1 || missing_apt+=(sqlite3)
 command -v openssl >/dev/null 2>&1 || missing_apt+=(openssl)
 # The Node SDK test and buf (the proto contract).
 command -v npm >/dev/null 2>&1 || missing_apt+=(nodejs npm)
+# The fuzz step builds libFuzzer, which is C++.
+command -v c++ >/dev/null 2>&1 || missing_apt+=(g++)
 python_tools='import grpc_tools, openai, anthropic, kubernetes_validate'
 # A distribution's own Python refuses pip installs into it (PEP 668): the tools then go to a
 # virtual environment of the checkout's, first on PATH for the tests.

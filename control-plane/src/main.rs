@@ -53,8 +53,9 @@ struct Args {
     #[arg(long, env = "SLUICE_ALLOWED_HOSTS", value_delimiter = ',')]
     allowed_hosts: Vec<String>,
     /// How long a client of the HTTP listener may take to send a request's headers (the
-    /// first request's from when it connected, a later one's from the end of the previous
-    /// response); past it the connection is closed (e.g. 30s, 2m).
+    /// first request's from when it connected, a later one's on a kept-alive connection from
+    /// its first byte, give or take this much again); past it the connection is closed (e.g.
+    /// 30s, 2m).
     #[arg(long, env = "SLUICE_HTTP_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = sluice_domain::time::positive_duration)]
     http_header_read_timeout: std::time::Duration,
     /// How long a kept-alive HTTP/1 connection to the HTTP listener may stay idle (no byte of
@@ -316,7 +317,8 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 fn backup(args: &Args, out: &std::path::Path) -> anyhow::Result<()> {
     let done = sluice_control::store::backup::backup(&args.data_dir.join(DB_FILE), out)?;
     println!(
-        "backed up {} to {} ({} bytes in {:.1?}); keep the master key with it",
+        "backed up {} to {} ({} bytes in {:.1?}); keep the master key with it, and the \
+         admin-token and dataplane-token files when the control plane generated them",
         args.data_dir.join(DB_FILE).display(),
         out.display(),
         done.bytes,

@@ -222,7 +222,12 @@ pub struct Config {
     pub serving_threads: usize,
     /// For tests: this replica's wall clock reads this much ahead (`2s`) or behind (`-2s`),
     /// as on a host whose clock is off. Only the data plane's own readings move.
-    #[arg(long, env = "SLUICE_WALL_CLOCK_OFFSET", hide = true)]
+    #[arg(
+        long,
+        env = "SLUICE_WALL_CLOCK_OFFSET",
+        hide = true,
+        allow_hyphen_values = true
+    )]
     pub wall_clock_offset: Option<crate::clock::WallOffset>,
     /// For tests: the size at which the usage spool starts a new segment (4 MiB), so that a
     /// short test goes through many segments and the reuse of their files.
