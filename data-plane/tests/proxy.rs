@@ -371,9 +371,20 @@ async fn a_stream_carrying_its_upstreams_error_event_is_recorded_as_interrupted(
         "error": {"code": "server_error", "message": "Provider disconnected unexpectedly"},
         "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]})
     .to_string();
-    for error in [vllm.to_owned(), openrouter] {
-        let events = [content.clone(), error, "[DONE]".to_owned()];
-        for (framing, chunks) in framings(&events) {
+    // OpenAI's: its error chunk alone, the body closed after it with no `[DONE]`: relayed and
+    // ended by the `[DONE]` it left out, not by a second error of Sluice's.
+    let openai = r#"{"error":{"message":"The server had an error","type":"server_error","param":null,"code":null}}"#;
+    let done = "[DONE]".to_owned();
+    for sent in [
+        vec![content.clone(), vllm.to_owned(), done.clone()],
+        vec![content.clone(), openrouter, done.clone()],
+        vec![content.clone(), openai.to_owned()],
+    ] {
+        let mut events = sent.clone();
+        if events.last() != Some(&done) {
+            events.push(done.clone());
+        }
+        for (framing, chunks) in framings(&sent) {
             let h = sse_harness(chunks).await;
             let relayed = sse_data(&h.chat(chat_body(true)).await.text().await.unwrap());
             assert_eq!(relayed, events, "{framing}");

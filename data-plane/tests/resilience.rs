@@ -1990,48 +1990,79 @@ async fn a_model_too_slow_to_answer_cools_that_model_alone_at_its_backend() {
 /// still served by it.
 #[tokio::test]
 async fn a_streams_own_error_event_cools_its_model_alone() {
-    let (primary, fallback) = (mock("primary"), mock("fallback"));
-    let failing = format!("{MODEL}-at-primary");
     let chunk = |rest: &str| {
         format!(
             r#"data: {{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",{rest}}}"#
         )
     };
-    let body = [
-        chunk(r#""choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]"#),
-        chunk(
-            r#""provider":"x","error":{"code":"server_error","message":"Provider disconnected"},"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]"#,
-        ),
-        "data: [DONE]".to_owned(),
-    ]
-    .map(|event| event + "\n\n")
-    .concat();
-    primary.set_fault(Fault::Body { code: 200, body }.always().for_model(&failing));
-    let mut message = snapshot(1, pair_of_two_models(&primary, &fallback));
-    message.settings.as_mut().unwrap().failure_threshold = 1;
-    let h = Harness::start(message).await;
-    let response = h.chat(stream_for(MODEL)).await;
-    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
-    assert!(
-        response
-            .text()
-            .await
-            .unwrap()
-            .contains("Provider disconnected")
+    let openrouters = chunk(
+        r#""provider":"x","error":{"code":"server_error","message":"Provider disconnected"},"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]"#,
     );
-    let event = h.first_cooldown_event().await;
-    assert_eq!(
-        (event.backend_id.as_str(), event.model.as_str()),
-        ("primary", failing.as_str())
-    );
-    // The model is asked of the fallback; the primary's other model is served there still.
-    let response = h.chat(stream_for(MODEL)).await;
-    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
-    for _ in 0..3 {
-        let response = h.chat(stream_for("other")).await;
-        assert_eq!(response.status(), 200);
+    // OpenAI's: the error alone, and the body closed after it, with no `[DONE]`.
+    let openais = r#"data: {"error":{"message":"Provider disconnected","type":"server_error","param":null,"code":null}}"#;
+    for (error, done) in [
+        (openrouters.as_str(), true),
+        (openrouters.as_str(), false),
+        (openais, false),
+    ] {
+        let (primary, fallback) = (mock("primary"), mock("fallback"));
+        let failing = format!("{MODEL}-at-primary");
+        let mut events = vec![
+            chunk(r#""choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]"#),
+            error.to_owned(),
+        ];
+        if done {
+            events.push("data: [DONE]".to_owned());
+        }
+        let body = events.into_iter().map(|event| event + "\n\n").collect();
+        primary.set_fault(Fault::Body { code: 200, body }.always().for_model(&failing));
+        let mut message = snapshot(1, pair_of_two_models(&primary, &fallback));
+        message.settings.as_mut().unwrap().failure_threshold = 1;
+        let h = Harness::start(message).await;
+        let response = h.chat(stream_for(MODEL)).await;
         assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+        let text = response.text().await.unwrap();
+        // The provider's error, once: no second one of Sluice's saying the stream was cut.
+        assert!(text.contains("Provider disconnected"), "{text}");
+        assert!(!text.contains("interrupted"), "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        let event = h.first_cooldown_event().await;
+        assert_eq!(
+            (event.backend_id.as_str(), event.model.as_str()),
+            ("primary", failing.as_str()),
+            "{error} (done: {done})"
+        );
+        // The model is asked of the fallback; the primary's other model is served there still.
+        let response = h.chat(stream_for(MODEL)).await;
+        assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+        for _ in 0..3 {
+            let response = h.chat(stream_for("other")).await;
+            assert_eq!(response.status(), 200);
+            assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+        }
     }
+}
+
+/// OpenAI's own failure as a chat stream's first event (`server_error`) fails over, as
+/// Anthropic's `api_error` does: nothing has reached the client yet.
+#[tokio::test]
+async fn a_first_chunk_server_error_fails_over() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let body = "data: {\"error\":{\"message\":\"The server had an error while processing your request.\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n";
+    primary.set_fault(
+        Fault::Body {
+            code: 200,
+            body: body.into(),
+        }
+        .times(1),
+    );
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+    let text = response.text().await.unwrap();
+    assert!(!text.contains("server_error"), "{text}");
 }
 
 /// A backend on a streak (after a 429) ends it when a stream sent to it answers, at its first

@@ -2307,8 +2307,9 @@ fn first_event(bytes: &[u8], api_key: &[u8]) -> FirstEvent {
     let text = |at: &str| value.as_ref()?.pointer(at)?.as_str();
     let status = match text("/error/type") {
         Some("overloaded_error") => 529,
-        // vLLM's Messages endpoint names its failures `internal_error`.
-        Some("api_error" | "internal_error") => 500,
+        // vLLM's Messages endpoint names its failures `internal_error`, OpenAI its own
+        // `server_error` (a chat chunk `{"error":{"type":"server_error",…}}`).
+        Some("api_error" | "internal_error" | "server_error") => 500,
         Some("rate_limit_error") => 429,
         // TGI streams its overload (the 429 of a whole answer) after a 200 head, as
         // `{"error":{"message":"Model is overloaded","http_status_code":422}}`, or in its own

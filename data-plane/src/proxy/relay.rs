@@ -670,14 +670,17 @@ impl Relay {
         true
     }
 
-    /// A chat stream (relayed, or translated for a Messages client) whose body ended cleanly
-    /// (not a broken connection) before `[DONE]`: one
-    /// that ended inside its `[DONE]` (without the blank line after it), or that reported its
-    /// usage, which a provider sends last (Sluice asks for it), is complete, and ends as
-    /// `[DONE]` ends it (Perplexity sends none; some servers leave out the last blank line);
-    /// another unfinished event is dropped, as the format says. True when the stream is over
-    /// so.
-    fn ended_without_done(&mut self) -> bool {
+    /// A chat stream (relayed, or translated for a Messages client) whose body ended before
+    /// `[DONE]`: one that ended cleanly inside its `[DONE]` (without the blank line after
+    /// it), or that reported its usage, which a provider sends last (Sluice asks for it), is
+    /// complete, and ends as `[DONE]` ends it (Perplexity sends none; some servers leave out
+    /// the last blank line); another unfinished event is dropped, as the format says. A
+    /// relayed chat stream that carried its upstream's own error event has been answered
+    /// with it, however its body ends (OpenAI closes it after the error chunk, with no
+    /// `[DONE]`): it ends as interrupted, its model's failure ([`Relay::chat_end`]), not with
+    /// a second error event of Sluice's nor as its backend's failure. True when the stream is
+    /// over so. `broken`: the connection failed rather than ending the body.
+    fn ended_without_done(&mut self, broken: bool) -> bool {
         let chunks = match &self.mode {
             Mode::Chat { .. } => true,
             Mode::Translated(t) => matches!(**t, Translation::EventsFromChunks(_)),
@@ -686,8 +689,10 @@ impl Relay {
         if !chunks {
             return false;
         }
-        let done = self.parser.unfinished_data_is(DONE);
-        if !done && !self.acct.as_ref().is_some_and(Accounting::has_usage) {
+        let answered_with_its_error = matches!(self.mode, Mode::Chat { .. }) && self.upstream_error;
+        let done = !broken && self.parser.unfinished_data_is(DONE);
+        let has_usage = !broken && self.acct.as_ref().is_some_and(Accounting::has_usage);
+        if !done && !has_usage && !answered_with_its_error {
             return false;
         }
         self.upstream = None;
@@ -1099,11 +1104,13 @@ impl Body for Relay {
                     continue;
                 }
                 Poll::Ready(Some(Err(_))) => {
-                    this.upstream_failed("the upstream connection failed");
+                    if !this.ended_without_done(true) {
+                        this.upstream_failed("the upstream connection failed");
+                    }
                     continue;
                 }
                 Poll::Ready(None) => {
-                    if this.ended_without_done() {
+                    if this.ended_without_done(false) {
                         continue;
                     }
                     let why = match this.mode {
