@@ -2400,6 +2400,56 @@ async fn a_committed_stream_waits_for_its_first_event_to_the_deadline() {
     assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
 }
 
+/// A stream committed before its first event whose client leaves says nothing of its backend
+/// while that event is not yet overdue: a backend on a streak is still on it (recorded as
+/// answering, every client that gave up on a backend sending its head and then nothing ended
+/// its streak, and it never cooled down). Left after the wait an attempt gives a first event
+/// (`answer_timeout`), it is its model's failure, as at an attempt.
+#[tokio::test]
+async fn a_committed_stream_left_before_its_first_event_ends_no_streak() {
+    let leave_after = |response: reqwest::Response, ms: u64| async move {
+        let mut response = response;
+        let read = async { while let Ok(Some(_)) = response.chunk().await {} };
+        assert!(
+            tokio::time::timeout(Duration::from_millis(ms), read)
+                .await
+                .is_err(),
+            "the stream ended before its client left"
+        );
+    };
+    for (answer_ms, overdue) in [(3_000, false), (300, true)] {
+        let (primary, fallback) = (mock("primary"), mock("fallback"));
+        let mut backends = pair(&primary, &fallback);
+        // On a streak, its cooldown over: a 500 now is a failure at once.
+        backends[0].cooldown_epoch = 1;
+        backends[0].consecutive_failures = 1;
+        let mut message = snapshot(1, backends);
+        message.settings = with_timeouts(200, answer_ms, 20_000);
+        message.settings.as_mut().unwrap().failure_threshold = 1;
+        let h = Harness::start_with(message, |c| {
+            c.stream_keepalive = Duration::from_millis(100);
+        })
+        .await;
+        primary.set_fault(Fault::ThinkingMs(5_000).times(1));
+        let response = h.chat(chat_body(true)).await;
+        assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+        leave_after(response, 600).await;
+        if overdue {
+            let event = h.first_cooldown_event().await;
+            assert_eq!(event.backend_id, "primary");
+            assert_eq!(event.model, format!("{MODEL}-at-primary"));
+            continue;
+        }
+        primary.set_fault(Fault::status(500).times(1));
+        let response = h.chat(chat_body(false)).await;
+        assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+        h.cp.wait_for("a cooldown", |r| !r.events.is_empty()).await;
+        let streaks: Vec<u32> =
+            h.cp.with(|r| r.events.iter().map(|e| e.consecutive_failures).collect());
+        assert_eq!(streaks, [2], "the streak goes on");
+    }
+}
+
 /// An OpenAI-format upstream streaming a reasoning model's chunks: its role, then `reasoning`
 /// chunks `gap` apart (`count` of them), then its answer and usage.
 async fn reasoning_upstream(count: usize, gap: Duration) -> String {

@@ -960,7 +960,7 @@ pub(super) async fn forward_call(
                 let pending = matches!(answer, Answer::Stream { early: true, .. }).then(|| {
                     Box::new(Pending {
                         event_by: deadline,
-                        of_model: deadline >= sent + first_event_wait(&policy),
+                        answer_by: sent + first_event_wait(&policy),
                         sent,
                         metrics: Arc::clone(&app.metrics),
                         backend: label,

@@ -262,9 +262,10 @@ pub(super) struct Pending {
     /// can be asked once the head went out), not `idle_stream_timeout` of silence: the
     /// upstream's own comments (a provider's queue keep-alives) do not extend it.
     pub(super) event_by: Instant,
-    /// Whether no event by then is its model's failure (a wait of at least `answer_timeout`),
-    /// as for an attempt; cut shorter by the deadline, it is not.
-    pub(super) of_model: bool,
+    /// The end of the wait an attempt gives a first event (`answer_timeout`): no event by
+    /// then is its model's failure, as at an attempt, whether the stream then reaches
+    /// `event_by` (unless that comes first) or its client leaves.
+    pub(super) answer_by: Instant,
     /// For the time to the first event (`sluice_upstream_ttft_seconds`), from the attempt's
     /// send.
     pub(super) sent: Instant,
@@ -1019,9 +1020,19 @@ fn non_empty_string_after(json: &str, key: &Finder<'_>) -> bool {
 
 impl Drop for Relay {
     /// A stream its client left (or that ended without a word on its health): the backend
-    /// was answering.
+    /// was answering. One left before its first event ([`Pending`]) says nothing of its
+    /// backend, unless that event was overdue (a backend that sends its head and then
+    /// nothing, whose clients give up before the deadline, would otherwise end its streak
+    /// with each and never cool down).
     fn drop(&mut self) {
-        self.ended(Some(Outcome::Success));
+        let health = match self.pending.take() {
+            None => Some(Outcome::Success),
+            Some(pending) => (Instant::now() >= pending.answer_by).then_some(Outcome::Failure {
+                retry_after: None,
+                scope: Scope::Model,
+            }),
+        };
+        self.ended(health);
     }
 }
 
@@ -1149,10 +1160,12 @@ impl Body for Relay {
                 // No first event in the wait an attempt would have given it (to the deadline:
                 // no other backend could take it over): its model's failure, as at an attempt,
                 // unless the deadline cut that wait short.
-                this.ended(pending.of_model.then_some(Outcome::Failure {
-                    retry_after: None,
-                    scope: Scope::Model,
-                }));
+                this.ended(
+                    (pending.event_by >= pending.answer_by).then_some(Outcome::Failure {
+                        retry_after: None,
+                        scope: Scope::Model,
+                    }),
+                );
                 this.interrupt("no first event came before the request's deadline");
             } else if now >= this.deadline {
                 this.ended(None);
