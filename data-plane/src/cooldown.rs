@@ -116,6 +116,22 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// Whether it is of the model the request was for (not of the backend, nor an answer).
+    pub fn of_model(self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited {
+                scope: Scope::Model,
+                ..
+            } | Self::Failure {
+                scope: Scope::Model,
+                ..
+            }
+        )
+    }
+}
+
 #[derive(Debug, Default)]
 struct Entry {
     /// The control plane's state, from the last snapshot.

@@ -1322,6 +1322,63 @@ async fn a_first_event_error_of_the_clients_own_cools_nothing() {
     assert!(h.cp.with(|r| r.events.is_empty()));
 }
 
+/// Token counts are limited apart from the model's answers (Anthropic's: "separate and
+/// independent" limits), so they have no say in the model's cooldown: a count's 429 cools
+/// nothing and the model's Messages still go to the backend, and a count answered does not
+/// end the model's 429 streak (Claude Code counts often: its counts kept a model's backoff at
+/// its base, and took the model out for every Messages request when they hit their own limit).
+#[tokio::test]
+async fn a_token_count_has_no_say_in_its_models_cooldown() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let mut message = snapshot(
+        1,
+        vec![
+            anthropic("primary", &primary.base_url(), proto::Pool::Primary),
+            anthropic("fallback", &fallback.base_url(), proto::Pool::Fallback),
+        ],
+    );
+    message.settings.as_mut().unwrap().failure_threshold = 1;
+    let h = Harness::start(message).await;
+    let count =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "one two"}]}).to_string();
+    primary.set_fault(Fault::rate_limited(30).times(1));
+    let response = send(&h, "/v1/messages/count_tokens", &count).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-backend"], "fallback-name");
+    let response = send(&h, "/v1/messages", &hello(false)).await;
+    assert_eq!(response.headers()["x-sluice-backend"], "primary-name");
+    assert!(
+        h.cp.with(|r| r.events.is_empty()),
+        "a count's 429 cooled nothing"
+    );
+
+    // A Messages 429: the model cools (its streak's first), for a second.
+    primary.set_fault(Fault::rate_limited(1).times(1));
+    let response = send(&h, "/v1/messages", &hello(false)).await;
+    assert_eq!(response.headers()["x-sluice-backend"], "fallback-name");
+    let cooled = h.first_cooldown_event().await;
+    let until = sluice_proxy::clock::system_time(cooled.cooldown_until.as_ref().unwrap()).unwrap();
+    tokio::time::sleep(
+        until
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            + std::time::Duration::from_millis(200),
+    )
+    .await;
+    // Its cooldown over, a count answered there, then another Messages 429: the streak goes
+    // on (the count did not end it), and the cooldown doubles.
+    let response = send(&h, "/v1/messages/count_tokens", &count).await;
+    assert_eq!(response.headers()["x-sluice-backend"], "primary-name");
+    primary.set_fault(Fault::rate_limited(1).times(1));
+    let response = send(&h, "/v1/messages", &hello(false)).await;
+    assert_eq!(response.headers()["x-sluice-backend"], "fallback-name");
+    h.cp.wait_for("the second cooldown", |r| r.events.len() >= 2)
+        .await;
+    let streaks: Vec<u32> =
+        h.cp.with(|r| r.events.iter().map(|e| e.consecutive_failures).collect());
+    assert_eq!(streaks, [1, 2], "the streak goes on");
+}
+
 /// A server that serves Messages without `count_tokens` (Ollama's answers gin's plain
 /// `404 page not found`) does not end a count another Anthropic backend of the model can
 /// make: it fails over, cools nothing, and when no backend counts, the client gets the 404.

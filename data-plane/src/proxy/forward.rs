@@ -641,7 +641,15 @@ pub(super) async fn forward_call(
             last.get_or_insert((Failure::Timeout { of_model: true }, backend.format));
             break;
         }
-        let basis = match cooldowns.check(&backend.id, &route.upstream_model, now) {
+        // A call that only counts tokens is limited apart from the model's answers at the
+        // provider (Anthropic's token counting has "separate and independent" limits): it has
+        // no say in the model's state, and is not kept from the model by it; only the
+        // backend's own state, an account spent or a server down, counts for it.
+        let health_model = match call.endpoint.counts_only() {
+            true => "",
+            false => route.upstream_model.as_str(),
+        };
+        let basis = match cooldowns.check(&backend.id, health_model, now) {
             Ok(basis) => basis,
             Err(until) => {
                 app.metrics.skip(&label, SkipReason::cooling_down);
@@ -895,15 +903,10 @@ pub(super) async fn forward_call(
                 }
             }
         }
+        // A count's 429 (or overload) is of its own limit, not of the model's answers.
+        let health = health.filter(|health| !health_model.is_empty() || !health.of_model());
         if let Some(health) = health {
-            record_health(
-                app,
-                backend,
-                &route.upstream_model,
-                basis,
-                &policy.cooldown,
-                health,
-            );
+            record_health(app, backend, health_model, basis, &policy.cooldown, health);
         }
         match outcome {
             Ok(answer) => {
