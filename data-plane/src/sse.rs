@@ -66,7 +66,9 @@ const KEPT_BUFFER_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
     Event(Event),
-    /// A `:` comment line (often a keep-alive), without the colon.
+    /// A `:` comment line (often a keep-alive), without the colon; comment lines in a row
+    /// (no event dispatched between them) are one item, their texts joined by `\n:`, the
+    /// lines as they are written.
     Comment(String),
 }
 
@@ -79,6 +81,11 @@ pub enum SseError {
     EventTooLarge(usize),
 }
 
+/// `bytes` without the UTF-8 byte order mark they start with, if they do.
+pub fn without_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+}
+
 /// The parser state between chunks.
 #[derive(Debug)]
 pub struct SseParser {
@@ -86,6 +93,8 @@ pub struct SseParser {
     line: Vec<u8>,
     /// The last chunk ended in `\r`: a `\n` starting the next one belongs to it.
     after_cr: bool,
+    /// A chunk has come: a byte order mark is only dropped at the stream's start.
+    past_start: bool,
     data: String,
     has_data: bool,
     event: Option<String>,
@@ -105,6 +114,7 @@ impl SseParser {
             max_bytes,
             line: Vec::new(),
             after_cr: false,
+            past_start: false,
             data: String::new(),
             has_data: false,
             event: None,
@@ -117,6 +127,13 @@ impl SseParser {
     pub fn push(&mut self, mut chunk: &[u8], out: &mut Vec<Item>) -> Result<(), SseError> {
         if chunk.is_empty() {
             return Ok(());
+        }
+        if !self.past_start {
+            self.past_start = true;
+            // The format's decoding drops one at the start, as browsers' `EventSource` do: a
+            // server writing through a UTF-8 writer with one (.NET's) would otherwise have
+            // its first line's field named `\u{FEFF}data`, and its first event lost.
+            chunk = without_bom(chunk);
         }
         if self.after_cr {
             self.after_cr = false;
@@ -170,6 +187,7 @@ impl SseParser {
     /// that are not UTF-8, a line past the bound, bytes of an unfinished event before them).
     pub fn push_whole(&mut self, chunk: &[u8], out: &mut Vec<Item>) -> Result<bool, SseError> {
         if let Some((name, data)) = self.whole_parts(chunk) {
+            self.past_start = true;
             let mut buffer = std::mem::take(&mut self.data);
             buffer.clear();
             buffer.push_str(data);
@@ -286,7 +304,16 @@ impl SseParser {
             None => String::from_utf8_lossy(line),
         };
         if let Some(comment) = text.strip_prefix(':') {
-            out.push(Item::Comment(comment.to_owned()));
+            // A run of comments (a provider's keep-alives: `:\r`, two bytes each, are
+            // thousands to a read) is one item of their lines, one frame for a relay, rather
+            // than an item, a frame and an allocation of some 150 bytes for each.
+            match out.last_mut() {
+                Some(Item::Comment(run)) => {
+                    run.push_str("\n:");
+                    run.push_str(comment);
+                }
+                _ => out.push(Item::Comment(comment.to_owned())),
+            }
             return Ok(());
         }
         let (field, value) = match text.split_once(':') {
@@ -385,6 +412,31 @@ mod tests {
     fn parses_openai_style_stream() {
         let items = parse_all(&[b"data: {\"a\":1}\n\ndata: [DONE]\n\n"]).unwrap();
         assert_eq!(items, [data("{\"a\":1}"), data("[DONE]")]);
+    }
+
+    /// Comments in a row are one item of their lines: a flood of keep-alives costs a frame,
+    /// not one for each.
+    #[test]
+    fn comments_in_a_row_are_one_item() {
+        let items = parse_all(&[b":\r:\r: a\n\n:b\ndata: x\n\n: c\n\n"]).unwrap();
+        assert_eq!(
+            items,
+            [
+                Item::Comment("\n:\n: a\n:b".into()),
+                data("x"),
+                Item::Comment(" c".into())
+            ]
+        );
+    }
+
+    /// One byte order mark at the stream's start is dropped, as the format's decoding does;
+    /// one anywhere else is text.
+    #[test]
+    fn a_byte_order_mark_at_the_start_is_dropped() {
+        let items = parse_all(&[b"\xEF\xBB\xBFdata: {\"a\":1}\n\n", b"data: [DONE]\n\n"]).unwrap();
+        assert_eq!(items, [data("{\"a\":1}"), data("[DONE]")]);
+        let items = parse_all(&[b"data: a\n\n", b"\xEF\xBB\xBFdata: b\n\n"]).unwrap();
+        assert_eq!(items, [data("a")]);
     }
 
     #[test]

@@ -495,6 +495,36 @@ async fn a_stream_that_ends_cleanly_after_its_usage_without_done_is_complete() {
     }
 }
 
+/// Usage in every chunk (Perplexity's, vLLM's with `continuous_usage_stats`): a body that ends
+/// cleanly after the chunk with its `finish_reason` is complete (Perplexity sends no
+/// `[DONE]`); one that ends after a chunk of the middle was cut (a server's own timeout, a
+/// close-delimited body whose server died), however much usage it reported.
+#[tokio::test]
+async fn a_stream_with_usage_in_every_chunk_is_complete_only_at_its_finish() {
+    let chunk = |content: &str, finish: Value, completion: u64| {
+        json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": 7, "completion_tokens": completion,
+                      "total_tokens": 7 + completion}})
+        .to_string()
+    };
+    let finished = [chunk("Hel", Value::Null, 1), chunk("lo", json!("stop"), 2)];
+    let cut = [chunk("Hel", Value::Null, 1), chunk("lo", Value::Null, 2)];
+    for (events, complete) in [(finished, true), (cut, false)] {
+        let h = sse_harness(framings(&events).remove(0).1).await;
+        let body = h.chat(chat_body(true)).await.text().await.unwrap();
+        assert_eq!(body.contains("stream_interrupted"), !complete, "{body}");
+        assert_eq!(body.ends_with("data: [DONE]\n\n"), complete, "{body}");
+        let record = h.records(1).await.remove(0);
+        let kind = match complete {
+            true => ErrorKind::Unspecified,
+            false => ErrorKind::StreamInterrupted,
+        };
+        assert_eq!(record.error_kind, kind as i32, "{body}");
+        assert_eq!(record.completion_tokens, 2, "{body}");
+    }
+}
+
 /// A request refused before its body is read (a wrong or expired key, the memory for bodies
 /// full) gets its refusal while its client is still uploading. The connection was closed with
 /// the upload unread, which resets it: a user whose key had expired sent a long conversation

@@ -1682,7 +1682,8 @@ async fn a_stream_of_only_comments_or_nothing_fails_over_at_its_answer_timeout()
     let response = h.chat(chat_body(true)).await;
     assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
     let body = response.text().await.unwrap();
-    assert!(body.starts_with(": keep-alive\n\n"), "{body}");
+    // The provider's comments in a row, as one run of comment lines.
+    assert!(body.starts_with(": keep-alive\n"), "{body}");
     assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
 
     let records = h.records(3).await;
@@ -2448,6 +2449,69 @@ async fn a_committed_stream_left_before_its_first_event_ends_no_streak() {
             h.cp.with(|r| r.events.iter().map(|e| e.consecutive_failures).collect());
         assert_eq!(streaks, [2], "the streak goes on");
     }
+}
+
+/// An upstream whose first stream sends its head, then after `wait` an overload as its first
+/// event (TGI's), and that answers every later request 500.
+async fn late_overload_then_failing_upstream(wait: Duration) -> String {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new().fallback(move || {
+        let calls = std::sync::Arc::clone(&calls);
+        async move {
+            use axum::response::IntoResponse as _;
+            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                return (http::StatusCode::INTERNAL_SERVER_ERROR, "{}").into_response();
+            }
+            let body = futures::stream::once(async move {
+                tokio::time::sleep(wait).await;
+                Ok::<_, std::convert::Infallible>(bytes::Bytes::from_static(
+                    b"data: {\"error\":{\"message\":\"Model is overloaded\",\"http_status_code\":422}}\n\ndata: [DONE]\n\n",
+                ))
+            });
+            (
+                [(http::header::CONTENT_TYPE, "text/event-stream")],
+                axum::body::Body::from_stream(body),
+            )
+                .into_response()
+        }
+    });
+    format!("http://{}/v1", serve_locally(app).await)
+}
+
+/// An error as a committed stream's first event (an overload come after the stream was
+/// committed, passed on) is no answer: its backend's streak goes on, as it does for an error
+/// that is an uncommitted stream's first event.
+#[tokio::test]
+async fn an_error_as_a_committed_streams_first_event_ends_no_streak() {
+    let upstream = late_overload_then_failing_upstream(Duration::from_millis(600)).await;
+    let fallback = mock("fallback");
+    let mut primary = backend("primary", &upstream, proto::Pool::Primary, 0);
+    // On a streak, its cooldown over: a 500 now is a failure at once.
+    primary.cooldown_epoch = 1;
+    primary.consecutive_failures = 1;
+    let mut message = snapshot(
+        1,
+        vec![
+            primary,
+            backend("fallback", &fallback.base_url(), proto::Pool::Fallback, 0),
+        ],
+    );
+    message.settings.as_mut().unwrap().failure_threshold = 1;
+    let h = Harness::start_with(message, |c| {
+        c.stream_keepalive = Duration::from_millis(100);
+    })
+    .await;
+    let response = h.chat(chat_body(true)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    let body = response.text().await.unwrap();
+    assert!(body.starts_with(": keep-alive"), "committed early: {body}");
+    assert!(body.contains("Model is overloaded"), "{body}");
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    h.cp.wait_for("a cooldown", |r| !r.events.is_empty()).await;
+    let streaks: Vec<u32> =
+        h.cp.with(|r| r.events.iter().map(|e| e.consecutive_failures).collect());
+    assert_eq!(streaks, [2], "the streak goes on");
 }
 
 /// An OpenAI-format upstream streaming a reasoning model's chunks: its role, then `reasoning`

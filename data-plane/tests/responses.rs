@@ -1001,6 +1001,29 @@ async fn a_stream_ended_by_the_providers_error_event_is_charged_what_was_streame
     }
 }
 
+/// `[DONE]` is no Responses event: a relay that ends every stream with it (as chat's) sends
+/// it after an upstream's failure too, before any final event. The client is told the stream
+/// was broken off, in the Responses API's own `error` event, not left to take the `[DONE]`
+/// (at which openai-python stops) for the answer's end.
+#[tokio::test]
+async fn a_responses_stream_given_done_before_its_final_event_ends_with_an_error() {
+    let created = "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"m\",\"output\":[],\"usage\":null}}\n\n";
+    let delta = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"x\"}\n\n";
+    let upstream = sse_upstream(format!("{created}{delta}data: [DONE]\n\n")).await;
+    let h = Harness::one_primary(&upstream).await;
+    let body = json!({"model": MODEL, "input": "hi", "stream": true});
+    let text = create(&h, body).await.text().await.unwrap();
+    assert!(!text.contains("[DONE]"), "{text}");
+    assert!(text.contains("event: error"), "{text}");
+    assert!(text.contains("ended before its final event"), "{text}");
+    let record = h.records(1).await.remove(0);
+    assert_eq!(
+        record.error_kind,
+        proto::ErrorKind::StreamInterrupted as i32,
+        "{record:?}"
+    );
+}
+
 /// A Responses stream the provider ends with its own failure tells of the backend: its
 /// `server_error` is the backend's failure (three in a row cool it, as three broken chat
 /// streams do), its `rate_limit_exceeded` the model's rate limit, at once; a failure of the

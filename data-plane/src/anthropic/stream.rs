@@ -154,6 +154,8 @@ pub struct ChunksFromEvents {
     seen_usage: bool,
     /// Each tool block so far.
     tools: Vec<Tool>,
+    /// The bytes of the `given` inputs `tools` hold (until their blocks stop).
+    given_bytes: usize,
     /// See [`Self::text_chunk`].
     text_suffix: Vec<u8>,
     /// Events in a row that gave the client nothing (see [`QUIET_EVENTS_PER_COMMENT`]).
@@ -227,6 +229,7 @@ impl ChunksFromEvents {
             counters: Counters::default(),
             seen_usage: false,
             tools: Vec::new(),
+            given_bytes: 0,
             text_suffix: Vec::new(),
             quiet: 0,
         };
@@ -339,6 +342,17 @@ impl ChunksFromEvents {
                             .and_then(|b| b.get("input"))
                             .filter(|input| input.as_object().is_some_and(|o| !o.is_empty()))
                             .map(Value::to_string);
+                        // Held until the block stops: an upstream that starts tool blocks and
+                        // never stops them would grow this for as long as the stream lasts,
+                        // unseen by the answers' memory (Anthropic's blocks come one after
+                        // another, each stopped before the next starts).
+                        self.given_bytes += given.as_ref().map_or(0, String::len);
+                        if self.given_bytes > MAX_PENDING_BYTES || call >= MAX_TOOL_BLOCKS {
+                            out.push(openai_error_event(
+                                "The upstream started more tool calls than a stream may hold.",
+                            ));
+                            return Flow::Failed;
+                        }
                         self.tools.push(Tool {
                             block: index,
                             call,
@@ -400,7 +414,9 @@ impl ChunksFromEvents {
                 if let Some(tool) = self.tool(index).filter(|tool| !tool.input) {
                     tool.input = true;
                     let call = tool.call;
-                    let arguments = tool.given.take().unwrap_or_else(|| "{}".to_owned());
+                    let given = tool.given.take();
+                    self.given_bytes -= given.as_ref().map_or(0, String::len);
+                    let arguments = given.unwrap_or_else(|| "{}".to_owned());
                     out.push(self.chunk(
                         json!({"tool_calls": [{"index": call, "function": {"arguments": arguments}}]}),
                         None,
@@ -538,6 +554,10 @@ enum Open {
 /// client is sent nothing meanwhile, so nothing slows the upstream down). OpenAI names a call
 /// in its first chunk.
 const MAX_PENDING_BYTES: usize = crate::sse::DEFAULT_MAX_BYTES;
+
+/// The most tool blocks one Anthropic stream translated for a chat client may start: each is
+/// kept, and looked up by every piece of its input.
+const MAX_TOOL_BLOCKS: usize = 4_096;
 
 #[derive(Debug, Default)]
 struct Pending {
@@ -1524,6 +1544,48 @@ mod tests {
             last["choices"][0]["delta"],
             json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\": \"Par"}}]})
         );
+    }
+
+    /// Tool blocks whose input their start gives are held until they stop: an upstream that
+    /// starts them and never stops them fails its stream once they hold more than an event
+    /// may, rather than grow it unseen; one that stops each goes on for as long as it likes.
+    #[test]
+    fn tool_blocks_never_stopped_fail_their_stream_past_a_bound() {
+        let event = |data: String| Event {
+            event: None,
+            data,
+            id: None,
+        };
+        let input = "x".repeat(64 * 1024);
+        let start = |index: usize| {
+            event(format!(
+                r#"{{"type":"content_block_start","index":{index},"content_block":{{"type":"tool_use","id":"t{index}","name":"f","input":{{"a":"{input}"}}}}}}"#
+            ))
+        };
+        let stop = |index: usize| {
+            event(format!(
+                r#"{{"type":"content_block_stop","index":{index}}}"#
+            ))
+        };
+        for stopped in [true, false] {
+            let mut chunks = ChunksFromEvents::new(7, false);
+            let mut out = Vec::new();
+            let mut failed_at = None;
+            for index in 0..200 {
+                if let Flow::Failed = chunks.push(&start(index), &mut out) {
+                    failed_at = Some(index);
+                    break;
+                }
+                if stopped {
+                    chunks.push(&stop(index), &mut out);
+                }
+            }
+            match stopped {
+                true => assert_eq!(failed_at, None),
+                // The one that takes them past an event's bound (`{"a":"…"}` is 8 bytes more).
+                false => assert_eq!(failed_at, Some(MAX_PENDING_BYTES / (input.len() + 8))),
+            }
+        }
     }
 
     /// The text chunks OpenAI-format backends stream, and the pieces of a tool call's

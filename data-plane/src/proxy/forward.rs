@@ -1328,6 +1328,9 @@ fn first_event_wait(policy: &Policy) -> Duration {
     policy.answer_timeout.max(policy.first_byte_timeout)
 }
 
+/// The media type of a stream's answer.
+const SSE: &str = "text/event-stream";
+
 /// At least this long (or `--stream-keepalive`, the shorter) passes between a stream's head
 /// and its commitment before its first event.
 const COMMIT_AFTER_THE_HEAD: Duration = Duration::from_secs(1);
@@ -1454,7 +1457,9 @@ async fn attempt(
     let is_sse = content_type
         .as_ref()
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+        // Media types are case-insensitive (`Text/Event-Stream` is one).
+        .and_then(|v| v.get(..SSE.len()))
+        .is_some_and(|v| v.eq_ignore_ascii_case(SSE));
     if stream && status.is_success() && is_sse {
         // Wait for the first event before committing: until then another backend can still
         // take over. Comments before it (DeepSeek's `: keep-alive` while the request waits
@@ -2242,6 +2247,7 @@ enum FirstEvent {
 /// overloaded",…}}`): a cheap look at every stream's first chunk, false at once for a stream
 /// opening with any other `data:` or `event: message_start`.
 fn opens_with_an_error(bytes: &[u8]) -> bool {
+    let bytes = crate::sse::without_bom(bytes);
     let says_error = |line: &[u8]| match line.strip_prefix(b"data:") {
         Some(data) => data
             .strip_prefix(b" ")
@@ -2336,6 +2342,7 @@ fn first_event(bytes: &[u8], api_key: &[u8]) -> FirstEvent {
 /// field name, then `:`, a line end, or the end of what came so far): a stream that holds
 /// only comments (`: keep-alive`) and blank lines has sent no event yet.
 fn starts_an_event(bytes: &[u8]) -> bool {
+    let bytes = crate::sse::without_bom(bytes);
     let field_at = |at: usize| {
         bytes
             .get(at + 4)
@@ -2625,6 +2632,7 @@ mod tests {
             ": a\rdata\r",
             "event: message_start\ndata: {",
             "data",
+            "\u{FEFF}data: {}",
         ] {
             assert!(starts_an_event(started.as_bytes()), "{started:?}");
         }

@@ -240,6 +240,12 @@ pub(super) struct Relay {
     /// A chat stream's upstream sent its own error event (`data: {"error": …}`, as vLLM does
     /// when generation fails after the head): the stream ends as interrupted, at its `[DONE]`.
     upstream_error: bool,
+    /// The last usage a chat stream reported came as a stream's last chunk brings it: alone
+    /// (`choices: []`, as Sluice asks for it) or with a `finish_reason` (Perplexity sends usage
+    /// in every chunk and no `[DONE]`). A body that ends cleanly after it is complete; one
+    /// that ends after usage in a chunk of the middle (vLLM's `continuous_usage_stats`) is
+    /// cut.
+    usage_ends: bool,
     /// That error event was the stream's first: an overload there failed over before the
     /// stream was committed (`forward::first_event`), so this one may be the server refusing
     /// the client's own request (TGI validates a request's parameters after its 200 head): its
@@ -336,6 +342,7 @@ impl Relay {
             streams_end,
             health,
             upstream_error: false,
+            usage_ends: false,
             error_first: false,
             upstream_failure: None,
             memory: HeldMemory {
@@ -424,6 +431,9 @@ impl Relay {
 
     /// Parses a chunk from the upstream into frames for the client.
     fn parse_chunk(&mut self, chunk: Bytes) {
+        if self.ready.is_empty() && self.ready.capacity() > KEPT_ITEMS {
+            self.ready = VecDeque::new();
+        }
         // A chat chunk that is one whole event in wire form, as upstreams send nearly all of
         // them: read where it is (no copy into the parser's buffer, no item list) and passed
         // on as it came, as the loop below would pass it on.
@@ -439,7 +449,7 @@ impl Relay {
                 acct.output_delta();
             }
             self.events += 1;
-            if count_chat_usage(&mut self.acct, data, forward_usage) {
+            if count_chat_usage(&mut self.acct, data, forward_usage, &mut self.usage_ends) {
                 self.ready.push_back((chunk, Then::Continue));
             }
             if self.pending.is_some() {
@@ -475,6 +485,14 @@ impl Relay {
                     }
                 }
                 Item::Event(event) => {
+                    if event.data == DONE && matches!(self.mode, Mode::Responses { .. }) {
+                        // No Responses event: a relay that ends every stream with it (as
+                        // chat's) sends it after an upstream's failure too, before any final
+                        // event. Its client, whose SDK stops at it, must not take it for the
+                        // answer's end.
+                        self.upstream_failed("the upstream stream ended before its final event");
+                        break;
+                    }
                     if event.data == DONE {
                         let kind = self.chat_end();
                         self.ready.push_back((event.to_bytes(), Then::Finish(kind)));
@@ -498,7 +516,12 @@ impl Relay {
                         !is_output_delta_data(&event.data) && is_error_event(&event.data),
                     );
                     self.events += 1;
-                    if !count_chat_usage(&mut self.acct, &event.data, forward_usage) {
+                    if !count_chat_usage(
+                        &mut self.acct,
+                        &event.data,
+                        forward_usage,
+                        &mut self.usage_ends,
+                    ) {
                         self.parser.recycle(event.data);
                         continue;
                     }
@@ -509,6 +532,11 @@ impl Relay {
             }
         }
         self.items = items;
+        // One chunk of many tiny events (a hostile upstream's) grew these: their room is not
+        // kept for the rest of the stream.
+        if self.items.capacity() > KEPT_ITEMS {
+            self.items = Vec::new();
+        }
         if self.upstream.is_some()
             && let Err(e) = parsed
         {
@@ -529,7 +557,11 @@ impl Relay {
         pending
             .metrics
             .upstream_ttft(&pending.backend, pending.sent.elapsed());
-        if let Some(health) = &mut self.health {
+        // An error as the first event counts for the backend's cooldown neither way
+        // ([`Relay::error_first`]): no answer either.
+        if let Some(health) = &mut self.health
+            && !self.error_first
+        {
             health.answering();
         }
         self.timer.reset(self.next_alarm());
@@ -690,9 +722,13 @@ impl Relay {
         if !chunks {
             return false;
         }
-        let answered_with_its_error = matches!(self.mode, Mode::Chat { .. }) && self.upstream_error;
+        let relayed = matches!(self.mode, Mode::Chat { .. });
+        let answered_with_its_error = relayed && self.upstream_error;
         let done = !broken && self.parser.unfinished_data_is(DONE);
-        let has_usage = !broken && self.acct.as_ref().is_some_and(Accounting::has_usage);
+        // A translated stream's usage is its translation's to judge.
+        let has_usage = !broken
+            && (self.usage_ends
+                || !relayed && self.acct.as_ref().is_some_and(Accounting::has_usage));
         if !done && !has_usage && !answered_with_its_error {
             return false;
         }
@@ -895,10 +931,16 @@ fn may_change_the_price(event: &Event) -> bool {
 
 /// Counts the usage a chat event reports, if any; whether its frame goes to the client (not
 /// when it is the usage chunk Sluice asked for and the client did not).
-fn count_chat_usage(acct: &mut Option<Accounting>, data: &str, forward_usage: bool) -> bool {
+fn count_chat_usage(
+    acct: &mut Option<Accounting>,
+    data: &str,
+    forward_usage: bool,
+    usage_ends: &mut bool,
+) -> bool {
     let Some((tokens, usage_only)) = usage_of(data) else {
         return true;
     };
+    *usage_ends = usage_only || non_empty_string_after(data, &FINISH_REASON_KEY);
     if let Some(acct) = acct {
         acct.tokens(tokens);
         acct.priced_in(data.as_bytes());
@@ -938,6 +980,9 @@ fn wire_frame(wire: &mut BytesMut, event: &Event, chunk: &mut Option<Bytes>) -> 
     }
     frame
 }
+
+/// The most items, and frames queued, whose room the relay keeps between chunks.
+const KEPT_ITEMS: usize = 1024;
 
 /// The largest frame whose allocation the relay keeps writing into (see [`wire_frame`]).
 const KEPT_WIRE_BYTES: usize = 64 * 1024;
@@ -1005,6 +1050,11 @@ impl memchr::arch::all::packedpair::HeuristicFrequencyRank for JsonRank {
         }
     }
 }
+
+/// The key of a choice's `finish_reason`, searched for in chunks that carry usage.
+static FINISH_REASON_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| {
+    memchr::memmem::FinderBuilder::new().build_forward_with_ranker(JsonRank, b"\"finish_reason\"")
+});
 
 /// Whether some `key` in `json` is followed by `:` and a string that is not empty.
 fn non_empty_string_after(json: &str, key: &Finder<'_>) -> bool {
