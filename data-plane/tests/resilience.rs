@@ -2442,40 +2442,19 @@ async fn a_committed_stream_left_before_its_first_event_ends_no_streak() {
             continue;
         }
         primary.set_fault(Fault::status(500).times(1));
-        let response = h.chat(chat_body(false)).await;
-        assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
-        h.cp.wait_for("a cooldown", |r| !r.events.is_empty()).await;
-        let streaks: Vec<u32> =
-            h.cp.with(|r| r.events.iter().map(|e| e.consecutive_failures).collect());
-        assert_eq!(streaks, [2], "the streak goes on");
+        a_failure_goes_on_its_streak(&h).await;
     }
 }
 
-/// An upstream whose first stream sends its head, then after `wait` an overload as its first
-/// event (TGI's), and that answers every later request 500.
-async fn late_overload_then_failing_upstream(wait: Duration) -> String {
-    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let app = axum::Router::new().fallback(move || {
-        let calls = std::sync::Arc::clone(&calls);
-        async move {
-            use axum::response::IntoResponse as _;
-            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
-                return (http::StatusCode::INTERNAL_SERVER_ERROR, "{}").into_response();
-            }
-            let body = futures::stream::once(async move {
-                tokio::time::sleep(wait).await;
-                Ok::<_, std::convert::Infallible>(bytes::Bytes::from_static(
-                    b"data: {\"error\":{\"message\":\"Model is overloaded\",\"http_status_code\":422}}\n\ndata: [DONE]\n\n",
-                ))
-            });
-            (
-                [(http::header::CONTENT_TYPE, "text/event-stream")],
-                axum::body::Body::from_stream(body),
-            )
-                .into_response()
-        }
-    });
-    format!("http://{}/v1", serve_locally(app).await)
+/// A request failed over from the primary, whose failure (its answer a 500) is the second of
+/// its streak: what had come before did not end the streak.
+async fn a_failure_goes_on_its_streak(h: &Harness) {
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    h.cp.wait_for("a cooldown", |r| !r.events.is_empty()).await;
+    let streaks: Vec<u32> =
+        h.cp.with(|r| r.events.iter().map(|e| e.consecutive_failures).collect());
+    assert_eq!(streaks, [2], "the streak goes on");
 }
 
 /// An error as a committed stream's first event (an overload come after the stream was
@@ -2483,7 +2462,14 @@ async fn late_overload_then_failing_upstream(wait: Duration) -> String {
 /// that is an uncommitted stream's first event.
 #[tokio::test]
 async fn an_error_as_a_committed_streams_first_event_ends_no_streak() {
-    let upstream = late_overload_then_failing_upstream(Duration::from_millis(600)).await;
+    // Its first stream: its head, then an overload as its first event (TGI's); every later
+    // call a 500.
+    let upstream = timed_stream_upstream(|call| call == 0, Duration::from_millis(600), || {
+        Ok(bytes::Bytes::from_static(
+            b"data: {\"error\":{\"message\":\"Model is overloaded\",\"http_status_code\":422}}\n\ndata: [DONE]\n\n",
+        ))
+    })
+    .await;
     let fallback = mock("fallback");
     let mut primary = backend("primary", &upstream, proto::Pool::Primary, 0);
     // On a streak, its cooldown over: a 500 now is a failure at once.
@@ -2506,12 +2492,7 @@ async fn an_error_as_a_committed_streams_first_event_ends_no_streak() {
     let body = response.text().await.unwrap();
     assert!(body.starts_with(": keep-alive"), "committed early: {body}");
     assert!(body.contains("Model is overloaded"), "{body}");
-    let response = h.chat(chat_body(false)).await;
-    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
-    h.cp.wait_for("a cooldown", |r| !r.events.is_empty()).await;
-    let streaks: Vec<u32> =
-        h.cp.with(|r| r.events.iter().map(|e| e.consecutive_failures).collect());
-    assert_eq!(streaks, [2], "the streak goes on");
+    a_failure_goes_on_its_streak(&h).await;
 }
 
 /// An OpenAI-format upstream streaming a reasoning model's chunks: its role, then `reasoning`
@@ -2584,20 +2565,25 @@ async fn keep_alives_follow_what_the_client_hears() {
     assert!(body.contains("event: message_stop"), "{body}");
 }
 
-/// An upstream that answers its first request 500, and every later one with a stream's head,
-/// then, `silence` later and before any event, breaks the connection.
-async fn failing_then_breaking_upstream(silence: Duration) -> String {
+/// An upstream that answers the calls `streams` picks (by their number, from 0) with a
+/// stream's head, then, `wait` later, what `then` gives (a chunk, or the connection broken),
+/// and every other call 500.
+async fn timed_stream_upstream(
+    streams: fn(usize) -> bool,
+    wait: Duration,
+    then: fn() -> Result<bytes::Bytes, std::io::Error>,
+) -> String {
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let app = axum::Router::new().fallback(move || {
         let calls = std::sync::Arc::clone(&calls);
         async move {
             use axum::response::IntoResponse as _;
-            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            if !streams(calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst)) {
                 return (http::StatusCode::INTERNAL_SERVER_ERROR, "{}").into_response();
             }
             let body = futures::stream::once(async move {
-                tokio::time::sleep(silence).await;
-                Err::<bytes::Bytes, _>(std::io::Error::other("broken"))
+                tokio::time::sleep(wait).await;
+                then()
             });
             (
                 [(http::header::CONTENT_TYPE, "text/event-stream")],
@@ -2607,6 +2593,17 @@ async fn failing_then_breaking_upstream(silence: Duration) -> String {
         }
     });
     format!("http://{}/v1", serve_locally(app).await)
+}
+
+/// An upstream that answers its first request 500, and every later one with a stream's head,
+/// then, `silence` later and before any event, breaks the connection.
+async fn failing_then_breaking_upstream(silence: Duration) -> String {
+    timed_stream_upstream(
+        |call| call > 0,
+        silence,
+        || Err(std::io::Error::other("broken")),
+    )
+    .await
 }
 
 /// A stream committed before its first event has not answered yet: its backend's streak is
