@@ -4,9 +4,11 @@
 
 mod accounting;
 mod estimate;
+mod failure;
 pub(crate) mod forward;
 mod health;
 mod kept_sleeps;
+mod outgoing;
 mod relay;
 mod request_log;
 mod stored;

@@ -247,7 +247,7 @@ pub(super) struct Relay {
     /// cut.
     usage_ends: bool,
     /// That error event was the stream's first: an overload there failed over before the
-    /// stream was committed (`forward::first_event`), so this one may be the server refusing
+    /// stream was committed (`failure::first_event`), so this one may be the server refusing
     /// the client's own request (TGI validates a request's parameters after its 200 head): its
     /// end counts for the backend's cooldown neither way.
     error_first: bool,
