@@ -1443,6 +1443,45 @@ async fn a_backend_out_of_tokens_is_skipped_like_one_out_of_requests() {
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
 }
 
+/// An attempt that fails before any answer gives its backend's tokens back when the provider
+/// counted none (a 5xx), and keeps them charged when it timed out (it may have been
+/// generating): after a 5xx the backend still has room for two requests of its own, after a
+/// timeout the tokens the failed attempt kept leave it room for one.
+#[tokio::test]
+async fn a_failed_attempt_gives_its_backends_tokens_back_unless_it_timed_out() {
+    // About 45 tokens of prompt estimate.
+    let body = serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "x".repeat(170)}],
+    });
+    for (fault, kept) in [(Fault::status(500), false), (Fault::DelayMs(1_500), true)] {
+        let (primary, fallback) = (mock("primary"), mock("fallback"));
+        let mut backends = pair(&primary, &fallback);
+        // 1,200 TPM over 2 replicas: 600 a minute here, a burst of 60.
+        backends[0].tpm_limit = 1_200;
+        let mut snap = snapshot(1, backends);
+        snap.replica_count = 2;
+        snap.settings = with_timeouts(200, 300, 20_000);
+        let h = Harness::start(snap).await;
+        primary.set_fault(fault.clone().times(1));
+        let failed = h.chat(body.clone()).await;
+        assert_eq!(
+            header(&failed, "x-sluice-backend"),
+            "fallback-name",
+            "{fault:?}"
+        );
+        let mut at_primary = 0;
+        for _ in 0..2 {
+            let r = h.chat(body.clone()).await;
+            if header(&r, "x-sluice-backend") == "primary-name" {
+                at_primary += 1;
+            }
+        }
+        let expected = if kept { 1 } else { 2 };
+        assert_eq!(at_primary, expected, "{fault:?}");
+    }
+}
+
 #[tokio::test]
 async fn backend_limits_move_traffic_to_the_next_backend_and_then_answer_429() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));
