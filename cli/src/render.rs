@@ -134,9 +134,14 @@ fn when(timestamp: Option<&sluice_proto::wkt::Timestamp>, now: SystemTime) -> St
     }
 }
 
-/// A cost with its currency: `1.2345 USD`.
+/// A cost with its currency: `1.2345 USD`; money too small for four decimals with three
+/// significant digits (`0.0000300 USD`), not as none.
 fn cost(value: f64, currency: &str) -> String {
-    with_currency(format!("{value:.4}"), currency)
+    let decimals = match value {
+        v if v > 0.0 && v < 0.0001 => (-v.log10()).ceil() as usize + 2,
+        _ => 4,
+    };
+    with_currency(format!("{value:.decimals$}"), currency)
 }
 
 fn millis(value: f64) -> String {
@@ -860,6 +865,14 @@ mod tests {
     }
 
     /// A stream timeout below the request timeout is shown with the one that applies.
+    /// A cost too small for four decimals keeps three significant digits, not "0.0000".
+    #[test]
+    fn a_small_cost_is_not_shown_as_none() {
+        assert_eq!(cost(1.23456, "USD"), "1.2346 USD");
+        assert_eq!(cost(0.00003, "USD"), "0.0000300 USD");
+        assert_eq!(cost(0.0, "USD"), "0.0000 USD");
+    }
+
     #[test]
     fn a_stream_timeout_below_the_request_timeout_says_which_applies() {
         let d = |seconds: i64| Some(sluice_proto::wkt::Duration { seconds, nanos: 0 });

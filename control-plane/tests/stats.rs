@@ -396,6 +396,7 @@ fn as_totals(b: &pb::UsageBucket) -> pb::GetTotalsResponse {
         audio_prompt_tokens: b.audio_prompt_tokens,
         audio_completion_tokens: b.audio_completion_tokens,
         next_page_token: String::new(),
+        hours_kept_since: None,
     }
 }
 
@@ -1250,6 +1251,7 @@ async fn retention_deletes_old_hourly_rows_and_keeps_day_totals() {
     };
     let days_before = h.usage(days_request.clone()).await;
     let totals_before = h.totals(Default::default()).await;
+    assert_eq!(totals_before.hours_kept_since, None, "every hour kept");
     assert_eq!(h.usage(hours_request.clone()).await.len(), 3);
 
     let store = h.cp.store().unwrap().clone();
@@ -1287,6 +1289,16 @@ async fn retention_deletes_old_hourly_rows_and_keeps_day_totals() {
         })
         .await;
     assert_eq!(old_hours.request_count, 0);
+    // The answers say so: hours before the retention's cutoff (90 days before the newest
+    // stored hour's day) are kept by the day alone.
+    assert_eq!(old_hours.hours_kept_since, ts(recent_day - 90 * DAY));
+    let hours_page = h
+        .stats
+        .get_usage(hours_request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hours_page.hours_kept_since, ts(recent_day - 90 * DAY));
     assert_eq!(store.apply_usage_retention(now).await.unwrap(), 0);
 
     // 0 keeps everything; 2 days drops the recent day's hours too, once today has usage

@@ -72,18 +72,18 @@ async fn set_enabled(api: &ControlApi, id: &str, enabled: bool) {
 }
 
 /// One served request of `backend_id`, reported as a replica reports it.
-async fn report_usage(api: &ControlApi, backend_id: &str) {
+async fn report_usage(api: &ControlApi, backend_id: &str, sequence: u64, ago: Duration) {
     use sluice_proto::v1::data_plane_service_client::DataPlaneServiceClient;
     let mut client = DataPlaneServiceClient::with_interceptor(
         api.channel().await,
         common::Bearer(DATAPLANE_TOKEN.into()),
     );
-    let now = std::time::SystemTime::now()
+    let now = (std::time::SystemTime::now() - ago)
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();
     let record = pb::UsageRecord {
-        sequence: 1,
-        request_id: "req-deleted-backend".into(),
+        sequence,
+        request_id: format!("req-deleted-backend-{sequence}"),
         backend_id: backend_id.into(),
         model: "gpt-4o-mini".into(),
         prompt_tokens: 10,
@@ -112,7 +112,10 @@ async fn report_usage(api: &ControlApi, backend_id: &str) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 1);
+    assert_eq!(
+        acks.message().await.unwrap().unwrap().acked_sequence,
+        sequence
+    );
 }
 
 async fn backend_names(api: &ControlApi) -> Vec<pb::Backend> {
@@ -679,7 +682,7 @@ async fn the_dashboard_in_a_browser() {
         .click(&format!("{row} button[data-action=delete]"))
         .await;
     // It served a request before it goes: the Overview keeps its usage, as `gamma (deleted)`.
-    report_usage(&api, &gamma.id).await;
+    report_usage(&api, &gamma.id, 1, Duration::ZERO).await;
     // Another admin deletes it meanwhile: the confirmed delete is refused, and the banner
     // says so until the next action (the page reloaded after an action cleared it at once).
     api.admin()
@@ -1065,6 +1068,23 @@ async fn the_dashboard_in_a_browser() {
             "the deleted backend's row",
         )
         .await;
+    // Its one request has no latency known (its tokens estimated, as a crash leaves them):
+    // a dash, not "0 ms"; its cost, a thousandth of a cent, is not shown as none.
+    let cells = browser
+        .eval(
+            "(() => { const r = [...document.querySelectorAll('#overview-backends tr')].find(r => \
+             r.textContent.includes('gamma (deleted)')); \
+             return [r.cells[5].textContent, r.cells[6].textContent]; })()",
+        )
+        .await;
+    assert_eq!(cells[0], "–", "{cells}");
+    assert!(
+        cells[1]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("0.000001"),
+        "{cells}"
+    );
     // Its estimate and its parts (cached, reasoning, audio) are named in the totals, the only
     // ones there were.
     let totals = browser.text("#totals").await;
@@ -1104,6 +1124,27 @@ async fn the_dashboard_in_a_browser() {
         .await;
     browser
         .screenshot(&artifacts().join("dashboard-overview-1024.png"))
+        .await;
+    // With every hour kept there is nothing to say; with the hours kept for 3 days and usage
+    // 5 days old, the 7-day overview says what its hourly charts and its totals' first day
+    // cannot count.
+    assert!(browser.text("#hours-note").await.is_empty());
+    report_usage(&api, "gone-backend", 2, Duration::from_secs(5 * 86_400)).await;
+    api.set_settings(
+        pb::Settings {
+            usage_retention_days: 3,
+            ..Default::default()
+        },
+        &["usage_retention_days"],
+    )
+    .await;
+    browser.click("#range button[data-range='7d']").await;
+    browser
+        .wait_for(
+            "!document.querySelector('#hours-note').hidden && \
+             document.querySelector('#hours-note').textContent.includes('kept by the whole day only')",
+            "the note on hours past the hourly retention",
+        )
         .await;
 
     // Sign out forgets the token.

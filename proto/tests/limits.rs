@@ -334,6 +334,10 @@ fn a_full_usage_page_fits_a_default_client() {
     let page = pb::GetUsageResponse {
         buckets: vec![bucket; MAX_USAGE_PAGE_SIZE],
         next_page_token: "t".repeat(1024),
+        hours_kept_since: Some(pbjson_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: i32::MAX,
+        }),
     };
     let len = page.encoded_len();
     eprintln!("largest usage page: {len} bytes");

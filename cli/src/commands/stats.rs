@@ -21,6 +21,7 @@ pub async fn run(
         StatsCommand::Totals { by, range, filter } => {
             let filter = resolve(filter, connection).await?;
             let (start_time, end_time) = time_range(&range, SystemTime::now());
+            let grouped = by.is_some();
             let mut request = pb::GetTotalsRequest {
                 start_time,
                 end_time,
@@ -33,6 +34,7 @@ pub async fn run(
                 page_size: MAX_USAGE_PAGE_SIZE as i32,
                 page_token: String::new(),
             };
+            let (start, end) = (request.start_time, request.end_time);
             let mut stats = connection.stats().await?;
             // Every group, page by page; the totals are those of the last page's read.
             let mut groups = Vec::new();
@@ -44,6 +46,19 @@ pub async fn run(
                 }
                 request.page_token = std::mem::take(&mut page.next_page_token);
             };
+            if let Some(note) = hours_note(response.hours_kept_since, start, end, false) {
+                eprintln!("{note}");
+            }
+            // Each page is read as of its moment: usage that arrived between the pages of a
+            // range reaching now is in the totals (the last page's) and not in every group.
+            let in_groups: u64 = response.groups.iter().map(|g| g.request_count).sum();
+            if grouped && in_groups != response.request_count {
+                eprintln!(
+                    "sluicectl: note: usage arrived while the groups were read: the groups add \
+                     up to {in_groups} requests, the totals (read last) {}",
+                    response.request_count
+                );
+            }
             out.print(&response, render::totals)
         }
         StatsCommand::Usage {
@@ -59,12 +74,17 @@ pub async fn run(
             if newest_first {
                 request.order = pb::UsageOrder::NewestFirst.into();
             }
+            let (start, end) = (request.start_time, request.end_time);
+            let hour_buckets = request.granularity != i32::from(pb::Granularity::Day);
             let stats = connection.stats().await?;
             let response = read_pages(request, limit, |request| {
                 let mut stats = stats.clone();
                 async move { connection.call(stats.get_usage(request)).await }
             })
             .await?;
+            if let Some(note) = hours_note(response.hours_kept_since, start, end, hour_buckets) {
+                eprintln!("{note}");
+            }
             out.print(&response, render::usage)
         }
     }
@@ -88,6 +108,7 @@ where
         let page = call(request.clone()).await?;
         all.buckets.extend(page.buckets);
         all.next_page_token = page.next_page_token;
+        all.hours_kept_since = page.hours_kept_since;
         if all.next_page_token.is_empty() || limit.is_some_and(|l| all.buckets.len() as u64 >= l) {
             return Ok(all);
         }
@@ -216,6 +237,41 @@ fn usage_request(
     }
 }
 
+/// What an answer could not count by the hour, said on stderr (stdout stays the API's): hours
+/// before `kept` (the hourly retention's cutoff) are kept by the whole UTC day alone, so hour
+/// buckets there, and a range's first or last partial day there, count nothing. `None` when
+/// the question reaches no such hour.
+fn hours_note(
+    kept: Option<Timestamp>,
+    start: Option<Timestamp>,
+    end: Option<Timestamp>,
+    hour_buckets: bool,
+) -> Option<String> {
+    const DAY_SECONDS: i64 = 86_400;
+    let kept = kept?;
+    let before_kept = |t: &Timestamp| (t.seconds, t.nanos) < (kept.seconds, kept.nanos);
+    let partial_day = |t: &Timestamp| t.seconds.rem_euclid(DAY_SECONDS) != 0 || t.nanos != 0;
+    let since = crate::time::absolute(Some(&kept));
+    if hour_buckets {
+        return start.as_ref().is_none_or(before_kept).then(|| {
+            format!(
+                "sluicectl: note: usage before {since} is kept by the whole UTC day only, not \
+                 in hour buckets (its hours count nothing here): ask with --granularity day"
+            )
+        });
+    }
+    let cut = [start, end]
+        .into_iter()
+        .flatten()
+        .find(|t| before_kept(t) && partial_day(t))?;
+    Some(format!(
+        "sluicectl: note: usage before {since} is kept by the whole UTC day only: the hours of \
+         the range's partial day at {} count nothing; give the range whole UTC days to count \
+         that day",
+        crate::time::absolute(Some(&cut))
+    ))
+}
+
 /// `--since D` is `[now - D, now)`; `--start`/`--end` as given; nothing is all time.
 fn time_range(range: &RangeArgs, now: SystemTime) -> (Option<Timestamp>, Option<Timestamp>) {
     match range.since {
@@ -263,6 +319,28 @@ mod tests {
         assert_eq!(request.group_by, pb::GroupBy::ClientKey as i32);
         assert_eq!(request.granularity, pb::Granularity::Day as i32);
         assert_eq!(request.backend_id, "b");
+    }
+
+    /// An answer whose hours are partly past the hourly retention is noted: hour buckets
+    /// reaching before it, and a range's partial day before it; whole days, and a range
+    /// inside the hours kept, are not.
+    #[test]
+    fn hours_past_the_hourly_retention_are_noted() {
+        let at = |seconds: i64| Some(Timestamp { seconds, nanos: 0 });
+        let day = 86_400;
+        let kept = at(100 * day);
+        assert!(hours_note(None, None, None, true).is_none());
+        // Hour buckets: all time, or a start before the cutoff.
+        let note = hours_note(kept, None, None, true).unwrap();
+        assert!(note.contains("--granularity day"), "{note}");
+        assert!(hours_note(kept, at(99 * day), None, true).is_some());
+        assert!(hours_note(kept, at(100 * day), None, true).is_none());
+        // Totals and day buckets: a partial first day before the cutoff, not a whole one.
+        let note = hours_note(kept, at(95 * day + 14 * 3_600), at(120 * day), false).unwrap();
+        assert!(note.contains("1970-04-06T14:00:00Z"), "{note}");
+        assert!(hours_note(kept, at(95 * day), at(120 * day), false).is_none());
+        assert!(hours_note(kept, None, None, false).is_none());
+        assert!(hours_note(kept, at(101 * day + 5), None, false).is_none());
     }
 
     #[test]

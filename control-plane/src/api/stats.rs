@@ -21,6 +21,12 @@ impl Stats {
     pub fn new(store: Store) -> Self {
         Self { store }
     }
+
+    /// Where the hourly statistics begin, for an answer to say what its hours could not count.
+    async fn hours_kept_since(&self) -> Result<Option<pbjson_types::Timestamp>, Status> {
+        let since = self.store.hours_kept_since(crate::time::now_ms()).await?;
+        Ok(since.map(crate::time::timestamp))
+    }
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -212,6 +218,7 @@ impl StatsService for Stats {
                 .map(|p| bucket(p, true, &currency))
                 .collect(),
             next_page_token: next.map(|c| encode_token(&r, c)).unwrap_or_default(),
+            hours_kept_since: self.hours_kept_since().await?,
         };
         within(response, MAX_ADMIN_RESPONSE_BYTES).map(Response::new)
     }
@@ -259,6 +266,7 @@ impl StatsService for Stats {
                 .collect(),
             currency,
             next_page_token: next.map(|c| encode_token(&r, c)).unwrap_or_default(),
+            hours_kept_since: self.hours_kept_since().await?,
         });
         let len = response.encoded_len();
         if len > MAX_ADMIN_RESPONSE_BYTES {
@@ -288,7 +296,7 @@ mod tests {
                 };
                 3
             ],
-            next_page_token: String::new(),
+            ..Default::default()
         };
         let len = response.encoded_len();
         assert_eq!(within(response.clone(), len).unwrap(), response);

@@ -64,6 +64,9 @@
   const fmtCount = (n, unit) => `${fmtInt(n)} ${unit}`;
   function fmtCost(x) {
     x = num(x);
+    // Money too small for four decimals is not shown as none (200 prompt tokens of a cheap
+    // model cost 0.00003): three significant digits, as a key's spend is shown.
+    if (x > 0 && x < 0.0001) return new Intl.NumberFormat(undefined, { maximumSignificantDigits: 3 }).format(x);
     const digits = x === 0 ? 2 : x < 0.01 ? 4 : x < 1 ? 3 : 2;
     return new Intl.NumberFormat(undefined, { minimumFractionDigits: digits, maximumFractionDigits: digits }).format(x);
   }
@@ -75,6 +78,11 @@
     if (ms >= 1000) return `${new Intl.NumberFormat(undefined, { maximumFractionDigits: 2 }).format(ms / 1000)} s`;
     return `${new Intl.NumberFormat(undefined, { maximumFractionDigits: ms < 10 ? 1 : 0 }).format(ms)} ms`;
   }
+  /**
+   * A latency or time to the first token of the statistics: none known (no streamed request,
+   * requests a crash cut off) comes as 0, which no measured one is, and reads as a dash.
+   */
+  const fmtLatency = (ms) => (num(ms) > 0 ? fmtMs(ms) : '–');
   function fmtPct(ratio) {
     const p = num(ratio) * 100;
     // A rate that rounds to 0 or 100 but is not says so: "0 %" read as no error at all.
@@ -365,7 +373,7 @@
     const [totals, pools, usage, backends, cooldowns] = await Promise.all([
       call('StatsService/GetTotals', { startTime, groupBy: 'GROUP_BY_BACKEND' }),
       call('StatsService/GetTotals', { startTime, groupBy: 'GROUP_BY_POOL' }),
-      allBuckets(usageRequest).then((buckets) => ({ buckets }), (error) => ({ error })),
+      allBuckets(usageRequest).catch((error) => ({ error })),
       call('AdminService/ListBackends'),
       call('AdminService/ListCooldowns'),
     ]);
@@ -376,8 +384,25 @@
     renderTotals(totals);
     renderOverviewBackends(totals.groups || []);
     renderOverviewPools(pools.groups || []);
+    renderHoursNote(totals.hoursKeptSince, usage.hoursKeptSince, start, bucket);
     if (usage.error) throw usage.error;
     renderCharts(usage.buckets, start, bucket);
+  }
+
+  /**
+   * Says what the figures could not count by the hour: before the hourly retention's cutoff
+   * usage is kept by the whole UTC day alone, so hour buckets there are empty, and so are the
+   * hours of the range's partial first day there (the totals).
+   */
+  function renderHoursNote(totalsKept, usageKept, start, bucket) {
+    const note = $('#hours-note');
+    const kept = Date.parse(totalsKept || usageKept || '');
+    const reached = Number.isFinite(kept) && start < kept;
+    const partialDay = start % DAY !== 0;
+    note.hidden = !(reached && (bucket === HOUR || partialDay));
+    note.textContent = note.hidden ? '' : `Usage before ${new Date(kept).toISOString().slice(0, 16).replace('T', ' ')} UTC is kept by the whole day only (the hourly retention): `
+      + (bucket === HOUR ? 'the hourly charts are empty before it, and ' : '')
+      + 'the totals leave out the hours of the range’s first day before it.';
   }
 
   /** The most buckets one `GetUsage` page holds. */
@@ -387,12 +412,14 @@
   async function allBuckets(request) {
     const buckets = [];
     let pageToken = '';
+    let hoursKeptSince;
     do {
       const page = await call('StatsService/GetUsage', { ...request, pageSize: USAGE_PAGE, pageToken });
       for (const b of page.buckets || []) buckets.push(b);
+      hoursKeptSince = page.hoursKeptSince;
       pageToken = page.nextPageToken || '';
     } while (pageToken);
-    return buckets;
+    return { buckets, hoursKeptSince };
   }
 
   function renderTotals(t) {
@@ -417,9 +444,9 @@
       card('Error rate', fmtPct(t.errorRate), fmtCount(t.errorCount, num(t.errorCount) === 1 ? 'error' : 'errors')),
       card('Tokens', fmtInt(t.totalTokens), `${prompt} · ${completion}${audioText}`),
       card('Cost', fmtMoney(t.cost), 'from the models\u2019 prices'),
-      card('Latency p50', fmtMs(t.p50LatencyMs), `avg ${fmtMs(t.avgLatencyMs)}`),
-      card('Latency p95', fmtMs(t.p95LatencyMs), `p99 ${fmtMs(t.p99LatencyMs)}`),
-      card('Time to first token', fmtMs(t.avgTtftMs), 'average'),
+      card('Latency p50', fmtLatency(t.p50LatencyMs), `avg ${fmtLatency(t.avgLatencyMs)}`),
+      card('Latency p95', fmtLatency(t.p95LatencyMs), `p99 ${fmtLatency(t.p99LatencyMs)}`),
+      card('Time to first token', fmtLatency(t.avgTtftMs), 'average'),
     );
   }
 
@@ -427,7 +454,8 @@
     { id: 'requests', value: (b) => num(b.requestCount), kind: 'count', additive: true },
     { id: 'tokens', value: (b) => num(b.totalTokens), kind: 'count', additive: true },
     { id: 'cost', value: (b) => num(b.cost), kind: 'cost', additive: true },
-    { id: 'latency', value: (b) => (num(b.requestCount) > 0 ? num(b.p95LatencyMs) : null), kind: 'ms', additive: false },
+    // A bucket whose requests have no latency known (a crash cut them off) has no point.
+    { id: 'latency', value: (b) => (num(b.p95LatencyMs) > 0 ? num(b.p95LatencyMs) : null), kind: 'ms', additive: false },
   ];
 
   function renderCharts(buckets, start, bucketStep) {
@@ -619,7 +647,7 @@
         stateCell(b),
         h('td', { class: 'num' }, fmtInt(t.requestCount)),
         h('td', { class: 'num' }, num(t.requestCount) ? fmtPct(t.errorRate) : '–'),
-        h('td', { class: 'num' }, num(t.requestCount) ? fmtMs(t.p95LatencyMs) : '–'),
+        h('td', { class: 'num' }, fmtLatency(t.p95LatencyMs)),
         h('td', { class: 'num' }, fmtMoney(t.cost)));
     });
     // Usage of backends deleted since (named `NAME (deleted)`) and of requests that reached
@@ -633,7 +661,7 @@
         h('td', null, g.groupKey ? h('span', { class: 'pill off' }, 'deleted') : '–'),
         h('td', { class: 'num' }, fmtInt(g.requestCount)),
         h('td', { class: 'num' }, num(g.requestCount) ? fmtPct(g.errorRate) : '–'),
-        h('td', { class: 'num' }, num(g.requestCount) ? fmtMs(g.p95LatencyMs) : '–'),
+        h('td', { class: 'num' }, fmtLatency(g.p95LatencyMs)),
         h('td', { class: 'num' }, fmtMoney(g.cost))));
     }
     table($('#overview-backends'), [
@@ -651,7 +679,7 @@
       h('td', { class: 'num' }, fmtInt(g.backendCount)),
       h('td', { class: 'num' }, fmtInt(g.requestCount)),
       h('td', { class: 'num' }, num(g.requestCount) ? fmtPct(g.errorRate) : '–'),
-      h('td', { class: 'num' }, num(g.requestCount) ? fmtMs(g.p95LatencyMs) : '–'),
+      h('td', { class: 'num' }, fmtLatency(g.p95LatencyMs)),
       h('td', { class: 'num' }, fmtInt(g.totalTokens)),
       h('td', { class: 'num' }, fmtMoney(g.cost))));
     table($('#overview-pools'), [

@@ -2,15 +2,16 @@
 //!
 //! A batch of records and the sender's high-water sequence are applied in one
 //! transaction, adding to hourly and daily rows per (pool, backend, model, client
-//! key). Retention deletes old hourly
-//! rows only, one day per transaction. Queries read whole UTC days from the daily rows
+//! key). Retention deletes old hourly rows, and with `usage_daily_retention_days` old daily
+//! rows too, oldest first, in transactions of a bounded number of rows. Queries read whole
+//! UTC days from the daily rows
 //! and the hours at either end of a range from the hourly rows, so an answer is
 //! the same whichever table gives it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rusqlite::{Connection, params, params_from_iter};
+use rusqlite::{Connection, OptionalExtension as _, params, params_from_iter};
 use tokio_util::sync::CancellationToken;
 
 use super::{Reader, Store, StoreError, WriteOp};
@@ -225,6 +226,30 @@ impl Store {
             // One read transaction: hourly and daily rows from the same commit.
             let tx = conn.transaction()?;
             totals(&tx, &filter, Sources::HourlyAndDaily)
+        })
+        .await
+    }
+
+    /// The start of the oldest hour the hourly rows keep (`usage_retention_days`, counted as
+    /// retention counts it at `now_ms`) when usage older than it is kept by the day alone:
+    /// hours before it count nothing in an hour bucket or a range's partial first day. `None`
+    /// when the hourly rows keep every hour, or no usage is older.
+    pub async fn hours_kept_since(&self, now_ms: i64) -> Result<Option<i64>, StoreError> {
+        self.read(Reader::Queries, move |conn, _| {
+            let days = super::load_settings_in(conn)?.usage_retention_days;
+            let (table, time, _) = HOURLY_TABLE;
+            let Some(cutoff) = retention_cutoff(conn, table, time, days, now_ms)? else {
+                return Ok(None);
+            };
+            // The table's key starts with its day: one step down its B-tree.
+            let older: Option<i64> = conn
+                .query_row(
+                    "SELECT 1 FROM usage_daily_by_backend WHERE day_start < ?1 LIMIT 1",
+                    [cutoff],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(older.map(|_| cutoff))
         })
         .await
     }
@@ -1311,7 +1336,7 @@ fn is_after(start_ms: i64, group_key: &str, cursor: &Cursor, order: Order) -> bo
     later || (start_ms == cursor.start_ms && group_key > cursor.group_key.as_str())
 }
 
-/// The first and the last day any usage was stored (daily rows are never deleted), as
+/// The first and the last day any usage was stored (daily rows outlive their hours: daily retention is at least the hourly one), as
 /// `[first day, day after the last)`; `None` when nothing is stored.
 fn stored_days(conn: &Connection) -> Result<Option<(i64, i64)>, StoreError> {
     let (first, last): (Option<i64>, Option<i64>) = conn.query_row(

@@ -5,7 +5,9 @@
 const HISTOGRAM_FLOOR_MS: f64 = 0.1;
 /// Buckets per doubling of latency (each bucket is ~19 % wide).
 const BUCKETS_PER_DOUBLING: f64 = 4.0;
-/// The last bucket holds everything above ~56 minutes.
+/// The last bucket holds everything above ~47 minutes and reports ~56 (its upper bound).
+/// Not widened for longer streams: an older control plane, rolled back to, refuses a stored
+/// bucket past its last.
 pub const HISTOGRAM_BUCKETS: u32 = 101;
 
 /// The histogram bucket of a latency: bucket `b` holds latencies in
