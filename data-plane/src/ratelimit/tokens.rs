@@ -69,6 +69,19 @@ fn nanos_for(tokens: u64, limit: u64, replicas: u64) -> u64 {
     u64::try_from(nanos).unwrap_or(u64::MAX)
 }
 
+/// The tokens `replicas`' share of `limit` refills in `time`, rounded down.
+fn tokens_in(time: Duration, limit: u64, replicas: u64) -> u64 {
+    let tokens = time.as_nanos() * u128::from(limit) / (NANOS_PER_MINUTE * u128::from(replicas));
+    u64::try_from(tokens).unwrap_or(u64::MAX)
+}
+
+/// How long from `now` until a bucket at `tat` whose burst takes `tolerance` holds something;
+/// `None` if it does. It holds `now + τ − tat`: something once `now + τ` is past `tat`.
+fn wait(tat: u64, now: u64, tolerance: u64) -> Option<Duration> {
+    let full_at = now.saturating_add(tolerance);
+    (tat >= full_at).then(|| Duration::from_nanos(tat - full_at + 1))
+}
+
 /// A limit and a replica count (each at most `u32::MAX`) in one word.
 fn pack(limit: u64, replicas: u64) -> u64 {
     (limit << 32) | replicas
@@ -180,13 +193,19 @@ impl TokenBucket {
     /// known before the answer); otherwise says how long until it holds something again.
     /// The charge is at most a day of the share: no request leaves the bucket further in debt
     /// than a settlement may.
+    ///
+    /// Charged and measured at the rate in use ([`Self::in_use`]): a request that loaded its
+    /// snapshot before a limit was cut (a large upload, a failover after a slow failure)
+    /// admitted at the old rate and burst, a hundredth of what its tokens cost at a limit cut
+    /// a hundredfold.
     pub fn try_admit(&self, estimate: u64, now: Instant) -> Result<Reservation, Duration> {
         let now = self.at(now);
-        let estimate = estimate.min(self.tokens_in(MAX_DEBT));
-        let cost = self.nanos_for(estimate);
+        let (limit, replicas, tolerance) = self.in_use();
+        let estimate = estimate.min(tokens_in(MAX_DEBT, limit, replicas));
+        let cost = nanos_for(estimate, limit, replicas);
         let mut tat = self.state.tat.load(Ordering::Acquire);
         loop {
-            if let Some(wait) = self.wait(tat, now) {
+            if let Some(wait) = wait(tat, now, tolerance) {
                 return Err(wait);
             }
             // A bucket idle for long is full, no more: time before `now` is not credit.
@@ -211,14 +230,24 @@ impl TokenBucket {
     /// How long until the bucket holds something (zero when it does), without charging.
     pub fn available_in(&self, now: Instant) -> Duration {
         let tat = self.state.tat.load(Ordering::Acquire);
-        self.wait(tat, self.at(now)).unwrap_or(Duration::ZERO)
+        let (_, _, tolerance) = self.in_use();
+        wait(tat, self.at(now), tolerance).unwrap_or(Duration::ZERO)
     }
 
-    /// How long from `now` until a bucket at `tat` holds something; `None` if it does. It
-    /// holds `now + τ − tat`: something once `now + τ` is past `tat`.
-    fn wait(&self, tat: u64, now: u64) -> Option<Duration> {
-        let full_at = now.saturating_add(self.tolerance);
-        (tat >= full_at).then(|| Duration::from_nanos(tat - full_at + 1))
+    /// The limit, replica count and tolerance (its burst's time) of the bucket in use: this
+    /// one's but for a request holding a bucket a newer snapshot's has taken over from, whose
+    /// debt is kept at the newer one's rate.
+    fn in_use(&self) -> (u64, u64, u64) {
+        let rate = self.state.in_use.load(Ordering::Acquire);
+        if rate == pack(self.limit, self.replicas) {
+            return (self.limit, self.replicas, self.tolerance);
+        }
+        let (limit, replicas) = unpack(rate);
+        (
+            limit,
+            replicas,
+            nanos_for(burst(limit, replicas), limit, replicas),
+        )
     }
 
     /// Charges `more` tokens than were reserved, or hands `fewer` back, at the rate of the
@@ -251,13 +280,6 @@ impl TokenBucket {
                     tat.saturating_sub(reserved - actual)
                 })
             });
-    }
-
-    /// The tokens this replica's share refills in `time`, rounded down.
-    fn tokens_in(&self, time: Duration) -> u64 {
-        let tokens = time.as_nanos() * u128::from(self.limit)
-            / (NANOS_PER_MINUTE * u128::from(self.replicas));
-        u64::try_from(tokens).unwrap_or(u64::MAX)
     }
 
     /// Nanoseconds of this share that `tokens` take.
@@ -388,6 +410,7 @@ mod tests {
         old.try_admit(120, now).unwrap().settle(120);
         // A replica joined: the share halves, the empty bucket stays empty.
         let new = TokenBucket::carry_over(Some(&old), 1_200, 2, now).unwrap();
+        new.take_over(now);
         assert!(new.try_admit(1, now).is_err());
         assert_eq!(new.burst(), 60);
         assert_eq!(new.share_per_minute(), 600.0);
@@ -421,6 +444,23 @@ mod tests {
         lowered.take_over(now);
         let wait = lowered.try_admit(1, now).unwrap_err();
         assert!(wait > Duration::from_secs(500), "{wait:?}");
+    }
+
+    /// A request holding the bucket of a snapshot older than a limit's cut is admitted and
+    /// charged at the rate in use: a limit cut a hundredfold admits it only while the new
+    /// burst has room, and charges it what its tokens cost at the new rate.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_of_an_older_snapshot_admits_at_the_rate_in_use() {
+        let now = Instant::now();
+        let old = TokenBucket::new(1_000_000, 1, now).unwrap();
+        let cut = TokenBucket::carry_over(Some(&old), 10_000, 1, now).unwrap();
+        cut.take_over(now);
+        // 1,500 tokens: past the new burst of 1,000, within the old one of 100,000.
+        let _kept = old.try_admit(1_500, now).unwrap();
+        let wait = old.try_admit(1, now).unwrap_err();
+        // 500 tokens of debt at 10,000 a minute: 3 s (0.03 s at the old rate).
+        assert!(wait > Duration::from_millis(2_900), "{wait:?}");
+        assert_eq!(cut.try_admit(1, now).unwrap_err(), wait);
     }
 
     /// A request admitted before its limit (or its replica count) changed and ending after
