@@ -81,9 +81,12 @@ pub enum SseError {
     EventTooLarge(usize),
 }
 
+/// The UTF-8 byte order mark.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// `bytes` without the UTF-8 byte order mark they start with, if they do.
 pub fn without_bom(bytes: &[u8]) -> &[u8] {
-    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+    bytes.strip_prefix(BOM).unwrap_or(bytes)
 }
 
 /// The parser state between chunks.
@@ -93,8 +96,11 @@ pub struct SseParser {
     line: Vec<u8>,
     /// The last chunk ended in `\r`: a `\n` starting the next one belongs to it.
     after_cr: bool,
-    /// A chunk has come: a byte order mark is only dropped at the stream's start.
+    /// The stream's first bytes are past: a byte order mark is only dropped at its start.
     past_start: bool,
+    /// Of a byte order mark at the stream's start, the bytes come so far (it may be cut
+    /// across chunks).
+    bom_bytes: usize,
     data: String,
     has_data: bool,
     event: Option<String>,
@@ -115,6 +121,7 @@ impl SseParser {
             line: Vec::new(),
             after_cr: false,
             past_start: false,
+            bom_bytes: 0,
             data: String::new(),
             has_data: false,
             event: None,
@@ -129,11 +136,23 @@ impl SseParser {
             return Ok(());
         }
         if !self.past_start {
-            self.past_start = true;
             // The format's decoding drops one at the start, as browsers' `EventSource` do: a
             // server writing through a UTF-8 writer with one (.NET's) would otherwise have
             // its first line's field named `\u{FEFF}data`, and its first event lost.
-            chunk = without_bom(chunk);
+            let rest = &BOM[self.bom_bytes..];
+            let matched = rest.iter().zip(chunk).take_while(|(a, b)| a == b).count();
+            if matched == chunk.len() && matched < rest.len() {
+                // All of this chunk is the mark's next bytes: the rest may follow.
+                self.bom_bytes += matched;
+                return Ok(());
+            }
+            self.past_start = true;
+            if matched == rest.len() {
+                chunk = &chunk[matched..];
+            } else if self.bom_bytes > 0 {
+                // The bytes held were not a mark after all, but the stream's text.
+                self.push(&BOM[..self.bom_bytes], out)?;
+            }
         }
         if self.after_cr {
             self.after_cr = false;
@@ -247,7 +266,8 @@ impl SseParser {
 
     /// Whether nothing is buffered, not even a `\r` whose `\n` may come next.
     fn is_fresh(&self) -> bool {
-        !self.has_partial() && !self.after_cr
+        // Bytes held as a byte order mark's first may yet be the stream's text.
+        !self.has_partial() && !self.after_cr && (self.past_start || self.bom_bytes == 0)
     }
 
     /// Gives back the data of an event this parser dispatched, once read, for the next event
@@ -437,6 +457,14 @@ mod tests {
         assert_eq!(items, [data("{\"a\":1}"), data("[DONE]")]);
         let items = parse_all(&[b"data: a\n\n", b"\xEF\xBB\xBFdata: b\n\n"]).unwrap();
         assert_eq!(items, [data("a")]);
+        // Cut across chunks, the mark is dropped all the same; the bytes of one that does
+        // not come whole are the stream's.
+        let items = parse_all(&[b"\xEF", b"", b"\xBB", b"\xBFdata: x\n\n"]).unwrap();
+        assert_eq!(items, [data("x")]);
+        let whole = parse_all(&[b"\xEF\xBBdata: y\n\n:c\n\n"]).unwrap();
+        let cut = parse_all(&[b"\xEF", b"\xBBdata: y\n\n:c\n\n"]).unwrap();
+        assert_eq!(cut, whole);
+        assert_eq!(whole, [Item::Comment("c".into())]);
     }
 
     #[test]
