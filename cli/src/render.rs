@@ -777,15 +777,20 @@ fn buckets(buckets: &[pb::UsageBucket], timed: bool) -> String {
             if timed {
                 row.push(time::absolute(bucket.start_time.as_ref()));
             }
+            // The group of requests that had none (reached no backend: Sluice's own 429s,
+            // refusals) is named so, not left blank, which shifts a reader's columns.
+            let or_none = |text: &str, none: &str| match text {
+                "" => none.to_owned(),
+                text => text.to_owned(),
+            };
             if grouped {
-                row.push(if bucket.group_label.is_empty() {
-                    bucket.group_key.clone()
-                } else {
-                    bucket.group_label.clone()
+                row.push(match bucket.group_label.as_str() {
+                    "" => or_none(&bucket.group_key, "(none)"),
+                    label => label.to_owned(),
                 });
             }
             if ids {
-                row.push(bucket.group_key.clone());
+                row.push(or_none(&bucket.group_key, "-"));
             }
             row.extend([
                 bucket.request_count.to_string(),
@@ -866,6 +871,22 @@ mod tests {
 
     /// A stream timeout below the request timeout is shown with the one that applies.
     /// A cost too small for four decimals keeps three significant digits, not "0.0000".
+    /// The group of requests that reached no backend is named, and its id cell holds a dash:
+    /// a blank cell shifted the columns of a reader splitting on whitespace.
+    #[test]
+    fn the_group_of_none_is_named_not_blank() {
+        let bucket = |key: &str, label: &str| pb::UsageBucket {
+            group_key: key.into(),
+            group_label: label.into(),
+            request_count: 1,
+            ..Default::default()
+        };
+        let table = buckets(&[bucket("b-1", "openai"), bucket("", "")], false);
+        let none = table.lines().last().unwrap();
+        let cells: Vec<&str> = none.split_whitespace().collect();
+        assert_eq!(cells[..3], ["(none)", "-", "1"], "{table}");
+    }
+
     #[test]
     fn a_small_cost_is_not_shown_as_none() {
         assert_eq!(cost(1.23456, "USD"), "1.2346 USD");

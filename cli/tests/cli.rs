@@ -1081,21 +1081,20 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
     use sluice_proto::v1 as pb;
 
     let h = Harness::start().await;
-    let added = h
-        .ctl(&[
-            "-o",
-            "json",
-            "backend",
-            "add",
-            "--name",
-            "busy",
-            "--base-url",
-            "http://127.0.0.1:9/v1",
-            "--model",
-            "gpt-4o-mini:gpt-4o-mini:0.15:0.60",
-        ])
-        .await
-        .json();
+    // Added here, and again at the end once deleted.
+    const ADD_BUSY: [&str; 10] = [
+        "-o",
+        "json",
+        "backend",
+        "add",
+        "--name",
+        "busy",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--model",
+        "gpt-4o-mini:gpt-4o-mini:0.15:0.60",
+    ];
+    let added = h.ctl(&ADD_BUSY).await.json();
     let backend_id = added["backend"]["id"].as_str().unwrap().to_owned();
 
     let key = h
@@ -1402,6 +1401,25 @@ async fn usage_cooldowns_and_replicas_reported_by_a_data_plane() {
     ] {
         assert!(row.contains(cell), "{cell} missing: {row}");
     }
+
+    // A backend deleted and added again under its name (to start over): its name asks for
+    // the new one's usage, and says which deleted one had the name and kept the rest.
+    h.ctl(&["backend", "remove", "busy"]).await.ok();
+    h.ctl(&ADD_BUSY).await.ok();
+    let again = h
+        .ctl(&["-o", "json", "stats", "totals", "--backend", "busy"])
+        .await;
+    assert_eq!(again.code, 0, "{again:?}");
+    assert!(
+        again.stderr.contains("1 deleted backend had that name")
+            && again.stderr.contains(&backend_id),
+        "{again:?}"
+    );
+    let figures: Value = serde_json::from_str(&again.stdout).unwrap();
+    assert!(
+        figures.get("requestCount").is_none(),
+        "the new backend served nothing: {figures}"
+    );
 }
 
 /// `stats usage` reads a series whose single answer would pass 4 MiB (it pages), `--limit`

@@ -116,6 +116,45 @@ where
     }
 }
 
+/// Says which deleted backends had the name `name` and kept usage under their ids: a
+/// backend deleted and added again under its name (to start over with a new key) splits its
+/// history, and `--backend NAME` asks for the current one's alone, which a reconciliation
+/// against a provider's invoice read as the whole without a word.
+async fn deleted_namesakes(name: &str, connection: &Connection) -> Result<(), Error> {
+    let deleted = format!("{name} (deleted)");
+    let mut stats = connection.stats().await?;
+    let mut request = pb::GetTotalsRequest {
+        group_by: pb::GroupBy::Backend.into(),
+        page_size: MAX_USAGE_PAGE_SIZE as i32,
+        ..Default::default()
+    };
+    let mut ids = Vec::new();
+    loop {
+        let page = connection.call(stats.get_totals(request.clone())).await?;
+        ids.extend(
+            page.groups
+                .into_iter()
+                .filter(|group| group.group_label == deleted)
+                .map(|group| group.group_key),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        request.page_token = page.next_page_token;
+    }
+    if !ids.is_empty() {
+        eprintln!(
+            "note: these are the figures of the backend named \"{}\" now; {} deleted backend{} \
+             had that name ({}): ask for each with --backend ID",
+            sluice_domain::text::escape_control(name),
+            ids.len(),
+            if ids.len() == 1 { "" } else { "s" },
+            ids.join(", "),
+        );
+    }
+    Ok(())
+}
+
 /// Usage is keyed by ids, while operators think in names: a backend or client
 /// key filter that names one is replaced by its id. Anything else is passed on
 /// as an id, since usage outlives deleted backends.
@@ -149,7 +188,12 @@ async fn resolve(mut filter: FilterArgs, connection: &Connection) -> Result<Filt
         match connection.find(admin.get_backend(request)).await? {
             Some(pb::GetBackendResponse {
                 backend: Some(found),
-            }) => *backend = found.id,
+            }) => {
+                if found.id != *backend {
+                    deleted_namesakes(backend, connection).await?;
+                }
+                *backend = found.id;
+            }
             // Asked by the name of a deleted backend, the totals would be zeros that look
             // like a backend that served nothing. (A deleted backend's id, which is how its
             // usage is kept, is asked for as it is.)
