@@ -1266,6 +1266,42 @@ async fn client_key_limits_answer_429_with_retry_after() {
     assert_eq!(primary.stats().requests.chat_completions, 6);
 }
 
+/// A key's checks run in order (budget, `max_parallel_requests`, tokens per minute, requests
+/// per minute), and a request refused by a later one gives back what the earlier ones took:
+/// refused for its requests per minute again and again, it keeps its key's place in flight
+/// and its tokens (had they been kept, the tenth refusal would be for tokens or for the place,
+/// and the key short of both once its minute is over).
+#[tokio::test]
+async fn a_request_refused_by_a_later_key_check_gives_back_what_the_earlier_took() {
+    let primary = mock("primary");
+    let mut snap = one_primary_snapshot(&primary.base_url());
+    // 10 requests a minute (a burst of 1), 600 tokens (a burst of 60), one at a time.
+    snap.client_keys[0].rpm_limit = 10;
+    snap.client_keys[0].tpm_limit = 600;
+    snap.client_keys[0].max_parallel_requests = 1;
+    let h = Harness::start(snap).await;
+    // About 30 tokens of prompt estimate a request: two kept would pass the burst of 60.
+    let body = serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "x".repeat(80)}],
+    });
+    assert_eq!(h.chat(body.clone()).await.status(), 200);
+    for attempt in 0..10 {
+        let refused = h.chat(body.clone()).await;
+        assert_eq!(refused.status(), 429, "attempt {attempt}");
+        let answer: Value = refused.json().await.unwrap();
+        assert_eq!(
+            answer["error"]["type"], "requests",
+            "attempt {attempt}: {answer}"
+        );
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("Rate limit reached for this API key. "),
+            "attempt {attempt}: {answer}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_key_over_its_tokens_per_minute_gets_429_tokens_with_retry_after() {
     // 51 tokens a request (1 prompt word, 50 completion tokens).
