@@ -30,7 +30,7 @@ use super::usage_figures::{
 };
 use super::{AppState, Collected};
 use crate::answer_memory::{AnswerMemory, AnswerPermit, CountedAnswer, Full};
-use crate::anthropic::{self};
+use crate::anthropic;
 use crate::cooldown::{self, Outcome};
 use crate::error::ProxyError;
 use crate::metrics::{AttemptOutcome, Label, LimitScope, SkipReason};

@@ -279,6 +279,17 @@ pub(super) struct Pending {
     pub(super) backend: Label,
 }
 
+impl Pending {
+    /// What a wait for the first event that ended at `at` without it says of the backend: its
+    /// model's failure once the wait an attempt gives it (`answer_by`) was over, else nothing.
+    fn ended_at(&self, at: Instant) -> Option<Outcome> {
+        (at >= self.answer_by).then_some(Outcome::Failure {
+            retry_after: None,
+            scope: Scope::Model,
+        })
+    }
+}
+
 /// The answers' memory (`--max-buffered-answer-bytes` and the key's share of it) a stream
 /// holds while a large event is in it: an image in a Responses stream is megabytes, and a
 /// hostile upstream may send events up to the bound in every stream at once.
@@ -705,8 +716,8 @@ impl Relay {
 
     /// A chat stream (relayed, or translated for a Messages client) whose body ended before
     /// `[DONE]`: one that ended cleanly inside its `[DONE]` (without the blank line after
-    /// it), or that reported its usage, which a provider sends last (Sluice asks for it), is
-    /// complete, and ends as `[DONE]` ends it (Perplexity sends none; some servers leave out
+    /// it), or after usage reported as a stream's last chunk brings it ([`Relay::usage_ends`];
+    /// a translated one's, any usage), is complete, and ends as `[DONE]` ends it (Perplexity sends none; some servers leave out
     /// the last blank line); another unfinished event is dropped, as the format says. A
     /// relayed chat stream that carried its upstream's own error event has been answered
     /// with it, however its body ends (OpenAI closes it after the error chunk, with no
@@ -1077,10 +1088,7 @@ impl Drop for Relay {
     fn drop(&mut self) {
         let health = match self.pending.take() {
             None => Some(Outcome::Success),
-            Some(pending) => (Instant::now() >= pending.answer_by).then_some(Outcome::Failure {
-                retry_after: None,
-                scope: Scope::Model,
-            }),
+            Some(pending) => pending.ended_at(Instant::now()),
         };
         self.ended(health);
     }
@@ -1210,12 +1218,7 @@ impl Body for Relay {
                 // No first event in the wait an attempt would have given it (to the deadline:
                 // no other backend could take it over): its model's failure, as at an attempt,
                 // unless the deadline cut that wait short.
-                this.ended(
-                    (pending.event_by >= pending.answer_by).then_some(Outcome::Failure {
-                        retry_after: None,
-                        scope: Scope::Model,
-                    }),
-                );
+                this.ended(pending.ended_at(pending.event_by));
                 this.interrupt("no first event came before the request's deadline");
             } else if now >= this.deadline {
                 this.ended(None);
