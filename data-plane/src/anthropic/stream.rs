@@ -299,22 +299,36 @@ impl ChunksFromEvents {
 
     /// Translates one event parsed whole.
     fn push_parsed(&mut self, event: &Event, out: &mut Vec<Bytes>) -> Flow {
-        let Some((value, kind)) = parse(event) else {
-            // Not Anthropic's: a stream that cannot be read further.
-            out.push(openai_error_event(
-                "The upstream sent an event that is not valid JSON.",
-            ));
-            return Flow::Failed;
+        // The kind is the data's `type`, which every Anthropic event carries, else the event's
+        // name (what the SDKs dispatch on). An event of neither, or a `ping` or a kind newer
+        // than this proxy whose data is not JSON, is passed over, as the SDKs and the
+        // passthrough do; only a kind read here that cannot be read ends the stream.
+        let value = serde_json::from_str::<Value>(&event.data).ok();
+        let kind = value
+            .as_ref()
+            .and_then(|value| value.get("type"))
+            .and_then(Value::as_str)
+            .or(event.event.as_deref())
+            .map(str::to_owned);
+        let (value, kind) = match (value, kind) {
+            (Some(value), Some(kind)) => (value, kind),
+            (None, Some(kind)) if READ_KINDS.contains(&kind.as_str()) => {
+                out.push(openai_error_event(
+                    "The upstream sent an event that is not valid JSON.",
+                ));
+                return Flow::Failed;
+            }
+            _ => return Flow::Continue,
         };
         match kind.as_str() {
             "message_start" => {
                 let message = value.get("message");
                 let text = |k: &str| {
-                    message
+                    let text = message
                         .and_then(|m| m.get(k))
                         .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_owned()
+                        .unwrap_or_default();
+                    capped(text, MAX_NAME_BYTES).to_owned()
                 };
                 self.id = text("id");
                 self.model = text("model");
@@ -1123,6 +1137,32 @@ impl<'de> serde::Deserialize<'de> for TextChunk<'de> {
 /// a reasoning model streams tens of chunks a second, so a ping about every second.
 const QUIET_CHUNKS_PER_PING: u32 = 32;
 
+/// The kinds of event [`ChunksFromEvents`] reads: one of them whose data is not JSON ends the
+/// translated stream.
+const READ_KINDS: [&str; 7] = [
+    "message_start",
+    "content_block_start",
+    "content_block_delta",
+    "content_block_stop",
+    "message_delta",
+    "message_stop",
+    "error",
+];
+
+/// The most of a `message_start`'s `id` or `model` a translated stream keeps: every chunk
+/// repeats both, so an upstream's megabyte of either would be sent again with each piece of
+/// text (Anthropic's are a few tens of bytes).
+const MAX_NAME_BYTES: usize = 256;
+
+/// `text` cut to at most `max` bytes, at a character's boundary.
+fn capped(text: &str, max: usize) -> &str {
+    let end = (0..=max.min(text.len()))
+        .rev()
+        .find(|&end| text.is_char_boundary(end))
+        .unwrap_or(0);
+    &text[..end]
+}
+
 /// Anthropic's `ping` event.
 const PING: &[u8] = b"event: ping\ndata: {\"type\":\"ping\"}\n\n";
 
@@ -1543,6 +1583,86 @@ mod tests {
         assert_eq!(
             last["choices"][0]["delta"],
             json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\": \"Par"}}]})
+        );
+    }
+
+    /// Events the SDKs pass over are passed over here too: a `ping` whose data is not JSON, an
+    /// event whose data names no type, an unknown kind's; only a kind read here whose data
+    /// cannot be read ends the stream.
+    #[test]
+    fn events_the_sdks_pass_over_do_not_end_a_translated_stream() {
+        let event = |name: Option<&str>, data: &str| Event {
+            event: name.map(str::to_owned),
+            data: data.to_owned(),
+            id: None,
+        };
+        let mut chunks = ChunksFromEvents::new(7, false);
+        let mut out = Vec::new();
+        for passed_over in [
+            event(Some("ping"), ""),
+            event(Some("ping"), "{}"),
+            event(None, "{}"),
+            event(None, ""),
+            event(Some("something_new"), "not json"),
+        ] {
+            assert_eq!(
+                chunks.push(&passed_over, &mut out),
+                Flow::Continue,
+                "{passed_over:?}"
+            );
+        }
+        // Typeless data under a kind's name is read as that kind.
+        let flow = chunks.push(
+            &event(
+                Some("content_block_delta"),
+                r#"{"index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+            ),
+            &mut out,
+        );
+        assert_eq!(flow, Flow::Continue);
+        let text: Value = serde_json::from_slice(&out.last().unwrap()[6..]).unwrap();
+        assert_eq!(text["choices"][0]["delta"]["content"], "Hi", "{out:?}");
+        assert_eq!(
+            chunks.push(&event(Some("message_delta"), "not json"), &mut out),
+            Flow::Failed
+        );
+    }
+
+    /// A `message_start`'s `id` and `model`, which every chunk repeats, are kept to a few
+    /// hundred bytes: an upstream's megabyte of either is not sent again with each piece.
+    #[test]
+    fn a_message_starts_names_are_capped() {
+        let event = |data: String| Event {
+            event: None,
+            data,
+            id: None,
+        };
+        let long = "é".repeat(500_000);
+        let mut chunks = ChunksFromEvents::new(7, false);
+        let mut out = Vec::new();
+        chunks.push(
+            &event(
+                json!({"type": "message_start", "message": {"id": long, "model": long}})
+                    .to_string(),
+            ),
+            &mut out,
+        );
+        chunks.push(
+            &event(r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#.to_owned()),
+            &mut out,
+        );
+        let text: Value = serde_json::from_slice(&out.last().unwrap()[6..]).unwrap();
+        assert_eq!(text["choices"][0]["delta"]["content"], "Hi");
+        let id = text["id"].as_str().unwrap();
+        assert!(
+            id.len() <= MAX_NAME_BYTES && id.starts_with("éé"),
+            "{}",
+            id.len()
+        );
+        assert!(
+            out.last().unwrap().len() < 1024,
+            "{}",
+            out.last().unwrap().len()
         );
     }
 
