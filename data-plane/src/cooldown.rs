@@ -1048,6 +1048,44 @@ mod tests {
         assert!(tracker.unacknowledged_events(now.instant).is_empty());
     }
 
+    /// A replica cut off through more cooldowns than it holds unconfirmed changes for keeps
+    /// cooling the backend by its own count but reports no more; the reports it held reach the
+    /// control plane, and once a snapshot shows them it reports again.
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_cut_off_past_its_unconfirmed_changes_cools_down_but_reports_no_more() {
+        let tracker = CooldownTracker::new();
+        let mut now = Now::read();
+        let mut events = Vec::new();
+        let mut unreported = 0;
+        for _ in 0..MAX_PENDING_CHANGES + 10 {
+            match tracker.record("b", "", basis(&tracker, now), &POLICY, LIMITED, now) {
+                Some(event) => events.push(event),
+                None => unreported += 1,
+            }
+            // Cooling down by its own count all along, up to the cap.
+            assert!(left(&tracker, now) > Duration::ZERO);
+            now = later(now, left(&tracker, now));
+        }
+        assert_eq!((events.len(), unreported), (MAX_PENDING_CHANGES, 10));
+        assert_eq!(tracker.view("b").streak as usize, MAX_PENDING_CHANGES + 10);
+        assert_eq!(
+            tracker.unacknowledged_events(now.instant).len(),
+            MAX_PENDING_CHANGES
+        );
+        // Back in touch: what it held goes in, and the snapshot that shows it frees it.
+        let mut fleet = FleetCooldown::default();
+        control_plane(&mut fleet, &events, now);
+        assert_eq!(fleet.streak as usize, MAX_PENDING_CHANGES);
+        tracker.observe_snapshot(true, [("b", fleet, [])], |_, _| true, &POLICY, now.instant);
+        assert!(tracker.unacknowledged_events(now.instant).is_empty());
+        assert_eq!(tracker.view("b"), fleet);
+        now = later(now, left(&tracker, now));
+        let next = tracker
+            .record("b", "", basis(&tracker, now), &POLICY, LIMITED, now)
+            .expect("reported again once a snapshot came");
+        assert_eq!(next.consecutive_failures as usize, MAX_PENDING_CHANGES + 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_fleets_streak_is_where_the_next_doubling_starts() {
         let tracker = CooldownTracker::new();
