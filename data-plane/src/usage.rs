@@ -1063,10 +1063,12 @@ impl Tokens {
     /// `prompt_tokens_details.cache_write_tokens` (OpenAI's GPT-5.6 and later bill writes at
     /// 1.25 times the input price; OpenRouter reports Claude's writes there). xAI counts reasoning outside
     /// `completion_tokens` but inside `total_tokens` (and bills it as output): where `total`
-    /// holds the reasoning beside the completion (at least prompt + completion + reasoning,
-    /// which OpenAI's convention, reasoning inside the completion, never makes), the reasoning
-    /// is added to the completion. What the total holds beyond prompt + completion when no
-    /// reasoning is reported is kept apart ([`Tokens::unshown`]).
+    /// is exactly prompt + completion + reasoning (which OpenAI's convention, reasoning inside
+    /// the completion, never makes), the reasoning is added to the completion. A total above
+    /// that is not xAI's: LiteLLM over Bedrock counts cache reads and writes in it and Claude's
+    /// thinking inside the completion already, so adding the reasoning would charge it twice.
+    /// What the total holds beyond prompt + completion when no reasoning is reported is kept
+    /// apart ([`Tokens::unshown`]).
     pub fn openai(
         prompt: u64,
         completion: u64,
@@ -1082,7 +1084,7 @@ impl Tokens {
             _ => 0,
         };
         let beside =
-            reasoning > 0 && total.is_some_and(|total| total >= shown.saturating_add(reasoning));
+            reasoning > 0 && total.is_some_and(|total| total == shown.saturating_add(reasoning));
         Self {
             prompt,
             completion: if beside {
@@ -1137,6 +1139,13 @@ mod tests {
         assert_eq!((xai.completion, xai.reasoning, xai.unshown), (50, 30, 0));
         let openai = Tokens::openai(10, 20, 0, 5, Some(30), None, 0);
         assert_eq!(openai.with_unshown_as_reasoning(), openai);
+        // LiteLLM over Bedrock: cache reads and writes in the total, Claude's thinking inside
+        // the completion: the reasoning is not added again, the excess charged nothing.
+        let litellm = Tokens::openai(41_500, 2_000, 40_000, 1_200, Some(46_500), None, 0);
+        assert_eq!(
+            (litellm.completion, litellm.reasoning, litellm.unshown),
+            (2_000, 1_200, 0)
+        );
         let short = Tokens::openai(10, 20, 0, 0, Some(25), None, 0);
         assert_eq!(short.with_unshown_as_reasoning(), short);
     }
