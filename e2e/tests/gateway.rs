@@ -753,20 +753,28 @@ async fn upstream_calls_go_through_the_egress_proxy_the_environment_names() {
 
 /// Google's Gemini endpoint counts a thinking model's thoughts in `total_tokens` alone (no
 /// `reasoning_tokens`; `completion_tokens` is the visible text) and bills them as output: a
-/// backend on Google's hosts is charged them as reasoning, in the totals and the cost. The
-/// mock plays both the egress proxy and Google (the host is reached only through the proxy).
+/// backend on Google's hosts is charged them as reasoning, in the totals and the cost. An
+/// embeddings answer there that reports its total alone is its prompt, as anywhere: it
+/// generated nothing (it was read as free thoughts). The mock plays both the egress proxy
+/// and Google (the host is reached only through the proxy).
 #[tokio::test]
 async fn a_google_backends_thoughts_counted_in_its_total_are_charged_as_output() {
     let cluster = Cluster::start().await;
     let google = Mock::start("google", &["gemini-up"]).await;
     let whole = r#"{"choices":[{"finish_reason":"stop","index":0,"message":{"content":"1, 2","role":"assistant"}}],"created":1,"id":"x","model":"gemini-3-flash-preview","object":"chat.completion","usage":{"completion_tokens":3,"prompt_tokens":9,"total_tokens":105}}"#;
+    let embedded = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1]}],"model":"gemini-up","usage":{"total_tokens":7}}"#;
     google
         .set_faults(vec![
             Fault::Body {
                 code: 200,
                 body: whole.into(),
             }
-            .always(),
+            .times(1),
+            Fault::Body {
+                code: 200,
+                body: embedded.into(),
+            }
+            .times(1),
         ])
         .await;
     let route = pb::ModelRoute {
@@ -798,6 +806,23 @@ async fn a_google_backends_thoughts_counted_in_its_total_are_charged_as_output()
     assert!(
         (t.cost - (9.0 * 1.0 + 96.0 * 2.0) / 1e6).abs() < 1e-12,
         "{t:?}"
+    );
+    let r = proxy
+        .post(
+            "/v1/embeddings",
+            &key,
+            serde_json::json!({"model": "gemini", "input": "embed me"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    eventually(Duration::from_secs(10), "the embedding's usage", || async {
+        cluster.totals().await.request_count == 2
+    })
+    .await;
+    let t = cluster.totals().await;
+    assert_eq!(
+        (t.prompt_tokens, t.completion_tokens, t.reasoning_tokens),
+        (9 + 7, 96, 93)
     );
 }
 

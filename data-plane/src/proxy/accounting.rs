@@ -410,15 +410,16 @@ impl Accounting {
         ProxyError::UsageUnrecordable(why)
     }
 
-    pub fn tokens(&mut self, tokens: Tokens) {
-        let mut tokens = match self.0.thoughts_in_total {
-            true => tokens.with_unshown_as_reasoning(),
-            false => tokens,
-        };
+    pub fn tokens(&mut self, mut tokens: Tokens) {
         // Embeddings generate nothing: their total is their prompt, which Jina's answers
-        // report alone (`{"total_tokens": N}`).
-        if self.0.endpoint == Endpoint::Embeddings && tokens.prompt == 0 && tokens.completion == 0 {
-            tokens.prompt = tokens.unshown;
+        // report alone (`{"total_tokens": N}`), on any host (Google's thoughts in the total
+        // are a generation's).
+        if self.0.endpoint == Endpoint::Embeddings {
+            if tokens.prompt == 0 && tokens.completion == 0 {
+                tokens.prompt = tokens.unshown;
+            }
+        } else if self.0.thoughts_in_total {
+            tokens = tokens.with_unshown_as_reasoning();
         }
         self.0.record.prompt_tokens = tokens.prompt;
         self.0.record.completion_tokens = tokens.completion;
