@@ -29,6 +29,14 @@ pub enum ProxyError {
     KeyExpired,
     #[error("The request body is larger than the limit of {limit} bytes.")]
     BodyTooLarge { limit: usize },
+    /// The request is to be translated for a backend of the other API, and the tree of JSON
+    /// values its body makes would pass the memory for request bodies
+    /// (`--max-buffered-body-bytes`) however empty.
+    #[error(
+        "The request body holds too many JSON values to be translated for the backend serving \
+         its model."
+    )]
+    BodyTooManyValues,
     #[error("The request body could not be read.")]
     BodyUnreadable,
     #[error("The request body did not arrive within {} s.", .limit.as_secs())]
@@ -200,7 +208,7 @@ impl ProxyError {
             Self::MissingApiKey | Self::InvalidApiKey | Self::KeyExpired => {
                 StatusCode::UNAUTHORIZED
             }
-            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge { .. } | Self::BodyTooManyValues => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyUnreadable
             | Self::InvalidRequest(_)
             | Self::Untranslatable(_)
@@ -245,7 +253,9 @@ impl ProxyError {
                 ("invalid_request_error", "invalid_api_key")
             }
             Self::KeyExpired => ("invalid_request_error", "api_key_expired"),
-            Self::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
+            Self::BodyTooLarge { .. } | Self::BodyTooManyValues => {
+                ("invalid_request_error", "request_too_large")
+            }
             Self::BodyUnreadable => ("invalid_request_error", "invalid_request_body"),
             Self::BodyTimeout { .. } => ("invalid_request_error", "request_timeout"),
             Self::BodiesBusy | Self::AnswersBusy | Self::KeyAnswersBusy | Self::OutOfFiles => {

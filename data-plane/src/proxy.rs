@@ -43,6 +43,7 @@ use crate::answer_memory::AnswerMemory;
 use crate::auth::authenticate;
 use crate::error::ProxyError;
 use crate::metrics::{BodyRefusal, BudgetRefusal, Label, LimitScope, Metrics};
+use crate::ratelimit::InFlight;
 use crate::request;
 use crate::snapshot::{ApiFormat, ClientKey, Endpoint, Snapshot, SnapshotStore};
 use crate::spool::{Lane, Spool};
@@ -391,6 +392,30 @@ async fn authorized(
     request: Request,
     mut acct: Accounting,
 ) -> Response {
+    // A body that may be large is not read for a key its own limits refuse: it would upload
+    // into the memory for bodies and hold it, every other key's bodies refused meanwhile. Its
+    // place in flight is taken now, the upload counting among its requests in flight. A small
+    // one is read first, so that a refusal names the model it asked for (metrics, records).
+    let may_be_large = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_none_or(|length| length > SMALL_BODY_BYTES);
+    let mut parallel = None;
+    if may_be_large {
+        let checked = match key_refusal(app, key, Some(Instant::now())) {
+            Some(refused) => Err(refused),
+            None => take_place(app, key),
+        };
+        match checked {
+            Ok(place) => parallel = place,
+            Err(refused) => {
+                linger(request, app.limits.max_body_bytes);
+                return forward::error(acct, refused).await;
+            }
+        }
+    }
     let (head, body) = request.into_parts();
     // Held until the response head: the body is in memory until then.
     let (body, _body_memory) = match read_body(app, &head.headers, body).await {
@@ -424,13 +449,7 @@ async fn authorized(
         return forward::error(acct, ProxyError::BackgroundNotAllowed).await;
     }
     // Before the rate limit: a refused request takes no rate token.
-    if let Some(spent) = key.budget_spent {
-        app.metrics.budget_refused(BudgetRefusal::spent);
-        let refused = ProxyError::BudgetSpent {
-            key_name: key.name.clone(),
-            max_budget: spent.max_budget,
-            resets: spent.resets,
-        };
+    if !may_be_large && let Some(refused) = key_refusal(app, key, None) {
         return forward::error(acct, refused).await;
     }
     // Its reserve from the key's allowance; settled with the real cost when it ends. Counting
@@ -465,19 +484,12 @@ async fn authorized(
     }
     // The limits that can give back what they took come first: a request refused by a
     // later one has used nothing of them.
-    let parallel = match &key.parallel {
-        Some(limit) => match limit.try_enter() {
-            Some(place) => Some(place),
-            None => {
-                app.metrics.rate_limited(LimitScope::client_key_parallel);
-                let refused = ProxyError::KeyParallelLimited {
-                    limit: limit.total(),
-                };
-                return forward::error(acct, refused).await;
-            }
-        },
-        None => None,
-    };
+    if !may_be_large {
+        parallel = match take_place(app, key) {
+            Ok(place) => place,
+            Err(refused) => return forward::error(acct, refused).await,
+        };
+    }
     // A count is not a generation: it takes nothing from the tokens per minute either
     // (`try_admit(0)` still refuses a key in debt).
     acct.estimate_prompt(prompt_tokens);
@@ -511,6 +523,58 @@ async fn authorized(
         return stored::create(app, snapshot, key, endpoint, routes, &parsed, &passed, acct).await;
     }
     forward::forward(app, snapshot, routes, endpoint, &parsed, acct, head).await
+}
+
+/// The most a body's declared length may be for it to be read before its key's own limits
+/// are checked ([`authorized`]): the memory for bodies would need thousands of these at once,
+/// past the connections a replica takes, to fill.
+const SMALL_BODY_BYTES: u64 = 64 * 1024;
+
+/// Why `key`'s own state refuses a request, before anything of it is taken: a budget the
+/// snapshot says is spent, or, looked at `now` when given, tokens or requests per minute with
+/// nothing left (looked at, nothing taken: [`authorized`] takes them after).
+fn key_refusal(app: &AppState, key: &ClientKey, now: Option<Instant>) -> Option<ProxyError> {
+    if let Some(spent) = key.budget_spent {
+        app.metrics.budget_refused(BudgetRefusal::spent);
+        return Some(ProxyError::BudgetSpent {
+            key_name: key.name.clone(),
+            max_budget: spent.max_budget,
+            resets: spent.resets,
+        });
+    }
+    let now = now?;
+    if let Some(bucket) = &key.tokens
+        && let wait = bucket.available_in(now)
+        && !wait.is_zero()
+    {
+        app.metrics.rate_limited(LimitScope::client_key_tokens);
+        return Some(ProxyError::KeyTokensLimited {
+            limit: bucket.limit(),
+            retry_after: wait,
+        });
+    }
+    if let Some(limiter) = &key.limiter
+        && let wait = limiter.available_in(now)
+        && !wait.is_zero()
+    {
+        app.metrics.rate_limited(LimitScope::client_key);
+        return Some(ProxyError::KeyRateLimited { retry_after: wait });
+    }
+    None
+}
+
+/// The request's place among its key's requests in flight (`None`: the key has no
+/// `max_parallel_requests`), or its refusal when they are all taken.
+fn take_place(app: &AppState, key: &ClientKey) -> Result<Option<InFlight>, ProxyError> {
+    let Some(limit) = &key.parallel else {
+        return Ok(None);
+    };
+    limit.try_enter().map(Some).ok_or_else(|| {
+        app.metrics.rate_limited(LimitScope::client_key_parallel);
+        ProxyError::KeyParallelLimited {
+            limit: limit.total(),
+        }
+    })
 }
 
 /// What a request's prompt is estimated to cost before it is sent: its estimated tokens

@@ -418,6 +418,27 @@ impl ParsedRequest<'_> {
             .map(|(key, value)| (key.0.as_ref(), *value))
     }
 
+    /// At most how many bytes of memory [`Self::object`]'s tree of values takes, its strings
+    /// included: a value is 32 bytes, an array's or an object's slot as much again (vectors
+    /// grow by doubling, an object's entry holds its key), and every value but a top-level
+    /// member's follows a `,` or opens after a `[` or a `{`, which are counted wherever they
+    /// stand (a string's count too: an over-estimate). The text alone is a poor measure: an
+    /// array of zeros is 2 bytes an element in it and 32 to 64 in the tree.
+    pub fn tree_bytes(&self) -> usize {
+        const PER_VALUE: usize = 64;
+        self.fields
+            .iter()
+            .map(|(key, value)| {
+                let text = value.get().as_bytes();
+                let values = 1 + memchr::memchr3_iter(b',', b'[', b'{', text).count();
+                key.0
+                    .len()
+                    .saturating_add(text.len())
+                    .saturating_add(values.saturating_mul(PER_VALUE))
+            })
+            .fold(0, usize::saturating_add)
+    }
+
     /// The whole body as a JSON object, for a backend that needs it translated (never on
     /// the OpenAI-to-OpenAI path, which copies the client's bytes).
     pub fn object(&self) -> Result<serde_json::Map<String, serde_json::Value>, RequestError> {

@@ -560,6 +560,39 @@ async fn a_request_refused_before_its_body_is_read_gets_its_refusal_while_upload
     assert!(upstream.seen().is_empty());
 }
 
+/// A request translated for a backend of the other API is read as a tree of JSON values, which
+/// an array of small values makes many times its text (2 bytes an element in it, 32 to 64 in
+/// the tree): one whose tree could not fit the memory for bodies is refused, 413, where
+/// uncounted a handful of 16 MiB bodies translated at once took gigabytes; a body as large in
+/// text, which holds room for its tree while it is translated, is served.
+#[tokio::test]
+async fn a_translated_requests_tree_of_values_is_held_in_the_bodies_memory() {
+    let mock =
+        MockServer::start_local(MockConfig::named("primary").with_api_key("sk-upstream-primary"))
+            .unwrap();
+    let mut snap = one_primary_snapshot(&mock.base_url());
+    snap.backends[0].api_format = proto::ApiFormat::Anthropic as i32;
+    let h = Harness::start_with(snap, |c| {
+        c.max_body_bytes = 8 << 20;
+        c.max_buffered_body_bytes = 16 << 20;
+    })
+    .await;
+    // A million zeros: 2 MiB of text, tens of MiB of values.
+    let zeros = vec![0u8; 1 << 20];
+    let refused = h
+        .chat(json!({"model": MODEL, "n": 1, "x": zeros,
+                     "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_error(refused, 413, "request_too_large").await;
+    let text = "a".repeat(6 << 20);
+    let served = h
+        .chat(json!({"model": MODEL, "n": 1,
+                     "messages": [{"role": "user", "content": text}]}))
+        .await;
+    assert_eq!(served.status(), 200, "{}", served.text().await.unwrap());
+    assert_eq!(mock.stats().requests.total(), 1);
+}
+
 /// `/metrics` takes no key, and its answer grows with the backends: past what an answer holds
 /// uncounted (64 KiB) it takes the replica's own share of the answers' memory until its client
 /// has read it. Uncounted on HTTP/1, clients that asked for it on thousands of connections

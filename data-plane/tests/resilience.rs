@@ -1447,6 +1447,58 @@ async fn a_key_at_its_max_parallel_requests_gets_429_until_one_ends() {
     assert_eq!(primary.stats().requests.chat_completions, 2);
 }
 
+/// A key over its limits (its budget spent, its requests per minute used up, its places in
+/// flight all taken) is refused before its body is read: its 429 while it uploads, the
+/// memory for bodies not held by it. Read first, its uploads filled that memory, every other
+/// key's bodies refused meanwhile, and a body past it got 503 `server_busy`, not its 429.
+#[tokio::test]
+async fn a_key_over_its_limits_is_refused_before_its_body_is_read() {
+    let primary = slow_mock("primary", 10, 100);
+    let mut snap = one_primary_snapshot(&primary.base_url());
+    let mut spent = client_key("spent", "sk-sluice-spent", &[], 0);
+    spent.budget_spent = true;
+    spent.max_budget = 5.0;
+    let mut rated = client_key("rated", "sk-sluice-rated", &[], 0);
+    rated.rpm_limit = 1;
+    let mut parallel = client_key("parallel", "sk-sluice-parallel", &[], 0);
+    parallel.max_parallel_requests = 1;
+    snap.client_keys.extend([spent, rated, parallel]);
+    let h = Harness::start_with(snap, |c| c.max_buffered_body_bytes = 1 << 20).await;
+    assert_eq!(
+        h.post("/v1/chat/completions", "sk-sluice-rated", &chat_body(false))
+            .await
+            .status(),
+        200
+    );
+    let streaming = h
+        .post(
+            "/v1/chat/completions",
+            "sk-sluice-parallel",
+            &chat_body(true),
+        )
+        .await;
+    assert_eq!(streaming.status(), 200);
+    for (key, kind) in [
+        ("sk-sluice-spent", "insufficient_quota"),
+        ("sk-sluice-rated", "requests"),
+        ("sk-sluice-parallel", "requests"),
+    ] {
+        // Larger than the memory for bodies, and than the sockets' buffers take meanwhile.
+        let refused = h
+            .http
+            .post(h.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .body(vec![b' '; 12 << 20])
+            .send()
+            .await
+            .expect("the 429, not a reset connection");
+        assert_eq!(refused.status(), 429, "{key}");
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["type"], kind, "{key}: {body}");
+    }
+    drop(streaming);
+}
+
 #[tokio::test]
 async fn a_backend_out_of_tokens_is_skipped_like_one_out_of_requests() {
     let primary =

@@ -326,26 +326,13 @@ pub(super) async fn forward_call(
         // A backend speaking the client's API gets the client's bytes; only the other API
         // needs a translation.
         let client = call.endpoint.format();
-        let translated = match (backend.format, client, &call.send) {
-            (ApiFormat::Anthropic, ApiFormat::OpenAi, Outbound::Body { parsed, .. }) => {
-                match messages_body(parsed, route, backend.sampling, stream) {
-                    Ok(body) => Some(capped(body, route.max_output_tokens)),
-                    Err(e) => {
-                        untranslatable.get_or_insert_with(|| Box::new(e));
-                        continue;
-                    }
-                }
+        let translated = match translated_body(app, call, backend, route) {
+            Some(Ok(body)) => Some(body),
+            Some(Err(e)) => {
+                untranslatable.get_or_insert_with(|| Box::new(e));
+                continue;
             }
-            (ApiFormat::OpenAi, ApiFormat::Anthropic, Outbound::Body { parsed, .. }) => {
-                match chat_body(parsed, route, backend.completion_limit) {
-                    Ok(body) => Some(capped(body, route.max_output_tokens)),
-                    Err(e) => {
-                        untranslatable.get_or_insert_with(|| Box::new(e));
-                        continue;
-                    }
-                }
-            }
-            _ => None,
+            None => None,
         };
         let label = Label::from(&backend.name);
         let now = Instant::now();
@@ -483,7 +470,7 @@ pub(super) async fn forward_call(
                     && attempts_left
                     && later
                         .iter()
-                        .any(|route| could_take(snapshot, cooldowns, call, route)))
+                        .any(|route| could_take(app, snapshot, cooldowns, call, route)))
         };
         let sending = Sending {
             client: snapshot.upstream(app.pool),
@@ -964,6 +951,7 @@ async fn answer_failure(
 /// serves the endpoint, the request can be written for its API, and neither a cooldown nor a
 /// rate or token limit passes it over (looked at, nothing taken).
 fn could_take(
+    app: &AppState,
     snapshot: &Snapshot,
     cooldowns: &cooldown::CooldownTracker,
     call: &Call<'_>,
@@ -985,16 +973,64 @@ fn could_take(
             .tokens
             .as_ref()
             .is_none_or(|bucket| !call.count_usage || bucket.available_in(now).is_zero())
-        && match (backend.format, call.endpoint.format(), &call.send) {
-            (ApiFormat::Anthropic, ApiFormat::OpenAi, Outbound::Body { parsed, .. }) => {
-                messages_body(parsed, route, backend.sampling, call.stream).is_ok()
-            }
-            (ApiFormat::OpenAi, ApiFormat::Anthropic, Outbound::Body { parsed, .. }) => {
-                chat_body(parsed, route, backend.completion_limit).is_ok()
-            }
-            _ => true,
-        }
+        && translated_body(app, call, backend, route).is_none_or(|body| body.is_ok())
 }
+
+/// The body `route`'s backend gets when it speaks the other API than the client's (`None`
+/// when it speaks the client's: it gets the client's bytes), or why the request cannot be
+/// written for it.
+///
+/// The translation reads the body as a tree of JSON values, which can take many times the
+/// body's bytes (an array of zeros: 2 bytes an element in the text, 32 to 64 in the tree):
+/// a body past [`SMALL_TREE`] holds the room its tree may take ([`ParsedRequest::tree_bytes`])
+/// from the memory for request bodies while it is translated, or is refused as that memory
+/// refuses bodies (503 `server_busy`; 413 when no room could ever hold it). Uncounted, a
+/// handful of 16 MiB bodies translated at once on the serving threads took gigabytes.
+fn translated_body(
+    app: &AppState,
+    call: &Call<'_>,
+    backend: &Backend,
+    route: &Route,
+) -> Option<Result<Bytes, ProxyError>> {
+    let Outbound::Body { parsed, .. } = &call.send else {
+        return None;
+    };
+    let translate = match (backend.format, call.endpoint.format()) {
+        (ApiFormat::Anthropic, ApiFormat::OpenAi) => {
+            |parsed: &ParsedRequest<'_>, route, backend: &Backend, stream| {
+                messages_body(parsed, route, backend.sampling, stream)
+            }
+        }
+        (ApiFormat::OpenAi, ApiFormat::Anthropic) => {
+            |parsed: &ParsedRequest<'_>, route, backend: &Backend, _| {
+                chat_body(parsed, route, backend.completion_limit)
+            }
+        }
+        _ => return None,
+    };
+    let tree = parsed.tree_bytes();
+    let _room = match tree <= SMALL_TREE {
+        true => None,
+        false => match u32::try_from(tree)
+            .ok()
+            .filter(|&tree| tree as usize <= app.limits.max_buffered_body_bytes)
+        {
+            None => return Some(Err(ProxyError::BodyTooManyValues)),
+            Some(tree) => match Arc::clone(&app.body_memory).try_acquire_many_owned(tree) {
+                Ok(room) => Some(room),
+                Err(_) => return Some(Err(ProxyError::BodiesBusy)),
+            },
+        },
+    };
+    Some(
+        translate(parsed, route, backend, call.stream)
+            .map(|body| capped(body, route.max_output_tokens)),
+    )
+}
+
+/// The most memory a translation's tree of values takes without holding room for it: each
+/// serving thread translates one request at a time, so these add up to a few megabytes.
+const SMALL_TREE: usize = 4 << 20;
 
 /// What every call of one attempt to a backend shares ([`attempt`]).
 #[derive(Clone, Copy)]
