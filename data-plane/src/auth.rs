@@ -38,35 +38,42 @@ const CACHED_KEYS: usize = 4096;
 
 /// The client key named by `Authorization: Bearer <key>`, if the snapshot holds it and it
 /// has not expired. A client of an Anthropic route (`format`) may name it in `x-api-key`
-/// instead, which wins when both are sent: Anthropic's SDKs send `x-api-key`, their newest
-/// versions `Authorization: Bearer`.
+/// instead, which wins when both name a key: Anthropic's SDKs send `x-api-key`, their newest
+/// versions `Authorization: Bearer`. A blank `x-api-key`, or one naming no key, leaves the
+/// bearer token to name it: both SDKs send `X-Api-Key: ` for an `ANTHROPIC_API_KEY` set
+/// empty, beside the `ANTHROPIC_AUTH_TOKEN` in `Authorization` (the setup gateways' guides
+/// for Claude Code give), and one naming the user's own Anthropic key beside it.
 pub fn authenticate<'s>(
     snapshot: &'s Snapshot,
     headers: &HeaderMap,
     format: ApiFormat,
     now: SystemTime,
 ) -> Result<&'s ClientKey, ProxyError> {
+    let find = |key: &str| KEY_HASHES.with_borrow_mut(|hashes| hashes.find(snapshot, key));
+    let bearer = || -> Result<&str, ProxyError> {
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .ok_or(ProxyError::MissingApiKey)?
+            .to_str()
+            .map_err(|_| ProxyError::InvalidApiKey)?;
+        bearer_token(value).ok_or(ProxyError::InvalidApiKey)
+    };
     // Looked up only where it may be used: a name given as text is parsed on each lookup.
-    let key = match (format == ApiFormat::Anthropic)
+    let x_api_key = (format == ApiFormat::Anthropic)
         .then(|| headers.get(X_API_KEY))
         .flatten()
-    {
-        Some(value) => value
-            .to_str()
-            .ok()
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .ok_or(ProxyError::InvalidApiKey)?,
-        None => {
-            let value = headers
-                .get(header::AUTHORIZATION)
-                .ok_or(ProxyError::MissingApiKey)?
-                .to_str()
-                .map_err(|_| ProxyError::InvalidApiKey)?;
-            bearer_token(value).ok_or(ProxyError::InvalidApiKey)?
-        }
+        .map(|value| value.to_str().ok().map(str::trim).filter(|k| !k.is_empty()));
+    let found = match x_api_key {
+        None => find(bearer()?)?,
+        Some(Some(key)) => match find(key) {
+            Ok(found) => found,
+            Err(unknown) => match bearer() {
+                Ok(key) => find(key)?,
+                Err(_) => return Err(unknown),
+            },
+        },
+        Some(None) => find(bearer().map_err(|_| ProxyError::InvalidApiKey)?)?,
     };
-    let found = KEY_HASHES.with_borrow_mut(|hashes| hashes.find(snapshot, key))?;
     if found.expired_at(now) {
         return Err(ProxyError::KeyExpired);
     }
@@ -293,6 +300,22 @@ mod tests {
         for wrong in ["sk-on", "", "  "] {
             let mut headers = HeaderMap::new();
             headers.insert(X_API_KEY, wrong.parse().unwrap());
+            assert!(matches!(
+                authenticate(&snapshot, &headers, ApiFormat::Anthropic, SystemTime::now()),
+                Err(ProxyError::InvalidApiKey)
+            ));
+            // Beside a bearer token naming a key (`ANTHROPIC_API_KEY` set empty, or to the
+            // user's own Anthropic key, with the gateway's in `ANTHROPIC_AUTH_TOKEN`), the
+            // bearer's key.
+            headers.insert(header::AUTHORIZATION, "Bearer sk-two".parse().unwrap());
+            assert_eq!(
+                authenticate(&snapshot, &headers, ApiFormat::Anthropic, SystemTime::now())
+                    .unwrap()
+                    .id,
+                "k2",
+                "x-api-key: {wrong:?}"
+            );
+            headers.insert(header::AUTHORIZATION, "Bearer sk-tw".parse().unwrap());
             assert!(matches!(
                 authenticate(&snapshot, &headers, ApiFormat::Anthropic, SystemTime::now()),
                 Err(ProxyError::InvalidApiKey)
