@@ -501,6 +501,25 @@ async fn a_compaction_is_charged_at_the_tier_it_asked_for() {
         (standard.prompt_tokens, standard.completion_tokens)
     );
     assert_eq!(priority.cost_nanos, 2 * standard.cost_nanos, "{priority:?}");
+    // Asked twice (the provider bills the last, which a client could make the dearer one):
+    // refused, never priced at the first.
+    let twice = format!(
+        r#"{{"model":"{MODEL}","service_tier":"flex","service_tier":"priority","input":{input}}}"#
+    );
+    let refused = h
+        .http
+        .post(h.url("/v1/responses/compact"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(twice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "duplicate_key", "{body}");
+    assert_eq!(body["error"]["param"], "service_tier", "{body}");
+    assert_eq!(alpha.stats().requests.total(), 2);
 }
 
 /// A compaction or a count of input tokens that meets a backend serving `POST /v1/responses`

@@ -17,7 +17,7 @@ use crate::affinity::{Affinity, IdError};
 use crate::calls::CallPrices;
 use crate::error::{ProxyError, quoted};
 use crate::metrics::LimitScope;
-use crate::request::ParsedRequest;
+use crate::request::{ParsedRequest, RequestError};
 use crate::responses::IdRewrite;
 use crate::snapshot::{ClientKey, Endpoint, Route, Snapshot};
 use crate::tiers::Tiers;
@@ -47,14 +47,20 @@ pub(super) async fn create(
     mut acct: Accounting,
 ) -> Response {
     // A compaction's answer names no tier: it is billed at the one the request asked for
-    // (OpenAI's priority at twice the price, flex at half).
-    if endpoint == Endpoint::ResponsesCompact
-        && let Some(tier) = parsed
-            .members()
-            .find(|(key, _)| *key == "service_tier")
-            .and_then(|(_, value)| serde_json::from_str::<String>(value.get()).ok())
-    {
-        acct.asked_tier(&tier);
+    // (OpenAI's priority at twice the price, flex at half). Given twice, the provider reads
+    // the last (Python's `json`), which a client could make dearer than the first: refused.
+    if endpoint == Endpoint::ResponsesCompact {
+        let mut tiers = parsed.members().filter(|(key, _)| *key == "service_tier");
+        let tier = tiers.next();
+        if tiers.next().is_some() {
+            let refused = RequestError::DuplicateKey("service_tier");
+            return forward::error(acct, refused.into()).await;
+        }
+        if let Some(tier) =
+            tier.and_then(|(_, value)| serde_json::from_str::<String>(value.get()).ok())
+        {
+            acct.asked_tier(&tier);
+        }
     }
     if snapshot.affinity.is_empty() {
         return forward::error(acct, ProxyError::NoAffinityKey).await;
