@@ -823,9 +823,9 @@ fn model_object(snapshot: &Snapshot, id: &str) -> serde_json::Value {
     })
 }
 
-/// The API a models call is answered in: Anthropic's when the client names an
-/// `anthropic-version` (Anthropic's SDKs always do, OpenAI's never), which also lets it
-/// present its key in `x-api-key`.
+/// The API a call outside the proxied endpoints (the models, a path or method served nowhere)
+/// is answered in: Anthropic's when the client names an `anthropic-version` (Anthropic's SDKs
+/// always do, OpenAI's never), which also lets a models call present its key in `x-api-key`.
 fn models_format(headers: &HeaderMap) -> ApiFormat {
     if headers.contains_key("anthropic-version") {
         ApiFormat::Anthropic
@@ -1002,12 +1002,12 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     response
 }
 
-async fn unknown_path(method: Method, uri: Uri) -> Response {
+async fn unknown_path(method: Method, uri: Uri, headers: HeaderMap) -> Response {
     ProxyError::UnknownPath {
         method: crate::error::quoted(method.as_str()),
         path: crate::error::quoted(uri.path()),
     }
-    .into_response()
+    .into_response_as(models_format(&headers))
 }
 
 /// A method the path does not take: 405, but for a WebSocket handshake, which gets 426. The
@@ -1028,7 +1028,7 @@ async fn method_not_allowed(method: Method, uri: Uri, headers: HeaderMap) -> Res
         method: crate::error::quoted(method.as_str()),
         path: crate::error::quoted(uri.path()),
     }
-    .into_response()
+    .into_response_as(models_format(&headers))
 }
 
 #[cfg(test)]

@@ -115,6 +115,40 @@ async fn a_claude_code_session_keeps_to_one_backend_on_every_replica() {
     assert_eq!(holders.len(), 2, "{holders:?}");
 }
 
+/// A path or a method served nowhere, asked by an Anthropic client (it names an
+/// `anthropic-version`), is answered in Anthropic's error shape, as its other errors are: the
+/// SDKs showed OpenAI's whole JSON as the message.
+#[tokio::test]
+async fn paths_and_methods_served_nowhere_answer_anthropic_clients_in_their_shape() {
+    let claude = mock("claude");
+    let h = Harness::start(snapshot(
+        1,
+        vec![anthropic(
+            "claude",
+            &claude.base_url(),
+            proto::Pool::Primary,
+        )],
+    ))
+    .await;
+    let ask = |method: reqwest::Method, path: &str| {
+        h.http
+            .request(method, h.url(path))
+            .header("anthropic-version", "2023-06-01")
+            .header("x-api-key", KEY)
+            .send()
+    };
+    let (status, kind, _) =
+        anthropic_error(ask(reqwest::Method::GET, "/v1/messages").await.unwrap()).await;
+    assert_eq!((status, kind.as_str()), (405, "invalid_request_error"));
+    let (status, kind, _) = anthropic_error(
+        ask(reqwest::Method::POST, "/v1/messages/batches")
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, kind.as_str()), (404, "not_found_error"));
+}
+
 /// The Anthropic error a response carries, with its status.
 async fn anthropic_error(response: reqwest::Response) -> (u16, String, Value) {
     let status = response.status().as_u16();
