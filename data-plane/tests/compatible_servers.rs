@@ -242,6 +242,67 @@ async fn tgis_overload_streamed_after_its_head_fails_over() {
     assert!(h.cp.with(|r| r.events.is_empty()));
 }
 
+/// OpenRouter answers 200 once a model has started and puts a later failure in the body: an
+/// `error` with the status it stands for, or a choice ending `finish_reason: "error"`. Nothing
+/// has reached the client: the attempt fails over as that status would, and counts against
+/// that model at the backend alone (its other models answer on). It was passed on as a
+/// success, a 200 the SDKs raise nothing on, and ended the model's streak of failures. An
+/// answer whose `error` is null, or whose text merely says "error", is an answer.
+#[tokio::test]
+async fn openrouters_errors_in_a_200_fail_over_and_cool_that_model_alone() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let provider_failed = r#"{"error":{"code":502,"message":"Provider returned error","metadata":{"provider_name":"x"}},"user_id":"u"}"#;
+    let ended_in_error = r#"{"id":"gen-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Half an ans"},"finish_reason":"error"}],"usage":{"prompt_tokens":null,"completion_tokens":null,"total_tokens":0}}"#;
+    primary.set_fault(
+        answer(200, provider_failed)
+            .times(2)
+            .for_model(&at_primary()),
+    );
+    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+    for body in [None, None, Some(ended_in_error)] {
+        if let Some(body) = body {
+            primary.set_fault(answer(200, body).times(1).for_model(&at_primary()));
+        }
+        let response = h.chat(chat_for(MODEL, false)).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+        assert_eq!(header(&response, "x-sluice-attempts"), "2");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
+    }
+    // The primary's other model answers on.
+    let response = h.chat(chat_for("other", false)).await;
+    assert_eq!(header(&response, "x-sluice-backend"), "primary-name");
+    let records = h.records(4).await;
+    assert!(
+        records[..3].iter().all(|r| r.status_code == 200),
+        "{records:?}"
+    );
+    // Three failures in a row (the threshold): the model cools at the primary.
+    let event = h.first_cooldown_event().await;
+    assert_eq!(
+        (event.backend_id.as_str(), event.model.as_str()),
+        ("primary", at_primary().as_str())
+    );
+
+    // Alone, the client gets the error as its status says, not a 200.
+    let alone = mock("alone");
+    alone.set_fault(answer(200, provider_failed).times(1));
+    let h = Harness::start(one_primary_snapshot(&alone.base_url())).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 502);
+    // Answers that only look like one.
+    for body in [
+        r#"{"id":"x","object":"chat.completion","created":1,"model":"m","error":null,"choices":[{"index":0,"message":{"role":"assistant","content":"the word \"error\""},"finish_reason":"stop"}]}"#,
+        r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"error"},"finish_reason":"stop"}]}"#,
+    ] {
+        alone.set_fault(answer(200, body).times(1));
+        let response = h.chat(chat_body(false)).await;
+        assert_eq!(response.status(), 200, "{body}");
+        assert_eq!(response.text().await.unwrap(), body);
+    }
+}
+
 /// Google says when to come back from a 429 in its body alone (`RetryInfo.retryDelay`, no
 /// `Retry-After`): the model cools that long, and a client left with no backend is told so.
 #[tokio::test]

@@ -36,12 +36,15 @@ pub(super) fn too_large_for_the_limit(status: StatusCode, body: &[u8]) -> bool {
 /// Why an attempt failed before anything reached the client.
 #[derive(Debug)]
 pub(super) enum Failure {
-    /// 429 or 5xx, with what is needed to pass it on.
+    /// 429 or 5xx, with what is needed to pass it on. `in_body`: said in the body of a 2xx
+    /// whole answer ([`error_in_answer`]): the backend answered, the model failed, so it
+    /// counts against the model alone.
     Status {
         status: StatusCode,
         retry_after: Option<Duration>,
         content_type: Option<HeaderValue>,
         body: Bytes,
+        in_body: bool,
     },
     /// The connection could not be made (or closed before the request was written): the
     /// provider never saw the request.
@@ -160,10 +163,13 @@ impl Failure {
             // A 503 (or any 5xx) may say when to come back, as a 429 does. A model overloaded
             // is that model's: providers overload one model while serving the others.
             Self::Status {
-                retry_after, body, ..
+                retry_after,
+                body,
+                in_body,
+                ..
             } => Outcome::Failure {
                 retry_after: *retry_after,
-                scope: match model_overloaded(body) {
+                scope: match *in_body || model_overloaded(body) {
                     true => Scope::Model,
                     false => Scope::Backend,
                 },
@@ -556,8 +562,73 @@ pub(super) fn first_event(bytes: &[u8], api_key: &[u8]) -> FirstEvent {
         retry_after: None,
         content_type: Some(HeaderValue::from_static("application/json")),
         body: redact_error(Bytes::copy_from_slice(data.as_bytes()), api_key),
+        in_body: false,
     })
 }
+
+/// The status a whole 2xx chat or completion answer stands for when it is its provider's
+/// error: OpenRouter answers 200 once a model has started and puts a failure after that in
+/// the body, as `{"error":{"code":502,"message":"Provider returned error",…}}` or as a choice
+/// ending `finish_reason: "error"` (its stream's mid-stream error, whole). An answer whose
+/// top-level `error` is set (as the SDKs read a stream's chunk: Python's truth) or a choice of
+/// which ended so is the error its `error.code` names when that is a 4xx or 5xx, else 502.
+/// Nothing has reached the client: it fails over, as the same error in a status would, where
+/// it was passed on as a success (a 200 the SDKs raise nothing on) and ended the model's
+/// streak of failures. One search for `"error"` tells nearly every answer apart; an answer
+/// that names it is parsed.
+pub(super) fn error_in_answer(body: &[u8]) -> Option<StatusCode> {
+    ERROR_WORD.find(body)?;
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        error: serde_json::Value,
+        #[serde(default)]
+        choices: Option<Vec<Choice>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Choice {
+        #[serde(default)]
+        finish_reason: Option<String>,
+    }
+    let answer: Answer = serde_json::from_slice(body).ok()?;
+    let ended_in_error = answer
+        .choices
+        .iter()
+        .flatten()
+        .any(|choice| choice.finish_reason.as_deref() == Some("error"));
+    if !is_set(&answer.error) && !ended_in_error {
+        return None;
+    }
+    let code = answer
+        .error
+        .get("code")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|code| u16::try_from(code).ok())
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .filter(|code| code.is_client_error() || code.is_server_error());
+    Some(code.unwrap_or(StatusCode::BAD_GATEWAY))
+}
+
+/// Whether an `error` member is set, by Python's truth (the SDKs' `data.get("error")`): null,
+/// false, 0, "", [] and {} are no error.
+pub(super) fn is_set(error: &serde_json::Value) -> bool {
+    match error {
+        serde_json::Value::Null => false,
+        serde_json::Value::Bool(set) => *set,
+        serde_json::Value::Number(n) => n.as_f64() != Some(0.0),
+        serde_json::Value::String(s) => !s.is_empty(),
+        serde_json::Value::Array(a) => !a.is_empty(),
+        serde_json::Value::Object(o) => !o.is_empty(),
+    }
+}
+
+/// The searcher for `"error"`, a key or a value ([`error_in_answer`], and a stream's error
+/// events), built once.
+pub(super) static ERROR_WORD: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| {
+        memchr::memmem::FinderBuilder::new()
+            .build_forward_with_ranker(super::usage_figures::JsonRank, b"\"error\"")
+    });
 
 /// Whether `bytes`, the start of an SSE stream, hold a line of an event's `data` field (the
 /// field name, then `:`, a line end, or the end of what came so far): a stream that holds
@@ -750,6 +821,7 @@ mod tests {
                 retry_after: None,
                 content_type: None,
                 body: Bytes::from(body.to_owned()),
+                in_body: false,
             }
             .health()
         };

@@ -14,9 +14,9 @@ use tokio::time::Instant;
 
 use super::accounting::Accounting;
 use super::failure::{
-    Failure, FirstEvent, Refusal, fewer_tokens_would_do, first_event, opens_with_an_error,
-    out_of_credit, out_of_quota, refused_model, refuses_the_key, refuses_the_request_itself,
-    retry_delay_in_body, starts_an_event,
+    Failure, FirstEvent, Refusal, error_in_answer, fewer_tokens_would_do, first_event,
+    opens_with_an_error, out_of_credit, out_of_quota, refused_model, refuses_the_key,
+    refuses_the_request_itself, retry_delay_in_body, starts_an_event,
 };
 use super::health::{StreamHealth, record_health};
 use super::kept_sleeps::{KeptSleeps, within};
@@ -840,6 +840,7 @@ async fn fail(
                 retry_after: Some(wait),
                 content_type,
                 body,
+                in_body,
             },
             Some(others),
         ) => Failure::Status {
@@ -847,6 +848,7 @@ async fn fail(
             retry_after: Some(wait.min(others.saturating_duration_since(Instant::now()))),
             content_type,
             body,
+            in_body,
         },
         (failure, _) => failure,
     };
@@ -891,6 +893,7 @@ async fn answer_failure(
             retry_after,
             content_type,
             body,
+            ..
         } => {
             let (status, content_type, body) = match (backend, client) {
                 (ApiFormat::Anthropic, ApiFormat::OpenAi) => {
@@ -1194,6 +1197,7 @@ async fn attempt(
             retry_after,
             content_type,
             body,
+            in_body: false,
         });
     }
     let is_sse = content_type
@@ -1317,6 +1321,7 @@ async fn attempt(
             retry_after: None,
             content_type: headers.get(header::CONTENT_TYPE).cloned(),
             body: redact_error(body, backend.api_key()),
+            in_body: false,
         });
     }
     if status == StatusCode::BAD_REQUEST {
@@ -1362,6 +1367,24 @@ async fn attempt(
             retry_after: None,
             content_type: headers.get(header::CONTENT_TYPE).cloned(),
             body: redact_error(body, backend.api_key()),
+            in_body: false,
+        });
+    }
+    // A chat or completion answer that is its provider's error in a 2xx (OpenRouter's).
+    if status.is_success()
+        && backend.format == ApiFormat::OpenAi
+        && matches!(
+            endpoint,
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Messages
+        )
+        && let Some(status) = error_in_answer(&body)
+    {
+        return Err(Failure::Status {
+            status,
+            retry_after: None,
+            content_type: Some(HeaderValue::from_static("application/json")),
+            body: redact_error(body, backend.api_key()),
+            in_body: true,
         });
     }
     if !status.is_success() {

@@ -25,8 +25,9 @@ use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::accounting::{Accounting, Tokens};
+use super::failure::{ERROR_WORD, is_set};
 use super::health::StreamHealth;
-use super::usage_figures::{usage_of, usage_of_answer, usage_value_of_answer};
+use super::usage_figures::{JsonRank, usage_of, usage_of_answer, usage_value_of_answer};
 use crate::answer_memory::{AnswerMemory, AnswerPermit, Full, UNCOUNTED_STREAM_BYTES};
 use crate::anthropic::Usage;
 use crate::anthropic::stream::{ChunksFromEvents, EventUsage, EventsFromChunks, Flow};
@@ -905,7 +906,7 @@ fn is_error_event(data: &str) -> bool {
     {
         return true;
     }
-    if ERROR_KEY.find(data.as_bytes()).is_none() {
+    if ERROR_WORD.find(data.as_bytes()).is_none() {
         return false;
     }
     #[derive(serde::Deserialize)]
@@ -913,21 +914,8 @@ fn is_error_event(data: &str) -> bool {
         #[serde(default)]
         error: serde_json::Value,
     }
-    // Python's truth: null, false, 0, "", [] and {} are no error.
-    serde_json::from_str::<Chunk>(data).is_ok_and(|chunk| match chunk.error {
-        serde_json::Value::Null => false,
-        serde_json::Value::Bool(set) => set,
-        serde_json::Value::Number(n) => n.as_f64() != Some(0.0),
-        serde_json::Value::String(s) => !s.is_empty(),
-        serde_json::Value::Array(a) => !a.is_empty(),
-        serde_json::Value::Object(o) => !o.is_empty(),
-    })
+    serde_json::from_str::<Chunk>(data).is_ok_and(|chunk| is_set(&chunk.error))
 }
-
-/// The searcher for an `"error"` key ([`is_error_event`]), built once.
-static ERROR_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| {
-    memchr::memmem::FinderBuilder::new().build_forward_with_ranker(JsonRank, b"\"error\"")
-});
 
 /// Whether an event of a stream whose usage was counted may name the answer's price tier or
 /// count its tools' calls: Anthropic's `message_start` and `message_delta` (its other events
@@ -1039,28 +1027,6 @@ static OUTPUT_KEYS: LazyLock<[Finder<'static>; 7]> = LazyLock::new(|| {
     OUTPUT_KEY_NAMES
         .map(|key| memchr::memmem::FinderBuilder::new().build_forward_with_ranker(JsonRank, key))
 });
-
-/// How common a byte is in JSON text, for memchr's searcher to pick the two bytes of a key
-/// it looks for first: its default ranking, made for prose and code, takes the quote for the
-/// rarest byte of `"content"`, so every `"c` of a chunk (`"chatcmpl-…"`, `"created"`,
-/// `"choices"`, …) was a candidate to check. Here quotes and JSON's other punctuation and
-/// digits are the most common bytes, and letters rank by their frequency in English.
-struct JsonRank;
-
-impl memchr::arch::all::packedpair::HeuristicFrequencyRank for JsonRank {
-    fn rank(&self, byte: u8) -> u8 {
-        const ENGLISH: &[u8; 26] = b"etaoinshrdlcumwfgypbvkjxqz";
-        match byte {
-            b'"' | b':' | b',' | b'{' | b'}' | b'[' | b']' | b' ' | b'0'..=b'9' => 255,
-            b'a'..=b'z' => {
-                let place = ENGLISH.iter().position(|&c| c == byte).unwrap_or(25);
-                // 250 for `e` down to 200 for `z`.
-                250 - 2 * u8::try_from(place).unwrap_or(25)
-            }
-            _ => 100,
-        }
-    }
-}
 
 /// The key of a choice's `finish_reason`, searched for in chunks that carry usage.
 static FINISH_REASON_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| {
