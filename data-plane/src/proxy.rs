@@ -115,10 +115,11 @@ pub struct AppState {
     pub sleeps: KeptSleeps,
     /// What this serving thread's requests see of the process stopping.
     pub stopping: Arc<Stopping>,
-    /// The backends (by id) that refused a stream's `stream_options`, which Sluice adds to
-    /// have its usage counted: their streams go without it ([`forward::forward_call`]).
-    /// This serving thread's; each learns it from one refusal, retried at once.
-    pub refuse_stream_options: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The backends (by id) that refused a stream's `stream_options` at an endpoint, which
+    /// Sluice adds to have its usage counted: their streams there go without it
+    /// ([`forward::forward_call`]). This serving thread's; each learns it from one refusal,
+    /// retried at once.
+    pub refuse_stream_options: std::sync::Mutex<std::collections::HashSet<(String, Endpoint)>>,
 }
 
 /// The endpoints that proxy a request's body: `POST` to `/v1` and the endpoint's

@@ -1802,6 +1802,44 @@ async fn a_backend_that_refuses_stream_options_streams_without_it_and_is_charged
     assert_eq!(stats.responses_with(200), 4);
 }
 
+/// A backend that refuses `stream_options` in words of its own (Groq's "property
+/// 'stream_options' is unsupported" until 2024, a strict decoder's "unknown field") is taken
+/// at them when the member was Sluice's alone, which the client did not send: the stream is
+/// sent again without it and served, and that backend's streams at that endpoint go without
+/// it from then on. Before, only Mistral's and Azure's words were known, and every stream a
+/// client sent such a backend failed with a 400 about a member it never sent.
+#[tokio::test]
+async fn a_refusal_of_stream_options_in_other_words_is_learnt_when_the_member_was_sluices() {
+    let groq = MockServer::start_local(MockConfig::named("groq").with_chunk_count(4)).unwrap();
+    let refusal = r#"{"error":{"message":"property 'stream_options' is unsupported, did you mean 'stream'?","type":"invalid_request_error"}}"#;
+    groq.set_fault(
+        Fault::Body {
+            code: 400,
+            body: refusal.into(),
+        }
+        .times(1),
+    );
+    let h = Harness::start_with(one_primary_snapshot(&groq.base_url()), |config| {
+        config.serving_threads = 1;
+    })
+    .await;
+    for _ in 0..2 {
+        let response = h.chat(chat_body(true)).await;
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.unwrap();
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+    let stats = groq.stats();
+    assert_eq!(stats.responses_with(400), 1);
+    assert_eq!(stats.responses_with(200), 2);
+    // Both sent without the member (the second one learnt): their usage estimated.
+    for record in h.records(2).await {
+        assert_eq!(record.status_code, 200, "{record:?}");
+        assert!(record.tokens_estimated, "{record:?}");
+        assert_eq!(record.completion_tokens, 4, "{record:?}");
+    }
+}
+
 /// A client cannot write a refusal of `stream_options` in its provider's error: OpenAI names
 /// an unknown member of it in its 400 (`Unknown parameter: 'stream_options.<name>'`), so a
 /// member named with the refusal's words made Sluice send the stream without the member,

@@ -401,7 +401,7 @@ pub(super) async fn forward_call(
             && backend.format == ApiFormat::OpenAi
             && !call.endpoint.is_responses()
             && matches!(&call.send, Outbound::Body { .. });
-        let refused_before = usage_option && refuses_stream_options(app, backend);
+        let refused_before = usage_option && refuses_stream_options(app, backend, call.endpoint);
         let (method, uri, body) = match &call.send {
             Outbound::Body {
                 parsed,
@@ -499,8 +499,12 @@ pub(super) async fn forward_call(
         let mut outcome = attempt(&sending, spare.take(), method, uri, body).await;
         let mut again = again;
         while let Some((method, uri, body)) = again.take()
-            && refused_stream_options(&outcome)
+            && let Some(refusal) = stream_options_refusal(&outcome)
             && let Some((body, ours)) = after_options_refused(&body)
+            // An error that only names the member is taken for its refusal when the member
+            // sent was Sluice's alone (`{"include_usage":true}`): nothing of the client's
+            // then wrote the words, and the retry without it is all that is learnt from.
+            && (refusal == OptionsRefusal::InItsWords || ours)
         {
             // Boxed: a rare second await of the large future, kept out of the request's own.
             outcome = Box::pin(attempt(
@@ -523,7 +527,7 @@ pub(super) async fn forward_call(
                 if status.is_success())
             {
                 if let Ok(mut refusing) = app.refuse_stream_options.lock() {
-                    refusing.insert(backend.id.clone());
+                    refusing.insert(options_key(backend, call.endpoint));
                 }
                 tracing::warn!(
                     backend = %backend.name,
@@ -1811,34 +1815,60 @@ impl AsRef<[u8]> for Held {
     }
 }
 
-/// Whether `backend` refused `stream_options` on this serving thread before.
-fn refuses_stream_options(app: &AppState, backend: &Backend) -> bool {
-    app.refuse_stream_options
-        .lock()
-        .is_ok_and(|refusing| !refusing.is_empty() && refusing.contains(&backend.id))
+/// Whether `backend` refused `stream_options` at the endpoint a call of `endpoint` reaches
+/// on this serving thread before.
+fn refuses_stream_options(app: &AppState, backend: &Backend, endpoint: Endpoint) -> bool {
+    app.refuse_stream_options.lock().is_ok_and(|refusing| {
+        !refusing.is_empty() && refusing.contains(&options_key(backend, endpoint))
+    })
 }
 
-/// Whether an answer is a backend's refusal of `stream_options` itself: a 400 or 422 whose
-/// error says the member is not taken, in the words of the providers that refuse it
-/// (Mistral: 422 `extra_forbidden` at `["body","stream_options",…]`, its detail an object or
-/// a string of JSON; Azure's older API versions: 400 "Unrecognized request argument
-/// supplied: stream_options"). An error that merely names the member, or echoes the body,
-/// is not one.
-fn refused_stream_options(outcome: &Result<Answer, Failure>) -> bool {
+/// What a refusal of `stream_options` is remembered by: the backend, and the endpoint a call
+/// of `endpoint` reaches there (a Messages call translated for an OpenAI-format backend
+/// reaches its chat completions).
+fn options_key(backend: &Backend, endpoint: Endpoint) -> (String, Endpoint) {
+    let reached = match (endpoint, backend.format) {
+        (Endpoint::Messages, ApiFormat::OpenAi) => Endpoint::ChatCompletions,
+        (endpoint, _) => endpoint,
+    };
+    (backend.id.clone(), reached)
+}
+
+/// How an answer may be a backend's refusal of `stream_options` ([`stream_options_refusal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OptionsRefusal {
+    /// In the words of a provider that refuses it.
+    InItsWords,
+    /// An error that names the member: its refusal in other words (Groq's "property
+    /// 'stream_options' is unsupported", a strict decoder's "unknown field"), or one that
+    /// echoes the body.
+    Naming,
+}
+
+/// Whether an answer may be a backend's refusal of `stream_options`: a 400 or 422 whose error
+/// says the member is not taken, in the words of the providers that refuse it (Mistral: 422
+/// `extra_forbidden` at `["body","stream_options",…]`, its detail an object or a string of
+/// JSON; Azure's older API versions: 400 "Unrecognized request argument supplied:
+/// stream_options"), or one that merely names the member, which may echo the body.
+fn stream_options_refusal(outcome: &Result<Answer, Failure>) -> Option<OptionsRefusal> {
     const REFUSALS: [&[u8]; 3] = [
         b"[\"body\",\"stream_options\"",
         b"[\\\"body\\\",\\\"stream_options\\\"",
         b"Unrecognized request argument supplied: stream_options",
     ];
-    match outcome {
-        Ok(Answer::Full { status, body, .. }) => {
-            matches!(status.as_u16(), 400 | 422)
-                && REFUSALS
-                    .iter()
-                    .any(|refusal| memchr::memmem::find(body, refusal).is_some())
-        }
-        _ => false,
+    let Ok(Answer::Full { status, body, .. }) = outcome else {
+        return None;
+    };
+    if !matches!(status.as_u16(), 400 | 422) {
+        return None;
     }
+    if REFUSALS
+        .iter()
+        .any(|refusal| memchr::memmem::find(body, refusal).is_some())
+    {
+        return Some(OptionsRefusal::InItsWords);
+    }
+    memchr::memmem::find(body, b"stream_options").map(|_| OptionsRefusal::Naming)
 }
 
 fn unix_now() -> u64 {
@@ -1888,7 +1918,7 @@ mod tests {
     /// name anywhere in an error: vLLM's validation errors echo the whole body, and a client's
     /// own bad request must not make a thread stop asking that backend for usage.
     #[test]
-    fn only_a_refusal_of_stream_options_itself_is_one() {
+    fn a_refusal_of_stream_options_in_its_words_is_told_from_an_error_naming_it() {
         let answer = |status: u16, body: &str| {
             Ok(Answer::Full {
                 status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
@@ -1900,15 +1930,27 @@ mod tests {
         let mistral = r#"{"object":"error","message":{"detail":[{"type":"extra_forbidden","loc":["body","stream_options","include_usage"],"msg":"Extra inputs are not permitted","input":true}]},"type":"invalid_request_error","param":null,"code":null}"#;
         let mistral_2024 = r#"{"object":"error","message":"{\"detail\":[{\"type\":\"extra_forbidden\",\"loc\":[\"body\",\"stream_options\"],\"msg\":\"Extra inputs are not permitted\"}]}","type":"invalid_request_error"}"#;
         let azure = r#"{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","param":null,"code":null}}"#;
+        let refusal = |status, body| stream_options_refusal(&answer(status, body));
         for body in [mistral, mistral_2024, azure] {
-            assert!(refused_stream_options(&answer(422, body)), "{body}");
-            assert!(refused_stream_options(&answer(400, body)), "{body}");
-            assert!(!refused_stream_options(&answer(500, body)), "{body}");
+            assert_eq!(
+                refusal(422, body),
+                Some(OptionsRefusal::InItsWords),
+                "{body}"
+            );
+            assert_eq!(
+                refusal(400, body),
+                Some(OptionsRefusal::InItsWords),
+                "{body}"
+            );
+            assert_eq!(refusal(500, body), None, "{body}");
         }
+        // Errors that name the member: its refusal in other words, or the body echoed.
+        let groq = r#"{"error":{"message":"property 'stream_options' is unsupported, did you mean 'stream'?","type":"invalid_request_error"}}"#;
         let echoed = r#"{"object":"error","message":"[{'type': 'value_error', 'loc': ('body',), 'msg': 'temperature must be in [0, 2]', 'input': {'model': 'm', 'temperature': 9, 'stream': True, 'stream_options': {'include_usage': True}}}]","type":"BadRequestError","code":400}"#;
         let own = r#"{"error":{"message":"Unknown parameter: 'stream_options.include_obfuscation'.","type":"invalid_request_error","param":"stream_options.include_obfuscation","code":"unknown_parameter"}}"#;
-        for body in [echoed, own] {
-            assert!(!refused_stream_options(&answer(400, body)), "{body}");
+        for body in [groq, echoed, own] {
+            assert_eq!(refusal(400, body), Some(OptionsRefusal::Naming), "{body}");
         }
+        assert_eq!(refusal(400, r#"{"error":{"message":"bad"}}"#), None);
     }
 }
