@@ -46,6 +46,8 @@ pub enum Full {
 #[derive(Debug)]
 pub struct AnswerMemory {
     total: Arc<Semaphore>,
+    /// What `total` started with.
+    capacity: usize,
     per_key: usize,
     /// Bytes held by each key holding any, by the hash of its id (two keys whose ids hash
     /// alike, one chance in 2^64 a pair, would share a share): no allocation an answer.
@@ -55,8 +57,10 @@ pub struct AnswerMemory {
 
 impl AnswerMemory {
     pub fn new(total: usize, per_key: usize) -> Arc<Self> {
+        let capacity = total.min(Semaphore::MAX_PERMITS);
         Arc::new(Self {
-            total: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
+            total: Arc::new(Semaphore::new(capacity)),
+            capacity,
             per_key,
             keys: Mutex::default(),
             ids: foldhash::quality::RandomState::default(),
@@ -95,6 +99,11 @@ impl AnswerMemory {
     /// Bytes the replica's answers may still take.
     pub fn available(&self) -> usize {
         self.total.available_permits()
+    }
+
+    /// Bytes the replica's answers hold now.
+    pub fn held(&self) -> usize {
+        self.capacity.saturating_sub(self.available())
     }
 }
 

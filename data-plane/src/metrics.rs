@@ -385,6 +385,7 @@ pub struct Metrics {
     snapshot_refusals_seen: [AtomicU64; 4],
     snapshot_age: Gauge<f64, AtomicU64>,
     request_body_bytes: Gauge,
+    answer_bytes: Gauge,
     control_plane_connected: Gauge,
     usage_queue: Gauge,
     usage_dropped: Counter,
@@ -560,6 +561,15 @@ impl Metrics {
             Unit::Bytes,
             request_body_bytes.clone(),
         );
+        let answer_bytes = Gauge::default();
+        registry.register_with_unit(
+            "answer_buffered",
+            "Upstream answers held in memory now (whole answers until their client has read \
+             them, stream events being read), of --max-buffered-answer-bytes; at the limit, \
+             further whole answers get 503 and streams reading a large event end",
+            Unit::Bytes,
+            answer_bytes.clone(),
+        );
         let snapshot_age = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit(
             "snapshot_age",
@@ -630,6 +640,7 @@ impl Metrics {
             allowance_asks_seen: AtomicU64::new(0),
             snapshot_age,
             request_body_bytes,
+            answer_bytes,
             control_plane_connected,
             usage_queue,
             usage_dropped,
@@ -787,6 +798,12 @@ impl Metrics {
     /// The bytes of request bodies held in memory now (read at each scrape).
     pub fn request_bodies_buffered(&self, bytes: usize) {
         self.request_body_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// The bytes the replica's answers hold now.
+    pub fn answers_buffered(&self, bytes: usize) {
+        self.answer_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 

@@ -970,6 +970,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
             .max_buffered_body_bytes
             .saturating_sub(app.body_memory.available_permits()),
     );
+    app.metrics.answers_buffered(app.answer_memory.held());
     let text = app
         .metrics
         .render(&app.store, &app.usage, spool, app.allowances.asks_sent());

@@ -5,6 +5,7 @@
 
 use crate::support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -1147,25 +1148,32 @@ async fn a_streamed_event_the_answers_memory_cannot_hold_ends_its_stream() {
              event: response.completed\ndata: {{\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"completed\",\"model\":\"m\",\"output\":[],\"usage\":{{\"input_tokens\":10,\"output_tokens\":1056,\"total_tokens\":1066}}}}}}\n\n"
         )
     };
-    // Two streams, each paused 1 s inside an image of 1.5 MiB: the first holds it against the
-    // replica's 2 MiB for answers, the second cannot, and ends with an error event; the first
-    // is relayed whole.
+    // Two streams, each paused inside an image of 1.5 MiB until the test lets them go on (its
+    // semaphore closed): the first
+    // holds it against the replica's 2 MiB for answers, the second cannot, and ends with an
+    // error event; the first is relayed whole.
     let large = "A".repeat(3 << 19);
     let whole = image_stream(&large);
     let pause_at = whole.find(&large).unwrap() + large.len() * 3 / 4;
+    let go_on = Arc::new(tokio::sync::Semaphore::new(0));
     let paused = {
         let (head, tail) = whole.split_at(pause_at);
-        let parts = vec![
-            (head.as_bytes().to_vec(), Duration::ZERO),
-            (tail.as_bytes().to_vec(), Duration::from_secs(1)),
-        ];
+        let (head, tail) = (head.as_bytes().to_vec(), tail.as_bytes().to_vec());
+        let go_on = Arc::clone(&go_on);
         let app = axum::Router::new().fallback(move || {
-            let parts = parts.clone();
+            let (head, tail, go_on) = (head.clone(), tail.clone(), Arc::clone(&go_on));
             async move {
-                let body = futures::stream::iter(parts).then(|(bytes, wait)| async move {
-                    tokio::time::sleep(wait).await;
-                    Ok::<_, std::convert::Infallible>(bytes::Bytes::from(bytes))
-                });
+                let body = futures::stream::iter([(head, false), (tail, true)]).then(
+                    move |(bytes, wait)| {
+                        let go_on = Arc::clone(&go_on);
+                        async move {
+                            if wait && let Ok(permit) = go_on.acquire().await {
+                                permit.forget();
+                            }
+                            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(bytes))
+                        }
+                    },
+                );
                 (
                     [(http::header::CONTENT_TYPE, "text/event-stream")],
                     axum::body::Body::from_stream(body),
@@ -1184,13 +1192,32 @@ async fn a_streamed_event_the_answers_memory_cannot_hold_ends_its_stream() {
     })
     .await;
     // The first stream's head comes with its first event, the rest of the upstream's first
-    // write (the image's first part) right behind it; the second is asked while the first
-    // waits inside the image.
+    // write (the image's first part) right behind it; the second is asked once the replica
+    // holds that part, while the first waits inside the image.
     let body = json!({"model": MODEL, "input": "draw", "stream": true});
     let first = create(&h, body).await;
     let first = tokio::spawn(first.text());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let second = draw(&h).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let held: f64 = h
+            .metrics()
+            .await
+            .lines()
+            .find_map(|line| line.strip_prefix("sluice_answer_buffered_bytes "))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0.0);
+        if held >= (1 << 20) as f64 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "held {held}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The second cannot take its event's first part, and ends, its upstream still waiting;
+    // then both upstreams go on.
+    let second = tokio::time::timeout(Duration::from_secs(30), draw(&h))
+        .await
+        .expect("the second stream ends while the first holds the memory");
+    go_on.close();
     let at = second.find("event: error");
     let error = &second[at.unwrap_or_else(|| panic!("{}", &second[..second.len().min(300)]))..];
     assert!(error.contains("fill the memory it may hold"), "{error}");
