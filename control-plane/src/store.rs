@@ -660,6 +660,32 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    /// Every file of `migrations/` runs, in the order of its number: one left out of
+    /// [`MIGRATIONS`] would never be applied, and nothing else would say so.
+    #[test]
+    fn every_migration_file_is_applied_in_order() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|e| e == "sql"))
+            .collect();
+        files.sort();
+        let texts: Vec<String> = files
+            .iter()
+            .map(|path| std::fs::read_to_string(path).unwrap())
+            .collect();
+        assert_eq!(texts.len(), MIGRATIONS.len(), "{files:?}");
+        for ((path, text), listed) in files.iter().zip(&texts).zip(MIGRATIONS) {
+            assert_eq!(
+                text,
+                listed,
+                "{} is not listed at its place",
+                path.display()
+            );
+        }
+    }
+
     /// A wrong master key is refused before a pending migration runs: refused after, the
     /// database was left at a schema the binary rolled back to could not open ("migration
     /// number that is too high"), for a mistake that changed nothing.

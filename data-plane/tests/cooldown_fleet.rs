@@ -330,7 +330,7 @@ fn a_success_at_one_replica_ends_the_streak_at_every_replica() {
 }
 
 #[test]
-fn one_burst_seen_by_every_replica_doubles_once() {
+fn one_burst_seen_by_every_replica_counts_once() {
     let mut fleet = Fleet::new(4);
     for r in 0..4 {
         fleet.run(Op::Send { r }).unwrap();

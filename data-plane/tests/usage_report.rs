@@ -241,11 +241,8 @@ async fn a_full_queue_drops_the_oldest_while_the_control_plane_is_away() {
     handle.await.unwrap();
 }
 
-/// A record the control plane refuses (here: too large for its decode limit, as tonic refuses
-/// it) must not hold back the records after it: it is sent alone, refused again, dropped and
-/// counted, and everything else arrives exactly once.
-/// The same with a backlog behind the refused record: the records after it go alone, many
-/// reports queued on the stream before the refusal comes back. The control plane's refusal
+/// A record the control plane refuses, with a backlog behind it: the records after it go
+/// alone, many reports queued on the stream before the refusal comes back. The control plane's refusal
 /// ends the stream while the reporter is still sending, so its sends fail; what the stream's
 /// end says decides (it used to be taken for a dropped connection: nothing was dropped, and
 /// every reconnect sent the same record again, for ever).
@@ -273,6 +270,9 @@ async fn a_refused_record_with_a_backlog_behind_it_is_dropped_and_the_backlog_de
     assert_eq!(sink.pending(), 0);
 }
 
+/// A record the control plane refuses (here: too large for its decode limit, as tonic refuses
+/// it) must not hold back the records after it: it is sent alone, refused again, dropped and
+/// counted, and everything else arrives exactly once.
 #[tokio::test]
 async fn a_record_the_control_plane_refuses_is_dropped_and_the_rest_delivered() {
     let cp = FakeControlPlane::start_with_report_limit(16 * 1024).await;

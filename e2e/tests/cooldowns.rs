@@ -152,7 +152,7 @@ async fn a_streak_outlives_its_cooldown_until_a_success() {
 }
 
 #[tokio::test]
-async fn one_burst_seen_by_two_replicas_doubles_once() {
+async fn one_burst_seen_by_two_replicas_counts_once() {
     let base = Duration::from_millis(500);
     // The provider takes 300 ms to answer: both requests are there before either 429 is.
     let (cluster, a, key) = setup_with(base, &["--latency", "300ms"]).await;

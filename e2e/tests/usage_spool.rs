@@ -348,8 +348,6 @@ async fn an_idle_replica_sleeps_and_still_counts_the_next_request() {
     .await;
 }
 
-/// Frames of the only spool segment under `data_dir`: the file, its bytes and each frame's
-/// (offset, length, entry).
 /// Whether a serving thread of the replica on `data_dir` keeps a spare segment file.
 fn has_spare(data_dir: &std::path::Path) -> bool {
     let Ok(runs) = std::fs::read_dir(data_dir.join("usage-spool")) else {
@@ -378,6 +376,8 @@ fn segment_files(data_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     files
 }
 
+/// Frames of the only spool segment under `data_dir`: the file, its bytes and each frame's
+/// (offset, length, entry).
 fn spool_frames(
     data_dir: &std::path::Path,
 ) -> (

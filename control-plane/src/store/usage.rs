@@ -592,14 +592,15 @@ fn upsert_sql(table: &str, keys: &str) -> String {
     )
 }
 
+/// Each batch's high-water mark, or why it was refused.
+type Outcomes = Vec<Result<u64, OutOfOrder>>;
+
 /// Applies a batch: the records above the high-water mark are folded into one
 /// delta per (hour, pool, backend, model, key) and per (day, pool, backend, model,
 /// key), each added to its stored row by an upsert; then the high-water mark
 /// moves, all in one transaction. Folding before SQL keeps the statements per
 /// touched row rather than per record (see the ingestion benchmark).
 /// Returns each batch's high-water mark and how many records were new.
-type Outcomes = Vec<Result<u64, OutOfOrder>>;
-
 fn ingest(conn: &mut Connection, batches: &[UsageBatch]) -> Result<(Outcomes, u64), StoreError> {
     let tx = conn.transaction()?;
     // (node, incarnation) → (stored high-water mark, high-water mark so far).
@@ -951,7 +952,6 @@ fn plan(filter: &TotalsFilter, whole_days: bool) -> Vec<Part> {
     parts
 }
 
-/// The WHERE clause and its parameters of one part.
 /// The groups a query reads: keys after the first (when given) up to and with the second
 /// (when given).
 type GroupRange<'a> = (Option<&'a str>, Option<&'a str>);

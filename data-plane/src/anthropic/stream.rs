@@ -561,8 +561,6 @@ enum Open {
     Tool(u64),
 }
 
-/// A tool call seen before its name: no block is opened for it until the name arrives, so
-/// the client never sees an empty tool block.
 /// What a tool call may hold before its name arrives: an upstream that streams arguments
 /// without ever naming the call would otherwise grow it for as long as the stream lasts (the
 /// client is sent nothing meanwhile, so nothing slows the upstream down). OpenAI names a call
@@ -573,6 +571,8 @@ const MAX_PENDING_BYTES: usize = crate::sse::DEFAULT_MAX_BYTES;
 /// kept, and looked up by every piece of its input.
 const MAX_TOOL_BLOCKS: usize = 4_096;
 
+/// A tool call seen before its name: no block is opened for it until the name arrives, so
+/// the client never sees an empty tool block.
 #[derive(Debug, Default)]
 struct Pending {
     index: u64,

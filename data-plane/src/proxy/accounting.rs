@@ -255,7 +255,7 @@ impl Accounting {
         self.0.billed_failure
     }
 
-    /// The attempt was never sent (see [`Failure::OutOfFiles`](super::forward)): its backend's
+    /// The attempt was never sent (see `failure::Failure::OutOfFiles`): its backend's
     /// token reservation is given back, and unless an earlier attempt may have been billed,
     /// so are the key's and the budget's reserve.
     pub fn attempt_unsent(&mut self) {

@@ -93,8 +93,9 @@ pub(super) enum Failure {
     /// The answer's head came (a status neither 429 nor 5xx), then its body broke, stalled
     /// (`timeout`) or passed the size limit. The provider has generated, and billed, the
     /// answer: it is not asked of another backend (no retry after the first byte), nor by
-    /// the client's SDK ([`error_after_billing`]). With the text of the answer's top-level
-    /// `usage` when it was cut for its size and read on for it ([`read_body`]).
+    /// the client's SDK (`forward::error_after_billing`). With the text of the answer's
+    /// top-level `usage` when it was cut for its size and read on for it
+    /// (`forward::read_body`).
     Cut {
         timeout: bool,
         detail: String,

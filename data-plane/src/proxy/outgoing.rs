@@ -30,9 +30,10 @@ pub(super) fn chat_body(
     Ok(Bytes::from(serde_json::Value::Object(chat).to_string()))
 }
 
-/// What to send after a refusal of `stream_options` ([`refused_stream_options`]) of `body`,
-/// and whether it is the body without the member (`true`) or with the member as Sluice writes
-/// it alone (`false`); `None` if `body` is not a JSON object or has no `stream_options`.
+/// What to send after a refusal of `stream_options` (`forward::stream_options_refusal`) of
+/// `body`, and whether it is the body without the member (`true`) or with the member as
+/// Sluice writes it alone (`false`); `None` if `body` is not a JSON object or has no
+/// `stream_options`.
 ///
 /// Only a refusal of `{"include_usage":true}` is the backend's refusal of the member: a
 /// provider's error quotes what the client sent (OpenAI's `Unknown parameter:

@@ -239,7 +239,8 @@ pub(super) struct Relay {
     /// Where the stream's end is recorded for its backend's cooldown (once; `None` after).
     health: Option<StreamHealth>,
     /// A chat stream's upstream sent its own error event (`data: {"error": …}`, as vLLM does
-    /// when generation fails after the head): the stream ends as interrupted, at its `[DONE]`.
+    /// when generation fails after the head): the stream ends as interrupted, however its body
+    /// ends (OpenAI's closes with no `[DONE]`: [`Relay::ended_without_done`]).
     upstream_error: bool,
     /// The last usage a chat stream reported came as a stream's last chunk brings it: alone
     /// (`choices: []`, as Sluice asks for it) or with a `finish_reason` (Perplexity sends usage

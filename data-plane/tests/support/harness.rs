@@ -198,7 +198,6 @@ impl Harness {
     }
 
     /// The `/metrics` text.
-    #[allow(dead_code)] // not every test binary scrapes
     pub async fn metrics(&self) -> String {
         let response = self.http.get(self.url("/metrics")).send().await.unwrap();
         response.text().await.unwrap()
@@ -227,7 +226,6 @@ impl Harness {
     }
 
     /// Waits until the control plane has a cooldown event and returns the first.
-    #[allow(dead_code)] // Not every test binary reads events.
     pub async fn first_cooldown_event(&self) -> proto::BackendEvent {
         self.cp
             .wait_for("cooldown event", |r| !r.events.is_empty())
@@ -263,7 +261,6 @@ impl Harness {
 
 /// The name of the backend that answered (`x-sluice-backend`, which the harness's
 /// snapshots expose).
-#[allow(dead_code)] // not every test binary asks
 pub fn backend_name(response: &reqwest::Response) -> String {
     response.headers()["x-sluice-backend"]
         .to_str()
@@ -302,7 +299,6 @@ pub async fn serve_locally(app: axum::Router) -> SocketAddr {
 
 /// An upstream that answers every request 200 with `events` as its event stream, whole, then
 /// ends it: what a provider sends, event by event, with nothing Sluice's mock would add.
-#[allow(dead_code)] // Not every test binary uses it.
 pub async fn sse_upstream(events: String) -> String {
     let app = axum::Router::new().fallback(move || {
         let events = events.clone();
@@ -400,7 +396,6 @@ impl SseUpstream {
 
 /// Waits (up to 5 s) until `mock` has seen a stream of its aborted: the data plane dropped its
 /// upstream call.
-#[allow(dead_code)] // not every test binary leaves streams
 pub async fn wait_for_an_aborted_stream(mock: &sluice_e2e::mock::MockServer) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while mock.stats().streams_aborted == 0 {
@@ -414,7 +409,6 @@ pub async fn wait_for_an_aborted_stream(mock: &sluice_e2e::mock::MockServer) {
 
 /// Asserts `response` is the 502 of a connection lost after the request was sent: not to be
 /// retried by the client (the provider may be generating it).
-#[allow(dead_code)] // not every test binary loses connections
 pub async fn assert_connection_lost(response: reqwest::Response) {
     assert_eq!(response.status(), 502);
     assert_eq!(response.headers()["x-should-retry"], "false");

@@ -286,7 +286,6 @@ pub fn mask(paths: &[&str]) -> sluice_proto::wkt::FieldMask {
 }
 
 /// `seconds` as a protobuf duration.
-#[allow(dead_code)] // not every test binary sets a duration
 pub fn seconds(seconds: i64) -> sluice_proto::wkt::Duration {
     sluice_proto::wkt::Duration { seconds, nanos: 0 }
 }
@@ -402,7 +401,6 @@ impl ControlApi {
     }
 
     /// `UpdateBackend` of the fields `paths` names, as `backend` has them (its key kept).
-    #[allow(dead_code)] // not every test binary changes a backend
     pub async fn update_backend(&self, backend: pb::Backend, paths: &[&str]) -> pb::Backend {
         self.admin()
             .await
@@ -422,7 +420,6 @@ impl ControlApi {
 
     /// An OpenAI-format primary backend `name` for `mock` with these routes as they are
     /// (their prices among them).
-    #[allow(dead_code)] // not every test binary sets its own routes
     pub async fn add_backend_routing(
         &self,
         name: &str,
@@ -435,7 +432,6 @@ impl ControlApi {
 
     /// [`Cluster::add_backend_routing`] at `base_url` (a host only an egress proxy reaches,
     /// say), with `mock`'s API key.
-    #[allow(dead_code)] // not every test binary names its backends' hosts
     pub async fn add_backend_at(
         &self,
         name: &str,
@@ -741,7 +737,6 @@ impl Mock {
     }
 
     /// The last request to the mock's Messages API and what it answered.
-    #[allow(dead_code)] // not every test binary looks
     pub async fn last_messages(&self) -> Option<sluice_e2e::mock::MessagesExchange> {
         self.get_json("last_messages").await
     }

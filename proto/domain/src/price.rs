@@ -162,9 +162,11 @@ impl Prices {
         nanos.round() as u64
     }
 
-    /// The most `prompt` tokens can cost before the provider says how it read them: each at
-    /// the higher of the input and cache write prices (a prompt's first turn may be written
-    /// to the cache whole), at the long-context band's prices when so many are long.
+    /// What a reserve takes for `prompt` tokens before the provider says how it read them:
+    /// each at the higher of the input and (5-minute) cache write prices (a prompt's first
+    /// turn may be written to the cache whole), at the long-context band's prices when so
+    /// many are long. Not a true ceiling: a write to Anthropic's 1-hour cache (twice the
+    /// input price) and audio at its own price can cost more (docs/usage.md).
     pub fn prompt_ceiling_nanos(&self, prompt: u64) -> u64 {
         let (long_input, _) = self.length_multipliers(prompt);
         (prompt as f64 * self.input.max(self.cache_write) * long_input).round() as u64
