@@ -261,8 +261,9 @@ pub struct BackendUpdateArgs {
     pub responses_api: Option<ResponsesApi>,
     /// Replaces the whole model list:
     /// NAME[:UPSTREAM[:IN_PRICE[/CACHED_PRICE[/CACHE_WRITE_PRICE]]:OUT_PRICE]],
-    /// repeatable. A model given without prices keeps the prices (and `default_max_tokens`)
-    /// of the backend's route of the same name, if it has one.
+    /// repeatable. A model given without an UPSTREAM keeps the upstream name of the
+    /// backend's route of the same name (NAME:NAME points it at NAME itself); one given
+    /// without prices keeps that route's prices (and `default_max_tokens`).
     #[arg(long = "model", value_name = "SPEC", value_parser = parse_model_update)]
     pub models: Vec<ModelUpdate>,
     /// The API the backend speaks.
@@ -948,17 +949,24 @@ fn parse_responses_api(text: &str) -> Result<ResponsesApi, String> {
     }
 }
 
-/// A `--model` of `backend update`: the route, and whether its prices were given.
+/// A `--model` of `backend update`: the route, and whether its upstream name and its prices
+/// were given.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelUpdate {
     pub route: pb::ModelRoute,
+    pub upstream_given: bool,
     pub priced: bool,
 }
 
-/// [`parse_model_route`], remembering whether the spec gave prices.
+/// [`parse_model_route`], remembering whether the spec gave an upstream name (a non-empty
+/// one: `NAME::IN:OUT` gives none) and prices.
 pub fn parse_model_update(spec: &str) -> Result<ModelUpdate, String> {
     Ok(ModelUpdate {
         route: parse_model_route(spec)?,
+        upstream_given: spec
+            .split(':')
+            .nth(1)
+            .is_some_and(|upstream| !upstream.trim().is_empty()),
         priced: spec.split(':').count() >= 4,
     })
 }

@@ -352,6 +352,68 @@ async fn backend_lifecycle_from_add_to_remove() {
     h.assert_never_printed(PROVIDER_KEY_2);
 }
 
+/// `--model NAME` on an update re-lists a route: a route whose public name differs from its
+/// upstream's keeps asking the provider for the upstream model (were it pointed at its
+/// public name, every request would get the provider's 404). `NAME:NAME` points it there.
+#[tokio::test]
+async fn a_model_relisted_without_upstream_keeps_its_upstream() {
+    let h = Harness::start().await;
+    h.ctl_with(
+        &[
+            "backend",
+            "add",
+            "--name",
+            "claude",
+            "--base-url",
+            "https://api.anthropic.com",
+            "--api-format",
+            "anthropic",
+            "--model",
+            "sonnet:claude-sonnet-4-5:3/0.3/3.75:15",
+            "--model",
+            "haiku:claude-haiku-4-5:1:5",
+            "--api-key-env",
+            "ANTHROPIC_API_KEY",
+        ],
+        &[("ANTHROPIC_API_KEY", PROVIDER_KEY)],
+        None,
+    )
+    .await
+    .ok();
+
+    let updated = h
+        .ctl(&[
+            "-o",
+            "json",
+            "backend",
+            "update",
+            "claude",
+            "--model",
+            "sonnet",
+            "--model",
+            "haiku:haiku",
+        ])
+        .await
+        .json();
+    let models = &updated["backend"]["models"];
+    let route = |i: usize| {
+        (
+            models[i]["name"].as_str().unwrap(),
+            models[i]["upstreamName"].as_str().unwrap(),
+            models[i]["inputPricePerMtok"].as_f64().unwrap(),
+        )
+    };
+    assert_eq!(route(0), ("sonnet", "claude-sonnet-4-5", 3.0), "{updated}");
+    assert_eq!(route(1), ("haiku", "haiku", 1.0), "{updated}");
+
+    // And so it is stored, not only answered.
+    let stored = h
+        .ctl(&["-o", "json", "backend", "get", "claude"])
+        .await
+        .json();
+    assert_eq!(stored["backend"]["models"], *models);
+}
+
 #[tokio::test]
 async fn api_keys_never_come_from_argv_and_bad_sources_fail_cleanly() {
     let h = Harness::start().await;

@@ -235,13 +235,15 @@ fn with_prices_by_answer(
 }
 
 /// What an update's routes take from the stored routes of the same names: for each route,
-/// whether its prices do (none were given), whether its long-context band does (no
+/// whether its upstream name does (none was given: `--model NAME` re-lists a route, it does
+/// not point it at NAME), whether its prices do (none were given), whether its long-context band does (no
 /// `--long-context` names it), and whether `default_max_tokens` does (no
 /// `--default-max-tokens`); their price tiers and tools' prices always do, those `--tier` and
 /// `--call-price` name set over them; and whether its audio prices do (no `--audio-price`
 /// names it).
 /// `None` when there are no routes.
 fn keeps_from_stored(args: &BackendUpdateArgs) -> Option<Kept> {
+    let upstream = args.models.iter().map(|m| !m.upstream_given).collect();
     let prices: Vec<bool> = args.models.iter().map(|m| !m.priced).collect();
     let long = args
         .models
@@ -256,6 +258,7 @@ fn keeps_from_stored(args: &BackendUpdateArgs) -> Option<Kept> {
     let max_tokens = args.default_max_tokens.is_none();
     let max_output = args.max_output_tokens.is_none();
     (!args.models.is_empty()).then_some(Kept {
+        upstream,
         prices,
         long,
         audio,
@@ -266,6 +269,7 @@ fn keeps_from_stored(args: &BackendUpdateArgs) -> Option<Kept> {
 
 #[derive(Debug)]
 struct Kept {
+    upstream: Vec<bool>,
     prices: Vec<bool>,
     long: Vec<bool>,
     audio: Vec<bool>,
@@ -274,7 +278,8 @@ struct Kept {
 }
 
 /// Fills what `kept` says from `stored`, route by public name: `--model gpt-4o` on an update
-/// re-lists a route, it does not make it free (a price of 0 is spent by no budget) nor drop
+/// re-lists a route, it does not point it at an upstream model of its public name (a route
+/// `sonnet:claude-sonnet-4-5` would then ask the provider for `sonnet`) nor make it free (a price of 0 is spent by no budget) nor drop
 /// its price tiers or tools' prices (a `--tier` or `--call-price` sets its own over them), its
 /// long-context band or its
 /// `default_max_tokens`. A name the backend does not have yet keeps 0: the names of those
@@ -285,14 +290,24 @@ fn keep_stored_route_fields(
     stored: &[pb::ModelRoute],
 ) -> Vec<String> {
     let mut unpriced = Vec::new();
-    let keeps = kept.prices.iter().zip(&kept.long).zip(&kept.audio);
-    for (route, ((keep_prices, keep_long), keep_audio)) in routes.iter_mut().zip(keeps) {
+    let keeps = kept
+        .upstream
+        .iter()
+        .zip(&kept.prices)
+        .zip(&kept.long)
+        .zip(&kept.audio);
+    for (route, (((keep_upstream, keep_prices), keep_long), keep_audio)) in
+        routes.iter_mut().zip(keeps)
+    {
         let Some(old) = stored.iter().find(|old| old.name == route.name) else {
             if *keep_prices {
                 unpriced.push(route.name.clone());
             }
             continue;
         };
+        if *keep_upstream {
+            route.upstream_name.clone_from(&old.upstream_name);
+        }
         if *keep_prices {
             route.input_price_per_mtok = old.input_price_per_mtok;
             route.output_price_per_mtok = old.output_price_per_mtok;
