@@ -329,7 +329,8 @@ pub struct BackendUpdateArgs {
 /// and in shell history.
 #[derive(Debug, Args)]
 pub struct ApiKeyArgs {
-    /// Read the provider's API key from this environment variable.
+    /// Read the provider's API key from the environment variable of this name (the name, as
+    /// OPENAI_API_KEY, not the key).
     #[arg(long, value_name = "VAR", conflicts_with = "api_key_stdin")]
     pub api_key_env: Option<String>,
     /// Read the provider's API key from the first line of standard input.

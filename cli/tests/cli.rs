@@ -439,6 +439,24 @@ async fn api_keys_never_come_from_argv_and_bad_sources_fail_cleanly() {
     let line = h.ctl(&unset).await.one_line_error().to_owned();
     assert!(line.contains("SLUICECTL_TEST_UNSET_VARIABLE"), "{line}");
 
+    // The key given where its variable's name goes is refused without being printed: stderr
+    // goes to terminals and CI logs.
+    for mistake in [PROVIDER_KEY, "sk proj 123"] {
+        let mut key_as_name = base.to_vec();
+        key_as_name.extend(["--api-key-env", mistake]);
+        let run = h.ctl(&key_as_name).await;
+        assert_eq!(run.code, 2, "{run:#?}");
+        assert!(run.stdout.is_empty(), "{run:#?}");
+        assert_eq!(run.stderr.lines().count(), 1, "{run:#?}");
+        assert!(
+            run.stderr
+                .starts_with("error: --api-key-env takes the NAME"),
+            "{run:#?}"
+        );
+        assert!(!run.stderr.contains(mistake), "the value was printed");
+    }
+    h.assert_never_printed(PROVIDER_KEY);
+
     let mut empty_stdin = base.to_vec();
     empty_stdin.push("--api-key-stdin");
     let run = h.ctl_with(&empty_stdin, &[], Some("\n")).await;

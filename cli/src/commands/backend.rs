@@ -448,10 +448,31 @@ fn set_enabled(backend: String, enabled: bool) -> pb::UpdateBackendRequest {
     }
 }
 
+/// Whether `text` can be the name of an environment variable as shells write them:
+/// `[A-Za-z_][A-Za-z0-9_]*`, at most 128 bytes.
+fn is_variable_name(text: &str) -> bool {
+    let mut bytes = text.bytes();
+    text.len() <= 128
+        && bytes
+            .next()
+            .is_some_and(|first| first.is_ascii_alphabetic() || first == b'_')
+        && bytes.all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
+}
+
 /// The provider key from `--api-key-env` or `--api-key-stdin`; `None` when
 /// neither was given. An empty key is an error: it is always a mistake.
 fn read_api_key(args: &ApiKeyArgs) -> Result<Option<String>, Error> {
     let key = if let Some(var) = &args.api_key_env {
+        if !is_variable_name(var) {
+            // Not quoted: what is given here by mistake is most often the key itself, and
+            // this line goes to terminals and CI logs.
+            return Err(Error::Usage(
+                "--api-key-env takes the NAME of an environment variable holding the key \
+                 (e.g. OPENAI_API_KEY), and what was given is not a variable name; if it was \
+                 the key, it is now in your shell history: rotate it"
+                    .to_owned(),
+            ));
+        }
         match std::env::var(var) {
             Ok(value) => value,
             Err(std::env::VarError::NotPresent) => {
