@@ -244,20 +244,74 @@ impl BackendSpec {
 
     /// Applies the rules every stored backend obeys, normalising where the
     /// intent is plain (weight 0 → 1, empty upstream name → public name).
-    pub fn validated(mut self) -> Result<Self, ValidationError> {
-        self.name = self.name.trim().to_owned();
-        check_name("backend.name", &self.name)?;
-        check_tpm_limit("backend.tpm_limit", self.tpm_limit)?;
-        self.base_url = normalize_base_url(&self.base_url)?;
+    pub fn validated(self) -> Result<Self, ValidationError> {
+        self.validated_fields(|_| true)
+    }
+
+    /// `self` with the fields `paths` names (an update mask's) taken from `update`, checked:
+    /// those fields against every rule, the others as they were when written. A rule added
+    /// since a field was stored does not hold a change of another field hostage: a backend
+    /// stored before it can still be disabled or changed, and the refusal of one of its
+    /// named fields is the operator's to fix. A change that enables a disabled backend checks
+    /// every field: the backend joins the snapshot, and each replica would take it as it is.
+    pub fn updated(
+        &self,
+        update: &pb::Backend,
+        paths: &[String],
+    ) -> Result<BackendSpec, ValidationError> {
+        let mut updated = self.clone();
+        updated.apply_mask(update, paths)?;
+        let joins = updated.enabled && !self.enabled;
+        updated.validated_fields(|field| joins || paths.iter().any(|path| path == field))
+    }
+
+    /// [`Self::validated`] of the fields `checks` says, by their mask path; the others are
+    /// taken as they are.
+    fn validated_fields(mut self, checks: impl Fn(&str) -> bool) -> Result<Self, ValidationError> {
+        if checks("name") {
+            self.name = self.name.trim().to_owned();
+            check_name("backend.name", &self.name)?;
+        }
+        if checks("tpm_limit") {
+            check_tpm_limit("backend.tpm_limit", self.tpm_limit)?;
+        }
+        if checks("base_url") {
+            self.base_url = normalize_base_url(&self.base_url)?;
+        }
         if self.weight == 0 {
             self.weight = 1;
         }
-        if self.weight > MAX_WEIGHT {
+        if checks("weight") && self.weight > MAX_WEIGHT {
             return Err(ValidationError::new(
                 "backend.weight",
                 format!("must be at most {MAX_WEIGHT}"),
             ));
         }
+        if checks("anthropic_version") {
+            self.check_anthropic_version()?;
+        }
+        if checks("models") {
+            self.check_models()?;
+        }
+        Ok(self)
+    }
+
+    fn check_anthropic_version(&mut self) -> Result<(), ValidationError> {
+        self.anthropic_version = self.anthropic_version.trim().to_owned();
+        if self.anthropic_version.len() > MAX_ANTHROPIC_VERSION_BYTES
+            || !self.anthropic_version.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(ValidationError::new(
+                "backend.anthropic_version",
+                format!(
+                    "must be at most {MAX_ANTHROPIC_VERSION_BYTES} bytes of printable ASCII without spaces (it is sent in an HTTP header)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_models(&mut self) -> Result<(), ValidationError> {
         if self.models.is_empty() {
             return Err(ValidationError::new(
                 "backend.models",
@@ -268,17 +322,6 @@ impl BackendSpec {
             return Err(ValidationError::new(
                 "backend.models",
                 format!("at most {MAX_MODELS} models"),
-            ));
-        }
-        self.anthropic_version = self.anthropic_version.trim().to_owned();
-        if self.anthropic_version.len() > MAX_ANTHROPIC_VERSION_BYTES
-            || !self.anthropic_version.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err(ValidationError::new(
-                "backend.anthropic_version",
-                format!(
-                    "must be at most {MAX_ANTHROPIC_VERSION_BYTES} bytes of printable ASCII without spaces (it is sent in an HTTP header)"
-                ),
             ));
         }
         let mut seen = std::collections::HashSet::new();
@@ -364,7 +407,7 @@ impl BackendSpec {
                 ));
             }
         }
-        Ok(self)
+        Ok(())
     }
 
     /// Reads the operator-set fields of a proto `Backend` (id, hint and times are ignored).

@@ -82,15 +82,42 @@ impl NewClientKey {
 
     /// The name and models trimmed and checked (not the expiry: a stored key's expiry may
     /// have passed, and changing its name must not fail for that).
-    pub fn checked(mut self) -> Result<Self, ValidationError> {
-        self.name = self.name.trim().to_owned();
-        check_name("name", &self.name)?;
-        check_tpm_limit("tpm_limit", self.tpm_limit)?;
-        if self.max_parallel_requests > MAX_PARALLEL_REQUESTS {
+    pub fn checked(self) -> Result<Self, ValidationError> {
+        self.checked_fields(|_| true)
+    }
+
+    /// `self` with the fields `paths` names (an update mask's) taken from `update`, and
+    /// those fields checked; the others stay as they were written. A rule added since (a
+    /// name may not look like an id) does not hold a change of another field hostage: a
+    /// key stored before it can still be changed.
+    pub fn updated(
+        &self,
+        update: &pb::ClientKey,
+        paths: &[String],
+        now_ms: i64,
+    ) -> Result<Self, ValidationError> {
+        let mut updated = self.clone();
+        updated.apply_mask(update, paths, now_ms)?;
+        updated.checked_fields(|field| paths.iter().any(|path| path == field))
+    }
+
+    /// [`Self::checked`] of the fields `checks` says, by their mask path.
+    fn checked_fields(mut self, checks: impl Fn(&str) -> bool) -> Result<Self, ValidationError> {
+        if checks("name") {
+            self.name = self.name.trim().to_owned();
+            check_name("name", &self.name)?;
+        }
+        if checks("tpm_limit") {
+            check_tpm_limit("tpm_limit", self.tpm_limit)?;
+        }
+        if checks("max_parallel_requests") && self.max_parallel_requests > MAX_PARALLEL_REQUESTS {
             return Err(ValidationError::new(
                 "max_parallel_requests",
                 format!("must be at most {MAX_PARALLEL_REQUESTS} (0 means no limit)"),
             ));
+        }
+        if !checks("allowed_models") {
+            return Ok(self);
         }
         if self.allowed_models.len() > MAX_ALLOWED_MODELS {
             return Err(ValidationError::new(

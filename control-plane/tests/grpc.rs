@@ -2158,6 +2158,111 @@ async fn moving_a_backend_to_another_origin_needs_its_key_again() {
     }
 }
 
+/// A row stored before a rule was added keeps working: a change is checked on the fields it
+/// names, so a backend whose stored base URL a later rule refuses (it ends with the endpoint's
+/// path, which made every request 404) can still be taken out of rotation in an incident, and
+/// a key named before names were checked for invisible characters can still be changed.
+/// Enabling such a backend is refused, naming the field: it would join the snapshot as it is.
+#[tokio::test]
+async fn a_row_stored_before_a_rule_can_be_disabled_and_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let created = create(&mut admin, "legacy", "sk-provider-secret-1234").await;
+    let key = admin
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    let legacy_url = "https://api.example.com/v1/chat/completions";
+    let db = rusqlite::Connection::open(dir.path().join("sluice.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute(
+        "UPDATE backends SET base_url = ?1 WHERE id = ?2",
+        rusqlite::params![legacy_url, created.id],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE client_keys SET name = ?1 WHERE id = ?2",
+        rusqlite::params!["team\u{200b}a", key.id],
+    )
+    .unwrap();
+    let change = |enabled: bool, priority: i32, paths: &[&str]| pb::UpdateBackendRequest {
+        backend: Some(pb::Backend {
+            id: created.id.clone(),
+            enabled,
+            priority,
+            ..Default::default()
+        }),
+        update_mask: Some(mask(paths)),
+        api_key: String::new(),
+    };
+
+    let disabled = admin
+        .update_backend(change(false, 0, &["enabled"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert!(!disabled.enabled);
+    assert_eq!(disabled.base_url, legacy_url, "kept as stored");
+    let moved = admin
+        .update_backend(change(false, 3, &["priority"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_eq!((moved.priority, moved.enabled), (3, false));
+
+    let err = admin
+        .update_backend(change(true, 0, &["enabled"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("backend.base_url:"),
+        "{}",
+        err.message()
+    );
+    assert!(!get(&mut admin, &created.id).await.enabled);
+
+    let rekeyed = admin
+        .update_client_key(pb::UpdateClientKeyRequest {
+            client_key: Some(pb::ClientKey {
+                id: key.id.clone(),
+                rpm_limit: 60,
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["rpm_limit"])),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    assert_eq!(rekeyed.rpm_limit, 60);
+    // A name given is checked as ever.
+    let err = admin
+        .update_client_key(pb::UpdateClientKeyRequest {
+            client_key: Some(pb::ClientKey {
+                id: key.id.clone(),
+                name: "team\u{200b}b".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["name"])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+}
+
 /// Anyone who can reach the gRPC port may open HTTP/2 connections to it (health checks and
 /// reflection need no token). One connection may open at most 100 streams at once (a data
 /// plane needs two), as the server's settings tell every client, not as many as it likes,

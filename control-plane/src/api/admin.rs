@@ -169,19 +169,16 @@ impl AdminService for Admin {
         // still): more than it adds, never less. A disabled backend is not in the snapshot:
         // enabled without a new key, its stored key joins the snapshot too, counted at the
         // most a key may be (the store keeps it sealed).
-        let mut updated = self.store.get_backend(id.clone()).await?.spec;
-        let was_enabled = updated.enabled;
-        updated.apply_mask(&update, &paths)?;
-        let stored_key_joins = api_key.is_none() && !was_enabled && updated.enabled;
+        let stored = self.store.get_backend(id.clone()).await?.spec;
+        let updated = stored.updated(&update, &paths)?;
+        let stored_key_joins = api_key.is_none() && !stored.enabled && updated.enabled;
         let kept_key = if stored_key_joins {
             "k".repeat(crate::backend::MAX_API_KEY_BYTES)
         } else {
             String::new()
         };
-        let growth = snapshot::backend_entry_bytes(
-            &updated.validated()?,
-            api_key.as_deref().unwrap_or(&kept_key),
-        );
+        let growth =
+            snapshot::backend_entry_bytes(&updated, api_key.as_deref().unwrap_or(&kept_key));
         let admin = self.clone();
         let backend = to_the_end(async move {
             let room = admin.publisher.reserve(growth).await?;
@@ -190,7 +187,7 @@ impl AdminService for Admin {
                 .update_backend(
                     id,
                     expected_etag,
-                    move |spec| spec.apply_mask(&update, &paths),
+                    move |spec| spec.updated(&update, &paths),
                     api_key,
                 )
                 .await?;
@@ -329,9 +326,8 @@ impl AdminService for Admin {
         let now = crate::time::now_ms();
         // The updated key, counted whole as growth (its old self is in the snapshot still):
         // more than it adds, never less.
-        let mut updated = NewClientKey::of(&self.store.get_client_key(id.clone()).await?);
-        updated.apply_mask(&update, &paths, now)?;
-        let updated = updated.checked()?;
+        let updated = NewClientKey::of(&self.store.get_client_key(id.clone()).await?)
+            .updated(&update, &paths, now)?;
         let admin = self.clone();
         let key = to_the_end(async move {
             let room = admin
@@ -343,7 +339,7 @@ impl AdminService for Admin {
                 .await?;
             let (key, version) = admin
                 .store
-                .update_client_key(id, move |fields| fields.apply_mask(&update, &paths, now))
+                .update_client_key(id, move |fields| fields.updated(&update, &paths, now))
                 .await?;
             room.committed(version);
             tracing::info!(client_key = %key.id, "client key updated");

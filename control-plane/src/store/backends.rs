@@ -77,8 +77,8 @@ impl Store {
         self.read(Reader::Admin, |conn, _| load_all(conn)).await
     }
 
-    /// Applies `change` to the stored spec (validated again afterwards) and, when
-    /// given, replaces the provider key.
+    /// Stores what `change` makes of the stored spec (it validates what it changes:
+    /// [`BackendSpec::updated`]) and, when given, replaces the provider key.
     pub async fn update_backend<F>(
         &self,
         id_or_name: String,
@@ -87,7 +87,7 @@ impl Store {
         api_key: Option<String>,
     ) -> Result<(Backend, u64), StoreError>
     where
-        F: FnOnce(&mut BackendSpec) -> Result<(), crate::validation::ValidationError>
+        F: FnOnce(&BackendSpec) -> Result<BackendSpec, crate::validation::ValidationError>
             + Send
             + 'static,
     {
@@ -105,9 +105,7 @@ impl Store {
                     sluice_domain::text::quoted(&expected)
                 )));
             }
-            let mut spec = current.spec.clone();
-            change(&mut spec)?;
-            let spec = spec.validated()?;
+            let spec = change(&current.spec)?;
             let holds_a_key = || {
                 tx.query_row(
                     "SELECT api_key_ciphertext IS NOT NULL AND length(api_key_ciphertext) > 0

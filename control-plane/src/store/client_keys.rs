@@ -90,8 +90,8 @@ impl Store {
         .await
     }
 
-    /// Applies `change` to the operator-set fields of an active key (checked again
-    /// afterwards); the key itself stays the same. A changed expiry is published afresh
+    /// Stores what `change` makes of the operator-set fields of an active key (it checks
+    /// what it changes: [`NewClientKey::updated`]); the key itself stays the same. A changed expiry is published afresh
     /// when it passes, and one moved later un-expires the key from this version on.
     pub async fn update_client_key<F>(
         &self,
@@ -99,7 +99,7 @@ impl Store {
         change: F,
     ) -> Result<(ClientKey, u64), StoreError>
     where
-        F: FnOnce(&mut NewClientKey) -> Result<(), crate::validation::ValidationError>
+        F: FnOnce(&NewClientKey) -> Result<NewClientKey, crate::validation::ValidationError>
             + Send
             + 'static,
     {
@@ -114,9 +114,7 @@ impl Store {
                 )
                 .into());
             }
-            let mut fields = NewClientKey::of(&current);
-            change(&mut fields)?;
-            let fields = fields.checked()?;
+            let fields = change(&NewClientKey::of(&current))?;
             let models = serde_json::to_string(&fields.allowed_models)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             // SET expressions read the row as it was: the sweep's mark is kept only for an
@@ -404,8 +402,10 @@ mod tests {
         // A change that leaves the expiry alone does not publish it again.
         store
             .update_client_key(key.id.clone(), |k| {
-                k.rpm_limit = 5;
-                Ok(())
+                Ok(NewClientKey {
+                    rpm_limit: 5,
+                    ..k.clone()
+                })
             })
             .await
             .unwrap();
@@ -418,8 +418,10 @@ mod tests {
         let later = first + 60_000;
         let (updated, version) = store
             .update_client_key("team-a".into(), move |k| {
-                k.expire_time_ms = Some(later);
-                Ok(())
+                Ok(NewClientKey {
+                    expire_time_ms: Some(later),
+                    ..k.clone()
+                })
             })
             .await
             .unwrap();
