@@ -695,14 +695,15 @@ pub fn same_origin(a: &str, b: &str) -> bool {
     }
 }
 
-/// The paths the data planes append to a base URL, which a base URL does not end with.
-const ENDPOINT_PATHS: [&str; 6] = [
+/// The paths the data planes append to a base URL, which a base URL does not end with. Not
+/// `/models`: the data planes answer `GET /v1/models` themselves and append it to no base URL,
+/// and Azure AI Foundry's inference endpoint is `https://<resource>.services.ai.azure.com/models`.
+const ENDPOINT_PATHS: [&str; 5] = [
     "/chat/completions",
     "/completions",
     "/embeddings",
     "/responses",
     "/messages",
-    "/models",
 ];
 
 /// Parts of query parameter names that carry a credential (compared lowercased, without `-`
@@ -919,6 +920,11 @@ mod tests {
                 "https://r.openai.azure.com/openai/deployments/gpt-4o?api-version=2024-10-21",
             ),
             ("http://h:8000/v1?", "http://h:8000/v1"),
+            // Azure AI Foundry's models inference endpoint: its path is the base.
+            (
+                "https://r.services.ai.azure.com/models/?api-version=2024-05-01-preview",
+                "https://r.services.ai.azure.com/models?api-version=2024-05-01-preview",
+            ),
             ("http://h/v1?a=1&b=x%20y", "http://h/v1?a=1&b=x%20y"),
         ] {
             let spec = BackendSpec {
