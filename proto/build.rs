@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(PROTOS, ["."])?;
     let descriptor_path = out_dir.join("sluice_descriptor.bin");
     fs::write(&descriptor_path, descriptors.encode_to_vec())?;
+    fs::write(out_dir.join("sluice.v1.sides.rs"), sides(&descriptors)?)?;
 
     tonic_prost_build::configure()
         .file_descriptor_set_path(&descriptor_path)
@@ -36,4 +37,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .register_descriptors(&descriptor_bytes)?
         .build(&[".sluice.v1"])?;
     Ok(())
+}
+
+/// `impl crate::codec::Side` for every message a method of the package takes or returns:
+/// whether it is a request, which a server decodes (src/codec.rs: a request that does not
+/// decode is the client's mistake). A message both taken and returned is an error here.
+fn sides(
+    descriptors: &prost_types::FileDescriptorSet,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let mut sides = std::collections::BTreeMap::new();
+    let methods = descriptors
+        .file
+        .iter()
+        .filter(|file| file.package() == "sluice.v1")
+        .flat_map(|file| &file.service)
+        .flat_map(|service| &service.method);
+    for method in methods {
+        for (name, request) in [(method.input_type(), true), (method.output_type(), false)] {
+            let name = name
+                .strip_prefix(".sluice.v1.")
+                .ok_or_else(|| format!("{name}: a method's message outside sluice.v1"))?;
+            if *sides.entry(name.to_owned()).or_insert(request) != request {
+                return Err(format!("{name} is both a request and a response").into());
+            }
+        }
+    }
+    Ok(sides
+        .iter()
+        .map(|(name, request)| {
+            format!("impl crate::codec::Side for {name} {{ const REQUEST: bool = {request}; }}\n")
+        })
+        .collect())
 }

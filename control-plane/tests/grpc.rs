@@ -1701,8 +1701,9 @@ impl prost::Message for RawMessage {
     }
 }
 
-/// A report that is not a whole protobuf message (cut short) ends its stream with `INTERNAL`
-/// and prost's reason, after the acks already owed, and nothing of it is counted.
+/// A report that is not a whole protobuf message (cut short) ends its stream with
+/// `INVALID_ARGUMENT` and prost's reason, after the acks already owed, and nothing of it is
+/// counted.
 #[tokio::test]
 async fn a_report_cut_short_is_refused_after_the_acks_owed() {
     use prost::Message as _;
@@ -1742,11 +1743,11 @@ async fn a_report_cut_short_is_refused_after_the_acks_owed() {
         .into_inner();
     assert_eq!(acks.message().await.unwrap().unwrap().acked_sequence, 1);
     let refused = acks.message().await.unwrap_err();
-    assert_eq!(refused.code(), Code::Internal, "{refused:?}");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     assert!(
         refused
             .message()
-            .contains("failed to decode Protobuf message"),
+            .starts_with("request: failed to decode Protobuf message"),
         "{refused:?}"
     );
 
@@ -2156,6 +2157,33 @@ async fn moving_a_backend_to_another_origin_needs_its_key_again() {
             .unwrap();
         assert_eq!(moved.base_url, base_url.to_lowercase().replace(":443", ""));
     }
+}
+
+/// A request that does not decode (a string field that is not UTF-8, as a client built from
+/// a mismatched .proto or by hand sends) is the client's mistake: INVALID_ARGUMENT, as the
+/// JSON API answers it, not INTERNAL, which says the server is broken and fires its alerts.
+#[tokio::test]
+async fn a_request_that_does_not_decode_is_an_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel(&cp).await);
+    grpc.ready().await.unwrap();
+    // GetBackendRequest.id (field 1, a string): two bytes that are not UTF-8.
+    let mut request = tonic::Request::new(RawMessage(vec![0x0a, 0x02, 0xff, 0xfe]));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", cp.admin_token).parse().unwrap(),
+    );
+    let err = grpc
+        .unary(
+            request,
+            http::uri::PathAndQuery::from_static("/sluice.v1.AdminService/GetBackend"),
+            sluice_proto::codec::SliceCodec::<RawMessage, pb::GetBackendResponse>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("request: "), "{}", err.message());
 }
 
 /// A row stored before a rule was added keeps working: a change is checked on the fields it

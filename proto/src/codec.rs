@@ -5,9 +5,14 @@
 //! `BytesMut`), and prost, generic over `Buf`, advances that buffer after every field: each
 //! advance goes through `BytesMut`'s bookkeeping. The message is always whole and
 //! contiguous in that buffer by then, so decoding its bytes as a `&[u8]` and advancing once
-//! gives the same message (the same errors: prost's, as `INTERNAL`) for far fewer
-//! instructions; the control plane decodes tens of thousands of usage records a second
-//! (docs/benchmarks.md, "The control plane's ingest").
+//! gives the same message (the same errors: prost's) for far fewer instructions; the control
+//! plane decodes tens of thousands of usage records a second (docs/benchmarks.md, "The
+//! control plane's ingest").
+//!
+//! A message that does not decode is answered by what it is ([`Side`]): a request, which
+//! only a server decodes, is the client's mistake (`INVALID_ARGUMENT`, as the JSON API
+//! answers the same mistake); an answer, which only a client decodes, is the server's
+//! (`INTERNAL`, tonic's choice).
 
 use std::marker::PhantomData;
 
@@ -27,10 +32,17 @@ impl<T, U> Default for SliceCodec<T, U> {
     }
 }
 
+/// Which side of a method a message is, for the status of one that does not decode
+/// (implemented by `build.rs` for every message a method takes or returns).
+pub trait Side {
+    /// Whether the message is a method's request (decoded by servers), not its answer.
+    const REQUEST: bool;
+}
+
 impl<T, U> Codec for SliceCodec<T, U>
 where
     T: Message + Send + 'static,
-    U: Message + Default + Send + 'static,
+    U: Message + Default + Side + Send + 'static,
 {
     type Encode = T;
     type Decode = U;
@@ -50,7 +62,7 @@ where
 #[derive(Debug, Clone)]
 pub struct SliceDecoder<U>(PhantomData<U>);
 
-impl<U: Message + Default> Decoder for SliceDecoder<U> {
+impl<U: Message + Default + Side> Decoder for SliceDecoder<U> {
     type Item = U;
     type Error = Status;
 
@@ -65,8 +77,12 @@ impl<U: Message + Default> Decoder for SliceDecoder<U> {
             // Not one slice (tonic does not do this today): prost's own way.
             U::decode(buf)
         };
-        decoded
-            .map(Some)
-            .map_err(|e| Status::internal(e.to_string()))
+        decoded.map(Some).map_err(|e| {
+            if U::REQUEST {
+                Status::invalid_argument(format!("request: {e}"))
+            } else {
+                Status::internal(e.to_string())
+            }
+        })
     }
 }

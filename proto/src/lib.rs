@@ -7,6 +7,7 @@ pub mod v1 {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
     tonic::include_proto!("sluice.v1");
     include!(concat!(env!("OUT_DIR"), "/sluice.v1.serde.rs"));
+    include!(concat!(env!("OUT_DIR"), "/sluice.v1.sides.rs"));
 }
 
 /// Encoded `FileDescriptorSet` of the API, for gRPC server reflection.
