@@ -22,6 +22,11 @@ impl Output {
         Self { format }
     }
 
+    /// Whether the response is printed as JSON (not a table).
+    pub fn is_json(&self) -> bool {
+        self.format == OutputFormat::Json
+    }
+
     /// Prints `response` as JSON, or what `table` makes of it.
     pub fn print<T: Serialize>(
         &self,

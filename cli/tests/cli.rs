@@ -552,6 +552,38 @@ async fn client_key_is_printed_once_and_never_listed() {
     assert_eq!(printed.matches(&key_b).count(), 1);
 }
 
+/// `key update` shows the key's budget in the settings' currency, read in a call of its own.
+/// It is read before the change: a run that says it failed has changed nothing, so a script
+/// that retries or alerts on the failure is right to. `-o json` shows no currency and does
+/// not ask for it.
+#[tokio::test]
+async fn a_key_update_that_says_it_failed_changed_nothing() {
+    let h = Harness::start().await;
+    h.ctl(&["key", "create", "--name", "team-a", "--rpm", "60"])
+        .await
+        .ok();
+    // The settings row unreadable: GetSettings fails, the key's own calls do not.
+    rusqlite::Connection::open(h._data_dir.path().join("sluice.db"))
+        .unwrap()
+        .execute(
+            "INSERT OR REPLACE INTO settings (id, body) VALUES (1, 'not json')",
+            [],
+        )
+        .unwrap();
+
+    let run = h.ctl(&["key", "update", "team-a", "--rpm", "1200"]).await;
+    run.one_line_error();
+    let key = h.ctl(&["-o", "json", "key", "get", "team-a"]).await.json();
+    assert_eq!(key["clientKey"]["rpmLimit"], 60, "{key}");
+
+    let updated = h
+        .ctl(&["-o", "json", "key", "update", "team-a", "--rpm", "1200"])
+        .await
+        .json();
+    assert_eq!(updated["clientKey"]["rpmLimit"], 1200, "{updated}");
+    h.ctl(&["-o", "json", "key", "list"]).await.ok();
+}
+
 #[tokio::test]
 async fn a_key_is_created_with_an_expiry_and_listed_with_it() {
     let h = Harness::start().await;

@@ -74,14 +74,14 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
                 client_keys: all_keys(connection, active).await?,
                 next_page_token: String::new(),
             };
-            let currency = currency(connection).await?;
+            let currency = currency(connection, out).await?;
             out.print(&response, |r| render::client_keys(r, &currency))
         }
         KeyCommand::Get { key } => {
             let request = pb::GetClientKeyRequest { id: key };
             let mut admin = connection.admin().await?;
             let response = connection.call(admin.get_client_key(request)).await?;
-            let currency = currency(connection).await?;
+            let currency = currency(connection, out).await?;
             out.print(&response, |r| {
                 render::client_key(r.client_key.as_ref(), &currency)
             })
@@ -89,12 +89,14 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
         KeyCommand::Update(args) => {
             // Built before connecting, so that "nothing to update" comes first.
             let request = update_request(&args)?;
+            // Read before the change: failing after it, the run would say the change failed
+            // although it was made.
+            let currency = currency(connection, out).await?;
             let mut admin = connection.admin().await?;
             let response = connection
                 .call(admin.update_client_key(request))
                 .await
                 .map_err(|err| err.of_change("read it back with `sluicectl key get`"))?;
-            let currency = currency(connection).await?;
             out.print(&response, |r| {
                 render::client_key(r.client_key.as_ref(), &currency)
             })
@@ -111,8 +113,12 @@ pub async fn run(command: KeyCommand, connection: &Connection, out: &Output) -> 
     }
 }
 
-/// The currency of every cost and budget: a setting (`settings set --currency`).
-async fn currency(connection: &Connection) -> Result<String, Error> {
+/// The currency of every cost and budget: a setting (`settings set --currency`). Not asked
+/// for `-o json`, which does not show it.
+async fn currency(connection: &Connection, out: &Output) -> Result<String, Error> {
+    if out.is_json() {
+        return Ok(String::new());
+    }
     let mut admin = connection.admin().await?;
     let settings = connection
         .call(admin.get_settings(pb::GetSettingsRequest {}))
