@@ -4,7 +4,9 @@
 //!
 //! The modules form layers, each using only the ones below it (a test keeps it so):
 //!
-//! - [`server`] wires the parts and runs the listeners; `main.rs` parses options and starts it.
+//! - [`server`] wires the parts and runs the listeners; `main.rs` parses options and starts it,
+//!   or runs an offline subcommand: [`master_key`] (`rotate-master-key`, which takes the data
+//!   directory's lock as the server does) or `backup` ([`store::backup`]).
 //! - [`http`] (health, readiness, `/metrics`) and [`dashboard`] (the web UI and its JSON API,
 //!   which calls the gRPC services in-process).
 //! - [`api`]: the gRPC services, the token check in front of them, and the one mapping of
@@ -31,6 +33,7 @@ pub mod grpc_code;
 pub mod grpc_incoming;
 pub mod http;
 pub mod ingest;
+pub mod master_key;
 pub mod membership;
 pub mod metrics;
 pub mod secrets;

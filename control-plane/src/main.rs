@@ -5,10 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use sluice_control::crypto::MasterKey;
-use sluice_control::secrets::{self, SecretSources};
+use sluice_control::secrets::SecretSources;
 use sluice_control::server::{self, Config, GrpcOptions, HttpOptions, TlsFiles};
-use sluice_control::store::{DB_FILE, Store};
+use sluice_control::store::DB_FILE;
 
 /// The Sluice control plane: stores backends, provider keys (encrypted), client keys,
 /// cooldowns and usage in SQLite, serves the admin API over gRPC and streams routing
@@ -196,7 +195,11 @@ async fn main() {
         None => run(&args).await,
         Some(Command::RotateMasterKey {
             new_master_key_file,
-        }) => rotate(&args, new_master_key_file.as_deref()),
+        }) => sluice_control::master_key::rotate(
+            &args.data_dir,
+            &secret_sources(&args),
+            new_master_key_file.as_deref(),
+        ),
         Some(Command::Backup { out }) => backup(&args, out),
     };
     if let Err(err) = result {
@@ -325,95 +328,6 @@ fn backup(args: &Args, out: &std::path::Path) -> anyhow::Result<()> {
         done.took
     );
     Ok(())
-}
-
-fn rotate(args: &Args, new_file: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let db = args.data_dir.join(DB_FILE);
-    anyhow::ensure!(db.exists(), "no database at {}", db.display());
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(args.data_dir.join("lock"))
-        .with_context(|| format!("opening {}", args.data_dir.display()))?;
-    anyhow::ensure!(
-        lock.try_lock().is_ok(),
-        "the control plane is running on {}; stop it before rotating the master key",
-        args.data_dir.display()
-    );
-    let sources = secret_sources(args);
-    let data_dir_key = args.data_dir.join(secrets::MASTER_KEY_FILE);
-    let old = match (&sources.master_key, &sources.master_key_file) {
-        (Some(text), _) => MasterKey::from_base64(text).context("SLUICE_MASTER_KEY")?,
-        (None, Some(path)) => MasterKey::from_base64(&secrets::read_secret_file(path)?)
-            .with_context(|| path.display().to_string())?,
-        (None, None) => MasterKey::from_base64(&secrets::read_secret_file(&data_dir_key)?)
-            .with_context(|| data_dir_key.display().to_string())?,
-    };
-    let uses_data_dir_key = sources.master_key.is_none() && sources.master_key_file.is_none();
-    let new = match new_file {
-        Some(path) => MasterKey::from_base64(&secrets::read_secret_file(path)?)
-            .with_context(|| path.display().to_string())?,
-        None => {
-            anyhow::ensure!(
-                uses_data_dir_key,
-                "give --new-master-key-file: the current key does not come from the data directory"
-            );
-            MasterKey::generate()
-        }
-    };
-    // With the data-dir key, the new key is written beside the old one first, so a
-    // crash between the commit and the rename leaves both keys on disk.
-    let staged = args
-        .data_dir
-        .join(format!("{}.new", secrets::MASTER_KEY_FILE));
-    if uses_data_dir_key && staged.exists() {
-        // An earlier rotation stopped: finish it if it committed, and never write over the
-        // key the database is under.
-        let interrupted = MasterKey::from_base64(&secrets::read_secret_file(&staged)?)
-            .with_context(|| staged.display().to_string())?;
-        if Store::master_key_fits(&db, &interrupted)? && !Store::master_key_fits(&db, &old)? {
-            std::fs::rename(&staged, &data_dir_key).context("replacing the master-key file")?;
-            sync_dir(&args.data_dir)?;
-            tracing::info!(
-                file = %data_dir_key.display(),
-                "finished an interrupted rotation: the database was under the key in {}, which is now the master key; run rotate-master-key again for another key",
-                staged.display()
-            );
-            return Ok(());
-        }
-    }
-    // Checked before anything is written: a wrong key must not cost a staged one.
-    anyhow::ensure!(
-        Store::master_key_fits(&db, &old)?,
-        "{}",
-        sluice_control::store::StoreError::WrongMasterKey
-    );
-    if uses_data_dir_key {
-        // Left by a rotation that stopped before its commit: the database is under `old`.
-        let _ = std::fs::remove_file(&staged);
-        secrets::write_secret_file(&staged, &new.to_base64())?;
-        sync_dir(&args.data_dir)?;
-    }
-    let count = Store::rotate_master_key(&db, &old, &new)?;
-    if uses_data_dir_key {
-        std::fs::rename(&staged, &data_dir_key).context("replacing the master-key file")?;
-        sync_dir(&args.data_dir)?;
-        tracing::info!(keys = count, file = %data_dir_key.display(), "master key rotated");
-    } else {
-        tracing::info!(
-            keys = count,
-            "master key rotated; start the control plane with the new key"
-        );
-    }
-    Ok(())
-}
-
-/// Makes a file created or renamed in `dir` survive a machine crash.
-fn sync_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|dir| dir.sync_all())
-        .with_context(|| format!("flushing {}", dir.display()))
 }
 
 #[cfg(test)]

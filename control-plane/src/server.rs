@@ -25,7 +25,10 @@ use crate::secrets::{SecretSources, SecretsError};
 use crate::snapshot::Publisher;
 use crate::store::{DB_FILE, Opened, Store, StoreError};
 
-pub(crate) const LOCK_FILE: &str = "lock";
+/// The data directory's lock file, locked while a control plane runs on it (and while any
+/// handle on its store lives): offline commands that must not run beside one
+/// ([`crate::master_key::rotate`]) take it too.
+pub const LOCK_FILE: &str = "lock";
 
 /// How the control plane runs.
 #[derive(Debug, Clone)]
