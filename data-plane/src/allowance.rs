@@ -572,6 +572,23 @@ impl Allowances {
             .collect();
         held.sort_by_key(|h| std::cmp::Reverse(h.held_nanos));
         held.truncate(MAX_HELD);
+        // The control plane counts nothing held for a key the hello does not name (past the
+        // largest MAX_HELD): those pools are emptied, their keys asking again, as it sees
+        // them. Kept, they were spent on while the control plane granted their money again
+        // to other replicas, at every reconnect of the stream.
+        if held.len() == MAX_HELD {
+            let named: std::collections::HashSet<&str> =
+                held.iter().map(|h| h.client_key_id.as_str()).collect();
+            for (id, pool) in pools.iter() {
+                if !named.contains(id.as_str()) {
+                    let _ = pool
+                        .available
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                            (a > 0).then_some(0)
+                        });
+                }
+            }
+        }
         hello.accepts_allowances = true;
         hello.incarnation.clone_from(&self.incarnation);
         hello.allowance_lease = Some(crate::clock::proto_duration(self.options.lease));
@@ -1236,6 +1253,33 @@ mod tests {
             a.hello(&mut hello);
             assert!(hello.held_allowances.is_empty(), "{hello:?}");
         }
+    }
+
+    /// A hello names the largest pools only; those it leaves out are emptied, as the control
+    /// plane counts nothing held for them: kept, they were spent on while their money was
+    /// granted again to other replicas.
+    #[tokio::test]
+    async fn pools_a_hello_leaves_out_are_emptied() {
+        let a = allowances(WhenAway::Refuse);
+        let keys: Vec<String> = (0..=MAX_HELD).map(|i| format!("k{i}")).collect();
+        a.budgeted(keys.iter().map(|k| (k.clone(), 1.0, None, None)).collect());
+        for (i, key) in keys.iter().enumerate() {
+            // The last key's pool the smallest.
+            let nanos = 10_000 - i as u64;
+            a.heard(Some(&grant(key, nanos, false)), false);
+        }
+        let mut hello = pb::StreamSnapshotsRequest::default();
+        a.hello(&mut hello);
+        assert_eq!(hello.held_allowances.len(), MAX_HELD);
+        let left_out = &keys[MAX_HELD];
+        assert!(
+            hello
+                .held_allowances
+                .iter()
+                .all(|h| &h.client_key_id != left_out)
+        );
+        assert_eq!(a.pool(left_out).unwrap().available(), 0);
+        assert_eq!(a.pool(&keys[0]).unwrap().available(), 10_000);
     }
 
     #[tokio::test]
