@@ -247,33 +247,9 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         return Err(ServeError::Locked(config.data_dir.clone()));
     }
 
-    let db_path = config.data_dir.join(DB_FILE);
-    let existing_db = db_path.exists().then_some(db_path.as_path());
-    let secrets = crate::secrets::resolve(&config.data_dir, &config.secrets, existing_db)?;
-    let metrics = Arc::new(Metrics::new());
-    let staged_key = config
-        .data_dir
-        .join(format!("{}.new", crate::secrets::MASTER_KEY_FILE));
-    let (store, opened) = match Store::open_observed(
-        &db_path,
-        secrets.master_key,
-        Arc::clone(&metrics) as _,
-    ) {
-        Err(StoreError::WrongMasterKey) if staged_key.exists() => {
-            tracing::error!(
-                "{} is in the data directory: a master-key rotation stopped before it finished; run `sluice-control rotate-master-key` to finish it",
-                staged_key.display()
-            );
-            return Err(StoreError::WrongMasterKey.into());
-        }
-        opened => opened?,
-    };
-    // Unlocked only once no write can come any more: see `Store::hold_lock`.
-    store.hold_lock(lock);
-    if opened == Opened::Created {
-        tracing::info!(path = %db_path.display(), "created a new database");
-    }
-
+    // The TLS files read and the ports bound before the database is opened: an upgrade that
+    // fails on either has not migrated the database (which the older binary then refuses).
+    // Connections wait in the accept queue while a migration runs.
     let tls = match &config.tls {
         Some(files) => {
             let read = |p: &PathBuf| {
@@ -312,6 +288,33 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             addr: config.http_listen,
             source,
         })?;
+
+    let db_path = config.data_dir.join(DB_FILE);
+    let existing_db = db_path.exists().then_some(db_path.as_path());
+    let secrets = crate::secrets::resolve(&config.data_dir, &config.secrets, existing_db)?;
+    let metrics = Arc::new(Metrics::new());
+    let staged_key = config
+        .data_dir
+        .join(format!("{}.new", crate::secrets::MASTER_KEY_FILE));
+    let (store, opened) = match Store::open_observed(
+        &db_path,
+        secrets.master_key,
+        Arc::clone(&metrics) as _,
+    ) {
+        Err(StoreError::WrongMasterKey) if staged_key.exists() => {
+            tracing::error!(
+                "{} is in the data directory: a master-key rotation stopped before it finished; run `sluice-control rotate-master-key` to finish it",
+                staged_key.display()
+            );
+            return Err(StoreError::WrongMasterKey.into());
+        }
+        opened => opened?,
+    };
+    // Unlocked only once no write can come any more: see `Store::hold_lock`.
+    store.hold_lock(lock);
+    if opened == Opened::Created {
+        tracing::info!(path = %db_path.display(), "created a new database");
+    }
 
     // Replicas connected when the control plane stopped are still serving on their shares.
     membership::resume(&store, crate::time::now_ms()).await?;

@@ -60,7 +60,7 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("database migration failed: {0}")]
-    Migration(#[from] rusqlite_migration::Error),
+    Migration(String),
     #[error("encryption failed: {0}")]
     Crypto(#[from] CryptoError),
     #[error("stored data is corrupt: {0}")]
@@ -141,6 +141,24 @@ impl StoreObserver for Unobserved {
     fn write_failed(&self, _: WriteOp) {}
     fn usage_committed(&self, _: u64) {}
     fn usage_clamped(&self, _: u64) {}
+}
+
+/// One readable line for a migration that failed, from the database's schema `at`
+/// (`PRAGMA user_version`): rusqlite_migration's own text is its `Debug`, which prints the
+/// whole migration file on the line, or does not say that the database is a newer build's.
+fn migration_failed(error: rusqlite_migration::Error, at: i64) -> StoreError {
+    use rusqlite_migration::{Error, MigrationDefinitionError};
+    StoreError::Migration(match error {
+        Error::MigrationDefinition(MigrationDefinitionError::DatabaseTooFarAhead) => format!(
+            "this database was migrated by a newer sluice-control (its schema is {at}, this \
+             build knows {}): run that version, or restore the backup taken before the upgrade",
+            MIGRATIONS.len()
+        ),
+        Error::RusqliteError { err, .. } => {
+            format!("the migrations after schema {at} failed, none applied: {err}")
+        }
+        other => other.to_string(),
+    })
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -276,7 +294,9 @@ impl Store {
                 return Err(StoreError::WrongMasterKey);
             }
         }
-        Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect()).to_latest(&mut conn)?;
+        Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect())
+            .to_latest(&mut conn)
+            .map_err(|e| migration_failed(e, before))?;
         let after: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if after != before {
             // The migrations ran in one transaction, every page it wrote in the WAL (those that
@@ -718,6 +738,50 @@ mod tests {
         assert_eq!(version, latest - 1);
         // The right key migrates it.
         drop(Store::open(&path, right).unwrap());
+    }
+
+    /// A database a newer build migrated, and a migration SQLite refuses, are each said in one
+    /// readable line: rusqlite_migration's text was its `Debug`, the whole migration file on
+    /// the line, or "a migration number that is too high" with no word of a newer build.
+    #[test]
+    fn a_failed_migration_is_said_in_one_readable_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let ahead = dir.path().join("ahead.db");
+        let key = MasterKey::generate();
+        drop(Store::open(&ahead, key.clone()).unwrap());
+        let conn = Connection::open(&ahead).unwrap();
+        conn.pragma_update(None, "user_version", MIGRATIONS.len() as i64 + 1)
+            .unwrap();
+        drop(conn);
+        let said = Store::open(&ahead, key.clone()).err().unwrap().to_string();
+        assert!(
+            said.contains("migrated by a newer sluice-control"),
+            "{said}"
+        );
+        assert!(!said.contains('\n') && said.len() < 300, "{said}");
+
+        // One version behind, with the last migration's column already there.
+        let behind = dir.path().join("behind.db");
+        let mut conn = Connection::open(&behind).unwrap();
+        sql_functions::register(&conn).unwrap();
+        Migrations::new(
+            MIGRATIONS[..MIGRATIONS.len() - 1]
+                .iter()
+                .map(|sql| M::up(sql))
+                .collect(),
+        )
+        .to_latest(&mut conn)
+        .unwrap();
+        verify_or_write_check(&conn, &key).unwrap();
+        conn.execute_batch(MIGRATIONS[MIGRATIONS.len() - 1])
+            .unwrap();
+        drop(conn);
+        let said = Store::open(&behind, key).err().unwrap().to_string();
+        assert!(said.contains("duplicate column"), "{said}");
+        assert!(
+            !said.contains("ALTER TABLE") && !said.contains('\n'),
+            "{said}"
+        );
     }
 
     /// A write SQLite refuses (here, a table that does not exist; in life, a full volume) is
