@@ -414,6 +414,74 @@ async fn a_model_relisted_without_upstream_keeps_its_upstream() {
     assert_eq!(stored["backend"]["models"], *models);
 }
 
+/// `backend update` re-listing routes keeps what they store, and clears only what the
+/// operator names (`--audio-price M:none`): it tells the control plane it means to clear
+/// then, and only then (`clear_route_fields`), so fields newer than this sluicectl are refused
+/// rather than cleared unknowingly.
+#[tokio::test]
+async fn an_update_clears_a_routes_prices_only_when_told() {
+    let h = Harness::start().await;
+    h.ctl_with(
+        &[
+            "backend",
+            "add",
+            "--name",
+            "openai",
+            "--base-url",
+            "https://api.openai.com/v1",
+            "--model",
+            "gpt-audio:gpt-audio:2.5:10",
+            "--audio-price",
+            "gpt-audio:32/64",
+            "--api-key-env",
+            "OPENAI_API_KEY",
+        ],
+        &[("OPENAI_API_KEY", PROVIDER_KEY)],
+        None,
+    )
+    .await
+    .ok();
+    let audio = |json: &serde_json::Value| {
+        let route = &json["backend"]["models"][0];
+        (
+            route["audioInputPricePerMtok"].as_f64(),
+            route["audioOutputPricePerMtok"].as_f64(),
+        )
+    };
+    let relisted = h
+        .ctl(&[
+            "-o",
+            "json",
+            "backend",
+            "update",
+            "openai",
+            "--model",
+            "gpt-audio",
+            "--model",
+            "gpt-4o:gpt-4o:2.5:10",
+        ])
+        .await
+        .json();
+    assert_eq!(audio(&relisted), (Some(32.0), Some(64.0)), "{relisted}");
+    let cleared = h
+        .ctl(&[
+            "-o",
+            "json",
+            "backend",
+            "update",
+            "openai",
+            "--model",
+            "gpt-audio",
+            "--model",
+            "gpt-4o",
+            "--audio-price",
+            "gpt-audio:none",
+        ])
+        .await
+        .json();
+    assert_eq!(audio(&cleared), (None, None), "{cleared}");
+}
+
 #[tokio::test]
 async fn api_keys_never_come_from_argv_and_bad_sources_fail_cleanly() {
     let h = Harness::start().await;

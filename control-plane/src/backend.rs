@@ -265,6 +265,45 @@ impl BackendSpec {
         updated.validated_fields(|field| joins || paths.iter().any(|path| path == field))
     }
 
+    /// Refuses `updated` (this backend, updated) when it sets a route's stored fields back to
+    /// their default and the update did not say it `meant` to
+    /// (`UpdateBackendRequest.clear_route_fields`): a client that does not know a newer field
+    /// sends it unset (`sluice_domain::route`), and audio was then charged at the text price.
+    pub fn check_clearing(
+        &self,
+        updated: &BackendSpec,
+        meant: bool,
+    ) -> Result<(), ValidationError> {
+        if meant {
+            return Ok(());
+        }
+        let stored: Vec<pb::ModelRoute> = self.models.iter().map(ModelRoute::to_proto).collect();
+        let new: Vec<pb::ModelRoute> = updated.models.iter().map(ModelRoute::to_proto).collect();
+        let clearing = sluice_domain::route::clearing(&stored, &new);
+        if clearing.is_empty() {
+            return Ok(());
+        }
+        let routes: Vec<String> = clearing
+            .iter()
+            .map(|(i, name, fields)| {
+                format!(
+                    "backend.models[{i}] ({}): {}",
+                    sluice_domain::text::quoted(name),
+                    fields.join(", ")
+                )
+            })
+            .collect();
+        Err(ValidationError::new(
+            "clear_route_fields",
+            format!(
+                "the update would clear what these routes store: {}. A client that does not know \
+                 a field drops it unknowingly: upgrade it (sluicectl with the control plane), or \
+                 set clear_route_fields to clear them on purpose",
+                routes.join("; ")
+            ),
+        ))
+    }
+
     /// [`Self::validated`] of the fields `checks` says, by their mask path; the others are
     /// taken as they are.
     fn validated_fields(mut self, checks: impl Fn(&str) -> bool) -> Result<Self, ValidationError> {

@@ -88,6 +88,93 @@ async fn get(admin: &mut Admin, id: &str) -> pb::Backend {
         .unwrap()
 }
 
+/// An update listing routes that would set what a route stores back to its default is
+/// refused unless it says it means it (`clear_route_fields`): a client that does not know a
+/// newer field (an older sluicectl, a Rust/prost client, one that builds its routes anew)
+/// sends it unset. An older sluicectl re-listing a backend's routes wrote them back without
+/// their audio prices, and audio was charged at the text price, 12.8 times too little.
+#[tokio::test]
+async fn an_update_that_would_clear_a_routes_fields_unknowingly_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let created = create(&mut admin, "openai-audio", "sk-provider-secret-1234").await;
+    let routes = |models: Vec<pb::ModelRoute>, meant: bool| pb::UpdateBackendRequest {
+        backend: Some(pb::Backend {
+            id: created.id.clone(),
+            models,
+            ..Default::default()
+        }),
+        update_mask: Some(mask(&["models"])),
+        clear_route_fields: meant,
+        ..Default::default()
+    };
+    let audio = pb::ModelRoute {
+        audio_input_price_per_mtok: Some(32.0),
+        audio_output_price_per_mtok: Some(64.0),
+        ..created.models[0].clone()
+    };
+    admin
+        .update_backend(routes(vec![audio.clone()], false))
+        .await
+        .unwrap();
+    // The route as a client older than the audio prices knows it, and a new one beside it.
+    let older = pb::ModelRoute {
+        audio_input_price_per_mtok: None,
+        audio_output_price_per_mtok: None,
+        ..audio.clone()
+    };
+    let added = pb::ModelRoute {
+        name: "added".into(),
+        ..Default::default()
+    };
+    let status = admin
+        .update_backend(routes(vec![added.clone(), older.clone()], false))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let message = status.message();
+    assert!(
+        message.starts_with("clear_route_fields: ")
+            && message.contains("backend.models[1]")
+            && message.contains("audio_input_price_per_mtok, audio_output_price_per_mtok"),
+        "{message}"
+    );
+    let stored = get(&mut admin, &created.id).await;
+    assert_eq!(stored.models, vec![audio.clone()]);
+    // Meant: cleared.
+    admin
+        .update_backend(routes(vec![added, older.clone()], true))
+        .await
+        .unwrap();
+    let stored = get(&mut admin, &created.id).await;
+    assert_eq!(stored.models[1], older);
+}
+
+/// Every field of `ModelRoute` is either one every client that writes routes sends, or one
+/// `sluice_domain::route` checks an update does not clear unknowingly: a field added to the
+/// protos without its check would be dropped by older clients unseen.
+#[test]
+fn every_route_field_is_checked_for_clearing_or_always_sent() {
+    use prost::Message as _;
+    let set = prost_types::FileDescriptorSet::decode(sluice_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let route = set
+        .file
+        .iter()
+        .flat_map(|file| &file.message_type)
+        .find(|message| message.name() == "ModelRoute")
+        .unwrap();
+    let mut fields: Vec<&str> = route.field.iter().map(|f| f.name()).collect();
+    let mut known: Vec<&str> = sluice_domain::route::ALWAYS_SENT
+        .iter()
+        .chain(&sluice_domain::route::CHECKED)
+        .copied()
+        .collect();
+    fields.sort_unstable();
+    known.sort_unstable();
+    assert_eq!(fields, known);
+}
+
 /// A read-modify-write of a backend's routes (as `sluicectl backend update --model NAME`
 /// keeps the stored prices) gives back the etag it read: if another admin changed the
 /// backend meanwhile, the update is refused with ABORTED and the other's change stays,
@@ -120,6 +207,7 @@ async fn an_update_given_the_etag_it_read_is_refused_once_the_backend_changed() 
         }),
         update_mask: Some(mask(&["models"])),
         api_key: String::new(),
+        ..Default::default()
     };
     // Another admin raises the price (no etag: unconditional, as before).
     let raised = admin
@@ -181,6 +269,7 @@ async fn backend_lifecycle_and_validation() {
             }),
             update_mask: Some(mask(&["priority"])),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -200,6 +289,7 @@ async fn backend_lifecycle_and_validation() {
             }),
             update_mask: None,
             api_key: "sk-provider-secret-9999".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -335,6 +425,7 @@ async fn an_anthropic_backend_keeps_its_format_version_and_max_tokens() {
                 paths: vec!["api_format".into(), "anthropic_version".into()],
             }),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -872,6 +963,7 @@ async fn token_and_parallel_limits_are_set_changed_checked_and_reach_replicas() 
             }),
             update_mask: Some(mask(&["tpm_limit"])),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -927,6 +1019,7 @@ async fn token_and_parallel_limits_are_set_changed_checked_and_reach_replicas() 
             }),
             update_mask: Some(mask(&["tpm_limit"])),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -1102,6 +1195,7 @@ async fn snapshots_reach_a_replica_on_every_change_and_acks_are_recorded() {
             }),
             update_mask: Some(mask(&["enabled"])),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -1278,6 +1372,7 @@ async fn no_plaintext_provider_key_is_stored_in_the_data_dir() {
             }),
             update_mask: None,
             api_key: format!("{secret}-rotated"),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -1873,6 +1968,7 @@ async fn text_pasted_into_an_id_an_etag_or_a_field_is_refused_and_quoted_short()
             }),
             update_mask: Some(mask(&["weight"])),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -1890,6 +1986,7 @@ async fn text_pasted_into_an_id_an_etag_or_a_field_is_refused_and_quoted_short()
             }),
             update_mask: Some(mask(&[&pasted])),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -2078,6 +2175,7 @@ async fn the_responses_api_flag_and_the_affinity_key_reach_replicas() {
             backend: Some(update),
             update_mask: Some(mask(&["responses_api"])),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -2110,6 +2208,7 @@ async fn moving_a_backend_to_another_origin_needs_its_key_again() {
         }),
         update_mask: Some(mask(&["base_url"])),
         api_key: api_key.into(),
+        ..Default::default()
     };
     // A key too short to have a hint shown is a key all the same.
     let short = create(&mut admin, "b0", "sk-123").await;
@@ -2229,6 +2328,7 @@ async fn a_row_stored_before_a_rule_can_be_disabled_and_changed() {
         }),
         update_mask: Some(mask(paths)),
         api_key: String::new(),
+        ..Default::default()
     };
 
     let disabled = admin

@@ -746,6 +746,7 @@ async fn cost_is_prompt_times_input_plus_completion_times_output_at_ingestion() 
                 paths: vec!["models".into()],
             }),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -1452,6 +1453,7 @@ async fn traffic_over_three_days_and_two_pools(h: &mut Harness) {
                 paths: vec!["pool".into()],
             }),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -66,6 +66,7 @@ async fn set_enabled(api: &ControlApi, id: &str, enabled: bool) {
                 paths: vec!["enabled".into()],
             }),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();

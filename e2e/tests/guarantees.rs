@@ -332,6 +332,7 @@ async fn after_a_control_plane_restart_the_first_replica_back_does_not_take_the_
                 paths: vec!["rpm_limit".into()],
             }),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();

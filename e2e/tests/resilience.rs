@@ -130,6 +130,7 @@ async fn the_rpm_limit_holds_across_three_replicas_behind_nginx() {
             }),
             update_mask: Some(mask(&["rpm_limit"])),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();

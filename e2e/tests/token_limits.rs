@@ -172,6 +172,7 @@ async fn token_limits_of_a_key_and_of_a_backend_hold_across_three_replicas_behin
             }),
             update_mask: Some(mask(&["tpm_limit"])),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -116,7 +116,13 @@ async fn update_on_stored(
             .backend
             .unwrap_or_default();
         let unpriced = keep_stored_route_fields(&mut backend.models, kept, &stored.models);
+        // What this update clears of the stored routes the operator asked for (a field it
+        // names `none`, a neutral tier): the fields kept above are not. A field newer than
+        // this sluicectl is unknown to it, unset here, and so refused by the control plane
+        // rather than cleared (`sluice_domain::route`).
+        let clears = !sluice_domain::route::clearing(&stored.models, &backend.models).is_empty();
         backend.etag = stored.etag;
+        request.clear_route_fields = clears;
         if let Some(response) = connection
             .unless_changed(admin.update_backend(request))
             .await
@@ -431,6 +437,7 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
         backend: Some(backend),
         update_mask: Some(FieldMask { paths }),
         api_key: api_key.unwrap_or_default(),
+        clear_route_fields: false,
     })
 }
 
@@ -445,6 +452,7 @@ fn set_enabled(backend: String, enabled: bool) -> pb::UpdateBackendRequest {
             paths: vec!["enabled".to_owned()],
         }),
         api_key: String::new(),
+        clear_route_fields: false,
     }
 }
 

@@ -155,6 +155,7 @@ impl AdminService for Admin {
         let expected_etag = Some(update.etag.trim().to_owned()).filter(|etag| !etag.is_empty());
         let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
         let api_key = Some(request.api_key.trim().to_owned()).filter(|key| !key.is_empty());
+        let clear_route_fields = request.clear_route_fields;
         if paths.is_empty() && api_key.is_none() {
             return Err(ValidationError::new(
                 "update_mask",
@@ -187,7 +188,11 @@ impl AdminService for Admin {
                 .update_backend(
                     id,
                     expected_etag,
-                    move |spec| spec.updated(&update, &paths),
+                    move |spec| {
+                        let updated = spec.updated(&update, &paths)?;
+                        spec.check_clearing(&updated, clear_route_fields)?;
+                        Ok(updated)
+                    },
                     api_key,
                 )
                 .await?;
@@ -537,6 +542,7 @@ mod tests {
                     paths: vec!["enabled".into()],
                 }),
                 api_key: String::new(),
+                ..Default::default()
             }))
             .await
             .unwrap_err();

@@ -1169,6 +1169,9 @@
         // so another admin's price change made meanwhile is refused (409) rather than undone.
         if (changed.includes('models')) backend.etag = editing.etag;
         const request = { backend, updateMask: changed.join(',') };
+        // The form holds every field of a route (it ships with this control plane): a price
+        // it leaves empty, the operator emptied.
+        if (changed.includes('models')) request.clearRouteFields = true;
         if (apiKey) request.apiKey = apiKey;
         await call('AdminService/UpdateBackend', request);
         notify(`Saved ${backend.name.trim()}.`);

@@ -370,6 +370,7 @@ impl Cluster {
                     paths: vec!["models".into()],
                 }),
                 api_key: String::new(),
+                ..Default::default()
             })
             .await?;
         Ok(())

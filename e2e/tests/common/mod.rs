@@ -410,6 +410,7 @@ impl ControlApi {
                     paths: paths.iter().map(|p| p.to_string()).collect(),
                 }),
                 api_key: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -108,6 +108,7 @@ async fn invisible_characters_and_ids_are_refused_as_names() {
                 paths: vec!["name".into()],
             }),
             api_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -12,6 +12,7 @@ pub mod cooldown;
 pub mod logging;
 pub mod pool;
 pub mod price;
+pub mod route;
 pub mod settings;
 pub mod text;
 pub mod time;
