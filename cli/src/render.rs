@@ -109,7 +109,6 @@ fn yes_no(value: bool) -> String {
     if value { "yes" } else { "no" }.to_owned()
 }
 
-/// An RPM limit, where 0 means none.
 /// A limit, `-` for none (0).
 fn limit(value: u32) -> String {
     if value == 0 {
@@ -198,7 +197,6 @@ pub fn backends(response: &pb::ListBackendsResponse) -> String {
     )
 }
 
-/// `backend get`, `add`, `update`, `enable`, `disable`: the fields, then the models.
 /// The API a backend speaks, with its `anthropic-version` when it is Anthropic's.
 fn api_format(backend: &pb::Backend) -> String {
     match pb::ApiFormat::try_from(backend.api_format) {
@@ -232,6 +230,7 @@ fn key_header(backend: &pb::Backend) -> String {
     }
 }
 
+/// `backend get`, `add`, `update`, `enable`, `disable`: the fields, then the models.
 pub fn backend(backend: Option<&pb::Backend>) -> String {
     let Some(backend) = backend else {
         return "The control plane returned no backend.".to_owned();

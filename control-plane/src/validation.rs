@@ -23,9 +23,6 @@ impl ValidationError {
     }
 }
 
-/// A name shown to operators: 1 to 64 characters, not blank, no control or invisible
-/// formatting characters, and not something that reads as an id (the admin API takes
-/// an id or a name wherever it names a backend or key, so a name must never be both).
 /// The largest `tpm_limit` of a key or a backend: a billion tokens a minute, far above any
 /// provider's quota, and small enough that one token's share of a minute stays above a
 /// nanosecond at any replica count.
@@ -54,6 +51,9 @@ pub fn not_updatable(path: &str, updatable: &[&str]) -> ValidationError {
     )
 }
 
+/// A name shown to operators: 1 to 64 characters, not blank, no control or invisible
+/// formatting characters, and not something that reads as an id (the admin API takes
+/// an id or a name wherever it names a backend or key, so a name must never be both).
 pub fn check_name(field: &str, name: &str) -> Result<(), ValidationError> {
     if name.trim().is_empty() {
         return Err(ValidationError::new(field, "must not be empty"));

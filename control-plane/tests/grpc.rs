@@ -1925,9 +1925,6 @@ async fn concurrent_joins_publish_the_final_replica_count() {
     drop(senders);
 }
 
-/// A replica that could not decode a snapshot (past the size it accepts) loses the stream
-/// it came on; it says so on its next stream's hello, which the control plane lists as the
-/// replica's error (`sluicectl dataplane list`, the dashboard), as it lists any nack.
 /// Text pasted by mistake where an id, an etag or a field name goes (20 KB of it) is
 /// refused for what it is, and the answer quotes at most a line of it: a status quoting it
 /// whole passed the 16 KiB of headers a tonic client accepts (a status travels in them), and
@@ -2037,8 +2034,9 @@ async fn listed_refusal(cp: &TestControlPlane, error_detail: String) -> String {
     planes.remove(0).last_error
 }
 
-/// A replica's refusal of a snapshot is logged on each ack, stored and listed to admins: a
-/// megabyte of it is kept to its first 4,096 characters.
+/// A replica's refusal of a snapshot (said on its hello here; a nack goes through the same
+/// reading) is stored and listed to admins: a megabyte of it is kept to its first 4,096
+/// characters.
 #[tokio::test]
 async fn a_replicas_refusal_is_kept_to_its_first_lines() {
     let dir = tempfile::tempdir().unwrap();
@@ -2047,6 +2045,9 @@ async fn a_replicas_refusal_is_kept_to_its_first_lines() {
     assert_eq!(listed, format!("{}…", "é".repeat(4096)));
 }
 
+/// A replica that could not decode a snapshot (past the size it accepts) loses the stream
+/// it came on; it says so on its next stream's hello, which the control plane lists as the
+/// replica's error (`sluicectl dataplane list`, the dashboard), as it lists any nack.
 #[tokio::test]
 async fn a_refusal_said_on_a_hello_is_listed_as_the_replicas_error() {
     let dir = tempfile::tempdir().unwrap();
