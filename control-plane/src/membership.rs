@@ -342,8 +342,18 @@ pub async fn expire_shares(membership: Membership, stop: CancellationToken) {
             Ok(ended) => tracing::info!(ended, "replica shares lapsed; RPM limits re-divided"),
             Err(err) => tracing::warn!(error = %err, "ending replica leases failed; will retry"),
         }
+        let before = now_ms().saturating_sub(FORGOTTEN_AFTER.as_millis() as i64);
+        match store.forget_gone(before).await {
+            Ok(0) => {}
+            Ok(forgotten) => tracing::info!(forgotten, "forgot replicas gone for a week"),
+            Err(err) => tracing::warn!(error = %err, "forgetting gone replicas failed; will retry"),
+        }
     }
 }
+
+/// How long after it was last seen a replica holding no share is forgotten (no longer listed
+/// by `ListDataPlanes`).
+const FORGOTTEN_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[cfg(test)]
 mod tests {

@@ -151,6 +151,21 @@ impl Store {
         .await
     }
 
+    /// Forgets the replicas last seen before `before` that hold no share (disconnected, their
+    /// lease over): every start of a replica process is a row (its node id is the hostname
+    /// and a random suffix by default), which every snapshot build and lease sweep read, so
+    /// the table grew for as long as the control plane ran. Their usage high-water marks,
+    /// which must outlive them, are another table's. Returns how many were forgotten.
+    pub async fn forget_gone(&self, before: i64) -> Result<usize, StoreError> {
+        self.write(WriteOp::data_plane, move |conn, _| {
+            Ok(conn.execute(
+                "DELETE FROM data_planes WHERE share_until IS NULL AND last_seen_time < ?1",
+                params![before],
+            )?)
+        })
+        .await
+    }
+
     /// At start, no replica is connected yet, but those that were when the control plane
     /// stopped are still serving on their shares: each keeps its share until `until` (or
     /// its earlier lease), unless it reconnects first.
@@ -388,6 +403,44 @@ mod tests {
             })
             .await
             .unwrap()
+    }
+
+    /// A replica gone for long enough that holds no share is forgotten; one still holding a share
+    /// (connected, or on its lease) is not, however long ago it was seen.
+    #[tokio::test]
+    async fn replicas_gone_holding_no_share_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(
+            &dir.path().join("t.db"),
+            crate::crypto::MasterKey::generate(),
+        )
+        .unwrap();
+        for node in ["gone", "leased", "connected"] {
+            store
+                .record_connect(hello(node), 1_000, false)
+                .await
+                .unwrap();
+        }
+        store
+            .release_share("gone".into(), 2_000, 32_000)
+            .await
+            .unwrap();
+        store.expire_shares(32_000).await.unwrap();
+        store
+            .release_share("leased".into(), 2_000, 1_000_000)
+            .await
+            .unwrap();
+        assert_eq!(store.forget_gone(1_500).await.unwrap(), 0, "seen since");
+        assert_eq!(store.forget_gone(500_000).await.unwrap(), 1);
+        let listed: Vec<String> = store
+            .list_data_planes(0)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| row.node_id)
+            .collect();
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        assert!(!listed.contains(&"gone".to_owned()), "{listed:?}");
     }
 
     #[tokio::test]
