@@ -815,6 +815,8 @@ pub struct UsageReporter {
     backoff: Backoff,
     /// Events to tell a newly connected control plane again (those it may have missed).
     resend: Option<ResendEvents>,
+    /// Longest a record waits before it is sent: [`FLUSH_INTERVAL`].
+    flush_interval: Duration,
 }
 
 /// Produces the backend events to send again after a reconnect.
@@ -827,7 +829,15 @@ impl UsageReporter {
             client,
             backoff: Backoff::default(),
             resend: None,
+            flush_interval: FLUSH_INTERVAL,
         }
+    }
+
+    /// Records wait at most `every` before they are sent, not [`FLUSH_INTERVAL`] (a test
+    /// tells what goes at once from what waits for it).
+    pub fn flush_every(mut self, every: Duration) -> Self {
+        self.flush_interval = every;
+        self
     }
 
     /// After every reconnect, also send the events `resend` returns (e.g. cooldowns no
@@ -939,7 +949,7 @@ impl UsageReporter {
         // What waited for the stream goes at once; after that the flush timer runs only while
         // a record waits for it, so that an idle replica's reporter does not wake.
         self.send_unsent(tx, true).await?;
-        let flush = tokio::time::sleep(FLUSH_INTERVAL);
+        let flush = tokio::time::sleep(self.flush_interval);
         tokio::pin!(flush);
         let mut armed = false;
         let wake = Arc::clone(&self.outbox.sink.queue);
@@ -954,7 +964,7 @@ impl UsageReporter {
                 self.outbox.sink.queue.idle.store(false, Ordering::SeqCst);
                 flush
                     .as_mut()
-                    .reset(tokio::time::Instant::now() + FLUSH_INTERVAL);
+                    .reset(tokio::time::Instant::now() + self.flush_interval);
                 armed = true;
             }
             tokio::select! {

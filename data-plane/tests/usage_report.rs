@@ -137,6 +137,43 @@ async fn an_idle_reporter_waits_without_its_timer_until_the_next_record_wakes_it
         .unwrap();
 }
 
+/// A backend event goes out at once, not at the records' flush: the other replicas hear of a
+/// 429 as soon as the control plane can tell them. With records held for a minute, an event
+/// recorded while the reporter waits (after a first one went out) arrives within the wait's
+/// 10 s.
+#[tokio::test]
+async fn a_backend_event_does_not_wait_for_the_records_flush() {
+    let cp = FakeControlPlane::start().await;
+    let sink = UsageSink::new(100);
+    let client = control::usage_client(&cp.url(), Some(TOKEN), None).unwrap();
+    let reporter = UsageReporter::new(sink.clone(), client, NodeIdentity::new(Some("n1".into())))
+        .flush_every(Duration::from_secs(60));
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(reporter.run(stop.clone()));
+    cp.wait_for("usage stream", |r| r.usage_streams == 1).await;
+    let event = |backend: &str| BackendEvent {
+        backend_id: backend.into(),
+        cooldown_until: Some(timestamp(SystemTime::now() + Duration::from_secs(60))),
+        ..Default::default()
+    };
+    // The first may go with what waited for the stream; once it has, the reporter waits.
+    sink.event(event("b1"));
+    cp.wait_for("first event", |r| {
+        r.events.iter().any(|e| e.backend_id == "b1")
+    })
+    .await;
+    sink.event(event("b2"));
+    cp.wait_for("second event", |r| {
+        r.events.iter().any(|e| e.backend_id == "b2")
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test]
 async fn backend_events_go_out_at_once_and_shutdown_flushes() {
     let cp = FakeControlPlane::start().await;
