@@ -397,11 +397,9 @@ async fn authorized(
     // into the memory for bodies and hold it, every other key's bodies refused meanwhile. Its
     // place in flight is taken now, the upload counting among its requests in flight. A small
     // one is read first, so that a refusal names the model it asked for (metrics, records).
-    let may_be_large = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+    // The body's declared length, as hyper read it from `content-length` (none: chunked).
+    let may_be_large = http_body::Body::size_hint(request.body())
+        .upper()
         .is_none_or(|length| length > SMALL_BODY_BYTES);
     let mut parallel = None;
     if may_be_large {
