@@ -706,6 +706,23 @@ mod tests {
         }
     }
 
+    /// A database at `path` migrated to one version before the latest, its key check written
+    /// with `key`.
+    fn one_version_behind(path: &std::path::Path, key: &MasterKey) -> Connection {
+        let mut conn = Connection::open(path).unwrap();
+        sql_functions::register(&conn).unwrap();
+        Migrations::new(
+            MIGRATIONS[..MIGRATIONS.len() - 1]
+                .iter()
+                .map(|sql| M::up(sql))
+                .collect(),
+        )
+        .to_latest(&mut conn)
+        .unwrap();
+        verify_or_write_check(&conn, key).unwrap();
+        conn
+    }
+
     /// A wrong master key is refused before a pending migration runs: refused after, the
     /// database was left at a schema the binary rolled back to could not open ("migration
     /// number that is too high"), for a mistake that changed nothing.
@@ -717,18 +734,7 @@ mod tests {
         let latest = MIGRATIONS.len() as i64;
         // A database one version behind, written with `right`: its last migration still to
         // run.
-        let mut conn = Connection::open(&path).unwrap();
-        sql_functions::register(&conn).unwrap();
-        Migrations::new(
-            MIGRATIONS[..MIGRATIONS.len() - 1]
-                .iter()
-                .map(|sql| M::up(sql))
-                .collect(),
-        )
-        .to_latest(&mut conn)
-        .unwrap();
-        verify_or_write_check(&conn, &right).unwrap();
-        drop(conn);
+        drop(one_version_behind(&path, &right));
         let refused = Store::open(&path, MasterKey::generate()).err().unwrap();
         assert!(matches!(refused, StoreError::WrongMasterKey), "{refused}");
         let version: i64 = Connection::open(&path)
@@ -762,17 +768,7 @@ mod tests {
 
         // One version behind, with the last migration's column already there.
         let behind = dir.path().join("behind.db");
-        let mut conn = Connection::open(&behind).unwrap();
-        sql_functions::register(&conn).unwrap();
-        Migrations::new(
-            MIGRATIONS[..MIGRATIONS.len() - 1]
-                .iter()
-                .map(|sql| M::up(sql))
-                .collect(),
-        )
-        .to_latest(&mut conn)
-        .unwrap();
-        verify_or_write_check(&conn, &key).unwrap();
+        let conn = one_version_behind(&behind, &key);
         conn.execute_batch(MIGRATIONS[MIGRATIONS.len() - 1])
             .unwrap();
         drop(conn);
