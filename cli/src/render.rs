@@ -209,7 +209,9 @@ fn api_format(backend: &pb::Backend) -> String {
                 backend.anthropic_version
             )
         }
-        _ => "openai".to_owned(),
+        Ok(pb::ApiFormat::Unspecified | pb::ApiFormat::Openai) => "openai".to_owned(),
+        // Newer than this sluicectl: not OpenAI's.
+        Err(_) => format!("unknown ({})", backend.api_format),
     }
 }
 
@@ -452,12 +454,14 @@ fn key_status(key: &pb::ClientKey, now: SystemTime) -> String {
 }
 
 /// A key's budget period as a word.
-fn budget_period(period: i32) -> &'static str {
+/// A budget's period; one newer than this sluicectl by its number (it is not a lifetime).
+fn budget_period(period: i32) -> String {
     match pb::BudgetPeriod::try_from(period) {
-        Ok(pb::BudgetPeriod::Daily) => "daily",
-        Ok(pb::BudgetPeriod::Weekly) => "weekly",
-        Ok(pb::BudgetPeriod::Monthly) => "monthly",
-        _ => "lifetime",
+        Ok(pb::BudgetPeriod::Daily) => "daily".to_owned(),
+        Ok(pb::BudgetPeriod::Weekly) => "weekly".to_owned(),
+        Ok(pb::BudgetPeriod::Monthly) => "monthly".to_owned(),
+        Ok(pb::BudgetPeriod::Unspecified) => "lifetime".to_owned(),
+        Err(_) => format!("unknown ({period})"),
     }
 }
 
@@ -841,6 +845,21 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    /// An enum value newer than this sluicectl is shown as unknown, by its number: a key's
+    /// budget period read as "lifetime", and a backend's API as "openai", misled.
+    #[test]
+    fn values_newer_than_this_build_are_shown_as_unknown() {
+        assert_eq!(budget_period(pb::BudgetPeriod::Monthly as i32), "monthly");
+        assert_eq!(budget_period(0), "lifetime");
+        assert_eq!(budget_period(9), "unknown (9)");
+        let backend = |api_format| pb::Backend {
+            api_format,
+            ..Default::default()
+        };
+        assert_eq!(api_format(&backend(0)), "openai");
+        assert_eq!(api_format(&backend(7)), "unknown (7)");
+    }
 
     fn sample_backend() -> pb::Backend {
         pb::Backend {
