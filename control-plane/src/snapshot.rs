@@ -63,8 +63,10 @@ pub struct Publisher {
 
 /// What a snapshot may grow to with no admin write: its size now, plus every key expiring
 /// and spending its budget (two flags), plus every backend cooling down with its cooldown's
-/// fields at their largest. The headroom is for what grows with neither (settings, times).
-fn ceiling(snapshot: &pb::Snapshot) -> usize {
+/// fields at their largest, plus [`JOINING_REPLICAS`] more replicas holding a share, each
+/// listed by its node id at the longest. The headroom is for what grows with none of these
+/// (settings, times).
+pub(crate) fn ceiling(snapshot: &pb::Snapshot) -> usize {
     static COOLDOWN_BYTES: LazyLock<usize> = LazyLock::new(|| {
         // (The entry's length prefix may grow too: a few bytes.)
         prost::Message::encoded_len(&cooling_at_most()) + 4
@@ -81,7 +83,17 @@ fn ceiling(snapshot: &pb::Snapshot) -> usize {
             .flat_map(|b| &b.models)
             .map(|m| model_cooling_bytes(&m.upstream_name))
             .sum::<usize>()
+        + JOINING_REPLICAS * SHARE_HOLDER_BYTES
 }
+
+/// Replicas a full snapshot has room to see join without an admin write (each is listed in
+/// `share_holders`): about 66 KB. Without it, a snapshot filled to the guard by keys and
+/// backends passed the limit replicas accept once a few hundred replicas with long node ids
+/// joined, and every replica then refused every snapshot (revocations included).
+const JOINING_REPLICAS: usize = 256;
+
+/// A share holder's entry at its largest: the tag, the length, a node id of `MAX_ID_BYTES`.
+const SHARE_HOLDER_BYTES: usize = MAX_ID_BYTES + 3;
 
 /// The most one model's cooldown adds to its backend's entry: every field at its largest.
 fn model_cooling_bytes(model: &str) -> usize {
@@ -725,6 +737,27 @@ mod tests {
             .unwrap()
             .with_size_limit(size + growth + 16);
         assert!(roomy.reserve(1).await.is_ok());
+    }
+
+    /// A snapshot at its ceiling still fits once its keys have all expired and spent their
+    /// budgets (as before) and [`JOINING_REPLICAS`] replicas with the longest node ids joined.
+    #[test]
+    fn joining_replicas_fit_under_the_ceiling() {
+        let snapshot = pb::Snapshot {
+            client_keys: vec![pb::SnapshotClientKey::default(); 3],
+            share_holders: vec!["n".into()],
+            ..Default::default()
+        };
+        let reserved = ceiling(&snapshot);
+        let mut joined = snapshot.clone();
+        joined
+            .share_holders
+            .extend((0..JOINING_REPLICAS).map(|_| "n".repeat(MAX_ID_BYTES)));
+        assert!(
+            prost::Message::encoded_len(&joined) <= reserved,
+            "{} > {reserved}",
+            prost::Message::encoded_len(&joined)
+        );
     }
 
     #[test]

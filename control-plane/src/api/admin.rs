@@ -525,7 +525,7 @@ mod tests {
             .unwrap();
         // Room for the backend's entry without its key, not with it.
         let publisher = Publisher::unstarted(store.clone()).await.unwrap();
-        let room = prost::Message::encoded_len(publisher.latest().as_ref()) + 1_000;
+        let room = snapshot::ceiling(&publisher.latest()) + 1_000;
         let admin = Admin::new(
             store.clone(),
             Arc::new(publisher.with_size_limit(room)),
@@ -585,7 +585,7 @@ mod tests {
         );
         // Room for one of the two backends, not for both.
         let publisher = Publisher::unstarted(store.clone()).await.unwrap();
-        let room = prost::Message::encoded_len(publisher.latest().as_ref()) + 2 * growth - 1;
+        let room = snapshot::ceiling(&publisher.latest()) + 2 * growth - 1;
         let admin = Admin::new(
             store.clone(),
             Arc::new(publisher.with_size_limit(room)),
