@@ -323,6 +323,11 @@ pub struct BackendUpdateArgs {
     pub audio_prices: Vec<AudioPriceArg>,
     #[command(flatten)]
     pub api_key: ApiKeyArgs,
+    /// Remove the stored API key: the backend's requests carry none from then on (a
+    /// self-hosted server that takes no key; also how a keyed backend moves to another
+    /// origin without one).
+    #[arg(long, conflicts_with_all = ["api_key_env", "api_key_stdin"])]
+    pub clear_api_key: bool,
 }
 
 /// Where the provider's API key comes from. Never argv: it would show in `ps`

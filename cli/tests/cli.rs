@@ -480,6 +480,25 @@ async fn an_update_clears_a_routes_prices_only_when_told() {
         .await
         .json();
     assert_eq!(audio(&cleared), (None, None), "{cleared}");
+
+    // The stored provider key removed (a server that takes none): no hint left.
+    assert!(
+        cleared["backend"]["apiKeyHint"]
+            .as_str()
+            .is_some_and(|h| !h.is_empty())
+    );
+    let keyless = h
+        .ctl(&[
+            "-o",
+            "json",
+            "backend",
+            "update",
+            "openai",
+            "--clear-api-key",
+        ])
+        .await
+        .json();
+    assert!(keyless["backend"]["apiKeyHint"].is_null(), "{keyless}");
 }
 
 #[tokio::test]

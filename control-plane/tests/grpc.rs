@@ -2257,6 +2257,50 @@ async fn moving_a_backend_to_another_origin_needs_its_key_again() {
             .unwrap();
         assert_eq!(moved.base_url, base_url.to_lowercase().replace(":443", ""));
     }
+
+    // A keyed backend moved to a server that takes no key (a self-hosted vLLM): its key
+    // cleared in the same update, which an empty `api_key` could not say.
+    let unkeyed = pb::UpdateBackendRequest {
+        clear_api_key: true,
+        ..move_to(&created.id, "http://vllm.internal:8000/v1", "")
+    };
+    let moved = admin
+        .update_backend(unkeyed)
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    assert_eq!(moved.base_url, "http://vllm.internal:8000/v1");
+    assert_eq!(moved.api_key_hint, "");
+    let hello = pb::StreamSnapshotsRequest {
+        node_id: "n-clear".into(),
+        ..Default::default()
+    };
+    let (_tx, mut stream) = open_snapshot_stream(&cp, hello).await;
+    let snapshot = next(&mut stream).await;
+    let sent = snapshot
+        .backends
+        .iter()
+        .find(|b| b.id == created.id)
+        .unwrap();
+    assert_eq!(sent.api_key, "", "no key is sent anywhere");
+    // Not with a key as well.
+    let both = pb::UpdateBackendRequest {
+        clear_api_key: true,
+        ..move_to(
+            &created.id,
+            "http://vllm.internal:8000/v1",
+            "sk-new-key-90123",
+        )
+    };
+    let err = admin.update_backend(both).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("clear_api_key:"),
+        "{}",
+        err.message()
+    );
 }
 
 /// A request that does not decode (a string field that is not UTF-8, as a client built from

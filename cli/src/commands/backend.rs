@@ -425,11 +425,12 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
         set("key_header");
     }
     let api_key = read_api_key(&args.api_key)?;
-    if paths.is_empty() && api_key.is_none() {
+    if paths.is_empty() && api_key.is_none() && !args.clear_api_key {
         return Err(Error::Usage(
             "nothing to update: give at least one of --name, --base-url, --pool, --priority, \
              --weight, --rpm, --tpm-limit, --enabled, --disabled, --model, --api-format, \
-             --anthropic-version, --key-header, --api-key-env, --api-key-stdin"
+             --anthropic-version, --key-header, --api-key-env, --api-key-stdin, \
+             --clear-api-key"
                 .to_owned(),
         ));
     }
@@ -438,6 +439,7 @@ fn update_request(args: BackendUpdateArgs) -> Result<pb::UpdateBackendRequest, E
         update_mask: Some(FieldMask { paths }),
         api_key: api_key.unwrap_or_default(),
         clear_route_fields: false,
+        clear_api_key: args.clear_api_key,
     })
 }
 
@@ -453,6 +455,7 @@ fn set_enabled(backend: String, enabled: bool) -> pb::UpdateBackendRequest {
         }),
         api_key: String::new(),
         clear_route_fields: false,
+        clear_api_key: false,
     }
 }
 

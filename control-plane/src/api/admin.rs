@@ -154,7 +154,18 @@ impl AdminService for Admin {
         let id = required_id("backend.id", &update.id)?;
         let expected_etag = Some(update.etag.trim().to_owned()).filter(|etag| !etag.is_empty());
         let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
-        let api_key = Some(request.api_key.trim().to_owned()).filter(|key| !key.is_empty());
+        let mut api_key = Some(request.api_key.trim().to_owned()).filter(|key| !key.is_empty());
+        if request.clear_api_key {
+            if api_key.is_some() {
+                return Err(ValidationError::new(
+                    "clear_api_key",
+                    "cannot be set with api_key: give one or the other",
+                )
+                .into());
+            }
+            // An empty key is stored as none (`store::backends::seal`).
+            api_key = Some(String::new());
+        }
         let clear_route_fields = request.clear_route_fields;
         if paths.is_empty() && api_key.is_none() {
             return Err(ValidationError::new(
@@ -163,7 +174,7 @@ impl AdminService for Admin {
             )
             .into());
         }
-        if let Some(api_key) = &api_key {
+        if let Some(api_key) = api_key.as_ref().filter(|key| !key.is_empty()) {
             check_api_key("api_key", api_key)?;
         }
         // The updated backend, counted whole as growth (its old self is in the snapshot
