@@ -635,12 +635,18 @@ async fn read_body(
         Err(_) => BodyRefusal::timeout,
     };
     app.metrics.body_refused(refused);
-    let busy = app.body_memory.available_permits() == 0;
-    tracing::warn!(
-        reason = ?refused,
-        memory_exhausted = busy,
-        "refused a request body"
-    );
+    // Every refusal is counted (`sluice_request_bodies_refused_total`); its line goes out at
+    // most once in 10 s, with how many were held back: with the memory full, every other
+    // client's body is refused too, and a line each flooded the log at their request rate.
+    if let Some(held_back) = BODY_REFUSALS.permit() {
+        let busy = app.body_memory.available_permits() == 0;
+        tracing::warn!(
+            reason = ?refused,
+            memory_exhausted = busy,
+            held_back,
+            "refused a request body"
+        );
+    }
     Err(match refused {
         BodyRefusal::memory => ProxyError::BodiesBusy,
         BodyRefusal::timeout => ProxyError::BodyTimeout {
@@ -648,6 +654,10 @@ async fn read_body(
         },
     })
 }
+
+/// The `refused a request body` line's limiter ([`read_body`]).
+static BODY_REFUSALS: sluice_domain::logging::LogLimiter =
+    sluice_domain::logging::LogLimiter::new(Duration::from_secs(10));
 
 /// Reads a body of at most `limit` bytes, calling `hold` with the size of each chunk before
 /// keeping it.
