@@ -299,28 +299,46 @@ fn a_rotation_with_the_wrong_key_writes_nothing() {
     );
 }
 
+/// A rotation that meets another writer holding the database's write lock waits for it
+/// (SQLite's busy timeout) instead of failing. The lock is released only once the rotation
+/// is at its write (its staged key file written just before) and still running a moment
+/// later: released on a timer, as it was, a slow start let the test pass without the
+/// rotation ever meeting the lock.
 #[test]
 fn rotating_waits_for_another_writer_instead_of_failing() {
     let dir = tempfile::tempdir().unwrap();
     let (child, _, _) = start(dir.path());
     stop(child);
     // Another process writing (a backup tool, an operator's sqlite3 shell) holds the
-    // write lock for a moment while the rotation starts.
+    // write lock while the rotation runs.
     let holder = rusqlite::Connection::open(dir.path().join("sluice.db")).unwrap();
     holder.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let (exited, rotation_exited) = std::sync::mpsc::channel::<()>();
-    let releaser = std::thread::spawn(move || {
-        // Released well within the rotation's busy timeout, or as soon as it has exited.
-        let _ = rotation_exited.recv_timeout(Duration::from_secs(1));
-        holder.execute_batch("COMMIT").unwrap();
-    });
-    let rotated = command(dir.path())
+    let mut rotation = command(dir.path())
         .arg("rotate-master-key")
         .stdout(Stdio::piped())
-        .output()
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    drop(exited);
-    releaser.join().unwrap();
+    let staged = dir.path().join("master-key.new");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !staged.exists() {
+        assert!(
+            rotation.try_wait().unwrap().is_none(),
+            "the rotation ended before its write"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no staged key in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        rotation.try_wait().unwrap().is_none(),
+        "the rotation gave up on the held lock instead of waiting"
+    );
+    holder.execute_batch("COMMIT").unwrap();
+    let rotated = rotation.wait_with_output().unwrap();
     assert!(
         rotated.status.success(),
         "rotate-master-key failed ({}); stderr:\n{}",
