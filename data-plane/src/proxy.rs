@@ -397,7 +397,7 @@ async fn authorized(
     // into the memory for bodies and hold it, every other key's bodies refused meanwhile. Its
     // place in flight is taken now, the upload counting among its requests in flight. A small
     // one is read first, so that a refusal names the model it asked for (metrics, records).
-    // The body's declared length, as hyper read it from `content-length` (none: chunked).
+    // Its declared length is hyper's reading of `content-length` (none: chunked).
     let may_be_large = http_body::Body::size_hint(request.body())
         .upper()
         .is_none_or(|length| length > SMALL_BODY_BYTES);

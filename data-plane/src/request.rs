@@ -418,6 +418,14 @@ impl ParsedRequest<'_> {
             .map(|(key, value)| (key.0.as_ref(), *value))
     }
 
+    /// The bytes of the body's members, keys and values as written.
+    pub fn text_bytes(&self) -> usize {
+        self.fields
+            .iter()
+            .map(|(key, value)| key.0.len() + value.get().len())
+            .fold(0, usize::saturating_add)
+    }
+
     /// At most how many bytes of memory [`Self::object`]'s tree of values takes, its strings
     /// included: a value is 32 bytes, an array's or an object's slot as much again (vectors
     /// grow by doubling, an object's entry holds its key), and every value but a top-level

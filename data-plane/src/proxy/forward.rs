@@ -1002,20 +1002,17 @@ fn translated_body(
     let Outbound::Body { parsed, .. } = &call.send else {
         return None;
     };
-    let translate = match (backend.format, call.endpoint.format()) {
-        (ApiFormat::Anthropic, ApiFormat::OpenAi) => {
-            |parsed: &ParsedRequest<'_>, route, backend: &Backend, stream| {
-                messages_body(parsed, route, backend.sampling, stream)
-            }
-        }
-        (ApiFormat::OpenAi, ApiFormat::Anthropic) => {
-            |parsed: &ParsedRequest<'_>, route, backend: &Backend, _| {
-                chat_body(parsed, route, backend.completion_limit)
-            }
-        }
+    let to_messages = match (backend.format, call.endpoint.format()) {
+        (ApiFormat::Anthropic, ApiFormat::OpenAi) => true,
+        (ApiFormat::OpenAi, ApiFormat::Anthropic) => false,
         _ => return None,
     };
-    let tree = parsed.tree_bytes();
+    // A tree is at most about 65 times its text (a byte and a separator a value): a text that
+    // small is not counted.
+    let tree = match parsed.text_bytes().saturating_mul(66) <= SMALL_TREE {
+        true => 0,
+        false => parsed.tree_bytes(),
+    };
     let _room = match tree <= SMALL_TREE {
         true => None,
         false => match u32::try_from(tree)
@@ -1029,10 +1026,11 @@ fn translated_body(
             },
         },
     };
-    Some(
-        translate(parsed, route, backend, call.stream)
-            .map(|body| capped(body, route.max_output_tokens)),
-    )
+    let body = match to_messages {
+        true => messages_body(parsed, route, backend.sampling, call.stream),
+        false => chat_body(parsed, route, backend.completion_limit),
+    };
+    Some(body.map(|body| capped(body, route.max_output_tokens)))
 }
 
 /// The most memory a translation's tree of values takes without holding room for it: each
