@@ -127,6 +127,19 @@ impl Ledger {
     }
 }
 
+/// `replica`'s holding of `key`'s grants, if a record `paid` as it was is this period's.
+fn holding<'a>(
+    ledgers: &'a mut HashMap<String, Ledger>,
+    key: &str,
+    paid: PaidIn,
+    replica: &Replica,
+) -> Option<&'a mut Holding> {
+    ledgers
+        .get_mut(key)
+        .filter(|l| l.holds(paid))
+        .and_then(|l| l.holdings.get_mut(replica))
+}
+
 /// What paid for a record's cost, as its record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PaidIn {
@@ -292,33 +305,39 @@ impl Allowances {
         };
         let from = state.charged_through;
         let (twice_from, twice_through) = state.held_twice;
+        // Every record in `(from, acked]` is committed (the store takes a batch only after
+        // its sender's mark): those handed to the store through `committing` are charged
+        // from there, not from the batch in hand, whose ack may cover another stream's batch
+        // of this replica committed in the same group (a resend landing beside the batch
+        // its dead stream left queued). Charging only its own records would leave that
+        // batch's cost counted as outstanding until the next hello.
+        let mut charge = BTreeMap::new();
         if acked > from {
             state.charged_through = acked;
-            state.committing = state.committing.split_off(&(acked + 1));
+            let later = state.committing.split_off(&(acked + 1));
+            charge = std::mem::replace(&mut state.committing, later);
         }
         for (sequence, key, cost, paid) in records {
-            let held_twice = sequence > twice_from && sequence <= twice_through;
-            if held_twice {
-                // Sent again after a hello that counted it held: charged already, and now
-                // known to be spent, so its cost leaves the grants (once: the window moves).
-                state.held_twice.0 = sequence;
-            } else if sequence <= from || sequence > acked {
-                continue;
-            }
             if cost == 0 {
                 continue;
             }
-            if let Some(holding) = self
-                .ledgers
-                .get_mut(key)
-                .filter(|l| l.holds(paid))
-                .and_then(|l| l.holdings.get_mut(replica))
-            {
-                if held_twice {
+            if sequence > twice_from && sequence <= twice_through {
+                // Sent again after a hello that counted it held: charged already, and now
+                // known to be spent, so its cost leaves the grants (once: the window moves).
+                state.held_twice.0 = sequence;
+                if let Some(holding) = holding(&mut self.ledgers, key, paid, replica) {
                     holding.granted = holding.granted.saturating_sub(cost).max(holding.charged);
-                } else {
-                    holding.charged = holding.charged.saturating_add(cost);
                 }
+            } else if sequence > from && sequence <= acked {
+                // Handed over before this engine knew the replica (its hello came between).
+                charge
+                    .entry(sequence)
+                    .or_insert_with(|| (key.to_owned(), cost, paid));
+            }
+        }
+        for (key, cost, paid) in charge.into_values() {
+            if let Some(holding) = holding(&mut self.ledgers, &key, paid, replica) {
+                holding.charged = holding.charged.saturating_add(cost);
             }
         }
     }
@@ -599,6 +618,37 @@ mod tests {
         // A later record is charged as ever.
         a.ingested(&r0, [(4, KEY, 5, PaidIn::Period(0))], 4);
         assert_eq!(a.outstanding(KEY), 65);
+    }
+
+    /// A replica's usage stream died with its batch of records 11–20 still queued at the
+    /// writer; on its new stream it resends 1–10 (committed and charged, their ack lost)
+    /// and the two land in one group commit, so the resend's ack says 20. If the resend's
+    /// charge ran first and counted only its own records, 11–20 were never charged: their
+    /// cost was in the spend and still outstanding, refusing the key early until its next
+    /// hello.
+    #[test]
+    fn a_resends_ack_covering_another_streams_batch_charges_that_batch() {
+        let mut a = Allowances::new();
+        let r0 = replica(0, 0);
+        a.hello(&r0, LEASE, 0, &[], 0);
+        let budget = Budget {
+            max_nanos: 6_400,
+            period_start_ms: 0,
+            period_end_ms: i64::MAX,
+            spent_nanos: 0,
+        };
+        assert_eq!(a.ask(&r0, KEY, 1, budget, &[], 0).nanos, 100);
+        let first: Vec<_> = (1..=10).map(|q| (q, KEY, 2, PaidIn::Period(0))).collect();
+        let second: Vec<_> = (11..=20).map(|q| (q, KEY, 3, PaidIn::Period(0))).collect();
+        a.committing(&r0, first.iter().copied());
+        a.ingested(&r0, first.iter().copied(), 10);
+        assert_eq!(a.outstanding(KEY), 80);
+        a.committing(&r0, second.iter().copied());
+        // The resend's charge, acked at the group's mark, comes before the batch's own.
+        a.ingested(&r0, first.iter().copied(), 20);
+        assert_eq!(a.outstanding(KEY), 50, "the other stream's batch charged");
+        a.ingested(&r0, second.iter().copied(), 20);
+        assert_eq!(a.outstanding(KEY), 50, "and only once");
     }
 
     /// The race a CI run hit: the store commits a batch before the engine hears of it, and
