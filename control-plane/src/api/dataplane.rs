@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 mod wire;
 
 pub use wire::DataPlaneRoutes;
-use wire::{Outgoing, OutgoingStream};
+use wire::{Outbound, Outgoing, OutgoingStream};
 
 use crate::allowance::{Allowances, Budget, Held, PaidIn, Replica};
 use crate::ingest::{Applied, UsageWriter, batch_of, cooldown_events};
@@ -262,6 +262,7 @@ impl DataPlaneApi {
         let mut leaving = first.leaving;
 
         let (tx, rx) = mpsc::channel(2);
+        let (due, due_rx) = tokio::sync::watch::channel(None);
         let api = self.clone();
         let mut snapshots = self.publisher.subscribe();
         let node_id = hello.node_id.clone();
@@ -343,8 +344,8 @@ impl DataPlaneApi {
                 (lease_ms / 3).max(1) as u64,
             ));
             renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // That one at once, then each newer one.
-            let mut pending = Some(first);
+            // That one at once, then each newer one (written ahead of it, see [`Outbound`]).
+            due.send_replace(Some(first));
             // The replica's acks are stored off this loop, so that a slow write (a large
             // commit before it, a disk's stalled fsync) delays neither the replica's grants
             // nor its next snapshot; acks that come while one is written are taken together,
@@ -352,12 +353,6 @@ impl DataPlaneApi {
             let mut unwritten: Option<(u64, String)> = None;
             let mut writing: Option<AckWrite> = None;
             loop {
-                if let Some(snapshot) = pending.take() {
-                    let message = Outgoing::Snapshot(api.publisher.sent(&snapshot, now_ms()));
-                    if tx.send(Ok(message)).await.is_err() {
-                        break;
-                    }
-                }
                 if writing.is_none()
                     && let Some((version, error)) = unwritten.take()
                 {
@@ -375,7 +370,7 @@ impl DataPlaneApi {
                     }
                     changed = snapshots.changed() => {
                         if changed.is_err() { break; }
-                        pending = Some(snapshots.borrow_and_update().clone());
+                        due.send_replace(Some(snapshots.borrow_and_update().clone()));
                     }
                     _ = renew.tick(), if replica.is_some() => {
                         let message = Outgoing::Allowances(pb::AllowanceUpdate::default());
@@ -432,7 +427,8 @@ impl DataPlaneApi {
             }
             api.left(&hello, replica.as_ref()).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let outbound = Outbound::new(rx, due_rx, Arc::clone(&self.publisher));
+        Ok(Response::new(Box::pin(outbound)))
     }
 }
 

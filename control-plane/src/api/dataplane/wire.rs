@@ -9,6 +9,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::Stream;
@@ -16,13 +17,16 @@ use prost::encoding::{WireType, encode_key, encode_varint};
 use sluice_proto::codec::{SliceCodec, SliceDecoder};
 use sluice_proto::v1 as pb;
 use sluice_proto::v1::data_plane_service_server::{self, DataPlaneServiceServer};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::WatchStream;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, StdError};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::DataPlaneApi;
-use crate::snapshot::SentSnapshot;
+use crate::snapshot::{Publisher, SentSnapshot};
+use crate::time::now_ms;
 
 /// The method served here; every other path goes to the generated server.
 const STREAM_SNAPSHOTS: &str = "/sluice.v1.DataPlaneService/StreamSnapshots";
@@ -70,6 +74,56 @@ impl Outgoing {
 }
 
 pub type OutgoingStream = Pin<Box<dyn Stream<Item = Result<Outgoing, Status>> + Send>>;
+
+/// What one replica's snapshot stream writes: the stream task's messages (allowances, an
+/// error) as they come, ahead of any snapshot, and of the snapshots only the newest not yet
+/// written, encoded when the transport takes it. A grant answering an ask waits for at most
+/// the snapshot whose bytes are being written; when snapshots were queued with it, first in
+/// first out, it waited behind two more (stale ones among them), which at the largest
+/// configuration over a slow link took longer than a replica waits for a grant.
+pub struct Outbound {
+    messages: mpsc::Receiver<Result<Outgoing, Status>>,
+    snapshots: WatchStream<Option<Arc<pb::Snapshot>>>,
+    publisher: Arc<Publisher>,
+}
+
+impl Outbound {
+    /// The stream task sends its messages on `messages` and the snapshot due on `snapshots`
+    /// (replaced by a newer one before it is written, only the newer is).
+    pub fn new(
+        messages: mpsc::Receiver<Result<Outgoing, Status>>,
+        snapshots: watch::Receiver<Option<Arc<pb::Snapshot>>>,
+        publisher: Arc<Publisher>,
+    ) -> Self {
+        Self {
+            messages,
+            snapshots: WatchStream::from_changes(snapshots),
+            publisher,
+        }
+    }
+}
+
+impl Stream for Outbound {
+    type Item = Result<Outgoing, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // Ends when the task does (it holds both senders); its last messages are written.
+        if let Poll::Ready(message) = self.messages.poll_recv(cx) {
+            return Poll::Ready(message);
+        }
+        loop {
+            match Pin::new(&mut self.snapshots).poll_next(cx) {
+                Poll::Ready(Some(Some(snapshot))) => {
+                    let sent = self.publisher.sent(&snapshot, now_ms());
+                    return Poll::Ready(Some(Ok(Outgoing::Snapshot(sent))));
+                }
+                Poll::Ready(Some(None)) => continue,
+                // The task is ending: its messages' end is polled above.
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
 
 /// Writes [`Outgoing`] messages; reads the replica's messages as every method does.
 #[derive(Debug, Default, Clone)]
@@ -173,6 +227,48 @@ mod tests {
     use prost::Message as _;
 
     use super::*;
+
+    /// While the transport is busy writing (it takes nothing), a grant and two newer
+    /// snapshots fall due: when it next takes, the grant comes first, then the newest
+    /// snapshot alone; the stale one between is never written.
+    #[tokio::test]
+    async fn a_grant_is_written_ahead_of_snapshots_and_stale_snapshots_are_not() {
+        use futures::StreamExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = crate::store::Store::open(
+            &dir.path().join("t.db"),
+            crate::crypto::MasterKey::generate(),
+        )
+        .unwrap();
+        let publisher = Arc::new(Publisher::unstarted(store).await.unwrap());
+        let (messages, messages_rx) = mpsc::channel(2);
+        let (due, due_rx) = watch::channel(None);
+        let mut outbound = Outbound::new(messages_rx, due_rx, publisher);
+        let snapshot = |version| {
+            Arc::new(pb::Snapshot {
+                version,
+                ..Default::default()
+            })
+        };
+        due.send_replace(Some(snapshot(1)));
+        let version = |m: Option<Result<Outgoing, Status>>| match m.unwrap().unwrap() {
+            Outgoing::Snapshot(sent) => sent.decode().unwrap().version,
+            Outgoing::Allowances(_) => 0,
+        };
+        assert_eq!(version(outbound.next().await), 1);
+        // Written meanwhile: two versions, then a grant.
+        due.send_replace(Some(snapshot(2)));
+        due.send_replace(Some(snapshot(3)));
+        messages
+            .send(Ok(Outgoing::Allowances(pb::AllowanceUpdate::default())))
+            .await
+            .unwrap();
+        assert_eq!(version(outbound.next().await), 0, "the grant first");
+        assert_eq!(version(outbound.next().await), 3, "the newest snapshot");
+        // Nothing more is due; the stream ends with the task's senders.
+        drop((messages, due));
+        assert!(outbound.next().await.is_none());
+    }
 
     /// Every message written decodes as the `StreamSnapshotsResponse` replicas expect.
     #[test]
