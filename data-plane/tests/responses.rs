@@ -1062,12 +1062,28 @@ async fn a_responses_stream_ended_by_the_providers_failure_counts_for_its_cooldo
             "{created}event: error\ndata: {{\"type\":\"error\",\"sequence_number\":1,\"code\":\"{code}\",\"message\":\"x\",\"param\":null}}\n\n"
         )
     };
+    // As OpenAI's stream sends them: nested under `error`.
+    let nested = |kind: &str, code: &str| {
+        format!(
+            "{created}event: error\ndata: {{\"type\":\"error\",\"sequence_number\":1,\"error\":{{\"type\":\"{kind}\",\"code\":\"{code}\",\"message\":\"x\",\"param\":null}}}}\n\n"
+        )
+    };
     let body = json!({"model": MODEL, "input": "hi", "stream": true});
     for (events, streams, kind) in [
         (
             failed("server_error"),
             3,
             Some(proto::BackendEventKind::Failing),
+        ),
+        (
+            nested("too_many_requests", "too_many_requests"),
+            1,
+            Some(proto::BackendEventKind::RateLimited),
+        ),
+        (
+            nested("insufficient_quota", "credit_balance_exhausted"),
+            1,
+            Some(proto::BackendEventKind::RateLimited),
         ),
         (
             error_event("server_error"),
@@ -1286,7 +1302,18 @@ async fn deltas_without_event_lines_are_counted_when_the_stream_breaks() {
         .text()
         .await
         .unwrap();
-    assert!(text.contains("stream_interrupted"), "{text}");
+    // The error event's fields flat, as its schema has them, and nested, as OpenAI's
+    // stream sends them and openai-python raises on.
+    let last = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .next_back()
+        .map(|data| serde_json::from_str::<Value>(data).unwrap())
+        .unwrap();
+    assert_eq!(last["type"], "error", "{text}");
+    assert_eq!(last["code"], "stream_interrupted");
+    assert_eq!(last["error"]["code"], "stream_interrupted");
+    assert_eq!(last["error"]["type"], "server_error");
     let record = h.records(1).await.remove(0);
     assert_eq!(record.error_kind, ErrorKind::StreamInterrupted as i32);
     assert!(record.tokens_estimated);

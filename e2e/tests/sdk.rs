@@ -562,3 +562,45 @@ except openai.RateLimitError as e:
     let asked = mock.stats().await.requests.chat_completions;
     assert_eq!(asked, 4, "the refused request never reached the provider");
 }
+
+/// A Responses stream cut short (here its provider's connection, after three events) ends
+/// with Sluice's `error` event, and openai-python raises on it, iterating the events or
+/// waiting for the final response, as it does on OpenAI's own. Its fields were written flat
+/// only, which the SDK yields as an event and then ends the loop: a cut answer taken for a
+/// whole one.
+#[tokio::test]
+async fn the_python_sdk_raises_on_a_responses_stream_cut_short() {
+    let cluster = Cluster::start().await;
+    let mock = Mock::start("a", &["m"]).await;
+    cluster
+        .add_backend("a", &mock, pb::Pool::Primary, 0, &[("m", "m")])
+        .await;
+    mock.set_faults(vec![Fault::CutAfterChunks(3).always()])
+        .await;
+    let (_, key) = cluster.create_key("k", &[]).await;
+    let proxy = cluster.proxy().await;
+    let out = common::python(
+        r#"
+import json, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
+out = []
+def iterate():
+    return [e.type for e in c.responses.create(model="m", input="tell me a story", stream=True)]
+def final():
+    with c.responses.stream(model="m", input="tell me a story") as s:
+        return s.get_final_response().status
+for f in [iterate, final]:
+    try:
+        out.append(["no error", f()])
+    except openai.APIError as err:
+        out.append([type(err).__name__, err.message])
+print(json.dumps(out))
+"#,
+        &[&proxy.url("/v1"), &key],
+    )
+    .await;
+    for raised in out.as_array().unwrap() {
+        assert_eq!(raised[0], "APIError", "{out}");
+        assert!(raised[1].as_str().unwrap().contains("interrupted"), "{out}");
+    }
+}

@@ -854,7 +854,10 @@ impl Relay {
                 event.extend_from_slice(b"\n\n");
                 event
             }
-            // The Responses API's own error event (`ResponseErrorEvent`).
+            // The Responses API's own error event (`ResponseErrorEvent`), its fields both
+            // flat, as its schema has them, and nested under `error`, as OpenAI's stream
+            // sends them: openai-python raises on the nested form only, and took a flat one
+            // for an event, ending the loop over a cut answer as over a whole one.
             Mode::Responses { .. } => {
                 let data = serde_json::json!({
                     "type": "error",
@@ -862,6 +865,12 @@ impl Relay {
                     "message": message,
                     "param": null,
                     "sequence_number": self.next_sequence.max(self.events),
+                    "error": {
+                        "type": "server_error",
+                        "code": "stream_interrupted",
+                        "message": message,
+                        "param": null,
+                    },
                 });
                 format!("event: error\ndata: {data}\n\n").into_bytes()
             }
@@ -1214,30 +1223,37 @@ impl Body for Relay {
 }
 
 /// What a Responses stream's terminal failure (`response.failed` with `response.error`, or
-/// an `error` event with its `code`, or `error.code`) says of its backend: a failure of the
-/// backend (`server_error`), the model over its rate limit (`rate_limit_exceeded`), the
-/// account out of credit (`insufficient_quota`, the whole backend's, as its HTTP 429 is);
-/// `None` for anything else, the request's own fault (`context_length_exceeded`, a content
-/// filter, `invalid_prompt`), which is the backend answering. Counted an answer, a backend
-/// failing or limited in every stream kept its share of traffic and never cooled down.
+/// an `error` event with its `code`, flat or nested under `error`) says of its backend: a
+/// failure of the backend (`server_error`), the model over its rate limit
+/// (`rate_limit_exceeded`, `too_many_requests`), the account out of credit
+/// (`insufficient_quota`, `credit_balance_exhausted`, or an error of type
+/// `insufficient_quota`: the whole backend's, as its HTTP 429 is); `None` for anything else,
+/// the request's own fault (`context_length_exceeded`, a content filter, `invalid_prompt`),
+/// which is the backend answering. Counted an answer, a backend failing or limited in every
+/// stream kept its share of traffic and never cooled down.
 fn responses_failure(data: &str) -> Option<Outcome> {
     let event: serde_json::Value = serde_json::from_str(data).ok()?;
-    let code = ["/response/error/code", "/code", "/error/code"]
-        .iter()
-        .find_map(|at| event.pointer(at).and_then(serde_json::Value::as_str))?;
-    match code {
+    let read = |at: &[&str]| {
+        at.iter()
+            .find_map(|at| event.pointer(at).and_then(serde_json::Value::as_str))
+    };
+    let out_of_credit = Outcome::RateLimited {
+        retry_after: None,
+        scope: Scope::Backend,
+    };
+    if read(&["/response/error/type", "/error/type"]) == Some("insufficient_quota") {
+        return Some(out_of_credit);
+    }
+    match read(&["/response/error/code", "/code", "/error/code"])? {
         "server_error" => Some(Outcome::Failure {
             retry_after: None,
             scope: Scope::Backend,
         }),
-        "rate_limit_exceeded" => Some(Outcome::RateLimited {
+        "rate_limit_exceeded" | "too_many_requests" => Some(Outcome::RateLimited {
             retry_after: None,
             scope: Scope::Model,
         }),
-        "insufficient_quota" => Some(Outcome::RateLimited {
-            retry_after: None,
-            scope: Scope::Backend,
-        }),
+        "insufficient_quota" | "credit_balance_exhausted" => Some(out_of_credit),
         _ => None,
     }
 }
