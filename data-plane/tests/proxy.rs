@@ -330,6 +330,35 @@ fn framings(events: &[String]) -> Vec<(&'static str, Vec<Vec<u8>>)> {
     ]
 }
 
+/// A stream whose first event is its provider's failure (OpenAI's `server_error` chunk,
+/// TGI's overload) fails over however the upstream cuts its bytes: a first read ending
+/// inside `data: {"er` was taken for a chunk's start and the stream committed, the error
+/// relayed to the client and no other backend tried.
+#[tokio::test]
+async fn a_first_event_that_is_the_providers_error_fails_over_however_it_is_cut() {
+    let openai = r#"{"error":{"message":"The server had an error","type":"server_error","param":null,"code":null}}"#;
+    let tgi = r#"{"error":{"message":"Model is overloaded","http_status_code":422}}"#;
+    for error in [openai, tgi] {
+        for (framing, chunks) in framings(&[error.to_owned()]) {
+            let (upstream, fallback) = (SseUpstream::start(chunks).await, mock("fallback"));
+            let backends = vec![
+                backend("sse", &upstream.base_url(), proto::Pool::Primary, 0),
+                backend("fallback", &fallback.base_url(), proto::Pool::Fallback, 0),
+            ];
+            let h = Harness::start(snapshot(1, backends)).await;
+            let response = h.chat(chat_body(true)).await;
+            assert_eq!(response.status(), 200, "{framing}");
+            assert_eq!(
+                response.headers()["x-sluice-backend"],
+                "fallback-name",
+                "{framing}: {error}"
+            );
+            let text = response.text().await.unwrap();
+            assert!(!text.contains("\"error\""), "{framing}: {text}");
+        }
+    }
+}
+
 /// The usage chunk Sluice asked for is hidden from a client that did not ask for it however
 /// the upstream writes its `choices`: empty, `null`, or left out (the last two reached the
 /// client, whose code read `chunk.choices[0]`); it is counted all the same.

@@ -476,24 +476,40 @@ pub(super) enum FirstEvent {
 /// opening with any other `data:` or `event: message_start`.
 pub(super) fn opens_with_an_error(bytes: &[u8]) -> bool {
     let bytes = crate::sse::without_bom(bytes);
-    let says_error = |line: &[u8]| match line.strip_prefix(b"data:") {
-        Some(data) => data
-            .strip_prefix(b" ")
-            .unwrap_or(data)
-            .starts_with(b"{\"error\""),
-        None => line
-            .strip_prefix(b"event:")
-            .is_some_and(|name| name.strip_prefix(b" ").unwrap_or(name) == b"error"),
+    // Whether `line` says error, or, `unfinished` (the bytes end inside it), may yet: a read
+    // ending at `data: {"er` is not known to begin a chunk, and committed as one, the
+    // provider's error reached the client with no failover.
+    let says_error = |line: &[u8], unfinished: bool| {
+        let opens = |line: &[u8], word: &[u8]| {
+            line.starts_with(word) || (unfinished && word.starts_with(line))
+        };
+        match line.strip_prefix(b"data:") {
+            Some(data) => opens(data.strip_prefix(b" ").unwrap_or(data), b"{\"error\""),
+            None => match line.strip_prefix(b"event:") {
+                Some(name) => {
+                    let name = name.strip_prefix(b" ").unwrap_or(name);
+                    name == b"error" || (unfinished && b"error".starts_with(name))
+                }
+                // The bytes end inside the field's name.
+                None => unfinished && (opens(line, b"data:") || opens(line, b"event:")),
+            },
+        }
     };
+    let lines = bytes.split_inclusive(|&b| b == b'\n').map(|line| {
+        let unfinished = !line.ends_with(b"\n");
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        (line.strip_suffix(b"\r").unwrap_or(line), unfinished)
+    });
     // The usual stream opens with its first `data:` line.
     if bytes.starts_with(b"data") {
-        return says_error(bytes);
+        return lines
+            .take(1)
+            .any(|(line, unfinished)| says_error(line, unfinished));
     }
-    bytes
-        .split(|&b| b == b'\n')
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
-        .find(|line| !line.is_empty() && !line.starts_with(b":"))
-        .is_some_and(says_error)
+    lines
+        .filter(|(line, _)| !line.is_empty() && !line.starts_with(b":"))
+        .take(1)
+        .any(|(line, unfinished)| says_error(line, unfinished))
 }
 
 /// Whether a 5xx's body says its model is overloaded, not the backend: Anthropic's
@@ -665,6 +681,13 @@ mod tests {
             "data: {\"error\": 1}\n\n",
             "data:{\"error\"",
             ": keep-alive\n\ndata: {\"error\":{\"message\":\"Model is overloaded\"}}\n\n",
+            // A read ending inside a line that may yet say so.
+            "data: {\"er",
+            "data: {",
+            "data:",
+            "da",
+            "event: err",
+            ": keep-alive\n\ndata: {\"err",
         ] {
             assert!(opens_with_an_error(opens.as_bytes()), "{opens:?}");
         }
@@ -676,6 +699,9 @@ mod tests {
             "event: errors\n",
             ": event: error\n",
             "",
+            "data: {\"id\"",
+            "data: {\"er\n",
+            "event: message",
         ] {
             assert!(!opens_with_an_error(not.as_bytes()), "{not:?}");
         }
@@ -696,6 +722,7 @@ mod tests {
         assert_eq!(status(&event("invalid_request_error")), None);
         assert_eq!(status("event: error\ndata: {\"type\":\"error\""), Some(0));
         assert_eq!(status("data: {}\n\n"), None);
+        assert_eq!(status("data: {\"er"), Some(0));
         // TGI's overload after its head, in the OpenAI form and its own; its validation errors
         // (the client's parameters) commit the stream.
         let tgi = r#"data: {"error":{"message":"Model is overloaded","http_status_code":422}}"#;
