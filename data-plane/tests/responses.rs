@@ -1051,7 +1051,9 @@ async fn a_responses_stream_given_done_before_its_final_event_ends_with_an_error
 /// each, a backend failing or limited in every stream kept its traffic and never cooled.
 #[tokio::test]
 async fn a_responses_stream_ended_by_the_providers_failure_counts_for_its_cooldown() {
-    let created = "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"m\",\"output\":[],\"usage\":null}}\n\n";
+    // Its output begun (before it, such a failure fails over:
+    // `a_responses_stream_limited_before_its_output_fails_over`).
+    let created = "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"m\",\"output\":[],\"usage\":null}}\n\nevent: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"x\"}\n\n";
     let failed = |code: &str| {
         format!(
             "{created}event: response.failed\ndata: {{\"type\":\"response.failed\",\"sequence_number\":1,\"response\":{{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"failed\",\"model\":\"m\",\"output\":[],\"usage\":null,\"error\":{{\"code\":\"{code}\",\"message\":\"x\"}}}}}}\n\n"
@@ -1111,6 +1113,112 @@ async fn a_responses_stream_ended_by_the_providers_failure_counts_for_its_cooldo
             "{events:?}"
         );
     }
+}
+
+/// OpenAI reports a Responses stream's rate limit or empty account in the stream, after
+/// `response.created` and `response.in_progress` and before any output. Committed at
+/// `response.created`, the stream was never failed over (Codex CLI, which always streams,
+/// failed its turns while another account stood by): the lifecycle events are now held until
+/// the output begins, and such a failure moves on to the next backend, its client seeing one
+/// `response.created`, the next backend's. A failure of the request's own, or one after the
+/// output began, is relayed as it came; a stream whose output is slow to begin is committed,
+/// not failed over (its provider is generating, and billing, it).
+#[tokio::test]
+async fn a_responses_stream_limited_before_its_output_fails_over() {
+    let lifecycle = "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"m\",\"output\":[],\"usage\":null}}\n\nevent: response.in_progress\ndata: {\"type\":\"response.in_progress\",\"sequence_number\":1,\"response\":{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"m\",\"output\":[],\"usage\":null}}\n\n";
+    let nested = |kind: &str, code: &str| {
+        format!(
+            "{lifecycle}event: error\ndata: {{\"type\":\"error\",\"sequence_number\":2,\"error\":{{\"type\":\"{kind}\",\"code\":\"{code}\",\"message\":\"Rate limit reached\",\"param\":null}}}}\n\n"
+        )
+    };
+    let failed = |code: &str| {
+        format!(
+            "{lifecycle}event: response.failed\ndata: {{\"type\":\"response.failed\",\"sequence_number\":2,\"response\":{{\"id\":\"resp_up1\",\"object\":\"response\",\"status\":\"failed\",\"model\":\"m\",\"output\":[],\"usage\":null,\"error\":{{\"code\":\"{code}\",\"message\":\"x\"}}}}}}\n\n"
+        )
+    };
+    let delta = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":2,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"x\"}\n\n";
+    let body = json!({"model": MODEL, "input": "hi", "stream": true});
+    let pair = |a: &str, b: &MockServer| {
+        snapshot(
+            1,
+            vec![
+                backend("alpha", a, proto::Pool::Primary, 0),
+                backend("beta", &b.base_url(), proto::Pool::Fallback, 0),
+            ],
+        )
+    };
+    for (events, moves_on) in [
+        (nested("tokens", "rate_limit_exceeded"), true),
+        (
+            nested("insufficient_quota", "credit_balance_exhausted"),
+            true,
+        ),
+        (failed("server_error"), true),
+        (failed("context_length_exceeded"), false),
+        (
+            format!(
+                "{lifecycle}{delta}{}",
+                &nested("tokens", "rate_limit_exceeded")[lifecycle.len()..]
+            ),
+            false,
+        ),
+    ] {
+        let (a, b) = (sse_upstream(events.clone()).await, mock("beta"));
+        let h = Harness::start(pair(&a, &b)).await;
+        let response = create(&h, body.clone()).await;
+        assert_eq!(response.status(), 200);
+        let served_by = response.headers()["x-sluice-backend"].clone();
+        let text = response.text().await.unwrap();
+        assert_eq!(text.matches("event: response.created").count(), 1, "{text}");
+        if moves_on {
+            assert_eq!(served_by, "beta-name", "{events}");
+            assert!(text.contains("response.completed"), "{text}");
+            assert!(!text.contains("Rate limit reached"), "{text}");
+        } else {
+            assert_eq!(served_by, "alpha-name", "{events}");
+            assert!(!text.contains("response.completed"), "{text}");
+        }
+    }
+    // With no other backend, the client gets the limit as OpenAI answers a chat request's.
+    let h =
+        Harness::one_primary(&sse_upstream(nested("tokens", "rate_limit_exceeded")).await).await;
+    let (code, error) = error_code(create(&h, body.clone()).await, 429).await;
+    assert_eq!(code, "rate_limit_exceeded", "{error}");
+    // Output slow to begin (a reasoning model thinking) is waited for past `answer_timeout`.
+    let parts = [
+        lifecycle.to_owned(),
+        String::new(),
+        format!("{delta}{}", &failed("x")[lifecycle.len()..]),
+    ];
+    let slow = axum::Router::new().fallback(move || {
+        let frames = futures::stream::iter(parts.clone()).then(|part| async move {
+            if part.is_empty() {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+            }
+            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(part))
+        });
+        async move {
+            (
+                [(http::header::CONTENT_TYPE, "text/event-stream")],
+                axum::body::Body::from_stream(frames),
+            )
+        }
+    });
+    let slow = format!("http://{}/v1", serve_locally(slow).await);
+    let b = mock("beta");
+    let mut snap = pair(&slow, &b);
+    let settings = snap.settings.get_or_insert_with(Default::default);
+    settings.answer_timeout = Some(sluice_proxy::clock::proto_duration(Duration::from_millis(
+        300,
+    )));
+    settings.first_byte_timeout = Some(sluice_proxy::clock::proto_duration(Duration::from_millis(
+        300,
+    )));
+    let h = Harness::start(snap).await;
+    let response = create(&h, body).await;
+    assert_eq!(response.headers()["x-sluice-backend"], "alpha-name");
+    let text = response.text().await.unwrap();
+    assert!(text.contains("output_text.delta"), "{text}");
 }
 
 /// An image generated in a Responses stream comes whole in one event (and again in

@@ -467,6 +467,94 @@ pub(super) enum FirstEvent {
     Failed(Failure),
     /// An `error` event whose data has not all come yet.
     Unfinished,
+    /// Only a Responses stream's lifecycle events so far (see [`responses_first_events`]):
+    /// held, the attempt not yet committed.
+    Held,
+}
+
+/// A Responses create's stream before its output ([`FirstEvent`]): OpenAI reports a rate
+/// limit or an empty account in the stream, after `response.created` and
+/// `response.in_progress` and before any output, where a chat request gets an HTTP 429.
+/// Committed at `response.created`, such a stream was never failed over, though its client
+/// had been sent nothing it could use and the provider billed nothing (Codex CLI, which always
+/// streams, failed its turns while a second account stood by). So the lifecycle events
+/// (`response.created`, `response.queued`, `response.in_progress`) are held; a failure after
+/// them whose code is the backend's or its model's (as [`Failure::Status`] with the status of
+/// its HTTP form, its cooldown read from that body as a whole answer's) fails the attempt;
+/// any other event commits.
+pub(super) fn responses_first_events(bytes: &[u8], api_key: &[u8]) -> FirstEvent {
+    let mut parser = crate::sse::SseParser::default();
+    let mut items = Vec::new();
+    if parser.push(bytes, &mut items).is_err() {
+        return FirstEvent::Commit;
+    }
+    let mut held = false;
+    for item in &items {
+        let crate::sse::Item::Event(event) = item else {
+            continue;
+        };
+        let value = serde_json::from_str::<serde_json::Value>(&event.data).ok();
+        let text = |at: &str| value.as_ref()?.pointer(at)?.as_str();
+        let kind = text("/type").or(event.event.as_deref());
+        match kind {
+            Some("response.created" | "response.queued" | "response.in_progress") => {
+                held = true;
+                continue;
+            }
+            Some("error" | "response.failed") => {}
+            _ => return FirstEvent::Commit,
+        }
+        // Nested (`response.failed`'s `response.error`, OpenAI's `error` event), or flat (the
+        // event's schema: its own `type` is then the event's).
+        let error = ["/response/error", "/error", ""].iter().find_map(|at| {
+            let error = value.as_ref()?.pointer(at)?;
+            error.get("code").and_then(serde_json::Value::as_str)?;
+            Some((error, at.is_empty()))
+        });
+        let Some((error, flat)) = error else {
+            return FirstEvent::Commit;
+        };
+        let code = error.get("code").and_then(serde_json::Value::as_str);
+        let kind = match flat {
+            true => None,
+            false => error.get("type").and_then(serde_json::Value::as_str),
+        };
+        let status = match (code, kind) {
+            (_, Some("insufficient_quota"))
+            | (
+                Some(
+                    "rate_limit_exceeded"
+                    | "too_many_requests"
+                    | "insufficient_quota"
+                    | "credit_balance_exhausted",
+                ),
+                _,
+            ) => StatusCode::TOO_MANY_REQUESTS,
+            (Some("server_error"), _) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => return FirstEvent::Commit,
+        };
+        // As its HTTP answer would have been: `{"error":{…}}`.
+        let mut error = error.clone();
+        if let Some(error) = error.as_object_mut() {
+            error.retain(|k, _| matches!(k.as_str(), "code" | "message" | "param"));
+            if let Some(kind) = kind.or(code) {
+                error.insert("type".into(), kind.into());
+            }
+        }
+        let body = serde_json::json!({ "error": error }).to_string();
+        return FirstEvent::Failed(Failure::Status {
+            status,
+            retry_after: None,
+            content_type: Some(HeaderValue::from_static("application/json")),
+            body: redact_error(Bytes::from(body), api_key),
+            in_body: false,
+        });
+    }
+    if held {
+        FirstEvent::Held
+    } else {
+        FirstEvent::Unfinished
+    }
 }
 
 /// Whether the first line of `bytes` with a field, past comments and blank lines, names the
@@ -715,6 +803,7 @@ mod tests {
             FirstEvent::Failed(other) => panic!("{other:?}"),
             FirstEvent::Commit => None,
             FirstEvent::Unfinished => Some(0),
+            FirstEvent::Held => panic!("held outside a Responses stream"),
         };
         assert_eq!(status(&event("overloaded_error")), Some(529));
         assert_eq!(status(&event("api_error")), Some(500));

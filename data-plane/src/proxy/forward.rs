@@ -16,7 +16,7 @@ use super::accounting::Accounting;
 use super::failure::{
     Failure, FirstEvent, Refusal, error_in_answer, fewer_tokens_would_do, first_event,
     opens_with_an_error, out_of_credit, out_of_quota, refused_model, refuses_the_key,
-    refuses_the_request_itself, retry_delay_in_body, starts_an_event,
+    refuses_the_request_itself, responses_first_events, retry_delay_in_body, starts_an_event,
 };
 use super::health::{StreamHealth, record_health};
 use super::kept_sleeps::{KeptSleeps, within};
@@ -48,6 +48,10 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// The most of a stream held before its first event (comments, an event's other fields):
 /// past it the backend is not streaming, and the attempt fails.
 const MAX_BEFORE_FIRST_EVENT: usize = 64 * 1024;
+
+/// The most of a Responses create's lifecycle events held before its output (see
+/// [`Sending::holds_lifecycle`]).
+const MAX_HELD_LIFECYCLE: usize = 512 * 1024;
 
 /// What a successful attempt produced: a whole body, or a stream whose first chunk arrived.
 enum Answer {
@@ -462,6 +466,10 @@ pub(super) async fn forward_call(
         // request written for its API, not cooling down, under its limits), with an attempt
         // left and timeouts failed over. Asked only when the attempt's wait runs out. (A
         // call that bills nothing is always given up: the SDK sends it again.)
+        let holds_lifecycle = stream
+            && call.endpoint == Endpoint::Responses
+            && call.count_usage
+            && matches!(call.send, Outbound::Body { parsed, .. } if !parsed.background());
         let attempts_left = acct.attempts() < policy.max_attempts;
         let later = &order[position + 1..];
         let moves_on = || {
@@ -495,6 +503,7 @@ pub(super) async fn forward_call(
                 .stream_keepalive
                 .filter(|_| stream)
                 .map(|every| (acct.started() + every, every)),
+            holds_lifecycle,
         };
         let mut outcome = attempt(&sending, spare.take(), method, uri, body).await;
         let mut again = again;
@@ -1066,6 +1075,9 @@ struct Sending<'a> {
     /// after the request arrived) is committed to without it ([`attempt`]), and the
     /// keep-alive's interval.
     committed_by: Option<(Instant, Duration)>,
+    /// A Responses create (not a background one, whose job exists once created): its
+    /// lifecycle events are held until its output begins ([`responses_first_events`]).
+    holds_lifecycle: bool,
 }
 
 /// How long a stream's first event is waited for once its head came, to fail over: a whole
@@ -1105,6 +1117,7 @@ async fn attempt(
         uncounted,
         endpoint,
         committed_by,
+        holds_lifecycle,
     } = *to;
     let has_body = method == Method::POST;
     let mut request = Request::new(body);
@@ -1218,6 +1231,9 @@ async fn attempt(
         // answer (`answer_timeout`); cut off at the first byte's wait, every attempt of such
         // a request failed over, billed, and none was ever answered.
         let mut first = BytesMut::new();
+        // A Responses create's lifecycle events have come, held ([`FirstEvent::Held`]): the
+        // stream has begun, and is committed to rather than given up.
+        let mut held = false;
         let mut first_event_by = deadline.min(sent + event_wait);
         // Not before a moment after the head, however late the attempt: an overloaded
         // provider's error comes as the first event right after it (Anthropic's
@@ -1244,6 +1260,14 @@ async fn attempt(
                             early: true,
                         });
                     }
+                    Err(_) if held => {
+                        return Ok(Answer::Stream {
+                            status,
+                            upstream,
+                            first: first.freeze(),
+                            early: false,
+                        });
+                    }
                     Err(_) if first_event_by < deadline && !moves_on() => {
                         first_event_by = deadline;
                         continue;
@@ -1258,7 +1282,11 @@ async fn attempt(
                     }
                     Ok(Ok(Some(chunk))) => chunk,
                 };
-            if first.is_empty() && starts_an_event(&chunk) && !opens_with_an_error(&chunk) {
+            if first.is_empty()
+                && !holds_lifecycle
+                && starts_an_event(&chunk)
+                && !opens_with_an_error(&chunk)
+            {
                 // The usual case: the first chunk holds the first event.
                 return Ok(Answer::Stream {
                     status,
@@ -1269,7 +1297,11 @@ async fn attempt(
             }
             first.extend_from_slice(&chunk);
             if starts_an_event(&first) {
-                match first_event(&first, backend.api_key()) {
+                let read = match holds_lifecycle {
+                    true => responses_first_events(&first, backend.api_key()),
+                    false => first_event(&first, backend.api_key()),
+                };
+                match read {
                     FirstEvent::Commit => {
                         return Ok(Answer::Stream {
                             status,
@@ -1280,9 +1312,20 @@ async fn attempt(
                     }
                     FirstEvent::Failed(failure) => return Err(failure),
                     FirstEvent::Unfinished => {}
+                    FirstEvent::Held => held = true,
                 }
             }
-            if first.len() > MAX_BEFORE_FIRST_EVENT {
+            // Lifecycle events echo the request's instructions and tools (tens of KiB for
+            // Codex, twice): held up to a bound, then committed to as they are.
+            if held && first.len() > MAX_HELD_LIFECYCLE {
+                return Ok(Answer::Stream {
+                    status,
+                    upstream,
+                    first: first.freeze(),
+                    early: false,
+                });
+            }
+            if !held && first.len() > MAX_BEFORE_FIRST_EVENT {
                 return Err(Failure::Invalid(format!(
                     "more than {MAX_BEFORE_FIRST_EVENT} bytes of the stream before its first event"
                 )));
