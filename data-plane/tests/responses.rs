@@ -907,6 +907,36 @@ async fn an_error_event_ending_a_resumed_stream_takes_the_next_sequence_number()
     assert!(!records[1].tokens_estimated);
 }
 
+/// A background create whose connection was lost after it was sent may be queued at its
+/// provider, where it runs to its end whatever became of the connection: failed over, a
+/// second job ran on the other account, and the first's id, never given to anyone, could not
+/// be polled or cancelled. It is answered 502 not to be sent again; a create in the
+/// foreground still fails over, as does a background one its backend never received.
+#[tokio::test]
+async fn a_background_create_that_may_have_reached_its_provider_is_not_sent_again() {
+    let (alpha, beta) = (mock("alpha"), mock("beta"));
+    let h = Harness::start(snapshot(
+        1,
+        vec![
+            backend("alpha", &alpha.base_url(), proto::Pool::Primary, 0),
+            backend("beta", &beta.base_url(), proto::Pool::Fallback, 0),
+        ],
+    ))
+    .await;
+    let background = json!({"model": MODEL, "input": "research this", "background": true});
+    alpha.set_fault(Fault::Reset.times(1));
+    assert_connection_lost(create(&h, background.clone()).await).await;
+    assert_eq!(beta.stats().requests.total(), 0, "sent once");
+    alpha.set_fault(Fault::Reset.times(1));
+    let response = create(&h, json!({"model": MODEL, "input": "now"})).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-backend"], "beta-name");
+    alpha.set_fault(Fault::status(503).times(1));
+    let response = create(&h, background).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-backend"], "beta-name");
+}
+
 /// A background response spends its tokens after the create returned, where Sluice sees
 /// none of them (a retrieve is not counted: it would count on every poll): a key held to a
 /// token limit or a number of requests in flight (or a budget: `e2e/tests/budgets.rs`) gets

@@ -300,6 +300,11 @@ pub(super) async fn forward_call(
         &mut rand::rng(),
         call.conversation,
     );
+    // A Responses create run in the background: its job runs to its end once the provider
+    // has it, whatever becomes of the connection that asked.
+    let background = call.endpoint == Endpoint::Responses
+        && call.count_usage
+        && matches!(call.send, Outbound::Body { parsed, .. } if parsed.background());
     let mut soonest: Option<Instant> = None;
     // Of `soonest`, the candidates passed over for their rate limit (not a cooldown).
     let mut limited: Option<Instant> = None;
@@ -466,10 +471,8 @@ pub(super) async fn forward_call(
         // request written for its API, not cooling down, under its limits), with an attempt
         // left and timeouts failed over. Asked only when the attempt's wait runs out. (A
         // call that bills nothing is always given up: the SDK sends it again.)
-        let holds_lifecycle = stream
-            && call.endpoint == Endpoint::Responses
-            && call.count_usage
-            && matches!(call.send, Outbound::Body { parsed, .. } if !parsed.background());
+        let holds_lifecycle =
+            stream && call.endpoint == Endpoint::Responses && call.count_usage && !background;
         let attempts_left = acct.attempts() < policy.max_attempts;
         let later = &order[position + 1..];
         let moves_on = || {
@@ -716,7 +719,15 @@ pub(super) async fn forward_call(
                             | Failure::Invalid(_)
                     )),
                 }
-                let retry = failure.retryable(&policy);
+                // Not a background create that may have reached its provider: sent again, a
+                // second job would run on another account, its id never given to anyone to
+                // poll or cancel, while the first ran to its end.
+                let retry = failure.retryable(&policy)
+                    && !(background
+                        && matches!(
+                            failure,
+                            Failure::Lost(_) | Failure::Timeout { .. } | Failure::Invalid(_)
+                        ));
                 tracing::info!(
                     backend = %backend.name,
                     failure = %failure.describe(),
