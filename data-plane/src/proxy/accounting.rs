@@ -345,7 +345,10 @@ impl Accounting {
         self.0.record.attempts += 1;
         self.0.prices = route.prices;
         self.0.tiers.clone_from(&route.tiers);
-        self.0.tiers_reported = match &self.0.asked_tier {
+        self.0.tiers_reported = match self.0.asked_tier.as_deref() {
+            // OpenAI bills its renamed "fast" as priority, the tier a route lists for it
+            // (usage.md); a whole answer names the tier it was served at, a compaction none.
+            Some("fast") if self.0.tiers.named("fast") == 0 => self.0.tiers.named("priority"),
             Some(tier) => self.0.tiers.named(tier),
             None => 0,
         };
