@@ -481,7 +481,7 @@ impl CooldownTracker {
             // A failure of the model of a call that names none (a call on a stored Responses
             // object): a model thinking past the idle timeout on a streamed retrieve, a model
             // timeout. No one's: taken as the backend's, three of them took every model out.
-            // (A 429 of such a call is the backend's: below.)
+            // (Its 429, the model's, is not recorded at all: `forward_call`.)
             Outcome::Failure {
                 scope: Scope::Model,
                 ..

@@ -871,6 +871,35 @@ async fn a_failure_replayed_by_a_retrieve_cools_nothing() {
     assert_eq!(again.status(), 200, "the backend is not cooling down");
 }
 
+/// A 429 to a call on a stored response (a client polling a background response too
+/// often) is passed on and cools nothing: a poll's limit says nothing of the model's
+/// creates, which the backend goes on serving.
+#[tokio::test]
+async fn a_429_on_a_stored_response_cools_nothing() {
+    let alpha = mock("alpha");
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend("alpha", &alpha.base_url(), proto::Pool::Primary, 0)],
+    ))
+    .await;
+    let created: Value = create(&h, json!({"model": MODEL, "input": "hi"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    alpha.set_fault(
+        Fault::Status {
+            code: 429,
+            retry_after: Some(sluice_e2e::mock::RetryAfter::seconds(30)),
+        }
+        .times(1),
+    );
+    let polled = retrieve(&h, created["id"].as_str().unwrap()).await;
+    assert_eq!(polled.status(), 429);
+    let again = create(&h, json!({"model": MODEL, "input": "hi"})).await;
+    assert_eq!(again.status(), 200, "the backend is not cooling down");
+}
+
 /// A stream resumed after event 9 that the upstream breaks off ends with Sluice's error
 /// event numbered after the last one relayed (12), not by how many this connection relayed
 /// (2): a client that resumes by `sequence_number` must not see a number it already has.

@@ -618,7 +618,8 @@ pub(super) async fn forward_call(
                 }
             }
         }
-        // A count's 429 (or overload) is of its own limit, not of the model's answers.
+        // A count's 429 (or overload) is of its own limit, not of the model's answers; a call
+        // on a stored response's (a poll's) says nothing of the model's creates.
         let health = health.filter(|health| !health_model.is_empty() || !health.of_model());
         if let Some(health) = health {
             record_health(app, backend, health_model, basis, &policy.cooldown, health);
