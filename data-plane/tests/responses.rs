@@ -871,6 +871,54 @@ async fn a_failure_replayed_by_a_retrieve_cools_nothing() {
     assert_eq!(again.status(), 200, "the backend is not cooling down");
 }
 
+/// A create answered whole with `"status": "failed"` and no usage is its provider's failure,
+/// as the same `response.failed` in a stream is: a `server_error` fails over (nothing reached
+/// the client), and counts for the backend's cooldown; a failure of the request's own
+/// (`context_length_exceeded`) is the answer, passed on.
+#[tokio::test]
+async fn a_whole_create_that_failed_at_its_provider_fails_over() {
+    let failed = |code: &str| {
+        format!(
+            r#"{{"id":"resp_x","object":"response","status":"failed","model":"m","error":{{"code":"{code}","message":"x"}},"output":[],"usage":null}}"#
+        )
+    };
+    let (alpha, beta) = (mock("alpha"), mock("beta"));
+    let h = Harness::start(snapshot(
+        1,
+        vec![
+            backend("alpha", &alpha.base_url(), proto::Pool::Primary, 0),
+            backend("beta", &beta.base_url(), proto::Pool::Fallback, 0),
+        ],
+    ))
+    .await;
+    let body = json!({"model": MODEL, "input": "hi"});
+    alpha.set_fault(
+        Fault::Body {
+            code: 200,
+            body: failed("server_error"),
+        }
+        .times(1),
+    );
+    let response = create(&h, body.clone()).await;
+    assert_eq!(response.headers()["x-sluice-backend"], "beta-name");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["status"], "completed", "{answer}");
+    alpha.set_fault(
+        Fault::Body {
+            code: 200,
+            body: failed("context_length_exceeded"),
+        }
+        .times(1),
+    );
+    let response = create(&h, body).await;
+    assert_eq!(response.headers()["x-sluice-backend"], "alpha-name");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(
+        answer["error"]["code"], "context_length_exceeded",
+        "{answer}"
+    );
+}
+
 /// A 429 to a call on a stored response (a client polling a background response too
 /// often) is passed on and cools nothing: a poll's limit says nothing of the model's
 /// creates, which the backend goes on serving.

@@ -514,47 +514,82 @@ pub(super) fn responses_first_events(bytes: &[u8], api_key: &[u8]) -> FirstEvent
         let Some((error, flat)) = error else {
             return FirstEvent::Commit;
         };
-        let code = error.get("code").and_then(serde_json::Value::as_str);
-        let kind = match flat {
-            true => None,
-            false => error.get("type").and_then(serde_json::Value::as_str),
+        return match responses_error(error, flat, api_key) {
+            Some(failure) => FirstEvent::Failed(failure),
+            None => FirstEvent::Commit,
         };
-        let status = match (code, kind) {
-            (_, Some("insufficient_quota"))
-            | (
-                Some(
-                    "rate_limit_exceeded"
-                    | "too_many_requests"
-                    | "insufficient_quota"
-                    | "credit_balance_exhausted",
-                ),
-                _,
-            ) => StatusCode::TOO_MANY_REQUESTS,
-            (Some("server_error"), _) => StatusCode::INTERNAL_SERVER_ERROR,
-            _ => return FirstEvent::Commit,
-        };
-        // As its HTTP answer would have been: `{"error":{…}}`.
-        let mut error = error.clone();
-        if let Some(error) = error.as_object_mut() {
-            error.retain(|k, _| matches!(k.as_str(), "code" | "message" | "param"));
-            if let Some(kind) = kind.or(code) {
-                error.insert("type".into(), kind.into());
-            }
-        }
-        let body = serde_json::json!({ "error": error }).to_string();
-        return FirstEvent::Failed(Failure::Status {
-            status,
-            retry_after: None,
-            content_type: Some(HeaderValue::from_static("application/json")),
-            body: redact_error(Bytes::from(body), api_key),
-            in_body: false,
-        });
     }
     if held {
         FirstEvent::Held
     } else {
         FirstEvent::Unfinished
     }
+}
+
+/// A Responses failure's `error` (`{code, message, …}`; `flat`: the fields of an `error`
+/// event's own, whose `type` is the event's) as the attempt's failure, when its code is the
+/// backend's or its model's: the HTTP answer it stands for (429 for a rate limit or an empty
+/// account, 500 for `server_error`), its body `{"error":{…}}` as that answer's would be, read
+/// for its cooldown as one. `None`: the request's own failure, its answer.
+fn responses_error(error: &serde_json::Value, flat: bool, api_key: &[u8]) -> Option<Failure> {
+    let code = error.get("code").and_then(serde_json::Value::as_str);
+    let kind = match flat {
+        true => None,
+        false => error.get("type").and_then(serde_json::Value::as_str),
+    };
+    let status = match (code, kind) {
+        (_, Some("insufficient_quota"))
+        | (
+            Some(
+                "rate_limit_exceeded"
+                | "too_many_requests"
+                | "insufficient_quota"
+                | "credit_balance_exhausted",
+            ),
+            _,
+        ) => StatusCode::TOO_MANY_REQUESTS,
+        (Some("server_error"), _) => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => return None,
+    };
+    let mut error = error.clone();
+    if let Some(error) = error.as_object_mut() {
+        error.retain(|k, _| matches!(k.as_str(), "code" | "message" | "param"));
+        if let Some(kind) = kind.or(code) {
+            error.insert("type".into(), kind.into());
+        }
+    }
+    let body = serde_json::json!({ "error": error }).to_string();
+    Some(Failure::Status {
+        status,
+        retry_after: None,
+        content_type: Some(HeaderValue::from_static("application/json")),
+        body: redact_error(Bytes::from(body), api_key),
+        // The backend's failure, as `response.failed` ending a stream is (`relay.rs`).
+        in_body: false,
+    })
+}
+
+/// A whole Responses create answered 200 with `"status": "failed"` and no usage (nothing
+/// billed): the failure its `error` names, as [`responses_error`] reads it. Taken for a
+/// success, a backend failing every synchronous create this way kept its share and never
+/// cooled, and the failure, which reached no client yet, was not failed over. One search for
+/// `"failed"` over each such answer before it is parsed.
+pub(super) fn failed_response(body: &[u8], api_key: &[u8]) -> Option<Failure> {
+    memchr::memmem::find(body, b"\"failed\"")?;
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        status: Option<String>,
+        #[serde(default)]
+        error: serde_json::Value,
+        #[serde(default)]
+        usage: serde_json::Value,
+    }
+    let answer: Answer = serde_json::from_slice(body).ok()?;
+    if answer.status.as_deref() != Some("failed") || !answer.usage.is_null() {
+        return None;
+    }
+    responses_error(&answer.error, false, api_key)
 }
 
 /// Whether the first line of `bytes` with a field, past comments and blank lines, names the

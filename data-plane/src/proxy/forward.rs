@@ -14,8 +14,8 @@ use tokio::time::Instant;
 
 use super::accounting::Accounting;
 use super::failure::{
-    Failure, FirstEvent, Refusal, error_in_answer, fewer_tokens_would_do, first_event,
-    opens_with_an_error, out_of_credit, out_of_quota, refused_model, refuses_the_key,
+    Failure, FirstEvent, Refusal, error_in_answer, failed_response, fewer_tokens_would_do,
+    first_event, opens_with_an_error, out_of_credit, out_of_quota, refused_model, refuses_the_key,
     refuses_the_request_itself, responses_first_events, retry_delay_in_body, starts_an_event,
 };
 use super::health::{StreamHealth, record_health};
@@ -1443,6 +1443,14 @@ async fn attempt(
             body: redact_error(body, backend.api_key()),
             in_body: true,
         });
+    }
+    // A Responses create's failure in a 200 (not a stored one's, read again: history).
+    if status.is_success()
+        && endpoint == Endpoint::Responses
+        && counts_usage
+        && let Some(failure) = failed_response(&body, backend.api_key())
+    {
+        return Err(failure);
     }
     if !status.is_success() {
         // A 4xx is passed on as it came, but for the key some providers quote in it.
