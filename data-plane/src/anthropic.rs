@@ -82,6 +82,10 @@ pub struct Usage {
     /// Of `output`, the model's thinking (Anthropic's `output_tokens_details.thinking_tokens`,
     /// an OpenAI-format backend's `reasoning_tokens`).
     pub reasoning: u64,
+    /// What an OpenAI-format `usage`'s `total_tokens` holds beyond its prompt and completion
+    /// when it reports no reasoning ([`crate::usage::Tokens::unshown`]: Google's thoughts,
+    /// charged as the usage record's rule for the backend says). Anthropic's usage has none.
+    pub unshown: u64,
 }
 
 /// `T` read from a JSON object and nothing else. serde's derived structs also read an array,

@@ -179,6 +179,7 @@ impl UsageFigures {
             cache_creation_1h: self.cache_creation_1h.min(self.cache_creation),
             // Part of the output, as well.
             reasoning: self.thinking.min(self.output),
+            unshown: 0,
         }
     }
 }
@@ -456,6 +457,7 @@ fn usage_of_openai_figures(figures: OpenAiFigureValues) -> Usage {
         cache_creation: tokens.cache_write,
         cache_creation_1h: 0,
         reasoning: tokens.reasoning,
+        unshown: tokens.unshown,
     }
 }
 

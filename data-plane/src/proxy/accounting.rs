@@ -794,6 +794,36 @@ impl Accounting {
     }
 }
 
+#[cfg(test)]
+impl Accounting {
+    /// A request's accounting on a backend whose totals hold a thinking model's thoughts, or
+    /// not ([`Backend::thoughts_in_total`]), before any figure is read.
+    pub(super) fn on_a_backend(endpoint: Endpoint, thoughts_in_total: bool) -> Self {
+        let mut acct = Self::new(
+            UsageSink::new(1),
+            None,
+            Arc::new(Metrics::new()),
+            "request",
+            "key",
+            endpoint,
+            Instant::now(),
+            SystemTime::now(),
+        );
+        acct.0.thoughts_in_total = thoughts_in_total;
+        acct
+    }
+
+    /// The record's prompt, completion and reasoning tokens so far.
+    pub(super) fn recorded_tokens(&self) -> (u64, u64, u64) {
+        let record = &self.0.record;
+        (
+            record.prompt_tokens,
+            record.completion_tokens,
+            record.reasoning_tokens,
+        )
+    }
+}
+
 impl Drop for Accounting {
     fn drop(&mut self) {
         if !self.0.done {

@@ -168,7 +168,9 @@ impl Translation {
     }
 }
 
-/// Tokens as translated from either API, as the usage record takes them.
+/// Tokens as translated from either API, as the usage record takes them: with what an
+/// OpenAI-format total held beyond them, which [`Accounting::tokens`] reads as a chat
+/// stream's (Google's thoughts).
 pub(super) fn tokens_of(usage: Usage) -> Tokens {
     Tokens {
         prompt: usage.input,
@@ -177,6 +179,7 @@ pub(super) fn tokens_of(usage: Usage) -> Tokens {
         cache_write: usage.cache_creation,
         cache_write_1h: usage.cache_creation_1h,
         reasoning: usage.reasoning,
+        unshown: usage.unshown,
         ..Tokens::default()
     }
 }
@@ -1299,6 +1302,35 @@ mod tests {
             .unwrap_err()
             .unwrap();
         assert_eq!((tokens.prompt, tokens.completion), (3, 4));
+    }
+
+    /// Google's OpenAI-compatible endpoint counts a thinking model's thoughts in
+    /// `total_tokens` alone, and bills them as output. A Messages client's stream translated
+    /// from it is charged them as a chat client's identical stream is: completion 3 + 93
+    /// thoughts, 93 of them reasoning; not the 3 visible tokens alone.
+    #[test]
+    fn googles_thoughts_are_charged_on_a_translated_stream_as_on_a_chat_stream() {
+        use crate::anthropic::stream::EventsFromChunks;
+        use crate::snapshot::Endpoint;
+        let chunks = [
+            r#"{"choices":[{"delta":{"content":"1","role":"assistant"},"index":0}],"created":1,"id":"x","model":"gemini-3-flash-preview","object":"chat.completion.chunk","usage":{"completion_tokens":1,"prompt_tokens":9,"total_tokens":103}}"#,
+            r#"{"choices":[{"delta":{"content":", 2","role":"assistant"},"finish_reason":"length","index":0}],"created":1,"id":"x","model":"gemini-3-flash-preview","object":"chat.completion.chunk","usage":{"completion_tokens":3,"prompt_tokens":9,"total_tokens":105}}"#,
+        ];
+        for google in [true, false] {
+            let mut chat = Some(Accounting::on_a_backend(Endpoint::ChatCompletions, google));
+            let mut messages = Accounting::on_a_backend(Endpoint::Messages, google);
+            let mut translation = Translation::EventsFromChunks(EventsFromChunks::default());
+            let mut frames = Vec::new();
+            for chunk in chunks {
+                count_chat_usage(&mut chat, chunk, true, &mut false);
+                let (_, usage) = translation.push(&event(None, chunk), &mut frames);
+                messages.tokens(tokens_of(usage.unwrap()));
+            }
+            let charged = if google { (9, 96, 93) } else { (9, 3, 0) };
+            let chat = chat.unwrap();
+            assert_eq!(chat.recorded_tokens(), charged, "google: {google}");
+            assert_eq!(messages.recorded_tokens(), charged, "google: {google}");
+        }
     }
 
     fn event(name: Option<&str>, data: &str) -> Event {
