@@ -9,6 +9,9 @@
 
 use std::borrow::Cow;
 
+use serde_json::Value;
+use serde_json::value::RawValue;
+
 use crate::request::Key;
 
 pub mod error;
@@ -261,6 +264,121 @@ pub(crate) fn portable_tool_id(id: Cow<'_, str>) -> Cow<'_, str> {
         let _ = write!(mapped, "{byte:02x}");
     }
     Cow::Owned(mapped)
+}
+
+/// The most characters of a function's name OpenAI takes (openai-python's
+/// `FunctionDefinition.name`: "Must be a-z, A-Z, 0-9, or contain underscores and dashes, with
+/// a maximum length of 64").
+const MAX_TOOL_NAME_CHARS: usize = 64;
+
+/// Of a name made portable, the hex digits of its SHA-256 written after its kept start.
+const TOOL_NAME_HASH_DIGITS: usize = 12;
+
+/// A tool's name as OpenAI takes it. Anthropic takes names of up to 128 characters (Claude
+/// Code names an MCP server's tools `mcp__<server>__<tool>`, past 64 with a server named by a
+/// UUID), OpenAI 64 of `[A-Za-z0-9_-]` (a 400 for the whole request otherwise). A name that
+/// passes is kept; any other is its first 51 characters (any outside that set written `_`), `_`
+/// and 12 hex digits of its SHA-256: 64 characters, the same for the same name, so a request's
+/// tools, its `tool_choice` and its earlier turns' calls still name one another, and two names
+/// alike in their first 51 characters differ. The answer's calls name the client's tool again
+/// ([`ToolNames`]). An empty name is kept.
+pub(crate) fn portable_tool_name(name: Cow<'_, str>) -> Cow<'_, str> {
+    let portable = name.len() <= MAX_TOOL_NAME_CHARS
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if portable {
+        return name;
+    }
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write as _;
+    let kept = MAX_TOOL_NAME_CHARS - TOOL_NAME_HASH_DIGITS - 1;
+    let mut mapped: String = name
+        .chars()
+        .take(kept)
+        .map(|c| match c.is_ascii_alphanumeric() || c == '-' {
+            true => c,
+            false => '_',
+        })
+        .collect();
+    mapped.push('_');
+    let digest = Sha256::digest(name.as_bytes());
+    for byte in &digest[..TOOL_NAME_HASH_DIGITS / 2] {
+        let _ = write!(mapped, "{byte:02x}");
+    }
+    Cow::Owned(mapped)
+}
+
+/// The tools of a Messages request whose names its chat translation made portable
+/// ([`portable_tool_name`]), each by the name the backend was given: the calls of the answer
+/// name them so, and the client gets its own names back. Empty for a request whose names all
+/// pass as they are (almost every one).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ToolNames(Vec<(String, String)>);
+
+impl ToolNames {
+    /// Of a Messages request's top-level members as written: its `tools`' names (none when
+    /// `tools` is missing or not a list of objects).
+    pub fn of_request<'a>(mut members: impl Iterator<Item = (&'a str, &'a RawValue)>) -> Self {
+        #[derive(serde::Deserialize)]
+        struct Named {
+            #[serde(default)]
+            name: Option<String>,
+        }
+        let Some((_, tools)) = members.find(|(key, _)| *key == "tools") else {
+            return Self::default();
+        };
+        let Ok(tools) = serde_json::from_str::<Vec<Named>>(tools.get()) else {
+            return Self::default();
+        };
+        let mut names: Vec<(String, String)> = Vec::new();
+        for name in tools.into_iter().filter_map(|t| t.name) {
+            if let Cow::Owned(portable) = portable_tool_name(Cow::Borrowed(&name))
+                && !names.iter().any(|(p, _)| *p == portable)
+            {
+                names.push((portable, name));
+            }
+        }
+        Self(names)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The client's name for the tool the backend knows as `name`: `name` itself unless it
+    /// was made portable.
+    pub fn original<'a>(&'a self, name: &'a str) -> &'a str {
+        self.made_portable(name).unwrap_or(name)
+    }
+
+    /// The client's name for the tool the backend knows as `name`, if that was made portable.
+    fn made_portable(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(portable, _)| portable == name)
+            .map(|(_, original)| original.as_str())
+    }
+
+    /// A chat completion's calls (`choices[].message.tool_calls[].function.name`) named as the
+    /// client named its tools.
+    pub fn restore(&self, completion: &mut Value) {
+        let Some(choices) = completion.get_mut("choices").and_then(Value::as_array_mut) else {
+            return;
+        };
+        for call in choices
+            .iter_mut()
+            .filter_map(|c| c.pointer_mut("/message/tool_calls"))
+            .filter_map(Value::as_array_mut)
+            .flatten()
+        {
+            if let Some(name) = call.pointer_mut("/function/name")
+                && let Some(original) = name.as_str().and_then(|n| self.made_portable(n))
+            {
+                *name = Value::from(original.to_owned());
+            }
+        }
+    }
 }
 
 /// A chat tool call (an assistant message's in a request, a completion's in an answer) as the

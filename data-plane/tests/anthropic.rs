@@ -629,6 +629,62 @@ fn messages_tool_choices_map_across() {
     }
 }
 
+/// OpenAI takes a function name of at most 64 characters of `[a-zA-Z0-9_-]`, Anthropic 128
+/// (Claude Code's MCP tools pass 64). The chat request gives such a tool a portable name: the
+/// same in its tools, its tool choice and an earlier turn's call, both ways the request is
+/// written, and another for a name alike in its first 51 characters. Other names are kept.
+#[test]
+fn tool_names_openai_refuses_are_made_portable_alike_throughout_a_request() {
+    let long = "mcp__8b383b1d-b46a-4b70-994c-c7c26b866287__check_domain_availability_and_price";
+    let twin = "mcp__8b383b1d-b46a-4b70-994c-c7c26b866287__check_domain_availability_and_renew";
+    let tool = |name: &str| json!({"name": name, "input_schema": {"type": "object"}});
+    let request = json!({"model": "m", "max_tokens": 8,
+        "tools": [tool(long), tool(twin), tool("mcp.read"), tool("Read")],
+        "tool_choice": {"type": "tool", "name": long},
+        "messages": [
+            {"role": "user", "content": "Free?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": long, "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "yes"}]}]});
+    let text = request.to_string();
+    let parsed = sluice_proxy::request::parse(text.as_bytes()).unwrap();
+    let in_shape: Value = serde_json::from_slice(
+        &sluice_proxy::anthropic::request::messages_to_chat_in_shape(
+            parsed.members(),
+            "gpt-up",
+            "max_tokens",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for chat in [to_chat(request), in_shape] {
+        let names: Vec<&str> = chat["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["function"]["name"].as_str().unwrap())
+            .collect();
+        let [portable, other, dotted, read] = names[..] else {
+            panic!("{chat}");
+        };
+        for name in [portable, other, dotted] {
+            assert!(name.len() <= 64, "{name}");
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+                "{name}"
+            );
+        }
+        assert!(portable.starts_with(&long[..51]), "{portable}");
+        assert_ne!(portable, other);
+        assert_eq!(read, "Read");
+        assert_eq!(chat["tool_choice"]["function"]["name"], portable, "{chat}");
+        assert_eq!(
+            chat["messages"][1]["tool_calls"][0]["function"]["name"], portable,
+            "{chat}"
+        );
+    }
+}
+
 /// OpenAI's own API refuses `max_tokens` for its reasoning models: for a backend there, a
 /// Messages request's `max_tokens` goes as `max_completion_tokens` (the request written from
 /// its members is held to this one by the property tests in `anthropic/request.rs`).

@@ -531,6 +531,64 @@ async fn an_openai_backend_answers_a_messages_client_in_anthropic_shape() {
     assert_eq!((stats.prompt_tokens, stats.completion_tokens), (4, 6));
 }
 
+/// Claude Code names an MCP server's tools `mcp__<server>__<tool>`: past OpenAI's 64
+/// characters for a server named by a UUID, where Anthropic takes 128. Through an OpenAI
+/// backend (the mock refuses such a name as OpenAI does, a 400 for the whole request), the
+/// session works: the tool is called by the client's own name, whole and streamed, and the
+/// next turn, which carries that call, goes through too.
+#[tokio::test]
+async fn a_tool_named_past_openais_64_characters_is_called_by_its_own_name() {
+    let gpt = mock("gpt");
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend("gpt", &gpt.base_url(), proto::Pool::Primary, 0)],
+    ))
+    .await;
+    let long = "mcp__8b383b1d-b46a-4b70-994c-c7c26b866287__check_domain_availability_and_price";
+    let twin = "mcp__8b383b1d-b46a-4b70-994c-c7c26b866287__check_domain_availability_and_renew";
+    let schema = json!({"type": "object", "properties": {"domain": {"type": "string"}}});
+    let tools = json!([
+        {"name": "Read", "input_schema": {"type": "object"}},
+        {"name": twin, "input_schema": schema},
+        {"name": long, "input_schema": schema},
+    ]);
+    let request = |stream: bool, messages: Value| {
+        json!({"model": MODEL, "max_tokens": 64, "stream": stream, "tools": tools,
+               "tool_choice": {"type": "tool", "name": long}, "messages": messages})
+        .to_string()
+    };
+    let ask = json!([{"role": "user", "content": "Is example.com free?"}]);
+
+    let response = send(&h, "/v1/messages", &request(false, ask.clone())).await;
+    assert_eq!(response.status(), 200);
+    let message: Value = response.json().await.unwrap();
+    let call = &message["content"][0];
+    assert_eq!(call["type"], "tool_use", "{message}");
+    assert_eq!(call["name"], long, "{message}");
+    assert_eq!(call["input"], json!({"domain": "mock"}));
+
+    let response = send(&h, "/v1/messages", &request(true, ask.clone())).await;
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    let started: Vec<Value> = event_data(&body)
+        .into_iter()
+        .filter(|d| d["type"] == "content_block_start")
+        .collect();
+    assert_eq!(started.len(), 1, "{body}");
+    assert_eq!(started[0]["content_block"]["type"], "tool_use", "{body}");
+    assert_eq!(started[0]["content_block"]["name"], long, "{body}");
+
+    // The next turn carries the call and its result.
+    let id = call["id"].as_str().unwrap();
+    let mut next = ask.as_array().unwrap().clone();
+    next.push(json!({"role": "assistant", "content": [call]}));
+    next.push(json!({"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": id, "content": "free"}]}));
+    let response = send(&h, "/v1/messages", &request(false, Value::from(next))).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    assert_eq!(gpt.stats().requests.chat_completions, 3);
+}
+
 #[tokio::test]
 async fn sluice_own_errors_reach_messages_clients_in_anthropic_shape() {
     let claude = mock("claude");

@@ -15,7 +15,12 @@
 //!   offers `tools` (`tool_choice` not `none`) and does not end with a `tool` message is answered
 //!   with one call of the chosen (or first) function, its arguments filling each property of its
 //!   schema (`"mock"`, `1`, `true`), `finish_reason: "tool_calls"`; streamed as OpenAI streams it
-//!   (the call's id and name, then its arguments in two pieces).
+//!   (the call's id and name, then its arguments in two pieces). A function name OpenAI refuses,
+//!   in `tools` or an assistant turn's `tool_calls`, is refused as OpenAI refuses it: 400 at
+//!   `tools[N].function.name` (or `messages[N].tool_calls[M].function.name`),
+//!   `string_above_max_length` past 64 characters, `empty_string`, `invalid_value` outside
+//!   `^[a-zA-Z0-9_-]+$` (Anthropic takes 128 characters, so a Messages request translated for an
+//!   OpenAI backend must shorten its names).
 //! - `POST /v1/completions`: the legacy `text_completion`, JSON and SSE likewise (no role chunk).
 //! - `POST /v1/embeddings`: `input` as a string, strings, token ids or lists of token ids;
 //!   `encoding_format` `float` or `base64` (little-endian f32); `dimensions` overrides the size.
@@ -47,7 +52,7 @@
 //!
 //! Errors are OpenAI's `{"error":{"message","type","param","code"}}`: 401 `invalid_api_key`, 400
 //! `invalid_request_error` (bad JSON, missing `model`/`messages`/`prompt`/`input`, `stream_options`
-//! without `stream`, bad `n`), 404 `model_not_found`, 404 for unknown URLs, 405 for wrong methods.
+//! without `stream`, bad `n`, a function name OpenAI refuses), 404 `model_not_found`, 404 for unknown URLs, 405 for wrong methods.
 //!
 //! Faults ([`Fault`]) apply to the routed `/v1` endpoints (all five, models included), in the order
 //! set, before authentication. Latency applies to every answer except resets and stalls.

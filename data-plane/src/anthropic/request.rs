@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{Sampling, Untranslatable, portable_tool_id};
+use super::{Sampling, Untranslatable, portable_tool_id, portable_tool_name};
 
 mod as_written;
 mod to_chat;
@@ -1001,10 +1001,13 @@ fn messages_turn(turn: &Value, i: usize, chat: &mut Vec<Value>) -> Result<(), Un
                                 .unwrap_or_default()
                                 .into(),
                         );
-                        let name = block
-                            .get("name")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default();
+                        let name = portable_tool_name(
+                            block
+                                .get("name")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .into(),
+                        );
                         let input = block.get("input").cloned().unwrap_or_else(|| json!({}));
                         calls.push(json!({
                             "id": id,
@@ -1139,7 +1142,10 @@ fn messages_tools(tools: &Value) -> Result<Value, Untranslatable> {
             Untranslatable::new(format!("tools[{i}].name"), "A tool needs a name.")
         })?;
         let mut function = Map::new();
-        function.insert("name".into(), Value::from(name));
+        function.insert(
+            "name".into(),
+            Value::from(portable_tool_name(name.into()).into_owned()),
+        );
         if let Some(description) = tool.get("description").filter(|d| !d.is_null()) {
             function.insert("description".into(), description.clone());
         }
@@ -1166,7 +1172,7 @@ fn messages_tool_choice(choice: &Value) -> Result<(Option<Value>, bool), Untrans
             let name = choice.get("name").and_then(Value::as_str).ok_or_else(|| {
                 Untranslatable::new("tool_choice.name", "tool_choice needs a name.")
             })?;
-            json!({"type": "function", "function": {"name": name}})
+            json!({"type": "function", "function": {"name": portable_tool_name(name.into())}})
         }
         _ => {
             return Err(Untranslatable::new(
@@ -1546,6 +1552,9 @@ pub(crate) mod tests {
         let name = prop_oneof![
             4 => Just(",\"name\":\"Read\""),
             1 => Just(",\"name\":\"R\\u0065ad\""),
+            // Past OpenAI's 64 characters, and outside its characters: made portable.
+            1 => Just(",\"name\":\"mcp__8b383b1d-b46a-4b70-994c-c7c26b866287__check_domain_availability_and_price\""),
+            1 => Just(",\"name\":\"mcp.read\""),
             1 => Just(""),
             1 => Just(",\"name\":[]"),
         ];
@@ -1613,6 +1622,7 @@ pub(crate) mod tests {
         let name = prop_oneof![
             6 => Just("\"name\":\"Read\""),
             1 => Just("\"name\":\"\\u0052ead\""),
+            1 => Just("\"name\":\"mcp__8b383b1d-b46a-4b70-994c-c7c26b866287__check_domain_availability_and_price\""),
             1 => Just("\"name\":1"),
             1 => Just("\"x\":1"),
         ];
@@ -1635,6 +1645,7 @@ pub(crate) mod tests {
             Just("{\"type\":\"auto\",\"disable_parallel_tool_use\":false}"),
             Just("{\"type\":\"none\"}"),
             Just("{\"type\":\"tool\",\"name\":\"Read\"}"),
+            Just("{\"type\":\"tool\",\"name\":\"mcp__8b383b1d-b46a-4b70-994c-c7c26b866287__check_domain_availability_and_price\"}"),
             Just("{\"type\":\"tool\"}"),
             Just("{\"type\":\"auto\",\"name\":7}"),
             Just("{\"type\":\"auto\",\"disable_parallel_tool_use\":\"yes\"}"),

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::response::{
     UsageFigures, finish_reason, fresh_id, message_id, openai_usage, stop_reason_of,
 };
-use super::{Checked, First, Function, Names, Object, Usage, error, members};
+use super::{Checked, First, Function, Names, Object, ToolNames, Usage, error, members};
 use crate::request::Key;
 use crate::sse::Event;
 
@@ -601,9 +601,26 @@ pub struct EventsFromChunks {
     quiet: u32,
     finish: Option<String>,
     usage: Option<Usage>,
+    /// The request's tools whose names the backend was given portable
+    /// ([`super::portable_tool_name`]): a call's block names the client's tool.
+    names: ToolNames,
 }
 
 impl EventsFromChunks {
+    /// The translation of the answer to a request whose tools' names were made portable as
+    /// `names` says.
+    pub fn new(names: ToolNames) -> Self {
+        Self {
+            names,
+            ..Self::default()
+        }
+    }
+
+    /// The request's tools whose names the backend was given portable.
+    pub fn names(&self) -> &ToolNames {
+        &self.names
+    }
+
     /// The tokens, once the usage chunk has arrived.
     pub fn usage(&self) -> Option<Usage> {
         self.usage
@@ -829,11 +846,9 @@ impl EventsFromChunks {
             super::portable_tool_id(pending.id.into()).into_owned()
         };
         self.tool_used = true;
-        self.open_block(
-            Open::Tool(index),
-            json!({"type": "tool_use", "id": id, "name": pending.name, "input": {}}),
-            out,
-        );
+        let name = self.names.original(&pending.name);
+        let block = json!({"type": "tool_use", "id": id, "name": name, "input": {}});
+        self.open_block(Open::Tool(index), block, out);
         self.arguments(&pending.arguments, out);
     }
 

@@ -140,18 +140,27 @@ impl Translation {
                         .map(tokens_of)),
                 }
             }
-            Self::EventsFromChunks(_) => {
+            Self::EventsFromChunks(t) => {
                 if !status.is_success() {
                     return Ok((status, error::to_anthropic(status, body), None));
                 }
                 let text = crate::utf8::text(body).ok_or(None)?;
                 let tokens = usage_of_answer(text);
-                if let Some(message) = response::completion_to_message_in_shape(text) {
+                // Calls of tools whose names were made portable are named as the client
+                // named them, in the answer's tree.
+                let names = t.names();
+                if names.is_empty()
+                    && let Some(message) = response::completion_to_message_in_shape(text)
+                {
                     return Ok((status, Bytes::from(message), tokens));
                 }
                 serde_json::from_str::<serde_json::Value>(text)
                     .ok()
                     .filter(|completion| completion.get("choices").is_some_and(|c| c.is_array()))
+                    .map(|mut completion| {
+                        names.restore(&mut completion);
+                        completion
+                    })
                     .and_then(|completion| response::completion_to_message(&completion).ok())
                     .map(|message| (status, Bytes::from(message.to_string()), tokens))
                     .ok_or(tokens)

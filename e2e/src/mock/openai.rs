@@ -16,7 +16,7 @@ pub(crate) struct ApiError {
     pub(crate) status: StatusCode,
     pub(crate) message: String,
     pub(crate) kind: &'static str,
-    pub(crate) param: Option<&'static str>,
+    pub(crate) param: Option<std::borrow::Cow<'static, str>>,
     pub(crate) code: Option<&'static str>,
 }
 
@@ -26,7 +26,7 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
             kind: "invalid_request_error",
-            param,
+            param: param.map(std::borrow::Cow::Borrowed),
             code: None,
         }
     }
@@ -231,7 +231,7 @@ impl ApiError {
             error: Inner {
                 message: &self.message,
                 kind: self.kind,
-                param: self.param,
+                param: self.param.as_deref(),
                 code: self.code,
             },
         })
@@ -303,6 +303,94 @@ struct ChatMessage {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// An assistant turn's calls, whose function names OpenAI checks as a tool's.
+    #[serde(default)]
+    tool_calls: Option<Vec<serde_json::Value>>,
+}
+
+/// The most characters of a function's name OpenAI takes (openai-python's
+/// `FunctionDefinition.name`: "a-z, A-Z, 0-9, or contain underscores and dashes, with a
+/// maximum length of 64").
+const MAX_FUNCTION_NAME_CHARS: usize = 64;
+
+/// OpenAI's 400 for a function name it refuses, at `param` (`tools[0].function.name`,
+/// `messages[3].tool_calls[0].function.name`), in its words: `string_above_max_length` past 64
+/// characters, `empty_string` for none, `invalid_value` for one outside `^[a-zA-Z0-9_-]+$`.
+fn check_function_name(name: &str, param: String) -> Result<(), ApiError> {
+    let length = name.chars().count();
+    if length > MAX_FUNCTION_NAME_CHARS {
+        return Err(ApiError {
+            param: Some(param.clone().into()),
+            code: Some("string_above_max_length"),
+            ..ApiError::invalid_request(
+                format!(
+                    "Invalid '{param}': string too long. Expected a string with maximum length \
+                     {MAX_FUNCTION_NAME_CHARS}, but got a string with length {length} instead."
+                ),
+                None,
+            )
+        });
+    }
+    if name.is_empty() {
+        return Err(ApiError {
+            param: Some(param.clone().into()),
+            code: Some("empty_string"),
+            ..ApiError::invalid_request(
+                format!(
+                    "Invalid '{param}': empty string. Expected a string with minimum length 1, \
+                     but got an empty string instead."
+                ),
+                None,
+            )
+        });
+    }
+    let portable = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !portable {
+        return Err(ApiError {
+            param: Some(param.clone().into()),
+            code: Some("invalid_value"),
+            ..ApiError::invalid_request(
+                format!(
+                    "Invalid '{param}': string does not match pattern. Expected a string that \
+                     matches the pattern '^[a-zA-Z0-9_-]+$'."
+                ),
+                None,
+            )
+        });
+    }
+    Ok(())
+}
+
+/// Checks the function names of a chat request's tools and its assistant turns' calls as
+/// OpenAI does.
+fn check_function_names(
+    tools: Option<&[serde_json::Value]>,
+    messages: &[ChatMessage],
+) -> Result<(), ApiError> {
+    let name = |function: Option<&serde_json::Value>| {
+        function
+            .and_then(|f| f.get("name"))
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
+    for (i, tool) in tools.unwrap_or_default().iter().enumerate() {
+        if let Some(name) = name(tool.get("function")) {
+            check_function_name(&name, format!("tools[{i}].function.name"))?;
+        }
+    }
+    for (i, message) in messages.iter().enumerate() {
+        for (j, call) in message.tool_calls.iter().flatten().enumerate() {
+            if let Some(name) = name(call.get("function")) {
+                check_function_name(
+                    &name,
+                    format!("messages[{i}].tool_calls[{j}].function.name"),
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -566,6 +654,7 @@ pub(crate) fn parse_chat(body: &[u8]) -> Parsed<Generation> {
             ));
         }
         let (stream, include_usage, obfuscate) = stream_flags(raw.stream, raw.stream_options)?;
+        check_function_names(raw.tools.as_deref(), &messages)?;
         let text = |m: &ChatMessage| -> Vec<String> {
             match &m.content {
                 None => Vec::new(),
@@ -1312,6 +1401,74 @@ mod tests {
         assert_eq!(p.model.as_deref(), Some("m"));
     }
 
+    /// OpenAI refuses a function name past 64 characters or outside `[a-zA-Z0-9_-]`, in a
+    /// tool or an earlier turn's call, naming where it is: so does the mock.
+    #[test]
+    fn function_names_openai_refuses_are_refused_as_openai_refuses_them() {
+        use serde_json::json;
+        let request = |tool: &str, called: &str| {
+            parse_chat(
+                json!({"model": "m", "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function", "function": {"name": called, "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": "c", "content": "ok"},
+                    {"role": "user", "content": "again"}],
+                    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}},
+                              {"type": "function", "function": {"name": tool, "parameters": {}}}]})
+                .to_string()
+                .as_bytes(),
+            )
+            .request
+        };
+        let longest = "a".repeat(64);
+        assert!(request(&longest, &longest).is_ok());
+        assert!(request("get-weather_2", "f").is_ok());
+        let long = "a".repeat(65);
+        for (tool, called, param, code, says) in [
+            (
+                long.as_str(),
+                "f",
+                "tools[1].function.name",
+                "string_above_max_length",
+                "string too long. Expected a string with maximum length 64, but got a string with length 65 instead.",
+            ),
+            (
+                "f",
+                long.as_str(),
+                "messages[1].tool_calls[0].function.name",
+                "string_above_max_length",
+                "string too long",
+            ),
+            (
+                "get.weather",
+                "f",
+                "tools[1].function.name",
+                "invalid_value",
+                "string does not match pattern. Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'.",
+            ),
+            (
+                "f",
+                "get weather",
+                "messages[1].tool_calls[0].function.name",
+                "invalid_value",
+                "does not match pattern",
+            ),
+        ] {
+            let error = request(tool, called).unwrap_err();
+            assert_eq!(error.status, StatusCode::BAD_REQUEST);
+            let body: serde_json::Value = serde_json::from_slice(&error.body()).unwrap();
+            assert_eq!(body["error"]["type"], "invalid_request_error");
+            assert_eq!(body["error"]["param"], param);
+            assert_eq!(body["error"]["code"], code);
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(
+                message.starts_with(&format!("Invalid '{param}': ")),
+                "{message}"
+            );
+            assert!(message.contains(says), "{message}");
+        }
+    }
+
     #[test]
     fn invalid_bodies_still_yield_the_model_for_counting() {
         let p = parse_chat(br#"{"model":"m","messages":"nope"}"#);
@@ -1335,7 +1492,10 @@ mod tests {
     #[test]
     fn stream_options_without_stream_is_rejected() {
         let p = parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#);
-        assert_eq!(p.request.unwrap_err().param, Some("stream_options"));
+        assert_eq!(
+            p.request.unwrap_err().param.as_deref(),
+            Some("stream_options")
+        );
     }
 
     #[test]

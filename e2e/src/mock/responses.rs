@@ -310,7 +310,7 @@ impl ResponseStore {
                         status: StatusCode::NOT_FOUND,
                         message: format!("Previous response with id '{id}' not found."),
                         kind: "invalid_request_error",
-                        param: Some("previous_response_id"),
+                        param: Some("previous_response_id".into()),
                         code: Some("previous_response_not_found"),
                     });
                 }
@@ -533,7 +533,7 @@ impl ResponseStore {
                     status: StatusCode::NOT_FOUND,
                     message: format!("Previous response with id '{id}' not found."),
                     kind: "invalid_request_error",
-                    param: Some("previous_response_id"),
+                    param: Some("previous_response_id".into()),
                     code: Some("previous_response_not_found"),
                 }),
         }

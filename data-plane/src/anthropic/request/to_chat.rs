@@ -23,7 +23,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::as_written::{Copied, Written, from_text, member, within_limit, written};
-use crate::anthropic::{Checked, Names, members, portable_tool_id, string};
+use crate::anthropic::{Checked, Names, members, portable_tool_id, portable_tool_name, string};
 use crate::request::Key;
 
 /// [`super::messages_to_chat`] of a Messages request in the shape (see the module), written
@@ -141,7 +141,7 @@ pub fn messages_to_chat_in_shape<'a>(
             Choice::Named(kind) => string(&mut out, kind),
             Choice::Tool(name) => {
                 out.extend_from_slice(b"{\"type\":\"function\",\"function\":{\"name\":");
-                string(&mut out, name);
+                string(&mut out, &portable_tool_name(Cow::Borrowed(name)));
                 out.extend_from_slice(b"}}");
             }
         }
@@ -454,7 +454,7 @@ impl ChatTurn<'_> {
                         out.extend_from_slice(b"{\"id\":");
                         string(out, &call.id);
                         out.extend_from_slice(b",\"type\":\"function\",\"function\":{\"name\":");
-                        string(out, &call.name);
+                        string(out, &portable_tool_name(Cow::Borrowed(&call.name)));
                         out.extend_from_slice(b",\"arguments\":");
                         string(out, &call.arguments);
                         out.extend_from_slice(b"}}");
@@ -633,7 +633,7 @@ struct Tool<'a> {
 impl Tool<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"type\":\"function\",\"function\":{\"name\":");
-        string(out, &self.name);
+        string(out, &portable_tool_name(Cow::Borrowed(&self.name)));
         if let Some(description) = self.description {
             out.extend_from_slice(b",\"description\":");
             out.extend_from_slice(description.get().as_bytes());
