@@ -589,6 +589,68 @@ async fn a_tool_named_past_openais_64_characters_is_called_by_its_own_name() {
     assert_eq!(gpt.stats().requests.chat_completions, 3);
 }
 
+/// Clients read the prompt's size from `message_start` alone (the AI SDK's `inputTokens`,
+/// Claude Code's progress and context display) and only the output from `message_delta`. A
+/// stream translated from an OpenAI-format backend says the input the backend's first chunk
+/// reports, cache counts apart, when it reports one (Gemini's endpoint sends usage in every
+/// chunk); else Sluice's estimate of the prompt (a token per 4 bytes of the body), not 0.
+/// `message_delta` says the backend's figures either way.
+#[tokio::test]
+async fn a_translated_streams_message_start_says_the_input() {
+    let gpt = mock("gpt");
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend("gpt", &gpt.base_url(), proto::Pool::Primary, 0)],
+    ))
+    .await;
+    let start_and_delta = |body: &str| {
+        let data = event_data(body);
+        let start = data.iter().find(|d| d["type"] == "message_start").cloned();
+        let delta = data.iter().find(|d| d["type"] == "message_delta").cloned();
+        (
+            start.unwrap()["message"]["usage"].clone(),
+            delta.unwrap()["usage"].clone(),
+        )
+    };
+
+    // The mock reports usage only at the end: the estimate.
+    let request = hello(true);
+    let response = send(&h, "/v1/messages", &request).await;
+    assert_eq!(response.status(), 200);
+    let (start, delta) = start_and_delta(&response.text().await.unwrap());
+    let estimate = request.len().div_ceil(4) as u64;
+    assert_eq!(start["input_tokens"], estimate, "{start}");
+    assert_eq!(start["output_tokens"], 0, "{start}");
+    assert_eq!(delta["input_tokens"], 2, "{delta}");
+
+    // Usage in the first chunk: its input, less the cached prompt.
+    let stream = concat!(
+        r#"data: {"choices":[{"delta":{"content":"1","role":"assistant"},"index":0}],"id":"x","model":"g","object":"chat.completion.chunk","usage":{"completion_tokens":1,"prompt_tokens":900,"prompt_tokens_details":{"cached_tokens":600},"total_tokens":901}}"#,
+        "\n\n",
+        r#"data: {"choices":[{"delta":{"content":", 2"},"finish_reason":"stop","index":0}],"id":"x","model":"g","object":"chat.completion.chunk","usage":{"completion_tokens":3,"prompt_tokens":900,"prompt_tokens_details":{"cached_tokens":600},"total_tokens":903}}"#,
+        "\n\n",
+        "data: [DONE]\n\n",
+    );
+    gpt.set_faults(vec![
+        Fault::Body {
+            code: 200,
+            body: stream.into(),
+        }
+        .times(1),
+    ]);
+    let response = send(&h, "/v1/messages", &request).await;
+    assert_eq!(response.status(), 200);
+    let (start, delta) = start_and_delta(&response.text().await.unwrap());
+    assert_eq!(start["input_tokens"], 300, "{start}");
+    assert_eq!(start["cache_read_input_tokens"], 600, "{start}");
+    assert_eq!(start["output_tokens"], 1, "{start}");
+    assert_eq!(
+        (&delta["input_tokens"], &delta["output_tokens"]),
+        (&json!(300), &json!(3)),
+        "{delta}"
+    );
+}
+
 #[tokio::test]
 async fn sluice_own_errors_reach_messages_clients_in_anthropic_shape() {
     let claude = mock("claude");

@@ -604,14 +604,18 @@ pub struct EventsFromChunks {
     /// The request's tools whose names the backend was given portable
     /// ([`super::portable_tool_name`]): a call's block names the client's tool.
     names: ToolNames,
+    /// Sluice's estimate of the request's prompt tokens: `message_start`'s `input_tokens` when
+    /// the first chunk reports no usage.
+    prompt_estimate: u64,
 }
 
 impl EventsFromChunks {
     /// The translation of the answer to a request whose tools' names were made portable as
-    /// `names` says.
-    pub fn new(names: ToolNames) -> Self {
+    /// `names` says and whose prompt Sluice estimated at `prompt_estimate` tokens.
+    pub fn new(names: ToolNames, prompt_estimate: u64) -> Self {
         Self {
             names,
+            prompt_estimate,
             ..Self::default()
         }
     }
@@ -720,10 +724,11 @@ impl EventsFromChunks {
             // the completion's first chunk.
             return Flow::Continue;
         }
-        self.start(&chunk, out);
+        // Read first: the message's start says the input it reports.
         if let Some(usage) = usage {
             self.usage = Some(openai_usage(usage));
         }
+        self.start(&chunk, out);
         let Some(choice) = chunk.pointer("/choices/0") else {
             return Flow::Continue;
         };
@@ -780,10 +785,20 @@ impl EventsFromChunks {
         }
     }
 
+    /// `message_start`, which clients (the AI SDK, LangChain, Claude Code's progress) read the
+    /// prompt's size from, and only the output's from `message_delta`: the input the backend's
+    /// usage reports, when the first chunk carries it (Gemini's and Perplexity's endpoints
+    /// send usage in every chunk, vLLM's with `continuous_usage_stats`), with its cache counts;
+    /// else Sluice's estimate of the prompt, as its limits and budgets take it. Anthropic's
+    /// own `message_start` carries the real figure; `message_delta` carries the backend's.
     fn start(&mut self, chunk: &Value, out: &mut Vec<Bytes>) {
         if std::mem::replace(&mut self.started, true) {
             return;
         }
+        let usage = match self.usage {
+            Some(usage) => super::response::anthropic_usage_value(usage),
+            None => json!({"input_tokens": self.prompt_estimate, "output_tokens": 0}),
+        };
         let id = chunk.get("id").and_then(Value::as_str).unwrap_or("");
         out.push(anthropic_frame(&json!({
             "type": "message_start",
@@ -795,7 +810,7 @@ impl EventsFromChunks {
                 "content": [],
                 "stop_reason": null,
                 "stop_sequence": null,
-                "usage": {"input_tokens": 0, "output_tokens": 0},
+                "usage": usage,
             },
         })));
     }

@@ -636,16 +636,17 @@ pub(super) async fn forward_call(
                             },
                         )),
                     )),
-                    (None, ApiFormat::OpenAi, ApiFormat::Anthropic) => {
-                        Mode::Translated(Box::new(Translation::EventsFromChunks(
-                            anthropic::stream::EventsFromChunks::new(match &call.send {
+                    (None, ApiFormat::OpenAi, ApiFormat::Anthropic) => Mode::Translated(Box::new(
+                        Translation::EventsFromChunks(anthropic::stream::EventsFromChunks::new(
+                            match &call.send {
                                 Outbound::Body { parsed, .. } => {
                                     anthropic::ToolNames::of_request(parsed.members())
                                 }
                                 Outbound::Stored { .. } => Default::default(),
-                            }),
-                        )))
-                    }
+                            },
+                            acct.prompt_estimate(),
+                        )),
+                    )),
                     (None, ApiFormat::Anthropic, ApiFormat::Anthropic) => Mode::Messages {
                         usage: anthropic::stream::EventUsage::default(),
                         count_usage: call.endpoint == Endpoint::Messages,
