@@ -902,6 +902,74 @@ fn openai_errors_reach_messages_clients_in_anthropic_shape() {
     }
 }
 
+/// A prompt past the model's context, as the OpenAI-compatible servers put behind Claude Code
+/// say it, reaches a Messages client in Anthropic's words ("prompt is too long: …"), which
+/// Claude Code compacts the conversation on: with their words after them, never the raw JSON
+/// of Google's list-shaped body or xAI's. A 400 about something else keeps its own words.
+#[test]
+fn other_servers_context_overflows_reach_messages_clients_in_anthropics_words() {
+    for (server, body, message) in [
+        (
+            "llama.cpp",
+            json!({"error": {"code": 400, "message": "the request exceeds the available context size, try increasing it", "type": "exceed_context_size_error", "n_prompt_tokens": 40000, "n_ctx": 32768}}),
+            "the request exceeds the available context size, try increasing it",
+        ),
+        (
+            "SGLang",
+            json!({"object": "error", "message": "The input (140210 tokens) is longer than the model's context length (131072 tokens).", "type": "BadRequestError", "param": null, "code": 400}),
+            "The input (140210 tokens) is longer than the model's context length (131072 tokens).",
+        ),
+        (
+            "xAI",
+            json!({"code": "Client specified an invalid argument", "error": "This model's maximum prompt length is 131072 but the request contains 537812 tokens."}),
+            "This model's maximum prompt length is 131072 but the request contains 537812 tokens.",
+        ),
+        (
+            "Gemini",
+            json!([{"error": {"code": 400, "message": "The input token count (1300000) exceeds the maximum number of tokens allowed (1048575).", "status": "INVALID_ARGUMENT"}}]),
+            "The input token count (1300000) exceeds the maximum number of tokens allowed (1048575).",
+        ),
+        (
+            "Copilot",
+            json!({"error": {"message": "prompt token count of 200000 exceeds the limit of 128000", "code": "model_max_prompt_tokens_exceeded"}}),
+            "prompt token count of 200000 exceeds the limit of 128000",
+        ),
+        (
+            "Groq",
+            json!({"error": {"message": "Please reduce the length of the messages or completion.", "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}),
+            "Please reduce the length of the messages or completion.",
+        ),
+    ] {
+        let body = error::to_anthropic(StatusCode::BAD_REQUEST, body.to_string().as_bytes());
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{server}");
+        let said = v["error"]["message"].as_str().unwrap();
+        assert!(said.starts_with("prompt is too long: "), "{server}: {said}");
+        assert!(said.ends_with(message), "{server}: {said}");
+    }
+    // Other 400s, Google's list-shaped one included, keep their words.
+    for (body, message) in [
+        (
+            json!({"error": {"message": "max_tokens is too large: 50000. This model supports at most 16384 completion tokens, whereas you provided 50000.", "type": "invalid_request_error", "param": "max_tokens", "code": "invalid_value"}}),
+            "max_tokens is too large: 50000. This model supports at most 16384 completion tokens, whereas you provided 50000.",
+        ),
+        (
+            json!([{"error": {"code": 400, "message": "Request contains an invalid argument.", "status": "INVALID_ARGUMENT"}}]),
+            "Request contains an invalid argument.",
+        ),
+    ] {
+        let body = error::to_anthropic(StatusCode::BAD_REQUEST, body.to_string().as_bytes());
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["message"], message);
+    }
+    // The other way, an Anthropic-compatible endpoint's overflow in its own words (DeepSeek's)
+    // has OpenAI's code for a chat client.
+    let body = json!({"type": "error", "error": {"type": "invalid_request_error", "message": "This model's maximum context length is 131072 tokens. However, you requested 140210 tokens."}});
+    let (_, body) = error::to_openai(StatusCode::BAD_REQUEST, body.to_string().as_bytes());
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+}
+
 // ---- streams ---------------------------------------------------------------------------
 
 /// Parses a whole SSE text into events.

@@ -42,16 +42,25 @@ pub fn event(status: u16, message: &str) -> Bytes {
     Bytes::from(out)
 }
 
+/// An error body's JSON: the object itself, or the first of a list of them, as Google's
+/// OpenAI-compatible endpoint writes its errors (`[{"error":{…}}]`).
+fn error_value(body: &[u8]) -> Option<Value> {
+    match serde_json::from_slice(body).ok()? {
+        Value::Array(mut errors) if !errors.is_empty() => Some(errors.swap_remove(0)),
+        value => Some(value),
+    }
+}
+
 /// The message inside an error body of either shape (or vLLM's, `{"object":"error",
-/// "message":…}`), or the body itself when it has none.
-fn message_of(body: &[u8]) -> String {
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+/// "message":…}`, xAI's, `{"code":…,"error":"<message>"}`, or Google's list of one), or the
+/// body itself when it has none.
+fn message_of(parsed: Option<&Value>, body: &[u8]) -> String {
     parsed
-        .as_ref()
         .and_then(|v| {
             v.pointer("/error/message")
                 .filter(|m| m.is_string())
                 .or_else(|| v.get("message"))
+                .or_else(|| v.get("error").filter(|e| e.is_string()))
         })
         .and_then(Value::as_str)
         .map(str::to_owned)
@@ -60,21 +69,14 @@ fn message_of(body: &[u8]) -> String {
 
 /// An Anthropic backend's error → the status and OpenAI-style body a chat client gets: the
 /// message kept, Anthropic's error type as the `code`, 529 answered as 503; a prompt longer
-/// than the model's context ("prompt is too long: …", "input is too long", or with the answer
-/// asked for, "input length and `max_tokens` exceed context limit: …") has OpenAI's
-/// `context_length_exceeded`, the code chat clients look for to trim or summarise their
-/// history.
+/// than the model's context ([`context_exceeded`]: Anthropic's words, and those of the
+/// Anthropic-compatible endpoints of other providers, DeepSeek's "maximum context length") has
+/// OpenAI's `context_length_exceeded`, the code chat clients look for to trim or summarise
+/// their history.
 pub fn to_openai(status: StatusCode, body: &[u8]) -> (StatusCode, Bytes) {
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let message = message_of(body);
-    let too_long = status == StatusCode::BAD_REQUEST
-        && [
-            "prompt is too long",
-            "input is too long",
-            "input length and `max_tokens` exceed",
-        ]
-        .iter()
-        .any(|words| message.starts_with(words));
+    let parsed = error_value(body);
+    let message = message_of(parsed.as_ref(), body);
+    let too_long = status == StatusCode::BAD_REQUEST && context_exceeded(parsed.as_ref(), &message);
     let code = match too_long {
         true => "context_length_exceeded",
         false => parsed
@@ -110,34 +112,67 @@ pub fn to_openai(status: StatusCode, body: &[u8]) -> (StatusCode, Bytes) {
 /// backend's words, a session on a model of a smaller context than Claude's failed at every
 /// turn, `/compact` too.
 pub fn to_anthropic(status: StatusCode, body: &[u8]) -> Bytes {
-    let message = message_of(body);
+    let parsed = error_value(body);
+    let message = message_of(parsed.as_ref(), body);
     if status == StatusCode::BAD_REQUEST
         && !message.starts_with("prompt is too long")
-        && context_exceeded(body, &message)
+        && context_exceeded(parsed.as_ref(), &message)
     {
         return self::body(400, &format!("prompt is too long: {message}"));
     }
     self::body(status.as_u16(), &message)
 }
 
-/// Whether an OpenAI-format error says the prompt (with the answer asked for) does not fit
-/// the model's context: OpenAI's code `context_length_exceeded`, or the words OpenAI, vLLM and
-/// the servers compatible with them write it in.
-fn context_exceeded(body: &[u8], message: &str) -> bool {
-    let code = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
-        v.pointer("/error/code")
+/// The codes (`error.code`, or `error.type` where a server puts its code there) of an error
+/// saying the prompt does not fit the model's context: OpenAI's (Groq's too), llama.cpp's
+/// `llama-server`, GitHub Copilot's.
+const CONTEXT_CODES: [&str; 3] = [
+    "context_length_exceeded",
+    "exceed_context_size_error",
+    "model_max_prompt_tokens_exceeded",
+];
+
+/// Words of a message that says so, lowercased: each a list of parts that must all be in it.
+const CONTEXT_WORDS: [&[&str]; 10] = [
+    // OpenAI, vLLM, DeepSeek (its Anthropic endpoint too), Mistral.
+    &["maximum context length"],
+    &["context length exceeded"],
+    // Anthropic.
+    &["prompt is too long"],
+    &["input is too long"],
+    &["input length and `max_tokens` exceed"],
+    // llama.cpp: "the request exceeds the available context size, try increasing it".
+    &["exceeds the available context size"],
+    // SGLang, Together: "The input (140210 tokens) is longer than the model's context length
+    // (131072 tokens)."
+    &["longer than the model's context length"],
+    // xAI: "This model's maximum prompt length is 131072 but the request contains 537812
+    // tokens".
+    &["maximum prompt length is"],
+    // Gemini: "The input token count (1300000) exceeds the maximum number of tokens allowed
+    // (1048575)."
+    &["input token count", "exceeds the maximum number of tokens"],
+    // GitHub Copilot: "prompt token count of 200000 exceeds the limit of 128000".
+    &["prompt token count of", "exceeds the limit"],
+];
+
+/// Whether an error (a 400, the caller checks) says the prompt, with the answer asked for,
+/// does not fit the model's context: by its code ([`CONTEXT_CODES`]) or its words
+/// ([`CONTEXT_WORDS`]), as each API and the servers compatible with them write it. One reading
+/// for both ways: a Messages client is told in Anthropic's words, which Claude Code compacts
+/// the conversation on, and a chat client gets OpenAI's code.
+fn context_exceeded(parsed: Option<&Value>, message: &str) -> bool {
+    let code = |at: &str| {
+        parsed
+            .and_then(|v| v.pointer(at))
             .and_then(Value::as_str)
-            .map(str::to_owned)
-    });
-    if code.as_deref() == Some("context_length_exceeded") {
+            .is_some_and(|code| CONTEXT_CODES.contains(&code))
+    };
+    if code("/error/code") || code("/error/type") {
         return true;
     }
     let message = message.to_ascii_lowercase();
-    [
-        "maximum context length",
-        "context length exceeded",
-        "prompt is too long",
-    ]
-    .iter()
-    .any(|words| message.contains(words))
+    CONTEXT_WORDS
+        .iter()
+        .any(|parts| parts.iter().all(|words| message.contains(words)))
 }
