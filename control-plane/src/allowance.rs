@@ -708,6 +708,43 @@ mod tests {
     /// and a record paid from Wednesday's money (void now, here and at the replica) frees
     /// none of the week's grants. Charged to them (its day is inside the week), they looked
     /// spent while the replica still held them, and the budget could pass by as much.
+    /// A lifetime budget made monthly: a request admitted on the lifetime grant and ending
+    /// after the change was settled into no pool at the replica (the lifetime pool is void),
+    /// and its record, naming no period, was charged by its day to the month's new grants,
+    /// which then looked spent while the replica still held them: the month could pass its
+    /// budget by the cost of every request in flight at the change. Its record now names the
+    /// lifetime allowance and frees none of the month's grants.
+    #[test]
+    fn a_record_paid_by_a_lifetime_grant_frees_none_of_a_periods_grants() {
+        const DAY: i64 = 86_400_000;
+        let month = 30 * DAY;
+        let mut a = Allowances::new();
+        let r0 = replica(0, 0);
+        a.hello(&r0, LEASE, 0, &[], 0);
+        let budget = |period_start_ms, period_end_ms| Budget {
+            max_nanos: 6_400,
+            period_start_ms,
+            period_end_ms,
+            spent_nanos: 0,
+        };
+        assert_eq!(
+            a.ask(&r0, KEY, 1, budget(0, i64::MAX), &[], month + 1)
+                .nanos,
+            100
+        );
+        let monthly = budget(month, 2 * month);
+        assert_eq!(a.ask(&r0, KEY, 1, monthly, &[], month + 2).nanos, 100);
+        let lifetime = PaidIn::Period(0);
+        a.ingested(&r0, [(1, KEY, 60, lifetime)], 1);
+        assert_eq!(
+            a.outstanding(KEY),
+            100,
+            "the month's grant is still held whole"
+        );
+        a.ingested(&r0, [(2, KEY, 30, PaidIn::Period(month))], 2);
+        assert_eq!(a.outstanding(KEY), 70);
+    }
+
     #[test]
     fn a_record_paid_by_a_period_begun_inside_this_one_frees_none_of_its_grants() {
         const DAY: i64 = 86_400_000;

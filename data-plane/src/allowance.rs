@@ -68,6 +68,12 @@ const EXHAUSTED_FOR: Duration = Duration::from_secs(1);
 /// Asks queued for the stream at most (one per key at a time).
 const ASK_QUEUE: usize = 4_096;
 
+/// What a request's record names as the period that paid for it when a lifetime budget's
+/// grant did ([`Reservation::period_start_ms`]): 0 is also "none" (served away, or a replica
+/// older than the field), which the control plane charges by the record's day. A control
+/// plane older than this value reads it as "none", as before.
+pub const LIFETIME: i64 = sluice_proto::LIFETIME_BUDGET_PERIOD;
+
 /// Most held allowances a hello names: it keeps the hello near `MAX_SNAPSHOT_ACK_BYTES`.
 const MAX_HELD: usize = 800;
 
@@ -224,14 +230,19 @@ impl Reservation {
         self.reserve
     }
 
-    /// The budget period whose money the request was admitted on (Unix ms of its start; 0 for
-    /// a lifetime budget, or for a request served while the control plane was away, on no
-    /// grant), which its record names so that the control plane files its cost there whatever
-    /// this replica's clock says. Away, the pool's period may be one the control plane has
-    /// left (a UTC midnight passed meanwhile): its record is filed by its date, in the period
-    /// the control plane is in.
+    /// The budget period whose money the request was admitted on (Unix ms of its start;
+    /// [`LIFETIME`] for a lifetime budget's; 0 for a request served while the control plane
+    /// was away, on no grant), which its record names so that the control plane files its
+    /// cost there whatever this replica's clock says, and charges it to that period's grants
+    /// alone. Away, the pool's period may be one the control plane has left (a UTC midnight
+    /// passed meanwhile): its record is filed by its date, in the period the control plane is
+    /// in.
     pub fn period_start_ms(&self) -> i64 {
-        if self.away { 0 } else { self.period_start_ms }
+        match (self.away, self.period_start_ms) {
+            (true, _) => 0,
+            (false, 0) => LIFETIME,
+            (false, start) => start,
+        }
     }
 }
 
@@ -1198,13 +1209,19 @@ mod tests {
     }
 
     /// A request admitted on a grant names the grant's period, in which the control plane
-    /// files its cost whatever this replica's clock says; one served while the control plane
-    /// is away (`serve`) names none, as no grant paid for it and the pool's period may be one
-    /// the control plane has left (a UTC midnight passed meanwhile): its cost is filed by its
-    /// date, in the period the control plane is in.
+    /// files its cost whatever this replica's clock says; one admitted on a lifetime budget's
+    /// grant names [`LIFETIME`] (0 was also "no period", which the control plane charged by
+    /// its day to the grants of a period the budget had just been given); one served while
+    /// the control plane is away (`serve`) names none, as no grant paid for it and the pool's
+    /// period may be one the control plane has left (a UTC midnight passed meanwhile): its
+    /// cost is filed by its date, in the period the control plane is in.
     #[tokio::test]
     async fn a_request_names_the_period_of_the_grant_that_paid_for_it() {
         let a = allowances(WhenAway::Serve);
+        a.heard(Some(&grant("k", 100, false)), false);
+        let lifetime = a.admit("k", 60).await.unwrap().unwrap();
+        assert_eq!(lifetime.period_start_ms(), LIFETIME);
+        lifetime.settle(60);
         let mut update = grant("k", 100, false);
         update.allowances[0].period_start_ms = 86_400_000;
         a.heard(Some(&update), false);

@@ -15,6 +15,10 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("slui
 
 pub use pbjson_types as wkt;
 
+/// `UsageRecord.budget_period_start_ms` of a request a lifetime budget's allowance paid for
+/// (0 there means none did).
+pub const LIFETIME_BUDGET_PERIOD: i64 = -1;
+
 pub mod codec;
 pub mod limits;
 mod usage_record;

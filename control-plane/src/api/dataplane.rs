@@ -168,6 +168,10 @@ impl Charges {
                 // record's own day (`UsageRow`'s time), whose period the store files it in.
                 let paid = match r.budget_period_start_ms {
                     paid_by if paid_by > 0 => PaidIn::Period(paid_by),
+                    // A lifetime budget's allowance: the grants of a lifetime ledger alone
+                    // (by its day, a request in flight when the budget was made periodic was
+                    // charged to the new period's grants, which its pool was never part of).
+                    sluice_proto::LIFETIME_BUDGET_PERIOD => PaidIn::Period(0),
                     _ => PaidIn::Day(crate::budget::day_start(
                         r.time
                             .as_ref()
@@ -609,5 +613,51 @@ impl DataPlaneApi {
         }
         let applied = self.usage.submit(batch_of(batch)).await;
         Ok(Some((applied, charges)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// What a record says paid for it reaches the grant engine as the period it names: a
+    /// lifetime budget's allowance (-1) as the lifetime ledger's, and a record naming none (0:
+    /// served away, or from an older replica) by its day.
+    #[test]
+    fn a_record_is_charged_to_the_allowance_it_names() {
+        const DAY: i64 = 86_400_000;
+        let record = |sequence, budget_period_start_ms| pb::UsageRecord {
+            sequence,
+            client_key_id: "k".into(),
+            cost_nanos: 10,
+            budget_period_start_ms,
+            time: Some(crate::time::timestamp(3 * DAY + 5)),
+            ..Default::default()
+        };
+        let report = pb::ReportUsageRequest {
+            node_id: "n".into(),
+            incarnation: "i".into(),
+            records: vec![
+                record(1, 2 * DAY),
+                record(2, sluice_proto::LIFETIME_BUDGET_PERIOD),
+                record(3, 0),
+            ],
+            ..Default::default()
+        };
+        let paid: Vec<PaidIn> = Charges::of(&report)
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|(_, _, _, paid)| paid)
+            .collect();
+        assert_eq!(
+            paid,
+            [
+                PaidIn::Period(2 * DAY),
+                PaidIn::Period(0),
+                PaidIn::Day(3 * DAY)
+            ]
+        );
     }
 }
