@@ -135,14 +135,6 @@ pub fn chat_to_messages(
             "tool_choice" if !value.is_null() => {
                 out.insert("tool_choice".into(), chat_tool_choice(value)?);
             }
-            "user" => {
-                if let Some(user) = value.as_str() {
-                    out.insert(
-                        "metadata".into(),
-                        json!({ "user_id": messages_user_id(user) }),
-                    );
-                }
-            }
             "n" if value.as_u64().is_some_and(|n| n > 1) => {
                 return Err(Untranslatable::new(
                     "n",
@@ -182,6 +174,17 @@ pub fn chat_to_messages(
             }
             _ => {}
         }
+    }
+    // The end user, for the provider's abuse detection: `user`, or `safety_identifier`, the
+    // member OpenAI now asks for in its place (`user` wins when both are given).
+    if let Some(user) = ["user", "safety_identifier"]
+        .iter()
+        .find_map(|key| chat.get(*key).and_then(Value::as_str))
+    {
+        out.insert(
+            "metadata".into(),
+            json!({ "user_id": messages_user_id(user) }),
+        );
     }
     // One call at a time, under `auto` if no choice; nothing to say with no tools, or none
     // to call (Anthropic's `none` has no such member).
@@ -1951,6 +1954,21 @@ pub(crate) mod tests {
         assert_eq!(mail.as_str().map(str::len), Some(64), "{mail}");
         assert_eq!(
             to_messages_agreed(&chat("u-1"))["metadata"]["user_id"],
+            "u-1"
+        );
+        // `safety_identifier`, OpenAI's member in `user`'s place: the same end user, `user`
+        // winning when both are given.
+        let safety = |extra: &str| {
+            format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"safety_identifier":"s-1"{extra}}}"#
+            )
+        };
+        assert_eq!(
+            to_messages_agreed(&safety(""))["metadata"]["user_id"],
+            "s-1"
+        );
+        assert_eq!(
+            to_messages_agreed(&safety(r#","user":"u-1""#))["metadata"]["user_id"],
             "u-1"
         );
     }

@@ -3,7 +3,7 @@
 //!
 //! The shape: messages of the system, developer, user, assistant and tool roles whose content
 //! is a string, `null` or text parts (an assistant's also refusal parts), the assistant's tool
-//! calls; the token limits, `temperature`, `top_p`, `stop`, `user`, function tools,
+//! calls; the token limits, `temperature`, `top_p`, `stop`, `user`, `safety_identifier`, function tools,
 //! `tool_choice`, `parallel_tool_calls`, `prompt_cache_key`, `prompt_cache_retention` and
 //! `prompt_cache_options`.
 //! Texts are copied as the client escaped them, tool descriptions and schemas and a call's
@@ -35,7 +35,7 @@ pub fn chat_to_messages_in_shape<'a>(
     stream: bool,
 ) -> Option<Vec<u8>> {
     let (mut max_completion_tokens, mut max_tokens) = (None, None);
-    let (mut temperature, mut top_p, mut user) = (None, None, None);
+    let (mut temperature, mut top_p, mut user, mut safety) = (None, None, None, None);
     let (mut turns, mut stop, mut tools, mut choice, mut parallel) = (None, None, None, None, None);
     // Whether `prompt_cache_key`, `prompt_cache_retention` and `prompt_cache_options` ask for
     // the cache (the last of two of one name stands, as in the parse).
@@ -58,6 +58,7 @@ pub fn chat_to_messages_in_shape<'a>(
                 *slot = (text != "null").then_some(value);
             }
             "user" => user = from_text::<Option<Key<'a>>>(text)?,
+            "safety_identifier" => safety = from_text::<Option<Key<'a>>>(text)?,
             "prompt_cache_key" | "prompt_cache_retention" => {
                 let asked = from_text::<Option<Key<'a>>>(text)?.is_some();
                 cache[usize::from(key == "prompt_cache_retention")] = asked;
@@ -175,7 +176,8 @@ pub fn chat_to_messages_in_shape<'a>(
         }
         out.push(b'}');
     }
-    if let Some(Key(user)) = &user {
+    // `safety_identifier`, OpenAI's member in `user`'s place, as `user` (which wins).
+    if let Some(Key(user)) = user.as_ref().or(safety.as_ref()) {
         out.extend_from_slice(b",\"metadata\":{\"user_id\":");
         string(&mut out, &super::messages_user_id(user));
         out.push(b'}');
