@@ -919,6 +919,52 @@ async fn a_whole_create_that_failed_at_its_provider_fails_over() {
     );
 }
 
+/// A backend cooling down (its account out of credit, say) still answers the calls on the
+/// responses it holds: a retrieve generates nothing and no other backend holds the answer (a
+/// background job's, finished and paid for, was out of reach for as long as the account
+/// stayed empty). A continuation, which generates, is refused while it cools.
+#[tokio::test]
+async fn a_stored_response_is_reached_while_its_backend_cools_down() {
+    let alpha = mock("alpha");
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend("alpha", &alpha.base_url(), proto::Pool::Primary, 0)],
+    ))
+    .await;
+    let created: Value = create(&h, json!({"model": MODEL, "input": "hi"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap();
+    let out_of_credit = r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+    alpha.set_fault(
+        Fault::Body {
+            code: 429,
+            body: out_of_credit.into(),
+        }
+        .times(1),
+    );
+    let refused = create(&h, json!({"model": MODEL, "input": "more"})).await;
+    assert!(!refused.status().is_success(), "{}", refused.status());
+    let cooling = create(&h, json!({"model": MODEL, "input": "more"})).await;
+    assert_eq!(cooling.status(), 429, "the backend cools down");
+    let got = retrieve(&h, id).await;
+    assert_eq!(got.status(), 200);
+    let got: Value = got.json().await.unwrap();
+    assert_eq!(got["id"], id);
+    let (code, _) = error_code(
+        create(
+            &h,
+            json!({"model": MODEL, "input": "go on", "previous_response_id": id}),
+        )
+        .await,
+        503,
+    )
+    .await;
+    assert_eq!(code, "response_backend_cooling_down");
+}
+
 /// A 429 to a call on a stored response (a client polling a background response too
 /// often) is passed on and cools nothing: a poll's limit says nothing of the model's
 /// creates, which the backend goes on serving.

@@ -97,7 +97,13 @@ impl Call<'_> {
     /// count among a model's requests. A client polling a background response every second
     /// took 60 of them a minute from the creates.
     fn takes_from_rpm_limit(&self) -> bool {
-        !matches!(self.send, Outbound::Stored { .. })
+        !self.on_stored()
+    }
+
+    /// Whether the call is on a stored response (a retrieve, a delete, an item list, a
+    /// cancel), not a new generation.
+    fn on_stored(&self) -> bool {
+        matches!(self.send, Outbound::Stored { .. })
     }
 
     /// Whether the call bills nothing (counting tokens, a call on a stored response): left
@@ -358,7 +364,10 @@ pub(super) async fn forward_call(
             false => route.upstream_model.as_str(),
         };
         let basis = match cooldowns.check(&backend.id, health_model, now) {
-            Ok(basis) => basis,
+            Ok(basis) => Some(basis),
+            // A call on a stored response goes to the one backend holding it, cooling or not
+            // (see `stored::pin`); what becomes of it then is not news of the backend's state.
+            Err(_) if call.on_stored() => None,
             Err(until) => {
                 app.metrics.skip(&label, SkipReason::cooling_down);
                 soonest = Some(soonest.map_or(until, |s| s.min(until)));
@@ -621,7 +630,7 @@ pub(super) async fn forward_call(
         // A count's 429 (or overload) is of its own limit, not of the model's answers; a call
         // on a stored response's (a poll's) says nothing of the model's creates.
         let health = health.filter(|health| !health_model.is_empty() || !health.of_model());
-        if let Some(health) = health {
+        if let (Some(health), Some(basis)) = (health, basis) {
             record_health(app, backend, health_model, basis, &policy.cooldown, health);
         }
         match outcome {
@@ -670,7 +679,8 @@ pub(super) async fn forward_call(
                 // the backend as it is now, not a report of a state that has passed (judged at
                 // the old basis it was dropped, and a backend breaking every stream never
                 // cooled down past the base).
-                let health = matches!(answer, Answer::Stream { .. }).then(|| {
+                let streamed = basis.filter(|_| matches!(answer, Answer::Stream { .. }));
+                let health = streamed.map(|basis| {
                     let now = app.store.clock().now().instant;
                     let basis = app.store.cooldowns().restate(
                         &backend.id,

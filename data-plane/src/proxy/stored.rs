@@ -94,8 +94,8 @@ pub(super) async fn create(
     let pinned = match &parsed.previous_response_id {
         None => None,
         Some(previous) => {
-            let (index, affinity) = match pin(app, snapshot, key, previous, "previous_response_id")
-            {
+            let pinned = pin(app, snapshot, key, previous, "previous_response_id", true);
+            let (index, affinity) = match pinned {
                 Ok(pinned) => pinned,
                 Err(e) => return forward::error(acct, e).await,
             };
@@ -161,7 +161,7 @@ pub(super) async fn call(
         && target.query.as_deref().is_some_and(|q| {
             url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "stream" && v == "true")
         });
-    let (index, affinity) = match pin(app, snapshot, key, &target.id, "response_id") {
+    let (index, affinity) = match pin(app, snapshot, key, &target.id, "response_id", false) {
         Ok(pinned) => pinned,
         Err(e) => {
             acct.set_request("", None, stream);
@@ -231,13 +231,18 @@ pub(super) async fn call(
 
 /// The backend (its index) that holds the response `id`, with what the id says; refused
 /// when the id is not one this gateway issued to this key, or its backend cannot be reached
-/// now (no failover: no other backend holds the state).
+/// now (no failover: no other backend holds the state): gone, or, for a call that
+/// `generates` (a continuation), cooling down. A call on the stored response itself (a
+/// retrieve, a delete, a cancel, its items) is sent whatever the cooldown: it generates
+/// nothing, and only that backend holds what it asks for (a background job's finished answer,
+/// already paid for, was out of reach while an account out of credit cooled its backend).
 fn pin(
     app: &AppState,
     snapshot: &Snapshot,
     key: &ClientKey,
     id: &str,
     param: &'static str,
+    generates: bool,
 ) -> Result<(usize, Affinity), ProxyError> {
     let affinity = snapshot.affinity.unwrap(&key.id, id).map_err(|e| match e {
         IdError::NoKey => ProxyError::NoAffinityKey,
@@ -250,7 +255,7 @@ fn pin(
         return Err(ProxyError::ResponseBackendGone { id: quoted(id) });
     };
     // The backend's own cooldown: a model's at it is checked once the call is routed.
-    if let Err(until) = app.store.cooldowns().check(&backend.id, "", Instant::now()) {
+    if generates && let Err(until) = app.store.cooldowns().check(&backend.id, "", Instant::now()) {
         return Err(cooling_down(id, until));
     }
     Ok((index, affinity))
