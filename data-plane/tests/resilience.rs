@@ -45,6 +45,33 @@ fn header(response: &reqwest::Response, name: &str) -> String {
     response.headers()[name].to_str().unwrap().to_owned()
 }
 
+/// A flex request's 429 (the provider's flex capacity short, billed nothing) is passed on or
+/// failed over, and cools nothing: standard-tier requests for the model, which the provider
+/// serves, were kept from the backend while it cooled. A standard request's 429 still cools.
+#[tokio::test]
+async fn a_flex_requests_429_leaves_the_standard_tier_served() {
+    let primary = mock("primary");
+    let h = Harness::start(snapshot(
+        1,
+        vec![backend(
+            "primary",
+            &primary.base_url(),
+            proto::Pool::Primary,
+            0,
+        )],
+    ))
+    .await;
+    let mut flex = chat_body(false);
+    flex["service_tier"] = "flex".into();
+    primary.set_fault(Fault::status(429).times(1));
+    assert_eq!(h.chat(flex).await.status(), 429);
+    let standard = h.chat(chat_body(false)).await;
+    assert_eq!(standard.status(), 200, "the model is not cooling down");
+    primary.set_fault(Fault::status(429).times(1));
+    assert_eq!(h.chat(chat_body(false)).await.status(), 429);
+    assert_eq!(h.chat(chat_body(false)).await.status(), 429, "cooling down");
+}
+
 #[tokio::test]
 async fn a_429_fails_over_and_cools_the_backend_for_its_retry_after() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));

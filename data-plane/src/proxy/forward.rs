@@ -31,7 +31,7 @@ use super::usage_figures::{
 use super::{AppState, Collected};
 use crate::answer_memory::{AnswerMemory, AnswerPermit, CountedAnswer, Full};
 use crate::anthropic;
-use crate::cooldown::{self, Outcome};
+use crate::cooldown::{self, Outcome, Scope};
 use crate::error::ProxyError;
 use crate::metrics::{AttemptOutcome, Label, LimitScope, SkipReason};
 use crate::redact::redact_error;
@@ -98,6 +98,12 @@ impl Call<'_> {
     /// took 60 of them a minute from the creates.
     fn takes_from_rpm_limit(&self) -> bool {
         !self.on_stored()
+    }
+
+    /// Whether the request asked for the flex tier (`service_tier: "flex"`).
+    fn asked_flex(&self) -> bool {
+        matches!(self.send, Outbound::Body { parsed, .. }
+            if parsed.members().any(|(key, value)| key == "service_tier" && value.get() == "\"flex\""))
     }
 
     /// Whether the call is on a stored response (a retrieve, a delete, an item list, a
@@ -630,6 +636,19 @@ pub(super) async fn forward_call(
         // A count's 429 (or overload) is of its own limit, not of the model's answers; a call
         // on a stored response's (a poll's) says nothing of the model's creates.
         let health = health.filter(|health| !health_model.is_empty() || !health.of_model());
+        // A flex request's 429 is the provider's flex capacity running short (OpenAI's flex
+        // processing, Vertex's): it says nothing of the model at the standard tier, whose
+        // requests were kept from the backend while it cooled. Still failed over: another
+        // account may have the capacity. Read only when it comes.
+        let health = health.filter(|health| {
+            !matches!(
+                health,
+                Outcome::RateLimited {
+                    scope: Scope::Model,
+                    ..
+                }
+            ) || !call.asked_flex()
+        });
         if let (Some(health), Some(basis)) = (health, basis) {
             record_health(app, backend, health_model, basis, &policy.cooldown, health);
         }
