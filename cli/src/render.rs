@@ -532,6 +532,16 @@ pub fn client_key(key: Option<&pb::ClientKey>, currency: &str) -> String {
                 "-".to_owned()
             },
         ),
+        // Of the remaining, granted to data planes and not yet seen spent: not available to
+        // a replica that asks for more.
+        (
+            "held by data planes",
+            if key.max_budget > 0.0 {
+                cost(key.held_by_data_planes, currency)
+            } else {
+                "-".to_owned()
+            },
+        ),
         ("resets", when(key.budget_reset_time.as_ref(), now)),
         ("created", when(key.create_time.as_ref(), now)),
     ])

@@ -801,6 +801,8 @@ async fn a_key_is_shown_and_updated_without_being_reissued() {
     let text = shown.ok();
     let remaining = text.lines().find(|l| l.starts_with("remaining")).unwrap();
     assert!(remaining.ends_with("50.0000 USD"), "{text}");
+    let held = text.lines().find(|l| l.starts_with("held by data planes"));
+    assert!(held.unwrap().ends_with("0.0000 USD"), "{text}");
     let resets = text.lines().find(|l| l.starts_with("resets")).unwrap();
     assert!(
         resets.contains("-01T00:00:00Z"),

@@ -268,6 +268,8 @@ impl ClientKey {
                 .map(|(_, end)| crate::time::timestamp(end)),
             tpm_limit: self.tpm_limit,
             max_parallel_requests: self.max_parallel_requests,
+            // The grant engine's, not the store's: the admin API fills it in.
+            held_by_data_planes: 0.0,
         }
     }
 }

@@ -342,7 +342,9 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         TokenCheck::new(&secrets.admin_token, "admin").marking_started(waiting.clone());
     let dataplane_check =
         TokenCheck::new(&secrets.dataplane_token, "data-plane").marking_started(waiting.clone());
-    let admin = Admin::new(store.clone(), publisher.clone(), registry.clone());
+    let dataplane = DataPlaneApi::new(store.clone(), publisher.clone(), members, stop.clone());
+    let admin = Admin::new(store.clone(), publisher.clone(), registry.clone())
+        .with_allowances(dataplane.allowances());
     let stats = Stats::new(store.clone());
     // A JSON API body is a few hundred bytes: the head's timeout is ample for it too.
     let json_api = crate::dashboard::JsonApi::new(
@@ -351,7 +353,6 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         admin_check.clone(),
         config.http.header_read_timeout,
     );
-    let dataplane = DataPlaneApi::new(store.clone(), publisher.clone(), members, stop.clone());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

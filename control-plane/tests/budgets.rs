@@ -359,6 +359,42 @@ async fn allowances_are_granted_on_the_snapshot_stream_from_what_remains() {
     drop(old_tx);
 }
 
+/// What a key shows (`GetClientKey`, so `sluicectl key get` and the dashboard) held by data
+/// planes is what the grant engine counts as theirs and not seen spent: granted, it is
+/// held; once the records spending it are ingested, it is not. A key refused with budget
+/// left (the money held by other replicas) showed only "remaining" before, like a spent one.
+#[tokio::test]
+async fn a_key_shows_what_data_planes_hold_of_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let key = capped_key(&cp).await;
+    let mut dp = data_plane(&cp).await;
+    let mut admin =
+        AdminServiceClient::with_interceptor(channel(&cp).await, Bearer(cp.admin_token.clone()));
+    let mut held = async || {
+        let shown = admin
+            .get_client_key(pb::GetClientKeyRequest { id: key.id.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+            .client_key
+            .unwrap();
+        (
+            (shown.held_by_data_planes * 1e9).round() as u64,
+            shown.remaining_budget,
+        )
+    };
+    assert_eq!(held().await.0, 0);
+    let mut r1 = Asking::open(&mut dp, &key.id).await;
+    r1.first_snapshot().await;
+    assert_eq!(r1.ask(10).await.granted_nanos, 15_625);
+    assert_eq!(held().await, (15_625, 0.001));
+    report(&mut dp, vec![record(1, &key.id, now_ms(), 10_000)]).await;
+    let (held_now, remaining) = held().await;
+    assert_eq!(held_now, 5_625);
+    assert!((remaining - 0.00099).abs() < 1e-12, "{remaining}");
+}
+
 /// A replica's ack of a snapshot is stored off its stream: while another writer holds the
 /// database (a long commit, a disk's stalled fsync, here an operator's shell), the replica's
 /// next ask is answered at once, not after the ack's write (with the write awaited in the

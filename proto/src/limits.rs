@@ -6,7 +6,7 @@
 //! The supported configuration these are sized for: 100,000 client keys and 1,000 backends
 //! with 10 model routes each (two price tiers each). With every name at its 64-character limit
 //! its snapshot encodes to 29.4 MiB (every backend cooling down) and `ListClientKeys` to
-//! 25.0 MiB (`proto/tests/limits.rs`), so both limits leave more than twice that room; with
+//! 25.9 MiB (`proto/tests/limits.rs`), so both limits leave more than twice that room; with
 //! every model of every backend cooling down too, the snapshot is 33.5 MiB (1.9 times the
 //! room).
 

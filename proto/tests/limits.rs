@@ -226,6 +226,7 @@ fn the_supported_configuration_fits_every_message_limit() {
                 budget_reset_time: Some(pbjson_types::Timestamp::default()),
                 tpm_limit: 1_000_000_000,
                 max_parallel_requests: 1_000_000,
+                held_by_data_planes: 1e9,
             })
             .collect(),
         next_page_token: String::new(),

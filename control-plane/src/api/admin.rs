@@ -12,6 +12,7 @@ use sluice_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
 use super::paging::{decode_token, encode_token, page_size};
+use crate::allowance::Allowances;
 use crate::backend::{BackendSpec, check_api_key};
 use crate::budget::BudgetPeriod;
 use crate::client_key::{ClientKey, NewClientKey, budget_nanos};
@@ -26,6 +27,9 @@ pub struct Admin {
     store: Store,
     publisher: Arc<Publisher>,
     registry: Arc<Registry>,
+    /// The budget allowances granted to data planes, which a key's `held_by_data_planes`
+    /// shows.
+    allowances: Arc<tokio::sync::Mutex<Allowances>>,
     /// The largest answer an unpaged list may give ([`MAX_ADMIN_RESPONSE_BYTES`]).
     max_response_bytes: usize,
 }
@@ -36,8 +40,15 @@ impl Admin {
             store,
             publisher,
             registry,
+            allowances: Arc::default(),
             max_response_bytes: MAX_ADMIN_RESPONSE_BYTES,
         }
+    }
+
+    /// The same API showing what `allowances` (the data-plane service's) holds granted.
+    pub fn with_allowances(mut self, allowances: Arc<tokio::sync::Mutex<Allowances>>) -> Self {
+        self.allowances = allowances;
+        self
     }
 
     /// The same API with another bound on unpaged answers (tests).
@@ -53,10 +64,18 @@ impl Admin {
     async fn with_spend(&self, keys: Vec<ClientKey>) -> Result<Vec<pb::ClientKey>, Status> {
         let now = crate::time::now_ms();
         let spends = self.store.key_spends(keys.clone(), now).await?;
+        let allowances = self.allowances.lock().await;
         Ok(keys
             .iter()
             .zip(spends)
-            .map(|(key, spent)| key.to_proto(now, spent))
+            .map(|(key, spent)| {
+                let mut shown = key.to_proto(now, spent);
+                if key.max_budget_nanos > 0 {
+                    shown.held_by_data_planes =
+                        sluice_domain::price::from_nanos(allowances.outstanding(&key.id));
+                }
+                shown
+            })
             .collect())
     }
 }

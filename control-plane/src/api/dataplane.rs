@@ -66,6 +66,11 @@ impl DataPlaneApi {
         }
     }
 
+    /// The budget allowances this service grants (what the admin API shows held).
+    pub fn allowances(&self) -> Arc<tokio::sync::Mutex<Allowances>> {
+        Arc::clone(&self.allowances)
+    }
+
     async fn left(&self, hello: &NodeHello, replica: Option<&Replica>) {
         if let Some(replica) = replica {
             self.allowances.lock().await.left(replica, monotonic_ms());

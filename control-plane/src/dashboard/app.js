@@ -1285,7 +1285,9 @@
       }),
       h('span', { class: 'spend-text' }, `${fmtSpend(spend)} / ${fmtSpend(budget)} ${state.currency}`),
       h('span', { class: 'sub-line', title: reset === null ? null : fmtDateTime(reset) },
-        budgetSpent(k) ? `spent: refused until it resets · ${resets}` : `${fmtSpend(k.remainingBudget)} left · ${resets}`));
+        budgetSpent(k)
+          ? `spent: refused until it resets · ${resets}`
+          : `${fmtSpend(k.remainingBudget)} left${num(k.heldByDataPlanes) > 0 ? ` (${fmtSpend(k.heldByDataPlanes)} held by data planes)` : ''} · ${resets}`));
   }
 
   function limitsCell(k) {
