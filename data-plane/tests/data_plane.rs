@@ -9,6 +9,7 @@
 mod anthropic;
 mod compatible_servers;
 mod cooldown_fleet;
+mod http2_upstream;
 mod https_upstream;
 mod messages;
 mod proxy;

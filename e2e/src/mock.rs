@@ -1,6 +1,8 @@
 //! A mock upstream OpenAI provider for tests, end-to-end runs, benchmarks and the quick start.
 //!
-//! It speaks the OpenAI HTTP API (HTTP/1.1) on one listener:
+//! It speaks the OpenAI HTTP API on one listener, over HTTP/1.1 or HTTP/2 (hyper-util's auto
+//! builder: HTTP/2 with prior knowledge on plain TCP, and by ALPN `h2` over TLS, which offers
+//! `h2` and `http/1.1` as providers' fronts do; [`MockStats::http2_requests`] counts it):
 //! - `POST /v1/chat/completions`: `chat.completion` JSON (indented by two spaces, as OpenAI
 //!   writes whole answers, and the legacy completions' and embeddings' too), or with `"stream":true` SSE
 //!   `chat.completion.chunk` events: a `delta.role` chunk, [`MockConfig::chunk_count`] `delta.content`
@@ -56,6 +58,11 @@
 //!
 //! Faults ([`Fault`]) apply to the routed `/v1` endpoints (all five, models included), in the order
 //! set, before authentication. Latency applies to every answer except resets and stalls.
+//! HTTP/2 has faults of its own: [`Fault::StreamReset`] resets the request's stream with the
+//! code it names (`REFUSED_STREAM`, unprocessed; `INTERNAL_ERROR`, unsaid), and
+//! [`Fault::GoAway`] sends a new TLS connection a graceful `GOAWAY` that leaves its first
+//! request out, in raw frames, before any request is counted. A stream cut by
+//! [`Fault::CutAfterChunks`] over HTTP/2 ends with hyper's `RST_STREAM(INTERNAL_ERROR)`.
 //!
 //! # Control API (same listener, no auth)
 //! - `GET /_mock/stats` → [`MockStats`] JSON.
@@ -255,9 +262,10 @@ impl MockServer {
         Self::start(config, SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
-    /// [`MockServer::start_local`] over TLS, as providers serve (`https://`, HTTP/1.1), with the
-    /// certificate chain and key of these PEM files (`crate::certs::make_certificates`
-    /// writes a CA and a certificate for 127.0.0.1 signed by it).
+    /// [`MockServer::start_local`] over TLS, as providers serve (`https://`, HTTP/2 or HTTP/1.1
+    /// as ALPN settles), with the certificate chain and key of these PEM files
+    /// (`crate::certs::make_certificates` writes a CA and a certificate for 127.0.0.1 signed
+    /// by it).
     pub fn start_tls(config: MockConfig, cert: &Path, key: &Path) -> io::Result<MockServer> {
         use rustls::pki_types::pem::PemObject as _;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -273,7 +281,8 @@ impl MockServer {
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(io::Error::other)?;
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // HTTP/2 when the client offers it, as providers' fronts (Cloudflare's) negotiate it.
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         Self::serve(
             config,

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 /// `{"cut_after_chunks":3}`, `{"garbage":"not_json"}` (or
 /// `"invalid_sse"`, `"giant_line"`, `"bad_tool_call"`), `{"echo_key":{"code":401}}`,
 /// `"request_too_large"`, `"key_invalid"`, `"model_access_denied"`,
-/// `{"body":{"code":404,"body":"{\"error\":…}"}}`; a spec may name the one `"model"` it applies
-/// to.
+/// `{"body":{"code":404,"body":"{\"error\":…}"}}`, `{"stream_reset":7}`, `"go_away"`; a spec
+/// may name the one `"model"` it applies to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
@@ -72,6 +72,17 @@ pub enum Fault {
     /// Answer 403 as OpenAI answers a project without access to the requested model:
     /// `model_not_found`, "Project `proj_…` does not have access to model `…`".
     ModelAccessDenied,
+    /// HTTP/2: read the request, then reset its stream (`RST_STREAM`) with this error code,
+    /// sending no answer: 7 (`REFUSED_STREAM`) says the server did not process it, as a server
+    /// at its streams' limit refuses one; 2 (`INTERNAL_ERROR`) or 8 (`CANCEL`) leave it unsaid.
+    /// HTTP/1.1 has no streams: the connection is closed with a RST, as [`Fault::Reset`].
+    StreamReset(u32),
+    /// HTTP/2 over TLS: a new connection is sent, once its first request's `HEADERS` came, a
+    /// `GOAWAY` with `NO_ERROR` whose last stream id (0) leaves that request out, then
+    /// closed: what a server recycling its connections (nginx, Envoy, Go's) tells the streams
+    /// it will not process. Taken by the connection, before any request is counted; a request
+    /// that meets it on a connection already open (or over HTTP/1.1) gets [`Fault::Reset`].
+    GoAway,
     /// Answer with this status and this body, as `application/json` (or as
     /// `text/event-stream` when it starts with `data:` or `event:`): what a server that is not OpenAI
     /// answers, its errors and figures in its own shape (Gemini's, TGI's, Ollama's, Groq's).
@@ -278,6 +289,25 @@ impl FaultPlan {
             }
         }
         None
+    }
+
+    /// Whether a new HTTP/2 connection is to be sent a [`Fault::GoAway`]: the plan's first
+    /// fault for any model, with some count left, is one (a unit of its count is consumed).
+    pub(crate) fn take_go_away(&self) -> bool {
+        let plan = self.plan.load();
+        let Some(first) = plan.iter().find(|f| {
+            f.model.is_none()
+                && f.remaining
+                    .as_ref()
+                    .is_none_or(|r| r.load(Ordering::Acquire) > 0)
+        }) else {
+            return false;
+        };
+        first.fault == Fault::GoAway
+            && first.remaining.as_ref().is_none_or(|r| {
+                r.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                    .is_ok()
+            })
     }
 
     pub(crate) fn status(&self) -> Vec<FaultStatus> {

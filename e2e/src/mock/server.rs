@@ -14,11 +14,11 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited, StreamBody};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::MockConfig;
@@ -46,6 +46,9 @@ enum Abort {
     Stall,
     #[error("request body could not be read")]
     Body,
+    /// Over HTTP/2, hyper resets the stream with the reason found among an error's causes.
+    #[error("stream reset by fault injection")]
+    StreamReset(#[source] h2::Error),
 }
 
 /// A TCP stream that, when asked to, closes with a RST instead of a FIN.
@@ -142,6 +145,13 @@ pub(crate) async fn accept_loop(
                     match tls {
                         None => serve_connection(stream, reset, shared).await,
                         Some(tls) => match tls.accept(stream).await {
+                            Ok(stream)
+                                if stream.get_ref().1.alpn_protocol() == Some(b"h2")
+                                    && shared.faults.take_go_away() =>
+                            {
+                                bump(&shared.counters.faults_applied);
+                                go_away(stream, &shared).await;
+                            }
                             Ok(stream) => serve_connection(stream, reset, shared).await,
                             Err(e) => tracing::debug!(error = %e, "mock TLS handshake failed"),
                         },
@@ -164,9 +174,12 @@ where
     let io = TokioIo::new(stream);
     let shutdown = shared.shutdown.clone();
     let service = service_fn(move |req| handle(Arc::clone(&shared), Arc::clone(&reset), req));
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .serve_connection(io, service);
+    // HTTP/1.1, or HTTP/2 when the client opens with its preface (after ALPN's `h2`, or with
+    // prior knowledge on plain TCP).
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection(io, service);
     tokio::select! {
         result = conn => {
             if let Err(e) = result {
@@ -174,6 +187,68 @@ where
             }
         }
         _ = shutdown.cancelled() => {}
+    }
+}
+
+/// [`Fault::GoAway`] on a new HTTP/2 connection, in raw frames (hyper's server, like the `h2`
+/// crate's, counts every stream it has read as processed in its `GOAWAY`): the server's
+/// SETTINGS, an ack of the client's, and at the first request's HEADERS a `GOAWAY` with
+/// `NO_ERROR` and last stream id 0; then whatever the client sends is read until it closes.
+async fn go_away<S>(mut stream: S, shared: &Shared)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const SETTINGS: u8 = 0x4;
+    const HEADERS: u8 = 0x1;
+    const GOAWAY: u8 = 0x7;
+    const ACK: u8 = 0x1;
+    let frame = |kind: u8, flags: u8, payload: &[u8]| {
+        let len = u32::try_from(payload.len()).unwrap_or(0).to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 0];
+        f.extend_from_slice(payload);
+        f
+    };
+    let exchange = async {
+        let mut preface = [0u8; PREFACE.len()];
+        stream.read_exact(&mut preface).await?;
+        if preface != PREFACE {
+            return Ok(());
+        }
+        stream.write_all(&frame(SETTINGS, 0, &[])).await?;
+        stream.flush().await?;
+        let mut sent = false;
+        loop {
+            let mut head = [0u8; 9];
+            if stream.read_exact(&mut head).await.is_err() {
+                return Ok(());
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]);
+            let mut payload = vec![0u8; usize::try_from(len).unwrap_or(0)];
+            stream.read_exact(&mut payload).await?;
+            match head[3] {
+                SETTINGS if head[4] & ACK == 0 => {
+                    stream.write_all(&frame(SETTINGS, ACK, &[])).await?;
+                }
+                HEADERS if !sent => {
+                    sent = true;
+                    bump(&shared.counters.go_aways);
+                    // Last stream id 0 (none processed), error code 0 (NO_ERROR).
+                    stream.write_all(&frame(GOAWAY, 0, &[0; 8])).await?;
+                }
+                _ => {}
+            }
+            stream.flush().await?;
+        }
+    };
+    tokio::select! {
+        result = exchange => {
+            let result: io::Result<()> = result;
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "mock GOAWAY connection closed with an error");
+            }
+        }
+        _ = shared.shutdown.cancelled() => {}
     }
 }
 
@@ -330,6 +405,10 @@ async fn api(
 ) -> Result<Response<Body>, Abort> {
     let route = served_path(req.uri()).and_then(|path| route(req.method(), &path));
     shared.counters.request(endpoint(&route));
+    let http2 = req.version() == http::Version::HTTP_2;
+    if http2 {
+        bump(&shared.counters.http2_requests);
+    }
     let route = match route {
         Ok(r) => r,
         Err(e) => return Ok(json_response(shared, e.status, e.body())),
@@ -503,7 +582,11 @@ async fn api(
         bump(&shared.counters.faults_applied);
     }
     match fault {
-        Some(Fault::Reset) => {
+        Some(Fault::StreamReset(code)) if http2 => {
+            bump(&shared.counters.stream_resets);
+            return Err(Abort::StreamReset(h2::Reason::from(code).into()));
+        }
+        Some(Fault::Reset | Fault::StreamReset(_) | Fault::GoAway) => {
             bump(&shared.counters.resets);
             reset.store(true, Ordering::Release);
             return Err(Abort::Reset);

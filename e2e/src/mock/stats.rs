@@ -24,6 +24,15 @@ pub struct MockStats {
     pub responses: BTreeMap<u16, u64>,
     /// TCP connections accepted.
     pub connections: u64,
+    /// `/v1/...` requests received over HTTP/2 (of [`MockStats::requests`]).
+    #[serde(default)]
+    pub http2_requests: u64,
+    /// Streams reset by [`Fault::StreamReset`](super::Fault::StreamReset) (over HTTP/2).
+    #[serde(default)]
+    pub stream_resets: u64,
+    /// `GOAWAY`s sent by [`Fault::GoAway`](super::Fault::GoAway).
+    #[serde(default)]
+    pub go_aways: u64,
     /// SSE responses begun.
     pub streams_started: u64,
     /// SSE responses that sent `data: [DONE]`.
@@ -122,6 +131,9 @@ pub(crate) struct Counters {
     /// Indexed by status code; codes are 100..=999.
     responses: Vec<AtomicU64>,
     pub(crate) connections: AtomicU64,
+    pub(crate) http2_requests: AtomicU64,
+    pub(crate) stream_resets: AtomicU64,
+    pub(crate) go_aways: AtomicU64,
     pub(crate) streams_started: AtomicU64,
     pub(crate) streams_completed: AtomicU64,
     pub(crate) streams_cut: AtomicU64,
@@ -219,6 +231,9 @@ impl Counters {
                 })
                 .collect(),
             connections: get(&self.connections),
+            http2_requests: get(&self.http2_requests),
+            stream_resets: get(&self.stream_resets),
+            go_aways: get(&self.go_aways),
             streams_started: get(&self.streams_started),
             streams_completed: get(&self.streams_completed),
             streams_cut: get(&self.streams_cut),
@@ -246,6 +261,9 @@ impl Counters {
         self.responses.iter().for_each(zero);
         for c in [
             &self.connections,
+            &self.http2_requests,
+            &self.stream_resets,
+            &self.go_aways,
             &self.streams_started,
             &self.streams_completed,
             &self.streams_cut,
