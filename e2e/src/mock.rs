@@ -50,6 +50,9 @@
 //! prompt cache, as OpenAI's automatic caching does: the longest such prefix sent before under
 //! that key counts as `prompt_tokens_details.cached_tokens` (0 the first time).
 //! The completion text is `"[<name>] tok1 tok2 …"`, one word per completion token.
+//! A chat or Responses answer's `service_tier` is the tier its request asked for (`default`
+//! for `auto` or none, `priority` for `fast`), unless [`MockConfig::served_tiers`] serves that
+//! tier as another, as OpenAI may (`sluice-mock --serve-tier auto=priority`).
 //! Every `/v1` response carries `x-mock-name: <name>` and an `x-request-id`.
 //!
 //! Errors are OpenAI's `{"error":{"message","type","param","code"}}`: 401 `invalid_api_key`, 400
@@ -131,6 +134,14 @@ pub struct MockConfig {
     /// `extra_forbidden`, and a stream carries its usage in its last chunk, beside the finish
     /// reason, unasked.
     pub refuses_stream_options: bool,
+    /// Tiers served in place of others, `(tier, instead)`: a request the mock would serve at
+    /// `tier` (by its `service_tier`: `default` for `auto` or none, `priority` for `fast`) is
+    /// served, and its answer's `service_tier` says so, at `instead`, as OpenAI serves `auto`
+    /// at a project's own tier and flex at the standard tier when capacity is short ("This
+    /// response value may be different from the value set in the parameter"). Chat and
+    /// Responses answers alike. Names other than `default`, `priority`, `flex`, `scale` and
+    /// `ultrafast` are not served.
+    pub served_tiers: Vec<(String, String)>,
 }
 
 impl Default for MockConfig {
@@ -146,6 +157,7 @@ impl Default for MockConfig {
             embedding_dims: 8,
             tool_call_pieces: 2,
             refuses_stream_options: false,
+            served_tiers: Vec::new(),
         }
     }
 }
@@ -163,6 +175,7 @@ impl fmt::Debug for MockConfig {
             .field("embedding_dims", &self.embedding_dims)
             .field("tool_call_pieces", &self.tool_call_pieces)
             .field("refuses_stream_options", &self.refuses_stream_options)
+            .field("served_tiers", &self.served_tiers)
             .finish()
     }
 }
@@ -238,6 +251,23 @@ impl MockConfig {
     pub fn refusing_stream_options(mut self) -> Self {
         self.refuses_stream_options = true;
         self
+    }
+
+    /// See [`MockConfig::served_tiers`]: requests served at `tier` are served at `instead`.
+    pub fn serving_tier(mut self, tier: &str, instead: &str) -> Self {
+        self.served_tiers
+            .push((tier.to_owned(), instead.to_owned()));
+        self
+    }
+
+    /// The tier a request the mock would serve at `tier` is served at
+    /// ([`MockConfig::served_tiers`]).
+    pub(crate) fn serves(&self, tier: &'static str) -> &'static str {
+        self.served_tiers
+            .iter()
+            .find(|(from, _)| from == tier)
+            .and_then(|(_, instead)| openai::tier_name(instead))
+            .unwrap_or(tier)
     }
 }
 

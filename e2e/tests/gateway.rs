@@ -1081,8 +1081,11 @@ async fn an_https_backend_behind_a_private_ca_takes_requests_past_its_stream_lim
 /// (GPT-5's at twice the standard price; also the answer to a request for "fast" mode),
 /// `flex` (at half), `default`. A route lists what its tiers multiply its prices by
 /// (`sluicectl backend add --tier`), and each request is charged at the tier its answer
-/// reports, chat and Responses, whole and streamed; a tier taken off (`backend update --tier
-/// MODEL:TIER=1`, the model's other tiers kept) is charged the route's prices.
+/// reports, chat and Responses, whole and streamed, not at the one its request asked for:
+/// the answer's may differ ("auto" served at a project's priority, flex at the standard tier
+/// when capacity is short), and here the mock serves priority asked at the standard tier and
+/// auto at priority. A tier taken off (`backend update --tier MODEL:TIER=1`, the model's
+/// other tiers kept) is charged the route's prices.
 #[tokio::test]
 async fn each_answer_is_spent_at_the_price_tier_it_reports() {
     const TIERS: &str = r#"
@@ -1109,7 +1112,17 @@ for tier in tiers:
 print(json.dumps(out))
 "#;
     let cluster = Cluster::start().await;
-    let mock = Mock::start("tiers", &["gpt-up"]).await;
+    let mock = Mock::start_with(
+        "tiers",
+        &["gpt-up"],
+        &[
+            "--serve-tier",
+            "priority=default",
+            "--serve-tier",
+            "auto=priority",
+        ],
+    )
+    .await;
     add_openai_with_sluicectl(
         &cluster,
         &mock,
@@ -1159,23 +1172,29 @@ print(json.dumps(out))
         .iter()
         .map(|a| a[0].as_str().unwrap())
         .collect();
+    // Asked priority, flex, auto and fast (which OpenAI serves as priority).
     assert_eq!(
         served,
-        [
-            ["priority"; 4],
-            ["flex"; 4],
-            ["default"; 4],
-            ["priority"; 4]
-        ]
-        .concat(),
+        [["default"; 4], ["flex"; 4], ["priority"; 4], ["default"; 4]].concat(),
         "{answers}"
     );
-    let tiered = bill(&answers, &|tier| match tier {
-        "priority" => 2.0,
+    let multiplier = |tier: &str| match tier {
+        "priority" | "fast" => 2.0,
         "flex" => 0.5,
         _ => 1.0,
-    });
+    };
+    let tiered = bill(&answers, &multiplier);
     assert_ne!(tiered, bill(&answers, &|_| 1.0));
+    // The bill of the tiers asked for, each answer's tokens at its request's tier.
+    let mut asked = answers.clone();
+    for (answer, tier) in asked.as_array_mut().unwrap().iter_mut().zip(
+        ["priority", "flex", "auto", "fast"]
+            .iter()
+            .flat_map(|t| [t; 4]),
+    ) {
+        answer[0] = Value::from(*tier);
+    }
+    assert_ne!(tiered, bill(&asked, &multiplier));
     spent(tiered).await;
 
     // Priority taken off, flex kept: the model given without prices keeps them.

@@ -47,6 +47,10 @@ struct Args {
     /// last chunk, unasked.
     #[arg(long)]
     refuse_stream_options: bool,
+    /// Serve requests the mock would serve at one tier at another, as `TIER=INSTEAD`
+    /// (repeat): `auto=` is `default=`, `fast=` is `priority=`.
+    #[arg(long = "serve-tier", value_name = "TIER=INSTEAD", value_parser = tier_pair)]
+    serve_tiers: Vec<(String, String)>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -68,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
         embedding_dims: args.embedding_dims,
         tool_call_pieces: args.tool_call_pieces,
         refuses_stream_options: args.refuse_stream_options,
+        served_tiers: args.serve_tiers,
     };
     let server = MockServer::start(config, args.listen)
         .with_context(|| format!("binding {}", args.listen))?;
@@ -81,4 +86,21 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+/// A `--serve-tier` value: two tiers the mock serves at.
+fn tier_pair(value: &str) -> Result<(String, String), String> {
+    const TIERS: [&str; 5] = ["default", "priority", "flex", "scale", "ultrafast"];
+    let tier = |name: &str| match name {
+        "auto" => Ok("default"),
+        "fast" => Ok("priority"),
+        name => TIERS
+            .into_iter()
+            .find(|t| *t == name)
+            .ok_or_else(|| format!("not a tier: `{name}` (one of {})", TIERS.join(", "))),
+    };
+    let (from, instead) = value
+        .split_once('=')
+        .ok_or_else(|| format!("`{value}` is not TIER=INSTEAD"))?;
+    Ok((tier(from)?.to_owned(), tier(instead)?.to_owned()))
 }

@@ -522,6 +522,13 @@ pub(crate) fn served_tier(asked: Option<&str>) -> Result<&'static str, ApiError>
     }
 }
 
+/// `name` as a tier the mock serves at, if it is one.
+pub(crate) fn tier_name(name: &str) -> Option<&'static str> {
+    ["default", "priority", "flex", "scale", "ultrafast"]
+        .into_iter()
+        .find(|tier| *tier == name)
+}
+
 /// An embeddings request, validated.
 #[derive(Debug, Clone)]
 pub(crate) struct Embeddings {

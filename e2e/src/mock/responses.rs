@@ -295,12 +295,12 @@ impl ResponseStore {
     /// Creates a response for `model` (the mock's `name` starts its text).
     pub(crate) fn create(
         &self,
-        name: &str,
-        chunk_count: usize,
+        config: &super::MockConfig,
         model: &str,
         request: &CreateRequest,
         mut next_id: impl FnMut() -> u64,
     ) -> Result<Created, ApiError> {
+        let (name, chunk_count) = (config.name.as_str(), config.chunk_count);
         let previous = match &request.previous_response_id {
             None => None,
             Some(id) => match self.lock().get(id) {
@@ -386,7 +386,7 @@ impl ResponseStore {
                 "usage": usage.map(ResponseUsage::to_json),
                 "user": null,
                 "metadata": request.metadata.clone().unwrap_or(json!({})),
-                "service_tier": openai::served_tier(request.service_tier.as_deref()).unwrap_or("default"),
+                "service_tier": config.serves(openai::served_tier(request.service_tier.as_deref()).unwrap_or("default")),
             })
         };
         let mut output = Vec::new();

@@ -822,12 +822,9 @@ fn answer(shared: &Arc<Shared>, call: Call) -> Answer {
         }),
         Call::CreateResponse(request) => request.and_then(|(model, r)| {
             check_model(config, &model)?;
-            let created =
-                shared
-                    .responses
-                    .create(&config.name, config.chunk_count, &model, &r, || {
-                        shared.next_id()
-                    })?;
+            let created = shared
+                .responses
+                .create(config, &model, &r, || shared.next_id())?;
             Ok(if created.stream {
                 Answer::Events(created.events, created.usage)
             } else {
@@ -961,7 +958,7 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
             id: &id,
             created,
             model: &g.model,
-            service_tier: g.service_tier,
+            service_tier: config.serves(g.service_tier),
         };
         let usage = Usage {
             cached_tokens: cached,
@@ -1009,14 +1006,14 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
             cut_after: None,
             queued_for: Duration::ZERO,
             thinking_for: Duration::ZERO,
-            service_tier: g.service_tier,
+            service_tier: config.serves(g.service_tier),
         });
     }
     let meta = Meta {
         id: &id,
         created,
         model: &g.model,
-        service_tier: g.service_tier,
+        service_tier: config.serves(g.service_tier),
     };
     let text = openai::full_text(&config.name, tokens);
     let body = match flavor {
