@@ -1904,3 +1904,76 @@ async fn a_clients_own_stream_options_cannot_pass_for_the_backends_refusal() {
     );
     assert_eq!(stats.responses_with(200), 2);
 }
+
+/// What an OpenAI chat answer says of its tokens beyond the three totals reaches the record,
+/// whole and streamed, tool calls as text: the reasoning a `reasoning_effort` spends (inside
+/// `completion_tokens`), and the prompt a `prompt_cache_key` writes to the provider's cache
+/// and then reads from it (`cache_write_tokens`, `cached_tokens`), as the mock provider now
+/// reports them as OpenAI does.
+#[tokio::test]
+async fn chat_reasoning_and_cache_writes_reach_the_record_tool_calls_included() {
+    let primary = mock("primary");
+    let h = Harness::start(one_primary_snapshot(&primary.base_url())).await;
+    for stream in [false, true] {
+        let response = h
+            .chat(
+                json!({"model": MODEL, "stream": stream, "reasoning_effort": "high",
+                         "messages": [{"role": "user", "content": "think"}]}),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    for record in h.records(2).await {
+        // 5 words of answer, 5 tokens of reasoning.
+        assert_eq!(
+            (record.completion_tokens, record.reasoning_tokens),
+            (10, 5),
+            "{record:?}"
+        );
+        assert!(!record.tokens_estimated, "{record:?}");
+    }
+
+    let tool_turn = |stream: bool| {
+        json!({"model": MODEL, "stream": stream, "prompt_cache_key": "conversation-1",
+               "tools": [{"type": "function", "function": {"name": "lookup",
+                          "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}],
+               "messages": [{"role": "user", "content": "one two three"},
+                            {"role": "assistant", "content": "four"},
+                            {"role": "user", "content": "five"}]})
+    };
+    for stream in [false, true] {
+        let response = h.chat(tool_turn(stream)).await;
+        assert_eq!(response.status(), 200);
+        let body = response.text().await.unwrap();
+        assert!(body.contains("lookup"), "a tool call, {body}");
+    }
+    let records = h.records(4).await;
+    // The first turn writes the 4 words before its last message; the second reads them.
+    let figures: Vec<_> = records[2..]
+        .iter()
+        .map(|r| {
+            (
+                r.prompt_tokens,
+                r.cached_prompt_tokens,
+                r.cache_write_prompt_tokens,
+            )
+        })
+        .collect();
+    assert_eq!(figures, [(5, 0, 4), (5, 4, 0)], "{records:?}");
+
+    // The Responses API's usage always names its writes (a required member of its type).
+    let created: Value = h
+        .post(
+            "/v1/responses",
+            KEY,
+            &json!({"model": MODEL, "input": "hello"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let details = &created["usage"]["input_tokens_details"];
+    assert_eq!(details["cache_write_tokens"], 0, "{created}");
+    assert_eq!(details["cached_tokens"], 0, "{created}");
+}

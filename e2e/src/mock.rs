@@ -48,7 +48,14 @@
 //! 1), `completion_tokens` = `chunk_count` (or `max_tokens` when smaller and > 0) per choice.
 //! A chat request with a `prompt_cache_key` has its messages before the last read from a
 //! prompt cache, as OpenAI's automatic caching does: the longest such prefix sent before under
-//! that key counts as `prompt_tokens_details.cached_tokens` (0 the first time).
+//! that key counts as `prompt_tokens_details.cached_tokens` (0 the first time), and the
+//! longest prefix's tokens past those read as `cache_write_tokens` (written to the cache, as
+//! the Anthropic side reports a cache creation; reported only with a `prompt_cache_key`). A
+//! chat request with a `reasoning_effort` other than `none` spends `chunk_count` reasoning
+//! tokens a choice, inside `completion_tokens` (`completion_tokens_details.reasoning_tokens`).
+//! A tool call's `usage` carries the same details as a text answer's. The Responses API's
+//! `input_tokens_details` always names `cache_write_tokens` (0: its cache is read through
+//! `previous_response_id`), as its type requires.
 //! The completion text is `"[<name>] tok1 tok2 …"`, one word per completion token.
 //! A chat or Responses answer's `service_tier` is the tier its request asked for (`default`
 //! for `auto` or none, `priority` for `fast`), unless [`MockConfig::served_tiers`] serves that

@@ -119,9 +119,10 @@ async fn chat_json_and_stream_carry_content_usage_and_gateway_headers() {
 
 /// Prompt tokens an OpenAI-format backend reads from its cache
 /// (`prompt_tokens_details.cached_tokens`, OpenAI's automatic prompt caching) are priced at the
-/// route's cached price, through the record, the control plane's totals and the key's spend,
-/// whole and streamed. (Most deployments' backends are OpenAI-format; only the pieces were
-/// tested, apart.)
+/// route's cached price, and those it writes to it (`cache_write_tokens`, which GPT-5.6 and
+/// later bill at 1.25 times the input price) at the route's cache-write price, through the
+/// record, the control plane's totals and the key's spend, whole and streamed. (Most
+/// deployments' backends are OpenAI-format; only the pieces were tested, apart.)
 #[tokio::test]
 async fn cached_prompt_tokens_of_an_openai_backend_are_priced_as_cached() {
     let cluster = Cluster::start().await;
@@ -132,16 +133,19 @@ async fn cached_prompt_tokens_of_an_openai_backend_are_priced_as_cached() {
         input_price_per_mtok: 1.0,
         output_price_per_mtok: 2.0,
         cached_input_price_per_mtok: Some(0.1),
+        cache_write_price_per_mtok: Some(1.25),
         ..Default::default()
     };
     cluster.add_backend_routing("a", &mock, vec![route]).await;
     let (created, key) = cluster.create_key("k", &[]).await;
     let proxy = cluster.proxy().await;
     cluster.wait_replicas_current(1).await;
-    // A conversation of 7 words, 6 of them before its last message: the second time, the
-    // provider reads those 6 from its cache.
+    // A conversation of 7 words, 6 of them before its last message: the first time, the
+    // provider writes those 6 to its cache, the second it reads them from it. Whole answers
+    // in one conversation, streams in another.
     let turn = |stream: bool| {
-        let mut body = json!({"model": "m", "stream": stream, "prompt_cache_key": "conversation-1",
+        let mut body = json!({"model": "m", "stream": stream,
+               "prompt_cache_key": format!("conversation-{stream}"),
                "messages": [{"role": "user", "content": "one two three four"},
                             {"role": "assistant", "content": "five six"},
                             {"role": "user", "content": "seven"}]});
@@ -150,40 +154,57 @@ async fn cached_prompt_tokens_of_an_openai_backend_are_priced_as_cached() {
         }
         body
     };
-    let cached_of = |usage: &Value| usage["prompt_tokens_details"]["cached_tokens"].as_u64();
-    let first: Value = proxy
-        .post("/v1/chat/completions", &key, turn(false))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(cached_of(&first["usage"]), Some(0), "{first}");
-    let second: Value = proxy
-        .post("/v1/chat/completions", &key, turn(false))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(cached_of(&second["usage"]), Some(6));
-    let events = sse_data(
-        &proxy
-            .post("/v1/chat/completions", &key, turn(true))
+    let details = |usage: &Value| {
+        let d = &usage["prompt_tokens_details"];
+        (
+            d["cached_tokens"].as_u64(),
+            d["cache_write_tokens"].as_u64(),
+        )
+    };
+    for (cached, written) in [(0, 6), (6, 0)] {
+        let whole: Value = proxy
+            .post("/v1/chat/completions", &key, turn(false))
             .await
-            .text()
+            .json()
             .await
-            .unwrap(),
-    );
-    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-    assert_eq!(cached_of(&usage["usage"]), Some(6));
+            .unwrap();
+        assert_eq!(
+            details(&whole["usage"]),
+            (Some(cached), Some(written)),
+            "{whole}"
+        );
+        let events = sse_data(
+            &proxy
+                .post("/v1/chat/completions", &key, turn(true))
+                .await
+                .text()
+                .await
+                .unwrap(),
+        );
+        let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(
+            details(&usage["usage"]),
+            (Some(cached), Some(written)),
+            "{usage}"
+        );
+    }
 
-    eventually(Duration::from_secs(10), "3 requests recorded", || async {
-        cluster.totals().await.request_count == 3
+    eventually(Duration::from_secs(10), "4 requests recorded", || async {
+        cluster.totals().await.request_count == 4
     })
     .await;
     let t = cluster.totals().await;
-    assert_eq!((t.prompt_tokens, t.cached_prompt_tokens), (21, 12));
-    // Per token: 1,000 nano-units of input, 100 of cached input, 2,000 of output.
-    let nanos = (21 - 12) * 1_000 + 12 * 100 + t.completion_tokens * 2_000;
+    assert_eq!(
+        (
+            t.prompt_tokens,
+            t.cached_prompt_tokens,
+            t.cache_write_prompt_tokens
+        ),
+        (28, 12, 12)
+    );
+    // Per token: 1,000 nano-units of input, 100 of cached input, 1,250 of input written to
+    // the cache, 2,000 of output.
+    let nanos = (28 - 12 - 12) * 1_000 + 12 * 100 + 12 * 1_250 + t.completion_tokens * 2_000;
     assert!(
         (t.cost - nanos as f64 / 1e9).abs() < 1e-12,
         "{} against {nanos}",

@@ -415,6 +415,9 @@ struct RawChatRequest {
     prompt_cache_key: Option<String>,
     #[serde(default)]
     service_tier: Option<String>,
+    /// A reasoning model's effort: it thinks (and bills the reasoning as output) unless `none`.
+    #[serde(default)]
+    reasoning_effort: Option<String>,
     /// `["text", "audio"]` asks for a spoken answer.
     #[serde(default)]
     modalities: Option<Vec<String>>,
@@ -489,6 +492,9 @@ pub(crate) struct Generation {
     /// The function to call, with its arguments, when the answer is a tool call: the request
     /// offers tools (`tool_choice` not `none`) and its last message is not a tool result.
     pub(crate) tool_call: Option<(String, serde_json::Value)>,
+    /// The request set a `reasoning_effort` other than `none`: each choice spends
+    /// [`super::MockConfig::chunk_count`] reasoning tokens, inside `completion_tokens`.
+    pub(crate) reasons: bool,
     /// With a `prompt_cache_key`: the tokens and hash (the key's and the messages') of the
     /// prompt to each message before the last, shortest first: what OpenAI's prompt cache may
     /// hold of it ([`super::state::Shared::chat_cache_read`]). Empty without a key.
@@ -738,6 +744,7 @@ pub(crate) fn parse_chat(body: &[u8]) -> Parsed<Generation> {
             n: check_n(raw.n)?,
             prompt_tokens,
             tool_call,
+            reasons: raw.reasoning_effort.is_some_and(|effort| effort != "none"),
             cache_prefixes,
             service_tier: served_tier(raw.service_tier.as_deref())?,
             audio_prompt_tokens,
@@ -762,6 +769,7 @@ pub(crate) fn parse_completion(body: &[u8]) -> Parsed<Generation> {
             n: check_n(raw.n)?,
             prompt_tokens: prompt.counts().iter().sum::<u64>().max(1),
             tool_call: None,
+            reasons: false,
             cache_prefixes: Vec::new(),
             service_tier: "default",
             audio_prompt_tokens: 0,
@@ -870,7 +878,12 @@ pub(crate) struct Usage {
     /// requests with a `prompt_cache_key` whose earlier messages were seen under it).
     #[serde(skip)]
     pub(crate) cached_tokens: u64,
-    /// Of `completion_tokens`, spent on reasoning (only the Responses API reports any).
+    /// Of `prompt_tokens`, written to the cache (`prompt_tokens_details.cache_write_tokens`):
+    /// reported for chat requests with a `prompt_cache_key`, whose cache was looked in.
+    #[serde(skip)]
+    pub(crate) cache_write_tokens: Option<u64>,
+    /// Of `completion_tokens`, spent on reasoning (Responses requests with `reasoning`, chat
+    /// requests with `reasoning_effort`).
     #[serde(skip)]
     pub(crate) reasoning_tokens: u64,
     /// Of `prompt_tokens` and of `completion_tokens`, audio (chat requests with
@@ -888,6 +901,7 @@ impl Usage {
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
             cached_tokens: 0,
+            cache_write_tokens: None,
             reasoning_tokens: 0,
             audio_prompt_tokens: 0,
             audio_completion_tokens: 0,
@@ -914,6 +928,8 @@ struct ChatUsage {
 #[derive(Serialize)]
 struct PromptDetails {
     cached_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_write_tokens: Option<u64>,
     audio_tokens: u64,
 }
 
@@ -931,10 +947,11 @@ impl From<Usage> for ChatUsage {
             usage,
             prompt_tokens_details: PromptDetails {
                 cached_tokens: usage.cached_tokens,
+                cache_write_tokens: usage.cache_write_tokens,
                 audio_tokens: usage.audio_prompt_tokens,
             },
             completion_tokens_details: CompletionDetails {
-                reasoning_tokens: 0,
+                reasoning_tokens: usage.reasoning_tokens,
                 audio_tokens: usage.audio_completion_tokens,
                 accepted_prediction_tokens: 0,
                 rejected_prediction_tokens: 0,
@@ -1031,11 +1048,8 @@ pub(crate) fn tool_call_answer(
     use serde_json::json;
     let call_id = format!("call_{}", meta.id.trim_start_matches("chatcmpl-"));
     let arguments = arguments.to_string();
-    let usage_json = json!({
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-    });
+    // The same details as a text answer's.
+    let usage_json = serde_json::to_value(ChatUsage::from(usage)).unwrap_or_default();
     let whole = json!({
         "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "refusal": null,

@@ -7,7 +7,8 @@
 //! conversation so far as input, and that earlier part counts as cached
 //! (`input_tokens_details.cached_tokens`); a request with `reasoning` spends
 //! [`MockConfig::chunk_count`](super::MockConfig::chunk_count) reasoning tokens, which count in
-//! `output_tokens` as OpenAI bills them (`output_tokens_details.reasoning_tokens`).
+//! `output_tokens` as OpenAI bills them (`output_tokens_details.reasoning_tokens`);
+//! `input_tokens_details.cache_write_tokens`, which the API always sends, is 0.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -24,6 +25,9 @@ use super::openai::{self, ApiError};
 pub(crate) struct ResponseUsage {
     pub(crate) input: u64,
     pub(crate) cached: u64,
+    /// Of `input`, written to the cache (always 0 here: the Responses API caches a
+    /// conversation's earlier turns, read through `previous_response_id`).
+    pub(crate) cache_write: u64,
     pub(crate) output: u64,
     pub(crate) reasoning: u64,
 }
@@ -42,7 +46,8 @@ impl ResponseUsage {
     fn to_json(self) -> Value {
         json!({
             "input_tokens": self.input,
-            "input_tokens_details": {"cached_tokens": self.cached},
+            // Required in the Responses API's `InputTokensDetails`, 0 or not.
+            "input_tokens_details": {"cached_tokens": self.cached, "cache_write_tokens": self.cache_write},
             "output_tokens": self.output,
             "output_tokens_details": {"reasoning_tokens": self.reasoning},
             "total_tokens": self.input + self.output,
@@ -339,6 +344,7 @@ impl ResponseStore {
             cached,
             output: text_tokens + if reasoning { chunk_count as u64 } else { 0 },
             reasoning: if reasoning { chunk_count as u64 } else { 0 },
+            ..ResponseUsage::default()
         };
         let id = format!("resp_{:032x}{:016x}", rand::random::<u128>(), next_id());
         let message_id = format!("msg_{:032x}", next_id());
@@ -552,7 +558,7 @@ impl ResponseStore {
             input: cached + input_words(request.input.as_ref(), request.instructions.as_ref()),
             cached,
             output: 5,
-            reasoning: 0,
+            ..ResponseUsage::default()
         };
         let mut output: Vec<Value> = input_items(request.input.as_ref(), &mut next_id)
             .into_iter()

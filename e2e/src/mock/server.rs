@@ -383,7 +383,7 @@ enum Answer {
         body: Bytes,
         usage: Option<Usage>,
     },
-    Stream(StreamPlan),
+    Stream(Box<StreamPlan>),
     /// A Responses API stream: its events, fixed in advance, and the usage of its last one.
     Events(Vec<Bytes>, Option<ResponseUsage>),
 }
@@ -749,7 +749,7 @@ async fn api(
             }
             bump(&shared.counters.streams_started);
             let body =
-                BodyExt::boxed_unsync(StreamBody::new(stream::sse(plan, Arc::clone(shared))));
+                BodyExt::boxed_unsync(StreamBody::new(stream::sse(*plan, Arc::clone(shared))));
             sse_response(shared, body)
         }
         Answer::Events(mut events, _) if anthropic_route && cut.is_some() => {
@@ -896,7 +896,7 @@ fn answer(shared: &Arc<Shared>, call: Call) -> Answer {
                                 input: usage.input,
                                 cached: usage.cache_read,
                                 output: usage.output,
-                                reasoning: 0,
+                                ..ResponseUsage::default()
                             }),
                         )
                     } else {
@@ -935,7 +935,13 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
         tokens = max;
         finish_reason = "length";
     }
-    let cached = shared.chat_cache_read(&g.cache_prefixes);
+    let (cached, written) = shared.chat_cache_read(&g.cache_prefixes);
+    // Reported where the cache was looked in, as OpenAI's prompt cache keys.
+    let cache_write = (!g.cache_prefixes.is_empty()).then_some(written);
+    let reasoning = match g.reasons {
+        true => config.chunk_count as u64 * u64::from(g.n),
+        false => 0,
+    };
     let words = tokens * u64::from(g.n);
     let spoken = match g.speaks {
         true => words * openai::AUDIO_TOKENS_PER_WORD,
@@ -943,9 +949,11 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
     };
     let usage = Usage {
         cached_tokens: cached,
+        cache_write_tokens: cache_write,
+        reasoning_tokens: reasoning,
         audio_prompt_tokens: g.audio_prompt_tokens,
         audio_completion_tokens: spoken,
-        ..Usage::new(g.prompt_tokens, words + spoken)
+        ..Usage::new(g.prompt_tokens, words + spoken + reasoning)
     };
     let prefix = match flavor {
         Flavor::Chat => "chatcmpl",
@@ -960,9 +968,17 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
             model: &g.model,
             service_tier: config.serves(g.service_tier),
         };
+        // The same details as a text answer's.
+        let reasoning = config.chunk_count as u64 * u64::from(g.reasons);
         let usage = Usage {
             cached_tokens: cached,
-            ..Usage::new(g.prompt_tokens, config.chunk_count.max(1) as u64)
+            cache_write_tokens: cache_write,
+            reasoning_tokens: reasoning,
+            audio_prompt_tokens: g.audio_prompt_tokens,
+            ..Usage::new(
+                g.prompt_tokens,
+                config.chunk_count.max(1) as u64 + reasoning,
+            )
         };
         let (whole, events) = openai::tool_call_answer(
             meta,
@@ -977,8 +993,9 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
             let counted = g.include_usage.then_some(ResponseUsage {
                 input: usage.prompt_tokens,
                 cached: usage.cached_tokens,
+                cache_write: usage.cache_write_tokens.unwrap_or(0),
                 output: usage.completion_tokens,
-                reasoning: 0,
+                reasoning: usage.reasoning_tokens,
             });
             Answer::Events(events, counted)
         } else {
@@ -990,7 +1007,7 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
         };
     }
     if g.stream {
-        return Answer::Stream(StreamPlan {
+        return Answer::Stream(Box::new(StreamPlan {
             flavor,
             id,
             created,
@@ -1007,7 +1024,7 @@ fn generation(shared: &Shared, flavor: Flavor, g: openai::Generation) -> Answer 
             queued_for: Duration::ZERO,
             thinking_for: Duration::ZERO,
             service_tier: config.serves(g.service_tier),
-        });
+        }));
     }
     let meta = Meta {
         id: &id,

@@ -76,12 +76,15 @@ impl Shared {
         read
     }
 
-    /// The tokens of a chat prompt OpenAI's prompt cache holds: of `prefixes` (the prompt to
-    /// each message before the last, shortest first, hashed with the request's
-    /// `prompt_cache_key`), the longest one written before; every one is written now.
-    pub(crate) fn chat_cache_read(&self, prefixes: &[(u64, u64)]) -> u64 {
+    /// The tokens of a chat prompt OpenAI's prompt cache holds, and those written to it now:
+    /// of `prefixes` (the prompt to each message before the last, shortest first, hashed with
+    /// the request's `prompt_cache_key`), the longest one written before is read; every one
+    /// is written now, so the longest's tokens past those read are new in the cache (as the
+    /// Anthropic side counts a cache creation).
+    pub(crate) fn chat_cache_read(&self, prefixes: &[(u64, u64)]) -> (u64, u64) {
+        let longest = prefixes.last().map_or(0, |&(tokens, _)| tokens);
         let Ok(mut cache) = self.prompt_cache.lock() else {
-            return 0;
+            return (0, 0);
         };
         let read = prefixes
             .iter()
@@ -89,7 +92,7 @@ impl Shared {
             .find(|(_, hash)| cache.contains(hash))
             .map_or(0, |&(tokens, _)| tokens);
         cache.extend(prefixes.iter().map(|&(_, hash)| hash));
-        read
+        (read, longest.saturating_sub(read))
     }
 
     /// Records what the last request to a Messages route was answered with.

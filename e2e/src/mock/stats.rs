@@ -45,10 +45,10 @@ pub struct MockStats {
     pub prompt_tokens: u64,
     /// Sum of `usage.completion_tokens` over every usage object sent.
     pub completion_tokens: u64,
-    /// Sum of the cached input tokens of every Responses API usage sent.
+    /// Sum of the cached input tokens of every usage sent.
     #[serde(default)]
     pub cached_tokens: u64,
-    /// Sum of the reasoning tokens of every Responses API usage sent.
+    /// Sum of the reasoning tokens of every usage sent.
     #[serde(default)]
     pub reasoning_tokens: u64,
     /// Requests answered by a fault instead of normally.

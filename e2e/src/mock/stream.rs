@@ -196,6 +196,9 @@ pub(crate) fn sse(plan: StreamPlan, shared: Arc<Shared>) -> impl Stream<Item = F
             st.shared
                 .counters
                 .usage(u.prompt_tokens, u.completion_tokens);
+            st.shared
+                .counters
+                .detail(u.cached_tokens, u.reasoning_tokens);
         }
         st.next += 1;
         Some((Ok(Frame::data(bytes)), st))
