@@ -129,6 +129,7 @@ impl Asking {
                 allowance_requests: vec![pb::AllowanceRequest {
                     client_key_id: self.key.clone(),
                     want_nanos,
+                    debt_nanos: 0,
                 }],
                 ..Default::default()
             })

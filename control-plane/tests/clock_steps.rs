@@ -207,6 +207,7 @@ async fn a_step_of_the_clock_does_not_end_a_cut_off_replicas_lease() {
                     allowance_requests: vec![pb::AllowanceRequest {
                         client_key_id: key_id.clone(),
                         want_nanos,
+                        debt_nanos: 0,
                     }],
                     ..Default::default()
                 })

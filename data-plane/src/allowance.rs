@@ -273,6 +273,8 @@ pub enum Refusal {
 pub struct Ask {
     pub client_key_id: String,
     pub want_nanos: u64,
+    /// Of `want_nanos`, the pool's debt ([`pb::AllowanceRequest::debt_nanos`]).
+    pub debt_nanos: u64,
 }
 
 /// Every budgeted key's pool on this replica, and the state of the stream they are granted
@@ -442,11 +444,13 @@ impl Allowances {
         {
             return; // another thread is asking
         }
+        let debt = pool.available().min(0).unsigned_abs();
         let want = pool.want(want);
         pool.last_want.store(want, Ordering::Release);
         let ask = Ask {
             client_key_id: key_id.to_owned(),
             want_nanos: want as u64,
+            debt_nanos: debt.min(want as u64),
         };
         if self.asks.try_send(ask).is_err() {
             pool.asking.store(0, Ordering::Release);
@@ -769,7 +773,8 @@ mod tests {
             queued.try_recv().unwrap(),
             Ask {
                 client_key_id: "k".into(),
-                want_nanos: 500
+                want_nanos: 500,
+                debt_nanos: 0,
             }
         );
         assert!(queued.try_recv().is_err());
@@ -966,6 +971,7 @@ mod tests {
         let mut queued = a.queued.lock().await;
         let ask = queued.recv().await.unwrap();
         assert_eq!(ask.want_nanos, 210, "the debt and the reserve");
+        assert_eq!(ask.debt_nanos, 200, "of it, the debt");
         a.heard(Some(&grant("k", 210, false)), false);
         assert_eq!(waiting.await.unwrap(), Ok(Some(10)), "one answer admits it");
     }

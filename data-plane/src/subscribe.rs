@@ -209,6 +209,7 @@ async fn session<R: Receiver>(
                         .map(|a| AllowanceRequest {
                             client_key_id: a.client_key_id,
                             want_nanos: a.want_nanos,
+                            debt_nanos: a.debt_nanos,
                         })
                         .collect(),
                     ..hello.clone()

@@ -22,7 +22,7 @@ mod wire;
 pub use wire::DataPlaneRoutes;
 use wire::{Outbound, Outgoing, OutgoingStream};
 
-use crate::allowance::{Allowances, Budget, Held, PaidIn, Replica};
+use crate::allowance::{Allowances, Budget, Held, PaidIn, Replica, Want};
 use crate::ingest::{Applied, UsageWriter, batch_of, cooldown_events};
 use crate::membership::Membership;
 use crate::snapshot::Publisher;
@@ -122,7 +122,10 @@ impl DataPlaneApi {
                     engine.ask(
                         replica,
                         &ask.client_key_id,
-                        ask.want_nanos,
+                        Want {
+                            nanos: ask.want_nanos,
+                            debt: ask.debt_nanos,
+                        },
                         Budget {
                             max_nanos: b.max_nanos,
                             period_start_ms: b.period_start_ms,
