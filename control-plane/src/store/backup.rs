@@ -131,12 +131,16 @@ mod tests {
         }
         tx.commit().unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // The copy starts once the writer has committed ten times, and the writer goes on
+        // committing through it. (Counted over the whole run, the commits passed ten only if
+        // the writer's thread was scheduled enough beside the copy: on a loaded machine it
+        // was not, and the test failed with nothing wrong.)
+        let (busy_now, writer_busy) = std::sync::mpsc::channel();
         let busy = {
             let (db, stop) = (db.clone(), stop.clone());
             std::thread::spawn(move || {
                 let writer = Connection::open(&db).unwrap();
                 writer.busy_timeout(Duration::from_secs(5)).unwrap();
-                let mut commits = 0u64;
                 for n in 20_000.. {
                     if stop.load(std::sync::atomic::Ordering::Relaxed) {
                         break;
@@ -144,17 +148,18 @@ mod tests {
                     writer
                         .execute("INSERT INTO t VALUES (?1, zeroblob(10), ?1)", [n])
                         .unwrap();
-                    commits += 1;
+                    if n == 20_009 {
+                        busy_now.send(()).unwrap();
+                    }
                 }
-                commits
             })
         };
+        writer_busy.recv().unwrap();
         let out = dir.path().join("backups").join("sluice-backup.db");
         std::fs::create_dir(out.parent().unwrap()).unwrap();
         let done = backup(&db, &out).unwrap();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let commits = busy.join().unwrap();
-        assert!(commits > 10, "the writer committed {commits} times");
+        busy.join().unwrap();
         assert_eq!(done.bytes, std::fs::metadata(&out).unwrap().len());
         assert!(!partial_path(&out).unwrap().exists());
         let copy = Connection::open(&out).unwrap();
@@ -164,7 +169,10 @@ mod tests {
             })
             .unwrap();
         assert_eq!((rows, torn), (max + 1, 0));
-        assert!(rows >= 20_000);
+        assert!(
+            rows >= 20_010,
+            "the commits before the copy began are in it: {rows}"
+        );
         // A backup never overwrites, and leaves nothing beside its file.
         let again = backup(&db, &out).unwrap_err();
         assert!(again.to_string().contains("exists"), "{again:#}");
