@@ -430,6 +430,46 @@ fn image_parts_become_image_blocks() {
     );
 }
 
+/// OpenAI's explicit prompt-cache breakpoints (`prompt_cache_breakpoint` on a content part)
+/// are Anthropic's `cache_control` breakpoints: with `prompt_cache_options.mode: "explicit"`
+/// the prompt is cached at the marks alone, so dropping them would cache nothing. Anthropic
+/// refuses more than four: the latest four are kept.
+#[test]
+fn explicit_cache_breakpoints_become_cache_control() {
+    let mark = json!({"mode": "explicit"});
+    let explicit = json!({"mode": "explicit", "ttl": "30m"});
+    let m = to_messages(
+        json!({"model": "m", "prompt_cache_options": explicit, "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "You are an agent.", "prompt_cache_breakpoint": mark}]},
+            {"role": "user", "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}, "prompt_cache_breakpoint": mark},
+            ]},
+        ]}),
+    );
+    let ephemeral = json!({"type": "ephemeral"});
+    assert_eq!(m["system"][0]["cache_control"], ephemeral);
+    assert_eq!(m["messages"][0]["content"][0].get("cache_control"), None);
+    assert_eq!(m["messages"][0]["content"][1]["cache_control"], ephemeral);
+    assert_eq!(m.get("cache_control"), None);
+
+    let parts: Vec<Value> = (0..5)
+        .map(|i| json!({"type": "text", "text": format!("part {i}"), "prompt_cache_breakpoint": mark}))
+        .collect();
+    let m = to_messages(
+        json!({"model": "m", "prompt_cache_options": explicit, "messages": [
+            {"role": "user", "content": parts},
+        ]}),
+    );
+    let marked: Vec<bool> = m["messages"][0]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|block| block.get("cache_control") == Some(&ephemeral))
+        .collect();
+    assert_eq!(marked, [false, true, true, true, true]);
+}
+
 #[test]
 fn what_cannot_be_translated_is_refused_with_its_parameter() {
     let hi = json!([{"role": "user", "content": "Hi"}]);

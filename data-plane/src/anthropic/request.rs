@@ -54,13 +54,125 @@ fn hex_sha256(text: &str) -> String {
 pub use to_messages::chat_to_messages_in_shape;
 
 /// What a translated request carries when its client asked for prompt caching
-/// (`prompt_cache_key` or `prompt_cache_retention`, OpenAI's cache is automatic): Anthropic's
+/// (`prompt_cache_key`, `prompt_cache_retention`, `prompt_cache_options` not in `explicit`
+/// mode or a part marked with `prompt_cache_breakpoint`; [`CacheOptions::automatic`]): Anthropic's
 /// automatic caching, a breakpoint at the prompt's last block that moves with the
 /// conversation. Five minutes: a 1-hour write (what `"24h"` would ask for) is billed at twice
 /// the input price, which a chat client's retention is not taken to ask. As written by the
 /// in-shape writer; the
 /// value translation writes the same (the property tests hold them together).
 const CACHE_CONTROL: &[u8] = br#","cache_control":{"type":"ephemeral"}"#;
+
+/// The most `cache_control` breakpoints Anthropic takes in a request (it refuses more); the
+/// top-level automatic caching takes one of them.
+const MAX_BREAKPOINTS: usize = 4;
+
+/// What OpenAI's `prompt_cache_options` (`{mode, ttl}`, `prompt_cache_retention`'s successor)
+/// asks of a translated request: whether it was given (an object), whether its `mode` is
+/// `explicit` (caching only at the content parts marked with `prompt_cache_breakpoint`, no
+/// implicit breakpoint; `implicit`, the default, adds one), and the Anthropic `ttl` its `ttl`
+/// names, if any (`"5m"` or `"1h"`; OpenAI's own `"30m"` has no Anthropic equivalent, and is
+/// left to Anthropic's default, five minutes).
+#[derive(Clone, Copy, Default)]
+struct CacheOptions {
+    given: bool,
+    explicit: bool,
+    ttl: Option<&'static str>,
+}
+
+impl CacheOptions {
+    fn of(options: &Value) -> Self {
+        let Some(options) = options.as_object() else {
+            return Self::default();
+        };
+        Self {
+            given: true,
+            explicit: options.get("mode").and_then(Value::as_str) == Some("explicit"),
+            ttl: match options.get("ttl").and_then(Value::as_str) {
+                Some("5m") => Some("5m"),
+                Some("1h") => Some("1h"),
+                _ => None,
+            },
+        }
+    }
+
+    /// Whether the translated request carries Anthropic's automatic caching (the top-level
+    /// `cache_control`), given whether `prompt_cache_key` or `prompt_cache_retention` asked
+    /// for the cache and how many blocks the client marked: any of those, or the options,
+    /// ask, unless the mode is `explicit`, which caches at the marks alone, as OpenAI does.
+    fn automatic(self, asked: bool, marks: usize) -> bool {
+        !self.explicit && (asked || self.given || marks > 0)
+    }
+
+    /// How many of the client's marks are written, the latest ones: Anthropic's four, less
+    /// the automatic caching's (OpenAI, likewise, writes the latest three in `implicit` mode
+    /// and the latest four in `explicit`).
+    fn kept(automatic: bool) -> usize {
+        MAX_BREAKPOINTS - usize::from(automatic)
+    }
+
+    /// A mark's `cache_control` as written by the in-shape writer (the value translation
+    /// writes the same).
+    fn breakpoint(self) -> &'static [u8] {
+        match self.ttl {
+            Some("1h") => br#","cache_control":{"type":"ephemeral","ttl":"1h"}"#,
+            Some(_) => br#","cache_control":{"type":"ephemeral","ttl":"5m"}"#,
+            None => CACHE_CONTROL,
+        }
+    }
+
+    fn breakpoint_value(self) -> Value {
+        match self.ttl {
+            Some(ttl) => json!({"type": "ephemeral", "ttl": ttl}),
+            None => json!({"type": "ephemeral"}),
+        }
+    }
+}
+
+/// Whether a chat content part marks the end of a prefix to cache: its
+/// `prompt_cache_breakpoint` (`{mode: "explicit"}`) is an object.
+fn marked(part: &Value) -> bool {
+    part.get("prompt_cache_breakpoint")
+        .is_some_and(Value::is_object)
+}
+
+/// A marked part's block, until [`keep_breakpoints`] writes the marks kept.
+fn mark(block: &mut Value) {
+    block["cache_control"] = json!({"type": "ephemeral"});
+}
+
+/// The marked blocks of `system` and `turns`, in the order of the prompt: the latest
+/// [`CacheOptions::kept`] keep their `cache_control` (as `options` write it), the others lose
+/// it. Whether the request also carries the automatic caching is returned (`asked`: whether
+/// `prompt_cache_key` or `prompt_cache_retention` asked for the cache).
+fn keep_breakpoints(
+    system: &mut [Value],
+    turns: &mut [Value],
+    options: CacheOptions,
+    asked: bool,
+) -> bool {
+    let mut marks: Vec<&mut Map<String, Value>> = system
+        .iter_mut()
+        .chain(
+            turns
+                .iter_mut()
+                .filter_map(|turn| turn.get_mut("content").and_then(Value::as_array_mut))
+                .flatten(),
+        )
+        .filter_map(Value::as_object_mut)
+        .filter(|block| block.contains_key("cache_control"))
+        .collect();
+    let automatic = options.automatic(asked, marks.len());
+    let dropped = marks.len().saturating_sub(CacheOptions::kept(automatic));
+    for (i, block) in marks.iter_mut().enumerate() {
+        if i < dropped {
+            block.remove("cache_control");
+        } else {
+            block.insert("cache_control".into(), options.breakpoint_value());
+        }
+    }
+    automatic
+}
 
 /// A chat completions request → the Messages request for `model`. `default_max_tokens` fills
 /// `max_tokens` when the client gave neither `max_tokens` nor `max_completion_tokens`
@@ -88,7 +200,19 @@ pub fn chat_to_messages(
         .get("messages")
         .and_then(Value::as_array)
         .ok_or_else(|| Untranslatable::new("messages", "messages must be an array."))?;
-    let (system, turns) = chat_messages(messages)?;
+    let (mut system, mut turns) = chat_messages(messages)?;
+    // Prompt caching: the client's marks (the latest Anthropic takes), and the automatic
+    // caching when it asked for the cache.
+    let asked = ["prompt_cache_key", "prompt_cache_retention"]
+        .iter()
+        .any(|key| chat.get(*key).is_some_and(Value::is_string));
+    let options = chat
+        .get("prompt_cache_options")
+        .map(CacheOptions::of)
+        .unwrap_or_default();
+    if keep_breakpoints(&mut system, &mut turns, options, asked) {
+        out.insert("cache_control".into(), json!({"type": "ephemeral"}));
+    }
     if !system.is_empty() {
         out.insert("system".into(), Value::Array(system));
     }
@@ -165,12 +289,6 @@ pub fn chat_to_messages(
                     key.clone(),
                     "An Anthropic backend answers with text only.",
                 ));
-            }
-            "prompt_cache_key" | "prompt_cache_retention" if value.is_string() => {
-                out.insert("cache_control".into(), json!({"type": "ephemeral"}));
-            }
-            "prompt_cache_options" if asks_for_the_cache(value) => {
-                out.insert("cache_control".into(), json!({"type": "ephemeral"}));
             }
             _ => {}
         }
@@ -419,9 +537,17 @@ fn chat_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Untrans
                     })?;
                 let mut result =
                     json!({"type": "tool_result", "tool_use_id": portable_tool_id(id.into())});
-                let text = text_blocks(content, &at(".content"))?;
+                let mut text = text_blocks(content, &at(".content"))?;
+                // A mark on one of its parts marks the result: the end of its content.
+                let mut marked = false;
+                for block in text.iter_mut().filter_map(Value::as_object_mut) {
+                    marked |= block.remove("cache_control").is_some();
+                }
                 if !text.is_empty() {
                     result["content"] = Value::Array(text);
+                }
+                if marked {
+                    mark(&mut result);
                 }
                 ("user", vec![result])
             }
@@ -484,7 +610,11 @@ fn text_blocks(content: &Value, at: &str) -> Result<Vec<Value>, Untranslatable> 
                         if let Some(text) = part.get("text").and_then(Value::as_str)
                             && !blank(text)
                         {
-                            blocks.push(json!({"type": "text", "text": text}));
+                            let mut block = json!({"type": "text", "text": text});
+                            if marked(part) {
+                                mark(&mut block);
+                            }
+                            blocks.push(block);
                         }
                     }
                     _ => {
@@ -519,7 +649,11 @@ fn user_blocks(content: &Value, at: &str) -> Result<Vec<Value>, Untranslatable> 
                     .and_then(|u| u.get("url").or(Some(u)))
                     .and_then(Value::as_str)
                     .ok_or_else(|| Untranslatable::new(&here, "An image part needs a url."))?;
-                blocks.push(json!({"type": "image", "source": image_source(url, &here)?}));
+                let mut block = json!({"type": "image", "source": image_source(url, &here)?});
+                if marked(part) {
+                    mark(&mut block);
+                }
+                blocks.push(block);
             }
             other => {
                 return Err(Untranslatable::new(
@@ -592,9 +726,10 @@ fn assistant_blocks(
     match message.get("content").unwrap_or(&Value::Null) {
         Value::Array(parts) => {
             for (j, part) in parts.iter().enumerate() {
-                let text = match part.get("type").and_then(Value::as_str) {
-                    Some("text") => part.get("text"),
-                    Some("refusal") => part.get("refusal"),
+                // A refusal part takes no mark (OpenAI's type has none).
+                let (text, marked) = match part.get("type").and_then(Value::as_str) {
+                    Some("text") => (part.get("text"), marked(part)),
+                    Some("refusal") => (part.get("refusal"), false),
                     _ => {
                         return Err(Untranslatable::new(
                             at(&format!(".content[{j}]")),
@@ -605,7 +740,11 @@ fn assistant_blocks(
                 if let Some(text) = text.and_then(Value::as_str)
                     && !blank(text)
                 {
-                    blocks.push(json!({"type": "text", "text": text}));
+                    let mut block = json!({"type": "text", "text": text});
+                    if marked {
+                        mark(&mut block);
+                    }
+                    blocks.push(block);
                 }
             }
         }
@@ -732,14 +871,6 @@ fn chat_tool_choice(choice: &Value) -> Result<Value, Untranslatable> {
             .ok_or_else(|| Untranslatable::new("tool_choice", "tool_choice must name a function.")),
         _ => Err(Untranslatable::new("tool_choice", "Unknown tool_choice.")),
     }
-}
-
-/// Whether OpenAI's `prompt_cache_options` (`{mode, ttl}`, `prompt_cache_retention`'s
-/// successor) asks for the prompt cache: an object whose `mode` is not `explicit` (caching
-/// only at the breakpoints a request marks, which Anthropic's automatic caching would not
-/// keep to; its writes cost a quarter more than the input).
-fn asks_for_the_cache(options: &Value) -> bool {
-    options.is_object() && options.get("mode").and_then(Value::as_str) != Some("explicit")
 }
 
 /// A Messages request → the chat completions request for `model`, its `max_tokens` named
@@ -1282,6 +1413,8 @@ pub(crate) mod tests {
     fn part() -> impl Strategy<Value = String> {
         prop_oneof![
             6 => string().prop_map(|t| format!("{{\"type\":\"text\",\"text\":{t}}}")),
+            3 => (string(), breakpoint()).prop_map(|(t, b)| format!("{{\"type\":\"text\",\"text\":{t}{b}}}")),
+            1 => breakpoint().prop_map(|b| format!("{{\"type\":\"refusal\",\"refusal\":\"no\"{b}}}")),
             1 => Just("{\"type\":\"text\"}".to_owned()),
             1 => Just("{\"type\":\"text\",\"text\":null}".to_owned()),
             1 => Just("{\"type\":\"text\",\"text\":3}".to_owned()),
@@ -1295,6 +1428,18 @@ pub(crate) mod tests {
             )),
         ]
         .boxed()
+    }
+
+    /// A part's `prompt_cache_breakpoint` member (with its comma), in and near the shape.
+    fn breakpoint() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            6 => Just(",\"prompt_cache_breakpoint\":{\"mode\":\"explicit\"}"),
+            1 => Just(",\"prompt_cache_breakpoint\":{}"),
+            1 => Just(",\"prompt_cache_breakpoint\":null"),
+            1 => Just(",\"prompt_cache_breakpoint\":true"),
+            1 => Just(",\"prompt_cache_breakpoint\":{\"m\":1e400}"),
+            1 => Just(",\"prompt_cache_breakpoint\":{},\"prompt_cache_breakpoint\":null"),
+        ]
     }
 
     /// A chat tool call (an assistant's in a request, a completion's in an answer), in and near
@@ -1461,6 +1606,11 @@ pub(crate) mod tests {
             1 => Just("\"prompt_cache_key\":5".to_owned()),
             1 => Just("\"prompt_cache_retention\":\"24h\"".to_owned()),
             1 => Just("\"prompt_cache_retention\":null".to_owned()),
+            2 => Just("\"prompt_cache_options\":{\"mode\":\"explicit\"}".to_owned()),
+            1 => Just("\"prompt_cache_options\":{\"mode\":\"implicit\",\"ttl\":\"30m\"}".to_owned()),
+            1 => Just("\"prompt_cache_options\":{\"mode\":\"explicit\",\"ttl\":\"1h\"}".to_owned()),
+            1 => Just("\"prompt_cache_options\":{\"ttl\":\"5m\"}".to_owned()),
+            1 => Just("\"prompt_cache_options\":null".to_owned()),
             1 => Just("\"deep\":[[[[{\"a\":\"\\ud800\"}]]]]".to_owned()),
             1 => Just("\"n\":1".to_owned()),
             3 => chat_tool_member(),
@@ -1925,6 +2075,102 @@ pub(crate) mod tests {
             let request = to_messages_agreed(&body(not_asked));
             assert_eq!(request.get("cache_control"), None, "{not_asked}");
         }
+    }
+
+    /// A chat client's `prompt_cache_breakpoint` marks reach Anthropic as `cache_control` on
+    /// the blocks made from the marked parts (a tool message's on its result), in both writers:
+    /// with `mode: "explicit"` these are the only breakpoints, the latest four of them; in the
+    /// default `implicit` mode the latest three, beside the automatic caching, as OpenAI writes
+    /// them. Anthropic refuses a request with more than four.
+    #[test]
+    fn prompt_cache_breakpoints_become_cache_control_on_their_blocks() {
+        const MARK: &str = r#","prompt_cache_breakpoint":{"mode":"explicit"}"#;
+        let text = |text: &str, marked: bool| {
+            let mark = if marked { MARK } else { "" };
+            format!(r#"{{"type":"text","text":"{text}"{mark}}}"#)
+        };
+        let written = |messages: &str, members: &str| {
+            let body = format!(r#"{{"model":"m","messages":[{messages}]{members}}}"#);
+            let (in_shape, parsed_whole) = both_ways(&body, false);
+            assert_eq!(in_shape, parsed_whole, "{body}");
+            in_shape.expect(&body)
+        };
+        let ephemeral = json!({"type": "ephemeral"});
+        // An agent's: the system prompt and the last tool result marked.
+        let agent = format!(
+            r#"{{"role":"system","content":[{}]}},{{"role":"user","content":"Fix it."}},{{"role":"assistant","content":[{}],"tool_calls":[{{"id":"c1","type":"function","function":{{"name":"Read","arguments":"{{}}"}}}}]}},{{"role":"tool","tool_call_id":"c1","content":[{},{}]}}"#,
+            text("You are an agent.", true),
+            text("Reading.", false),
+            text("fn main() {}", false),
+            text("EOF", true),
+        );
+        let request = written(
+            &agent,
+            r#","prompt_cache_options":{"mode":"explicit","ttl":"30m"}"#,
+        );
+        assert_eq!(request["system"][0]["cache_control"], ephemeral);
+        let result = &request["messages"][2]["content"][0];
+        assert_eq!(result["type"], "tool_result");
+        assert_eq!(result["cache_control"], ephemeral);
+        assert_eq!(result["content"][1].get("cache_control"), None);
+        assert_eq!(
+            request.get("cache_control"),
+            None,
+            "explicit: the marks alone"
+        );
+        // The marks are a request for the cache: in the default mode, with the automatic
+        // caching, even with no prompt_cache_options.
+        for members in ["", r#","prompt_cache_options":{"mode":"implicit"}"#] {
+            let request = written(&agent, members);
+            assert_eq!(request["cache_control"], ephemeral, "{members}");
+            assert_eq!(
+                request["system"][0]["cache_control"], ephemeral,
+                "{members}"
+            );
+        }
+        // Explicit wins over a prompt_cache_key: no automatic caching either.
+        let request = written(
+            &agent,
+            r#","prompt_cache_key":"k","prompt_cache_options":{"mode":"explicit"}"#,
+        );
+        assert_eq!(request.get("cache_control"), None);
+        // Anthropic's TTLs are taken as asked.
+        let request = written(
+            &agent,
+            r#","prompt_cache_options":{"mode":"explicit","ttl":"1h"}"#,
+        );
+        assert_eq!(
+            request["system"][0]["cache_control"],
+            json!({"type": "ephemeral", "ttl": "1h"})
+        );
+        // Five marks: the latest four in explicit mode, three beside the automatic caching.
+        let five = format!(
+            r#"{{"role":"user","content":[{}]}}"#,
+            ["a", "b", "c", "d", "e"].map(|t| text(t, true)).join(",")
+        );
+        for (members, kept) in [
+            (r#","prompt_cache_options":{"mode":"explicit"}"#, 4),
+            ("", 3),
+        ] {
+            let request = written(&five, members);
+            let marks: Vec<bool> = request["messages"][0]["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|block| block.get("cache_control").is_some())
+                .collect();
+            let mut expected = vec![false; 5 - kept];
+            expected.resize(5, true);
+            assert_eq!(marks, expected, "{members}");
+        }
+        // A mark on a blank part (left out) or a refusal (OpenAI's type has none) marks
+        // nothing; `null` is no mark.
+        let none = format!(
+            r#"{{"role":"user","content":[{},{{"type":"text","text":"x","prompt_cache_breakpoint":null}}]}},{{"role":"assistant","content":[{{"type":"refusal","refusal":"No."{MARK}}}]}},{{"role":"user","content":"y"}}"#,
+            text(" ", true)
+        );
+        let request = written(&none, r#","prompt_cache_options":{"mode":"explicit"}"#);
+        assert!(!request.to_string().contains("cache_control"), "{request}");
     }
 
     /// Claude Code's `metadata.user_id` (about 150 characters) is longer than OpenAI-compatible

@@ -2,8 +2,8 @@
 //! it, written as a Messages request straight from its text: [`chat_to_messages_in_shape`].
 //!
 //! The shape: messages of the system, developer, user, assistant and tool roles whose content
-//! is a string, `null` or text parts (an assistant's also refusal parts), the assistant's tool
-//! calls; the token limits, `temperature`, `top_p`, `stop`, `user`, `safety_identifier`, function tools,
+//! is a string, `null` or text parts (an assistant's also refusal parts; a text part's
+//! `prompt_cache_breakpoint` too), the assistant's tool calls; the token limits, `temperature`, `top_p`, `stop`, `user`, `safety_identifier`, function tools,
 //! `tool_choice`, `parallel_tool_calls`, `prompt_cache_key`, `prompt_cache_retention` and
 //! `prompt_cache_options`.
 //! Texts are copied as the client escaped them, tool descriptions and schemas and a call's
@@ -37,9 +37,9 @@ pub fn chat_to_messages_in_shape<'a>(
     let (mut max_completion_tokens, mut max_tokens) = (None, None);
     let (mut temperature, mut top_p, mut user, mut safety) = (None, None, None, None);
     let (mut turns, mut stop, mut tools, mut choice, mut parallel) = (None, None, None, None, None);
-    // Whether `prompt_cache_key`, `prompt_cache_retention` and `prompt_cache_options` ask for
-    // the cache (the last of two of one name stands, as in the parse).
-    let (mut size, mut cache) = (0, [false; 3]);
+    // Whether `prompt_cache_key` and `prompt_cache_retention` ask for the cache, and what
+    // `prompt_cache_options` asks (the last of two of one name stands, as in the parse).
+    let (mut size, mut cache, mut options) = (0, [false; 2], super::CacheOptions::default());
     for (key, value) in members {
         let text = value.get();
         size += text.len();
@@ -65,7 +65,7 @@ pub fn chat_to_messages_in_shape<'a>(
             }
             "prompt_cache_options" => {
                 from_text::<Checked>(text)?;
-                cache[2] = super::asks_for_the_cache(&serde_json::from_str(text).ok()?);
+                options = super::CacheOptions::of(&serde_json::from_str(text).ok()?);
             }
             "messages" => turns = Some(from_text::<Turns<'a>>(text)?),
             "stop" => {
@@ -100,6 +100,18 @@ pub fn chat_to_messages_in_shape<'a>(
     if turns.is_empty() || (!last_kept && turns.last().is_some_and(|t| t.role == "assistant")) {
         return None;
     }
+    // The client's marks: the latest Anthropic takes are written.
+    let marks = system
+        .iter()
+        .chain(turns.iter().flat_map(|turn| &turn.blocks))
+        .filter(|block| block.marked())
+        .count();
+    let automatic = options.automatic(cache.contains(&true), marks);
+    let mut breakpoints = Breakpoints {
+        dropped: marks.saturating_sub(super::CacheOptions::kept(automatic)),
+        seen: 0,
+        written: options.breakpoint(),
+    };
     let mut out = Vec::with_capacity(size + 256);
     out.extend_from_slice(b"{\"model\":");
     string(&mut out, model);
@@ -109,7 +121,7 @@ pub fn chat_to_messages_in_shape<'a>(
     out.extend_from_slice(format!(",\"max_tokens\":{max_tokens}").as_bytes());
     if !system.is_empty() {
         member(&mut out, "system");
-        blocks(&mut out, &system);
+        blocks(&mut out, &system, &mut breakpoints);
     }
     out.extend_from_slice(b",\"messages\":[");
     for (i, turn) in turns.iter().enumerate() {
@@ -119,7 +131,7 @@ pub fn chat_to_messages_in_shape<'a>(
         out.extend_from_slice(b"{\"role\":\"");
         out.extend_from_slice(turn.role.as_bytes());
         out.extend_from_slice(b"\",\"content\":");
-        blocks(&mut out, &turn.blocks);
+        blocks(&mut out, &turn.blocks, &mut breakpoints);
         out.push(b'}');
     }
     out.push(b']');
@@ -182,7 +194,7 @@ pub fn chat_to_messages_in_shape<'a>(
         string(&mut out, &super::messages_user_id(user));
         out.push(b'}');
     }
-    if cache.contains(&true) {
+    if automatic {
         out.extend_from_slice(super::CACHE_CONTROL);
     }
     out.extend_from_slice(if stream {
@@ -195,8 +207,9 @@ pub fn chat_to_messages_in_shape<'a>(
 
 /// A Messages content block as it will be written.
 enum Block<'a> {
-    /// A text block: a JSON string's contents as written (never empty).
-    Text(&'a str),
+    /// A text block: a JSON string's contents as written (never empty), and whether its part
+    /// was marked with `prompt_cache_breakpoint`.
+    Text(&'a str, bool),
     ToolUse {
         id: Cow<'a, str>,
         name: Cow<'a, str>,
@@ -206,18 +219,54 @@ enum Block<'a> {
     ToolResult {
         id: Cow<'a, str>,
         texts: Vec<&'a str>,
+        /// Whether one of its parts was marked: the result is.
+        marked: bool,
     },
 }
 
+impl Block<'_> {
+    fn marked(&self) -> bool {
+        matches!(
+            self,
+            Block::Text(_, true) | Block::ToolResult { marked: true, .. }
+        )
+    }
+}
+
+/// The client's marks as they are written: the first `dropped` in the prompt's order are
+/// not (Anthropic takes four), the others are written as `written`.
+struct Breakpoints {
+    dropped: usize,
+    seen: usize,
+    written: &'static [u8],
+}
+
+impl Breakpoints {
+    /// A marked block's `cache_control`, if it is kept, before its closing brace.
+    fn write(&mut self, out: &mut Vec<u8>) {
+        if self.seen >= self.dropped {
+            out.extend_from_slice(self.written);
+        }
+        self.seen += 1;
+    }
+}
+
 /// `[…]` of blocks.
-fn blocks(out: &mut Vec<u8>, blocks: &[Block<'_>]) {
+fn blocks(out: &mut Vec<u8>, blocks: &[Block<'_>], breakpoints: &mut Breakpoints) {
     out.push(b'[');
     for (i, block) in blocks.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
         match block {
-            Block::Text(text) => text_block(out, text),
+            Block::Text(text, marked) => {
+                text_block(out, text);
+                if *marked {
+                    out.pop();
+                    breakpoints.write(out);
+                    out.push(b'}');
+                }
+            }
             Block::ToolUse { id, name, input } => {
                 out.extend_from_slice(b"{\"type\":\"tool_use\",\"id\":");
                 string(out, id);
@@ -227,7 +276,7 @@ fn blocks(out: &mut Vec<u8>, blocks: &[Block<'_>]) {
                 out.extend_from_slice(input.as_bytes());
                 out.push(b'}');
             }
-            Block::ToolResult { id, texts } => {
+            Block::ToolResult { id, texts, marked } => {
                 out.extend_from_slice(b"{\"type\":\"tool_result\",\"tool_use_id\":");
                 string(out, id);
                 if !texts.is_empty() {
@@ -239,6 +288,9 @@ fn blocks(out: &mut Vec<u8>, blocks: &[Block<'_>]) {
                         text_block(out, text);
                     }
                     out.push(b']');
+                }
+                if *marked {
+                    breakpoints.write(out);
                 }
                 out.push(b'}');
             }
@@ -362,53 +414,58 @@ impl<'de> Deserialize<'de> for ChatMessage<'de> {
                     Ok(())
                 })?;
                 let Content(parts) = content.unwrap_or(Content(Vec::new()));
-                // Text parts only, unless the role takes others.
+                // Text parts only, unless the role takes others; each with its mark (a
+                // refusal part takes none).
                 let texts = |refusals: bool| {
                     parts
                         .iter()
                         .map(|part| match part {
-                            Part::Text(text) => Ok(*text),
-                            Part::Refusal(text) if refusals => Ok(*text),
+                            Part::Text(text, marked) => Ok((*text, *marked)),
+                            Part::Refusal(text) if refusals => Ok((*text, false)),
                             Part::Refusal(_) => Err(A::Error::custom("a refusal part")),
                         })
-                        .filter(|text| text.as_ref().map_or(true, |text| !blank(text)))
-                        .collect::<Result<Vec<&'de str>, A::Error>>()
+                        .filter(|text| text.as_ref().map_or(true, |(text, _)| !blank(text)))
+                        .collect::<Result<Vec<(&'de str, bool)>, A::Error>>()
                 };
-                let (role, blocks) = match role.as_deref() {
-                    Some("system" | "developer") => (
-                        "system",
-                        texts(false)?.into_iter().map(Block::Text).collect(),
-                    ),
-                    Some("user") => ("user", texts(false)?.into_iter().map(Block::Text).collect()),
-                    Some("assistant") => {
-                        let mut blocks: Vec<Block<'de>> =
-                            texts(true)?.into_iter().map(Block::Text).collect();
-                        // An answer refused, sent back: its text is the turn's.
-                        blocks.extend(
-                            refusal
-                                .map(|Written(text)| text)
-                                .filter(|text| !blank(text))
-                                .map(Block::Text),
-                        );
-                        blocks.extend(
-                            calls
-                                .into_iter()
-                                .flatten()
-                                .map(|Call { id, name, input }| Block::ToolUse { id, name, input }),
-                        );
-                        ("assistant", blocks)
-                    }
-                    Some("tool") => {
-                        let id = portable_tool_id(
-                            result_of
-                                .ok_or_else(|| A::Error::custom("no tool_call_id"))?
-                                .0,
-                        );
-                        let texts = texts(false)?;
-                        ("user", vec![Block::ToolResult { id, texts }])
-                    }
-                    _ => return Err(A::Error::custom("a role outside the shape")),
+                let text_blocks = |refusals: bool| {
+                    texts(refusals).map(|texts| {
+                        texts
+                            .into_iter()
+                            .map(|(text, marked)| Block::Text(text, marked))
+                            .collect::<Vec<_>>()
+                    })
                 };
+                let (role, blocks) =
+                    match role.as_deref() {
+                        Some("system" | "developer") => ("system", text_blocks(false)?),
+                        Some("user") => ("user", text_blocks(false)?),
+                        Some("assistant") => {
+                            let mut blocks = text_blocks(true)?;
+                            // An answer refused, sent back: its text is the turn's.
+                            blocks.extend(
+                                refusal
+                                    .map(|Written(text)| text)
+                                    .filter(|text| !blank(text))
+                                    .map(|text| Block::Text(text, false)),
+                            );
+                            blocks.extend(calls.into_iter().flatten().map(
+                                |Call { id, name, input }| Block::ToolUse { id, name, input },
+                            ));
+                            ("assistant", blocks)
+                        }
+                        Some("tool") => {
+                            let id = portable_tool_id(
+                                result_of
+                                    .ok_or_else(|| A::Error::custom("no tool_call_id"))?
+                                    .0,
+                            );
+                            let texts = texts(false)?;
+                            let marked = texts.iter().any(|(_, marked)| *marked);
+                            let texts = texts.into_iter().map(|(text, _)| text).collect();
+                            ("user", vec![Block::ToolResult { id, texts, marked }])
+                        }
+                        _ => return Err(A::Error::custom("a role outside the shape")),
+                    };
                 Ok(ChatMessage { role, blocks })
             }
         }
@@ -421,7 +478,8 @@ impl<'de> Deserialize<'de> for ChatMessage<'de> {
 struct Content<'a>(Vec<Part<'a>>);
 
 enum Part<'a> {
-    Text(&'a str),
+    /// Its text, and whether it is marked with `prompt_cache_breakpoint`.
+    Text(&'a str, bool),
     Refusal(&'a str),
 }
 
@@ -437,7 +495,7 @@ impl<'de> Deserialize<'de> for Content<'de> {
         }
         if text.starts_with('"') {
             return written(raw)
-                .map(|text| Content(vec![Part::Text(text)]))
+                .map(|text| Content(vec![Part::Text(text, false)]))
                 .ok_or_else(|| D::Error::custom("not a string the parse takes"));
         }
         // The parts are read from their text again, where the nesting limit counts from the
@@ -451,8 +509,9 @@ impl<'de> Deserialize<'de> for Content<'de> {
     }
 }
 
-/// A content part in the shape: text (its `text`, missing or `null` read as empty) or a
-/// refusal (its `refusal`, likewise).
+/// A content part in the shape: text (its `text`, missing or `null` read as empty, and its
+/// `prompt_cache_breakpoint`: an object marks it, `null` does not, anything else is outside the
+/// shape) or a refusal (its `refusal`, likewise).
 struct PartOf<'a>(Part<'a>);
 
 impl<'de> Deserialize<'de> for PartOf<'de> {
@@ -467,24 +526,49 @@ impl<'de> Deserialize<'de> for PartOf<'de> {
                 self,
                 map: A,
             ) -> Result<PartOf<'de>, A::Error> {
-                let (mut kind, mut text, mut refusal) = (None, None, None);
-                members(map, Names(&["type", "text", "refusal"]), |at, map| {
+                const NAMES: Names = Names(&["type", "text", "refusal", "prompt_cache_breakpoint"]);
+                let (mut kind, mut text, mut refusal, mut marked) = (None, None, None, false);
+                members(map, NAMES, |at, map| {
                     match at {
                         0 => kind = Some(map.next_value::<Key>()?.0),
                         1 => text = map.next_value::<Option<Written>>()?,
-                        _ => refusal = map.next_value::<Option<Written>>()?,
+                        2 => refusal = map.next_value::<Option<Written>>()?,
+                        _ => marked = map.next_value::<Mark>()?.0,
                     }
                     Ok(())
                 })?;
                 let read = |text: Option<Written<'de>>| text.map_or("", |Written(text)| text);
                 match kind.as_deref() {
-                    Some("text") => Ok(PartOf(Part::Text(read(text)))),
+                    Some("text") => Ok(PartOf(Part::Text(read(text), marked))),
                     Some("refusal") => Ok(PartOf(Part::Refusal(read(refusal)))),
                     _ => Err(A::Error::custom("a part outside the shape")),
                 }
             }
         }
         value.deserialize_map(Members)
+    }
+}
+
+/// A part's `prompt_cache_breakpoint`: whether it marks the part (an object, checked as the
+/// parse checks it) or not (`null`); any other value is an error, outside the shape.
+struct Mark(bool);
+
+impl<'de> Deserialize<'de> for Mark {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = Mark;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object or null")
+            }
+            fn visit_unit<E>(self) -> Result<Mark, E> {
+                Ok(Mark(false))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Mark, A::Error> {
+                serde::de::Visitor::visit_map(Checked, map).map(|Checked| Mark(true))
+            }
+        }
+        value.deserialize_any(Either)
     }
 }
 
