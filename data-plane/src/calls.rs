@@ -17,7 +17,12 @@
 //! definitions echoed in the answer are never counted. Read twice (a stream's events), a
 //! tool's count is the largest read, never a sum. A stream's calls are also counted as they
 //! pass ([`CallPrices::count_event`]), so a client that leaves before the last usage is
-//! charged the calls it was shown: the request's count is the larger of the two.
+//! charged the calls it was shown. Once the answer's final figures gave a tool's count (a
+//! whole answer, `message_delta`'s `<tool>_requests`, a Responses stream's final response:
+//! [`Given`]), that count is the tool's: a search that failed (Anthropic's `max_uses_exceeded`,
+//! `too_many_requests`, …) streams its `server_tool_use` block but is not billed. For a tool
+//! they gave none of (a stream cut before them, a backend that does not count it), the
+//! request's count is the larger of the two.
 //!
 //! One name is no tool: [`REQUEST`], the request itself. Some models bill a fee for each
 //! request on top of its tokens, which no answer counts: OpenAI's search models in Chat
@@ -39,6 +44,10 @@ pub const REQUEST: &str = "request";
 
 /// How many calls of each of a route's [`CallPrices`] an answer reported, by their order.
 pub type Counted = [u32; MAX_CALL_PRICES];
+
+/// Which of a route's [`CallPrices`] an answer's final figures gave a count of, by their order
+/// (a tool's count there is what its calls were billed).
+pub type Given = [bool; MAX_CALL_PRICES];
 
 /// A priced tool: its name and what a call costs, in nano-units.
 type Priced = crate::tiers::Named<u64>;
@@ -71,39 +80,53 @@ impl CallPrices {
     }
 
     /// Adds to `counted` the calls of this route's tools that `text` (a whole answer, or a
-    /// stream's event) reports: each tool's count becomes the larger of the two.
-    pub fn count_in(&self, text: &[u8], counted: &mut Counted) {
+    /// stream's event) reports: each tool's count becomes the larger of the two. Which tools
+    /// it gave the final count of is returned: those its top-level `usage` counts (a whole
+    /// message, `message_delta`), and every one for a Responses object's `output` (a whole
+    /// one, or the final response of a stream: the relay reads no other), which lists each
+    /// call; not `message_start`'s, whose counts are the message's so far.
+    pub fn count_in(&self, text: &[u8], counted: &mut Counted) -> Given {
+        let mut given = Given::default();
         let Some(prices) = &self.0 else {
-            return;
+            return given;
         };
         let Ok(answer) = serde_json::from_slice::<Answer<'_>>(text) else {
-            return;
+            return given;
         };
-        let inner = [&answer.response, &answer.message].into_iter().flatten();
-        for usage in [&answer.usage]
+        let usages = [(&answer.usage, true)]
             .into_iter()
-            .chain(inner.clone().map(|i| &i.usage))
-            .flatten()
-        {
-            usage.count(prices, counted);
+            .chain(answer.response.iter().map(|i| (&i.usage, true)))
+            .chain(answer.message.iter().map(|i| (&i.usage, false)));
+        for (usage, last) in usages {
+            if let Some(usage) = usage {
+                let counts = usage.count(prices, counted);
+                for (given, counted) in given.iter_mut().zip(counts) {
+                    *given |= last && counted;
+                }
+            }
         }
         for items in [&answer.output]
             .into_iter()
-            .chain(inner.map(|i| &i.output))
+            .chain(answer.response.iter().map(|i| &i.output))
             .flatten()
         {
             count_items(items, prices, counted);
+            for (given, (tool, _)) in given.iter_mut().zip(prices.iter()) {
+                *given |= **tool != *REQUEST;
+            }
         }
+        given
     }
 
     /// [`Self::count_in`] for the text of a `usage` value alone (an answer refused for memory
     /// keeps no more of it): Anthropic's counts its server tools' calls there.
-    pub fn count_in_usage(&self, usage: &[u8], counted: &mut Counted) {
+    pub fn count_in_usage(&self, usage: &[u8], counted: &mut Counted) -> Given {
         let Some(prices) = &self.0 else {
-            return;
+            return Given::default();
         };
-        if let Ok(usage) = serde_json::from_slice::<Usage<'_>>(usage) {
-            usage.count(prices, counted);
+        match serde_json::from_slice::<Usage<'_>>(usage) {
+            Ok(usage) => usage.count(prices, counted),
+            Err(_) => Given::default(),
         }
     }
 
@@ -288,16 +311,20 @@ fn priced(prices: &[Priced], tool: &str) -> Option<usize> {
 }
 
 impl Usage<'_> {
-    /// Raises each priced tool's count in `counted` to its `<tool>_requests` here.
-    fn count(&self, prices: &[Priced], counted: &mut Counted) {
+    /// Raises each priced tool's count in `counted` to its `<tool>_requests` here; which
+    /// tools were counted here is returned.
+    fn count(&self, prices: &[Priced], counted: &mut Counted) -> Given {
+        let mut given = Given::default();
         for (name, count) in self.server_tool_use.iter().flatten() {
             let (Some(tool), Count::Calls(count)) = (name.strip_suffix("_requests"), count) else {
                 continue;
             };
             if let Some(i) = priced(prices, tool) {
                 counted[i] = counted[i].max(u32::try_from(*count).unwrap_or(u32::MAX));
+                given[i] = true;
             }
         }
+        given
     }
 }
 
@@ -418,6 +445,49 @@ mod tests {
             &mut counted,
         );
         assert_eq!(prices.names(&counted).as_deref(), Some("web_search=4"));
+    }
+
+    /// The counts an answer's final figures give are told from those of a stream's start and
+    /// of an answer that does not count a tool: only the first are what was billed.
+    #[test]
+    fn the_final_figures_say_which_tools_they_counted() {
+        let prices = prices(); // web_search, file_search, web_fetch
+        let given = |text: &str| prices.count_in(text.as_bytes(), &mut [0; MAX_CALL_PRICES]);
+        let mut only_search = Given::default();
+        only_search[0] = true;
+        // A whole message, or `message_delta`: the tools its usage counts, 0 included.
+        assert_eq!(
+            given(
+                r#"{"type":"message_delta","usage":{"output_tokens":3,"server_tool_use":{"web_search_requests":0}}}"#
+            ),
+            only_search
+        );
+        // `message_start`'s are the message's so far.
+        assert_eq!(
+            given(
+                r#"{"type":"message_start","message":{"usage":{"server_tool_use":{"web_search_requests":0}}}}"#
+            ),
+            Given::default()
+        );
+        // A usage that counts no tool (another Anthropic-compatible server's), or no usage.
+        assert_eq!(given(r#"{"usage":{"output_tokens":3}}"#), Given::default());
+        assert_eq!(given(r#"{"choices":[]}"#), Given::default());
+        // A Responses object's output lists every call.
+        let all = [true; 3];
+        for text in [
+            r#"{"object":"response","output":[]}"#,
+            r#"{"type":"response.completed","response":{"output":[{"type":"web_search_call"}]}}"#,
+        ] {
+            assert_eq!(given(text)[..3], all, "{text}");
+        }
+        let mut counted = [0; MAX_CALL_PRICES];
+        assert_eq!(
+            prices.count_in_usage(
+                br#"{"server_tool_use":{"web_fetch_requests":2}}"#,
+                &mut counted
+            )[..3],
+            [false, false, true]
+        );
     }
 
     #[test]

@@ -1223,6 +1223,87 @@ async fn records_of_answers_reporting(claude: &MockServer, usage: &str) -> Vec<p
     records
 }
 
+/// A search that failed (past the tool's `max_uses`, say) streams its `server_tool_use`
+/// block but is not billed: Anthropic's final `message_delta` counts the searches billed
+/// (`server_tool_use.web_search_requests`), and a stream that reached it is charged that
+/// count, as its whole answer is. A stream cut before it is charged the searches it showed.
+#[tokio::test]
+async fn a_streams_searches_are_charged_as_its_final_usage_counts_them() {
+    let claude = mock("claude");
+    let mut snap = claude_alone(&claude);
+    // $10 per 1,000 searches: $0.01, 10^7 nano-units, a search; no token is priced.
+    snap.backends[0].models[0].call_prices = vec![proto::CallPrice {
+        tool: "web_search".into(),
+        price_per_thousand_calls: 10.0,
+    }];
+    let h = Harness::start(snap).await;
+    let event = |kind: &str, data: Value| format!("event: {kind}\ndata: {data}\n\n");
+    let start = event(
+        "message_start",
+        json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+    );
+    let search = |index: u32, result: Value| {
+        let id = format!("srvtoolu_{index}");
+        [
+            event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": index * 2, "content_block": {"type": "server_tool_use", "id": id, "name": "web_search", "input": {}}}),
+            ),
+            event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": index * 2, "delta": {"type": "input_json_delta", "partial_json": "{\"query\":\"rust\"}"}}),
+            ),
+            event(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": index * 2}),
+            ),
+            event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": index * 2 + 1, "content_block": {"type": "web_search_tool_result", "tool_use_id": id, "content": result}}),
+            ),
+            event(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": index * 2 + 1}),
+            ),
+        ]
+        .concat()
+    };
+    let searches = search(
+        0,
+        json!([{"type": "web_search_result", "url": "https://www.rust-lang.org", "title": "Rust", "encrypted_content": "e"}]),
+    ) + &search(
+        1,
+        json!({"type": "web_search_tool_result_error", "error_code": "max_uses_exceeded"}),
+    );
+    let end = event(
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"input_tokens": 10, "output_tokens": 20, "server_tool_use": {"web_search_requests": 1}}}),
+    ) + &event("message_stop", json!({"type": "message_stop"}));
+    let whole = format!("{start}{searches}{end}");
+    let cut = format!("{start}{searches}");
+    for answer in [whole, cut] {
+        claude.set_fault(
+            Fault::Body {
+                code: 200,
+                body: answer,
+            }
+            .times(1),
+        );
+        let body = json!({"model": MODEL, "max_tokens": 64, "stream": true,
+                          "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 1}],
+                          "messages": [{"role": "user", "content": "search twice"}]});
+        let response = send(&h, "/v1/messages", &body.to_string()).await;
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap();
+    }
+    let records = h.records(2).await;
+    let search = 10_000_000;
+    assert_eq!(
+        records.iter().map(|r| r.cost_nanos).collect::<Vec<_>>(),
+        [search, 2 * search]
+    );
+}
+
 /// A request Anthropic compacted server-side (`context_management`'s `compact_20260112`,
 /// passed through untouched) is billed for the compaction's step too, which its top-level
 /// `usage` leaves out and lists in `iterations`: every step is counted, whole or streamed

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::request_log::RequestLine;
 use crate::allowance::Reservation as BudgetReservation;
-use crate::calls::{CallPrices, Counted};
+use crate::calls::{CallPrices, Counted, Given};
 use crate::clock::{proto_duration, timestamp};
 use crate::error::ProxyError;
 use crate::metrics::{Held, Label, Metrics};
@@ -75,10 +75,12 @@ struct Ledger {
     /// The tier the request asked for (`service_tier`), taken as the answer's when its answer
     /// names none: a compaction's (`response.compaction` carries no `service_tier`).
     asked_tier: Option<Box<str>>,
-    /// That route's priced tools, how many calls of each its answer reported, and how many
-    /// its stream's events showed (what a stream left before its last usage had made).
+    /// That route's priced tools, how many calls of each its answer reported, which of those
+    /// counts its final figures gave (the calls billed), and how many its stream's events
+    /// showed (what a stream left before its last usage had made).
     call_prices: CallPrices,
     calls: Counted,
+    calls_given: Given,
     calls_seen: Counted,
     /// Whether `decorate` names the backend.
     expose_backend: bool,
@@ -173,6 +175,7 @@ impl Accounting {
             asked_tier: None,
             call_prices: CallPrices::default(),
             calls: Counted::default(),
+            calls_given: Given::default(),
             calls_seen: Counted::default(),
             expose_backend: false,
             multiplexed: false,
@@ -354,6 +357,7 @@ impl Accounting {
         };
         self.0.call_prices.clone_from(&route.call_prices);
         self.0.calls = Counted::default();
+        self.0.calls_given = Given::default();
         self.0.calls_seen = Counted::default();
         self.0.last_attempt_failed = false;
         self.0.record.backend_id.clone_from(&backend.id);
@@ -447,7 +451,14 @@ impl Accounting {
         if self.0.tiers.any() {
             self.0.tiers_reported |= self.0.tiers.reported_in(text);
         }
-        self.0.call_prices.count_in(text, &mut self.0.calls);
+        let given = self.0.call_prices.count_in(text, &mut self.0.calls);
+        self.calls_given(given);
+    }
+
+    fn calls_given(&mut self, given: Given) {
+        for (was, now) in self.0.calls_given.iter_mut().zip(given) {
+            *was |= now;
+        }
     }
 
     /// Counts the call of a priced tool a stream's event `kind` shows (an Anthropic server
@@ -468,7 +479,8 @@ impl Accounting {
         if self.0.tiers.any() {
             self.0.tiers_reported |= self.0.tiers.reported_in_usage(usage);
         }
-        self.0.call_prices.count_in_usage(usage, &mut self.0.calls);
+        let given = self.0.call_prices.count_in_usage(usage, &mut self.0.calls);
+        self.calls_given(given);
     }
 
     /// Whether the upstream reported the request's usage (some of its tokens).
@@ -597,11 +609,16 @@ impl Accounting {
         // Nearly every route prices no tool's calls: nothing to add or name.
         let (mut fees, calls) = match self.0.call_prices.any() {
             true => {
-                // The answer's counts, or what its stream showed when that is more (a stream
-                // left before its last usage).
+                // The answer's counts where its final figures gave them (what was billed: a
+                // search that failed streamed its block all the same); else what its stream
+                // showed when that is more (a stream left before its last usage, a backend
+                // that does not count the tool).
                 let mut calls = self.0.calls;
-                for (calls, seen) in calls.iter_mut().zip(self.0.calls_seen) {
-                    *calls = (*calls).max(seen);
+                let given = self.0.calls_given;
+                for ((calls, seen), given) in calls.iter_mut().zip(self.0.calls_seen).zip(given) {
+                    if !given {
+                        *calls = (*calls).max(seen);
+                    }
                 }
                 // The route's fee for the request itself, when its backend processed the
                 // request: its tokens are known or estimated, or it answered without saying
