@@ -1569,6 +1569,45 @@ fn a_chat_stream_cut_off_in_a_tool_call_stops_for_max_tokens() {
     assert_eq!(delta["delta"]["stop_reason"], "max_tokens");
 }
 
+/// A call whose first piece has no name, text streamed before its name comes (servers that
+/// send a call's id first, then its name): the text block is stopped before the call's block
+/// starts, as Anthropic streams blocks one after another (start, deltas, stop). Clients that
+/// end a text part on its `content_block_stop` (the AI SDK) never ended it.
+#[test]
+fn a_call_named_after_text_started_stops_the_text_block_first() {
+    let events = translated(
+        &[
+            chat_chunk(json!({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"arguments": ""}}]}), None),
+            chat_chunk(json!({"content": "Reading it."}), None),
+            chat_chunk(json!({"tool_calls": [{"index": 0, "function": {"name": "Read", "arguments": "{}"}}]}), None),
+            chat_chunk(json!({}), Some("tool_calls")),
+            "data: [DONE]\n\n".to_owned(),
+        ]
+        .concat(),
+    );
+    let blocks: Vec<(String, u64)> = events
+        .iter()
+        .filter(|e| e["type"].as_str().unwrap().starts_with("content_block_"))
+        .filter(|e| e["type"] != "content_block_delta")
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_owned(),
+                e["index"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("content_block_start", 0),
+        ("content_block_stop", 0),
+        ("content_block_start", 1),
+        ("content_block_stop", 1),
+    ]
+    .map(|(kind, index)| (kind.to_owned(), index));
+    assert_eq!(blocks, expected, "{events:?}");
+    assert_eq!(events[1]["content_block"]["type"], "text");
+    assert_eq!(events[4]["content_block"]["name"], "Read", "{events:?}");
+}
+
 /// Parallel calls that each come whole, with their own id and no index (as Gemini's
 /// OpenAI-compatible endpoint sends them): a call with another id is another call, each its
 /// own tool block, not pieces of the first.

@@ -863,6 +863,9 @@ impl EventsFromChunks {
         self.tool_used = true;
         let name = self.names.original(&pending.name);
         let block = json!({"type": "tool_use", "id": id, "name": name, "input": {}});
+        // Text may have started while the call waited for its name: blocks follow one
+        // another, each stopped before the next starts.
+        self.close(out);
         self.open_block(Open::Tool(index), block, out);
         self.arguments(&pending.arguments, out);
     }
