@@ -485,6 +485,18 @@ impl Allowances {
         })
     }
 
+    /// [`Self::outstanding`] as the next ask under a budget of `max_nanos` for the period
+    /// starting `period_start_ms` counts it: nothing of grants it would void (another
+    /// period's, or a higher budget's), which the ledger keeps until that ask.
+    pub fn outstanding_under(&self, key: &str, period_start_ms: i64, max_nanos: u64) -> u64 {
+        match self.ledgers.get(key) {
+            Some(l) if l.period_start_ms == period_start_ms && max_nanos >= l.max_nanos => {
+                self.outstanding(key)
+            }
+            _ => 0,
+        }
+    }
+
     /// Whether `replica` has an open stream.
     pub fn connected(&self, replica: &Replica) -> bool {
         self.replicas.get(replica).is_some_and(|s| s.streams > 0)

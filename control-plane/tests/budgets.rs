@@ -394,6 +394,22 @@ async fn a_key_shows_what_data_planes_hold_of_its_budget() {
     let (held_now, remaining) = held().await;
     assert_eq!(held_now, 5_625);
     assert!((remaining - 0.00099).abs() < 1e-12, "{remaining}");
+    // A lowered budget voids the grants (the replica's pool, the engine's at its next ask):
+    // shown held no more, though no ask has come yet.
+    AdminServiceClient::with_interceptor(channel(&cp).await, Bearer(cp.admin_token.clone()))
+        .update_client_key(pb::UpdateClientKeyRequest {
+            client_key: Some(pb::ClientKey {
+                id: key.id.clone(),
+                max_budget: 0.0009,
+                ..Default::default()
+            }),
+            update_mask: Some(wkt::FieldMask {
+                paths: vec!["max_budget".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    assert_eq!(held().await.0, 0);
 }
 
 /// A replica's ack of a snapshot is stored off its stream: while another writer holds the

@@ -1335,6 +1335,34 @@ async fn a_responses_stream_limited_before_its_output_fails_over() {
             assert!(!text.contains("response.completed"), "{text}");
         }
     }
+    // A `response.created` past 64 KiB (it echoes the request's instructions and tools), in
+    // reads of 16 KiB: held and served, or failed over, as a small one; its first bytes were
+    // held to the 64 KiB of a stream's first event, and every attempt failed.
+    let big = lifecycle.replacen(
+        "\"model\":\"m\"",
+        &format!(
+            "\"model\":\"m\",\"instructions\":\"{}\"",
+            "x".repeat(100 * 1024)
+        ),
+        1,
+    );
+    let limited = format!(
+        "{big}{}",
+        &nested("tokens", "rate_limit_exceeded")[lifecycle.len()..]
+    );
+    let served = format!("{big}{delta}{}", &failed("x")[lifecycle.len()..]);
+    for (events, by) in [(limited, "beta-name"), (served, "alpha-name")] {
+        let chunks = events
+            .as_bytes()
+            .chunks(16 * 1024)
+            .map(<[u8]>::to_vec)
+            .collect();
+        let (a, b) = (SseUpstream::start(chunks).await, mock("beta"));
+        let h = Harness::start(pair(&a.base_url(), &b)).await;
+        let response = create(&h, body.clone()).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-sluice-backend"], by);
+    }
     // With no other backend, the client gets the limit as OpenAI answers a chat request's.
     let h =
         Harness::one_primary(&sse_upstream(nested("tokens", "rate_limit_exceeded")).await).await;

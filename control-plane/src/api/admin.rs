@@ -71,8 +71,10 @@ impl Admin {
             .map(|(key, spent)| {
                 let mut shown = key.to_proto(now, spent);
                 if key.max_budget_nanos > 0 {
-                    shown.held_by_data_planes =
-                        sluice_domain::price::from_nanos(allowances.outstanding(&key.id));
+                    let period_start = key.budget_period.period_of(now).map_or(0, |(s, _)| s);
+                    let held =
+                        allowances.outstanding_under(&key.id, period_start, key.max_budget_nanos);
+                    shown.held_by_data_planes = sluice_domain::price::from_nanos(held);
                 }
                 shown
             })

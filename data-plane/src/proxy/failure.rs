@@ -467,63 +467,80 @@ pub(super) enum FirstEvent {
     Failed(Failure),
     /// An `error` event whose data has not all come yet.
     Unfinished,
-    /// Only a Responses stream's lifecycle events so far (see [`responses_first_events`]):
-    /// held, the attempt not yet committed.
-    Held,
 }
 
-/// A Responses create's stream before its output ([`FirstEvent`]): OpenAI reports a rate
+/// A Responses create's stream before its output, read as it comes. OpenAI reports a rate
 /// limit or an empty account in the stream, after `response.created` and
 /// `response.in_progress` and before any output, where a chat request gets an HTTP 429.
 /// Committed at `response.created`, such a stream was never failed over, though its client
 /// had been sent nothing it could use and the provider billed nothing (Codex CLI, which always
 /// streams, failed its turns while a second account stood by). So the lifecycle events
 /// (`response.created`, `response.queued`, `response.in_progress`) are held; a failure after
-/// them whose code is the backend's or its model's (as [`Failure::Status`] with the status of
-/// its HTTP form, its cooldown read from that body as a whole answer's) fails the attempt;
-/// any other event commits.
-pub(super) fn responses_first_events(bytes: &[u8], api_key: &[u8]) -> FirstEvent {
-    let mut parser = crate::sse::SseParser::default();
-    let mut items = Vec::new();
-    if parser.push(bytes, &mut items).is_err() {
-        return FirstEvent::Commit;
-    }
-    let mut held = false;
-    for item in &items {
-        let crate::sse::Item::Event(event) = item else {
-            continue;
-        };
-        let value = serde_json::from_str::<serde_json::Value>(&event.data).ok();
-        let text = |at: &str| value.as_ref()?.pointer(at)?.as_str();
-        let kind = text("/type").or(event.event.as_deref());
-        match kind {
-            Some("response.created" | "response.queued" | "response.in_progress") => {
-                held = true;
-                continue;
-            }
-            Some("error" | "response.failed") => {}
-            _ => return FirstEvent::Commit,
+/// them whose code is the backend's or its model's, and that reports no usage (nothing
+/// billed), fails the attempt (as [`Failure::Status`] with the status of its HTTP form, its
+/// cooldown read from that body as a whole answer's), as does any first event a stream of
+/// another API would fail over on ([`first_event`]); any other event commits.
+#[derive(Debug, Default)]
+pub(super) struct LifecycleHold {
+    parser: crate::sse::SseParser,
+    items: Vec<crate::sse::Item>,
+    /// A lifecycle event has come: the stream has begun.
+    pub held: bool,
+}
+
+impl LifecycleHold {
+    /// Reads the stream's next bytes: what its events so far make of the attempt (`Unfinished`
+    /// while no event decides it).
+    pub fn push(&mut self, chunk: &[u8], api_key: &[u8]) -> FirstEvent {
+        if self.parser.push(chunk, &mut self.items).is_err() {
+            return FirstEvent::Commit;
         }
-        // Nested (`response.failed`'s `response.error`, OpenAI's `error` event), or flat (the
-        // event's schema: its own `type` is then the event's).
+        for item in self.items.drain(..) {
+            let crate::sse::Item::Event(event) = item else {
+                continue;
+            };
+            if let Some(decided) = after_lifecycle(&event, api_key) {
+                return decided;
+            }
+            self.held = true;
+        }
+        FirstEvent::Unfinished
+    }
+}
+
+/// What a Responses stream's event makes of its held attempt; `None` for a lifecycle event.
+fn after_lifecycle(event: &crate::sse::Event, api_key: &[u8]) -> Option<FirstEvent> {
+    let value = serde_json::from_str::<serde_json::Value>(&event.data).ok();
+    let text = |at: &str| value.as_ref()?.pointer(at)?.as_str();
+    let kind = text("/type").or(event.event.as_deref());
+    if let Some("response.created" | "response.queued" | "response.in_progress") = kind {
+        return None;
+    }
+    if let Some("error" | "response.failed") = kind
+        // Billed (its usage says so): the answer, its usage charged as it ends the stream.
+        && value
+            .as_ref()
+            .and_then(|v| v.pointer("/response/usage"))
+            .is_none_or(serde_json::Value::is_null)
+    {
+        // Nested (`response.failed`'s `response.error`, OpenAI's `error` event), or flat
+        // (the event's schema: its own `type` is then the event's).
         let error = ["/response/error", "/error", ""].iter().find_map(|at| {
             let error = value.as_ref()?.pointer(at)?;
             error.get("code").and_then(serde_json::Value::as_str)?;
             Some((error, at.is_empty()))
         });
-        let Some((error, flat)) = error else {
-            return FirstEvent::Commit;
-        };
-        return match responses_error(error, flat, api_key) {
-            Some(failure) => FirstEvent::Failed(failure),
-            None => FirstEvent::Commit,
-        };
+        if let Some(failure) = error.and_then(|(error, flat)| responses_error(error, flat, api_key))
+        {
+            return Some(FirstEvent::Failed(failure));
+        }
     }
-    if held {
-        FirstEvent::Held
-    } else {
-        FirstEvent::Unfinished
-    }
+    // An error of the shapes other streams fail over on (`{"error":{"type":"server_error"}}`
+    // with no code, TGI's overload).
+    Some(match first_event(&event.to_bytes(), api_key) {
+        FirstEvent::Failed(failure) => FirstEvent::Failed(failure),
+        _ => FirstEvent::Commit,
+    })
 }
 
 /// A Responses failure's `error` (`{code, message, …}`; `flat`: the fields of an `error`
@@ -537,24 +554,28 @@ fn responses_error(error: &serde_json::Value, flat: bool, api_key: &[u8]) -> Opt
         true => None,
         false => error.get("type").and_then(serde_json::Value::as_str),
     };
-    let status = match (code, kind) {
-        (_, Some("insufficient_quota"))
-        | (
-            Some(
-                "rate_limit_exceeded"
-                | "too_many_requests"
-                | "insufficient_quota"
-                | "credit_balance_exhausted",
-            ),
-            _,
-        ) => StatusCode::TOO_MANY_REQUESTS,
-        (Some("server_error"), _) => StatusCode::INTERNAL_SERVER_ERROR,
+    // An account out of credit is told as OpenAI's HTTP answer tells it, `insufficient_quota`,
+    // which cools the whole backend and is passed on as the account's (a flat event's own
+    // `type` is the event's, so its code alone says it).
+    let unfunded = kind == Some("insufficient_quota")
+        || matches!(
+            code,
+            Some("insufficient_quota" | "credit_balance_exhausted")
+        );
+    let status = match code {
+        _ if unfunded => StatusCode::TOO_MANY_REQUESTS,
+        Some("rate_limit_exceeded" | "too_many_requests") => StatusCode::TOO_MANY_REQUESTS,
+        Some("server_error") => StatusCode::INTERNAL_SERVER_ERROR,
         _ => return None,
     };
     let mut error = error.clone();
     if let Some(error) = error.as_object_mut() {
         error.retain(|k, _| matches!(k.as_str(), "code" | "message" | "param"));
-        if let Some(kind) = kind.or(code) {
+        let kind = match unfunded {
+            true => Some("insufficient_quota"),
+            false => kind.or(code),
+        };
+        if let Some(kind) = kind {
             error.insert("type".into(), kind.into());
         }
     }
@@ -791,6 +812,76 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// A Responses create's stream, read as it comes: lifecycle events are held however they
+    /// are cut; a rate limit or an empty account after them fails the attempt (the account's
+    /// told as `insufficient_quota`, flat or nested, which cools the whole backend); a failure
+    /// that reports usage (billed) is the answer; an error of another stream's shape (OpenAI's
+    /// chunk with no code) fails as it would there; any other event commits.
+    #[test]
+    fn a_responses_stream_is_held_until_its_output_or_its_failure() {
+        let created = format!(
+            "event: response.created\ndata: {{\"type\":\"response.created\",\"response\":{{\"id\":\"r\",\"instructions\":\"{}\",\"usage\":null}}}}\n\n",
+            "x".repeat(100 * 1024)
+        );
+        let read = |events: &str| {
+            let mut hold = LifecycleHold::default();
+            let mut last = FirstEvent::Unfinished;
+            // In reads of 16 KiB, as TLS gives them.
+            for chunk in events.as_bytes().chunks(16 * 1024) {
+                last = hold.push(chunk, b"sk-k");
+                if !matches!(last, FirstEvent::Unfinished) {
+                    break;
+                }
+            }
+            (hold.held, last)
+        };
+        let status = |events: String| match read(&events).1 {
+            FirstEvent::Failed(Failure::Status { status, body, .. }) => {
+                Some((status.as_u16(), out_of_quota(&body)))
+            }
+            FirstEvent::Failed(other) => panic!("{other:?}"),
+            FirstEvent::Commit => None,
+            FirstEvent::Unfinished => Some((0, false)),
+        };
+        assert!(read(&created).0, "held");
+        assert_eq!(status(created.clone()), Some((0, false)), "held, undecided");
+        let nested = |kind: &str, code: &str| {
+            format!(
+                "{created}event: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"{kind}\",\"code\":\"{code}\",\"message\":\"m\"}}}}\n\n"
+            )
+        };
+        assert_eq!(
+            status(nested("tokens", "rate_limit_exceeded")),
+            Some((429, false))
+        );
+        assert_eq!(status(nested("insufficient_quota", "x")), Some((429, true)));
+        let flat = format!(
+            "{created}event: error\ndata: {{\"type\":\"error\",\"code\":\"credit_balance_exhausted\",\"message\":\"m\"}}\n\n"
+        );
+        assert_eq!(status(flat), Some((429, true)), "the account's");
+        let failed = |usage: &str| {
+            format!(
+                "{created}event: response.failed\ndata: {{\"type\":\"response.failed\",\"response\":{{\"status\":\"failed\",\"usage\":{usage},\"error\":{{\"code\":\"server_error\",\"message\":\"m\"}}}}}}\n\n"
+            )
+        };
+        assert_eq!(status(failed("null")), Some((500, false)));
+        assert_eq!(
+            status(failed(r#"{"input_tokens":9,"output_tokens":90}"#)),
+            None,
+            "billed: the answer"
+        );
+        let chunk =
+            r#"data: {"error":{"message":"m","type":"server_error","param":null,"code":null}}"#;
+        assert_eq!(status(format!("{created}{chunk}\n\n")), Some((500, false)));
+        assert_eq!(status(format!("{chunk}\n\n")), Some((500, false)));
+        let delta = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"x\"}\n\n";
+        assert_eq!(status(format!("{created}{delta}")), None);
+        assert_eq!(
+            status(nested("invalid_request_error", "context_length_exceeded")),
+            None
+        );
+    }
+
     /// A stream has begun its first event once a line of a `data` field came, whatever the
     /// line ends and however the bytes were cut; comments, blank lines, an `event:` line alone
     /// and `data` inside another line or field name are not one.
@@ -838,7 +929,6 @@ mod tests {
             FirstEvent::Failed(other) => panic!("{other:?}"),
             FirstEvent::Commit => None,
             FirstEvent::Unfinished => Some(0),
-            FirstEvent::Held => panic!("held outside a Responses stream"),
         };
         assert_eq!(status(&event("overloaded_error")), Some(529));
         assert_eq!(status(&event("api_error")), Some(500));

@@ -14,9 +14,10 @@ use tokio::time::Instant;
 
 use super::accounting::Accounting;
 use super::failure::{
-    Failure, FirstEvent, Refusal, error_in_answer, failed_response, fewer_tokens_would_do,
-    first_event, opens_with_an_error, out_of_credit, out_of_quota, refused_model, refuses_the_key,
-    refuses_the_request_itself, responses_first_events, retry_delay_in_body, starts_an_event,
+    Failure, FirstEvent, LifecycleHold, Refusal, error_in_answer, failed_response,
+    fewer_tokens_would_do, first_event, opens_with_an_error, out_of_credit, out_of_quota,
+    refused_model, refuses_the_key, refuses_the_request_itself, retry_delay_in_body,
+    starts_an_event,
 };
 use super::health::{StreamHealth, record_health};
 use super::kept_sleeps::{KeptSleeps, within};
@@ -1125,7 +1126,7 @@ struct Sending<'a> {
     /// keep-alive's interval.
     committed_by: Option<(Instant, Duration)>,
     /// A Responses create (not a background one, whose job exists once created): its
-    /// lifecycle events are held until its output begins ([`responses_first_events`]).
+    /// lifecycle events are held until its output begins ([`LifecycleHold`]).
     holds_lifecycle: bool,
 }
 
@@ -1280,9 +1281,10 @@ async fn attempt(
         // answer (`answer_timeout`); cut off at the first byte's wait, every attempt of such
         // a request failed over, billed, and none was ever answered.
         let mut first = BytesMut::new();
-        // A Responses create's lifecycle events have come, held ([`FirstEvent::Held`]): the
-        // stream has begun, and is committed to rather than given up.
-        let mut held = false;
+        // A Responses create's events before its output, read as they come: once a lifecycle
+        // event has come (`hold.held`) the stream has begun, and is committed to rather than
+        // given up.
+        let mut hold = holds_lifecycle.then(LifecycleHold::default);
         let mut first_event_by = deadline.min(sent + event_wait);
         // Not before a moment after the head, however late the attempt: an overloaded
         // provider's error comes as the first event right after it (Anthropic's
@@ -1309,7 +1311,7 @@ async fn attempt(
                             early: true,
                         });
                     }
-                    Err(_) if held => {
+                    Err(_) if hold.as_ref().is_some_and(|h| h.held) => {
                         return Ok(Answer::Stream {
                             status,
                             upstream,
@@ -1345,11 +1347,11 @@ async fn attempt(
                 });
             }
             first.extend_from_slice(&chunk);
-            if starts_an_event(&first) {
-                let read = match holds_lifecycle {
-                    true => responses_first_events(&first, backend.api_key()),
-                    false => first_event(&first, backend.api_key()),
-                };
+            let read = match &mut hold {
+                Some(hold) => Some(hold.push(&chunk, backend.api_key())),
+                None => starts_an_event(&first).then(|| first_event(&first, backend.api_key())),
+            };
+            if let Some(read) = read {
                 match read {
                     FirstEvent::Commit => {
                         return Ok(Answer::Stream {
@@ -1361,12 +1363,12 @@ async fn attempt(
                     }
                     FirstEvent::Failed(failure) => return Err(failure),
                     FirstEvent::Unfinished => {}
-                    FirstEvent::Held => held = true,
                 }
             }
             // Lifecycle events echo the request's instructions and tools (tens of KiB for
-            // Codex, twice): held up to a bound, then committed to as they are.
-            if held && first.len() > MAX_HELD_LIFECYCLE {
+            // Codex, twice; `response.created` alone may pass 64 KiB): held up to a bound from
+            // the first byte, then committed to as they are, a Responses stream all the same.
+            if hold.is_some() && first.len() > MAX_HELD_LIFECYCLE {
                 return Ok(Answer::Stream {
                     status,
                     upstream,
@@ -1374,7 +1376,7 @@ async fn attempt(
                     early: false,
                 });
             }
-            if !held && first.len() > MAX_BEFORE_FIRST_EVENT {
+            if hold.is_none() && first.len() > MAX_BEFORE_FIRST_EVENT {
                 return Err(Failure::Invalid(format!(
                     "more than {MAX_BEFORE_FIRST_EVENT} bytes of the stream before its first event"
                 )));
