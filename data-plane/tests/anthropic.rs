@@ -366,6 +366,82 @@ fn tools_and_tool_choice_map_across() {
     );
 }
 
+/// The chat request for a chat body written both ways (in the shape, `None` outside it; and
+/// from its parse into values), for a test that both writers agree.
+fn to_messages_both_ways(chat: &Value) -> (Option<Value>, Value) {
+    let text = chat.to_string();
+    let parsed = sluice_proxy::request::parse(text.as_bytes()).unwrap();
+    let in_shape = sluice_proxy::anthropic::request::chat_to_messages_in_shape(
+        parsed.members(),
+        "claude-up",
+        4096,
+        Sampling::Taken,
+        false,
+    )
+    .map(|bytes| serde_json::from_slice(&bytes).unwrap());
+    let mut whole = to_messages(chat.clone());
+    whole["stream"] = Value::Bool(false);
+    (in_shape, whole)
+}
+
+/// OpenAI's `allowed_tools` choice (openai-python's `ChatCompletionAllowedToolChoiceParam`)
+/// lets the model call only the tools it lists, `auto` or `required`. Anthropic has no such
+/// choice, but the model is offered the allowed tools alone, under `auto` or `any`; before,
+/// the request was refused ("tool_choice must name a function").
+#[test]
+fn an_allowed_tools_choice_offers_the_model_those_tools_alone() {
+    let tool = |name: &str| json!({"type": "function", "function": {"name": name, "parameters": {"type": "object"}}});
+    let allowed = |mode: &str, names: &[&str]| {
+        let tools: Vec<Value> = names
+            .iter()
+            .map(|n| json!({"type": "function", "function": {"name": n}}))
+            .collect();
+        json!({"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": tools}})
+    };
+    let request = |choice: Value| {
+        json!({"model": "m", "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": [tool("weather"), tool("time"), tool("news")], "tool_choice": choice,
+            "parallel_tool_calls": false})
+    };
+    for (mode, kind) in [("auto", "auto"), ("required", "any")] {
+        let chat = request(allowed(mode, &["news", "weather"]));
+        let (in_shape, m) = to_messages_both_ways(&chat);
+        let names: Vec<&str> = m["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["weather", "news"], "{m}");
+        assert_eq!(
+            m["tool_choice"],
+            json!({"type": kind, "disable_parallel_tool_use": true})
+        );
+        if let Some(in_shape) = in_shape {
+            assert_eq!(in_shape, m);
+        }
+    }
+    // Allowing a tool the request does not define, or no tool, allows nothing to call.
+    for (choice, param) in [
+        (
+            allowed("auto", &["weather", "stocks"]),
+            "tool_choice.allowed_tools.tools[1]",
+        ),
+        (allowed("auto", &[]), "tool_choice.allowed_tools.tools"),
+        (
+            allowed("sometimes", &["weather"]),
+            "tool_choice.allowed_tools.mode",
+        ),
+        (
+            json!({"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "custom", "custom": {"name": "weather"}}]}}),
+            "tool_choice.allowed_tools.tools[0]",
+        ),
+    ] {
+        let err = chat_to_messages(&obj(request(choice)), "x", 1, Sampling::Taken).unwrap_err();
+        assert_eq!(err.param, param, "{}", err.message);
+    }
+}
+
 #[test]
 fn tool_calls_and_tool_results_become_blocks() {
     let m = to_messages(json!({"model": "m", "messages": [

@@ -221,6 +221,7 @@ pub fn chat_to_messages(
     // `temperature` is sent (chat clients often send `top_p: 1` besides, a no-op). Versions
     // from 2026-10-21 take neither.
     let has_temperature = chat.get("temperature").is_some_and(|t| !t.is_null());
+    let mut allowed_tools = None;
     for (key, value) in chat {
         match key.as_str() {
             "model" | "messages" => {}
@@ -257,7 +258,9 @@ pub fn chat_to_messages(
                 out.insert("tools".into(), chat_tools(value)?);
             }
             "tool_choice" if !value.is_null() => {
-                out.insert("tool_choice".into(), chat_tool_choice(value)?);
+                let (choice, allowed) = chat_tool_choice(value)?;
+                out.insert("tool_choice".into(), choice);
+                allowed_tools = allowed;
             }
             "n" if value.as_u64().is_some_and(|n| n > 1) => {
                 return Err(Untranslatable::new(
@@ -292,6 +295,9 @@ pub fn chat_to_messages(
             }
             _ => {}
         }
+    }
+    if let Some(allowed) = allowed_tools {
+        keep_allowed_tools(&mut out, &allowed)?;
     }
     // The end user, for the provider's abuse detection: `user`, or `safety_identifier`, the
     // member OpenAI now asks for in its place (`user` wins when both are given).
@@ -855,22 +861,107 @@ fn chat_tools(tools: &Value) -> Result<Value, Untranslatable> {
     Ok(Value::Array(out))
 }
 
-fn chat_tool_choice(choice: &Value) -> Result<Value, Untranslatable> {
+/// A chat `tool_choice` → the Messages `tool_choice`, and for `allowed_tools` the names of the
+/// tools it allows, which [`keep_allowed_tools`] keeps alone: Anthropic has no choice among
+/// some tools, but a model offered those alone may call them alone.
+fn chat_tool_choice(choice: &Value) -> Result<(Value, Option<Vec<String>>), Untranslatable> {
     match choice {
         Value::String(s) => match s.as_str() {
-            "auto" => Ok(json!({"type": "auto"})),
-            "required" => Ok(json!({"type": "any"})),
-            "none" => Ok(json!({"type": "none"})),
+            "auto" => Ok((json!({"type": "auto"}), None)),
+            "required" => Ok((json!({"type": "any"}), None)),
+            "none" => Ok((json!({"type": "none"}), None)),
             _ => Err(Untranslatable::new("tool_choice", "Unknown tool_choice.")),
         },
+        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("allowed_tools") => {
+            allowed_tool_choice(o.get("allowed_tools"))
+                .map(|(choice, allowed)| (choice, Some(allowed)))
+        }
         Value::Object(o) => o
             .get("function")
             .and_then(|f| f.get("name"))
             .and_then(Value::as_str)
-            .map(|name| json!({"type": "tool", "name": name}))
+            .map(|name| (json!({"type": "tool", "name": name}), None))
             .ok_or_else(|| Untranslatable::new("tool_choice", "tool_choice must name a function.")),
         _ => Err(Untranslatable::new("tool_choice", "Unknown tool_choice.")),
     }
+}
+
+/// `tool_choice: {type: "allowed_tools", allowed_tools: {mode, tools}}` → `auto` (mode
+/// `auto`) or `any` (mode `required`), and the names of the function tools it lists.
+fn allowed_tool_choice(allowed: Option<&Value>) -> Result<(Value, Vec<String>), Untranslatable> {
+    const AT: &str = "tool_choice.allowed_tools";
+    let choice = match allowed.and_then(|a| a.get("mode")).and_then(Value::as_str) {
+        Some("auto") => json!({"type": "auto"}),
+        Some("required") => json!({"type": "any"}),
+        _ => {
+            return Err(Untranslatable::new(
+                format!("{AT}.mode"),
+                "allowed_tools.mode must be auto or required.",
+            ));
+        }
+    };
+    let tools = allowed
+        .and_then(|a| a.get("tools"))
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            Untranslatable::new(
+                format!("{AT}.tools"),
+                "allowed_tools.tools must be an array.",
+            )
+        })?;
+    let names = tools
+        .iter()
+        .enumerate()
+        .map(|(i, tool)| {
+            tool.get("function")
+                .filter(|_| tool.get("type").and_then(Value::as_str) == Some("function"))
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    Untranslatable::new(
+                        format!("{AT}.tools[{i}]"),
+                        "An allowed tool must name a function tool.",
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((choice, names))
+}
+
+/// The Messages `tools` of `out` restricted to those `allowed` names; a name that is not
+/// among them, or no tools at all, is untranslatable (the choice would allow nothing).
+fn keep_allowed_tools(
+    out: &mut Map<String, Value>,
+    allowed: &[String],
+) -> Result<(), Untranslatable> {
+    let tools = out
+        .get_mut("tools")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| {
+            Untranslatable::new(
+                "tool_choice.allowed_tools",
+                "allowed_tools needs the tools it allows in `tools`.",
+            )
+        })?;
+    let name = |tool: &Value| tool.get("name").and_then(Value::as_str).map(str::to_owned);
+    if let Some(i) = allowed
+        .iter()
+        .position(|allowed| !tools.iter().any(|t| name(t).as_ref() == Some(allowed)))
+    {
+        return Err(Untranslatable::new(
+            format!("tool_choice.allowed_tools.tools[{i}]"),
+            "An allowed tool must be one of `tools`.",
+        ));
+    }
+    tools.retain(|tool| name(tool).is_some_and(|n| allowed.contains(&n)));
+    if tools.is_empty() {
+        return Err(Untranslatable::new(
+            "tool_choice.allowed_tools.tools",
+            "allowed_tools must allow at least one tool.",
+        ));
+    }
+    Ok(())
 }
 
 /// A Messages request → the chat completions request for `model`, its `max_tokens` named
@@ -1547,6 +1638,7 @@ pub(crate) mod tests {
             Just("\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"Read\"}}"),
             Just("\"tool_choice\":{\"type\":\"function\",\"function\":{}}"),
             Just("\"tool_choice\":{\"function\":5}"),
+            Just("\"tool_choice\":{\"type\":\"allowed_tools\",\"allowed_tools\":{\"mode\":\"required\",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"Read\"}}]}}"),
             Just("\"tool_choice\":null"),
             Just("\"tool_choice\":7"),
             Just("\"parallel_tool_calls\":false"),

@@ -9,8 +9,8 @@
 //! Texts are copied as the client escaped them, tool descriptions and schemas and a call's
 //! `arguments` (the JSON text inside the string, unescaped once) as the client wrote them;
 //! each is checked as the parse into values checks it ([`super::as_written`]). Anything else
-//! (images, `n`, `logprobs`, `response_format`, `modalities`, `audio`, a member of another
-//! type than the shape's) is `None`, left to [`super::chat_to_messages`], the translation that
+//! (images, `n`, `logprobs`, `response_format`, an `allowed_tools` choice, `modalities`, `audio`,
+//! a member of another type than the shape's) is `None`, left to [`super::chat_to_messages`], the translation that
 //! decides; property tests in `request.rs` hold the two to the same Messages request.
 
 use std::borrow::Cow;
