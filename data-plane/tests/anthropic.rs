@@ -442,6 +442,64 @@ fn an_allowed_tools_choice_offers_the_model_those_tools_alone() {
     }
 }
 
+/// A strict tool (OpenAI's `function.strict: true`, Anthropic's `strict: true`, openai-python's
+/// `FunctionDefinition` and anthropic-sdk-python's `ToolParam`) guarantees that a call's input
+/// fits its schema, and agents (the Agents SDK, by default) skip checking it. Before, the
+/// member was dropped both ways: the model could answer arguments outside the schema.
+#[test]
+fn strict_tools_stay_strict_both_ways() {
+    // chat → Messages: strict, the schema as Anthropic's strict mode takes it (`minimum`, a
+    // keyword it refuses, moved into the description, as its SDK does).
+    let parameters = json!({"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}, "required": ["n"], "additionalProperties": false});
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "Roll"}],
+    "tools": [
+        {"type": "function", "function": {"name": "roll", "parameters": parameters, "strict": true}},
+        {"type": "function", "function": {"name": "loose", "parameters": parameters, "strict": false}},
+    ]});
+    let (in_shape, m) = to_messages_both_ways(&chat);
+    assert_eq!(in_shape.as_ref(), Some(&m));
+    assert_eq!(m["tools"][0]["strict"], true);
+    assert_eq!(
+        m["tools"][0]["input_schema"],
+        json!({"type": "object", "properties": {"n": {"type": "integer", "description": "{minimum: 1}"}}, "additionalProperties": false, "required": ["n"]})
+    );
+    assert!(m["tools"][1].get("strict").is_none());
+    assert_eq!(m["tools"][1]["input_schema"], parameters);
+
+    // Messages → chat: strict where OpenAI's strict mode takes the schema (every property
+    // required, no other allowed); not where it would refuse the request.
+    let exact = json!({"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"], "additionalProperties": false});
+    let optional = json!({"type": "object", "properties": {"q": {"type": "string"}}, "additionalProperties": false});
+    let messages = json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "Find"}],
+    "tools": [
+        {"name": "exact", "input_schema": exact, "strict": true},
+        {"name": "optional", "input_schema": optional, "strict": true},
+        {"name": "loose", "input_schema": exact},
+    ]});
+    let text = messages.to_string();
+    let parsed = sluice_proxy::request::parse(text.as_bytes()).unwrap();
+    let in_shape: Value = serde_json::from_slice(
+        &sluice_proxy::anthropic::request::messages_to_chat_in_shape(
+            parsed.members(),
+            "gpt-up",
+            "max_tokens",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let c = to_chat(messages);
+    assert_eq!(in_shape, c);
+    let functions: Vec<&Value> = c["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["function"])
+        .collect();
+    assert_eq!(functions[0]["strict"], true);
+    assert_eq!(functions[0]["parameters"], exact);
+    assert!(functions[1].get("strict").is_none() && functions[2].get("strict").is_none());
+}
+
 #[test]
 fn tool_calls_and_tool_results_become_blocks() {
     let m = to_messages(json!({"model": "m", "messages": [

@@ -824,6 +824,17 @@ fn assistant_blocks(
     Ok(blocks)
 }
 
+/// A chat function tool's `parameters` as the input schema of a strict Anthropic tool, when
+/// its `strict` is `true`: rewritten as for `response_format` ([`anthropic_schema`]), since
+/// Anthropic's strict mode takes the same subset of JSON Schema as its structured outputs.
+/// `None` for a tool not strict, or a schema that cannot be rewritten so (sent as given, not
+/// strict, as before).
+fn strict_input_schema(strict: Option<&Value>, schema: &Value) -> Option<Value> {
+    (strict == Some(&Value::Bool(true)))
+        .then(|| anthropic_schema(schema))
+        .flatten()
+}
+
 fn chat_tools(tools: &Value) -> Result<Value, Untranslatable> {
     let tools = tools
         .as_array()
@@ -855,7 +866,15 @@ fn chat_tools(tools: &Value) -> Result<Value, Untranslatable> {
             .filter(|p| !p.is_null())
             .cloned()
             .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
-        converted.insert("input_schema".into(), schema);
+        match strict_input_schema(function.get("strict"), &schema) {
+            Some(strict) => {
+                converted.insert("input_schema".into(), strict);
+                converted.insert("strict".into(), Value::Bool(true));
+            }
+            None => {
+                converted.insert("input_schema".into(), schema);
+            }
+        }
         out.push(Value::Object(converted));
     }
     Ok(Value::Array(out))
@@ -1316,10 +1335,15 @@ fn response_format(format: &Value, at: &str) -> Result<Value, Untranslatable> {
         "json_schema": {
             "name": "output",
             "schema": schema,
-            // Strict mode takes an object at the root only (not a list, a union, a `$ref`).
-            "strict": schema.get("type") == Some(&Value::from("object")) && strict_ready(schema),
+            "strict": openai_strict(schema),
         },
     }))
+}
+
+/// Whether OpenAI's strict mode takes `schema`: an object at the root (not a list, a union, a
+/// `$ref`), and [`strict_ready`].
+fn openai_strict(schema: &Value) -> bool {
+    schema.get("type") == Some(&Value::from("object")) && strict_ready(schema)
 }
 
 /// Whether OpenAI's strict mode takes `schema` as far as objects go: each object schema in it
@@ -1380,6 +1404,9 @@ fn messages_tools(tools: &Value) -> Result<Value, Untranslatable> {
                 "A tool needs an input_schema.",
             )
         })?;
+        if tool.get("strict") == Some(&Value::Bool(true)) && openai_strict(&schema) {
+            function.insert("strict".into(), Value::Bool(true));
+        }
         function.insert("parameters".into(), schema);
         out.push(json!({"type": "function", "function": function}));
     }
@@ -1590,6 +1617,11 @@ pub(crate) mod tests {
             6 => Just(format!(",\"{member}\":{{\"type\":\"object\",\"properties\":{{\"q\":{{\"type\":\"string\",\"description\":\"a\\tb\"}}}},\"required\":[\"q\"]}}")),
             1 => Just(format!(",\"{member}\":null")),
             2 => Just(String::new()),
+            // Strict as OpenAI's strict mode takes it; with keywords Anthropic's does not take;
+            // with a part Anthropic's cannot take at all.
+            2 => Just(format!(",\"{member}\":{{\"type\":\"object\",\"properties\":{{\"n\":{{\"type\":\"integer\",\"minimum\":1}}}},\"required\":[\"n\"],\"additionalProperties\":false}}")),
+            1 => Just(format!(",\"{member}\":{{\"type\":\"object\",\"properties\":{{\"s\":{{\"type\":\"string\",\"pattern\":\"^a\"}}}}}}")),
+            1 => Just(format!(",\"{member}\":{{\"type\":\"object\",\"properties\":{{\"c\":{{\"const\":1}}}}}}")),
             1 => Just(format!(",\"{member}\":{{\"maximum\":1e400}}")),
             1 => Just(format!(",\"{member}\":{{\"properties\":{{\"\\ud800\":{{}}}}}}")),
             1 => (deepest..=deepest + 1).prop_map(move |levels| format!(
@@ -1597,6 +1629,17 @@ pub(crate) mod tests {
                 "[".repeat(levels),
                 "]".repeat(levels)
             )),
+        ]
+    }
+
+    /// A tool's `strict` member, as either API writes it and near.
+    fn strict() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            4 => Just(",\"strict\":true"),
+            1 => Just(",\"strict\":false"),
+            1 => Just(",\"strict\":null"),
+            1 => Just(",\"strict\":\"yes\""),
+            2 => Just(""),
         ]
     }
 
@@ -1616,8 +1659,8 @@ pub(crate) mod tests {
             1 => Just("\"name\":1"),
             1 => Just("\"x\":1"),
         ];
-        let tool = (kind, name, description, parameters)
-            .prop_map(|(k, n, d, p)| format!("{{{k}\"function\":{{{n}{d}{p},\"strict\":true}}}}"));
+        let tool = (kind, name, description, parameters, strict())
+            .prop_map(|(k, n, d, p, s)| format!("{{{k}\"function\":{{{n}{d}{p}{s}}}}}"));
         prop_oneof![
             8 => prop::collection::vec(tool, 0..3).prop_map(|t| format!("\"tools\":[{}]", t.join(","))),
             1 => Just("\"tools\":null".to_owned()),
@@ -1871,8 +1914,8 @@ pub(crate) mod tests {
             1 => Just("\"name\":1"),
             1 => Just("\"x\":1"),
         ];
-        let tool = (kind, name, description, schema).prop_map(|(k, n, d, s)| {
-            format!("{{{k}{n}{d}{s},\"cache_control\":{{\"type\":\"ephemeral\"}}}}")
+        let tool = (kind, name, description, schema, strict()).prop_map(|(k, n, d, s, t)| {
+            format!("{{{k}{n}{d}{s}{t},\"cache_control\":{{\"type\":\"ephemeral\"}}}}")
         });
         prop_oneof![
             6 => prop::collection::vec(tool, 0..3).prop_map(|t| format!("\"tools\":[{}]", t.join(","))),

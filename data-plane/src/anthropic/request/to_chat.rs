@@ -9,7 +9,8 @@
 //! JSON strings, joined where the translation joins texts; only a turn's or `system`'s own
 //! string, when it has escapes, is unescaped by serde and escaped again), tool descriptions
 //! and schemas as the client wrote them; only a tool call's `input` is parsed into a value, to
-//! become the call's `arguments` string as the translation writes it. Each value copied is checked as a
+//! become the call's `arguments` string as the translation writes it (and a strict tool's
+//! schema, to tell whether OpenAI's strict mode takes it). Each value copied is checked as a
 //! parse into values checks it (escapes, surrogates, numbers, nesting), so a body that parse
 //! refuses is never written here. Anything else (images, server tools, a member of another
 //! type than the shape's) is `None`, left to [`super::messages_to_chat`], the translation
@@ -628,6 +629,8 @@ struct Tool<'a> {
     name: Cow<'a, str>,
     description: Option<&'a RawValue>,
     schema: &'a RawValue,
+    /// `strict: true`, and OpenAI's strict mode takes the schema.
+    strict: bool,
 }
 
 impl Tool<'_> {
@@ -637,6 +640,9 @@ impl Tool<'_> {
         if let Some(description) = self.description {
             out.extend_from_slice(b",\"description\":");
             out.extend_from_slice(description.get().as_bytes());
+        }
+        if self.strict {
+            out.extend_from_slice(b",\"strict\":true");
         }
         out.extend_from_slice(b",\"parameters\":");
         out.extend_from_slice(self.schema.get().as_bytes());
@@ -656,14 +662,17 @@ impl<'de> Deserialize<'de> for Tool<'de> {
                 self,
                 map: A,
             ) -> Result<Tool<'de>, A::Error> {
-                const NAMES: Names = Names(&["type", "name", "description", "input_schema"]);
+                const NAMES: Names =
+                    Names(&["type", "name", "description", "input_schema", "strict"]);
                 let (mut kind, mut name, mut description, mut schema) = (None, None, None, None);
+                let mut strict = None;
                 members(map, NAMES, |at, map| {
                     match at {
                         0 => kind = map.next_value::<Option<Key>>()?,
                         1 => name = Some(map.next_value::<Key>()?.0),
                         2 => description = Some(map.next_value::<Copied<TOOL_DEPTH>>()?.0),
-                        _ => schema = Some(map.next_value::<Copied<TOOL_DEPTH>>()?.0),
+                        3 => schema = Some(map.next_value::<Copied<TOOL_DEPTH>>()?.0),
+                        _ => strict = map.next_value::<Option<bool>>()?,
                     }
                     Ok(())
                 })?;
@@ -671,10 +680,17 @@ impl<'de> Deserialize<'de> for Tool<'de> {
                 if kind.is_some_and(|Key(kind)| kind != "custom") {
                     return Err(A::Error::custom("a server tool"));
                 }
+                let schema = schema.ok_or_else(|| A::Error::custom("no input_schema"))?;
+                // Strict where OpenAI's strict mode takes the schema (read from its text,
+                // checked already), as the translation decides.
+                let strict = strict == Some(true)
+                    && serde_json::from_str(schema.get())
+                        .is_ok_and(|schema| super::openai_strict(&schema));
                 Ok(Tool {
                     name: name.ok_or_else(|| A::Error::custom("no name"))?,
                     description: description.filter(|d| d.get() != "null"),
-                    schema: schema.ok_or_else(|| A::Error::custom("no input_schema"))?,
+                    schema,
+                    strict,
                 })
             }
         }

@@ -7,7 +7,8 @@
 //! `tool_choice`, `parallel_tool_calls`, `prompt_cache_key`, `prompt_cache_retention` and
 //! `prompt_cache_options`.
 //! Texts are copied as the client escaped them, tool descriptions and schemas and a call's
-//! `arguments` (the JSON text inside the string, unescaped once) as the client wrote them;
+//! `arguments` (the JSON text inside the string, unescaped once) as the client wrote them (a
+//! strict tool's parameters are parsed, to be rewritten as the translation rewrites them);
 //! each is checked as the parse into values checks it ([`super::as_written`]). Anything else
 //! (images, `n`, `logprobs`, `response_format`, an `allowed_tools` choice, `modalities`, `audio`,
 //! a member of another type than the shape's) is `None`, left to [`super::chat_to_messages`], the translation that
@@ -572,11 +573,13 @@ impl<'de> Deserialize<'de> for Mark {
     }
 }
 
-/// A function tool: its name, and its description and parameters as written.
+/// A function tool: its name, its description and parameters as written, and whether it is
+/// `strict`.
 struct Tool<'a> {
     name: Cow<'a, str>,
     description: Option<&'a RawValue>,
     parameters: Option<&'a RawValue>,
+    strict: bool,
 }
 
 /// Where a function's members are: three levels inside `tools` (the array, the tool, its
@@ -592,9 +595,22 @@ impl Tool<'_> {
             out.extend_from_slice(description.get().as_bytes());
         }
         out.extend_from_slice(b",\"input_schema\":");
-        match self.parameters {
-            Some(parameters) => out.extend_from_slice(parameters.get().as_bytes()),
-            None => out.extend_from_slice(b"{\"type\":\"object\",\"properties\":{}}"),
+        let parameters = self
+            .parameters
+            .map_or(r#"{"type":"object","properties":{}}"#, RawValue::get);
+        // A strict tool's schema rewritten as the translation rewrites it (read from its
+        // text, checked already); else copied.
+        let strict = self
+            .strict
+            .then(|| serde_json::from_str(parameters).ok())
+            .flatten()
+            .and_then(|schema| super::strict_input_schema(Some(&true.into()), &schema));
+        match strict.and_then(|schema| serde_json::to_vec(&schema).ok()) {
+            Some(schema) => {
+                out.extend_from_slice(&schema);
+                out.extend_from_slice(b",\"strict\":true");
+            }
+            None => out.extend_from_slice(parameters.as_bytes()),
         }
         out.push(b'}');
     }
@@ -645,13 +661,15 @@ impl<'de> Deserialize<'de> for FunctionTool<'de> {
                 self,
                 map: A,
             ) -> Result<FunctionTool<'de>, A::Error> {
-                const NAMES: Names = Names(&["name", "description", "parameters"]);
+                const NAMES: Names = Names(&["name", "description", "parameters", "strict"]);
                 let (mut name, mut description, mut parameters) = (None, None, None);
+                let mut strict = None;
                 members(map, NAMES, |at, map| {
                     match at {
                         0 => name = Some(map.next_value::<Key>()?.0),
                         1 => description = Some(map.next_value::<Copied<FUNCTION_DEPTH>>()?.0),
-                        _ => parameters = Some(map.next_value::<Copied<FUNCTION_DEPTH>>()?.0),
+                        2 => parameters = Some(map.next_value::<Copied<FUNCTION_DEPTH>>()?.0),
+                        _ => strict = map.next_value::<Option<bool>>()?,
                     }
                     Ok(())
                 })?;
@@ -660,6 +678,7 @@ impl<'de> Deserialize<'de> for FunctionTool<'de> {
                     name: name.ok_or_else(|| A::Error::custom("no name"))?,
                     description: given(description),
                     parameters: given(parameters),
+                    strict: strict == Some(true),
                 }))
             }
         }
