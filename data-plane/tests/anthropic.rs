@@ -871,6 +871,68 @@ fn max_tokens_goes_by_the_name_the_backend_takes() {
     assert!(parsed.get("max_tokens").is_none());
 }
 
+/// OpenAI's reasoning models (the o-series, GPT-5) refuse a `temperature` or `top_p` other
+/// than the default ("Only the default (1) value is supported") and any `stop` (openai-python:
+/// "Not supported with latest reasoning models"); OpenAI's API takes at most 4 stop
+/// sequences. Before, a Messages client's `temperature: 0` (older Anthropic SDKs' apps,
+/// hand-written clients) got a 400 from a GPT-5 route, and `stop_sequences` one the backend's
+/// words; now sampling is left to the model, and stop sequences it cannot take are refused
+/// here, naming them, so that another backend of the model may serve the request.
+#[test]
+fn openai_reasoning_models_get_no_sampling_and_no_stop_sequences() {
+    let request = |extra: Value| {
+        let mut body = obj(
+            json!({"model": "m", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}),
+        );
+        body.extend(obj(extra));
+        body
+    };
+    let written = |body: &Map<String, Value>, model: &str, limit: &str| {
+        let text = Value::Object(body.clone()).to_string();
+        let parsed = sluice_proxy::request::parse(text.as_bytes()).unwrap();
+        let in_shape = sluice_proxy::anthropic::request::messages_to_chat_in_shape(
+            parsed.members(),
+            model,
+            limit,
+        )
+        .map(|bytes| serde_json::from_slice::<Value>(&bytes).unwrap());
+        let whole = messages_to_chat(body, model, limit).map(Value::Object);
+        if let (Some(in_shape), Ok(whole)) = (&in_shape, &whole) {
+            assert_eq!(in_shape, whole);
+        }
+        whole
+    };
+    let sampled = request(json!({"temperature": 0, "top_p": 0.9, "stop_sequences": []}));
+    for model in ["gpt-5", "gpt-5.1-codex", "o3", "o4-mini"] {
+        let c = written(&sampled, model, "max_completion_tokens").unwrap();
+        assert!(
+            c.get("temperature").is_none() && c.get("top_p").is_none() && c.get("stop").is_none(),
+            "{model}: {c}"
+        );
+        let err = written(
+            &request(json!({"stop_sequences": ["END"]})),
+            model,
+            "max_completion_tokens",
+        )
+        .unwrap_err();
+        assert_eq!(err.param, "stop_sequences");
+    }
+    // gpt-4o on OpenAI, and any model on another server, take them.
+    for (model, limit) in [("gpt-4o", "max_completion_tokens"), ("gpt-5", "max_tokens")] {
+        let c = written(&sampled, model, limit).unwrap();
+        assert_eq!((&c["temperature"], &c["top_p"]), (&json!(0), &json!(0.9)));
+    }
+    // Five stop sequences: more than OpenAI's API takes, not more than another server does.
+    let five = request(json!({"stop_sequences": ["a", "b", "c", "d", "e"]}));
+    let err = written(&five, "gpt-4o", "max_completion_tokens").unwrap_err();
+    assert_eq!(err.param, "stop_sequences");
+    let c = written(&five, "qwen3", "max_tokens").unwrap();
+    assert_eq!(c["stop"], json!(["a", "b", "c", "d", "e"]));
+    let four = request(json!({"stop_sequences": ["a", "b", "c", "d"]}));
+    let c = written(&four, "gpt-4o", "max_completion_tokens").unwrap();
+    assert_eq!(c["stop"], json!(["a", "b", "c", "d"]));
+}
+
 #[test]
 fn what_an_openai_backend_cannot_take_is_refused() {
     let err = messages_to_chat(

@@ -983,6 +983,42 @@ fn keep_allowed_tools(
     Ok(())
 }
 
+/// How many stop sequences OpenAI's own API takes (openai-python's `stop`: "Up to 4
+/// sequences"); other OpenAI-compatible servers take more.
+const OPENAI_MAX_STOPS: usize = 4;
+
+/// Whether a chat backend is OpenAI's own API or Azure OpenAI, told by the limit member it is
+/// given: `max_completion_tokens` is theirs alone ([`crate::snapshot::completion_limit_member`]).
+fn openai_api(limit: &str) -> bool {
+    limit == "max_completion_tokens"
+}
+
+/// Whether `model` on OpenAI's own API (or Azure, by that name) is a reasoning model, which
+/// refuses a `temperature` or `top_p` other than the default ("Only the default (1) value is
+/// supported") and `stop` ("Not supported with latest reasoning models", openai-python's
+/// `stop`; GPT-5 likewise): the o-series, GPT-5 and Codex models.
+fn openai_reasoning(model: &str, limit: &str) -> bool {
+    let model = model.to_ascii_lowercase();
+    let o_series = model
+        .strip_prefix('o')
+        .and_then(|rest| rest.chars().next())
+        .is_some_and(|c| c.is_ascii_digit());
+    openai_api(limit) && (o_series || model.starts_with("gpt-5") || model.starts_with("codex-"))
+}
+
+/// Why a Messages request's `stop_sequences` cannot go to a chat backend (see
+/// [`openai_reasoning`], [`OPENAI_MAX_STOPS`]), given how many it has; `None` if they can (an
+/// empty list, which goes to no reasoning model, always can).
+fn stops_refused(count: usize, model: &str, limit: &str) -> Option<&'static str> {
+    if count > 0 && openai_reasoning(model, limit) {
+        Some("OpenAI's reasoning models take no stop sequences.")
+    } else if count > OPENAI_MAX_STOPS && openai_api(limit) {
+        Some("OpenAI takes at most 4 stop sequences.")
+    } else {
+        None
+    }
+}
+
 /// A Messages request → the chat completions request for `model`, its `max_tokens` named
 /// `limit` (`max_tokens` or `max_completion_tokens`, as the backend takes it). A stream asks
 /// for the usage chunk (the Anthropic client gets its usage in `message_delta`).
@@ -1008,16 +1044,25 @@ pub fn messages_to_chat(
         messages_turn(turn, i, &mut chat)?;
     }
     out.insert("messages".into(), Value::Array(chat));
+    let reasoning = openai_reasoning(model, limit);
     for (key, value) in messages {
         match key.as_str() {
             "max_tokens" if !value.is_null() => {
                 out.insert(limit.to_owned(), value.clone());
             }
+            // A reasoning model refuses any but the default: its own sampling.
+            "temperature" | "top_p" if reasoning => {}
             "temperature" | "top_p" | "stream" if !value.is_null() => {
                 out.insert(key.clone(), value.clone());
             }
             "stop_sequences" if !value.is_null() => {
-                out.insert("stop".into(), value.clone());
+                let count = value.as_array().map_or(1, Vec::len);
+                if let Some(why) = stops_refused(count, model, limit) {
+                    return Err(Untranslatable::new("stop_sequences", why));
+                }
+                if !(reasoning && count == 0) {
+                    out.insert("stop".into(), value.clone());
+                }
             }
             // OpenAI refuses an empty list (`empty_array`): no tools is no member. Anything
             // but a list is refused.
@@ -1785,15 +1830,23 @@ pub(crate) mod tests {
     /// (`None` outside it), and translated from its parse into values (`None` for a body
     /// refused).
     fn both_ways_to_chat(body: &str) -> (Option<Value>, Option<Value>) {
+        both_ways_to_chat_for(body, ("up", "max_completion_tokens"))
+    }
+
+    /// [`both_ways_to_chat`] for a backend's model and limit member.
+    fn both_ways_to_chat_for(
+        body: &str,
+        (model, limit): (&str, &str),
+    ) -> (Option<Value>, Option<Value>) {
         let Ok(parsed) = crate::request::parse(body.as_bytes()) else {
             return (None, None);
         };
-        let in_shape = messages_to_chat_in_shape(parsed.members(), "up", "max_completion_tokens")
-            .map(|bytes| deep(&bytes));
+        let in_shape =
+            messages_to_chat_in_shape(parsed.members(), model, limit).map(|bytes| deep(&bytes));
         let parsed_whole = parsed
             .object()
             .ok()
-            .and_then(|messages| messages_to_chat(&messages, "up", "max_completion_tokens").ok())
+            .and_then(|messages| messages_to_chat(&messages, model, limit).ok())
             .map(Value::Object);
         (in_shape, parsed_whole)
     }
@@ -1984,6 +2037,15 @@ pub(crate) mod tests {
             2 => content().prop_map(|c| format!("\"system\":{c}")),
             1 => Just("\"stop_sequences\":[\"END\"]".to_owned()),
             1 => Just("\"stop_sequences\":null".to_owned()),
+            1 => prop::sample::select(vec![
+                r#""stop_sequences":[]"#,
+                r#""stop_sequences":[ ]"#,
+                r#""stop_sequences":["a","b","c","d"]"#,
+                r#""stop_sequences":["a","b","c","d","e"]"#,
+                r#""stop_sequences":"END""#,
+                r#""stop_sequences":{"a":1}"#,
+            ])
+            .prop_map(str::to_owned),
             2 => string().prop_map(|u| format!("\"metadata\":{{\"user_id\":{u}}}")),
             1 => Just("\"metadata\":{}".to_owned()),
             1 => Just("\"metadata\":\"m\"".to_owned()),
@@ -2018,13 +2080,20 @@ pub(crate) mod tests {
         fn a_messages_request_written_in_its_shape_is_the_one_parsed_whole(
             turns in prop::collection::vec(turn(), 0..5),
             members in prop::collection::vec(messages_member(), 0..4),
+            // Another server, OpenAI's API, a reasoning model there.
+            backend in prop::sample::select(vec![
+                ("up", "max_tokens"),
+                ("up", "max_completion_tokens"),
+                ("gpt-5-mini", "max_completion_tokens"),
+                ("o3", "max_tokens"),
+            ]),
         ) {
             let mut body = format!("{{\"model\":\"m\",\"messages\":[{}]", turns.join(","));
             for member in members {
                 body = body + "," + &member;
             }
             body.push('}');
-            let (in_shape, parsed_whole) = both_ways_to_chat(&body);
+            let (in_shape, parsed_whole) = both_ways_to_chat_for(&body, backend);
             if in_shape.is_some() {
                 prop_assert_eq!(in_shape, parsed_whole, "{}", body);
             }

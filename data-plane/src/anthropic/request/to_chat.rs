@@ -94,7 +94,23 @@ pub fn messages_to_chat_in_shape<'a>(
         // OpenAI refuses a tool choice without tools.
         choice = None;
     }
-    let [max_tokens, temperature, top_p, stream, stop] = copied;
+    let [max_tokens, mut temperature, mut top_p, stream, mut stop] = copied;
+    let reasoning = super::openai_reasoning(model, limit);
+    if reasoning {
+        // Its own sampling alone.
+        (temperature, top_p) = (None, None);
+    }
+    if let Some(value) = stop {
+        // Stop sequences the backend refuses are the translation's to refuse; an empty list
+        // is none.
+        let count = from_text::<Stops>(value.get())?.0;
+        if super::stops_refused(count, model, limit).is_some() {
+            return None;
+        }
+        if reasoning && count == 0 {
+            stop = None;
+        }
+    }
     let mut out = Vec::with_capacity(size + 256);
     out.extend_from_slice(b"{\"model\":");
     string(&mut out, model);
@@ -155,6 +171,36 @@ pub fn messages_to_chat_in_shape<'a>(
     }
     out.push(b'}');
     Some(out)
+}
+
+/// How many stop sequences `stop_sequences` holds, as the translation counts them: a list's
+/// entries, one for anything else.
+struct Stops(usize);
+
+impl<'de> Deserialize<'de> for Stops {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        struct Count;
+        impl<'de> serde::de::Visitor<'de> for Count {
+            type Value = Stops;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("stop sequences")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Stops, A::Error> {
+                let mut count = 0;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    count += 1;
+                }
+                Ok(Stops(count))
+            }
+        }
+        match value.deserialize_any(Count) {
+            Ok(stops) => Ok(stops),
+            Err(_) => Ok(Stops(1)),
+        }
+    }
 }
 
 /// The separator the translation joins a user's or system's texts with, as it is written
