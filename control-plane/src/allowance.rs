@@ -1222,6 +1222,10 @@ mod tests {
                         if now > s.last_heard_ms + LEASE {
                             s.pool = s.pool.min(0);
                         }
+                        // A hello forgives the pool's debt, as the data plane does (the
+                        // records that ran it up are counted): an overshoot never paid back.
+                        blind += s.pool.min(0).unsigned_abs();
+                        s.pool = s.pool.max(0);
                         let who = id(i, s);
                         let held = held_of(s);
                         let (acked, lease) = (s.acked, LEASE);
