@@ -519,6 +519,16 @@ mod tests {
         }
     }
 
+    /// A lifetime budget of `max_nanos` with `spent_nanos` spent.
+    fn lifetime(max_nanos: u64, spent_nanos: u64) -> Budget {
+        Budget {
+            max_nanos,
+            period_start_ms: 0,
+            period_end_ms: i64::MAX,
+            spent_nanos,
+        }
+    }
+
     #[test]
     fn grants_never_pass_what_remains_and_shrink_toward_the_end() {
         let mut a = Allowances::new();
@@ -686,12 +696,7 @@ mod tests {
         let mut a = Allowances::new();
         let r0 = replica(0, 0);
         a.hello(&r0, LEASE, 0, &[], 0);
-        let budget = Budget {
-            max_nanos: 6_400,
-            period_start_ms: 0,
-            period_end_ms: i64::MAX,
-            spent_nanos: 0,
-        };
+        let budget = lifetime(6_400, 0);
         assert_eq!(a.ask(&r0, KEY, Want::of(1), budget, &[], 0).nanos, 100);
         let first: Vec<_> = (1..=10).map(|q| (q, KEY, 2, PaidIn::Period(0))).collect();
         let second: Vec<_> = (11..=20).map(|q| (q, KEY, 3, PaidIn::Period(0))).collect();
@@ -717,12 +722,7 @@ mod tests {
         let mut a = Allowances::new();
         let r0 = replica(0, 0);
         a.hello(&r0, LEASE, 0, &[], 0);
-        let budget = |spent_nanos| Budget {
-            max_nanos: 6_400,
-            period_start_ms: 0,
-            period_end_ms: i64::MAX,
-            spent_nanos,
-        };
+        let budget = |spent_nanos| lifetime(6_400, spent_nanos);
         assert_eq!(a.ask(&r0, KEY, Want::of(1), budget(0), &[], 0).nanos, 100);
         // Its requests cost 300 against the 100 granted: its pool owes 200. Others spent
         // 6,000 meanwhile: 100 of the budget is left.
