@@ -120,9 +120,15 @@ impl subscribe::Receiver for Applier {
                 (k.id.clone(), k.max_budget, resets, period_start)
             })
             .collect();
-        match self.0.apply(snapshot) {
+        // The pools of the keys it brings before requests see it: a request of a new
+        // budgeted key let in between found no pool and was served on no budget at all (its
+        // cost never settled into a pool nor kept as its reserve).
+        let allowances = &self.1;
+        match self
+            .0
+            .apply_before_swap(snapshot, || allowances.budgeted(budgeted))
+        {
             Ok(applied) => {
-                self.1.budgeted(budgeted);
                 tracing::info!(version, %epoch, ?applied, "snapshot applied");
                 Ok(())
             }

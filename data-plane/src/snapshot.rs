@@ -1078,11 +1078,31 @@ impl SnapshotStore {
         self.apply_at(message, self.clock.now())
     }
 
+    /// [`SnapshotStore::apply`], calling `before_swap` once the snapshot is taken, just before
+    /// requests see it (not when it is refused, or is the version in use): what must be ready
+    /// for the requests it lets in, such as the budget pools of the keys it brings.
+    pub fn apply_before_swap(
+        &self,
+        message: proto::Snapshot,
+        before_swap: impl FnOnce(),
+    ) -> Result<Applied, SnapshotError> {
+        self.apply_at_with(message, self.clock.now(), before_swap)
+    }
+
     /// [`SnapshotStore::apply`] at `now`: for a caller that keeps its own time, such as the
     /// protocol simulation.
     pub fn apply_at(&self, message: proto::Snapshot, now: Now) -> Result<Applied, SnapshotError> {
+        self.apply_at_with(message, now, || {})
+    }
+
+    fn apply_at_with(
+        &self,
+        message: proto::Snapshot,
+        now: Now,
+        before_swap: impl FnOnce(),
+    ) -> Result<Applied, SnapshotError> {
         let version = message.version;
-        let result = self.try_apply(message, now);
+        let result = self.try_apply(message, now, before_swap);
         match &result {
             Ok(_) => self.set_stale(None),
             // An older snapshot than the current one leaves nothing behind.
@@ -1102,7 +1122,12 @@ impl SnapshotStore {
         result
     }
 
-    fn try_apply(&self, message: proto::Snapshot, now: Now) -> Result<Applied, SnapshotError> {
+    fn try_apply(
+        &self,
+        message: proto::Snapshot,
+        now: Now,
+        before_swap: impl FnOnce(),
+    ) -> Result<Applied, SnapshotError> {
         let current = self.current.load_full();
         // Another database is not followed as another epoch is: a control plane started on an
         // empty or wrong one would take every backend and key from every replica at once.
@@ -1180,6 +1205,7 @@ impl SnapshotStore {
             now.instant,
         );
         let version = next.version;
+        before_swap();
         self.current.store(Some(Arc::clone(&next)));
         // Now in use: what the carried-over token buckets owe is converted to their new rates
         // (a snapshot refused above left the buckets in use as they were).
@@ -1526,6 +1552,32 @@ pub(crate) mod tests {
         assert!(store.apply(bad).is_err());
         assert_eq!(store.load().unwrap().version, 2);
         assert_eq!(*store.watch().borrow(), 2);
+    }
+
+    /// What must be ready for the requests a snapshot lets in (the budget pools of the keys
+    /// it brings) is made ready before they can see it, and only for a snapshot taken: a
+    /// request of a new budgeted key let in before its pool existed was served on no budget.
+    #[tokio::test]
+    async fn what_a_snapshot_needs_is_made_ready_before_requests_see_it() {
+        let store = SnapshotStore::default();
+        store.apply(snapshot(2)).unwrap();
+        let mut seen = None;
+        let applied = store.apply_before_swap(snapshot(3), || {
+            seen = store.load().map(|s| s.version);
+        });
+        assert_eq!(applied.unwrap(), Applied::Swapped);
+        assert_eq!(seen, Some(2), "called while requests still saw the old one");
+        assert_eq!(store.load().unwrap().version, 3);
+        let mut called = false;
+        let _ = store.apply_before_swap(snapshot(3), || called = true);
+        let _ = store.apply_before_swap(snapshot(1), || called = true);
+        let mut bad = snapshot(4);
+        bad.backends[0].base_url = "not a url".into();
+        let _ = store.apply_before_swap(bad, || called = true);
+        assert!(
+            !called,
+            "not for the version in use, a stale one, or one refused"
+        );
     }
 
     #[tokio::test]
