@@ -310,34 +310,42 @@ async fn a_backend_that_refuses_its_credentials_fails_over() {
     );
 }
 
-/// Google refuses a revoked, expired or mistyped key with 400 `API_KEY_INVALID`, not 401:
-/// it is the backend's credentials failing, not the client's request. Passed on, the client
-/// was told its own API key was not valid, and nothing failed over or counted it.
+/// Google refuses a revoked, expired or mistyped key with 400 `API_KEY_INVALID`, and xAI
+/// with 400 "Incorrect API key provided: xa***Ju…", not 401: it is the backend's credentials
+/// failing, not the client's request. Passed on, the client was told its own API key was not
+/// valid (xAI's words showing four characters of the provider's key), and nothing failed over
+/// or counted it.
 #[tokio::test]
-async fn a_key_refused_with_400_api_key_invalid_is_the_backends_credentials() {
-    let (primary, fallback) = (mock("primary"), mock("fallback"));
-    primary.set_fault(Fault::KeyInvalid.times(1));
-    let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
-    let response = h.chat(chat_body(false)).await;
-    assert_eq!(response.status(), 200);
-    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
-    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+async fn a_key_refused_with_a_400_is_the_backends_credentials() {
+    for (refusal, words) in [
+        (Fault::KeyInvalid, "API key not valid"),
+        (Fault::XaiKeyInvalid, "Incorrect API key"),
+    ] {
+        let (primary, fallback) = (mock("primary"), mock("fallback"));
+        primary.set_fault(refusal.clone().times(1));
+        let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+        let response = h.chat(chat_body(false)).await;
+        assert_eq!(response.status(), 200, "{refusal:?}");
+        assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+        assert_eq!(header(&response, "x-sluice-attempts"), "2");
 
-    primary.set_fault(Fault::KeyInvalid.always());
-    fallback.set_fault(Fault::KeyInvalid.always());
-    let response = h.chat(chat_body(false)).await;
-    assert_eq!(response.status(), 502);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "upstream_auth_failed", "{body}");
-    assert!(!body.to_string().contains("API key not valid"), "{body}");
-    assert!(
-        h.metrics()
-            .await
-            .lines()
-            .any(|l| l.starts_with("sluice_upstream_attempts_total{")
-                && l.contains("outcome=\"auth_error\"")),
-        "counted as an auth error"
-    );
+        primary.set_fault(refusal.clone().always());
+        fallback.set_fault(refusal.clone().always());
+        let response = h.chat(chat_body(false)).await;
+        assert_eq!(response.status(), 502, "{refusal:?}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "upstream_auth_failed", "{body}");
+        assert!(!body.to_string().contains(words), "{body}");
+        assert!(!body.to_string().contains("***"), "{body}");
+        assert!(
+            h.metrics()
+                .await
+                .lines()
+                .any(|l| l.starts_with("sluice_upstream_attempts_total{")
+                    && l.contains("outcome=\"auth_error\"")),
+            "{refusal:?} counted as an auth error"
+        );
+    }
 }
 
 /// A provider account out of credit answers every request 402 (DeepSeek, OpenRouter,

@@ -398,17 +398,27 @@ pub(super) fn refused_model(body: &[u8]) -> Option<Refusal> {
 
 /// Whether a 400's body is the provider refusing the backend's own key: Google answers a
 /// revoked, expired or mistyped key with 400 and the reason `API_KEY_INVALID` where others
-/// answer 401. Passed on, the client would be told that its own key is not valid.
-/// The reason is read where Google puts it (`error.details[].reason`, the error alone or in
-/// a list of one), not anywhere in the body: a message quoting what the client sent must not
-/// pass for it.
+/// answer 401, and xAI with 400 and a top-level `error` string, "Incorrect API key
+/// provided: xa***Ju. You can obtain an API key from https://console.x.ai." (URL-encoded in
+/// some of its answers). Passed on, the client would be told that its own key is not valid.
+/// Each is read where its provider puts it (`error.details[].reason`, the error alone or in
+/// a list of one; the start of the top-level string), not anywhere in the body: a message
+/// quoting what the client sent must not pass for it.
 pub(super) fn refuses_the_key(body: &[u8]) -> bool {
-    if memchr::memmem::find(body, b"API_KEY_INVALID").is_none() {
+    const XAI: [&str; 2] = [
+        "Incorrect API key provided",
+        "Incorrect%20API%20key%20provided",
+    ];
+    let google = memchr::memmem::find(body, b"API_KEY_INVALID").is_some();
+    if !google && memchr::memmem::find(body, b"Incorrect").is_none() {
         return false;
     }
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
         return false;
     };
+    if let Some(serde_json::Value::String(message)) = value.get("error") {
+        return XAI.iter().any(|words| message.starts_with(words));
+    }
     error_member(&value)
         .and_then(|e| e.get("details"))
         .and_then(serde_json::Value::as_array)
@@ -1081,18 +1091,28 @@ mod tests {
         );
     }
 
-    /// Google's refusal of a key, alone or in a list of one, is the key refused; the words
-    /// in a message (which may quote the client's request) are not.
+    /// Google's refusal of a key, alone or in a list of one, and xAI's (a 400 whose top-level
+    /// `error` is the sentence, plain or URL-encoded) are the key refused; the words in a
+    /// message (which may quote the client's request) are not.
     #[test]
-    fn a_refused_key_is_read_from_googles_error_details_only() {
+    fn a_refused_key_is_read_where_google_and_xai_put_it_only() {
         let refused = r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com"}]}}"#;
         assert!(refuses_the_key(refused.as_bytes()));
         assert!(refuses_the_key(format!("[{refused}]").as_bytes()));
+        for xai in [
+            r#"{"code":"Client specified an invalid argument","error":"Incorrect API key provided: xa***Ju. You can obtain an API key from https://console.x.ai."}"#,
+            r#"{"code":"Client specified an invalid argument","error":"Incorrect%20API%20key%20provided:%20ba***na.%20You%20can%20obtain%20an%20API%20key%20from%20https://console.x.ai."}"#,
+        ] {
+            assert!(refuses_the_key(xai.as_bytes()), "{xai}");
+        }
         for not_the_key in [
             r#"{"error":{"code":400,"message":"Invalid value \"API_KEY_INVALID\" at 'contents'","status":"INVALID_ARGUMENT"}}"#,
             r#"{"error":{"message":"unknown parameter: \"reason\":\"API_KEY_INVALID\""}}"#,
             r#"{"error":{"code":400,"details":[{"reason":"BAD_REQUEST"}]}}"#,
             "API_KEY_INVALID but not JSON",
+            r#"{"error":{"message":"Incorrect API key provided: sk-…","type":"invalid_request_error"}}"#,
+            r#"{"error":"Invalid value: 'Incorrect API key provided' in messages[0]"}"#,
+            "Incorrect API key provided: not JSON",
         ] {
             assert!(!refuses_the_key(not_the_key.as_bytes()), "{not_the_key}");
         }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// `"stall"`, `{"delay_ms":2000}`, `{"queued_ms":2000}`, `{"thinking_ms":2000}`,
 /// `{"cut_after_chunks":3}`, `{"garbage":"not_json"}` (or
 /// `"invalid_sse"`, `"giant_line"`, `"bad_tool_call"`), `{"echo_key":{"code":401}}`,
-/// `"request_too_large"`, `"key_invalid"`, `"model_access_denied"`,
+/// `"request_too_large"`, `"key_invalid"`, `"xai_key_invalid"`, `"model_access_denied"`,
 /// `{"body":{"code":404,"body":"{\"error\":…}"}}`, `{"stream_reset":7}`, `"go_away"`; a spec
 /// may name the one `"model"` it applies to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +61,11 @@ pub enum Fault {
     /// revoked, expired or mistyped: `"API key not valid. Please pass a valid API key."`,
     /// status `INVALID_ARGUMENT`, reason `API_KEY_INVALID`, in a list of one error.
     KeyInvalid,
+    /// Answer 400 as xAI answers a request whose API key is revoked or mistyped: a top-level
+    /// `error` string, "Incorrect API key provided: xa***Ju. You can obtain an API key from
+    /// https://console.x.ai." (the presented key's first and last two characters), beside
+    /// `"code": "Client specified an invalid argument"`.
+    XaiKeyInvalid,
     /// Answer 400 as Anthropic answers every request of an account out of credit:
     /// `invalid_request_error`, "Your credit balance is too low to access the Anthropic API…",
     /// in Anthropic's error shape (on any route).

@@ -698,6 +698,22 @@ async fn api(
                 Bytes::from(body.to_string()),
             ));
         }
+        Some(Fault::XaiKeyInvalid) => {
+            let shown = |chars: &mut dyn Iterator<Item = char>| chars.take(2).collect::<String>();
+            let last: String = shown(&mut presented.chars().rev()).chars().rev().collect();
+            let body = serde_json::json!({
+                "code": "Client specified an invalid argument",
+                "error": format!(
+                    "Incorrect API key provided: {}***{last}. You can obtain an API key from https://console.x.ai.",
+                    shown(&mut presented.chars()),
+                ),
+            });
+            return Ok(json_response(
+                shared,
+                StatusCode::BAD_REQUEST,
+                Bytes::from(body.to_string()),
+            ));
+        }
         Some(Fault::Garbage(kind)) => {
             let (content_type, body) = stream::garbage(kind);
             let body = BodyExt::boxed_unsync(StreamBody::new(body));
