@@ -121,6 +121,8 @@ pub fn redact_error(body: Bytes, key: &[u8]) -> Bytes {
 
 /// `body` with the ids of provider accounts replaced by [`REDACTED`]: `org-`, `proj_` or
 /// `user-` and 16 or more letters and digits (OpenAI's organizations, projects and users),
+/// `org_` or `user_` and as many (Groq's organizations, in its 429s and 413s; OpenRouter's
+/// users and organizations),
 /// a UUID (Anthropic's organizations), `projects/` or `project_number:` and digits (Google's
 /// projects); each starting a word and ending one. `body` itself, uncopied, when there is
 /// none. Linear in the body's length.
@@ -152,7 +154,8 @@ pub fn scrub_accounts(body: Bytes) -> Bytes {
 
 /// The length of the account id `text` starts with, if it does (see [`scrub_accounts`]).
 fn account_id_at(text: &[u8]) -> Option<usize> {
-    const OPENAI: [&[u8]; 3] = [b"org-", b"proj_", b"user-"];
+    // OpenAI's, then Groq's and OpenRouter's.
+    const OPENAI: [&[u8]; 5] = [b"org-", b"proj_", b"user-", b"org_", b"user_"];
     const GOOGLE: [&[u8]; 2] = [b"projects/", b"project_number:"];
     let ends_word = |len: usize| text.get(len).is_none_or(|b| !b.is_ascii_alphanumeric());
     let run = |from: usize, of: fn(&u8) -> bool| text[from..].iter().take_while(|b| of(b)).count();
@@ -222,6 +225,14 @@ mod tests {
                 "project proj_AbCdEfGh12345678IjKl and user user-AbCdEfGh12345678IjKlMnOp",
                 "project [REDACTED] and user [REDACTED]",
             ),
+            (
+                "Rate limit reached for model `llama-3.3-70b-versatile` in organization `org_01hqr4x3w7f5wb7t5vm9zjmmhy` service tier `on_demand` on tokens per minute (TPM)",
+                "Rate limit reached for model `llama-3.3-70b-versatile` in organization `[REDACTED]` service tier `on_demand` on tokens per minute (TPM)",
+            ),
+            (
+                r#"{"error":{"message":"Key limit exceeded","code":403,"metadata":{"user_id":"user_2vXq8LmN4pR7sT1wY3zA6bC9dE0"}}}"#,
+                r#"{"error":{"message":"Key limit exceeded","code":403,"metadata":{"user_id":"[REDACTED]"}}}"#,
+            ),
         ] {
             assert_eq!(scrubbed(body), scrubbed_body);
         }
@@ -229,6 +240,7 @@ mod tests {
         for kept in [
             "a user-provided value for an org-level setting",
             "org-mock",
+            r#"{"user_id":"u1","org_id":"o2"}"#,
             "xorg-Mk7vQ2xR9pLw4ZtB8nYc3HdF",
             "9d50ef40-6cc8-4ca6-9d35-1dc9cf26235cz",
             "projects/abc",
