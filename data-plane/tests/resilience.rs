@@ -878,6 +878,39 @@ async fn a_429s_wait_is_no_later_than_another_candidates() {
     assert_eq!(header(&response, "retry-after"), "600");
 }
 
+/// A 429 that named no wait (vLLM's, TGI's, Ollama's; OpenAI's header is optional) is passed
+/// on saying the one Sluice knows: when the backend's cooldown, which that 429 just started,
+/// ends. Without it the SDKs came back within a second, to Sluice's own 429, a retry spent.
+#[tokio::test]
+async fn a_429_that_named_no_wait_says_when_its_backend_frees_up() {
+    let (_h, response) = after_faults(Fault::status(429), Fault::status(429)).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+    // The test settings' cooldown_base: 1 s.
+    assert_eq!(header(&response, "retry-after"), "1");
+
+    // A streak lengthens the cooldown, and the wait with it.
+    let lone = mock("lone");
+    let h = Harness::one_primary(&lone.base_url()).await;
+    lone.set_fault(Fault::status(429).always());
+    let first = h.chat(chat_body(false)).await;
+    assert_eq!(first.status(), 429);
+    assert_eq!(header(&first, "retry-after"), "1");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = h.chat(chat_body(false)).await;
+    assert_eq!(second.status(), 429);
+    assert_eq!(
+        header(&second, "retry-after"),
+        "2",
+        "the second of a streak"
+    );
+
+    // A 500 says nothing of when its backend is free, and gets no wait.
+    let (_h, response) = after_faults(Fault::status(500), Fault::status(500)).await;
+    assert_eq!(response.status(), 500);
+    assert!(response.headers().get("retry-after").is_none());
+}
+
 /// Only a candidate that said when it frees up (rate limited, cooling) shortens the wait: a
 /// primary that failed otherwise (a 500, its account out of credit) is not free in a second,
 /// and the fallback's own wait is the client's.

@@ -811,7 +811,11 @@ pub(super) async fn forward_call(
             // passed over for its rate limit (not for a cooldown: that may be a broken
             // backend's, which frees up to fail again).
             let others = others_free.into_iter().chain(limited).min();
-            fail(acct, failure, format, call.endpoint.format(), free, others).await
+            let frees = Frees {
+                this: last_frees,
+                others,
+            };
+            fail(acct, failure, format, call.endpoint.format(), free, frees).await
         }
         None if unsupported && soonest.is_none() => {
             let refused = match call.endpoint {
@@ -870,6 +874,14 @@ fn not_to_be_sent_again(response: &mut Response) {
     );
 }
 
+/// When the candidates of a request that failed are free again, as far as Sluice knows.
+struct Frees {
+    /// The last one's cooldown ends: it was rate limited and is cooling.
+    this: Option<Instant>,
+    /// Another one that said it is only busy frees up.
+    others: Option<Instant>,
+}
+
 /// Answers with the last failure: the upstream's own 429/5xx (in the client's API, `client`:
 /// as it came when the backend speaks it, else translated), or 502/504, with its retry hints.
 async fn fail(
@@ -878,7 +890,7 @@ async fn fail(
     backend: ApiFormat,
     client: ApiFormat,
     free: bool,
-    others: Option<Instant>,
+    Frees { this, others }: Frees,
 ) -> Response {
     // A passed-on 429 or 503 says to come back when its backend is free again (OpenAI's a
     // second, Azure's S0 tier a day): no later than another candidate that said it is only
@@ -896,7 +908,31 @@ async fn fail(
     let come_back = others
         .map(|others| others.saturating_duration_since(Instant::now()))
         .filter(|wait| operators && *wait <= Duration::from_secs(60));
+    // A 429 that named no wait (vLLM's, TGI's, a stream's first event) says the one Sluice
+    // knows: when its backend's cooldown, just started, ends, or another candidate frees up.
+    // Without it the SDKs came back within a second, to Sluice's own 429.
+    let says_when_free = failure.says_when_free();
     let failure = match (failure, others) {
+        (
+            Failure::Status {
+                status,
+                retry_after: None,
+                content_type,
+                body,
+                in_body,
+            },
+            _,
+        ) if says_when_free => Failure::Status {
+            status,
+            retry_after: this
+                .into_iter()
+                .chain(others)
+                .min()
+                .map(|free| free.saturating_duration_since(Instant::now())),
+            content_type,
+            body,
+            in_body,
+        },
         (
             Failure::Status {
                 status,
