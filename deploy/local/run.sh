@@ -145,12 +145,16 @@ if [ "$DEMO" = 1 ]; then
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
 fi
 
+# Whether a data plane listens is read from its `http listening on` line, an info line: kept
+# whatever RUST_LOG the caller set (RUST_LOG=warn would have hidden it).
+proxy_log=()
+[ -z "${RUST_LOG:-}" ] || proxy_log=(env "RUST_LOG=$RUST_LOG,sluice_proxy::server=info")
 proxy_ports=()
 for i in $(seq 1 "$REPLICAS"); do
   if [ "$REPLICAS" = 1 ]; then p=$PORT; else p=$((PORT + 10 + i)); fi
   spool=(--data-dir "$DATA_DIR/proxy-$i")
   [ "$SPOOL" = 1 ] || spool=()
-  SLUICE_DATAPLANE_TOKEN=$DATAPLANE_TOKEN $SETSID "$BIN/sluice-proxy" \
+  SLUICE_DATAPLANE_TOKEN=$DATAPLANE_TOKEN $SETSID "${proxy_log[@]}" "$BIN/sluice-proxy" \
     --control-plane "$SLUICE_ENDPOINT" --listen "127.0.0.1:$p" --node-id "local-$i" \
     "${spool[@]}" 2>"$RUN_DIR/proxy-$i.log" &
   pids+=($!)
@@ -185,6 +189,7 @@ if [ "$REPLICAS" -gt 1 ]; then
 worker_processes 1;
 pid $NGINX_DIR/nginx.pid;
 error_log $NGINX_DIR/logs/error.log warn;
+worker_rlimit_nofile 16384;
 events { worker_connections 4096; }
 http {
     access_log off;
@@ -267,7 +272,7 @@ fi
 cat <<TXT
 
 Manage it:
-  export SLUICE_ADMIN_TOKEN=\$(cat $DATA_DIR/admin-token)
+  export SLUICE_ENDPOINT=$SLUICE_ENDPOINT SLUICE_ADMIN_TOKEN=\$(cat $DATA_DIR/admin-token)
   $BIN/sluicectl backend list
   $BIN/sluicectl dataplane list
   $BIN/sluicectl stats totals
