@@ -1,5 +1,7 @@
 //! The cooldown state machine across a fleet, by property: replicas (the real
-//! `CooldownTracker`) send requests, see 429s, failures and successes in any interleaving,
+//! `CooldownTracker`) send requests for one model, see 429s, failures, successes and answers
+//! begun in any interleaving, each counted against the backend or the model (as a plain 429
+//! cools the model alone and a 5xx the backend),
 //! report to a control plane (the real rules of `sluice_domain::cooldown`) that receives the
 //! reports late, twice (after reconnects) or not before the next snapshot, and take its
 //! snapshots whenever. Checked on every step and once everything is delivered:
@@ -7,8 +9,9 @@
 //!   past the cap unless the upstream's Retry-After asked for longer, never shorter than it;
 //! - a replica never cools a backend for less than the Retry-After it was told;
 //! - once every report is delivered and every replica holds the newest snapshot, every
-//!   replica agrees with the control plane (epoch, streak, end of the cooldown), and a
-//!   success the control plane accepted last has ended the streak everywhere.
+//!   replica agrees with the control plane (epoch, streak, end of the cooldown) on the
+//!   backend's state and on the model's, and a success the control plane accepted last has
+//!   ended that streak everywhere.
 
 use std::time::{Duration, SystemTime};
 
@@ -27,6 +30,8 @@ const POLICY: CooldownPolicy = CooldownPolicy {
     failure_threshold: 2,
 };
 const B: &str = "backend";
+/// The model every request is for.
+const M: &str = "m";
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -53,20 +58,27 @@ enum Op {
     Reconnect {
         r: usize,
     },
-    /// An admin resets the cooldown.
+    /// An admin resets the cooldown: the backend's and its models'.
     Reset,
+    /// An admin resets the model's cooldown alone.
+    ResetModel,
     Advance {
         ms: u64,
     },
 }
 
+fn scope() -> impl Strategy<Value = Scope> {
+    prop_oneof![Just(Scope::Backend), Just(Scope::Model)]
+}
+
 fn outcome() -> impl Strategy<Value = Outcome> {
     prop_oneof![
         4 => Just(Outcome::Success),
-        3 => Just(Outcome::RateLimited { retry_after: None, scope: Scope::Backend }),
-        2 => (0u64..40_000).prop_map(|ms| Outcome::RateLimited { retry_after: Some(Duration::from_millis(ms)), scope: Scope::Backend }),
-        2 => Just(Outcome::Failure { retry_after: None, scope: Scope::Backend }),
-        1 => (0u64..40_000).prop_map(|ms| Outcome::Failure { retry_after: Some(Duration::from_millis(ms)), scope: Scope::Backend }),
+        2 => Just(Outcome::Answering),
+        3 => scope().prop_map(|scope| Outcome::RateLimited { retry_after: None, scope }),
+        2 => (0u64..40_000, scope()).prop_map(|(ms, scope)| Outcome::RateLimited { retry_after: Some(Duration::from_millis(ms)), scope }),
+        2 => scope().prop_map(|scope| Outcome::Failure { retry_after: None, scope }),
+        1 => (0u64..40_000, scope()).prop_map(|(ms, scope)| Outcome::Failure { retry_after: Some(Duration::from_millis(ms)), scope }),
     ]
 }
 
@@ -79,6 +91,7 @@ fn op(replicas: usize) -> impl Strategy<Value = Op> {
         3 => r.clone().prop_map(|r| Op::Snapshot { r }),
         1 => r.prop_map(|r| Op::Reconnect { r }),
         1 => Just(Op::Reset),
+        1 => Just(Op::ResetModel),
         4 => (0u64..20_000).prop_map(|ms| Op::Advance { ms }),
     ]
 }
@@ -91,15 +104,46 @@ struct Replica {
     outbox: Vec<BackendEvent>,
 }
 
+/// One state the control plane keeps: the backend's, or the model's at it.
+#[derive(Default)]
+struct Kept {
+    /// Replicas named by index.
+    state: CooldownState<Instant, usize>,
+    /// Whether the control plane's last change of the streak was a success ending it.
+    last_was_end: bool,
+    /// When an admin last reset it.
+    reset_at: Option<Instant>,
+}
+
+impl Kept {
+    fn reset(&mut self, now: Instant) {
+        self.state.reset(now);
+        self.reset_at = Some(now);
+        self.last_was_end = false;
+    }
+
+    /// What a snapshot sent now carries, as replica `r` turns it into its own deadline.
+    fn sent(&self, r: usize, now: Instant) -> FleetCooldown {
+        FleetCooldown {
+            epoch: self.state.epoch,
+            streak: self.state.streak,
+            until: self.state.cooling_until(now),
+            since: None,
+            run: self
+                .state
+                .run
+                .map(|(by, basis)| (if by == r { Whose::Mine } else { Whose::Another }, basis)),
+        }
+    }
+}
+
 struct Fleet {
     start: Instant,
     elapsed: Duration,
-    /// Replicas named by index.
-    control: CooldownState<Instant, usize>,
-    /// Whether the control plane's last change of the streak was a success ending it.
-    last_was_end: bool,
-    /// When an admin last reset the backend.
-    reset_at: Option<Instant>,
+    /// The backend's state.
+    backend: Kept,
+    /// The model's state at the backend.
+    model: Kept,
     replicas: Vec<Replica>,
 }
 
@@ -108,9 +152,8 @@ impl Fleet {
         Self {
             start: Instant::now(),
             elapsed: Duration::ZERO,
-            control: CooldownState::default(),
-            last_was_end: false,
-            reset_at: None,
+            backend: Kept::default(),
+            model: Kept::default(),
             replicas: (0..n)
                 .map(|_| Replica {
                     tracker: CooldownTracker::new(),
@@ -128,19 +171,19 @@ impl Fleet {
         }
     }
 
-    /// What a snapshot sent now carries, as replica `r` turns it into its own deadline.
-    fn snapshot(&self, r: usize) -> FleetCooldown {
+    /// Replica `r` takes the control plane's current states (a model's is sent only once it
+    /// differs from the initial one, as the control plane sends it).
+    fn observe(&self, r: usize) {
         let now = self.now().instant;
-        FleetCooldown {
-            epoch: self.control.epoch,
-            streak: self.control.streak,
-            until: self.control.cooling_until(now),
-            since: None,
-            run: self
-                .control
-                .run
-                .map(|(by, basis)| (if by == r { Whose::Mine } else { Whose::Another }, basis)),
-        }
+        let model =
+            (self.model.state != CooldownState::default()).then(|| (M, self.model.sent(r, now)));
+        self.replicas[r].tracker.observe_snapshot(
+            true,
+            [(B, self.backend.sent(r, now), model)],
+            |_, _| true,
+            &POLICY,
+            now,
+        );
     }
 
     fn deliver(&mut self, r: usize, n: usize) -> Result<(), TestCaseError> {
@@ -149,27 +192,28 @@ impl Fleet {
         for event in self.replicas[r].outbox.drain(..n).collect::<Vec<_>>() {
             let report = Report::try_from(&event).unwrap();
             let at = now - event_age(&event);
-            let applied = self.control.apply(&report, &r, &POLICY, at);
+            let kept = match event.model.as_str() {
+                "" => &mut self.backend,
+                _ => &mut self.model,
+            };
+            let applied = kept.state.apply(&report, &r, &POLICY, at);
             if let Applied::Counted { length } = applied {
                 let wanted = report.retry_after.unwrap_or_default().min(MAX_RETRY_AFTER);
-                prop_assert_eq!(
-                    length,
-                    POLICY.length(self.control.streak, report.retry_after)
-                );
+                prop_assert_eq!(length, POLICY.length(kept.state.streak, report.retry_after));
                 prop_assert!(length <= POLICY.cap.max(wanted));
             }
             // Every Retry-After is honoured, but a 429's seen before an admin's reset (the
             // reset ended what it asked for).
             if let Some(wait) = report.retry_after.filter(|w| !w.is_zero())
-                && self.reset_at.is_none_or(|reset| at >= reset)
+                && kept.reset_at.is_none_or(|reset| at >= reset)
             {
-                prop_assert!(self.control.until.unwrap() >= at + wait);
+                prop_assert!(kept.state.until.unwrap() >= at + wait);
             }
             match applied {
-                Applied::Counted { .. } => self.last_was_end = false,
+                Applied::Counted { .. } => kept.last_was_end = false,
                 Applied::Ended => {
-                    self.last_was_end = true;
-                    prop_assert_eq!(self.control.streak, 0);
+                    kept.last_was_end = true;
+                    prop_assert_eq!(kept.state.streak, 0);
                 }
                 _ => {}
             }
@@ -181,7 +225,7 @@ impl Fleet {
         let now = self.now();
         match op {
             Op::Send { r } => {
-                if let Ok(basis) = self.replicas[r].tracker.check(B, "", now.instant) {
+                if let Ok(basis) = self.replicas[r].tracker.check(B, M, now.instant) {
                     self.replicas[r].in_flight.push(basis);
                 }
             }
@@ -192,21 +236,23 @@ impl Fleet {
                 }
                 let basis = replica.in_flight.remove(i % replica.in_flight.len());
                 let before = replica.tracker.view(B);
-                let current = replica.tracker.check(B, "", now.instant) == Ok(basis);
-                let event = replica.tracker.record(B, "", basis, &POLICY, outcome, now);
+                let current = replica.tracker.check(B, M, now.instant) == Ok(basis);
+                let events = replica
+                    .tracker
+                    .record_at(B, M, basis, &POLICY, outcome, || now);
                 if outcome == Outcome::Success && current && before.streak > 0 {
                     // A success on a streak ends it here at once, and is reported.
                     prop_assert_eq!(replica.tracker.view(B).streak, 0);
-                    prop_assert!(event.is_some());
+                    prop_assert!(events.iter().any(|e| e.model.is_empty()));
                 }
-                replica.outbox.extend(event);
+                replica.outbox.extend(events);
                 if let Outcome::RateLimited {
                     retry_after: Some(wait),
-                    scope: Scope::Backend,
+                    ..
                 } = outcome
                     && !wait.is_zero()
                 {
-                    let until = replica.tracker.check(B, "", now.instant).unwrap_err();
+                    let until = replica.tracker.check(B, M, now.instant).unwrap_err();
                     prop_assert!(
                         until >= now.instant + wait,
                         "a replica honours its Retry-After"
@@ -214,25 +260,16 @@ impl Fleet {
                 }
             }
             Op::Deliver { r, n } => self.deliver(r, n)?,
-            Op::Snapshot { r } => {
-                let snapshot = self.snapshot(r);
-                self.replicas[r].tracker.observe_snapshot(
-                    true,
-                    [(B, snapshot, [])],
-                    |_, _| true,
-                    &POLICY,
-                    now.instant,
-                );
-            }
+            Op::Snapshot { r } => self.observe(r),
             Op::Reconnect { r } => {
                 let again = self.replicas[r].tracker.unacknowledged_events(now.instant);
                 self.replicas[r].outbox.extend(again);
             }
             Op::Reset => {
-                self.control.reset(now.instant);
-                self.reset_at = Some(now.instant);
-                self.last_was_end = false;
+                self.backend.reset(now.instant);
+                self.model.reset(now.instant);
             }
+            Op::ResetModel => self.model.reset(now.instant),
             Op::Advance { ms } => self.elapsed += Duration::from_millis(ms),
         }
         Ok(())
@@ -243,15 +280,8 @@ impl Fleet {
         for r in 0..self.replicas.len() {
             self.deliver(r, usize::MAX)?;
         }
-        let now = self.now().instant;
-        for (r, replica) in self.replicas.iter().enumerate() {
-            replica.tracker.observe_snapshot(
-                true,
-                [(B, self.snapshot(r), [])],
-                |_, _| true,
-                &POLICY,
-                now,
-            );
+        for r in 0..self.replicas.len() {
+            self.observe(r);
         }
         Ok(())
     }
@@ -270,16 +300,20 @@ proptest! {
         }
         fleet.settle()?;
         let now = fleet.now().instant;
-        let control = fleet.control;
         for (r, replica) in fleet.replicas.iter().enumerate() {
-            let view = replica.tracker.view(B);
-            prop_assert_eq!(
-                (view.epoch, view.streak, view.cooling_until(now)),
-                (control.epoch, control.streak, control.cooling_until(now)),
-                "replica {} disagrees with the control plane", r
-            );
-            if fleet.last_was_end {
-                prop_assert_eq!(view.streak, 0, "the success ended the streak everywhere");
+            for (view, kept, whose) in [
+                (replica.tracker.view(B), &fleet.backend, "backend"),
+                (replica.tracker.model_view(B, M), &fleet.model, "model"),
+            ] {
+                let control = &kept.state;
+                prop_assert_eq!(
+                    (view.epoch, view.streak, view.cooling_until(now)),
+                    (control.epoch, control.streak, control.cooling_until(now)),
+                    "replica {} disagrees with the control plane on the {}", r, whose
+                );
+                if kept.last_was_end {
+                    prop_assert_eq!(view.streak, 0, "the success ended the {} streak everywhere", whose);
+                }
             }
         }
     }
@@ -302,8 +336,11 @@ impl Fleet {
     fn assert_first_of_a_streak(&mut self) {
         self.settle().unwrap();
         let now = self.now().instant;
-        assert_eq!(self.control.streak, 1);
-        assert_eq!(self.control.cooling_until(now), Some(now + POLICY.base));
+        assert_eq!(self.backend.state.streak, 1);
+        assert_eq!(
+            self.backend.state.cooling_until(now),
+            Some(now + POLICY.base)
+        );
         for replica in &self.replicas {
             assert_eq!(replica.tracker.view(B).streak, 1);
         }
