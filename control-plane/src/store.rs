@@ -190,6 +190,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0026_audio_usage.sql"),
     include_str!("../../migrations/0027_estimated_count.sql"),
     include_str!("../../migrations/0028_max_output_tokens.sql"),
+    include_str!("../../migrations/0029_cooldown_reset_time.sql"),
 ];
 
 /// A handle to the database; cheap to clone.

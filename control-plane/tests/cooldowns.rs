@@ -264,6 +264,41 @@ async fn a_reset_moves_the_epoch_on_so_reports_sent_before_it_are_absorbed() {
     assert_eq!(s.listed().await, Some((1, BASE)));
 }
 
+/// A 429 seen before an admin's reset, reported late by a replica cut off across it, is
+/// history also once another cooldown has started since: an Azure "retry after 3600" the
+/// reset ended does not come back through a one-second overload after it (the reset's time
+/// is kept in the database, apart from the cooldown's start).
+#[tokio::test]
+async fn a_429_seen_before_a_reset_lengthens_no_cooldown_begun_after_it() {
+    use pb::BackendEventKind::RateLimited;
+    let mut s = Setup::start().await;
+    s.until(|b| b.cooldown_epoch == 0).await;
+    s.report("replica-1", vec![s.event(RateLimited, 0)]).await;
+    s.until(|b| b.cooldown_epoch == 1).await;
+    s.cp.admin_client()
+        .await
+        .unwrap()
+        .reset_cooldown(pb::ResetCooldownRequest {
+            model: String::new(),
+            backend_id: "a".into(),
+        })
+        .await
+        .unwrap();
+    s.until(|b| b.cooldown_epoch == 2).await;
+    s.report("replica-1", vec![s.event(RateLimited, 2)]).await;
+    s.until(|b| b.cooldown_epoch == 3).await;
+    // Seen a minute ago, before the reset, asking for an hour.
+    let mut late = s.event(RateLimited, 0);
+    late.retry_after = Some(Duration::from_secs(3600).into());
+    late.age = Some(Duration::from_secs(60).into());
+    s.report("replica-2", vec![late]).await;
+    // A later change shows what the late report did: nothing.
+    s.report("replica-1", vec![s.event(RateLimited, 3)]).await;
+    let b = s.until(|b| b.cooldown_epoch >= 4).await;
+    assert_eq!(b.consecutive_failures, 2);
+    assert!(left(&b) <= BASE * 2, "{b:?}");
+}
+
 #[tokio::test]
 async fn a_replica_continues_its_own_run_and_cooldowns_count_from_when_it_saw_them() {
     use pb::BackendEventKind::RateLimited;

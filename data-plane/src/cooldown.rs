@@ -1095,6 +1095,7 @@ mod tests {
             streak: 4,
             until: Some(now.instant + Duration::from_secs(8)),
             since: None,
+            reset_at: None,
             run: Some((Whose::Another, 6)),
         };
         tracker.observe_snapshot(true, [("b", fleet, [])], |_, _| true, &POLICY, now.instant);
@@ -1203,6 +1204,7 @@ mod tests {
             streak: 3,
             until: Some(after.instant + Duration::from_secs(40)),
             since: None,
+            reset_at: None,
             run: Some((Whose::Another, 8)),
         };
         tracker.observe_snapshot(

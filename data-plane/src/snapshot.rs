@@ -628,6 +628,7 @@ impl Snapshot {
                             now,
                         ),
                         since: None,
+                        reset_at: None,
                         run: None,
                     },
                     run: (!m.cooldown_changed_by.is_empty())
@@ -684,6 +685,7 @@ impl Snapshot {
                     streak: b.consecutive_failures,
                     until,
                     since: None,
+                    reset_at: None,
                     run: None,
                 },
                 cooldown_run: (!b.cooldown_changed_by.is_empty())

@@ -129,6 +129,7 @@ impl Kept {
             streak: self.state.streak,
             until: self.state.cooling_until(now),
             since: None,
+            reset_at: None,
             run: self
                 .state
                 .run

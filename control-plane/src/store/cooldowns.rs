@@ -216,14 +216,14 @@ pub(crate) fn load_cooldown_states(
     conn: &Connection,
 ) -> Result<std::collections::HashMap<String, CooldownStates>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT backend_id, epoch, consecutive_failures, until_time, create_time, changed_by, run_basis, model
+        "SELECT backend_id, epoch, consecutive_failures, until_time, create_time, changed_by, run_basis, reset_time, model
          FROM cooldowns ORDER BY backend_id, model",
     )?;
     let mut states = std::collections::HashMap::<String, CooldownStates>::new();
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
         let state = state_of(r)?;
-        let model: String = r.get(7)?;
+        let model: String = r.get(8)?;
         let of = states.entry(r.get(0)?).or_default();
         match model.is_empty() {
             true => of.backend = state,
@@ -240,7 +240,7 @@ fn load_state(
 ) -> Result<Option<Cooldown>, StoreError> {
     Ok(tx
         .prepare_cached(
-            "SELECT backend_id, epoch, consecutive_failures, until_time, create_time, changed_by, run_basis
+            "SELECT backend_id, epoch, consecutive_failures, until_time, create_time, changed_by, run_basis, reset_time
              FROM cooldowns WHERE backend_id = ?1 AND model = ?2",
         )?
         .query_row(params![backend_id, model], state_of)
@@ -256,8 +256,8 @@ fn serves(tx: &Transaction<'_>, backend_id: &str, model: &str) -> Result<bool, S
         .query_row(params![backend_id, model], |r| r.get(0))?)
 }
 
-/// Columns 1 to 6: epoch, streak, until, since (0 for none), changed_by, run_basis ('' for
-/// none).
+/// Columns 1 to 7: epoch, streak, until, since (0 for none), changed_by, run_basis ('' for
+/// none), reset_time (0 for none).
 fn state_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Cooldown> {
     let time = |ms: i64| (ms > 0).then_some(UnixMs(ms));
     let changed_by: String = r.get(5)?;
@@ -268,6 +268,7 @@ fn state_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Cooldown> {
         until: time(r.get(3)?),
         since: time(r.get(4)?),
         run: (!changed_by.is_empty()).then_some((changed_by, run_basis)),
+        reset_at: time(r.get(7)?),
     })
 }
 
@@ -282,8 +283,8 @@ fn store_state(
     let time = |t: Option<UnixMs>| t.map_or(0, |t| t.0);
     let (changed_by, run_basis) = state.run.clone().unwrap_or_default();
     tx.prepare_cached(
-        "INSERT INTO cooldowns (backend_id, epoch, consecutive_failures, until_time, create_time, reason, reported_by, changed_by, run_basis, model)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+        "INSERT INTO cooldowns (backend_id, epoch, consecutive_failures, until_time, create_time, reason, reported_by, changed_by, run_basis, model, reset_time)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
          ON CONFLICT (backend_id, model) DO UPDATE SET
              epoch = excluded.epoch,
              consecutive_failures = excluded.consecutive_failures,
@@ -292,7 +293,8 @@ fn store_state(
              reason = excluded.reason,
              reported_by = excluded.reported_by,
              changed_by = excluded.changed_by,
-             run_basis = excluded.run_basis",
+             run_basis = excluded.run_basis,
+             reset_time = excluded.reset_time",
     )?
     .execute(params![
         backend_id,
@@ -305,6 +307,7 @@ fn store_state(
         changed_by,
         i64::try_from(run_basis).unwrap_or(i64::MAX),
         model,
+        time(state.reset_at),
     ])?;
     Ok(())
 }

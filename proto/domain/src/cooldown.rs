@@ -176,12 +176,14 @@ pub struct CooldownState<T, A> {
     pub streak: u32,
     /// When the last cooldown ends (or ended).
     pub until: Option<T>,
-    /// When the last cooldown began; with no `until`, when an admin reset the backend (a
-    /// report of a 429 seen before then starts no cooldown).
+    /// When the last cooldown began; with no `until`, when an admin reset the backend.
     pub since: Option<T>,
     /// Whose reports made the last changes, and the basis they named: that replica's next
     /// report continues from there. `None` after a reset.
     pub run: Option<(A, u64)>,
+    /// When an admin last reset it: a report of a 429 seen before then (sent late by a replica
+    /// cut off when it came) starts or lengthens no cooldown, whatever ran since.
+    pub reset_at: Option<T>,
 }
 
 impl<T, A> Default for CooldownState<T, A> {
@@ -192,6 +194,7 @@ impl<T, A> Default for CooldownState<T, A> {
             until: None,
             since: None,
             run: None,
+            reset_at: None,
         }
     }
 }
@@ -233,10 +236,12 @@ where
                 Applied::Counted { length }
             }
             // A 429 seen before an admin's reset (reported late by a replica cut off when it
-            // came) is history: the reset ended what it asked for.
+            // came) is history: the reset ended what it asked for, also once another
+            // cooldown has run since.
             Kind::RateLimited | Kind::Failing => {
+                let before_the_reset = self.reset_at.is_some_and(|reset| at < reset);
                 let extended = match report.retry_after {
-                    Some(wait) if !wait.is_zero() && !self.reset_after(at) => {
+                    Some(wait) if !wait.is_zero() && !before_the_reset => {
                         self.extend(at, at + wait.min(MAX_RETRY_AFTER))
                     }
                     _ => false,
@@ -263,11 +268,7 @@ where
         self.until = None;
         self.since = Some(at);
         self.run = None;
-    }
-
-    /// Whether an admin reset the backend after `at`, and nothing started a cooldown since.
-    fn reset_after(&self, at: T) -> bool {
-        self.until.is_none() && self.since.is_some_and(|reset| reset > at)
+        self.reset_at = Some(at);
     }
 
     /// A report from a replica older than epochs: its own count and its own end time, taken
@@ -426,8 +427,8 @@ mod tests {
 
     /// A 429 seen before an admin's reset and reported after it (by a replica cut off when it
     /// came) does not start the cooldown the reset ended again, however long its
-    /// `Retry-After`; one seen after the reset does, and once a cooldown ran again, reports are
-    /// absorbed as ever.
+    /// `Retry-After`, nor lengthen one that started after the reset; one seen after the reset
+    /// does.
     #[test]
     fn a_429_seen_before_a_reset_starts_no_cooldown() {
         let mut state = State::default();
@@ -439,11 +440,24 @@ mod tests {
             Applied::Absorbed { extended: false }
         );
         assert_eq!(state.cooling_until(s(21)), None);
+        // An overload after the reset cools it for a second; a replica cut off since before
+        // the reset sends its hour late: still history (findings-45-limits F-3: it lengthened
+        // the running cooldown to the hour).
+        let limited = report(Kind::RateLimited, state.epoch, 0, None);
+        assert!(matches!(
+            state.apply(&limited, &"c", &POLICY, s(25)),
+            Applied::Counted { .. }
+        ));
         assert_eq!(
-            state.apply(&hour(0), &"b", &POLICY, s(25)),
+            state.apply(&hour(0), &"d", &POLICY, s(15)),
+            Applied::Absorbed { extended: false }
+        );
+        assert_eq!(state.cooling_until(s(27)), None);
+        assert_eq!(
+            state.apply(&hour(0), &"b", &POLICY, s(30)),
             Applied::Absorbed { extended: true }
         );
-        assert_eq!(state.cooling_until(s(26)), Some(s(3625)));
+        assert_eq!(state.cooling_until(s(31)), Some(s(3630)));
     }
 
     #[test]
@@ -495,6 +509,7 @@ mod tests {
                 until: None,
                 since: Some(s(40)),
                 run: None,
+                reset_at: Some(s(40)),
             }
         );
     }
