@@ -119,6 +119,20 @@ impl Setup {
         }
     }
 
+    /// An admin's `sluicectl cooldown reset a`.
+    async fn reset(&self) {
+        self.cp
+            .admin_client()
+            .await
+            .unwrap()
+            .reset_cooldown(pb::ResetCooldownRequest {
+                backend_id: "a".into(),
+                model: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+
     /// The backend as the first snapshot whose backend satisfies `done` shows it.
     async fn until(&mut self, done: impl Fn(&pb::SnapshotBackend) -> bool) -> pb::SnapshotBackend {
         tokio::time::timeout(Duration::from_secs(10), async {
@@ -235,15 +249,7 @@ async fn a_reset_moves_the_epoch_on_so_reports_sent_before_it_are_absorbed() {
     )
     .await;
     s.until(|b| b.cooldown_epoch == 1).await;
-    s.cp.admin_client()
-        .await
-        .unwrap()
-        .reset_cooldown(pb::ResetCooldownRequest {
-            model: String::new(),
-            backend_id: "a".into(),
-        })
-        .await
-        .unwrap();
+    s.reset().await;
     let b = s.until(|b| b.cooldown_epoch == 2).await;
     assert_eq!((b.consecutive_failures, b.cooldown_remaining), (0, None));
     assert_eq!(s.listed().await, None);
@@ -275,15 +281,7 @@ async fn a_429_seen_before_a_reset_lengthens_no_cooldown_begun_after_it() {
     s.until(|b| b.cooldown_epoch == 0).await;
     s.report("replica-1", vec![s.event(RateLimited, 0)]).await;
     s.until(|b| b.cooldown_epoch == 1).await;
-    s.cp.admin_client()
-        .await
-        .unwrap()
-        .reset_cooldown(pb::ResetCooldownRequest {
-            model: String::new(),
-            backend_id: "a".into(),
-        })
-        .await
-        .unwrap();
+    s.reset().await;
     s.until(|b| b.cooldown_epoch == 2).await;
     s.report("replica-1", vec![s.event(RateLimited, 2)]).await;
     s.until(|b| b.cooldown_epoch == 3).await;
@@ -414,15 +412,7 @@ async fn a_models_cooldown_is_its_own_and_a_reset_can_end_it_alone() {
 async fn a_backends_reset_absorbs_a_models_429_seen_before_it() {
     let mut s = Setup::start().await;
     s.until(|b| b.cooldown_epoch == 0).await;
-    s.cp.admin_client()
-        .await
-        .unwrap()
-        .reset_cooldown(pb::ResetCooldownRequest {
-            backend_id: "a".into(),
-            model: String::new(),
-        })
-        .await
-        .unwrap();
+    s.reset().await;
     s.until(|b| b.cooldown_epoch == 1).await;
     // Seen 30 s ago, before the reset, by a replica that knew epoch 0 of the model.
     let late = pb::BackendEvent {
