@@ -1254,6 +1254,18 @@ async fn retention_deletes_old_hourly_rows_and_keeps_day_totals() {
     let totals_before = h.totals(Default::default()).await;
     assert_eq!(totals_before.hours_kept_since, None, "every hour kept");
     assert_eq!(h.usage(hours_request.clone()).await.len(), 3);
+    // A start equal to its end inside an hour reads that hour, as the totals do.
+    let instant = ts(recent_day + 5 * HOUR + 30 * 60_000);
+    let one_hour = h
+        .usage(pb::GetUsageRequest {
+            start_time: instant,
+            end_time: instant,
+            ..hours_request.clone()
+        })
+        .await;
+    assert_eq!(one_hour.len(), 1);
+    assert_eq!(ms_of(&one_hour[0].start_time), recent_day + 5 * HOUR);
+    assert_eq!(one_hour[0].request_count, 3);
 
     let store = h.cp.store().unwrap().clone();
     assert_eq!(store.apply_usage_retention(now).await.unwrap(), 0);
@@ -1305,6 +1317,16 @@ async fn retention_deletes_old_hourly_rows_and_keeps_day_totals() {
     // 0 keeps everything; 2 days drops the recent day's hours too, once today has usage
     // (the days count back from the newest stored hour when it is older than today).
     h.set_retention_days(0).await;
+    // A retention raised, or set to 0, brings no deleted hour back: the answers still say
+    // where the hours begin (they said every hour was kept).
+    let old_hours = h
+        .totals(pb::GetTotalsRequest {
+            start_time: ts(old_day),
+            end_time: ts(old_day + 12 * HOUR),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(old_hours.hours_kept_since, ts(recent_day - 90 * DAY));
     let recent = Rec::new(&b, recent_day + 6 * HOUR);
     assert_eq!(h.report("r", "i", vec![recent.to_proto(10)]).await, 10);
     assert_eq!(store.apply_usage_retention(now).await.unwrap(), 0);

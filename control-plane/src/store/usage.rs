@@ -230,15 +230,22 @@ impl Store {
         .await
     }
 
-    /// The start of the oldest hour the hourly rows keep (`usage_retention_days`, counted as
-    /// retention counts it at `now_ms`) when usage older than it is kept by the day alone:
-    /// hours before it count nothing in an hour bucket or a range's partial first day. `None`
-    /// when the hourly rows keep every hour, or no usage is older.
+    /// The start of the oldest hour the hourly rows keep when usage older than it is kept by
+    /// the day alone: hours before it count nothing in an hour bucket or a range's partial
+    /// first day. The later of `usage_retention_days`'s cutoff (counted as retention counts
+    /// it at `now_ms`) and the one retention last deleted before (`HOURS_PRUNED_BEFORE`: a
+    /// retention raised, or set to 0, brings no deleted hour back). `None` when the hourly
+    /// rows keep every hour, or no usage is older.
     pub async fn hours_kept_since(&self, now_ms: i64) -> Result<Option<i64>, StoreError> {
         self.read(Reader::Queries, move |conn, _| {
             let days = super::load_settings_in(conn)?.usage_retention_days;
             let (table, time, _) = HOURLY_TABLE;
-            let Some(cutoff) = retention_cutoff(conn, table, time, days, now_ms)? else {
+            let setting = retention_cutoff(conn, table, time, days, now_ms)?;
+            let pruned: Option<i64> = conn
+                .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                .query_row([HOURS_PRUNED_BEFORE], |r| r.get(0))
+                .optional()?;
+            let Some(cutoff) = setting.into_iter().chain(pruned).max() else {
                 return Ok(None);
             };
             // The table's key starts with its day: one step down its B-tree.
@@ -819,11 +826,24 @@ fn delete_expired(conn: &Connection, now_ms: i64, limit: usize) -> Result<u64, S
             if room == 0 {
                 return Ok(deleted);
             }
-            deleted += delete_before(conn, table, cutoff, room)?;
+            let here = delete_before(conn, table, cutoff, room)?;
+            if here > 0 && table == HOURLY_TABLE {
+                // Where the hours now begin, whatever the setting says later.
+                conn.prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+                )?
+                .execute(params![HOURS_PRUNED_BEFORE, cutoff])?;
+            }
+            deleted += here;
         }
     }
     Ok(deleted)
 }
+
+/// The `meta` key of the cutoff hourly retention last deleted rows before: hours older are
+/// gone whatever `usage_retention_days` says now.
+const HOURS_PRUNED_BEFORE: &str = "hours_pruned_before";
 
 /// The start of the oldest day a retention of `days` keeps (`None`: keep everything, or
 /// nothing is stored). Days count back from today or from the newest `time` in `table`,
@@ -1374,9 +1394,15 @@ fn page(
     let Some((first, last)) = stored_days(conn)? else {
         return Ok(Page::default());
     };
-    // The range to read: the filter's, bounded by what is stored, and past the cursor.
-    let mut lo = filter.start_ms.map_or(first, |s| s.max(first));
-    let mut hi = filter.end_ms.map_or(last, |e| e.min(last));
+    // The range to read: the filter's widened to whole hours, as `plan` widens it for the
+    // sums (a start equal to its end inside an hour reads that hour), bounded by what is
+    // stored, and past the cursor.
+    let mut lo = filter
+        .start_ms
+        .map_or(first, |s| floor_to(s, HOUR_MS).max(first));
+    let mut hi = filter
+        .end_ms
+        .map_or(last, |e| ceil_to(e, HOUR_MS).min(last));
     if let Some(cursor) = after {
         match order {
             Order::OldestFirst => lo = lo.max(cursor.start_ms),
