@@ -348,6 +348,49 @@ async fn a_key_refused_with_a_400_is_the_backends_credentials() {
     }
 }
 
+/// Something other than the backend's API answering is the backend's failure, never the
+/// client's answer: a redirect (a base URL on `http://` behind an https redirect, a moved
+/// host: the client follows none, it would carry the key elsewhere) or a web page as a 200
+/// (a TLS-intercepting proxy's login page). Passed on, the client got a bare 301 or an HTML
+/// page (an empty stream to openai-python), the attempt counted as the backend's success,
+/// and nothing failed over.
+#[tokio::test]
+async fn a_redirect_or_a_web_page_is_not_the_api_and_fails_over() {
+    for code in [301, 308, 200] {
+        for stream in [false, true] {
+            let (primary, fallback) = (mock("primary"), mock("fallback"));
+            primary.set_fault(Fault::Page { code }.always());
+            let h = Harness::start(snapshot(1, pair(&primary, &fallback))).await;
+            let response = h.chat(chat_body(stream)).await;
+            assert_eq!(response.status(), 200, "{code} stream {stream}");
+            assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+            assert_eq!(header(&response, "x-sluice-attempts"), "2");
+            let text = response.text().await.unwrap();
+            assert!(!text.contains("Please log in"), "{text}");
+            let metrics = h.metrics().await;
+            let primary_attempts = |outcome: &str| {
+                metrics.lines().any(|l| {
+                    l.starts_with("sluice_upstream_attempts_total{")
+                        && l.contains("backend=\"primary-name\"")
+                        && l.contains(&format!("outcome=\"{outcome}\""))
+                })
+            };
+            assert!(primary_attempts("invalid_response"), "{metrics}");
+            assert!(!primary_attempts("ok"), "{metrics}");
+        }
+    }
+
+    // With no other backend: Sluice's 502, neither the page nor where it redirected.
+    let lone = mock("lone");
+    let h = Harness::one_primary(&lone.base_url()).await;
+    lone.set_fault(Fault::Page { code: 302 }.always());
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 502);
+    assert!(response.headers().get("location").is_none());
+    let body: Value = response.json().await.unwrap();
+    assert!(!body.to_string().contains("llm.example"), "{body}");
+}
+
 /// A provider account out of credit answers every request 402 (DeepSeek, OpenRouter,
 /// Mistral) or, at Anthropic, 400 "Your credit balance is too low": the backend cannot serve
 /// anyone, which is not the client's mistake. Passed on as a client error, half the requests

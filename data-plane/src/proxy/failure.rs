@@ -67,6 +67,13 @@ pub(super) enum Failure {
     Deadline,
     /// A broken or oversized body.
     Invalid(String),
+    /// Something other than the backend's API answered: a redirect (never followed: it
+    /// would carry the key to another host; a base URL on `http://` behind an https redirect,
+    /// a moved host), an egress proxy's 407, a web page as a 2xx (a TLS-intercepting proxy's
+    /// block or login page, a base URL naming a web site). The provider never saw the
+    /// request: nothing billed, tried elsewhere as after a connect error, the backend's
+    /// failure.
+    NotTheApi(String),
     /// 401 or 403: the backend refused the credentials Sluice holds for it (a revoked or
     /// mistyped provider key, a project without access). Nothing the client can fix: the
     /// next backend is tried, the failure counts towards the backend's cooldown, and a client
@@ -223,7 +230,9 @@ impl Failure {
             Self::Status { status, .. } if status.is_client_error() => true,
             Self::Status { .. } => policy.retry_on_server_error,
             Self::Refused { .. } => true,
-            Self::Connect(_) | Self::Lost(_) | Self::Invalid(_) => policy.retry_on_connect_error,
+            Self::Connect(_) | Self::Lost(_) | Self::Invalid(_) | Self::NotTheApi(_) => {
+                policy.retry_on_connect_error
+            }
             Self::Timeout { .. } => policy.retry_on_timeout,
             Self::Cut { .. } | Self::MemoryFull(..) | Self::OutOfFiles | Self::Deadline => false,
         }
@@ -269,7 +278,9 @@ impl Failure {
             Self::Timeout { .. } | Self::Deadline | Self::Cut { timeout: true, .. } => {
                 AttemptOutcome::timeout
             }
-            Self::Invalid(_) | Self::Cut { timeout: false, .. } => AttemptOutcome::invalid_response,
+            Self::Invalid(_) | Self::NotTheApi(_) | Self::Cut { timeout: false, .. } => {
+                AttemptOutcome::invalid_response
+            }
             // The backend answered.
             Self::MemoryFull(..) => AttemptOutcome::ok,
             Self::OutOfFiles => AttemptOutcome::local_error,
@@ -306,6 +317,7 @@ impl Failure {
             Self::Timeout { .. } => "timeout before the first byte".to_owned(),
             Self::Deadline => "the request's deadline passed before the answer".to_owned(),
             Self::Invalid(e) => format!("invalid response: {e}"),
+            Self::NotTheApi(e) => format!("not the API: {e}"),
             Self::Cut { detail, .. } => format!("answer cut after its head: {detail}"),
             Self::MemoryFull(Full::Replica, _) => {
                 "answer refused: --max-buffered-answer-bytes held".to_owned()

@@ -971,6 +971,41 @@ async fn fail(
     response
 }
 
+/// What answered instead of the backend's API, if its head says something else did: a
+/// redirect (the client follows none: it would carry the key to another host), an egress
+/// proxy's 407, a web page as a 2xx (no API Sluice speaks answers a call with `text/html`).
+/// Said for the log line; a redirect's target without its query (which may hold a key).
+fn not_the_api(
+    status: StatusCode,
+    headers: &HeaderMap,
+    content_type: Option<&HeaderValue>,
+) -> Option<String> {
+    if status.is_redirection() {
+        let to = headers
+            .get(header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| l.split(['?', '#']).next())
+            .unwrap_or("nowhere");
+        return Some(format!(
+            "answered {status}, a redirect to {to}: never followed; correct the backend's base_url"
+        ));
+    }
+    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        return Some("the egress proxy asked for credentials (407)".to_owned());
+    }
+    let web_page = content_type.is_some_and(|t| {
+        t.as_bytes()
+            .get(..9)
+            .is_some_and(|media| media.eq_ignore_ascii_case(b"text/html"))
+    });
+    (status.is_success() && web_page).then(|| {
+        format!(
+            "answered {status} with a web page (text/html), not the API: a proxy's page, or a \
+             base_url naming a web site?"
+        )
+    })
+}
+
 /// [`fail`]'s answer, before the retry hint.
 async fn answer_failure(
     acct: Accounting,
@@ -1036,7 +1071,9 @@ async fn answer_failure(
             why: Refusal::Model | Refusal::Feature,
             ..
         } => error(acct, ProxyError::UpstreamModelUnavailable).await,
-        Failure::Invalid(_) => error(acct, ProxyError::UpstreamInvalid).await,
+        Failure::Invalid(_) | Failure::NotTheApi(_) => {
+            error(acct, ProxyError::UpstreamInvalid).await
+        }
         // Billed ([`fail`] says not to send it again).
         Failure::Cut { timeout: false, .. } => error(acct, ProxyError::UpstreamInvalid).await,
         Failure::Cut { timeout: true, .. } => error(acct, ProxyError::UpstreamTimeout).await,
@@ -1273,6 +1310,9 @@ async fn attempt(
     let (head, mut upstream) = upstream.into_parts();
     let status = head.status;
     let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
+    if let Some(what) = not_the_api(status, &head.headers, content_type.as_ref()) {
+        return Err(Failure::NotTheApi(what));
+    }
     if status == StatusCode::UNAUTHORIZED {
         return Err(Failure::Refused {
             status,

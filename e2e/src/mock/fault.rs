@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// `{"cut_after_chunks":3}`, `{"garbage":"not_json"}` (or
 /// `"invalid_sse"`, `"giant_line"`, `"bad_tool_call"`), `{"echo_key":{"code":401}}`,
 /// `"request_too_large"`, `"key_invalid"`, `"xai_key_invalid"`, `"model_access_denied"`,
-/// `{"body":{"code":404,"body":"{\"error\":…}"}}`, `{"stream_reset":7}`, `"go_away"`; a spec
+/// `{"body":{"code":404,"body":"{\"error\":…}"}}`, `{"page":{"code":301}}`, `{"stream_reset":7}`, `"go_away"`; a spec
 /// may name the one `"model"` it applies to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -92,6 +92,10 @@ pub enum Fault {
     /// `text/event-stream` when it starts with `data:` or `event:`): what a server that is not OpenAI
     /// answers, its errors and figures in its own shape (Gemini's, TGI's, Ollama's, Groq's).
     Body { code: u16, body: String },
+    /// Answer with this status and an HTML page, as something other than the API would: a
+    /// web server redirecting (3xx, with a `Location` to the same path over https), a
+    /// TLS-intercepting proxy's block or login page (200).
+    Page { code: u16 },
 }
 
 /// How long a [`Fault::Stall`] holds a request at most.

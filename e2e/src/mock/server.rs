@@ -669,6 +669,24 @@ async fn api(
             }
             return Ok(response);
         }
+        Some(Fault::Page { code }) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+            let page = "<!DOCTYPE html><html><head><title>Sign in</title></head>\
+                        <body><p>Please log in to continue.</p></body></html>";
+            let mut response = with_headers(
+                shared,
+                status,
+                "text/html; charset=utf-8",
+                full(Bytes::from_static(page.as_bytes())),
+            );
+            if status.is_redirection() {
+                response.headers_mut().insert(
+                    header::LOCATION,
+                    HeaderValue::from_static("https://llm.example/v1/chat/completions?key=k"),
+                );
+            }
+            return Ok(response);
+        }
         Some(Fault::Unaffordable) => {
             let body = serde_json::json!({"error": {
                 "code": 402,
@@ -1166,7 +1184,7 @@ async fn control(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                 }
             };
             if let Some(code) = specs.iter().find_map(|s| match s.fault {
-                Fault::Status { code, .. } | Fault::EchoKey { code }
+                Fault::Status { code, .. } | Fault::EchoKey { code } | Fault::Page { code }
                     if !(200..=599).contains(&code) =>
                 {
                     Some(code)
