@@ -391,6 +391,37 @@ async fn a_redirect_or_a_web_page_is_not_the_api_and_fails_over() {
     assert!(!body.to_string().contains("llm.example"), "{body}");
 }
 
+/// An error body trickled out a byte at a time, never silent for the pause an error body is
+/// allowed (a broken server, a proxy's page), is given up after three pauses: it held the
+/// request to its deadline, the next backend never asked and the client answered an empty
+/// 503 after up to ten minutes.
+#[tokio::test]
+async fn a_trickled_error_body_does_not_hold_the_next_backend_back() {
+    let (primary, fallback) = (mock("primary"), mock("fallback"));
+    let mut snap = snapshot(1, pair(&primary, &fallback));
+    // The pause: 1 s; the whole error body: 3 s. The deadline: 20 s.
+    snap.settings.as_mut().unwrap().idle_stream_timeout =
+        Some(proto_duration(Duration::from_secs(1)));
+    let h = Harness::start(snap).await;
+    primary.set_fault(
+        Fault::Trickle {
+            code: 503,
+            every_ms: 200,
+        }
+        .always(),
+    );
+    let started = std::time::Instant::now();
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+    assert_eq!(header(&response, "x-sluice-attempts"), "2");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// A provider account out of credit answers every request 402 (DeepSeek, OpenRouter,
 /// Mistral) or, at Anthropic, 400 "Your credit balance is too low": the backend cannot serve
 /// anyone, which is not the client's mistake. Passed on as a client error, half the requests

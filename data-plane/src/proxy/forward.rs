@@ -1601,14 +1601,16 @@ async fn error_body(
     policy: &Policy,
     deadline: Instant,
 ) -> Bytes {
+    // A few hundred bytes the server has decided to send: a body stalling is not a model
+    // thinking, and the next backend waits on it. Nor is one trickling out a byte at a time,
+    // never silent for the pause: the whole of it gets three pauses.
+    let pause = policy.idle_stream_timeout.min(ERROR_BODY_WAIT);
     read_body(
         sleeps,
         upstream,
         MAX_ERROR_BODY,
-        // A few hundred bytes the server has decided to send: a body stalling is not a model
-        // thinking, and the next backend waits on it.
-        policy.idle_stream_timeout.min(ERROR_BODY_WAIT),
-        deadline,
+        pause,
+        deadline.min(Instant::now() + pause * 3),
         None,
         None,
         false,

@@ -96,6 +96,9 @@ pub enum Fault {
     /// web server redirecting (3xx, with a `Location` to the same path over https), a
     /// TLS-intercepting proxy's block or login page (200).
     Page { code: u16 },
+    /// Answer with this status and a body that never ends, one space every `every_ms`: an
+    /// error page a broken server or proxy trickles out, never silent for long.
+    Trickle { code: u16, every_ms: u64 },
 }
 
 /// How long a [`Fault::Stall`] holds a request at most.

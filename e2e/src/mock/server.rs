@@ -669,6 +669,16 @@ async fn api(
             }
             return Ok(response);
         }
+        Some(Fault::Trickle { code, every_ms }) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            let every = Duration::from_millis(every_ms.max(1));
+            let spaces = futures::stream::unfold((), move |()| async move {
+                tokio::time::sleep(every).await;
+                Some((Ok(hyper::body::Frame::data(Bytes::from_static(b" "))), ()))
+            });
+            let body = BodyExt::boxed_unsync(StreamBody::new(Box::pin(spaces)));
+            return Ok(with_headers(shared, status, "application/json", body));
+        }
         Some(Fault::Page { code }) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
             let page = "<!DOCTYPE html><html><head><title>Sign in</title></head>\
@@ -1184,7 +1194,10 @@ async fn control(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                 }
             };
             if let Some(code) = specs.iter().find_map(|s| match s.fault {
-                Fault::Status { code, .. } | Fault::EchoKey { code } | Fault::Page { code }
+                Fault::Status { code, .. }
+                | Fault::EchoKey { code }
+                | Fault::Page { code }
+                | Fault::Trickle { code, .. }
                     if !(200..=599).contains(&code) =>
                 {
                     Some(code)
