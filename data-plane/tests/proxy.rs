@@ -785,7 +785,13 @@ async fn the_body_passes_through_except_model_and_the_backend_key_replaces_the_c
     names.sort_unstable();
     assert_eq!(
         names,
-        ["authorization", "content-length", "content-type", "host"]
+        [
+            "accept-encoding",
+            "authorization",
+            "content-length",
+            "content-type",
+            "host"
+        ]
     );
     let expected = raw.replace(
         r#""model":"gpt-4o-mini""#,
@@ -1976,4 +1982,30 @@ async fn chat_reasoning_and_cache_writes_reach_the_record_tool_calls_included() 
     let details = &created["usage"]["input_tokens_details"];
     assert_eq!(details["cache_write_tokens"], 0, "{created}");
     assert_eq!(details["cached_tokens"], 0, "{created}");
+}
+
+/// No content coding is accepted from an upstream: a server may compress an answer to a
+/// request that names none (RFC 9110, `Accept-Encoding`), and Sluice reads the answer for
+/// its usage and passes it on with its media type alone: the client got compressed bytes
+/// labelled `application/json`, and the usage went unread.
+#[tokio::test]
+async fn an_upstream_is_asked_for_no_content_coding() {
+    let base = raw_upstream(|head| {
+        let identity = head
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case("accept-encoding: identity"));
+        match identity {
+            true => json_answer(
+                r#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#,
+            ),
+            false => "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\ncontent-length: 8\r\n\r\nGZIPDATA"
+                .to_owned(),
+        }
+    })
+    .await;
+    let h = Harness::one_primary(&base).await;
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["usage"]["prompt_tokens"], 3, "{body}");
 }

@@ -1258,6 +1258,12 @@ async fn attempt(
             HeaderValue::from_static("application/json"),
         );
     }
+    // No content coding: the answer is read for its usage and passed on with its media type
+    // alone, and a server may compress an answer to a request that names none (RFC 9110).
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     for (name, value) in backend.auth_headers() {
         headers.insert(name, value.clone());
     }

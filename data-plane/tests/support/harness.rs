@@ -415,3 +415,43 @@ pub async fn assert_connection_lost(response: reqwest::Response) {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "upstream_connection_lost", "{body}");
 }
+
+/// An upstream that answers raw HTTP/1.1, each request with `answer` of its head, then closes
+/// the connection (a stream ends without its last event).
+pub async fn raw_upstream(answer: fn(&str) -> String) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let Ok(n) = tcp.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let answer = answer(&String::from_utf8_lossy(&head));
+                let _ = tcp.write_all(answer.as_bytes()).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+/// A whole JSON answer of `body`.
+pub fn json_answer(body: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
