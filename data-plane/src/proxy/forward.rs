@@ -971,39 +971,44 @@ async fn fail(
     response
 }
 
-/// What answered instead of the backend's API, if its head says something else did: a
+/// Whether an answer's head says something other than the backend's API answered: a
 /// redirect (the client follows none: it would carry the key to another host), an egress
 /// proxy's 407, a web page as a 2xx (no API Sluice speaks answers a call with `text/html`).
-/// Said for the log line; a redirect's target without its query (which may hold a key).
-fn not_the_api(
-    status: StatusCode,
-    headers: &HeaderMap,
-    content_type: Option<&HeaderValue>,
-) -> Option<String> {
+fn not_the_api(status: StatusCode, content_type: Option<&HeaderValue>) -> bool {
+    let web_page = || {
+        content_type.is_some_and(|t| {
+            t.as_bytes()
+                .get(..9)
+                .is_some_and(|media| media.eq_ignore_ascii_case(b"text/html"))
+        })
+    };
+    status.is_redirection()
+        || status == StatusCode::PROXY_AUTHENTICATION_REQUIRED
+        || (status.is_success() && web_page())
+}
+
+/// What answered instead of the API ([`not_the_api`]), for the log line: a redirect's target
+/// without its query (which may hold a key). Out of the request path's code.
+#[cold]
+#[inline(never)]
+fn what_answered(status: StatusCode, headers: &HeaderMap) -> String {
     if status.is_redirection() {
         let to = headers
             .get(header::LOCATION)
             .and_then(|l| l.to_str().ok())
             .and_then(|l| l.split(['?', '#']).next())
             .unwrap_or("nowhere");
-        return Some(format!(
+        format!(
             "answered {status}, a redirect to {to}: never followed; correct the backend's base_url"
-        ));
-    }
-    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
-        return Some("the egress proxy asked for credentials (407)".to_owned());
-    }
-    let web_page = content_type.is_some_and(|t| {
-        t.as_bytes()
-            .get(..9)
-            .is_some_and(|media| media.eq_ignore_ascii_case(b"text/html"))
-    });
-    (status.is_success() && web_page).then(|| {
+        )
+    } else if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        "the egress proxy asked for credentials (407)".to_owned()
+    } else {
         format!(
             "answered {status} with a web page (text/html), not the API: a proxy's page, or a \
              base_url naming a web site?"
         )
-    })
+    }
 }
 
 /// [`fail`]'s answer, before the retry hint.
@@ -1316,8 +1321,8 @@ async fn attempt(
     let (head, mut upstream) = upstream.into_parts();
     let status = head.status;
     let content_type = head.headers.get(header::CONTENT_TYPE).cloned();
-    if let Some(what) = not_the_api(status, &head.headers, content_type.as_ref()) {
-        return Err(Failure::NotTheApi(what));
+    if not_the_api(status, content_type.as_ref()) {
+        return Err(Failure::NotTheApi(what_answered(status, &head.headers)));
     }
     if status == StatusCode::UNAUTHORIZED {
         return Err(Failure::Refused {
