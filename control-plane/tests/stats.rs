@@ -1294,13 +1294,12 @@ async fn retention_deletes_old_hourly_rows_and_keeps_day_totals() {
         })
         .await;
     assert_eq!(old.request_count, 6);
-    let old_hours = h
-        .totals(pb::GetTotalsRequest {
-            start_time: ts(old_day),
-            end_time: ts(old_day + 12 * HOUR),
-            ..Default::default()
-        })
-        .await;
+    let old_half_day = pb::GetTotalsRequest {
+        start_time: ts(old_day),
+        end_time: ts(old_day + 12 * HOUR),
+        ..Default::default()
+    };
+    let old_hours = h.totals(old_half_day.clone()).await;
     assert_eq!(old_hours.request_count, 0);
     // The answers say so: hours before the retention's cutoff (90 days before the newest
     // stored hour's day) are kept by the day alone.
@@ -1319,13 +1318,7 @@ async fn retention_deletes_old_hourly_rows_and_keeps_day_totals() {
     h.set_retention_days(0).await;
     // A retention raised, or set to 0, brings no deleted hour back: the answers still say
     // where the hours begin (they said every hour was kept).
-    let old_hours = h
-        .totals(pb::GetTotalsRequest {
-            start_time: ts(old_day),
-            end_time: ts(old_day + 12 * HOUR),
-            ..Default::default()
-        })
-        .await;
+    let old_hours = h.totals(old_half_day).await;
     assert_eq!(old_hours.hours_kept_since, ts(recent_day - 90 * DAY));
     let recent = Rec::new(&b, recent_day + 6 * HOUR);
     assert_eq!(h.report("r", "i", vec![recent.to_proto(10)]).await, 10);
