@@ -205,17 +205,89 @@ async fn main() {
     if let Err(err) = result {
         // One readable line: the chain of causes, no backtrace. SQLite says "disk I/O error"
         // when it cannot even create its shared-memory file on a full volume: that is said.
-        let full = if args.command.is_none() && volume_is_full(&args.data_dir) {
+        let hint = if args.command.is_none() && volume_is_full(&args.data_dir) {
             format!(
                 " (the volume holding {} is full: free space on it or grow it, then start again)",
                 args.data_dir.display()
             )
+        } else if is_read_only(&err) {
+            not_writable(&args.data_dir)
         } else {
             String::new()
         };
-        eprintln!("sluice-control: {err:#}{full}");
+        eprintln!("sluice-control: {}{hint}", one_line(&err));
         std::process::exit(1);
     }
+}
+
+/// The error's causes on one line, each said once: SQLite's own causes repeat the message the
+/// error above them quotes ("attempt to write a readonly database" three times, the last as
+/// "Error code 8: Attempt to write …"). A cause whose message, or its last part, is already
+/// in the line is left out.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let said = line.to_lowercase();
+        let last_part = text.rsplit(": ").next().unwrap_or_default().to_lowercase();
+        if said.contains(&text.to_lowercase()) || said.contains(&last_part) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// Whether SQLite refused to write the database (`SQLITE_READONLY`).
+fn is_read_only(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<rusqlite::Error>()
+            .and_then(rusqlite::Error::sqlite_error_code)
+            == Some(rusqlite::ErrorCode::ReadOnly)
+    })
+}
+
+/// What to do when the database cannot be written: most often a restore copied as another
+/// user (root) than the one the control plane runs as.
+fn not_writable(dir: &std::path::Path) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let db = dir.join(DB_FILE);
+    let owner = std::fs::metadata(&db)
+        .map(|m| {
+            format!(
+                ", owned by uid {} with mode {:o}",
+                m.uid(),
+                m.mode() & 0o7777
+            )
+        })
+        .unwrap_or_default();
+    match effective_uid() {
+        Some(uid) => format!(
+            " ({}{owner}, its -wal and -shm files or their directory cannot be written by this \
+             process, uid {uid}: a restore copied as another user? Give them to uid {uid} \
+             (chown {uid} {}*), then start again)",
+            db.display(),
+            db.display()
+        ),
+        None => format!(
+            " ({}{owner}, its -wal and -shm files or their directory cannot be written by this \
+             process: a restore copied as another user? Give them to the user the control plane \
+             runs as, then start again)",
+            db.display()
+        ),
+    }
+}
+
+/// The user this process runs as (Linux: `/proc/self/status`), without `unsafe` for geteuid.
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let ids = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
+    // Real, effective, saved, filesystem.
+    ids.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Whether the volume holding `dir` has no room left: a small file written there (and

@@ -199,12 +199,18 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+// Fields are dropped in the order they are declared, and the order matters: the readers
+// close before the writer. The last connection to close checkpoints the WAL into `sluice.db`
+// and deletes it, and only one that can write can; with a reader left open (any that had
+// read) the writer closed first could not, and a stopped control plane left its last commits
+// in `sluice.db-wal` alone: a copy of `sluice.db` without it lacked them, the master key's
+// check among them for a young database.
 struct Inner {
-    /// The one writer. Every change goes through it, one transaction at a time.
-    conn: Mutex<Connection>,
     /// Read-only connections, so reads never queue behind a write's fsync (WAL lets
     /// readers and the writer run at once).
     readers: [Mutex<Connection>; 4],
+    /// The one writer. Every change goes through it, one transaction at a time.
+    conn: Mutex<Connection>,
     key: MasterKey,
     observer: Arc<dyn StoreObserver>,
     /// The newest committed snapshot version.
@@ -707,6 +713,62 @@ mod tests {
         }
     }
 
+    /// A migration, once it has been applied anywhere, is never edited: a database that ran it
+    /// runs it never again (only `user_version` is compared), so an edit reaches new databases
+    /// alone. 0016 was edited after builds had applied it (its `key_spend_day` index added 17
+    /// minutes later), and the databases those builds migrated never got the index. Each file's
+    /// SHA-256 (its first 16 hex digits) is pinned here when it is added: to change what a
+    /// migration did, add a new one.
+    #[test]
+    fn a_migration_once_added_is_never_edited() {
+        use sha2::Digest as _;
+        let pinned = [
+            "39c8892dac5fd89a", // 0001_initial.sql
+            "ee115febd65447e4", // 0002_usage_daily.sql
+            "e3370fb1cb25d526", // 0003_usage_daily_by_backend.sql
+            "64bf7afb582c67d1", // 0004_replica_shares.sql
+            "ff27e18bc130a4c4", // 0005_cooldown_epoch.sql
+            "a38a6ae3e6adcb32", // 0006_client_key_expiry.sql
+            "8fce887d3544191e", // 0007_usage_hourly_pool.sql
+            "945021aea3e3298a", // 0008_affinity_keys.sql
+            "edbbc8da6873ddab", // 0009_usage_token_details.sql
+            "b242a43ffaa7ed32", // 0010_key_budgets.sql
+            "fbddbe974d31de93", // 0011_backend_responses_api.sql
+            "c632e3f99befe43d", // 0012_backend_api_format.sql
+            "8e6aa11ff75970fe", // 0013_token_limits.sql
+            "73dd0e31f9dd35d5", // 0014_deleted_backends.sql
+            "98bf81daf0c4f961", // 0015_cache_writes.sql
+            "657bff4d1accdd8c", // 0016_key_spend_total.sql
+            "da36b73f9c0b284e", // 0017_client_key_order.sql
+            "17d93d40af2a5219", // 0018_database_id.sql
+            "97b204a96edc10d0", // 0019_model_cooldowns.sql
+            "679c568e71bf6cef", // 0020_snapshot_key_index.sql
+            "30150d3452b41875", // 0021_backend_key_header.sql
+            "50560d0d9d414041", // 0022_price_tiers.sql
+            "1779a529a05c6e88", // 0023_long_context.sql
+            "9fc3c15e11d5d29c", // 0024_call_prices.sql
+            "15f1d2dd988e1c9b", // 0025_audio_prices.sql
+            "6379149881a5aad3", // 0026_audio_usage.sql
+            "2cc7037854861fad", // 0027_estimated_count.sql
+            "3584ba9c4bc08edc", // 0028_max_output_tokens.sql
+            "99a9f5e187d0dc8d", // 0029_cooldown_reset_time.sql
+        ];
+        assert_eq!(
+            MIGRATIONS.len(),
+            pinned.len(),
+            "a new migration: pin its hash here"
+        );
+        for (i, (sql, pinned)) in MIGRATIONS.iter().zip(pinned).enumerate() {
+            let hash = hex::encode(sha2::Sha256::digest(sql.as_bytes()));
+            assert_eq!(
+                &hash[..16],
+                pinned,
+                "migration {} was edited: add a new migration instead",
+                i + 1
+            );
+        }
+    }
+
     /// A database at `path` migrated to one version before the latest, its key check written
     /// with `key`.
     fn one_version_behind(path: &std::path::Path, key: &MasterKey) -> Connection {
@@ -875,8 +937,21 @@ mod tests {
             .unwrap();
         let (kept, gone) = (ciphertext_of(&path, "kept"), ciphertext_of(&path, "gone"));
         store.delete_backend("gone".into()).await.unwrap();
+        // Every reader has read, as in a running control plane (snapshots, lists, stats).
+        for reader in [
+            Reader::Snapshot,
+            Reader::Queries,
+            Reader::Budgets,
+            Reader::Admin,
+        ] {
+            store
+                .read(reader, |conn, _| read_version_in(conn))
+                .await
+                .unwrap();
+        }
         drop(store);
-        // Closed: the WAL is checkpointed into the file.
+        // Closed: the WAL is checkpointed into the file, and `sluice.db` alone is the
+        // database.
         assert!(!path.with_extension("db-wal").exists());
         assert!(file_holds(&path, &kept), "the kept key is where it was");
         assert!(

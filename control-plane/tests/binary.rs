@@ -130,6 +130,37 @@ fn a_wrong_master_key_refuses_to_start_with_one_clear_line() {
     );
 }
 
+/// A control plane stopped cleanly leaves its whole database in `sluice.db`: a copy of that
+/// file alone (a cold backup, a restore that removes `-wal` and `-shm` as operating.md says)
+/// is the database, and still knows its master key. The readers that had read at start (the
+/// first snapshot) used to close after the writer, so nobody could fold the WAL back into the
+/// file: `sluice.db` alone lacked the master key's check and opened under any key as a new
+/// database.
+#[test]
+fn a_stopped_control_plane_leaves_its_database_whole_in_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _, _) = start(dir.path());
+    stop(child);
+    for left in ["sluice.db-wal", "sluice.db-shm"] {
+        assert!(!dir.path().join(left).exists(), "{left} left behind");
+    }
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join("sluice.db"), copy.path().join("sluice.db")).unwrap();
+    let output = command(copy.path())
+        .env(
+            "SLUICE_MASTER_KEY",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("master key does not match this database"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_second_control_plane_on_the_same_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -582,3 +582,97 @@ async fn the_control_plane_uses_a_data_directory_it_may_write_but_not_chmod() {
     child.terminate().await.unwrap();
     assert!(child.wait().await.unwrap().success());
 }
+
+/// A database the control plane's user may not write (a restore copied as root into a volume
+/// the control plane runs on as uid 10001) stops it with one line that names the file, its
+/// owner and the user, and says what to do: it said "attempt to write a readonly database"
+/// three times and nothing else. Needs root, as the test above.
+#[tokio::test]
+async fn a_database_the_control_plane_may_not_write_is_named_with_its_owner() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        std::fs::metadata(dir.path()).unwrap().uid(),
+        0,
+        "giving a file to root under another user's directory needs root: run the tests as root (e2e/test-all.sh, CI)"
+    );
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let bin = workspace_bin("sluice-control");
+    let envs = [
+        ("SLUICE_ADMIN_TOKEN", "a".repeat(32)),
+        ("SLUICE_DATAPLANE_TOKEN", "d".repeat(32)),
+        (
+            "SLUICE_MASTER_KEY",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_owned(),
+        ),
+    ];
+    let args = |data: &std::path::Path| {
+        vec![
+            "--data-dir".to_owned(),
+            data.display().to_string(),
+            "--grpc-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--http-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ]
+    };
+    // The database made by root, as a restore copied as root leaves it.
+    let mut child = spawn(&bin, args(&data), envs.clone()).unwrap();
+    child.wait_for_listening("grpc", START).await.unwrap();
+    child.terminate().await.unwrap();
+    assert!(child.wait().await.unwrap().success());
+    // The directory and all in it the control plane's user's, but the restored file.
+    let db = data.join("sluice.db");
+    for entry in walk(&data) {
+        if entry != db {
+            std::os::unix::fs::chown(&entry, Some(10001), Some(10001)).unwrap();
+        }
+    }
+    assert_eq!(std::fs::metadata(&db).unwrap().uid(), 0);
+    let mut setpriv = vec![
+        "--reuid".to_owned(),
+        "10001".to_owned(),
+        "--regid".to_owned(),
+        "10001".to_owned(),
+        "--clear-groups".to_owned(),
+        bin.display().to_string(),
+    ];
+    setpriv.extend(args(&data));
+    let mut child = spawn("setpriv", setpriv, envs).unwrap();
+    let status = tokio::time::timeout(START, child.wait())
+        .await
+        .expect("it stops")
+        .unwrap();
+    assert!(!status.success());
+    let output = output_to_the_end(&child).await;
+    let last = output.last().unwrap();
+    for part in [
+        db.display().to_string(),
+        "owned by uid 0".to_owned(),
+        "uid 10001".to_owned(),
+        "chown 10001".to_owned(),
+    ] {
+        assert!(last.contains(&part), "{part} in {last}");
+    }
+    assert_eq!(
+        last.matches("readonly database").count(),
+        1,
+        "the cause said once: {last}"
+    );
+}
+
+/// `dir` and every file and directory under it.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = vec![dir.to_owned()];
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
