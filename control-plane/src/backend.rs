@@ -8,7 +8,8 @@ use sluice_proto::limits::{
 use sluice_proto::v1 as pb;
 
 use crate::validation::{
-    ValidationError, check_model_name, check_name, check_tpm_limit, check_visible, not_updatable,
+    ValidationError, canonical_name, check_model_name, check_name, check_tpm_limit, check_visible,
+    not_updatable,
 };
 
 pub use sluice_domain::pool::Pool;
@@ -283,8 +284,12 @@ impl BackendSpec {
         if clearing.is_empty() {
             return Ok(());
         }
-        let routes: Vec<String> = clearing
+        // The first few are named, the rest counted: the message goes to a gRPC client in a
+        // header, and a backend's thousand routes named whole passed the 16 KiB a client
+        // accepts (it reported a transport error instead of this refusal).
+        let mut routes: Vec<String> = clearing
             .iter()
+            .take(ROUTES_NAMED)
             .map(|(i, name, fields)| {
                 format!(
                     "backend.models[{i}] ({}): {}",
@@ -293,6 +298,9 @@ impl BackendSpec {
                 )
             })
             .collect();
+        if clearing.len() > ROUTES_NAMED {
+            routes.push(format!("and {} more routes", clearing.len() - ROUTES_NAMED));
+        }
         Err(ValidationError::new(
             "clear_route_fields",
             format!(
@@ -308,7 +316,7 @@ impl BackendSpec {
     /// taken as they are.
     fn validated_fields(mut self, checks: impl Fn(&str) -> bool) -> Result<Self, ValidationError> {
         if checks("name") {
-            self.name = self.name.trim().to_owned();
+            self.name = canonical_name(&self.name);
             check_name("backend.name", &self.name)?;
         }
         if checks("tpm_limit") {
@@ -734,16 +742,8 @@ pub fn same_origin(a: &str, b: &str) -> bool {
     }
 }
 
-/// The paths the data planes append to a base URL, which a base URL does not end with. Not
-/// `/models`: the data planes answer `GET /v1/models` themselves and append it to no base URL,
-/// and Azure AI Foundry's inference endpoint is `https://<resource>.services.ai.azure.com/models`.
-const ENDPOINT_PATHS: [&str; 5] = [
-    "/chat/completions",
-    "/completions",
-    "/embeddings",
-    "/responses",
-    "/messages",
-];
+/// How many routes a refusal of [`BackendSpec::check_clearing`] names before it counts the rest.
+const ROUTES_NAMED: usize = 10;
 
 /// Parts of query parameter names that carry a credential (compared lowercased, without `-`
 /// and `_`): Google's `key`, Azure API Management's `subscription-key`, `access_token`, a
@@ -817,7 +817,10 @@ fn normalize_base_url(raw: &str) -> Result<String, ValidationError> {
     // The data planes append the endpoint's path: a URL copied with it already in place
     // (`…/v1/chat/completions`) sent every request to `…/chat/completions/chat/completions`,
     // whose 404 went to clients as it came, with no failover and no cooldown.
-    if let Some(endpoint) = ENDPOINT_PATHS.iter().find(|p| base.ends_with(*p)) {
+    if let Some(endpoint) = sluice_domain::endpoint::ALL
+        .iter()
+        .find(|p| base.ends_with(*p))
+    {
         return Err(bad(&format!(
             "must be the API's base, without the endpoint's path ({endpoint}): the data planes \
              add it; e.g. https://api.openai.com/v1"
@@ -938,6 +941,9 @@ mod tests {
             "https://api.openai.com/v1/chat/completions",
             "https://api.anthropic.com/v1/messages/",
             "http://localhost:8000/v1/embeddings",
+            "https://api.anthropic.com/v1/messages/count_tokens",
+            "https://api.openai.com/v1/responses/compact",
+            "https://api.openai.com/v1/responses/input_tokens",
         ] {
             let err = BackendSpec {
                 base_url: url.into(),

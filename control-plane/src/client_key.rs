@@ -6,7 +6,7 @@ use sluice_proto::v1 as pb;
 
 use crate::budget::BudgetPeriod;
 use crate::validation::{
-    ValidationError, check_model_name, check_name, check_tpm_limit, not_updatable,
+    ValidationError, canonical_name, check_model_name, check_name, check_tpm_limit, not_updatable,
 };
 
 const PREFIX: &str = "sk-sluice-";
@@ -104,7 +104,7 @@ impl NewClientKey {
     /// [`Self::checked`] of the fields `checks` says, by their mask path.
     fn checked_fields(mut self, checks: impl Fn(&str) -> bool) -> Result<Self, ValidationError> {
         if checks("name") {
-            self.name = self.name.trim().to_owned();
+            self.name = canonical_name(&self.name);
             check_name("name", &self.name)?;
         }
         if checks("tpm_limit") {

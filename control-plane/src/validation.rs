@@ -54,6 +54,17 @@ pub fn not_updatable(path: &str, updatable: &[&str]) -> ValidationError {
 /// A name shown to operators: 1 to 64 characters, not blank, no control or invisible
 /// formatting characters, and not something that reads as an id (the admin API takes
 /// an id or a name wherever it names a backend or key, so a name must never be both).
+/// A backend's or key's name as it is stored and looked up: without surrounding whitespace,
+/// in Unicode's composed form (NFC). `café` typed as `é` and as `e` with a combining accent
+/// (as some keyboards and a text copied from a macOS file name give it) are one name: stored as
+/// given they were two keys listed alike, and `key revoke café` revoked whichever the terminal
+/// happened to type.
+pub fn canonical_name(name: &str) -> String {
+    icu_normalizer::ComposingNormalizerBorrowed::new_nfc()
+        .normalize(name.trim())
+        .into_owned()
+}
+
 pub fn check_name(field: &str, name: &str) -> Result<(), ValidationError> {
     if name.trim().is_empty() {
         return Err(ValidationError::new(field, "must not be empty"));
@@ -120,6 +131,9 @@ mod tests {
     fn names_refuse_invisible_characters_and_ids() {
         assert!(check_name("name", "openai-main").is_ok());
         assert!(check_name("name", "Équipe données ✓").is_ok());
+        assert_eq!(canonical_name(" cafe\u{301} "), "caf\u{e9}");
+        assert_eq!(canonical_name("caf\u{e9}"), "caf\u{e9}");
+        assert_eq!(canonical_name("openai-main"), "openai-main");
         for (name, why) in [
             ("open\u{200B}ai", "U+200B"),     // zero-width space
             ("ab\u{202E}cd", "U+202E"),       // right-to-left override

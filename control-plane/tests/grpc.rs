@@ -151,6 +151,70 @@ async fn an_update_that_would_clear_a_routes_fields_unknowingly_is_refused() {
     assert_eq!(stored.models[1], older);
 }
 
+/// The refusal names the first routes it would clear and counts the rest: over gRPC the
+/// message travels in a header, and a large backend's routes named whole (about 90 bytes
+/// each) passed the 16 KiB a tonic client accepts, which then reported a transport error
+/// (sluicectl: "cannot reach control plane") instead of `INVALID_ARGUMENT`.
+#[tokio::test]
+async fn a_refusal_to_clear_many_routes_stays_a_readable_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let priced = |i: usize| pb::ModelRoute {
+        name: format!("provider/a-model-with-a-long-name-{i:04}"),
+        input_price_per_mtok: 1.0,
+        output_price_per_mtok: 2.0,
+        cached_input_price_per_mtok: Some(0.5),
+        max_output_tokens: 8192,
+        ..Default::default()
+    };
+    let created = admin
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(pb::Backend {
+                models: (0..1000).map(priced).collect(),
+                ..backend("openrouter")
+            }),
+            api_key: "sk-provider-secret-1234".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .backend
+        .unwrap();
+    // The routes as a client that knows neither field sends them back.
+    let unknowing = (0..1000)
+        .map(|i| pb::ModelRoute {
+            cached_input_price_per_mtok: None,
+            max_output_tokens: 0,
+            ..priced(i)
+        })
+        .collect();
+    let status = admin
+        .update_backend(pb::UpdateBackendRequest {
+            backend: Some(pb::Backend {
+                id: created.id.clone(),
+                models: unknowing,
+                ..Default::default()
+            }),
+            update_mask: Some(mask(&["models"])),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let message = status.message();
+    assert!(
+        message.starts_with("clear_route_fields: ")
+            && message.contains("backend.models[9] (provider/a-model-with-a-long-name-0009)")
+            && !message.contains("backend.models[10]")
+            && message.contains("and 990 more routes"),
+        "{message}"
+    );
+    assert!(message.len() < 4096, "{} bytes", message.len());
+    let stored = get(&mut admin, &created.id).await;
+    assert_eq!(stored.models[999].cached_input_price_per_mtok, Some(0.5));
+}
+
 /// Every field of `ModelRoute` is either one every client that writes routes sends, or one
 /// `sluice_domain::route` checks an update does not clear unknowingly: a field added to the
 /// protos without its check would be dropped by older clients unseen.
@@ -585,6 +649,60 @@ async fn client_keys_are_shown_once_and_revocable() {
         .into_inner();
     assert!(listed.client_keys[0].revoked);
     assert!(listed.client_keys[0].revoke_time.is_some());
+}
+
+/// A name is one name however its accents are encoded: `café` with `é` (NFC) and with `e` and
+/// a combining accent (NFD, as a text copied from a macOS file name has it) were two keys,
+/// listed alike, and `key revoke café` revoked whichever form the terminal typed.
+#[tokio::test]
+async fn a_name_written_with_a_combining_accent_is_the_same_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path()).await.unwrap();
+    let mut admin = admin(&cp).await;
+    let (composed, decomposed) = ("caf\u{e9}", "cafe\u{301}");
+    let created = admin
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: decomposed.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .client_key
+        .unwrap();
+    assert_eq!(created.name, composed, "stored composed");
+    let err = admin
+        .create_client_key(pb::CreateClientKeyRequest {
+            name: composed.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    admin
+        .revoke_client_key(pb::RevokeClientKeyRequest {
+            id: decomposed.into(),
+        })
+        .await
+        .unwrap();
+    let listed = admin
+        .list_client_keys(pb::ListClientKeysRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.client_keys.len(), 1);
+    assert!(listed.client_keys[0].revoked);
+    // Backends alike.
+    create(&mut admin, "r\u{e9}gion", "sk-provider-secret-1234").await;
+    let err = admin
+        .create_backend(pb::CreateBackendRequest {
+            backend: Some(backend("re\u{301}gion")),
+            api_key: "sk-provider-secret-1234".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(get(&mut admin, "re\u{301}gion").await.name, "r\u{e9}gion");
 }
 
 /// At 100,000 keys one answer with every key is 20 MiB and sums every key's spend; the

@@ -513,6 +513,44 @@ async fn http_level_errors_are_json_too() {
         )
         .await;
     assert_eq!(http, 400, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("request body: backend.pool: "),
+        "{answer}"
+    );
+
+    // A number its field cannot hold is refused naming the field, not "data did not match any
+    // variant of untagged enum Content".
+    for (path, body, field) in [
+        (
+            "AdminService/CreateBackend",
+            json!({"backend": {"name": "b", "rpmLimit": 5_000_000_000_u64}}),
+            "backend.rpmLimit",
+        ),
+        (
+            "AdminService/CreateBackend",
+            json!({"backend": {"name": "b", "priority": 3_000_000_000_u64}}),
+            "backend.priority",
+        ),
+        (
+            "AdminService/CreateClientKey",
+            json!({"name": "k", "rpmLimit": -1}),
+            "rpmLimit",
+        ),
+    ] {
+        let (http, answer) = api.call(path, body).await;
+        assert_eq!(http, 400, "{answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert_eq!(
+            message,
+            format!(
+                "request body: {field}: must be a whole number within the field's range (32 \
+                 bits for limits and counts)"
+            ),
+        );
+    }
 
     let huge = format!("{{\"name\": \"{}\"}}", "x".repeat(1024 * 1024 + 1));
     let r = api

@@ -1104,6 +1104,18 @@ mod tests {
         assert_eq!(collected.into_bytes().len(), 1000);
     }
 
+    /// The control plane refuses a base URL that ends with a path the data planes append
+    /// (`sluice_domain::endpoint::ALL`): every proxied endpoint's must be in that list, or a URL
+    /// copied with it in place sends every request to a doubled path.
+    #[test]
+    fn every_proxied_path_is_one_the_control_plane_refuses_at_a_base_urls_end() {
+        let mut proxied: Vec<&str> = PROXIED.iter().map(|endpoint| endpoint.path()).collect();
+        let mut known = sluice_domain::endpoint::ALL.to_vec();
+        proxied.sort_unstable();
+        known.sort_unstable();
+        assert_eq!(proxied, known);
+    }
+
     #[test]
     fn only_a_post_to_a_proxied_path_skips_the_router() {
         for (path, endpoint) in [

@@ -15,6 +15,7 @@ use sluice_proto::v1 as proto;
 use tokio::sync::watch;
 use url::Url;
 
+use sluice_domain::endpoint as path;
 pub use sluice_domain::pool::Pool;
 use sluice_domain::price::{LongContext, Prices};
 use sluice_domain::settings::InvalidDuration;
@@ -94,14 +95,14 @@ impl Endpoint {
     /// The path after the base URL (`/v1`).
     pub fn path(self) -> &'static str {
         match self {
-            Self::ChatCompletions => "/chat/completions",
-            Self::Completions => "/completions",
-            Self::Embeddings => "/embeddings",
-            Self::Responses => "/responses",
-            Self::ResponsesCompact => "/responses/compact",
-            Self::ResponsesInputTokens => "/responses/input_tokens",
-            Self::Messages => "/messages",
-            Self::CountTokens => "/messages/count_tokens",
+            Self::ChatCompletions => path::CHAT_COMPLETIONS,
+            Self::Completions => path::COMPLETIONS,
+            Self::Embeddings => path::EMBEDDINGS,
+            Self::Responses => path::RESPONSES,
+            Self::ResponsesCompact => path::RESPONSES_COMPACT,
+            Self::ResponsesInputTokens => path::RESPONSES_INPUT_TOKENS,
+            Self::Messages => path::MESSAGES,
+            Self::CountTokens => path::COUNT_TOKENS,
         }
     }
 

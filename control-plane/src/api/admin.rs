@@ -96,8 +96,20 @@ async fn to_the_end<T: Send + 'static>(
         .map_err(|_| Status::internal("the change failed; read it back before repeating it"))?
 }
 
+/// An update's mask, each path once: a path named twice sets its field once, and what is
+/// logged of the mask stays the size of the message's fields (a request repeating one path
+/// 80,000 times wrote a 1.3 MB log line).
+fn mask_paths(mask: Option<sluice_proto::wkt::FieldMask>) -> Vec<String> {
+    let mut paths = mask.map(|m| m.paths).unwrap_or_default();
+    paths.sort_unstable();
+    paths.dedup();
+    paths
+}
+
 fn required_id(field: &str, id: &str) -> Result<String, Status> {
-    let id = id.trim();
+    // A name is looked up in the form it is stored in (ids are ASCII, which it leaves as is).
+    let id = crate::validation::canonical_name(id);
+    let id = id.as_str();
     if id.is_empty() {
         return Err(ValidationError::new(field, "must not be empty").into());
     }
@@ -174,7 +186,7 @@ impl AdminService for Admin {
             .ok_or_else(|| ValidationError::new("backend", "is required"))?;
         let id = required_id("backend.id", &update.id)?;
         let expected_etag = Some(update.etag.trim().to_owned()).filter(|etag| !etag.is_empty());
-        let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        let paths = mask_paths(request.update_mask);
         let mut api_key = Some(request.api_key.trim().to_owned()).filter(|key| !key.is_empty());
         if request.clear_api_key {
             if api_key.is_some() {
@@ -354,7 +366,7 @@ impl AdminService for Admin {
             .client_key
             .ok_or_else(|| ValidationError::new("client_key", "is required"))?;
         let id = required_id("client_key.id", &update.id)?;
-        let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        let paths = mask_paths(request.update_mask);
         if paths.is_empty() {
             return Err(
                 ValidationError::new("update_mask", "names no field: nothing to change").into(),
@@ -491,7 +503,7 @@ impl AdminService for Admin {
         let update = request
             .settings
             .ok_or_else(|| ValidationError::new("settings", "is required"))?;
-        let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        let paths = mask_paths(request.update_mask);
         if paths.is_empty() {
             return Err(
                 ValidationError::new("update_mask", "names no field: nothing to change").into(),
@@ -698,6 +710,41 @@ mod tests {
         }
         names.sort();
         assert_eq!(names, ["a", "b", "c", "d"]);
+    }
+
+    /// A mask naming a path many times sets its field once and is logged with each path once:
+    /// one request repeating a path 80,000 times wrote a 1.3 MB line to the control plane's
+    /// log, which log pipelines split or drop, the audit line of the change with it.
+    #[tokio::test]
+    async fn a_path_named_many_times_counts_once() {
+        let mask = |paths: Vec<String>| Some(sluice_proto::wkt::FieldMask { paths });
+        let repeated: Vec<String> = std::iter::repeat_n("max_attempts".to_owned(), 80_000)
+            .chain(["currency".to_owned(), "max_attempts".to_owned()])
+            .collect();
+        assert_eq!(
+            mask_paths(mask(repeated.clone())),
+            ["currency", "max_attempts"]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("t.db"), MasterKey::generate()).unwrap();
+        let publisher = Arc::new(Publisher::unstarted(store.clone()).await.unwrap());
+        let admin = Admin::new(store.clone(), publisher, Arc::new(Registry::default()));
+        admin
+            .update_settings(Request::new(pb::UpdateSettingsRequest {
+                settings: Some(pb::Settings {
+                    max_attempts: 4,
+                    currency: "EUR".into(),
+                    ..Default::default()
+                }),
+                update_mask: mask(repeated),
+            }))
+            .await
+            .unwrap();
+        let settings = store.get_settings().await.unwrap();
+        assert_eq!(
+            (settings.max_attempts, settings.currency.as_str()),
+            (4, "EUR")
+        );
     }
 
     /// Two settings changes of different fields at once (a `sluicectl settings set` and a

@@ -1039,11 +1039,13 @@
   const unreadable = (input) => Boolean(input.validity && input.validity.badInput);
 
   /** Reads a whole number from an input, or shows why it cannot. */
-  function wholeNumber(form, input, field, min) {
+  // The proto fields these fill are 32-bit: a larger number was sent as typed and refused by
+  // the API with a message naming no field.
+  function wholeNumber(form, input, field, min, max = 4294967295) {
     const text = input.value.trim();
     const value = unreadable(input) ? NaN : text === '' ? 0 : Number(text);
-    if (!Number.isInteger(value) || value < min) {
-      showFieldError(form, field, min >= 0 ? `must be a whole number ≥ ${min}` : 'must be a whole number');
+    if (!Number.isInteger(value) || value < min || value > max) {
+      showFieldError(form, field, `must be a whole number from ${min} to ${max}`);
       return null;
     }
     return value;
@@ -1053,7 +1055,7 @@
     event.preventDefault();
     const form = $('#backend-form');
     clearErrors(form);
-    const priority = wholeNumber(form, $('#bf-priority'), 'priority', -2147483648);
+    const priority = wholeNumber(form, $('#bf-priority'), 'priority', -2147483648, 2147483647);
     // 0 would be saved as 1 (the API's unset): to take a backend out, disable it.
     const weight = wholeNumber(form, $('#bf-weight'), 'weight', 1);
     const rpmLimit = wholeNumber(form, $('#bf-rpm'), 'rpm_limit', 0);
@@ -1084,8 +1086,8 @@
         const el = input(name);
         const text = el.value.trim();
         const value = unreadable(el) ? NaN : text === '' ? 0 : Number(text);
-        if (!Number.isInteger(value) || value < 0) {
-          showFieldError(form, name, 'must be a whole number ≥ 0', i);
+        if (!Number.isInteger(value) || value < 0 || value > 4294967295) {
+          showFieldError(form, name, 'must be a whole number from 0 to 4294967295', i);
           bad = true;
         }
         return value;

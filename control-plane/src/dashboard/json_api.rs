@@ -115,6 +115,22 @@ impl IntoResponse for JsonAnswer {
     }
 }
 
+/// A field that did not decode, named by its path (`backend.rpmLimit: …`). A number that is
+/// no whole number in its field's range fails every form proto3 JSON takes it in (number or
+/// string), which serde says as "data did not match any variant of untagged enum": said plainly.
+fn field_error(err: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    let inner = err.inner().to_string();
+    let problem = if inner.contains("did not match any variant of untagged enum") {
+        "must be a whole number within the field's range (32 bits for limits and counts)".to_owned()
+    } else {
+        inner
+    };
+    match err.path().to_string().as_str() {
+        "." => problem,
+        path => format!("{path}: {problem}"),
+    }
+}
+
 /// Decodes the body (empty is `{}`), calls the service, encodes its answer.
 async fn call<Req, Resp, F, Fut>(body: &[u8], service: F) -> Result<JsonAnswer, ApiError>
 where
@@ -129,7 +145,8 @@ where
         let bad = |e: serde_json::Error| Status::invalid_argument(format!("request body: {e}"));
         let mut value: serde_json::Value = serde_json::from_slice(body).map_err(bad)?;
         standard_field_masks(&mut value);
-        serde_json::from_value(value).map_err(bad)?
+        serde_path_to_error::deserialize(value)
+            .map_err(|e| Status::invalid_argument(format!("request body: {}", field_error(&e))))?
     };
     let response = service(tonic::Request::new(request)).await?;
     let json = serde_json::to_vec(response.get_ref()).map_err(|e| {
