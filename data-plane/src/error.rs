@@ -39,6 +39,11 @@ pub enum ProxyError {
     BodyTooManyValues,
     #[error("The request body could not be read.")]
     BodyUnreadable,
+    /// The client closed its connection (or reset its stream) before its body had arrived:
+    /// recorded as a client leaving (499 `client_cancelled`), as anywhere else, not as its
+    /// mistake. Nobody reads the answer.
+    #[error("The client closed its connection before its request body had arrived.")]
+    ClientLeft,
     #[error("The request body did not arrive within {} s.", .limit.as_secs())]
     BodyTimeout { limit: Duration },
     #[error(
@@ -215,6 +220,8 @@ impl ProxyError {
             | Self::EndpointUnsupported { .. }
             | Self::TokenCountUnsupported(_) => StatusCode::BAD_REQUEST,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::ClientLeft => StatusCode::from_u16(crate::proxy::CLIENT_CLOSED_REQUEST)
+                .unwrap_or(StatusCode::BAD_REQUEST),
             Self::BodiesBusy | Self::AnswersBusy | Self::KeyAnswersBusy | Self::OutOfFiles => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -258,6 +265,7 @@ impl ProxyError {
             }
             Self::BodyUnreadable => ("invalid_request_error", "invalid_request_body"),
             Self::BodyTimeout { .. } => ("invalid_request_error", "request_timeout"),
+            Self::ClientLeft => ("invalid_request_error", "client_cancelled"),
             Self::BodiesBusy | Self::AnswersBusy | Self::KeyAnswersBusy | Self::OutOfFiles => {
                 ("server_error", "server_busy")
             }
@@ -365,6 +373,7 @@ impl ProxyError {
                 ErrorKind::NoBackend
             }
             Self::ResponseBackendCoolingDown { .. } => ErrorKind::RateLimited,
+            Self::ClientLeft => ErrorKind::ClientCancelled,
             // Client errors: the status code tells them apart; there is no kind for them.
             _ => ErrorKind::Unspecified,
         }

@@ -678,7 +678,7 @@ async fn read_body_within(
     }
     let mut collected = Collected::default();
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.map_err(|_| ProxyError::BodyUnreadable)?.into_data() else {
+        let Ok(data) = frame.map_err(|e| body_error(&e))?.into_data() else {
             continue; // trailers
         };
         if collected.len() + data.len() > limit {
@@ -694,6 +694,38 @@ async fn read_body_within(
         collected.push(data);
     }
     Ok(collected.into_bytes())
+}
+
+/// What a failure to read the request body was: its client leaving (the connection closed or
+/// reset before the body's end, an HTTP/2 stream cancelled), or a body that cannot be read
+/// (a chunked encoding broken, an HTTP/2 body longer than its `content-length`).
+fn body_error(err: &axum::Error) -> ProxyError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        if let Some(hyper) = e.downcast_ref::<hyper::Error>()
+            && (hyper.is_incomplete_message() || hyper.is_canceled())
+        {
+            return ProxyError::ClientLeft;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            )
+        {
+            return ProxyError::ClientLeft;
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>()
+            && (h2.is_io() || h2.reason() == Some(h2::Reason::CANCEL))
+        {
+            return ProxyError::ClientLeft;
+        }
+        cause = e.source();
+    }
+    ProxyError::BodyUnreadable
 }
 
 /// A body's chunks joined into one buffer. Most bodies arrive in one chunk: that one is kept
@@ -1012,33 +1044,43 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     response
 }
 
-async fn unknown_path(method: Method, uri: Uri, headers: HeaderMap) -> Response {
-    ProxyError::UnknownPath {
-        method: crate::error::quoted(method.as_str()),
-        path: crate::error::quoted(uri.path()),
+/// The router's own refusals read what the client still uploads while they go out
+/// ([`linger`]), as the proxied routes' do: closed unread, the connection was reset under a
+/// client posting to a mistyped path, which then read "Connection error", and nginx in front
+/// counted the reset as the replica's failure.
+async fn unknown_path(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    let answer = ProxyError::UnknownPath {
+        method: crate::error::quoted(request.method().as_str()),
+        path: crate::error::quoted(request.uri().path()),
     }
-    .into_response_as(models_format(&headers))
+    .into_response_as(models_format(request.headers()));
+    linger(request, app.limits.max_body_bytes);
+    answer
 }
 
 /// A method the path does not take: 405, but for a WebSocket handshake, which gets 426. The
 /// Codex CLI opens `/v1/responses` as a WebSocket first and falls back to HTTP at once on a 426
 /// only; any other status it retries, five times with backoff, at the start of every session.
-async fn method_not_allowed(method: Method, uri: Uri, headers: HeaderMap) -> Response {
-    let websocket = headers
+async fn method_not_allowed(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    let websocket = request
+        .headers()
         .get_all(header::UPGRADE)
         .iter()
         .any(|value| value.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    if websocket {
-        return ProxyError::WebSocketRefused {
-            path: crate::error::quoted(uri.path()),
+    let answer = if websocket {
+        ProxyError::WebSocketRefused {
+            path: crate::error::quoted(request.uri().path()),
         }
-        .into_response();
-    }
-    ProxyError::MethodNotAllowed {
-        method: crate::error::quoted(method.as_str()),
-        path: crate::error::quoted(uri.path()),
-    }
-    .into_response_as(models_format(&headers))
+        .into_response()
+    } else {
+        ProxyError::MethodNotAllowed {
+            method: crate::error::quoted(request.method().as_str()),
+            path: crate::error::quoted(request.uri().path()),
+        }
+        .into_response_as(models_format(request.headers()))
+    };
+    linger(request, app.limits.max_body_bytes);
+    answer
 }
 
 #[cfg(test)]

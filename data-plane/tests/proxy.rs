@@ -555,9 +555,11 @@ async fn a_stream_with_usage_in_every_chunk_is_complete_only_at_its_finish() {
 }
 
 /// A request refused before its body is read (a wrong or expired key, the memory for bodies
-/// full) gets its refusal while its client is still uploading. The connection was closed with
-/// the upload unread, which resets it: a user whose key had expired sent a long conversation
-/// and read "Connection error" (retried twice, three uploads), never why.
+/// full, a path or method the data plane does not serve) gets its refusal while its client is
+/// still uploading. The connection was closed with the upload unread, which resets it: a user
+/// whose key had expired sent a long conversation and read "Connection error" (retried twice,
+/// three uploads), never why; behind nginx (`max_fails=1`) the reset of an upload to a mistyped
+/// path counted as the replica's failure, and a few such uploads took every replica out.
 #[tokio::test]
 async fn a_request_refused_before_its_body_is_read_gets_its_refusal_while_uploading() {
     let upstream = EchoUpstream::start().await;
@@ -585,6 +587,23 @@ async fn a_request_refused_before_its_body_is_read_gets_its_refusal_while_upload
             .expect("the 503, not a reset connection");
         assert_eq!(answer.headers()["retry-after"], "1");
         assert_error(answer, 503, "server_busy").await;
+    }
+    // The router's refusals: a path it does not serve (404), a method a path does not take
+    // (405).
+    for (path, status) in [
+        ("/v1/chat/complete", 404),
+        ("/healthz", 405),
+        ("/v1/models", 405),
+    ] {
+        let answer = h
+            .http
+            .post(h.url(path))
+            .bearer_auth(KEY)
+            .body(vec![b' '; 12 << 20])
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("{path}: the {status}, not a reset connection: {err}"));
+        assert_eq!(answer.status(), status, "{path}");
     }
     assert!(upstream.seen().is_empty());
 }

@@ -1337,6 +1337,32 @@ async fn a_client_that_leaves_cancels_the_upstream_and_is_recorded() {
     assert_eq!(primary.stats().streams_completed, 0);
 }
 
+/// A client that closes its connection while it uploads its body left, as one that leaves
+/// at any later moment: 499 `client_cancelled`, not 400 `invalid_request_body`, which told
+/// dashboards its bodies were broken.
+#[tokio::test]
+async fn a_client_that_leaves_while_uploading_is_recorded_as_leaving() {
+    use tokio::io::AsyncWriteExt as _;
+    let primary = mock("primary");
+    let h = Harness::one_primary(&primary.base_url()).await;
+    let body = chat_body(false).to_string();
+    let mut connection = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: sluice\r\nauthorization: Bearer {KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len() + 100
+    );
+    connection.write_all(head.as_bytes()).await.unwrap();
+    connection.write_all(body.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(connection);
+    let record = h.records(1).await.remove(0);
+    assert_eq!(record.error_kind, ErrorKind::ClientCancelled as i32);
+    assert_eq!(record.status_code, 499);
+    assert_eq!((record.attempts, record.prompt_tokens), (0, 0));
+    assert_eq!(primary.stats().requests.total(), 0);
+}
+
 #[tokio::test]
 async fn a_client_that_leaves_before_the_answer_is_recorded() {
     let primary =

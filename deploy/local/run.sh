@@ -205,7 +205,7 @@ $servers        keepalive 256;
     }
     server {
         listen 127.0.0.1:$PORT;
-        client_max_body_size 16m;
+        client_max_body_size 17m;
         client_body_buffer_size 16m;
         if (\$http_upgrade ~* "^websocket\$") {
             return 426 '{"error":{"message":"This gateway does not take WebSocket connections; use HTTP.","type":"invalid_request_error","param":null,"code":"websocket_not_supported"}}';

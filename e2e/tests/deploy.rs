@@ -739,6 +739,38 @@ fn nginx_hides_metrics_and_outwaits_the_request_timeout() {
     }
 }
 
+/// The shipped nginx fronts take a body somewhat larger than the data planes' default
+/// `--max-body-bytes`, so that a body too large gets the data plane's JSON 413
+/// (`request_too_large`, counted and logged) rather than nginx's HTML page: at the same 16 MiB
+/// nginx always refused first.
+#[test]
+fn nginx_leaves_a_body_too_large_to_the_data_planes() {
+    let limit = sluice_proxy::Config::new("http://127.0.0.1:50051", "127.0.0.1:0".parse().unwrap())
+        .max_body_bytes;
+    for file in ["nginx.conf", "local/run.sh"] {
+        let text = std::fs::read_to_string(deploy_dir().join(file)).unwrap();
+        let sizes: Vec<usize> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("client_max_body_size "))
+            .map(|v| {
+                let v = v.trim_end_matches(';');
+                let megabytes: usize = v
+                    .strip_suffix('m')
+                    .unwrap_or_else(|| panic!("{file}: {v}"))
+                    .parse()
+                    .unwrap();
+                megabytes << 20
+            })
+            .collect();
+        assert_eq!(sizes.len(), 1, "{file}: one client_max_body_size");
+        assert!(
+            sizes[0] > limit,
+            "{file}: nginx takes {} bytes, the data planes {limit}",
+            sizes[0]
+        );
+    }
+}
+
 /// A Deployment an HPA scales has no `replicas` of its own: every `kubectl apply` (or GitOps
 /// sync) would set the fleet back to it at once, whatever the HPA had scaled to. And the data
 /// planes' drain lets a request finish at the default `request_timeout`: a shorter one cut
