@@ -318,6 +318,16 @@ impl BackendSpec {
         if checks("name") {
             self.name = canonical_name(&self.name);
             check_name("backend.name", &self.name)?;
+            if RESERVED_LABELS.contains(&self.name.as_str()) {
+                return Err(ValidationError::new(
+                    "backend.name",
+                    format!(
+                        "{:?} is the name metrics give a request that reached no backend: a \
+                         backend named so would be counted with them",
+                        self.name
+                    ),
+                ));
+            }
         }
         if checks("tpm_limit") {
             check_tpm_limit("backend.tpm_limit", self.tpm_limit)?;
@@ -389,6 +399,16 @@ impl BackendSpec {
             model.name = model.name.trim().to_owned();
             model.upstream_name = model.upstream_name.trim().to_owned();
             check_model_name(&format!("{field}.name"), &model.name)?;
+            if RESERVED_LABELS.contains(&model.name.as_str()) {
+                return Err(ValidationError::new(
+                    format!("{field}.name"),
+                    format!(
+                        "{:?} is the name metrics and statistics give a request no route \
+                         serves: a route named so would be counted with them",
+                        model.name
+                    ),
+                ));
+            }
             if model.upstream_name.is_empty() {
                 model.upstream_name = model.name.clone();
             }
@@ -742,6 +762,11 @@ pub fn same_origin(a: &str, b: &str) -> bool {
     }
 }
 
+/// The names the data planes' metrics (`backend`, `model` labels) and the usage statistics
+/// give what no backend or route is: a request that reached no backend (`none`), a model no
+/// route serves (`other`). A backend or route of such a name would be counted with them.
+const RESERVED_LABELS: [&str; 2] = ["none", "other"];
+
 /// How many routes a refusal of [`BackendSpec::check_clearing`] names before it counts the rest.
 const ROUTES_NAMED: usize = 10;
 
@@ -853,6 +878,33 @@ fn normalize_base_url(raw: &str) -> Result<String, ValidationError> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// `none` and `other` are what the metrics and statistics call a request that reached no
+    /// backend and a model no route serves: a backend or route named so was counted with them.
+    #[test]
+    fn the_names_metrics_give_nothing_are_refused() {
+        for name in ["none", "other"] {
+            let err = BackendSpec {
+                name: name.into(),
+                ..spec()
+            }
+            .validated()
+            .unwrap_err();
+            assert_eq!(err.field, "backend.name", "{err}");
+            let mut route = spec();
+            route.models[0].name = name.into();
+            let err = route.validated().unwrap_err();
+            assert_eq!(err.field, "backend.models[0].name", "{err}");
+        }
+        for name in ["None", "others", "none-eu"] {
+            let mut spec = BackendSpec {
+                name: name.into(),
+                ..spec()
+            };
+            spec.models[0].name = name.into();
+            assert!(spec.validated().is_ok(), "{name}");
+        }
+    }
 
     fn spec() -> BackendSpec {
         BackendSpec {

@@ -165,6 +165,12 @@ impl Metrics {
             "SQLite write transactions that failed (a full volume, a failing disk): nothing of them stored",
             write_failures.clone(),
         );
+        // Each kind at 0 from the start: docs/operating.md says to alert on any, and
+        // `increase(…) > 0` cannot see the first sample of a series, so a kind's first failure
+        // went unseen.
+        for op in WriteOp::ALL {
+            let _ = write_failures.get_or_create(&OpLabels { op: op.as_str() });
+        }
         let grpc_calls = Family::default();
         registry.register(
             "grpc_requests",

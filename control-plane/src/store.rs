@@ -106,6 +106,14 @@ pub enum WriteOp {
 }
 
 impl WriteOp {
+    pub const ALL: [WriteOp; 5] = [
+        WriteOp::usage_ingest,
+        WriteOp::cooldown,
+        WriteOp::admin,
+        WriteOp::data_plane,
+        WriteOp::retention,
+    ];
+
     /// The name of the kind of write, as logs and metrics show it.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -198,6 +198,10 @@ fn budget_spent_message(
     }
 }
 
+/// The status recorded for a request whose client left before any response was sent
+/// (nginx's "client closed request").
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 /// `Retry-After` in whole seconds, rounded up, at least 1.
 pub fn retry_after_secs(wait: Duration) -> u64 {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -220,8 +224,9 @@ impl ProxyError {
             | Self::EndpointUnsupported { .. }
             | Self::TokenCountUnsupported(_) => StatusCode::BAD_REQUEST,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            Self::ClientLeft => StatusCode::from_u16(crate::proxy::CLIENT_CLOSED_REQUEST)
-                .unwrap_or(StatusCode::BAD_REQUEST),
+            Self::ClientLeft => {
+                StatusCode::from_u16(CLIENT_CLOSED_REQUEST).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             Self::BodiesBusy | Self::AnswersBusy | Self::KeyAnswersBusy | Self::OutOfFiles => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -363,6 +368,7 @@ impl ProxyError {
             Self::UpstreamInvalid => ErrorKind::UpstreamInvalid,
             Self::UpstreamTimeout => ErrorKind::UpstreamTimeout,
             Self::NotReady
+            | Self::BodiesBusy
             | Self::AnswersBusy
             | Self::KeyAnswersBusy
             | Self::OutOfFiles

@@ -372,6 +372,7 @@ pub struct Metrics {
     attempts: Family<AttemptLabels, Counter>,
     failovers: Counter,
     streams_committed_early: Family<BackendLabels, Counter>,
+    streams_interrupted: Family<BackendLabels, Counter>,
     cooldowns: Family<CooldownLabels, Counter>,
     skips: Family<SkipLabels, Counter>,
     rate_limited: Family<ScopeLabels, Counter>,
@@ -476,6 +477,10 @@ impl Metrics {
             "Request bodies not read to the end: too slow (timeout) or past the memory for bodies (memory)",
             bodies_refused.clone(),
         );
+        // At 0 from the start, so that an alert on `increase(…) > 0` sees the first refusal.
+        for reason in [BodyRefusal::timeout, BodyRefusal::memory] {
+            let _ = bodies_refused.get_or_create(&BodyRefusalLabels { reason });
+        }
         let answers_refused = Counter::default();
         registry.register(
             "answers_refused",
@@ -505,6 +510,13 @@ impl Metrics {
             "streams_committed_early",
             "Streams committed to their backend before their first event (--stream-keepalive)",
             streams_committed_early.clone(),
+        );
+        let streams_interrupted = Family::default();
+        registry.register(
+            "streams_interrupted",
+            "Streams their backend broke, cut, left silent or ended with an error once Sluice \
+             was committed to it (after its first event, or --stream-keepalive)",
+            streams_interrupted.clone(),
         );
         let cooldowns = Family::default();
         registry.register(
@@ -629,6 +641,7 @@ impl Metrics {
             attempts,
             failovers,
             streams_committed_early,
+            streams_interrupted,
             cooldowns,
             skips,
             rate_limited,
@@ -724,6 +737,16 @@ impl Metrics {
 
     /// A stream committed to `backend` before its first event: from then on it is not failed
     /// over ([`crate::proxy`]'s `--stream-keepalive`).
+    /// A stream its backend broke after its first event: the attempt was counted `ok` then,
+    /// and only this says the backend failed it.
+    pub fn stream_interrupted(&self, backend: &Label) {
+        self.streams_interrupted
+            .get_or_create(&BackendLabels {
+                backend: backend.clone(),
+            })
+            .inc();
+    }
+
     pub fn stream_committed_early(&self, backend: &Label) {
         self.streams_committed_early
             .get_or_create(&BackendLabels {

@@ -72,6 +72,63 @@ async fn a_flex_requests_429_leaves_the_standard_tier_served() {
     assert_eq!(h.chat(chat_body(false)).await.status(), 429, "cooling down");
 }
 
+/// With as many primaries as `max_attempts` (3), all failing, the last attempt goes to the
+/// fallback pool: it spent every attempt on the primaries, and a healthy fallback was asked only
+/// once they had cooled, `failure_threshold` (5) requests later, each of them a 502 meanwhile.
+/// With the fallback cooling too, the primaries keep every attempt.
+#[tokio::test]
+async fn the_last_attempt_goes_to_the_fallback_pool_when_the_primaries_fail() {
+    let primaries: Vec<MockServer> = ["p1", "p2", "p3"].into_iter().map(mock).collect();
+    let fallback = mock("fallback");
+    let mut backends: Vec<proto::SnapshotBackend> = primaries
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            backend(
+                &format!("p{}", i + 1),
+                &m.base_url(),
+                proto::Pool::Primary,
+                i as i32,
+            )
+        })
+        .collect();
+    backends.push(backend(
+        "fallback",
+        &fallback.base_url(),
+        proto::Pool::Fallback,
+        0,
+    ));
+    let mut message = snapshot(1, backends);
+    // The primaries never cool down in this test: every request asks them.
+    message.settings.as_mut().unwrap().failure_threshold = 100;
+    let h = Harness::start(message).await;
+    for primary in &primaries {
+        primary.set_fault(Fault::status(502));
+    }
+    for _ in 0..3 {
+        let response = h.chat(chat_body(false)).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-sluice-backend"), "fallback-name");
+        assert_eq!(header(&response, "x-sluice-attempts"), "3");
+    }
+    // p1 and p2 were asked each time; p3, the third primary, never.
+    let asked: Vec<u64> = primaries
+        .iter()
+        .map(|m| m.stats().requests.chat_completions)
+        .collect();
+    assert_eq!(asked, [3, 3, 0]);
+
+    // The fallback cooling too: the primaries keep the last attempt.
+    fallback.set_fault(Fault::rate_limited(30).times(1));
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 429, "the fallback's, which cools it");
+    assert_eq!(header(&response, "x-sluice-attempts"), "3");
+    let response = h.chat(chat_body(false)).await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(header(&response, "x-sluice-attempts"), "3");
+    assert_eq!(primaries[2].stats().requests.chat_completions, 1);
+}
+
 #[tokio::test]
 async fn a_429_fails_over_and_cools_the_backend_for_its_retry_after() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));
@@ -1183,6 +1240,21 @@ async fn a_cut_stream_ends_with_an_error_event() {
     assert!(
         record.completion_tokens >= content_deltas(&body),
         "{record:?}"
+    );
+    // The attempt and the request were counted a success at the first event; the break is
+    // counted on its own, for the backend (nothing else showed a backend breaking streams).
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("sluice_streams_interrupted_total{backend=\"primary-name\"} 1\n"),
+        "{metrics}"
+    );
+    // A whole stream counts none.
+    let whole = h.chat(chat_body(true)).await.text().await.unwrap();
+    assert!(whole.ends_with("data: [DONE]\n\n"), "{whole}");
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("sluice_streams_interrupted_total{backend=\"primary-name\"} 1\n"),
+        "{metrics}"
     );
 }
 

@@ -94,7 +94,9 @@ pub async fn check_host(
         Some(host) if !allowed.allows(&host) => {
             if let Some(held_back) = REFUSED.permit() {
                 tracing::warn!(
-                    host = %host,
+                    // Quoted (`?`): a client's `Host` written bare could forge a field for a
+                    // logfmt reader (`x" level=error`).
+                    host = ?sluice_domain::text::quoted(&host),
                     refused_since_last_line = held_back,
                     "refused an HTTP request for a host this server does not answer to; \
                      if it is a name of this server, add it to --allowed-hosts"

@@ -26,9 +26,7 @@ use crate::tiers::{Reported, Tiers};
 use crate::usage::{RecordStrings, UsageSink, spare_strings};
 use sluice_domain::price::{Billed, Prices};
 
-/// The status recorded for a request whose client left before any response was sent
-/// (nginx's "client closed request").
-pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+pub use crate::error::CLIENT_CLOSED_REQUEST;
 
 pub use crate::usage::Tokens;
 
@@ -312,6 +310,12 @@ impl Accounting {
 
     pub fn started(&self) -> Instant {
         self.0.started
+    }
+
+    /// The request's id, as its `x-request-id` and its `request finished` line carry it: the
+    /// lines of its failed attempts carry it too.
+    pub fn request_id(&self) -> &str {
+        &self.0.record.request_id
     }
 
     pub fn attempts(&self) -> u32 {

@@ -341,6 +341,16 @@ pub(super) async fn forward_call(
         let Some(backend) = snapshot.backends().get(route.backend) else {
             continue;
         };
+        // The last attempt is kept for the next pool when the ones before it failed in this
+        // one and a candidate there is not cooling: with `max_attempts` (3) no more than the
+        // primaries, a failing primary pool spent every attempt, and a healthy fallback was
+        // asked only once the primaries had cooled (`failure_threshold` requests later).
+        if acct.attempts() > 0
+            && acct.attempts() + 1 == policy.max_attempts
+            && later_pool_free(&order[position..], backend.pool, snapshot, cooldowns)
+        {
+            continue;
+        }
         let Some(uri) = backend.uri(call.endpoint) else {
             unsupported = true;
             continue;
@@ -768,6 +778,7 @@ pub(super) async fn forward_call(
                             Failure::Lost(_) | Failure::Timeout { .. } | Failure::Invalid(_)
                         ));
                 tracing::info!(
+                    request_id = acct.request_id(),
                     backend = %backend.name,
                     failure = %failure.describe(),
                     retry,
@@ -872,6 +883,24 @@ fn not_to_be_sent_again(response: &mut Response) {
         HeaderName::from_static("x-should-retry"),
         HeaderValue::from_static("false"),
     );
+}
+
+/// Whether a candidate of `rest` (the routes from the current one on) is in a pool after
+/// `pool` and not cooling down for `current`'s model: the request's last attempt then goes
+/// there ([`forward_call`]). Asked only before a last attempt that follows a failed one.
+#[cold]
+fn later_pool_free(
+    rest: &[&Route],
+    pool: sluice_domain::pool::Pool,
+    snapshot: &Snapshot,
+    cooldowns: &cooldown::CooldownTracker,
+) -> bool {
+    let now = Instant::now();
+    rest.iter().any(|route| {
+        snapshot.backends().get(route.backend).is_some_and(|b| {
+            b.pool > pool && cooldowns.check(&b.id, &route.upstream_model, now).is_ok()
+        })
+    })
 }
 
 /// When the candidates of a request that failed are free again, as far as Sluice knows.

@@ -132,7 +132,16 @@ impl StreamHealth {
                 .restate(&self.backend_id, &self.model, self.basis, now);
     }
 
+    /// The stream ended: `health` is how. A failure after the first event is counted apart
+    /// (`sluice_streams_interrupted_total`): the attempt was counted `ok` at that event, and a
+    /// backend breaking some of its streams, never `failure_threshold` in a row, looked
+    /// healthy in every metric.
     pub(super) fn record(self, health: Outcome) {
+        if matches!(health, Outcome::Failure { .. }) {
+            self.app
+                .metrics
+                .stream_interrupted(&crate::metrics::Label::from(&self.backend_name));
+        }
         self.note(health);
     }
 

@@ -835,7 +835,9 @@ impl Relay {
 
     /// Ends the stream with an error event after what is already queued.
     fn interrupt(&mut self, why: &str) {
-        tracing::warn!(reason = why, "upstream stream interrupted");
+        // Its request's id, which its `request finished` line (with the backend) carries.
+        let request_id = self.acct.as_ref().map_or("", Accounting::request_id);
+        tracing::warn!(request_id, reason = why, "upstream stream interrupted");
         self.end_with_error(&format!("The upstream stream was interrupted: {why}."));
     }
 
