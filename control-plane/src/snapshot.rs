@@ -30,14 +30,19 @@ pub const SNAPSHOT_HEADROOM_BYTES: usize = 64 * 1024;
 /// An admin write refused because the snapshot would grow past what replicas accept.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "refused: this change would make the routing snapshot about {projected} bytes, past the \
-     {limit} bytes every data plane accepts ({} MiB, sluice_proto::limits::MAX_SNAPSHOT_BYTES, \
+    "refused: this change would let the routing snapshot reach {projected} bytes at its \
+     largest (it is {now} bytes now; its largest counts what it may grow by with no admin \
+     write: every key expiring and spending its budget, every backend and model cooling down), \
+     past the {limit} bytes every data plane accepts ({} MiB, sluice_proto::limits::MAX_SNAPSHOT_BYTES, \
      less {SNAPSHOT_HEADROOM_BYTES} bytes of headroom); revoke or delete unused keys and \
      backends, or shorten allowed_models and model lists",
     MAX_SNAPSHOT_BYTES / (1024 * 1024)
 )]
 pub struct SnapshotTooLarge {
     pub projected: usize,
+    /// The published snapshot's size: the operator reading `projected` alone looked for bytes
+    /// the snapshot does not have.
+    pub now: usize,
     pub limit: usize,
 }
 
@@ -282,6 +287,7 @@ impl Publisher {
             );
             return Err(SnapshotTooLarge {
                 projected,
+                now: prost::Message::encoded_len(&*latest),
                 limit: self.limit,
             });
         }

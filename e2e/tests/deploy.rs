@@ -613,6 +613,32 @@ fn quantity_bytes(quantity: &str) -> u64 {
     quantity.parse().unwrap()
 }
 
+/// While it publishes a change the control plane holds, per connected data plane, the
+/// stream's copy of the snapshot's encoding and the backends' part encoded for it: 2–4
+/// snapshots per replica at the peak (an audit measured 1,034 MiB at 14 replicas and a 21 MB
+/// snapshot, over the 1 GiB the manifest then set). Its memory limit must hold that for as many
+/// replicas as the data planes' HPA may run, at the largest supported configuration's
+/// snapshot (docs/guarantees.md: 17–24 MiB), or a burst of admin writes gets it OOM-killed.
+#[test]
+fn the_control_planes_memory_limit_holds_the_hpas_replicas() {
+    let statefulset = yaml_documents("k8s/control-plane.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "StatefulSet")
+        .expect("the control plane's StatefulSet");
+    let container = &statefulset["spec"]["template"]["spec"]["containers"][0];
+    let limit = quantity_bytes(container["resources"]["limits"]["memory"].as_str().unwrap());
+    let hpa = yaml_documents("k8s/data-plane.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "HorizontalPodAutoscaler")
+        .expect("the data planes' HPA");
+    let replicas = hpa["spec"]["maxReplicas"].as_u64().unwrap();
+    let needed = (200 << 20) + replicas * 3 * (24 << 20);
+    assert!(
+        limit >= needed,
+        "{limit} bytes for {replicas} replicas, which may need {needed}"
+    );
+}
+
 /// The data plane holds request bodies in memory up to `--max-buffered-body-bytes` (each up
 /// to twice), whole answers and streams' large events up to `--max-buffered-answer-bytes`,
 /// its own answers on HTTP/2 up to one key's share of that, a connection its request head and

@@ -591,6 +591,15 @@ mod tests {
             .await
             .unwrap_err();
         assert!(refused.message().contains("snapshot"), "{refused:?}");
+        // The size it has now beside the size it may reach: the operator looked for bytes the
+        // snapshot does not have.
+        let now = prost::Message::encoded_len(&*admin.publisher.latest());
+        assert!(
+            refused
+                .message()
+                .contains(&format!("(it is {now} bytes now;")),
+            "{refused:?}"
+        );
         assert!(!store.get_backend(created.id).await.unwrap().spec.enabled);
     }
 
