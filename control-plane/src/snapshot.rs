@@ -63,7 +63,7 @@ pub struct Publisher {
     sized: std::sync::Mutex<(u64, usize)>,
     /// The published version and what of it every replica is sent alike, encoded once
     /// (see [`Publisher::sent`]).
-    shared: std::sync::Mutex<(u64, Bytes)>,
+    shared: std::sync::Mutex<(u64, Encoded)>,
 }
 
 /// What a snapshot may grow to with no admin write: its size now, plus every key expiring
@@ -384,14 +384,21 @@ pub fn as_sent(snapshot: &pb::Snapshot, now_ms: i64) -> pb::Snapshot {
 
 /// The backends of [`as_sent`].
 fn backends_as_sent(snapshot: &pb::Snapshot, now_ms: i64) -> Vec<pb::SnapshotBackend> {
-    let mut backends = snapshot.backends.clone();
-    for b in &mut backends {
-        (b.cooldown_remaining, b.cooldown_until) = remaining(b.cooldown_until.take(), now_ms);
-        for m in &mut b.model_cooldowns {
-            (m.cooldown_remaining, m.cooldown_until) = remaining(m.cooldown_until.take(), now_ms);
-        }
+    snapshot
+        .backends
+        .iter()
+        .map(|b| backend_as_sent(b, now_ms))
+        .collect()
+}
+
+/// One backend of [`as_sent`].
+fn backend_as_sent(backend: &pb::SnapshotBackend, now_ms: i64) -> pb::SnapshotBackend {
+    let mut b = backend.clone();
+    (b.cooldown_remaining, b.cooldown_until) = remaining(b.cooldown_until.take(), now_ms);
+    for m in &mut b.model_cooldowns {
+        (m.cooldown_remaining, m.cooldown_until) = remaining(m.cooldown_until.take(), now_ms);
     }
-    backends
+    b
 }
 
 /// A cooldown's end as sent at `now_ms`: the time left of it, and the end itself, both unset
@@ -410,13 +417,52 @@ fn remaining(
     (left.map(duration), left.and(until))
 }
 
-/// The encoding of everything in `snapshot` but its backends: what every replica is sent
-/// alike. (The backends are taken out for it and put back.)
-fn encode_shared(snapshot: &mut pb::Snapshot) -> Bytes {
+/// What every replica is sent alike of one version, encoded once: everything in the snapshot
+/// but its backends, and each backend not cooling down (its encoding does not depend on when it
+/// is sent). A cooling backend's cooldown goes out as the time left of it, so it is encoded for
+/// each send. Encoded per replica, the backends were cloned and encoded for every replica and
+/// version: at 74 backends of 1,000 routes, some 30 MB a replica while a change went out.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    shared: Bytes,
+    /// Each backend's field (`Snapshot.backends`), in order; `None` for one cooling down.
+    backends: Arc<[Option<Bytes>]>,
+}
+
+/// `Snapshot.backends`' field number.
+const BACKENDS_FIELD: u32 = 4;
+
+/// [`Encoded`] of `snapshot`. (The backends are taken out for the shared part and put back.)
+fn encode_shared(snapshot: &mut pb::Snapshot) -> Encoded {
     let backends = std::mem::take(&mut snapshot.backends);
-    let shared = snapshot.encode_to_vec();
+    let shared = Bytes::from(snapshot.encode_to_vec());
     snapshot.backends = backends;
-    Bytes::from(shared)
+    let backends = snapshot
+        .backends
+        .iter()
+        .map(|b| (!cooling(b)).then(|| backend_field(b)))
+        .collect();
+    Encoded { shared, backends }
+}
+
+/// Whether anything of `backend` is sent as the time left of it ([`backends_as_sent`]).
+fn cooling(backend: &pb::SnapshotBackend) -> bool {
+    backend.cooldown_until.is_some()
+        || backend.cooldown_remaining.is_some()
+        || backend
+            .model_cooldowns
+            .iter()
+            .any(|m| m.cooldown_until.is_some() || m.cooldown_remaining.is_some())
+}
+
+/// `backend` encoded as one entry of `Snapshot.backends`.
+fn backend_field(backend: &pb::SnapshotBackend) -> Bytes {
+    let mut field = Vec::with_capacity(prost::encoding::message::encoded_len(
+        BACKENDS_FIELD,
+        backend,
+    ));
+    prost::encoding::message::encode(BACKENDS_FIELD, backend, &mut field);
+    Bytes::from(field)
 }
 
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -430,32 +476,37 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug, Clone)]
 pub struct SentSnapshot {
     shared: Bytes,
-    backends: Vec<u8>,
+    /// Each backend's entry: the version's own, or (cooling down) encoded for this send.
+    backends: Vec<Bytes>,
 }
 
 impl SentSnapshot {
-    /// `snapshot` at `now_ms`, both parts encoded here.
+    /// `snapshot` at `now_ms`, every part encoded here.
     pub fn new(snapshot: &pb::Snapshot, now_ms: i64) -> Self {
-        let shared = encode_shared(&mut pb::Snapshot {
-            backends: Vec::new(),
-            ..snapshot.clone()
-        });
-        Self::of(snapshot, shared, now_ms)
+        let encoded = encode_shared(&mut snapshot.clone());
+        Self::of(snapshot, encoded, now_ms)
     }
 
-    /// `snapshot` at `now_ms`, given the encoding of its `shared` part.
-    fn of(snapshot: &pb::Snapshot, shared: Bytes, now_ms: i64) -> Self {
-        let backends = pb::Snapshot {
-            backends: backends_as_sent(snapshot, now_ms),
-            ..Default::default()
+    /// `snapshot` at `now_ms`, given what of it is encoded once per version.
+    fn of(snapshot: &pb::Snapshot, encoded: Encoded, now_ms: i64) -> Self {
+        let backends = snapshot
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, backend)| match encoded.backends.get(i) {
+                Some(Some(field)) => field.clone(),
+                _ => backend_field(&backend_as_sent(backend, now_ms)),
+            })
+            .collect();
+        Self {
+            shared: encoded.shared,
+            backends,
         }
-        .encode_to_vec();
-        Self { shared, backends }
     }
 
     /// The length of the snapshot's encoding.
     pub fn len(&self) -> usize {
-        self.shared.len() + self.backends.len()
+        self.shared.len() + self.backends.iter().map(Bytes::len).sum::<usize>()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -465,7 +516,9 @@ impl SentSnapshot {
     /// Writes the snapshot's encoding.
     pub fn write_to(&self, buf: &mut impl bytes::BufMut) {
         buf.put_slice(&self.shared);
-        buf.put_slice(&self.backends);
+        for backend in &self.backends {
+            buf.put_slice(backend);
+        }
     }
 
     /// The snapshot a replica decodes from it.
@@ -664,11 +717,20 @@ mod tests {
     /// left of it at the moment of sending.
     #[test]
     fn a_snapshot_written_in_two_parts_decodes_as_sent() {
-        let mut snapshot = every_field_set();
-        let shared = encode_shared(&mut snapshot);
-        assert_eq!(snapshot, every_field_set(), "the backends are put back");
+        let with_a_calm_backend = || {
+            let mut snapshot = every_field_set();
+            let mut calm = snapshot.backends[0].clone();
+            calm.id = "calm".into();
+            calm.cooldown_until = None;
+            calm.model_cooldowns.clear();
+            snapshot.backends.insert(1, calm);
+            snapshot
+        };
+        let mut snapshot = with_a_calm_backend();
+        let encoded = encode_shared(&mut snapshot);
+        assert_eq!(snapshot, with_a_calm_backend(), "the backends are put back");
         let now = 10_000;
-        let sent = SentSnapshot::of(&snapshot, shared, now);
+        let sent = SentSnapshot::of(&snapshot, encoded.clone(), now);
         let decoded = sent.decode().unwrap();
         assert_eq!(decoded, as_sent(&snapshot, now));
         assert_eq!(sent.len(), decoded.encoded_len());
@@ -676,7 +738,13 @@ mod tests {
             decoded.backends[0].cooldown_remaining,
             Some(duration(10_000))
         );
-        assert_eq!(decoded.backends[1].cooldown_until, None, "ended by then");
+        assert_eq!(decoded.backends[2].cooldown_until, None, "ended by then");
+        // A backend not cooling down is the version's own bytes at every send, shared by every
+        // replica's; a cooling one is encoded for the send, its time left then.
+        let later = SentSnapshot::of(&snapshot, encoded, now + 1_000);
+        assert_eq!(later.decode().unwrap(), as_sent(&snapshot, now + 1_000));
+        assert_eq!(sent.backends[1].as_ptr(), later.backends[1].as_ptr());
+        assert_ne!(sent.backends[0].as_ptr(), later.backends[0].as_ptr());
     }
 
     /// Snapshots name the database they were built from: the same after a restart and in a

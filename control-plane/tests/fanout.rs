@@ -119,9 +119,54 @@ async fn allocations_for_a_change(cp: &TestControlPlane, replicas: &mut [Replica
     allocations() - before
 }
 
+/// Backends of many routes, added through the admin API: what every replica is sent alike
+/// of them is encoded once per version too (a copy per replica, each route's strings cloned,
+/// was about three allocations per route per replica).
+const BACKENDS: usize = 10;
+const ROUTES: usize = 1_000;
+
+async fn add_backends(cp: &TestControlPlane) {
+    use sluice_proto::v1::admin_service_client::AdminServiceClient;
+    let channel = tonic::transport::Channel::from_shared(cp.grpc_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin = AdminServiceClient::with_interceptor(
+        channel,
+        sluice_control::testing::Bearer(cp.admin_token.clone()),
+    );
+    for b in 0..BACKENDS {
+        let models = (0..ROUTES)
+            .map(|r| pb::ModelRoute {
+                name: format!("model-{r}"),
+                upstream_name: format!("provider/model-{r}"),
+                input_price_per_mtok: 1.0,
+                output_price_per_mtok: 2.0,
+                ..Default::default()
+            })
+            .collect();
+        admin
+            .create_backend(pb::CreateBackendRequest {
+                backend: Some(pb::Backend {
+                    name: format!("backend-{b}"),
+                    base_url: "https://api.example.com/v1".into(),
+                    weight: 1,
+                    enabled: true,
+                    models,
+                    ..Default::default()
+                }),
+                api_key: "sk-provider-0123456789".into(),
+            })
+            .await
+            .unwrap();
+    }
+}
+
 /// The control plane encodes what every replica is sent alike once per version: a change
 /// sent to eight replicas allocates fewer than one allocation per key more than one sent to
-/// one (a copy of the keys per replica was about six per key per replica).
+/// one (a copy of the keys per replica was about six per key per replica, and of the
+/// backends' routes about three per route per replica).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_sent_to_more_replicas_copies_no_keys_per_replica() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,6 +184,7 @@ async fn a_change_sent_to_more_replicas_copies_no_keys_per_replica() {
     .unwrap();
     let cp = TestControlPlane::start(dir.path()).await.unwrap();
     let store = cp.store().unwrap();
+    add_backends(&cp).await;
 
     let mut replicas = vec![Replica::connect(&cp, "node-0").await];
     // Joining publishes a snapshot with the replica counted.
@@ -157,8 +203,9 @@ async fn a_change_sent_to_more_replicas_copies_no_keys_per_replica() {
     eprintln!("allocations for a change sent to one replica: {to_one}; to eight: {to_eight}");
     assert!(
         to_eight < to_one + KEYS,
-        "seven more replicas took {} allocations more, with {KEYS} keys",
-        to_eight.saturating_sub(to_one)
+        "seven more replicas took {} allocations more, with {KEYS} keys and {} routes",
+        to_eight.saturating_sub(to_one),
+        BACKENDS * ROUTES
     );
     cp.shutdown().await;
 }
