@@ -54,16 +54,7 @@ pub fn not_updatable(path: &str, updatable: &[&str]) -> ValidationError {
 /// A name shown to operators: 1 to 64 characters, not blank, no control or invisible
 /// formatting characters, and not something that reads as an id (the admin API takes
 /// an id or a name wherever it names a backend or key, so a name must never be both).
-/// A backend's or key's name as it is stored and looked up: without surrounding whitespace,
-/// in Unicode's composed form (NFC). `café` typed as `é` and as `e` with a combining accent
-/// (as some keyboards and a text copied from a macOS file name give it) are one name: stored as
-/// given they were two keys listed alike, and `key revoke café` revoked whichever the terminal
-/// happened to type.
-pub fn canonical_name(name: &str) -> String {
-    icu_normalizer::ComposingNormalizerBorrowed::new_nfc()
-        .normalize(name.trim())
-        .into_owned()
-}
+pub use sluice_domain::text::canonical_name;
 
 pub fn check_name(field: &str, name: &str) -> Result<(), ValidationError> {
     if name.trim().is_empty() {

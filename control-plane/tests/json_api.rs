@@ -546,8 +546,8 @@ async fn http_level_errors_are_json_too() {
         assert_eq!(
             message,
             format!(
-                "request body: {field}: must be a whole number within the field's range (32 \
-                 bits for limits and counts)"
+                "request body: {field}: must be a number of the field's type within its range \
+                 (limits and counts are whole numbers of 32 bits)"
             ),
         );
     }

@@ -129,6 +129,45 @@ async fn the_last_attempt_goes_to_the_fallback_pool_when_the_primaries_fail() {
     assert_eq!(primaries[2].stats().requests.chat_completions, 1);
 }
 
+/// The last attempt goes to the fallback only when the fallback could take it: one at its RPM
+/// limit leaves it to the primary pool's next candidate, which serves the request. (Asked only
+/// whether the fallback was cooling, the healthy third primary was skipped, the fallback then
+/// passed over for its limit, and the client got the second primary's 502.)
+#[tokio::test]
+async fn the_last_attempt_stays_with_the_primaries_when_the_fallback_cannot_take_it() {
+    let primaries: Vec<MockServer> = ["p1", "p2", "p3"].into_iter().map(mock).collect();
+    let fallback = mock("fallback");
+    let mut backends: Vec<proto::SnapshotBackend> = primaries
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            backend(
+                &format!("p{}", i + 1),
+                &m.base_url(),
+                proto::Pool::Primary,
+                i as i32,
+            )
+        })
+        .collect();
+    let mut limited = backend("fallback", &fallback.base_url(), proto::Pool::Fallback, 0);
+    limited.rpm_limit = 1;
+    backends.push(limited);
+    let mut message = snapshot(1, backends);
+    message.settings.as_mut().unwrap().failure_threshold = 100;
+    let h = Harness::start(message).await;
+    primaries[0].set_fault(Fault::status(502));
+    primaries[1].set_fault(Fault::status(502));
+    // The fallback takes the first request's last attempt, and with it its one request a
+    // minute.
+    let first = h.chat(chat_body(false)).await;
+    assert_eq!(header(&first, "x-sluice-backend"), "fallback-name");
+    // The second's last attempt goes to the third primary, which answers.
+    let second = h.chat(chat_body(false)).await;
+    assert_eq!(second.status(), 200);
+    assert_eq!(header(&second, "x-sluice-backend"), "p3-name");
+    assert_eq!(header(&second, "x-sluice-attempts"), "3");
+}
+
 #[tokio::test]
 async fn a_429_fails_over_and_cools_the_backend_for_its_retry_after() {
     let (primary, fallback) = (mock("primary"), mock("fallback"));

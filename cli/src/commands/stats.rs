@@ -181,6 +181,10 @@ async fn resolve(mut filter: FilterArgs, connection: &Connection) -> Result<Filt
             );
         }
     }
+    // Names compared here are composed as the control plane stores them (NFC).
+    for name in [&mut filter.backend, &mut filter.key].into_iter().flatten() {
+        *name = sluice_domain::text::canonical_name(name);
+    }
     if let Some(backend) = &mut filter.backend {
         let request = pb::GetBackendRequest {
             id: backend.clone(),

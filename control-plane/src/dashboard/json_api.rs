@@ -121,7 +121,9 @@ impl IntoResponse for JsonAnswer {
 fn field_error(err: &serde_path_to_error::Error<serde_json::Error>) -> String {
     let inner = err.inner().to_string();
     let problem = if inner.contains("did not match any variant of untagged enum") {
-        "must be a whole number within the field's range (32 bits for limits and counts)".to_owned()
+        "must be a number of the field's type within its range (limits and counts are whole \
+         numbers of 32 bits)"
+            .to_owned()
     } else {
         inner
     };

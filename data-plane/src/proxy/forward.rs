@@ -347,7 +347,14 @@ pub(super) async fn forward_call(
         // asked only once the primaries had cooled (`failure_threshold` requests later).
         if acct.attempts() > 0
             && acct.attempts() + 1 == policy.max_attempts
-            && later_pool_free(&order[position..], backend.pool, snapshot, cooldowns)
+            && later_pool_takes(
+                app,
+                snapshot,
+                cooldowns,
+                call,
+                &order[position..],
+                backend.pool,
+            )
         {
             continue;
         }
@@ -886,20 +893,27 @@ fn not_to_be_sent_again(response: &mut Response) {
 }
 
 /// Whether a candidate of `rest` (the routes from the current one on) is in a pool after
-/// `pool` and not cooling down for `current`'s model: the request's last attempt then goes
-/// there ([`forward_call`]). Asked only before a last attempt that follows a failed one.
+/// `pool` and the attempt loop would send `call` to it now ([`could_take`]: it serves the
+/// endpoint, the request can be written for its API, no cooldown or limit passes it over):
+/// the request's last attempt then goes there ([`forward_call`]). Asked only before a last
+/// attempt that follows a failed one. (Asking only whether it cooled, a fallback at its RPM
+/// limit, or one of the other API for a call it cannot take, had the healthy primaries left
+/// skipped and then was passed over itself: the request failed where it used to be served.)
 #[cold]
-fn later_pool_free(
-    rest: &[&Route],
-    pool: sluice_domain::pool::Pool,
+fn later_pool_takes(
+    app: &AppState,
     snapshot: &Snapshot,
     cooldowns: &cooldown::CooldownTracker,
+    call: &Call<'_>,
+    rest: &[&Route],
+    pool: sluice_domain::pool::Pool,
 ) -> bool {
-    let now = Instant::now();
     rest.iter().any(|route| {
-        snapshot.backends().get(route.backend).is_some_and(|b| {
-            b.pool > pool && cooldowns.check(&b.id, &route.upstream_model, now).is_ok()
-        })
+        snapshot
+            .backends()
+            .get(route.backend)
+            .is_some_and(|b| b.pool > pool)
+            && could_take(app, snapshot, cooldowns, call, route)
     })
 }
 

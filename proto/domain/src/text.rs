@@ -107,6 +107,18 @@ impl fmt::Debug for Escaped<'_> {
 /// The most characters of a client's text (a path, an id, a model name) an error quotes back.
 pub const MAX_QUOTED: usize = 200;
 
+/// A backend's or key's name as it is stored and looked up: without surrounding whitespace,
+/// in Unicode's composed form (NFC). `café` typed as `é` and as `e` with a combining accent
+/// (as some keyboards and a text copied from a macOS file name give it) are one name: stored as
+/// given they were two keys listed alike, and `key revoke café` revoked whichever the terminal
+/// happened to type. The control plane stores and looks names up so; `sluicectl`, comparing
+/// names itself, composes them too.
+pub fn canonical_name(name: &str) -> String {
+    icu_normalizer::ComposingNormalizerBorrowed::new_nfc()
+        .normalize(name.trim())
+        .into_owned()
+}
+
 /// `text` as an error may quote it back to the client: at most [`MAX_QUOTED`] characters,
 /// then `…`. A client's text can be megabytes (a model name up to the body limit, a path up
 /// to the head limit), and an error that echoed it whole could be a large answer to a client
