@@ -72,14 +72,14 @@ async fn a_flex_requests_429_leaves_the_standard_tier_served() {
     assert_eq!(h.chat(chat_body(false)).await.status(), 429, "cooling down");
 }
 
-/// With as many primaries as `max_attempts` (3), all failing, the last attempt goes to the
-/// fallback pool: it spent every attempt on the primaries, and a healthy fallback was asked only
-/// once they had cooled, `failure_threshold` (5) requests later, each of them a 502 meanwhile.
-/// With the fallback cooling too, the primaries keep every attempt.
-#[tokio::test]
-async fn the_last_attempt_goes_to_the_fallback_pool_when_the_primaries_fail() {
+/// Three primaries (`p1`, `p2`, `p3`, in that order of priority) and a fallback serving the
+/// model, the fallback as `fallback` makes it; no backend cools down for its failures (every
+/// request asks the primaries).
+async fn three_primaries_and_a_fallback(
+    fallback: impl FnOnce(&mut proto::SnapshotBackend),
+) -> (Vec<MockServer>, MockServer, Harness) {
     let primaries: Vec<MockServer> = ["p1", "p2", "p3"].into_iter().map(mock).collect();
-    let fallback = mock("fallback");
+    let fallback_mock = mock("fallback");
     let mut backends: Vec<proto::SnapshotBackend> = primaries
         .iter()
         .enumerate()
@@ -92,16 +92,26 @@ async fn the_last_attempt_goes_to_the_fallback_pool_when_the_primaries_fail() {
             )
         })
         .collect();
-    backends.push(backend(
+    let mut last = backend(
         "fallback",
-        &fallback.base_url(),
+        &fallback_mock.base_url(),
         proto::Pool::Fallback,
         0,
-    ));
+    );
+    fallback(&mut last);
+    backends.push(last);
     let mut message = snapshot(1, backends);
-    // The primaries never cool down in this test: every request asks them.
     message.settings.as_mut().unwrap().failure_threshold = 100;
-    let h = Harness::start(message).await;
+    (primaries, fallback_mock, Harness::start(message).await)
+}
+
+/// With as many primaries as `max_attempts` (3), all failing, the last attempt goes to the
+/// fallback pool: it spent every attempt on the primaries, and a healthy fallback was asked only
+/// once they had cooled, `failure_threshold` (5) requests later, each of them a 502 meanwhile.
+/// With the fallback cooling too, the primaries keep every attempt.
+#[tokio::test]
+async fn the_last_attempt_goes_to_the_fallback_pool_when_the_primaries_fail() {
+    let (primaries, fallback, h) = three_primaries_and_a_fallback(|_| {}).await;
     for primary in &primaries {
         primary.set_fault(Fault::status(502));
     }
@@ -135,26 +145,10 @@ async fn the_last_attempt_goes_to_the_fallback_pool_when_the_primaries_fail() {
 /// passed over for its limit, and the client got the second primary's 502.)
 #[tokio::test]
 async fn the_last_attempt_stays_with_the_primaries_when_the_fallback_cannot_take_it() {
-    let primaries: Vec<MockServer> = ["p1", "p2", "p3"].into_iter().map(mock).collect();
-    let fallback = mock("fallback");
-    let mut backends: Vec<proto::SnapshotBackend> = primaries
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            backend(
-                &format!("p{}", i + 1),
-                &m.base_url(),
-                proto::Pool::Primary,
-                i as i32,
-            )
-        })
-        .collect();
-    let mut limited = backend("fallback", &fallback.base_url(), proto::Pool::Fallback, 0);
-    limited.rpm_limit = 1;
-    backends.push(limited);
-    let mut message = snapshot(1, backends);
-    message.settings.as_mut().unwrap().failure_threshold = 100;
-    let h = Harness::start(message).await;
+    let (primaries, _fallback, h) = three_primaries_and_a_fallback(|fallback| {
+        fallback.rpm_limit = 1;
+    })
+    .await;
     primaries[0].set_fault(Fault::status(502));
     primaries[1].set_fault(Fault::status(502));
     // The fallback takes the first request's last attempt, and with it its one request a
