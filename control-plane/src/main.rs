@@ -265,21 +265,21 @@ fn not_writable(dir: &std::path::Path) -> String {
             )
         })
         .unwrap_or_default();
-    match effective_uid() {
-        Some(uid) => format!(
-            " ({}{owner}, its -wal and -shm files or their directory cannot be written by this \
-             process, uid {uid}: a restore copied as another user? Give them to uid {uid} \
-             (chown {uid} {}*), then start again)",
-            db.display(),
-            db.display()
+    let (who, give) = match effective_uid() {
+        Some(uid) => (
+            format!(", uid {uid}"),
+            format!("uid {uid} (chown {uid} {}*)", db.display()),
         ),
-        None => format!(
-            " ({}{owner}, its -wal and -shm files or their directory cannot be written by this \
-             process: a restore copied as another user? Give them to the user the control plane \
-             runs as, then start again)",
-            db.display()
+        None => (
+            String::new(),
+            "the user the control plane runs as".to_owned(),
         ),
-    }
+    };
+    format!(
+        " ({}{owner}, its -wal and -shm files or their directory cannot be written by this \
+         process{who}: a restore copied as another user? Give them to {give}, then start again)",
+        db.display()
+    )
 }
 
 /// The user this process runs as (Linux: `/proc/self/status`), without `unsafe` for geteuid.

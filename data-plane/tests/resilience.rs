@@ -1459,7 +1459,7 @@ async fn a_client_that_leaves_while_uploading_is_recorded_as_leaving() {
     );
     connection.write_all(head.as_bytes()).await.unwrap();
     connection.write_all(body.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    connection.flush().await.unwrap();
     drop(connection);
     let record = h.records(1).await.remove(0);
     assert_eq!(record.error_kind, ErrorKind::ClientCancelled as i32);
